@@ -1,0 +1,24 @@
+//! Compiles `dsrelay/v1/*.proto` with protox (pure Rust), so no system `protoc` is needed.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = [
+        "dsrelay/v1/common.proto",
+        "dsrelay/v1/registry.proto",
+        "dsrelay/v1/processor.proto",
+        "dsrelay/v1/adapter.proto",
+    ];
+    for f in &files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(files, ["."])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    // Kept for server reflection; compile_fds does not write it itself.
+    std::fs::write(
+        out.join("dsrelay_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
+    tonic_prost_build::configure().compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,250 @@
+//! Subject identities: validation, normalisation and hashing.
+//!
+//! Raw values are normalised before hashing (emails trimmed and lowercased, phone numbers
+//! stripped of spaces and dashes), so a hash computed by a partner matches ours.
+
+use dsrelay_proto::v1::{IdentityEncoding, IdentityType, SubjectIdentity};
+use hmac::{Hmac, Mac};
+use md5::Md5;
+use sha1::Sha1;
+use sha2::{Digest, Sha256};
+
+/// At most this many identities per request.
+pub const MAX_IDENTITIES: usize = 16;
+/// At most this many bytes per identity value.
+pub const MAX_IDENTITY_VALUE: usize = 320;
+/// At most this many bytes per identity label.
+pub const MAX_IDENTITY_LABEL: usize = 64;
+
+/// A rule an input broke, with the field it concerns.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {rule}")]
+pub struct FieldViolation {
+    /// The field path, e.g. `identities[0].value`.
+    pub field: String,
+    /// What is wrong and what is allowed.
+    pub rule: String,
+}
+
+impl FieldViolation {
+    /// A violation of `rule` by `field`.
+    pub fn new(field: impl Into<String>, rule: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            rule: rule.into(),
+        }
+    }
+}
+
+/// Checks a request's identities against the documented rules.
+pub fn validate_identities(identities: &[SubjectIdentity]) -> Vec<FieldViolation> {
+    let mut out = Vec::new();
+    if identities.is_empty() {
+        out.push(FieldViolation::new(
+            "identities",
+            "at least one identity is required",
+        ));
+    }
+    if identities.len() > MAX_IDENTITIES {
+        out.push(FieldViolation::new(
+            "identities",
+            format!(
+                "at most {MAX_IDENTITIES} identities are allowed, got {}",
+                identities.len()
+            ),
+        ));
+        return out;
+    }
+    for (i, id) in identities.iter().enumerate() {
+        let f = |name: &str| format!("identities[{i}].{name}");
+        let ty = IdentityType::try_from(id.r#type).unwrap_or(IdentityType::Unspecified);
+        let enc = IdentityEncoding::try_from(id.encoding).unwrap_or(IdentityEncoding::Unspecified);
+        if ty == IdentityType::Unspecified {
+            out.push(FieldViolation::new(
+                f("type"),
+                format!(
+                    "must be one of EMAIL, PHONE, CUSTOMER_NUMBER, NATIONAL_ID, OTHER (got {})",
+                    id.r#type
+                ),
+            ));
+        }
+        if enc == IdentityEncoding::Unspecified {
+            out.push(FieldViolation::new(
+                f("encoding"),
+                format!(
+                    "must be one of RAW, SHA256, SHA1, MD5 (got {})",
+                    id.encoding
+                ),
+            ));
+        }
+        if id.value.is_empty() {
+            out.push(FieldViolation::new(f("value"), "must not be empty"));
+        } else if id.value.len() > MAX_IDENTITY_VALUE {
+            out.push(FieldViolation::new(
+                f("value"),
+                format!("must be at most {MAX_IDENTITY_VALUE} bytes"),
+            ));
+        } else if let Some(len) = hex_len(enc) {
+            let ok = id.value.len() == len
+                && id
+                    .value
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if !ok {
+                out.push(FieldViolation::new(
+                    f("value"),
+                    format!("a {enc:?} value must be {len} lowercase hex digits"),
+                ));
+            }
+        } else if enc == IdentityEncoding::Raw {
+            if let Some(rule) = raw_rule_violation(ty, &id.value) {
+                out.push(FieldViolation::new(f("value"), rule));
+            }
+        }
+        if id.label.len() > MAX_IDENTITY_LABEL {
+            out.push(FieldViolation::new(
+                f("label"),
+                format!("must be at most {MAX_IDENTITY_LABEL} bytes"),
+            ));
+        }
+        if ty == IdentityType::Other && id.label.trim().is_empty() {
+            out.push(FieldViolation::new(
+                f("label"),
+                "is required for type OTHER (say what the value is)",
+            ));
+        }
+    }
+    out
+}
+
+fn hex_len(enc: IdentityEncoding) -> Option<usize> {
+    match enc {
+        IdentityEncoding::Sha256 => Some(64),
+        IdentityEncoding::Sha1 => Some(40),
+        IdentityEncoding::Md5 => Some(32),
+        _ => None,
+    }
+}
+
+fn raw_rule_violation(ty: IdentityType, value: &str) -> Option<String> {
+    if value.trim() != value {
+        return Some("must not start or end with white space".into());
+    }
+    if value.chars().any(char::is_control) {
+        return Some("must not contain control characters".into());
+    }
+    match ty {
+        IdentityType::Email if !is_plausible_email(value) => {
+            Some("is not an e-mail address (expected local@domain.tld)".into())
+        }
+        IdentityType::Phone => {
+            let digits = value.chars().filter(char::is_ascii_digit).count();
+            let allowed = value
+                .chars()
+                .all(|c| c.is_ascii_digit() || matches!(c, '+' | ' ' | '-' | '(' | ')'));
+            (!allowed || !(5..=15).contains(&digits)).then(|| {
+                "is not a phone number (5 to 15 digits, optionally +, spaces, dashes)".into()
+            })
+        }
+        _ => None,
+    }
+}
+
+/// A deliberately simple check: one `@`, a non-empty local part, a dotted domain, no spaces.
+pub fn is_plausible_email(v: &str) -> bool {
+    let Some((local, domain)) = v.split_once('@') else {
+        return false;
+    };
+    !local.is_empty()
+        && local.len() <= 64
+        && !domain.contains('@')
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !domain.contains("..")
+        && !v.contains(char::is_whitespace)
+}
+
+/// The normalised form of a raw value, the one that hashes are computed over.
+pub fn normalize(ty: IdentityType, value: &str) -> String {
+    match ty {
+        IdentityType::Email => value.trim().to_lowercase(),
+        IdentityType::Phone => value
+            .chars()
+            .filter(|c| c.is_ascii_digit() || *c == '+')
+            .collect(),
+        _ => value.trim().to_string(),
+    }
+}
+
+/// Lowercase hex digest of `normalized` with the given algorithm; `None` for RAW.
+pub fn digest(enc: IdentityEncoding, normalized: &str) -> Option<String> {
+    Some(match enc {
+        IdentityEncoding::Sha256 => hex::encode(Sha256::digest(normalized.as_bytes())),
+        IdentityEncoding::Sha1 => hex::encode(Sha1::digest(normalized.as_bytes())),
+        IdentityEncoding::Md5 => hex::encode(Md5::digest(normalized.as_bytes())),
+        _ => return None,
+    })
+}
+
+/// A keyed hash (HMAC-SHA256) of an identity, kept for the audit trail after the raw value is
+/// forgotten: it proves which subject a record was about to someone holding the key and the
+/// value, and reveals nothing to anyone else.
+pub fn keyed_hash(key: &[u8], id: &SubjectIdentity) -> String {
+    let ty = IdentityType::try_from(id.r#type).unwrap_or(IdentityType::Unspecified);
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts any key length");
+    mac.update(&id.r#type.to_be_bytes());
+    mac.update(&id.encoding.to_be_bytes());
+    mac.update(normalize(ty, &id.value).as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ident(ty: IdentityType, enc: IdentityEncoding, v: &str) -> SubjectIdentity {
+        SubjectIdentity {
+            r#type: ty as i32,
+            encoding: enc as i32,
+            value: v.into(),
+            label: String::new(),
+        }
+    }
+
+    #[test]
+    fn accepts_good_identities() {
+        let ids = vec![
+            ident(IdentityType::Email, IdentityEncoding::Raw, "Maija@Example.fi"),
+            ident(IdentityType::Phone, IdentityEncoding::Raw, "+358 40 123 4567"),
+            ident(
+                IdentityType::Email,
+                IdentityEncoding::Md5,
+                &digest(IdentityEncoding::Md5, "a@b.fi").unwrap(),
+            ),
+        ];
+        assert!(validate_identities(&ids).is_empty());
+    }
+
+    #[test]
+    fn names_field_and_rule() {
+        let v = validate_identities(&[ident(IdentityType::Email, IdentityEncoding::Raw, "nope")]);
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].field, "identities[0].value");
+        assert!(v[0].rule.contains("e-mail"));
+        let v = validate_identities(&[]);
+        assert_eq!(v[0].field, "identities");
+        let v = validate_identities(&[ident(IdentityType::Email, IdentityEncoding::Sha256, "ABC")]);
+        assert!(v[0].rule.contains("64 lowercase hex"));
+        let many = vec![ident(IdentityType::CustomerNumber, IdentityEncoding::Raw, "1"); 17];
+        assert!(validate_identities(&many)[0].rule.contains("at most 16"));
+    }
+
+    #[test]
+    fn mailchimp_style_md5() {
+        assert_eq!(
+            digest(IdentityEncoding::Md5, &normalize(IdentityType::Email, " A@B.fi ")).unwrap(),
+            digest(IdentityEncoding::Md5, "a@b.fi").unwrap()
+        );
+    }
+}

@@ -1,0 +1,22 @@
+//! Runtime shared by the dsrelay services: the parts both the registry and the processor need
+//! and that have nothing to do with either's domain.
+//!
+//! # Layout
+//! - [`config`]: TOML file plus prefixed environment overrides, every error reported at once.
+//! - [`tls`]: mutual TLS with rustls; peer identities from certificate SANs; client channels
+//!   that check the server's identity.
+//! - [`pki`]: the generated development PKI.
+//! - [`store`]: one sqlx handle over SQLite or PostgreSQL, with per-backend migrations.
+//! - [`backoff`]: retry spacing for the outboxes.
+//! - [`identity`]: subject identity validation, normalisation and hashing.
+//! - [`server`]: serving a tonic router on a caller-bound listener with health and reflection.
+//! - [`telemetry`]: logging set-up.
+
+pub mod backoff;
+pub mod config;
+pub mod identity;
+pub mod pki;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+pub mod tls;

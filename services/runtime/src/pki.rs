@@ -1,0 +1,188 @@
+//! A development PKI: one CA and a certificate for every party, generated with rcgen.
+//!
+//! Each leaf carries exactly one URI SAN (`spiffe://<trust domain>/<role>/<name>`, the SPIFFE
+//! shape), plus `localhost` and `127.0.0.1` so it can also serve. The CA and every leaf get
+//! distinct subject names: OpenSSL-based stacks (grpcurl, Python's grpcio) take a leaf whose
+//! subject equals its issuer's for self-signed and refuse it.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+
+/// The trust domain used in development identities.
+pub const DEV_TRUST_DOMAIN: &str = "dsrelay.dev";
+
+/// The development identity of a party: `spiffe://dsrelay.dev/<role>/<name>`.
+pub fn dev_identity(role: &str, name: &str) -> String {
+    format!("spiffe://{DEV_TRUST_DOMAIN}/{role}/{name}")
+}
+
+/// A PEM certificate and its private key.
+#[derive(Clone)]
+pub struct IssuedCert {
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// The private key, PEM (PKCS#8).
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for IssuedCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedCert").finish_non_exhaustive()
+    }
+}
+
+/// A certificate authority held in memory, able to issue leaves.
+pub struct DevCa {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl DevCa {
+    /// Generates a fresh CA named `common_name`.
+    pub fn generate(common_name: &str) -> Result<Self> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        dn.push(DnType::OrganizationName, "dsrelay development");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok(Self { cert, key })
+    }
+
+    /// Loads a CA written earlier by [`DevPki::write`].
+    pub fn load(cert_pem: &str, key_pem: &str) -> Result<Self> {
+        let key = KeyPair::from_pem(key_pem).context("reading the CA key")?;
+        let params = CertificateParams::from_ca_cert_pem(cert_pem).context("reading the CA")?;
+        // Re-signing the same parameters with the same key reproduces an issuer that verifies
+        // the leaves it signs; the PEM on disk stays the trust anchor.
+        let cert = params.self_signed(&key)?;
+        Ok(Self { cert, key })
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    /// The CA key, PEM.
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+
+    /// Issues a leaf for `uri_identity` usable both as client and as server on localhost.
+    pub fn issue(&self, common_name: &str, uri_identity: &str) -> Result<IssuedCert> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        dn.push(DnType::OrganizationName, "dsrelay development party");
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![
+            SanType::URI(uri_identity.try_into().context("identity is not a valid URI")?),
+            SanType::DnsName("localhost".try_into()?),
+            SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        ];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// The parties of the development setup: (file stem, role, name).
+pub const DEV_PARTIES: &[(&str, &str, &str)] = &[
+    ("registry", "registry", "controller"),
+    ("processor", "processor", "payroll-bureau"),
+    ("partner-crm", "partner", "crm"),
+    ("partner-webform", "partner", "webform"),
+    ("operator", "operator", "ops"),
+    ("adapter", "adapter", "example"),
+];
+
+/// A development PKI on disk: `ca.pem`, `ca.key` and `<stem>.pem` / `<stem>.key` per party.
+#[derive(Debug, Clone)]
+pub struct DevPki {
+    /// The folder holding the files.
+    pub dir: PathBuf,
+}
+
+impl DevPki {
+    /// Generates the CA and every party's certificate into `dir` unless `ca.pem` is there.
+    pub fn ensure(dir: &Path) -> Result<Self> {
+        let pki = Self {
+            dir: dir.to_path_buf(),
+        };
+        if pki.dir.join("ca.pem").exists() {
+            return Ok(pki);
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let ca = DevCa::generate("dsrelay development CA")?;
+        write_secret(&pki.dir.join("ca.key"), &ca.key_pem())?;
+        for (stem, role, name) in DEV_PARTIES {
+            let leaf = ca.issue(&format!("dsrelay {role} {name}"), &dev_identity(role, name))?;
+            std::fs::write(pki.cert(stem), &leaf.cert_pem)?;
+            write_secret(&pki.key(stem), &leaf.key_pem)?;
+        }
+        // Written last: its presence means the set is complete.
+        std::fs::write(pki.ca(), ca.cert_pem())?;
+        Ok(pki)
+    }
+
+    /// Path of the CA certificate.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// Path of a party's certificate.
+    pub fn cert(&self, stem: &str) -> PathBuf {
+        self.dir.join(format!("{stem}.pem"))
+    }
+
+    /// Path of a party's key.
+    pub fn key(&self, stem: &str) -> PathBuf {
+        self.dir.join(format!("{stem}.key"))
+    }
+
+    /// The TLS file set of a party.
+    pub fn files(&self, stem: &str) -> crate::tls::TlsFiles {
+        crate::tls::TlsFiles {
+            ca: self.ca(),
+            cert: self.cert(stem),
+            key: self.key(stem),
+        }
+    }
+}
+
+fn write_secret(path: &Path, contents: &str) -> Result<()> {
+    std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
