@@ -1,1 +1,31 @@
-//! placeholder
+//! The controller-side registry: takes data-subject requests from integration partners,
+//! routes them to the processors that hold the data, delivers them durably, and folds the
+//! processors' acknowledgements into each request's state.
+//!
+//! # Layout
+//! - [`config`]: configuration (identities and roles, processors and their categories).
+//! - [`app`]: [`App::build`] and [`App::run`]: the store, workers and gRPC server together.
+//! - [`api`]: the gRPC handlers (partner API and acknowledgement API).
+//! - [`auth`]: certificate identity → caller role.
+//! - [`validate`]: Submit input rules.
+//! - [`store`]: requests, the delivery outbox, tasks, acknowledgements, events.
+//! - [`fold`]: deliveries and task states → request state.
+//! - [`deadline`]: GDPR due dates.
+//! - [`dispatcher`]: sends the outbox with backoff and jitter.
+//! - [`reconciler`]: asks processors for status when acknowledgements are late.
+//! - [`error`]: the one mapping from errors to gRPC statuses.
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod deadline;
+pub mod dispatcher;
+pub mod error;
+pub mod fold;
+pub mod reconciler;
+pub mod store;
+pub mod validate;
+
+pub use app::App;
+pub use config::Config;

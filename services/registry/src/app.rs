@@ -1,0 +1,144 @@
+//! Building and running the registry: store, background workers and the gRPC server.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use dsrelay_proto::v1::acknowledgement_service_server::AcknowledgementServiceServer;
+use dsrelay_proto::v1::processor_service_client::ProcessorServiceClient;
+use dsrelay_proto::v1::request_service_server::RequestServiceServer;
+use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
+use dsrelay_runtime::store::Db;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch, Notify};
+use tonic::transport::Channel;
+
+use crate::api::Api;
+use crate::auth::Authorizer;
+use crate::config::Config;
+use crate::store::{Store, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+
+/// State shared by the handlers and the background workers.
+pub struct Shared {
+    /// The store.
+    pub store: Store,
+    /// The configuration the registry started with.
+    pub config: Config,
+    /// Certificate identity → caller.
+    pub auth: Authorizer,
+    /// Wakes the dispatcher when new outbox rows were committed, so delivery does not wait
+    /// for the next poll.
+    pub dispatch_wakeup: Notify,
+    /// Carries the id of every request that changed, to wake Watch streams.
+    pub events: broadcast::Sender<String>,
+    /// One client per processor, connecting lazily.
+    pub processors: HashMap<String, ProcessorServiceClient<Channel>>,
+    /// Key of the identity hashes kept for the audit trail.
+    pub identity_hash_key: Vec<u8>,
+}
+
+impl Shared {
+    /// Tells Watch streams that `request_id` changed.
+    pub fn publish(&self, request_id: &str) {
+        // No receivers is fine: nobody is watching.
+        let _ = self.events.send(request_id.to_string());
+    }
+}
+
+/// A registry ready to serve.
+pub struct App {
+    shared: Arc<Shared>,
+}
+
+impl App {
+    /// Connects and migrates the store and prepares processor clients. Nothing listens yet.
+    pub async fn build(config: Config) -> Result<Self> {
+        let db = Db::connect(&config.database_url).await?;
+        db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS).await?;
+        let client_tls = config
+            .tls
+            .client_config()
+            .context("loading the registry's TLS files")?;
+        let mut processors = HashMap::new();
+        for p in &config.processors {
+            let channel = dsrelay_runtime::tls::channel(&p.endpoint, Some(p.identity.clone()), &client_tls)
+                .with_context(|| format!("processor {}", p.name))?;
+            let client = ProcessorServiceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            processors.insert(p.name.clone(), client);
+        }
+        let identity_hash_key = if config.identity_hash_key.is_empty() {
+            tracing::warn!("identity_hash_key is not set; using the development key");
+            b"dsrelay development identity hash key".to_vec()
+        } else {
+            config.identity_hash_key.as_bytes().to_vec()
+        };
+        let (events, _) = broadcast::channel(1024);
+        Ok(Self {
+            shared: Arc::new(Shared {
+                store: Store::new(db),
+                auth: Authorizer::new(&config),
+                config,
+                dispatch_wakeup: Notify::new(),
+                events,
+                processors,
+                identity_hash_key,
+            }),
+        })
+    }
+
+    /// The shared state (for tests and tools).
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Serves on `listener` and runs the dispatcher and reconciler until `shutdown`
+    /// resolves; then stops accepting, lets the workers finish their current round, and
+    /// returns.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        let shared = self.shared;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let dispatcher = tokio::spawn(crate::dispatcher::run(shared.clone(), stop_rx.clone()));
+        let reconciler = tokio::spawn(crate::reconciler::run(shared.clone(), stop_rx));
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<RequestServiceServer<Api>>()
+            .await;
+        health
+            .set_serving::<AcknowledgementServiceServer<Api>>()
+            .await;
+        let api = Api::new(shared.clone());
+        let router = dsrelay_runtime::server::builder(shared.config.tls.server_config()?)?
+            .add_service(health_service)
+            .add_service(dsrelay_runtime::server::reflection()?)
+            .add_service(
+                RequestServiceServer::new(api.clone())
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .add_service(
+                AcknowledgementServiceServer::new(api)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            );
+        let addr = listener.local_addr().ok();
+        tracing::info!(?addr, processors = shared.processors.len(), "registry serving");
+        let served = dsrelay_runtime::server::serve(router, listener, shutdown).await;
+        let _ = stop_tx.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            let _ = dispatcher.await;
+            let _ = reconciler.await;
+        })
+        .await;
+        tracing::info!("registry stopped");
+        served
+    }
+}

@@ -1,0 +1,128 @@
+//! Delivers the outbox: each due row is sent to its processor (Deliver or Cancel) until the
+//! processor durably accepts it, with exponential backoff and jitter between attempts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dsrelay_proto::v1::{CancelDeliveryRequest, DeliverRequest, SubmitRequest};
+use dsrelay_proto::{prost::Message, timestamp_from_millis};
+use dsrelay_runtime::store::now_ms;
+use futures::StreamExt;
+use tokio::sync::watch;
+
+use crate::app::Shared;
+use crate::store::{DeliveryJob, OP_DELIVER};
+
+/// Runs until `stop` turns true.
+pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let cfg = shared.config.delivery.clone();
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let claimed = shared
+            .store
+            .claim_deliveries(now_ms(), i64::from(cfg.batch_size), cfg.lease_ms as i64)
+            .await;
+        let jobs = match claimed {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "claiming deliveries failed");
+                Vec::new()
+            }
+        };
+        let full_batch = jobs.len() == cfg.batch_size as usize;
+        futures::stream::iter(jobs)
+            .for_each_concurrent(cfg.concurrency, |job| {
+                let shared = shared.clone();
+                async move { attempt(&shared, job).await }
+            })
+            .await;
+        if full_batch {
+            // More may be due right now.
+            continue;
+        }
+        tokio::select! {
+            _ = stop.changed() => {}
+            _ = shared.dispatch_wakeup.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(cfg.poll_interval_ms)) => {}
+        }
+    }
+}
+
+fn traceparent(trace_id: &str) -> Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
+    let span = format!("{:016x}", fastrand::u64(1..));
+    format!("00-{trace_id}-{span}-01").parse().ok()
+}
+
+#[tracing::instrument(skip_all, fields(request_id = %job.request_id, processor = %job.processor, op = %job.op, attempt = job.attempts + 1))]
+async fn attempt(shared: &Shared, job: DeliveryJob) {
+    let cfg = &shared.config.delivery;
+    let Some(client) = shared.processors.get(&job.processor) else {
+        // The processor was removed from the configuration; keep the row for an operator.
+        record_failure(shared, &job, "processor is no longer configured").await;
+        return;
+    };
+    let mut client = client.clone();
+    let timeout = Duration::from_millis(cfg.call_timeout_ms);
+    let result = if job.op == OP_DELIVER {
+        let body = job
+            .body
+            .as_deref()
+            .and_then(|b| SubmitRequest::decode(b).ok())
+            .unwrap_or_default();
+        let mut req = tonic::Request::new(DeliverRequest {
+            request_id: job.request_id.clone(),
+            kind: body.kind,
+            identities: body.identities,
+            scope: body.scope,
+            parameters: body.parameters,
+            received_at: Some(timestamp_from_millis(job.received_at)),
+            due_at: Some(timestamp_from_millis(job.due_at)),
+        });
+        req.set_timeout(timeout);
+        if let Some(tp) = traceparent(&job.trace_id) {
+            req.metadata_mut().insert("traceparent", tp);
+        }
+        client.deliver(req).await.map(|r| r.into_inner().tasks)
+    } else {
+        let mut req = tonic::Request::new(CancelDeliveryRequest {
+            request_id: job.request_id.clone(),
+            reason: job.cancel_reason.clone().unwrap_or_default(),
+        });
+        req.set_timeout(timeout);
+        if let Some(tp) = traceparent(&job.trace_id) {
+            req.metadata_mut().insert("traceparent", tp);
+        }
+        client.cancel(req).await.map(|r| r.into_inner().tasks)
+    };
+    match result {
+        Ok(tasks) => {
+            tracing::info!(tasks = tasks.len(), "processor accepted");
+            if let Err(e) = shared.store.delivery_succeeded(&job, &tasks, now_ms()).await {
+                // The lease expires and the row is sent again; the processor deduplicates.
+                tracing::error!(error = format!("{e:#}"), "recording a delivery failed");
+            }
+            shared.publish(&job.request_id);
+        }
+        Err(status) => {
+            let message = format!("{:?}: {}", status.code(), status.message());
+            record_failure(shared, &job, &message).await;
+        }
+    }
+}
+
+async fn record_failure(shared: &Shared, job: &DeliveryJob, error: &str) {
+    let attempt = u32::try_from(job.attempts + 1).unwrap_or(u32::MAX);
+    let delay = shared.config.delivery.backoff.delay(attempt);
+    let now = now_ms();
+    tracing::warn!(error, retry_in_ms = delay.as_millis() as u64, "delivery failed");
+    if let Err(e) = shared
+        .store
+        .delivery_failed(job, error, now + delay.as_millis() as i64, now)
+        .await
+    {
+        tracing::error!(error = format!("{e:#}"), "recording a delivery failure failed");
+    }
+    shared.publish(&job.request_id);
+}

@@ -1,0 +1,67 @@
+//! The one place where registry errors become gRPC statuses.
+
+use dsrelay_runtime::identity::FieldViolation;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// What can go wrong in a registry call.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The input broke documented rules; each violation names its field.
+    #[error("invalid request: {}", join(.0))]
+    Invalid(Vec<FieldViolation>),
+    /// No such request (or not visible to the caller).
+    #[error("request {0} not found")]
+    NotFound(String),
+    /// The caller's role may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The idempotency key was used before with a different body.
+    #[error("{0}")]
+    Conflict(String),
+    /// The request's state forbids the call.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A fault of ours; details go to the log, not the caller.
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+fn join(v: &[FieldViolation]) -> String {
+    v.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Unexpected(e.into())
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        match e {
+            ApiError::Invalid(violations) => {
+                let mut details = ErrorDetails::new();
+                for v in &violations {
+                    details.add_bad_request_violation(v.field.clone(), v.rule.clone());
+                }
+                Status::with_error_details(
+                    Code::InvalidArgument,
+                    format!("invalid request: {}", join(&violations)),
+                    details,
+                )
+            }
+            ApiError::NotFound(_) => Status::not_found(e.to_string()),
+            ApiError::PermissionDenied(m) => Status::permission_denied(m),
+            ApiError::Conflict(m) => Status::already_exists(m),
+            ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
+            ApiError::Unexpected(err) => {
+                tracing::error!(error = format!("{err:#}"), "internal error");
+                Status::internal("internal error; the registry logged the details")
+            }
+        }
+    }
+}

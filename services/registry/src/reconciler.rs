@@ -1,0 +1,60 @@
+//! Asks processors for status when a request has been quiet too long, so a lost
+//! acknowledgement (or a processor outbox that is stuck) cannot leave a request hanging.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dsrelay_proto::v1::GetStatusRequest;
+use dsrelay_runtime::store::now_ms;
+use tokio::sync::watch;
+
+use crate::app::Shared;
+
+/// Runs until `stop` turns true.
+pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let cfg = shared.config.reconcile.clone();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(Duration::from_millis(cfg.interval_ms)) => {}
+        }
+        let now = now_ms();
+        let quiet = match shared
+            .store
+            .quiet_requests(now - cfg.ack_timeout_ms as i64, 100)
+            .await
+        {
+            Ok(q) => q,
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "finding quiet requests failed");
+                continue;
+            }
+        };
+        for (request_id, processor) in quiet {
+            let Some(client) = shared.processors.get(&processor) else {
+                continue;
+            };
+            let mut req = tonic::Request::new(GetStatusRequest {
+                request_id: request_id.clone(),
+            });
+            req.set_timeout(Duration::from_millis(shared.config.delivery.call_timeout_ms));
+            match client.clone().get_status(req).await {
+                Ok(resp) => {
+                    let tasks = resp.into_inner().tasks;
+                    match shared.store.reconcile(&request_id, &processor, &tasks, now_ms()).await {
+                        Ok(changed) => {
+                            if changed > 0 {
+                                tracing::info!(%request_id, %processor, changed, "reconciled late acknowledgements");
+                                shared.publish(&request_id);
+                            }
+                        }
+                        Err(e) => tracing::error!(%request_id, error = format!("{e:#}"), "reconciling failed"),
+                    }
+                }
+                Err(status) => {
+                    tracing::warn!(%request_id, %processor, code = ?status.code(), message = status.message(), "status check failed");
+                }
+            }
+        }
+    }
+}

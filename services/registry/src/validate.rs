@@ -1,0 +1,160 @@
+//! Checks a Submit against the documented limits before anything is stored.
+
+use std::collections::BTreeSet;
+
+use dsrelay_proto::v1::{RequestKind, SubmitRequest};
+use dsrelay_runtime::identity::{validate_identities, FieldViolation};
+
+/// At most this many bytes in an idempotency key.
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+/// At most this many bytes in a note, reason or transfer recipient.
+pub const MAX_TEXT: usize = 1024;
+/// At most this many data categories in a scope.
+pub const MAX_CATEGORIES: usize = 32;
+/// At most this many corrections in a rectification.
+pub const MAX_CORRECTIONS: usize = 32;
+
+/// Every rule `req` breaks; empty when it may be stored. `known_categories` are those some
+/// processor holds: a category nobody holds is almost certainly a typo.
+pub fn validate_submit(req: &SubmitRequest, known_categories: &BTreeSet<&str>) -> Vec<FieldViolation> {
+    let mut out = Vec::new();
+    let kind = RequestKind::try_from(req.kind).unwrap_or(RequestKind::Unspecified);
+    if kind == RequestKind::Unspecified {
+        out.push(FieldViolation::new(
+            "kind",
+            format!(
+                "must be one of ERASURE, RETURN_OF_DATA, TRANSFER, RECTIFICATION, RESTRICTION, \
+                 OBJECTION (got {})",
+                req.kind
+            ),
+        ));
+    }
+    out.extend(validate_identities(&req.identities));
+    let key = &req.idempotency_key;
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+        out.push(FieldViolation::new(
+            "idempotency_key",
+            format!("must be 1 to {MAX_IDEMPOTENCY_KEY} bytes"),
+        ));
+    } else if !key
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+    {
+        out.push(FieldViolation::new(
+            "idempotency_key",
+            "may contain only letters, digits and . _ : -",
+        ));
+    }
+    if req.note.len() > MAX_TEXT {
+        out.push(FieldViolation::new(
+            "note",
+            format!("must be at most {MAX_TEXT} bytes"),
+        ));
+    }
+    if let Some(scope) = &req.scope {
+        if scope.data_categories.len() > MAX_CATEGORIES {
+            out.push(FieldViolation::new(
+                "scope.data_categories",
+                format!("at most {MAX_CATEGORIES} categories are allowed"),
+            ));
+        } else {
+            for (i, c) in scope.data_categories.iter().enumerate() {
+                if !known_categories.contains(c.as_str()) {
+                    out.push(FieldViolation::new(
+                        format!("scope.data_categories[{i}]"),
+                        format!(
+                            "{c:?} is held by no configured processor; known categories: {}",
+                            known_categories.iter().copied().collect::<Vec<_>>().join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    let params = req.parameters.clone().unwrap_or_default();
+    match kind {
+        RequestKind::Rectification => {
+            if params.corrections.is_empty() || params.corrections.len() > MAX_CORRECTIONS {
+                out.push(FieldViolation::new(
+                    "parameters.corrections",
+                    format!("a rectification needs 1 to {MAX_CORRECTIONS} corrections"),
+                ));
+            }
+            for (i, c) in params.corrections.iter().take(MAX_CORRECTIONS).enumerate() {
+                if c.field.is_empty() || c.field.len() > 64 {
+                    out.push(FieldViolation::new(
+                        format!("parameters.corrections[{i}].field"),
+                        "must be 1 to 64 bytes",
+                    ));
+                }
+                if c.new_value.len() > MAX_TEXT {
+                    out.push(FieldViolation::new(
+                        format!("parameters.corrections[{i}].new_value"),
+                        format!("must be at most {MAX_TEXT} bytes"),
+                    ));
+                }
+            }
+        }
+        RequestKind::Transfer => {
+            let r = &params.transfer_recipient;
+            if r.is_empty() || r.len() > 256 {
+                out.push(FieldViolation::new(
+                    "parameters.transfer_recipient",
+                    "a transfer needs a recipient of 1 to 256 bytes",
+                ));
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dsrelay_proto::v1::{IdentityEncoding, IdentityType, Scope, SubjectIdentity};
+
+    fn good() -> SubmitRequest {
+        SubmitRequest {
+            kind: RequestKind::Erasure as i32,
+            identities: vec![SubjectIdentity {
+                r#type: IdentityType::Email as i32,
+                encoding: IdentityEncoding::Raw as i32,
+                value: "maija@example.fi".into(),
+                label: String::new(),
+            }],
+            idempotency_key: "crm-123".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn accepts_a_plain_erasure() {
+        assert!(validate_submit(&good(), &BTreeSet::new()).is_empty());
+    }
+
+    #[test]
+    fn names_each_broken_rule() {
+        let mut r = good();
+        r.kind = 99;
+        r.idempotency_key = "has space".into();
+        r.scope = Some(Scope {
+            data_categories: vec!["invoicing".into(), "typo".into()],
+        });
+        let known: BTreeSet<&str> = ["invoicing"].into();
+        let v = validate_submit(&r, &known);
+        let fields: Vec<&str> = v.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["kind", "idempotency_key", "scope.data_categories[1]"]
+        );
+    }
+
+    #[test]
+    fn rectification_needs_corrections() {
+        let mut r = good();
+        r.kind = RequestKind::Rectification as i32;
+        let v = validate_submit(&r, &BTreeSet::new());
+        assert_eq!(v[0].field, "parameters.corrections");
+    }
+}
