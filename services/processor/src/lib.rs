@@ -1,1 +1,23 @@
-//! placeholder
+//! The processor-side service: receives requests from the controllers it serves, splits each
+//! into one task per subprocessor, runs the tasks through connectors, and acknowledges every
+//! state change back to the controller's registry.
+//!
+//! # Layout
+//! - [`config`]: controllers, subprocessors and their connectors, worker settings.
+//! - [`app`]: [`App::build`] and [`App::run`].
+//! - [`api`]: Deliver, Cancel and GetStatus.
+//! - [`store`]: requests, tasks and the acknowledgement outbox.
+//! - [`connector`]: runs a task through its subprocessor's connector.
+//! - [`runner`]: claims runnable tasks and moves them through their states.
+//! - [`ack_sender`]: sends queued acknowledgements to the registries.
+
+pub mod ack_sender;
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod connector;
+pub mod runner;
+pub mod store;
+
+pub use app::App;
+pub use config::Config;

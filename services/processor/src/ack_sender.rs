@@ -1,0 +1,95 @@
+//! Sends queued acknowledgements to each controller's registry, in batches, retrying with
+//! backoff until the registry has stored them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dsrelay_proto::v1::AcknowledgeRequest;
+use dsrelay_runtime::store::now_ms;
+use tokio::sync::watch;
+
+use crate::app::Shared;
+use crate::store::AckJob;
+
+/// Runs until `stop` turns true.
+pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let cfg = shared.config.acks.clone();
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let jobs = match shared
+            .store
+            .claim_acks(now_ms(), i64::from(cfg.batch_size), cfg.lease_ms as i64)
+            .await
+        {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "claiming acknowledgements failed");
+                Vec::new()
+            }
+        };
+        let full = jobs.len() == cfg.batch_size as usize;
+        let mut by_controller: BTreeMap<String, Vec<AckJob>> = BTreeMap::new();
+        for j in jobs {
+            by_controller.entry(j.controller.clone()).or_default().push(j);
+        }
+        let sends = by_controller
+            .into_iter()
+            .map(|(controller, jobs)| send(&shared, controller, jobs));
+        futures::future::join_all(sends).await;
+        if full {
+            continue;
+        }
+        tokio::select! {
+            _ = stop.changed() => {}
+            _ = shared.ack_wakeup.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(cfg.poll_interval_ms)) => {}
+        }
+    }
+}
+
+#[tracing::instrument(skip_all, fields(controller = %controller, count = jobs.len()))]
+async fn send(shared: &Shared, controller: String, jobs: Vec<AckJob>) {
+    let cfg = &shared.config.acks;
+    let result = match shared.registries.get(&controller) {
+        Some(client) => {
+            let mut req = tonic::Request::new(AcknowledgeRequest {
+                acknowledgements: jobs.iter().map(|j| j.ack.clone()).collect(),
+            });
+            req.set_timeout(Duration::from_millis(cfg.call_timeout_ms));
+            client
+                .clone()
+                .acknowledge(req)
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+        }
+        None => Err(format!("controller {controller} is no longer configured")),
+    };
+    match result {
+        Ok(resp) => {
+            let r = resp.into_inner();
+            tracing::debug!(applied = r.applied, duplicates = r.duplicates, "acknowledged");
+            let ids: Vec<i64> = jobs.iter().map(|j| j.id).collect();
+            if let Err(e) = shared.store.acks_sent(&ids, now_ms()).await {
+                // They are sent again after the lease; the registry counts them as duplicates.
+                tracing::error!(error = format!("{e:#}"), "recording sent acknowledgements failed");
+            }
+        }
+        Err(error) => {
+            let now = now_ms();
+            let retries: Vec<(i64, i64)> = jobs
+                .iter()
+                .map(|j| {
+                    let attempt = u32::try_from(j.attempts + 1).unwrap_or(u32::MAX);
+                    (j.id, now + cfg.backoff.delay(attempt).as_millis() as i64)
+                })
+                .collect();
+            tracing::warn!(%error, "sending acknowledgements failed; will retry");
+            if let Err(e) = shared.store.acks_failed(&retries, &error).await {
+                tracing::error!(error = format!("{e:#}"), "recording an acknowledgement failure failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The processor's gRPC handlers: Deliver, Cancel and GetStatus, for configured controllers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use dsrelay_proto::v1::processor_service_server::ProcessorService;
+use dsrelay_proto::v1::{
+    CancelDeliveryRequest, DeliverRequest, DeliverResponse, GetStatusRequest, RequestKind,
+    TaskList,
+};
+use dsrelay_runtime::identity::validate_identities;
+use dsrelay_runtime::store::now_ms;
+use tonic::{Request, Response, Status};
+
+use crate::app::Shared;
+use crate::store::Accepted;
+
+/// At most this many bytes in a request id.
+const MAX_ID: usize = 64;
+
+/// The ProcessorService implementation.
+#[derive(Clone)]
+pub struct Api {
+    shared: Arc<Shared>,
+    controllers: Arc<HashMap<String, String>>,
+}
+
+impl Api {
+    /// Handlers over `shared`.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        let controllers = shared
+            .config
+            .controllers
+            .iter()
+            .map(|c| (c.identity.clone(), c.name.clone()))
+            .collect();
+        Self {
+            shared,
+            controllers: Arc::new(controllers),
+        }
+    }
+
+    /// The controller calling, or PERMISSION_DENIED.
+    fn controller<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let identity = dsrelay_runtime::tls::peer_identity(req).ok_or_else(|| {
+            Status::permission_denied("no client certificate with a URI or DNS SAN was presented")
+        })?;
+        self.controllers.get(&identity).cloned().ok_or_else(|| {
+            Status::permission_denied(format!(
+                "certificate identity {identity} is not a controller of this processor"
+            ))
+        })
+    }
+}
+
+fn invalid(field: &str, rule: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {rule}"))
+}
+
+fn check_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() || id.len() > MAX_ID {
+        return Err(invalid("request_id", format!("must be 1 to {MAX_ID} bytes")));
+    }
+    Ok(())
+}
+
+fn internal(e: anyhow::Error) -> Status {
+    tracing::error!(error = format!("{e:#}"), "internal error");
+    Status::internal("internal error; the processor logged the details")
+}
+
+#[tonic::async_trait]
+impl ProcessorService for Api {
+    #[tracing::instrument(skip_all, fields(controller, request_id = %req.get_ref().request_id))]
+    async fn deliver(
+        &self,
+        req: Request<DeliverRequest>,
+    ) -> Result<Response<DeliverResponse>, Status> {
+        let controller = self.controller(&req)?;
+        tracing::Span::current().record("controller", controller.as_str());
+        let r = req.into_inner();
+        check_id(&r.request_id)?;
+        if RequestKind::try_from(r.kind).unwrap_or(RequestKind::Unspecified)
+            == RequestKind::Unspecified
+        {
+            return Err(invalid("kind", format!("{} is not a request kind", r.kind)));
+        }
+        if let Some(v) = validate_identities(&r.identities).into_iter().next() {
+            return Err(invalid(&v.field, &v.rule));
+        }
+        let wanted: Vec<&str> = r
+            .scope
+            .as_ref()
+            .map(|s| s.data_categories.iter().map(String::as_str).collect())
+            .unwrap_or_default();
+        let subprocessors: Vec<String> = self
+            .shared
+            .config
+            .subprocessors
+            .iter()
+            .filter(|s| wanted.is_empty() || s.categories.iter().any(|c| wanted.contains(&c.as_str())))
+            .map(|s| s.name.clone())
+            .collect();
+        let accepted = self
+            .shared
+            .store
+            .accept(&controller, &r, &subprocessors, now_ms())
+            .await
+            .map_err(internal)?;
+        let (tasks, duplicate) = match accepted {
+            Accepted::New(t) => {
+                tracing::info!(tasks = t.len(), "request accepted");
+                self.shared.task_wakeup.notify_one();
+                (t, false)
+            }
+            Accepted::Duplicate(t) => (t, true),
+        };
+        Ok(Response::new(DeliverResponse {
+            tasks: tasks.iter().map(|t| t.to_status()).collect(),
+            duplicate,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(controller, request_id = %req.get_ref().request_id))]
+    async fn cancel(
+        &self,
+        req: Request<CancelDeliveryRequest>,
+    ) -> Result<Response<TaskList>, Status> {
+        let controller = self.controller(&req)?;
+        let r = req.into_inner();
+        check_id(&r.request_id)?;
+        if r.reason.len() > 1024 {
+            return Err(invalid("reason", "must be at most 1024 bytes"));
+        }
+        let tasks = self
+            .shared
+            .store
+            .cancel(&controller, &r.request_id, &r.reason, now_ms())
+            .await
+            .map_err(internal)?;
+        self.shared.ack_wakeup.notify_one();
+        tracing::info!("request cancelled");
+        Ok(Response::new(TaskList {
+            request_id: r.request_id,
+            tasks: tasks.iter().map(|t| t.to_status()).collect(),
+        }))
+    }
+
+    async fn get_status(
+        &self,
+        req: Request<GetStatusRequest>,
+    ) -> Result<Response<TaskList>, Status> {
+        let controller = self.controller(&req)?;
+        let r = req.into_inner();
+        check_id(&r.request_id)?;
+        let store = &self.shared.store;
+        if !store
+            .request_exists(&controller, &r.request_id)
+            .await
+            .map_err(internal)?
+        {
+            return Err(Status::not_found(format!(
+                "request {} was not delivered here",
+                r.request_id
+            )));
+        }
+        let tasks = store
+            .tasks(&controller, &r.request_id)
+            .await
+            .map_err(internal)?;
+        Ok(Response::new(TaskList {
+            request_id: r.request_id,
+            tasks: tasks.iter().map(|t| t.to_status()).collect(),
+        }))
+    }
+}
