@@ -1,1 +1,47 @@
-//! placeholder
+//! Rust client for the dsrelay registry's partner API (`dsrelay.v1.RequestService`).
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use dsrelay_sdk::{ConnectionSettings, RegistryClient, SubmitBuilder};
+//! use dsrelay_sdk::runtime::pki::DevPki;
+//!
+//! let pki = DevPki::ensure(".dsrelay/pki".as_ref())?;
+//! let client = RegistryClient::connect(&ConnectionSettings {
+//!     endpoint: "https://127.0.0.1:50051".into(),
+//!     tls: pki.files("partner-crm"),
+//!     server_identity: Some(dsrelay_sdk::runtime::pki::dev_identity("registry", "controller")),
+//! })?;
+//! let request = SubmitBuilder::erasure()
+//!     .email("maija@example.fi")
+//!     .customer_number("C-1")
+//!     .categories(["contact", "marketing"])
+//!     .build();
+//! let answer = client.submit(request).await?;
+//! println!("{} is {}", answer.request_id, answer.state);
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - [`client`]: [`ConnectionSettings`] and [`RegistryClient`], one typed method per RPC;
+//!   every call fails with the server's [`tonic::Status`] so callers can show code and message.
+//! - [`submit`]: [`SubmitBuilder`] and the identity helpers ([`identity`], [`hashed_identity`],
+//!   [`other_identity`]) that assemble a [`proto::SubmitRequest`].
+//! - [`status`]: presenting a [`tonic::Status`] ([`code_name`]) and telling a connection
+//!   failure from an answer of the server ([`is_connection_error`]).
+//! - [`proto`]: the generated `dsrelay.v1` types, re-exported so callers need no direct
+//!   dependency on `dsrelay-proto`; [`runtime`] likewise for `TlsFiles` and the dev PKI.
+
+pub mod client;
+pub mod status;
+pub mod submit;
+
+pub use client::{ConnectionSettings, RegistryClient, DEFAULT_CALL_TIMEOUT};
+pub use status::{code_name, is_connection_error};
+pub use submit::{hashed_identity, identity, other_identity, SubmitBuilder};
+
+/// The generated `dsrelay.v1` messages, enums and clients.
+pub use dsrelay_proto::v1 as proto;
+/// The shared runtime: [`runtime::tls::TlsFiles`] and the development PKI ([`runtime::pki`]).
+pub use dsrelay_runtime as runtime;
+/// The `tonic` the generated code was built with, for [`tonic::Status`] and [`tonic::Code`].
+pub use tonic;

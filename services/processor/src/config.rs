@@ -76,9 +76,18 @@ pub struct SubprocessorConfig {
 pub enum ConnectorConfig {
     /// An SQL database (SQLite or PostgreSQL) with declarative per-table rules.
     Sql(SqlConnectorConfig),
-    /// Holds nothing and confirms every task at once: for benchmarks that measure the relay
-    /// itself, and for smoke tests.
-    Noop,
+    /// Holds nothing and confirms every task after `delay_ms`: for benchmarks that measure
+    /// the relay itself, and for tests that need a task to stay in progress for a while.
+    Noop(NoopConfig),
+}
+
+/// Settings of the no-op connector.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoopConfig {
+    /// How long each task takes (ms), standing in for a subprocessor's latency.
+    #[serde(default)]
+    pub delay_ms: u64,
 }
 
 /// Task runner settings.

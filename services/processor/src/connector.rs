@@ -11,8 +11,8 @@ use crate::config::{ConnectorConfig, SubprocessorConfig};
 pub enum Connector {
     /// An SQL database.
     Sql(SqlConnector),
-    /// Confirms at once, holds nothing.
-    Noop,
+    /// Confirms after a fixed delay, holds nothing.
+    Noop(std::time::Duration),
 }
 
 /// What a connector run ended in.
@@ -42,7 +42,7 @@ impl Connector {
     pub async fn build(sub: &SubprocessorConfig) -> Result<Self> {
         Ok(match &sub.connector {
             ConnectorConfig::Sql(cfg) => Self::Sql(SqlConnector::connect(cfg.clone()).await?),
-            ConnectorConfig::Noop => Self::Noop,
+            ConnectorConfig::Noop(n) => Self::Noop(std::time::Duration::from_millis(n.delay_ms)),
         })
     }
 
@@ -54,10 +54,13 @@ impl Connector {
     ) -> Result<TaskOutcome, ConnectorError> {
         let kind = RequestKind::try_from(req.kind).unwrap_or(RequestKind::Unspecified);
         match (self, kind) {
-            (Self::Noop, _) => Ok(TaskOutcome::Completed {
-                records: 0,
-                note: "noop connector: nothing held".into(),
-            }),
+            (Self::Noop(delay), _) => {
+                tokio::time::sleep(*delay).await;
+                Ok(TaskOutcome::Completed {
+                    records: 0,
+                    note: "noop connector: nothing held".into(),
+                })
+            }
             (Self::Sql(sql), RequestKind::Erasure) => {
                 let out = sql.erase(&req.identities).await?;
                 Ok(if out.found {

@@ -1,0 +1,417 @@
+//! The command line: global connection flags and one subcommand per operation.
+
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+use dsrelay_sdk::proto::{RequestKind, RequestState};
+
+/// Printed after `--help`: where connection settings come from, and what the exit status means.
+const AFTER_HELP: &str = "\
+Connection settings: each is taken from the first of
+  1. its flag: --endpoint, --ca, --cert, --key, --server-identity
+  2. the environment: DSRCTL_ENDPOINT, DSRCTL_CA, DSRCTL_CERT, DSRCTL_KEY,
+     DSRCTL_SERVER_IDENTITY (empty values count as unset)
+  3. the config file named by --config or DSRCTL_CONFIG: TOML with the keys endpoint, ca,
+     cert, key, server_identity; relative paths there are relative to the file's folder
+  4. defaults: endpoint https://127.0.0.1:50051. When none of ca, cert and key is given
+     anywhere and ./.dsrelay/pki/operator.pem exists, the development PKI in ./.dsrelay/pki
+     is used (ca.pem, operator.pem, operator.key) and, unless a server identity is given,
+     the registry must present spiffe://dsrelay.dev/registry/controller.
+     `dsrctl pki init` creates that PKI.
+
+Exit status: 0 on success; 1 for a configuration or connection problem, and from `watch`
+when the request ended other than COMPLETED; 2 for a usage error or an error answer from the
+registry (printed as `error: <CODE>: <message>`).";
+
+/// Command-line client for the dsrelay registry: submit and follow data-subject requests.
+#[derive(Debug, Parser)]
+#[command(name = "dsrctl", version, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// Where the registry is and which certificate to present.
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+
+    /// How to print results: aligned columns, or one JSON document per result.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Connection flags. All are optional here: `settings::resolve` falls back to the
+/// environment, the config file and the defaults, in that order.
+#[derive(Debug, Clone, Default, Args)]
+#[command(next_help_heading = "Connection")]
+pub struct ConnectionArgs {
+    /// Registry endpoint, https://host:port [env: DSRCTL_ENDPOINT] [default: https://127.0.0.1:50051]
+    #[arg(long, global = true, value_name = "URL")]
+    pub endpoint: Option<String>,
+
+    /// CA bundle (PEM) the registry's certificate must chain to [env: DSRCTL_CA]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+
+    /// Our certificate (PEM) [env: DSRCTL_CERT]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+
+    /// Our private key (PEM) [env: DSRCTL_KEY]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+
+    /// Certificate identity the registry must present, e.g.
+    /// spiffe://dsrelay.dev/registry/controller [env: DSRCTL_SERVER_IDENTITY]
+    #[arg(long, global = true, value_name = "URI")]
+    pub server_identity: Option<String>,
+
+    /// TOML file with endpoint, ca, cert, key, server_identity [env: DSRCTL_CONFIG]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned plain-text columns.
+    Table,
+    /// One JSON document per result (one per line for `watch`).
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Submit a data-subject request; prints its id, state, due date, trace id and processors.
+    // Boxed: by far the largest variant (clippy::large_enum_variant).
+    Submit(Box<SubmitArgs>),
+    /// Show one request with its deliveries and tasks.
+    Get(GetArgs),
+    /// List requests, newest first.
+    List(ListArgs),
+    /// Print a request's events until it finishes; exits 0 only if it ended COMPLETED.
+    Watch(WatchArgs),
+    /// Cancel a request that has not finished.
+    Cancel(CancelArgs),
+    /// Extend a request's due date (operators only).
+    Extend(ExtendArgs),
+    /// Development PKI.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    // New subcommands (e.g. `dev up`) go here, with their arm in `commands::dispatch`; a
+    // subcommand that needs no registry connection must not call `settings::resolve`.
+}
+
+/// What a data subject asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KindArg {
+    /// Erase the subject's data everywhere (art. 17).
+    Erasure,
+    /// Collect the subject's data (art. 15, 20).
+    ReturnOfData,
+    /// Send the subject's data to a recipient (art. 20(2)); needs --recipient.
+    Transfer,
+    /// Correct the subject's data (art. 16, 19); needs --correct.
+    Rectification,
+    /// Set (or with --lift, lift) a restriction of processing (art. 18).
+    Restriction,
+    /// Object to direct marketing (art. 21(2)).
+    Objection,
+}
+
+impl From<KindArg> for RequestKind {
+    fn from(kind: KindArg) -> Self {
+        match kind {
+            KindArg::Erasure => RequestKind::Erasure,
+            KindArg::ReturnOfData => RequestKind::ReturnOfData,
+            KindArg::Transfer => RequestKind::Transfer,
+            KindArg::Rectification => RequestKind::Rectification,
+            KindArg::Restriction => RequestKind::Restriction,
+            KindArg::Objection => RequestKind::Objection,
+        }
+    }
+}
+
+/// A request state, for filtering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StateArg {
+    /// Stored; deliveries queued.
+    Received,
+    /// Accepted by at least one processor.
+    Dispatched,
+    /// Processors are working on it.
+    InProgress,
+    /// Every holder confirmed.
+    Completed,
+    /// Done except data retained under a legal obligation.
+    PartiallyCompleted,
+    /// A task failed or was refused.
+    Failed,
+    /// Cancelled before it finished.
+    Cancelled,
+}
+
+impl From<StateArg> for RequestState {
+    fn from(state: StateArg) -> Self {
+        match state {
+            StateArg::Received => RequestState::Received,
+            StateArg::Dispatched => RequestState::Dispatched,
+            StateArg::InProgress => RequestState::InProgress,
+            StateArg::Completed => RequestState::Completed,
+            StateArg::PartiallyCompleted => RequestState::PartiallyCompleted,
+            StateArg::Failed => RequestState::Failed,
+            StateArg::Cancelled => RequestState::Cancelled,
+        }
+    }
+}
+
+/// Arguments of `dsrctl submit`. Give at least one identity; every identity flag repeats.
+#[derive(Debug, Clone, Args)]
+#[command(group = ArgGroup::new("identities").required(true).multiple(true))]
+pub struct SubmitArgs {
+    /// What the subject asked for.
+    #[arg(long, value_enum)]
+    pub kind: KindArg,
+
+    /// The subject's e-mail address.
+    #[arg(long, value_name = "ADDRESS", group = "identities")]
+    pub email: Vec<String>,
+
+    /// The subject's phone number, preferably E.164 (+358401234567).
+    #[arg(long, value_name = "NUMBER", group = "identities")]
+    pub phone: Vec<String>,
+
+    /// The subject's customer number in the controller's systems.
+    #[arg(long, value_name = "NUMBER", group = "identities")]
+    pub customer_number: Vec<String>,
+
+    /// The subject's national identification number.
+    #[arg(long, value_name = "ID", group = "identities")]
+    pub national_id: Vec<String>,
+
+    /// Any other identity, e.g. --other loyalty-card=L-123.
+    #[arg(long, value_name = "LABEL=VALUE", group = "identities", value_parser = parse_assignment)]
+    pub other: Vec<(String, String)>,
+
+    /// An e-mail address as hex SHA-256 of its trimmed, lowercased form.
+    #[arg(long, value_name = "HEX", group = "identities", value_parser = parse_sha256)]
+    pub sha256_email: Vec<String>,
+
+    /// An e-mail address as hex MD5 of its trimmed, lowercased form.
+    #[arg(long, value_name = "HEX", group = "identities", value_parser = parse_md5)]
+    pub md5_email: Vec<String>,
+
+    /// Limit the request to a data category (repeatable; none means all data).
+    #[arg(long = "category", value_name = "CATEGORY")]
+    pub categories: Vec<String>,
+
+    /// Idempotency key; resubmitting with the same key does not create a second request
+    /// [default: a fresh UUID v4, printed with the result]
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
+
+    /// Free text kept with the request (e.g. a ticket number); no identities in it.
+    #[arg(long, value_name = "TEXT")]
+    pub note: Option<String>,
+
+    /// A corrected value for rectification, e.g. --correct phone=+358401234567 (repeatable).
+    #[arg(
+        long = "correct",
+        value_name = "FIELD=VALUE",
+        value_parser = parse_assignment,
+        required_if_eq("kind", "rectification")
+    )]
+    pub corrections: Vec<(String, String)>,
+
+    /// For restriction: lift a restriction set earlier instead of setting one.
+    #[arg(long)]
+    pub lift: bool,
+
+    /// For transfer: the recipient's URI or certificate identity.
+    #[arg(long, value_name = "URI", required_if_eq("kind", "transfer"))]
+    pub recipient: Option<String>,
+}
+
+/// Arguments of `dsrctl get`.
+#[derive(Debug, Clone, Args)]
+pub struct GetArgs {
+    /// The request id.
+    pub id: String,
+}
+
+/// Arguments of `dsrctl list`.
+#[derive(Debug, Clone, Args)]
+pub struct ListArgs {
+    /// Only requests in this state (repeatable; any of them).
+    #[arg(long = "state", value_enum, value_name = "STATE")]
+    pub states: Vec<StateArg>,
+
+    /// Only requests of this kind.
+    #[arg(long, value_enum)]
+    pub kind: Option<KindArg>,
+
+    /// Only requests past their due date that have not finished.
+    #[arg(long)]
+    pub overdue: bool,
+
+    /// Page size, 1..=500 [default: the registry's, 50]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=500))]
+    pub limit: Option<u32>,
+
+    /// Continue from this page token (printed by an earlier `list`).
+    #[arg(long, value_name = "TOKEN")]
+    pub page_token: Option<String>,
+
+    /// Fetch every page (each of --limit requests) and print them together.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// Arguments of `dsrctl watch`.
+#[derive(Debug, Clone, Args)]
+pub struct WatchArgs {
+    /// The request id.
+    pub id: String,
+
+    /// Only events with a larger id (to resume an earlier watch).
+    #[arg(long, value_name = "EVENT_ID", default_value_t = 0)]
+    pub after: u64,
+}
+
+/// Arguments of `dsrctl cancel`.
+#[derive(Debug, Clone, Args)]
+pub struct CancelArgs {
+    /// The request id.
+    pub id: String,
+
+    /// Why it is cancelled; kept with the request.
+    #[arg(long, value_name = "TEXT")]
+    pub reason: String,
+}
+
+/// Arguments of `dsrctl extend`.
+#[derive(Debug, Clone, Args)]
+pub struct ExtendArgs {
+    /// The request id.
+    pub id: String,
+
+    /// Months to add to the due date; two in all at most (GDPR art. 12(3)).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=2))]
+    pub months: u32,
+
+    /// Why more time is needed; the subject must be told.
+    #[arg(long, value_name = "TEXT")]
+    pub reason: String,
+}
+
+/// `dsrctl pki ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum PkiCommand {
+    /// Create a development CA and certificates for every party (kept if already there).
+    Init(PkiInitArgs),
+}
+
+/// Arguments of `dsrctl pki init`.
+#[derive(Debug, Clone, Args)]
+pub struct PkiInitArgs {
+    /// Folder for the PKI files.
+    #[arg(long, value_name = "DIR", default_value = ".dsrelay/pki")]
+    pub dir: PathBuf,
+}
+
+/// `NAME=VALUE`, split at the first `=`; the name must not be empty.
+fn parse_assignment(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, value)) if !name.trim().is_empty() => {
+            Ok((name.trim().to_string(), value.to_string()))
+        }
+        _ => Err(format!("expected NAME=VALUE, got {s:?}")),
+    }
+}
+
+fn parse_sha256(s: &str) -> Result<String, String> {
+    parse_hex_digest(s, 64)
+}
+
+fn parse_md5(s: &str) -> Result<String, String> {
+    parse_hex_digest(s, 32)
+}
+
+/// Hex of the given length, lowercased: the registry only accepts lowercase, and tools such as
+/// `shasum` print lowercase but others do not.
+fn parse_hex_digest(s: &str, len: usize) -> Result<String, String> {
+    if s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "expected {len} hex digits, got {} characters",
+            s.chars().count()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_work_after_the_subcommand() {
+        let cli = Cli::try_parse_from([
+            "dsrctl",
+            "get",
+            "r-1",
+            "--endpoint",
+            "https://h:1",
+            "--output",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(cli.connection.endpoint.as_deref(), Some("https://h:1"));
+        assert_eq!(cli.output, OutputFormat::Json);
+    }
+
+    #[test]
+    fn submit_needs_an_identity() {
+        let err = Cli::try_parse_from(["dsrctl", "submit", "--kind", "erasure"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn kind_specific_requirements() {
+        let transfer = [
+            "dsrctl", "submit", "--kind", "transfer", "--email", "a@b.fi",
+        ];
+        assert!(Cli::try_parse_from(transfer).is_err());
+        let rect = [
+            "dsrctl",
+            "submit",
+            "--kind",
+            "rectification",
+            "--email",
+            "a@b.fi",
+        ];
+        assert!(Cli::try_parse_from(rect).is_err());
+    }
+
+    #[test]
+    fn value_parsers() {
+        assert_eq!(
+            parse_assignment("phone=+358 40=1").unwrap(),
+            ("phone".to_string(), "+358 40=1".to_string())
+        );
+        assert!(parse_assignment("=x").is_err());
+        assert!(parse_assignment("novalue").is_err());
+        assert_eq!(parse_md5(&"AB".repeat(16)).unwrap(), "ab".repeat(16));
+        assert!(parse_sha256(&"ab".repeat(16)).is_err());
+        assert!(parse_sha256(&"zz".repeat(32)).is_err());
+        let err = Cli::try_parse_from(["dsrctl", "extend", "r", "--months", "3", "--reason", "x"]);
+        assert!(err.is_err());
+    }
+}

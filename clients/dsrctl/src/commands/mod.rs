@@ -1,0 +1,68 @@
+//! One module per subcommand; [`dispatch`] picks one.
+
+use std::io::Write;
+
+use dsrelay_sdk::RegistryClient;
+
+use crate::cli::{Cli, Command, OutputFormat, PkiCommand};
+use crate::settings::{self, Environment};
+use crate::Failure;
+
+mod list;
+mod pki;
+mod request;
+mod submit;
+mod watch;
+
+/// Where a command writes, and in which format.
+pub(crate) struct Io<'a> {
+    /// Results.
+    pub(crate) out: &'a mut dyn Write,
+    /// Notes for a human (never results), so `--output json` stays parseable.
+    pub(crate) err: &'a mut dyn Write,
+    /// The format of results.
+    pub(crate) format: OutputFormat,
+}
+
+/// A registry client and the endpoint it calls, for error messages.
+pub(crate) struct Registry {
+    pub(crate) client: RegistryClient,
+    pub(crate) endpoint: String,
+}
+
+impl Registry {
+    /// Resolves the settings and prepares the client; nothing is sent yet.
+    fn connect(cli: &Cli, env: &Environment) -> Result<Self, Failure> {
+        let settings = settings::resolve(&cli.connection, env).map_err(Failure::Setup)?;
+        let client = RegistryClient::connect(&settings).map_err(Failure::Setup)?;
+        Ok(Self {
+            client,
+            endpoint: settings.endpoint,
+        })
+    }
+
+    /// Wraps a failed call's status.
+    pub(crate) fn failed(&self, status: tonic::Status) -> Failure {
+        Failure::Rpc {
+            status,
+            endpoint: self.endpoint.clone(),
+        }
+    }
+}
+
+/// Runs the subcommand; returns the exit status.
+pub(crate) async fn dispatch(cli: &Cli, env: &Environment, io: &mut Io<'_>) -> Result<u8, Failure> {
+    match &cli.command {
+        // Needs no registry, so must not fail on missing connection settings.
+        Command::Pki(PkiCommand::Init(args)) => pki::init(args, env, io),
+        Command::Submit(args) => {
+            let prepared = submit::prepare(args)?;
+            submit::run(&Registry::connect(cli, env)?, prepared, io).await
+        }
+        Command::Get(args) => request::get(&Registry::connect(cli, env)?, args, io).await,
+        Command::List(args) => list::run(&Registry::connect(cli, env)?, args, io).await,
+        Command::Watch(args) => watch::run(&Registry::connect(cli, env)?, args, io).await,
+        Command::Cancel(args) => request::cancel(&Registry::connect(cli, env)?, args, io).await,
+        Command::Extend(args) => request::extend(&Registry::connect(cli, env)?, args, io).await,
+    }
+}

@@ -1,0 +1,33 @@
+//! `dsrctl pki init`.
+
+use dsrelay_sdk::runtime::pki::{dev_identity, DevPki, DEV_PARTIES};
+
+use crate::cli::PkiInitArgs;
+use crate::commands::Io;
+use crate::output::{emit, PkiPartyView, PkiView};
+use crate::settings::Environment;
+use crate::Failure;
+
+/// Creates the development PKI unless it is there, and prints its files and identities.
+pub(crate) fn init(args: &PkiInitArgs, env: &Environment, io: &mut Io<'_>) -> Result<u8, Failure> {
+    let dir = env.cwd().join(&args.dir);
+    // `ensure` keeps an existing set; say which happened so nobody expects fresh keys.
+    let existed = dir.join("ca.pem").exists();
+    let pki = DevPki::ensure(&dir).map_err(Failure::Setup)?;
+    let view = PkiView {
+        dir: pki.dir.display().to_string(),
+        created: !existed,
+        ca: pki.ca().display().to_string(),
+        parties: DEV_PARTIES
+            .iter()
+            .map(|(stem, role, name)| PkiPartyView {
+                party: stem.to_string(),
+                identity: dev_identity(role, name),
+                cert: pki.cert(stem).display().to_string(),
+                key: pki.key(stem).display().to_string(),
+            })
+            .collect(),
+    };
+    emit(io.out, io.format, &view, false)?;
+    Ok(0)
+}

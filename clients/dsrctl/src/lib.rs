@@ -1,0 +1,177 @@
+//! `dsrctl`: the command-line client for dsrelay partners and operators.
+//!
+//! `main` only parses the command line; [`run`] does the rest, and [`execute`] is the same
+//! with the environment and output streams passed in, for tests.
+//!
+//! # Layout
+//! - [`cli`]: the clap definitions: global connection flags and the [`cli::Command`] tree.
+//! - [`settings`]: connection settings from flags, environment, config file and defaults.
+//! - [`table`]: the aligned plain-text table used by the text output.
+//! - `output`: serde views of the proto messages and their text and JSON rendering.
+//! - `commands`: one module per subcommand, and `dispatch` choosing among them.
+//!
+//! Exit status: 0 on success; 1 for configuration and connection problems and when `watch`
+//! sees the request end other than COMPLETED; 2 for usage errors (clap's own included) and
+//! error answers from the registry.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+pub mod cli;
+mod commands;
+mod output;
+pub mod settings;
+pub mod table;
+
+pub use cli::Cli;
+pub use settings::Environment;
+
+use dsrelay_sdk::{code_name, is_connection_error};
+
+/// Exit status of a command that ran but whose outcome was not the hoped-for one (`watch`
+/// of a request that FAILED), and of configuration and connection problems.
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit status of usage errors and error answers from the registry; clap uses it too.
+pub const EXIT_USAGE_OR_RPC: u8 = 2;
+
+/// Why a command could not do its work.
+#[derive(Debug)]
+pub enum Failure {
+    /// Arguments that parse but do not fit together.
+    Usage(String),
+    /// Bad configuration, unreadable files, a PKI that cannot be written.
+    Setup(anyhow::Error),
+    /// A call failed: an error answer from the registry, or no connection to it.
+    Rpc {
+        /// The status of the call.
+        status: tonic::Status,
+        /// The endpoint called, for the message when it could not be reached.
+        endpoint: String,
+    },
+    /// Writing the output failed.
+    Output(std::io::Error),
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(err: std::io::Error) -> Self {
+        Self::Output(err)
+    }
+}
+
+impl Failure {
+    /// The exit status this failure ends the process with.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Usage(_) => EXIT_USAGE_OR_RPC,
+            Self::Rpc { status, .. } if !is_connection_error(status) => EXIT_USAGE_OR_RPC,
+            Self::Rpc { .. } | Self::Setup(_) | Self::Output(_) => EXIT_FAILURE,
+        }
+    }
+
+    /// The one-line message for stderr, without the trailing newline.
+    pub fn message(&self) -> String {
+        let text = match self {
+            Self::Usage(msg) => format!("error: {msg}"),
+            Self::Setup(err) => format!("error: {err:#}"),
+            Self::Rpc { status, endpoint } if is_connection_error(status) => {
+                // tonic's own message ("transport error") says little; the causes say why.
+                let mut causes = vec![status.message().to_string()];
+                let mut source = std::error::Error::source(status);
+                while let Some(err) = source {
+                    let text = err.to_string();
+                    if !causes.contains(&text) {
+                        causes.push(text);
+                    }
+                    source = err.source();
+                }
+                format!(
+                    "error: {}: cannot reach the registry at {endpoint}: {}",
+                    code_name(status.code()),
+                    causes.join(": ")
+                )
+            }
+            Self::Rpc { status, .. } => {
+                format!("error: {}: {}", code_name(status.code()), status.message())
+            }
+            Self::Output(err) => format!("error: writing the output: {err}"),
+        };
+        table::clean(&text)
+    }
+}
+
+/// Runs `cli` in this process's environment, printing to stdout and stderr; the exit status
+/// follows the crate documentation.
+pub fn run(cli: Cli) -> ExitCode {
+    let mut stderr = std::io::stderr();
+    let env = match Environment::from_process() {
+        Ok(env) => env,
+        Err(err) => return report(&Failure::Setup(err), &mut stderr),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => return report(&Failure::Setup(err.into()), &mut stderr),
+    };
+    let mut stdout = std::io::stdout().lock();
+    let result = runtime.block_on(execute(&cli, &env, &mut stdout, &mut std::io::stderr()));
+    match result {
+        Ok(code) => ExitCode::from(code),
+        // The reader went away (`dsrctl list | head`): not worth a message. Only `watch`
+        // reports it, since it never learned how the request ended.
+        Err(Failure::Output(err)) if err.kind() == std::io::ErrorKind::BrokenPipe => {
+            if matches!(cli.command, cli::Command::Watch(_)) {
+                ExitCode::from(EXIT_FAILURE)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(failure) => report(&failure, &mut stderr),
+    }
+}
+
+fn report(failure: &Failure, stderr: &mut dyn Write) -> ExitCode {
+    // Nothing sensible is left to do if stderr is gone too.
+    let _ = writeln!(stderr, "{}", failure.message());
+    ExitCode::from(failure.exit_code())
+}
+
+/// Runs `cli` with `env`, writing results to `out` and notes to `err`; returns the exit
+/// status on completion.
+pub async fn execute(
+    cli: &Cli,
+    env: &Environment,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<u8, Failure> {
+    let mut io = commands::Io {
+        out,
+        err,
+        format: cli.output,
+    };
+    commands::dispatch(cli, env, &mut io).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rpc(status: tonic::Status) -> Failure {
+        Failure::Rpc {
+            status,
+            endpoint: "https://127.0.0.1:50051".into(),
+        }
+    }
+
+    #[test]
+    fn exit_codes_and_messages() {
+        let f = rpc(tonic::Status::not_found("request r-1 not found"));
+        assert_eq!(f.exit_code(), 2);
+        assert_eq!(f.message(), "error: NOT_FOUND: request r-1 not found");
+        let f = Failure::Setup(anyhow::anyhow!("bad").context("reading x"));
+        assert_eq!(f.exit_code(), 1);
+        assert_eq!(f.message(), "error: reading x: bad");
+        assert_eq!(Failure::Usage("no".into()).exit_code(), 2);
+    }
+}

@@ -1,0 +1,735 @@
+//! What dsrctl prints: small serde views of the proto messages, rendered either as JSON or
+//! as text tables.
+//!
+//! The views exist so JSON output is stable and readable (enums by name without their
+//! prefix, timestamps as RFC 3339) rather than prost's integers and `{seconds, nanos}`.
+
+use std::fmt;
+use std::io::Write;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use dsrelay_sdk::proto::{Delivery, TaskStatus};
+use dsrelay_sdk::proto::{
+    DeliveryState, EventType, IdentityEncoding, IdentityType, Request, RequestEvent, RequestKind,
+    RequestState, SubmitResponse, TaskState,
+};
+use serde::Serialize;
+
+use crate::cli::OutputFormat;
+use crate::table::{clean, Table};
+
+/// A point in time: RFC 3339 in UTC, to the second in tables and exact in JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Time(DateTime<Utc>);
+
+impl Time {
+    /// `None` for an absent timestamp or one outside chrono's range.
+    pub(crate) fn from_proto(ts: Option<&dsrelay_proto::prost_types::Timestamp>) -> Option<Self> {
+        let ts = ts?;
+        let nanos = u32::try_from(ts.nanos).ok()?;
+        DateTime::from_timestamp(ts.seconds, nanos).map(Self)
+    }
+}
+
+impl fmt::Display for Time {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.to_rfc3339_opts(SecondsFormat::Secs, true))
+    }
+}
+
+impl Serialize for Time {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+    }
+}
+
+fn time_cell(t: Option<Time>) -> String {
+    t.map(|t| t.to_string()).unwrap_or_default()
+}
+
+/// An enum value's proto name without the type prefix (`ERASURE`); `UNKNOWN(n)` for a value
+/// newer than this build, so output never fails on a newer registry.
+fn enum_name(name: Option<&'static str>, prefix: &str, raw: i32) -> String {
+    match name {
+        Some(name) => name.strip_prefix(prefix).unwrap_or(name).to_string(),
+        None => format!("UNKNOWN({raw})"),
+    }
+}
+
+pub(crate) fn kind_name(v: i32) -> String {
+    let name = RequestKind::try_from(v).ok().map(|k| k.as_str_name());
+    enum_name(name, "REQUEST_KIND_", v)
+}
+
+pub(crate) fn state_name(v: i32) -> String {
+    let name = RequestState::try_from(v).ok().map(|k| k.as_str_name());
+    enum_name(name, "REQUEST_STATE_", v)
+}
+
+fn task_state_name(v: i32) -> String {
+    let name = TaskState::try_from(v).ok().map(|k| k.as_str_name());
+    enum_name(name, "TASK_STATE_", v)
+}
+
+fn delivery_state_name(v: i32) -> String {
+    let name = DeliveryState::try_from(v).ok().map(|k| k.as_str_name());
+    enum_name(name, "DELIVERY_STATE_", v)
+}
+
+fn event_type_name(v: i32) -> String {
+    let name = EventType::try_from(v).ok().map(|k| k.as_str_name());
+    enum_name(name, "EVENT_TYPE_", v)
+}
+
+fn identity_type_name(v: i32) -> String {
+    let name = IdentityType::try_from(v).ok().map(|k| k.as_str_name());
+    enum_name(name, "IDENTITY_TYPE_", v)
+}
+
+fn identity_encoding_name(v: i32) -> String {
+    let name = IdentityEncoding::try_from(v).ok().map(|k| k.as_str_name());
+    enum_name(name, "IDENTITY_ENCODING_", v)
+}
+
+/// Result of `submit`.
+#[derive(Debug, Serialize)]
+pub(crate) struct SubmitView {
+    pub(crate) request_id: String,
+    pub(crate) state: String,
+    pub(crate) due_at: Option<Time>,
+    pub(crate) trace_id: String,
+    pub(crate) deduplicated: bool,
+    pub(crate) routed_to: Vec<String>,
+    pub(crate) idempotency_key: String,
+}
+
+impl SubmitView {
+    pub(crate) fn new(r: &SubmitResponse, idempotency_key: String) -> Self {
+        Self {
+            request_id: r.request_id.clone(),
+            state: state_name(r.state),
+            due_at: Time::from_proto(r.due_at.as_ref()),
+            trace_id: r.trace_id.clone(),
+            deduplicated: r.deduplicated,
+            routed_to: r.routed_to.clone(),
+            idempotency_key,
+        }
+    }
+
+    fn table(&self) -> String {
+        let mut t = Table::headless();
+        t.row(["request", self.request_id.as_str()]);
+        t.row(["state", self.state.as_str()]);
+        t.row(["due", &time_cell(self.due_at)]);
+        t.row(["trace id", self.trace_id.as_str()]);
+        t.row(["routed to", &self.routed_to.join(", ")]);
+        t.row(["idempotency key", self.idempotency_key.as_str()]);
+        if self.deduplicated {
+            t.row(["deduplicated", "yes: this key was submitted before"]);
+        }
+        t.render()
+    }
+}
+
+/// One identity of a request.
+#[derive(Debug, Serialize)]
+pub(crate) struct IdentityView {
+    #[serde(rename = "type")]
+    pub(crate) ty: String,
+    pub(crate) encoding: String,
+    pub(crate) value: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub(crate) label: String,
+}
+
+/// A field correction of a RECTIFICATION request.
+#[derive(Debug, Serialize)]
+pub(crate) struct CorrectionView {
+    pub(crate) field: String,
+    pub(crate) new_value: String,
+}
+
+/// One delivery.
+#[derive(Debug, Serialize)]
+pub(crate) struct DeliveryView {
+    pub(crate) processor: String,
+    pub(crate) state: String,
+    pub(crate) attempts: u32,
+    pub(crate) last_error: String,
+    pub(crate) next_attempt_at: Option<Time>,
+    pub(crate) delivered_at: Option<Time>,
+}
+
+impl From<&Delivery> for DeliveryView {
+    fn from(d: &Delivery) -> Self {
+        Self {
+            processor: d.processor.clone(),
+            state: delivery_state_name(d.state),
+            attempts: d.attempts,
+            last_error: d.last_error.clone(),
+            next_attempt_at: Time::from_proto(d.next_attempt_at.as_ref()),
+            delivered_at: Time::from_proto(d.delivered_at.as_ref()),
+        }
+    }
+}
+
+/// One task.
+#[derive(Debug, Serialize)]
+pub(crate) struct TaskView {
+    pub(crate) processor: String,
+    pub(crate) subprocessor: String,
+    pub(crate) state: String,
+    pub(crate) sequence: u64,
+    pub(crate) records_affected: Option<i64>,
+    pub(crate) evidence_note: String,
+    pub(crate) confirmed: bool,
+    pub(crate) reason: String,
+    pub(crate) legal_basis: String,
+    pub(crate) retain_until: Option<Time>,
+    pub(crate) updated_at: Option<Time>,
+}
+
+impl From<&TaskStatus> for TaskView {
+    fn from(t: &TaskStatus) -> Self {
+        Self {
+            processor: t.processor.clone(),
+            subprocessor: t.subprocessor.clone(),
+            state: task_state_name(t.state),
+            sequence: t.sequence,
+            records_affected: t.evidence.as_ref().map(|e| e.records_affected),
+            evidence_note: t
+                .evidence
+                .as_ref()
+                .map(|e| e.note.clone())
+                .unwrap_or_default(),
+            confirmed: t.evidence.as_ref().is_some_and(|e| e.confirmed),
+            reason: t.reason.clone(),
+            legal_basis: t.legal_basis.clone(),
+            retain_until: Time::from_proto(t.retain_until.as_ref()),
+            updated_at: Time::from_proto(t.updated_at.as_ref()),
+        }
+    }
+}
+
+impl TaskView {
+    /// Reason, legal basis and retention date in one cell; tasks rarely have more than one.
+    fn detail(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.reason.is_empty() {
+            parts.push(self.reason.clone());
+        }
+        if !self.legal_basis.is_empty() {
+            parts.push(format!("basis: {}", self.legal_basis));
+        }
+        if let Some(until) = self.retain_until {
+            parts.push(format!("retain until {until}"));
+        }
+        parts.join("; ")
+    }
+}
+
+/// A request as `get`, `list`, `cancel` and `extend` show it.
+#[derive(Debug, Serialize)]
+pub(crate) struct RequestView {
+    pub(crate) request_id: String,
+    pub(crate) partner: String,
+    pub(crate) kind: String,
+    pub(crate) state: String,
+    pub(crate) received_at: Option<Time>,
+    pub(crate) due_at: Option<Time>,
+    pub(crate) overdue: bool,
+    pub(crate) trace_id: String,
+    pub(crate) updated_at: Option<Time>,
+    pub(crate) idempotency_key: String,
+    pub(crate) note: String,
+    pub(crate) data_categories: Vec<String>,
+    pub(crate) corrections: Vec<CorrectionView>,
+    pub(crate) lift_restriction: bool,
+    pub(crate) transfer_recipient: String,
+    pub(crate) identities: Vec<IdentityView>,
+    pub(crate) identities_forgotten: bool,
+    pub(crate) extension_reasons: Vec<String>,
+    pub(crate) cancel_reason: String,
+    pub(crate) deliveries: Vec<DeliveryView>,
+    pub(crate) tasks: Vec<TaskView>,
+}
+
+impl From<&Request> for RequestView {
+    fn from(r: &Request) -> Self {
+        let params = r.parameters.clone().unwrap_or_default();
+        Self {
+            request_id: r.request_id.clone(),
+            partner: r.partner.clone(),
+            kind: kind_name(r.kind),
+            state: state_name(r.state),
+            received_at: Time::from_proto(r.received_at.as_ref()),
+            due_at: Time::from_proto(r.due_at.as_ref()),
+            overdue: r.overdue,
+            trace_id: r.trace_id.clone(),
+            updated_at: Time::from_proto(r.updated_at.as_ref()),
+            idempotency_key: r.idempotency_key.clone(),
+            note: r.note.clone(),
+            data_categories: r
+                .scope
+                .as_ref()
+                .map(|s| s.data_categories.clone())
+                .unwrap_or_default(),
+            corrections: params
+                .corrections
+                .into_iter()
+                .map(|c| CorrectionView {
+                    field: c.field,
+                    new_value: c.new_value,
+                })
+                .collect(),
+            lift_restriction: params.lift_restriction,
+            transfer_recipient: params.transfer_recipient,
+            identities: r
+                .identities
+                .iter()
+                .map(|i| IdentityView {
+                    ty: identity_type_name(i.r#type),
+                    encoding: identity_encoding_name(i.encoding),
+                    value: i.value.clone(),
+                    label: i.label.clone(),
+                })
+                .collect(),
+            identities_forgotten: r.identities_forgotten,
+            extension_reasons: r.extension_reasons.clone(),
+            cancel_reason: r.cancel_reason.clone(),
+            deliveries: r.deliveries.iter().map(DeliveryView::from).collect(),
+            tasks: r.tasks.iter().map(TaskView::from).collect(),
+        }
+    }
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+impl RequestView {
+    /// Header, deliveries and tasks.
+    fn table(&self) -> String {
+        let mut h = Table::headless();
+        h.row(["request", self.request_id.as_str()]);
+        h.row(["partner", self.partner.as_str()]);
+        h.row(["kind", self.kind.as_str()]);
+        h.row(["state", self.state.as_str()]);
+        h.row(["received", &time_cell(self.received_at)]);
+        h.row(["due", &time_cell(self.due_at)]);
+        h.row(["overdue", yes_no(self.overdue)]);
+        h.row(["trace id", self.trace_id.as_str()]);
+        // Types only: the values are personal data, and a terminal's scrollback is no place
+        // for them. `--output json` has them for whoever really needs them.
+        let identities = if self.identities_forgotten {
+            "forgotten".to_string()
+        } else {
+            self.identities
+                .iter()
+                .map(|i| match (i.encoding.as_str(), i.label.as_str()) {
+                    ("RAW", "") => i.ty.clone(),
+                    ("RAW", label) => format!("{} ({label})", i.ty),
+                    (enc, _) => format!("{} ({enc})", i.ty),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        h.row(["identities", identities.as_str()]);
+        let categories = if self.data_categories.is_empty() {
+            "all".to_string()
+        } else {
+            self.data_categories.join(", ")
+        };
+        h.row(["categories", categories.as_str()]);
+        if !self.transfer_recipient.is_empty() {
+            h.row(["recipient", self.transfer_recipient.as_str()]);
+        }
+        if self.lift_restriction {
+            h.row(["lift restriction", "yes"]);
+        }
+        for c in &self.corrections {
+            h.row([
+                "correct".to_string(),
+                format!("{} = {}", c.field, c.new_value),
+            ]);
+        }
+        if !self.note.is_empty() {
+            h.row(["note", self.note.as_str()]);
+        }
+        for reason in &self.extension_reasons {
+            h.row(["extended", reason.as_str()]);
+        }
+        if !self.cancel_reason.is_empty() {
+            h.row(["cancelled", self.cancel_reason.as_str()]);
+        }
+
+        let mut out = h.render();
+        out.push_str("\nDeliveries\n");
+        if self.deliveries.is_empty() {
+            out.push_str("(none)\n");
+        } else {
+            let mut t = Table::new(["PROCESSOR", "STATE", "ATTEMPTS", "LAST ERROR"]);
+            for d in &self.deliveries {
+                t.row([
+                    d.processor.clone(),
+                    d.state.clone(),
+                    d.attempts.to_string(),
+                    d.last_error.clone(),
+                ]);
+            }
+            out.push_str(&t.render());
+        }
+        out.push_str("\nTasks\n");
+        if self.tasks.is_empty() {
+            out.push_str("(none)\n");
+        } else {
+            let mut t = Table::new([
+                "PROCESSOR",
+                "SUBPROCESSOR",
+                "STATE",
+                "SEQ",
+                "RECORDS",
+                "DETAIL",
+            ]);
+            for task in &self.tasks {
+                t.row([
+                    task.processor.clone(),
+                    task.subprocessor.clone(),
+                    task.state.clone(),
+                    task.sequence.to_string(),
+                    task.records_affected
+                        .map(|n| n.to_string())
+                        .unwrap_or_default(),
+                    task.detail(),
+                ]);
+            }
+            out.push_str(&t.render());
+        }
+        out
+    }
+}
+
+/// Result of `list`.
+#[derive(Debug, Serialize)]
+pub(crate) struct ListView {
+    pub(crate) requests: Vec<RequestView>,
+    pub(crate) next_page_token: String,
+}
+
+impl ListView {
+    fn table(&self) -> String {
+        let mut t = Table::new(["ID", "KIND", "STATE", "RECEIVED", "DUE", "OVERDUE"]);
+        for r in &self.requests {
+            t.row([
+                r.request_id.clone(),
+                r.kind.clone(),
+                r.state.clone(),
+                time_cell(r.received_at),
+                time_cell(r.due_at),
+                yes_no(r.overdue).to_string(),
+            ]);
+        }
+        let mut out = t.render();
+        if !self.next_page_token.is_empty() {
+            out.push_str(&format!(
+                "next page: --page-token {}\n",
+                clean(&self.next_page_token)
+            ));
+        }
+        out
+    }
+}
+
+/// One event of `watch`.
+#[derive(Debug, Serialize)]
+pub(crate) struct EventView {
+    pub(crate) event_id: u64,
+    pub(crate) request_id: String,
+    #[serde(rename = "type")]
+    pub(crate) ty: String,
+    pub(crate) occurred_at: Option<Time>,
+    pub(crate) request_state: String,
+    pub(crate) processor: String,
+    pub(crate) task: Option<TaskView>,
+    pub(crate) message: String,
+    pub(crate) attempt: u32,
+}
+
+impl From<&RequestEvent> for EventView {
+    fn from(e: &RequestEvent) -> Self {
+        Self {
+            event_id: e.event_id,
+            request_id: e.request_id.clone(),
+            ty: event_type_name(e.r#type),
+            occurred_at: Time::from_proto(e.occurred_at.as_ref()),
+            request_state: state_name(e.request_state),
+            processor: e.processor.clone(),
+            task: e.task.as_ref().map(TaskView::from),
+            message: e.message.clone(),
+            attempt: e.attempt,
+        }
+    }
+}
+
+impl EventView {
+    /// One line, columns padded to fixed widths since later events cannot re-align earlier
+    /// lines: time, type, request state, processor[/subprocessor], message.
+    fn line(&self) -> String {
+        let who = match &self.task {
+            Some(task) if !task.subprocessor.is_empty() => {
+                let processor = if task.processor.is_empty() {
+                    &self.processor
+                } else {
+                    &task.processor
+                };
+                format!("{processor}/{}", task.subprocessor)
+            }
+            _ => self.processor.clone(),
+        };
+        let mut message = self.message.clone();
+        if let Some(task) = &self.task {
+            let detail = task.detail();
+            let extra = if detail.is_empty() {
+                format!("task {}", task.state)
+            } else {
+                format!("task {} ({detail})", task.state)
+            };
+            message = if message.is_empty() {
+                extra
+            } else {
+                format!("{message} [{extra}]")
+            };
+        }
+        if self.attempt > 0 && message.is_empty() {
+            message = format!("attempt {}", self.attempt);
+        }
+        let line = format!(
+            "{:<20}  {:<17}  {:<19}  {:<30}  {}",
+            time_cell(self.occurred_at),
+            self.ty,
+            self.request_state,
+            if who.is_empty() { "-".to_string() } else { who },
+            message
+        );
+        clean(line.trim_end())
+    }
+}
+
+/// One party of the development PKI.
+#[derive(Debug, Serialize)]
+pub(crate) struct PkiPartyView {
+    pub(crate) party: String,
+    pub(crate) identity: String,
+    pub(crate) cert: String,
+    pub(crate) key: String,
+}
+
+/// Result of `pki init`.
+#[derive(Debug, Serialize)]
+pub(crate) struct PkiView {
+    pub(crate) dir: String,
+    pub(crate) created: bool,
+    pub(crate) ca: String,
+    pub(crate) parties: Vec<PkiPartyView>,
+}
+
+impl PkiView {
+    fn table(&self) -> String {
+        let mut out = if self.created {
+            format!("created a development PKI in {}\n", self.dir)
+        } else {
+            format!("kept the development PKI already in {}\n", self.dir)
+        };
+        out.push_str(&format!("ca: {}\n\n", self.ca));
+        let mut t = Table::new(["PARTY", "IDENTITY", "CERT", "KEY"]);
+        for p in &self.parties {
+            t.row([&p.party, &p.identity, &p.cert, &p.key]);
+        }
+        out.push_str(&t.render());
+        out
+    }
+}
+
+/// Something printable as a table or as one JSON document.
+pub(crate) trait Render: Serialize {
+    /// The text form.
+    fn to_table(&self) -> String;
+}
+
+impl Render for SubmitView {
+    fn to_table(&self) -> String {
+        self.table()
+    }
+}
+
+impl Render for RequestView {
+    fn to_table(&self) -> String {
+        self.table()
+    }
+}
+
+impl Render for ListView {
+    fn to_table(&self) -> String {
+        self.table()
+    }
+}
+
+impl Render for PkiView {
+    fn to_table(&self) -> String {
+        self.table()
+    }
+}
+
+impl Render for EventView {
+    fn to_table(&self) -> String {
+        let mut line = self.line();
+        line.push('\n');
+        line
+    }
+}
+
+/// Prints `value` in `format`: pretty JSON for single results, one compact line per event
+/// (`compact`) so a stream stays line-delimited for `jq` and friends.
+pub(crate) fn emit<T: Render>(
+    out: &mut dyn Write,
+    format: OutputFormat,
+    value: &T,
+    compact: bool,
+) -> std::io::Result<()> {
+    match format {
+        OutputFormat::Table => out.write_all(value.to_table().as_bytes())?,
+        OutputFormat::Json => {
+            if compact {
+                serde_json::to_writer(&mut *out, value)?;
+            } else {
+                serde_json::to_writer_pretty(&mut *out, value)?;
+            }
+            out.write_all(b"\n")?;
+        }
+    }
+    out.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dsrelay_proto::prost_types::Timestamp;
+    use dsrelay_sdk::proto::{Evidence, RequestParameters, Scope, SubjectIdentity};
+
+    fn ts(seconds: i64) -> Option<Timestamp> {
+        Some(Timestamp { seconds, nanos: 0 })
+    }
+
+    fn sample() -> Request {
+        Request {
+            request_id: "r-1".into(),
+            partner: "spiffe://dsrelay.dev/partner/crm".into(),
+            kind: RequestKind::Erasure as i32,
+            state: RequestState::PartiallyCompleted as i32,
+            identities: vec![SubjectIdentity {
+                r#type: IdentityType::Email as i32,
+                encoding: IdentityEncoding::Raw as i32,
+                value: "maija@example.fi".into(),
+                label: String::new(),
+            }],
+            scope: Some(Scope {
+                data_categories: vec!["contact".into()],
+            }),
+            parameters: Some(RequestParameters::default()),
+            received_at: ts(1_700_000_000),
+            due_at: ts(1_702_592_000),
+            trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+            deliveries: vec![Delivery {
+                processor: "payroll-bureau".into(),
+                state: DeliveryState::Delivered as i32,
+                attempts: 2,
+                last_error: "connection refused".into(),
+                ..Default::default()
+            }],
+            tasks: vec![TaskStatus {
+                processor: "payroll-bureau".into(),
+                subprocessor: "netvisor".into(),
+                state: TaskState::Retained as i32,
+                sequence: 3,
+                evidence: Some(Evidence {
+                    records_affected: 4,
+                    note: String::new(),
+                    confirmed: true,
+                }),
+                legal_basis: "Kirjanpitolaki 2:10 §".into(),
+                retain_until: ts(1_900_000_000),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn json_uses_short_enum_names_and_rfc3339() {
+        let v = serde_json::to_value(RequestView::from(&sample())).unwrap();
+        assert_eq!(v["kind"], "ERASURE");
+        assert_eq!(v["state"], "PARTIALLY_COMPLETED");
+        assert_eq!(v["received_at"], "2023-11-14T22:13:20Z");
+        assert_eq!(v["deliveries"][0]["state"], "DELIVERED");
+        assert_eq!(v["tasks"][0]["state"], "RETAINED");
+        assert_eq!(v["tasks"][0]["records_affected"], 4);
+        assert_eq!(v["identities"][0]["type"], "EMAIL");
+        assert_eq!(v["identities"][0]["value"], "maija@example.fi");
+    }
+
+    #[test]
+    fn table_shows_header_deliveries_and_tasks_without_identity_values() {
+        let text = RequestView::from(&sample()).table();
+        assert!(text.contains("state       PARTIALLY_COMPLETED\n"), "{text}");
+        assert!(text.contains("identities  EMAIL\n"), "{text}");
+        assert!(!text.contains("maija"), "{text}");
+        assert!(
+            text.contains("payroll-bureau  DELIVERED  2         connection refused"),
+            "{text}"
+        );
+        assert!(
+            text.contains("netvisor      RETAINED  3    4        basis: Kirjanpitolaki 2:10 §; retain until 2030-03-17T17:46:40Z"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn unknown_enum_values_and_bad_timestamps_do_not_fail() {
+        assert_eq!(kind_name(99), "UNKNOWN(99)");
+        assert_eq!(state_name(0), "UNSPECIFIED");
+        let bad = Timestamp {
+            seconds: 0,
+            nanos: -1,
+        };
+        assert_eq!(Time::from_proto(Some(&bad)), None);
+    }
+
+    #[test]
+    fn event_line() {
+        let e = RequestEvent {
+            event_id: 7,
+            request_id: "r-1".into(),
+            r#type: EventType::TaskUpdated as i32,
+            occurred_at: ts(1_700_000_000),
+            request_state: RequestState::InProgress as i32,
+            processor: "payroll-bureau".into(),
+            task: Some(TaskStatus {
+                processor: "payroll-bureau".into(),
+                subprocessor: "netvisor".into(),
+                state: TaskState::Completed as i32,
+                ..Default::default()
+            }),
+            message: "erased".into(),
+            attempt: 0,
+        };
+        assert_eq!(
+            EventView::from(&e).line(),
+            "2023-11-14T22:13:20Z  TASK_UPDATED       IN_PROGRESS          \
+             payroll-bureau/netvisor         erased [task COMPLETED]"
+        );
+    }
+}

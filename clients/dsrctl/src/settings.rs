@@ -1,0 +1,317 @@
+//! Resolving connection settings: flag, then environment, then config file, then defaults.
+//!
+//! The environment and working directory are passed in as an [`Environment`] rather than read
+//! from the process, so the precedence can be tested without mutating global state.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use dsrelay_sdk::runtime::pki;
+use dsrelay_sdk::runtime::tls::TlsFiles;
+use dsrelay_sdk::ConnectionSettings;
+use serde::Deserialize;
+
+use crate::cli::ConnectionArgs;
+
+/// The endpoint used when none is given.
+pub const DEFAULT_ENDPOINT: &str = "https://127.0.0.1:50051";
+/// Where `dsrctl pki init` puts the development PKI, relative to the working directory.
+pub const DEV_PKI_DIR: &str = ".dsrelay/pki";
+/// The development PKI party whose certificate dsrctl presents.
+const DEV_CLIENT_STEM: &str = "operator";
+
+/// Environment variable names, one per setting.
+const ENV_ENDPOINT: &str = "DSRCTL_ENDPOINT";
+const ENV_CA: &str = "DSRCTL_CA";
+const ENV_CERT: &str = "DSRCTL_CERT";
+const ENV_KEY: &str = "DSRCTL_KEY";
+const ENV_SERVER_IDENTITY: &str = "DSRCTL_SERVER_IDENTITY";
+const ENV_CONFIG: &str = "DSRCTL_CONFIG";
+const ENV_NAMES: [&str; 6] = [
+    ENV_ENDPOINT,
+    ENV_CA,
+    ENV_CERT,
+    ENV_KEY,
+    ENV_SERVER_IDENTITY,
+    ENV_CONFIG,
+];
+
+/// The parts of the process environment dsrctl reads: its `DSRCTL_*` variables and the
+/// working directory.
+#[derive(Debug, Clone)]
+pub struct Environment {
+    vars: BTreeMap<String, OsString>,
+    cwd: PathBuf,
+}
+
+impl Environment {
+    /// Reads the `DSRCTL_*` variables and the working directory of this process.
+    pub fn from_process() -> Result<Self> {
+        let vars = ENV_NAMES
+            .iter()
+            .filter_map(|name| Some((name.to_string(), std::env::var_os(name)?)))
+            .collect();
+        let cwd = std::env::current_dir().context("reading the working directory")?;
+        Ok(Self { vars, cwd })
+    }
+
+    /// An environment with exactly these variables and working directory.
+    pub fn new<K, V>(vars: impl IntoIterator<Item = (K, V)>, cwd: impl Into<PathBuf>) -> Self
+    where
+        K: Into<String>,
+        V: Into<OsString>,
+    {
+        Self {
+            vars: vars
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+            cwd: cwd.into(),
+        }
+    }
+
+    /// The working directory relative paths are resolved against.
+    pub fn cwd(&self) -> &Path {
+        &self.cwd
+    }
+
+    /// A variable's value; an empty value counts as unset, so `DSRCTL_CA= dsrctl ...` can
+    /// switch a variable off for one command.
+    fn var_os(&self, name: &str) -> Option<&OsString> {
+        self.vars.get(name).filter(|v| !v.is_empty())
+    }
+
+    fn var_string(&self, name: &str) -> Result<Option<String>> {
+        self.var_os(name)
+            .map(|v| {
+                v.clone()
+                    .into_string()
+                    .map_err(|_| anyhow::anyhow!("{name} is not valid UTF-8"))
+            })
+            .transpose()
+    }
+
+    fn var_path(&self, name: &str) -> Option<PathBuf> {
+        self.var_os(name).map(|v| self.cwd.join(v))
+    }
+}
+
+/// The config file: the same keys as the flags, all optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    endpoint: Option<String>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    server_identity: Option<String>,
+}
+
+impl FileSettings {
+    fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        let mut file: Self = toml::from_str(&text)
+            .with_context(|| format!("parsing config file {}", path.display()))?;
+        // Paths in a file are meant relative to the file, so it works from any directory.
+        let base = path.parent().unwrap_or(Path::new(""));
+        for p in [&mut file.ca, &mut file.cert, &mut file.key]
+            .into_iter()
+            .flatten()
+        {
+            *p = base.join(&*p);
+        }
+        Ok(file)
+    }
+}
+
+/// Works out the connection settings from the flags, `env` and the config file it names.
+pub fn resolve(args: &ConnectionArgs, env: &Environment) -> Result<ConnectionSettings> {
+    let config_path = args
+        .config
+        .as_ref()
+        .map(|p| env.cwd.join(p))
+        .or_else(|| env.var_path(ENV_CONFIG));
+    let file = match &config_path {
+        Some(path) => FileSettings::load(path)?,
+        None => FileSettings::default(),
+    };
+
+    let endpoint = first_some([
+        args.endpoint.clone(),
+        env.var_string(ENV_ENDPOINT)?,
+        file.endpoint,
+    ])
+    .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
+    let mut server_identity = first_some([
+        args.server_identity.clone(),
+        env.var_string(ENV_SERVER_IDENTITY)?,
+        file.server_identity,
+    ]);
+    let path_flag = |flag: &Option<PathBuf>| flag.as_ref().map(|p| env.cwd.join(p));
+    let ca = first_some([path_flag(&args.ca), env.var_path(ENV_CA), file.ca]);
+    let cert = first_some([path_flag(&args.cert), env.var_path(ENV_CERT), file.cert]);
+    let key = first_some([path_flag(&args.key), env.var_path(ENV_KEY), file.key]);
+
+    let tls = match (ca, cert, key) {
+        (Some(ca), Some(cert), Some(key)) => TlsFiles { ca, cert, key },
+        (None, None, None) => {
+            let dev = pki::DevPki {
+                dir: env.cwd.join(DEV_PKI_DIR),
+            };
+            if !dev.cert(DEV_CLIENT_STEM).exists() {
+                bail!(
+                    "no client certificate: give --ca, --cert and --key (or DSRCTL_CA, \
+                     DSRCTL_CERT, DSRCTL_KEY, or a --config file), or run `dsrctl pki init` \
+                     here for a development PKI"
+                );
+            }
+            // The development registry certificate is known, so check it rather than trust
+            // any certificate the dev CA signed (the processor's, say).
+            server_identity.get_or_insert_with(|| pki::dev_identity("registry", "controller"));
+            dev.files(DEV_CLIENT_STEM)
+        }
+        (ca, cert, key) => {
+            let missing: Vec<&str> = [
+                ("ca", ca.is_none()),
+                ("cert", cert.is_none()),
+                ("key", key.is_none()),
+            ]
+            .into_iter()
+            .filter_map(|(name, missing)| missing.then_some(name))
+            .collect();
+            bail!(
+                "incomplete TLS settings: {} missing (give all of ca, cert and key, or none \
+                 to use the development PKI)",
+                missing.join(", ")
+            );
+        }
+    };
+    Ok(ConnectionSettings {
+        endpoint,
+        tls,
+        server_identity,
+    })
+}
+
+fn first_some<T, const N: usize>(candidates: [Option<T>; N]) -> Option<T> {
+    candidates.into_iter().flatten().next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> ConnectionArgs {
+        ConnectionArgs::default()
+    }
+
+    fn write_config(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("dsrctl.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    const FULL_FILE: &str = "endpoint = \"https://file:1\"\nca = \"f-ca.pem\"\ncert = \"f.pem\"\n\
+                             key = \"f.key\"\nserver_identity = \"spiffe://file\"\n";
+
+    #[test]
+    fn flags_beat_env_beat_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let conf = write_config(tmp.path(), FULL_FILE);
+        let env = Environment::new(
+            [
+                ("DSRCTL_CONFIG", conf.as_os_str().to_owned()),
+                ("DSRCTL_ENDPOINT", "https://env:1".into()),
+                ("DSRCTL_CERT", "env.pem".into()),
+            ],
+            "/work",
+        );
+        let flags = ConnectionArgs {
+            endpoint: Some("https://flag:1".into()),
+            ..args()
+        };
+        let s = resolve(&flags, &env).unwrap();
+        assert_eq!(s.endpoint, "https://flag:1");
+        assert_eq!(s.tls.cert, Path::new("/work/env.pem"));
+        // From the file, relative to the file's folder rather than the working directory.
+        assert_eq!(s.tls.ca, tmp.path().join("f-ca.pem"));
+        assert_eq!(s.tls.key, tmp.path().join("f.key"));
+        assert_eq!(s.server_identity.as_deref(), Some("spiffe://file"));
+
+        let s = resolve(&args(), &env).unwrap();
+        assert_eq!(s.endpoint, "https://env:1");
+    }
+
+    #[test]
+    fn config_flag_beats_config_env_and_empty_env_is_unset() {
+        let tmp = tempfile::tempdir().unwrap();
+        let conf = write_config(tmp.path(), FULL_FILE);
+        let env = Environment::new(
+            [
+                ("DSRCTL_CONFIG", "/nonexistent.toml"),
+                ("DSRCTL_ENDPOINT", ""),
+            ],
+            "/work",
+        );
+        let flags = ConnectionArgs {
+            config: Some(conf),
+            ..args()
+        };
+        let s = resolve(&flags, &env).unwrap();
+        assert_eq!(s.endpoint, "https://file:1");
+    }
+
+    #[test]
+    fn defaults_and_dev_pki() {
+        let tmp = tempfile::tempdir().unwrap();
+        let env = Environment::new(Vec::<(String, OsString)>::new(), tmp.path());
+        let err = resolve(&args(), &env).unwrap_err();
+        assert!(err.to_string().contains("pki init"), "{err}");
+
+        let dir = tmp.path().join(DEV_PKI_DIR);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("operator.pem"), "").unwrap();
+        let s = resolve(&args(), &env).unwrap();
+        assert_eq!(s.endpoint, DEFAULT_ENDPOINT);
+        assert_eq!(s.tls.ca, dir.join("ca.pem"));
+        assert_eq!(s.tls.cert, dir.join("operator.pem"));
+        assert_eq!(s.tls.key, dir.join("operator.key"));
+        assert_eq!(
+            s.server_identity.as_deref(),
+            Some("spiffe://dsrelay.dev/registry/controller")
+        );
+
+        // An explicit identity still wins over the dev default.
+        let flags = ConnectionArgs {
+            server_identity: Some("spiffe://other".into()),
+            ..args()
+        };
+        let s = resolve(&flags, &env).unwrap();
+        assert_eq!(s.server_identity.as_deref(), Some("spiffe://other"));
+    }
+
+    #[test]
+    fn partial_tls_and_bad_files_are_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let env = Environment::new([("DSRCTL_CA", "ca.pem")], tmp.path());
+        let err = resolve(&args(), &env).unwrap_err().to_string();
+        assert!(err.contains("cert, key missing"), "{err}");
+
+        let conf = write_config(tmp.path(), "endpont = \"typo\"\n");
+        let flags = ConnectionArgs {
+            config: Some(conf),
+            ..args()
+        };
+        let err = format!("{:#}", resolve(&flags, &env).unwrap_err());
+        assert!(err.contains("endpont"), "{err}");
+
+        let flags = ConnectionArgs {
+            config: Some("missing.toml".into()),
+            ..args()
+        };
+        assert!(resolve(&flags, &env).is_err());
+    }
+}

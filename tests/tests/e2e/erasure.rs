@@ -1,0 +1,146 @@
+//! An erasure travels registry → processor → subprocessors, erases real rows and comes back
+//! acknowledged hop by hop.
+
+use std::time::Duration;
+
+use dsrelay_proto::v1::{
+    EventType, RequestState, Scope, TaskState, WatchRequest,
+};
+use tokio_stream::StreamExt;
+
+use crate::harness::{count, erasure, in_state, wait_until, Backend, Pair, PairOptions, PROCESSOR};
+
+async fn erasure_reaches_every_holder(backend: Backend) {
+    let Some(pair) = Pair::start(PairOptions {
+        backend,
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let mut crm = pair.setup.client("partner-crm").await;
+    let submitted = crm
+        .submit(erasure("maija.meikalainen@example.fi"))
+        .await
+        .expect("submit")
+        .into_inner();
+    assert_eq!(submitted.routed_to, vec![PROCESSOR.to_string()]);
+    assert_eq!(submitted.trace_id.len(), 32);
+
+    // Watch until the stream ends: it must end on COMPLETED.
+    let mut stream = crm
+        .watch(WatchRequest {
+            request_id: submitted.request_id.clone(),
+            after_event_id: 0,
+            follow_after_terminal: false,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut events = Vec::new();
+    let collect = async {
+        while let Some(e) = stream.next().await {
+            events.push(e.expect("event"));
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), collect)
+        .await
+        .expect("watch ended in time");
+    let types: Vec<i32> = events.iter().map(|e| e.r#type).collect();
+    assert_eq!(types.first(), Some(&(EventType::Submitted as i32)));
+    assert!(types.contains(&(EventType::Delivered as i32)), "{events:#?}");
+    assert_eq!(
+        events.last().map(|e| e.request_state),
+        Some(RequestState::Completed as i32),
+        "{events:#?}"
+    );
+    // Event ids increase.
+    assert!(events.windows(2).all(|w| w[0].event_id < w[1].event_id));
+
+    let view = wait_until(
+        &mut crm,
+        &submitted.request_id,
+        Duration::from_secs(5),
+        in_state(RequestState::Completed),
+    )
+    .await;
+    assert_eq!(view.tasks.len(), 2, "{view:#?}");
+    let accounting = view
+        .tasks
+        .iter()
+        .find(|t| t.subprocessor == "accounting")
+        .expect("accounting task");
+    assert_eq!(accounting.state, TaskState::Completed as i32);
+    assert_eq!(accounting.processor, PROCESSOR);
+    let evidence = accounting.evidence.clone().expect("evidence");
+    // 2 contacts deleted, 3 invoices anonymized, 1 customer deleted (the sample data).
+    assert_eq!(evidence.records_affected, 6, "{evidence:?}");
+    assert!(evidence.confirmed);
+    // PENDING (1) → IN_PROGRESS (2) → COMPLETED (3).
+    assert_eq!(accounting.sequence, 3);
+
+    let url = &pair.setup.accounting_url;
+    assert_eq!(
+        count(url, "SELECT COUNT(*) FROM customers WHERE email = 'maija.meikalainen@example.fi'").await,
+        0
+    );
+    assert_eq!(count(url, "SELECT COUNT(*) FROM customers").await, 4);
+    assert_eq!(
+        count(url, "SELECT COUNT(*) FROM invoices WHERE customer_id IS NULL AND customer_name IS NULL").await,
+        3
+    );
+    pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_reaches_every_holder_on_sqlite() {
+    erasure_reaches_every_holder(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_reaches_every_holder_on_postgres() {
+    erasure_reaches_every_holder(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scope_routes_to_the_holders_of_its_categories_only() {
+    let pair = Pair::start(PairOptions {
+        with_absent_processor: true,
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
+    let mut crm = pair.setup.client("partner-crm").await;
+
+    // Only marketing: one processor, and there only the mail system.
+    let mut req = erasure("someone@example.fi");
+    req.scope = Some(Scope {
+        data_categories: vec!["marketing".into()],
+    });
+    let r = crm.submit(req).await.expect("submit").into_inner();
+    assert_eq!(r.routed_to, vec![PROCESSOR.to_string()]);
+    let view = wait_until(&mut crm, &r.request_id, Duration::from_secs(20), in_state(RequestState::Completed)).await;
+    let subs: Vec<&str> = view.tasks.iter().map(|t| t.subprocessor.as_str()).collect();
+    assert_eq!(subs, ["mail-marketing"]);
+
+    // No scope: both processors; the absent one keeps the request open and is retried.
+    let r = crm
+        .submit(erasure("someone.else@example.fi"))
+        .await
+        .expect("submit")
+        .into_inner();
+    assert_eq!(r.routed_to.len(), 2);
+    let view = wait_until(&mut crm, &r.request_id, Duration::from_secs(20), |v| {
+        v.deliveries
+            .iter()
+            .any(|d| d.processor == "web-agency" && d.attempts >= 2)
+            && v.tasks.iter().all(|t| t.state != TaskState::Pending as i32 && t.state != TaskState::InProgress as i32)
+    })
+    .await;
+    assert_eq!(view.state, RequestState::InProgress as i32, "{view:#?}");
+    let absent = view.deliveries.iter().find(|d| d.processor == "web-agency").expect("delivery");
+    assert!(!absent.last_error.is_empty());
+    assert!(absent.next_attempt_at.is_some());
+    pair.stop().await;
+}

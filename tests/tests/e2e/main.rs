@@ -1,0 +1,9 @@
+//! End-to-end tests: real services (in-process or as processes), real mTLS, real databases.
+//! One binary with modules keeps link time low.
+
+// Helpers are shared by modules that each use a part of them.
+#![allow(unreachable_pub, dead_code)]
+
+mod harness;
+
+mod erasure;
