@@ -59,14 +59,14 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
     let key = &job.task.key;
     let store = &shared.store;
-    let attempts = job.task.attempts + 1;
+    let attempts = job.task.attempts;
     let mut seq = job.task.sequence;
     if job.task.state == TaskState::Pending {
         let started = Transition {
             state: TaskState::InProgress as i32,
             ..Default::default()
         };
-        match store.transition(key, seq, &started, now_ms(), job.task.attempts).await? {
+        match store.transition(key, seq, &started, now_ms(), attempts).await? {
             Some(s) => seq = s,
             None => return Ok(()),
         }

@@ -290,7 +290,8 @@ impl Store {
         self.tasks(controller, request_id).await
     }
 
-    /// Reserves runnable tasks (PENDING, or IN_PROGRESS waiting for a retry) for `lease_ms`.
+    /// Reserves runnable tasks (PENDING, or IN_PROGRESS waiting for a retry) for `lease_ms`
+    /// and counts the attempt each claim starts.
     pub async fn claim_tasks(&self, now: i64, limit: i64, lease_ms: i64) -> Result<Vec<TaskJob>> {
         let lock = match self.db.backend {
             Backend::Sqlite => "",
@@ -313,11 +314,13 @@ impl Store {
         .await?;
         let mut jobs = Vec::with_capacity(rows.len());
         for r in &rows {
-            let task = TaskRow::from_row(r)?;
+            let mut task = TaskRow::from_row(r)?;
+            // Claiming starts an attempt: a run cut off by a crash still counts.
+            task.attempts += 1;
             let body: Option<Vec<u8>> = r.try_get("body")?;
             sqlx::query(
-                "UPDATE tasks SET lease_until = $1 WHERE controller = $2 AND request_id = $3 \
-                 AND subprocessor = $4",
+                "UPDATE tasks SET lease_until = $1, attempts = attempts + 1 WHERE controller = $2 \
+                 AND request_id = $3 AND subprocessor = $4",
             )
             .bind(now + lease_ms)
             .bind(&task.key.controller)
@@ -360,7 +363,7 @@ impl Store {
         next_at: i64,
     ) -> Result<()> {
         sqlx::query(
-            "UPDATE tasks SET attempts = attempts + 1, next_attempt_at = $1, lease_until = 0, \
+            "UPDATE tasks SET next_attempt_at = $1, lease_until = 0, \
              last_error = $2 WHERE controller = $3 AND request_id = $4 AND subprocessor = $5 \
              AND sequence = $6",
         )

@@ -425,3 +425,122 @@ pub fn binary(name: &str) -> PathBuf {
     );
     path
 }
+
+/// A service running as a real process, which tests may SIGKILL and restart.
+pub struct Process {
+    bin: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<tokio::process::Child>,
+}
+
+impl Process {
+    /// Starts `bin_name --config config`, logging to `log`.
+    pub async fn start(bin_name: &str, config: PathBuf, log: PathBuf) -> Self {
+        let mut p = Self {
+            bin: binary(bin_name),
+            config,
+            log,
+            child: None,
+        };
+        p.spawn();
+        p
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = tokio::process::Command::new(&self.bin)
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawning a service");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: no shutdown handler runs, whatever was in flight is cut off.
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.start_kill().expect("sending SIGKILL");
+            let status = c.wait().await.expect("reaping");
+            assert!(!status.success(), "a killed process does not exit cleanly");
+        }
+    }
+
+    /// Starts the same binary with the same configuration again.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.spawn();
+    }
+
+    /// The service's log so far, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Setup {
+    /// Writes both configurations as TOML files; returns (registry, processor) paths.
+    pub fn write_configs(&self) -> (PathBuf, PathBuf) {
+        let r = self.dir.path().join("registry.toml");
+        let p = self.dir.path().join("processor.toml");
+        std::fs::write(&r, toml::to_string(&self.registry).expect("registry toml")).expect("write");
+        std::fs::write(&p, toml::to_string(&self.processor).expect("processor toml")).expect("write");
+        (r, p)
+    }
+
+    /// Starts the registry as a process and waits until it answers health checks.
+    pub async fn spawn_registry(&self) -> Process {
+        let (r, _) = self.write_configs();
+        let p = Process::start("dsrelay-registry", r, self.dir.path().join("registry.log")).await;
+        wait_serving(self.channel_to_registry("operator"), &p).await;
+        p
+    }
+
+    /// Starts the processor as a process and waits until it answers health checks.
+    pub async fn spawn_processor(&self) -> Process {
+        let (_, pc) = self.write_configs();
+        let p = Process::start("dsrelay-processor", pc, self.dir.path().join("processor.log")).await;
+        wait_serving(self.channel_to_processor("registry"), &p).await;
+        p
+    }
+}
+
+/// Waits (up to 30 s) until the service behind `channel` reports SERVING.
+pub async fn wait_serving(channel: Channel, process: &Process) {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let mut client = HealthClient::new(channel);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = client
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await;
+        if r.is_ok() {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("service did not become healthy: {r:?}\n--- log ---\n{}", process.log());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits for a processor service after a restart (same as [`wait_serving`]).
+pub async fn wait_processor(setup: &Setup, p: &Process) {
+    wait_serving(setup.channel_to_processor("registry"), p).await;
+}
+
+/// Waits for the registry after a restart.
+pub async fn wait_registry(setup: &Setup, p: &Process) {
+    wait_serving(setup.channel_to_registry("operator"), p).await;
+}
