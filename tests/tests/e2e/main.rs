@@ -8,3 +8,4 @@ mod harness;
 
 mod durability;
 mod erasure;
+mod lifecycle;

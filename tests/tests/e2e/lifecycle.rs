@@ -1,0 +1,302 @@
+//! Idempotency, deduplication, cancellation and deadlines, through the real APIs.
+
+use std::time::Duration;
+
+use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceClient;
+use dsrelay_proto::v1::processor_service_client::ProcessorServiceClient;
+use dsrelay_proto::v1::{
+    AcknowledgeRequest, Acknowledgement, CancelRequest, DeliverRequest, Evidence,
+    ExtendDeadlineRequest, GetRequest, ListRequestsRequest, RequestKind, RequestState,
+    SubmitRequest, TaskState,
+};
+use dsrelay_registry::deadline::due_at;
+use dsrelay_registry::store::NewRequest;
+use dsrelay_runtime::store::now_ms;
+use tonic::Code;
+
+use crate::harness::{count, email, erasure, in_state, wait_until, Pair, PairOptions, PROCESSOR};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_is_idempotent_per_partner_and_key() {
+    let pair = Pair::start(PairOptions::default()).await.expect("pair");
+    let mut crm = pair.setup.client("partner-crm").await;
+    let req = erasure("maija.meikalainen@example.fi");
+    let first = crm.submit(req.clone()).await.expect("first").into_inner();
+    assert!(!first.deduplicated);
+    let again = crm.submit(req.clone()).await.expect("again").into_inner();
+    assert!(again.deduplicated);
+    assert_eq!(again.request_id, first.request_id);
+    assert_eq!(again.due_at, first.due_at);
+
+    // Same key, another body: refused, and the message says why and what to do.
+    let mut other = req.clone();
+    other.identities = vec![email("someone.else@example.fi")];
+    let err = crm.submit(other).await.expect_err("conflict");
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert!(err.message().contains("idempotency_key"), "{}", err.message());
+    assert!(err.message().contains(&first.request_id), "{}", err.message());
+
+    // The same key from another partner is another request.
+    let mut web = pair.setup.client("partner-webform").await;
+    let theirs = web.submit(req).await.expect("webform").into_inner();
+    assert_ne!(theirs.request_id, first.request_id);
+    assert!(!theirs.deduplicated);
+
+    // Only one request exists per (partner, key) even though the first was submitted twice.
+    assert_eq!(
+        count(&pair.setup.registry.database_url, "SELECT COUNT(*) FROM requests").await,
+        2
+    );
+    pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receivers_deduplicate_deliveries_and_acknowledgements() {
+    let pair = Pair::start(PairOptions::default()).await.expect("pair");
+    let mut crm = pair.setup.client("partner-crm").await;
+    let r = crm
+        .submit(erasure("maija.meikalainen@example.fi"))
+        .await
+        .expect("submit")
+        .into_inner();
+    let done = wait_until(&mut crm, &r.request_id, Duration::from_secs(20), in_state(RequestState::Completed)).await;
+
+    // A repeated delivery (as after a lost answer) changes nothing at the processor.
+    let mut processor = ProcessorServiceClient::new(pair.setup.channel_to_processor("registry"));
+    let body = DeliverRequest {
+        request_id: r.request_id.clone(),
+        kind: RequestKind::Erasure as i32,
+        identities: vec![email("maija.meikalainen@example.fi")],
+        ..Default::default()
+    };
+    let again = processor.deliver(body).await.expect("redeliver").into_inner();
+    assert!(again.duplicate);
+    assert_eq!(again.tasks.len(), 2);
+    assert!(again.tasks.iter().all(|t| t.sequence == 3));
+    let proc_db = &pair.setup.processor.database_url;
+    assert_eq!(count(proc_db, "SELECT COUNT(*) FROM requests").await, 1);
+    assert_eq!(count(proc_db, "SELECT COUNT(*) FROM tasks").await, 2);
+    assert_eq!(count(&pair.setup.accounting_url, "SELECT COUNT(*) FROM customers").await, 4);
+
+    // A repeated acknowledgement is a duplicate; a stale one never moves a task back.
+    let mut acks = AcknowledgementServiceClient::new(pair.setup.channel_to_registry("processor"));
+    let stale = Acknowledgement {
+        request_id: r.request_id.clone(),
+        subprocessor: "accounting".into(),
+        sequence: 2,
+        state: TaskState::InProgress as i32,
+        evidence: Some(Evidence::default()),
+        ..Default::default()
+    };
+    let resp = acks
+        .acknowledge(AcknowledgeRequest {
+            acknowledgements: vec![stale],
+        })
+        .await
+        .expect("ack")
+        .into_inner();
+    assert_eq!((resp.applied, resp.duplicates), (0, 1));
+    let view = crm
+        .get(GetRequest {
+            request_id: r.request_id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(view.state, RequestState::Completed as i32);
+    assert_eq!(view.tasks, done.tasks);
+    pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_unfinished_work() {
+    let pair = Pair::start(PairOptions {
+        mail_delay_ms: 5000,
+        ..Default::default()
+    })
+    .await
+    .expect("pair");
+    let mut crm = pair.setup.client("partner-crm").await;
+    let r = crm
+        .submit(erasure("maija.meikalainen@example.fi"))
+        .await
+        .expect("submit")
+        .into_inner();
+    wait_until(&mut crm, &r.request_id, Duration::from_secs(20), |v| {
+        v.tasks.iter().any(|t| t.subprocessor == "accounting" && t.state == TaskState::Completed as i32)
+    })
+    .await;
+    let cancelled = crm
+        .cancel(CancelRequest {
+            request_id: r.request_id.clone(),
+            reason: "subject withdrew the request".into(),
+        })
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert_eq!(cancelled.state, RequestState::Cancelled as i32);
+    assert_eq!(cancelled.cancel_reason, "subject withdrew the request");
+    // The processor hears of it: the unfinished mail task ends CANCELLED, the finished
+    // accounting task stays COMPLETED.
+    let view = wait_until(&mut crm, &r.request_id, Duration::from_secs(20), |v| {
+        v.tasks.iter().any(|t| t.subprocessor == "mail-marketing" && t.state == TaskState::Cancelled as i32)
+    })
+    .await;
+    let accounting = view.tasks.iter().find(|t| t.subprocessor == "accounting").expect("task");
+    assert_eq!(accounting.state, TaskState::Completed as i32);
+    assert_eq!(view.state, RequestState::Cancelled as i32);
+    let err = crm
+        .cancel(CancelRequest {
+            request_id: r.request_id.clone(),
+            reason: "again".into(),
+        })
+        .await
+        .expect_err("second cancel");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn due_dates_extensions_and_overdue_filter() {
+    let pair = Pair::start(PairOptions {
+        with_absent_processor: true,
+        ..Default::default()
+    })
+    .await
+    .expect("pair");
+    let mut crm = pair.setup.client("partner-crm").await;
+    let before = now_ms();
+    let r = crm
+        .submit(erasure("someone@example.fi"))
+        .await
+        .expect("submit")
+        .into_inner();
+    let due = dsrelay_proto::millis_from_timestamp(&r.due_at.expect("due"));
+    let after = now_ms();
+    // One calendar month after receipt.
+    assert!(due >= due_at(before, 0) && due <= due_at(after, 0), "{due}");
+
+    // Extending is for operators, by at most two months in all, with a reason.
+    let err = crm
+        .extend_deadline(ExtendDeadlineRequest {
+            request_id: r.request_id.clone(),
+            months: 1,
+            reason: "complex".into(),
+        })
+        .await
+        .expect_err("partner may not extend");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let mut ops = pair.setup.client("operator").await;
+    let extended = ops
+        .extend_deadline(ExtendDeadlineRequest {
+            request_id: r.request_id.clone(),
+            months: 2,
+            reason: "many archives to search".into(),
+        })
+        .await
+        .expect("extend")
+        .into_inner();
+    let received = dsrelay_proto::millis_from_timestamp(&extended.received_at.expect("received"));
+    assert_eq!(
+        dsrelay_proto::millis_from_timestamp(&extended.due_at.expect("due")),
+        due_at(received, 2)
+    );
+    assert_eq!(extended.extension_reasons, vec!["many archives to search".to_string()]);
+    let err = ops
+        .extend_deadline(ExtendDeadlineRequest {
+            request_id: r.request_id.clone(),
+            months: 1,
+            reason: "more".into(),
+        })
+        .await
+        .expect_err("a third month");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("months"), "{}", err.message());
+
+    // A request received 40 days ago and still open is overdue; the fresh one is not.
+    let old_received = now_ms() - 40 * 24 * 3600 * 1000;
+    let old_id = uuid::Uuid::now_v7().to_string();
+    let body = SubmitRequest {
+        kind: RequestKind::Erasure as i32,
+        identities: vec![email("old@example.fi")],
+        idempotency_key: "old-one".into(),
+        ..Default::default()
+    };
+    pair.registry_shared
+        .store
+        .insert_request(&NewRequest {
+            id: old_id.clone(),
+            partner: "crm".into(),
+            idempotency_key: "old-one".into(),
+            body_hash: "x".into(),
+            body: dsrelay_proto::prost::Message::encode_to_vec(&body),
+            identity_hashes: "[]".into(),
+            kind: RequestKind::Erasure as i32,
+            received_at: old_received,
+            due_at: due_at(old_received, 0),
+            trace_id: "0".repeat(32),
+            processors: vec!["web-agency".into()],
+        })
+        .await
+        .expect("insert old request");
+    let overdue = crm
+        .list(ListRequestsRequest {
+            overdue_only: true,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    let ids: Vec<&str> = overdue.requests.iter().map(|r| r.request_id.as_str()).collect();
+    assert_eq!(ids, [old_id.as_str()]);
+    assert!(overdue.requests[0].overdue);
+    let all = crm.list(ListRequestsRequest::default()).await.expect("list").into_inner();
+    assert_eq!(all.requests.len(), 2);
+    let _ = PROCESSOR;
+    pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_pages_and_filters() {
+    let pair = Pair::start(PairOptions::default()).await.expect("pair");
+    let mut crm = pair.setup.client("partner-crm").await;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let mut req = erasure(&format!("p{i}@example.fi"));
+        if i % 2 == 1 {
+            req.kind = RequestKind::Objection as i32;
+        }
+        ids.push(crm.submit(req).await.expect("submit").into_inner().request_id);
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = crm
+            .list(ListRequestsRequest {
+                page_size: 3,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        assert!(page.requests.len() <= 3);
+        seen.extend(page.requests.into_iter().map(|r| r.request_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    ids.reverse();
+    assert_eq!(seen, ids, "every request once, newest first");
+    let objections = crm
+        .list(ListRequestsRequest {
+            kind: RequestKind::Objection as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(objections.requests.len(), 3);
+    pair.stop().await;
+}
