@@ -9,3 +9,4 @@ mod harness;
 mod durability;
 mod erasure;
 mod lifecycle;
+mod store_conformance;
