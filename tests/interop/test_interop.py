@@ -444,6 +444,18 @@ def test_processor_reflection_lists_services(stack):
         assert expected in services, f"{expected} not listed by reflection: {sorted(services)}"
 
 
+def test_stock_python_reflection_client_v1alpha(stack):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with stack.registry("operator") as ch:
+        db = ProtoReflectionDescriptorDatabase(ch)
+        assert REQUEST_SERVICE in set(db.get_services())
+        pool = descriptor_pool.DescriptorPool(db)
+        assert pool.FindServiceByName(REQUEST_SERVICE).FindMethodByName("Submit")
+
+
 def _erasure_request(api: DynamicService, key: str, with_identity: bool = True):
     SubmitRequest = api.input("Submit")
     SubjectIdentity = api.message("dsrelay.v1.SubjectIdentity")

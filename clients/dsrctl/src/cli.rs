@@ -99,8 +99,34 @@ pub enum Command {
     /// Development PKI.
     #[command(subcommand)]
     Pki(PkiCommand),
-    // New subcommands (e.g. `dev up`) go here, with their arm in `commands::dispatch`; a
-    // subcommand that needs no registry connection must not call `settings::resolve`.
+    /// Run the whole service pair on this machine for development.
+    #[command(subcommand)]
+    Dev(DevCommand),
+    // New subcommands go here, with their arm in `commands::dispatch`; a subcommand that
+    // needs no registry connection must not call `settings::resolve`.
+}
+
+/// `dsrctl dev ...`.
+#[derive(Debug, Subcommand)]
+pub enum DevCommand {
+    /// Start the registry and a processor in this process on the embedded default: SQLite
+    /// files and development certificates in --dir (created on first start), and the sample
+    /// accounting database as the processor's subprocessor. Stops on Ctrl-C.
+    Up(DevUpArgs),
+}
+
+/// Arguments of `dsrctl dev up`.
+#[derive(Debug, Clone, Args)]
+pub struct DevUpArgs {
+    /// Folder for certificates, configurations and databases.
+    #[arg(long, default_value = ".dsrelay")]
+    pub dir: PathBuf,
+    /// Port of the registry (partner API).
+    #[arg(long, default_value_t = 50051)]
+    pub registry_port: u16,
+    /// Port of the processor.
+    #[arg(long, default_value_t = 50061)]
+    pub processor_port: u16,
 }
 
 /// What a data subject asked for.

@@ -119,6 +119,7 @@ impl App {
         let router = dsrelay_runtime::server::builder(shared.config.tls.server_config()?)?
             .add_service(health_service)
             .add_service(dsrelay_runtime::server::reflection()?)
+            .add_service(dsrelay_runtime::server::reflection_v1alpha()?)
             .add_service(
                 RequestServiceServer::new(api.clone())
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -39,6 +39,20 @@ pub fn reflection() -> Result<
         .context("building the reflection service")
 }
 
+/// The older reflection service (v1alpha), which many tools still speak (grpcurl before
+/// 1.9, Python's grpcio-reflection client).
+pub fn reflection_v1alpha() -> Result<
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(dsrelay_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("building the reflection service")
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves, with TCP_NODELAY on every accepted
 /// socket (tonic sets it only on listeners it binds itself; without it p99 latency suffers
 /// delayed-ACK stalls).

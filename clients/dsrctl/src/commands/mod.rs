@@ -4,10 +4,11 @@ use std::io::Write;
 
 use dsrelay_sdk::RegistryClient;
 
-use crate::cli::{Cli, Command, OutputFormat, PkiCommand};
+use crate::cli::{Cli, Command, DevCommand, OutputFormat, PkiCommand};
 use crate::settings::{self, Environment};
 use crate::Failure;
 
+mod dev;
 mod list;
 mod pki;
 mod request;
@@ -55,6 +56,7 @@ pub(crate) async fn dispatch(cli: &Cli, env: &Environment, io: &mut Io<'_>) -> R
     match &cli.command {
         // Needs no registry, so must not fail on missing connection settings.
         Command::Pki(PkiCommand::Init(args)) => pki::init(args, env, io),
+        Command::Dev(DevCommand::Up(args)) => dev::up(args, env, io).await,
         Command::Submit(args) => {
             let prepared = submit::prepare(args)?;
             submit::run(&Registry::connect(cli, env)?, prepared, io).await

@@ -1,0 +1,175 @@
+//! `dsrctl dev up`: the whole pair on the embedded default, in this process.
+//!
+//! On first start it writes the development PKI, the sample accounting database and two
+//! configuration files into the folder; later starts reuse them, so edits to
+//! `registry.toml` and `processor.toml` stick. Environment overrides
+//! (`DSRELAY_REGISTRY__*`, `DSRELAY_PROCESSOR__*`) apply as for the service binaries.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use dsrelay_connectors::sql::{create_sample_accounting_db, sample_config};
+use dsrelay_processor::config::{ConnectorConfig, ControllerConfig, NoopConfig, SubprocessorConfig};
+use dsrelay_registry::config::{IdentityRole, ProcessorConfig, Role};
+use dsrelay_runtime::pki::{dev_identity, DevPki};
+
+use crate::cli::DevUpArgs;
+use crate::commands::Io;
+use crate::settings::Environment;
+use crate::Failure;
+
+/// The processor's name at the registry in the development setup.
+const PROCESSOR: &str = "payroll-bureau";
+
+fn registry_config(dir: &Path, port: u16, processor_port: u16) -> dsrelay_registry::Config {
+    let identity = |role: &str, name: &str, r: Role| IdentityRole {
+        identity: dev_identity(role, name),
+        role: r,
+        name: name.into(),
+    };
+    dsrelay_registry::Config {
+        listen: format!("127.0.0.1:{port}"),
+        database_url: format!("sqlite://{}/registry.db", dir.display()),
+        tls: DevPki { dir: dir.join("pki") }.files("registry"),
+        identities: vec![
+            identity("partner", "crm", Role::Partner),
+            identity("partner", "webform", Role::Partner),
+            identity("operator", "ops", Role::Operator),
+        ],
+        processors: vec![ProcessorConfig {
+            name: PROCESSOR.into(),
+            endpoint: format!("https://localhost:{processor_port}"),
+            identity: dev_identity("processor", PROCESSOR),
+            categories: vec!["contact".into(), "invoicing".into(), "marketing".into()],
+        }],
+        delivery: Default::default(),
+        reconcile: Default::default(),
+        identity_hash_key: String::new(),
+        log_json: false,
+    }
+}
+
+fn processor_config(dir: &Path, port: u16, registry_port: u16) -> dsrelay_processor::Config {
+    dsrelay_processor::Config {
+        listen: format!("127.0.0.1:{port}"),
+        database_url: format!("sqlite://{}/processor.db", dir.display()),
+        tls: DevPki { dir: dir.join("pki") }.files("processor"),
+        controllers: vec![ControllerConfig {
+            name: "controller".into(),
+            identity: dev_identity("registry", "controller"),
+            registry_endpoint: format!("https://localhost:{registry_port}"),
+        }],
+        subprocessors: vec![
+            SubprocessorConfig {
+                name: "accounting".into(),
+                categories: vec!["contact".into(), "invoicing".into()],
+                country: "FI".into(),
+                connector: ConnectorConfig::Sql(sample_config(&format!(
+                    "sqlite://{}/accounting.db",
+                    dir.display()
+                ))),
+            },
+            SubprocessorConfig {
+                name: "mail-marketing".into(),
+                categories: vec!["marketing".into()],
+                country: "US".into(),
+                connector: ConnectorConfig::Noop(NoopConfig::default()),
+            },
+        ],
+        tasks: Default::default(),
+        acks: Default::default(),
+        log_json: false,
+    }
+}
+
+fn write_if_missing<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    if !path.exists() {
+        let text = toml::to_string(value).context("encoding a configuration")?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Prepares the folder and runs both services until Ctrl-C.
+pub(crate) async fn up(args: &DevUpArgs, env: &Environment, io: &mut Io<'_>) -> Result<u8, Failure> {
+    dsrelay_runtime::telemetry::init(false);
+    let dir = env.cwd().join(&args.dir);
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("creating {}", dir.display()))
+        .map_err(Failure::Setup)?;
+    let dir = dir.canonicalize().map_err(|e| Failure::Setup(e.into()))?;
+    let prepare = async {
+        DevPki::ensure(&dir.join("pki"))?;
+        create_sample_accounting_db(&format!("sqlite://{}/accounting.db", dir.display())).await?;
+        let registry_file = dir.join("registry.toml");
+        let processor_file = dir.join("processor.toml");
+        write_if_missing(&registry_file, &registry_config(&dir, args.registry_port, args.processor_port))?;
+        write_if_missing(&processor_file, &processor_config(&dir, args.processor_port, args.registry_port))?;
+        let registry = dsrelay_registry::Config::load(Some(&registry_file))?;
+        let processor = dsrelay_processor::Config::load(Some(&processor_file))?;
+        anyhow::Ok((registry, processor))
+    };
+    let (registry, processor) = prepare.await.map_err(Failure::Setup)?;
+    let registry_listener = tokio::net::TcpListener::bind(&registry.listen)
+        .await
+        .with_context(|| format!("binding the registry to {}", registry.listen))
+        .map_err(Failure::Setup)?;
+    let processor_listener = tokio::net::TcpListener::bind(&processor.listen)
+        .await
+        .with_context(|| format!("binding the processor to {}", processor.listen))
+        .map_err(Failure::Setup)?;
+    let registry_endpoint = format!("https://localhost:{}", args.registry_port);
+    let registry_app = dsrelay_registry::App::build(registry).await.map_err(Failure::Setup)?;
+    let processor_app = dsrelay_processor::App::build(processor).await.map_err(Failure::Setup)?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let processor_task = tokio::spawn(processor_app.run(processor_listener, stopped(stop_rx.clone())));
+    let registry_task = tokio::spawn(registry_app.run(registry_listener, stopped(stop_rx)));
+
+    let d = dir.display();
+    writeln!(
+        io.err,
+        "dsrelay is running on the embedded default (SQLite, development certificates) in {d}\n\
+         \x20 registry   {registry_endpoint}   partners: crm, webform; operator: ops\n\
+         \x20 processor  https://localhost:{}   {PROCESSOR}: subprocessors accounting (sample database {d}/accounting.db) and mail-marketing\n\
+         \n\
+         Try, in another terminal from this folder (dsrctl uses {d}/pki/operator.pem by default):\n\
+         \x20 cargo run -q -p dsrctl -- submit --kind erasure --email maija.meikalainen@example.fi\n\
+         \x20 cargo run -q -p dsrctl -- watch <request id>\n\
+         \x20 cargo run -q -p dsrctl -- get <request id>\n\
+         \x20 cargo run -q -p dsrctl -- list --overdue\n\
+         As a partner: add --cert {d}/pki/partner-crm.pem --key {d}/pki/partner-crm.key\n\
+         Stop with Ctrl-C.",
+        args.processor_port
+    )?;
+    // Either service failing ends the session too, rather than leaving half a pair running.
+    let mut registry_task = registry_task;
+    let mut processor_task = processor_task;
+    let mut registry_result = None;
+    let mut processor_result = None;
+    tokio::select! {
+        _ = dsrelay_runtime::shutdown_signal() => {}
+        r = &mut registry_task => registry_result = Some(r),
+        p = &mut processor_task => processor_result = Some(p),
+    }
+    let _ = stop_tx.send(true);
+    let registry_result = match registry_result {
+        Some(r) => r,
+        None => registry_task.await,
+    };
+    let processor_result = match processor_result {
+        Some(p) => p,
+        None => processor_task.await,
+    };
+    for (name, result) in [("registry", registry_result), ("processor", processor_result)] {
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Failure::Setup(e.context(format!("the {name} failed")))),
+            Err(e) => return Err(Failure::Setup(anyhow::anyhow!("the {name} task failed: {e}"))),
+        }
+    }
+    Ok(0)
+}
