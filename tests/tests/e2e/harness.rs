@@ -83,6 +83,9 @@ pub struct PairOptions {
     pub mail_delay_ms: u64,
     /// Register a second processor whose endpoint nothing listens on.
     pub with_absent_processor: bool,
+    /// Point the processor's acknowledgements at a port nothing listens on, so the registry
+    /// learns of progress only by reconciling.
+    pub acks_to_nowhere: bool,
 }
 
 impl Default for PairOptions {
@@ -91,6 +94,7 @@ impl Default for PairOptions {
             backend: Backend::Sqlite,
             mail_delay_ms: 0,
             with_absent_processor: false,
+            acks_to_nowhere: false,
         }
     }
 }
@@ -134,6 +138,11 @@ impl Setup {
             .expect("sample accounting db");
         let registry_addr = free_port().await;
         let processor_addr = free_port().await;
+        let ack_port = if opts.acks_to_nowhere {
+            free_port().await.port()
+        } else {
+            registry_addr.port()
+        };
         let mut processors = vec![ProcessorConfig {
             name: PROCESSOR.into(),
             endpoint: format!("https://localhost:{}", processor_addr.port()),
@@ -193,7 +202,7 @@ impl Setup {
             controllers: vec![ControllerConfig {
                 name: "controller".into(),
                 identity: dev_identity("registry", "controller"),
-                registry_endpoint: format!("https://localhost:{}", registry_addr.port()),
+                registry_endpoint: format!("https://localhost:{ack_port}"),
             }],
             subprocessors: vec![
                 SubprocessorConfig {

@@ -300,3 +300,35 @@ async fn list_pages_and_filters() {
     assert_eq!(objections.requests.len(), 3);
     pair.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_acknowledgements_are_reconciled() {
+    let pair = Pair::start(PairOptions {
+        acks_to_nowhere: true,
+        ..Default::default()
+    })
+    .await
+    .expect("pair");
+    let mut crm = pair.setup.client("partner-crm").await;
+    let r = crm
+        .submit(erasure("maija.meikalainen@example.fi"))
+        .await
+        .expect("submit")
+        .into_inner();
+    // No acknowledgement can arrive; the registry asks the processor once the request has
+    // been quiet for ack_timeout_ms (3 s in the tests).
+    let view = wait_until(&mut crm, &r.request_id, Duration::from_secs(30), in_state(RequestState::Completed)).await;
+    assert!(view.tasks.iter().all(|t| t.sequence == 3), "{view:#?}");
+    assert_eq!(
+        count(&pair.setup.registry.database_url, "SELECT COUNT(*) FROM acknowledgements").await,
+        0,
+        "nothing came through the acknowledgement API"
+    );
+    let reconciled = count(
+        &pair.setup.registry.database_url,
+        "SELECT COUNT(*) FROM events WHERE message LIKE '%(reconciled)%'",
+    )
+    .await;
+    assert_eq!(reconciled, 2, "one reconciled update per task");
+    pair.stop().await;
+}
