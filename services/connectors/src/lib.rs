@@ -1,20 +1,37 @@
 //! Connectors: the code that carries out a data-subject request at one holder of the data (a
 //! subprocessor's database or service) and reports what it did.
 //!
-//! A connector answers with an [`Outcome`] or a [`ConnectorError`]; the processor turns the
-//! first into COMPLETED or NOT_FOUND and uses the error's kind to decide between retrying
-//! with backoff and failing the task for an operator.
+//! Every connector implements [`Connector`]: it says which request kinds it supports and runs
+//! a [`Task`] to an [`Outcome`] or a [`ConnectorError`]. The processor turns outcomes into task
+//! states and uses the error's kind to choose between retrying with backoff and failing the
+//! task for an operator. A connector never reports COMPLETED for work the holder has not
+//! confirmed: a holder that only accepted the work answers [`Outcome::Accepted`], and the
+//! processor asks again later ([`Phase::Confirm`]).
 //!
 //! # Layout
-//! - [`sql`]: erasure in accounting/ERP databases (SQLite, PostgreSQL) by declarative table rules.
+//! - [`sql`]: accounting/ERP databases (SQLite, PostgreSQL) by declarative table rules.
+//! - [`noop`]: holds nothing; confirms after a delay (benchmarks, smoke tests).
+//! - [`config`]: the tagged configuration of every connector and [`config::build`].
 
+use std::future::Future;
+use std::pin::Pin;
+
+use dsrelay_proto::v1::{RequestKind, RequestParameters, SubjectIdentity};
+
+pub mod config;
+pub mod noop;
 pub mod sql;
+
+pub use config::{build, ConnectorConfig};
+
+/// A boxed future, so that connectors can be used as trait objects.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Why a connector could not finish, and whether trying again may help.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConnectorError {
-    /// A condition that passes by itself (connection refused, database locked, timeout):
-    /// the caller retries with backoff.
+    /// A condition that passes by itself (connection refused, database locked, timeout, rate
+    /// limit): the caller retries with backoff.
     #[error("{0}")]
     Transient(String),
     /// A condition that will not fix itself (bad configuration, SQL errors, identities the
@@ -30,14 +47,108 @@ impl ConnectorError {
     }
 }
 
-/// What a connector did for one request at one holder.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Outcome {
-    /// How many records (rows, members, files) were erased, anonymized or changed.
-    pub records_affected: i64,
-    /// A human-readable account of the work, safe to store and show: it never contains the
-    /// subject's identity values.
-    pub note: String,
-    /// False when the holder has no data on the subject; the processor then answers NOT_FOUND.
-    pub found: bool,
+/// Which step of a task's life the connector is asked to take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Do the work (first run, or a retry after a transient error).
+    Start,
+    /// The holder accepted the work earlier under `handle`; ask whether it is done.
+    Confirm {
+        /// What the connector returned in [`Outcome::Accepted`].
+        handle: String,
+    },
+    /// Data kept under a legal obligation has reached its retain-until date: erase the rest.
+    RetentionExpired,
+}
+
+/// One task: one request at one holder.
+#[derive(Debug, Clone)]
+pub struct Task {
+    /// Unique per task and stable across retries: the holder's idempotency key.
+    pub task_id: String,
+    /// The controller's request id.
+    pub request_id: String,
+    /// What the subject asked for.
+    pub kind: RequestKind,
+    /// How to find the subject.
+    pub identities: Vec<SubjectIdentity>,
+    /// The data categories the request concerns; empty means all.
+    pub categories: Vec<String>,
+    /// Kind-specific parameters (corrections, restriction lift, transfer recipient).
+    pub parameters: RequestParameters,
+    /// When the controller must answer (ms since the epoch).
+    pub due_at_ms: i64,
+    /// The processor's clock (ms since the epoch); connectors use it instead of reading the
+    /// system clock, so that tests can move time.
+    pub now_ms: i64,
+    /// Which step to take.
+    pub phase: Phase,
+}
+
+/// What a connector run ended in.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The holder confirmed the work. `export` carries the subject's data for
+    /// RETURN_OF_DATA and TRANSFER.
+    Completed {
+        /// Records erased, exported or changed.
+        records_affected: i64,
+        /// What was done, without identity values.
+        note: String,
+        /// The subject's data, for export kinds.
+        export: Option<serde_json::Value>,
+    },
+    /// The holder confirmed it holds no data on the subject.
+    NotFound {
+        /// What was searched.
+        note: String,
+    },
+    /// Part of the data is kept under a legal obligation until `until_ms`; what the obligation
+    /// does not need was erased or anonymized now.
+    Retained {
+        /// The law or contract that requires keeping it.
+        legal_basis: String,
+        /// When it may be erased (ms since the epoch).
+        until_ms: i64,
+        /// Records erased or anonymized now.
+        records_affected: i64,
+        /// What was done and what is kept, without identity values.
+        note: String,
+    },
+    /// The holder accepted the work but has not confirmed it; ask again with
+    /// [`Phase::Confirm`].
+    Accepted {
+        /// The holder's reference for the work.
+        handle: String,
+        /// What the holder said.
+        note: String,
+    },
+    /// A person must do the work and confirm it (manual connector).
+    WaitingForOperator {
+        /// Instructions for the operator, without identity values.
+        note: String,
+    },
+    /// The holder will not do this (e.g. the connector does not support the kind).
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A way of reaching one holder of the data.
+pub trait Connector: Send + Sync {
+    /// A short name of the connector type (`sql`, `noop`, ...), for messages.
+    fn kind_name(&self) -> &'static str;
+
+    /// Whether this connector can carry out requests of `kind`. The processor refuses the
+    /// others without calling [`Connector::run`].
+    fn supports(&self, kind: RequestKind) -> bool;
+
+    /// Takes one step of `task`.
+    fn run<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>>;
+}
+
+/// The kind's name without the enum prefix, for messages (`ERASURE`).
+pub fn kind_label(kind: RequestKind) -> &'static str {
+    kind.as_str_name().trim_start_matches("REQUEST_KIND_")
 }

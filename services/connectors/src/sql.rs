@@ -17,7 +17,7 @@ use dsrelay_runtime::identity::normalize;
 use dsrelay_runtime::store::{Backend, Db};
 use serde::{Deserialize, Serialize};
 
-use crate::{ConnectorError, Outcome};
+use crate::ConnectorError;
 
 /// The sample accounting schema and seed data (valid in SQLite and PostgreSQL).
 pub const SAMPLE_ACCOUNTING_SQL: &str = include_str!("../sample/accounting.sql");
@@ -305,6 +305,18 @@ fn sample_statements() -> impl Iterator<Item = &'static str> {
     })
 }
 
+/// What an erasure did in one database.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ErasureReport {
+    /// How many rows were erased or anonymized.
+    pub records_affected: i64,
+    /// A human-readable account of the work, safe to store and show: it never contains the
+    /// subject's identity values.
+    pub note: String,
+    /// False when the database holds no data on the subject.
+    pub found: bool,
+}
+
 /// Erases data subjects in one SQL database according to a [`SqlConnectorConfig`].
 #[derive(Debug, Clone)]
 pub struct SqlConnector {
@@ -335,7 +347,7 @@ impl SqlConnector {
     /// transaction. Only RAW identities of a type some table matches are used.
     ///
     /// Running it again after success finds nothing and answers `found: false`.
-    pub async fn erase(&self, identities: &[SubjectIdentity]) -> Result<Outcome, ConnectorError> {
+    pub async fn erase(&self, identities: &[SubjectIdentity]) -> Result<ErasureReport, ConnectorError> {
         let statements = plan_erasure(&self.config, identities)?;
         let mut tx = self
             .db
@@ -369,7 +381,7 @@ impl SqlConnector {
         tx.commit()
             .await
             .map_err(|e| classify("committing the erasure", &e))?;
-        Ok(Outcome {
+        Ok(ErasureReport {
             records_affected: total,
             note: notes.join("; "),
             found: total > 0,
@@ -645,7 +657,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             out,
-            Outcome {
+            ErasureReport {
                 records_affected: 6,
                 note: "contacts: deleted 2; invoices: anonymized 3; customers: deleted 1".into(),
                 found: true,
@@ -1057,5 +1069,33 @@ mod tests {
             "postgres://u:p@h:5432/t_1?sslmode=disable"
         );
         assert_eq!(with_database("postgres://h", "t_1"), "postgres://h/t_1");
+    }
+}
+
+impl crate::Connector for SqlConnector {
+    fn kind_name(&self) -> &'static str {
+        "sql"
+    }
+
+    fn supports(&self, kind: dsrelay_proto::v1::RequestKind) -> bool {
+        kind == dsrelay_proto::v1::RequestKind::Erasure
+    }
+
+    fn run<'a>(
+        &'a self,
+        task: &'a crate::Task,
+    ) -> crate::BoxFuture<'a, Result<crate::Outcome, ConnectorError>> {
+        Box::pin(async move {
+            let report = self.erase(&task.identities).await?;
+            Ok(if report.found {
+                crate::Outcome::Completed {
+                    records_affected: report.records_affected,
+                    note: report.note,
+                    export: None,
+                }
+            } else {
+                crate::Outcome::NotFound { note: report.note }
+            })
+        })
     }
 }

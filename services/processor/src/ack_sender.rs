@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dsrelay_proto::v1::AcknowledgeRequest;
-use dsrelay_runtime::store::now_ms;
 use tokio::sync::watch;
 
 use crate::app::Shared;
@@ -21,7 +20,7 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         }
         let jobs = match shared
             .store
-            .claim_acks(now_ms(), i64::from(cfg.batch_size), cfg.lease_ms as i64)
+            .claim_acks(shared.clock.now_ms(), i64::from(cfg.batch_size), cfg.lease_ms as i64)
             .await
         {
             Ok(j) => j,
@@ -72,13 +71,13 @@ async fn send(shared: &Shared, controller: String, jobs: Vec<AckJob>) {
             let r = resp.into_inner();
             tracing::debug!(applied = r.applied, duplicates = r.duplicates, "acknowledged");
             let ids: Vec<i64> = jobs.iter().map(|j| j.id).collect();
-            if let Err(e) = shared.store.acks_sent(&ids, now_ms()).await {
+            if let Err(e) = shared.store.acks_sent(&ids, shared.clock.now_ms()).await {
                 // They are sent again after the lease; the registry counts them as duplicates.
                 tracing::error!(error = format!("{e:#}"), "recording sent acknowledgements failed");
             }
         }
         Err(error) => {
-            let now = now_ms();
+            let now = shared.clock.now_ms();
             let retries: Vec<(i64, i64)> = jobs
                 .iter()
                 .map(|j| {

@@ -9,7 +9,6 @@ use dsrelay_proto::v1::{
     TaskList,
 };
 use dsrelay_runtime::identity::validate_identities;
-use dsrelay_runtime::store::now_ms;
 use tonic::{Request, Response, Status};
 
 use crate::app::Shared;
@@ -104,7 +103,7 @@ impl ProcessorService for Api {
         let accepted = self
             .shared
             .store
-            .accept(&controller, &r, &subprocessors, now_ms())
+            .accept(&controller, &r, &subprocessors, self.shared.clock.now_ms())
             .await
             .map_err(internal)?;
         let (tasks, duplicate) = match accepted {
@@ -135,7 +134,7 @@ impl ProcessorService for Api {
         let tasks = self
             .shared
             .store
-            .cancel(&controller, &r.request_id, &r.reason, now_ms())
+            .cancel(&controller, &r.request_id, &r.reason, self.shared.clock.now_ms())
             .await
             .map_err(internal)?;
         self.shared.ack_wakeup.notify_one();

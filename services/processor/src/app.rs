@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceClient;
 use dsrelay_proto::v1::processor_service_server::ProcessorServiceServer;
+use dsrelay_connectors::Connector;
+use dsrelay_runtime::clock::Clock;
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
 use dsrelay_runtime::store::Db;
 use tokio::net::TcpListener;
@@ -16,7 +18,6 @@ use tonic::transport::Channel;
 
 use crate::api::Api;
 use crate::config::Config;
-use crate::connector::Connector;
 use crate::store::{Store, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
 
 /// State shared by the handlers and the workers.
@@ -26,7 +27,9 @@ pub struct Shared {
     /// The configuration the processor started with.
     pub config: Config,
     /// One connector per subprocessor, by name.
-    pub connectors: HashMap<String, Connector>,
+    pub connectors: HashMap<String, Arc<dyn Connector>>,
+    /// The clock tasks are scheduled by; tests move it.
+    pub clock: Clock,
     /// One acknowledgement client per controller, by name.
     pub registries: HashMap<String, AcknowledgementServiceClient<Channel>>,
     /// Wakes the task runner when tasks were stored, so they do not wait for the next poll.
@@ -48,7 +51,7 @@ impl App {
         db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS).await?;
         let mut connectors = HashMap::new();
         for s in &config.subprocessors {
-            let c = Connector::build(s)
+            let c = dsrelay_connectors::build(&s.connector)
                 .await
                 .with_context(|| format!("connecting subprocessor {}", s.name))?;
             connectors.insert(s.name.clone(), c);
@@ -77,6 +80,7 @@ impl App {
                 store: Store::new(db),
                 config,
                 connectors,
+                clock: Clock::system(),
                 registries,
                 task_wakeup: Notify::new(),
                 ack_wakeup: Notify::new(),

@@ -4,7 +4,8 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use dsrelay_connectors::sql::SqlConnectorConfig;
+pub use dsrelay_connectors::noop::NoopConfig;
+pub use dsrelay_connectors::ConnectorConfig;
 use dsrelay_runtime::backoff::Backoff;
 use dsrelay_runtime::tls::TlsFiles;
 use serde::{Deserialize, Serialize};
@@ -70,26 +71,6 @@ pub struct SubprocessorConfig {
     pub connector: ConnectorConfig,
 }
 
-/// Which connector a subprocessor uses.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum ConnectorConfig {
-    /// An SQL database (SQLite or PostgreSQL) with declarative per-table rules.
-    Sql(SqlConnectorConfig),
-    /// Holds nothing and confirms every task after `delay_ms`: for benchmarks that measure
-    /// the relay itself, and for tests that need a task to stay in progress for a while.
-    Noop(NoopConfig),
-}
-
-/// Settings of the no-op connector.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NoopConfig {
-    /// How long each task takes (ms), standing in for a subprocessor's latency.
-    #[serde(default)]
-    pub delay_ms: u64,
-}
-
 /// Task runner settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -105,6 +86,8 @@ pub struct TaskConfig {
     pub batch_size: u32,
     /// Tasks run at once.
     pub concurrency: usize,
+    /// How often to ask a holder that accepted work whether it is done (ms).
+    pub confirm_interval_ms: u64,
 }
 
 impl Default for TaskConfig {
@@ -115,6 +98,7 @@ impl Default for TaskConfig {
             lease_ms: 30_000,
             batch_size: 64,
             concurrency: 8,
+            confirm_interval_ms: 60_000,
         }
     }
 }
@@ -198,10 +182,8 @@ impl Config {
                     s.name
                 ));
             }
-            if let ConnectorConfig::Sql(sql) = &s.connector {
-                for e in sql.validate() {
-                    errors.push(format!("subprocessors[{i}].connector: {e}"));
-                }
+            for e in s.connector.validate() {
+                errors.push(format!("subprocessors[{i}].connector: {e}"));
             }
         }
         if self.tasks.concurrency == 0 || self.tasks.batch_size == 0 || self.acks.batch_size == 0 {

@@ -7,15 +7,14 @@
 //! - [`app`]: [`App::build`] and [`App::run`].
 //! - [`api`]: Deliver, Cancel and GetStatus.
 //! - [`store`]: requests, tasks and the acknowledgement outbox.
-//! - [`connector`]: runs a task through its subprocessor's connector.
-//! - [`runner`]: claims runnable tasks and moves them through their states.
+//! - [`runner`]: claims runnable tasks and moves them through their states by running
+//!   their subprocessors' connectors (`dsrelay-connectors`).
 //! - [`ack_sender`]: sends queued acknowledgements to the registries.
 
 pub mod ack_sender;
 pub mod api;
 pub mod app;
 pub mod config;
-pub mod connector;
 pub mod runner;
 pub mod store;
 

@@ -1,18 +1,22 @@
 //! Runs tasks through their connectors: PENDING → IN_PROGRESS → a final state, each step an
-//! acknowledgement. Transient connector errors are retried with backoff until the request's
-//! due date; then, or on a permanent error, the task FAILS with the reason.
+//! acknowledgement. A holder that accepted work without confirming it keeps the task
+//! IN_PROGRESS and is asked again every `confirm_interval_ms`; a RETAINED task sleeps until
+//! its retain-until date and is then run again to erase the rest; a manual task waits for an
+//! operator. Transient connector errors are retried with backoff until the request's due
+//! date; then, or on a permanent error, the task FAILS with the reason.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use dsrelay_proto::v1::TaskState;
-use dsrelay_runtime::store::now_ms;
 use futures::StreamExt;
 use tokio::sync::watch;
 
+use dsrelay_connectors::{kind_label, Outcome, Phase, Task};
+use dsrelay_proto::v1::RequestKind;
+
 use crate::app::Shared;
-use crate::connector::TaskOutcome;
-use crate::store::{TaskJob, Transition};
+use crate::store::{TaskJob, Transition, NEVER};
 
 /// Runs until `stop` turns true.
 pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
@@ -23,7 +27,7 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         }
         let jobs = match shared
             .store
-            .claim_tasks(now_ms(), i64::from(cfg.batch_size), cfg.lease_ms as i64)
+            .claim_tasks(shared.clock.now_ms(), i64::from(cfg.batch_size), cfg.lease_ms as i64)
             .await
         {
             Ok(j) => j,
@@ -55,54 +59,145 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+fn failed(reason: String) -> Transition {
+    Transition {
+        state: TaskState::Failed as i32,
+        reason,
+        ..Default::default()
+    }
+}
+
 #[tracing::instrument(skip_all, fields(request_id = %job.task.key.request_id, subprocessor = %job.task.key.subprocessor))]
 async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
     let key = &job.task.key;
     let store = &shared.store;
+    let clock = &shared.clock;
     let attempts = job.task.attempts;
     let mut seq = job.task.sequence;
-    if job.task.state == TaskState::Pending {
-        let started = Transition {
-            state: TaskState::InProgress as i32,
-            ..Default::default()
-        };
-        match store.transition(key, seq, &started, now_ms(), attempts).await? {
-            Some(s) => seq = s,
-            None => return Ok(()),
-        }
-        shared.ack_wakeup.notify_one();
-    }
+
     let (Some(request), Some(connector)) = (&job.request, shared.connectors.get(&key.subprocessor))
     else {
-        let t = Transition {
-            state: TaskState::Failed as i32,
-            reason: format!(
-                "subprocessor {} is no longer configured or the request body is missing",
-                key.subprocessor
-            ),
-            ..Default::default()
-        };
-        store.transition(key, seq, &t, now_ms(), attempts).await?;
+        let t = failed(format!(
+            "subprocessor {} is no longer configured or the request body is missing",
+            key.subprocessor
+        ));
+        store.transition(key, seq, &t, clock.now_ms(), attempts).await?;
         shared.ack_wakeup.notify_one();
         return Ok(());
     };
-    let outcome = connector.run(&key.subprocessor, request).await;
-    let now = now_ms();
+    let kind = RequestKind::try_from(request.kind).unwrap_or(RequestKind::Unspecified);
+    // A kind the connector cannot do is answered explicitly, never left hanging.
+    if !connector.supports(kind) {
+        let t = Transition {
+            state: TaskState::Refused as i32,
+            reason: format!(
+                "subprocessor {} ({} connector) does not support {}",
+                key.subprocessor,
+                connector.kind_name(),
+                kind_label(kind)
+            ),
+            ..Default::default()
+        };
+        if store.transition(key, seq, &t, clock.now_ms(), attempts).await?.is_some() {
+            shared.ack_wakeup.notify_one();
+        }
+        return Ok(());
+    }
+    let phase = match (job.task.state, &job.task.handle) {
+        (TaskState::Pending, _) => {
+            let started = Transition {
+                state: TaskState::InProgress as i32,
+                ..Default::default()
+            };
+            match store.transition(key, seq, &started, clock.now_ms(), attempts).await? {
+                Some(s) => seq = s,
+                None => return Ok(()),
+            }
+            shared.ack_wakeup.notify_one();
+            Phase::Start
+        }
+        (TaskState::InProgress, Some(handle)) => Phase::Confirm {
+            handle: handle.clone(),
+        },
+        (TaskState::InProgress, None) => Phase::Start,
+        (TaskState::Retained, _) => Phase::RetentionExpired,
+        _ => return Ok(()),
+    };
+    let task = Task {
+        task_id: format!("{}/{}/{}", key.controller, key.request_id, key.subprocessor),
+        request_id: key.request_id.clone(),
+        kind,
+        identities: request.identities.clone(),
+        categories: request
+            .scope
+            .as_ref()
+            .map(|s| s.data_categories.clone())
+            .unwrap_or_default(),
+        parameters: request.parameters.clone().unwrap_or_default(),
+        due_at_ms: job.due_at,
+        now_ms: clock.now_ms(),
+        phase: phase.clone(),
+    };
+    let outcome = connector.run(&task).await;
+    let now = clock.now_ms();
     let t = match outcome {
-        Ok(TaskOutcome::Completed { records, note }) => Transition {
+        Ok(Outcome::Completed {
+            records_affected,
+            note,
+            export,
+        }) => Transition {
             state: TaskState::Completed as i32,
-            records_affected: records,
+            records_affected,
             confirmed: true,
             note,
+            export_json: export.map(|e| e.to_string()),
             ..Default::default()
         },
-        Ok(TaskOutcome::NotFound { note }) => Transition {
+        Ok(Outcome::NotFound { note }) => Transition {
             state: TaskState::NotFound as i32,
             confirmed: true,
             note,
             ..Default::default()
         },
-        Ok(TaskOutcome::Refused { reason }) => Transition {
+        Ok(Outcome::Retained {
+            legal_basis,
+            until_ms,
+            records_affected,
+            note,
+        }) => Transition {
+            state: TaskState::Retained as i32,
+            records_affected,
+            confirmed: true,
+            note,
+            legal_basis,
+            retain_until: Some(until_ms),
+            // Wake up when the obligation ends and erase the rest without being asked.
+            next_attempt_at: Some(until_ms),
+            ..Default::default()
+        },
+        Ok(Outcome::Accepted { handle, note }) => {
+            let next = now + shared.config.tasks.confirm_interval_ms as i64;
+            if matches!(&phase, Phase::Confirm { handle: h } if *h == handle) {
+                // Still not confirmed: nothing changed, so nothing to acknowledge.
+                store.reschedule(key, seq, next).await?;
+                return Ok(());
+            }
+            Transition {
+                state: TaskState::InProgress as i32,
+                confirmed: false,
+                note: format!("accepted by the holder, awaiting its confirmation: {note}"),
+                next_attempt_at: Some(next),
+                handle: Some(handle),
+                ..Default::default()
+            }
+        }
+        Ok(Outcome::WaitingForOperator { note }) => Transition {
+            state: TaskState::WaitingForOperator as i32,
+            note,
+            next_attempt_at: Some(NEVER),
+            ..Default::default()
+        },
+        Ok(Outcome::Refused { reason }) => Transition {
             state: TaskState::Refused as i32,
             reason,
             ..Default::default()
@@ -119,19 +214,15 @@ async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
                 .await?;
             return Ok(());
         }
-        Err(e) => Transition {
-            state: TaskState::Failed as i32,
-            reason: if e.is_transient() {
-                format!("gave up at the due date after {attempts} attempt(s): {e}")
-            } else {
-                e.to_string()
-            },
-            ..Default::default()
-        },
+        Err(e) => failed(if e.is_transient() {
+            format!("gave up at the due date after {attempts} attempt(s): {e}")
+        } else {
+            e.to_string()
+        }),
     };
     let state = TaskState::try_from(t.state).unwrap_or_default();
     if store.transition(key, seq, &t, now, attempts).await?.is_some() {
-        tracing::info!(state = state.as_str_name(), records = t.records_affected, "task finished");
+        tracing::info!(state = state.as_str_name(), records = t.records_affected, "task step done");
         shared.ack_wakeup.notify_one();
     }
     Ok(())

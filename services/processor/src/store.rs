@@ -49,6 +49,8 @@ pub struct TaskRow {
     pub retain_until: Option<i64>,
     /// Last change (ms).
     pub updated_at: i64,
+    /// The holder's reference for work it accepted but has not confirmed.
+    pub handle: Option<String>,
 }
 
 impl TaskRow {
@@ -70,6 +72,7 @@ impl TaskRow {
             legal_basis: r.try_get("legal_basis")?,
             retain_until: r.try_get("retain_until")?,
             updated_at: r.try_get("updated_at")?,
+            handle: r.try_get("handle")?,
         })
     }
 
@@ -94,7 +97,7 @@ impl TaskRow {
 }
 
 const TASK_COLUMNS: &str = "controller, request_id, subprocessor, state, sequence, attempts, \
-    records_affected, confirmed, note, reason, legal_basis, retain_until, updated_at";
+    records_affected, confirmed, note, reason, legal_basis, retain_until, updated_at, handle";
 
 /// A claimed task with its request.
 #[derive(Debug, Clone)]
@@ -137,7 +140,16 @@ pub struct Transition {
     pub legal_basis: String,
     /// Retain-until (ms).
     pub retain_until: Option<i64>,
+    /// When the runner should look at the task again (ms); `None` means now.
+    pub next_attempt_at: Option<i64>,
+    /// The holder's reference for accepted, unconfirmed work.
+    pub handle: Option<String>,
+    /// The subject's data as JSON, for export kinds.
+    pub export_json: Option<String>,
 }
+
+/// Never: for tasks only an operator moves on.
+pub const NEVER: i64 = i64::MAX;
 
 /// What Deliver found.
 #[derive(Debug)]
@@ -290,7 +302,8 @@ impl Store {
         self.tasks(controller, request_id).await
     }
 
-    /// Reserves runnable tasks (PENDING, or IN_PROGRESS waiting for a retry) for `lease_ms`
+    /// Reserves runnable tasks (PENDING; IN_PROGRESS waiting for a retry or a confirmation;
+    /// RETAINED whose date has come) for `lease_ms`
     /// and counts the attempt each claim starts.
     pub async fn claim_tasks(&self, now: i64, limit: i64, lease_ms: i64) -> Result<Vec<TaskJob>> {
         let lock = match self.db.backend {
@@ -301,15 +314,16 @@ impl Store {
         let rows = sqlx::query(&format!(
             "SELECT t.controller, t.request_id, t.subprocessor, t.state, t.sequence, t.attempts, \
              t.records_affected, t.confirmed, t.note, t.reason, t.legal_basis, t.retain_until, \
-             t.updated_at, r.body, r.due_at FROM tasks t JOIN requests r \
+             t.updated_at, t.handle, r.body, r.due_at FROM tasks t JOIN requests r \
              ON r.controller = t.controller AND r.request_id = t.request_id \
-             WHERE t.state IN ($1, $2) AND t.next_attempt_at <= $3 AND t.lease_until <= $3 \
+             WHERE t.state IN ($1, $2, $5) AND t.next_attempt_at <= $3 AND t.lease_until <= $3 \
              ORDER BY t.next_attempt_at LIMIT $4{lock}"
         ))
         .bind(TaskState::Pending as i64)
         .bind(TaskState::InProgress as i64)
         .bind(now)
         .bind(limit)
+        .bind(TaskState::Retained as i64)
         .fetch_all(&mut *tx)
         .await?;
         let mut jobs = Vec::with_capacity(rows.len());
@@ -369,6 +383,23 @@ impl Store {
         )
         .bind(next_at)
         .bind(error)
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .bind(expected_sequence)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Looks at a task again at `next_at` without changing its state (a holder that has not
+    /// confirmed yet). Nothing is acknowledged: nothing changed.
+    pub async fn reschedule(&self, key: &TaskKey, expected_sequence: i64, next_at: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE tasks SET next_attempt_at = $1, lease_until = 0 WHERE controller = $2 \
+             AND request_id = $3 AND subprocessor = $4 AND sequence = $5",
+        )
+        .bind(next_at)
         .bind(&key.controller)
         .bind(&key.request_id)
         .bind(&key.subprocessor)
@@ -455,7 +486,8 @@ async fn transition(
     let changed = sqlx::query(
         "UPDATE tasks SET state = $1, sequence = $2, records_affected = $3, confirmed = $4, \
          note = $5, reason = $6, legal_basis = $7, retain_until = $8, updated_at = $9, \
-         attempts = $10, lease_until = 0, next_attempt_at = $9 \
+         attempts = $10, lease_until = 0, next_attempt_at = $15, handle = $16, \
+         export_json = COALESCE($17, export_json) \
          WHERE controller = $11 AND request_id = $12 AND subprocessor = $13 AND sequence = $14",
     )
     .bind(i64::from(t.state))
@@ -472,6 +504,9 @@ async fn transition(
     .bind(&key.request_id)
     .bind(&key.subprocessor)
     .bind(expected_sequence)
+    .bind(t.next_attempt_at.unwrap_or(now))
+    .bind(t.handle.clone())
+    .bind(t.export_json.clone())
     .execute(&mut **tx)
     .await?
     .rows_affected();

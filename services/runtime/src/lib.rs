@@ -8,11 +8,13 @@
 //! - [`pki`]: the generated development PKI.
 //! - [`store`]: one sqlx handle over SQLite or PostgreSQL, with per-backend migrations.
 //! - [`backoff`]: retry spacing for the outboxes.
+//! - [`clock`]: the system clock with a test offset.
 //! - [`identity`]: subject identity validation, normalisation and hashing.
 //! - [`server`]: serving a tonic router on a caller-bound listener with health and reflection.
 //! - [`telemetry`]: logging set-up.
 
 pub mod backoff;
+pub mod clock;
 pub mod config;
 pub mod identity;
 pub mod pki;

@@ -226,6 +226,7 @@ impl Setup {
                 lease_ms: 2000,
                 batch_size: 64,
                 concurrency: 8,
+                confirm_interval_ms: 200,
             },
             acks: AckConfig {
                 backoff: fast_backoff(),
