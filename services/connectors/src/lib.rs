@@ -34,6 +34,15 @@ pub enum ConnectorError {
     /// limit): the caller retries with backoff.
     #[error("{0}")]
     Transient(String),
+    /// Like `Transient`, but the holder said when to come back (HTTP 429 or 503 with
+    /// Retry-After); the processor waits at least that long.
+    #[error("{message}")]
+    RetryAfter {
+        /// What happened.
+        message: String,
+        /// How long the holder asked us to wait (ms).
+        after_ms: u64,
+    },
     /// A condition that will not fix itself (bad configuration, SQL errors, identities the
     /// connector cannot use): retrying is pointless, an operator must act.
     #[error("{0}")]
@@ -43,7 +52,15 @@ pub enum ConnectorError {
 impl ConnectorError {
     /// True when retrying later may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Transient(_))
+        matches!(self, Self::Transient(_) | Self::RetryAfter { .. })
+    }
+
+    /// The wait the holder asked for, if it did.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        match self {
+            Self::RetryAfter { after_ms, .. } => Some(*after_ms),
+            _ => None,
+        }
     }
 }
 

@@ -203,11 +203,12 @@ async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
             ..Default::default()
         },
         Err(e) if e.is_transient() && now < job.due_at => {
-            let delay = shared
+            let backoff = shared
                 .config
                 .tasks
                 .backoff
                 .delay(u32::try_from(attempts).unwrap_or(u32::MAX));
+            let delay = backoff.max(std::time::Duration::from_millis(e.retry_after_ms().unwrap_or(0)));
             tracing::warn!(error = %e, attempts, retry_in_ms = delay.as_millis() as u64, "connector failed; will retry");
             store
                 .retry_later(key, seq, &e.to_string(), now + delay.as_millis() as i64)
