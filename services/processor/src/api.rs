@@ -57,8 +57,11 @@ fn invalid(field: &str, rule: impl std::fmt::Display) -> Status {
 }
 
 fn check_id(id: &str) -> Result<(), Status> {
-    if id.is_empty() || id.len() > MAX_ID {
-        return Err(invalid("request_id", format!("must be 1 to {MAX_ID} bytes")));
+    if id.is_empty() || id.len() > MAX_ID || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            "request_id",
+            format!("must be 1 to {MAX_ID} bytes of printable ASCII"),
+        ));
     }
     Ok(())
 }
@@ -130,6 +133,12 @@ impl ProcessorService for Api {
         check_id(&r.request_id)?;
         if r.reason.len() > 1024 {
             return Err(invalid("reason", "must be at most 1024 bytes"));
+        }
+        if r.reason.chars().any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')) {
+            return Err(invalid(
+                "reason",
+                "must not contain control characters (other than tab and line breaks)",
+            ));
         }
         let tasks = self
             .shared

@@ -24,7 +24,7 @@ use crate::deadline::{due_at, MAX_EXTENSION_MONTHS};
 use crate::error::ApiError;
 use crate::fold::request_is_terminal;
 use crate::store::{CancelOutcome, Inserted, ListFilter, NewRequest, RequestRow, TaskUpdate};
-use crate::validate::{validate_submit, MAX_TEXT};
+use crate::validate::{text_violation, validate_submit, MAX_TEXT};
 
 /// At most this many acknowledgements in one call.
 pub const MAX_ACKS_PER_CALL: usize = 500;
@@ -75,23 +75,20 @@ impl Api {
 }
 
 fn check_id(id: &str) -> Result<(), ApiError> {
-    if id.is_empty() || id.len() > MAX_ID {
+    if id.is_empty() || id.len() > MAX_ID || !id.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(ApiError::Invalid(vec![FieldViolation::new(
             "request_id",
-            format!("must be 1 to {MAX_ID} bytes"),
+            format!("must be 1 to {MAX_ID} bytes of printable ASCII"),
         )]));
     }
     Ok(())
 }
 
 fn check_text(field: &str, value: &str) -> Result<(), ApiError> {
-    if value.trim().is_empty() || value.len() > MAX_TEXT {
-        return Err(ApiError::Invalid(vec![FieldViolation::new(
-            field,
-            format!("must be 1 to {MAX_TEXT} bytes of text"),
-        )]));
+    match text_violation(field, value, MAX_TEXT, true) {
+        Some(v) => Err(ApiError::Invalid(vec![v])),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// The trace id of an incoming W3C `traceparent`, so a partner's trace is continued.
@@ -313,7 +310,10 @@ impl RequestService for Api {
                 50
             }
         };
-        for (i, s) in r.states.iter().enumerate() {
+        if r.states.len() > 16 {
+            violations.push(FieldViolation::new("states[16]", "at most 16 states may be given"));
+        }
+        for (i, s) in r.states.iter().enumerate().take(16) {
             if RequestState::try_from(*s).unwrap_or(RequestState::Unspecified) == RequestState::Unspecified {
                 violations.push(FieldViolation::new(format!("states[{i}]"), format!("{s} is not a request state")));
             }
@@ -449,16 +449,18 @@ impl RequestService for Api {
         let r = req.into_inner();
         let row = self.visible(&caller, &r.request_id).await?;
         check_text("reason", &r.reason)?;
-        let used = row.extension_months.max(0) as u32;
-        if r.months == 0 || used + r.months > MAX_EXTENSION_MONTHS {
-            return Err(ApiError::Invalid(vec![FieldViolation::new(
-                "months",
+        let used = (row.extension_months.max(0) as u32).min(MAX_EXTENSION_MONTHS);
+        let left = MAX_EXTENSION_MONTHS - used;
+        if r.months == 0 || r.months > left {
+            let rule = if left == 0 {
                 format!(
-                    "must be 1 to {} (GDPR art. 12(3) allows two months in all; {used} used)",
-                    MAX_EXTENSION_MONTHS - used.min(MAX_EXTENSION_MONTHS)
-                ),
-            )])
-            .into());
+                    "no extension is left: the due date was already extended by {used} months, \
+                     the most GDPR art. 12(3) allows"
+                )
+            } else {
+                format!("must be 1 to {left} (GDPR art. 12(3) allows two months in all; {used} used)")
+            };
+            return Err(ApiError::Invalid(vec![FieldViolation::new("months", rule)]).into());
         }
         if matches!(row.state(), RequestState::Completed | RequestState::Cancelled) {
             return Err(ApiError::FailedPrecondition(format!("request {} has finished", row.id)).into());
@@ -497,7 +499,7 @@ impl AcknowledgementService for Api {
             ));
         }
         for (i, a) in acks.iter().enumerate().take(MAX_ACKS_PER_CALL) {
-            if a.request_id.is_empty() || a.request_id.len() > MAX_ID {
+            if check_id(&a.request_id).is_err() {
                 violations.push(FieldViolation::new(format!("acknowledgements[{i}].request_id"), format!("must be 1 to {MAX_ID} bytes")));
             }
             if a.subprocessor.is_empty() || a.subprocessor.len() > 128 {
@@ -509,8 +511,11 @@ impl AcknowledgementService for Api {
             if dsrelay_proto::v1::TaskState::try_from(a.state).unwrap_or_default() == dsrelay_proto::v1::TaskState::Unspecified {
                 violations.push(FieldViolation::new(format!("acknowledgements[{i}].state"), "must be a task state"));
             }
-            if a.reason.len() > 4096 || a.evidence.as_ref().is_some_and(|e| e.note.len() > 4096) {
-                violations.push(FieldViolation::new(format!("acknowledgements[{i}]"), "reason and evidence.note must be at most 4096 bytes"));
+            violations.extend(text_violation(&format!("acknowledgements[{i}].subprocessor"), &a.subprocessor, 128, false));
+            violations.extend(text_violation(&format!("acknowledgements[{i}].reason"), &a.reason, 4096, false));
+            violations.extend(text_violation(&format!("acknowledgements[{i}].legal_basis"), &a.legal_basis, 1024, false));
+            if let Some(e) = &a.evidence {
+                violations.extend(text_violation(&format!("acknowledgements[{i}].evidence.note"), &e.note, 4096, false));
             }
         }
         if !violations.is_empty() {

@@ -27,8 +27,46 @@ pub enum ApiError {
     Unexpected(#[from] anyhow::Error),
 }
 
+/// At most this many violations go into one status: the message and the details travel in
+/// HTTP/2 headers, which clients cap (16 KiB in hyper), and a status too large to deliver
+/// would reach the caller as a protocol error instead of INVALID_ARGUMENT.
+pub const MAX_REPORTED_VIOLATIONS: usize = 20;
+/// Longest field path or rule text reported.
+const MAX_VIOLATION_TEXT: usize = 300;
+
+fn clip(s: &str) -> String {
+    if s.len() <= MAX_VIOLATION_TEXT {
+        return s.to_string();
+    }
+    let mut end = MAX_VIOLATION_TEXT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// The violations to report: the first few, clipped, and a note of how many more there were.
+fn reported(v: &[FieldViolation]) -> Vec<FieldViolation> {
+    let mut out: Vec<FieldViolation> = v
+        .iter()
+        .take(MAX_REPORTED_VIOLATIONS)
+        .map(|v| FieldViolation::new(clip(&v.field), clip(&v.rule)))
+        .collect();
+    if let Some(next) = v.get(MAX_REPORTED_VIOLATIONS) {
+        out.push(FieldViolation::new(
+            clip(&next.field),
+            format!(
+                "and {} more violations, not listed",
+                v.len() - MAX_REPORTED_VIOLATIONS
+            ),
+        ));
+    }
+    out
+}
+
 fn join(v: &[FieldViolation]) -> String {
-    v.iter()
+    reported(v)
+        .iter()
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join("; ")
@@ -45,7 +83,7 @@ impl From<ApiError> for Status {
         match e {
             ApiError::Invalid(violations) => {
                 let mut details = ErrorDetails::new();
-                for v in &violations {
+                for v in &reported(&violations) {
                     details.add_bad_request_violation(v.field.clone(), v.rule.clone());
                 }
                 Status::with_error_details(

@@ -14,6 +14,33 @@ pub const MAX_CATEGORIES: usize = 32;
 /// At most this many corrections in a rectification.
 pub const MAX_CORRECTIONS: usize = 32;
 
+/// At most this many bytes in a data category name.
+pub const MAX_CATEGORY: usize = 64;
+
+/// Checks a free-text field: its length, and no control characters other than tab and line
+/// breaks (NUL cannot be stored in PostgreSQL text, and the others only hide things from
+/// the people who read these texts).
+pub fn text_violation(field: &str, value: &str, max: usize, required: bool) -> Option<FieldViolation> {
+    if required && value.trim().is_empty() {
+        return Some(FieldViolation::new(field, format!("is required (1 to {max} bytes of text)")));
+    }
+    if value.len() > max {
+        let rule = if required {
+            format!("must be 1 to {max} bytes")
+        } else {
+            format!("must be at most {max} bytes")
+        };
+        return Some(FieldViolation::new(field, rule));
+    }
+    if value.chars().any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')) {
+        return Some(FieldViolation::new(
+            field,
+            "must not contain control characters (other than tab and line breaks)",
+        ));
+    }
+    None
+}
+
 /// Every rule `req` breaks; empty when it may be stored. `known_categories` are those some
 /// processor holds: a category nobody holds is almost certainly a typo.
 pub fn validate_submit(req: &SubmitRequest, known_categories: &BTreeSet<&str>) -> Vec<FieldViolation> {
@@ -45,12 +72,7 @@ pub fn validate_submit(req: &SubmitRequest, known_categories: &BTreeSet<&str>) -
             "may contain only letters, digits and . _ : -",
         ));
     }
-    if req.note.len() > MAX_TEXT {
-        out.push(FieldViolation::new(
-            "note",
-            format!("must be at most {MAX_TEXT} bytes"),
-        ));
-    }
+    out.extend(text_violation("note", &req.note, MAX_TEXT, false));
     if let Some(scope) = &req.scope {
         if scope.data_categories.len() > MAX_CATEGORIES {
             out.push(FieldViolation::new(
@@ -58,15 +80,23 @@ pub fn validate_submit(req: &SubmitRequest, known_categories: &BTreeSet<&str>) -
                 format!("at most {MAX_CATEGORIES} categories are allowed"),
             ));
         } else {
+            let mut listed_known = false;
             for (i, c) in scope.data_categories.iter().enumerate() {
-                if !known_categories.contains(c.as_str()) {
-                    out.push(FieldViolation::new(
-                        format!("scope.data_categories[{i}]"),
-                        format!(
-                            "{c:?} is held by no configured processor; known categories: {}",
+                let field = format!("scope.data_categories[{i}]");
+                if c.is_empty() || c.len() > MAX_CATEGORY {
+                    out.push(FieldViolation::new(field, format!("must be 1 to at most {MAX_CATEGORY} bytes")));
+                } else if !known_categories.contains(c.as_str()) {
+                    // The text is echoed (it is short) so the caller sees the typo; the known
+                    // categories are named once, keeping the status small.
+                    let mut rule = format!("{c:?} is held by no configured processor");
+                    if !listed_known {
+                        listed_known = true;
+                        rule.push_str(&format!(
+                            " (known categories: {})",
                             known_categories.iter().copied().collect::<Vec<_>>().join(", ")
-                        ),
-                    ));
+                        ));
+                    }
+                    out.push(FieldViolation::new(field, rule));
                 }
             }
         }
@@ -87,12 +117,12 @@ pub fn validate_submit(req: &SubmitRequest, known_categories: &BTreeSet<&str>) -
                         "must be 1 to 64 bytes",
                     ));
                 }
-                if c.new_value.len() > MAX_TEXT {
-                    out.push(FieldViolation::new(
-                        format!("parameters.corrections[{i}].new_value"),
-                        format!("must be at most {MAX_TEXT} bytes"),
-                    ));
-                }
+                out.extend(text_violation(
+                    &format!("parameters.corrections[{i}].new_value"),
+                    &c.new_value,
+                    MAX_TEXT,
+                    false,
+                ));
             }
         }
         RequestKind::Transfer => {

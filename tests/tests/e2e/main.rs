@@ -6,7 +6,10 @@
 
 mod harness;
 
+mod dsrctl_cli;
 mod durability;
 mod erasure;
 mod lifecycle;
 mod store_conformance;
+mod mtls;
+mod bad_input;

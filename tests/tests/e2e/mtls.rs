@@ -9,8 +9,7 @@ use dsrelay_proto::v1::processor_service_client::ProcessorServiceClient;
 use dsrelay_proto::v1::request_service_client::RequestServiceClient;
 use dsrelay_proto::v1::{
     AcknowledgeRequest, Acknowledgement, CancelRequest, DeliverRequest, ExtendDeadlineRequest,
-    GetRequest, GetStatusRequest, ListRequestsRequest, RequestKind, Scope, TaskState,
-    WatchRequest,
+    GetRequest, GetStatusRequest, ListRequestsRequest, RequestKind, Scope, TaskState, WatchRequest,
 };
 use dsrelay_runtime::pki::{dev_identity, DevCa};
 use dsrelay_runtime::tls::TlsFiles;
@@ -53,7 +52,9 @@ fn identity_of_party(pair: &Pair, stem: &str) -> Identity {
 /// trusting the real CA for the server. Written under `dir`.
 fn foreign_party(dir: &Path, real_ca: &Path, identity: &str) -> TlsFiles {
     let rogue = DevCa::generate("dsrelay development CA").expect("rogue ca");
-    let leaf = rogue.issue("dsrelay rogue party", identity).expect("rogue leaf");
+    let leaf = rogue
+        .issue("dsrelay rogue party", identity)
+        .expect("rogue leaf");
     std::fs::create_dir_all(dir).expect("rogue dir");
     let cert = dir.join("rogue.pem");
     let key = dir.join("rogue.key");
@@ -75,7 +76,10 @@ fn assert_refused_by_transport<T: std::fmt::Debug>(what: &str, result: Result<T,
         Err(s) => s,
     };
     assert!(
-        matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled),
+        matches!(
+            status.code(),
+            Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
+        ),
         "{what}: expected a transport failure, got {:?}: {status:?}",
         status.code()
     );
@@ -99,7 +103,11 @@ async fn submit_as_crm(pair: &Pair, mail: &str, scope: Option<Vec<&str>>) -> Str
     req.scope = scope.map(|c| Scope {
         data_categories: c.into_iter().map(String::from).collect(),
     });
-    crm.submit(req).await.expect("submit as crm").into_inner().request_id
+    crm.submit(req)
+        .await
+        .expect("submit as crm")
+        .into_inner()
+        .request_id
 }
 
 fn ack(request_id: &str) -> AcknowledgeRequest {
@@ -116,7 +124,9 @@ fn ack(request_id: &str) -> AcknowledgeRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_refuses_a_client_without_a_certificate() {
-    let pair = Pair::start(PairOptions::default()).await.expect("sqlite pair");
+    let pair = Pair::start(PairOptions::default())
+        .await
+        .expect("sqlite pair");
     let port = pair.setup.registry_addr.port();
     let ca = std::fs::read(pair.setup.pki.ca()).expect("ca");
 
@@ -137,12 +147,9 @@ async fn registry_refuses_a_client_without_a_certificate() {
         .await
         .expect("the refusal is prompt");
     assert_refused_by_transport("Submit without a client certificate", result);
-    let result = tokio::time::timeout(
-        CALL_TIMEOUT,
-        anonymous.list(ListRequestsRequest::default()),
-    )
-    .await
-    .expect("the refusal is prompt");
+    let result = tokio::time::timeout(CALL_TIMEOUT, anonymous.list(ListRequestsRequest::default()))
+        .await
+        .expect("the refusal is prompt");
     assert_refused_by_transport("List without a client certificate", result);
 
     // Nor can an anonymous client acknowledge.
@@ -156,12 +163,18 @@ async fn registry_refuses_a_client_without_a_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_and_processor_refuse_a_certificate_from_another_ca() {
-    let pair = Pair::start(PairOptions::default()).await.expect("sqlite pair");
+    let pair = Pair::start(PairOptions::default())
+        .await
+        .expect("sqlite pair");
     let setup = &pair.setup;
     let rogue_dir = setup.dir.path().join("rogue");
 
     // A configured partner identity, but signed by a CA the registry does not trust.
-    let files = foreign_party(&rogue_dir.join("crm"), &setup.pki.ca(), &dev_identity("partner", "crm"));
+    let files = foreign_party(
+        &rogue_dir.join("crm"),
+        &setup.pki.ca(),
+        &dev_identity("partner", "crm"),
+    );
     let tls = files.client_config().expect("rogue client tls");
     let channel = dsrelay_runtime::tls::channel(
         &format!("https://localhost:{}", setup.registry_addr.port()),
@@ -187,7 +200,10 @@ async fn registry_and_processor_refuse_a_certificate_from_another_ca() {
     let result = tokio::time::timeout(CALL_TIMEOUT, rogue.list(ListRequestsRequest::default()))
         .await
         .expect("the refusal is prompt");
-    assert_refused_by_transport("List with a foreign-CA crm certificate (tonic client)", result);
+    assert_refused_by_transport(
+        "List with a foreign-CA crm certificate (tonic client)",
+        result,
+    );
 
     // A forged registry identity cannot deliver to the processor either.
     let files = foreign_party(
@@ -211,13 +227,18 @@ async fn registry_and_processor_refuse_a_certificate_from_another_ca() {
     )
     .await
     .expect("the refusal is prompt");
-    assert_refused_by_transport("GetStatus at the processor with a foreign-CA registry certificate", result);
+    assert_refused_by_transport(
+        "GetStatus at the processor with a foreign-CA registry certificate",
+        result,
+    );
     pair.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_denies_a_valid_certificate_with_an_unknown_identity() {
-    let pair = Pair::start(PairOptions::default()).await.expect("sqlite pair");
+    let pair = Pair::start(PairOptions::default())
+        .await
+        .expect("sqlite pair");
     let adapter_identity = dev_identity("adapter", "example");
     assert_eq!(adapter_identity, "spiffe://dsrelay.dev/adapter/example");
 
@@ -373,7 +394,10 @@ async fn roles_limit_what_each_caller_may_do_and_see() {
         .expect("list as webform")
         .into_inner();
     assert!(
-        listed.requests.iter().all(|r| r.request_id != id && r.partner == "webform"),
+        listed
+            .requests
+            .iter()
+            .all(|r| r.request_id != id && r.partner == "webform"),
         "{listed:#?}"
     );
     // The webform cancel did nothing.
@@ -391,7 +415,10 @@ async fn roles_limit_what_each_caller_may_do_and_see() {
         .await
         .expect("list as crm")
         .into_inner();
-    assert!(listed.requests.iter().any(|r| r.request_id == id), "{listed:#?}");
+    assert!(
+        listed.requests.iter().any(|r| r.request_id == id),
+        "{listed:#?}"
+    );
 
     // The operator sees everything.
     let mut operator = setup.client("operator").await;
@@ -413,7 +440,10 @@ async fn roles_limit_what_each_caller_may_do_and_see() {
         .await
         .expect("list as operator")
         .into_inner();
-    assert!(listed.requests.iter().any(|r| r.request_id == id), "{listed:#?}");
+    assert!(
+        listed.requests.iter().any(|r| r.request_id == id),
+        "{listed:#?}"
+    );
 
     // The processor may not acknowledge a request that was not delivered to it: neither an
     // unknown one nor one routed only to another processor.
@@ -430,7 +460,9 @@ async fn roles_limit_what_each_caller_may_do_and_see() {
     }
     // ... and a batch mixing a legitimate acknowledgement with a foreign one applies nothing.
     let mut batch = ack(&id);
-    batch.acknowledgements.push(ack(&elsewhere).acknowledgements.remove(0));
+    batch
+        .acknowledgements
+        .push(ack(&elsewhere).acknowledgements.remove(0));
     assert_code(
         "Acknowledge of a mixed batch as the processor",
         acks.acknowledge(batch).await,
@@ -460,7 +492,9 @@ async fn roles_limit_what_each_caller_may_do_and_see() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processor_accepts_only_its_controllers() {
-    let pair = Pair::start(PairOptions::default()).await.expect("sqlite pair");
+    let pair = Pair::start(PairOptions::default())
+        .await
+        .expect("sqlite pair");
     let deliver = DeliverRequest {
         request_id: "01900000-0000-7000-8000-000000000002".into(),
         kind: RequestKind::Erasure as i32,
@@ -496,19 +530,33 @@ async fn processor_accepts_only_its_controllers() {
             .await,
         Code::NotFound,
     );
-    assert!(s.message().contains("01900000-0000-7000-8000-000000000003"), "{s:?}");
+    assert!(
+        s.message().contains("01900000-0000-7000-8000-000000000003"),
+        "{s:?}"
+    );
     pair.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_refuses_a_server_with_the_wrong_identity() {
-    let pair = Pair::start(PairOptions::default()).await.expect("sqlite pair");
-    let tls = pair.setup.pki.files("partner-crm").client_config().expect("client tls");
+    let pair = Pair::start(PairOptions::default())
+        .await
+        .expect("sqlite pair");
+    let tls = pair
+        .setup
+        .pki
+        .files("partner-crm")
+        .client_config()
+        .expect("client tls");
     let endpoint = format!("https://localhost:{}", pair.setup.registry_addr.port());
 
     // Control: the right identity works.
-    let right = dsrelay_runtime::tls::channel(&endpoint, Some(dev_identity("registry", "controller")), &tls)
-        .expect("channel");
+    let right = dsrelay_runtime::tls::channel(
+        &endpoint,
+        Some(dev_identity("registry", "controller")),
+        &tls,
+    )
+    .expect("channel");
     RequestServiceClient::new(right)
         .list(ListRequestsRequest::default())
         .await
