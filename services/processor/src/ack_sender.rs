@@ -20,7 +20,11 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         }
         let jobs = match shared
             .store
-            .claim_acks(shared.clock.now_ms(), i64::from(cfg.batch_size), cfg.lease_ms as i64)
+            .claim_acks(
+                shared.clock.now_ms(),
+                i64::from(cfg.batch_size),
+                cfg.lease_ms as i64,
+            )
             .await
         {
             Ok(j) => j,
@@ -32,7 +36,10 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         let full = jobs.len() == cfg.batch_size as usize;
         let mut by_controller: BTreeMap<String, Vec<AckJob>> = BTreeMap::new();
         for j in jobs {
-            by_controller.entry(j.controller.clone()).or_default().push(j);
+            by_controller
+                .entry(j.controller.clone())
+                .or_default()
+                .push(j);
         }
         let sends = by_controller
             .into_iter()
@@ -69,11 +76,18 @@ async fn send(shared: &Shared, controller: String, jobs: Vec<AckJob>) {
     match result {
         Ok(resp) => {
             let r = resp.into_inner();
-            tracing::debug!(applied = r.applied, duplicates = r.duplicates, "acknowledged");
+            tracing::debug!(
+                applied = r.applied,
+                duplicates = r.duplicates,
+                "acknowledged"
+            );
             let ids: Vec<i64> = jobs.iter().map(|j| j.id).collect();
             if let Err(e) = shared.store.acks_sent(&ids, shared.clock.now_ms()).await {
                 // They are sent again after the lease; the registry counts them as duplicates.
-                tracing::error!(error = format!("{e:#}"), "recording sent acknowledgements failed");
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "recording sent acknowledgements failed"
+                );
             }
         }
         Err(error) => {
@@ -87,7 +101,10 @@ async fn send(shared: &Shared, controller: String, jobs: Vec<AckJob>) {
                 .collect();
             tracing::warn!(%error, "sending acknowledgements failed; will retry");
             if let Err(e) = shared.store.acks_failed(&retries, &error).await {
-                tracing::error!(error = format!("{e:#}"), "recording an acknowledgement failure failed");
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "recording an acknowledgement failure failed"
+                );
             }
         }
     }

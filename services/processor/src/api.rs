@@ -5,8 +5,7 @@ use std::sync::Arc;
 
 use dsrelay_proto::v1::processor_service_server::ProcessorService;
 use dsrelay_proto::v1::{
-    CancelDeliveryRequest, DeliverRequest, DeliverResponse, GetStatusRequest, RequestKind,
-    TaskList,
+    CancelDeliveryRequest, DeliverRequest, DeliverResponse, GetStatusRequest, RequestKind, TaskList,
 };
 use dsrelay_runtime::identity::validate_identities;
 use tonic::{Request, Response, Status};
@@ -100,7 +99,9 @@ impl ProcessorService for Api {
             .config
             .subprocessors
             .iter()
-            .filter(|s| wanted.is_empty() || s.categories.iter().any(|c| wanted.contains(&c.as_str())))
+            .filter(|s| {
+                wanted.is_empty() || s.categories.iter().any(|c| wanted.contains(&c.as_str()))
+            })
             .map(|s| s.name.clone())
             .collect();
         let accepted = self
@@ -134,7 +135,10 @@ impl ProcessorService for Api {
         if r.reason.len() > 1024 {
             return Err(invalid("reason", "must be at most 1024 bytes"));
         }
-        if r.reason.chars().any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')) {
+        if r.reason
+            .chars()
+            .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+        {
             return Err(invalid(
                 "reason",
                 "must not contain control characters (other than tab and line breaks)",
@@ -143,7 +147,12 @@ impl ProcessorService for Api {
         let tasks = self
             .shared
             .store
-            .cancel(&controller, &r.request_id, &r.reason, self.shared.clock.now_ms())
+            .cancel(
+                &controller,
+                &r.request_id,
+                &r.reason,
+                self.shared.clock.now_ms(),
+            )
             .await
             .map_err(internal)?;
         self.shared.ack_wakeup.notify_one();

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use dsrelay_connectors::Connector;
 use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceClient;
 use dsrelay_proto::v1::processor_service_server::ProcessorServiceServer;
-use dsrelay_connectors::Connector;
 use dsrelay_runtime::clock::Clock;
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
 use dsrelay_runtime::store::Db;
@@ -117,7 +117,11 @@ impl App {
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             );
         let addr = listener.local_addr().ok();
-        tracing::info!(?addr, subprocessors = shared.connectors.len(), "processor serving");
+        tracing::info!(
+            ?addr,
+            subprocessors = shared.connectors.len(),
+            "processor serving"
+        );
         let served = dsrelay_runtime::server::serve(router, listener, shutdown).await;
         let _ = stop_tx.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), async {

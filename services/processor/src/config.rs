@@ -159,7 +159,10 @@ impl Config {
         let mut ids = BTreeSet::new();
         for (i, c) in self.controllers.iter().enumerate() {
             if !ids.insert(&c.identity) {
-                errors.push(format!("controllers[{i}]: identity {} is listed twice", c.identity));
+                errors.push(format!(
+                    "controllers[{i}]: identity {} is listed twice",
+                    c.identity
+                ));
             }
             if !c.registry_endpoint.starts_with("https://") {
                 errors.push(format!(

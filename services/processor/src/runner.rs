@@ -27,7 +27,11 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         }
         let jobs = match shared
             .store
-            .claim_tasks(shared.clock.now_ms(), i64::from(cfg.batch_size), cfg.lease_ms as i64)
+            .claim_tasks(
+                shared.clock.now_ms(),
+                i64::from(cfg.batch_size),
+                cfg.lease_ms as i64,
+            )
             .await
         {
             Ok(j) => j,
@@ -81,7 +85,9 @@ async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
             "subprocessor {} is no longer configured or the request body is missing",
             key.subprocessor
         ));
-        store.transition(key, seq, &t, clock.now_ms(), attempts).await?;
+        store
+            .transition(key, seq, &t, clock.now_ms(), attempts)
+            .await?;
         shared.ack_wakeup.notify_one();
         return Ok(());
     };
@@ -98,7 +104,11 @@ async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
             ),
             ..Default::default()
         };
-        if store.transition(key, seq, &t, clock.now_ms(), attempts).await?.is_some() {
+        if store
+            .transition(key, seq, &t, clock.now_ms(), attempts)
+            .await?
+            .is_some()
+        {
             shared.ack_wakeup.notify_one();
         }
         return Ok(());
@@ -109,7 +119,10 @@ async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
                 state: TaskState::InProgress as i32,
                 ..Default::default()
             };
-            match store.transition(key, seq, &started, clock.now_ms(), attempts).await? {
+            match store
+                .transition(key, seq, &started, clock.now_ms(), attempts)
+                .await?
+            {
                 Some(s) => seq = s,
                 None => return Ok(()),
             }
@@ -208,7 +221,9 @@ async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
                 .tasks
                 .backoff
                 .delay(u32::try_from(attempts).unwrap_or(u32::MAX));
-            let delay = backoff.max(std::time::Duration::from_millis(e.retry_after_ms().unwrap_or(0)));
+            let delay = backoff.max(std::time::Duration::from_millis(
+                e.retry_after_ms().unwrap_or(0),
+            ));
             tracing::warn!(error = %e, attempts, retry_in_ms = delay.as_millis() as u64, "connector failed; will retry");
             store
                 .retry_later(key, seq, &e.to_string(), now + delay.as_millis() as i64)
@@ -222,8 +237,16 @@ async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
         }),
     };
     let state = TaskState::try_from(t.state).unwrap_or_default();
-    if store.transition(key, seq, &t, now, attempts).await?.is_some() {
-        tracing::info!(state = state.as_str_name(), records = t.records_affected, "task step done");
+    if store
+        .transition(key, seq, &t, now, attempts)
+        .await?
+        .is_some()
+    {
+        tracing::info!(
+            state = state.as_str_name(),
+            records = t.records_affected,
+            "task step done"
+        );
         shared.ack_wakeup.notify_one();
     }
     Ok(())

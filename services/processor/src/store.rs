@@ -195,15 +195,27 @@ impl Store {
         .bind(&req.request_id)
         .bind(i64::from(req.kind))
         .bind(req.encode_to_vec())
-        .bind(req.received_at.as_ref().map(dsrelay_proto::millis_from_timestamp).unwrap_or(now))
-        .bind(req.due_at.as_ref().map(dsrelay_proto::millis_from_timestamp).unwrap_or(i64::MAX))
+        .bind(
+            req.received_at
+                .as_ref()
+                .map(dsrelay_proto::millis_from_timestamp)
+                .unwrap_or(now),
+        )
+        .bind(
+            req.due_at
+                .as_ref()
+                .map(dsrelay_proto::millis_from_timestamp)
+                .unwrap_or(i64::MAX),
+        )
         .bind(now)
         .execute(&mut *tx)
         .await?
         .rows_affected();
         if inserted == 0 {
             tx.rollback().await?;
-            return Ok(Accepted::Duplicate(self.tasks(controller, &req.request_id).await?));
+            return Ok(Accepted::Duplicate(
+                self.tasks(controller, &req.request_id).await?,
+            ));
         }
         for s in subprocessors {
             sqlx::query(
@@ -219,17 +231,21 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
-        Ok(Accepted::New(self.tasks(controller, &req.request_id).await?))
+        Ok(Accepted::New(
+            self.tasks(controller, &req.request_id).await?,
+        ))
     }
 
     /// Whether the controller delivered (or cancelled) this request.
     pub async fn request_exists(&self, controller: &str, request_id: &str) -> Result<bool> {
-        Ok(sqlx::query("SELECT 1 AS one FROM requests WHERE controller = $1 AND request_id = $2")
-            .bind(controller)
-            .bind(request_id)
-            .fetch_optional(&self.db.pool)
-            .await?
-            .is_some())
+        Ok(
+            sqlx::query("SELECT 1 AS one FROM requests WHERE controller = $1 AND request_id = $2")
+                .bind(controller)
+                .bind(request_id)
+                .fetch_optional(&self.db.pool)
+                .await?
+                .is_some(),
+        )
     }
 
     /// A request's tasks.
@@ -394,7 +410,12 @@ impl Store {
 
     /// Looks at a task again at `next_at` without changing its state (a holder that has not
     /// confirmed yet). Nothing is acknowledged: nothing changed.
-    pub async fn reschedule(&self, key: &TaskKey, expected_sequence: i64, next_at: i64) -> Result<()> {
+    pub async fn reschedule(
+        &self,
+        key: &TaskKey,
+        expected_sequence: i64,
+        next_at: i64,
+    ) -> Result<()> {
         sqlx::query(
             "UPDATE tasks SET next_attempt_at = $1, lease_until = 0 WHERE controller = $2 \
              AND request_id = $3 AND subprocessor = $4 AND sequence = $5",

@@ -195,7 +195,8 @@ impl RequestService for Api {
         req: tonic::Request<SubmitRequest>,
     ) -> Result<Response<SubmitResponse>, Status> {
         let caller = self.partner_api_caller(&req)?;
-        let trace_id = incoming_trace_id(&req).unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        let trace_id =
+            incoming_trace_id(&req).unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
         let body = req.into_inner();
         let config = &self.shared.config;
         let violations = validate_submit(&body, &config.known_categories());
@@ -210,7 +211,9 @@ impl RequestService for Api {
         let processors: Vec<String> = config
             .processors
             .iter()
-            .filter(|p| wanted.is_empty() || p.categories.iter().any(|c| wanted.contains(&c.as_str())))
+            .filter(|p| {
+                wanted.is_empty() || p.categories.iter().any(|c| wanted.contains(&c.as_str()))
+            })
             .map(|p| p.name.clone())
             .collect();
         let encoded = body.encode_to_vec();
@@ -259,7 +262,9 @@ impl RequestService for Api {
             .request(&request_id)
             .await
             .map_err(ApiError::from)?
-            .ok_or_else(|| ApiError::Unexpected(anyhow::anyhow!("request vanished after insert")))?;
+            .ok_or_else(|| {
+                ApiError::Unexpected(anyhow::anyhow!("request vanished after insert"))
+            })?;
         let routed_to = if deduplicated {
             self.shared
                 .store
@@ -306,28 +311,49 @@ impl RequestService for Api {
             0 => 50,
             n @ 1..=500 => n,
             _ => {
-                violations.push(FieldViolation::new("page_size", "must be 0 (default 50) to 500"));
+                violations.push(FieldViolation::new(
+                    "page_size",
+                    "must be 0 (default 50) to 500",
+                ));
                 50
             }
         };
         if r.states.len() > 16 {
-            violations.push(FieldViolation::new("states[16]", "at most 16 states may be given"));
+            violations.push(FieldViolation::new(
+                "states[16]",
+                "at most 16 states may be given",
+            ));
         }
         for (i, s) in r.states.iter().enumerate().take(16) {
-            if RequestState::try_from(*s).unwrap_or(RequestState::Unspecified) == RequestState::Unspecified {
-                violations.push(FieldViolation::new(format!("states[{i}]"), format!("{s} is not a request state")));
+            if RequestState::try_from(*s).unwrap_or(RequestState::Unspecified)
+                == RequestState::Unspecified
+            {
+                violations.push(FieldViolation::new(
+                    format!("states[{i}]"),
+                    format!("{s} is not a request state"),
+                ));
             }
         }
         if RequestKind::try_from(r.kind).is_err() {
-            violations.push(FieldViolation::new("kind", format!("{} is not a request kind", r.kind)));
+            violations.push(FieldViolation::new(
+                "kind",
+                format!("{} is not a request kind", r.kind),
+            ));
         }
         let before = if r.page_token.is_empty() {
             None
         } else {
-            match r.page_token.split_once('_').and_then(|(a, b)| Some((a.parse::<i64>().ok()?, b.to_string()))) {
+            match r
+                .page_token
+                .split_once('_')
+                .and_then(|(a, b)| Some((a.parse::<i64>().ok()?, b.to_string())))
+            {
                 Some(p) => Some(p),
                 None => {
-                    violations.push(FieldViolation::new("page_token", "is not a token from a previous page"));
+                    violations.push(FieldViolation::new(
+                        "page_token",
+                        "is not a token from a previous page",
+                    ));
                     None
                 }
             }
@@ -346,10 +372,17 @@ impl RequestService for Api {
             before,
             limit: i64::from(page_size) + 1,
         };
-        let mut rows = self.shared.store.list(&filter, now_ms()).await.map_err(ApiError::from)?;
+        let mut rows = self
+            .shared
+            .store
+            .list(&filter, now_ms())
+            .await
+            .map_err(ApiError::from)?;
         let next_page_token = if rows.len() > page_size as usize {
             rows.truncate(page_size as usize);
-            rows.last().map(|l| format!("{}_{}", l.received_at, l.id)).unwrap_or_default()
+            rows.last()
+                .map(|l| format!("{}_{}", l.received_at, l.id))
+                .unwrap_or_default()
         } else {
             String::new()
         };
@@ -384,7 +417,11 @@ impl RequestService for Api {
                 let events = match shared.store.events(&id).await {
                     Ok(e) => e,
                     Err(e) => {
-                        let _ = tx.send(Err(Status::unavailable(format!("reading events failed: {e}")))).await;
+                        let _ = tx
+                            .send(Err(Status::unavailable(format!(
+                                "reading events failed: {e}"
+                            ))))
+                            .await;
                         return;
                     }
                 };
@@ -398,7 +435,10 @@ impl RequestService for Api {
                     }
                 }
                 if let Some(last) = events.last() {
-                    terminal = request_is_terminal(RequestState::try_from(last.request_state).unwrap_or(RequestState::Unspecified));
+                    terminal = request_is_terminal(
+                        RequestState::try_from(last.request_state)
+                            .unwrap_or(RequestState::Unspecified),
+                    );
                 }
                 if terminal && !r.follow_after_terminal {
                     return;
@@ -413,12 +453,21 @@ impl RequestService for Api {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn cancel(&self, req: tonic::Request<CancelRequest>) -> Result<Response<Request>, Status> {
+    async fn cancel(
+        &self,
+        req: tonic::Request<CancelRequest>,
+    ) -> Result<Response<Request>, Status> {
         let caller = self.partner_api_caller(&req)?;
         let r = req.into_inner();
         let row = self.visible(&caller, &r.request_id).await?;
         check_text("reason", &r.reason)?;
-        match self.shared.store.cancel(&row.id, &r.reason, now_ms()).await.map_err(ApiError::from)? {
+        match self
+            .shared
+            .store
+            .cancel(&row.id, &r.reason, now_ms())
+            .await
+            .map_err(ApiError::from)?
+        {
             CancelOutcome::Cancelled => {
                 tracing::info!(request_id = %row.id, by = caller.name(), "request cancelled");
                 self.shared.dispatch_wakeup.notify_one();
@@ -444,7 +493,9 @@ impl RequestService for Api {
     ) -> Result<Response<Request>, Status> {
         let caller = self.partner_api_caller(&req)?;
         if !matches!(caller, Caller::Operator(_)) {
-            return Err(ApiError::PermissionDenied("only operators may extend a due date".into()).into());
+            return Err(
+                ApiError::PermissionDenied("only operators may extend a due date".into()).into(),
+            );
         }
         let r = req.into_inner();
         let row = self.visible(&caller, &r.request_id).await?;
@@ -458,14 +509,25 @@ impl RequestService for Api {
                      the most GDPR art. 12(3) allows"
                 )
             } else {
-                format!("must be 1 to {left} (GDPR art. 12(3) allows two months in all; {used} used)")
+                format!(
+                    "must be 1 to {left} (GDPR art. 12(3) allows two months in all; {used} used)"
+                )
             };
             return Err(ApiError::Invalid(vec![FieldViolation::new("months", rule)]).into());
         }
-        if matches!(row.state(), RequestState::Completed | RequestState::Cancelled) {
-            return Err(ApiError::FailedPrecondition(format!("request {} has finished", row.id)).into());
+        if matches!(
+            row.state(),
+            RequestState::Completed | RequestState::Cancelled
+        ) {
+            return Err(
+                ApiError::FailedPrecondition(format!("request {} has finished", row.id)).into(),
+            );
         }
-        self.shared.store.extend(&row, r.months, &r.reason, now_ms()).await.map_err(ApiError::from)?;
+        self.shared
+            .store
+            .extend(&row, r.months, &r.reason, now_ms())
+            .await
+            .map_err(ApiError::from)?;
         self.shared.publish(&row.id);
         let row = self.visible(&caller, &row.id).await?;
         Ok(Response::new(self.view(row).await?))
@@ -490,7 +552,9 @@ impl AcknowledgementService for Api {
             }
         };
         let acks = req.into_inner().acknowledgements;
-        tracing::Span::current().record("processor", processor.as_str()).record("count", acks.len());
+        tracing::Span::current()
+            .record("processor", processor.as_str())
+            .record("count", acks.len());
         let mut violations = Vec::new();
         if acks.is_empty() || acks.len() > MAX_ACKS_PER_CALL {
             violations.push(FieldViolation::new(
@@ -500,35 +564,82 @@ impl AcknowledgementService for Api {
         }
         for (i, a) in acks.iter().enumerate().take(MAX_ACKS_PER_CALL) {
             if check_id(&a.request_id).is_err() {
-                violations.push(FieldViolation::new(format!("acknowledgements[{i}].request_id"), format!("must be 1 to {MAX_ID} bytes")));
+                violations.push(FieldViolation::new(
+                    format!("acknowledgements[{i}].request_id"),
+                    format!("must be 1 to {MAX_ID} bytes"),
+                ));
             }
             if a.subprocessor.is_empty() || a.subprocessor.len() > 128 {
-                violations.push(FieldViolation::new(format!("acknowledgements[{i}].subprocessor"), "must be 1 to 128 bytes"));
+                violations.push(FieldViolation::new(
+                    format!("acknowledgements[{i}].subprocessor"),
+                    "must be 1 to 128 bytes",
+                ));
             }
             if a.sequence == 0 || a.sequence > i64::MAX as u64 {
-                violations.push(FieldViolation::new(format!("acknowledgements[{i}].sequence"), "must start at 1"));
+                violations.push(FieldViolation::new(
+                    format!("acknowledgements[{i}].sequence"),
+                    "must start at 1",
+                ));
             }
-            if dsrelay_proto::v1::TaskState::try_from(a.state).unwrap_or_default() == dsrelay_proto::v1::TaskState::Unspecified {
-                violations.push(FieldViolation::new(format!("acknowledgements[{i}].state"), "must be a task state"));
+            if dsrelay_proto::v1::TaskState::try_from(a.state).unwrap_or_default()
+                == dsrelay_proto::v1::TaskState::Unspecified
+            {
+                violations.push(FieldViolation::new(
+                    format!("acknowledgements[{i}].state"),
+                    "must be a task state",
+                ));
             }
-            violations.extend(text_violation(&format!("acknowledgements[{i}].subprocessor"), &a.subprocessor, 128, false));
-            violations.extend(text_violation(&format!("acknowledgements[{i}].reason"), &a.reason, 4096, false));
-            violations.extend(text_violation(&format!("acknowledgements[{i}].legal_basis"), &a.legal_basis, 1024, false));
+            violations.extend(text_violation(
+                &format!("acknowledgements[{i}].subprocessor"),
+                &a.subprocessor,
+                128,
+                false,
+            ));
+            violations.extend(text_violation(
+                &format!("acknowledgements[{i}].reason"),
+                &a.reason,
+                4096,
+                false,
+            ));
+            violations.extend(text_violation(
+                &format!("acknowledgements[{i}].legal_basis"),
+                &a.legal_basis,
+                1024,
+                false,
+            ));
             if let Some(e) = &a.evidence {
-                violations.extend(text_violation(&format!("acknowledgements[{i}].evidence.note"), &e.note, 4096, false));
+                violations.extend(text_violation(
+                    &format!("acknowledgements[{i}].evidence.note"),
+                    &e.note,
+                    4096,
+                    false,
+                ));
             }
         }
         if !violations.is_empty() {
             return Err(ApiError::Invalid(violations).into());
         }
         let updates: Vec<TaskUpdate> = acks.iter().map(TaskUpdate::from).collect();
-        match self.shared.store.apply_acks(&processor, &updates, now_ms()).await.map_err(ApiError::from)? {
+        match self
+            .shared
+            .store
+            .apply_acks(&processor, &updates, now_ms())
+            .await
+            .map_err(ApiError::from)?
+        {
             Ok((applied, duplicates)) => {
-                for id in updates.iter().map(|u| &u.request_id).collect::<std::collections::BTreeSet<_>>() {
+                for id in updates
+                    .iter()
+                    .map(|u| &u.request_id)
+                    .collect::<std::collections::BTreeSet<_>>()
+                {
                     self.shared.publish(id);
                 }
                 tracing::debug!(applied, duplicates, "acknowledgements applied");
-                Ok(Response::new(AcknowledgeResponse { applied, duplicates }))
+                Ok(Response::new(AcknowledgeResponse {
+                    applied,
+                    duplicates,
+                }))
             }
             Err(request_id) => Err(ApiError::PermissionDenied(format!(
                 "request {request_id} was not delivered to processor {processor}"

@@ -63,8 +63,9 @@ impl App {
             .context("loading the registry's TLS files")?;
         let mut processors = HashMap::new();
         for p in &config.processors {
-            let channel = dsrelay_runtime::tls::channel(&p.endpoint, Some(p.identity.clone()), &client_tls)
-                .with_context(|| format!("processor {}", p.name))?;
+            let channel =
+                dsrelay_runtime::tls::channel(&p.endpoint, Some(p.identity.clone()), &client_tls)
+                    .with_context(|| format!("processor {}", p.name))?;
             let client = ProcessorServiceClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -109,9 +110,7 @@ impl App {
         let reconciler = tokio::spawn(crate::reconciler::run(shared.clone(), stop_rx));
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<RequestServiceServer<Api>>()
-            .await;
+        health.set_serving::<RequestServiceServer<Api>>().await;
         health
             .set_serving::<AcknowledgementServiceServer<Api>>()
             .await;
@@ -131,7 +130,11 @@ impl App {
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             );
         let addr = listener.local_addr().ok();
-        tracing::info!(?addr, processors = shared.processors.len(), "registry serving");
+        tracing::info!(
+            ?addr,
+            processors = shared.processors.len(),
+            "registry serving"
+        );
         let served = dsrelay_runtime::server::serve(router, listener, shutdown).await;
         let _ = stop_tx.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), async {

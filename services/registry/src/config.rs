@@ -159,7 +159,9 @@ impl Config {
         let mut seen_ids = BTreeSet::new();
         for (i, r) in self.identities.iter().enumerate() {
             if r.identity.is_empty() || r.name.is_empty() {
-                errors.push(format!("identities[{i}]: identity and name must not be empty"));
+                errors.push(format!(
+                    "identities[{i}]: identity and name must not be empty"
+                ));
             }
             if !seen_ids.insert(r.identity.clone()) {
                 errors.push(format!("identities[{i}]: {} is listed twice", r.identity));

@@ -99,7 +99,11 @@ async fn attempt(shared: &Shared, job: DeliveryJob) {
     match result {
         Ok(tasks) => {
             tracing::info!(tasks = tasks.len(), "processor accepted");
-            if let Err(e) = shared.store.delivery_succeeded(&job, &tasks, now_ms()).await {
+            if let Err(e) = shared
+                .store
+                .delivery_succeeded(&job, &tasks, now_ms())
+                .await
+            {
                 // The lease expires and the row is sent again; the processor deduplicates.
                 tracing::error!(error = format!("{e:#}"), "recording a delivery failed");
             }
@@ -116,13 +120,20 @@ async fn record_failure(shared: &Shared, job: &DeliveryJob, error: &str) {
     let attempt = u32::try_from(job.attempts + 1).unwrap_or(u32::MAX);
     let delay = shared.config.delivery.backoff.delay(attempt);
     let now = now_ms();
-    tracing::warn!(error, retry_in_ms = delay.as_millis() as u64, "delivery failed");
+    tracing::warn!(
+        error,
+        retry_in_ms = delay.as_millis() as u64,
+        "delivery failed"
+    );
     if let Err(e) = shared
         .store
         .delivery_failed(job, error, now + delay.as_millis() as i64, now)
         .await
     {
-        tracing::error!(error = format!("{e:#}"), "recording a delivery failure failed");
+        tracing::error!(
+            error = format!("{e:#}"),
+            "recording a delivery failure failed"
+        );
     }
     shared.publish(&job.request_id);
 }

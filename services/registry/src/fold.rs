@@ -82,18 +82,42 @@ mod tests {
     #[test]
     fn folds_the_life_of_a_request() {
         assert_eq!(fold(false, &[false, false], &[]), RequestState::Received);
-        assert_eq!(fold(false, &[true, false], &[Pending]), RequestState::Dispatched);
-        assert_eq!(fold(false, &[true, false], &[InProgress]), RequestState::InProgress);
-        assert_eq!(fold(false, &[true, true], &[Pending, Pending]), RequestState::Dispatched);
-        assert_eq!(fold(false, &[true, true], &[Completed, Pending]), RequestState::InProgress);
-        assert_eq!(fold(false, &[true, true], &[Completed, NotFound]), RequestState::Completed);
+        assert_eq!(
+            fold(false, &[true, false], &[Pending]),
+            RequestState::Dispatched
+        );
+        assert_eq!(
+            fold(false, &[true, false], &[InProgress]),
+            RequestState::InProgress
+        );
+        assert_eq!(
+            fold(false, &[true, true], &[Pending, Pending]),
+            RequestState::Dispatched
+        );
+        assert_eq!(
+            fold(false, &[true, true], &[Completed, Pending]),
+            RequestState::InProgress
+        );
+        assert_eq!(
+            fold(false, &[true, true], &[Completed, NotFound]),
+            RequestState::Completed
+        );
         assert_eq!(
             fold(false, &[true], &[Completed, Retained]),
             RequestState::PartiallyCompleted
         );
-        assert_eq!(fold(false, &[true], &[Completed, Refused]), RequestState::Failed);
-        assert_eq!(fold(false, &[true], &[Failed, Retained]), RequestState::Failed);
-        assert_eq!(fold(false, &[true], &[WaitingForOperator]), RequestState::InProgress);
+        assert_eq!(
+            fold(false, &[true], &[Completed, Refused]),
+            RequestState::Failed
+        );
+        assert_eq!(
+            fold(false, &[true], &[Failed, Retained]),
+            RequestState::Failed
+        );
+        assert_eq!(
+            fold(false, &[true], &[WaitingForOperator]),
+            RequestState::InProgress
+        );
         assert_eq!(fold(true, &[true], &[InProgress]), RequestState::Cancelled);
     }
 

@@ -37,18 +37,26 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             let mut req = tonic::Request::new(GetStatusRequest {
                 request_id: request_id.clone(),
             });
-            req.set_timeout(Duration::from_millis(shared.config.delivery.call_timeout_ms));
+            req.set_timeout(Duration::from_millis(
+                shared.config.delivery.call_timeout_ms,
+            ));
             match client.clone().get_status(req).await {
                 Ok(resp) => {
                     let tasks = resp.into_inner().tasks;
-                    match shared.store.reconcile(&request_id, &processor, &tasks, now_ms()).await {
+                    match shared
+                        .store
+                        .reconcile(&request_id, &processor, &tasks, now_ms())
+                        .await
+                    {
                         Ok(changed) => {
                             if changed > 0 {
                                 tracing::info!(%request_id, %processor, changed, "reconciled late acknowledgements");
                                 shared.publish(&request_id);
                             }
                         }
-                        Err(e) => tracing::error!(%request_id, error = format!("{e:#}"), "reconciling failed"),
+                        Err(e) => {
+                            tracing::error!(%request_id, error = format!("{e:#}"), "reconciling failed")
+                        }
                     }
                 }
                 Err(status) => {

@@ -542,8 +542,14 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         for t in tasks {
-            upsert_task(&mut tx, &job.request_id, &job.processor, &TaskUpdate::from(t), now)
-                .await?;
+            upsert_task(
+                &mut tx,
+                &job.request_id,
+                &job.processor,
+                &TaskUpdate::from(t),
+                now,
+            )
+            .await?;
         }
         if updated.rows_affected() > 0 {
             let state = current_state(&mut tx, &job.request_id).await?;
@@ -905,7 +911,11 @@ pub struct TaskUpdate {
 impl TaskUpdate {
     fn describe(&self) -> String {
         let state = TaskState::try_from(self.state)
-            .map(|s| s.as_str_name().trim_start_matches("TASK_STATE_").to_string())
+            .map(|s| {
+                s.as_str_name()
+                    .trim_start_matches("TASK_STATE_")
+                    .to_string()
+            })
             .unwrap_or_else(|_| self.state.to_string());
         let mut s = format!("{} #{}: {state}", self.subprocessor, self.sequence);
         if self.records_affected > 0 {
@@ -934,7 +944,10 @@ impl From<&Acknowledgement> for TaskUpdate {
             note: ev.note,
             reason: a.reason.clone(),
             legal_basis: a.legal_basis.clone(),
-            retain_until: a.retain_until.as_ref().map(dsrelay_proto::millis_from_timestamp),
+            retain_until: a
+                .retain_until
+                .as_ref()
+                .map(dsrelay_proto::millis_from_timestamp),
             attempt: i64::from(a.attempt),
         }
     }
@@ -953,7 +966,10 @@ impl From<&TaskStatus> for TaskUpdate {
             note: ev.note,
             reason: t.reason.clone(),
             legal_basis: t.legal_basis.clone(),
-            retain_until: t.retain_until.as_ref().map(dsrelay_proto::millis_from_timestamp),
+            retain_until: t
+                .retain_until
+                .as_ref()
+                .map(dsrelay_proto::millis_from_timestamp),
             attempt: 0,
         }
     }
@@ -997,10 +1013,7 @@ async fn upsert_task(
     Ok(n > 0)
 }
 
-async fn state_of(
-    tx: &mut Transaction<'static, Any>,
-    id: &str,
-) -> Result<Option<RequestState>> {
+async fn state_of(tx: &mut Transaction<'static, Any>, id: &str) -> Result<Option<RequestState>> {
     let row = sqlx::query("SELECT state FROM requests WHERE id = $1")
         .bind(id)
         .fetch_optional(&mut **tx)
@@ -1015,9 +1028,7 @@ async fn state_of(
 }
 
 async fn current_state(tx: &mut Transaction<'static, Any>, id: &str) -> Result<i32> {
-    Ok(state_of(tx, id)
-        .await?
-        .unwrap_or(RequestState::Unspecified) as i32)
+    Ok(state_of(tx, id).await?.unwrap_or(RequestState::Unspecified) as i32)
 }
 
 /// Recomputes a request's state from its deliveries and tasks; records a change.

@@ -20,9 +20,17 @@ pub const MAX_CATEGORY: usize = 64;
 /// Checks a free-text field: its length, and no control characters other than tab and line
 /// breaks (NUL cannot be stored in PostgreSQL text, and the others only hide things from
 /// the people who read these texts).
-pub fn text_violation(field: &str, value: &str, max: usize, required: bool) -> Option<FieldViolation> {
+pub fn text_violation(
+    field: &str,
+    value: &str,
+    max: usize,
+    required: bool,
+) -> Option<FieldViolation> {
     if required && value.trim().is_empty() {
-        return Some(FieldViolation::new(field, format!("is required (1 to {max} bytes of text)")));
+        return Some(FieldViolation::new(
+            field,
+            format!("is required (1 to {max} bytes of text)"),
+        ));
     }
     if value.len() > max {
         let rule = if required {
@@ -32,7 +40,10 @@ pub fn text_violation(field: &str, value: &str, max: usize, required: bool) -> O
         };
         return Some(FieldViolation::new(field, rule));
     }
-    if value.chars().any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')) {
+    if value
+        .chars()
+        .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+    {
         return Some(FieldViolation::new(
             field,
             "must not contain control characters (other than tab and line breaks)",
@@ -43,7 +54,10 @@ pub fn text_violation(field: &str, value: &str, max: usize, required: bool) -> O
 
 /// Every rule `req` breaks; empty when it may be stored. `known_categories` are those some
 /// processor holds: a category nobody holds is almost certainly a typo.
-pub fn validate_submit(req: &SubmitRequest, known_categories: &BTreeSet<&str>) -> Vec<FieldViolation> {
+pub fn validate_submit(
+    req: &SubmitRequest,
+    known_categories: &BTreeSet<&str>,
+) -> Vec<FieldViolation> {
     let mut out = Vec::new();
     let kind = RequestKind::try_from(req.kind).unwrap_or(RequestKind::Unspecified);
     if kind == RequestKind::Unspecified {
@@ -84,7 +98,10 @@ pub fn validate_submit(req: &SubmitRequest, known_categories: &BTreeSet<&str>) -
             for (i, c) in scope.data_categories.iter().enumerate() {
                 let field = format!("scope.data_categories[{i}]");
                 if c.is_empty() || c.len() > MAX_CATEGORY {
-                    out.push(FieldViolation::new(field, format!("must be 1 to at most {MAX_CATEGORY} bytes")));
+                    out.push(FieldViolation::new(
+                        field,
+                        format!("must be 1 to at most {MAX_CATEGORY} bytes"),
+                    ));
                 } else if !known_categories.contains(c.as_str()) {
                     // The text is echoed (it is short) so the caller sees the typo; the known
                     // categories are named once, keeping the status small.
@@ -93,7 +110,11 @@ pub fn validate_submit(req: &SubmitRequest, known_categories: &BTreeSet<&str>) -
                         listed_known = true;
                         rule.push_str(&format!(
                             " (known categories: {})",
-                            known_categories.iter().copied().collect::<Vec<_>>().join(", ")
+                            known_categories
+                                .iter()
+                                .copied()
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         ));
                     }
                     out.push(FieldViolation::new(field, rule));

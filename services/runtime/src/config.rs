@@ -47,7 +47,9 @@ pub fn load<T: DeserializeOwned>(
         };
         let parts: Vec<String> = path.split("__").map(|p| p.to_ascii_lowercase()).collect();
         if parts.iter().any(|p| p.is_empty()) {
-            errors.push(format!("environment variable {key} has an empty key segment"));
+            errors.push(format!(
+                "environment variable {key} has an empty key segment"
+            ));
             continue;
         }
         if let Err(e) = set_path(&mut root, &parts, parse_env_value(&value)) {

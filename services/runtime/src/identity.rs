@@ -215,8 +215,16 @@ mod tests {
     #[test]
     fn accepts_good_identities() {
         let ids = vec![
-            ident(IdentityType::Email, IdentityEncoding::Raw, "Maija@Example.fi"),
-            ident(IdentityType::Phone, IdentityEncoding::Raw, "+358 40 123 4567"),
+            ident(
+                IdentityType::Email,
+                IdentityEncoding::Raw,
+                "Maija@Example.fi",
+            ),
+            ident(
+                IdentityType::Phone,
+                IdentityEncoding::Raw,
+                "+358 40 123 4567",
+            ),
             ident(
                 IdentityType::Email,
                 IdentityEncoding::Md5,
@@ -243,7 +251,11 @@ mod tests {
     #[test]
     fn mailchimp_style_md5() {
         assert_eq!(
-            digest(IdentityEncoding::Md5, &normalize(IdentityType::Email, " A@B.fi ")).unwrap(),
+            digest(
+                IdentityEncoding::Md5,
+                &normalize(IdentityType::Email, " A@B.fi ")
+            )
+            .unwrap(),
             digest(IdentityEncoding::Md5, "a@b.fi").unwrap()
         );
     }

@@ -90,7 +90,11 @@ impl DevCa {
         dn.push(DnType::OrganizationName, "dsrelay development party");
         params.distinguished_name = dn;
         params.subject_alt_names = vec![
-            SanType::URI(uri_identity.try_into().context("identity is not a valid URI")?),
+            SanType::URI(
+                uri_identity
+                    .try_into()
+                    .context("identity is not a valid URI")?,
+            ),
             SanType::DnsName("localhost".try_into()?),
             SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         ];

@@ -37,7 +37,9 @@ async fn crash_before_delivery(backend: Backend) {
         .expect("submit")
         .into_inner();
     wait_until(&mut crm, &r.request_id, LONG, |v| {
-        v.deliveries.iter().any(|d| d.attempts >= 2 && !d.last_error.is_empty())
+        v.deliveries
+            .iter()
+            .any(|d| d.attempts >= 2 && !d.last_error.is_empty())
     })
     .await;
 
@@ -50,9 +52,22 @@ async fn crash_before_delivery(backend: Backend) {
 
     // The processor returns and gets the request.
     let processor = setup.spawn_processor().await;
-    let view = wait_until(&mut crm, &r.request_id, LONG, in_state(RequestState::Completed)).await;
-    let accounting = view.tasks.iter().find(|t| t.subprocessor == "accounting").expect("task");
-    assert_eq!(accounting.evidence.as_ref().map(|e| e.records_affected), Some(6));
+    let view = wait_until(
+        &mut crm,
+        &r.request_id,
+        LONG,
+        in_state(RequestState::Completed),
+    )
+    .await;
+    let accounting = view
+        .tasks
+        .iter()
+        .find(|t| t.subprocessor == "accounting")
+        .expect("task");
+    assert_eq!(
+        accounting.evidence.as_ref().map(|e| e.records_affected),
+        Some(6)
+    );
     assert_eq!(
         count(&setup.accounting_url, "SELECT COUNT(*) FROM customers").await,
         4,
@@ -110,13 +125,23 @@ async fn registry_down_while_acknowledging(backend: Backend) {
         if stuck > 0 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "acknowledgements were never retried\n{}", processor.log());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "acknowledgements were never retried\n{}",
+            processor.log()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
     registry.restart().await;
     wait_registry(&setup, &registry).await;
-    let view = wait_until(&mut crm, &r.request_id, LONG, in_state(RequestState::Completed)).await;
+    let view = wait_until(
+        &mut crm,
+        &r.request_id,
+        LONG,
+        in_state(RequestState::Completed),
+    )
+    .await;
     for t in &view.tasks {
         // PENDING (1) → IN_PROGRESS (2) → COMPLETED (3), each applied once.
         assert_eq!(t.sequence, 3, "{t:#?}");
@@ -124,16 +149,21 @@ async fn registry_down_while_acknowledging(backend: Backend) {
     let registry_db = &setup.registry.database_url;
     let acks = count(registry_db, "SELECT COUNT(*) FROM acknowledgements").await;
     assert_eq!(acks, 4, "two tasks, two acknowledgements each, none twice");
-    let updates = count(
-        registry_db,
-        "SELECT COUNT(*) FROM events WHERE type = 4",
-    )
-    .await;
+    let updates = count(registry_db, "SELECT COUNT(*) FROM events WHERE type = 4").await;
     assert_eq!(updates, 4, "one TASK_UPDATED event per acknowledgement");
     // Every acknowledgement eventually left the processor's outbox.
     let deadline = tokio::time::Instant::now() + LONG;
-    while count(&processor_db, "SELECT COUNT(*) FROM ack_outbox WHERE sent_at IS NULL").await > 0 {
-        assert!(tokio::time::Instant::now() < deadline, "outbox never drained");
+    while count(
+        &processor_db,
+        "SELECT COUNT(*) FROM ack_outbox WHERE sent_at IS NULL",
+    )
+    .await
+        > 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "outbox never drained"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     drop(processor);
@@ -172,7 +202,13 @@ async fn processor_killed_mid_task_resumes_it() {
     processor.kill().await;
     processor.restart().await;
     wait_processor(&setup, &processor).await;
-    let view = wait_until(&mut crm, &r.request_id, LONG, in_state(RequestState::Completed)).await;
+    let view = wait_until(
+        &mut crm,
+        &r.request_id,
+        LONG,
+        in_state(RequestState::Completed),
+    )
+    .await;
     assert_eq!(view.tasks.len(), 1);
     assert_eq!(view.tasks[0].sequence, 3, "{view:#?}");
     let attempts = count(
@@ -182,7 +218,11 @@ async fn processor_killed_mid_task_resumes_it() {
     .await;
     assert_eq!(attempts, 2, "the interrupted run and the resumed one");
     assert_eq!(
-        count(&setup.registry.database_url, "SELECT COUNT(*) FROM acknowledgements").await,
+        count(
+            &setup.registry.database_url,
+            "SELECT COUNT(*) FROM acknowledgements"
+        )
+        .await,
         2
     );
     drop(registry);

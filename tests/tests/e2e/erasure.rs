@@ -3,9 +3,7 @@
 
 use std::time::Duration;
 
-use dsrelay_proto::v1::{
-    EventType, RequestState, Scope, TaskState, WatchRequest,
-};
+use dsrelay_proto::v1::{EventType, RequestState, Scope, TaskState, WatchRequest};
 use tokio_stream::StreamExt;
 
 use crate::harness::{count, erasure, in_state, wait_until, Backend, Pair, PairOptions, PROCESSOR};
@@ -49,7 +47,10 @@ async fn erasure_reaches_every_holder(backend: Backend) {
         .expect("watch ended in time");
     let types: Vec<i32> = events.iter().map(|e| e.r#type).collect();
     assert_eq!(types.first(), Some(&(EventType::Submitted as i32)));
-    assert!(types.contains(&(EventType::Delivered as i32)), "{events:#?}");
+    assert!(
+        types.contains(&(EventType::Delivered as i32)),
+        "{events:#?}"
+    );
     assert_eq!(
         events.last().map(|e| e.request_state),
         Some(RequestState::Completed as i32),
@@ -82,12 +83,20 @@ async fn erasure_reaches_every_holder(backend: Backend) {
 
     let url = &pair.setup.accounting_url;
     assert_eq!(
-        count(url, "SELECT COUNT(*) FROM customers WHERE email = 'maija.meikalainen@example.fi'").await,
+        count(
+            url,
+            "SELECT COUNT(*) FROM customers WHERE email = 'maija.meikalainen@example.fi'"
+        )
+        .await,
         0
     );
     assert_eq!(count(url, "SELECT COUNT(*) FROM customers").await, 4);
     assert_eq!(
-        count(url, "SELECT COUNT(*) FROM invoices WHERE customer_id IS NULL AND customer_name IS NULL").await,
+        count(
+            url,
+            "SELECT COUNT(*) FROM invoices WHERE customer_id IS NULL AND customer_name IS NULL"
+        )
+        .await,
         3
     );
     pair.stop().await;
@@ -120,7 +129,13 @@ async fn scope_routes_to_the_holders_of_its_categories_only() {
     });
     let r = crm.submit(req).await.expect("submit").into_inner();
     assert_eq!(r.routed_to, vec![PROCESSOR.to_string()]);
-    let view = wait_until(&mut crm, &r.request_id, Duration::from_secs(20), in_state(RequestState::Completed)).await;
+    let view = wait_until(
+        &mut crm,
+        &r.request_id,
+        Duration::from_secs(20),
+        in_state(RequestState::Completed),
+    )
+    .await;
     let subs: Vec<&str> = view.tasks.iter().map(|t| t.subprocessor.as_str()).collect();
     assert_eq!(subs, ["mail-marketing"]);
 
@@ -135,11 +150,17 @@ async fn scope_routes_to_the_holders_of_its_categories_only() {
         v.deliveries
             .iter()
             .any(|d| d.processor == "web-agency" && d.attempts >= 2)
-            && v.tasks.iter().all(|t| t.state != TaskState::Pending as i32 && t.state != TaskState::InProgress as i32)
+            && v.tasks.iter().all(|t| {
+                t.state != TaskState::Pending as i32 && t.state != TaskState::InProgress as i32
+            })
     })
     .await;
     assert_eq!(view.state, RequestState::InProgress as i32, "{view:#?}");
-    let absent = view.deliveries.iter().find(|d| d.processor == "web-agency").expect("delivery");
+    let absent = view
+        .deliveries
+        .iter()
+        .find(|d| d.processor == "web-agency")
+        .expect("delivery");
     assert!(!absent.last_error.is_empty());
     assert!(absent.next_attempt_at.is_some());
     pair.stop().await;

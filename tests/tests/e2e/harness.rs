@@ -62,7 +62,10 @@ pub async fn fresh_postgres_database(server: &str) -> String {
         .expect("creating a test database");
     db.pool.close().await;
     let (base, _) = server.rsplit_once('/').expect("server url has a path");
-    let query = server.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+    let query = server
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
     format!("{base}/{name}{query}")
 }
 
@@ -295,8 +298,12 @@ impl InProcess {
 }
 
 /// Starts the registry in-process on its configured address.
-pub async fn start_registry(setup: &Setup) -> (InProcess, std::sync::Arc<dsrelay_registry::app::Shared>) {
-    let listener = TcpListener::bind(setup.registry_addr).await.expect("bind registry");
+pub async fn start_registry(
+    setup: &Setup,
+) -> (InProcess, std::sync::Arc<dsrelay_registry::app::Shared>) {
+    let listener = TcpListener::bind(setup.registry_addr)
+        .await
+        .expect("bind registry");
     let app = dsrelay_registry::App::build(setup.registry.clone())
         .await
         .expect("build registry");
@@ -316,7 +323,9 @@ pub async fn start_registry(setup: &Setup) -> (InProcess, std::sync::Arc<dsrelay
 
 /// Starts the processor in-process on its configured address.
 pub async fn start_processor(setup: &Setup) -> InProcess {
-    let listener = TcpListener::bind(setup.processor_addr).await.expect("bind processor");
+    let listener = TcpListener::bind(setup.processor_addr)
+        .await
+        .expect("bind processor");
     let app = dsrelay_processor::App::build(setup.processor.clone())
         .await
         .expect("build processor");
@@ -413,8 +422,13 @@ pub fn in_state(state: RequestState) -> impl Fn(&Request) -> bool {
 
 /// Counts the rows of `sql` (a `SELECT COUNT(*) ...`) in an SQLite or PostgreSQL database.
 pub async fn count(url: &str, sql: &str) -> i64 {
-    let db = dsrelay_runtime::store::Db::connect(url).await.expect("connect");
-    let n: i64 = sqlx::query_scalar(sql).fetch_one(&db.pool).await.expect("count");
+    let db = dsrelay_runtime::store::Db::connect(url)
+        .await
+        .expect("connect");
+    let n: i64 = sqlx::query_scalar(sql)
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
     db.pool.close().await;
     n
 }
@@ -422,10 +436,7 @@ pub async fn count(url: &str, sql: &str) -> i64 {
 /// Where cargo put the service binaries (next to the test binary's `deps` folder).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -502,7 +513,11 @@ impl Setup {
         let r = self.dir.path().join("registry.toml");
         let p = self.dir.path().join("processor.toml");
         std::fs::write(&r, toml::to_string(&self.registry).expect("registry toml")).expect("write");
-        std::fs::write(&p, toml::to_string(&self.processor).expect("processor toml")).expect("write");
+        std::fs::write(
+            &p,
+            toml::to_string(&self.processor).expect("processor toml"),
+        )
+        .expect("write");
         (r, p)
     }
 
@@ -517,7 +532,12 @@ impl Setup {
     /// Starts the processor as a process and waits until it answers health checks.
     pub async fn spawn_processor(&self) -> Process {
         let (_, pc) = self.write_configs();
-        let p = Process::start("dsrelay-processor", pc, self.dir.path().join("processor.log")).await;
+        let p = Process::start(
+            "dsrelay-processor",
+            pc,
+            self.dir.path().join("processor.log"),
+        )
+        .await;
         wait_serving(self.channel_to_processor("registry"), &p).await;
         p
     }
@@ -539,7 +559,10 @@ pub async fn wait_serving(channel: Channel, process: &Process) {
             return;
         }
         if tokio::time::Instant::now() > deadline {
-            panic!("service did not become healthy: {r:?}\n--- log ---\n{}", process.log());
+            panic!(
+                "service did not become healthy: {r:?}\n--- log ---\n{}",
+                process.log()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

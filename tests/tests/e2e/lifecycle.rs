@@ -33,8 +33,16 @@ async fn submit_is_idempotent_per_partner_and_key() {
     other.identities = vec![email("someone.else@example.fi")];
     let err = crm.submit(other).await.expect_err("conflict");
     assert_eq!(err.code(), Code::AlreadyExists);
-    assert!(err.message().contains("idempotency_key"), "{}", err.message());
-    assert!(err.message().contains(&first.request_id), "{}", err.message());
+    assert!(
+        err.message().contains("idempotency_key"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.message().contains(&first.request_id),
+        "{}",
+        err.message()
+    );
 
     // The same key from another partner is another request.
     let mut web = pair.setup.client("partner-webform").await;
@@ -44,7 +52,11 @@ async fn submit_is_idempotent_per_partner_and_key() {
 
     // Only one request exists per (partner, key) even though the first was submitted twice.
     assert_eq!(
-        count(&pair.setup.registry.database_url, "SELECT COUNT(*) FROM requests").await,
+        count(
+            &pair.setup.registry.database_url,
+            "SELECT COUNT(*) FROM requests"
+        )
+        .await,
         2
     );
     pair.stop().await;
@@ -59,7 +71,13 @@ async fn receivers_deduplicate_deliveries_and_acknowledgements() {
         .await
         .expect("submit")
         .into_inner();
-    let done = wait_until(&mut crm, &r.request_id, Duration::from_secs(20), in_state(RequestState::Completed)).await;
+    let done = wait_until(
+        &mut crm,
+        &r.request_id,
+        Duration::from_secs(20),
+        in_state(RequestState::Completed),
+    )
+    .await;
 
     // A repeated delivery (as after a lost answer) changes nothing at the processor.
     let mut processor = ProcessorServiceClient::new(pair.setup.channel_to_processor("registry"));
@@ -69,14 +87,21 @@ async fn receivers_deduplicate_deliveries_and_acknowledgements() {
         identities: vec![email("maija.meikalainen@example.fi")],
         ..Default::default()
     };
-    let again = processor.deliver(body).await.expect("redeliver").into_inner();
+    let again = processor
+        .deliver(body)
+        .await
+        .expect("redeliver")
+        .into_inner();
     assert!(again.duplicate);
     assert_eq!(again.tasks.len(), 2);
     assert!(again.tasks.iter().all(|t| t.sequence == 3));
     let proc_db = &pair.setup.processor.database_url;
     assert_eq!(count(proc_db, "SELECT COUNT(*) FROM requests").await, 1);
     assert_eq!(count(proc_db, "SELECT COUNT(*) FROM tasks").await, 2);
-    assert_eq!(count(&pair.setup.accounting_url, "SELECT COUNT(*) FROM customers").await, 4);
+    assert_eq!(
+        count(&pair.setup.accounting_url, "SELECT COUNT(*) FROM customers").await,
+        4
+    );
 
     // A repeated acknowledgement is a duplicate; a stale one never moves a task back.
     let mut acks = AcknowledgementServiceClient::new(pair.setup.channel_to_registry("processor"));
@@ -123,7 +148,9 @@ async fn cancel_stops_unfinished_work() {
         .expect("submit")
         .into_inner();
     wait_until(&mut crm, &r.request_id, Duration::from_secs(20), |v| {
-        v.tasks.iter().any(|t| t.subprocessor == "accounting" && t.state == TaskState::Completed as i32)
+        v.tasks
+            .iter()
+            .any(|t| t.subprocessor == "accounting" && t.state == TaskState::Completed as i32)
     })
     .await;
     let cancelled = crm
@@ -139,10 +166,16 @@ async fn cancel_stops_unfinished_work() {
     // The processor hears of it: the unfinished mail task ends CANCELLED, the finished
     // accounting task stays COMPLETED.
     let view = wait_until(&mut crm, &r.request_id, Duration::from_secs(20), |v| {
-        v.tasks.iter().any(|t| t.subprocessor == "mail-marketing" && t.state == TaskState::Cancelled as i32)
+        v.tasks
+            .iter()
+            .any(|t| t.subprocessor == "mail-marketing" && t.state == TaskState::Cancelled as i32)
     })
     .await;
-    let accounting = view.tasks.iter().find(|t| t.subprocessor == "accounting").expect("task");
+    let accounting = view
+        .tasks
+        .iter()
+        .find(|t| t.subprocessor == "accounting")
+        .expect("task");
     assert_eq!(accounting.state, TaskState::Completed as i32);
     assert_eq!(view.state, RequestState::Cancelled as i32);
     let err = crm
@@ -201,7 +234,10 @@ async fn due_dates_extensions_and_overdue_filter() {
         dsrelay_proto::millis_from_timestamp(&extended.due_at.expect("due")),
         due_at(received, 2)
     );
-    assert_eq!(extended.extension_reasons, vec!["many archives to search".to_string()]);
+    assert_eq!(
+        extended.extension_reasons,
+        vec!["many archives to search".to_string()]
+    );
     let err = ops
         .extend_deadline(ExtendDeadlineRequest {
             request_id: r.request_id.clone(),
@@ -247,10 +283,18 @@ async fn due_dates_extensions_and_overdue_filter() {
         .await
         .expect("list")
         .into_inner();
-    let ids: Vec<&str> = overdue.requests.iter().map(|r| r.request_id.as_str()).collect();
+    let ids: Vec<&str> = overdue
+        .requests
+        .iter()
+        .map(|r| r.request_id.as_str())
+        .collect();
     assert_eq!(ids, [old_id.as_str()]);
     assert!(overdue.requests[0].overdue);
-    let all = crm.list(ListRequestsRequest::default()).await.expect("list").into_inner();
+    let all = crm
+        .list(ListRequestsRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
     assert_eq!(all.requests.len(), 2);
     let _ = PROCESSOR;
     pair.stop().await;
@@ -266,7 +310,13 @@ async fn list_pages_and_filters() {
         if i % 2 == 1 {
             req.kind = RequestKind::Objection as i32;
         }
-        ids.push(crm.submit(req).await.expect("submit").into_inner().request_id);
+        ids.push(
+            crm.submit(req)
+                .await
+                .expect("submit")
+                .into_inner()
+                .request_id,
+        );
     }
     let mut seen = Vec::new();
     let mut token = String::new();
@@ -317,10 +367,20 @@ async fn lost_acknowledgements_are_reconciled() {
         .into_inner();
     // No acknowledgement can arrive; the registry asks the processor once the request has
     // been quiet for ack_timeout_ms (3 s in the tests).
-    let view = wait_until(&mut crm, &r.request_id, Duration::from_secs(30), in_state(RequestState::Completed)).await;
+    let view = wait_until(
+        &mut crm,
+        &r.request_id,
+        Duration::from_secs(30),
+        in_state(RequestState::Completed),
+    )
+    .await;
     assert!(view.tasks.iter().all(|t| t.sequence == 3), "{view:#?}");
     assert_eq!(
-        count(&pair.setup.registry.database_url, "SELECT COUNT(*) FROM acknowledgements").await,
+        count(
+            &pair.setup.registry.database_url,
+            "SELECT COUNT(*) FROM acknowledgements"
+        )
+        .await,
         0,
         "nothing came through the acknowledgement API"
     );

@@ -6,10 +6,10 @@
 
 mod harness;
 
+mod bad_input;
 mod dsrctl_cli;
 mod durability;
 mod erasure;
 mod lifecycle;
-mod store_conformance;
 mod mtls;
-mod bad_input;
+mod store_conformance;

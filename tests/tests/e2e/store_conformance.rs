@@ -1,14 +1,14 @@
 //! The store layer of both services behaves the same on SQLite and PostgreSQL: each check
 //! below runs once per backend.
 
+use dsrelay_processor::store::{
+    Accepted, Store as ProcessorStore, Transition, POSTGRES_MIGRATIONS as PROC_PG,
+    SQLITE_MIGRATIONS as PROC_SQLITE,
+};
 use dsrelay_proto::v1::{DeliverRequest, RequestKind, RequestState, TaskState, TaskStatus};
 use dsrelay_registry::store::{
     CancelOutcome, Inserted, ListFilter, NewRequest, Store as RegistryStore, TaskUpdate,
     POSTGRES_MIGRATIONS as REG_PG, SQLITE_MIGRATIONS as REG_SQLITE,
-};
-use dsrelay_processor::store::{
-    Accepted, Store as ProcessorStore, Transition, POSTGRES_MIGRATIONS as PROC_PG,
-    SQLITE_MIGRATIONS as PROC_SQLITE,
 };
 use dsrelay_runtime::store::Db;
 
@@ -19,7 +19,9 @@ async fn registry_store(backend: Backend, dir: &std::path::Path) -> Option<Regis
     let db = Db::connect(&url).await.expect("connect");
     db.migrate(&REG_SQLITE, &REG_PG).await.expect("migrate");
     // Migrating twice is a no-op (several replicas start at once).
-    db.migrate(&REG_SQLITE, &REG_PG).await.expect("migrate again");
+    db.migrate(&REG_SQLITE, &REG_PG)
+        .await
+        .expect("migrate again");
     Some(RegistryStore::new(db))
 }
 
@@ -58,9 +60,14 @@ fn ack(request_id: &str, sub: &str, seq: i64, state: TaskState) -> TaskUpdate {
 
 async fn registry_intake_and_idempotency(backend: Backend) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some(store) = registry_store(backend, dir.path()).await else { return };
+    let Some(store) = registry_store(backend, dir.path()).await else {
+        return;
+    };
     let r = new_request("r1", "k1", 1_000, &["p1", "p2"]);
-    assert!(matches!(store.insert_request(&r).await.expect("insert"), Inserted::New));
+    assert!(matches!(
+        store.insert_request(&r).await.expect("insert"),
+        Inserted::New
+    ));
     match store.insert_request(&r).await.expect("again") {
         Inserted::Existing(id) => assert_eq!(id, "r1"),
         other => panic!("{other:?}"),
@@ -75,34 +82,74 @@ async fn registry_intake_and_idempotency(backend: Backend) {
     assert_eq!(row.state(), RequestState::Received);
     assert_eq!(row.body, Some(vec![1, 2, 3]));
     let deliveries = store.deliveries("r1").await.expect("deliveries");
-    assert_eq!(deliveries.len(), 2, "the request and its outbox rows in one transaction");
+    assert_eq!(
+        deliveries.len(),
+        2,
+        "the request and its outbox rows in one transaction"
+    );
     // Nothing routed: complete at once.
-    store.insert_request(&new_request("r3", "k3", 2_000, &[])).await.expect("insert");
-    assert_eq!(store.request("r3").await.expect("get").expect("row").state(), RequestState::Completed);
+    store
+        .insert_request(&new_request("r3", "k3", 2_000, &[]))
+        .await
+        .expect("insert");
+    assert_eq!(
+        store
+            .request("r3")
+            .await
+            .expect("get")
+            .expect("row")
+            .state(),
+        RequestState::Completed
+    );
     assert!(store.request("nope").await.expect("get").is_none());
 }
 
 async fn registry_outbox_claims_leases_and_backoff(backend: Backend) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some(store) = registry_store(backend, dir.path()).await else { return };
-    store.insert_request(&new_request("r1", "k1", 1_000, &["p1", "p2"])).await.expect("insert");
-    let jobs = store.claim_deliveries(5_000, 10, 30_000).await.expect("claim");
+    let Some(store) = registry_store(backend, dir.path()).await else {
+        return;
+    };
+    store
+        .insert_request(&new_request("r1", "k1", 1_000, &["p1", "p2"]))
+        .await
+        .expect("insert");
+    let jobs = store
+        .claim_deliveries(5_000, 10, 30_000)
+        .await
+        .expect("claim");
     assert_eq!(jobs.len(), 2);
     // Leased rows are not handed out again until the lease runs out.
-    assert!(store.claim_deliveries(5_000, 10, 30_000).await.expect("claim").is_empty());
+    assert!(store
+        .claim_deliveries(5_000, 10, 30_000)
+        .await
+        .expect("claim")
+        .is_empty());
     let p1 = jobs.iter().find(|j| j.processor == "p1").expect("p1");
     let p2 = jobs.iter().find(|j| j.processor == "p2").expect("p2");
-    store.delivery_failed(p2, "UNAVAILABLE: down", 9_000, 5_000).await.expect("failed");
+    store
+        .delivery_failed(p2, "UNAVAILABLE: down", 9_000, 5_000)
+        .await
+        .expect("failed");
     let tasks = vec![TaskStatus {
         subprocessor: "s1".into(),
         state: TaskState::Pending as i32,
         sequence: 1,
         ..Default::default()
     }];
-    store.delivery_succeeded(p1, &tasks, 5_000).await.expect("ok");
-    assert_eq!(store.request("r1").await.unwrap().unwrap().state(), RequestState::Dispatched);
+    store
+        .delivery_succeeded(p1, &tasks, 5_000)
+        .await
+        .expect("ok");
+    assert_eq!(
+        store.request("r1").await.unwrap().unwrap().state(),
+        RequestState::Dispatched
+    );
     // The failed one comes back when its next attempt is due, not before.
-    assert!(store.claim_deliveries(8_999, 10, 30_000).await.unwrap().is_empty());
+    assert!(store
+        .claim_deliveries(8_999, 10, 30_000)
+        .await
+        .unwrap()
+        .is_empty());
     let again = store.claim_deliveries(9_000, 10, 30_000).await.unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].processor, "p2");
@@ -112,79 +159,193 @@ async fn registry_outbox_claims_leases_and_backoff(backend: Backend) {
     assert_eq!(p2row.last_error.as_deref(), Some("UNAVAILABLE: down"));
     assert!(p2row.done_at.is_none());
     // An expired lease hands the row out again (a crashed replica's work is not lost).
-    assert_eq!(store.claim_deliveries(9_000 + 30_000, 10, 30_000).await.unwrap().len(), 1);
+    assert_eq!(
+        store
+            .claim_deliveries(9_000 + 30_000, 10, 30_000)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 async fn registry_acknowledgements_fold(backend: Backend) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some(store) = registry_store(backend, dir.path()).await else { return };
-    store.insert_request(&new_request("r1", "k1", 1_000, &["p1"])).await.unwrap();
+    let Some(store) = registry_store(backend, dir.path()).await else {
+        return;
+    };
+    store
+        .insert_request(&new_request("r1", "k1", 1_000, &["p1"]))
+        .await
+        .unwrap();
     // Not routed to p9: refused, nothing applied.
-    let refused = store.apply_acks("p9", &[ack("r1", "s1", 2, TaskState::InProgress)], 2_000).await.unwrap();
+    let refused = store
+        .apply_acks("p9", &[ack("r1", "s1", 2, TaskState::InProgress)], 2_000)
+        .await
+        .unwrap();
     assert_eq!(refused, Err("r1".to_string()));
     // Acknowledgements may arrive before the delivery's answer is recorded, out of order.
     let r = store
-        .apply_acks("p1", &[ack("r1", "s1", 3, TaskState::Completed), ack("r1", "s1", 2, TaskState::InProgress)], 2_000)
+        .apply_acks(
+            "p1",
+            &[
+                ack("r1", "s1", 3, TaskState::Completed),
+                ack("r1", "s1", 2, TaskState::InProgress),
+            ],
+            2_000,
+        )
         .await
         .unwrap();
     assert_eq!(r, Ok((2, 0)));
-    let dup = store.apply_acks("p1", &[ack("r1", "s1", 3, TaskState::Completed)], 2_100).await.unwrap();
+    let dup = store
+        .apply_acks("p1", &[ack("r1", "s1", 3, TaskState::Completed)], 2_100)
+        .await
+        .unwrap();
     assert_eq!(dup, Ok((0, 1)));
     let tasks = store.tasks("r1").await.unwrap();
     assert_eq!(tasks.len(), 1);
-    assert_eq!(tasks[0].state, TaskState::Completed as i32, "the older report did not move it back");
+    assert_eq!(
+        tasks[0].state,
+        TaskState::Completed as i32,
+        "the older report did not move it back"
+    );
     assert_eq!(tasks[0].sequence, 3);
     // The delivery is recorded later: the request completes.
-    let job = store.claim_deliveries(3_000, 10, 1_000).await.unwrap().remove(0);
+    let job = store
+        .claim_deliveries(3_000, 10, 1_000)
+        .await
+        .unwrap()
+        .remove(0);
     store
-        .delivery_succeeded(&job, &[TaskStatus { subprocessor: "s1".into(), state: TaskState::Pending as i32, sequence: 1, ..Default::default() }], 3_000)
+        .delivery_succeeded(
+            &job,
+            &[TaskStatus {
+                subprocessor: "s1".into(),
+                state: TaskState::Pending as i32,
+                sequence: 1,
+                ..Default::default()
+            }],
+            3_000,
+        )
         .await
         .unwrap();
-    assert_eq!(store.tasks("r1").await.unwrap()[0].state, TaskState::Completed as i32);
-    assert_eq!(store.request("r1").await.unwrap().unwrap().state(), RequestState::Completed);
+    assert_eq!(
+        store.tasks("r1").await.unwrap()[0].state,
+        TaskState::Completed as i32
+    );
+    assert_eq!(
+        store.request("r1").await.unwrap().unwrap().state(),
+        RequestState::Completed
+    );
     let events = store.events("r1").await.unwrap();
     assert!(events.windows(2).all(|w| w[0].id < w[1].id));
-    assert_eq!(events.last().unwrap().request_state, RequestState::Completed as i32);
+    assert_eq!(
+        events.last().unwrap().request_state,
+        RequestState::Completed as i32
+    );
 }
 
 async fn registry_list_cancel_extend(backend: Backend) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some(store) = registry_store(backend, dir.path()).await else { return };
+    let Some(store) = registry_store(backend, dir.path()).await else {
+        return;
+    };
     for i in 0..5 {
-        store.insert_request(&new_request(&format!("r{i}"), &format!("k{i}"), 1_000 + i, &["p1"])).await.unwrap();
+        store
+            .insert_request(&new_request(
+                &format!("r{i}"),
+                &format!("k{i}"),
+                1_000 + i,
+                &["p1"],
+            ))
+            .await
+            .unwrap();
     }
     let page = store
-        .list(&ListFilter { limit: 2, ..Default::default() }, 0)
+        .list(
+            &ListFilter {
+                limit: 2,
+                ..Default::default()
+            },
+            0,
+        )
         .await
         .unwrap();
-    assert_eq!(page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["r4", "r3"]);
+    assert_eq!(
+        page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ["r4", "r3"]
+    );
     let next = store
-        .list(&ListFilter { limit: 10, before: Some((1_003, "r3".into())), ..Default::default() }, 0)
+        .list(
+            &ListFilter {
+                limit: 10,
+                before: Some((1_003, "r3".into())),
+                ..Default::default()
+            },
+            0,
+        )
         .await
         .unwrap();
-    assert_eq!(next.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["r2", "r1", "r0"]);
+    assert_eq!(
+        next.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ["r2", "r1", "r0"]
+    );
     // due_at = received + 1000; at 2_002 the first three are overdue.
     let overdue = store
-        .list(&ListFilter { limit: 10, overdue_only: true, ..Default::default() }, 2_002)
+        .list(
+            &ListFilter {
+                limit: 10,
+                overdue_only: true,
+                ..Default::default()
+            },
+            2_002,
+        )
         .await
         .unwrap();
     assert_eq!(overdue.len(), 2, "r0 and r1 are due before 2002");
-    assert!(matches!(store.cancel("r0", "withdrawn", 3_000).await.unwrap(), CancelOutcome::Cancelled));
-    assert!(matches!(store.cancel("r0", "again", 3_000).await.unwrap(), CancelOutcome::NotCancellable(RequestState::Cancelled)));
-    assert!(matches!(store.cancel("zz", "x", 3_000).await.unwrap(), CancelOutcome::NotFound));
+    assert!(matches!(
+        store.cancel("r0", "withdrawn", 3_000).await.unwrap(),
+        CancelOutcome::Cancelled
+    ));
+    assert!(matches!(
+        store.cancel("r0", "again", 3_000).await.unwrap(),
+        CancelOutcome::NotCancellable(RequestState::Cancelled)
+    ));
+    assert!(matches!(
+        store.cancel("zz", "x", 3_000).await.unwrap(),
+        CancelOutcome::NotFound
+    ));
     let mine = store
-        .list(&ListFilter { limit: 10, partner: Some("other".into()), ..Default::default() }, 0)
+        .list(
+            &ListFilter {
+                limit: 10,
+                partner: Some("other".into()),
+                ..Default::default()
+            },
+            0,
+        )
         .await
         .unwrap();
     assert!(mine.is_empty());
     let cancelled = store
-        .list(&ListFilter { limit: 10, states: vec![RequestState::Cancelled as i32], ..Default::default() }, 0)
+        .list(
+            &ListFilter {
+                limit: 10,
+                states: vec![RequestState::Cancelled as i32],
+                ..Default::default()
+            },
+            0,
+        )
         .await
         .unwrap();
     assert_eq!(cancelled.len(), 1);
     // The cancellation is queued for the processor; the undelivered delivery is not sent.
     let jobs = store.claim_deliveries(3_000, 100, 1_000).await.unwrap();
-    let r0: Vec<&str> = jobs.iter().filter(|j| j.request_id == "r0").map(|j| j.op.as_str()).collect();
+    let r0: Vec<&str> = jobs
+        .iter()
+        .filter(|j| j.request_id == "r0")
+        .map(|j| j.op.as_str())
+        .collect();
     assert_eq!(r0, ["cancel"]);
     let row = store.request("r1").await.unwrap().unwrap();
     store.extend(&row, 2, "archives", 3_000).await.unwrap();
@@ -195,7 +356,9 @@ async fn registry_list_cancel_extend(backend: Backend) {
 
 async fn processor_tasks_and_ack_outbox(backend: Backend) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some(store) = processor_store(backend, dir.path()).await else { return };
+    let Some(store) = processor_store(backend, dir.path()).await else {
+        return;
+    };
     let req = DeliverRequest {
         request_id: "r1".into(),
         kind: RequestKind::Erasure as i32,
@@ -203,21 +366,55 @@ async fn processor_tasks_and_ack_outbox(backend: Backend) {
         ..Default::default()
     };
     let subs = vec!["s1".to_string(), "s2".to_string()];
-    let Accepted::New(tasks) = store.accept("c", &req, &subs, 1_000).await.unwrap() else { panic!("new") };
+    let Accepted::New(tasks) = store.accept("c", &req, &subs, 1_000).await.unwrap() else {
+        panic!("new")
+    };
     assert_eq!(tasks.len(), 2);
-    assert!(matches!(store.accept("c", &req, &subs, 1_001).await.unwrap(), Accepted::Duplicate(t) if t.len() == 2));
+    assert!(
+        matches!(store.accept("c", &req, &subs, 1_001).await.unwrap(), Accepted::Duplicate(t) if t.len() == 2)
+    );
     // The same request id from another controller is another request.
-    assert!(matches!(store.accept("c2", &req, &subs[..1], 1_001).await.unwrap(), Accepted::New(_)));
+    assert!(matches!(
+        store.accept("c2", &req, &subs[..1], 1_001).await.unwrap(),
+        Accepted::New(_)
+    ));
 
     let jobs = store.claim_tasks(2_000, 10, 5_000).await.unwrap();
     assert_eq!(jobs.len(), 3);
-    assert!(jobs.iter().all(|j| j.task.attempts == 1 && j.request.is_some()));
-    assert!(store.claim_tasks(2_000, 10, 5_000).await.unwrap().is_empty(), "leased");
-    let j = jobs.iter().find(|j| j.task.key.controller == "c" && j.task.key.subprocessor == "s1").unwrap();
-    let started = Transition { state: TaskState::InProgress as i32, ..Default::default() };
-    assert_eq!(store.transition(&j.task.key, 1, &started, 2_000, 1).await.unwrap(), Some(2));
+    assert!(jobs
+        .iter()
+        .all(|j| j.task.attempts == 1 && j.request.is_some()));
+    assert!(
+        store
+            .claim_tasks(2_000, 10, 5_000)
+            .await
+            .unwrap()
+            .is_empty(),
+        "leased"
+    );
+    let j = jobs
+        .iter()
+        .find(|j| j.task.key.controller == "c" && j.task.key.subprocessor == "s1")
+        .unwrap();
+    let started = Transition {
+        state: TaskState::InProgress as i32,
+        ..Default::default()
+    };
+    assert_eq!(
+        store
+            .transition(&j.task.key, 1, &started, 2_000, 1)
+            .await
+            .unwrap(),
+        Some(2)
+    );
     // A stale writer (expected sequence 1 again) loses.
-    assert_eq!(store.transition(&j.task.key, 1, &started, 2_000, 1).await.unwrap(), None);
+    assert_eq!(
+        store
+            .transition(&j.task.key, 1, &started, 2_000, 1)
+            .await
+            .unwrap(),
+        None
+    );
     // Cancelling finishes the open tasks of that controller's request only.
     let after = store.cancel("c", "r1", "withdrawn", 2_500).await.unwrap();
     assert!(after.iter().all(|t| t.state == TaskState::Cancelled));
@@ -225,20 +422,46 @@ async fn processor_tasks_and_ack_outbox(backend: Backend) {
     assert_eq!(other[0].state, TaskState::Pending);
     // A cancellation for an unknown request leaves a tombstone: a later delivery makes no tasks.
     store.cancel("c", "r9", "early", 2_500).await.unwrap();
-    let late = DeliverRequest { request_id: "r9".into(), ..req.clone() };
-    assert!(matches!(store.accept("c", &late, &subs, 2_600).await.unwrap(), Accepted::Duplicate(t) if t.is_empty()));
+    let late = DeliverRequest {
+        request_id: "r9".into(),
+        ..req.clone()
+    };
+    assert!(
+        matches!(store.accept("c", &late, &subs, 2_600).await.unwrap(), Accepted::Duplicate(t) if t.is_empty())
+    );
 
     let acks = store.claim_acks(3_000, 100, 5_000).await.unwrap();
     // s1: IN_PROGRESS (2) and CANCELLED (3); s2: CANCELLED (2).
-    let mut seen: Vec<(String, u64)> = acks.iter().map(|a| (a.ack.subprocessor.clone(), a.ack.sequence)).collect();
+    let mut seen: Vec<(String, u64)> = acks
+        .iter()
+        .map(|a| (a.ack.subprocessor.clone(), a.ack.sequence))
+        .collect();
     seen.sort();
-    assert_eq!(seen, [("s1".to_string(), 2), ("s1".to_string(), 3), ("s2".to_string(), 2)]);
-    assert!(store.claim_acks(3_000, 100, 5_000).await.unwrap().is_empty(), "leased");
+    assert_eq!(
+        seen,
+        [
+            ("s1".to_string(), 2),
+            ("s1".to_string(), 3),
+            ("s2".to_string(), 2)
+        ]
+    );
+    assert!(
+        store
+            .claim_acks(3_000, 100, 5_000)
+            .await
+            .unwrap()
+            .is_empty(),
+        "leased"
+    );
     let (first, rest) = acks.split_first().unwrap();
     store.acks_sent(&[first.id], 3_100).await.unwrap();
     let retry: Vec<(i64, i64)> = rest.iter().map(|a| (a.id, 4_000)).collect();
     store.acks_failed(&retry, "UNAVAILABLE").await.unwrap();
-    assert!(store.claim_acks(3_999, 100, 5_000).await.unwrap().is_empty());
+    assert!(store
+        .claim_acks(3_999, 100, 5_000)
+        .await
+        .unwrap()
+        .is_empty());
     let again = store.claim_acks(4_000, 100, 5_000).await.unwrap();
     assert_eq!(again.len(), rest.len());
     assert!(again.iter().all(|a| a.attempts == 1));

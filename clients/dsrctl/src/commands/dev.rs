@@ -9,7 +9,9 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use dsrelay_connectors::sql::{create_sample_accounting_db, sample_config};
-use dsrelay_processor::config::{ConnectorConfig, ControllerConfig, NoopConfig, SubprocessorConfig};
+use dsrelay_processor::config::{
+    ConnectorConfig, ControllerConfig, NoopConfig, SubprocessorConfig,
+};
 use dsrelay_registry::config::{IdentityRole, ProcessorConfig, Role};
 use dsrelay_runtime::pki::{dev_identity, DevPki};
 
@@ -30,7 +32,10 @@ fn registry_config(dir: &Path, port: u16, processor_port: u16) -> dsrelay_regist
     dsrelay_registry::Config {
         listen: format!("127.0.0.1:{port}"),
         database_url: format!("sqlite://{}/registry.db", dir.display()),
-        tls: DevPki { dir: dir.join("pki") }.files("registry"),
+        tls: DevPki {
+            dir: dir.join("pki"),
+        }
+        .files("registry"),
         identities: vec![
             identity("partner", "crm", Role::Partner),
             identity("partner", "webform", Role::Partner),
@@ -53,7 +58,10 @@ fn processor_config(dir: &Path, port: u16, registry_port: u16) -> dsrelay_proces
     dsrelay_processor::Config {
         listen: format!("127.0.0.1:{port}"),
         database_url: format!("sqlite://{}/processor.db", dir.display()),
-        tls: DevPki { dir: dir.join("pki") }.files("processor"),
+        tls: DevPki {
+            dir: dir.join("pki"),
+        }
+        .files("processor"),
         controllers: vec![ControllerConfig {
             name: "controller".into(),
             identity: dev_identity("registry", "controller"),
@@ -91,7 +99,11 @@ fn write_if_missing<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
 }
 
 /// Prepares the folder and runs both services until Ctrl-C.
-pub(crate) async fn up(args: &DevUpArgs, env: &Environment, io: &mut Io<'_>) -> Result<u8, Failure> {
+pub(crate) async fn up(
+    args: &DevUpArgs,
+    env: &Environment,
+    io: &mut Io<'_>,
+) -> Result<u8, Failure> {
     dsrelay_runtime::telemetry::init(false);
     let dir = env.cwd().join(&args.dir);
     std::fs::create_dir_all(&dir)
@@ -103,8 +115,14 @@ pub(crate) async fn up(args: &DevUpArgs, env: &Environment, io: &mut Io<'_>) -> 
         create_sample_accounting_db(&format!("sqlite://{}/accounting.db", dir.display())).await?;
         let registry_file = dir.join("registry.toml");
         let processor_file = dir.join("processor.toml");
-        write_if_missing(&registry_file, &registry_config(&dir, args.registry_port, args.processor_port))?;
-        write_if_missing(&processor_file, &processor_config(&dir, args.processor_port, args.registry_port))?;
+        write_if_missing(
+            &registry_file,
+            &registry_config(&dir, args.registry_port, args.processor_port),
+        )?;
+        write_if_missing(
+            &processor_file,
+            &processor_config(&dir, args.processor_port, args.registry_port),
+        )?;
         let registry = dsrelay_registry::Config::load(Some(&registry_file))?;
         let processor = dsrelay_processor::Config::load(Some(&processor_file))?;
         anyhow::Ok((registry, processor))
@@ -119,14 +137,19 @@ pub(crate) async fn up(args: &DevUpArgs, env: &Environment, io: &mut Io<'_>) -> 
         .with_context(|| format!("binding the processor to {}", processor.listen))
         .map_err(Failure::Setup)?;
     let registry_endpoint = format!("https://localhost:{}", args.registry_port);
-    let registry_app = dsrelay_registry::App::build(registry).await.map_err(Failure::Setup)?;
-    let processor_app = dsrelay_processor::App::build(processor).await.map_err(Failure::Setup)?;
+    let registry_app = dsrelay_registry::App::build(registry)
+        .await
+        .map_err(Failure::Setup)?;
+    let processor_app = dsrelay_processor::App::build(processor)
+        .await
+        .map_err(Failure::Setup)?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let processor_task = tokio::spawn(processor_app.run(processor_listener, stopped(stop_rx.clone())));
+    let processor_task =
+        tokio::spawn(processor_app.run(processor_listener, stopped(stop_rx.clone())));
     let registry_task = tokio::spawn(registry_app.run(registry_listener, stopped(stop_rx)));
 
     let d = dir.display();
@@ -164,11 +187,18 @@ pub(crate) async fn up(args: &DevUpArgs, env: &Environment, io: &mut Io<'_>) -> 
         Some(p) => p,
         None => processor_task.await,
     };
-    for (name, result) in [("registry", registry_result), ("processor", processor_result)] {
+    for (name, result) in [
+        ("registry", registry_result),
+        ("processor", processor_result),
+    ] {
         match result {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(Failure::Setup(e.context(format!("the {name} failed")))),
-            Err(e) => return Err(Failure::Setup(anyhow::anyhow!("the {name} task failed: {e}"))),
+            Err(e) => {
+                return Err(Failure::Setup(anyhow::anyhow!(
+                    "the {name} task failed: {e}"
+                )))
+            }
         }
     }
     Ok(0)
