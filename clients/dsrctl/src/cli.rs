@@ -99,11 +99,86 @@ pub enum Command {
     /// Development PKI.
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// Show the processing chain: every processor and its subprocessors, with countries and
+    /// transfer mechanisms, as the processors last reported them.
+    Chain,
+    /// Tasks at a processor that wait for an operator (manual connectors). These commands
+    /// talk to the processor, not the registry.
+    #[command(subcommand)]
+    Tasks(TasksCommand),
     /// Run the whole service pair on this machine for development.
     #[command(subcommand)]
     Dev(DevCommand),
     // New subcommands go here, with their arm in `commands::dispatch`; a subcommand that
     // needs no registry connection must not call `settings::resolve`.
+}
+
+/// Where the processor is, for `dsrctl tasks`.
+#[derive(Debug, Clone, Args)]
+pub struct ProcessorArgs {
+    /// The processor's endpoint.
+    #[arg(long, default_value = "https://127.0.0.1:50061", value_name = "URL")]
+    pub processor: String,
+    /// The identity the processor's certificate must carry [default with the development PKI:
+    /// spiffe://dsrelay.dev/processor/payroll-bureau].
+    #[arg(long, value_name = "URI")]
+    pub processor_identity: Option<String>,
+}
+
+/// Names one task at a processor.
+#[derive(Debug, Clone, Args)]
+pub struct TaskRefArgs {
+    /// The controller, as the processor names it.
+    pub controller: String,
+    /// The request id.
+    pub request_id: String,
+    /// The subprocessor.
+    pub subprocessor: String,
+}
+
+/// `dsrctl tasks ...`.
+#[derive(Debug, Subcommand)]
+pub enum TasksCommand {
+    /// List tasks waiting for an operator, oldest first (with the subject's identities, which
+    /// the operator needs to find the records).
+    List {
+        /// Where the processor is.
+        #[command(flatten)]
+        processor: ProcessorArgs,
+        /// Only this subprocessor's tasks.
+        #[arg(long)]
+        subprocessor: Option<String>,
+    },
+    /// Confirm a task done, with evidence.
+    Complete {
+        /// Where the processor is.
+        #[command(flatten)]
+        processor: ProcessorArgs,
+        /// Which task.
+        #[command(flatten)]
+        task: TaskRefArgs,
+        /// What was done, as proof (must not contain the subject's identities).
+        #[arg(long)]
+        evidence: String,
+        /// How many records were erased or changed.
+        #[arg(long, default_value_t = 0)]
+        records: i64,
+        /// The holder had no data on the subject.
+        #[arg(long)]
+        not_found: bool,
+    },
+    /// Refuse a task, with the reason.
+    Refuse {
+        /// Where the processor is.
+        #[command(flatten)]
+        processor: ProcessorArgs,
+        /// Which task.
+        #[command(flatten)]
+        task: TaskRefArgs,
+        /// Why.
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 /// `dsrctl dev ...`.

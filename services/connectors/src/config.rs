@@ -4,6 +4,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::adapter::{AdapterConfig, AdapterConnector};
+use crate::mailchimp::{MailchimpConfig, MailchimpConnector};
+use crate::manual::{ManualConfig, ManualConnector};
 use crate::noop::{NoopConfig, NoopConnector};
 use crate::sql::{SqlConnector, SqlConnectorConfig};
 use crate::Connector;
@@ -16,6 +19,12 @@ pub enum ConnectorConfig {
     Sql(SqlConnectorConfig),
     /// Holds nothing and confirms every task after `delay_ms`.
     Noop(NoopConfig),
+    /// A person does the work and confirms it through the processor's operator API.
+    Manual(ManualConfig),
+    /// An external adapter reached over mutual TLS through the SubprocessorAdapter API.
+    Adapter(AdapterConfig),
+    /// A Mailchimp audience, reached through the Marketing API v3.
+    Mailchimp(MailchimpConfig),
 }
 
 impl ConnectorConfig {
@@ -23,7 +32,9 @@ impl ConnectorConfig {
     pub fn validate(&self) -> Vec<String> {
         match self {
             Self::Sql(c) => c.validate(),
-            Self::Noop(_) => Vec::new(),
+            Self::Noop(_) | Self::Manual(_) => Vec::new(),
+            Self::Adapter(c) => c.validate(),
+            Self::Mailchimp(c) => c.validate(),
         }
     }
 }
@@ -33,5 +44,8 @@ pub async fn build(config: &ConnectorConfig) -> anyhow::Result<Arc<dyn Connector
     Ok(match config {
         ConnectorConfig::Sql(c) => Arc::new(SqlConnector::connect(c.clone()).await?),
         ConnectorConfig::Noop(c) => Arc::new(NoopConnector::new(c)),
+        ConnectorConfig::Manual(c) => Arc::new(ManualConnector::new(c)),
+        ConnectorConfig::Adapter(c) => Arc::new(AdapterConnector::connect(c)?),
+        ConnectorConfig::Mailchimp(c) => Arc::new(MailchimpConnector::new(c.clone())?),
     })
 }

@@ -10,7 +10,11 @@
 //!
 //! # Layout
 //! - [`sql`]: accounting/ERP databases (SQLite, PostgreSQL) by declarative table rules.
+//! - [`mailchimp`]: mail-marketing audiences through the Mailchimp Marketing API v3.
 //! - [`noop`]: holds nothing; confirms after a delay (benchmarks, smoke tests).
+//! - [`manual`]: an operator does the work and confirms it (systems without an API).
+//! - [`adapter`]: an external adapter (any language) over mutual TLS via the
+//!   SubprocessorAdapter API.
 //! - [`config`]: the tagged configuration of every connector and [`config::build`].
 
 use std::future::Future;
@@ -18,7 +22,10 @@ use std::pin::Pin;
 
 use dsrelay_proto::v1::{RequestKind, RequestParameters, SubjectIdentity};
 
+pub mod adapter;
 pub mod config;
+pub mod mailchimp;
+pub mod manual;
 pub mod noop;
 pub mod sql;
 

@@ -1,11 +1,13 @@
-//! The processor's gRPC handlers: Deliver, Cancel and GetStatus, for configured controllers.
+//! The processor's gRPC handlers for configured controllers: Deliver, Cancel, GetStatus and
+//! ListSubprocessors.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use dsrelay_proto::v1::processor_service_server::ProcessorService;
 use dsrelay_proto::v1::{
-    CancelDeliveryRequest, DeliverRequest, DeliverResponse, GetStatusRequest, RequestKind, TaskList,
+    CancelDeliveryRequest, DeliverRequest, DeliverResponse, GetStatusRequest,
+    ListSubprocessorsRequest, RequestKind, Subprocessor, SubprocessorList, TaskList,
 };
 use dsrelay_runtime::identity::validate_identities;
 use tonic::{Request, Response, Status};
@@ -161,6 +163,39 @@ impl ProcessorService for Api {
             request_id: r.request_id,
             tasks: tasks.iter().map(|t| t.to_status()).collect(),
         }))
+    }
+
+    async fn list_subprocessors(
+        &self,
+        req: Request<ListSubprocessorsRequest>,
+    ) -> Result<Response<SubprocessorList>, Status> {
+        self.controller(&req)?;
+        let kinds: Vec<RequestKind> = (1..=6)
+            .filter_map(|k| RequestKind::try_from(k).ok())
+            .collect();
+        let subprocessors = self
+            .shared
+            .config
+            .subprocessors
+            .iter()
+            .map(|s| {
+                let connector = self.shared.connectors.get(&s.name);
+                Subprocessor {
+                    name: s.name.clone(),
+                    country: s.country.clone(),
+                    transfer_mechanism: s.transfer_mechanism.to_proto() as i32,
+                    data_categories: s.categories.clone(),
+                    connector: connector.map(|c| c.kind_name()).unwrap_or("").to_string(),
+                    supported_kinds: kinds
+                        .iter()
+                        .filter(|k| connector.is_some_and(|c| c.supports(**k)))
+                        .map(|k| *k as i32)
+                        .collect(),
+                    description: s.description.clone(),
+                }
+            })
+            .collect();
+        Ok(Response::new(SubprocessorList { subprocessors }))
     }
 
     async fn get_status(

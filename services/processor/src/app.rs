@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use dsrelay_connectors::Connector;
 use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceClient;
+use dsrelay_proto::v1::processor_operator_service_server::ProcessorOperatorServiceServer;
 use dsrelay_proto::v1::processor_service_server::ProcessorServiceServer;
 use dsrelay_runtime::clock::Clock;
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
@@ -18,6 +19,7 @@ use tonic::transport::Channel;
 
 use crate::api::Api;
 use crate::config::Config;
+use crate::operator_api::OperatorApi;
 use crate::store::{Store, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
 
 /// State shared by the handlers and the workers.
@@ -36,6 +38,9 @@ pub struct Shared {
     pub task_wakeup: Notify,
     /// Wakes the acknowledgement sender when acknowledgements were queued.
     pub ack_wakeup: Notify,
+    /// Subprocessors that failed transiently, and until when (ms) their tasks wait without
+    /// calling them: one unreachable holder costs one timeout, not one per task.
+    pub unavailable_until: std::sync::Mutex<HashMap<String, i64>>,
 }
 
 /// A processor ready to serve.
@@ -84,6 +89,7 @@ impl App {
                 registries,
                 task_wakeup: Notify::new(),
                 ack_wakeup: Notify::new(),
+                unavailable_until: Default::default(),
             }),
         })
     }
@@ -107,10 +113,16 @@ impl App {
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<ProcessorServiceServer<Api>>().await;
+        health
+            .set_serving::<ProcessorOperatorServiceServer<OperatorApi>>()
+            .await;
         let router = dsrelay_runtime::server::builder(shared.config.tls.server_config()?)?
             .add_service(health_service)
             .add_service(dsrelay_runtime::server::reflection()?)
             .add_service(dsrelay_runtime::server::reflection_v1alpha()?)
+            .add_service(ProcessorOperatorServiceServer::new(OperatorApi::new(
+                shared.clone(),
+            )))
             .add_service(
                 ProcessorServiceServer::new(Api::new(shared.clone()))
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -31,6 +31,9 @@ pub struct Config {
     /// The systems holding the data, one task each per request.
     #[serde(default)]
     pub subprocessors: Vec<SubprocessorConfig>,
+    /// Certificate identities of the people who may confirm manual tasks.
+    #[serde(default)]
+    pub operators: Vec<String>,
     /// How tasks are run and retried.
     #[serde(default)]
     pub tasks: TaskConfig,
@@ -64,12 +67,53 @@ pub struct SubprocessorConfig {
     /// The data categories it holds; a request whose scope names none of them gets no task
     /// here.
     pub categories: Vec<String>,
-    /// Where it is (ISO 3166 country code), for the published subprocessor list.
+    /// Where the data is processed (ISO 3166-1 alpha-2, e.g. "FI"), for the published
+    /// subprocessor list.
     #[serde(default)]
     pub country: String,
+    /// The safeguard for transfers outside the EU/EEA; `none` inside it.
+    #[serde(default)]
+    pub transfer_mechanism: TransferMechanismConfig,
+    /// A human description for the published list.
+    #[serde(default)]
+    pub description: String,
     /// The connector that does the work.
     pub connector: ConnectorConfig,
 }
+
+/// How personal data may leave the EU/EEA (GDPR chapter V).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferMechanismConfig {
+    /// The data stays in the EU/EEA.
+    #[default]
+    None,
+    /// An adequacy decision (art. 45).
+    AdequacyDecision,
+    /// Standard contractual clauses (art. 46(2)(c)).
+    StandardContractualClauses,
+    /// Binding corporate rules (art. 47).
+    BindingCorporateRules,
+}
+
+impl TransferMechanismConfig {
+    /// The wire enum.
+    pub fn to_proto(self) -> dsrelay_proto::v1::TransferMechanism {
+        use dsrelay_proto::v1::TransferMechanism as T;
+        match self {
+            Self::None => T::None,
+            Self::AdequacyDecision => T::AdequacyDecision,
+            Self::StandardContractualClauses => T::StandardContractualClauses,
+            Self::BindingCorporateRules => T::BindingCorporateRules,
+        }
+    }
+}
+
+/// EU and EEA member states (ISO 3166-1 alpha-2): data processed here is not transferred.
+pub const EU_EEA: &[&str] = &[
+    "AT", "BE", "BG", "HR", "CY", "CZ", "DK", "EE", "FI", "FR", "DE", "GR", "HU", "IE", "IT", "LV",
+    "LT", "LU", "MT", "NL", "PL", "PT", "RO", "SK", "SI", "ES", "SE", "IS", "LI", "NO",
+];
 
 /// Task runner settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -145,6 +189,12 @@ impl Config {
         let mut config: Self = dsrelay_runtime::config::load(file, ENV_PREFIX, std::env::vars())?;
         if let Some(dir) = file.and_then(Path::parent) {
             config.tls = config.tls.relative_to(dir);
+            // Connectors with their own TLS files resolve them like the service's.
+            for s in &mut config.subprocessors {
+                if let ConnectorConfig::Adapter(a) = &mut s.connector {
+                    a.tls = a.tls.clone().relative_to(dir);
+                }
+            }
         }
         config.validate()?;
         Ok(config)
@@ -183,6 +233,25 @@ impl Config {
                 errors.push(format!(
                     "subprocessors[{i}].categories: list the data categories {} holds",
                     s.name
+                ));
+            }
+            let country_ok =
+                s.country.len() == 2 && s.country.bytes().all(|b| b.is_ascii_uppercase());
+            if !s.country.is_empty() && !country_ok {
+                errors.push(format!(
+                    "subprocessors[{i}].country: {:?} is not an ISO 3166-1 alpha-2 code like \"FI\"",
+                    s.country
+                ));
+            }
+            if country_ok
+                && !EU_EEA.contains(&s.country.as_str())
+                && s.transfer_mechanism == TransferMechanismConfig::None
+            {
+                errors.push(format!(
+                    "subprocessors[{i}].transfer_mechanism: {} is outside the EU/EEA; name the \
+                     safeguard (adequacy_decision, standard_contractual_clauses or \
+                     binding_corporate_rules)",
+                    s.country
                 ));
             }
             for e in s.connector.validate() {

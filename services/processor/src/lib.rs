@@ -5,7 +5,8 @@
 //! # Layout
 //! - [`config`]: controllers, subprocessors and their connectors, worker settings.
 //! - [`app`]: [`App::build`] and [`App::run`].
-//! - [`api`]: Deliver, Cancel and GetStatus.
+//! - [`api`]: Deliver, Cancel, GetStatus and ListSubprocessors, for controllers.
+//! - [`operator_api`]: operators list, confirm and refuse manual tasks.
 //! - [`store`]: requests, tasks and the acknowledgement outbox.
 //! - [`runner`]: claims runnable tasks and moves them through their states by running
 //!   their subprocessors' connectors (`dsrelay-connectors`).
@@ -15,6 +16,7 @@ pub mod ack_sender;
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod operator_api;
 pub mod runner;
 pub mod store;
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dsrelay_proto::v1::TaskState;
-use futures::StreamExt;
+use dsrelay_runtime::worker::{run_pool, PoolSettings};
 use tokio::sync::watch;
 
 use dsrelay_connectors::{kind_label, Outcome, Phase, Task};
@@ -19,48 +19,44 @@ use crate::app::Shared;
 use crate::store::{TaskJob, Transition, NEVER};
 
 /// Runs until `stop` turns true.
-pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+pub async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
     let cfg = shared.config.tasks.clone();
-    loop {
-        if *stop.borrow() {
-            return;
-        }
-        let jobs = match shared
-            .store
-            .claim_tasks(
-                shared.clock.now_ms(),
-                i64::from(cfg.batch_size),
-                cfg.lease_ms as i64,
-            )
-            .await
-        {
-            Ok(j) => j,
-            Err(e) => {
-                tracing::error!(error = format!("{e:#}"), "claiming tasks failed");
-                Vec::new()
+    let settings = PoolSettings {
+        concurrency: cfg.concurrency,
+        batch: cfg.batch_size as usize,
+        poll: Duration::from_millis(cfg.poll_interval_ms),
+    };
+    let claimer = shared.clone();
+    let runner = shared.clone();
+    run_pool(
+        settings,
+        &shared.task_wakeup,
+        stop,
+        Duration::from_secs(10),
+        move |n| {
+            let shared = claimer.clone();
+            async move {
+                shared
+                    .store
+                    .claim_tasks(shared.clock.now_ms(), n as i64, cfg.lease_ms as i64)
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::error!(error = format!("{e:#}"), "claiming tasks failed");
+                        Vec::new()
+                    })
             }
-        };
-        let full = jobs.len() == cfg.batch_size as usize;
-        futures::stream::iter(jobs)
-            .for_each_concurrent(cfg.concurrency, |job| {
-                let shared = shared.clone();
-                async move {
-                    if let Err(e) = run_task(&shared, job).await {
-                        // The lease runs out and the task is picked up again.
-                        tracing::error!(error = format!("{e:#}"), "task step failed");
-                    }
+        },
+        move |job| {
+            let shared = runner.clone();
+            async move {
+                if let Err(e) = run_task(&shared, job).await {
+                    // The lease runs out and the task is picked up again.
+                    tracing::error!(error = format!("{e:#}"), "task step failed");
                 }
-            })
-            .await;
-        if full {
-            continue;
-        }
-        tokio::select! {
-            _ = stop.changed() => {}
-            _ = shared.task_wakeup.notified() => {}
-            _ = tokio::time::sleep(Duration::from_millis(cfg.poll_interval_ms)) => {}
-        }
-    }
+            }
+        },
+    )
+    .await;
 }
 
 fn failed(reason: String) -> Transition {
@@ -136,6 +132,28 @@ async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
         (TaskState::Retained, _) => Phase::RetentionExpired,
         _ => return Ok(()),
     };
+    // While a holder is known to be unreachable its tasks wait without calling it.
+    let now = clock.now_ms();
+    let open_until = shared
+        .unavailable_until
+        .lock()
+        .ok()
+        .and_then(|m| m.get(&key.subprocessor).copied());
+    // A request's due date bounds its retries; retained data past its date is erased
+    // however long the holder takes to come back.
+    let may_retry = |now: i64| now < job.due_at || phase == Phase::RetentionExpired;
+    if let Some(until) = open_until.filter(|u| *u > now) {
+        if may_retry(now) {
+            let note = format!("subprocessor {} is unreachable; waiting", key.subprocessor);
+            let next = if phase == Phase::RetentionExpired {
+                until
+            } else {
+                until.min(job.due_at)
+            };
+            store.retry_later(key, seq, &note, next).await?;
+            return Ok(());
+        }
+    }
     let task = Task {
         task_id: format!("{}/{}/{}", key.controller, key.request_id, key.subprocessor),
         request_id: key.request_id.clone(),
@@ -151,8 +169,42 @@ async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
         now_ms: clock.now_ms(),
         phase: phase.clone(),
     };
-    let outcome = connector.run(&task).await;
+    // Renew the lease while the holder works, so a slow holder is not run twice by another
+    // replica (or by this one, on its next claim).
+    let lease_ms = shared.config.tasks.lease_ms as i64;
+    let renew = async {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(
+                (lease_ms / 3).max(1) as u64
+            ))
+            .await;
+            if let Err(e) = store
+                .extend_lease(key, seq, clock.now_ms() + lease_ms)
+                .await
+            {
+                tracing::warn!(error = format!("{e:#}"), "renewing a task lease failed");
+            }
+        }
+    };
+    let outcome = tokio::select! {
+        o = connector.run(&task) => o,
+        () = renew => Err(dsrelay_connectors::ConnectorError::Transient(
+            "lease renewal stopped".into(),
+        )),
+    };
+    // A retained task's evidence counts every run, not only the last.
+    let earlier = if phase == Phase::RetentionExpired {
+        job.task.records_affected
+    } else {
+        0
+    };
     let now = clock.now_ms();
+    if outcome.is_ok() {
+        // It answered: it is reachable again.
+        if let Ok(mut m) = shared.unavailable_until.lock() {
+            m.remove(&key.subprocessor);
+        }
+    }
     let t = match outcome {
         Ok(Outcome::Completed {
             records_affected,
@@ -160,7 +212,7 @@ async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
             export,
         }) => Transition {
             state: TaskState::Completed as i32,
-            records_affected,
+            records_affected: earlier + records_affected,
             confirmed: true,
             note,
             export_json: export.map(|e| e.to_string()),
@@ -179,7 +231,7 @@ async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
             note,
         }) => Transition {
             state: TaskState::Retained as i32,
-            records_affected,
+            records_affected: earlier + records_affected,
             confirmed: true,
             note,
             legal_basis,
@@ -215,7 +267,7 @@ async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
             reason,
             ..Default::default()
         },
-        Err(e) if e.is_transient() && now < job.due_at => {
+        Err(e) if e.is_transient() && may_retry(now) => {
             let backoff = shared
                 .config
                 .tasks

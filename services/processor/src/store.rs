@@ -110,6 +110,17 @@ pub struct TaskJob {
     pub due_at: i64,
 }
 
+/// A task waiting for an operator, with its request.
+#[derive(Debug, Clone)]
+pub struct ManualRow {
+    /// The task.
+    pub task: TaskRow,
+    /// The request as delivered.
+    pub request: Option<DeliverRequest>,
+    /// The request's due date (ms).
+    pub due_at: i64,
+}
+
 /// A claimed acknowledgement.
 #[derive(Debug, Clone)]
 pub struct AckJob {
@@ -408,6 +419,66 @@ impl Store {
         Ok(())
     }
 
+    /// Tasks waiting for an operator, oldest first.
+    pub async fn manual_tasks(
+        &self,
+        subprocessor: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<ManualRow>> {
+        let rows = sqlx::query(
+            "SELECT t.controller, t.request_id, t.subprocessor, t.state, t.sequence, t.attempts, \
+             t.records_affected, t.confirmed, t.note, t.reason, t.legal_basis, t.retain_until, \
+             t.updated_at, t.handle, r.body, r.due_at FROM tasks t JOIN requests r \
+             ON r.controller = t.controller AND r.request_id = t.request_id \
+             WHERE t.state = $1 AND ($2 = '' OR t.subprocessor = $2) \
+             ORDER BY t.updated_at LIMIT $3",
+        )
+        .bind(TaskState::WaitingForOperator as i64)
+        .bind(subprocessor.unwrap_or(""))
+        .bind(limit)
+        .fetch_all(&self.db.pool)
+        .await?;
+        rows.iter().map(manual_row).collect()
+    }
+
+    /// One task with its request, for the operator API.
+    pub async fn manual_task(&self, key: &TaskKey) -> Result<Option<ManualRow>> {
+        let row = sqlx::query(
+            "SELECT t.controller, t.request_id, t.subprocessor, t.state, t.sequence, t.attempts, \
+             t.records_affected, t.confirmed, t.note, t.reason, t.legal_basis, t.retain_until, \
+             t.updated_at, t.handle, r.body, r.due_at FROM tasks t JOIN requests r \
+             ON r.controller = t.controller AND r.request_id = t.request_id \
+             WHERE t.controller = $1 AND t.request_id = $2 AND t.subprocessor = $3",
+        )
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .fetch_optional(&self.db.pool)
+        .await?;
+        row.as_ref().map(manual_row).transpose()
+    }
+
+    /// Keeps a claimed task reserved while its connector runs longer than one lease.
+    pub async fn extend_lease(
+        &self,
+        key: &TaskKey,
+        expected_sequence: i64,
+        until: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE tasks SET lease_until = $1 WHERE controller = $2 AND request_id = $3 \
+             AND subprocessor = $4 AND sequence = $5 AND lease_until > 0",
+        )
+        .bind(until)
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .bind(expected_sequence)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Looks at a task again at `next_at` without changing its state (a holder that has not
     /// confirmed yet). Nothing is acknowledged: nothing changed.
     pub async fn reschedule(
@@ -493,6 +564,15 @@ impl Store {
         tx.commit().await?;
         Ok(())
     }
+}
+
+fn manual_row(r: &AnyRow) -> Result<ManualRow> {
+    let body: Option<Vec<u8>> = r.try_get("body")?;
+    Ok(ManualRow {
+        task: TaskRow::from_row(r)?,
+        request: body.and_then(|b| DeliverRequest::decode(b.as_slice()).ok()),
+        due_at: r.try_get("due_at")?,
+    })
 }
 
 async fn transition(

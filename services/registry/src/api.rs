@@ -7,9 +7,10 @@ use std::time::Duration;
 use dsrelay_proto::v1::acknowledgement_service_server::AcknowledgementService;
 use dsrelay_proto::v1::request_service_server::RequestService;
 use dsrelay_proto::v1::{
-    AcknowledgeRequest, AcknowledgeResponse, CancelRequest, Delivery, DeliveryState,
-    ExtendDeadlineRequest, GetRequest, ListRequestsRequest, ListRequestsResponse, Request,
-    RequestEvent, RequestKind, RequestState, SubmitRequest, SubmitResponse, WatchRequest,
+    AcknowledgeRequest, AcknowledgeResponse, CancelRequest, Chain, ChainProcessor, Delivery,
+    DeliveryState, ExtendDeadlineRequest, GetChainRequest, GetRequest, ListRequestsRequest,
+    ListRequestsResponse, Request, RequestEvent, RequestKind, RequestState, SubmitRequest,
+    SubmitResponse, SubprocessorList, WatchRequest,
 };
 use dsrelay_proto::{prost::Message, timestamp_from_millis};
 use dsrelay_runtime::identity::{keyed_hash, FieldViolation};
@@ -485,6 +486,37 @@ impl RequestService for Api {
         }
         let row = self.visible(&caller, &row.id).await?;
         Ok(Response::new(self.view(row).await?))
+    }
+
+    async fn get_chain(
+        &self,
+        req: tonic::Request<GetChainRequest>,
+    ) -> Result<Response<Chain>, Status> {
+        self.partner_api_caller(&req)?;
+        let mut processors = Vec::new();
+        for p in &self.shared.config.processors {
+            let row = self
+                .shared
+                .store
+                .chain(&p.name)
+                .await
+                .map_err(ApiError::from)?;
+            let subprocessors = row
+                .subprocessors
+                .as_deref()
+                .and_then(|b| SubprocessorList::decode(b).ok())
+                .map(|l| l.subprocessors)
+                .unwrap_or_default();
+            processors.push(ChainProcessor {
+                name: p.name.clone(),
+                endpoint: p.endpoint.clone(),
+                data_categories: p.categories.clone(),
+                subprocessors,
+                reported_at: row.reported_at.map(timestamp_from_millis),
+                last_error: row.last_error.unwrap_or_default(),
+            });
+        }
+        Ok(Response::new(Chain { processors }))
     }
 
     async fn extend_deadline(

@@ -107,7 +107,8 @@ impl App {
         let shared = self.shared;
         let (stop_tx, stop_rx) = watch::channel(false);
         let dispatcher = tokio::spawn(crate::dispatcher::run(shared.clone(), stop_rx.clone()));
-        let reconciler = tokio::spawn(crate::reconciler::run(shared.clone(), stop_rx));
+        let reconciler = tokio::spawn(crate::reconciler::run(shared.clone(), stop_rx.clone()));
+        let chain = tokio::spawn(crate::reconciler::refresh_chain(shared.clone(), stop_rx));
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<RequestServiceServer<Api>>().await;
@@ -140,6 +141,7 @@ impl App {
         let _ = tokio::time::timeout(Duration::from_secs(10), async {
             let _ = dispatcher.await;
             let _ = reconciler.await;
+            let _ = chain.await;
         })
         .await;
         tracing::info!("registry stopped");

@@ -120,6 +120,8 @@ pub struct ReconcileConfig {
     pub interval_ms: u64,
     /// A request with no acknowledgement for this long gets a status check (ms).
     pub ack_timeout_ms: u64,
+    /// How often to ask every processor for its subprocessor list (ms); also at start.
+    pub chain_interval_ms: u64,
 }
 
 impl Default for ReconcileConfig {
@@ -127,6 +129,7 @@ impl Default for ReconcileConfig {
         Self {
             interval_ms: 30_000,
             ack_timeout_ms: 120_000,
+            chain_interval_ms: 600_000,
         }
     }
 }

@@ -7,47 +7,46 @@ use std::time::Duration;
 use dsrelay_proto::v1::{CancelDeliveryRequest, DeliverRequest, SubmitRequest};
 use dsrelay_proto::{prost::Message, timestamp_from_millis};
 use dsrelay_runtime::store::now_ms;
-use futures::StreamExt;
+use dsrelay_runtime::worker::{run_pool, PoolSettings};
 use tokio::sync::watch;
 
 use crate::app::Shared;
 use crate::store::{DeliveryJob, OP_DELIVER};
 
 /// Runs until `stop` turns true.
-pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+pub async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
     let cfg = shared.config.delivery.clone();
-    loop {
-        if *stop.borrow() {
-            return;
-        }
-        let claimed = shared
-            .store
-            .claim_deliveries(now_ms(), i64::from(cfg.batch_size), cfg.lease_ms as i64)
-            .await;
-        let jobs = match claimed {
-            Ok(jobs) => jobs,
-            Err(e) => {
-                tracing::error!(error = format!("{e:#}"), "claiming deliveries failed");
-                Vec::new()
+    let settings = PoolSettings {
+        concurrency: cfg.concurrency,
+        batch: cfg.batch_size as usize,
+        poll: Duration::from_millis(cfg.poll_interval_ms),
+    };
+    let claimer = shared.clone();
+    let runner = shared.clone();
+    run_pool(
+        settings,
+        &shared.dispatch_wakeup,
+        stop,
+        Duration::from_secs(10),
+        move |n| {
+            let shared = claimer.clone();
+            async move {
+                shared
+                    .store
+                    .claim_deliveries(now_ms(), n as i64, cfg.lease_ms as i64)
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::error!(error = format!("{e:#}"), "claiming deliveries failed");
+                        Vec::new()
+                    })
             }
-        };
-        let full_batch = jobs.len() == cfg.batch_size as usize;
-        futures::stream::iter(jobs)
-            .for_each_concurrent(cfg.concurrency, |job| {
-                let shared = shared.clone();
-                async move { attempt(&shared, job).await }
-            })
-            .await;
-        if full_batch {
-            // More may be due right now.
-            continue;
-        }
-        tokio::select! {
-            _ = stop.changed() => {}
-            _ = shared.dispatch_wakeup.notified() => {}
-            _ = tokio::time::sleep(Duration::from_millis(cfg.poll_interval_ms)) => {}
-        }
-    }
+        },
+        move |job| {
+            let shared = runner.clone();
+            async move { attempt(&shared, job).await }
+        },
+    )
+    .await;
 }
 
 fn traceparent(trace_id: &str) -> Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {

@@ -4,11 +4,42 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dsrelay_proto::v1::GetStatusRequest;
+use dsrelay_proto::prost::Message;
+use dsrelay_proto::v1::{GetStatusRequest, ListSubprocessorsRequest};
 use dsrelay_runtime::store::now_ms;
 use tokio::sync::watch;
 
 use crate::app::Shared;
+
+/// Asks every processor for its subprocessor list and stores the answers, so the controller
+/// sees its whole chain. Runs at start and every `chain_interval_ms` until `stop`.
+pub async fn refresh_chain(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let interval = Duration::from_millis(shared.config.reconcile.chain_interval_ms);
+    loop {
+        for (name, client) in &shared.processors {
+            let mut req = tonic::Request::new(ListSubprocessorsRequest {});
+            req.set_timeout(Duration::from_millis(
+                shared.config.delivery.call_timeout_ms,
+            ));
+            let result = client
+                .clone()
+                .list_subprocessors(req)
+                .await
+                .map(|r| r.into_inner().encode_to_vec())
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()));
+            if let Err(e) = &result {
+                tracing::warn!(processor = %name, error = %e, "asking for subprocessors failed");
+            }
+            if let Err(e) = shared.store.record_chain(name, result, now_ms()).await {
+                tracing::error!(error = format!("{e:#}"), "recording subprocessors failed");
+            }
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
 
 /// Runs until `stop` turns true.
 pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {

@@ -870,6 +870,77 @@ impl Store {
     }
 }
 
+/// A processor's last reported subprocessor list.
+#[derive(Debug, Clone, Default)]
+pub struct ChainRow {
+    /// The encoded SubprocessorList, if it ever answered.
+    pub subprocessors: Option<Vec<u8>>,
+    /// When it last answered (ms).
+    pub reported_at: Option<i64>,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+impl Store {
+    /// Records a processor's answer to ListSubprocessors (or why asking failed, keeping the
+    /// last good answer).
+    pub async fn record_chain(
+        &self,
+        processor: &str,
+        result: std::result::Result<Vec<u8>, String>,
+        now: i64,
+    ) -> Result<()> {
+        match result {
+            Ok(list) => {
+                sqlx::query(
+                    "INSERT INTO processor_chain (processor, subprocessors, reported_at, \
+                     last_error, checked_at) VALUES ($1, $2, $3, NULL, $3) \
+                     ON CONFLICT (processor) DO UPDATE SET subprocessors = excluded.subprocessors, \
+                     reported_at = excluded.reported_at, last_error = NULL, \
+                     checked_at = excluded.checked_at",
+                )
+                .bind(processor)
+                .bind(list)
+                .bind(now)
+                .execute(&self.db.pool)
+                .await?;
+            }
+            Err(error) => {
+                sqlx::query(
+                    "INSERT INTO processor_chain (processor, last_error, checked_at) \
+                     VALUES ($1, $2, $3) ON CONFLICT (processor) DO UPDATE SET \
+                     last_error = excluded.last_error, checked_at = excluded.checked_at",
+                )
+                .bind(processor)
+                .bind(error)
+                .bind(now)
+                .execute(&self.db.pool)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The last reported chain entry of a processor.
+    pub async fn chain(&self, processor: &str) -> Result<ChainRow> {
+        let row = sqlx::query(
+            "SELECT subprocessors, reported_at, last_error FROM processor_chain \
+             WHERE processor = $1",
+        )
+        .bind(processor)
+        .fetch_optional(&self.db.pool)
+        .await?;
+        Ok(match row {
+            Some(r) => ChainRow {
+                subprocessors: r.try_get("subprocessors")?,
+                reported_at: r.try_get("reported_at")?,
+                last_error: r.try_get("last_error")?,
+            },
+            None => ChainRow::default(),
+        })
+    }
+}
+
 /// What [`Store::cancel`] found.
 #[derive(Debug)]
 pub enum CancelOutcome {

@@ -12,6 +12,7 @@
 //! - [`identity`]: subject identity validation, normalisation and hashing.
 //! - [`server`]: serving a tonic router on a caller-bound listener with health and reflection.
 //! - [`telemetry`]: logging set-up.
+//! - [`worker`]: the claim-and-run loop of the outboxes and the task runner.
 
 pub mod backoff;
 pub mod clock;
@@ -22,6 +23,7 @@ pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod worker;
 
 /// Resolves on SIGINT or SIGTERM, for graceful shutdown in `main`.
 pub async fn shutdown_signal() {

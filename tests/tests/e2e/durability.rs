@@ -32,7 +32,7 @@ async fn crash_before_delivery(backend: Backend) {
     let mut registry = setup.spawn_registry().await;
     let mut crm = setup.client("partner-crm").await;
     let r = crm
-        .submit(erasure("maija.meikalainen@example.fi"))
+        .submit(erasure("teemu.testaaja@example.fi"))
         .await
         .expect("submit")
         .into_inner();
@@ -66,11 +66,11 @@ async fn crash_before_delivery(backend: Backend) {
         .expect("task");
     assert_eq!(
         accounting.evidence.as_ref().map(|e| e.records_affected),
-        Some(6)
+        Some(4)
     );
     assert_eq!(
         count(&setup.accounting_url, "SELECT COUNT(*) FROM customers").await,
-        4,
+        5,
         "exactly the subject's customer row is gone"
     );
     drop(processor);
@@ -101,7 +101,7 @@ async fn registry_down_while_acknowledging(backend: Backend) {
     let processor = setup.spawn_processor().await;
     let mut crm = setup.client("partner-crm").await;
     let r = crm
-        .submit(erasure("maija.meikalainen@example.fi"))
+        .submit(erasure("teemu.testaaja@example.fi"))
         .await
         .expect("submit")
         .into_inner();
@@ -190,7 +190,7 @@ async fn processor_killed_mid_task_resumes_it() {
     let registry = setup.spawn_registry().await;
     let mut processor = setup.spawn_processor().await;
     let mut crm = setup.client("partner-crm").await;
-    let mut req = erasure("maija.meikalainen@example.fi");
+    let mut req = erasure("teemu.testaaja@example.fi");
     req.scope = Some(Scope {
         data_categories: vec!["marketing".into()],
     });

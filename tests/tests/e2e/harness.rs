@@ -6,9 +6,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use dsrelay_connectors::manual::ManualConfig;
 use dsrelay_connectors::sql::{create_sample_accounting_db, sample_config};
 use dsrelay_processor::config::{
     AckConfig, ConnectorConfig, ControllerConfig, NoopConfig, SubprocessorConfig, TaskConfig,
+    TransferMechanismConfig,
 };
 use dsrelay_proto::v1::request_service_client::RequestServiceClient;
 use dsrelay_proto::v1::{
@@ -89,6 +91,9 @@ pub struct PairOptions {
     /// Point the processor's acknowledgements at a port nothing listens on, so the registry
     /// learns of progress only by reconciling.
     pub acks_to_nowhere: bool,
+    /// Add a third subprocessor, `paper-archive` (category `archive`), whose manual connector
+    /// waits for an operator.
+    pub with_manual_archive: bool,
 }
 
 impl Default for PairOptions {
@@ -98,6 +103,7 @@ impl Default for PairOptions {
             mail_delay_ms: 0,
             with_absent_processor: false,
             acks_to_nowhere: false,
+            with_manual_archive: false,
         }
     }
 }
@@ -150,7 +156,12 @@ impl Setup {
             name: PROCESSOR.into(),
             endpoint: format!("https://localhost:{}", processor_addr.port()),
             identity: dev_identity("processor", PROCESSOR),
-            categories: vec!["contact".into(), "invoicing".into(), "marketing".into()],
+            categories: vec![
+                "contact".into(),
+                "invoicing".into(),
+                "marketing".into(),
+                "archive".into(),
+            ],
         }];
         if opts.with_absent_processor {
             let absent = free_port().await;
@@ -194,11 +205,12 @@ impl Setup {
             reconcile: ReconcileConfig {
                 interval_ms: 500,
                 ack_timeout_ms: 3000,
+                chain_interval_ms: 2000,
             },
             identity_hash_key: "test key".into(),
             log_json: false,
         };
-        let processor = dsrelay_processor::Config {
+        let mut processor = dsrelay_processor::Config {
             listen: processor_addr.to_string(),
             database_url: processor_db,
             tls: pki.files("processor"),
@@ -207,17 +219,22 @@ impl Setup {
                 identity: dev_identity("registry", "controller"),
                 registry_endpoint: format!("https://localhost:{ack_port}"),
             }],
+            operators: vec![dev_identity("operator", "ops")],
             subprocessors: vec![
                 SubprocessorConfig {
                     name: "accounting".into(),
                     categories: vec!["contact".into(), "invoicing".into()],
                     country: "FI".into(),
+                    transfer_mechanism: TransferMechanismConfig::None,
+                    description: "accounting outsourcing".into(),
                     connector: ConnectorConfig::Sql(sample_config(&accounting_url)),
                 },
                 SubprocessorConfig {
                     name: "mail-marketing".into(),
                     categories: vec!["marketing".into()],
                     country: "US".into(),
+                    transfer_mechanism: TransferMechanismConfig::AdequacyDecision,
+                    description: "mail-marketing service (EU-US Data Privacy Framework)".into(),
                     connector: ConnectorConfig::Noop(NoopConfig {
                         delay_ms: opts.mail_delay_ms,
                     }),
@@ -240,6 +257,18 @@ impl Setup {
             },
             log_json: false,
         };
+        if opts.with_manual_archive {
+            processor.subprocessors.push(SubprocessorConfig {
+                name: "paper-archive".into(),
+                categories: vec!["archive".into()],
+                country: "FI".into(),
+                transfer_mechanism: TransferMechanismConfig::None,
+                description: "signed contracts in cabinet B2".into(),
+                connector: ConnectorConfig::Manual(ManualConfig {
+                    instructions: "shred the customer's folder and note its id".into(),
+                }),
+            });
+        }
         registry.validate().expect("registry config");
         processor.validate().expect("processor config");
         Some(Self {
@@ -323,20 +352,32 @@ pub async fn start_registry(
 
 /// Starts the processor in-process on its configured address.
 pub async fn start_processor(setup: &Setup) -> InProcess {
+    start_processor_with_state(setup).await.0
+}
+
+/// Starts the processor in-process and returns its shared state too (its clock, for tests
+/// that move time).
+pub async fn start_processor_with_state(
+    setup: &Setup,
+) -> (InProcess, std::sync::Arc<dsrelay_processor::app::Shared>) {
     let listener = TcpListener::bind(setup.processor_addr)
         .await
         .expect("bind processor");
     let app = dsrelay_processor::App::build(setup.processor.clone())
         .await
         .expect("build processor");
+    let shared = app.shared();
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(app.run(listener, async {
         let _ = rx.await;
     }));
-    InProcess {
-        stop: Some(tx),
-        handle,
-    }
+    (
+        InProcess {
+            stop: Some(tx),
+            handle,
+        },
+        shared,
+    )
 }
 
 /// A pair running in this process.
@@ -345,19 +386,21 @@ pub struct Pair {
     pub registry: InProcess,
     pub registry_shared: std::sync::Arc<dsrelay_registry::app::Shared>,
     pub processor: InProcess,
+    pub processor_shared: std::sync::Arc<dsrelay_processor::app::Shared>,
 }
 
 impl Pair {
     /// Starts both services, or `None` when the backend is skipped here.
     pub async fn start(opts: PairOptions) -> Option<Self> {
         let setup = Setup::new(&opts).await?;
-        let processor = start_processor(&setup).await;
+        let (processor, processor_shared) = start_processor_with_state(&setup).await;
         let (registry, registry_shared) = start_registry(&setup).await;
         Some(Self {
             setup,
             registry,
             registry_shared,
             processor,
+            processor_shared,
         })
     }
 

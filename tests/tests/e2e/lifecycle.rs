@@ -20,7 +20,7 @@ use crate::harness::{count, email, erasure, in_state, wait_until, Pair, PairOpti
 async fn submit_is_idempotent_per_partner_and_key() {
     let pair = Pair::start(PairOptions::default()).await.expect("pair");
     let mut crm = pair.setup.client("partner-crm").await;
-    let req = erasure("maija.meikalainen@example.fi");
+    let req = erasure("teemu.testaaja@example.fi");
     let first = crm.submit(req.clone()).await.expect("first").into_inner();
     assert!(!first.deduplicated);
     let again = crm.submit(req.clone()).await.expect("again").into_inner();
@@ -67,7 +67,7 @@ async fn receivers_deduplicate_deliveries_and_acknowledgements() {
     let pair = Pair::start(PairOptions::default()).await.expect("pair");
     let mut crm = pair.setup.client("partner-crm").await;
     let r = crm
-        .submit(erasure("maija.meikalainen@example.fi"))
+        .submit(erasure("teemu.testaaja@example.fi"))
         .await
         .expect("submit")
         .into_inner();
@@ -84,7 +84,7 @@ async fn receivers_deduplicate_deliveries_and_acknowledgements() {
     let body = DeliverRequest {
         request_id: r.request_id.clone(),
         kind: RequestKind::Erasure as i32,
-        identities: vec![email("maija.meikalainen@example.fi")],
+        identities: vec![email("teemu.testaaja@example.fi")],
         ..Default::default()
     };
     let again = processor
@@ -100,7 +100,7 @@ async fn receivers_deduplicate_deliveries_and_acknowledgements() {
     assert_eq!(count(proc_db, "SELECT COUNT(*) FROM tasks").await, 2);
     assert_eq!(
         count(&pair.setup.accounting_url, "SELECT COUNT(*) FROM customers").await,
-        4
+        5
     );
 
     // A repeated acknowledgement is a duplicate; a stale one never moves a task back.
@@ -143,7 +143,7 @@ async fn cancel_stops_unfinished_work() {
     .expect("pair");
     let mut crm = pair.setup.client("partner-crm").await;
     let r = crm
-        .submit(erasure("maija.meikalainen@example.fi"))
+        .submit(erasure("teemu.testaaja@example.fi"))
         .await
         .expect("submit")
         .into_inner();
@@ -361,7 +361,7 @@ async fn lost_acknowledgements_are_reconciled() {
     .expect("pair");
     let mut crm = pair.setup.client("partner-crm").await;
     let r = crm
-        .submit(erasure("maija.meikalainen@example.fi"))
+        .submit(erasure("teemu.testaaja@example.fi"))
         .await
         .expect("submit")
         .into_inner();

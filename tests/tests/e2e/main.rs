@@ -6,10 +6,13 @@
 
 mod harness;
 
+mod adapter;
 mod bad_input;
+mod connectors;
 mod dsrctl_cli;
 mod durability;
 mod erasure;
 mod lifecycle;
 mod mtls;
+mod retention;
 mod store_conformance;

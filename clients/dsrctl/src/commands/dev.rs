@@ -10,7 +10,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use dsrelay_connectors::sql::{create_sample_accounting_db, sample_config};
 use dsrelay_processor::config::{
-    ConnectorConfig, ControllerConfig, NoopConfig, SubprocessorConfig,
+    ConnectorConfig, ControllerConfig, NoopConfig, SubprocessorConfig, TransferMechanismConfig,
 };
 use dsrelay_registry::config::{IdentityRole, ProcessorConfig, Role};
 use dsrelay_runtime::pki::{dev_identity, DevPki};
@@ -67,11 +67,14 @@ fn processor_config(dir: &Path, port: u16, registry_port: u16) -> dsrelay_proces
             identity: dev_identity("registry", "controller"),
             registry_endpoint: format!("https://localhost:{registry_port}"),
         }],
+        operators: vec![dev_identity("operator", "ops")],
         subprocessors: vec![
             SubprocessorConfig {
                 name: "accounting".into(),
                 categories: vec!["contact".into(), "invoicing".into()],
                 country: "FI".into(),
+                transfer_mechanism: TransferMechanismConfig::None,
+                description: "accounting outsourcing".into(),
                 connector: ConnectorConfig::Sql(sample_config(&format!(
                     "sqlite://{}/accounting.db",
                     dir.display()
@@ -81,6 +84,8 @@ fn processor_config(dir: &Path, port: u16, registry_port: u16) -> dsrelay_proces
                 name: "mail-marketing".into(),
                 categories: vec!["marketing".into()],
                 country: "US".into(),
+                transfer_mechanism: TransferMechanismConfig::AdequacyDecision,
+                description: "mail-marketing service (EU-US Data Privacy Framework)".into(),
                 connector: ConnectorConfig::Noop(NoopConfig::default()),
             },
         ],

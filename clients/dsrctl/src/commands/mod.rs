@@ -7,12 +7,15 @@ use dsrelay_sdk::RegistryClient;
 use crate::cli::{Cli, Command, DevCommand, OutputFormat, PkiCommand};
 use crate::settings::{self, Environment};
 use crate::Failure;
+use dsrelay_sdk::ConnectionSettings;
 
+mod chain;
 mod dev;
 mod list;
 mod pki;
 mod request;
 mod submit;
+mod tasks;
 mod watch;
 
 /// Where a command writes, and in which format.
@@ -57,6 +60,12 @@ pub(crate) async fn dispatch(cli: &Cli, env: &Environment, io: &mut Io<'_>) -> R
         // Needs no registry, so must not fail on missing connection settings.
         Command::Pki(PkiCommand::Init(args)) => pki::init(args, env, io),
         Command::Dev(DevCommand::Up(args)) => dev::up(args, env, io).await,
+        Command::Chain => chain::run(&Registry::connect(cli, env)?, io).await,
+        Command::Tasks(cmd) => {
+            let settings: ConnectionSettings =
+                settings::resolve(&cli.connection, env).map_err(Failure::Setup)?;
+            tasks::run(cmd, &settings, io).await
+        }
         Command::Submit(args) => {
             let prepared = submit::prepare(args)?;
             submit::run(&Registry::connect(cli, env)?, prepared, io).await

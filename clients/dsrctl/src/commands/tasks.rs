@@ -1,0 +1,204 @@
+//! `dsrctl tasks`: operators at a processor list, confirm and refuse manual tasks.
+
+use dsrelay_sdk::proto::processor_operator_service_client::ProcessorOperatorServiceClient;
+use dsrelay_sdk::proto::{
+    CompleteManualTaskRequest, ListManualTasksRequest, ManualTask, RefuseManualTaskRequest, TaskRef,
+};
+use dsrelay_sdk::ConnectionSettings;
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use crate::cli::{ProcessorArgs, TaskRefArgs, TasksCommand};
+use crate::commands::Io;
+use crate::output::{emit, kind_name, Render, Time};
+use crate::table::{clean, Table};
+use crate::Failure;
+
+/// The development processor's identity, expected when no other is given and the
+/// development PKI is in use.
+const DEV_PROCESSOR_IDENTITY: &str = "spiffe://dsrelay.dev/processor/payroll-bureau";
+
+#[derive(Debug, Serialize)]
+struct TaskView {
+    controller: String,
+    request_id: String,
+    subprocessor: String,
+    kind: String,
+    state: String,
+    identities: Vec<String>,
+    instructions: String,
+    waiting_since: Option<Time>,
+    due_at: Option<Time>,
+}
+
+impl From<&ManualTask> for TaskView {
+    fn from(t: &ManualTask) -> Self {
+        let r = t.task.clone().unwrap_or_default();
+        Self {
+            controller: r.controller,
+            request_id: r.request_id,
+            subprocessor: r.subprocessor,
+            kind: kind_name(t.kind),
+            state: dsrelay_sdk::proto::TaskState::try_from(t.state)
+                .map(|s| {
+                    s.as_str_name()
+                        .trim_start_matches("TASK_STATE_")
+                        .to_string()
+                })
+                .unwrap_or_else(|_| format!("UNKNOWN({})", t.state)),
+            identities: t
+                .identities
+                .iter()
+                .map(|i| {
+                    let ty = dsrelay_sdk::proto::IdentityType::try_from(i.r#type)
+                        .map(|t| {
+                            t.as_str_name()
+                                .trim_start_matches("IDENTITY_TYPE_")
+                                .to_lowercase()
+                        })
+                        .unwrap_or_default();
+                    format!("{ty}={}", i.value)
+                })
+                .collect(),
+            instructions: t.instructions.clone(),
+            waiting_since: Time::from_proto(t.waiting_since.as_ref()),
+            due_at: Time::from_proto(t.due_at.as_ref()),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct TaskListView {
+    tasks: Vec<TaskView>,
+}
+
+impl Render for TaskListView {
+    fn to_table(&self) -> String {
+        if self.tasks.is_empty() {
+            return "no tasks wait for an operator\n".into();
+        }
+        let mut t = Table::new([
+            "CONTROLLER",
+            "REQUEST",
+            "SUBPROCESSOR",
+            "KIND",
+            "DUE",
+            "SUBJECT",
+            "INSTRUCTIONS",
+        ]);
+        for v in &self.tasks {
+            t.row([
+                clean(&v.controller),
+                clean(&v.request_id),
+                clean(&v.subprocessor),
+                v.kind.clone(),
+                v.due_at.map(|d| d.to_string()).unwrap_or_default(),
+                clean(&v.identities.join(" ")),
+                clean(&v.instructions),
+            ]);
+        }
+        t.render()
+    }
+}
+
+impl Render for TaskView {
+    fn to_table(&self) -> String {
+        format!(
+            "{}/{}/{}: {}\n",
+            clean(&self.controller),
+            clean(&self.request_id),
+            clean(&self.subprocessor),
+            self.state
+        )
+    }
+}
+
+fn connect(args: &ProcessorArgs, settings: &ConnectionSettings) -> Result<Channel, Failure> {
+    let tls = settings.tls.client_config().map_err(Failure::Setup)?;
+    let identity = args.processor_identity.clone().or_else(|| {
+        // The development PKI's processor, when the registry is also the development one.
+        (settings.server_identity.as_deref() == Some("spiffe://dsrelay.dev/registry/controller"))
+            .then(|| DEV_PROCESSOR_IDENTITY.to_string())
+    });
+    dsrelay_runtime::tls::channel(&args.processor, identity, &tls).map_err(Failure::Setup)
+}
+
+fn task_ref(t: &TaskRefArgs) -> Option<TaskRef> {
+    Some(TaskRef {
+        controller: t.controller.clone(),
+        request_id: t.request_id.clone(),
+        subprocessor: t.subprocessor.clone(),
+    })
+}
+
+fn failed(status: tonic::Status, endpoint: &str) -> Failure {
+    Failure::Rpc {
+        status,
+        endpoint: endpoint.to_string(),
+    }
+}
+
+/// Runs a `tasks` subcommand.
+pub(crate) async fn run(
+    cmd: &TasksCommand,
+    settings: &ConnectionSettings,
+    io: &mut Io<'_>,
+) -> Result<u8, Failure> {
+    match cmd {
+        TasksCommand::List {
+            processor,
+            subprocessor,
+        } => {
+            let mut client = ProcessorOperatorServiceClient::new(connect(processor, settings)?);
+            let list = client
+                .list_manual_tasks(ListManualTasksRequest {
+                    subprocessor: subprocessor.clone().unwrap_or_default(),
+                    limit: 0,
+                })
+                .await
+                .map_err(|s| failed(s, &processor.processor))?
+                .into_inner();
+            let view = TaskListView {
+                tasks: list.tasks.iter().map(TaskView::from).collect(),
+            };
+            emit(io.out, io.format, &view, false)?;
+        }
+        TasksCommand::Complete {
+            processor,
+            task,
+            evidence,
+            records,
+            not_found,
+        } => {
+            let mut client = ProcessorOperatorServiceClient::new(connect(processor, settings)?);
+            let done = client
+                .complete_manual_task(CompleteManualTaskRequest {
+                    task: task_ref(task),
+                    not_found: *not_found,
+                    records_affected: *records,
+                    evidence_note: evidence.clone(),
+                })
+                .await
+                .map_err(|s| failed(s, &processor.processor))?
+                .into_inner();
+            emit(io.out, io.format, &TaskView::from(&done), false)?;
+        }
+        TasksCommand::Refuse {
+            processor,
+            task,
+            reason,
+        } => {
+            let mut client = ProcessorOperatorServiceClient::new(connect(processor, settings)?);
+            let done = client
+                .refuse_manual_task(RefuseManualTaskRequest {
+                    task: task_ref(task),
+                    reason: reason.clone(),
+                })
+                .await
+                .map_err(|s| failed(s, &processor.processor))?
+                .into_inner();
+            emit(io.out, io.format, &TaskView::from(&done), false)?;
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# scripts/bench.sh — measure the relay against this machine's own limits, in one run.
+#
+#   scripts/bench.sh                     # embedded default (SQLite) → docs/benchmarks.md
+#   scripts/bench.sh --postgres          # PostgreSQL → docs/benchmarks-postgres.md
+#   scripts/bench.sh --duration-secs 10 --concurrency 32 --batch 4000 --out /tmp/b.md
+#
+# Steps:
+#   1. cargo build --release --bins: the benchmark spawns the release service
+#      binaries target/release/dsrelay-registry and target/release/dsrelay-processor
+#      as processes of their own (so each one's resident memory can be read).
+#   2. target/release/dsrelay-bench "$@" (see its --help). It measures a bare
+#      mTLS gRPC echo and bare durable INSERT commits (the baselines), then the
+#      relay: one registry and two processors with three no-op subprocessors
+#      each, everything on 127.0.0.1 in a fresh temporary folder. It prints a
+#      table and writes it, with a description of the machine, to docs/.
+#   With --postgres the run is wrapped in `DSRELAY_TEST_SH_ONLY_PG=1
+#   scripts/test.sh ...`, which starts a throwaway PostgreSQL exactly as for the
+#   tests (or uses DSRELAY_TEST_POSTGRES_URL when it is already set) and stops it
+#   afterwards; the benchmark creates fresh databases in it for each service and
+#   for the baseline.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+postgres=0
+for arg in "$@"; do
+    case "$arg" in
+        --postgres) postgres=1 ;;
+    esac
+done
+
+printf 'bench.sh: building release binaries: cargo build --release --bins\n' >&2
+cargo build --release --bins
+
+if [ "$postgres" -eq 1 ]; then
+    DSRELAY_TEST_SH_ONLY_PG=1 exec scripts/test.sh target/release/dsrelay-bench "$@"
+else
+    exec target/release/dsrelay-bench "$@"
+fi

@@ -1,0 +1,353 @@
+//! The SubprocessorAdapter handlers: who may call, what a valid request is, and how errors
+//! become gRPC statuses.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use dsrelay_proto::v1::subprocessor_adapter_server::SubprocessorAdapter;
+use dsrelay_proto::v1::{
+    DescribeRequest, DescribeResponse, ExecuteRequest, ExecuteResponse, GetTaskStatusRequest,
+    IdentityEncoding, IdentityType, RequestKind, SubjectIdentity,
+};
+use dsrelay_runtime::identity::{validate_identities, FieldViolation};
+use tonic::{Code, Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::newsletter::{DATA_CATEGORIES, NAME, SUPPORTED_KINDS};
+use crate::store::{Store, StoreError};
+
+/// At most this many bytes in a task id.
+pub const MAX_TASK_ID: usize = 256;
+/// At most this many bytes in a request id.
+pub const MAX_REQUEST_ID: usize = 128;
+/// At most this many scope categories, of at most [`MAX_CATEGORY`] bytes.
+pub const MAX_CATEGORIES: usize = 32;
+/// See [`MAX_CATEGORIES`].
+pub const MAX_CATEGORY: usize = 64;
+/// At most this many corrections per RECTIFICATION.
+pub const MAX_CORRECTIONS: usize = 32;
+/// At most this many bytes in a corrected value.
+pub const MAX_NEW_VALUE: usize = 1024;
+/// At most this many bytes in a transfer recipient.
+pub const MAX_RECIPIENT: usize = 256;
+
+/// The SubprocessorAdapter implementation.
+#[derive(Debug, Clone)]
+pub struct Api {
+    store: Store,
+    allowed: Arc<BTreeSet<String>>,
+    confirm_delay_ms: u64,
+}
+
+impl Api {
+    /// Handlers over `store` for the callers in `allowed`.
+    pub fn new(store: Store, allowed: &[String], confirm_delay_ms: u64) -> Self {
+        Self {
+            store,
+            allowed: Arc::new(allowed.iter().cloned().collect()),
+            confirm_delay_ms,
+        }
+    }
+
+    /// The caller's certificate identity, or PERMISSION_DENIED.
+    fn caller<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let identity = dsrelay_runtime::tls::peer_identity(req).ok_or_else(|| {
+            Status::permission_denied("no client certificate with a URI or DNS SAN was presented")
+        })?;
+        if self.allowed.contains(&identity) {
+            Ok(identity)
+        } else {
+            Err(Status::permission_denied(format!(
+                "certificate identity {identity} may not call this adapter"
+            )))
+        }
+    }
+}
+
+fn invalid(violations: &[FieldViolation]) -> Status {
+    let mut details = ErrorDetails::new();
+    for v in violations {
+        details.add_bad_request_violation(v.field.clone(), v.rule.clone());
+    }
+    let text = violations
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    Status::with_error_details(
+        Code::InvalidArgument,
+        format!("invalid request: {text}"),
+        details,
+    )
+}
+
+fn status(e: StoreError) -> Status {
+    match e {
+        StoreError::Conflict(m) => Status::already_exists(m),
+        StoreError::NotFound(m) => Status::not_found(m),
+        StoreError::FailedPrecondition(m) => Status::failed_precondition(m),
+        StoreError::Unexpected(err) => {
+            tracing::error!(error = format!("{err:#}"), "internal error");
+            // The database may be back soon: the caller retries.
+            Status::unavailable("the adapter could not reach its database; try again later")
+        }
+    }
+}
+
+fn check_id(out: &mut Vec<FieldViolation>, field: &str, value: &str, max: usize) {
+    if value.is_empty() || value.len() > max {
+        out.push(FieldViolation::new(
+            field,
+            format!("must be 1 to {max} bytes"),
+        ));
+    } else if value.chars().any(char::is_control) {
+        out.push(FieldViolation::new(
+            field,
+            "must not contain control characters",
+        ));
+    }
+}
+
+/// The rule a raw value of type `ty` breaks, if any (the identity rules, reused).
+fn raw_value_rule(ty: IdentityType, value: &str) -> Option<String> {
+    let probe = SubjectIdentity {
+        r#type: ty as i32,
+        encoding: IdentityEncoding::Raw as i32,
+        value: value.to_string(),
+        label: String::new(),
+    };
+    validate_identities(&[probe])
+        .into_iter()
+        .next()
+        .map(|v| v.rule)
+}
+
+/// Every rule `r` breaks, each naming its field.
+pub fn validate_execute(r: &ExecuteRequest) -> Vec<FieldViolation> {
+    let mut out = Vec::new();
+    check_id(&mut out, "task_id", &r.task_id, MAX_TASK_ID);
+    check_id(&mut out, "request_id", &r.request_id, MAX_REQUEST_ID);
+    let kind = RequestKind::try_from(r.kind).unwrap_or(RequestKind::Unspecified);
+    if kind == RequestKind::Unspecified {
+        out.push(FieldViolation::new(
+            "kind",
+            format!(
+                "must be one of ERASURE, RETURN_OF_DATA, TRANSFER, RECTIFICATION, RESTRICTION, \
+                 OBJECTION (got {})",
+                r.kind
+            ),
+        ));
+    }
+    out.extend(validate_identities(&r.identities));
+    if let Some(scope) = &r.scope {
+        if scope.data_categories.len() > MAX_CATEGORIES {
+            out.push(FieldViolation::new(
+                "scope.data_categories",
+                format!("at most {MAX_CATEGORIES} categories are allowed"),
+            ));
+        }
+        for (i, c) in scope.data_categories.iter().enumerate() {
+            if c.is_empty() || c.len() > MAX_CATEGORY {
+                out.push(FieldViolation::new(
+                    format!("scope.data_categories[{i}]"),
+                    format!("must be 1 to {MAX_CATEGORY} bytes"),
+                ));
+            }
+        }
+    }
+    let params = r.parameters.clone().unwrap_or_default();
+    match kind {
+        RequestKind::Rectification => {
+            if params.corrections.is_empty() || params.corrections.len() > MAX_CORRECTIONS {
+                out.push(FieldViolation::new(
+                    "parameters.corrections",
+                    format!("RECTIFICATION needs 1 to {MAX_CORRECTIONS} corrections"),
+                ));
+            }
+            for (i, c) in params.corrections.iter().enumerate() {
+                let f = |name: &str| format!("parameters.corrections[{i}].{name}");
+                if c.field.trim().is_empty() || c.field.len() > 64 {
+                    out.push(FieldViolation::new(f("field"), "must be 1 to 64 bytes"));
+                }
+                if c.new_value.len() > MAX_NEW_VALUE {
+                    out.push(FieldViolation::new(
+                        f("new_value"),
+                        format!("must be at most {MAX_NEW_VALUE} bytes"),
+                    ));
+                    continue;
+                }
+                let rule = match c.field.trim().to_ascii_lowercase().as_str() {
+                    "email" => raw_value_rule(IdentityType::Email, c.new_value.trim()),
+                    "phone" => raw_value_rule(IdentityType::Phone, c.new_value.trim()),
+                    "name" if c.new_value.trim().is_empty() => Some("must not be empty".into()),
+                    _ => None,
+                };
+                if let Some(rule) = rule {
+                    out.push(FieldViolation::new(f("new_value"), rule));
+                }
+            }
+        }
+        RequestKind::Transfer => {
+            let recipient = params.transfer_recipient.trim();
+            if recipient.is_empty() || recipient.len() > MAX_RECIPIENT {
+                out.push(FieldViolation::new(
+                    "parameters.transfer_recipient",
+                    format!("TRANSFER needs a recipient of 1 to {MAX_RECIPIENT} bytes"),
+                ));
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
+#[tonic::async_trait]
+impl SubprocessorAdapter for Api {
+    async fn describe(
+        &self,
+        req: Request<DescribeRequest>,
+    ) -> Result<Response<DescribeResponse>, Status> {
+        self.caller(&req)?;
+        Ok(Response::new(DescribeResponse {
+            name: NAME.into(),
+            supported_kinds: SUPPORTED_KINDS.iter().map(|k| *k as i32).collect(),
+            data_categories: DATA_CATEGORIES.iter().map(|c| c.to_string()).collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(task_id = %req.get_ref().task_id))]
+    async fn execute(
+        &self,
+        req: Request<ExecuteRequest>,
+    ) -> Result<Response<ExecuteResponse>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        let violations = validate_execute(&r);
+        if !violations.is_empty() {
+            return Err(invalid(&violations));
+        }
+        let now = dsrelay_runtime::store::now_ms();
+        let response = self
+            .store
+            .execute(&caller, &r, now, self.confirm_delay_ms)
+            .await
+            .map_err(status)?;
+        tracing::info!(outcome = response.outcome, "task executed");
+        Ok(Response::new(response))
+    }
+
+    #[tracing::instrument(skip_all, fields(task_id = %req.get_ref().task_id))]
+    async fn get_task_status(
+        &self,
+        req: Request<GetTaskStatusRequest>,
+    ) -> Result<Response<ExecuteResponse>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        let mut violations = Vec::new();
+        check_id(&mut violations, "task_id", &r.task_id, MAX_TASK_ID);
+        if !violations.is_empty() {
+            return Err(invalid(&violations));
+        }
+        let now = dsrelay_runtime::store::now_ms();
+        let response = self
+            .store
+            .status(&caller, &r.task_id, now)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dsrelay_proto::v1::{FieldCorrection, RequestParameters, Scope};
+
+    use super::*;
+
+    fn email(v: &str) -> SubjectIdentity {
+        SubjectIdentity {
+            r#type: IdentityType::Email as i32,
+            encoding: IdentityEncoding::Raw as i32,
+            value: v.into(),
+            label: String::new(),
+        }
+    }
+
+    fn fields(r: &ExecuteRequest) -> Vec<String> {
+        validate_execute(r).into_iter().map(|v| v.field).collect()
+    }
+
+    #[test]
+    fn a_good_request_passes() {
+        let r = ExecuteRequest {
+            task_id: "c/r/s".into(),
+            request_id: "r".into(),
+            kind: RequestKind::Erasure as i32,
+            identities: vec![email("a@b.fi")],
+            ..Default::default()
+        };
+        assert!(validate_execute(&r).is_empty());
+    }
+
+    #[test]
+    fn names_every_bad_field() {
+        let r = ExecuteRequest {
+            task_id: String::new(),
+            request_id: "r\n".into(),
+            kind: 0,
+            identities: vec![email("nope")],
+            scope: Some(Scope {
+                data_categories: vec![String::new()],
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            fields(&r),
+            vec![
+                "task_id",
+                "request_id",
+                "kind",
+                "identities[0].value",
+                "scope.data_categories[0]"
+            ]
+        );
+    }
+
+    #[test]
+    fn checks_kind_parameters() {
+        let mut r = ExecuteRequest {
+            task_id: "t".into(),
+            request_id: "r".into(),
+            kind: RequestKind::Rectification as i32,
+            identities: vec![email("a@b.fi")],
+            ..Default::default()
+        };
+        assert_eq!(fields(&r), vec!["parameters.corrections"]);
+        r.parameters = Some(RequestParameters {
+            corrections: vec![
+                FieldCorrection {
+                    field: "email".into(),
+                    new_value: "not-an-address".into(),
+                },
+                FieldCorrection {
+                    field: "phone".into(),
+                    new_value: "12".into(),
+                },
+                FieldCorrection {
+                    field: "address".into(),
+                    new_value: "Anywhere 1".into(),
+                },
+            ],
+            ..Default::default()
+        });
+        assert_eq!(
+            fields(&r),
+            vec![
+                "parameters.corrections[0].new_value",
+                "parameters.corrections[1].new_value"
+            ]
+        );
+        r.kind = RequestKind::Transfer as i32;
+        assert_eq!(fields(&r), vec!["parameters.transfer_recipient"]);
+    }
+}

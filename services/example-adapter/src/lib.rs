@@ -1,0 +1,35 @@
+//! An example subprocessor adapter: a small newsletter service (subscribers with e-mail, name,
+//! phone, subscription and restriction flags) behind the `dsrelay.v1.SubprocessorAdapter` API,
+//! over mutual TLS. It shows how a holder of data — in any language — plugs into a processor's
+//! `adapter` connector, and serves the end-to-end tests.
+//!
+//! Behaviour:
+//! - Only the certificate identities in `allowed_identities` may call it (PERMISSION_DENIED
+//!   otherwise).
+//! - Execute is idempotent per `task_id`: the first answer is stored and repeated; the work is
+//!   done once. A `task_id` names one task: reusing it for another request, kind or caller is
+//!   ALREADY_EXISTS.
+//! - Inputs are validated; violations are INVALID_ARGUMENT naming their fields.
+//! - With `confirm_delay_ms > 0` an erasure is answered ACCEPTED and carried out and confirmed
+//!   (COMPLETED in GetTaskStatus) once the delay has passed, like systems that accept a
+//!   deletion and finish it later.
+//! - Exports (RETURN_OF_DATA, TRANSFER) are never kept: repeating the Execute reads the data
+//!   again.
+//!
+//! # Layout
+//! - [`config`]: the TOML file plus `DSRELAY_ADAPTER__*` environment overrides.
+//! - [`store`]: subscribers and task outcomes in SQLite or PostgreSQL; idempotency and delayed
+//!   confirmation.
+//! - [`newsletter`]: what each request kind does to the subscribers.
+//! - [`api`]: the gRPC handlers: caller check, input validation, errors to statuses.
+//! - [`app`]: [`App::build`] and [`App::run`] (server with health and reflection, confirmation
+//!   sweeper).
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod newsletter;
+pub mod store;
+
+pub use app::App;
+pub use config::Config;

@@ -1,0 +1,393 @@
+//! What each request kind does to the newsletter's subscribers, inside the caller's
+//! transaction. Requests reaching here are validated (see [`crate::api`]).
+//!
+//! Subscribers are found by e-mail address or phone number, raw or hashed (SHA-256, SHA-1,
+//! MD5 of the normalised value); other identity types are not held here. A scope that names
+//! none of [`DATA_CATEGORIES`] finds nothing. One subscriber row is one record.
+
+use std::collections::BTreeMap;
+
+use dsrelay_proto::v1::{
+    Evidence, ExecuteOutcome, ExecuteRequest, ExecuteResponse, IdentityEncoding, IdentityType,
+    RequestKind,
+};
+use dsrelay_runtime::identity::{digest, normalize};
+use serde::Serialize;
+use sqlx::any::AnyRow;
+use sqlx::{Any, Row, Transaction};
+
+/// The adapter's name in Describe and in exports.
+pub const NAME: &str = "example newsletter";
+
+/// The data categories the newsletter holds.
+pub const DATA_CATEGORIES: [&str; 2] = ["contact", "marketing"];
+
+/// The request kinds the newsletter carries out.
+pub const SUPPORTED_KINDS: [RequestKind; 6] = [
+    RequestKind::Erasure,
+    RequestKind::ReturnOfData,
+    RequestKind::Transfer,
+    RequestKind::Rectification,
+    RequestKind::Restriction,
+    RequestKind::Objection,
+];
+
+/// The fields a RECTIFICATION can correct here.
+pub const CORRECTABLE_FIELDS: [&str; 3] = ["email", "name", "phone"];
+
+/// One subscriber.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Subscriber {
+    /// Row id.
+    #[serde(skip)]
+    pub id: i64,
+    /// Lowercased e-mail address.
+    pub email: String,
+    /// Full name.
+    pub name: String,
+    /// Normalised phone number, if given.
+    pub phone: Option<String>,
+    /// Receives the newsletter.
+    pub subscribed: bool,
+    /// Processing restricted (GDPR art. 18): kept, not used.
+    pub restricted: bool,
+}
+
+/// The columns [`Subscriber::from_row`] reads.
+pub(crate) const SUBSCRIBER_COLUMNS: &str = "id, email, name, phone, subscribed, restricted";
+
+impl Subscriber {
+    pub(crate) fn from_row(r: &AnyRow) -> sqlx::Result<Self> {
+        Ok(Self {
+            id: r.try_get("id")?,
+            email: r.try_get("email")?,
+            name: r.try_get("name")?,
+            phone: r.try_get("phone")?,
+            subscribed: r.try_get::<i64, _>("subscribed")? != 0,
+            restricted: r.try_get::<i64, _>("restricted")? != 0,
+        })
+    }
+}
+
+/// The result of running a request: the answer, and for an accepted erasure the subscriber
+/// ids still to delete.
+#[derive(Debug, Clone)]
+pub(crate) struct Work {
+    pub(crate) response: ExecuteResponse,
+    pub(crate) pending: Option<Vec<i64>>,
+}
+
+impl From<ExecuteResponse> for Work {
+    fn from(response: ExecuteResponse) -> Self {
+        Self {
+            response,
+            pending: None,
+        }
+    }
+}
+
+fn respond(
+    outcome: ExecuteOutcome,
+    records: i64,
+    note: String,
+    confirmed: bool,
+) -> ExecuteResponse {
+    ExecuteResponse {
+        outcome: outcome as i32,
+        evidence: Some(Evidence {
+            records_affected: records,
+            note,
+            confirmed,
+        }),
+        ..Default::default()
+    }
+}
+
+/// COMPLETED with `records` records.
+pub(crate) fn completed(records: i64, note: String) -> ExecuteResponse {
+    respond(ExecuteOutcome::Completed, records, note, true)
+}
+
+fn not_found(note: String) -> ExecuteResponse {
+    respond(ExecuteOutcome::NotFound, 0, note, true)
+}
+
+fn with_reason(outcome: ExecuteOutcome, reason: String) -> ExecuteResponse {
+    ExecuteResponse {
+        reason: reason.clone(),
+        ..respond(outcome, 0, reason, true)
+    }
+}
+
+/// Carries out `req` in `tx`. With `confirm_delay_ms > 0` an erasure only records what to
+/// delete and answers ACCEPTED.
+pub(crate) async fn execute(
+    tx: &mut Transaction<'_, Any>,
+    req: &ExecuteRequest,
+    confirm_delay_ms: u64,
+) -> sqlx::Result<Work> {
+    let kind = RequestKind::try_from(req.kind).unwrap_or(RequestKind::Unspecified);
+    let categories = req
+        .scope
+        .as_ref()
+        .map(|s| s.data_categories.as_slice())
+        .unwrap_or_default();
+    if !categories.is_empty()
+        && !categories
+            .iter()
+            .any(|c| DATA_CATEGORIES.contains(&c.as_str()))
+    {
+        return Ok(not_found(format!(
+            "the newsletter holds only {} data, none of the requested categories",
+            DATA_CATEGORIES.join(" and ")
+        ))
+        .into());
+    }
+    let usable = req.identities.iter().any(|i| {
+        matches!(
+            IdentityType::try_from(i.r#type),
+            Ok(IdentityType::Email | IdentityType::Phone)
+        )
+    });
+    if !usable {
+        return Ok(with_reason(
+            ExecuteOutcome::Refused,
+            "the newsletter finds subscribers only by e-mail address or phone number; \
+             none was given"
+                .into(),
+        )
+        .into());
+    }
+    let subscribers = find(tx, req).await?;
+    if subscribers.is_empty() {
+        return Ok(not_found("no subscriber matches the given identities".into()).into());
+    }
+    let ids: Vec<i64> = subscribers.iter().map(|s| s.id).collect();
+    let n = subscribers.len() as i64;
+    Ok(match kind {
+        RequestKind::Erasure if confirm_delay_ms > 0 => Work {
+            response: respond(
+                ExecuteOutcome::Accepted,
+                n,
+                format!(
+                    "erasure of {n} subscriber(s) accepted; carried out within {confirm_delay_ms} ms"
+                ),
+                false,
+            ),
+            pending: Some(ids),
+        },
+        RequestKind::Erasure => {
+            let deleted = delete(tx, &ids).await?;
+            completed(deleted, format!("deleted {deleted} subscriber(s)")).into()
+        }
+        RequestKind::ReturnOfData | RequestKind::Transfer => {
+            let export = serde_json::json!({
+                "holder": NAME,
+                "subscribers": subscribers,
+            });
+            let note = match kind {
+                RequestKind::Transfer => format!(
+                    "exported {n} subscriber record(s) for transfer to {}",
+                    req.parameters
+                        .as_ref()
+                        .map(|p| p.transfer_recipient.as_str())
+                        .unwrap_or_default()
+                ),
+                _ => format!("exported {n} subscriber record(s)"),
+            };
+            ExecuteResponse {
+                export_json: export.to_string().into_bytes(),
+                ..completed(n, note)
+            }
+            .into()
+        }
+        RequestKind::Rectification => rectify(tx, req, &subscribers).await?.into(),
+        RequestKind::Restriction => {
+            let lift = req.parameters.as_ref().is_some_and(|p| p.lift_restriction);
+            let changed = set_flag(tx, "restricted", i64::from(!lift), &ids).await?;
+            let what = if lift { "lifted the restriction of" } else { "restricted" };
+            completed(changed, format!("{what} {changed} subscriber(s)")).into()
+        }
+        RequestKind::Objection => {
+            let changed = set_flag(tx, "subscribed", 0, &ids).await?;
+            completed(
+                changed,
+                format!("unsubscribed {changed} subscriber(s) from the newsletter"),
+            )
+            .into()
+        }
+        RequestKind::Unspecified => {
+            with_reason(ExecuteOutcome::Failed, "no request kind given".into()).into()
+        }
+    })
+}
+
+/// The subscribers any of the request's identities matches, by id.
+async fn find(
+    tx: &mut Transaction<'_, Any>,
+    req: &ExecuteRequest,
+) -> sqlx::Result<Vec<Subscriber>> {
+    let mut found = BTreeMap::new();
+    let mut all: Option<Vec<Subscriber>> = None;
+    for identity in &req.identities {
+        let ty = IdentityType::try_from(identity.r#type).unwrap_or(IdentityType::Unspecified);
+        let column = match ty {
+            IdentityType::Email => "email",
+            IdentityType::Phone => "phone",
+            _ => continue,
+        };
+        let encoding =
+            IdentityEncoding::try_from(identity.encoding).unwrap_or(IdentityEncoding::Unspecified);
+        if encoding == IdentityEncoding::Raw {
+            let rows = sqlx::query(&format!(
+                "SELECT {SUBSCRIBER_COLUMNS} FROM subscribers WHERE {column} = $1"
+            ))
+            .bind(normalize(ty, &identity.value))
+            .fetch_all(&mut **tx)
+            .await?;
+            for r in &rows {
+                let s = Subscriber::from_row(r)?;
+                found.insert(s.id, s);
+            }
+        } else {
+            // A hash can only be compared: hash every subscriber's value. Fine for a small
+            // example; a real service would keep indexed hash columns.
+            if all.is_none() {
+                let rows = sqlx::query(&format!("SELECT {SUBSCRIBER_COLUMNS} FROM subscribers"))
+                    .fetch_all(&mut **tx)
+                    .await?;
+                all = Some(
+                    rows.iter()
+                        .map(Subscriber::from_row)
+                        .collect::<sqlx::Result<_>>()?,
+                );
+            }
+            for s in all.iter().flatten() {
+                let value = match ty {
+                    IdentityType::Email => Some(s.email.as_str()),
+                    _ => s.phone.as_deref(),
+                };
+                let hashed = value.and_then(|v| digest(encoding, &normalize(ty, v)));
+                if hashed.as_deref() == Some(identity.value.as_str()) {
+                    found.insert(s.id, s.clone());
+                }
+            }
+        }
+    }
+    Ok(found.into_values().collect())
+}
+
+/// Deletes the subscribers `ids`; returns how many rows went.
+pub(crate) async fn delete(tx: &mut Transaction<'_, Any>, ids: &[i64]) -> sqlx::Result<i64> {
+    let mut deleted = 0;
+    for id in ids {
+        deleted += sqlx::query("DELETE FROM subscribers WHERE id = $1")
+            .bind(id)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+    }
+    Ok(i64::try_from(deleted).unwrap_or(i64::MAX))
+}
+
+async fn set_flag(
+    tx: &mut Transaction<'_, Any>,
+    column: &'static str,
+    value: i64,
+    ids: &[i64],
+) -> sqlx::Result<i64> {
+    let mut changed = 0;
+    for id in ids {
+        changed += sqlx::query(&format!(
+            "UPDATE subscribers SET {column} = $1 WHERE id = $2"
+        ))
+        .bind(value)
+        .bind(id)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    }
+    Ok(i64::try_from(changed).unwrap_or(i64::MAX))
+}
+
+/// Applies the corrections of fields held here; others are reported as not held. Conflicts
+/// are checked before anything changes, so a FAILED answer changed nothing.
+async fn rectify(
+    tx: &mut Transaction<'_, Any>,
+    req: &ExecuteRequest,
+    subscribers: &[Subscriber],
+) -> sqlx::Result<ExecuteResponse> {
+    let corrections = req
+        .parameters
+        .as_ref()
+        .map(|p| p.corrections.as_slice())
+        .unwrap_or_default();
+    let mut apply = Vec::new();
+    let mut not_held = Vec::new();
+    for c in corrections {
+        let field = c.field.trim().to_ascii_lowercase();
+        match field.as_str() {
+            "email" => apply.push(("email", normalize(IdentityType::Email, &c.new_value))),
+            "phone" => apply.push(("phone", normalize(IdentityType::Phone, &c.new_value))),
+            "name" => apply.push(("name", c.new_value.trim().to_string())),
+            _ => not_held.push(field),
+        }
+    }
+    for (column, value) in &apply {
+        if *column != "email" {
+            continue;
+        }
+        if subscribers.len() > 1 {
+            return Ok(with_reason(
+                ExecuteOutcome::Failed,
+                format!(
+                    "the identities match {} subscribers; an e-mail address can be corrected \
+                     for one only",
+                    subscribers.len()
+                ),
+            ));
+        }
+        let taken: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM subscribers WHERE email = $1 AND id <> $2")
+                .bind(value)
+                .bind(subscribers[0].id)
+                .fetch_one(&mut **tx)
+                .await?;
+        if taken > 0 {
+            return Ok(with_reason(
+                ExecuteOutcome::Failed,
+                "another subscriber already uses the corrected e-mail address".into(),
+            ));
+        }
+    }
+    for (column, value) in &apply {
+        for s in subscribers {
+            sqlx::query(&format!(
+                "UPDATE subscribers SET {column} = $1 WHERE id = $2"
+            ))
+            .bind(value)
+            .bind(s.id)
+            .execute(&mut **tx)
+            .await?;
+        }
+    }
+    let mut note = if apply.is_empty() {
+        "the newsletter holds none of the corrected fields".to_string()
+    } else {
+        let fields: Vec<&str> = apply.iter().map(|(c, _)| *c).collect();
+        format!(
+            "corrected {} of {} subscriber(s)",
+            fields.join(", "),
+            subscribers.len()
+        )
+    };
+    if !not_held.is_empty() && !apply.is_empty() {
+        note.push_str(&format!("; not held here: {}", not_held.join(", ")));
+    }
+    let records = if apply.is_empty() {
+        0
+    } else {
+        subscribers.len() as i64
+    };
+    Ok(completed(records, note))
+}

@@ -1,0 +1,351 @@
+//! The adapter's durable state over SQLite or PostgreSQL: the subscribers, and one row per
+//! task with the answer given, which makes Execute idempotent per `task_id`.
+//!
+//! Execute first claims the task id (`INSERT ... ON CONFLICT DO NOTHING`) and then does the
+//! work and stores the answer, all in one transaction: a concurrent call with the same id
+//! waits for the claim to commit, finds the row and replays the answer, so the work is done
+//! once. Delayed erasures are finished by [`Store::finish`], which claims the ACCEPTED →
+//! COMPLETED change with a conditional update before deleting anything.
+
+use anyhow::{anyhow, Context};
+use dsrelay_proto::prost::Message;
+use dsrelay_proto::v1::{ExecuteOutcome, ExecuteRequest, ExecuteResponse, RequestKind};
+use dsrelay_runtime::store::Db;
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+use crate::newsletter::{self, Subscriber, SUBSCRIBER_COLUMNS};
+
+/// The migrations for each backend, embedded at build time (the second seeds subscribers).
+pub static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+/// See [`SQLITE_MIGRATIONS`].
+pub static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Why a store call did not give an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The task id names another task (other caller, request or kind).
+    #[error("{0}")]
+    Conflict(String),
+    /// No such task (for this caller).
+    #[error("{0}")]
+    NotFound(String),
+    /// The call does not apply to this task.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A database fault.
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Unexpected(e.into())
+    }
+}
+
+/// One stored task.
+#[derive(Debug, Clone)]
+struct TaskRow {
+    task_id: String,
+    caller: String,
+    request_id: String,
+    kind: i64,
+    outcome: i64,
+    response: Vec<u8>,
+    confirm_at: Option<i64>,
+}
+
+impl TaskRow {
+    fn from_row(r: &AnyRow) -> sqlx::Result<Self> {
+        Ok(Self {
+            task_id: r.try_get("task_id")?,
+            caller: r.try_get("caller")?,
+            request_id: r.try_get("request_id")?,
+            kind: r.try_get("kind")?,
+            outcome: r.try_get("outcome")?,
+            response: r.try_get("response")?,
+            confirm_at: r.try_get("confirm_at")?,
+        })
+    }
+
+    fn decode(&self) -> Result<ExecuteResponse, StoreError> {
+        ExecuteResponse::decode(self.response.as_slice())
+            .with_context(|| format!("decoding the stored answer of task {}", self.task_id))
+            .map_err(StoreError::Unexpected)
+    }
+}
+
+const TASK_COLUMNS: &str = "task_id, caller, request_id, kind, outcome, response, confirm_at";
+
+fn is_export(kind: i64) -> bool {
+    kind == RequestKind::ReturnOfData as i64 || kind == RequestKind::Transfer as i64
+}
+
+fn kind_name(kind: i64) -> &'static str {
+    i32::try_from(kind)
+        .ok()
+        .and_then(|k| RequestKind::try_from(k).ok())
+        .map(|k| k.as_str_name().trim_start_matches("REQUEST_KIND_"))
+        .unwrap_or("UNKNOWN")
+}
+
+/// The subscribers and task outcomes.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: Db,
+}
+
+impl Store {
+    /// Connects to `url`, applies the migrations (seeding the subscribers on first start).
+    pub async fn open(url: &str) -> anyhow::Result<Self> {
+        let db = Db::connect(url).await?;
+        db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS).await?;
+        Ok(Self { db })
+    }
+
+    /// The database handle.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Every subscriber, by id.
+    pub async fn subscribers(&self) -> anyhow::Result<Vec<Subscriber>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SUBSCRIBER_COLUMNS} FROM subscribers ORDER BY id"
+        ))
+        .fetch_all(&self.db.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(Subscriber::from_row)
+            .collect::<sqlx::Result<_>>()?)
+    }
+
+    /// The subscriber with `email` (compared lowercased), if any.
+    pub async fn subscriber(&self, email: &str) -> anyhow::Result<Option<Subscriber>> {
+        let row = sqlx::query(&format!(
+            "SELECT {SUBSCRIBER_COLUMNS} FROM subscribers WHERE email = $1"
+        ))
+        .bind(email.trim().to_lowercase())
+        .fetch_optional(&self.db.pool)
+        .await?;
+        Ok(row.as_ref().map(Subscriber::from_row).transpose()?)
+    }
+
+    async fn load(&self, task_id: &str) -> Result<Option<TaskRow>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {TASK_COLUMNS} FROM adapter_tasks WHERE task_id = $1"
+        ))
+        .bind(task_id)
+        .fetch_optional(&self.db.pool)
+        .await?;
+        Ok(row.as_ref().map(TaskRow::from_row).transpose()?)
+    }
+
+    /// Runs `req` for `caller` once per task id; a repeated call gets the first answer (or
+    /// the task's progress since).
+    pub async fn execute(
+        &self,
+        caller: &str,
+        req: &ExecuteRequest,
+        now: i64,
+        confirm_delay_ms: u64,
+    ) -> Result<ExecuteResponse, StoreError> {
+        let mut tx = self.db.pool.begin().await?;
+        let claimed = sqlx::query(
+            "INSERT INTO adapter_tasks (task_id, caller, request_id, kind, outcome, response, \
+             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (task_id) DO NOTHING",
+        )
+        .bind(&req.task_id)
+        .bind(caller)
+        .bind(&req.request_id)
+        .bind(i64::from(req.kind))
+        .bind(ExecuteOutcome::Unspecified as i64)
+        .bind(Vec::<u8>::new())
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if claimed == 0 {
+            tx.rollback().await?;
+            return self.replay(caller, req, now, confirm_delay_ms).await;
+        }
+        let work = newsletter::execute(&mut tx, req, confirm_delay_ms).await?;
+        // Exports are never kept: a replay reads the data again.
+        let stored = ExecuteResponse {
+            export_json: Vec::new(),
+            ..work.response.clone()
+        };
+        let pending = work.pending.as_ref().map(|ids| {
+            ids.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        });
+        let confirm_at = work
+            .pending
+            .as_ref()
+            .map(|_| now.saturating_add(i64::try_from(confirm_delay_ms).unwrap_or(i64::MAX)));
+        sqlx::query(
+            "UPDATE adapter_tasks SET outcome = $1, response = $2, pending_ids = $3, \
+             confirm_at = $4, updated_at = $5 WHERE task_id = $6",
+        )
+        .bind(i64::from(work.response.outcome))
+        .bind(stored.encode_to_vec())
+        .bind(pending)
+        .bind(confirm_at)
+        .bind(now)
+        .bind(&req.task_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(work.response)
+    }
+
+    async fn replay(
+        &self,
+        caller: &str,
+        req: &ExecuteRequest,
+        now: i64,
+        confirm_delay_ms: u64,
+    ) -> Result<ExecuteResponse, StoreError> {
+        let row = self.load(&req.task_id).await?.ok_or_else(|| {
+            StoreError::Unexpected(anyhow!("task {} was claimed but is gone", req.task_id))
+        })?;
+        if row.caller != caller {
+            return Err(StoreError::Conflict(format!(
+                "task_id {} is already used by another caller",
+                req.task_id
+            )));
+        }
+        if row.request_id != req.request_id || row.kind != i64::from(req.kind) {
+            return Err(StoreError::Conflict(format!(
+                "task_id {} was used for request {} ({}); a task id names one task",
+                req.task_id,
+                row.request_id,
+                kind_name(row.kind)
+            )));
+        }
+        if is_export(row.kind) && row.outcome == ExecuteOutcome::Completed as i64 {
+            // Reading again is harmless and keeps no second copy of the subject's data.
+            let mut tx = self.db.pool.begin().await?;
+            let work = newsletter::execute(&mut tx, req, confirm_delay_ms).await?;
+            tx.rollback().await?;
+            return Ok(work.response);
+        }
+        self.current(row, now).await
+    }
+
+    /// The answer for a stored task now: a delayed erasure whose time has come is finished
+    /// first.
+    async fn current(&self, row: TaskRow, now: i64) -> Result<ExecuteResponse, StoreError> {
+        if row.outcome == ExecuteOutcome::Accepted as i64
+            && row.confirm_at.is_some_and(|at| at <= now)
+        {
+            if let Some(done) = self.finish(&row.task_id, now).await? {
+                return Ok(done);
+            }
+            // Finished concurrently: read what was stored.
+            if let Some(again) = self.load(&row.task_id).await? {
+                return again.decode();
+            }
+        }
+        row.decode()
+    }
+
+    /// GetTaskStatus: the current answer of `caller`'s task `task_id`.
+    pub async fn status(
+        &self,
+        caller: &str,
+        task_id: &str,
+        now: i64,
+    ) -> Result<ExecuteResponse, StoreError> {
+        let row = self
+            .load(task_id)
+            .await?
+            .filter(|r| r.caller == caller)
+            .ok_or_else(|| StoreError::NotFound(format!("no task {task_id}")))?;
+        if is_export(row.kind) {
+            return Err(StoreError::FailedPrecondition(format!(
+                "task {task_id} is an export, which completes in Execute and is not kept; \
+                 repeat Execute with the same task_id to read the data again"
+            )));
+        }
+        self.current(row, now).await
+    }
+
+    /// Carries out the accepted erasure `task_id` if its time has come and nobody else did:
+    /// deletes the subscribers and stores COMPLETED. `None` when there was nothing to do.
+    pub async fn finish(
+        &self,
+        task_id: &str,
+        now: i64,
+    ) -> Result<Option<ExecuteResponse>, StoreError> {
+        let mut tx = self.db.pool.begin().await?;
+        let claimed = sqlx::query(
+            "UPDATE adapter_tasks SET outcome = $1, updated_at = $2 WHERE task_id = $3 \
+             AND outcome = $4 AND confirm_at <= $5",
+        )
+        .bind(ExecuteOutcome::Completed as i64)
+        .bind(now)
+        .bind(task_id)
+        .bind(ExecuteOutcome::Accepted as i64)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if claimed == 0 {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let pending: Option<String> =
+            sqlx::query_scalar("SELECT pending_ids FROM adapter_tasks WHERE task_id = $1")
+                .bind(task_id)
+                .fetch_one(&mut *tx)
+                .await?;
+        let ids: Vec<i64> = pending
+            .unwrap_or_default()
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("reading the pending ids of task {task_id}"))?;
+        let deleted = newsletter::delete(&mut tx, &ids).await?;
+        let response = newsletter::completed(
+            deleted,
+            format!("deleted {deleted} subscriber(s) (accepted earlier, carried out now)"),
+        );
+        sqlx::query(
+            "UPDATE adapter_tasks SET response = $1, pending_ids = NULL, confirm_at = NULL \
+             WHERE task_id = $2",
+        )
+        .bind(response.encode_to_vec())
+        .bind(task_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        tracing::info!(task_id, deleted, "delayed erasure carried out");
+        Ok(Some(response))
+    }
+
+    /// Finishes every accepted erasure whose time has come; returns how many.
+    pub async fn finish_due(&self, now: i64) -> Result<usize, StoreError> {
+        let due: Vec<String> = sqlx::query_scalar(
+            "SELECT task_id FROM adapter_tasks WHERE outcome = $1 AND confirm_at <= $2",
+        )
+        .bind(ExecuteOutcome::Accepted as i64)
+        .bind(now)
+        .fetch_all(&self.db.pool)
+        .await?;
+        let mut done = 0;
+        for task_id in due {
+            if self.finish(&task_id, now).await?.is_some() {
+                done += 1;
+            }
+        }
+        Ok(done)
+    }
+}

@@ -1,0 +1,590 @@
+//! The example adapter's API over real mutual TLS: the dev PKI's "adapter" party serves, its
+//! "processor" party calls.
+
+use std::time::Duration;
+
+use dsrelay_example_adapter::store::Store;
+use dsrelay_example_adapter::{App, Config};
+use dsrelay_proto::v1::subprocessor_adapter_client::SubprocessorAdapterClient;
+use dsrelay_proto::v1::{
+    DescribeRequest, ExecuteOutcome, ExecuteRequest, ExecuteResponse, FieldCorrection,
+    GetTaskStatusRequest, IdentityEncoding, IdentityType, RequestKind, RequestParameters, Scope,
+    SubjectIdentity,
+};
+use dsrelay_runtime::identity::{digest, normalize};
+use dsrelay_runtime::pki::{dev_identity, DevPki};
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const MAIJA: &str = "maija.meikalainen@example.fi";
+
+struct Running {
+    _dir: TempDir,
+    pki: DevPki,
+    port: u16,
+    store: Store,
+    stop: Option<oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Which database the adapter keeps its data in.
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A fresh database on the test PostgreSQL server (`DSRELAY_TEST_POSTGRES_URL`, which
+/// scripts/test.sh sets), or `None` when there is none (the test is skipped; in CI it fails).
+async fn fresh_postgres_database() -> Option<String> {
+    let server = match std::env::var("DSRELAY_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => {
+            assert!(
+                !std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true")),
+                "PostgreSQL is required in CI: set DSRELAY_TEST_POSTGRES_URL"
+            );
+            eprintln!("skipped on PostgreSQL: DSRELAY_TEST_POSTGRES_URL is not set");
+            return None;
+        }
+    };
+    let name = format!(
+        "adapter_{:016x}",
+        std::hash::BuildHasher::hash_one(
+            &std::collections::hash_map::RandomState::new(),
+            std::time::SystemTime::now(),
+        )
+    );
+    let db = dsrelay_runtime::store::Db::connect(&server).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    db.pool.close().await;
+    let (base, _) = server.rsplit_once('/').expect("server url has a path");
+    let query = server
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
+    Some(format!("{base}/{name}{query}"))
+}
+
+impl Running {
+    async fn start(confirm_delay_ms: u64) -> Self {
+        Self::start_on(Backend::Sqlite, confirm_delay_ms)
+            .await
+            .expect("sqlite")
+    }
+
+    async fn start_on(backend: Backend, confirm_delay_ms: u64) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let database_url = match backend {
+            Backend::Sqlite => format!("sqlite://{}/newsletter.db", dir.path().display()),
+            Backend::Postgres => fresh_postgres_database().await?,
+        };
+        let pki = DevPki::ensure(&dir.path().join("pki")).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let config = Config {
+            listen: format!("127.0.0.1:{port}"),
+            database_url,
+            tls: pki.files("adapter"),
+            allowed_identities: vec![dev_identity("processor", "payroll-bureau")],
+            confirm_delay_ms,
+            log_json: false,
+        };
+        config.validate().unwrap();
+        let app = App::build(config).await.unwrap();
+        let store = app.store();
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(app.run(listener, async {
+            let _ = rx.await;
+        }));
+        Some(Self {
+            _dir: dir,
+            pki,
+            port,
+            store,
+            stop: Some(tx),
+            handle,
+        })
+    }
+
+    /// A client presenting the dev PKI party `stem`'s certificate.
+    fn client(&self, stem: &str) -> SubprocessorAdapterClient<Channel> {
+        let tls = self.pki.files(stem).client_config().unwrap();
+        let channel = dsrelay_runtime::tls::channel(
+            &format!("https://localhost:{}", self.port),
+            Some(dev_identity("adapter", "example")),
+            &tls,
+        )
+        .unwrap();
+        SubprocessorAdapterClient::new(channel)
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let served = tokio::time::timeout(Duration::from_secs(10), &mut self.handle)
+            .await
+            .expect("stopped in time")
+            .expect("joined");
+        served.expect("served cleanly");
+    }
+}
+
+fn email(v: &str) -> SubjectIdentity {
+    SubjectIdentity {
+        r#type: IdentityType::Email as i32,
+        encoding: IdentityEncoding::Raw as i32,
+        value: v.into(),
+        label: String::new(),
+    }
+}
+
+fn request(task_id: &str, kind: RequestKind, who: SubjectIdentity) -> ExecuteRequest {
+    ExecuteRequest {
+        task_id: task_id.into(),
+        request_id: format!("req-{task_id}"),
+        kind: kind as i32,
+        identities: vec![who],
+        ..Default::default()
+    }
+}
+
+fn outcome(r: &ExecuteResponse) -> ExecuteOutcome {
+    ExecuteOutcome::try_from(r.outcome).unwrap()
+}
+
+fn records(r: &ExecuteResponse) -> i64 {
+    r.evidence.as_ref().unwrap().records_affected
+}
+
+#[tokio::test]
+async fn describe_lists_kinds_and_categories() {
+    let a = Running::start(0).await;
+    let d = a
+        .client("processor")
+        .describe(DescribeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.name, "example newsletter");
+    assert_eq!(d.supported_kinds.len(), 6);
+    assert!(!d
+        .supported_kinds
+        .contains(&(RequestKind::Unspecified as i32)));
+    assert_eq!(d.data_categories, vec!["contact", "marketing"]);
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn refuses_callers_that_are_not_allowed() {
+    let a = Running::start(0).await;
+    // A valid certificate from the same CA, but not a processor this adapter serves.
+    let mut partner = a.client("partner-crm");
+    let e = partner.describe(DescribeRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("spiffe://dsrelay.dev/partner/crm"),
+        "{e:?}"
+    );
+    let e = partner
+        .execute(request("t-denied", RequestKind::Erasure, email(MAIJA)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = partner
+        .get_task_status(GetTaskStatusRequest {
+            task_id: "t-denied".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // Nothing was done.
+    assert!(a.store.subscriber(MAIJA).await.unwrap().is_some());
+    a.stop().await;
+}
+
+async fn erasure_is_done_once_per_task_id(backend: Backend) {
+    let Some(a) = Running::start_on(backend, 0).await else {
+        return;
+    };
+    let mut c = a.client("processor");
+    let before = a.store.subscribers().await.unwrap().len();
+    let first = c
+        .execute(request("t-erase", RequestKind::Erasure, email(MAIJA)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&first), ExecuteOutcome::Completed);
+    assert_eq!(records(&first), 1);
+    assert!(first.evidence.as_ref().unwrap().confirmed);
+    assert!(a.store.subscriber(MAIJA).await.unwrap().is_none());
+    assert_eq!(a.store.subscribers().await.unwrap().len(), before - 1);
+
+    // The same task again (a retry after a lost answer): the first answer, no new work.
+    let again = c
+        .execute(request("t-erase", RequestKind::Erasure, email(MAIJA)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, first);
+    assert_eq!(a.store.subscribers().await.unwrap().len(), before - 1);
+    let status = c
+        .get_task_status(GetTaskStatusRequest {
+            task_id: "t-erase".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status, first);
+
+    // A new task finds nothing left.
+    let other = c
+        .execute(request("t-erase-2", RequestKind::Erasure, email(MAIJA)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&other), ExecuteOutcome::NotFound);
+
+    // A task id names one task.
+    let e = c
+        .execute(request("t-erase", RequestKind::Objection, email(MAIJA)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn erasure_is_done_once_per_task_id_on_sqlite() {
+    erasure_is_done_once_per_task_id(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn erasure_is_done_once_per_task_id_on_postgres() {
+    erasure_is_done_once_per_task_id(Backend::Postgres).await;
+}
+
+async fn concurrent_calls_with_one_task_id_do_the_work_once(backend: Backend) {
+    let Some(a) = Running::start_on(backend, 0).await else {
+        return;
+    };
+    let calls = (0..8).map(|_| {
+        let mut c = a.client("processor");
+        async move {
+            c.execute(request("t-race", RequestKind::Erasure, email(MAIJA)))
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    });
+    let answers = futures_join_all(calls).await;
+    assert!(answers.iter().all(|r| *r == answers[0]), "{answers:#?}");
+    assert_eq!(outcome(&answers[0]), ExecuteOutcome::Completed);
+    assert_eq!(records(&answers[0]), 1);
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_with_one_task_id_do_the_work_once_on_sqlite() {
+    concurrent_calls_with_one_task_id_do_the_work_once(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_with_one_task_id_do_the_work_once_on_postgres() {
+    concurrent_calls_with_one_task_id_do_the_work_once(Backend::Postgres).await;
+}
+
+/// Joins futures without an extra dependency.
+async fn futures_join_all<F: std::future::Future + Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn invalid_input_names_its_fields() {
+    let a = Running::start(0).await;
+    let mut c = a.client("processor");
+    let bad = ExecuteRequest {
+        task_id: String::new(),
+        request_id: "r".into(),
+        kind: RequestKind::Unspecified as i32,
+        identities: vec![email("not-an-address")],
+        ..Default::default()
+    };
+    let e = c.execute(bad).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    for field in ["task_id", "kind", "identities[0].value"] {
+        assert!(e.message().contains(field), "{field}: {e:?}");
+    }
+    let mut transfer = request("t-transfer", RequestKind::Transfer, email(MAIJA));
+    transfer.parameters = None;
+    let e = c.execute(transfer).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("parameters.transfer_recipient"),
+        "{e:?}"
+    );
+    let e = c
+        .get_task_status(GetTaskStatusRequest {
+            task_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = c
+        .get_task_status(GetTaskStatusRequest {
+            task_id: "never-seen".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn exports_the_subscriber_as_json() {
+    let a = Running::start(0).await;
+    let mut c = a.client("processor");
+    // Found by a hashed address too, as Mailchimp-style holders are asked.
+    let hashed = SubjectIdentity {
+        r#type: IdentityType::Email as i32,
+        encoding: IdentityEncoding::Sha256 as i32,
+        value: digest(
+            IdentityEncoding::Sha256,
+            &normalize(IdentityType::Email, MAIJA),
+        )
+        .unwrap(),
+        label: String::new(),
+    };
+    let r = c
+        .execute(request("t-export", RequestKind::ReturnOfData, hashed))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&r), ExecuteOutcome::Completed);
+    assert_eq!(records(&r), 1);
+    let json: serde_json::Value = serde_json::from_slice(&r.export_json).unwrap();
+    assert_eq!(json["subscribers"][0]["email"], MAIJA);
+    assert_eq!(json["subscribers"][0]["phone"], "+358401234567");
+    // Repeated: read again, same data.
+    let again = c
+        .execute(request("t-export", RequestKind::ReturnOfData, email(MAIJA)))
+        .await;
+    // Identities differ but the task is the same export: the data is read again.
+    assert_eq!(again.unwrap().into_inner().export_json, r.export_json);
+    // Exports are not kept, so there is no status to ask for.
+    let e = c
+        .get_task_status(GetTaskStatusRequest {
+            task_id: "t-export".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+
+    let mut transfer = request("t-transfer", RequestKind::Transfer, email(MAIJA));
+    transfer.parameters = Some(RequestParameters {
+        transfer_recipient: "spiffe://dsrelay.dev/partner/crm".into(),
+        ..Default::default()
+    });
+    let r = c.execute(transfer).await.unwrap().into_inner();
+    assert_eq!(outcome(&r), ExecuteOutcome::Completed);
+    assert!(!r.export_json.is_empty());
+    a.stop().await;
+}
+
+async fn rectifies_restricts_and_honours_objections(backend: Backend) {
+    let Some(a) = Running::start_on(backend, 0).await else {
+        return;
+    };
+    let mut c = a.client("processor");
+    let mut fix = request("t-fix", RequestKind::Rectification, email(MAIJA));
+    fix.parameters = Some(RequestParameters {
+        corrections: vec![
+            FieldCorrection {
+                field: "name".into(),
+                new_value: "Maija Virtanen".into(),
+            },
+            FieldCorrection {
+                field: "phone".into(),
+                new_value: "+358 40 765 4321".into(),
+            },
+            FieldCorrection {
+                field: "address".into(),
+                new_value: "Esimerkkikatu 1".into(),
+            },
+        ],
+        ..Default::default()
+    });
+    let r = c.execute(fix).await.unwrap().into_inner();
+    assert_eq!(outcome(&r), ExecuteOutcome::Completed, "{r:?}");
+    assert!(r
+        .evidence
+        .as_ref()
+        .unwrap()
+        .note
+        .contains("not held here: address"));
+    let s = a.store.subscriber(MAIJA).await.unwrap().unwrap();
+    assert_eq!(s.name, "Maija Virtanen");
+    assert_eq!(s.phone.as_deref(), Some("+358407654321"));
+
+    // An address another subscriber uses is refused without changing anything.
+    let mut clash = request("t-clash", RequestKind::Rectification, email(MAIJA));
+    clash.parameters = Some(RequestParameters {
+        corrections: vec![FieldCorrection {
+            field: "email".into(),
+            new_value: "matti.virtanen@example.fi".into(),
+        }],
+        ..Default::default()
+    });
+    let r = c.execute(clash).await.unwrap().into_inner();
+    assert_eq!(outcome(&r), ExecuteOutcome::Failed);
+    assert!(a.store.subscriber(MAIJA).await.unwrap().is_some());
+
+    let r = c
+        .execute(request(
+            "t-restrict",
+            RequestKind::Restriction,
+            email(MAIJA),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(records(&r), 1);
+    assert!(a.store.subscriber(MAIJA).await.unwrap().unwrap().restricted);
+    let mut lift = request("t-lift", RequestKind::Restriction, email(MAIJA));
+    lift.parameters = Some(RequestParameters {
+        lift_restriction: true,
+        ..Default::default()
+    });
+    c.execute(lift).await.unwrap();
+    assert!(!a.store.subscriber(MAIJA).await.unwrap().unwrap().restricted);
+
+    let r = c
+        .execute(request("t-object", RequestKind::Objection, email(MAIJA)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&r), ExecuteOutcome::Completed);
+    assert!(!a.store.subscriber(MAIJA).await.unwrap().unwrap().subscribed);
+
+    // Outside the newsletter's categories, or without an identity it can use.
+    let mut other_scope = request("t-scope", RequestKind::Erasure, email(MAIJA));
+    other_scope.scope = Some(Scope {
+        data_categories: vec!["invoicing".into()],
+    });
+    let r = c.execute(other_scope).await.unwrap().into_inner();
+    assert_eq!(outcome(&r), ExecuteOutcome::NotFound);
+    let customer = SubjectIdentity {
+        r#type: IdentityType::CustomerNumber as i32,
+        encoding: IdentityEncoding::Raw as i32,
+        value: "C-1001".into(),
+        label: String::new(),
+    };
+    let r = c
+        .execute(request("t-customer", RequestKind::Erasure, customer))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&r), ExecuteOutcome::Refused);
+    assert!(!r.reason.is_empty());
+    assert!(a.store.subscriber(MAIJA).await.unwrap().is_some());
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn rectifies_restricts_and_honours_objections_on_sqlite() {
+    rectifies_restricts_and_honours_objections(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn rectifies_restricts_and_honours_objections_on_postgres() {
+    rectifies_restricts_and_honours_objections(Backend::Postgres).await;
+}
+
+async fn delayed_erasure_is_accepted_then_confirmed(backend: Backend) {
+    let Some(a) = Running::start_on(backend, 400).await else {
+        return;
+    };
+    let mut c = a.client("processor");
+    let r = c
+        .execute(request("t-later", RequestKind::Erasure, email(MAIJA)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&r), ExecuteOutcome::Accepted);
+    assert!(!r.evidence.as_ref().unwrap().confirmed);
+    // Accepted, not yet done.
+    assert!(a.store.subscriber(MAIJA).await.unwrap().is_some());
+    let asked = GetTaskStatusRequest {
+        task_id: "t-later".into(),
+    };
+    let early = c.get_task_status(asked.clone()).await.unwrap().into_inner();
+    assert_eq!(outcome(&early), ExecuteOutcome::Accepted);
+
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let done = c.get_task_status(asked.clone()).await.unwrap().into_inner();
+    assert_eq!(outcome(&done), ExecuteOutcome::Completed, "{done:?}");
+    assert_eq!(records(&done), 1);
+    assert!(done.evidence.as_ref().unwrap().confirmed);
+    assert!(a.store.subscriber(MAIJA).await.unwrap().is_none());
+    // Stable afterwards, through either call.
+    assert_eq!(c.get_task_status(asked).await.unwrap().into_inner(), done);
+    let replay = c
+        .execute(request("t-later", RequestKind::Erasure, email(MAIJA)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replay, done);
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn delayed_erasure_is_accepted_then_confirmed_on_sqlite() {
+    delayed_erasure_is_accepted_then_confirmed(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn delayed_erasure_is_accepted_then_confirmed_on_postgres() {
+    delayed_erasure_is_accepted_then_confirmed(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn serves_health_checks() {
+    let a = Running::start(0).await;
+    let tls = a.pki.files("processor").client_config().unwrap();
+    let channel = dsrelay_runtime::tls::channel(
+        &format!("https://localhost:{}", a.port),
+        Some(dev_identity("adapter", "example")),
+        &tls,
+    )
+    .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let r = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "dsrelay.v1.SubprocessorAdapter".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    a.stop().await;
+}

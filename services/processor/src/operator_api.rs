@@ -1,0 +1,239 @@
+//! The processor's operator API: people confirm or refuse tasks of manual connectors.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use dsrelay_proto::timestamp_from_millis;
+use dsrelay_proto::v1::processor_operator_service_server::ProcessorOperatorService;
+use dsrelay_proto::v1::{
+    CompleteManualTaskRequest, Evidence, ListManualTasksRequest, ManualTask, ManualTaskList,
+    RefuseManualTaskRequest, TaskRef, TaskState,
+};
+use tonic::{Request, Response, Status};
+
+use crate::app::Shared;
+use crate::store::{ManualRow, TaskKey, Transition};
+
+/// The ProcessorOperatorService implementation.
+#[derive(Clone)]
+pub struct OperatorApi {
+    shared: Arc<Shared>,
+    operators: Arc<HashSet<String>>,
+}
+
+impl OperatorApi {
+    /// Handlers over `shared`.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        let operators = shared.config.operators.iter().cloned().collect();
+        Self {
+            shared,
+            operators: Arc::new(operators),
+        }
+    }
+
+    fn operator<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let identity = dsrelay_runtime::tls::peer_identity(req).ok_or_else(|| {
+            Status::permission_denied("no client certificate with a URI or DNS SAN was presented")
+        })?;
+        if self.operators.contains(&identity) {
+            Ok(identity)
+        } else {
+            Err(Status::permission_denied(format!(
+                "certificate identity {identity} is not an operator of this processor"
+            )))
+        }
+    }
+
+    async fn finish(
+        &self,
+        task: Option<TaskRef>,
+        transition: Transition,
+        by: &str,
+    ) -> Result<ManualTask, Status> {
+        let key = task_key(task)?;
+        let store = &self.shared.store;
+        let row = store
+            .manual_task(&key)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no task {}/{}/{}",
+                    key.controller, key.request_id, key.subprocessor
+                ))
+            })?;
+        if row.task.state != TaskState::WaitingForOperator {
+            return Err(Status::failed_precondition(format!(
+                "the task is {}, not waiting for an operator",
+                row.task
+                    .state
+                    .as_str_name()
+                    .trim_start_matches("TASK_STATE_")
+            )));
+        }
+        let now = self.shared.clock.now_ms();
+        let moved = store
+            .transition(&key, row.task.sequence, &transition, now, row.task.attempts)
+            .await
+            .map_err(internal)?;
+        if moved.is_none() {
+            return Err(Status::aborted(
+                "the task changed meanwhile (cancelled, or confirmed by someone else); list again",
+            ));
+        }
+        tracing::info!(
+            request_id = %key.request_id,
+            subprocessor = %key.subprocessor,
+            operator = by,
+            state = TaskState::try_from(transition.state).unwrap_or_default().as_str_name(),
+            "manual task confirmed by an operator"
+        );
+        self.shared.ack_wakeup.notify_one();
+        let row = store
+            .manual_task(&key)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Status::internal("the task vanished"))?;
+        Ok(to_proto(row))
+    }
+}
+
+fn internal(e: anyhow::Error) -> Status {
+    tracing::error!(error = format!("{e:#}"), "internal error");
+    Status::internal("internal error; the processor logged the details")
+}
+
+fn task_key(task: Option<TaskRef>) -> Result<TaskKey, Status> {
+    let t = task.ok_or_else(|| Status::invalid_argument("task: is required"))?;
+    for (field, value) in [
+        ("task.controller", &t.controller),
+        ("task.request_id", &t.request_id),
+        ("task.subprocessor", &t.subprocessor),
+    ] {
+        if value.is_empty() || value.len() > 128 {
+            return Err(Status::invalid_argument(format!(
+                "{field}: must be 1 to 128 bytes"
+            )));
+        }
+    }
+    Ok(TaskKey {
+        controller: t.controller,
+        request_id: t.request_id,
+        subprocessor: t.subprocessor,
+    })
+}
+
+fn check_note(field: &str, value: &str) -> Result<(), Status> {
+    if value.trim().is_empty() || value.len() > 4096 {
+        return Err(Status::invalid_argument(format!(
+            "{field}: must be 1 to 4096 bytes"
+        )));
+    }
+    if value
+        .chars()
+        .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+    {
+        return Err(Status::invalid_argument(format!(
+            "{field}: must not contain control characters (other than tab and line breaks)"
+        )));
+    }
+    Ok(())
+}
+
+fn to_proto(r: ManualRow) -> ManualTask {
+    let body = r.request.unwrap_or_default();
+    ManualTask {
+        task: Some(TaskRef {
+            controller: r.task.key.controller.clone(),
+            request_id: r.task.key.request_id.clone(),
+            subprocessor: r.task.key.subprocessor.clone(),
+        }),
+        kind: body.kind,
+        identities: body.identities,
+        scope: body.scope,
+        parameters: body.parameters,
+        state: r.task.state as i32,
+        instructions: r.task.note.clone(),
+        waiting_since: Some(timestamp_from_millis(r.task.updated_at)),
+        due_at: Some(timestamp_from_millis(r.due_at)),
+        evidence: Some(Evidence {
+            records_affected: r.task.records_affected,
+            note: r.task.note,
+            confirmed: r.task.confirmed,
+        }),
+    }
+}
+
+#[tonic::async_trait]
+impl ProcessorOperatorService for OperatorApi {
+    async fn list_manual_tasks(
+        &self,
+        req: Request<ListManualTasksRequest>,
+    ) -> Result<Response<ManualTaskList>, Status> {
+        self.operator(&req)?;
+        let r = req.into_inner();
+        let limit = match r.limit {
+            0 => 100,
+            n @ 1..=500 => n,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "limit: must be 0 (default 100) to 500",
+                ))
+            }
+        };
+        let rows = self
+            .shared
+            .store
+            .manual_tasks(
+                (!r.subprocessor.is_empty()).then_some(r.subprocessor.as_str()),
+                i64::from(limit),
+            )
+            .await
+            .map_err(internal)?;
+        Ok(Response::new(ManualTaskList {
+            tasks: rows.into_iter().map(to_proto).collect(),
+        }))
+    }
+
+    async fn complete_manual_task(
+        &self,
+        req: Request<CompleteManualTaskRequest>,
+    ) -> Result<Response<ManualTask>, Status> {
+        let by = self.operator(&req)?;
+        let r = req.into_inner();
+        check_note("evidence_note", &r.evidence_note)?;
+        if r.records_affected < 0 {
+            return Err(Status::invalid_argument(
+                "records_affected: must not be negative",
+            ));
+        }
+        let state = if r.not_found {
+            TaskState::NotFound
+        } else {
+            TaskState::Completed
+        };
+        let t = Transition {
+            state: state as i32,
+            records_affected: r.records_affected,
+            confirmed: true,
+            note: format!("{} (confirmed by {by})", r.evidence_note),
+            ..Default::default()
+        };
+        Ok(Response::new(self.finish(r.task, t, &by).await?))
+    }
+
+    async fn refuse_manual_task(
+        &self,
+        req: Request<RefuseManualTaskRequest>,
+    ) -> Result<Response<ManualTask>, Status> {
+        let by = self.operator(&req)?;
+        let r = req.into_inner();
+        check_note("reason", &r.reason)?;
+        let t = Transition {
+            state: TaskState::Refused as i32,
+            reason: format!("{} (refused by {by})", r.reason),
+            ..Default::default()
+        };
+        Ok(Response::new(self.finish(r.task, t, &by).await?))
+    }
+}

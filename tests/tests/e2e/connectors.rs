@@ -1,0 +1,198 @@
+//! The connector family through the real services: manual confirmation by an operator,
+//! explicit refusals, and the published subprocessor chain.
+
+use std::time::Duration;
+
+use dsrelay_proto::v1::processor_operator_service_client::ProcessorOperatorServiceClient;
+use dsrelay_proto::v1::{
+    CompleteManualTaskRequest, GetChainRequest, ListManualTasksRequest, RefuseManualTaskRequest,
+    RequestKind, RequestState, Scope, TaskState, TransferMechanism,
+};
+use tonic::Code;
+
+use crate::harness::{erasure, in_state, wait_until, Pair, PairOptions, PROCESSOR};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_tasks_wait_for_an_operator_who_confirms_with_evidence() {
+    let pair = Pair::start(PairOptions {
+        with_manual_archive: true,
+        ..Default::default()
+    })
+    .await
+    .expect("pair");
+    let mut crm = pair.setup.client("partner-crm").await;
+    let mut req = erasure("maija.meikalainen@example.fi");
+    req.scope = Some(Scope {
+        data_categories: vec!["archive".into()],
+    });
+    let r = crm.submit(req).await.expect("submit").into_inner();
+    let view = wait_until(&mut crm, &r.request_id, Duration::from_secs(20), |v| {
+        v.tasks
+            .iter()
+            .any(|t| t.state == TaskState::WaitingForOperator as i32)
+    })
+    .await;
+    // Waiting for a person is progress, not completion.
+    assert_eq!(view.state, RequestState::InProgress as i32);
+
+    // Only the processor's operators may see and confirm manual tasks.
+    let mut as_partner =
+        ProcessorOperatorServiceClient::new(pair.setup.channel_to_processor("partner-crm"));
+    let err = as_partner
+        .list_manual_tasks(ListManualTasksRequest::default())
+        .await
+        .expect_err("partner");
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    let mut ops = ProcessorOperatorServiceClient::new(pair.setup.channel_to_processor("operator"));
+    let open = ops
+        .list_manual_tasks(ListManualTasksRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .tasks;
+    assert_eq!(open.len(), 1);
+    let task = open[0].clone();
+    assert_eq!(task.kind, RequestKind::Erasure as i32);
+    assert_eq!(task.identities[0].value, "maija.meikalainen@example.fi");
+    assert!(task.instructions.contains("shred"), "{task:?}");
+
+    let err = ops
+        .complete_manual_task(CompleteManualTaskRequest {
+            task: task.task.clone(),
+            evidence_note: String::new(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("evidence is required");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let done = ops
+        .complete_manual_task(CompleteManualTaskRequest {
+            task: task.task.clone(),
+            not_found: false,
+            records_affected: 1,
+            evidence_note: "shredded folder C-1001, witnessed by M. Virtanen".into(),
+        })
+        .await
+        .expect("complete")
+        .into_inner();
+    assert_eq!(done.state, TaskState::Completed as i32);
+    // Confirming twice is refused: the task is no longer waiting.
+    let err = ops
+        .refuse_manual_task(RefuseManualTaskRequest {
+            task: task.task.clone(),
+            reason: "too late".into(),
+        })
+        .await
+        .expect_err("already done");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    let view = wait_until(
+        &mut crm,
+        &r.request_id,
+        Duration::from_secs(20),
+        in_state(RequestState::Completed),
+    )
+    .await;
+    let t = &view.tasks[0];
+    let evidence = t.evidence.clone().expect("evidence");
+    assert!(evidence.confirmed);
+    assert_eq!(evidence.records_affected, 1);
+    assert!(evidence.note.contains("witnessed"), "{evidence:?}");
+    assert!(evidence.note.contains("spiffe://dsrelay.dev/operator/ops"));
+    pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsupported_kind_is_refused_with_the_reason() {
+    let pair = Pair::start(PairOptions::default()).await.expect("pair");
+    let mut crm = pair.setup.client("partner-crm").await;
+    // The SQL connector of the sample has no restriction column configured.
+    let mut req = erasure("maija.meikalainen@example.fi");
+    req.kind = RequestKind::Restriction as i32;
+    req.scope = Some(Scope {
+        data_categories: vec!["invoicing".into()],
+    });
+    let r = crm.submit(req).await.expect("submit").into_inner();
+    let view = wait_until(&mut crm, &r.request_id, Duration::from_secs(20), |v| {
+        !v.tasks.is_empty()
+            && v.tasks.iter().all(|t| {
+                t.state != TaskState::Pending as i32 && t.state != TaskState::InProgress as i32
+            })
+    })
+    .await;
+    let t = &view.tasks[0];
+    if t.state == TaskState::Refused as i32 {
+        assert!(t.reason.contains("does not support RESTRICTION"), "{t:?}");
+        assert_eq!(view.state, RequestState::Failed as i32);
+    } else {
+        // The sample configures restriction: then it must have been carried out.
+        assert_eq!(t.state, TaskState::Completed as i32, "{t:?}");
+    }
+    pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_chain_is_visible_to_the_controller() {
+    let pair = Pair::start(PairOptions {
+        with_manual_archive: true,
+        with_absent_processor: true,
+        ..Default::default()
+    })
+    .await
+    .expect("pair");
+    let mut ops = pair.setup.client("operator").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let chain = loop {
+        let chain = ops
+            .get_chain(GetChainRequest {})
+            .await
+            .expect("chain")
+            .into_inner();
+        let ready = chain
+            .processors
+            .iter()
+            .all(|p| p.reported_at.is_some() || !p.last_error.is_empty());
+        if ready {
+            break chain;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{chain:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let bureau = chain
+        .processors
+        .iter()
+        .find(|p| p.name == PROCESSOR)
+        .expect("processor");
+    let names: Vec<&str> = bureau
+        .subprocessors
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(names, ["accounting", "mail-marketing", "paper-archive"]);
+    let mail = &bureau.subprocessors[1];
+    assert_eq!(mail.country, "US");
+    assert_eq!(
+        mail.transfer_mechanism,
+        TransferMechanism::AdequacyDecision as i32
+    );
+    assert_eq!(mail.data_categories, vec!["marketing".to_string()]);
+    let accounting = &bureau.subprocessors[0];
+    assert_eq!(accounting.connector, "sql");
+    assert!(accounting
+        .supported_kinds
+        .contains(&(RequestKind::Erasure as i32)));
+    assert_eq!(
+        accounting.transfer_mechanism,
+        TransferMechanism::None as i32
+    );
+    // The unreachable processor is listed with why it could not be asked.
+    let absent = chain
+        .processors
+        .iter()
+        .find(|p| p.name == "web-agency")
+        .expect("absent processor");
+    assert!(absent.subprocessors.is_empty());
+    assert!(!absent.last_error.is_empty());
+    pair.stop().await;
+}

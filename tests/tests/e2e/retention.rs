@@ -1,0 +1,139 @@
+//! "We must keep this by law" is an answer, not a failure: the sample accounting database
+//! keeps vouchers six years and books ten years after the end of the fiscal year, and open
+//! invoices while they are open. The processor's clock is moved to show the rest is erased,
+//! and acknowledged, without anyone asking again.
+
+use std::time::Duration;
+
+use chrono::{TimeZone, Utc};
+use dsrelay_proto::v1::{Request, RequestState, TaskState};
+
+use crate::harness::{count, erasure, wait_until, Pair, PairOptions};
+
+const MAIJA: &str = "maija.meikalainen@example.fi";
+
+fn accounting(r: &Request) -> dsrelay_proto::v1::TaskStatus {
+    r.tasks
+        .iter()
+        .find(|t| t.subprocessor == "accounting")
+        .cloned()
+        .expect("accounting task")
+}
+
+fn ms(y: i32, m: u32, d: u32) -> i64 {
+    Utc.with_ymd_and_hms(y, m, d, 0, 0, 0)
+        .single()
+        .expect("date")
+        .timestamp_millis()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_data_is_erased_when_the_obligation_ends() {
+    let pair = Pair::start(PairOptions::default()).await.expect("pair");
+    let mut crm = pair.setup.client("partner-crm").await;
+    let url = pair.setup.accounting_url.clone();
+    let r = crm
+        .submit(erasure(MAIJA))
+        .await
+        .expect("submit")
+        .into_inner();
+
+    let view = wait_until(&mut crm, &r.request_id, Duration::from_secs(20), |v| {
+        v.state == RequestState::PartiallyCompleted as i32
+    })
+    .await;
+    let t = accounting(&view);
+    assert_eq!(t.state, TaskState::Retained as i32, "{t:#?}");
+    assert!(t.legal_basis.contains("Kirjanpitolaki"), "{t:#?}");
+    let until = dsrelay_proto::millis_from_timestamp(&t.retain_until.expect("retain_until"));
+    // Invoice 102 (2024) is the first to be released: six years after the end of 2024.
+    assert_eq!(until, ms(2031, 1, 1), "{t:#?}");
+    // What the obligation does not need is gone already: her contacts, the 2015 invoice, and
+    // her e-mail on the invoices kept.
+    assert_eq!(
+        count(&url, "SELECT COUNT(*) FROM contacts WHERE customer_id = 1").await,
+        0
+    );
+    assert_eq!(
+        count(&url, "SELECT COUNT(*) FROM invoices WHERE id = 101").await,
+        0
+    );
+    assert_eq!(
+        count(
+            &url,
+            "SELECT COUNT(*) FROM invoices WHERE customer_id = 1 AND customer_email IS NOT NULL"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(&url, "SELECT COUNT(*) FROM invoices WHERE id IN (102, 103)").await,
+        2
+    );
+    let first_records = t.evidence.clone().expect("evidence").records_affected;
+    assert!(first_records > 0);
+
+    // Past the vouchers' period, the paid invoice goes; the open one stays while it is open
+    // and the 2024 ledger entry stays under the books' ten years.
+    let clock = pair.processor_shared.clock.clone();
+    clock.advance(until - dsrelay_runtime::store::now_ms() + 1000);
+    pair.processor_shared.task_wakeup.notify_one();
+    let view = wait_until(&mut crm, &r.request_id, Duration::from_secs(20), |v| {
+        accounting(v).sequence > t.sequence
+    })
+    .await;
+    let t2 = accounting(&view);
+    assert_eq!(t2.state, TaskState::Retained as i32, "{t2:#?}");
+    assert_eq!(
+        count(&url, "SELECT COUNT(*) FROM invoices WHERE id = 102").await,
+        0
+    );
+    assert_eq!(
+        count(&url, "SELECT COUNT(*) FROM invoices WHERE id = 103").await,
+        1
+    );
+    assert!(t2.evidence.clone().expect("evidence").records_affected > first_records);
+
+    // The open invoice is paid; ten years after 2024 the books are released too. Nobody asks
+    // again: the processor wakes up at the dates it gave and finishes.
+    let accounting_db = dsrelay_runtime::store::Db::connect(&url)
+        .await
+        .expect("connect");
+    sqlx::query("UPDATE invoices SET status = 'paid' WHERE id = 103")
+        .execute(&accounting_db.pool)
+        .await
+        .expect("pay the invoice");
+    accounting_db.pool.close().await;
+    clock.advance(ms(2035, 1, 2) - clock.now_ms());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let done = loop {
+        pair.processor_shared.task_wakeup.notify_one();
+        let v = wait_until(&mut crm, &r.request_id, Duration::from_secs(5), |_| true).await;
+        if v.state == RequestState::Completed as i32 {
+            break v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{v:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let t3 = accounting(&done);
+    assert_eq!(t3.state, TaskState::Completed as i32);
+    assert!(t3.evidence.expect("evidence").confirmed);
+    for table in ["invoices", "ledger_entries", "contacts"] {
+        assert_eq!(
+            count(
+                &url,
+                &format!("SELECT COUNT(*) FROM {table} WHERE customer_id = 1")
+            )
+            .await,
+            0,
+            "{table}"
+        );
+    }
+    assert_eq!(
+        count(&url, "SELECT COUNT(*) FROM customers WHERE id = 1").await,
+        0
+    );
+    // Everyone else's books are intact.
+    assert_eq!(count(&url, "SELECT COUNT(*) FROM customers").await, 5);
+    pair.stop().await;
+}
