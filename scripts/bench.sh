@@ -9,7 +9,8 @@
 #   1. cargo build --release --bins: the benchmark spawns the release service
 #      binaries target/release/dsrelay-registry and target/release/dsrelay-processor
 #      as processes of their own (so each one's resident memory can be read).
-#   2. target/release/dsrelay-bench "$@" (see its --help). It measures a bare
+#   2. target/release/dsrelay-bench "$@" (see its --help; $CARGO_TARGET_DIR is
+#      honoured). It measures a bare
 #      mTLS gRPC echo and bare durable INSERT commits (the baselines), then the
 #      relay: one registry and two processors with three no-op subprocessors
 #      each, everything on 127.0.0.1 in a fresh temporary folder. It prints a
@@ -33,8 +34,9 @@ done
 printf 'bench.sh: building release binaries: cargo build --release --bins\n' >&2
 cargo build --release --bins
 
+bench="${CARGO_TARGET_DIR:-target}/release/dsrelay-bench"
 if [ "$postgres" -eq 1 ]; then
-    DSRELAY_TEST_SH_ONLY_PG=1 exec scripts/test.sh target/release/dsrelay-bench "$@"
+    DSRELAY_TEST_SH_ONLY_PG=1 exec scripts/test.sh "$bench" "$@"
 else
-    exec target/release/dsrelay-bench "$@"
+    exec "$bench" "$@"
 fi

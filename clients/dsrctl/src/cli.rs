@@ -19,9 +19,10 @@ Connection settings: each is taken from the first of
      the registry must present spiffe://dsrelay.dev/registry/controller.
      `dsrctl pki init` creates that PKI.
 
-Exit status: 0 on success; 1 for a configuration or connection problem, and from `watch`
-when the request ended other than COMPLETED; 2 for a usage error or an error answer from the
-registry (printed as `error: <CODE>: <message>`).";
+Exit status: 0 on success; 1 for a configuration or connection problem, from `watch`
+when the request ended other than COMPLETED, and from `audit verify` when the trail is
+broken; 2 for a usage error or an error answer from the registry (printed as
+`error: <CODE>: <message>`).";
 
 /// Command-line client for the dsrelay registry: submit and follow data-subject requests.
 #[derive(Debug, Parser)]
@@ -102,6 +103,9 @@ pub enum Command {
     /// Show the processing chain: every processor and its subprocessors, with countries and
     /// transfer mechanisms, as the processors last reported them.
     Chain,
+    /// Draw a request's propagation from its stored events: registry → processors →
+    /// subprocessors, with per-hop durations, states, retries and what is still pending.
+    Trace(TraceArgs),
     /// Tasks at a processor that wait for an operator (manual connectors). These commands
     /// talk to the processor, not the registry.
     #[command(subcommand)]
@@ -109,8 +113,18 @@ pub enum Command {
     /// Run the whole service pair on this machine for development.
     #[command(subcommand)]
     Dev(DevCommand),
+    /// The registry's tamper-evident audit trail (operators only).
+    #[command(subcommand)]
+    Audit(AuditCommand),
     // New subcommands go here, with their arm in `commands::dispatch`; a subcommand that
     // needs no registry connection must not call `settings::resolve`.
+}
+
+/// Arguments of `dsrctl trace`.
+#[derive(Debug, Clone, Args)]
+pub struct TraceArgs {
+    /// The request id.
+    pub id: String,
 }
 
 /// Where the processor is, for `dsrctl tasks`.
@@ -179,6 +193,36 @@ pub enum TasksCommand {
         #[arg(long)]
         reason: String,
     },
+}
+
+/// `dsrctl audit ...`.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Read the whole audit trail and check its hash chain; exits 0 if it is intact and 1
+    /// naming the first entry that was modified, inserted or removed. Keep the printed last
+    /// hash: passed to --anchor later, it also catches entries removed from the end and a
+    /// trail rewritten up to that entry.
+    Verify(AuditVerifyArgs),
+}
+
+/// Arguments of `dsrctl audit verify`.
+#[derive(Debug, Clone, Args)]
+pub struct AuditVerifyArgs {
+    /// Require entry SEQ to have hash HASH, as an earlier verification printed them.
+    #[arg(long, value_name = "SEQ:HASH", value_parser = parse_anchor)]
+    pub anchor: Option<(u64, String)>,
+}
+
+/// `SEQ:HASH` with a positive seq and a hex SHA-256.
+fn parse_anchor(s: &str) -> Result<(u64, String), String> {
+    let (seq, hash) = s
+        .split_once(':')
+        .ok_or_else(|| format!("expected SEQ:HASH, got {s:?}"))?;
+    let seq = match seq.parse::<u64>() {
+        Ok(n) if n > 0 => n,
+        _ => return Err(format!("SEQ must be a positive number, got {seq:?}")),
+    };
+    Ok((seq, parse_sha256(hash)?))
 }
 
 /// `dsrctl dev ...`.
@@ -419,6 +463,11 @@ pub struct PkiInitArgs {
     /// Folder for the PKI files.
     #[arg(long, value_name = "DIR", default_value = ".dsrelay/pki")]
     pub dir: PathBuf,
+
+    /// Another DNS name every certificate is valid for besides localhost (repeatable), e.g.
+    /// the services' host names in docker-compose. Used only when the PKI is created.
+    #[arg(long = "dns-name", value_name = "NAME")]
+    pub dns_names: Vec<String>,
 }
 
 /// `NAME=VALUE`, split at the first `=`; the name must not be empty.
@@ -514,5 +563,13 @@ mod tests {
         assert!(parse_sha256(&"zz".repeat(32)).is_err());
         let err = Cli::try_parse_from(["dsrctl", "extend", "r", "--months", "3", "--reason", "x"]);
         assert!(err.is_err());
+        let hash = "AB".repeat(32);
+        assert_eq!(
+            parse_anchor(&format!("12:{hash}")).unwrap(),
+            (12, "ab".repeat(32))
+        );
+        assert!(parse_anchor(&format!("0:{hash}")).is_err());
+        assert!(parse_anchor(&hash).is_err());
+        assert!(parse_anchor("3:abc").is_err());
     }
 }

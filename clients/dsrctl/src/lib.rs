@@ -10,9 +10,9 @@
 //! - `output`: serde views of the proto messages and their text and JSON rendering.
 //! - `commands`: one module per subcommand, and `dispatch` choosing among them.
 //!
-//! Exit status: 0 on success; 1 for configuration and connection problems and when `watch`
-//! sees the request end other than COMPLETED; 2 for usage errors (clap's own included) and
-//! error answers from the registry.
+//! Exit status: 0 on success; 1 for configuration and connection problems, when `watch`
+//! sees the request end other than COMPLETED and when `audit verify` finds the trail broken;
+//! 2 for usage errors (clap's own included) and error answers from the registry.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -29,7 +29,8 @@ pub use settings::Environment;
 use dsrelay_sdk::{code_name, is_connection_error};
 
 /// Exit status of a command that ran but whose outcome was not the hoped-for one (`watch`
-/// of a request that FAILED), and of configuration and connection problems.
+/// of a request that FAILED, `audit verify` of a broken trail), and of configuration and
+/// connection problems.
 pub const EXIT_FAILURE: u8 = 1;
 /// Exit status of usage errors and error answers from the registry; clap uses it too.
 pub const EXIT_USAGE_OR_RPC: u8 = 2;

@@ -66,7 +66,7 @@ pub(crate) fn state_name(v: i32) -> String {
     enum_name(name, "REQUEST_STATE_", v)
 }
 
-fn task_state_name(v: i32) -> String {
+pub(crate) fn task_state_name(v: i32) -> String {
     let name = TaskState::try_from(v).ok().map(|k| k.as_str_name());
     enum_name(name, "TASK_STATE_", v)
 }
@@ -725,6 +725,7 @@ mod tests {
             }),
             message: "erased".into(),
             attempt: 0,
+            ..Default::default()
         };
         assert_eq!(
             EventView::from(&e).line(),

@@ -209,6 +209,8 @@ impl AdapterConnector {
     pub fn outgoing<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         request.set_timeout(self.timeout);
+        // The adapter's spans join the task's trace.
+        dsrelay_runtime::trace_context::inject_current(request.metadata_mut());
         request
     }
 

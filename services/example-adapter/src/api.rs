@@ -12,6 +12,7 @@ use dsrelay_proto::v1::{
 use dsrelay_runtime::identity::{validate_identities, FieldViolation};
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
+use tracing::Instrument;
 
 use crate::newsletter::{DATA_CATEGORIES, NAME, SUPPORTED_KINDS};
 use crate::store::{Store, StoreError};
@@ -215,25 +216,21 @@ impl SubprocessorAdapter for Api {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(task_id = %req.get_ref().task_id))]
     async fn execute(
         &self,
         req: Request<ExecuteRequest>,
     ) -> Result<Response<ExecuteResponse>, Status> {
-        let caller = self.caller(&req)?;
-        let r = req.into_inner();
-        let violations = validate_execute(&r);
-        if !violations.is_empty() {
-            return Err(invalid(&violations));
-        }
-        let now = dsrelay_runtime::store::now_ms();
-        let response = self
-            .store
-            .execute(&caller, &r, now, self.confirm_delay_ms)
-            .await
-            .map_err(status)?;
-        tracing::info!(outcome = response.outcome, "task executed");
-        Ok(Response::new(response))
+        // The processor's task span is the parent, so the adapter shows in the request's trace.
+        let span = tracing::info_span!(
+            "adapter.execute",
+            task_id = %req.get_ref().task_id,
+            request_id = %req.get_ref().request_id,
+        );
+        dsrelay_runtime::trace_context::set_parent(
+            &span,
+            dsrelay_runtime::trace_context::extract(req.metadata()),
+        );
+        self.execute_traced(req).instrument(span).await
     }
 
     #[tracing::instrument(skip_all, fields(task_id = %req.get_ref().task_id))]
@@ -254,6 +251,28 @@ impl SubprocessorAdapter for Api {
             .status(&caller, &r.task_id, now)
             .await
             .map_err(status)?;
+        Ok(Response::new(response))
+    }
+}
+
+impl Api {
+    async fn execute_traced(
+        &self,
+        req: Request<ExecuteRequest>,
+    ) -> Result<Response<ExecuteResponse>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        let violations = validate_execute(&r);
+        if !violations.is_empty() {
+            return Err(invalid(&violations));
+        }
+        let now = dsrelay_runtime::store::now_ms();
+        let response = self
+            .store
+            .execute(&caller, &r, now, self.confirm_delay_ms)
+            .await
+            .map_err(status)?;
+        tracing::info!(outcome = response.outcome, "task executed");
         Ok(Response::new(response))
     }
 }

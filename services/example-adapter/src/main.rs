@@ -26,8 +26,10 @@ async fn main() {
             std::process::exit(EXIT_USAGE);
         }
     };
-    dsrelay_runtime::telemetry::init(config.log_json);
-    if let Err(e) = run(config).await {
+    let telemetry = dsrelay_runtime::telemetry::init(config.log_json, "dsrelay-example-adapter");
+    let result = run(config).await;
+    telemetry.shutdown().await;
+    if let Err(e) = result {
         tracing::error!(error = format!("{e:#}"), "adapter failed");
         std::process::exit(1);
     }

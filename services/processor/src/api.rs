@@ -10,7 +10,9 @@ use dsrelay_proto::v1::{
     ListSubprocessorsRequest, RequestKind, Subprocessor, SubprocessorList, TaskList,
 };
 use dsrelay_runtime::identity::validate_identities;
+use dsrelay_runtime::trace_context;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::app::Shared;
 use crate::store::Accepted;
@@ -53,34 +55,23 @@ impl Api {
     }
 }
 
-fn invalid(field: &str, rule: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(format!("{field}: {rule}"))
-}
-
-fn check_id(id: &str) -> Result<(), Status> {
-    if id.is_empty() || id.len() > MAX_ID || !id.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(invalid(
-            "request_id",
-            format!("must be 1 to {MAX_ID} bytes of printable ASCII"),
-        ));
-    }
-    Ok(())
-}
-
-fn internal(e: anyhow::Error) -> Status {
-    tracing::error!(error = format!("{e:#}"), "internal error");
-    Status::internal("internal error; the processor logged the details")
-}
-
-#[tonic::async_trait]
-impl ProcessorService for Api {
-    #[tracing::instrument(skip_all, fields(controller, request_id = %req.get_ref().request_id))]
-    async fn deliver(
+impl Api {
+    async fn deliver_traced(
         &self,
         req: Request<DeliverRequest>,
+        span: tracing::Span,
     ) -> Result<Response<DeliverResponse>, Status> {
         let controller = self.controller(&req)?;
-        tracing::Span::current().record("controller", controller.as_str());
+        span.record("controller", controller.as_str());
+        // Without a tracer, the registry's header still names the request's trace.
+        let traceparent = trace_context::traceparent_of(&span).or_else(|| {
+            req.metadata()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .filter(|tp| trace_context::trace_id_from_traceparent(tp).is_some())
+                .map(str::to_string)
+        });
+
         let r = req.into_inner();
         check_id(&r.request_id)?;
         if RequestKind::try_from(r.kind).unwrap_or(RequestKind::Unspecified)
@@ -109,7 +100,13 @@ impl ProcessorService for Api {
         let accepted = self
             .shared
             .store
-            .accept(&controller, &r, &subprocessors, self.shared.clock.now_ms())
+            .accept(
+                &controller,
+                &r,
+                &subprocessors,
+                traceparent.as_deref(),
+                self.shared.clock.now_ms(),
+            )
             .await
             .map_err(internal)?;
         let (tasks, duplicate) = match accepted {
@@ -124,6 +121,51 @@ impl ProcessorService for Api {
             tasks: tasks.iter().map(|t| t.to_status()).collect(),
             duplicate,
         }))
+    }
+}
+
+fn invalid(field: &str, rule: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {rule}"))
+}
+
+fn check_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() || id.len() > MAX_ID || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            "request_id",
+            format!("must be 1 to {MAX_ID} bytes of printable ASCII"),
+        ));
+    }
+    Ok(())
+}
+
+fn internal(e: anyhow::Error) -> Status {
+    tracing::error!(error = format!("{e:#}"), "internal error");
+    Status::internal("internal error; the processor logged the details")
+}
+
+#[tonic::async_trait]
+impl ProcessorService for Api {
+    async fn deliver(
+        &self,
+        req: Request<DeliverRequest>,
+    ) -> Result<Response<DeliverResponse>, Status> {
+        // A child of the registry's delivery attempt: the trace crosses the hop.
+        let trace_id = req
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(trace_context::trace_id_from_traceparent)
+            .unwrap_or_default();
+        let span = tracing::info_span!(
+            "accept",
+            request_id = %req.get_ref().request_id,
+            trace_id = %trace_id,
+            controller = tracing::field::Empty,
+        );
+        trace_context::set_parent(&span, trace_context::extract(req.metadata()));
+        self.deliver_traced(req, span.clone())
+            .instrument(span)
+            .await
     }
 
     #[tracing::instrument(skip_all, fields(controller, request_id = %req.get_ref().request_id))]

@@ -41,6 +41,8 @@ pub struct Shared {
     /// Subprocessors that failed transiently, and until when (ms) their tasks wait without
     /// calling them: one unreachable holder costs one timeout, not one per task.
     pub unavailable_until: std::sync::Mutex<HashMap<String, i64>>,
+    /// Counters and histograms served on the admin port.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// A processor ready to serve.
@@ -82,6 +84,7 @@ impl App {
         }
         Ok(Self {
             shared: Arc::new(Shared {
+                metrics: crate::metrics::Metrics::new(&config),
                 store: Store::new(db),
                 config,
                 connectors,
@@ -100,14 +103,40 @@ impl App {
     }
 
     /// Serves on `listener` and runs the task runner and acknowledgement sender until
-    /// `shutdown` resolves.
+    /// `shutdown` resolves. Binds the admin port when the configuration names one
+    /// (`admin_listen`).
     pub async fn run(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
+        let admin =
+            dsrelay_runtime::metrics::bind(self.shared.config.admin_listen.as_deref()).await?;
+        self.run_with_admin(listener, admin, shutdown).await
+    }
+
+    /// [`App::run`] with an admin listener the caller bound (or none: no admin port),
+    /// whatever the configuration says.
+    pub async fn run_with_admin(
+        self,
+        listener: TcpListener,
+        admin: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
         let shared = self.shared;
         let (stop_tx, stop_rx) = watch::channel(false);
+        let scraped = shared.clone();
+        let admin = dsrelay_runtime::metrics::spawn(
+            admin,
+            Arc::new(move || {
+                let shared = scraped.clone();
+                Box::pin(async move {
+                    let now = shared.clock.now_ms();
+                    crate::metrics::render(&shared, now).await
+                })
+            }),
+            stop_rx.clone(),
+        );
         let runner = tokio::spawn(crate::runner::run(shared.clone(), stop_rx.clone()));
         let sender = tokio::spawn(crate::ack_sender::run(shared.clone(), stop_rx));
 
@@ -139,6 +168,9 @@ impl App {
         let _ = tokio::time::timeout(Duration::from_secs(10), async {
             let _ = runner.await;
             let _ = sender.await;
+            if let Some(admin) = admin {
+                let _ = admin.await;
+            }
         })
         .await;
         tracing::info!("processor stopped");

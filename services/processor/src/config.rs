@@ -20,6 +20,11 @@ pub struct Config {
     /// Address to listen on, used by `main` (tests bind their own listener).
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// Plain-HTTP admin port serving `/metrics` (Prometheus text format) and `/healthz`, e.g.
+    /// `127.0.0.1:9465`; off when absent. It has no TLS: keep it on loopback or a private
+    /// network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<String>,
     /// `sqlite://path` (the embedded default) or `postgres://...`.
     #[serde(default = "default_database_url")]
     pub database_url: String,
@@ -205,6 +210,11 @@ impl Config {
         let mut errors = Vec::new();
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
             errors.push(format!("listen: {:?} is not host:port", self.listen));
+        }
+        if let Some(a) = &self.admin_listen {
+            if a.parse::<std::net::SocketAddr>().is_err() {
+                errors.push(format!("admin_listen: {a:?} is not host:port"));
+            }
         }
         let mut ids = BTreeSet::new();
         for (i, c) in self.controllers.iter().enumerate() {

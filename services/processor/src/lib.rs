@@ -6,6 +6,7 @@
 //! - [`config`]: controllers, subprocessors and their connectors, worker settings.
 //! - [`app`]: [`App::build`] and [`App::run`].
 //! - [`api`]: Deliver, Cancel, GetStatus and ListSubprocessors, for controllers.
+//! - [`metrics`]: Prometheus metrics on the admin port (`admin_listen`).
 //! - [`operator_api`]: operators list, confirm and refuse manual tasks.
 //! - [`store`]: requests, tasks and the acknowledgement outbox.
 //! - [`runner`]: claims runnable tasks and moves them through their states by running
@@ -16,6 +17,7 @@ pub mod ack_sender;
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod metrics;
 pub mod operator_api;
 pub mod runner;
 pub mod store;

@@ -9,8 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dsrelay_proto::v1::TaskState;
+use dsrelay_runtime::trace_context;
 use dsrelay_runtime::worker::{run_pool, PoolSettings};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use dsrelay_connectors::{kind_label, Outcome, Phase, Task};
 use dsrelay_proto::v1::RequestKind;
@@ -48,12 +50,29 @@ pub async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
         },
         move |job| {
             let shared = runner.clone();
+            // Each step of a task is a span under the Deliver call that brought the request.
+            let trace_id = job
+                .traceparent
+                .as_deref()
+                .and_then(trace_context::trace_id_from_traceparent)
+                .unwrap_or_default();
+            let span = tracing::info_span!(
+                "task",
+                request_id = %job.task.key.request_id,
+                subprocessor = %job.task.key.subprocessor,
+                attempt = job.task.attempts,
+                trace_id = %trace_id,
+            );
+            if let Some(tp) = &job.traceparent {
+                trace_context::set_parent(&span, trace_context::from_traceparent(tp));
+            }
             async move {
                 if let Err(e) = run_task(&shared, job).await {
                     // The lease runs out and the task is picked up again.
                     tracing::error!(error = format!("{e:#}"), "task step failed");
                 }
             }
+            .instrument(span)
         },
     )
     .await;
@@ -67,7 +86,6 @@ fn failed(reason: String) -> Transition {
     }
 }
 
-#[tracing::instrument(skip_all, fields(request_id = %job.task.key.request_id, subprocessor = %job.task.key.subprocessor))]
 async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
     let key = &job.task.key;
     let store = &shared.store;
@@ -111,8 +129,11 @@ async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
     }
     let phase = match (job.task.state, &job.task.handle) {
         (TaskState::Pending, _) => {
+            // The runner goes on with the task: keep it reserved, or another claim would
+            // run it a second time alongside.
             let started = Transition {
                 state: TaskState::InProgress as i32,
+                hold_until: Some(clock.now_ms() + shared.config.tasks.lease_ms as i64),
                 ..Default::default()
             };
             match store
@@ -186,12 +207,25 @@ async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
             }
         }
     };
+    let started = std::time::Instant::now();
+    let call = tracing::info_span!(
+        "connector",
+        subprocessor = %key.subprocessor,
+        connector = connector.kind_name(),
+        phase = ?phase,
+    );
     let outcome = tokio::select! {
-        o = connector.run(&task) => o,
+        o = connector.run(&task).instrument(call) => o,
         () = renew => Err(dsrelay_connectors::ConnectorError::Transient(
             "lease renewal stopped".into(),
         )),
     };
+    let m = &shared.metrics;
+    m.connector_duration
+        .observe(&[&key.subprocessor], started.elapsed().as_secs_f64());
+    if let Err(e) = &outcome {
+        m.connector_error(&key.subprocessor, e.is_transient());
+    }
     // A retained task's evidence counts every run, not only the last.
     let earlier = if phase == Phase::RetentionExpired {
         job.task.records_affected

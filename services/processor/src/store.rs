@@ -5,6 +5,7 @@ use anyhow::Result;
 use dsrelay_proto::v1::{Acknowledgement, DeliverRequest, Evidence, TaskState, TaskStatus};
 use dsrelay_proto::{prost::Message, timestamp_from_millis};
 use dsrelay_runtime::store::{Backend, Db};
+use dsrelay_runtime::trace_context;
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 
@@ -108,6 +109,8 @@ pub struct TaskJob {
     pub request: Option<DeliverRequest>,
     /// The request's due date (ms).
     pub due_at: i64,
+    /// W3C traceparent of the Deliver call that brought the request.
+    pub traceparent: Option<String>,
 }
 
 /// A task waiting for an operator, with its request.
@@ -157,6 +160,11 @@ pub struct Transition {
     pub handle: Option<String>,
     /// The subject's data as JSON, for export kinds.
     pub export_json: Option<String>,
+    /// W3C traceparent of the step that made the change, carried in its acknowledgement.
+    pub traceparent: Option<String>,
+    /// Keep the task reserved until then (ms): for a step after which the same runner goes
+    /// on working on the task. `None` releases it.
+    pub hold_until: Option<i64>,
 }
 
 /// Never: for tasks only an operator moves on.
@@ -195,12 +203,14 @@ impl Store {
         controller: &str,
         req: &DeliverRequest,
         subprocessors: &[String],
+        traceparent: Option<&str>,
         now: i64,
     ) -> Result<Accepted> {
         let mut tx = self.db.pool.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO requests (controller, request_id, kind, body, received_at, due_at, \
-             accepted_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+             accepted_at, traceparent) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT DO NOTHING",
         )
         .bind(controller)
         .bind(&req.request_id)
@@ -219,6 +229,7 @@ impl Store {
                 .unwrap_or(i64::MAX),
         )
         .bind(now)
+        .bind(traceparent)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -341,7 +352,7 @@ impl Store {
         let rows = sqlx::query(&format!(
             "SELECT t.controller, t.request_id, t.subprocessor, t.state, t.sequence, t.attempts, \
              t.records_affected, t.confirmed, t.note, t.reason, t.legal_basis, t.retain_until, \
-             t.updated_at, t.handle, r.body, r.due_at FROM tasks t JOIN requests r \
+             t.updated_at, t.handle, r.body, r.due_at, r.traceparent FROM tasks t JOIN requests r \
              ON r.controller = t.controller AND r.request_id = t.request_id \
              WHERE t.state IN ($1, $2, $5) AND t.next_attempt_at <= $3 AND t.lease_until <= $3 \
              ORDER BY t.next_attempt_at LIMIT $4{lock}"
@@ -373,6 +384,7 @@ impl Store {
                 task,
                 request: body.and_then(|b| DeliverRequest::decode(b.as_slice()).ok()),
                 due_at: r.try_get("due_at")?,
+                traceparent: r.try_get("traceparent")?,
             });
         }
         tx.commit().await?;
@@ -587,7 +599,7 @@ async fn transition(
     let changed = sqlx::query(
         "UPDATE tasks SET state = $1, sequence = $2, records_affected = $3, confirmed = $4, \
          note = $5, reason = $6, legal_basis = $7, retain_until = $8, updated_at = $9, \
-         attempts = $10, lease_until = 0, next_attempt_at = $15, handle = $16, \
+         attempts = $10, lease_until = $18, next_attempt_at = $15, handle = $16, \
          export_json = COALESCE($17, export_json) \
          WHERE controller = $11 AND request_id = $12 AND subprocessor = $13 AND sequence = $14",
     )
@@ -608,6 +620,7 @@ async fn transition(
     .bind(t.next_attempt_at.unwrap_or(now))
     .bind(t.handle.clone())
     .bind(t.export_json.clone())
+    .bind(t.hold_until.unwrap_or(0))
     .execute(&mut **tx)
     .await?
     .rows_affected();
@@ -629,6 +642,13 @@ async fn transition(
         retain_until: t.retain_until.map(timestamp_from_millis),
         occurred_at: Some(timestamp_from_millis(now)),
         attempt: attempts.clamp(0, i64::from(u32::MAX)) as u32,
+        // The span the change happens in (a task step, a cancellation) is where the
+        // registry's handling of the acknowledgement hangs in the trace.
+        traceparent: t
+            .traceparent
+            .clone()
+            .or_else(|| trace_context::traceparent_of(&tracing::Span::current()))
+            .unwrap_or_default(),
     };
     sqlx::query(
         "INSERT INTO ack_outbox (controller, request_id, subprocessor, sequence, payload, \

@@ -8,16 +8,18 @@ use dsrelay_proto::v1::acknowledgement_service_server::AcknowledgementService;
 use dsrelay_proto::v1::request_service_server::RequestService;
 use dsrelay_proto::v1::{
     AcknowledgeRequest, AcknowledgeResponse, CancelRequest, Chain, ChainProcessor, Delivery,
-    DeliveryState, ExtendDeadlineRequest, GetChainRequest, GetRequest, ListRequestsRequest,
-    ListRequestsResponse, Request, RequestEvent, RequestKind, RequestState, SubmitRequest,
-    SubmitResponse, SubprocessorList, WatchRequest,
+    DeliveryState, EventList, ExtendDeadlineRequest, GetChainRequest, GetRequest,
+    ListEventsRequest, ListRequestsRequest, ListRequestsResponse, Request, RequestEvent,
+    RequestKind, RequestState, SubmitRequest, SubmitResponse, SubprocessorList, WatchRequest,
 };
 use dsrelay_proto::{prost::Message, timestamp_from_millis};
 use dsrelay_runtime::identity::{keyed_hash, FieldViolation};
 use dsrelay_runtime::store::now_ms;
+use dsrelay_runtime::trace_context;
 use sha2::{Digest, Sha256};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Response, Status};
+use tracing::Instrument;
 
 use crate::app::Shared;
 use crate::auth::Caller;
@@ -95,12 +97,7 @@ fn check_text(field: &str, value: &str) -> Result<(), ApiError> {
 /// The trace id of an incoming W3C `traceparent`, so a partner's trace is continued.
 fn incoming_trace_id<T>(req: &tonic::Request<T>) -> Option<String> {
     let tp = req.metadata().get("traceparent")?.to_str().ok()?;
-    let mut parts = tp.split('-');
-    let (_version, trace) = (parts.next()?, parts.next()?);
-    let valid = trace.len() == 32
-        && trace.bytes().all(|b| b.is_ascii_hexdigit())
-        && trace.bytes().any(|b| b != b'0');
-    valid.then(|| trace.to_ascii_lowercase())
+    trace_context::trace_id_from_traceparent(tp)
 }
 
 pub(crate) fn to_view(
@@ -183,21 +180,24 @@ fn event_to_proto(request_id: &str, e: &crate::store::EventRow) -> RequestEvent 
         task,
         message: e.message.clone(),
         attempt: e.attempt.clamp(0, i64::from(u32::MAX)) as u32,
+        trace_id: e.trace_id.clone().unwrap_or_default(),
+        span_id: e.span_id.clone().unwrap_or_default(),
     }
 }
 
-type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<RequestEvent, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl RequestService for Api {
-    #[tracing::instrument(skip_all, fields(request_id, partner))]
-    async fn submit(
+impl Api {
+    async fn submit_traced(
         &self,
         req: tonic::Request<SubmitRequest>,
+        span: tracing::Span,
     ) -> Result<Response<SubmitResponse>, Status> {
         let caller = self.partner_api_caller(&req)?;
-        let trace_id =
-            incoming_trace_id(&req).unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        let trace_id = trace_context::trace_id_of(&span)
+            .or_else(|| incoming_trace_id(&req))
+            .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        let traceparent = trace_context::traceparent_of(&span);
+        span.record("trace_id", trace_id.as_str());
+
         let body = req.into_inner();
         let config = &self.shared.config;
         let violations = validate_submit(&body, &config.known_categories());
@@ -237,9 +237,9 @@ impl RequestService for Api {
             received_at,
             due_at: due_at(received_at, 0),
             trace_id,
+            traceparent,
             processors: processors.clone(),
         };
-        let span = tracing::Span::current();
         span.record("partner", caller.name());
         let (request_id, deduplicated) = match self.shared.store.insert_request(&new).await.map_err(ApiError::from)? {
             Inserted::New => {
@@ -293,6 +293,26 @@ impl RequestService for Api {
             deduplicated,
             routed_to,
         }))
+    }
+}
+
+type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<RequestEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RequestService for Api {
+    async fn submit(
+        &self,
+        req: tonic::Request<SubmitRequest>,
+    ) -> Result<Response<SubmitResponse>, Status> {
+        // The intake span continues a partner's trace when it sends one.
+        let span = tracing::info_span!(
+            "intake",
+            request_id = tracing::field::Empty,
+            partner = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        trace_context::set_parent(&span, trace_context::extract(req.metadata()));
+        self.submit_traced(req, span.clone()).instrument(span).await
     }
 
     async fn get(&self, req: tonic::Request<GetRequest>) -> Result<Response<Request>, Status> {
@@ -488,6 +508,25 @@ impl RequestService for Api {
         Ok(Response::new(self.view(row).await?))
     }
 
+    async fn list_events(
+        &self,
+        req: tonic::Request<ListEventsRequest>,
+    ) -> Result<Response<EventList>, Status> {
+        let caller = self.partner_api_caller(&req)?;
+        let row = self.visible(&caller, &req.get_ref().request_id).await?;
+        let id = row.id.clone();
+        let events = self
+            .shared
+            .store
+            .events(&id)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(EventList {
+            request: Some(self.view(row).await?),
+            events: events.iter().map(|e| event_to_proto(&id, e)).collect(),
+        }))
+    }
+
     async fn get_chain(
         &self,
         req: tonic::Request<GetChainRequest>,
@@ -563,6 +602,61 @@ impl RequestService for Api {
         self.shared.publish(&row.id);
         let row = self.visible(&caller, &row.id).await?;
         Ok(Response::new(self.view(row).await?))
+    }
+
+    async fn list_audit_entries(
+        &self,
+        req: tonic::Request<dsrelay_proto::v1::ListAuditEntriesRequest>,
+    ) -> Result<Response<dsrelay_proto::v1::AuditEntries>, Status> {
+        use dsrelay_proto::v1::{AuditEntries, AuditEntry};
+        let caller = self.partner_api_caller(&req)?;
+        if !matches!(caller, Caller::Operator(_)) {
+            return Err(ApiError::PermissionDenied(
+                "only operators may read the audit trail".into(),
+            )
+            .into());
+        }
+        let r = req.into_inner();
+        let page_size = match r.page_size {
+            0 => 500,
+            n @ 1..=1000 => n,
+            _ => {
+                return Err(ApiError::Invalid(vec![FieldViolation::new(
+                    "page_size",
+                    "must be 0 (default 500) to 1000",
+                )])
+                .into())
+            }
+        };
+        let mut entries = self
+            .shared
+            .store
+            .audit_entries(r.after_seq, i64::from(page_size) + 1)
+            .await
+            .map_err(ApiError::from)?;
+        let next_after_seq = if entries.len() > page_size as usize {
+            entries.truncate(page_size as usize);
+            entries.last().map_or(0, |e| e.seq)
+        } else {
+            0
+        };
+        let entries = entries
+            .into_iter()
+            .map(|e| AuditEntry {
+                seq: e.seq,
+                occurred_at: Some(timestamp_from_millis(e.occurred_at)),
+                request_id: e.request_id,
+                event_type: e.event_type,
+                actor: e.actor,
+                detail: e.detail,
+                prev_hash: e.prev_hash,
+                hash: e.hash,
+            })
+            .collect();
+        Ok(Response::new(AuditEntries {
+            entries,
+            next_after_seq,
+        }))
     }
 }
 
@@ -660,6 +754,39 @@ impl AcknowledgementService for Api {
             .map_err(ApiError::from)?
         {
             Ok((applied, duplicates)) => {
+                // Each acknowledgement joins the trace of the task step that sent it.
+                for (a, u) in acks.iter().zip(&updates) {
+                    if a.traceparent.is_empty() {
+                        continue;
+                    }
+                    let span = tracing::info_span!(
+                        "acknowledgement",
+                        request_id = %u.request_id,
+                        processor = %processor,
+                        subprocessor = %u.subprocessor,
+                        sequence = u.sequence,
+                    );
+                    trace_context::set_parent(
+                        &span,
+                        trace_context::from_traceparent(&a.traceparent),
+                    );
+                    span.in_scope(|| tracing::debug!("acknowledgement recorded"));
+                }
+                let occurred: Vec<Option<i64>> = acks
+                    .iter()
+                    .map(|a| {
+                        a.occurred_at
+                            .as_ref()
+                            .map(dsrelay_proto::millis_from_timestamp)
+                    })
+                    .collect();
+                self.shared.metrics.acknowledged(
+                    &processor,
+                    &occurred,
+                    applied,
+                    duplicates,
+                    now_ms(),
+                );
                 for id in updates
                     .iter()
                     .map(|u| &u.request_id)

@@ -37,6 +37,8 @@ pub struct Shared {
     pub processors: HashMap<String, ProcessorServiceClient<Channel>>,
     /// Key of the identity hashes kept for the audit trail.
     pub identity_hash_key: Vec<u8>,
+    /// Counters and histograms served on the admin port.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Shared {
@@ -80,6 +82,7 @@ impl App {
         let (events, _) = broadcast::channel(1024);
         Ok(Self {
             shared: Arc::new(Shared {
+                metrics: crate::metrics::Metrics::new(&config),
                 store: Store::new(db),
                 auth: Authorizer::new(&config),
                 config,
@@ -98,14 +101,38 @@ impl App {
 
     /// Serves on `listener` and runs the dispatcher and reconciler until `shutdown`
     /// resolves; then stops accepting, lets the workers finish their current round, and
-    /// returns.
+    /// returns. Binds the admin port when the configuration names one (`admin_listen`).
     pub async fn run(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
+        let admin =
+            dsrelay_runtime::metrics::bind(self.shared.config.admin_listen.as_deref()).await?;
+        self.run_with_admin(listener, admin, shutdown).await
+    }
+
+    /// [`App::run`] with an admin listener the caller bound (or none: no admin port),
+    /// whatever the configuration says.
+    pub async fn run_with_admin(
+        self,
+        listener: TcpListener,
+        admin: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
         let shared = self.shared;
         let (stop_tx, stop_rx) = watch::channel(false);
+        let scraped = shared.clone();
+        let admin = dsrelay_runtime::metrics::spawn(
+            admin,
+            Arc::new(move || {
+                let shared = scraped.clone();
+                Box::pin(async move {
+                    crate::metrics::render(&shared, dsrelay_runtime::store::now_ms()).await
+                })
+            }),
+            stop_rx.clone(),
+        );
         let dispatcher = tokio::spawn(crate::dispatcher::run(shared.clone(), stop_rx.clone()));
         let reconciler = tokio::spawn(crate::reconciler::run(shared.clone(), stop_rx.clone()));
         let chain = tokio::spawn(crate::reconciler::refresh_chain(shared.clone(), stop_rx));
@@ -142,6 +169,9 @@ impl App {
             let _ = dispatcher.await;
             let _ = reconciler.await;
             let _ = chain.await;
+            if let Some(admin) = admin {
+                let _ = admin.await;
+            }
         })
         .await;
         tracing::info!("registry stopped");

@@ -7,8 +7,10 @@ use std::time::Duration;
 use dsrelay_proto::v1::{CancelDeliveryRequest, DeliverRequest, SubmitRequest};
 use dsrelay_proto::{prost::Message, timestamp_from_millis};
 use dsrelay_runtime::store::now_ms;
+use dsrelay_runtime::trace_context;
 use dsrelay_runtime::worker::{run_pool, PoolSettings};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::app::Shared;
 use crate::store::{DeliveryJob, OP_DELIVER};
@@ -43,19 +45,38 @@ pub async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
         },
         move |job| {
             let shared = runner.clone();
-            async move { attempt(&shared, job).await }
+            // Each attempt is a span of the request's trace, a child of its intake.
+            let span = tracing::info_span!(
+                "deliver",
+                request_id = %job.request_id,
+                processor = %job.processor,
+                op = %job.op,
+                attempt = job.attempts + 1,
+                trace_id = %job.trace_id,
+            );
+            if let Some(tp) = &job.traceparent {
+                trace_context::set_parent(&span, trace_context::from_traceparent(tp));
+            }
+            async move { attempt(&shared, job).await }.instrument(span)
         },
     )
     .await;
 }
 
-fn traceparent(trace_id: &str) -> Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
+/// Puts the attempt's trace context in the call; without a tracer, a `traceparent` naming the
+/// request's trace id still tells the processor which trace the request belongs to.
+fn propagate(metadata: &mut tonic::metadata::MetadataMap, trace_id: &str) {
+    if trace_context::inject_current(metadata) {
+        return;
+    }
     let span = format!("{:016x}", fastrand::u64(1..));
-    format!("00-{trace_id}-{span}-01").parse().ok()
+    if let Ok(v) = format!("00-{trace_id}-{span}-01").parse() {
+        metadata.insert("traceparent", v);
+    }
 }
 
-#[tracing::instrument(skip_all, fields(request_id = %job.request_id, processor = %job.processor, op = %job.op, attempt = job.attempts + 1))]
 async fn attempt(shared: &Shared, job: DeliveryJob) {
+    shared.metrics.delivery_attempts.inc(&[&job.processor]);
     let cfg = &shared.config.delivery;
     let Some(client) = shared.processors.get(&job.processor) else {
         // The processor was removed from the configuration; keep the row for an operator.
@@ -80,9 +101,7 @@ async fn attempt(shared: &Shared, job: DeliveryJob) {
             due_at: Some(timestamp_from_millis(job.due_at)),
         });
         req.set_timeout(timeout);
-        if let Some(tp) = traceparent(&job.trace_id) {
-            req.metadata_mut().insert("traceparent", tp);
-        }
+        propagate(req.metadata_mut(), &job.trace_id);
         client.deliver(req).await.map(|r| r.into_inner().tasks)
     } else {
         let mut req = tonic::Request::new(CancelDeliveryRequest {
@@ -90,9 +109,7 @@ async fn attempt(shared: &Shared, job: DeliveryJob) {
             reason: job.cancel_reason.clone().unwrap_or_default(),
         });
         req.set_timeout(timeout);
-        if let Some(tp) = traceparent(&job.trace_id) {
-            req.metadata_mut().insert("traceparent", tp);
-        }
+        propagate(req.metadata_mut(), &job.trace_id);
         client.cancel(req).await.map(|r| r.into_inner().tasks)
     };
     match result {
@@ -116,6 +133,7 @@ async fn attempt(shared: &Shared, job: DeliveryJob) {
 }
 
 async fn record_failure(shared: &Shared, job: &DeliveryJob, error: &str) {
+    shared.metrics.delivery_failures.inc(&[&job.processor]);
     let attempt = u32::try_from(job.attempts + 1).unwrap_or(u32::MAX);
     let delay = shared.config.delivery.backoff.delay(attempt);
     let now = now_ms();

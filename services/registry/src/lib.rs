@@ -12,6 +12,7 @@
 //! - [`fold`]: deliveries and task states → request state.
 //! - [`deadline`]: GDPR due dates.
 //! - [`dispatcher`]: sends the outbox with backoff and jitter.
+//! - [`metrics`]: Prometheus metrics on the admin port (`admin_listen`).
 //! - [`reconciler`]: asks processors for status when acknowledgements are late.
 //! - [`error`]: the one mapping from errors to gRPC statuses.
 
@@ -23,6 +24,7 @@ pub mod deadline;
 pub mod dispatcher;
 pub mod error;
 pub mod fold;
+pub mod metrics;
 pub mod reconciler;
 pub mod store;
 pub mod validate;

@@ -1,11 +1,15 @@
-//! The registry's durable state: requests, the delivery outbox, tasks, acknowledgements and
-//! events. Every change that must be seen together is written in one transaction.
+//! The registry's durable state: requests, the delivery outbox, tasks, acknowledgements,
+//! events and the audit trail (one hash-chained entry per event, see
+//! [`dsrelay_runtime::audit`]). Every change that must be seen together is written in one
+//! transaction.
 
 use std::collections::BTreeSet;
 
 use anyhow::{Context, Result};
 use dsrelay_proto::v1::{Acknowledgement, EventType, RequestState, TaskState, TaskStatus};
+use dsrelay_runtime::audit;
 use dsrelay_runtime::store::{Backend, Db};
+use dsrelay_runtime::trace_context;
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 
@@ -121,6 +125,8 @@ pub struct DeliveryJob {
     pub trace_id: String,
     /// Why it was cancelled (for cancel jobs).
     pub cancel_reason: Option<String>,
+    /// W3C traceparent of the request's intake span.
+    pub traceparent: Option<String>,
 }
 
 /// A stored event.
@@ -146,6 +152,10 @@ pub struct EventRow {
     pub attempt: i64,
     /// Description.
     pub message: String,
+    /// The trace it happened in.
+    pub trace_id: Option<String>,
+    /// The span it happened in, when traced.
+    pub span_id: Option<String>,
 }
 
 /// What a Submit's insert found.
@@ -182,6 +192,8 @@ pub struct NewRequest {
     pub due_at: i64,
     /// W3C trace id.
     pub trace_id: String,
+    /// W3C traceparent of the intake span, when tracing.
+    pub traceparent: Option<String>,
     /// Processors to deliver to.
     pub processors: Vec<String>,
 }
@@ -229,6 +241,7 @@ impl Store {
     pub async fn insert_request(&self, r: &NewRequest) -> Result<Inserted> {
         for _ in 0..2 {
             let mut tx = self.db.pool.begin().await?;
+            lock_audit(&mut tx).await?;
             let existing = sqlx::query(
                 "SELECT id, body_hash FROM requests WHERE partner = $1 AND idempotency_key = $2",
             )
@@ -253,8 +266,8 @@ impl Store {
             let inserted = sqlx::query(
                 "INSERT INTO requests (id, partner, idempotency_key, body_hash, body, \
                  identity_hashes, kind, state, received_at, due_at, trace_id, updated_at, \
-                 checked_at, finished_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $9, $9, $12)",
+                 checked_at, finished_at, traceparent) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $9, $9, $12, $13)",
             )
             .bind(&r.id)
             .bind(&r.partner)
@@ -268,6 +281,7 @@ impl Store {
             .bind(r.due_at)
             .bind(&r.trace_id)
             .bind(r.processors.is_empty().then_some(r.received_at))
+            .bind(r.traceparent.clone())
             .execute(&mut *tx)
             .await;
             match inserted {
@@ -300,6 +314,7 @@ impl Store {
                 r.received_at,
                 state as i32,
                 EventDetail {
+                    actor: r.partner.clone(),
                     message,
                     ..Default::default()
                 },
@@ -445,7 +460,8 @@ impl Store {
     pub async fn events(&self, id: &str) -> Result<Vec<EventRow>> {
         let rows = sqlx::query(
             "SELECT id, type, occurred_at, request_state, processor, subprocessor, task_state, \
-             sequence, attempt, message FROM events WHERE request_id = $1 ORDER BY id",
+             sequence, attempt, message, trace_id, span_id FROM events WHERE request_id = $1 \
+             ORDER BY id",
         )
         .bind(id)
         .fetch_all(&self.db.pool)
@@ -463,6 +479,34 @@ impl Store {
                     sequence: r.try_get("sequence")?,
                     attempt: r.try_get("attempt")?,
                     message: r.try_get("message")?,
+                    trace_id: r.try_get("trace_id")?,
+                    span_id: r.try_get("span_id")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Up to `limit` audit trail entries after `after_seq`, oldest first.
+    pub async fn audit_entries(&self, after_seq: u64, limit: i64) -> Result<Vec<audit::Entry>> {
+        let rows = sqlx::query(
+            "SELECT seq, occurred_at, request_id, event_type, actor, detail, prev_hash, hash \
+             FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(i64::try_from(after_seq).unwrap_or(i64::MAX))
+        .bind(limit)
+        .fetch_all(&self.db.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(audit::Entry {
+                    seq: r.try_get::<i64, _>("seq")?.max(0) as u64,
+                    occurred_at: r.try_get("occurred_at")?,
+                    request_id: r.try_get("request_id")?,
+                    event_type: r.try_get::<i64, _>("event_type")? as i32,
+                    actor: r.try_get("actor")?,
+                    detail: r.try_get("detail")?,
+                    prev_hash: r.try_get("prev_hash")?,
+                    hash: r.try_get("hash")?,
                 })
             })
             .collect()
@@ -483,7 +527,7 @@ impl Store {
         let mut tx = self.db.pool.begin().await?;
         let rows = sqlx::query(&format!(
             "SELECT d.request_id, d.processor, d.op, d.attempts, r.body, r.received_at, \
-             r.due_at, r.trace_id, r.cancel_reason FROM deliveries d \
+             r.due_at, r.trace_id, r.cancel_reason, r.traceparent FROM deliveries d \
              JOIN requests r ON r.id = d.request_id \
              WHERE d.done_at IS NULL AND d.next_attempt_at <= $1 AND d.lease_until <= $1 \
              ORDER BY d.next_attempt_at LIMIT $2{lock}"
@@ -504,6 +548,7 @@ impl Store {
                 due_at: r.try_get("due_at")?,
                 trace_id: r.try_get("trace_id")?,
                 cancel_reason: r.try_get("cancel_reason")?,
+                traceparent: r.try_get("traceparent")?,
             };
             sqlx::query(
                 "UPDATE deliveries SET lease_until = $1 \
@@ -530,6 +575,7 @@ impl Store {
         now: i64,
     ) -> Result<()> {
         let mut tx = self.db.pool.begin().await?;
+        lock_audit(&mut tx).await?;
         let updated = sqlx::query(
             "UPDATE deliveries SET done_at = $1, attempts = attempts + 1, lease_until = 0, \
              last_error = NULL WHERE request_id = $2 AND processor = $3 AND op = $4 \
@@ -587,6 +633,7 @@ impl Store {
         now: i64,
     ) -> Result<()> {
         let mut tx = self.db.pool.begin().await?;
+        lock_audit(&mut tx).await?;
         sqlx::query(
             "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = $1, \
              lease_until = 0, last_error = $2 WHERE request_id = $3 AND processor = $4 \
@@ -628,6 +675,7 @@ impl Store {
         now: i64,
     ) -> Result<std::result::Result<(u32, u32), String>> {
         let mut tx = self.db.pool.begin().await?;
+        lock_audit(&mut tx).await?;
         let mut applied = 0;
         let mut duplicates = 0;
         let mut touched = BTreeSet::new();
@@ -672,6 +720,7 @@ impl Store {
                     now,
                     state,
                     EventDetail {
+                        actor: String::new(),
                         processor: processor.to_string(),
                         subprocessor: ack.subprocessor.clone(),
                         task_state: ack.state,
@@ -706,6 +755,7 @@ impl Store {
         now: i64,
     ) -> Result<usize> {
         let mut tx = self.db.pool.begin().await?;
+        lock_audit(&mut tx).await?;
         let mut changed = 0;
         for t in tasks {
             let mut update = TaskUpdate::from(t);
@@ -720,6 +770,7 @@ impl Store {
                     now,
                     state,
                     EventDetail {
+                        actor: String::new(),
                         processor: processor.to_string(),
                         subprocessor: update.subprocessor.clone(),
                         task_state: update.state,
@@ -767,6 +818,7 @@ impl Store {
     /// processor. Returns the state it was in, or `None` if it does not exist.
     pub async fn cancel(&self, id: &str, reason: &str, now: i64) -> Result<CancelOutcome> {
         let mut tx = self.db.pool.begin().await?;
+        lock_audit(&mut tx).await?;
         let Some(state) = state_of(&mut tx, id).await? else {
             return Ok(CancelOutcome::NotFound);
         };
@@ -841,6 +893,7 @@ impl Store {
         reasons.push(reason.to_string());
         let due = crate::deadline::due_at(row.received_at, total);
         let mut tx = self.db.pool.begin().await?;
+        lock_audit(&mut tx).await?;
         sqlx::query(
             "UPDATE requests SET extension_months = $1, extension_reasons = $2, due_at = $3, \
              updated_at = $4 WHERE id = $5 AND extension_months = $6",
@@ -977,6 +1030,8 @@ pub struct TaskUpdate {
     pub retain_until: Option<i64>,
     /// Connector attempt.
     pub attempt: i64,
+    /// W3C traceparent of the processor's task step, when it traces.
+    pub traceparent: String,
 }
 
 impl TaskUpdate {
@@ -1020,6 +1075,7 @@ impl From<&Acknowledgement> for TaskUpdate {
                 .as_ref()
                 .map(dsrelay_proto::millis_from_timestamp),
             attempt: i64::from(a.attempt),
+            traceparent: a.traceparent.clone(),
         }
     }
 }
@@ -1042,6 +1098,7 @@ impl From<&TaskStatus> for TaskUpdate {
                 .as_ref()
                 .map(dsrelay_proto::millis_from_timestamp),
             attempt: 0,
+            traceparent: String::new(),
         }
     }
 }
@@ -1162,6 +1219,8 @@ async fn refold(tx: &mut Transaction<'static, Any>, id: &str, now: i64) -> Resul
 
 #[derive(Default)]
 struct EventDetail {
+    /// Who acted, for the audit trail, when not `processor` (the submitting partner).
+    actor: String,
     processor: String,
     subprocessor: String,
     task_state: i32,
@@ -1178,10 +1237,24 @@ async fn insert_event(
     request_state: i32,
     d: EventDetail,
 ) -> Result<()> {
+    let actor = if d.actor.is_empty() {
+        d.processor.clone()
+    } else {
+        d.actor
+    };
+    append_audit(tx, request_id, event_type, at, actor, d.message.clone()).await?;
+    // The span the event happened in; without a tracer, the request's own trace id.
+    let traced = trace_context::traceparent_of(&tracing::Span::current());
+    let mut parts = traced.as_deref().unwrap_or("").split('-').skip(1);
+    let (trace_id, span_id) = (
+        parts.next().map(str::to_string),
+        parts.next().map(str::to_string),
+    );
     sqlx::query(
         "INSERT INTO events (request_id, type, occurred_at, request_state, processor, \
-         subprocessor, task_state, sequence, attempt, message) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+         subprocessor, task_state, sequence, attempt, message, trace_id, span_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
+         COALESCE($11, (SELECT trace_id FROM requests WHERE id = $1)), $12)",
     )
     .bind(request_id)
     .bind(event_type as i64)
@@ -1193,6 +1266,70 @@ async fn insert_event(
     .bind(d.sequence)
     .bind(d.attempt)
     .bind(d.message)
+    .bind(trace_id)
+    .bind(span_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Key of the PostgreSQL advisory lock that serializes audit appenders ("dsrelay" + 1).
+const AUDIT_LOCK_KEY: i64 = 0x6473_7265_6c61_7901;
+
+/// On PostgreSQL, takes the audit trail's append lock until the transaction ends (again if
+/// already held: it is re-entrant). Every transaction that records events takes it first,
+/// before any row lock, so that they all lock in the same order and never deadlock; as a
+/// result they commit one at a time. SQLite has one writer anyway.
+async fn lock_audit(tx: &mut Transaction<'static, Any>) -> Result<()> {
+    if tx.backend_name() == "PostgreSQL" {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)::text AS locked")
+            .bind(AUDIT_LOCK_KEY)
+            .fetch_one(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Appends one entry to the audit trail: the last entry's seq + 1, chained to its hash.
+async fn append_audit(
+    tx: &mut Transaction<'static, Any>,
+    request_id: &str,
+    event_type: EventType,
+    at: i64,
+    actor: String,
+    detail: String,
+) -> Result<()> {
+    lock_audit(tx).await?;
+    let last = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+        .fetch_optional(&mut **tx)
+        .await?;
+    let (seq, prev_hash) = match last {
+        Some(r) => (r.try_get::<i64, _>("seq")? + 1, r.try_get("hash")?),
+        None => (1, audit::GENESIS_HASH.to_string()),
+    };
+    let mut entry = audit::Entry {
+        seq: u64::try_from(seq).context("audit seq")?,
+        occurred_at: at,
+        request_id: request_id.to_string(),
+        event_type: event_type as i32,
+        actor,
+        detail,
+        prev_hash,
+        hash: String::new(),
+    };
+    entry.hash = entry.compute_hash();
+    sqlx::query(
+        "INSERT INTO audit_log (seq, occurred_at, request_id, event_type, actor, detail, \
+         prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(seq)
+    .bind(entry.occurred_at)
+    .bind(entry.request_id)
+    .bind(i64::from(entry.event_type))
+    .bind(entry.actor)
+    .bind(entry.detail)
+    .bind(entry.prev_hash)
+    .bind(entry.hash)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -2,6 +2,7 @@
 //! and that have nothing to do with either's domain.
 //!
 //! # Layout
+//! - [`audit`]: the tamper-evident audit trail's entry hash and chain verification.
 //! - [`config`]: TOML file plus prefixed environment overrides, every error reported at once.
 //! - [`tls`]: mutual TLS with rustls; peer identities from certificate SANs; client channels
 //!   that check the server's identity.
@@ -10,19 +11,25 @@
 //! - [`backoff`]: retry spacing for the outboxes.
 //! - [`clock`]: the system clock with a test offset.
 //! - [`identity`]: subject identity validation, normalisation and hashing.
+//! - [`metrics`]: Prometheus text-format metrics on a plain-HTTP admin port.
 //! - [`server`]: serving a tonic router on a caller-bound listener with health and reflection.
-//! - [`telemetry`]: logging set-up.
+//! - [`telemetry`]: logging and OpenTelemetry set-up (OTLP, off unless the `OTEL_*`
+//!   variables ask for it).
+//! - [`trace_context`]: W3C trace context in gRPC metadata and stored rows.
 //! - [`worker`]: the claim-and-run loop of the outboxes and the task runner.
 
+pub mod audit;
 pub mod backoff;
 pub mod clock;
 pub mod config;
 pub mod identity;
+pub mod metrics;
 pub mod pki;
 pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod trace_context;
 pub mod worker;
 
 /// Resolves on SIGINT or SIGTERM, for graceful shutdown in `main`.

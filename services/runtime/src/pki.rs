@@ -84,6 +84,17 @@ impl DevCa {
 
     /// Issues a leaf for `uri_identity` usable both as client and as server on localhost.
     pub fn issue(&self, common_name: &str, uri_identity: &str) -> Result<IssuedCert> {
+        self.issue_with_dns_names(common_name, uri_identity, &[])
+    }
+
+    /// [`DevCa::issue`] with more DNS names the leaf may serve under (host names in a
+    /// container network, for example). The identity stays the URI SAN.
+    pub fn issue_with_dns_names(
+        &self,
+        common_name: &str,
+        uri_identity: &str,
+        dns_names: &[String],
+    ) -> Result<IssuedCert> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, common_name);
@@ -98,6 +109,15 @@ impl DevCa {
             SanType::DnsName("localhost".try_into()?),
             SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         ];
+        for name in dns_names {
+            rustls_pki_types::DnsName::try_from(name.as_str())
+                .map_err(|_| anyhow::anyhow!("{name:?} is not a DNS name"))?;
+            params.subject_alt_names.push(SanType::DnsName(
+                name.as_str()
+                    .try_into()
+                    .with_context(|| format!("{name:?} is not a DNS name"))?,
+            ));
+        }
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -137,6 +157,12 @@ pub struct DevPki {
 impl DevPki {
     /// Generates the CA and every party's certificate into `dir` unless `ca.pem` is there.
     pub fn ensure(dir: &Path) -> Result<Self> {
+        Self::ensure_with_dns_names(dir, &[])
+    }
+
+    /// [`DevPki::ensure`], giving every new leaf these DNS names besides `localhost` (the
+    /// services' host names in docker-compose, for example). An existing set is kept as it is.
+    pub fn ensure_with_dns_names(dir: &Path, dns_names: &[String]) -> Result<Self> {
         let pki = Self {
             dir: dir.to_path_buf(),
         };
@@ -147,7 +173,11 @@ impl DevPki {
         let ca = DevCa::generate("dsrelay development CA")?;
         write_secret(&pki.dir.join("ca.key"), &ca.key_pem())?;
         for (stem, role, name) in DEV_PARTIES {
-            let leaf = ca.issue(&format!("dsrelay {role} {name}"), &dev_identity(role, name))?;
+            let leaf = ca.issue_with_dns_names(
+                &format!("dsrelay {role} {name}"),
+                &dev_identity(role, name),
+                dns_names,
+            )?;
             std::fs::write(pki.cert(stem), &leaf.cert_pem)?;
             write_secret(&pki.key(stem), &leaf.key_pem)?;
         }
@@ -189,4 +219,47 @@ fn write_secret(path: &Path, contents: &str) -> Result<()> {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dns_names(pem: &[u8]) -> (Option<String>, Vec<String>) {
+        use x509_parser::extensions::GeneralName;
+        let der = rustls_pemfile::certs(&mut &pem[..])
+            .next()
+            .unwrap()
+            .unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        let names = san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::DNSName(d) => Some(d.to_string()),
+                _ => None,
+            })
+            .collect();
+        (crate::tls::identity_of(&der), names)
+    }
+
+    #[test]
+    fn extra_dns_names_keep_the_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki =
+            DevPki::ensure_with_dns_names(dir.path(), &["registry".into(), "processor".into()])
+                .unwrap();
+        let (identity, names) = dns_names(&std::fs::read(pki.cert("registry")).unwrap());
+        assert_eq!(identity, Some(dev_identity("registry", "controller")));
+        assert_eq!(names, ["localhost", "registry", "processor"]);
+
+        let plain = DevPki::ensure(&dir.path().join("plain")).unwrap();
+        let (_, names) = dns_names(&std::fs::read(plain.cert("processor")).unwrap());
+        assert_eq!(names, ["localhost"]);
+        assert!(
+            DevPki::ensure_with_dns_names(&dir.path().join("bad"), &["no spaces".into()]).is_err()
+        );
+    }
 }

@@ -18,7 +18,7 @@ use crate::harness::{
 };
 
 const MAIJA: &str = "maija.meikalainen@example.fi";
-const NEWSLETTER: &str = "newsletter";
+pub(crate) const NEWSLETTER: &str = "newsletter";
 
 /// The example adapter running in this process.
 struct Adapter {
@@ -51,7 +51,7 @@ impl Adapter {
 
 /// A harness setup whose processor has one subprocessor, `newsletter`, reached through the
 /// adapter connector at `adapter_addr`; and the adapter's own configuration.
-async fn newsletter_setup(
+pub(crate) async fn newsletter_setup(
     adapter_addr: SocketAddr,
     confirm_delay_ms: u64,
     supported_kinds: Option<Vec<String>>,

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use dsrelay_proto::v1::{GetRequest, RequestState};
+use dsrelay_proto::v1::{GetRequest, RequestState, TaskState};
 use dsrelay_registry::deadline::due_at;
 use dsrelay_runtime::store::now_ms;
 use serde_json::{json, Value};
@@ -1206,5 +1206,82 @@ async fn chain_and_manual_tasks_from_the_command_line() {
     assert!(done.ok().contains("COMPLETED"), "{}", done.stdout);
     let watch = dsrctl(setup, "partner-crm", &["watch", &id]).await;
     watch.expect_code(0);
+    pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_draws_the_propagation_from_stored_events() {
+    let pair = Pair::start(PairOptions {
+        with_absent_processor: true,
+        ..Default::default()
+    })
+    .await
+    .expect("pair");
+    let setup = &pair.setup;
+    let submitted = dsrctl(
+        setup,
+        "partner-crm",
+        &[
+            "--output", "json", "submit", "--kind", "erasure", "--email", MAIJA,
+        ],
+    )
+    .await
+    .json();
+    let id = submitted["request_id"].as_str().expect("id").to_string();
+    let mut crm = setup.client("partner-crm").await;
+    wait_until(&mut crm, &id, Duration::from_secs(20), |v| {
+        v.deliveries
+            .iter()
+            .any(|d| d.attempts >= 2 && d.processor == "web-agency")
+            && v.tasks.len() == 2
+            && v.tasks
+                .iter()
+                .all(|t| t.state == TaskState::Completed as i32)
+    })
+    .await;
+
+    let doc = dsrctl(setup, "operator", &["--output", "json", "trace", &id])
+        .await
+        .json();
+    assert_eq!(doc["trace_id"], submitted["trace_id"], "{doc:#}");
+    let hops = doc["processors"].as_array().expect("processors");
+    let bureau = hops
+        .iter()
+        .find(|h| h["processor"] == PROCESSOR)
+        .expect("bureau");
+    assert_eq!(bureau["delivered"], true);
+    assert!(bureau["delivered_after_ms"].as_i64().is_some());
+    let tasks = bureau["tasks"].as_array().expect("tasks");
+    assert_eq!(tasks.len(), 2);
+    for t in tasks {
+        assert_eq!(t["state"], "COMPLETED", "{t:#}");
+        assert_eq!(t["pending"], false);
+        let steps: Vec<&str> = t["steps"]
+            .as_array()
+            .expect("steps")
+            .iter()
+            .filter_map(|s| s[1].as_str())
+            .collect();
+        assert_eq!(steps, ["IN_PROGRESS", "COMPLETED"], "{t:#}");
+    }
+    let absent = hops
+        .iter()
+        .find(|h| h["processor"] == "web-agency")
+        .expect("absent");
+    assert_eq!(absent["delivered"], false);
+    assert!(
+        absent["failures"].as_array().expect("failures").len() >= 2,
+        "{absent:#}"
+    );
+
+    let text = dsrctl(setup, "operator", &["trace", &id]).await;
+    let text = text.ok();
+    assert!(text.contains("PENDING delivery"), "{text}");
+    assert!(text.contains("retry +"), "{text}");
+    assert!(text.contains("accounting  COMPLETED"), "{text}");
+    // Another partner cannot trace it.
+    let denied = dsrctl(setup, "partner-webform", &["trace", &id]).await;
+    denied.expect_code(2);
+    assert!(denied.stderr.contains("NOT_FOUND"), "{}", denied.stderr);
     pair.stop().await;
 }

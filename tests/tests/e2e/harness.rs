@@ -94,6 +94,8 @@ pub struct PairOptions {
     /// Add a third subprocessor, `paper-archive` (category `archive`), whose manual connector
     /// waits for an operator.
     pub with_manual_archive: bool,
+    /// Give both services an admin port (`admin_listen`) on a free 127.0.0.1 port.
+    pub admin: bool,
 }
 
 impl Default for PairOptions {
@@ -104,6 +106,7 @@ impl Default for PairOptions {
             with_absent_processor: false,
             acks_to_nowhere: false,
             with_manual_archive: false,
+            admin: false,
         }
     }
 }
@@ -120,6 +123,8 @@ pub struct Setup {
     pub registry: dsrelay_registry::Config,
     pub processor: dsrelay_processor::Config,
     pub accounting_url: String,
+    /// Extra environment variables for service processes (e.g. `OTEL_*`).
+    pub env: Vec<(String, String)>,
 }
 
 fn fast_backoff() -> Backoff {
@@ -172,8 +177,9 @@ impl Setup {
                 categories: vec!["web-analytics".into()],
             });
         }
-        let registry = dsrelay_registry::Config {
+        let mut registry = dsrelay_registry::Config {
             listen: registry_addr.to_string(),
+            admin_listen: None,
             database_url: registry_db,
             tls: pki.files("registry"),
             identities: vec![
@@ -212,6 +218,7 @@ impl Setup {
         };
         let mut processor = dsrelay_processor::Config {
             listen: processor_addr.to_string(),
+            admin_listen: None,
             database_url: processor_db,
             tls: pki.files("processor"),
             controllers: vec![ControllerConfig {
@@ -269,6 +276,10 @@ impl Setup {
                 }),
             });
         }
+        if opts.admin {
+            registry.admin_listen = Some(free_port().await.to_string());
+            processor.admin_listen = Some(free_port().await.to_string());
+        }
         registry.validate().expect("registry config");
         processor.validate().expect("processor config");
         Some(Self {
@@ -279,6 +290,7 @@ impl Setup {
             registry,
             processor,
             accounting_url,
+            env: Vec::new(),
         })
     }
 
@@ -333,12 +345,16 @@ pub async fn start_registry(
     let listener = TcpListener::bind(setup.registry_addr)
         .await
         .expect("bind registry");
+    // Bound here, so that the admin port (when configured) answers once this returns.
+    let admin = dsrelay_runtime::metrics::bind(setup.registry.admin_listen.as_deref())
+        .await
+        .expect("bind registry admin port");
     let app = dsrelay_registry::App::build(setup.registry.clone())
         .await
         .expect("build registry");
     let shared = app.shared();
     let (tx, rx) = oneshot::channel::<()>();
-    let handle = tokio::spawn(app.run(listener, async {
+    let handle = tokio::spawn(app.run_with_admin(listener, admin, async {
         let _ = rx.await;
     }));
     (
@@ -363,12 +379,15 @@ pub async fn start_processor_with_state(
     let listener = TcpListener::bind(setup.processor_addr)
         .await
         .expect("bind processor");
+    let admin = dsrelay_runtime::metrics::bind(setup.processor.admin_listen.as_deref())
+        .await
+        .expect("bind processor admin port");
     let app = dsrelay_processor::App::build(setup.processor.clone())
         .await
         .expect("build processor");
     let shared = app.shared();
     let (tx, rx) = oneshot::channel::<()>();
-    let handle = tokio::spawn(app.run(listener, async {
+    let handle = tokio::spawn(app.run_with_admin(listener, admin, async {
         let _ = rx.await;
     }));
     (
@@ -495,16 +514,28 @@ pub struct Process {
     bin: PathBuf,
     config: PathBuf,
     log: PathBuf,
+    env: Vec<(String, String)>,
     child: Option<tokio::process::Child>,
 }
 
 impl Process {
     /// Starts `bin_name --config config`, logging to `log`.
     pub async fn start(bin_name: &str, config: PathBuf, log: PathBuf) -> Self {
+        Self::start_with_env(bin_name, config, log, Vec::new()).await
+    }
+
+    /// Like [`Process::start`], with extra environment variables.
+    pub async fn start_with_env(
+        bin_name: &str,
+        config: PathBuf,
+        log: PathBuf,
+        env: Vec<(String, String)>,
+    ) -> Self {
         let mut p = Self {
             bin: binary(bin_name),
             config,
             log,
+            env,
             child: None,
         };
         p.spawn();
@@ -521,6 +552,7 @@ impl Process {
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone().expect("log file"))
             .stderr(log)
             .kill_on_drop(true)
@@ -542,6 +574,11 @@ impl Process {
     pub async fn restart(&mut self) {
         self.kill().await;
         self.spawn();
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
     }
 
     /// The service's log so far, for failure messages.
@@ -567,7 +604,13 @@ impl Setup {
     /// Starts the registry as a process and waits until it answers health checks.
     pub async fn spawn_registry(&self) -> Process {
         let (r, _) = self.write_configs();
-        let p = Process::start("dsrelay-registry", r, self.dir.path().join("registry.log")).await;
+        let p = Process::start_with_env(
+            "dsrelay-registry",
+            r,
+            self.dir.path().join("registry.log"),
+            self.env.clone(),
+        )
+        .await;
         wait_serving(self.channel_to_registry("operator"), &p).await;
         p
     }
@@ -575,10 +618,11 @@ impl Setup {
     /// Starts the processor as a process and waits until it answers health checks.
     pub async fn spawn_processor(&self) -> Process {
         let (_, pc) = self.write_configs();
-        let p = Process::start(
+        let p = Process::start_with_env(
             "dsrelay-processor",
             pc,
             self.dir.path().join("processor.log"),
+            self.env.clone(),
         )
         .await;
         wait_serving(self.channel_to_processor("registry"), &p).await;

@@ -271,6 +271,7 @@ async fn due_dates_extensions_and_overdue_filter() {
             received_at: old_received,
             due_at: due_at(old_received, 0),
             trace_id: "0".repeat(32),
+            traceparent: None,
             processors: vec!["web-agency".into()],
         })
         .await

@@ -7,12 +7,17 @@
 mod harness;
 
 mod adapter;
+mod audit;
 mod bad_input;
+mod compose;
 mod connectors;
 mod dsrctl_cli;
 mod durability;
 mod erasure;
 mod lifecycle;
+mod logs;
+mod metrics;
 mod mtls;
 mod retention;
 mod store_conformance;
+mod tracing;

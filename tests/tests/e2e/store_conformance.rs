@@ -44,6 +44,7 @@ fn new_request(id: &str, key: &str, received_at: i64, processors: &[&str]) -> Ne
         received_at,
         due_at: received_at + 1000,
         trace_id: "0".repeat(32),
+        traceparent: None,
         processors: processors.iter().map(|s| s.to_string()).collect(),
     }
 }
@@ -366,16 +367,19 @@ async fn processor_tasks_and_ack_outbox(backend: Backend) {
         ..Default::default()
     };
     let subs = vec!["s1".to_string(), "s2".to_string()];
-    let Accepted::New(tasks) = store.accept("c", &req, &subs, 1_000).await.unwrap() else {
+    let Accepted::New(tasks) = store.accept("c", &req, &subs, None, 1_000).await.unwrap() else {
         panic!("new")
     };
     assert_eq!(tasks.len(), 2);
     assert!(
-        matches!(store.accept("c", &req, &subs, 1_001).await.unwrap(), Accepted::Duplicate(t) if t.len() == 2)
+        matches!(store.accept("c", &req, &subs, None, 1_001).await.unwrap(), Accepted::Duplicate(t) if t.len() == 2)
     );
     // The same request id from another controller is another request.
     assert!(matches!(
-        store.accept("c2", &req, &subs[..1], 1_001).await.unwrap(),
+        store
+            .accept("c2", &req, &subs[..1], None, 1_001)
+            .await
+            .unwrap(),
         Accepted::New(_)
     ));
 
@@ -427,7 +431,7 @@ async fn processor_tasks_and_ack_outbox(backend: Backend) {
         ..req.clone()
     };
     assert!(
-        matches!(store.accept("c", &late, &subs, 2_600).await.unwrap(), Accepted::Duplicate(t) if t.is_empty())
+        matches!(store.accept("c", &late, &subs, None, 2_600).await.unwrap(), Accepted::Duplicate(t) if t.is_empty())
     );
 
     let acks = store.claim_acks(3_000, 100, 5_000).await.unwrap();

@@ -31,6 +31,7 @@ fn registry_config(dir: &Path, port: u16, processor_port: u16) -> dsrelay_regist
     };
     dsrelay_registry::Config {
         listen: format!("127.0.0.1:{port}"),
+        admin_listen: None,
         database_url: format!("sqlite://{}/registry.db", dir.display()),
         tls: DevPki {
             dir: dir.join("pki"),
@@ -57,6 +58,7 @@ fn registry_config(dir: &Path, port: u16, processor_port: u16) -> dsrelay_regist
 fn processor_config(dir: &Path, port: u16, registry_port: u16) -> dsrelay_processor::Config {
     dsrelay_processor::Config {
         listen: format!("127.0.0.1:{port}"),
+        admin_listen: None,
         database_url: format!("sqlite://{}/processor.db", dir.display()),
         tls: DevPki {
             dir: dir.join("pki"),
@@ -109,7 +111,7 @@ pub(crate) async fn up(
     env: &Environment,
     io: &mut Io<'_>,
 ) -> Result<u8, Failure> {
-    dsrelay_runtime::telemetry::init(false);
+    let telemetry = dsrelay_runtime::telemetry::init(false, "dsrelay-dev");
     let dir = env.cwd().join(&args.dir);
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("creating {}", dir.display()))
@@ -141,6 +143,21 @@ pub(crate) async fn up(
         .await
         .with_context(|| format!("binding the processor to {}", processor.listen))
         .map_err(Failure::Setup)?;
+    // Admin ports (`admin_listen` in the files) are bound here too, so a port in use is
+    // reported before anything starts.
+    let mut admin = Vec::new();
+    for (name, addr) in [
+        ("registry", registry.admin_listen.clone()),
+        ("processor", processor.admin_listen.clone()),
+    ] {
+        let listener = dsrelay_runtime::metrics::bind(addr.as_deref())
+            .await
+            .with_context(|| format!("the {name}'s admin port"))
+            .map_err(Failure::Setup)?;
+        admin.push(listener);
+    }
+    let processor_admin = admin.pop().flatten();
+    let registry_admin = admin.pop().flatten();
     let registry_endpoint = format!("https://localhost:{}", args.registry_port);
     let registry_app = dsrelay_registry::App::build(registry)
         .await
@@ -153,9 +170,16 @@ pub(crate) async fn up(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let processor_task =
-        tokio::spawn(processor_app.run(processor_listener, stopped(stop_rx.clone())));
-    let registry_task = tokio::spawn(registry_app.run(registry_listener, stopped(stop_rx)));
+    let processor_task = tokio::spawn(processor_app.run_with_admin(
+        processor_listener,
+        processor_admin,
+        stopped(stop_rx.clone()),
+    ));
+    let registry_task = tokio::spawn(registry_app.run_with_admin(
+        registry_listener,
+        registry_admin,
+        stopped(stop_rx),
+    ));
 
     let d = dir.display();
     writeln!(
@@ -192,6 +216,7 @@ pub(crate) async fn up(
         Some(p) => p,
         None => processor_task.await,
     };
+    telemetry.shutdown().await;
     for (name, result) in [
         ("registry", registry_result),
         ("processor", processor_result),

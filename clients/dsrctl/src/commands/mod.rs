@@ -4,11 +4,12 @@ use std::io::Write;
 
 use dsrelay_sdk::RegistryClient;
 
-use crate::cli::{Cli, Command, DevCommand, OutputFormat, PkiCommand};
+use crate::cli::{AuditCommand, Cli, Command, DevCommand, OutputFormat, PkiCommand};
 use crate::settings::{self, Environment};
 use crate::Failure;
 use dsrelay_sdk::ConnectionSettings;
 
+mod audit;
 mod chain;
 mod dev;
 mod list;
@@ -16,6 +17,7 @@ mod pki;
 mod request;
 mod submit;
 mod tasks;
+mod trace;
 mod watch;
 
 /// Where a command writes, and in which format.
@@ -61,6 +63,10 @@ pub(crate) async fn dispatch(cli: &Cli, env: &Environment, io: &mut Io<'_>) -> R
         Command::Pki(PkiCommand::Init(args)) => pki::init(args, env, io),
         Command::Dev(DevCommand::Up(args)) => dev::up(args, env, io).await,
         Command::Chain => chain::run(&Registry::connect(cli, env)?, io).await,
+        Command::Trace(args) => trace::run(&Registry::connect(cli, env)?, args, io).await,
+        Command::Audit(AuditCommand::Verify(args)) => {
+            audit::verify(&Registry::connect(cli, env)?, args, io).await
+        }
         Command::Tasks(cmd) => {
             let settings: ConnectionSettings =
                 settings::resolve(&cli.connection, env).map_err(Failure::Setup)?;

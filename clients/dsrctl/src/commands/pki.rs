@@ -13,7 +13,7 @@ pub(crate) fn init(args: &PkiInitArgs, env: &Environment, io: &mut Io<'_>) -> Re
     let dir = env.cwd().join(&args.dir);
     // `ensure` keeps an existing set; say which happened so nobody expects fresh keys.
     let existed = dir.join("ca.pem").exists();
-    let pki = DevPki::ensure(&dir).map_err(Failure::Setup)?;
+    let pki = DevPki::ensure_with_dns_names(&dir, &args.dns_names).map_err(Failure::Setup)?;
     let view = PkiView {
         dir: pki.dir.display().to_string(),
         created: !existed,

@@ -1,0 +1,4 @@
+-- Runs once, when the `postgres` volume of docker-compose.yml is first created (as the
+-- POSTGRES_USER, in the POSTGRES_DB `registry`): the processor's store is a second database
+-- on the same server. Each service creates its tables itself (migrations run at start).
+CREATE DATABASE processor;

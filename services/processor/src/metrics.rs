@@ -1,0 +1,154 @@
+//! The processor's metrics: counters kept in the process, and gauges read from the store when
+//! scraped (so they hold across restarts and between replicas sharing a database).
+//!
+//! | name | type | labels |
+//! |---|---|---|
+//! | `dsrelay_tasks` | gauge | `subprocessor`, `state` |
+//! | `dsrelay_ack_outbox_depth` | gauge | |
+//! | `dsrelay_ack_outbox_oldest_age_seconds` | gauge | |
+//! | `dsrelay_connector_errors_total` | counter | `subprocessor`, `kind` (`transient`, `permanent`) |
+//! | `dsrelay_connector_duration_seconds` | histogram | `subprocessor` |
+
+use anyhow::Result;
+use dsrelay_proto::prost::Message;
+use dsrelay_proto::v1::{Acknowledgement, TaskState};
+use dsrelay_runtime::metrics::{CounterVec, GaugeFamily, HistogramVec, LATENCY_BUCKETS};
+use sqlx::Row;
+
+use crate::app::Shared;
+use crate::config::Config;
+
+/// The counters and histograms the task runner updates.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Connector runs that ended in an error, by subprocessor and kind.
+    pub connector_errors: CounterVec,
+    /// How long connector runs took, by subprocessor.
+    pub connector_duration: HistogramVec,
+}
+
+impl Metrics {
+    /// Every series starts at zero for the configured subprocessors.
+    pub fn new(config: &Config) -> Self {
+        let m = Self {
+            connector_errors: CounterVec::new(
+                "dsrelay_connector_errors_total",
+                "Connector runs that failed: transient errors are retried until the due date, \
+                 permanent ones fail the task.",
+                &["subprocessor", "kind"],
+            ),
+            connector_duration: HistogramVec::new(
+                "dsrelay_connector_duration_seconds",
+                "Duration of one connector run (one step of a task at its holder).",
+                &["subprocessor"],
+                LATENCY_BUCKETS,
+            ),
+        };
+        for s in &config.subprocessors {
+            m.connector_errors.inc_by(&[&s.name, "transient"], 0);
+            m.connector_errors.inc_by(&[&s.name, "permanent"], 0);
+            m.connector_duration.touch(&[&s.name]);
+        }
+        m
+    }
+
+    /// Counts a connector error.
+    pub fn connector_error(&self, subprocessor: &str, transient: bool) {
+        let kind = if transient { "transient" } else { "permanent" };
+        self.connector_errors.inc(&[subprocessor, kind]);
+    }
+}
+
+const STATES: &[TaskState] = &[
+    TaskState::Pending,
+    TaskState::InProgress,
+    TaskState::Completed,
+    TaskState::NotFound,
+    TaskState::Retained,
+    TaskState::Refused,
+    TaskState::Failed,
+    TaskState::WaitingForOperator,
+    TaskState::Cancelled,
+];
+
+fn state_label(s: i32) -> String {
+    TaskState::try_from(s).map_or_else(
+        |_| s.to_string(),
+        |s| {
+            s.as_str_name()
+                .trim_start_matches("TASK_STATE_")
+                .to_string()
+        },
+    )
+}
+
+/// The whole exposition: gauges from the store, then the in-process families.
+pub async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
+    let pool = &shared.store.db().pool;
+
+    let mut tasks = GaugeFamily::new(
+        "dsrelay_tasks",
+        "Tasks by subprocessor and state (from the store).",
+    );
+    for s in &shared.config.subprocessors {
+        for state in STATES {
+            tasks.set(
+                &[
+                    ("subprocessor", &s.name),
+                    ("state", &state_label(*state as i32)),
+                ],
+                0.0,
+            );
+        }
+    }
+    let rows = sqlx::query(
+        "SELECT subprocessor, CAST(state AS BIGINT) AS state, CAST(COUNT(*) AS BIGINT) AS n \
+         FROM tasks GROUP BY subprocessor, state",
+    )
+    .fetch_all(pool)
+    .await?;
+    for r in &rows {
+        let subprocessor: String = r.try_get("subprocessor")?;
+        let state = state_label(r.try_get::<i64, _>("state")? as i32);
+        tasks.set(
+            &[("subprocessor", &subprocessor), ("state", &state)],
+            r.try_get::<i64, _>("n")? as f64,
+        );
+    }
+
+    let depth: i64 =
+        sqlx::query_scalar("SELECT CAST(COUNT(*) AS BIGINT) FROM ack_outbox WHERE sent_at IS NULL")
+            .fetch_one(pool)
+            .await?;
+    // Rows are numbered in the order they were queued, and each carries the time of its
+    // state change.
+    let oldest: Option<Vec<u8>> = sqlx::query_scalar(
+        "SELECT payload FROM ack_outbox WHERE sent_at IS NULL ORDER BY id LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await?;
+    let age = oldest
+        .and_then(|p| Acknowledgement::decode(p.as_slice()).ok())
+        .and_then(|a| a.occurred_at)
+        .map_or(0.0, |t| {
+            (now_ms - dsrelay_proto::millis_from_timestamp(&t)).max(0) as f64 / 1000.0
+        });
+    let mut depth_family = GaugeFamily::new(
+        "dsrelay_ack_outbox_depth",
+        "Acknowledgements not yet stored by their controller's registry.",
+    );
+    depth_family.set(&[], depth as f64);
+    let mut age_family = GaugeFamily::new(
+        "dsrelay_ack_outbox_oldest_age_seconds",
+        "Age of the oldest acknowledgement not yet stored by its registry; 0 when none waits.",
+    );
+    age_family.set(&[], age);
+
+    let mut out = String::new();
+    tasks.encode(&mut out);
+    depth_family.encode(&mut out);
+    age_family.encode(&mut out);
+    shared.metrics.connector_errors.encode(&mut out);
+    shared.metrics.connector_duration.encode(&mut out);
+    Ok(out)
+}

@@ -1,0 +1,27 @@
+-- The tamper-evident audit trail: one entry per event, written in the event's transaction.
+-- `seq` counts 1, 2, 3, ... without gaps (each entry is the last one + 1, never a sequence);
+-- `hash` is the SHA-256 of the entry and `prev_hash` that of the entry before (64 zeros for
+-- the first), as defined in dsrelay_runtime::audit; `dsrctl audit verify` checks the chain.
+-- `detail` is the event's message, which never holds a subject's identities. The trail
+-- starts when this migration runs; events recorded before are not in it.
+CREATE TABLE audit_log (
+    seq BIGINT PRIMARY KEY,
+    occurred_at BIGINT NOT NULL,
+    request_id TEXT NOT NULL,
+    event_type BIGINT NOT NULL,
+    actor TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+
+-- Append-only: the registry never changes or removes an entry. (Whoever can drop these
+-- triggers can still tamper; the hash chain is what shows it.)
+CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
+BEGIN
+    SELECT RAISE(ABORT, 'audit_log is append-only');
+END;
+CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+BEGIN
+    SELECT RAISE(ABORT, 'audit_log is append-only');
+END;

@@ -1,0 +1,236 @@
+//! The registry's metrics: counters kept in the process, and gauges read from the store when
+//! scraped (so they hold across restarts and between replicas sharing a database).
+//!
+//! | name | type | labels |
+//! |---|---|---|
+//! | `dsrelay_requests` | gauge | `kind`, `state` |
+//! | `dsrelay_requests_overdue` | gauge | |
+//! | `dsrelay_outbox_depth` | gauge | `op` (`deliver`, `cancel`) |
+//! | `dsrelay_outbox_oldest_age_seconds` | gauge | `op` |
+//! | `dsrelay_delivery_attempts_total` | counter | `processor` |
+//! | `dsrelay_delivery_failures_total` | counter | `processor` |
+//! | `dsrelay_acknowledgement_latency_seconds` | histogram | `processor` |
+//! | `dsrelay_acknowledgements_total` | counter | `result` (`applied`, `duplicate`) |
+
+use anyhow::Result;
+use dsrelay_proto::v1::{RequestKind, RequestState};
+use dsrelay_runtime::metrics::{CounterVec, GaugeFamily, HistogramVec, LATENCY_BUCKETS};
+use sqlx::Row;
+
+use crate::app::Shared;
+use crate::config::Config;
+use crate::fold::request_can_be_overdue;
+use crate::store::{OP_CANCEL, OP_DELIVER};
+
+/// The counters and histograms the handlers and the dispatcher update.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Deliver and Cancel calls made, by processor.
+    pub delivery_attempts: CounterVec,
+    /// Of those, the ones that failed (or could not be made).
+    pub delivery_failures: CounterVec,
+    /// From a task's state change at the processor to the registry applying it.
+    pub ack_latency: HistogramVec,
+    /// Acknowledgements received, applied or duplicate.
+    pub acknowledgements: CounterVec,
+}
+
+impl Metrics {
+    /// Every series starts at zero for the configured processors.
+    pub fn new(config: &Config) -> Self {
+        let m = Self {
+            delivery_attempts: CounterVec::new(
+                "dsrelay_delivery_attempts_total",
+                "Deliver and Cancel calls made to processors.",
+                &["processor"],
+            ),
+            delivery_failures: CounterVec::new(
+                "dsrelay_delivery_failures_total",
+                "Deliver and Cancel calls that failed; the outbox retries them with backoff.",
+                &["processor"],
+            ),
+            ack_latency: HistogramVec::new(
+                "dsrelay_acknowledgement_latency_seconds",
+                "Time from a task's state change at the processor (Acknowledgement.occurred_at) \
+                 to the registry applying it.",
+                &["processor"],
+                LATENCY_BUCKETS,
+            ),
+            acknowledgements: CounterVec::new(
+                "dsrelay_acknowledgements_total",
+                "Acknowledgements received from processors: applied, or duplicates of ones \
+                 applied before.",
+                &["result"],
+            ),
+        };
+        for p in &config.processors {
+            m.delivery_attempts.inc_by(&[&p.name], 0);
+            m.delivery_failures.inc_by(&[&p.name], 0);
+            m.ack_latency.touch(&[&p.name]);
+        }
+        m.acknowledgements.inc_by(&["applied"], 0);
+        m.acknowledgements.inc_by(&["duplicate"], 0);
+        m
+    }
+
+    /// Records an Acknowledge call's outcome: latencies of the acknowledgements applied, given
+    /// as their `occurred_at` (ms), and the counts.
+    ///
+    /// The store reports counts, not which acknowledgement was a duplicate; a call whose
+    /// acknowledgements were all duplicates adds no latency, and a mixed call (rare: a batch
+    /// resent after a lost answer with new ones added) adds all of them.
+    pub fn acknowledged(
+        &self,
+        processor: &str,
+        occurred_at_ms: &[Option<i64>],
+        applied: u32,
+        duplicates: u32,
+        now_ms: i64,
+    ) {
+        self.acknowledgements
+            .inc_by(&["applied"], u64::from(applied));
+        self.acknowledgements
+            .inc_by(&["duplicate"], u64::from(duplicates));
+        if applied == 0 {
+            return;
+        }
+        for at in occurred_at_ms.iter().flatten() {
+            // Clocks differ between hosts: a change "from the future" counts as immediate.
+            let seconds = (now_ms - at).max(0) as f64 / 1000.0;
+            self.ack_latency.observe(&[processor], seconds);
+        }
+    }
+}
+
+/// A kind or state as a label value: the proto enum name without its prefix.
+fn label(name: &str, prefix: &str) -> String {
+    name.trim_start_matches(prefix).to_string()
+}
+
+const KINDS: &[RequestKind] = &[
+    RequestKind::Erasure,
+    RequestKind::ReturnOfData,
+    RequestKind::Transfer,
+    RequestKind::Rectification,
+    RequestKind::Restriction,
+    RequestKind::Objection,
+];
+
+const STATES: &[RequestState] = &[
+    RequestState::Received,
+    RequestState::Dispatched,
+    RequestState::InProgress,
+    RequestState::Completed,
+    RequestState::PartiallyCompleted,
+    RequestState::Failed,
+    RequestState::Cancelled,
+];
+
+/// The whole exposition: gauges from the store, then the in-process families.
+pub async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
+    let pool = &shared.store.db().pool;
+
+    let mut requests = GaugeFamily::new(
+        "dsrelay_requests",
+        "Requests by kind and state (from the store).",
+    );
+    let kind_label = |k: i32| {
+        RequestKind::try_from(k).map_or_else(
+            |_| k.to_string(),
+            |k| label(k.as_str_name(), "REQUEST_KIND_"),
+        )
+    };
+    let state_label = |s: i32| {
+        RequestState::try_from(s).map_or_else(
+            |_| s.to_string(),
+            |s| label(s.as_str_name(), "REQUEST_STATE_"),
+        )
+    };
+    for k in KINDS {
+        for s in STATES {
+            requests.set(
+                &[
+                    ("kind", &kind_label(*k as i32)),
+                    ("state", &state_label(*s as i32)),
+                ],
+                0.0,
+            );
+        }
+    }
+    let rows = sqlx::query(
+        "SELECT CAST(kind AS BIGINT) AS kind, CAST(state AS BIGINT) AS state, \
+         CAST(COUNT(*) AS BIGINT) AS n FROM requests GROUP BY kind, state",
+    )
+    .fetch_all(pool)
+    .await?;
+    for r in &rows {
+        let kind = kind_label(r.try_get::<i64, _>("kind")? as i32);
+        let state = state_label(r.try_get::<i64, _>("state")? as i32);
+        requests.set(
+            &[("kind", &kind), ("state", &state)],
+            r.try_get::<i64, _>("n")? as f64,
+        );
+    }
+
+    let open: Vec<String> = STATES
+        .iter()
+        .filter(|s| request_can_be_overdue(**s))
+        .map(|s| (*s as i32).to_string())
+        .collect();
+    let overdue: i64 = sqlx::query_scalar(&format!(
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM requests WHERE due_at < $1 AND state IN ({})",
+        open.join(", ")
+    ))
+    .bind(now_ms)
+    .fetch_one(pool)
+    .await?;
+    let mut overdue_family = GaugeFamily::new(
+        "dsrelay_requests_overdue",
+        "Requests past their due date that the controller still owes an answer.",
+    );
+    overdue_family.set(&[], overdue as f64);
+
+    // A delivery row is queued with its request; a cancellation when the request is
+    // cancelled (its finished_at).
+    let rows = sqlx::query(
+        "SELECT d.op, CAST(COUNT(*) AS BIGINT) AS n, \
+         MIN(CASE WHEN d.op = $1 THEN r.received_at \
+         ELSE COALESCE(r.finished_at, r.updated_at) END) AS oldest \
+         FROM deliveries d JOIN requests r ON r.id = d.request_id \
+         WHERE d.done_at IS NULL GROUP BY d.op",
+    )
+    .bind(OP_DELIVER)
+    .fetch_all(pool)
+    .await?;
+    let mut depth = GaugeFamily::new(
+        "dsrelay_outbox_depth",
+        "Deliveries and cancellations not yet accepted by their processor.",
+    );
+    let mut age = GaugeFamily::new(
+        "dsrelay_outbox_oldest_age_seconds",
+        "Age of the oldest delivery or cancellation not yet accepted; 0 when none waits.",
+    );
+    for op in [OP_DELIVER, OP_CANCEL] {
+        depth.set(&[("op", op)], 0.0);
+        age.set(&[("op", op)], 0.0);
+    }
+    for r in &rows {
+        let op: String = r.try_get("op")?;
+        depth.set(&[("op", &op)], r.try_get::<i64, _>("n")? as f64);
+        if let Some(oldest) = r.try_get::<Option<i64>, _>("oldest")? {
+            age.set(&[("op", &op)], (now_ms - oldest).max(0) as f64 / 1000.0);
+        }
+    }
+
+    let mut out = String::new();
+    requests.encode(&mut out);
+    overdue_family.encode(&mut out);
+    depth.encode(&mut out);
+    age.encode(&mut out);
+    let m = &shared.metrics;
+    m.delivery_attempts.encode(&mut out);
+    m.delivery_failures.encode(&mut out);
+    m.ack_latency.encode(&mut out);
+    m.acknowledgements.encode(&mut out);
+    Ok(out)
+}

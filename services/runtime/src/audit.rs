@@ -1,0 +1,632 @@
+//! The tamper-evident audit trail: entry hashing and chain verification, shared by the
+//! registry (which appends entries) and `dsrctl audit verify` (which checks them), so both
+//! agree on every byte that is hashed.
+//!
+//! Entries are numbered 1, 2, 3, … without gaps (`seq`), and each carries the hash of its
+//! predecessor (`prev_hash`; [`GENESIS_HASH`] for entry 1) and its own [`Entry::compute_hash`].
+//! Changing, removing or inserting an entry therefore breaks the chain at a point that
+//! [`verify`] names, together with what was done there ([`BreakKind`]).
+//!
+//! What a chain alone cannot show: someone able to write the store can append a well-formed
+//! entry at the end, drop entries from the end, or rewrite every entry from some point on with
+//! fresh hashes. Anchors catch the last two: keep the hash of the last entry printed by an
+//! earlier verification and pass it to [`Verifier::anchor`] (`dsrctl audit verify --anchor`).
+//!
+//! # Hash
+//!
+//! `hash` is the lowercase hex SHA-256 of [`HASH_DOMAIN`] followed by, in this order, `seq`,
+//! `occurred_at`, `request_id`, `event_type`, `actor`, `detail` and `prev_hash`, each written
+//! as its length in bytes (8-byte big-endian unsigned) and then its bytes. Integers are 8-byte
+//! big-endian (`seq` unsigned; `occurred_at` and `event_type` two's complement); text is UTF-8
+//! as stored; `prev_hash` is its lowercase hex text.
+
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+
+/// The `prev_hash` of the first entry: 64 zeros.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Prefix of every hashed encoding, so an entry hash can never equal a hash made for
+/// anything else.
+pub const HASH_DOMAIN: &[u8] = b"dsrelay.audit.v1";
+
+/// Removals of up to this many entries followed by renumbering the rest are named as
+/// removals; beyond that the first renumbered entry is reported as modified.
+const MAX_RENUMBERING: u64 = 1024;
+
+/// One audit entry, as stored and as `ListAuditEntries` returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Entry {
+    /// Position in the trail: 1 for the first entry, then each one more than the last.
+    pub seq: u64,
+    /// When the audited event happened (milliseconds since the Unix epoch).
+    pub occurred_at: i64,
+    /// The request concerned.
+    pub request_id: String,
+    /// What happened (the `EventType` value).
+    pub event_type: i32,
+    /// Who acted: the partner or processor, where known; otherwise empty.
+    pub actor: String,
+    /// What happened, in words. Never contains a subject's identities.
+    pub detail: String,
+    /// The hash of the entry before, or [`GENESIS_HASH`].
+    pub prev_hash: String,
+    /// This entry's hash as stored.
+    pub hash: String,
+}
+
+impl Entry {
+    /// The hash this entry's fields give (see the module documentation); `self.hash` is not
+    /// part of it.
+    pub fn compute_hash(&self) -> String {
+        self.hash_with_seq(self.seq)
+    }
+
+    fn hash_with_seq(&self, seq: u64) -> String {
+        let mut h = Sha256::new();
+        h.update(HASH_DOMAIN);
+        let mut field = |bytes: &[u8]| {
+            h.update((bytes.len() as u64).to_be_bytes());
+            h.update(bytes);
+        };
+        field(&seq.to_be_bytes());
+        field(&self.occurred_at.to_be_bytes());
+        field(self.request_id.as_bytes());
+        field(&i64::from(self.event_type).to_be_bytes());
+        field(self.actor.as_bytes());
+        field(self.detail.as_bytes());
+        field(self.prev_hash.as_bytes());
+        hex::encode(h.finalize())
+    }
+}
+
+/// What was done to the trail where it breaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakKind {
+    /// The entry's content (or its hash) was changed.
+    Modified,
+    /// The entry was not written by the registry: it was put between others.
+    Inserted,
+    /// The entry is missing.
+    Removed,
+}
+
+impl BreakKind {
+    /// `modified`, `inserted` or `removed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Modified => "modified",
+            Self::Inserted => "inserted",
+            Self::Removed => "removed",
+        }
+    }
+}
+
+impl fmt::Display for BreakKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The first place where the trail is not what the registry wrote.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("audit trail broken at entry {seq}: {kind}: {detail}")]
+pub struct ChainBreak {
+    /// The entry concerned: the changed or inserted one, or the first missing one.
+    pub seq: u64,
+    /// What was done to it.
+    pub kind: BreakKind,
+    /// Why verification concluded that, in words.
+    pub detail: String,
+}
+
+/// A trail that verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Intact {
+    /// How many entries were checked.
+    pub entries: u64,
+    /// The last entry's seq (0 for an empty trail).
+    pub last_seq: u64,
+    /// The last entry's hash ([`GENESIS_HASH`] for an empty trail): an anchor for later checks.
+    pub last_hash: String,
+}
+
+/// Checks a whole trail, oldest first, from entry 1.
+pub fn verify(entries: &[Entry]) -> Result<Intact, ChainBreak> {
+    let mut v = Verifier::new();
+    for e in entries {
+        v.push(e.clone())?;
+    }
+    v.finish()
+}
+
+/// Checks a trail entry by entry, so a long one need not be held in memory: [`push`] the
+/// entries oldest first from entry 1, then [`finish`].
+///
+/// [`push`]: Verifier::push
+/// [`finish`]: Verifier::finish
+#[derive(Debug, Clone)]
+pub struct Verifier {
+    /// The last checked entry's (seq, hash); (0, genesis) before the first.
+    prev: (u64, String),
+    /// The hash of the entry before `prev`; `None` while `prev` is the genesis.
+    before_prev: Option<String>,
+    /// The entry pushed last, checked once its successor (or the end) is known.
+    pending: Option<Entry>,
+    anchor: Option<(u64, String)>,
+    checked: u64,
+}
+
+impl Default for Verifier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Verifier {
+    /// A verifier expecting entry 1 first.
+    pub fn new() -> Self {
+        Self {
+            prev: (0, GENESIS_HASH.to_string()),
+            before_prev: None,
+            pending: None,
+            anchor: None,
+            checked: 0,
+        }
+    }
+
+    /// Also requires entry `seq` to exist with exactly `hash` (from an earlier verification),
+    /// which catches entries removed from the end and a trail rewritten up to that entry.
+    pub fn anchor(mut self, seq: u64, hash: impl Into<String>) -> Self {
+        self.anchor = Some((seq, hash.into().to_ascii_lowercase()));
+        self
+    }
+
+    /// Takes the next entry; fails at the first break found.
+    pub fn push(&mut self, entry: Entry) -> Result<(), ChainBreak> {
+        if let Some(p) = self.pending.take() {
+            self.check(&p, Some(&entry))?;
+        }
+        self.pending = Some(entry);
+        Ok(())
+    }
+
+    /// Checks the last entry and the anchor.
+    pub fn finish(mut self) -> Result<Intact, ChainBreak> {
+        if let Some(p) = self.pending.take() {
+            self.check(&p, None)?;
+        }
+        let (last_seq, last_hash) = self.prev;
+        if let Some((seq, hash)) = &self.anchor {
+            if *seq > last_seq {
+                return Err(ChainBreak {
+                    seq: last_seq + 1,
+                    kind: BreakKind::Removed,
+                    detail: format!(
+                        "the trail ends at entry {last_seq}, but entry {seq} was anchored \
+                         with hash {hash}: entries were removed from the end"
+                    ),
+                });
+            }
+        }
+        Ok(Intact {
+            entries: self.checked,
+            last_seq,
+            last_hash,
+        })
+    }
+
+    fn check(&mut self, e: &Entry, next: Option<&Entry>) -> Result<(), ChainBreak> {
+        let (pseq, phash) = (self.prev.0, self.prev.1.as_str());
+        let brk = |seq: u64, kind: BreakKind, detail: String| ChainBreak { seq, kind, detail };
+        if e.seq <= pseq {
+            return Err(brk(
+                e.seq,
+                BreakKind::Inserted,
+                format!(
+                    "entry {} follows entry {pseq}: seq repeated or out of order",
+                    e.seq
+                ),
+            ));
+        }
+        let self_ok = e.compute_hash() == e.hash;
+        let link_ok = e.prev_hash == phash;
+        if e.seq > pseq + 1 {
+            if link_ok && !self_ok {
+                return Err(brk(
+                    e.seq,
+                    BreakKind::Modified,
+                    format!(
+                        "it follows entry {pseq} directly but its seq was changed, so its \
+                         hash no longer matches"
+                    ),
+                ));
+            }
+            let missing = if e.seq == pseq + 2 {
+                format!("entry {} is missing", pseq + 1)
+            } else {
+                format!("entries {} to {} are missing", pseq + 1, e.seq - 1)
+            };
+            return Err(brk(pseq + 1, BreakKind::Removed, missing));
+        }
+        if !(link_ok && self_ok) {
+            // The entry after this one names our predecessor as its own: this one was put
+            // in between (and the rest renumbered).
+            if next.is_some_and(|n| n.prev_hash == phash) {
+                return Err(brk(
+                    e.seq,
+                    BreakKind::Inserted,
+                    format!(
+                        "entry {} names entry {pseq} as its predecessor, so entry {} was put \
+                         in between",
+                        e.seq + 1,
+                        e.seq
+                    ),
+                ));
+            }
+            if link_ok {
+                return Err(brk(
+                    e.seq,
+                    BreakKind::Modified,
+                    "its content no longer matches its hash".into(),
+                ));
+            }
+            // A well-formed entry before this one that this one does not name.
+            if self.before_prev.as_deref() == Some(e.prev_hash.as_str()) {
+                return Err(brk(
+                    pseq,
+                    BreakKind::Inserted,
+                    format!(
+                        "entry {} names entry {} as its predecessor, so entry {pseq} was put \
+                         in between",
+                        e.seq,
+                        pseq - 1
+                    ),
+                ));
+            }
+            if self_ok {
+                return Err(if pseq == 0 {
+                    brk(
+                        e.seq,
+                        BreakKind::Modified,
+                        "the first entry does not start from the genesis hash".into(),
+                    )
+                } else {
+                    brk(
+                        pseq,
+                        BreakKind::Modified,
+                        format!(
+                            "its hash is not the one entry {} recorded for it: it was changed \
+                             and hashed again",
+                            e.seq
+                        ),
+                    )
+                });
+            }
+            // Neither its hash nor its link fit: were entries removed before it and the
+            // rest renumbered down? Then its hash fits a larger seq.
+            if let Some(d) = (1..=MAX_RENUMBERING).find(|d| {
+                e.seq
+                    .checked_add(*d)
+                    .is_some_and(|s| e.hash_with_seq(s) == e.hash)
+            }) {
+                let what = if d == 1 {
+                    format!("entry {} was removed", e.seq)
+                } else {
+                    format!("entries {} to {} were removed", e.seq, e.seq + d - 1)
+                };
+                return Err(brk(
+                    e.seq,
+                    BreakKind::Removed,
+                    format!(
+                        "{what} and the later entries renumbered (the entry now numbered {} \
+                         was written as {})",
+                        e.seq,
+                        e.seq + d
+                    ),
+                ));
+            }
+            return Err(brk(
+                e.seq,
+                BreakKind::Modified,
+                format!(
+                    "neither its content nor its predecessor's hash match (it does not name \
+                     entry {pseq})"
+                ),
+            ));
+        }
+        if let Some((seq, hash)) = &self.anchor {
+            if *seq == e.seq && *hash != e.hash {
+                return Err(brk(
+                    e.seq,
+                    BreakKind::Modified,
+                    format!(
+                        "its hash is not the anchored {hash}: the trail up to it was rewritten"
+                    ),
+                ));
+            }
+        }
+        self.before_prev = Some(std::mem::replace(&mut self.prev.1, e.hash.clone()));
+        self.prev.0 = e.seq;
+        self.checked += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A well-formed trail of `n` entries.
+    fn trail(n: u64) -> Vec<Entry> {
+        let mut out: Vec<Entry> = Vec::new();
+        for seq in 1..=n {
+            let prev_hash = out
+                .last()
+                .map(|e| e.hash.clone())
+                .unwrap_or_else(|| GENESIS_HASH.to_string());
+            out.push(sealed(Entry {
+                seq,
+                occurred_at: 1_700_000_000_000 + seq as i64,
+                request_id: format!("r-{}", seq / 2),
+                event_type: (seq % 7) as i32 + 1,
+                actor: "payroll-bureau".into(),
+                detail: format!("event {seq}"),
+                prev_hash,
+                hash: String::new(),
+            }));
+        }
+        out
+    }
+
+    fn sealed(mut e: Entry) -> Entry {
+        e.hash = e.compute_hash();
+        e
+    }
+
+    /// Rehashes entries from index `from` on, as someone covering their tracks would.
+    fn rechain(entries: &mut [Entry], from: usize) {
+        for i in from..entries.len() {
+            if i > 0 {
+                entries[i].prev_hash = entries[i - 1].hash.clone();
+            }
+            entries[i].hash = entries[i].compute_hash();
+        }
+    }
+
+    fn at(entries: &[Entry]) -> (u64, BreakKind) {
+        let (seq, kind, _) = broken(entries);
+        (seq, kind)
+    }
+
+    fn broken(entries: &[Entry]) -> (u64, BreakKind, String) {
+        let b = verify(entries).expect_err("the trail should be broken");
+        (b.seq, b.kind, b.detail)
+    }
+
+    #[test]
+    fn intact_and_empty_trails_verify() {
+        let empty = verify(&[]).unwrap();
+        assert_eq!(
+            empty,
+            Intact {
+                entries: 0,
+                last_seq: 0,
+                last_hash: GENESIS_HASH.into()
+            }
+        );
+        let t = trail(6);
+        let ok = verify(&t).unwrap();
+        assert_eq!((ok.entries, ok.last_seq), (6, 6));
+        assert_eq!(ok.last_hash, t[5].hash);
+        assert_eq!(GENESIS_HASH.len(), 64);
+    }
+
+    #[test]
+    fn the_hash_covers_every_field_and_is_unambiguous() {
+        let e = trail(1).remove(0);
+        assert_eq!(e.hash.len(), 64);
+        let variants = [
+            Entry {
+                seq: 2,
+                ..e.clone()
+            },
+            Entry {
+                occurred_at: 1,
+                ..e.clone()
+            },
+            Entry {
+                request_id: "x".into(),
+                ..e.clone()
+            },
+            Entry {
+                event_type: 99,
+                ..e.clone()
+            },
+            Entry {
+                actor: "x".into(),
+                ..e.clone()
+            },
+            Entry {
+                detail: "x".into(),
+                ..e.clone()
+            },
+            Entry {
+                prev_hash: "1".repeat(64),
+                ..e.clone()
+            },
+        ];
+        for v in variants {
+            assert_ne!(v.compute_hash(), e.hash, "{v:?}");
+        }
+        // Moving bytes between adjacent text fields changes the hash (length prefixes).
+        let a = Entry {
+            actor: "ab".into(),
+            detail: "c".into(),
+            ..e.clone()
+        };
+        let b = Entry {
+            actor: "a".into(),
+            detail: "bc".into(),
+            ..e.clone()
+        };
+        assert_ne!(a.compute_hash(), b.compute_hash());
+        // The stored hash is not part of what is hashed.
+        assert_eq!(
+            Entry {
+                hash: "x".into(),
+                ..e.clone()
+            }
+            .compute_hash(),
+            e.hash
+        );
+    }
+
+    #[test]
+    fn a_changed_entry_is_named_modified() {
+        let mut t = trail(6);
+        t[2].detail = "nothing happened".into();
+        let (seq, kind, _) = broken(&t);
+        assert_eq!((seq, kind), (3, BreakKind::Modified));
+
+        // Changed and hashed again: its successor still names the old hash.
+        let mut t = trail(6);
+        t[2].detail = "nothing happened".into();
+        t[2].hash = t[2].compute_hash();
+        let (seq, kind, detail) = broken(&t);
+        assert_eq!((seq, kind), (3, BreakKind::Modified), "{detail}");
+        assert!(detail.contains("entry 4 recorded"), "{detail}");
+
+        // The first and the last entry too.
+        let mut t = trail(4);
+        t[0].actor = "someone".into();
+        assert_eq!(broken(&t).0, 1);
+        let mut t = trail(4);
+        t[3].occurred_at += 1;
+        assert_eq!(at(&t), (4, BreakKind::Modified));
+    }
+
+    #[test]
+    fn a_removed_entry_is_named_by_its_seq() {
+        let mut t = trail(6);
+        t.remove(2);
+        let (seq, kind, detail) = broken(&t);
+        assert_eq!((seq, kind), (3, BreakKind::Removed));
+        assert_eq!(detail, "entry 3 is missing");
+
+        let mut t = trail(6);
+        t.drain(1..4);
+        let (seq, kind, detail) = broken(&t);
+        assert_eq!((seq, kind), (2, BreakKind::Removed));
+        assert_eq!(detail, "entries 2 to 4 are missing");
+
+        let mut t = trail(3);
+        t.remove(0);
+        assert_eq!(at(&t), (1, BreakKind::Removed));
+
+        // Removed, and the later entries renumbered to close the gap.
+        for (from, count) in [(2usize, 1usize), (0, 1), (1, 3)] {
+            let mut t = trail(7);
+            t.drain(from..from + count);
+            for e in &mut t[from..] {
+                e.seq -= count as u64;
+            }
+            let (seq, kind, detail) = broken(&t);
+            assert_eq!(
+                (seq, kind),
+                (from as u64 + 1, BreakKind::Removed),
+                "{detail}"
+            );
+            assert!(detail.contains("renumbered"), "{detail}");
+        }
+    }
+
+    #[test]
+    fn an_inserted_entry_is_named_inserted() {
+        // Put in between with a correct hash, the later entries renumbered up.
+        for at in [0usize, 2, 5] {
+            let mut t = trail(6);
+            let forged = sealed(Entry {
+                seq: at as u64 + 1,
+                detail: "forged".into(),
+                prev_hash: if at == 0 {
+                    GENESIS_HASH.into()
+                } else {
+                    t[at - 1].hash.clone()
+                },
+                ..t[at].clone()
+            });
+            t.insert(at, forged);
+            for e in &mut t[at + 1..] {
+                e.seq += 1;
+            }
+            let (seq, kind, detail) = broken(&t);
+            assert_eq!(
+                (seq, kind),
+                (at as u64 + 1, BreakKind::Inserted),
+                "{detail}"
+            );
+        }
+
+        // Put in between with a made-up hash.
+        let mut t = trail(6);
+        let forged = Entry {
+            seq: 3,
+            detail: "forged".into(),
+            prev_hash: "f".repeat(64),
+            hash: "e".repeat(64),
+            ..t[2].clone()
+        };
+        t.insert(2, forged);
+        for e in &mut t[3..] {
+            e.seq += 1;
+        }
+        assert_eq!(at(&t), (3, BreakKind::Inserted));
+
+        // A repeated or out-of-order seq.
+        let mut t = trail(4);
+        t.insert(2, t[1].clone());
+        assert_eq!(at(&t), (2, BreakKind::Inserted));
+        let mut t = trail(4);
+        t.swap(1, 2);
+        assert!(verify(&t).is_err());
+    }
+
+    #[test]
+    fn anchors_catch_truncation_and_rewriting() {
+        let t = trail(5);
+        let last = t[4].hash.clone();
+        let anchored = |entries: &[Entry], seq: u64, hash: &str| {
+            let mut v = Verifier::new().anchor(seq, hash);
+            for e in entries {
+                v.push(e.clone())?;
+            }
+            v.finish()
+        };
+        assert!(anchored(&t, 5, &last).is_ok());
+        assert!(anchored(&t, 5, &last.to_ascii_uppercase()).is_ok());
+
+        // Dropping the last entry leaves a valid chain, but not the anchored one.
+        let b = anchored(&t[..4], 5, &last).unwrap_err();
+        assert_eq!((b.seq, b.kind), (5, BreakKind::Removed));
+
+        // Rewriting everything from entry 2 on leaves a valid chain, but not the anchored one.
+        let mut t2 = t.clone();
+        t2[1].detail = "rewritten".into();
+        rechain(&mut t2, 1);
+        assert!(verify(&t2).is_ok());
+        let b = anchored(&t2, 5, &last).unwrap_err();
+        assert_eq!((b.seq, b.kind), (5, BreakKind::Modified));
+    }
+
+    #[test]
+    fn the_break_reads_well() {
+        let mut t = trail(3);
+        t.remove(1);
+        assert_eq!(
+            verify(&t).unwrap_err().to_string(),
+            "audit trail broken at entry 2: removed: entry 2 is missing"
+        );
+    }
+}

@@ -1,0 +1,383 @@
+//! The tamper-evident audit trail: one entry per event, append-only, hash-chained. The real
+//! `dsrctl audit verify` against a real pair finds it intact, then names the first entry that
+//! was changed, removed or inserted behind the registry's back; and appenders on several
+//! stores sharing one database keep a single valid chain.
+
+use std::time::Duration;
+
+use dsrelay_proto::v1::{RequestKind, RequestState};
+use dsrelay_registry::store::{
+    CancelOutcome, Inserted, NewRequest, Store as RegistryStore, POSTGRES_MIGRATIONS,
+    SQLITE_MIGRATIONS,
+};
+use dsrelay_runtime::audit::{self, Entry};
+use dsrelay_runtime::store::{now_ms, Db};
+use serde_json::Value;
+
+use crate::harness::{
+    binary, count, database_url, erasure, in_state, wait_until, Backend, Pair, PairOptions, Setup,
+};
+
+/// A finished dsrctl run.
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn expect(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "exit status\n--- stdout ---\n{}--- stderr ---\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+}
+
+/// Runs `dsrctl ARGS` against the pair's registry as the dev-PKI party `stem`.
+async fn dsrctl(setup: &Setup, stem: &str, args: &[&str]) -> Run {
+    let files = setup.pki.files(stem);
+    let mut cmd = tokio::process::Command::new(binary("dsrctl"));
+    cmd.current_dir(setup.dir.path()).kill_on_drop(true);
+    for name in [
+        "DSRCTL_ENDPOINT",
+        "DSRCTL_CA",
+        "DSRCTL_CERT",
+        "DSRCTL_KEY",
+        "DSRCTL_SERVER_IDENTITY",
+        "DSRCTL_CONFIG",
+    ] {
+        cmd.env_remove(name);
+    }
+    cmd.arg("--endpoint")
+        .arg(format!("https://localhost:{}", setup.registry_addr.port()))
+        .arg("--ca")
+        .arg(files.ca)
+        .arg("--cert")
+        .arg(files.cert)
+        .arg("--key")
+        .arg(files.key)
+        .arg("--server-identity")
+        .arg("spiffe://dsrelay.dev/registry/controller")
+        .args(args);
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("dsrctl finished within a minute")
+        .expect("running dsrctl");
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `dsrctl audit verify ARGS` as the operator, expecting `code`; returns stdout.
+async fn verify(setup: &Setup, args: &[&str], code: i32) -> String {
+    let mut all = vec!["audit", "verify"];
+    all.extend_from_slice(args);
+    dsrctl(setup, "operator", &all)
+        .await
+        .expect(code)
+        .stdout
+        .clone()
+}
+
+/// Writes `sql` to the registry's database directly, as someone with access to it would.
+async fn tamper(db: &Db, sql: &str) {
+    sqlx::raw_sql(sql)
+        .execute(&db.pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+async fn insert(db: &Db, e: &Entry) {
+    sqlx::query(
+        "INSERT INTO audit_log (seq, occurred_at, request_id, event_type, actor, detail, \
+         prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(e.seq as i64)
+    .bind(e.occurred_at)
+    .bind(&e.request_id)
+    .bind(i64::from(e.event_type))
+    .bind(&e.actor)
+    .bind(&e.detail)
+    .bind(&e.prev_hash)
+    .bind(&e.hash)
+    .execute(&db.pool)
+    .await
+    .expect("insert");
+}
+
+/// Puts the trail back as it was.
+async fn restore(db: &Db, entries: &[Entry]) {
+    tamper(db, "DELETE FROM audit_log").await;
+    for e in entries {
+        insert(db, e).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dsrctl_audit_verify_names_the_first_tampered_entry() {
+    let pair = Pair::start(PairOptions::default()).await.expect("pair");
+    let mut client = pair.setup.client("partner-crm").await;
+    for i in 0..3 {
+        let id = client
+            .submit(erasure(&format!("audit-{i}@example.fi")))
+            .await
+            .expect("submit")
+            .into_inner()
+            .request_id;
+        wait_until(
+            &mut client,
+            &id,
+            Duration::from_secs(30),
+            in_state(RequestState::Completed),
+        )
+        .await;
+    }
+    // Nothing changes any more once the processor is gone (every request has finished).
+    let Pair {
+        setup,
+        registry,
+        processor,
+        ..
+    } = pair;
+    processor.stop().await;
+    let url = setup.registry.database_url.clone();
+    let events = count(&url, "SELECT COUNT(*) FROM events").await;
+    assert_eq!(
+        count(&url, "SELECT COUNT(*) FROM audit_log").await,
+        events,
+        "one audit entry per event"
+    );
+    let n = events as u64;
+    assert!(n >= 9, "{n} entries");
+
+    // Intact, in both formats, with the last hash as an anchor.
+    let text = verify(&setup, &[], 0).await;
+    let db = Db::connect(&url).await.expect("connect");
+    let original = RegistryStore::new(db.clone())
+        .audit_entries(0, 10_000)
+        .await
+        .expect("entries");
+    assert_eq!(original.len() as u64, n);
+    assert_eq!(
+        original.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=n).collect::<Vec<_>>()
+    );
+    assert_eq!(original[0].prev_hash, audit::GENESIS_HASH);
+    assert_eq!(original[0].actor, "crm", "the submitting partner");
+    assert!(
+        original.iter().all(|e| !e.detail.contains("@example.fi")),
+        "no identities in the trail"
+    );
+    let last = original.last().expect("entries").hash.clone();
+    assert_eq!(
+        text,
+        format!("audit trail intact: {n} entries, last hash {last}\n")
+    );
+    let doc: Value =
+        serde_json::from_str(&verify(&setup, &["--output", "json"], 0).await).expect("json");
+    assert_eq!(doc["intact"], true, "{doc:#}");
+    assert_eq!(doc["entries"], n, "{doc:#}");
+    assert_eq!(doc["last_seq"], n, "{doc:#}");
+    assert_eq!(doc["last_hash"], last.as_str(), "{doc:#}");
+    let anchor = format!("{n}:{last}");
+    verify(&setup, &["--anchor", &anchor], 0).await;
+
+    // Operators only.
+    for stem in ["partner-crm", "processor"] {
+        let run = dsrctl(&setup, stem, &["audit", "verify"]).await;
+        run.expect(2);
+        assert!(run.stderr.contains("PERMISSION_DENIED"), "{}", run.stderr);
+    }
+
+    // Append-only: the database refuses changes and removals...
+    for sql in [
+        "UPDATE audit_log SET detail = 'x' WHERE seq = 3",
+        "DELETE FROM audit_log WHERE seq = 3",
+    ] {
+        let err = sqlx::query(sql).execute(&db.pool).await.unwrap_err();
+        assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+    }
+    // ...until someone with enough access drops the triggers.
+    tamper(
+        &db,
+        "DROP TRIGGER audit_log_no_update; DROP TRIGGER audit_log_no_delete",
+    )
+    .await;
+
+    let broken = |out: &str, kind: &str| {
+        let prefix = format!("audit trail broken at entry 3: {kind}: ");
+        assert!(out.starts_with(&prefix), "expected {prefix:?}, got {out:?}");
+    };
+
+    // Modified: an entry's detail changed.
+    tamper(
+        &db,
+        "UPDATE audit_log SET detail = 'all done' WHERE seq = 3",
+    )
+    .await;
+    let out = verify(&setup, &[], 1).await;
+    broken(&out, "modified");
+    restore(&db, &original).await;
+
+    // Modified and hashed again: the next entry still names the old hash.
+    let mut edited = original[2].clone();
+    edited.detail = "all done".into();
+    edited.hash = edited.compute_hash();
+    tamper(&db, "DELETE FROM audit_log WHERE seq = 3").await;
+    insert(&db, &edited).await;
+    let out = verify(&setup, &[], 1).await;
+    broken(&out, "modified");
+    assert!(out.contains("entry 4 recorded"), "{out}");
+    restore(&db, &original).await;
+
+    // Removed.
+    tamper(&db, "DELETE FROM audit_log WHERE seq = 3").await;
+    let out = verify(&setup, &[], 1).await;
+    assert_eq!(
+        out,
+        "audit trail broken at entry 3: removed: entry 3 is missing\n"
+    );
+    // Removed, and the later entries renumbered to close the gap.
+    tamper(
+        &db,
+        "UPDATE audit_log SET seq = -(seq - 1) WHERE seq > 3; \
+         UPDATE audit_log SET seq = -seq WHERE seq < 0",
+    )
+    .await;
+    let out = verify(&setup, &[], 1).await;
+    broken(&out, "removed");
+    assert!(out.contains("renumbered"), "{out}");
+    let doc: Value =
+        serde_json::from_str(&verify(&setup, &["--output", "json"], 1).await).expect("json");
+    assert_eq!(doc["intact"], false, "{doc:#}");
+    assert_eq!(doc["break"]["seq"], 3, "{doc:#}");
+    assert_eq!(doc["break"]["kind"], "removed", "{doc:#}");
+    restore(&db, &original).await;
+
+    // Inserted: a well-formed entry put in as entry 3, the later ones renumbered.
+    tamper(
+        &db,
+        "UPDATE audit_log SET seq = -(seq + 1) WHERE seq >= 3; \
+         UPDATE audit_log SET seq = -seq WHERE seq < 0",
+    )
+    .await;
+    let mut forged = Entry {
+        seq: 3,
+        detail: "accepted by payroll-bureau with 0 task(s)".into(),
+        prev_hash: original[1].hash.clone(),
+        ..original[2].clone()
+    };
+    forged.hash = forged.compute_hash();
+    insert(&db, &forged).await;
+    let out = verify(&setup, &[], 1).await;
+    broken(&out, "inserted");
+    restore(&db, &original).await;
+
+    // The last entry removed: the chain alone cannot tell, the anchor can.
+    tamper(&db, &format!("DELETE FROM audit_log WHERE seq = {n}")).await;
+    verify(&setup, &[], 0).await;
+    let out = verify(&setup, &["--anchor", &anchor], 1).await;
+    assert!(
+        out.starts_with(&format!("audit trail broken at entry {n}: removed: ")),
+        "{out}"
+    );
+    restore(&db, &original).await;
+
+    assert_eq!(
+        verify(&setup, &[], 0).await,
+        format!("audit trail intact: {n} entries, last hash {last}\n")
+    );
+    db.pool.close().await;
+    registry.stop().await;
+}
+
+fn new_request(i: usize) -> NewRequest {
+    let now = now_ms();
+    NewRequest {
+        id: format!("r-{i:04}"),
+        partner: "crm".into(),
+        idempotency_key: format!("k-{i}"),
+        body_hash: format!("hash-{i}"),
+        body: vec![1, 2, 3],
+        identity_hashes: "[]".into(),
+        kind: RequestKind::Erasure as i32,
+        received_at: now,
+        due_at: now + 1000,
+        trace_id: "0".repeat(32),
+        processors: vec!["payroll-bureau".into()],
+        traceparent: None,
+    }
+}
+
+async fn store(url: &str) -> RegistryStore {
+    let db = Db::connect(url).await.expect("connect");
+    db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+        .await
+        .expect("migrate");
+    RegistryStore::new(db)
+}
+
+/// Two stores on one PostgreSQL database (as two registry replicas) appending at once keep
+/// one gapless chain; on SQLite, concurrent calls on one store do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_keep_one_valid_chain() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let Some(url) = database_url(dir.path(), "registry", backend).await else {
+            continue;
+        };
+        let a = store(&url).await;
+        let b = match backend {
+            Backend::Sqlite => a.clone(),
+            Backend::Postgres => store(&url).await,
+        };
+        const REQUESTS: usize = 40;
+        let work = (0..REQUESTS).map(|i| {
+            let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move {
+                let r = new_request(i);
+                assert!(matches!(
+                    s.insert_request(&r).await.expect("insert"),
+                    Inserted::New
+                ));
+                assert!(matches!(
+                    s.cancel(&r.id, "duplicate", now_ms())
+                        .await
+                        .expect("cancel"),
+                    CancelOutcome::Cancelled
+                ));
+            })
+        });
+        for handle in futures::future::join_all(work).await {
+            handle.expect("worker");
+        }
+        let entries = a.audit_entries(0, 10_000).await.expect("entries");
+        let intact = audit::verify(&entries).unwrap_or_else(|b| panic!("{backend:?}: {b}"));
+        assert_eq!(intact.entries, 2 * REQUESTS as u64, "{backend:?}");
+        // Paging returns the same entries.
+        let mut paged = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = b.audit_entries(after, 7).await.expect("page");
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            paged.extend(page);
+        }
+        assert_eq!(paged, entries, "{backend:?}");
+        for e in &entries {
+            let expected_actor = if e.detail.starts_with("accepted") {
+                "crm"
+            } else {
+                ""
+            };
+            assert_eq!(e.actor, expected_actor, "{backend:?}: {e:?}");
+        }
+    }
+}
