@@ -241,11 +241,18 @@ impl Api {
             processors: processors.clone(),
         };
         span.record("partner", caller.name());
-        let (request_id, deduplicated) = match self.shared.store.insert_request(&new).await.map_err(ApiError::from)? {
+        let new_id = new.id.clone();
+        let inserted = self
+            .shared
+            .intake
+            .submit(new)
+            .await
+            .map_err(ApiError::from)?;
+        let (request_id, deduplicated) = match inserted {
             Inserted::New => {
                 self.shared.dispatch_wakeup.notify_one();
-                self.shared.publish(&new.id);
-                (new.id, false)
+                self.shared.publish(&new_id);
+                (new_id, false)
             }
             Inserted::Existing(existing) => (existing, true),
             Inserted::Conflict(existing) => {

@@ -39,6 +39,8 @@ pub struct Shared {
     pub identity_hash_key: Vec<u8>,
     /// Counters and histograms served on the admin port.
     pub metrics: crate::metrics::Metrics,
+    /// Group commit of submitted requests.
+    pub intake: crate::intake::Intake,
 }
 
 impl Shared {
@@ -83,6 +85,7 @@ impl App {
         Ok(Self {
             shared: Arc::new(Shared {
                 metrics: crate::metrics::Metrics::new(&config),
+                intake: crate::intake::Intake::start(Store::new(db.clone())),
                 store: Store::new(db),
                 auth: Authorizer::new(&config),
                 config,

@@ -8,6 +8,7 @@
 //! - [`api`]: the gRPC handlers (partner API and acknowledgement API).
 //! - [`auth`]: certificate identity → caller role.
 //! - [`validate`]: Submit input rules.
+//! - [`intake`]: group commit of concurrent Submits.
 //! - [`store`]: requests, the delivery outbox, tasks, acknowledgements, events.
 //! - [`fold`]: deliveries and task states → request state.
 //! - [`deadline`]: GDPR due dates.
@@ -24,6 +25,7 @@ pub mod deadline;
 pub mod dispatcher;
 pub mod error;
 pub mod fold;
+pub mod intake;
 pub mod metrics;
 pub mod reconciler;
 pub mod store;

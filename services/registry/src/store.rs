@@ -170,7 +170,7 @@ pub enum Inserted {
 }
 
 /// A new request to store.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct NewRequest {
     /// Request id.
     pub id: String,
@@ -242,88 +242,43 @@ impl Store {
         for _ in 0..2 {
             let mut tx = self.db.pool.begin().await?;
             lock_audit(&mut tx).await?;
-            let existing = sqlx::query(
-                "SELECT id, body_hash FROM requests WHERE partner = $1 AND idempotency_key = $2",
-            )
-            .bind(&r.partner)
-            .bind(&r.idempotency_key)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(row) = existing {
-                let id: String = row.try_get("id")?;
-                let hash: String = row.try_get("body_hash")?;
-                return Ok(if hash == r.body_hash {
-                    Inserted::Existing(id)
-                } else {
-                    Inserted::Conflict(id)
-                });
-            }
-            let state = if r.processors.is_empty() {
-                RequestState::Completed
-            } else {
-                RequestState::Received
-            } as i64;
-            let inserted = sqlx::query(
-                "INSERT INTO requests (id, partner, idempotency_key, body_hash, body, \
-                 identity_hashes, kind, state, received_at, due_at, trace_id, updated_at, \
-                 checked_at, finished_at, traceparent) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $9, $9, $12, $13)",
-            )
-            .bind(&r.id)
-            .bind(&r.partner)
-            .bind(&r.idempotency_key)
-            .bind(&r.body_hash)
-            .bind(r.body.clone())
-            .bind(&r.identity_hashes)
-            .bind(i64::from(r.kind))
-            .bind(state)
-            .bind(r.received_at)
-            .bind(r.due_at)
-            .bind(&r.trace_id)
-            .bind(r.processors.is_empty().then_some(r.received_at))
-            .bind(r.traceparent.clone())
-            .execute(&mut *tx)
-            .await;
-            match inserted {
-                Ok(_) => {}
+            match insert_one(&mut tx, r).await? {
+                Some(outcome) => {
+                    tx.commit().await?;
+                    return Ok(outcome);
+                }
                 // A concurrent Submit with the same key won the race: look again.
-                Err(sqlx::Error::Database(e)) if e.is_unique_violation() => continue,
-                Err(e) => return Err(e.into()),
+                None => continue,
             }
-            for p in &r.processors {
-                sqlx::query(
-                    "INSERT INTO deliveries (request_id, processor, op, next_attempt_at) \
-                     VALUES ($1, $2, $3, $4)",
-                )
-                .bind(&r.id)
-                .bind(p)
-                .bind(OP_DELIVER)
-                .bind(r.received_at)
-                .execute(&mut *tx)
-                .await?;
-            }
-            let message = if r.processors.is_empty() {
-                "accepted; no processor holds data in its scope".to_string()
-            } else {
-                format!("accepted; routed to {}", r.processors.join(", "))
-            };
-            insert_event(
-                &mut tx,
-                &r.id,
-                EventType::Submitted,
-                r.received_at,
-                state as i32,
-                EventDetail {
-                    actor: r.partner.clone(),
-                    message,
-                    ..Default::default()
-                },
-            )
-            .await?;
-            tx.commit().await?;
-            return Ok(Inserted::New);
         }
         anyhow::bail!("idempotency key race did not settle")
+    }
+
+    /// Stores several requests in ONE transaction, so concurrent Submits share a commit (and
+    /// its fsync). Answers in order. If the shared transaction cannot be used (a race on an
+    /// idempotency key with another replica), each request is stored on its own instead.
+    pub async fn insert_requests(&self, rs: &[NewRequest]) -> Result<Vec<Inserted>> {
+        if rs.len() == 1 {
+            return Ok(vec![self.insert_request(&rs[0]).await?]);
+        }
+        let mut tx = self.db.pool.begin().await?;
+        lock_audit(&mut tx).await?;
+        let mut out = Vec::with_capacity(rs.len());
+        for r in rs {
+            match insert_one(&mut tx, r).await {
+                Ok(Some(outcome)) => out.push(outcome),
+                Ok(None) | Err(_) => {
+                    drop(tx);
+                    let mut one_by_one = Vec::with_capacity(rs.len());
+                    for r in rs {
+                        one_by_one.push(self.insert_request(r).await?);
+                    }
+                    return Ok(one_by_one);
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// One request, if it exists.
@@ -1101,6 +1056,93 @@ impl From<&TaskStatus> for TaskUpdate {
             traceparent: String::new(),
         }
     }
+}
+
+/// Stores one request with its outbox rows and first event in `tx`, or finds the request
+/// its idempotency key names. `None` when the insert lost a race on the key (the caller
+/// looks again in a new transaction).
+async fn insert_one(
+    tx: &mut Transaction<'static, Any>,
+    r: &NewRequest,
+) -> Result<Option<Inserted>> {
+    let existing = sqlx::query(
+        "SELECT id, body_hash FROM requests WHERE partner = $1 AND idempotency_key = $2",
+    )
+    .bind(&r.partner)
+    .bind(&r.idempotency_key)
+    .fetch_optional(&mut **tx)
+    .await?;
+    if let Some(row) = existing {
+        let id: String = row.try_get("id")?;
+        let hash: String = row.try_get("body_hash")?;
+        return Ok(Some(if hash == r.body_hash {
+            Inserted::Existing(id)
+        } else {
+            Inserted::Conflict(id)
+        }));
+    }
+    let state = if r.processors.is_empty() {
+        RequestState::Completed
+    } else {
+        RequestState::Received
+    } as i64;
+    let inserted = sqlx::query(
+        "INSERT INTO requests (id, partner, idempotency_key, body_hash, body, \
+         identity_hashes, kind, state, received_at, due_at, trace_id, updated_at, \
+         checked_at, finished_at, traceparent) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $9, $9, $12, $13)",
+    )
+    .bind(&r.id)
+    .bind(&r.partner)
+    .bind(&r.idempotency_key)
+    .bind(&r.body_hash)
+    .bind(r.body.clone())
+    .bind(&r.identity_hashes)
+    .bind(i64::from(r.kind))
+    .bind(state)
+    .bind(r.received_at)
+    .bind(r.due_at)
+    .bind(&r.trace_id)
+    .bind(r.processors.is_empty().then_some(r.received_at))
+    .bind(r.traceparent.clone())
+    .execute(&mut **tx)
+    .await;
+    match inserted {
+        Ok(_) => {}
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    for p in &r.processors {
+        sqlx::query(
+            "INSERT INTO deliveries (request_id, processor, op, next_attempt_at) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&r.id)
+        .bind(p)
+        .bind(OP_DELIVER)
+        .bind(r.received_at)
+        .execute(&mut **tx)
+        .await?;
+    }
+    let message = if r.processors.is_empty() {
+        "accepted; no processor holds data in its scope".to_string()
+    } else {
+        format!("accepted; routed to {}", r.processors.join(", "))
+    };
+    insert_event(
+        tx,
+        &r.id,
+        EventType::Submitted,
+        r.received_at,
+        state as i32,
+        EventDetail {
+            actor: r.partner.clone(),
+            message,
+            ..Default::default()
+        },
+    )
+    .await?;
+    Ok(Some(Inserted::New))
 }
 
 /// Inserts the task or moves it forward; returns whether anything changed. A report older

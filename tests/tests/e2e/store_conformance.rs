@@ -105,6 +105,50 @@ async fn registry_intake_and_idempotency(backend: Backend) {
     assert!(store.request("nope").await.expect("get").is_none());
 }
 
+async fn registry_batched_intake_shares_one_commit(backend: Backend) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(store) = registry_store(backend, dir.path()).await else {
+        return;
+    };
+    store
+        .insert_request(&new_request("r0", "k0", 500, &["p1"]))
+        .await
+        .expect("insert");
+    let mut conflicting = new_request("rx", "k0", 600, &["p1"]);
+    conflicting.body_hash = "another body".into();
+    let batch = vec![
+        new_request("r1", "k1", 1_000, &["p1"]),
+        new_request("r2", "k2", 1_000, &["p1", "p2"]),
+        // The same key twice in one batch: the second finds the first.
+        new_request("r3", "k1", 1_000, &["p1"]),
+        new_request("r0-again", "k0", 1_000, &["p1"]),
+        conflicting,
+    ];
+    let mut batch_with_same_body = batch.clone();
+    batch_with_same_body[2].body_hash = batch[0].body_hash.clone();
+    batch_with_same_body[3].body_hash = "hash-of-k0".into();
+    let out = store
+        .insert_requests(&batch_with_same_body)
+        .await
+        .expect("batch");
+    assert!(matches!(out[0], Inserted::New));
+    assert!(matches!(out[1], Inserted::New));
+    assert!(
+        matches!(&out[2], Inserted::Existing(id) if id == "r1"),
+        "{out:?}"
+    );
+    assert!(
+        matches!(&out[3], Inserted::Existing(id) if id == "r0"),
+        "{out:?}"
+    );
+    assert!(
+        matches!(&out[4], Inserted::Conflict(id) if id == "r0"),
+        "{out:?}"
+    );
+    assert_eq!(store.deliveries("r2").await.expect("deliveries").len(), 2);
+    assert!(store.request("r3").await.expect("get").is_none());
+}
+
 async fn registry_outbox_claims_leases_and_backoff(backend: Backend) {
     let dir = tempfile::tempdir().expect("tempdir");
     let Some(store) = registry_store(backend, dir.path()).await else {
@@ -494,6 +538,7 @@ macro_rules! on_both_backends {
 
 on_both_backends!(
     registry_intake_and_idempotency,
+    registry_batched_intake_shares_one_commit,
     registry_outbox_claims_leases_and_backoff,
     registry_acknowledgements_fold,
     registry_list_cancel_extend,
