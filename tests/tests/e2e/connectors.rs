@@ -196,3 +196,65 @@ async fn the_whole_chain_is_visible_to_the_controller() {
     assert!(!absent.last_error.is_empty());
     pair.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_that_is_down_does_not_hold_up_the_others() {
+    // The newsletter's adapter never starts; the mail system answers at once.
+    let adapter_addr = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let (mut setup, _) = crate::adapter::newsletter_setup(adapter_addr, 0, None).await;
+    let plain = crate::harness::Setup::new(&PairOptions::default())
+        .await
+        .expect("setup");
+    let mut mail = plain
+        .processor
+        .subprocessors
+        .iter()
+        .find(|s| s.name == "mail-marketing")
+        .expect("mail")
+        .clone();
+    mail.categories = vec!["marketing".into()];
+    setup.processor.subprocessors.push(mail);
+    let (processor, _) = crate::harness::start_processor_with_state(&setup).await;
+    let (registry, _) = crate::harness::start_registry(&setup).await;
+    let mut crm = setup.client("partner-crm").await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let mut req = erasure(&format!("someone{i}@example.fi"));
+        req.scope = Some(Scope {
+            data_categories: vec!["marketing".into()],
+        });
+        ids.push(
+            crm.submit(req)
+                .await
+                .expect("submit")
+                .into_inner()
+                .request_id,
+        );
+    }
+    for id in &ids {
+        let view = wait_until(&mut crm, id, Duration::from_secs(10), |v| {
+            v.tasks.iter().any(|t| {
+                t.subprocessor == "mail-marketing" && t.state == TaskState::Completed as i32
+            })
+        })
+        .await;
+        let newsletter = view
+            .tasks
+            .iter()
+            .find(|t| t.subprocessor == crate::adapter::NEWSLETTER)
+            .expect("newsletter task");
+        // Still waiting for its holder, not failed: it is retried until the due date.
+        assert_eq!(
+            newsletter.state,
+            TaskState::InProgress as i32,
+            "{newsletter:#?}"
+        );
+        assert_eq!(view.state, RequestState::InProgress as i32);
+    }
+    registry.stop().await;
+    processor.stop().await;
+}
