@@ -162,6 +162,10 @@ pub enum TasksCommand {
         /// Only this subprocessor's tasks.
         #[arg(long)]
         subprocessor: Option<String>,
+        /// Tasks in this state instead of those waiting for an operator (repeatable), e.g.
+        /// `--state failed --state refused` to see what could not be done and why.
+        #[arg(long = "state", value_name = "STATE")]
+        states: Vec<String>,
     },
     /// Confirm a task done, with evidence.
     Complete {

@@ -161,6 +161,8 @@ fn to_proto(r: ManualRow) -> ManualTask {
             note: r.task.note,
             confirmed: r.task.confirmed,
         }),
+        reason: r.task.reason,
+        attempts: r.task.attempts.clamp(0, i64::from(u32::MAX)) as u32,
     }
 }
 
@@ -181,11 +183,24 @@ impl ProcessorOperatorService for OperatorApi {
                 ))
             }
         };
+        let mut states = Vec::new();
+        for (i, s) in r.states.iter().enumerate() {
+            match TaskState::try_from(*s) {
+                Ok(TaskState::Unspecified) | Err(_) => {
+                    return Err(Status::invalid_argument(format!(
+                        "states[{i}]: {s} is not a task state"
+                    )))
+                }
+                Ok(state) if !states.contains(&state) => states.push(state),
+                Ok(_) => {}
+            }
+        }
         let rows = self
             .shared
             .store
             .manual_tasks(
                 (!r.subprocessor.is_empty()).then_some(r.subprocessor.as_str()),
+                &states,
                 i64::from(limit),
             )
             .await

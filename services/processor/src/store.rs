@@ -435,6 +435,7 @@ impl Store {
     pub async fn manual_tasks(
         &self,
         subprocessor: Option<&str>,
+        states: &[TaskState],
         limit: i64,
     ) -> Result<Vec<ManualRow>> {
         let rows = sqlx::query(
@@ -442,12 +443,82 @@ impl Store {
              t.records_affected, t.confirmed, t.note, t.reason, t.legal_basis, t.retain_until, \
              t.updated_at, t.handle, r.body, r.due_at FROM tasks t JOIN requests r \
              ON r.controller = t.controller AND r.request_id = t.request_id \
-             WHERE t.state = $1 AND ($2 = '' OR t.subprocessor = $2) \
+             WHERE t.state IN ($1, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+             AND ($2 = '' OR t.subprocessor = $2) \
              ORDER BY t.updated_at LIMIT $3",
         )
-        .bind(TaskState::WaitingForOperator as i64)
+        .bind(
+            states
+                .first()
+                .copied()
+                .unwrap_or(TaskState::WaitingForOperator) as i64,
+        )
         .bind(subprocessor.unwrap_or(""))
         .bind(limit)
+        // Up to ten states; unused places repeat the first (task states are fewer).
+        .bind(
+            states
+                .get(1)
+                .or(states.first())
+                .copied()
+                .unwrap_or(TaskState::WaitingForOperator) as i64,
+        )
+        .bind(
+            states
+                .get(2)
+                .or(states.first())
+                .copied()
+                .unwrap_or(TaskState::WaitingForOperator) as i64,
+        )
+        .bind(
+            states
+                .get(3)
+                .or(states.first())
+                .copied()
+                .unwrap_or(TaskState::WaitingForOperator) as i64,
+        )
+        .bind(
+            states
+                .get(4)
+                .or(states.first())
+                .copied()
+                .unwrap_or(TaskState::WaitingForOperator) as i64,
+        )
+        .bind(
+            states
+                .get(5)
+                .or(states.first())
+                .copied()
+                .unwrap_or(TaskState::WaitingForOperator) as i64,
+        )
+        .bind(
+            states
+                .get(6)
+                .or(states.first())
+                .copied()
+                .unwrap_or(TaskState::WaitingForOperator) as i64,
+        )
+        .bind(
+            states
+                .get(7)
+                .or(states.first())
+                .copied()
+                .unwrap_or(TaskState::WaitingForOperator) as i64,
+        )
+        .bind(
+            states
+                .get(8)
+                .or(states.first())
+                .copied()
+                .unwrap_or(TaskState::WaitingForOperator) as i64,
+        )
+        .bind(
+            states
+                .get(9)
+                .or(states.first())
+                .copied()
+                .unwrap_or(TaskState::WaitingForOperator) as i64,
+        )
         .fetch_all(&self.db.pool)
         .await?;
         rows.iter().map(manual_row).collect()

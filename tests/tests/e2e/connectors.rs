@@ -258,3 +258,55 @@ async fn a_holder_that_is_down_does_not_hold_up_the_others() {
     registry.stop().await;
     processor.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_failure_is_visible_to_operators_on_both_sides() {
+    use dsrelay_proto::v1::{IdentityEncoding, IdentityType, SubjectIdentity};
+    let pair = Pair::start(PairOptions::default()).await.expect("pair");
+    let mut crm = pair.setup.client("partner-crm").await;
+    // SQL cannot match a hashed identity: a permanent error, not something to retry.
+    let mut req = erasure("unused@example.fi");
+    req.identities = vec![SubjectIdentity {
+        r#type: IdentityType::Email as i32,
+        encoding: IdentityEncoding::Sha256 as i32,
+        value: "a".repeat(64),
+        label: String::new(),
+    }];
+    req.scope = Some(Scope {
+        data_categories: vec!["invoicing".into()],
+    });
+    let r = crm.submit(req).await.expect("submit").into_inner();
+    let view = wait_until(
+        &mut crm,
+        &r.request_id,
+        Duration::from_secs(20),
+        in_state(RequestState::Failed),
+    )
+    .await;
+    let t = &view.tasks[0];
+    assert_eq!(t.state, TaskState::Failed as i32);
+    assert!(t.reason.contains("raw identity"), "{t:#?}");
+
+    let mut ops = ProcessorOperatorServiceClient::new(pair.setup.channel_to_processor("operator"));
+    let failed = ops
+        .list_manual_tasks(ListManualTasksRequest {
+            states: vec![TaskState::Failed as i32, TaskState::Refused as i32],
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .tasks;
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].reason, t.reason);
+    assert_eq!(failed[0].attempts, 1, "a permanent error is not retried");
+    // Nothing waits for an operator.
+    let waiting = ops
+        .list_manual_tasks(ListManualTasksRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .tasks;
+    assert!(waiting.is_empty());
+    pair.stop().await;
+}

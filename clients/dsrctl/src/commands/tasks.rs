@@ -27,6 +27,8 @@ struct TaskView {
     state: String,
     identities: Vec<String>,
     instructions: String,
+    reason: String,
+    attempts: u32,
     waiting_since: Option<Time>,
     due_at: Option<Time>,
 }
@@ -61,6 +63,8 @@ impl From<&ManualTask> for TaskView {
                 })
                 .collect(),
             instructions: t.instructions.clone(),
+            reason: t.reason.clone(),
+            attempts: t.attempts,
             waiting_since: Time::from_proto(t.waiting_since.as_ref()),
             due_at: Time::from_proto(t.due_at.as_ref()),
         }
@@ -148,12 +152,29 @@ pub(crate) async fn run(
         TasksCommand::List {
             processor,
             subprocessor,
+            states,
         } => {
+            let mut wanted = Vec::new();
+            for name in states {
+                let proto = format!(
+                    "TASK_STATE_{}",
+                    name.trim().to_uppercase().replace('-', "_")
+                );
+                match dsrelay_sdk::proto::TaskState::from_str_name(&proto) {
+                    Some(s) if s != dsrelay_sdk::proto::TaskState::Unspecified => wanted.push(s as i32),
+                    _ => {
+                        return Err(Failure::Usage(format!(
+                            "--state {name:?} is not a task state (pending, in-progress, completed, not-found, retained, refused, failed, waiting-for-operator, cancelled)"
+                        )))
+                    }
+                }
+            }
             let mut client = ProcessorOperatorServiceClient::new(connect(processor, settings)?);
             let list = client
                 .list_manual_tasks(ListManualTasksRequest {
                     subprocessor: subprocessor.clone().unwrap_or_default(),
                     limit: 0,
+                    states: wanted,
                 })
                 .await
                 .map_err(|s| failed(s, &processor.processor))?
