@@ -354,14 +354,17 @@ impl Store {
              t.records_affected, t.confirmed, t.note, t.reason, t.legal_basis, t.retain_until, \
              t.updated_at, t.handle, r.body, r.due_at, r.traceparent FROM tasks t JOIN requests r \
              ON r.controller = t.controller AND r.request_id = t.request_id \
-             WHERE t.state IN ($1, $2, $5) AND t.next_attempt_at <= $3 AND t.lease_until <= $3 \
-             ORDER BY t.next_attempt_at LIMIT $4{lock}"
+             WHERE t.state IN ({pending}, {in_progress}, {retained}) \
+             AND t.next_attempt_at <= $1 AND t.lease_until <= $1 \
+             ORDER BY t.next_attempt_at LIMIT $2{lock}",
+            // Literals, not parameters: only then can the planner use the partial index
+            // `tasks_runnable` (WHERE state IN (1, 2, 5)) instead of scanning every task.
+            pending = TaskState::Pending as i32,
+            in_progress = TaskState::InProgress as i32,
+            retained = TaskState::Retained as i32,
         ))
-        .bind(TaskState::Pending as i64)
-        .bind(TaskState::InProgress as i64)
         .bind(now)
         .bind(limit)
-        .bind(TaskState::Retained as i64)
         .fetch_all(&mut *tx)
         .await?;
         let mut jobs = Vec::with_capacity(rows.len());

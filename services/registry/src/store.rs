@@ -1203,6 +1203,15 @@ async fn current_state(tx: &mut Transaction<'static, Any>, id: &str) -> Result<i
 
 /// Recomputes a request's state from its deliveries and tasks; records a change.
 async fn refold(tx: &mut Transaction<'static, Any>, id: &str, now: i64) -> Result<()> {
+    // Two processors' acknowledgements for one request may be applied by concurrent
+    // transactions; each must fold with the other's tasks in view, so the request row is
+    // locked first (PostgreSQL; SQLite has one writer).
+    if tx.backend_name() == "PostgreSQL" {
+        sqlx::query("SELECT id FROM requests WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    }
     let Some(old) = state_of(tx, id).await? else {
         return Ok(());
     };

@@ -1,0 +1,821 @@
+//! `dsrelay-bench`: measures the relay against this machine's own limits, in one run.
+//!
+//! In one run it measures two baselines and the relay, and prints a table of figures with
+//! their ratios to the baselines, which it also writes with a description of the machine to
+//! `docs/benchmarks.md` (`docs/benchmarks-postgres.md` with `--postgres`):
+//!
+//! - the bare echo: unary calls per second of a tonic server built like the services (same
+//!   mTLS, limits and TCP_NODELAY) that serves only the health check, in a process of its own
+//!   (this binary's hidden `echo-server` command);
+//! - bare durable single-row INSERT commits per second through the services' store handle
+//!   (`dsrelay_runtime::store::Db`) on the same store;
+//! - the relay: one registry and two processors (three in-process `noop` subprocessors each)
+//!   as the release binaries in processes of their own: accepted Submits per second,
+//!   completed propagations per second, end-to-end latency at half the completed rate, and
+//!   each service's resident memory idle and under load.
+//!
+//! Run it with `scripts/bench.sh` (which builds the release binaries first, and with
+//! `--postgres` starts a throwaway PostgreSQL exactly as `scripts/test.sh` does). Load only
+//! ever goes to 127.0.0.1, bounded in count and time.
+
+mod baseline;
+mod load;
+mod relay;
+mod report;
+mod service;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use dsrelay_runtime::pki::DevPki;
+use dsrelay_runtime::store::{now_ms, Db};
+
+use crate::load::{
+    closed_loop, fixed_count, mib, open_loop, rss_kib, CpuUsage, CpuWindow, LoadResult, RssSampler,
+};
+use crate::relay::{submit, Databases, Relay, Waited, SUBPROCESSORS};
+use crate::report::{number, percentile, Document, Machine, Row, Target, Value};
+
+/// Measures the dsrelay relay against this machine's own limits (bare mTLS gRPC echo, bare
+/// durable INSERT commits) and writes the figures to docs/benchmarks.md.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Run on PostgreSQL: the server at $DSRELAY_TEST_POSTGRES_URL (`scripts/bench.sh
+    /// --postgres` starts a throwaway one), with fresh databases for each service and the
+    /// baseline.
+    #[arg(long)]
+    postgres: bool,
+    /// Run on PostgreSQL at this server URL (implies --postgres).
+    #[arg(long, value_name = "URL")]
+    postgres_url: Option<String>,
+    /// Length of each fixed-time load: the bare echo, the bare INSERTs and the Submits (s).
+    #[arg(long, default_value_t = 5)]
+    duration_secs: u64,
+    /// Length of the open-loop latency load (s).
+    #[arg(long, default_value_t = 8)]
+    latency_secs: u64,
+    /// Concurrent callers of every closed-loop load.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// gRPC channels (connections) the callers share.
+    #[arg(long, default_value_t = 4)]
+    channels: usize,
+    /// Requests in the completed-propagations batch.
+    #[arg(long, default_value_t = 2000)]
+    batch: u64,
+    /// Where to write the report (default docs/benchmarks.md, or docs/benchmarks-postgres.md
+    /// with --postgres).
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The bare echo server of the baseline (started by the benchmark itself).
+    #[command(hide = true)]
+    EchoServer {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Folder of the dev PKI.
+        #[arg(long)]
+        pki: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let result = match &args.command {
+        Some(Command::EchoServer { listen, pki }) => baseline::serve_echo(*listen, pki).await,
+        None => {
+            tokio::select! {
+                r = run(&args) => r,
+                _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+            }
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("dsrelay-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn progress(msg: impl AsRef<str>) {
+    eprintln!("dsrelay-bench: {}", msg.as_ref());
+}
+
+/// A PostgreSQL server on which the run creates (and at the end drops) fresh databases.
+struct Postgres {
+    server: String,
+    created: Vec<String>,
+}
+
+impl Postgres {
+    async fn fresh_database(&mut self, role: &str) -> Result<String> {
+        let name = format!("bench_{:08x}_{role}", fastrand::u32(..));
+        let db = Db::connect(&self.server).await?;
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&db.pool)
+            .await
+            .with_context(|| format!("creating database {name}"))?;
+        db.pool.close().await;
+        self.created.push(name.clone());
+        let (base, query) = match self.server.split_once('?') {
+            Some((b, q)) => (b, format!("?{q}")),
+            None => (self.server.as_str(), String::new()),
+        };
+        let (root, _) = base
+            .rsplit_once('/')
+            .context("the PostgreSQL URL has no /database part")?;
+        Ok(format!("{root}/{name}{query}"))
+    }
+
+    async fn drop_all(&self) {
+        let Ok(db) = Db::connect(&self.server).await else {
+            return;
+        };
+        for name in &self.created {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                .execute(&db.pool)
+                .await;
+        }
+        db.pool.close().await;
+    }
+}
+
+/// The PostgreSQL server's main process, when it runs on this machine: the parent of the
+/// backend serving a connection.
+async fn database_server_pid(url: &str) -> Option<u32> {
+    let db = Db::connect(url).await.ok()?;
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&db.pool)
+        .await
+        .ok()?;
+    let server = load::parent_pid(u32::try_from(backend).ok()?);
+    db.pool.close().await;
+    let server = server?;
+    let comm = std::fs::read_to_string(format!("/proc/{server}/comm")).ok()?;
+    comm.trim().starts_with("postgres").then_some(server)
+}
+
+/// The store's name and version, from the baseline's database.
+async fn describe_store(url: &str, postgres: bool) -> String {
+    let version = async {
+        let db = Db::connect(url).await?;
+        let sql = if postgres {
+            "SELECT version()"
+        } else {
+            "SELECT sqlite_version()"
+        };
+        let v: String = sqlx::query_scalar(sql).fetch_one(&db.pool).await?;
+        db.pool.close().await;
+        anyhow::Ok(v)
+    }
+    .await
+    .unwrap_or_else(|e| format!("version unknown: {e}"));
+    if postgres {
+        format!("{version}; a pool of 16 connections per service")
+    } else {
+        format!(
+            "SQLite {version}, WAL, synchronous=FULL, one connection per service, one file \
+             per service"
+        )
+    }
+}
+
+fn rate_note(what: &str, r: &LoadResult) -> Option<String> {
+    (r.errors > 0).then(|| {
+        format!(
+            "{what}: {} of {} calls failed; the first: {}",
+            r.errors,
+            r.ok + r.errors,
+            r.first_error.as_deref().unwrap_or("?")
+        )
+    })
+}
+
+async fn run(args: &Args) -> Result<()> {
+    let postgres_url = match (&args.postgres_url, args.postgres) {
+        (Some(url), _) => Some(url.clone()),
+        (None, true) => match std::env::var("DSRELAY_TEST_POSTGRES_URL") {
+            Ok(url) if !url.is_empty() => Some(url),
+            _ => bail!(
+                "--postgres needs a server: set DSRELAY_TEST_POSTGRES_URL or run \
+                 `scripts/bench.sh --postgres`, which starts a throwaway one"
+            ),
+        },
+        (None, false) => None,
+    };
+    let is_pg = postgres_url.is_some();
+    if args.concurrency == 0 || args.duration_secs == 0 || args.batch == 0 {
+        bail!("--concurrency, --duration-secs and --batch must be at least 1");
+    }
+    let duration = Duration::from_secs(args.duration_secs);
+    let c = args.concurrency;
+    let work = tempfile::Builder::new()
+        .prefix("dsrelay-bench.")
+        .tempdir()
+        .context("creating a temporary folder")?;
+    let pki = DevPki::ensure(&work.path().join("pki"))?;
+
+    let mut pg = postgres_url.map(|server| Postgres {
+        server,
+        created: Vec::new(),
+    });
+    let (baseline_url, dbs) = match &mut pg {
+        Some(pg) => (
+            pg.fresh_database("baseline").await?,
+            Databases {
+                registry: pg.fresh_database("registry").await?,
+                processor_a: pg.fresh_database("processor_a").await?,
+                processor_b: pg.fresh_database("processor_b").await?,
+            },
+        ),
+        None => {
+            let f = |n: &str| format!("sqlite://{}/{n}.db", work.path().display());
+            (
+                f("baseline"),
+                Databases {
+                    registry: f("registry"),
+                    processor_a: f("processor-a"),
+                    processor_b: f("processor-b"),
+                },
+            )
+        }
+    };
+    let outcome = measure(
+        args,
+        &pki,
+        work.path(),
+        &baseline_url,
+        &dbs,
+        is_pg,
+        duration,
+        c,
+    )
+    .await;
+    if let Some(pg) = &pg {
+        pg.drop_all().await;
+    }
+    let doc = outcome?;
+    let table = report::render_table(&doc.rows);
+    println!("\n{table}");
+    for n in &doc.notes {
+        println!("- {n}");
+    }
+    let out = args.out.clone().unwrap_or_else(|| {
+        PathBuf::from(if is_pg {
+            "docs/benchmarks-postgres.md"
+        } else {
+            "docs/benchmarks.md"
+        })
+    });
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&out, doc.render()).with_context(|| format!("writing {}", out.display()))?;
+    progress(format!("wrote {}", out.display()));
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn measure(
+    args: &Args,
+    pki: &DevPki,
+    work: &std::path::Path,
+    baseline_url: &str,
+    dbs: &Databases,
+    is_pg: bool,
+    duration: Duration,
+    c: usize,
+) -> Result<Document> {
+    let store = describe_store(baseline_url, is_pg).await;
+    let machine = Machine::describe(&store, work);
+    let mut notes = Vec::new();
+
+    // Baselines.
+    progress(format!(
+        "bare echo: {c} callers over {} channels, {} s",
+        args.channels, args.duration_secs
+    ));
+    let echo = baseline::echo(pki, work, c, args.channels, duration).await?;
+    notes.extend(rate_note("bare echo", &echo.load));
+    progress(format!("  {:.0} calls/s", echo.load.rate()));
+    progress(format!(
+        "bare INSERT: {c} callers, {} s",
+        args.duration_secs
+    ));
+    let db_server = if is_pg {
+        database_server_pid(baseline_url).await
+    } else {
+        None
+    };
+    let (inserts, insert_cpu) = baseline::inserts(baseline_url, c, duration, db_server).await?;
+    notes.extend(rate_note("bare INSERT", &inserts));
+    progress(format!("  {:.0} commits/s", inserts.rate()));
+
+    // The relay.
+    progress("starting the registry and two processors");
+    let (mut relay, relay_settings) = Relay::start(pki, work, dbs, args.channels).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pids = relay.pids()?;
+    let idle: Vec<u64> = pids.iter().map(|p| rss_kib(*p).unwrap_or(0)).collect();
+    let names: Vec<String> = relay.services.iter().map(|s| s.name.clone()).collect();
+    let sampler = RssSampler::start(pids.clone());
+    let result = relay_load(args, &mut relay, &pids, db_server, duration, c, &mut notes).await;
+    let peaks = sampler.finish().await;
+    relay.stop().await;
+    let figures = result?;
+
+    // The table.
+    let insert_rate = inserts.rate();
+    let echo_rate = echo.load.rate();
+    let mut rows = vec![
+        Row::plain(
+            "bare echo: unary Check calls over mTLS",
+            Value::Num(echo_rate),
+            "calls/s",
+        ),
+        Row::plain(
+            "bare INSERT: durable single-row commits",
+            Value::Num(insert_rate),
+            "commits/s",
+        ),
+        Row::plain("accepted Submits", Value::Num(figures.submits.rate()), "/s")
+            .against("bare INSERT", insert_rate)
+            .target(Target::RatioAtLeast(1.0)),
+        Row::plain(
+            "accepted Submits, against the bare echo",
+            Value::Num(figures.submits.rate()),
+            "/s",
+        )
+        .against("bare echo", echo_rate),
+        Row::plain(
+            "completed propagations (2 processors × 3 subprocessors)",
+            Value::Num(figures.completed_rate),
+            "/s",
+        )
+        .against("bare INSERT", insert_rate)
+        .target(Target::RatioAtLeast(0.25)),
+    ];
+    let lat = &figures.latencies;
+    let p50 = percentile(lat, 50.0);
+    let p99 = percentile(lat, 99.0);
+    let lat_value = |v: Option<f64>| match v {
+        Some(v) => Value::Num(v),
+        None => Value::Missing("no request completed".into()),
+    };
+    rows.push(Row::plain(
+        format!(
+            "latency p50, open loop at {}/s (n = {})",
+            number(figures.latency_rate),
+            lat.len()
+        ),
+        lat_value(p50),
+        "ms",
+    ));
+    let mut p99_row =
+        Row::plain("latency p99", lat_value(p99), "ms").target(Target::RatioAtMost(10.0));
+    if let Some(p50) = p50 {
+        // A p50 of 0 ms (same millisecond) would make any ratio infinite; 1 ms is the
+        // resolution of the timestamps.
+        p99_row = p99_row.against("p50", p50.max(1.0));
+    }
+    rows.push(p99_row);
+    rows.push(Row::plain(
+        "latency max",
+        lat_value(lat.last().copied()),
+        "ms",
+    ));
+    for (name, kib) in names.iter().zip(&idle) {
+        rows.push(
+            Row::plain(
+                format!("resident memory idle: {name}"),
+                Value::Num(mib(*kib)),
+                "MiB",
+            )
+            .against("bare echo idle", mib(echo.idle_kib))
+            .target(Target::Below(30.0)),
+        );
+    }
+    for (name, kib) in names.iter().zip(&peaks) {
+        rows.push(
+            Row::plain(
+                format!("resident memory peak under load: {name}"),
+                Value::Num(mib(*kib)),
+                "MiB",
+            )
+            .against("bare echo under load", mib(echo.peak_kib)),
+        );
+    }
+    let busy = |what: &str, who: &str, u: &CpuUsage| {
+        let server = match u.tree_secs {
+            Some(_) => format!(", the database server: {:.0} %", 100.0 * u.tree),
+            None => String::new(),
+        };
+        Row::plain(
+            format!(
+                "machine CPU busy: {what} (of which {who}: {:.0} %{server}; waiting for I/O: \
+                 {:.0} %)",
+                100.0 * u.watched,
+                100.0 * u.iowait
+            ),
+            Value::Num(100.0 * u.busy),
+            "%",
+        )
+    };
+    rows.push(busy("bare echo", "server and callers", &echo.cpu));
+    rows.push(busy("bare INSERT", "callers and store", &insert_cpu));
+    rows.push(busy(
+        "propagation batch",
+        "the services",
+        &figures.batch_cpu,
+    ));
+    rows.push(busy("Submit load", "the services", &figures.submit_cpu));
+    // CPU per bare INSERT commit: this process (callers, and SQLite when it is the store)
+    // plus the database server when there is one.
+    let per_commit_ms = (insert_cpu.process_secs.iter().sum::<f64>()
+        + insert_cpu.tree_secs.unwrap_or(0.0))
+        * 1000.0
+        / (inserts.ok.max(1) as f64);
+    let completed = figures.batch_completed.max(1) as f64;
+    let mut per_propagation: Vec<(String, f64)> = names
+        .iter()
+        .cloned()
+        .zip(
+            figures
+                .batch_cpu
+                .process_secs
+                .iter()
+                .map(|s| s * 1000.0 / completed),
+        )
+        .collect();
+    if let Some(secs) = figures.batch_cpu.tree_secs {
+        per_propagation.push(("database server".into(), secs * 1000.0 / completed));
+    }
+    for (name, ms) in &per_propagation {
+        rows.push(Row::plain(
+            format!("CPU per completed propagation: {name}"),
+            Value::Num(*ms),
+            "ms",
+        ));
+    }
+    let propagation_cpu_ms: f64 = per_propagation.iter().map(|(_, ms)| ms).sum();
+    rows.push(
+        Row::plain(
+            if figures.batch_cpu.tree_secs.is_some() {
+                "CPU per completed propagation: the services and the database server"
+            } else {
+                "CPU per completed propagation: the three services"
+            },
+            Value::Num(propagation_cpu_ms),
+            "ms",
+        )
+        .against("CPU per bare INSERT commit", per_commit_ms),
+    );
+    rows.push(Row::plain(
+        "export streaming (against bare gRPC streaming)",
+        Value::NotBuilt,
+        "MB/s",
+    ));
+    rows.push(Row::plain(
+        "contract end (against a bare bulk DELETE)",
+        Value::NotBuilt,
+        "s",
+    ));
+    notes.extend(explain(
+        &rows,
+        is_pg,
+        &figures,
+        propagation_cpu_ms,
+        per_commit_ms,
+    ));
+
+    let mut settings = vec![
+        format!(
+            "load: {c} concurrent callers over {} mTLS channels; fixed-time loads {} s; \
+             completed-propagations batch {} requests; latency load {} s open loop at half the \
+             completed rate",
+            args.channels, args.duration_secs, args.batch, args.latency_secs
+        ),
+        "load generator: this benchmark's process, on the same machine as the services \
+         (127.0.0.1)"
+            .into(),
+    ];
+    settings.extend(relay_settings);
+    let command = std::iter::once("scripts/bench.sh".to_string())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
+    Ok(Document {
+        title: if is_pg {
+            "Benchmarks (PostgreSQL)".into()
+        } else {
+            "Benchmarks (SQLite, the embedded default)".into()
+        },
+        command,
+        machine,
+        settings,
+        rows,
+        notes,
+    })
+}
+
+/// What the relay's loads measured.
+struct RelayFigures {
+    submits: LoadResult,
+    submit_cpu: CpuUsage,
+    batch_completed: i64,
+    batch_cpu: CpuUsage,
+    completed_rate: f64,
+    latency_rate: f64,
+    latencies: Vec<f64>,
+    latency_unfinished: usize,
+}
+
+/// How long without any request finishing counts as stuck.
+const STALL: Duration = Duration::from_secs(10);
+
+async fn relay_load(
+    args: &Args,
+    relay: &mut Relay,
+    pids: &[u32],
+    db_server: Option<u32>,
+    duration: Duration,
+    c: usize,
+    notes: &mut Vec<String>,
+) -> Result<RelayFigures> {
+    // Warm-up: connects every channel and proves the whole path works before measuring.
+    let warm = (2 * c) as u64;
+    progress(format!("warm-up: {warm} requests through the relay"));
+    let clients = relay.clients.clone();
+    let r = fixed_count(c, warm, move |i| {
+        submit(
+            clients[i as usize % clients.len()].clone(),
+            format!("warm-{i:06}"),
+        )
+    })
+    .await;
+    if r.errors > 0 {
+        bail!(
+            "warm-up Submits failed: {}{}",
+            r.first_error.unwrap_or_default(),
+            relay.log_tails()
+        );
+    }
+    let w = relay
+        .wait_finished("warm-", warm, STALL, Duration::from_secs(30), None)
+        .await?;
+    if w.completed == 0 {
+        bail!(
+            "warm-up: none of {warm} requests completed: {}{}",
+            relay.describe_unfinished("warm-", 3).await,
+            relay.log_tails()
+        );
+    }
+    notes.extend(unfinished_note(relay, "warm-up", "warm-", warm, &w).await);
+
+    // Completed propagations: a batch as fast as the callers can submit it, until the last
+    // one completes.
+    progress(format!(
+        "completed propagations: a batch of {} requests, {c} callers",
+        args.batch
+    ));
+    let clients = relay.clients.clone();
+    let cpu = CpuWindow::start(pids).with_tree(db_server);
+    let t0 = now_ms();
+    let batch = fixed_count(c, args.batch, move |i| {
+        submit(
+            clients[i as usize % clients.len()].clone(),
+            format!("batch-{i:06}"),
+        )
+    })
+    .await;
+    notes.extend(rate_note("batch Submits", &batch));
+    let w = relay
+        .wait_finished(
+            "batch-",
+            batch.ok,
+            STALL,
+            Duration::from_secs(120),
+            Some(&cpu),
+        )
+        .await?;
+    notes.extend(unfinished_note(relay, "completed propagations", "batch-", batch.ok, &w).await);
+    let batch_cpu = w.cpu.unwrap_or_else(|| cpu.finish());
+    let batch_completed = w.completed;
+    let last = relay.last_finished_at("batch-").await?.unwrap_or(t0);
+    let completed_rate = w.completed as f64 / ((last - t0).max(1) as f64 / 1000.0);
+    progress(format!(
+        "  {completed_rate:.1} propagations/s ({} in {:.1} s)",
+        w.completed,
+        (last - t0) as f64 / 1000.0
+    ));
+
+    // Latency at half the completed rate, open loop.
+    let latency_rate = (completed_rate / 2.0).max(1.0);
+    let total = ((latency_rate * args.latency_secs as f64).round() as u64).max(10);
+    progress(format!(
+        "latency: {total} requests open loop at {latency_rate:.1}/s"
+    ));
+    let clients = relay.clients.clone();
+    let lat = open_loop(latency_rate, total, move |i| {
+        submit(
+            clients[i as usize % clients.len()].clone(),
+            format!("lat-{i:06}"),
+        )
+    })
+    .await;
+    notes.extend(rate_note("latency Submits", &lat));
+    let w = relay
+        .wait_finished("lat-", lat.ok, STALL, Duration::from_secs(60), None)
+        .await?;
+    notes.extend(unfinished_note(relay, "latency", "lat-", lat.ok, &w).await);
+    let mut latencies = relay.latencies_ms("lat-").await?;
+    let unfinished = relay.unfinished_ages_ms("lat-", now_ms()).await?;
+    let latency_unfinished = unfinished.len();
+    if !unfinished.is_empty() {
+        notes.push(format!(
+            "latency: the {} requests that had not finished count with their age when the wait \
+             ended (a lower bound of their latency)",
+            unfinished.len()
+        ));
+        latencies.extend(unfinished);
+        latencies.sort_by(f64::total_cmp);
+    }
+    if let (Some(p50), Some(p99)) = (percentile(&latencies, 50.0), percentile(&latencies, 99.0)) {
+        progress(format!("  p50 {p50:.0} ms, p99 {p99:.0} ms"));
+    }
+
+    // Accepted Submits, closed loop; what they start propagates meanwhile.
+    progress(format!(
+        "accepted Submits: {c} callers, {} s",
+        args.duration_secs
+    ));
+    let clients = relay.clients.clone();
+    let cpu = CpuWindow::start(pids).with_tree(db_server);
+    let submits = closed_loop(c, duration, move |w, n| {
+        submit(clients[w % clients.len()].clone(), format!("sub-{w}-{n}"))
+    })
+    .await;
+    let submit_cpu = cpu.finish();
+    notes.extend(rate_note("Submits", &submits));
+    progress(format!("  {:.0} accepted/s", submits.rate()));
+    relay.check_alive()?;
+    Ok(RelayFigures {
+        submits,
+        submit_cpu,
+        batch_completed,
+        batch_cpu,
+        completed_rate,
+        latency_rate,
+        latencies,
+        latency_unfinished,
+    })
+}
+
+/// A note when not all of `expected` requests under `prefix` completed: how many, and what
+/// the registry knows of a few of them.
+async fn unfinished_note(
+    relay: &Relay,
+    what: &str,
+    prefix: &str,
+    expected: u64,
+    w: &Waited,
+) -> Option<String> {
+    let expected = expected as i64;
+    if w.completed >= expected {
+        return None;
+    }
+    let mut note = format!(
+        "{what}: of {expected} accepted requests {} finished ({} COMPLETED)",
+        w.finished, w.completed
+    );
+    if w.finished < expected {
+        note.push_str(&format!(
+            "; the other {} {} still unfinished when none had finished for {} s, e.g. {}",
+            expected - w.finished,
+            if expected - w.finished == 1 {
+                "was"
+            } else {
+                "were"
+            },
+            STALL.as_secs(),
+            relay.describe_unfinished(prefix, 2).await
+        ));
+    }
+    progress(&note);
+    Some(note)
+}
+
+/// Why targets were missed, as far as this run's figures and the design explain it.
+fn explain(
+    rows: &[Row],
+    is_pg: bool,
+    figures: &RelayFigures,
+    propagation_cpu_ms: f64,
+    commit_cpu_ms: f64,
+) -> Vec<String> {
+    let missed = |prefix: &str| {
+        rows.iter()
+            .any(|r| r.figure.starts_with(prefix) && r.met() == Some(false))
+    };
+    let cpu_cost = format!(
+        "one propagation costs {} ms of CPU across the three services{}, {}× the CPU of a \
+         bare INSERT commit ({} ms, SQL driver{} included)",
+        number(propagation_cpu_ms),
+        if is_pg {
+            " and the database server"
+        } else {
+            ""
+        },
+        number(propagation_cpu_ms / commit_cpu_ms.max(1e-6)),
+        number(commit_cpu_ms),
+        if is_pg { " and database server" } else { "" },
+    );
+    let mut out = Vec::new();
+    if missed("accepted Submits") {
+        let u = &figures.submit_cpu;
+        let bound = if u.busy >= 0.85 {
+            format!(
+                "so the machine ran out of CPU, not of commits (the services used {:.0} % of \
+                 it{}, the rest went to the load generator and anything else running); ",
+                100.0 * u.watched,
+                match u.tree_secs {
+                    Some(_) => format!(", the database server {:.0} %", 100.0 * u.tree),
+                    None => String::new(),
+                }
+            )
+        } else {
+            String::new()
+        };
+        out.push(format!(
+            "accepted Submits below the bare INSERT rate: during the Submit load the cores \
+             were {:.0} % busy and waited for I/O {:.0} % of the time, {bound}the propagation \
+             of what is submitted runs at the same time on the same cores, and {cpu_cost}. \
+             Each Submit is also a durable commit of its own (one transaction: the request, \
+             one outbox row per processor and an event; then the stored row is read back); \
+             {}",
+            100.0 * u.busy,
+            100.0 * u.iowait,
+            if is_pg {
+                "concurrent commits share WAL flushes only as far as PostgreSQL groups them by \
+                 itself"
+            } else {
+                "with one connection per store, concurrent Submits commit one at a time (no \
+                 group commit)"
+            }
+        ));
+    }
+    if missed("completed propagations") {
+        let u = &figures.batch_cpu;
+        out.push(format!(
+            "completed propagations below a quarter of the bare INSERT rate: during the batch \
+             the cores were {:.0} % busy ({:.0} % by the services{}) and waited for I/O {:.0} % \
+             of the time; {cpu_cost}; \
+             and it takes at least {} durable commits in three stores (registry: the Submit \
+             and one per processor for the accepted delivery; each processor: the accepted \
+             Deliver and two per task, IN_PROGRESS and COMPLETED, for {SUBPROCESSORS} tasks) \
+             besides batched ones (claims, acknowledgement calls, sent marks)",
+            100.0 * u.busy,
+            100.0 * u.watched,
+            match u.tree_secs {
+                Some(_) => format!(", {:.0} % by the database server", 100.0 * u.tree),
+                None => String::new(),
+            },
+            100.0 * u.iowait,
+            3 + 2 * (1 + 2 * SUBPROCESSORS)
+        ));
+    }
+    if missed("latency p99") {
+        out.push(if figures.latency_unfinished > 0 {
+            format!(
+                "latency p99 above ten times p50: {} of the {} latency requests never finished \
+                 during the run (see above), and they set the p99",
+                figures.latency_unfinished,
+                figures.latencies.len()
+            )
+        } else {
+            "latency p99 above ten times p50: a request that arrives while its services are \
+             committing a batch of earlier deliveries, task steps or acknowledgements waits \
+             for the whole batch, and on a small machine the three services and the load \
+             generator also wait for a core"
+                .into()
+        });
+    }
+    if missed("resident memory idle") {
+        out.push(
+            "resident memory idle above 30 MiB: compare with the bare echo server's idle \
+             figure, which is what tonic, rustls and the runtime take before any dsrelay code"
+                .into(),
+        );
+    }
+    out
+}

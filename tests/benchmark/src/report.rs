@@ -1,0 +1,427 @@
+//! Figures, the table they are printed in, the machine they were taken on, and the document
+//! written to `docs/`.
+
+use std::fmt::Write as _;
+
+/// A measured figure, or why there is none.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Value {
+    /// Measured.
+    Num(f64),
+    /// The feature is not built yet.
+    NotBuilt,
+    /// Could not be measured (the reason).
+    Missing(String),
+}
+
+/// What a figure should reach.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Target {
+    /// Nothing; the figure is for reference.
+    None,
+    /// value / baseline ≥ this.
+    RatioAtLeast(f64),
+    /// value / baseline ≤ this.
+    RatioAtMost(f64),
+    /// value < this (in the row's unit).
+    Below(f64),
+}
+
+/// One line of the table.
+#[derive(Debug, Clone)]
+pub(crate) struct Row {
+    /// What was measured.
+    pub(crate) figure: String,
+    /// The figure.
+    pub(crate) value: Value,
+    /// Its unit.
+    pub(crate) unit: String,
+    /// What it is compared with: a name and a figure in the same unit.
+    pub(crate) baseline: Option<(String, f64)>,
+    /// What it should reach.
+    pub(crate) target: Target,
+}
+
+impl Row {
+    /// A row without baseline or target.
+    pub(crate) fn plain(figure: impl Into<String>, value: Value, unit: &str) -> Self {
+        Self {
+            figure: figure.into(),
+            value,
+            unit: unit.into(),
+            baseline: None,
+            target: Target::None,
+        }
+    }
+
+    /// Compared with `baseline`.
+    pub(crate) fn against(mut self, name: impl Into<String>, baseline: f64) -> Self {
+        self.baseline = Some((name.into(), baseline));
+        self
+    }
+
+    /// To reach `target`.
+    pub(crate) fn target(mut self, target: Target) -> Self {
+        self.target = target;
+        self
+    }
+
+    /// value / baseline, when both are there.
+    pub(crate) fn ratio(&self) -> Option<f64> {
+        match (&self.value, &self.baseline) {
+            (Value::Num(v), Some((_, b))) if *b > 0.0 => Some(v / b),
+            _ => None,
+        }
+    }
+
+    /// Whether the target is met; `None` without a target or a figure.
+    pub(crate) fn met(&self) -> Option<bool> {
+        match (self.target, &self.value) {
+            (Target::None, _) => None,
+            (Target::Below(max), Value::Num(v)) => Some(*v < max),
+            (Target::RatioAtLeast(min), _) => self.ratio().map(|r| r >= min),
+            (Target::RatioAtMost(max), _) => self.ratio().map(|r| r <= max),
+            (_, _) => None,
+        }
+    }
+
+    fn cells(&self) -> [String; 7] {
+        let value = match &self.value {
+            Value::Num(v) => number(*v),
+            Value::NotBuilt => "not built yet".into(),
+            Value::Missing(why) => format!("n/a ({why})"),
+        };
+        let baseline = match &self.baseline {
+            Some((name, b)) => format!("{} ({name})", number(*b)),
+            None => String::new(),
+        };
+        let ratio = self.ratio().map(|r| format!("{r:.2}×")).unwrap_or_default();
+        let target = match self.target {
+            Target::None => String::new(),
+            Target::RatioAtLeast(x) => format!("≥ {}× baseline", number(x)),
+            Target::RatioAtMost(x) => format!("≤ {}× baseline", number(x)),
+            Target::Below(x) => format!("< {} {}", number(x), self.unit),
+        };
+        let met = match self.met() {
+            Some(true) => "yes".into(),
+            Some(false) => "NO".into(),
+            None if self.target != Target::None => "—".into(),
+            None => String::new(),
+        };
+        [
+            self.figure.clone(),
+            value,
+            self.unit.clone(),
+            baseline,
+            ratio,
+            target,
+            met,
+        ]
+    }
+}
+
+/// A figure with as many decimals as it deserves.
+pub(crate) fn number(v: f64) -> String {
+    let a = v.abs();
+    if a >= 100.0 || v == v.trunc() {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// The rows as a Markdown table with padded columns, readable as plain text too.
+pub(crate) fn render_table(rows: &[Row]) -> String {
+    const HEAD: [&str; 7] = [
+        "figure", "value", "unit", "baseline", "ratio", "target", "met?",
+    ];
+    let cells: Vec<[String; 7]> = rows.iter().map(Row::cells).collect();
+    let mut width: [usize; 7] = HEAD.map(|h| h.chars().count());
+    for row in &cells {
+        for (w, c) in width.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |items: &[String]| {
+        let mut s = String::from("|");
+        for (c, w) in items.iter().zip(width) {
+            let pad = w - c.chars().count();
+            let _ = write!(s, " {c}{} |", " ".repeat(pad));
+        }
+        s.push('\n');
+        s
+    };
+    let mut out = line(&HEAD.map(String::from));
+    out.push_str(&line(&width.map(|w| "-".repeat(w))));
+    for row in &cells {
+        out.push_str(&line(row));
+    }
+    out
+}
+
+/// The `p`-th percentile (0 < p ≤ 100) of `sorted` by the nearest-rank method: the smallest
+/// value such that at least `p` % of the values are at most it.
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() || !(p > 0.0 && p <= 100.0) {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// The machine and the software the figures were taken with.
+#[derive(Debug, Clone)]
+pub(crate) struct Machine {
+    /// (what, description) pairs, in order.
+    pub(crate) facts: Vec<(String, String)>,
+}
+
+impl Machine {
+    /// Reads /proc and asks `rustc` for its version; `store` names the backend.
+    pub(crate) fn describe(store: &str, data_dir: &std::path::Path) -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.to_string())
+            .unwrap_or_else(|_| "unknown".into());
+        let memory = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                let line = m.lines().find(|l| l.starts_with("MemTotal:"))?.to_string();
+                let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+                Some(format!("{:.1} GiB", kb / 1024.0 / 1024.0))
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| format!("Linux {}", s.trim()))
+            .unwrap_or_else(|_| "unknown".into());
+        let rustc = std::process::Command::new(std::env::var("RUSTC").unwrap_or("rustc".into()))
+            .arg("--version")
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let filesystem = filesystem_of(data_dir).unwrap_or_else(|| "unknown".into());
+        let revision = git_revision().unwrap_or_else(|| "unknown (not a git checkout)".into());
+        let date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string();
+        let facts = [
+            ("CPU", cpu),
+            ("cores", cores),
+            ("memory", memory),
+            ("kernel", kernel),
+            ("rustc", rustc),
+            ("dsrelay revision", revision),
+            ("store", store.to_string()),
+            ("filesystem of the data folder", filesystem),
+            ("date", date),
+        ];
+        Self {
+            facts: facts.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        }
+    }
+}
+
+/// The commit the working directory is at, and whether tracked files differ from it.
+fn git_revision() -> Option<String> {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let commit = git(&["rev-parse", "--short", "HEAD"])?;
+    let dirty =
+        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    Some(if dirty {
+        format!("{commit} with uncommitted changes")
+    } else {
+        commit
+    })
+}
+
+/// The type and device of the mount `path` lives on, from /proc/mounts.
+fn filesystem_of(path: &std::path::Path) -> Option<String> {
+    let path = path.canonicalize().ok()?;
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (dev, at, kind) = (f.next()?, f.next()?, f.next()?);
+            path.starts_with(at)
+                .then(|| (at.len(), format!("{kind} ({dev} on {at})")))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, d)| d)
+}
+
+/// Everything the document says besides the table.
+#[derive(Debug, Clone)]
+pub(crate) struct Document {
+    /// Title of the document.
+    pub(crate) title: String,
+    /// The command that produced it.
+    pub(crate) command: String,
+    /// The machine.
+    pub(crate) machine: Machine,
+    /// Load and relay settings, one per line.
+    pub(crate) settings: Vec<String>,
+    /// The figures.
+    pub(crate) rows: Vec<Row>,
+    /// What the figures say about the targets, one per line.
+    pub(crate) notes: Vec<String>,
+}
+
+impl Document {
+    /// The Markdown text.
+    pub(crate) fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "# {}\n", self.title);
+        let _ = writeln!(
+            s,
+            "Written by `{}` (the `dsrelay-bench` binary of `tests/benchmark`); running it again \
+             replaces this file. Figures from a shared or busy machine are noisy: compare ratios \
+             to the baselines, which were taken in the same run, rather than absolute figures.\n",
+            self.command
+        );
+        let _ = writeln!(s, "## Machine\n");
+        for (k, v) in &self.machine.facts {
+            let _ = writeln!(s, "- {k}: {v}");
+        }
+        let _ = writeln!(s, "\n## Settings\n");
+        for line in &self.settings {
+            let _ = writeln!(s, "- {line}");
+        }
+        let _ = writeln!(s, "\n## Figures\n");
+        s.push_str(&render_table(&self.rows));
+        if !self.notes.is_empty() {
+            let _ = writeln!(s, "\n## Notes\n");
+            for n in &self.notes {
+                let _ = writeln!(s, "- {n}");
+            }
+        }
+        let _ = writeln!(s, "\n## How each figure is measured\n");
+        s.push_str(METHOD);
+        s
+    }
+}
+
+const METHOD: &str = "\
+- **bare echo**: a tonic server built with `dsrelay_runtime::server::builder` (the services' \
+TLS and limits) serving only `grpc.health.v1.Health`, through `dsrelay_runtime::server::serve` \
+(TCP_NODELAY), in a process of its own; the same callers as the Submit load call `Check` \
+(a trivial unary call) over `dsrelay_runtime::tls::channel` mTLS channels for the fixed \
+duration.
+- **bare INSERT**: one single-row `INSERT` per durable commit into a fresh table through \
+`dsrelay_runtime::store::Db` (SQLite: WAL, `synchronous=FULL`, one connection, in the same \
+folder as the services' files; PostgreSQL: the services' pool of 16, a fresh database on the \
+same server), by the same number of concurrent callers for the fixed duration.
+- **accepted Submits/s**: closed loop, the same callers send `RequestService.Submit` \
+(an erasure with one e-mail identity, a unique idempotency key) to the registry for the fixed \
+duration; the propagation of what they submit runs at the same time, on the same cores.
+- **completed propagations/s**: a batch is submitted by the same callers, and the figure is \
+the batch size over the time from the first Submit to the last request reaching COMPLETED \
+(`finished_at` in the registry's `requests` table); requests still unfinished when nothing \
+has finished for 10 s are left out and reported in the notes. Each request goes to two processors, \
+each with three `noop` subprocessors (delay 0): 6 tasks, 12 acknowledgements.
+- **latency**: open loop at half the completed rate for the latency duration; per request \
+`finished_at - received_at` from the registry's table (received at the registry to the \
+acknowledgement that completed it, ms); a request that has not finished when the wait ends \
+(nothing finished for 10 s, or 60 s in all) counts with its age then, a lower bound; p50/p99 \
+by nearest rank.
+- **resident memory**: `VmRSS` of each service process from `/proc/<pid>/status`; idle is \
+after start-up and before any request, peak is the highest of samples taken every 100 ms \
+from the warm-up to the end of the load. The baseline is the bare echo server's, idle and \
+under its own load.
+- **machine CPU busy**: the share of all cores' time not idle and not waiting for I/O, from \
+`/proc/stat`, over each load: the whole machine, other processes included (figures taken \
+while something else runs are not comparable); \"of which\" is the share the measured \
+processes used (`/proc/<pid>/stat`): the echo server and this process for the bare echo, \
+this process (which runs SQLite, or talks to PostgreSQL) for the bare INSERTs, the three \
+services for the relay; on PostgreSQL, when the server runs on this machine, its processes \
+(the postmaster and its backends) are also counted, separately.
+- **CPU per completed propagation**: each service's CPU time over the batch (from the \
+first Submit to the last completion) divided by the requests completed (with the database \
+server's on PostgreSQL); its baseline is the CPU time per bare INSERT commit of this process \
+(and of the database server on PostgreSQL).
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), Some(50.0));
+        assert_eq!(percentile(&v, 99.0), Some(99.0));
+        assert_eq!(percentile(&v, 100.0), Some(100.0));
+        assert_eq!(percentile(&v, 0.1), Some(1.0));
+        let small = [3.0, 7.0, 9.0];
+        assert_eq!(percentile(&small, 50.0), Some(7.0));
+        assert_eq!(percentile(&small, 99.0), Some(9.0));
+        assert_eq!(percentile(&[42.0], 99.0), Some(42.0));
+        assert_eq!(percentile(&[], 50.0), None);
+        assert_eq!(percentile(&v, 0.0), None);
+        assert_eq!(percentile(&v, 101.0), None);
+    }
+
+    #[test]
+    fn ratios_and_targets() {
+        let r = Row::plain("accepted Submits", Value::Num(300.0), "/s")
+            .against("bare INSERT", 600.0)
+            .target(Target::RatioAtLeast(1.0));
+        assert_eq!(r.ratio(), Some(0.5));
+        assert_eq!(r.met(), Some(false));
+        let m = Row::plain("idle", Value::Num(12.5), "MiB").target(Target::Below(30.0));
+        assert_eq!(m.met(), Some(true));
+        let p = Row::plain("p99", Value::Num(40.0), "ms")
+            .against("p50", 5.0)
+            .target(Target::RatioAtMost(10.0));
+        assert_eq!(p.met(), Some(true));
+        let n = Row::plain("export", Value::NotBuilt, "MB/s").target(Target::RatioAtLeast(1.0));
+        assert_eq!(n.met(), None);
+    }
+
+    #[test]
+    fn table_is_aligned_markdown() {
+        let rows = vec![
+            Row::plain("bare INSERT commits", Value::Num(612.4), "/s"),
+            Row::plain("accepted Submits", Value::Num(305.0), "/s")
+                .against("bare INSERT", 612.4)
+                .target(Target::RatioAtLeast(1.0)),
+            Row::plain("export streaming", Value::NotBuilt, "MB/s"),
+        ];
+        let t = render_table(&rows);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 5);
+        assert!(lines[0].starts_with("| figure "));
+        assert!(lines[1].starts_with("| ---"));
+        let widths: Vec<usize> = lines.iter().map(|l| l.chars().count()).collect();
+        assert!(widths.iter().all(|w| *w == widths[0]), "{t}");
+        assert!(lines[2].contains("| 612 "));
+        assert!(lines[3].contains("0.50×"));
+        assert!(lines[3].contains("≥ 1× baseline"));
+        assert!(lines[3].trim_end().ends_with("| NO   |"), "{}", lines[3]);
+        assert!(lines[4].contains("not built yet"));
+    }
+
+    #[test]
+    fn numbers_keep_sensible_precision() {
+        assert_eq!(number(1234.56), "1235");
+        assert_eq!(number(12.345), "12.3");
+        assert_eq!(number(1.2345), "1.23");
+        assert_eq!(number(10.0), "10");
+        assert_eq!(number(0.25), "0.25");
+    }
+}
