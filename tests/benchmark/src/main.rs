@@ -760,17 +760,17 @@ fn explain(
             "accepted Submits below the bare INSERT rate: during the Submit load the cores \
              were {:.0} % busy and waited for I/O {:.0} % of the time, {bound}the propagation \
              of what is submitted runs at the same time on the same cores, and {cpu_cost}. \
-             Each Submit is also a durable commit of its own (one transaction: the request, \
-             one outbox row per processor and an event; then the stored row is read back); \
-             {}",
+             Concurrent Submits share a commit (the registry's intake writer stores all \
+             queued Submits in one transaction), but the registry's one store connection \
+             also carries every delivery record, acknowledgement batch and event of the \
+             propagation; {}",
             100.0 * u.busy,
             100.0 * u.iowait,
             if is_pg {
-                "concurrent commits share WAL flushes only as far as PostgreSQL groups them by \
-                 itself"
+                "on PostgreSQL every transaction that records events also takes the audit \
+                 trail's append lock, so they commit one at a time"
             } else {
-                "with one connection per store, concurrent Submits commit one at a time (no \
-                 group commit)"
+                "SQLite allows one writer, so that work and intake take turns"
             }
         ));
     }
