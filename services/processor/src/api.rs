@@ -176,17 +176,9 @@ impl ProcessorService for Api {
         let controller = self.controller(&req)?;
         let r = req.into_inner();
         check_id(&r.request_id)?;
-        if r.reason.len() > 1024 {
-            return Err(invalid("reason", "must be at most 1024 bytes"));
-        }
-        if r.reason
-            .chars()
-            .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+        if let Some(v) = dsrelay_runtime::identity::text_violation("reason", &r.reason, 1024, false)
         {
-            return Err(invalid(
-                "reason",
-                "must not contain control characters (other than tab and line breaks)",
-            ));
+            return Err(invalid(&v.field, &v.rule));
         }
         let tasks = self
             .shared

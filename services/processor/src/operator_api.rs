@@ -124,20 +124,10 @@ fn task_key(task: Option<TaskRef>) -> Result<TaskKey, Status> {
 }
 
 fn check_note(field: &str, value: &str) -> Result<(), Status> {
-    if value.trim().is_empty() || value.len() > 4096 {
-        return Err(Status::invalid_argument(format!(
-            "{field}: must be 1 to 4096 bytes"
-        )));
+    match dsrelay_runtime::identity::text_violation(field, value, 4096, true) {
+        Some(v) => Err(Status::invalid_argument(v.to_string())),
+        None => Ok(()),
     }
-    if value
-        .chars()
-        .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
-    {
-        return Err(Status::invalid_argument(format!(
-            "{field}: must not contain control characters (other than tab and line breaks)"
-        )));
-    }
-    Ok(())
 }
 
 fn to_proto(r: ManualRow) -> ManualTask {

@@ -113,6 +113,12 @@ pub struct TaskJob {
     pub traceparent: Option<String>,
 }
 
+/// Tasks joined with their requests, as the operator API shows them.
+const MANUAL_SELECT: &str = "SELECT t.controller, t.request_id, t.subprocessor, t.state, \
+    t.sequence, t.attempts, t.records_affected, t.confirmed, t.note, t.reason, t.legal_basis, \
+    t.retain_until, t.updated_at, t.handle, r.body, r.due_at FROM tasks t JOIN requests r \
+    ON r.controller = t.controller AND r.request_id = t.request_id";
+
 /// A task waiting for an operator, with its request.
 #[derive(Debug, Clone)]
 pub struct ManualRow {
@@ -441,87 +447,20 @@ impl Store {
         states: &[TaskState],
         limit: i64,
     ) -> Result<Vec<ManualRow>> {
-        let rows = sqlx::query(
-            "SELECT t.controller, t.request_id, t.subprocessor, t.state, t.sequence, t.attempts, \
-             t.records_affected, t.confirmed, t.note, t.reason, t.legal_basis, t.retain_until, \
-             t.updated_at, t.handle, r.body, r.due_at FROM tasks t JOIN requests r \
-             ON r.controller = t.controller AND r.request_id = t.request_id \
-             WHERE t.state IN ($1, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-             AND ($2 = '' OR t.subprocessor = $2) \
-             ORDER BY t.updated_at LIMIT $3",
-        )
-        .bind(
-            states
-                .first()
-                .copied()
-                .unwrap_or(TaskState::WaitingForOperator) as i64,
-        )
+        // Task states are our own enum values, so they are written into the SQL (and a
+        // partial index can serve the query).
+        let wanted: Vec<String> = if states.is_empty() {
+            vec![(TaskState::WaitingForOperator as i32).to_string()]
+        } else {
+            states.iter().map(|s| (*s as i32).to_string()).collect()
+        };
+        let rows = sqlx::query(&format!(
+            "{MANUAL_SELECT} WHERE t.state IN ({}) AND ($1 = '' OR t.subprocessor = $1) \
+             ORDER BY t.updated_at LIMIT $2",
+            wanted.join(", ")
+        ))
         .bind(subprocessor.unwrap_or(""))
         .bind(limit)
-        // Up to ten states; unused places repeat the first (task states are fewer).
-        .bind(
-            states
-                .get(1)
-                .or(states.first())
-                .copied()
-                .unwrap_or(TaskState::WaitingForOperator) as i64,
-        )
-        .bind(
-            states
-                .get(2)
-                .or(states.first())
-                .copied()
-                .unwrap_or(TaskState::WaitingForOperator) as i64,
-        )
-        .bind(
-            states
-                .get(3)
-                .or(states.first())
-                .copied()
-                .unwrap_or(TaskState::WaitingForOperator) as i64,
-        )
-        .bind(
-            states
-                .get(4)
-                .or(states.first())
-                .copied()
-                .unwrap_or(TaskState::WaitingForOperator) as i64,
-        )
-        .bind(
-            states
-                .get(5)
-                .or(states.first())
-                .copied()
-                .unwrap_or(TaskState::WaitingForOperator) as i64,
-        )
-        .bind(
-            states
-                .get(6)
-                .or(states.first())
-                .copied()
-                .unwrap_or(TaskState::WaitingForOperator) as i64,
-        )
-        .bind(
-            states
-                .get(7)
-                .or(states.first())
-                .copied()
-                .unwrap_or(TaskState::WaitingForOperator) as i64,
-        )
-        .bind(
-            states
-                .get(8)
-                .or(states.first())
-                .copied()
-                .unwrap_or(TaskState::WaitingForOperator) as i64,
-        )
-        .bind(
-            states
-                .get(9)
-                .or(states.first())
-                .copied()
-                .unwrap_or(TaskState::WaitingForOperator) as i64,
-        )
         .fetch_all(&self.db.pool)
         .await?;
         rows.iter().map(manual_row).collect()
@@ -529,13 +468,10 @@ impl Store {
 
     /// One task with its request, for the operator API.
     pub async fn manual_task(&self, key: &TaskKey) -> Result<Option<ManualRow>> {
-        let row = sqlx::query(
-            "SELECT t.controller, t.request_id, t.subprocessor, t.state, t.sequence, t.attempts, \
-             t.records_affected, t.confirmed, t.note, t.reason, t.legal_basis, t.retain_until, \
-             t.updated_at, t.handle, r.body, r.due_at FROM tasks t JOIN requests r \
-             ON r.controller = t.controller AND r.request_id = t.request_id \
-             WHERE t.controller = $1 AND t.request_id = $2 AND t.subprocessor = $3",
-        )
+        let row = sqlx::query(&format!(
+            "{MANUAL_SELECT} WHERE t.controller = $1 AND t.request_id = $2 \
+             AND t.subprocessor = $3"
+        ))
         .bind(&key.controller)
         .bind(&key.request_id)
         .bind(&key.subprocessor)

@@ -241,20 +241,48 @@ impl Api {
             processors: processors.clone(),
         };
         span.record("partner", caller.name());
+        // What the answer needs of a new request is known already: no read-back on the
+        // intake path.
         let new_id = new.id.clone();
+        let new_state = if processors.is_empty() {
+            RequestState::Completed
+        } else {
+            RequestState::Received
+        };
+        let (new_due, new_trace) = (new.due_at, new.trace_id.clone());
         let inserted = self
             .shared
             .intake
             .submit(new)
             .await
             .map_err(ApiError::from)?;
-        let (request_id, deduplicated) = match inserted {
+        let (request_id, state, due, trace_id, routed_to, deduplicated) = match inserted {
             Inserted::New => {
                 self.shared.dispatch_wakeup.notify_one();
                 self.shared.publish(&new_id);
-                (new_id, false)
+                (new_id, new_state as i32, new_due, new_trace, processors, false)
             }
-            Inserted::Existing(existing) => (existing, true),
+            Inserted::Existing(existing) => {
+                let row = self
+                    .shared
+                    .store
+                    .request(&existing)
+                    .await
+                    .map_err(ApiError::from)?
+                    .ok_or_else(|| {
+                        ApiError::Unexpected(anyhow::anyhow!("request {existing} vanished"))
+                    })?;
+                let routed = self
+                    .shared
+                    .store
+                    .deliveries(&existing)
+                    .await
+                    .map_err(ApiError::from)?
+                    .into_iter()
+                    .map(|d| d.processor)
+                    .collect();
+                (existing, row.state, row.due_at, row.trace_id, routed, true)
+            }
             Inserted::Conflict(existing) => {
                 return Err(ApiError::Conflict(format!(
                     "idempotency_key {:?} was already used for request {existing} with a different body; use a new key for a new request",
@@ -264,39 +292,18 @@ impl Api {
             }
         };
         span.record("request_id", request_id.as_str());
-        let row = self
-            .shared
-            .store
-            .request(&request_id)
-            .await
-            .map_err(ApiError::from)?
-            .ok_or_else(|| {
-                ApiError::Unexpected(anyhow::anyhow!("request vanished after insert"))
-            })?;
-        let routed_to = if deduplicated {
-            self.shared
-                .store
-                .deliveries(&request_id)
-                .await
-                .map_err(ApiError::from)?
-                .into_iter()
-                .map(|d| d.processor)
-                .collect()
-        } else {
-            processors
-        };
         tracing::info!(
             request_id = %request_id,
-            kind = RequestKind::try_from(row.kind).map(|k| k.as_str_name()).unwrap_or("?"),
+            kind = RequestKind::try_from(body.kind).map(|k| k.as_str_name()).unwrap_or("?"),
             deduplicated,
             routed = routed_to.len(),
             "request submitted"
         );
         Ok(Response::new(SubmitResponse {
             request_id,
-            state: row.state,
-            due_at: Some(timestamp_from_millis(row.due_at)),
-            trace_id: row.trace_id,
+            state,
+            due_at: Some(timestamp_from_millis(due)),
+            trace_id,
             deduplicated,
             routed_to,
         }))

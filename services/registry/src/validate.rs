@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 
 use dsrelay_proto::v1::{RequestKind, SubmitRequest};
+pub use dsrelay_runtime::identity::text_violation;
 use dsrelay_runtime::identity::{validate_identities, FieldViolation};
 
 /// At most this many bytes in an idempotency key.
@@ -16,41 +17,6 @@ pub const MAX_CORRECTIONS: usize = 32;
 
 /// At most this many bytes in a data category name.
 pub const MAX_CATEGORY: usize = 64;
-
-/// Checks a free-text field: its length, and no control characters other than tab and line
-/// breaks (NUL cannot be stored in PostgreSQL text, and the others only hide things from
-/// the people who read these texts).
-pub fn text_violation(
-    field: &str,
-    value: &str,
-    max: usize,
-    required: bool,
-) -> Option<FieldViolation> {
-    if required && value.trim().is_empty() {
-        return Some(FieldViolation::new(
-            field,
-            format!("is required (1 to {max} bytes of text)"),
-        ));
-    }
-    if value.len() > max {
-        let rule = if required {
-            format!("must be 1 to {max} bytes")
-        } else {
-            format!("must be at most {max} bytes")
-        };
-        return Some(FieldViolation::new(field, rule));
-    }
-    if value
-        .chars()
-        .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
-    {
-        return Some(FieldViolation::new(
-            field,
-            "must not contain control characters (other than tab and line breaks)",
-        ));
-    }
-    None
-}
 
 /// Every rule `req` breaks; empty when it may be stored. `known_categories` are those some
 /// processor holds: a category nobody holds is almost certainly a typo.

@@ -36,6 +36,41 @@ impl FieldViolation {
     }
 }
 
+/// Checks a free-text field: its length, and no control characters other than tab and line
+/// breaks (NUL cannot be stored in PostgreSQL text, and the others only hide things from
+/// the people who read these texts).
+pub fn text_violation(
+    field: &str,
+    value: &str,
+    max: usize,
+    required: bool,
+) -> Option<FieldViolation> {
+    if required && value.trim().is_empty() {
+        return Some(FieldViolation::new(
+            field,
+            format!("is required (1 to {max} bytes of text)"),
+        ));
+    }
+    if value.len() > max {
+        let rule = if required {
+            format!("must be 1 to {max} bytes")
+        } else {
+            format!("must be at most {max} bytes")
+        };
+        return Some(FieldViolation::new(field, rule));
+    }
+    if value
+        .chars()
+        .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+    {
+        return Some(FieldViolation::new(
+            field,
+            "must not contain control characters (other than tab and line breaks)",
+        ));
+    }
+    None
+}
+
 /// Checks a request's identities against the documented rules.
 pub fn validate_identities(identities: &[SubjectIdentity]) -> Vec<FieldViolation> {
     let mut out = Vec::new();
