@@ -17,9 +17,6 @@ use tracing::Instrument;
 use crate::app::Shared;
 use crate::store::Accepted;
 
-/// At most this many bytes in a request id.
-const MAX_ID: usize = 64;
-
 /// The ProcessorService implementation.
 #[derive(Clone)]
 pub struct Api {
@@ -129,13 +126,10 @@ fn invalid(field: &str, rule: impl std::fmt::Display) -> Status {
 }
 
 fn check_id(id: &str) -> Result<(), Status> {
-    if id.is_empty() || id.len() > MAX_ID || !id.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(invalid(
-            "request_id",
-            format!("must be 1 to {MAX_ID} bytes of printable ASCII"),
-        ));
+    match dsrelay_runtime::identity::request_id_violation("request_id", id) {
+        Some(v) => Err(invalid(&v.field, &v.rule)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 fn internal(e: anyhow::Error) -> Status {

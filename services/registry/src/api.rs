@@ -13,7 +13,7 @@ use dsrelay_proto::v1::{
     RequestKind, RequestState, SubmitRequest, SubmitResponse, SubprocessorList, WatchRequest,
 };
 use dsrelay_proto::{prost::Message, timestamp_from_millis};
-use dsrelay_runtime::identity::{keyed_hash, FieldViolation};
+use dsrelay_runtime::identity::{keyed_hash, request_id_violation, FieldViolation};
 use dsrelay_runtime::store::now_ms;
 use dsrelay_runtime::trace_context;
 use sha2::{Digest, Sha256};
@@ -31,8 +31,6 @@ use crate::validate::{text_violation, validate_submit, MAX_TEXT};
 
 /// At most this many acknowledgements in one call.
 pub const MAX_ACKS_PER_CALL: usize = 500;
-/// At most this many bytes in a request id.
-const MAX_ID: usize = 64;
 
 /// Implements both registry services over the shared state.
 #[derive(Clone)]
@@ -78,13 +76,10 @@ impl Api {
 }
 
 fn check_id(id: &str) -> Result<(), ApiError> {
-    if id.is_empty() || id.len() > MAX_ID || !id.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(ApiError::Invalid(vec![FieldViolation::new(
-            "request_id",
-            format!("must be 1 to {MAX_ID} bytes of printable ASCII"),
-        )]));
+    match request_id_violation("request_id", id) {
+        Some(v) => Err(ApiError::Invalid(vec![v])),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 fn check_text(field: &str, value: &str) -> Result<(), ApiError> {
@@ -703,12 +698,10 @@ impl AcknowledgementService for Api {
             ));
         }
         for (i, a) in acks.iter().enumerate().take(MAX_ACKS_PER_CALL) {
-            if check_id(&a.request_id).is_err() {
-                violations.push(FieldViolation::new(
-                    format!("acknowledgements[{i}].request_id"),
-                    format!("must be 1 to {MAX_ID} bytes"),
-                ));
-            }
+            violations.extend(request_id_violation(
+                &format!("acknowledgements[{i}].request_id"),
+                &a.request_id,
+            ));
             if a.subprocessor.is_empty() || a.subprocessor.len() > 128 {
                 violations.push(FieldViolation::new(
                     format!("acknowledgements[{i}].subprocessor"),

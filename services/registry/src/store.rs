@@ -634,8 +634,13 @@ impl Store {
         let mut applied = 0;
         let mut duplicates = 0;
         let mut touched = BTreeSet::new();
+        // Acknowledgements come in batches, several per request: check each request's routing
+        // once.
+        let mut routed_ok = BTreeSet::new();
         for ack in acks {
-            let routed = sqlx::query(
+            if routed_ok.contains(&ack.request_id) {
+                // Routed: checked for an earlier acknowledgement of this batch.
+            } else if sqlx::query(
                 "SELECT 1 AS one FROM deliveries WHERE request_id = $1 AND processor = $2 \
                  AND op = $3",
             )
@@ -643,8 +648,11 @@ impl Store {
             .bind(processor)
             .bind(OP_DELIVER)
             .fetch_optional(&mut *tx)
-            .await?;
-            if routed.is_none() {
+            .await?
+            .is_some()
+            {
+                routed_ok.insert(ack.request_id.clone());
+            } else {
                 tx.rollback().await?;
                 return Ok(Err(ack.request_id.clone()));
             }

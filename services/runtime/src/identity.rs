@@ -71,6 +71,22 @@ pub fn text_violation(
     None
 }
 
+/// At most this many bytes in a request id.
+pub const MAX_REQUEST_ID: usize = 64;
+
+/// Checks a request id: 1 to [`MAX_REQUEST_ID`] bytes of printable ASCII (ids are ours, but
+/// callers type them, and they end up in logs and SQL parameters).
+pub fn request_id_violation(field: &str, id: &str) -> Option<FieldViolation> {
+    let ok =
+        !id.is_empty() && id.len() <= MAX_REQUEST_ID && id.bytes().all(|b| b.is_ascii_graphic());
+    (!ok).then(|| {
+        FieldViolation::new(
+            field,
+            format!("must be 1 to {MAX_REQUEST_ID} bytes of printable ASCII"),
+        )
+    })
+}
+
 /// Checks a request's identities against the documented rules.
 pub fn validate_identities(identities: &[SubjectIdentity]) -> Vec<FieldViolation> {
     let mut out = Vec::new();
