@@ -97,6 +97,11 @@ impl App {
         })
     }
 
+    /// The processor's clock; clones share its offset, so tests move time with it.
+    pub fn clock(&self) -> Clock {
+        self.shared.clock.clone()
+    }
+
     /// The shared state (for tests and tools).
     pub fn shared(&self) -> Arc<Shared> {
         self.shared.clone()

@@ -14,7 +14,6 @@ use dsrelay_proto::v1::{
 };
 use dsrelay_proto::{prost::Message, timestamp_from_millis};
 use dsrelay_runtime::identity::{keyed_hash, request_id_violation, FieldViolation};
-use dsrelay_runtime::store::now_ms;
 use dsrelay_runtime::trace_context;
 use sha2::{Digest, Sha256};
 use tokio_stream::wrappers::ReceiverStream;
@@ -71,7 +70,7 @@ impl Api {
     async fn view(&self, row: RequestRow) -> Result<Request, ApiError> {
         let deliveries = self.shared.store.deliveries(&row.id).await?;
         let tasks = self.shared.store.tasks(&row.id).await?;
-        Ok(to_view(row, deliveries, tasks, now_ms()))
+        Ok(to_view(row, deliveries, tasks, self.shared.clock.now_ms()))
     }
 }
 
@@ -213,7 +212,7 @@ impl Api {
             .map(|p| p.name.clone())
             .collect();
         let encoded = body.encode_to_vec();
-        let received_at = now_ms();
+        let received_at = self.shared.clock.now_ms();
         let id = uuid::Uuid::now_v7().to_string();
         let hashes: Vec<String> = body
             .identities
@@ -405,7 +404,7 @@ impl RequestService for Api {
         let mut rows = self
             .shared
             .store
-            .list(&filter, now_ms())
+            .list(&filter, self.shared.clock.now_ms())
             .await
             .map_err(ApiError::from)?;
         let next_page_token = if rows.len() > page_size as usize {
@@ -494,7 +493,7 @@ impl RequestService for Api {
         match self
             .shared
             .store
-            .cancel(&row.id, &r.reason, now_ms())
+            .cancel(&row.id, &r.reason, self.shared.clock.now_ms())
             .await
             .map_err(ApiError::from)?
         {
@@ -605,7 +604,7 @@ impl RequestService for Api {
         }
         self.shared
             .store
-            .extend(&row, r.months, &r.reason, now_ms())
+            .extend(&row, r.months, &r.reason, self.shared.clock.now_ms())
             .await
             .map_err(ApiError::from)?;
         self.shared.publish(&row.id);
@@ -756,7 +755,7 @@ impl AcknowledgementService for Api {
         match self
             .shared
             .store
-            .apply_acks(&processor, &updates, now_ms())
+            .apply_acks(&processor, &updates, self.shared.clock.now_ms())
             .await
             .map_err(ApiError::from)?
         {
@@ -792,7 +791,7 @@ impl AcknowledgementService for Api {
                     &occurred,
                     applied,
                     duplicates,
-                    now_ms(),
+                    self.shared.clock.now_ms(),
                 );
                 for id in updates
                     .iter()

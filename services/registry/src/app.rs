@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use dsrelay_proto::v1::acknowledgement_service_server::AcknowledgementServiceServer;
 use dsrelay_proto::v1::processor_service_client::ProcessorServiceClient;
 use dsrelay_proto::v1::request_service_server::RequestServiceServer;
+use dsrelay_runtime::clock::Clock;
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
 use dsrelay_runtime::store::Db;
 use tokio::net::TcpListener;
@@ -41,6 +42,8 @@ pub struct Shared {
     pub metrics: crate::metrics::Metrics,
     /// Group commit of submitted requests.
     pub intake: crate::intake::Intake,
+    /// The clock deadlines, leases and events are stamped by; tests move it.
+    pub clock: Clock,
 }
 
 impl Shared {
@@ -93,8 +96,14 @@ impl App {
                 events,
                 processors,
                 identity_hash_key,
+                clock: Clock::system(),
             }),
         })
+    }
+
+    /// The registry's clock; clones share its offset, so tests move time with it.
+    pub fn clock(&self) -> Clock {
+        self.shared.clock.clone()
     }
 
     /// The shared state (for tests and tools).
@@ -131,7 +140,8 @@ impl App {
             Arc::new(move || {
                 let shared = scraped.clone();
                 Box::pin(async move {
-                    crate::metrics::render(&shared, dsrelay_runtime::store::now_ms()).await
+                    let now = shared.clock.now_ms();
+                    crate::metrics::render(&shared, now).await
                 })
             }),
             stop_rx.clone(),

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use dsrelay_proto::v1::{CancelDeliveryRequest, DeliverRequest, SubmitRequest};
 use dsrelay_proto::{prost::Message, timestamp_from_millis};
-use dsrelay_runtime::store::now_ms;
 use dsrelay_runtime::trace_context;
 use dsrelay_runtime::worker::{run_pool, PoolSettings};
 use tokio::sync::watch;
@@ -35,7 +34,7 @@ pub async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
             async move {
                 shared
                     .store
-                    .claim_deliveries(now_ms(), n as i64, cfg.lease_ms as i64)
+                    .claim_deliveries(shared.clock.now_ms(), n as i64, cfg.lease_ms as i64)
                     .await
                     .unwrap_or_else(|e| {
                         tracing::error!(error = format!("{e:#}"), "claiming deliveries failed");
@@ -117,7 +116,7 @@ async fn attempt(shared: &Shared, job: DeliveryJob) {
             tracing::info!(tasks = tasks.len(), "processor accepted");
             if let Err(e) = shared
                 .store
-                .delivery_succeeded(&job, &tasks, now_ms())
+                .delivery_succeeded(&job, &tasks, shared.clock.now_ms())
                 .await
             {
                 // The lease expires and the row is sent again; the processor deduplicates.
@@ -136,7 +135,7 @@ async fn record_failure(shared: &Shared, job: &DeliveryJob, error: &str) {
     shared.metrics.delivery_failures.inc(&[&job.processor]);
     let attempt = u32::try_from(job.attempts + 1).unwrap_or(u32::MAX);
     let delay = shared.config.delivery.backoff.delay(attempt);
-    let now = now_ms();
+    let now = shared.clock.now_ms();
     tracing::warn!(
         error,
         retry_in_ms = delay.as_millis() as u64,

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::v1::{GetStatusRequest, ListSubprocessorsRequest};
-use dsrelay_runtime::store::now_ms;
 use tokio::sync::watch;
 
 use crate::app::Shared;
@@ -30,7 +29,11 @@ pub async fn refresh_chain(shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
             if let Err(e) = &result {
                 tracing::warn!(processor = %name, error = %e, "asking for subprocessors failed");
             }
-            if let Err(e) = shared.store.record_chain(name, result, now_ms()).await {
+            if let Err(e) = shared
+                .store
+                .record_chain(name, result, shared.clock.now_ms())
+                .await
+            {
                 tracing::error!(error = format!("{e:#}"), "recording subprocessors failed");
             }
         }
@@ -49,7 +52,7 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
             _ = tokio::time::sleep(Duration::from_millis(cfg.interval_ms)) => {}
         }
-        let now = now_ms();
+        let now = shared.clock.now_ms();
         let quiet = match shared
             .store
             .quiet_requests(now - cfg.ack_timeout_ms as i64, 100)
@@ -76,7 +79,7 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     let tasks = resp.into_inner().tasks;
                     match shared
                         .store
-                        .reconcile(&request_id, &processor, &tasks, now_ms())
+                        .reconcile(&request_id, &processor, &tasks, shared.clock.now_ms())
                         .await
                     {
                         Ok(changed) => {
