@@ -4,7 +4,7 @@
 //! transaction.
 //!
 //! # Layout
-//! - this module: the [`Store`] handle, the migrations, and [`Tx`], a transaction that knows
+//! - this module: the [`Store`] handle, the migrations, and `Tx`, a transaction that knows
 //!   its [`Backend`] so every dialect decision goes through [`Backend`]'s methods.
 //! - `rows`: row types as read from the tables, and [`Operation`] (what an outbox row asks).
 //! - `intake`: inserting submitted requests with their outbox rows and first event.
