@@ -25,7 +25,9 @@ use crate::auth::Caller;
 use crate::deadline::{due_at, MAX_EXTENSION_MONTHS};
 use crate::error::ApiError;
 use crate::fold::request_is_terminal;
-use crate::store::{CancelOutcome, Inserted, ListFilter, NewRequest, RequestRow, TaskUpdate};
+use crate::store::{
+    AckOutcome, CancelOutcome, Inserted, ListFilter, NewRequest, RequestRow, TaskUpdate,
+};
 use crate::validate::{text_violation, validate_submit, MAX_TEXT};
 
 /// At most this many acknowledgements in one call.
@@ -759,7 +761,10 @@ impl AcknowledgementService for Api {
             .await
             .map_err(ApiError::from)?
         {
-            Ok((applied, duplicates)) => {
+            AckOutcome::Applied {
+                applied,
+                duplicates,
+            } => {
                 // Each acknowledgement joins the trace of the task step that sent it.
                 for (a, u) in acks.iter().zip(&updates) {
                     if a.traceparent.is_empty() {
@@ -806,7 +811,7 @@ impl AcknowledgementService for Api {
                     duplicates,
                 }))
             }
-            Err(request_id) => Err(ApiError::PermissionDenied(format!(
+            AckOutcome::NotRouted { request_id } => Err(ApiError::PermissionDenied(format!(
                 "request {request_id} was not delivered to processor {processor}"
             ))
             .into()),

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::app::Shared;
-use crate::store::{DeliveryJob, OP_DELIVER};
+use crate::store::{DeliveryJob, Operation};
 
 /// Runs until `stop` turns true.
 pub async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
@@ -84,7 +84,7 @@ async fn attempt(shared: &Shared, job: DeliveryJob) {
     };
     let mut client = client.clone();
     let timeout = Duration::from_millis(cfg.call_timeout_ms);
-    let result = if job.op == OP_DELIVER {
+    let result = if job.op == Operation::Deliver {
         let body = job
             .body
             .as_deref()

@@ -9,6 +9,7 @@ use dsrelay_proto::v1::{GetStatusRequest, ListSubprocessorsRequest};
 use tokio::sync::watch;
 
 use crate::app::Shared;
+use crate::store::ChainReport;
 
 /// Asks every processor for its subprocessor list and stores the answers, so the controller
 /// sees its whole chain. Runs at start and every `chain_interval_ms` until `stop`.
@@ -20,18 +21,17 @@ pub async fn refresh_chain(shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
             req.set_timeout(Duration::from_millis(
                 shared.config.delivery.call_timeout_ms,
             ));
-            let result = client
-                .clone()
-                .list_subprocessors(req)
-                .await
-                .map(|r| r.into_inner().encode_to_vec())
-                .map_err(|s| format!("{:?}: {}", s.code(), s.message()));
-            if let Err(e) = &result {
-                tracing::warn!(processor = %name, error = %e, "asking for subprocessors failed");
-            }
+            let report = match client.clone().list_subprocessors(req).await {
+                Ok(r) => ChainReport::Listed(r.into_inner().encode_to_vec()),
+                Err(s) => {
+                    let e = format!("{:?}: {}", s.code(), s.message());
+                    tracing::warn!(processor = %name, error = %e, "asking for subprocessors failed");
+                    ChainReport::Unanswered(e)
+                }
+            };
             if let Err(e) = shared
                 .store
-                .record_chain(name, result, shared.clock.now_ms())
+                .record_chain(name, report, shared.clock.now_ms())
                 .await
             {
                 tracing::error!(error = format!("{e:#}"), "recording subprocessors failed");

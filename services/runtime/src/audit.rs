@@ -36,9 +36,10 @@ pub const HASH_DOMAIN: &[u8] = b"dsrelay.audit.v1";
 const MAX_RENUMBERING: u64 = 1024;
 
 /// One audit entry, as stored and as `ListAuditEntries` returns it.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, sqlx::FromRow)]
 pub struct Entry {
     /// Position in the trail: 1 for the first entry, then each one more than the last.
+    #[sqlx(try_from = "i64")]
     pub seq: u64,
     /// When the audited event happened (milliseconds since the Unix epoch).
     pub occurred_at: i64,

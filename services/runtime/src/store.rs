@@ -2,9 +2,10 @@
 //! URL at start-up.
 //!
 //! Queries are written once, with `$1`-style placeholders that both backends accept, and run
-//! through sqlx's `Any` driver. Where the dialects differ (claiming work with `SKIP LOCKED`)
-//! the [`Backend`] says which text to use. Timestamps are stored as milliseconds since the
-//! Unix epoch (`BIGINT`), which both backends compare and index alike.
+//! through sqlx's `Any` driver. Where the dialects differ (row locks, claiming work with
+//! `SKIP LOCKED`, advisory locks) the [`Backend`]'s methods give the text to use, so that every
+//! dialect decision is made in one place. Timestamps are stored as milliseconds since the Unix
+//! epoch (`BIGINT`), which both backends compare and index alike.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -23,6 +24,57 @@ pub enum Backend {
     Postgres,
 }
 
+impl Backend {
+    /// The backend a database url names (`sqlite:...`, `postgres://...`, `postgresql://...`).
+    pub fn of_url(url: &str) -> Result<Self> {
+        if url.starts_with("sqlite:") {
+            Ok(Self::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Self::Postgres)
+        } else {
+            bail!("database url {url:?} must start with sqlite: or postgres://")
+        }
+    }
+
+    /// Appended to a `SELECT` that reads rows the transaction goes on to decide from, so that a
+    /// concurrent transaction deciding from the same rows waits for this one to end. Empty on
+    /// SQLite, whose single writer already serializes transactions.
+    pub fn lock_rows(self) -> &'static str {
+        match self {
+            Self::Sqlite => "",
+            Self::Postgres => " FOR UPDATE",
+        }
+    }
+
+    /// Appended to a claiming `SELECT` so that rows another replica holds are skipped rather
+    /// than waited for, and the rows taken stay locked until commit.
+    pub fn skip_locked(self) -> &'static str {
+        match self {
+            Self::Sqlite => "",
+            Self::Postgres => " FOR UPDATE SKIP LOCKED",
+        }
+    }
+
+    /// [`Backend::skip_locked`] for a `SELECT` over a join, locking only the rows of `table`
+    /// (its name or alias in the query): the joined rows are read, not claimed.
+    pub fn skip_locked_of(self, table: &str) -> String {
+        match self {
+            Self::Sqlite => String::new(),
+            Self::Postgres => format!(" FOR UPDATE OF {table} SKIP LOCKED"),
+        }
+    }
+
+    /// A statement that takes the transaction-scoped advisory lock keyed by `$1` (a `BIGINT`),
+    /// held until the transaction ends and re-entrant within it. `None` on SQLite, where the
+    /// single writer already holds every transaction apart.
+    pub fn transaction_lock(self) -> Option<&'static str> {
+        match self {
+            Self::Sqlite => None,
+            Self::Postgres => Some("SELECT pg_advisory_xact_lock($1)::text AS locked"),
+        }
+    }
+}
+
 /// A connection pool and the backend behind it.
 #[derive(Debug, Clone)]
 pub struct Db {
@@ -37,13 +89,7 @@ impl Db {
     /// and their folders are created when missing.
     pub async fn connect(url: &str) -> Result<Self> {
         sqlx::any::install_default_drivers();
-        let backend = if url.starts_with("sqlite:") {
-            Backend::Sqlite
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Backend::Postgres
-        } else {
-            bail!("database url {url:?} must start with sqlite: or postgres://");
-        };
+        let backend = Backend::of_url(url)?;
         let url = match backend {
             Backend::Sqlite => prepare_sqlite_url(url)?,
             Backend::Postgres => url.to_string(),
@@ -99,12 +145,9 @@ impl Db {
         Ok(())
     }
 
-    /// The clause that makes a claiming `SELECT` skip rows another replica holds.
+    /// This database's [`Backend::skip_locked`].
     pub fn skip_locked(&self) -> &'static str {
-        match self.backend {
-            Backend::Sqlite => "",
-            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
-        }
+        self.backend.skip_locked()
     }
 }
 
@@ -155,6 +198,33 @@ mod tests {
         assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact("sqlite://a.db"), "sqlite://a.db");
+    }
+
+    #[test]
+    fn the_url_names_the_backend() {
+        assert_eq!(Backend::of_url("sqlite::memory:").unwrap(), Backend::Sqlite);
+        assert_eq!(
+            Backend::of_url("postgres://h/db").unwrap(),
+            Backend::Postgres
+        );
+        assert_eq!(
+            Backend::of_url("postgresql://h/db").unwrap(),
+            Backend::Postgres
+        );
+        assert!(Backend::of_url("mysql://h/db").is_err());
+    }
+
+    #[test]
+    fn each_backend_gives_its_lock_clauses() {
+        let sqlite = Backend::Sqlite;
+        assert_eq!(sqlite.lock_rows(), "");
+        assert_eq!(sqlite.skip_locked(), "");
+        assert_eq!(sqlite.skip_locked_of("d"), "");
+        assert_eq!(sqlite.transaction_lock(), None);
+        let postgres = Backend::Postgres;
+        assert_eq!(postgres.lock_rows(), " FOR UPDATE");
+        assert_eq!(postgres.skip_locked_of("d"), " FOR UPDATE OF d SKIP LOCKED");
+        assert!(postgres.transaction_lock().is_some());
     }
 
     #[test]

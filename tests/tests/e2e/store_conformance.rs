@@ -7,8 +7,8 @@ use dsrelay_processor::store::{
 };
 use dsrelay_proto::v1::{DeliverRequest, RequestKind, RequestState, TaskState, TaskStatus};
 use dsrelay_registry::store::{
-    CancelOutcome, Inserted, ListFilter, NewRequest, Store as RegistryStore, TaskUpdate,
-    POSTGRES_MIGRATIONS as REG_PG, SQLITE_MIGRATIONS as REG_SQLITE,
+    AckOutcome, CancelOutcome, Inserted, ListFilter, NewRequest, Store as RegistryStore,
+    TaskUpdate, POSTGRES_MIGRATIONS as REG_PG, SQLITE_MIGRATIONS as REG_SQLITE,
 };
 use dsrelay_runtime::store::Db;
 
@@ -228,7 +228,12 @@ async fn registry_acknowledgements_fold(backend: Backend) {
         .apply_acks("p9", &[ack("r1", "s1", 2, TaskState::InProgress)], 2_000)
         .await
         .unwrap();
-    assert_eq!(refused, Err("r1".to_string()));
+    assert_eq!(
+        refused,
+        AckOutcome::NotRouted {
+            request_id: "r1".to_string()
+        }
+    );
     // Acknowledgements may arrive before the delivery's answer is recorded, out of order.
     let r = store
         .apply_acks(
@@ -241,12 +246,24 @@ async fn registry_acknowledgements_fold(backend: Backend) {
         )
         .await
         .unwrap();
-    assert_eq!(r, Ok((2, 0)));
+    assert_eq!(
+        r,
+        AckOutcome::Applied {
+            applied: 2,
+            duplicates: 0
+        }
+    );
     let dup = store
         .apply_acks("p1", &[ack("r1", "s1", 3, TaskState::Completed)], 2_100)
         .await
         .unwrap();
-    assert_eq!(dup, Ok((0, 1)));
+    assert_eq!(
+        dup,
+        AckOutcome::Applied {
+            applied: 0,
+            duplicates: 1
+        }
+    );
     let tasks = store.tasks("r1").await.unwrap();
     assert_eq!(tasks.len(), 1);
     assert_eq!(

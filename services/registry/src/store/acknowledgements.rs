@@ -1,0 +1,362 @@
+//! Task state changes from processors: acknowledgement batches, task lists a processor
+//! reported on delivery or reconciliation, and refolding a request's state from its
+//! deliveries and tasks through [`crate::fold`].
+
+use std::collections::BTreeSet;
+
+use anyhow::Result;
+use dsrelay_proto::v1::{Acknowledgement, EventType, RequestState, TaskState, TaskStatus};
+
+use super::events::{insert_event, EventDetail};
+use super::rows::task_state;
+use super::{Operation, Store, Tx};
+use crate::fold::{fold, request_is_terminal};
+
+/// A task state change, from an acknowledgement or a status report.
+#[derive(Debug, Clone, Default)]
+pub struct TaskUpdate {
+    /// Request id.
+    pub request_id: String,
+    /// Subprocessor.
+    pub subprocessor: String,
+    /// Sequence number.
+    pub sequence: i64,
+    /// New state (proto enum value, stored as the processor sent it).
+    pub state: i32,
+    /// Records affected.
+    pub records_affected: i64,
+    /// Whether the holder confirmed.
+    pub confirmed: bool,
+    /// Evidence note.
+    pub note: String,
+    /// Reason for REFUSED / FAILED.
+    pub reason: String,
+    /// Legal basis for RETAINED.
+    pub legal_basis: String,
+    /// Retain-until for RETAINED (ms).
+    pub retain_until: Option<i64>,
+    /// Connector attempt.
+    pub attempt: i64,
+    /// W3C traceparent of the processor's task step, when it traces.
+    pub traceparent: String,
+}
+
+impl TaskUpdate {
+    fn describe(&self) -> String {
+        let state = TaskState::try_from(self.state)
+            .map(|s| {
+                s.as_str_name()
+                    .trim_start_matches("TASK_STATE_")
+                    .to_string()
+            })
+            .unwrap_or_else(|_| self.state.to_string());
+        let mut s = format!("{} #{}: {state}", self.subprocessor, self.sequence);
+        if self.records_affected > 0 {
+            s.push_str(&format!(", {} record(s)", self.records_affected));
+        }
+        if !self.reason.is_empty() {
+            s.push_str(&format!(", {}", self.reason));
+        }
+        if !self.legal_basis.is_empty() {
+            s.push_str(&format!(", retained under {}", self.legal_basis));
+        }
+        s
+    }
+}
+
+impl From<&Acknowledgement> for TaskUpdate {
+    fn from(a: &Acknowledgement) -> Self {
+        let ev = a.evidence.clone().unwrap_or_default();
+        Self {
+            request_id: a.request_id.clone(),
+            subprocessor: a.subprocessor.clone(),
+            sequence: a.sequence.min(i64::MAX as u64) as i64,
+            state: a.state,
+            records_affected: ev.records_affected,
+            confirmed: ev.confirmed,
+            note: ev.note,
+            reason: a.reason.clone(),
+            legal_basis: a.legal_basis.clone(),
+            retain_until: a
+                .retain_until
+                .as_ref()
+                .map(dsrelay_proto::millis_from_timestamp),
+            attempt: i64::from(a.attempt),
+            traceparent: a.traceparent.clone(),
+        }
+    }
+}
+
+impl From<&TaskStatus> for TaskUpdate {
+    fn from(t: &TaskStatus) -> Self {
+        let ev = t.evidence.clone().unwrap_or_default();
+        Self {
+            request_id: String::new(),
+            subprocessor: t.subprocessor.clone(),
+            sequence: t.sequence.min(i64::MAX as u64) as i64,
+            state: t.state,
+            records_affected: ev.records_affected,
+            confirmed: ev.confirmed,
+            note: ev.note,
+            reason: t.reason.clone(),
+            legal_basis: t.legal_basis.clone(),
+            retain_until: t
+                .retain_until
+                .as_ref()
+                .map(dsrelay_proto::millis_from_timestamp),
+            attempt: 0,
+            traceparent: String::new(),
+        }
+    }
+}
+
+/// What [`Store::apply_acks`] did with a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AckOutcome {
+    /// Every acknowledgement was recorded, or recognized as seen before.
+    Applied {
+        /// Acknowledgements recorded now.
+        applied: u32,
+        /// Acknowledgements already recorded.
+        duplicates: u32,
+    },
+    /// An acknowledgement concerns a request that was never routed to this processor;
+    /// nothing of the batch was applied.
+    NotRouted {
+        /// The first such request.
+        request_id: String,
+    },
+}
+
+impl Store {
+    /// Applies acknowledgements from `processor` in one transaction, refusing the whole batch
+    /// if one concerns a request that was never routed to this processor.
+    pub async fn apply_acks(
+        &self,
+        processor: &str,
+        acks: &[TaskUpdate],
+        now: i64,
+    ) -> Result<AckOutcome> {
+        let mut tx = self.begin_audited().await?;
+        let mut applied = 0;
+        let mut duplicates = 0;
+        let mut touched = BTreeSet::new();
+        // Acknowledgements come in batches, several per request: check each request's routing
+        // once.
+        let mut routed_ok = BTreeSet::new();
+        for ack in acks {
+            if routed_ok.contains(&ack.request_id) {
+                // Routed: checked for an earlier acknowledgement of this batch.
+            } else if sqlx::query(
+                "SELECT 1 AS one FROM deliveries WHERE request_id = $1 AND processor = $2 \
+                 AND op = $3",
+            )
+            .bind(&ack.request_id)
+            .bind(processor)
+            .bind(Operation::Deliver.as_str())
+            .fetch_optional(tx.conn())
+            .await?
+            .is_some()
+            {
+                routed_ok.insert(ack.request_id.clone());
+            } else {
+                tx.rollback().await?;
+                return Ok(AckOutcome::NotRouted {
+                    request_id: ack.request_id.clone(),
+                });
+            }
+            let new = sqlx::query(
+                "INSERT INTO acknowledgements (request_id, processor, subprocessor, sequence, \
+                 state, received_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            )
+            .bind(&ack.request_id)
+            .bind(processor)
+            .bind(&ack.subprocessor)
+            .bind(ack.sequence)
+            .bind(i64::from(ack.state))
+            .bind(now)
+            .execute(tx.conn())
+            .await?
+            .rows_affected();
+            if new == 0 {
+                duplicates += 1;
+                continue;
+            }
+            applied += 1;
+            if upsert_task(&mut tx, &ack.request_id, processor, ack, now).await? {
+                let state = tx.current_state(&ack.request_id).await?;
+                insert_event(
+                    &mut tx,
+                    &ack.request_id,
+                    EventType::TaskUpdated,
+                    now,
+                    state,
+                    EventDetail {
+                        actor: String::new(),
+                        processor: processor.to_string(),
+                        subprocessor: ack.subprocessor.clone(),
+                        task_state: ack.state,
+                        sequence: ack.sequence,
+                        attempt: ack.attempt,
+                        message: ack.describe(),
+                    },
+                )
+                .await?;
+            }
+            touched.insert(ack.request_id.clone());
+        }
+        for id in &touched {
+            refold(&mut tx, id, now).await?;
+            mark_checked(&mut tx, id, now).await?;
+        }
+        tx.commit().await?;
+        Ok(AckOutcome::Applied {
+            applied,
+            duplicates,
+        })
+    }
+
+    /// Folds a processor's reported task list (from reconciliation) like acknowledgements
+    /// whose sequence numbers are newer than ours.
+    pub async fn reconcile(
+        &self,
+        request_id: &str,
+        processor: &str,
+        tasks: &[TaskStatus],
+        now: i64,
+    ) -> Result<usize> {
+        let mut tx = self.begin_audited().await?;
+        let mut changed = 0;
+        for t in tasks {
+            let mut update = TaskUpdate::from(t);
+            update.request_id = request_id.to_string();
+            if upsert_task(&mut tx, request_id, processor, &update, now).await? {
+                changed += 1;
+                let state = tx.current_state(request_id).await?;
+                insert_event(
+                    &mut tx,
+                    request_id,
+                    EventType::TaskUpdated,
+                    now,
+                    state,
+                    EventDetail {
+                        actor: String::new(),
+                        processor: processor.to_string(),
+                        subprocessor: update.subprocessor.clone(),
+                        task_state: update.state,
+                        sequence: update.sequence,
+                        attempt: 0,
+                        message: format!("{} (reconciled)", update.describe()),
+                    },
+                )
+                .await?;
+            }
+        }
+        refold(&mut tx, request_id, now).await?;
+        mark_checked(&mut tx, request_id, now).await?;
+        tx.commit().await?;
+        Ok(changed)
+    }
+}
+
+/// Notes that the request was heard of now, so the reconciler leaves it alone for a while.
+async fn mark_checked(tx: &mut Tx, id: &str, now: i64) -> Result<()> {
+    sqlx::query("UPDATE requests SET checked_at = $1 WHERE id = $2")
+        .bind(now)
+        .bind(id)
+        .execute(tx.conn())
+        .await?;
+    Ok(())
+}
+
+/// Inserts the task or moves it forward; returns whether anything changed. A report older
+/// than what we have never moves a task back.
+pub(super) async fn upsert_task(
+    tx: &mut Tx,
+    request_id: &str,
+    processor: &str,
+    t: &TaskUpdate,
+    now: i64,
+) -> Result<bool> {
+    let n = sqlx::query(
+        "INSERT INTO tasks (request_id, processor, subprocessor, state, sequence, \
+         records_affected, confirmed, note, reason, legal_basis, retain_until, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+         ON CONFLICT (request_id, processor, subprocessor) DO UPDATE SET \
+         state = excluded.state, sequence = excluded.sequence, \
+         records_affected = excluded.records_affected, confirmed = excluded.confirmed, \
+         note = excluded.note, reason = excluded.reason, legal_basis = excluded.legal_basis, \
+         retain_until = excluded.retain_until, updated_at = excluded.updated_at \
+         WHERE tasks.sequence < excluded.sequence",
+    )
+    .bind(request_id)
+    .bind(processor)
+    .bind(&t.subprocessor)
+    .bind(i64::from(t.state))
+    .bind(t.sequence)
+    .bind(t.records_affected)
+    .bind(i64::from(t.confirmed))
+    .bind(&t.note)
+    .bind(&t.reason)
+    .bind(&t.legal_basis)
+    .bind(t.retain_until)
+    .bind(now)
+    .execute(tx.conn())
+    .await?
+    .rows_affected();
+    Ok(n > 0)
+}
+
+/// Recomputes a request's state from its deliveries and tasks; records a change.
+pub(super) async fn refold(tx: &mut Tx, id: &str, now: i64) -> Result<()> {
+    // Two processors' acknowledgements for one request may be applied by concurrent
+    // transactions; each must fold with the other's tasks in view, so the request row is
+    // locked before they are read.
+    let Some(old) = tx.request_state(id, true).await? else {
+        return Ok(());
+    };
+    let delivered: Vec<Option<i64>> =
+        sqlx::query_scalar("SELECT done_at FROM deliveries WHERE request_id = $1 AND op = $2")
+            .bind(id)
+            .bind(Operation::Deliver.as_str())
+            .fetch_all(tx.conn())
+            .await?;
+    let delivered: Vec<bool> = delivered.iter().map(Option::is_some).collect();
+    let tasks: Vec<i32> = sqlx::query_scalar("SELECT state FROM tasks WHERE request_id = $1")
+        .bind(id)
+        .fetch_all(tx.conn())
+        .await?;
+    let tasks: Vec<TaskState> = tasks.into_iter().map(task_state).collect();
+    let new = fold(old == RequestState::Cancelled, &delivered, &tasks);
+    if new == old {
+        return Ok(());
+    }
+    let finished = request_is_terminal(new).then_some(now);
+    sqlx::query(
+        "UPDATE requests SET state = $1, updated_at = $2, finished_at = COALESCE($3, finished_at) \
+         WHERE id = $4",
+    )
+    .bind(new as i64)
+    .bind(now)
+    .bind(finished)
+    .bind(id)
+    .execute(tx.conn())
+    .await?;
+    insert_event(
+        tx,
+        id,
+        EventType::StateChanged,
+        now,
+        new,
+        EventDetail {
+            message: format!(
+                "{} -> {}",
+                old.as_str_name().trim_start_matches("REQUEST_STATE_"),
+                new.as_str_name().trim_start_matches("REQUEST_STATE_")
+            ),
+            ..Default::default()
+        },
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,62 @@
+//! Each processor's last reported subprocessor list, or why asking for it failed.
+
+use anyhow::Result;
+
+use super::{ChainRow, Store};
+
+/// What asking a processor for its subprocessors (ListSubprocessors) gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChainReport {
+    /// It answered with this encoded SubprocessorList.
+    Listed(Vec<u8>),
+    /// Asking failed, for this reason; the last list it gave is kept.
+    Unanswered(String),
+}
+
+impl Store {
+    /// Records a processor's answer to ListSubprocessors (or why asking failed, keeping the
+    /// last good answer).
+    pub async fn record_chain(&self, processor: &str, report: ChainReport, now: i64) -> Result<()> {
+        match report {
+            ChainReport::Listed(list) => {
+                sqlx::query(
+                    "INSERT INTO processor_chain (processor, subprocessors, reported_at, \
+                     last_error, checked_at) VALUES ($1, $2, $3, NULL, $3) \
+                     ON CONFLICT (processor) DO UPDATE SET subprocessors = excluded.subprocessors, \
+                     reported_at = excluded.reported_at, last_error = NULL, \
+                     checked_at = excluded.checked_at",
+                )
+                .bind(processor)
+                .bind(list)
+                .bind(now)
+                .execute(&self.db.pool)
+                .await?;
+            }
+            ChainReport::Unanswered(error) => {
+                sqlx::query(
+                    "INSERT INTO processor_chain (processor, last_error, checked_at) \
+                     VALUES ($1, $2, $3) ON CONFLICT (processor) DO UPDATE SET \
+                     last_error = excluded.last_error, checked_at = excluded.checked_at",
+                )
+                .bind(processor)
+                .bind(error)
+                .bind(now)
+                .execute(&self.db.pool)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The last reported chain entry of a processor.
+    pub async fn chain(&self, processor: &str) -> Result<ChainRow> {
+        let row: Option<ChainRow> = sqlx::query_as(
+            "SELECT subprocessors, reported_at, last_error FROM processor_chain \
+             WHERE processor = $1",
+        )
+        .bind(processor)
+        .fetch_optional(&self.db.pool)
+        .await?;
+        Ok(row.unwrap_or_default())
+    }
+}

@@ -1,0 +1,131 @@
+//! Events and the audit trail: every event a request records is also appended to the
+//! hash-chained audit trail, in the same transaction.
+
+use anyhow::{Context, Result};
+use dsrelay_proto::v1::{EventType, RequestState};
+use dsrelay_runtime::audit;
+use dsrelay_runtime::trace_context;
+
+use super::Tx;
+
+/// What an event says besides its type, time and the request's state.
+#[derive(Debug, Default)]
+pub(super) struct EventDetail {
+    /// Who acted, for the audit trail, when not `processor` (the submitting partner).
+    pub(super) actor: String,
+    pub(super) processor: String,
+    pub(super) subprocessor: String,
+    /// The task state reported (proto enum value, passed on as the processor sent it).
+    pub(super) task_state: i32,
+    pub(super) sequence: i64,
+    pub(super) attempt: i64,
+    pub(super) message: String,
+}
+
+/// Records an event of a request, and its audit entry.
+pub(super) async fn insert_event(
+    tx: &mut Tx,
+    request_id: &str,
+    event_type: EventType,
+    at: i64,
+    request_state: RequestState,
+    d: EventDetail,
+) -> Result<()> {
+    let actor = if d.actor.is_empty() {
+        d.processor.clone()
+    } else {
+        d.actor
+    };
+    append_audit(tx, request_id, event_type, at, actor, d.message.clone()).await?;
+    // The span the event happened in; without a tracer, the request's own trace id.
+    let traced = trace_context::traceparent_of(&tracing::Span::current());
+    let mut parts = traced.as_deref().unwrap_or("").split('-').skip(1);
+    let (trace_id, span_id) = (
+        parts.next().map(str::to_string),
+        parts.next().map(str::to_string),
+    );
+    sqlx::query(
+        "INSERT INTO events (request_id, type, occurred_at, request_state, processor, \
+         subprocessor, task_state, sequence, attempt, message, trace_id, span_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
+         COALESCE($11, (SELECT trace_id FROM requests WHERE id = $1)), $12)",
+    )
+    .bind(request_id)
+    .bind(event_type as i64)
+    .bind(at)
+    .bind(request_state as i64)
+    .bind(d.processor)
+    .bind(d.subprocessor)
+    .bind(i64::from(d.task_state))
+    .bind(d.sequence)
+    .bind(d.attempt)
+    .bind(d.message)
+    .bind(trace_id)
+    .bind(span_id)
+    .execute(tx.conn())
+    .await?;
+    Ok(())
+}
+
+/// Key of the advisory lock that serializes audit appenders ("dsrelay" + 1).
+const AUDIT_LOCK_KEY: i64 = 0x6473_7265_6c61_7901;
+
+/// Takes the audit trail's append lock until the transaction ends (again if already held: it
+/// is re-entrant). Every transaction that records events takes it first, before any row lock,
+/// so that they all lock in the same order and never deadlock; as a result they commit one at
+/// a time. Where the backend needs no lock (one writer), nothing is done.
+pub(super) async fn lock_audit(tx: &mut Tx) -> Result<()> {
+    if let Some(lock) = tx.backend.transaction_lock() {
+        sqlx::query(lock)
+            .bind(AUDIT_LOCK_KEY)
+            .fetch_one(tx.conn())
+            .await?;
+    }
+    Ok(())
+}
+
+/// Appends one entry to the audit trail: the last entry's seq + 1, chained to its hash.
+async fn append_audit(
+    tx: &mut Tx,
+    request_id: &str,
+    event_type: EventType,
+    at: i64,
+    actor: String,
+    detail: String,
+) -> Result<()> {
+    lock_audit(tx).await?;
+    let last: Option<(i64, String)> =
+        sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(tx.conn())
+            .await?;
+    let (seq, prev_hash) = match last {
+        Some((seq, hash)) => (seq + 1, hash),
+        None => (1, audit::GENESIS_HASH.to_string()),
+    };
+    let mut entry = audit::Entry {
+        seq: u64::try_from(seq).context("audit seq")?,
+        occurred_at: at,
+        request_id: request_id.to_string(),
+        event_type: event_type as i32,
+        actor,
+        detail,
+        prev_hash,
+        hash: String::new(),
+    };
+    entry.hash = entry.compute_hash();
+    sqlx::query(
+        "INSERT INTO audit_log (seq, occurred_at, request_id, event_type, actor, detail, \
+         prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(seq)
+    .bind(entry.occurred_at)
+    .bind(entry.request_id)
+    .bind(i64::from(entry.event_type))
+    .bind(entry.actor)
+    .bind(entry.detail)
+    .bind(entry.prev_hash)
+    .bind(entry.hash)
+    .execute(tx.conn())
+    .await?;
+    Ok(())
+}

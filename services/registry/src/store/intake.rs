@@ -1,0 +1,175 @@
+//! Storing submitted requests: each with its outbox rows and first event in one transaction,
+//! or the request an idempotency key already names. Several requests may share a transaction
+//! (and its commit) when concurrent Submits are stored together.
+
+use anyhow::Result;
+use dsrelay_proto::v1::{EventType, RequestState};
+
+use super::events::{insert_event, EventDetail};
+use super::{Operation, Store, Tx};
+
+/// What a Submit's insert found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inserted {
+    /// Stored as new.
+    New,
+    /// The same key and body were submitted before, as this request.
+    Existing(String),
+    /// The same key was used before with another body, for this request.
+    Conflict(String),
+}
+
+/// A new request to store.
+#[derive(Debug, Clone)]
+pub struct NewRequest {
+    /// Request id.
+    pub id: String,
+    /// Partner name.
+    pub partner: String,
+    /// Idempotency key.
+    pub idempotency_key: String,
+    /// SHA-256 of the encoded body.
+    pub body_hash: String,
+    /// Encoded SubmitRequest.
+    pub body: Vec<u8>,
+    /// JSON array of keyed identity hashes.
+    pub identity_hashes: String,
+    /// Kind (proto enum value).
+    pub kind: i32,
+    /// Received (ms).
+    pub received_at: i64,
+    /// Due (ms).
+    pub due_at: i64,
+    /// W3C trace id.
+    pub trace_id: String,
+    /// W3C traceparent of the intake span, when tracing.
+    pub traceparent: Option<String>,
+    /// Processors to deliver to.
+    pub processors: Vec<String>,
+}
+
+impl Store {
+    /// Stores a new request with its outbox rows, or finds the one its idempotency key names.
+    pub async fn insert_request(&self, r: &NewRequest) -> Result<Inserted> {
+        for _ in 0..2 {
+            let mut tx = self.begin_audited().await?;
+            match insert_one(&mut tx, r).await? {
+                Some(outcome) => {
+                    tx.commit().await?;
+                    return Ok(outcome);
+                }
+                // A concurrent Submit with the same key won the race: look again.
+                None => continue,
+            }
+        }
+        anyhow::bail!("idempotency key race did not settle")
+    }
+
+    /// Stores several requests in ONE transaction, so concurrent Submits share a commit (and
+    /// its fsync). Answers in order. If the shared transaction cannot be used (a race on an
+    /// idempotency key with another replica), each request is stored on its own instead.
+    pub async fn insert_requests(&self, rs: &[NewRequest]) -> Result<Vec<Inserted>> {
+        if rs.len() == 1 {
+            return Ok(vec![self.insert_request(&rs[0]).await?]);
+        }
+        let mut tx = self.begin_audited().await?;
+        let mut out = Vec::with_capacity(rs.len());
+        for r in rs {
+            match insert_one(&mut tx, r).await {
+                Ok(Some(outcome)) => out.push(outcome),
+                Ok(None) | Err(_) => {
+                    drop(tx);
+                    let mut one_by_one = Vec::with_capacity(rs.len());
+                    for r in rs {
+                        one_by_one.push(self.insert_request(r).await?);
+                    }
+                    return Ok(one_by_one);
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+}
+
+/// Stores one request with its outbox rows and first event in `tx`, or finds the request
+/// its idempotency key names. `None` when the insert lost a race on the key (the caller
+/// looks again in a new transaction).
+async fn insert_one(tx: &mut Tx, r: &NewRequest) -> Result<Option<Inserted>> {
+    let existing: Option<(String, String)> = sqlx::query_as(
+        "SELECT id, body_hash FROM requests WHERE partner = $1 AND idempotency_key = $2",
+    )
+    .bind(&r.partner)
+    .bind(&r.idempotency_key)
+    .fetch_optional(tx.conn())
+    .await?;
+    if let Some((id, hash)) = existing {
+        return Ok(Some(if hash == r.body_hash {
+            Inserted::Existing(id)
+        } else {
+            Inserted::Conflict(id)
+        }));
+    }
+    let state = if r.processors.is_empty() {
+        RequestState::Completed
+    } else {
+        RequestState::Received
+    };
+    let inserted = sqlx::query(
+        "INSERT INTO requests (id, partner, idempotency_key, body_hash, body, \
+         identity_hashes, kind, state, received_at, due_at, trace_id, updated_at, \
+         checked_at, finished_at, traceparent) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $9, $9, $12, $13)",
+    )
+    .bind(&r.id)
+    .bind(&r.partner)
+    .bind(&r.idempotency_key)
+    .bind(&r.body_hash)
+    .bind(r.body.clone())
+    .bind(&r.identity_hashes)
+    .bind(i64::from(r.kind))
+    .bind(state as i64)
+    .bind(r.received_at)
+    .bind(r.due_at)
+    .bind(&r.trace_id)
+    .bind(r.processors.is_empty().then_some(r.received_at))
+    .bind(r.traceparent.clone())
+    .execute(tx.conn())
+    .await;
+    match inserted {
+        Ok(_) => {}
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    for p in &r.processors {
+        sqlx::query(
+            "INSERT INTO deliveries (request_id, processor, op, next_attempt_at) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&r.id)
+        .bind(p)
+        .bind(Operation::Deliver.as_str())
+        .bind(r.received_at)
+        .execute(tx.conn())
+        .await?;
+    }
+    let message = if r.processors.is_empty() {
+        "accepted; no processor holds data in its scope".to_string()
+    } else {
+        format!("accepted; routed to {}", r.processors.join(", "))
+    };
+    insert_event(
+        tx,
+        &r.id,
+        EventType::Submitted,
+        r.received_at,
+        state,
+        EventDetail {
+            actor: r.partner.clone(),
+            message,
+            ..Default::default()
+        },
+    )
+    .await?;
+    Ok(Some(Inserted::New))
+}

@@ -1,0 +1,129 @@
+//! The registry's durable state: requests, the delivery outbox, tasks, acknowledgements,
+//! events and the audit trail (one hash-chained entry per event, see
+//! [`dsrelay_runtime::audit`]). Every change that must be seen together is written in one
+//! transaction.
+//!
+//! # Layout
+//! - this module: the [`Store`] handle, the migrations, and `Tx`, a transaction that knows
+//!   its [`Backend`] so every dialect decision goes through [`Backend`]'s methods.
+//! - `rows`: row types as read from the tables, and [`Operation`] (what an outbox row asks).
+//! - `intake`: inserting submitted requests with their outbox rows and first event.
+//! - `outbox`: claiming deliveries, recording their success or failure, and finding quiet
+//!   requests for reconciliation.
+//! - `acknowledgements`: applying acknowledgement batches and reconciled task lists, and
+//!   refolding a request's state through [`crate::fold`].
+//! - `requests`: cancelling a request and extending its due date.
+//! - `chain`: each processor's last reported subprocessor list.
+//! - `events`: events and the audit-trail append.
+//! - `queries`: reads for the API (a request, lists, tasks, deliveries, events, audit entries).
+
+use anyhow::Result;
+use dsrelay_proto::v1::RequestState;
+use dsrelay_runtime::store::{Backend, Db};
+use sqlx::{Any, AnyConnection, Transaction};
+
+mod acknowledgements;
+mod chain;
+mod events;
+mod intake;
+mod outbox;
+mod queries;
+mod requests;
+mod rows;
+
+pub use acknowledgements::{AckOutcome, TaskUpdate};
+pub use chain::ChainReport;
+pub use intake::{Inserted, NewRequest};
+pub use queries::ListFilter;
+pub use requests::CancelOutcome;
+pub use rows::{
+    ChainRow, DeliveryJob, DeliveryRow, EventRow, Operation, RequestRow, UnknownOperation,
+};
+
+/// The migrations for each backend, embedded at build time.
+pub static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+/// See [`SQLITE_MIGRATIONS`].
+pub static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// [`Operation::Deliver`] as stored, for SQL written outside the store (metrics).
+pub const OP_DELIVER: &str = Operation::Deliver.as_str();
+/// [`Operation::Cancel`] as stored, for SQL written outside the store (metrics).
+pub const OP_CANCEL: &str = Operation::Cancel.as_str();
+
+/// The registry store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: Db,
+}
+
+impl Store {
+    /// Wraps a migrated database.
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    /// The database handle.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// A transaction that records no events.
+    async fn begin(&self) -> Result<Tx> {
+        Ok(Tx {
+            tx: self.db.pool.begin().await?,
+            backend: self.db.backend,
+        })
+    }
+
+    /// A transaction that records events: it holds the audit trail's append lock from the
+    /// start (see [`events::lock_audit`]).
+    async fn begin_audited(&self) -> Result<Tx> {
+        let mut tx = self.begin().await?;
+        events::lock_audit(&mut tx).await?;
+        Ok(tx)
+    }
+}
+
+/// A transaction and the backend it runs on, so that helpers given only the transaction can
+/// still choose the dialect's text.
+struct Tx {
+    tx: Transaction<'static, Any>,
+    backend: Backend,
+}
+
+impl Tx {
+    /// The connection to run statements on.
+    fn conn(&mut self) -> &mut AnyConnection {
+        &mut self.tx
+    }
+
+    async fn commit(self) -> Result<()> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+
+    async fn rollback(self) -> Result<()> {
+        self.tx.rollback().await?;
+        Ok(())
+    }
+
+    /// A request's state, or `None` if it does not exist. With `lock`, the request row stays
+    /// locked until the transaction ends (PostgreSQL; SQLite has one writer).
+    async fn request_state(&mut self, id: &str, lock: bool) -> Result<Option<RequestState>> {
+        let lock = if lock { self.backend.lock_rows() } else { "" };
+        let state: Option<i32> =
+            sqlx::query_scalar(&format!("SELECT state FROM requests WHERE id = $1{lock}"))
+                .bind(id)
+                .fetch_optional(self.conn())
+                .await?;
+        Ok(state.map(rows::request_state))
+    }
+
+    /// A request's state, `UNSPECIFIED` if it does not exist, for the events that record it.
+    async fn current_state(&mut self, id: &str) -> Result<RequestState> {
+        Ok(self
+            .request_state(id, false)
+            .await?
+            .unwrap_or(RequestState::Unspecified))
+    }
+}

@@ -1,0 +1,164 @@
+//! The delivery outbox: claiming due rows under a lease, recording a processor's acceptance
+//! (with the tasks it reported) or a failed attempt, and finding delivered requests that have
+//! been quiet too long, for the reconciler to ask about.
+
+use anyhow::Result;
+use dsrelay_proto::v1::{EventType, RequestState, TaskStatus};
+
+use super::acknowledgements::{refold, upsert_task, TaskUpdate};
+use super::events::{insert_event, EventDetail};
+use super::{DeliveryJob, Operation, Store};
+
+impl Store {
+    /// Reserves up to `limit` due outbox rows for `lease_ms`, so that concurrent dispatchers
+    /// (in this process or in other replicas) never send the same row at once.
+    pub async fn claim_deliveries(
+        &self,
+        now: i64,
+        limit: i64,
+        lease_ms: i64,
+    ) -> Result<Vec<DeliveryJob>> {
+        let mut tx = self.begin().await?;
+        let lock = tx.backend.skip_locked_of("d");
+        let jobs: Vec<DeliveryJob> = sqlx::query_as(&format!(
+            "SELECT d.request_id, d.processor, d.op, d.attempts, r.body, r.received_at, \
+             r.due_at, r.trace_id, r.cancel_reason, r.traceparent FROM deliveries d \
+             JOIN requests r ON r.id = d.request_id \
+             WHERE d.done_at IS NULL AND d.next_attempt_at <= $1 AND d.lease_until <= $1 \
+             ORDER BY d.next_attempt_at LIMIT $2{lock}"
+        ))
+        .bind(now)
+        .bind(limit)
+        .fetch_all(tx.conn())
+        .await?;
+        for job in &jobs {
+            sqlx::query(
+                "UPDATE deliveries SET lease_until = $1 \
+                 WHERE request_id = $2 AND processor = $3 AND op = $4",
+            )
+            .bind(now + lease_ms)
+            .bind(&job.request_id)
+            .bind(&job.processor)
+            .bind(job.op.as_str())
+            .execute(tx.conn())
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(jobs)
+    }
+
+    /// Records that a processor durably accepted a delivery (or cancellation), with the tasks
+    /// it reported, and refolds the request.
+    pub async fn delivery_succeeded(
+        &self,
+        job: &DeliveryJob,
+        tasks: &[TaskStatus],
+        now: i64,
+    ) -> Result<()> {
+        let mut tx = self.begin_audited().await?;
+        let updated = sqlx::query(
+            "UPDATE deliveries SET done_at = $1, attempts = attempts + 1, lease_until = 0, \
+             last_error = NULL WHERE request_id = $2 AND processor = $3 AND op = $4 \
+             AND done_at IS NULL",
+        )
+        .bind(now)
+        .bind(&job.request_id)
+        .bind(&job.processor)
+        .bind(job.op.as_str())
+        .execute(tx.conn())
+        .await?;
+        for t in tasks {
+            upsert_task(
+                &mut tx,
+                &job.request_id,
+                &job.processor,
+                &TaskUpdate::from(t),
+                now,
+            )
+            .await?;
+        }
+        if updated.rows_affected() > 0 {
+            let state = tx.current_state(&job.request_id).await?;
+            let message = match job.op {
+                Operation::Deliver => {
+                    format!("accepted by {} with {} task(s)", job.processor, tasks.len())
+                }
+                Operation::Cancel => format!("cancellation accepted by {}", job.processor),
+            };
+            insert_event(
+                &mut tx,
+                &job.request_id,
+                EventType::Delivered,
+                now,
+                state,
+                EventDetail {
+                    processor: job.processor.clone(),
+                    attempt: job.attempts + 1,
+                    message,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        }
+        refold(&mut tx, &job.request_id, now).await?;
+        tx.commit().await
+    }
+
+    /// Records a failed attempt and when to try again.
+    pub async fn delivery_failed(
+        &self,
+        job: &DeliveryJob,
+        error: &str,
+        next_attempt_at: i64,
+        now: i64,
+    ) -> Result<()> {
+        let mut tx = self.begin_audited().await?;
+        sqlx::query(
+            "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = $1, \
+             lease_until = 0, last_error = $2 WHERE request_id = $3 AND processor = $4 \
+             AND op = $5 AND done_at IS NULL",
+        )
+        .bind(next_attempt_at)
+        .bind(error)
+        .bind(&job.request_id)
+        .bind(&job.processor)
+        .bind(job.op.as_str())
+        .execute(tx.conn())
+        .await?;
+        let state = tx.current_state(&job.request_id).await?;
+        insert_event(
+            &mut tx,
+            &job.request_id,
+            EventType::DeliveryFailed,
+            now,
+            state,
+            EventDetail {
+                processor: job.processor.clone(),
+                attempt: job.attempts + 1,
+                message: format!("{} to {} failed: {error}", job.op, job.processor),
+                ..Default::default()
+            },
+        )
+        .await?;
+        tx.commit().await
+    }
+
+    /// Open requests with no acknowledgement since `cutoff`, with the processors that accepted
+    /// them: candidates for a status check.
+    pub async fn quiet_requests(&self, cutoff: i64, limit: i64) -> Result<Vec<(String, String)>> {
+        Ok(sqlx::query_as(
+            "SELECT r.id, d.processor FROM requests r JOIN deliveries d \
+             ON d.request_id = r.id AND d.op = $1 AND d.done_at IS NOT NULL \
+             WHERE r.state IN ($2, $3, $4) AND r.checked_at < $5 \
+             ORDER BY r.checked_at LIMIT $6",
+        )
+        .bind(Operation::Deliver.as_str())
+        .bind(RequestState::Dispatched as i64)
+        .bind(RequestState::InProgress as i64)
+        .bind(RequestState::PartiallyCompleted as i64)
+        .bind(cutoff)
+        .bind(limit)
+        .fetch_all(&self.db.pool)
+        .await?)
+    }
+}

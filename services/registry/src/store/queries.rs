@@ -1,0 +1,148 @@
+//! Reads for the API and the operator: one request, filtered lists, a request's deliveries,
+//! tasks and events, and pages of the audit trail.
+
+use anyhow::Result;
+use dsrelay_proto::v1::{RequestState, TaskStatus};
+use dsrelay_runtime::audit;
+
+use super::rows::{TaskRow, REQUEST_COLUMNS, TASK_COLUMNS};
+use super::{DeliveryRow, EventRow, Operation, RequestRow, Store};
+
+/// Filters for listing.
+#[derive(Debug, Default)]
+pub struct ListFilter {
+    /// Only this partner's requests.
+    pub partner: Option<String>,
+    /// Only these states (proto enum values).
+    pub states: Vec<i32>,
+    /// Only this kind (proto enum value).
+    pub kind: Option<i32>,
+    /// Only overdue ones.
+    pub overdue_only: bool,
+    /// Only those older than this (received_at, id) position.
+    pub before: Option<(i64, String)>,
+    /// At most this many.
+    pub limit: i64,
+}
+
+/// A value bound to a placeholder of a query built at run time.
+enum Bind {
+    I64(i64),
+    Text(String),
+}
+
+impl Store {
+    /// One request, if it exists.
+    pub async fn request(&self, id: &str) -> Result<Option<RequestRow>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {REQUEST_COLUMNS} FROM requests WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.db.pool)
+        .await?)
+    }
+
+    /// A request's deliveries (not cancellations), by processor name.
+    pub async fn deliveries(&self, id: &str) -> Result<Vec<DeliveryRow>> {
+        Ok(sqlx::query_as(
+            "SELECT processor, attempts, next_attempt_at, last_error, done_at FROM deliveries \
+             WHERE request_id = $1 AND op = $2 ORDER BY processor",
+        )
+        .bind(id)
+        .bind(Operation::Deliver.as_str())
+        .fetch_all(&self.db.pool)
+        .await?)
+    }
+
+    /// A request's tasks.
+    pub async fn tasks(&self, id: &str) -> Result<Vec<TaskStatus>> {
+        let rows: Vec<TaskRow> = sqlx::query_as(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE request_id = $1 \
+             ORDER BY processor, subprocessor"
+        ))
+        .bind(id)
+        .fetch_all(&self.db.pool)
+        .await?;
+        Ok(rows.into_iter().map(TaskStatus::from).collect())
+    }
+
+    /// Requests matching `f`, newest first.
+    pub async fn list(&self, f: &ListFilter, now: i64) -> Result<Vec<RequestRow>> {
+        // Built by hand rather than with sqlx's QueryBuilder: through the `Any` driver that
+        // writes `?` placeholders, which PostgreSQL does not accept.
+        let mut sql = format!("SELECT {REQUEST_COLUMNS} FROM requests WHERE 1 = 1");
+        let mut binds = Vec::new();
+        let param = |b: Bind, binds: &mut Vec<Bind>| {
+            binds.push(b);
+            format!("${}", binds.len())
+        };
+        if let Some(p) = &f.partner {
+            let n = param(Bind::Text(p.clone()), &mut binds);
+            sql.push_str(&format!(" AND partner = {n}"));
+        }
+        if !f.states.is_empty() {
+            let list: Vec<String> = f
+                .states
+                .iter()
+                .map(|s| param(Bind::I64(i64::from(*s)), &mut binds))
+                .collect();
+            sql.push_str(&format!(" AND state IN ({})", list.join(", ")));
+        }
+        if let Some(k) = f.kind {
+            let n = param(Bind::I64(i64::from(k)), &mut binds);
+            sql.push_str(&format!(" AND kind = {n}"));
+        }
+        if f.overdue_only {
+            let n = param(Bind::I64(now), &mut binds);
+            sql.push_str(&format!(
+                " AND due_at < {n} AND state IN ({}, {}, {}, {})",
+                RequestState::Received as i32,
+                RequestState::Dispatched as i32,
+                RequestState::InProgress as i32,
+                RequestState::Failed as i32
+            ));
+        }
+        if let Some((at, id)) = &f.before {
+            let a = param(Bind::I64(*at), &mut binds);
+            let a2 = param(Bind::I64(*at), &mut binds);
+            let i = param(Bind::Text(id.clone()), &mut binds);
+            sql.push_str(&format!(
+                " AND (received_at < {a} OR (received_at = {a2} AND id < {i}))"
+            ));
+        }
+        let n = param(Bind::I64(f.limit), &mut binds);
+        sql.push_str(&format!(" ORDER BY received_at DESC, id DESC LIMIT {n}"));
+        let mut q = sqlx::query_as(&sql);
+        for b in binds {
+            q = match b {
+                Bind::I64(v) => q.bind(v),
+                Bind::Text(v) => q.bind(v),
+            };
+        }
+        Ok(q.fetch_all(&self.db.pool).await?)
+    }
+
+    /// Every event of a request, oldest first.
+    pub async fn events(&self, id: &str) -> Result<Vec<EventRow>> {
+        Ok(sqlx::query_as(
+            "SELECT id, type, occurred_at, request_state, processor, subprocessor, task_state, \
+             sequence, attempt, message, trace_id, span_id FROM events WHERE request_id = $1 \
+             ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(&self.db.pool)
+        .await?)
+    }
+
+    /// Up to `limit` audit trail entries after `after_seq`, oldest first.
+    pub async fn audit_entries(&self, after_seq: u64, limit: i64) -> Result<Vec<audit::Entry>> {
+        Ok(sqlx::query_as(
+            "SELECT seq, occurred_at, request_id, event_type, actor, detail, prev_hash, hash \
+             FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(i64::try_from(after_seq).unwrap_or(i64::MAX))
+        .bind(limit)
+        .fetch_all(&self.db.pool)
+        .await?)
+    }
+}

@@ -1,0 +1,269 @@
+//! Rows as read from the tables, decoded by `sqlx::FromRow`, and the conversions from stored
+//! values to the enums the store decides with.
+//!
+//! Proto enum fields that the API hands on unchanged (a request's kind and state, an event's
+//! type and states) stay the `i32` the wire carries; the store itself reads them through the
+//! enum accessors.
+
+use std::fmt;
+use std::str::FromStr;
+
+use dsrelay_proto::v1::{RequestState, TaskState, TaskStatus};
+
+use crate::fold::request_can_be_overdue;
+
+/// What an outbox row asks of a processor. Stored as text (`deliver`, `cancel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operation {
+    /// Deliver the request.
+    Deliver,
+    /// Cancel a request delivered (or possibly being delivered) before.
+    Cancel,
+}
+
+impl Operation {
+    /// The stored text.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Deliver => "deliver",
+            Self::Cancel => "cancel",
+        }
+    }
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An outbox row whose operation this registry does not know (written by a newer version).
+#[derive(Debug, thiserror::Error)]
+#[error("unknown outbox operation {0:?}")]
+pub struct UnknownOperation(String);
+
+impl FromStr for Operation {
+    type Err = UnknownOperation;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "deliver" => Ok(Self::Deliver),
+            "cancel" => Ok(Self::Cancel),
+            other => Err(UnknownOperation(other.to_string())),
+        }
+    }
+}
+
+impl TryFrom<String> for Operation {
+    type Error = UnknownOperation;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+/// A stored request state; a value this build does not know reads as `UNSPECIFIED`.
+pub(super) fn request_state(v: i32) -> RequestState {
+    RequestState::try_from(v).unwrap_or(RequestState::Unspecified)
+}
+
+/// A stored task state; a value this build does not know reads as `UNSPECIFIED`.
+pub(super) fn task_state(v: i32) -> TaskState {
+    TaskState::try_from(v).unwrap_or(TaskState::Unspecified)
+}
+
+/// The columns of [`RequestRow`], for `SELECT`s.
+pub(super) const REQUEST_COLUMNS: &str = "id, partner, idempotency_key, body, kind, state, \
+    received_at, due_at, extension_months, extension_reasons, trace_id, cancel_reason, \
+    updated_at";
+
+/// A request as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RequestRow {
+    /// Request id.
+    pub id: String,
+    /// Submitting partner.
+    pub partner: String,
+    /// The partner's idempotency key.
+    pub idempotency_key: String,
+    /// The encoded SubmitRequest; `None` once identities are forgotten.
+    pub body: Option<Vec<u8>>,
+    /// Request kind (proto enum value).
+    pub kind: i32,
+    /// Folded state (proto enum value); [`RequestRow::state`] for the enum.
+    pub state: i32,
+    /// Received (ms).
+    pub received_at: i64,
+    /// Due (ms).
+    pub due_at: i64,
+    /// Months added to the due date so far.
+    pub extension_months: i64,
+    /// Reasons for extensions, JSON array.
+    pub extension_reasons: String,
+    /// W3C trace id.
+    pub trace_id: String,
+    /// Why it was cancelled.
+    pub cancel_reason: Option<String>,
+    /// Last change (ms).
+    pub updated_at: i64,
+}
+
+impl RequestRow {
+    /// The state as an enum.
+    pub fn state(&self) -> RequestState {
+        request_state(self.state)
+    }
+
+    /// Whether the due date has passed while the controller still owes an answer.
+    pub fn overdue(&self, now: i64) -> bool {
+        self.due_at < now && request_can_be_overdue(self.state())
+    }
+}
+
+/// A delivery row as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DeliveryRow {
+    /// Processor name.
+    pub processor: String,
+    /// Attempts so far.
+    pub attempts: i64,
+    /// Next attempt (ms).
+    pub next_attempt_at: i64,
+    /// Last failure.
+    pub last_error: Option<String>,
+    /// When the processor accepted (ms).
+    pub done_at: Option<i64>,
+}
+
+/// A claimed outbox row with what is needed to send it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DeliveryJob {
+    /// Request id.
+    pub request_id: String,
+    /// Processor name.
+    pub processor: String,
+    /// What to ask of the processor.
+    #[sqlx(try_from = "String")]
+    pub op: Operation,
+    /// Attempts made before this one.
+    pub attempts: i64,
+    /// The encoded SubmitRequest.
+    pub body: Option<Vec<u8>>,
+    /// Received (ms).
+    pub received_at: i64,
+    /// Due (ms).
+    pub due_at: i64,
+    /// W3C trace id.
+    pub trace_id: String,
+    /// Why it was cancelled (for cancel jobs).
+    pub cancel_reason: Option<String>,
+    /// W3C traceparent of the request's intake span.
+    pub traceparent: Option<String>,
+}
+
+/// A stored event.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct EventRow {
+    /// Increasing id.
+    pub id: i64,
+    /// Event type (proto enum value).
+    #[sqlx(rename = "type")]
+    pub event_type: i32,
+    /// When (ms).
+    pub occurred_at: i64,
+    /// Request state after the event (proto enum value).
+    pub request_state: i32,
+    /// Processor concerned.
+    pub processor: String,
+    /// Subprocessor concerned.
+    pub subprocessor: String,
+    /// Task state after the event (proto enum value, as the processor reported it).
+    pub task_state: i32,
+    /// Task sequence.
+    pub sequence: i64,
+    /// Delivery attempt.
+    pub attempt: i64,
+    /// Description.
+    pub message: String,
+    /// The trace it happened in.
+    pub trace_id: Option<String>,
+    /// The span it happened in, when traced.
+    pub span_id: Option<String>,
+}
+
+/// A processor's last reported subprocessor list.
+#[derive(Debug, Clone, Default, sqlx::FromRow)]
+pub struct ChainRow {
+    /// The encoded SubprocessorList, if it ever answered.
+    pub subprocessors: Option<Vec<u8>>,
+    /// When it last answered (ms).
+    pub reported_at: Option<i64>,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+/// The columns of [`TaskRow`], for `SELECT`s.
+pub(super) const TASK_COLUMNS: &str = "processor, subprocessor, state, sequence, \
+    records_affected, confirmed, note, reason, legal_basis, retain_until, updated_at";
+
+/// A task as stored; the API sees it as a [`TaskStatus`].
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(super) struct TaskRow {
+    processor: String,
+    subprocessor: String,
+    /// As the processor reported it (proto enum value).
+    state: i32,
+    sequence: i64,
+    records_affected: i64,
+    /// 0 or 1: both backends store it as an integer, which `bool` does not decode from.
+    confirmed: i64,
+    note: String,
+    reason: String,
+    legal_basis: String,
+    retain_until: Option<i64>,
+    updated_at: i64,
+}
+
+impl From<TaskRow> for TaskStatus {
+    fn from(r: TaskRow) -> Self {
+        Self {
+            processor: r.processor,
+            subprocessor: r.subprocessor,
+            state: r.state,
+            sequence: r.sequence.max(0) as u64,
+            evidence: Some(dsrelay_proto::v1::Evidence {
+                records_affected: r.records_affected,
+                note: r.note,
+                confirmed: r.confirmed != 0,
+            }),
+            reason: r.reason,
+            legal_basis: r.legal_basis,
+            retain_until: r.retain_until.map(dsrelay_proto::timestamp_from_millis),
+            updated_at: Some(dsrelay_proto::timestamp_from_millis(r.updated_at)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operations_read_back_as_stored() {
+        for op in [Operation::Deliver, Operation::Cancel] {
+            assert_eq!(op.as_str().parse::<Operation>().unwrap(), op);
+            assert_eq!(op.to_string(), op.as_str());
+        }
+        assert!("redeliver".parse::<Operation>().is_err());
+    }
+
+    #[test]
+    fn unknown_states_read_as_unspecified() {
+        assert_eq!(request_state(999), RequestState::Unspecified);
+        assert_eq!(task_state(999), TaskState::Unspecified);
+        assert_eq!(
+            request_state(RequestState::Completed as i32),
+            RequestState::Completed
+        );
+    }
+}
