@@ -40,7 +40,7 @@ pub struct Shared {
     pub ack_wakeup: Notify,
     /// Subprocessors that failed transiently, and until when (ms) their tasks wait without
     /// calling them: one unreachable holder costs one timeout, not one per task.
-    pub unavailable_until: std::sync::Mutex<HashMap<String, i64>>,
+    pub unavailable_until: crate::breaker::Breaker,
     /// Counters and histograms served on the admin port.
     pub metrics: crate::metrics::Metrics,
 }

@@ -9,18 +9,23 @@
 //! - [`metrics`]: Prometheus metrics on the admin port (`admin_listen`).
 //! - [`operator_api`]: operators list, confirm and refuse manual tasks.
 //! - [`store`]: requests, tasks and the acknowledgement outbox.
-//! - [`runner`]: claims runnable tasks and moves them through their states by running
-//!   their subprocessors' connectors (`dsrelay-connectors`).
+//! - [`task_machine`]: every rule of a task's life, as one pure function.
+//! - [`runner`]: claims runnable tasks and takes each one step by running its
+//!   subprocessor's connector (`dsrelay-connectors`), as the task machine decides.
+//! - [`breaker`]: marks a holder that failed transiently, so its other tasks wait without
+//!   calling it.
 //! - [`ack_sender`]: sends queued acknowledgements to the registries.
 
 pub mod ack_sender;
 pub mod api;
 pub mod app;
+pub mod breaker;
 pub mod config;
 pub mod metrics;
 pub mod operator_api;
 pub mod runner;
 pub mod store;
+pub mod task_machine;
 
 pub use app::App;
 pub use config::Config;

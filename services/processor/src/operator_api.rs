@@ -12,7 +12,8 @@ use dsrelay_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::app::Shared;
-use crate::store::{ManualRow, TaskKey, Transition};
+use crate::store::{ManualRow, TaskKey};
+use crate::task_machine::{decide, Context, Decision, Event};
 
 /// The ProcessorOperatorService implementation.
 #[derive(Clone)]
@@ -47,7 +48,7 @@ impl OperatorApi {
     async fn finish(
         &self,
         task: Option<TaskRef>,
-        transition: Transition,
+        event: Event<'_>,
         by: &str,
     ) -> Result<ManualTask, Status> {
         let key = task_key(task)?;
@@ -62,16 +63,12 @@ impl OperatorApi {
                     key.controller, key.request_id, key.subprocessor
                 ))
             })?;
-        if row.task.state != TaskState::WaitingForOperator {
-            return Err(Status::failed_precondition(format!(
-                "the task is {}, not waiting for an operator",
-                row.task
-                    .state
-                    .as_str_name()
-                    .trim_start_matches("TASK_STATE_")
-            )));
-        }
         let now = self.shared.clock.now_ms();
+        let transition = match decide(&row.task.current(), event, &Context::at(now)) {
+            Decision::Move(t) => t,
+            Decision::Reject(why) => return Err(Status::failed_precondition(why)),
+            other => return Err(internal(anyhow::anyhow!("unexpected decision {other:?}"))),
+        };
         let moved = store
             .transition(&key, row.task.sequence, &transition, now, row.task.attempts)
             .await
@@ -85,7 +82,7 @@ impl OperatorApi {
             request_id = %key.request_id,
             subprocessor = %key.subprocessor,
             operator = by,
-            state = TaskState::try_from(transition.state).unwrap_or_default().as_str_name(),
+            state = transition.state.as_str_name(),
             "manual task confirmed by an operator"
         );
         self.shared.ack_wakeup.notify_one();
@@ -212,19 +209,13 @@ impl ProcessorOperatorService for OperatorApi {
                 "records_affected: must not be negative",
             ));
         }
-        let state = if r.not_found {
-            TaskState::NotFound
-        } else {
-            TaskState::Completed
-        };
-        let t = Transition {
-            state: state as i32,
+        let event = Event::OperatorComplete {
+            not_found: r.not_found,
             records_affected: r.records_affected,
-            confirmed: true,
-            note: format!("{} (confirmed by {by})", r.evidence_note),
-            ..Default::default()
+            note: &r.evidence_note,
+            by: &by,
         };
-        Ok(Response::new(self.finish(r.task, t, &by).await?))
+        Ok(Response::new(self.finish(r.task, event, &by).await?))
     }
 
     async fn refuse_manual_task(
@@ -234,11 +225,10 @@ impl ProcessorOperatorService for OperatorApi {
         let by = self.operator(&req)?;
         let r = req.into_inner();
         check_note("reason", &r.reason)?;
-        let t = Transition {
-            state: TaskState::Refused as i32,
-            reason: format!("{} (refused by {by})", r.reason),
-            ..Default::default()
+        let event = Event::OperatorRefuse {
+            reason: &r.reason,
+            by: &by,
         };
-        Ok(Response::new(self.finish(r.task, t, &by).await?))
+        Ok(Response::new(self.finish(r.task, event, &by).await?))
     }
 }

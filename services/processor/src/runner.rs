@@ -1,24 +1,23 @@
-//! Runs tasks through their connectors: PENDING → IN_PROGRESS → a final state, each step an
-//! acknowledgement. A holder that accepted work without confirming it keeps the task
-//! IN_PROGRESS and is asked again every `confirm_interval_ms`; a RETAINED task sleeps until
-//! its retain-until date and is then run again to erase the rest; a manual task waits for an
-//! operator. Transient connector errors are retried with backoff until the request's due
-//! date; then, or on a permanent error, the task FAILS with the reason.
+//! Runs tasks through their connectors. Each claimed task takes one step: the state machine
+//! ([`crate::task_machine`]) says which step its state calls for, the connector takes it
+//! (its lease renewed while the holder works), the state machine turns the outcome into the
+//! task's next state, and the store records it with its acknowledgement. A holder that
+//! failed transiently is marked unreachable ([`crate::breaker`]) and its other tasks wait
+//! without calling it.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use dsrelay_proto::v1::TaskState;
+use dsrelay_connectors::{Connector, ConnectorError, Outcome, Phase, Task};
+use dsrelay_proto::v1::{DeliverRequest, RequestKind};
 use dsrelay_runtime::trace_context;
 use dsrelay_runtime::worker::{run_pool, PoolSettings};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use dsrelay_connectors::{kind_label, Outcome, Phase, Task};
-use dsrelay_proto::v1::RequestKind;
-
 use crate::app::Shared;
-use crate::store::{TaskJob, Transition, NEVER};
+use crate::store::TaskJob;
+use crate::task_machine::{decide, retry_at, Context, Decision, Event, Holder};
 
 /// Runs until `stop` turns true.
 pub async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
@@ -78,103 +77,109 @@ pub async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
     .await;
 }
 
-fn failed(reason: String) -> Transition {
-    Transition {
-        state: TaskState::Failed as i32,
-        reason,
-        ..Default::default()
+/// One step of a claimed task: claim → phase → connector → next state.
+async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
+    let key = &job.task.key;
+    let current = job.task.current();
+    let mut seq = job.task.sequence;
+    let request = job.request.as_ref();
+    let kind = request.map_or(RequestKind::Unspecified, |r| {
+        RequestKind::try_from(r.kind).unwrap_or(RequestKind::Unspecified)
+    });
+    let connector = shared
+        .connectors
+        .get(&key.subprocessor)
+        .filter(|_| request.is_some());
+    let holder = connector.map(|c| Holder {
+        connector: c.kind_name(),
+        supports: c.supports(kind),
+    });
+    let (start, mut phase) = match decide(
+        &current,
+        Event::Claimed { kind, holder },
+        &context(shared, &job, 0),
+    ) {
+        Decision::Run { start, phase } => (start, phase),
+        other => return record(shared, &job, seq, other).await,
+    };
+    let (Some(connector), Some(request)) = (connector, request) else {
+        return Ok(());
+    };
+    if let Some(start) = start {
+        match record_move(shared, &job, seq, &start).await? {
+            Some(s) => seq = s,
+            None => return Ok(()),
+        }
+    }
+
+    // While a holder is known to be unreachable its tasks wait without calling it.
+    let cfg = &shared.config.tasks;
+    let now = shared.clock.now_ms();
+    if let Some(until) = shared.unavailable_until.admit(
+        &key.subprocessor,
+        now,
+        cfg.lease_ms as i64,
+        cfg.poll_interval_ms as i64,
+    ) {
+        let event = Event::HolderDown { phase, until };
+        match decide(&current, event, &context(shared, &job, 0)) {
+            Decision::Run { phase: p, .. } => phase = p,
+            other => return record(shared, &job, seq, other).await,
+        }
+    }
+
+    let result = call(shared, connector.as_ref(), &job, request, kind, &phase, seq).await;
+    let attempt = u32::try_from(job.task.attempts).unwrap_or(u32::MAX);
+    let backoff = cfg.backoff.delay(attempt).as_millis() as i64;
+    let ctx = context(shared, &job, backoff);
+    match &result {
+        // One timeout per holder, not one per task: the others wait as long as this one.
+        Err(e) if e.is_transient() => shared
+            .unavailable_until
+            .unreachable(&key.subprocessor, retry_at(&ctx, e)),
+        _ => shared.unavailable_until.answered(&key.subprocessor),
+    }
+    let decision = decide(&current, Event::Ran { phase, result }, &ctx);
+    if let Decision::Later {
+        at,
+        error: Some(error),
+    } = &decision
+    {
+        tracing::warn!(
+            %error,
+            attempts = job.task.attempts,
+            retry_in_ms = at - ctx.now,
+            "connector failed; will retry"
+        );
+    }
+    record(shared, &job, seq, decision).await
+}
+
+/// What the state machine needs of the runner's settings and the clock; `backoff_ms` is the
+/// delay drawn for a retry of this attempt.
+fn context(shared: &Shared, job: &TaskJob, backoff_ms: i64) -> Context {
+    let cfg = &shared.config.tasks;
+    Context {
+        now: shared.clock.now_ms(),
+        due_at: job.due_at,
+        lease_ms: cfg.lease_ms as i64,
+        confirm_interval_ms: cfg.confirm_interval_ms as i64,
+        backoff_ms,
     }
 }
 
-async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
+/// Calls the connector for `phase`, renewing the task's lease while the holder works, so a
+/// slow holder is not run twice by another replica (or by this one, on its next claim).
+async fn call(
+    shared: &Shared,
+    connector: &dyn Connector,
+    job: &TaskJob,
+    request: &DeliverRequest,
+    kind: RequestKind,
+    phase: &Phase,
+    seq: i64,
+) -> Result<Outcome, ConnectorError> {
     let key = &job.task.key;
-    let store = &shared.store;
-    let clock = &shared.clock;
-    let attempts = job.task.attempts;
-    let mut seq = job.task.sequence;
-
-    let (Some(request), Some(connector)) = (&job.request, shared.connectors.get(&key.subprocessor))
-    else {
-        let t = failed(format!(
-            "subprocessor {} is no longer configured or the request body is missing",
-            key.subprocessor
-        ));
-        store
-            .transition(key, seq, &t, clock.now_ms(), attempts)
-            .await?;
-        shared.ack_wakeup.notify_one();
-        return Ok(());
-    };
-    let kind = RequestKind::try_from(request.kind).unwrap_or(RequestKind::Unspecified);
-    // A kind the connector cannot do is answered explicitly, never left hanging.
-    if !connector.supports(kind) {
-        let t = Transition {
-            state: TaskState::Refused as i32,
-            reason: format!(
-                "subprocessor {} ({} connector) does not support {}",
-                key.subprocessor,
-                connector.kind_name(),
-                kind_label(kind)
-            ),
-            ..Default::default()
-        };
-        if store
-            .transition(key, seq, &t, clock.now_ms(), attempts)
-            .await?
-            .is_some()
-        {
-            shared.ack_wakeup.notify_one();
-        }
-        return Ok(());
-    }
-    let phase = match (job.task.state, &job.task.handle) {
-        (TaskState::Pending, _) => {
-            // The runner goes on with the task: keep it reserved, or another claim would
-            // run it a second time alongside.
-            let started = Transition {
-                state: TaskState::InProgress as i32,
-                hold_until: Some(clock.now_ms() + shared.config.tasks.lease_ms as i64),
-                ..Default::default()
-            };
-            match store
-                .transition(key, seq, &started, clock.now_ms(), attempts)
-                .await?
-            {
-                Some(s) => seq = s,
-                None => return Ok(()),
-            }
-            shared.ack_wakeup.notify_one();
-            Phase::Start
-        }
-        (TaskState::InProgress, Some(handle)) => Phase::Confirm {
-            handle: handle.clone(),
-        },
-        (TaskState::InProgress, None) => Phase::Start,
-        (TaskState::Retained, _) => Phase::RetentionExpired,
-        _ => return Ok(()),
-    };
-    // While a holder is known to be unreachable its tasks wait without calling it.
-    let now = clock.now_ms();
-    let open_until = shared
-        .unavailable_until
-        .lock()
-        .ok()
-        .and_then(|m| m.get(&key.subprocessor).copied());
-    // A request's due date bounds its retries; retained data past its date is erased
-    // however long the holder takes to come back.
-    let may_retry = |now: i64| now < job.due_at || phase == Phase::RetentionExpired;
-    if let Some(until) = open_until.filter(|u| *u > now) {
-        if may_retry(now) {
-            let note = format!("subprocessor {} is unreachable; waiting", key.subprocessor);
-            let next = if phase == Phase::RetentionExpired {
-                until
-            } else {
-                until.min(job.due_at)
-            };
-            store.retry_later(key, seq, &note, next).await?;
-            return Ok(());
-        }
-    }
     let task = Task {
         task_id: format!("{}/{}/{}", key.controller, key.request_id, key.subprocessor),
         request_id: key.request_id.clone(),
@@ -187,153 +192,82 @@ async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
             .unwrap_or_default(),
         parameters: request.parameters.clone().unwrap_or_default(),
         due_at_ms: job.due_at,
-        now_ms: clock.now_ms(),
+        now_ms: shared.clock.now_ms(),
         phase: phase.clone(),
     };
-    // Renew the lease while the holder works, so a slow holder is not run twice by another
-    // replica (or by this one, on its next claim).
     let lease_ms = shared.config.tasks.lease_ms as i64;
     let renew = async {
         loop {
-            tokio::time::sleep(std::time::Duration::from_millis(
-                (lease_ms / 3).max(1) as u64
-            ))
-            .await;
-            if let Err(e) = store
-                .extend_lease(key, seq, clock.now_ms() + lease_ms)
-                .await
-            {
+            tokio::time::sleep(Duration::from_millis((lease_ms / 3).max(1) as u64)).await;
+            let until = shared.clock.now_ms() + lease_ms;
+            if let Err(e) = shared.store.extend_lease(key, seq, until).await {
                 tracing::warn!(error = format!("{e:#}"), "renewing a task lease failed");
             }
         }
     };
-    let started = std::time::Instant::now();
-    let call = tracing::info_span!(
+    let started = Instant::now();
+    let span = tracing::info_span!(
         "connector",
         subprocessor = %key.subprocessor,
         connector = connector.kind_name(),
         phase = ?phase,
     );
-    let outcome = tokio::select! {
-        o = connector.run(&task).instrument(call) => o,
-        () = renew => Err(dsrelay_connectors::ConnectorError::Transient(
-            "lease renewal stopped".into(),
-        )),
+    let result = tokio::select! {
+        r = connector.run(&task).instrument(span) => r,
+        () = renew => Err(ConnectorError::Transient("lease renewal stopped".into())),
     };
     let m = &shared.metrics;
     m.connector_duration
         .observe(&[&key.subprocessor], started.elapsed().as_secs_f64());
-    if let Err(e) = &outcome {
+    if let Err(e) = &result {
         m.connector_error(&key.subprocessor, e.is_transient());
     }
-    // A retained task's evidence counts every run, not only the last.
-    let earlier = if phase == Phase::RetentionExpired {
-        job.task.records_affected
-    } else {
-        0
-    };
-    let now = clock.now_ms();
-    if outcome.is_ok() {
-        // It answered: it is reachable again.
-        if let Ok(mut m) = shared.unavailable_until.lock() {
-            m.remove(&key.subprocessor);
+    result
+}
+
+/// Stores what the state machine decided.
+async fn record(
+    shared: &Shared,
+    job: &TaskJob,
+    seq: i64,
+    decision: Decision,
+) -> anyhow::Result<()> {
+    match decision {
+        Decision::Move(t) => {
+            record_move(shared, job, seq, &t).await?;
         }
-    }
-    let t = match outcome {
-        Ok(Outcome::Completed {
-            records_affected,
-            note,
-            export,
-        }) => Transition {
-            state: TaskState::Completed as i32,
-            records_affected: earlier + records_affected,
-            confirmed: true,
-            note,
-            export_json: export.map(|e| e.to_string()),
-            ..Default::default()
-        },
-        Ok(Outcome::NotFound { note }) => Transition {
-            state: TaskState::NotFound as i32,
-            confirmed: true,
-            note,
-            ..Default::default()
-        },
-        Ok(Outcome::Retained {
-            legal_basis,
-            until_ms,
-            records_affected,
-            note,
-        }) => Transition {
-            state: TaskState::Retained as i32,
-            records_affected: earlier + records_affected,
-            confirmed: true,
-            note,
-            legal_basis,
-            retain_until: Some(until_ms),
-            // Wake up when the obligation ends and erase the rest without being asked.
-            next_attempt_at: Some(until_ms),
-            ..Default::default()
-        },
-        Ok(Outcome::Accepted { handle, note }) => {
-            let next = now + shared.config.tasks.confirm_interval_ms as i64;
-            if matches!(&phase, Phase::Confirm { handle: h } if *h == handle) {
-                // Still not confirmed: nothing changed, so nothing to acknowledge.
-                store.reschedule(key, seq, next).await?;
-                return Ok(());
-            }
-            Transition {
-                state: TaskState::InProgress as i32,
-                confirmed: false,
-                note: format!("accepted by the holder, awaiting its confirmation: {note}"),
-                next_attempt_at: Some(next),
-                handle: Some(handle),
-                ..Default::default()
-            }
-        }
-        Ok(Outcome::WaitingForOperator { note }) => Transition {
-            state: TaskState::WaitingForOperator as i32,
-            note,
-            next_attempt_at: Some(NEVER),
-            ..Default::default()
-        },
-        Ok(Outcome::Refused { reason }) => Transition {
-            state: TaskState::Refused as i32,
-            reason,
-            ..Default::default()
-        },
-        Err(e) if e.is_transient() && may_retry(now) => {
-            let backoff = shared
-                .config
-                .tasks
-                .backoff
-                .delay(u32::try_from(attempts).unwrap_or(u32::MAX));
-            let delay = backoff.max(std::time::Duration::from_millis(
-                e.retry_after_ms().unwrap_or(0),
-            ));
-            tracing::warn!(error = %e, attempts, retry_in_ms = delay.as_millis() as u64, "connector failed; will retry");
-            store
-                .retry_later(key, seq, &e.to_string(), now + delay.as_millis() as i64)
+        Decision::Later { at, error } => {
+            let key = &job.task.key;
+            shared
+                .store
+                .postpone(key, seq, at, error.as_deref())
                 .await?;
-            return Ok(());
         }
-        Err(e) => failed(if e.is_transient() {
-            format!("gave up at the due date after {attempts} attempt(s): {e}")
-        } else {
-            e.to_string()
-        }),
-    };
-    let state = TaskState::try_from(t.state).unwrap_or_default();
-    if store
-        .transition(key, seq, &t, now, attempts)
-        .await?
-        .is_some()
-    {
+        Decision::Run { .. } | Decision::Ignore | Decision::Reject(_) => {}
+    }
+    Ok(())
+}
+
+/// Records a transition and wakes the acknowledgement sender; the new sequence, or `None`
+/// when the task changed meanwhile (a cancellation wins).
+async fn record_move(
+    shared: &Shared,
+    job: &TaskJob,
+    seq: i64,
+    t: &crate::task_machine::Transition,
+) -> anyhow::Result<Option<i64>> {
+    let now = shared.clock.now_ms();
+    let moved = shared
+        .store
+        .transition(&job.task.key, seq, t, now, job.task.attempts)
+        .await?;
+    if moved.is_some() {
         tracing::info!(
-            state = state.as_str_name(),
+            state = t.state.as_str_name(),
             records = t.records_affected,
             "task step done"
         );
         shared.ack_wakeup.notify_one();
     }
-    Ok(())
+    Ok(moved)
 }

@@ -1,7 +1,13 @@
 //! The connector family through the real services: manual confirmation by an operator,
-//! explicit refusals, and the published subprocessor chain.
+//! explicit refusals, a holder that is down, and the published subprocessor chain.
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+use dsrelay_runtime::backoff::Backoff;
+use tokio::net::TcpListener;
 
 use dsrelay_proto::v1::processor_operator_service_client::ProcessorOperatorServiceClient;
 use dsrelay_proto::v1::{
@@ -10,7 +16,49 @@ use dsrelay_proto::v1::{
 };
 use tonic::Code;
 
-use crate::harness::{erasure, in_state, wait_until, Pair, PairOptions, PROCESSOR};
+use crate::harness::{
+    count, erasure, in_state, start_processor, start_registry, wait_until, Pair, PairOptions,
+    PROCESSOR,
+};
+
+/// A holder's port that accepts every connection and drops it at once, counting them: to
+/// its callers the holder is down (a transient failure), and the test sees who tried.
+struct CountingHolder {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl CountingHolder {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        let accepting = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                drop(socket);
+            }
+        });
+        Self {
+            addr,
+            connections,
+            accepting,
+        }
+    }
+
+    /// Connections attempted so far.
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for CountingHolder {
+    fn drop(&mut self) {
+        self.accepting.abort();
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manual_tasks_wait_for_an_operator_who_confirms_with_evidence() {
@@ -105,31 +153,38 @@ async fn manual_tasks_wait_for_an_operator_who_confirms_with_evidence() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unsupported_kind_is_refused_with_the_reason() {
-    let pair = Pair::start(PairOptions::default()).await.expect("pair");
-    let mut crm = pair.setup.client("partner-crm").await;
-    // The SQL connector of the sample has no restriction column configured.
+    // The newsletter's adapter is configured for erasure alone: a restriction is refused
+    // without calling it.
+    let holder = CountingHolder::start().await;
+    let (setup, _) =
+        crate::adapter::newsletter_setup(holder.addr, 0, Some(vec!["erasure".into()])).await;
+    let processor = start_processor(&setup).await;
+    let (registry, _) = start_registry(&setup).await;
+    let mut crm = setup.client("partner-crm").await;
     let mut req = erasure("maija.meikalainen@example.fi");
     req.kind = RequestKind::Restriction as i32;
     req.scope = Some(Scope {
-        data_categories: vec!["invoicing".into()],
+        data_categories: vec!["marketing".into()],
     });
     let r = crm.submit(req).await.expect("submit").into_inner();
-    let view = wait_until(&mut crm, &r.request_id, Duration::from_secs(20), |v| {
-        !v.tasks.is_empty()
-            && v.tasks.iter().all(|t| {
-                t.state != TaskState::Pending as i32 && t.state != TaskState::InProgress as i32
-            })
-    })
+    let view = wait_until(
+        &mut crm,
+        &r.request_id,
+        Duration::from_secs(20),
+        in_state(RequestState::Failed),
+    )
     .await;
+    assert_eq!(view.tasks.len(), 1, "{view:#?}");
     let t = &view.tasks[0];
-    if t.state == TaskState::Refused as i32 {
-        assert!(t.reason.contains("does not support RESTRICTION"), "{t:?}");
-        assert_eq!(view.state, RequestState::Failed as i32);
-    } else {
-        // The sample configures restriction: then it must have been carried out.
-        assert_eq!(t.state, TaskState::Completed as i32, "{t:?}");
-    }
-    pair.stop().await;
+    assert_eq!(t.subprocessor, crate::adapter::NEWSLETTER);
+    assert_eq!(t.state, TaskState::Refused as i32, "{t:?}");
+    assert_eq!(
+        t.reason,
+        "subprocessor newsletter (adapter connector) does not support RESTRICTION"
+    );
+    assert_eq!(holder.connections(), 0, "the holder was called");
+    registry.stop().await;
+    processor.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,13 +254,10 @@ async fn the_whole_chain_is_visible_to_the_controller() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_that_is_down_does_not_hold_up_the_others() {
-    // The newsletter's adapter never starts; the mail system answers at once.
-    let adapter_addr = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind")
-        .local_addr()
-        .expect("addr");
-    let (mut setup, _) = crate::adapter::newsletter_setup(adapter_addr, 0, None).await;
+    // The newsletter's adapter is down (its port drops every connection, counting them);
+    // the mail system answers at once.
+    let holder = CountingHolder::start().await;
+    let (mut setup, _) = crate::adapter::newsletter_setup(holder.addr, 0, None).await;
     let plain = crate::harness::Setup::new(&PairOptions::default())
         .await
         .expect("setup");
@@ -218,17 +270,46 @@ async fn a_holder_that_is_down_does_not_hold_up_the_others() {
         .clone();
     mail.categories = vec!["marketing".into()];
     setup.processor.subprocessors.push(mail);
+    // A backoff longer than the test: the holder stays marked down throughout, so any call
+    // after the first failure is one the mark should have stopped.
+    setup.processor.tasks.backoff = Backoff {
+        initial_ms: 30_000,
+        max_ms: 30_000,
+    };
     let (processor, _) = crate::harness::start_processor_with_state(&setup).await;
     let (registry, _) = crate::harness::start_registry(&setup).await;
     let mut crm = setup.client("partner-crm").await;
-    let mut ids = Vec::new();
-    for i in 0..6 {
+    let submit = |i: usize| {
         let mut req = erasure(&format!("someone{i}@example.fi"));
         req.scope = Some(Scope {
             data_categories: vec!["marketing".into()],
         });
+        req
+    };
+
+    // The first task finds the holder down, which marks it.
+    let first = crm.submit(submit(0)).await.expect("submit");
+    let mut ids = vec![first.into_inner().request_id];
+    let db = &setup.processor.database_url;
+    let failed = format!(
+        "SELECT COUNT(*) FROM tasks WHERE subprocessor = '{}' AND last_error IS NOT NULL",
+        crate::adapter::NEWSLETTER
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while count(db, &failed).await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the newsletter never failed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let calls_before = holder.connections();
+    assert!(calls_before > 0);
+
+    // The others wait for it without calling it, and do not hold up the mail system.
+    for i in 1..7 {
         ids.push(
-            crm.submit(req)
+            crm.submit(submit(i))
                 .await
                 .expect("submit")
                 .into_inner()
@@ -255,6 +336,25 @@ async fn a_holder_that_is_down_does_not_hold_up_the_others() {
         );
         assert_eq!(view.state, RequestState::InProgress as i32);
     }
+    let waiting = format!(
+        "SELECT COUNT(*) FROM tasks WHERE subprocessor = '{}' \
+         AND last_error = 'subprocessor {0} is unreachable; waiting'",
+        crate::adapter::NEWSLETTER
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while count(db, &waiting).await < 6 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the other newsletter tasks did not wait for the holder"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Six more tasks, no more calls: one task paid for finding the holder down.
+    assert_eq!(
+        holder.connections(),
+        calls_before,
+        "tasks called a holder marked down"
+    );
     registry.stop().await;
     processor.stop().await;
 }

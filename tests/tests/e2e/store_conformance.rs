@@ -462,7 +462,7 @@ async fn processor_tasks_and_ack_outbox(backend: Backend) {
         .find(|j| j.task.key.controller == "c" && j.task.key.subprocessor == "s1")
         .unwrap();
     let started = Transition {
-        state: TaskState::InProgress as i32,
+        state: TaskState::InProgress,
         ..Default::default()
     };
     assert_eq!(

@@ -1,0 +1,241 @@
+//! What the store hands out, and the raw rows they are read from: numbers in the database
+//! become enums and flags here, at the row boundary, and nowhere else.
+
+use dsrelay_proto::prost::Message;
+use dsrelay_proto::timestamp_from_millis;
+use dsrelay_proto::v1::{Acknowledgement, DeliverRequest, Evidence, TaskState, TaskStatus};
+
+use crate::task_machine::Current;
+
+/// Identifies one task.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TaskKey {
+    /// The controller that delivered the request.
+    pub controller: String,
+    /// The registry's request id.
+    pub request_id: String,
+    /// The subprocessor.
+    pub subprocessor: String,
+}
+
+/// A task as stored.
+#[derive(Debug, Clone)]
+pub struct TaskRow {
+    /// Which task.
+    pub key: TaskKey,
+    /// Current state.
+    pub state: TaskState,
+    /// Sequence of the last acknowledgement queued.
+    pub sequence: i64,
+    /// Connector attempts so far.
+    pub attempts: i64,
+    /// Records affected.
+    pub records_affected: i64,
+    /// Whether the holder confirmed.
+    pub confirmed: bool,
+    /// Evidence note.
+    pub note: String,
+    /// Reason for REFUSED / FAILED.
+    pub reason: String,
+    /// Legal basis for RETAINED.
+    pub legal_basis: String,
+    /// Retain-until (ms).
+    pub retain_until: Option<i64>,
+    /// Last change (ms).
+    pub updated_at: i64,
+    /// The holder's reference for work it accepted but has not confirmed.
+    pub handle: Option<String>,
+}
+
+impl TaskRow {
+    /// The task as the state machine sees it.
+    pub fn current(&self) -> Current<'_> {
+        Current {
+            subprocessor: &self.key.subprocessor,
+            state: self.state,
+            handle: self.handle.as_deref(),
+            records_affected: self.records_affected,
+            attempts: self.attempts,
+        }
+    }
+
+    /// The wire view (processor left for the registry to fill in).
+    pub fn to_status(&self) -> TaskStatus {
+        TaskStatus {
+            processor: String::new(),
+            subprocessor: self.key.subprocessor.clone(),
+            state: self.state as i32,
+            sequence: self.sequence.max(0) as u64,
+            evidence: Some(Evidence {
+                records_affected: self.records_affected,
+                note: self.note.clone(),
+                confirmed: self.confirmed,
+            }),
+            reason: self.reason.clone(),
+            legal_basis: self.legal_basis.clone(),
+            retain_until: self.retain_until.map(timestamp_from_millis),
+            updated_at: Some(timestamp_from_millis(self.updated_at)),
+        }
+    }
+}
+
+/// A claimed task with its request.
+#[derive(Debug, Clone)]
+pub struct TaskJob {
+    /// The task.
+    pub task: TaskRow,
+    /// The request as delivered; `None` for a tombstone.
+    pub request: Option<DeliverRequest>,
+    /// The request's due date (ms).
+    pub due_at: i64,
+    /// W3C traceparent of the Deliver call that brought the request.
+    pub traceparent: Option<String>,
+}
+
+/// A task with its request, as the operator API shows it.
+#[derive(Debug, Clone)]
+pub struct ManualRow {
+    /// The task.
+    pub task: TaskRow,
+    /// The request as delivered.
+    pub request: Option<DeliverRequest>,
+    /// The request's due date (ms).
+    pub due_at: i64,
+}
+
+/// A claimed acknowledgement.
+#[derive(Debug, Clone)]
+pub struct AckJob {
+    /// Outbox row id.
+    pub id: i64,
+    /// The controller to send it to.
+    pub controller: String,
+    /// Attempts so far.
+    pub attempts: i64,
+    /// The acknowledgement.
+    pub ack: Acknowledgement,
+}
+
+/// The value a task state is stored as.
+pub(super) fn state_value(state: TaskState) -> i64 {
+    i64::from(state as i32)
+}
+
+/// The columns of [`TaskRecord`].
+pub(super) const TASK_COLUMNS: &str = "controller, request_id, subprocessor, state, sequence, \
+    attempts, records_affected, confirmed, note, reason, legal_basis, retain_until, updated_at, \
+    handle";
+
+/// A `tasks` row as stored.
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct TaskRecord {
+    controller: String,
+    request_id: String,
+    subprocessor: String,
+    state: i64,
+    sequence: i64,
+    attempts: i64,
+    records_affected: i64,
+    confirmed: i64,
+    note: String,
+    reason: String,
+    legal_basis: String,
+    retain_until: Option<i64>,
+    updated_at: i64,
+    handle: Option<String>,
+}
+
+impl From<TaskRecord> for TaskRow {
+    fn from(r: TaskRecord) -> Self {
+        Self {
+            key: TaskKey {
+                controller: r.controller,
+                request_id: r.request_id,
+                subprocessor: r.subprocessor,
+            },
+            state: i32::try_from(r.state)
+                .ok()
+                .and_then(|s| TaskState::try_from(s).ok())
+                .unwrap_or(TaskState::Unspecified),
+            sequence: r.sequence,
+            attempts: r.attempts,
+            records_affected: r.records_affected,
+            confirmed: r.confirmed != 0,
+            note: r.note,
+            reason: r.reason,
+            legal_basis: r.legal_basis,
+            retain_until: r.retain_until,
+            updated_at: r.updated_at,
+            handle: r.handle,
+        }
+    }
+}
+
+/// Tasks joined with their requests: the columns of [`JoinedRecord`]. Callers add the
+/// WHERE clause.
+pub(super) const JOINED_SELECT: &str = "SELECT t.controller, t.request_id, t.subprocessor, \
+    t.state, t.sequence, t.attempts, t.records_affected, t.confirmed, t.note, t.reason, \
+    t.legal_basis, t.retain_until, t.updated_at, t.handle, r.body, r.due_at, r.traceparent \
+    FROM tasks t JOIN requests r ON r.controller = t.controller AND r.request_id = t.request_id";
+
+/// A task row with the columns of its request that the runner and operators need.
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct JoinedRecord {
+    #[sqlx(flatten)]
+    pub(super) task: TaskRecord,
+    body: Option<Vec<u8>>,
+    due_at: i64,
+    traceparent: Option<String>,
+}
+
+impl JoinedRecord {
+    fn request(&self) -> Option<DeliverRequest> {
+        // A body that no longer decodes is treated like a tombstone: the task fails with why.
+        self.body
+            .as_deref()
+            .and_then(|b| DeliverRequest::decode(b).ok())
+    }
+}
+
+impl From<JoinedRecord> for TaskJob {
+    fn from(r: JoinedRecord) -> Self {
+        Self {
+            request: r.request(),
+            due_at: r.due_at,
+            traceparent: r.traceparent,
+            task: r.task.into(),
+        }
+    }
+}
+
+impl From<JoinedRecord> for ManualRow {
+    fn from(r: JoinedRecord) -> Self {
+        Self {
+            request: r.request(),
+            due_at: r.due_at,
+            task: r.task.into(),
+        }
+    }
+}
+
+/// An `ack_outbox` row as claimed.
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct AckRecord {
+    pub(super) id: i64,
+    controller: String,
+    attempts: i64,
+    payload: Vec<u8>,
+}
+
+impl TryFrom<AckRecord> for AckJob {
+    type Error = dsrelay_proto::prost::DecodeError;
+
+    fn try_from(r: AckRecord) -> Result<Self, Self::Error> {
+        Ok(Self {
+            ack: Acknowledgement::decode(r.payload.as_slice())?,
+            id: r.id,
+            controller: r.controller,
+            attempts: r.attempts,
+        })
+    }
+}

@@ -1,0 +1,398 @@
+//! Requests and their tasks: accepting a delivery, cancelling it, claiming runnable tasks
+//! and recording each change of state together with its acknowledgement.
+
+use anyhow::Result;
+use dsrelay_proto::prost::Message;
+use dsrelay_proto::timestamp_from_millis;
+use dsrelay_proto::v1::{Acknowledgement, DeliverRequest, Evidence, TaskState};
+use dsrelay_runtime::store::Backend;
+use dsrelay_runtime::trace_context;
+use sqlx::{Any, Transaction};
+
+use super::rows::{
+    state_value, JoinedRecord, ManualRow, TaskJob, TaskKey, TaskRecord, TaskRow, JOINED_SELECT,
+    TASK_COLUMNS,
+};
+use super::{acks, Store};
+use crate::task_machine::{decide, Context, Decision, Event, Transition};
+
+/// What Deliver found.
+#[derive(Debug)]
+pub enum Accepted {
+    /// Stored now, with these tasks.
+    New(Vec<TaskRow>),
+    /// Delivered before; the tasks as they stand.
+    Duplicate(Vec<TaskRow>),
+}
+
+/// Which tasks the operator API asks for.
+enum OperatorFilter<'a> {
+    /// One task.
+    One(&'a TaskKey),
+    /// Tasks in `states` (of one subprocessor, or all), oldest change first.
+    InStates {
+        subprocessor: Option<&'a str>,
+        states: &'a [TaskState],
+        limit: i64,
+    },
+}
+
+impl Store {
+    /// Stores a delivered request and one PENDING task per subprocessor, or reports the
+    /// existing ones when it was delivered (or cancelled) before.
+    pub async fn accept(
+        &self,
+        controller: &str,
+        req: &DeliverRequest,
+        subprocessors: &[String],
+        traceparent: Option<&str>,
+        now: i64,
+    ) -> Result<Accepted> {
+        let mut tx = self.db.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO requests (controller, request_id, kind, body, received_at, due_at, \
+             accepted_at, traceparent) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(controller)
+        .bind(&req.request_id)
+        .bind(i64::from(req.kind))
+        .bind(req.encode_to_vec())
+        .bind(
+            req.received_at
+                .as_ref()
+                .map(dsrelay_proto::millis_from_timestamp)
+                .unwrap_or(now),
+        )
+        .bind(
+            req.due_at
+                .as_ref()
+                .map(dsrelay_proto::millis_from_timestamp)
+                .unwrap_or(i64::MAX),
+        )
+        .bind(now)
+        .bind(traceparent)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            tx.rollback().await?;
+            return Ok(Accepted::Duplicate(
+                self.tasks(controller, &req.request_id).await?,
+            ));
+        }
+        for s in subprocessors {
+            sqlx::query(
+                "INSERT INTO tasks (controller, request_id, subprocessor, state, sequence, \
+                 next_attempt_at, updated_at) VALUES ($1, $2, $3, $4, 1, $5, $5)",
+            )
+            .bind(controller)
+            .bind(&req.request_id)
+            .bind(s)
+            .bind(state_value(TaskState::Pending))
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Accepted::New(
+            self.tasks(controller, &req.request_id).await?,
+        ))
+    }
+
+    /// Whether the controller delivered (or cancelled) this request.
+    pub async fn request_exists(&self, controller: &str, request_id: &str) -> Result<bool> {
+        Ok(
+            sqlx::query("SELECT 1 AS one FROM requests WHERE controller = $1 AND request_id = $2")
+                .bind(controller)
+                .bind(request_id)
+                .fetch_optional(&self.db.pool)
+                .await?
+                .is_some(),
+        )
+    }
+
+    /// A request's tasks.
+    pub async fn tasks(&self, controller: &str, request_id: &str) -> Result<Vec<TaskRow>> {
+        let rows: Vec<TaskRecord> = sqlx::query_as(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE controller = $1 AND request_id = $2 \
+             ORDER BY subprocessor"
+        ))
+        .bind(controller)
+        .bind(request_id)
+        .fetch_all(&self.db.pool)
+        .await?;
+        Ok(rows.into_iter().map(TaskRow::from).collect())
+    }
+
+    /// Cancels a request's tasks as the state machine says (the unfinished ones); writes a
+    /// tombstone when the request is unknown, so a delivery that arrives later creates no
+    /// tasks.
+    pub async fn cancel(
+        &self,
+        controller: &str,
+        request_id: &str,
+        reason: &str,
+        now: i64,
+    ) -> Result<Vec<TaskRow>> {
+        let mut tx = self.db.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO requests (controller, request_id, kind, body, received_at, due_at, \
+             accepted_at, cancelled_at, cancel_reason) VALUES ($1, $2, 0, NULL, $3, $3, $3, $3, $4) \
+             ON CONFLICT (controller, request_id) DO UPDATE SET \
+             cancelled_at = COALESCE(requests.cancelled_at, excluded.cancelled_at), \
+             cancel_reason = COALESCE(requests.cancel_reason, excluded.cancel_reason)",
+        )
+        .bind(controller)
+        .bind(request_id)
+        .bind(now)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+        let rows: Vec<TaskRecord> = sqlx::query_as(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE controller = $1 AND request_id = $2"
+        ))
+        .bind(controller)
+        .bind(request_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        for task in rows.into_iter().map(TaskRow::from) {
+            let event = Event::Cancel { reason };
+            if let Decision::Move(t) = decide(&task.current(), event, &Context::at(now)) {
+                transition(&mut tx, &task.key, task.sequence, &t, now, task.attempts).await?;
+            }
+        }
+        tx.commit().await?;
+        self.tasks(controller, request_id).await
+    }
+
+    /// Reserves runnable tasks (PENDING; IN_PROGRESS waiting for a retry or a confirmation;
+    /// RETAINED whose date has come) for `lease_ms` and counts the attempt each claim starts.
+    pub async fn claim_tasks(&self, now: i64, limit: i64, lease_ms: i64) -> Result<Vec<TaskJob>> {
+        let lock = match self.db.backend {
+            Backend::Sqlite => "",
+            Backend::Postgres => " FOR UPDATE OF t SKIP LOCKED",
+        };
+        let mut tx = self.db.pool.begin().await?;
+        let rows: Vec<JoinedRecord> = sqlx::query_as(&format!(
+            "{JOINED_SELECT} WHERE t.state IN ({pending}, {in_progress}, {retained}) \
+             AND t.next_attempt_at <= $1 AND t.lease_until <= $1 \
+             ORDER BY t.next_attempt_at LIMIT $2{lock}",
+            // Literals, not parameters: only then can the planner use the partial index
+            // `tasks_runnable` (WHERE state IN (1, 2, 5)) instead of scanning every task.
+            pending = state_value(TaskState::Pending),
+            in_progress = state_value(TaskState::InProgress),
+            retained = state_value(TaskState::Retained),
+        ))
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut jobs = Vec::with_capacity(rows.len());
+        for r in rows {
+            let mut job = TaskJob::from(r);
+            // Claiming starts an attempt: a run cut off by a crash still counts.
+            job.task.attempts += 1;
+            let key = &job.task.key;
+            sqlx::query(
+                "UPDATE tasks SET lease_until = $1, attempts = attempts + 1 WHERE controller = $2 \
+                 AND request_id = $3 AND subprocessor = $4",
+            )
+            .bind(now + lease_ms)
+            .bind(&key.controller)
+            .bind(&key.request_id)
+            .bind(&key.subprocessor)
+            .execute(&mut *tx)
+            .await?;
+            jobs.push(job);
+        }
+        tx.commit().await?;
+        Ok(jobs)
+    }
+
+    /// Moves a task to a new state and queues the acknowledgement, if the task is still at
+    /// `expected_sequence` (a cancellation in between wins). Returns the new sequence.
+    pub async fn transition(
+        &self,
+        key: &TaskKey,
+        expected_sequence: i64,
+        t: &Transition,
+        now: i64,
+        attempts: i64,
+    ) -> Result<Option<i64>> {
+        let mut tx = self.db.pool.begin().await?;
+        let seq = transition(&mut tx, key, expected_sequence, t, now, attempts).await?;
+        tx.commit().await?;
+        Ok(seq)
+    }
+
+    /// Leaves a task in its state and looks at it again at `next_at`, releasing it; nothing
+    /// is acknowledged, since nothing changed. `error` (a transient failure, an unreachable
+    /// holder) is kept for operators; `None` keeps the last one.
+    pub async fn postpone(
+        &self,
+        key: &TaskKey,
+        expected_sequence: i64,
+        next_at: i64,
+        error: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE tasks SET next_attempt_at = $1, lease_until = 0, \
+             last_error = COALESCE($2, last_error) WHERE controller = $3 AND request_id = $4 \
+             AND subprocessor = $5 AND sequence = $6",
+        )
+        .bind(next_at)
+        .bind(error)
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .bind(expected_sequence)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Keeps a claimed task reserved while its connector runs longer than one lease.
+    pub async fn extend_lease(
+        &self,
+        key: &TaskKey,
+        expected_sequence: i64,
+        until: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE tasks SET lease_until = $1 WHERE controller = $2 AND request_id = $3 \
+             AND subprocessor = $4 AND sequence = $5 AND lease_until > 0",
+        )
+        .bind(until)
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .bind(expected_sequence)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Tasks in `states` (WAITING_FOR_OPERATOR when empty), oldest change first.
+    pub async fn manual_tasks(
+        &self,
+        subprocessor: Option<&str>,
+        states: &[TaskState],
+        limit: i64,
+    ) -> Result<Vec<ManualRow>> {
+        self.for_operators(OperatorFilter::InStates {
+            subprocessor,
+            states,
+            limit,
+        })
+        .await
+    }
+
+    /// One task with its request, for the operator API.
+    pub async fn manual_task(&self, key: &TaskKey) -> Result<Option<ManualRow>> {
+        Ok(self.for_operators(OperatorFilter::One(key)).await?.pop())
+    }
+
+    async fn for_operators(&self, filter: OperatorFilter<'_>) -> Result<Vec<ManualRow>> {
+        let rows: Vec<JoinedRecord> = match filter {
+            OperatorFilter::One(key) => {
+                sqlx::query_as(&format!(
+                    "{JOINED_SELECT} WHERE t.controller = $1 AND t.request_id = $2 \
+                     AND t.subprocessor = $3"
+                ))
+                .bind(&key.controller)
+                .bind(&key.request_id)
+                .bind(&key.subprocessor)
+                .fetch_all(&self.db.pool)
+                .await?
+            }
+            OperatorFilter::InStates {
+                subprocessor,
+                states,
+                limit,
+            } => {
+                // Task states are our own enum values, so they are written into the SQL (and
+                // a partial index can serve the query).
+                let wanted: Vec<String> = if states.is_empty() {
+                    vec![state_value(TaskState::WaitingForOperator).to_string()]
+                } else {
+                    states.iter().map(|s| state_value(*s).to_string()).collect()
+                };
+                sqlx::query_as(&format!(
+                    "{JOINED_SELECT} WHERE t.state IN ({}) \
+                     AND ($1 = '' OR t.subprocessor = $1) ORDER BY t.updated_at LIMIT $2",
+                    wanted.join(", ")
+                ))
+                .bind(subprocessor.unwrap_or(""))
+                .bind(limit)
+                .fetch_all(&self.db.pool)
+                .await?
+            }
+        };
+        Ok(rows.into_iter().map(ManualRow::from).collect())
+    }
+}
+
+/// Records `t` and queues its acknowledgement, if the task is still at `expected_sequence`.
+async fn transition(
+    tx: &mut Transaction<'static, Any>,
+    key: &TaskKey,
+    expected_sequence: i64,
+    t: &Transition,
+    now: i64,
+    attempts: i64,
+) -> Result<Option<i64>> {
+    let next = expected_sequence + 1;
+    let changed = sqlx::query(
+        "UPDATE tasks SET state = $1, sequence = $2, records_affected = $3, confirmed = $4, \
+         note = $5, reason = $6, legal_basis = $7, retain_until = $8, updated_at = $9, \
+         attempts = $10, lease_until = $18, next_attempt_at = $15, handle = $16, \
+         export_json = COALESCE($17, export_json) \
+         WHERE controller = $11 AND request_id = $12 AND subprocessor = $13 AND sequence = $14",
+    )
+    .bind(state_value(t.state))
+    .bind(next)
+    .bind(t.records_affected)
+    .bind(i64::from(t.confirmed))
+    .bind(&t.note)
+    .bind(&t.reason)
+    .bind(&t.legal_basis)
+    .bind(t.retain_until)
+    .bind(now)
+    .bind(attempts)
+    .bind(&key.controller)
+    .bind(&key.request_id)
+    .bind(&key.subprocessor)
+    .bind(expected_sequence)
+    .bind(t.next_attempt_at.unwrap_or(now))
+    .bind(t.handle.clone())
+    .bind(t.export_json.clone())
+    .bind(t.hold_until.unwrap_or(0))
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if changed == 0 {
+        return Ok(None);
+    }
+    let ack = Acknowledgement {
+        request_id: key.request_id.clone(),
+        subprocessor: key.subprocessor.clone(),
+        sequence: next as u64,
+        state: t.state as i32,
+        evidence: Some(Evidence {
+            records_affected: t.records_affected,
+            note: t.note.clone(),
+            confirmed: t.confirmed,
+        }),
+        reason: t.reason.clone(),
+        legal_basis: t.legal_basis.clone(),
+        retain_until: t.retain_until.map(timestamp_from_millis),
+        occurred_at: Some(timestamp_from_millis(now)),
+        attempt: attempts.clamp(0, i64::from(u32::MAX)) as u32,
+        // The span the change happens in (a task step, a cancellation) is where the
+        // registry's handling of the acknowledgement hangs in the trace.
+        traceparent: trace_context::traceparent_of(&tracing::Span::current()).unwrap_or_default(),
+    };
+    acks::queue(tx, key, next, &ack, now).await?;
+    Ok(Some(next))
+}

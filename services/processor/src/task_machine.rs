@@ -1,0 +1,834 @@
+//! The life of a task as one pure function: from the task as it stands, what just happened
+//! and the time, to what the store records next. Nothing here reads a clock, a database or
+//! a connector, so every rule is tested alone; the runner, the operator API and
+//! cancellation ask [`decide`] and store what it answers.
+//!
+//! # Rules
+//! - claimed, its subprocessor gone or its request body missing → FAILED with why
+//! - claimed, a kind its connector does not support → REFUSED naming the kind
+//! - claimed PENDING → IN_PROGRESS (kept reserved), then run [`Phase::Start`]; claimed
+//!   IN_PROGRESS → ask again ([`Phase::Confirm`] with the holder's handle, else
+//!   [`Phase::Start`]); claimed RETAINED (its date has come) → [`Phase::RetentionExpired`]
+//! - holder marked unreachable → wait for it without calling it, until the mark ends (and no
+//!   later than the due date); past the due date it is called anyway
+//! - COMPLETED, NOT_FOUND → final and confirmed; RETAINED → sleeps until its date, then runs
+//!   again to erase the rest; after a retention run the records count is cumulative
+//! - ACCEPTED → IN_PROGRESS awaiting confirmation, asked again every confirm interval; the
+//!   same handle again changes nothing and is not acknowledged
+//! - WAITING_FOR_OPERATOR → sleeps until an operator completes or refuses it
+//! - REFUSED by the holder → REFUSED with its reason
+//! - transient error → retry after the backoff (or the holder's Retry-After, if longer),
+//!   until the due date; retained data past its date is erased however late
+//! - transient error past the due date, or a permanent error → FAILED with the reason
+//! - cancelled while PENDING, IN_PROGRESS or WAITING_FOR_OPERATOR → CANCELLED; later states
+//!   stay as they are
+//! - an operator completes (or finds nothing) or refuses only a task WAITING_FOR_OPERATOR
+
+use dsrelay_connectors::{kind_label, ConnectorError, Outcome, Phase};
+use dsrelay_proto::v1::{RequestKind, TaskState};
+
+/// Never: for tasks only an operator moves on.
+pub const NEVER: i64 = i64::MAX;
+
+/// The task as it stands, as far as its next state depends on it.
+#[derive(Debug, Clone, Copy)]
+pub struct Current<'a> {
+    /// The subprocessor the task is for, named in messages.
+    pub subprocessor: &'a str,
+    /// Its state.
+    pub state: TaskState,
+    /// The holder's reference for work it accepted and has not confirmed yet.
+    pub handle: Option<&'a str>,
+    /// Records reported so far: a retention run adds to them.
+    pub records_affected: i64,
+    /// Attempts so far, this one included: the reason of a task given up says how many.
+    pub attempts: i64,
+}
+
+/// What the decision may depend on besides the task.
+#[derive(Debug, Clone, Copy)]
+pub struct Context {
+    /// The processor's clock (ms).
+    pub now: i64,
+    /// The request's due date (ms): retries stop there.
+    pub due_at: i64,
+    /// How long a claimed task stays reserved (ms).
+    pub lease_ms: i64,
+    /// How long to wait before asking a holder again for its confirmation (ms).
+    pub confirm_interval_ms: i64,
+    /// The backoff drawn for this attempt (ms); the caller draws it, so the jitter stays out.
+    pub backoff_ms: i64,
+}
+
+impl Context {
+    /// A context for events that depend on the time alone (cancellation, operators).
+    pub fn at(now: i64) -> Self {
+        Self {
+            now,
+            due_at: i64::MAX,
+            lease_ms: 0,
+            confirm_interval_ms: 0,
+            backoff_ms: 0,
+        }
+    }
+}
+
+/// The connector a claimed task would run through.
+#[derive(Debug, Clone, Copy)]
+pub struct Holder {
+    /// Its type (`sql`, `adapter`, ...), for messages.
+    pub connector: &'static str,
+    /// Whether it supports the request's kind.
+    pub supports: bool,
+}
+
+/// What happened to a task.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A runner claimed it. `holder` is `None` when its subprocessor is no longer configured
+    /// or the request body is missing.
+    Claimed {
+        /// The request's kind.
+        kind: RequestKind,
+        /// The connector it would run through.
+        holder: Option<Holder>,
+    },
+    /// The runner was about to take `phase`, but the holder is marked unreachable until
+    /// `until`.
+    HolderDown {
+        /// The step it would take.
+        phase: Phase,
+        /// The end of the mark (ms).
+        until: i64,
+    },
+    /// The connector took `phase` and ended in `result`.
+    Ran {
+        /// The step it took.
+        phase: Phase,
+        /// What it ended in.
+        result: Result<Outcome, ConnectorError>,
+    },
+    /// The controller cancelled the request.
+    Cancel {
+        /// The controller's reason.
+        reason: &'a str,
+    },
+    /// An operator did the work of a manual task.
+    OperatorComplete {
+        /// The subject was not found.
+        not_found: bool,
+        /// Records the operator changed.
+        records_affected: i64,
+        /// The operator's evidence.
+        note: &'a str,
+        /// The operator's identity.
+        by: &'a str,
+    },
+    /// An operator will not do the work of a manual task.
+    OperatorRefuse {
+        /// Why.
+        reason: &'a str,
+        /// The operator's identity.
+        by: &'a str,
+    },
+}
+
+/// The new state of a task and what goes with it: what the store records, and the
+/// acknowledgement it queues.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Transition {
+    /// New state.
+    pub state: TaskState,
+    /// Records affected.
+    pub records_affected: i64,
+    /// Whether the holder confirmed.
+    pub confirmed: bool,
+    /// Evidence note.
+    pub note: String,
+    /// Reason for REFUSED, FAILED and CANCELLED.
+    pub reason: String,
+    /// Legal basis for RETAINED.
+    pub legal_basis: String,
+    /// Retain-until (ms).
+    pub retain_until: Option<i64>,
+    /// When the runner should look at the task again (ms); `None` means now.
+    pub next_attempt_at: Option<i64>,
+    /// The holder's reference for accepted, unconfirmed work.
+    pub handle: Option<String>,
+    /// The subject's data as JSON, for export kinds.
+    pub export_json: Option<String>,
+    /// Keep the task reserved until then (ms): for a step after which the same runner goes
+    /// on working on the task. `None` releases it.
+    pub hold_until: Option<i64>,
+}
+
+/// What to do about an event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Record the transition and acknowledge it.
+    Move(Transition),
+    /// Record `start` first when there is one (and acknowledge it), then call the holder to
+    /// take `phase`.
+    Run {
+        /// The transition before the call.
+        start: Option<Transition>,
+        /// The step to take.
+        phase: Phase,
+    },
+    /// Nothing the controller sees changed: look at the task again at `at` (ms). `error` is
+    /// kept for operators when the task waits because of a failure.
+    Later {
+        /// When (ms).
+        at: i64,
+        /// Why, for operators.
+        error: Option<String>,
+    },
+    /// The event does not apply to the task as it stands; nothing to record.
+    Ignore,
+    /// The event is a mistake in this state (an operator confirming a task that does not
+    /// wait for one); why.
+    Reject(String),
+}
+
+/// The next step of `task` after `event`.
+pub fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Decision {
+    use TaskState::*;
+    match event {
+        Event::Claimed { kind, holder } => claimed(task, kind, holder, ctx),
+        Event::HolderDown { phase, until } => {
+            if !may_retry(&phase, ctx) {
+                return Decision::Run { start: None, phase };
+            }
+            let at = if phase == Phase::RetentionExpired {
+                until
+            } else {
+                until.min(ctx.due_at)
+            };
+            Decision::Later {
+                at,
+                error: Some(format!(
+                    "subprocessor {} is unreachable; waiting",
+                    task.subprocessor
+                )),
+            }
+        }
+        Event::Ran { phase, result } => ran(task, phase, result, ctx),
+        Event::Cancel { reason } => match task.state {
+            Pending | InProgress | WaitingForOperator => Decision::Move(Transition {
+                state: Cancelled,
+                reason: format!("cancelled: {reason}"),
+                ..Default::default()
+            }),
+            _ => Decision::Ignore,
+        },
+        Event::OperatorComplete { .. } | Event::OperatorRefuse { .. }
+            if task.state != WaitingForOperator =>
+        {
+            Decision::Reject(format!(
+                "the task is {}, not waiting for an operator",
+                task.state.as_str_name().trim_start_matches("TASK_STATE_")
+            ))
+        }
+        Event::OperatorComplete {
+            not_found,
+            records_affected,
+            note,
+            by,
+        } => Decision::Move(Transition {
+            state: if not_found { NotFound } else { Completed },
+            records_affected,
+            confirmed: true,
+            note: format!("{note} (confirmed by {by})"),
+            ..Default::default()
+        }),
+        Event::OperatorRefuse { reason, by } => Decision::Move(Transition {
+            state: Refused,
+            reason: format!("{reason} (refused by {by})"),
+            ..Default::default()
+        }),
+    }
+}
+
+/// When a task that failed with `error` is tried again: after the backoff drawn, or after the
+/// wait the holder asked for when that is longer. The holder counts as unreachable until
+/// then too.
+pub fn retry_at(ctx: &Context, error: &ConnectorError) -> i64 {
+    let asked = i64::try_from(error.retry_after_ms().unwrap_or(0)).unwrap_or(i64::MAX);
+    ctx.now.saturating_add(ctx.backoff_ms.max(asked))
+}
+
+/// A request's due date bounds its retries; retained data past its date is erased however
+/// long the holder takes to come back.
+fn may_retry(phase: &Phase, ctx: &Context) -> bool {
+    ctx.now < ctx.due_at || *phase == Phase::RetentionExpired
+}
+
+fn failed(reason: String) -> Transition {
+    Transition {
+        state: TaskState::Failed,
+        reason,
+        ..Default::default()
+    }
+}
+
+fn claimed(
+    task: &Current<'_>,
+    kind: RequestKind,
+    holder: Option<Holder>,
+    ctx: &Context,
+) -> Decision {
+    let Some(holder) = holder else {
+        return Decision::Move(failed(format!(
+            "subprocessor {} is no longer configured or the request body is missing",
+            task.subprocessor
+        )));
+    };
+    // A kind the connector cannot do is answered explicitly, never left hanging.
+    if !holder.supports {
+        return Decision::Move(Transition {
+            state: TaskState::Refused,
+            reason: format!(
+                "subprocessor {} ({} connector) does not support {}",
+                task.subprocessor,
+                holder.connector,
+                kind_label(kind)
+            ),
+            ..Default::default()
+        });
+    }
+    let (start, phase) = match (task.state, task.handle) {
+        // The runner goes on with the task: keep it reserved, or another claim would run it
+        // a second time alongside.
+        (TaskState::Pending, _) => (
+            Some(Transition {
+                state: TaskState::InProgress,
+                hold_until: Some(ctx.now + ctx.lease_ms),
+                ..Default::default()
+            }),
+            Phase::Start,
+        ),
+        (TaskState::InProgress, Some(handle)) => (
+            None,
+            Phase::Confirm {
+                handle: handle.to_string(),
+            },
+        ),
+        (TaskState::InProgress, None) => (None, Phase::Start),
+        (TaskState::Retained, _) => (None, Phase::RetentionExpired),
+        _ => return Decision::Ignore,
+    };
+    Decision::Run { start, phase }
+}
+
+fn ran(
+    task: &Current<'_>,
+    phase: Phase,
+    result: Result<Outcome, ConnectorError>,
+    ctx: &Context,
+) -> Decision {
+    // A retained task's evidence counts every run, not only the last.
+    let earlier = if phase == Phase::RetentionExpired {
+        task.records_affected
+    } else {
+        0
+    };
+    let outcome = match result {
+        Ok(outcome) => outcome,
+        Err(e) if e.is_transient() && may_retry(&phase, ctx) => {
+            return Decision::Later {
+                at: retry_at(ctx, &e),
+                error: Some(e.to_string()),
+            }
+        }
+        Err(e) if e.is_transient() => {
+            return Decision::Move(failed(format!(
+                "gave up at the due date after {} attempt(s): {e}",
+                task.attempts
+            )))
+        }
+        Err(e) => return Decision::Move(failed(e.to_string())),
+    };
+    Decision::Move(match outcome {
+        Outcome::Completed {
+            records_affected,
+            note,
+            export,
+        } => Transition {
+            state: TaskState::Completed,
+            records_affected: earlier + records_affected,
+            confirmed: true,
+            note,
+            export_json: export.map(|e| e.to_string()),
+            ..Default::default()
+        },
+        Outcome::NotFound { note } => Transition {
+            state: TaskState::NotFound,
+            confirmed: true,
+            note,
+            ..Default::default()
+        },
+        Outcome::Retained {
+            legal_basis,
+            until_ms,
+            records_affected,
+            note,
+        } => Transition {
+            state: TaskState::Retained,
+            records_affected: earlier + records_affected,
+            confirmed: true,
+            note,
+            legal_basis,
+            retain_until: Some(until_ms),
+            // Wake up when the obligation ends and erase the rest without being asked.
+            next_attempt_at: Some(until_ms),
+            ..Default::default()
+        },
+        Outcome::Accepted { handle, note } => {
+            let next = ctx.now + ctx.confirm_interval_ms;
+            if matches!(&phase, Phase::Confirm { handle: h } if *h == handle) {
+                // Still not confirmed: nothing changed, so nothing to acknowledge.
+                return Decision::Later {
+                    at: next,
+                    error: None,
+                };
+            }
+            Transition {
+                state: TaskState::InProgress,
+                confirmed: false,
+                note: format!("accepted by the holder, awaiting its confirmation: {note}"),
+                next_attempt_at: Some(next),
+                handle: Some(handle),
+                ..Default::default()
+            }
+        }
+        Outcome::WaitingForOperator { note } => Transition {
+            state: TaskState::WaitingForOperator,
+            note,
+            next_attempt_at: Some(NEVER),
+            ..Default::default()
+        },
+        Outcome::Refused { reason } => Transition {
+            state: TaskState::Refused,
+            reason,
+            ..Default::default()
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use TaskState::*;
+
+    const NOW: i64 = 1_000_000;
+    const DUE: i64 = 2_000_000;
+
+    fn task(state: TaskState) -> Current<'static> {
+        Current {
+            subprocessor: "accounting",
+            state,
+            handle: None,
+            records_affected: 3,
+            attempts: 4,
+        }
+    }
+
+    fn ctx() -> Context {
+        Context {
+            now: NOW,
+            due_at: DUE,
+            lease_ms: 30_000,
+            confirm_interval_ms: 60_000,
+            backoff_ms: 500,
+        }
+    }
+
+    fn past_due() -> Context {
+        Context { now: DUE, ..ctx() }
+    }
+
+    fn sql() -> Option<Holder> {
+        Some(Holder {
+            connector: "sql",
+            supports: true,
+        })
+    }
+
+    fn claimed(t: &Current<'_>, holder: Option<Holder>) -> Decision {
+        let kind = RequestKind::Erasure;
+        decide(t, Event::Claimed { kind, holder }, &ctx())
+    }
+
+    fn ran(t: &Current<'_>, phase: Phase, result: Result<Outcome, ConnectorError>) -> Decision {
+        decide(t, Event::Ran { phase, result }, &ctx())
+    }
+
+    fn moved(d: Decision) -> Transition {
+        match d {
+            Decision::Move(t) => t,
+            other => panic!("expected a move, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_claimed_pending_task_starts_and_stays_reserved() {
+        let d = claimed(&task(Pending), sql());
+        let start = Transition {
+            state: InProgress,
+            hold_until: Some(NOW + 30_000),
+            ..Default::default()
+        };
+        assert_eq!(
+            d,
+            Decision::Run {
+                start: Some(start),
+                phase: Phase::Start
+            }
+        );
+    }
+
+    #[test]
+    fn a_claimed_task_takes_the_step_its_state_calls_for() {
+        let run = |phase| Decision::Run { start: None, phase };
+        assert_eq!(claimed(&task(InProgress), sql()), run(Phase::Start));
+        let accepted = Current {
+            handle: Some("h-1"),
+            ..task(InProgress)
+        };
+        assert_eq!(
+            claimed(&accepted, sql()),
+            run(Phase::Confirm {
+                handle: "h-1".into()
+            })
+        );
+        assert_eq!(
+            claimed(&task(Retained), sql()),
+            run(Phase::RetentionExpired)
+        );
+        assert_eq!(claimed(&task(Completed), sql()), Decision::Ignore);
+    }
+
+    #[test]
+    fn a_missing_connector_or_body_fails_the_task() {
+        let t = moved(claimed(&task(Pending), None));
+        assert_eq!(t.state, Failed);
+        assert!(
+            t.reason.contains("accounting is no longer configured"),
+            "{t:?}"
+        );
+    }
+
+    #[test]
+    fn an_unsupported_kind_is_refused_naming_it() {
+        let holder = Some(Holder {
+            connector: "adapter",
+            supports: false,
+        });
+        let t = moved(decide(
+            &task(Pending),
+            Event::Claimed {
+                kind: RequestKind::Restriction,
+                holder,
+            },
+            &ctx(),
+        ));
+        assert_eq!(t.state, Refused);
+        assert_eq!(
+            t.reason,
+            "subprocessor accounting (adapter connector) does not support RESTRICTION"
+        );
+    }
+
+    #[test]
+    fn an_unreachable_holder_is_waited_for_until_the_due_date() {
+        let down = |phase, until, ctx: &Context| {
+            decide(&task(InProgress), Event::HolderDown { phase, until }, ctx)
+        };
+        let note = Some("subprocessor accounting is unreachable; waiting".to_string());
+        assert_eq!(
+            down(Phase::Start, NOW + 700, &ctx()),
+            Decision::Later {
+                at: NOW + 700,
+                error: note.clone()
+            }
+        );
+        // A mark beyond the due date waits only until the due date; then the task is given
+        // its last call.
+        assert_eq!(
+            down(Phase::Start, DUE + 5_000, &ctx()),
+            Decision::Later {
+                at: DUE,
+                error: note.clone()
+            }
+        );
+        assert_eq!(
+            down(Phase::Start, DUE + 5_000, &past_due()),
+            Decision::Run {
+                start: None,
+                phase: Phase::Start
+            }
+        );
+        // Retained data is erased however late: it waits the whole mark.
+        assert_eq!(
+            down(Phase::RetentionExpired, DUE + 5_000, &past_due()),
+            Decision::Later {
+                at: DUE + 5_000,
+                error: note
+            }
+        );
+    }
+
+    #[test]
+    fn confirmed_outcomes_are_final() {
+        let t = moved(ran(
+            &task(InProgress),
+            Phase::Start,
+            Ok(Outcome::Completed {
+                records_affected: 2,
+                note: "erased".into(),
+                export: Some(serde_json::json!({"a": 1})),
+            }),
+        ));
+        assert_eq!(
+            (t.state, t.records_affected, t.confirmed),
+            (Completed, 2, true)
+        );
+        assert_eq!(t.export_json.as_deref(), Some(r#"{"a":1}"#));
+        assert_eq!(t.next_attempt_at, None);
+        let t = moved(ran(
+            &task(InProgress),
+            Phase::Start,
+            Ok(Outcome::NotFound {
+                note: "searched".into(),
+            }),
+        ));
+        assert_eq!(
+            (t.state, t.confirmed, t.note.as_str()),
+            (NotFound, true, "searched")
+        );
+    }
+
+    #[test]
+    fn retained_data_sleeps_until_its_date_and_counts_every_run() {
+        let retained = || {
+            Ok(Outcome::Retained {
+                legal_basis: "Kirjanpitolaki 2:10".into(),
+                until_ms: NOW + 99,
+                records_affected: 1,
+                note: "kept invoices".into(),
+            })
+        };
+        let t = moved(ran(&task(InProgress), Phase::Start, retained()));
+        assert_eq!(t.state, Retained);
+        assert_eq!(t.records_affected, 1);
+        assert_eq!(t.retain_until, Some(NOW + 99));
+        assert_eq!(t.next_attempt_at, Some(NOW + 99));
+        assert_eq!(t.legal_basis, "Kirjanpitolaki 2:10");
+        // When the date has come, the rest is erased; earlier records still count.
+        let t = moved(ran(
+            &task(Retained),
+            Phase::RetentionExpired,
+            Ok(Outcome::Completed {
+                records_affected: 2,
+                note: "erased the rest".into(),
+                export: None,
+            }),
+        ));
+        assert_eq!((t.state, t.records_affected), (Completed, 5));
+        let t = moved(ran(&task(Retained), Phase::RetentionExpired, retained()));
+        assert_eq!((t.state, t.records_affected), (Retained, 4));
+    }
+
+    #[test]
+    fn accepted_work_waits_for_its_confirmation() {
+        let accepted = || {
+            Ok(Outcome::Accepted {
+                handle: "h-1".into(),
+                note: "queued".into(),
+            })
+        };
+        let t = moved(ran(&task(InProgress), Phase::Start, accepted()));
+        assert_eq!(t.state, InProgress);
+        assert!(!t.confirmed);
+        assert_eq!(t.handle.as_deref(), Some("h-1"));
+        assert_eq!(t.next_attempt_at, Some(NOW + 60_000));
+        assert!(
+            t.note.ends_with("awaiting its confirmation: queued"),
+            "{t:?}"
+        );
+        // Asked again, the same answer changes nothing.
+        let confirm = Phase::Confirm {
+            handle: "h-1".into(),
+        };
+        assert_eq!(
+            ran(&task(InProgress), confirm, accepted()),
+            Decision::Later {
+                at: NOW + 60_000,
+                error: None
+            }
+        );
+    }
+
+    #[test]
+    fn manual_work_waits_for_an_operator_and_a_refusal_is_final() {
+        let t = moved(ran(
+            &task(InProgress),
+            Phase::Start,
+            Ok(Outcome::WaitingForOperator {
+                note: "shred it".into(),
+            }),
+        ));
+        assert_eq!(
+            (t.state, t.next_attempt_at),
+            (WaitingForOperator, Some(NEVER))
+        );
+        let t = moved(ran(
+            &task(InProgress),
+            Phase::Start,
+            Ok(Outcome::Refused {
+                reason: "no such audience".into(),
+            }),
+        ));
+        assert_eq!((t.state, t.reason.as_str()), (Refused, "no such audience"));
+    }
+
+    #[test]
+    fn transient_errors_are_retried_with_backoff_until_the_due_date() {
+        let down = || Err(ConnectorError::Transient("connection refused".into()));
+        assert_eq!(
+            ran(&task(InProgress), Phase::Start, down()),
+            Decision::Later {
+                at: NOW + 500,
+                error: Some("connection refused".into())
+            }
+        );
+        // The holder's Retry-After wins when it asks for longer, never when shorter.
+        let after = |after_ms| {
+            Err(ConnectorError::RetryAfter {
+                message: "429".into(),
+                after_ms,
+            })
+        };
+        let at = |d| match d {
+            Decision::Later { at, .. } => at,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            at(ran(&task(InProgress), Phase::Start, after(9_000))),
+            NOW + 9_000
+        );
+        assert_eq!(
+            at(ran(&task(InProgress), Phase::Start, after(10))),
+            NOW + 500
+        );
+        // Past the due date the task fails, saying how often it was tried...
+        let t = moved(decide(
+            &task(InProgress),
+            Event::Ran {
+                phase: Phase::Start,
+                result: down(),
+            },
+            &past_due(),
+        ));
+        assert_eq!(t.state, Failed);
+        assert_eq!(
+            t.reason,
+            "gave up at the due date after 4 attempt(s): connection refused"
+        );
+        // ...except retained data, which is erased however late.
+        let d = decide(
+            &task(Retained),
+            Event::Ran {
+                phase: Phase::RetentionExpired,
+                result: down(),
+            },
+            &past_due(),
+        );
+        assert!(
+            matches!(d, Decision::Later { at, .. } if at == DUE + 500),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn a_permanent_error_fails_at_once() {
+        let t = moved(ran(
+            &task(InProgress),
+            Phase::Start,
+            Err(ConnectorError::Permanent("needs a raw identity".into())),
+        ));
+        assert_eq!(
+            (t.state, t.reason.as_str()),
+            (Failed, "needs a raw identity")
+        );
+    }
+
+    #[test]
+    fn cancelling_ends_open_tasks_only() {
+        let cancel = |state| {
+            decide(
+                &task(state),
+                Event::Cancel {
+                    reason: "withdrawn",
+                },
+                &Context::at(NOW),
+            )
+        };
+        for state in [Pending, InProgress, WaitingForOperator] {
+            let t = moved(cancel(state));
+            assert_eq!(
+                (t.state, t.reason.as_str()),
+                (Cancelled, "cancelled: withdrawn")
+            );
+        }
+        for state in [Completed, NotFound, Retained, Refused, Failed, Cancelled] {
+            assert_eq!(cancel(state), Decision::Ignore, "{state:?}");
+        }
+    }
+
+    #[test]
+    fn operators_finish_only_tasks_waiting_for_them() {
+        let complete = |state, not_found| {
+            decide(
+                &task(state),
+                Event::OperatorComplete {
+                    not_found,
+                    records_affected: 1,
+                    note: "shredded",
+                    by: "ops",
+                },
+                &Context::at(NOW),
+            )
+        };
+        let t = moved(complete(WaitingForOperator, false));
+        assert_eq!(
+            (t.state, t.records_affected, t.confirmed),
+            (Completed, 1, true)
+        );
+        assert_eq!(t.note, "shredded (confirmed by ops)");
+        assert_eq!(moved(complete(WaitingForOperator, true)).state, NotFound);
+        let refuse = |state| {
+            decide(
+                &task(state),
+                Event::OperatorRefuse {
+                    reason: "no folder",
+                    by: "ops",
+                },
+                &Context::at(NOW),
+            )
+        };
+        let t = moved(refuse(WaitingForOperator));
+        assert_eq!(
+            (t.state, t.reason.as_str()),
+            (Refused, "no folder (refused by ops)")
+        );
+        assert_eq!(
+            complete(Completed, false),
+            Decision::Reject("the task is COMPLETED, not waiting for an operator".into())
+        );
+        assert_eq!(
+            refuse(InProgress),
+            Decision::Reject("the task is IN_PROGRESS, not waiting for an operator".into())
+        );
+    }
+}
