@@ -12,7 +12,9 @@
 use anyhow::Result;
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::v1::{Acknowledgement, TaskState};
-use dsrelay_runtime::metrics::{CounterVec, GaugeFamily, HistogramVec, LATENCY_BUCKETS};
+use dsrelay_runtime::metrics::{
+    encode, CounterVec, GaugeFamily, HistogramVec, Registry, LATENCY_BUCKETS,
+};
 use sqlx::Row;
 
 use crate::app::Shared;
@@ -21,6 +23,8 @@ use crate::config::Config;
 /// The counters and histograms the task runner updates.
 #[derive(Debug)]
 pub struct Metrics {
+    /// The families below, for the exposition.
+    registry: Registry,
     /// Connector runs that ended in an error, by subprocessor and kind.
     pub connector_errors: CounterVec,
     /// How long connector runs took, by subprocessor.
@@ -30,19 +34,23 @@ pub struct Metrics {
 impl Metrics {
     /// Every series starts at zero for the configured subprocessors.
     pub fn new(config: &Config) -> Self {
+        let mut registry = Registry::default();
         let m = Self {
-            connector_errors: CounterVec::new(
-                "dsrelay_connector_errors_total",
+            connector_errors: CounterVec::register(
+                &mut registry,
+                "dsrelay_connector_errors",
                 "Connector runs that failed: transient errors are retried until the due date, \
                  permanent ones fail the task.",
                 &["subprocessor", "kind"],
             ),
-            connector_duration: HistogramVec::new(
+            connector_duration: HistogramVec::register(
+                &mut registry,
                 "dsrelay_connector_duration_seconds",
                 "Duration of one connector run (one step of a task at its holder).",
                 &["subprocessor"],
                 LATENCY_BUCKETS,
             ),
+            registry,
         };
         for s in &config.subprocessors {
             m.connector_errors.inc_by(&[&s.name, "transient"], 0);
@@ -86,7 +94,10 @@ fn state_label(s: i32) -> String {
 pub async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
     let pool = &shared.store.db().pool;
 
-    let mut tasks = GaugeFamily::new(
+    // A registry of this scrape alone: the store gauges are read anew each time.
+    let mut gauges = Registry::default();
+    let tasks = GaugeFamily::register(
+        &mut gauges,
         "dsrelay_tasks",
         "Tasks by subprocessor and state (from the store).",
     );
@@ -133,22 +144,18 @@ pub async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
         .map_or(0.0, |t| {
             (now_ms - dsrelay_proto::millis_from_timestamp(&t)).max(0) as f64 / 1000.0
         });
-    let mut depth_family = GaugeFamily::new(
+    GaugeFamily::register(
+        &mut gauges,
         "dsrelay_ack_outbox_depth",
         "Acknowledgements not yet stored by their controller's registry.",
-    );
-    depth_family.set(&[], depth as f64);
-    let mut age_family = GaugeFamily::new(
+    )
+    .set(&[], depth as f64);
+    GaugeFamily::register(
+        &mut gauges,
         "dsrelay_ack_outbox_oldest_age_seconds",
         "Age of the oldest acknowledgement not yet stored by its registry; 0 when none waits.",
-    );
-    age_family.set(&[], age);
+    )
+    .set(&[], age);
 
-    let mut out = String::new();
-    tasks.encode(&mut out);
-    depth_family.encode(&mut out);
-    age_family.encode(&mut out);
-    shared.metrics.connector_errors.encode(&mut out);
-    shared.metrics.connector_duration.encode(&mut out);
-    Ok(out)
+    encode(&[&gauges, &shared.metrics.registry])
 }

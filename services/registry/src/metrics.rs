@@ -14,7 +14,9 @@
 
 use anyhow::Result;
 use dsrelay_proto::v1::{RequestKind, RequestState};
-use dsrelay_runtime::metrics::{CounterVec, GaugeFamily, HistogramVec, LATENCY_BUCKETS};
+use dsrelay_runtime::metrics::{
+    encode, CounterVec, GaugeFamily, HistogramVec, Registry, LATENCY_BUCKETS,
+};
 use sqlx::Row;
 
 use crate::app::Shared;
@@ -25,6 +27,8 @@ use crate::store::{OP_CANCEL, OP_DELIVER};
 /// The counters and histograms the handlers and the dispatcher update.
 #[derive(Debug)]
 pub struct Metrics {
+    /// The families below, for the exposition.
+    registry: Registry,
     /// Deliver and Cancel calls made, by processor.
     pub delivery_attempts: CounterVec,
     /// Of those, the ones that failed (or could not be made).
@@ -38,30 +42,36 @@ pub struct Metrics {
 impl Metrics {
     /// Every series starts at zero for the configured processors.
     pub fn new(config: &Config) -> Self {
+        let mut registry = Registry::default();
         let m = Self {
-            delivery_attempts: CounterVec::new(
-                "dsrelay_delivery_attempts_total",
+            delivery_attempts: CounterVec::register(
+                &mut registry,
+                "dsrelay_delivery_attempts",
                 "Deliver and Cancel calls made to processors.",
                 &["processor"],
             ),
-            delivery_failures: CounterVec::new(
-                "dsrelay_delivery_failures_total",
+            delivery_failures: CounterVec::register(
+                &mut registry,
+                "dsrelay_delivery_failures",
                 "Deliver and Cancel calls that failed; the outbox retries them with backoff.",
                 &["processor"],
             ),
-            ack_latency: HistogramVec::new(
+            ack_latency: HistogramVec::register(
+                &mut registry,
                 "dsrelay_acknowledgement_latency_seconds",
                 "Time from a task's state change at the processor (Acknowledgement.occurred_at) \
                  to the registry applying it.",
                 &["processor"],
                 LATENCY_BUCKETS,
             ),
-            acknowledgements: CounterVec::new(
-                "dsrelay_acknowledgements_total",
+            acknowledgements: CounterVec::register(
+                &mut registry,
+                "dsrelay_acknowledgements",
                 "Acknowledgements received from processors: applied, or duplicates of ones \
                  applied before.",
                 &["result"],
             ),
+            registry,
         };
         for p in &config.processors {
             m.delivery_attempts.inc_by(&[&p.name], 0);
@@ -130,7 +140,10 @@ const STATES: &[RequestState] = &[
 pub async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
     let pool = &shared.store.db().pool;
 
-    let mut requests = GaugeFamily::new(
+    // A registry of this scrape alone: the store gauges are read anew each time.
+    let mut gauges = Registry::default();
+    let requests = GaugeFamily::register(
+        &mut gauges,
         "dsrelay_requests",
         "Requests by kind and state (from the store).",
     );
@@ -184,11 +197,12 @@ pub async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
     .bind(now_ms)
     .fetch_one(pool)
     .await?;
-    let mut overdue_family = GaugeFamily::new(
+    GaugeFamily::register(
+        &mut gauges,
         "dsrelay_requests_overdue",
         "Requests past their due date that the controller still owes an answer.",
-    );
-    overdue_family.set(&[], overdue as f64);
+    )
+    .set(&[], overdue as f64);
 
     // A delivery row is queued with its request; a cancellation when the request is
     // cancelled (its finished_at).
@@ -202,11 +216,13 @@ pub async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
     .bind(OP_DELIVER)
     .fetch_all(pool)
     .await?;
-    let mut depth = GaugeFamily::new(
+    let depth = GaugeFamily::register(
+        &mut gauges,
         "dsrelay_outbox_depth",
         "Deliveries and cancellations not yet accepted by their processor.",
     );
-    let mut age = GaugeFamily::new(
+    let age = GaugeFamily::register(
+        &mut gauges,
         "dsrelay_outbox_oldest_age_seconds",
         "Age of the oldest delivery or cancellation not yet accepted; 0 when none waits.",
     );
@@ -222,15 +238,5 @@ pub async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
         }
     }
 
-    let mut out = String::new();
-    requests.encode(&mut out);
-    overdue_family.encode(&mut out);
-    depth.encode(&mut out);
-    age.encode(&mut out);
-    let m = &shared.metrics;
-    m.delivery_attempts.encode(&mut out);
-    m.delivery_failures.encode(&mut out);
-    m.ack_latency.encode(&mut out);
-    m.acknowledgements.encode(&mut out);
-    Ok(out)
+    encode(&[&gauges, &shared.metrics.registry])
 }

@@ -1,12 +1,25 @@
-//! Configuration in layers: a TOML file, then environment variables with a prefix.
+//! Configuration in layers, merged by [`figment`]: a TOML file, then environment variables
+//! with a prefix.
 //!
-//! `PREFIX__A__B=value` sets key `b` of table `a`. The value is read as TOML when it parses
-//! as a scalar or array (`8`, `true`, `["x"]`), otherwise as a string. Problems are collected
-//! and reported together, so an operator fixes them in one round; `main` exits with 64
-//! (EX_USAGE) on a bad configuration.
+//! `PREFIX__A__B=value` sets key `b` of table `a` (the prefix is matched exactly, the key
+//! segments are lowercased).
+//! The value is read the way figment reads environment values: integers, floats, `true` and
+//! `false`, arrays (`[1, 2]`), tables (`{a = 1}`) and quoted strings as such, anything else
+//! as a string. Each variable is its own layer, so a message names the variable a bad value
+//! came from.
+//!
+//! Problems are collected and reported together, so an operator fixes them in one round: a
+//! file that cannot be read or parsed and every malformed variable name, each naming its
+//! source. Only when the layers are sound is the result deserialized, and serde stops at the
+//! first value it cannot use (a wrong type, an unknown key: the service configs deny unknown
+//! fields), which is reported with its key and source. `main` exits with 64 (EX_USAGE) on a
+//! bad configuration.
 
 use std::path::Path;
 
+use figment::providers::{Format, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider, Source};
 use serde::de::DeserializeOwned;
 
 /// Exit status for a bad configuration or bad command line (EX_USAGE).
@@ -23,66 +36,108 @@ pub fn load<T: DeserializeOwned>(
     prefix: &str,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<T, ConfigErrors> {
-    let mut errors = Vec::new();
-    let mut root = match file {
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(text) => match text.parse::<toml::Table>() {
-                Ok(t) => t,
-                Err(e) => {
-                    errors.push(format!("{}: {e}", path.display()));
-                    toml::Table::new()
-                }
-            },
-            Err(e) => {
-                errors.push(format!("cannot read {}: {e}", path.display()));
-                toml::Table::new()
-            }
-        },
-        None => toml::Table::new(),
-    };
+    let mut layers = Layers::default();
+    if let Some(path) = file {
+        // `file_exact`: a named file that is missing is an error, not an empty layer.
+        layers.add(Toml::file_exact(path));
+    }
     let marker = format!("{prefix}__");
-    for (key, value) in env {
-        let Some(path) = key.strip_prefix(&marker) else {
-            continue;
+    for (name, value) in env {
+        if let Some(path) = name.strip_prefix(&marker) {
+            let key = path.split("__").map(str::to_ascii_lowercase).collect();
+            layers.add(Variable { name, key, value });
+        }
+    }
+    if !layers.problems.is_empty() {
+        return Err(ConfigErrors(layers.problems));
+    }
+    let figment = layers.figment;
+    figment.extract().map_err(|e| {
+        ConfigErrors(
+            e.into_iter()
+                .map(|e| describe(&e, figment.find_metadata(&e.path.join("."))))
+                .collect(),
+        )
+    })
+}
+
+/// The layers merged so far, and the problems of those that could not be read.
+#[derive(Default)]
+struct Layers {
+    figment: Figment,
+    problems: Vec<String>,
+}
+
+impl Layers {
+    /// Merges `provider` over the layers before it, or records why it cannot be read.
+    ///
+    /// Each layer is read on its own first: figment 0.10 chains the errors of failing
+    /// providers such that only two survive a merge of three, and every problem is wanted.
+    fn add(&mut self, provider: impl Provider) {
+        let source = provider.metadata();
+        let layer = Figment::from(provider);
+        match layer.data() {
+            Ok(_) => self.figment = std::mem::take(&mut self.figment).merge(layer),
+            Err(e) => self
+                .problems
+                .extend(e.into_iter().map(|e| describe(&e, Some(&source)))),
+        }
+    }
+}
+
+/// One `PREFIX__A__B=value` variable as a layer of its own.
+struct Variable {
+    /// The variable's full name, for messages.
+    name: String,
+    /// The key path it sets, lowercased.
+    key: Vec<String>,
+    value: String,
+}
+
+impl Provider for Variable {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(format!("environment variable {}", self.name))
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let (last, tables) = match self.key.split_last() {
+            Some(split) if !self.key.iter().any(String::is_empty) => split,
+            _ => return Err("has an empty key segment".to_string().into()),
         };
-        let parts: Vec<String> = path.split("__").map(|p| p.to_ascii_lowercase()).collect();
-        if parts.iter().any(|p| p.is_empty()) {
-            errors.push(format!(
-                "environment variable {key} has an empty key segment"
-            ));
-            continue;
-        }
-        if let Err(e) = set_path(&mut root, &parts, parse_env_value(&value)) {
-            errors.push(format!("environment variable {key}: {e}"));
-        }
+        let value: Value = self.value.parse().unwrap_or_else(|e| match e {});
+        let dict = tables
+            .iter()
+            .rev()
+            .fold(Dict::from([(last.clone(), value)]), |inner, table| {
+                Dict::from([(table.clone(), Value::from(inner))])
+            });
+        Ok(Profile::Default.collect(dict))
     }
-    if !errors.is_empty() {
-        return Err(ConfigErrors(errors));
-    }
-    T::deserialize(toml::Value::Table(root)).map_err(|e| ConfigErrors(vec![e.to_string()]))
 }
 
-fn parse_env_value(raw: &str) -> toml::Value {
-    format!("v = {raw}")
-        .parse::<toml::Table>()
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
-}
-
-fn set_path(table: &mut toml::Table, parts: &[String], value: toml::Value) -> Result<(), String> {
-    let (last, parents) = parts.split_last().expect("parts is never empty");
-    let mut cur = table;
-    for p in parents {
-        let entry = cur
-            .entry(p.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        cur = entry
-            .as_table_mut()
-            .ok_or_else(|| format!("{p} is not a table"))?;
+/// One problem as `source: key k: what`.
+///
+/// `source` is the layer that set the key when known: an error's own metadata is that of
+/// the table it sits in, which may come from another layer (an unknown key set by a
+/// variable in a table from the file).
+fn describe(e: &figment::Error, source: Option<&Metadata>) -> String {
+    let key = e.path.join(".");
+    let what = match &e.kind {
+        figment::error::Kind::UnknownField(_, expected) => {
+            format!("unknown key; known here: {}", expected.join(", "))
+        }
+        kind => kind.to_string(),
+    };
+    let source = source.or(e.metadata.as_ref()).map(|md| match &md.source {
+        Some(Source::File(path)) => path.display().to_string(),
+        _ => md.name.to_string(),
+    });
+    match (source, key.is_empty()) {
+        (Some(s), false) => format!("{s}: key {key}: {what}"),
+        (Some(s), true) => format!("{s}: {what}"),
+        (None, false) => format!("key {key}: {what}"),
+        (None, true) => what,
     }
-    cur.insert(last.clone(), value);
-    Ok(())
 }
 
 #[cfg(test)]
@@ -90,39 +145,115 @@ mod tests {
     use super::*;
 
     #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
     struct Sample {
         listen: String,
         db: Db,
     }
     #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
     struct Db {
         url: String,
         max: u32,
+        #[serde(default)]
+        names: Vec<String>,
+    }
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn sample_file(dir: &tempfile::TempDir) -> std::path::PathBuf {
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "listen = \"a\"\n[db]\nurl = \"x\"\nmax = 1\n").unwrap();
+        f
     }
 
     #[test]
     fn env_overrides_file() {
         let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("c.toml");
-        std::fs::write(&f, "listen = \"a\"\n[db]\nurl = \"x\"\nmax = 1\n").unwrap();
-        let env = vec![
-            ("APP__DB__MAX".to_string(), "8".to_string()),
-            ("APP__LISTEN".to_string(), "127.0.0.1:1".to_string()),
-            ("OTHER".to_string(), "z".to_string()),
-        ];
+        let f = sample_file(&dir);
+        let env = vars(&[
+            ("APP__DB__MAX", "8"),
+            ("APP__LISTEN", "127.0.0.1:1"),
+            ("APP__DB__NAMES", "[\"p\", \"q\"]"),
+            ("app__db__max", "9"),
+            ("OTHER", "z"),
+        ]);
         let s: Sample = load(Some(&f), "APP", env).unwrap();
         assert_eq!(s.db.max, 8);
         assert_eq!(s.db.url, "x");
+        assert_eq!(s.db.names, ["p", "q"]);
         assert_eq!(s.listen, "127.0.0.1:1");
     }
 
     #[test]
     fn reports_every_problem() {
-        let env = vec![
-            ("APP__".to_string(), "1".to_string()),
-            ("APP__A____B".to_string(), "1".to_string()),
-        ];
+        let env = vars(&[("APP__", "1"), ("APP__A____B", "1")]);
         let err = load::<Sample>(Some(Path::new("/nonexistent.toml")), "APP", env).unwrap_err();
         assert_eq!(err.0.len(), 3, "{err}");
+        assert!(err.0[0].starts_with("/nonexistent.toml: "), "{err}");
+        assert_eq!(
+            err.0[1],
+            "environment variable APP__: has an empty key segment"
+        );
+        assert_eq!(
+            err.0[2],
+            "environment variable APP__A____B: has an empty key segment"
+        );
+    }
+
+    #[test]
+    fn a_file_that_does_not_parse_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("bad.toml");
+        std::fs::write(&f, "listen = \n").unwrap();
+        let err = load::<Sample>(Some(&f), "APP", vars(&[])).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert!(err.0[0].starts_with(&format!("{}: ", f.display())), "{err}");
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key_and_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = sample_file(&dir);
+        let err = load::<Sample>(Some(&f), "APP", vars(&[("APP__DB__MAX", "many")])).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert!(
+            err.0[0].starts_with("environment variable APP__DB__MAX: key db.max: invalid type"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_naming_their_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = sample_file(&dir);
+        let err = load::<Sample>(Some(&f), "APP", vars(&[("APP__DB__MAXX", "2")])).unwrap_err();
+        assert_eq!(
+            err.0,
+            ["environment variable APP__DB__MAXX: key db.maxx: unknown key; known here: url, max, names"]
+        );
+
+        std::fs::write(
+            &f,
+            "listen = \"a\"\nlisten_port = 1\n[db]\nurl = \"x\"\nmax = 1\n",
+        )
+        .unwrap();
+        let err = load::<Sample>(Some(&f), "APP", vars(&[])).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert!(
+            err.0[0].starts_with(&format!("{}: key listen_port: unknown key", f.display())),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_missing_key_is_named() {
+        let err = load::<Sample>(None, "APP", vars(&[("APP__LISTEN", "x")])).unwrap_err();
+        assert_eq!(err.0, ["missing field `db`"], "{err}");
     }
 }

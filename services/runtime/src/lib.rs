@@ -3,7 +3,8 @@
 //!
 //! # Layout
 //! - [`audit`]: the tamper-evident audit trail's entry hash and chain verification.
-//! - [`config`]: TOML file plus prefixed environment overrides, every error reported at once.
+//! - [`config`]: TOML file plus prefixed environment overrides layered with figment; the
+//!   problems of every layer reported at once, each naming its key and source.
 //! - [`tls`]: mutual TLS with rustls; peer identities from certificate SANs; client channels
 //!   that check the server's identity.
 //! - [`pki`]: the generated development PKI.
@@ -11,7 +12,8 @@
 //! - [`backoff`]: retry spacing for the outboxes.
 //! - [`clock`]: the system clock with a test offset.
 //! - [`identity`]: subject identity validation, normalisation and hashing.
-//! - [`metrics`]: Prometheus text-format metrics on a plain-HTTP admin port.
+//! - [`metrics`]: Prometheus text-format metrics (prometheus-client) on a plain-HTTP admin
+//!   port.
 //! - [`server`]: serving a tonic router on a caller-bound listener with health and reflection.
 //! - [`telemetry`]: logging and OpenTelemetry set-up (OTLP, off unless the `OTEL_*`
 //!   variables ask for it).
