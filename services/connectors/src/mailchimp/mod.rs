@@ -28,7 +28,7 @@
 //! - `api`: the HTTP calls to the API and the mapping of their failures to
 //!   [`ConnectorError`].
 //! - `scrub`: removing personal data and the key from what the API echoes back.
-//! - [`fake`] (tests, or the `fake-mailchimp` feature): a local Mailchimp API speaking the
+//! - `fake` (tests, or the `fake-mailchimp` feature): a local Mailchimp API speaking the
 //!   real wire format.
 
 use std::collections::{BTreeMap, BTreeSet};
