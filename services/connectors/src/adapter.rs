@@ -8,7 +8,7 @@
 //! - [`Phase::Confirm`]: `GetTaskStatus` with the handle, which is the `task_id` that the
 //!   accepted `Execute` carried.
 //! - [`Phase::RetentionExpired`]: `Execute` again under the key `<task_id>#retention-expired`
-//!   ([`RETENTION_EXPIRED_SUFFIX`]). A new key is needed because the adapter answers a repeated
+//!   (`RETENTION_EXPIRED_SUFFIX`). A new key is needed because the adapter answers a repeated
 //!   key with the first outcome (RETAINED); the suffix keeps the key stable across retries of
 //!   this phase, so the erasure of the rest is still done once. The adapter sees a new task
 //!   with the same `request_id`. If it answers RETAINED with a date that has already passed
@@ -31,8 +31,8 @@
 //! is permanent and reported with its code and message.
 //!
 //! # Tracing
-//! Every call is built by [`AdapterConnector::outgoing`]; W3C `traceparent` metadata will be
-//! added there (not forwarded yet).
+//! Every call is built by `AdapterConnector::outgoing`, which sets the deadline and injects
+//! the current span's W3C trace context, so that the adapter's spans join the task's trace.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -54,17 +54,17 @@ use crate::{kind_label, BoxFuture, Connector, ConnectorError, Outcome, Phase, Ta
 
 /// Appended to the task id to form the idempotency key of the [`Phase::RetentionExpired`]
 /// call.
-pub const RETENTION_EXPIRED_SUFFIX: &str = "#retention-expired";
+const RETENTION_EXPIRED_SUFFIX: &str = "#retention-expired";
 
 /// The default deadline of one call (ms).
-pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+const DEFAULT_TIMEOUT_MS: u64 = 10_000;
 
 /// The longest deadline accepted (ms): a call must end well within the processor's task
 /// lease.
-pub const MAX_TIMEOUT_MS: u64 = 300_000;
+const MAX_TIMEOUT_MS: u64 = 300_000;
 
 /// Largest answer accepted: the 16 MiB export the protocol allows plus room for the rest.
-pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024 + 64 * 1024;
+const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024 + 64 * 1024;
 
 /// Notes and reasons are cut to this many bytes, the limit of the acknowledgement fields.
 const MAX_TEXT: usize = 4096;
@@ -97,7 +97,7 @@ fn default_timeout_ms() -> u64 {
 
 /// The request kind named `name` (`erasure`, `RETURN_OF_DATA`, `return-of-data`, ...), if it
 /// is a real kind.
-pub fn parse_kind(name: &str) -> Option<RequestKind> {
+fn parse_kind(name: &str) -> Option<RequestKind> {
     let upper = name.trim().to_ascii_uppercase().replace('-', "_");
     let bare = upper.strip_prefix("REQUEST_KIND_").unwrap_or(&upper);
     RequestKind::from_str_name(&format!("REQUEST_KIND_{bare}"))
@@ -106,7 +106,7 @@ pub fn parse_kind(name: &str) -> Option<RequestKind> {
 
 impl AdapterConfig {
     /// Every problem with the configuration; empty when usable. TLS files are read by
-    /// [`AdapterConnector::connect`].
+    /// [`build`](crate::build).
     pub fn validate(&self) -> Vec<String> {
         let mut out = Vec::new();
         match self.endpoint.parse::<Uri>() {
@@ -150,7 +150,7 @@ impl AdapterConfig {
 }
 
 /// See the module documentation.
-pub struct AdapterConnector {
+pub(crate) struct AdapterConnector {
     endpoint: String,
     client: SubprocessorAdapterClient<Channel>,
     timeout: Duration,
@@ -174,7 +174,7 @@ impl std::fmt::Debug for AdapterConnector {
 impl AdapterConnector {
     /// Validates `config`, reads the TLS files and prepares a lazily connecting channel. Does
     /// not contact the adapter: a subprocessor that is down does not stop the processor.
-    pub fn connect(config: &AdapterConfig) -> anyhow::Result<Self> {
+    pub(crate) fn connect(config: &AdapterConfig) -> anyhow::Result<Self> {
         let problems = config.validate();
         if !problems.is_empty() {
             anyhow::bail!("invalid adapter configuration: {}", problems.join("; "));
@@ -205,8 +205,8 @@ impl AdapterConnector {
     }
 
     /// Wraps an outgoing message: the one place every call's metadata is set (the deadline
-    /// now; W3C `traceparent` later).
-    pub fn outgoing<T>(&self, message: T) -> tonic::Request<T> {
+    /// and the W3C trace context).
+    fn outgoing<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         request.set_timeout(self.timeout);
         // The adapter's spans join the task's trace.
@@ -352,12 +352,12 @@ impl Connector for AdapterConnector {
 }
 
 /// The idempotency key of the [`Phase::RetentionExpired`] call for `task_id`.
-pub fn retention_expired_key(task_id: &str) -> String {
+fn retention_expired_key(task_id: &str) -> String {
     format!("{task_id}{RETENTION_EXPIRED_SUFFIX}")
 }
 
 /// The body of an `Execute` call for `task` under the idempotency key `task_id`.
-pub fn execute_request(task: &Task, task_id: &str) -> ExecuteRequest {
+fn execute_request(task: &Task, task_id: &str) -> ExecuteRequest {
     ExecuteRequest {
         task_id: task_id.to_string(),
         request_id: task.request_id.clone(),
@@ -384,7 +384,7 @@ fn clip(mut s: String) -> String {
 
 /// Turns an adapter's answer to a task of `kind` into an [`Outcome`]; `handle` is the key
 /// the answer was given under (returned in [`Outcome::Accepted`]).
-pub fn outcome_from_response(
+fn outcome_from_response(
     kind: RequestKind,
     handle: &str,
     response: ExecuteResponse,
@@ -474,7 +474,7 @@ pub fn outcome_from_response(
 /// Classifies a failed call: conditions that pass by themselves are transient, the rest
 /// permanent. A status carrying a source error was raised by the transport on our side
 /// (connection refused, TLS, reset), not answered by the adapter, and is transient.
-pub fn status_error(rpc: &str, endpoint: &str, status: &Status) -> ConnectorError {
+fn status_error(rpc: &str, endpoint: &str, status: &Status) -> ConnectorError {
     let transient = matches!(
         status.code(),
         Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted

@@ -9,13 +9,23 @@
 //! processor asks again later ([`Phase::Confirm`]).
 //!
 //! # Layout
-//! - [`sql`]: accounting/ERP databases (SQLite, PostgreSQL) by declarative table rules.
-//! - [`mailchimp`]: mail-marketing audiences through the Mailchimp Marketing API v3.
+//! - [`sql`]: accounting/ERP databases (SQLite, PostgreSQL) by declarative table rules; a
+//!   folder: `rules` (configuration and validation), `retention` (the retention calendar),
+//!   `plan` (statements from rules and identities), `execute` (running them in a
+//!   transaction), `sample` (the sample accounting database).
+//! - [`mailchimp`]: mail-marketing audiences through the Mailchimp Marketing API v3; a
+//!   folder: the connector, `api` (the HTTP calls and their error mapping), `scrub` (keeping
+//!   personal data out of echoed errors) and `mailchimp::fake` (a local Mailchimp API for
+//!   tests, public with the `fake-mailchimp` feature).
 //! - [`noop`]: holds nothing; confirms after a delay (benchmarks, smoke tests).
 //! - [`manual`]: an operator does the work and confirms it (systems without an API).
 //! - [`adapter`]: an external adapter (any language) over mutual TLS via the
 //!   SubprocessorAdapter API.
-//! - [`config`]: the tagged configuration of every connector and [`config::build`].
+//! - `config`: the tagged configuration of every connector ([`ConnectorConfig`]) and
+//!   [`build`], which turns one into a running connector.
+//!
+//! Each module's public items are its configuration; the connectors themselves are built only
+//! through [`build`] and used as [`Connector`] trait objects.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,7 +33,7 @@ use std::pin::Pin;
 use dsrelay_proto::v1::{RequestKind, RequestParameters, SubjectIdentity};
 
 pub mod adapter;
-pub mod config;
+mod config;
 pub mod mailchimp;
 pub mod manual;
 pub mod noop;

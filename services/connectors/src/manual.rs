@@ -19,13 +19,13 @@ pub struct ManualConfig {
 
 /// See the module documentation.
 #[derive(Debug, Clone)]
-pub struct ManualConnector {
+pub(crate) struct ManualConnector {
     instructions: String,
 }
 
 impl ManualConnector {
     /// A connector handing every task to an operator.
-    pub fn new(config: &ManualConfig) -> Self {
+    pub(crate) fn new(config: &ManualConfig) -> Self {
         Self {
             instructions: config.instructions.clone(),
         }

@@ -19,13 +19,13 @@ pub struct NoopConfig {
 
 /// See the module documentation.
 #[derive(Debug, Clone)]
-pub struct NoopConnector {
+pub(crate) struct NoopConnector {
     delay: Duration,
 }
 
 impl NoopConnector {
     /// A connector that waits `config.delay_ms` per task.
-    pub fn new(config: &NoopConfig) -> Self {
+    pub(crate) fn new(config: &NoopConfig) -> Self {
         Self {
             delay: Duration::from_millis(config.delay_ms),
         }

@@ -1,0 +1,329 @@
+//! The calls to the Mailchimp Marketing API v3 the connector makes, and the mapping of their
+//! failures to [`ConnectorError`]: transport failures and 5xx are transient, 429 (and 503
+//! with Retry-After) say when to come back, the rest is permanent with Mailchimp's
+//! problem+json detail, scrubbed.
+
+use std::fmt;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+use super::scrub::Scrubber;
+use super::MailchimpConfig;
+use crate::ConnectorError;
+
+/// How long to wait after a 429 or 503 whose Retry-After is missing or not a number of
+/// seconds: Mailchimp's limits are per minute-ish, so a minute is a safe guess.
+const DEFAULT_RETRY_AFTER_MS: u64 = 60_000;
+/// The longest Retry-After honoured, so that a misbehaving proxy cannot park a task for days;
+/// the processor's own backoff still applies on top.
+const MAX_RETRY_AFTER_MS: u64 = 3_600_000;
+/// The longest error detail kept from a response, so that an HTML error page from a proxy
+/// does not end up whole in a task's reason.
+const MAX_DETAIL_CHARS: usize = 300;
+
+/// What a call answered, for the statuses the callers tell apart.
+pub(super) enum Reply {
+    /// 2xx; the JSON body, or `Null` for 204.
+    Done(Value),
+    /// 404: the member (or the audience) does not exist.
+    Missing,
+}
+
+/// The API key, kept out of `Debug` output: configurations and connectors get logged.
+#[derive(Clone)]
+struct ApiKey(String);
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// One audience's API: the endpoints the connector uses, under one HTTP client.
+#[derive(Debug, Clone)]
+pub(super) struct Api {
+    /// `base_url` without a trailing slash.
+    base: String,
+    list_id: String,
+    api_key: ApiKey,
+    client: reqwest::Client,
+}
+
+impl Api {
+    /// The client for `config`'s audience; makes no call yet.
+    pub(super) fn new(config: &MailchimpConfig) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(config.timeout_ms))
+            .user_agent(concat!("dsrelay-connectors/", env!("CARGO_PKG_VERSION")))
+            // The API never redirects; following one would resend the key to wherever a
+            // proxy or attacker pointed us.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Self {
+            base: config.base_url.trim_end_matches('/').to_string(),
+            list_id: config.list_id.clone(),
+            api_key: ApiKey(config.api_key.clone()),
+            client,
+        })
+    }
+
+    /// The API root, for messages that tell an operator where the audience was looked for.
+    pub(super) fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn list_url(&self) -> String {
+        format!("{}/lists/{}", self.base, self.list_id)
+    }
+
+    fn member_url(&self, hash: &str) -> String {
+        format!("{}/members/{hash}", self.list_url())
+    }
+
+    /// `GET /lists/{list}?fields=id`: whether the audience exists.
+    pub(super) async fn get_list(&self, scrub: &Scrubber) -> Result<Reply, ConnectorError> {
+        let url = format!("{}?fields=id", self.list_url());
+        self.call(Method::GET, &url, None, "looking up the audience", scrub)
+            .await
+    }
+
+    /// `GET /lists/{list}/members/{hash}`: the member document.
+    pub(super) async fn get_member(
+        &self,
+        hash: &str,
+        scrub: &Scrubber,
+    ) -> Result<Reply, ConnectorError> {
+        let what = format!("reading member {hash}");
+        self.call(Method::GET, &self.member_url(hash), None, &what, scrub)
+            .await
+    }
+
+    /// `GET /lists/{list}/members/{hash}?fields=id,status`: whether the member is still there.
+    pub(super) async fn check_member(
+        &self,
+        hash: &str,
+        scrub: &Scrubber,
+    ) -> Result<Reply, ConnectorError> {
+        let url = format!("{}?fields=id,status", self.member_url(hash));
+        let what = format!("checking that member {hash} is gone");
+        self.call(Method::GET, &url, None, &what, scrub).await
+    }
+
+    /// `POST /lists/{list}/members/{hash}/actions/delete-permanent`.
+    pub(super) async fn delete_permanent(
+        &self,
+        hash: &str,
+        scrub: &Scrubber,
+    ) -> Result<Reply, ConnectorError> {
+        let url = format!("{}/actions/delete-permanent", self.member_url(hash));
+        let what = format!("deleting member {hash}");
+        self.call(Method::POST, &url, None, &what, scrub).await
+    }
+
+    /// `PATCH /lists/{list}/members/{hash}` with `body`: the changed member document.
+    pub(super) async fn patch_member(
+        &self,
+        hash: &str,
+        body: &Value,
+        scrub: &Scrubber,
+    ) -> Result<Reply, ConnectorError> {
+        let what = format!("updating member {hash}");
+        self.call(
+            Method::PATCH,
+            &self.member_url(hash),
+            Some(body),
+            &what,
+            scrub,
+        )
+        .await
+    }
+
+    /// Makes one API call. 404 is an answer ([`Reply::Missing`]), every other non-2xx status
+    /// an error sorted into transient or permanent.
+    async fn call(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<&Value>,
+        what: &str,
+        scrub: &Scrubber,
+    ) -> Result<Reply, ConnectorError> {
+        let mut request = self
+            .client
+            .request(method, url)
+            .basic_auth("dsrelay", Some(&self.api_key.0));
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.map_err(|e| transport_error(what, e))?;
+        let status = response.status();
+        tracing::debug!(status = status.as_u16(), what, "mailchimp call");
+        if status == StatusCode::NOT_FOUND {
+            return Ok(Reply::Missing);
+        }
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap_or_default().to_string());
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| transport_error(what, e))?;
+        if status.is_success() {
+            if bytes.is_empty() {
+                return Ok(Reply::Done(Value::Null));
+            }
+            return serde_json::from_slice(&bytes)
+                .map(Reply::Done)
+                .map_err(|e| {
+                    ConnectorError::Permanent(format!(
+                        "mailchimp: {what}: HTTP {status} with a body that is not JSON ({e})"
+                    ))
+                });
+        }
+        Err(status_error(
+            what,
+            status,
+            retry_after.as_deref(),
+            &bytes,
+            scrub,
+        ))
+    }
+}
+
+/// A transport failure (nothing or no complete answer came back).
+fn transport_error(what: &str, err: reqwest::Error) -> ConnectorError {
+    let permanent = err.is_builder();
+    // The URL holds no secrets, but the message reads better without it; the sources say
+    // what actually happened ("Connection refused", "operation timed out").
+    let err = err.without_url();
+    let mut message = format!("mailchimp: {what}: {err}");
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    if err.is_timeout() && !message.contains("timed out") {
+        message.push_str(" (timed out)");
+    }
+    if permanent {
+        ConnectorError::Permanent(message)
+    } else {
+        // Refused, reset, timed out, TLS hiccups: all pass by themselves or need the holder
+        // to come back, and the processor gives up at the due date anyway.
+        ConnectorError::Transient(message)
+    }
+}
+
+/// The error for a non-2xx, non-404 answer.
+fn status_error(
+    what: &str,
+    status: StatusCode,
+    retry_after: Option<&str>,
+    body: &[u8],
+    scrub: &Scrubber,
+) -> ConnectorError {
+    let problem = problem_text(body, scrub);
+    let message = format!("mailchimp: {what}: HTTP {}{problem}", status.as_u16());
+    match status.as_u16() {
+        429 => ConnectorError::RetryAfter {
+            message,
+            after_ms: retry_after_ms(retry_after),
+        },
+        // A 503 that says when to come back is honoured like a 429; without it, ordinary
+        // backoff.
+        503 if retry_after
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .is_some() =>
+        {
+            ConnectorError::RetryAfter {
+                message,
+                after_ms: retry_after_ms(retry_after),
+            }
+        }
+        500..=599 => ConnectorError::Transient(message),
+        401 | 403 => ConnectorError::Permanent(format!(
+            "mailchimp: {what}: the API key was refused (HTTP {}{problem}); check api_key and \
+             that base_url's data centre matches the key's suffix",
+            status.as_u16()
+        )),
+        _ => ConnectorError::Permanent(message),
+    }
+}
+
+/// The wait a Retry-After header asks for: seconds, capped at an hour; a minute when the
+/// header is missing or is not a number (HTTP dates are not worth parsing for this).
+fn retry_after_ms(header: Option<&str>) -> u64 {
+    header
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(DEFAULT_RETRY_AFTER_MS, |s| {
+            s.saturating_mul(1000).min(MAX_RETRY_AFTER_MS)
+        })
+}
+
+/// `": Title: detail (field: message, ...)"` from a problem+json body, scrubbed and
+/// shortened; empty when the body is not one.
+fn problem_text(body: &[u8], scrub: &Scrubber) -> String {
+    let Ok(problem) = serde_json::from_slice::<Value>(body) else {
+        return String::new();
+    };
+    let text = |key: &str| problem.get(key).and_then(Value::as_str).unwrap_or_default();
+    let mut out = String::new();
+    for part in [text("title"), text("detail")] {
+        if !part.trim().is_empty() {
+            out.push_str(": ");
+            out.push_str(part.trim());
+        }
+    }
+    // Validation failures ("Invalid Resource") list the offending fields separately.
+    let errors: Vec<String> = problem
+        .get("errors")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let field = e.get("field").and_then(Value::as_str).unwrap_or("?");
+            let message = e.get("message").and_then(Value::as_str).unwrap_or("");
+            format!("{field}: {message}")
+        })
+        .collect();
+    if !errors.is_empty() {
+        out.push_str(&format!(" ({})", errors.join("; ")));
+    }
+    let out = scrub.apply(&out);
+    if out.chars().count() > MAX_DETAIL_CHARS {
+        let cut: String = out.chars().take(MAX_DETAIL_CHARS).collect();
+        format!("{cut}...")
+    } else {
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_seconds_with_a_default_and_a_cap() {
+        assert_eq!(retry_after_ms(Some("1")), 1_000);
+        assert_eq!(retry_after_ms(Some(" 30 ")), 30_000);
+        assert_eq!(retry_after_ms(None), 60_000);
+        assert_eq!(
+            retry_after_ms(Some("Wed, 21 Oct 2015 07:28:00 GMT")),
+            60_000
+        );
+        assert_eq!(retry_after_ms(Some("86400")), 3_600_000);
+        assert_eq!(retry_after_ms(Some("18446744073709551615")), 3_600_000);
+        let scrub = Scrubber::nothing();
+        let err = status_error("x", StatusCode::SERVICE_UNAVAILABLE, Some("5"), b"", &scrub);
+        assert_eq!(err.retry_after_ms(), Some(5_000));
+        let err = status_error("x", StatusCode::BAD_GATEWAY, None, b"<html>", &scrub);
+        assert_eq!(
+            err,
+            ConnectorError::Transient("mailchimp: x: HTTP 502".into())
+        );
+    }
+}

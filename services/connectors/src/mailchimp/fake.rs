@@ -1,0 +1,474 @@
+//! A local stand-in for the Mailchimp Marketing API v3: the paths, methods, status codes,
+//! problem+json errors and member documents of the subset the connector uses, over one
+//! in-memory audience, with knobs for the failures the connector must survive (rate limits,
+//! outages, slow answers, members that linger after deletion).
+//!
+//! Compiled for this crate's tests, and for other crates' with the `fake-mailchimp` feature:
+//! start it with [`FakeMailchimp::start`] and point a
+//! [`MailchimpConfig`](super::MailchimpConfig) at [`FakeMailchimp::base_url`].
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use dsrelay_proto::v1::{IdentityEncoding, IdentityType};
+use dsrelay_runtime::identity::{digest, normalize};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const ERROR_DOCS: &str = "https://mailchimp.com/developer/marketing/docs/errors/";
+
+/// The audience and the failure knobs.
+#[derive(Default)]
+pub struct Audience {
+    /// The key the basic-auth password must be; any other answers 401.
+    pub api_key: String,
+    /// The one audience id the API knows; any other answers 404.
+    pub list_id: String,
+    /// Members by subscriber hash.
+    pub members: BTreeMap<String, Value>,
+    /// Deleted members the API keeps returning: (document, GETs left).
+    ghosts: BTreeMap<String, (Value, u32)>,
+    /// How many GETs a member deleted from now on keeps being returned for.
+    pub forget_after_gets: u32,
+    /// The next this many calls answer 429 with Retry-After: 1.
+    pub rate_limited: u32,
+    /// The next this many calls answer 503.
+    pub unavailable: u32,
+    /// The next this many GET calls answer 503 (other methods pass).
+    pub unavailable_gets: u32,
+    /// Every call wait this long before answering (ms).
+    pub delay_ms: u64,
+    /// `METHOD /path` of every call, in order.
+    pub calls: Vec<String>,
+    next_web_id: u64,
+}
+
+/// A running fake API; [`FakeMailchimp::stop`] closes it, dropping it leaves it running until
+/// the runtime ends.
+pub struct FakeMailchimp {
+    /// Like `https://us21.api.mailchimp.com/3.0`.
+    pub base_url: String,
+    audience: Arc<Mutex<Audience>>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
+}
+
+/// Mailchimp's id of the member with address `email`: the MD5 of the lowercased address.
+pub fn subscriber_hash(email: &str) -> String {
+    digest(
+        IdentityEncoding::Md5,
+        &normalize(IdentityType::Email, email),
+    )
+    .expect("md5 is a digest encoding")
+}
+
+impl FakeMailchimp {
+    /// Serves an empty audience `list_id` on an ephemeral port of 127.0.0.1, accepting
+    /// `api_key`.
+    pub async fn start(api_key: &str, list_id: &str) -> std::io::Result<Self> {
+        let audience = Arc::new(Mutex::new(Audience {
+            api_key: api_key.into(),
+            list_id: list_id.into(),
+            next_web_id: 500_001,
+            ..Default::default()
+        }));
+        let app = Router::new()
+            .route("/3.0/lists/{list_id}", get(get_list))
+            .route(
+                "/3.0/lists/{list_id}/members/{hash}",
+                get(get_member).patch(patch_member),
+            )
+            .route(
+                "/3.0/lists/{list_id}/members/{hash}/actions/delete-permanent",
+                post(delete_permanent),
+            )
+            .fallback(|| async {
+                problem(
+                    StatusCode::NOT_FOUND,
+                    "Resource Not Found",
+                    "The requested resource could not be found.",
+                )
+            })
+            .layer(middleware::from_fn_with_state(audience.clone(), gate))
+            .with_state(audience.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        Ok(Self {
+            base_url: format!("http://{addr}/3.0"),
+            audience,
+            stop: Some(stop),
+            server: Some(server),
+        })
+    }
+
+    /// The audience, to arrange members and failures and to read the calls made.
+    pub fn audience(&self) -> MutexGuard<'_, Audience> {
+        self.audience.lock().unwrap()
+    }
+
+    /// Subscribes `email` with a first and last name; returns its subscriber hash.
+    pub fn subscribe(&self, email: &str, first: &str, last: &str) -> String {
+        let mut a = self.audience();
+        let hash = subscriber_hash(email);
+        let web_id = a.next_web_id;
+        a.next_web_id += 1;
+        let list_id = a.list_id.clone();
+        let doc = member_document(&list_id, &hash, email, first, last, web_id);
+        a.members.insert(hash.clone(), doc);
+        hash
+    }
+
+    /// The member document under `hash`, if the audience has it.
+    pub fn member(&self, hash: &str) -> Option<Value> {
+        self.audience().members.get(hash).cloned()
+    }
+
+    /// Stops listening and waits until the port is closed.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.unwrap();
+        }
+    }
+}
+
+/// What Mailchimp returns for a member (the fields of `GET .../members/{hash}`).
+fn member_document(
+    list_id: &str,
+    hash: &str,
+    email: &str,
+    first: &str,
+    last: &str,
+    web_id: u64,
+) -> Value {
+    let self_href = format!("https://us21.api.mailchimp.com/3.0/lists/{list_id}/members/{hash}");
+    json!({
+        "id": hash,
+        "email_address": email,
+        "unique_email_id": &hash[..10],
+        "contact_id": format!("{}{}", &hash[16..], &hash[..16]),
+        "full_name": format!("{first} {last}"),
+        "web_id": web_id,
+        "email_type": "html",
+        "status": "subscribed",
+        "consents_to_one_to_one_messaging": true,
+        "merge_fields": {
+            "FNAME": first,
+            "LNAME": last,
+            "ADDRESS": "",
+            "PHONE": "",
+            "BIRTHDAY": "",
+        },
+        "interests": {},
+        "stats": { "avg_open_rate": 0.42, "avg_click_rate": 0.07 },
+        "ip_signup": "",
+        "timestamp_signup": "",
+        "ip_opt": "198.51.100.23",
+        "timestamp_opt": "2024-03-01T09:30:12+00:00",
+        "member_rating": 3,
+        "last_changed": "2024-03-01T09:30:12+00:00",
+        "language": "fi",
+        "vip": false,
+        "email_client": "Gmail",
+        "location": {
+            "latitude": 60.17, "longitude": 24.94, "gmtoff": 2, "dstoff": 3,
+            "country_code": "FI", "timezone": "Europe/Helsinki", "region": "18"
+        },
+        "marketing_permissions": [],
+        "source": "API - Generic",
+        "tags_count": 1,
+        "tags": [{ "id": 101, "name": "newsletter" }],
+        "list_id": list_id,
+        "_links": [
+            { "rel": "self", "href": self_href, "method": "GET",
+              "targetSchema": "https://us21.api.mailchimp.com/schema/3.0/Definitions/Lists/Members/Response.json" },
+            { "rel": "delete", "href": self_href, "method": "DELETE" }
+        ]
+    })
+}
+
+fn problem(status: StatusCode, title: &str, detail: &str) -> Response {
+    problem_with_errors(status, title, detail, &[])
+}
+
+/// Mailchimp's problem+json; `errors` (field, message) only for validation failures.
+fn problem_with_errors(
+    status: StatusCode,
+    title: &str,
+    detail: &str,
+    errors: &[(&str, &str)],
+) -> Response {
+    let mut body = json!({
+        "type": ERROR_DOCS,
+        "title": title,
+        "status": status.as_u16(),
+        "detail": detail,
+        "instance": "9f7e4c2a-1b3d-4e5f-8a6b-7c8d9e0f1a2b",
+    });
+    if !errors.is_empty() {
+        body["errors"] = errors
+            .iter()
+            .map(|(field, message)| json!({ "field": field, "message": message }))
+            .collect();
+    }
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            "application/problem+json; charset=utf-8",
+        )],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn member_not_found() -> Response {
+    problem(
+        StatusCode::NOT_FOUND,
+        "Resource Not Found",
+        "The requested resource could not be found.",
+    )
+}
+
+/// Records the call, then applies the failure knobs and the API-key check, in the order
+/// Mailchimp's edge does: throttling before authentication.
+async fn gate(
+    State(audience): State<Arc<Mutex<Audience>>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (delay_ms, early) = {
+        let mut a = audience.lock().unwrap();
+        a.calls
+            .push(format!("{} {}", request.method(), request.uri().path()));
+        let early = if a.rate_limited > 0 {
+            a.rate_limited -= 1;
+            let mut r = problem(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Too Many Requests",
+                "You have exceeded the limit of 10 simultaneous connections.",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            Some(r)
+        } else if a.unavailable > 0
+            || (a.unavailable_gets > 0 && request.method() == axum::http::Method::GET)
+        {
+            if a.unavailable > 0 {
+                a.unavailable -= 1;
+            } else {
+                a.unavailable_gets -= 1;
+            }
+            Some(problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Service Unavailable",
+                "This service is temporarily unavailable. Please try again later.",
+            ))
+        } else {
+            authorize(request.headers(), &a.api_key)
+        };
+        (a.delay_ms, early)
+    };
+    if delay_ms > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+    }
+    match early {
+        Some(response) => response,
+        None => next.run(request).await,
+    }
+}
+
+/// `None` when the basic-auth password is the API key (any user name), else Mailchimp's
+/// 401.
+fn authorize(headers: &HeaderMap, api_key: &str) -> Option<Response> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Some(problem(
+            StatusCode::UNAUTHORIZED,
+            "API Key Missing",
+            "Your request did not include an API key.",
+        ));
+    };
+    let password = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| BASE64.decode(b.trim()).ok())
+        .and_then(|d| String::from_utf8(d).ok())
+        .and_then(|d| d.split_once(':').map(|(_, p)| p.to_string()));
+    if password.as_deref() == Some(api_key) {
+        None
+    } else {
+        Some(problem(
+            StatusCode::UNAUTHORIZED,
+            "API Key Invalid",
+            "Your API key may be invalid, or you've attempted to access the wrong datacenter.",
+        ))
+    }
+}
+
+fn wrong_list(a: &Audience, list_id: &str) -> Option<Response> {
+    (a.list_id != list_id).then(member_not_found)
+}
+
+async fn get_list(
+    State(audience): State<Arc<Mutex<Audience>>>,
+    Path(list_id): Path<String>,
+) -> Response {
+    let a = audience.lock().unwrap();
+    if let Some(r) = wrong_list(&a, &list_id) {
+        return r;
+    }
+    axum::Json(json!({
+        "id": a.list_id,
+        "web_id": 123456,
+        "name": "Newsletter",
+        "stats": { "member_count": a.members.len() },
+    }))
+    .into_response()
+}
+
+async fn get_member(
+    State(audience): State<Arc<Mutex<Audience>>>,
+    Path((list_id, hash)): Path<(String, String)>,
+) -> Response {
+    let mut a = audience.lock().unwrap();
+    if let Some(r) = wrong_list(&a, &list_id) {
+        return r;
+    }
+    if let Some(member) = a.members.get(&hash) {
+        return axum::Json(member.clone()).into_response();
+    }
+    if let Some((doc, left)) = a.ghosts.get_mut(&hash) {
+        if *left > 0 {
+            *left -= 1;
+            return axum::Json(doc.clone()).into_response();
+        }
+    }
+    member_not_found()
+}
+
+async fn delete_permanent(
+    State(audience): State<Arc<Mutex<Audience>>>,
+    Path((list_id, hash)): Path<(String, String)>,
+) -> Response {
+    let mut a = audience.lock().unwrap();
+    if let Some(r) = wrong_list(&a, &list_id) {
+        return r;
+    }
+    match a.members.remove(&hash) {
+        Some(doc) => {
+            let lag = a.forget_after_gets;
+            if lag > 0 {
+                a.ghosts.insert(hash, (doc, lag));
+            }
+            StatusCode::NO_CONTENT.into_response()
+        }
+        None => member_not_found(),
+    }
+}
+
+async fn patch_member(
+    State(audience): State<Arc<Mutex<Audience>>>,
+    Path((list_id, hash)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let mut a = audience.lock().unwrap();
+    if let Some(r) = wrong_list(&a, &list_id) {
+        return r;
+    }
+    let Ok(Value::Object(patch)) = serde_json::from_slice::<Value>(&body) else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "JSON Parse Error",
+            "We encountered an unspecified JSON parsing error.",
+        );
+    };
+    let Some(mut member) = a.members.get(&hash).cloned() else {
+        return member_not_found();
+    };
+    if let Some(status) = patch.get("status") {
+        let valid = [
+            "subscribed",
+            "unsubscribed",
+            "cleaned",
+            "pending",
+            "transactional",
+        ];
+        match status.as_str() {
+            Some(s) if valid.contains(&s) => member["status"] = json!(s),
+            _ => return invalid_resource("status", "Value is not one of the enumerated values"),
+        }
+    }
+    if let Some(fields) = patch.get("merge_fields") {
+        let Some(fields) = fields.as_object() else {
+            return invalid_resource("merge_fields", "Schema describes object, string found");
+        };
+        for (tag, value) in fields {
+            member["merge_fields"][tag] = value.clone();
+        }
+        let name = |tag: &str| {
+            member["merge_fields"][tag]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        };
+        member["full_name"] = json!(format!("{} {}", name("FNAME"), name("LNAME")));
+    }
+    let mut new_hash = hash.clone();
+    if let Some(email) = patch.get("email_address") {
+        let Some(email) = email
+            .as_str()
+            .filter(|e| e.contains('@') && e.contains('.'))
+        else {
+            return invalid_resource("email_address", "Please provide a valid email address.");
+        };
+        new_hash = subscriber_hash(email);
+        if new_hash != hash && a.members.contains_key(&new_hash) {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "Member Exists",
+                &format!(
+                    "{email} is already a list member. Use PUT to insert or update list \
+                     members."
+                ),
+            );
+        }
+        member["email_address"] = json!(email);
+        member["id"] = json!(new_hash);
+    }
+    member["last_changed"] = json!("2025-05-20T12:00:00+00:00");
+    a.members.remove(&hash);
+    a.members.insert(new_hash, member.clone());
+    axum::Json(member).into_response()
+}
+
+fn invalid_resource(field: &str, message: &str) -> Response {
+    problem_with_errors(
+        StatusCode::BAD_REQUEST,
+        "Invalid Resource",
+        "The resource submitted could not be validated. For field-specific details, see the \
+         'errors' array.",
+        &[(field, message)],
+    )
+}

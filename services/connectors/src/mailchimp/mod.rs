@@ -1,0 +1,507 @@
+//! Mail-marketing audiences reached through the Mailchimp Marketing API v3 (the subset a
+//! data-subject request needs).
+//!
+//! Mailchimp names an audience member by the *subscriber hash*: the lowercase hex MD5 of the
+//! lowercased address. The connector derives it from a raw e-mail identity, or takes an MD5
+//! e-mail identity as it is, which is why the protocol accepts MD5 at all: a controller can
+//! have a member erased without disclosing the address to the processor.
+//!
+//! | kind | call | outcome |
+//! |---|---|---|
+//! | ERASURE | `POST /lists/{list}/members/{hash}/actions/delete-permanent`, then `GET` the member | COMPLETED once the `GET` answers 404, otherwise ACCEPTED and asked again |
+//! | OBJECTION | `PATCH /lists/{list}/members/{hash}` `{"status":"unsubscribed"}` | COMPLETED |
+//! | RETURN_OF_DATA, TRANSFER | `GET /lists/{list}/members/{hash}` | COMPLETED with the member document |
+//! | RECTIFICATION | `PATCH` with `email_address` and mapped `merge_fields` | COMPLETED |
+//! | RESTRICTION | none: Mailchimp has no way to restrict processing of one member | REFUSED |
+//!
+//! A member the API does not know is NOT_FOUND, but only after the audience itself was found:
+//! Mailchimp answers 404 for a wrong `list_id` too, and reporting "holds no data" because of a
+//! typo in the configuration would be a false confirmation.
+//!
+//! Messages never carry the API key, e-mail addresses or corrected values (Mailchimp echoes
+//! addresses in some error details, so those are scrubbed); subscriber hashes are fine, they
+//! are what the controller may send anyway.
+//!
+//! # Layout
+//! - here: the configuration ([`MailchimpConfig`]) and the connector, which picks the calls
+//!   for a task and turns their answers into an [`Outcome`].
+//! - `api`: the HTTP calls to the API and the mapping of their failures to
+//!   [`ConnectorError`].
+//! - `scrub`: removing personal data and the key from what the API echoes back.
+//! - `fake` (tests, or the `fake-mailchimp` feature): a local Mailchimp API speaking the
+//!   real wire format.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use dsrelay_proto::v1::{IdentityEncoding, IdentityType, RequestKind, SubjectIdentity};
+use dsrelay_runtime::identity::{digest, normalize};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::{kind_label, BoxFuture, Connector, ConnectorError, Outcome, Phase, Task};
+
+mod api;
+#[cfg(any(test, feature = "fake-mailchimp"))]
+pub mod fake;
+mod scrub;
+#[cfg(test)]
+mod tests;
+
+use api::{Api, Reply};
+use scrub::Scrubber;
+
+/// The configuration of one Mailchimp audience (everything after `type = "mailchimp"`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MailchimpConfig {
+    /// The API root including the version, e.g. `https://us21.api.mailchimp.com/3.0`. The
+    /// data-centre prefix must match the API key's suffix (`...-us21`); it is configured
+    /// rather than derived so that tests and proxies can point elsewhere.
+    pub base_url: String,
+    /// The API key, sent as the basic-auth password (Mailchimp ignores the user name). Never
+    /// printed: the `Debug` output redacts it.
+    pub api_key: String,
+    /// The audience (list) id the subprocessor keeps the subjects in. Members are per
+    /// audience, so one connector serves one audience.
+    pub list_id: String,
+    /// The limit for one HTTP call (ms); a call that takes longer is a transient error and is
+    /// retried by the processor.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// RECTIFICATION field names (as the controller sends them) to the audience's merge tags.
+    /// Replaces the default (`first_name` = `FNAME`, `last_name` = `LNAME`, `phone` = `PHONE`)
+    /// when given, because audiences define their own merge fields. `email` is not listed: it
+    /// always changes the member's `email_address`.
+    #[serde(default = "default_merge_fields")]
+    pub merge_fields: BTreeMap<String, String>,
+}
+
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+
+fn default_merge_fields() -> BTreeMap<String, String> {
+    [
+        ("first_name", "FNAME"),
+        ("last_name", "LNAME"),
+        ("phone", "PHONE"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+impl fmt::Debug for MailchimpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Configurations get logged on start-up and in errors; the key must not travel there.
+        f.debug_struct("MailchimpConfig")
+            .field("base_url", &self.base_url)
+            .field("api_key", &"[redacted]")
+            .field("list_id", &self.list_id)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("merge_fields", &self.merge_fields)
+            .finish()
+    }
+}
+
+impl MailchimpConfig {
+    /// Every problem with the configuration; empty when usable.
+    pub fn validate(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let rest = self
+            .base_url
+            .strip_prefix("https://")
+            .or_else(|| self.base_url.strip_prefix("http://"));
+        match rest {
+            None => out.push(format!(
+                "base_url: {:?} must start with https:// (or http:// for a local test server), \
+                 e.g. https://us21.api.mailchimp.com/3.0",
+                self.base_url
+            )),
+            Some(rest) => {
+                let authority = rest.split('/').next().unwrap_or_default();
+                if authority.is_empty() {
+                    out.push("base_url: has no host".to_string());
+                }
+                // Credentials belong in api_key; in the URL they would show up in messages.
+                if authority.contains('@') {
+                    out.push(
+                        "base_url: must not contain credentials (put the key in api_key)"
+                            .to_string(),
+                    );
+                }
+                if rest.contains(['?', '#']) {
+                    out.push("base_url: must not have a query or fragment".to_string());
+                }
+            }
+        }
+        if self.api_key.trim().is_empty() {
+            out.push("api_key: must not be empty".to_string());
+        }
+        if self.list_id.trim().is_empty() {
+            out.push("list_id: must not be empty (the audience id)".to_string());
+        } else if !is_path_safe(&self.list_id) {
+            // It is spliced into every URL path.
+            out.push(format!(
+                "list_id: {:?} may only contain letters, digits, '-' and '_'",
+                self.list_id
+            ));
+        }
+        if self.timeout_ms == 0 {
+            out.push("timeout_ms: must be greater than 0".to_string());
+        }
+        for (field, tag) in &self.merge_fields {
+            if field.trim().is_empty() {
+                out.push("merge_fields: a field name is empty".to_string());
+            }
+            if field.trim().eq_ignore_ascii_case("email") {
+                out.push(
+                    "merge_fields: \"email\" cannot be mapped; it always changes email_address"
+                        .to_string(),
+                );
+            }
+            if tag.is_empty() || !tag.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                out.push(format!(
+                    "merge_fields.{field}: {tag:?} is not a merge tag (letters, digits, '_', \
+                     e.g. FNAME)"
+                ));
+            }
+        }
+        out
+    }
+}
+
+fn is_path_safe(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn is_subscriber_hash(s: &str) -> bool {
+    s.len() == 32
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Carries out data-subject requests in one Mailchimp audience; see the module documentation.
+#[derive(Debug, Clone)]
+pub(crate) struct MailchimpConnector {
+    config: MailchimpConfig,
+    api: Api,
+}
+
+impl MailchimpConnector {
+    /// Validates `config` and sets up the HTTP client (no call is made yet).
+    pub(crate) fn new(config: MailchimpConfig) -> anyhow::Result<Self> {
+        let problems = config.validate();
+        if !problems.is_empty() {
+            anyhow::bail!(
+                "invalid mailchimp connector configuration: {}",
+                problems.join("; ")
+            );
+        }
+        let api = Api::new(&config)?;
+        Ok(Self { config, api })
+    }
+
+    /// Fails unless the configured audience exists; called before answering NOT_FOUND, since
+    /// Mailchimp's 404 does not say whether the member or the audience is missing.
+    async fn ensure_audience(&self, scrub: &Scrubber) -> Result<(), ConnectorError> {
+        match self.api.get_list(scrub).await? {
+            Reply::Done(_) => Ok(()),
+            Reply::Missing => Err(ConnectorError::Permanent(format!(
+                "mailchimp: audience {} was not found at {}; check list_id and base_url",
+                self.config.list_id,
+                self.api.base()
+            ))),
+        }
+    }
+
+    async fn not_found(
+        &self,
+        hashes: &[String],
+        scrub: &Scrubber,
+    ) -> Result<Outcome, ConnectorError> {
+        self.ensure_audience(scrub).await?;
+        Ok(Outcome::NotFound {
+            note: format!(
+                "mailchimp: audience {} has no member {}",
+                self.config.list_id,
+                hashes.join(", ")
+            ),
+        })
+    }
+
+    async fn erase(&self, hashes: &[String], scrub: &Scrubber) -> Result<Outcome, ConnectorError> {
+        let mut deleted = Vec::new();
+        for hash in hashes {
+            // An error here after an earlier member was deleted loses that count on the
+            // retry (the member then answers 404); the erasure itself is not lost.
+            if let Reply::Done(_) = self.api.delete_permanent(hash, scrub).await? {
+                deleted.push(hash.clone());
+            }
+        }
+        if deleted.is_empty() {
+            return self.not_found(hashes, scrub).await;
+        }
+        let handle = deleted.join(",");
+        match self.confirm_erasure(&deleted, scrub).await {
+            Ok(outcome) => Ok(outcome),
+            // The members are deleted; if the check fails now, a retry from the start would
+            // find nothing and answer NOT_FOUND. Keep the handle and ask again instead.
+            Err(e) => Ok(Outcome::Accepted {
+                handle,
+                note: format!(
+                    "mailchimp: permanently deleted {}; checking that it is gone failed ({e})",
+                    deleted.join(", ")
+                ),
+            }),
+        }
+    }
+
+    /// COMPLETED when every member in `deleted` answers 404, otherwise ACCEPTED under the
+    /// same handle, so that the processor just asks again later.
+    async fn confirm_erasure(
+        &self,
+        deleted: &[String],
+        scrub: &Scrubber,
+    ) -> Result<Outcome, ConnectorError> {
+        let mut lingering = Vec::new();
+        for hash in deleted {
+            if let Reply::Done(_) = self.api.check_member(hash, scrub).await? {
+                lingering.push(hash.as_str());
+            }
+        }
+        let list = &self.config.list_id;
+        if lingering.is_empty() {
+            Ok(Outcome::Completed {
+                records_affected: deleted.len() as i64,
+                note: format!(
+                    "mailchimp: permanently deleted member {} from audience {list}; the API no \
+                     longer returns it",
+                    deleted.join(", ")
+                ),
+                export: None,
+            })
+        } else {
+            Ok(Outcome::Accepted {
+                handle: deleted.join(","),
+                note: format!(
+                    "mailchimp: permanently deleted member {} from audience {list}; the API \
+                     still returns {}",
+                    deleted.join(", "),
+                    lingering.join(", ")
+                ),
+            })
+        }
+    }
+
+    /// PATCHes every member with `body`; NOT_FOUND when none exists.
+    async fn patch(
+        &self,
+        hashes: &[String],
+        body: &Value,
+        done: &str,
+        scrub: &Scrubber,
+    ) -> Result<Outcome, ConnectorError> {
+        let mut notes = Vec::new();
+        for hash in hashes {
+            let Reply::Done(member) = self.api.patch_member(hash, body, scrub).await? else {
+                continue;
+            };
+            // Changing the address changes the member's id (the hash of the new address).
+            match member.get("id").and_then(Value::as_str) {
+                Some(id) if id != hash => notes.push(format!("{hash} (now {id})")),
+                _ => notes.push(hash.clone()),
+            }
+        }
+        if notes.is_empty() {
+            return self.not_found(hashes, scrub).await;
+        }
+        Ok(Outcome::Completed {
+            records_affected: notes.len() as i64,
+            note: format!(
+                "mailchimp: {done} member {} in audience {}",
+                notes.join(", "),
+                self.config.list_id
+            ),
+            export: None,
+        })
+    }
+
+    async fn export(&self, hashes: &[String], scrub: &Scrubber) -> Result<Outcome, ConnectorError> {
+        let mut members = Vec::new();
+        for hash in hashes {
+            if let Reply::Done(mut member) = self.api.get_member(hash, scrub).await? {
+                // Hypermedia links describe the API, not the subject.
+                if let Some(map) = member.as_object_mut() {
+                    map.remove("_links");
+                }
+                members.push(member);
+            }
+        }
+        if members.is_empty() {
+            return self.not_found(hashes, scrub).await;
+        }
+        Ok(Outcome::Completed {
+            records_affected: members.len() as i64,
+            note: format!(
+                "mailchimp: exported {} member(s) of audience {}",
+                members.len(),
+                self.config.list_id
+            ),
+            export: Some(json!({
+                "source": "mailchimp",
+                "list_id": self.config.list_id,
+                "members": members,
+            })),
+        })
+    }
+
+    /// The PATCH body for `task`'s corrections; every field must be `email` or mapped.
+    fn rectification_body(&self, task: &Task) -> Result<Value, ConnectorError> {
+        let corrections = &task.parameters.corrections;
+        if corrections.is_empty() {
+            return Err(ConnectorError::Permanent(
+                "mailchimp: the RECTIFICATION request carries no corrections".to_string(),
+            ));
+        }
+        let mut body = serde_json::Map::new();
+        let mut merge = serde_json::Map::new();
+        for c in corrections {
+            let field = c.field.trim();
+            if field.eq_ignore_ascii_case("email") {
+                body.insert(
+                    "email_address".into(),
+                    Value::String(c.new_value.trim().into()),
+                );
+                continue;
+            }
+            let tag = self
+                .config
+                .merge_fields
+                .iter()
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case(field))
+                .map(|(_, tag)| tag);
+            let Some(tag) = tag else {
+                let mapped: Vec<&str> = std::iter::once("email")
+                    .chain(self.config.merge_fields.keys().map(String::as_str))
+                    .collect();
+                return Err(ConnectorError::Permanent(format!(
+                    "mailchimp: the correction of field {field:?} has no merge field in this \
+                     audience; map it in merge_fields of the connector configuration (mapped: \
+                     {})",
+                    mapped.join(", ")
+                )));
+            };
+            merge.insert(tag.clone(), Value::String(c.new_value.clone()));
+        }
+        if !merge.is_empty() {
+            body.insert("merge_fields".into(), Value::Object(merge));
+        }
+        Ok(Value::Object(body))
+    }
+
+    async fn run_task(&self, task: &Task) -> Result<Outcome, ConnectorError> {
+        let scrub = Scrubber::for_task(task, &self.config.api_key);
+        if let (RequestKind::Erasure, Phase::Confirm { handle }) = (task.kind, &task.phase) {
+            let hashes: Vec<String> = handle.split(',').map(str::to_string).collect();
+            if !hashes.iter().all(|h| is_subscriber_hash(h)) {
+                return Err(ConnectorError::Permanent(format!(
+                    "mailchimp: the confirmation handle {handle:?} is not a list of subscriber \
+                     hashes"
+                )));
+            }
+            return self.confirm_erasure(&hashes, &scrub).await;
+        }
+        let hashes = subscriber_hashes(&task.identities)?;
+        match task.kind {
+            RequestKind::Erasure => self.erase(&hashes, &scrub).await,
+            RequestKind::Objection => {
+                let body = json!({ "status": "unsubscribed" });
+                self.patch(&hashes, &body, "unsubscribed", &scrub).await
+            }
+            RequestKind::ReturnOfData | RequestKind::Transfer => self.export(&hashes, &scrub).await,
+            RequestKind::Rectification => {
+                let body = self.rectification_body(task)?;
+                let fields: Vec<&str> = body
+                    .get("email_address")
+                    .map(|_| "email_address")
+                    .into_iter()
+                    .chain(
+                        body.get("merge_fields")
+                            .and_then(Value::as_object)
+                            .into_iter()
+                            .flat_map(|m| m.keys().map(String::as_str)),
+                    )
+                    .collect();
+                let done = format!("corrected {} of", fields.join(", "));
+                self.patch(&hashes, &body, &done, &scrub).await
+            }
+            other => Ok(Outcome::Refused {
+                reason: format!(
+                    "the mailchimp connector does not support {}",
+                    kind_label(other)
+                ),
+            }),
+        }
+    }
+}
+
+impl Connector for MailchimpConnector {
+    fn kind_name(&self) -> &'static str {
+        "mailchimp"
+    }
+
+    fn supports(&self, kind: RequestKind) -> bool {
+        // RESTRICTION: Mailchimp cannot keep a member while stopping all processing of it;
+        // unsubscribing is the OBJECTION, and claiming more would be false.
+        matches!(
+            kind,
+            RequestKind::Erasure
+                | RequestKind::Objection
+                | RequestKind::ReturnOfData
+                | RequestKind::Transfer
+                | RequestKind::Rectification
+        )
+    }
+
+    fn run<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(self.run_task(task))
+    }
+}
+
+/// The subscriber hashes of the subject's e-mail identities (raw ones hashed, MD5 ones as
+/// given), without duplicates; other identities cannot address a member.
+fn subscriber_hashes(identities: &[SubjectIdentity]) -> Result<Vec<String>, ConnectorError> {
+    let mut out = BTreeSet::new();
+    for id in identities {
+        if IdentityType::try_from(id.r#type) != Ok(IdentityType::Email) {
+            continue;
+        }
+        let hash = match IdentityEncoding::try_from(id.encoding) {
+            Ok(IdentityEncoding::Raw) => {
+                let email = normalize(IdentityType::Email, &id.value);
+                if email.is_empty() {
+                    continue;
+                }
+                digest(IdentityEncoding::Md5, &email)
+            }
+            Ok(IdentityEncoding::Md5) => Some(id.value.trim().to_ascii_lowercase()),
+            _ => None,
+        };
+        if let Some(hash) = hash.filter(|h| is_subscriber_hash(h)) {
+            out.insert(hash);
+        }
+    }
+    if out.is_empty() {
+        return Err(ConnectorError::Permanent(
+            "the mailchimp connector needs an e-mail address (raw or MD5) to find the audience \
+             member; the request has none (SHA-256/SHA-1 hashes and other identity types \
+             cannot address a member)"
+                .to_string(),
+        ));
+    }
+    Ok(out.into_iter().collect())
+}

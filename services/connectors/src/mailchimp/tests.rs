@@ -1,0 +1,661 @@
+//! The connector against the fake Mailchimp API, and the helpers the other modules' tests
+//! share.
+
+use dsrelay_proto::v1::{FieldCorrection, RequestParameters};
+
+use super::fake::{subscriber_hash, FakeMailchimp};
+use super::*;
+use crate::config::ConnectorConfig;
+
+pub(super) const KEY: &str = "0123456789abcdef0123456789abcdef-us21";
+const LIST: &str = "a1b2c3d4e5";
+pub(super) const MAIJA: &str = "Maija.Meikalainen@Example.fi";
+
+pub(super) fn email(value: &str) -> SubjectIdentity {
+    SubjectIdentity {
+        r#type: IdentityType::Email as i32,
+        encoding: IdentityEncoding::Raw as i32,
+        value: value.into(),
+        label: String::new(),
+    }
+}
+
+fn md5_email(hash: &str) -> SubjectIdentity {
+    SubjectIdentity {
+        encoding: IdentityEncoding::Md5 as i32,
+        ..email(hash)
+    }
+}
+
+pub(super) fn task(kind: RequestKind, identities: Vec<SubjectIdentity>) -> Task {
+    Task {
+        task_id: "c/r1/newsletter".into(),
+        request_id: "r1".into(),
+        kind,
+        identities,
+        categories: Vec::new(),
+        parameters: RequestParameters::default(),
+        due_at_ms: 2_000_000_000_000,
+        now_ms: 1_700_000_000_000,
+        phase: Phase::Start,
+    }
+}
+
+fn config(base_url: &str) -> MailchimpConfig {
+    MailchimpConfig {
+        base_url: base_url.into(),
+        api_key: KEY.into(),
+        list_id: LIST.into(),
+        timeout_ms: 5_000,
+        merge_fields: default_merge_fields(),
+    }
+}
+
+async fn setup() -> (FakeMailchimp, MailchimpConnector, String) {
+    let fake = FakeMailchimp::start(KEY, LIST).await.unwrap();
+    let hash = fake.subscribe(MAIJA, "Maija", "Meikäläinen");
+    fake.subscribe("someone.else@example.fi", "Matti", "Virtanen");
+    let connector = MailchimpConnector::new(config(&fake.base_url)).unwrap();
+    (fake, connector, hash)
+}
+
+fn assert_clean(message: &str) {
+    let lower = message.to_lowercase();
+    assert!(!lower.contains("maija.meikalainen"), "{message}");
+    assert!(!lower.contains('@'), "{message}");
+    assert!(!message.contains(KEY), "{message}");
+}
+
+#[tokio::test]
+async fn erasure_deletes_permanently_and_confirms_the_member_is_gone() {
+    let (fake, connector, hash) = setup().await;
+    // Padded and in another case than stored, as a partner might send it.
+    let out = connector
+        .run(&task(
+            RequestKind::Erasure,
+            vec![email(" MAIJA.meikalainen@example.FI ")],
+        ))
+        .await
+        .unwrap();
+    let Outcome::Completed {
+        records_affected: 1,
+        note,
+        export: None,
+    } = out
+    else {
+        panic!("{out:?}");
+    };
+    assert!(note.contains(&hash), "{note}");
+    assert_clean(&note);
+    assert!(fake.member(&hash).is_none());
+    assert_eq!(fake.audience().members.len(), 1);
+    assert_eq!(
+        fake.audience().calls,
+        [
+            format!("POST /3.0/lists/{LIST}/members/{hash}/actions/delete-permanent"),
+            format!("GET /3.0/lists/{LIST}/members/{hash}"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn erasure_of_an_unknown_member_is_not_found() {
+    let (fake, connector, _) = setup().await;
+    let out = connector
+        .run(&task(
+            RequestKind::Erasure,
+            vec![email("nobody@example.fi")],
+        ))
+        .await
+        .unwrap();
+    let Outcome::NotFound { note } = out else {
+        panic!("{out:?}");
+    };
+    assert!(
+        note.contains(&subscriber_hash("nobody@example.fi")),
+        "{note}"
+    );
+    assert_clean(&note);
+    assert_eq!(fake.audience().members.len(), 2);
+}
+
+#[tokio::test]
+async fn a_wrong_list_id_is_permanent_not_a_false_not_found() {
+    let (fake, _, _) = setup().await;
+    let connector = MailchimpConnector::new(MailchimpConfig {
+        list_id: "ffffffffff".into(),
+        ..config(&fake.base_url)
+    })
+    .unwrap();
+    let err = connector
+        .run(&task(RequestKind::Erasure, vec![email(MAIJA)]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConnectorError::Permanent(_)), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("audience ffffffffff was not found"),
+        "{err}"
+    );
+    assert_eq!(fake.audience().members.len(), 2);
+}
+
+#[tokio::test]
+async fn an_md5_identity_is_the_subscriber_hash() {
+    let (fake, connector, hash) = setup().await;
+    let ids = vec![
+        md5_email(&hash),
+        // Identities that cannot address a member are ignored, not errors.
+        SubjectIdentity {
+            r#type: IdentityType::Phone as i32,
+            ..email("+358401234567")
+        },
+    ];
+    let out = connector
+        .run(&task(RequestKind::Erasure, ids))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            out,
+            Outcome::Completed {
+                records_affected: 1,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    assert!(fake.member(&hash).is_none());
+}
+
+#[tokio::test]
+async fn raw_and_md5_of_one_address_count_once_and_two_addresses_twice() {
+    let (fake, connector, hash) = setup().await;
+    let other = subscriber_hash("someone.else@example.fi");
+    let ids = vec![email(MAIJA), md5_email(&hash), md5_email(&other)];
+    let out = connector
+        .run(&task(RequestKind::Erasure, ids))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            out,
+            Outcome::Completed {
+                records_affected: 2,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    assert!(fake.audience().members.is_empty());
+}
+
+#[tokio::test]
+async fn without_an_email_identity_the_task_fails_permanently() {
+    let (_fake, connector, hash) = setup().await;
+    let sha256 = SubjectIdentity {
+        encoding: IdentityEncoding::Sha256 as i32,
+        ..email(&"a".repeat(64))
+    };
+    let phone = SubjectIdentity {
+        r#type: IdentityType::Phone as i32,
+        ..email("+358401234567")
+    };
+    // An MD5 value of the wrong shape cannot be a member id (and must not reach a path).
+    let bad_md5 = md5_email(&format!("{hash}/../x"));
+    let err = connector
+        .run(&task(RequestKind::Erasure, vec![sha256, phone, bad_md5]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConnectorError::Permanent(_)), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("needs an e-mail address (raw or MD5)"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn slow_forgetting_is_accepted_then_confirmed() {
+    let (fake, connector, hash) = setup().await;
+    fake.audience().forget_after_gets = 2;
+    let mut t = task(RequestKind::Erasure, vec![email(MAIJA)]);
+    let out = connector.run(&t).await.unwrap();
+    let Outcome::Accepted { handle, note } = out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(handle, hash);
+    assert!(note.contains("still returns"), "{note}");
+    assert_clean(&note);
+    // The processor asks again with the handle; the second GET still sees the member.
+    t.phase = Phase::Confirm {
+        handle: handle.clone(),
+    };
+    let again = connector.run(&t).await.unwrap();
+    assert!(
+        matches!(&again, Outcome::Accepted { handle: h, .. } if *h == handle),
+        "{again:?}"
+    );
+    let done = connector.run(&t).await.unwrap();
+    assert!(
+        matches!(
+            done,
+            Outcome::Completed {
+                records_affected: 1,
+                ..
+            }
+        ),
+        "{done:?}"
+    );
+    // Confirming deletes nothing more: one POST in all.
+    let posts = fake
+        .audience()
+        .calls
+        .iter()
+        .filter(|c| c.starts_with("POST"))
+        .count();
+    assert_eq!(posts, 1);
+}
+
+#[tokio::test]
+async fn a_failed_check_after_deleting_keeps_the_handle() {
+    let (fake, connector, hash) = setup().await;
+    // The delete goes through, the check after it fails.
+    fake.audience().unavailable_gets = 1;
+    let mut t = task(RequestKind::Erasure, vec![email(MAIJA)]);
+    let out = connector.run(&t).await.unwrap();
+    let Outcome::Accepted { handle, note } = out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(handle, hash);
+    assert!(
+        note.contains("checking that it is gone failed") && note.contains("503"),
+        "{note}"
+    );
+    assert!(fake.member(&hash).is_none());
+    // The confirmation is a transient error while the API is down, then COMPLETED: not
+    // the NOT_FOUND a fresh start would find.
+    fake.audience().unavailable_gets = 1;
+    t.phase = Phase::Confirm { handle };
+    let err = connector.run(&t).await.unwrap_err();
+    assert!(matches!(err, ConnectorError::Transient(_)), "{err:?}");
+    let done = connector.run(&t).await.unwrap();
+    assert!(
+        matches!(
+            done,
+            Outcome::Completed {
+                records_affected: 1,
+                ..
+            }
+        ),
+        "{done:?}"
+    );
+}
+
+#[tokio::test]
+async fn rate_limiting_asks_to_retry_after_the_header() {
+    let (fake, connector, hash) = setup().await;
+    fake.audience().rate_limited = 1;
+    let t = task(RequestKind::Erasure, vec![email(MAIJA)]);
+    let err = connector.run(&t).await.unwrap_err();
+    let ConnectorError::RetryAfter { message, after_ms } = &err else {
+        panic!("{err:?}");
+    };
+    assert_eq!(*after_ms, 1000);
+    assert!(
+        message.contains("429") && message.contains("Too Many Requests"),
+        "{message}"
+    );
+    assert!(err.is_transient());
+    assert!(fake.member(&hash).is_some());
+    // The limit passed: the retry goes through.
+    let out = connector.run(&t).await.unwrap();
+    assert!(matches!(out, Outcome::Completed { .. }), "{out:?}");
+}
+
+#[tokio::test]
+async fn service_unavailable_is_transient() {
+    let (fake, connector, hash) = setup().await;
+    fake.audience().unavailable = 1;
+    let err = connector
+        .run(&task(RequestKind::Objection, vec![email(MAIJA)]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ConnectorError::Transient(m) if m.contains("503")),
+        "{err:?}"
+    );
+    assert_eq!(fake.member(&hash).unwrap()["status"], "subscribed");
+}
+
+#[tokio::test]
+async fn a_refused_api_key_is_permanent_and_not_printed() {
+    let (fake, _, hash) = setup().await;
+    let wrong = "fedcba9876543210fedcba9876543210-us21";
+    let connector = MailchimpConnector::new(MailchimpConfig {
+        api_key: wrong.into(),
+        ..config(&fake.base_url)
+    })
+    .unwrap();
+    let err = connector
+        .run(&task(RequestKind::Erasure, vec![email(MAIJA)]))
+        .await
+        .unwrap_err();
+    let ConnectorError::Permanent(message) = &err else {
+        panic!("{err:?}");
+    };
+    assert!(message.contains("the API key was refused"), "{message}");
+    assert!(message.contains("401"), "{message}");
+    assert!(
+        !message.contains(wrong) && !message.contains("fedcba"),
+        "{message}"
+    );
+    assert_clean(message);
+    assert!(fake.member(&hash).is_some());
+    assert!(!format!("{connector:?}").contains("fedcba"));
+}
+
+#[tokio::test]
+async fn objection_unsubscribes_the_member() {
+    let (fake, connector, hash) = setup().await;
+    let out = connector
+        .run(&task(RequestKind::Objection, vec![email(MAIJA)]))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            out,
+            Outcome::Completed {
+                records_affected: 1,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    let member = fake.member(&hash).unwrap();
+    assert_eq!(member["status"], "unsubscribed");
+    // Unsubscribing keeps the member (that is what suppresses future mail).
+    assert_eq!(member["merge_fields"]["FNAME"], "Maija");
+    let out = connector
+        .run(&task(
+            RequestKind::Objection,
+            vec![email("nobody@example.fi")],
+        ))
+        .await
+        .unwrap();
+    assert!(matches!(out, Outcome::NotFound { .. }), "{out:?}");
+}
+
+#[tokio::test]
+async fn return_of_data_and_transfer_export_the_member_document() {
+    let (fake, connector, hash) = setup().await;
+    for kind in [RequestKind::ReturnOfData, RequestKind::Transfer] {
+        let out = connector
+            .run(&task(kind, vec![email(MAIJA)]))
+            .await
+            .unwrap();
+        let Outcome::Completed {
+            records_affected: 1,
+            note,
+            export: Some(export),
+        } = out
+        else {
+            panic!("{out:?}");
+        };
+        assert_clean(&note);
+        assert_eq!(export["source"], "mailchimp");
+        assert_eq!(export["list_id"], LIST);
+        let members = export["members"].as_array().unwrap();
+        assert_eq!(members.len(), 1);
+        let m = &members[0];
+        assert_eq!(m["id"], hash.as_str());
+        assert_eq!(m["email_address"], MAIJA);
+        assert_eq!(m["status"], "subscribed");
+        assert_eq!(m["merge_fields"]["LNAME"], "Meikäläinen");
+        assert_eq!(m["tags"][0]["name"], "newsletter");
+        assert_eq!(m["timestamp_opt"], "2024-03-01T09:30:12+00:00");
+        assert_eq!(m["location"]["country_code"], "FI");
+        assert!(m.get("_links").is_none());
+    }
+    // Reading changes nothing.
+    assert!(fake.member(&hash).is_some());
+    let out = connector
+        .run(&task(
+            RequestKind::ReturnOfData,
+            vec![email("nobody@example.fi")],
+        ))
+        .await
+        .unwrap();
+    assert!(matches!(out, Outcome::NotFound { .. }), "{out:?}");
+}
+
+pub(super) fn corrections(pairs: &[(&str, &str)]) -> RequestParameters {
+    RequestParameters {
+        corrections: pairs
+            .iter()
+            .map(|(field, value)| FieldCorrection {
+                field: (*field).into(),
+                new_value: (*value).into(),
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn rectification_changes_the_email_and_merge_fields() {
+    let (fake, connector, old_hash) = setup().await;
+    let new_email = "maija.virtanen@example.fi";
+    let mut t = task(RequestKind::Rectification, vec![email(MAIJA)]);
+    t.parameters = corrections(&[("email", new_email), ("first_name", "Maija-Liisa")]);
+    let out = connector.run(&t).await.unwrap();
+    let Outcome::Completed {
+        records_affected: 1,
+        note,
+        ..
+    } = out
+    else {
+        panic!("{out:?}");
+    };
+    // The id is the hash of the address, so it moves with it.
+    let new_hash = subscriber_hash(new_email);
+    assert!(
+        note.contains(&format!("{old_hash} (now {new_hash})")),
+        "{note}"
+    );
+    assert!(
+        note.contains("email_address") && note.contains("FNAME"),
+        "{note}"
+    );
+    assert!(
+        !note.contains("Liisa") && !note.contains("virtanen"),
+        "{note}"
+    );
+    assert!(fake.member(&old_hash).is_none());
+    let member = fake.member(&new_hash).unwrap();
+    assert_eq!(member["email_address"], new_email);
+    assert_eq!(member["merge_fields"]["FNAME"], "Maija-Liisa");
+    assert_eq!(member["merge_fields"]["LNAME"], "Meikäläinen");
+    let patch = format!("PATCH /3.0/lists/{LIST}/members/{old_hash}");
+    assert_eq!(fake.audience().calls, [patch]);
+}
+
+#[tokio::test]
+async fn an_unmapped_correction_is_permanent_and_changes_nothing() {
+    let (fake, connector, hash) = setup().await;
+    let mut t = task(RequestKind::Rectification, vec![email(MAIJA)]);
+    t.parameters = corrections(&[
+        ("first_name", "Maija-Liisa"),
+        ("address", "Mannerheimintie 1"),
+    ]);
+    let err = connector.run(&t).await.unwrap_err();
+    let ConnectorError::Permanent(message) = &err else {
+        panic!("{err:?}");
+    };
+    assert!(message.contains("\"address\""), "{message}");
+    assert!(message.contains("merge_fields"), "{message}");
+    assert!(!message.contains("Mannerheimintie"), "{message}");
+    assert!(fake.audience().calls.is_empty());
+    assert_eq!(
+        fake.member(&hash).unwrap()["merge_fields"]["FNAME"],
+        "Maija"
+    );
+}
+
+#[tokio::test]
+async fn mailchimp_errors_are_permanent_with_the_detail_scrubbed() {
+    let (fake, connector, _) = setup().await;
+    // Moving to an address another member has: Mailchimp echoes the address.
+    let mut t = task(RequestKind::Rectification, vec![email(MAIJA)]);
+    t.parameters = corrections(&[("email", "someone.else@example.fi")]);
+    let err = connector.run(&t).await.unwrap_err();
+    let ConnectorError::Permanent(message) = &err else {
+        panic!("{err:?}");
+    };
+    assert!(message.contains("HTTP 400: Member Exists"), "{message}");
+    assert!(message.contains("is already a list member"), "{message}");
+    assert!(!message.contains("someone.else"), "{message}");
+    assert_clean(message);
+    // A validation error names the field.
+    t.parameters = corrections(&[("email", "not-an-address")]);
+    let err = connector.run(&t).await.unwrap_err();
+    assert!(err.to_string().contains("Invalid Resource"), "{err}");
+    assert!(
+        err.to_string().contains("email_address: Please provide"),
+        "{err}"
+    );
+    assert!(!err.to_string().contains("not-an-address"), "{err}");
+    assert_eq!(fake.audience().members.len(), 2);
+}
+
+#[tokio::test]
+async fn restriction_is_not_supported() {
+    let (fake, connector, _) = setup().await;
+    assert!(!connector.supports(RequestKind::Restriction));
+    assert!(!connector.supports(RequestKind::Unspecified));
+    for kind in [
+        RequestKind::Erasure,
+        RequestKind::ReturnOfData,
+        RequestKind::Transfer,
+        RequestKind::Rectification,
+        RequestKind::Objection,
+    ] {
+        assert!(connector.supports(kind), "{kind:?}");
+    }
+    // Called anyway, it refuses without touching the audience.
+    let out = connector
+        .run(&task(RequestKind::Restriction, vec![email(MAIJA)]))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&out, Outcome::Refused { reason } if reason.contains("RESTRICTION")),
+        "{out:?}"
+    );
+    assert!(fake.audience().calls.is_empty());
+    assert_eq!(connector.kind_name(), "mailchimp");
+}
+
+#[tokio::test]
+async fn a_stopped_server_is_transient() {
+    let (mut fake, connector, _) = setup().await;
+    let t = task(RequestKind::ReturnOfData, vec![email(MAIJA)]);
+    assert!(connector.run(&t).await.is_ok());
+    fake.stop().await;
+    let err = connector.run(&t).await.unwrap_err();
+    assert!(matches!(err, ConnectorError::Transient(_)), "{err:?}");
+    assert_clean(&err.to_string());
+}
+
+#[tokio::test]
+async fn a_slow_server_times_out_transiently() {
+    let (fake, _, _) = setup().await;
+    fake.audience().delay_ms = 2_000;
+    let connector = MailchimpConnector::new(MailchimpConfig {
+        timeout_ms: 100,
+        ..config(&fake.base_url)
+    })
+    .unwrap();
+    let err = connector
+        .run(&task(RequestKind::ReturnOfData, vec![email(MAIJA)]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ConnectorError::Transient(m) if m.contains("timed out")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn configuration_parses_with_defaults_and_validates() {
+    let toml = format!(
+        "type = \"mailchimp\"\nbase_url = \"https://us21.api.mailchimp.com/3.0\"\n\
+         api_key = \"{KEY}\"\nlist_id = \"{LIST}\"\n"
+    );
+    let parsed: ConnectorConfig = toml::from_str(&toml).unwrap();
+    let ConnectorConfig::Mailchimp(c) = &parsed else {
+        panic!("{parsed:?}");
+    };
+    assert_eq!(c.timeout_ms, 10_000);
+    assert_eq!(c.merge_fields, default_merge_fields());
+    assert_eq!(c.merge_fields["phone"], "PHONE");
+    assert!(parsed.validate().is_empty(), "{:?}", parsed.validate());
+    // The key never shows in Debug output, of the config or the enum around it.
+    assert!(!format!("{parsed:?}").contains("0123456789abcdef"));
+    assert!(format!("{parsed:?}").contains("[redacted]"));
+
+    let unknown = toml::from_str::<ConnectorConfig>(&format!("{toml}api_secret = \"x\"\n"));
+    assert!(unknown.unwrap_err().to_string().contains("api_secret"));
+
+    let bad = MailchimpConfig {
+        base_url: "ftp://example".into(),
+        api_key: " ".into(),
+        list_id: "a/b".into(),
+        timeout_ms: 0,
+        merge_fields: [
+            ("email".to_string(), "EMAIL".to_string()),
+            ("name".into(), "F NAME".into()),
+        ]
+        .into_iter()
+        .collect(),
+    };
+    let problems = bad.validate().join("\n");
+    for expected in [
+        "base_url",
+        "api_key",
+        "list_id",
+        "timeout_ms",
+        "\"email\" cannot be mapped",
+        "merge_fields.name",
+    ] {
+        assert!(problems.contains(expected), "{expected}: {problems}");
+    }
+    let creds = MailchimpConfig {
+        base_url: "https://user:pw@us21.api.mailchimp.com/3.0".into(),
+        ..c.clone()
+    };
+    assert!(creds.validate().join(" ").contains("credentials"));
+    let empty_list = MailchimpConfig {
+        list_id: String::new(),
+        ..c.clone()
+    };
+    assert!(MailchimpConnector::new(empty_list).is_err());
+}
+
+#[tokio::test]
+async fn build_makes_a_mailchimp_connector() {
+    let fake = FakeMailchimp::start(KEY, LIST).await.unwrap();
+    let hash = fake.subscribe(MAIJA, "Maija", "Meikäläinen");
+    let built = crate::build(&ConnectorConfig::Mailchimp(config(&format!(
+        "{}/",
+        fake.base_url
+    ))))
+    .await
+    .unwrap();
+    assert_eq!(built.kind_name(), "mailchimp");
+    let out = built
+        .run(&task(RequestKind::Erasure, vec![email(MAIJA)]))
+        .await
+        .unwrap();
+    assert!(matches!(out, Outcome::Completed { .. }), "{out:?}");
+    assert!(fake.member(&hash).is_none());
+}

@@ -1,0 +1,464 @@
+//! Running planned statements: each request in one transaction, reading the rows it needs,
+//! and sorting database errors into worth-retrying or not.
+
+use dsrelay_proto::v1::{FieldCorrection, SubjectIdentity};
+use sqlx::any::{AnyRow, AnyTypeInfoKind};
+use sqlx::{Any, Row, Transaction, ValueRef as _};
+
+use super::plan::{
+    check_corrections, plan_erasure, plan_export, plan_flag, plan_rectify, usable_identities,
+    Statement,
+};
+use super::retention::{assess, day_of, DatedRow};
+use super::rules::{Action, TableRule};
+use super::SqlConnector;
+use crate::ConnectorError;
+
+/// What an erasure did in one database.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ErasureReport {
+    /// How many rows were erased or anonymized.
+    pub(crate) records_affected: i64,
+    /// A human-readable account of the work, safe to store and show: it never contains the
+    /// subject's identity values.
+    pub(crate) note: String,
+    /// False when the database holds no data on the subject.
+    pub(crate) found: bool,
+    /// Set when rows are kept under a legal obligation.
+    pub(crate) retained: Option<RetentionReport>,
+}
+
+/// What an erasure keeps under `retain` rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RetentionReport {
+    /// The bases of the rules that keep rows, children first as the tables are handled,
+    /// joined with `"; "`.
+    pub(crate) legal_basis: String,
+    /// When the next kept row is released (ms since the epoch): the moment to erase again.
+    pub(crate) until_ms: i64,
+    /// How many rows the rules keep (matched rows kept for them not counted).
+    pub(crate) rows: i64,
+}
+
+/// What an export, rectification, restriction or objection did.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct WorkReport {
+    /// Rows exported or changed; 0 means the subject was not found.
+    pub(crate) records_affected: i64,
+    /// A human-readable account of the work, without identity or corrected values.
+    pub(crate) note: String,
+    /// For exports: table name to the subject's rows, each an object of the `export` columns.
+    pub(crate) export: Option<serde_json::Value>,
+}
+
+impl SqlConnector {
+    async fn begin(&self) -> Result<Transaction<'static, Any>, ConnectorError> {
+        self.db
+            .pool
+            .begin()
+            .await
+            .map_err(|e| classify("starting a transaction", &e))
+    }
+
+    /// Erases the subject's rows in every configured table as of `now_ms`, in one
+    /// transaction: rows no obligation keeps get the table's action; kept rows lose the
+    /// personal data the obligation does not need (see the module documentation). Only RAW
+    /// identities of a type some table matches are used.
+    ///
+    /// Running it again finds only what is still kept, and answers `found: false` once
+    /// nothing is left.
+    pub(crate) async fn erase(
+        &self,
+        identities: &[SubjectIdentity],
+        now_ms: i64,
+    ) -> Result<ErasureReport, ConnectorError> {
+        let plan = plan_erasure(&self.config, identities, now_ms)?;
+        let mut tx = self.begin().await?;
+        let mut total: i64 = 0;
+        let mut found = false;
+        let mut notes = Vec::with_capacity(plan.len());
+        let mut kept_rows: i64 = 0;
+        let mut next_release: Option<i64> = None;
+        let mut bases: Vec<&str> = Vec::new();
+        for step in &plan {
+            let rule = step.rule;
+            let table = rule.table.as_str();
+            let Some(work) = &step.work else {
+                notes.push(if rule.action == Action::Keep {
+                    format!("{table}: kept (action keep)")
+                } else {
+                    format!("{table}: skipped (no identity of a type it matches)")
+                });
+                continue;
+            };
+            let retained = match (&work.probe, &rule.retain) {
+                (Some(probe), Some(retain)) => {
+                    let rows: Vec<DatedRow> = probe
+                        .query_as()
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(|e| classify(&format!("reading the dates of {table}"), &e))?;
+                    Some(assess(table, retain, &rows, now_ms)?)
+                }
+                _ => None,
+            };
+            let kept = match &work.count_kept {
+                Some(count) => count
+                    .query_scalar::<i64>()
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(|e| classify(&format!("counting the kept rows of {table}"), &e))?,
+                None => 0,
+            };
+            let anonymized = match &work.anonymize_kept {
+                Some(update) => execute(&mut tx, update)
+                    .await
+                    .map_err(|e| classify(&format!("anonymizing {table}"), &e))?,
+                None => 0,
+            };
+            let done = execute(&mut tx, &work.main)
+                .await
+                .map_err(|e| classify(&format!("{} {table}", rule.action.doing()), &e))?;
+            total = total.saturating_add(done).saturating_add(anonymized);
+            found |= done > 0 || kept > 0;
+            tracing::debug!(
+                table,
+                action = rule.action.done(),
+                rows = done,
+                kept,
+                anonymized,
+                "sql rule applied"
+            );
+
+            let mut note = format!("{table}: {} {done}", rule.action.done());
+            if kept > 0 {
+                note.push_str(&format!(", kept {kept}"));
+                if let Some(k) = &retained {
+                    if let Some(day) = k.last_day {
+                        note.push_str(&format!(" until the end of {day}"));
+                    }
+                    if k.by_condition > 0 {
+                        note.push_str(&format!(
+                            " ({} while its retain condition holds, checked again on {})",
+                            k.by_condition,
+                            day_of(k.recheck_at_ms)
+                        ));
+                    }
+                }
+                if retained.as_ref().is_none_or(|k| k.rows == 0) && !work.held_for.is_empty() {
+                    note.push_str(&format!(
+                        " for the kept rows of {}",
+                        work.held_for.join(", ")
+                    ));
+                }
+                if work.anonymize_kept.is_some() {
+                    note.push_str(&format!(" (anonymized {anonymized})"));
+                }
+            }
+            notes.push(note);
+            if let Some(k) = retained {
+                kept_rows += k.rows;
+                if let Some(at) = k.next_release_ms {
+                    next_release = Some(next_release.map_or(at, |n| n.min(at)));
+                }
+                for basis in k.bases {
+                    if !bases.contains(&basis) {
+                        bases.push(basis);
+                    }
+                }
+            }
+        }
+        tx.commit()
+            .await
+            .map_err(|e| classify("committing the erasure", &e))?;
+        Ok(ErasureReport {
+            records_affected: total,
+            note: notes.join("; "),
+            found,
+            retained: (kept_rows > 0).then(|| RetentionReport {
+                legal_basis: bases.join("; "),
+                until_ms: next_release.unwrap_or(now_ms),
+                rows: kept_rows,
+            }),
+        })
+    }
+
+    /// The subject's rows of every table with `export` columns, as
+    /// `{"table": [{"column": value, ...}, ...], ...}`, read in one transaction.
+    pub(crate) async fn export(
+        &self,
+        identities: &[SubjectIdentity],
+    ) -> Result<WorkReport, ConnectorError> {
+        let raw = usable_identities(&self.config, identities)?;
+        let mut tx = self.begin().await?;
+        let mut tables = serde_json::Map::new();
+        let mut total: i64 = 0;
+        let mut notes = Vec::new();
+        for rule in self.config.tables.iter().filter(|t| !t.export.is_empty()) {
+            let Some(select) = plan_export(&self.config, rule, &raw) else {
+                notes.push(skipped(rule));
+                continue;
+            };
+            let fetched = select
+                .query()
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(|e| classify(&format!("exporting {}", rule.table), &e))?;
+            let mut rows = Vec::with_capacity(fetched.len());
+            for row in &fetched {
+                let mut object = serde_json::Map::new();
+                for (i, column) in rule.export.iter().enumerate() {
+                    let value = json_value(row, i)
+                        .map_err(|e| classify(&format!("exporting {}.{column}", rule.table), &e))?;
+                    object.insert(column.clone(), value);
+                }
+                rows.push(serde_json::Value::Object(object));
+            }
+            notes.push(format!("{}: exported {}", rule.table, rows.len()));
+            total = total.saturating_add(i64::try_from(rows.len()).unwrap_or(i64::MAX));
+            tables.insert(rule.table.clone(), serde_json::Value::Array(rows));
+        }
+        tx.commit()
+            .await
+            .map_err(|e| classify("finishing the export", &e))?;
+        Ok(WorkReport {
+            records_affected: total,
+            note: notes.join("; "),
+            export: Some(serde_json::Value::Object(tables)),
+        })
+    }
+
+    /// Writes the corrected values into the columns the `rectify` maps name, in every table
+    /// that maps the field, in one transaction. A field no table maps is a permanent error,
+    /// and nothing is changed.
+    pub(crate) async fn rectify(
+        &self,
+        identities: &[SubjectIdentity],
+        corrections: &[FieldCorrection],
+    ) -> Result<WorkReport, ConnectorError> {
+        let corrections = check_corrections(&self.config, corrections)?;
+        let raw = usable_identities(&self.config, identities)?;
+        let mut tx = self.begin().await?;
+        let mut total: i64 = 0;
+        let mut notes = Vec::new();
+        for rule in self.config.children_first() {
+            let applicable: Vec<(&str, &String, &str)> = corrections
+                .iter()
+                .filter_map(|(field, value)| Some((*field, rule.rectify.get(*field)?, *value)))
+                .collect();
+            if applicable.is_empty() {
+                continue;
+            }
+            let fields: Vec<&str> = applicable.iter().map(|(f, _, _)| *f).collect();
+            let columns: Vec<(&String, &str)> = applicable
+                .iter()
+                .map(|(_, column, value)| (*column, *value))
+                .collect();
+            let Some(update) = plan_rectify(&self.config, rule, &raw, &columns) else {
+                notes.push(skipped(rule));
+                continue;
+            };
+            let done = execute(&mut tx, &update)
+                .await
+                .map_err(|e| classify(&format!("rectifying {}", rule.table), &e))?;
+            total = total.saturating_add(done);
+            notes.push(format!(
+                "{}: updated {done} ({})",
+                rule.table,
+                fields.join(", ")
+            ));
+        }
+        tx.commit()
+            .await
+            .map_err(|e| classify("committing the rectification", &e))?;
+        Ok(WorkReport {
+            records_affected: total,
+            note: notes.join("; "),
+            export: None,
+        })
+    }
+
+    /// Sets (`lift: false`) or lifts a restriction of processing: the `restrict_column` of the
+    /// subject's rows becomes 1 or 0.
+    pub(crate) async fn restrict(
+        &self,
+        identities: &[SubjectIdentity],
+        lift: bool,
+    ) -> Result<WorkReport, ConnectorError> {
+        let (value, verb) = if lift {
+            (0, "restriction lifted")
+        } else {
+            (1, "restricted")
+        };
+        self.set_flag(identities, |t| t.restrict_column.as_ref(), value, verb)
+            .await
+    }
+
+    /// Records an objection to direct marketing: the `suppress_column` of the subject's rows
+    /// becomes 1.
+    pub(crate) async fn suppress(
+        &self,
+        identities: &[SubjectIdentity],
+    ) -> Result<WorkReport, ConnectorError> {
+        self.set_flag(identities, |t| t.suppress_column.as_ref(), 1, "opted out")
+            .await
+    }
+
+    async fn set_flag(
+        &self,
+        identities: &[SubjectIdentity],
+        column_of: fn(&TableRule) -> Option<&String>,
+        value: u8,
+        verb: &str,
+    ) -> Result<WorkReport, ConnectorError> {
+        let raw = usable_identities(&self.config, identities)?;
+        let mut tx = self.begin().await?;
+        let mut total: i64 = 0;
+        let mut notes = Vec::new();
+        for rule in self.config.children_first() {
+            let Some(column) = column_of(rule) else {
+                continue;
+            };
+            let Some(update) = plan_flag(&self.config, rule, &raw, column, value) else {
+                notes.push(skipped(rule));
+                continue;
+            };
+            let done = execute(&mut tx, &update)
+                .await
+                .map_err(|e| classify(&format!("updating {}.{column}", rule.table), &e))?;
+            total = total.saturating_add(done);
+            notes.push(format!("{}: {verb} {done}", rule.table));
+        }
+        tx.commit()
+            .await
+            .map_err(|e| classify("committing the change", &e))?;
+        Ok(WorkReport {
+            records_affected: total,
+            note: notes.join("; "),
+            export: None,
+        })
+    }
+}
+
+/// The note of a table no identity of the request applies to.
+fn skipped(rule: &TableRule) -> String {
+    format!("{}: skipped (no identity of a type it matches)", rule.table)
+}
+
+/// Runs `s`; the rows it changed.
+async fn execute(tx: &mut Transaction<'static, Any>, s: &Statement) -> Result<i64, sqlx::Error> {
+    let done = s.query().execute(&mut **tx).await?;
+    Ok(i64::try_from(done.rows_affected()).unwrap_or(i64::MAX))
+}
+
+/// Column `i` of `row` as JSON, by the type the database reports. The export columns are
+/// whatever the rules name, so the row has no fixed shape to read into a struct.
+pub(super) fn json_value(row: &AnyRow, i: usize) -> Result<serde_json::Value, sqlx::Error> {
+    use serde_json::Value;
+    let raw = row.try_get_raw(i)?;
+    if raw.is_null() {
+        return Ok(Value::Null);
+    }
+    let kind = raw.type_info().kind();
+    Ok(match kind {
+        AnyTypeInfoKind::Null => Value::Null,
+        AnyTypeInfoKind::Bool => Value::Bool(row.try_get(i)?),
+        AnyTypeInfoKind::SmallInt | AnyTypeInfoKind::Integer | AnyTypeInfoKind::BigInt => {
+            Value::from(row.try_get::<i64, _>(i)?)
+        }
+        AnyTypeInfoKind::Real | AnyTypeInfoKind::Double => {
+            serde_json::Number::from_f64(row.try_get::<f64, _>(i)?)
+                .map_or(Value::Null, Value::Number)
+        }
+        AnyTypeInfoKind::Text => Value::String(row.try_get(i)?),
+        AnyTypeInfoKind::Blob => Value::String(
+            row.try_get::<Vec<u8>, _>(i)?
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        ),
+    })
+}
+
+/// Sorts a database error into worth-retrying or not; `context` says what was being done.
+pub(super) fn classify(context: &str, err: &sqlx::Error) -> ConnectorError {
+    let message = format!("{context}: {err}");
+    if is_transient(err) {
+        ConnectorError::Transient(message)
+    } else {
+        ConnectorError::Permanent(message)
+    }
+}
+
+fn is_transient(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let message = db.message().to_ascii_lowercase();
+            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            // SQLite reports extended result codes; the low byte is the primary one, and
+            // SQLITE_BUSY (5) and SQLITE_LOCKED (6) mean another writer holds the database.
+            let sqlite_busy = code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6));
+            // PostgreSQL: connection exceptions (08), serialization failures and deadlocks,
+            // insufficient resources (53), shutdown or start-up (57P0x), lock not available.
+            let postgres_transient = code.starts_with("08")
+                || code.starts_with("53")
+                || matches!(
+                    code.as_str(),
+                    "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03"
+                );
+            sqlite_busy
+                || postgres_transient
+                || message.contains("database is locked")
+                || message.contains("database table is locked")
+        }
+        other => {
+            let text = other.to_string().to_ascii_lowercase();
+            text.contains("connection refused")
+                || text.contains("connection reset")
+                || text.contains("timed out")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dsrelay_runtime::store::Db;
+
+    use super::*;
+    use crate::sql::tests::{email, now, sample, MAIJA};
+
+    #[test]
+    fn classifies_sqlx_errors() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert!(classify("x", &sqlx::Error::Io(refused)).is_transient());
+        assert!(classify("x", &sqlx::Error::PoolTimedOut).is_transient());
+        assert!(!classify("x", &sqlx::Error::RowNotFound).is_transient());
+        let err = classify("deleting from t", &sqlx::Error::ColumnNotFound("c".into()));
+        assert_eq!(
+            err,
+            ConnectorError::Permanent("deleting from t: no column found for name: c".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn locked_sqlite_database_is_transient() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/accounting.db", dir.path().display());
+        let (connector, _) = sample(&url).await;
+        let other = Db::connect(&url).await.unwrap();
+        let mut writer = other.pool.acquire().await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut *writer)
+            .await
+            .unwrap();
+        // Waits out the 5 s busy timeout Db sets, then gives up.
+        let err = connector.erase(&[email(MAIJA)], now()).await.unwrap_err();
+        assert!(err.is_transient(), "{err:?}");
+        assert!(err.to_string().contains("database is locked"), "{err}");
+        sqlx::query("ROLLBACK").execute(&mut *writer).await.unwrap();
+    }
+}

@@ -1,0 +1,192 @@
+//! Data-subject requests in accounting and ERP databases (SQLite or PostgreSQL), carried out by
+//! declarative table rules.
+//!
+//! Each rule names a table and says, for that table:
+//! - how the subject's rows are found: directly, by matching identity values against columns
+//!   (`match`), or through a parent table's matched rows (`parent`);
+//! - what erasure does with them (`action`): delete them, anonymize some columns
+//!   (`anonymize`), or `keep` them untouched;
+//! - whether a legal obligation keeps them for a while (`retain`, see below);
+//! - which columns a RETURN_OF_DATA or TRANSFER export contains (`export`);
+//! - which column a RECTIFICATION of a logical field (`email`, `name`, ...) changes
+//!   (`rectify`);
+//! - which 0/1 column a RESTRICTION sets or lifts (`restrict_column`) and which one an
+//!   OBJECTION to direct marketing sets (`suppress_column`).
+//!
+//! The connector supports a request kind when some table is configured for it (ERASURE when
+//! some table is not `keep`).
+//!
+//! # Legal retention
+//!
+//! A `retain` rule keeps the table's rows until the end of the fiscal year that contains the
+//! date in `from_column`, plus `years` years (the Finnish Accounting Act: books ten years,
+//! vouchers six), and also as long as the SQL condition `while` holds for a row (an open
+//! invoice, a debt in collection). An erasure then:
+//! - applies the table's action at once to the rows whose period is over;
+//! - anonymizes in the kept rows the `anonymize` columns the obligation does not need (all
+//!   but `keep_columns`, and never the columns the rows are found by);
+//! - keeps a matched (parent) row as long as a child row found through it is kept, so that the
+//!   rest can be found again; meanwhile its `anonymize` columns are cleared too, except the
+//!   match columns the request's identities use;
+//! - answers [`Outcome::Retained`] with the bases of the rules that keep rows and the moment the
+//!   next kept row is released. The processor runs the task again then
+//!   ([`Phase::RetentionExpired`]), which erases what was released and answers
+//!   [`Outcome::Retained`] again while anything is kept, or [`Outcome::Completed`].
+//!
+//! Each part is thus erased as soon as its own obligation ends, not when the longest one does.
+//! Rows kept only by `while` are checked again `recheck_days` after each run. Dates are read in
+//! Rust from the rows (as `YYYY-MM-DD`, also from a PostgreSQL `DATE` column), never from the
+//! system clock: "now" is [`Task::now_ms`], in UTC.
+//!
+//! # Safety
+//!
+//! A request runs in one transaction: child tables first, so that they are still reachable
+//! through their parent's rows, then the matched tables. Identifiers come only from the
+//! validated configuration and are quoted; identity values, corrected values and dates are
+//! always bound as parameters. The only SQL text taken from the configuration is
+//! `retain.while`, spliced as written: it is trusted operator configuration, never user input.
+//!
+//! # Layout
+//! - `rules`: the configuration ([`SqlConnectorConfig`], [`TableRule`], [`Action`],
+//!   [`Retention`], ...) and its validation.
+//! - `retention`: the retention calendar: when a dated row is released, in Rust and as a date
+//!   SQL compares, and what a table keeps of the subject's rows.
+//! - `plan`: the statements a request runs, built from the rules and the identities (pure).
+//! - `execute`: running them in one transaction, reading rows, classifying database errors.
+//! - `sample`: the sample accounting database and its rules ([`sample_config`],
+//!   [`create_sample_accounting_db`]).
+//! - here: the connector, which connects, dispatches a task by kind and phase and turns the
+//!   reports into an [`Outcome`].
+
+use dsrelay_proto::v1::RequestKind;
+use dsrelay_runtime::store::Db;
+
+use crate::{BoxFuture, Connector, ConnectorError, Outcome, Phase, Task};
+
+mod execute;
+mod plan;
+mod retention;
+mod rules;
+mod sample;
+#[cfg(test)]
+mod tests;
+
+use execute::{ErasureReport, WorkReport};
+pub use rules::{
+    Action, AnonymizeWith, ParentLink, Retention, SqlConnectorConfig, TableRule,
+    DEFAULT_RECHECK_DAYS, REDACTED,
+};
+pub use sample::{
+    create_sample_accounting_db, sample_config, SAMPLE_ACCOUNTING_RULES, SAMPLE_ACCOUNTING_SQL,
+};
+
+/// Carries out data-subject requests in one SQL database according to a
+/// [`SqlConnectorConfig`].
+#[derive(Debug, Clone)]
+pub(crate) struct SqlConnector {
+    config: SqlConnectorConfig,
+    db: Db,
+}
+
+impl SqlConnector {
+    /// Validates `config` and connects to its database.
+    pub(crate) async fn connect(config: SqlConnectorConfig) -> anyhow::Result<Self> {
+        let problems = config.validate();
+        if !problems.is_empty() {
+            anyhow::bail!(
+                "invalid sql connector configuration: {}",
+                problems.join("; ")
+            );
+        }
+        let db = Db::connect(&config.url).await?;
+        Ok(Self { config, db })
+    }
+}
+
+impl Connector for SqlConnector {
+    fn kind_name(&self) -> &'static str {
+        "sql"
+    }
+
+    fn supports(&self, kind: RequestKind) -> bool {
+        self.config.supports(kind)
+    }
+
+    fn run<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async move {
+            let kind = task.kind;
+            if !self.config.supports(kind) {
+                return Ok(Outcome::Refused {
+                    reason: format!(
+                        "the sql connector is not configured for {}",
+                        crate::kind_label(kind)
+                    ),
+                });
+            }
+            let ids = &task.identities;
+            match (&task.phase, kind) {
+                (Phase::Confirm { .. }, _) => Err(ConnectorError::Permanent(
+                    "the sql connector finishes its work in one run; there is nothing to confirm"
+                        .into(),
+                )),
+                (Phase::Start | Phase::RetentionExpired, RequestKind::Erasure) => {
+                    let report = self.erase(ids, task.now_ms).await?;
+                    Ok(erasure_outcome(report, &task.phase))
+                }
+                (Phase::RetentionExpired, _) => Err(ConnectorError::Permanent(format!(
+                    "only erasures keep data under retention, not {}",
+                    crate::kind_label(kind)
+                ))),
+                (Phase::Start, RequestKind::ReturnOfData | RequestKind::Transfer) => {
+                    Ok(work_outcome(self.export(ids).await?))
+                }
+                (Phase::Start, RequestKind::Rectification) => Ok(work_outcome(
+                    self.rectify(ids, &task.parameters.corrections).await?,
+                )),
+                (Phase::Start, RequestKind::Restriction) => Ok(work_outcome(
+                    self.restrict(ids, task.parameters.lift_restriction).await?,
+                )),
+                (Phase::Start, RequestKind::Objection) => {
+                    Ok(work_outcome(self.suppress(ids).await?))
+                }
+                (Phase::Start, RequestKind::Unspecified) => Ok(Outcome::Refused {
+                    reason: "the request kind is unspecified".into(),
+                }),
+            }
+        })
+    }
+}
+
+fn erasure_outcome(report: ErasureReport, phase: &Phase) -> Outcome {
+    match report.retained {
+        Some(kept) => Outcome::Retained {
+            legal_basis: kept.legal_basis,
+            until_ms: kept.until_ms,
+            records_affected: report.records_affected,
+            note: report.note,
+        },
+        // The first run found the subject; finding nothing later means nothing is left.
+        None if report.found || *phase == Phase::RetentionExpired => Outcome::Completed {
+            records_affected: report.records_affected,
+            note: if report.found {
+                report.note
+            } else {
+                format!("nothing left to erase: {}", report.note)
+            },
+            export: None,
+        },
+        None => Outcome::NotFound { note: report.note },
+    }
+}
+
+fn work_outcome(report: WorkReport) -> Outcome {
+    if report.records_affected > 0 {
+        Outcome::Completed {
+            records_affected: report.records_affected,
+            note: report.note,
+            export: report.export,
+        }
+    } else {
+        Outcome::NotFound { note: report.note }
+    }
+}

@@ -1,0 +1,596 @@
+//! Planning: the statements a request runs, built from the rules and the subject's
+//! identities. Pure, so the SQL text and its parameters are tested without a database.
+//!
+//! Identifiers come only from the validated configuration and are quoted; identity values,
+//! corrected values and dates are always bound as parameters (`$1`, `$2`, ...). The only SQL
+//! text taken from the configuration is `retain.while`, spliced as written.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use dsrelay_proto::v1::{FieldCorrection, IdentityEncoding, IdentityType, SubjectIdentity};
+use dsrelay_runtime::identity::normalize;
+use sqlx::any::AnyArguments;
+use sqlx::query::{Query, QueryAs, QueryScalar};
+use sqlx::Any;
+
+use super::rules::{
+    Action, AnonymizeWith, Retention, SqlConnectorConfig, TableRule, MATCH_KEYS, REDACTED,
+};
+use crate::ConnectorError;
+
+/// One SQL statement and the values of its `$1`, `$2`, ... parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Statement {
+    pub(super) sql: String,
+    pub(super) binds: Vec<String>,
+}
+
+impl Statement {
+    /// The statement with its values bound, for `execute` and `fetch_all`.
+    pub(super) fn query(&self) -> Query<'_, Any, AnyArguments<'_>> {
+        self.binds
+            .iter()
+            .fold(sqlx::query(&self.sql), |q, v| q.bind(v.clone()))
+    }
+
+    /// The statement with its values bound, reading rows into `T`.
+    pub(super) fn query_as<T>(&self) -> QueryAs<'_, Any, T, AnyArguments<'_>>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow>,
+    {
+        self.binds
+            .iter()
+            .fold(sqlx::query_as(&self.sql), |q, v| q.bind(v.clone()))
+    }
+
+    /// The statement with its values bound, reading the first column as `T`.
+    pub(super) fn query_scalar<T>(&self) -> QueryScalar<'_, Any, T, AnyArguments<'_>>
+    where
+        (T,): for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow>,
+    {
+        self.binds
+            .iter()
+            .fold(sqlx::query_scalar(&self.sql), |q, v| q.bind(v.clone()))
+    }
+}
+
+/// The values bound so far while a statement is built.
+#[derive(Debug, Default)]
+pub(super) struct Binds(Vec<String>);
+
+impl Binds {
+    /// Binds `value` and returns its placeholder.
+    pub(super) fn add(&mut self, value: impl Into<String>) -> String {
+        self.0.push(value.into());
+        format!("${}", self.0.len())
+    }
+
+    pub(super) fn finish(self, sql: String) -> Statement {
+        Statement { sql, binds: self.0 }
+    }
+}
+
+/// A RAW identity of a type some table matches, normalized.
+pub(super) type Identity = (IdentityType, String);
+
+/// One table's part of an erasure, in the order the tables are handled.
+#[derive(Debug)]
+pub(super) struct ErasureStep<'a> {
+    pub(super) rule: &'a TableRule,
+    /// `None` for `keep` tables and tables no identity of the request applies to.
+    pub(super) work: Option<ErasureWork>,
+}
+
+/// The statements of one table's part of an erasure.
+#[derive(Debug)]
+pub(super) struct ErasureWork {
+    /// For `retain` tables: each subject row's date (as text) and whether `while` holds (1/0),
+    /// read as [`super::retention::DatedRow`].
+    pub(super) probe: Option<Statement>,
+    /// For tables that can keep rows: how many of the subject's rows are kept now.
+    pub(super) count_kept: Option<Statement>,
+    /// Anonymizes in the kept rows what the obligation does not need.
+    pub(super) anonymize_kept: Option<Statement>,
+    /// The table's action on the rows that are not kept.
+    pub(super) main: Statement,
+    /// The child tables whose kept rows keep this table's rows.
+    pub(super) held_for: Vec<String>,
+}
+
+/// The statements for erasing the subject known by `identities` as of `now_ms`, children
+/// first.
+pub(super) fn plan_erasure<'a>(
+    config: &'a SqlConnectorConfig,
+    identities: &[SubjectIdentity],
+    now_ms: i64,
+) -> Result<Vec<ErasureStep<'a>>, ConnectorError> {
+    let raw = usable_identities(config, identities)?;
+    Ok(config
+        .children_first()
+        .map(|rule| ErasureStep {
+            rule,
+            work: match rule.action {
+                Action::Keep => None,
+                Action::Delete | Action::Anonymize => {
+                    plan_table_erasure(config, rule, &raw, now_ms)
+                }
+            },
+        })
+        .collect())
+}
+
+fn plan_table_erasure(
+    config: &SqlConnectorConfig,
+    rule: &TableRule,
+    raw: &[Identity],
+    now_ms: i64,
+) -> Option<ErasureWork> {
+    let table = quote(&rule.table);
+    // None when no identity of the request applies to the table: then it is skipped.
+    subject_filter(config, rule, raw, &mut Binds::default())?;
+    let filter = |b: &mut Binds| subject_filter(config, rule, raw, b).unwrap_or_default();
+    let keep = |b: &mut Binds| keep_condition(config, rule, now_ms, b);
+    let keeps = keep(&mut Binds::default()).is_some();
+
+    let main = {
+        let mut b = Binds::default();
+        let set = (rule.action == Action::Anonymize).then(|| {
+            anonymize_clauses(rule.anonymize.iter().map(|(c, w)| (c.as_str(), *w)), &mut b)
+        });
+        let mut conditions = vec![filter(&mut b)];
+        if let Some(kept) = keep(&mut b) {
+            conditions.push(format!("{kept} = 0"));
+        }
+        match set {
+            None => b.finish(format!(
+                "DELETE FROM {table} WHERE {}",
+                conditions.join(" AND ")
+            )),
+            Some((set, pending)) => {
+                conditions.push(pending);
+                b.finish(format!(
+                    "UPDATE {table} SET {set} WHERE {}",
+                    conditions.join(" AND ")
+                ))
+            }
+        }
+    };
+
+    // Kept rows must stay findable: through the link to the parent, or by the columns the
+    // request's identities match.
+    let mut findable: BTreeSet<&str> = BTreeSet::new();
+    if let Some(link) = &rule.parent {
+        findable.insert(&link.column);
+    }
+    for (ty, _) in raw {
+        if let Some(column) = match_key(*ty).and_then(|k| rule.match_columns.get(k)) {
+            findable.insert(column);
+        }
+    }
+    let needed: BTreeSet<&str> = rule
+        .retain
+        .iter()
+        .flat_map(|r| r.keep_columns.iter().map(String::as_str))
+        .collect();
+    let anonymize_now: Vec<(&str, AnonymizeWith)> = rule
+        .anonymize
+        .iter()
+        .map(|(c, w)| (c.as_str(), *w))
+        .filter(|(c, _)| !findable.contains(c) && !needed.contains(c))
+        .collect();
+    let anonymize_kept = (keeps && !anonymize_now.is_empty()).then(|| {
+        let mut b = Binds::default();
+        let (set, pending) = anonymize_clauses(anonymize_now.into_iter(), &mut b);
+        let f = filter(&mut b);
+        let kept = keep(&mut b).unwrap_or_default();
+        b.finish(format!(
+            "UPDATE {table} SET {set} WHERE {f} AND {kept} = 1 AND {pending}"
+        ))
+    });
+    let count_kept = keeps.then(|| {
+        let mut b = Binds::default();
+        let f = filter(&mut b);
+        let kept = keep(&mut b).unwrap_or_default();
+        b.finish(format!(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM {table} WHERE {f} AND {kept} = 1"
+        ))
+    });
+    let probe = rule.retain.as_ref().map(|r| {
+        let mut b = Binds::default();
+        let f = filter(&mut b);
+        let holds = match &r.while_condition {
+            Some(condition) => format!("CASE WHEN ({condition}) THEN 1 ELSE 0 END"),
+            None => "0".to_string(),
+        };
+        // The aliases are the fields of `DatedRow`.
+        b.finish(format!(
+            "SELECT CAST({table}.{} AS TEXT) AS dated, {holds} AS held FROM {table} WHERE {f}",
+            quote(&r.from_column)
+        ))
+    });
+    Some(ErasureWork {
+        probe,
+        count_kept,
+        anonymize_kept,
+        main,
+        held_for: config
+            .retained_children(rule)
+            .into_iter()
+            .map(|(child, _)| child.table.clone())
+            .collect(),
+    })
+}
+
+/// `(CASE WHEN <kept> THEN 1 ELSE 0 END)` for a table whose rows can be kept: by its own
+/// `retain`, or (for a matched table) because a child row found through the row is kept.
+/// Never NULL, so that `= 0` and `= 1` split the rows in two.
+fn keep_condition(
+    config: &SqlConnectorConfig,
+    rule: &TableRule,
+    now_ms: i64,
+    b: &mut Binds,
+) -> Option<String> {
+    let mut terms = Vec::new();
+    if let Some(retain) = &rule.retain {
+        terms.push(retained_condition(&rule.table, retain, now_ms, b));
+    }
+    for (child, link) in config.retained_children(rule) {
+        let Some(retain) = &child.retain else {
+            continue;
+        };
+        let c = quote(&child.table);
+        terms.push(format!(
+            "EXISTS (SELECT 1 FROM {c} WHERE {c}.{} = {}.{} AND {})",
+            quote(&link.column),
+            quote(&rule.table),
+            quote(&link.parent_column),
+            retained_condition(&child.table, retain, now_ms, b)
+        ));
+    }
+    (!terms.is_empty()).then(|| format!("(CASE WHEN {} THEN 1 ELSE 0 END)", terms.join(" OR ")))
+}
+
+/// Whether a row of `table` is kept by `retain` at `now_ms`: its date is not past the period
+/// (compared as ISO text, see [`Retention::release_before`]), or `while` holds.
+fn retained_condition(table: &str, retain: &Retention, now_ms: i64, b: &mut Binds) -> String {
+    let date = format!(
+        "CAST({}.{} AS TEXT) >= {}",
+        quote(table),
+        quote(&retain.from_column),
+        b.add(retain.release_before(now_ms))
+    );
+    match &retain.while_condition {
+        Some(condition) => format!("({date} OR ({condition}))"),
+        None => format!("({date})"),
+    }
+}
+
+/// `SET` list and "not yet anonymized" condition (so that rows already done are not counted
+/// again) for `columns`.
+fn anonymize_clauses<'c>(
+    columns: impl Iterator<Item = (&'c str, AnonymizeWith)>,
+    b: &mut Binds,
+) -> (String, String) {
+    let mut set = Vec::new();
+    let mut pending = Vec::new();
+    for (column, with) in columns {
+        let q = quote(column);
+        match with {
+            AnonymizeWith::Null => {
+                set.push(format!("{q} = NULL"));
+                pending.push(format!("{q} IS NOT NULL"));
+            }
+            AnonymizeWith::Redacted => {
+                let p = b.add(REDACTED);
+                set.push(format!("{q} = {p}"));
+                pending.push(format!("({q} IS NULL OR {q} <> {p})"));
+            }
+        }
+    }
+    (set.join(", "), format!("({})", pending.join(" OR ")))
+}
+
+/// The export of `rule`'s rows of the subject, its `export` columns in order; `None` when no
+/// identity applies to the table.
+pub(super) fn plan_export(
+    config: &SqlConnectorConfig,
+    rule: &TableRule,
+    raw: &[Identity],
+) -> Option<Statement> {
+    let mut binds = Binds::default();
+    let filter = subject_filter(config, rule, raw, &mut binds)?;
+    let columns: Vec<String> = rule.export.iter().map(|c| quote(c)).collect();
+    let order: Vec<String> = (1..=columns.len()).map(|i| i.to_string()).collect();
+    Some(binds.finish(format!(
+        "SELECT {} FROM {} WHERE {filter} ORDER BY {}",
+        columns.join(", "),
+        quote(&rule.table),
+        order.join(", ")
+    )))
+}
+
+/// The update writing `corrections` (column, value) into `rule`'s rows of the subject; `None`
+/// when no identity applies to the table.
+pub(super) fn plan_rectify(
+    config: &SqlConnectorConfig,
+    rule: &TableRule,
+    raw: &[Identity],
+    corrections: &[(&String, &str)],
+) -> Option<Statement> {
+    let mut binds = Binds::default();
+    let set: Vec<String> = corrections
+        .iter()
+        .map(|(column, value)| format!("{} = {}", quote(column), binds.add(*value)))
+        .collect();
+    let filter = subject_filter(config, rule, raw, &mut binds)?;
+    Some(binds.finish(format!(
+        "UPDATE {} SET {} WHERE {filter}",
+        quote(&rule.table),
+        set.join(", ")
+    )))
+}
+
+/// The update setting the 0/1 `column` of `rule`'s rows of the subject to `value`; `None`
+/// when no identity applies to the table.
+pub(super) fn plan_flag(
+    config: &SqlConnectorConfig,
+    rule: &TableRule,
+    raw: &[Identity],
+    column: &str,
+    value: u8,
+) -> Option<Statement> {
+    let mut binds = Binds::default();
+    let filter = subject_filter(config, rule, raw, &mut binds)?;
+    // The value is a constant of the code, not request data.
+    Some(binds.finish(format!(
+        "UPDATE {} SET {} = {value} WHERE {filter}",
+        quote(&rule.table),
+        quote(column)
+    )))
+}
+
+/// The RAW identities of a type some table matches, normalized; a permanent error when
+/// there are none.
+pub(super) fn usable_identities(
+    config: &SqlConnectorConfig,
+    identities: &[SubjectIdentity],
+) -> Result<Vec<Identity>, ConnectorError> {
+    let usable_keys = config.usable_keys();
+    let raw: Vec<Identity> = identities
+        .iter()
+        .filter(|id| IdentityEncoding::try_from(id.encoding) == Ok(IdentityEncoding::Raw))
+        .filter_map(|id| {
+            let ty = IdentityType::try_from(id.r#type).ok()?;
+            let key = match_key(ty)?;
+            let value = normalize(ty, &id.value);
+            (usable_keys.contains(key) && !value.is_empty()).then_some((ty, value))
+        })
+        .collect();
+    if raw.is_empty() {
+        let wanted: Vec<&str> = usable_keys.into_iter().collect();
+        return Err(ConnectorError::Permanent(format!(
+            "the sql connector needs a raw identity of type {} (configured match columns); \
+             hashed identities cannot be matched in SQL",
+            wanted.join(", ")
+        )));
+    }
+    Ok(raw)
+}
+
+/// The corrections as (field, value), lowercased fields; every field must be mapped by some
+/// table and appear once.
+pub(super) fn check_corrections<'a>(
+    config: &'a SqlConnectorConfig,
+    corrections: &'a [FieldCorrection],
+) -> Result<Vec<(&'a str, &'a str)>, ConnectorError> {
+    if corrections.is_empty() {
+        return Err(ConnectorError::Permanent(
+            "the rectification carries no corrections".into(),
+        ));
+    }
+    let mapped: BTreeSet<&'a str> = config
+        .tables
+        .iter()
+        .flat_map(|t| t.rectify.keys().map(String::as_str))
+        .collect();
+    let mut out: Vec<(&'a str, &'a str)> = Vec::with_capacity(corrections.len());
+    let mut unknown = Vec::new();
+    for c in corrections {
+        let field = c.field.trim();
+        // The configuration's spelling: fields are lowercase there.
+        let Some(&known) = mapped.iter().find(|m| m.eq_ignore_ascii_case(field)) else {
+            unknown.push(format!("{field:?}"));
+            continue;
+        };
+        if out.iter().any(|(f, _)| *f == known) {
+            return Err(ConnectorError::Permanent(format!(
+                "the field {known:?} is corrected more than once"
+            )));
+        }
+        out.push((known, c.new_value.as_str()));
+    }
+    if !unknown.is_empty() {
+        let known: Vec<&str> = mapped.into_iter().collect();
+        return Err(ConnectorError::Permanent(format!(
+            "no table maps the corrected field(s) {}; this database can correct {}",
+            unknown.join(", "),
+            if known.is_empty() {
+                "nothing".to_string()
+            } else {
+                known.join(", ")
+            }
+        )));
+    }
+    Ok(out)
+}
+
+/// The condition selecting the subject's rows of `rule`: its own match columns, or its
+/// parent's through the link; `None` when no identity applies.
+fn subject_filter(
+    config: &SqlConnectorConfig,
+    rule: &TableRule,
+    identities: &[Identity],
+    binds: &mut Binds,
+) -> Option<String> {
+    match &rule.parent {
+        None => match_clause(&rule.match_columns, identities, binds),
+        Some(link) => {
+            let parent = config.tables.iter().find(|t| t.table == link.table)?;
+            let parent_filter = match_clause(&parent.match_columns, identities, binds)?;
+            Some(format!(
+                "{} IN (SELECT {} FROM {} WHERE {parent_filter})",
+                quote(&link.column),
+                quote(&link.parent_column),
+                quote(&link.table)
+            ))
+        }
+    }
+}
+
+/// `(a = $n OR b = $m ...)` over every identity whose type the table matches, with the values
+/// bound; `None` when no identity applies.
+fn match_clause(
+    columns: &BTreeMap<String, String>,
+    identities: &[Identity],
+    binds: &mut Binds,
+) -> Option<String> {
+    let mut terms = Vec::new();
+    for (ty, value) in identities {
+        let Some(column) = match_key(*ty).and_then(|k| columns.get(k)) else {
+            continue;
+        };
+        let p = binds.add(value.clone());
+        // Stored addresses keep whatever case they were typed in; the value is already
+        // lowercased by normalize().
+        terms.push(if *ty == IdentityType::Email {
+            format!("lower({}) = {p}", quote(column))
+        } else {
+            format!("{} = {p}", quote(column))
+        });
+    }
+    (!terms.is_empty()).then(|| format!("({})", terms.join(" OR ")))
+}
+
+fn match_key(ty: IdentityType) -> Option<&'static str> {
+    MATCH_KEYS.iter().find(|(_, t)| *t == ty).map(|(k, _)| *k)
+}
+
+/// Double-quotes a validated identifier. Validation already excludes quotes; quoting keeps
+/// reserved words (a table named `order`) usable.
+fn quote(identifier: &str) -> String {
+    format!("\"{identifier}\"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sql::sample_config;
+    use crate::sql::tests::{email, ident, now};
+
+    #[test]
+    fn plans_bind_values_and_quote_identifiers() {
+        let config = sample_config("sqlite::memory:");
+        let plan = plan_erasure(
+            &config,
+            &[
+                email("Maija@Example.fi"),
+                ident(
+                    IdentityType::CustomerNumber,
+                    IdentityEncoding::Raw,
+                    "C-1001",
+                ),
+            ],
+            now(),
+        )
+        .unwrap();
+        let tables: Vec<&str> = plan.iter().map(|s| s.rule.table.as_str()).collect();
+        assert_eq!(
+            tables,
+            ["contacts", "invoices", "ledger_entries", "customers"]
+        );
+        let work = |i: usize| plan[i].work.as_ref().unwrap();
+        let customers_of = "IN (SELECT \"id\" FROM \"customers\" WHERE (lower(\"email\") = $1 \
+                            OR \"customer_no\" = $2))";
+        assert_eq!(
+            work(0).main,
+            Statement {
+                sql: format!("DELETE FROM \"contacts\" WHERE \"customer_id\" {customers_of}"),
+                binds: vec!["maija@example.fi".into(), "C-1001".into()],
+            }
+        );
+        assert!(work(0).probe.is_none() && work(0).count_kept.is_none());
+        let invoices_kept = "(CASE WHEN (CAST(\"invoices\".\"issued_on\" AS TEXT) >= $3 OR \
+                             (status IN ('open', 'collection'))) THEN 1 ELSE 0 END)";
+        assert_eq!(
+            work(1).main,
+            Statement {
+                sql: format!(
+                    "DELETE FROM \"invoices\" WHERE \"customer_id\" {customers_of} AND \
+                     {invoices_kept} = 0"
+                ),
+                binds: vec![
+                    "maija@example.fi".into(),
+                    "C-1001".into(),
+                    "2020-01-01".into()
+                ],
+            }
+        );
+        assert_eq!(
+            work(1).anonymize_kept.as_ref().unwrap().sql,
+            format!(
+                "UPDATE \"invoices\" SET \"customer_email\" = NULL WHERE \"customer_id\" \
+                 {customers_of} AND {invoices_kept} = 1 AND (\"customer_email\" IS NOT NULL)"
+            )
+        );
+        assert_eq!(
+            work(1).probe.as_ref().unwrap().sql,
+            format!(
+                "SELECT CAST(\"invoices\".\"issued_on\" AS TEXT) AS dated, CASE WHEN (status \
+                 IN ('open', 'collection')) THEN 1 ELSE 0 END AS held FROM \"invoices\" WHERE \
+                 \"customer_id\" {customers_of}"
+            )
+        );
+        // The ledger keeps the description and its link while kept: nothing to do now.
+        assert!(work(2).anonymize_kept.is_none());
+        assert_eq!(
+            work(2).main.sql,
+            format!(
+                "UPDATE \"ledger_entries\" SET \"customer_id\" = NULL, \"description\" = $1 \
+                 WHERE \"customer_id\" IN (SELECT \"id\" FROM \"customers\" WHERE \
+                 (lower(\"email\") = $2 OR \"customer_no\" = $3)) AND (CASE WHEN \
+                 (CAST(\"ledger_entries\".\"booked_on\" AS TEXT) >= $4) THEN 1 ELSE 0 END) = 0 \
+                 AND (\"customer_id\" IS NOT NULL OR (\"description\" IS NULL OR \
+                 \"description\" <> $1))"
+            )
+        );
+        assert_eq!(
+            work(2).main.binds,
+            [REDACTED, "maija@example.fi", "C-1001", "2016-01-01"]
+        );
+        // The customer row is kept while a child row is; the e-mail that found it stays.
+        let customers = work(3).anonymize_kept.as_ref().unwrap();
+        assert_eq!(
+            customers.sql,
+            "UPDATE \"customers\" SET \"address\" = NULL, \"name\" = $1, \"national_id\" = \
+             NULL, \"phone\" = NULL WHERE (lower(\"email\") = $2 OR \"customer_no\" = $3) AND \
+             (CASE WHEN EXISTS (SELECT 1 FROM \"invoices\" WHERE \"invoices\".\"customer_id\" \
+             = \"customers\".\"id\" AND (CAST(\"invoices\".\"issued_on\" AS TEXT) >= $4 OR \
+             (status IN ('open', 'collection')))) OR EXISTS (SELECT 1 FROM \"ledger_entries\" \
+             WHERE \"ledger_entries\".\"customer_id\" = \"customers\".\"id\" AND \
+             (CAST(\"ledger_entries\".\"booked_on\" AS TEXT) >= $5)) THEN 1 ELSE 0 END) = 1 \
+             AND (\"address\" IS NOT NULL OR (\"name\" IS NULL OR \"name\" <> $1) OR \
+             \"national_id\" IS NOT NULL OR \"phone\" IS NOT NULL)"
+        );
+        assert_eq!(
+            customers.binds,
+            [
+                REDACTED,
+                "maija@example.fi",
+                "C-1001",
+                "2020-01-01",
+                "2016-01-01"
+            ]
+        );
+        assert_eq!(work(3).held_for, ["invoices", "ledger_entries"]);
+    }
+}

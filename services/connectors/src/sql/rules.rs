@@ -1,0 +1,685 @@
+//! The declarative configuration of an SQL subprocessor: its table rules, what each rule asks
+//! for, and the validation that every rule is usable and safe to splice into SQL.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use dsrelay_proto::v1::{IdentityType, RequestKind};
+use serde::{Deserialize, Serialize};
+
+use super::retention::parse_month_day;
+
+/// The literal that `redacted` writes into a column.
+pub const REDACTED: &str = "[erased]";
+
+/// How long rows kept only by a `while` condition wait for the next check, unless configured.
+pub const DEFAULT_RECHECK_DAYS: u32 = 30;
+
+/// The identity types a `match` table may use, by their configuration key. `OTHER` is left out
+/// because its values mean different things from one request to the next (see its label).
+pub(super) const MATCH_KEYS: [(&str, IdentityType); 4] = [
+    ("email", IdentityType::Email),
+    ("phone", IdentityType::Phone),
+    ("customer_number", IdentityType::CustomerNumber),
+    ("national_id", IdentityType::NationalId),
+];
+
+/// The configuration of one SQL subprocessor (everything after `type = "sql"`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlConnectorConfig {
+    /// Where the data lives: `sqlite://path` or `postgres://user@host/db`. The connector needs
+    /// its own URL because the holder's database is not the processor's store.
+    pub url: String,
+    /// The tables holding the subject's data and what to do in each; a table not listed here
+    /// is never touched.
+    pub tables: Vec<TableRule>,
+}
+
+/// What to do with the subject's rows in one table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableRule {
+    /// The table name: a plain identifier, because it is spliced into SQL (quoted).
+    pub table: String,
+    /// What erasure does: delete the rows, anonymize them, or keep them.
+    pub action: Action,
+    /// For a table without identity columns of its own: find its rows through the rows the
+    /// parent table matches.
+    #[serde(default)]
+    pub parent: Option<ParentLink>,
+    /// Identity type (`email`, `phone`, `customer_number`, `national_id`) to the column that
+    /// holds it, for tables that identify the subject themselves.
+    #[serde(default, rename = "match")]
+    pub match_columns: BTreeMap<String, String>,
+    /// The columns to overwrite and with what: for `anonymize`, what erasure overwrites; for
+    /// any action, what is overwritten at once in rows that are kept under `retain` (or, in a
+    /// matched table, kept because child rows are). Columns left out keep their value, which
+    /// is how amounts and dates survive for the bookkeeping.
+    #[serde(default)]
+    pub anonymize: BTreeMap<String, AnonymizeWith>,
+    /// The columns a RETURN_OF_DATA or TRANSFER export contains; a table without them is not
+    /// exported. Columns must be of integer, floating-point, boolean or text types.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub export: Vec<String>,
+    /// Logical field of a RECTIFICATION (`email`, `phone`, `name`, `address`, ...) to the
+    /// column holding it here. Only tables listing a field are changed by its correction.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rectify: BTreeMap<String, String>,
+    /// An integer column that RESTRICTION sets to 1 and a lift sets back to 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restrict_column: Option<String>,
+    /// An integer column that an OBJECTION to direct marketing sets to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suppress_column: Option<String>,
+    /// A legal obligation to keep the rows for a while (see the module documentation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retain: Option<Retention>,
+}
+
+/// How a child table's rows hang off its parent's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParentLink {
+    /// The parent table; it must be listed too and have `match`, so that the subject's rows
+    /// can be found there.
+    pub table: String,
+    /// The column of this (child) table that refers to the parent.
+    pub column: String,
+    /// The parent's column that `column` refers to, usually its primary key.
+    pub parent_column: String,
+}
+
+/// What erasure does with the rows a rule finds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Delete the rows.
+    Delete,
+    /// Keep the rows but overwrite the columns listed in `anonymize`.
+    Anonymize,
+    /// Never touch the rows in an erasure (the table is listed for export, rectification,
+    /// restriction or objection, or to find child rows through it).
+    Keep,
+}
+
+impl Action {
+    /// The past tense, for notes ("deleted 2").
+    pub(super) fn done(self) -> &'static str {
+        match self {
+            Action::Delete => "deleted",
+            Action::Anonymize => "anonymized",
+            Action::Keep => "kept",
+        }
+    }
+
+    /// The progressive, for error contexts ("deleting from invoices: ...").
+    pub(super) fn doing(self) -> &'static str {
+        match self {
+            Action::Delete => "deleting from",
+            Action::Anonymize => "anonymizing",
+            Action::Keep => "keeping",
+        }
+    }
+}
+
+/// The value an anonymized column gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnonymizeWith {
+    /// SQL `NULL`, for nullable columns.
+    Null,
+    /// The text `[erased]`, for `NOT NULL` text columns and to show a reader what happened.
+    Redacted,
+}
+
+/// A legal obligation to keep a table's rows: until the end of the fiscal year containing
+/// `from_column`'s date plus `years` years, and as long as `while` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// The law or contract, as reported to the controller (e.g. "Kirjanpitolaki 1336/1997
+    /// 2:10 §").
+    pub basis: String,
+    /// Whole years after the end of the fiscal year (1..=100).
+    pub years: u32,
+    /// The column with the row's date (`YYYY-MM-DD` text, or a date).
+    pub from_column: String,
+    /// The last day of the fiscal year as `MM-DD` (not `02-29`); `12-31` when left out.
+    #[serde(default = "default_fiscal_year_end")]
+    pub fiscal_year_end: String,
+    /// A SQL condition over the table's columns, e.g. `status IN ('open', 'collection')`: rows
+    /// matching it are kept as long as it holds, even after the period. Spliced into the
+    /// statements as written, so it is trusted operator configuration, never user input.
+    #[serde(default, rename = "while", skip_serializing_if = "Option::is_none")]
+    pub while_condition: Option<String>,
+    /// The basis reported for rows kept only by `while`; `basis` when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub while_basis: Option<String>,
+    /// Days until rows kept only by `while` are checked again (1..=3650).
+    #[serde(default = "default_recheck_days")]
+    pub recheck_days: u32,
+    /// `anonymize` columns the obligation needs: left as they are while the row is kept and
+    /// overwritten by the action afterwards.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keep_columns: Vec<String>,
+}
+
+fn default_fiscal_year_end() -> String {
+    "12-31".to_string()
+}
+
+fn default_recheck_days() -> u32 {
+    DEFAULT_RECHECK_DAYS
+}
+
+impl SqlConnectorConfig {
+    /// Every rule the configuration breaks, each naming the table and the rule; empty when
+    /// the configuration is usable.
+    pub fn validate(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.url.trim().is_empty() {
+            out.push("url: must not be empty (sqlite://path or postgres://...)".to_string());
+        }
+        if self.tables.is_empty() {
+            out.push("tables: at least one table rule is required".to_string());
+        }
+        let mut seen = BTreeSet::new();
+        for (i, rule) in self.tables.iter().enumerate() {
+            let at = format!("tables[{i}] ({})", rule.table);
+            validate_identifiers(&at, rule, &mut out);
+            if !seen.insert(rule.table.as_str()) {
+                out.push(format!("{at}: the table is listed twice; give it one rule"));
+            }
+            for key in rule.match_columns.keys() {
+                if !MATCH_KEYS.iter().any(|(k, _)| k == key) {
+                    out.push(format!(
+                        "{at}: match key {key:?} is not an identity type \
+                         (use email, phone, customer_number or national_id)"
+                    ));
+                }
+            }
+            self.validate_lookup(&at, rule, &mut out);
+            self.validate_action(&at, rule, &mut out);
+            let mut exported = BTreeSet::new();
+            for column in &rule.export {
+                if !exported.insert(column) {
+                    out.push(format!("{at}: export column {column:?} is listed twice"));
+                }
+            }
+            for field in rule.rectify.keys() {
+                let ok = !field.is_empty()
+                    && field.len() <= 64
+                    && field
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                if !ok {
+                    out.push(format!(
+                        "{at}: rectify field {field:?} must be 1..=64 characters of a-z, 0-9 \
+                         and _ (the logical field name of a correction, e.g. email)"
+                    ));
+                }
+            }
+            if let Some(retain) = &rule.retain {
+                validate_retention(&at, rule, retain, &mut out);
+            }
+        }
+        out
+    }
+
+    /// How the rule finds the subject's rows: by its own `match` or through a listed,
+    /// matched parent, never both.
+    fn validate_lookup(&self, at: &str, rule: &TableRule, out: &mut Vec<String>) {
+        match (&rule.parent, rule.match_columns.is_empty()) {
+            (Some(_), false) => out.push(format!(
+                "{at}: has both match and parent; give it one way to find the subject's rows"
+            )),
+            (None, true) => out.push(format!(
+                "{at}: needs either match (identity columns) or parent (a listed table it \
+                 hangs off)"
+            )),
+            (Some(parent), true) => match self.tables.iter().find(|t| t.table == parent.table) {
+                None => out.push(format!(
+                    "{at}: parent table {:?} is not listed in tables",
+                    parent.table
+                )),
+                Some(p) if p.match_columns.is_empty() => out.push(format!(
+                    "{at}: parent table {:?} must have match (parents of parents are \
+                     not supported)",
+                    parent.table
+                )),
+                Some(_) => {}
+            },
+            (None, false) => {}
+        }
+    }
+
+    /// The action and the `anonymize` map must agree.
+    fn validate_action(&self, at: &str, rule: &TableRule, out: &mut Vec<String>) {
+        // Rows kept under an obligation: the table's own, or a matched table's rows kept
+        // for retained children. Both may anonymize columns whatever the action.
+        let keeps_rows = rule.retain.is_some() || !self.retained_children(rule).is_empty();
+        match rule.action {
+            Action::Anonymize if rule.anonymize.is_empty() => out.push(format!(
+                "{at}: action anonymize needs a non-empty anonymize map (column = \"null\" \
+                 or \"redacted\")"
+            )),
+            Action::Delete if !rule.anonymize.is_empty() && !keeps_rows => out.push(format!(
+                "{at}: anonymize columns are given but the action is delete and no rows \
+                 are kept under retain; use action = \"anonymize\" or remove them"
+            )),
+            Action::Keep if !rule.anonymize.is_empty() => out.push(format!(
+                "{at}: anonymize columns are given but the action is keep; remove them"
+            )),
+            Action::Keep if rule.retain.is_some() => out.push(format!(
+                "{at}: retain is given but the action is keep, which never erases; remove \
+                 it or choose delete or anonymize"
+            )),
+            _ => {}
+        }
+    }
+
+    /// The rules that find their rows through `parent` and keep some under `retain`.
+    pub(super) fn retained_children(&self, parent: &TableRule) -> Vec<(&TableRule, &ParentLink)> {
+        if parent.parent.is_some() {
+            return Vec::new();
+        }
+        self.tables
+            .iter()
+            .filter(|t| t.action != Action::Keep && t.retain.is_some())
+            .filter_map(|t| Some((t, t.parent.as_ref()?)))
+            .filter(|(_, link)| link.table == parent.table)
+            .collect()
+    }
+
+    /// The identity types some table can match, by configuration key, for messages.
+    pub(super) fn usable_keys(&self) -> BTreeSet<&str> {
+        self.tables
+            .iter()
+            .flat_map(|t| t.match_columns.keys().map(String::as_str))
+            .collect()
+    }
+
+    /// Whether this configuration can carry out requests of `kind`.
+    pub fn supports(&self, kind: RequestKind) -> bool {
+        let any = |f: fn(&TableRule) -> bool| self.tables.iter().any(f);
+        match kind {
+            RequestKind::Erasure => any(|t| t.action != Action::Keep),
+            RequestKind::ReturnOfData | RequestKind::Transfer => any(|t| !t.export.is_empty()),
+            RequestKind::Rectification => any(|t| !t.rectify.is_empty()),
+            RequestKind::Restriction => any(|t| t.restrict_column.is_some()),
+            RequestKind::Objection => any(|t| t.suppress_column.is_some()),
+            RequestKind::Unspecified => false,
+        }
+    }
+
+    /// The rules in the order a request handles them: tables found through a parent first,
+    /// because their rows are found through the parent's rows, which must still be there.
+    pub(super) fn children_first(&self) -> impl Iterator<Item = &TableRule> {
+        self.tables
+            .iter()
+            .filter(|t| t.parent.is_some())
+            .chain(self.tables.iter().filter(|t| t.parent.is_none()))
+    }
+}
+
+/// Every name the rule splices into SQL must be a plain identifier.
+fn validate_identifiers(at: &str, rule: &TableRule, out: &mut Vec<String>) {
+    let mut ident = |what: &str, name: &str| {
+        if !is_identifier(name) {
+            out.push(format!(
+                "{at}: {what} {name:?} is not a plain identifier \
+                 ([A-Za-z_][A-Za-z0-9_]*, at most 63 characters)"
+            ));
+        }
+    };
+    ident("table", &rule.table);
+    for column in rule.match_columns.values() {
+        ident("match column", column);
+    }
+    for column in rule.anonymize.keys() {
+        ident("anonymize column", column);
+    }
+    if let Some(parent) = &rule.parent {
+        ident("parent table", &parent.table);
+        ident("parent column", &parent.column);
+        ident("parent parent_column", &parent.parent_column);
+    }
+    for column in &rule.export {
+        ident("export column", column);
+    }
+    for column in rule.rectify.values() {
+        ident("rectify column", column);
+    }
+    if let Some(column) = &rule.restrict_column {
+        ident("restrict_column", column);
+    }
+    if let Some(column) = &rule.suppress_column {
+        ident("suppress_column", column);
+    }
+    if let Some(retain) = &rule.retain {
+        ident("retain from_column", &retain.from_column);
+        for column in &retain.keep_columns {
+            ident("retain keep column", column);
+        }
+    }
+}
+
+fn validate_retention(at: &str, rule: &TableRule, retain: &Retention, out: &mut Vec<String>) {
+    if retain.basis.trim().is_empty() {
+        out.push(format!(
+            "{at}: retain basis must name the law or contract that requires keeping the rows"
+        ));
+    }
+    if !(1..=100).contains(&retain.years) {
+        out.push(format!("{at}: retain years must be 1..=100"));
+    }
+    if parse_month_day(&retain.fiscal_year_end).is_none() {
+        out.push(format!(
+            "{at}: retain fiscal_year_end {:?} must be MM-DD, a day that every year has \
+             (e.g. 12-31)",
+            retain.fiscal_year_end
+        ));
+    }
+    if !(1..=3650).contains(&retain.recheck_days) {
+        out.push(format!("{at}: retain recheck_days must be 1..=3650"));
+    }
+    match &retain.while_condition {
+        Some(condition) => {
+            if let Err(why) = check_condition(condition) {
+                out.push(format!("{at}: retain while {why}"));
+            }
+        }
+        None if retain.while_basis.is_some() => out.push(format!(
+            "{at}: retain while_basis is given without a while condition"
+        )),
+        None => {}
+    }
+    if retain
+        .while_basis
+        .as_ref()
+        .is_some_and(|b| b.trim().is_empty())
+    {
+        out.push(format!("{at}: retain while_basis must not be empty"));
+    }
+    for column in &retain.keep_columns {
+        if !rule.anonymize.contains_key(column) {
+            out.push(format!(
+                "{at}: retain keep column {column:?} is not in anonymize; list only anonymize \
+                 columns the obligation needs"
+            ));
+        }
+    }
+}
+
+/// What is wrong with a `retain.while` condition; the message completes "retain while ...".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(super) enum ConditionError {
+    #[error("must not be empty")]
+    Empty,
+    #[error("must be at most 1000 characters")]
+    TooLong,
+    #[error("must be one condition, without ;")]
+    Semicolon,
+    #[error("must not contain $ (parameters and dollar quoting)")]
+    Dollar,
+    #[error("must not contain comments (--)")]
+    LineComment,
+    #[error("must not contain comments (/*)")]
+    BlockComment,
+    #[error("has unbalanced parentheses")]
+    UnbalancedParentheses,
+    #[error("has an unterminated string literal")]
+    UnterminatedString,
+}
+
+/// Catches the mistakes that would break the statements a `while` condition is spliced into.
+/// Not a defence against hostile SQL: the condition is trusted configuration.
+pub(super) fn check_condition(condition: &str) -> Result<(), ConditionError> {
+    if condition.trim().is_empty() {
+        return Err(ConditionError::Empty);
+    }
+    if condition.len() > 1000 {
+        return Err(ConditionError::TooLong);
+    }
+    let mut depth = 0i32;
+    let mut quoted = false;
+    let mut previous = ' ';
+    for c in condition.chars() {
+        if c == '\'' {
+            quoted = !quoted;
+        } else if !quoted {
+            match c {
+                ';' => return Err(ConditionError::Semicolon),
+                '$' => return Err(ConditionError::Dollar),
+                '-' if previous == '-' => return Err(ConditionError::LineComment),
+                '*' if previous == '/' => return Err(ConditionError::BlockComment),
+                '(' => depth += 1,
+                ')' => {
+                    depth -= 1;
+                    if depth < 0 {
+                        return Err(ConditionError::UnbalancedParentheses);
+                    }
+                }
+                _ => {}
+            }
+        }
+        previous = c;
+    }
+    if quoted {
+        return Err(ConditionError::UnterminatedString);
+    }
+    if depth != 0 {
+        return Err(ConditionError::UnbalancedParentheses);
+    }
+    Ok(())
+}
+
+/// Whether `name` may be spliced into SQL (quoted): `[A-Za-z_][A-Za-z0-9_]*`, at most 63
+/// characters (PostgreSQL's limit).
+pub(super) fn is_identifier(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && name.len() <= 63
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sql::sample_config;
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = toml::from_str::<SqlConnectorConfig>(
+            "url = \"sqlite::memory:\"\n[[tables]]\ntable = \"t\"\naction = \"delete\"\n\
+             match = { email = \"email\" }\ncascade = true\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("cascade"), "{err}");
+        let err = toml::from_str::<SqlConnectorConfig>(
+            "url = \"sqlite::memory:\"\n[[tables]]\ntable = \"t\"\naction = \"delete\"\n\
+             match = { email = \"email\" }\n[tables.retain]\nbasis = \"b\"\nyears = 1\n\
+             from_column = \"d\"\nuntil = \"x\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("until"), "{err}");
+        // Defaults of the optional retention fields.
+        let config = toml::from_str::<SqlConnectorConfig>(
+            "url = \"sqlite::memory:\"\n[[tables]]\ntable = \"t\"\naction = \"delete\"\n\
+             match = { email = \"email\" }\nretain = { basis = \"b\", years = 1, from_column = \"d\" }\n",
+        )
+        .unwrap();
+        let retain = config.tables[0].retain.clone().unwrap();
+        assert_eq!(retain.fiscal_year_end, "12-31");
+        assert_eq!(retain.recheck_days, DEFAULT_RECHECK_DAYS);
+        assert_eq!(config.validate(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn validation_rejects_unsafe_identifiers_and_unlisted_parents() {
+        let mut config = sample_config("sqlite::memory:");
+        assert_eq!(config.tables[3].table, "customers");
+        config.tables[3].table = "customers; drop table x".into();
+        let problems = config.validate();
+        assert!(
+            problems.iter().any(
+                |p| p.starts_with("tables[3] (customers; drop table x): table")
+                    && p.contains("not a plain identifier")
+            ),
+            "{problems:?}"
+        );
+        // With the customers rule renamed, the children's parent is no longer listed.
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("tables[0] (contacts):")
+                    && p.contains("parent table \"customers\" is not listed")),
+            "{problems:?}"
+        );
+
+        let mut config = sample_config("sqlite::memory:");
+        config.tables[0].parent = None;
+        config.tables[2].anonymize.clear();
+        config.tables[2].retain = None;
+        config.tables[2]
+            .anonymize
+            .insert("x\"y".into(), AnonymizeWith::Null);
+        config.tables[3]
+            .match_columns
+            .insert("loyalty".into(), "card".into());
+        config.tables.push(TableRule {
+            parent: Some(ParentLink {
+                table: "invoices".into(),
+                column: "invoice_id".into(),
+                parent_column: "id".into(),
+            }),
+            ..config.tables[0].clone()
+        });
+        let problems = config.validate();
+        let expect = [
+            "tables[0] (contacts): needs either match",
+            "tables[2] (ledger_entries): anonymize column \"x\\\"y\" is not a plain identifier",
+            "tables[3] (customers): match key \"loyalty\" is not an identity type",
+            "tables[4] (contacts): the table is listed twice",
+            "tables[4] (contacts): parent table \"invoices\" must have match",
+        ];
+        for e in expect {
+            assert!(
+                problems.iter().any(|p| p.starts_with(e)),
+                "{e} in {problems:?}"
+            );
+        }
+        assert_eq!(problems.len(), expect.len(), "{problems:?}");
+
+        assert!(is_identifier("_a1"));
+        assert!(is_identifier(&"a".repeat(63)));
+        assert!(!is_identifier(&"a".repeat(64)));
+        assert!(!is_identifier("1a"));
+        assert!(!is_identifier(""));
+        assert!(!is_identifier("ä"));
+    }
+
+    #[test]
+    fn validation_rejects_bad_export_rectify_flag_and_retention_rules() {
+        let mut config = sample_config("sqlite::memory:");
+        // contacts: delete with anonymize columns, nothing kept.
+        config.tables[0]
+            .anonymize
+            .insert("name".into(), AnonymizeWith::Redacted);
+        config.tables[0].export = vec!["name".into(), "e mail".into(), "name".into()];
+        let invoices = config.tables[1].retain.as_mut().unwrap();
+        invoices.basis = " ".into();
+        invoices.years = 0;
+        invoices.fiscal_year_end = "02-29".into();
+        invoices.while_condition = Some("status = 'open'; DROP TABLE invoices".into());
+        invoices.recheck_days = 0;
+        invoices.keep_columns = vec!["customer_name".into()];
+        invoices.from_column = "issued on".into();
+        let ledger = config.tables[2].retain.as_mut().unwrap();
+        ledger.while_basis = Some("x".into());
+        let customers = &mut config.tables[3];
+        customers.rectify.insert("E-mail".into(), "email".into());
+        customers.restrict_column = Some("restricted?".into());
+        customers.suppress_column = Some(String::new());
+        config.tables.push(TableRule {
+            table: "audit".into(),
+            action: Action::Keep,
+            parent: None,
+            match_columns: [("email".to_string(), "email".to_string())]
+                .into_iter()
+                .collect(),
+            anonymize: [("email".to_string(), AnonymizeWith::Null)]
+                .into_iter()
+                .collect(),
+            export: Vec::new(),
+            rectify: BTreeMap::new(),
+            restrict_column: None,
+            suppress_column: None,
+            retain: config.tables[2].retain.clone(),
+        });
+        let problems = config.validate();
+        let expect = [
+            "tables[0] (contacts): export column \"e mail\" is not a plain identifier",
+            "tables[0] (contacts): anonymize columns are given but the action is delete and no \
+             rows are kept",
+            "tables[0] (contacts): export column \"name\" is listed twice",
+            "tables[1] (invoices): retain from_column \"issued on\" is not a plain identifier",
+            "tables[1] (invoices): retain basis must name the law",
+            "tables[1] (invoices): retain years must be 1..=100",
+            "tables[1] (invoices): retain fiscal_year_end \"02-29\" must be MM-DD",
+            "tables[1] (invoices): retain recheck_days must be 1..=3650",
+            "tables[1] (invoices): retain while must be one condition, without ;",
+            "tables[1] (invoices): retain keep column \"customer_name\" is not in anonymize",
+            "tables[2] (ledger_entries): retain while_basis is given without a while condition",
+            "tables[3] (customers): restrict_column \"restricted?\" is not a plain identifier",
+            "tables[3] (customers): suppress_column \"\" is not a plain identifier",
+            "tables[3] (customers): rectify field \"E-mail\" must be 1..=64 characters",
+            "tables[4] (audit): anonymize columns are given but the action is keep",
+            "tables[4] (audit): retain while_basis is given without a while condition",
+            "tables[4] (audit): retain keep column \"description\" is not in anonymize",
+        ];
+        for e in expect {
+            assert!(
+                problems.iter().any(|p| p.starts_with(e)),
+                "{e} in {problems:#?}"
+            );
+        }
+        assert_eq!(problems.len(), expect.len(), "{problems:#?}");
+
+        // keep with retain (and nothing else wrong).
+        let mut config = sample_config("sqlite::memory:");
+        config.tables[2].action = Action::Keep;
+        config.tables[2].anonymize.clear();
+        config.tables[2]
+            .retain
+            .as_mut()
+            .unwrap()
+            .keep_columns
+            .clear();
+        assert_eq!(
+            config.validate(),
+            [
+                "tables[2] (ledger_entries): retain is given but the action is keep, which never \
+              erases; remove it or choose delete or anonymize"
+            ]
+        );
+    }
+
+    #[test]
+    fn while_conditions_are_checked_for_mistakes() {
+        // "ok" for a usable condition, else the message completing "retain while ...".
+        let why = |c: &str| check_condition(c).map_or_else(|e| e.to_string(), |()| "ok".into());
+        assert_eq!(why("status IN ('open', 'collection')"), "ok");
+        assert_eq!(why("note = 'a;b -- (c'"), "ok");
+        assert_eq!(why(" "), "must not be empty");
+        assert_eq!(why("a = 1 -- x"), "must not contain comments (--)");
+        assert_eq!(why("a = 1 /* x */"), "must not contain comments (/*)");
+        assert_eq!(
+            why("a = $1"),
+            "must not contain $ (parameters and dollar quoting)"
+        );
+        assert_eq!(why("a = 1) OR (1 = 1"), "has unbalanced parentheses");
+        assert_eq!(why("(a = 1"), "has unbalanced parentheses");
+        assert_eq!(why("a = 'x"), "has an unterminated string literal");
+    }
+}
