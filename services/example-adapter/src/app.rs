@@ -1,14 +1,16 @@
-//! Building and running the adapter: store, gRPC server (with health and reflection) and, when
-//! erasures are confirmed after a delay, the sweeper that carries them out on time.
+//! Building the adapter (its store) and handing its service and, when erasures are confirmed
+//! after a delay, the sweeper that carries them out on time to the runtime's [`Host`], which
+//! serves them with health, reflection and an admin port (`/healthz`; `/metrics` has no
+//! families of its own).
 
 use std::future::Future;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use dsrelay_proto::v1::subprocessor_adapter_server::SubprocessorAdapterServer;
+use dsrelay_runtime::host::{Host, Stop};
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::api::Api;
 use crate::config::Config;
@@ -27,7 +29,7 @@ impl App {
     /// Connects and migrates the store (seeding subscribers on first start). Nothing listens
     /// yet.
     pub async fn build(config: Config) -> Result<Self> {
-        let store = Store::open(&config.database_url)
+        let store = Store::open(&config.service.database_url)
             .await
             .context("opening the newsletter database")?;
         Ok(Self { config, store })
@@ -38,60 +40,47 @@ impl App {
         self.store.clone()
     }
 
-    /// Serves on `listener` until `shutdown` resolves.
+    /// Serves on `listener` until `shutdown` resolves. Binds the admin port when the
+    /// configuration names one (`admin_listen`).
     pub async fn run(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
-        let tls = self
-            .config
-            .tls
-            .server_config()
-            .context("loading the adapter's TLS files")?;
-        let api = Api::new(
-            self.store.clone(),
-            &self.config.allowed_identities,
-            self.config.confirm_delay_ms,
+        self.host().run(listener, shutdown).await
+    }
+
+    /// [`App::run`] with an admin listener the caller bound (or none: no admin port),
+    /// whatever the configuration says.
+    pub async fn run_with_admin(
+        self,
+        listener: TcpListener,
+        admin: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        self.host().run_with_admin(listener, admin, shutdown).await
+    }
+
+    fn host(self) -> Host {
+        let Self { config, store } = self;
+        let delay = config.confirm_delay_ms;
+        tracing::info!(confirm_delay_ms = delay, "adapter starting");
+        let api = Api::new(store.clone(), &config.allowed_identities, delay);
+        let host = Host::new("adapter", &config.service).service(
+            SubprocessorAdapterServer::new(api)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_RESPONSE_BYTES),
         );
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<SubprocessorAdapterServer<Api>>().await;
-        let router = dsrelay_runtime::server::builder(tls)?
-            .add_service(health_service)
-            .add_service(dsrelay_runtime::server::reflection()?)
-            .add_service(dsrelay_runtime::server::reflection_v1alpha()?)
-            .add_service(
-                SubprocessorAdapterServer::new(api)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_RESPONSE_BYTES),
-            );
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let sweeper = (self.config.confirm_delay_ms > 0).then(|| {
-            tokio::spawn(sweep(
-                self.store.clone(),
-                self.config.confirm_delay_ms,
-                stop_rx,
-            ))
-        });
-        let addr = listener.local_addr().ok();
-        tracing::info!(
-            ?addr,
-            confirm_delay_ms = self.config.confirm_delay_ms,
-            "adapter serving"
-        );
-        let served = dsrelay_runtime::server::serve(router, listener, shutdown).await;
-        let _ = stop_tx.send(true);
-        if let Some(s) = sweeper {
-            let _ = tokio::time::timeout(Duration::from_secs(10), s).await;
+        if delay == 0 {
+            return host;
         }
-        tracing::info!("adapter stopped");
-        served
+        host.worker("sweeper", move |stop| sweep(store, delay, stop))
     }
 }
 
 /// Carries out accepted erasures once their delay has passed, so they finish on time even
 /// when nobody asks (GetTaskStatus finishes a due one too).
-async fn sweep(store: Store, confirm_delay_ms: u64, mut stop: watch::Receiver<bool>) {
+async fn sweep(store: Store, confirm_delay_ms: u64, mut stop: Stop) {
     let period = Duration::from_millis((confirm_delay_ms / 4).clamp(50, 1000));
     loop {
         tokio::select! {

@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use dsrelay_runtime::config::ConfigErrors;
-use dsrelay_runtime::tls::TlsFiles;
-use serde::{Deserialize, Serialize};
+use dsrelay_runtime::settings::{Defaults, ServiceSettings};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// Prefix of environment variables that override the file.
 pub const ENV_PREFIX: &str = "DSRELAY_ADAPTER";
@@ -18,36 +18,38 @@ pub const MAX_CONFIRM_DELAY_MS: u64 = 86_400_000;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Address to listen on, used by `main` (tests bind their own listener).
-    #[serde(default = "default_listen")]
-    pub listen: String,
-    /// `sqlite://path` (default) or `postgres://...`: the newsletter's own database.
-    #[serde(default = "default_database_url")]
-    pub database_url: String,
-    /// The adapter's certificate and the CA its callers' certificates must chain to.
-    pub tls: TlsFiles,
+    /// Where it listens, the newsletter's own database (`sqlite://path` by default, or
+    /// `postgres://...`), its TLS files (the CA its callers' certificates must chain to) and
+    /// log format: the keys every service shares, at the top level of the file.
+    #[serde(flatten, deserialize_with = "service_settings")]
+    pub service: ServiceSettings,
     /// The certificate identities (processors) that may call the adapter.
     pub allowed_identities: Vec<String>,
     /// When above 0, an erasure is answered ACCEPTED and carried out and confirmed only after
     /// this many milliseconds.
     #[serde(default)]
     pub confirm_delay_ms: u64,
-    /// Log one JSON object per line instead of human-readable text.
-    #[serde(default)]
-    pub log_json: bool,
 }
 
-fn default_listen() -> String {
-    "127.0.0.1:50071".into()
+/// Where the adapter listens and stores unless configured otherwise.
+pub const DEFAULTS: Defaults = Defaults {
+    listen: "127.0.0.1:50071",
+    database_url: "sqlite://.dsrelay/example-adapter.db",
+};
+
+fn service_settings<'de, D: Deserializer<'de>>(d: D) -> Result<ServiceSettings, D::Error> {
+    ServiceSettings::deserialize_with_defaults(d, &DEFAULTS)
 }
 
-fn default_database_url() -> String {
-    "sqlite://.dsrelay/example-adapter.db".into()
+impl AsRef<ServiceSettings> for Config {
+    fn as_ref(&self) -> &ServiceSettings {
+        &self.service
+    }
 }
 
 impl Config {
     /// Loads the file (if any) and the process's `DSRELAY_ADAPTER__*` variables, then
-    /// validates.
+    /// validates and checks that the TLS files are there.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigErrors> {
         Self::load_from(file, std::env::vars())
     }
@@ -59,25 +61,21 @@ impl Config {
     ) -> Result<Self, ConfigErrors> {
         let mut config: Self = dsrelay_runtime::config::load(file, ENV_PREFIX, env)?;
         if let Some(dir) = file.and_then(Path::parent) {
-            config.tls = config.tls.relative_to(dir);
+            config.service.relative_to(dir);
         }
-        config.validate()?;
-        Ok(config)
+        let mut errors = config.validate().err().map_or_else(Vec::new, |e| e.0);
+        errors.extend(config.service.check_files());
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
+        }
     }
 
-    /// Every problem with the configuration, reported together.
+    /// Every problem with the configuration that shows without looking at the file system,
+    /// reported together.
     pub fn validate(&self) -> Result<(), ConfigErrors> {
-        let mut errors = Vec::new();
-        if self.listen.parse::<std::net::SocketAddr>().is_err() {
-            errors.push(format!("listen: {:?} is not host:port", self.listen));
-        }
-        let url = &self.database_url;
-        if !(url.starts_with("sqlite:")
-            || url.starts_with("postgres://")
-            || url.starts_with("postgresql://"))
-        {
-            errors.push("database_url: must start with sqlite: or postgres://".to_string());
-        }
+        let mut errors = self.service.validate();
         if self.allowed_identities.is_empty() {
             errors.push(
                 "allowed_identities: list the processor identities that may call the adapter"
@@ -107,9 +105,22 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// Writes placeholder TLS files under `dir`, so loading finds them.
+    fn tls_files(dir: &Path, names: &[&str]) {
+        for name in names {
+            let path = dir.join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, "x").unwrap();
+        }
+    }
+
     #[test]
     fn file_env_defaults_and_relative_tls() {
         let dir = tempfile::tempdir().unwrap();
+        tls_files(
+            dir.path(),
+            &["pki/ca.pem", "pki/adapter.pem", "pki/adapter.key"],
+        );
         let f = dir.path().join("adapter.toml");
         std::fs::write(
             &f,
@@ -129,14 +140,17 @@ mod tests {
         ];
         let c = Config::load_from(Some(&f), env).unwrap();
         assert_eq!(c.confirm_delay_ms, 1500);
-        assert_eq!(c.listen, "127.0.0.1:7");
-        assert_eq!(c.database_url, default_database_url());
-        assert_eq!(c.tls.ca, dir.path().join("pki/ca.pem"));
+        assert_eq!(c.service.listen, "127.0.0.1:7");
+        assert_eq!(c.service.database_url, DEFAULTS.database_url);
+        assert_eq!(c.service.tls.ca, dir.path().join("pki/ca.pem"));
         assert_eq!(c.allowed_identities.len(), 1);
     }
 
     #[test]
     fn reports_every_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        tls_files(dir.path(), &["a", "b", "c"]);
+        let at = |name: &str| dir.path().join(name).display().to_string();
         let env = vec![
             ("DSRELAY_ADAPTER__LISTEN".to_string(), "nowhere".to_string()),
             (
@@ -151,9 +165,9 @@ mod tests {
                 "DSRELAY_ADAPTER__CONFIRM_DELAY_MS".to_string(),
                 "999999999".to_string(),
             ),
-            ("DSRELAY_ADAPTER__TLS__CA".to_string(), "a".to_string()),
-            ("DSRELAY_ADAPTER__TLS__CERT".to_string(), "b".to_string()),
-            ("DSRELAY_ADAPTER__TLS__KEY".to_string(), "c".to_string()),
+            ("DSRELAY_ADAPTER__TLS__CA".to_string(), at("a")),
+            ("DSRELAY_ADAPTER__TLS__CERT".to_string(), at("b")),
+            ("DSRELAY_ADAPTER__TLS__KEY".to_string(), at("c")),
         ];
         let err = Config::load_from(None, env).unwrap_err();
         assert_eq!(err.0.len(), 4, "{err}");
@@ -165,5 +179,34 @@ mod tests {
         ] {
             assert!(err.0.iter().any(|e| e.starts_with(key)), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn missing_tls_files_and_unknown_keys_are_refused() {
+        let env = |extra: &[(&str, &str)]| {
+            let mut env: Vec<(String, String)> = [
+                ("DSRELAY_ADAPTER__ALLOWED_IDENTITIES", "[\"spiffe://p\"]"),
+                ("DSRELAY_ADAPTER__TLS__CA", "/nonexistent/ca.pem"),
+                ("DSRELAY_ADAPTER__TLS__CERT", "/nonexistent/adapter.pem"),
+                ("DSRELAY_ADAPTER__TLS__KEY", "/nonexistent/adapter.key"),
+            ]
+            .iter()
+            .chain(extra)
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+            env.sort();
+            env
+        };
+        let err = Config::load_from(None, env(&[])).unwrap_err();
+        assert_eq!(err.0.len(), 3, "{err}");
+        for key in ["tls.ca", "tls.cert", "tls.key"] {
+            assert!(err.0.iter().any(|e| e.starts_with(key)), "{key}: {err}");
+        }
+        let err =
+            Config::load_from(None, env(&[("DSRELAY_ADAPTER__CONFIRM_DELAY", "5")])).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown field `confirm_delay`"),
+            "{err}"
+        );
     }
 }

@@ -22,8 +22,8 @@
 //!   confirmation.
 //! - [`newsletter`]: what each request kind does to the subscribers.
 //! - [`api`]: the gRPC handlers: caller check, input validation, errors to statuses.
-//! - [`app`]: [`App::build`] and [`App::run`] (server with health and reflection, confirmation
-//!   sweeper).
+//! - [`app`]: [`App::build`] and [`App::run`] (the service and its confirmation sweeper on the
+//!   runtime's host, with health, reflection and an admin port).
 
 pub mod api;
 pub mod app;

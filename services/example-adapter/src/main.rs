@@ -2,10 +2,10 @@
 //! environment overrides.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::Parser;
 use dsrelay_example_adapter::{App, Config};
-use dsrelay_runtime::config::EXIT_USAGE;
 
 /// An example subprocessor adapter (a newsletter service) for dsrelay.
 #[derive(Parser)]
@@ -17,26 +17,15 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() {
+async fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match Config::load(args.config.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(EXIT_USAGE);
-        }
-    };
-    let telemetry = dsrelay_runtime::telemetry::init(config.log_json, "dsrelay-example-adapter");
-    let result = run(config).await;
-    telemetry.shutdown().await;
-    if let Err(e) = result {
-        tracing::error!(error = format!("{e:#}"), "adapter failed");
-        std::process::exit(1);
-    }
-}
-
-async fn run(config: Config) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(&config.listen).await?;
-    let app = App::build(config).await?;
-    app.run(listener, dsrelay_runtime::shutdown_signal()).await
+    dsrelay_runtime::host::main(
+        "dsrelay-example-adapter",
+        args.config.as_deref(),
+        Config::load,
+        |config, listener, shutdown| async move {
+            App::build(config).await?.run(listener, shutdown).await
+        },
+    )
+    .await
 }

@@ -13,6 +13,7 @@ use dsrelay_proto::v1::{
 };
 use dsrelay_runtime::identity::{digest, normalize};
 use dsrelay_runtime::pki::{dev_identity, DevPki};
+use dsrelay_runtime::settings::ServiceSettings;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -89,12 +90,13 @@ impl Running {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let config = Config {
-            listen: format!("127.0.0.1:{port}"),
-            database_url,
-            tls: pki.files("adapter"),
+            service: ServiceSettings::new(
+                format!("127.0.0.1:{port}"),
+                database_url,
+                pki.files("adapter"),
+            ),
             allowed_identities: vec![dev_identity("processor", "payroll-bureau")],
             confirm_delay_ms,
-            log_json: false,
         };
         config.validate().unwrap();
         let app = App::build(config).await.unwrap();

@@ -1,9 +1,9 @@
-//! Building and running the processor: store, connectors, workers and the gRPC server.
+//! Building the processor (store, connectors, registry clients, shared state) and handing its
+//! services, metrics and workers to the runtime's [`Host`], which serves and stops them.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use dsrelay_connectors::Connector;
@@ -11,10 +11,11 @@ use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceCli
 use dsrelay_proto::v1::processor_operator_service_server::ProcessorOperatorServiceServer;
 use dsrelay_proto::v1::processor_service_server::ProcessorServiceServer;
 use dsrelay_runtime::clock::Clock;
+use dsrelay_runtime::host::Host;
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
 use dsrelay_runtime::store::Db;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tonic::transport::Channel;
 
 use crate::api::Api;
@@ -54,7 +55,7 @@ impl App {
     /// Connects and migrates the store, connects every subprocessor's connector, and prepares
     /// the registry clients. Nothing listens yet.
     pub async fn build(config: Config) -> Result<Self> {
-        let db = Db::connect(&config.database_url).await?;
+        let db = Db::connect(&config.service.database_url).await?;
         db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS).await?;
         let mut connectors = HashMap::new();
         for s in &config.subprocessors {
@@ -64,6 +65,7 @@ impl App {
             connectors.insert(s.name.clone(), c);
         }
         let client_tls = config
+            .service
             .tls
             .client_config()
             .context("loading the processor's TLS files")?;
@@ -115,9 +117,7 @@ impl App {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
-        let admin =
-            dsrelay_runtime::metrics::bind(self.shared.config.admin_listen.as_deref()).await?;
-        self.run_with_admin(listener, admin, shutdown).await
+        self.host().run(listener, shutdown).await
     }
 
     /// [`App::run`] with an admin listener the caller bound (or none: no admin port),
@@ -128,57 +128,36 @@ impl App {
         admin: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
-        let shared = self.shared;
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let scraped = shared.clone();
-        let admin = dsrelay_runtime::metrics::spawn(
-            admin,
-            Arc::new(move || {
-                let shared = scraped.clone();
-                Box::pin(async move {
-                    let now = shared.clock.now_ms();
-                    crate::metrics::render(&shared, now).await
-                })
-            }),
-            stop_rx.clone(),
-        );
-        let runner = tokio::spawn(crate::runner::run(shared.clone(), stop_rx.clone()));
-        let sender = tokio::spawn(crate::ack_sender::run(shared.clone(), stop_rx));
+        self.host().run_with_admin(listener, admin, shutdown).await
+    }
 
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<ProcessorServiceServer<Api>>().await;
-        health
-            .set_serving::<ProcessorOperatorServiceServer<OperatorApi>>()
-            .await;
-        let router = dsrelay_runtime::server::builder(shared.config.tls.server_config()?)?
-            .add_service(health_service)
-            .add_service(dsrelay_runtime::server::reflection()?)
-            .add_service(dsrelay_runtime::server::reflection_v1alpha()?)
-            .add_service(ProcessorOperatorServiceServer::new(OperatorApi::new(
+    fn host(self) -> Host {
+        let shared = self.shared;
+        tracing::info!(
+            subprocessors = shared.connectors.len(),
+            "processor starting"
+        );
+        let scraped = shared.clone();
+        let (runner, sender) = (shared.clone(), shared.clone());
+        Host::new("processor", &shared.config.service)
+            .service(ProcessorOperatorServiceServer::new(OperatorApi::new(
                 shared.clone(),
             )))
-            .add_service(
+            .service(
                 ProcessorServiceServer::new(Api::new(shared.clone()))
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            );
-        let addr = listener.local_addr().ok();
-        tracing::info!(
-            ?addr,
-            subprocessors = shared.connectors.len(),
-            "processor serving"
-        );
-        let served = dsrelay_runtime::server::serve(router, listener, shutdown).await;
-        let _ = stop_tx.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(10), async {
-            let _ = runner.await;
-            let _ = sender.await;
-            if let Some(admin) = admin {
-                let _ = admin.await;
-            }
-        })
-        .await;
-        tracing::info!("processor stopped");
-        served
+            )
+            .metrics(move || {
+                let shared = scraped.clone();
+                async move {
+                    let now = shared.clock.now_ms();
+                    crate::metrics::render(&shared, now).await
+                }
+            })
+            .worker("task runner", move |stop| crate::runner::run(runner, stop))
+            .worker("acknowledgement sender", move |stop| {
+                crate::ack_sender::run(sender, stop)
+            })
     }
 }

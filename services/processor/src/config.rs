@@ -7,8 +7,9 @@ use std::path::Path;
 pub use dsrelay_connectors::noop::NoopConfig;
 pub use dsrelay_connectors::ConnectorConfig;
 use dsrelay_runtime::backoff::Backoff;
-use dsrelay_runtime::tls::TlsFiles;
-use serde::{Deserialize, Serialize};
+use dsrelay_runtime::config::ConfigErrors;
+use dsrelay_runtime::settings::{Defaults, ServiceSettings};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// Prefix of environment variables that override the file (`DSRELAY_PROCESSOR__LISTEN=...`).
 pub const ENV_PREFIX: &str = "DSRELAY_PROCESSOR";
@@ -17,19 +18,10 @@ pub const ENV_PREFIX: &str = "DSRELAY_PROCESSOR";
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Address to listen on, used by `main` (tests bind their own listener).
-    #[serde(default = "default_listen")]
-    pub listen: String,
-    /// Plain-HTTP admin port serving `/metrics` (Prometheus text format) and `/healthz`, e.g.
-    /// `127.0.0.1:9465`; off when absent. It has no TLS: keep it on loopback or a private
-    /// network.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub admin_listen: Option<String>,
-    /// `sqlite://path` (the embedded default) or `postgres://...`.
-    #[serde(default = "default_database_url")]
-    pub database_url: String,
-    /// This service's certificate and the CA its peers must chain to.
-    pub tls: TlsFiles,
+    /// Where it listens and stores, its TLS files and log format: the keys every service
+    /// shares, at the top level of the file.
+    #[serde(flatten, deserialize_with = "service_settings")]
+    pub service: ServiceSettings,
     /// The controllers this processor works for.
     #[serde(default)]
     pub controllers: Vec<ControllerConfig>,
@@ -45,9 +37,6 @@ pub struct Config {
     /// How acknowledgements are sent back and retried.
     #[serde(default)]
     pub acks: AckConfig,
-    /// Log one JSON object per line instead of human-readable text.
-    #[serde(default)]
-    pub log_json: bool,
 }
 
 /// A controller: who may deliver requests, and where its registry takes acknowledgements.
@@ -180,20 +169,37 @@ impl Default for AckConfig {
     }
 }
 
-fn default_listen() -> String {
-    "127.0.0.1:50061".into()
+/// Where the processor listens and stores unless configured otherwise.
+pub const DEFAULTS: Defaults = Defaults {
+    listen: "127.0.0.1:50061",
+    database_url: "sqlite://.dsrelay/processor.db",
+};
+
+fn service_settings<'de, D: Deserializer<'de>>(d: D) -> Result<ServiceSettings, D::Error> {
+    ServiceSettings::deserialize_with_defaults(d, &DEFAULTS)
 }
 
-fn default_database_url() -> String {
-    "sqlite://.dsrelay/processor.db".into()
+impl AsRef<ServiceSettings> for Config {
+    fn as_ref(&self) -> &ServiceSettings {
+        &self.service
+    }
 }
 
 impl Config {
-    /// Loads the file (if any) and `DSRELAY_PROCESSOR__*` overrides, then validates.
-    pub fn load(file: Option<&Path>) -> Result<Self, dsrelay_runtime::config::ConfigErrors> {
-        let mut config: Self = dsrelay_runtime::config::load(file, ENV_PREFIX, std::env::vars())?;
+    /// Loads the file (if any) and `DSRELAY_PROCESSOR__*` overrides, then validates and
+    /// checks that the TLS files are there.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigErrors> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// Like [`Config::load`] with the environment given (for tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigErrors> {
+        let mut config: Self = dsrelay_runtime::config::load(file, ENV_PREFIX, env)?;
         if let Some(dir) = file.and_then(Path::parent) {
-            config.tls = config.tls.relative_to(dir);
+            config.service.relative_to(dir);
             // Connectors with their own TLS files resolve them like the service's.
             for s in &mut config.subprocessors {
                 if let ConnectorConfig::Adapter(a) = &mut s.connector {
@@ -201,21 +207,19 @@ impl Config {
                 }
             }
         }
-        config.validate()?;
-        Ok(config)
+        let mut errors = config.validate().err().map_or_else(Vec::new, |e| e.0);
+        errors.extend(config.service.check_files());
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
+        }
     }
 
-    /// Every problem with the configuration, reported together.
-    pub fn validate(&self) -> Result<(), dsrelay_runtime::config::ConfigErrors> {
-        let mut errors = Vec::new();
-        if self.listen.parse::<std::net::SocketAddr>().is_err() {
-            errors.push(format!("listen: {:?} is not host:port", self.listen));
-        }
-        if let Some(a) = &self.admin_listen {
-            if a.parse::<std::net::SocketAddr>().is_err() {
-                errors.push(format!("admin_listen: {a:?} is not host:port"));
-            }
-        }
+    /// Every problem with the configuration that shows without looking at the file system,
+    /// reported together.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut errors = self.service.validate();
         let mut ids = BTreeSet::new();
         for (i, c) in self.controllers.iter().enumerate() {
             if !ids.insert(&c.identity) {
@@ -274,7 +278,77 @@ impl Config {
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(dsrelay_runtime::config::ConfigErrors(errors))
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// A folder with a configuration file naming TLS files that exist.
+    fn folder(extra: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "processor.pem", "processor.key"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let file = dir.path().join("processor.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "{extra}\n[tls]\nca = \"ca.pem\"\ncert = \"processor.pem\"\nkey = \"processor.key\"\n"
+            ),
+        )
+        .unwrap();
+        (dir, file)
+    }
+
+    #[test]
+    fn shared_keys_and_overrides_stay_at_the_top_level() {
+        let (dir, file) = folder("operators = [\"spiffe://x\"]");
+        let c = Config::load_from(
+            Some(&file),
+            env(&[
+                ("DSRELAY_PROCESSOR__DATABASE_URL", "postgres://u@h/db"),
+                ("DSRELAY_PROCESSOR__TASKS__CONCURRENCY", "2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.service.listen, DEFAULTS.listen);
+        assert_eq!(c.service.database_url, "postgres://u@h/db");
+        assert!(!c.service.log_json);
+        assert_eq!(c.service.tls.ca, dir.path().join("ca.pem"));
+        assert_eq!(c.tasks.concurrency, 2);
+        assert_eq!(c.operators, ["spiffe://x"]);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_and_every_problem_reported() {
+        let (_dir, file) = folder("operator = []");
+        let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown field `operator`"),
+            "{err}"
+        );
+
+        let (dir, file) = folder("admin_listen = \"9465\"");
+        std::fs::remove_file(dir.path().join("ca.pem")).unwrap();
+        let err = Config::load_from(
+            Some(&file),
+            env(&[("DSRELAY_PROCESSOR__ACKS__BATCH_SIZE", "0")]),
+        )
+        .unwrap_err();
+        assert_eq!(err.0.len(), 3, "{err}");
+        for key in ["admin_listen", "tasks and acks", "tls.ca"] {
+            assert!(err.0.iter().any(|e| e.starts_with(key)), "{key}: {err}");
         }
     }
 }

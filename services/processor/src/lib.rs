@@ -4,7 +4,8 @@
 //!
 //! # Layout
 //! - [`config`]: controllers, subprocessors and their connectors, worker settings.
-//! - [`app`]: [`App::build`] and [`App::run`].
+//! - [`app`]: [`App::build`] (store, connectors, registry clients) and [`App::run`], which
+//!   hands the services, metrics and workers to the runtime's host.
 //! - [`api`]: Deliver, Cancel, GetStatus and ListSubprocessors, for controllers.
 //! - [`metrics`]: Prometheus metrics on the admin port (`admin_listen`).
 //! - [`operator_api`]: operators list, confirm and refuse manual tasks.

@@ -1,24 +1,26 @@
-//! Building and running the registry: store, background workers and the gRPC server.
+//! Building the registry (store, processor clients, shared state) and handing its services,
+//! metrics and workers to the runtime's [`Host`], which serves and stops them.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use dsrelay_proto::v1::acknowledgement_service_server::AcknowledgementServiceServer;
 use dsrelay_proto::v1::processor_service_client::ProcessorServiceClient;
 use dsrelay_proto::v1::request_service_server::RequestServiceServer;
 use dsrelay_runtime::clock::Clock;
+use dsrelay_runtime::host::Host;
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
 use dsrelay_runtime::store::Db;
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, watch, Notify};
+use tokio::sync::{broadcast, Notify};
 use tonic::transport::Channel;
 
 use crate::api::Api;
 use crate::auth::Authorizer;
 use crate::config::Config;
+use crate::intake::{self, Writer};
 use crate::store::{Store, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
 
 /// State shared by the handlers and the background workers.
@@ -57,14 +59,18 @@ impl Shared {
 /// A registry ready to serve.
 pub struct App {
     shared: Arc<Shared>,
+    /// Started as a worker by `run`, so intake stops with the other workers.
+    intake_writer: Writer,
 }
 
 impl App {
-    /// Connects and migrates the store and prepares processor clients. Nothing listens yet.
+    /// Connects and migrates the store and prepares processor clients. Nothing listens and
+    /// no worker runs yet.
     pub async fn build(config: Config) -> Result<Self> {
-        let db = Db::connect(&config.database_url).await?;
+        let db = Db::connect(&config.service.database_url).await?;
         db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS).await?;
         let client_tls = config
+            .service
             .tls
             .client_config()
             .context("loading the registry's TLS files")?;
@@ -85,11 +91,13 @@ impl App {
             config.identity_hash_key.as_bytes().to_vec()
         };
         let (events, _) = broadcast::channel(1024);
+        let store = Store::new(db);
+        let (intake, intake_writer) = intake::channel(store.clone());
         Ok(Self {
             shared: Arc::new(Shared {
                 metrics: crate::metrics::Metrics::new(&config),
-                intake: crate::intake::Intake::start(Store::new(db.clone())),
-                store: Store::new(db),
+                intake,
+                store,
                 auth: Authorizer::new(&config),
                 config,
                 dispatch_wakeup: Notify::new(),
@@ -98,6 +106,7 @@ impl App {
                 identity_hash_key,
                 clock: Clock::system(),
             }),
+            intake_writer,
         })
     }
 
@@ -111,17 +120,16 @@ impl App {
         self.shared.clone()
     }
 
-    /// Serves on `listener` and runs the dispatcher and reconciler until `shutdown`
-    /// resolves; then stops accepting, lets the workers finish their current round, and
-    /// returns. Binds the admin port when the configuration names one (`admin_listen`).
+    /// Serves on `listener` and runs the intake writer, dispatcher and reconciler until
+    /// `shutdown` resolves; then stops accepting, lets the workers finish their current
+    /// round (queued Submits are committed), and returns. Binds the admin port when the
+    /// configuration names one (`admin_listen`).
     pub async fn run(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
-        let admin =
-            dsrelay_runtime::metrics::bind(self.shared.config.admin_listen.as_deref()).await?;
-        self.run_with_admin(listener, admin, shutdown).await
+        self.host().run(listener, shutdown).await
     }
 
     /// [`App::run`] with an admin listener the caller bound (or none: no admin port),
@@ -132,62 +140,45 @@ impl App {
         admin: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
-        let shared = self.shared;
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let scraped = shared.clone();
-        let admin = dsrelay_runtime::metrics::spawn(
-            admin,
-            Arc::new(move || {
-                let shared = scraped.clone();
-                Box::pin(async move {
-                    let now = shared.clock.now_ms();
-                    crate::metrics::render(&shared, now).await
-                })
-            }),
-            stop_rx.clone(),
-        );
-        let dispatcher = tokio::spawn(crate::dispatcher::run(shared.clone(), stop_rx.clone()));
-        let reconciler = tokio::spawn(crate::reconciler::run(shared.clone(), stop_rx.clone()));
-        let chain = tokio::spawn(crate::reconciler::refresh_chain(shared.clone(), stop_rx));
+        self.host().run_with_admin(listener, admin, shutdown).await
+    }
 
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<RequestServiceServer<Api>>().await;
-        health
-            .set_serving::<AcknowledgementServiceServer<Api>>()
-            .await;
+    fn host(self) -> Host {
+        let Self {
+            shared,
+            intake_writer,
+        } = self;
+        tracing::info!(processors = shared.processors.len(), "registry starting");
         let api = Api::new(shared.clone());
-        let router = dsrelay_runtime::server::builder(shared.config.tls.server_config()?)?
-            .add_service(health_service)
-            .add_service(dsrelay_runtime::server::reflection()?)
-            .add_service(dsrelay_runtime::server::reflection_v1alpha()?)
-            .add_service(
+        let scraped = shared.clone();
+        let (dispatched, reconciled, chained) = (shared.clone(), shared.clone(), shared.clone());
+        Host::new("registry", &shared.config.service)
+            .service(
                 RequestServiceServer::new(api.clone())
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
-            .add_service(
+            .service(
                 AcknowledgementServiceServer::new(api)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            );
-        let addr = listener.local_addr().ok();
-        tracing::info!(
-            ?addr,
-            processors = shared.processors.len(),
-            "registry serving"
-        );
-        let served = dsrelay_runtime::server::serve(router, listener, shutdown).await;
-        let _ = stop_tx.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(10), async {
-            let _ = dispatcher.await;
-            let _ = reconciler.await;
-            let _ = chain.await;
-            if let Some(admin) = admin {
-                let _ = admin.await;
-            }
-        })
-        .await;
-        tracing::info!("registry stopped");
-        served
+            )
+            .metrics(move || {
+                let shared = scraped.clone();
+                async move {
+                    let now = shared.clock.now_ms();
+                    crate::metrics::render(&shared, now).await
+                }
+            })
+            .worker("intake", move |stop| intake_writer.run(stop))
+            .worker("dispatcher", move |stop| {
+                crate::dispatcher::run(dispatched, stop)
+            })
+            .worker("reconciler", move |stop| {
+                crate::reconciler::run(reconciled, stop)
+            })
+            .worker("processor chain", move |stop| {
+                crate::reconciler::refresh_chain(chained, stop)
+            })
     }
 }

@@ -5,8 +5,9 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use dsrelay_runtime::backoff::Backoff;
-use dsrelay_runtime::tls::TlsFiles;
-use serde::{Deserialize, Serialize};
+use dsrelay_runtime::config::ConfigErrors;
+use dsrelay_runtime::settings::{Defaults, ServiceSettings};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// Prefix of environment variables that override the file (`DSRELAY_REGISTRY__LISTEN=...`).
 pub const ENV_PREFIX: &str = "DSRELAY_REGISTRY";
@@ -15,19 +16,10 @@ pub const ENV_PREFIX: &str = "DSRELAY_REGISTRY";
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Address to listen on, used by `main` (tests bind their own listener).
-    #[serde(default = "default_listen")]
-    pub listen: String,
-    /// Plain-HTTP admin port serving `/metrics` (Prometheus text format) and `/healthz`, e.g.
-    /// `127.0.0.1:9464`; off when absent. It has no TLS: keep it on loopback or a private
-    /// network.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub admin_listen: Option<String>,
-    /// `sqlite://path` (the embedded default) or `postgres://...`.
-    #[serde(default = "default_database_url")]
-    pub database_url: String,
-    /// This service's certificate and the CA its peers must chain to.
-    pub tls: TlsFiles,
+    /// Where it listens and stores, its TLS files and log format: the keys every service
+    /// shares, at the top level of the file.
+    #[serde(flatten, deserialize_with = "service_settings")]
+    pub service: ServiceSettings,
     /// Which certificate identities are partners and operators.
     #[serde(default)]
     pub identities: Vec<IdentityRole>,
@@ -44,9 +36,6 @@ pub struct Config {
     /// forgotten. Empty means a fixed development key (a warning is logged).
     #[serde(default)]
     pub identity_hash_key: String,
-    /// Log one JSON object per line instead of human-readable text.
-    #[serde(default)]
-    pub log_json: bool,
 }
 
 /// A certificate identity and the role it has.
@@ -139,36 +128,51 @@ impl Default for ReconcileConfig {
     }
 }
 
-fn default_listen() -> String {
-    "127.0.0.1:50051".into()
+/// Where the registry listens and stores unless configured otherwise.
+pub const DEFAULTS: Defaults = Defaults {
+    listen: "127.0.0.1:50051",
+    database_url: "sqlite://.dsrelay/registry.db",
+};
+
+fn service_settings<'de, D: Deserializer<'de>>(d: D) -> Result<ServiceSettings, D::Error> {
+    ServiceSettings::deserialize_with_defaults(d, &DEFAULTS)
 }
 
-fn default_database_url() -> String {
-    "sqlite://.dsrelay/registry.db".into()
+impl AsRef<ServiceSettings> for Config {
+    fn as_ref(&self) -> &ServiceSettings {
+        &self.service
+    }
 }
 
 impl Config {
-    /// Loads the file (if any) and `DSRELAY_REGISTRY__*` overrides, then validates.
-    pub fn load(file: Option<&Path>) -> Result<Self, dsrelay_runtime::config::ConfigErrors> {
-        let mut config: Self = dsrelay_runtime::config::load(file, ENV_PREFIX, std::env::vars())?;
-        if let Some(dir) = file.and_then(Path::parent) {
-            config.tls = config.tls.relative_to(dir);
-        }
-        config.validate()?;
-        Ok(config)
+    /// Loads the file (if any) and `DSRELAY_REGISTRY__*` overrides, then validates and
+    /// checks that the TLS files are there.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigErrors> {
+        Self::load_from(file, std::env::vars())
     }
 
-    /// Every problem with the configuration, reported together.
-    pub fn validate(&self) -> Result<(), dsrelay_runtime::config::ConfigErrors> {
-        let mut errors = Vec::new();
-        if self.listen.parse::<std::net::SocketAddr>().is_err() {
-            errors.push(format!("listen: {:?} is not host:port", self.listen));
+    /// Like [`Config::load`] with the environment given (for tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigErrors> {
+        let mut config: Self = dsrelay_runtime::config::load(file, ENV_PREFIX, env)?;
+        if let Some(dir) = file.and_then(Path::parent) {
+            config.service.relative_to(dir);
         }
-        if let Some(a) = &self.admin_listen {
-            if a.parse::<std::net::SocketAddr>().is_err() {
-                errors.push(format!("admin_listen: {a:?} is not host:port"));
-            }
+        let mut errors = config.validate().err().map_or_else(Vec::new, |e| e.0);
+        errors.extend(config.service.check_files());
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
         }
+    }
+
+    /// Every problem with the configuration that shows without looking at the file system,
+    /// reported together.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut errors = self.service.validate();
         let mut seen_ids = BTreeSet::new();
         for (i, r) in self.identities.iter().enumerate() {
             if r.identity.is_empty() || r.name.is_empty() {
@@ -210,7 +214,7 @@ impl Config {
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(dsrelay_runtime::config::ConfigErrors(errors))
+            Err(ConfigErrors(errors))
         }
     }
 
@@ -220,5 +224,89 @@ impl Config {
             .iter()
             .flat_map(|p| p.categories.iter().map(String::as_str))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// A folder with a configuration file naming TLS files that exist.
+    fn folder(extra: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "registry.pem", "registry.key"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let file = dir.path().join("registry.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "{extra}\n[tls]\nca = \"ca.pem\"\ncert = \"registry.pem\"\nkey = \"registry.key\"\n"
+            ),
+        )
+        .unwrap();
+        (dir, file)
+    }
+
+    #[test]
+    fn shared_keys_and_overrides_stay_at_the_top_level() {
+        let (dir, file) = folder("identity_hash_key = \"k\"");
+        let c = Config::load_from(
+            Some(&file),
+            env(&[
+                ("DSRELAY_REGISTRY__LISTEN", "0.0.0.0:7"),
+                ("DSRELAY_REGISTRY__ADMIN_LISTEN", "127.0.0.1:8"),
+                ("DSRELAY_REGISTRY__LOG_JSON", "true"),
+                ("DSRELAY_REGISTRY__DELIVERY__CONCURRENCY", "3"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.service.listen, "0.0.0.0:7");
+        assert_eq!(c.service.admin_listen.as_deref(), Some("127.0.0.1:8"));
+        assert!(c.service.log_json);
+        assert_eq!(c.service.database_url, DEFAULTS.database_url);
+        assert_eq!(c.service.tls.key, dir.path().join("registry.key"));
+        assert_eq!(c.delivery.concurrency, 3);
+        assert_eq!(c.identity_hash_key, "k");
+        // Written back, it is the same flat file.
+        let text = toml::to_string(&c).unwrap();
+        let again: Config = toml::from_str(&text).unwrap();
+        assert_eq!(again.service, c.service);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let (_dir, file) = folder("identity_hash_keys = \"k\"");
+        let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("identity_hash_keys"), "{err}");
+        let (_dir, file) = folder("");
+        let err = Config::load_from(Some(&file), env(&[("DSRELAY_REGISTRY__LISTEN_ON", "x")]))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("unknown field `listen_on`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let (dir, file) = folder("listen = \"nowhere\"\ndatabase_url = \"mysql://x\"");
+        std::fs::remove_file(dir.path().join("registry.key")).unwrap();
+        let err = Config::load_from(
+            Some(&file),
+            env(&[("DSRELAY_REGISTRY__DELIVERY__CONCURRENCY", "0")]),
+        )
+        .unwrap_err();
+        assert_eq!(err.0.len(), 4, "{err}");
+        for key in ["listen", "database_url", "delivery", "tls.key"] {
+            assert!(err.0.iter().any(|e| e.starts_with(key)), "{key}: {err}");
+        }
     }
 }

@@ -22,6 +22,9 @@ pub enum ApiError {
     /// The request's state forbids the call.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The registry cannot take the call now (it is shutting down); a retry may succeed.
+    #[error("{0}")]
+    Unavailable(String),
     /// A fault of ours; details go to the log, not the caller.
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
@@ -78,6 +81,15 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+impl From<crate::intake::IntakeError> for ApiError {
+    fn from(e: crate::intake::IntakeError) -> Self {
+        match e {
+            crate::intake::IntakeError::Stopped => Self::Unavailable(e.to_string()),
+            crate::intake::IntakeError::Store { .. } => Self::Unexpected(e.into()),
+        }
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
         match e {
@@ -96,6 +108,7 @@ impl From<ApiError> for Status {
             ApiError::PermissionDenied(m) => Status::permission_denied(m),
             ApiError::Conflict(m) => Status::already_exists(m),
             ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
+            ApiError::Unavailable(m) => Status::unavailable(m),
             ApiError::Unexpected(err) => {
                 tracing::error!(error = format!("{err:#}"), "internal error");
                 Status::internal("internal error; the registry logged the details")

@@ -2,7 +2,15 @@
 //! stores everything queued in a single transaction. One commit (one fsync on SQLite with
 //! `synchronous=FULL`) then serves many partners, which is how intake outruns the rate of
 //! single-row commits while every answer still waits for its request to be durable.
+//!
+//! [`channel`] makes the queue ([`Intake`], shared by the handlers) and its [`Writer`], which
+//! runs as one of the registry's workers. When told to stop, the writer refuses new requests,
+//! commits the ones already queued and returns; a Submit after that gets
+//! [`IntakeError::Stopped`] at once (UNAVAILABLE to the partner), never a wait.
 
+use std::sync::Arc;
+
+use dsrelay_runtime::host::Stop;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::store::{Inserted, NewRequest, Store};
@@ -10,7 +18,26 @@ use crate::store::{Inserted, NewRequest, Store};
 /// Most requests stored in one transaction.
 pub const MAX_BATCH: usize = 256;
 
-type Job = (NewRequest, oneshot::Sender<Result<Inserted, String>>);
+/// Why a submitted request was not stored.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IntakeError {
+    /// The writer has stopped (the registry is shutting down) or stopped before answering.
+    /// The request may still have been committed; a retry with the same idempotency key is
+    /// safe either way.
+    #[error("the registry is not taking requests now (shutting down); submit again")]
+    Stopped,
+    /// The transaction storing the batch failed; no request of the batch was stored.
+    #[error("storing a batch of {batch} submitted requests failed")]
+    Store {
+        /// Requests in the failed batch, all refused together.
+        batch: usize,
+        /// What the store said, shared by every request of the batch.
+        #[source]
+        cause: Arc<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+type Job = (NewRequest, oneshot::Sender<Result<Inserted, IntakeError>>);
 
 /// The queue in front of the writer.
 #[derive(Debug, Clone)]
@@ -18,52 +45,181 @@ pub struct Intake {
     tx: mpsc::Sender<Job>,
 }
 
-impl Intake {
-    /// Starts the writer on `store`. It stops when every `Intake` is dropped.
-    pub fn start(store: Store) -> Self {
-        let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(write(store, rx));
-        Self { tx }
-    }
+/// The writer's end of the queue: [`Writer::run`] is a worker of the registry's host.
+#[derive(Debug)]
+pub struct Writer {
+    store: Store,
+    rx: mpsc::Receiver<Job>,
+}
 
+/// A queue and the writer that stores what is queued on `store`. Nothing is written until
+/// the writer runs; Submits queued before that wait for it.
+pub fn channel(store: Store) -> (Intake, Writer) {
+    let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
+    (Intake { tx }, Writer { store, rx })
+}
+
+impl Intake {
     /// Stores `request` (or finds its idempotency key's earlier request); returns once it is
     /// committed.
-    pub async fn submit(&self, request: NewRequest) -> anyhow::Result<Inserted> {
+    pub async fn submit(&self, request: NewRequest) -> Result<Inserted, IntakeError> {
         let (done_tx, done_rx) = oneshot::channel();
         self.tx
             .send((request, done_tx))
             .await
-            .map_err(|_| anyhow::anyhow!("the intake writer has stopped"))?;
-        done_rx
-            .await
-            .map_err(|_| anyhow::anyhow!("the intake writer stopped before answering"))?
-            .map_err(|e| anyhow::anyhow!(e))
+            .map_err(|_| IntakeError::Stopped)?;
+        done_rx.await.map_err(|_| IntakeError::Stopped)?
     }
 }
 
-async fn write(store: Store, mut rx: mpsc::Receiver<Job>) {
-    while let Some(first) = rx.recv().await {
+impl Writer {
+    /// Commits queued requests in batches until `stop` turns true (or its sender is gone);
+    /// then refuses new ones, commits those still queued, and returns.
+    pub async fn run(mut self, mut stop: Stop) {
+        loop {
+            let first = tokio::select! {
+                // Queued work first: a stop never overtakes a request that was waiting.
+                biased;
+                job = self.rx.recv() => job,
+                _ = stop.wait_for(|s| *s) => None,
+            };
+            let Some(first) = first else { break };
+            self.commit(first).await;
+        }
+        self.rx.close();
+        let mut drained = 0;
+        while let Some(first) = self.rx.recv().await {
+            drained += 1;
+            self.commit(first).await;
+        }
+        tracing::debug!(batches = drained, "intake writer stopped");
+    }
+
+    /// Stores `first` and whatever else is queued (up to [`MAX_BATCH`]) in one transaction,
+    /// and answers each.
+    async fn commit(&mut self, first: Job) {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
-            match rx.try_recv() {
+            match self.rx.try_recv() {
                 Ok(j) => jobs.push(j),
                 Err(_) => break,
             }
         }
         let (requests, answers): (Vec<NewRequest>, Vec<_>) = jobs.into_iter().unzip();
-        match store.insert_requests(&requests).await {
+        match self.store.insert_requests(&requests).await {
             Ok(outcomes) => {
                 for (answer, outcome) in answers.into_iter().zip(outcomes) {
+                    // The Submit may have gone (its caller hung up); its request is stored.
                     let _ = answer.send(Ok(outcome));
                 }
             }
             Err(e) => {
-                let message = format!("{e:#}");
-                tracing::error!(error = %message, batch = requests.len(), "storing submitted requests failed");
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    batch = requests.len(),
+                    "storing submitted requests failed"
+                );
+                let error = IntakeError::Store {
+                    batch: requests.len(),
+                    cause: Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(e)),
+                };
                 for answer in answers {
-                    let _ = answer.send(Err(message.clone()));
+                    let _ = answer.send(Err(error.clone()));
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use dsrelay_proto::v1::RequestKind;
+    use dsrelay_runtime::store::Db;
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::store::{POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+
+    async fn store(dir: &std::path::Path) -> Store {
+        let db = Db::connect(&format!("sqlite://{}/registry.db", dir.display()))
+            .await
+            .unwrap();
+        db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+            .await
+            .unwrap();
+        Store::new(db)
+    }
+
+    fn request(id: &str) -> NewRequest {
+        NewRequest {
+            id: id.into(),
+            partner: "crm".into(),
+            idempotency_key: format!("key-{id}"),
+            body_hash: format!("hash-{id}"),
+            body: vec![1],
+            identity_hashes: "[]".into(),
+            kind: RequestKind::Erasure as i32,
+            received_at: 1_000,
+            due_at: 2_000,
+            trace_id: "0".repeat(32),
+            traceparent: None,
+            processors: vec!["p1".into()],
+        }
+    }
+
+    #[tokio::test]
+    async fn queued_requests_are_committed_on_stop_and_later_ones_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path()).await;
+        let (intake, writer) = channel(store.clone());
+        // Queued before the writer runs, and stop already asked when it starts.
+        let queued: Vec<_> = ["r1", "r2", "r3"]
+            .into_iter()
+            .map(|id| {
+                let intake = intake.clone();
+                tokio::spawn(async move { intake.submit(request(id)).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        stop_tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), writer.run(stop_rx))
+            .await
+            .expect("the writer returns once drained");
+        for q in queued {
+            assert!(matches!(q.await.unwrap(), Ok(Inserted::New)));
+        }
+        for id in ["r1", "r2", "r3"] {
+            assert!(store.request(id).await.unwrap().is_some(), "{id}");
+        }
+        let late = tokio::time::timeout(Duration::from_secs(1), intake.submit(request("r4")))
+            .await
+            .expect("a submit after stop does not wait");
+        assert!(matches!(late, Err(IntakeError::Stopped)), "{late:?}");
+        assert!(store.request("r4").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn the_writer_commits_while_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let (intake, writer) = channel(store(dir.path()).await);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let running = tokio::spawn(writer.run(stop_rx));
+        assert!(matches!(
+            intake.submit(request("a")).await,
+            Ok(Inserted::New)
+        ));
+        assert!(matches!(
+            intake.submit(request("a")).await,
+            Ok(Inserted::Existing(id)) if id == "a"
+        ));
+        stop_tx.send(true).unwrap();
+        running.await.unwrap();
+        assert!(matches!(
+            intake.submit(request("b")).await,
+            Err(IntakeError::Stopped)
+        ));
     }
 }

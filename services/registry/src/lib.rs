@@ -4,11 +4,13 @@
 //!
 //! # Layout
 //! - [`config`]: configuration (identities and roles, processors and their categories).
-//! - [`app`]: [`App::build`] and [`App::run`]: the store, workers and gRPC server together.
+//! - [`app`]: [`App::build`] (store, processor clients, shared state) and [`App::run`], which
+//!   hands the services, metrics and workers to the runtime's host.
 //! - [`api`]: the gRPC handlers (partner API and acknowledgement API).
 //! - [`auth`]: certificate identity → caller role.
 //! - [`validate`]: Submit input rules.
-//! - [`intake`]: group commit of concurrent Submits.
+//! - [`intake`]: group commit of concurrent Submits; its writer is a worker, drained and
+//!   stopped on shutdown.
 //! - [`store`]: requests, the delivery outbox, tasks, acknowledgements, events.
 //! - [`fold`]: deliveries and task states → request state.
 //! - [`deadline`]: GDPR due dates.

@@ -1,10 +1,10 @@
 //! `dsrelay-registry`: runs the registry from a configuration file and environment overrides.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::Parser;
 use dsrelay_registry::{App, Config};
-use dsrelay_runtime::config::EXIT_USAGE;
 
 /// The controller-side registry of dsrelay.
 #[derive(Parser)]
@@ -16,26 +16,15 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() {
+async fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match Config::load(args.config.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(EXIT_USAGE);
-        }
-    };
-    let telemetry = dsrelay_runtime::telemetry::init(config.log_json, "dsrelay-registry");
-    let result = run(config).await;
-    telemetry.shutdown().await;
-    if let Err(e) = result {
-        tracing::error!(error = format!("{e:#}"), "registry failed");
-        std::process::exit(1);
-    }
-}
-
-async fn run(config: Config) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(&config.listen).await?;
-    let app = App::build(config).await?;
-    app.run(listener, dsrelay_runtime::shutdown_signal()).await
+    dsrelay_runtime::host::main(
+        "dsrelay-registry",
+        args.config.as_deref(),
+        Config::load,
+        |config, listener, shutdown| async move {
+            App::build(config).await?.run(listener, shutdown).await
+        },
+    )
+    .await
 }

@@ -5,6 +5,10 @@
 //! - [`audit`]: the tamper-evident audit trail's entry hash and chain verification.
 //! - [`config`]: TOML file plus prefixed environment overrides layered with figment; the
 //!   problems of every layer reported at once, each naming its key and source.
+//! - [`settings`]: the settings every service shares (listen and admin addresses, database,
+//!   TLS files, log format), validated once.
+//! - [`host`]: one host for every service: gRPC server with health and reflection, admin
+//!   port and background workers, started and stopped together; the binaries' shared `main`.
 //! - [`tls`]: mutual TLS with rustls; peer identities from certificate SANs; client channels
 //!   that check the server's identity.
 //! - [`pki`]: the generated development PKI.
@@ -14,7 +18,8 @@
 //! - [`identity`]: subject identity validation, normalisation and hashing.
 //! - [`metrics`]: Prometheus text-format metrics (prometheus-client) on a plain-HTTP admin
 //!   port.
-//! - [`server`]: serving a tonic router on a caller-bound listener with health and reflection.
+//! - [`server`]: the tonic server's TLS and limits, the reflection services, and serving a
+//!   router on a caller-bound listener.
 //! - [`telemetry`]: logging and OpenTelemetry set-up (OTLP, off unless the `OTEL_*`
 //!   variables ask for it).
 //! - [`trace_context`]: W3C trace context in gRPC metadata and stored rows.
@@ -24,10 +29,12 @@ pub mod audit;
 pub mod backoff;
 pub mod clock;
 pub mod config;
+pub mod host;
 pub mod identity;
 pub mod metrics;
 pub mod pki;
 pub mod server;
+pub mod settings;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

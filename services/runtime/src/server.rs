@@ -1,7 +1,9 @@
-//! Serving a tonic router on a listener the caller bound, with mTLS, limits, health checking
-//! and reflection.
+//! The tonic server every dsrelay service runs: mTLS and limits ([`builder`]), the reflection
+//! services, and serving a router on a listener the caller bound ([`serve`]).
 //!
 //! The caller binds (tests bind `127.0.0.1:0`) and owns shutdown, as in mini-redis.
+//! [`crate::host::Host`] puts these together with health checking, the admin port and the
+//! workers.
 
 use std::future::Future;
 use std::time::Duration;

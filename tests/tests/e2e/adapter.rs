@@ -9,6 +9,7 @@ use dsrelay_connectors::adapter::AdapterConfig;
 use dsrelay_processor::config::{ConnectorConfig, SubprocessorConfig};
 use dsrelay_proto::v1::{Request, RequestState, TaskState, TaskStatus};
 use dsrelay_runtime::pki::dev_identity;
+use dsrelay_runtime::settings::ServiceSettings;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -60,12 +61,13 @@ pub(crate) async fn newsletter_setup(
         .await
         .expect("sqlite setup");
     let adapter = dsrelay_example_adapter::Config {
-        listen: adapter_addr.to_string(),
-        database_url: format!("sqlite://{}/newsletter.db", setup.dir.path().display()),
-        tls: setup.pki.files("adapter"),
+        service: ServiceSettings::new(
+            adapter_addr.to_string(),
+            format!("sqlite://{}/newsletter.db", setup.dir.path().display()),
+            setup.pki.files("adapter"),
+        ),
         allowed_identities: vec![dev_identity("processor", PROCESSOR)],
         confirm_delay_ms,
-        log_json: false,
     };
     adapter.validate().expect("adapter config");
     // Start from the harness's Finnish subprocessor (so that every other setting keeps the
@@ -105,7 +107,7 @@ async fn assert_erased(view: &Request, adapter: &dsrelay_example_adapter::Config
     let evidence = task.evidence.clone().expect("evidence");
     assert_eq!(evidence.records_affected, 1, "{evidence:?}");
     assert!(evidence.confirmed, "{evidence:?}");
-    let url = &adapter.database_url;
+    let url = &adapter.service.database_url;
     assert_eq!(
         count(
             url,
@@ -235,7 +237,7 @@ async fn an_adapter_that_is_down_is_retried_until_it_is_up() {
         .into_inner();
 
     // The processor tries, fails transiently and keeps the task to retry.
-    let processor_db = &setup.processor.database_url;
+    let processor_db = &setup.processor.service.database_url;
     let retried = format!(
         "SELECT COUNT(*) FROM tasks WHERE subprocessor = '{NEWSLETTER}' AND attempts >= 2 \
          AND last_error IS NOT NULL AND state = {}",

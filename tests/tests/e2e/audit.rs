@@ -147,7 +147,7 @@ async fn dsrctl_audit_verify_names_the_first_tampered_entry() {
         ..
     } = pair;
     processor.stop().await;
-    let url = setup.registry.database_url.clone();
+    let url = setup.registry.service.database_url.clone();
     let events = count(&url, "SELECT COUNT(*) FROM events").await;
     assert_eq!(
         count(&url, "SELECT COUNT(*) FROM audit_log").await,

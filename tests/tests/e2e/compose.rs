@@ -490,12 +490,12 @@ fn compose_registry_configuration_loads() {
     check_ports(
         &compose,
         "registry",
-        &config.listen,
-        config.admin_listen.as_deref(),
+        &config.service.listen,
+        config.service.admin_listen.as_deref(),
     );
     check_postgres_url(
         &compose,
-        &config.database_url,
+        &config.service.database_url,
         Some("deploy/postgres-init.sql"),
     );
     check_otel(&compose, &env, "registry");
@@ -510,9 +510,15 @@ fn compose_registry_configuration_loads() {
     let (host, port) = host_port(&config.processors[0].endpoint);
     assert_eq!(
         (host.as_str(), port),
-        ("processor", port_of(&processor.listen))
+        ("processor", port_of(&processor.service.listen))
     );
-    check_pki(&compose, "registry", &config.tls, "registry", "registry");
+    check_pki(
+        &compose,
+        "registry",
+        &config.service.tls,
+        "registry",
+        "registry",
+    );
     assert_eq!(
         config.processors[0].identity,
         dsrelay_runtime::pki::dev_identity("processor", &config.processors[0].name)
@@ -532,12 +538,12 @@ fn compose_processor_configuration_loads() {
     check_ports(
         &compose,
         "processor",
-        &config.listen,
-        config.admin_listen.as_deref(),
+        &config.service.listen,
+        config.service.admin_listen.as_deref(),
     );
     check_postgres_url(
         &compose,
-        &config.database_url,
+        &config.service.database_url,
         Some("deploy/postgres-init.sql"),
     );
     check_otel(&compose, &env, "processor");
@@ -551,9 +557,15 @@ fn compose_processor_configuration_loads() {
     let (host, port) = host_port(&config.controllers[0].registry_endpoint);
     assert_eq!(
         (host.as_str(), port),
-        ("registry", port_of(&registry.listen))
+        ("registry", port_of(&registry.service.listen))
     );
-    check_pki(&compose, "processor", &config.tls, "processor", "processor");
+    check_pki(
+        &compose,
+        "processor",
+        &config.service.tls,
+        "processor",
+        "processor",
+    );
     // The accounting subprocessor: the sample rules, on the compose accounting database.
     let sql = config
         .subprocessors

@@ -290,7 +290,7 @@ async fn a_holder_that_is_down_does_not_hold_up_the_others() {
     // The first task finds the holder down, which marks it.
     let first = crm.submit(submit(0)).await.expect("submit");
     let mut ids = vec![first.into_inner().request_id];
-    let db = &setup.processor.database_url;
+    let db = &setup.processor.service.database_url;
     let failed = format!(
         "SELECT COUNT(*) FROM tasks WHERE subprocessor = '{}' AND last_error IS NOT NULL",
         crate::adapter::NEWSLETTER

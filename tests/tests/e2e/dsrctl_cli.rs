@@ -914,7 +914,11 @@ async fn error_answers_exit_2() {
 
     // Nothing of that was stored.
     assert_eq!(
-        count(&s.registry.database_url, "SELECT COUNT(*) FROM requests").await,
+        count(
+            &s.registry.service.database_url,
+            "SELECT COUNT(*) FROM requests"
+        )
+        .await,
         1
     );
     pair.stop().await;

@@ -114,7 +114,7 @@ async fn registry_down_while_acknowledging(backend: Backend) {
 
     // Meanwhile the processor finishes and cannot reach the registry: its outbox holds the
     // acknowledgements and keeps retrying.
-    let processor_db = setup.processor.database_url.clone();
+    let processor_db = setup.processor.service.database_url.clone();
     let deadline = tokio::time::Instant::now() + LONG;
     loop {
         let stuck = count(
@@ -146,7 +146,7 @@ async fn registry_down_while_acknowledging(backend: Backend) {
         // PENDING (1) → IN_PROGRESS (2) → COMPLETED (3), each applied once.
         assert_eq!(t.sequence, 3, "{t:#?}");
     }
-    let registry_db = &setup.registry.database_url;
+    let registry_db = &setup.registry.service.database_url;
     let acks = count(registry_db, "SELECT COUNT(*) FROM acknowledgements").await;
     assert_eq!(acks, 4, "two tasks, two acknowledgements each, none twice");
     let updates = count(registry_db, "SELECT COUNT(*) FROM events WHERE type = 4").await;
@@ -212,14 +212,14 @@ async fn processor_killed_mid_task_resumes_it() {
     assert_eq!(view.tasks.len(), 1);
     assert_eq!(view.tasks[0].sequence, 3, "{view:#?}");
     let attempts = count(
-        &setup.processor.database_url,
+        &setup.processor.service.database_url,
         "SELECT attempts FROM tasks WHERE subprocessor = 'mail-marketing'",
     )
     .await;
     assert_eq!(attempts, 2, "the interrupted run and the resumed one");
     assert_eq!(
         count(
-            &setup.registry.database_url,
+            &setup.registry.service.database_url,
             "SELECT COUNT(*) FROM acknowledgements"
         )
         .await,

@@ -22,6 +22,7 @@ use dsrelay_registry::config::{
 };
 use dsrelay_runtime::backoff::Backoff;
 use dsrelay_runtime::pki::{dev_identity, DevPki};
+use dsrelay_runtime::settings::ServiceSettings;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -178,10 +179,11 @@ impl Setup {
             });
         }
         let mut registry = dsrelay_registry::Config {
-            listen: registry_addr.to_string(),
-            admin_listen: None,
-            database_url: registry_db,
-            tls: pki.files("registry"),
+            service: ServiceSettings::new(
+                registry_addr.to_string(),
+                registry_db,
+                pki.files("registry"),
+            ),
             identities: vec![
                 IdentityRole {
                     identity: dev_identity("partner", "crm"),
@@ -214,13 +216,13 @@ impl Setup {
                 chain_interval_ms: 2000,
             },
             identity_hash_key: "test key".into(),
-            log_json: false,
         };
         let mut processor = dsrelay_processor::Config {
-            listen: processor_addr.to_string(),
-            admin_listen: None,
-            database_url: processor_db,
-            tls: pki.files("processor"),
+            service: ServiceSettings::new(
+                processor_addr.to_string(),
+                processor_db,
+                pki.files("processor"),
+            ),
             controllers: vec![ControllerConfig {
                 name: "controller".into(),
                 identity: dev_identity("registry", "controller"),
@@ -262,7 +264,6 @@ impl Setup {
                 batch_size: 200,
                 call_timeout_ms: 3000,
             },
-            log_json: false,
         };
         if opts.with_manual_archive {
             processor.subprocessors.push(SubprocessorConfig {
@@ -277,8 +278,8 @@ impl Setup {
             });
         }
         if opts.admin {
-            registry.admin_listen = Some(free_port().await.to_string());
-            processor.admin_listen = Some(free_port().await.to_string());
+            registry.service.admin_listen = Some(free_port().await.to_string());
+            processor.service.admin_listen = Some(free_port().await.to_string());
         }
         registry.validate().expect("registry config");
         processor.validate().expect("processor config");
@@ -346,7 +347,7 @@ pub async fn start_registry(
         .await
         .expect("bind registry");
     // Bound here, so that the admin port (when configured) answers once this returns.
-    let admin = dsrelay_runtime::metrics::bind(setup.registry.admin_listen.as_deref())
+    let admin = dsrelay_runtime::metrics::bind(setup.registry.service.admin_listen.as_deref())
         .await
         .expect("bind registry admin port");
     let app = dsrelay_registry::App::build(setup.registry.clone())
@@ -379,7 +380,7 @@ pub async fn start_processor_with_state(
     let listener = TcpListener::bind(setup.processor_addr)
         .await
         .expect("bind processor");
-    let admin = dsrelay_runtime::metrics::bind(setup.processor.admin_listen.as_deref())
+    let admin = dsrelay_runtime::metrics::bind(setup.processor.service.admin_listen.as_deref())
         .await
         .expect("bind processor admin port");
     let app = dsrelay_processor::App::build(setup.processor.clone())

@@ -53,7 +53,7 @@ async fn submit_is_idempotent_per_partner_and_key() {
     // Only one request exists per (partner, key) even though the first was submitted twice.
     assert_eq!(
         count(
-            &pair.setup.registry.database_url,
+            &pair.setup.registry.service.database_url,
             "SELECT COUNT(*) FROM requests"
         )
         .await,
@@ -95,7 +95,7 @@ async fn receivers_deduplicate_deliveries_and_acknowledgements() {
     assert!(again.duplicate);
     assert_eq!(again.tasks.len(), 2);
     assert!(again.tasks.iter().all(|t| t.sequence == 3));
-    let proc_db = &pair.setup.processor.database_url;
+    let proc_db = &pair.setup.processor.service.database_url;
     assert_eq!(count(proc_db, "SELECT COUNT(*) FROM requests").await, 1);
     assert_eq!(count(proc_db, "SELECT COUNT(*) FROM tasks").await, 2);
     assert_eq!(
@@ -378,7 +378,7 @@ async fn lost_acknowledgements_are_reconciled() {
     assert!(view.tasks.iter().all(|t| t.sequence == 3), "{view:#?}");
     assert_eq!(
         count(
-            &pair.setup.registry.database_url,
+            &pair.setup.registry.service.database_url,
             "SELECT COUNT(*) FROM acknowledgements"
         )
         .await,
@@ -386,7 +386,7 @@ async fn lost_acknowledgements_are_reconciled() {
         "nothing came through the acknowledgement API"
     );
     let reconciled = count(
-        &pair.setup.registry.database_url,
+        &pair.setup.registry.service.database_url,
         "SELECT COUNT(*) FROM events WHERE message LIKE '%(reconciled)%'",
     )
     .await;

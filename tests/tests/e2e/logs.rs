@@ -20,8 +20,8 @@ fn lines(log: &str) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_name_the_request_and_never_the_subject() {
     let mut setup = Setup::new(&PairOptions::default()).await.expect("setup");
-    setup.registry.log_json = true;
-    setup.processor.log_json = true;
+    setup.registry.service.log_json = true;
+    setup.processor.service.log_json = true;
     setup.env = vec![(
         "RUST_LOG".into(),
         "debug,h2=info,hyper=info,tower=info,rustls=info".into(),

@@ -74,8 +74,20 @@ async fn metrics_after_an_erasure(backend: Backend) {
     else {
         return;
     };
-    let registry_admin = pair.setup.registry.admin_listen.clone().expect("admin");
-    let processor_admin = pair.setup.processor.admin_listen.clone().expect("admin");
+    let registry_admin = pair
+        .setup
+        .registry
+        .service
+        .admin_listen
+        .clone()
+        .expect("admin");
+    let processor_admin = pair
+        .setup
+        .processor
+        .service
+        .admin_listen
+        .clone()
+        .expect("admin");
     for addr in [&registry_admin, &processor_admin] {
         assert_eq!(get(addr, "/healthz").await.0, 200);
     }
@@ -139,7 +151,7 @@ async fn metrics_after_an_erasure(backend: Backend) {
     assert!(failures <= attempts - 1.0, "{r}");
     // Two subprocessors, each IN_PROGRESS then COMPLETED.
     let stored = count(
-        &pair.setup.registry.database_url,
+        &pair.setup.registry.service.database_url,
         "SELECT CAST(COUNT(*) AS BIGINT) FROM acknowledgements",
     )
     .await;
@@ -220,7 +232,7 @@ async fn metrics_after_an_erasure(backend: Backend) {
         }
     }
     let sent = count(
-        &pair.setup.processor.database_url,
+        &pair.setup.processor.service.database_url,
         "SELECT CAST(COUNT(*) AS BIGINT) FROM ack_outbox",
     )
     .await;
@@ -278,7 +290,7 @@ fn listening_ports(pid: u32) -> Vec<u16> {
 #[tokio::test]
 async fn admin_port_is_off_by_default() {
     let setup = Setup::new(&PairOptions::default()).await.expect("setup");
-    assert_eq!(setup.registry.admin_listen, None);
+    assert_eq!(setup.registry.service.admin_listen, None);
     let (registry_file, processor_file) = setup.write_configs();
     for f in [&registry_file, &processor_file] {
         let text = std::fs::read_to_string(f).expect("config file");
@@ -299,6 +311,7 @@ async fn admin_port_is_off_by_default() {
     .expect("setup");
     let admin: SocketAddr = setup
         .registry
+        .service
         .admin_listen
         .as_deref()
         .expect("admin")

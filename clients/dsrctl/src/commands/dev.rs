@@ -14,6 +14,7 @@ use dsrelay_processor::config::{
 };
 use dsrelay_registry::config::{IdentityRole, ProcessorConfig, Role};
 use dsrelay_runtime::pki::{dev_identity, DevPki};
+use dsrelay_runtime::settings::ServiceSettings;
 
 use crate::cli::DevUpArgs;
 use crate::commands::Io;
@@ -30,13 +31,14 @@ fn registry_config(dir: &Path, port: u16, processor_port: u16) -> dsrelay_regist
         name: name.into(),
     };
     dsrelay_registry::Config {
-        listen: format!("127.0.0.1:{port}"),
-        admin_listen: None,
-        database_url: format!("sqlite://{}/registry.db", dir.display()),
-        tls: DevPki {
-            dir: dir.join("pki"),
-        }
-        .files("registry"),
+        service: ServiceSettings::new(
+            format!("127.0.0.1:{port}"),
+            format!("sqlite://{}/registry.db", dir.display()),
+            DevPki {
+                dir: dir.join("pki"),
+            }
+            .files("registry"),
+        ),
         identities: vec![
             identity("partner", "crm", Role::Partner),
             identity("partner", "webform", Role::Partner),
@@ -51,19 +53,19 @@ fn registry_config(dir: &Path, port: u16, processor_port: u16) -> dsrelay_regist
         delivery: Default::default(),
         reconcile: Default::default(),
         identity_hash_key: String::new(),
-        log_json: false,
     }
 }
 
 fn processor_config(dir: &Path, port: u16, registry_port: u16) -> dsrelay_processor::Config {
     dsrelay_processor::Config {
-        listen: format!("127.0.0.1:{port}"),
-        admin_listen: None,
-        database_url: format!("sqlite://{}/processor.db", dir.display()),
-        tls: DevPki {
-            dir: dir.join("pki"),
-        }
-        .files("processor"),
+        service: ServiceSettings::new(
+            format!("127.0.0.1:{port}"),
+            format!("sqlite://{}/processor.db", dir.display()),
+            DevPki {
+                dir: dir.join("pki"),
+            }
+            .files("processor"),
+        ),
         controllers: vec![ControllerConfig {
             name: "controller".into(),
             identity: dev_identity("registry", "controller"),
@@ -93,7 +95,6 @@ fn processor_config(dir: &Path, port: u16, registry_port: u16) -> dsrelay_proces
         ],
         tasks: Default::default(),
         acks: Default::default(),
-        log_json: false,
     }
 }
 
@@ -135,20 +136,20 @@ pub(crate) async fn up(
         anyhow::Ok((registry, processor))
     };
     let (registry, processor) = prepare.await.map_err(Failure::Setup)?;
-    let registry_listener = tokio::net::TcpListener::bind(&registry.listen)
+    let registry_listener = tokio::net::TcpListener::bind(&registry.service.listen)
         .await
-        .with_context(|| format!("binding the registry to {}", registry.listen))
+        .with_context(|| format!("binding the registry to {}", registry.service.listen))
         .map_err(Failure::Setup)?;
-    let processor_listener = tokio::net::TcpListener::bind(&processor.listen)
+    let processor_listener = tokio::net::TcpListener::bind(&processor.service.listen)
         .await
-        .with_context(|| format!("binding the processor to {}", processor.listen))
+        .with_context(|| format!("binding the processor to {}", processor.service.listen))
         .map_err(Failure::Setup)?;
     // Admin ports (`admin_listen` in the files) are bound here too, so a port in use is
     // reported before anything starts.
     let mut admin = Vec::new();
     for (name, addr) in [
-        ("registry", registry.admin_listen.clone()),
-        ("processor", processor.admin_listen.clone()),
+        ("registry", registry.service.admin_listen.clone()),
+        ("processor", processor.service.admin_listen.clone()),
     ] {
         let listener = dsrelay_runtime::metrics::bind(addr.as_deref())
             .await

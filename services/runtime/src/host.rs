@@ -1,0 +1,366 @@
+//! One host for every dsrelay service: the gRPC server with health and reflection, the admin
+//! port, and the background workers, started together and stopped together.
+//!
+//! A service hands its parts to a [`Host`] and calls [`Host::run`]:
+//!
+//! ```ignore
+//! Host::new("registry", &config.service)
+//!     .service(RequestServiceServer::new(api))
+//!     .metrics(move || render(shared.clone()))
+//!     .worker("dispatcher", move |stop| dispatcher::run(shared, stop))
+//!     .run(listener, shutdown)
+//!     .await
+//! ```
+//!
+//! Workers are spawned only inside `run`, after the server could be configured, so a service
+//! that fails to start leaves nothing running. On shutdown the server stops accepting and
+//! finishes the calls in flight; then every worker (and the admin port) is told to stop
+//! through its [`Stop`] receiver and given [`WORKER_GRACE`] in all to return. Workers still
+//! running after that are aborted, so nothing of a host outlives its `run`.
+//!
+//! [`main`] is what the service binaries share: load the configuration (exit 64 when it is
+//! bad), set up telemetry, bind, run, shut telemetry down.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tonic::service::Routes;
+use tonic_health::ServingStatus;
+
+use crate::config::{ConfigErrors, EXIT_USAGE};
+use crate::metrics::Render;
+use crate::settings::ServiceSettings;
+use crate::tls::TlsFiles;
+
+/// How long the workers get, in all, to return once told to stop.
+pub const WORKER_GRACE: Duration = Duration::from_secs(10);
+
+/// Turns true when a worker should stop: it finishes what it is doing and returns.
+pub type Stop = watch::Receiver<bool>;
+
+/// The shutdown future [`main`] hands a service: it resolves on SIGINT or SIGTERM.
+pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+type Worker = Box<dyn FnOnce(Stop) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// A service's gRPC services, admin scrape and workers, served and stopped as one.
+pub struct Host {
+    /// The service's name in logs (`registry`).
+    name: &'static str,
+    /// Read when `run` starts, so a bad file fails the start rather than the build.
+    tls: TlsFiles,
+    /// Bound by [`Host::run`]; callers that bind their own use [`Host::run_with_admin`].
+    admin_listen: Option<String>,
+    routes: Routes,
+    /// Reported SERVING by the health service while the host runs.
+    health_names: Vec<&'static str>,
+    scrape: Render,
+    workers: Vec<(&'static str, Worker)>,
+    grace: Duration,
+}
+
+impl Host {
+    /// A host with no services or workers yet, serving with `settings`' TLS files and admin
+    /// port.
+    pub fn new(name: &'static str, settings: &ServiceSettings) -> Self {
+        Self {
+            name,
+            tls: settings.tls.clone(),
+            admin_listen: settings.admin_listen.clone(),
+            routes: Routes::default(),
+            health_names: Vec::new(),
+            // A service without metrics of its own still answers scrapes, with no families.
+            scrape: Arc::new(|| Box::pin(async { Ok(String::new()) })),
+            workers: Vec::new(),
+            grace: WORKER_GRACE,
+        }
+    }
+
+    /// Serves `service` (a generated tonic server, with its message limits set) and reports
+    /// it in the health service under its gRPC name.
+    pub fn service<S>(mut self, service: S) -> Self
+    where
+        S: tower::Service<http::Request<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.health_names.push(S::NAME);
+        self.routes = self.routes.add_service(service);
+        self
+    }
+
+    /// What `GET /metrics` on the admin port answers: the whole exposition, collected when
+    /// scraped.
+    pub fn metrics<F, Fut>(mut self, scrape: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String>> + Send + 'static,
+    {
+        self.scrape = Arc::new(move || Box::pin(scrape()));
+        self
+    }
+
+    /// A background worker, spawned when the host runs; it must return soon after its
+    /// [`Stop`] turns true.
+    pub fn worker<F, Fut>(mut self, name: &'static str, worker: F) -> Self
+    where
+        F: FnOnce(Stop) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.workers
+            .push((name, Box::new(move |stop| Box::pin(worker(stop)))));
+        self
+    }
+
+    /// How long the workers get to stop ([`WORKER_GRACE`] unless set).
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Binds the admin port the settings name (if any), then [`Host::run_with_admin`].
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        let admin = crate::metrics::bind(self.admin_listen.as_deref()).await?;
+        self.run_with_admin(listener, admin, shutdown).await
+    }
+
+    /// Serves on `listener`, the admin port on `admin` (none: no admin port, whatever the
+    /// settings say) and runs the workers until `shutdown` resolves; then stops the workers
+    /// and returns how serving ended.
+    pub async fn run_with_admin(
+        self,
+        listener: TcpListener,
+        admin: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        let name = self.name;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        for service in &self.health_names {
+            health
+                .set_service_status(*service, ServingStatus::Serving)
+                .await;
+        }
+        let tls = self
+            .tls
+            .server_config()
+            .with_context(|| format!("loading the {name}'s TLS files"))?;
+        let router = crate::server::builder(tls)?
+            .add_routes(self.routes)
+            .add_service(health_service)
+            .add_service(crate::server::reflection()?)
+            .add_service(crate::server::reflection_v1alpha()?);
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut running: Vec<(&'static str, JoinHandle<()>)> = self
+            .workers
+            .into_iter()
+            .map(|(worker, start)| (worker, tokio::spawn(start(stop_rx.clone()))))
+            .collect();
+        if let Some(admin) = crate::metrics::spawn(admin, self.scrape, stop_rx) {
+            running.push(("admin port", admin));
+        }
+        let addr = listener.local_addr().ok();
+        tracing::info!(service = name, ?addr, "serving");
+        let served = crate::server::serve(router, listener, shutdown).await;
+        // Nobody listening any more is fine: every worker has already returned.
+        let _ = stop_tx.send(true);
+        stop_within(running, self.grace).await;
+        tracing::info!(service = name, "stopped");
+        served
+    }
+}
+
+/// Waits for the workers, `grace` in all, and aborts those still running after it.
+async fn stop_within(running: Vec<(&'static str, JoinHandle<()>)>, grace: Duration) {
+    let deadline = tokio::time::Instant::now() + grace;
+    for (worker, mut handle) in running {
+        match tokio::time::timeout_at(deadline, &mut handle).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(worker, error = %e, "worker failed"),
+            Err(_) => {
+                tracing::warn!(worker, ?grace, "worker did not stop in time; aborting it");
+                handle.abort();
+            }
+        }
+    }
+}
+
+/// The body of every service binary's `main`: loads the configuration from `config_file`
+/// and the environment with `load` (a bad one is printed and exits 64, EX_USAGE), sets up
+/// telemetry as `name`, binds the configured address, and calls `run` with the listener and
+/// a future that resolves on SIGINT or SIGTERM. Exits 1 when the service fails.
+pub async fn main<C, L, R, Fut>(
+    name: &'static str,
+    config_file: Option<&Path>,
+    load: L,
+    run: R,
+) -> ExitCode
+where
+    C: AsRef<ServiceSettings>,
+    L: FnOnce(Option<&Path>) -> Result<C, ConfigErrors>,
+    R: FnOnce(C, TcpListener, Shutdown) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let config = match load(config_file) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_USAGE as u8);
+        }
+    };
+    let telemetry = crate::telemetry::init(config.as_ref().log_json, name);
+    let result = async {
+        let listen = config.as_ref().listen.clone();
+        let listener = TcpListener::bind(&listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        run(config, listener, Box::pin(crate::shutdown_signal())).await
+    }
+    .await;
+    telemetry.shutdown().await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "{name} failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use crate::pki::DevPki;
+
+    async fn stopped(mut stop: Stop) {
+        let _ = stop.wait_for(|s| *s).await;
+    }
+
+    #[tokio::test]
+    async fn workers_start_in_run_and_stop_on_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(&dir.path().join("pki")).unwrap();
+        let settings =
+            ServiceSettings::new("127.0.0.1:0", "sqlite::memory:", pki.files("registry"));
+        let started = Arc::new(AtomicBool::new(false));
+        let finished = Arc::new(AtomicBool::new(false));
+        let (s, f) = (started.clone(), finished.clone());
+        let host = Host::new("test", &settings).worker("polite", move |stop| async move {
+            s.store(true, Ordering::SeqCst);
+            stopped(stop).await;
+            f.store(true, Ordering::SeqCst);
+        });
+        tokio::task::yield_now().await;
+        assert!(!started.load(Ordering::SeqCst), "spawned before run");
+
+        let stubborn_dropped = Arc::new(AtomicBool::new(false));
+        struct Flag(Arc<AtomicBool>);
+        impl Drop for Flag {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let flag = Flag(stubborn_dropped.clone());
+        let host = host
+            .worker("stubborn", move |_stop| async move {
+                let _flag = flag;
+                std::future::pending::<()>().await;
+            })
+            .grace(Duration::from_millis(200));
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(host.run_with_admin(listener, None, async move {
+            let _ = shutdown_rx.await;
+        }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(started.load(Ordering::SeqCst));
+        assert!(!finished.load(Ordering::SeqCst));
+        shutdown_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .expect("run returns within the grace")
+            .unwrap()
+            .unwrap();
+        assert!(
+            finished.load(Ordering::SeqCst),
+            "the polite worker saw stop"
+        );
+        // Abort takes effect at the task's next poll.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            stubborn_dropped.load(Ordering::SeqCst),
+            "the stubborn worker was aborted"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bad_tls_file_fails_run_before_any_worker_starts() {
+        let settings = ServiceSettings::new(
+            "127.0.0.1:0",
+            "sqlite::memory:",
+            TlsFiles {
+                ca: "/nonexistent/ca.pem".into(),
+                cert: "/nonexistent/c.pem".into(),
+                key: "/nonexistent/c.key".into(),
+            },
+        );
+        let started = Arc::new(AtomicBool::new(false));
+        let s = started.clone();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let err = Host::new("test", &settings)
+            .worker("w", move |stop| async move {
+                s.store(true, Ordering::SeqCst);
+                stopped(stop).await;
+            })
+            .run_with_admin(listener, None, std::future::pending())
+            .await
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("loading the test's TLS files"),
+            "{err:#}"
+        );
+        tokio::task::yield_now().await;
+        assert!(!started.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_bad_configuration_exits_64_before_anything_starts() {
+        struct Sample(ServiceSettings);
+        impl AsRef<ServiceSettings> for Sample {
+            fn as_ref(&self) -> &ServiceSettings {
+                &self.0
+            }
+        }
+        let code = main(
+            "test",
+            None,
+            |_| Err::<Sample, _>(ConfigErrors(vec!["listen: \"x\" is not host:port".into()])),
+            |_, _, _| async { panic!("ran with a bad configuration") },
+        )
+        .await;
+        assert_eq!(format!("{code:?}"), format!("{:?}", ExitCode::from(64)));
+    }
+}

@@ -1,0 +1,259 @@
+//! The settings every dsrelay service reads: where it listens, where its admin port is, its
+//! database, its TLS files and its log format.
+//!
+//! They sit at the top level of each service's TOML file, next to the service's own keys,
+//! and keep their environment variables (`DSRELAY_REGISTRY__LISTEN`, ...). A service's
+//! configuration carries them as one flattened field:
+//!
+//! ```ignore
+//! #[derive(Serialize, Deserialize)]
+//! #[serde(deny_unknown_fields)]
+//! pub struct Config {
+//!     #[serde(flatten, deserialize_with = "service_settings")]
+//!     pub service: ServiceSettings,
+//!     // the service's own keys
+//! }
+//!
+//! fn service_settings<'de, D: Deserializer<'de>>(d: D) -> Result<ServiceSettings, D::Error> {
+//!     ServiceSettings::deserialize_with_defaults(d, &DEFAULTS)
+//! }
+//! ```
+//!
+//! Unknown keys stay an error with this shape: serde documents `deny_unknown_fields` as
+//! unsupported with `flatten`, but only a flattened *map* or a `deny_unknown_fields` on the
+//! flattened struct itself break it. A flattened struct takes the keys it knows, and the
+//! outer struct's `deny_unknown_fields` refuses whatever is left over; so `ServiceSettings`
+//! must not deny unknown fields itself (it would refuse the service's keys), and a service
+//! configuration must not flatten a map. The tests here and in every service's `config`
+//! module pin this down.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::tls::TlsFiles;
+
+/// What every service needs to start, whatever it does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceSettings {
+    /// Address to listen on, used by `main` (tests and `dsrctl dev` bind their own listener).
+    pub listen: String,
+    /// Plain-HTTP admin port serving `/metrics` (Prometheus text format) and `/healthz`, e.g.
+    /// `127.0.0.1:9464`; off when absent. It has no TLS: keep it on loopback or a private
+    /// network.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<String>,
+    /// `sqlite://path` (the embedded default) or `postgres://...`.
+    pub database_url: String,
+    /// This service's certificate and the CA its peers must chain to.
+    pub tls: TlsFiles,
+    /// Log one JSON object per line instead of human-readable text.
+    pub log_json: bool,
+}
+
+/// Where a service listens and stores unless its configuration says otherwise; each service
+/// has its own, so that a pair started side by side on one host does not collide.
+#[derive(Debug, Clone, Copy)]
+pub struct Defaults {
+    /// The default of `listen`.
+    pub listen: &'static str,
+    /// The default of `database_url`.
+    pub database_url: &'static str,
+}
+
+/// The shared keys as they appear in a file, before the service's defaults fill the gaps.
+#[derive(Deserialize)]
+#[serde(rename = "ServiceSettings")]
+struct FileSettings {
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    database_url: Option<String>,
+    tls: TlsFiles,
+    #[serde(default)]
+    log_json: bool,
+}
+
+impl ServiceSettings {
+    /// Settings with the given address, database and TLS files, no admin port and text logs.
+    pub fn new(listen: impl Into<String>, database_url: impl Into<String>, tls: TlsFiles) -> Self {
+        Self {
+            listen: listen.into(),
+            admin_listen: None,
+            database_url: database_url.into(),
+            tls,
+            log_json: false,
+        }
+    }
+
+    /// Reads the shared keys, taking `listen` and `database_url` from `defaults` when absent.
+    /// Meant for `#[serde(flatten, deserialize_with = ...)]` in a service's configuration.
+    pub fn deserialize_with_defaults<'de, D: Deserializer<'de>>(
+        deserializer: D,
+        defaults: &Defaults,
+    ) -> Result<Self, D::Error> {
+        let file = FileSettings::deserialize(deserializer)?;
+        Ok(Self {
+            listen: file.listen.unwrap_or_else(|| defaults.listen.to_string()),
+            admin_listen: file.admin_listen,
+            database_url: file
+                .database_url
+                .unwrap_or_else(|| defaults.database_url.to_string()),
+            tls: file.tls,
+            log_json: file.log_json,
+        })
+    }
+
+    /// Resolves relative TLS paths against `dir` (the folder of the configuration file).
+    pub fn relative_to(&mut self, dir: &Path) {
+        self.tls = self.tls.clone().relative_to(dir);
+    }
+
+    /// Every problem that can be seen in the settings themselves: address syntax and the
+    /// database URL's scheme. It does not look at the file system, so a configuration meant
+    /// for another machine (a container's) can be checked too.
+    pub fn validate(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if self.listen.parse::<SocketAddr>().is_err() {
+            errors.push(format!("listen: {:?} is not host:port", self.listen));
+        }
+        if let Some(a) = &self.admin_listen {
+            if a.parse::<SocketAddr>().is_err() {
+                errors.push(format!("admin_listen: {a:?} is not host:port"));
+            }
+        }
+        // The URL is not repeated: it may carry a password.
+        let url = &self.database_url;
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            errors.push("database_url: must start with sqlite: or postgres://".to_string());
+        }
+        errors
+    }
+
+    /// The TLS files that are missing on this machine, as configuration errors; checked when
+    /// a service loads its configuration, so a wrong path is reported with every other problem
+    /// instead of failing the start later.
+    pub fn check_files(&self) -> Vec<String> {
+        [
+            ("tls.ca", &self.tls.ca),
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+        ]
+        .into_iter()
+        .filter(|(_, path)| !path.is_file())
+        .map(|(key, path)| format!("{key}: {} is not a readable file", path.display()))
+        .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Serialize;
+
+    const DEFAULTS: Defaults = Defaults {
+        listen: "127.0.0.1:1",
+        database_url: "sqlite://x.db",
+    };
+
+    fn settings<'de, D: Deserializer<'de>>(d: D) -> Result<ServiceSettings, D::Error> {
+        ServiceSettings::deserialize_with_defaults(d, &DEFAULTS)
+    }
+
+    /// A service configuration shaped like the real ones.
+    #[derive(Debug, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Sample {
+        #[serde(flatten, deserialize_with = "settings")]
+        service: ServiceSettings,
+        #[serde(default)]
+        batch: u32,
+    }
+
+    const TLS: &str = "[tls]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"c.key\"\n";
+
+    fn parse(text: &str) -> Result<Sample, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    #[test]
+    fn shared_keys_sit_at_the_top_level_with_defaults() {
+        let s = parse(&format!("batch = 3\nlog_json = true\n{TLS}")).unwrap();
+        assert_eq!(s.batch, 3);
+        assert_eq!(s.service.listen, "127.0.0.1:1");
+        assert_eq!(s.service.database_url, "sqlite://x.db");
+        assert_eq!(s.service.admin_listen, None);
+        assert!(s.service.log_json);
+        assert_eq!(s.service.tls.key, Path::new("c.key"));
+        let s = parse(&format!(
+            "listen = \"0.0.0.0:5\"\nadmin_listen = \"127.0.0.1:6\"\n{TLS}"
+        ))
+        .unwrap();
+        assert_eq!(s.service.listen, "0.0.0.0:5");
+        assert_eq!(s.service.admin_listen.as_deref(), Some("127.0.0.1:6"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = parse(&format!("batch = 3\nlisten_on = \"x\"\n{TLS}")).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown field `listen_on`"),
+            "{err}"
+        );
+        // Inside the shared settings' own tables too.
+        let err = parse(&format!("{TLS}port = 1\n")).unwrap_err();
+        assert!(err.to_string().contains("unknown field `port`"), "{err}");
+        let err = parse("batch = 1\n").unwrap_err();
+        assert!(err.to_string().contains("missing field `tls`"), "{err}");
+    }
+
+    #[test]
+    fn serializes_back_to_the_same_flat_file() {
+        let s = parse(&format!("batch = 3\n{TLS}")).unwrap();
+        let text = toml::to_string(&s).unwrap();
+        assert!(text.starts_with("listen = \"127.0.0.1:1\"\n"), "{text}");
+        assert!(!text.contains("admin_listen"), "{text}");
+        let again = parse(&text).unwrap();
+        assert_eq!(again.service, s.service);
+        assert_eq!(again.batch, 3);
+    }
+
+    #[test]
+    fn validation_reports_every_problem() {
+        let mut s = ServiceSettings::new(
+            "nowhere",
+            "mysql://u:secret@h/db",
+            TlsFiles {
+                ca: "/nonexistent/ca.pem".into(),
+                cert: "/nonexistent/c.pem".into(),
+                key: "/nonexistent/c.key".into(),
+            },
+        );
+        s.admin_listen = Some("9464".into());
+        let errors = s.validate();
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        for (e, key) in errors
+            .iter()
+            .zip(["listen", "admin_listen", "database_url"])
+        {
+            assert!(e.starts_with(key), "{key}: {errors:?}");
+        }
+        assert!(!errors.iter().any(|e| e.contains("secret")), "{errors:?}");
+        let missing = s.check_files();
+        assert_eq!(missing.len(), 3, "{missing:?}");
+        assert!(missing[0].starts_with("tls.ca: /nonexistent/ca.pem"));
+
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "c.pem", "c.key"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let mut s = parse(TLS).unwrap().service;
+        s.relative_to(dir.path());
+        assert_eq!(s.validate(), Vec::<String>::new());
+        assert_eq!(s.check_files(), Vec::<String>::new());
+        assert_eq!(s.tls.ca, dir.path().join("ca.pem"));
+    }
+}
