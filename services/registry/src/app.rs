@@ -90,7 +90,7 @@ impl App {
                 metrics: crate::metrics::Metrics::new(&config),
                 intake: crate::intake::Intake::start(Store::new(db.clone())),
                 store: Store::new(db),
-                auth: Authorizer::new(&config),
+                auth: crate::auth::authorizer(&config),
                 config,
                 dispatch_wakeup: Notify::new(),
                 events,

@@ -5,8 +5,9 @@
 //! # Layout
 //! - [`config`]: configuration (identities and roles, processors and their categories).
 //! - [`app`]: [`App::build`] and [`App::run`]: the store, workers and gRPC server together.
-//! - [`api`]: the gRPC handlers (partner API and acknowledgement API).
-//! - [`auth`]: certificate identity → caller role.
+//! - [`api`]: the gRPC handlers (partner API, acknowledgement API, the Watch stream, views).
+//! - [`auth`]: the registry's callers (partners, operators, processors) by certificate
+//!   identity.
 //! - [`validate`]: Submit input rules.
 //! - [`intake`]: group commit of concurrent Submits.
 //! - [`store`]: requests, the delivery outbox, tasks, acknowledgements, events.
@@ -15,7 +16,7 @@
 //! - [`dispatcher`]: sends the outbox with backoff and jitter.
 //! - [`metrics`]: Prometheus metrics on the admin port (`admin_listen`).
 //! - [`reconciler`]: asks processors for status when acknowledgements are late.
-//! - [`error`]: the one mapping from errors to gRPC statuses.
+//! - [`error`]: the registry's error type (made into statuses by `dsrelay_runtime::grpc`).
 
 pub mod api;
 pub mod app;

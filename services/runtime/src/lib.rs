@@ -12,6 +12,8 @@
 //! - [`clock`]: the system clock with a test offset.
 //! - [`identity`]: subject identity validation, normalisation and hashing.
 //! - [`metrics`]: Prometheus text-format metrics on a plain-HTTP admin port.
+//! - [`grpc`]: the gRPC boundary: errors to statuses, callers by certificate identity, the
+//!   layer that continues a caller's trace.
 //! - [`server`]: serving a tonic router on a caller-bound listener with health and reflection.
 //! - [`telemetry`]: logging and OpenTelemetry set-up (OTLP, off unless the `OTEL_*`
 //!   variables ask for it).
@@ -22,6 +24,7 @@ pub mod audit;
 pub mod backoff;
 pub mod clock;
 pub mod config;
+pub mod grpc;
 pub mod identity;
 pub mod metrics;
 pub mod pki;
