@@ -5,7 +5,8 @@
 //! # Layout
 //! - [`config`]: controllers, subprocessors and their connectors, worker settings.
 //! - [`app`]: [`App::build`] and [`App::run`].
-//! - [`api`]: Deliver, Cancel, GetStatus and ListSubprocessors, for controllers.
+//! - [`api`]: Deliver, Cancel, GetStatus and ListSubprocessors, for controllers; the
+//!   processor's error type, which both APIs use.
 //! - [`metrics`]: Prometheus metrics on the admin port (`admin_listen`).
 //! - [`operator_api`]: operators list, confirm and refuse manual tasks.
 //! - [`store`]: requests, tasks and the acknowledgement outbox.

@@ -1,12 +1,12 @@
 //! The registry's gRPC handlers, over the shared state.
 //!
 //! # Layout
-//! - [`partner`]: the partner API (`RequestService`): submit, get, list, watch, cancel,
+//! - `partner`: the partner API (`RequestService`): submit, get, list, watch, cancel,
 //!   extend a due date, events, the processing chain, the audit trail.
-//! - [`acknowledgement`]: the acknowledgement API (`AcknowledgementService`) processors
+//! - `acknowledgement`: the acknowledgement API (`AcknowledgementService`) processors
 //!   report task states through.
-//! - [`watch`]: the event stream behind Watch.
-//! - [`views`]: stored rows → protocol messages.
+//! - `watch`: the event stream behind Watch.
+//! - `views`: stored rows → protocol messages.
 //!
 //! Who may call what is [`crate::auth`]; errors become statuses by the rules of
 //! [`dsrelay_runtime::grpc::error`]; the caller's trace is continued by the layer the server
