@@ -83,7 +83,7 @@ where
         if let Some(caller) = CallerTrace::from_headers(request.headers()) {
             request.extensions_mut().insert(caller);
         }
-        // The router may start the handler before the future is first polled.
+        // The inner service may start work in `call`, before its future is first polled.
         let _attached = parent.clone().attach();
         self.inner.call(request).with_context(parent)
     }
