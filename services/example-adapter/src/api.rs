@@ -1,7 +1,6 @@
-//! The SubprocessorAdapter handlers: who may call, what a valid request is, and how errors
-//! become gRPC statuses.
+//! The SubprocessorAdapter handlers: who may call, what a valid request is, and the
+//! adapter's error type (made into statuses by the rules of [`dsrelay_runtime::grpc::error`]).
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use dsrelay_proto::v1::subprocessor_adapter_server::SubprocessorAdapter;
@@ -9,10 +8,9 @@ use dsrelay_proto::v1::{
     DescribeRequest, DescribeResponse, ExecuteRequest, ExecuteResponse, GetTaskStatusRequest,
     IdentityEncoding, IdentityType, RequestKind, SubjectIdentity,
 };
+use dsrelay_runtime::grpc::{self, Authorizer, ServiceName};
 use dsrelay_runtime::identity::{validate_identities, FieldViolation};
-use tonic::{Code, Request, Response, Status};
-use tonic_types::{ErrorDetails, StatusExt};
-use tracing::Instrument;
+use tonic::{Request, Response, Status};
 
 use crate::newsletter::{DATA_CATEGORIES, NAME, SUPPORTED_KINDS};
 use crate::store::{Store, StoreError};
@@ -32,66 +30,54 @@ pub const MAX_NEW_VALUE: usize = 1024;
 /// At most this many bytes in a transfer recipient.
 pub const MAX_RECIPIENT: usize = 256;
 
+/// Names the adapter in its answers.
+#[derive(Debug)]
+pub enum Adapter {}
+
+impl ServiceName for Adapter {
+    const NAME: &'static str = "adapter";
+}
+
+/// What can go wrong in an adapter call.
+pub type ApiError = grpc::ApiError<Adapter>;
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(m) => Self::already_exists(m),
+            StoreError::NotFound(m) => Self::not_found(m),
+            StoreError::FailedPrecondition(m) => Self::failed_precondition(m),
+            StoreError::Unexpected(err) => Self::unexpected(err),
+        }
+    }
+}
+
 /// The SubprocessorAdapter implementation.
 #[derive(Debug, Clone)]
 pub struct Api {
     store: Store,
-    allowed: Arc<BTreeSet<String>>,
+    /// The callers allowed, by certificate identity, which also names them (one role).
+    allowed: Arc<Authorizer<()>>,
     confirm_delay_ms: u64,
 }
 
 impl Api {
     /// Handlers over `store` for the callers in `allowed`.
     pub fn new(store: Store, allowed: &[String], confirm_delay_ms: u64) -> Self {
+        let allowed = Authorizer::new(
+            allowed.iter().map(|id| (id.clone(), (), id.clone())),
+            "may not call this adapter",
+        );
         Self {
             store,
-            allowed: Arc::new(allowed.iter().cloned().collect()),
+            allowed: Arc::new(allowed),
             confirm_delay_ms,
         }
     }
 
     /// The caller's certificate identity, or PERMISSION_DENIED.
-    fn caller<T>(&self, req: &Request<T>) -> Result<String, Status> {
-        let identity = dsrelay_runtime::tls::peer_identity(req).ok_or_else(|| {
-            Status::permission_denied("no client certificate with a URI or DNS SAN was presented")
-        })?;
-        if self.allowed.contains(&identity) {
-            Ok(identity)
-        } else {
-            Err(Status::permission_denied(format!(
-                "certificate identity {identity} may not call this adapter"
-            )))
-        }
-    }
-}
-
-fn invalid(violations: &[FieldViolation]) -> Status {
-    let mut details = ErrorDetails::new();
-    for v in violations {
-        details.add_bad_request_violation(v.field.clone(), v.rule.clone());
-    }
-    let text = violations
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ");
-    Status::with_error_details(
-        Code::InvalidArgument,
-        format!("invalid request: {text}"),
-        details,
-    )
-}
-
-fn status(e: StoreError) -> Status {
-    match e {
-        StoreError::Conflict(m) => Status::already_exists(m),
-        StoreError::NotFound(m) => Status::not_found(m),
-        StoreError::FailedPrecondition(m) => Status::failed_precondition(m),
-        StoreError::Unexpected(err) => {
-            tracing::error!(error = format!("{err:#}"), "internal error");
-            // The database may be back soon: the caller retries.
-            Status::unavailable("the adapter could not reach its database; try again later")
-        }
+    fn caller<T>(&self, req: &Request<T>) -> Result<String, ApiError> {
+        Ok(self.allowed.caller(req)?.name)
     }
 }
 
@@ -216,21 +202,27 @@ impl SubprocessorAdapter for Api {
         }))
     }
 
+    // The processor's connector span is the parent, so the adapter shows in the request's
+    // trace.
+    #[tracing::instrument(name = "adapter.execute", skip_all, fields(
+        task_id = %req.get_ref().task_id,
+        request_id = %req.get_ref().request_id,
+    ))]
     async fn execute(
         &self,
         req: Request<ExecuteRequest>,
     ) -> Result<Response<ExecuteResponse>, Status> {
-        // The processor's task span is the parent, so the adapter shows in the request's trace.
-        let span = tracing::info_span!(
-            "adapter.execute",
-            task_id = %req.get_ref().task_id,
-            request_id = %req.get_ref().request_id,
-        );
-        dsrelay_runtime::trace_context::set_parent(
-            &span,
-            dsrelay_runtime::trace_context::extract(req.metadata()),
-        );
-        self.execute_traced(req).instrument(span).await
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        ApiError::ensure_valid(validate_execute(&r))?;
+        let now = dsrelay_runtime::store::now_ms();
+        let response = self
+            .store
+            .execute(&caller, &r, now, self.confirm_delay_ms)
+            .await
+            .map_err(ApiError::from)?;
+        tracing::info!(outcome = response.outcome, "task executed");
+        Ok(Response::new(response))
     }
 
     #[tracing::instrument(skip_all, fields(task_id = %req.get_ref().task_id))]
@@ -242,37 +234,13 @@ impl SubprocessorAdapter for Api {
         let r = req.into_inner();
         let mut violations = Vec::new();
         check_id(&mut violations, "task_id", &r.task_id, MAX_TASK_ID);
-        if !violations.is_empty() {
-            return Err(invalid(&violations));
-        }
+        ApiError::ensure_valid(violations)?;
         let now = dsrelay_runtime::store::now_ms();
         let response = self
             .store
             .status(&caller, &r.task_id, now)
             .await
-            .map_err(status)?;
-        Ok(Response::new(response))
-    }
-}
-
-impl Api {
-    async fn execute_traced(
-        &self,
-        req: Request<ExecuteRequest>,
-    ) -> Result<Response<ExecuteResponse>, Status> {
-        let caller = self.caller(&req)?;
-        let r = req.into_inner();
-        let violations = validate_execute(&r);
-        if !violations.is_empty() {
-            return Err(invalid(&violations));
-        }
-        let now = dsrelay_runtime::store::now_ms();
-        let response = self
-            .store
-            .execute(&caller, &r, now, self.confirm_delay_ms)
-            .await
-            .map_err(status)?;
-        tracing::info!(outcome = response.outcome, "task executed");
+            .map_err(ApiError::from)?;
         Ok(Response::new(response))
     }
 }

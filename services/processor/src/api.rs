@@ -1,7 +1,10 @@
 //! The processor's gRPC handlers for configured controllers: Deliver, Cancel, GetStatus and
 //! ListSubprocessors.
+//!
+//! Callers are mapped by [`dsrelay_runtime::grpc::Authorizer`], errors become statuses by
+//! the rules of [`dsrelay_runtime::grpc::error`], and the registry's trace is continued by
+//! the layer the server builder installs.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use dsrelay_proto::v1::processor_service_server::ProcessorService;
@@ -9,76 +12,91 @@ use dsrelay_proto::v1::{
     CancelDeliveryRequest, DeliverRequest, DeliverResponse, GetStatusRequest,
     ListSubprocessorsRequest, RequestKind, Subprocessor, SubprocessorList, TaskList,
 };
-use dsrelay_runtime::identity::validate_identities;
+use dsrelay_runtime::grpc::{self, Authorizer, CallerTrace, ServiceName};
+use dsrelay_runtime::identity::{
+    request_id_violation, text_violation, validate_identities, FieldViolation,
+};
 use dsrelay_runtime::trace_context;
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 use crate::app::Shared;
 use crate::store::Accepted;
+
+/// Names the processor in its answers.
+#[derive(Debug)]
+pub enum Processor {}
+
+impl ServiceName for Processor {
+    const NAME: &'static str = "processor";
+}
+
+/// What can go wrong in a processor call (both APIs).
+pub type ApiError = grpc::ApiError<Processor>;
 
 /// The ProcessorService implementation.
 #[derive(Clone)]
 pub struct Api {
     shared: Arc<Shared>,
-    controllers: Arc<HashMap<String, String>>,
+    /// The registries this processor works for, by certificate identity; one role.
+    controllers: Arc<Authorizer<()>>,
 }
 
 impl Api {
     /// Handlers over `shared`.
     pub fn new(shared: Arc<Shared>) -> Self {
-        let controllers = shared
-            .config
-            .controllers
-            .iter()
-            .map(|c| (c.identity.clone(), c.name.clone()))
-            .collect();
+        let controllers = Authorizer::new(
+            shared
+                .config
+                .controllers
+                .iter()
+                .map(|c| (c.identity.clone(), (), c.name.clone())),
+            "is not a controller of this processor",
+        );
         Self {
             shared,
             controllers: Arc::new(controllers),
         }
     }
 
-    /// The controller calling, or PERMISSION_DENIED.
-    fn controller<T>(&self, req: &Request<T>) -> Result<String, Status> {
-        let identity = dsrelay_runtime::tls::peer_identity(req).ok_or_else(|| {
-            Status::permission_denied("no client certificate with a URI or DNS SAN was presented")
-        })?;
-        self.controllers.get(&identity).cloned().ok_or_else(|| {
-            Status::permission_denied(format!(
-                "certificate identity {identity} is not a controller of this processor"
-            ))
-        })
+    /// The name of the controller calling, or PERMISSION_DENIED.
+    fn controller<T>(&self, req: &Request<T>) -> Result<String, ApiError> {
+        Ok(self.controllers.caller(req)?.name)
     }
 }
 
-impl Api {
-    async fn deliver_traced(
+#[tonic::async_trait]
+impl ProcessorService for Api {
+    // A child of the registry's delivery attempt: the trace crosses the hop.
+    #[tracing::instrument(name = "accept", skip_all, fields(
+        request_id = %req.get_ref().request_id,
+        trace_id = CallerTrace::of(&req).map_or("", CallerTrace::trace_id),
+        controller,
+    ))]
+    async fn deliver(
         &self,
         req: Request<DeliverRequest>,
-        span: tracing::Span,
     ) -> Result<Response<DeliverResponse>, Status> {
         let controller = self.controller(&req)?;
+        let span = tracing::Span::current();
         span.record("controller", controller.as_str());
         // Without a tracer, the registry's header still names the request's trace.
-        let traceparent = trace_context::traceparent_of(&span).or_else(|| {
-            req.metadata()
-                .get("traceparent")
-                .and_then(|v| v.to_str().ok())
-                .filter(|tp| trace_context::trace_id_from_traceparent(tp).is_some())
-                .map(str::to_string)
-        });
+        let traceparent = trace_context::traceparent_of(&span)
+            .or_else(|| CallerTrace::of(&req).map(|t| t.traceparent().to_string()));
 
         let r = req.into_inner();
-        check_id(&r.request_id)?;
+        let mut violations: Vec<FieldViolation> = request_id_violation("request_id", &r.request_id)
+            .into_iter()
+            .collect();
         if RequestKind::try_from(r.kind).unwrap_or(RequestKind::Unspecified)
             == RequestKind::Unspecified
         {
-            return Err(invalid("kind", format!("{} is not a request kind", r.kind)));
+            violations.push(FieldViolation::new(
+                "kind",
+                format!("{} is not a request kind", r.kind),
+            ));
         }
-        if let Some(v) = validate_identities(&r.identities).into_iter().next() {
-            return Err(invalid(&v.field, &v.rule));
-        }
+        violations.extend(validate_identities(&r.identities));
+        ApiError::ensure_valid(violations)?;
         let wanted: Vec<&str> = r
             .scope
             .as_ref()
@@ -105,7 +123,7 @@ impl Api {
                 self.shared.clock.now_ms(),
             )
             .await
-            .map_err(internal)?;
+            .map_err(ApiError::from)?;
         let (tasks, duplicate) = match accepted {
             Accepted::New(t) => {
                 tracing::info!(tasks = t.len(), "request accepted");
@@ -119,48 +137,6 @@ impl Api {
             duplicate,
         }))
     }
-}
-
-fn invalid(field: &str, rule: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(format!("{field}: {rule}"))
-}
-
-fn check_id(id: &str) -> Result<(), Status> {
-    match dsrelay_runtime::identity::request_id_violation("request_id", id) {
-        Some(v) => Err(invalid(&v.field, &v.rule)),
-        None => Ok(()),
-    }
-}
-
-fn internal(e: anyhow::Error) -> Status {
-    tracing::error!(error = format!("{e:#}"), "internal error");
-    Status::internal("internal error; the processor logged the details")
-}
-
-#[tonic::async_trait]
-impl ProcessorService for Api {
-    async fn deliver(
-        &self,
-        req: Request<DeliverRequest>,
-    ) -> Result<Response<DeliverResponse>, Status> {
-        // A child of the registry's delivery attempt: the trace crosses the hop.
-        let trace_id = req
-            .metadata()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .and_then(trace_context::trace_id_from_traceparent)
-            .unwrap_or_default();
-        let span = tracing::info_span!(
-            "accept",
-            request_id = %req.get_ref().request_id,
-            trace_id = %trace_id,
-            controller = tracing::field::Empty,
-        );
-        trace_context::set_parent(&span, trace_context::extract(req.metadata()));
-        self.deliver_traced(req, span.clone())
-            .instrument(span)
-            .await
-    }
 
     #[tracing::instrument(skip_all, fields(controller, request_id = %req.get_ref().request_id))]
     async fn cancel(
@@ -168,12 +144,13 @@ impl ProcessorService for Api {
         req: Request<CancelDeliveryRequest>,
     ) -> Result<Response<TaskList>, Status> {
         let controller = self.controller(&req)?;
+        tracing::Span::current().record("controller", controller.as_str());
         let r = req.into_inner();
-        check_id(&r.request_id)?;
-        if let Some(v) = dsrelay_runtime::identity::text_violation("reason", &r.reason, 1024, false)
-        {
-            return Err(invalid(&v.field, &v.rule));
-        }
+        ApiError::ensure_valid(
+            request_id_violation("request_id", &r.request_id)
+                .into_iter()
+                .chain(text_violation("reason", &r.reason, 1024, false)),
+        )?;
         let tasks = self
             .shared
             .store
@@ -184,7 +161,7 @@ impl ProcessorService for Api {
                 self.shared.clock.now_ms(),
             )
             .await
-            .map_err(internal)?;
+            .map_err(ApiError::from)?;
         self.shared.ack_wakeup.notify_one();
         tracing::info!("request cancelled");
         Ok(Response::new(TaskList {
@@ -232,22 +209,23 @@ impl ProcessorService for Api {
     ) -> Result<Response<TaskList>, Status> {
         let controller = self.controller(&req)?;
         let r = req.into_inner();
-        check_id(&r.request_id)?;
+        ApiError::ensure_valid(request_id_violation("request_id", &r.request_id))?;
         let store = &self.shared.store;
         if !store
             .request_exists(&controller, &r.request_id)
             .await
-            .map_err(internal)?
+            .map_err(ApiError::from)?
         {
-            return Err(Status::not_found(format!(
+            return Err(ApiError::not_found(format!(
                 "request {} was not delivered here",
                 r.request_id
-            )));
+            ))
+            .into());
         }
         let tasks = store
             .tasks(&controller, &r.request_id)
             .await
-            .map_err(internal)?;
+            .map_err(ApiError::from)?;
         Ok(Response::new(TaskList {
             request_id: r.request_id,
             tasks: tasks.iter().map(|t| t.to_status()).collect(),

@@ -6,7 +6,8 @@
 //! - [`config`]: controllers, subprocessors and their connectors, worker settings.
 //! - [`app`]: [`App::build`] (store, connectors, registry clients) and [`App::run`], which
 //!   hands the services, metrics and workers to the runtime's host.
-//! - [`api`]: Deliver, Cancel, GetStatus and ListSubprocessors, for controllers.
+//! - [`api`]: Deliver, Cancel, GetStatus and ListSubprocessors, for controllers; the
+//!   processor's error type, which both APIs use.
 //! - [`metrics`]: Prometheus metrics on the admin port (`admin_listen`).
 //! - [`operator_api`]: operators list, confirm and refuse manual tasks.
 //! - [`store`]: requests, tasks and the acknowledgement outbox.

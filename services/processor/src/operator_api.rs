@@ -1,6 +1,5 @@
 //! The processor's operator API: people confirm or refuse tasks of manual connectors.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use dsrelay_proto::timestamp_from_millis;
@@ -9,8 +8,11 @@ use dsrelay_proto::v1::{
     CompleteManualTaskRequest, Evidence, ListManualTasksRequest, ManualTask, ManualTaskList,
     RefuseManualTaskRequest, TaskRef, TaskState,
 };
+use dsrelay_runtime::grpc::Authorizer;
+use dsrelay_runtime::identity::{text_violation, FieldViolation};
 use tonic::{Request, Response, Status};
 
+use crate::api::ApiError;
 use crate::app::Shared;
 use crate::store::{ManualRow, TaskKey};
 use crate::task_machine::{decide, Context, Decision, Event};
@@ -19,30 +21,30 @@ use crate::task_machine::{decide, Context, Decision, Event};
 #[derive(Clone)]
 pub struct OperatorApi {
     shared: Arc<Shared>,
-    operators: Arc<HashSet<String>>,
+    /// The operators, by certificate identity, which also names them (one role).
+    operators: Arc<Authorizer<()>>,
 }
 
 impl OperatorApi {
     /// Handlers over `shared`.
     pub fn new(shared: Arc<Shared>) -> Self {
-        let operators = shared.config.operators.iter().cloned().collect();
+        let operators = Authorizer::new(
+            shared
+                .config
+                .operators
+                .iter()
+                .map(|identity| (identity.clone(), (), identity.clone())),
+            "is not an operator of this processor",
+        );
         Self {
             shared,
             operators: Arc::new(operators),
         }
     }
 
-    fn operator<T>(&self, req: &Request<T>) -> Result<String, Status> {
-        let identity = dsrelay_runtime::tls::peer_identity(req).ok_or_else(|| {
-            Status::permission_denied("no client certificate with a URI or DNS SAN was presented")
-        })?;
-        if self.operators.contains(&identity) {
-            Ok(identity)
-        } else {
-            Err(Status::permission_denied(format!(
-                "certificate identity {identity} is not an operator of this processor"
-            )))
-        }
+    /// The operator calling, by identity, or PERMISSION_DENIED.
+    fn operator<T>(&self, req: &Request<T>) -> Result<String, ApiError> {
+        Ok(self.operators.caller(req)?.name)
     }
 
     async fn finish(
@@ -50,31 +52,30 @@ impl OperatorApi {
         task: Option<TaskRef>,
         event: Event<'_>,
         by: &str,
-    ) -> Result<ManualTask, Status> {
+    ) -> Result<ManualTask, ApiError> {
         let key = task_key(task)?;
         let store = &self.shared.store;
-        let row = store
-            .manual_task(&key)
-            .await
-            .map_err(internal)?
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "no task {}/{}/{}",
-                    key.controller, key.request_id, key.subprocessor
-                ))
-            })?;
+        let row = store.manual_task(&key).await?.ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no task {}/{}/{}",
+                key.controller, key.request_id, key.subprocessor
+            ))
+        })?;
         let now = self.shared.clock.now_ms();
         let transition = match decide(&row.task.current(), event, &Context::at(now)) {
             Decision::Move(t) => t,
-            Decision::Reject(why) => return Err(Status::failed_precondition(why)),
-            other => return Err(internal(anyhow::anyhow!("unexpected decision {other:?}"))),
+            Decision::Reject(why) => return Err(ApiError::failed_precondition(why)),
+            other => {
+                return Err(ApiError::unexpected(anyhow::anyhow!(
+                    "unexpected decision {other:?}"
+                )))
+            }
         };
         let moved = store
             .transition(&key, row.task.sequence, &transition, now, row.task.attempts)
-            .await
-            .map_err(internal)?;
+            .await?;
         if moved.is_none() {
-            return Err(Status::aborted(
+            return Err(ApiError::aborted(
                 "the task changed meanwhile (cancelled, or confirmed by someone else); list again",
             ));
         }
@@ -86,33 +87,30 @@ impl OperatorApi {
             "manual task confirmed by an operator"
         );
         self.shared.ack_wakeup.notify_one();
-        let row = store
-            .manual_task(&key)
-            .await
-            .map_err(internal)?
-            .ok_or_else(|| Status::internal("the task vanished"))?;
+        let row = store.manual_task(&key).await?.ok_or_else(|| {
+            ApiError::unexpected(anyhow::anyhow!(
+                "task {}/{}/{} vanished after its transition",
+                key.controller,
+                key.request_id,
+                key.subprocessor
+            ))
+        })?;
         Ok(to_proto(row))
     }
 }
 
-fn internal(e: anyhow::Error) -> Status {
-    tracing::error!(error = format!("{e:#}"), "internal error");
-    Status::internal("internal error; the processor logged the details")
-}
-
-fn task_key(task: Option<TaskRef>) -> Result<TaskKey, Status> {
-    let t = task.ok_or_else(|| Status::invalid_argument("task: is required"))?;
-    for (field, value) in [
-        ("task.controller", &t.controller),
-        ("task.request_id", &t.request_id),
-        ("task.subprocessor", &t.subprocessor),
-    ] {
-        if value.is_empty() || value.len() > 128 {
-            return Err(Status::invalid_argument(format!(
-                "{field}: must be 1 to 128 bytes"
-            )));
-        }
-    }
+fn task_key(task: Option<TaskRef>) -> Result<TaskKey, ApiError> {
+    let t = task.ok_or_else(|| ApiError::invalid([FieldViolation::new("task", "is required")]))?;
+    ApiError::ensure_valid(
+        [
+            ("task.controller", &t.controller),
+            ("task.request_id", &t.request_id),
+            ("task.subprocessor", &t.subprocessor),
+        ]
+        .into_iter()
+        .filter(|(_, value)| value.is_empty() || value.len() > 128)
+        .map(|(field, _)| FieldViolation::new(field, "must be 1 to 128 bytes")),
+    )?;
     Ok(TaskKey {
         controller: t.controller,
         request_id: t.request_id,
@@ -120,11 +118,9 @@ fn task_key(task: Option<TaskRef>) -> Result<TaskKey, Status> {
     })
 }
 
-fn check_note(field: &str, value: &str) -> Result<(), Status> {
-    match dsrelay_runtime::identity::text_violation(field, value, 4096, true) {
-        Some(v) => Err(Status::invalid_argument(v.to_string())),
-        None => Ok(()),
-    }
+/// A required note or reason of an operator.
+fn note_violation(field: &str, value: &str) -> Option<FieldViolation> {
+    text_violation(field, value, 4096, true)
 }
 
 fn to_proto(r: ManualRow) -> ManualTask {
@@ -161,27 +157,30 @@ impl ProcessorOperatorService for OperatorApi {
     ) -> Result<Response<ManualTaskList>, Status> {
         self.operator(&req)?;
         let r = req.into_inner();
+        let mut violations = Vec::new();
         let limit = match r.limit {
             0 => 100,
             n @ 1..=500 => n,
             _ => {
-                return Err(Status::invalid_argument(
-                    "limit: must be 0 (default 100) to 500",
-                ))
+                violations.push(FieldViolation::new(
+                    "limit",
+                    "must be 0 (default 100) to 500",
+                ));
+                100
             }
         };
         let mut states = Vec::new();
         for (i, s) in r.states.iter().enumerate() {
             match TaskState::try_from(*s) {
-                Ok(TaskState::Unspecified) | Err(_) => {
-                    return Err(Status::invalid_argument(format!(
-                        "states[{i}]: {s} is not a task state"
-                    )))
-                }
+                Ok(TaskState::Unspecified) | Err(_) => violations.push(FieldViolation::new(
+                    format!("states[{i}]"),
+                    format!("{s} is not a task state"),
+                )),
                 Ok(state) if !states.contains(&state) => states.push(state),
                 Ok(_) => {}
             }
         }
+        ApiError::ensure_valid(violations)?;
         let rows = self
             .shared
             .store
@@ -191,7 +190,7 @@ impl ProcessorOperatorService for OperatorApi {
                 i64::from(limit),
             )
             .await
-            .map_err(internal)?;
+            .map_err(ApiError::from)?;
         Ok(Response::new(ManualTaskList {
             tasks: rows.into_iter().map(to_proto).collect(),
         }))
@@ -203,12 +202,13 @@ impl ProcessorOperatorService for OperatorApi {
     ) -> Result<Response<ManualTask>, Status> {
         let by = self.operator(&req)?;
         let r = req.into_inner();
-        check_note("evidence_note", &r.evidence_note)?;
-        if r.records_affected < 0 {
-            return Err(Status::invalid_argument(
-                "records_affected: must not be negative",
-            ));
-        }
+        let negative = (r.records_affected < 0)
+            .then(|| FieldViolation::new("records_affected", "must not be negative"));
+        ApiError::ensure_valid(
+            note_violation("evidence_note", &r.evidence_note)
+                .into_iter()
+                .chain(negative),
+        )?;
         let event = Event::OperatorComplete {
             not_found: r.not_found,
             records_affected: r.records_affected,
@@ -224,7 +224,7 @@ impl ProcessorOperatorService for OperatorApi {
     ) -> Result<Response<ManualTask>, Status> {
         let by = self.operator(&req)?;
         let r = req.into_inner();
-        check_note("reason", &r.reason)?;
+        ApiError::ensure_valid(note_violation("reason", &r.reason))?;
         let event = Event::OperatorRefuse {
             reason: &r.reason,
             by: &by,

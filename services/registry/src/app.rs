@@ -98,7 +98,7 @@ impl App {
                 metrics: crate::metrics::Metrics::new(&config),
                 intake,
                 store,
-                auth: Authorizer::new(&config),
+                auth: crate::auth::authorizer(&config),
                 config,
                 dispatch_wakeup: Notify::new(),
                 events,

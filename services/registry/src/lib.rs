@@ -6,8 +6,9 @@
 //! - [`config`]: configuration (identities and roles, processors and their categories).
 //! - [`app`]: [`App::build`] (store, processor clients, shared state) and [`App::run`], which
 //!   hands the services, metrics and workers to the runtime's host.
-//! - [`api`]: the gRPC handlers (partner API and acknowledgement API).
-//! - [`auth`]: certificate identity → caller role.
+//! - [`api`]: the gRPC handlers (partner API, acknowledgement API, the Watch stream, views).
+//! - [`auth`]: the registry's callers (partners, operators, processors) by certificate
+//!   identity.
 //! - [`validate`]: Submit input rules.
 //! - [`intake`]: group commit of concurrent Submits; its writer is a worker, drained and
 //!   stopped on shutdown.
@@ -17,7 +18,7 @@
 //! - [`dispatcher`]: sends the outbox with backoff and jitter.
 //! - [`metrics`]: Prometheus metrics on the admin port (`admin_listen`).
 //! - [`reconciler`]: asks processors for status when acknowledgements are late.
-//! - [`error`]: the one mapping from errors to gRPC statuses.
+//! - [`error`]: the registry's error type (made into statuses by `dsrelay_runtime::grpc`).
 
 pub mod api;
 pub mod app;

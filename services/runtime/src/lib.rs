@@ -18,8 +18,10 @@
 //! - [`identity`]: subject identity validation, normalisation and hashing.
 //! - [`metrics`]: Prometheus text-format metrics (prometheus-client) on a plain-HTTP admin
 //!   port.
-//! - [`server`]: the tonic server's TLS and limits, the reflection services, and serving a
-//!   router on a caller-bound listener.
+//! - [`grpc`]: the gRPC boundary: errors to statuses, callers by certificate identity, the
+//!   layer that continues a caller's trace.
+//! - [`server`]: the tonic server's TLS, limits and trace-context layer, the reflection
+//!   services, and serving a router on a caller-bound listener.
 //! - [`telemetry`]: logging and OpenTelemetry set-up (OTLP, off unless the `OTEL_*`
 //!   variables ask for it).
 //! - [`trace_context`]: W3C trace context in gRPC metadata and stored rows.
@@ -29,6 +31,7 @@ pub mod audit;
 pub mod backoff;
 pub mod clock;
 pub mod config;
+pub mod grpc;
 pub mod host;
 pub mod identity;
 pub mod metrics;

@@ -1,5 +1,6 @@
-//! The tonic server every dsrelay service runs: mTLS and limits ([`builder`]), the reflection
-//! services, and serving a router on a listener the caller bound ([`serve`]).
+//! The tonic server every dsrelay service runs: mTLS, limits and the caller's trace context
+//! ([`builder`]), the reflection services, and serving a router on a listener the caller bound
+//! ([`serve`]).
 //!
 //! The caller binds (tests bind `127.0.0.1:0`) and owns shutdown, as in mini-redis.
 //! [`crate::host::Host`] puts these together with health checking, the admin port and the
@@ -12,12 +13,19 @@ use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use tonic::transport::server::{Router, TcpIncoming};
 use tonic::transport::{Server, ServerTlsConfig};
+use tower::layer::util::{Identity, Stack};
+
+use crate::grpc::TraceContextLayer;
 
 /// Largest message either service decodes or encodes.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
-/// A server builder with TLS and the limits every dsrelay service uses.
-pub fn builder(tls: ServerTlsConfig) -> Result<Server> {
+/// The layers [`builder`] puts around every service.
+pub type Layers = Stack<TraceContextLayer, Identity>;
+
+/// A server builder with TLS, the limits every dsrelay service uses, and the layer that
+/// continues callers' traces ([`crate::grpc::trace`]).
+pub fn builder(tls: ServerTlsConfig) -> Result<Server<Layers>> {
     Ok(Server::builder()
         .tls_config(tls)
         .context("configuring TLS")?
@@ -25,7 +33,8 @@ pub fn builder(tls: ServerTlsConfig) -> Result<Server> {
         .concurrency_limit_per_connection(256)
         .http2_max_pending_accept_reset_streams(Some(64))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10))))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(TraceContextLayer))
 }
 
 /// The gRPC reflection service (v1) describing dsrelay's protocol and health checking.
@@ -59,7 +68,7 @@ pub fn reflection_v1alpha() -> Result<
 /// socket (tonic sets it only on listeners it binds itself; without it p99 latency suffers
 /// delayed-ACK stalls).
 pub async fn serve(
-    router: Router,
+    router: Router<Layers>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {

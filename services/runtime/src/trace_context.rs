@@ -3,7 +3,8 @@
 //! with the acknowledgements.
 //!
 //! Everything here is a no-op when no tracer is installed: contexts are then empty and
-//! nothing is injected.
+//! nothing is injected. Servers read the caller's context in one place, the layer in
+//! [`crate::grpc::trace`].
 
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TraceContextExt;
@@ -24,21 +25,15 @@ impl Injector for MetadataInjector<'_> {
     }
 }
 
-struct MetadataExtractor<'a>(&'a MetadataMap);
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
 
-impl Extractor for MetadataExtractor<'_> {
+impl Extractor for HeaderExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
         self.0.get(key).and_then(|v| v.to_str().ok())
     }
 
     fn keys(&self) -> Vec<&str> {
-        self.0
-            .keys()
-            .filter_map(|k| match k {
-                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
-                tonic::metadata::KeyRef::Binary(_) => None,
-            })
-            .collect()
+        self.0.keys().map(http::HeaderName::as_str).collect()
     }
 }
 
@@ -54,9 +49,10 @@ impl Extractor for OneHeader<'_> {
     }
 }
 
-/// The trace context a caller sent in `metadata`.
-pub fn extract(metadata: &MetadataMap) -> Context {
-    opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)))
+/// The trace context a caller sent in the headers of a call (gRPC metadata are HTTP/2
+/// headers). Only [`crate::grpc::trace`] reads it, once per call.
+pub fn extract(headers: &http::HeaderMap) -> Context {
+    opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)))
 }
 
 /// The context a stored `traceparent` names.

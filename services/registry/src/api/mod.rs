@@ -1,0 +1,92 @@
+//! The registry's gRPC handlers, over the shared state.
+//!
+//! # Layout
+//! - `partner`: the partner API (`RequestService`): submit, get, list, watch, cancel,
+//!   extend a due date, events, the processing chain, the audit trail.
+//! - `acknowledgement`: the acknowledgement API (`AcknowledgementService`) processors
+//!   report task states through.
+//! - `watch`: the event stream behind Watch.
+//! - `views`: stored rows → protocol messages.
+//!
+//! Who may call what is [`crate::auth`]; errors become statuses by the rules of
+//! [`dsrelay_runtime::grpc::error`]; the caller's trace is continued by the layer the server
+//! builder installs, so each handler only opens its span.
+
+use std::sync::Arc;
+
+use dsrelay_proto::v1::Request;
+use dsrelay_runtime::identity::request_id_violation;
+
+use crate::app::Shared;
+use crate::auth::{Caller, Party};
+use crate::error::ApiError;
+use crate::store::RequestRow;
+use crate::validate::{text_violation, MAX_TEXT};
+
+mod acknowledgement;
+mod partner;
+mod views;
+mod watch;
+
+pub use acknowledgement::MAX_ACKS_PER_CALL;
+
+/// Implements both registry services over the shared state.
+#[derive(Clone)]
+pub struct Api {
+    shared: Arc<Shared>,
+}
+
+impl Api {
+    /// Handlers over `shared`.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    /// The caller of the partner API: a partner or an operator.
+    fn partner_api_caller<T>(&self, req: &tonic::Request<T>) -> Result<Caller, ApiError> {
+        Ok(self
+            .shared
+            .auth
+            .require(req, &[Party::Partner, Party::Operator], |c| {
+                format!("processor {} may only call the acknowledgement API", c.name)
+            })?)
+    }
+
+    /// Loads a request the caller may see; another partner's request is NOT_FOUND.
+    async fn visible(&self, caller: &Caller, id: &str) -> Result<RequestRow, ApiError> {
+        ApiError::ensure_valid(request_id_violation("request_id", id))?;
+        let row = self
+            .shared
+            .store
+            .request(id)
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        if caller.role == Party::Partner && caller.name != row.partner {
+            return Err(not_found(id));
+        }
+        Ok(row)
+    }
+
+    /// The full view of `row`: its deliveries and tasks as of now.
+    async fn view(&self, row: RequestRow) -> Result<Request, ApiError> {
+        let deliveries = self.shared.store.deliveries(&row.id).await?;
+        let tasks = self.shared.store.tasks(&row.id).await?;
+        Ok(views::request(
+            row,
+            deliveries,
+            tasks,
+            self.shared.clock.now_ms(),
+        ))
+    }
+}
+
+/// The same answer whether the request does not exist or belongs to another partner, so
+/// ids cannot be probed.
+fn not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!("request {id} not found"))
+}
+
+/// A required free-text field (a reason) within the common length.
+fn check_text(field: &str, value: &str) -> Result<(), ApiError> {
+    ApiError::ensure_valid(text_violation(field, value, MAX_TEXT, true))
+}

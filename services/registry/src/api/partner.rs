@@ -1,0 +1,425 @@
+//! The partner API (`RequestService`): partners submit and follow their requests; operators
+//! see every request, extend due dates and read the audit trail.
+
+use dsrelay_proto::prost::Message;
+use dsrelay_proto::timestamp_from_millis;
+use dsrelay_proto::v1::request_service_server::RequestService;
+use dsrelay_proto::v1::{
+    AuditEntries, CancelRequest, Chain, ChainProcessor, EventList, ExtendDeadlineRequest,
+    GetChainRequest, GetRequest, ListAuditEntriesRequest, ListEventsRequest, ListRequestsRequest,
+    ListRequestsResponse, Request, RequestKind, RequestState, SubmitRequest, SubmitResponse,
+    SubprocessorList, WatchRequest,
+};
+use dsrelay_runtime::grpc::CallerTrace;
+use dsrelay_runtime::identity::{keyed_hash, FieldViolation};
+use dsrelay_runtime::trace_context;
+use sha2::{Digest, Sha256};
+use tonic::{Response, Status};
+
+use crate::auth::Party;
+use crate::deadline::{due_at, MAX_EXTENSION_MONTHS};
+use crate::error::ApiError;
+use crate::store::{CancelOutcome, Inserted, ListFilter, NewRequest};
+use crate::validate::validate_submit;
+
+use super::{check_text, not_found, views, watch, Api};
+
+#[tonic::async_trait]
+impl RequestService for Api {
+    // The intake span continues a partner's trace when it sends one.
+    #[tracing::instrument(name = "intake", skip_all, fields(request_id, partner, trace_id))]
+    async fn submit(
+        &self,
+        req: tonic::Request<SubmitRequest>,
+    ) -> Result<Response<SubmitResponse>, Status> {
+        let span = tracing::Span::current();
+        let caller = self.partner_api_caller(&req)?;
+        let trace_id = trace_context::trace_id_of(&span)
+            .or_else(|| CallerTrace::of(&req).map(|t| t.trace_id().to_string()))
+            .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        let traceparent = trace_context::traceparent_of(&span);
+        span.record("trace_id", trace_id.as_str());
+
+        let body = req.into_inner();
+        let config = &self.shared.config;
+        ApiError::ensure_valid(validate_submit(&body, &config.known_categories()))?;
+        let wanted: Vec<&str> = body
+            .scope
+            .as_ref()
+            .map(|s| s.data_categories.iter().map(String::as_str).collect())
+            .unwrap_or_default();
+        let processors: Vec<String> = config
+            .processors
+            .iter()
+            .filter(|p| {
+                wanted.is_empty() || p.categories.iter().any(|c| wanted.contains(&c.as_str()))
+            })
+            .map(|p| p.name.clone())
+            .collect();
+        let encoded = body.encode_to_vec();
+        let received_at = self.shared.clock.now_ms();
+        let id = uuid::Uuid::now_v7().to_string();
+        let hashes: Vec<String> = body
+            .identities
+            .iter()
+            .map(|i| keyed_hash(&self.shared.identity_hash_key, i))
+            .collect();
+        let new = NewRequest {
+            id: id.clone(),
+            partner: caller.name.clone(),
+            idempotency_key: body.idempotency_key.clone(),
+            body_hash: hex::encode(Sha256::digest(&encoded)),
+            body: encoded,
+            identity_hashes: serde_json::to_string(&hashes).map_err(ApiError::unexpected)?,
+            kind: body.kind,
+            received_at,
+            due_at: due_at(received_at, 0),
+            trace_id,
+            traceparent,
+            processors: processors.clone(),
+        };
+        span.record("partner", caller.name.as_str());
+        // What the answer needs of a new request is known already: no read-back on the
+        // intake path.
+        let new_id = new.id.clone();
+        let new_state = if processors.is_empty() {
+            RequestState::Completed
+        } else {
+            RequestState::Received
+        };
+        let (new_due, new_trace) = (new.due_at, new.trace_id.clone());
+        let inserted = self
+            .shared
+            .intake
+            .submit(new)
+            .await
+            .map_err(ApiError::from)?;
+        let (request_id, state, due, trace_id, routed_to, deduplicated) = match inserted {
+            Inserted::New => {
+                self.shared.dispatch_wakeup.notify_one();
+                self.shared.publish(&new_id);
+                (new_id, new_state as i32, new_due, new_trace, processors, false)
+            }
+            Inserted::Existing(existing) => {
+                let row = self
+                    .shared
+                    .store
+                    .request(&existing)
+                    .await
+                    .map_err(ApiError::from)?
+                    .ok_or_else(|| {
+                        ApiError::unexpected(anyhow::anyhow!("request {existing} vanished"))
+                    })?;
+                let routed = self
+                    .shared
+                    .store
+                    .deliveries(&existing)
+                    .await
+                    .map_err(ApiError::from)?
+                    .into_iter()
+                    .map(|d| d.processor)
+                    .collect();
+                (existing, row.state, row.due_at, row.trace_id, routed, true)
+            }
+            Inserted::Conflict(existing) => {
+                return Err(ApiError::already_exists(format!(
+                    "idempotency_key {:?} was already used for request {existing} with a different body; use a new key for a new request",
+                    body.idempotency_key
+                ))
+                .into())
+            }
+        };
+        span.record("request_id", request_id.as_str());
+        tracing::info!(
+            request_id = %request_id,
+            kind = RequestKind::try_from(body.kind).map(|k| k.as_str_name()).unwrap_or("?"),
+            deduplicated,
+            routed = routed_to.len(),
+            "request submitted"
+        );
+        Ok(Response::new(SubmitResponse {
+            request_id,
+            state,
+            due_at: Some(timestamp_from_millis(due)),
+            trace_id,
+            deduplicated,
+            routed_to,
+        }))
+    }
+
+    async fn get(&self, req: tonic::Request<GetRequest>) -> Result<Response<Request>, Status> {
+        let caller = self.partner_api_caller(&req)?;
+        let row = self.visible(&caller, &req.get_ref().request_id).await?;
+        Ok(Response::new(self.view(row).await?))
+    }
+
+    async fn list(
+        &self,
+        req: tonic::Request<ListRequestsRequest>,
+    ) -> Result<Response<ListRequestsResponse>, Status> {
+        let caller = self.partner_api_caller(&req)?;
+        let r = req.into_inner();
+        let mut violations = Vec::new();
+        let page_size = match r.page_size {
+            0 => 50,
+            n @ 1..=500 => n,
+            _ => {
+                violations.push(FieldViolation::new(
+                    "page_size",
+                    "must be 0 (default 50) to 500",
+                ));
+                50
+            }
+        };
+        if r.states.len() > 16 {
+            violations.push(FieldViolation::new(
+                "states[16]",
+                "at most 16 states may be given",
+            ));
+        }
+        for (i, s) in r.states.iter().enumerate().take(16) {
+            if RequestState::try_from(*s).unwrap_or(RequestState::Unspecified)
+                == RequestState::Unspecified
+            {
+                violations.push(FieldViolation::new(
+                    format!("states[{i}]"),
+                    format!("{s} is not a request state"),
+                ));
+            }
+        }
+        if RequestKind::try_from(r.kind).is_err() {
+            violations.push(FieldViolation::new(
+                "kind",
+                format!("{} is not a request kind", r.kind),
+            ));
+        }
+        let before = if r.page_token.is_empty() {
+            None
+        } else {
+            match r
+                .page_token
+                .split_once('_')
+                .and_then(|(a, b)| Some((a.parse::<i64>().ok()?, b.to_string())))
+            {
+                Some(p) => Some(p),
+                None => {
+                    violations.push(FieldViolation::new(
+                        "page_token",
+                        "is not a token from a previous page",
+                    ));
+                    None
+                }
+            }
+        };
+        ApiError::ensure_valid(violations)?;
+        let filter = ListFilter {
+            partner: (caller.role == Party::Partner).then(|| caller.name.clone()),
+            states: r.states.clone(),
+            kind: (r.kind != 0).then_some(r.kind),
+            overdue_only: r.overdue_only,
+            before,
+            limit: i64::from(page_size) + 1,
+        };
+        let mut rows = self
+            .shared
+            .store
+            .list(&filter, self.shared.clock.now_ms())
+            .await
+            .map_err(ApiError::from)?;
+        let next_page_token = if rows.len() > page_size as usize {
+            rows.truncate(page_size as usize);
+            rows.last()
+                .map(|l| format!("{}_{}", l.received_at, l.id))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let mut requests = Vec::with_capacity(rows.len());
+        for row in rows {
+            requests.push(self.view(row).await?);
+        }
+        Ok(Response::new(ListRequestsResponse {
+            requests,
+            next_page_token,
+        }))
+    }
+
+    type WatchStream = watch::EventStream;
+
+    async fn watch(
+        &self,
+        req: tonic::Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let caller = self.partner_api_caller(&req)?;
+        let r = req.into_inner();
+        let row = self.visible(&caller, &r.request_id).await?;
+        Ok(Response::new(watch::events(self.shared.clone(), row.id, r)))
+    }
+
+    async fn cancel(
+        &self,
+        req: tonic::Request<CancelRequest>,
+    ) -> Result<Response<Request>, Status> {
+        let caller = self.partner_api_caller(&req)?;
+        let r = req.into_inner();
+        let row = self.visible(&caller, &r.request_id).await?;
+        check_text("reason", &r.reason)?;
+        match self
+            .shared
+            .store
+            .cancel(&row.id, &r.reason, self.shared.clock.now_ms())
+            .await
+            .map_err(ApiError::from)?
+        {
+            CancelOutcome::Cancelled => {
+                tracing::info!(request_id = %row.id, by = %caller.name, "request cancelled");
+                self.shared.dispatch_wakeup.notify_one();
+                self.shared.publish(&row.id);
+            }
+            CancelOutcome::NotFound => return Err(not_found(&row.id).into()),
+            CancelOutcome::NotCancellable(state) => {
+                return Err(ApiError::failed_precondition(format!(
+                    "request {} is {} and can no longer be cancelled",
+                    row.id,
+                    state.as_str_name().trim_start_matches("REQUEST_STATE_")
+                ))
+                .into())
+            }
+        }
+        let row = self.visible(&caller, &row.id).await?;
+        Ok(Response::new(self.view(row).await?))
+    }
+
+    async fn list_events(
+        &self,
+        req: tonic::Request<ListEventsRequest>,
+    ) -> Result<Response<EventList>, Status> {
+        let caller = self.partner_api_caller(&req)?;
+        let row = self.visible(&caller, &req.get_ref().request_id).await?;
+        let id = row.id.clone();
+        let events = self
+            .shared
+            .store
+            .events(&id)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(EventList {
+            request: Some(self.view(row).await?),
+            events: events.iter().map(|e| views::event(&id, e)).collect(),
+        }))
+    }
+
+    async fn get_chain(
+        &self,
+        req: tonic::Request<GetChainRequest>,
+    ) -> Result<Response<Chain>, Status> {
+        self.partner_api_caller(&req)?;
+        let mut processors = Vec::new();
+        for p in &self.shared.config.processors {
+            let row = self
+                .shared
+                .store
+                .chain(&p.name)
+                .await
+                .map_err(ApiError::from)?;
+            let subprocessors = row
+                .subprocessors
+                .as_deref()
+                .and_then(|b| SubprocessorList::decode(b).ok())
+                .map(|l| l.subprocessors)
+                .unwrap_or_default();
+            processors.push(ChainProcessor {
+                name: p.name.clone(),
+                endpoint: p.endpoint.clone(),
+                data_categories: p.categories.clone(),
+                subprocessors,
+                reported_at: row.reported_at.map(timestamp_from_millis),
+                last_error: row.last_error.unwrap_or_default(),
+            });
+        }
+        Ok(Response::new(Chain { processors }))
+    }
+
+    async fn extend_deadline(
+        &self,
+        req: tonic::Request<ExtendDeadlineRequest>,
+    ) -> Result<Response<Request>, Status> {
+        let caller = self
+            .partner_api_caller(&req)?
+            .require(&[Party::Operator], |_| {
+                "only operators may extend a due date".into()
+            })?;
+        let r = req.into_inner();
+        let row = self.visible(&caller, &r.request_id).await?;
+        check_text("reason", &r.reason)?;
+        let used = (row.extension_months.max(0) as u32).min(MAX_EXTENSION_MONTHS);
+        let left = MAX_EXTENSION_MONTHS - used;
+        if r.months == 0 || r.months > left {
+            let rule = if left == 0 {
+                format!(
+                    "no extension is left: the due date was already extended by {used} months, \
+                     the most GDPR art. 12(3) allows"
+                )
+            } else {
+                format!(
+                    "must be 1 to {left} (GDPR art. 12(3) allows two months in all; {used} used)"
+                )
+            };
+            return Err(ApiError::invalid([FieldViolation::new("months", rule)]).into());
+        }
+        if matches!(
+            row.state(),
+            RequestState::Completed | RequestState::Cancelled
+        ) {
+            return Err(
+                ApiError::failed_precondition(format!("request {} has finished", row.id)).into(),
+            );
+        }
+        self.shared
+            .store
+            .extend(&row, r.months, &r.reason, self.shared.clock.now_ms())
+            .await
+            .map_err(ApiError::from)?;
+        self.shared.publish(&row.id);
+        let row = self.visible(&caller, &row.id).await?;
+        Ok(Response::new(self.view(row).await?))
+    }
+
+    async fn list_audit_entries(
+        &self,
+        req: tonic::Request<ListAuditEntriesRequest>,
+    ) -> Result<Response<AuditEntries>, Status> {
+        self.partner_api_caller(&req)?
+            .require(&[Party::Operator], |_| {
+                "only operators may read the audit trail".into()
+            })?;
+        let r = req.into_inner();
+        let page_size = match r.page_size {
+            0 => 500,
+            n @ 1..=1000 => n,
+            _ => {
+                return Err(ApiError::invalid([FieldViolation::new(
+                    "page_size",
+                    "must be 0 (default 500) to 1000",
+                )])
+                .into())
+            }
+        };
+        let mut entries = self
+            .shared
+            .store
+            .audit_entries(r.after_seq, i64::from(page_size) + 1)
+            .await
+            .map_err(ApiError::from)?;
+        let next_after_seq = if entries.len() > page_size as usize {
+            entries.truncate(page_size as usize);
+            entries.last().map_or(0, |e| e.seq)
+        } else {
+            0
+        };
+        Ok(Response::new(AuditEntries {
+            entries: entries.into_iter().map(views::audit_entry).collect(),
+            next_after_seq,
+        }))
+    }
+}

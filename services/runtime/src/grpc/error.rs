@@ -1,0 +1,359 @@
+//! A service's error type and the one place where errors become gRPC statuses.
+//!
+//! Each service names itself once ([`ServiceName`]) and uses `ApiError<ItsName>` in its
+//! handlers; `?` turns the error into a [`Status`] by the rules here:
+//!
+//! - broken input rules are INVALID_ARGUMENT with one `google.rpc.BadRequest` field
+//!   violation per rule, at most [`MAX_REPORTED_VIOLATIONS`] of them and each text clipped;
+//! - a store that cannot be reached just now (pool timeout, closed pool, lost connection,
+//!   a busy SQLite file) is UNAVAILABLE, so callers retry;
+//! - any other fault of ours is INTERNAL: the details go to the log, and the answer says so.
+
+use std::fmt;
+use std::marker::PhantomData;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::identity::FieldViolation;
+
+use super::auth::Refused;
+
+/// Names a service in the answers it gives ("internal error; the registry logged the
+/// details").
+pub trait ServiceName {
+    /// The name, lowercase: `registry`, `processor`, `adapter`.
+    const NAME: &'static str;
+}
+
+/// What went wrong, whichever service it happened in.
+#[derive(Debug)]
+enum Failure {
+    /// The input broke documented rules; each violation names its field.
+    Invalid(Vec<FieldViolation>),
+    NotFound(String),
+    PermissionDenied(String),
+    /// Something with the same key exists and differs (an idempotency key, a task id).
+    AlreadyExists(String),
+    /// The state of what the call is about forbids it.
+    FailedPrecondition(String),
+    /// Someone else changed it meanwhile; reading again and retrying may succeed.
+    Aborted(String),
+    /// The service cannot take the call now (it is shutting down); a retry may succeed.
+    Unavailable(String),
+    /// A fault of ours; the details go to the log, not the caller.
+    Unexpected(anyhow::Error),
+}
+
+/// An error of the service `S`, on its way to becoming a [`Status`].
+pub struct ApiError<S> {
+    failure: Failure,
+    /// Only names the service; `fn() -> S` keeps the error `Send` and `Sync` whatever `S` is.
+    service: PhantomData<fn() -> S>,
+}
+
+impl<S> ApiError<S> {
+    fn new(failure: Failure) -> Self {
+        Self {
+            failure,
+            service: PhantomData,
+        }
+    }
+
+    /// The input broke `violations` (INVALID_ARGUMENT).
+    pub fn invalid(violations: impl IntoIterator<Item = FieldViolation>) -> Self {
+        Self::new(Failure::Invalid(violations.into_iter().collect()))
+    }
+
+    /// Ok when `violations` is empty, else [`ApiError::invalid`] with all of them.
+    pub fn ensure_valid(violations: impl IntoIterator<Item = FieldViolation>) -> Result<(), Self> {
+        let violations: Vec<_> = violations.into_iter().collect();
+        if violations.is_empty() {
+            Ok(())
+        } else {
+            Err(Self::invalid(violations))
+        }
+    }
+
+    /// NOT_FOUND, saying what was not found.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(Failure::NotFound(message.into()))
+    }
+
+    /// PERMISSION_DENIED, saying what the caller may not do.
+    pub fn permission_denied(message: impl Into<String>) -> Self {
+        Self::new(Failure::PermissionDenied(message.into()))
+    }
+
+    /// ALREADY_EXISTS, saying what exists and how to avoid the clash.
+    pub fn already_exists(message: impl Into<String>) -> Self {
+        Self::new(Failure::AlreadyExists(message.into()))
+    }
+
+    /// FAILED_PRECONDITION, saying which state forbids the call.
+    pub fn failed_precondition(message: impl Into<String>) -> Self {
+        Self::new(Failure::FailedPrecondition(message.into()))
+    }
+
+    /// ABORTED, saying what changed meanwhile.
+    pub fn aborted(message: impl Into<String>) -> Self {
+        Self::new(Failure::Aborted(message.into()))
+    }
+
+    /// UNAVAILABLE, saying why the service cannot take the call now.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(Failure::Unavailable(message.into()))
+    }
+
+    /// A fault of ours (INTERNAL, or UNAVAILABLE when the store is out of reach).
+    pub fn unexpected(error: impl Into<anyhow::Error>) -> Self {
+        Self::new(Failure::Unexpected(error.into()))
+    }
+}
+
+impl<S> fmt::Debug for ApiError<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.failure, f)
+    }
+}
+
+impl<S> fmt::Display for ApiError<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.failure {
+            Failure::Invalid(v) => write!(f, "invalid request: {}", joined(v)),
+            Failure::NotFound(m)
+            | Failure::PermissionDenied(m)
+            | Failure::AlreadyExists(m)
+            | Failure::FailedPrecondition(m)
+            | Failure::Aborted(m)
+            | Failure::Unavailable(m) => f.write_str(m),
+            Failure::Unexpected(e) => write!(f, "{e:#}"),
+        }
+    }
+}
+
+impl<S> std::error::Error for ApiError<S> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.failure {
+            Failure::Unexpected(e) => Some(e.as_ref()),
+            _ => None,
+        }
+    }
+}
+
+impl<S> From<anyhow::Error> for ApiError<S> {
+    fn from(e: anyhow::Error) -> Self {
+        Self::unexpected(e)
+    }
+}
+
+impl<S> From<sqlx::Error> for ApiError<S> {
+    fn from(e: sqlx::Error) -> Self {
+        Self::unexpected(e)
+    }
+}
+
+impl<S> From<Refused> for ApiError<S> {
+    fn from(r: Refused) -> Self {
+        Self::permission_denied(r.to_string())
+    }
+}
+
+impl<S: ServiceName> From<ApiError<S>> for Status {
+    fn from(e: ApiError<S>) -> Self {
+        match e.failure {
+            Failure::Invalid(violations) => invalid_argument(&violations),
+            Failure::NotFound(m) => Status::not_found(m),
+            Failure::PermissionDenied(m) => Status::permission_denied(m),
+            Failure::AlreadyExists(m) => Status::already_exists(m),
+            Failure::FailedPrecondition(m) => Status::failed_precondition(m),
+            Failure::Aborted(m) => Status::aborted(m),
+            Failure::Unavailable(m) => Status::unavailable(m),
+            Failure::Unexpected(err) if store_out_of_reach(&err) => {
+                tracing::warn!(error = format!("{err:#}"), "store unavailable");
+                Status::unavailable(format!(
+                    "the {} could not reach its database; try again later",
+                    S::NAME
+                ))
+            }
+            Failure::Unexpected(err) => {
+                tracing::error!(error = format!("{err:#}"), "internal error");
+                Status::internal(format!(
+                    "internal error; the {} logged the details",
+                    S::NAME
+                ))
+            }
+        }
+    }
+}
+
+/// At most this many violations go into one status: the message and the details travel in
+/// HTTP/2 headers, which clients cap (16 KiB in hyper), and a status too large to deliver
+/// would reach the caller as a protocol error instead of INVALID_ARGUMENT.
+pub const MAX_REPORTED_VIOLATIONS: usize = 20;
+/// Longest field path or rule text reported.
+const MAX_VIOLATION_TEXT: usize = 300;
+
+fn invalid_argument(violations: &[FieldViolation]) -> Status {
+    let mut details = ErrorDetails::new();
+    for v in reported(violations) {
+        details.add_bad_request_violation(v.field, v.rule);
+    }
+    Status::with_error_details(
+        Code::InvalidArgument,
+        format!("invalid request: {}", joined(violations)),
+        details,
+    )
+}
+
+fn clip(s: &str) -> String {
+    if s.len() <= MAX_VIOLATION_TEXT {
+        return s.to_string();
+    }
+    let mut end = MAX_VIOLATION_TEXT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// The violations to report: the first few, clipped, and a note of how many more there were.
+fn reported(v: &[FieldViolation]) -> Vec<FieldViolation> {
+    let mut out: Vec<FieldViolation> = v
+        .iter()
+        .take(MAX_REPORTED_VIOLATIONS)
+        .map(|v| FieldViolation::new(clip(&v.field), clip(&v.rule)))
+        .collect();
+    if let Some(next) = v.get(MAX_REPORTED_VIOLATIONS) {
+        out.push(FieldViolation::new(
+            clip(&next.field),
+            format!(
+                "and {} more violations, not listed",
+                v.len() - MAX_REPORTED_VIOLATIONS
+            ),
+        ));
+    }
+    out
+}
+
+fn joined(v: &[FieldViolation]) -> String {
+    reported(v)
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Whether `err` comes from a store that cannot serve just now but may soon: the caller
+/// should retry rather than report a fault. The sqlx error may sit anywhere in the chain of
+/// contexts.
+fn store_out_of_reach(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<sqlx::Error>()
+            .is_some_and(sqlx_out_of_reach)
+    })
+}
+
+fn sqlx_out_of_reach(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| lost_connection(&code)),
+        _ => false,
+    }
+}
+
+/// Database error codes that mean the connection is gone or the database cannot take work
+/// now: PostgreSQL's connection exceptions (class 08), shutdowns and start-ups (57P01 to
+/// 57P03) and too many connections (53300); SQLite's BUSY and LOCKED (primary codes 5 and
+/// 6, whatever the extended code) once its busy timeout ran out.
+fn lost_connection(code: &str) -> bool {
+    if code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300") {
+        return true;
+    }
+    code.parse::<u32>()
+        .is_ok_and(|extended| matches!(extended & 0xff, 5 | 6))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    enum Test {}
+
+    impl ServiceName for Test {
+        const NAME: &'static str = "test service";
+    }
+
+    type Error = ApiError<Test>;
+
+    #[test]
+    fn violations_are_reported_with_details_and_clipped() {
+        let long = "x".repeat(1000);
+        let violations: Vec<_> = (0..25)
+            .map(|i| FieldViolation::new(format!("f{i}"), long.clone()))
+            .collect();
+        let status = Status::from(Error::invalid(violations));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().starts_with("invalid request: f0: xxx"));
+        let bad = status.get_details_bad_request().expect("details");
+        assert_eq!(bad.field_violations.len(), MAX_REPORTED_VIOLATIONS + 1);
+        assert!(bad.field_violations[0].description.len() < 310);
+        assert_eq!(
+            bad.field_violations[MAX_REPORTED_VIOLATIONS].description,
+            "and 5 more violations, not listed"
+        );
+    }
+
+    #[test]
+    fn no_violations_is_valid() {
+        assert!(Error::ensure_valid(Vec::new()).is_ok());
+        assert!(Error::ensure_valid(Some(FieldViolation::new("a", "b"))).is_err());
+    }
+
+    #[test]
+    fn an_unreachable_store_is_unavailable_however_deep() {
+        let err = anyhow::Error::from(sqlx::Error::PoolTimedOut)
+            .context("reading the request")
+            .context("answering Get");
+        let status = Status::from(Error::unexpected(err));
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("test service"), "{status:?}");
+
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        let status = Status::from(Error::from(sqlx::Error::Io(io)));
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+
+    #[test]
+    fn other_faults_are_internal_without_details() {
+        let status = Status::from(Error::from(sqlx::Error::RowNotFound));
+        assert_eq!(status.code(), Code::Internal);
+        assert_eq!(
+            status.message(),
+            "internal error; the test service logged the details"
+        );
+        let status = Status::from(Error::unexpected(anyhow::anyhow!("secret detail")));
+        assert!(!status.message().contains("secret"));
+    }
+
+    #[test]
+    fn lost_connection_codes() {
+        for code in ["08006", "08003", "57P01", "53300", "5", "517", "6"] {
+            assert!(lost_connection(code), "{code}");
+        }
+        for code in ["23505", "42P01", "19", "2067", "1"] {
+            assert!(!lost_connection(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn refusals_are_permission_denied() {
+        let status = Status::from(Error::from(Refused::new("no")));
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert_eq!(status.message(), "no");
+    }
+}

@@ -1,0 +1,19 @@
+//! The gRPC boundary every dsrelay service shares, so that the registry, the processor and
+//! the example adapter answer alike.
+//!
+//! - [`error`]: a service's error type and the one mapping from errors to statuses (field
+//!   violations with `google.rpc.BadRequest` details, store outages as UNAVAILABLE, faults of
+//!   ours as INTERNAL with the details in the log).
+//! - [`auth`]: the caller of a request, from its verified certificate identity, and the
+//!   refusals when it is not configured or may not do what it asks.
+//! - [`trace`]: the tower layer that continues the caller's W3C trace, installed once by
+//!   [`crate::server::builder`], so handlers open their spans with plain
+//!   `#[tracing::instrument]`.
+
+pub mod auth;
+pub mod error;
+pub mod trace;
+
+pub use auth::{Authorizer, Caller, Refused};
+pub use error::{ApiError, ServiceName};
+pub use trace::{CallerTrace, TraceContextLayer};
