@@ -36,7 +36,7 @@ async fn main() {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(&config.listen).await?;
+    let listener = dsrelay_runtime::listen::bind(&config.listen).await?;
     let app = App::build(config).await?;
     app.run(listener, dsrelay_runtime::shutdown_signal()).await
 }

@@ -11,6 +11,8 @@
 //! - [`backoff`]: retry spacing for the outboxes.
 //! - [`clock`]: the system clock with a test offset.
 //! - [`identity`]: subject identity validation, normalisation and hashing.
+//! - [`listen`]: TCP listeners handed down by whoever started the process (`LISTEN_FDS`),
+//!   or bound here when none was.
 //! - [`metrics`]: Prometheus text-format metrics on a plain-HTTP admin port.
 //! - [`server`]: serving a tonic router on a caller-bound listener with health and reflection.
 //! - [`telemetry`]: logging and OpenTelemetry set-up (OTLP, off unless the `OTEL_*`
@@ -23,6 +25,7 @@ pub mod backoff;
 pub mod clock;
 pub mod config;
 pub mod identity;
+pub mod listen;
 pub mod metrics;
 pub mod pki;
 pub mod server;
