@@ -10,17 +10,23 @@ use dsrelay_proto::v1::{
 };
 use tonic::Code;
 
-use crate::harness::{erasure, in_state, wait_until, Pair, PairOptions, PROCESSOR};
+use crate::harness::{
+    erasure, in_state, spawn_pair, wait_until, Holder, PairOptions, Role, NEWSLETTER, PROCESSOR,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manual_tasks_wait_for_an_operator_who_confirms_with_evidence() {
-    let pair = Pair::start(PairOptions {
-        with_manual_archive: true,
+    let pair = spawn_pair(PairOptions {
+        holders: vec![
+            Holder::Accounting,
+            Holder::MailMarketing,
+            Holder::PaperArchive,
+        ],
         ..Default::default()
     })
     .await
     .expect("pair");
-    let mut crm = pair.setup.client("partner-crm").await;
+    let mut crm = pair.client("partner-crm");
     let mut req = erasure("maija.meikalainen@example.fi");
     req.scope = Some(Scope {
         data_categories: vec!["archive".into()],
@@ -37,14 +43,14 @@ async fn manual_tasks_wait_for_an_operator_who_confirms_with_evidence() {
 
     // Only the processor's operators may see and confirm manual tasks.
     let mut as_partner =
-        ProcessorOperatorServiceClient::new(pair.setup.channel_to_processor("partner-crm"));
+        ProcessorOperatorServiceClient::new(pair.channel_to_processor("partner-crm"));
     let err = as_partner
         .list_manual_tasks(ListManualTasksRequest::default())
         .await
         .expect_err("partner");
     assert_eq!(err.code(), Code::PermissionDenied);
 
-    let mut ops = ProcessorOperatorServiceClient::new(pair.setup.channel_to_processor("operator"));
+    let mut ops = ProcessorOperatorServiceClient::new(pair.channel_to_processor("operator"));
     let open = ops
         .list_manual_tasks(ListManualTasksRequest::default())
         .await
@@ -105,8 +111,8 @@ async fn manual_tasks_wait_for_an_operator_who_confirms_with_evidence() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unsupported_kind_is_refused_with_the_reason() {
-    let pair = Pair::start(PairOptions::default()).await.expect("pair");
-    let mut crm = pair.setup.client("partner-crm").await;
+    let pair = spawn_pair(PairOptions::default()).await.expect("pair");
+    let mut crm = pair.client("partner-crm");
     // The SQL connector of the sample has no restriction column configured.
     let mut req = erasure("maija.meikalainen@example.fi");
     req.kind = RequestKind::Restriction as i32;
@@ -134,14 +140,18 @@ async fn an_unsupported_kind_is_refused_with_the_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_whole_chain_is_visible_to_the_controller() {
-    let pair = Pair::start(PairOptions {
-        with_manual_archive: true,
+    let pair = spawn_pair(PairOptions {
+        holders: vec![
+            Holder::Accounting,
+            Holder::MailMarketing,
+            Holder::PaperArchive,
+        ],
         with_absent_processor: true,
         ..Default::default()
     })
     .await
     .expect("pair");
-    let mut ops = pair.setup.client("operator").await;
+    let mut ops = pair.client("operator");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let chain = loop {
         let chain = ops
@@ -200,27 +210,14 @@ async fn the_whole_chain_is_visible_to_the_controller() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_that_is_down_does_not_hold_up_the_others() {
     // The newsletter's adapter never starts; the mail system answers at once.
-    let adapter_addr = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind")
-        .local_addr()
-        .expect("addr");
-    let (mut setup, _) = crate::adapter::newsletter_setup(adapter_addr, 0, None).await;
-    let plain = crate::harness::Setup::new(&PairOptions::default())
-        .await
-        .expect("setup");
-    let mut mail = plain
-        .processor
-        .subprocessors
-        .iter()
-        .find(|s| s.name == "mail-marketing")
-        .expect("mail")
-        .clone();
-    mail.categories = vec!["marketing".into()];
-    setup.processor.subprocessors.push(mail);
-    let (processor, _) = crate::harness::start_processor_with_state(&setup).await;
-    let (registry, _) = crate::harness::start_registry(&setup).await;
-    let mut crm = setup.client("partner-crm").await;
+    let pair = spawn_pair(PairOptions {
+        holders: vec![Holder::Newsletter, Holder::MailMarketing],
+        down: vec![Role::Adapter],
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
+    let mut crm = pair.crm();
     let mut ids = Vec::new();
     for i in 0..6 {
         let mut req = erasure(&format!("someone{i}@example.fi"));
@@ -245,7 +242,7 @@ async fn a_holder_that_is_down_does_not_hold_up_the_others() {
         let newsletter = view
             .tasks
             .iter()
-            .find(|t| t.subprocessor == crate::adapter::NEWSLETTER)
+            .find(|t| t.subprocessor == NEWSLETTER)
             .expect("newsletter task");
         // Still waiting for its holder, not failed: it is retried until the due date.
         assert_eq!(
@@ -255,15 +252,14 @@ async fn a_holder_that_is_down_does_not_hold_up_the_others() {
         );
         assert_eq!(view.state, RequestState::InProgress as i32);
     }
-    registry.stop().await;
-    processor.stop().await;
+    pair.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_failure_is_visible_to_operators_on_both_sides() {
     use dsrelay_proto::v1::{IdentityEncoding, IdentityType, SubjectIdentity};
-    let pair = Pair::start(PairOptions::default()).await.expect("pair");
-    let mut crm = pair.setup.client("partner-crm").await;
+    let pair = spawn_pair(PairOptions::default()).await.expect("pair");
+    let mut crm = pair.client("partner-crm");
     // SQL cannot match a hashed identity: a permanent error, not something to retry.
     let mut req = erasure("unused@example.fi");
     req.identities = vec![SubjectIdentity {
@@ -287,7 +283,7 @@ async fn a_permanent_failure_is_visible_to_operators_on_both_sides() {
     assert_eq!(t.state, TaskState::Failed as i32);
     assert!(t.reason.contains("raw identity"), "{t:#?}");
 
-    let mut ops = ProcessorOperatorServiceClient::new(pair.setup.channel_to_processor("operator"));
+    let mut ops = ProcessorOperatorServiceClient::new(pair.channel_to_processor("operator"));
     let failed = ops
         .list_manual_tasks(ListManualTasksRequest {
             states: vec![TaskState::Failed as i32, TaskState::Refused as i32],

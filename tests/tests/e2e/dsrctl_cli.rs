@@ -16,7 +16,9 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tonic::Code;
 
-use crate::harness::{binary, count, wait_until, Pair, PairOptions, Setup, PROCESSOR};
+use crate::harness::{
+    binary, count, spawn_pair, wait_until, Holder, PairOptions, TestPair, PROCESSOR,
+};
 
 const MAIJA: &str = "teemu.testaaja@example.fi";
 const REGISTRY_IDENTITY: &str = "spiffe://dsrelay.dev/registry/controller";
@@ -95,13 +97,13 @@ async fn output(mut cmd: tokio::process::Command) -> Run {
 }
 
 /// The registry's endpoint.
-fn endpoint(setup: &Setup) -> String {
-    format!("https://localhost:{}", setup.registry_addr.port())
+fn endpoint(setup: &TestPair) -> String {
+    format!("https://localhost:{}", setup.registry.addr().port())
 }
 
 /// `--ca --cert --key` of the dev-PKI party `stem`, and the registry's identity.
-fn tls_flags(setup: &Setup, stem: &str) -> Vec<OsString> {
-    let files = setup.pki.files(stem);
+fn tls_flags(setup: &TestPair, stem: &str) -> Vec<OsString> {
+    let files = setup.pki().files(stem);
     vec![
         "--ca".into(),
         files.ca.into(),
@@ -115,8 +117,8 @@ fn tls_flags(setup: &Setup, stem: &str) -> Vec<OsString> {
 }
 
 /// dsrctl with every connection flag pointing at the pair's registry, as `stem`.
-fn as_party(setup: &Setup, stem: &str) -> tokio::process::Command {
-    let mut cmd = command(setup.dir.path());
+fn as_party(setup: &TestPair, stem: &str) -> tokio::process::Command {
+    let mut cmd = command(setup.dir());
     cmd.arg("--endpoint")
         .arg(endpoint(setup))
         .args(tls_flags(setup, stem));
@@ -124,7 +126,7 @@ fn as_party(setup: &Setup, stem: &str) -> tokio::process::Command {
 }
 
 /// Runs `dsrctl ARGS` against the pair's registry as the dev-PKI party `stem`.
-async fn dsrctl(setup: &Setup, stem: &str, args: &[&str]) -> Run {
+async fn dsrctl(setup: &TestPair, stem: &str, args: &[&str]) -> Run {
     let mut cmd = as_party(setup, stem);
     cmd.args(args);
     output(cmd).await
@@ -188,11 +190,11 @@ fn rfc3339_ms_parses_what_dsrctl_prints() {
 
 /// The registry's own view of a request, as the party `stem` sees it.
 async fn registry_view(
-    setup: &Setup,
+    setup: &TestPair,
     stem: &str,
     id: &str,
 ) -> Result<dsrelay_proto::v1::Request, tonic::Status> {
-    let mut client = setup.client(stem).await;
+    let mut client = setup.client(stem);
     client
         .get(GetRequest {
             request_id: id.into(),
@@ -203,8 +205,8 @@ async fn registry_view(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_watch_and_get_an_erasure_that_erases() {
-    let pair = Pair::start(PairOptions::default()).await.expect("pair");
-    let s = &pair.setup;
+    let pair = spawn_pair(PairOptions::default()).await.expect("pair");
+    let s = &pair;
 
     let before = now_ms();
     let doc = dsrctl(
@@ -355,8 +357,8 @@ async fn submit_watch_and_get_an_erasure_that_erases() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_flags_reach_the_registry_and_keys_deduplicate() {
-    let pair = Pair::start(PairOptions::default()).await.expect("pair");
-    let s = &pair.setup;
+    let pair = spawn_pair(PairOptions::default()).await.expect("pair");
+    let s = &pair;
     let args = [
         "submit",
         "--kind",
@@ -463,8 +465,8 @@ async fn submit_flags_reach_the_registry_and_keys_deduplicate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_filters_and_pages() {
-    let pair = Pair::start(PairOptions::default()).await.expect("pair");
-    let s = &pair.setup;
+    let pair = spawn_pair(PairOptions::default()).await.expect("pair");
+    let s = &pair;
     let mut ids = Vec::new();
     for i in 0..5 {
         let kind = if i % 2 == 1 { "objection" } else { "erasure" };
@@ -596,7 +598,7 @@ async fn list_filters_and_pages() {
     // Every request completes (nobody in the sample has these addresses: NOT_FOUND
     // at accounting, the objections suppressed at the mail system); the state filter then
     // finds them all under COMPLETED and none under FAILED.
-    let mut crm = s.client("partner-crm").await;
+    let mut crm = s.client("partner-crm");
     for id in &newest_first {
         wait_until(&mut crm, id, Duration::from_secs(20), |r| {
             r.state == RequestState::Completed as i32
@@ -649,13 +651,13 @@ async fn list_filters_and_pages() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_ends_a_watch_and_only_operators_extend() {
     // The mail system takes 5 s, so requests stay open long enough to cancel and extend.
-    let pair = Pair::start(PairOptions {
+    let pair = spawn_pair(PairOptions {
         mail_delay_ms: 5000,
         ..Default::default()
     })
     .await
     .expect("pair");
-    let s = &pair.setup;
+    let s = &pair;
     let submit = |mail: &'static str| async move {
         let doc = dsrctl(
             s,
@@ -814,8 +816,8 @@ async fn cancel_ends_a_watch_and_only_operators_extend() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_answers_exit_2() {
-    let pair = Pair::start(PairOptions::default()).await.expect("pair");
-    let s = &pair.setup;
+    let pair = spawn_pair(PairOptions::default()).await.expect("pair");
+    let s = &pair;
 
     for args in [
         &["get", "no-such-request"][..],
@@ -914,7 +916,7 @@ async fn error_answers_exit_2() {
 
     // Nothing of that was stored.
     assert_eq!(
-        count(&s.registry.database_url, "SELECT COUNT(*) FROM requests").await,
+        count(s.registry.database_url(), "SELECT COUNT(*) FROM requests").await,
         1
     );
     pair.stop().await;
@@ -922,10 +924,10 @@ async fn error_answers_exit_2() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_problems_exit_1() {
-    let pair = Pair::start(PairOptions::default()).await.expect("pair");
-    let s = &pair.setup;
+    let pair = spawn_pair(PairOptions::default()).await.expect("pair");
+    let s = &pair;
     let run_with = |endpoint: String, identity: &'static str| async move {
-        let mut cmd = command(s.dir.path());
+        let mut cmd = command(s.dir());
         let mut flags = tls_flags(s, "partner-crm");
         flags.truncate(6);
         cmd.args([
@@ -963,7 +965,7 @@ async fn connection_problems_exit_1() {
     );
 
     // The processor's endpoint: a certificate of the same CA, but not the registry's.
-    let processor = format!("https://localhost:{}", s.processor_addr.port());
+    let processor = format!("https://localhost:{}", s.processor.addr().port());
     let run = run_with(processor, REGISTRY_IDENTITY).await;
     run.expect_code(1);
     assert!(run.stderr.contains(REGISTRY_IDENTITY), "{}", run.stderr);
@@ -976,12 +978,12 @@ async fn connection_problems_exit_1() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_from_config_file_environment_and_dev_pki() {
-    let pair = Pair::start(PairOptions::default()).await.expect("pair");
-    let s = &pair.setup;
+    let pair = spawn_pair(PairOptions::default()).await.expect("pair");
+    let s = &pair;
     let elsewhere = tempfile::tempdir().expect("tempdir");
 
     // A config file as the webform partner; its paths are relative to its own folder.
-    let conf_dir = s.dir.path().join("conf");
+    let conf_dir = s.dir().join("conf");
     std::fs::create_dir_all(&conf_dir).expect("conf dir");
     let write_conf = |name: &str, endpoint: &str| {
         let path = conf_dir.join(name);
@@ -1023,7 +1025,7 @@ async fn settings_from_config_file_environment_and_dev_pki() {
     assert!(field(run.ok(), "state").is_some(), "{}", run.stdout);
 
     // Every setting from DSRCTL_* variables, as crm.
-    let crm = s.pki.files("partner-crm");
+    let crm = s.pki().files("partner-crm");
     let env = [
         ("DSRCTL_ENDPOINT", OsString::from(endpoint(s))),
         ("DSRCTL_CA", crm.ca.into()),
@@ -1078,7 +1080,7 @@ async fn settings_from_config_file_environment_and_dev_pki() {
     let dev = elsewhere.path().join(".dsrelay/pki");
     std::fs::create_dir_all(&dev).expect("dev pki dir");
     for file in ["ca.pem", "operator.pem", "operator.key"] {
-        std::fs::copy(s.pki.dir.join(file), dev.join(file)).expect("copying the dev pki");
+        std::fs::copy(s.pki().dir.join(file), dev.join(file)).expect("copying the dev pki");
     }
     let mut cmd = command(elsewhere.path());
     cmd.env("DSRCTL_ENDPOINT", endpoint(s))
@@ -1099,13 +1101,17 @@ async fn settings_from_config_file_environment_and_dev_pki() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chain_and_manual_tasks_from_the_command_line() {
-    let pair = Pair::start(PairOptions {
-        with_manual_archive: true,
+    let pair = spawn_pair(PairOptions {
+        holders: vec![
+            Holder::Accounting,
+            Holder::MailMarketing,
+            Holder::PaperArchive,
+        ],
         ..Default::default()
     })
     .await
     .expect("pair");
-    let setup = &pair.setup;
+    let setup = &pair;
 
     // The chain: the processor and its three subprocessors with countries and mechanisms.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -1150,7 +1156,7 @@ async fn chain_and_manual_tasks_from_the_command_line() {
     .await
     .json();
     let id = submitted["request_id"].as_str().expect("id").to_string();
-    let processor = format!("https://localhost:{}", setup.processor_addr.port());
+    let processor = format!("https://localhost:{}", setup.processor.addr().port());
     let tasks_flags = |cmd: &str| -> Vec<String> {
         vec![
             "tasks".into(),
@@ -1211,13 +1217,13 @@ async fn chain_and_manual_tasks_from_the_command_line() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_draws_the_propagation_from_stored_events() {
-    let pair = Pair::start(PairOptions {
+    let pair = spawn_pair(PairOptions {
         with_absent_processor: true,
         ..Default::default()
     })
     .await
     .expect("pair");
-    let setup = &pair.setup;
+    let setup = &pair;
     let submitted = dsrctl(
         setup,
         "partner-crm",
@@ -1228,7 +1234,7 @@ async fn trace_draws_the_propagation_from_stored_events() {
     .await
     .json();
     let id = submitted["request_id"].as_str().expect("id").to_string();
-    let mut crm = setup.client("partner-crm").await;
+    let mut crm = setup.client("partner-crm");
     wait_until(&mut crm, &id, Duration::from_secs(20), |v| {
         v.deliveries
             .iter()
