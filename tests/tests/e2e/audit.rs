@@ -14,70 +14,10 @@ use dsrelay_runtime::audit::{self, Entry};
 use dsrelay_runtime::store::{now_ms, Db};
 use serde_json::Value;
 
+use crate::harness::dsrctl::dsrctl;
 use crate::harness::{
-    binary, count, database_url, erasure, in_state, spawn_pair, wait_until, Backend, PairOptions,
-    TestPair,
+    count, database_url, erasure, in_state, spawn_pair, wait_until, Backend, PairOptions, TestPair,
 };
-
-/// A finished dsrctl run.
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn expect(&self, code: i32) -> &Self {
-        assert_eq!(
-            self.code,
-            Some(code),
-            "exit status\n--- stdout ---\n{}--- stderr ---\n{}",
-            self.stdout,
-            self.stderr
-        );
-        self
-    }
-}
-
-/// Runs `dsrctl ARGS` against the pair's registry as the dev-PKI party `stem`.
-async fn dsrctl(setup: &TestPair, stem: &str, args: &[&str]) -> Run {
-    let files = setup.pki().files(stem);
-    let mut cmd = tokio::process::Command::new(binary("dsrctl"));
-    cmd.current_dir(setup.dir()).kill_on_drop(true);
-    for name in [
-        "DSRCTL_ENDPOINT",
-        "DSRCTL_CA",
-        "DSRCTL_CERT",
-        "DSRCTL_KEY",
-        "DSRCTL_SERVER_IDENTITY",
-        "DSRCTL_CONFIG",
-    ] {
-        cmd.env_remove(name);
-    }
-    cmd.arg("--endpoint")
-        .arg(format!(
-            "https://localhost:{}",
-            setup.registry.addr().port()
-        ))
-        .arg("--ca")
-        .arg(files.ca)
-        .arg("--cert")
-        .arg(files.cert)
-        .arg("--key")
-        .arg(files.key)
-        .arg("--server-identity")
-        .arg("spiffe://dsrelay.dev/registry/controller")
-        .args(args);
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .expect("dsrctl finished within a minute")
-        .expect("running dsrctl");
-    Run {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 /// `dsrctl audit verify ARGS` as the operator, expecting `code`; returns stdout.
 async fn verify(setup: &TestPair, args: &[&str], code: i32) -> String {
@@ -85,7 +25,7 @@ async fn verify(setup: &TestPair, args: &[&str], code: i32) -> String {
     all.extend_from_slice(args);
     dsrctl(setup, "operator", &all)
         .await
-        .expect(code)
+        .expect_code(code)
         .stdout
         .clone()
 }
@@ -191,7 +131,7 @@ async fn dsrctl_audit_verify_names_the_first_tampered_entry() {
     // Operators only.
     for stem in ["partner-crm", "processor"] {
         let run = dsrctl(setup, stem, &["audit", "verify"]).await;
-        run.expect(2);
+        run.expect_code(2);
         assert!(run.stderr.contains("PERMISSION_DENIED"), "{}", run.stderr);
     }
 

@@ -5,8 +5,7 @@
 //! dsrctl's own crate tests only what needs no registry (`pki init`, usage errors).
 
 use std::ffi::OsString;
-use std::path::Path;
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use dsrelay_proto::v1::{GetRequest, RequestState, TaskState};
@@ -16,121 +15,14 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tonic::Code;
 
-use crate::harness::{
-    binary, count, spawn_pair, wait_until, Holder, PairOptions, TestPair, PROCESSOR,
+use crate::harness::dsrctl::{
+    as_party, command, dsrctl, endpoint, output, tls_flags, REGISTRY_IDENTITY,
 };
+use crate::harness::{count, spawn_pair, wait_until, Holder, PairOptions, TestPair, PROCESSOR};
 
 const MAIJA: &str = "teemu.testaaja@example.fi";
-const REGISTRY_IDENTITY: &str = "spiffe://dsrelay.dev/registry/controller";
 /// Nothing listens on port 1: connections are refused at once.
 const UNREACHABLE: &str = "https://127.0.0.1:1";
-
-/// Every variable dsrctl reads; removed so the caller's environment cannot leak in.
-const ENV_NAMES: [&str; 6] = [
-    "DSRCTL_ENDPOINT",
-    "DSRCTL_CA",
-    "DSRCTL_CERT",
-    "DSRCTL_KEY",
-    "DSRCTL_SERVER_IDENTITY",
-    "DSRCTL_CONFIG",
-];
-
-/// A finished dsrctl run.
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl From<Output> for Run {
-    fn from(out: Output) -> Self {
-        Self {
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
-    }
-}
-
-impl Run {
-    /// Asserts the exit status, showing both streams when it differs.
-    fn expect_code(&self, code: i32) -> &Self {
-        assert_eq!(
-            self.code,
-            Some(code),
-            "exit status\n--- stdout ---\n{}--- stderr ---\n{}",
-            self.stdout,
-            self.stderr
-        );
-        self
-    }
-
-    /// Stdout of a successful run.
-    fn ok(&self) -> &str {
-        self.expect_code(0);
-        &self.stdout
-    }
-
-    /// Stdout of a successful run, parsed as one JSON document.
-    fn json(&self) -> Value {
-        serde_json::from_str(self.ok())
-            .unwrap_or_else(|e| panic!("{e}: not JSON:\n{}", self.stdout))
-    }
-}
-
-/// dsrctl in `cwd`, with no `DSRCTL_*` variables set.
-fn command(cwd: &Path) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(binary("dsrctl"));
-    cmd.current_dir(cwd).kill_on_drop(true);
-    for name in ENV_NAMES {
-        cmd.env_remove(name);
-    }
-    cmd
-}
-
-async fn output(mut cmd: tokio::process::Command) -> Run {
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .expect("dsrctl finished within a minute")
-        .expect("running dsrctl");
-    out.into()
-}
-
-/// The registry's endpoint.
-fn endpoint(setup: &TestPair) -> String {
-    format!("https://localhost:{}", setup.registry.addr().port())
-}
-
-/// `--ca --cert --key` of the dev-PKI party `stem`, and the registry's identity.
-fn tls_flags(setup: &TestPair, stem: &str) -> Vec<OsString> {
-    let files = setup.pki().files(stem);
-    vec![
-        "--ca".into(),
-        files.ca.into(),
-        "--cert".into(),
-        files.cert.into(),
-        "--key".into(),
-        files.key.into(),
-        "--server-identity".into(),
-        REGISTRY_IDENTITY.into(),
-    ]
-}
-
-/// dsrctl with every connection flag pointing at the pair's registry, as `stem`.
-fn as_party(setup: &TestPair, stem: &str) -> tokio::process::Command {
-    let mut cmd = command(setup.dir());
-    cmd.arg("--endpoint")
-        .arg(endpoint(setup))
-        .args(tls_flags(setup, stem));
-    cmd
-}
-
-/// Runs `dsrctl ARGS` against the pair's registry as the dev-PKI party `stem`.
-async fn dsrctl(setup: &TestPair, stem: &str, args: &[&str]) -> Run {
-    let mut cmd = as_party(setup, stem);
-    cmd.args(args);
-    output(cmd).await
-}
 
 /// The value of the `label  value` row of a headless table.
 fn field<'a>(table: &'a str, label: &str) -> Option<&'a str> {

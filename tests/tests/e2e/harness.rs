@@ -1034,3 +1034,125 @@ pub fn binary(name: &str) -> PathBuf {
     );
     path
 }
+
+/// Running the real `dsrctl` binary against a pair, as its users do.
+pub mod dsrctl {
+    use std::ffi::OsString;
+    use std::path::Path;
+    use std::process::Output;
+    use std::time::Duration;
+
+    use serde_json::Value;
+
+    use super::{binary, TestPair};
+
+    /// The identity the registry's certificate names.
+    pub const REGISTRY_IDENTITY: &str = "spiffe://dsrelay.dev/registry/controller";
+
+    /// Every variable dsrctl reads; removed so the caller's environment cannot leak in.
+    pub const ENV_NAMES: [&str; 6] = [
+        "DSRCTL_ENDPOINT",
+        "DSRCTL_CA",
+        "DSRCTL_CERT",
+        "DSRCTL_KEY",
+        "DSRCTL_SERVER_IDENTITY",
+        "DSRCTL_CONFIG",
+    ];
+
+    /// A finished dsrctl run.
+    pub struct Run {
+        pub code: Option<i32>,
+        pub stdout: String,
+        pub stderr: String,
+    }
+
+    impl From<Output> for Run {
+        fn from(out: Output) -> Self {
+            Self {
+                code: out.status.code(),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            }
+        }
+    }
+
+    impl Run {
+        /// Asserts the exit status, showing both streams when it differs.
+        pub fn expect_code(&self, code: i32) -> &Self {
+            assert_eq!(
+                self.code,
+                Some(code),
+                "exit status\n--- stdout ---\n{}--- stderr ---\n{}",
+                self.stdout,
+                self.stderr
+            );
+            self
+        }
+
+        /// Stdout of a successful run.
+        pub fn ok(&self) -> &str {
+            self.expect_code(0);
+            &self.stdout
+        }
+
+        /// Stdout of a successful run, parsed as one JSON document.
+        pub fn json(&self) -> Value {
+            serde_json::from_str(self.ok())
+                .unwrap_or_else(|e| panic!("{e}: not JSON:\n{}", self.stdout))
+        }
+    }
+
+    /// dsrctl in `cwd`, with no `DSRCTL_*` variables set.
+    pub fn command(cwd: &Path) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(binary("dsrctl"));
+        cmd.current_dir(cwd).kill_on_drop(true);
+        for name in ENV_NAMES {
+            cmd.env_remove(name);
+        }
+        cmd
+    }
+
+    pub async fn output(mut cmd: tokio::process::Command) -> Run {
+        let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+            .await
+            .expect("dsrctl finished within a minute")
+            .expect("running dsrctl");
+        out.into()
+    }
+
+    /// The registry's endpoint.
+    pub fn endpoint(pair: &TestPair) -> String {
+        format!("https://localhost:{}", pair.registry.addr().port())
+    }
+
+    /// `--ca --cert --key` of the dev-PKI party `stem`, and the registry's identity.
+    pub fn tls_flags(pair: &TestPair, stem: &str) -> Vec<OsString> {
+        let files = pair.pki().files(stem);
+        vec![
+            "--ca".into(),
+            files.ca.into(),
+            "--cert".into(),
+            files.cert.into(),
+            "--key".into(),
+            files.key.into(),
+            "--server-identity".into(),
+            REGISTRY_IDENTITY.into(),
+        ]
+    }
+
+    /// dsrctl with every connection flag pointing at the pair's registry, as `stem`.
+    pub fn as_party(pair: &TestPair, stem: &str) -> tokio::process::Command {
+        let mut cmd = command(pair.dir());
+        cmd.arg("--endpoint")
+            .arg(endpoint(pair))
+            .args(tls_flags(pair, stem));
+        cmd
+    }
+
+    /// Runs `dsrctl ARGS` against the pair's registry as the dev-PKI party `stem`.
+    pub async fn dsrctl(pair: &TestPair, stem: &str, args: &[&str]) -> Run {
+        let mut cmd = as_party(pair, stem);
+        cmd.args(args);
+        output(cmd).await
+    }
+}
