@@ -231,7 +231,9 @@ where
     let telemetry = crate::telemetry::init(config.as_ref().log_json, name);
     let result = async {
         let listen = config.as_ref().listen.clone();
-        let listener = TcpListener::bind(&listen)
+        // A socket handed down by whoever started us (tests, systemd) keeps its address
+        // across restarts; otherwise bind it here.
+        let listener = crate::listen::bind(&listen)
             .await
             .with_context(|| format!("binding {listen}"))?;
         run(config, listener, Box::pin(crate::shutdown_signal())).await

@@ -16,6 +16,8 @@
 //! - [`backoff`]: retry spacing for the outboxes.
 //! - [`clock`]: the system clock with a test offset.
 //! - [`identity`]: subject identity validation, normalisation and hashing.
+//! - [`listen`]: TCP listeners handed down by whoever started the process (`LISTEN_FDS`),
+//!   or bound here when none was.
 //! - [`metrics`]: Prometheus text-format metrics (prometheus-client) on a plain-HTTP admin
 //!   port.
 //! - [`grpc`]: the gRPC boundary: errors to statuses, callers by certificate identity, the
@@ -34,6 +36,7 @@ pub mod config;
 pub mod grpc;
 pub mod host;
 pub mod identity;
+pub mod listen;
 pub mod metrics;
 pub mod pki;
 pub mod server;

@@ -222,11 +222,12 @@ async fn metrics(State(render): State<Render>) -> Response {
     }
 }
 
-/// Binds `addr` (`host:port`) when given: the admin port of a configuration.
+/// Binds `addr` (`host:port`) when given, or takes the listener handed down for it: the admin
+/// port of a configuration.
 pub async fn bind(addr: Option<&str>) -> Result<Option<TcpListener>> {
     match addr {
         Some(a) => Ok(Some(
-            TcpListener::bind(a)
+            crate::listen::bind(a)
                 .await
                 .with_context(|| format!("binding the admin port {a}"))?,
         )),

@@ -14,74 +14,18 @@ use dsrelay_runtime::audit::{self, Entry};
 use dsrelay_runtime::store::{now_ms, Db};
 use serde_json::Value;
 
+use crate::harness::dsrctl::dsrctl;
 use crate::harness::{
-    binary, count, database_url, erasure, in_state, wait_until, Backend, Pair, PairOptions, Setup,
+    count, database_url, erasure, in_state, spawn_pair, wait_until, Backend, PairOptions, TestPair,
 };
 
-/// A finished dsrctl run.
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn expect(&self, code: i32) -> &Self {
-        assert_eq!(
-            self.code,
-            Some(code),
-            "exit status\n--- stdout ---\n{}--- stderr ---\n{}",
-            self.stdout,
-            self.stderr
-        );
-        self
-    }
-}
-
-/// Runs `dsrctl ARGS` against the pair's registry as the dev-PKI party `stem`.
-async fn dsrctl(setup: &Setup, stem: &str, args: &[&str]) -> Run {
-    let files = setup.pki.files(stem);
-    let mut cmd = tokio::process::Command::new(binary("dsrctl"));
-    cmd.current_dir(setup.dir.path()).kill_on_drop(true);
-    for name in [
-        "DSRCTL_ENDPOINT",
-        "DSRCTL_CA",
-        "DSRCTL_CERT",
-        "DSRCTL_KEY",
-        "DSRCTL_SERVER_IDENTITY",
-        "DSRCTL_CONFIG",
-    ] {
-        cmd.env_remove(name);
-    }
-    cmd.arg("--endpoint")
-        .arg(format!("https://localhost:{}", setup.registry_addr.port()))
-        .arg("--ca")
-        .arg(files.ca)
-        .arg("--cert")
-        .arg(files.cert)
-        .arg("--key")
-        .arg(files.key)
-        .arg("--server-identity")
-        .arg("spiffe://dsrelay.dev/registry/controller")
-        .args(args);
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .expect("dsrctl finished within a minute")
-        .expect("running dsrctl");
-    Run {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
 /// `dsrctl audit verify ARGS` as the operator, expecting `code`; returns stdout.
-async fn verify(setup: &Setup, args: &[&str], code: i32) -> String {
+async fn verify(setup: &TestPair, args: &[&str], code: i32) -> String {
     let mut all = vec!["audit", "verify"];
     all.extend_from_slice(args);
     dsrctl(setup, "operator", &all)
         .await
-        .expect(code)
+        .expect_code(code)
         .stdout
         .clone()
 }
@@ -122,8 +66,8 @@ async fn restore(db: &Db, entries: &[Entry]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dsrctl_audit_verify_names_the_first_tampered_entry() {
-    let pair = Pair::start(PairOptions::default()).await.expect("pair");
-    let mut client = pair.setup.client("partner-crm").await;
+    let mut pair = spawn_pair(PairOptions::default()).await.expect("pair");
+    let mut client = pair.client("partner-crm");
     for i in 0..3 {
         let id = client
             .submit(erasure(&format!("audit-{i}@example.fi")))
@@ -140,14 +84,9 @@ async fn dsrctl_audit_verify_names_the_first_tampered_entry() {
         .await;
     }
     // Nothing changes any more once the processor is gone (every request has finished).
-    let Pair {
-        setup,
-        registry,
-        processor,
-        ..
-    } = pair;
-    processor.stop().await;
-    let url = setup.registry.service.database_url.clone();
+    pair.processor.stop().await;
+    let setup = &pair;
+    let url = setup.registry.database_url().to_string();
     let events = count(&url, "SELECT COUNT(*) FROM events").await;
     assert_eq!(
         count(&url, "SELECT COUNT(*) FROM audit_log").await,
@@ -158,7 +97,7 @@ async fn dsrctl_audit_verify_names_the_first_tampered_entry() {
     assert!(n >= 9, "{n} entries");
 
     // Intact, in both formats, with the last hash as an anchor.
-    let text = verify(&setup, &[], 0).await;
+    let text = verify(setup, &[], 0).await;
     let db = Db::connect(&url).await.expect("connect");
     let original = RegistryStore::new(db.clone())
         .audit_entries(0, 10_000)
@@ -181,18 +120,18 @@ async fn dsrctl_audit_verify_names_the_first_tampered_entry() {
         format!("audit trail intact: {n} entries, last hash {last}\n")
     );
     let doc: Value =
-        serde_json::from_str(&verify(&setup, &["--output", "json"], 0).await).expect("json");
+        serde_json::from_str(&verify(setup, &["--output", "json"], 0).await).expect("json");
     assert_eq!(doc["intact"], true, "{doc:#}");
     assert_eq!(doc["entries"], n, "{doc:#}");
     assert_eq!(doc["last_seq"], n, "{doc:#}");
     assert_eq!(doc["last_hash"], last.as_str(), "{doc:#}");
     let anchor = format!("{n}:{last}");
-    verify(&setup, &["--anchor", &anchor], 0).await;
+    verify(setup, &["--anchor", &anchor], 0).await;
 
     // Operators only.
     for stem in ["partner-crm", "processor"] {
-        let run = dsrctl(&setup, stem, &["audit", "verify"]).await;
-        run.expect(2);
+        let run = dsrctl(setup, stem, &["audit", "verify"]).await;
+        run.expect_code(2);
         assert!(run.stderr.contains("PERMISSION_DENIED"), "{}", run.stderr);
     }
 
@@ -222,7 +161,7 @@ async fn dsrctl_audit_verify_names_the_first_tampered_entry() {
         "UPDATE audit_log SET detail = 'all done' WHERE seq = 3",
     )
     .await;
-    let out = verify(&setup, &[], 1).await;
+    let out = verify(setup, &[], 1).await;
     broken(&out, "modified");
     restore(&db, &original).await;
 
@@ -232,14 +171,14 @@ async fn dsrctl_audit_verify_names_the_first_tampered_entry() {
     edited.hash = edited.compute_hash();
     tamper(&db, "DELETE FROM audit_log WHERE seq = 3").await;
     insert(&db, &edited).await;
-    let out = verify(&setup, &[], 1).await;
+    let out = verify(setup, &[], 1).await;
     broken(&out, "modified");
     assert!(out.contains("entry 4 recorded"), "{out}");
     restore(&db, &original).await;
 
     // Removed.
     tamper(&db, "DELETE FROM audit_log WHERE seq = 3").await;
-    let out = verify(&setup, &[], 1).await;
+    let out = verify(setup, &[], 1).await;
     assert_eq!(
         out,
         "audit trail broken at entry 3: removed: entry 3 is missing\n"
@@ -251,11 +190,11 @@ async fn dsrctl_audit_verify_names_the_first_tampered_entry() {
          UPDATE audit_log SET seq = -seq WHERE seq < 0",
     )
     .await;
-    let out = verify(&setup, &[], 1).await;
+    let out = verify(setup, &[], 1).await;
     broken(&out, "removed");
     assert!(out.contains("renumbered"), "{out}");
     let doc: Value =
-        serde_json::from_str(&verify(&setup, &["--output", "json"], 1).await).expect("json");
+        serde_json::from_str(&verify(setup, &["--output", "json"], 1).await).expect("json");
     assert_eq!(doc["intact"], false, "{doc:#}");
     assert_eq!(doc["break"]["seq"], 3, "{doc:#}");
     assert_eq!(doc["break"]["kind"], "removed", "{doc:#}");
@@ -276,14 +215,14 @@ async fn dsrctl_audit_verify_names_the_first_tampered_entry() {
     };
     forged.hash = forged.compute_hash();
     insert(&db, &forged).await;
-    let out = verify(&setup, &[], 1).await;
+    let out = verify(setup, &[], 1).await;
     broken(&out, "inserted");
     restore(&db, &original).await;
 
     // The last entry removed: the chain alone cannot tell, the anchor can.
     tamper(&db, &format!("DELETE FROM audit_log WHERE seq = {n}")).await;
-    verify(&setup, &[], 0).await;
-    let out = verify(&setup, &["--anchor", &anchor], 1).await;
+    verify(setup, &[], 0).await;
+    let out = verify(setup, &["--anchor", &anchor], 1).await;
     assert!(
         out.starts_with(&format!("audit trail broken at entry {n}: removed: ")),
         "{out}"
@@ -291,11 +230,11 @@ async fn dsrctl_audit_verify_names_the_first_tampered_entry() {
     restore(&db, &original).await;
 
     assert_eq!(
-        verify(&setup, &[], 0).await,
+        verify(setup, &[], 0).await,
         format!("audit trail intact: {n} entries, last hash {last}\n")
     );
     db.pool.close().await;
-    registry.stop().await;
+    pair.stop().await;
 }
 
 fn new_request(i: usize) -> NewRequest {
@@ -326,58 +265,65 @@ async fn store(url: &str) -> RegistryStore {
 
 /// Two stores on one PostgreSQL database (as two registry replicas) appending at once keep
 /// one gapless chain; on SQLite, concurrent calls on one store do.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_appends_keep_one_valid_chain() {
-    for backend in [Backend::Sqlite, Backend::Postgres] {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let Some(url) = database_url(dir.path(), "registry", backend).await else {
-            continue;
-        };
-        let a = store(&url).await;
-        let b = match backend {
-            Backend::Sqlite => a.clone(),
-            Backend::Postgres => store(&url).await,
-        };
-        const REQUESTS: usize = 40;
-        let work = (0..REQUESTS).map(|i| {
-            let s = if i % 2 == 0 { a.clone() } else { b.clone() };
-            tokio::spawn(async move {
-                let r = new_request(i);
-                assert!(matches!(
-                    s.insert_request(&r).await.expect("insert"),
-                    Inserted::New
-                ));
-                assert!(matches!(
-                    s.cancel(&r.id, "duplicate", now_ms())
-                        .await
-                        .expect("cancel"),
-                    CancelOutcome::Cancelled
-                ));
-            })
-        });
-        for handle in futures::future::join_all(work).await {
-            handle.expect("worker");
-        }
-        let entries = a.audit_entries(0, 10_000).await.expect("entries");
-        let intact = audit::verify(&entries).unwrap_or_else(|b| panic!("{backend:?}: {b}"));
-        assert_eq!(intact.entries, 2 * REQUESTS as u64, "{backend:?}");
-        // Paging returns the same entries.
-        let mut paged = Vec::new();
-        let mut after = 0;
-        loop {
-            let page = b.audit_entries(after, 7).await.expect("page");
-            let Some(last) = page.last() else { break };
-            after = last.seq;
-            paged.extend(page);
-        }
-        assert_eq!(paged, entries, "{backend:?}");
-        for e in &entries {
-            let expected_actor = if e.detail.starts_with("accepted") {
-                "crm"
-            } else {
-                ""
-            };
-            assert_eq!(e.actor, expected_actor, "{backend:?}: {e:?}");
-        }
+async fn concurrent_appends_keep_one_valid_chain(backend: Backend) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(url) = database_url(dir.path(), "registry", backend).await else {
+        return;
+    };
+    let a = store(&url).await;
+    let b = match backend {
+        Backend::Sqlite => a.clone(),
+        Backend::Postgres => store(&url).await,
+    };
+    const REQUESTS: usize = 40;
+    let work = (0..REQUESTS).map(|i| {
+        let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tokio::spawn(async move {
+            let r = new_request(i);
+            assert!(matches!(
+                s.insert_request(&r).await.expect("insert"),
+                Inserted::New
+            ));
+            assert!(matches!(
+                s.cancel(&r.id, "duplicate", now_ms())
+                    .await
+                    .expect("cancel"),
+                CancelOutcome::Cancelled
+            ));
+        })
+    });
+    for handle in futures::future::join_all(work).await {
+        handle.expect("worker");
     }
+    let entries = a.audit_entries(0, 10_000).await.expect("entries");
+    let intact = audit::verify(&entries).unwrap_or_else(|b| panic!("{backend:?}: {b}"));
+    assert_eq!(intact.entries, 2 * REQUESTS as u64, "{backend:?}");
+    // Paging returns the same entries.
+    let mut paged = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = b.audit_entries(after, 7).await.expect("page");
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        paged.extend(page);
+    }
+    assert_eq!(paged, entries, "{backend:?}");
+    for e in &entries {
+        let expected_actor = if e.detail.starts_with("accepted") {
+            "crm"
+        } else {
+            ""
+        };
+        assert_eq!(e.actor, expected_actor, "{backend:?}: {e:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_keep_one_valid_chain_on_sqlite() {
+    concurrent_appends_keep_one_valid_chain(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_keep_one_valid_chain_on_postgres() {
+    concurrent_appends_keep_one_valid_chain(Backend::Postgres).await;
 }

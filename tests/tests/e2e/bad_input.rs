@@ -25,7 +25,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_types::StatusExt;
 
-use crate::harness::{email, erasure, Backend, Pair, PairOptions};
+use crate::harness::{email, erasure, spawn_pair, Backend, PairOptions, TestPair};
 
 /// The seed of the garbage generators; override with DSRELAY_FUZZ_SEED to explore.
 const DEFAULT_SEED: u64 = 0x000d_5e1a_7bad_1e55;
@@ -39,8 +39,8 @@ fn seed() -> u64 {
 
 /// A pair whose registry also routes to an absent processor, so that a request without a scope
 /// never finishes and can be cancelled or extended at leisure.
-async fn start(backend: Backend) -> Option<Pair> {
-    Pair::start(PairOptions {
+async fn start(backend: Backend) -> Option<TestPair> {
+    spawn_pair(PairOptions {
         backend,
         with_absent_processor: true,
         ..Default::default()
@@ -116,7 +116,7 @@ fn with(f: impl FnOnce(&mut SubmitRequest)) -> SubmitRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_names_the_field_and_rule_of_each_violation() {
     let pair = start(Backend::Sqlite).await.expect("sqlite pair");
-    let mut crm = pair.setup.client("partner-crm").await;
+    let mut crm = pair.client("partner-crm");
     let sha256 = digest(IdentityEncoding::Sha256, "maija@example.fi").expect("digest");
     #[allow(clippy::type_complexity)]
     let cases: Vec<(&str, SubmitRequest, Vec<(&str, &[&str])>)> = vec![
@@ -379,7 +379,7 @@ async fn submit_names_the_field_and_rule_of_each_violation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_reports_every_violation_in_one_status() {
     let pair = start(Backend::Sqlite).await.expect("sqlite pair");
-    let mut crm = pair.setup.client("partner-crm").await;
+    let mut crm = pair.client("partner-crm");
     let req = SubmitRequest {
         kind: 99,
         identities: vec![
@@ -414,8 +414,8 @@ async fn submit_reports_every_violation_in_one_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ids_paging_cancel_and_deadline_arguments_are_checked() {
     let pair = start(Backend::Sqlite).await.expect("sqlite pair");
-    let mut crm = pair.setup.client("partner-crm").await;
-    let mut operator = pair.setup.client("operator").await;
+    let mut crm = pair.client("partner-crm");
+    let mut operator = pair.client("operator");
     let unknown = "01900000-0000-7000-8000-00000000dead".to_string();
     let long = "x".repeat(65);
 
@@ -726,7 +726,7 @@ fn bounded_invalid<T: Debug>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_or_long_violations_still_answer_invalid_argument() {
     let pair = start(Backend::Sqlite).await.expect("sqlite pair");
-    let mut crm = pair.setup.client("partner-crm").await;
+    let mut crm = pair.client("partner-crm");
     let mut problems = Vec::new();
 
     // Within the documented limits (32 categories of at most 64 bytes), all unknown.
@@ -771,7 +771,7 @@ async fn many_or_long_violations_still_answer_invalid_argument() {
     ));
 
     // 500 acknowledgements, each breaking four rules.
-    let mut acks = AcknowledgementServiceClient::new(pair.setup.channel_to_registry("processor"));
+    let mut acks = AcknowledgementServiceClient::new(pair.channel_to_registry("processor"));
     problems.extend(bounded_invalid(
         "Acknowledge with 500 bad acknowledgements",
         acks.acknowledge(AcknowledgeRequest {
@@ -788,7 +788,7 @@ async fn many_or_long_violations_still_answer_invalid_argument() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledgements_are_checked() {
     let pair = start(Backend::Sqlite).await.expect("sqlite pair");
-    let mut acks = AcknowledgementServiceClient::new(pair.setup.channel_to_registry("processor"));
+    let mut acks = AcknowledgementServiceClient::new(pair.channel_to_registry("processor"));
     let good = Acknowledgement {
         request_id: "01900000-0000-7000-8000-000000000000".into(),
         subprocessor: "accounting".into(),
@@ -1087,7 +1087,7 @@ async fn health(channel: Channel, service: &str) -> i32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_submits_get_clean_answers_and_the_registry_stays_up() {
     let pair = start(Backend::Sqlite).await.expect("sqlite pair");
-    let channel = pair.setup.channel_to_registry("partner-crm");
+    let channel = pair.channel_to_registry("partner-crm");
     let mut crm = RequestServiceClient::new(channel.clone());
     let seed = seed();
     let mut rng = fastrand::Rng::with_seed(seed);
@@ -1229,7 +1229,7 @@ async fn raw_submit(channel: &Channel, payload: Vec<u8>) -> Result<Vec<u8>, Stat
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_garbage_bodies_are_refused_without_harm() {
     let pair = start(Backend::Sqlite).await.expect("sqlite pair");
-    let channel = pair.setup.channel_to_registry("partner-crm");
+    let channel = pair.channel_to_registry("partner-crm");
     let mut rng = fastrand::Rng::with_seed(seed());
 
     // Decodable bodies reach the handler and are answered like any other.
@@ -1313,8 +1313,8 @@ async fn control_characters_in_free_text(backend: Backend) {
     let Some(pair) = start(backend).await else {
         return;
     };
-    let mut crm = pair.setup.client("partner-crm").await;
-    let mut operator = pair.setup.client("operator").await;
+    let mut crm = pair.client("partner-crm");
+    let mut operator = pair.client("operator");
     let nasty = "nul\0 esc\u{1b} del\u{7f} bom\u{feff} rtl\u{202e} nl\n";
     // Collected, so that one run shows every call that fails.
     let mut problems = Vec::new();
@@ -1393,7 +1393,7 @@ async fn control_characters_in_free_text(backend: Backend) {
         .expect("submit")
         .into_inner()
         .request_id;
-    let mut acks = AcknowledgementServiceClient::new(pair.setup.channel_to_registry("processor"));
+    let mut acks = AcknowledgementServiceClient::new(pair.channel_to_registry("processor"));
     acceptable(
         "Acknowledge with control characters in reason and note",
         acks.acknowledge(AcknowledgeRequest {

@@ -17,8 +17,7 @@ use dsrelay_proto::v1::{
 use tonic::Code;
 
 use crate::harness::{
-    count, erasure, in_state, start_processor, start_registry, wait_until, Pair, PairOptions,
-    PROCESSOR,
+    count, erasure, in_state, spawn_pair, wait_until, Holder, PairOptions, NEWSLETTER, PROCESSOR,
 };
 
 /// A holder's port that accepts every connection and drops it at once, counting them: to
@@ -62,13 +61,17 @@ impl Drop for CountingHolder {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manual_tasks_wait_for_an_operator_who_confirms_with_evidence() {
-    let pair = Pair::start(PairOptions {
-        with_manual_archive: true,
+    let pair = spawn_pair(PairOptions {
+        holders: vec![
+            Holder::Accounting,
+            Holder::MailMarketing,
+            Holder::PaperArchive,
+        ],
         ..Default::default()
     })
     .await
     .expect("pair");
-    let mut crm = pair.setup.client("partner-crm").await;
+    let mut crm = pair.client("partner-crm");
     let mut req = erasure("maija.meikalainen@example.fi");
     req.scope = Some(Scope {
         data_categories: vec!["archive".into()],
@@ -85,14 +88,14 @@ async fn manual_tasks_wait_for_an_operator_who_confirms_with_evidence() {
 
     // Only the processor's operators may see and confirm manual tasks.
     let mut as_partner =
-        ProcessorOperatorServiceClient::new(pair.setup.channel_to_processor("partner-crm"));
+        ProcessorOperatorServiceClient::new(pair.channel_to_processor("partner-crm"));
     let err = as_partner
         .list_manual_tasks(ListManualTasksRequest::default())
         .await
         .expect_err("partner");
     assert_eq!(err.code(), Code::PermissionDenied);
 
-    let mut ops = ProcessorOperatorServiceClient::new(pair.setup.channel_to_processor("operator"));
+    let mut ops = ProcessorOperatorServiceClient::new(pair.channel_to_processor("operator"));
     let open = ops
         .list_manual_tasks(ListManualTasksRequest::default())
         .await
@@ -153,14 +156,18 @@ async fn manual_tasks_wait_for_an_operator_who_confirms_with_evidence() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unsupported_kind_is_refused_with_the_reason() {
-    // The newsletter's adapter is configured for erasure alone: a restriction is refused
-    // without calling it.
+    // The newsletter is configured for erasure alone: a restriction is refused without
+    // calling it.
     let holder = CountingHolder::start().await;
-    let (setup, _) =
-        crate::adapter::newsletter_setup(holder.addr, 0, Some(vec!["erasure".into()])).await;
-    let processor = start_processor(&setup).await;
-    let (registry, _) = start_registry(&setup).await;
-    let mut crm = setup.client("partner-crm").await;
+    let pair = spawn_pair(PairOptions {
+        holders: vec![Holder::Newsletter],
+        newsletter_endpoint: Some(holder.addr),
+        newsletter_kinds: Some(vec!["erasure".into()]),
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
+    let mut crm = pair.crm();
     let mut req = erasure("maija.meikalainen@example.fi");
     req.kind = RequestKind::Restriction as i32;
     req.scope = Some(Scope {
@@ -176,27 +183,30 @@ async fn an_unsupported_kind_is_refused_with_the_reason() {
     .await;
     assert_eq!(view.tasks.len(), 1, "{view:#?}");
     let t = &view.tasks[0];
-    assert_eq!(t.subprocessor, crate::adapter::NEWSLETTER);
+    assert_eq!(t.subprocessor, NEWSLETTER);
     assert_eq!(t.state, TaskState::Refused as i32, "{t:?}");
     assert_eq!(
         t.reason,
         "subprocessor newsletter (adapter connector) does not support RESTRICTION"
     );
     assert_eq!(holder.connections(), 0, "the holder was called");
-    registry.stop().await;
-    processor.stop().await;
+    pair.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_whole_chain_is_visible_to_the_controller() {
-    let pair = Pair::start(PairOptions {
-        with_manual_archive: true,
+    let pair = spawn_pair(PairOptions {
+        holders: vec![
+            Holder::Accounting,
+            Holder::MailMarketing,
+            Holder::PaperArchive,
+        ],
         with_absent_processor: true,
         ..Default::default()
     })
     .await
     .expect("pair");
-    let mut ops = pair.setup.client("operator").await;
+    let mut ops = pair.client("operator");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let chain = loop {
         let chain = ops
@@ -254,31 +264,23 @@ async fn the_whole_chain_is_visible_to_the_controller() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_that_is_down_does_not_hold_up_the_others() {
-    // The newsletter's adapter is down (its port drops every connection, counting them);
+    // The newsletter's holder is down (its port drops every connection, counting them);
     // the mail system answers at once.
     let holder = CountingHolder::start().await;
-    let (mut setup, _) = crate::adapter::newsletter_setup(holder.addr, 0, None).await;
-    let plain = crate::harness::Setup::new(&PairOptions::default())
-        .await
-        .expect("setup");
-    let mut mail = plain
-        .processor
-        .subprocessors
-        .iter()
-        .find(|s| s.name == "mail-marketing")
-        .expect("mail")
-        .clone();
-    mail.categories = vec!["marketing".into()];
-    setup.processor.subprocessors.push(mail);
-    // A backoff longer than the test: the holder stays marked down throughout, so any call
-    // after the first failure is one the mark should have stopped.
-    setup.processor.tasks.backoff = Backoff {
-        initial_ms: 30_000,
-        max_ms: 30_000,
-    };
-    let (processor, _) = crate::harness::start_processor_with_state(&setup).await;
-    let (registry, _) = crate::harness::start_registry(&setup).await;
-    let mut crm = setup.client("partner-crm").await;
+    let pair = spawn_pair(PairOptions {
+        holders: vec![Holder::Newsletter, Holder::MailMarketing],
+        newsletter_endpoint: Some(holder.addr),
+        // A backoff longer than the test: the holder stays marked down throughout, so any
+        // call after the first failure is one the mark should have stopped.
+        task_backoff: Some(Backoff {
+            initial_ms: 30_000,
+            max_ms: 30_000,
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
+    let mut crm = pair.crm();
     let submit = |i: usize| {
         let mut req = erasure(&format!("someone{i}@example.fi"));
         req.scope = Some(Scope {
@@ -290,10 +292,10 @@ async fn a_holder_that_is_down_does_not_hold_up_the_others() {
     // The first task finds the holder down, which marks it.
     let first = crm.submit(submit(0)).await.expect("submit");
     let mut ids = vec![first.into_inner().request_id];
-    let db = &setup.processor.service.database_url;
+    let db = pair.processor.database_url();
     let failed = format!(
         "SELECT COUNT(*) FROM tasks WHERE subprocessor = '{}' AND last_error IS NOT NULL",
-        crate::adapter::NEWSLETTER
+        NEWSLETTER
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while count(db, &failed).await == 0 {
@@ -326,7 +328,7 @@ async fn a_holder_that_is_down_does_not_hold_up_the_others() {
         let newsletter = view
             .tasks
             .iter()
-            .find(|t| t.subprocessor == crate::adapter::NEWSLETTER)
+            .find(|t| t.subprocessor == NEWSLETTER)
             .expect("newsletter task");
         // Still waiting for its holder, not failed: it is retried until the due date.
         assert_eq!(
@@ -339,7 +341,7 @@ async fn a_holder_that_is_down_does_not_hold_up_the_others() {
     let waiting = format!(
         "SELECT COUNT(*) FROM tasks WHERE subprocessor = '{}' \
          AND last_error = 'subprocessor {0} is unreachable; waiting'",
-        crate::adapter::NEWSLETTER
+        NEWSLETTER
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while count(db, &waiting).await < 6 {
@@ -355,15 +357,14 @@ async fn a_holder_that_is_down_does_not_hold_up_the_others() {
         calls_before,
         "tasks called a holder marked down"
     );
-    registry.stop().await;
-    processor.stop().await;
+    pair.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_failure_is_visible_to_operators_on_both_sides() {
     use dsrelay_proto::v1::{IdentityEncoding, IdentityType, SubjectIdentity};
-    let pair = Pair::start(PairOptions::default()).await.expect("pair");
-    let mut crm = pair.setup.client("partner-crm").await;
+    let pair = spawn_pair(PairOptions::default()).await.expect("pair");
+    let mut crm = pair.client("partner-crm");
     // SQL cannot match a hashed identity: a permanent error, not something to retry.
     let mut req = erasure("unused@example.fi");
     req.identities = vec![SubjectIdentity {
@@ -387,7 +388,7 @@ async fn a_permanent_failure_is_visible_to_operators_on_both_sides() {
     assert_eq!(t.state, TaskState::Failed as i32);
     assert!(t.reason.contains("raw identity"), "{t:#?}");
 
-    let mut ops = ProcessorOperatorServiceClient::new(pair.setup.channel_to_processor("operator"));
+    let mut ops = ProcessorOperatorServiceClient::new(pair.channel_to_processor("operator"));
     let failed = ops
         .list_manual_tasks(ListManualTasksRequest {
             states: vec![TaskState::Failed as i32, TaskState::Refused as i32],

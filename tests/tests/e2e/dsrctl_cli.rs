@@ -5,8 +5,7 @@
 //! dsrctl's own crate tests only what needs no registry (`pki init`, usage errors).
 
 use std::ffi::OsString;
-use std::path::Path;
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use dsrelay_proto::v1::{GetRequest, RequestState, TaskState};
@@ -16,119 +15,14 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tonic::Code;
 
-use crate::harness::{binary, count, wait_until, Pair, PairOptions, Setup, PROCESSOR};
+use crate::harness::dsrctl::{
+    as_party, command, dsrctl, endpoint, output, tls_flags, REGISTRY_IDENTITY,
+};
+use crate::harness::{count, spawn_pair, wait_until, Holder, PairOptions, TestPair, PROCESSOR};
 
 const MAIJA: &str = "teemu.testaaja@example.fi";
-const REGISTRY_IDENTITY: &str = "spiffe://dsrelay.dev/registry/controller";
 /// Nothing listens on port 1: connections are refused at once.
 const UNREACHABLE: &str = "https://127.0.0.1:1";
-
-/// Every variable dsrctl reads; removed so the caller's environment cannot leak in.
-const ENV_NAMES: [&str; 6] = [
-    "DSRCTL_ENDPOINT",
-    "DSRCTL_CA",
-    "DSRCTL_CERT",
-    "DSRCTL_KEY",
-    "DSRCTL_SERVER_IDENTITY",
-    "DSRCTL_CONFIG",
-];
-
-/// A finished dsrctl run.
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl From<Output> for Run {
-    fn from(out: Output) -> Self {
-        Self {
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
-    }
-}
-
-impl Run {
-    /// Asserts the exit status, showing both streams when it differs.
-    fn expect_code(&self, code: i32) -> &Self {
-        assert_eq!(
-            self.code,
-            Some(code),
-            "exit status\n--- stdout ---\n{}--- stderr ---\n{}",
-            self.stdout,
-            self.stderr
-        );
-        self
-    }
-
-    /// Stdout of a successful run.
-    fn ok(&self) -> &str {
-        self.expect_code(0);
-        &self.stdout
-    }
-
-    /// Stdout of a successful run, parsed as one JSON document.
-    fn json(&self) -> Value {
-        serde_json::from_str(self.ok())
-            .unwrap_or_else(|e| panic!("{e}: not JSON:\n{}", self.stdout))
-    }
-}
-
-/// dsrctl in `cwd`, with no `DSRCTL_*` variables set.
-fn command(cwd: &Path) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(binary("dsrctl"));
-    cmd.current_dir(cwd).kill_on_drop(true);
-    for name in ENV_NAMES {
-        cmd.env_remove(name);
-    }
-    cmd
-}
-
-async fn output(mut cmd: tokio::process::Command) -> Run {
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .expect("dsrctl finished within a minute")
-        .expect("running dsrctl");
-    out.into()
-}
-
-/// The registry's endpoint.
-fn endpoint(setup: &Setup) -> String {
-    format!("https://localhost:{}", setup.registry_addr.port())
-}
-
-/// `--ca --cert --key` of the dev-PKI party `stem`, and the registry's identity.
-fn tls_flags(setup: &Setup, stem: &str) -> Vec<OsString> {
-    let files = setup.pki.files(stem);
-    vec![
-        "--ca".into(),
-        files.ca.into(),
-        "--cert".into(),
-        files.cert.into(),
-        "--key".into(),
-        files.key.into(),
-        "--server-identity".into(),
-        REGISTRY_IDENTITY.into(),
-    ]
-}
-
-/// dsrctl with every connection flag pointing at the pair's registry, as `stem`.
-fn as_party(setup: &Setup, stem: &str) -> tokio::process::Command {
-    let mut cmd = command(setup.dir.path());
-    cmd.arg("--endpoint")
-        .arg(endpoint(setup))
-        .args(tls_flags(setup, stem));
-    cmd
-}
-
-/// Runs `dsrctl ARGS` against the pair's registry as the dev-PKI party `stem`.
-async fn dsrctl(setup: &Setup, stem: &str, args: &[&str]) -> Run {
-    let mut cmd = as_party(setup, stem);
-    cmd.args(args);
-    output(cmd).await
-}
 
 /// The value of the `label  value` row of a headless table.
 fn field<'a>(table: &'a str, label: &str) -> Option<&'a str> {
@@ -188,11 +82,11 @@ fn rfc3339_ms_parses_what_dsrctl_prints() {
 
 /// The registry's own view of a request, as the party `stem` sees it.
 async fn registry_view(
-    setup: &Setup,
+    setup: &TestPair,
     stem: &str,
     id: &str,
 ) -> Result<dsrelay_proto::v1::Request, tonic::Status> {
-    let mut client = setup.client(stem).await;
+    let mut client = setup.client(stem);
     client
         .get(GetRequest {
             request_id: id.into(),
@@ -203,8 +97,8 @@ async fn registry_view(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_watch_and_get_an_erasure_that_erases() {
-    let pair = Pair::start(PairOptions::default()).await.expect("pair");
-    let s = &pair.setup;
+    let pair = spawn_pair(PairOptions::default()).await.expect("pair");
+    let s = &pair;
 
     let before = now_ms();
     let doc = dsrctl(
@@ -355,8 +249,8 @@ async fn submit_watch_and_get_an_erasure_that_erases() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_flags_reach_the_registry_and_keys_deduplicate() {
-    let pair = Pair::start(PairOptions::default()).await.expect("pair");
-    let s = &pair.setup;
+    let pair = spawn_pair(PairOptions::default()).await.expect("pair");
+    let s = &pair;
     let args = [
         "submit",
         "--kind",
@@ -463,8 +357,8 @@ async fn submit_flags_reach_the_registry_and_keys_deduplicate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_filters_and_pages() {
-    let pair = Pair::start(PairOptions::default()).await.expect("pair");
-    let s = &pair.setup;
+    let pair = spawn_pair(PairOptions::default()).await.expect("pair");
+    let s = &pair;
     let mut ids = Vec::new();
     for i in 0..5 {
         let kind = if i % 2 == 1 { "objection" } else { "erasure" };
@@ -596,7 +490,7 @@ async fn list_filters_and_pages() {
     // Every request completes (nobody in the sample has these addresses: NOT_FOUND
     // at accounting, the objections suppressed at the mail system); the state filter then
     // finds them all under COMPLETED and none under FAILED.
-    let mut crm = s.client("partner-crm").await;
+    let mut crm = s.client("partner-crm");
     for id in &newest_first {
         wait_until(&mut crm, id, Duration::from_secs(20), |r| {
             r.state == RequestState::Completed as i32
@@ -649,13 +543,13 @@ async fn list_filters_and_pages() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_ends_a_watch_and_only_operators_extend() {
     // The mail system takes 5 s, so requests stay open long enough to cancel and extend.
-    let pair = Pair::start(PairOptions {
+    let pair = spawn_pair(PairOptions {
         mail_delay_ms: 5000,
         ..Default::default()
     })
     .await
     .expect("pair");
-    let s = &pair.setup;
+    let s = &pair;
     let submit = |mail: &'static str| async move {
         let doc = dsrctl(
             s,
@@ -814,8 +708,8 @@ async fn cancel_ends_a_watch_and_only_operators_extend() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_answers_exit_2() {
-    let pair = Pair::start(PairOptions::default()).await.expect("pair");
-    let s = &pair.setup;
+    let pair = spawn_pair(PairOptions::default()).await.expect("pair");
+    let s = &pair;
 
     for args in [
         &["get", "no-such-request"][..],
@@ -914,11 +808,7 @@ async fn error_answers_exit_2() {
 
     // Nothing of that was stored.
     assert_eq!(
-        count(
-            &s.registry.service.database_url,
-            "SELECT COUNT(*) FROM requests"
-        )
-        .await,
+        count(s.registry.database_url(), "SELECT COUNT(*) FROM requests").await,
         1
     );
     pair.stop().await;
@@ -926,10 +816,10 @@ async fn error_answers_exit_2() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_problems_exit_1() {
-    let pair = Pair::start(PairOptions::default()).await.expect("pair");
-    let s = &pair.setup;
+    let pair = spawn_pair(PairOptions::default()).await.expect("pair");
+    let s = &pair;
     let run_with = |endpoint: String, identity: &'static str| async move {
-        let mut cmd = command(s.dir.path());
+        let mut cmd = command(s.dir());
         let mut flags = tls_flags(s, "partner-crm");
         flags.truncate(6);
         cmd.args([
@@ -967,7 +857,7 @@ async fn connection_problems_exit_1() {
     );
 
     // The processor's endpoint: a certificate of the same CA, but not the registry's.
-    let processor = format!("https://localhost:{}", s.processor_addr.port());
+    let processor = format!("https://localhost:{}", s.processor.addr().port());
     let run = run_with(processor, REGISTRY_IDENTITY).await;
     run.expect_code(1);
     assert!(run.stderr.contains(REGISTRY_IDENTITY), "{}", run.stderr);
@@ -980,12 +870,12 @@ async fn connection_problems_exit_1() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_from_config_file_environment_and_dev_pki() {
-    let pair = Pair::start(PairOptions::default()).await.expect("pair");
-    let s = &pair.setup;
+    let pair = spawn_pair(PairOptions::default()).await.expect("pair");
+    let s = &pair;
     let elsewhere = tempfile::tempdir().expect("tempdir");
 
     // A config file as the webform partner; its paths are relative to its own folder.
-    let conf_dir = s.dir.path().join("conf");
+    let conf_dir = s.dir().join("conf");
     std::fs::create_dir_all(&conf_dir).expect("conf dir");
     let write_conf = |name: &str, endpoint: &str| {
         let path = conf_dir.join(name);
@@ -1027,7 +917,7 @@ async fn settings_from_config_file_environment_and_dev_pki() {
     assert!(field(run.ok(), "state").is_some(), "{}", run.stdout);
 
     // Every setting from DSRCTL_* variables, as crm.
-    let crm = s.pki.files("partner-crm");
+    let crm = s.pki().files("partner-crm");
     let env = [
         ("DSRCTL_ENDPOINT", OsString::from(endpoint(s))),
         ("DSRCTL_CA", crm.ca.into()),
@@ -1082,7 +972,7 @@ async fn settings_from_config_file_environment_and_dev_pki() {
     let dev = elsewhere.path().join(".dsrelay/pki");
     std::fs::create_dir_all(&dev).expect("dev pki dir");
     for file in ["ca.pem", "operator.pem", "operator.key"] {
-        std::fs::copy(s.pki.dir.join(file), dev.join(file)).expect("copying the dev pki");
+        std::fs::copy(s.pki().dir.join(file), dev.join(file)).expect("copying the dev pki");
     }
     let mut cmd = command(elsewhere.path());
     cmd.env("DSRCTL_ENDPOINT", endpoint(s))
@@ -1103,13 +993,17 @@ async fn settings_from_config_file_environment_and_dev_pki() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chain_and_manual_tasks_from_the_command_line() {
-    let pair = Pair::start(PairOptions {
-        with_manual_archive: true,
+    let pair = spawn_pair(PairOptions {
+        holders: vec![
+            Holder::Accounting,
+            Holder::MailMarketing,
+            Holder::PaperArchive,
+        ],
         ..Default::default()
     })
     .await
     .expect("pair");
-    let setup = &pair.setup;
+    let setup = &pair;
 
     // The chain: the processor and its three subprocessors with countries and mechanisms.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -1154,7 +1048,7 @@ async fn chain_and_manual_tasks_from_the_command_line() {
     .await
     .json();
     let id = submitted["request_id"].as_str().expect("id").to_string();
-    let processor = format!("https://localhost:{}", setup.processor_addr.port());
+    let processor = format!("https://localhost:{}", setup.processor.addr().port());
     let tasks_flags = |cmd: &str| -> Vec<String> {
         vec![
             "tasks".into(),
@@ -1215,13 +1109,13 @@ async fn chain_and_manual_tasks_from_the_command_line() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_draws_the_propagation_from_stored_events() {
-    let pair = Pair::start(PairOptions {
+    let pair = spawn_pair(PairOptions {
         with_absent_processor: true,
         ..Default::default()
     })
     .await
     .expect("pair");
-    let setup = &pair.setup;
+    let setup = &pair;
     let submitted = dsrctl(
         setup,
         "partner-crm",
@@ -1232,7 +1126,7 @@ async fn trace_draws_the_propagation_from_stored_events() {
     .await
     .json();
     let id = submitted["request_id"].as_str().expect("id").to_string();
-    let mut crm = setup.client("partner-crm").await;
+    let mut crm = setup.client("partner-crm");
     wait_until(&mut crm, &id, Duration::from_secs(20), |v| {
         v.deliveries
             .iter()

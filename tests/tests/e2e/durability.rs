@@ -6,8 +6,7 @@ use std::time::Duration;
 use dsrelay_proto::v1::{RequestState, Scope, TaskState};
 
 use crate::harness::{
-    count, erasure, in_state, wait_processor, wait_registry, wait_until, Backend, PairOptions,
-    Setup,
+    count, erasure, in_state, spawn_pair, wait_until, Backend, Mode, PairOptions, Role,
 };
 
 const LONG: Duration = Duration::from_secs(60);
@@ -20,17 +19,18 @@ fn task_state(r: &dsrelay_proto::v1::Request, sub: &str) -> Option<TaskState> {
 }
 
 async fn crash_before_delivery(backend: Backend) {
-    let Some(setup) = Setup::new(&PairOptions {
+    // Only the registry runs: the processor is down when the request is submitted.
+    let Some(mut pair) = spawn_pair(PairOptions {
         backend,
+        mode: Mode::Processes,
+        down: vec![Role::Processor],
         ..Default::default()
     })
     .await
     else {
         return;
     };
-    // Only the registry runs: the processor is down when the request is submitted.
-    let mut registry = setup.spawn_registry().await;
-    let mut crm = setup.client("partner-crm").await;
+    let mut crm = pair.crm();
     let r = crm
         .submit(erasure("teemu.testaaja@example.fi"))
         .await
@@ -44,14 +44,12 @@ async fn crash_before_delivery(backend: Backend) {
     .await;
 
     // The registry crashes with the delivery still pending, and comes back.
-    registry.kill().await;
-    registry.restart().await;
-    wait_registry(&setup, &registry).await;
+    pair.registry.restart().await;
     let view = wait_until(&mut crm, &r.request_id, LONG, |_| true).await;
     assert_eq!(view.state, RequestState::Received as i32, "{view:#?}");
 
     // The processor returns and gets the request.
-    let processor = setup.spawn_processor().await;
+    pair.processor.start().await;
     let view = wait_until(
         &mut crm,
         &r.request_id,
@@ -69,12 +67,10 @@ async fn crash_before_delivery(backend: Backend) {
         Some(4)
     );
     assert_eq!(
-        count(&setup.accounting_url, "SELECT COUNT(*) FROM customers").await,
+        count(&pair.accounting_url, "SELECT COUNT(*) FROM customers").await,
         5,
         "exactly the subject's customer row is gone"
     );
-    drop(processor);
-    drop(registry);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,8 +84,9 @@ async fn processor_down_and_registry_crash_before_delivery_lose_nothing_postgres
 }
 
 async fn registry_down_while_acknowledging(backend: Backend) {
-    let Some(setup) = Setup::new(&PairOptions {
+    let Some(mut pair) = spawn_pair(PairOptions {
         backend,
+        mode: Mode::Processes,
         mail_delay_ms: 3000,
         ..Default::default()
     })
@@ -97,9 +94,7 @@ async fn registry_down_while_acknowledging(backend: Backend) {
     else {
         return;
     };
-    let mut registry = setup.spawn_registry().await;
-    let processor = setup.spawn_processor().await;
-    let mut crm = setup.client("partner-crm").await;
+    let mut crm = pair.crm();
     let r = crm
         .submit(erasure("teemu.testaaja@example.fi"))
         .await
@@ -110,11 +105,11 @@ async fn registry_down_while_acknowledging(backend: Backend) {
         task_state(v, "mail-marketing") == Some(TaskState::InProgress)
     })
     .await;
-    registry.kill().await;
+    pair.registry.kill().await;
 
     // Meanwhile the processor finishes and cannot reach the registry: its outbox holds the
     // acknowledgements and keeps retrying.
-    let processor_db = setup.processor.service.database_url.clone();
+    let processor_db = pair.processor.database_url().to_string();
     let deadline = tokio::time::Instant::now() + LONG;
     loop {
         let stuck = count(
@@ -128,13 +123,12 @@ async fn registry_down_while_acknowledging(backend: Backend) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "acknowledgements were never retried\n{}",
-            processor.log()
+            pair.processor.log()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    registry.restart().await;
-    wait_registry(&setup, &registry).await;
+    pair.registry.start().await;
     let view = wait_until(
         &mut crm,
         &r.request_id,
@@ -146,7 +140,7 @@ async fn registry_down_while_acknowledging(backend: Backend) {
         // PENDING (1) → IN_PROGRESS (2) → COMPLETED (3), each applied once.
         assert_eq!(t.sequence, 3, "{t:#?}");
     }
-    let registry_db = &setup.registry.service.database_url;
+    let registry_db = pair.registry.database_url();
     let acks = count(registry_db, "SELECT COUNT(*) FROM acknowledgements").await;
     assert_eq!(acks, 4, "two tasks, two acknowledgements each, none twice");
     let updates = count(registry_db, "SELECT COUNT(*) FROM events WHERE type = 4").await;
@@ -166,7 +160,6 @@ async fn registry_down_while_acknowledging(backend: Backend) {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    drop(processor);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,15 +174,14 @@ async fn registry_down_while_acknowledging_gets_every_ack_once_postgres() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processor_killed_mid_task_resumes_it() {
-    let setup = Setup::new(&PairOptions {
+    let mut pair = spawn_pair(PairOptions {
+        mode: Mode::Processes,
         mail_delay_ms: 3000,
         ..Default::default()
     })
     .await
-    .expect("sqlite setup");
-    let registry = setup.spawn_registry().await;
-    let mut processor = setup.spawn_processor().await;
-    let mut crm = setup.client("partner-crm").await;
+    .expect("sqlite pair");
+    let mut crm = pair.crm();
     let mut req = erasure("teemu.testaaja@example.fi");
     req.scope = Some(Scope {
         data_categories: vec!["marketing".into()],
@@ -199,9 +191,7 @@ async fn processor_killed_mid_task_resumes_it() {
         task_state(v, "mail-marketing") == Some(TaskState::InProgress)
     })
     .await;
-    processor.kill().await;
-    processor.restart().await;
-    wait_processor(&setup, &processor).await;
+    pair.processor.restart().await;
     let view = wait_until(
         &mut crm,
         &r.request_id,
@@ -212,18 +202,17 @@ async fn processor_killed_mid_task_resumes_it() {
     assert_eq!(view.tasks.len(), 1);
     assert_eq!(view.tasks[0].sequence, 3, "{view:#?}");
     let attempts = count(
-        &setup.processor.service.database_url,
+        pair.processor.database_url(),
         "SELECT attempts FROM tasks WHERE subprocessor = 'mail-marketing'",
     )
     .await;
     assert_eq!(attempts, 2, "the interrupted run and the resumed one");
     assert_eq!(
         count(
-            &setup.registry.service.database_url,
+            pair.registry.database_url(),
             "SELECT COUNT(*) FROM acknowledgements"
         )
         .await,
         2
     );
-    drop(registry);
 }

@@ -6,10 +6,12 @@ use std::time::Duration;
 use dsrelay_proto::v1::{EventType, RequestState, Scope, TaskState, WatchRequest};
 use tokio_stream::StreamExt;
 
-use crate::harness::{count, erasure, in_state, wait_until, Backend, Pair, PairOptions, PROCESSOR};
+use crate::harness::{
+    count, erasure, in_state, spawn_pair, wait_until, Backend, PairOptions, PROCESSOR,
+};
 
 async fn erasure_reaches_every_holder(backend: Backend) {
-    let Some(pair) = Pair::start(PairOptions {
+    let Some(pair) = spawn_pair(PairOptions {
         backend,
         ..Default::default()
     })
@@ -17,7 +19,7 @@ async fn erasure_reaches_every_holder(backend: Backend) {
     else {
         return;
     };
-    let mut crm = pair.setup.client("partner-crm").await;
+    let mut crm = pair.client("partner-crm");
     let submitted = crm
         .submit(erasure("teemu.testaaja@example.fi"))
         .await
@@ -82,7 +84,7 @@ async fn erasure_reaches_every_holder(backend: Backend) {
     // PENDING (1) → IN_PROGRESS (2) → COMPLETED (3).
     assert_eq!(accounting.sequence, 3);
 
-    let url = &pair.setup.accounting_url;
+    let url = &pair.accounting_url;
     assert_eq!(
         count(
             url,
@@ -114,13 +116,13 @@ async fn erasure_reaches_every_holder_on_postgres() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scope_routes_to_the_holders_of_its_categories_only() {
-    let pair = Pair::start(PairOptions {
+    let pair = spawn_pair(PairOptions {
         with_absent_processor: true,
         ..Default::default()
     })
     .await
     .expect("sqlite pair");
-    let mut crm = pair.setup.client("partner-crm").await;
+    let mut crm = pair.client("partner-crm");
 
     // Only marketing: one processor, and there only the mail system.
     let mut req = erasure("someone@example.fi");

@@ -1,30 +1,35 @@
-//! Starts real service pairs for tests: in-process on 127.0.0.1 ports, or as real processes
-//! that can be SIGKILLed and restarted; real mTLS from a CA generated per test; real SQLite
-//! files or a fresh PostgreSQL database per test.
+//! The one way the end-to-end tests start services: [`spawn_pair`].
+//!
+//! It binds every socket first (so the registry's configuration can name the processor's
+//! address, and the processor's the registry's, before either starts), writes each
+//! service's configuration (built in [`configs`], the one place that knows the config
+//! structs), and starts the registry, the processor and, when a holder needs it, the example
+//! adapter: in this process, or as real processes that inherit their listening socket
+//! (`LISTEN_FDS`, fd 3; the admin port on fd 4), so a restart after SIGKILL serves the same
+//! socket and nothing races it to the port. A service that is down keeps its port bound but
+//! not listening, so callers are refused at once, as by a machine whose service is down.
+//!
+//! Each pair has its own temporary folder, a PKI whose CA is generated for the test, and its
+//! own databases (SQLite files in the folder, or fresh PostgreSQL databases). [`TestPair`]
+//! hands out ready clients for every role and, for in-process services, their clocks.
 
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use dsrelay_connectors::manual::ManualConfig;
-use dsrelay_connectors::sql::{create_sample_accounting_db, sample_config};
-use dsrelay_processor::config::{
-    AckConfig, ConnectorConfig, ControllerConfig, NoopConfig, SubprocessorConfig, TaskConfig,
-    TransferMechanismConfig,
-};
+use command_fds::{CommandFdExt, FdMapping};
+use dsrelay_proto::v1::processor_operator_service_client::ProcessorOperatorServiceClient;
 use dsrelay_proto::v1::request_service_client::RequestServiceClient;
 use dsrelay_proto::v1::{
     GetRequest, IdentityEncoding, IdentityType, Request, RequestKind, RequestState,
     SubjectIdentity, SubmitRequest,
 };
-use dsrelay_registry::config::{
-    DeliveryConfig, IdentityRole, ProcessorConfig, ReconcileConfig, Role,
-};
 use dsrelay_runtime::backoff::Backoff;
+use dsrelay_runtime::clock::Clock;
 use dsrelay_runtime::pki::{dev_identity, DevPki};
-use dsrelay_runtime::settings::ServiceSettings;
 use tempfile::TempDir;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
@@ -33,6 +38,115 @@ use tonic::transport::Channel;
 pub enum Backend {
     Sqlite,
     Postgres,
+}
+
+/// Where the services run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// As tasks of the test: fast, and their clocks can be moved.
+    InProcess,
+    /// As the real binaries: they can be SIGKILLed and restarted, their logs and environment
+    /// are their own; their clocks cannot be moved from here.
+    Processes,
+}
+
+/// A service of the pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Registry,
+    Processor,
+    /// The example newsletter adapter, present when [`Holder::Newsletter`] is.
+    Adapter,
+}
+
+impl Role {
+    /// The name the service goes by in file names and `OTEL_SERVICE_NAME`.
+    fn name(self) -> &'static str {
+        match self {
+            Role::Registry => "registry",
+            Role::Processor => "processor",
+            Role::Adapter => "adapter",
+        }
+    }
+}
+
+/// A subprocessor of the processor (a holder of the subject's data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holder {
+    /// `accounting`: the sample accounting database through the SQL connector (categories
+    /// `contact`, `invoicing`).
+    Accounting,
+    /// `mail-marketing`: a no-op connector taking `mail_delay_ms` (category `marketing`).
+    MailMarketing,
+    /// `paper-archive`: a manual connector waiting for an operator (category `archive`).
+    PaperArchive,
+    /// `newsletter`: the example adapter through the adapter connector (categories
+    /// `marketing`, `contact`).
+    Newsletter,
+}
+
+/// The name under which the registry knows the processor.
+pub const PROCESSOR: &str = "payroll-bureau";
+/// The newsletter holder's subprocessor name.
+pub const NEWSLETTER: &str = "newsletter";
+
+/// What a pair is made of. The default: SQLite, in-process, accounting and mail-marketing,
+/// everything started.
+#[derive(Debug, Clone)]
+pub struct PairOptions {
+    /// Store backend of the services (the sample accounting DB stays SQLite).
+    pub backend: Backend,
+    pub mode: Mode,
+    /// The processor's subprocessors, in this order.
+    pub holders: Vec<Holder>,
+    /// Delay of the mail-marketing no-op subprocessor (ms).
+    pub mail_delay_ms: u64,
+    /// How long the newsletter adapter takes to confirm an accepted erasure (ms; 0: at once).
+    pub newsletter_confirm_delay_ms: u64,
+    /// The kinds the processor believes the newsletter supports (`None`: ask the adapter).
+    pub newsletter_kinds: Option<Vec<String>>,
+    /// Where the newsletter holder answers when the test plays it itself (no example adapter
+    /// is started then).
+    pub newsletter_endpoint: Option<SocketAddr>,
+    /// The processor's task retry spacing (default: fast, 100 ms to 1 s).
+    pub task_backoff: Option<Backoff>,
+    /// Register a second processor, `web-agency` (category `web-analytics`), which is never up.
+    pub with_absent_processor: bool,
+    /// Point the processor's acknowledgements at a port nothing listens on, so the registry
+    /// learns of progress only by reconciling.
+    pub acks_to_nowhere: bool,
+    /// Give the registry and the processor an admin port.
+    pub admin: bool,
+    /// Services left down at the start; [`Service::start`] brings each up on its address.
+    pub down: Vec<Role>,
+    /// JSON log lines (processes).
+    pub log_json: bool,
+    /// `RUST_LOG` of the processes (default `info`).
+    pub rust_log: Option<String>,
+    /// An OTLP endpoint the processes export traces to, each under its role's name.
+    pub otel_endpoint: Option<String>,
+}
+
+impl Default for PairOptions {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Sqlite,
+            mode: Mode::InProcess,
+            holders: vec![Holder::Accounting, Holder::MailMarketing],
+            mail_delay_ms: 0,
+            newsletter_confirm_delay_ms: 0,
+            newsletter_kinds: None,
+            newsletter_endpoint: None,
+            task_backoff: None,
+            with_absent_processor: false,
+            acks_to_nowhere: false,
+            admin: false,
+            down: Vec::new(),
+            log_json: false,
+            rust_log: None,
+            otel_endpoint: None,
+        }
+    }
 }
 
 /// The PostgreSQL server URL for tests, or `None` (test skipped) outside CI.
@@ -47,7 +161,12 @@ pub fn postgres_server() -> Option<String> {
                      (scripts/test.sh starts a throwaway server and sets it)"
                 );
             }
-            eprintln!("skipped on PostgreSQL: DSRELAY_TEST_POSTGRES_URL is not set");
+            // .config/nextest.toml shows the output of passing PostgreSQL tests, so this
+            // line is what tells a reader the test checked nothing.
+            eprintln!(
+                "SKIPPED on PostgreSQL: DSRELAY_TEST_POSTGRES_URL is not set \
+                 (scripts/test.sh sets it; in CI this is a failure)"
+            );
             None
         }
     }
@@ -80,87 +199,87 @@ pub async fn database_url(dir: &Path, name: &str, backend: Backend) -> Option<St
     }
 }
 
-/// Options for a pair.
-#[derive(Debug, Clone)]
-pub struct PairOptions {
-    /// Store backend of both services (the sample accounting DB stays SQLite).
-    pub backend: Backend,
-    /// Delay of the mail-marketing no-op subprocessor (ms).
-    pub mail_delay_ms: u64,
-    /// Register a second processor whose endpoint nothing listens on.
-    pub with_absent_processor: bool,
-    /// Point the processor's acknowledgements at a port nothing listens on, so the registry
-    /// learns of progress only by reconciling.
-    pub acks_to_nowhere: bool,
-    /// Add a third subprocessor, `paper-archive` (category `archive`), whose manual connector
-    /// waits for an operator.
-    pub with_manual_archive: bool,
-    /// Give both services an admin port (`admin_listen`) on a free 127.0.0.1 port.
-    pub admin: bool,
+/// A port on 127.0.0.1 that is bound but not listening: connections are refused at once, and
+/// nobody else can take the port while this is kept.
+fn reserve() -> TcpSocket {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("binding 127.0.0.1:0");
+    socket
 }
 
-impl Default for PairOptions {
-    fn default() -> Self {
-        Self {
-            backend: Backend::Sqlite,
-            mail_delay_ms: 0,
-            with_absent_processor: false,
-            acks_to_nowhere: false,
-            with_manual_archive: false,
-            admin: false,
+fn addr_of(socket: &TcpSocket) -> SocketAddr {
+    socket.local_addr().expect("local addr")
+}
+
+/// A bound and listening socket, as std keeps it (so it can be cloned and handed down).
+fn listen(socket: TcpSocket) -> std::net::TcpListener {
+    socket
+        .listen(1024)
+        .expect("listen")
+        .into_std()
+        .expect("std listener")
+}
+
+/// A tokio listener on a copy of `listener`'s socket; the original stays open.
+fn tokio_copy(listener: &std::net::TcpListener) -> TcpListener {
+    let copy = listener.try_clone().expect("dup listener");
+    copy.set_nonblocking(true).expect("nonblocking");
+    TcpListener::from_std(copy).expect("tokio listener")
+}
+
+/// Every service configuration of a pair. The only code that knows the config structs.
+mod configs {
+    use dsrelay_connectors::adapter::AdapterConfig;
+    use dsrelay_connectors::manual::ManualConfig;
+    use dsrelay_connectors::sql::sample_config;
+    use dsrelay_processor::config::{
+        AckConfig, ConnectorConfig, ControllerConfig, NoopConfig, SubprocessorConfig, TaskConfig,
+        TransferMechanismConfig,
+    };
+    use dsrelay_registry::config::{
+        DeliveryConfig, IdentityRole, ProcessorConfig, ReconcileConfig, Role,
+    };
+    use dsrelay_runtime::backoff::Backoff;
+    use dsrelay_runtime::pki::{dev_identity, DevPki};
+    use dsrelay_runtime::settings::ServiceSettings;
+
+    use super::{Holder, PairOptions, NEWSLETTER, PROCESSOR};
+
+    /// Addresses and stores decided before any configuration is written.
+    pub(super) struct Plan<'a> {
+        pub opts: &'a PairOptions,
+        pub pki: &'a DevPki,
+        pub registry_listen: String,
+        pub registry_admin: Option<String>,
+        pub registry_db: String,
+        pub processor_listen: String,
+        pub processor_admin: Option<String>,
+        pub processor_db: String,
+        /// Where the processor sends its acknowledgements.
+        pub ack_port: u16,
+        pub absent_processor_port: Option<u16>,
+        pub accounting_url: String,
+        pub adapter_listen: String,
+        pub adapter_db: String,
+    }
+
+    fn fast_backoff() -> Backoff {
+        Backoff {
+            initial_ms: 100,
+            max_ms: 1000,
         }
     }
-}
 
-/// The name under which the registry knows the processor.
-pub const PROCESSOR: &str = "payroll-bureau";
-
-/// Everything a pair needs that outlives a restart: folder, PKI, addresses, configurations.
-pub struct Setup {
-    pub dir: TempDir,
-    pub pki: DevPki,
-    pub registry_addr: SocketAddr,
-    pub processor_addr: SocketAddr,
-    pub registry: dsrelay_registry::Config,
-    pub processor: dsrelay_processor::Config,
-    pub accounting_url: String,
-    /// Extra environment variables for service processes (e.g. `OTEL_*`).
-    pub env: Vec<(String, String)>,
-}
-
-fn fast_backoff() -> Backoff {
-    Backoff {
-        initial_ms: 100,
-        max_ms: 1000,
+    fn port(listen: &str) -> &str {
+        listen.rsplit_once(':').expect("host:port").1
     }
-}
 
-async fn free_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("binding");
-    l.local_addr().expect("local addr")
-}
-
-impl Setup {
-    /// Generates the PKI, databases and configurations; binds nothing.
-    pub async fn new(opts: &PairOptions) -> Option<Self> {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let pki = DevPki::ensure(&dir.path().join("pki")).expect("dev pki");
-        let registry_db = database_url(dir.path(), "registry", opts.backend).await?;
-        let processor_db = database_url(dir.path(), "processor", opts.backend).await?;
-        let accounting_url = format!("sqlite://{}/accounting.db", dir.path().display());
-        create_sample_accounting_db(&accounting_url)
-            .await
-            .expect("sample accounting db");
-        let registry_addr = free_port().await;
-        let processor_addr = free_port().await;
-        let ack_port = if opts.acks_to_nowhere {
-            free_port().await.port()
-        } else {
-            registry_addr.port()
-        };
+    pub(super) fn registry(plan: &Plan<'_>) -> dsrelay_registry::Config {
         let mut processors = vec![ProcessorConfig {
             name: PROCESSOR.into(),
-            endpoint: format!("https://localhost:{}", processor_addr.port()),
+            endpoint: format!("https://localhost:{}", port(&plan.processor_listen)),
             identity: dev_identity("processor", PROCESSOR),
             categories: vec![
                 "contact".into(),
@@ -169,37 +288,31 @@ impl Setup {
                 "archive".into(),
             ],
         }];
-        if opts.with_absent_processor {
-            let absent = free_port().await;
+        if let Some(absent) = plan.absent_processor_port {
             processors.push(ProcessorConfig {
                 name: "web-agency".into(),
-                endpoint: format!("https://127.0.0.1:{}", absent.port()),
+                endpoint: format!("https://127.0.0.1:{absent}"),
                 identity: dev_identity("processor", "web-agency"),
                 categories: vec!["web-analytics".into()],
             });
         }
-        let mut registry = dsrelay_registry::Config {
-            service: ServiceSettings::new(
-                registry_addr.to_string(),
-                registry_db,
-                pki.files("registry"),
-            ),
+        let party = |stem: &str, name: &str, role: Role| IdentityRole {
+            identity: dev_identity(stem, name),
+            role,
+            name: name.into(),
+        };
+        let config = dsrelay_registry::Config {
+            service: ServiceSettings {
+                listen: plan.registry_listen.clone(),
+                admin_listen: plan.registry_admin.clone(),
+                database_url: plan.registry_db.clone(),
+                tls: plan.pki.files("registry"),
+                log_json: plan.opts.log_json,
+            },
             identities: vec![
-                IdentityRole {
-                    identity: dev_identity("partner", "crm"),
-                    role: Role::Partner,
-                    name: "crm".into(),
-                },
-                IdentityRole {
-                    identity: dev_identity("partner", "webform"),
-                    role: Role::Partner,
-                    name: "webform".into(),
-                },
-                IdentityRole {
-                    identity: dev_identity("operator", "ops"),
-                    role: Role::Operator,
-                    name: "ops".into(),
-                },
+                party("partner", "crm", Role::Partner),
+                party("partner", "webform", Role::Partner),
+                party("operator", "ops", Role::Operator),
             ],
             processors,
             delivery: DeliveryConfig {
@@ -217,40 +330,86 @@ impl Setup {
             },
             identity_hash_key: "test key".into(),
         };
-        let mut processor = dsrelay_processor::Config {
-            service: ServiceSettings::new(
-                processor_addr.to_string(),
-                processor_db,
-                pki.files("processor"),
+        config.validate().expect("registry config");
+        config
+    }
+
+    fn subprocessor(plan: &Plan<'_>, holder: Holder) -> SubprocessorConfig {
+        let finnish =
+            |name: &str, categories: &[&str], description: &str, connector| SubprocessorConfig {
+                name: name.into(),
+                categories: categories.iter().map(|c| c.to_string()).collect(),
+                country: "FI".into(),
+                transfer_mechanism: TransferMechanismConfig::None,
+                description: description.into(),
+                connector,
+            };
+        match holder {
+            Holder::Accounting => finnish(
+                "accounting",
+                &["contact", "invoicing"],
+                "accounting outsourcing",
+                ConnectorConfig::Sql(sample_config(&plan.accounting_url)),
             ),
+            Holder::MailMarketing => SubprocessorConfig {
+                name: "mail-marketing".into(),
+                categories: vec!["marketing".into()],
+                country: "US".into(),
+                transfer_mechanism: TransferMechanismConfig::AdequacyDecision,
+                description: "mail-marketing service (EU-US Data Privacy Framework)".into(),
+                connector: ConnectorConfig::Noop(NoopConfig {
+                    delay_ms: plan.opts.mail_delay_ms,
+                }),
+            },
+            Holder::PaperArchive => finnish(
+                "paper-archive",
+                &["archive"],
+                "signed contracts in cabinet B2",
+                ConnectorConfig::Manual(ManualConfig {
+                    instructions: "shred the customer's folder and note its id".into(),
+                }),
+            ),
+            Holder::Newsletter => finnish(
+                NEWSLETTER,
+                &["marketing", "contact"],
+                "newsletter service (the example adapter)",
+                ConnectorConfig::Adapter(AdapterConfig {
+                    endpoint: match plan.opts.newsletter_endpoint {
+                        Some(addr) => format!("https://localhost:{}", addr.port()),
+                        None => format!("https://localhost:{}", port(&plan.adapter_listen)),
+                    },
+                    identity: dev_identity("adapter", "example"),
+                    tls: plan.pki.files("processor"),
+                    timeout_ms: 5000,
+                    supported_kinds: plan.opts.newsletter_kinds.clone(),
+                }),
+            ),
+        }
+    }
+
+    pub(super) fn processor(plan: &Plan<'_>) -> dsrelay_processor::Config {
+        let config = dsrelay_processor::Config {
+            service: ServiceSettings {
+                listen: plan.processor_listen.clone(),
+                admin_listen: plan.processor_admin.clone(),
+                database_url: plan.processor_db.clone(),
+                tls: plan.pki.files("processor"),
+                log_json: plan.opts.log_json,
+            },
             controllers: vec![ControllerConfig {
                 name: "controller".into(),
                 identity: dev_identity("registry", "controller"),
-                registry_endpoint: format!("https://localhost:{ack_port}"),
+                registry_endpoint: format!("https://localhost:{}", plan.ack_port),
             }],
             operators: vec![dev_identity("operator", "ops")],
-            subprocessors: vec![
-                SubprocessorConfig {
-                    name: "accounting".into(),
-                    categories: vec!["contact".into(), "invoicing".into()],
-                    country: "FI".into(),
-                    transfer_mechanism: TransferMechanismConfig::None,
-                    description: "accounting outsourcing".into(),
-                    connector: ConnectorConfig::Sql(sample_config(&accounting_url)),
-                },
-                SubprocessorConfig {
-                    name: "mail-marketing".into(),
-                    categories: vec!["marketing".into()],
-                    country: "US".into(),
-                    transfer_mechanism: TransferMechanismConfig::AdequacyDecision,
-                    description: "mail-marketing service (EU-US Data Privacy Framework)".into(),
-                    connector: ConnectorConfig::Noop(NoopConfig {
-                        delay_ms: opts.mail_delay_ms,
-                    }),
-                },
-            ],
+            subprocessors: plan
+                .opts
+                .holders
+                .iter()
+                .map(|h| subprocessor(plan, *h))
+                .collect(),
             tasks: TaskConfig {
-                backoff: fast_backoff(),
+                backoff: plan.opts.task_backoff.unwrap_or_else(fast_backoff),
                 poll_interval_ms: 100,
                 lease_ms: 2000,
                 batch_size: 64,
@@ -265,169 +424,556 @@ impl Setup {
                 call_timeout_ms: 3000,
             },
         };
-        if opts.with_manual_archive {
-            processor.subprocessors.push(SubprocessorConfig {
-                name: "paper-archive".into(),
-                categories: vec!["archive".into()],
-                country: "FI".into(),
-                transfer_mechanism: TransferMechanismConfig::None,
-                description: "signed contracts in cabinet B2".into(),
-                connector: ConnectorConfig::Manual(ManualConfig {
-                    instructions: "shred the customer's folder and note its id".into(),
-                }),
-            });
-        }
-        if opts.admin {
-            registry.service.admin_listen = Some(free_port().await.to_string());
-            processor.service.admin_listen = Some(free_port().await.to_string());
-        }
-        registry.validate().expect("registry config");
-        processor.validate().expect("processor config");
-        Some(Self {
-            dir,
-            pki,
-            registry_addr,
-            processor_addr,
-            registry,
-            processor,
-            accounting_url,
-            env: Vec::new(),
-        })
+        config.validate().expect("processor config");
+        config
     }
 
-    /// A partner-API client authenticating as the party `stem` of the dev PKI.
-    pub async fn client(&self, stem: &str) -> RequestServiceClient<Channel> {
+    pub(super) fn adapter(plan: &Plan<'_>) -> dsrelay_example_adapter::Config {
+        let config = dsrelay_example_adapter::Config {
+            service: ServiceSettings {
+                listen: plan.adapter_listen.clone(),
+                admin_listen: None,
+                database_url: plan.adapter_db.clone(),
+                tls: plan.pki.files("adapter"),
+                log_json: plan.opts.log_json,
+            },
+            allowed_identities: vec![dev_identity("processor", PROCESSOR)],
+            confirm_delay_ms: plan.opts.newsletter_confirm_delay_ms,
+        };
+        config.validate().expect("adapter config");
+        config
+    }
+}
+
+/// One service's configuration.
+#[derive(Clone)]
+enum ServiceConfig {
+    Registry(dsrelay_registry::Config),
+    Processor(dsrelay_processor::Config),
+    Adapter(dsrelay_example_adapter::Config),
+}
+
+impl ServiceConfig {
+    fn database_url(&self) -> &str {
+        match self {
+            Self::Registry(c) => &c.service.database_url,
+            Self::Processor(c) => &c.service.database_url,
+            Self::Adapter(c) => &c.service.database_url,
+        }
+    }
+
+    fn to_toml(&self) -> String {
+        match self {
+            Self::Registry(c) => toml::to_string(c),
+            Self::Processor(c) => toml::to_string(c),
+            Self::Adapter(c) => toml::to_string(c),
+        }
+        .expect("config as toml")
+    }
+}
+
+/// The service's main socket.
+enum Socket {
+    /// Bound, never started: callers are refused.
+    Reserved(TcpSocket),
+    /// Listening since the first start; kept here so every start serves the same socket.
+    Listening(std::net::TcpListener),
+    /// Only while turning one into the other.
+    Moving,
+}
+
+/// What runs.
+enum Running {
+    Stopped,
+    InProcess {
+        stop: oneshot::Sender<()>,
+        task: tokio::task::JoinHandle<anyhow::Result<()>>,
+        clock: Option<Clock>,
+    },
+    Process(tokio::process::Child),
+}
+
+/// One service of a pair, running or down.
+pub struct Service {
+    role: Role,
+    mode: Mode,
+    addr: SocketAddr,
+    socket: Socket,
+    /// The admin port's listener, bound by the pair like the main socket.
+    admin: Option<std::net::TcpListener>,
+    config: ServiceConfig,
+    config_file: PathBuf,
+    log_file: PathBuf,
+    env: Vec<(String, String)>,
+    pki: DevPki,
+    running: Running,
+}
+
+impl Service {
+    /// The address it serves gRPC on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Its admin port, when the pair has admin ports.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+            .as_ref()
+            .map(|l| l.local_addr().expect("admin addr"))
+    }
+
+    /// Its store.
+    pub fn database_url(&self) -> &str {
+        self.config.database_url()
+    }
+
+    /// Its configuration file (written for both modes; processes read it).
+    pub fn config_file(&self) -> &Path {
+        &self.config_file
+    }
+
+    /// The service's clock while it runs in this process; moving it moves the service's
+    /// time. `None` for a process: its clock lives in another process and cannot be moved
+    /// from a test.
+    pub fn clock(&self) -> Option<Clock> {
+        match &self.running {
+            Running::InProcess { clock, .. } => clock.clone(),
+            _ => None,
+        }
+    }
+
+    /// The process id, while it runs as a process.
+    pub fn pid(&self) -> Option<u32> {
+        match &self.running {
+            Running::Process(child) => child.id(),
+            _ => None,
+        }
+    }
+
+    /// The process's log so far (empty in process: the test's own output holds it).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    /// A channel to it as the dev-PKI party `stem`, checking its identity where the
+    /// service has a fixed one.
+    pub fn channel(&self, stem: &str) -> Channel {
+        let tls = self.pki.files(stem).client_config().expect("client tls");
+        let expected = match self.role {
+            Role::Registry => Some(dev_identity("registry", "controller")),
+            Role::Processor => None,
+            Role::Adapter => Some(dev_identity("adapter", "example")),
+        };
+        dsrelay_runtime::tls::channel(
+            &format!("https://localhost:{}", self.addr.port()),
+            expected,
+            &tls,
+        )
+        .expect("channel")
+    }
+
+    /// The listening socket, listening from now on.
+    fn listener(&mut self) -> &std::net::TcpListener {
+        if let Socket::Reserved(_) = self.socket {
+            let Socket::Reserved(socket) = std::mem::replace(&mut self.socket, Socket::Moving)
+            else {
+                unreachable!()
+            };
+            self.socket = Socket::Listening(listen(socket));
+        }
+        match &self.socket {
+            Socket::Listening(l) => l,
+            _ => unreachable!("the socket is listening"),
+        }
+    }
+
+    /// Starts it on its address and waits until it answers health checks.
+    pub async fn start(&mut self) {
+        assert!(
+            matches!(self.running, Running::Stopped),
+            "{} is already running",
+            self.role.name()
+        );
+        self.running = match self.mode {
+            Mode::InProcess => self.start_in_process().await,
+            Mode::Processes => self.start_process(),
+        };
+        self.wait_serving().await;
+    }
+
+    async fn start_in_process(&mut self) -> Running {
+        let listener = tokio_copy(self.listener());
+        let admin = self.admin.as_ref().map(tokio_copy);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        let (task, clock) = match self.config.clone() {
+            ServiceConfig::Registry(c) => {
+                let app = dsrelay_registry::App::build(c)
+                    .await
+                    .expect("build registry");
+                let clock = app.clock();
+                let task = tokio::spawn(app.run_with_admin(listener, admin, shutdown));
+                (task, Some(clock))
+            }
+            ServiceConfig::Processor(c) => {
+                let app = dsrelay_processor::App::build(c)
+                    .await
+                    .expect("build processor");
+                let clock = app.clock();
+                let task = tokio::spawn(app.run_with_admin(listener, admin, shutdown));
+                (task, Some(clock))
+            }
+            ServiceConfig::Adapter(c) => {
+                let app = dsrelay_example_adapter::App::build(c)
+                    .await
+                    .expect("build adapter");
+                (tokio::spawn(app.run(listener, shutdown)), None)
+            }
+        };
+        Running::InProcess { stop, task, clock }
+    }
+
+    fn start_process(&mut self) -> Running {
+        let bin = match self.role {
+            Role::Registry => "dsrelay-registry",
+            Role::Processor => "dsrelay-processor",
+            Role::Adapter => "dsrelay-example-adapter",
+        };
+        // Handed down as systemd does: from fd 3 on, counted in LISTEN_FDS; the service
+        // takes each for the configured address it is bound to.
+        let mut fds = vec![OwnedFd::from(
+            self.listener().try_clone().expect("dup listener"),
+        )];
+        if let Some(admin) = &self.admin {
+            fds.push(OwnedFd::from(admin.try_clone().expect("dup admin")));
+        }
+        let count = fds.len();
+        let mappings = fds
+            .into_iter()
+            .zip(3..)
+            .map(|(parent_fd, child_fd)| FdMapping {
+                parent_fd,
+                child_fd,
+            })
+            .collect();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_file)
+            .expect("log file");
+        let mut cmd = std::process::Command::new(binary(bin));
+        cmd.arg("--config")
+            .arg(&self.config_file)
+            .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("LISTEN_FDS", count.to_string())
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDNAMES")
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log);
+        cmd.fd_mappings(mappings).expect("fd mappings");
+        let child = tokio::process::Command::from(cmd)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawning a service");
+        Running::Process(child)
+    }
+
+    /// Waits (up to 30 s) until it reports SERVING; fails at once, with its log, when the
+    /// process exits or the in-process service returns.
+    async fn wait_serving(&mut self) {
+        use tonic_health::pb::health_client::HealthClient;
+        use tonic_health::pb::HealthCheckRequest;
+        let stem = match self.role {
+            Role::Registry => "operator",
+            Role::Processor => "registry",
+            Role::Adapter => "processor",
+        };
+        let mut client = HealthClient::new(self.channel(stem));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = client
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await;
+            if r.is_ok() {
+                return;
+            }
+            let ended = match &mut self.running {
+                Running::Process(child) => child.try_wait().ok().flatten().is_some(),
+                Running::InProcess { task, .. } => task.is_finished(),
+                Running::Stopped => true,
+            };
+            if ended || tokio::time::Instant::now() > deadline {
+                panic!(
+                    "{} did not become healthy: {r:?}\n--- log ---\n{}",
+                    self.role.name(),
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops it: gracefully in process; a process is killed. Its socket stays bound, so
+    /// callers wait in the listen queue until it starts again.
+    pub async fn stop(&mut self) {
+        match std::mem::replace(&mut self.running, Running::Stopped) {
+            Running::Stopped => {}
+            Running::InProcess { stop, mut task, .. } => {
+                let _ = stop.send(());
+                let _ = tokio::time::timeout(Duration::from_secs(15), &mut task).await;
+            }
+            Running::Process(child) => {
+                self.running = Running::Process(child);
+                self.kill().await;
+            }
+        }
+    }
+
+    /// SIGKILL: no shutdown handler runs, whatever was in flight is cut off. Processes only:
+    /// an in-process service cannot be cut off like that.
+    pub async fn kill(&mut self) {
+        match std::mem::replace(&mut self.running, Running::Stopped) {
+            Running::Process(mut child) => {
+                child.start_kill().expect("sending SIGKILL");
+                let status = child.wait().await.expect("reaping");
+                assert!(!status.success(), "a killed process does not exit cleanly");
+            }
+            Running::Stopped => {}
+            Running::InProcess { .. } => {
+                panic!("kill needs a process: start the pair with Mode::Processes")
+            }
+        }
+    }
+
+    /// SIGKILL, then the same binary with the same configuration on the same socket; waits
+    /// until it serves again. Processes only.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.start().await;
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        // The in-process service's workers see the stop and end; a process is killed on drop.
+        if let Running::InProcess { stop, .. } =
+            std::mem::replace(&mut self.running, Running::Stopped)
+        {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A running pair (the registry, the processor and, with the newsletter holder, the adapter),
+/// its folder, its PKI and its databases.
+pub struct TestPair {
+    pub registry: Service,
+    pub processor: Service,
+    /// Present when [`Holder::Newsletter`] is one of the holders.
+    pub adapter: Option<Service>,
+    /// The sample accounting database the `accounting` holder erases from.
+    pub accounting_url: String,
+    pki: DevPki,
+    /// Ports where nothing listens (the absent processor, acknowledgements to nowhere),
+    /// bound so that calls there are refused at once and nobody else takes them.
+    _nowhere: Vec<TcpSocket>,
+    /// Last, so the services are gone before their folder is.
+    dir: TempDir,
+}
+
+/// Starts a pair as `opts` says; `None` when its backend is skipped here (PostgreSQL without
+/// a server outside CI).
+pub async fn spawn_pair(opts: PairOptions) -> Option<TestPair> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = DevPki::ensure(&dir.path().join("pki")).expect("dev pki");
+    let registry_db = database_url(dir.path(), "registry", opts.backend).await?;
+    let processor_db = database_url(dir.path(), "processor", opts.backend).await?;
+    let accounting_url = format!("sqlite://{}/accounting.db", dir.path().display());
+    dsrelay_connectors::sql::create_sample_accounting_db(&accounting_url)
+        .await
+        .expect("sample accounting db");
+
+    let registry_socket = reserve();
+    let processor_socket = reserve();
+    let adapter_socket = (opts.holders.contains(&Holder::Newsletter)
+        && opts.newsletter_endpoint.is_none())
+    .then(reserve);
+    let admin = |on: bool| {
+        on.then(|| std::net::TcpListener::bind("127.0.0.1:0").expect("binding an admin port"))
+    };
+    let (registry_admin, processor_admin) = (admin(opts.admin), admin(opts.admin));
+    let admin_addr = |l: &Option<std::net::TcpListener>| {
+        l.as_ref()
+            .map(|l| l.local_addr().expect("admin addr").to_string())
+    };
+    let mut nowhere = Vec::new();
+    let ack_port = if opts.acks_to_nowhere {
+        nowhere.push(reserve());
+        addr_of(&nowhere[nowhere.len() - 1]).port()
+    } else {
+        addr_of(&registry_socket).port()
+    };
+    let absent_processor_port = opts.with_absent_processor.then(|| {
+        nowhere.push(reserve());
+        addr_of(&nowhere[nowhere.len() - 1]).port()
+    });
+    let plan = configs::Plan {
+        opts: &opts,
+        pki: &pki,
+        registry_listen: addr_of(&registry_socket).to_string(),
+        registry_admin: admin_addr(&registry_admin),
+        registry_db,
+        processor_listen: addr_of(&processor_socket).to_string(),
+        processor_admin: admin_addr(&processor_admin),
+        processor_db,
+        ack_port,
+        absent_processor_port,
+        accounting_url: accounting_url.clone(),
+        adapter_listen: adapter_socket
+            .as_ref()
+            .map(|s| addr_of(s).to_string())
+            .unwrap_or_default(),
+        adapter_db: format!("sqlite://{}/newsletter.db", dir.path().display()),
+    };
+
+    let service = |role: Role, socket: TcpSocket, admin, config: ServiceConfig| {
+        let config_file = dir.path().join(format!("{}.toml", role.name()));
+        std::fs::write(&config_file, config.to_toml()).expect("writing a config file");
+        let mut env = Vec::new();
+        if let Some(filter) = &opts.rust_log {
+            env.push(("RUST_LOG".to_string(), filter.clone()));
+        }
+        if let Some(endpoint) = &opts.otel_endpoint {
+            env.extend([
+                ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint.clone()),
+                ("OTEL_SERVICE_NAME".into(), role.name().into()),
+                ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+            ]);
+        }
+        Service {
+            role,
+            mode: opts.mode,
+            addr: addr_of(&socket),
+            socket: Socket::Reserved(socket),
+            admin,
+            config,
+            config_file,
+            log_file: dir.path().join(format!("{}.log", role.name())),
+            env,
+            pki: pki.clone(),
+            running: Running::Stopped,
+        }
+    };
+    let registry = service(
+        Role::Registry,
+        registry_socket,
+        registry_admin,
+        ServiceConfig::Registry(configs::registry(&plan)),
+    );
+    let processor = service(
+        Role::Processor,
+        processor_socket,
+        processor_admin,
+        ServiceConfig::Processor(configs::processor(&plan)),
+    );
+    let adapter = adapter_socket.map(|socket| {
+        service(
+            Role::Adapter,
+            socket,
+            None,
+            ServiceConfig::Adapter(configs::adapter(&plan)),
+        )
+    });
+    let mut pair = TestPair {
+        registry,
+        processor,
+        adapter,
+        accounting_url,
+        pki,
+        _nowhere: nowhere,
+        dir,
+    };
+    // Holders first, the registry last: what is up is ready for what calls it.
+    for role in [Role::Adapter, Role::Processor, Role::Registry] {
+        if opts.down.contains(&role) {
+            continue;
+        }
+        if let Some(service) = pair.service(role) {
+            service.start().await;
+        }
+    }
+    Some(pair)
+}
+
+impl TestPair {
+    fn service(&mut self, role: Role) -> Option<&mut Service> {
+        match role {
+            Role::Registry => Some(&mut self.registry),
+            Role::Processor => Some(&mut self.processor),
+            Role::Adapter => self.adapter.as_mut(),
+        }
+    }
+
+    /// The pair's folder (configurations, logs, SQLite files, PKI).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The pair's development PKI, its CA generated for this test.
+    pub fn pki(&self) -> &DevPki {
+        &self.pki
+    }
+
+    /// The adapter (panics unless the newsletter is a holder).
+    pub fn adapter(&mut self) -> &mut Service {
+        self.adapter
+            .as_mut()
+            .expect("an adapter: add Holder::Newsletter to the holders")
+    }
+
+    /// The registry's request API as the dev-PKI party `stem` (`partner-crm`,
+    /// `partner-webform`, `operator`, `processor`, ...).
+    pub fn client(&self, stem: &str) -> RequestServiceClient<Channel> {
         RequestServiceClient::new(self.channel_to_registry(stem))
     }
 
-    /// A channel to the registry as `stem`.
+    /// The registry's request API as the partner `crm`.
+    pub fn crm(&self) -> RequestServiceClient<Channel> {
+        self.client("partner-crm")
+    }
+
+    /// The registry's request API as the operator.
+    pub fn operator(&self) -> RequestServiceClient<Channel> {
+        self.client("operator")
+    }
+
+    /// The processor's operator API as the operator.
+    pub fn processor_operator(&self) -> ProcessorOperatorServiceClient<Channel> {
+        ProcessorOperatorServiceClient::new(self.channel_to_processor("operator"))
+    }
+
+    /// A raw channel to the registry as `stem`, for any service client.
     pub fn channel_to_registry(&self, stem: &str) -> Channel {
-        let tls = self.pki.files(stem).client_config().expect("client tls");
-        dsrelay_runtime::tls::channel(
-            &format!("https://localhost:{}", self.registry_addr.port()),
-            Some(dev_identity("registry", "controller")),
-            &tls,
-        )
-        .expect("channel")
+        self.registry.channel(stem)
     }
 
-    /// A channel to the processor as `stem`.
+    /// A raw channel to the processor as `stem`, for any service client.
     pub fn channel_to_processor(&self, stem: &str) -> Channel {
-        let tls = self.pki.files(stem).client_config().expect("client tls");
-        dsrelay_runtime::tls::channel(
-            &format!("https://localhost:{}", self.processor_addr.port()),
-            None,
-            &tls,
-        )
-        .expect("channel")
+        self.processor.channel(stem)
     }
-}
 
-/// A service running in this process.
-pub struct InProcess {
-    stop: Option<oneshot::Sender<()>>,
-    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl InProcess {
-    /// Stops it gracefully and waits.
+    /// Stops every service (the registry first, so nothing new reaches the others).
     pub async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(15), &mut self.handle).await;
-    }
-}
-
-/// Starts the registry in-process on its configured address.
-pub async fn start_registry(
-    setup: &Setup,
-) -> (InProcess, std::sync::Arc<dsrelay_registry::app::Shared>) {
-    let listener = TcpListener::bind(setup.registry_addr)
-        .await
-        .expect("bind registry");
-    // Bound here, so that the admin port (when configured) answers once this returns.
-    let admin = dsrelay_runtime::metrics::bind(setup.registry.service.admin_listen.as_deref())
-        .await
-        .expect("bind registry admin port");
-    let app = dsrelay_registry::App::build(setup.registry.clone())
-        .await
-        .expect("build registry");
-    let shared = app.shared();
-    let (tx, rx) = oneshot::channel::<()>();
-    let handle = tokio::spawn(app.run_with_admin(listener, admin, async {
-        let _ = rx.await;
-    }));
-    (
-        InProcess {
-            stop: Some(tx),
-            handle,
-        },
-        shared,
-    )
-}
-
-/// Starts the processor in-process on its configured address.
-pub async fn start_processor(setup: &Setup) -> InProcess {
-    start_processor_with_state(setup).await.0
-}
-
-/// Starts the processor in-process and returns its shared state too (its clock, for tests
-/// that move time).
-pub async fn start_processor_with_state(
-    setup: &Setup,
-) -> (InProcess, std::sync::Arc<dsrelay_processor::app::Shared>) {
-    let listener = TcpListener::bind(setup.processor_addr)
-        .await
-        .expect("bind processor");
-    let admin = dsrelay_runtime::metrics::bind(setup.processor.service.admin_listen.as_deref())
-        .await
-        .expect("bind processor admin port");
-    let app = dsrelay_processor::App::build(setup.processor.clone())
-        .await
-        .expect("build processor");
-    let shared = app.shared();
-    let (tx, rx) = oneshot::channel::<()>();
-    let handle = tokio::spawn(app.run_with_admin(listener, admin, async {
-        let _ = rx.await;
-    }));
-    (
-        InProcess {
-            stop: Some(tx),
-            handle,
-        },
-        shared,
-    )
-}
-
-/// A pair running in this process.
-pub struct Pair {
-    pub setup: Setup,
-    pub registry: InProcess,
-    pub registry_shared: std::sync::Arc<dsrelay_registry::app::Shared>,
-    pub processor: InProcess,
-    pub processor_shared: std::sync::Arc<dsrelay_processor::app::Shared>,
-}
-
-impl Pair {
-    /// Starts both services, or `None` when the backend is skipped here.
-    pub async fn start(opts: PairOptions) -> Option<Self> {
-        let setup = Setup::new(&opts).await?;
-        let (processor, processor_shared) = start_processor_with_state(&setup).await;
-        let (registry, registry_shared) = start_registry(&setup).await;
-        Some(Self {
-            setup,
-            registry,
-            registry_shared,
-            processor,
-            processor_shared,
-        })
-    }
-
-    /// Stops both.
-    pub async fn stop(self) {
         self.registry.stop().await;
         self.processor.stop().await;
+        if let Some(adapter) = &mut self.adapter {
+            adapter.stop().await;
+        }
     }
 }
 
@@ -510,158 +1056,124 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A service running as a real process, which tests may SIGKILL and restart.
-pub struct Process {
-    bin: PathBuf,
-    config: PathBuf,
-    log: PathBuf,
-    env: Vec<(String, String)>,
-    child: Option<tokio::process::Child>,
-}
+/// Running the real `dsrctl` binary against a pair, as its users do.
+pub mod dsrctl {
+    use std::ffi::OsString;
+    use std::path::Path;
+    use std::process::Output;
+    use std::time::Duration;
 
-impl Process {
-    /// Starts `bin_name --config config`, logging to `log`.
-    pub async fn start(bin_name: &str, config: PathBuf, log: PathBuf) -> Self {
-        Self::start_with_env(bin_name, config, log, Vec::new()).await
+    use serde_json::Value;
+
+    use super::{binary, TestPair};
+
+    /// The identity the registry's certificate names.
+    pub const REGISTRY_IDENTITY: &str = "spiffe://dsrelay.dev/registry/controller";
+
+    /// Every variable dsrctl reads; removed so the caller's environment cannot leak in.
+    pub const ENV_NAMES: [&str; 6] = [
+        "DSRCTL_ENDPOINT",
+        "DSRCTL_CA",
+        "DSRCTL_CERT",
+        "DSRCTL_KEY",
+        "DSRCTL_SERVER_IDENTITY",
+        "DSRCTL_CONFIG",
+    ];
+
+    /// A finished dsrctl run.
+    pub struct Run {
+        pub code: Option<i32>,
+        pub stdout: String,
+        pub stderr: String,
     }
 
-    /// Like [`Process::start`], with extra environment variables.
-    pub async fn start_with_env(
-        bin_name: &str,
-        config: PathBuf,
-        log: PathBuf,
-        env: Vec<(String, String)>,
-    ) -> Self {
-        let mut p = Self {
-            bin: binary(bin_name),
-            config,
-            log,
-            env,
-            child: None,
-        };
-        p.spawn();
-        p
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
-        let child = tokio::process::Command::new(&self.bin)
-            .arg("--config")
-            .arg(&self.config)
-            .env("RUST_LOG", "info")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(log.try_clone().expect("log file"))
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawning a service");
-        self.child = Some(child);
-    }
-
-    /// SIGKILL: no shutdown handler runs, whatever was in flight is cut off.
-    pub async fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.start_kill().expect("sending SIGKILL");
-            let status = c.wait().await.expect("reaping");
-            assert!(!status.success(), "a killed process does not exit cleanly");
+    impl From<Output> for Run {
+        fn from(out: Output) -> Self {
+            Self {
+                code: out.status.code(),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            }
         }
     }
 
-    /// Starts the same binary with the same configuration again.
-    pub async fn restart(&mut self) {
-        self.kill().await;
-        self.spawn();
-    }
-
-    /// The process id, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(|c| c.id())
-    }
-
-    /// The service's log so far, for failure messages.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Setup {
-    /// Writes both configurations as TOML files; returns (registry, processor) paths.
-    pub fn write_configs(&self) -> (PathBuf, PathBuf) {
-        let r = self.dir.path().join("registry.toml");
-        let p = self.dir.path().join("processor.toml");
-        std::fs::write(&r, toml::to_string(&self.registry).expect("registry toml")).expect("write");
-        std::fs::write(
-            &p,
-            toml::to_string(&self.processor).expect("processor toml"),
-        )
-        .expect("write");
-        (r, p)
-    }
-
-    /// Starts the registry as a process and waits until it answers health checks.
-    pub async fn spawn_registry(&self) -> Process {
-        let (r, _) = self.write_configs();
-        let p = Process::start_with_env(
-            "dsrelay-registry",
-            r,
-            self.dir.path().join("registry.log"),
-            self.env.clone(),
-        )
-        .await;
-        wait_serving(self.channel_to_registry("operator"), &p).await;
-        p
-    }
-
-    /// Starts the processor as a process and waits until it answers health checks.
-    pub async fn spawn_processor(&self) -> Process {
-        let (_, pc) = self.write_configs();
-        let p = Process::start_with_env(
-            "dsrelay-processor",
-            pc,
-            self.dir.path().join("processor.log"),
-            self.env.clone(),
-        )
-        .await;
-        wait_serving(self.channel_to_processor("registry"), &p).await;
-        p
-    }
-}
-
-/// Waits (up to 30 s) until the service behind `channel` reports SERVING.
-pub async fn wait_serving(channel: Channel, process: &Process) {
-    use tonic_health::pb::health_client::HealthClient;
-    use tonic_health::pb::HealthCheckRequest;
-    let mut client = HealthClient::new(channel);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = client
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await;
-        if r.is_ok() {
-            return;
-        }
-        if tokio::time::Instant::now() > deadline {
-            panic!(
-                "service did not become healthy: {r:?}\n--- log ---\n{}",
-                process.log()
+    impl Run {
+        /// Asserts the exit status, showing both streams when it differs.
+        pub fn expect_code(&self, code: i32) -> &Self {
+            assert_eq!(
+                self.code,
+                Some(code),
+                "exit status\n--- stdout ---\n{}--- stderr ---\n{}",
+                self.stdout,
+                self.stderr
             );
+            self
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        /// Stdout of a successful run.
+        pub fn ok(&self) -> &str {
+            self.expect_code(0);
+            &self.stdout
+        }
+
+        /// Stdout of a successful run, parsed as one JSON document.
+        pub fn json(&self) -> Value {
+            serde_json::from_str(self.ok())
+                .unwrap_or_else(|e| panic!("{e}: not JSON:\n{}", self.stdout))
+        }
     }
-}
 
-/// Waits for a processor service after a restart (same as [`wait_serving`]).
-pub async fn wait_processor(setup: &Setup, p: &Process) {
-    wait_serving(setup.channel_to_processor("registry"), p).await;
-}
+    /// dsrctl in `cwd`, with no `DSRCTL_*` variables set.
+    pub fn command(cwd: &Path) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(binary("dsrctl"));
+        cmd.current_dir(cwd).kill_on_drop(true);
+        for name in ENV_NAMES {
+            cmd.env_remove(name);
+        }
+        cmd
+    }
 
-/// Waits for the registry after a restart.
-pub async fn wait_registry(setup: &Setup, p: &Process) {
-    wait_serving(setup.channel_to_registry("operator"), p).await;
+    pub async fn output(mut cmd: tokio::process::Command) -> Run {
+        let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+            .await
+            .expect("dsrctl finished within a minute")
+            .expect("running dsrctl");
+        out.into()
+    }
+
+    /// The registry's endpoint.
+    pub fn endpoint(pair: &TestPair) -> String {
+        format!("https://localhost:{}", pair.registry.addr().port())
+    }
+
+    /// `--ca --cert --key` of the dev-PKI party `stem`, and the registry's identity.
+    pub fn tls_flags(pair: &TestPair, stem: &str) -> Vec<OsString> {
+        let files = pair.pki().files(stem);
+        vec![
+            "--ca".into(),
+            files.ca.into(),
+            "--cert".into(),
+            files.cert.into(),
+            "--key".into(),
+            files.key.into(),
+            "--server-identity".into(),
+            REGISTRY_IDENTITY.into(),
+        ]
+    }
+
+    /// dsrctl with every connection flag pointing at the pair's registry, as `stem`.
+    pub fn as_party(pair: &TestPair, stem: &str) -> tokio::process::Command {
+        let mut cmd = command(pair.dir());
+        cmd.arg("--endpoint")
+            .arg(endpoint(pair))
+            .args(tls_flags(pair, stem));
+        cmd
+    }
+
+    /// Runs `dsrctl ARGS` against the pair's registry as the dev-PKI party `stem`.
+    pub async fn dsrctl(pair: &TestPair, stem: &str, args: &[&str]) -> Run {
+        let mut cmd = as_party(pair, stem);
+        cmd.args(args);
+        output(cmd).await
+    }
 }

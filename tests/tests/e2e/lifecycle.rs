@@ -6,20 +6,20 @@ use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceCli
 use dsrelay_proto::v1::processor_service_client::ProcessorServiceClient;
 use dsrelay_proto::v1::{
     AcknowledgeRequest, Acknowledgement, CancelRequest, DeliverRequest, Evidence,
-    ExtendDeadlineRequest, GetRequest, ListRequestsRequest, RequestKind, RequestState,
+    ExtendDeadlineRequest, GetRequest, ListRequestsRequest, RequestKind, RequestState, Scope,
     SubmitRequest, TaskState,
 };
 use dsrelay_registry::deadline::due_at;
-use dsrelay_registry::store::NewRequest;
-use dsrelay_runtime::store::now_ms;
 use tonic::Code;
 
-use crate::harness::{count, email, erasure, in_state, wait_until, Pair, PairOptions, PROCESSOR};
+use crate::harness::{
+    count, email, erasure, in_state, spawn_pair, wait_until, PairOptions, PROCESSOR,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_is_idempotent_per_partner_and_key() {
-    let pair = Pair::start(PairOptions::default()).await.expect("pair");
-    let mut crm = pair.setup.client("partner-crm").await;
+    let pair = spawn_pair(PairOptions::default()).await.expect("pair");
+    let mut crm = pair.client("partner-crm");
     let req = erasure("teemu.testaaja@example.fi");
     let first = crm.submit(req.clone()).await.expect("first").into_inner();
     assert!(!first.deduplicated);
@@ -45,7 +45,7 @@ async fn submit_is_idempotent_per_partner_and_key() {
     );
 
     // The same key from another partner is another request.
-    let mut web = pair.setup.client("partner-webform").await;
+    let mut web = pair.client("partner-webform");
     let theirs = web.submit(req).await.expect("webform").into_inner();
     assert_ne!(theirs.request_id, first.request_id);
     assert!(!theirs.deduplicated);
@@ -53,7 +53,7 @@ async fn submit_is_idempotent_per_partner_and_key() {
     // Only one request exists per (partner, key) even though the first was submitted twice.
     assert_eq!(
         count(
-            &pair.setup.registry.service.database_url,
+            pair.registry.database_url(),
             "SELECT COUNT(*) FROM requests"
         )
         .await,
@@ -64,8 +64,8 @@ async fn submit_is_idempotent_per_partner_and_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receivers_deduplicate_deliveries_and_acknowledgements() {
-    let pair = Pair::start(PairOptions::default()).await.expect("pair");
-    let mut crm = pair.setup.client("partner-crm").await;
+    let pair = spawn_pair(PairOptions::default()).await.expect("pair");
+    let mut crm = pair.client("partner-crm");
     let r = crm
         .submit(erasure("teemu.testaaja@example.fi"))
         .await
@@ -80,7 +80,7 @@ async fn receivers_deduplicate_deliveries_and_acknowledgements() {
     .await;
 
     // A repeated delivery (as after a lost answer) changes nothing at the processor.
-    let mut processor = ProcessorServiceClient::new(pair.setup.channel_to_processor("registry"));
+    let mut processor = ProcessorServiceClient::new(pair.channel_to_processor("registry"));
     let body = DeliverRequest {
         request_id: r.request_id.clone(),
         kind: RequestKind::Erasure as i32,
@@ -95,16 +95,16 @@ async fn receivers_deduplicate_deliveries_and_acknowledgements() {
     assert!(again.duplicate);
     assert_eq!(again.tasks.len(), 2);
     assert!(again.tasks.iter().all(|t| t.sequence == 3));
-    let proc_db = &pair.setup.processor.service.database_url;
+    let proc_db = pair.processor.database_url();
     assert_eq!(count(proc_db, "SELECT COUNT(*) FROM requests").await, 1);
     assert_eq!(count(proc_db, "SELECT COUNT(*) FROM tasks").await, 2);
     assert_eq!(
-        count(&pair.setup.accounting_url, "SELECT COUNT(*) FROM customers").await,
+        count(&pair.accounting_url, "SELECT COUNT(*) FROM customers").await,
         5
     );
 
     // A repeated acknowledgement is a duplicate; a stale one never moves a task back.
-    let mut acks = AcknowledgementServiceClient::new(pair.setup.channel_to_registry("processor"));
+    let mut acks = AcknowledgementServiceClient::new(pair.channel_to_registry("processor"));
     let stale = Acknowledgement {
         request_id: r.request_id.clone(),
         subprocessor: "accounting".into(),
@@ -135,13 +135,13 @@ async fn receivers_deduplicate_deliveries_and_acknowledgements() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_stops_unfinished_work() {
-    let pair = Pair::start(PairOptions {
+    let pair = spawn_pair(PairOptions {
         mail_delay_ms: 5000,
         ..Default::default()
     })
     .await
     .expect("pair");
-    let mut crm = pair.setup.client("partner-crm").await;
+    let mut crm = pair.client("partner-crm");
     let r = crm
         .submit(erasure("teemu.testaaja@example.fi"))
         .await
@@ -191,21 +191,41 @@ async fn cancel_stops_unfinished_work() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn due_dates_extensions_and_overdue_filter() {
-    let pair = Pair::start(PairOptions {
+    let pair = spawn_pair(PairOptions {
         with_absent_processor: true,
         ..Default::default()
     })
     .await
     .expect("pair");
-    let mut crm = pair.setup.client("partner-crm").await;
-    let before = now_ms();
+    let mut crm = pair.crm();
+    // A request received 40 days ago and still open (its only holder, web-agency, is never
+    // up): submitted first, then the registry's clock moves on 40 days.
+    let mut old = SubmitRequest {
+        kind: RequestKind::Erasure as i32,
+        identities: vec![email("old@example.fi")],
+        idempotency_key: "old-one".into(),
+        ..Default::default()
+    };
+    old.scope = Some(Scope {
+        data_categories: vec!["web-analytics".into()],
+    });
+    let old_id = crm
+        .submit(old)
+        .await
+        .expect("submit old")
+        .into_inner()
+        .request_id;
+    let clock = pair.registry.clock().expect("an in-process registry");
+    clock.advance(40 * 24 * 3600 * 1000);
+
+    let before = clock.now_ms();
     let r = crm
         .submit(erasure("someone@example.fi"))
         .await
         .expect("submit")
         .into_inner();
     let due = dsrelay_proto::millis_from_timestamp(&r.due_at.expect("due"));
-    let after = now_ms();
+    let after = clock.now_ms();
     // One calendar month after receipt.
     assert!(due >= due_at(before, 0) && due <= due_at(after, 0), "{due}");
 
@@ -219,7 +239,7 @@ async fn due_dates_extensions_and_overdue_filter() {
         .await
         .expect_err("partner may not extend");
     assert_eq!(err.code(), Code::PermissionDenied);
-    let mut ops = pair.setup.client("operator").await;
+    let mut ops = pair.client("operator");
     let extended = ops
         .extend_deadline(ExtendDeadlineRequest {
             request_id: r.request_id.clone(),
@@ -249,33 +269,7 @@ async fn due_dates_extensions_and_overdue_filter() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("months"), "{}", err.message());
 
-    // A request received 40 days ago and still open is overdue; the fresh one is not.
-    let old_received = now_ms() - 40 * 24 * 3600 * 1000;
-    let old_id = uuid::Uuid::now_v7().to_string();
-    let body = SubmitRequest {
-        kind: RequestKind::Erasure as i32,
-        identities: vec![email("old@example.fi")],
-        idempotency_key: "old-one".into(),
-        ..Default::default()
-    };
-    pair.registry_shared
-        .store
-        .insert_request(&NewRequest {
-            id: old_id.clone(),
-            partner: "crm".into(),
-            idempotency_key: "old-one".into(),
-            body_hash: "x".into(),
-            body: dsrelay_proto::prost::Message::encode_to_vec(&body),
-            identity_hashes: "[]".into(),
-            kind: RequestKind::Erasure as i32,
-            received_at: old_received,
-            due_at: due_at(old_received, 0),
-            trace_id: "0".repeat(32),
-            traceparent: None,
-            processors: vec!["web-agency".into()],
-        })
-        .await
-        .expect("insert old request");
+    // The old request is overdue; the fresh one is not.
     let overdue = crm
         .list(ListRequestsRequest {
             overdue_only: true,
@@ -303,8 +297,8 @@ async fn due_dates_extensions_and_overdue_filter() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_pages_and_filters() {
-    let pair = Pair::start(PairOptions::default()).await.expect("pair");
-    let mut crm = pair.setup.client("partner-crm").await;
+    let pair = spawn_pair(PairOptions::default()).await.expect("pair");
+    let mut crm = pair.client("partner-crm");
     let mut ids = Vec::new();
     for i in 0..7 {
         let mut req = erasure(&format!("p{i}@example.fi"));
@@ -354,13 +348,13 @@ async fn list_pages_and_filters() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_acknowledgements_are_reconciled() {
-    let pair = Pair::start(PairOptions {
+    let pair = spawn_pair(PairOptions {
         acks_to_nowhere: true,
         ..Default::default()
     })
     .await
     .expect("pair");
-    let mut crm = pair.setup.client("partner-crm").await;
+    let mut crm = pair.client("partner-crm");
     let r = crm
         .submit(erasure("teemu.testaaja@example.fi"))
         .await
@@ -378,7 +372,7 @@ async fn lost_acknowledgements_are_reconciled() {
     assert!(view.tasks.iter().all(|t| t.sequence == 3), "{view:#?}");
     assert_eq!(
         count(
-            &pair.setup.registry.service.database_url,
+            pair.registry.database_url(),
             "SELECT COUNT(*) FROM acknowledgements"
         )
         .await,
@@ -386,7 +380,7 @@ async fn lost_acknowledgements_are_reconciled() {
         "nothing came through the acknowledgement API"
     );
     let reconciled = count(
-        &pair.setup.registry.service.database_url,
+        pair.registry.database_url(),
         "SELECT COUNT(*) FROM events WHERE message LIKE '%(reconciled)%'",
     )
     .await;

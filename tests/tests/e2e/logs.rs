@@ -6,7 +6,7 @@ use std::time::Duration;
 use dsrelay_proto::v1::{IdentityEncoding, IdentityType, RequestState, SubjectIdentity};
 use serde_json::Value;
 
-use crate::harness::{erasure, in_state, wait_until, PairOptions, Setup};
+use crate::harness::{erasure, in_state, spawn_pair, wait_until, Mode, PairOptions};
 
 /// Spans opened for work on one request.
 const REQUEST_SPANS: &[&str] = &["intake", "deliver", "accept", "task", "connector"];
@@ -19,16 +19,15 @@ fn lines(log: &str) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_name_the_request_and_never_the_subject() {
-    let mut setup = Setup::new(&PairOptions::default()).await.expect("setup");
-    setup.registry.service.log_json = true;
-    setup.processor.service.log_json = true;
-    setup.env = vec![(
-        "RUST_LOG".into(),
-        "debug,h2=info,hyper=info,tower=info,rustls=info".into(),
-    )];
-    let registry = setup.spawn_registry().await;
-    let processor = setup.spawn_processor().await;
-    let mut crm = setup.client("partner-crm").await;
+    let pair = spawn_pair(PairOptions {
+        mode: Mode::Processes,
+        log_json: true,
+        rust_log: Some("debug,h2=info,hyper=info,tower=info,rustls=info".into()),
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
+    let mut crm = pair.crm();
     let mut req = erasure("teemu.testaaja@example.fi");
     req.identities.push(SubjectIdentity {
         r#type: IdentityType::Phone as i32,
@@ -53,7 +52,10 @@ async fn json_logs_name_the_request_and_never_the_subject() {
     // Let the last lines reach the files.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    for (service, log) in [("registry", registry.log()), ("processor", processor.log())] {
+    for (service, log) in [
+        ("registry", pair.registry.log()),
+        ("processor", pair.processor.log()),
+    ] {
         for secret in [
             "teemu.testaaja",
             "+358405556666",

@@ -7,7 +7,7 @@ use std::time::Duration;
 use dsrelay_proto::v1::RequestState;
 
 use crate::harness::{
-    count, erasure, in_state, wait_until, Backend, Pair, PairOptions, Setup, PROCESSOR,
+    count, erasure, in_state, spawn_pair, wait_until, Backend, Mode, PairOptions, Role, PROCESSOR,
 };
 
 /// GETs `path` from an admin port; returns (status, content type, body).
@@ -65,7 +65,7 @@ fn value(text: &str, series: &str) -> f64 {
 }
 
 async fn metrics_after_an_erasure(backend: Backend) {
-    let Some(pair) = Pair::start(PairOptions {
+    let Some(pair) = spawn_pair(PairOptions {
         backend,
         admin: true,
         ..Default::default()
@@ -74,20 +74,8 @@ async fn metrics_after_an_erasure(backend: Backend) {
     else {
         return;
     };
-    let registry_admin = pair
-        .setup
-        .registry
-        .service
-        .admin_listen
-        .clone()
-        .expect("admin");
-    let processor_admin = pair
-        .setup
-        .processor
-        .service
-        .admin_listen
-        .clone()
-        .expect("admin");
+    let registry_admin = pair.registry.admin_addr().expect("admin").to_string();
+    let processor_admin = pair.processor.admin_addr().expect("admin").to_string();
     for addr in [&registry_admin, &processor_admin] {
         assert_eq!(get(addr, "/healthz").await.0, 200);
     }
@@ -107,7 +95,7 @@ async fn metrics_after_an_erasure(backend: Backend) {
         0.0
     );
 
-    let mut crm = pair.setup.client("partner-crm").await;
+    let mut crm = pair.client("partner-crm");
     let id = crm
         .submit(erasure("teemu.testaaja@example.fi"))
         .await
@@ -151,7 +139,7 @@ async fn metrics_after_an_erasure(backend: Backend) {
     assert!(failures <= attempts - 1.0, "{r}");
     // Two subprocessors, each IN_PROGRESS then COMPLETED.
     let stored = count(
-        &pair.setup.registry.service.database_url,
+        pair.registry.database_url(),
         "SELECT CAST(COUNT(*) AS BIGINT) FROM acknowledgements",
     )
     .await;
@@ -232,7 +220,7 @@ async fn metrics_after_an_erasure(backend: Backend) {
         }
     }
     let sent = count(
-        &pair.setup.processor.service.database_url,
+        pair.processor.database_url(),
         "SELECT CAST(COUNT(*) AS BIGINT) FROM ack_outbox",
     )
     .await;
@@ -289,38 +277,40 @@ fn listening_ports(pid: u32) -> Vec<u16> {
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn admin_port_is_off_by_default() {
-    let setup = Setup::new(&PairOptions::default()).await.expect("setup");
-    assert_eq!(setup.registry.service.admin_listen, None);
-    let (registry_file, processor_file) = setup.write_configs();
-    for f in [&registry_file, &processor_file] {
+    // The processor stays down: only the registry's process is looked at.
+    let registry_alone = |admin| PairOptions {
+        mode: Mode::Processes,
+        down: vec![Role::Processor],
+        admin,
+        ..Default::default()
+    };
+    let pair = spawn_pair(registry_alone(false))
+        .await
+        .expect("sqlite pair");
+    assert_eq!(pair.registry.admin_addr(), None);
+    for f in [pair.registry.config_file(), pair.processor.config_file()] {
         let text = std::fs::read_to_string(f).expect("config file");
         assert!(!text.contains("admin_listen"), "{text}");
     }
-    let process = setup.spawn_registry().await;
     assert_eq!(
-        listening_ports(process.pid().expect("running")),
-        vec![setup.registry_addr.port()]
+        listening_ports(pair.registry.pid().expect("running")),
+        vec![pair.registry.addr().port()]
     );
-    drop(process);
+    drop(pair);
 
-    let setup = Setup::new(&PairOptions {
-        admin: true,
-        ..Default::default()
-    })
-    .await
-    .expect("setup");
-    let admin: SocketAddr = setup
-        .registry
-        .service
-        .admin_listen
-        .as_deref()
-        .expect("admin")
-        .parse()
-        .expect("addr");
-    let process = setup.spawn_registry().await;
-    let mut expected = vec![setup.registry_addr.port(), admin.port()];
+    let pair = spawn_pair(registry_alone(true)).await.expect("sqlite pair");
+    let admin: SocketAddr = pair.registry.admin_addr().expect("admin");
+    let text = std::fs::read_to_string(pair.registry.config_file()).expect("config file");
+    assert!(
+        text.contains(&format!("admin_listen = \"{admin}\"")),
+        "{text}"
+    );
+    let mut expected = vec![pair.registry.addr().port(), admin.port()];
     expected.sort_unstable();
-    assert_eq!(listening_ports(process.pid().expect("running")), expected);
+    assert_eq!(
+        listening_ports(pair.registry.pid().expect("running")),
+        expected
+    );
     let (status, _, body) = get(&admin.to_string(), "/healthz").await;
     assert_eq!((status, body.as_str()), (200, "ok\n"));
     assert!(scrape(&admin.to_string())

@@ -16,7 +16,7 @@ use dsrelay_runtime::tls::TlsFiles;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 
-use crate::harness::{email, erasure, Pair, PairOptions, PROCESSOR};
+use crate::harness::{email, erasure, spawn_pair, PairOptions, TestPair, PROCESSOR};
 
 /// How long a refused connection may take to surface as an error.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
@@ -40,8 +40,8 @@ fn tonic_tls_channel(port: u16, ca_pem: &[u8], identity: Option<Identity>) -> Ch
 }
 
 /// The party `stem`'s certificate and key as a tonic identity.
-fn identity_of_party(pair: &Pair, stem: &str) -> Identity {
-    let pki = &pair.setup.pki;
+fn identity_of_party(pair: &TestPair, stem: &str) -> Identity {
+    let pki = &pair.pki();
     Identity::from_pem(
         std::fs::read(pki.cert(stem)).expect("cert"),
         std::fs::read(pki.key(stem)).expect("key"),
@@ -97,8 +97,8 @@ fn assert_code<T: std::fmt::Debug>(what: &str, result: Result<T, Status>, code: 
 }
 
 /// Submits as crm under a fresh key with `scope`, returning the request id.
-async fn submit_as_crm(pair: &Pair, mail: &str, scope: Option<Vec<&str>>) -> String {
-    let mut crm = pair.setup.client("partner-crm").await;
+async fn submit_as_crm(pair: &TestPair, mail: &str, scope: Option<Vec<&str>>) -> String {
+    let mut crm = pair.client("partner-crm");
     let mut req = erasure(mail);
     req.scope = scope.map(|c| Scope {
         data_categories: c.into_iter().map(String::from).collect(),
@@ -124,11 +124,11 @@ fn ack(request_id: &str) -> AcknowledgeRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_refuses_a_client_without_a_certificate() {
-    let pair = Pair::start(PairOptions::default())
+    let pair = spawn_pair(PairOptions::default())
         .await
         .expect("sqlite pair");
-    let port = pair.setup.registry_addr.port();
-    let ca = std::fs::read(pair.setup.pki.ca()).expect("ca");
+    let port = pair.registry.addr().port();
+    let ca = std::fs::read(pair.pki().ca()).expect("ca");
 
     // Control: the same client set-up with crm's certificate gets through, so the refusal
     // below is about the missing certificate and nothing else.
@@ -163,21 +163,21 @@ async fn registry_refuses_a_client_without_a_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_and_processor_refuse_a_certificate_from_another_ca() {
-    let pair = Pair::start(PairOptions::default())
+    let pair = spawn_pair(PairOptions::default())
         .await
         .expect("sqlite pair");
-    let setup = &pair.setup;
-    let rogue_dir = setup.dir.path().join("rogue");
+    let setup = &pair;
+    let rogue_dir = setup.dir().join("rogue");
 
     // A configured partner identity, but signed by a CA the registry does not trust.
     let files = foreign_party(
         &rogue_dir.join("crm"),
-        &setup.pki.ca(),
+        &setup.pki().ca(),
         &dev_identity("partner", "crm"),
     );
     let tls = files.client_config().expect("rogue client tls");
     let channel = dsrelay_runtime::tls::channel(
-        &format!("https://localhost:{}", setup.registry_addr.port()),
+        &format!("https://localhost:{}", setup.registry.addr().port()),
         Some(dev_identity("registry", "controller")),
         &tls,
     )
@@ -191,9 +191,9 @@ async fn registry_and_processor_refuse_a_certificate_from_another_ca() {
     // The same through tonic's TLS client.
     let leaf = std::fs::read(&files.cert).expect("cert");
     let key = std::fs::read(&files.key).expect("key");
-    let ca = std::fs::read(setup.pki.ca()).expect("ca");
+    let ca = std::fs::read(setup.pki().ca()).expect("ca");
     let mut rogue = RequestServiceClient::new(tonic_tls_channel(
-        setup.registry_addr.port(),
+        setup.registry.addr().port(),
         &ca,
         Some(Identity::from_pem(leaf, key)),
     ));
@@ -208,12 +208,12 @@ async fn registry_and_processor_refuse_a_certificate_from_another_ca() {
     // A forged registry identity cannot deliver to the processor either.
     let files = foreign_party(
         &rogue_dir.join("registry"),
-        &setup.pki.ca(),
+        &setup.pki().ca(),
         &dev_identity("registry", "controller"),
     );
     let tls = files.client_config().expect("rogue client tls");
     let channel = dsrelay_runtime::tls::channel(
-        &format!("https://localhost:{}", setup.processor_addr.port()),
+        &format!("https://localhost:{}", setup.processor.addr().port()),
         None,
         &tls,
     )
@@ -236,13 +236,13 @@ async fn registry_and_processor_refuse_a_certificate_from_another_ca() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_denies_a_valid_certificate_with_an_unknown_identity() {
-    let pair = Pair::start(PairOptions::default())
+    let pair = spawn_pair(PairOptions::default())
         .await
         .expect("sqlite pair");
     let adapter_identity = dev_identity("adapter", "example");
     assert_eq!(adapter_identity, "spiffe://dsrelay.dev/adapter/example");
 
-    let mut adapter = pair.setup.client("adapter").await;
+    let mut adapter = pair.client("adapter");
     let s = assert_code(
         "Submit as the adapter",
         adapter.submit(erasure("adapter@example.fi")).await,
@@ -256,7 +256,7 @@ async fn registry_denies_a_valid_certificate_with_an_unknown_identity() {
     );
     assert!(s.message().contains(&adapter_identity), "{s:?}");
 
-    let mut acks = AcknowledgementServiceClient::new(pair.setup.channel_to_registry("adapter"));
+    let mut acks = AcknowledgementServiceClient::new(pair.channel_to_registry("adapter"));
     let s = assert_code(
         "Acknowledge as the adapter",
         acks.acknowledge(ack("whatever")).await,
@@ -265,7 +265,7 @@ async fn registry_denies_a_valid_certificate_with_an_unknown_identity() {
     assert!(s.message().contains(&adapter_identity), "{s:?}");
 
     // The processor does not know it either.
-    let mut at_processor = ProcessorServiceClient::new(pair.setup.channel_to_processor("adapter"));
+    let mut at_processor = ProcessorServiceClient::new(pair.channel_to_processor("adapter"));
     let s = assert_code(
         "GetStatus at the processor as the adapter",
         at_processor
@@ -282,17 +282,17 @@ async fn registry_denies_a_valid_certificate_with_an_unknown_identity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_limit_what_each_caller_may_do_and_see() {
     // The absent processor lets a request be routed somewhere payroll-bureau is not.
-    let pair = Pair::start(PairOptions {
+    let pair = spawn_pair(PairOptions {
         with_absent_processor: true,
         ..Default::default()
     })
     .await
     .expect("sqlite pair");
-    let setup = &pair.setup;
+    let setup = &pair;
     let id = submit_as_crm(&pair, "roles@example.fi", Some(vec!["marketing"])).await;
 
     // The processor may only acknowledge.
-    let mut as_processor = setup.client("processor").await;
+    let mut as_processor = setup.client("processor");
     let s = assert_code(
         "Submit as the processor",
         as_processor.submit(erasure("p@example.fi")).await,
@@ -326,7 +326,7 @@ async fn roles_limit_what_each_caller_may_do_and_see() {
     }
 
     // Only operators extend due dates.
-    let mut crm = setup.client("partner-crm").await;
+    let mut crm = setup.client("partner-crm");
     let s = assert_code(
         "ExtendDeadline as crm",
         crm.extend_deadline(ExtendDeadlineRequest {
@@ -340,7 +340,7 @@ async fn roles_limit_what_each_caller_may_do_and_see() {
     assert!(s.message().contains("operator"), "{s:?}");
 
     // webform cannot see or touch crm's request, and cannot tell it exists.
-    let mut webform = setup.client("partner-webform").await;
+    let mut webform = setup.client("partner-webform");
     let s = assert_code(
         "Get of crm's request as webform",
         webform
@@ -421,7 +421,7 @@ async fn roles_limit_what_each_caller_may_do_and_see() {
     );
 
     // The operator sees everything.
-    let mut operator = setup.client("operator").await;
+    let mut operator = setup.client("operator");
     let view = operator
         .get(GetRequest {
             request_id: id.clone(),
@@ -492,7 +492,7 @@ async fn roles_limit_what_each_caller_may_do_and_see() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processor_accepts_only_its_controllers() {
-    let pair = Pair::start(PairOptions::default())
+    let pair = spawn_pair(PairOptions::default())
         .await
         .expect("sqlite pair");
     let deliver = DeliverRequest {
@@ -502,7 +502,7 @@ async fn processor_accepts_only_its_controllers() {
         ..Default::default()
     };
     for stem in ["partner-crm", "operator", "processor"] {
-        let mut client = ProcessorServiceClient::new(pair.setup.channel_to_processor(stem));
+        let mut client = ProcessorServiceClient::new(pair.channel_to_processor(stem));
         let s = assert_code(
             &format!("Deliver as {stem}"),
             client.deliver(deliver.clone()).await,
@@ -510,7 +510,7 @@ async fn processor_accepts_only_its_controllers() {
         );
         assert!(s.message().contains("not a controller"), "{s:?}");
     }
-    let mut crm = ProcessorServiceClient::new(pair.setup.channel_to_processor("partner-crm"));
+    let mut crm = ProcessorServiceClient::new(pair.channel_to_processor("partner-crm"));
     assert_code(
         "GetStatus as crm",
         crm.get_status(GetStatusRequest {
@@ -520,7 +520,7 @@ async fn processor_accepts_only_its_controllers() {
         Code::PermissionDenied,
     );
 
-    let mut registry = ProcessorServiceClient::new(pair.setup.channel_to_processor("registry"));
+    let mut registry = ProcessorServiceClient::new(pair.channel_to_processor("registry"));
     let s = assert_code(
         "GetStatus of an unknown id as the registry",
         registry
@@ -539,16 +539,15 @@ async fn processor_accepts_only_its_controllers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_refuses_a_server_with_the_wrong_identity() {
-    let pair = Pair::start(PairOptions::default())
+    let pair = spawn_pair(PairOptions::default())
         .await
         .expect("sqlite pair");
     let tls = pair
-        .setup
-        .pki
+        .pki()
         .files("partner-crm")
         .client_config()
         .expect("client tls");
-    let endpoint = format!("https://localhost:{}", pair.setup.registry_addr.port());
+    let endpoint = format!("https://localhost:{}", pair.registry.addr().port());
 
     // Control: the right identity works.
     let right = dsrelay_runtime::tls::channel(
@@ -576,7 +575,7 @@ async fn client_refuses_a_server_with_the_wrong_identity() {
 
     // A CA-valid server that is not the registry (the processor) is refused the same way.
     let impostor = dsrelay_runtime::tls::channel(
-        &format!("https://localhost:{}", pair.setup.processor_addr.port()),
+        &format!("https://localhost:{}", pair.processor.addr().port()),
         Some(dev_identity("registry", "controller")),
         &tls,
     )

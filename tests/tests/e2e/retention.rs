@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{TimeZone, Utc};
 use dsrelay_proto::v1::{Request, RequestState, TaskState};
 
-use crate::harness::{count, erasure, wait_until, Pair, PairOptions};
+use crate::harness::{count, erasure, spawn_pair, wait_until, PairOptions};
 
 const MAIJA: &str = "maija.meikalainen@example.fi";
 
@@ -29,9 +29,9 @@ fn ms(y: i32, m: u32, d: u32) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retained_data_is_erased_when_the_obligation_ends() {
-    let pair = Pair::start(PairOptions::default()).await.expect("pair");
-    let mut crm = pair.setup.client("partner-crm").await;
-    let url = pair.setup.accounting_url.clone();
+    let pair = spawn_pair(PairOptions::default()).await.expect("pair");
+    let mut crm = pair.crm();
+    let url = pair.accounting_url.clone();
     let r = crm
         .submit(erasure(MAIJA))
         .await
@@ -75,9 +75,8 @@ async fn retained_data_is_erased_when_the_obligation_ends() {
 
     // Past the vouchers' period, the paid invoice goes; the open one stays while it is open
     // and the 2024 ledger entry stays under the books' ten years.
-    let clock = pair.processor_shared.clock.clone();
-    clock.advance(until - dsrelay_runtime::store::now_ms() + 1000);
-    pair.processor_shared.task_wakeup.notify_one();
+    let clock = pair.processor.clock().expect("an in-process processor");
+    clock.advance(until - clock.now_ms() + 1000);
     let view = wait_until(&mut crm, &r.request_id, Duration::from_secs(20), |v| {
         accounting(v).sequence > t.sequence
     })
@@ -107,7 +106,6 @@ async fn retained_data_is_erased_when_the_obligation_ends() {
     clock.advance(ms(2035, 1, 2) - clock.now_ms());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let done = loop {
-        pair.processor_shared.task_wakeup.notify_one();
         let v = wait_until(&mut crm, &r.request_id, Duration::from_secs(5), |_| true).await;
         if v.state == RequestState::Completed as i32 {
             break v;

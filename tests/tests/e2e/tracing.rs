@@ -18,8 +18,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use tokio::net::TcpListener;
 
-use crate::adapter::newsletter_setup;
-use crate::harness::{email, erasure, in_state, wait_until, Process};
+use crate::harness::{email, erasure, in_state, spawn_pair, wait_until, Holder, Mode, PairOptions};
 
 /// A received span: service, name, ids.
 #[derive(Debug, Clone)]
@@ -77,14 +76,6 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn otel_env(endpoint: &str, service: &str) -> Vec<(String, String)> {
-    vec![
-        ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint.into()),
-        ("OTEL_SERVICE_NAME".into(), service.into()),
-        ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
-    ]
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_spans_registry_processor_and_adapter() {
     // The OTLP receiver (plain gRPC, as collectors listen on 4317).
@@ -103,30 +94,19 @@ async fn one_trace_spans_registry_processor_and_adapter() {
             ),
     );
 
-    let adapter_addr = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind")
-        .local_addr()
-        .expect("addr");
-    let (mut setup, adapter_cfg) = newsletter_setup(adapter_addr, 0, None).await;
-    let adapter_file = setup.dir.path().join("adapter.toml");
-    std::fs::write(&adapter_file, toml::to_string(&adapter_cfg).expect("toml")).expect("write");
-    let adapter = Process::start_with_env(
-        "dsrelay-example-adapter",
-        adapter_file,
-        setup.dir.path().join("adapter.log"),
-        otel_env(&endpoint, "adapter"),
-    )
-    .await;
-    setup.env = otel_env(&endpoint, "processor");
-    let processor = setup.spawn_processor().await;
-    setup.env = otel_env(&endpoint, "registry");
-    let registry = setup.spawn_registry().await;
+    let pair = spawn_pair(PairOptions {
+        mode: Mode::Processes,
+        holders: vec![Holder::Newsletter],
+        otel_endpoint: Some(endpoint),
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
 
     // A partner that traces sends its own context; the registry continues it.
     let partner_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let partner_span = "00f067aa0ba902b7";
-    let mut crm = setup.client("partner-crm").await;
+    let mut crm = pair.crm();
     let mut req = tonic::Request::new(erasure("maija.meikalainen@example.fi"));
     req.get_mut().identities = vec![email("maija.meikalainen@example.fi")];
     req.metadata_mut().insert(
@@ -172,7 +152,7 @@ async fn one_trace_spans_registry_processor_and_adapter() {
         assert!(
             tokio::time::Instant::now() < deadline,
             "missing spans; got {spans:#?}\n--- registry log ---\n{}",
-            registry.log()
+            pair.registry.log()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
@@ -202,9 +182,7 @@ async fn one_trace_spans_registry_processor_and_adapter() {
     parents_within("adapter", "adapter.execute", &ids("processor", "connector"));
     parents_within("registry", "acknowledgement", &ids("processor", "task"));
 
-    drop(registry);
-    drop(processor);
-    drop(adapter);
+    drop(pair);
     let _ = stop_tx.send(());
     let _ = server.await;
 }
