@@ -16,19 +16,19 @@ use crate::newsletter::{DATA_CATEGORIES, NAME, SUPPORTED_KINDS};
 use crate::store::{Store, StoreError};
 
 /// At most this many bytes in a task id.
-pub const MAX_TASK_ID: usize = 256;
+pub(crate) const MAX_TASK_ID: usize = 256;
 /// At most this many bytes in a request id.
-pub const MAX_REQUEST_ID: usize = 128;
+pub(crate) const MAX_REQUEST_ID: usize = 128;
 /// At most this many scope categories, of at most [`MAX_CATEGORY`] bytes.
-pub const MAX_CATEGORIES: usize = 32;
+pub(crate) const MAX_CATEGORIES: usize = 32;
 /// See [`MAX_CATEGORIES`].
-pub const MAX_CATEGORY: usize = 64;
+pub(crate) const MAX_CATEGORY: usize = 64;
 /// At most this many corrections per RECTIFICATION.
-pub const MAX_CORRECTIONS: usize = 32;
+pub(crate) const MAX_CORRECTIONS: usize = 32;
 /// At most this many bytes in a corrected value.
-pub const MAX_NEW_VALUE: usize = 1024;
+pub(crate) const MAX_NEW_VALUE: usize = 1024;
 /// At most this many bytes in a transfer recipient.
-pub const MAX_RECIPIENT: usize = 256;
+pub(crate) const MAX_RECIPIENT: usize = 256;
 
 /// Names the adapter in its answers.
 #[derive(Debug)]
@@ -39,7 +39,7 @@ impl ServiceName for Adapter {
 }
 
 /// What can go wrong in an adapter call.
-pub type ApiError = grpc::ApiError<Adapter>;
+pub(crate) type ApiError = grpc::ApiError<Adapter>;
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
@@ -54,7 +54,7 @@ impl From<StoreError> for ApiError {
 
 /// The SubprocessorAdapter implementation.
 #[derive(Debug, Clone)]
-pub struct Api {
+pub(crate) struct Api {
     store: Store,
     /// The callers allowed, by certificate identity, which also names them (one role).
     allowed: Arc<Authorizer<()>>,
@@ -63,7 +63,7 @@ pub struct Api {
 
 impl Api {
     /// Handlers over `store` for the callers in `allowed`.
-    pub fn new(store: Store, allowed: &[String], confirm_delay_ms: u64) -> Self {
+    pub(crate) fn new(store: Store, allowed: &[String], confirm_delay_ms: u64) -> Self {
         let allowed = Authorizer::new(
             allowed.iter().map(|id| (id.clone(), (), id.clone())),
             "may not call this adapter",
@@ -110,7 +110,7 @@ fn raw_value_rule(ty: IdentityType, value: &str) -> Option<String> {
 }
 
 /// Every rule `r` breaks, each naming its field.
-pub fn validate_execute(r: &ExecuteRequest) -> Vec<FieldViolation> {
+pub(crate) fn validate_execute(r: &ExecuteRequest) -> Vec<FieldViolation> {
     let mut out = Vec::new();
     check_id(&mut out, "task_id", &r.task_id, MAX_TASK_ID);
     check_id(&mut out, "request_id", &r.request_id, MAX_REQUEST_ID);

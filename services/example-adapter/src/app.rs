@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::store::Store;
 
 /// Largest answer sent: an export of up to 16 MiB plus the rest of the message.
-pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024 + 64 * 1024;
+pub(crate) const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024 + 64 * 1024;
 
 /// An adapter ready to serve.
 pub struct App {

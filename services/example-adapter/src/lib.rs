@@ -25,10 +25,10 @@
 //! - [`app`]: [`App::build`] and [`App::run`] (the service and its confirmation sweeper on the
 //!   runtime's host, with health, reflection and an admin port).
 
-pub mod api;
-pub mod app;
+mod api;
+mod app;
 pub mod config;
-pub mod newsletter;
+mod newsletter;
 pub mod store;
 
 pub use app::App;

@@ -17,13 +17,13 @@ use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 
 /// The adapter's name in Describe and in exports.
-pub const NAME: &str = "example newsletter";
+pub(crate) const NAME: &str = "example newsletter";
 
 /// The data categories the newsletter holds.
-pub const DATA_CATEGORIES: [&str; 2] = ["contact", "marketing"];
+pub(crate) const DATA_CATEGORIES: [&str; 2] = ["contact", "marketing"];
 
 /// The request kinds the newsletter carries out.
-pub const SUPPORTED_KINDS: [RequestKind; 6] = [
+pub(crate) const SUPPORTED_KINDS: [RequestKind; 6] = [
     RequestKind::Erasure,
     RequestKind::ReturnOfData,
     RequestKind::Transfer,
@@ -31,9 +31,6 @@ pub const SUPPORTED_KINDS: [RequestKind; 6] = [
     RequestKind::Restriction,
     RequestKind::Objection,
 ];
-
-/// The fields a RECTIFICATION can correct here.
-pub const CORRECTABLE_FIELDS: [&str; 3] = ["email", "name", "phone"];
 
 /// One subscriber.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

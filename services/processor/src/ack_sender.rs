@@ -12,7 +12,7 @@ use crate::app::Shared;
 use crate::store::AckJob;
 
 /// Runs until `stop` turns true.
-pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let cfg = shared.config.acks.clone();
     loop {
         if *stop.borrow() {

@@ -24,18 +24,18 @@ use crate::store::Accepted;
 
 /// Names the processor in its answers.
 #[derive(Debug)]
-pub enum Processor {}
+pub(crate) enum Processor {}
 
 impl ServiceName for Processor {
     const NAME: &'static str = "processor";
 }
 
 /// What can go wrong in a processor call (both APIs).
-pub type ApiError = grpc::ApiError<Processor>;
+pub(crate) type ApiError = grpc::ApiError<Processor>;
 
 /// The ProcessorService implementation.
 #[derive(Clone)]
-pub struct Api {
+pub(crate) struct Api {
     shared: Arc<Shared>,
     /// The registries this processor works for, by certificate identity; one role.
     controllers: Arc<Authorizer<()>>,
@@ -43,7 +43,7 @@ pub struct Api {
 
 impl Api {
     /// Handlers over `shared`.
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
         let controllers = Authorizer::new(
             shared
                 .config

@@ -24,7 +24,7 @@ use crate::operator_api::OperatorApi;
 use crate::store::{Store, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
 
 /// State shared by the handlers and the workers.
-pub struct Shared {
+pub(crate) struct Shared {
     /// The store.
     pub store: Store,
     /// The configuration the processor started with.
@@ -102,11 +102,6 @@ impl App {
     /// The processor's clock; clones share its offset, so tests move time with it.
     pub fn clock(&self) -> Clock {
         self.shared.clock.clone()
-    }
-
-    /// The shared state (for tests and tools).
-    pub fn shared(&self) -> Arc<Shared> {
-        self.shared.clone()
     }
 
     /// Serves on `listener` and runs the task runner and acknowledgement sender until

@@ -10,7 +10,7 @@ use std::sync::{Mutex, PoisonError};
 
 /// Holders marked unreachable, by subprocessor name.
 #[derive(Debug, Default)]
-pub struct Breaker {
+pub(crate) struct Breaker {
     marks: Mutex<HashMap<String, Mark>>,
 }
 
@@ -27,7 +27,13 @@ impl Breaker {
     /// Whether a task may call `holder` at `now`: `None` to call it, or until when (ms) to
     /// wait. Once a mark has run out the first caller is let through as the probe, for up to
     /// `probe_ms`; the others look again after `recheck_ms`.
-    pub fn admit(&self, holder: &str, now: i64, probe_ms: i64, recheck_ms: i64) -> Option<i64> {
+    pub(crate) fn admit(
+        &self,
+        holder: &str,
+        now: i64,
+        probe_ms: i64,
+        recheck_ms: i64,
+    ) -> Option<i64> {
         let mut marks = self.marks.lock().unwrap_or_else(PoisonError::into_inner);
         let mark = marks.get_mut(holder)?;
         if mark.open_until > now {
@@ -43,7 +49,7 @@ impl Breaker {
     }
 
     /// The holder failed transiently: nobody calls it before `until` (ms).
-    pub fn unreachable(&self, holder: &str, until: i64) {
+    pub(crate) fn unreachable(&self, holder: &str, until: i64) {
         let mut marks = self.marks.lock().unwrap_or_else(PoisonError::into_inner);
         marks.insert(
             holder.to_string(),
@@ -55,7 +61,7 @@ impl Breaker {
     }
 
     /// The holder answered (whatever it said): it is reachable.
-    pub fn answered(&self, holder: &str) {
+    pub(crate) fn answered(&self, holder: &str) {
         let mut marks = self.marks.lock().unwrap_or_else(PoisonError::into_inner);
         marks.remove(holder);
     }

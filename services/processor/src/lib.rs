@@ -18,16 +18,16 @@
 //!   calling it.
 //! - [`ack_sender`]: sends queued acknowledgements to the registries.
 
-pub mod ack_sender;
-pub mod api;
-pub mod app;
-pub mod breaker;
+mod ack_sender;
+mod api;
+mod app;
+mod breaker;
 pub mod config;
-pub mod metrics;
-pub mod operator_api;
-pub mod runner;
+mod metrics;
+mod operator_api;
+mod runner;
 pub mod store;
-pub mod task_machine;
+mod task_machine;
 
 pub use app::App;
 pub use config::Config;

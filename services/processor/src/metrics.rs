@@ -22,7 +22,7 @@ use crate::config::Config;
 
 /// The counters and histograms the task runner updates.
 #[derive(Debug)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     /// The families below, for the exposition.
     registry: Registry,
     /// Connector runs that ended in an error, by subprocessor and kind.
@@ -33,7 +33,7 @@ pub struct Metrics {
 
 impl Metrics {
     /// Every series starts at zero for the configured subprocessors.
-    pub fn new(config: &Config) -> Self {
+    pub(crate) fn new(config: &Config) -> Self {
         let mut registry = Registry::default();
         let m = Self {
             connector_errors: CounterVec::register(
@@ -61,7 +61,7 @@ impl Metrics {
     }
 
     /// Counts a connector error.
-    pub fn connector_error(&self, subprocessor: &str, transient: bool) {
+    pub(crate) fn connector_error(&self, subprocessor: &str, transient: bool) {
         let kind = if transient { "transient" } else { "permanent" };
         self.connector_errors.inc(&[subprocessor, kind]);
     }
@@ -91,7 +91,7 @@ fn state_label(s: i32) -> String {
 }
 
 /// The whole exposition: gauges from the store, then the in-process families.
-pub async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
+pub(crate) async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
     let pool = &shared.store.db().pool;
 
     // A registry of this scrape alone: the store gauges are read anew each time.

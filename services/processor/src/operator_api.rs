@@ -19,7 +19,7 @@ use crate::task_machine::{decide, Context, Decision, Event};
 
 /// The ProcessorOperatorService implementation.
 #[derive(Clone)]
-pub struct OperatorApi {
+pub(crate) struct OperatorApi {
     shared: Arc<Shared>,
     /// The operators, by certificate identity, which also names them (one role).
     operators: Arc<Authorizer<()>>,
@@ -27,7 +27,7 @@ pub struct OperatorApi {
 
 impl OperatorApi {
     /// Handlers over `shared`.
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
         let operators = Authorizer::new(
             shared
                 .config

@@ -20,7 +20,7 @@ use crate::store::TaskJob;
 use crate::task_machine::{decide, retry_at, Context, Decision, Event, Holder};
 
 /// Runs until `stop` turns true.
-pub async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
+pub(crate) async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
     let cfg = shared.config.tasks.clone();
     let settings = PoolSettings {
         concurrency: cfg.concurrency,

@@ -28,7 +28,7 @@ use dsrelay_connectors::{kind_label, ConnectorError, Outcome, Phase};
 use dsrelay_proto::v1::{RequestKind, TaskState};
 
 /// Never: for tasks only an operator moves on.
-pub const NEVER: i64 = i64::MAX;
+pub(crate) const NEVER: i64 = i64::MAX;
 
 /// The task as it stands, as far as its next state depends on it.
 #[derive(Debug, Clone, Copy)]
@@ -47,7 +47,7 @@ pub struct Current<'a> {
 
 /// What the decision may depend on besides the task.
 #[derive(Debug, Clone, Copy)]
-pub struct Context {
+pub(crate) struct Context {
     /// The processor's clock (ms).
     pub now: i64,
     /// The request's due date (ms): retries stop there.
@@ -62,7 +62,7 @@ pub struct Context {
 
 impl Context {
     /// A context for events that depend on the time alone (cancellation, operators).
-    pub fn at(now: i64) -> Self {
+    pub(crate) fn at(now: i64) -> Self {
         Self {
             now,
             due_at: i64::MAX,
@@ -75,7 +75,7 @@ impl Context {
 
 /// The connector a claimed task would run through.
 #[derive(Debug, Clone, Copy)]
-pub struct Holder {
+pub(crate) struct Holder {
     /// Its type (`sql`, `adapter`, ...), for messages.
     pub connector: &'static str,
     /// Whether it supports the request's kind.
@@ -84,7 +84,7 @@ pub struct Holder {
 
 /// What happened to a task.
 #[derive(Debug)]
-pub enum Event<'a> {
+pub(crate) enum Event<'a> {
     /// A runner claimed it. `holder` is `None` when its subprocessor is no longer configured
     /// or the request body is missing.
     Claimed {
@@ -164,7 +164,7 @@ pub struct Transition {
 
 /// What to do about an event.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// Record the transition and acknowledge it.
     Move(Transition),
     /// Record `start` first when there is one (and acknowledge it), then call the holder to
@@ -191,7 +191,7 @@ pub enum Decision {
 }
 
 /// The next step of `task` after `event`.
-pub fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Decision {
+pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Decision {
     use TaskState::*;
     match event {
         Event::Claimed { kind, holder } => claimed(task, kind, holder, ctx),
@@ -252,7 +252,7 @@ pub fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Decision {
 /// When a task that failed with `error` is tried again: after the backoff drawn, or after the
 /// wait the holder asked for when that is longer. The holder counts as unreachable until
 /// then too.
-pub fn retry_at(ctx: &Context, error: &ConnectorError) -> i64 {
+pub(crate) fn retry_at(ctx: &Context, error: &ConnectorError) -> i64 {
     let asked = i64::try_from(error.retry_after_ms().unwrap_or(0)).unwrap_or(i64::MAX);
     ctx.now.saturating_add(ctx.backoff_ms.max(asked))
 }

@@ -24,7 +24,7 @@ use crate::intake::{self, Writer};
 use crate::store::{Store, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
 
 /// State shared by the handlers and the background workers.
-pub struct Shared {
+pub(crate) struct Shared {
     /// The store.
     pub store: Store,
     /// The configuration the registry started with.
@@ -50,7 +50,7 @@ pub struct Shared {
 
 impl Shared {
     /// Tells Watch streams that `request_id` changed.
-    pub fn publish(&self, request_id: &str) {
+    pub(crate) fn publish(&self, request_id: &str) {
         // No receivers is fine: nobody is watching.
         let _ = self.events.send(request_id.to_string());
     }
@@ -113,11 +113,6 @@ impl App {
     /// The registry's clock; clones share its offset, so tests move time with it.
     pub fn clock(&self) -> Clock {
         self.shared.clock.clone()
-    }
-
-    /// The shared state (for tests and tools).
-    pub fn shared(&self) -> Arc<Shared> {
-        self.shared.clone()
     }
 
     /// Serves on `listener` and runs the intake writer, dispatcher and reconciler until

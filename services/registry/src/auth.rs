@@ -8,7 +8,7 @@ use crate::config::{Config, Role};
 
 /// What a caller of the registry is, and so what it may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Party {
+pub(crate) enum Party {
     /// An integration partner; sees its own requests only.
     Partner,
     /// An operator; sees everything, extends due dates, reads the audit trail.
@@ -18,13 +18,13 @@ pub enum Party {
 }
 
 /// A configured caller of the registry.
-pub type Caller = grpc::Caller<Party>;
+pub(crate) type Caller = grpc::Caller<Party>;
 
 /// Certificate identity → caller of the registry.
-pub type Authorizer = grpc::Authorizer<Party>;
+pub(crate) type Authorizer = grpc::Authorizer<Party>;
 
 /// The registry's callers, from the configuration.
-pub fn authorizer(config: &Config) -> Authorizer {
+pub(crate) fn authorizer(config: &Config) -> Authorizer {
     let people = config.identities.iter().map(|r| {
         let party = match r.role {
             Role::Partner => Party::Partner,

@@ -15,7 +15,7 @@ use crate::app::Shared;
 use crate::store::{DeliveryJob, Operation};
 
 /// Runs until `stop` turns true.
-pub async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
+pub(crate) async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
     let cfg = shared.config.delivery.clone();
     let settings = PoolSettings {
         concurrency: cfg.concurrency,

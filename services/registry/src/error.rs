@@ -12,7 +12,7 @@ impl ServiceName for Registry {
 }
 
 /// What can go wrong in a registry call.
-pub type ApiError = grpc::ApiError<Registry>;
+pub(crate) type ApiError = grpc::ApiError<Registry>;
 
 impl From<crate::intake::IntakeError> for ApiError {
     fn from(e: crate::intake::IntakeError) -> Self {

@@ -4,7 +4,7 @@ use dsrelay_proto::v1::{RequestState, TaskState};
 
 /// True for task states that will not change again by themselves. RETAINED is not final: it
 /// moves to COMPLETED when its date passes.
-pub fn task_is_final(s: TaskState) -> bool {
+pub(crate) fn task_is_final(s: TaskState) -> bool {
     matches!(
         s,
         TaskState::Completed
@@ -16,7 +16,7 @@ pub fn task_is_final(s: TaskState) -> bool {
 }
 
 /// True for request states after which a Watch stream ends.
-pub fn request_is_terminal(s: RequestState) -> bool {
+pub(crate) fn request_is_terminal(s: RequestState) -> bool {
     matches!(
         s,
         RequestState::Completed | RequestState::Failed | RequestState::Cancelled
@@ -24,7 +24,7 @@ pub fn request_is_terminal(s: RequestState) -> bool {
 }
 
 /// True for request states whose due date still matters (the controller has not answered).
-pub fn request_can_be_overdue(s: RequestState) -> bool {
+pub(crate) fn request_can_be_overdue(s: RequestState) -> bool {
     matches!(
         s,
         RequestState::Received
@@ -38,7 +38,7 @@ pub fn request_can_be_overdue(s: RequestState) -> bool {
 ///
 /// `delivered` holds one flag per routed processor (true once it durably accepted); `tasks`
 /// the current state of every task the accepting processors created.
-pub fn fold(cancelled: bool, delivered: &[bool], tasks: &[TaskState]) -> RequestState {
+pub(crate) fn fold(cancelled: bool, delivered: &[bool], tasks: &[TaskState]) -> RequestState {
     if cancelled {
         return RequestState::Cancelled;
     }

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::store::{Inserted, NewRequest, Store};
 
 /// Most requests stored in one transaction.
-pub const MAX_BATCH: usize = 256;
+pub(crate) const MAX_BATCH: usize = 256;
 
 /// Why a submitted request was not stored.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -41,20 +41,20 @@ type Job = (NewRequest, oneshot::Sender<Result<Inserted, IntakeError>>);
 
 /// The queue in front of the writer.
 #[derive(Debug, Clone)]
-pub struct Intake {
+pub(crate) struct Intake {
     tx: mpsc::Sender<Job>,
 }
 
 /// The writer's end of the queue: [`Writer::run`] is a worker of the registry's host.
 #[derive(Debug)]
-pub struct Writer {
+pub(crate) struct Writer {
     store: Store,
     rx: mpsc::Receiver<Job>,
 }
 
 /// A queue and the writer that stores what is queued on `store`. Nothing is written until
 /// the writer runs; Submits queued before that wait for it.
-pub fn channel(store: Store) -> (Intake, Writer) {
+pub(crate) fn channel(store: Store) -> (Intake, Writer) {
     let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
     (Intake { tx }, Writer { store, rx })
 }
@@ -62,7 +62,7 @@ pub fn channel(store: Store) -> (Intake, Writer) {
 impl Intake {
     /// Stores `request` (or finds its idempotency key's earlier request); returns once it is
     /// committed.
-    pub async fn submit(&self, request: NewRequest) -> Result<Inserted, IntakeError> {
+    pub(crate) async fn submit(&self, request: NewRequest) -> Result<Inserted, IntakeError> {
         let (done_tx, done_rx) = oneshot::channel();
         self.tx
             .send((request, done_tx))
@@ -75,7 +75,7 @@ impl Intake {
 impl Writer {
     /// Commits queued requests in batches until `stop` turns true (or its sender is gone);
     /// then refuses new ones, commits those still queued, and returns.
-    pub async fn run(mut self, mut stop: Stop) {
+    pub(crate) async fn run(mut self, mut stop: Stop) {
         loop {
             let first = tokio::select! {
                 // Queued work first: a stop never overtakes a request that was waiting.

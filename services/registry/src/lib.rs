@@ -20,19 +20,19 @@
 //! - [`reconciler`]: asks processors for status when acknowledgements are late.
 //! - [`error`]: the registry's error type (made into statuses by `dsrelay_runtime::grpc`).
 
-pub mod api;
-pub mod app;
-pub mod auth;
+mod api;
+mod app;
+mod auth;
 pub mod config;
 pub mod deadline;
-pub mod dispatcher;
-pub mod error;
-pub mod fold;
-pub mod intake;
-pub mod metrics;
-pub mod reconciler;
+mod dispatcher;
+mod error;
+mod fold;
+mod intake;
+mod metrics;
+mod reconciler;
 pub mod store;
-pub mod validate;
+mod validate;
 
 pub use app::App;
 pub use config::Config;

@@ -26,7 +26,7 @@ use crate::store::{OP_CANCEL, OP_DELIVER};
 
 /// The counters and histograms the handlers and the dispatcher update.
 #[derive(Debug)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     /// The families below, for the exposition.
     registry: Registry,
     /// Deliver and Cancel calls made, by processor.
@@ -41,7 +41,7 @@ pub struct Metrics {
 
 impl Metrics {
     /// Every series starts at zero for the configured processors.
-    pub fn new(config: &Config) -> Self {
+    pub(crate) fn new(config: &Config) -> Self {
         let mut registry = Registry::default();
         let m = Self {
             delivery_attempts: CounterVec::register(
@@ -89,7 +89,7 @@ impl Metrics {
     /// The store reports counts, not which acknowledgement was a duplicate; a call whose
     /// acknowledgements were all duplicates adds no latency, and a mixed call (rare: a batch
     /// resent after a lost answer with new ones added) adds all of them.
-    pub fn acknowledged(
+    pub(crate) fn acknowledged(
         &self,
         processor: &str,
         occurred_at_ms: &[Option<i64>],
@@ -137,7 +137,7 @@ const STATES: &[RequestState] = &[
 ];
 
 /// The whole exposition: gauges from the store, then the in-process families.
-pub async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
+pub(crate) async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
     let pool = &shared.store.db().pool;
 
     // A registry of this scrape alone: the store gauges are read anew each time.

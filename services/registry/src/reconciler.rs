@@ -13,7 +13,7 @@ use crate::store::ChainReport;
 
 /// Asks every processor for its subprocessor list and stores the answers, so the controller
 /// sees its whole chain. Runs at start and every `chain_interval_ms` until `stop`.
-pub async fn refresh_chain(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+pub(crate) async fn refresh_chain(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let interval = Duration::from_millis(shared.config.reconcile.chain_interval_ms);
     loop {
         for (name, client) in &shared.processors {
@@ -45,7 +45,7 @@ pub async fn refresh_chain(shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
 }
 
 /// Runs until `stop` turns true.
-pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let cfg = shared.config.reconcile.clone();
     loop {
         tokio::select! {

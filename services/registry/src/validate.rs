@@ -3,24 +3,24 @@
 use std::collections::BTreeSet;
 
 use dsrelay_proto::v1::{RequestKind, SubmitRequest};
-pub use dsrelay_runtime::identity::text_violation;
+pub(crate) use dsrelay_runtime::identity::text_violation;
 use dsrelay_runtime::identity::{validate_identities, FieldViolation};
 
 /// At most this many bytes in an idempotency key.
-pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+pub(crate) const MAX_IDEMPOTENCY_KEY: usize = 128;
 /// At most this many bytes in a note, reason or transfer recipient.
-pub const MAX_TEXT: usize = 1024;
+pub(crate) const MAX_TEXT: usize = 1024;
 /// At most this many data categories in a scope.
-pub const MAX_CATEGORIES: usize = 32;
+pub(crate) const MAX_CATEGORIES: usize = 32;
 /// At most this many corrections in a rectification.
-pub const MAX_CORRECTIONS: usize = 32;
+pub(crate) const MAX_CORRECTIONS: usize = 32;
 
 /// At most this many bytes in a data category name.
-pub const MAX_CATEGORY: usize = 64;
+pub(crate) const MAX_CATEGORY: usize = 64;
 
 /// Every rule `req` breaks; empty when it may be stored. `known_categories` are those some
 /// processor holds: a category nobody holds is almost certainly a typo.
-pub fn validate_submit(
+pub(crate) fn validate_submit(
     req: &SubmitRequest,
     known_categories: &BTreeSet<&str>,
 ) -> Vec<FieldViolation> {

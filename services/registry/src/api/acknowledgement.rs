@@ -17,7 +17,7 @@ use crate::validate::text_violation;
 use super::Api;
 
 /// At most this many acknowledgements in one call.
-pub const MAX_ACKS_PER_CALL: usize = 500;
+pub(crate) const MAX_ACKS_PER_CALL: usize = 500;
 
 #[tonic::async_trait]
 impl AcknowledgementService for Api {

@@ -28,17 +28,15 @@ mod partner;
 mod views;
 mod watch;
 
-pub use acknowledgement::MAX_ACKS_PER_CALL;
-
 /// Implements both registry services over the shared state.
 #[derive(Clone)]
-pub struct Api {
+pub(crate) struct Api {
     shared: Arc<Shared>,
 }
 
 impl Api {
     /// Handlers over `shared`.
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
         Self { shared }
     }
 
