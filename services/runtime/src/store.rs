@@ -64,6 +64,20 @@ impl Backend {
         }
     }
 
+    /// A query counting the tables named `$1` in the current schema (0 or 1), as `BIGINT`.
+    pub fn table_exists(self) -> &'static str {
+        match self {
+            Self::Sqlite => {
+                "SELECT CAST(COUNT(*) AS BIGINT) FROM sqlite_master \
+                 WHERE type = 'table' AND name = $1"
+            }
+            Self::Postgres => {
+                "SELECT CAST(COUNT(*) AS BIGINT) FROM information_schema.tables \
+                 WHERE table_schema = current_schema() AND table_name = $1"
+            }
+        }
+    }
+
     /// A statement that takes the transaction-scoped advisory lock keyed by `$1` (a `BIGINT`),
     /// held until the transaction ends and re-entrant within it. `None` on SQLite, where the
     /// single writer already holds every transaction apart.

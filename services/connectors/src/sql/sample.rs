@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::Context;
-use dsrelay_runtime::store::{Backend, Db};
+use dsrelay_runtime::store::Db;
 
 use super::rules::{
     Action, AnonymizeWith, ParentLink, Retention, SqlConnectorConfig, TableRule,
@@ -157,17 +157,8 @@ pub async fn create_sample_accounting_db(url: &str) -> anyhow::Result<()> {
 }
 
 async fn create_sample_in(db: &Db) -> anyhow::Result<()> {
-    let exists = match db.backend {
-        Backend::Sqlite => {
-            "SELECT CAST(COUNT(*) AS BIGINT) FROM sqlite_master \
-             WHERE type = 'table' AND name = 'customers'"
-        }
-        Backend::Postgres => {
-            "SELECT CAST(COUNT(*) AS BIGINT) FROM information_schema.tables \
-             WHERE table_schema = current_schema() AND table_name = 'customers'"
-        }
-    };
-    let found: i64 = sqlx::query_scalar(exists)
+    let found: i64 = sqlx::query_scalar(db.backend.table_exists())
+        .bind("customers")
         .fetch_one(&db.pool)
         .await
         .context("checking for the customers table")?;

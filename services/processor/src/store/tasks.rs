@@ -5,7 +5,6 @@ use anyhow::Result;
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::timestamp_from_millis;
 use dsrelay_proto::v1::{Acknowledgement, DeliverRequest, Evidence, TaskState};
-use dsrelay_runtime::store::Backend;
 use dsrelay_runtime::trace_context;
 use sqlx::{Any, Transaction};
 
@@ -169,10 +168,7 @@ impl Store {
     /// Reserves runnable tasks (PENDING; IN_PROGRESS waiting for a retry or a confirmation;
     /// RETAINED whose date has come) for `lease_ms` and counts the attempt each claim starts.
     pub async fn claim_tasks(&self, now: i64, limit: i64, lease_ms: i64) -> Result<Vec<TaskJob>> {
-        let lock = match self.db.backend {
-            Backend::Sqlite => "",
-            Backend::Postgres => " FOR UPDATE OF t SKIP LOCKED",
-        };
+        let lock = self.db.backend.skip_locked_of("t");
         let mut tx = self.db.pool.begin().await?;
         let rows: Vec<JoinedRecord> = sqlx::query_as(&format!(
             "{JOINED_SELECT} WHERE t.state IN ({pending}, {in_progress}, {retained}) \
