@@ -245,3 +245,17 @@ pub(crate) async fn up(
     }
     Ok(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_registry_file_it_writes_validates_and_names_the_recipient() {
+        let dir = Path::new("/tmp/dsrelay-dev");
+        let text = toml::to_string(&registry_config(dir, 50051, 50061)).unwrap();
+        let config: dsrelay_registry::Config = toml::from_str(&text).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.known_recipients(), [RECIPIENT].into());
+    }
+}
