@@ -89,9 +89,10 @@ pub struct RecipientConfig {
     /// The name a partner gives in `transfer_recipient`; unique, 1 to
     /// [`MAX_RECIPIENT_NAME`] bytes.
     pub name: String,
-    /// Where the recipient receives transfers, `https://host:port`.
+    /// Where the recipient is to receive transfers, `https://host:port` (not called yet).
     pub endpoint: String,
-    /// The certificate identity the recipient must present (URI SAN, else DNS SAN).
+    /// The certificate identity the recipient must present there (URI SAN, else DNS SAN);
+    /// not checked yet, as nothing connects to the recipient.
     pub identity: String,
     /// Who the recipient is, for operators reading the configuration.
     #[serde(default, skip_serializing_if = "String::is_empty")]
