@@ -377,8 +377,8 @@ pub struct SubmitArgs {
     #[arg(long)]
     pub lift: bool,
 
-    /// For transfer: the recipient's URI or certificate identity.
-    #[arg(long, value_name = "URI", required_if_eq("kind", "transfer"))]
+    /// For transfer: the name of a recipient configured at the registry.
+    #[arg(long, value_name = "NAME", required_if_eq("kind", "transfer"))]
     pub recipient: Option<String>,
 }
 

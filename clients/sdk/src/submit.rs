@@ -81,7 +81,8 @@ impl SubmitBuilder {
         Self::new(RequestKind::ReturnOfData)
     }
 
-    /// A TRANSFER request to `recipient`, a URI or certificate identity (art. 20(2)).
+    /// A TRANSFER request to `recipient`, the name of a recipient configured at the registry
+    /// (art. 20(2)).
     pub fn transfer(recipient: impl Into<String>) -> Self {
         Self::new(RequestKind::Transfer).transfer_recipient(recipient)
     }

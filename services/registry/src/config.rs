@@ -1,5 +1,5 @@
-//! The registry's configuration: where it listens and stores, who may call it, and which
-//! processors it routes to.
+//! The registry's configuration: where it listens and stores, who may call it, which
+//! processors it routes to and which transfer recipients a request may name.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -8,6 +8,7 @@ use dsrelay_runtime::backoff::Backoff;
 use dsrelay_runtime::config::ConfigErrors;
 use dsrelay_runtime::settings::{Defaults, ServiceSettings};
 use serde::{Deserialize, Deserializer, Serialize};
+use tonic::transport::Uri;
 
 /// Prefix of environment variables that override the file (`DSRELAY_REGISTRY__LISTEN=...`).
 pub const ENV_PREFIX: &str = "DSRELAY_REGISTRY";
@@ -26,6 +27,9 @@ pub struct Config {
     /// The processors requests are routed to.
     #[serde(default)]
     pub processors: Vec<ProcessorConfig>,
+    /// The recipients a TRANSFER may name (GDPR art. 20(2)): Submit refuses any other name.
+    #[serde(default)]
+    pub recipients: Vec<RecipientConfig>,
     /// How deliveries to processors are retried.
     #[serde(default)]
     pub delivery: DeliveryConfig,
@@ -74,6 +78,30 @@ pub struct ProcessorConfig {
     /// The data categories it holds; requests are routed by these.
     pub categories: Vec<String>,
 }
+
+/// A recipient a subject's data may be transferred to: another controller, named by the
+/// subject. Today Submit checks that a TRANSFER names one of these and the request travels to
+/// the processors like any other; nothing calls the endpoint yet. Endpoint and identity are
+/// kept so that every recipient is known fully before any data moves.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RecipientConfig {
+    /// The name a partner gives in `transfer_recipient`; unique, 1 to
+    /// [`MAX_RECIPIENT_NAME`] bytes.
+    pub name: String,
+    /// Where the recipient is to receive transfers, `https://host:port` (not called yet).
+    pub endpoint: String,
+    /// The certificate identity the recipient must present there (URI SAN, else DNS SAN);
+    /// not checked yet, as nothing connects to the recipient.
+    pub identity: String,
+    /// Who the recipient is, for operators reading the configuration.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+}
+
+/// At most this many bytes in a recipient's name: the longest `transfer_recipient` Submit
+/// accepts, so that every configured recipient can be named.
+pub const MAX_RECIPIENT_NAME: usize = 256;
 
 /// Delivery outbox settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -208,6 +236,29 @@ impl Config {
                 ));
             }
         }
+        let mut recipients = BTreeSet::new();
+        for (i, r) in self.recipients.iter().enumerate() {
+            if r.name.is_empty() || r.name.len() > MAX_RECIPIENT_NAME {
+                errors.push(format!(
+                    "recipients[{i}].name: must be 1 to {MAX_RECIPIENT_NAME} bytes"
+                ));
+            } else if !recipients.insert(r.name.as_str()) {
+                errors.push(format!("recipients[{i}]: name {} is used twice", r.name));
+            }
+            match r.endpoint.parse::<Uri>() {
+                Ok(uri) if uri.scheme_str() == Some("https") && uri.host().is_some() => {}
+                _ => errors.push(format!(
+                    "recipients[{i}].endpoint: {:?} must be https://host:port",
+                    r.endpoint
+                )),
+            }
+            if r.identity.trim().is_empty() {
+                errors.push(format!(
+                    "recipients[{i}].identity: the certificate identity the recipient \
+                     presents is required (e.g. spiffe://example.org/recipient)"
+                ));
+            }
+        }
         if self.delivery.concurrency == 0 || self.delivery.batch_size == 0 {
             errors.push("delivery: concurrency and batch_size must be at least 1".into());
         }
@@ -224,6 +275,11 @@ impl Config {
             .iter()
             .flat_map(|p| p.categories.iter().map(String::as_str))
             .collect()
+    }
+
+    /// The names a TRANSFER may give as its recipient.
+    pub fn known_recipients(&self) -> BTreeSet<&str> {
+        self.recipients.iter().map(|r| r.name.as_str()).collect()
     }
 }
 
@@ -308,5 +364,58 @@ mod tests {
         for key in ["listen", "database_url", "delivery", "tls.key"] {
             assert!(err.0.iter().any(|e| e.starts_with(key)), "{key}: {err}");
         }
+    }
+
+    const RECIPIENT: &str = "[[recipients]]\nname = \"new-bookkeeper\"\n\
+        endpoint = \"https://dsr.bookkeeper.example:8443\"\n\
+        identity = \"spiffe://bookkeeper.example/recipient\"\n\
+        description = \"the accounting firm a customer moves to\"\n";
+
+    #[test]
+    fn recipients_are_read_and_named() {
+        let (_dir, file) = folder(RECIPIENT);
+        let c = Config::load_from(Some(&file), env(&[])).unwrap();
+        assert_eq!(
+            c.recipients,
+            [RecipientConfig {
+                name: "new-bookkeeper".into(),
+                endpoint: "https://dsr.bookkeeper.example:8443".into(),
+                identity: "spiffe://bookkeeper.example/recipient".into(),
+                description: "the accounting firm a customer moves to".into(),
+            }]
+        );
+        assert_eq!(c.known_recipients(), ["new-bookkeeper"].into());
+        // Written back (as `dsrctl dev up` does), it reads the same.
+        let again: Config = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(again.recipients, c.recipients);
+    }
+
+    #[test]
+    fn every_recipient_problem_is_reported_at_once() {
+        let bad = "[[recipients]]\nname = \"a\"\nendpoint = \"https://a.example\"\n\
+            identity = \"spiffe://a\"\n\
+            [[recipients]]\nname = \"a\"\nendpoint = \"http://a.example:80\"\n\
+            identity = \"spiffe://a2\"\n\
+            [[recipients]]\nname = \"\"\nendpoint = \"not a url\"\nidentity = \" \"\n";
+        let (_dir, file) = folder(bad);
+        let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+        let expected = [
+            "recipients[1]: name a is used twice",
+            "recipients[1].endpoint: \"http://a.example:80\" must be https://host:port",
+            "recipients[2].name: must be 1 to 256 bytes",
+            "recipients[2].endpoint: \"not a url\" must be https://host:port",
+            "recipients[2].identity: the certificate identity",
+        ];
+        assert_eq!(err.0.len(), expected.len(), "{err}");
+        for (got, want) in err.0.iter().zip(expected) {
+            assert!(got.starts_with(want), "{got:?} should start with {want:?}");
+        }
+    }
+
+    #[test]
+    fn a_recipient_without_endpoint_or_identity_does_not_parse() {
+        let (_dir, file) = folder("[[recipients]]\nname = \"a\"\n");
+        let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("endpoint"), "{err}");
     }
 }

@@ -2,14 +2,16 @@
 
 use std::collections::BTreeSet;
 
-use dsrelay_proto::v1::{RequestKind, SubmitRequest};
+use dsrelay_proto::v1::{RequestKind, RequestParameters, SubmitRequest};
 pub(crate) use dsrelay_runtime::identity::text_violation;
 use dsrelay_runtime::identity::{validate_identities, FieldViolation};
 
 /// At most this many bytes in an idempotency key.
 pub(crate) const MAX_IDEMPOTENCY_KEY: usize = 128;
-/// At most this many bytes in a note, reason or transfer recipient.
+/// At most this many bytes in a note or reason.
 pub(crate) const MAX_TEXT: usize = 1024;
+/// At most this many bytes in a transfer recipient's name.
+pub(crate) const MAX_RECIPIENT: usize = crate::config::MAX_RECIPIENT_NAME;
 /// At most this many data categories in a scope.
 pub(crate) const MAX_CATEGORIES: usize = 32;
 /// At most this many corrections in a rectification.
@@ -19,10 +21,12 @@ pub(crate) const MAX_CORRECTIONS: usize = 32;
 pub(crate) const MAX_CATEGORY: usize = 64;
 
 /// Every rule `req` breaks; empty when it may be stored. `known_categories` are those some
-/// processor holds: a category nobody holds is almost certainly a typo.
+/// processor holds: a category nobody holds is almost certainly a typo. `known_recipients`
+/// are the configured transfer recipients, the only ones a TRANSFER may name.
 pub(crate) fn validate_submit(
     req: &SubmitRequest,
     known_categories: &BTreeSet<&str>,
+    known_recipients: &BTreeSet<&str>,
 ) -> Vec<FieldViolation> {
     let mut out = Vec::new();
     let kind = RequestKind::try_from(req.kind).unwrap_or(RequestKind::Unspecified);
@@ -89,47 +93,113 @@ pub(crate) fn validate_submit(
         }
     }
     let params = req.parameters.clone().unwrap_or_default();
-    match kind {
-        RequestKind::Rectification => {
-            if params.corrections.is_empty() || params.corrections.len() > MAX_CORRECTIONS {
-                out.push(FieldViolation::new(
-                    "parameters.corrections",
-                    format!("a rectification needs 1 to {MAX_CORRECTIONS} corrections"),
-                ));
-            }
-            for (i, c) in params.corrections.iter().take(MAX_CORRECTIONS).enumerate() {
-                if c.field.is_empty() || c.field.len() > 64 {
-                    out.push(FieldViolation::new(
-                        format!("parameters.corrections[{i}].field"),
-                        "must be 1 to 64 bytes",
-                    ));
-                }
-                out.extend(text_violation(
-                    &format!("parameters.corrections[{i}].new_value"),
-                    &c.new_value,
-                    MAX_TEXT,
-                    false,
-                ));
-            }
+    out.extend(parameter_violations(kind, &params, known_recipients));
+    out
+}
+
+/// What is wrong with the kind-specific parameters of a request of `kind`: those of the kind
+/// must be there and well formed, those of another kind must be absent (a partner who sends
+/// corrections with an erasure has mistaken something, and guessing which half is meant
+/// would act on the wrong one).
+fn parameter_violations(
+    kind: RequestKind,
+    params: &RequestParameters,
+    known_recipients: &BTreeSet<&str>,
+) -> Vec<FieldViolation> {
+    let mut out = Vec::new();
+    // With no valid kind, nothing can be said to belong to it; `kind` is reported already.
+    if kind == RequestKind::Unspecified {
+        return out;
+    }
+    let got = kind.as_str_name().trim_start_matches("REQUEST_KIND_");
+    if kind == RequestKind::Rectification {
+        if params.corrections.is_empty() || params.corrections.len() > MAX_CORRECTIONS {
+            out.push(FieldViolation::new(
+                "parameters.corrections",
+                format!("a rectification needs 1 to {MAX_CORRECTIONS} corrections"),
+            ));
         }
-        RequestKind::Transfer => {
-            let r = &params.transfer_recipient;
-            if r.is_empty() || r.len() > 256 {
+        for (i, c) in params.corrections.iter().take(MAX_CORRECTIONS).enumerate() {
+            if c.field.is_empty() || c.field.len() > 64 {
                 out.push(FieldViolation::new(
-                    "parameters.transfer_recipient",
-                    "a transfer needs a recipient of 1 to 256 bytes",
+                    format!("parameters.corrections[{i}].field"),
+                    "must be 1 to 64 bytes",
                 ));
             }
+            out.extend(text_violation(
+                &format!("parameters.corrections[{i}].new_value"),
+                &c.new_value,
+                MAX_TEXT,
+                false,
+            ));
         }
-        _ => {}
+    } else if !params.corrections.is_empty() {
+        out.push(FieldViolation::new(
+            "parameters.corrections",
+            format!("only a RECTIFICATION carries corrections (this is {got})"),
+        ));
+    }
+    if params.lift_restriction && kind != RequestKind::Restriction {
+        out.push(FieldViolation::new(
+            "parameters.lift_restriction",
+            format!("only a RESTRICTION may lift a restriction (this is {got})"),
+        ));
+    }
+    let recipient = &params.transfer_recipient;
+    if kind == RequestKind::Transfer {
+        if recipient.is_empty() || recipient.len() > MAX_RECIPIENT {
+            out.push(FieldViolation::new(
+                "parameters.transfer_recipient",
+                format!(
+                    "a transfer needs a recipient of 1 to {MAX_RECIPIENT} bytes ({})",
+                    recipients_listed(known_recipients)
+                ),
+            ));
+        } else if !known_recipients.contains(recipient.as_str()) {
+            out.push(FieldViolation::new(
+                "parameters.transfer_recipient",
+                format!(
+                    "{recipient:?} is not a configured recipient ({})",
+                    recipients_listed(known_recipients)
+                ),
+            ));
+        }
+    } else if !recipient.is_empty() {
+        out.push(FieldViolation::new(
+            "parameters.transfer_recipient",
+            format!("only a TRANSFER names a recipient (this is {got})"),
+        ));
     }
     out
+}
+
+/// The configured recipients for an error message, a few at most so the status stays small.
+fn recipients_listed(known: &BTreeSet<&str>) -> String {
+    const SHOWN: usize = 8;
+    if known.is_empty() {
+        return "no recipients are configured at the registry".into();
+    }
+    let mut text = format!(
+        "known recipients: {}",
+        known
+            .iter()
+            .take(SHOWN)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if known.len() > SHOWN {
+        text.push_str(&format!(" and {} more", known.len() - SHOWN));
+    }
+    text
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dsrelay_proto::v1::{IdentityEncoding, IdentityType, Scope, SubjectIdentity};
+    use dsrelay_proto::v1::{
+        FieldCorrection, IdentityEncoding, IdentityType, Scope, SubjectIdentity,
+    };
 
     fn good() -> SubmitRequest {
         SubmitRequest {
@@ -147,7 +217,7 @@ mod tests {
 
     #[test]
     fn accepts_a_plain_erasure() {
-        assert!(validate_submit(&good(), &BTreeSet::new()).is_empty());
+        assert!(validate_submit(&good(), &BTreeSet::new(), &BTreeSet::new()).is_empty());
     }
 
     #[test]
@@ -159,7 +229,7 @@ mod tests {
             data_categories: vec!["invoicing".into(), "typo".into()],
         });
         let known: BTreeSet<&str> = ["invoicing"].into();
-        let v = validate_submit(&r, &known);
+        let v = validate_submit(&r, &known, &BTreeSet::new());
         let fields: Vec<&str> = v.iter().map(|v| v.field.as_str()).collect();
         assert_eq!(
             fields,
@@ -171,7 +241,206 @@ mod tests {
     fn rectification_needs_corrections() {
         let mut r = good();
         r.kind = RequestKind::Rectification as i32;
-        let v = validate_submit(&r, &BTreeSet::new());
+        let v = validate_submit(&r, &BTreeSet::new(), &BTreeSet::new());
         assert_eq!(v[0].field, "parameters.corrections");
+    }
+
+    const RECIPIENT: &str = "new-bookkeeper";
+
+    /// `req`'s violations as (field, rule) with one configured recipient.
+    fn violations(req: &SubmitRequest) -> Vec<(String, String)> {
+        validate_submit(req, &BTreeSet::new(), &[RECIPIENT].into())
+            .into_iter()
+            .map(|v| (v.field, v.rule))
+            .collect()
+    }
+
+    fn with(kind: RequestKind, params: RequestParameters) -> SubmitRequest {
+        SubmitRequest {
+            kind: kind as i32,
+            parameters: Some(params),
+            ..good()
+        }
+    }
+
+    fn corrections() -> RequestParameters {
+        RequestParameters {
+            corrections: vec![FieldCorrection {
+                field: "phone".into(),
+                new_value: "+358401234567".into(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn recipient(name: &str) -> RequestParameters {
+        RequestParameters {
+            transfer_recipient: name.into(),
+            ..Default::default()
+        }
+    }
+
+    fn lift() -> RequestParameters {
+        RequestParameters {
+            lift_restriction: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn each_kind_accepts_its_own_parameters() {
+        assert_eq!(
+            violations(&with(RequestKind::Rectification, corrections())),
+            []
+        );
+        assert_eq!(
+            violations(&with(RequestKind::Transfer, recipient(RECIPIENT))),
+            []
+        );
+        assert_eq!(violations(&with(RequestKind::Restriction, lift())), []);
+        assert_eq!(
+            violations(&with(
+                RequestKind::Restriction,
+                RequestParameters::default()
+            )),
+            []
+        );
+    }
+
+    #[test]
+    fn corrections_belong_only_to_a_rectification() {
+        for kind in [
+            RequestKind::Erasure,
+            RequestKind::ReturnOfData,
+            RequestKind::Transfer,
+            RequestKind::Restriction,
+            RequestKind::Objection,
+        ] {
+            let mut params = corrections();
+            if kind == RequestKind::Transfer {
+                params.transfer_recipient = RECIPIENT.into();
+            }
+            let v = violations(&with(kind, params));
+            let want = kind.as_str_name().trim_start_matches("REQUEST_KIND_");
+            assert_eq!(v.len(), 1, "{kind:?}: {v:?}");
+            assert_eq!(v[0].0, "parameters.corrections");
+            assert_eq!(
+                v[0].1,
+                format!("only a RECTIFICATION carries corrections (this is {want})")
+            );
+        }
+    }
+
+    #[test]
+    fn a_recipient_belongs_only_to_a_transfer() {
+        for kind in [
+            RequestKind::Erasure,
+            RequestKind::ReturnOfData,
+            RequestKind::Restriction,
+            RequestKind::Objection,
+        ] {
+            let v = violations(&with(kind, recipient(RECIPIENT)));
+            assert_eq!(v.len(), 1, "{kind:?}: {v:?}");
+            assert_eq!(v[0].0, "parameters.transfer_recipient");
+            assert!(
+                v[0].1.starts_with("only a TRANSFER names a recipient"),
+                "{v:?}"
+            );
+        }
+        let mut params = corrections();
+        params.transfer_recipient = RECIPIENT.into();
+        let v = violations(&with(RequestKind::Rectification, params));
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].0, "parameters.transfer_recipient");
+    }
+
+    #[test]
+    fn lifting_belongs_only_to_a_restriction() {
+        let v = violations(&with(RequestKind::Objection, lift()));
+        assert_eq!(
+            v,
+            [(
+                "parameters.lift_restriction".to_string(),
+                "only a RESTRICTION may lift a restriction (this is OBJECTION)".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn every_misplaced_parameter_is_named() {
+        let params = RequestParameters {
+            transfer_recipient: RECIPIENT.into(),
+            ..corrections()
+        };
+        let v = violations(&with(
+            RequestKind::Erasure,
+            RequestParameters {
+                lift_restriction: true,
+                ..params
+            },
+        ));
+        let fields: Vec<&str> = v.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "parameters.corrections",
+                "parameters.lift_restriction",
+                "parameters.transfer_recipient"
+            ]
+        );
+    }
+
+    #[test]
+    fn without_a_valid_kind_parameters_are_not_judged() {
+        let mut r = with(RequestKind::Unspecified, corrections());
+        r.kind = 99;
+        let v = violations(&r);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].0, "kind");
+    }
+
+    #[test]
+    fn a_transfer_names_a_configured_recipient() {
+        let v = violations(&with(RequestKind::Transfer, recipient("old-bookkeeper")));
+        assert_eq!(
+            v,
+            [(
+                "parameters.transfer_recipient".to_string(),
+                "\"old-bookkeeper\" is not a configured recipient (known recipients: \
+                 new-bookkeeper)"
+                    .to_string()
+            )]
+        );
+        let v = violations(&with(RequestKind::Transfer, RequestParameters::default()));
+        assert_eq!(v[0].0, "parameters.transfer_recipient");
+        assert!(v[0].1.contains("1 to 256 bytes"), "{v:?}");
+        assert!(v[0].1.contains("new-bookkeeper"), "{v:?}");
+        // A long name is refused by its length, not echoed back.
+        let v = violations(&with(RequestKind::Transfer, recipient(&"r".repeat(257))));
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(!v[0].1.contains("rrr"), "{v:?}");
+    }
+
+    #[test]
+    fn with_no_recipients_configured_a_transfer_is_told_so() {
+        let r = with(RequestKind::Transfer, recipient(RECIPIENT));
+        let v = validate_submit(&r, &BTreeSet::new(), &BTreeSet::new());
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(
+            v[0].rule
+                .ends_with("(no recipients are configured at the registry)"),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_long_list_of_recipients_is_cut_short() {
+        let names: Vec<String> = (0..20).map(|i| format!("r{i:02}")).collect();
+        let known: BTreeSet<&str> = names.iter().map(String::as_str).collect();
+        let listed = recipients_listed(&known);
+        assert_eq!(
+            listed,
+            "known recipients: r00, r01, r02, r03, r04, r05, r06, r07 and 12 more"
+        );
     }
 }

@@ -347,7 +347,7 @@ async fn submit_names_the_field_and_rule_of_each_violation() {
             with(|r| r.kind = RequestKind::Transfer as i32),
             vec![(
                 "parameters.transfer_recipient",
-                &["recipient", "1 to 256 bytes"],
+                &["1 to 256 bytes", "known recipients: new-bookkeeper"],
             )],
         ),
         (

@@ -89,6 +89,9 @@ pub enum Holder {
 pub const PROCESSOR: &str = "payroll-bureau";
 /// The newsletter holder's subprocessor name.
 pub const NEWSLETTER: &str = "newsletter";
+/// The transfer recipient the registry knows, so that a TRANSFER may name it. Nothing is
+/// delivered to a recipient yet, so its endpoint leads nowhere.
+pub const RECIPIENT: &str = "new-bookkeeper";
 
 /// What a pair is made of. The default: SQLite, in-process, accounting and mail-marketing,
 /// everything started.
@@ -239,13 +242,13 @@ mod configs {
         TransferMechanismConfig,
     };
     use dsrelay_registry::config::{
-        DeliveryConfig, IdentityRole, ProcessorConfig, ReconcileConfig, Role,
+        DeliveryConfig, IdentityRole, ProcessorConfig, RecipientConfig, ReconcileConfig, Role,
     };
     use dsrelay_runtime::backoff::Backoff;
     use dsrelay_runtime::pki::{dev_identity, DevPki};
     use dsrelay_runtime::settings::ServiceSettings;
 
-    use super::{Holder, PairOptions, NEWSLETTER, PROCESSOR};
+    use super::{Holder, PairOptions, NEWSLETTER, PROCESSOR, RECIPIENT};
 
     /// Addresses and stores decided before any configuration is written.
     pub(super) struct Plan<'a> {
@@ -315,6 +318,12 @@ mod configs {
                 party("operator", "ops", Role::Operator),
             ],
             processors,
+            recipients: vec![RecipientConfig {
+                name: RECIPIENT.into(),
+                endpoint: "https://recipient.invalid:8443".into(),
+                identity: dev_identity("recipient", RECIPIENT),
+                description: "the accounting firm a customer moves to".into(),
+            }],
             delivery: DeliveryConfig {
                 backoff: fast_backoff(),
                 poll_interval_ms: 100,

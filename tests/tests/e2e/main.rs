@@ -21,3 +21,4 @@ mod mtls;
 mod retention;
 mod store_conformance;
 mod tracing;
+mod validation;

@@ -12,7 +12,7 @@ use dsrelay_connectors::sql::{create_sample_accounting_db, sample_config};
 use dsrelay_processor::config::{
     ConnectorConfig, ControllerConfig, NoopConfig, SubprocessorConfig, TransferMechanismConfig,
 };
-use dsrelay_registry::config::{IdentityRole, ProcessorConfig, Role};
+use dsrelay_registry::config::{IdentityRole, ProcessorConfig, RecipientConfig, Role};
 use dsrelay_runtime::pki::{dev_identity, DevPki};
 use dsrelay_runtime::settings::ServiceSettings;
 
@@ -23,6 +23,9 @@ use crate::Failure;
 
 /// The processor's name at the registry in the development setup.
 const PROCESSOR: &str = "payroll-bureau";
+/// The transfer recipient of the development setup: `dsrctl submit --kind transfer
+/// --recipient example-recipient` is accepted.
+const RECIPIENT: &str = "example-recipient";
 
 fn registry_config(dir: &Path, port: u16, processor_port: u16) -> dsrelay_registry::Config {
     let identity = |role: &str, name: &str, r: Role| IdentityRole {
@@ -49,6 +52,14 @@ fn registry_config(dir: &Path, port: u16, processor_port: u16) -> dsrelay_regist
             endpoint: format!("https://localhost:{processor_port}"),
             identity: dev_identity("processor", PROCESSOR),
             categories: vec!["contact".into(), "invoicing".into(), "marketing".into()],
+        }],
+        recipients: vec![RecipientConfig {
+            name: RECIPIENT.into(),
+            endpoint: "https://localhost:50071".into(),
+            identity: dev_identity("recipient", "example"),
+            description: "an example: Submit accepts transfers to it; nothing listens here and \
+                          no data is delivered to recipients yet"
+                .into(),
         }],
         delivery: Default::default(),
         reconcile: Default::default(),
@@ -233,4 +244,18 @@ pub(crate) async fn up(
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_registry_file_it_writes_validates_and_names_the_recipient() {
+        let dir = Path::new("/tmp/dsrelay-dev");
+        let text = toml::to_string(&registry_config(dir, 50051, 50061)).unwrap();
+        let config: dsrelay_registry::Config = toml::from_str(&text).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.known_recipients(), [RECIPIENT].into());
+    }
 }

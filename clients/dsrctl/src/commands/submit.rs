@@ -12,8 +12,8 @@ use crate::Failure;
 /// phone, customer number, national id, other, hashed e-mails), not of the command line:
 /// clap does not keep the interleaving, and the registry treats identities as a set.
 ///
-/// Rejects parameters that do not belong to the kind: the registry would ignore them, and a
-/// request that silently drops `--lift` is worse than an error.
+/// Rejects parameters that do not belong to the kind before calling: the registry refuses
+/// them too, but only this side can name the flag to drop.
 pub(crate) fn submit_request(
     args: &SubmitArgs,
     idempotency_key: String,

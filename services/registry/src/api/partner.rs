@@ -42,7 +42,11 @@ impl RequestService for Api {
 
         let body = req.into_inner();
         let config = &self.shared.config;
-        ApiError::ensure_valid(validate_submit(&body, &config.known_categories()))?;
+        ApiError::ensure_valid(validate_submit(
+            &body,
+            &config.known_categories(),
+            &config.known_recipients(),
+        ))?;
         let wanted: Vec<&str> = body
             .scope
             .as_ref()
