@@ -1,7 +1,8 @@
 //! A return of data from two holders (the SQL accounting database and the example adapter)
 //! through the real services: each connector writes its export as files into the task's
 //! folder under the processor's data folder, and the processor stores only the list of those
-//! files (name, media type, categories, size, SHA-256) with the task.
+//! files (name, media type, categories, size, SHA-256) with the task. A task run again
+//! replaces its files.
 
 use std::path::Path;
 use std::time::Duration;
@@ -14,7 +15,7 @@ use dsrelay_runtime::store::Db;
 use sqlx::Row as _;
 
 use crate::harness::{
-    erasure, in_state, spawn_pair, wait_until, Backend, Holder, PairOptions, NEWSLETTER,
+    erasure, in_state, spawn_pair, wait_until, Backend, Holder, PairOptions, Role, NEWSLETTER,
 };
 
 /// In the sample accounting database (customer 1) and the newsletter's seed.
@@ -190,4 +191,54 @@ async fn exports_return_of_data_to_files_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exports_return_of_data_to_files_on_postgres() {
     return_of_data_is_written_to_files(Backend::Postgres).await;
+}
+
+/// The first attempts find the adapter down; what is in the task's folder then (here a file
+/// planted between attempts) is gone when the attempt that succeeds has written its files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_a_rerun_replaces_the_files_of_earlier_attempts() {
+    let mut pair = spawn_pair(PairOptions {
+        holders: vec![Holder::Newsletter],
+        down: vec![Role::Adapter],
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
+    let mut crm = pair.client("partner-crm");
+    let id = crm
+        .submit(dsrelay_proto::v1::SubmitRequest {
+            kind: RequestKind::ReturnOfData as i32,
+            ..erasure(MAIJA)
+        })
+        .await
+        .expect("submit")
+        .into_inner()
+        .request_id;
+    let dir = pair.export_dir(&id, NEWSLETTER);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !dir.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no attempt made {dir:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::write(dir.join("stale.json"), "[]").unwrap();
+    pair.adapter().start().await;
+    wait_until(
+        &mut crm,
+        &id,
+        Duration::from_secs(30),
+        in_state(RequestState::Completed),
+    )
+    .await;
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["export.json"]);
+    let files = recorded_files(pair.processor.database_url(), &id, NEWSLETTER).await;
+    checked(&dir, &files, "export.json");
+    pair.stop().await;
 }
