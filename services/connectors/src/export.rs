@@ -6,8 +6,10 @@
 //! of adding to them. A connector opens one file at a time ([`ExportSink::file`]), feeds it
 //! ([`ExportWriter::write`], or row by row through [`JsonArrayWriter`] and [`CsvWriter`]),
 //! and closes it ([`ExportWriter::finish`]), which answers the file's [`ExportedFile`]: the
-//! metadata a package manifest needs. No connector holds a whole export in memory: what is
-//! buffered is one row and the writer's buffer.
+//! metadata a package manifest needs. What a connector holds in memory is what it has
+//! read and not yet written: the SQL connector one row, the Mailchimp connector one page of
+//! a member's list, the adapter connector the one message (at most 16 MiB) its protocol
+//! carries an export in.
 
 use std::path::{Path, PathBuf};
 

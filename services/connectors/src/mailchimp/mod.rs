@@ -374,8 +374,10 @@ impl MailchimpConnector {
                 map.remove("_links");
             }
             let mut file = sink.file(&format!("member-{hash}.json"), JSON).await?;
-            file.write(&serde_json::to_vec(&member).unwrap_or_default())
-                .await?;
+            let bytes = serde_json::to_vec(&member).map_err(|e| {
+                ConnectorError::Permanent(format!("mailchimp: encoding member {hash}: {e}"))
+            })?;
+            file.write(&bytes).await?;
             files.push(file.finish().await?);
             let mut counts = Vec::new();
             for list in MemberList::ALL {
