@@ -22,6 +22,12 @@
 //! not cached (asked again on the next task); any other failure, or an empty list, is cached
 //! as "unknown" and every kind is then passed on to `Execute`, which answers for itself.
 //!
+//! # Exports
+//! The protocol carries an export in one `ExecuteResponse.export_json` of at most 16 MiB, so
+//! the adapter's part of a package is small and bounded: it is checked to be JSON and written
+//! as it came, as `export.json` in the task's folder. (Paging would matter only for larger
+//! exports, which the protocol does not allow.)
+//!
 //! # Outcomes and errors
 //! COMPLETED, NOT_FOUND, RETAINED, ACCEPTED and REFUSED map to the [`Outcome`] of the same
 //! name; FAILED, UNSPECIFIED and malformed answers (invalid export JSON, RETAINED without a
@@ -50,7 +56,8 @@ use dsrelay_runtime::tls::TlsFiles;
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
-use crate::{kind_label, BoxFuture, Connector, ConnectorError, Outcome, Phase, Task};
+use crate::export::JSON;
+use crate::{kind_label, BoxFuture, Connector, ConnectorError, ExportedFile, Outcome, Phase, Task};
 
 /// Appended to the task id to form the idempotency key of the [`Phase::RetentionExpired`]
 /// call.
@@ -327,16 +334,16 @@ impl Connector for AdapterConnector {
                         });
                     }
                     let response = self.execute(task, &task.task_id).await?;
-                    outcome_from_response(task.kind, &task.task_id, response)
+                    finish(task, &task.task_id, response).await
                 }
                 Phase::Confirm { handle } => {
                     let response = self.task_status(handle).await?;
-                    outcome_from_response(task.kind, handle, response)
+                    finish(task, handle, response).await
                 }
                 Phase::RetentionExpired => {
                     let key = retention_expired_key(&task.task_id);
                     let response = self.execute(task, &key).await?;
-                    match outcome_from_response(task.kind, &key, response)? {
+                    match outcome_from_response(&key, response)? {
                         Outcome::Retained { until_ms, .. } if until_ms <= task.now_ms => {
                             Err(ConnectorError::Permanent(format!(
                                 "the adapter still retains data after its retain-until date \
@@ -382,10 +389,45 @@ fn clip(mut s: String) -> String {
     s
 }
 
-/// Turns an adapter's answer to a task of `kind` into an [`Outcome`]; `handle` is the key
+/// Turns an adapter's answer to `task` into an [`Outcome`], writing a completed export into
+/// the task's folder as `export.json`.
+async fn finish(
+    task: &Task,
+    handle: &str,
+    mut response: ExecuteResponse,
+) -> Result<Outcome, ConnectorError> {
+    let export = std::mem::take(&mut response.export_json);
+    let mut outcome = outcome_from_response(handle, response)?;
+    if let Outcome::Completed { files, .. } = &mut outcome {
+        // Data the request did not ask for is not kept.
+        if matches!(task.kind, RequestKind::ReturnOfData | RequestKind::Transfer) {
+            *files = vec![write_export(task, &export).await?];
+        }
+    }
+    Ok(outcome)
+}
+
+/// Checks that the adapter's `export_json` is JSON and writes it as `export.json`. The
+/// protocol bounds it to 16 MiB in one message, which is what this connector holds of it.
+async fn write_export(task: &Task, export: &[u8]) -> Result<ExportedFile, ConnectorError> {
+    if export.is_empty() {
+        return Err(ConnectorError::Permanent(format!(
+            "the adapter completed {} without export_json",
+            kind_label(task.kind)
+        )));
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(export).map_err(|e| {
+        ConnectorError::Permanent(format!("the adapter's export_json is not valid JSON: {e}"))
+    })?;
+    let mut file = task.export_sink()?.file("export.json", JSON).await?;
+    file.write(export).await?;
+    file.finish().await
+}
+
+/// Turns an adapter's answer into an [`Outcome`] (a COMPLETED one without
+/// files: [`finish`] writes them); `handle` is the key
 /// the answer was given under (returned in [`Outcome::Accepted`]).
 fn outcome_from_response(
-    kind: RequestKind,
     handle: &str,
     response: ExecuteResponse,
 ) -> Result<Outcome, ConnectorError> {
@@ -393,29 +435,11 @@ fn outcome_from_response(
     let note = clip(evidence.note);
     let outcome = ExecuteOutcome::try_from(response.outcome).unwrap_or(ExecuteOutcome::Unspecified);
     match outcome {
-        ExecuteOutcome::Completed => {
-            let exports = matches!(kind, RequestKind::ReturnOfData | RequestKind::Transfer);
-            let export = if !exports {
-                // Data the request did not ask for is not kept.
-                None
-            } else if response.export_json.is_empty() {
-                return Err(ConnectorError::Permanent(format!(
-                    "the adapter completed {} without export_json",
-                    kind_label(kind)
-                )));
-            } else {
-                Some(serde_json::from_slice(&response.export_json).map_err(|e| {
-                    ConnectorError::Permanent(format!(
-                        "the adapter's export_json is not valid JSON: {e}"
-                    ))
-                })?)
-            };
-            Ok(Outcome::Completed {
-                records_affected: evidence.records_affected.max(0),
-                note,
-                export,
-            })
-        }
+        ExecuteOutcome::Completed => Ok(Outcome::Completed {
+            records_affected: evidence.records_affected.max(0),
+            note,
+            files: Vec::new(),
+        }),
         ExecuteOutcome::NotFound => Ok(Outcome::NotFound {
             note: if note.is_empty() {
                 "the adapter holds no data on the subject".into()
@@ -522,6 +546,7 @@ mod tests {
             parameters: Default::default(),
             due_at_ms: 1_700_000_000_000,
             now_ms: 1_600_000_000_000,
+            export: None,
             phase,
         }
     }
@@ -606,21 +631,20 @@ mod tests {
 
     #[test]
     fn maps_outcomes() {
-        let k = RequestKind::Erasure;
         assert_eq!(
-            outcome_from_response(k, "h", response(ExecuteOutcome::Completed)).unwrap(),
+            outcome_from_response("h", response(ExecuteOutcome::Completed)).unwrap(),
             Outcome::Completed {
                 records_affected: 2,
                 note: "done".into(),
-                export: None
+                files: Vec::new()
             }
         );
         assert!(matches!(
-            outcome_from_response(k, "h", response(ExecuteOutcome::NotFound)).unwrap(),
+            outcome_from_response("h", response(ExecuteOutcome::NotFound)).unwrap(),
             Outcome::NotFound { .. }
         ));
         assert_eq!(
-            outcome_from_response(k, "h", response(ExecuteOutcome::Accepted)).unwrap(),
+            outcome_from_response("h", response(ExecuteOutcome::Accepted)).unwrap(),
             Outcome::Accepted {
                 handle: "h".into(),
                 note: "done".into()
@@ -629,23 +653,23 @@ mod tests {
         let mut refused = response(ExecuteOutcome::Refused);
         refused.reason = "not here".into();
         assert_eq!(
-            outcome_from_response(k, "h", refused).unwrap(),
+            outcome_from_response("h", refused).unwrap(),
             Outcome::Refused {
                 reason: "not here".into()
             }
         );
         let mut failed = response(ExecuteOutcome::Failed);
         failed.reason = "disk full".into();
-        let e = outcome_from_response(k, "h", failed).unwrap_err();
+        let e = outcome_from_response("h", failed).unwrap_err();
         assert!(
             !e.is_transient() && e.to_string().contains("disk full"),
             "{e}"
         );
-        let e = outcome_from_response(k, "h", response(ExecuteOutcome::Unspecified)).unwrap_err();
+        let e = outcome_from_response("h", response(ExecuteOutcome::Unspecified)).unwrap_err();
         assert!(!e.is_transient());
         let mut bogus = response(ExecuteOutcome::Completed);
         bogus.outcome = 99;
-        assert!(!outcome_from_response(k, "h", bogus)
+        assert!(!outcome_from_response("h", bogus)
             .unwrap_err()
             .is_transient());
     }
@@ -656,7 +680,7 @@ mod tests {
         r.legal_basis = "Kirjanpitolaki 2:10 §".into();
         r.retain_until = Some(timestamp_from_millis(1_800_000_000_000));
         assert_eq!(
-            outcome_from_response(RequestKind::Erasure, "h", r.clone()).unwrap(),
+            outcome_from_response("h", r.clone()).unwrap(),
             Outcome::Retained {
                 legal_basis: "Kirjanpitolaki 2:10 §".into(),
                 until_ms: 1_800_000_000_000,
@@ -666,38 +690,61 @@ mod tests {
         );
         let mut no_date = r.clone();
         no_date.retain_until = None;
-        let e = outcome_from_response(RequestKind::Erasure, "h", no_date).unwrap_err();
+        let e = outcome_from_response("h", no_date).unwrap_err();
         assert!(!e.is_transient() && e.to_string().contains("retain_until"));
         let mut no_basis = r;
         no_basis.legal_basis.clear();
-        assert!(outcome_from_response(RequestKind::Erasure, "h", no_basis).is_err());
+        assert!(outcome_from_response("h", no_basis).is_err());
     }
 
-    #[test]
-    fn parses_exports() {
+    #[tokio::test]
+    async fn writes_exports_into_the_task_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let task = |kind| Task {
+            task_id: "c/r-1/crm".into(),
+            request_id: "r-1".into(),
+            kind,
+            identities: Vec::new(),
+            categories: Vec::new(),
+            parameters: Default::default(),
+            due_at_ms: 0,
+            now_ms: 0,
+            phase: Phase::Start,
+            export: Some(crate::ExportSink::new(
+                dir.path().join(kind_label(kind)),
+                vec!["crm".into()],
+            )),
+        };
         let mut r = response(ExecuteOutcome::Completed);
-        r.export_json = br#"{"subscribers":[{"name":"A"}]}"#.to_vec();
-        let Outcome::Completed { export, .. } =
-            outcome_from_response(RequestKind::ReturnOfData, "h", r.clone()).unwrap()
-        else {
+        let body = br#"{"subscribers":[{"name":"A"}]}"#;
+        r.export_json = body.to_vec();
+        let t = task(RequestKind::ReturnOfData);
+        let Outcome::Completed { files, .. } = finish(&t, "h", r.clone()).await.unwrap() else {
             panic!("not completed");
         };
-        assert_eq!(export.unwrap()["subscribers"][0]["name"], "A");
+        assert_eq!(files.len(), 1);
+        assert_eq!((files[0].name.as_str(), files[0].size), ("export.json", 30));
+        let path = t.export.as_ref().unwrap().dir().join("export.json");
+        assert_eq!(std::fs::read(path).unwrap(), body);
         // Not kept for kinds that did not ask for data.
-        let Outcome::Completed { export, .. } =
-            outcome_from_response(RequestKind::Erasure, "h", r.clone()).unwrap()
-        else {
+        let t = task(RequestKind::Erasure);
+        let Outcome::Completed { files, .. } = finish(&t, "h", r.clone()).await.unwrap() else {
             panic!("not completed");
         };
-        assert!(export.is_none());
+        assert!(files.is_empty());
+        assert!(!t.export.as_ref().unwrap().dir().exists());
         r.export_json = b"{not json".to_vec();
-        let e = outcome_from_response(RequestKind::Transfer, "h", r.clone()).unwrap_err();
+        let e = finish(&task(RequestKind::Transfer), "h", r.clone())
+            .await
+            .unwrap_err();
         assert!(
             !e.is_transient() && e.to_string().contains("not valid JSON"),
             "{e}"
         );
         r.export_json.clear();
-        assert!(outcome_from_response(RequestKind::ReturnOfData, "h", r).is_err());
+        assert!(finish(&task(RequestKind::ReturnOfData), "h", r)
+            .await
+            .is_err());
     }
 
     #[test]

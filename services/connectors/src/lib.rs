@@ -17,6 +17,8 @@
 //!   folder: the connector, `api` (the HTTP calls and their error mapping), `scrub` (keeping
 //!   personal data out of echoed errors) and `mailchimp::fake` (a local Mailchimp API for
 //!   tests, public with the `fake-mailchimp` feature).
+//! - [`export`]: where RETURN_OF_DATA and TRANSFER exports go: files in the task's folder,
+//!   written a piece at a time, each counted and hashed ([`ExportSink`], [`ExportedFile`]).
 //! - [`noop`]: holds nothing; confirms after a delay (benchmarks, smoke tests).
 //! - [`manual`]: an operator does the work and confirms it (systems without an API).
 //! - [`adapter`]: an external adapter (any language) over mutual TLS via the
@@ -34,12 +36,14 @@ use dsrelay_proto::v1::{RequestKind, RequestParameters, SubjectIdentity};
 
 pub mod adapter;
 mod config;
+pub mod export;
 pub mod mailchimp;
 pub mod manual;
 pub mod noop;
 pub mod sql;
 
 pub use config::{build, ConnectorConfig};
+pub use export::{ExportSink, ExportedFile};
 
 /// A boxed future, so that connectors can be used as trait objects.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -117,20 +121,35 @@ pub struct Task {
     pub now_ms: i64,
     /// Which step to take.
     pub phase: Phase,
+    /// Where the export goes, for RETURN_OF_DATA and TRANSFER tasks: the processor gives
+    /// each such task a folder of its own, emptied before every run.
+    pub export: Option<ExportSink>,
+}
+
+impl Task {
+    /// The sink of an export task; a permanent error when the caller gave none.
+    pub fn export_sink(&self) -> Result<&ExportSink, ConnectorError> {
+        self.export.as_ref().ok_or_else(|| {
+            ConnectorError::Permanent(format!(
+                "no export folder was given for a {} task",
+                kind_label(self.kind)
+            ))
+        })
+    }
 }
 
 /// What a connector run ended in.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// The holder confirmed the work. `export` carries the subject's data for
-    /// RETURN_OF_DATA and TRANSFER.
+    /// The holder confirmed the work. For RETURN_OF_DATA and TRANSFER, `files` lists what
+    /// the connector wrote into the task's [`ExportSink`].
     Completed {
         /// Records erased, exported or changed.
         records_affected: i64,
         /// What was done, without identity values.
         note: String,
-        /// The subject's data, for export kinds.
-        export: Option<serde_json::Value>,
+        /// The export files written, in the order written; empty for other kinds.
+        files: Vec<ExportedFile>,
     },
     /// The holder confirmed it holds no data on the subject.
     NotFound {

@@ -41,15 +41,14 @@ impl Connector for NoopConnector {
         kind != RequestKind::Unspecified
     }
 
-    fn run<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+    fn run<'a>(&'a self, _task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
         Box::pin(async move {
             tokio::time::sleep(self.delay).await;
-            let export = matches!(task.kind, RequestKind::ReturnOfData | RequestKind::Transfer)
-                .then(|| serde_json::json!({}));
+            // Holding nothing, it writes no export files either.
             Ok(Outcome::Completed {
                 records_affected: 0,
                 note: "noop connector: nothing held".into(),
-                export,
+                files: Vec::new(),
             })
         })
     }

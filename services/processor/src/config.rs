@@ -2,7 +2,7 @@
 //! work on to.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub use dsrelay_connectors::noop::NoopConfig;
 pub use dsrelay_connectors::ConnectorConfig;
@@ -37,6 +37,18 @@ pub struct Config {
     /// How acknowledgements are sent back and retried.
     #[serde(default)]
     pub acks: AckConfig,
+    /// The processor's data folder: exports of RETURN_OF_DATA and TRANSFER tasks are written
+    /// as files under `exports/` here, one folder per task. A relative path is taken from
+    /// the working directory, like the default SQLite database beside it.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+}
+
+/// The default of `data_dir`: next to the default SQLite database.
+pub const DEFAULT_DATA_DIR: &str = ".dsrelay/processor-data";
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_DATA_DIR)
 }
 
 /// A controller: who may deliver requests, and where its registry takes acknowledgements.
@@ -272,6 +284,9 @@ impl Config {
                 errors.push(format!("subprocessors[{i}].connector: {e}"));
             }
         }
+        if self.data_dir.as_os_str().is_empty() {
+            errors.push("data_dir: must not be empty".into());
+        }
         if self.tasks.concurrency == 0 || self.tasks.batch_size == 0 || self.acks.batch_size == 0 {
             errors.push("tasks and acks: concurrency and batch sizes must be at least 1".into());
         }
@@ -328,6 +343,13 @@ mod tests {
         assert_eq!(c.service.tls.ca, dir.path().join("ca.pem"));
         assert_eq!(c.tasks.concurrency, 2);
         assert_eq!(c.operators, ["spiffe://x"]);
+        assert_eq!(c.data_dir, Path::new(DEFAULT_DATA_DIR));
+        let c = Config::load_from(
+            Some(&file),
+            env(&[("DSRELAY_PROCESSOR__DATA_DIR", "/var/lib/dsrelay")]),
+        )
+        .unwrap();
+        assert_eq!(c.data_dir, Path::new("/var/lib/dsrelay"));
     }
 
     #[test]

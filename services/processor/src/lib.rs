@@ -3,7 +3,8 @@
 //! state change back to the controller's registry.
 //!
 //! # Layout
-//! - [`config`]: controllers, subprocessors and their connectors, worker settings.
+//! - [`config`]: controllers, subprocessors and their connectors, worker settings, the data
+//!   folder.
 //! - [`app`]: [`App::build`] (store, connectors, registry clients) and [`App::run`], which
 //!   hands the services, metrics and workers to the runtime's host.
 //! - [`api`]: Deliver, Cancel, GetStatus and ListSubprocessors, for controllers; the
@@ -14,6 +15,7 @@
 //! - [`task_machine`]: every rule of a task's life, as one pure function.
 //! - [`runner`]: claims runnable tasks and takes each one step by running its
 //!   subprocessor's connector (`dsrelay-connectors`), as the task machine decides.
+//! - [`exports`]: the folder under `data_dir` each export task writes its files to.
 //! - [`breaker`]: marks a holder that failed transiently, so its other tasks wait without
 //!   calling it.
 //! - [`ack_sender`]: sends queued acknowledgements to the registries.
@@ -23,6 +25,7 @@ mod api;
 mod app;
 mod breaker;
 pub mod config;
+pub mod exports;
 mod metrics;
 mod operator_api;
 mod runner;

@@ -3,7 +3,8 @@
 //! (its lease renewed while the holder works), the state machine turns the outcome into the
 //! task's next state, and the store records it with its acknowledgement. A holder that
 //! failed transiently is marked unreachable ([`crate::breaker`]) and its other tasks wait
-//! without calling it.
+//! without calling it. An export task's connector writes into the task's folder under the
+//! data folder ([`crate::exports`]), emptied before each call.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +17,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::app::Shared;
+use crate::exports;
 use crate::store::TaskJob;
 use crate::task_machine::{decide, retry_at, Context, Decision, Event, Holder};
 
@@ -180,20 +182,42 @@ async fn call(
     seq: i64,
 ) -> Result<Outcome, ConnectorError> {
     let key = &job.task.key;
+    let categories = request
+        .scope
+        .as_ref()
+        .map(|s| s.data_categories.clone())
+        .unwrap_or_default();
+    let export = if exports::exports(kind) {
+        let held = shared
+            .config
+            .subprocessors
+            .iter()
+            .find(|s| s.name == key.subprocessor)
+            .map_or(&[][..], |s| &s.categories[..]);
+        let sink = exports::sink(&shared.config.data_dir, key, held, &categories);
+        // Whatever an earlier run of this task left goes: its files are replaced, never
+        // added to.
+        if let Err(e) = sink.reset().await {
+            return Err(ConnectorError::Permanent(format!(
+                "preparing the export folder {}: {e}",
+                sink.dir().display()
+            )));
+        }
+        Some(sink)
+    } else {
+        None
+    };
     let task = Task {
         task_id: format!("{}/{}/{}", key.controller, key.request_id, key.subprocessor),
         request_id: key.request_id.clone(),
         kind,
         identities: request.identities.clone(),
-        categories: request
-            .scope
-            .as_ref()
-            .map(|s| s.data_categories.clone())
-            .unwrap_or_default(),
+        categories,
         parameters: request.parameters.clone().unwrap_or_default(),
         due_at_ms: job.due_at,
         now_ms: shared.clock.now_ms(),
         phase: phase.clone(),
+        export,
     };
     let lease_ms = shared.config.tasks.lease_ms as i64;
     let renew = async {

@@ -24,7 +24,7 @@
 //!   stay as they are
 //! - an operator completes (or finds nothing) or refuses only a task WAITING_FOR_OPERATOR
 
-use dsrelay_connectors::{kind_label, ConnectorError, Outcome, Phase};
+use dsrelay_connectors::{kind_label, ConnectorError, ExportedFile, Outcome, Phase};
 use dsrelay_proto::v1::{RequestKind, TaskState};
 
 /// Never: for tasks only an operator moves on.
@@ -155,8 +155,9 @@ pub struct Transition {
     pub next_attempt_at: Option<i64>,
     /// The holder's reference for accepted, unconfirmed work.
     pub handle: Option<String>,
-    /// The subject's data as JSON, for export kinds.
-    pub export_json: Option<String>,
+    /// The files an export wrote into the task's folder (metadata only); `None` when it
+    /// wrote none.
+    pub export_files: Option<Vec<ExportedFile>>,
     /// Keep the task reserved until then (ms): for a step after which the same runner goes
     /// on working on the task. `None` releases it.
     pub hold_until: Option<i64>,
@@ -352,13 +353,13 @@ fn ran(
         Outcome::Completed {
             records_affected,
             note,
-            export,
+            files,
         } => Transition {
             state: TaskState::Completed,
             records_affected: earlier + records_affected,
             confirmed: true,
             note,
-            export_json: export.map(|e| e.to_string()),
+            export_files: (!files.is_empty()).then_some(files),
             ..Default::default()
         },
         Outcome::NotFound { note } => Transition {
@@ -580,20 +581,27 @@ mod tests {
 
     #[test]
     fn confirmed_outcomes_are_final() {
+        let file = ExportedFile {
+            name: "customers.csv".into(),
+            media_type: "text/csv".into(),
+            categories: vec!["contact".into()],
+            size: 10,
+            sha256: "ab".repeat(32),
+        };
         let t = moved(ran(
             &task(InProgress),
             Phase::Start,
             Ok(Outcome::Completed {
                 records_affected: 2,
-                note: "erased".into(),
-                export: Some(serde_json::json!({"a": 1})),
+                note: "exported".into(),
+                files: vec![file.clone()],
             }),
         ));
         assert_eq!(
             (t.state, t.records_affected, t.confirmed),
             (Completed, 2, true)
         );
-        assert_eq!(t.export_json.as_deref(), Some(r#"{"a":1}"#));
+        assert_eq!(t.export_files, Some(vec![file]));
         assert_eq!(t.next_attempt_at, None);
         let t = moved(ran(
             &task(InProgress),
@@ -631,7 +639,7 @@ mod tests {
             Ok(Outcome::Completed {
                 records_affected: 2,
                 note: "erased the rest".into(),
-                export: None,
+                files: Vec::new(),
             }),
         ));
         assert_eq!((t.state, t.records_affected), (Completed, 5));

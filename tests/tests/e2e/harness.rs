@@ -93,6 +93,12 @@ pub const NEWSLETTER: &str = "newsletter";
 /// delivered to a recipient yet, so its endpoint leads nowhere.
 pub const RECIPIENT: &str = "new-bookkeeper";
 
+/// The controller's name in the processor's configuration.
+pub const CONTROLLER: &str = "controller";
+
+/// The processor's data folder, inside the pair's folder.
+const PROCESSOR_DATA_DIR: &str = "processor-data";
+
 /// What a pair is made of. The default: SQLite, in-process, accounting and mail-marketing,
 /// everything started.
 #[derive(Debug, Clone)]
@@ -260,6 +266,8 @@ mod configs {
         pub processor_listen: String,
         pub processor_admin: Option<String>,
         pub processor_db: String,
+        /// The processor's data folder (export files).
+        pub processor_data: std::path::PathBuf,
         /// Where the processor sends its acknowledgements.
         pub ack_port: u16,
         pub absent_processor_port: Option<u16>,
@@ -406,11 +414,12 @@ mod configs {
                 log_json: plan.opts.log_json,
             },
             controllers: vec![ControllerConfig {
-                name: "controller".into(),
+                name: super::CONTROLLER.into(),
                 identity: dev_identity("registry", "controller"),
                 registry_endpoint: format!("https://localhost:{}", plan.ack_port),
             }],
             operators: vec![dev_identity("operator", "ops")],
+            data_dir: plan.processor_data.clone(),
             subprocessors: plan
                 .opts
                 .holders
@@ -840,6 +849,7 @@ pub async fn spawn_pair(opts: PairOptions) -> Option<TestPair> {
         processor_listen: addr_of(&processor_socket).to_string(),
         processor_admin: admin_addr(&processor_admin),
         processor_db,
+        processor_data: dir.path().join(PROCESSOR_DATA_DIR),
         ack_port,
         absent_processor_port,
         accounting_url: accounting_url.clone(),
@@ -931,6 +941,18 @@ impl TestPair {
     /// The pair's folder (configurations, logs, SQLite files, PKI).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The folder the processor writes the export of `request_id` at `subprocessor` to.
+    pub fn export_dir(&self, request_id: &str, subprocessor: &str) -> PathBuf {
+        dsrelay_processor::exports::task_dir(
+            &self.dir().join(PROCESSOR_DATA_DIR),
+            &dsrelay_processor::store::TaskKey {
+                controller: CONTROLLER.into(),
+                request_id: request_id.into(),
+                subprocessor: subprocessor.into(),
+            },
+        )
     }
 
     /// The pair's development PKI, its CA generated for this test.

@@ -14,6 +14,7 @@ mod connectors;
 mod dsrctl_cli;
 mod durability;
 mod erasure;
+mod exports;
 mod lifecycle;
 mod logs;
 mod metrics;

@@ -83,6 +83,7 @@ fn processor_config(dir: &Path, port: u16, registry_port: u16) -> dsrelay_proces
             registry_endpoint: format!("https://localhost:{registry_port}"),
         }],
         operators: vec![dev_identity("operator", "ops")],
+        data_dir: dir.join("processor-data"),
         subprocessors: vec![
             SubprocessorConfig {
                 name: "accounting".into(),

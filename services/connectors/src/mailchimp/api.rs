@@ -31,6 +31,50 @@ pub(super) enum Reply {
     Missing,
 }
 
+/// The lists under a member that an access request covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum MemberList {
+    /// `/notes`: notes the audience's staff wrote about the member.
+    Notes,
+    /// `/activity-feed`: what the member did and what was done to it (opens, clicks,
+    /// sign-ups, changes).
+    Activity,
+    /// `/events`: custom events recorded for the member.
+    Events,
+}
+
+impl MemberList {
+    /// Every list, in export order.
+    pub(super) const ALL: [Self; 3] = [Self::Notes, Self::Activity, Self::Events];
+
+    /// The path under the member.
+    fn path(self) -> &'static str {
+        match self {
+            Self::Notes => "notes",
+            Self::Activity => "activity-feed",
+            Self::Events => "events",
+        }
+    }
+
+    /// The key of the item array in a page.
+    pub(super) fn key(self) -> &'static str {
+        match self {
+            Self::Notes => "notes",
+            Self::Activity => "activity",
+            Self::Events => "events",
+        }
+    }
+
+    /// The file name's stem.
+    pub(super) fn file(self) -> &'static str {
+        match self {
+            Self::Notes => "notes",
+            Self::Activity => "activity",
+            Self::Events => "events",
+        }
+    }
+}
+
 /// The API key, kept out of `Debug` output: configurations and connectors get logged.
 #[derive(Clone)]
 struct ApiKey(String);
@@ -98,6 +142,25 @@ impl Api {
         let what = format!("reading member {hash}");
         self.call(Method::GET, &self.member_url(hash), None, &what, scrub)
             .await
+    }
+
+    /// `GET /lists/{list}/members/{hash}/{notes|activity-feed|events}?count=&offset=`: one
+    /// page of a member's list.
+    pub(super) async fn list_page(
+        &self,
+        hash: &str,
+        list: MemberList,
+        count: u32,
+        offset: u64,
+        scrub: &Scrubber,
+    ) -> Result<Reply, ConnectorError> {
+        let url = format!(
+            "{}/{}?count={count}&offset={offset}",
+            self.member_url(hash),
+            list.path()
+        );
+        let what = format!("reading the {} of member {hash}", list.file());
+        self.call(Method::GET, &url, None, &what, scrub).await
     }
 
     /// `GET /lists/{list}/members/{hash}?fields=id,status`: whether the member is still there.

@@ -1,5 +1,6 @@
 //! A local stand-in for the Mailchimp Marketing API v3: the paths, methods, status codes,
-//! problem+json errors and member documents of the subset the connector uses, over one
+//! problem+json errors, member documents and the member's paged notes, activity feed and
+//! events (`count`/`offset`, `total_items`) of the subset the connector uses, over one
 //! in-memory audience, with knobs for the failures the connector must survive (rate limits,
 //! outages, slow answers, members that linger after deletion).
 //!
@@ -11,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::body::Bytes;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -36,6 +37,8 @@ pub struct Audience {
     pub list_id: String,
     /// Members by subscriber hash.
     pub members: BTreeMap<String, Value>,
+    /// Notes, activity-feed items and events by subscriber hash, oldest first.
+    lists: BTreeMap<(String, &'static str), Vec<Value>>,
     /// Deleted members the API keeps returning: (document, GETs left).
     ghosts: BTreeMap<String, (Value, u32)>,
     /// How many GETs a member deleted from now on keeps being returned for.
@@ -92,6 +95,18 @@ impl FakeMailchimp {
                 "/3.0/lists/{list_id}/members/{hash}/actions/delete-permanent",
                 post(delete_permanent),
             )
+            .route(
+                "/3.0/lists/{list_id}/members/{hash}/notes",
+                get(|s, p, q| member_list(s, p, q, NOTES)),
+            )
+            .route(
+                "/3.0/lists/{list_id}/members/{hash}/activity-feed",
+                get(|s, p, q| member_list(s, p, q, ACTIVITY)),
+            )
+            .route(
+                "/3.0/lists/{list_id}/members/{hash}/events",
+                get(|s, p, q| member_list(s, p, q, EVENTS)),
+            )
             .fallback(|| async {
                 problem(
                     StatusCode::NOT_FOUND,
@@ -137,6 +152,60 @@ impl FakeMailchimp {
         hash
     }
 
+    /// Adds a note about member `hash`, as the audience's staff would write it.
+    pub fn add_note(&self, hash: &str, text: &str) {
+        let mut a = self.audience();
+        let id = a.list_len(hash, NOTES) + 1;
+        let list_id = a.list_id.clone();
+        a.push(
+            hash,
+            NOTES,
+            json!({
+                "id": id,
+                "created_at": "2024-04-02T10:00:00+00:00",
+                "created_by": "Asiakaspalvelu",
+                "updated_at": "2024-04-02T10:00:00+00:00",
+                "note": text,
+                "list_id": list_id,
+                "email_id": hash,
+                "contact_id": format!("{}{}", &hash[16..], &hash[..16]),
+                "_links": [{ "rel": "self", "method": "GET",
+                    "href": format!("https://us21.api.mailchimp.com/3.0/lists/{list_id}/members/{hash}/notes/{id}") }],
+            }),
+        );
+    }
+
+    /// Adds an activity-feed item (`open`, `click`, `signup`, ...) to member `hash`.
+    pub fn add_activity(&self, hash: &str, activity_type: &str) {
+        let mut a = self.audience();
+        let n = a.list_len(hash, ACTIVITY);
+        a.push(
+            hash,
+            ACTIVITY,
+            json!({
+                "activity_type": activity_type,
+                "created_at_timestamp": format!("2024-05-{:02}T08:00:00+00:00", 1 + n % 28),
+                "campaign_id": "f1e2d3c4b5",
+                "campaign_title": "Kevätkampanja",
+                "url": if activity_type == "click" { "https://example.fi/tarjous" } else { "" },
+            }),
+        );
+    }
+
+    /// Adds a custom event `name` to member `hash`.
+    pub fn add_event(&self, hash: &str, name: &str) {
+        let mut a = self.audience();
+        a.push(
+            hash,
+            EVENTS,
+            json!({
+                "name": name,
+                "occurred_at": "2024-06-01T12:00:00+00:00",
+                "properties": { "channel": "web" },
+            }),
+        );
+    }
+
     /// The member document under `hash`, if the audience has it.
     pub fn member(&self, hash: &str) -> Option<Value> {
         self.audience().members.get(hash).cloned()
@@ -151,6 +220,76 @@ impl FakeMailchimp {
             server.await.unwrap();
         }
     }
+}
+
+/// The keys of the item arrays of a member's notes, activity feed and events pages.
+const NOTES: &str = "notes";
+const ACTIVITY: &str = "activity";
+const EVENTS: &str = "events";
+
+impl Audience {
+    fn list_len(&self, hash: &str, list: &'static str) -> usize {
+        self.lists
+            .get(&(hash.to_string(), list))
+            .map_or(0, Vec::len)
+    }
+
+    fn push(&mut self, hash: &str, list: &'static str, item: Value) {
+        self.lists
+            .entry((hash.to_string(), list))
+            .or_default()
+            .push(item);
+    }
+}
+
+/// `count` and `offset` of a list call; Mailchimp's defaults are 10 and 0.
+#[derive(serde::Deserialize)]
+struct Paging {
+    count: Option<usize>,
+    offset: Option<usize>,
+}
+
+/// One page of a member's notes, activity feed or events, shaped like Mailchimp's (the
+/// items under `list`, `total_items`, the ids and links).
+async fn member_list(
+    State(audience): State<Arc<Mutex<Audience>>>,
+    Path((list_id, hash)): Path<(String, String)>,
+    Query(paging): Query<Paging>,
+    list: &'static str,
+) -> Response {
+    let a = audience.lock().unwrap();
+    if let Some(r) = wrong_list(&a, &list_id) {
+        return r;
+    }
+    if !a.members.contains_key(&hash) {
+        return member_not_found();
+    }
+    let count = paging.count.unwrap_or(10);
+    if count > 1000 {
+        return invalid_resource("count", "Must be less than or equal to 1000");
+    }
+    let items = a
+        .lists
+        .get(&(hash.clone(), list))
+        .cloned()
+        .unwrap_or_default();
+    let page: Vec<Value> = items
+        .iter()
+        .skip(paging.offset.unwrap_or(0))
+        .take(count)
+        .cloned()
+        .collect();
+    let mut body = json!({
+        list: page,
+        "total_items": items.len(),
+        "_links": [{ "rel": "self", "method": "GET",
+            "href": format!("https://us21.api.mailchimp.com/3.0/lists/{list_id}/members/{hash}") }],
+    });
+    if list != EVENTS {
+        body["list_id"] = json!(list_id);
+        body["email_id"] = json!(hash);
+    }
+    axum::Json(body).into_response()
 }
 
 /// What Mailchimp returns for a member (the fields of `GET .../members/{hash}`).
@@ -378,6 +517,7 @@ async fn delete_permanent(
     }
     match a.members.remove(&hash) {
         Some(doc) => {
+            a.lists.retain(|(h, _), _| *h != hash);
             let lag = a.forget_after_gets;
             if lag > 0 {
                 a.ghosts.insert(hash, (doc, lag));

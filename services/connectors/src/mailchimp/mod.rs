@@ -10,9 +10,15 @@
 //! |---|---|---|
 //! | ERASURE | `POST /lists/{list}/members/{hash}/actions/delete-permanent`, then `GET` the member | COMPLETED once the `GET` answers 404, otherwise ACCEPTED and asked again |
 //! | OBJECTION | `PATCH /lists/{list}/members/{hash}` `{"status":"unsubscribed"}` | COMPLETED |
-//! | RETURN_OF_DATA, TRANSFER | `GET /lists/{list}/members/{hash}` | COMPLETED with the member document |
+//! | RETURN_OF_DATA, TRANSFER | `GET /lists/{list}/members/{hash}`, then its `/notes`, `/activity-feed` and `/events`, page by page | COMPLETED with the export files |
 //! | RECTIFICATION | `PATCH` with `email_address` and mapped `merge_fields` | COMPLETED |
 //! | RESTRICTION | none: Mailchimp has no way to restrict processing of one member | REFUSED |
+//!
+//! An export writes, per member found, four JSON files into the task's export folder:
+//! `member-{hash}.json` (the member document without its hypermedia links), and
+//! `notes-{hash}.json`, `activity-{hash}.json` and `events-{hash}.json`, each an array of the
+//! items the API lists, fetched `page_size` at a time (`count`/`offset`) until `total_items`
+//! is reached and written as each page arrives.
 //!
 //! A member the API does not know is NOT_FOUND, but only after the audience itself was found:
 //! Mailchimp answers 404 for a wrong `list_id` too, and reporting "holds no data" because of a
@@ -39,7 +45,11 @@ use dsrelay_runtime::identity::{digest, normalize};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::{kind_label, BoxFuture, Connector, ConnectorError, Outcome, Phase, Task};
+use crate::export::{JsonArrayWriter, JSON};
+use crate::{
+    kind_label, BoxFuture, Connector, ConnectorError, ExportSink, ExportedFile, Outcome, Phase,
+    Task,
+};
 
 mod api;
 #[cfg(any(test, feature = "fake-mailchimp"))]
@@ -48,7 +58,7 @@ mod scrub;
 #[cfg(test)]
 mod tests;
 
-use api::{Api, Reply};
+use api::{Api, MemberList, Reply};
 use scrub::Scrubber;
 
 /// The configuration of one Mailchimp audience (everything after `type = "mailchimp"`).
@@ -75,6 +85,17 @@ pub struct MailchimpConfig {
     /// always changes the member's `email_address`.
     #[serde(default = "default_merge_fields")]
     pub merge_fields: BTreeMap<String, String>,
+    /// Items asked for per page when an export lists a member's notes, activity and events
+    /// (`count`; Mailchimp allows at most 1000).
+    #[serde(default = "default_page_size")]
+    pub page_size: u32,
+}
+
+/// Mailchimp's largest `count`.
+const MAX_PAGE_SIZE: u32 = 1000;
+
+fn default_page_size() -> u32 {
+    MAX_PAGE_SIZE
 }
 
 fn default_timeout_ms() -> u64 {
@@ -101,6 +122,7 @@ impl fmt::Debug for MailchimpConfig {
             .field("list_id", &self.list_id)
             .field("timeout_ms", &self.timeout_ms)
             .field("merge_fields", &self.merge_fields)
+            .field("page_size", &self.page_size)
             .finish()
     }
 }
@@ -150,6 +172,9 @@ impl MailchimpConfig {
         }
         if self.timeout_ms == 0 {
             out.push("timeout_ms: must be greater than 0".to_string());
+        }
+        if !(1..=MAX_PAGE_SIZE).contains(&self.page_size) {
+            out.push(format!("page_size: must be 1 to {MAX_PAGE_SIZE}"));
         }
         for (field, tag) in &self.merge_fields {
             if field.trim().is_empty() {
@@ -282,7 +307,7 @@ impl MailchimpConnector {
                      longer returns it",
                     deleted.join(", ")
                 ),
-                export: None,
+                files: Vec::new(),
             })
         } else {
             Ok(Outcome::Accepted {
@@ -326,37 +351,99 @@ impl MailchimpConnector {
                 notes.join(", "),
                 self.config.list_id
             ),
-            export: None,
+            files: Vec::new(),
         })
     }
 
-    async fn export(&self, hashes: &[String], scrub: &Scrubber) -> Result<Outcome, ConnectorError> {
-        let mut members = Vec::new();
+    /// Writes each member found, with its notes, activity and events, into `sink` (see the
+    /// module documentation).
+    async fn export(
+        &self,
+        hashes: &[String],
+        sink: &ExportSink,
+        scrub: &Scrubber,
+    ) -> Result<Outcome, ConnectorError> {
+        let mut files = Vec::new();
+        let mut notes = Vec::new();
         for hash in hashes {
-            if let Reply::Done(mut member) = self.api.get_member(hash, scrub).await? {
-                // Hypermedia links describe the API, not the subject.
-                if let Some(map) = member.as_object_mut() {
-                    map.remove("_links");
-                }
-                members.push(member);
+            let Reply::Done(mut member) = self.api.get_member(hash, scrub).await? else {
+                continue;
+            };
+            // Hypermedia links describe the API, not the subject.
+            if let Some(map) = member.as_object_mut() {
+                map.remove("_links");
             }
+            let mut file = sink.file(&format!("member-{hash}.json"), JSON).await?;
+            let bytes = serde_json::to_vec(&member).map_err(|e| {
+                ConnectorError::Permanent(format!("mailchimp: encoding member {hash}: {e}"))
+            })?;
+            file.write(&bytes).await?;
+            files.push(file.finish().await?);
+            let mut counts = Vec::new();
+            for list in MemberList::ALL {
+                let (file, n) = self.export_list(hash, list, sink, scrub).await?;
+                files.push(file);
+                counts.push(format!("{n} {}", list.key()));
+            }
+            notes.push(format!("{hash} ({})", counts.join(", ")));
         }
-        if members.is_empty() {
+        if notes.is_empty() {
             return self.not_found(hashes, scrub).await;
         }
         Ok(Outcome::Completed {
-            records_affected: members.len() as i64,
+            records_affected: notes.len() as i64,
             note: format!(
-                "mailchimp: exported {} member(s) of audience {}",
-                members.len(),
+                "mailchimp: exported member {} of audience {}",
+                notes.join(", "),
                 self.config.list_id
             ),
-            export: Some(json!({
-                "source": "mailchimp",
-                "list_id": self.config.list_id,
-                "members": members,
-            })),
+            files,
         })
+    }
+
+    /// Pages through one of a member's lists into `{name}-{hash}.json`; the file and how many
+    /// items it holds.
+    async fn export_list(
+        &self,
+        hash: &str,
+        list: MemberList,
+        sink: &ExportSink,
+        scrub: &Scrubber,
+    ) -> Result<(ExportedFile, u64), ConnectorError> {
+        let name = format!("{}-{hash}.json", list.file());
+        let mut out = JsonArrayWriter::new(sink.file(&name, JSON).await?).await?;
+        let count = self.config.page_size;
+        let mut offset: u64 = 0;
+        loop {
+            let page = match self.api.list_page(hash, list, count, offset, scrub).await? {
+                Reply::Done(page) => page,
+                // Deleted between the calls: what was written stands.
+                Reply::Missing => break,
+            };
+            let items = page.get(list.key()).and_then(Value::as_array);
+            let Some(items) = items else {
+                return Err(ConnectorError::Permanent(format!(
+                    "mailchimp: the {} of member {hash} came without a {:?} array",
+                    list.file(),
+                    list.key()
+                )));
+            };
+            for item in items {
+                let mut item = item.clone();
+                if let Some(map) = item.as_object_mut() {
+                    map.remove("_links");
+                }
+                out.push(&item).await?;
+            }
+            offset += items.len() as u64;
+            let total = page.get("total_items").and_then(Value::as_u64).unwrap_or(0);
+            // An empty page ends it too, so that a wrong total cannot loop for ever.
+            if items.is_empty() || offset >= total {
+                break;
+            }
+        }
+        let n = out.count();
+        Ok((out.finish().await?, n))
     }
 
     /// The PATCH body for `task`'s corrections; every field must be `email` or mapped.
@@ -422,7 +509,9 @@ impl MailchimpConnector {
                 let body = json!({ "status": "unsubscribed" });
                 self.patch(&hashes, &body, "unsubscribed", &scrub).await
             }
-            RequestKind::ReturnOfData | RequestKind::Transfer => self.export(&hashes, &scrub).await,
+            RequestKind::ReturnOfData | RequestKind::Transfer => {
+                self.export(&hashes, task.export_sink()?, &scrub).await
+            }
             RequestKind::Rectification => {
                 let body = self.rectification_body(task)?;
                 let fields: Vec<&str> = body

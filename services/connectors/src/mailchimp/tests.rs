@@ -38,6 +38,7 @@ pub(super) fn task(kind: RequestKind, identities: Vec<SubjectIdentity>) -> Task 
         due_at_ms: 2_000_000_000_000,
         now_ms: 1_700_000_000_000,
         phase: Phase::Start,
+        export: None,
     }
 }
 
@@ -48,6 +49,7 @@ fn config(base_url: &str) -> MailchimpConfig {
         list_id: LIST.into(),
         timeout_ms: 5_000,
         merge_fields: default_merge_fields(),
+        page_size: 2,
     }
 }
 
@@ -80,11 +82,12 @@ async fn erasure_deletes_permanently_and_confirms_the_member_is_gone() {
     let Outcome::Completed {
         records_affected: 1,
         note,
-        export: None,
+        files,
     } = out
     else {
         panic!("{out:?}");
     };
+    assert!(files.is_empty());
     assert!(note.contains(&hash), "{note}");
     assert_clean(&note);
     assert!(fake.member(&hash).is_none());
@@ -386,28 +389,61 @@ async fn objection_unsubscribes_the_member() {
     assert!(matches!(out, Outcome::NotFound { .. }), "{out:?}");
 }
 
+/// An export task whose files go to a fresh folder under `dir`.
+async fn export_task(kind: RequestKind, who: &str, dir: &std::path::Path) -> Task {
+    let sink = crate::ExportSink::new(dir.join(format!("{kind:?}")), vec!["newsletter".into()]);
+    sink.reset().await.unwrap();
+    Task {
+        export: Some(sink),
+        ..task(kind, vec![email(who)])
+    }
+}
+
+/// The JSON file `name` that `task` wrote, checked against its reported size and digest.
+fn read_json(task: &Task, files: &[crate::ExportedFile], name: &str) -> Value {
+    use sha2::Digest as _;
+    let bytes = std::fs::read(task.export.as_ref().unwrap().dir().join(name)).unwrap();
+    let meta = files.iter().find(|f| f.name == name).expect(name);
+    assert_eq!(meta.size, bytes.len() as u64);
+    assert_eq!(meta.sha256, hex::encode(sha2::Sha256::digest(&bytes)));
+    assert_eq!(meta.media_type, "application/json");
+    serde_json::from_slice(&bytes).unwrap()
+}
+
 #[tokio::test]
-async fn return_of_data_and_transfer_export_the_member_document() {
+async fn return_of_data_and_transfer_export_the_member_its_notes_activity_and_events() {
     let (fake, connector, hash) = setup().await;
+    // Pages of 2 (the test configuration): 5 notes take three pages, 4 activity items two
+    // full ones, and no events one empty page.
+    for i in 1..=5 {
+        fake.add_note(&hash, &format!("soitti asiakaspalveluun {i}"));
+    }
+    for t in ["signup", "open", "click", "open"] {
+        fake.add_activity(&hash, t);
+    }
+    let other = subscriber_hash("someone.else@example.fi");
+    fake.add_note(&other, "not hers");
+    let dir = tempfile::tempdir().unwrap();
     for kind in [RequestKind::ReturnOfData, RequestKind::Transfer] {
-        let out = connector
-            .run(&task(kind, vec![email(MAIJA)]))
-            .await
-            .unwrap();
+        fake.audience().calls.clear();
+        let t = export_task(kind, MAIJA, dir.path()).await;
+        let out = connector.run(&t).await.unwrap();
         let Outcome::Completed {
             records_affected: 1,
             note,
-            export: Some(export),
+            files,
         } = out
         else {
             panic!("{out:?}");
         };
         assert_clean(&note);
-        assert_eq!(export["source"], "mailchimp");
-        assert_eq!(export["list_id"], LIST);
-        let members = export["members"].as_array().unwrap();
-        assert_eq!(members.len(), 1);
-        let m = &members[0];
+        assert!(note.contains("(5 notes, 4 activity, 0 events)"), "{note}");
+        let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
+        assert_eq!(
+            names,
+            ["member", "notes", "activity", "events"].map(|n| format!("{n}-{hash}.json"))
+        );
+        let m = read_json(&t, &files, &format!("member-{hash}.json"));
         assert_eq!(m["id"], hash.as_str());
         assert_eq!(m["email_address"], MAIJA);
         assert_eq!(m["status"], "subscribed");
@@ -416,17 +452,55 @@ async fn return_of_data_and_transfer_export_the_member_document() {
         assert_eq!(m["timestamp_opt"], "2024-03-01T09:30:12+00:00");
         assert_eq!(m["location"]["country_code"], "FI");
         assert!(m.get("_links").is_none());
+        let notes = read_json(&t, &files, &format!("notes-{hash}.json"));
+        let texts: Vec<&str> = notes
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["note"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            texts,
+            (1..=5)
+                .map(|i| format!("soitti asiakaspalveluun {i}"))
+                .collect::<Vec<_>>()
+        );
+        assert!(notes[0].get("_links").is_none());
+        let activity = read_json(&t, &files, &format!("activity-{hash}.json"));
+        let types: Vec<&str> = activity
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["activity_type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, ["signup", "open", "click", "open"]);
+        assert_eq!(
+            read_json(&t, &files, &format!("events-{hash}.json")),
+            json!([])
+        );
+        let calls = fake.audience().calls.clone();
+        let member = format!("/3.0/lists/{LIST}/members/{hash}");
+        let pages = |path: &str| {
+            calls
+                .iter()
+                .filter(|c| **c == format!("GET {member}/{path}"))
+                .count()
+        };
+        assert_eq!(
+            (pages("notes"), pages("activity-feed"), pages("events")),
+            (3, 2, 1),
+            "{calls:?}"
+        );
     }
     // Reading changes nothing.
     assert!(fake.member(&hash).is_some());
-    let out = connector
-        .run(&task(
-            RequestKind::ReturnOfData,
-            vec![email("nobody@example.fi")],
-        ))
-        .await
-        .unwrap();
+    let t = export_task(RequestKind::ReturnOfData, "nobody@example.fi", dir.path()).await;
+    let out = connector.run(&t).await.unwrap();
     assert!(matches!(out, Outcome::NotFound { .. }), "{out:?}");
+    let left = std::fs::read_dir(t.export.as_ref().unwrap().dir())
+        .unwrap()
+        .count();
+    assert_eq!(left, 0);
 }
 
 pub(super) fn corrections(pairs: &[(&str, &str)]) -> RequestParameters {
@@ -558,9 +632,11 @@ async fn restriction_is_not_supported() {
 #[tokio::test]
 async fn a_stopped_server_is_transient() {
     let (mut fake, connector, _) = setup().await;
-    let t = task(RequestKind::ReturnOfData, vec![email(MAIJA)]);
+    let dir = tempfile::tempdir().unwrap();
+    let t = export_task(RequestKind::ReturnOfData, MAIJA, dir.path()).await;
     assert!(connector.run(&t).await.is_ok());
     fake.stop().await;
+    t.export.as_ref().unwrap().reset().await.unwrap();
     let err = connector.run(&t).await.unwrap_err();
     assert!(matches!(err, ConnectorError::Transient(_)), "{err:?}");
     assert_clean(&err.to_string());
@@ -575,10 +651,9 @@ async fn a_slow_server_times_out_transiently() {
         ..config(&fake.base_url)
     })
     .unwrap();
-    let err = connector
-        .run(&task(RequestKind::ReturnOfData, vec![email(MAIJA)]))
-        .await
-        .unwrap_err();
+    let dir = tempfile::tempdir().unwrap();
+    let t = export_task(RequestKind::ReturnOfData, MAIJA, dir.path()).await;
+    let err = connector.run(&t).await.unwrap_err();
     assert!(
         matches!(&err, ConnectorError::Transient(m) if m.contains("timed out")),
         "{err:?}"
@@ -611,6 +686,7 @@ fn configuration_parses_with_defaults_and_validates() {
         api_key: " ".into(),
         list_id: "a/b".into(),
         timeout_ms: 0,
+        page_size: 0,
         merge_fields: [
             ("email".to_string(), "EMAIL".to_string()),
             ("name".into(), "F NAME".into()),
@@ -624,6 +700,7 @@ fn configuration_parses_with_defaults_and_validates() {
         "api_key",
         "list_id",
         "timeout_ms",
+        "page_size",
         "\"email\" cannot be mapped",
         "merge_fields.name",
     ] {

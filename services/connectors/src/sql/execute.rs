@@ -2,6 +2,7 @@
 //! and sorting database errors into worth-retrying or not.
 
 use dsrelay_proto::v1::{FieldCorrection, SubjectIdentity};
+use futures::TryStreamExt;
 use sqlx::any::{AnyRow, AnyTypeInfoKind};
 use sqlx::{Any, Row, Transaction, ValueRef as _};
 
@@ -12,7 +13,8 @@ use super::plan::{
 use super::retention::{assess, day_of, DatedRow};
 use super::rules::{Action, TableRule};
 use super::SqlConnector;
-use crate::ConnectorError;
+use crate::export::{CsvWriter, ExportSink, JsonArrayWriter, CSV, JSON};
+use crate::{ConnectorError, ExportedFile};
 
 /// What an erasure did in one database.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -47,8 +49,8 @@ pub(crate) struct WorkReport {
     pub(crate) records_affected: i64,
     /// A human-readable account of the work, without identity or corrected values.
     pub(crate) note: String,
-    /// For exports: table name to the subject's rows, each an object of the `export` columns.
-    pub(crate) export: Option<serde_json::Value>,
+    /// For exports: the files written, two per table with the subject's rows.
+    pub(crate) files: Vec<ExportedFile>,
 }
 
 impl SqlConnector {
@@ -183,40 +185,71 @@ impl SqlConnector {
         })
     }
 
-    /// The subject's rows of every table with `export` columns, as
-    /// `{"table": [{"column": value, ...}, ...], ...}`, read in one transaction.
+    /// Writes the subject's rows of every table with `export` columns into `sink`, read in
+    /// one transaction with a cursor: per table a JSON file (`<table>.json`, an array of
+    /// objects of the `export` columns) and a CSV file (`<table>.csv`, a header row of the
+    /// column names and one record per row), both fed row by row as the database yields
+    /// them. A table without the subject's rows gets no files.
     pub(crate) async fn export(
         &self,
         identities: &[SubjectIdentity],
+        sink: &ExportSink,
     ) -> Result<WorkReport, ConnectorError> {
         let raw = usable_identities(&self.config, identities)?;
         let mut tx = self.begin().await?;
-        let mut tables = serde_json::Map::new();
         let mut total: i64 = 0;
         let mut notes = Vec::new();
+        let mut files = Vec::new();
         for rule in self.config.tables.iter().filter(|t| !t.export.is_empty()) {
             let Some(select) = plan_export(&self.config, rule, &raw) else {
                 notes.push(skipped(rule));
                 continue;
             };
-            let fetched = select
-                .query()
-                .fetch_all(&mut *tx)
+            let table = rule.table.as_str();
+            let mut writers: Option<(JsonArrayWriter, CsvWriter)> = None;
+            let mut rows = select.query().fetch(&mut *tx);
+            while let Some(row) = rows
+                .try_next()
                 .await
-                .map_err(|e| classify(&format!("exporting {}", rule.table), &e))?;
-            let mut rows = Vec::with_capacity(fetched.len());
-            for row in &fetched {
-                let mut object = serde_json::Map::new();
+                .map_err(|e| classify(&format!("exporting {table}"), &e))?
+            {
+                let mut object = serde_json::Map::with_capacity(rule.export.len());
+                let mut record = Vec::with_capacity(rule.export.len());
                 for (i, column) in rule.export.iter().enumerate() {
-                    let value = json_value(row, i)
-                        .map_err(|e| classify(&format!("exporting {}.{column}", rule.table), &e))?;
+                    let value = json_value(&row, i)
+                        .map_err(|e| classify(&format!("exporting {table}.{column}"), &e))?;
+                    record.push(csv_field(&value));
                     object.insert(column.clone(), value);
                 }
-                rows.push(serde_json::Value::Object(object));
+                // Files are opened at the first row, so a table without the subject's rows
+                // adds nothing to the package.
+                let (json, csv) = match &mut writers {
+                    Some(w) => w,
+                    None => writers.insert((
+                        JsonArrayWriter::new(sink.file(&format!("{table}.json"), JSON).await?)
+                            .await?,
+                        CsvWriter::new(
+                            sink.file(&format!("{table}.csv"), CSV).await?,
+                            &rule.export,
+                        )
+                        .await?,
+                    )),
+                };
+                json.push(&object).await?;
+                csv.push(&record).await?;
             }
-            notes.push(format!("{}: exported {}", rule.table, rows.len()));
-            total = total.saturating_add(i64::try_from(rows.len()).unwrap_or(i64::MAX));
-            tables.insert(rule.table.clone(), serde_json::Value::Array(rows));
+            drop(rows);
+            let exported = match writers {
+                Some((json, csv)) => {
+                    let n = json.count();
+                    files.push(json.finish().await?);
+                    files.push(csv.finish().await?);
+                    n
+                }
+                None => 0,
+            };
+            notes.push(format!("{table}: exported {exported}"));
+            total = total.saturating_add(i64::try_from(exported).unwrap_or(i64::MAX));
         }
         tx.commit()
             .await
@@ -224,7 +257,7 @@ impl SqlConnector {
         Ok(WorkReport {
             records_affected: total,
             note: notes.join("; "),
-            export: Some(serde_json::Value::Object(tables)),
+            files,
         })
     }
 
@@ -274,7 +307,7 @@ impl SqlConnector {
         Ok(WorkReport {
             records_affected: total,
             note: notes.join("; "),
-            export: None,
+            files: Vec::new(),
         })
     }
 
@@ -335,7 +368,7 @@ impl SqlConnector {
         Ok(WorkReport {
             records_affected: total,
             note: notes.join("; "),
-            export: None,
+            files: Vec::new(),
         })
     }
 }
@@ -378,6 +411,15 @@ pub(super) fn json_value(row: &AnyRow, i: usize) -> Result<serde_json::Value, sq
                 .collect(),
         ),
     })
+}
+
+/// A value as a CSV field: NULL is empty, text as it is, numbers and booleans as in JSON.
+fn csv_field(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::Null => String::new(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
 }
 
 /// Sorts a database error into worth-retrying or not; `context` says what was being done.

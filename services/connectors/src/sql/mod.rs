@@ -7,7 +7,9 @@
 //! - what erasure does with them (`action`): delete them, anonymize some columns
 //!   (`anonymize`), or `keep` them untouched;
 //! - whether a legal obligation keeps them for a while (`retain`, see below);
-//! - which columns a RETURN_OF_DATA or TRANSFER export contains (`export`);
+//! - which columns a RETURN_OF_DATA or TRANSFER export contains (`export`): the subject's
+//!   rows of each such table are written, as the database yields them, to `<table>.json` and
+//!   `<table>.csv` in the task's export folder;
 //! - which column a RECTIFICATION of a logical field (`email`, `name`, ...) changes
 //!   (`rectify`);
 //! - which 0/1 column a RESTRICTION sets or lifts (`restrict_column`) and which one an
@@ -138,7 +140,7 @@ impl Connector for SqlConnector {
                     crate::kind_label(kind)
                 ))),
                 (Phase::Start, RequestKind::ReturnOfData | RequestKind::Transfer) => {
-                    Ok(work_outcome(self.export(ids).await?))
+                    Ok(work_outcome(self.export(ids, task.export_sink()?).await?))
                 }
                 (Phase::Start, RequestKind::Rectification) => Ok(work_outcome(
                     self.rectify(ids, &task.parameters.corrections).await?,
@@ -173,7 +175,7 @@ fn erasure_outcome(report: ErasureReport, phase: &Phase) -> Outcome {
             } else {
                 format!("nothing left to erase: {}", report.note)
             },
-            export: None,
+            files: Vec::new(),
         },
         None => Outcome::NotFound { note: report.note },
     }
@@ -184,7 +186,7 @@ fn work_outcome(report: WorkReport) -> Outcome {
         Outcome::Completed {
             records_affected: report.records_affected,
             note: report.note,
-            export: report.export,
+            files: report.files,
         }
     } else {
         Outcome::NotFound { note: report.note }

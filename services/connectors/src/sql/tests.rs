@@ -12,6 +12,7 @@ use serde_json::json;
 use super::execute::{json_value, ErasureReport, RetentionReport};
 use super::retention::{start_ms, DAY_MS};
 use super::*;
+use crate::{ExportSink, ExportedFile};
 use sqlx::Row as _;
 
 const VOUCHERS: &str = "Kirjanpitolaki 1336/1997 2:10 § (tositteet 6 vuotta tilikauden \
@@ -61,7 +62,75 @@ fn task(kind: RequestKind, identities: Vec<SubjectIdentity>, now_ms: i64, phase:
         due_at_ms: now_ms + 30 * DAY_MS,
         now_ms,
         phase,
+        export: None,
     }
+}
+
+/// An export task whose files go to a fresh folder under `dir`.
+async fn export_task(kind: RequestKind, who: &str, dir: &std::path::Path) -> Task {
+    let sink = ExportSink::new(dir.join(format!("{kind:?}")), vec!["billing".into()]);
+    sink.reset().await.unwrap();
+    Task {
+        export: Some(sink),
+        ..task(kind, vec![email(who)], now(), Phase::Start)
+    }
+}
+
+/// The file `name` written by `task`, checked against what the connector reported of it.
+fn written(task: &Task, files: &[ExportedFile], name: &str) -> Vec<u8> {
+    use sha2::Digest as _;
+    let bytes = std::fs::read(task.export.as_ref().unwrap().dir().join(name)).unwrap();
+    let meta = files.iter().find(|f| f.name == name).expect(name);
+    assert_eq!(meta.size, bytes.len() as u64, "{name}");
+    assert_eq!(
+        meta.sha256,
+        hex::encode(sha2::Sha256::digest(&bytes)),
+        "{name}"
+    );
+    assert_eq!(meta.categories, ["billing"], "{name}");
+    bytes
+}
+
+/// The export columns of `table` for the rows `filter` selects, in the database, as JSON
+/// objects and as CSV records (header first).
+async fn expected_rows(
+    db: &Db,
+    config: &SqlConnectorConfig,
+    table: &str,
+    filter: &str,
+) -> (Vec<serde_json::Value>, Vec<Vec<String>>) {
+    let rule = config.tables.iter().find(|t| t.table == table).unwrap();
+    let order: Vec<String> = (1..=rule.export.len()).map(|i| i.to_string()).collect();
+    let sql = format!(
+        "SELECT {} FROM {table} WHERE {filter} ORDER BY {}",
+        rule.export.join(", "),
+        order.join(", ")
+    );
+    let mut objects = Vec::new();
+    let mut records = vec![rule.export.clone()];
+    for row in rows(db, &sql).await {
+        let object: serde_json::Map<_, _> = rule.export.iter().cloned().zip(row.clone()).collect();
+        objects.push(serde_json::Value::Object(object));
+        records.push(
+            row.iter()
+                .map(|v| match v {
+                    serde_json::Value::Null => String::new(),
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+                .collect(),
+        );
+    }
+    (objects, records)
+}
+
+fn csv_records(bytes: &[u8]) -> Vec<Vec<String>> {
+    csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_reader(bytes)
+        .records()
+        .map(|r| r.unwrap().iter().map(str::to_string).collect())
+        .collect()
 }
 
 async fn count(db: &Db, sql: &str) -> i64 {
@@ -143,6 +212,7 @@ on_both_backends!(
     sql_errors_roll_back_every_table,
     retention_expires_in_stages,
     exports_configured_columns_per_table,
+    exports_many_rows,
     rectifies_mapped_columns,
     restricts_lifts_and_suppresses,
 );
@@ -415,7 +485,10 @@ async fn hashed_only_identities_are_permanent_errors(url: String) {
     // The other kinds need them too.
     assert_eq!(
         connector
-            .export(std::slice::from_ref(&hashed))
+            .export(
+                std::slice::from_ref(&hashed),
+                &ExportSink::new("unused", Vec::new())
+            )
             .await
             .unwrap_err(),
         expected
@@ -537,7 +610,7 @@ async fn retention_expires_in_stages(url: String) {
             note: "contacts: deleted 0; invoices: deleted 0; ledger_entries: anonymized 1; \
                    customers: deleted 1"
                 .into(),
-            export: None,
+            files: Vec::new(),
         }
     );
     assert_eq!(
@@ -581,61 +654,138 @@ async fn retention_expires_in_stages(url: String) {
 
 async fn exports_configured_columns_per_table(url: String) {
     let (connector, db) = sample(&url).await;
+    let config = sample_config(&url);
     let before = count(&db, &format!("{C} FROM customers")).await;
-    let expected = json!({
-        "customers": [{
-            "customer_no": "C-1001",
-            "name": "Maija Meikäläinen",
-            "email": "Maija.Meikalainen@Example.fi",
-            "phone": "+358401234567",
-            "national_id": "150585-912K",
-            "address": "Mannerheimintie 12 A 3, 00100 Helsinki",
-            "processing_restricted": 0,
-            "marketing_opt_out": 0,
-        }],
-        "invoices": [
-            {"id": 101, "issued_on": "2015-03-10", "amount_cents": 12400, "status": "paid",
-             "customer_name": "Maija Meikäläinen",
-             "customer_email": "Maija.Meikalainen@Example.fi"},
-            {"id": 102, "issued_on": "2024-03-02", "amount_cents": 8990, "status": "paid",
-             "customer_name": "Maija Meikäläinen",
-             "customer_email": "Maija.Meikalainen@Example.fi"},
-            {"id": 103, "issued_on": "2025-06-30", "amount_cents": 45000, "status": "open",
-             "customer_name": "Maija Meikäläinen",
-             "customer_email": "Maija.Meikalainen@Example.fi"},
-        ],
-    });
+    let dir = tempfile::tempdir().unwrap();
     // Contacts and ledger entries have no export columns: not exported.
     for kind in [RequestKind::ReturnOfData, RequestKind::Transfer] {
-        let out = connector
-            .run(&task(kind, vec![email(MAIJA)], now(), Phase::Start))
-            .await
-            .unwrap();
+        let task = export_task(kind, MAIJA, dir.path()).await;
+        let out = connector.run(&task).await.unwrap();
+        let Outcome::Completed {
+            records_affected,
+            note,
+            files,
+        } = out
+        else {
+            panic!("expected COMPLETED, got {out:?}");
+        };
+        assert_eq!(records_affected, 4);
+        assert_eq!(note, "invoices: exported 3; customers: exported 1");
+        let names: Vec<(&str, &str)> = files
+            .iter()
+            .map(|f| (f.name.as_str(), f.media_type.as_str()))
+            .collect();
         assert_eq!(
-            out,
-            Outcome::Completed {
-                records_affected: 4,
-                note: "invoices: exported 3; customers: exported 1".into(),
-                export: Some(expected.clone()),
-            }
+            names,
+            [
+                ("invoices.json", "application/json"),
+                ("invoices.csv", "text/csv"),
+                ("customers.json", "application/json"),
+                ("customers.csv", "text/csv"),
+            ]
+        );
+        // The files hold exactly the subject's rows as the database has them.
+        for (table, filter) in [("customers", "id = 1"), ("invoices", "customer_id = 1")] {
+            let (objects, records) = expected_rows(&db, &config, table, filter).await;
+            let json: Vec<serde_json::Value> =
+                serde_json::from_slice(&written(&task, &files, &format!("{table}.json"))).unwrap();
+            assert_eq!(json, objects, "{table}.json");
+            let csv = written(&task, &files, &format!("{table}.csv"));
+            assert_eq!(csv_records(&csv), records, "{table}.csv");
+        }
+        // Spot-check one value, so that a wrong comparison query cannot hide a mistake.
+        let customers = written(&task, &files, "customers.json");
+        let customers: serde_json::Value = serde_json::from_slice(&customers).unwrap();
+        assert_eq!(
+            customers[0]["address"],
+            "Mannerheimintie 12 A 3, 00100 Helsinki"
+        );
+        let csv = String::from_utf8(written(&task, &files, "customers.csv")).unwrap();
+        assert!(
+            csv.contains("\"Mannerheimintie 12 A 3, 00100 Helsinki\""),
+            "a field with a comma is quoted: {csv}"
         );
     }
-    let out = connector
-        .run(&task(
-            RequestKind::ReturnOfData,
-            vec![email("nobody@example.fi")],
-            now(),
-            Phase::Start,
-        ))
-        .await
-        .unwrap();
+    let nobody = export_task(RequestKind::ReturnOfData, "nobody@example.fi", dir.path()).await;
+    let out = connector.run(&nobody).await.unwrap();
     assert_eq!(
         out,
         Outcome::NotFound {
             note: "invoices: exported 0; customers: exported 0".into()
         }
     );
+    assert_eq!(
+        std::fs::read_dir(nobody.export.as_ref().unwrap().dir())
+            .unwrap()
+            .count(),
+        0,
+        "no rows, no files"
+    );
     assert_eq!(count(&db, &format!("{C} FROM customers")).await, before);
+
+    // Without a folder to write to, an export is a permanent error.
+    let err = connector
+        .run(&task(
+            RequestKind::ReturnOfData,
+            vec![email(MAIJA)],
+            now(),
+            Phase::Start,
+        ))
+        .await
+        .unwrap_err();
+    assert!(!err.is_transient(), "{err}");
+}
+
+/// A table with many of the subject's rows is streamed from a cursor into the files, which
+/// hold every row.
+async fn exports_many_rows(url: String) {
+    const ROWS: i64 = 20_000;
+    let (_, db) = sample(&url).await;
+    sqlx::query(
+        "CREATE TABLE events (id BIGINT PRIMARY KEY, customer_id BIGINT NOT NULL, \
+         detail TEXT NOT NULL)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO events (id, customer_id, detail) \
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {ROWS}) \
+         SELECT i, 1, 'opened newsletter, issue ' || i FROM n"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut config = sample_config(&url);
+    let mut events = config
+        .tables
+        .iter()
+        .find(|t| t.table == "invoices")
+        .unwrap()
+        .clone();
+    events.table = "events".into();
+    events.action = Action::Keep;
+    events.anonymize.clear();
+    events.rectify.clear();
+    events.retain = None;
+    events.export = vec!["id".into(), "detail".into()];
+    config.tables.insert(0, events);
+    let connector = SqlConnector::connect(config.clone()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let task = export_task(RequestKind::ReturnOfData, MAIJA, dir.path()).await;
+    let Outcome::Completed { note, files, .. } = connector.run(&task).await.unwrap() else {
+        panic!("expected COMPLETED");
+    };
+    assert!(
+        note.starts_with(&format!("events: exported {ROWS}; ")),
+        "{note}"
+    );
+    let json: Vec<serde_json::Value> =
+        serde_json::from_slice(&written(&task, &files, "events.json")).unwrap();
+    let (objects, records) = expected_rows(&db, &config, "events", "customer_id = 1").await;
+    assert_eq!(json.len() as i64, ROWS);
+    assert_eq!(json, objects);
+    assert_eq!(csv_records(&written(&task, &files, "events.csv")), records);
 }
 
 fn rectification(identities: Vec<SubjectIdentity>, fields: &[(&str, &str)]) -> Task {
@@ -668,7 +818,7 @@ async fn rectifies_mapped_columns(url: String) {
         Outcome::Completed {
             records_affected: 1,
             note: "customers: updated 1 (email, address)".into(),
-            export: None,
+            files: Vec::new(),
         }
     );
     // Only tables that map a field change: the invoices' copies are vouchers.
@@ -752,7 +902,7 @@ async fn rectifies_mapped_columns(url: String) {
         Outcome::Completed {
             records_affected: 4,
             note: "invoices: updated 3 (email); customers: updated 1 (email)".into(),
-            export: None,
+            files: Vec::new(),
         }
     );
     assert_eq!(
@@ -793,7 +943,7 @@ async fn restricts_lifts_and_suppresses(url: String) {
         Outcome::Completed {
             records_affected: 1,
             note: "customers: restricted 1".into(),
-            export: None,
+            files: Vec::new(),
         }
     );
     assert_eq!(rows(&db, flags).await, [[json!(1), json!(0)]]);
@@ -803,7 +953,7 @@ async fn restricts_lifts_and_suppresses(url: String) {
         Outcome::Completed {
             records_affected: 1,
             note: "customers: restriction lifted 1".into(),
-            export: None,
+            files: Vec::new(),
         }
     );
     assert_eq!(rows(&db, flags).await, [[json!(0), json!(0)]]);
@@ -818,7 +968,7 @@ async fn restricts_lifts_and_suppresses(url: String) {
         Outcome::Completed {
             records_affected: 1,
             note: "customers: opted out 1".into(),
-            export: None,
+            files: Vec::new(),
         }
     );
     assert_eq!(rows(&db, flags).await, [[json!(0), json!(1)]]);

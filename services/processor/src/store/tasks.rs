@@ -343,7 +343,7 @@ async fn transition(
         "UPDATE tasks SET state = $1, sequence = $2, records_affected = $3, confirmed = $4, \
          note = $5, reason = $6, legal_basis = $7, retain_until = $8, updated_at = $9, \
          attempts = $10, lease_until = $18, next_attempt_at = $15, handle = $16, \
-         export_json = COALESCE($17, export_json) \
+         export_files = COALESCE($17, export_files) \
          WHERE controller = $11 AND request_id = $12 AND subprocessor = $13 AND sequence = $14",
     )
     .bind(state_value(t.state))
@@ -362,7 +362,12 @@ async fn transition(
     .bind(expected_sequence)
     .bind(t.next_attempt_at.unwrap_or(now))
     .bind(t.handle.clone())
-    .bind(t.export_json.clone())
+    .bind(
+        t.export_files
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()?,
+    )
     .bind(t.hold_until.unwrap_or(0))
     .execute(&mut **tx)
     .await?

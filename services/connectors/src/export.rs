@@ -1,0 +1,329 @@
+//! Where an export goes: files in one folder, written a piece at a time, each counted and
+//! hashed as it is written.
+//!
+//! The processor gives every RETURN_OF_DATA and TRANSFER task an [`ExportSink`] over a folder
+//! of its own and empties that folder before each run, so a re-run replaces the files instead
+//! of adding to them. A connector opens one file at a time ([`ExportSink::file`]), feeds it
+//! ([`ExportWriter::write`], or row by row through [`JsonArrayWriter`] and [`CsvWriter`]),
+//! and closes it ([`ExportWriter::finish`]), which answers the file's [`ExportedFile`]: the
+//! metadata a package manifest needs. What a connector holds in memory is what it has
+//! read and not yet written: the SQL connector one row, the Mailchimp connector one page of
+//! a member's list, the adapter connector the one message (at most 16 MiB) its protocol
+//! carries an export in.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::fs::File;
+use tokio::io::{AsyncWriteExt, BufWriter};
+
+use crate::ConnectorError;
+
+/// The media type of JSON files.
+pub const JSON: &str = "application/json";
+
+/// The media type of CSV files (RFC 4180, with a header row).
+pub const CSV: &str = "text/csv";
+
+/// Longest file name accepted (bytes), within what every common file system allows.
+const MAX_NAME: usize = 200;
+
+/// One file a connector wrote: what a package manifest says of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportedFile {
+    /// The file's name inside the task's folder (no directories).
+    pub name: String,
+    /// Its media type ([`JSON`], [`CSV`]).
+    pub media_type: String,
+    /// The data categories its content belongs to.
+    pub categories: Vec<String>,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The SHA-256 of its content, lowercase hex.
+    pub sha256: String,
+}
+
+/// The folder one task's export is written to. See the module documentation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportSink {
+    dir: PathBuf,
+    /// The data categories every file is labelled with: the processor knows which categories
+    /// the subprocessor holds and the request concerns; the connectors do not.
+    categories: Vec<String>,
+}
+
+impl ExportSink {
+    /// A sink writing into `dir` files of `categories`; nothing is touched until
+    /// [`ExportSink::reset`] or [`ExportSink::file`].
+    pub fn new(dir: impl Into<PathBuf>, categories: Vec<String>) -> Self {
+        Self {
+            dir: dir.into(),
+            categories,
+        }
+    }
+
+    /// The folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Removes whatever an earlier run left in the folder and creates it empty, so that a
+    /// re-run of a task replaces its files rather than adding to them.
+    pub async fn reset(&self) -> std::io::Result<()> {
+        match tokio::fs::remove_dir_all(&self.dir).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        tokio::fs::create_dir_all(&self.dir).await
+    }
+
+    /// Opens a new file `name` of `media_type`. The name must
+    /// be a plain file name (no separators, not hidden) not used before in this run: a
+    /// connector that writes the same name twice has a bug, which is reported, not hidden
+    /// by overwriting.
+    pub async fn file(&self, name: &str, media_type: &str) -> Result<ExportWriter, ConnectorError> {
+        check_name(name)?;
+        tokio::fs::create_dir_all(&self.dir)
+            .await
+            .map_err(|e| io_error(&format!("creating the export folder for {name}"), &e))?;
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(self.dir.join(name))
+            .await
+            .map_err(|e| io_error(&format!("creating export file {name}"), &e))?;
+        Ok(ExportWriter {
+            file: BufWriter::new(file),
+            hash: Sha256::new(),
+            meta: ExportedFile {
+                name: name.to_string(),
+                media_type: media_type.to_string(),
+                categories: self.categories.clone(),
+                size: 0,
+                sha256: String::new(),
+            },
+        })
+    }
+}
+
+/// A file being written; see [`ExportSink::file`].
+#[derive(Debug)]
+pub struct ExportWriter {
+    file: BufWriter<File>,
+    hash: Sha256,
+    meta: ExportedFile,
+}
+
+impl ExportWriter {
+    /// Appends `bytes`, counting and hashing them.
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), ConnectorError> {
+        self.hash.update(bytes);
+        self.meta.size += bytes.len() as u64;
+        self.file
+            .write_all(bytes)
+            .await
+            .map_err(|e| io_error(&format!("writing export file {}", self.meta.name), &e))
+    }
+
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.meta.size
+    }
+
+    /// Flushes the file to disk (the processor records the file list only after this) and
+    /// answers what it holds.
+    pub async fn finish(mut self) -> Result<ExportedFile, ConnectorError> {
+        let context = format!("closing export file {}", self.meta.name);
+        self.file
+            .flush()
+            .await
+            .map_err(|e| io_error(&context, &e))?;
+        self.file
+            .get_ref()
+            .sync_all()
+            .await
+            .map_err(|e| io_error(&context, &e))?;
+        self.meta.sha256 = hex::encode(self.hash.finalize());
+        Ok(self.meta)
+    }
+}
+
+/// Writes a JSON array one element at a time: `[`, the elements separated by commas, `]`.
+#[derive(Debug)]
+pub struct JsonArrayWriter {
+    out: ExportWriter,
+    count: u64,
+}
+
+impl JsonArrayWriter {
+    /// Opens the array in `out`.
+    pub async fn new(mut out: ExportWriter) -> Result<Self, ConnectorError> {
+        out.write(b"[").await?;
+        Ok(Self { out, count: 0 })
+    }
+
+    /// Appends one element.
+    pub async fn push<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ConnectorError> {
+        let mut bytes = if self.count == 0 {
+            Vec::new()
+        } else {
+            b",".to_vec()
+        };
+        serde_json::to_writer(&mut bytes, value).map_err(|e| {
+            ConnectorError::Permanent(format!("encoding export file {}: {e}", self.out.meta.name))
+        })?;
+        self.out.write(&bytes).await?;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Elements written so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Closes the array and the file.
+    pub async fn finish(mut self) -> Result<ExportedFile, ConnectorError> {
+        self.out.write(b"]").await?;
+        self.out.finish().await
+    }
+}
+
+/// Writes CSV (RFC 4180: quoted where needed, CRLF line ends) one record at a time: the
+/// `csv` crate encodes each record into a small buffer that is then appended to the file.
+#[derive(Debug)]
+pub struct CsvWriter {
+    out: ExportWriter,
+    encoder: csv::WriterBuilder,
+    /// The current record, encoded.
+    record: Vec<u8>,
+}
+
+impl CsvWriter {
+    /// Starts the file with its `header` row.
+    pub async fn new<I, F>(out: ExportWriter, header: I) -> Result<Self, ConnectorError>
+    where
+        I: IntoIterator<Item = F>,
+        F: AsRef<[u8]>,
+    {
+        let mut encoder = csv::WriterBuilder::new();
+        encoder.terminator(csv::Terminator::CRLF);
+        let mut w = Self {
+            out,
+            encoder,
+            record: Vec::new(),
+        };
+        w.push(header).await?;
+        Ok(w)
+    }
+
+    /// Appends one record.
+    pub async fn push<I, F>(&mut self, record: I) -> Result<(), ConnectorError>
+    where
+        I: IntoIterator<Item = F>,
+        F: AsRef<[u8]>,
+    {
+        let name = &self.out.meta.name;
+        let encode = |e: &dyn std::fmt::Display| {
+            ConnectorError::Permanent(format!("encoding export file {name}: {e}"))
+        };
+        self.record.clear();
+        // A writer per record over the reused buffer: flushing it hands over exactly the
+        // bytes of this record.
+        let mut encoder = self.encoder.from_writer(&mut self.record);
+        encoder.write_record(record).map_err(|e| encode(&e))?;
+        encoder.flush().map_err(|e| encode(&e))?;
+        drop(encoder);
+        self.out.write(&self.record).await
+    }
+
+    /// Closes the file.
+    pub async fn finish(self) -> Result<ExportedFile, ConnectorError> {
+        self.out.finish().await
+    }
+}
+
+/// A plain file name: no separators, not `.`-led, printable, at most [`MAX_NAME`] bytes.
+fn check_name(name: &str) -> Result<(), ConnectorError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && !name.starts_with('.')
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == '\\' || c.is_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(ConnectorError::Permanent(format!(
+            "export file name {name:?} is not a plain file name"
+        )))
+    }
+}
+
+/// File system errors are not expected to pass by themselves (a full disk, a missing
+/// permission): an operator must look.
+fn io_error(context: &str, e: &std::io::Error) -> ConnectorError {
+    ConnectorError::Permanent(format!("{context}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha256_hex(bytes: &[u8]) -> String {
+        hex::encode(Sha256::digest(bytes))
+    }
+
+    #[tokio::test]
+    async fn files_are_counted_hashed_and_replaced_on_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = ExportSink::new(dir.path().join("task"), vec!["contact".to_string()]);
+        sink.reset().await.unwrap();
+        let cats = vec!["contact".to_string()];
+
+        let mut json = JsonArrayWriter::new(sink.file("t.json", JSON).await.unwrap())
+            .await
+            .unwrap();
+        json.push(&serde_json::json!({"a": 1})).await.unwrap();
+        json.push(&serde_json::json!({"a": "x,\"y\""}))
+            .await
+            .unwrap();
+        let meta = json.finish().await.unwrap();
+        let written = std::fs::read(sink.dir().join("t.json")).unwrap();
+        assert_eq!(written, br#"[{"a":1},{"a":"x,\"y\""}]"#);
+        assert_eq!(meta.size, written.len() as u64);
+        assert_eq!(meta.sha256, sha256_hex(&written));
+        assert_eq!(
+            (meta.media_type.as_str(), meta.categories),
+            (JSON, cats.clone())
+        );
+
+        let mut csv = CsvWriter::new(sink.file("t.csv", CSV).await.unwrap(), ["a", "b"])
+            .await
+            .unwrap();
+        csv.push(["1", "x,\"y\"\nz"]).await.unwrap();
+        let meta = csv.finish().await.unwrap();
+        let written = std::fs::read(sink.dir().join("t.csv")).unwrap();
+        assert_eq!(written, b"a,b\r\n1,\"x,\"\"y\"\"\nz\"\r\n");
+        assert_eq!(meta.sha256, sha256_hex(&written));
+
+        // The same name twice in one run is a connector bug, not a silent overwrite.
+        let err = sink.file("t.csv", CSV).await.unwrap_err();
+        assert!(err.to_string().contains("t.csv"), "{err}");
+        // A re-run starts from an empty folder.
+        sink.reset().await.unwrap();
+        assert_eq!(std::fs::read_dir(sink.dir()).unwrap().count(), 0);
+        sink.file("t.csv", CSV).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn names_must_be_plain() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = ExportSink::new(dir.path(), Vec::new());
+        for bad in ["", "../x", "a/b", "a\\b", ".hidden", "a\nb"] {
+            assert!(sink.file(bad, JSON).await.is_err(), "{bad:?}");
+        }
+    }
+}
