@@ -141,7 +141,15 @@ async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
             .unreachable(&key.subprocessor, retry_at(&ctx, e)),
         _ => shared.unavailable_until.answered(&key.subprocessor),
     }
-    let decision = decide(&current, Event::Ran { phase, result }, &ctx);
+    let decision = decide(
+        &current,
+        Event::Ran {
+            kind,
+            phase,
+            result,
+        },
+        &ctx,
+    );
     if let Decision::Later {
         at,
         error: Some(error),

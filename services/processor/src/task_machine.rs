@@ -11,6 +11,9 @@
 //!   [`Phase::Start`]); claimed RETAINED (its date has come) → [`Phase::RetentionExpired`]
 //! - holder marked unreachable → wait for it without calling it, until the mark ends (and no
 //!   later than the due date); past the due date it is called anyway
+//! - COMPLETED of a RETURN_OF_DATA or TRANSFER → stays IN_PROGRESS (confirmed, with its
+//!   export files listed): the export lies in the processor's data folder, and delivering it
+//!   to the registry or the recipient is not built yet, so nothing may claim it arrived
 //! - COMPLETED, NOT_FOUND → final and confirmed; RETAINED → sleeps until its date, then runs
 //!   again to erase the rest; after a retention run the records count is cumulative
 //! - ACCEPTED → IN_PROGRESS awaiting confirmation, asked again every confirm interval; the
@@ -103,6 +106,8 @@ pub(crate) enum Event<'a> {
     },
     /// The connector took `phase` and ended in `result`.
     Ran {
+        /// The request's kind: what a completed export means depends on it.
+        kind: RequestKind,
         /// The step it took.
         phase: Phase,
         /// What it ended in.
@@ -213,7 +218,11 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
                 )),
             }
         }
-        Event::Ran { phase, result } => ran(task, phase, result, ctx),
+        Event::Ran {
+            kind,
+            phase,
+            result,
+        } => ran(task, kind, phase, result, ctx),
         Event::Cancel { reason } => match task.state {
             Pending | InProgress | WaitingForOperator => Decision::Move(Transition {
                 state: Cancelled,
@@ -323,6 +332,7 @@ fn claimed(
 
 fn ran(
     task: &Current<'_>,
+    kind: RequestKind,
     phase: Phase,
     result: Result<Outcome, ConnectorError>,
     ctx: &Context,
@@ -350,6 +360,33 @@ fn ran(
         Err(e) => return Decision::Move(failed(e.to_string())),
     };
     Decision::Move(match outcome {
+        Outcome::Completed {
+            records_affected,
+            note,
+            files,
+        } if crate::exports::exports(kind) => {
+            // The data has not gone where it was asked to go: it lies in the processor's data
+            // folder. COMPLETED waits for its delivery, which is not built yet.
+            let bytes: u64 = files.iter().map(|f| f.size).sum();
+            let destination = if kind == RequestKind::Transfer {
+                "the recipient"
+            } else {
+                "the registry"
+            };
+            Transition {
+                state: TaskState::InProgress,
+                records_affected: earlier + records_affected,
+                confirmed: true,
+                note: format!(
+                    "{note}; export written at the processor ({} file(s), {bytes} bytes), \
+                     waiting for delivery to {destination}, which is not built yet",
+                    files.len()
+                ),
+                next_attempt_at: Some(NEVER),
+                export_files: (!files.is_empty()).then_some(files),
+                ..Default::default()
+            }
+        }
         Outcome::Completed {
             records_affected,
             note,
@@ -461,7 +498,16 @@ mod tests {
     }
 
     fn ran(t: &Current<'_>, phase: Phase, result: Result<Outcome, ConnectorError>) -> Decision {
-        decide(t, Event::Ran { phase, result }, &ctx())
+        let kind = RequestKind::Erasure;
+        decide(
+            t,
+            Event::Ran {
+                kind,
+                phase,
+                result,
+            },
+            &ctx(),
+        )
     }
 
     fn moved(d: Decision) -> Transition {
@@ -648,6 +694,48 @@ mod tests {
     }
 
     #[test]
+    fn an_export_is_not_completed_until_it_is_delivered() {
+        let file = ExportedFile {
+            name: "customers.json".into(),
+            media_type: "application/json".into(),
+            categories: vec!["contact".into()],
+            size: 120,
+            sha256: "cd".repeat(32),
+        };
+        for kind in [RequestKind::ReturnOfData, RequestKind::Transfer] {
+            let exported = Ok(Outcome::Completed {
+                records_affected: 3,
+                note: "exported".into(),
+                files: vec![file.clone()],
+            });
+            let event = Event::Ran {
+                kind,
+                phase: Phase::Start,
+                result: exported,
+            };
+            let t = moved(decide(&task(InProgress), event, &ctx()));
+            assert_eq!((t.state, t.confirmed), (InProgress, true), "{kind:?}");
+            assert_eq!(t.next_attempt_at, Some(NEVER), "not run again");
+            assert_eq!(t.export_files, Some(vec![file.clone()]));
+            assert!(t.note.contains("1 file(s), 120 bytes"), "{}", t.note);
+            assert!(t.note.contains("not built yet"), "{}", t.note);
+            // A holder with nothing on the subject has nothing to deliver: that answer is
+            // final.
+            let nothing = Event::Ran {
+                kind,
+                phase: Phase::Start,
+                result: Ok(Outcome::NotFound {
+                    note: "no such customer".into(),
+                }),
+            };
+            assert_eq!(
+                moved(decide(&task(InProgress), nothing, &ctx())).state,
+                NotFound
+            );
+        }
+    }
+
+    #[test]
     fn accepted_work_waits_for_its_confirmation() {
         let accepted = || {
             Ok(Outcome::Accepted {
@@ -733,6 +821,7 @@ mod tests {
         let t = moved(decide(
             &task(InProgress),
             Event::Ran {
+                kind: RequestKind::Erasure,
                 phase: Phase::Start,
                 result: down(),
             },
@@ -747,6 +836,7 @@ mod tests {
         let d = decide(
             &task(Retained),
             Event::Ran {
+                kind: RequestKind::Erasure,
                 phase: Phase::RetentionExpired,
                 result: down(),
             },

@@ -15,7 +15,7 @@ use dsrelay_runtime::store::Db;
 use sqlx::Row as _;
 
 use crate::harness::{
-    erasure, in_state, spawn_pair, wait_until, Backend, Holder, PairOptions, Role, NEWSLETTER,
+    erasure, spawn_pair, wait_until, Backend, Holder, PairOptions, Role, NEWSLETTER,
 };
 
 /// In the sample accounting database (customer 1) and the newsletter's seed.
@@ -111,21 +111,11 @@ async fn return_of_data_is_written_to_files(backend: Backend) {
         .expect("submit")
         .into_inner();
     let id = submitted.request_id;
-    // Until the registry side of packages exists, the request completes as before.
-    let view = wait_until(
-        &mut crm,
-        &id,
-        Duration::from_secs(30),
-        in_state(RequestState::Completed),
-    )
-    .await;
+    // The exports are written at the processor and go no further yet: the tasks say so and
+    // stay IN_PROGRESS, and so does the request. Nothing may report the data delivered.
+    let view = wait_until(&mut crm, &id, Duration::from_secs(30), exported).await;
     assert_eq!(view.tasks.len(), 2, "{view:#?}");
-    assert!(
-        view.tasks
-            .iter()
-            .all(|t| t.state == TaskState::Completed as i32),
-        "{view:#?}"
-    );
+    assert_eq!(view.state, RequestState::InProgress as i32, "{view:#?}");
 
     // The accounting database: per exported table a JSON and a CSV file holding exactly the
     // subject's rows.
@@ -225,13 +215,7 @@ async fn exports_a_rerun_replaces_the_files_of_earlier_attempts() {
     }
     std::fs::write(dir.join("stale.json"), "[]").unwrap();
     pair.adapter().start().await;
-    wait_until(
-        &mut crm,
-        &id,
-        Duration::from_secs(30),
-        in_state(RequestState::Completed),
-    )
-    .await;
+    wait_until(&mut crm, &id, Duration::from_secs(30), exported).await;
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -241,4 +225,15 @@ async fn exports_a_rerun_replaces_the_files_of_earlier_attempts() {
     let files = recorded_files(pair.processor.database_url(), &id, NEWSLETTER).await;
     checked(&dir, &files, "export.json");
     pair.stop().await;
+}
+
+/// Every task has written its export and waits, IN_PROGRESS, for a delivery not built yet.
+fn exported(view: &dsrelay_proto::v1::Request) -> bool {
+    !view.tasks.is_empty()
+        && view.tasks.iter().all(|t| {
+            t.state == TaskState::InProgress as i32
+                && t.evidence.as_ref().is_some_and(|e| {
+                    e.confirmed && e.note.contains("waiting for delivery to the registry")
+                })
+        })
 }
