@@ -8,7 +8,7 @@ pub use dsrelay_connectors::noop::NoopConfig;
 pub use dsrelay_connectors::ConnectorConfig;
 use dsrelay_runtime::backoff::Backoff;
 use dsrelay_runtime::config::ConfigErrors;
-use dsrelay_runtime::settings::{Defaults, ServiceSettings};
+use dsrelay_runtime::settings::{Defaults, ServiceConfig, ServiceSettings};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// Prefix of environment variables that override the file (`DSRELAY_PROCESSOR__LISTEN=...`).
@@ -197,6 +197,22 @@ impl AsRef<ServiceSettings> for Config {
     }
 }
 
+impl ServiceConfig for Config {
+    fn relative_to(&mut self, dir: &Path) {
+        self.service.relative_to(dir);
+        // Connectors with their own TLS files resolve them like the service's.
+        for s in &mut self.subprocessors {
+            if let ConnectorConfig::Adapter(a) = &mut s.connector {
+                a.tls = a.tls.clone().relative_to(dir);
+            }
+        }
+    }
+
+    fn check(&self) -> Result<(), ConfigErrors> {
+        self.validate()
+    }
+}
+
 impl Config {
     /// Loads the file (if any) and `DSRELAY_PROCESSOR__*` overrides, then validates and
     /// checks that the TLS files are there.
@@ -209,23 +225,7 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigErrors> {
-        let mut config: Self = dsrelay_runtime::config::load(file, ENV_PREFIX, env)?;
-        if let Some(dir) = file.and_then(Path::parent) {
-            config.service.relative_to(dir);
-            // Connectors with their own TLS files resolve them like the service's.
-            for s in &mut config.subprocessors {
-                if let ConnectorConfig::Adapter(a) = &mut s.connector {
-                    a.tls = a.tls.clone().relative_to(dir);
-                }
-            }
-        }
-        let mut errors = config.validate().err().map_or_else(Vec::new, |e| e.0);
-        errors.extend(config.service.check_files());
-        if errors.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigErrors(errors))
-        }
+        dsrelay_runtime::settings::load(file, ENV_PREFIX, env)
     }
 
     /// Every problem with the configuration that shows without looking at the file system,

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use dsrelay_runtime::backoff::Backoff;
 use dsrelay_runtime::config::ConfigErrors;
-use dsrelay_runtime::settings::{Defaults, ServiceSettings};
+use dsrelay_runtime::settings::{Defaults, ServiceConfig, ServiceSettings};
 use serde::{Deserialize, Deserializer, Serialize};
 use tonic::transport::Uri;
 
@@ -172,6 +172,16 @@ impl AsRef<ServiceSettings> for Config {
     }
 }
 
+impl ServiceConfig for Config {
+    fn relative_to(&mut self, dir: &Path) {
+        self.service.relative_to(dir);
+    }
+
+    fn check(&self) -> Result<(), ConfigErrors> {
+        self.validate()
+    }
+}
+
 impl Config {
     /// Loads the file (if any) and `DSRELAY_REGISTRY__*` overrides, then validates and
     /// checks that the TLS files are there.
@@ -184,17 +194,7 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigErrors> {
-        let mut config: Self = dsrelay_runtime::config::load(file, ENV_PREFIX, env)?;
-        if let Some(dir) = file.and_then(Path::parent) {
-            config.service.relative_to(dir);
-        }
-        let mut errors = config.validate().err().map_or_else(Vec::new, |e| e.0);
-        errors.extend(config.service.check_files());
-        if errors.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigErrors(errors))
-        }
+        dsrelay_runtime::settings::load(file, ENV_PREFIX, env)
     }
 
     /// Every problem with the configuration that shows without looking at the file system,

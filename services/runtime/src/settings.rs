@@ -30,9 +30,41 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::config::ConfigErrors;
 use crate::tls::TlsFiles;
+
+/// A service's whole configuration: the shared settings plus its own keys. [`load`] reads
+/// every service's the same way.
+pub trait ServiceConfig: DeserializeOwned + AsRef<ServiceSettings> {
+    /// Resolves relative file paths against `dir`, the folder of the configuration file.
+    fn relative_to(&mut self, dir: &Path);
+    /// Every problem that shows without looking at the file system, reported together.
+    fn check(&self) -> Result<(), ConfigErrors>;
+}
+
+/// Reads a service's configuration: the file (if any) and `PREFIX__*` overrides from `env`,
+/// paths resolved against the file's folder, then every problem at once: the service's own
+/// checks and the TLS files missing on this machine.
+pub fn load<C: ServiceConfig>(
+    file: Option<&Path>,
+    env_prefix: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<C, ConfigErrors> {
+    let mut config: C = crate::config::load(file, env_prefix, env)?;
+    if let Some(dir) = file.and_then(Path::parent) {
+        config.relative_to(dir);
+    }
+    let mut errors = config.check().err().map_or_else(Vec::new, |e| e.0);
+    errors.extend(config.as_ref().check_files());
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
 
 /// What every service needs to start, whatever it does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
