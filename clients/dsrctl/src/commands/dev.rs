@@ -55,7 +55,7 @@ fn registry_config(dir: &Path, port: u16, processor_port: u16) -> dsrelay_regist
         }],
         recipients: vec![RecipientConfig {
             name: RECIPIENT.into(),
-            endpoint: "https://localhost:50071".into(),
+            endpoint: "https://localhost:50081".into(),
             identity: dev_identity("recipient", "example"),
             description: "an example: Submit accepts transfers to it; nothing listens here and \
                           no data is delivered to recipients yet"
