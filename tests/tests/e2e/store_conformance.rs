@@ -80,7 +80,7 @@ async fn registry_intake_and_idempotency(backend: Backend) {
         other => panic!("{other:?}"),
     }
     let row = store.request("r1").await.expect("get").expect("exists");
-    assert_eq!(row.state(), RequestState::Received);
+    assert_eq!(row.state, RequestState::Received);
     assert_eq!(row.body, Some(vec![1, 2, 3]));
     let deliveries = store.deliveries("r1").await.expect("deliveries");
     assert_eq!(
@@ -94,12 +94,7 @@ async fn registry_intake_and_idempotency(backend: Backend) {
         .await
         .expect("insert");
     assert_eq!(
-        store
-            .request("r3")
-            .await
-            .expect("get")
-            .expect("row")
-            .state(),
+        store.request("r3").await.expect("get").expect("row").state,
         RequestState::Completed
     );
     assert!(store.request("nope").await.expect("get").is_none());
@@ -186,7 +181,7 @@ async fn registry_outbox_claims_leases_and_backoff(backend: Backend) {
         .await
         .expect("ok");
     assert_eq!(
-        store.request("r1").await.unwrap().unwrap().state(),
+        store.request("r1").await.unwrap().unwrap().state,
         RequestState::Dispatched
     );
     // The failed one comes back when its next attempt is due, not before.
@@ -296,7 +291,7 @@ async fn registry_acknowledgements_fold(backend: Backend) {
         TaskState::Completed as i32
     );
     assert_eq!(
-        store.request("r1").await.unwrap().unwrap().state(),
+        store.request("r1").await.unwrap().unwrap().state,
         RequestState::Completed
     );
     let events = store.events("r1").await.unwrap();

@@ -123,7 +123,7 @@ impl RequestService for Api {
                     .into_iter()
                     .map(|d| d.processor)
                     .collect();
-                (existing, row.state, row.due_at, row.trace_id, routed, true)
+                (existing, row.state as i32, row.due_at, row.trace_id, routed, true)
             }
             Inserted::Conflict(existing) => {
                 return Err(ApiError::already_exists(format!(
@@ -371,10 +371,7 @@ impl RequestService for Api {
             };
             return Err(ApiError::invalid([FieldViolation::new("months", rule)]).into());
         }
-        if matches!(
-            row.state(),
-            RequestState::Completed | RequestState::Cancelled
-        ) {
+        if matches!(row.state, RequestState::Completed | RequestState::Cancelled) {
             return Err(
                 ApiError::failed_precondition(format!("request {} has finished", row.id)).into(),
             );

@@ -35,8 +35,8 @@ pub(crate) fn request(
     Request {
         request_id: row.id,
         partner: row.partner,
-        kind: row.kind,
-        state: row.state,
+        kind: row.kind as i32,
+        state: row.state as i32,
         identities,
         scope,
         parameters,

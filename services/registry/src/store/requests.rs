@@ -114,7 +114,7 @@ impl Store {
             &row.id,
             EventType::DeadlineExtended,
             now,
-            row.state(),
+            row.state,
             EventDetail {
                 message: format!("due date extended by {months} month(s): {reason}"),
                 ..Default::default()

@@ -8,7 +8,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use dsrelay_proto::v1::{RequestState, TaskState, TaskStatus};
+use dsrelay_proto::v1::{RequestKind, RequestState, TaskState, TaskStatus};
 
 use crate::fold::request_can_be_overdue;
 
@@ -88,10 +88,12 @@ pub struct RequestRow {
     pub idempotency_key: String,
     /// The encoded SubmitRequest; `None` once identities are forgotten.
     pub body: Option<Vec<u8>>,
-    /// Request kind (proto enum value).
-    pub kind: i32,
-    /// Folded state (proto enum value); [`RequestRow::state`] for the enum.
-    pub state: i32,
+    /// Request kind.
+    #[sqlx(try_from = "i32")]
+    pub kind: RequestKind,
+    /// Folded state.
+    #[sqlx(try_from = "i32")]
+    pub state: RequestState,
     /// Received (ms).
     pub received_at: i64,
     /// Due (ms).
@@ -109,14 +111,9 @@ pub struct RequestRow {
 }
 
 impl RequestRow {
-    /// The state as an enum.
-    pub fn state(&self) -> RequestState {
-        request_state(self.state)
-    }
-
     /// Whether the due date has passed while the controller still owes an answer.
     pub fn overdue(&self, now: i64) -> bool {
-        self.due_at < now && request_can_be_overdue(self.state())
+        self.due_at < now && request_can_be_overdue(self.state)
     }
 }
 
