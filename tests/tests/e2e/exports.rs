@@ -235,9 +235,9 @@ pub(crate) fn delivered(view: &dsrelay_proto::v1::Request) -> bool {
         && !view.tasks.is_empty()
         && view.tasks.iter().all(|t| {
             t.state == TaskState::Completed as i32
-                && t.evidence.as_ref().is_some_and(|e| {
-                    e.confirmed && e.note.contains("stored at the registry")
-                })
+                && t.evidence
+                    .as_ref()
+                    .is_some_and(|e| e.confirmed && e.note.contains("stored at the registry"))
         })
 }
 

@@ -23,7 +23,7 @@ use tonic::Code;
 
 use crate::exports::delivered;
 use crate::harness::{
-    erasure, spawn_pair, wait_until, Backend, Holder, TestPair, PairOptions, Role, NEWSLETTER,
+    erasure, spawn_pair, wait_until, Backend, Holder, PairOptions, Role, TestPair, NEWSLETTER,
     PROCESSOR,
 };
 
@@ -169,10 +169,13 @@ async fn a_return_of_data_travels_to_the_partner(backend: Backend) {
     assert_eq!(files.len(), 5);
     for f in &info.files {
         let data = &files[&f.path];
-        assert_eq!((data.len() as u64, sha256(data)), (f.size, f.sha256.clone()));
+        assert_eq!(
+            (data.len() as u64, sha256(data)),
+            (f.size, f.sha256.clone())
+        );
     }
-    let customers = String::from_utf8(files[&format!("{PROCESSOR}/accounting/customers.csv")].clone())
-        .unwrap();
+    let customers =
+        String::from_utf8(files[&format!("{PROCESSOR}/accounting/customers.csv")].clone()).unwrap();
     assert!(customers.contains("Mannerheimintie 12 A 3"), "{customers}");
 
     // An operator may download it; another partner cannot see it exists.
@@ -302,7 +305,10 @@ async fn upload(
         .into_inner())
 }
 
-async fn state(client: &mut ExportUploadServiceClient<Channel>, h: &ExportFileHeader) -> UploadState {
+async fn state(
+    client: &mut ExportUploadServiceClient<Channel>,
+    h: &ExportFileHeader,
+) -> UploadState {
     client
         .get_upload_state(GetUploadStateRequest {
             header: Some(h.clone()),
