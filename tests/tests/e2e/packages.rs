@@ -450,17 +450,9 @@ async fn packages_refuse_bad_chunks_and_resume_uploads() {
     pair.stop().await;
 }
 
-/// The registry is down while the export is ready: the upload fails and is retried with
-/// backoff until the registry is back, then the part is stored and the task completes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn packages_an_upload_resumes_when_the_registry_is_back() {
-    let mut pair = spawn_pair(PairOptions {
-        holders: vec![Holder::Newsletter],
-        down: vec![Role::Adapter],
-        ..Default::default()
-    })
-    .await
-    .expect("sqlite pair");
+/// Submits a return of data to a pair with the newsletter down, and returns once its export
+/// is written and its upload has failed at least once because the registry is down.
+async fn export_waiting_for_the_registry(pair: &mut TestPair) -> String {
     let mut crm = pair.client("partner-crm");
     let id = crm
         .submit(return_of_data())
@@ -474,7 +466,6 @@ async fn packages_an_upload_resumes_when_the_registry_is_back() {
     .await;
     pair.registry.stop().await;
     pair.adapter().start().await;
-    // The export is written, and its upload has failed at least once.
     let db = Db::connect(pair.processor.database_url())
         .await
         .expect("processor db");
@@ -495,6 +486,25 @@ async fn packages_an_upload_resumes_when_the_registry_is_back() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     db.pool.close().await;
+    id
+}
+
+fn pair_with_the_newsletter_down() -> PairOptions {
+    PairOptions {
+        holders: vec![Holder::Newsletter],
+        down: vec![Role::Adapter],
+        ..Default::default()
+    }
+}
+
+/// The registry is down while the export is ready: the upload fails and is retried with
+/// backoff until the registry is back, then the part is stored and the task completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packages_an_upload_resumes_when_the_registry_is_back() {
+    let mut pair = spawn_pair(pair_with_the_newsletter_down())
+        .await
+        .expect("sqlite pair");
+    let id = export_waiting_for_the_registry(&mut pair).await;
     pair.registry.start().await;
     let mut crm = pair.client("partner-crm");
     wait_until(&mut crm, &id, Duration::from_secs(30), delivered).await;
@@ -504,5 +514,35 @@ async fn packages_an_upload_resumes_when_the_registry_is_back() {
     assert_eq!(info.files.len(), 1);
     let f = &info.files[0];
     assert_eq!(sha256(&files[&f.path]), f.sha256);
+    pair.stop().await;
+}
+
+/// An export file changed at the processor after it was written is not what the holder
+/// exported: the task fails with the reason, and nothing of it reaches the package.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packages_a_changed_export_fails_its_task() {
+    let mut pair = spawn_pair(pair_with_the_newsletter_down())
+        .await
+        .expect("sqlite pair");
+    let id = export_waiting_for_the_registry(&mut pair).await;
+    std::fs::write(
+        pair.export_dir(&id, NEWSLETTER).join("export.json"),
+        "[\"tampered\"]",
+    )
+    .unwrap();
+    pair.registry.start().await;
+    let mut crm = pair.client("partner-crm");
+    let view = wait_until(&mut crm, &id, Duration::from_secs(30), |r| {
+        r.tasks
+            .iter()
+            .any(|t| t.state == dsrelay_proto::v1::TaskState::Failed as i32)
+    })
+    .await;
+    let reason = &view.tasks[0].reason;
+    assert!(
+        reason.contains("export.json changed at the processor"),
+        "{reason}"
+    );
+    assert!(!pair.package_dir().join(&id).join(PROCESSOR).exists());
     pair.stop().await;
 }
