@@ -259,11 +259,11 @@ impl Api {
 
 /// A request's package as PackageInfo, or why it has none.
 async fn package_info(shared: &Shared, row: &RequestRow) -> Result<PackageInfo, ApiError> {
-    if row.kind != RequestKind::ReturnOfData as i32 {
+    if row.kind != RequestKind::ReturnOfData {
         return Err(ApiError::failed_precondition(format!(
             "request {} is {}; only RETURN_OF_DATA requests have a package",
             row.id,
-            kind_name(row.kind)
+            kind_name(row.kind as i32)
         )));
     }
     let record = shared.store.package(&row.id).await?;
