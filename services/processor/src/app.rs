@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use dsrelay_connectors::Connector;
 use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceClient;
+use dsrelay_proto::v1::export_upload_service_client::ExportUploadServiceClient;
 use dsrelay_proto::v1::processor_operator_service_server::ProcessorOperatorServiceServer;
 use dsrelay_proto::v1::processor_service_server::ProcessorServiceServer;
 use dsrelay_runtime::clock::Clock;
@@ -39,6 +40,11 @@ pub(crate) struct Shared {
     pub task_wakeup: Notify,
     /// Wakes the acknowledgement sender when acknowledgements were queued.
     pub ack_wakeup: Notify,
+    /// One upload client per controller, by name: the same registry endpoint and TLS as the
+    /// acknowledgements.
+    pub uploaders: HashMap<String, ExportUploadServiceClient<Channel>>,
+    /// Wakes the upload worker when an export was written and its upload queued.
+    pub upload_wakeup: Notify,
     /// Subprocessors that failed transiently, and until when (ms) their tasks wait without
     /// calling them: one unreachable holder costs one timeout, not one per task.
     pub unavailable_until: crate::breaker::Breaker,
@@ -70,6 +76,7 @@ impl App {
             .client_config()
             .context("loading the processor's TLS files")?;
         let mut registries = HashMap::new();
+        let mut uploaders = HashMap::new();
         for c in &config.controllers {
             let channel = dsrelay_runtime::tls::channel(
                 &c.registry_endpoint,
@@ -77,6 +84,13 @@ impl App {
                 &client_tls,
             )
             .with_context(|| format!("controller {}", c.name))?;
+            // MAX_MESSAGE_BYTES (4 MiB) leaves room for a 1 MiB chunk with its header.
+            uploaders.insert(
+                c.name.clone(),
+                ExportUploadServiceClient::new(channel.clone())
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            );
             registries.insert(
                 c.name.clone(),
                 AcknowledgementServiceClient::new(channel)
@@ -94,6 +108,8 @@ impl App {
                 registries,
                 task_wakeup: Notify::new(),
                 ack_wakeup: Notify::new(),
+                uploaders,
+                upload_wakeup: Notify::new(),
                 unavailable_until: Default::default(),
             }),
         })
@@ -104,7 +120,8 @@ impl App {
         self.shared.clock.clone()
     }
 
-    /// Serves on `listener` and runs the task runner and acknowledgement sender until
+    /// Serves on `listener` and runs the task runner, acknowledgement sender and export
+    /// uploader until
     /// `shutdown` resolves. Binds the admin port when the configuration names one
     /// (`admin_listen`).
     pub async fn run(
@@ -133,7 +150,7 @@ impl App {
             "processor starting"
         );
         let scraped = shared.clone();
-        let (runner, sender) = (shared.clone(), shared.clone());
+        let (runner, sender, uploader) = (shared.clone(), shared.clone(), shared.clone());
         Host::new("processor", &shared.config.service)
             .service(ProcessorOperatorServiceServer::new(OperatorApi::new(
                 shared.clone(),
@@ -153,6 +170,9 @@ impl App {
             .worker("task runner", move |stop| crate::runner::run(runner, stop))
             .worker("acknowledgement sender", move |stop| {
                 crate::ack_sender::run(sender, stop)
+            })
+            .worker("export uploader", move |stop| {
+                crate::uploader::run(uploader, stop)
             })
     }
 }

@@ -37,6 +37,9 @@ pub struct Config {
     /// How acknowledgements are sent back and retried.
     #[serde(default)]
     pub acks: AckConfig,
+    /// How RETURN_OF_DATA exports are uploaded to the registry and retried.
+    #[serde(default)]
+    pub uploads: UploadConfig,
     /// The processor's data folder: exports of RETURN_OF_DATA and TRANSFER tasks are written
     /// as files under `exports/` here, one folder per task. A relative path is taken from
     /// the working directory, like the default SQLite database beside it.
@@ -181,6 +184,35 @@ impl Default for AckConfig {
     }
 }
 
+/// Upload outbox settings: each RETURN_OF_DATA export goes to its controller's registry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UploadConfig {
+    /// Retry spacing when the registry cannot be reached or refuses a chunk.
+    pub backoff: Backoff,
+    /// How often the worker looks for due uploads when nothing wakes it (ms).
+    pub poll_interval_ms: u64,
+    /// How long a claimed upload is reserved (ms); renewed after every file, and the
+    /// deadline of sending one file.
+    pub lease_ms: u64,
+    /// Exports uploaded at once.
+    pub concurrency: u32,
+    /// Deadline of one GetUploadState or CompletePart call (ms).
+    pub call_timeout_ms: u64,
+}
+
+impl Default for UploadConfig {
+    fn default() -> Self {
+        Self {
+            backoff: Backoff::default(),
+            poll_interval_ms: 1000,
+            lease_ms: 300_000,
+            concurrency: 4,
+            call_timeout_ms: 10_000,
+        }
+    }
+}
+
 /// Where the processor listens and stores unless configured otherwise.
 pub const DEFAULTS: Defaults = Defaults {
     listen: "127.0.0.1:50061",
@@ -286,6 +318,9 @@ impl Config {
         }
         if self.data_dir.as_os_str().is_empty() {
             errors.push("data_dir: must not be empty".into());
+        }
+        if self.uploads.concurrency == 0 || self.uploads.lease_ms == 0 {
+            errors.push("uploads: concurrency and lease_ms must be at least 1".into());
         }
         if self.tasks.concurrency == 0 || self.tasks.batch_size == 0 || self.acks.batch_size == 0 {
             errors.push("tasks and acks: concurrency and batch sizes must be at least 1".into());

@@ -300,6 +300,9 @@ async fn record_move(
             "task step done"
         );
         shared.ack_wakeup.notify_one();
+        if t.upload {
+            shared.upload_wakeup.notify_one();
+        }
     }
     Ok(moved)
 }

@@ -11,9 +11,12 @@
 //!   [`Phase::Start`]); claimed RETAINED (its date has come) → [`Phase::RetentionExpired`]
 //! - holder marked unreachable → wait for it without calling it, until the mark ends (and no
 //!   later than the due date); past the due date it is called anyway
-//! - COMPLETED of a RETURN_OF_DATA or TRANSFER → stays IN_PROGRESS (confirmed, with its
-//!   export files listed): the export lies in the processor's data folder, and delivering it
-//!   to the registry or the recipient is not built yet, so nothing may claim it arrived
+//! - COMPLETED of a RETURN_OF_DATA → stays IN_PROGRESS (confirmed, with its export files
+//!   listed) and queues the upload of the export to the registry; the task is COMPLETED
+//!   only when the registry holds the part ([`Event::Delivered`]); an export that cannot be
+//!   sent as written (a file vanished or changed) → FAILED with why
+//! - COMPLETED of a TRANSFER → stays IN_PROGRESS the same way, without an upload: delivery to
+//!   the recipient is not built yet, so nothing may claim the data arrived
 //! - COMPLETED, NOT_FOUND → final and confirmed; RETAINED → sleeps until its date, then runs
 //!   again to erase the rest; after a retention run the records count is cumulative
 //! - ACCEPTED → IN_PROGRESS awaiting confirmation, asked again every confirm interval; the
@@ -136,6 +139,20 @@ pub(crate) enum Event<'a> {
         /// The operator's identity.
         by: &'a str,
     },
+    /// The registry stored the task's part of a return-of-data package (CompletePart
+    /// answered).
+    Delivered {
+        /// Files in the part.
+        files: usize,
+        /// Their bytes.
+        bytes: u64,
+    },
+    /// The export cannot be delivered as written: a file vanished or changed at the
+    /// processor, or the registry refused it for good.
+    Undeliverable {
+        /// Why.
+        reason: &'a str,
+    },
 }
 
 /// The new state of a task and what goes with it: what the store records, and the
@@ -160,12 +177,15 @@ pub struct Transition {
     pub next_attempt_at: Option<i64>,
     /// The holder's reference for accepted, unconfirmed work.
     pub handle: Option<String>,
-    /// The files an export wrote into the task's folder (metadata only); `None` when it
-    /// wrote none.
+    /// The files an export wrote into the task's folder (metadata only); `None` keeps what
+    /// is recorded (no export in this step).
     pub export_files: Option<Vec<ExportedFile>>,
     /// Keep the task reserved until then (ms): for a step after which the same runner goes
     /// on working on the task. `None` releases it.
     pub hold_until: Option<i64>,
+    /// Queue the upload of the task's export to the registry (a RETURN_OF_DATA export
+    /// written).
+    pub upload: bool,
 }
 
 /// What to do about an event.
@@ -256,6 +276,23 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
             reason: format!("{reason} (refused by {by})"),
             ..Default::default()
         }),
+        // Only a task still waiting for its delivery moves; a cancelled one stays cancelled.
+        Event::Delivered { .. } | Event::Undeliverable { .. } if task.state != InProgress => {
+            Decision::Ignore
+        }
+        Event::Delivered { files, bytes } => Decision::Move(Transition {
+            state: Completed,
+            records_affected: task.records_affected,
+            confirmed: true,
+            note: format!(
+                "export stored at the registry as this subprocessor's part of the package \
+                 ({files} file(s), {bytes} bytes)"
+            ),
+            ..Default::default()
+        }),
+        Event::Undeliverable { reason } => Decision::Move(failed(format!(
+            "the export could not be delivered to the registry: {reason}"
+        ))),
     }
 }
 
@@ -366,12 +403,14 @@ fn ran(
             files,
         } if crate::exports::exports(kind) => {
             // The data has not gone where it was asked to go: it lies in the processor's data
-            // folder. COMPLETED waits for its delivery, which is not built yet.
+            // folder. COMPLETED waits for its delivery: the upload worker's for a return of
+            // data; a transfer's delivery is not built yet.
             let bytes: u64 = files.iter().map(|f| f.size).sum();
-            let destination = if kind == RequestKind::Transfer {
-                "the recipient"
+            let upload = kind == RequestKind::ReturnOfData;
+            let waiting = if upload {
+                "uploading it to the registry"
             } else {
-                "the registry"
+                "waiting for delivery to the recipient, which is not built yet"
             };
             Transition {
                 state: TaskState::InProgress,
@@ -379,11 +418,13 @@ fn ran(
                 confirmed: true,
                 note: format!(
                     "{note}; export written at the processor ({} file(s), {bytes} bytes), \
-                     waiting for delivery to {destination}, which is not built yet",
+                     {waiting}",
                     files.len()
                 ),
                 next_attempt_at: Some(NEVER),
-                export_files: (!files.is_empty()).then_some(files),
+                // An empty export is still a part: the registry learns the holder had nothing.
+                export_files: Some(files),
+                upload,
                 ..Default::default()
             }
         }
@@ -718,7 +759,11 @@ mod tests {
             assert_eq!(t.next_attempt_at, Some(NEVER), "not run again");
             assert_eq!(t.export_files, Some(vec![file.clone()]));
             assert!(t.note.contains("1 file(s), 120 bytes"), "{}", t.note);
-            assert!(t.note.contains("not built yet"), "{}", t.note);
+            // A return of data is uploaded to the registry; a transfer waits.
+            assert_eq!(t.upload, kind == RequestKind::ReturnOfData, "{kind:?}");
+            let waits = kind == RequestKind::Transfer;
+            assert_eq!(t.note.contains("not built yet"), waits, "{}", t.note);
+            assert_eq!(t.note.contains("uploading it to the registry"), !waits);
             // A holder with nothing on the subject has nothing to deliver: that answer is
             // final.
             let nothing = Event::Ran {
@@ -731,6 +776,33 @@ mod tests {
             assert_eq!(
                 moved(decide(&task(InProgress), nothing, &ctx())).state,
                 NotFound
+            );
+        }
+    }
+
+    #[test]
+    fn a_delivered_export_completes_the_task_and_an_undeliverable_one_fails_it() {
+        let delivered = || Event::Delivered {
+            files: 2,
+            bytes: 300,
+        };
+        let t = moved(decide(&task(InProgress), delivered(), &Context::at(NOW)));
+        assert_eq!((t.state, t.confirmed), (Completed, true));
+        assert_eq!(t.records_affected, 3, "the export's records stay counted");
+        assert!(t.note.contains("stored at the registry"), "{}", t.note);
+        assert!(t.note.contains("2 file(s), 300 bytes"), "{}", t.note);
+        assert!(!t.upload);
+        let gone = Event::Undeliverable {
+            reason: "export file a.json vanished",
+        };
+        let t = moved(decide(&task(InProgress), gone, &Context::at(NOW)));
+        assert_eq!(t.state, Failed);
+        assert!(t.reason.contains("a.json vanished"), "{}", t.reason);
+        // A task cancelled meanwhile stays cancelled.
+        for state in [Cancelled, Failed, Completed] {
+            assert_eq!(
+                decide(&task(state), delivered(), &Context::at(NOW)),
+                Decision::Ignore
             );
         }
     }

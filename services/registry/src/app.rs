@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use dsrelay_proto::v1::acknowledgement_service_server::AcknowledgementServiceServer;
+use dsrelay_proto::v1::export_upload_service_server::ExportUploadServiceServer;
+use dsrelay_proto::v1::package_service_server::PackageServiceServer;
 use dsrelay_proto::v1::processor_service_client::ProcessorServiceClient;
 use dsrelay_proto::v1::request_service_server::RequestServiceServer;
 use dsrelay_runtime::clock::Clock;
@@ -17,10 +19,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, Notify};
 use tonic::transport::Channel;
 
-use crate::api::Api;
+use crate::api::{Api, Uploading};
 use crate::auth::Authorizer;
 use crate::config::Config;
 use crate::intake::{self, Writer};
+use crate::packages::{FolderStore, Packages};
 use crate::store::{Store, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
 
 /// State shared by the handlers and the background workers.
@@ -46,6 +49,10 @@ pub(crate) struct Shared {
     pub intake: crate::intake::Intake,
     /// The clock deadlines, leases and events are stamped by; tests move it.
     pub clock: Clock,
+    /// Where return-of-data packages are kept, and for how long.
+    pub packages: Packages,
+    /// Files being uploaded right now, so two streams never append to one file.
+    pub uploading: Uploading,
 }
 
 impl Shared {
@@ -93,6 +100,10 @@ impl App {
         let (events, _) = broadcast::channel(1024);
         let store = Store::new(db);
         let (intake, intake_writer) = intake::channel(store.clone());
+        let packages = Packages::new(
+            Arc::new(FolderStore::new(&config.package_dir)),
+            config.package_ttl_days,
+        );
         Ok(Self {
             shared: Arc::new(Shared {
                 metrics: crate::metrics::Metrics::new(&config),
@@ -105,6 +116,8 @@ impl App {
                 processors,
                 identity_hash_key,
                 clock: Clock::system(),
+                packages,
+                uploading: Uploading::default(),
             }),
             intake_writer,
         })
@@ -115,7 +128,8 @@ impl App {
         self.shared.clock.clone()
     }
 
-    /// Serves on `listener` and runs the intake writer, dispatcher and reconciler until
+    /// Serves on `listener` and runs the intake writer, dispatcher, reconciler and package
+    /// expiry until
     /// `shutdown` resolves; then stops accepting, lets the workers finish their current
     /// round (queued Submits are committed), and returns. Binds the admin port when the
     /// configuration names one (`admin_listen`).
@@ -147,6 +161,7 @@ impl App {
         let api = Api::new(shared.clone());
         let scraped = shared.clone();
         let (dispatched, reconciled, chained) = (shared.clone(), shared.clone(), shared.clone());
+        let expiring = shared.clone();
         Host::new("registry", &shared.config.service)
             .service(
                 RequestServiceServer::new(api.clone())
@@ -154,7 +169,19 @@ impl App {
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
             .service(
-                AcknowledgementServiceServer::new(api)
+                AcknowledgementServiceServer::new(api.clone())
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            // MAX_MESSAGE_BYTES (4 MiB) leaves room for a 1 MiB chunk with its header and
+            // digest, both ways.
+            .service(
+                ExportUploadServiceServer::new(api.clone())
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .service(
+                PackageServiceServer::new(api)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
@@ -174,6 +201,9 @@ impl App {
             })
             .worker("processor chain", move |stop| {
                 crate::reconciler::refresh_chain(chained, stop)
+            })
+            .worker("package expiry", move |stop| {
+                crate::packages::expire(expiring, stop)
             })
     }
 }

@@ -2,7 +2,7 @@
 //! processors it routes to and which transfer recipients a request may name.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use dsrelay_runtime::backoff::Backoff;
 use dsrelay_runtime::config::ConfigErrors;
@@ -40,6 +40,32 @@ pub struct Config {
     /// forgotten. Empty means a fixed development key (a warning is logged).
     #[serde(default)]
     pub identity_hash_key: String,
+    /// The folder return-of-data packages are kept in, one folder per request. A relative
+    /// path is taken from the working directory, like the default SQLite database beside it.
+    #[serde(default = "default_package_dir")]
+    pub package_dir: PathBuf,
+    /// Days a package is kept after its request finished; then its files are deleted and an
+    /// event recorded.
+    #[serde(default = "default_package_ttl_days")]
+    pub package_ttl_days: u32,
+    /// How often the registry looks for packages past their retention (ms).
+    #[serde(default = "default_package_sweep_interval_ms")]
+    pub package_sweep_interval_ms: u64,
+}
+
+/// The default of `package_dir`: next to the default SQLite database.
+pub const DEFAULT_PACKAGE_DIR: &str = ".dsrelay/registry-packages";
+
+fn default_package_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_PACKAGE_DIR)
+}
+
+fn default_package_ttl_days() -> u32 {
+    30
+}
+
+fn default_package_sweep_interval_ms() -> u64 {
+    60_000
 }
 
 /// A certificate identity and the role it has.
@@ -236,6 +262,15 @@ impl Config {
                 ));
             }
         }
+        if self.package_dir.as_os_str().is_empty() {
+            errors.push("package_dir: must not be empty".into());
+        }
+        if self.package_ttl_days == 0 {
+            errors.push("package_ttl_days: keep packages at least 1 day".into());
+        }
+        if self.package_sweep_interval_ms == 0 {
+            errors.push("package_sweep_interval_ms: must be at least 1".into());
+        }
         let mut recipients = BTreeSet::new();
         for (i, r) in self.recipients.iter().enumerate() {
             if r.name.is_empty() || r.name.len() > MAX_RECIPIENT_NAME {
@@ -331,6 +366,8 @@ mod tests {
         assert_eq!(c.service.tls.key, dir.path().join("registry.key"));
         assert_eq!(c.delivery.concurrency, 3);
         assert_eq!(c.identity_hash_key, "k");
+        assert_eq!(c.package_dir, Path::new(DEFAULT_PACKAGE_DIR));
+        assert_eq!(c.package_ttl_days, 30);
         // Written back, it is the same flat file.
         let text = toml::to_string(&c).unwrap();
         let again: Config = toml::from_str(&text).unwrap();

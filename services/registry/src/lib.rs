@@ -6,7 +6,8 @@
 //! - [`config`]: configuration (identities and roles, processors and their categories).
 //! - [`app`]: [`App::build`] (store, processor clients, shared state) and [`App::run`], which
 //!   hands the services, metrics and workers to the runtime's host.
-//! - [`api`]: the gRPC handlers (partner API, acknowledgement API, the Watch stream, views).
+//! - [`api`]: the gRPC handlers (partner API, acknowledgement API, package upload and
+//!   download, the Watch stream, views).
 //! - [`auth`]: the registry's callers (partners, operators, processors) by certificate
 //!   identity.
 //! - [`validate`]: Submit input rules.
@@ -17,6 +18,8 @@
 //! - [`deadline`]: GDPR due dates.
 //! - [`dispatcher`]: sends the outbox with backoff and jitter.
 //! - [`metrics`]: Prometheus metrics on the admin port (`admin_listen`).
+//! - [`packages`]: return-of-data packages: the store their files go through (a folder
+//!   today), `manifest.json`, and their expiry.
 //! - [`reconciler`]: asks processors for status when acknowledgements are late.
 //! - [`error`]: the registry's error type (made into statuses by `dsrelay_runtime::grpc`).
 
@@ -30,6 +33,7 @@ mod error;
 mod fold;
 mod intake;
 mod metrics;
+pub mod packages;
 mod reconciler;
 pub mod store;
 mod validate;

@@ -99,6 +99,9 @@ pub const CONTROLLER: &str = "controller";
 /// The processor's data folder, inside the pair's folder.
 const PROCESSOR_DATA_DIR: &str = "processor-data";
 
+/// The registry's package folder, inside the pair's folder.
+const REGISTRY_PACKAGES_DIR: &str = "registry-packages";
+
 /// What a pair is made of. The default: SQLite, in-process, accounting and mail-marketing,
 /// everything started.
 #[derive(Debug, Clone)]
@@ -245,7 +248,7 @@ mod configs {
     use dsrelay_connectors::sql::sample_config;
     use dsrelay_processor::config::{
         AckConfig, ConnectorConfig, ControllerConfig, NoopConfig, SubprocessorConfig, TaskConfig,
-        TransferMechanismConfig,
+        TransferMechanismConfig, UploadConfig,
     };
     use dsrelay_registry::config::{
         DeliveryConfig, IdentityRole, ProcessorConfig, RecipientConfig, ReconcileConfig, Role,
@@ -268,6 +271,8 @@ mod configs {
         pub processor_db: String,
         /// The processor's data folder (export files).
         pub processor_data: std::path::PathBuf,
+        /// The registry's package folder.
+        pub registry_packages: std::path::PathBuf,
         /// Where the processor sends its acknowledgements.
         pub ack_port: u16,
         pub absent_processor_port: Option<u16>,
@@ -346,6 +351,9 @@ mod configs {
                 chain_interval_ms: 2000,
             },
             identity_hash_key: "test key".into(),
+            package_dir: plan.registry_packages.clone(),
+            package_ttl_days: 30,
+            package_sweep_interval_ms: 200,
         };
         config.validate().expect("registry config");
         config
@@ -439,6 +447,13 @@ mod configs {
                 poll_interval_ms: 100,
                 lease_ms: 2000,
                 batch_size: 200,
+                call_timeout_ms: 3000,
+            },
+            uploads: UploadConfig {
+                backoff: fast_backoff(),
+                poll_interval_ms: 100,
+                lease_ms: 10_000,
+                concurrency: 4,
                 call_timeout_ms: 3000,
             },
         };
@@ -850,6 +865,7 @@ pub async fn spawn_pair(opts: PairOptions) -> Option<TestPair> {
         processor_admin: admin_addr(&processor_admin),
         processor_db,
         processor_data: dir.path().join(PROCESSOR_DATA_DIR),
+        registry_packages: dir.path().join(REGISTRY_PACKAGES_DIR),
         ack_port,
         absent_processor_port,
         accounting_url: accounting_url.clone(),
@@ -953,6 +969,11 @@ impl TestPair {
                 subprocessor: subprocessor.into(),
             },
         )
+    }
+
+    /// The registry's package folder.
+    pub fn package_dir(&self) -> PathBuf {
+        self.dir().join(REGISTRY_PACKAGES_DIR)
     }
 
     /// The pair's development PKI, its CA generated for this test.

@@ -64,6 +64,9 @@ fn registry_config(dir: &Path, port: u16, processor_port: u16) -> dsrelay_regist
         delivery: Default::default(),
         reconcile: Default::default(),
         identity_hash_key: String::new(),
+        package_dir: dir.join("registry-packages"),
+        package_ttl_days: 30,
+        package_sweep_interval_ms: 60_000,
     }
 }
 
@@ -107,6 +110,7 @@ fn processor_config(dir: &Path, port: u16, registry_port: u16) -> dsrelay_proces
         ],
         tasks: Default::default(),
         acks: Default::default(),
+        uploads: Default::default(),
     }
 }
 

@@ -1,20 +1,24 @@
-//! The processor's durable state: requests, tasks and the acknowledgement outbox. A task's
-//! state change and the acknowledgement reporting it are written in one transaction; which
-//! change to make is decided by [`crate::task_machine`], never here.
+//! The processor's durable state: requests, tasks, the acknowledgement outbox and the
+//! upload outbox. A task's state change, the acknowledgement reporting it and, for a written
+//! return-of-data export, its upload are written in one transaction; which change to make is
+//! decided by [`crate::task_machine`], never here.
 //!
 //! - `rows`: the types the store hands out, and the raw rows they are read from.
 //! - `tasks`: requests and tasks: accept, cancel, claim, transition, operator views.
 //! - `acks`: the acknowledgement outbox.
+//! - `uploads`: the upload outbox: RETURN_OF_DATA exports waiting to reach the registry.
 
 mod acks;
 mod rows;
 mod tasks;
+mod uploads;
 
 use dsrelay_runtime::store::Db;
 
 pub use crate::task_machine::Transition;
 pub use rows::{AckJob, ManualRow, TaskJob, TaskKey, TaskRow};
 pub use tasks::Accepted;
+pub use uploads::UploadJob;
 
 /// The migrations for each backend, embedded at build time.
 pub static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");

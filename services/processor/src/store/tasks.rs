@@ -330,7 +330,7 @@ impl Store {
 }
 
 /// Records `t` and queues its acknowledgement, if the task is still at `expected_sequence`.
-async fn transition(
+pub(super) async fn transition(
     tx: &mut Transaction<'static, Any>,
     key: &TaskKey,
     expected_sequence: i64,
@@ -395,5 +395,8 @@ async fn transition(
         traceparent: trace_context::traceparent_of(&tracing::Span::current()).unwrap_or_default(),
     };
     acks::queue(tx, key, next, &ack, now).await?;
+    if t.upload {
+        super::uploads::queue(tx, key, now).await?;
+    }
     Ok(Some(next))
 }

@@ -5,6 +5,9 @@
 //!   extend a due date, events, the processing chain, the audit trail.
 //! - `acknowledgement`: the acknowledgement API (`AcknowledgementService`) processors
 //!   report task states through.
+//! - `packages`: return-of-data packages: processors upload export files and declare parts
+//!   complete (`ExportUploadService`); partners and operators read and download them
+//!   (`PackageService`).
 //! - `watch`: the event stream behind Watch.
 //! - `views`: stored rows → protocol messages.
 //!
@@ -23,12 +26,15 @@ use crate::error::ApiError;
 use crate::store::RequestRow;
 use crate::validate::{text_violation, MAX_TEXT};
 
+pub(crate) use packages::Uploading;
+
 mod acknowledgement;
+mod packages;
 mod partner;
 mod views;
 mod watch;
 
-/// Implements both registry services over the shared state.
+/// Implements every registry service over the shared state.
 #[derive(Clone)]
 pub(crate) struct Api {
     shared: Arc<Shared>,

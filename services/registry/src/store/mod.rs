@@ -15,6 +15,7 @@
 //! - `requests`: cancelling a request and extending its due date.
 //! - `chain`: each processor's last reported subprocessor list.
 //! - `events`: events and the audit-trail append.
+//! - `packages`: files and parts of return-of-data packages as stored, and their expiry.
 //! - `queries`: reads for the API (a request, lists, tasks, deliveries, events, audit entries).
 
 use anyhow::Result;
@@ -27,6 +28,7 @@ mod chain;
 mod events;
 mod intake;
 mod outbox;
+mod packages;
 mod queries;
 mod requests;
 mod rows;
@@ -34,6 +36,7 @@ mod rows;
 pub use acknowledgements::{AckOutcome, TaskUpdate};
 pub use chain::ChainReport;
 pub use intake::{Inserted, NewRequest};
+pub use packages::{FileBegin, PackageFile, PackageRecord, PartOutcome, UploadTarget};
 pub use queries::ListFilter;
 pub use requests::CancelOutcome;
 pub use rows::{

@@ -41,6 +41,9 @@ enum Failure {
     Aborted(String),
     /// The service cannot take the call now (it is shutting down); a retry may succeed.
     Unavailable(String),
+    /// Data the caller sent arrived damaged (a digest did not match); nothing was kept, and
+    /// sending it again may succeed.
+    DataLoss(String),
     /// A fault of ours; the details go to the log, not the caller.
     Unexpected(anyhow::Error),
 }
@@ -105,6 +108,11 @@ impl<S> ApiError<S> {
         Self::new(Failure::Unavailable(message.into()))
     }
 
+    /// DATA_LOSS, saying what arrived damaged and that nothing of it was kept.
+    pub fn data_loss(message: impl Into<String>) -> Self {
+        Self::new(Failure::DataLoss(message.into()))
+    }
+
     /// A fault of ours (INTERNAL, or UNAVAILABLE when the store is out of reach).
     pub fn unexpected(error: impl Into<anyhow::Error>) -> Self {
         Self::new(Failure::Unexpected(error.into()))
@@ -126,7 +134,8 @@ impl<S> fmt::Display for ApiError<S> {
             | Failure::AlreadyExists(m)
             | Failure::FailedPrecondition(m)
             | Failure::Aborted(m)
-            | Failure::Unavailable(m) => f.write_str(m),
+            | Failure::Unavailable(m)
+            | Failure::DataLoss(m) => f.write_str(m),
             Failure::Unexpected(e) => write!(f, "{e:#}"),
         }
     }
@@ -169,6 +178,7 @@ impl<S: ServiceName> From<ApiError<S>> for Status {
             Failure::FailedPrecondition(m) => Status::failed_precondition(m),
             Failure::Aborted(m) => Status::aborted(m),
             Failure::Unavailable(m) => Status::unavailable(m),
+            Failure::DataLoss(m) => Status::data_loss(m),
             Failure::Unexpected(err) if store_out_of_reach(&err) => {
                 tracing::warn!(error = format!("{err:#}"), "store unavailable");
                 Status::unavailable(format!(

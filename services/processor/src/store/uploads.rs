@@ -1,0 +1,179 @@
+//! The upload outbox: a RETURN_OF_DATA task whose export is written queues one upload, in
+//! the transaction that records the export; the upload worker claims it, sends the files to
+//! the registry and, in one transaction, retires it and moves the task on.
+
+use anyhow::Result;
+use dsrelay_connectors::ExportedFile;
+use sqlx::{Any, Transaction};
+
+use super::rows::{TaskKey, TaskRecord, TaskRow, TASK_COLUMNS};
+use super::Store;
+use crate::task_machine::Transition;
+
+/// A claimed upload.
+#[derive(Debug, Clone)]
+pub struct UploadJob {
+    /// The task whose export it is.
+    pub key: TaskKey,
+    /// Attempts so far, this one included.
+    pub attempts: i64,
+    /// The export's files as the connector wrote them.
+    pub files: Vec<ExportedFile>,
+}
+
+#[derive(sqlx::FromRow)]
+struct UploadRecord {
+    controller: String,
+    request_id: String,
+    subprocessor: String,
+    attempts: i64,
+    export_files: Option<String>,
+}
+
+/// Queues the upload of `key`'s export inside the transaction that records it.
+pub(super) async fn queue(
+    tx: &mut Transaction<'static, Any>,
+    key: &TaskKey,
+    now: i64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO uploads (controller, request_id, subprocessor, next_attempt_at) \
+         VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+    )
+    .bind(&key.controller)
+    .bind(&key.request_id)
+    .bind(&key.subprocessor)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+impl Store {
+    /// Reserves up to `limit` due uploads for `lease_ms`, counting the attempt each starts.
+    pub async fn claim_uploads(
+        &self,
+        now: i64,
+        limit: i64,
+        lease_ms: i64,
+    ) -> Result<Vec<UploadJob>> {
+        let mut tx = self.db.pool.begin().await?;
+        let rows: Vec<UploadRecord> = sqlx::query_as(&format!(
+            "SELECT u.controller, u.request_id, u.subprocessor, u.attempts, t.export_files \
+             FROM uploads u JOIN tasks t ON t.controller = u.controller \
+             AND t.request_id = u.request_id AND t.subprocessor = u.subprocessor \
+             WHERE u.done_at IS NULL AND u.next_attempt_at <= $1 AND u.lease_until <= $1 \
+             ORDER BY u.next_attempt_at LIMIT $2{}",
+            self.db.backend.skip_locked_of("u")
+        ))
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut jobs = Vec::with_capacity(rows.len());
+        for r in rows {
+            sqlx::query(
+                "UPDATE uploads SET lease_until = $1, attempts = attempts + 1 \
+                 WHERE controller = $2 AND request_id = $3 AND subprocessor = $4",
+            )
+            .bind(now + lease_ms)
+            .bind(&r.controller)
+            .bind(&r.request_id)
+            .bind(&r.subprocessor)
+            .execute(&mut *tx)
+            .await?;
+            let files = match r.export_files.as_deref() {
+                Some(json) => serde_json::from_str(json)?,
+                None => Vec::new(),
+            };
+            jobs.push(UploadJob {
+                key: TaskKey {
+                    controller: r.controller,
+                    request_id: r.request_id,
+                    subprocessor: r.subprocessor,
+                },
+                attempts: r.attempts + 1,
+                files,
+            });
+        }
+        tx.commit().await?;
+        Ok(jobs)
+    }
+
+    /// One task as it stands.
+    pub async fn task(&self, key: &TaskKey) -> Result<Option<TaskRow>> {
+        let row: Option<TaskRecord> = sqlx::query_as(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE controller = $1 AND request_id = $2 \
+             AND subprocessor = $3"
+        ))
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .fetch_optional(&self.db.pool)
+        .await?;
+        Ok(row.map(TaskRow::from))
+    }
+
+    /// Retires an upload and, in the same transaction, records `t` (the task delivered or
+    /// undeliverable) if the task is still at `expected_sequence`. Returns the task's new
+    /// sequence, or `None` when it changed meanwhile or `t` is `None`.
+    pub async fn upload_finished(
+        &self,
+        key: &TaskKey,
+        expected_sequence: i64,
+        t: Option<&Transition>,
+        now: i64,
+        attempts: i64,
+    ) -> Result<Option<i64>> {
+        let mut tx = self.db.pool.begin().await?;
+        let moved = match t {
+            Some(t) => {
+                super::tasks::transition(&mut tx, key, expected_sequence, t, now, attempts).await?
+            }
+            None => None,
+        };
+        sqlx::query(
+            "UPDATE uploads SET done_at = $1, lease_until = 0 WHERE controller = $2 \
+             AND request_id = $3 AND subprocessor = $4",
+        )
+        .bind(now)
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(moved)
+    }
+
+    /// Tries an upload again at `next_at`, keeping why it failed for operators.
+    pub async fn upload_failed(&self, key: &TaskKey, next_at: i64, error: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE uploads SET next_attempt_at = $1, lease_until = 0, last_error = $2 \
+             WHERE controller = $3 AND request_id = $4 AND subprocessor = $5",
+        )
+        .bind(next_at)
+        .bind(error)
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Keeps a claimed upload reserved while its files are still being sent.
+    pub async fn extend_upload_lease(&self, key: &TaskKey, until: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE uploads SET lease_until = $1 WHERE controller = $2 AND request_id = $3 \
+             AND subprocessor = $4 AND done_at IS NULL",
+        )
+        .bind(until)
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+}

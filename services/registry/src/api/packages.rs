@@ -1,0 +1,717 @@
+//! Return-of-data packages over gRPC: processors upload each task's export files and declare
+//! its part complete (`ExportUploadService`); the submitting partner, or an operator, reads
+//! and downloads the package (`PackageService`). The rules of every chunk are in
+//! `proto/dsrelay/v1/package.proto`.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::Mutex;
+
+use chrono::{DateTime, SecondsFormat};
+use dsrelay_proto::timestamp_from_millis;
+use dsrelay_proto::v1::export_upload_service_server::ExportUploadService;
+use dsrelay_proto::v1::package_chunk::Item;
+use dsrelay_proto::v1::package_service_server::PackageService;
+use dsrelay_proto::v1::{
+    CompletePartRequest, CompletePartResponse, DownloadPackageRequest, ExportFileHeader,
+    GetPackageRequest, GetUploadStateRequest, PackageChunk, PackageFileChunk, PackageInfo,
+    RequestKind, UploadFileChunk, UploadState,
+};
+use dsrelay_runtime::identity::{request_id_violation, FieldViolation};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Response, Status, Streaming};
+
+use crate::app::Shared;
+use crate::auth::Party;
+use crate::error::ApiError;
+use crate::packages::{file_key, manifest, MAX_CHUNK};
+use crate::store::{FileBegin, PackageFile, PartOutcome, RequestRow, UploadTarget};
+use crate::validate::text_violation;
+
+use super::Api;
+
+/// Longest subprocessor name, media type or category accepted (bytes).
+const MAX_LABEL: usize = 128;
+/// At most this many categories per file, and files per part.
+const MAX_CATEGORIES: usize = 64;
+const MAX_FILES_PER_PART: usize = 10_000;
+
+/// Files being uploaded right now, by store key: two streams appending to one file would
+/// interleave their bytes, so the second is turned away until the first ends.
+#[derive(Debug, Default)]
+pub(crate) struct Uploading(Mutex<HashSet<String>>);
+
+/// Holds a file's key in [`Uploading`] until dropped.
+struct UploadGuard<'a> {
+    set: &'a Uploading,
+    key: String,
+}
+
+impl Uploading {
+    fn claim(&self, key: &str) -> Option<UploadGuard<'_>> {
+        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        set.insert(key.to_string()).then(|| UploadGuard {
+            set: self,
+            key: key.to_string(),
+        })
+    }
+}
+
+impl Drop for UploadGuard<'_> {
+    fn drop(&mut self) {
+        let mut set = self.set.0.lock().unwrap_or_else(|e| e.into_inner());
+        set.remove(&self.key);
+    }
+}
+
+impl Api {
+    /// The calling processor's name; anyone else is refused.
+    fn uploader<T>(&self, req: &tonic::Request<T>) -> Result<String, ApiError> {
+        Ok(self
+            .shared
+            .auth
+            .require(req, &[Party::Processor], |c| {
+                format!("{} is not a processor and may not upload exports", c.name)
+            })?
+            .name)
+    }
+
+    /// Refuses uploads to a request that does not exist, was not routed to `processor`, or
+    /// has no package.
+    async fn check_target(&self, request_id: &str, processor: &str) -> Result<(), ApiError> {
+        match self.shared.store.upload_target(request_id, processor).await? {
+            UploadTarget::Unknown => Err(super::not_found(request_id)),
+            UploadTarget::NotDelivered => Err(ApiError::permission_denied(format!(
+                "request {request_id} was not delivered to processor {processor}"
+            ))),
+            UploadTarget::Kind(k) if k == RequestKind::ReturnOfData as i32 => Ok(()),
+            UploadTarget::Kind(k) => Err(ApiError::failed_precondition(format!(
+                "request {request_id} is {}; only RETURN_OF_DATA requests have a package",
+                kind_name(k)
+            ))),
+        }
+    }
+
+    /// Registers the file `header` describes and answers where its upload stands; a partial
+    /// file stored whole but not checked yet (the sender stopped after its last chunk) is
+    /// checked now.
+    async fn register(
+        &self,
+        processor: &str,
+        header: &ExportFileHeader,
+    ) -> Result<(PackageFile, UploadState), ApiError> {
+        let file = package_file(processor, header);
+        let key = file_key(&file);
+        let now = self.shared.clock.now_ms();
+        let store = &self.shared.packages.store;
+        let offset = match self.shared.store.begin_file(&file, now).await? {
+            FileBegin::Expired(at) => return Err(expired(&file.request_id, at)),
+            FileBegin::Conflict => {
+                return Err(ApiError::failed_precondition(format!(
+                    "file {} is already stored with another size or digest",
+                    manifest::path(&file)
+                )))
+            }
+            FileBegin::Registered { complete: true } => {
+                return Ok((
+                    file,
+                    UploadState {
+                        offset: header.size,
+                        complete: true,
+                    },
+                ))
+            }
+            FileBegin::Restarted => {
+                store.remove(&key).await.map_err(io_error)?;
+                0
+            }
+            FileBegin::Registered { complete: false } => {
+                store.stored_len(&key).await.map_err(io_error)?
+            }
+        };
+        if offset > header.size {
+            // More bytes than the header announces cannot be the file: start it again.
+            store.remove(&key).await.map_err(io_error)?;
+            return Ok((file, UploadState::default()));
+        }
+        let state = if offset == header.size {
+            self.finish(&file).await?
+        } else {
+            UploadState {
+                offset,
+                complete: false,
+            }
+        };
+        Ok((file, state))
+    }
+
+    /// Checks a file whose every byte is stored against its SHA-256: a match marks it stored;
+    /// a mismatch drops it, so the sender starts it again.
+    async fn finish(&self, file: &PackageFile) -> Result<UploadState, ApiError> {
+        let key = file_key(file);
+        let digest = self.shared.packages.stored_sha256(&key).await?;
+        if digest != file.sha256 {
+            self.shared
+                .packages
+                .store
+                .remove(&key)
+                .await
+                .map_err(io_error)?;
+            return Err(ApiError::data_loss(format!(
+                "file {}: the {} bytes received have SHA-256 {digest}, not {} as the header \
+                 says; they were dropped, send the file again",
+                manifest::path(file),
+                file.size,
+                file.sha256
+            )));
+        }
+        self.shared
+            .store
+            .file_stored(file, self.shared.clock.now_ms())
+            .await?;
+        Ok(UploadState {
+            offset: u64::try_from(file.size).unwrap_or(0),
+            complete: true,
+        })
+    }
+
+    /// Stores one chunk after checking its offset, size and digest; a refused chunk leaves
+    /// nothing behind.
+    async fn store_chunk(
+        &self,
+        file: &PackageFile,
+        state: UploadState,
+        chunk: &UploadFileChunk,
+    ) -> Result<UploadState, ApiError> {
+        if chunk.data.is_empty() {
+            return Ok(state);
+        }
+        let path = manifest::path(file);
+        if state.complete {
+            return Err(ApiError::failed_precondition(format!(
+                "file {path} is already stored complete"
+            )));
+        }
+        if chunk.data.len() > MAX_CHUNK {
+            return Err(ApiError::invalid([FieldViolation::new(
+                "data",
+                format!("must be at most {MAX_CHUNK} bytes"),
+            )]));
+        }
+        if chunk.offset != state.offset {
+            return Err(ApiError::failed_precondition(format!(
+                "chunk at offset {} of {path} refused: {} bytes are stored, so the next chunk \
+                 must start at offset {}",
+                chunk.offset, state.offset, state.offset
+            )));
+        }
+        let len = chunk.data.len() as u64;
+        let size = u64::try_from(file.size).unwrap_or(0);
+        if state.offset + len > size {
+            return Err(ApiError::invalid([FieldViolation::new(
+                "data",
+                format!("runs past the file's size of {size} bytes"),
+            )]));
+        }
+        let digest = hex::encode(Sha256::digest(&chunk.data));
+        if digest != chunk.chunk_sha256 {
+            return Err(ApiError::data_loss(format!(
+                "chunk at offset {} of {path} does not match its chunk_sha256; nothing of it \
+                 was stored, send it again",
+                chunk.offset
+            )));
+        }
+        self.shared
+            .packages
+            .store
+            .append(&file_key(file), &chunk.data)
+            .await
+            .map_err(io_error)?;
+        let offset = state.offset + len;
+        if offset == size {
+            return self.finish(file).await;
+        }
+        Ok(UploadState {
+            offset,
+            complete: false,
+        })
+    }
+
+    /// The package of a request the caller may see, checked to have one that has not expired.
+    async fn package_info(
+        &self,
+        caller_req: &tonic::Request<impl Sized>,
+        request_id: &str,
+    ) -> Result<PackageInfo, ApiError> {
+        let caller = self.partner_api_caller(caller_req)?;
+        let row = self.visible(&caller, request_id).await?;
+        package_info(&self.shared, &row).await
+    }
+}
+
+/// A request's package as PackageInfo, or why it has none.
+async fn package_info(shared: &Shared, row: &RequestRow) -> Result<PackageInfo, ApiError> {
+    if row.kind != RequestKind::ReturnOfData as i32 {
+        return Err(ApiError::failed_precondition(format!(
+            "request {} is {}; only RETURN_OF_DATA requests have a package",
+            row.id,
+            kind_name(row.kind)
+        )));
+    }
+    let record = shared.store.package(&row.id).await?;
+    if let Some(at) = record.expired_at {
+        return Err(expired(&row.id, at));
+    }
+    let expires_at = record.finished_at.map(|f| shared.packages.expires_at(f));
+    if let Some(at) = expires_at.filter(|at| *at <= shared.clock.now_ms()) {
+        return Err(expired(&row.id, at));
+    }
+    let created_at = record.created_at.unwrap_or(row.received_at);
+    let (files, manifest_json) = manifest::build(
+        &row.id,
+        RequestKind::ReturnOfData,
+        created_at,
+        &record.files,
+    );
+    Ok(PackageInfo {
+        request_id: row.id.clone(),
+        complete: record.finished_at.is_some() && record.missing.is_empty(),
+        files,
+        missing: record
+            .missing
+            .iter()
+            .map(|(p, s)| format!("{p}/{s}"))
+            .collect(),
+        expires_at: expires_at.map(timestamp_from_millis),
+        manifest_json,
+    })
+}
+
+#[tonic::async_trait]
+impl ExportUploadService for Api {
+    #[tracing::instrument(skip_all, fields(processor, request_id))]
+    async fn get_upload_state(
+        &self,
+        req: tonic::Request<GetUploadStateRequest>,
+    ) -> Result<Response<UploadState>, Status> {
+        let processor = self.uploader(&req)?;
+        let header = req.into_inner().header.unwrap_or_default();
+        ApiError::ensure_valid(header_violations("header", &header))?;
+        tracing::Span::current()
+            .record("processor", processor.as_str())
+            .record("request_id", header.request_id.as_str());
+        self.check_target(&header.request_id, &processor).await?;
+        let (_, state) = self.register(&processor, &header).await?;
+        Ok(Response::new(state))
+    }
+
+    #[tracing::instrument(skip_all, fields(processor, request_id, file))]
+    async fn upload_file(
+        &self,
+        req: tonic::Request<Streaming<UploadFileChunk>>,
+    ) -> Result<Response<UploadState>, Status> {
+        let processor = self.uploader(&req)?;
+        let mut stream = req.into_inner();
+        let Some(first) = stream.message().await? else {
+            return Err(ApiError::invalid([FieldViolation::new(
+                "header",
+                "is required in the first message",
+            )])
+            .into());
+        };
+        let header = first.header.clone().unwrap_or_default();
+        ApiError::ensure_valid(header_violations("header", &header))?;
+        let span = tracing::Span::current();
+        span.record("processor", processor.as_str())
+            .record("request_id", header.request_id.as_str())
+            .record("file", header.name.as_str());
+        self.check_target(&header.request_id, &processor).await?;
+        let key = file_key(&package_file(&processor, &header));
+        let Some(_guard) = self.shared.uploading.claim(&key) else {
+            return Err(ApiError::aborted(format!(
+                "another upload of file {} is in progress; ask GetUploadState and resume",
+                header.name
+            ))
+            .into());
+        };
+        let (file, mut state) = self.register(&processor, &header).await?;
+        let mut next = Some(first);
+        while let Some(chunk) = next {
+            state = self.store_chunk(&file, state, &chunk).await?;
+            next = stream.message().await?;
+        }
+        tracing::debug!(
+            offset = state.offset,
+            complete = state.complete,
+            "upload stream ended"
+        );
+        Ok(Response::new(state))
+    }
+
+    #[tracing::instrument(skip_all, fields(processor, request_id, subprocessor))]
+    async fn complete_part(
+        &self,
+        req: tonic::Request<CompletePartRequest>,
+    ) -> Result<Response<CompletePartResponse>, Status> {
+        let processor = self.uploader(&req)?;
+        let part = req.into_inner();
+        ApiError::ensure_valid(part_violations(&part))?;
+        tracing::Span::current()
+            .record("processor", processor.as_str())
+            .record("request_id", part.request_id.as_str())
+            .record("subprocessor", part.subprocessor.as_str());
+        self.check_target(&part.request_id, &processor).await?;
+        let files: Vec<PackageFile> = part
+            .files
+            .iter()
+            .map(|h| package_file(&processor, h))
+            .collect();
+        let now = self.shared.clock.now_ms();
+        let outcome = self
+            .shared
+            .store
+            .complete_part(
+                &part.request_id,
+                &processor,
+                &part.subprocessor,
+                &files,
+                now,
+            )
+            .await
+            .map_err(ApiError::from)?;
+        match outcome {
+            PartOutcome::Stored { stored_at, dropped } => {
+                for name in dropped {
+                    let mut f = package_file(&processor, &ExportFileHeader::default());
+                    f.request_id.clone_from(&part.request_id);
+                    f.subprocessor.clone_from(&part.subprocessor);
+                    f.name = name;
+                    self.shared
+                        .packages
+                        .store
+                        .remove(&file_key(&f))
+                        .await
+                        .map_err(io_error)?;
+                }
+                self.shared.publish(&part.request_id);
+                tracing::info!(files = files.len(), "part stored");
+                Ok(Response::new(CompletePartResponse {
+                    stored_at: Some(timestamp_from_millis(stored_at)),
+                }))
+            }
+            PartOutcome::Missing(names) => Err(ApiError::failed_precondition(format!(
+                "part of {} is not stored complete: upload {} first",
+                part.subprocessor,
+                names.join(", ")
+            ))
+            .into()),
+            PartOutcome::Expired(at) => Err(expired(&part.request_id, at).into()),
+        }
+    }
+}
+
+/// What DownloadPackage answers with.
+pub(crate) type ChunkStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<PackageChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl PackageService for Api {
+    #[tracing::instrument(skip_all, fields(request_id))]
+    async fn get_package(
+        &self,
+        req: tonic::Request<GetPackageRequest>,
+    ) -> Result<Response<PackageInfo>, Status> {
+        let id = req.get_ref().request_id.clone();
+        tracing::Span::current().record("request_id", id.as_str());
+        Ok(Response::new(self.package_info(&req, &id).await?))
+    }
+
+    type DownloadPackageStream = ChunkStream;
+
+    #[tracing::instrument(skip_all, fields(request_id))]
+    async fn download_package(
+        &self,
+        req: tonic::Request<DownloadPackageRequest>,
+    ) -> Result<Response<Self::DownloadPackageStream>, Status> {
+        let id = req.get_ref().request_id.clone();
+        tracing::Span::current().record("request_id", id.as_str());
+        let info = self.package_info(&req, &id).await?;
+        if !info.complete {
+            let waiting = if info.missing.is_empty() {
+                "the request is still open".to_string()
+            } else {
+                format!("waiting for the parts of {}", info.missing.join(", "))
+            };
+            return Err(ApiError::failed_precondition(format!(
+                "the package of request {id} is not complete: {waiting}"
+            ))
+            .into());
+        }
+        let record = self.shared.store.package(&id).await.map_err(ApiError::from)?;
+        let mut files = record.files;
+        files.sort_by_key(manifest::path);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let store = self.shared.packages.store.clone();
+        tokio::spawn(async move {
+            if tx
+                .send(Ok(PackageChunk {
+                    item: Some(Item::Info(info)),
+                }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            for f in files {
+                let path = manifest::path(&f);
+                let mut reader = match store.open(&file_key(&f)).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = tx.send(Err(io_error(e).into())).await;
+                        return;
+                    }
+                };
+                let mut offset = 0u64;
+                loop {
+                    let mut buf = vec![0u8; MAX_CHUNK];
+                    let n = match read_full(&mut reader, &mut buf).await {
+                        Ok(n) => n,
+                        Err(e) => {
+                            let _ = tx.send(Err(io_error(e).into())).await;
+                            return;
+                        }
+                    };
+                    if n == 0 {
+                        break;
+                    }
+                    buf.truncate(n);
+                    let chunk = PackageChunk {
+                        item: Some(Item::File(PackageFileChunk {
+                            path: path.clone(),
+                            offset,
+                            data: buf,
+                        })),
+                    };
+                    offset += n as u64;
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Fills `buf` as far as the reader goes, so chunks are full-sized but the last.
+async fn read_full(
+    reader: &mut (dyn tokio::io::AsyncRead + Send + Unpin),
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = reader.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    Ok(filled)
+}
+
+/// The file a header describes, from `processor`.
+fn package_file(processor: &str, h: &ExportFileHeader) -> PackageFile {
+    PackageFile {
+        request_id: h.request_id.clone(),
+        processor: processor.to_string(),
+        subprocessor: h.subprocessor.clone(),
+        name: h.name.clone(),
+        media_type: h.media_type.clone(),
+        categories: serde_json::to_string(&h.categories).unwrap_or_else(|_| "[]".into()),
+        size: i64::try_from(h.size).unwrap_or(i64::MAX),
+        sha256: h.sha256.clone(),
+    }
+}
+
+/// The answer for a package deleted (or due to be) at `at`.
+fn expired(request_id: &str, at: i64) -> ApiError {
+    let when = DateTime::from_timestamp_millis(at)
+        .unwrap_or_default()
+        .to_rfc3339_opts(SecondsFormat::Secs, true);
+    ApiError::failed_precondition(format!(
+        "the package of request {request_id} expired at {when} and its files were deleted"
+    ))
+}
+
+fn io_error(e: std::io::Error) -> ApiError {
+    ApiError::unexpected(anyhow::Error::new(e).context("package store"))
+}
+
+fn kind_name(kind: i32) -> &'static str {
+    RequestKind::try_from(kind)
+        .unwrap_or_default()
+        .as_str_name()
+        .trim_start_matches("REQUEST_KIND_")
+}
+
+/// Every rule a file header breaks, each naming its field under `prefix`.
+fn header_violations(prefix: &str, h: &ExportFileHeader) -> Vec<FieldViolation> {
+    let mut out = Vec::new();
+    out.extend(request_id_violation(&format!("{prefix}.request_id"), &h.request_id));
+    out.extend(label_violation(&format!("{prefix}.subprocessor"), &h.subprocessor));
+    out.extend(label_violation(&format!("{prefix}.media_type"), &h.media_type));
+    let name_ok = !h.name.is_empty()
+        && h.name.len() <= MAX_LABEL
+        && !h.name.starts_with('.')
+        && h
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    if !name_ok {
+        out.push(FieldViolation::new(
+            format!("{prefix}.name"),
+            format!(
+                "must be 1 to {MAX_LABEL} ASCII letters, digits, '.', '-' and '_', not \
+                 starting with '.'"
+            ),
+        ));
+    }
+    if h.categories.len() > MAX_CATEGORIES {
+        out.push(FieldViolation::new(
+            format!("{prefix}.categories"),
+            format!("at most {MAX_CATEGORIES}"),
+        ));
+    }
+    for (i, c) in h.categories.iter().enumerate().take(MAX_CATEGORIES) {
+        out.extend(label_violation(&format!("{prefix}.categories[{i}]"), c));
+    }
+    if i64::try_from(h.size).is_err() {
+        out.push(FieldViolation::new(
+            format!("{prefix}.size"),
+            "must fit a signed 64-bit integer",
+        ));
+    }
+    if !is_sha256(&h.sha256) {
+        out.push(FieldViolation::new(
+            format!("{prefix}.sha256"),
+            "must be 64 lowercase hex digits",
+        ));
+    }
+    out
+}
+
+/// Every rule a CompletePart breaks.
+fn part_violations(p: &CompletePartRequest) -> Vec<FieldViolation> {
+    let mut out = Vec::new();
+    out.extend(request_id_violation("request_id", &p.request_id));
+    out.extend(label_violation("subprocessor", &p.subprocessor));
+    if p.files.len() > MAX_FILES_PER_PART {
+        out.push(FieldViolation::new(
+            "files",
+            format!("at most {MAX_FILES_PER_PART}"),
+        ));
+    }
+    let mut names = HashSet::new();
+    for (i, f) in p.files.iter().enumerate().take(MAX_FILES_PER_PART) {
+        let prefix = format!("files[{i}]");
+        out.extend(header_violations(&prefix, f));
+        if f.request_id != p.request_id || f.subprocessor != p.subprocessor {
+            out.push(FieldViolation::new(
+                prefix.clone(),
+                "must name the part's request_id and subprocessor",
+            ));
+        }
+        if !names.insert(f.name.as_str()) {
+            out.push(FieldViolation::new(
+                format!("{prefix}.name"),
+                "is listed twice",
+            ));
+        }
+    }
+    out
+}
+
+/// A required short label (subprocessor, media type, category).
+fn label_violation(field: &str, value: &str) -> Option<FieldViolation> {
+    text_violation(field, value, MAX_LABEL, true)
+}
+
+fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> ExportFileHeader {
+        ExportFileHeader {
+            request_id: "0190-ab".into(),
+            subprocessor: "accounting".into(),
+            name: "customers.csv".into(),
+            media_type: "text/csv".into(),
+            categories: vec!["contact".into()],
+            size: 10,
+            sha256: "0".repeat(64),
+        }
+    }
+
+    #[test]
+    fn headers_name_every_broken_field() {
+        assert!(header_violations("header", &header()).is_empty());
+        let bad = ExportFileHeader {
+            request_id: String::new(),
+            name: "../x".into(),
+            sha256: "ABC".into(),
+            categories: vec![String::new()],
+            ..header()
+        };
+        let fields: Vec<String> = header_violations("header", &bad)
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "header.request_id",
+                "header.name",
+                "header.categories[0]",
+                "header.sha256"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_part_lists_only_its_own_files_once() {
+        let part = CompletePartRequest {
+            request_id: "0190-ab".into(),
+            subprocessor: "accounting".into(),
+            files: vec![
+                header(),
+                header(),
+                ExportFileHeader {
+                    subprocessor: "other".into(),
+                    name: "b.json".into(),
+                    ..header()
+                },
+            ],
+        };
+        let fields: Vec<String> = part_violations(&part)
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        assert_eq!(fields, ["files[1].name", "files[2]"]);
+    }
+
+    #[test]
+    fn one_upload_of_a_file_at_a_time() {
+        let u = Uploading::default();
+        let first = u.claim("k").expect("free");
+        assert!(u.claim("k").is_none());
+        assert!(u.claim("other").is_some());
+        drop(first);
+        assert!(u.claim("k").is_some());
+    }
+}

@@ -1,0 +1,112 @@
+//! `manifest.json`: what a package holds, as deterministic bytes (fields in a fixed order,
+//! files sorted by path, no time of reading in it), so the same package always has the same
+//! manifest and its SHA-256 names the package.
+
+use chrono::{DateTime, SecondsFormat};
+use dsrelay_proto::v1::{ManifestFile, RequestKind};
+use serde::Serialize;
+
+use crate::store::PackageFile;
+
+#[derive(Serialize)]
+struct Manifest<'a> {
+    request_id: &'a str,
+    kind: &'a str,
+    created_at: String,
+    files: &'a [Entry],
+}
+
+#[derive(Serialize)]
+struct Entry {
+    path: String,
+    processor: String,
+    subprocessor: String,
+    categories: Vec<String>,
+    media_type: String,
+    size: u64,
+    sha256: String,
+}
+
+/// The manifest of `files` (in any order) as protocol entries in manifest order, and as
+/// `manifest.json`.
+pub(crate) fn build(
+    request_id: &str,
+    kind: RequestKind,
+    created_at_ms: i64,
+    files: &[PackageFile],
+) -> (Vec<ManifestFile>, Vec<u8>) {
+    let mut entries: Vec<Entry> = files
+        .iter()
+        .map(|f| Entry {
+            path: path(f),
+            processor: f.processor.clone(),
+            subprocessor: f.subprocessor.clone(),
+            // Written by the upload handler from a list of strings; unreadable means none.
+            categories: serde_json::from_str(&f.categories).unwrap_or_default(),
+            media_type: f.media_type.clone(),
+            size: u64::try_from(f.size).unwrap_or(0),
+            sha256: f.sha256.clone(),
+        })
+        .collect();
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    let created_at = DateTime::from_timestamp_millis(created_at_ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(SecondsFormat::Millis, true);
+    let manifest = Manifest {
+        request_id,
+        kind: kind.as_str_name().trim_start_matches("REQUEST_KIND_"),
+        created_at,
+        files: &entries,
+    };
+    let mut json = serde_json::to_vec_pretty(&manifest).expect("a manifest always encodes");
+    json.push(b'\n');
+    let files = entries
+        .into_iter()
+        .map(|e| ManifestFile {
+            path: e.path,
+            processor: e.processor,
+            subprocessor: e.subprocessor,
+            categories: e.categories,
+            media_type: e.media_type,
+            size: e.size,
+            sha256: e.sha256,
+        })
+        .collect();
+    (files, json)
+}
+
+/// A file's path in the package: `<processor>/<subprocessor>/<name>`.
+pub(crate) fn path(f: &PackageFile) -> String {
+    format!("{}/{}/{}", f.processor, f.subprocessor, f.name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(sub: &str, name: &str) -> PackageFile {
+        PackageFile {
+            request_id: "r1".into(),
+            processor: "payroll".into(),
+            subprocessor: sub.into(),
+            name: name.into(),
+            media_type: "application/json".into(),
+            categories: r#"["contact"]"#.into(),
+            size: 12,
+            sha256: "ab".repeat(32),
+        }
+    }
+
+    #[test]
+    fn the_same_files_in_any_order_give_the_same_bytes() {
+        let a = [file("newsletter", "export.json"), file("accounting", "x.json")];
+        let b = [a[1].clone(), a[0].clone()];
+        let (files, json) = build("r1", RequestKind::ReturnOfData, 0, &a);
+        let (_, again) = build("r1", RequestKind::ReturnOfData, 0, &b);
+        assert_eq!(json, again);
+        assert_eq!(files[0].path, "payroll/accounting/x.json");
+        let text = String::from_utf8(json).unwrap();
+        assert!(text.starts_with("{\n  \"request_id\": \"r1\",\n  \"kind\": \"RETURN_OF_DATA\",\n  \"created_at\": \"1970-01-01T00:00:00.000Z\","), "{text}");
+        assert!(text.contains("\"categories\": [\n        \"contact\"\n      ]"), "{text}");
+    }
+}

@@ -1,0 +1,181 @@
+//! Return-of-data packages at the registry: where their files are kept, how a stored file is
+//! checked, what `manifest.json` says, and their expiry.
+//!
+//! # Layout
+//! - `store`: the [`PackageStore`] trait the bytes go through, and [`FolderStore`].
+//! - `manifest`: the manifest's deterministic JSON.
+//! - this module: [`Packages`] (the store and the retention), file keys, the whole-file
+//!   digest check, and the expiry worker.
+//!
+//! The gRPC handlers are `crate::api::packages`; what was stored is recorded by
+//! `crate::store` (`packages`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+
+use crate::app::Shared;
+use crate::store::PackageFile;
+
+pub(crate) mod manifest;
+mod store;
+
+pub use store::{FolderStore, PackageStore};
+
+/// Largest chunk of a file in one message, either way: 1 MiB.
+pub const MAX_CHUNK: usize = 1024 * 1024;
+
+/// One day in milliseconds.
+const DAY_MS: i64 = 86_400_000;
+
+/// The package store and how long packages are kept.
+#[derive(Clone)]
+pub(crate) struct Packages {
+    /// Where the bytes are.
+    pub store: Arc<dyn PackageStore>,
+    /// How long a package is kept after its request finished (ms).
+    pub ttl_ms: i64,
+}
+
+impl Packages {
+    /// Packages in `store`, kept `ttl_days` after their request finished.
+    pub(crate) fn new(store: Arc<dyn PackageStore>, ttl_days: u32) -> Self {
+        Self {
+            store,
+            ttl_ms: i64::from(ttl_days) * DAY_MS,
+        }
+    }
+
+    /// When a package whose request finished at `finished_at` expires (ms).
+    pub(crate) fn expires_at(&self, finished_at: i64) -> i64 {
+        finished_at.saturating_add(self.ttl_ms)
+    }
+
+    /// The SHA-256 of what is stored under `key`, read in chunks.
+    pub(crate) async fn stored_sha256(&self, key: &str) -> Result<String> {
+        let mut reader = self.store.open(key).await.context("opening a stored file")?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = reader
+                .read(&mut buf)
+                .await
+                .context("reading a stored file")?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        Ok(hex::encode(hasher.finalize()))
+    }
+}
+
+/// The store key of a request's package folder.
+pub(crate) fn package_key(request_id: &str) -> String {
+    component(request_id)
+}
+
+/// The store key of one file of a package.
+pub(crate) fn file_key(f: &PackageFile) -> String {
+    format!(
+        "{}/{}/{}/{}",
+        package_key(&f.request_id),
+        component(&f.processor),
+        component(&f.subprocessor),
+        component(&f.name)
+    )
+}
+
+/// `value` as one safe key component: ASCII letters, digits, `-`, `_` and a `.` that does
+/// not lead stay; every other byte becomes `%XX`, so distinct names never share a key and no
+/// name can climb out of the package (`..`, `/`).
+fn component(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for (i, b) in value.bytes().enumerate() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || (b == b'.' && i > 0) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if out.is_empty() {
+        out.push_str("%00");
+    }
+    out
+}
+
+/// Deletes packages `package_ttl_days` after their request finished, recording an event for
+/// each, until `stop` turns true.
+pub(crate) async fn expire(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let interval = Duration::from_millis(shared.config.package_sweep_interval_ms);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        if let Err(e) = expire_due(&shared).await {
+            tracing::error!(error = format!("{e:#}"), "expiring packages failed");
+        }
+        tokio::select! {
+            _ = stop.changed() => {}
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// One sweep: every package past its retention is deleted, then recorded as expired.
+async fn expire_due(shared: &Shared) -> Result<()> {
+    let packages = &shared.packages;
+    let now = shared.clock.now_ms();
+    let due = shared
+        .store
+        .packages_to_expire(now.saturating_sub(packages.ttl_ms), 100)
+        .await?;
+    for request_id in due {
+        // Files first: a crash in between deletes them again at the next sweep, and the
+        // record never says deleted while bytes remain.
+        packages
+            .store
+            .remove_all(&package_key(&request_id))
+            .await
+            .with_context(|| format!("deleting the package of request {request_id}"))?;
+        let days = packages.ttl_ms / DAY_MS;
+        shared
+            .store
+            .package_expired(
+                &request_id,
+                now,
+                &format!("package deleted {days} day(s) after the request finished"),
+            )
+            .await?;
+        tracing::info!(%request_id, "package expired and deleted");
+        shared.publish(&request_id);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_safe_and_distinct() {
+        let f = PackageFile {
+            request_id: "0190-ab".into(),
+            processor: "../p".into(),
+            subprocessor: "a/b".into(),
+            name: "customers.csv".into(),
+            media_type: "text/csv".into(),
+            categories: "[]".into(),
+            size: 0,
+            sha256: String::new(),
+        };
+        assert_eq!(file_key(&f), "0190-ab/%2E.%2Fp/a%2Fb/customers.csv");
+        assert_eq!(component(".hidden"), "%2Ehidden");
+        assert_eq!(component(""), "%00");
+        assert_ne!(component("a b"), component("a%20b"));
+    }
+}

@@ -1,0 +1,460 @@
+//! What the registry records of return-of-data packages: the files processors announced and
+//! stored, the parts they declared complete, and packages deleted at expiry. The bytes live
+//! in the package store ([`crate::packages::PackageStore`]); these rows say what they are.
+
+use anyhow::Result;
+use dsrelay_proto::v1::{EventType, TaskState};
+
+use super::events::{insert_event, EventDetail};
+use super::rows::task_state;
+use super::{Operation, Store};
+
+/// One file of a part, as its processor described it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct PackageFile {
+    /// The request.
+    pub request_id: String,
+    /// The processor the part comes from.
+    pub processor: String,
+    /// The subprocessor whose export it is.
+    pub subprocessor: String,
+    /// The file's name within the part.
+    pub name: String,
+    /// Media type.
+    pub media_type: String,
+    /// Data categories, as a JSON array.
+    pub categories: String,
+    /// Size in bytes.
+    pub size: i64,
+    /// SHA-256, lowercase hex.
+    pub sha256: String,
+}
+
+impl PackageFile {
+    /// Whether `other` describes the same content (the same file sent again).
+    fn same_content(&self, other: &Self) -> bool {
+        self.size == other.size
+            && self.sha256 == other.sha256
+            && self.media_type == other.media_type
+            && self.categories == other.categories
+    }
+}
+
+/// Whether a processor may upload parts of a request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum UploadTarget {
+    /// No such request.
+    Unknown,
+    /// The request was not routed to this processor.
+    NotDelivered,
+    /// Routed to the processor; its kind (proto enum value).
+    Kind(i32),
+}
+
+/// What registering a file header found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FileBegin {
+    /// The file is (now) registered; `complete` when every byte is stored and checked.
+    Registered {
+        /// Stored whole already.
+        complete: bool,
+    },
+    /// The header differs from the one registered before for a file not complete yet: the
+    /// new header replaces it, and the bytes stored so far belong to the old one.
+    Restarted,
+    /// The file is stored complete with different content.
+    Conflict,
+    /// The package was deleted at expiry (ms).
+    Expired(i64),
+}
+
+/// What CompletePart found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PartOutcome {
+    /// Stored now (or before) at this time (ms); `dropped` are files registered for the part
+    /// but not listed in it, whose rows are gone and whose bytes the caller removes.
+    Stored {
+        /// When the part was stored (ms).
+        stored_at: i64,
+        /// Names of files dropped from the part.
+        dropped: Vec<String>,
+    },
+    /// These listed files are not stored complete with the digest given.
+    Missing(Vec<String>),
+    /// The package was deleted at expiry (ms).
+    Expired(i64),
+}
+
+/// A package as the registry knows it.
+#[derive(Debug, Default)]
+pub struct PackageRecord {
+    /// When its first file was registered (ms), if any was.
+    pub created_at: Option<i64>,
+    /// When it was deleted at expiry (ms).
+    pub expired_at: Option<i64>,
+    /// When its request finished (ms): no part is to come after that.
+    pub finished_at: Option<i64>,
+    /// Files of stored parts, stored complete.
+    pub files: Vec<PackageFile>,
+    /// Tasks still open with no part stored, as `(processor, subprocessor)`.
+    pub missing: Vec<(String, String)>,
+}
+
+impl Store {
+    /// Whether `processor` may upload parts of request `request_id`, and its kind.
+    pub async fn upload_target(&self, request_id: &str, processor: &str) -> Result<UploadTarget> {
+        let kind: Option<i32> = sqlx::query_scalar("SELECT kind FROM requests WHERE id = $1")
+            .bind(request_id)
+            .fetch_optional(&self.db.pool)
+            .await?;
+        let Some(kind) = kind else {
+            return Ok(UploadTarget::Unknown);
+        };
+        let routed = sqlx::query(
+            "SELECT 1 AS one FROM deliveries WHERE request_id = $1 AND processor = $2 AND op = $3",
+        )
+        .bind(request_id)
+        .bind(processor)
+        .bind(Operation::Deliver.as_str())
+        .fetch_optional(&self.db.pool)
+        .await?
+        .is_some();
+        Ok(if routed {
+            UploadTarget::Kind(kind)
+        } else {
+            UploadTarget::NotDelivered
+        })
+    }
+
+    /// Registers a file header (and the package, at its first file).
+    pub async fn begin_file(&self, f: &PackageFile, now: i64) -> Result<FileBegin> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO packages (request_id, created_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(&f.request_id)
+        .bind(now)
+        .execute(tx.conn())
+        .await?;
+        let expired: Option<i64> =
+            sqlx::query_scalar("SELECT expired_at FROM packages WHERE request_id = $1")
+                .bind(&f.request_id)
+                .fetch_one(tx.conn())
+                .await?;
+        if let Some(at) = expired {
+            tx.rollback().await?;
+            return Ok(FileBegin::Expired(at));
+        }
+        let existing: Option<(PackageFile, Option<i64>)> = sqlx::query_as::<_, FileWithState>(
+            "SELECT request_id, processor, subprocessor, name, media_type, categories, size, \
+             sha256, stored_at FROM package_files WHERE request_id = $1 AND processor = $2 \
+             AND subprocessor = $3 AND name = $4",
+        )
+        .bind(&f.request_id)
+        .bind(&f.processor)
+        .bind(&f.subprocessor)
+        .bind(&f.name)
+        .fetch_optional(tx.conn())
+        .await?
+        .map(|r| (r.file(), r.stored_at));
+        let outcome = match existing {
+            None => {
+                sqlx::query(
+                    "INSERT INTO package_files (request_id, processor, subprocessor, name, \
+                     media_type, categories, size, sha256) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(&f.request_id)
+                .bind(&f.processor)
+                .bind(&f.subprocessor)
+                .bind(&f.name)
+                .bind(&f.media_type)
+                .bind(&f.categories)
+                .bind(f.size)
+                .bind(&f.sha256)
+                .execute(tx.conn())
+                .await?;
+                FileBegin::Registered { complete: false }
+            }
+            Some((old, stored_at)) if old.same_content(f) => FileBegin::Registered {
+                complete: stored_at.is_some(),
+            },
+            Some((_, Some(_))) => FileBegin::Conflict,
+            Some((_, None)) => {
+                sqlx::query(
+                    "UPDATE package_files SET media_type = $1, categories = $2, size = $3, \
+                     sha256 = $4 WHERE request_id = $5 AND processor = $6 AND subprocessor = $7 \
+                     AND name = $8",
+                )
+                .bind(&f.media_type)
+                .bind(&f.categories)
+                .bind(f.size)
+                .bind(&f.sha256)
+                .bind(&f.request_id)
+                .bind(&f.processor)
+                .bind(&f.subprocessor)
+                .bind(&f.name)
+                .execute(tx.conn())
+                .await?;
+                FileBegin::Restarted
+            }
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    /// Marks a file stored whole, its digest checked.
+    pub async fn file_stored(&self, f: &PackageFile, now: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE package_files SET stored_at = $1 WHERE request_id = $2 AND processor = $3 \
+             AND subprocessor = $4 AND name = $5 AND sha256 = $6 AND stored_at IS NULL",
+        )
+        .bind(now)
+        .bind(&f.request_id)
+        .bind(&f.processor)
+        .bind(&f.subprocessor)
+        .bind(&f.name)
+        .bind(&f.sha256)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records a part complete when every file it lists is stored with the digest given,
+    /// with a PART_STORED event; the same part again answers when it was stored.
+    pub async fn complete_part(
+        &self,
+        request_id: &str,
+        processor: &str,
+        subprocessor: &str,
+        files: &[PackageFile],
+        now: i64,
+    ) -> Result<PartOutcome> {
+        let mut tx = self.begin_audited().await?;
+        let expired: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT expired_at FROM packages WHERE request_id = $1")
+                .bind(request_id)
+                .fetch_optional(tx.conn())
+                .await?;
+        if let Some(Some(at)) = expired {
+            tx.rollback().await?;
+            return Ok(PartOutcome::Expired(at));
+        }
+        let before: Option<i64> = sqlx::query_scalar(
+            "SELECT stored_at FROM package_parts WHERE request_id = $1 AND processor = $2 \
+             AND subprocessor = $3",
+        )
+        .bind(request_id)
+        .bind(processor)
+        .bind(subprocessor)
+        .fetch_optional(tx.conn())
+        .await?;
+        if let Some(stored_at) = before {
+            tx.rollback().await?;
+            return Ok(PartOutcome::Stored {
+                stored_at,
+                dropped: Vec::new(),
+            });
+        }
+        let stored: Vec<FileWithState> = sqlx::query_as(
+            "SELECT request_id, processor, subprocessor, name, media_type, categories, size, \
+             sha256, stored_at FROM package_files WHERE request_id = $1 AND processor = $2 \
+             AND subprocessor = $3",
+        )
+        .bind(request_id)
+        .bind(processor)
+        .bind(subprocessor)
+        .fetch_all(tx.conn())
+        .await?;
+        let missing: Vec<String> = files
+            .iter()
+            .filter(|f| {
+                !stored
+                    .iter()
+                    .any(|s| s.stored_at.is_some() && s.file().same_content(f) && s.name == f.name)
+            })
+            .map(|f| f.name.clone())
+            .collect();
+        if !missing.is_empty() {
+            tx.rollback().await?;
+            return Ok(PartOutcome::Missing(missing));
+        }
+        let dropped: Vec<String> = stored
+            .iter()
+            .filter(|s| !files.iter().any(|f| f.name == s.name))
+            .map(|s| s.name.clone())
+            .collect();
+        for name in &dropped {
+            sqlx::query(
+                "DELETE FROM package_files WHERE request_id = $1 AND processor = $2 \
+                 AND subprocessor = $3 AND name = $4",
+            )
+            .bind(request_id)
+            .bind(processor)
+            .bind(subprocessor)
+            .bind(name)
+            .execute(tx.conn())
+            .await?;
+        }
+        let bytes: i64 = files.iter().map(|f| f.size).sum();
+        sqlx::query(
+            "INSERT INTO package_parts (request_id, processor, subprocessor, files, bytes, \
+             stored_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(request_id)
+        .bind(processor)
+        .bind(subprocessor)
+        .bind(files.len() as i64)
+        .bind(bytes)
+        .bind(now)
+        .execute(tx.conn())
+        .await?;
+        let state = tx.current_state(request_id).await?;
+        insert_event(
+            &mut tx,
+            request_id,
+            EventType::PartStored,
+            now,
+            state,
+            EventDetail {
+                processor: processor.to_string(),
+                subprocessor: subprocessor.to_string(),
+                message: format!(
+                    "part of {subprocessor} stored: {} file(s), {bytes} bytes",
+                    files.len()
+                ),
+                ..Default::default()
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(PartOutcome::Stored {
+            stored_at: now,
+            dropped,
+        })
+    }
+
+    /// What the registry knows of a request's package.
+    pub async fn package(&self, request_id: &str) -> Result<PackageRecord> {
+        let pool = &self.db.pool;
+        let dates: Option<(i64, Option<i64>)> =
+            sqlx::query_as("SELECT created_at, expired_at FROM packages WHERE request_id = $1")
+                .bind(request_id)
+                .fetch_optional(pool)
+                .await?;
+        let finished_at: Option<i64> =
+            sqlx::query_scalar("SELECT finished_at FROM requests WHERE id = $1")
+                .bind(request_id)
+                .fetch_optional(pool)
+                .await?
+                .flatten();
+        let files: Vec<PackageFile> = sqlx::query_as(
+            "SELECT f.request_id, f.processor, f.subprocessor, f.name, f.media_type, \
+             f.categories, f.size, f.sha256 FROM package_files f JOIN package_parts p \
+             ON p.request_id = f.request_id AND p.processor = f.processor \
+             AND p.subprocessor = f.subprocessor \
+             WHERE f.request_id = $1 AND f.stored_at IS NOT NULL",
+        )
+        .bind(request_id)
+        .fetch_all(pool)
+        .await?;
+        let open: Vec<(String, String, i32)> = sqlx::query_as(
+            "SELECT t.processor, t.subprocessor, t.state FROM tasks t WHERE t.request_id = $1 \
+             AND NOT EXISTS (SELECT 1 FROM package_parts p WHERE p.request_id = t.request_id \
+             AND p.processor = t.processor AND p.subprocessor = t.subprocessor) \
+             ORDER BY t.processor, t.subprocessor",
+        )
+        .bind(request_id)
+        .fetch_all(pool)
+        .await?;
+        let missing = open
+            .into_iter()
+            .filter(|(_, _, s)| {
+                matches!(
+                    task_state(*s),
+                    TaskState::Pending | TaskState::InProgress | TaskState::WaitingForOperator
+                )
+            })
+            .map(|(p, s, _)| (p, s))
+            .collect();
+        Ok(PackageRecord {
+            created_at: dates.map(|d| d.0),
+            expired_at: dates.and_then(|d| d.1),
+            finished_at,
+            files,
+            missing,
+        })
+    }
+
+    /// Packages not deleted yet whose request finished at or before `cutoff` (ms).
+    pub async fn packages_to_expire(&self, cutoff: i64, limit: i64) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT p.request_id FROM packages p JOIN requests r ON r.id = p.request_id \
+             WHERE p.expired_at IS NULL AND r.finished_at IS NOT NULL AND r.finished_at <= $1 \
+             ORDER BY r.finished_at LIMIT $2",
+        )
+        .bind(cutoff)
+        .bind(limit)
+        .fetch_all(&self.db.pool)
+        .await?)
+    }
+
+    /// Records a package deleted at expiry, with a PACKAGE_EXPIRED event.
+    pub async fn package_expired(&self, request_id: &str, now: i64, message: &str) -> Result<()> {
+        let mut tx = self.begin_audited().await?;
+        let changed = sqlx::query(
+            "UPDATE packages SET expired_at = $1 WHERE request_id = $2 AND expired_at IS NULL",
+        )
+        .bind(now)
+        .bind(request_id)
+        .execute(tx.conn())
+        .await?
+        .rows_affected();
+        if changed == 0 {
+            return tx.rollback().await;
+        }
+        let state = tx.current_state(request_id).await?;
+        insert_event(
+            &mut tx,
+            request_id,
+            EventType::PackageExpired,
+            now,
+            state,
+            EventDetail {
+                actor: "registry".into(),
+                message: message.to_string(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        tx.commit().await
+    }
+}
+
+/// A file row and whether it is stored whole.
+#[derive(sqlx::FromRow)]
+struct FileWithState {
+    request_id: String,
+    processor: String,
+    subprocessor: String,
+    name: String,
+    media_type: String,
+    categories: String,
+    size: i64,
+    sha256: String,
+    stored_at: Option<i64>,
+}
+
+impl FileWithState {
+    fn file(&self) -> PackageFile {
+        PackageFile {
+            request_id: self.request_id.clone(),
+            processor: self.processor.clone(),
+            subprocessor: self.subprocessor.clone(),
+            name: self.name.clone(),
+            media_type: self.media_type.clone(),
+            categories: self.categories.clone(),
+            size: self.size,
+            sha256: self.sha256.clone(),
+        }
+    }
+}
