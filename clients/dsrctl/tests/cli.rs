@@ -3,7 +3,7 @@
 //!
 //! The RPC commands (submit, get, list, watch, cancel, extend) are tested against the real
 //! registry and processor in the workspace's end-to-end suite,
-//! `tests/tests/e2e/dsrctl_cli.rs`.
+//! `tests/tests/e2e/dsrctl_cli.rs`; `package` and `download` in `tests/tests/e2e/download.rs`.
 
 use std::path::Path;
 use std::process::Output;

@@ -115,11 +115,7 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
             return shared.store.upload_failed(key, next, &error).await;
         }
     };
-    let decision = decide(
-        &task.current(),
-        event,
-        &Context::at(shared.clock.now_ms()),
-    );
+    let decision = decide(&task.current(), event, &Context::at(shared.clock.now_ms()));
     record(shared, job, decision, task.sequence, task.attempts).await
 }
 
@@ -185,7 +181,10 @@ async fn send_export(shared: &Shared, job: &UploadJob) -> Result<(), Failure> {
         }
         let until = shared.clock.now_ms() + cfg.lease_ms as i64;
         if let Err(e) = shared.store.extend_upload_lease(key, until).await {
-            tracing::warn!(error = format!("{e:#}"), "extending an upload's lease failed");
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "extending an upload's lease failed"
+            );
         }
     }
     let mut req = tonic::Request::new(CompletePartRequest {

@@ -282,23 +282,31 @@ fn progress_bar(total: u64) -> ProgressBar {
 }
 
 /// A FAILED_PRECONDITION from DownloadPackage usually means parts are missing: asks
-/// GetPackage which, and names them in the error.
+/// GetPackage which, and names in the error those the registry's message does not.
 async fn explain_refusal(registry: &Registry, id: &str, status: tonic::Status) -> Failure {
     if status.code() != tonic::Code::FailedPrecondition {
         return registry.failed(status);
     }
-    match registry.client.get_package(id).await {
-        Ok(info) if !info.missing.is_empty() => registry.failed(tonic::Status::new(
-            status.code(),
-            format!(
-                "{}; parts still missing: {}",
-                status.message(),
-                info.missing.join(", ")
-            ),
-        )),
+    let missing = match registry.client.get_package(id).await {
+        Ok(info) => info
+            .missing
+            .into_iter()
+            .filter(|part| !status.message().contains(part.as_str()))
+            .collect::<Vec<_>>(),
         // Expired or of a kind without a package: the first answer says so already.
-        _ => registry.failed(status),
+        Err(_) => vec![],
+    };
+    if missing.is_empty() {
+        return registry.failed(status);
     }
+    registry.failed(tonic::Status::new(
+        status.code(),
+        format!(
+            "{}; parts still missing: {}",
+            status.message(),
+            missing.join(", ")
+        ),
+    ))
 }
 
 /// `dsrctl download ID (--out DIR | --zip FILE)`: 0 when every file matched the manifest,

@@ -81,7 +81,12 @@ impl Api {
     /// Refuses uploads to a request that does not exist, was not routed to `processor`, or
     /// has no package.
     async fn check_target(&self, request_id: &str, processor: &str) -> Result<(), ApiError> {
-        match self.shared.store.upload_target(request_id, processor).await? {
+        match self
+            .shared
+            .store
+            .upload_target(request_id, processor)
+            .await?
+        {
             UploadTarget::Unknown => Err(super::not_found(request_id)),
             UploadTarget::NotDelivered => Err(ApiError::permission_denied(format!(
                 "request {request_id} was not delivered to processor {processor}"
@@ -449,7 +454,12 @@ impl PackageService for Api {
             ))
             .into());
         }
-        let record = self.shared.store.package(&id).await.map_err(ApiError::from)?;
+        let record = self
+            .shared
+            .store
+            .package(&id)
+            .await
+            .map_err(ApiError::from)?;
         let mut files = record.files;
         files.sort_by_key(manifest::path);
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -559,14 +569,22 @@ fn kind_name(kind: i32) -> &'static str {
 /// Every rule a file header breaks, each naming its field under `prefix`.
 fn header_violations(prefix: &str, h: &ExportFileHeader) -> Vec<FieldViolation> {
     let mut out = Vec::new();
-    out.extend(request_id_violation(&format!("{prefix}.request_id"), &h.request_id));
-    out.extend(label_violation(&format!("{prefix}.subprocessor"), &h.subprocessor));
-    out.extend(label_violation(&format!("{prefix}.media_type"), &h.media_type));
+    out.extend(request_id_violation(
+        &format!("{prefix}.request_id"),
+        &h.request_id,
+    ));
+    out.extend(label_violation(
+        &format!("{prefix}.subprocessor"),
+        &h.subprocessor,
+    ));
+    out.extend(label_violation(
+        &format!("{prefix}.media_type"),
+        &h.media_type,
+    ));
     let name_ok = !h.name.is_empty()
         && h.name.len() <= MAX_LABEL
         && !h.name.starts_with('.')
-        && h
-            .name
+        && h.name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
     if !name_ok {

@@ -99,7 +99,10 @@ mod tests {
 
     #[test]
     fn the_same_files_in_any_order_give_the_same_bytes() {
-        let a = [file("newsletter", "export.json"), file("accounting", "x.json")];
+        let a = [
+            file("newsletter", "export.json"),
+            file("accounting", "x.json"),
+        ];
         let b = [a[1].clone(), a[0].clone()];
         let (files, json) = build("r1", RequestKind::ReturnOfData, 0, &a);
         let (_, again) = build("r1", RequestKind::ReturnOfData, 0, &b);
@@ -107,6 +110,9 @@ mod tests {
         assert_eq!(files[0].path, "payroll/accounting/x.json");
         let text = String::from_utf8(json).unwrap();
         assert!(text.starts_with("{\n  \"request_id\": \"r1\",\n  \"kind\": \"RETURN_OF_DATA\",\n  \"created_at\": \"1970-01-01T00:00:00.000Z\","), "{text}");
-        assert!(text.contains("\"categories\": [\n        \"contact\"\n      ]"), "{text}");
+        assert!(
+            text.contains("\"categories\": [\n        \"contact\"\n      ]"),
+            "{text}"
+        );
     }
 }

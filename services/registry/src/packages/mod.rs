@@ -57,7 +57,11 @@ impl Packages {
 
     /// The SHA-256 of what is stored under `key`, read in chunks.
     pub(crate) async fn stored_sha256(&self, key: &str) -> Result<String> {
-        let mut reader = self.store.open(key).await.context("opening a stored file")?;
+        let mut reader = self
+            .store
+            .open(key)
+            .await
+            .context("opening a stored file")?;
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
