@@ -54,7 +54,8 @@ fn default_data_dir() -> PathBuf {
     PathBuf::from(DEFAULT_DATA_DIR)
 }
 
-/// A controller: who may deliver requests, and where its registry takes acknowledgements.
+/// A controller: who may deliver requests, and where its registry takes acknowledgements and
+/// return-of-data uploads.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ControllerConfig {

@@ -2,7 +2,9 @@
 //! through the real services: each connector writes its export as files into the task's
 //! folder under the processor's data folder, and the processor stores only the list of those
 //! files (name, media type, categories, size, SHA-256) with the task. A task run again
-//! replaces its files.
+//! replaces its files. A return of data completes once its files are stored at the registry
+//! (see `packages.rs` for the package itself); a transfer keeps waiting, as delivery to a
+//! recipient is not built yet.
 
 use std::path::Path;
 use std::time::Duration;
@@ -15,7 +17,7 @@ use dsrelay_runtime::store::Db;
 use sqlx::Row as _;
 
 use crate::harness::{
-    erasure, spawn_pair, wait_until, Backend, Holder, PairOptions, Role, NEWSLETTER,
+    erasure, spawn_pair, wait_until, Backend, Holder, PairOptions, Role, NEWSLETTER, RECIPIENT,
 };
 
 /// In the sample accounting database (customer 1) and the newsletter's seed.
@@ -111,11 +113,11 @@ async fn return_of_data_is_written_to_files(backend: Backend) {
         .expect("submit")
         .into_inner();
     let id = submitted.request_id;
-    // The exports are written at the processor and go no further yet: the tasks say so and
-    // stay IN_PROGRESS, and so does the request. Nothing may report the data delivered.
-    let view = wait_until(&mut crm, &id, Duration::from_secs(30), exported).await;
+    // The exports are written at the processor, then uploaded: each task is COMPLETED only
+    // once the registry holds its part, and so the request.
+    let view = wait_until(&mut crm, &id, Duration::from_secs(30), delivered).await;
     assert_eq!(view.tasks.len(), 2, "{view:#?}");
-    assert_eq!(view.state, RequestState::InProgress as i32, "{view:#?}");
+    assert_eq!(view.state, RequestState::Completed as i32, "{view:#?}");
 
     // The accounting database: per exported table a JSON and a CSV file holding exactly the
     // subject's rows.
@@ -215,7 +217,7 @@ async fn exports_a_rerun_replaces_the_files_of_earlier_attempts() {
     }
     std::fs::write(dir.join("stale.json"), "[]").unwrap();
     pair.adapter().start().await;
-    wait_until(&mut crm, &id, Duration::from_secs(30), exported).await;
+    wait_until(&mut crm, &id, Duration::from_secs(30), delivered).await;
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -227,13 +229,64 @@ async fn exports_a_rerun_replaces_the_files_of_earlier_attempts() {
     pair.stop().await;
 }
 
-/// Every task has written its export and waits, IN_PROGRESS, for a delivery not built yet.
-fn exported(view: &dsrelay_proto::v1::Request) -> bool {
-    !view.tasks.is_empty()
+/// Every task's export is stored at the registry, so the request is COMPLETED.
+pub(crate) fn delivered(view: &dsrelay_proto::v1::Request) -> bool {
+    view.state == RequestState::Completed as i32
+        && !view.tasks.is_empty()
         && view.tasks.iter().all(|t| {
-            t.state == TaskState::InProgress as i32
-                && t.evidence.as_ref().is_some_and(|e| {
-                    e.confirmed && e.note.contains("waiting for delivery to the registry")
-                })
+            t.state == TaskState::Completed as i32
+                && t.evidence
+                    .as_ref()
+                    .is_some_and(|e| e.confirmed && e.note.contains("stored at the registry"))
         })
+}
+
+/// A transfer's export is written at the processor and waits there, IN_PROGRESS: delivery to
+/// a recipient is not built yet, so nothing may report the data delivered, and nothing of it
+/// goes to the registry's package store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_a_transfer_waits_at_the_processor() {
+    let pair = spawn_pair(PairOptions {
+        holders: vec![Holder::Newsletter],
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
+    let mut crm = pair.client("partner-crm");
+    let mut transfer = dsrelay_proto::v1::SubmitRequest {
+        kind: RequestKind::Transfer as i32,
+        ..erasure(MAIJA)
+    };
+    transfer.parameters = Some(dsrelay_proto::v1::RequestParameters {
+        transfer_recipient: RECIPIENT.into(),
+        ..Default::default()
+    });
+    let id = crm
+        .submit(transfer)
+        .await
+        .expect("submit")
+        .into_inner()
+        .request_id;
+    let waiting = |view: &dsrelay_proto::v1::Request| {
+        !view.tasks.is_empty()
+            && view.tasks.iter().all(|t| {
+                t.state == TaskState::InProgress as i32
+                    && t.evidence.as_ref().is_some_and(|e| {
+                        e.confirmed
+                            && e.note.contains(
+                                "waiting for delivery to the recipient, which is not built yet",
+                            )
+                    })
+            })
+    };
+    let view = wait_until(&mut crm, &id, Duration::from_secs(30), waiting).await;
+    assert_eq!(view.state, RequestState::InProgress as i32, "{view:#?}");
+    let files = recorded_files(pair.processor.database_url(), &id, NEWSLETTER).await;
+    checked(&pair.export_dir(&id, NEWSLETTER), &files, "export.json");
+    // Still waiting a moment later, and nothing was uploaded.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let view = wait_until(&mut crm, &id, Duration::from_secs(5), waiting).await;
+    assert_eq!(view.state, RequestState::InProgress as i32);
+    assert!(!pair.package_dir().join(&id).exists());
+    pair.stop().await;
 }

@@ -20,6 +20,7 @@ mod lifecycle;
 mod logs;
 mod metrics;
 mod mtls;
+mod packages;
 mod retention;
 mod store_conformance;
 mod tracing;

@@ -122,6 +122,16 @@ impl TraceView {
                             .push((ms(e) - start, task_state_name(t.state)));
                     }
                 }
+                // A task's export reaching the registry is a step of its own, between the
+                // export and the COMPLETED it allows.
+                Ok(EventType::PartStored) => {
+                    if let Some(t) = &e.task {
+                        steps
+                            .entry((e.processor.clone(), t.subprocessor.clone()))
+                            .or_default()
+                            .push((ms(e) - start, "PART_STORED".to_string()));
+                    }
+                }
                 _ => {}
             }
         }

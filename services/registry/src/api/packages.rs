@@ -38,8 +38,9 @@ const MAX_LABEL: usize = 128;
 const MAX_CATEGORIES: usize = 64;
 const MAX_FILES_PER_PART: usize = 10_000;
 
-/// Files being uploaded right now, by store key: two streams appending to one file would
-/// interleave their bytes, so the second is turned away until the first ends.
+/// Files being uploaded to this registry right now, by store key: two streams appending to
+/// one file would interleave their bytes, so the second is turned away until the first ends.
+/// (Across replicas, the processor's upload lease keeps one sender per export.)
 #[derive(Debug, Default)]
 pub(crate) struct Uploading(Mutex<HashSet<String>>);
 

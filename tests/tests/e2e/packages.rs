@@ -1,0 +1,548 @@
+//! Return-of-data packages through the real services: the processor uploads every export to
+//! the registry, the task completes only then, and the submitting partner (or an operator)
+//! reads the manifest and downloads files whose digests match what the processor wrote.
+//! Bad chunks sent with the processor's own certificate are refused and never stored;
+//! packages expire; an upload interrupted by the registry going down resumes.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use dsrelay_connectors::ExportedFile;
+use dsrelay_proto::v1::export_upload_service_client::ExportUploadServiceClient;
+use dsrelay_proto::v1::package_chunk::Item;
+use dsrelay_proto::v1::package_service_client::PackageServiceClient;
+use dsrelay_proto::v1::{
+    CompletePartRequest, DownloadPackageRequest, EventType, ExportFileHeader, GetPackageRequest,
+    GetUploadStateRequest, ListEventsRequest, PackageInfo, RequestKind, SubmitRequest,
+    UploadFileChunk, UploadState,
+};
+use dsrelay_runtime::store::Db;
+use sha2::{Digest, Sha256};
+use tonic::transport::Channel;
+use tonic::Code;
+
+use crate::exports::delivered;
+use crate::harness::{
+    erasure, spawn_pair, wait_until, Backend, Holder, PairOptions, Role, TestPair, NEWSLETTER,
+    PROCESSOR,
+};
+
+/// In the sample accounting database (customer 1) and the newsletter's seed.
+const MAIJA: &str = "maija.meikalainen@example.fi";
+
+fn sha256(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+fn return_of_data() -> SubmitRequest {
+    SubmitRequest {
+        kind: RequestKind::ReturnOfData as i32,
+        ..erasure(MAIJA)
+    }
+}
+
+fn packages(pair: &TestPair, stem: &str) -> PackageServiceClient<Channel> {
+    PackageServiceClient::new(pair.channel_to_registry(stem))
+}
+
+/// The registry's upload API as the processor (its own certificate).
+fn uploads(pair: &TestPair) -> ExportUploadServiceClient<Channel> {
+    ExportUploadServiceClient::new(pair.channel_to_registry("processor"))
+}
+
+/// The files the processor recorded for the task of `request_id` at `subprocessor`.
+async fn recorded_files(url: &str, request_id: &str, subprocessor: &str) -> Vec<ExportedFile> {
+    let db = Db::connect(url).await.expect("connect");
+    let text: Option<String> = sqlx::query_scalar(
+        "SELECT export_files FROM tasks WHERE request_id = $1 AND subprocessor = $2",
+    )
+    .bind(request_id)
+    .bind(subprocessor)
+    .fetch_one(&db.pool)
+    .await
+    .expect("task row");
+    db.pool.close().await;
+    serde_json::from_str(&text.expect("export_files recorded")).expect("file list")
+}
+
+/// Downloads a package: its info, and every file's bytes by path.
+async fn download(
+    client: &mut PackageServiceClient<Channel>,
+    id: &str,
+) -> Result<(PackageInfo, BTreeMap<String, Vec<u8>>), tonic::Status> {
+    let mut stream = client
+        .download_package(DownloadPackageRequest {
+            request_id: id.into(),
+        })
+        .await?
+        .into_inner();
+    let mut info = None;
+    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    while let Some(chunk) = stream.message().await? {
+        match chunk.item.expect("an item") {
+            Item::Info(i) => {
+                assert!(info.is_none(), "the manifest comes once");
+                info = Some(i);
+            }
+            Item::File(f) => {
+                assert!(info.is_some(), "the manifest comes first");
+                let file = files.entry(f.path).or_default();
+                assert_eq!(f.offset, file.len() as u64, "chunks in order");
+                assert!(f.data.len() <= 1024 * 1024);
+                file.extend_from_slice(&f.data);
+            }
+        }
+    }
+    Ok((info.expect("a manifest"), files))
+}
+
+async fn event_types(pair: &TestPair, id: &str) -> Vec<(i32, String, String)> {
+    pair.operator()
+        .list_events(ListEventsRequest {
+            request_id: id.into(),
+        })
+        .await
+        .expect("events")
+        .into_inner()
+        .events
+        .into_iter()
+        .map(|e| (e.r#type, e.processor, e.message))
+        .collect()
+}
+
+async fn a_return_of_data_travels_to_the_partner(backend: Backend) {
+    let Some(pair) = spawn_pair(PairOptions {
+        backend,
+        holders: vec![Holder::Accounting, Holder::Newsletter],
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let mut crm = pair.client("partner-crm");
+    let id = crm
+        .submit(return_of_data())
+        .await
+        .expect("submit")
+        .into_inner()
+        .request_id;
+    let view = wait_until(&mut crm, &id, Duration::from_secs(30), delivered).await;
+    assert_eq!(view.tasks.len(), 2, "{view:#?}");
+
+    // The manifest lists every file the processor wrote, with the same digests.
+    let info = packages(&pair, "partner-crm")
+        .get_package(GetPackageRequest {
+            request_id: id.clone(),
+        })
+        .await
+        .expect("get package")
+        .into_inner();
+    assert!(info.complete, "{info:#?}");
+    assert!(info.missing.is_empty(), "{info:#?}");
+    assert!(info.expires_at.is_some());
+    let mut expected: Vec<(String, u64, String)> = Vec::new();
+    for sub in ["accounting", NEWSLETTER] {
+        for f in recorded_files(pair.processor.database_url(), &id, sub).await {
+            expected.push((format!("{PROCESSOR}/{sub}/{}", f.name), f.size, f.sha256));
+        }
+    }
+    expected.sort();
+    let listed: Vec<(String, u64, String)> = info
+        .files
+        .iter()
+        .map(|f| (f.path.clone(), f.size, f.sha256.clone()))
+        .collect();
+    assert_eq!(listed, expected);
+    assert_eq!(listed.len(), 5, "four accounting files and the adapter's");
+    let manifest: serde_json::Value = serde_json::from_slice(&info.manifest_json).unwrap();
+    assert_eq!(manifest["request_id"], id.as_str());
+    assert_eq!(manifest["kind"], "RETURN_OF_DATA");
+    assert_eq!(manifest["files"].as_array().unwrap().len(), 5);
+    assert_eq!(manifest["files"][0]["processor"], PROCESSOR);
+
+    // The download streams every file; each matches the manifest.
+    let (downloaded, files) = download(&mut packages(&pair, "partner-crm"), &id)
+        .await
+        .expect("download");
+    assert_eq!(downloaded.manifest_json, info.manifest_json);
+    assert_eq!(files.len(), 5);
+    for f in &info.files {
+        let data = &files[&f.path];
+        assert_eq!(
+            (data.len() as u64, sha256(data)),
+            (f.size, f.sha256.clone())
+        );
+    }
+    let customers =
+        String::from_utf8(files[&format!("{PROCESSOR}/accounting/customers.csv")].clone()).unwrap();
+    assert!(customers.contains("Mannerheimintie 12 A 3"), "{customers}");
+
+    // An operator may download it; another partner cannot see it exists.
+    download(&mut packages(&pair, "operator"), &id)
+        .await
+        .expect("an operator downloads");
+    let mut webform = packages(&pair, "partner-webform");
+    let refused = webform
+        .get_package(GetPackageRequest {
+            request_id: id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound, "{refused:?}");
+    let refused = download(&mut webform, &id).await.unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound, "{refused:?}");
+
+    // Each part stored is an event, for `dsrctl trace`.
+    let events = event_types(&pair, &id).await;
+    let parts: Vec<&(i32, String, String)> = events
+        .iter()
+        .filter(|e| e.0 == EventType::PartStored as i32)
+        .collect();
+    assert_eq!(parts.len(), 2, "{events:#?}");
+    assert!(parts.iter().all(|e| e.1 == PROCESSOR), "{parts:?}");
+    pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packages_a_return_of_data_is_downloaded_and_verified_on_sqlite() {
+    a_return_of_data_travels_to_the_partner(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packages_a_return_of_data_is_downloaded_and_verified_on_postgres() {
+    a_return_of_data_travels_to_the_partner(Backend::Postgres).await;
+}
+
+/// Past `package_ttl_days` after the request finished, the files are deleted with an event,
+/// and reading the package says it expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packages_expire_after_their_retention() {
+    let pair = spawn_pair(PairOptions {
+        holders: vec![Holder::Newsletter],
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
+    let mut crm = pair.client("partner-crm");
+    let id = crm
+        .submit(return_of_data())
+        .await
+        .expect("submit")
+        .into_inner()
+        .request_id;
+    wait_until(&mut crm, &id, Duration::from_secs(30), delivered).await;
+    let folder = pair.package_dir().join(&id);
+    assert!(folder.exists(), "{folder:?}");
+    let mut client = packages(&pair, "partner-crm");
+    download(&mut client, &id).await.expect("within retention");
+
+    pair.registry
+        .clock()
+        .expect("in process")
+        .advance(31 * 86_400_000);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while folder.exists() {
+        assert!(tokio::time::Instant::now() < deadline, "not deleted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = event_types(&pair, &id).await;
+        if events
+            .iter()
+            .any(|e| e.0 == EventType::PackageExpired as i32 && e.2.contains("30 day(s)"))
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{events:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for status in [
+        client
+            .get_package(GetPackageRequest {
+                request_id: id.clone(),
+            })
+            .await
+            .unwrap_err(),
+        download(&mut client, &id).await.unwrap_err(),
+    ] {
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(status.message().contains("expired at"), "{status:?}");
+    }
+    pair.stop().await;
+}
+
+/// A file of `data` as a test holder's part of request `id`.
+fn header(id: &str, name: &str, data: &[u8]) -> ExportFileHeader {
+    ExportFileHeader {
+        request_id: id.into(),
+        subprocessor: "test-holder".into(),
+        name: name.into(),
+        media_type: "application/json".into(),
+        categories: vec!["contact".into()],
+        size: data.len() as u64,
+        sha256: sha256(data),
+    }
+}
+
+fn chunk(header: Option<ExportFileHeader>, offset: u64, data: &[u8]) -> UploadFileChunk {
+    UploadFileChunk {
+        header,
+        offset,
+        data: data.to_vec(),
+        chunk_sha256: sha256(data),
+    }
+}
+
+async fn upload(
+    client: &mut ExportUploadServiceClient<Channel>,
+    chunks: Vec<UploadFileChunk>,
+) -> Result<UploadState, tonic::Status> {
+    Ok(client
+        .upload_file(tokio_stream::iter(chunks))
+        .await?
+        .into_inner())
+}
+
+async fn state(
+    client: &mut ExportUploadServiceClient<Channel>,
+    h: &ExportFileHeader,
+) -> UploadState {
+    client
+        .get_upload_state(GetUploadStateRequest {
+            header: Some(h.clone()),
+        })
+        .await
+        .expect("upload state")
+        .into_inner()
+}
+
+/// Chunks sent with the processor's certificate: a damaged or out-of-order chunk, and a file
+/// whose bytes disagree with its header, are refused and leave nothing stored; an upload cut
+/// short resumes where GetUploadState says; a part lists only files stored whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packages_refuse_bad_chunks_and_resume_uploads() {
+    let pair = spawn_pair(PairOptions {
+        holders: vec![Holder::Newsletter],
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
+    let mut crm = pair.client("partner-crm");
+    let id = crm
+        .submit(return_of_data())
+        .await
+        .expect("submit")
+        .into_inner()
+        .request_id;
+    // Delivered: the processor may upload parts of it.
+    wait_until(&mut crm, &id, Duration::from_secs(30), delivered).await;
+    let mut client = uploads(&pair);
+    let data = br#"{"subject": "maija", "rows": [1, 2, 3]}"#;
+    let h = header(&id, "rows.json", data);
+    let stored = pair
+        .package_dir()
+        .join(&id)
+        .join(PROCESSOR)
+        .join("test-holder")
+        .join("rows.json");
+    let stored_len = || std::fs::metadata(&stored).map(|m| m.len()).unwrap_or(0);
+
+    // A chunk whose digest does not match its data.
+    let mut damaged = chunk(Some(h.clone()), 0, &data[..10]);
+    damaged.data[3] ^= 0xff;
+    let refused = upload(&mut client, vec![damaged]).await.unwrap_err();
+    assert_eq!(refused.code(), Code::DataLoss, "{refused:?}");
+    assert_eq!(state(&mut client, &h).await.offset, 0);
+    assert_eq!(stored_len(), 0, "nothing of it stored");
+
+    // A chunk that does not start where the stored bytes end.
+    let refused = upload(&mut client, vec![chunk(Some(h.clone()), 10, &data[10..20])])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("offset 0"), "{refused:?}");
+    assert_eq!(stored_len(), 0, "nothing of it stored");
+
+    // Cut short after the first chunk: the next upload resumes at the stored length.
+    let first = upload(&mut client, vec![chunk(Some(h.clone()), 0, &data[..10])])
+        .await
+        .expect("first chunk");
+    assert_eq!((first.offset, first.complete), (10, false));
+    assert_eq!(state(&mut client, &h).await.offset, 10);
+    // A part cannot be declared before its files are whole.
+    let part = CompletePartRequest {
+        request_id: id.clone(),
+        subprocessor: "test-holder".into(),
+        files: vec![h.clone()],
+    };
+    let refused = client.complete_part(part.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("rows.json"), "{refused:?}");
+    let rest = upload(&mut client, vec![chunk(Some(h.clone()), 10, &data[10..])])
+        .await
+        .expect("the rest");
+    assert_eq!((rest.offset, rest.complete), (data.len() as u64, true));
+    assert_eq!(std::fs::read(&stored).unwrap(), data);
+    client.complete_part(part).await.expect("part stored");
+
+    // Every chunk intact, but the whole disagrees with the header: dropped, start again.
+    let liar = ExportFileHeader {
+        sha256: sha256(b"something else"),
+        ..header(&id, "liar.json", data)
+    };
+    let refused = upload(&mut client, vec![chunk(Some(liar.clone()), 0, data)])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::DataLoss, "{refused:?}");
+    assert!(refused.message().contains("SHA-256"), "{refused:?}");
+    assert_eq!(state(&mut client, &liar).await.offset, 0);
+
+    // Only processors upload, and only to requests delivered to them.
+    let refused = ExportUploadServiceClient::new(pair.channel_to_registry("partner-crm"))
+        .get_upload_state(GetUploadStateRequest {
+            header: Some(h.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let refused = client
+        .get_upload_state(GetUploadStateRequest {
+            header: Some(header("no-such-request", "a.json", data)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound, "{refused:?}");
+    // Bad headers name their fields.
+    let refused = upload(
+        &mut client,
+        vec![chunk(
+            Some(ExportFileHeader {
+                name: "../escape".into(),
+                ..h.clone()
+            }),
+            0,
+            data,
+        )],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("header.name"), "{refused:?}");
+
+    // The test holder's part is in the package beside the newsletter's.
+    let info = packages(&pair, "operator")
+        .get_package(GetPackageRequest {
+            request_id: id.clone(),
+        })
+        .await
+        .expect("package")
+        .into_inner();
+    let paths: Vec<&str> = info.files.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            format!("{PROCESSOR}/{NEWSLETTER}/export.json"),
+            format!("{PROCESSOR}/test-holder/rows.json")
+        ]
+    );
+    pair.stop().await;
+}
+
+/// Submits a return of data to a pair with the newsletter down, and returns once its export
+/// is written and its upload has failed at least once because the registry is down.
+async fn export_waiting_for_the_registry(pair: &mut TestPair) -> String {
+    let mut crm = pair.client("partner-crm");
+    let id = crm
+        .submit(return_of_data())
+        .await
+        .expect("submit")
+        .into_inner()
+        .request_id;
+    wait_until(&mut crm, &id, Duration::from_secs(30), |r| {
+        !r.deliveries.is_empty() && r.deliveries.iter().all(|d| d.delivered_at.is_some())
+    })
+    .await;
+    pair.registry.stop().await;
+    pair.adapter().start().await;
+    let db = Db::connect(pair.processor.database_url())
+        .await
+        .expect("processor db");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let failed: Option<String> = sqlx::query_scalar(
+            "SELECT last_error FROM uploads WHERE request_id = $1 AND done_at IS NULL",
+        )
+        .bind(&id)
+        .fetch_optional(&db.pool)
+        .await
+        .expect("uploads")
+        .flatten();
+        if failed.is_some() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no failed upload");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    db.pool.close().await;
+    id
+}
+
+fn pair_with_the_newsletter_down() -> PairOptions {
+    PairOptions {
+        holders: vec![Holder::Newsletter],
+        down: vec![Role::Adapter],
+        ..Default::default()
+    }
+}
+
+/// The registry is down while the export is ready: the upload fails and is retried with
+/// backoff until the registry is back, then the part is stored and the task completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packages_an_upload_resumes_when_the_registry_is_back() {
+    let mut pair = spawn_pair(pair_with_the_newsletter_down())
+        .await
+        .expect("sqlite pair");
+    let id = export_waiting_for_the_registry(&mut pair).await;
+    pair.registry.start().await;
+    let mut crm = pair.client("partner-crm");
+    wait_until(&mut crm, &id, Duration::from_secs(30), delivered).await;
+    let (info, files) = download(&mut packages(&pair, "partner-crm"), &id)
+        .await
+        .expect("download");
+    assert_eq!(info.files.len(), 1);
+    let f = &info.files[0];
+    assert_eq!(sha256(&files[&f.path]), f.sha256);
+    pair.stop().await;
+}
+
+/// An export file changed at the processor after it was written is not what the holder
+/// exported: the task fails with the reason, and nothing of it reaches the package.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packages_a_changed_export_fails_its_task() {
+    let mut pair = spawn_pair(pair_with_the_newsletter_down())
+        .await
+        .expect("sqlite pair");
+    let id = export_waiting_for_the_registry(&mut pair).await;
+    std::fs::write(
+        pair.export_dir(&id, NEWSLETTER).join("export.json"),
+        "[\"tampered\"]",
+    )
+    .unwrap();
+    pair.registry.start().await;
+    let mut crm = pair.client("partner-crm");
+    let view = wait_until(&mut crm, &id, Duration::from_secs(30), |r| {
+        r.tasks
+            .iter()
+            .any(|t| t.state == dsrelay_proto::v1::TaskState::Failed as i32)
+    })
+    .await;
+    let reason = &view.tasks[0].reason;
+    assert!(
+        reason.contains("export.json changed at the processor"),
+        "{reason}"
+    );
+    assert!(!pair.package_dir().join(&id).join(PROCESSOR).exists());
+    pair.stop().await;
+}
