@@ -8,7 +8,11 @@ development PKI made by `dsrctl pki init`, then, from Python only:
   from the returned descriptors (no generated code), submits an erasure request as the
   partner `crm` and follows it until the pair reports it COMPLETED;
 * checks that connections without a client certificate, or with one from another CA, are
-  refused.
+  refused;
+* submits a return of data for a customer of a small SQLite database (made here, read by the
+  SQL connector), waits until the package is at the registry and downloads it through
+  PackageService's server stream, checking every chunk's offset and every file's size and
+  SHA-256 against the manifest.
 
 Run with scripts/interop.sh, which builds the binaries and installs requirements.txt.
 Binaries are taken from DSRELAY_BIN_DIR (default <repo>/target/debug).
@@ -19,8 +23,10 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import hashlib
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
 import uuid
@@ -46,6 +52,7 @@ RPC_TIMEOUT_S = 10.0
 REQUEST_SERVICE = "dsrelay.v1.RequestService"
 ACK_SERVICE = "dsrelay.v1.AcknowledgementService"
 PROCESSOR_SERVICE = "dsrelay.v1.ProcessorService"
+PACKAGE_SERVICE = "dsrelay.v1.PackageService"
 HEALTH_SERVICE = "grpc.health.v1.Health"
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 REFLECTION_V1_METHOD = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
@@ -54,6 +61,10 @@ PARTNER_CRM = "spiffe://dsrelay.dev/partner/crm"
 OPERATOR_OPS = "spiffe://dsrelay.dev/operator/ops"
 PROCESSOR_ID = "spiffe://dsrelay.dev/processor/payroll-bureau"
 REGISTRY_ID = "spiffe://dsrelay.dev/registry/controller"
+
+# The one customer of the SQLite database the `crm-db` subprocessor holds.
+CUSTOMER_EMAIL = "aino.asiakas@example.fi"
+CUSTOMER_NAME = "Aino Asiakas"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +164,7 @@ def _registry_config(tmp: Path, pki: Path, rport: int, pport: int) -> str:
             'name = "payroll-bureau"',
             f"endpoint = {_toml(f'https://localhost:{pport}')}",
             f"identity = {_toml(PROCESSOR_ID)}",
-            'categories = ["marketing"]',
+            'categories = ["marketing", "contact"]',
             "",
             "[delivery]",
             "poll_interval_ms = 200",
@@ -180,6 +191,25 @@ def _processor_config(tmp: Path, pki: Path, rport: int, pport: int) -> str:
             'name = "mail"',
             'categories = ["marketing"]',
             'connector = { type = "noop" }',
+            "",
+            "[[subprocessors]]",
+            'name = "crm-db"',
+            'categories = ["contact"]',
+            "connector = "
+            + _toml(
+                {
+                    "type": "sql",
+                    "url": f"sqlite://{tmp}/crm.db",
+                    "tables": [
+                        {
+                            "table": "customers",
+                            "action": "delete",
+                            "match": {"email": "email"},
+                            "export": ["id", "email", "name"],
+                        }
+                    ],
+                }
+            ),
             "",
             "[tasks]",
             "poll_interval_ms = 200",
@@ -265,6 +295,14 @@ def stack(tmp_path_factory):
             f"dsrctl pki init failed (status {init.returncode}):\n{init.stdout}{init.stderr}",
             pytrace=False,
         )
+
+    with sqlite3.connect(tmp / "crm.db") as db:
+        db.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, email TEXT, name TEXT)")
+        db.execute(
+            "INSERT INTO customers (id, email, name) VALUES (7, ?, ?)",
+            (CUSTOMER_EMAIL, CUSTOMER_NAME),
+        )
+    db.close()
 
     rport, pport = _free_port(), _free_port()
     while pport == rport:
@@ -429,6 +467,18 @@ class DynamicService:
         )
         return rpc(request, timeout=RPC_TIMEOUT_S)
 
+    def stream(self, method: str, request):
+        """Calls a server-streaming method; iterates over its messages."""
+        m = self.descriptor.FindMethodByName(method)
+        assert not m.client_streaming and m.server_streaming, f"{method} is not server-streaming"
+        output = message_factory.GetMessageClass(m.output_type)
+        rpc = self._channel.unary_stream(
+            f"/{self.descriptor.full_name}/{m.name}",
+            request_serializer=lambda msg: msg.SerializeToString(),
+            response_deserializer=output.FromString,
+        )
+        return rpc(request, timeout=COMPLETION_TIMEOUT_S)
+
 
 def test_reflection_lists_services(stack):
     with stack.registry("operator") as ch:
@@ -518,7 +568,94 @@ def test_reflection_discovers_and_submit_completes(stack):
         assert [d.processor for d in request.deliveries] == ["payroll-bureau"]
         delivered = api.enum("dsrelay.v1.DeliveryState", "DELIVERY_STATE_DELIVERED")
         assert request.deliveries[0].state == delivered
-        assert [t.subprocessor for t in request.tasks] == ["mail"], request.tasks
+        # The subject is not in crm-db: that holder has nothing to erase there.
+        assert sorted(t.subprocessor for t in request.tasks) == ["crm-db", "mail"], request.tasks
+
+
+def _wait_completed(api: DynamicService, request_id: str):
+    GetRequest = api.input("Get")
+    completed = api.enum("dsrelay.v1.RequestState", "REQUEST_STATE_COMPLETED")
+    deadline = time.monotonic() + COMPLETION_TIMEOUT_S
+    while True:
+        request = api.call("Get", GetRequest(request_id=request_id))
+        if request.state == completed:
+            return request
+        state = api.enum_name("dsrelay.v1.RequestState", request.state)
+        assert time.monotonic() < deadline, (
+            f"request still {state} after {COMPLETION_TIMEOUT_S:.0f} s: {request}"
+        )
+        time.sleep(0.2)
+
+
+def test_python_downloads_a_return_of_data_package(stack):
+    with stack.registry("partner-crm") as ch:
+        reflection = Reflection(ch)
+        api = DynamicService(ch, reflection.pool_for_symbol(REQUEST_SERVICE), REQUEST_SERVICE)
+        packages = DynamicService(
+            ch, reflection.pool_for_symbol(PACKAGE_SERVICE), PACKAGE_SERVICE
+        )
+        SubjectIdentity = api.message("dsrelay.v1.SubjectIdentity")
+        submitted = api.call(
+            "Submit",
+            api.input("Submit")(
+                kind=api.enum("dsrelay.v1.RequestKind", "REQUEST_KIND_RETURN_OF_DATA"),
+                identities=[
+                    SubjectIdentity(
+                        type=api.enum("dsrelay.v1.IdentityType", "IDENTITY_TYPE_EMAIL"),
+                        encoding=api.enum("dsrelay.v1.IdentityEncoding", "IDENTITY_ENCODING_RAW"),
+                        value=CUSTOMER_EMAIL,
+                    )
+                ],
+                idempotency_key=f"interop-rod-{uuid.uuid4().hex}",
+            ),
+        )
+        # COMPLETED only once every holder's part is stored at the registry.
+        _wait_completed(api, submitted.request_id)
+
+        info = packages.call(
+            "GetPackage", packages.input("GetPackage")(request_id=submitted.request_id)
+        )
+        assert info.complete and not info.missing, info
+        paths = [f.path for f in info.files]
+        assert "payroll-bureau/crm-db/customers.csv" in paths, paths
+        assert "payroll-bureau/crm-db/customers.json" in paths, paths
+
+        messages = packages.stream(
+            "DownloadPackage",
+            packages.input("DownloadPackage")(request_id=submitted.request_id),
+        )
+        first = next(messages)
+        assert first.WhichOneof("item") == "info", first
+        manifest = json.loads(first.info.manifest_json)
+        assert manifest["request_id"] == submitted.request_id
+        expected = {f["path"]: (f["size"], f["sha256"]) for f in manifest["files"]}
+        assert expected == {f.path: (f.size, f.sha256) for f in first.info.files}
+
+        # Every file in manifest order, its chunks at consecutive offsets.
+        received: dict[str, tuple[int, "hashlib._Hash"]] = {}
+        contents: dict[str, bytes] = {}
+        order: list[str] = []
+        for message in messages:
+            assert message.WhichOneof("item") == "file", message
+            chunk = message.file
+            assert 0 < len(chunk.data) <= 1024 * 1024
+            if chunk.path not in received:
+                order.append(chunk.path)
+                received[chunk.path] = (0, hashlib.sha256())
+                contents[chunk.path] = b""
+            size, digest = received[chunk.path]
+            assert chunk.offset == size, (chunk.path, chunk.offset, size)
+            digest.update(chunk.data)
+            received[chunk.path] = (size + len(chunk.data), digest)
+            contents[chunk.path] += chunk.data
+    # Empty files travel without chunks.
+    for path, (size, _) in expected.items():
+        if size == 0:
+            received.setdefault(path, (0, hashlib.sha256()))
+    assert order == [p for p in paths if expected[p][0] > 0]
+    assert {p: (n, d.hexdigest()) for p, (n, d) in received.items()} == expected
+    csv = contents["payroll-bureau/crm-db/customers.csv"].decode()
+    assert CUSTOMER_NAME in csv and CUSTOMER_EMAIL in csv, csv
 
 
 def test_invalid_submit_names_the_field(stack):

@@ -20,8 +20,9 @@ Connection settings: each is taken from the first of
      `dsrctl pki init` creates that PKI.
 
 Exit status: 0 on success; 1 for a configuration or connection problem, from `watch`
-when the request ended other than COMPLETED, and from `audit verify` when the trail is
-broken; 2 for a usage error or an error answer from the registry (printed as
+when the request ended other than COMPLETED, from `audit verify` when the trail is
+broken, and from `download` when a file does not match the manifest or cannot be
+written; 2 for a usage error or an error answer from the registry (printed as
 `error: <CODE>: <message>`).";
 
 /// Command-line client for the dsrelay registry: submit and follow data-subject requests.
@@ -97,6 +98,13 @@ pub enum Command {
     Cancel(CancelArgs),
     /// Extend a request's due date (operators only).
     Extend(ExtendArgs),
+    /// Show what a return-of-data request's package holds: its files, and the parts still
+    /// missing.
+    Package(PackageArgs),
+    /// Download a return-of-data package into a folder (--out) or a zip file (--zip),
+    /// checking every file's size and SHA-256 against the manifest; exits 1 naming any
+    /// file that fails (deleted from the folder; no zip is kept).
+    Download(DownloadArgs),
     /// Development PKI.
     #[command(subcommand)]
     Pki(PkiCommand),
@@ -389,6 +397,29 @@ pub struct GetArgs {
     pub id: String,
 }
 
+/// Arguments of `dsrctl package`.
+#[derive(Debug, Clone, Args)]
+pub struct PackageArgs {
+    /// The request id.
+    pub id: String,
+}
+
+/// Arguments of `dsrctl download`.
+#[derive(Debug, Clone, Args)]
+#[command(group = ArgGroup::new("destination").required(true))]
+pub struct DownloadArgs {
+    /// The request id.
+    pub id: String,
+
+    /// Write manifest.json and every file under this folder, which must be new or empty.
+    #[arg(long, value_name = "DIR", group = "destination")]
+    pub out: Option<PathBuf>,
+
+    /// Write a zip file (deflate) holding manifest.json and every file; it must not exist.
+    #[arg(long, value_name = "FILE", group = "destination")]
+    pub zip: Option<PathBuf>,
+}
+
 /// Arguments of `dsrctl list`.
 #[derive(Debug, Clone, Args)]
 pub struct ListArgs {
@@ -575,5 +606,20 @@ mod tests {
         assert!(parse_anchor(&format!("0:{hash}")).is_err());
         assert!(parse_anchor(&hash).is_err());
         assert!(parse_anchor("3:abc").is_err());
+    }
+
+    #[test]
+    fn download_needs_exactly_one_destination() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["dsrctl", "download"], args].concat());
+        let err = parse(&["r-1"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let err = parse(&["r-1", "--out", "d", "--zip", "z.zip"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let cli = parse(&["r-1", "--zip", "z.zip"]).unwrap();
+        let Command::Download(args) = cli.command else {
+            panic!("{cli:?}");
+        };
+        assert_eq!(args.zip, Some(PathBuf::from("z.zip")));
+        assert_eq!(args.out, None);
     }
 }

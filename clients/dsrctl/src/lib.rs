@@ -7,11 +7,14 @@
 //! - [`cli`]: the clap definitions: global connection flags and the [`cli::Command`] tree.
 //! - [`settings`]: connection settings from flags, environment, config file and defaults.
 //! - [`table`]: the aligned plain-text table used by the text output.
+//! - `unpack`: writing a downloaded package to a folder or a zip while checking every
+//!   file's path, size and SHA-256 against the manifest.
 //! - `output`: serde views of the proto messages and their text and JSON rendering.
 //! - `commands`: one module per subcommand, and `dispatch` choosing among them.
 //!
 //! Exit status: 0 on success; 1 for configuration and connection problems, when `watch`
-//! sees the request end other than COMPLETED and when `audit verify` finds the trail broken;
+//! sees the request end other than COMPLETED, when `audit verify` finds the trail broken
+//! and when `download` finds a file that does not match the manifest or cannot write it;
 //! 2 for usage errors (clap's own included) and error answers from the registry.
 
 use std::io::Write;
@@ -22,6 +25,7 @@ mod commands;
 mod output;
 pub mod settings;
 pub mod table;
+mod unpack;
 
 pub use cli::Cli;
 pub use settings::Environment;
@@ -51,6 +55,9 @@ pub enum Failure {
     },
     /// Writing the output failed.
     Output(std::io::Error),
+    /// A downloaded package could not be written, or the registry sent one that cannot be
+    /// unpacked (an unsafe path, chunks out of manifest order).
+    Package(anyhow::Error),
 }
 
 impl From<std::io::Error> for Failure {
@@ -65,7 +72,7 @@ impl Failure {
         match self {
             Self::Usage(_) => EXIT_USAGE_OR_RPC,
             Self::Rpc { status, .. } if !is_connection_error(status) => EXIT_USAGE_OR_RPC,
-            Self::Rpc { .. } | Self::Setup(_) | Self::Output(_) => EXIT_FAILURE,
+            Self::Rpc { .. } | Self::Setup(_) | Self::Output(_) | Self::Package(_) => EXIT_FAILURE,
         }
     }
 
@@ -95,6 +102,7 @@ impl Failure {
                 format!("error: {}: {}", code_name(status.code()), status.message())
             }
             Self::Output(err) => format!("error: writing the output: {err}"),
+            Self::Package(err) => format!("error: {err:#}"),
         };
         table::clean(&text)
     }

@@ -3,7 +3,7 @@
 //!
 //! The RPC commands (submit, get, list, watch, cancel, extend) are tested against the real
 //! registry and processor in the workspace's end-to-end suite,
-//! `tests/tests/e2e/dsrctl_cli.rs`.
+//! `tests/tests/e2e/dsrctl_cli.rs`; `package` and `download` in `tests/tests/e2e/download.rs`.
 
 use std::path::Path;
 use std::process::Output;
@@ -81,6 +81,8 @@ fn help_names_the_commands_settings_and_exit_status() {
         "cancel",
         "extend",
         "pki",
+        "package",
+        "download",
         "--endpoint",
         "--config",
         "DSRCTL_ENDPOINT",
@@ -110,6 +112,9 @@ fn usage_errors_exit_2() {
         &["list", "--limit", "0"],
         &["extend", "r-1", "--months", "3", "--reason", "x"],
         &["get"],
+        &["package"],
+        &["download", "r-1"],
+        &["download", "r-1", "--out", "d", "--zip", "p.zip"],
     ] {
         let out = dsrctl(tmp.path(), &[], args);
         assert_eq!(
@@ -130,6 +135,39 @@ fn usage_errors_exit_2() {
         text(&out.stderr),
         "error: --lift is only for --kind restriction\n"
     );
+}
+
+#[test]
+fn download_refuses_a_destination_with_files_before_connecting() {
+    // No PKI here: the destination is checked before any connection setting is needed.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("full")).unwrap();
+    std::fs::write(tmp.path().join("full/keep.txt"), b"mine").unwrap();
+    std::fs::write(tmp.path().join("old.zip"), b"mine").unwrap();
+
+    let out = dsrctl(tmp.path(), &[], &["download", "r-1", "--out", "full"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stderr), "error: --out full is not empty\n");
+
+    let out = dsrctl(tmp.path(), &[], &["download", "r-1", "--zip", "old.zip"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stderr), "error: --zip old.zip already exists\n");
+
+    assert_eq!(
+        std::fs::read(tmp.path().join("full/keep.txt")).unwrap(),
+        b"mine"
+    );
+    assert_eq!(std::fs::read(tmp.path().join("old.zip")).unwrap(), b"mine");
+
+    // A new folder passes the check and the command goes on to need a connection.
+    let out = dsrctl(tmp.path(), &[], &["download", "r-1", "--out", "new"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("dsrctl pki init"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!tmp.path().join("new").exists());
 }
 
 #[test]

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use dsrelay_proto::v1::package_service_client::PackageServiceClient;
 use dsrelay_proto::v1::request_service_client::RequestServiceClient;
 use dsrelay_proto::v1::{
     CancelRequest, ExtendDeadlineRequest, GetRequest, ListRequestsRequest, ListRequestsResponse,
@@ -17,7 +18,8 @@ use tonic::Status;
 /// How long a unary call may take unless [`RegistryClient::with_timeout`] says otherwise.
 ///
 /// Sent to the server as `grpc-timeout` too, so it stops working on an answer nobody waits
-/// for. Streams ([`RegistryClient::watch`]) have no deadline: they last as long as the request.
+/// for. Streams ([`RegistryClient::watch`], [`RegistryClient::download_package`]) have no deadline:
+/// they last as long as the request or the download.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where the registry is and how to prove who we are to it.
@@ -33,13 +35,16 @@ pub struct ConnectionSettings {
     pub server_identity: Option<String>,
 }
 
-/// A client of the registry's `RequestService`.
+/// A client of the registry's partner API: `RequestService`, and `PackageService` for
+/// return-of-data packages (in [`crate::package`]).
 ///
 /// Cheap to clone; clones share one HTTP/2 connection. Methods take `&self` so one client can
 /// serve concurrent calls.
 #[derive(Debug, Clone)]
 pub struct RegistryClient {
     inner: RequestServiceClient<Channel>,
+    /// The same channel, for downloading packages.
+    pub(crate) packages: PackageServiceClient<Channel>,
     timeout: Option<Duration>,
 }
 
@@ -66,7 +71,8 @@ impl RegistryClient {
     /// Wraps an existing channel, e.g. one to an in-process server in tests.
     pub fn from_channel(channel: Channel) -> Self {
         Self {
-            inner: RequestServiceClient::new(channel),
+            inner: RequestServiceClient::new(channel.clone()),
+            packages: PackageServiceClient::new(channel),
             timeout: Some(DEFAULT_CALL_TIMEOUT),
         }
     }
@@ -82,7 +88,12 @@ impl RegistryClient {
         self.inner.clone()
     }
 
-    fn request<T>(&self, body: T) -> tonic::Request<T> {
+    /// The generated `PackageService` client, for calls this wrapper does not cover.
+    pub fn raw_packages(&self) -> PackageServiceClient<Channel> {
+        self.packages.clone()
+    }
+
+    pub(crate) fn request<T>(&self, body: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(body);
         if let Some(timeout) = self.timeout {
             request.set_timeout(timeout);

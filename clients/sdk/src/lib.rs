@@ -1,4 +1,5 @@
-//! Rust client for the dsrelay registry's partner API (`dsrelay.v1.RequestService`).
+//! Rust client for the dsrelay registry's partner API (`dsrelay.v1.RequestService` and
+//! `dsrelay.v1.PackageService`).
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -24,6 +25,8 @@
 //! # Layout
 //! - [`client`]: [`ConnectionSettings`] and [`RegistryClient`], one typed method per RPC;
 //!   every call fails with the server's [`tonic::Status`] so callers can show code and message.
+//! - [`package`]: return-of-data packages: [`RegistryClient::get_package`] and
+//!   [`RegistryClient::download_package`], a stream of [`DownloadEvent`]s (manifest, chunks).
 //! - [`submit`]: [`SubmitBuilder`] and the identity helpers ([`identity`], [`hashed_identity`],
 //!   [`other_identity`]) that assemble a [`proto::SubmitRequest`].
 //! - [`status`]: presenting a [`tonic::Status`] ([`code_name`]) and telling a connection
@@ -32,10 +35,12 @@
 //!   dependency on `dsrelay-proto`; [`runtime`] likewise for `TlsFiles` and the dev PKI.
 
 pub mod client;
+pub mod package;
 pub mod status;
 pub mod submit;
 
 pub use client::{ConnectionSettings, RegistryClient, DEFAULT_CALL_TIMEOUT};
+pub use package::DownloadEvent;
 pub use status::{code_name, is_connection_error};
 pub use submit::{hashed_identity, identity, other_identity, SubmitBuilder};
 

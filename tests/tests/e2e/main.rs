@@ -11,6 +11,7 @@ mod audit;
 mod bad_input;
 mod compose;
 mod connectors;
+mod download;
 mod dsrctl_cli;
 mod durability;
 mod erasure;

@@ -12,6 +12,7 @@ use dsrelay_sdk::ConnectionSettings;
 mod audit;
 mod chain;
 mod dev;
+mod download;
 mod list;
 mod pki;
 mod request;
@@ -75,6 +76,11 @@ pub(crate) async fn dispatch(cli: &Cli, env: &Environment, io: &mut Io<'_>) -> R
         Command::Submit(args) => {
             let prepared = submit::prepare(args)?;
             submit::run(&Registry::connect(cli, env)?, prepared, io).await
+        }
+        Command::Package(args) => download::package(&Registry::connect(cli, env)?, args, io).await,
+        Command::Download(args) => {
+            let target = download::Target::check(args)?;
+            download::run(&Registry::connect(cli, env)?, args, target, io).await
         }
         Command::Get(args) => request::get(&Registry::connect(cli, env)?, args, io).await,
         Command::List(args) => list::run(&Registry::connect(cli, env)?, args, io).await,

@@ -1,0 +1,268 @@
+//! The real `dsrctl download` and `dsrctl package` against a real pair: a return of data
+//! from two subprocessors (the SQL connector and the example adapter) travels to the
+//! registry, and the submitting partner downloads it into a folder and a zip, every file
+//! checked against the manifest; another partner gets NOT_FOUND; a package with parts
+//! missing is refused naming them.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+use std::time::Duration;
+
+use dsrelay_proto::v1::{RequestState, TaskState};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::harness::dsrctl::dsrctl;
+use crate::harness::{in_state, spawn_pair, wait_until, Holder, PairOptions, PROCESSOR};
+
+/// The sample accounting database's customer 1, also known to the example adapter.
+const MAIJA: &str = "maija.meikalainen@example.fi";
+
+fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Submits a return of data for MAIJA as `partner-crm` through dsrctl; returns its id.
+async fn submit_return_of_data(pair: &crate::harness::TestPair) -> String {
+    let doc = dsrctl(
+        pair,
+        "partner-crm",
+        &[
+            "submit",
+            "--kind",
+            "return-of-data",
+            "--email",
+            MAIJA,
+            "--output",
+            "json",
+        ],
+    )
+    .await
+    .json();
+    doc["request_id"].as_str().expect("request_id").to_string()
+}
+
+/// The files `manifest.json` lists, by path: (size, sha256).
+fn manifest_files(manifest: &Value) -> BTreeMap<String, (u64, String)> {
+    manifest["files"]
+        .as_array()
+        .expect("files in the manifest")
+        .iter()
+        .map(|f| {
+            (
+                f["path"].as_str().unwrap().to_string(),
+                (
+                    f["size"].as_u64().unwrap(),
+                    f["sha256"].as_str().unwrap().to_string(),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_a_return_of_data_into_a_folder_and_a_zip() {
+    let Some(pair) = spawn_pair(PairOptions {
+        holders: vec![Holder::Accounting, Holder::Newsletter],
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let id = submit_return_of_data(&pair).await;
+    let mut crm = pair.client("partner-crm");
+    // COMPLETED only once both parts are stored at the registry.
+    wait_until(
+        &mut crm,
+        &id,
+        Duration::from_secs(60),
+        in_state(RequestState::Completed),
+    )
+    .await;
+
+    // What the package holds, as the partner sees it.
+    let info = dsrctl(&pair, "partner-crm", &["package", &id, "--output", "json"])
+        .await
+        .json();
+    assert_eq!(info["complete"], true, "{info:#}");
+    assert_eq!(info["missing"], serde_json::json!([]), "{info:#}");
+    let listed: Vec<&str> = info["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    for expected in [
+        format!("{PROCESSOR}/accounting/customers.csv"),
+        format!("{PROCESSOR}/accounting/customers.json"),
+        format!("{PROCESSOR}/accounting/invoices.csv"),
+        format!("{PROCESSOR}/accounting/invoices.json"),
+        format!("{PROCESSOR}/newsletter/export.json"),
+    ] {
+        assert!(
+            listed.contains(&expected.as_str()),
+            "{expected} in {listed:?}"
+        );
+    }
+
+    // Into a folder: manifest.json and every file, each checked.
+    let out = pair.dir().join("download");
+    let run = dsrctl(
+        &pair,
+        "partner-crm",
+        &[
+            "download",
+            &id,
+            "--out",
+            out.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+    )
+    .await;
+    let summary = run.json();
+    assert!(
+        run.stderr.is_empty(),
+        "no progress bar off a terminal: {}",
+        run.stderr
+    );
+    assert_eq!(summary["verified"], true, "{summary:#}");
+    assert_eq!(summary["file_count"], listed.len(), "{summary:#}");
+    assert_eq!(summary["digests_verified"], listed.len(), "{summary:#}");
+    let manifest_bytes = std::fs::read(out.join("manifest.json")).expect("manifest.json");
+    assert_eq!(summary["package_sha256"], sha256_hex(&manifest_bytes));
+    assert_eq!(info["package_sha256"], sha256_hex(&manifest_bytes));
+    let manifest: Value = serde_json::from_slice(&manifest_bytes).unwrap();
+    assert_eq!(manifest["request_id"], id.as_str());
+    let files = manifest_files(&manifest);
+    assert_eq!(files.len(), listed.len());
+    let mut total = 0;
+    for (path, (size, sha256)) in &files {
+        // Checked again here, independently of dsrctl.
+        let data = std::fs::read(out.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(data.len() as u64, *size, "{path}");
+        assert_eq!(&sha256_hex(&data), sha256, "{path}");
+        total += size;
+    }
+    assert_eq!(summary["bytes"], total);
+    let customers =
+        std::fs::read_to_string(out.join(format!("{PROCESSOR}/accounting/customers.csv"))).unwrap();
+    assert!(
+        customers.contains("\"Mannerheimintie 12 A 3, 00100 Helsinki\""),
+        "{customers}"
+    );
+    let newsletter =
+        std::fs::read_to_string(out.join(format!("{PROCESSOR}/newsletter/export.json"))).unwrap();
+    assert!(newsletter.contains(MAIJA), "{newsletter}");
+
+    // Into a zip, with the table output: the same bytes, deflated.
+    let zip_path = pair.dir().join("package.zip");
+    let run = dsrctl(
+        &pair,
+        "partner-crm",
+        &["download", &id, "--zip", zip_path.to_str().unwrap()],
+    )
+    .await;
+    let table = run.ok();
+    assert!(
+        table.contains(&format!("{n} of {n} verified", n = files.len())),
+        "{table}"
+    );
+    let mut zip = zip::ZipArchive::new(std::fs::File::open(&zip_path).unwrap()).unwrap();
+    assert_eq!(zip.len(), files.len() + 1);
+    for path in files.keys().map(String::as_str).chain(["manifest.json"]) {
+        let mut entry = zip.by_name(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(entry.compression(), zip::CompressionMethod::Deflated);
+        let mut data = vec![];
+        entry.read_to_end(&mut data).unwrap();
+        assert_eq!(data, std::fs::read(out.join(path)).unwrap(), "{path}");
+    }
+
+    // An operator may read any package; another partner learns nothing of this one.
+    dsrctl(&pair, "operator", &["package", &id]).await.ok();
+    let elsewhere = pair.dir().join("not-theirs");
+    let run = dsrctl(
+        &pair,
+        "partner-webform",
+        &["download", &id, "--out", elsewhere.to_str().unwrap()],
+    )
+    .await;
+    run.expect_code(2);
+    assert!(
+        run.stderr.starts_with("error: NOT_FOUND: "),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !elsewhere.exists(),
+        "nothing written for a refused download"
+    );
+    let run = dsrctl(&pair, "partner-webform", &["package", &id]).await;
+    run.expect_code(2);
+    assert!(
+        run.stderr.starts_with("error: NOT_FOUND: "),
+        "{}",
+        run.stderr
+    );
+
+    pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_of_a_package_with_parts_missing_names_them() {
+    // The paper archive waits for an operator, so its part never arrives in this test.
+    let Some(pair) = spawn_pair(PairOptions {
+        holders: vec![Holder::Accounting, Holder::PaperArchive],
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let id = submit_return_of_data(&pair).await;
+    let mut crm = pair.client("partner-crm");
+    let task = |r: &dsrelay_proto::v1::Request, name: &str, state: TaskState| {
+        r.tasks
+            .iter()
+            .any(|t| t.subprocessor == name && t.state == state as i32)
+    };
+    wait_until(&mut crm, &id, Duration::from_secs(60), |r| {
+        task(r, "accounting", TaskState::Completed)
+            && task(r, "paper-archive", TaskState::WaitingForOperator)
+    })
+    .await;
+
+    let missing = format!("{PROCESSOR}/paper-archive");
+    let info = dsrctl(&pair, "partner-crm", &["package", &id, "--output", "json"])
+        .await
+        .json();
+    assert_eq!(info["complete"], false, "{info:#}");
+    assert_eq!(info["missing"], serde_json::json!([missing]), "{info:#}");
+    let table = dsrctl(&pair, "partner-crm", &["package", &id]).await;
+    assert!(table.ok().contains(&missing), "{}", table.stdout);
+
+    let out = pair.dir().join("incomplete");
+    let run = dsrctl(
+        &pair,
+        "partner-crm",
+        &["download", &id, "--out", out.to_str().unwrap()],
+    )
+    .await;
+    run.expect_code(2);
+    assert!(
+        run.stderr.starts_with("error: FAILED_PRECONDITION: ") && run.stderr.contains(&missing),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !Path::new(&out).exists(),
+        "nothing written for a refused download"
+    );
+
+    pair.stop().await;
+}
