@@ -3,7 +3,7 @@
 //!
 //! A service hands its parts to a [`Host`] and calls [`Host::run`]:
 //!
-//! ```ignore
+//! ```text
 //! Host::new("registry", &config.service)
 //!     .service(RequestServiceServer::new(api))
 //!     .metrics(move || render(shared.clone()))

@@ -5,7 +5,7 @@
 //! and keep their environment variables (`DSRELAY_REGISTRY__LISTEN`, ...). A service's
 //! configuration carries them as one flattened field:
 //!
-//! ```ignore
+//! ```text
 //! #[derive(Serialize, Deserialize)]
 //! #[serde(deny_unknown_fields)]
 //! pub struct Config {
