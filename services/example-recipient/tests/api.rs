@@ -141,7 +141,10 @@ async fn a_file_arrives_verified_and_the_part_answers_a_receipt() {
     let data = content(2 * MIB + 1234);
     let h = header("export.json", &data);
     assert_eq!(state(&mut c, &h).await, UploadState::default());
-    let early = c.complete_transfer(part(&[h.clone()])).await.unwrap_err();
+    let early = c
+        .complete_transfer(part(std::slice::from_ref(&h)))
+        .await
+        .unwrap_err();
     assert_eq!(early.code(), Code::FailedPrecondition, "{early:?}");
     assert!(early.message().contains("export.json"), "{early:?}");
 
@@ -158,7 +161,7 @@ async fn a_file_arrives_verified_and_the_part_answers_a_receipt() {
     assert_eq!(std::fs::read(&stored).unwrap(), data);
 
     let receipt = c
-        .complete_transfer(part(&[h.clone()]))
+        .complete_transfer(part(std::slice::from_ref(&h)))
         .await
         .unwrap()
         .into_inner();
@@ -169,7 +172,7 @@ async fn a_file_arrives_verified_and_the_part_answers_a_receipt() {
     assert_eq!(receipt.files, 1);
     assert_eq!(
         receipt.manifest_sha256,
-        manifest::sha256(REQUEST, "accounting", &[h.clone()])
+        manifest::sha256(REQUEST, "accounting", std::slice::from_ref(&h))
     );
     let written = std::fs::read(stored.with_file_name(".manifest.json")).unwrap();
     assert_eq!(
@@ -177,7 +180,10 @@ async fn a_file_arrives_verified_and_the_part_answers_a_receipt() {
         receipt.manifest_sha256
     );
     // Closing the same part again answers the first receipt; other files are refused.
-    let again = c.complete_transfer(part(&[h.clone()])).await.unwrap();
+    let again = c
+        .complete_transfer(part(std::slice::from_ref(&h)))
+        .await
+        .unwrap();
     assert_eq!(again.into_inner(), receipt);
     let other = c.complete_transfer(part(&[])).await.unwrap_err();
     assert_eq!(other.code(), Code::FailedPrecondition);
