@@ -106,19 +106,19 @@ pub struct ProcessorConfig {
 }
 
 /// A recipient a subject's data may be transferred to: another controller, named by the
-/// subject. Today Submit checks that a TRANSFER names one of these and the request travels to
-/// the processors like any other; nothing calls the endpoint yet. Endpoint and identity are
-/// kept so that every recipient is known fully before any data moves.
+/// subject. Submit checks that a TRANSFER names one of these, and its Deliver carries the
+/// recipient's name, endpoint and identity to the processors; nothing calls the endpoint yet.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RecipientConfig {
     /// The name a partner gives in `transfer_recipient`; unique, 1 to
     /// [`MAX_RECIPIENT_NAME`] bytes.
     pub name: String,
-    /// Where the recipient is to receive transfers, `https://host:port` (not called yet).
+    /// Where the recipient is to receive transfers (`TransferReceiver`), `https://host:port`;
+    /// sent to the processors with a TRANSFER's Deliver, not called yet.
     pub endpoint: String,
     /// The certificate identity the recipient must present there (URI SAN, else DNS SAN);
-    /// not checked yet, as nothing connects to the recipient.
+    /// sent with the endpoint, not checked yet, as nothing connects to the recipient.
     pub identity: String,
     /// Who the recipient is, for operators reading the configuration.
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -312,6 +312,17 @@ impl Config {
             .collect()
     }
 
+    /// The recipient named `name`, as a Deliver carries it to the processors.
+    pub fn recipient(&self, name: &str) -> Option<dsrelay_proto::v1::TransferRecipient> {
+        self.recipients.iter().find(|r| r.name == name).map(|r| {
+            dsrelay_proto::v1::TransferRecipient {
+                name: r.name.clone(),
+                endpoint: r.endpoint.clone(),
+                identity: r.identity.clone(),
+            }
+        })
+    }
+
     /// The names a TRANSFER may give as its recipient.
     pub fn known_recipients(&self) -> BTreeSet<&str> {
         self.recipients.iter().map(|r| r.name.as_str()).collect()
@@ -422,6 +433,10 @@ mod tests {
             }]
         );
         assert_eq!(c.known_recipients(), ["new-bookkeeper"].into());
+        let r = c.recipient("new-bookkeeper").expect("configured");
+        assert_eq!(r.identity, "spiffe://bookkeeper.example/recipient");
+        assert_eq!(r.endpoint, c.recipients[0].endpoint);
+        assert_eq!(c.recipient("old-bookkeeper"), None);
         // Written back (as `dsrctl dev up` does), it reads the same.
         let again: Config = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
         assert_eq!(again.recipients, c.recipients);

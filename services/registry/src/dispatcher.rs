@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dsrelay_proto::v1::{CancelDeliveryRequest, DeliverRequest, SubmitRequest};
+use dsrelay_proto::v1::{
+    CancelDeliveryRequest, DeliverRequest, RequestKind, SubmitRequest, TransferRecipient,
+};
 use dsrelay_proto::{prost::Message, timestamp_from_millis};
 use dsrelay_runtime::trace_context;
 use dsrelay_runtime::worker::{run_pool, PoolSettings};
@@ -90,15 +92,9 @@ async fn attempt(shared: &Shared, job: DeliveryJob) {
             .as_deref()
             .and_then(|b| SubmitRequest::decode(b).ok())
             .unwrap_or_default();
-        let mut req = tonic::Request::new(DeliverRequest {
-            request_id: job.request_id.clone(),
-            kind: body.kind,
-            identities: body.identities,
-            scope: body.scope,
-            parameters: body.parameters,
-            received_at: Some(timestamp_from_millis(job.received_at)),
-            due_at: Some(timestamp_from_millis(job.due_at)),
-        });
+        let mut req = tonic::Request::new(deliver_request(&job, body, |name| {
+            shared.config.recipient(name)
+        }));
         req.set_timeout(timeout);
         propagate(req.metadata_mut(), &job.trace_id);
         client.deliver(req).await.map(|r| r.into_inner().tasks)
@@ -131,6 +127,32 @@ async fn attempt(shared: &Shared, job: DeliveryJob) {
     }
 }
 
+/// The Deliver of `job`'s request: a TRANSFER carries its recipient as `recipient` finds it
+/// configured now, so the processor knows where the data goes and whom to expect there.
+fn deliver_request(
+    job: &DeliveryJob,
+    body: SubmitRequest,
+    recipient: impl Fn(&str) -> Option<TransferRecipient>,
+) -> DeliverRequest {
+    let recipient = (body.kind == RequestKind::Transfer as i32)
+        .then(|| {
+            body.parameters
+                .as_ref()
+                .and_then(|p| recipient(&p.transfer_recipient))
+        })
+        .flatten();
+    DeliverRequest {
+        request_id: job.request_id.clone(),
+        kind: body.kind,
+        identities: body.identities,
+        scope: body.scope,
+        parameters: body.parameters,
+        received_at: Some(timestamp_from_millis(job.received_at)),
+        due_at: Some(timestamp_from_millis(job.due_at)),
+        recipient,
+    }
+}
+
 async fn record_failure(shared: &Shared, job: &DeliveryJob, error: &str) {
     shared.metrics.delivery_failures.inc(&[&job.processor]);
     let attempt = u32::try_from(job.attempts + 1).unwrap_or(u32::MAX);
@@ -152,4 +174,69 @@ async fn record_failure(shared: &Shared, job: &DeliveryJob, error: &str) {
         );
     }
     shared.publish(&job.request_id);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dsrelay_proto::v1::RequestParameters;
+
+    fn job() -> DeliveryJob {
+        DeliveryJob {
+            request_id: "0190-t".into(),
+            processor: "payroll".into(),
+            op: Operation::Deliver,
+            attempts: 0,
+            body: None,
+            received_at: 1,
+            due_at: 2,
+            trace_id: String::new(),
+            cancel_reason: None,
+            traceparent: None,
+        }
+    }
+
+    fn submit(kind: RequestKind, recipient: &str) -> SubmitRequest {
+        SubmitRequest {
+            kind: kind as i32,
+            parameters: Some(RequestParameters {
+                transfer_recipient: recipient.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn configured(name: &str) -> Option<TransferRecipient> {
+        (name == "new-bookkeeper").then(|| TransferRecipient {
+            name: name.into(),
+            endpoint: "https://dsr.bookkeeper.example:8443".into(),
+            identity: "spiffe://bookkeeper.example/recipient".into(),
+        })
+    }
+
+    #[test]
+    fn a_transfer_carries_its_configured_recipient() {
+        let req = deliver_request(
+            &job(),
+            submit(RequestKind::Transfer, "new-bookkeeper"),
+            configured,
+        );
+        assert_eq!(req.recipient, configured("new-bookkeeper"));
+        assert_eq!(req.request_id, "0190-t");
+        assert_eq!(req.kind, RequestKind::Transfer as i32);
+        // A recipient no longer configured is not invented.
+        let gone = deliver_request(&job(), submit(RequestKind::Transfer, "old"), configured);
+        assert_eq!(gone.recipient, None);
+    }
+
+    #[test]
+    fn other_kinds_carry_no_recipient() {
+        let req = deliver_request(
+            &job(),
+            submit(RequestKind::ReturnOfData, "new-bookkeeper"),
+            configured,
+        );
+        assert_eq!(req.recipient, None);
+    }
 }

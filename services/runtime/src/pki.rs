@@ -145,6 +145,7 @@ pub const DEV_PARTIES: &[(&str, &str, &str)] = &[
     ("partner-webform", "partner", "webform"),
     ("operator", "operator", "ops"),
     ("adapter", "adapter", "example"),
+    ("recipient", "recipient", "example"),
 ];
 
 /// A development PKI on disk: `ca.pem`, `ca.key` and `<stem>.pem` / `<stem>.key` per party.

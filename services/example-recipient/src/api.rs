@@ -1,0 +1,449 @@
+//! The TransferReceiver handlers: who may call, what a valid header is, the chunk rules of
+//! `proto/dsrelay/v1/transfer.proto`, and the recipient's errors as statuses.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dsrelay_proto::timestamp_from_millis;
+use dsrelay_proto::v1::transfer_receiver_server::TransferReceiver;
+use dsrelay_proto::v1::{
+    CompleteTransferRequest, ExportFileHeader, GetUploadStateRequest, TransferReceipt,
+    UploadFileChunk, UploadState,
+};
+use dsrelay_runtime::grpc::{self, Authorizer, ServiceName};
+use dsrelay_runtime::identity::{request_id_violation, FieldViolation};
+use sha2::{Digest, Sha256};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::folder::{FileState, Folder, FolderError, Receipt};
+
+/// Bytes of a file in one message at most.
+pub(crate) const MAX_CHUNK: usize = 1024 * 1024;
+/// Longest subprocessor name, file name, media type or category accepted (bytes).
+const MAX_LABEL: usize = 128;
+/// At most this many categories per file, and files per part.
+const MAX_CATEGORIES: usize = 64;
+const MAX_FILES_PER_PART: usize = 10_000;
+
+/// Names the recipient in its answers.
+#[derive(Debug)]
+pub enum Recipient {}
+
+impl ServiceName for Recipient {
+    const NAME: &'static str = "recipient";
+}
+
+/// What can go wrong in a recipient call.
+pub(crate) type ApiError = grpc::ApiError<Recipient>;
+
+impl From<FolderError> for ApiError {
+    fn from(e: FolderError) -> Self {
+        match e {
+            FolderError::Conflict(m) => Self::failed_precondition(m),
+            FolderError::DigestMismatch(m) => Self::data_loss(m),
+            FolderError::Missing(names) => Self::failed_precondition(format!(
+                "the part is not stored complete: send {} first",
+                names.join(", ")
+            )),
+            FolderError::Io(e) => Self::unexpected(anyhow::Error::new(e).context("data folder")),
+        }
+    }
+}
+
+/// The TransferReceiver implementation.
+#[derive(Debug, Clone)]
+pub(crate) struct Api {
+    folder: Folder,
+    /// The recipient's name, put in every receipt.
+    name: String,
+    /// The senders allowed, by certificate identity.
+    allowed: Arc<Authorizer<()>>,
+    /// Files being received right now: two streams appending to one file would interleave
+    /// their bytes, so the second is turned away until the first ends.
+    receiving: Arc<Mutex<HashSet<String>>>,
+    chunk_delay: Duration,
+}
+
+/// Holds a file's key in [`Api::receiving`] until dropped.
+struct Receiving {
+    set: Arc<Mutex<HashSet<String>>>,
+    key: String,
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        let mut set = self.set.lock().unwrap_or_else(|e| e.into_inner());
+        set.remove(&self.key);
+    }
+}
+
+impl Api {
+    /// Handlers writing to `folder`, for the senders in `allowed`.
+    pub(crate) fn new(
+        folder: Folder,
+        name: String,
+        allowed: &[String],
+        chunk_delay_ms: u64,
+    ) -> Self {
+        let allowed = Authorizer::new(
+            allowed.iter().map(|id| (id.clone(), (), id.clone())),
+            "may not send transfers to this recipient",
+        );
+        Self {
+            folder,
+            name,
+            allowed: Arc::new(allowed),
+            receiving: Arc::default(),
+            chunk_delay: Duration::from_millis(chunk_delay_ms),
+        }
+    }
+
+    /// The caller's certificate identity, or PERMISSION_DENIED.
+    fn caller<T>(&self, req: &Request<T>) -> Result<String, ApiError> {
+        Ok(self.allowed.caller(req)?.name)
+    }
+
+    fn claim(&self, h: &ExportFileHeader) -> Option<Receiving> {
+        let key = format!("{}/{}/{}", h.request_id, h.subprocessor, h.name);
+        let mut set = self.receiving.lock().unwrap_or_else(|e| e.into_inner());
+        set.insert(key.clone()).then(|| Receiving {
+            set: self.receiving.clone(),
+            key,
+        })
+    }
+
+    /// Stores one chunk after checking its offset, size and digest; a refused chunk leaves
+    /// nothing behind.
+    async fn store_chunk(
+        &self,
+        h: &ExportFileHeader,
+        state: FileState,
+        chunk: &UploadFileChunk,
+    ) -> Result<FileState, ApiError> {
+        if chunk.data.is_empty() {
+            return Ok(state);
+        }
+        if state.complete {
+            return Err(ApiError::failed_precondition(format!(
+                "file {} is already stored complete",
+                h.name
+            )));
+        }
+        if chunk.data.len() > MAX_CHUNK {
+            return Err(ApiError::invalid([FieldViolation::new(
+                "data",
+                format!("must be at most {MAX_CHUNK} bytes"),
+            )]));
+        }
+        if chunk.offset != state.offset {
+            return Err(ApiError::failed_precondition(format!(
+                "chunk at offset {} of {} refused: {} bytes are stored, so the next chunk \
+                 must start at offset {}",
+                chunk.offset, h.name, state.offset, state.offset
+            )));
+        }
+        let len = chunk.data.len() as u64;
+        if state.offset + len > h.size {
+            return Err(ApiError::invalid([FieldViolation::new(
+                "data",
+                format!("runs past the file's size of {} bytes", h.size),
+            )]));
+        }
+        if hex::encode(Sha256::digest(&chunk.data)) != chunk.chunk_sha256 {
+            return Err(ApiError::data_loss(format!(
+                "chunk at offset {} of {} does not match its chunk_sha256; nothing of it was \
+                 stored, send it again",
+                chunk.offset, h.name
+            )));
+        }
+        self.folder.append(h, &chunk.data).await?;
+        if !self.chunk_delay.is_zero() {
+            tokio::time::sleep(self.chunk_delay).await;
+        }
+        let offset = state.offset + len;
+        if offset == h.size {
+            return Ok(self.folder.finish(h).await?);
+        }
+        Ok(FileState {
+            offset,
+            complete: false,
+        })
+    }
+}
+
+fn state(s: FileState) -> UploadState {
+    UploadState {
+        offset: s.offset,
+        complete: s.complete,
+    }
+}
+
+fn receipt(r: Receipt) -> TransferReceipt {
+    TransferReceipt {
+        request_id: r.request_id,
+        subprocessor: r.subprocessor,
+        manifest_sha256: r.manifest_sha256,
+        bytes: r.bytes,
+        files: r.files,
+        received_at: Some(timestamp_from_millis(r.received_at_ms)),
+        recipient: r.recipient,
+    }
+}
+
+#[tonic::async_trait]
+impl TransferReceiver for Api {
+    #[tracing::instrument(skip_all, fields(sender, request_id))]
+    async fn get_transfer_state(
+        &self,
+        req: Request<GetUploadStateRequest>,
+    ) -> Result<Response<UploadState>, Status> {
+        let sender = self.caller(&req)?;
+        let header = req.into_inner().header.unwrap_or_default();
+        ApiError::ensure_valid(header_violations("header", &header))?;
+        tracing::Span::current()
+            .record("sender", sender.as_str())
+            .record("request_id", header.request_id.as_str());
+        let s = self.folder.begin(&header).await.map_err(ApiError::from)?;
+        Ok(Response::new(state(s)))
+    }
+
+    #[tracing::instrument(skip_all, fields(sender, request_id, file))]
+    async fn send_file(
+        &self,
+        req: Request<Streaming<UploadFileChunk>>,
+    ) -> Result<Response<UploadState>, Status> {
+        let sender = self.caller(&req)?;
+        let mut stream = req.into_inner();
+        let Some(first) = stream.message().await? else {
+            return Err(ApiError::invalid([FieldViolation::new(
+                "header",
+                "is required in the first message",
+            )])
+            .into());
+        };
+        let header = first.header.clone().unwrap_or_default();
+        ApiError::ensure_valid(header_violations("header", &header))?;
+        tracing::Span::current()
+            .record("sender", sender.as_str())
+            .record("request_id", header.request_id.as_str())
+            .record("file", header.name.as_str());
+        let Some(_guard) = self.claim(&header) else {
+            return Err(ApiError::aborted(format!(
+                "another transfer of file {} is in progress; ask GetTransferState and resume",
+                header.name
+            ))
+            .into());
+        };
+        let mut s = self.folder.begin(&header).await.map_err(ApiError::from)?;
+        let mut next = Some(first);
+        while let Some(chunk) = next {
+            s = self.store_chunk(&header, s, &chunk).await?;
+            next = stream.message().await?;
+        }
+        tracing::debug!(
+            offset = s.offset,
+            complete = s.complete,
+            "transfer stream ended"
+        );
+        Ok(Response::new(state(s)))
+    }
+
+    #[tracing::instrument(skip_all, fields(sender, request_id, subprocessor))]
+    async fn complete_transfer(
+        &self,
+        req: Request<CompleteTransferRequest>,
+    ) -> Result<Response<TransferReceipt>, Status> {
+        let sender = self.caller(&req)?;
+        let part = req.into_inner();
+        ApiError::ensure_valid(part_violations(&part))?;
+        tracing::Span::current()
+            .record("sender", sender.as_str())
+            .record("request_id", part.request_id.as_str())
+            .record("subprocessor", part.subprocessor.as_str());
+        let r = self
+            .folder
+            .complete_part(
+                &part.request_id,
+                &part.subprocessor,
+                &part.files,
+                &self.name,
+                dsrelay_runtime::store::now_ms(),
+            )
+            .await
+            .map_err(ApiError::from)?;
+        tracing::info!(
+            files = r.files,
+            bytes = r.bytes,
+            manifest_sha256 = %r.manifest_sha256,
+            "transfer received"
+        );
+        Ok(Response::new(receipt(r)))
+    }
+}
+
+/// A name used as a folder or file name: ASCII letters, digits, '.', '-' and '_', not
+/// starting with '.' (so it is never `..`, and never one of the folder's own dot-files).
+fn path_violation(field: &str, value: &str) -> Option<FieldViolation> {
+    let ok = !value.is_empty()
+        && value.len() <= MAX_LABEL
+        && !value.starts_with('.')
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    (!ok).then(|| {
+        FieldViolation::new(
+            field,
+            format!(
+                "must be 1 to {MAX_LABEL} ASCII letters, digits, '.', '-' and '_', not \
+                 starting with '.'"
+            ),
+        )
+    })
+}
+
+/// Every rule a file header breaks, each naming its field under `prefix`.
+fn header_violations(prefix: &str, h: &ExportFileHeader) -> Vec<FieldViolation> {
+    let mut out = Vec::new();
+    let request_id = format!("{prefix}.request_id");
+    out.extend(
+        request_id_violation(&request_id, &h.request_id)
+            .or_else(|| path_violation(&request_id, &h.request_id)),
+    );
+    out.extend(path_violation(
+        &format!("{prefix}.subprocessor"),
+        &h.subprocessor,
+    ));
+    out.extend(path_violation(&format!("{prefix}.name"), &h.name));
+    if h.name.ends_with(".partial") {
+        out.push(FieldViolation::new(
+            format!("{prefix}.name"),
+            "must not end with .partial",
+        ));
+    }
+    if h.media_type.is_empty() || h.media_type.len() > MAX_LABEL {
+        out.push(FieldViolation::new(
+            format!("{prefix}.media_type"),
+            format!("must be 1 to {MAX_LABEL} bytes"),
+        ));
+    }
+    if h.categories.len() > MAX_CATEGORIES {
+        out.push(FieldViolation::new(
+            format!("{prefix}.categories"),
+            format!("at most {MAX_CATEGORIES}"),
+        ));
+    }
+    for (i, c) in h.categories.iter().enumerate().take(MAX_CATEGORIES) {
+        if c.is_empty() || c.len() > MAX_LABEL {
+            out.push(FieldViolation::new(
+                format!("{prefix}.categories[{i}]"),
+                format!("must be 1 to {MAX_LABEL} bytes"),
+            ));
+        }
+    }
+    let sha_ok = h.sha256.len() == 64
+        && h.sha256
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if !sha_ok {
+        out.push(FieldViolation::new(
+            format!("{prefix}.sha256"),
+            "must be 64 lowercase hex digits",
+        ));
+    }
+    out
+}
+
+/// Every rule a CompleteTransfer breaks.
+fn part_violations(p: &CompleteTransferRequest) -> Vec<FieldViolation> {
+    let mut out = Vec::new();
+    out.extend(
+        request_id_violation("request_id", &p.request_id)
+            .or_else(|| path_violation("request_id", &p.request_id)),
+    );
+    out.extend(path_violation("subprocessor", &p.subprocessor));
+    if p.files.len() > MAX_FILES_PER_PART {
+        out.push(FieldViolation::new(
+            "files",
+            format!("at most {MAX_FILES_PER_PART}"),
+        ));
+    }
+    let mut names = HashSet::new();
+    for (i, f) in p.files.iter().enumerate().take(MAX_FILES_PER_PART) {
+        let prefix = format!("files[{i}]");
+        out.extend(header_violations(&prefix, f));
+        if f.request_id != p.request_id || f.subprocessor != p.subprocessor {
+            out.push(FieldViolation::new(
+                prefix.clone(),
+                "must name the part's request_id and subprocessor",
+            ));
+        }
+        if !names.insert(f.name.as_str()) {
+            out.push(FieldViolation::new(
+                format!("{prefix}.name"),
+                "is listed twice",
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> ExportFileHeader {
+        ExportFileHeader {
+            request_id: "0190-ab".into(),
+            subprocessor: "crm".into(),
+            name: "export.json".into(),
+            media_type: "application/json".into(),
+            categories: vec!["contact".into()],
+            size: 3,
+            sha256: "a".repeat(64),
+        }
+    }
+
+    #[test]
+    fn headers_name_every_broken_field() {
+        assert!(header_violations("header", &header()).is_empty());
+        let bad = ExportFileHeader {
+            request_id: "../etc".into(),
+            subprocessor: ".hidden".into(),
+            name: "x.partial".into(),
+            media_type: String::new(),
+            categories: vec![String::new()],
+            size: 1,
+            sha256: "A".repeat(64),
+        };
+        let fields: Vec<String> = header_violations("header", &bad)
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "header.request_id",
+                "header.subprocessor",
+                "header.name",
+                "header.media_type",
+                "header.categories[0]",
+                "header.sha256",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_part_lists_only_its_own_files_once() {
+        let mut other = header();
+        other.subprocessor = "mail".into();
+        other.name = "other.json".into();
+        let p = CompleteTransferRequest {
+            request_id: "0190-ab".into(),
+            subprocessor: "crm".into(),
+            files: vec![header(), header(), other],
+        };
+        let fields: Vec<String> = part_violations(&p).into_iter().map(|v| v.field).collect();
+        assert_eq!(fields, ["files[1].name", "files[2]"]);
+    }
+}

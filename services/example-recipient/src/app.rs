@@ -1,0 +1,61 @@
+//! Building the recipient and handing its service to the runtime's [`Host`], which serves it
+//! with health, reflection and an admin port (`/healthz`; `/metrics` has no families of its
+//! own).
+
+use std::future::Future;
+
+use anyhow::{Context, Result};
+use dsrelay_proto::v1::transfer_receiver_server::TransferReceiverServer;
+use dsrelay_runtime::host::Host;
+use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
+use tokio::net::TcpListener;
+
+use crate::api::Api;
+use crate::config::Config;
+use crate::folder::Folder;
+
+/// A recipient ready to serve.
+pub struct App {
+    config: Config,
+    folder: Folder,
+}
+
+impl App {
+    /// Creates the data folder. Nothing listens yet.
+    pub fn build(config: Config) -> Result<Self> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating {}", config.data_dir.display()))?;
+        let folder = Folder::new(config.data_dir.clone());
+        Ok(Self { config, folder })
+    }
+
+    /// Serves on `listener` until `shutdown` resolves. Binds the admin port when the
+    /// configuration names one (`admin_listen`).
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        let Self { config, folder } = self;
+        tracing::info!(
+            recipient = %config.name,
+            data_dir = %config.data_dir.display(),
+            chunk_delay_ms = config.chunk_delay_ms,
+            "recipient starting"
+        );
+        let api = Api::new(
+            folder,
+            config.name.clone(),
+            &config.allowed_identities,
+            config.chunk_delay_ms,
+        );
+        Host::new("recipient", &config.service)
+            .service(
+                TransferReceiverServer::new(api)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .run(listener, shutdown)
+            .await
+    }
+}

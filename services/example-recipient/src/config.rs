@@ -1,0 +1,173 @@
+//! The example recipient's configuration: a TOML file, then `DSRELAY_RECIPIENT__*` environment
+//! variables (`DSRELAY_RECIPIENT__CHUNK_DELAY_MS=200`,
+//! `DSRELAY_RECIPIENT__ALLOWED_IDENTITIES='["spiffe://..."]'`).
+
+use std::path::{Path, PathBuf};
+
+use dsrelay_runtime::config::ConfigErrors;
+use dsrelay_runtime::settings::{Defaults, ServiceConfig, ServiceSettings};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Prefix of environment variables that override the file.
+pub const ENV_PREFIX: &str = "DSRELAY_RECIPIENT";
+
+/// The longest pause after a chunk accepted (one minute, ms).
+pub const MAX_CHUNK_DELAY_MS: u64 = 60_000;
+
+/// Everything the recipient needs to start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where it listens, its TLS files (the CA its callers' certificates must chain to) and
+    /// log format: the keys every service shares, at the top level of the file. The
+    /// recipient keeps no database: `database_url` is not used.
+    #[serde(flatten, deserialize_with = "service_settings")]
+    pub service: ServiceSettings,
+    /// The recipient's name for itself, put in every receipt: the name the registry's
+    /// `[[recipients]]` gives it.
+    pub name: String,
+    /// The folder received files are written to.
+    pub data_dir: PathBuf,
+    /// The certificate identities (processors) that may send transfers.
+    pub allowed_identities: Vec<String>,
+    /// When above 0, a pause of this many milliseconds after every stored chunk (so tests can
+    /// interrupt a transfer midway).
+    #[serde(default)]
+    pub chunk_delay_ms: u64,
+}
+
+/// Where the recipient listens unless configured otherwise.
+pub const DEFAULTS: Defaults = Defaults {
+    listen: "127.0.0.1:50081",
+    database_url: "",
+};
+
+fn service_settings<'de, D: Deserializer<'de>>(d: D) -> Result<ServiceSettings, D::Error> {
+    ServiceSettings::deserialize_with_defaults(d, &DEFAULTS)
+}
+
+impl AsRef<ServiceSettings> for Config {
+    fn as_ref(&self) -> &ServiceSettings {
+        &self.service
+    }
+}
+
+impl ServiceConfig for Config {
+    fn relative_to(&mut self, dir: &Path) {
+        self.service.relative_to(dir);
+        if self.data_dir.is_relative() {
+            self.data_dir = dir.join(&self.data_dir);
+        }
+    }
+
+    fn check(&self) -> Result<(), ConfigErrors> {
+        self.validate()
+    }
+}
+
+impl Config {
+    /// Loads the file (if any) and the process's `DSRELAY_RECIPIENT__*` variables, then
+    /// validates and checks that the TLS files are there.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigErrors> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// Like [`Config::load`] with the environment given (for tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigErrors> {
+        dsrelay_runtime::settings::load(file, ENV_PREFIX, env)
+    }
+
+    /// Every problem with the configuration that shows without looking at the file system,
+    /// reported together.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut errors: Vec<String> = self
+            .service
+            .validate()
+            .into_iter()
+            // No database: its URL may be anything, empty included.
+            .filter(|e| !e.starts_with("database_url"))
+            .collect();
+        if self.name.trim().is_empty() {
+            errors.push("name: the recipient's name for its receipts is required".into());
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            errors.push("data_dir: the folder received files are written to is required".into());
+        }
+        if self.allowed_identities.is_empty() {
+            errors.push(
+                "allowed_identities: list the processor identities that may send transfers"
+                    .to_string(),
+            );
+        }
+        for (i, id) in self.allowed_identities.iter().enumerate() {
+            if id.trim().is_empty() {
+                errors.push(format!("allowed_identities[{i}]: must not be empty"));
+            }
+        }
+        if self.chunk_delay_ms > MAX_CHUNK_DELAY_MS {
+            errors.push(format!(
+                "chunk_delay_ms: must be at most {MAX_CHUNK_DELAY_MS}, got {}",
+                self.chunk_delay_ms
+            ));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let c = Config {
+            service: ServiceSettings::new(
+                "127.0.0.1:1",
+                "",
+                dsrelay_runtime::tls::TlsFiles {
+                    ca: "ca.pem".into(),
+                    cert: "r.pem".into(),
+                    key: "r.key".into(),
+                },
+            ),
+            name: " ".into(),
+            data_dir: PathBuf::new(),
+            allowed_identities: vec![],
+            chunk_delay_ms: MAX_CHUNK_DELAY_MS + 1,
+        };
+        let errors = c.validate().unwrap_err().0;
+        assert!(errors.iter().any(|e| e.starts_with("name:")), "{errors:?}");
+        assert!(errors.iter().any(|e| e.starts_with("data_dir:")));
+        assert!(errors.iter().any(|e| e.starts_with("allowed_identities:")));
+        assert!(errors.iter().any(|e| e.starts_with("chunk_delay_ms:")));
+        assert!(!errors.iter().any(|e| e.starts_with("database_url")));
+    }
+
+    #[test]
+    fn the_example_file_loads_with_env_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["pki/ca.pem", "pki/recipient.pem", "pki/recipient.key"] {
+            let path = dir.path().join(f);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, "x").unwrap();
+        }
+        let file = dir.path().join("example.toml");
+        std::fs::write(&file, include_str!("../example.toml")).unwrap();
+        let env = vec![(
+            "DSRELAY_RECIPIENT__CHUNK_DELAY_MS".to_string(),
+            "200".to_string(),
+        )];
+        let c = Config::load_from(Some(&file), env).unwrap();
+        assert_eq!(c.name, "example-recipient");
+        assert_eq!(c.chunk_delay_ms, 200);
+        assert_eq!(c.data_dir, dir.path().join(".dsrelay/example-recipient"));
+        assert_eq!(c.service.tls.cert, dir.path().join("pki/recipient.pem"));
+    }
+}

@@ -1,0 +1,279 @@
+//! The data folder: each task's part in `<root>/<request_id>/<subprocessor>/`, a file as
+//! `<name>.partial` until its SHA-256 matched and `<name>` after, the header it was announced
+//! with in `.header.<name>.json` (file names never start with '.', so these never collide),
+//! and a closed part's `.manifest.json` and `.receipt.json`. Files are hashed in chunks,
+//! never read whole.
+
+use std::path::{Path, PathBuf};
+
+use dsrelay_proto::v1::ExportFileHeader;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Why the folder refused something.
+#[derive(Debug, thiserror::Error)]
+pub enum FolderError {
+    /// The call contradicts what is stored (a complete file announced differently, a closed
+    /// part closed with other files).
+    #[error("{0}")]
+    Conflict(String),
+    /// The bytes stored do not hash to the announced SHA-256; they were dropped.
+    #[error("{0}")]
+    DigestMismatch(String),
+    /// A part lists files that are not stored complete.
+    #[error("not stored complete: {}", .0.join(", "))]
+    Missing(Vec<String>),
+    /// The file system failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Where the transfer of one file stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileState {
+    /// Bytes stored; the next chunk starts here.
+    pub offset: u64,
+    /// Stored whole with its SHA-256 matched.
+    pub complete: bool,
+}
+
+/// A file's header as stored next to it; a header announced differently restarts the file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct StoredHeader {
+    media_type: String,
+    categories: Vec<String>,
+    size: u64,
+    sha256: String,
+}
+
+impl From<&ExportFileHeader> for StoredHeader {
+    fn from(h: &ExportFileHeader) -> Self {
+        Self {
+            media_type: h.media_type.clone(),
+            categories: h.categories.clone(),
+            size: h.size,
+            sha256: h.sha256.clone(),
+        }
+    }
+}
+
+/// A closed part's receipt as written to `.receipt.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The registry's request id.
+    pub request_id: String,
+    /// The subprocessor whose part it is.
+    pub subprocessor: String,
+    /// SHA-256 of the part's canonical manifest ([`crate::manifest`]).
+    pub manifest_sha256: String,
+    /// Total bytes of the part's files.
+    pub bytes: u64,
+    /// How many files the part holds.
+    pub files: u32,
+    /// When the part was first closed (ms since the Unix epoch).
+    pub received_at_ms: i64,
+    /// The recipient's name for itself.
+    pub recipient: String,
+}
+
+/// The data folder.
+#[derive(Debug, Clone)]
+pub struct Folder {
+    root: PathBuf,
+}
+
+impl Folder {
+    /// The folder at `root` (which must exist).
+    pub fn new(root: PathBuf) -> Self {
+        Self { root }
+    }
+
+    /// The folder of one task's part. Callers have checked that both names are safe path
+    /// components.
+    pub fn part_dir(&self, request_id: &str, subprocessor: &str) -> PathBuf {
+        self.root.join(request_id).join(subprocessor)
+    }
+
+    fn paths(&self, h: &ExportFileHeader) -> (PathBuf, PathBuf, PathBuf) {
+        let dir = self.part_dir(&h.request_id, &h.subprocessor);
+        (
+            dir.join(&h.name),
+            dir.join(format!("{}.partial", h.name)),
+            dir.join(format!(".header.{}.json", h.name)),
+        )
+    }
+
+    /// Registers the file `h` announces and answers where it stands: a file announced with
+    /// another header restarts (or, once complete, is a conflict); a partial file holding
+    /// every byte is checked now.
+    pub async fn begin(&self, h: &ExportFileHeader) -> Result<FileState, FolderError> {
+        let (done, partial, meta) = self.paths(h);
+        let announced = StoredHeader::from(h);
+        let stored: Option<StoredHeader> = match tokio::fs::read(&meta).await {
+            Ok(b) => serde_json::from_slice(&b).ok(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e.into()),
+        };
+        if exists(&done).await? {
+            if stored.as_ref() == Some(&announced) {
+                return Ok(FileState {
+                    offset: h.size,
+                    complete: true,
+                });
+            }
+            return Err(FolderError::Conflict(format!(
+                "file {} is already stored with another size, digest, media type or categories",
+                h.name
+            )));
+        }
+        if stored.as_ref() != Some(&announced) {
+            remove(&partial).await?;
+            tokio::fs::create_dir_all(meta.parent().unwrap_or(Path::new("."))).await?;
+            tokio::fs::write(&meta, serde_json::to_vec(&announced).unwrap_or_default()).await?;
+        }
+        let offset = match tokio::fs::metadata(&partial).await {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e.into()),
+        };
+        if offset > h.size {
+            // More bytes than announced cannot be the file: start it again.
+            remove(&partial).await?;
+            return Ok(FileState {
+                offset: 0,
+                complete: false,
+            });
+        }
+        if offset == h.size {
+            return self.finish(h).await;
+        }
+        Ok(FileState {
+            offset,
+            complete: false,
+        })
+    }
+
+    /// Appends checked bytes to the file's partial form.
+    pub async fn append(&self, h: &ExportFileHeader, data: &[u8]) -> Result<(), FolderError> {
+        let (_, partial, _) = self.paths(h);
+        let mut f = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&partial)
+            .await?;
+        f.write_all(data).await?;
+        f.flush().await?;
+        Ok(())
+    }
+
+    /// Checks a file holding every byte against its SHA-256: a match gives it its name; a
+    /// mismatch drops it so the sender starts it again.
+    pub async fn finish(&self, h: &ExportFileHeader) -> Result<FileState, FolderError> {
+        let (done, partial, _) = self.paths(h);
+        let digest = sha256_of(&partial).await?;
+        if digest != h.sha256 {
+            remove(&partial).await?;
+            return Err(FolderError::DigestMismatch(format!(
+                "file {}: the {} bytes received have SHA-256 {digest}, not {} as the header \
+                 says; they were dropped, send the file again",
+                h.name, h.size, h.sha256
+            )));
+        }
+        tokio::fs::rename(&partial, &done).await?;
+        Ok(FileState {
+            offset: h.size,
+            complete: true,
+        })
+    }
+
+    /// Closes a part: every file listed must be stored complete as announced. Writes the
+    /// canonical manifest and the receipt the first time; answers the stored receipt when the
+    /// same part is closed again.
+    pub async fn complete_part(
+        &self,
+        request_id: &str,
+        subprocessor: &str,
+        files: &[ExportFileHeader],
+        recipient: &str,
+        now_ms: i64,
+    ) -> Result<Receipt, FolderError> {
+        let manifest_sha256 = crate::manifest::sha256(request_id, subprocessor, files);
+        let dir = self.part_dir(request_id, subprocessor);
+        let receipt_path = dir.join(".receipt.json");
+        if let Ok(b) = tokio::fs::read(&receipt_path).await {
+            if let Ok(r) = serde_json::from_slice::<Receipt>(&b) {
+                if r.manifest_sha256 == manifest_sha256 {
+                    return Ok(r);
+                }
+                return Err(FolderError::Conflict(format!(
+                    "the part of {subprocessor} was closed with other files (manifest \
+                     SHA-256 {})",
+                    r.manifest_sha256
+                )));
+            }
+        }
+        let mut missing = Vec::new();
+        for h in files {
+            let (done, _, meta) = self.paths(h);
+            let stored: Option<StoredHeader> = tokio::fs::read(&meta)
+                .await
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            if !exists(&done).await? || stored.as_ref() != Some(&StoredHeader::from(h)) {
+                missing.push(h.name.clone());
+            }
+        }
+        if !missing.is_empty() {
+            return Err(FolderError::Missing(missing));
+        }
+        tokio::fs::create_dir_all(&dir).await?;
+        let receipt = Receipt {
+            request_id: request_id.to_string(),
+            subprocessor: subprocessor.to_string(),
+            manifest_sha256,
+            bytes: files.iter().map(|f| f.size).sum(),
+            files: u32::try_from(files.len()).unwrap_or(u32::MAX),
+            received_at_ms: now_ms,
+            recipient: recipient.to_string(),
+        };
+        tokio::fs::write(
+            dir.join(".manifest.json"),
+            crate::manifest::canonical_json(request_id, subprocessor, files),
+        )
+        .await?;
+        // Written last: its presence means the part is closed.
+        tokio::fs::write(
+            &receipt_path,
+            serde_json::to_vec_pretty(&receipt).unwrap_or_default(),
+        )
+        .await?;
+        Ok(receipt)
+    }
+}
+
+async fn exists(p: &Path) -> std::io::Result<bool> {
+    tokio::fs::try_exists(p).await
+}
+
+async fn remove(p: &Path) -> std::io::Result<()> {
+    match tokio::fs::remove_file(p).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// SHA-256 of the file at `p`, read in chunks.
+pub async fn sha256_of(p: &Path) -> std::io::Result<String> {
+    let mut f = tokio::fs::File::open(p).await?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}

@@ -1,0 +1,354 @@
+//! The example recipient's API over real mutual TLS: the dev PKI's "recipient" party serves,
+//! its "processor" party sends.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use dsrelay_example_recipient::{manifest, App, Config};
+use dsrelay_proto::v1::transfer_receiver_client::TransferReceiverClient;
+use dsrelay_proto::v1::{
+    CompleteTransferRequest, ExportFileHeader, GetUploadStateRequest, UploadFileChunk, UploadState,
+};
+use dsrelay_runtime::pki::{dev_identity, DevPki};
+use dsrelay_runtime::settings::ServiceSettings;
+use sha2::{Digest, Sha256};
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const MIB: usize = 1024 * 1024;
+const REQUEST: &str = "0190-transfer";
+
+struct Running {
+    pki: DevPki,
+    data_dir: PathBuf,
+    port: u16,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// A recipient writing to `dir/data`, with its PKI in `dir/pki`.
+    async fn start(dir: &Path, chunk_delay_ms: u64) -> Self {
+        let pki = DevPki::ensure(&dir.join("pki")).unwrap();
+        let data_dir = dir.join("data");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let config = Config {
+            service: ServiceSettings::new(format!("127.0.0.1:{port}"), "", pki.files("recipient")),
+            name: "new-bookkeeper".into(),
+            data_dir: data_dir.clone(),
+            allowed_identities: vec![dev_identity("processor", "payroll-bureau")],
+            chunk_delay_ms,
+        };
+        config.validate().unwrap();
+        let app = App::build(config).unwrap();
+        let handle = tokio::spawn(app.run(listener, std::future::pending()));
+        Self {
+            pki,
+            data_dir,
+            port,
+            handle,
+        }
+    }
+
+    /// A client presenting party `stem`'s certificate, expecting the recipient to be
+    /// `expected`.
+    fn client_expecting(&self, stem: &str, expected: &str) -> TransferReceiverClient<Channel> {
+        let tls = self.pki.files(stem).client_config().unwrap();
+        let channel = dsrelay_runtime::tls::channel(
+            &format!("https://localhost:{}", self.port),
+            Some(expected.to_string()),
+            &tls,
+        )
+        .unwrap();
+        TransferReceiverClient::new(channel)
+    }
+
+    /// The processor's client, expecting the recipient's own identity.
+    fn client(&self) -> TransferReceiverClient<Channel> {
+        self.client_expecting("processor", &dev_identity("recipient", "example"))
+    }
+}
+
+/// `len` bytes that differ from chunk to chunk.
+fn content(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+fn header(name: &str, data: &[u8]) -> ExportFileHeader {
+    ExportFileHeader {
+        request_id: REQUEST.into(),
+        subprocessor: "accounting".into(),
+        name: name.into(),
+        media_type: "application/json".into(),
+        categories: vec!["contact".into()],
+        size: data.len() as u64,
+        sha256: hex::encode(Sha256::digest(data)),
+    }
+}
+
+/// The messages sending `data[from..to]` in 1 MiB chunks, the header first.
+fn chunks(h: &ExportFileHeader, data: &[u8], from: usize, to: usize) -> Vec<UploadFileChunk> {
+    let mut out: Vec<UploadFileChunk> = data[from..to]
+        .chunks(MIB)
+        .enumerate()
+        .map(|(i, c)| UploadFileChunk {
+            header: None,
+            offset: (from + i * MIB) as u64,
+            data: c.to_vec(),
+            chunk_sha256: hex::encode(Sha256::digest(c)),
+        })
+        .collect();
+    if out.is_empty() {
+        out.push(UploadFileChunk::default());
+    }
+    out[0].header = Some(h.clone());
+    out
+}
+
+async fn send(
+    c: &mut TransferReceiverClient<Channel>,
+    msgs: Vec<UploadFileChunk>,
+) -> Result<UploadState, tonic::Status> {
+    c.send_file(futures::stream::iter(msgs))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn state(c: &mut TransferReceiverClient<Channel>, h: &ExportFileHeader) -> UploadState {
+    c.get_transfer_state(GetUploadStateRequest {
+        header: Some(h.clone()),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+fn part(files: &[ExportFileHeader]) -> CompleteTransferRequest {
+    CompleteTransferRequest {
+        request_id: REQUEST.into(),
+        subprocessor: "accounting".into(),
+        files: files.to_vec(),
+    }
+}
+
+#[tokio::test]
+async fn a_file_arrives_verified_and_the_part_answers_a_receipt() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Running::start(dir.path(), 0).await;
+    let mut c = r.client();
+    let data = content(2 * MIB + 1234);
+    let h = header("export.json", &data);
+    assert_eq!(state(&mut c, &h).await, UploadState::default());
+    let early = c
+        .complete_transfer(part(std::slice::from_ref(&h)))
+        .await
+        .unwrap_err();
+    assert_eq!(early.code(), Code::FailedPrecondition, "{early:?}");
+    assert!(early.message().contains("export.json"), "{early:?}");
+
+    let done = send(&mut c, chunks(&h, &data, 0, data.len()))
+        .await
+        .unwrap();
+    assert!(done.complete);
+    assert_eq!(done.offset, data.len() as u64);
+    let stored = r
+        .data_dir
+        .join(REQUEST)
+        .join("accounting")
+        .join("export.json");
+    assert_eq!(std::fs::read(&stored).unwrap(), data);
+
+    let receipt = c
+        .complete_transfer(part(std::slice::from_ref(&h)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(receipt.request_id, REQUEST);
+    assert_eq!(receipt.subprocessor, "accounting");
+    assert_eq!(receipt.recipient, "new-bookkeeper");
+    assert_eq!(receipt.bytes, data.len() as u64);
+    assert_eq!(receipt.files, 1);
+    assert_eq!(
+        receipt.manifest_sha256,
+        manifest::sha256(REQUEST, "accounting", std::slice::from_ref(&h))
+    );
+    let written = std::fs::read(stored.with_file_name(".manifest.json")).unwrap();
+    assert_eq!(
+        hex::encode(Sha256::digest(&written)),
+        receipt.manifest_sha256
+    );
+    // Closing the same part again answers the first receipt; other files are refused.
+    let again = c
+        .complete_transfer(part(std::slice::from_ref(&h)))
+        .await
+        .unwrap();
+    assert_eq!(again.into_inner(), receipt);
+    let other = c.complete_transfer(part(&[])).await.unwrap_err();
+    assert_eq!(other.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn an_interrupted_file_resumes_at_the_stored_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Running::start(dir.path(), 0).await;
+    let mut c = r.client();
+    let data = content(3 * MIB);
+    let h = header("big.csv", &data);
+    let first = send(&mut c, chunks(&h, &data, 0, MIB)).await.unwrap();
+    assert_eq!(
+        first,
+        UploadState {
+            offset: MIB as u64,
+            complete: false
+        }
+    );
+    assert_eq!(state(&mut c, &h).await.offset, MIB as u64);
+    // A chunk that does not start at the stored offset is refused and stores nothing.
+    let skipped = send(&mut c, chunks(&h, &data, 2 * MIB, 3 * MIB))
+        .await
+        .unwrap_err();
+    assert_eq!(skipped.code(), Code::FailedPrecondition);
+    assert!(skipped.message().contains(&format!("{MIB}")), "{skipped:?}");
+    let done = send(&mut c, chunks(&h, &data, MIB, 3 * MIB)).await.unwrap();
+    assert!(done.complete);
+    let stored = r.data_dir.join(REQUEST).join("accounting").join("big.csv");
+    assert_eq!(std::fs::read(stored).unwrap(), data);
+}
+
+#[tokio::test]
+async fn a_corrupted_chunk_or_file_is_refused_and_never_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Running::start(dir.path(), 0).await;
+    let mut c = r.client();
+    let data = content(MIB + 10);
+    let h = header("export.json", &data);
+    let mut msgs = chunks(&h, &data, 0, data.len());
+    msgs[1].data[3] ^= 0xff;
+    let bad = send(&mut c, msgs).await.unwrap_err();
+    assert_eq!(bad.code(), Code::DataLoss, "{bad:?}");
+    // The good first chunk stayed; the damaged one left nothing.
+    assert_eq!(state(&mut c, &h).await.offset, MIB as u64);
+
+    // Chunks that match their own digests but not the file's: the whole file is dropped.
+    let mut lying = h.clone();
+    lying.sha256 = "0".repeat(64);
+    let dropped = send(&mut c, chunks(&lying, &data, 0, data.len()))
+        .await
+        .unwrap_err();
+    assert_eq!(dropped.code(), Code::DataLoss, "{dropped:?}");
+    assert_eq!(state(&mut c, &lying).await, UploadState::default());
+    assert!(!r
+        .data_dir
+        .join(REQUEST)
+        .join("accounting")
+        .join("export.json")
+        .exists());
+}
+
+#[tokio::test]
+async fn only_configured_senders_reach_it_and_senders_check_its_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Running::start(dir.path(), 0).await;
+    let data = content(10);
+    let h = header("export.json", &data);
+    let mut partner = r.client_expecting("partner-crm", &dev_identity("recipient", "example"));
+    let refused = partner
+        .get_transfer_state(GetUploadStateRequest {
+            header: Some(h.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    // A processor expecting another recipient does not talk to this one.
+    let mut wrong = r.client_expecting("processor", &dev_identity("recipient", "other"));
+    let err = wrong
+        .get_transfer_state(GetUploadStateRequest { header: Some(h) })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(!r.data_dir.join(REQUEST).exists());
+}
+
+#[tokio::test]
+async fn bad_headers_name_their_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Running::start(dir.path(), 0).await;
+    let mut c = r.client();
+    let mut h = header("../escape", b"x");
+    h.request_id = "a/b".into();
+    let err = c
+        .get_transfer_state(GetUploadStateRequest { header: Some(h) })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let details = tonic_types::StatusExt::get_details_bad_request(&err).expect("field details");
+    let fields: Vec<&str> = details
+        .field_violations
+        .iter()
+        .map(|v| v.field.as_str())
+        .collect();
+    assert_eq!(fields, ["header.request_id", "header.name"]);
+}
+
+#[tokio::test]
+async fn a_transfer_cut_mid_stream_resumes_after_the_recipient_restarts() {
+    let dir: TempDir = tempfile::tempdir().unwrap();
+    let r = Running::start(dir.path(), 150).await;
+    let data = content(8 * MIB);
+    let h = header("export.json", &data);
+    let mut c = r.client();
+    let sending = tokio::spawn({
+        let msgs = chunks(&h, &data, 0, data.len());
+        async move { send(&mut c, msgs).await }
+    });
+    let partial = r
+        .data_dir
+        .join(REQUEST)
+        .join("accounting")
+        .join("export.json.partial");
+    // Stop it once some chunks are stored, long before the last.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) < 2 * MIB as u64 {
+        assert!(tokio::time::Instant::now() < deadline, "no chunk arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The sender's stream breaks off, and the recipient goes down with what it stored.
+    sending.abort();
+    assert!(sending.await.unwrap_err().is_cancelled());
+    r.handle.abort();
+    let _ = r.handle.await;
+    // Whatever the old server still had in hand has been written once the size holds still.
+    let mut size = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let now = std::fs::metadata(&partial).unwrap().len();
+        if now == size {
+            break;
+        }
+        size = now;
+    }
+
+    let r = Running::start(dir.path(), 0).await;
+    let mut c = r.client();
+    let at = state(&mut c, &h).await;
+    assert!(!at.complete);
+    assert!(
+        at.offset >= 2 * MIB as u64,
+        "resumes past the stored chunks: {at:?}"
+    );
+    assert!(at.offset < data.len() as u64);
+    let done = send(&mut c, chunks(&h, &data, at.offset as usize, data.len()))
+        .await
+        .unwrap();
+    assert!(done.complete);
+    let receipt = c.complete_transfer(part(&[h])).await.unwrap().into_inner();
+    assert_eq!(receipt.bytes, data.len() as u64);
+    let stored = r
+        .data_dir
+        .join(REQUEST)
+        .join("accounting")
+        .join("export.json");
+    assert_eq!(std::fs::read(stored).unwrap(), data);
+}
