@@ -106,7 +106,9 @@ impl PackageService for BareStream {
         &self,
         _req: Request<GetPackageRequest>,
     ) -> Result<Response<PackageInfo>, Status> {
-        Err(Status::unimplemented("the bare stream serves only DownloadPackage"))
+        Err(Status::unimplemented(
+            "the bare stream serves only DownloadPackage",
+        ))
     }
 
     type DownloadPackageStream = ChunkStream;
@@ -459,15 +461,17 @@ async fn measure(
         for s in services.iter_mut() {
             s.check_alive()?;
         }
-        let (state, finished): (i64, Option<i64>) = sqlx::query_as(
-            "SELECT CAST(state AS BIGINT), finished_at FROM requests WHERE id = $1",
-        )
-        .bind(&request_id)
-        .fetch_one(&db.pool)
-        .await?;
+        let (state, finished): (i64, Option<i64>) =
+            sqlx::query_as("SELECT CAST(state AS BIGINT), finished_at FROM requests WHERE id = $1")
+                .bind(&request_id)
+                .fetch_one(&db.pool)
+                .await?;
         if state >= COMPLETED {
             if state != COMPLETED {
-                bail!("the return of data ended in state {state}{}", logs(services));
+                bail!(
+                    "the return of data ended in state {state}{}",
+                    logs(services)
+                );
             }
             break finished.unwrap_or_else(now_ms);
         }

@@ -142,7 +142,12 @@ pub(crate) fn tls_toml(files: &TlsFiles) -> String {
 
 /// The registry's configuration file: what an operator would write, so that settings this
 /// benchmark does not name keep their defaults.
-pub(crate) fn registry_toml(pki: &DevPki, port: u16, db: &str, processors: &[(&str, u16)]) -> String {
+pub(crate) fn registry_toml(
+    pki: &DevPki,
+    port: u16,
+    db: &str,
+    processors: &[(&str, u16)],
+) -> String {
     let categories = CATEGORIES.map(q).join(", ");
     let mut s = format!(
         "listen = {}\ndatabase_url = {}\nidentity_hash_key = \"benchmark key\"\n\n",
