@@ -4,6 +4,7 @@
 #   scripts/bench.sh                     # embedded default (SQLite) → docs/benchmarks.md
 #   scripts/bench.sh --postgres          # PostgreSQL → docs/benchmarks-postgres.md
 #   scripts/bench.sh --duration-secs 10 --concurrency 32 --batch 4000 --out /tmp/b.md
+#   scripts/bench.sh --export-mib 16 --out /tmp/b.md   # short: a 16 MiB export (default 1024)
 #
 # Steps:
 #   1. cargo build --release --bins: the benchmark spawns the release service
@@ -13,8 +14,12 @@
 #      honoured). It measures a bare
 #      mTLS gRPC echo and bare durable INSERT commits (the baselines), then the
 #      relay: one registry and two processors with three no-op subprocessors
-#      each, everything on 127.0.0.1 in a fresh temporary folder. It prints a
-#      table and writes it, with a description of the machine, to docs/.
+#      each, everything on 127.0.0.1 in a fresh temporary folder; then the
+#      export: a return of data of --export-mib MiB (default 1024, 0 skips it)
+#      through a registry and one processor, against a bare mTLS gRPC stream
+#      of the same bytes. The export needs up to three times its size of free disk
+#      in the temporary folder while it runs. It prints a table and writes it,
+#      with a description of the machine, to docs/.
 #   With --postgres the run is wrapped in `DSRELAY_TEST_SH_ONLY_PG=1
 #   scripts/test.sh ...`, which starts a throwaway PostgreSQL exactly as for the
 #   tests (or uses DSRELAY_TEST_POSTGRES_URL when it is already set) and stops it

@@ -12,13 +12,19 @@
 //! - the relay: one registry and two processors (three in-process `noop` subprocessors each)
 //!   as the release binaries in processes of their own: accepted Submits per second,
 //!   completed propagations per second, end-to-end latency at half the completed rate, and
-//!   each service's resident memory idle and under load.
+//!   each service's resident memory idle and under load;
+//! - export streaming (`export`): a return of data of `--export-mib` MiB through a registry
+//!   and one processor (the SQL connector on the sample accounting database), from Submit to
+//!   the package downloaded and verified, against a bare mTLS server-streaming RPC carrying
+//!   the same bytes in 1 MiB messages (this binary's hidden `stream-server` command), with
+//!   the two services' peak resident memory.
 //!
 //! Run it with `scripts/bench.sh` (which builds the release binaries first, and with
 //! `--postgres` starts a throwaway PostgreSQL exactly as `scripts/test.sh` does). Load only
 //! ever goes to 127.0.0.1, bounded in count and time.
 
 mod baseline;
+mod export;
 mod load;
 mod relay;
 mod report;
@@ -69,6 +75,11 @@ struct Args {
     /// Requests in the completed-propagations batch.
     #[arg(long, default_value_t = 2000)]
     batch: u64,
+    /// Size of the return-of-data package of the export benchmark (MiB; about, as the
+    /// connector's JSON and CSV come out); 0 skips it. The data, the exports and the package
+    /// take about twice this on disk while it runs, and are deleted right after.
+    #[arg(long, default_value_t = 1024)]
+    export_mib: u64,
     /// Where to write the report (default docs/benchmarks.md, or docs/benchmarks-postgres.md
     /// with --postgres).
     #[arg(long, value_name = "FILE")]
@@ -87,6 +98,16 @@ enum Command {
         #[arg(long)]
         pki: PathBuf,
     },
+    /// The bare streaming server of the export baseline (started by the benchmark itself).
+    #[command(hide = true)]
+    StreamServer {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Folder of the dev PKI.
+        #[arg(long)]
+        pki: PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -94,6 +115,7 @@ async fn main() {
     let args = Args::parse();
     let result = match &args.command {
         Some(Command::EchoServer { listen, pki }) => baseline::serve_echo(*listen, pki).await,
+        Some(Command::StreamServer { listen, pki }) => export::serve_stream(*listen, pki).await,
         None => {
             tokio::select! {
                 r = run(&args) => r,
@@ -107,7 +129,7 @@ async fn main() {
     }
 }
 
-fn progress(msg: impl AsRef<str>) {
+pub(crate) fn progress(msg: impl AsRef<str>) {
     eprintln!("dsrelay-bench: {}", msg.as_ref());
 }
 
@@ -236,6 +258,8 @@ async fn run(args: &Args) -> Result<()> {
                 registry: pg.fresh_database("registry").await?,
                 processor_a: pg.fresh_database("processor_a").await?,
                 processor_b: pg.fresh_database("processor_b").await?,
+                export_registry: Some(pg.fresh_database("export_registry").await?),
+                export_processor: Some(pg.fresh_database("export_processor").await?),
             },
         ),
         None => {
@@ -246,6 +270,8 @@ async fn run(args: &Args) -> Result<()> {
                     registry: f("registry"),
                     processor_a: f("processor-a"),
                     processor_b: f("processor-b"),
+                    export_registry: None,
+                    export_processor: None,
                 },
             )
         }
@@ -333,6 +359,36 @@ async fn measure(
     let peaks = sampler.finish().await;
     relay.stop().await;
     let figures = result?;
+
+    // Export streaming, with the relay above stopped.
+    let exported = if args.export_mib > 0 {
+        let dir = work.join("export");
+        let sqlite = |n: &str| format!("sqlite://{}/{n}.db", dir.display());
+        let registry_db = dbs
+            .export_registry
+            .clone()
+            .unwrap_or_else(|| sqlite("registry"));
+        let processor_db = dbs
+            .export_processor
+            .clone()
+            .unwrap_or_else(|| sqlite("processor"));
+        let f = export::run(
+            pki,
+            &dir,
+            args.export_mib << 20,
+            &registry_db,
+            &processor_db,
+        )
+        .await?;
+        progress(format!(
+            "  {:.0} MB/s end to end, bare stream {:.0} MB/s",
+            export::mb_per_s(f.bytes, f.total_secs),
+            export::mb_per_s(f.bytes, f.baseline_secs)
+        ));
+        Some(f)
+    } else {
+        None
+    };
 
     // The table.
     let insert_rate = inserts.rate();
@@ -480,11 +536,7 @@ async fn measure(
         )
         .against("CPU per bare INSERT commit", per_commit_ms),
     );
-    rows.push(Row::plain(
-        "export streaming (against bare gRPC streaming)",
-        Value::NotBuilt,
-        "MB/s",
-    ));
+    rows.extend(export_rows(exported.as_ref()));
     rows.push(Row::plain(
         "contract end (against a bare bulk DELETE)",
         Value::NotBuilt,
@@ -510,6 +562,22 @@ async fn measure(
             .into(),
     ];
     settings.extend(relay_settings);
+    if args.export_mib > 0 {
+        settings.push(format!(
+            "export: --export-mib {}: one registry and one processor (the release binaries, \
+             poll 100 ms) with one `sql` subprocessor on the sample accounting database \
+             (SQLite), whose customer 1 was given invoices of a 2000-byte name each until their \
+             JSON and CSV export comes to about that size; one RETURN_OF_DATA, timed from \
+             Submit to the package downloaded by this process with every file's size and \
+             SHA-256 checked against the manifest; phase 1 ends at the last export file's \
+             modification time, phase 2 at the request's finished_at at the registry; the \
+             bare stream is a tonic server-streaming RPC (this binary's `stream-server`, the \
+             services' TLS and limits) sending the same bytes in 1 MiB messages from memory, \
+             hashed with SHA-256 by the receiver as the package is; resident memory sampled \
+             every 100 ms",
+            args.export_mib
+        ));
+    }
     let command = std::iter::once("scripts/bench.sh".to_string())
         .chain(std::env::args().skip(1))
         .collect::<Vec<_>>()
@@ -526,6 +594,67 @@ async fn measure(
         rows,
         notes,
     })
+}
+
+/// The export benchmark's rows, or one saying it was not run.
+fn export_rows(f: Option<&export::ExportFigures>) -> Vec<Row> {
+    let Some(f) = f else {
+        return vec![Row::plain(
+            "export streaming (against bare gRPC streaming)",
+            Value::Missing("not run: --export-mib 0".into()),
+            "MB/s",
+        )];
+    };
+    let bare = export::mb_per_s(f.bytes, f.baseline_secs);
+    let mb = f.bytes as f64 / 1e6;
+    let mut rows = vec![
+        Row::plain(
+            format!("bare stream: {mb:.0} MB server-streamed over mTLS in 1 MiB messages"),
+            Value::Num(bare),
+            "MB/s",
+        ),
+        Row::plain(
+            format!(
+                "export streaming: return of data of {mb:.0} MB ({} files), Submit to package \
+                 downloaded and verified ({} s)",
+                f.files,
+                number(f.total_secs)
+            ),
+            Value::Num(export::mb_per_s(f.bytes, f.total_secs)),
+            "MB/s",
+        )
+        .against("bare stream", bare)
+        .target(Target::RatioAtLeast(0.5)),
+        Row::plain(
+            "export phase 1: Submit to the last export file written at the processor",
+            Value::Num(f.export_secs),
+            "s",
+        ),
+        Row::plain(
+            "export phase 2: upload, to the request finished with every part stored at the \
+             registry",
+            Value::Num(f.upload_secs),
+            "s",
+        ),
+        Row::plain(
+            "export phase 3: DownloadPackage, every file's size and SHA-256 checked",
+            Value::Num(export::mb_per_s(f.bytes, f.download_secs)),
+            "MB/s",
+        )
+        .against("bare stream", bare),
+    ];
+    for (name, kib) in ["registry", "processor"].iter().zip(f.peaks) {
+        rows.push(
+            Row::plain(
+                format!("resident memory peak during the export: {name}"),
+                Value::Num(mib(kib)),
+                "MiB",
+            )
+            .against("bare stream server", mib(f.baseline_peak))
+            .target(Target::Below(100.0)),
+        );
+    }
+    rows
 }
 
 /// What the relay's loads measured.

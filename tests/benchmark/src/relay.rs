@@ -26,7 +26,7 @@ const CATEGORIES: [&str; 3] = ["contact", "invoicing", "marketing"];
 /// Subprocessors per processor.
 pub(crate) const SUBPROCESSORS: usize = 3;
 /// `RequestState::Completed`; every state from it on is final.
-const COMPLETED: i64 = RequestState::Completed as i64;
+pub(crate) const COMPLETED: i64 = RequestState::Completed as i64;
 
 /// Where each service keeps its data.
 pub(crate) struct Databases {
@@ -36,12 +36,16 @@ pub(crate) struct Databases {
     pub(crate) processor_a: String,
     /// The second processor's.
     pub(crate) processor_b: String,
+    /// The export scenario's registry's (`None` on SQLite: a file in the scenario's folder).
+    pub(crate) export_registry: Option<String>,
+    /// The export scenario's processor's (likewise).
+    pub(crate) export_processor: Option<String>,
 }
 
 /// The poll interval of every outbox and runner (ms). The defaults' 1 s only matters when a
 /// wake-up is missed (a Submit wakes the dispatcher, a Deliver the task runner, a task step
 /// the acknowledgement sender); everything else keeps its default.
-const POLL_MS: u64 = 100;
+pub(crate) const POLL_MS: u64 = 100;
 
 /// The settings the relay runs with, described for the report.
 pub(crate) fn settings_description(
@@ -117,17 +121,17 @@ fn issue_second_processor(pki: &DevPki) -> Result<TlsFiles> {
     Ok(pki.files("processor-b"))
 }
 
-fn write_file(path: &Path, text: &str) -> Result<()> {
+pub(crate) fn write_file(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 /// A TOML string.
-fn q(s: impl AsRef<str>) -> String {
+pub(crate) fn q(s: impl AsRef<str>) -> String {
     toml::Value::String(s.as_ref().to_string()).to_string()
 }
 
 /// The `[tls]` table of `files`.
-fn tls_toml(files: &TlsFiles) -> String {
+pub(crate) fn tls_toml(files: &TlsFiles) -> String {
     format!(
         "[tls]\nca = {}\ncert = {}\nkey = {}\n",
         q(files.ca.to_string_lossy()),
@@ -138,7 +142,12 @@ fn tls_toml(files: &TlsFiles) -> String {
 
 /// The registry's configuration file: what an operator would write, so that settings this
 /// benchmark does not name keep their defaults.
-fn registry_toml(pki: &DevPki, port: u16, db: &str, processors: &[(&str, u16)]) -> String {
+pub(crate) fn registry_toml(
+    pki: &DevPki,
+    port: u16,
+    db: &str,
+    processors: &[(&str, u16)],
+) -> String {
     let categories = CATEGORIES.map(q).join(", ");
     let mut s = format!(
         "listen = {}\ndatabase_url = {}\nidentity_hash_key = \"benchmark key\"\n\n",
