@@ -53,6 +53,11 @@ pub(crate) struct Shared {
     pub packages: Packages,
     /// Files being uploaded right now, so two streams never append to one file.
     pub uploading: Uploading,
+    /// Watch streams open per caller.
+    pub watchers: crate::api::watch::Slots,
+    /// Turns true when shutdown begins, so Watch streams end at once instead of holding
+    /// the server open.
+    pub stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -118,6 +123,8 @@ impl App {
                 clock: Clock::system(),
                 packages,
                 uploading: Uploading::default(),
+                watchers: Default::default(),
+                stopping: tokio::sync::watch::channel(false).0,
             }),
             intake_writer,
         })
@@ -138,6 +145,7 @@ impl App {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
+        let shutdown = self.announcing(shutdown);
         self.host().run(listener, shutdown).await
     }
 
@@ -149,7 +157,20 @@ impl App {
         admin: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
+        let shutdown = self.announcing(shutdown);
         self.host().run_with_admin(listener, admin, shutdown).await
+    }
+
+    /// `shutdown`, which also tells the registry's open streams that it began.
+    fn announcing(
+        &self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let shared = self.shared.clone();
+        async move {
+            shutdown.await;
+            shared.stopping.send_replace(true);
+        }
     }
 
     fn host(self) -> Host {

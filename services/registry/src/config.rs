@@ -36,6 +36,9 @@ pub struct Config {
     /// When the registry asks processors for status because acknowledgements are late.
     #[serde(default)]
     pub reconcile: ReconcileConfig,
+    /// Bounds on Watch streams.
+    #[serde(default)]
+    pub watch: WatchConfig,
     /// Key of the keyed hashes that stay in the audit trail after raw identities are
     /// forgotten. Empty means a fixed development key (a warning is logged).
     #[serde(default)]
@@ -182,6 +185,23 @@ impl Default for ReconcileConfig {
     }
 }
 
+/// Bounds on Watch streams: each open stream holds a task and a store read per change.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchConfig {
+    /// Watch streams one caller (partner or operator, by configured name) may hold open at
+    /// once; one more is RESOURCE_EXHAUSTED.
+    pub streams_per_caller: u32,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        Self {
+            streams_per_caller: 32,
+        }
+    }
+}
+
 /// Where the registry listens and stores unless configured otherwise.
 pub const DEFAULTS: Defaults = Defaults {
     listen: "127.0.0.1:50051",
@@ -264,6 +284,9 @@ impl Config {
         }
         if self.package_dir.as_os_str().is_empty() {
             errors.push("package_dir: must not be empty".into());
+        }
+        if self.watch.streams_per_caller == 0 {
+            errors.push("watch.streams_per_caller: must be at least 1".into());
         }
         if self.package_ttl_days == 0 {
             errors.push("package_ttl_days: keep packages at least 1 day".into());

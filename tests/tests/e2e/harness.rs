@@ -350,6 +350,7 @@ mod configs {
                 ack_timeout_ms: 3000,
                 chain_interval_ms: 2000,
             },
+            watch: Default::default(),
             identity_hash_key: "test key".into(),
             package_dir: plan.registry_packages.clone(),
             package_ttl_days: 30,

@@ -17,6 +17,7 @@ mod durability;
 mod erasure;
 mod exports;
 mod lifecycle;
+mod limits;
 mod logs;
 mod metrics;
 mod mtls;

@@ -63,6 +63,7 @@ fn registry_config(dir: &Path, port: u16, processor_port: u16) -> dsrelay_regist
         }],
         delivery: Default::default(),
         reconcile: Default::default(),
+        watch: Default::default(),
         identity_hash_key: String::new(),
         package_dir: dir.join("registry-packages"),
         package_ttl_days: 30,

@@ -32,7 +32,7 @@ mod acknowledgement;
 mod packages;
 mod partner;
 mod views;
-mod watch;
+pub(crate) mod watch;
 
 /// Implements every registry service over the shared state.
 #[derive(Clone)]

@@ -257,7 +257,8 @@ impl RequestService for Api {
         let caller = self.partner_api_caller(&req)?;
         let r = req.into_inner();
         let row = self.visible(&caller, &r.request_id).await?;
-        Ok(Response::new(watch::events(self.shared.clone(), row.id, r)))
+        let stream = watch::events(self.shared.clone(), &caller.name, row.id, r)?;
+        Ok(Response::new(stream))
     }
 
     async fn cancel(
