@@ -132,3 +132,65 @@ async fn an_open_watch_does_not_hold_the_registry_open_at_shutdown() {
         status.message()
     );
 }
+
+#[tokio::test]
+async fn a_list_page_ends_early_rather_than_outgrow_one_answer() {
+    use dsrelay_proto::v1::{FieldCorrection, ListRequestsRequest, RequestKind, RequestParameters};
+    use std::collections::BTreeSet;
+
+    let Some(pair) = spawn_pair(PairOptions {
+        with_absent_processor: true,
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    // About 34 KB of corrections each: 150 of them are more than one 4 MiB answer holds.
+    const REQUESTS: usize = 150;
+    let mut crm = pair.crm();
+    for i in 0..REQUESTS {
+        let mut req = erasure(&format!("big.page.{i}@example.fi"));
+        req.kind = RequestKind::Rectification as i32;
+        req.parameters = Some(RequestParameters {
+            corrections: (0..32)
+                .map(|f| FieldCorrection {
+                    field: format!("field_{f}"),
+                    new_value: "x".repeat(1024),
+                })
+                .collect(),
+            ..Default::default()
+        });
+        crm.submit(req).await.expect("submit");
+    }
+    let mut seen = BTreeSet::new();
+    let mut pages = 0;
+    let mut token = String::new();
+    loop {
+        let page = crm
+            .list(ListRequestsRequest {
+                page_size: 500,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("a page that fits in one answer")
+            .into_inner();
+        pages += 1;
+        assert!(!page.requests.is_empty(), "page {pages} is empty");
+        for r in &page.requests {
+            assert!(
+                seen.insert(r.request_id.clone()),
+                "{} listed twice",
+                r.request_id
+            );
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen.len(), REQUESTS, "every request listed once");
+    assert!(pages >= 2, "150 requests of 34 KB fit one answer?");
+    pair.stop().await;
+}
