@@ -378,16 +378,20 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
                      to {to}: {error}"
                 )));
             }
+            let note = format!(
+                "sending {files} file(s) ({}) to {to}: attempt {attempt} failed: {error}; \
+                 retrying until {}",
+                size_label(bytes),
+                date_label(ctx.due_at)
+            );
             Decision::Move(Transition {
                 state: InProgress,
                 records_affected: task.records_affected,
                 confirmed: true,
-                note: format!(
-                    "sending {files} file(s) ({}) to {to}: attempt {attempt} failed: {error}; \
-                     retrying until {}",
-                    size_label(bytes),
-                    date_label(ctx.due_at)
-                ),
+                // Also the reason, the "human note for other states": the registry's event
+                // of the change (and so `dsrctl trace`) shows reasons, not evidence notes.
+                reason: note.clone(),
+                note,
                 next_attempt_at: Some(NEVER),
                 ..Default::default()
             })
@@ -1071,6 +1075,7 @@ mod tests {
             "sending 3 file(s) (12.4 MB) to recipient new-bookkeeper: attempt 4 failed: \
              connection refused; retrying until 1970-01-01T00:33:20Z"
         );
+        assert_eq!(t.reason, t.note, "the registry's events show reasons");
         // The next attempt comes after the backoff, never after the due date.
         assert_eq!(delivery_retry_at(&ctx()), NOW + 500);
         let close = Context {
