@@ -24,4 +24,5 @@ mod packages;
 mod retention;
 mod store_conformance;
 mod tracing;
+mod transfer;
 mod validation;
