@@ -36,7 +36,7 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::app::Shared;
-use crate::store::{TaskKey, TaskRow, UploadJob};
+use crate::store::{NextAttempt, TaskKey, TaskRow, UploadJob};
 use crate::task_machine::{
     decide, delivery_retry_at, Context, Decision, Destination, Event, Transition,
 };
@@ -282,7 +282,17 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
                     tracing::warn!(%error, %to, retry_in_ms = next - ctx.now, "delivering an export failed; will retry");
                     let moved = shared
                         .store
-                        .upload_failed(key, task.sequence, &t, next, &error, ctx.now, task.attempts)
+                        .upload_failed(
+                            key,
+                            task.sequence,
+                            &t,
+                            NextAttempt {
+                                at: next,
+                                error: &error,
+                            },
+                            ctx.now,
+                            task.attempts,
+                        )
                         .await?;
                     if moved.is_some() {
                         shared.ack_wakeup.notify_one();

@@ -102,8 +102,9 @@ pub fn recipient_identity() -> String {
     dev_identity("recipient", "example")
 }
 
-/// The example transfer recipient of a pair.
-#[derive(Debug, Clone)]
+/// The example transfer recipient of a pair. The default: in the pair's mode, no pause, the
+/// identity its certificate carries.
+#[derive(Debug, Clone, Default)]
 pub struct RecipientOptions {
     /// Run it as a process (so it can be SIGKILLed), whatever the pair's mode.
     pub process: bool,
@@ -112,16 +113,6 @@ pub struct RecipientOptions {
     /// The identity the registry's `[[recipients]]` expects of it; `None`: the one its
     /// certificate carries ([`recipient_identity`]).
     pub expected_identity: Option<String>,
-}
-
-impl Default for RecipientOptions {
-    fn default() -> Self {
-        Self {
-            process: false,
-            chunk_delay_ms: 0,
-            expected_identity: None,
-        }
-    }
 }
 
 /// The controller's name in the processor's configuration.

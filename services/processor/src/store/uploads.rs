@@ -30,6 +30,15 @@ pub struct UploadJob {
     pub recipient: Option<TransferRecipient>,
 }
 
+/// When a failed upload is tried again, and why it failed (kept for operators).
+#[derive(Debug, Clone, Copy)]
+pub struct NextAttempt<'a> {
+    /// When (ms).
+    pub at: i64,
+    /// What went wrong.
+    pub error: &'a str,
+}
+
 #[derive(sqlx::FromRow)]
 struct UploadRecord {
     controller: String,
@@ -176,7 +185,7 @@ impl Store {
         Ok(moved)
     }
 
-    /// Tries an upload again at `next_at`, keeping why it failed for operators, and in the
+    /// Tries an upload again at `next.at`, keeping why it failed for operators, and in the
     /// same transaction records `t` (the task's note saying what is missing) if the task is
     /// still at `expected_sequence`. Returns the task's new sequence, or `None` when it
     /// changed meanwhile.
@@ -185,8 +194,7 @@ impl Store {
         key: &TaskKey,
         expected_sequence: i64,
         t: &Transition,
-        next_at: i64,
-        error: &str,
+        next: NextAttempt<'_>,
         now: i64,
         attempts: i64,
     ) -> Result<Option<i64>> {
@@ -197,8 +205,8 @@ impl Store {
             "UPDATE uploads SET next_attempt_at = $1, lease_until = 0, last_error = $2 \
              WHERE controller = $3 AND request_id = $4 AND subprocessor = $5",
         )
-        .bind(next_at)
-        .bind(error)
+        .bind(next.at)
+        .bind(next.error)
         .bind(&key.controller)
         .bind(&key.request_id)
         .bind(&key.subprocessor)
