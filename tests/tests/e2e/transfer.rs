@@ -15,9 +15,11 @@ use std::time::Duration;
 
 use dsrelay_connectors::ExportedFile;
 use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceClient;
+use dsrelay_proto::v1::processor_service_client::ProcessorServiceClient;
 use dsrelay_proto::v1::{
-    AcknowledgeRequest, Acknowledgement, Evidence, ExportFileHeader, Request, RequestKind,
-    RequestParameters, RequestState, SubmitRequest, TaskState, TransferReceipt,
+    AcknowledgeRequest, Acknowledgement, DeliverRequest, Evidence, ExportFileHeader,
+    GetStatusRequest, Request, RequestKind, RequestParameters, RequestState, SubmitRequest,
+    TaskState, TransferReceipt,
 };
 use dsrelay_runtime::pki::dev_identity;
 use dsrelay_runtime::store::Db;
@@ -27,7 +29,7 @@ use tonic_types::StatusExt;
 
 use crate::exports::recorded_files;
 use crate::harness::{
-    erasure, spawn_pair, wait_until, Backend, Holder, PairOptions, RecipientOptions, Role,
+    email, erasure, spawn_pair, wait_until, Backend, Holder, PairOptions, RecipientOptions, Role,
     TestPair, NEWSLETTER, RECIPIENT,
 };
 
@@ -498,5 +500,59 @@ async fn transfer_completed_without_a_receipt_is_refused_by_the_registry() {
         .tasks
         .iter()
         .all(|t| t.state != TaskState::Completed as i32));
+    pair.stop().await;
+}
+
+/// A TRANSFER delivered without a recipient (the registry no longer configures the one the
+/// partner named) has nowhere to go: its tasks fail saying so, and nothing is exported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_delivered_without_a_recipient_fails_its_tasks() {
+    let pair = spawn_pair(PairOptions::default())
+        .await
+        .expect("sqlite pair");
+    let id = uuid::Uuid::now_v7().to_string();
+    let mut processor = ProcessorServiceClient::new(pair.channel_to_processor("registry"));
+    processor
+        .deliver(DeliverRequest {
+            request_id: id.clone(),
+            kind: RequestKind::Transfer as i32,
+            identities: vec![email(MAIJA)],
+            parameters: Some(RequestParameters {
+                transfer_recipient: "gone-bookkeeper".into(),
+                ..Default::default()
+            }),
+            recipient: None,
+            ..Default::default()
+        })
+        .await
+        .expect("deliver");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let tasks = loop {
+        let tasks = processor
+            .get_status(GetStatusRequest {
+                request_id: id.clone(),
+            })
+            .await
+            .expect("status")
+            .into_inner()
+            .tasks;
+        if !tasks.is_empty() && tasks.iter().all(|t| t.state == TaskState::Failed as i32) {
+            break tasks;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "tasks did not fail: {tasks:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(tasks.len(), 2, "{tasks:#?}");
+    for t in &tasks {
+        assert!(
+            t.reason.contains("the transfer came without a recipient"),
+            "{}",
+            t.reason
+        );
+        assert!(!pair.export_dir(&id, &t.subprocessor).exists());
+    }
     pair.stop().await;
 }
