@@ -616,3 +616,62 @@ fn status_text(s: &tonic::Status) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> TaskKey {
+        TaskKey {
+            controller: "controller".into(),
+            request_id: "r1".into(),
+            subprocessor: "accounting".into(),
+        }
+    }
+
+    fn sent() -> Vec<ExportFileHeader> {
+        let f = |name: &str, size| ExportFileHeader {
+            request_id: "r1".into(),
+            subprocessor: "accounting".into(),
+            name: name.into(),
+            media_type: "application/json".into(),
+            categories: vec!["contact".into()],
+            size,
+            sha256: "ab".repeat(32),
+        };
+        vec![f("a.json", 10), f("b.json", 20)]
+    }
+
+    fn receipt() -> TransferReceipt {
+        TransferReceipt {
+            request_id: "r1".into(),
+            subprocessor: "accounting".into(),
+            manifest_sha256: dsrelay_runtime::transfer_manifest::sha256(
+                "r1",
+                "accounting",
+                &sent(),
+            ),
+            bytes: 30,
+            files: 2,
+            received_at: None,
+            recipient: "new-bookkeeper".into(),
+        }
+    }
+
+    #[test]
+    fn only_the_receipt_for_exactly_the_files_sent_is_accepted() {
+        assert_eq!(check_receipt(&key(), &sent(), &receipt()), Ok(()));
+        // A receipt over other files (one left out here) is not proof of this part.
+        let fewer = &sent()[..1];
+        let why = check_receipt(&key(), fewer, &receipt()).unwrap_err();
+        assert!(why.contains("manifest SHA-256"), "{why}");
+        assert!(why.contains("30 bytes, expected 10"), "{why}");
+        assert!(why.contains("2 file(s), expected 1"), "{why}");
+        let other = TransferReceipt {
+            subprocessor: "newsletter".into(),
+            ..receipt()
+        };
+        let why = check_receipt(&key(), &sent(), &other).unwrap_err();
+        assert_eq!(why, "it is for request r1 at newsletter");
+    }
+}
