@@ -558,6 +558,7 @@ mod tests {
                 records_affected: 2,
                 note: "done".into(),
                 confirmed: true,
+                ..Default::default()
             }),
             ..Default::default()
         }

@@ -110,18 +110,18 @@ pub struct ProcessorConfig {
 
 /// A recipient a subject's data may be transferred to: another controller, named by the
 /// subject. Submit checks that a TRANSFER names one of these, and its Deliver carries the
-/// recipient's name, endpoint and identity to the processors; nothing calls the endpoint yet.
+/// recipient's name, endpoint and identity to the processors, which send the data there.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RecipientConfig {
     /// The name a partner gives in `transfer_recipient`; unique, 1 to
     /// [`MAX_RECIPIENT_NAME`] bytes.
     pub name: String,
-    /// Where the recipient is to receive transfers (`TransferReceiver`), `https://host:port`;
-    /// sent to the processors with a TRANSFER's Deliver, not called yet.
+    /// Where the recipient receives transfers (`TransferReceiver`), `https://host:port`; sent
+    /// to the processors with a TRANSFER's Deliver, and called by them.
     pub endpoint: String,
     /// The certificate identity the recipient must present there (URI SAN, else DNS SAN);
-    /// sent with the endpoint, not checked yet, as nothing connects to the recipient.
+    /// sent with the endpoint, and checked by the processors before they send anything.
     pub identity: String,
     /// Who the recipient is, for operators reading the configuration.
     #[serde(default, skip_serializing_if = "String::is_empty")]

@@ -25,4 +25,5 @@ mod packages;
 mod retention;
 mod store_conformance;
 mod tracing;
+mod transfer;
 mod validation;
