@@ -45,6 +45,13 @@ pub struct Config {
     /// the working directory, like the default SQLite database beside it.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// The Ed25519 private key (PKCS#8 PEM file) that signs the deletion certificate of
+    /// every COMPLETED or RETAINED erasure task. Its public key (the `.pub.pem` file the
+    /// development PKI writes beside it) goes to each controller's registry, as `public_key`
+    /// of this processor's `[[processors]]` entry. Without it the processor issues no
+    /// certificates and warns at start-up; a key that cannot be read stops the start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key: Option<PathBuf>,
 }
 
 /// The default of `data_dir`: next to the default SQLite database.
@@ -233,6 +240,9 @@ impl AsRef<ServiceSettings> for Config {
 impl ServiceConfig for Config {
     fn relative_to(&mut self, dir: &Path) {
         self.service.relative_to(dir);
+        if let Some(key) = &mut self.signing_key {
+            *key = dir.join(&*key);
+        }
         // Connectors with their own TLS files resolve them like the service's.
         for s in &mut self.subprocessors {
             if let ConnectorConfig::Adapter(a) = &mut s.connector {

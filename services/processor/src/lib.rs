@@ -19,6 +19,8 @@
 //! - [`breaker`]: marks a holder that failed transiently, so its other tasks wait without
 //!   calling it.
 //! - [`ack_sender`]: sends queued acknowledgements to the registries.
+//! - [`certificates`]: deletion certificates of erasure steps, signed with the processor's
+//!   key (`signing_key`).
 //! - [`uploader`]: uploads written RETURN_OF_DATA exports to the registries in chunks,
 //!   resuming where the registry stands, and completes their tasks.
 
@@ -26,6 +28,7 @@ mod ack_sender;
 mod api;
 mod app;
 mod breaker;
+pub mod certificates;
 pub mod config;
 pub mod exports;
 mod metrics;
