@@ -103,6 +103,12 @@ pub struct ProcessorConfig {
     pub identity: String,
     /// The data categories it holds; requests are routed by these.
     pub categories: Vec<String>,
+    /// The Ed25519 public key its deletion certificates are checked with: the standard
+    /// base64 of the key's 32 bytes, or the path of a file holding it (SPKI PEM, as the
+    /// processor's development PKI writes it, or the base64). Without it, every certificate
+    /// the processor sends is kept as rejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
 }
 
 /// A recipient a subject's data may be transferred to: another controller, named by the
@@ -201,6 +207,16 @@ impl AsRef<ServiceSettings> for Config {
 impl ServiceConfig for Config {
     fn relative_to(&mut self, dir: &Path) {
         self.service.relative_to(dir);
+        for p in &mut self.processors {
+            // A key given inline stays as it is; a relative file name is the config's.
+            if let Some(key) = &mut p.public_key {
+                if dsrelay_runtime::signing::PublicKey::parse(key).is_err()
+                    && Path::new(key.as_str()).is_relative()
+                {
+                    *key = dir.join(key.as_str()).to_string_lossy().into_owned();
+                }
+            }
+        }
     }
 
     fn check(&self) -> Result<(), ConfigErrors> {

@@ -41,7 +41,8 @@ impl AcknowledgementService for Api {
             .record("processor", processor.as_str())
             .record("count", acks.len());
         ApiError::ensure_valid(violations(&acks))?;
-        let updates: Vec<TaskUpdate> = acks.iter().map(TaskUpdate::from).collect();
+        let mut updates: Vec<TaskUpdate> = acks.iter().map(TaskUpdate::from).collect();
+        self.check_certificates(&processor, &acks, &mut updates);
         let applied = self
             .shared
             .store

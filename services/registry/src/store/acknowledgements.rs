@@ -39,6 +39,8 @@ pub struct TaskUpdate {
     pub attempt: i64,
     /// W3C traceparent of the processor's task step, when it traces.
     pub traceparent: String,
+    /// The deletion certificate that came with the acknowledgement, checked.
+    pub certificate: Option<super::ReceivedCertificate>,
 }
 
 impl TaskUpdate {
@@ -83,6 +85,8 @@ impl From<&Acknowledgement> for TaskUpdate {
                 .map(dsrelay_proto::millis_from_timestamp),
             attempt: i64::from(a.attempt),
             traceparent: a.traceparent.clone(),
+            // Checked by the handler, which knows the processor's key.
+            certificate: None,
         }
     }
 }
@@ -106,6 +110,7 @@ impl From<&TaskStatus> for TaskUpdate {
                 .map(dsrelay_proto::millis_from_timestamp),
             attempt: 0,
             traceparent: String::new(),
+            certificate: None,
         }
     }
 }
@@ -202,6 +207,9 @@ impl Store {
                     },
                 )
                 .await?;
+            }
+            if let Some(c) = &ack.certificate {
+                super::certificates::record(&mut tx, processor, ack, c, now).await?;
             }
             touched.insert(ack.request_id.clone());
         }
