@@ -124,6 +124,10 @@ pub enum Command {
     /// The registry's tamper-evident audit trail (operators only).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Deletion certificates: signed statements by a processor of what an erasure removed
+    /// and what it retains, until when.
+    #[command(subcommand)]
+    Certificate(CertificateCommand),
     // New subcommands go here, with their arm in `commands::dispatch`; a subcommand that
     // needs no registry connection must not call `settings::resolve`.
 }
@@ -205,6 +209,50 @@ pub enum TasksCommand {
         #[arg(long)]
         reason: String,
     },
+}
+
+/// `dsrctl certificate ...`.
+#[derive(Debug, Subcommand)]
+pub enum CertificateCommand {
+    /// Fetch a request's deletion certificate from the registry and write it to a file
+    /// (JSON: body, the signed canonical JSON as text; signature, base64; key_id). With
+    /// several tasks certified, name one with --processor and --subprocessor; a task with a
+    /// follow-up gives its latest. Exits 1 without writing when the registry rejected it.
+    Get(CertificateGetArgs),
+    /// Check a certificate file offline against the processor's public key and print what
+    /// it certifies; exits 1 when any byte of it was changed or another key signed it.
+    Verify(CertificateVerifyArgs),
+}
+
+/// Arguments of `dsrctl certificate get`.
+#[derive(Debug, Clone, Args)]
+pub struct CertificateGetArgs {
+    /// The request id.
+    pub id: String,
+
+    /// Only this processor's certificates (its name at the registry).
+    #[arg(long)]
+    pub processor: Option<String>,
+
+    /// Only this subprocessor's certificates.
+    #[arg(long)]
+    pub subprocessor: Option<String>,
+
+    /// The file to write (replaced if it exists).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+/// Arguments of `dsrctl certificate verify`.
+#[derive(Debug, Clone, Args)]
+pub struct CertificateVerifyArgs {
+    /// The certificate file `dsrctl certificate get` wrote.
+    pub file: PathBuf,
+
+    /// The processor's public key: a file (SPKI PEM, or the base64 of the 32 key bytes) or
+    /// the base64 itself.
+    #[arg(long, value_name = "PUBKEY")]
+    pub key: String,
 }
 
 /// `dsrctl audit ...`.

@@ -58,6 +58,9 @@ pub enum Failure {
     /// A downloaded package could not be written, or the registry sent one that cannot be
     /// unpacked (an unsafe path, chunks out of manifest order).
     Package(anyhow::Error),
+    /// A deletion certificate that does not verify, was rejected by the registry, or
+    /// cannot be read or written.
+    Certificate(anyhow::Error),
 }
 
 impl From<std::io::Error> for Failure {
@@ -72,7 +75,11 @@ impl Failure {
         match self {
             Self::Usage(_) => EXIT_USAGE_OR_RPC,
             Self::Rpc { status, .. } if !is_connection_error(status) => EXIT_USAGE_OR_RPC,
-            Self::Rpc { .. } | Self::Setup(_) | Self::Output(_) | Self::Package(_) => EXIT_FAILURE,
+            Self::Rpc { .. }
+            | Self::Setup(_)
+            | Self::Output(_)
+            | Self::Package(_)
+            | Self::Certificate(_) => EXIT_FAILURE,
         }
     }
 
@@ -102,7 +109,7 @@ impl Failure {
                 format!("error: {}: {}", code_name(status.code()), status.message())
             }
             Self::Output(err) => format!("error: writing the output: {err}"),
-            Self::Package(err) => format!("error: {err:#}"),
+            Self::Package(err) | Self::Certificate(err) => format!("error: {err:#}"),
         };
         table::clean(&text)
     }
