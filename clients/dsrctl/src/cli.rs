@@ -219,8 +219,10 @@ pub enum CertificateCommand {
     /// several tasks certified, name one with --processor and --subprocessor; a task with a
     /// follow-up gives its latest. Exits 1 without writing when the registry rejected it.
     Get(CertificateGetArgs),
-    /// Check a certificate file offline against the processor's public key and print what
-    /// it certifies; exits 1 when any byte of it was changed or another key signed it.
+    /// Check a certificate file offline against the processor's public key, given with
+    /// --key PUBKEY (a file holding SPKI PEM or the base64 of the 32 key bytes, or that
+    /// base64 itself: verify connects to nothing, so --key names no TLS key here), and print
+    /// what it certifies; exits 1 when any byte of it was changed or another key signed it.
     Verify(CertificateVerifyArgs),
 }
 
@@ -248,11 +250,6 @@ pub struct CertificateGetArgs {
 pub struct CertificateVerifyArgs {
     /// The certificate file `dsrctl certificate get` wrote.
     pub file: PathBuf,
-
-    /// The processor's public key: a file (SPKI PEM, or the base64 of the 32 key bytes) or
-    /// the base64 itself.
-    #[arg(long, value_name = "PUBKEY")]
-    pub key: String,
 }
 
 /// `dsrctl audit ...`.

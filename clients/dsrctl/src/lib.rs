@@ -14,7 +14,9 @@
 //!
 //! Exit status: 0 on success; 1 for configuration and connection problems, when `watch`
 //! sees the request end other than COMPLETED, when `audit verify` finds the trail broken
-//! and when `download` finds a file that does not match the manifest or cannot write it;
+//! when `download` finds a file that does not match the manifest or cannot write it, and
+//! when `certificate verify` finds a certificate that does not verify (or `certificate get`
+//! one the registry rejected);
 //! 2 for usage errors (clap's own included) and error answers from the registry.
 
 use std::io::Write;

@@ -5,12 +5,12 @@ use std::time::Duration;
 use anyhow::Context;
 use dsrelay_proto::v1::certificate_service_client::CertificateServiceClient;
 use dsrelay_proto::v1::package_service_client::PackageServiceClient;
-use dsrelay_proto::v1::{ListCertificatesRequest, StoredCertificate};
 use dsrelay_proto::v1::request_service_client::RequestServiceClient;
 use dsrelay_proto::v1::{
     CancelRequest, ExtendDeadlineRequest, GetRequest, ListRequestsRequest, ListRequestsResponse,
     Request, RequestEvent, SubmitRequest, SubmitResponse, WatchRequest,
 };
+use dsrelay_proto::v1::{ListCertificatesRequest, StoredCertificate};
 use dsrelay_runtime::tls::{self, TlsFiles};
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};

@@ -30,9 +30,7 @@
 //!   stay as they are
 //! - an operator completes (or finds nothing) or refuses only a task WAITING_FOR_OPERATOR
 
-use dsrelay_connectors::{
-    kind_label, ConnectorError, ErasedCount, ExportedFile, Outcome, Phase,
-};
+use dsrelay_connectors::{kind_label, ConnectorError, ErasedCount, ExportedFile, Outcome, Phase};
 use dsrelay_proto::v1::{RequestKind, TaskState};
 
 /// Never: for tasks only an operator moves on.

@@ -114,8 +114,8 @@ impl Signed {
 
     /// Reads the file form written by [`Signed::to_file_json`].
     pub fn from_file_json(text: &str) -> Result<Self> {
-        let file: SignedFile =
-            serde_json::from_str(text).context("not a signed document (body, signature, key_id)")?;
+        let file: SignedFile = serde_json::from_str(text)
+            .context("not a signed document (body, signature, key_id)")?;
         Ok(Self {
             body: file.body.into_bytes(),
             signature: BASE64
@@ -277,7 +277,10 @@ impl PublicKey {
 
     /// `sha256:` and the hex SHA-256 of the key's 32 bytes.
     pub fn key_id(&self) -> String {
-        format!("sha256:{}", hex::encode(Sha256::digest(self.key.as_bytes())))
+        format!(
+            "sha256:{}",
+            hex::encode(Sha256::digest(self.key.as_bytes()))
+        )
     }
 
     /// Checks that `doc` was signed by this key and that its body is a canonical JSON

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
+use std::path::Path;
 
 use anyhow::{anyhow, Context};
 use dsrelay_processor::certificates::CertificateBody;
@@ -93,8 +94,17 @@ pub(crate) async fn get(
 }
 
 /// Checks a certificate file against a public key, with no server; exit 1 when it fails.
-pub(crate) fn verify(args: &CertificateVerifyArgs, io: &mut Io<'_>) -> Result<u8, Failure> {
-    let key = PublicKey::from_config(&args.key).map_err(Failure::Setup)?;
+/// `key` is the `--key` flag: here the public key, not a TLS key.
+pub(crate) fn verify(
+    args: &CertificateVerifyArgs,
+    key: Option<&Path>,
+    io: &mut Io<'_>,
+) -> Result<u8, Failure> {
+    let key = key
+        .ok_or_else(|| Failure::Usage("name the processor's public key with --key PUBKEY".into()))?
+        .to_str()
+        .ok_or_else(|| Failure::Usage("--key is not valid utf-8".into()))?;
+    let key = PublicKey::from_config(key).map_err(Failure::Setup)?;
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("reading {}", args.file.display()))
         .map_err(Failure::Setup)?;
@@ -102,10 +112,7 @@ pub(crate) fn verify(args: &CertificateVerifyArgs, io: &mut Io<'_>) -> Result<u8
         .with_context(|| args.file.display().to_string())
         .map_err(Failure::Certificate)?;
     let value = key.verify(&doc).map_err(|e| {
-        Failure::Certificate(anyhow!(
-            "{} does not verify: {e}",
-            args.file.display()
-        ))
+        Failure::Certificate(anyhow!("{} does not verify: {e}", args.file.display()))
     })?;
     match io.format {
         OutputFormat::Json => {

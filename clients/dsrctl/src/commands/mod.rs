@@ -67,7 +67,9 @@ pub(crate) async fn dispatch(cli: &Cli, env: &Environment, io: &mut Io<'_>) -> R
         Command::Pki(PkiCommand::Init(args)) => pki::init(args, env, io),
         Command::Dev(DevCommand::Up(args)) => dev::up(args, env, io).await,
         // Offline: needs no registry.
-        Command::Certificate(CertificateCommand::Verify(args)) => certificate::verify(args, io),
+        Command::Certificate(CertificateCommand::Verify(args)) => {
+            certificate::verify(args, cli.connection.key.as_deref(), io)
+        }
         Command::Certificate(CertificateCommand::Get(args)) => {
             certificate::get(&Registry::connect(cli, env)?, args, io).await
         }

@@ -47,8 +47,8 @@ use serde_json::{json, Value};
 
 use crate::export::{JsonArrayWriter, JSON};
 use crate::{
-    kind_label, BoxFuture, Connector, ConnectorError, ErasedCount, ExportSink, ExportedFile, Outcome, Phase,
-    Task,
+    kind_label, BoxFuture, Connector, ConnectorError, ErasedCount, ExportSink, ExportedFile,
+    Outcome, Phase, Task,
 };
 
 mod api;

@@ -160,8 +160,16 @@ impl Store {
             let event = Event::Cancel { reason };
             if let Decision::Move(t) = decide(&task.current(), event, &Context::at(now)) {
                 let issuer = self.issuer.as_deref();
-                certified_transition(&mut tx, issuer, &task.key, task.sequence, &t, now, task.attempts)
-                    .await?;
+                certified_transition(
+                    &mut tx,
+                    issuer,
+                    &task.key,
+                    task.sequence,
+                    &t,
+                    now,
+                    task.attempts,
+                )
+                .await?;
             }
         }
         tx.commit().await?;

@@ -93,9 +93,12 @@ fn mismatch(claims: &Claims, identity: &str, ack: &Acknowledgement) -> Option<St
     if claims.certificate_id.is_empty() {
         return Some("the certificate has no certificate_id".into());
     }
-    pairs.iter().find(|(_, got, want)| got != want).map(|(field, got, want)| {
-        format!("its {field} is {got:?} where the acknowledgement says {want:?}")
-    })
+    pairs
+        .iter()
+        .find(|(_, got, want)| got != want)
+        .map(|(field, got, want)| {
+            format!("its {field} is {got:?} where the acknowledgement says {want:?}")
+        })
 }
 
 impl Api {
