@@ -390,12 +390,23 @@ mod tests {
         assert_eq!(c.tasks.concurrency, 2);
         assert_eq!(c.operators, ["spiffe://x"]);
         assert_eq!(c.data_dir, Path::new(DEFAULT_DATA_DIR));
+        assert_eq!(c.signing_key, None);
         let c = Config::load_from(
             Some(&file),
             env(&[("DSRELAY_PROCESSOR__DATA_DIR", "/var/lib/dsrelay")]),
         )
         .unwrap();
         assert_eq!(c.data_dir, Path::new("/var/lib/dsrelay"));
+    }
+
+    #[test]
+    fn the_signing_key_is_found_beside_the_config_file() {
+        let (dir, file) = folder("signing_key = \"keys/processor-signing.key\"");
+        let c = Config::load_from(Some(&file), env(&[])).unwrap();
+        assert_eq!(
+            c.signing_key,
+            Some(dir.path().join("keys/processor-signing.key"))
+        );
     }
 
     #[test]

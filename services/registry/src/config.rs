@@ -374,6 +374,30 @@ mod tests {
     }
 
     #[test]
+    fn a_processor_public_key_file_is_the_config_folder_s_and_an_inline_key_stays() {
+        let inline = dsrelay_runtime::signing::SigningKey::generate()
+            .public_key()
+            .to_base64();
+        let processor = |name: &str, key: &str| {
+            format!(
+                "[[processors]]\nname = \"{name}\"\nendpoint = \"https://p:1\"\n\
+                 identity = \"spiffe://x/{name}\"\ncategories = [\"c\"]\npublic_key = \"{key}\"\n"
+            )
+        };
+        let (dir, file) = folder(&format!(
+            "{}{}",
+            processor("a", "keys/a.pub.pem"),
+            processor("b", &inline)
+        ));
+        let c = Config::load_from(Some(&file), env(&[])).unwrap();
+        assert_eq!(
+            c.processors[0].public_key.as_deref(),
+            Some(dir.path().join("keys/a.pub.pem").to_str().unwrap())
+        );
+        assert_eq!(c.processors[1].public_key.as_deref(), Some(inline.as_str()));
+    }
+
+    #[test]
     fn shared_keys_and_overrides_stay_at_the_top_level() {
         let (dir, file) = folder("identity_hash_key = \"k\"");
         let c = Config::load_from(

@@ -16,7 +16,9 @@ use dsrelay_runtime::signing::SigningKey;
 use serde_json::Value;
 
 use crate::harness::dsrctl::dsrctl;
-use crate::harness::{count, erasure, in_state, spawn_pair, wait_until, PairOptions, PROCESSOR};
+use crate::harness::{
+    count, erasure, in_state, spawn_pair, wait_until, Backend, PairOptions, PROCESSOR,
+};
 
 const TEEMU: &str = "teemu.testaaja@example.fi";
 
@@ -62,8 +64,24 @@ fn erased(body: &Value, table: &str, action: &str) -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_completed_erasure_is_certified_fetched_and_verified_offline() {
-    let pair = spawn_pair(PairOptions::default()).await.expect("pair");
+async fn a_completed_erasure_is_certified_fetched_and_verified_offline_on_sqlite() {
+    a_completed_erasure_is_certified_fetched_and_verified_offline(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_erasure_is_certified_fetched_and_verified_offline_on_postgres() {
+    a_completed_erasure_is_certified_fetched_and_verified_offline(Backend::Postgres).await;
+}
+
+async fn a_completed_erasure_is_certified_fetched_and_verified_offline(backend: Backend) {
+    let Some(pair) = spawn_pair(PairOptions {
+        backend,
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
     let url = pair.accounting_url.clone();
     // Teemu is customer 6 of the sample database; what the erasure will touch, counted now.
     let contacts = count(&url, "SELECT COUNT(*) FROM contacts WHERE customer_id = 6").await;

@@ -164,6 +164,9 @@ fn violations(acks: &[Acknowledgement]) -> Vec<FieldViolation> {
                 false,
             ));
         }
+        if let Some(c) = &a.certificate {
+            violations.extend(super::certificates::violations(i, c));
+        }
     }
     violations
 }

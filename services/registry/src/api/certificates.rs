@@ -13,6 +13,7 @@ use dsrelay_proto::v1::{
     Acknowledgement, CertificateList, DeletionCertificate, ListCertificatesRequest,
     StoredCertificate, TaskState,
 };
+use dsrelay_runtime::identity::FieldViolation;
 use dsrelay_runtime::signing::{PublicKey, Signed};
 use serde::Deserialize;
 use tonic::{Response, Status};
@@ -134,6 +135,29 @@ impl Api {
             }
         }
     }
+}
+
+/// The largest certificate body accepted (bytes): a thousand tables' counts fit.
+pub(super) const MAX_BODY: usize = 64 * 1024;
+
+/// The rules a certificate on acknowledgement `i` breaks: it must fit the store.
+pub(super) fn violations(i: usize, c: &DeletionCertificate) -> Vec<FieldViolation> {
+    let field = |name: &str| format!("acknowledgements[{i}].certificate.{name}");
+    let mut out = Vec::new();
+    if c.body.is_empty() || c.body.len() > MAX_BODY {
+        out.push(FieldViolation::new(
+            field("body"),
+            format!("must be 1 to {MAX_BODY} bytes"),
+        ));
+    }
+    if c.signature.len() > 128 {
+        out.push(FieldViolation::new(
+            field("signature"),
+            "must be at most 128 bytes",
+        ));
+    }
+    out.extend(text_violation(&field("key_id"), &c.key_id, 128, false));
+    out
 }
 
 fn stored(row: CertificateRow) -> StoredCertificate {
@@ -273,5 +297,25 @@ mod tests {
         tampered.signature[last] ^= 1;
         let r = check(Some(&public), ID, &ack(), &tampered);
         assert_eq!(r.rejection, "the signature does not match the document");
+    }
+
+    #[test]
+    fn a_certificate_too_large_for_the_store_is_invalid() {
+        let key = SigningKey::generate();
+        assert!(violations(0, &signed(&key, body())).is_empty());
+        let huge = DeletionCertificate {
+            body: vec![b' '; MAX_BODY + 1],
+            signature: vec![0; 129],
+            key_id: "k".repeat(129),
+        };
+        let fields: Vec<String> = violations(3, &huge).into_iter().map(|v| v.field).collect();
+        assert_eq!(
+            fields,
+            [
+                "acknowledgements[3].certificate.body",
+                "acknowledgements[3].certificate.signature",
+                "acknowledgements[3].certificate.key_id",
+            ]
+        );
     }
 }
