@@ -21,8 +21,9 @@ Connection settings: each is taken from the first of
 
 Exit status: 0 on success; 1 for a configuration or connection problem, from `watch`
 when the request ended other than COMPLETED, from `audit verify` when the trail is
-broken, and from `download` when a file does not match the manifest or cannot be
-written; 2 for a usage error or an error answer from the registry (printed as
+broken, from `download` when a file does not match the manifest or cannot be
+written, and from `certificate verify` when the certificate does not verify (`certificate
+get`: when the registry rejected it); 2 for a usage error or an error answer from the registry (printed as
 `error: <CODE>: <message>`).";
 
 /// Command-line client for the dsrelay registry: submit and follow data-subject requests.

@@ -1,5 +1,5 @@
 //! The deletion certificates the processor issued: written in the transaction of the task
-//! step they certify, read back by tests and operators.
+//! step they certify, and the earlier one of a task named by a follow-up.
 
 use anyhow::Result;
 use dsrelay_proto::v1::TaskState;
@@ -7,7 +7,6 @@ use dsrelay_runtime::signing::Signed;
 use sqlx::{Any, Transaction};
 
 use super::rows::{state_value, TaskKey};
-use super::Store;
 use crate::certificates::{certifies, rfc3339, Facts, Issuer, Retained};
 use crate::task_machine::Transition;
 
@@ -83,27 +82,4 @@ pub(super) async fn issue_for(
     .execute(&mut **tx)
     .await?;
     Ok(Some(doc))
-}
-
-impl Store {
-    /// The certificates issued for a task, oldest first.
-    pub async fn certificates(&self, key: &TaskKey) -> Result<Vec<Signed>> {
-        let rows: Vec<(Vec<u8>, Vec<u8>, String)> = sqlx::query_as(
-            "SELECT body, signature, key_id FROM certificates WHERE controller = $1 \
-             AND request_id = $2 AND subprocessor = $3 ORDER BY sequence",
-        )
-        .bind(&key.controller)
-        .bind(&key.request_id)
-        .bind(&key.subprocessor)
-        .fetch_all(&self.db.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(body, signature, key_id)| Signed {
-                body,
-                signature,
-                key_id,
-            })
-            .collect())
-    }
 }
