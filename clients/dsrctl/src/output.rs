@@ -187,6 +187,18 @@ pub(crate) struct TaskView {
     pub(crate) legal_basis: String,
     pub(crate) retain_until: Option<Time>,
     pub(crate) updated_at: Option<Time>,
+    /// A TRANSFER task's proof that the recipient holds its part.
+    pub(crate) transfer_receipt: Option<ReceiptView>,
+}
+
+/// A recipient's receipt for one task's part of a transfer.
+#[derive(Debug, Serialize)]
+pub(crate) struct ReceiptView {
+    pub(crate) recipient: String,
+    pub(crate) bytes: u64,
+    pub(crate) files: u32,
+    pub(crate) manifest_sha256: String,
+    pub(crate) received_at: Option<Time>,
 }
 
 impl From<&TaskStatus> for TaskView {
@@ -207,16 +219,30 @@ impl From<&TaskStatus> for TaskView {
             legal_basis: t.legal_basis.clone(),
             retain_until: Time::from_proto(t.retain_until.as_ref()),
             updated_at: Time::from_proto(t.updated_at.as_ref()),
+            transfer_receipt: t
+                .evidence
+                .as_ref()
+                .and_then(|e| e.transfer_receipt.as_ref())
+                .map(|r| ReceiptView {
+                    recipient: r.recipient.clone(),
+                    bytes: r.bytes,
+                    files: r.files,
+                    manifest_sha256: r.manifest_sha256.clone(),
+                    received_at: Time::from_proto(r.received_at.as_ref()),
+                }),
         }
     }
 }
 
 impl TaskView {
     /// Reason, legal basis and retention date in one cell; tasks rarely have more than one.
+    /// A task still at work shows its note instead when it has no reason: what it waits for.
     fn detail(&self) -> String {
         let mut parts = Vec::new();
         if !self.reason.is_empty() {
             parts.push(self.reason.clone());
+        } else if self.state == "IN_PROGRESS" && !self.evidence_note.is_empty() {
+            parts.push(self.evidence_note.clone());
         }
         if !self.legal_basis.is_empty() {
             parts.push(format!("basis: {}", self.legal_basis));
@@ -406,6 +432,35 @@ impl RequestView {
                         .unwrap_or_default(),
                     task.detail(),
                 ]);
+            }
+            out.push_str(&t.render());
+        }
+        let receipts: Vec<&TaskView> = self
+            .tasks
+            .iter()
+            .filter(|t| t.transfer_receipt.is_some())
+            .collect();
+        if !receipts.is_empty() {
+            out.push_str("\nTransfer receipts\n");
+            let mut t = Table::new([
+                "SUBPROCESSOR",
+                "RECIPIENT",
+                "BYTES",
+                "FILES",
+                "MANIFEST SHA-256",
+                "RECEIVED",
+            ]);
+            for task in receipts {
+                if let Some(r) = &task.transfer_receipt {
+                    t.row([
+                        task.subprocessor.clone(),
+                        r.recipient.clone(),
+                        r.bytes.to_string(),
+                        r.files.to_string(),
+                        r.manifest_sha256.clone(),
+                        time_cell(r.received_at),
+                    ]);
+                }
             }
             out.push_str(&t.render());
         }
@@ -677,6 +732,7 @@ mod tests {
                     records_affected: 4,
                     note: String::new(),
                     confirmed: true,
+                    ..Default::default()
                 }),
                 legal_basis: "Kirjanpitolaki 2:10 §".into(),
                 retain_until: ts(1_900_000_000),
@@ -684,6 +740,67 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_transfer_shows_its_receipt_and_a_waiting_task_its_note() {
+        let mut r = sample();
+        r.kind = RequestKind::Transfer as i32;
+        let receipt = dsrelay_sdk::proto::TransferReceipt {
+            request_id: r.request_id.clone(),
+            subprocessor: "netvisor".into(),
+            manifest_sha256: "ab".repeat(32),
+            bytes: 1234,
+            files: 2,
+            received_at: ts(1_700_000_100),
+            recipient: "new-bookkeeper".into(),
+        };
+        r.tasks = vec![
+            TaskStatus {
+                processor: "payroll-bureau".into(),
+                subprocessor: "netvisor".into(),
+                state: TaskState::Completed as i32,
+                sequence: 4,
+                evidence: Some(Evidence {
+                    confirmed: true,
+                    transfer_receipt: Some(receipt),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            TaskStatus {
+                processor: "payroll-bureau".into(),
+                subprocessor: "newsletter".into(),
+                state: TaskState::InProgress as i32,
+                sequence: 3,
+                evidence: Some(Evidence {
+                    note: "sending 1 file(s) (90 bytes) to recipient new-bookkeeper".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ];
+        let view = RequestView::from(&r);
+        let text = view.table();
+        assert!(text.contains("Transfer receipts\n"), "{text}");
+        assert!(
+            text.contains(&format!(
+                "netvisor      new-bookkeeper  1234   2      {}  2023-11-14T22:15:00Z",
+                "ab".repeat(32)
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("sending 1 file(s) (90 bytes) to recipient new-bookkeeper"),
+            "{text}"
+        );
+        let v = serde_json::to_value(&view).unwrap();
+        assert_eq!(
+            v["tasks"][0]["transfer_receipt"]["recipient"],
+            "new-bookkeeper"
+        );
+        assert_eq!(v["tasks"][0]["transfer_receipt"]["bytes"], 1234);
+        assert!(v["tasks"][1]["transfer_receipt"].is_null());
     }
 
     #[test]

@@ -560,6 +560,7 @@ mod tests {
                 records_affected: 2,
                 note: "done".into(),
                 confirmed: true,
+                ..Default::default()
             }),
             ..Default::default()
         }

@@ -95,6 +95,7 @@ fn respond(
             records_affected: records,
             note,
             confirmed,
+            ..Default::default()
         }),
         ..Default::default()
     }

@@ -65,7 +65,7 @@ pub struct Receipt {
     pub request_id: String,
     /// The subprocessor whose part it is.
     pub subprocessor: String,
-    /// SHA-256 of the part's canonical manifest ([`crate::manifest`]).
+    /// SHA-256 of the part's canonical manifest ([`dsrelay_runtime::transfer_manifest`]).
     pub manifest_sha256: String,
     /// Total bytes of the part's files.
     pub bytes: u64,
@@ -198,7 +198,8 @@ impl Folder {
         recipient: &str,
         now_ms: i64,
     ) -> Result<Receipt, FolderError> {
-        let manifest_sha256 = crate::manifest::sha256(request_id, subprocessor, files);
+        let manifest_sha256 =
+            dsrelay_runtime::transfer_manifest::sha256(request_id, subprocessor, files);
         let dir = self.part_dir(request_id, subprocessor);
         let receipt_path = dir.join(".receipt.json");
         if let Ok(b) = tokio::fs::read(&receipt_path).await {
@@ -239,7 +240,7 @@ impl Folder {
         };
         tokio::fs::write(
             dir.join(".manifest.json"),
-            crate::manifest::canonical_json(request_id, subprocessor, files),
+            dsrelay_runtime::transfer_manifest::canonical_json(request_id, subprocessor, files),
         )
         .await?;
         // Written last: its presence means the part is closed.

@@ -8,14 +8,14 @@
 //! - Files land in `<data_dir>/<request_id>/<subprocessor>/<name>`; while incomplete they are
 //!   `<name>.partial`, and a file is renamed to its name only once its SHA-256 matched. Every
 //!   chunk is checked (offset, SHA-256) before a byte of it is written.
-//! - Closing a part writes `.manifest.json` (the canonical manifest, see [`manifest`]) and
+//! - Closing a part writes `.manifest.json` (the canonical manifest, see
+//!   [`dsrelay_runtime::transfer_manifest`]) and
 //!   `.receipt.json` next to the files, and answers the receipt.
 //! - With `chunk_delay_ms > 0` it pauses after every stored chunk, so tests can interrupt a
 //!   transfer midway.
 //!
 //! # Layout
 //! - [`config`]: the TOML file plus `DSRELAY_RECIPIENT__*` environment overrides.
-//! - [`manifest`]: the canonical manifest of a part, whose SHA-256 the receipt carries.
 //! - [`folder`]: files, headers and receipts in the data folder.
 //! - `api`: the gRPC handlers: caller check, input validation, chunk rules.
 //! - [`app`]: [`App::build`] and [`App::run`] (the service on the runtime's host, with health,
@@ -25,7 +25,6 @@ mod api;
 pub mod app;
 pub mod config;
 pub mod folder;
-pub mod manifest;
 
 pub use app::App;
 pub use config::Config;

@@ -4,13 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use dsrelay_example_recipient::{manifest, App, Config};
+use dsrelay_example_recipient::{App, Config};
 use dsrelay_proto::v1::transfer_receiver_client::TransferReceiverClient;
 use dsrelay_proto::v1::{
     CompleteTransferRequest, ExportFileHeader, GetUploadStateRequest, UploadFileChunk, UploadState,
 };
 use dsrelay_runtime::pki::{dev_identity, DevPki};
 use dsrelay_runtime::settings::ServiceSettings;
+use dsrelay_runtime::transfer_manifest as manifest;
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 use tokio::net::TcpListener;

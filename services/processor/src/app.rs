@@ -48,6 +48,9 @@ pub(crate) struct Shared {
     pub uploaders: HashMap<String, ExportUploadServiceClient<Channel>>,
     /// Wakes the upload worker when an export was written and its upload queued.
     pub upload_wakeup: Notify,
+    /// Channels to the recipients of transfers, made on first use with the processor's client
+    /// TLS, one per (endpoint, identity).
+    pub recipients: crate::uploader::RecipientClients,
     /// Subprocessors that failed transiently, and until when (ms) their tasks wait without
     /// calling them: one unreachable holder costs one timeout, not one per task.
     pub unavailable_until: crate::breaker::Breaker,
@@ -97,6 +100,7 @@ impl App {
             .tls
             .client_config()
             .context("loading the processor's TLS files")?;
+        let recipients = crate::uploader::RecipientClients::new(client_tls.clone());
         let mut registries = HashMap::new();
         let mut uploaders = HashMap::new();
         for c in &config.controllers {
@@ -132,6 +136,7 @@ impl App {
                 ack_wakeup: Notify::new(),
                 uploaders,
                 upload_wakeup: Notify::new(),
+                recipients,
                 unavailable_until: Default::default(),
             }),
         })
@@ -143,8 +148,7 @@ impl App {
     }
 
     /// Serves on `listener` and runs the task runner, acknowledgement sender and export
-    /// uploader until
-    /// `shutdown` resolves. Binds the admin port when the configuration names one
+    /// uploader (to the registry and to transfer recipients) until `shutdown` resolves. Binds the admin port when the configuration names one
     /// (`admin_listen`).
     pub async fn run(
         self,

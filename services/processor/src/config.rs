@@ -192,11 +192,14 @@ impl Default for AckConfig {
     }
 }
 
-/// Upload outbox settings: each RETURN_OF_DATA export goes to its controller's registry.
+/// Upload outbox settings: each RETURN_OF_DATA export goes to its controller's registry, each
+/// TRANSFER export to the recipient the registry named with the request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UploadConfig {
-    /// Retry spacing when the registry cannot be reached or refuses a chunk.
+    /// Retry spacing when the registry or recipient cannot be reached, or refuses a chunk or
+    /// (a recipient) answers a receipt that does not match; retries stop at the request's
+    /// due date.
     pub backoff: Backoff,
     /// How often the worker looks for due uploads when nothing wakes it (ms).
     pub poll_interval_ms: u64,
@@ -205,7 +208,8 @@ pub struct UploadConfig {
     pub lease_ms: u64,
     /// Exports uploaded at once.
     pub concurrency: u32,
-    /// Deadline of one GetUploadState or CompletePart call (ms).
+    /// Deadline of one state call (GetUploadState, GetTransferState) or closing call
+    /// (CompletePart, CompleteTransfer) (ms).
     pub call_timeout_ms: u64,
 }
 

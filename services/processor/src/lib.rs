@@ -1,6 +1,7 @@
 //! The processor-side service: receives requests from the controllers it serves, splits each
-//! into one task per subprocessor, runs the tasks through connectors, uploads return-of-data
-//! exports, and acknowledges every state change back to the controller's registry.
+//! into one task per subprocessor, runs the tasks through connectors, delivers exports (a
+//! return of data to the registry, a transfer straight to its recipient), and acknowledges
+//! every state change back to the controller's registry.
 //!
 //! # Layout
 //! - [`config`]: controllers, subprocessors and their connectors, worker settings, the data
@@ -11,7 +12,8 @@
 //!   processor's error type, which both APIs use.
 //! - [`metrics`]: Prometheus metrics on the admin port (`admin_listen`).
 //! - [`operator_api`]: operators list, confirm and refuse manual tasks.
-//! - [`store`]: requests, tasks, the acknowledgement outbox and the upload outbox.
+//! - [`store`]: requests (with a transfer's recipient), tasks (with a transfer's receipt), the
+//!   acknowledgement outbox and the upload outbox.
 //! - [`task_machine`]: every rule of a task's life, as one pure function.
 //! - [`runner`]: claims runnable tasks and takes each one step by running its
 //!   subprocessor's connector (`dsrelay-connectors`), as the task machine decides.
@@ -21,8 +23,9 @@
 //! - [`ack_sender`]: sends queued acknowledgements to the registries.
 //! - [`certificates`]: deletion certificates of erasure steps, signed with the processor's
 //!   key (`signing_key`).
-//! - [`uploader`]: uploads written RETURN_OF_DATA exports to the registries in chunks,
-//!   resuming where the registry stands, and completes their tasks.
+//! - [`uploader`]: delivers written exports in chunks, RETURN_OF_DATA to the registries and
+//!   TRANSFER to their recipients (checking the recipient's identity and receipt), resuming
+//!   where the destination stands, and completes their tasks.
 
 mod ack_sender;
 mod api;

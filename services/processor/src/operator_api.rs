@@ -143,6 +143,7 @@ fn to_proto(r: ManualRow) -> ManualTask {
             records_affected: r.task.records_affected,
             note: r.task.note,
             confirmed: r.task.confirmed,
+            transfer_receipt: r.task.transfer_receipt,
         }),
         reason: r.task.reason,
         attempts: r.task.attempts.clamp(0, i64::from(u32::MAX)) as u32,

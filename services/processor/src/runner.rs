@@ -98,7 +98,11 @@ async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
     });
     let (start, mut phase) = match decide(
         &current,
-        Event::Claimed { kind, holder },
+        Event::Claimed {
+            kind,
+            holder,
+            recipient: request.is_some_and(|r| r.recipient.is_some()),
+        },
         &context(shared, &job, 0),
     ) {
         Decision::Run { start, phase } => (start, phase),

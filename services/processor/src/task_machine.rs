@@ -5,18 +5,24 @@
 //!
 //! # Rules
 //! - claimed, its subprocessor gone or its request body missing → FAILED with why
+//! - claimed, a TRANSFER the registry delivered without a recipient (it no longer configures
+//!   the one named) → FAILED with why: there is nowhere to send the data
 //! - claimed, a kind its connector does not support → REFUSED naming the kind
 //! - claimed PENDING → IN_PROGRESS (kept reserved), then run [`Phase::Start`]; claimed
 //!   IN_PROGRESS → ask again ([`Phase::Confirm`] with the holder's handle, else
 //!   [`Phase::Start`]); claimed RETAINED (its date has come) → [`Phase::RetentionExpired`]
 //! - holder marked unreachable → wait for it without calling it, until the mark ends (and no
 //!   later than the due date); past the due date it is called anyway
-//! - COMPLETED of a RETURN_OF_DATA → stays IN_PROGRESS (confirmed, with its export files
-//!   listed) and queues the upload of the export to the registry; the task is COMPLETED
-//!   only when the registry holds the part ([`Event::Delivered`]); an export that cannot be
-//!   sent as written (a file vanished or changed) → FAILED with why
-//! - COMPLETED of a TRANSFER → stays IN_PROGRESS the same way, without an upload: delivery to
-//!   the recipient is not built yet, so nothing may claim the data arrived
+//! - COMPLETED of a RETURN_OF_DATA or a TRANSFER → stays IN_PROGRESS (confirmed, with its
+//!   export files listed) and queues the delivery of the export: to the registry for a
+//!   return of data, to the recipient for a transfer. The task is COMPLETED only when the
+//!   registry holds the part, or the recipient's receipt came back and matched what was sent
+//!   ([`Event::Delivered`], the receipt recorded and acknowledged); an export that cannot be
+//!   sent as written (a file vanished or changed, a refusal for good) → FAILED with why
+//! - a delivery attempt failed ([`Event::DeliveryFailed`]: destination down, wrong identity,
+//!   a refused chunk or receipt) → stays IN_PROGRESS with a note saying what is missing and
+//!   until when it is retried ([`delivery_retry_at`]: after the backoff, no later than the
+//!   due date); past the due date → FAILED with the last reason
 //! - COMPLETED, NOT_FOUND → final and confirmed; RETAINED → sleeps until its date, then runs
 //!   again to erase the rest; after a retention run the records count is cumulative
 //! - ACCEPTED → IN_PROGRESS awaiting confirmation, asked again every confirm interval; the
@@ -30,8 +36,10 @@
 //!   stay as they are
 //! - an operator completes (or finds nothing) or refuses only a task WAITING_FOR_OPERATOR
 
+use std::fmt;
+
 use dsrelay_connectors::{kind_label, ConnectorError, ErasedCount, ExportedFile, Outcome, Phase};
-use dsrelay_proto::v1::{RequestKind, TaskState};
+use dsrelay_proto::v1::{RequestKind, TaskState, TransferReceipt};
 
 /// Never: for tasks only an operator moves on.
 pub(crate) const NEVER: i64 = i64::MAX;
@@ -98,6 +106,8 @@ pub(crate) enum Event<'a> {
         kind: RequestKind,
         /// The connector it would run through.
         holder: Option<Holder>,
+        /// Whether the request names where a transfer goes (only a TRANSFER needs one).
+        recipient: bool,
     },
     /// The runner was about to take `phase`, but the holder is marked unreachable until
     /// `until`.
@@ -139,20 +149,58 @@ pub(crate) enum Event<'a> {
         /// The operator's identity.
         by: &'a str,
     },
-    /// The registry stored the task's part of a return-of-data package (CompletePart
-    /// answered).
+    /// The destination holds the task's part: the registry answered CompletePart, or the
+    /// recipient answered CompleteTransfer with a receipt that matches what was sent.
     Delivered {
+        /// Where it went.
+        to: Destination<'a>,
         /// Files in the part.
         files: usize,
         /// Their bytes.
         bytes: u64,
+        /// The recipient's receipt (transfers only).
+        receipt: Option<TransferReceipt>,
     },
     /// The export cannot be delivered as written: a file vanished or changed at the
-    /// processor, or the registry refused it for good.
+    /// processor, or the destination refused it for good.
     Undeliverable {
+        /// Where it was to go.
+        to: Destination<'a>,
         /// Why.
         reason: &'a str,
     },
+    /// One attempt to deliver the export failed in a way that may pass (the destination
+    /// down or presenting another identity, a refused chunk, a receipt that does not match).
+    DeliveryFailed {
+        /// Where it was to go.
+        to: Destination<'a>,
+        /// Files in the export.
+        files: usize,
+        /// Their bytes.
+        bytes: u64,
+        /// Delivery attempts so far, this one included.
+        attempt: i64,
+        /// What went wrong.
+        error: &'a str,
+    },
+}
+
+/// Where an export is delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Destination<'a> {
+    /// The controller's registry (RETURN_OF_DATA).
+    Registry,
+    /// The recipient of a transfer, by the registry's name for it.
+    Recipient(&'a str),
+}
+
+impl fmt::Display for Destination<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Destination::Registry => f.write_str("the registry"),
+            Destination::Recipient(name) => write!(f, "recipient {name}"),
+        }
+    }
 }
 
 /// The new state of a task and what goes with it: what the store records, and the
@@ -183,12 +231,15 @@ pub struct Transition {
     /// Keep the task reserved until then (ms): for a step after which the same runner goes
     /// on working on the task. `None` releases it.
     pub hold_until: Option<i64>,
-    /// Queue the upload of the task's export to the registry (a RETURN_OF_DATA export
+    /// Queue the delivery of the task's export (a RETURN_OF_DATA or TRANSFER export
     /// written).
     pub upload: bool,
     /// What this step erased where, as the connector counted it: the deletion certificate
     /// of an ERASURE lists it. Not stored with the task.
     pub erased: Vec<ErasedCount>,
+    /// The recipient's receipt, recorded with the task and carried by the acknowledgement;
+    /// `None` keeps what is recorded.
+    pub transfer_receipt: Option<TransferReceipt>,
 }
 
 /// What to do about an event.
@@ -223,7 +274,11 @@ pub(crate) enum Decision {
 pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Decision {
     use TaskState::*;
     match event {
-        Event::Claimed { kind, holder } => claimed(task, kind, holder, ctx),
+        Event::Claimed {
+            kind,
+            holder,
+            recipient,
+        } => claimed(task, kind, holder, recipient, ctx),
         Event::HolderDown { phase, until } => {
             if !may_retry(&phase, ctx) {
                 return Decision::Run { start: None, phase };
@@ -280,23 +335,115 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
             ..Default::default()
         }),
         // Only a task still waiting for its delivery moves; a cancelled one stays cancelled.
-        Event::Delivered { .. } | Event::Undeliverable { .. } if task.state != InProgress => {
+        Event::Delivered { .. } | Event::Undeliverable { .. } | Event::DeliveryFailed { .. }
+            if task.state != InProgress =>
+        {
             Decision::Ignore
         }
-        Event::Delivered { files, bytes } => Decision::Move(Transition {
+        Event::Delivered {
+            to,
+            files,
+            bytes,
+            receipt,
+        } => Decision::Move(Transition {
             state: Completed,
             records_affected: task.records_affected,
             confirmed: true,
-            note: format!(
-                "export stored at the registry as this subprocessor's part of the package \
-                 ({files} file(s), {bytes} bytes)"
-            ),
+            note: match (&to, &receipt) {
+                (Destination::Recipient(_), Some(r)) => format!(
+                    "export received by {to} ({files} file(s), {bytes} bytes), receipt over \
+                     manifest SHA-256 {}",
+                    r.manifest_sha256
+                ),
+                _ => format!(
+                    "export stored at {to} as this subprocessor's part of the package \
+                     ({files} file(s), {bytes} bytes)"
+                ),
+            },
+            transfer_receipt: receipt,
             ..Default::default()
         }),
-        Event::Undeliverable { reason } => Decision::Move(failed(format!(
-            "the export could not be delivered to the registry: {reason}"
+        Event::Undeliverable { to, reason } => Decision::Move(failed(format!(
+            "the export could not be delivered to {to}: {}",
+            clip(reason)
         ))),
+        Event::DeliveryFailed {
+            to,
+            files,
+            bytes,
+            attempt,
+            error,
+        } => {
+            let error = clip(error);
+            if ctx.now >= ctx.due_at {
+                return Decision::Move(failed(format!(
+                    "gave up at the due date after {attempt} attempt(s) to deliver the export \
+                     to {to}: {error}"
+                )));
+            }
+            let note = format!(
+                "sending {files} file(s) ({}) to {to}: attempt {attempt} failed: {error}; \
+                 retrying until {}",
+                size_label(bytes),
+                date_label(ctx.due_at)
+            );
+            Decision::Move(Transition {
+                state: InProgress,
+                records_affected: task.records_affected,
+                confirmed: true,
+                // Also the reason, the "human note for other states": the registry's event
+                // of the change (and so `dsrctl trace`) shows reasons, not evidence notes.
+                reason: note.clone(),
+                note,
+                next_attempt_at: Some(NEVER),
+                ..Default::default()
+            })
+        }
     }
+}
+
+/// When a failed delivery is tried again: after the backoff drawn, and no later than the due
+/// date, so the last attempt (and the failure, if it fails too) comes then.
+pub(crate) fn delivery_retry_at(ctx: &Context) -> i64 {
+    ctx.now
+        .saturating_add(ctx.backoff_ms)
+        .min(ctx.due_at.max(ctx.now))
+}
+
+/// An error as a note or reason may carry it: the registry takes at most 4096 bytes, and the
+/// sentence around it needs room.
+fn clip(error: &str) -> String {
+    const MAX: usize = 1024;
+    if error.len() <= MAX {
+        return error.to_string();
+    }
+    let mut end = MAX;
+    while !error.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &error[..end])
+}
+
+/// `bytes` as a reader sizes it up.
+fn size_label(bytes: u64) -> String {
+    const KB: f64 = 1000.0;
+    let b = bytes as f64;
+    if b < KB {
+        format!("{bytes} bytes")
+    } else if b < KB * KB {
+        format!("{:.1} kB", b / KB)
+    } else if b < KB * KB * KB {
+        format!("{:.1} MB", b / (KB * KB))
+    } else {
+        format!("{:.1} GB", b / (KB * KB * KB))
+    }
+}
+
+/// A time (ms) as an RFC 3339 UTC date and time, to the second.
+fn date_label(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| format!("{ms} ms"))
 }
 
 /// When a task that failed with `error` is tried again: after the backoff drawn, or after the
@@ -325,6 +472,7 @@ fn claimed(
     task: &Current<'_>,
     kind: RequestKind,
     holder: Option<Holder>,
+    recipient: bool,
     ctx: &Context,
 ) -> Decision {
     let Some(holder) = holder else {
@@ -333,6 +481,14 @@ fn claimed(
             task.subprocessor
         )));
     };
+    // Exporting would only leave the data lying at the processor with nowhere to go.
+    if kind == RequestKind::Transfer && !recipient {
+        return Decision::Move(failed(
+            "the transfer came without a recipient: the registry no longer configures the \
+             recipient it names, so there is nowhere to send the data"
+                .to_string(),
+        ));
+    }
     // A kind the connector cannot do is answered explicitly, never left hanging.
     if !holder.supports {
         return Decision::Move(Transition {
@@ -407,14 +563,13 @@ fn ran(
             ..
         } if crate::exports::exports(kind) => {
             // The data has not gone where it was asked to go: it lies in the processor's data
-            // folder. COMPLETED waits for its delivery: the upload worker's for a return of
-            // data; a transfer's delivery is not built yet.
+            // folder. COMPLETED waits for the upload worker's delivery: to the registry for a
+            // return of data, to the recipient for a transfer.
             let bytes: u64 = files.iter().map(|f| f.size).sum();
-            let upload = kind == RequestKind::ReturnOfData;
-            let waiting = if upload {
+            let waiting = if kind == RequestKind::ReturnOfData {
                 "uploading it to the registry"
             } else {
-                "waiting for delivery to the recipient, which is not built yet"
+                "sending it to the recipient"
             };
             Transition {
                 state: TaskState::InProgress,
@@ -428,7 +583,7 @@ fn ran(
                 next_attempt_at: Some(NEVER),
                 // An empty export is still a part: the registry learns the holder had nothing.
                 export_files: Some(files),
-                upload,
+                upload: true,
                 ..Default::default()
             }
         }
@@ -543,7 +698,16 @@ mod tests {
 
     fn claimed(t: &Current<'_>, holder: Option<Holder>) -> Decision {
         let kind = RequestKind::Erasure;
-        decide(t, Event::Claimed { kind, holder }, &ctx())
+        let recipient = false;
+        decide(
+            t,
+            Event::Claimed {
+                kind,
+                holder,
+                recipient,
+            },
+            &ctx(),
+        )
     }
 
     fn ran(t: &Current<'_>, phase: Phase, result: Result<Outcome, ConnectorError>) -> Decision {
@@ -625,6 +789,7 @@ mod tests {
             Event::Claimed {
                 kind: RequestKind::Restriction,
                 holder,
+                recipient: false,
             },
             &ctx(),
         ));
@@ -777,11 +942,19 @@ mod tests {
             assert_eq!(t.next_attempt_at, Some(NEVER), "not run again");
             assert_eq!(t.export_files, Some(vec![file.clone()]));
             assert!(t.note.contains("1 file(s), 120 bytes"), "{}", t.note);
-            // A return of data is uploaded to the registry; a transfer waits.
-            assert_eq!(t.upload, kind == RequestKind::ReturnOfData, "{kind:?}");
-            let waits = kind == RequestKind::Transfer;
-            assert_eq!(t.note.contains("not built yet"), waits, "{}", t.note);
-            assert_eq!(t.note.contains("uploading it to the registry"), !waits);
+            // Either is queued for delivery: to the registry, or to the recipient.
+            assert!(t.upload, "{kind:?}");
+            let to_recipient = kind == RequestKind::Transfer;
+            assert_eq!(
+                t.note.contains("sending it to the recipient"),
+                to_recipient,
+                "{}",
+                t.note
+            );
+            assert_eq!(
+                t.note.contains("uploading it to the registry"),
+                !to_recipient
+            );
             // A holder with nothing on the subject has nothing to deliver: that answer is
             // final.
             let nothing = Event::Ran {
@@ -801,8 +974,10 @@ mod tests {
     #[test]
     fn a_delivered_export_completes_the_task_and_an_undeliverable_one_fails_it() {
         let delivered = || Event::Delivered {
+            to: Destination::Registry,
             files: 2,
             bytes: 300,
+            receipt: None,
         };
         let t = moved(decide(&task(InProgress), delivered(), &Context::at(NOW)));
         assert_eq!((t.state, t.confirmed), (Completed, true));
@@ -810,12 +985,17 @@ mod tests {
         assert!(t.note.contains("stored at the registry"), "{}", t.note);
         assert!(t.note.contains("2 file(s), 300 bytes"), "{}", t.note);
         assert!(!t.upload);
+        assert_eq!(t.transfer_receipt, None);
         let gone = Event::Undeliverable {
+            to: Destination::Registry,
             reason: "export file a.json vanished",
         };
         let t = moved(decide(&task(InProgress), gone, &Context::at(NOW)));
         assert_eq!(t.state, Failed);
-        assert!(t.reason.contains("a.json vanished"), "{}", t.reason);
+        assert_eq!(
+            t.reason,
+            "the export could not be delivered to the registry: export file a.json vanished"
+        );
         // A task cancelled meanwhile stays cancelled.
         for state in [Cancelled, Failed, Completed] {
             assert_eq!(
@@ -823,6 +1003,125 @@ mod tests {
                 Decision::Ignore
             );
         }
+    }
+
+    #[test]
+    fn a_transfer_without_a_recipient_fails_before_anything_is_exported() {
+        let claim = |kind, recipient| {
+            decide(
+                &task(Pending),
+                Event::Claimed {
+                    kind,
+                    holder: sql(),
+                    recipient,
+                },
+                &ctx(),
+            )
+        };
+        let t = moved(claim(RequestKind::Transfer, false));
+        assert_eq!(t.state, Failed);
+        assert!(t.reason.contains("without a recipient"), "{}", t.reason);
+        assert!(matches!(
+            claim(RequestKind::Transfer, true),
+            Decision::Run {
+                phase: Phase::Start,
+                ..
+            }
+        ));
+        // Other kinds never name one.
+        assert!(matches!(
+            claim(RequestKind::ReturnOfData, false),
+            Decision::Run { .. }
+        ));
+    }
+
+    #[test]
+    fn a_transfer_completes_with_its_receipt() {
+        let receipt = TransferReceipt {
+            request_id: "r1".into(),
+            subprocessor: "accounting".into(),
+            manifest_sha256: "ef".repeat(32),
+            bytes: 300,
+            files: 2,
+            received_at: None,
+            recipient: "new-bookkeeper".into(),
+        };
+        let t = moved(decide(
+            &task(InProgress),
+            Event::Delivered {
+                to: Destination::Recipient("new-bookkeeper"),
+                files: 2,
+                bytes: 300,
+                receipt: Some(receipt.clone()),
+            },
+            &Context::at(NOW),
+        ));
+        assert_eq!((t.state, t.confirmed), (Completed, true));
+        assert_eq!(t.transfer_receipt, Some(receipt));
+        assert_eq!(
+            t.note,
+            format!(
+                "export received by recipient new-bookkeeper (2 file(s), 300 bytes), receipt \
+                 over manifest SHA-256 {}",
+                "ef".repeat(32)
+            )
+        );
+    }
+
+    #[test]
+    fn a_failed_delivery_says_what_is_missing_until_the_due_date_then_fails() {
+        let failed_once = |ctx: &Context, state| {
+            decide(
+                &task(state),
+                Event::DeliveryFailed {
+                    to: Destination::Recipient("new-bookkeeper"),
+                    files: 3,
+                    bytes: 12_400_000,
+                    attempt: 4,
+                    error: "connection refused",
+                },
+                ctx,
+            )
+        };
+        let t = moved(failed_once(&ctx(), InProgress));
+        assert_eq!((t.state, t.confirmed), (InProgress, true));
+        assert_eq!(t.records_affected, 3, "the export's records stay counted");
+        assert_eq!(t.next_attempt_at, Some(NEVER), "the runner leaves it alone");
+        assert!(!t.upload, "the delivery is queued already");
+        assert_eq!(
+            t.note,
+            "sending 3 file(s) (12.4 MB) to recipient new-bookkeeper: attempt 4 failed: \
+             connection refused; retrying until 1970-01-01T00:33:20Z"
+        );
+        assert_eq!(t.reason, t.note, "the registry's events show reasons");
+        // The next attempt comes after the backoff, never after the due date.
+        assert_eq!(delivery_retry_at(&ctx()), NOW + 500);
+        let close = Context {
+            now: DUE - 100,
+            ..ctx()
+        };
+        assert_eq!(delivery_retry_at(&close), DUE);
+        // At the due date the last failure is final, whatever it was (a FAILED_PRECONDITION
+        // too: no answer is retried past the due date).
+        let t = moved(failed_once(&past_due(), InProgress));
+        assert_eq!(t.state, Failed);
+        assert_eq!(
+            t.reason,
+            "gave up at the due date after 4 attempt(s) to deliver the export to recipient \
+             new-bookkeeper: connection refused"
+        );
+        assert_eq!(failed_once(&ctx(), Cancelled), Decision::Ignore);
+    }
+
+    #[test]
+    fn long_errors_are_clipped_and_sizes_read_well() {
+        let long = "é".repeat(2000);
+        let c = clip(&long);
+        assert!(c.len() <= 1027 && c.ends_with("..."), "{}", c.len());
+        assert_eq!(clip("short"), "short");
+        assert_eq!(size_label(999), "999 bytes");
+        assert_eq!(size_label(1500), "1.5 kB");
+        assert_eq!(size_label(3_000_000_000), "3.0 GB");
     }
 
     #[test]

@@ -1,21 +1,34 @@
-//! Uploads each written RETURN_OF_DATA export to its controller's registry
-//! (`ExportUploadService`), file by file in 1 MiB chunks, resuming every file where the
-//! registry's `GetUploadState` says it stands; then declares the part complete and moves the
-//! task to COMPLETED through the task machine, so the acknowledgement carries it.
+//! Delivers each written export to where its request sends it, file by file in 1 MiB
+//! chunks: a RETURN_OF_DATA's to its controller's registry (`ExportUploadService`), a
+//! TRANSFER's straight to the recipient the registry named (`TransferReceiver`, over mutual
+//! TLS, checking that the recipient presents the identity the registry gave). Both take the
+//! same steps through [`Sink`]: ask where each file stands and resume there, send the rest
+//! with each chunk's digest, close the part. A recipient answers a receipt, which must match
+//! the part the processor sent (canonical manifest digest, bytes, files) before the task may
+//! complete. Then the task moves to COMPLETED through the task machine, so the
+//! acknowledgement carries it (and the receipt), and the export's files are deleted from the
+//! data folder: they were kept only until delivered.
 //!
-//! Failures of the call (registry down, a chunk damaged on the way) are retried with backoff
-//! and jitter; an export that no longer matches what the connector wrote (a file vanished
-//! or changed) fails the task with the reason. Files are read in chunks, never whole.
+//! A failed attempt (destination down, wrong identity, a refused chunk or receipt, a
+//! FAILED_PRECONDITION) leaves the task IN_PROGRESS with a note saying what is missing, and
+//! is tried again after the backoff until the request's due date; then the task fails with
+//! the last reason. An export that no longer matches what the connector wrote (a file
+//! vanished or changed), or that the destination refuses for good, fails the task at once.
+//! Files are read in chunks, never whole.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dsrelay_connectors::ExportedFile;
 use dsrelay_proto::v1::export_upload_service_client::ExportUploadServiceClient;
+use dsrelay_proto::v1::transfer_receiver_client::TransferReceiverClient;
 use dsrelay_proto::v1::{
-    CompletePartRequest, ExportFileHeader, GetUploadStateRequest, TaskState, UploadFileChunk,
+    CompletePartRequest, CompleteTransferRequest, ExportFileHeader, GetUploadStateRequest,
+    RequestKind, TaskState, TransferReceipt, TransferRecipient, UploadFileChunk, UploadState,
 };
+use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::watch;
@@ -23,10 +36,12 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::app::Shared;
-use crate::store::{TaskKey, UploadJob};
-use crate::task_machine::{decide, Context, Decision, Event};
+use crate::store::{NextAttempt, TaskKey, TaskRow, UploadJob};
+use crate::task_machine::{
+    decide, delivery_retry_at, Context, Decision, Destination, Event, Transition,
+};
 
-/// Bytes of a file in one message: the most the registry takes.
+/// Bytes of a file in one message: the most the registry and the recipient take.
 pub(crate) const CHUNK: usize = 1024 * 1024;
 
 /// Runs until `stop` turns true.
@@ -64,13 +79,134 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// Why an upload did not finish.
+/// Why a delivery did not finish.
 #[derive(Debug)]
 enum Failure {
-    /// Try again later: the registry was unreachable or refused a chunk it wants again.
+    /// Try again later (until the due date): the destination was unreachable, presented
+    /// another identity, or refused a chunk or answered a receipt it may get right next time.
     Retry(String),
     /// The export cannot be delivered as written; the task fails with this reason.
     Undeliverable(String),
+}
+
+/// Channels to transfer recipients, made on first use with the processor's client TLS and
+/// kept per (endpoint, identity): recipients come with requests, not with the configuration.
+pub(crate) struct RecipientClients {
+    tls: rustls::ClientConfig,
+    cached: Mutex<HashMap<(String, String), TransferReceiverClient<Channel>>>,
+}
+
+impl RecipientClients {
+    /// Clients that present the processor's certificate (`tls`).
+    pub(crate) fn new(tls: rustls::ClientConfig) -> Self {
+        Self {
+            tls,
+            cached: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The client for `r`, checking that the recipient presents `r.identity`.
+    fn client(&self, r: &TransferRecipient) -> anyhow::Result<TransferReceiverClient<Channel>> {
+        let key = (r.endpoint.clone(), r.identity.clone());
+        // A poisoned lock only means another delivery panicked; the map is still whole.
+        let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = cached.get(&key) {
+            return Ok(c.clone());
+        }
+        let channel =
+            dsrelay_runtime::tls::channel(&r.endpoint, Some(r.identity.clone()), &self.tls)?;
+        // MAX_MESSAGE_BYTES (4 MiB) leaves room for a 1 MiB chunk with its header.
+        let client = TransferReceiverClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        cached.insert(key, client.clone());
+        Ok(client)
+    }
+}
+
+/// Where one export goes, with the three calls every destination takes.
+enum Sink<'a> {
+    /// The controller's registry: the task's part of a return-of-data package.
+    Registry(ExportUploadServiceClient<Channel>),
+    /// A transfer's recipient.
+    Recipient {
+        /// The registry's name for it.
+        name: &'a str,
+        client: TransferReceiverClient<Channel>,
+    },
+}
+
+impl Sink<'_> {
+    fn destination(&self) -> Destination<'_> {
+        match self {
+            Sink::Registry(_) => Destination::Registry,
+            Sink::Recipient { name, .. } => Destination::Recipient(name),
+        }
+    }
+
+    /// How much of the file `header` describes the destination holds.
+    async fn state(
+        &self,
+        header: &ExportFileHeader,
+        timeout: Duration,
+    ) -> Result<UploadState, tonic::Status> {
+        let mut req = tonic::Request::new(GetUploadStateRequest {
+            header: Some(header.clone()),
+        });
+        req.set_timeout(timeout);
+        Ok(match self {
+            Sink::Registry(c) => c.clone().get_upload_state(req).await?,
+            Sink::Recipient { client, .. } => client.clone().get_transfer_state(req).await?,
+        }
+        .into_inner())
+    }
+
+    /// Sends `chunks` of one file.
+    async fn send(
+        &self,
+        chunks: impl futures::Stream<Item = UploadFileChunk> + Send + 'static,
+        timeout: Duration,
+    ) -> Result<UploadState, tonic::Status> {
+        let mut req = tonic::Request::new(chunks);
+        req.set_timeout(timeout);
+        Ok(match self {
+            Sink::Registry(c) => c.clone().upload_file(req).await?,
+            Sink::Recipient { client, .. } => client.clone().send_file(req).await?,
+        }
+        .into_inner())
+    }
+
+    /// Closes the part: the registry stores it, a recipient answers its receipt.
+    async fn complete(
+        &self,
+        key: &TaskKey,
+        files: Vec<ExportFileHeader>,
+        timeout: Duration,
+    ) -> Result<Option<TransferReceipt>, tonic::Status> {
+        match self {
+            Sink::Registry(c) => {
+                let mut req = tonic::Request::new(CompletePartRequest {
+                    request_id: key.request_id.clone(),
+                    subprocessor: key.subprocessor.clone(),
+                    files,
+                });
+                req.set_timeout(timeout);
+                c.clone().complete_part(req).await?;
+                Ok(None)
+            }
+            Sink::Recipient { client, .. } => {
+                let mut req = tonic::Request::new(CompleteTransferRequest {
+                    request_id: key.request_id.clone(),
+                    subprocessor: key.subprocessor.clone(),
+                    files,
+                });
+                req.set_timeout(timeout);
+                Ok(Some(
+                    client.clone().complete_transfer(req).await?.into_inner(),
+                ))
+            }
+        }
+    }
 }
 
 #[tracing::instrument(skip_all, fields(request_id = %job.key.request_id, subprocessor = %job.key.subprocessor))]
@@ -90,32 +226,125 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
         // Cancelled (or otherwise finished) meanwhile: nothing is waiting for the part.
         return retire(shared, job, None, task.sequence, task.attempts).await;
     }
-    let event = match send_export(shared, job).await {
-        Ok(()) => {
-            tracing::info!(files = job.files.len(), "part stored at the registry");
-            Event::Delivered {
+    let sink = match sink(shared, job) {
+        Ok(s) => s,
+        Err(reason) => {
+            // Named before any sink exists: the request says where it goes.
+            let to = match (&job.kind, &job.recipient) {
+                (RequestKind::Transfer, Some(r)) => Destination::Recipient(&r.name),
+                (RequestKind::Transfer, None) => Destination::Recipient("(none named)"),
+                _ => Destination::Registry,
+            };
+            return undeliverable(shared, job, &task, to, &reason).await;
+        }
+    };
+    let to = sink.destination();
+    let bytes: u64 = job.files.iter().map(|f| f.size).sum();
+    match send_export(shared, job, &sink).await {
+        Ok(receipt) => {
+            tracing::info!(files = job.files.len(), %to, "export delivered");
+            let event = Event::Delivered {
+                to,
                 files: job.files.len(),
-                bytes: job.files.iter().map(|f| f.size).sum(),
+                bytes,
+                receipt,
+            };
+            let decision = decide(&task.current(), event, &Context::at(shared.clock.now_ms()));
+            record(shared, job, decision, task.sequence, task.attempts).await?;
+            // The destination holds the files now; the processor kept them only until then.
+            let dir = crate::exports::task_dir(&shared.config.data_dir, key);
+            if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(error = %e, dir = %dir.display(), "deleting a delivered export failed");
+                }
             }
+            Ok(())
         }
-        Err(Failure::Undeliverable(reason)) => {
-            tracing::warn!(%reason, "export cannot be delivered");
-            let decision = decide(
-                &task.current(),
-                Event::Undeliverable { reason: &reason },
-                &Context::at(shared.clock.now_ms()),
-            );
-            return record(shared, job, decision, task.sequence, task.attempts).await;
-        }
+        Err(Failure::Undeliverable(reason)) => undeliverable(shared, job, &task, to, &reason).await,
         Err(Failure::Retry(error)) => {
             let cfg = &shared.config.uploads;
             let attempt = u32::try_from(job.attempts).unwrap_or(u32::MAX);
-            let next = shared.clock.now_ms() + cfg.backoff.delay(attempt).as_millis() as i64;
-            tracing::warn!(%error, "uploading an export failed; will retry");
-            return shared.store.upload_failed(key, next, &error).await;
+            let ctx = Context {
+                due_at: job.due_at,
+                backoff_ms: cfg.backoff.delay(attempt).as_millis() as i64,
+                ..Context::at(shared.clock.now_ms())
+            };
+            let event = Event::DeliveryFailed {
+                to,
+                files: job.files.len(),
+                bytes,
+                attempt: job.attempts,
+                error: &error,
+            };
+            match decide(&task.current(), event, &ctx) {
+                Decision::Move(t) if t.state == TaskState::InProgress => {
+                    let next = delivery_retry_at(&ctx);
+                    tracing::warn!(%error, %to, retry_in_ms = next - ctx.now, "delivering an export failed; will retry");
+                    let moved = shared
+                        .store
+                        .upload_failed(
+                            key,
+                            task.sequence,
+                            &t,
+                            NextAttempt {
+                                at: next,
+                                error: &error,
+                            },
+                            ctx.now,
+                            task.attempts,
+                        )
+                        .await?;
+                    if moved.is_some() {
+                        shared.ack_wakeup.notify_one();
+                    }
+                    Ok(())
+                }
+                decision => {
+                    tracing::warn!(%error, %to, "delivering an export failed at the due date; giving up");
+                    record(shared, job, decision, task.sequence, task.attempts).await
+                }
+            }
         }
+    }
+}
+
+/// Where `job`'s export goes: the controller's registry, or the recipient its request names.
+fn sink<'a>(shared: &Shared, job: &'a UploadJob) -> Result<Sink<'a>, String> {
+    if job.kind != RequestKind::Transfer {
+        return shared
+            .uploaders
+            .get(&job.key.controller)
+            .map(|c| Sink::Registry(c.clone()))
+            .ok_or_else(|| format!("controller {} is no longer configured", job.key.controller));
+    }
+    let Some(r) = &job.recipient else {
+        return Err("the transfer came without a recipient".to_string());
     };
-    let decision = decide(&task.current(), event, &Context::at(shared.clock.now_ms()));
+    let client = shared.recipients.client(r).map_err(|e| {
+        format!(
+            "recipient {} cannot be called at {}: {e:#}",
+            r.name, r.endpoint
+        )
+    })?;
+    Ok(Sink::Recipient {
+        name: &r.name,
+        client,
+    })
+}
+
+async fn undeliverable(
+    shared: &Shared,
+    job: &UploadJob,
+    task: &TaskRow,
+    to: Destination<'_>,
+    reason: &str,
+) -> anyhow::Result<()> {
+    tracing::warn!(%reason, %to, "export cannot be delivered");
+    let decision = decide(
+        &task.current(),
+        Event::Undeliverable { to, reason },
+        &Context::at(shared.clock.now_ms()),
+    );
     record(shared, job, decision, task.sequence, task.attempts).await
 }
 
@@ -136,7 +365,7 @@ async fn record(
 async fn retire(
     shared: &Shared,
     job: &UploadJob,
-    t: Option<&crate::task_machine::Transition>,
+    t: Option<&Transition>,
     sequence: i64,
     attempts: i64,
 ) -> anyhow::Result<()> {
@@ -150,34 +379,28 @@ async fn retire(
     Ok(())
 }
 
-/// Sends every file of the export the registry does not hold whole yet, then declares the
-/// part complete.
-async fn send_export(shared: &Shared, job: &UploadJob) -> Result<(), Failure> {
+/// Sends every file of the export the destination does not hold whole yet, then closes the
+/// part; answers the recipient's receipt, checked against the headers sent.
+async fn send_export(
+    shared: &Shared,
+    job: &UploadJob,
+    sink: &Sink<'_>,
+) -> Result<Option<TransferReceipt>, Failure> {
     let key = &job.key;
-    let Some(client) = shared.uploaders.get(&key.controller) else {
-        return Err(Failure::Undeliverable(format!(
-            "controller {} is no longer configured",
-            key.controller
-        )));
-    };
+    let to = sink.destination();
     let cfg = &shared.config.uploads;
+    let timeout = Duration::from_millis(cfg.call_timeout_ms);
     let dir = crate::exports::task_dir(&shared.config.data_dir, key);
     let headers: Vec<ExportFileHeader> = job.files.iter().map(|f| header(key, f)).collect();
     for (f, header) in job.files.iter().zip(&headers) {
         let path = dir.join(&f.name);
         check_file(&path, f).await?;
-        let mut req = tonic::Request::new(GetUploadStateRequest {
-            header: Some(header.clone()),
-        });
-        req.set_timeout(Duration::from_millis(cfg.call_timeout_ms));
-        let state = client
-            .clone()
-            .get_upload_state(req)
+        let state = sink
+            .state(header, timeout)
             .await
-            .map_err(|s| refused("asking the upload state", &s))?
-            .into_inner();
+            .map_err(|s| refused(to, "asking the state", &s))?;
         if !state.complete {
-            send_file(client, &path, header, state.offset, cfg.lease_ms).await?;
+            send_file(sink, &path, header, state.offset, cfg.lease_ms).await?;
         }
         let until = shared.clock.now_ms() + cfg.lease_ms as i64;
         if let Err(e) = shared.store.extend_upload_lease(key, until).await {
@@ -187,21 +410,57 @@ async fn send_export(shared: &Shared, job: &UploadJob) -> Result<(), Failure> {
             );
         }
     }
-    let mut req = tonic::Request::new(CompletePartRequest {
-        request_id: key.request_id.clone(),
-        subprocessor: key.subprocessor.clone(),
-        files: headers,
-    });
-    req.set_timeout(Duration::from_millis(cfg.call_timeout_ms));
-    client
-        .clone()
-        .complete_part(req)
+    let receipt = sink
+        .complete(key, headers.clone(), timeout)
         .await
-        .map_err(|s| refused("completing the part", &s))?;
-    Ok(())
+        .map_err(|s| refused(to, "closing the part", &s))?;
+    if let Some(r) = &receipt {
+        check_receipt(key, &headers, r).map_err(|why| {
+            Failure::Retry(format!(
+                "the receipt of {to} does not match what was sent: {why}"
+            ))
+        })?;
+    }
+    Ok(receipt)
 }
 
-/// The header the registry gets for `f`.
+/// Whether `r` is the receipt for exactly the part `headers` describe: same request and
+/// subprocessor, the canonical manifest digest computed here, and the same bytes and files.
+fn check_receipt(
+    key: &TaskKey,
+    headers: &[ExportFileHeader],
+    r: &TransferReceipt,
+) -> Result<(), String> {
+    let manifest =
+        dsrelay_runtime::transfer_manifest::sha256(&key.request_id, &key.subprocessor, headers);
+    let bytes: u64 = headers.iter().map(|h| h.size).sum();
+    let mut wrong = Vec::new();
+    if r.request_id != key.request_id || r.subprocessor != key.subprocessor {
+        wrong.push(format!(
+            "it is for request {} at {}",
+            r.request_id, r.subprocessor
+        ));
+    }
+    if r.manifest_sha256 != manifest {
+        wrong.push(format!(
+            "manifest SHA-256 {}, expected {manifest}",
+            r.manifest_sha256
+        ));
+    }
+    if r.bytes != bytes {
+        wrong.push(format!("{} bytes, expected {bytes}", r.bytes));
+    }
+    if r.files as usize != headers.len() {
+        wrong.push(format!("{} file(s), expected {}", r.files, headers.len()));
+    }
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(wrong.join("; "))
+    }
+}
+
+/// The header the destination gets for `f`.
 fn header(key: &TaskKey, f: &ExportedFile) -> ExportFileHeader {
     ExportFileHeader {
         request_id: key.request_id.clone(),
@@ -259,7 +518,7 @@ async fn open(path: &Path, f: &ExportedFile) -> Result<tokio::fs::File, Failure>
 /// Streams the file at `path` from `offset` to its end, in chunks of [`CHUNK`] bytes with
 /// their digests; the first message carries the header.
 async fn send_file(
-    client: &ExportUploadServiceClient<Channel>,
+    sink: &Sink<'_>,
     path: &Path,
     header: &ExportFileHeader,
     offset: u64,
@@ -289,7 +548,7 @@ async fn send_file(
                 match file.read(&mut data[filled..]).await {
                     Ok(0) => break,
                     Ok(n) => filled += n,
-                    // The stream ends short; the registry's answer says where it stopped and
+                    // The stream ends short; the destination's answer says where it stopped and
                     // the next attempt checks the file again.
                     Err(_) => break,
                 }
@@ -308,31 +567,111 @@ async fn send_file(
             Some((chunk, (file, next, None, filled == 0)))
         },
     );
-    let mut req = tonic::Request::new(chunks);
-    req.set_timeout(Duration::from_millis(timeout_ms));
-    let state = client
-        .clone()
-        .upload_file(req)
+    let to = sink.destination();
+    let state = sink
+        .send(chunks, Duration::from_millis(timeout_ms))
         .await
-        .map_err(|s| refused(&format!("uploading {}", header.name), &s))?
-        .into_inner();
+        .map_err(|s| {
+            refused(
+                to,
+                &format!("sending {} from byte {offset}", header.name),
+                &s,
+            )
+        })?;
     if !state.complete {
         return Err(Failure::Retry(format!(
-            "the registry holds {} of {} bytes of {} after the upload",
+            "{to} holds {} of {} bytes of {} after sending it",
             state.offset, header.size, header.name
         )));
     }
     Ok(())
 }
 
-/// What a refusal by the registry means for the export: input it will never take, or a
-/// request it does not route to us, fails the task; anything else is tried again.
-fn refused(doing: &str, s: &tonic::Status) -> Failure {
-    let error = format!("{doing}: {:?}: {}", s.code(), s.message());
+/// What a refusal by the destination means for the export: input it will never take, or a
+/// request it does not know us for, fails the task; anything else (FAILED_PRECONDITION
+/// included) is tried again, until the due date.
+fn refused(to: Destination<'_>, doing: &str, s: &tonic::Status) -> Failure {
+    let error = format!("{doing} at {to}: {:?}: {}", s.code(), status_text(s));
     match s.code() {
         Code::InvalidArgument | Code::NotFound | Code::PermissionDenied => {
             Failure::Undeliverable(error)
         }
         _ => Failure::Retry(error),
+    }
+}
+
+/// A status's message with the errors beneath it: a status made on our side (connection
+/// refused, a TLS handshake that failed, a server presenting another identity) says only
+/// "transport error", and the cause is in its sources.
+fn status_text(s: &tonic::Status) -> String {
+    let mut text = s.message().to_string();
+    let mut source = std::error::Error::source(s);
+    while let Some(err) = source {
+        let part = err.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = err.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> TaskKey {
+        TaskKey {
+            controller: "controller".into(),
+            request_id: "r1".into(),
+            subprocessor: "accounting".into(),
+        }
+    }
+
+    fn sent() -> Vec<ExportFileHeader> {
+        let f = |name: &str, size| ExportFileHeader {
+            request_id: "r1".into(),
+            subprocessor: "accounting".into(),
+            name: name.into(),
+            media_type: "application/json".into(),
+            categories: vec!["contact".into()],
+            size,
+            sha256: "ab".repeat(32),
+        };
+        vec![f("a.json", 10), f("b.json", 20)]
+    }
+
+    fn receipt() -> TransferReceipt {
+        TransferReceipt {
+            request_id: "r1".into(),
+            subprocessor: "accounting".into(),
+            manifest_sha256: dsrelay_runtime::transfer_manifest::sha256(
+                "r1",
+                "accounting",
+                &sent(),
+            ),
+            bytes: 30,
+            files: 2,
+            received_at: None,
+            recipient: "new-bookkeeper".into(),
+        }
+    }
+
+    #[test]
+    fn only_the_receipt_for_exactly_the_files_sent_is_accepted() {
+        assert_eq!(check_receipt(&key(), &sent(), &receipt()), Ok(()));
+        // A receipt over other files (one left out here) is not proof of this part.
+        let fewer = &sent()[..1];
+        let why = check_receipt(&key(), fewer, &receipt()).unwrap_err();
+        assert!(why.contains("manifest SHA-256"), "{why}");
+        assert!(why.contains("30 bytes, expected 10"), "{why}");
+        assert!(why.contains("2 file(s), expected 1"), "{why}");
+        let other = TransferReceipt {
+            subprocessor: "newsletter".into(),
+            ..receipt()
+        };
+        let why = check_receipt(&key(), &sent(), &other).unwrap_err();
+        assert_eq!(why, "it is for request r1 at newsletter");
     }
 }

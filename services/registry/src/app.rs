@@ -57,6 +57,11 @@ pub(crate) struct Shared {
     pub uploading: Uploading,
     /// Each processor's certificate-checking key (`public_key`), by processor name.
     pub certificate_keys: HashMap<String, PublicKey>,
+    /// Watch streams open per caller.
+    pub watchers: crate::api::watch::Slots,
+    /// Turns true when shutdown begins, so Watch streams end at once instead of holding
+    /// the server open.
+    pub stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -129,6 +134,8 @@ impl App {
                 packages,
                 uploading: Uploading::default(),
                 certificate_keys,
+                watchers: Default::default(),
+                stopping: tokio::sync::watch::channel(false).0,
             }),
             intake_writer,
         })
@@ -149,6 +156,7 @@ impl App {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
+        let shutdown = self.announcing(shutdown);
         self.host().run(listener, shutdown).await
     }
 
@@ -160,7 +168,20 @@ impl App {
         admin: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
+        let shutdown = self.announcing(shutdown);
         self.host().run_with_admin(listener, admin, shutdown).await
+    }
+
+    /// `shutdown`, which also tells the registry's open streams that it began.
+    fn announcing(
+        &self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let shared = self.shared.clone();
+        async move {
+            shutdown.await;
+            shared.stopping.send_replace(true);
+        }
     }
 
     fn host(self) -> Host {

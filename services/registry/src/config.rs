@@ -36,6 +36,9 @@ pub struct Config {
     /// When the registry asks processors for status because acknowledgements are late.
     #[serde(default)]
     pub reconcile: ReconcileConfig,
+    /// Bounds on Watch streams.
+    #[serde(default)]
+    pub watch: WatchConfig,
     /// Key of the keyed hashes that stay in the audit trail after raw identities are
     /// forgotten. Empty means a fixed development key (a warning is logged).
     #[serde(default)]
@@ -113,18 +116,18 @@ pub struct ProcessorConfig {
 
 /// A recipient a subject's data may be transferred to: another controller, named by the
 /// subject. Submit checks that a TRANSFER names one of these, and its Deliver carries the
-/// recipient's name, endpoint and identity to the processors; nothing calls the endpoint yet.
+/// recipient's name, endpoint and identity to the processors, which send the data there.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RecipientConfig {
     /// The name a partner gives in `transfer_recipient`; unique, 1 to
     /// [`MAX_RECIPIENT_NAME`] bytes.
     pub name: String,
-    /// Where the recipient is to receive transfers (`TransferReceiver`), `https://host:port`;
-    /// sent to the processors with a TRANSFER's Deliver, not called yet.
+    /// Where the recipient receives transfers (`TransferReceiver`), `https://host:port`; sent
+    /// to the processors with a TRANSFER's Deliver, and called by them.
     pub endpoint: String,
     /// The certificate identity the recipient must present there (URI SAN, else DNS SAN);
-    /// sent with the endpoint, not checked yet, as nothing connects to the recipient.
+    /// sent with the endpoint, and checked by the processors before they send anything.
     pub identity: String,
     /// Who the recipient is, for operators reading the configuration.
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -184,6 +187,23 @@ impl Default for ReconcileConfig {
             interval_ms: 30_000,
             ack_timeout_ms: 120_000,
             chain_interval_ms: 600_000,
+        }
+    }
+}
+
+/// Bounds on Watch streams: each open stream holds a task and a store read per change.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchConfig {
+    /// Watch streams one caller (partner or operator, by configured name) may hold open at
+    /// once; one more is RESOURCE_EXHAUSTED.
+    pub streams_per_caller: u32,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        Self {
+            streams_per_caller: 32,
         }
     }
 }
@@ -280,6 +300,9 @@ impl Config {
         }
         if self.package_dir.as_os_str().is_empty() {
             errors.push("package_dir: must not be empty".into());
+        }
+        if self.watch.streams_per_caller == 0 {
+            errors.push("watch.streams_per_caller: must be at least 1".into());
         }
         if self.package_ttl_days == 0 {
             errors.push("package_ttl_days: keep packages at least 1 day".into());

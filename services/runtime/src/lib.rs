@@ -28,6 +28,8 @@
 //! - [`telemetry`]: logging and OpenTelemetry set-up (OTLP, off unless the `OTEL_*`
 //!   variables ask for it).
 //! - [`trace_context`]: W3C trace context in gRPC metadata and stored rows.
+//! - [`transfer_manifest`]: the canonical manifest of a transfer's part, whose SHA-256 both
+//!   the sending processor and the recipient compute for the receipt.
 //! - [`worker`]: the claim-and-run loop of the outboxes and the task runner.
 
 pub mod audit;
@@ -47,6 +49,7 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod trace_context;
+pub mod transfer_manifest;
 pub mod worker;
 
 /// Resolves on SIGINT or SIGTERM, for graceful shutdown in `main`.

@@ -254,8 +254,9 @@ mod tests {
     use super::*;
 
     fn dns_names(pem: &[u8]) -> (Option<String>, Vec<String>) {
+        use rustls_pki_types::pem::PemObject;
         use x509_parser::extensions::GeneralName;
-        let der = rustls_pemfile::certs(&mut &pem[..])
+        let der = rustls_pki_types::CertificateDer::pem_slice_iter(pem)
             .next()
             .unwrap()
             .unwrap();

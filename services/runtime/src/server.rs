@@ -64,17 +64,40 @@ pub fn reflection_v1alpha() -> Result<
         .context("building the reflection service")
 }
 
+/// How long calls still open when shutdown begins may run on; then their connections are
+/// closed, so a client holding a stream open cannot keep a service from stopping.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
 /// Serves `router` on `listener` until `shutdown` resolves, with TCP_NODELAY on every accepted
 /// socket (tonic sets it only on listeners it binds itself; without it p99 latency suffers
-/// delayed-ACK stalls).
+/// delayed-ACK stalls). After `shutdown` no call is accepted; calls in flight get
+/// [`DRAIN_GRACE`] to finish, then their connections are dropped.
 pub async fn serve(
     router: Router<Layers>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    router
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .context("serving gRPC")
+    let (began, beginning) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = began.send(());
+    };
+    let serving = router.serve_with_incoming_shutdown(incoming, shutdown);
+    tokio::pin!(serving);
+    let drained_or_overdue = async {
+        if beginning.await.is_ok() {
+            tokio::time::sleep(DRAIN_GRACE).await;
+        } else {
+            // Serving ended without a shutdown; the other branch has its result.
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        served = &mut serving => served.context("serving gRPC"),
+        () = drained_or_overdue => {
+            tracing::warn!(grace = ?DRAIN_GRACE, "calls still open after shutdown began; closing their connections");
+            Ok(())
+        }
+    }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use hyper_util::rt::TokioIo;
+use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde::{Deserialize, Serialize};
 use tonic::transport::{Certificate, Channel, Endpoint, Identity, ServerTlsConfig, Uri};
@@ -53,17 +54,17 @@ impl TlsFiles {
     /// A rustls client configuration presenting this party's certificate.
     pub fn client_config(&self) -> Result<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_pemfile::certs(&mut Self::read(&self.ca)?.as_slice()) {
+        for cert in CertificateDer::pem_slice_iter(&Self::read(&self.ca)?) {
             roots.add(cert.context("parsing the CA bundle")?)?;
         }
         let chain: Vec<CertificateDer<'static>> =
-            rustls_pemfile::certs(&mut Self::read(&self.cert)?.as_slice())
+            CertificateDer::pem_slice_iter(&Self::read(&self.cert)?)
                 .collect::<Result<_, _>>()
                 .context("parsing the certificate")?;
-        let key: PrivateKeyDer<'static> =
-            rustls_pemfile::private_key(&mut Self::read(&self.key)?.as_slice())
-                .context("parsing the private key")?
-                .ok_or_else(|| anyhow!("no private key in {}", self.key.display()))?;
+        let key = PrivateKeyDer::from_pem_slice(&Self::read(&self.key)?).map_err(|e| match e {
+            pem::Error::NoItemsFound => anyhow!("no private key in {}", self.key.display()),
+            e => anyhow!("parsing the private key {}: {e}", self.key.display()),
+        })?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
@@ -76,7 +77,7 @@ impl TlsFiles {
     /// This party's own identity, read from its certificate.
     pub fn own_identity(&self) -> Result<String> {
         let pem = Self::read(&self.cert)?;
-        let der = rustls_pemfile::certs(&mut pem.as_slice())
+        let der = CertificateDer::pem_slice_iter(&pem)
             .next()
             .ok_or_else(|| anyhow!("no certificate in {}", self.cert.display()))??;
         identity_of(&der).ok_or_else(|| anyhow!("{} has no URI or DNS SAN", self.cert.display()))

@@ -3,8 +3,8 @@
 //! folder under the processor's data folder, and the processor stores only the list of those
 //! files (name, media type, categories, size, SHA-256) with the task. A task run again
 //! replaces its files. A return of data completes once its files are stored at the registry
-//! (see `packages.rs` for the package itself); a transfer keeps waiting, as delivery to a
-//! recipient is not built yet.
+//! (see `packages.rs` for the package itself), and the processor then deletes its copy; a
+//! transfer's files go to the recipient instead (see `transfer.rs`).
 
 use std::path::Path;
 use std::time::Duration;
@@ -17,14 +17,18 @@ use dsrelay_runtime::store::Db;
 use sqlx::Row as _;
 
 use crate::harness::{
-    erasure, spawn_pair, wait_until, Backend, Holder, PairOptions, Role, NEWSLETTER, RECIPIENT,
+    erasure, spawn_pair, wait_until, Backend, Holder, PairOptions, Role, NEWSLETTER, PROCESSOR,
 };
 
 /// In the sample accounting database (customer 1) and the newsletter's seed.
 const MAIJA: &str = "maija.meikalainen@example.fi";
 
 /// The files the processor recorded for the task of `request_id` at `subprocessor`.
-async fn recorded_files(url: &str, request_id: &str, subprocessor: &str) -> Vec<ExportedFile> {
+pub(crate) async fn recorded_files(
+    url: &str,
+    request_id: &str,
+    subprocessor: &str,
+) -> Vec<ExportedFile> {
     let db = Db::connect(url).await.expect("connect");
     let text: Option<String> = sqlx::query_scalar(
         "SELECT export_files FROM tasks WHERE request_id = $1 AND subprocessor = $2",
@@ -119,6 +123,16 @@ async fn return_of_data_is_written_to_files(backend: Backend) {
     assert_eq!(view.tasks.len(), 2, "{view:#?}");
     assert_eq!(view.state, RequestState::Completed as i32, "{view:#?}");
 
+    // Delivered, the processor's copy is gone; the registry holds the files as written.
+    for sub in ["accounting", NEWSLETTER] {
+        let at_processor = pair.export_dir(&id, sub);
+        assert!(
+            !at_processor.exists(),
+            "{at_processor:?} is kept after delivery"
+        );
+    }
+    let stored = |sub: &str| pair.package_dir().join(&id).join(PROCESSOR).join(sub);
+
     // The accounting database: per exported table a JSON and a CSV file holding exactly the
     // subject's rows.
     let processor_db = pair.processor.database_url();
@@ -136,7 +150,7 @@ async fn return_of_data_is_written_to_files(backend: Backend) {
     assert!(files
         .iter()
         .all(|f| f.categories == ["contact", "invoicing"]));
-    let dir = pair.export_dir(&id, "accounting");
+    let dir = stored("accounting");
     for (table, filter) in [("customers", "id = 1"), ("invoices", "customer_id = 1")] {
         let (columns, rows) = expected(&pair.accounting_url, table, filter).await;
         assert!(!rows.is_empty(), "{table}");
@@ -168,7 +182,7 @@ async fn return_of_data_is_written_to_files(backend: Backend) {
         (files[0].name.as_str(), files[0].media_type.as_str()),
         ("export.json", "application/json")
     );
-    let export = checked(&pair.export_dir(&id, NEWSLETTER), &files, "export.json");
+    let export = checked(&stored(NEWSLETTER), &files, "export.json");
     let export: serde_json::Value = serde_json::from_str(&export).unwrap();
     assert!(export.to_string().contains(MAIJA), "{export}");
 
@@ -186,7 +200,8 @@ async fn exports_return_of_data_to_files_on_postgres() {
 }
 
 /// The first attempts find the adapter down; what is in the task's folder then (here a file
-/// planted between attempts) is gone when the attempt that succeeds has written its files.
+/// planted between attempts) is gone when the attempt that succeeds has written its files:
+/// only those reach the registry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exports_a_rerun_replaces_the_files_of_earlier_attempts() {
     let mut pair = spawn_pair(PairOptions {
@@ -218,14 +233,20 @@ async fn exports_a_rerun_replaces_the_files_of_earlier_attempts() {
     std::fs::write(dir.join("stale.json"), "[]").unwrap();
     pair.adapter().start().await;
     wait_until(&mut crm, &id, Duration::from_secs(30), delivered).await;
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
+    assert!(!dir.exists(), "deleted once delivered");
+    let stored = pair
+        .package_dir()
+        .join(&id)
+        .join(PROCESSOR)
+        .join(NEWSLETTER);
+    let mut names: Vec<String> = std::fs::read_dir(&stored)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
     assert_eq!(names, ["export.json"]);
     let files = recorded_files(pair.processor.database_url(), &id, NEWSLETTER).await;
-    checked(&dir, &files, "export.json");
+    checked(&stored, &files, "export.json");
     pair.stop().await;
 }
 
@@ -241,11 +262,11 @@ pub(crate) fn delivered(view: &dsrelay_proto::v1::Request) -> bool {
         })
 }
 
-/// A transfer's export is written at the processor and waits there, IN_PROGRESS: delivery to
-/// a recipient is not built yet, so nothing may report the data delivered, and nothing of it
-/// goes to the registry's package store.
+/// A transfer's export is written at the processor like a return of data, but none of it
+/// goes to the registry's package store: it is the recipient's (see `transfer.rs`). Here the
+/// registry's recipient leads nowhere, so the task waits IN_PROGRESS saying what is missing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exports_a_transfer_waits_at_the_processor() {
+async fn exports_a_transfer_is_not_uploaded_to_the_registry() {
     let pair = spawn_pair(PairOptions {
         holders: vec![Holder::Newsletter],
         ..Default::default()
@@ -258,7 +279,7 @@ async fn exports_a_transfer_waits_at_the_processor() {
         ..erasure(MAIJA)
     };
     transfer.parameters = Some(dsrelay_proto::v1::RequestParameters {
-        transfer_recipient: RECIPIENT.into(),
+        transfer_recipient: crate::harness::RECIPIENT.into(),
         ..Default::default()
     });
     let id = crm
@@ -271,22 +292,13 @@ async fn exports_a_transfer_waits_at_the_processor() {
         !view.tasks.is_empty()
             && view.tasks.iter().all(|t| {
                 t.state == TaskState::InProgress as i32
-                    && t.evidence.as_ref().is_some_and(|e| {
-                        e.confirmed
-                            && e.note.contains(
-                                "waiting for delivery to the recipient, which is not built yet",
-                            )
-                    })
+                    && t.reason.contains("to recipient new-bookkeeper: attempt")
             })
     };
     let view = wait_until(&mut crm, &id, Duration::from_secs(30), waiting).await;
     assert_eq!(view.state, RequestState::InProgress as i32, "{view:#?}");
     let files = recorded_files(pair.processor.database_url(), &id, NEWSLETTER).await;
     checked(&pair.export_dir(&id, NEWSLETTER), &files, "export.json");
-    // Still waiting a moment later, and nothing was uploaded.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let view = wait_until(&mut crm, &id, Duration::from_secs(5), waiting).await;
-    assert_eq!(view.state, RequestState::InProgress as i32);
     assert!(!pair.package_dir().join(&id).exists());
     pair.stop().await;
 }

@@ -4,7 +4,7 @@
 //! address, and the processor's the registry's, before either starts), writes each
 //! service's configuration (built in [`configs`], the one place that knows the config
 //! structs), and starts the registry, the processor and, when a holder needs it, the example
-//! adapter: in this process, or as real processes that inherit their listening socket
+//! adapter, and when a test asks for one, the example transfer recipient: in this process, or as real processes that inherit their listening socket
 //! (`LISTEN_FDS`, fd 3; the admin port on fd 4), so a restart after SIGKILL serves the same
 //! socket and nothing races it to the port. A service that is down keeps its port bound but
 //! not listening, so callers are refused at once, as by a machine whose service is down.
@@ -57,6 +57,8 @@ pub enum Role {
     Processor,
     /// The example newsletter adapter, present when [`Holder::Newsletter`] is.
     Adapter,
+    /// The example transfer recipient, present when [`PairOptions::recipient`] is set.
+    Recipient,
 }
 
 impl Role {
@@ -66,6 +68,7 @@ impl Role {
             Role::Registry => "registry",
             Role::Processor => "processor",
             Role::Adapter => "adapter",
+            Role::Recipient => "recipient",
         }
     }
 }
@@ -89,9 +92,28 @@ pub enum Holder {
 pub const PROCESSOR: &str = "payroll-bureau";
 /// The newsletter holder's subprocessor name.
 pub const NEWSLETTER: &str = "newsletter";
-/// The transfer recipient the registry knows, so that a TRANSFER may name it. Nothing is
-/// delivered to a recipient yet, so its endpoint leads nowhere.
+/// The transfer recipient the registry knows, so that a TRANSFER may name it. Its endpoint is
+/// the example recipient's when [`PairOptions::recipient`] starts one, and leads nowhere
+/// otherwise.
 pub const RECIPIENT: &str = "new-bookkeeper";
+
+/// The certificate identity the dev PKI gives the example recipient.
+pub fn recipient_identity() -> String {
+    dev_identity("recipient", "example")
+}
+
+/// The example transfer recipient of a pair. The default: in the pair's mode, no pause, the
+/// identity its certificate carries.
+#[derive(Debug, Clone, Default)]
+pub struct RecipientOptions {
+    /// Run it as a process (so it can be SIGKILLed), whatever the pair's mode.
+    pub process: bool,
+    /// Its pause after every stored chunk (ms).
+    pub chunk_delay_ms: u64,
+    /// The identity the registry's `[[recipients]]` expects of it; `None`: the one its
+    /// certificate carries ([`recipient_identity`]).
+    pub expected_identity: Option<String>,
+}
 
 /// The controller's name in the processor's configuration.
 pub const CONTROLLER: &str = "controller";
@@ -101,6 +123,9 @@ const PROCESSOR_DATA_DIR: &str = "processor-data";
 
 /// The registry's package folder, inside the pair's folder.
 const REGISTRY_PACKAGES_DIR: &str = "registry-packages";
+
+/// The example recipient's folder, inside the pair's folder.
+const RECIPIENT_DATA_DIR: &str = "recipient-data";
 
 /// What a pair is made of. The default: SQLite, in-process, accounting and mail-marketing,
 /// everything started.
@@ -140,6 +165,9 @@ pub struct PairOptions {
     /// The processor's `public_key` as the registry is configured with it (default: the
     /// public half of the signing key the development PKI gave the processor).
     pub processor_public_key: Option<String>,
+    /// Start the example transfer recipient as [`RECIPIENT`] (in this process unless it
+    /// asks for a process).
+    pub recipient: Option<RecipientOptions>,
 }
 
 impl Default for PairOptions {
@@ -161,6 +189,7 @@ impl Default for PairOptions {
             rust_log: None,
             otel_endpoint: None,
             processor_public_key: None,
+            recipient: None,
         }
     }
 }
@@ -261,7 +290,7 @@ mod configs {
     use dsrelay_runtime::pki::{dev_identity, DevPki};
     use dsrelay_runtime::settings::ServiceSettings;
 
-    use super::{Holder, PairOptions, NEWSLETTER, PROCESSOR, RECIPIENT};
+    use super::{recipient_identity, Holder, PairOptions, NEWSLETTER, PROCESSOR, RECIPIENT};
 
     /// Addresses and stores decided before any configuration is written.
     pub(super) struct Plan<'a> {
@@ -283,6 +312,10 @@ mod configs {
         pub accounting_url: String,
         pub adapter_listen: String,
         pub adapter_db: String,
+        /// Where the example recipient listens (empty: none is started).
+        pub recipient_listen: String,
+        /// Its folder.
+        pub recipient_data: std::path::PathBuf,
     }
 
     fn fast_backoff() -> Backoff {
@@ -342,11 +375,22 @@ mod configs {
                 party("operator", "ops", Role::Operator),
             ],
             processors,
-            recipients: vec![RecipientConfig {
-                name: RECIPIENT.into(),
-                endpoint: "https://recipient.invalid:8443".into(),
-                identity: dev_identity("recipient", RECIPIENT),
-                description: "the accounting firm a customer moves to".into(),
+            recipients: vec![match &plan.opts.recipient {
+                Some(r) => RecipientConfig {
+                    name: RECIPIENT.into(),
+                    endpoint: format!("https://localhost:{}", port(&plan.recipient_listen)),
+                    identity: r
+                        .expected_identity
+                        .clone()
+                        .unwrap_or_else(recipient_identity),
+                    description: "the accounting firm a customer moves to".into(),
+                },
+                None => RecipientConfig {
+                    name: RECIPIENT.into(),
+                    endpoint: "https://recipient.invalid:8443".into(),
+                    identity: dev_identity("recipient", RECIPIENT),
+                    description: "the accounting firm a customer moves to".into(),
+                },
             }],
             delivery: DeliveryConfig {
                 backoff: fast_backoff(),
@@ -361,6 +405,7 @@ mod configs {
                 ack_timeout_ms: 3000,
                 chain_interval_ms: 2000,
             },
+            watch: Default::default(),
             identity_hash_key: "test key".into(),
             package_dir: plan.registry_packages.clone(),
             package_ttl_days: 30,
@@ -488,6 +533,25 @@ mod configs {
         config.validate().expect("adapter config");
         config
     }
+
+    pub(super) fn recipient(plan: &Plan<'_>) -> dsrelay_example_recipient::Config {
+        let opts = plan.opts.recipient.clone().unwrap_or_default();
+        let config = dsrelay_example_recipient::Config {
+            service: ServiceSettings {
+                listen: plan.recipient_listen.clone(),
+                admin_listen: None,
+                database_url: String::new(),
+                tls: plan.pki.files("recipient"),
+                log_json: plan.opts.log_json,
+            },
+            name: RECIPIENT.into(),
+            data_dir: plan.recipient_data.clone(),
+            allowed_identities: vec![dev_identity("processor", PROCESSOR)],
+            chunk_delay_ms: opts.chunk_delay_ms,
+        };
+        config.validate().expect("recipient config");
+        config
+    }
 }
 
 /// One service's configuration.
@@ -496,6 +560,7 @@ enum ServiceConfig {
     Registry(dsrelay_registry::Config),
     Processor(dsrelay_processor::Config),
     Adapter(dsrelay_example_adapter::Config),
+    Recipient(dsrelay_example_recipient::Config),
 }
 
 impl ServiceConfig {
@@ -504,6 +569,7 @@ impl ServiceConfig {
             Self::Registry(c) => &c.service.database_url,
             Self::Processor(c) => &c.service.database_url,
             Self::Adapter(c) => &c.service.database_url,
+            Self::Recipient(c) => &c.service.database_url,
         }
     }
 
@@ -512,6 +578,7 @@ impl ServiceConfig {
             Self::Registry(c) => toml::to_string(c),
             Self::Processor(c) => toml::to_string(c),
             Self::Adapter(c) => toml::to_string(c),
+            Self::Recipient(c) => toml::to_string(c),
         }
         .expect("config as toml")
     }
@@ -608,6 +675,7 @@ impl Service {
             Role::Registry => Some(dev_identity("registry", "controller")),
             Role::Processor => None,
             Role::Adapter => Some(dev_identity("adapter", "example")),
+            Role::Recipient => Some(recipient_identity()),
         };
         dsrelay_runtime::tls::channel(
             &format!("https://localhost:{}", self.addr.port()),
@@ -676,6 +744,10 @@ impl Service {
                     .expect("build adapter");
                 (tokio::spawn(app.run(listener, shutdown)), None)
             }
+            ServiceConfig::Recipient(c) => {
+                let app = dsrelay_example_recipient::App::build(c).expect("build recipient");
+                (tokio::spawn(app.run(listener, shutdown)), None)
+            }
         };
         Running::InProcess { stop, task, clock }
     }
@@ -685,6 +757,7 @@ impl Service {
             Role::Registry => "dsrelay-registry",
             Role::Processor => "dsrelay-processor",
             Role::Adapter => "dsrelay-example-adapter",
+            Role::Recipient => "dsrelay-example-recipient",
         };
         // Handed down as systemd does: from fd 3 on, counted in LISTEN_FDS; the service
         // takes each for the configured address it is bound to.
@@ -734,7 +807,7 @@ impl Service {
         let stem = match self.role {
             Role::Registry => "operator",
             Role::Processor => "registry",
-            Role::Adapter => "processor",
+            Role::Adapter | Role::Recipient => "processor",
         };
         let mut client = HealthClient::new(self.channel(stem));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -821,6 +894,8 @@ pub struct TestPair {
     pub processor: Service,
     /// Present when [`Holder::Newsletter`] is one of the holders.
     pub adapter: Option<Service>,
+    /// Present when [`PairOptions::recipient`] is set.
+    pub recipient: Option<Service>,
     /// The sample accounting database the `accounting` holder erases from.
     pub accounting_url: String,
     pki: DevPki,
@@ -848,6 +923,7 @@ pub async fn spawn_pair(opts: PairOptions) -> Option<TestPair> {
     let adapter_socket = (opts.holders.contains(&Holder::Newsletter)
         && opts.newsletter_endpoint.is_none())
     .then(reserve);
+    let recipient_socket = opts.recipient.is_some().then(reserve);
     let admin = |on: bool| {
         on.then(|| std::net::TcpListener::bind("127.0.0.1:0").expect("binding an admin port"))
     };
@@ -886,6 +962,11 @@ pub async fn spawn_pair(opts: PairOptions) -> Option<TestPair> {
             .map(|s| addr_of(s).to_string())
             .unwrap_or_default(),
         adapter_db: format!("sqlite://{}/newsletter.db", dir.path().display()),
+        recipient_listen: recipient_socket
+            .as_ref()
+            .map(|s| addr_of(s).to_string())
+            .unwrap_or_default(),
+        recipient_data: dir.path().join(RECIPIENT_DATA_DIR),
     };
 
     let service = |role: Role, socket: TcpSocket, admin, config: ServiceConfig| {
@@ -936,17 +1017,35 @@ pub async fn spawn_pair(opts: PairOptions) -> Option<TestPair> {
             ServiceConfig::Adapter(configs::adapter(&plan)),
         )
     });
+    let recipient = recipient_socket.map(|socket| {
+        let mut s = service(
+            Role::Recipient,
+            socket,
+            None,
+            ServiceConfig::Recipient(configs::recipient(&plan)),
+        );
+        if opts.recipient.as_ref().is_some_and(|r| r.process) {
+            s.mode = Mode::Processes;
+        }
+        s
+    });
     let mut pair = TestPair {
         registry,
         processor,
         adapter,
+        recipient,
         accounting_url,
         pki,
         _nowhere: nowhere,
         dir,
     };
     // Holders first, the registry last: what is up is ready for what calls it.
-    for role in [Role::Adapter, Role::Processor, Role::Registry] {
+    for role in [
+        Role::Recipient,
+        Role::Adapter,
+        Role::Processor,
+        Role::Registry,
+    ] {
         if opts.down.contains(&role) {
             continue;
         }
@@ -963,6 +1062,7 @@ impl TestPair {
             Role::Registry => Some(&mut self.registry),
             Role::Processor => Some(&mut self.processor),
             Role::Adapter => self.adapter.as_mut(),
+            Role::Recipient => self.recipient.as_mut(),
         }
     }
 
@@ -991,6 +1091,18 @@ impl TestPair {
     /// The pair's development PKI, its CA generated for this test.
     pub fn pki(&self) -> &DevPki {
         &self.pki
+    }
+
+    /// The example recipient (panics unless [`PairOptions::recipient`] started one).
+    pub fn recipient(&mut self) -> &mut Service {
+        self.recipient
+            .as_mut()
+            .expect("a recipient: set PairOptions::recipient")
+    }
+
+    /// The example recipient's folder: `<request_id>/<subprocessor>/<name>` per file received.
+    pub fn recipient_dir(&self) -> PathBuf {
+        self.dir().join(RECIPIENT_DATA_DIR)
     }
 
     /// The adapter (panics unless the newsletter is a holder).
@@ -1037,6 +1149,9 @@ impl TestPair {
         self.processor.stop().await;
         if let Some(adapter) = &mut self.adapter {
             adapter.stop().await;
+        }
+        if let Some(recipient) = &mut self.recipient {
+            recipient.stop().await;
         }
     }
 }

@@ -66,12 +66,14 @@ fn registry_config(dir: &Path, port: u16, processor_port: u16) -> dsrelay_regist
             name: RECIPIENT.into(),
             endpoint: "https://localhost:50081".into(),
             identity: dev_identity("recipient", "example"),
-            description: "an example: Submit accepts transfers to it; nothing listens here and \
-                          no data is delivered to recipients yet"
+            description: "an example: the processor sends transfers here, where \
+                          dsrelay-example-recipient listens by default; while nothing listens, \
+                          transfers wait and are retried until their due date"
                 .into(),
         }],
         delivery: Default::default(),
         reconcile: Default::default(),
+        watch: Default::default(),
         identity_hash_key: String::new(),
         package_dir: dir.join("registry-packages"),
         package_ttl_days: 30,

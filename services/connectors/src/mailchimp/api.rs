@@ -1,9 +1,15 @@
 //! The calls to the Mailchimp Marketing API v3 the connector makes, and the mapping of their
 //! failures to [`ConnectorError`]: transport failures and 5xx are transient, 429 (and 503
-//! with Retry-After) say when to come back, the rest is permanent with Mailchimp's
-//! problem+json detail, scrubbed.
+//! with Retry-After) say when to come back, a 503 "Compliance Related" (the account is under
+//! review) and the rest are permanent with Mailchimp's problem+json detail, scrubbed.
+//!
+//! Mailchimp allows 10 simultaneous connections per account and answers 429 past that, so
+//! every audience of one API key in this process shares [`MAX_CONNECTIONS_PER_ACCOUNT`]
+//! permits for calls in flight.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -19,6 +25,8 @@ const DEFAULT_RETRY_AFTER_MS: u64 = 60_000;
 /// The longest Retry-After honoured, so that a misbehaving proxy cannot park a task for days;
 /// the processor's own backoff still applies on top.
 const MAX_RETRY_AFTER_MS: u64 = 3_600_000;
+/// Calls in flight at once per Mailchimp account: the API's documented limit.
+pub(super) const MAX_CONNECTIONS_PER_ACCOUNT: usize = 10;
 /// The longest error detail kept from a response, so that an HTML error page from a proxy
 /// does not end up whole in a task's reason.
 const MAX_DETAIL_CHARS: usize = 300;
@@ -93,6 +101,23 @@ pub(super) struct Api {
     list_id: String,
     api_key: ApiKey,
     client: reqwest::Client,
+    /// Permits for calls in flight, shared with every audience of the same account.
+    account: Arc<tokio::sync::Semaphore>,
+}
+
+/// The permits of the account `api_key` belongs to. Keyed by a digest so that no key stays
+/// in memory longer than its connector needs it.
+fn account_permits(api_key: &str) -> Arc<tokio::sync::Semaphore> {
+    static ACCOUNTS: LazyLock<Mutex<HashMap<[u8; 32], Arc<tokio::sync::Semaphore>>>> =
+        LazyLock::new(Default::default);
+    use sha2::Digest;
+    let account: [u8; 32] = sha2::Sha256::digest(api_key.as_bytes()).into();
+    ACCOUNTS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(account)
+        .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS_PER_ACCOUNT)))
+        .clone()
 }
 
 impl Api {
@@ -109,6 +134,7 @@ impl Api {
             base: config.base_url.trim_end_matches('/').to_string(),
             list_id: config.list_id.clone(),
             api_key: ApiKey(config.api_key.clone()),
+            account: account_permits(&config.api_key),
             client,
         })
     }
@@ -213,6 +239,11 @@ impl Api {
         what: &str,
         scrub: &Scrubber,
     ) -> Result<Reply, ConnectorError> {
+        // Held until the body is read: the connection is busy until then. The semaphore is
+        // never closed, so acquiring only waits.
+        let _permit = self.account.acquire().await.map_err(|_| {
+            ConnectorError::Transient(format!("mailchimp: {what}: the connector is stopping"))
+        })?;
         let mut request = self
             .client
             .request(method, url)
@@ -291,6 +322,13 @@ fn status_error(
 ) -> ConnectorError {
     let problem = problem_text(body, scrub);
     let message = format!("mailchimp: {what}: HTTP {}{problem}", status.as_u16());
+    if status.as_u16() == 503 && is_compliance_review(body) {
+        // No wait brings the account back: Mailchimp's support must clear the review.
+        return ConnectorError::Permanent(format!(
+            "{message}; the Mailchimp account is under a compliance review and refuses every \
+             call until Mailchimp's support clears it"
+        ));
+    }
     match status.as_u16() {
         429 => ConnectorError::RetryAfter {
             message,
@@ -315,6 +353,24 @@ fn status_error(
         )),
         _ => ConnectorError::Permanent(message),
     }
+}
+
+/// Whether a problem+json body is Mailchimp's "ComplianceRelated" error (title "Compliance
+/// Related"), compared without case, spaces or punctuation.
+fn is_compliance_review(body: &[u8]) -> bool {
+    let Ok(problem) = serde_json::from_slice::<Value>(body) else {
+        return false;
+    };
+    let title = problem
+        .get("title")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let squeezed: String = title
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    squeezed == "compliancerelated"
 }
 
 /// The wait a Retry-After header asks for: seconds, capped at an hour; a minute when the

@@ -49,8 +49,14 @@ pub struct Audience {
     pub unavailable: u32,
     /// The next this many GET calls answer 503 (other methods pass).
     pub unavailable_gets: u32,
+    /// Every call answers 503 "Compliance Related", as for an account under review.
+    pub compliance_review: bool,
     /// Every call wait this long before answering (ms).
     pub delay_ms: u64,
+    /// Calls being answered right now.
+    pub in_flight: u32,
+    /// The most calls there ever were in flight at once.
+    pub max_in_flight: u32,
     /// `METHOD /path` of every call, in order.
     pub calls: Vec<String>,
     next_web_id: u64,
@@ -411,6 +417,13 @@ async fn gate(
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             Some(r)
+        } else if a.compliance_review {
+            Some(problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Compliance Related",
+                "This account is currently undergoing a compliance review. Please contact \
+                 support.",
+            ))
         } else if a.unavailable > 0
             || (a.unavailable_gets > 0 && request.method() == axum::http::Method::GET)
         {
@@ -427,15 +440,19 @@ async fn gate(
         } else {
             authorize(request.headers(), &a.api_key)
         };
+        a.in_flight += 1;
+        a.max_in_flight = a.max_in_flight.max(a.in_flight);
         (a.delay_ms, early)
     };
     if delay_ms > 0 {
         tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
     }
-    match early {
+    let response = match early {
         Some(response) => response,
         None => next.run(request).await,
-    }
+    };
+    audience.lock().unwrap().in_flight -= 1;
+    response
 }
 
 /// `None` when the basic-auth password is the API key (any user name), else Mailchimp's

@@ -335,6 +335,45 @@ async fn service_unavailable_is_transient() {
 }
 
 #[tokio::test]
+async fn an_account_under_compliance_review_is_permanent() {
+    let (fake, connector, hash) = setup().await;
+    fake.audience().compliance_review = true;
+    let err = connector
+        .run(&task(RequestKind::Objection, vec![email(MAIJA)]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ConnectorError::Permanent(m)
+            if m.contains("503") && m.contains("compliance review")),
+        "{err:?}"
+    );
+    fake.audience().compliance_review = false;
+    assert_eq!(fake.member(&hash).unwrap()["status"], "subscribed");
+}
+
+#[tokio::test]
+async fn one_account_never_has_more_calls_in_flight_than_mailchimp_allows() {
+    let fake = FakeMailchimp::start(KEY, LIST).await.unwrap();
+    fake.audience().delay_ms = 100;
+    // Two audiences' connectors of one account share its connections.
+    let a = api::Api::new(&config(&fake.base_url)).unwrap();
+    let b = api::Api::new(&config(&fake.base_url)).unwrap();
+    let scrub = scrub::Scrubber::for_task(&task(RequestKind::Erasure, vec![email(MAIJA)]), KEY);
+    let calls = (0..3 * api::MAX_CONNECTIONS_PER_ACCOUNT).map(|i| {
+        let api = if i % 2 == 0 { &a } else { &b };
+        api.get_list(&scrub)
+    });
+    for reply in futures::future::join_all(calls).await {
+        assert!(matches!(reply, Ok(api::Reply::Done(_))));
+    }
+    let most = fake.audience().max_in_flight as usize;
+    assert!(
+        (2..=api::MAX_CONNECTIONS_PER_ACCOUNT).contains(&most),
+        "{most} calls were in flight at once"
+    );
+}
+
+#[tokio::test]
 async fn a_refused_api_key_is_permanent_and_not_printed() {
     let (fake, _, hash) = setup().await;
     let wrong = "fedcba9876543210fedcba9876543210-us21";

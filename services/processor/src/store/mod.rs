@@ -24,7 +24,7 @@ use crate::certificates::Issuer;
 pub use crate::task_machine::Transition;
 pub use rows::{AckJob, ManualRow, TaskJob, TaskKey, TaskRow};
 pub use tasks::Accepted;
-pub use uploads::UploadJob;
+pub use uploads::{NextAttempt, UploadJob};
 
 /// The migrations for each backend, embedded at build time.
 pub static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");

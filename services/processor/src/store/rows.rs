@@ -3,7 +3,9 @@
 
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::timestamp_from_millis;
-use dsrelay_proto::v1::{Acknowledgement, DeliverRequest, Evidence, TaskState, TaskStatus};
+use dsrelay_proto::v1::{
+    Acknowledgement, DeliverRequest, Evidence, TaskState, TaskStatus, TransferReceipt,
+};
 
 use crate::task_machine::Current;
 
@@ -45,6 +47,8 @@ pub struct TaskRow {
     pub updated_at: i64,
     /// The holder's reference for work it accepted but has not confirmed.
     pub handle: Option<String>,
+    /// The recipient's receipt, once a TRANSFER task's part arrived.
+    pub transfer_receipt: Option<TransferReceipt>,
 }
 
 impl TaskRow {
@@ -70,6 +74,7 @@ impl TaskRow {
                 records_affected: self.records_affected,
                 note: self.note.clone(),
                 confirmed: self.confirmed,
+                transfer_receipt: self.transfer_receipt.clone(),
             }),
             reason: self.reason.clone(),
             legal_basis: self.legal_basis.clone(),
@@ -124,7 +129,7 @@ pub(super) fn state_value(state: TaskState) -> i64 {
 /// The columns of [`TaskRecord`].
 pub(super) const TASK_COLUMNS: &str = "controller, request_id, subprocessor, state, sequence, \
     attempts, records_affected, confirmed, note, reason, legal_basis, retain_until, updated_at, \
-    handle";
+    handle, transfer_receipt";
 
 /// A `tasks` row as stored.
 #[derive(Debug, sqlx::FromRow)]
@@ -143,6 +148,7 @@ pub(super) struct TaskRecord {
     retain_until: Option<i64>,
     updated_at: i64,
     handle: Option<String>,
+    transfer_receipt: Option<Vec<u8>>,
 }
 
 impl From<TaskRecord> for TaskRow {
@@ -167,6 +173,10 @@ impl From<TaskRecord> for TaskRow {
             retain_until: r.retain_until,
             updated_at: r.updated_at,
             handle: r.handle,
+            // A receipt that no longer decodes is shown as none rather than failing the read.
+            transfer_receipt: r
+                .transfer_receipt
+                .and_then(|b| TransferReceipt::decode(b.as_slice()).ok()),
         }
     }
 }
@@ -175,7 +185,8 @@ impl From<TaskRecord> for TaskRow {
 /// WHERE clause.
 pub(super) const JOINED_SELECT: &str = "SELECT t.controller, t.request_id, t.subprocessor, \
     t.state, t.sequence, t.attempts, t.records_affected, t.confirmed, t.note, t.reason, \
-    t.legal_basis, t.retain_until, t.updated_at, t.handle, r.body, r.due_at, r.traceparent \
+    t.legal_basis, t.retain_until, t.updated_at, t.handle, t.transfer_receipt, r.body, r.due_at, \
+    r.traceparent \
     FROM tasks t JOIN requests r ON r.controller = t.controller AND r.request_id = t.request_id";
 
 /// A task row with the columns of its request that the runner and operators need.

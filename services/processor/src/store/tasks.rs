@@ -49,10 +49,11 @@ impl Store {
         now: i64,
     ) -> Result<Accepted> {
         let mut tx = self.db.pool.begin().await?;
+        let recipient = req.recipient.as_ref();
         let inserted = sqlx::query(
             "INSERT INTO requests (controller, request_id, kind, body, received_at, due_at, \
-             accepted_at, traceparent) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-             ON CONFLICT DO NOTHING",
+             accepted_at, traceparent, recipient_name, recipient_endpoint, recipient_identity) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
         )
         .bind(controller)
         .bind(&req.request_id)
@@ -72,6 +73,9 @@ impl Store {
         )
         .bind(now)
         .bind(traceparent)
+        .bind(recipient.map(|r| r.name.clone()))
+        .bind(recipient.map(|r| r.endpoint.clone()))
+        .bind(recipient.map(|r| r.identity.clone()))
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -371,7 +375,8 @@ async fn certified_transition(
         "UPDATE tasks SET state = $1, sequence = $2, records_affected = $3, confirmed = $4, \
          note = $5, reason = $6, legal_basis = $7, retain_until = $8, updated_at = $9, \
          attempts = $10, lease_until = $18, next_attempt_at = $15, handle = $16, \
-         export_files = COALESCE($17, export_files) \
+         export_files = COALESCE($17, export_files), \
+         transfer_receipt = COALESCE($19, transfer_receipt) \
          WHERE controller = $11 AND request_id = $12 AND subprocessor = $13 AND sequence = $14",
     )
     .bind(state_value(t.state))
@@ -397,6 +402,7 @@ async fn certified_transition(
             .transpose()?,
     )
     .bind(t.hold_until.unwrap_or(0))
+    .bind(t.transfer_receipt.as_ref().map(Message::encode_to_vec))
     .execute(&mut **tx)
     .await?
     .rows_affected();
@@ -416,6 +422,7 @@ async fn certified_transition(
             records_affected: t.records_affected,
             note: t.note.clone(),
             confirmed: t.confirmed,
+            transfer_receipt: t.transfer_receipt.clone(),
         }),
         reason: t.reason.clone(),
         legal_basis: t.legal_basis.clone(),

@@ -1,9 +1,12 @@
-//! The upload outbox: a RETURN_OF_DATA task whose export is written queues one upload, in
-//! the transaction that records the export; the upload worker claims it, sends the files to
-//! the registry and, in one transaction, retires it and moves the task on.
+//! The delivery outbox (the `uploads` table): a RETURN_OF_DATA or TRANSFER task whose export
+//! is written queues one delivery, in the transaction that records the export; the upload
+//! worker claims it, sends the files to the registry or the recipient and, in one
+//! transaction, retires it and moves the task on (or records the failed attempt and when the
+//! next one comes).
 
 use anyhow::Result;
 use dsrelay_connectors::ExportedFile;
+use dsrelay_proto::v1::{RequestKind, TransferRecipient};
 use sqlx::{Any, Transaction};
 
 use super::rows::{TaskKey, TaskRecord, TaskRow, TASK_COLUMNS};
@@ -19,6 +22,21 @@ pub struct UploadJob {
     pub attempts: i64,
     /// The export's files as the connector wrote them.
     pub files: Vec<ExportedFile>,
+    /// The request's kind: a RETURN_OF_DATA goes to the registry, a TRANSFER to `recipient`.
+    pub kind: RequestKind,
+    /// The request's due date (ms): failed deliveries are retried until then.
+    pub due_at: i64,
+    /// Where a TRANSFER goes, as the registry named it on delivery.
+    pub recipient: Option<TransferRecipient>,
+}
+
+/// When a failed upload is tried again, and why it failed (kept for operators).
+#[derive(Debug, Clone, Copy)]
+pub struct NextAttempt<'a> {
+    /// When (ms).
+    pub at: i64,
+    /// What went wrong.
+    pub error: &'a str,
 }
 
 #[derive(sqlx::FromRow)]
@@ -28,6 +46,11 @@ struct UploadRecord {
     subprocessor: String,
     attempts: i64,
     export_files: Option<String>,
+    kind: i64,
+    due_at: i64,
+    recipient_name: Option<String>,
+    recipient_endpoint: Option<String>,
+    recipient_identity: Option<String>,
 }
 
 /// Queues the upload of `key`'s export inside the transaction that records it.
@@ -59,9 +82,11 @@ impl Store {
     ) -> Result<Vec<UploadJob>> {
         let mut tx = self.db.pool.begin().await?;
         let rows: Vec<UploadRecord> = sqlx::query_as(&format!(
-            "SELECT u.controller, u.request_id, u.subprocessor, u.attempts, t.export_files \
+            "SELECT u.controller, u.request_id, u.subprocessor, u.attempts, t.export_files, \
+             r.kind, r.due_at, r.recipient_name, r.recipient_endpoint, r.recipient_identity \
              FROM uploads u JOIN tasks t ON t.controller = u.controller \
              AND t.request_id = u.request_id AND t.subprocessor = u.subprocessor \
+             JOIN requests r ON r.controller = u.controller AND r.request_id = u.request_id \
              WHERE u.done_at IS NULL AND u.next_attempt_at <= $1 AND u.lease_until <= $1 \
              ORDER BY u.next_attempt_at LIMIT $2{}",
             self.db.backend.skip_locked_of("u")
@@ -86,6 +111,14 @@ impl Store {
                 Some(json) => serde_json::from_str(json)?,
                 None => Vec::new(),
             };
+            let recipient = match (r.recipient_name, r.recipient_endpoint, r.recipient_identity) {
+                (Some(name), Some(endpoint), Some(identity)) => Some(TransferRecipient {
+                    name,
+                    endpoint,
+                    identity,
+                }),
+                _ => None,
+            };
             jobs.push(UploadJob {
                 key: TaskKey {
                     controller: r.controller,
@@ -94,6 +127,12 @@ impl Store {
                 },
                 attempts: r.attempts + 1,
                 files,
+                kind: i32::try_from(r.kind)
+                    .ok()
+                    .and_then(|k| RequestKind::try_from(k).ok())
+                    .unwrap_or(RequestKind::Unspecified),
+                due_at: r.due_at,
+                recipient,
             });
         }
         tx.commit().await?;
@@ -146,20 +185,35 @@ impl Store {
         Ok(moved)
     }
 
-    /// Tries an upload again at `next_at`, keeping why it failed for operators.
-    pub async fn upload_failed(&self, key: &TaskKey, next_at: i64, error: &str) -> Result<()> {
+    /// Tries an upload again at `next.at`, keeping why it failed for operators, and in the
+    /// same transaction records `t` (the task's note saying what is missing) if the task is
+    /// still at `expected_sequence`. Returns the task's new sequence, or `None` when it
+    /// changed meanwhile.
+    pub async fn upload_failed(
+        &self,
+        key: &TaskKey,
+        expected_sequence: i64,
+        t: &Transition,
+        next: NextAttempt<'_>,
+        now: i64,
+        attempts: i64,
+    ) -> Result<Option<i64>> {
+        let mut tx = self.db.pool.begin().await?;
+        let moved =
+            super::tasks::transition(&mut tx, key, expected_sequence, t, now, attempts).await?;
         sqlx::query(
             "UPDATE uploads SET next_attempt_at = $1, lease_until = 0, last_error = $2 \
              WHERE controller = $3 AND request_id = $4 AND subprocessor = $5",
         )
-        .bind(next_at)
-        .bind(error)
+        .bind(next.at)
+        .bind(next.error)
         .bind(&key.controller)
         .bind(&key.request_id)
         .bind(&key.subprocessor)
-        .execute(&self.db.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(())
+        tx.commit().await?;
+        Ok(moved)
     }
 
     /// Keeps a claimed upload reserved while its files are still being sent.

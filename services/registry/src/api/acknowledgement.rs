@@ -1,10 +1,15 @@
 //! The acknowledgement API (`AcknowledgementService`): processors report the state of the
-//! tasks of requests delivered to them, in batches.
+//! tasks of requests delivered to them, in batches. A COMPLETED TRANSFER task must come with
+//! the recipient's receipt (`evidence.transfer_receipt`): without it nothing proves the data
+//! arrived, so the batch is invalid.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use dsrelay_proto::v1::acknowledgement_service_server::AcknowledgementService;
-use dsrelay_proto::v1::{AcknowledgeRequest, AcknowledgeResponse, Acknowledgement, TaskState};
+use dsrelay_proto::v1::{
+    AcknowledgeRequest, AcknowledgeResponse, Acknowledgement, RequestKind, TaskState,
+    TransferReceipt,
+};
 use dsrelay_runtime::identity::{request_id_violation, FieldViolation};
 use dsrelay_runtime::trace_context;
 use tonic::{Response, Status};
@@ -40,7 +45,9 @@ impl AcknowledgementService for Api {
         tracing::Span::current()
             .record("processor", processor.as_str())
             .record("count", acks.len());
-        ApiError::ensure_valid(violations(&acks))?;
+        let mut problems = violations(&acks);
+        problems.extend(self.receipt_violations(&acks).await?);
+        ApiError::ensure_valid(problems)?;
         let mut updates: Vec<TaskUpdate> = acks.iter().map(TaskUpdate::from).collect();
         self.check_certificates(&processor, &acks, &mut updates);
         let applied = self
@@ -106,6 +113,78 @@ impl AcknowledgementService for Api {
     }
 }
 
+impl Api {
+    /// COMPLETED reports of TRANSFER tasks that lack the recipient's receipt. Only requests
+    /// with such a report are looked up.
+    async fn receipt_violations(
+        &self,
+        acks: &[Acknowledgement],
+    ) -> Result<Vec<FieldViolation>, ApiError> {
+        let mut kinds: BTreeMap<&str, Option<RequestKind>> = BTreeMap::new();
+        let mut violations = Vec::new();
+        for (i, a) in acks.iter().enumerate().take(MAX_ACKS_PER_CALL) {
+            let receipt = a
+                .evidence
+                .as_ref()
+                .and_then(|e| e.transfer_receipt.as_ref());
+            if a.state != TaskState::Completed as i32 || receipt.is_some() {
+                continue;
+            }
+            let kind = match kinds.get(a.request_id.as_str()) {
+                Some(k) => *k,
+                None => {
+                    let k = self
+                        .shared
+                        .store
+                        .request_kind(&a.request_id)
+                        .await
+                        .map_err(ApiError::from)?;
+                    kinds.insert(&a.request_id, k);
+                    k
+                }
+            };
+            if kind == Some(RequestKind::Transfer) {
+                violations.push(FieldViolation::new(
+                    format!("acknowledgements[{i}].evidence.transfer_receipt"),
+                    "is required when a TRANSFER task is COMPLETED: the recipient's receipt \
+                     proves the data arrived",
+                ));
+            }
+        }
+        Ok(violations)
+    }
+}
+
+/// What is wrong with the receipt of the acknowledgement at `i`, each naming its field.
+fn receipt_problems(i: usize, a: &Acknowledgement, r: &TransferReceipt) -> Vec<FieldViolation> {
+    let field = |name: &str| format!("acknowledgements[{i}].evidence.transfer_receipt.{name}");
+    let mut violations = Vec::new();
+    if r.request_id != a.request_id {
+        violations.push(FieldViolation::new(
+            field("request_id"),
+            "must be the acknowledgement's request_id",
+        ));
+    }
+    if r.subprocessor != a.subprocessor {
+        violations.push(FieldViolation::new(
+            field("subprocessor"),
+            "must be the acknowledgement's subprocessor",
+        ));
+    }
+    let hex64 = r.manifest_sha256.len() == 64
+        && r.manifest_sha256
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !hex64 {
+        violations.push(FieldViolation::new(
+            field("manifest_sha256"),
+            "must be 64 lowercase hex digits",
+        ));
+    }
+    violations.extend(text_violation(&field("recipient"), &r.recipient, 256, true));
+    violations
+}
+
 /// Every rule the batch breaks, each naming its field.
 fn violations(acks: &[Acknowledgement]) -> Vec<FieldViolation> {
     let mut violations = Vec::new();
@@ -163,6 +242,9 @@ fn violations(acks: &[Acknowledgement]) -> Vec<FieldViolation> {
                 4096,
                 false,
             ));
+            if let Some(r) = &e.transfer_receipt {
+                violations.extend(receipt_problems(i, a, r));
+            }
         }
         if let Some(c) = &a.certificate {
             violations.extend(super::certificates::violations(i, c));

@@ -35,7 +35,7 @@ mod certificates;
 mod packages;
 mod partner;
 mod views;
-mod watch;
+pub(crate) mod watch;
 
 /// Implements every registry service over the shared state.
 #[derive(Clone)]

@@ -12,6 +12,7 @@ use dsrelay_proto::v1::{
 };
 use dsrelay_runtime::grpc::CallerTrace;
 use dsrelay_runtime::identity::{keyed_hash, FieldViolation};
+use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
 use dsrelay_runtime::trace_context;
 use sha2::{Digest, Sha256};
 use tonic::{Response, Status};
@@ -23,6 +24,9 @@ use crate::store::{CancelOutcome, Inserted, ListFilter, NewRequest};
 use crate::validate::validate_submit;
 
 use super::{check_text, not_found, views, watch, Api};
+
+/// Room kept free in a List answer for its framing and the page token.
+const LIST_HEADROOM_BYTES: usize = 64 * 1024;
 
 #[tonic::async_trait]
 impl RequestService for Api {
@@ -230,17 +234,35 @@ impl RequestService for Api {
             .list(&filter, self.shared.clock.now_ms())
             .await
             .map_err(ApiError::from)?;
-        let next_page_token = if rows.len() > page_size as usize {
-            rows.truncate(page_size as usize);
+        let more = rows.len() > page_size as usize;
+        rows.truncate(page_size as usize);
+        let token = |received_at: i64, id: &str| format!("{received_at}_{id}");
+        let mut next_page_token = if more {
             rows.last()
-                .map(|l| format!("{}_{}", l.received_at, l.id))
+                .map(|l| token(l.received_at, &l.id))
                 .unwrap_or_default()
         } else {
             String::new()
         };
+        // A page ends early rather than outgrow what one answer may carry; the token then
+        // continues after the last request it holds.
+        let budget = MAX_MESSAGE_BYTES - LIST_HEADROOM_BYTES;
+        let mut used = 0;
         let mut requests = Vec::with_capacity(rows.len());
+        let mut last: Option<(i64, String)> = None;
         for row in rows {
-            requests.push(self.view(row).await?);
+            let key = (row.received_at, row.id.clone());
+            let view = self.view(row).await?;
+            let size = view.encoded_len() + 16;
+            if used + size > budget && !requests.is_empty() {
+                if let Some((received_at, id)) = &last {
+                    next_page_token = token(*received_at, id);
+                }
+                break;
+            }
+            used += size;
+            requests.push(view);
+            last = Some(key);
         }
         Ok(Response::new(ListRequestsResponse {
             requests,
@@ -257,7 +279,8 @@ impl RequestService for Api {
         let caller = self.partner_api_caller(&req)?;
         let r = req.into_inner();
         let row = self.visible(&caller, &r.request_id).await?;
-        Ok(Response::new(watch::events(self.shared.clone(), row.id, r)))
+        let stream = watch::events(self.shared.clone(), &caller.name, row.id, r)?;
+        Ok(Response::new(stream))
     }
 
     async fn cancel(

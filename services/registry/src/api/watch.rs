@@ -1,9 +1,12 @@
 //! The event stream behind Watch: a request's events as they are recorded, until the request
 //! is finished (or for as long as the caller listens, if it asks to follow on).
+//!
+//! Each open stream holds a task and reads the store whenever its request changes, so one
+//! caller may hold at most `watch.streams_per_caller` of them ([`Slots`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dsrelay_proto::v1::{RequestEvent, RequestState, WatchRequest};
@@ -20,12 +23,63 @@ use super::views;
 pub(crate) type EventStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<RequestEvent, Status>> + Send>>;
 
-/// Streams the events of request `id` (already checked to be visible to the caller) after
-/// `watch.after_event_id`.
-pub(crate) fn events(shared: Arc<Shared>, id: String, watch: WatchRequest) -> EventStream {
+/// How many Watch streams each caller holds open.
+#[derive(Default)]
+pub(crate) struct Slots(Arc<Mutex<HashMap<String, u32>>>);
+
+/// One open stream of one caller; dropping it frees the slot.
+struct Slot {
+    held: Arc<Mutex<HashMap<String, u32>>>,
+    caller: String,
+}
+
+impl Slots {
+    /// Takes a slot for `caller`, or says which limit it reached.
+    fn take(&self, caller: &str, limit: u32) -> Result<Slot, ApiError> {
+        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let open = held.entry(caller.to_string()).or_default();
+        if *open >= limit {
+            return Err(ApiError::resource_exhausted(format!(
+                "{caller} already has {open} Watch streams open, the most the registry allows \
+                 one caller (watch.streams_per_caller); close one before opening another"
+            )));
+        }
+        *open += 1;
+        Ok(Slot {
+            held: self.0.clone(),
+            caller: caller.to_string(),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(open) = held.get_mut(&self.caller) {
+            *open -= 1;
+            if *open == 0 {
+                held.remove(&self.caller);
+            }
+        }
+    }
+}
+
+/// Streams the events of request `id` (already checked to be visible to `caller`) after
+/// `watch.after_event_id`; RESOURCE_EXHAUSTED when `caller` holds as many streams as it may.
+pub(crate) fn events(
+    shared: Arc<Shared>,
+    caller: &str,
+    id: String,
+    watch: WatchRequest,
+) -> Result<EventStream, ApiError> {
+    let slot = shared
+        .watchers
+        .take(caller, shared.config.watch.streams_per_caller)?;
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let mut wake = shared.events.subscribe();
+    let mut stopping = shared.stopping.subscribe();
     tokio::spawn(async move {
+        let _slot = slot;
         // Ids are not assumed to commit in order (PostgreSQL sequences don't), so every
         // poll reads the request's events and sends the ones not yet sent.
         let mut sent = BTreeSet::new();
@@ -53,12 +107,32 @@ pub(crate) fn events(shared: Arc<Shared>, id: String, watch: WatchRequest) -> Ev
             if terminal && !watch.follow_after_terminal {
                 return;
             }
+            // Other requests' changes are not ours to read the store for; a lagged receiver
+            // may have missed ours, so it reads.
+            let own_change = async {
+                loop {
+                    match wake.recv().await {
+                        Ok(changed) if changed != id => continue,
+                        _ => return,
+                    }
+                }
+            };
             tokio::select! {
                 _ = tx.closed() => return,
-                _ = wake.recv() => {}
+                _ = stopping.changed() => {
+                    let last = sent.last().copied().unwrap_or(watch.after_event_id as i64);
+                    let _ = tx
+                        .send(Err(Status::unavailable(format!(
+                            "the registry is shutting down; watch again with after_event_id \
+                             {last} to continue where this stream ended"
+                        ))))
+                        .await;
+                    return;
+                }
+                _ = own_change => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
     });
-    Box::pin(ReceiverStream::new(rx))
+    Ok(Box::pin(ReceiverStream::new(rx)))
 }

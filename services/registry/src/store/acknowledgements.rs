@@ -5,7 +5,10 @@
 use std::collections::BTreeSet;
 
 use anyhow::Result;
-use dsrelay_proto::v1::{Acknowledgement, EventType, RequestState, TaskState, TaskStatus};
+use dsrelay_proto::prost::Message;
+use dsrelay_proto::v1::{
+    Acknowledgement, EventType, RequestState, TaskState, TaskStatus, TransferReceipt,
+};
 
 use super::events::{insert_event, EventDetail};
 use super::rows::task_state;
@@ -41,6 +44,8 @@ pub struct TaskUpdate {
     pub traceparent: String,
     /// The deletion certificate that came with the acknowledgement, checked.
     pub certificate: Option<super::ReceivedCertificate>,
+    /// The recipient's receipt of a COMPLETED TRANSFER task.
+    pub transfer_receipt: Option<TransferReceipt>,
 }
 
 impl TaskUpdate {
@@ -61,6 +66,12 @@ impl TaskUpdate {
         }
         if !self.legal_basis.is_empty() {
             s.push_str(&format!(", retained under {}", self.legal_basis));
+        }
+        if let Some(r) = &self.transfer_receipt {
+            s.push_str(&format!(
+                ", received by {} ({} file(s), {} bytes)",
+                r.recipient, r.files, r.bytes
+            ));
         }
         s
     }
@@ -87,6 +98,7 @@ impl From<&Acknowledgement> for TaskUpdate {
             traceparent: a.traceparent.clone(),
             // Checked by the handler, which knows the processor's key.
             certificate: None,
+            transfer_receipt: ev.transfer_receipt,
         }
     }
 }
@@ -111,6 +123,7 @@ impl From<&TaskStatus> for TaskUpdate {
             attempt: 0,
             traceparent: String::new(),
             certificate: None,
+            transfer_receipt: ev.transfer_receipt,
         }
     }
 }
@@ -288,13 +301,14 @@ pub(super) async fn upsert_task(
 ) -> Result<bool> {
     let n = sqlx::query(
         "INSERT INTO tasks (request_id, processor, subprocessor, state, sequence, \
-         records_affected, confirmed, note, reason, legal_basis, retain_until, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+         records_affected, confirmed, note, reason, legal_basis, retain_until, updated_at, \
+         transfer_receipt) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
          ON CONFLICT (request_id, processor, subprocessor) DO UPDATE SET \
          state = excluded.state, sequence = excluded.sequence, \
          records_affected = excluded.records_affected, confirmed = excluded.confirmed, \
          note = excluded.note, reason = excluded.reason, legal_basis = excluded.legal_basis, \
-         retain_until = excluded.retain_until, updated_at = excluded.updated_at \
+         retain_until = excluded.retain_until, updated_at = excluded.updated_at, \
+         transfer_receipt = excluded.transfer_receipt \
          WHERE tasks.sequence < excluded.sequence",
     )
     .bind(request_id)
@@ -309,6 +323,7 @@ pub(super) async fn upsert_task(
     .bind(&t.legal_basis)
     .bind(t.retain_until)
     .bind(now)
+    .bind(t.transfer_receipt.as_ref().map(Message::encode_to_vec))
     .execute(tx.conn())
     .await?
     .rows_affected();

@@ -2,7 +2,7 @@
 //! tasks and events, and pages of the audit trail.
 
 use anyhow::Result;
-use dsrelay_proto::v1::{RequestState, TaskStatus};
+use dsrelay_proto::v1::{RequestKind, RequestState, TaskStatus};
 use dsrelay_runtime::audit;
 
 use super::rows::{TaskRow, REQUEST_COLUMNS, TASK_COLUMNS};
@@ -40,6 +40,20 @@ impl Store {
         .bind(id)
         .fetch_optional(&self.db.pool)
         .await?)
+    }
+
+    /// The kind of the request `id`, if it exists.
+    pub async fn request_kind(&self, id: &str) -> Result<Option<RequestKind>> {
+        let kind: Option<i64> = sqlx::query_scalar("SELECT kind FROM requests WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.db.pool)
+            .await?;
+        Ok(kind.map(|k| {
+            i32::try_from(k)
+                .ok()
+                .and_then(|k| RequestKind::try_from(k).ok())
+                .unwrap_or(RequestKind::Unspecified)
+        }))
     }
 
     /// A request's deliveries (not cancellations), by processor name.

@@ -201,7 +201,8 @@ pub struct ChainRow {
 
 /// The columns of [`TaskRow`], for `SELECT`s.
 pub(super) const TASK_COLUMNS: &str = "processor, subprocessor, state, sequence, \
-    records_affected, confirmed, note, reason, legal_basis, retain_until, updated_at";
+    records_affected, confirmed, note, reason, legal_basis, retain_until, updated_at, \
+    transfer_receipt";
 
 /// A task as stored; the API sees it as a [`TaskStatus`].
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -219,6 +220,8 @@ pub(super) struct TaskRow {
     legal_basis: String,
     retain_until: Option<i64>,
     updated_at: i64,
+    /// An encoded TransferReceipt, for a COMPLETED TRANSFER task.
+    transfer_receipt: Option<Vec<u8>>,
 }
 
 impl From<TaskRow> for TaskStatus {
@@ -232,6 +235,13 @@ impl From<TaskRow> for TaskStatus {
                 records_affected: r.records_affected,
                 note: r.note,
                 confirmed: r.confirmed != 0,
+                // Written by this registry from a decoded message: it decodes again.
+                transfer_receipt: r.transfer_receipt.and_then(|b| {
+                    <dsrelay_proto::v1::TransferReceipt as dsrelay_proto::prost::Message>::decode(
+                        b.as_slice(),
+                    )
+                    .ok()
+                }),
             }),
             reason: r.reason,
             legal_basis: r.legal_basis,

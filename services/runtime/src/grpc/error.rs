@@ -41,6 +41,9 @@ enum Failure {
     Aborted(String),
     /// The service cannot take the call now (it is shutting down); a retry may succeed.
     Unavailable(String),
+    /// The caller holds as much of a bounded resource as it may (streams, say); it may try
+    /// again once it has released some.
+    ResourceExhausted(String),
     /// Data the caller sent arrived damaged (a digest did not match); nothing was kept, and
     /// sending it again may succeed.
     DataLoss(String),
@@ -108,6 +111,11 @@ impl<S> ApiError<S> {
         Self::new(Failure::Unavailable(message.into()))
     }
 
+    /// RESOURCE_EXHAUSTED, saying which limit the caller reached and how to stay under it.
+    pub fn resource_exhausted(message: impl Into<String>) -> Self {
+        Self::new(Failure::ResourceExhausted(message.into()))
+    }
+
     /// DATA_LOSS, saying what arrived damaged and that nothing of it was kept.
     pub fn data_loss(message: impl Into<String>) -> Self {
         Self::new(Failure::DataLoss(message.into()))
@@ -135,6 +143,7 @@ impl<S> fmt::Display for ApiError<S> {
             | Failure::FailedPrecondition(m)
             | Failure::Aborted(m)
             | Failure::Unavailable(m)
+            | Failure::ResourceExhausted(m)
             | Failure::DataLoss(m) => f.write_str(m),
             Failure::Unexpected(e) => write!(f, "{e:#}"),
         }
@@ -178,6 +187,7 @@ impl<S: ServiceName> From<ApiError<S>> for Status {
             Failure::FailedPrecondition(m) => Status::failed_precondition(m),
             Failure::Aborted(m) => Status::aborted(m),
             Failure::Unavailable(m) => Status::unavailable(m),
+            Failure::ResourceExhausted(m) => Status::resource_exhausted(m),
             Failure::DataLoss(m) => Status::data_loss(m),
             Failure::Unexpected(err) if store_out_of_reach(&err) => {
                 tracing::warn!(error = format!("{err:#}"), "store unavailable");

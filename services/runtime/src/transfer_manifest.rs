@@ -1,6 +1,8 @@
 //! The canonical manifest of one part of a transfer: what the receipt's `manifest_sha256`
-//! is the SHA-256 of, so sender and recipient compute the same digest from the same headers
-//! (the rule is stated in `proto/dsrelay/v1/transfer.proto`, `TransferReceipt`).
+//! is the SHA-256 of, so sender (the processor) and recipient compute the same digest from
+//! the same headers (the rule is stated in `proto/dsrelay/v1/transfer.proto`,
+//! `TransferReceipt`). It lives here, in one place, because both sides must agree on it byte
+//! for byte.
 
 use dsrelay_proto::v1::ExportFileHeader;
 use serde::Serialize;
