@@ -439,6 +439,7 @@ fn outcome_from_response(
             records_affected: evidence.records_affected.max(0),
             note,
             files: Vec::new(),
+            erased: Vec::new(),
         }),
         ExecuteOutcome::NotFound => Ok(Outcome::NotFound {
             note: if note.is_empty() {
@@ -463,6 +464,7 @@ fn outcome_from_response(
                 until_ms: millis_from_timestamp(until),
                 records_affected: evidence.records_affected.max(0),
                 note,
+                erased: Vec::new(),
             })
         }
         ExecuteOutcome::Accepted => Ok(Outcome::Accepted {
@@ -637,7 +639,8 @@ mod tests {
             Outcome::Completed {
                 records_affected: 2,
                 note: "done".into(),
-                files: Vec::new()
+                files: Vec::new(),
+                erased: Vec::new(),
             }
         );
         assert!(matches!(
@@ -686,7 +689,8 @@ mod tests {
                 legal_basis: "Kirjanpitolaki 2:10 §".into(),
                 until_ms: 1_800_000_000_000,
                 records_affected: 2,
-                note: "done".into()
+                note: "done".into(),
+                erased: Vec::new(),
             }
         );
         let mut no_date = r.clone();

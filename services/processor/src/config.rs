@@ -45,6 +45,13 @@ pub struct Config {
     /// the working directory, like the default SQLite database beside it.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// The Ed25519 private key (PKCS#8 PEM file) that signs the deletion certificate of
+    /// every COMPLETED or RETAINED erasure task. Its public key (the `.pub.pem` file the
+    /// development PKI writes beside it) goes to each controller's registry, as `public_key`
+    /// of this processor's `[[processors]]` entry. Without it the processor issues no
+    /// certificates and warns at start-up; a key that cannot be read stops the start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key: Option<PathBuf>,
 }
 
 /// The default of `data_dir`: next to the default SQLite database.
@@ -237,6 +244,9 @@ impl AsRef<ServiceSettings> for Config {
 impl ServiceConfig for Config {
     fn relative_to(&mut self, dir: &Path) {
         self.service.relative_to(dir);
+        if let Some(key) = &mut self.signing_key {
+            *key = dir.join(&*key);
+        }
         // Connectors with their own TLS files resolve them like the service's.
         for s in &mut self.subprocessors {
             if let ConnectorConfig::Adapter(a) = &mut s.connector {
@@ -384,12 +394,23 @@ mod tests {
         assert_eq!(c.tasks.concurrency, 2);
         assert_eq!(c.operators, ["spiffe://x"]);
         assert_eq!(c.data_dir, Path::new(DEFAULT_DATA_DIR));
+        assert_eq!(c.signing_key, None);
         let c = Config::load_from(
             Some(&file),
             env(&[("DSRELAY_PROCESSOR__DATA_DIR", "/var/lib/dsrelay")]),
         )
         .unwrap();
         assert_eq!(c.data_dir, Path::new("/var/lib/dsrelay"));
+    }
+
+    #[test]
+    fn the_signing_key_is_found_beside_the_config_file() {
+        let (dir, file) = folder("signing_key = \"keys/processor-signing.key\"");
+        let c = Config::load_from(Some(&file), env(&[])).unwrap();
+        assert_eq!(
+            c.signing_key,
+            Some(dir.path().join("keys/processor-signing.key"))
+        );
     }
 
     #[test]

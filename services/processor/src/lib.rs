@@ -21,6 +21,8 @@
 //! - [`breaker`]: marks a holder that failed transiently, so its other tasks wait without
 //!   calling it.
 //! - [`ack_sender`]: sends queued acknowledgements to the registries.
+//! - [`certificates`]: deletion certificates of erasure steps, signed with the processor's
+//!   key (`signing_key`).
 //! - [`uploader`]: delivers written exports in chunks, RETURN_OF_DATA to the registries and
 //!   TRANSFER to their recipients (checking the recipient's identity and receipt), resuming
 //!   where the destination stands, and completes their tasks.
@@ -29,6 +31,7 @@ mod ack_sender;
 mod api;
 mod app;
 mod breaker;
+pub mod certificates;
 pub mod config;
 pub mod exports;
 mod metrics;

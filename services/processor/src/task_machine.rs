@@ -38,7 +38,7 @@
 
 use std::fmt;
 
-use dsrelay_connectors::{kind_label, ConnectorError, ExportedFile, Outcome, Phase};
+use dsrelay_connectors::{kind_label, ConnectorError, ErasedCount, ExportedFile, Outcome, Phase};
 use dsrelay_proto::v1::{RequestKind, TaskState, TransferReceipt};
 
 /// Never: for tasks only an operator moves on.
@@ -234,6 +234,9 @@ pub struct Transition {
     /// Queue the delivery of the task's export (a RETURN_OF_DATA or TRANSFER export
     /// written).
     pub upload: bool,
+    /// What this step erased where, as the connector counted it: the deletion certificate
+    /// of an ERASURE lists it. Not stored with the task.
+    pub erased: Vec<ErasedCount>,
     /// The recipient's receipt, recorded with the task and carried by the acknowledgement;
     /// `None` keeps what is recorded.
     pub transfer_receipt: Option<TransferReceipt>,
@@ -557,6 +560,7 @@ fn ran(
             records_affected,
             note,
             files,
+            ..
         } if crate::exports::exports(kind) => {
             // The data has not gone where it was asked to go: it lies in the processor's data
             // folder. COMPLETED waits for the upload worker's delivery: to the registry for a
@@ -587,12 +591,14 @@ fn ran(
             records_affected,
             note,
             files,
+            erased,
         } => Transition {
             state: TaskState::Completed,
             records_affected: earlier + records_affected,
             confirmed: true,
             note,
             export_files: (!files.is_empty()).then_some(files),
+            erased,
             ..Default::default()
         },
         Outcome::NotFound { note } => Transition {
@@ -606,11 +612,13 @@ fn ran(
             until_ms,
             records_affected,
             note,
+            erased,
         } => Transition {
             state: TaskState::Retained,
             records_affected: earlier + records_affected,
             confirmed: true,
             note,
+            erased,
             legal_basis,
             retain_until: Some(until_ms),
             // Wake up when the obligation ends and erase the rest without being asked.
@@ -847,6 +855,7 @@ mod tests {
                 records_affected: 2,
                 note: "exported".into(),
                 files: vec![file.clone()],
+                erased: Vec::new(),
             }),
         ));
         assert_eq!(
@@ -876,6 +885,11 @@ mod tests {
                 until_ms: NOW + 99,
                 records_affected: 1,
                 note: "kept invoices".into(),
+                erased: vec![ErasedCount {
+                    target: "contacts".into(),
+                    action: "deleted".into(),
+                    count: 1,
+                }],
             })
         };
         let t = moved(ran(&task(InProgress), Phase::Start, retained()));
@@ -884,6 +898,8 @@ mod tests {
         assert_eq!(t.retain_until, Some(NOW + 99));
         assert_eq!(t.next_attempt_at, Some(NOW + 99));
         assert_eq!(t.legal_basis, "Kirjanpitolaki 2:10");
+        // What this step erased goes on to the deletion certificate.
+        assert_eq!(t.erased.len(), 1);
         // When the date has come, the rest is erased; earlier records still count.
         let t = moved(ran(
             &task(Retained),
@@ -892,6 +908,7 @@ mod tests {
                 records_affected: 2,
                 note: "erased the rest".into(),
                 files: Vec::new(),
+                erased: Vec::new(),
             }),
         ));
         assert_eq!((t.state, t.records_affected), (Completed, 5));
@@ -913,6 +930,7 @@ mod tests {
                 records_affected: 3,
                 note: "exported".into(),
                 files: vec![file.clone()],
+                erased: Vec::new(),
             });
             let event = Event::Ran {
                 kind,

@@ -9,6 +9,7 @@ mod harness;
 mod adapter;
 mod audit;
 mod bad_input;
+mod certificates;
 mod compose;
 mod connectors;
 mod download;

@@ -14,7 +14,7 @@ use super::retention::{assess, day_of, DatedRow};
 use super::rules::{Action, TableRule};
 use super::SqlConnector;
 use crate::export::{CsvWriter, ExportSink, JsonArrayWriter, CSV, JSON};
-use crate::{ConnectorError, ExportedFile};
+use crate::{ConnectorError, ErasedCount, ExportedFile};
 
 /// What an erasure did in one database.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -28,6 +28,9 @@ pub(crate) struct ErasureReport {
     pub(crate) found: bool,
     /// Set when rows are kept under a legal obligation.
     pub(crate) retained: Option<RetentionReport>,
+    /// Rows erased per table and action, in the order the tables were handled; rows kept
+    /// under an obligation and stripped of what it does not need count as `anonymized`.
+    pub(crate) counts: Vec<ErasedCount>,
 }
 
 /// What an erasure keeps under `retain` rules.
@@ -82,6 +85,7 @@ impl SqlConnector {
         let mut kept_rows: i64 = 0;
         let mut next_release: Option<i64> = None;
         let mut bases: Vec<&str> = Vec::new();
+        let mut counts = Vec::new();
         for step in &plan {
             let rule = step.rule;
             let table = rule.table.as_str();
@@ -123,6 +127,18 @@ impl SqlConnector {
                 .map_err(|e| classify(&format!("{} {table}", rule.action.doing()), &e))?;
             total = total.saturating_add(done).saturating_add(anonymized);
             found |= done > 0 || kept > 0;
+            counts.push(ErasedCount {
+                target: table.to_string(),
+                action: rule.action.done().to_string(),
+                count: done,
+            });
+            if anonymized > 0 {
+                counts.push(ErasedCount {
+                    target: table.to_string(),
+                    action: "anonymized".to_string(),
+                    count: anonymized,
+                });
+            }
             tracing::debug!(
                 table,
                 action = rule.action.done(),
@@ -177,6 +193,7 @@ impl SqlConnector {
             records_affected: total,
             note: notes.join("; "),
             found,
+            counts,
             retained: (kept_rows > 0).then(|| RetentionReport {
                 legal_basis: bases.join("; "),
                 until_ms: next_release.unwrap_or(now_ms),

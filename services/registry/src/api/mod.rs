@@ -8,6 +8,8 @@
 //! - `packages`: return-of-data packages: processors upload export files and declare parts
 //!   complete (`ExportUploadService`); partners and operators read and download them
 //!   (`PackageService`).
+//! - `certificates`: deletion certificates: checking each one that comes with an
+//!   acknowledgement, and reading them (`CertificateService`).
 //! - `watch`: the event stream behind Watch.
 //! - `views`: stored rows → protocol messages.
 //!
@@ -29,6 +31,7 @@ use crate::validate::{text_violation, MAX_TEXT};
 pub(crate) use packages::Uploading;
 
 mod acknowledgement;
+mod certificates;
 mod packages;
 mod partner;
 mod views;
