@@ -22,7 +22,8 @@
 //! - a delivery attempt failed ([`Event::DeliveryFailed`]: destination down, wrong identity,
 //!   a refused chunk or receipt) → stays IN_PROGRESS with a note saying what is missing and
 //!   until when it is retried ([`delivery_retry_at`]: after the backoff, no later than the
-//!   due date); past the due date → FAILED with the last reason
+//!   due date), acknowledged on attempts 1, 2, 4, 8... ([`worth_acknowledging`]) and only
+//!   retried in between; past the due date → FAILED with the last reason
 //! - COMPLETED, NOT_FOUND → final and confirmed; RETAINED → sleeps until its date, then runs
 //!   again to erase the rest; after a retention run the records count is cumulative
 //! - ACCEPTED → IN_PROGRESS awaiting confirmation, asked again every confirm interval; the
@@ -381,6 +382,12 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
                      to {to}: {error}"
                 )));
             }
+            if !worth_acknowledging(attempt) {
+                return Decision::Later {
+                    at: delivery_retry_at(ctx),
+                    error: Some(error),
+                };
+            }
             let note = format!(
                 "sending {files} file(s) ({}) to {to}: attempt {attempt} failed: {error}; \
                  retrying until {}",
@@ -400,6 +407,15 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
             })
         }
     }
+}
+
+/// Whether the note of failed delivery attempt `attempt` is sent to the controller: the
+/// first, second, fourth, eighth... A destination down for a month is retried tens of
+/// thousands of times at the default backoff; one acknowledgement (and registry event) per
+/// attempt would bury the request's history, while a doubling gap still says it is being
+/// retried and why. Attempts in between are kept for operators (the upload's last error).
+pub(crate) fn worth_acknowledging(attempt: i64) -> bool {
+    attempt <= 1 || (attempt as u64).is_power_of_two()
 }
 
 /// When a failed delivery is tried again: after the backoff drawn, and no later than the due
@@ -1111,6 +1127,41 @@ mod tests {
              new-bookkeeper: connection refused"
         );
         assert_eq!(failed_once(&ctx(), Cancelled), Decision::Ignore);
+    }
+
+    #[test]
+    fn failed_deliveries_are_acknowledged_at_doubling_gaps() {
+        let failed = |attempt, ctx: &Context| {
+            decide(
+                &task(InProgress),
+                Event::DeliveryFailed {
+                    to: Destination::Registry,
+                    files: 1,
+                    bytes: 10,
+                    attempt,
+                    error: "connection refused",
+                },
+                ctx,
+            )
+        };
+        for attempt in [1, 2, 4, 8, 1024] {
+            assert!(
+                matches!(failed(attempt, &ctx()), Decision::Move(_)),
+                "attempt {attempt} is acknowledged"
+            );
+        }
+        for attempt in [3, 5, 7, 1023] {
+            assert_eq!(
+                failed(attempt, &ctx()),
+                Decision::Later {
+                    at: NOW + 500,
+                    error: Some("connection refused".into())
+                },
+                "attempt {attempt} is only retried"
+            );
+        }
+        // At the due date every attempt ends the task, acknowledged.
+        assert!(matches!(failed(3, &past_due()), Decision::Move(t) if t.state == Failed));
     }
 
     #[test]
