@@ -303,6 +303,14 @@ async fn with_the_wrong_public_key_the_registry_does_not_present_an_erasure_as_c
     run.expect_code(1);
     assert!(run.stderr.contains("rejected"), "{}", run.stderr);
     assert!(!out.exists());
+    // The trace shows the step and why its proof was rejected.
+    let trace = dsrctl(&pair, "partner-crm", &["trace", &id]).await;
+    trace.expect_code(0);
+    assert!(
+        trace.stdout.contains("CERTIFICATE_REJECTED") && trace.stdout.contains("expected key"),
+        "{}",
+        trace.stdout
+    );
     pair.stop().await;
 }
 
