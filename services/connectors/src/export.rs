@@ -8,8 +8,8 @@
 //! and closes it ([`ExportWriter::finish`]), which answers the file's [`ExportedFile`]: the
 //! metadata a package manifest needs. What a connector holds in memory is what it has
 //! read and not yet written: the SQL connector one row, the Mailchimp connector one page of
-//! a member's list, the adapter connector the one message (at most 16 MiB) its protocol
-//! carries an export in.
+//! a member's list, the adapter connector one page of its adapter's export (or the one
+//! message of at most 16 MiB an adapter that answers inline sends).
 
 use std::path::{Path, PathBuf};
 
@@ -177,6 +177,22 @@ impl JsonArrayWriter {
         self.out.write(&bytes).await?;
         self.count += 1;
         Ok(())
+    }
+
+    /// Appends one element already encoded as JSON; the caller has checked that `json` is
+    /// one JSON value.
+    pub async fn push_json(&mut self, json: &[u8]) -> Result<(), ConnectorError> {
+        if self.count > 0 {
+            self.out.write(b",").await?;
+        }
+        self.out.write(json).await?;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.out.size()
     }
 
     /// Elements written so far.
