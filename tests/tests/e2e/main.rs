@@ -7,6 +7,7 @@
 mod harness;
 
 mod adapter;
+mod adapter_export;
 mod audit;
 mod bad_input;
 mod certificates;

@@ -1,6 +1,8 @@
 //! Running planned statements: each request in one transaction, reading the rows it needs,
 //! and sorting database errors into worth-retrying or not.
 
+use std::borrow::Cow;
+
 use dsrelay_proto::v1::{FieldCorrection, SubjectIdentity};
 use futures::TryStreamExt;
 use sqlx::any::{AnyRow, AnyTypeInfoKind};
@@ -224,19 +226,20 @@ impl SqlConnector {
             };
             let table = rule.table.as_str();
             let mut writers: Option<(JsonArrayWriter, CsvWriter)> = None;
+            // Reused from row to row: a row costs the reading of its values and no more.
+            let mut values = Vec::with_capacity(rule.export.len());
             let mut rows = select.query().fetch(&mut *tx);
             while let Some(row) = rows
                 .try_next()
                 .await
                 .map_err(|e| classify(&format!("exporting {table}"), &e))?
             {
-                let mut object = serde_json::Map::with_capacity(rule.export.len());
-                let mut record = Vec::with_capacity(rule.export.len());
+                values.clear();
                 for (i, column) in rule.export.iter().enumerate() {
-                    let value = json_value(&row, i)
-                        .map_err(|e| classify(&format!("exporting {table}.{column}"), &e))?;
-                    record.push(csv_field(&value));
-                    object.insert(column.clone(), value);
+                    values.push(
+                        json_value(&row, i)
+                            .map_err(|e| classify(&format!("exporting {table}.{column}"), &e))?,
+                    );
                 }
                 // Files are opened at the first row, so a table without the subject's rows
                 // adds nothing to the package.
@@ -252,8 +255,12 @@ impl SqlConnector {
                         .await?,
                     )),
                 };
-                json.push(&object).await?;
-                csv.push(&record).await?;
+                json.push(&RowObject {
+                    columns: &rule.export,
+                    values: &values,
+                })
+                .await?;
+                csv.push(values.iter().map(csv_field)).await?;
             }
             drop(rows);
             let exported = match writers {
@@ -431,11 +438,29 @@ pub(super) fn json_value(row: &AnyRow, i: usize) -> Result<serde_json::Value, sq
 }
 
 /// A value as a CSV field: NULL is empty, text as it is, numbers and booleans as in JSON.
-fn csv_field(value: &serde_json::Value) -> String {
+fn csv_field(value: &serde_json::Value) -> Cow<'_, [u8]> {
     match value {
-        serde_json::Value::Null => String::new(),
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
+        serde_json::Value::Null => Cow::Borrowed(b""),
+        serde_json::Value::String(s) => Cow::Borrowed(s.as_bytes()),
+        other => Cow::Owned(other.to_string().into_bytes()),
+    }
+}
+
+/// One exported row as a JSON object of its columns, in the rules' order, encoded straight
+/// from the values (no map of copied column names per row).
+struct RowObject<'a> {
+    columns: &'a [String],
+    values: &'a [serde_json::Value],
+}
+
+impl serde::Serialize for RowObject<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.columns.len()))?;
+        for (column, value) in self.columns.iter().zip(self.values) {
+            map.serialize_entry(column, value)?;
+        }
+        map.end()
     }
 }
 
