@@ -30,7 +30,7 @@ use dsrelay_proto::v1::{
 };
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -402,11 +402,12 @@ async fn send_export(
     let headers: Vec<ExportFileHeader> = job.files.iter().map(|f| header(key, f)).collect();
     for (f, header) in job.files.iter().zip(&headers) {
         let path = dir.join(&f.name);
-        check_file(&path, f).await?;
         let state = sink
             .state(header, timeout)
             .await
             .map_err(|s| refused(to, "asking the state", &s))?;
+        // A file the destination holds whole was checked there against its SHA-256; the
+        // others are checked here as they are read for sending.
         if !state.complete {
             send_file(sink, &path, header, state.offset, cfg.lease_ms).await?;
         }
@@ -481,33 +482,34 @@ fn header(key: &TaskKey, f: &ExportedFile) -> ExportFileHeader {
     }
 }
 
-/// Checks that the file at `path` is still the one the connector wrote: its size and
-/// SHA-256, read in chunks.
-async fn check_file(path: &Path, f: &ExportedFile) -> Result<(), Failure> {
-    let mut file = open(path, f).await?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut size = 0u64;
-    loop {
-        let n = file
-            .read(&mut buf)
-            .await
-            .map_err(|e| Failure::Retry(format!("reading export file {}: {e}", f.name)))?;
-        if n == 0 {
-            break;
+/// The size and SHA-256 of a file read so far, to check it is still the one the connector
+/// wrote.
+#[derive(Default)]
+struct Reading {
+    hasher: Sha256,
+    bytes: u64,
+    /// The whole file was read.
+    to_end: bool,
+    /// Reading failed: the check cannot be made this time.
+    failed: bool,
+}
+
+impl Reading {
+    /// Once the whole file was read: whether it still has the size and SHA-256 the connector
+    /// wrote. `None` while that cannot be known.
+    fn changed(&self, f: &ExportedFile) -> Option<Failure> {
+        if !self.to_end || self.failed {
+            return None;
         }
-        size += n as u64;
-        hasher.update(&buf[..n]);
+        let digest = hex::encode(self.hasher.clone().finalize());
+        (self.bytes != f.size || digest != f.sha256).then(|| {
+            Failure::Undeliverable(format!(
+                "export file {} changed at the processor: {} bytes with SHA-256 {digest}, \
+                 written as {} bytes with SHA-256 {}",
+                f.name, self.bytes, f.size, f.sha256
+            ))
+        })
     }
-    let digest = hex::encode(hasher.finalize());
-    if size != f.size || digest != f.sha256 {
-        return Err(Failure::Undeliverable(format!(
-            "export file {} changed at the processor: {size} bytes with SHA-256 {digest}, \
-             written as {} bytes with SHA-256 {}",
-            f.name, f.size, f.sha256
-        )));
-    }
-    Ok(())
 }
 
 async fn open(path: &Path, f: &ExportedFile) -> Result<tokio::fs::File, Failure> {
@@ -524,7 +526,9 @@ async fn open(path: &Path, f: &ExportedFile) -> Result<tokio::fs::File, Failure>
 }
 
 /// Streams the file at `path` from `offset` to its end, in chunks of [`CHUNK`] bytes with
-/// their digests; the first message carries the header.
+/// their digests; the first message carries the header. The whole file is hashed on the way
+/// (the part before `offset` first), so a file that changed since the connector wrote it
+/// fails the task instead of being retried: it is read once per attempt, not twice.
 async fn send_file(
     sink: &Sink<'_>,
     path: &Path,
@@ -539,29 +543,65 @@ async fn send_file(
         size: header.size,
         sha256: header.sha256.clone(),
     };
+    let read_error =
+        |e: std::io::Error| Failure::Retry(format!("reading export file {}: {e}", header.name));
     let mut file = open(path, &meta).await?;
-    file.seek(std::io::SeekFrom::Start(offset))
-        .await
-        .map_err(|e| Failure::Retry(format!("reading export file {}: {e}", header.name)))?;
+    let mut reading = Reading::default();
+    // The part the destination holds already is hashed, not sent.
+    let mut buf = vec![0u8; CHUNK];
+    while reading.bytes < offset {
+        let want = (offset - reading.bytes).min(CHUNK as u64) as usize;
+        let n = file.read(&mut buf[..want]).await.map_err(read_error)?;
+        if n == 0 {
+            break;
+        }
+        reading.hasher.update(&buf[..n]);
+        reading.bytes += n as u64;
+    }
+    if reading.bytes < offset {
+        // Shorter than what the destination holds: it changed.
+        reading.to_end = true;
+        return Err(reading.changed(&meta).unwrap_or_else(|| {
+            Failure::Undeliverable(format!(
+                "export file {} shrank at the processor",
+                header.name
+            ))
+        }));
+    }
+    drop(buf);
+    let reading = Arc::new(std::sync::Mutex::new(reading));
     let first = Some(header.clone());
     let chunks = futures::stream::unfold(
-        (file, offset, first, false),
-        |(mut file, offset, header, done)| async move {
+        (file, offset, first, false, reading.clone()),
+        |(mut file, offset, header, done, reading)| async move {
             if done {
                 return None;
             }
             let mut data = vec![0u8; CHUNK];
             let mut filled = 0;
+            let mut to_end = false;
             while filled < CHUNK {
                 match file.read(&mut data[filled..]).await {
-                    Ok(0) => break,
+                    Ok(0) => {
+                        to_end = true;
+                        break;
+                    }
                     Ok(n) => filled += n,
                     // The stream ends short; the destination's answer says where it stopped and
-                    // the next attempt checks the file again.
-                    Err(_) => break,
+                    // the next attempt reads the file again.
+                    Err(_) => {
+                        reading.lock().unwrap_or_else(|p| p.into_inner()).failed = true;
+                        break;
+                    }
                 }
             }
             data.truncate(filled);
+            {
+                let mut r = reading.lock().unwrap_or_else(|p| p.into_inner());
+                r.hasher.update(&data);
+                r.bytes += filled as u64;
+                r.to_end |= to_end;
+            }
             if filled == 0 && header.is_none() {
                 return None;
             }
@@ -572,20 +612,26 @@ async fn send_file(
                 data,
             };
             let next = offset + filled as u64;
-            Some((chunk, (file, next, None, filled == 0)))
+            Some((chunk, (file, next, None, filled == 0, reading)))
         },
     );
     let to = sink.destination();
-    let state = sink
-        .send(chunks, Duration::from_millis(timeout_ms))
-        .await
-        .map_err(|s| {
-            refused(
-                to,
-                &format!("sending {} from byte {offset}", header.name),
-                &s,
-            )
-        })?;
+    let sent = sink.send(chunks, Duration::from_millis(timeout_ms)).await;
+    // A file that changed is the reason, whatever the destination made of it.
+    let changed = reading
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .changed(&meta);
+    if let Some(changed) = changed {
+        return Err(changed);
+    }
+    let state = sent.map_err(|s| {
+        refused(
+            to,
+            &format!("sending {} from byte {offset}", header.name),
+            &s,
+        )
+    })?;
     if !state.complete {
         return Err(Failure::Retry(format!(
             "{to} holds {} of {} bytes of {} after sending it",
