@@ -165,6 +165,9 @@ pub struct PairOptions {
     /// Start the example transfer recipient as [`RECIPIENT`] (in this process unless it
     /// asks for a process).
     pub recipient: Option<RecipientOptions>,
+    /// `forget_after_days` of both services (default 30; 0 forgets as soon as a request is
+    /// finished, for processes, whose clocks cannot be moved).
+    pub forget_after_days: u32,
 }
 
 impl Default for PairOptions {
@@ -186,6 +189,7 @@ impl Default for PairOptions {
             rust_log: None,
             otel_endpoint: None,
             recipient: None,
+            forget_after_days: 30,
         }
     }
 }
@@ -395,7 +399,9 @@ mod configs {
                 chain_interval_ms: 2000,
             },
             watch: Default::default(),
-            identity_hash_key: "test key".into(),
+            identity_hash_key: "test registry key".into(),
+            forget_after_days: plan.opts.forget_after_days,
+            forget_sweep_interval_ms: 200,
             package_dir: plan.registry_packages.clone(),
             package_ttl_days: 30,
             package_sweep_interval_ms: 200,
@@ -501,6 +507,9 @@ mod configs {
                 concurrency: 4,
                 call_timeout_ms: 3000,
             },
+            identity_hash_key: "test processor key".into(),
+            forget_after_days: plan.opts.forget_after_days,
+            forget_sweep_interval_ms: 200,
         };
         config.validate().expect("processor config");
         config
