@@ -16,6 +16,8 @@
 //! - `chain`: each processor's last reported subprocessor list.
 //! - `events`: events and the audit-trail append.
 //! - `packages`: files and parts of return-of-data packages as stored, and their expiry.
+//! - `forget`: removing a finished request's raw identities, body and free text after its
+//!   dispute window.
 //! - `queries`: reads for the API (a request, lists, tasks, deliveries, events, audit entries).
 
 use anyhow::Result;
@@ -26,6 +28,7 @@ use sqlx::{Any, AnyConnection, Transaction};
 mod acknowledgements;
 mod chain;
 mod events;
+mod forget;
 mod intake;
 mod outbox;
 mod packages;
