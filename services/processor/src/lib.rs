@@ -21,6 +21,8 @@
 //! - [`breaker`]: marks a holder that failed transiently, so its other tasks wait without
 //!   calling it.
 //! - [`ack_sender`]: sends queued acknowledgements to the registries.
+//! - `forget`: removes finished requests' raw identities, bodies, notes and export files
+//!   after `forget_after_days`, keeping keyed hashes of the identities.
 //! - [`uploader`]: delivers written exports in chunks, RETURN_OF_DATA to the registries and
 //!   TRANSFER to their recipients (checking the recipient's identity and receipt), resuming
 //!   where the destination stands, and completes their tasks.
@@ -31,6 +33,7 @@ mod app;
 mod breaker;
 pub mod config;
 pub mod exports;
+mod forget;
 mod metrics;
 mod operator_api;
 mod runner;

@@ -7,8 +7,10 @@
 //! - `tasks`: requests and tasks: accept, cancel, claim, transition, operator views.
 //! - `acks`: the acknowledgement outbox.
 //! - `uploads`: the upload outbox: RETURN_OF_DATA exports waiting to reach the registry.
+//! - `forget`: removing finished requests' raw identities, body and free text.
 
 mod acks;
+mod forget;
 mod rows;
 mod tasks;
 mod uploads;
@@ -16,6 +18,7 @@ mod uploads;
 use dsrelay_runtime::store::Db;
 
 pub use crate::task_machine::Transition;
+pub use forget::Forgettable;
 pub use rows::{AckJob, ManualRow, TaskJob, TaskKey, TaskRow};
 pub use tasks::Accepted;
 pub use uploads::{NextAttempt, UploadJob};
