@@ -42,12 +42,28 @@ pub(crate) fn identity_hashes(key: &[u8], body: Option<&[u8]>) -> Result<String>
 /// Forgets requests past their window until `stop` turns true.
 pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let interval = Duration::from_millis(shared.config.forget_sweep_interval_ms);
+    // Whether the SQLite write-ahead log may still hold forgotten bytes.
+    let mut log_dirty = false;
     loop {
         if *stop.borrow() {
             return;
         }
-        if let Err(e) = sweep(&shared).await {
-            tracing::error!(error = format!("{e:#}"), "forgetting requests failed");
+        match sweep(&shared).await {
+            Ok(forgotten) => log_dirty |= forgotten > 0,
+            Err(e) => {
+                // Some requests may have been forgotten before the error.
+                log_dirty = true;
+                tracing::error!(error = format!("{e:#}"), "forgetting requests failed");
+            }
+        }
+        if log_dirty {
+            match shared.store.scrub_log().await {
+                Ok(done) => log_dirty = !done,
+                Err(e) => tracing::error!(
+                    error = format!("{e:#}"),
+                    "emptying the write-ahead log failed"
+                ),
+            }
         }
         tokio::select! {
             _ = stop.changed() => {}
@@ -56,8 +72,8 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// One sweep: every request past its window is forgotten.
-async fn sweep(shared: &Shared) -> Result<()> {
+/// One sweep: every request past its window is forgotten; returns how many.
+async fn sweep(shared: &Shared) -> Result<usize> {
     let mut forgotten = 0usize;
     loop {
         let now = shared.clock.now_ms();
@@ -77,10 +93,7 @@ async fn sweep(shared: &Shared) -> Result<()> {
             break;
         }
     }
-    if forgotten > 0 {
-        shared.store.scrub_log().await?;
-    }
-    Ok(())
+    Ok(forgotten)
 }
 
 /// Forgets one request: its export files first (a crash in between deletes them again at

@@ -126,12 +126,16 @@ impl Store {
     /// After forgetting on SQLite, empties the write-ahead log, whose old page versions still
     /// hold what was forgotten (`secure_delete`, set on every connection, zeroes freed space
     /// in the database file). PostgreSQL keeps old row versions until VACUUM reclaims them.
-    pub async fn scrub_log(&self) -> Result<()> {
-        if self.db.backend == dsrelay_runtime::store::Backend::Sqlite {
-            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-                .execute(&self.db.pool)
-                .await?;
+    /// Returns false when a reader kept part of the log in use: call again later.
+    pub async fn scrub_log(&self) -> Result<bool> {
+        if self.db.backend != dsrelay_runtime::store::Backend::Sqlite {
+            return Ok(true);
         }
-        Ok(())
+        // One row: (busy, frames in the log, frames checkpointed); busy is 1 when a reader
+        // or writer stopped it from finishing.
+        let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&self.db.pool)
+            .await?;
+        Ok(busy == 0)
     }
 }
