@@ -119,7 +119,7 @@ pub struct RecipientOptions {
 pub const CONTROLLER: &str = "controller";
 
 /// The processor's data folder, inside the pair's folder.
-const PROCESSOR_DATA_DIR: &str = "processor-data";
+pub const PROCESSOR_DATA_DIR: &str = "processor-data";
 
 /// The registry's package folder, inside the pair's folder.
 const REGISTRY_PACKAGES_DIR: &str = "registry-packages";
