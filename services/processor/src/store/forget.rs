@@ -139,3 +139,143 @@ impl Store {
         Ok(busy == 0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use dsrelay_proto::v1::{DeliverRequest, RequestKind};
+    use dsrelay_runtime::store::Db;
+
+    use super::*;
+    use crate::store::{POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+
+    async fn store(dir: &std::path::Path) -> Store {
+        let db = Db::connect(&format!("sqlite://{}/processor.db", dir.display()))
+            .await
+            .unwrap();
+        db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+            .await
+            .unwrap();
+        Store::new(db)
+    }
+
+    /// A request accepted at 0 with one task per `(subprocessor, state, updated_at)`.
+    async fn request(store: &Store, id: &str, tasks: &[(&str, TaskState, i64)]) {
+        let req = DeliverRequest {
+            request_id: id.into(),
+            kind: RequestKind::Erasure as i32,
+            ..Default::default()
+        };
+        let subprocessors: Vec<String> = tasks.iter().map(|t| t.0.to_string()).collect();
+        store
+            .accept("c", &req, &subprocessors, None, 0)
+            .await
+            .unwrap();
+        for (s, state, at) in tasks {
+            sqlx::query(
+                "UPDATE tasks SET state = $1, updated_at = $2, note = 'erased subject@x' \
+                 WHERE request_id = $3 AND subprocessor = $4",
+            )
+            .bind(state_value(*state))
+            .bind(*at)
+            .bind(id)
+            .bind(*s)
+            .execute(&store.db.pool)
+            .await
+            .unwrap();
+        }
+    }
+
+    fn ids(due: &[Forgettable]) -> Vec<&str> {
+        due.iter().map(|r| r.request_id.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn requests_with_open_or_retained_tasks_or_unsent_acks_are_kept() {
+        use TaskState::*;
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path()).await;
+        request(
+            &store,
+            "done",
+            &[("a", Completed, 100), ("b", NotFound, 200)],
+        )
+        .await;
+        request(
+            &store,
+            "failed",
+            &[("a", Failed, 100), ("b", Cancelled, 100)],
+        )
+        .await;
+        request(
+            &store,
+            "retained",
+            &[("a", Completed, 100), ("b", Retained, 100)],
+        )
+        .await;
+        request(
+            &store,
+            "open",
+            &[("a", Completed, 100), ("b", InProgress, 100)],
+        )
+        .await;
+        request(&store, "recent", &[("a", Refused, 501)]).await;
+        request(&store, "unsent", &[("a", Completed, 100)]).await;
+        sqlx::query(
+            "INSERT INTO ack_outbox (controller, request_id, subprocessor, sequence, payload, \
+             next_attempt_at) VALUES ('c', 'unsent', 'a', 2, x'00', 0)",
+        )
+        .execute(&store.db.pool)
+        .await
+        .unwrap();
+        let due = store.requests_to_forget(500, 10).await.unwrap();
+        assert_eq!(ids(&due), ["done", "failed"]);
+        assert!(due[0].body.is_some());
+
+        assert!(store
+            .forget_request(&due[0], "[\"h\"]", 500, 900)
+            .await
+            .unwrap());
+        assert!(!store
+            .forget_request(&due[0], "[\"h\"]", 500, 900)
+            .await
+            .unwrap());
+        let (body, hashes, at): (Option<Vec<u8>>, Option<String>, Option<i64>) = sqlx::query_as(
+            "SELECT body, identity_hashes, forgotten_at FROM requests WHERE request_id = 'done'",
+        )
+        .fetch_one(&store.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            (body, hashes.as_deref(), at),
+            (None, Some("[\"h\"]"), Some(900))
+        );
+        let notes: Vec<String> =
+            sqlx::query_scalar("SELECT note FROM tasks WHERE request_id = 'done'")
+                .fetch_all(&store.db.pool)
+                .await
+                .unwrap();
+        assert_eq!(notes, ["", ""]);
+        // A task that moved after selection stops the forgetting.
+        sqlx::query(
+            "UPDATE tasks SET state = $1 WHERE request_id = 'failed' AND subprocessor = 'a'",
+        )
+        .bind(state_value(Retained))
+        .execute(&store.db.pool)
+        .await
+        .unwrap();
+        assert!(!store.forget_request(&due[1], "[]", 500, 900).await.unwrap());
+        assert!(ids(&store.requests_to_forget(500, 10).await.unwrap()).is_empty());
+        // The retained one is forgotten once its task is erased (COMPLETED) and the window
+        // passed since.
+        sqlx::query("UPDATE tasks SET state = $1, updated_at = 600 WHERE request_id = 'retained'")
+            .bind(state_value(Completed))
+            .execute(&store.db.pool)
+            .await
+            .unwrap();
+        assert!(ids(&store.requests_to_forget(500, 10).await.unwrap()).is_empty());
+        assert_eq!(
+            ids(&store.requests_to_forget(600, 10).await.unwrap()),
+            ["retained", "recent"]
+        );
+    }
+}

@@ -142,3 +142,137 @@ impl Store {
         Ok(busy == 0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use dsrelay_proto::v1::RequestKind;
+    use dsrelay_runtime::store::Db;
+
+    use super::*;
+    use crate::store::{NewRequest, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+
+    async fn store(dir: &std::path::Path) -> Store {
+        let db = Db::connect(&format!("sqlite://{}/registry.db", dir.display()))
+            .await
+            .unwrap();
+        db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+            .await
+            .unwrap();
+        Store::new(db)
+    }
+
+    /// A request in `state`, finished at `finished_at`, with a body naming its subject.
+    async fn request(store: &Store, id: &str, state: RequestState, finished_at: Option<i64>) {
+        store
+            .insert_request(&NewRequest {
+                id: id.into(),
+                partner: "crm".into(),
+                idempotency_key: format!("key-{id}"),
+                body_hash: format!("hash-{id}"),
+                body: b"subject@example.org".to_vec(),
+                identity_hashes: "[\"h\"]".into(),
+                kind: RequestKind::Erasure as i32,
+                received_at: 0,
+                due_at: 1_000_000,
+                trace_id: "0".repeat(32),
+                traceparent: None,
+                processors: vec!["p1".into()],
+            })
+            .await
+            .unwrap();
+        sqlx::query(
+            "UPDATE requests SET state = $1, finished_at = $2, cancel_reason = 'asked by \
+             subject@example.org' WHERE id = $3",
+        )
+        .bind(state as i32)
+        .bind(finished_at)
+        .bind(id)
+        .execute(&store.db.pool)
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn only_terminal_requests_past_the_cutoff_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path()).await;
+        request(&store, "completed-old", RequestState::Completed, Some(100)).await;
+        request(&store, "failed-old", RequestState::Failed, Some(200)).await;
+        request(
+            &store,
+            "cancelled-at-cutoff",
+            RequestState::Cancelled,
+            Some(500),
+        )
+        .await;
+        request(&store, "completed-new", RequestState::Completed, Some(501)).await;
+        request(
+            &store,
+            "partial",
+            RequestState::PartiallyCompleted,
+            Some(100),
+        )
+        .await;
+        request(&store, "open", RequestState::InProgress, None).await;
+        let due = store.requests_to_forget(500, 10).await.unwrap();
+        assert_eq!(due, ["completed-old", "failed-old", "cancelled-at-cutoff"]);
+        assert_eq!(store.requests_to_forget(500, 1).await.unwrap().len(), 1);
+
+        // The cutoff is checked again when forgetting, and so is the state.
+        assert!(!store
+            .forget_request("completed-new", 500, 900, "m")
+            .await
+            .unwrap());
+        assert!(!store
+            .forget_request("partial", 500, 900, "m")
+            .await
+            .unwrap());
+        assert!(!store
+            .forget_request("missing", 500, 900, "m")
+            .await
+            .unwrap());
+        assert!(store
+            .forget_request("failed-old", 500, 900, "m")
+            .await
+            .unwrap());
+        assert!(!store
+            .forget_request("failed-old", 500, 900, "m")
+            .await
+            .unwrap());
+        let (body, reason, forgotten_at, hashes): (
+            Option<Vec<u8>>,
+            Option<String>,
+            Option<i64>,
+            String,
+        ) = sqlx::query_as(
+            "SELECT body, cancel_reason, forgotten_at, identity_hashes FROM requests \
+                 WHERE id = 'failed-old'",
+        )
+        .fetch_one(&store.db.pool)
+        .await
+        .unwrap();
+        assert_eq!((body, reason, forgotten_at), (None, None, Some(900)));
+        assert_eq!(hashes, "[\"h\"]");
+        let kept: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT body FROM requests WHERE id = 'partial'")
+                .fetch_one(&store.db.pool)
+                .await
+                .unwrap();
+        assert!(kept.is_some());
+        assert_eq!(
+            store.requests_to_forget(500, 10).await.unwrap(),
+            ["completed-old", "cancelled-at-cutoff"]
+        );
+        let events: Vec<i32> = sqlx::query_scalar(
+            "SELECT type FROM events WHERE request_id = 'failed-old' ORDER BY id",
+        )
+        .fetch_all(&store.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            events.last(),
+            Some(&(EventType::IdentitiesForgotten as i32))
+        );
+        assert!(store.scrub_log().await.unwrap());
+    }
+}
