@@ -105,7 +105,7 @@ impl App {
         );
         let identity_hash_key = config.identity_hash_key.as_bytes().to_vec();
         let (events, _) = broadcast::channel(1024);
-        let store = Store::new(db);
+        let store = Store::new(db, &identity_hash_key);
         let (intake, intake_writer) = intake::channel(store.clone());
         let packages = Packages::new(
             Arc::new(FolderStore::new(&config.package_dir)),

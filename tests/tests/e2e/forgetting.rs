@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use dsrelay_proto::v1::{
-    EventType, ListEventsRequest, Request, RequestKind, RequestState, SubmitRequest,
+    CancelRequest, EventType, ListEventsRequest, Request, RequestKind, RequestState, Scope,
+    SubmitRequest,
 };
 
 use crate::harness::dsrctl::dsrctl;
@@ -80,16 +81,22 @@ fn find(paths: &[PathBuf], addresses: &[String]) -> Vec<(PathBuf, String)> {
     found
 }
 
-/// Submits an erasure of each address and a return of data for the first and for Maija;
-/// returns the request ids.
+/// Submits an erasure of each address and a return of data for the first and for Maija,
+/// in the categories the processor holds; returns the request ids.
 async fn submit_all(pair: &TestPair, addresses: &[String]) -> Vec<String> {
     let mut crm = pair.crm();
-    let mut bodies: Vec<SubmitRequest> = addresses.iter().map(|a| erasure(a)).collect();
+    let scoped = |a: &str| SubmitRequest {
+        scope: Some(Scope {
+            data_categories: vec!["contact".into(), "invoicing".into(), "marketing".into()],
+        }),
+        ..erasure(a)
+    };
+    let mut bodies: Vec<SubmitRequest> = addresses.iter().map(|a| scoped(a)).collect();
     for a in [addresses[0].as_str(), MAIJA] {
         bodies.push(SubmitRequest {
             kind: RequestKind::ReturnOfData as i32,
             note: format!("for {a}"),
-            ..erasure(a)
+            ..scoped(a)
         });
     }
     let mut ids = Vec::new();
@@ -103,6 +110,38 @@ async fn submit_all(pair: &TestPair, addresses: &[String]) -> Vec<String> {
         );
     }
     ids
+}
+
+/// Submits an erasure of `address` routed only to the processor that is never up, and
+/// cancels it with a reason naming the subject: CANCELLED with its Deliver still pending,
+/// and free text that must not outlive the window (nor ever reach the audit trail raw).
+async fn submit_cancelled(pair: &TestPair, address: &str) -> String {
+    let mut crm = pair.crm();
+    let id = crm
+        .submit(SubmitRequest {
+            scope: Some(Scope {
+                data_categories: vec!["web-analytics".into()],
+            }),
+            ..erasure(address)
+        })
+        .await
+        .expect("submit")
+        .into_inner()
+        .request_id;
+    crm.cancel(CancelRequest {
+        request_id: id.clone(),
+        reason: format!("{address} withdrew the request"),
+    })
+    .await
+    .expect("cancel");
+    wait_until(
+        &mut crm,
+        &id,
+        Duration::from_secs(10),
+        in_state(RequestState::Cancelled),
+    )
+    .await;
+    id
 }
 
 /// Waits until every request is COMPLETED.
@@ -152,8 +191,13 @@ async fn check_views(pair: &TestPair, views: &[Request]) {
     for v in views {
         assert!(v.identities.is_empty(), "{v:#?}");
         assert!(v.scope.is_none() && v.parameters.is_none(), "{v:#?}");
-        assert!(v.note.is_empty(), "{v:#?}");
-        assert_eq!(v.state, RequestState::Completed as i32);
+        assert!(v.note.is_empty() && v.cancel_reason.is_empty(), "{v:#?}");
+        assert!(
+            [RequestState::Completed, RequestState::Cancelled]
+                .map(|s| s as i32)
+                .contains(&v.state),
+            "{v:#?}"
+        );
         let events = pair
             .operator()
             .list_events(ListEventsRequest {
@@ -168,7 +212,18 @@ async fn check_views(pair: &TestPair, views: &[Request]) {
             .filter(|e| e.r#type == EventType::IdentitiesForgotten as i32)
             .collect();
         assert_eq!(forgotten.len(), 1, "{events:#?}");
-        assert_eq!(forgotten[0].request_state, RequestState::Completed as i32);
+        assert_eq!(forgotten[0].request_state, v.state);
+        // Messages of the registry's own words stay; free text is gone.
+        assert!(
+            events
+                .iter()
+                .any(|e| e.r#type == EventType::Submitted as i32
+                    && e.message.starts_with("accepted")),
+            "{events:#?}"
+        );
+        for e in &events {
+            assert!(!e.message.contains('@'), "{e:#?}");
+        }
     }
 }
 
@@ -180,14 +235,34 @@ async fn audit_verifies(pair: &TestPair) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forgotten_addresses_leave_no_byte_in_the_files_on_sqlite() {
-    let mut pair = spawn_pair(PairOptions::default())
-        .await
-        .expect("sqlite pair");
+    let mut pair = spawn_pair(PairOptions {
+        with_absent_processor: true,
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
     let addresses = addresses("sqlite");
-    let ids = submit_all(&pair, &addresses).await;
+    let mut ids = submit_all(&pair, &addresses).await;
     wait_completed(&pair, &ids).await;
+    let cancelled = submit_cancelled(&pair, &addresses[1]).await;
     let mut all = addresses.clone();
     all.push(MAIJA.into());
+    // The cancel reason is in the event until forgotten; the audit entry holds its hash.
+    let events = pair
+        .operator()
+        .list_events(ListEventsRequest {
+            request_id: cancelled.clone(),
+        })
+        .await
+        .expect("events")
+        .into_inner()
+        .events;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.message == format!("cancelled: {} withdrew the request", addresses[1])),
+        "{events:#?}"
+    );
 
     // Within the window everything is still there, and the scan sees it.
     let files = relay_files(&pair);
@@ -230,10 +305,12 @@ async fn forgotten_addresses_leave_no_byte_in_the_files_on_sqlite() {
     // Past the window (and the package retention) everything is forgotten.
     registry_clock.advance(2 * DAY_MS);
     processor_clock.advance(2 * DAY_MS);
+    let package = pair.package_dir().join(&ids[4]);
+    ids.push(cancelled);
     let views = wait_forgotten(&pair, &ids, Duration::from_secs(20)).await;
     check_views(&pair, &views).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while pair.package_dir().join(&ids[4]).exists() {
+    while package.exists() {
         assert!(
             tokio::time::Instant::now() < deadline,
             "package not expired"
@@ -249,6 +326,27 @@ async fn forgotten_addresses_leave_no_byte_in_the_files_on_sqlite() {
         )
         .await,
         ids.len() as i64
+    );
+    // The cancelled request's Deliver to the absent processor is given up, not retried
+    // with no identities; its Cancel (which carries none) is still retried.
+    for (op, pending) in [("deliver", 0), ("cancel", 1)] {
+        assert_eq!(
+            count(
+                pair.registry.database_url(),
+                &format!("SELECT COUNT(*) FROM deliveries WHERE done_at IS NULL AND op = '{op}'")
+            )
+            .await,
+            pending,
+            "{op}"
+        );
+    }
+    assert_eq!(
+        count(
+            pair.registry.database_url(),
+            "SELECT COUNT(*) FROM audit_log WHERE detail LIKE 'cancelled: text hmac-sha256:%'"
+        )
+        .await,
+        1
     );
 
     pair.registry.stop().await;
@@ -364,6 +462,7 @@ async fn postgres_columns_holding(url: &str, address: &str) -> Vec<String> {
 async fn forgotten_addresses_leave_no_row_on_postgres() {
     let Some(pair) = spawn_pair(PairOptions {
         backend: Backend::Postgres,
+        with_absent_processor: true,
         ..Default::default()
     })
     .await
@@ -371,8 +470,9 @@ async fn forgotten_addresses_leave_no_row_on_postgres() {
         return;
     };
     let addresses = addresses("postgres");
-    let ids = submit_all(&pair, &addresses).await;
+    let mut ids = submit_all(&pair, &addresses).await;
     wait_completed(&pair, &ids).await;
+    ids.push(submit_cancelled(&pair, &addresses[2]).await);
     let urls = [
         pair.registry.database_url().to_string(),
         pair.processor.database_url().to_string(),

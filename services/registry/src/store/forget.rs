@@ -158,7 +158,7 @@ mod tests {
         db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
             .await
             .unwrap();
-        Store::new(db)
+        Store::new(db, b"test key")
     }
 
     /// A request in `state`, finished at `finished_at`, with a body naming its subject.

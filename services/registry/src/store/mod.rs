@@ -20,6 +20,8 @@
 //!   dispute window.
 //! - `queries`: reads for the API (a request, lists, tasks, deliveries, events, audit entries).
 
+use std::sync::Arc;
+
 use anyhow::Result;
 use dsrelay_proto::v1::RequestState;
 use dsrelay_runtime::store::{Backend, Db};
@@ -57,15 +59,31 @@ pub const OP_DELIVER: &str = Operation::Deliver.as_str();
 pub const OP_CANCEL: &str = Operation::Cancel.as_str();
 
 /// The registry store.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Store {
     db: Db,
+    /// The key of the keyed hashes that stand in the audit trail for free text (reasons,
+    /// notes, errors): the registry's `identity_hash_key`.
+    text_key: Arc<[u8]>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("Store")
+            .field("db", &self.db)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Store {
-    /// Wraps a migrated database.
-    pub fn new(db: Db) -> Self {
-        Self { db }
+    /// Wraps a migrated database; `text_key` keys the hashes that stand in the audit trail
+    /// for free text (see [`events`]).
+    pub fn new(db: Db, text_key: &[u8]) -> Self {
+        Self {
+            db,
+            text_key: text_key.into(),
+        }
     }
 
     /// The database handle.
@@ -78,6 +96,7 @@ impl Store {
         Ok(Tx {
             tx: self.db.pool.begin().await?,
             backend: self.db.backend,
+            text_key: self.text_key.clone(),
         })
     }
 
@@ -95,6 +114,8 @@ impl Store {
 struct Tx {
     tx: Transaction<'static, Any>,
     backend: Backend,
+    /// See [`Store`]'s field.
+    text_key: Arc<[u8]>,
 }
 
 impl Tx {
