@@ -78,7 +78,7 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Wraps a migrated database; `text_key` keys the hashes that stand in the audit trail
-    /// for free text (see [`events`]).
+    /// for free text (see the `events` module).
     pub fn new(db: Db, text_key: &[u8]) -> Self {
         Self {
             db,
