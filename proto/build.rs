@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "dsrelay/v1/adapter.proto",
         "dsrelay/v1/package.proto",
         "dsrelay/v1/transfer.proto",
+        "dsrelay/v1/certificate.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -21,8 +21,9 @@ Connection settings: each is taken from the first of
 
 Exit status: 0 on success; 1 for a configuration or connection problem, from `watch`
 when the request ended other than COMPLETED, from `audit verify` when the trail is
-broken, and from `download` when a file does not match the manifest or cannot be
-written; 2 for a usage error or an error answer from the registry (printed as
+broken, from `download` when a file does not match the manifest or cannot be
+written, and from `certificate verify` when the certificate does not verify (`certificate
+get`: when the registry rejected it); 2 for a usage error or an error answer from the registry (printed as
 `error: <CODE>: <message>`).";
 
 /// Command-line client for the dsrelay registry: submit and follow data-subject requests.
@@ -124,6 +125,10 @@ pub enum Command {
     /// The registry's tamper-evident audit trail (operators only).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Deletion certificates: signed statements by a processor of what an erasure removed
+    /// and what it retains, until when.
+    #[command(subcommand)]
+    Certificate(CertificateCommand),
     // New subcommands go here, with their arm in `commands::dispatch`; a subcommand that
     // needs no registry connection must not call `settings::resolve`.
 }
@@ -205,6 +210,47 @@ pub enum TasksCommand {
         #[arg(long)]
         reason: String,
     },
+}
+
+/// `dsrctl certificate ...`.
+#[derive(Debug, Subcommand)]
+pub enum CertificateCommand {
+    /// Fetch a request's deletion certificate from the registry and write it to a file
+    /// (JSON: body, the signed canonical JSON as text; signature, base64; key_id). With
+    /// several tasks certified, name one with --processor and --subprocessor; a task with a
+    /// follow-up gives its latest. Exits 1 without writing when the registry rejected it.
+    Get(CertificateGetArgs),
+    /// Check a certificate file offline against the processor's public key, given with
+    /// --key PUBKEY (a file holding SPKI PEM or the base64 of the 32 key bytes, or that
+    /// base64 itself: verify connects to nothing, so --key names no TLS key here), and print
+    /// what it certifies; exits 1 when any byte of it was changed or another key signed it.
+    Verify(CertificateVerifyArgs),
+}
+
+/// Arguments of `dsrctl certificate get`.
+#[derive(Debug, Clone, Args)]
+pub struct CertificateGetArgs {
+    /// The request id.
+    pub id: String,
+
+    /// Only this processor's certificates (its name at the registry).
+    #[arg(long)]
+    pub processor: Option<String>,
+
+    /// Only this subprocessor's certificates.
+    #[arg(long)]
+    pub subprocessor: Option<String>,
+
+    /// The file to write (replaced if it exists).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+/// Arguments of `dsrctl certificate verify`.
+#[derive(Debug, Clone, Args)]
+pub struct CertificateVerifyArgs {
+    /// The certificate file `dsrctl certificate get` wrote.
+    pub file: PathBuf,
 }
 
 /// `dsrctl audit ...`.

@@ -14,7 +14,9 @@
 //!
 //! Exit status: 0 on success; 1 for configuration and connection problems, when `watch`
 //! sees the request end other than COMPLETED, when `audit verify` finds the trail broken
-//! and when `download` finds a file that does not match the manifest or cannot write it;
+//! when `download` finds a file that does not match the manifest or cannot write it, and
+//! when `certificate verify` finds a certificate that does not verify (or `certificate get`
+//! one the registry rejected);
 //! 2 for usage errors (clap's own included) and error answers from the registry.
 
 use std::io::Write;
@@ -58,6 +60,9 @@ pub enum Failure {
     /// A downloaded package could not be written, or the registry sent one that cannot be
     /// unpacked (an unsafe path, chunks out of manifest order).
     Package(anyhow::Error),
+    /// A deletion certificate that does not verify, was rejected by the registry, or
+    /// cannot be read or written.
+    Certificate(anyhow::Error),
 }
 
 impl From<std::io::Error> for Failure {
@@ -72,7 +77,11 @@ impl Failure {
         match self {
             Self::Usage(_) => EXIT_USAGE_OR_RPC,
             Self::Rpc { status, .. } if !is_connection_error(status) => EXIT_USAGE_OR_RPC,
-            Self::Rpc { .. } | Self::Setup(_) | Self::Output(_) | Self::Package(_) => EXIT_FAILURE,
+            Self::Rpc { .. }
+            | Self::Setup(_)
+            | Self::Output(_)
+            | Self::Package(_)
+            | Self::Certificate(_) => EXIT_FAILURE,
         }
     }
 
@@ -102,7 +111,7 @@ impl Failure {
                 format!("error: {}: {}", code_name(status.code()), status.message())
             }
             Self::Output(err) => format!("error: writing the output: {err}"),
-            Self::Package(err) => format!("error: {err:#}"),
+            Self::Package(err) | Self::Certificate(err) => format!("error: {err:#}"),
         };
         table::clean(&text)
     }

@@ -590,6 +590,18 @@ pub(crate) struct PkiView {
     pub(crate) created: bool,
     pub(crate) ca: String,
     pub(crate) parties: Vec<PkiPartyView>,
+    /// The processors' deletion-certificate signing keys.
+    pub(crate) signing_keys: Vec<PkiSigningKeyView>,
+}
+
+/// One processor's certificate signing key in `pki init`.
+#[derive(Debug, Serialize)]
+pub(crate) struct PkiSigningKeyView {
+    pub(crate) party: String,
+    /// The private key (PKCS#8 PEM): the processor's `signing_key`.
+    pub(crate) key: String,
+    /// Its public key (SPKI PEM): the registry's `public_key` for the processor.
+    pub(crate) public_key: String,
 }
 
 impl PkiView {
@@ -605,6 +617,12 @@ impl PkiView {
             t.row([&p.party, &p.identity, &p.cert, &p.key]);
         }
         out.push_str(&t.render());
+        for k in &self.signing_keys {
+            out.push_str(&format!(
+                "\nsigning key of {}: {} (public key: {})\n",
+                k.party, k.key, k.public_key
+            ));
+        }
         out
     }
 }

@@ -61,6 +61,12 @@ fn pki_init_creates_the_files_and_lists_identities() {
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["created"], false);
     assert_eq!(doc["parties"].as_array().unwrap().len(), DEV_PARTIES.len());
+    // The processor's deletion-certificate key, and its public half for the registry.
+    assert_eq!(doc["signing_keys"][0]["party"], "processor");
+    for file in ["key", "public_key"] {
+        let path = doc["signing_keys"][0][file].as_str().unwrap();
+        assert!(std::path::Path::new(path).is_file(), "{path}");
+    }
     assert_eq!(
         std::fs::read(tmp.path().join("pki/ca.pem")).unwrap(),
         ca_before
@@ -83,6 +89,7 @@ fn help_names_the_commands_settings_and_exit_status() {
         "pki",
         "package",
         "download",
+        "certificate",
         "--endpoint",
         "--config",
         "DSRCTL_ENDPOINT",
@@ -90,6 +97,15 @@ fn help_names_the_commands_settings_and_exit_status() {
     ] {
         assert!(stdout.contains(expected), "{expected:?} in\n{stdout}");
     }
+
+    // Verifying needs the public key, and nothing else: no connection settings.
+    let out = dsrctl(tmp.path(), &[], &["certificate", "verify", "cert.json"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--key PUBKEY"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // No subcommand: clap's usage error.
     let out = dsrctl(tmp.path(), &[], &[]);

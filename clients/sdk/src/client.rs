@@ -3,12 +3,14 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use dsrelay_proto::v1::certificate_service_client::CertificateServiceClient;
 use dsrelay_proto::v1::package_service_client::PackageServiceClient;
 use dsrelay_proto::v1::request_service_client::RequestServiceClient;
 use dsrelay_proto::v1::{
     CancelRequest, ExtendDeadlineRequest, GetRequest, ListRequestsRequest, ListRequestsResponse,
     Request, RequestEvent, SubmitRequest, SubmitResponse, WatchRequest,
 };
+use dsrelay_proto::v1::{ListCertificatesRequest, StoredCertificate};
 use dsrelay_runtime::tls::{self, TlsFiles};
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -45,6 +47,8 @@ pub struct RegistryClient {
     inner: RequestServiceClient<Channel>,
     /// The same channel, for downloading packages.
     pub(crate) packages: PackageServiceClient<Channel>,
+    /// The same channel, for deletion certificates.
+    certificates: CertificateServiceClient<Channel>,
     timeout: Option<Duration>,
 }
 
@@ -72,7 +76,8 @@ impl RegistryClient {
     pub fn from_channel(channel: Channel) -> Self {
         Self {
             inner: RequestServiceClient::new(channel.clone()),
-            packages: PackageServiceClient::new(channel),
+            packages: PackageServiceClient::new(channel.clone()),
+            certificates: CertificateServiceClient::new(channel),
             timeout: Some(DEFAULT_CALL_TIMEOUT),
         }
     }
@@ -91,6 +96,29 @@ impl RegistryClient {
     /// The generated `PackageService` client, for calls this wrapper does not cover.
     pub fn raw_packages(&self) -> PackageServiceClient<Channel> {
         self.packages.clone()
+    }
+
+    /// The deletion certificates of a request, oldest first, each with the registry's
+    /// verdict; `processor` and `subprocessor` narrow them when not empty. NOT_FOUND when
+    /// none matches or the request is not the caller's.
+    pub async fn list_certificates(
+        &self,
+        request_id: impl Into<String>,
+        processor: impl Into<String>,
+        subprocessor: impl Into<String>,
+    ) -> Result<Vec<StoredCertificate>, Status> {
+        let request = self.request(ListCertificatesRequest {
+            request_id: request_id.into(),
+            processor: processor.into(),
+            subprocessor: subprocessor.into(),
+        });
+        Ok(self
+            .certificates
+            .clone()
+            .list_certificates(request)
+            .await?
+            .into_inner()
+            .certificates)
     }
 
     pub(crate) fn request<T>(&self, body: T) -> tonic::Request<T> {

@@ -1,5 +1,5 @@
-//! Rust client for the dsrelay registry's partner API (`dsrelay.v1.RequestService` and
-//! `dsrelay.v1.PackageService`).
+//! Rust client for the dsrelay registry's partner API (`dsrelay.v1.RequestService`,
+//! `dsrelay.v1.PackageService` and `dsrelay.v1.CertificateService`).
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {

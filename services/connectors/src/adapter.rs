@@ -23,10 +23,19 @@
 //! as "unknown" and every kind is then passed on to `Execute`, which answers for itself.
 //!
 //! # Exports
-//! The protocol carries an export in one `ExecuteResponse.export_json` of at most 16 MiB, so
-//! the adapter's part of a package is small and bounded: it is checked to be JSON and written
-//! as it came, as `export.json` in the task's folder. (Paging would matter only for larger
-//! exports, which the protocol does not allow.)
+//! A RETURN_OF_DATA or TRANSFER answered COMPLETED becomes `export.json` in the task's folder,
+//! in one of two forms:
+//! - `export_paged` (wins when set): the records are fetched with `GetExportPage` under the
+//!   key the answer was given under, one page of at most 1 MiB (`EXPORT_PAGE_BYTES`) at a
+//!   time, and each record, checked to be one JSON value, is appended to a JSON array
+//!   streamed to the file. What is held is one page, whatever the size of the export. A page
+//!   that fails transiently is asked again (same token) up to `PAGE_RETRIES` times before
+//!   the error is passed on; the processor then re-runs the task from `Execute` into an
+//!   emptied folder. A page larger than asked, a record that is not JSON, an empty page
+//!   that is not the last, a token answered with itself, or an export beyond
+//!   `MAX_EXPORT_PAGES` pages or `MAX_EXPORT_BYTES` bytes are permanent errors.
+//! - `export_json` (adapters that answer inline): one JSON value in the answer itself, so at
+//!   most the 16 MiB this connector decodes; checked to be JSON and written as it came.
 //!
 //! # Outcomes and errors
 //! COMPLETED, NOT_FOUND, RETAINED, ACCEPTED and REFUSED map to the [`Outcome`] of the same
@@ -48,15 +57,15 @@ use dsrelay_proto::tonic::transport::{Channel, Uri};
 use dsrelay_proto::tonic::{self, Code, Status};
 use dsrelay_proto::v1::subprocessor_adapter_client::SubprocessorAdapterClient;
 use dsrelay_proto::v1::{
-    DescribeRequest, ExecuteOutcome, ExecuteRequest, ExecuteResponse, GetTaskStatusRequest,
-    RequestKind, Scope,
+    DescribeRequest, ExecuteOutcome, ExecuteRequest, ExecuteResponse, ExportPage,
+    GetExportPageRequest, GetTaskStatusRequest, RequestKind, Scope,
 };
 use dsrelay_proto::{millis_from_timestamp, timestamp_from_millis};
 use dsrelay_runtime::tls::TlsFiles;
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
-use crate::export::JSON;
+use crate::export::{JsonArrayWriter, JSON};
 use crate::{kind_label, BoxFuture, Connector, ConnectorError, ExportedFile, Outcome, Phase, Task};
 
 /// Appended to the task id to form the idempotency key of the [`Phase::RetentionExpired`]
@@ -70,8 +79,24 @@ const DEFAULT_TIMEOUT_MS: u64 = 10_000;
 /// lease.
 const MAX_TIMEOUT_MS: u64 = 300_000;
 
-/// Largest answer accepted: the 16 MiB export the protocol allows plus room for the rest.
+/// Largest answer accepted: a 16 MiB inline export plus room for the rest of the answer.
 const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024 + 64 * 1024;
+
+/// The `max_bytes` asked of every export page: what is held of a paged export at a time.
+const EXPORT_PAGE_BYTES: u32 = 1024 * 1024;
+
+/// A paged export of more pages than this is refused: an adapter that never ends is a bug.
+const MAX_EXPORT_PAGES: u64 = 1_000_000;
+
+/// A paged export of more bytes than this is refused (64 GiB), before it fills the disk.
+const MAX_EXPORT_BYTES: u64 = 64 * 1024 * 1024 * 1024;
+
+/// How many times a page that failed transiently is asked again before the error is passed
+/// on (the delay grows by `PAGE_RETRY_DELAY` each time).
+const PAGE_RETRIES: u32 = 3;
+
+/// See [`PAGE_RETRIES`].
+const PAGE_RETRY_DELAY: Duration = Duration::from_millis(200);
 
 /// Notes and reasons are cut to this many bytes, the limit of the acknowledgement fields.
 const MAX_TEXT: usize = 4096;
@@ -165,6 +190,8 @@ pub(crate) struct AdapterConnector {
     configured: Option<BTreeSet<i32>>,
     /// Describe's answer once known; `None` inside means "unknown, let Execute answer".
     described: OnceCell<Option<BTreeSet<i32>>>,
+    /// The `max_bytes` of each export page ([`EXPORT_PAGE_BYTES`]; smaller in tests).
+    page_bytes: u32,
 }
 
 impl std::fmt::Debug for AdapterConnector {
@@ -208,6 +235,7 @@ impl AdapterConnector {
             timeout: Duration::from_millis(config.timeout_ms),
             configured,
             described: OnceCell::new(),
+            page_bytes: EXPORT_PAGE_BYTES,
         })
     }
 
@@ -253,6 +281,115 @@ impl AdapterConnector {
         });
         let result = tokio::time::timeout(self.timeout, client.get_task_status(request)).await;
         self.finish("GetTaskStatus", result)
+    }
+
+    /// One page of the export of `task_id`; transient failures are asked again (the same
+    /// token names the same page) up to [`PAGE_RETRIES`] times.
+    async fn export_page(&self, task_id: &str, token: &str) -> Result<ExportPage, ConnectorError> {
+        let mut retries = 0;
+        loop {
+            let mut client = self.client.clone();
+            let request = self.outgoing(GetExportPageRequest {
+                task_id: task_id.to_string(),
+                page_token: token.to_string(),
+                max_bytes: self.page_bytes,
+            });
+            let result = tokio::time::timeout(self.timeout, client.get_export_page(request)).await;
+            match self.finish("GetExportPage", result) {
+                Err(e) if e.is_transient() && retries < PAGE_RETRIES => {
+                    retries += 1;
+                    tracing::debug!(endpoint = %self.endpoint, error = %e, retries, "export page asked again");
+                    tokio::time::sleep(PAGE_RETRY_DELAY * retries).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Fetches the paged export of `task_id` page by page into `export.json`, a JSON array
+    /// of its records. See the module documentation for what is refused.
+    async fn write_paged_export(
+        &self,
+        task: &Task,
+        task_id: &str,
+    ) -> Result<ExportedFile, ConnectorError> {
+        let file = task.export_sink()?.file("export.json", JSON).await?;
+        let mut array = JsonArrayWriter::new(file).await?;
+        let mut token = String::new();
+        let mut pages: u64 = 0;
+        loop {
+            pages += 1;
+            if pages > MAX_EXPORT_PAGES {
+                return Err(ConnectorError::Permanent(format!(
+                    "the adapter's export has more than {MAX_EXPORT_PAGES} pages"
+                )));
+            }
+            let page = self.export_page(task_id, &token).await?;
+            let size: usize = page.records.iter().map(Vec::len).sum();
+            if size > self.page_bytes as usize {
+                return Err(ConnectorError::Permanent(format!(
+                    "the adapter's export page {pages} holds {size} bytes of records, more than \
+                     the {} asked",
+                    self.page_bytes
+                )));
+            }
+            if page.records.is_empty() && !page.next_page_token.is_empty() {
+                return Err(ConnectorError::Permanent(format!(
+                    "the adapter's export page {pages} is empty but not the last"
+                )));
+            }
+            for record in &page.records {
+                serde_json::from_slice::<serde::de::IgnoredAny>(record).map_err(|e| {
+                    ConnectorError::Permanent(format!(
+                        "record {} of the adapter's export is not valid JSON: {e}",
+                        array.count() + 1
+                    ))
+                })?;
+                array.push_json(record).await?;
+            }
+            if array.size() > MAX_EXPORT_BYTES {
+                return Err(ConnectorError::Permanent(format!(
+                    "the adapter's export is larger than {MAX_EXPORT_BYTES} bytes"
+                )));
+            }
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            if page.next_page_token == token {
+                return Err(ConnectorError::Permanent(format!(
+                    "the adapter answered page {pages} of its export with the same page token"
+                )));
+            }
+            token = page.next_page_token;
+        }
+        tracing::debug!(endpoint = %self.endpoint, pages, records = array.count(), "paged export written");
+        array.finish().await
+    }
+
+    /// Turns an adapter's answer to `task` into an [`Outcome`], writing a completed export
+    /// into the task's folder as `export.json` (paged or inline, see the module
+    /// documentation). `handle` is the key the answer was given under.
+    async fn complete(
+        &self,
+        task: &Task,
+        handle: &str,
+        mut response: ExecuteResponse,
+    ) -> Result<Outcome, ConnectorError> {
+        let inline = std::mem::take(&mut response.export_json);
+        let paged = response.export_paged;
+        let mut outcome = outcome_from_response(handle, response)?;
+        if let Outcome::Completed { files, .. } = &mut outcome {
+            // Data the request did not ask for is not kept (nor fetched).
+            if matches!(task.kind, RequestKind::ReturnOfData | RequestKind::Transfer) {
+                let file = if paged {
+                    self.write_paged_export(task, handle).await?
+                } else {
+                    write_export(task, &inline).await?
+                };
+                *files = vec![file];
+            }
+        }
+        Ok(outcome)
     }
 
     /// Asks Describe; `Ok(None)` when the answer does not say (failed for good, or listed no
@@ -334,11 +471,11 @@ impl Connector for AdapterConnector {
                         });
                     }
                     let response = self.execute(task, &task.task_id).await?;
-                    finish(task, &task.task_id, response).await
+                    self.complete(task, &task.task_id, response).await
                 }
                 Phase::Confirm { handle } => {
                     let response = self.task_status(handle).await?;
-                    finish(task, handle, response).await
+                    self.complete(task, handle, response).await
                 }
                 Phase::RetentionExpired => {
                     let key = retention_expired_key(&task.task_id);
@@ -389,30 +526,12 @@ fn clip(mut s: String) -> String {
     s
 }
 
-/// Turns an adapter's answer to `task` into an [`Outcome`], writing a completed export into
-/// the task's folder as `export.json`.
-async fn finish(
-    task: &Task,
-    handle: &str,
-    mut response: ExecuteResponse,
-) -> Result<Outcome, ConnectorError> {
-    let export = std::mem::take(&mut response.export_json);
-    let mut outcome = outcome_from_response(handle, response)?;
-    if let Outcome::Completed { files, .. } = &mut outcome {
-        // Data the request did not ask for is not kept.
-        if matches!(task.kind, RequestKind::ReturnOfData | RequestKind::Transfer) {
-            *files = vec![write_export(task, &export).await?];
-        }
-    }
-    Ok(outcome)
-}
-
-/// Checks that the adapter's `export_json` is JSON and writes it as `export.json`. The
-/// protocol bounds it to 16 MiB in one message, which is what this connector holds of it.
+/// Checks that the adapter's inline `export_json` is JSON and writes it as `export.json`. It
+/// came in one message of at most 16 MiB, which is what this connector holds of it.
 async fn write_export(task: &Task, export: &[u8]) -> Result<ExportedFile, ConnectorError> {
     if export.is_empty() {
         return Err(ConnectorError::Permanent(format!(
-            "the adapter completed {} without export_json",
+            "the adapter completed {} without export_json or export_paged",
             kind_label(task.kind)
         )));
     }
@@ -425,7 +544,7 @@ async fn write_export(task: &Task, export: &[u8]) -> Result<ExportedFile, Connec
 }
 
 /// Turns an adapter's answer into an [`Outcome`] (a COMPLETED one without
-/// files: [`finish`] writes them); `handle` is the key
+/// files: [`AdapterConnector::complete`] writes them); `handle` is the key
 /// the answer was given under (returned in [`Outcome::Accepted`]).
 fn outcome_from_response(
     handle: &str,
@@ -439,6 +558,7 @@ fn outcome_from_response(
             records_affected: evidence.records_affected.max(0),
             note,
             files: Vec::new(),
+            erased: Vec::new(),
         }),
         ExecuteOutcome::NotFound => Ok(Outcome::NotFound {
             note: if note.is_empty() {
@@ -463,6 +583,7 @@ fn outcome_from_response(
                 until_ms: millis_from_timestamp(until),
                 records_affected: evidence.records_affected.max(0),
                 note,
+                erased: Vec::new(),
             })
         }
         ExecuteOutcome::Accepted => Ok(Outcome::Accepted {
@@ -637,7 +758,8 @@ mod tests {
             Outcome::Completed {
                 records_affected: 2,
                 note: "done".into(),
-                files: Vec::new()
+                files: Vec::new(),
+                erased: Vec::new(),
             }
         );
         assert!(matches!(
@@ -686,7 +808,8 @@ mod tests {
                 legal_basis: "Kirjanpitolaki 2:10 §".into(),
                 until_ms: 1_800_000_000_000,
                 records_affected: 2,
-                note: "done".into()
+                note: "done".into(),
+                erased: Vec::new(),
             }
         );
         let mut no_date = r.clone();
@@ -698,11 +821,9 @@ mod tests {
         assert!(outcome_from_response("h", no_basis).is_err());
     }
 
-    #[tokio::test]
-    async fn writes_exports_into_the_task_folder() {
-        let dir = tempfile::tempdir().unwrap();
-        let task = |kind| Task {
-            task_id: "c/r-1/crm".into(),
+    fn export_task(dir: &std::path::Path, task_id: &str, kind: RequestKind) -> Task {
+        Task {
+            task_id: task_id.into(),
             request_id: "r-1".into(),
             kind,
             identities: Vec::new(),
@@ -712,15 +833,26 @@ mod tests {
             now_ms: 0,
             phase: Phase::Start,
             export: Some(crate::ExportSink::new(
-                dir.path().join(kind_label(kind)),
+                dir.join(task_id).join(kind_label(kind)),
                 vec!["crm".into()],
             )),
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_inline_exports_into_the_task_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dsrelay_runtime::pki::DevPki::ensure(&dir.path().join("pki")).unwrap();
+        // Inline answers need no further call: the adapter is never reached.
+        let connector = AdapterConnector::connect(&config(pki.files("processor"))).unwrap();
+        let task = |kind| export_task(dir.path(), "c/r-1/crm", kind);
         let mut r = response(ExecuteOutcome::Completed);
         let body = br#"{"subscribers":[{"name":"A"}]}"#;
         r.export_json = body.to_vec();
         let t = task(RequestKind::ReturnOfData);
-        let Outcome::Completed { files, .. } = finish(&t, "h", r.clone()).await.unwrap() else {
+        let Outcome::Completed { files, .. } =
+            connector.complete(&t, "h", r.clone()).await.unwrap()
+        else {
             panic!("not completed");
         };
         assert_eq!(files.len(), 1);
@@ -729,13 +861,16 @@ mod tests {
         assert_eq!(std::fs::read(path).unwrap(), body);
         // Not kept for kinds that did not ask for data.
         let t = task(RequestKind::Erasure);
-        let Outcome::Completed { files, .. } = finish(&t, "h", r.clone()).await.unwrap() else {
+        let Outcome::Completed { files, .. } =
+            connector.complete(&t, "h", r.clone()).await.unwrap()
+        else {
             panic!("not completed");
         };
         assert!(files.is_empty());
         assert!(!t.export.as_ref().unwrap().dir().exists());
         r.export_json = b"{not json".to_vec();
-        let e = finish(&task(RequestKind::Transfer), "h", r.clone())
+        let e = connector
+            .complete(&task(RequestKind::Transfer), "h", r.clone())
             .await
             .unwrap_err();
         assert!(
@@ -743,9 +878,160 @@ mod tests {
             "{e}"
         );
         r.export_json.clear();
-        assert!(finish(&task(RequestKind::ReturnOfData), "h", r)
+        let e = connector
+            .complete(&task(RequestKind::ReturnOfData), "h", r)
             .await
-            .is_err());
+            .unwrap_err();
+        assert!(e.to_string().contains("without export_json"), "{e}");
+    }
+
+    /// An adapter whose export pages are scripted per (task id, page token); a listed
+    /// (task id, token) fails UNAVAILABLE the first time it is asked.
+    #[derive(Default)]
+    struct ScriptedPages {
+        pages: std::collections::HashMap<(String, String), Result<ExportPage, Code>>,
+        fail_once: std::sync::Mutex<BTreeSet<(String, String)>>,
+        asked: std::sync::atomic::AtomicUsize,
+    }
+
+    /// The served side of a [`ScriptedPages`] the test keeps a handle on.
+    struct Scripted(std::sync::Arc<ScriptedPages>);
+
+    #[tonic::async_trait]
+    impl dsrelay_proto::v1::subprocessor_adapter_server::SubprocessorAdapter for Scripted {
+        async fn describe(
+            &self,
+            _: tonic::Request<DescribeRequest>,
+        ) -> Result<tonic::Response<dsrelay_proto::v1::DescribeResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+
+        async fn execute(
+            &self,
+            _: tonic::Request<ExecuteRequest>,
+        ) -> Result<tonic::Response<ExecuteResponse>, Status> {
+            Ok(tonic::Response::new(ExecuteResponse {
+                export_paged: true,
+                // Ignored: the paged form wins.
+                export_json: b"{}".to_vec(),
+                ..response(ExecuteOutcome::Completed)
+            }))
+        }
+
+        async fn get_task_status(
+            &self,
+            _: tonic::Request<GetTaskStatusRequest>,
+        ) -> Result<tonic::Response<ExecuteResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+
+        async fn get_export_page(
+            &self,
+            req: tonic::Request<GetExportPageRequest>,
+        ) -> Result<tonic::Response<ExportPage>, Status> {
+            let this = &self.0;
+            this.asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let r = req.into_inner();
+            assert_eq!(r.max_bytes, 64, "the connector asks for its page size");
+            let key = (r.task_id, r.page_token);
+            if this.fail_once.lock().unwrap().remove(&key) {
+                return Err(Status::unavailable("restarting"));
+            }
+            match this.pages.get(&key) {
+                Some(Ok(page)) => Ok(tonic::Response::new(page.clone())),
+                Some(Err(code)) => Err(Status::new(*code, "scripted")),
+                None => Err(Status::invalid_argument(format!("no page {key:?}"))),
+            }
+        }
+    }
+
+    fn page(records: &[&str], next: &str) -> Result<ExportPage, Code> {
+        Ok(ExportPage {
+            records: records.iter().map(|r| r.as_bytes().to_vec()).collect(),
+            next_page_token: next.into(),
+        })
+    }
+
+    #[tokio::test]
+    async fn fetches_paged_exports_page_by_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dsrelay_runtime::pki::DevPki::ensure(&dir.path().join("pki")).unwrap();
+        let mut script = ScriptedPages::default();
+        let mut add = |task: &str, token: &str, p| {
+            script.pages.insert((task.into(), token.into()), p);
+        };
+        add("ok", "", page(&[r#"{"n":1}"#, r#"{"n":2}"#], "a"));
+        add("ok", "a", page(&[r#""three""#], "b"));
+        add("ok", "b", page(&[r#"[4]"#], ""));
+        add("bad-json", "", page(&[r#"{"n":1"#], ""));
+        add("loop", "", page(&["1"], "x"));
+        add("loop", "x", page(&["2"], "x"));
+        add("big", "", page(&[&format!("\"{}\"", "x".repeat(70))], ""));
+        add("hole", "", page(&[], "more"));
+        add("gone", "", Err(Code::NotFound));
+        add("down", "", Err(Code::Unavailable));
+        script
+            .fail_once
+            .lock()
+            .unwrap()
+            .insert(("ok".into(), "a".into()));
+        let script = std::sync::Arc::new(script);
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let router =
+            dsrelay_runtime::server::builder(pki.files("adapter").server_config().unwrap())
+                .unwrap()
+                .add_service(
+                    dsrelay_proto::v1::subprocessor_adapter_server::SubprocessorAdapterServer::new(
+                        Scripted(script.clone()),
+                    ),
+                );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(dsrelay_runtime::server::serve(router, listener, async {
+            let _ = stopped.await;
+        }));
+        let mut c = config(pki.files("processor"));
+        c.endpoint = format!("https://localhost:{port}");
+        c.supported_kinds = Some(vec!["return_of_data".into()]);
+        let mut connector = AdapterConnector::connect(&c).unwrap();
+        connector.page_bytes = 64;
+
+        let t = export_task(dir.path(), "ok", RequestKind::ReturnOfData);
+        let Outcome::Completed { files, .. } = connector.run(&t).await.unwrap() else {
+            panic!("not completed");
+        };
+        let written = std::fs::read(t.export.as_ref().unwrap().dir().join("export.json")).unwrap();
+        assert_eq!(written, br#"[{"n":1},{"n":2},"three",[4]]"#);
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].size, written.len() as u64);
+        // Three pages, one asked twice after it failed.
+        assert_eq!(script.asked.load(std::sync::atomic::Ordering::SeqCst), 4);
+
+        for (task_id, says) in [
+            (
+                "bad-json",
+                "record 1 of the adapter's export is not valid JSON",
+            ),
+            ("loop", "with the same page token"),
+            ("big", "more than the 64 asked"),
+            ("hole", "empty but not the last"),
+            ("gone", "NotFound"),
+        ] {
+            let t = export_task(dir.path(), task_id, RequestKind::ReturnOfData);
+            let e = connector.run(&t).await.unwrap_err();
+            assert!(
+                !e.is_transient() && e.to_string().contains(says),
+                "{task_id}: {e}"
+            );
+        }
+        // Still down after the retries: passed on as transient, for the processor to re-run.
+        let t = export_task(dir.path(), "down", RequestKind::ReturnOfData);
+        let e = connector.run(&t).await.unwrap_err();
+        assert!(e.is_transient(), "{e}");
+
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
     }
 
     #[test]

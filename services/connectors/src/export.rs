@@ -8,15 +8,17 @@
 //! and closes it ([`ExportWriter::finish`]), which answers the file's [`ExportedFile`]: the
 //! metadata a package manifest needs. What a connector holds in memory is what it has
 //! read and not yet written: the SQL connector one row, the Mailchimp connector one page of
-//! a member's list, the adapter connector the one message (at most 16 MiB) its protocol
-//! carries an export in.
+//! a member's list, the adapter connector one page of its adapter's export (or the one
+//! message of at most 16 MiB an adapter that answers inline sends).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::fs::File;
 use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::task::JoinHandle;
 
 use crate::ConnectorError;
 
@@ -28,6 +30,16 @@ pub const CSV: &str = "text/csv";
 
 /// Longest file name accepted (bytes), within what every common file system allows.
 const MAX_NAME: usize = 200;
+
+/// Bytes gathered before they go to the file: every write of a `tokio::fs::File` is a hop
+/// to the blocking pool, so rows (a few hundred bytes to a few KiB) are written in batches
+/// of this size, not one by one.
+const WRITE_BUFFER: usize = 1024 * 1024;
+
+/// Bytes written between two early writebacks: a sync started in the background while
+/// writing goes on, so that the disk works alongside the connector and the sync that
+/// [`ExportWriter::finish`] waits for has only the last few MiB left to write.
+const WRITEBACK_EVERY: u64 = 32 * 1024 * 1024;
 
 /// One file a connector wrote: what a package manifest says of it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,8 +106,17 @@ impl ExportSink {
             .open(self.dir.join(name))
             .await
             .map_err(|e| io_error(&format!("creating export file {name}"), &e))?;
+        let syncer = file
+            .try_clone()
+            .await
+            .map_err(|e| io_error(&format!("creating export file {name}"), &e))?
+            .into_std()
+            .await;
         Ok(ExportWriter {
-            file: BufWriter::new(file),
+            file: BufWriter::with_capacity(WRITE_BUFFER, file),
+            syncer: Arc::new(syncer),
+            writeback: None,
+            writeback_at: 0,
             hash: Sha256::new(),
             meta: ExportedFile {
                 name: name.to_string(),
@@ -112,6 +133,12 @@ impl ExportSink {
 #[derive(Debug)]
 pub struct ExportWriter {
     file: BufWriter<File>,
+    /// The same file, synced in the background (see [`WRITEBACK_EVERY`]).
+    syncer: Arc<std::fs::File>,
+    /// The early writeback running, if any.
+    writeback: Option<JoinHandle<std::io::Result<()>>>,
+    /// The size when the last early writeback started.
+    writeback_at: u64,
     hash: Sha256,
     meta: ExportedFile,
 }
@@ -124,7 +151,28 @@ impl ExportWriter {
         self.file
             .write_all(bytes)
             .await
-            .map_err(|e| io_error(&format!("writing export file {}", self.meta.name), &e))
+            .map_err(|e| io_error(&format!("writing export file {}", self.meta.name), &e))?;
+        if self.meta.size - self.writeback_at >= WRITEBACK_EVERY
+            && self.writeback.as_ref().is_none_or(JoinHandle::is_finished)
+        {
+            self.wait_for_writeback().await?;
+            let file = Arc::clone(&self.syncer);
+            self.writeback = Some(tokio::task::spawn_blocking(move || file.sync_data()));
+            self.writeback_at = self.meta.size;
+        }
+        Ok(())
+    }
+
+    /// Waits for the early writeback running, if any, and reports its failure.
+    async fn wait_for_writeback(&mut self) -> Result<(), ConnectorError> {
+        let Some(running) = self.writeback.take() else {
+            return Ok(());
+        };
+        let context = format!("syncing export file {}", self.meta.name);
+        running
+            .await
+            .map_err(|e| io_error(&context, &std::io::Error::other(e)))?
+            .map_err(|e| io_error(&context, &e))
     }
 
     /// Bytes written so far.
@@ -140,6 +188,7 @@ impl ExportWriter {
             .flush()
             .await
             .map_err(|e| io_error(&context, &e))?;
+        self.wait_for_writeback().await?;
         self.file
             .get_ref()
             .sync_all()
@@ -155,28 +204,49 @@ impl ExportWriter {
 pub struct JsonArrayWriter {
     out: ExportWriter,
     count: u64,
+    /// The current element, encoded; reused so that a row costs no allocation.
+    element: Vec<u8>,
 }
 
 impl JsonArrayWriter {
     /// Opens the array in `out`.
     pub async fn new(mut out: ExportWriter) -> Result<Self, ConnectorError> {
         out.write(b"[").await?;
-        Ok(Self { out, count: 0 })
+        Ok(Self {
+            out,
+            count: 0,
+            element: Vec::new(),
+        })
     }
 
     /// Appends one element.
     pub async fn push<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ConnectorError> {
-        let mut bytes = if self.count == 0 {
-            Vec::new()
-        } else {
-            b",".to_vec()
-        };
-        serde_json::to_writer(&mut bytes, value).map_err(|e| {
+        self.element.clear();
+        if self.count > 0 {
+            self.element.push(b',');
+        }
+        serde_json::to_writer(&mut self.element, value).map_err(|e| {
             ConnectorError::Permanent(format!("encoding export file {}: {e}", self.out.meta.name))
         })?;
-        self.out.write(&bytes).await?;
+        self.out.write(&self.element).await?;
         self.count += 1;
         Ok(())
+    }
+
+    /// Appends one element already encoded as JSON; the caller has checked that `json` is
+    /// one JSON value.
+    pub async fn push_json(&mut self, json: &[u8]) -> Result<(), ConnectorError> {
+        if self.count > 0 {
+            self.out.write(b",").await?;
+        }
+        self.out.write(json).await?;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.out.size()
     }
 
     /// Elements written so far.

@@ -150,6 +150,9 @@ pub enum Outcome {
         note: String,
         /// The export files written, in the order written; empty for other kinds.
         files: Vec<ExportedFile>,
+        /// For ERASURE: what was erased where, as far as the connector can count it (per
+        /// table, per audience); empty when it cannot. Deletion certificates list it.
+        erased: Vec<ErasedCount>,
     },
     /// The holder confirmed it holds no data on the subject.
     NotFound {
@@ -167,6 +170,8 @@ pub enum Outcome {
         records_affected: i64,
         /// What was done and what is kept, without identity values.
         note: String,
+        /// What was erased now, where, as for [`Outcome::Completed`].
+        erased: Vec<ErasedCount>,
     },
     /// The holder accepted the work but has not confirmed it; ask again with
     /// [`Phase::Confirm`].
@@ -186,6 +191,17 @@ pub enum Outcome {
         /// Why.
         reason: String,
     },
+}
+
+/// How many records an erasure removed in one place of a holder.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ErasedCount {
+    /// Where: a table, a mailing list or audience.
+    pub target: String,
+    /// What was done to the records: `deleted`, `anonymized`, `archived`, ...
+    pub action: String,
+    /// How many records.
+    pub count: i64,
 }
 
 /// A way of reaching one holder of the data.

@@ -49,6 +49,7 @@ impl Connector for NoopConnector {
                 records_affected: 0,
                 note: "noop connector: nothing held".into(),
                 files: Vec::new(),
+                erased: Vec::new(),
             })
         })
     }

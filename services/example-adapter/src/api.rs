@@ -5,13 +5,15 @@ use std::sync::Arc;
 
 use dsrelay_proto::v1::subprocessor_adapter_server::SubprocessorAdapter;
 use dsrelay_proto::v1::{
-    DescribeRequest, DescribeResponse, ExecuteRequest, ExecuteResponse, GetTaskStatusRequest,
-    IdentityEncoding, IdentityType, RequestKind, SubjectIdentity,
+    DescribeRequest, DescribeResponse, ExecuteRequest, ExecuteResponse, ExportPage,
+    GetExportPageRequest, GetTaskStatusRequest, IdentityEncoding, IdentityType, RequestKind,
+    SubjectIdentity,
 };
 use dsrelay_runtime::grpc::{self, Authorizer, ServiceName};
 use dsrelay_runtime::identity::{validate_identities, FieldViolation};
 use tonic::{Request, Response, Status};
 
+use crate::export::{DEFAULT_PAGE_BYTES, MAX_PAGE_BYTES, MIN_PAGE_BYTES};
 use crate::newsletter::{DATA_CATEGORIES, NAME, SUPPORTED_KINDS};
 use crate::store::{Store, StoreError};
 
@@ -47,6 +49,9 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(m) => Self::already_exists(m),
             StoreError::NotFound(m) => Self::not_found(m),
             StoreError::FailedPrecondition(m) => Self::failed_precondition(m),
+            StoreError::InvalidToken(rule) => {
+                Self::invalid([FieldViolation::new("page_token", rule)])
+            }
             StoreError::Unexpected(err) => Self::unexpected(err),
         }
     }
@@ -107,6 +112,20 @@ fn raw_value_rule(ty: IdentityType, value: &str) -> Option<String> {
         .into_iter()
         .next()
         .map(|v| v.rule)
+}
+
+/// Every rule `r` breaks, each naming its field (the page token is checked against its task
+/// by the store).
+pub(crate) fn validate_export_page(r: &GetExportPageRequest) -> Vec<FieldViolation> {
+    let mut out = Vec::new();
+    check_id(&mut out, "task_id", &r.task_id, MAX_TASK_ID);
+    if r.max_bytes != 0 && !(MIN_PAGE_BYTES..=MAX_PAGE_BYTES).contains(&r.max_bytes) {
+        out.push(FieldViolation::new(
+            "max_bytes",
+            format!("must be 0 (the default) or {MIN_PAGE_BYTES} to {MAX_PAGE_BYTES}"),
+        ));
+    }
+    out
 }
 
 /// Every rule `r` breaks, each naming its field.
@@ -242,6 +261,36 @@ impl SubprocessorAdapter for Api {
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(response))
+    }
+
+    #[tracing::instrument(name = "adapter.export_page", skip_all, fields(
+        task_id = %req.get_ref().task_id,
+    ))]
+    async fn get_export_page(
+        &self,
+        req: Request<GetExportPageRequest>,
+    ) -> Result<Response<ExportPage>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        ApiError::ensure_valid(validate_export_page(&r))?;
+        let max_bytes = match r.max_bytes {
+            0 => DEFAULT_PAGE_BYTES,
+            n => n,
+        };
+        let (records, next_page_token) = self
+            .store
+            .export_page(&caller, &r.task_id, &r.page_token, max_bytes as usize)
+            .await
+            .map_err(ApiError::from)?;
+        tracing::debug!(
+            records = records.len(),
+            last = next_page_token.is_empty(),
+            "export page served"
+        );
+        Ok(Response::new(ExportPage {
+            records,
+            next_page_token,
+        }))
     }
 }
 

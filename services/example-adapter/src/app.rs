@@ -16,7 +16,8 @@ use crate::api::Api;
 use crate::config::Config;
 use crate::store::Store;
 
-/// Largest answer sent: an export of up to 16 MiB plus the rest of the message.
+/// Largest answer sent: an export page of up to 16 MiB (the most `max_bytes` may ask) plus
+/// the rest of the message.
 pub(crate) const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024 + 64 * 1024;
 
 /// An adapter ready to serve.

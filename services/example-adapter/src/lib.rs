@@ -13,14 +13,16 @@
 //! - With `confirm_delay_ms > 0` an erasure is answered ACCEPTED and carried out and confirmed
 //!   (COMPLETED in GetTaskStatus) once the delay has passed, like systems that accept a
 //!   deletion and finish it later.
-//! - Exports (RETURN_OF_DATA, TRANSFER) are never kept: repeating the Execute reads the data
-//!   again.
+//! - Exports (RETURN_OF_DATA, TRANSFER) are answered COMPLETED with `export_paged`, and read
+//!   with GetExportPage page by page from the live rows (subscribers, then their deliveries);
+//!   the task keeps only which subscribers it covers, never the data.
 //!
 //! # Layout
 //! - [`config`]: the TOML file plus `DSRELAY_ADAPTER__*` environment overrides.
 //! - [`store`]: subscribers and task outcomes in SQLite or PostgreSQL; idempotency and delayed
 //!   confirmation.
 //! - [`newsletter`]: what each request kind does to the subscribers.
+//! - [`export`]: paged exports: page tokens and the keyset reads behind GetExportPage.
 //! - [`api`]: the gRPC handlers: caller check, input validation, errors to statuses.
 //! - [`app`]: [`App::build`] and [`App::run`] (the service and its confirmation sweeper on the
 //!   runtime's host, with health, reflection and an admin port).
@@ -28,6 +30,7 @@
 mod api;
 mod app;
 pub mod config;
+mod export;
 mod newsletter;
 pub mod store;
 

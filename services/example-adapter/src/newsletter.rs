@@ -3,7 +3,8 @@
 //!
 //! Subscribers are found by e-mail address or phone number, raw or hashed (SHA-256, SHA-1,
 //! MD5 of the normalised value); other identity types are not held here. A scope that names
-//! none of [`DATA_CATEGORIES`] finds nothing. One subscriber row is one record.
+//! none of [`DATA_CATEGORIES`] finds nothing. One subscriber row is one record (its
+//! deliveries go with it: exported after it, erased with it).
 
 use std::collections::BTreeMap;
 
@@ -66,12 +67,13 @@ impl Subscriber {
     }
 }
 
-/// The result of running a request: the answer, and for an accepted erasure the subscriber
-/// ids still to delete.
+/// The result of running a request: the answer, for an accepted erasure the subscriber
+/// ids still to delete, and for a completed export the subscriber ids its pages read.
 #[derive(Debug, Clone)]
 pub(crate) struct Work {
     pub(crate) response: ExecuteResponse,
     pub(crate) pending: Option<Vec<i64>>,
+    pub(crate) exported: Option<Vec<i64>>,
 }
 
 impl From<ExecuteResponse> for Work {
@@ -79,6 +81,7 @@ impl From<ExecuteResponse> for Work {
         Self {
             response,
             pending: None,
+            exported: None,
         }
     }
 }
@@ -173,31 +176,35 @@ pub(crate) async fn execute(
                 false,
             ),
             pending: Some(ids),
+            exported: None,
         },
         RequestKind::Erasure => {
             let deleted = delete(tx, &ids).await?;
             completed(deleted, format!("deleted {deleted} subscriber(s)")).into()
         }
         RequestKind::ReturnOfData | RequestKind::Transfer => {
-            let export = serde_json::json!({
-                "holder": NAME,
-                "subscribers": subscribers,
-            });
+            // The data is not read here: GetExportPage reads it page by page (see
+            // `crate::export`), so no export is ever held whole.
+            let deliveries = count_deliveries(tx, &ids).await?;
+            let what = format!("{n} subscriber record(s) and {deliveries} delivery record(s)");
             let note = match kind {
                 RequestKind::Transfer => format!(
-                    "exported {n} subscriber record(s) for transfer to {}",
+                    "exported {what} for transfer to {}",
                     req.parameters
                         .as_ref()
                         .map(|p| p.transfer_recipient.as_str())
                         .unwrap_or_default()
                 ),
-                _ => format!("exported {n} subscriber record(s)"),
+                _ => format!("exported {what}"),
             };
-            ExecuteResponse {
-                export_json: export.to_string().into_bytes(),
-                ..completed(n, note)
+            Work {
+                response: ExecuteResponse {
+                    export_paged: true,
+                    ..completed(n, note)
+                },
+                pending: None,
+                exported: Some(ids),
             }
-            .into()
         }
         RequestKind::Rectification => rectify(tx, req, &subscribers).await?.into(),
         RequestKind::Restriction => {
@@ -275,10 +282,27 @@ async fn find(
     Ok(found.into_values().collect())
 }
 
-/// Deletes the subscribers `ids`; returns how many rows went.
+/// How many deliveries the subscribers `ids` have.
+async fn count_deliveries(tx: &mut Transaction<'_, Any>, ids: &[i64]) -> sqlx::Result<i64> {
+    let mut total = 0;
+    for id in ids {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM deliveries WHERE subscriber_id = $1")
+            .bind(id)
+            .fetch_one(&mut **tx)
+            .await?;
+        total += n;
+    }
+    Ok(total)
+}
+
+/// Deletes the subscribers `ids` and their deliveries; returns how many subscribers went.
 pub(crate) async fn delete(tx: &mut Transaction<'_, Any>, ids: &[i64]) -> sqlx::Result<i64> {
     let mut deleted = 0;
     for id in ids {
+        sqlx::query("DELETE FROM deliveries WHERE subscriber_id = $1")
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
         deleted += sqlx::query("DELETE FROM subscribers WHERE id = $1")
             .bind(id)
             .execute(&mut **tx)

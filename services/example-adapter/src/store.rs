@@ -5,7 +5,8 @@
 //! work and stores the answer, all in one transaction: a concurrent call with the same id
 //! waits for the claim to commit, finds the row and replays the answer, so the work is done
 //! once. Delayed erasures are finished by [`Store::finish`], which claims the ACCEPTED →
-//! COMPLETED change with a conditional update before deleting anything.
+//! COMPLETED change with a conditional update before deleting anything. A completed export
+//! keeps only the subscriber ids it covers, for [`Store::export_page`].
 
 use anyhow::{anyhow, Context};
 use dsrelay_proto::prost::Message;
@@ -14,6 +15,7 @@ use dsrelay_runtime::store::Db;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
+use crate::export::{self, is_export, Page, Position, RecordTooLarge};
 use crate::newsletter::{self, Subscriber, SUBSCRIBER_COLUMNS};
 
 /// The migrations for each backend, embedded at build time (the second seeds subscribers).
@@ -33,6 +35,9 @@ pub enum StoreError {
     /// The call does not apply to this task.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The page token is not one of this task's; the text says what is wrong with it.
+    #[error("{0}")]
+    InvalidToken(String),
     /// A database fault.
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
@@ -77,10 +82,6 @@ impl TaskRow {
 }
 
 const TASK_COLUMNS: &str = "task_id, caller, request_id, kind, outcome, response, confirm_at";
-
-fn is_export(kind: i64) -> bool {
-    kind == RequestKind::ReturnOfData as i64 || kind == RequestKind::Transfer as i64
-}
 
 fn kind_name(kind: i64) -> &'static str {
     i32::try_from(kind)
@@ -171,34 +172,26 @@ impl Store {
         .rows_affected();
         if claimed == 0 {
             tx.rollback().await?;
-            return self.replay(caller, req, now, confirm_delay_ms).await;
+            return self.replay(caller, req, now).await;
         }
         let work = newsletter::execute(&mut tx, req, confirm_delay_ms).await?;
-        // Exports are never kept: a replay reads the data again.
-        let stored = ExecuteResponse {
-            export_json: Vec::new(),
-            ..work.response.clone()
-        };
-        let pending = work.pending.as_ref().map(|ids| {
-            ids.iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(",")
-        });
+        let pending = work.pending.as_deref().map(join_ids);
+        let exported = work.exported.as_deref().map(join_ids);
         let confirm_at = work
             .pending
             .as_ref()
             .map(|_| now.saturating_add(i64::try_from(confirm_delay_ms).unwrap_or(i64::MAX)));
         sqlx::query(
             "UPDATE adapter_tasks SET outcome = $1, response = $2, pending_ids = $3, \
-             confirm_at = $4, updated_at = $5 WHERE task_id = $6",
+             confirm_at = $4, updated_at = $5, export_ids = $7 WHERE task_id = $6",
         )
         .bind(i64::from(work.response.outcome))
-        .bind(stored.encode_to_vec())
+        .bind(work.response.encode_to_vec())
         .bind(pending)
         .bind(confirm_at)
         .bind(now)
         .bind(&req.task_id)
+        .bind(exported)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -210,7 +203,6 @@ impl Store {
         caller: &str,
         req: &ExecuteRequest,
         now: i64,
-        confirm_delay_ms: u64,
     ) -> Result<ExecuteResponse, StoreError> {
         let row = self.load(&req.task_id).await?.ok_or_else(|| {
             StoreError::Unexpected(anyhow!("task {} was claimed but is gone", req.task_id))
@@ -229,13 +221,7 @@ impl Store {
                 kind_name(row.kind)
             )));
         }
-        if is_export(row.kind) && row.outcome == ExecuteOutcome::Completed as i64 {
-            // Reading again is harmless and keeps no second copy of the subject's data.
-            let mut tx = self.db.pool.begin().await?;
-            let work = newsletter::execute(&mut tx, req, confirm_delay_ms).await?;
-            tx.rollback().await?;
-            return Ok(work.response);
-        }
+        // A completed export answers as before; its pages read the data live.
         self.current(row, now).await
     }
 
@@ -270,8 +256,8 @@ impl Store {
             .ok_or_else(|| StoreError::NotFound(format!("no task {task_id}")))?;
         if is_export(row.kind) {
             return Err(StoreError::FailedPrecondition(format!(
-                "task {task_id} is an export, which completes in Execute and is not kept; \
-                 repeat Execute with the same task_id to read the data again"
+                "task {task_id} is an export, which completes in Execute; its data is read \
+                 with GetExportPage"
             )));
         }
         self.current(row, now).await
@@ -306,12 +292,7 @@ impl Store {
                 .bind(task_id)
                 .fetch_one(&mut *tx)
                 .await?;
-        let ids: Vec<i64> = pending
-            .unwrap_or_default()
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(str::parse)
-            .collect::<Result<_, _>>()
+        let ids: Vec<i64> = split_ids(&pending.unwrap_or_default())
             .with_context(|| format!("reading the pending ids of task {task_id}"))?;
         let deleted = newsletter::delete(&mut tx, &ids).await?;
         let response = newsletter::completed(
@@ -331,6 +312,94 @@ impl Store {
         Ok(Some(response))
     }
 
+    /// GetExportPage: the page at `page_token` of `caller`'s completed export `task_id`, of
+    /// whole records up to `max_bytes` together.
+    pub async fn export_page(
+        &self,
+        caller: &str,
+        task_id: &str,
+        page_token: &str,
+        max_bytes: usize,
+    ) -> Result<(Vec<Vec<u8>>, String), StoreError> {
+        let row = sqlx::query(
+            "SELECT caller, kind, outcome, export_ids FROM adapter_tasks WHERE task_id = $1",
+        )
+        .bind(task_id)
+        .fetch_optional(&self.db.pool)
+        .await?
+        .filter(|r| r.try_get::<String, _>("caller").ok().as_deref() == Some(caller))
+        .ok_or_else(|| StoreError::NotFound(format!("no task {task_id}")))?;
+        let kind: i64 = row.try_get("kind")?;
+        let outcome: i64 = row.try_get("outcome")?;
+        let ids: Option<String> = row.try_get("export_ids")?;
+        let ids = match ids {
+            Some(ids) if is_export(kind) && outcome == ExecuteOutcome::Completed as i64 => {
+                split_ids(&ids).with_context(|| format!("reading the export ids of {task_id}"))?
+            }
+            _ => {
+                return Err(StoreError::FailedPrecondition(format!(
+                    "task {task_id} has no paged export (it is {} and not a completed export)",
+                    kind_name(kind)
+                )))
+            }
+        };
+        let position = export::decode_token(task_id, page_token).map_err(|e| {
+            StoreError::InvalidToken(match e {
+                export::TokenError::Malformed => "is not a page token of this adapter".into(),
+                export::TokenError::OtherTask => {
+                    format!("was issued for another task than {task_id}")
+                }
+            })
+        })?;
+        let mut conn = self.db.pool.acquire().await?;
+        match export::read_page(&mut conn, &ids, position, max_bytes).await? {
+            Ok(Page { records, next }) => Ok((
+                records,
+                next.map(|p: Position| export::encode_token(task_id, p))
+                    .unwrap_or_default(),
+            )),
+            Err(RecordTooLarge(size)) => Err(StoreError::FailedPrecondition(format!(
+                "the next record is {size} bytes, more than max_bytes {max_bytes}"
+            ))),
+        }
+    }
+
+    /// Adds `n` deliveries (issues `Issue 1` to `Issue n`) to the subscriber with `email`, in
+    /// batches; for tests that need an export of many pages. Returns how many were added (0
+    /// when there is no such subscriber).
+    pub async fn add_deliveries(&self, email: &str, n: usize) -> anyhow::Result<usize> {
+        let Some(subscriber) = self.subscriber(email).await? else {
+            return Ok(0);
+        };
+        let mut tx = self.db.pool.begin().await?;
+        let mut done = 0;
+        while done < n {
+            let count = (n - done).min(500);
+            let values: Vec<String> = (0..count)
+                .map(|i| {
+                    let p = i * 4;
+                    format!("(${}, ${}, ${}, ${})", p + 1, p + 2, p + 3, p + 4)
+                })
+                .collect();
+            let sql = format!(
+                "INSERT INTO deliveries (subscriber_id, issue, sent_at, opened) VALUES {}",
+                values.join(", ")
+            );
+            let mut query = sqlx::query(&sql);
+            for i in done..done + count {
+                query = query
+                    .bind(subscriber.id)
+                    .bind(format!("Issue {}", i + 1))
+                    .bind(1_700_000_000_000_i64 + i as i64 * 604_800_000)
+                    .bind((i % 3 == 0) as i64);
+            }
+            query.execute(&mut *tx).await?;
+            done += count;
+        }
+        tx.commit().await?;
+        Ok(done)
+    }
+
     /// Finishes every accepted erasure whose time has come; returns how many.
     pub async fn finish_due(&self, now: i64) -> Result<usize, StoreError> {
         let due: Vec<String> = sqlx::query_scalar(
@@ -348,4 +417,20 @@ impl Store {
         }
         Ok(done)
     }
+}
+
+/// Subscriber ids as stored in a text column.
+fn join_ids(ids: &[i64]) -> String {
+    ids.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The reverse of [`join_ids`].
+fn split_ids(ids: &str) -> Result<Vec<i64>, std::num::ParseIntError> {
+    ids.split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::parse)
+        .collect()
 }

@@ -8,8 +8,8 @@ use dsrelay_example_adapter::{App, Config};
 use dsrelay_proto::v1::subprocessor_adapter_client::SubprocessorAdapterClient;
 use dsrelay_proto::v1::{
     DescribeRequest, ExecuteOutcome, ExecuteRequest, ExecuteResponse, FieldCorrection,
-    GetTaskStatusRequest, IdentityEncoding, IdentityType, RequestKind, RequestParameters, Scope,
-    SubjectIdentity,
+    GetExportPageRequest, GetTaskStatusRequest, IdentityEncoding, IdentityType, RequestKind,
+    RequestParameters, Scope, SubjectIdentity,
 };
 use dsrelay_runtime::identity::{digest, normalize};
 use dsrelay_runtime::pki::{dev_identity, DevPki};
@@ -359,8 +359,41 @@ async fn invalid_input_names_its_fields() {
     a.stop().await;
 }
 
+/// Every record of the export of `task_id`, page by page with `max_bytes`; also the number
+/// of pages.
+async fn all_pages(
+    c: &mut SubprocessorAdapterClient<Channel>,
+    task_id: &str,
+    max_bytes: u32,
+) -> (Vec<serde_json::Value>, usize) {
+    let mut token = String::new();
+    let mut records = Vec::new();
+    let mut pages = 0;
+    loop {
+        let page = c
+            .get_export_page(GetExportPageRequest {
+                task_id: task_id.into(),
+                page_token: token.clone(),
+                max_bytes,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        let size: usize = page.records.iter().map(Vec::len).sum();
+        assert!(max_bytes == 0 || size <= max_bytes as usize, "{size}");
+        for r in &page.records {
+            records.push(serde_json::from_slice(r).unwrap());
+        }
+        if page.next_page_token.is_empty() {
+            return (records, pages);
+        }
+        token = page.next_page_token;
+    }
+}
+
 #[tokio::test]
-async fn exports_the_subscriber_as_json() {
+async fn exports_the_subscriber_in_pages() {
     let a = Running::start(0).await;
     let mut c = a.client("processor");
     // Found by a hashed address too, as Mailchimp-style holders are asked.
@@ -381,16 +414,22 @@ async fn exports_the_subscriber_as_json() {
         .into_inner();
     assert_eq!(outcome(&r), ExecuteOutcome::Completed);
     assert_eq!(records(&r), 1);
-    let json: serde_json::Value = serde_json::from_slice(&r.export_json).unwrap();
-    assert_eq!(json["subscribers"][0]["email"], MAIJA);
-    assert_eq!(json["subscribers"][0]["phone"], "+358401234567");
-    // Repeated: read again, same data.
+    assert!(r.export_paged && r.export_json.is_empty(), "{r:?}");
+    let (json, pages) = all_pages(&mut c, "t-export", 0).await;
+    assert_eq!(pages, 1);
+    assert_eq!(json.len(), 1, "{json:?}");
+    assert_eq!(json[0]["record"], "subscriber");
+    assert_eq!(json[0]["email"], MAIJA);
+    assert_eq!(json[0]["phone"], "+358401234567");
+    // Repeated: the same answer, and the pages read the data again.
     let again = c
         .execute(request("t-export", RequestKind::ReturnOfData, email(MAIJA)))
-        .await;
-    // Identities differ but the task is the same export: the data is read again.
-    assert_eq!(again.unwrap().into_inner().export_json, r.export_json);
-    // Exports are not kept, so there is no status to ask for.
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, r);
+    assert_eq!(all_pages(&mut c, "t-export", 0).await.0, json);
+    // Exports have no status to ask for.
     let e = c
         .get_task_status(GetTaskStatusRequest {
             task_id: "t-export".into(),
@@ -406,7 +445,131 @@ async fn exports_the_subscriber_as_json() {
     });
     let r = c.execute(transfer).await.unwrap().into_inner();
     assert_eq!(outcome(&r), ExecuteOutcome::Completed);
-    assert!(!r.export_json.is_empty());
+    assert!(r.export_paged);
+    assert_eq!(all_pages(&mut c, "t-transfer", 0).await.0, json);
+    a.stop().await;
+}
+
+async fn a_large_export_arrives_whole_and_in_order(backend: Backend) {
+    let Some(a) = Running::start_on(backend, 0).await else {
+        return;
+    };
+    const N: usize = 3000;
+    assert_eq!(a.store.add_deliveries(MAIJA, N).await.unwrap(), N);
+    // Another subscriber's history is not part of Maija's export.
+    a.store
+        .add_deliveries("matti.virtanen@example.fi", 10)
+        .await
+        .unwrap();
+    let mut c = a.client("processor");
+    let r = c
+        .execute(request("t-big", RequestKind::ReturnOfData, email(MAIJA)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.export_paged, "{r:?}");
+    assert!(
+        r.evidence
+            .unwrap()
+            .note
+            .contains(&format!("{N} delivery record(s)")),
+        "note"
+    );
+    let (json, pages) = all_pages(&mut c, "t-big", 16 * 1024).await;
+    assert!(pages >= 10, "{pages} pages");
+    assert_eq!(json.len(), N + 1);
+    assert_eq!(json[0]["record"], "subscriber");
+    for (i, d) in json[1..].iter().enumerate() {
+        assert_eq!(d["record"], "delivery");
+        assert_eq!(d["email"], MAIJA);
+        assert_eq!(d["issue"], format!("Issue {}", i + 1), "in order");
+    }
+    // An erasure takes the history with the subscriber.
+    let r = c
+        .execute(request("t-erase", RequestKind::Erasure, email(MAIJA)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(records(&r), 1);
+    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM deliveries")
+        .fetch_one(&a.store.db().pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 10);
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_large_export_arrives_whole_and_in_order_on_sqlite() {
+    a_large_export_arrives_whole_and_in_order(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn a_large_export_arrives_whole_and_in_order_on_postgres() {
+    a_large_export_arrives_whole_and_in_order(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn bad_page_requests_get_clear_statuses() {
+    let a = Running::start(0).await;
+    a.store.add_deliveries(MAIJA, 50).await.unwrap();
+    let mut c = a.client("processor");
+    for (id, who) in [("t-a", MAIJA), ("t-b", "matti.virtanen@example.fi")] {
+        c.execute(request(id, RequestKind::ReturnOfData, email(who)))
+            .await
+            .unwrap();
+    }
+    c.execute(request("t-erase", RequestKind::Objection, email(MAIJA)))
+        .await
+        .unwrap();
+    let page = |task_id: &str, page_token: &str, max_bytes: u32| GetExportPageRequest {
+        task_id: task_id.into(),
+        page_token: page_token.into(),
+        max_bytes,
+    };
+    let first = c
+        .get_export_page(page("t-a", "", 1024))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!first.next_page_token.is_empty());
+    // The same token answers the same page: a lost answer can be asked again.
+    let second = c
+        .get_export_page(page("t-a", &first.next_page_token, 1024))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = c
+        .get_export_page(page("t-a", &first.next_page_token, 1024))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(second, again);
+    let names = |e: &tonic::Status, field: &str| {
+        e.code() == Code::InvalidArgument && e.message().contains(field)
+    };
+    // A token of another task, a made-up token, a bad size.
+    let e = c
+        .get_export_page(page("t-b", &first.next_page_token, 1024))
+        .await
+        .unwrap_err();
+    assert!(names(&e, "page_token"), "{e:?}");
+    assert!(e.message().contains("another task"), "{e:?}");
+    let e = c
+        .get_export_page(page("t-a", "page-2", 0))
+        .await
+        .unwrap_err();
+    assert!(names(&e, "page_token"), "{e:?}");
+    let e = c.get_export_page(page("t-a", "", 10)).await.unwrap_err();
+    assert!(names(&e, "max_bytes"), "{e:?}");
+    // An unknown task, another caller's task, a task that is no export.
+    let e = c.get_export_page(page("t-nope", "", 0)).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let mut other = a.client("partner-crm");
+    let e = other.get_export_page(page("t-a", "", 0)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = c.get_export_page(page("t-erase", "", 0)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
     a.stop().await;
 }
 

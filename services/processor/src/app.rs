@@ -19,7 +19,10 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tonic::transport::Channel;
 
+use dsrelay_runtime::signing::SigningKey;
+
 use crate::api::Api;
+use crate::certificates::Issuer;
 use crate::config::Config;
 use crate::operator_api::OperatorApi;
 use crate::store::{Store, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
@@ -53,6 +56,25 @@ pub(crate) struct Shared {
     pub unavailable_until: crate::breaker::Breaker,
     /// Counters and histograms served on the admin port.
     pub metrics: crate::metrics::Metrics,
+}
+
+/// The signer of deletion certificates, when the configuration names a key.
+fn issuer(config: &Config) -> Result<Option<Arc<Issuer>>> {
+    let Some(path) = &config.signing_key else {
+        tracing::warn!(
+            "no signing_key configured: erasures are acknowledged without a deletion certificate"
+        );
+        return Ok(None);
+    };
+    let key = SigningKey::load(path)?;
+    let identity = config
+        .service
+        .tls
+        .own_identity()
+        .context("naming the processor in its certificates")?;
+    let issuer = Issuer::new(key, identity);
+    tracing::info!(key_id = %issuer.key_id(), "signing deletion certificates");
+    Ok(Some(Arc::new(issuer)))
 }
 
 /// A processor ready to serve.
@@ -111,7 +133,7 @@ impl App {
         Ok(Self {
             shared: Arc::new(Shared {
                 metrics: crate::metrics::Metrics::new(&config),
-                store: Store::new(db),
+                store: Store::new(db).with_issuer(issuer(&config)?),
                 config,
                 connectors,
                 clock: Clock::system(),

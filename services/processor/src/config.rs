@@ -45,6 +45,13 @@ pub struct Config {
     /// the working directory, like the default SQLite database beside it.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// The Ed25519 private key (PKCS#8 PEM file) that signs the deletion certificate of
+    /// every COMPLETED or RETAINED erasure task. Its public key (the `.pub.pem` file the
+    /// development PKI writes beside it) goes to each controller's registry, as `public_key`
+    /// of this processor's `[[processors]]` entry. Without it the processor issues no
+    /// certificates and warns at start-up; a key that cannot be read stops the start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key: Option<PathBuf>,
     /// Key of the keyed hashes (HMAC-SHA256) of a request's identities that the processor
     /// keeps after forgetting the raw values, so an operator holding the key and an e-mail
     /// address can still show what was done for that subject. The processor's own secret
@@ -260,6 +267,9 @@ impl AsRef<ServiceSettings> for Config {
 impl ServiceConfig for Config {
     fn relative_to(&mut self, dir: &Path) {
         self.service.relative_to(dir);
+        if let Some(key) = &mut self.signing_key {
+            *key = dir.join(&*key);
+        }
         // Connectors with their own TLS files resolve them like the service's.
         for s in &mut self.subprocessors {
             if let ConnectorConfig::Adapter(a) = &mut s.connector {
@@ -423,6 +433,7 @@ mod tests {
         assert_eq!(c.tasks.concurrency, 2);
         assert_eq!(c.operators, ["spiffe://x"]);
         assert_eq!(c.data_dir, Path::new(DEFAULT_DATA_DIR));
+        assert_eq!(c.signing_key, None);
         let c = Config::load_from(
             Some(&file),
             env(&[("DSRELAY_PROCESSOR__DATA_DIR", "/var/lib/dsrelay")]),
@@ -444,6 +455,16 @@ mod tests {
         .unwrap();
         assert_eq!(c.identity_hash_key, "from env");
         assert_eq!(c.forget_after_days, 30);
+    }
+
+    #[test]
+    fn the_signing_key_is_found_beside_the_config_file() {
+        let (dir, file) = folder("signing_key = \"keys/processor-signing.key\"");
+        let c = Config::load_from(Some(&file), env(&[])).unwrap();
+        assert_eq!(
+            c.signing_key,
+            Some(dir.path().join("keys/processor-signing.key"))
+        );
     }
 
     #[test]

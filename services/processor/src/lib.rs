@@ -21,6 +21,8 @@
 //! - [`breaker`]: marks a holder that failed transiently, so its other tasks wait without
 //!   calling it.
 //! - [`ack_sender`]: sends queued acknowledgements to the registries.
+//! - [`certificates`]: deletion certificates of erasure steps, signed with the processor's
+//!   key (`signing_key`).
 //! - `forget`: removes finished requests' raw identities, bodies, notes and export files
 //!   after `forget_after_days`, keeping keyed hashes of the identities.
 //! - [`uploader`]: delivers written exports in chunks, RETURN_OF_DATA to the registries and
@@ -31,6 +33,7 @@ mod ack_sender;
 mod api;
 mod app;
 mod breaker;
+pub mod certificates;
 pub mod config;
 pub mod exports;
 mod forget;

@@ -22,7 +22,8 @@
 //! - a delivery attempt failed ([`Event::DeliveryFailed`]: destination down, wrong identity,
 //!   a refused chunk or receipt) → stays IN_PROGRESS with a note saying what is missing and
 //!   until when it is retried ([`delivery_retry_at`]: after the backoff, no later than the
-//!   due date); past the due date → FAILED with the last reason
+//!   due date), acknowledged on attempts 1, 2, 4, 8... ([`worth_acknowledging`]) and only
+//!   retried in between; past the due date → FAILED with the last reason
 //! - COMPLETED, NOT_FOUND → final and confirmed; RETAINED → sleeps until its date, then runs
 //!   again to erase the rest; after a retention run the records count is cumulative
 //! - ACCEPTED → IN_PROGRESS awaiting confirmation, asked again every confirm interval; the
@@ -38,7 +39,7 @@
 
 use std::fmt;
 
-use dsrelay_connectors::{kind_label, ConnectorError, ExportedFile, Outcome, Phase};
+use dsrelay_connectors::{kind_label, ConnectorError, ErasedCount, ExportedFile, Outcome, Phase};
 use dsrelay_proto::v1::{RequestKind, TaskState, TransferReceipt};
 
 /// Never: for tasks only an operator moves on.
@@ -234,6 +235,9 @@ pub struct Transition {
     /// Queue the delivery of the task's export (a RETURN_OF_DATA or TRANSFER export
     /// written).
     pub upload: bool,
+    /// What this step erased where, as the connector counted it: the deletion certificate
+    /// of an ERASURE lists it. Not stored with the task.
+    pub erased: Vec<ErasedCount>,
     /// The recipient's receipt, recorded with the task and carried by the acknowledgement;
     /// `None` keeps what is recorded.
     pub transfer_receipt: Option<TransferReceipt>,
@@ -378,6 +382,12 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
                      to {to}: {error}"
                 )));
             }
+            if !worth_acknowledging(attempt) {
+                return Decision::Later {
+                    at: delivery_retry_at(ctx),
+                    error: Some(error),
+                };
+            }
             let note = format!(
                 "sending {files} file(s) ({}) to {to}: attempt {attempt} failed: {error}; \
                  retrying until {}",
@@ -397,6 +407,15 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
             })
         }
     }
+}
+
+/// Whether the note of failed delivery attempt `attempt` is sent to the controller: the
+/// first, second, fourth, eighth... A destination down for a month is retried tens of
+/// thousands of times at the default backoff; one acknowledgement (and registry event) per
+/// attempt would bury the request's history, while a doubling gap still says it is being
+/// retried and why. Attempts in between are kept for operators (the upload's last error).
+pub(crate) fn worth_acknowledging(attempt: i64) -> bool {
+    attempt <= 1 || (attempt as u64).is_power_of_two()
 }
 
 /// When a failed delivery is tried again: after the backoff drawn, and no later than the due
@@ -557,6 +576,7 @@ fn ran(
             records_affected,
             note,
             files,
+            ..
         } if crate::exports::exports(kind) => {
             // The data has not gone where it was asked to go: it lies in the processor's data
             // folder. COMPLETED waits for the upload worker's delivery: to the registry for a
@@ -587,12 +607,14 @@ fn ran(
             records_affected,
             note,
             files,
+            erased,
         } => Transition {
             state: TaskState::Completed,
             records_affected: earlier + records_affected,
             confirmed: true,
             note,
             export_files: (!files.is_empty()).then_some(files),
+            erased,
             ..Default::default()
         },
         Outcome::NotFound { note } => Transition {
@@ -606,11 +628,13 @@ fn ran(
             until_ms,
             records_affected,
             note,
+            erased,
         } => Transition {
             state: TaskState::Retained,
             records_affected: earlier + records_affected,
             confirmed: true,
             note,
+            erased,
             legal_basis,
             retain_until: Some(until_ms),
             // Wake up when the obligation ends and erase the rest without being asked.
@@ -847,6 +871,7 @@ mod tests {
                 records_affected: 2,
                 note: "exported".into(),
                 files: vec![file.clone()],
+                erased: Vec::new(),
             }),
         ));
         assert_eq!(
@@ -876,6 +901,11 @@ mod tests {
                 until_ms: NOW + 99,
                 records_affected: 1,
                 note: "kept invoices".into(),
+                erased: vec![ErasedCount {
+                    target: "contacts".into(),
+                    action: "deleted".into(),
+                    count: 1,
+                }],
             })
         };
         let t = moved(ran(&task(InProgress), Phase::Start, retained()));
@@ -884,6 +914,8 @@ mod tests {
         assert_eq!(t.retain_until, Some(NOW + 99));
         assert_eq!(t.next_attempt_at, Some(NOW + 99));
         assert_eq!(t.legal_basis, "Kirjanpitolaki 2:10");
+        // What this step erased goes on to the deletion certificate.
+        assert_eq!(t.erased.len(), 1);
         // When the date has come, the rest is erased; earlier records still count.
         let t = moved(ran(
             &task(Retained),
@@ -892,6 +924,7 @@ mod tests {
                 records_affected: 2,
                 note: "erased the rest".into(),
                 files: Vec::new(),
+                erased: Vec::new(),
             }),
         ));
         assert_eq!((t.state, t.records_affected), (Completed, 5));
@@ -913,6 +946,7 @@ mod tests {
                 records_affected: 3,
                 note: "exported".into(),
                 files: vec![file.clone()],
+                erased: Vec::new(),
             });
             let event = Event::Ran {
                 kind,
@@ -1093,6 +1127,41 @@ mod tests {
              new-bookkeeper: connection refused"
         );
         assert_eq!(failed_once(&ctx(), Cancelled), Decision::Ignore);
+    }
+
+    #[test]
+    fn failed_deliveries_are_acknowledged_at_doubling_gaps() {
+        let failed = |attempt, ctx: &Context| {
+            decide(
+                &task(InProgress),
+                Event::DeliveryFailed {
+                    to: Destination::Registry,
+                    files: 1,
+                    bytes: 10,
+                    attempt,
+                    error: "connection refused",
+                },
+                ctx,
+            )
+        };
+        for attempt in [1, 2, 4, 8, 1024] {
+            assert!(
+                matches!(failed(attempt, &ctx()), Decision::Move(_)),
+                "attempt {attempt} is acknowledged"
+            );
+        }
+        for attempt in [3, 5, 7, 1023] {
+            assert_eq!(
+                failed(attempt, &ctx()),
+                Decision::Later {
+                    at: NOW + 500,
+                    error: Some("connection refused".into())
+                },
+                "attempt {attempt} is only retried"
+            );
+        }
+        // At the due date every attempt ends the task, acknowledged.
+        assert!(matches!(failed(3, &past_due()), Decision::Move(t) if t.state == Failed));
     }
 
     #[test]

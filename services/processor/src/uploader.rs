@@ -299,6 +299,14 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
                     }
                     Ok(())
                 }
+                Decision::Later { at, .. } => {
+                    // Nothing new for the controller: only the next attempt is scheduled.
+                    tracing::warn!(%error, %to, retry_in_ms = at - ctx.now, "delivering an export failed; will retry");
+                    shared
+                        .store
+                        .upload_retry_later(key, NextAttempt { at, error: &error })
+                        .await
+                }
                 decision => {
                     tracing::warn!(%error, %to, "delivering an export failed at the due date; giving up");
                     record(shared, job, decision, task.sequence, task.attempts).await

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use dsrelay_proto::v1::acknowledgement_service_server::AcknowledgementServiceServer;
+use dsrelay_proto::v1::certificate_service_server::CertificateServiceServer;
 use dsrelay_proto::v1::export_upload_service_server::ExportUploadServiceServer;
 use dsrelay_proto::v1::package_service_server::PackageServiceServer;
 use dsrelay_proto::v1::processor_service_client::ProcessorServiceClient;
@@ -14,6 +15,7 @@ use dsrelay_proto::v1::request_service_server::RequestServiceServer;
 use dsrelay_runtime::clock::Clock;
 use dsrelay_runtime::host::Host;
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
+use dsrelay_runtime::signing::PublicKey;
 use dsrelay_runtime::store::Db;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, Notify};
@@ -54,6 +56,8 @@ pub(crate) struct Shared {
     pub packages: Packages,
     /// Files being uploaded right now, so two streams never append to one file.
     pub uploading: Uploading,
+    /// Each processor's certificate-checking key (`public_key`), by processor name.
+    pub certificate_keys: HashMap<String, PublicKey>,
     /// Watch streams open per caller.
     pub watchers: crate::api::watch::Slots,
     /// Turns true when shutdown begins, so Watch streams end at once instead of holding
@@ -88,7 +92,13 @@ impl App {
             .client_config()
             .context("loading the registry's TLS files")?;
         let mut processors = HashMap::new();
+        let mut certificate_keys = HashMap::new();
         for p in &config.processors {
+            if let Some(key) = &p.public_key {
+                let key = PublicKey::from_config(key)
+                    .with_context(|| format!("processor {}: public_key", p.name))?;
+                certificate_keys.insert(p.name.clone(), key);
+            }
             let channel =
                 dsrelay_runtime::tls::channel(&p.endpoint, Some(p.identity.clone()), &client_tls)
                     .with_context(|| format!("processor {}", p.name))?;
@@ -125,6 +135,7 @@ impl App {
                 clock: Clock::system(),
                 packages,
                 uploading: Uploading::default(),
+                certificate_keys,
                 watchers: Default::default(),
                 stopping: tokio::sync::watch::channel(false).0,
             }),
@@ -203,6 +214,7 @@ impl App {
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
+            .service(CertificateServiceServer::new(api.clone()))
             .service(
                 PackageServiceServer::new(api)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -124,6 +124,12 @@ pub struct ProcessorConfig {
     pub identity: String,
     /// The data categories it holds; requests are routed by these.
     pub categories: Vec<String>,
+    /// The Ed25519 public key its deletion certificates are checked with: the standard
+    /// base64 of the key's 32 bytes, or the path of a file holding it (SPKI PEM, as the
+    /// processor's development PKI writes it, or the base64). Without it, every certificate
+    /// the processor sends is kept as rejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
 }
 
 /// A recipient a subject's data may be transferred to: another controller, named by the
@@ -239,6 +245,16 @@ impl AsRef<ServiceSettings> for Config {
 impl ServiceConfig for Config {
     fn relative_to(&mut self, dir: &Path) {
         self.service.relative_to(dir);
+        for p in &mut self.processors {
+            // A key given inline stays as it is; a relative file name is the config's.
+            if let Some(key) = &mut p.public_key {
+                if dsrelay_runtime::signing::PublicKey::parse(key).is_err()
+                    && Path::new(key.as_str()).is_relative()
+                {
+                    *key = dir.join(key.as_str()).to_string_lossy().into_owned();
+                }
+            }
+        }
     }
 
     fn check(&self) -> Result<(), ConfigErrors> {
@@ -412,6 +428,30 @@ mod tests {
         )
         .unwrap();
         (dir, file)
+    }
+
+    #[test]
+    fn a_processor_public_key_file_is_the_config_folder_s_and_an_inline_key_stays() {
+        let inline = dsrelay_runtime::signing::SigningKey::generate()
+            .public_key()
+            .to_base64();
+        let processor = |name: &str, key: &str| {
+            format!(
+                "[[processors]]\nname = \"{name}\"\nendpoint = \"https://p:1\"\n\
+                 identity = \"spiffe://x/{name}\"\ncategories = [\"c\"]\npublic_key = \"{key}\"\n"
+            )
+        };
+        let (dir, file) = folder(&format!(
+            "{}{}",
+            processor("a", "keys/a.pub.pem"),
+            processor("b", &inline)
+        ));
+        let c = Config::load_from(Some(&file), env(&[])).unwrap();
+        assert_eq!(
+            c.processors[0].public_key.as_deref(),
+            Some(dir.path().join("keys/a.pub.pem").to_str().unwrap())
+        );
+        assert_eq!(c.processors[1].public_key.as_deref(), Some(inline.as_str()));
     }
 
     #[test]

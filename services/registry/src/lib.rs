@@ -6,8 +6,8 @@
 //! - [`config`]: configuration (identities and roles, processors and their categories).
 //! - [`app`]: [`App::build`] (store, processor clients, shared state) and [`App::run`], which
 //!   hands the services, metrics and workers to the runtime's host.
-//! - [`api`]: the gRPC handlers (partner API, acknowledgement API, package upload and
-//!   download, the Watch stream, views).
+//! - [`api`]: the gRPC handlers (partner API, acknowledgement API, deletion certificates,
+//!   package upload and download, the Watch stream, views).
 //! - [`auth`]: the registry's callers (partners, operators, processors) by certificate
 //!   identity.
 //! - [`validate`]: Submit input rules.

@@ -11,7 +11,8 @@
 //!   port and background workers, started and stopped together; the binaries' shared `main`.
 //! - [`tls`]: mutual TLS with rustls; peer identities from certificate SANs; client channels
 //!   that check the server's identity.
-//! - [`pki`]: the generated development PKI.
+//! - [`pki`]: the generated development PKI, with each processor's signing key.
+//! - [`signing`]: canonical JSON signed with Ed25519 (deletion certificates); key files.
 //! - [`store`]: one sqlx handle over SQLite or PostgreSQL, with per-backend migrations.
 //! - [`backoff`]: retry spacing for the outboxes.
 //! - [`clock`]: the system clock with a test offset.
@@ -43,6 +44,7 @@ pub mod metrics;
 pub mod pki;
 pub mod server;
 pub mod settings;
+pub mod signing;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

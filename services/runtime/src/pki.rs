@@ -4,6 +4,10 @@
 //! shape), plus `localhost` and `127.0.0.1` so it can also serve. The CA and every leaf get
 //! distinct subject names: OpenSSL-based stacks (grpcurl, Python's grpcio) take a leaf whose
 //! subject equals its issuer's for self-signed and refuse it.
+//!
+//! Every processor party also gets an Ed25519 key that signs its deletion certificates
+//! (`<stem>-signing.key`, mode 0600, and `<stem>-signing.pub.pem` beside it; see
+//! [`crate::signing`]).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -168,6 +172,8 @@ impl DevPki {
             dir: dir.to_path_buf(),
         };
         if pki.dir.join("ca.pem").exists() {
+            // A set written before processors signed certificates gets their keys now.
+            pki.ensure_signing_keys()?;
             return Ok(pki);
         }
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -182,9 +188,30 @@ impl DevPki {
             std::fs::write(pki.cert(stem), &leaf.cert_pem)?;
             write_secret(&pki.key(stem), &leaf.key_pem)?;
         }
+        pki.ensure_signing_keys()?;
         // Written last: its presence means the set is complete.
         std::fs::write(pki.ca(), ca.cert_pem())?;
         Ok(pki)
+    }
+
+    /// Generates the signing key of every processor party that has none.
+    fn ensure_signing_keys(&self) -> Result<()> {
+        for (stem, role, _) in DEV_PARTIES {
+            if *role == "processor" && !self.signing_key(stem).exists() {
+                crate::signing::SigningKey::generate().write(&self.signing_key(stem))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Path of a processor's certificate signing key (PKCS#8 PEM).
+    pub fn signing_key(&self, stem: &str) -> PathBuf {
+        self.dir.join(format!("{stem}-signing.key"))
+    }
+
+    /// Path of the public key of [`DevPki::signing_key`] (SPKI PEM).
+    pub fn signing_public_key(&self, stem: &str) -> PathBuf {
+        crate::signing::public_key_path(&self.signing_key(stem))
     }
 
     /// Path of the CA certificate.
@@ -212,7 +239,7 @@ impl DevPki {
     }
 }
 
-fn write_secret(path: &Path, contents: &str) -> Result<()> {
+pub(crate) fn write_secret(path: &Path, contents: &str) -> Result<()> {
     std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()))?;
     #[cfg(unix)]
     {
@@ -263,5 +290,21 @@ mod tests {
         assert!(
             DevPki::ensure_with_dns_names(&dir.path().join("bad"), &["no spaces".into()]).is_err()
         );
+    }
+
+    #[test]
+    fn each_processor_gets_a_signing_key_also_in_an_older_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let key = crate::signing::SigningKey::load(&pki.signing_key("processor")).unwrap();
+        let public = std::fs::read_to_string(pki.signing_public_key("processor")).unwrap();
+        assert_eq!(
+            crate::signing::PublicKey::parse(&public).unwrap(),
+            key.public_key()
+        );
+        assert!(!pki.signing_key("registry").exists());
+        std::fs::remove_file(pki.signing_key("processor")).unwrap();
+        DevPki::ensure(dir.path()).unwrap();
+        assert!(pki.signing_key("processor").exists());
     }
 }

@@ -1160,7 +1160,12 @@ async fn trace_draws_the_propagation_from_stored_events() {
             .iter()
             .filter_map(|s| s[1].as_str())
             .collect();
-        assert_eq!(steps, ["IN_PROGRESS", "COMPLETED"], "{t:#}");
+        // A completed erasure comes with its signed deletion certificate.
+        assert_eq!(
+            steps,
+            ["IN_PROGRESS", "COMPLETED", "CERTIFICATE_STORED"],
+            "{t:#}"
+        );
     }
     let absent = hops
         .iter()

@@ -162,6 +162,9 @@ pub struct PairOptions {
     pub rust_log: Option<String>,
     /// An OTLP endpoint the processes export traces to, each under its role's name.
     pub otel_endpoint: Option<String>,
+    /// The processor's `public_key` as the registry is configured with it (default: the
+    /// public half of the signing key the development PKI gave the processor).
+    pub processor_public_key: Option<String>,
     /// Start the example transfer recipient as [`RECIPIENT`] (in this process unless it
     /// asks for a process).
     pub recipient: Option<RecipientOptions>,
@@ -188,6 +191,7 @@ impl Default for PairOptions {
             log_json: false,
             rust_log: None,
             otel_endpoint: None,
+            processor_public_key: None,
             recipient: None,
             forget_after_days: 30,
         }
@@ -340,6 +344,12 @@ mod configs {
                 "marketing".into(),
                 "archive".into(),
             ],
+            public_key: Some(plan.opts.processor_public_key.clone().unwrap_or_else(|| {
+                plan.pki
+                    .signing_public_key("processor")
+                    .display()
+                    .to_string()
+            })),
         }];
         if let Some(absent) = plan.absent_processor_port {
             processors.push(ProcessorConfig {
@@ -347,6 +357,7 @@ mod configs {
                 endpoint: format!("https://127.0.0.1:{absent}"),
                 identity: dev_identity("processor", "web-agency"),
                 categories: vec!["web-analytics".into()],
+                public_key: None,
             });
         }
         let party = |stem: &str, name: &str, role: Role| IdentityRole {
@@ -479,6 +490,7 @@ mod configs {
             }],
             operators: vec![dev_identity("operator", "ops")],
             data_dir: plan.processor_data.clone(),
+            signing_key: Some(plan.pki.signing_key("processor")),
             subprocessors: plan
                 .opts
                 .holders

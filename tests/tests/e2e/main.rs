@@ -7,8 +7,10 @@
 mod harness;
 
 mod adapter;
+mod adapter_export;
 mod audit;
 mod bad_input;
+mod certificates;
 mod compose;
 mod connectors;
 mod download;

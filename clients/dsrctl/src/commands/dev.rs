@@ -52,6 +52,15 @@ fn registry_config(dir: &Path, port: u16, processor_port: u16) -> dsrelay_regist
             endpoint: format!("https://localhost:{processor_port}"),
             identity: dev_identity("processor", PROCESSOR),
             categories: vec!["contact".into(), "invoicing".into(), "marketing".into()],
+            // Checks the deletion certificates the processor signs with its key below.
+            public_key: Some(
+                DevPki {
+                    dir: dir.join("pki"),
+                }
+                .signing_public_key("processor")
+                .display()
+                .to_string(),
+            ),
         }],
         recipients: vec![RecipientConfig {
             name: RECIPIENT.into(),
@@ -115,6 +124,12 @@ fn processor_config(dir: &Path, port: u16, registry_port: u16) -> dsrelay_proces
         tasks: Default::default(),
         acks: Default::default(),
         uploads: Default::default(),
+        signing_key: Some(
+            DevPki {
+                dir: dir.join("pki"),
+            }
+            .signing_key("processor"),
+        ),
         identity_hash_key: random_key(),
         forget_after_days: 30,
         forget_sweep_interval_ms: 60_000,

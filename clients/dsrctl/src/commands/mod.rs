@@ -4,12 +4,15 @@ use std::io::Write;
 
 use dsrelay_sdk::RegistryClient;
 
-use crate::cli::{AuditCommand, Cli, Command, DevCommand, OutputFormat, PkiCommand};
+use crate::cli::{
+    AuditCommand, CertificateCommand, Cli, Command, DevCommand, OutputFormat, PkiCommand,
+};
 use crate::settings::{self, Environment};
 use crate::Failure;
 use dsrelay_sdk::ConnectionSettings;
 
 mod audit;
+mod certificate;
 mod chain;
 mod dev;
 mod download;
@@ -63,6 +66,13 @@ pub(crate) async fn dispatch(cli: &Cli, env: &Environment, io: &mut Io<'_>) -> R
         // Needs no registry, so must not fail on missing connection settings.
         Command::Pki(PkiCommand::Init(args)) => pki::init(args, env, io),
         Command::Dev(DevCommand::Up(args)) => dev::up(args, env, io).await,
+        // Offline: needs no registry.
+        Command::Certificate(CertificateCommand::Verify(args)) => {
+            certificate::verify(args, cli.connection.key.as_deref(), io)
+        }
+        Command::Certificate(CertificateCommand::Get(args)) => {
+            certificate::get(&Registry::connect(cli, env)?, args, io).await
+        }
         Command::Chain => chain::run(&Registry::connect(cli, env)?, io).await,
         Command::Trace(args) => trace::run(&Registry::connect(cli, env)?, args, io).await,
         Command::Audit(AuditCommand::Verify(args)) => {

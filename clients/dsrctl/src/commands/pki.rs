@@ -4,7 +4,7 @@ use dsrelay_sdk::runtime::pki::{dev_identity, DevPki, DEV_PARTIES};
 
 use crate::cli::PkiInitArgs;
 use crate::commands::Io;
-use crate::output::{emit, PkiPartyView, PkiView};
+use crate::output::{emit, PkiPartyView, PkiSigningKeyView, PkiView};
 use crate::settings::Environment;
 use crate::Failure;
 
@@ -25,6 +25,15 @@ pub(crate) fn init(args: &PkiInitArgs, env: &Environment, io: &mut Io<'_>) -> Re
                 identity: dev_identity(role, name),
                 cert: pki.cert(stem).display().to_string(),
                 key: pki.key(stem).display().to_string(),
+            })
+            .collect(),
+        signing_keys: DEV_PARTIES
+            .iter()
+            .filter(|(stem, _, _)| pki.signing_key(stem).exists())
+            .map(|(stem, _, _)| PkiSigningKeyView {
+                party: stem.to_string(),
+                key: pki.signing_key(stem).display().to_string(),
+                public_key: pki.signing_public_key(stem).display().to_string(),
             })
             .collect(),
     };

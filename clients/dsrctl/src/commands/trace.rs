@@ -132,6 +132,27 @@ impl TraceView {
                             .push((ms(e) - start, "PART_STORED".to_string()));
                     }
                 }
+                // A deletion certificate arriving with the acknowledgement is the proof of
+                // the step; a rejected one says why it proves nothing.
+                Ok(EventType::CertificateStored) => {
+                    if let Some(t) = &e.task {
+                        steps
+                            .entry((e.processor.clone(), t.subprocessor.clone()))
+                            .or_default()
+                            .push((ms(e) - start, "CERTIFICATE_STORED".to_string()));
+                    }
+                }
+                Ok(EventType::CertificateRejected) => {
+                    if let Some(t) = &e.task {
+                        steps
+                            .entry((e.processor.clone(), t.subprocessor.clone()))
+                            .or_default()
+                            .push((
+                                ms(e) - start,
+                                format!("CERTIFICATE_REJECTED ({})", e.message),
+                            ));
+                    }
+                }
                 _ => {}
             }
         }

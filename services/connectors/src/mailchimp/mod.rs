@@ -47,8 +47,8 @@ use serde_json::{json, Value};
 
 use crate::export::{JsonArrayWriter, JSON};
 use crate::{
-    kind_label, BoxFuture, Connector, ConnectorError, ExportSink, ExportedFile, Outcome, Phase,
-    Task,
+    kind_label, BoxFuture, Connector, ConnectorError, ErasedCount, ExportSink, ExportedFile,
+    Outcome, Phase, Task,
 };
 
 mod api;
@@ -308,6 +308,11 @@ impl MailchimpConnector {
                     deleted.join(", ")
                 ),
                 files: Vec::new(),
+                erased: vec![ErasedCount {
+                    target: format!("audience {list}"),
+                    action: "deleted".into(),
+                    count: deleted.len() as i64,
+                }],
             })
         } else {
             Ok(Outcome::Accepted {
@@ -352,6 +357,7 @@ impl MailchimpConnector {
                 self.config.list_id
             ),
             files: Vec::new(),
+            erased: Vec::new(),
         })
     }
 
@@ -398,6 +404,7 @@ impl MailchimpConnector {
                 self.config.list_id
             ),
             files,
+            erased: Vec::new(),
         })
     }
 

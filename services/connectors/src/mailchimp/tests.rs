@@ -83,6 +83,7 @@ async fn erasure_deletes_permanently_and_confirms_the_member_is_gone() {
         records_affected: 1,
         note,
         files,
+        ..
     } = out
     else {
         panic!("{out:?}");
@@ -180,16 +181,18 @@ async fn raw_and_md5_of_one_address_count_once_and_two_addresses_twice() {
         .run(&task(RequestKind::Erasure, ids))
         .await
         .unwrap();
-    assert!(
-        matches!(
-            out,
-            Outcome::Completed {
-                records_affected: 2,
-                ..
-            }
-        ),
-        "{out:?}"
-    );
+    let Outcome::Completed {
+        records_affected: 2,
+        erased,
+        ..
+    } = out
+    else {
+        panic!("{out:?}");
+    };
+    // The certificate of an erasure says where: one count for the audience.
+    assert_eq!(erased.len(), 1, "{erased:?}");
+    assert_eq!((erased[0].action.as_str(), erased[0].count), ("deleted", 2));
+    assert!(erased[0].target.starts_with("audience "), "{erased:?}");
     assert!(fake.audience().members.is_empty());
 }
 
@@ -471,6 +474,7 @@ async fn return_of_data_and_transfer_export_the_member_its_notes_activity_and_ev
             records_affected: 1,
             note,
             files,
+            ..
         } = out
         else {
             panic!("{out:?}");

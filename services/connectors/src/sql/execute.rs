@@ -1,6 +1,8 @@
 //! Running planned statements: each request in one transaction, reading the rows it needs,
 //! and sorting database errors into worth-retrying or not.
 
+use std::borrow::Cow;
+
 use dsrelay_proto::v1::{FieldCorrection, SubjectIdentity};
 use futures::TryStreamExt;
 use sqlx::any::{AnyRow, AnyTypeInfoKind};
@@ -14,7 +16,7 @@ use super::retention::{assess, day_of, DatedRow};
 use super::rules::{Action, TableRule};
 use super::SqlConnector;
 use crate::export::{CsvWriter, ExportSink, JsonArrayWriter, CSV, JSON};
-use crate::{ConnectorError, ExportedFile};
+use crate::{ConnectorError, ErasedCount, ExportedFile};
 
 /// What an erasure did in one database.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -28,6 +30,9 @@ pub(crate) struct ErasureReport {
     pub(crate) found: bool,
     /// Set when rows are kept under a legal obligation.
     pub(crate) retained: Option<RetentionReport>,
+    /// Rows erased per table and action, in the order the tables were handled; rows kept
+    /// under an obligation and stripped of what it does not need count as `anonymized`.
+    pub(crate) counts: Vec<ErasedCount>,
 }
 
 /// What an erasure keeps under `retain` rules.
@@ -82,6 +87,7 @@ impl SqlConnector {
         let mut kept_rows: i64 = 0;
         let mut next_release: Option<i64> = None;
         let mut bases: Vec<&str> = Vec::new();
+        let mut counts = Vec::new();
         for step in &plan {
             let rule = step.rule;
             let table = rule.table.as_str();
@@ -123,6 +129,18 @@ impl SqlConnector {
                 .map_err(|e| classify(&format!("{} {table}", rule.action.doing()), &e))?;
             total = total.saturating_add(done).saturating_add(anonymized);
             found |= done > 0 || kept > 0;
+            counts.push(ErasedCount {
+                target: table.to_string(),
+                action: rule.action.done().to_string(),
+                count: done,
+            });
+            if anonymized > 0 {
+                counts.push(ErasedCount {
+                    target: table.to_string(),
+                    action: "anonymized".to_string(),
+                    count: anonymized,
+                });
+            }
             tracing::debug!(
                 table,
                 action = rule.action.done(),
@@ -177,6 +195,7 @@ impl SqlConnector {
             records_affected: total,
             note: notes.join("; "),
             found,
+            counts,
             retained: (kept_rows > 0).then(|| RetentionReport {
                 legal_basis: bases.join("; "),
                 until_ms: next_release.unwrap_or(now_ms),
@@ -207,19 +226,20 @@ impl SqlConnector {
             };
             let table = rule.table.as_str();
             let mut writers: Option<(JsonArrayWriter, CsvWriter)> = None;
+            // Reused from row to row: a row costs the reading of its values and no more.
+            let mut values = Vec::with_capacity(rule.export.len());
             let mut rows = select.query().fetch(&mut *tx);
             while let Some(row) = rows
                 .try_next()
                 .await
                 .map_err(|e| classify(&format!("exporting {table}"), &e))?
             {
-                let mut object = serde_json::Map::with_capacity(rule.export.len());
-                let mut record = Vec::with_capacity(rule.export.len());
+                values.clear();
                 for (i, column) in rule.export.iter().enumerate() {
-                    let value = json_value(&row, i)
-                        .map_err(|e| classify(&format!("exporting {table}.{column}"), &e))?;
-                    record.push(csv_field(&value));
-                    object.insert(column.clone(), value);
+                    values.push(
+                        json_value(&row, i)
+                            .map_err(|e| classify(&format!("exporting {table}.{column}"), &e))?,
+                    );
                 }
                 // Files are opened at the first row, so a table without the subject's rows
                 // adds nothing to the package.
@@ -235,8 +255,12 @@ impl SqlConnector {
                         .await?,
                     )),
                 };
-                json.push(&object).await?;
-                csv.push(&record).await?;
+                json.push(&RowObject {
+                    columns: &rule.export,
+                    values: &values,
+                })
+                .await?;
+                csv.push(values.iter().map(csv_field)).await?;
             }
             drop(rows);
             let exported = match writers {
@@ -414,11 +438,29 @@ pub(super) fn json_value(row: &AnyRow, i: usize) -> Result<serde_json::Value, sq
 }
 
 /// A value as a CSV field: NULL is empty, text as it is, numbers and booleans as in JSON.
-fn csv_field(value: &serde_json::Value) -> String {
+fn csv_field(value: &serde_json::Value) -> Cow<'_, [u8]> {
     match value {
-        serde_json::Value::Null => String::new(),
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
+        serde_json::Value::Null => Cow::Borrowed(b""),
+        serde_json::Value::String(s) => Cow::Borrowed(s.as_bytes()),
+        other => Cow::Owned(other.to_string().into_bytes()),
+    }
+}
+
+/// One exported row as a JSON object of its columns, in the rules' order, encoded straight
+/// from the values (no map of copied column names per row).
+struct RowObject<'a> {
+    columns: &'a [String],
+    values: &'a [serde_json::Value],
+}
+
+impl serde::Serialize for RowObject<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.columns.len()))?;
+        for (column, value) in self.columns.iter().zip(self.values) {
+            map.serialize_entry(column, value)?;
+        }
+        map.end()
     }
 }
 

@@ -166,6 +166,7 @@ fn erasure_outcome(report: ErasureReport, phase: &Phase) -> Outcome {
             until_ms: kept.until_ms,
             records_affected: report.records_affected,
             note: report.note,
+            erased: report.counts,
         },
         // The first run found the subject; finding nothing later means nothing is left.
         None if report.found || *phase == Phase::RetentionExpired => Outcome::Completed {
@@ -176,6 +177,7 @@ fn erasure_outcome(report: ErasureReport, phase: &Phase) -> Outcome {
                 format!("nothing left to erase: {}", report.note)
             },
             files: Vec::new(),
+            erased: report.counts,
         },
         None => Outcome::NotFound { note: report.note },
     }
@@ -187,6 +189,7 @@ fn work_outcome(report: WorkReport) -> Outcome {
             records_affected: report.records_affected,
             note: report.note,
             files: report.files,
+            erased: Vec::new(),
         }
     } else {
         Outcome::NotFound { note: report.note }

@@ -237,6 +237,20 @@ async fn erases_subject_by_email(url: String) {
                    ledger_entries (anonymized 1)"
                 .into(),
             found: true,
+            counts: [
+                ("contacts", "deleted", 2),
+                ("invoices", "deleted", 1),
+                ("invoices", "anonymized", 2),
+                ("ledger_entries", "anonymized", 1),
+                ("customers", "deleted", 0),
+                ("customers", "anonymized", 1),
+            ]
+            .map(|(target, action, count)| crate::ErasedCount {
+                target: target.into(),
+                action: action.into(),
+                count,
+            })
+            .to_vec(),
             retained: Some(RetentionReport {
                 legal_basis: format!("{VOUCHERS}; {BOOKS}"),
                 until_ms: ms(2031, 1, 1),
@@ -532,6 +546,7 @@ async fn retention_expires_in_stages(url: String) {
             until_ms,
             records_affected,
             note,
+            ..
         } => (legal_basis, until_ms, records_affected, note),
         other => panic!("expected RETAINED, got {other:?}"),
     };
@@ -611,6 +626,18 @@ async fn retention_expires_in_stages(url: String) {
                    customers: deleted 1"
                 .into(),
             files: Vec::new(),
+            erased: [
+                ("contacts", "deleted", 0),
+                ("invoices", "deleted", 0),
+                ("ledger_entries", "anonymized", 1),
+                ("customers", "deleted", 1),
+            ]
+            .map(|(target, action, count)| crate::ErasedCount {
+                target: target.into(),
+                action: action.into(),
+                count,
+            })
+            .to_vec(),
         }
     );
     assert_eq!(
@@ -665,6 +692,7 @@ async fn exports_configured_columns_per_table(url: String) {
             records_affected,
             note,
             files,
+            ..
         } = out
         else {
             panic!("expected COMPLETED, got {out:?}");
@@ -819,6 +847,7 @@ async fn rectifies_mapped_columns(url: String) {
             records_affected: 1,
             note: "customers: updated 1 (email, address)".into(),
             files: Vec::new(),
+            erased: Vec::new(),
         }
     );
     // Only tables that map a field change: the invoices' copies are vouchers.
@@ -903,6 +932,7 @@ async fn rectifies_mapped_columns(url: String) {
             records_affected: 4,
             note: "invoices: updated 3 (email); customers: updated 1 (email)".into(),
             files: Vec::new(),
+            erased: Vec::new(),
         }
     );
     assert_eq!(
@@ -944,6 +974,7 @@ async fn restricts_lifts_and_suppresses(url: String) {
             records_affected: 1,
             note: "customers: restricted 1".into(),
             files: Vec::new(),
+            erased: Vec::new(),
         }
     );
     assert_eq!(rows(&db, flags).await, [[json!(1), json!(0)]]);
@@ -954,6 +985,7 @@ async fn restricts_lifts_and_suppresses(url: String) {
             records_affected: 1,
             note: "customers: restriction lifted 1".into(),
             files: Vec::new(),
+            erased: Vec::new(),
         }
     );
     assert_eq!(rows(&db, flags).await, [[json!(0), json!(0)]]);
@@ -969,6 +1001,7 @@ async fn restricts_lifts_and_suppresses(url: String) {
             records_affected: 1,
             note: "customers: opted out 1".into(),
             files: Vec::new(),
+            erased: Vec::new(),
         }
     );
     assert_eq!(rows(&db, flags).await, [[json!(0), json!(1)]]);

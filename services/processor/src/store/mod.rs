@@ -7,15 +7,21 @@
 //! - `tasks`: requests and tasks: accept, cancel, claim, transition, operator views.
 //! - `acks`: the acknowledgement outbox.
 //! - `uploads`: the upload outbox: RETURN_OF_DATA exports waiting to reach the registry.
+//! - `certificates`: the deletion certificates issued with erasure steps.
 //! - `forget`: removing finished requests' raw identities, body and free text.
 
 mod acks;
+mod certificates;
 mod forget;
 mod rows;
 mod tasks;
 mod uploads;
 
+use std::sync::Arc;
+
 use dsrelay_runtime::store::Db;
+
+use crate::certificates::Issuer;
 
 pub use crate::task_machine::Transition;
 pub use forget::Forgettable;
@@ -32,12 +38,19 @@ pub static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migr
 #[derive(Debug, Clone)]
 pub struct Store {
     db: Db,
+    /// Signs the deletion certificate of each erasure step; `None` issues none.
+    issuer: Option<Arc<Issuer>>,
 }
 
 impl Store {
-    /// Wraps a migrated database.
+    /// Wraps a migrated database; it issues no certificates.
     pub fn new(db: Db) -> Self {
-        Self { db }
+        Self { db, issuer: None }
+    }
+
+    /// The store, issuing a certificate with every COMPLETED or RETAINED erasure step.
+    pub fn with_issuer(self, issuer: Option<Arc<Issuer>>) -> Self {
+        Self { issuer, ..self }
     }
 
     /// The database handle.

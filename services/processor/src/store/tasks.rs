@@ -13,6 +13,7 @@ use super::rows::{
     TASK_COLUMNS,
 };
 use super::{acks, Store};
+use crate::certificates::Issuer;
 use crate::task_machine::{decide, Context, Decision, Event, Transition};
 
 /// What Deliver found.
@@ -162,7 +163,17 @@ impl Store {
         for task in rows.into_iter().map(TaskRow::from) {
             let event = Event::Cancel { reason };
             if let Decision::Move(t) = decide(&task.current(), event, &Context::at(now)) {
-                transition(&mut tx, &task.key, task.sequence, &t, now, task.attempts).await?;
+                let issuer = self.issuer.as_deref();
+                certified_transition(
+                    &mut tx,
+                    issuer,
+                    &task.key,
+                    task.sequence,
+                    &t,
+                    now,
+                    task.attempts,
+                )
+                .await?;
             }
         }
         tx.commit().await?;
@@ -221,7 +232,9 @@ impl Store {
         attempts: i64,
     ) -> Result<Option<i64>> {
         let mut tx = self.db.pool.begin().await?;
-        let seq = transition(&mut tx, key, expected_sequence, t, now, attempts).await?;
+        let issuer = self.issuer.as_deref();
+        let seq =
+            certified_transition(&mut tx, issuer, key, expected_sequence, t, now, attempts).await?;
         tx.commit().await?;
         Ok(seq)
     }
@@ -333,9 +346,24 @@ impl Store {
     }
 }
 
-/// Records `t` and queues its acknowledgement, if the task is still at `expected_sequence`.
+/// Records `t` and queues its acknowledgement, if the task is still at `expected_sequence`;
+/// issues no certificate (for steps that never certify an erasure).
 pub(super) async fn transition(
     tx: &mut Transaction<'static, Any>,
+    key: &TaskKey,
+    expected_sequence: i64,
+    t: &Transition,
+    now: i64,
+    attempts: i64,
+) -> Result<Option<i64>> {
+    certified_transition(tx, None, key, expected_sequence, t, now, attempts).await
+}
+
+/// [`transition`], issuing with `issuer` the deletion certificate of an erasure step and
+/// sending it with the acknowledgement.
+async fn certified_transition(
+    tx: &mut Transaction<'static, Any>,
+    issuer: Option<&Issuer>,
     key: &TaskKey,
     expected_sequence: i64,
     t: &Transition,
@@ -381,6 +409,10 @@ pub(super) async fn transition(
     if changed == 0 {
         return Ok(None);
     }
+    let certificate = match issuer {
+        Some(issuer) => super::certificates::issue_for(tx, issuer, key, next, t, now).await?,
+        None => None,
+    };
     let ack = Acknowledgement {
         request_id: key.request_id.clone(),
         subprocessor: key.subprocessor.clone(),
@@ -400,6 +432,7 @@ pub(super) async fn transition(
         // The span the change happens in (a task step, a cancellation) is where the
         // registry's handling of the acknowledgement hangs in the trace.
         traceparent: trace_context::traceparent_of(&tracing::Span::current()).unwrap_or_default(),
+        certificate: certificate.as_ref().map(crate::certificates::to_proto),
     };
     acks::queue(tx, key, next, &ack, now).await?;
     if t.upload {

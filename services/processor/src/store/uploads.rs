@@ -216,6 +216,22 @@ impl Store {
         Ok(moved)
     }
 
+    /// Schedules the next attempt of an upload whose failure the controller is not told of.
+    pub async fn upload_retry_later(&self, key: &TaskKey, next: NextAttempt<'_>) -> Result<()> {
+        sqlx::query(
+            "UPDATE uploads SET next_attempt_at = $1, lease_until = 0, last_error = $2 \
+             WHERE controller = $3 AND request_id = $4 AND subprocessor = $5",
+        )
+        .bind(next.at)
+        .bind(next.error)
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Keeps a claimed upload reserved while its files are still being sent.
     pub async fn extend_upload_lease(&self, key: &TaskKey, until: i64) -> Result<()> {
         sqlx::query(

@@ -48,7 +48,8 @@ impl AcknowledgementService for Api {
         let mut problems = violations(&acks);
         problems.extend(self.receipt_violations(&acks).await?);
         ApiError::ensure_valid(problems)?;
-        let updates: Vec<TaskUpdate> = acks.iter().map(TaskUpdate::from).collect();
+        let mut updates: Vec<TaskUpdate> = acks.iter().map(TaskUpdate::from).collect();
+        self.check_certificates(&processor, &acks, &mut updates);
         let applied = self
             .shared
             .store
@@ -244,6 +245,9 @@ fn violations(acks: &[Acknowledgement]) -> Vec<FieldViolation> {
             if let Some(r) = &e.transfer_receipt {
                 violations.extend(receipt_problems(i, a, r));
             }
+        }
+        if let Some(c) = &a.certificate {
+            violations.extend(super::certificates::violations(i, c));
         }
     }
     violations

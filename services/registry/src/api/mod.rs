@@ -8,6 +8,8 @@
 //! - `packages`: return-of-data packages: processors upload export files and declare parts
 //!   complete (`ExportUploadService`); partners and operators read and download them
 //!   (`PackageService`).
+//! - `certificates`: deletion certificates: checking each one that comes with an
+//!   acknowledgement, and reading them (`CertificateService`).
 //! - `watch`: the event stream behind Watch.
 //! - `views`: stored rows → protocol messages.
 //!
@@ -29,6 +31,7 @@ use crate::validate::{text_violation, MAX_TEXT};
 pub(crate) use packages::Uploading;
 
 mod acknowledgement;
+mod certificates;
 mod packages;
 mod partner;
 mod views;
@@ -72,6 +75,23 @@ impl Api {
     }
 
     /// The full view of `row`: its deliveries and tasks as of now.
+    /// The views of a page of requests, with two queries for all their deliveries and tasks
+    /// rather than two per request.
+    async fn views(&self, rows: Vec<RequestRow>) -> Result<Vec<Request>, ApiError> {
+        let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
+        let mut deliveries = self.shared.store.deliveries_of(&ids).await?;
+        let mut tasks = self.shared.store.tasks_of(&ids).await?;
+        let now = self.shared.clock.now_ms();
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let d = deliveries.remove(&row.id).unwrap_or_default();
+                let t = tasks.remove(&row.id).unwrap_or_default();
+                views::request(row, d, t, now)
+            })
+            .collect())
+    }
+
     async fn view(&self, row: RequestRow) -> Result<Request, ApiError> {
         let deliveries = self.shared.store.deliveries(&row.id).await?;
         let tasks = self.shared.store.tasks(&row.id).await?;

@@ -26,7 +26,7 @@ use tonic::{Response, Status, Streaming};
 use crate::app::Shared;
 use crate::auth::Party;
 use crate::error::ApiError;
-use crate::packages::{file_key, manifest, MAX_CHUNK};
+use crate::packages::{file_key, manifest, Appender, MAX_CHUNK};
 use crate::store::{FileBegin, PackageFile, PartOutcome, RequestRow, UploadTarget};
 use crate::validate::text_violation;
 
@@ -143,7 +143,7 @@ impl Api {
             return Ok((file, UploadState::default()));
         }
         let state = if offset == header.size {
-            self.finish(&file).await?
+            self.finish(&file, None).await?
         } else {
             UploadState {
                 offset,
@@ -153,11 +153,20 @@ impl Api {
         Ok((file, state))
     }
 
-    /// Checks a file whose every byte is stored against its SHA-256: a match marks it stored;
-    /// a mismatch drops it, so the sender starts it again.
-    async fn finish(&self, file: &PackageFile) -> Result<UploadState, ApiError> {
+    /// Checks a file whose every byte is stored (and durable) against its SHA-256: a match
+    /// marks it stored; a mismatch drops it, so the sender starts it again. `digest` is the
+    /// SHA-256 of the whole file when one stream saw all of it; otherwise the stored file is
+    /// read again for it.
+    async fn finish(
+        &self,
+        file: &PackageFile,
+        digest: Option<String>,
+    ) -> Result<UploadState, ApiError> {
         let key = file_key(file);
-        let digest = self.shared.packages.stored_sha256(&key).await?;
+        let digest = match digest {
+            Some(d) => d,
+            None => self.shared.packages.stored_sha256(&key).await?,
+        };
         if digest != file.sha256 {
             self.shared
                 .packages
@@ -184,16 +193,18 @@ impl Api {
     }
 
     /// Stores one chunk after checking its offset, size and digest; a refused chunk leaves
-    /// nothing behind.
+    /// nothing behind. The chunk is durable only once [`FileUpload::sync`] has run, which
+    /// happens before the file is checked and before any answer.
     async fn store_chunk(
         &self,
-        file: &PackageFile,
-        state: UploadState,
+        up: &mut FileUpload,
         chunk: &UploadFileChunk,
-    ) -> Result<UploadState, ApiError> {
+    ) -> Result<(), ApiError> {
         if chunk.data.is_empty() {
-            return Ok(state);
+            return Ok(());
         }
+        let file = &up.file;
+        let state = &up.state;
         let path = manifest::path(file);
         if state.complete {
             return Err(ApiError::failed_precondition(format!(
@@ -229,20 +240,28 @@ impl Api {
                 chunk.offset
             )));
         }
-        self.shared
-            .packages
-            .store
-            .append(&file_key(file), &chunk.data)
-            .await
-            .map_err(io_error)?;
-        let offset = state.offset + len;
-        if offset == size {
-            return self.finish(file).await;
+        let appender = match &mut up.appender {
+            Some(a) => a,
+            None => up.appender.insert(
+                self.shared
+                    .packages
+                    .store
+                    .appender(&file_key(file))
+                    .await
+                    .map_err(io_error)?,
+            ),
+        };
+        appender.append(&chunk.data).await.map_err(io_error)?;
+        if let Some(h) = &mut up.hasher {
+            h.update(&chunk.data);
         }
-        Ok(UploadState {
-            offset,
-            complete: false,
-        })
+        up.state.offset += len;
+        if up.state.offset == size {
+            up.sync().await?;
+            let digest = up.hasher.take().map(|h| hex::encode(h.finalize()));
+            up.state = self.finish(&up.file, digest).await?;
+        }
+        Ok(())
     }
 
     /// The package of a request the caller may see, checked to have one that has not expired.
@@ -342,18 +361,33 @@ impl ExportUploadService for Api {
             ))
             .into());
         };
-        let (file, mut state) = self.register(&processor, &header).await?;
+        let (file, state) = self.register(&processor, &header).await?;
+        let mut up = FileUpload {
+            // A stream that starts the file sees all of it and hashes it as it goes.
+            hasher: (state.offset == 0).then(Sha256::new),
+            file,
+            state,
+            appender: None,
+        };
         let mut next = Some(first);
-        while let Some(chunk) = next {
-            state = self.store_chunk(&file, state, &chunk).await?;
-            next = stream.message().await?;
+        let streamed: Result<(), Status> = async {
+            while let Some(chunk) = next {
+                self.store_chunk(&mut up, &chunk).await?;
+                next = stream.message().await?;
+            }
+            Ok(())
         }
+        .await;
+        // However the stream ended, what it appended is made durable before any answer (this
+        // one, or a later GetUploadState) counts it as stored.
+        up.sync().await?;
+        streamed?;
         tracing::debug!(
-            offset = state.offset,
-            complete = state.complete,
+            offset = up.state.offset,
+            complete = up.state.complete,
             "upload stream ended"
         );
-        Ok(Response::new(state))
+        Ok(Response::new(up.state))
     }
 
     #[tracing::instrument(skip_all, fields(processor, request_id, subprocessor))]
@@ -513,6 +547,26 @@ impl PackageService for Api {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// One upload stream's file: where it stands, and what the stream keeps while it runs.
+struct FileUpload {
+    file: PackageFile,
+    state: UploadState,
+    /// Opened at the first chunk stored.
+    appender: Option<Box<dyn Appender>>,
+    /// The SHA-256 of the file so far, when this stream started it at offset 0.
+    hasher: Option<Sha256>,
+}
+
+impl FileUpload {
+    /// Makes what this stream appended durable.
+    async fn sync(&mut self) -> Result<(), ApiError> {
+        match &mut self.appender {
+            Some(a) => a.sync().await.map_err(io_error),
+            None => Ok(()),
+        }
     }
 }
 

@@ -257,20 +257,18 @@ impl RequestService for Api {
         let budget = MAX_MESSAGE_BYTES - LIST_HEADROOM_BYTES;
         let mut used = 0;
         let mut requests = Vec::with_capacity(rows.len());
-        let mut last: Option<(i64, String)> = None;
-        for row in rows {
-            let key = (row.received_at, row.id.clone());
-            let view = self.view(row).await?;
+        let keys: Vec<(i64, String)> = rows.iter().map(|r| (r.received_at, r.id.clone())).collect();
+        for view in self.views(rows).await? {
             let size = view.encoded_len() + 16;
             if used + size > budget && !requests.is_empty() {
-                if let Some((received_at, id)) = &last {
-                    next_page_token = token(*received_at, id);
-                }
                 break;
             }
             used += size;
             requests.push(view);
-            last = Some(key);
+        }
+        if requests.len() < keys.len() {
+            let (received_at, id) = &keys[requests.len() - 1];
+            next_page_token = token(*received_at, id);
         }
         Ok(Response::new(ListRequestsResponse {
             requests,

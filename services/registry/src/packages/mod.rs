@@ -2,7 +2,8 @@
 //! checked, what `manifest.json` says, and their expiry.
 //!
 //! # Layout
-//! - `store`: the [`PackageStore`] trait the bytes go through, and [`FolderStore`].
+//! - `store`: the [`PackageStore`] trait the bytes go through (appends through an
+//!   [`Appender`], durable once synced), and [`FolderStore`].
 //! - `manifest`: the manifest's deterministic JSON.
 //! - this module: [`Packages`] (the store and the retention), file keys, the whole-file
 //!   digest check, and the expiry worker.
@@ -24,7 +25,7 @@ use crate::store::PackageFile;
 pub(crate) mod manifest;
 mod store;
 
-pub use store::{FolderStore, PackageStore};
+pub use store::{Appender, FolderStore, PackageStore};
 
 /// Largest chunk of a file in one message, either way: 1 MiB.
 pub const MAX_CHUNK: usize = 1024 * 1024;
@@ -55,7 +56,8 @@ impl Packages {
         finished_at.saturating_add(self.ttl_ms)
     }
 
-    /// The SHA-256 of what is stored under `key`, read in chunks.
+    /// The SHA-256 of what is stored under `key`, read in chunks: for a file whose upload
+    /// resumed, so that no one stream saw all of it.
     pub(crate) async fn stored_sha256(&self, key: &str) -> Result<String> {
         let mut reader = self
             .store

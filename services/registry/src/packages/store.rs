@@ -4,11 +4,19 @@
 //!
 //! The trait speaks of appends and streamed reads only, so an S3-compatible store can
 //! implement it too (appends as the parts of a multipart upload, reads as a ranged GET).
+//!
+//! Durability: appends go through an [`Appender`], which is made durable by
+//! [`Appender::sync`] (once per upload stream, before its answer, not per chunk: a sync per
+//! 1 MiB chunk made the upload wait on the disk a thousand times per GiB), and
+//! [`PackageStore::stored_len`] syncs what it counts, so no byte is ever reported stored
+//! before it is durable.
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::task::JoinHandle;
 
 /// A place package files are written to and read from.
 // `tonic::async_trait` (the `async-trait` crate tonic re-exports): the registry holds the store
@@ -16,16 +24,26 @@ use tokio::io::{AsyncRead, AsyncWriteExt};
 // async trait methods are not object safe.
 #[tonic::async_trait]
 pub trait PackageStore: Send + Sync + 'static {
-    /// How many bytes are stored under `key` (0 when nothing is).
+    /// How many bytes are stored under `key` (0 when nothing is), made durable first: an
+    /// upload that broke off may have appended bytes it did not sync.
     async fn stored_len(&self, key: &str) -> io::Result<u64>;
-    /// Appends `data` to what is stored under `key`, durably, before answering.
-    async fn append(&self, key: &str, data: &[u8]) -> io::Result<()>;
+    /// Opens `key` for appending after what is stored (created when absent).
+    async fn appender(&self, key: &str) -> io::Result<Box<dyn Appender>>;
     /// Reads what is stored under `key`, from the start, as a stream of bytes.
     async fn open(&self, key: &str) -> io::Result<Box<dyn AsyncRead + Send + Unpin>>;
     /// Drops what is stored under `key` (nothing stored is fine).
     async fn remove(&self, key: &str) -> io::Result<()>;
     /// Drops everything under `prefix/` (nothing stored is fine).
     async fn remove_all(&self, prefix: &str) -> io::Result<()>;
+}
+
+/// Appends to one stored file; see the module documentation.
+#[tonic::async_trait]
+pub trait Appender: Send {
+    /// Appends `data`; durable only after [`Appender::sync`].
+    async fn append(&mut self, data: &[u8]) -> io::Result<()>;
+    /// Makes everything appended so far durable.
+    async fn sync(&mut self) -> io::Result<()>;
 }
 
 /// Packages as files in a folder: key `a/b/c` is the file `<root>/a/b/c`.
@@ -59,26 +77,37 @@ impl FolderStore {
 #[tonic::async_trait]
 impl PackageStore for FolderStore {
     async fn stored_len(&self, key: &str) -> io::Result<u64> {
-        match tokio::fs::metadata(self.path(key)?).await {
-            Ok(m) => Ok(m.len()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
-            Err(e) => Err(e),
-        }
+        let file = match tokio::fs::OpenOptions::new()
+            .append(true)
+            .open(self.path(key)?)
+            .await
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        // The length tells a sender where to resume: what it counts must survive a crash.
+        file.sync_data().await?;
+        Ok(file.metadata().await?.len())
     }
 
-    async fn append(&self, key: &str, data: &[u8]) -> io::Result<()> {
+    async fn appender(&self, key: &str) -> io::Result<Box<dyn Appender>> {
         let path = self.path(key)?;
         if let Some(dir) = path.parent() {
             tokio::fs::create_dir_all(dir).await?;
         }
-        let mut file = tokio::fs::OpenOptions::new()
+        let file = tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .await?;
-        file.write_all(data).await?;
-        // The answer tells the sender these bytes are kept: they must survive a crash.
-        file.sync_data().await
+        let syncer = file.try_clone().await?.into_std().await;
+        Ok(Box::new(FileAppender {
+            file,
+            syncer: Arc::new(syncer),
+            writeback: None,
+            since_writeback: 0,
+        }))
     }
 
     async fn open(&self, key: &str) -> io::Result<Box<dyn AsyncRead + Send + Unpin>> {
@@ -92,6 +121,55 @@ impl PackageStore for FolderStore {
 
     async fn remove_all(&self, prefix: &str) -> io::Result<()> {
         ignore_missing(tokio::fs::remove_dir_all(self.path(prefix)?).await)
+    }
+}
+
+/// Bytes appended between two early writebacks: a sync started in the background while the
+/// upload goes on, so that the disk works alongside it and [`Appender::sync`] has only the
+/// last few MiB left to write.
+const WRITEBACK_EVERY: u64 = 32 * 1024 * 1024;
+
+/// [`FolderStore`]'s [`Appender`]: one open file.
+struct FileAppender {
+    file: tokio::fs::File,
+    /// The same file, synced in the background (see [`WRITEBACK_EVERY`]).
+    syncer: Arc<std::fs::File>,
+    /// The early writeback running, if any.
+    writeback: Option<JoinHandle<io::Result<()>>>,
+    /// Bytes appended since the last early writeback started.
+    since_writeback: u64,
+}
+
+impl FileAppender {
+    async fn wait_for_writeback(&mut self) -> io::Result<()> {
+        match self.writeback.take() {
+            Some(running) => running.await.map_err(io::Error::other)?,
+            None => Ok(()),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Appender for FileAppender {
+    async fn append(&mut self, data: &[u8]) -> io::Result<()> {
+        self.file.write_all(data).await?;
+        self.since_writeback += data.len() as u64;
+        if self.since_writeback >= WRITEBACK_EVERY
+            && self.writeback.as_ref().is_none_or(JoinHandle::is_finished)
+        {
+            self.wait_for_writeback().await?;
+            let file = Arc::clone(&self.syncer);
+            self.writeback = Some(tokio::task::spawn_blocking(move || file.sync_data()));
+            self.since_writeback = 0;
+        }
+        Ok(())
+    }
+
+    async fn sync(&mut self) -> io::Result<()> {
+        // tokio's File finishes a write in the background: flush waits for it.
+        self.file.flush().await?;
+        self.wait_for_writeback().await?;
+        self.file.sync_data().await
     }
 }
 
@@ -113,16 +191,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FolderStore::new(dir.path());
         assert_eq!(store.stored_len("r/p/s/a.json").await.unwrap(), 0);
-        store.append("r/p/s/a.json", b"hello ").await.unwrap();
-        store.append("r/p/s/a.json", b"world").await.unwrap();
+        let mut a = store.appender("r/p/s/a.json").await.unwrap();
+        a.append(b"hello ").await.unwrap();
+        a.sync().await.unwrap();
+        drop(a);
+        // A new appender continues after what is stored; stored_len counts unsynced bytes
+        // too, after syncing them.
+        let mut a = store.appender("r/p/s/a.json").await.unwrap();
+        a.append(b"world").await.unwrap();
+        a.sync().await.unwrap();
         assert_eq!(store.stored_len("r/p/s/a.json").await.unwrap(), 11);
+        a.append(b"!").await.unwrap();
+        drop(a);
+        assert_eq!(store.stored_len("r/p/s/a.json").await.unwrap(), 12);
         let mut read = String::new();
         let mut r = store.open("r/p/s/a.json").await.unwrap();
         r.read_to_string(&mut read).await.unwrap();
-        assert_eq!(read, "hello world");
+        assert_eq!(read, "hello world!");
         store.remove("r/p/s/a.json").await.unwrap();
         store.remove("r/p/s/a.json").await.unwrap();
-        store.append("r/p/s/b.json", b"x").await.unwrap();
+        let mut b = store.appender("r/p/s/b.json").await.unwrap();
+        b.append(b"x").await.unwrap();
+        b.sync().await.unwrap();
         store.remove_all("r").await.unwrap();
         store.remove_all("r").await.unwrap();
         assert_eq!(store.stored_len("r/p/s/b.json").await.unwrap(), 0);
@@ -132,7 +222,8 @@ mod tests {
     async fn keys_cannot_leave_the_root() {
         let store = FolderStore::new("/tmp/nowhere");
         for key in ["", "../x", "a/../../x", "a//b", "/abs", "a\\b"] {
-            assert!(store.append(key, b"x").await.is_err(), "{key:?}");
+            assert!(store.appender(key).await.is_err(), "{key:?}");
+            assert!(store.stored_len(key).await.is_err(), "{key:?}");
         }
     }
 }

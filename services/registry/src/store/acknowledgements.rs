@@ -42,6 +42,8 @@ pub struct TaskUpdate {
     pub attempt: i64,
     /// W3C traceparent of the processor's task step, when it traces.
     pub traceparent: String,
+    /// The deletion certificate that came with the acknowledgement, checked.
+    pub certificate: Option<super::ReceivedCertificate>,
     /// The recipient's receipt of a COMPLETED TRANSFER task.
     pub transfer_receipt: Option<TransferReceipt>,
 }
@@ -93,6 +95,8 @@ impl From<&Acknowledgement> for TaskUpdate {
                 .map(dsrelay_proto::millis_from_timestamp),
             attempt: i64::from(a.attempt),
             traceparent: a.traceparent.clone(),
+            // Checked by the handler, which knows the processor's key.
+            certificate: None,
             transfer_receipt: ev.transfer_receipt,
         }
     }
@@ -117,6 +121,7 @@ impl From<&TaskStatus> for TaskUpdate {
                 .map(dsrelay_proto::millis_from_timestamp),
             attempt: 0,
             traceparent: String::new(),
+            certificate: None,
             transfer_receipt: ev.transfer_receipt,
         }
     }
@@ -215,6 +220,9 @@ impl Store {
                     },
                 )
                 .await?;
+            }
+            if let Some(c) = &ack.certificate {
+                super::certificates::record(&mut tx, processor, ack, c, now).await?;
             }
             touched.insert(ack.request_id.clone());
         }

@@ -14,6 +14,8 @@
 //!   refolding a request's state through [`crate::fold`].
 //! - `requests`: cancelling a request and extending its due date.
 //! - `chain`: each processor's last reported subprocessor list.
+//! - `certificates`: deletion certificates received with acknowledgements, and their
+//!   verdicts.
 //! - `events`: events and the audit-trail append.
 //! - `packages`: files and parts of return-of-data packages as stored, and their expiry.
 //! - `forget`: removing a finished request's raw identities, body and free text after its
@@ -28,6 +30,7 @@ use dsrelay_runtime::store::{Backend, Db};
 use sqlx::{Any, AnyConnection, Transaction};
 
 mod acknowledgements;
+mod certificates;
 mod chain;
 mod events;
 mod forget;
@@ -39,6 +42,7 @@ mod requests;
 mod rows;
 
 pub use acknowledgements::{AckOutcome, TaskUpdate};
+pub use certificates::{CertificateRow, ReceivedCertificate};
 pub use chain::ChainReport;
 pub use intake::{Inserted, NewRequest};
 pub use packages::{FileBegin, PackageFile, PackageRecord, PartOutcome, UploadTarget};

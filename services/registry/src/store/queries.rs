@@ -26,6 +26,14 @@ pub struct ListFilter {
 }
 
 /// A value bound to a placeholder of a query built at run time.
+/// `$first, $first+1, ...`: `count` numbered placeholders, which both backends accept.
+fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|n| format!("${n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 enum Bind {
     I64(i64),
     Text(String),
@@ -66,6 +74,71 @@ impl Store {
         .bind(Operation::Deliver.as_str())
         .fetch_all(&self.db.pool)
         .await?)
+    }
+
+    /// The deliveries of each of `ids` (at most a page of them), by request id: one query
+    /// for the whole page.
+    pub async fn deliveries_of(
+        &self,
+        ids: &[String],
+    ) -> Result<std::collections::HashMap<String, Vec<DeliveryRow>>> {
+        #[derive(sqlx::FromRow)]
+        struct Keyed {
+            request_id: String,
+            #[sqlx(flatten)]
+            row: DeliveryRow,
+        }
+        let mut out = std::collections::HashMap::new();
+        if ids.is_empty() {
+            return Ok(out);
+        }
+        let sql = format!(
+            "SELECT request_id, processor, attempts, next_attempt_at, last_error, done_at \
+             FROM deliveries WHERE op = $1 AND request_id IN ({}) \
+             ORDER BY request_id, processor",
+            placeholders(2, ids.len())
+        );
+        let mut q = sqlx::query_as::<_, Keyed>(&sql).bind(Operation::Deliver.as_str());
+        for id in ids {
+            q = q.bind(id);
+        }
+        for k in q.fetch_all(&self.db.pool).await? {
+            out.entry(k.request_id).or_insert_with(Vec::new).push(k.row);
+        }
+        Ok(out)
+    }
+
+    /// The tasks of each of `ids` (at most a page of them), by request id: one query for the
+    /// whole page.
+    pub async fn tasks_of(
+        &self,
+        ids: &[String],
+    ) -> Result<std::collections::HashMap<String, Vec<TaskStatus>>> {
+        #[derive(sqlx::FromRow)]
+        struct Keyed {
+            request_id: String,
+            #[sqlx(flatten)]
+            row: TaskRow,
+        }
+        let mut out = std::collections::HashMap::new();
+        if ids.is_empty() {
+            return Ok(out);
+        }
+        let sql = format!(
+            "SELECT request_id, {TASK_COLUMNS} FROM tasks WHERE request_id IN ({}) \
+             ORDER BY request_id, processor, subprocessor",
+            placeholders(1, ids.len())
+        );
+        let mut q = sqlx::query_as::<_, Keyed>(&sql);
+        for id in ids {
+            q = q.bind(id);
+        }
+        for k in q.fetch_all(&self.db.pool).await? {
+            out.entry(k.request_id)
+                .or_insert_with(Vec::new)
+                .push(TaskStatus::from(k.row));
+        }
+        Ok(out)
     }
 
     /// A request's tasks.

@@ -1,0 +1,176 @@
+//! `dsrctl certificate get` and `dsrctl certificate verify`: deletion certificates.
+//!
+//! `get` fetches a request's certificate from the registry and writes it as a file
+//! ([`Signed::to_file_json`]: `body`, the signed canonical JSON as text; `signature`,
+//! base64; `key_id`). `verify` checks such a file offline against the processor's public
+//! key and prints what it certifies.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{anyhow, Context};
+use dsrelay_processor::certificates::CertificateBody;
+use dsrelay_runtime::signing::{PublicKey, Signed};
+
+use crate::cli::{CertificateGetArgs, CertificateVerifyArgs, OutputFormat};
+use crate::commands::{Io, Registry};
+use crate::Failure;
+
+/// Fetches the latest certificate of one task of the request and writes it to `--out`.
+/// Refuses (exit 1, no file) one the registry rejected: it certifies nothing.
+pub(crate) async fn get(
+    registry: &Registry,
+    args: &CertificateGetArgs,
+    io: &mut Io<'_>,
+) -> Result<u8, Failure> {
+    let list = registry
+        .client
+        .list_certificates(
+            &args.id,
+            args.processor.clone().unwrap_or_default(),
+            args.subprocessor.clone().unwrap_or_default(),
+        )
+        .await
+        .map_err(|s| registry.failed(s))?;
+    let tasks: BTreeSet<(&str, &str)> = list
+        .iter()
+        .map(|c| (c.processor.as_str(), c.subprocessor.as_str()))
+        .collect();
+    if tasks.len() > 1 {
+        let names: Vec<String> = tasks.iter().map(|(p, s)| format!("{p}/{s}")).collect();
+        return Err(Failure::Usage(format!(
+            "certificates of {} tasks match ({}); name one with --processor and --subprocessor",
+            tasks.len(),
+            names.join(", ")
+        )));
+    }
+    // The latest: a follow-up names the one before it.
+    let Some(stored) = list.last() else {
+        return Err(Failure::Certificate(anyhow!(
+            "the registry sent no certificate"
+        )));
+    };
+    if !stored.verified {
+        return Err(Failure::Certificate(anyhow!(
+            "the registry rejected the certificate {} of {}/{}: {}; it certifies nothing",
+            stored.certificate_id,
+            stored.processor,
+            stored.subprocessor,
+            stored.rejection
+        )));
+    }
+    let c = stored.certificate.clone().unwrap_or_default();
+    let doc = Signed {
+        body: c.body,
+        signature: c.signature,
+        key_id: c.key_id,
+    };
+    let text = doc.to_file_json().map_err(Failure::Certificate)?;
+    std::fs::write(&args.out, text)
+        .with_context(|| format!("writing {}", args.out.display()))
+        .map_err(Failure::Certificate)?;
+    let summary = serde_json::json!({
+        "certificate_id": stored.certificate_id,
+        "processor": stored.processor,
+        "subprocessor": stored.subprocessor,
+        "verified_by_registry": stored.verified,
+        "key_id": doc.key_id,
+        "file": args.out.display().to_string(),
+    });
+    match io.format {
+        OutputFormat::Json => writeln!(io.out, "{summary}")?,
+        OutputFormat::Table => writeln!(
+            io.out,
+            "certificate {} of {}/{} (verified by the registry, key {}) written to {}",
+            stored.certificate_id,
+            stored.processor,
+            stored.subprocessor,
+            doc.key_id,
+            args.out.display()
+        )?,
+    }
+    Ok(0)
+}
+
+/// Checks a certificate file against a public key, with no server; exit 1 when it fails.
+/// `key` is the `--key` flag: here the public key, not a TLS key.
+pub(crate) fn verify(
+    args: &CertificateVerifyArgs,
+    key: Option<&Path>,
+    io: &mut Io<'_>,
+) -> Result<u8, Failure> {
+    let key = key
+        .ok_or_else(|| Failure::Usage("name the processor's public key with --key PUBKEY".into()))?
+        .to_str()
+        .ok_or_else(|| Failure::Usage("--key is not valid utf-8".into()))?;
+    let key = PublicKey::from_config(key).map_err(Failure::Setup)?;
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("reading {}", args.file.display()))
+        .map_err(Failure::Setup)?;
+    let doc = Signed::from_file_json(&text)
+        .with_context(|| args.file.display().to_string())
+        .map_err(Failure::Certificate)?;
+    let value = key.verify(&doc).map_err(|e| {
+        Failure::Certificate(anyhow!("{} does not verify: {e}", args.file.display()))
+    })?;
+    match io.format {
+        OutputFormat::Json => {
+            let out = serde_json::json!({
+                "verified": true,
+                "key_id": doc.key_id,
+                "certificate": value,
+            });
+            writeln!(io.out, "{out}")?;
+        }
+        OutputFormat::Table => {
+            let described = match serde_json::from_value::<CertificateBody>(value.clone()) {
+                Ok(body) => describe(&body),
+                // A body of a later version: still signed, shown as it is.
+                Err(_) => serde_json::to_string_pretty(&value).unwrap_or_default() + "\n",
+            };
+            write!(
+                io.out,
+                "verified: signed by key {}\n{described}",
+                doc.key_id
+            )?;
+        }
+    }
+    Ok(0)
+}
+
+/// What a certificate says, one line per fact.
+fn describe(b: &CertificateBody) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "certificate   {}", b.certificate_id);
+    if let Some(f) = &b.follows {
+        let _ = writeln!(s, "follows       {f}");
+    }
+    let _ = writeln!(s, "kind          {}", b.kind);
+    let _ = writeln!(s, "processor     {}", b.processor);
+    let _ = writeln!(s, "controller    {}", b.controller);
+    let _ = writeln!(s, "request       {}", b.request_id);
+    let _ = writeln!(s, "subprocessor  {}", b.subprocessor);
+    let _ = writeln!(s, "state         {} at {}", b.task_state, b.completed_at);
+    let _ = writeln!(s, "records       {}", b.records_affected);
+    if b.erased.is_empty() {
+        let _ = writeln!(s, "erased        (not itemized by the connector)");
+    }
+    for (i, e) in b.erased.iter().enumerate() {
+        let label = if i == 0 { "erased" } else { "" };
+        let _ = writeln!(s, "{label:<13} {}: {} {}", e.target, e.action, e.count);
+    }
+    if b.retained.is_empty() {
+        let _ = writeln!(s, "retained      nothing");
+    }
+    for (i, r) in b.retained.iter().enumerate() {
+        let label = if i == 0 { "retained" } else { "" };
+        let _ = writeln!(
+            s,
+            "{label:<13} {}: under {} until {}",
+            r.subprocessor, r.legal_basis, r.until
+        );
+    }
+    let _ = writeln!(s, "issued at     {}", b.issued_at);
+    s
+}

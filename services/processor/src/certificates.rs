@@ -1,0 +1,216 @@
+//! Deletion certificates: what an ERASURE task removed at its subprocessor and what the
+//! request's tasks keep under a legal obligation, signed with the processor's Ed25519 key.
+//!
+//! The store issues one in the transaction that moves an erasure task to COMPLETED or
+//! RETAINED (a RETAINED task that later erases the rest gets a follow-up naming the earlier
+//! certificate), keeps it, and sends it with that acknowledgement. The body's keys are
+//! documented in `proto/dsrelay/v1/certificate.proto`; it is signed as canonical JSON
+//! ([`dsrelay_runtime::signing`]), so anyone holding the public key checks it offline.
+
+use anyhow::Result;
+use chrono::{SecondsFormat, TimeZone, Utc};
+use dsrelay_connectors::ErasedCount;
+use dsrelay_proto::v1::{DeletionCertificate, TaskState};
+use dsrelay_runtime::signing::{to_canonical_json, Signed, SigningKey};
+use serde::{Deserialize, Serialize};
+
+/// The body version this code writes.
+pub const VERSION: u32 = 1;
+
+/// The signed content of a deletion certificate (keys in canonical order when signed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateBody {
+    /// Body version ([`VERSION`]).
+    pub version: u32,
+    /// Unique id of this certificate.
+    pub certificate_id: String,
+    /// What kind of work it certifies: `erasure`.
+    pub kind: String,
+    /// The processor's identity (the URI SAN of its TLS certificate).
+    pub processor: String,
+    /// The controller, as the processor names it.
+    pub controller: String,
+    /// The registry's request id.
+    pub request_id: String,
+    /// The subprocessor the task ran at.
+    pub subprocessor: String,
+    /// `COMPLETED` or `RETAINED`: the task state this certificate goes with.
+    pub task_state: String,
+    /// Records the task erased or anonymized so far.
+    pub records_affected: i64,
+    /// What this step erased where, as the connector counted it.
+    pub erased: Vec<ErasedCount>,
+    /// The request's tasks at this processor keeping data under an obligation.
+    pub retained: Vec<Retained>,
+    /// The certificate this one follows up, when the task had one before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follows: Option<String>,
+    /// When the task reached `task_state` (RFC 3339, UTC).
+    pub completed_at: String,
+    /// When the certificate was signed (RFC 3339, UTC).
+    pub issued_at: String,
+}
+
+/// Data one task keeps under a legal obligation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retained {
+    /// The subprocessor keeping it.
+    pub subprocessor: String,
+    /// The law or contract that requires it.
+    pub legal_basis: String,
+    /// Until when (RFC 3339, UTC); the processor erases it then by itself.
+    pub until: String,
+}
+
+/// Signs certificates in this processor's name.
+#[derive(Debug)]
+pub struct Issuer {
+    key: SigningKey,
+    processor: String,
+}
+
+/// What the store knows about the task when it issues a certificate.
+#[derive(Debug)]
+pub(crate) struct Facts<'a> {
+    pub(crate) controller: &'a str,
+    pub(crate) request_id: &'a str,
+    pub(crate) subprocessor: &'a str,
+    pub(crate) state: TaskState,
+    pub(crate) records_affected: i64,
+    pub(crate) erased: &'a [ErasedCount],
+    pub(crate) retained: Vec<Retained>,
+    pub(crate) follows: Option<String>,
+    pub(crate) now: i64,
+}
+
+impl Issuer {
+    /// Signs with `key` in the name of `processor` (its certificate identity).
+    pub fn new(key: SigningKey, processor: String) -> Self {
+        Self { key, processor }
+    }
+
+    /// The key id certificates name.
+    pub fn key_id(&self) -> String {
+        self.key.public_key().key_id()
+    }
+
+    /// A signed certificate of `facts`, and its id.
+    pub(crate) fn issue(&self, facts: Facts<'_>) -> Result<(String, Signed)> {
+        let id = uuid::Uuid::now_v7().to_string();
+        let at = rfc3339(facts.now);
+        let body = CertificateBody {
+            version: VERSION,
+            certificate_id: id.clone(),
+            kind: "erasure".into(),
+            processor: self.processor.clone(),
+            controller: facts.controller.into(),
+            request_id: facts.request_id.into(),
+            subprocessor: facts.subprocessor.into(),
+            task_state: facts
+                .state
+                .as_str_name()
+                .trim_start_matches("TASK_STATE_")
+                .into(),
+            records_affected: facts.records_affected,
+            erased: facts.erased.to_vec(),
+            retained: facts.retained,
+            follows: facts.follows,
+            completed_at: at.clone(),
+            issued_at: at,
+        };
+        Ok((id, self.key.sign(to_canonical_json(&body)?)))
+    }
+}
+
+/// Whether a task moving to `state` in a request of `kind` gets a certificate.
+pub(crate) fn certifies(kind: i64, state: TaskState) -> bool {
+    kind == i64::from(dsrelay_proto::v1::RequestKind::Erasure as i32)
+        && matches!(state, TaskState::Completed | TaskState::Retained)
+}
+
+/// Milliseconds since the epoch as RFC 3339 UTC with milliseconds.
+pub fn rfc3339(ms: i64) -> String {
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
+
+/// The wire form of a signed certificate.
+pub fn to_proto(doc: &Signed) -> DeletionCertificate {
+    DeletionCertificate {
+        body: doc.body.clone(),
+        signature: doc.signature.clone(),
+        key_id: doc.key_id.clone(),
+    }
+}
+
+/// A signed certificate from its wire form.
+pub fn from_proto(c: &DeletionCertificate) -> Signed {
+    Signed {
+        body: c.body.clone(),
+        signature: c.signature.clone(),
+        key_id: c.key_id.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_certificate_is_canonical_signed_and_readable() {
+        let key = SigningKey::generate();
+        let public = key.public_key();
+        let issuer = Issuer::new(key, "spiffe://dsrelay.dev/processor/p".into());
+        let erased = [ErasedCount {
+            target: "customers".into(),
+            action: "deleted".into(),
+            count: 1,
+        }];
+        let (id, doc) = issuer
+            .issue(Facts {
+                controller: "acme",
+                request_id: "r-1",
+                subprocessor: "accounting",
+                state: TaskState::Retained,
+                records_affected: 3,
+                erased: &erased,
+                retained: vec![Retained {
+                    subprocessor: "accounting".into(),
+                    legal_basis: "Kirjanpitolaki 2:10 §".into(),
+                    until: rfc3339(1_900_000_000_000),
+                }],
+                follows: None,
+                now: 1_800_000_000_123,
+            })
+            .unwrap();
+        let value = public.verify(&doc).unwrap();
+        let body: CertificateBody = serde_json::from_value(value).unwrap();
+        assert_eq!(body.certificate_id, id);
+        assert_eq!(body.task_state, "RETAINED");
+        assert_eq!(body.completed_at, "2027-01-15T08:00:00.123Z");
+        assert_eq!(body.erased, erased);
+        assert_eq!(body.follows, None);
+        let text = String::from_utf8(doc.body.clone()).unwrap();
+        assert!(
+            text.starts_with("{\"certificate_id\":")
+                && text.contains("\"kind\":\"erasure\"")
+                && !text.contains("follows"),
+            "{text}"
+        );
+        // A certificate changed in any single byte, of its body or its signature, fails.
+        for i in 0..doc.body.len() {
+            let mut bad = doc.clone();
+            bad.body[i] = bad.body[i].wrapping_add(1);
+            assert!(public.verify(&bad).is_err(), "body byte {i}");
+        }
+        for i in 0..doc.signature.len() {
+            let mut bad = doc.clone();
+            bad.signature[i] = bad.signature[i].wrapping_add(1);
+            assert!(public.verify(&bad).is_err(), "signature byte {i}");
+        }
+        assert!(certifies(1, TaskState::Completed) && certifies(1, TaskState::Retained));
+        assert!(!certifies(1, TaskState::NotFound) && !certifies(2, TaskState::Completed));
+    }
+}

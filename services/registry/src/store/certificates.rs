@@ -1,0 +1,133 @@
+//! Deletion certificates as received with acknowledgements, with the registry's verdict,
+//! written in the acknowledgement's transaction together with their event.
+
+use anyhow::Result;
+use dsrelay_proto::v1::EventType;
+
+use super::acknowledgements::TaskUpdate;
+use super::events::{insert_event, EventDetail};
+use super::{Store, Tx};
+
+/// A certificate as it arrived, and what checking it found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReceivedCertificate {
+    /// The signed body, as sent.
+    pub body: Vec<u8>,
+    /// The signature, as sent.
+    pub signature: Vec<u8>,
+    /// The key id it names.
+    pub key_id: String,
+    /// The certificate's id, from the body (empty when unreadable).
+    pub certificate_id: String,
+    /// Whether it passed every check.
+    pub verified: bool,
+    /// Why it did not.
+    pub rejection: String,
+}
+
+/// A stored certificate.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct CertificateRow {
+    /// The processor that sent it.
+    pub processor: String,
+    /// The subprocessor of its task.
+    pub subprocessor: String,
+    /// The acknowledgement it came with.
+    pub sequence: i64,
+    /// Its id, from the body.
+    pub certificate_id: String,
+    /// The signed body.
+    pub body: Vec<u8>,
+    /// The signature.
+    pub signature: Vec<u8>,
+    /// The key id it names.
+    pub key_id: String,
+    /// 1 when verified.
+    pub verified: i64,
+    /// Why it was rejected.
+    pub rejection: String,
+}
+
+/// Stores the certificate that came with `ack` and records whether it was verified.
+pub(super) async fn record(
+    tx: &mut Tx,
+    processor: &str,
+    ack: &TaskUpdate,
+    c: &ReceivedCertificate,
+    now: i64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO certificates (request_id, processor, subprocessor, sequence, \
+         certificate_id, body, signature, key_id, verified, rejection, received_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
+    )
+    .bind(&ack.request_id)
+    .bind(processor)
+    .bind(&ack.subprocessor)
+    .bind(ack.sequence)
+    .bind(&c.certificate_id)
+    .bind(c.body.clone())
+    .bind(c.signature.clone())
+    .bind(&c.key_id)
+    .bind(i64::from(c.verified))
+    .bind(&c.rejection)
+    .bind(now)
+    .execute(tx.conn())
+    .await?;
+    let (event, message) = if c.verified {
+        (
+            EventType::CertificateStored,
+            format!(
+                "deletion certificate {} of {} verified and stored",
+                c.certificate_id, ack.subprocessor
+            ),
+        )
+    } else {
+        (
+            EventType::CertificateRejected,
+            format!(
+                "deletion certificate of {} rejected: {}",
+                ack.subprocessor, c.rejection
+            ),
+        )
+    };
+    let state = tx.current_state(&ack.request_id).await?;
+    insert_event(
+        tx,
+        &ack.request_id,
+        event,
+        now,
+        state,
+        EventDetail {
+            processor: processor.to_string(),
+            subprocessor: ack.subprocessor.clone(),
+            task_state: ack.state,
+            sequence: ack.sequence,
+            message,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+impl Store {
+    /// A request's certificates, oldest first; `processor` and `subprocessor` narrow them
+    /// when not empty.
+    pub async fn certificates(
+        &self,
+        request_id: &str,
+        processor: &str,
+        subprocessor: &str,
+    ) -> Result<Vec<CertificateRow>> {
+        Ok(sqlx::query_as(
+            "SELECT processor, subprocessor, sequence, certificate_id, body, signature, key_id, \
+             verified, rejection FROM certificates WHERE request_id = $1 \
+             AND ($2 = '' OR processor = $2) AND ($3 = '' OR subprocessor = $3) ORDER BY id",
+        )
+        .bind(request_id)
+        .bind(processor)
+        .bind(subprocessor)
+        .fetch_all(&self.db.pool)
+        .await?)
+    }
+}

@@ -1,0 +1,419 @@
+//! Signed documents: canonical JSON signed with Ed25519 (`ed25519-dalek`).
+//!
+//! A document is signed over its exact bytes, which are canonical JSON ([`canonical_json`]):
+//! object keys sorted, no whitespace, integers only, strings escaped as RFC 8785 (JCS)
+//! prescribes. So whoever holds the document can check it with nothing but the public key,
+//! and two signers of the same content produce the same bytes.
+//!
+//! Keys are files: the private key as PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`, mode 0600),
+//! the public key as SPKI PEM (`-----BEGIN PUBLIC KEY-----`) beside it. A public key may also
+//! be given as the standard base64 of its 32 raw bytes. A key's id is `sha256:` and the hex
+//! SHA-256 of those 32 bytes, so a signed document names the key that checks it.
+//!
+//! [`Signed`] travels as `{body, signature, key_id}`; its file form ([`Signed::to_file_json`])
+//! is a JSON object whose `body` is the signed text itself, `signature` the base64 of the 64
+//! signature bytes and `key_id` the key's id.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
+use ed25519_dalek::{Signature, Signer as _};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// Writes `value` as canonical JSON: keys sorted by their UTF-16 code units, no whitespace,
+/// strings escaped as JSON.stringify does. Numbers must be integers: a float has no single
+/// canonical text here, and no signed document of ours needs one.
+pub fn canonical_json(value: &Value) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    write_canonical(value, &mut out)?;
+    Ok(out)
+}
+
+/// [`canonical_json`] of any serializable value.
+pub fn to_canonical_json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    canonical_json(&serde_json::to_value(value)?)
+}
+
+fn write_canonical(value: &Value, out: &mut Vec<u8>) -> Result<()> {
+    match value {
+        Value::Null | Value::Bool(_) | Value::String(_) => {
+            // serde_json escapes exactly `"`, `\` and control characters, with the short
+            // forms \b \f \n \r \t and lowercase \u00xx otherwise: JCS's rules.
+            serde_json::to_writer(&mut *out, value)?;
+        }
+        Value::Number(n) => {
+            if !(n.is_i64() || n.is_u64()) {
+                bail!("canonical json takes integers only, not {n}");
+            }
+            serde_json::to_writer(&mut *out, value)?;
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(item, out)?;
+            }
+            out.push(b']');
+        }
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.encode_utf16().cmp(b.0.encode_utf16()));
+            out.push(b'{');
+            for (i, (key, item)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                serde_json::to_writer(&mut *out, key)?;
+                out.push(b':');
+                write_canonical(item, out)?;
+            }
+            out.push(b'}');
+        }
+    }
+    Ok(())
+}
+
+/// A document and the signature over its exact bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signed {
+    /// The signed bytes: canonical JSON.
+    pub body: Vec<u8>,
+    /// The Ed25519 signature over `body` (64 bytes).
+    pub signature: Vec<u8>,
+    /// The id of the key that signed it ([`PublicKey::key_id`]).
+    pub key_id: String,
+}
+
+/// The file form of [`Signed`].
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignedFile {
+    body: String,
+    signature: String,
+    key_id: String,
+}
+
+impl Signed {
+    /// The file form: `{"body": "<the signed JSON text>", "key_id": "sha256:…",
+    /// "signature": "<base64>"}`, pretty-printed (only `body`'s bytes are signed).
+    pub fn to_file_json(&self) -> Result<String> {
+        let file = SignedFile {
+            body: String::from_utf8(self.body.clone()).context("the body is not utf-8")?,
+            signature: BASE64.encode(&self.signature),
+            key_id: self.key_id.clone(),
+        };
+        Ok(serde_json::to_string_pretty(&file)? + "\n")
+    }
+
+    /// Reads the file form written by [`Signed::to_file_json`].
+    pub fn from_file_json(text: &str) -> Result<Self> {
+        let file: SignedFile = serde_json::from_str(text)
+            .context("not a signed document (body, signature, key_id)")?;
+        Ok(Self {
+            body: file.body.into_bytes(),
+            signature: BASE64
+                .decode(file.signature.as_bytes())
+                .context("signature is not base64")?,
+            key_id: file.key_id,
+        })
+    }
+}
+
+/// Why a signed document was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// Signed with another key than the one it is checked with.
+    #[error("signed with key {found}, not with the expected key {expected}")]
+    WrongKey {
+        /// The key id the document names.
+        found: String,
+        /// The id of the key it was checked with.
+        expected: String,
+    },
+    /// The signature does not match the body.
+    #[error("the signature does not match the document")]
+    BadSignature,
+    /// The signature is right but the body is not a canonical JSON object.
+    #[error("the signed body is not canonical json: {0}")]
+    NotCanonical(String),
+}
+
+/// An Ed25519 private key that signs documents.
+pub struct SigningKey {
+    key: ed25519_dalek::SigningKey,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("key_id", &self.public_key().key_id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SigningKey {
+    /// A new random key.
+    pub fn generate() -> Self {
+        Self {
+            key: ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng),
+        }
+    }
+
+    /// Reads a PKCS#8 PEM private key.
+    pub fn from_pem(pem: &str) -> Result<Self> {
+        Ok(Self {
+            key: ed25519_dalek::SigningKey::from_pkcs8_pem(pem)
+                .map_err(|e| anyhow::anyhow!("not an ed25519 pkcs#8 pem private key: {e}"))?,
+        })
+    }
+
+    /// Reads the private key file at `path`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let pem = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the signing key {}", path.display()))?;
+        Self::from_pem(&pem).with_context(|| format!("signing key {}", path.display()))
+    }
+
+    /// The private key as PKCS#8 PEM.
+    pub fn to_pem(&self) -> Result<String> {
+        Ok(self
+            .key
+            .to_pkcs8_pem(Default::default())
+            .map_err(|e| anyhow::anyhow!("encoding the signing key: {e}"))?
+            .to_string())
+    }
+
+    /// Writes the private key to `path` (mode 0600) and its public key beside it
+    /// ([`public_key_path`]).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        crate::pki::write_secret(path, &self.to_pem()?)?;
+        let public = public_key_path(path);
+        std::fs::write(&public, self.public_key().to_pem()?)
+            .with_context(|| format!("writing {}", public.display()))?;
+        Ok(())
+    }
+
+    /// The public half.
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey {
+            key: self.key.verifying_key(),
+        }
+    }
+
+    /// Signs `body` (canonical JSON) as it is.
+    pub fn sign(&self, body: Vec<u8>) -> Signed {
+        let signature = self.key.sign(&body).to_bytes().to_vec();
+        Signed {
+            body,
+            signature,
+            key_id: self.public_key().key_id(),
+        }
+    }
+}
+
+/// The public key file of the private key at `path`: its extension replaced by `pub.pem`
+/// (`processor-signing.key` → `processor-signing.pub.pem`).
+pub fn public_key_path(path: &Path) -> std::path::PathBuf {
+    path.with_extension("pub.pem")
+}
+
+/// An Ed25519 public key that checks signed documents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicKey {
+    key: ed25519_dalek::VerifyingKey,
+}
+
+impl PublicKey {
+    /// Reads a public key: SPKI PEM, or the standard base64 of its 32 raw bytes.
+    pub fn parse(text: &str) -> Result<Self> {
+        let text = text.trim();
+        if text.starts_with("-----BEGIN") {
+            return Ok(Self {
+                key: ed25519_dalek::VerifyingKey::from_public_key_pem(text)
+                    .map_err(|e| anyhow::anyhow!("not an ed25519 spki pem public key: {e}"))?,
+            });
+        }
+        let raw = BASE64
+            .decode(text.as_bytes())
+            .context("a public key is spki pem or the base64 of its 32 bytes")?;
+        let raw: [u8; 32] = raw
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("an ed25519 public key is 32 bytes"))?;
+        Ok(Self {
+            key: ed25519_dalek::VerifyingKey::from_bytes(&raw)
+                .map_err(|e| anyhow::anyhow!("not an ed25519 public key: {e}"))?,
+        })
+    }
+
+    /// Reads a public key given as the base64 of its 32 bytes, or else as the path of a file
+    /// holding it (PEM or base64).
+    pub fn from_config(value: &str) -> Result<Self> {
+        if let Ok(key) = Self::parse(value) {
+            return Ok(key);
+        }
+        let text = std::fs::read_to_string(value)
+            .with_context(|| format!("reading the public key {value}"))?;
+        Self::parse(&text).with_context(|| format!("public key {value}"))
+    }
+
+    /// The key as SPKI PEM.
+    pub fn to_pem(&self) -> Result<String> {
+        self.key
+            .to_public_key_pem(Default::default())
+            .map_err(|e| anyhow::anyhow!("encoding the public key: {e}"))
+    }
+
+    /// The standard base64 of the key's 32 bytes.
+    pub fn to_base64(&self) -> String {
+        BASE64.encode(self.key.as_bytes())
+    }
+
+    /// `sha256:` and the hex SHA-256 of the key's 32 bytes.
+    pub fn key_id(&self) -> String {
+        format!(
+            "sha256:{}",
+            hex::encode(Sha256::digest(self.key.as_bytes()))
+        )
+    }
+
+    /// Checks that `doc` was signed by this key and that its body is a canonical JSON
+    /// object; returns the body parsed.
+    pub fn verify(&self, doc: &Signed) -> Result<Value, VerifyError> {
+        let expected = self.key_id();
+        if doc.key_id != expected {
+            return Err(VerifyError::WrongKey {
+                found: doc.key_id.clone(),
+                expected,
+            });
+        }
+        let signature =
+            Signature::from_slice(&doc.signature).map_err(|_| VerifyError::BadSignature)?;
+        self.key
+            .verify_strict(&doc.body, &signature)
+            .map_err(|_| VerifyError::BadSignature)?;
+        let value: Value = serde_json::from_slice(&doc.body)
+            .map_err(|e| VerifyError::NotCanonical(e.to_string()))?;
+        if !value.is_object() {
+            return Err(VerifyError::NotCanonical("not an object".into()));
+        }
+        match canonical_json(&value) {
+            Ok(bytes) if bytes == doc.body => Ok(value),
+            Ok(_) => Err(VerifyError::NotCanonical(
+                "keys out of order or whitespace".into(),
+            )),
+            Err(e) => Err(VerifyError::NotCanonical(e.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn canonical_json_sorts_keys_and_drops_whitespace() {
+        let v = json!({"b": [1, {"z": null, "a": true}], "a": "x\"y\\\n\u{1}é€", "": -3});
+        assert_eq!(
+            String::from_utf8(canonical_json(&v).unwrap()).unwrap(),
+            r#"{"":-3,"a":"x\"y\\\n\u0001é€","b":[1,{"a":true,"z":null}]}"#
+        );
+        // UTF-16 order, as JCS asks: U+E000 sorts before U+1F600 (a surrogate pair).
+        let v = json!({"\u{1F600}": 1, "\u{E000}": 2});
+        assert_eq!(
+            String::from_utf8(canonical_json(&v).unwrap()).unwrap(),
+            "{\"\u{1F600}\":1,\"\u{E000}\":2}"
+        );
+        assert!(canonical_json(&json!({"a": 1.5})).is_err());
+    }
+
+    fn document() -> (SigningKey, Signed) {
+        let key = SigningKey::generate();
+        let body =
+            to_canonical_json(&json!({"kind": "erasure", "count": 3, "note": "ok"})).unwrap();
+        let doc = key.sign(body);
+        (key, doc)
+    }
+
+    #[test]
+    fn every_changed_byte_fails_verification() {
+        let (key, doc) = document();
+        let public = key.public_key();
+        assert!(public.verify(&doc).is_ok());
+        for i in 0..doc.body.len() {
+            let mut bad = doc.clone();
+            bad.body[i] ^= 0x01;
+            assert!(public.verify(&bad).is_err(), "body byte {i}");
+        }
+        for i in 0..doc.signature.len() {
+            let mut bad = doc.clone();
+            bad.signature[i] ^= 0x80;
+            assert_eq!(
+                public.verify(&bad),
+                Err(VerifyError::BadSignature),
+                "signature byte {i}"
+            );
+        }
+        let other = SigningKey::generate().public_key();
+        assert!(matches!(
+            other.verify(&doc),
+            Err(VerifyError::WrongKey { .. })
+        ));
+        // Another key that claims this key's id still fails on the signature.
+        let forged = SigningKey::generate().sign(doc.body.clone());
+        let forged = Signed {
+            key_id: doc.key_id.clone(),
+            ..forged
+        };
+        assert_eq!(public.verify(&forged), Err(VerifyError::BadSignature));
+    }
+
+    #[test]
+    fn keys_and_documents_survive_their_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, doc) = document();
+        let path = dir.path().join("signing.key");
+        key.write(&path).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let loaded = SigningKey::load(&path).unwrap();
+        assert_eq!(loaded.public_key(), key.public_key());
+        let pub_path = public_key_path(&path);
+        assert_eq!(pub_path, dir.path().join("signing.pub.pem"));
+        let public = PublicKey::from_config(pub_path.to_str().unwrap()).unwrap();
+        assert_eq!(public, key.public_key());
+        assert_eq!(
+            PublicKey::from_config(&key.public_key().to_base64()).unwrap(),
+            public
+        );
+        assert!(PublicKey::from_config("no such key").is_err());
+        assert!(PublicKey::parse(&BASE64.encode([1u8; 31])).is_err());
+
+        let text = doc.to_file_json().unwrap();
+        let back = Signed::from_file_json(&text).unwrap();
+        assert_eq!(back, doc);
+        assert!(public.verify(&back).is_ok());
+        assert!(Signed::from_file_json("{\"body\": \"{}\"}").is_err());
+    }
+
+    #[test]
+    fn a_signed_body_that_is_not_canonical_is_refused() {
+        let key = SigningKey::generate();
+        let doc = key.sign(b"{\"b\":1, \"a\":2}".to_vec());
+        assert!(matches!(
+            key.public_key().verify(&doc),
+            Err(VerifyError::NotCanonical(_))
+        ));
+    }
+}
