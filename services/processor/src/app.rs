@@ -86,6 +86,12 @@ impl App {
     /// Connects and migrates the store, connects every subprocessor's connector, and prepares
     /// the registry clients. Nothing listens yet.
     pub async fn build(config: Config) -> Result<Self> {
+        // Config::validate refuses an empty key; checked again for configurations built in
+        // code, so nothing is ever hashed with a key anyone could know.
+        anyhow::ensure!(
+            !config.identity_hash_key.is_empty(),
+            "identity_hash_key: required"
+        );
         let db = Db::connect(&config.service.database_url).await?;
         db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS).await?;
         let mut connectors = HashMap::new();
@@ -147,9 +153,9 @@ impl App {
         self.shared.clock.clone()
     }
 
-    /// Serves on `listener` and runs the task runner, acknowledgement sender and export
-    /// uploader (to the registry and to transfer recipients) until `shutdown` resolves. Binds the admin port when the configuration names one
-    /// (`admin_listen`).
+    /// Serves on `listener` and runs the task runner, acknowledgement sender, export
+    /// uploader (to the registry and to transfer recipients) and forgetting until `shutdown`
+    /// resolves. Binds the admin port when the configuration names one (`admin_listen`).
     pub async fn run(
         self,
         listener: TcpListener,
@@ -177,6 +183,7 @@ impl App {
         );
         let scraped = shared.clone();
         let (runner, sender, uploader) = (shared.clone(), shared.clone(), shared.clone());
+        let forgetting = shared.clone();
         Host::new("processor", &shared.config.service)
             .service(ProcessorOperatorServiceServer::new(OperatorApi::new(
                 shared.clone(),
@@ -199,6 +206,9 @@ impl App {
             })
             .worker("export uploader", move |stop| {
                 crate::uploader::run(uploader, stop)
+            })
+            .worker("forgetting", move |stop| {
+                crate::forget::run(forgetting, stop)
             })
     }
 }

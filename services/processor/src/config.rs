@@ -52,6 +52,29 @@ pub struct Config {
     /// certificates and warns at start-up; a key that cannot be read stops the start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_key: Option<PathBuf>,
+    /// Key of the keyed hashes (HMAC-SHA256) of a request's identities that the processor
+    /// keeps after forgetting the raw values, so an operator holding the key and an e-mail
+    /// address can still show what was done for that subject. The processor's own secret
+    /// (not the registry's). Required.
+    #[serde(default)]
+    pub identity_hash_key: String,
+    /// Days after the last task of a request reached a final state before its raw identities,
+    /// body, notes and export files are removed. A request with a RETAINED task keeps its
+    /// identities until that task is done: they are needed to erase the retained data later.
+    /// Default 30.
+    #[serde(default = "default_forget_after_days")]
+    pub forget_after_days: u32,
+    /// How often the processor looks for requests to forget (ms).
+    #[serde(default = "default_forget_sweep_interval_ms")]
+    pub forget_sweep_interval_ms: u64,
+}
+
+fn default_forget_after_days() -> u32 {
+    30
+}
+
+fn default_forget_sweep_interval_ms() -> u64 {
+    60_000
 }
 
 /// The default of `data_dir`: next to the default SQLite database.
@@ -334,6 +357,16 @@ impl Config {
         if self.data_dir.as_os_str().is_empty() {
             errors.push("data_dir: must not be empty".into());
         }
+        if self.identity_hash_key.is_empty() {
+            errors.push(
+                "identity_hash_key: required; set a long random secret (the key of the hashes \
+                 kept after identities are forgotten)"
+                    .into(),
+            );
+        }
+        if self.forget_sweep_interval_ms == 0 {
+            errors.push("forget_sweep_interval_ms: must be at least 1".into());
+        }
         if self.uploads.concurrency == 0 || self.uploads.lease_ms == 0 {
             errors.push("uploads: concurrency and lease_ms must be at least 1".into());
         }
@@ -359,8 +392,14 @@ mod tests {
             .collect()
     }
 
-    /// A folder with a configuration file naming TLS files that exist.
+    /// A folder with a configuration file naming TLS files that exist, and an identity hash
+    /// key unless `extra` sets one.
     fn folder(extra: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let extra = if extra.contains("identity_hash_key") {
+            extra.to_string()
+        } else {
+            format!("identity_hash_key = \"test key\"\n{extra}")
+        };
         let dir = tempfile::tempdir().unwrap();
         for f in ["ca.pem", "processor.pem", "processor.key"] {
             std::fs::write(dir.path().join(f), "x").unwrap();
@@ -401,6 +440,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.data_dir, Path::new("/var/lib/dsrelay"));
+    }
+
+    #[test]
+    fn an_empty_identity_hash_key_is_refused() {
+        let (_dir, file) = folder("identity_hash_key = \"\"");
+        let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert!(err.0[0].starts_with("identity_hash_key: required"), "{err}");
+        let c = Config::load_from(
+            Some(&file),
+            env(&[("DSRELAY_PROCESSOR__IDENTITY_HASH_KEY", "from env")]),
+        )
+        .unwrap();
+        assert_eq!(c.identity_hash_key, "from env");
+        assert_eq!(c.forget_after_days, 30);
     }
 
     #[test]

@@ -24,6 +24,14 @@ pub fn task_dir(data_dir: &Path, key: &TaskKey) -> PathBuf {
         .join(component(&key.subprocessor))
 }
 
+/// The folder holding every export of one request (all its tasks) under `data_dir`.
+pub fn request_dir(data_dir: &Path, controller: &str, request_id: &str) -> PathBuf {
+    data_dir
+        .join("exports")
+        .join(component(controller))
+        .join(component(request_id))
+}
+
 /// The sink of `key`'s export, labelling files with the categories the subprocessor holds
 /// that the request concerns (all it holds when the request names none).
 pub fn sink(data_dir: &Path, key: &TaskKey, held: &[String], requested: &[String]) -> ExportSink {

@@ -23,6 +23,8 @@
 //! - [`ack_sender`]: sends queued acknowledgements to the registries.
 //! - [`certificates`]: deletion certificates of erasure steps, signed with the processor's
 //!   key (`signing_key`).
+//! - `forget`: removes finished requests' raw identities, bodies, notes and export files
+//!   after `forget_after_days`, keeping keyed hashes of the identities.
 //! - [`uploader`]: delivers written exports in chunks, RETURN_OF_DATA to the registries and
 //!   TRANSFER to their recipients (checking the recipient's identity and receipt), resuming
 //!   where the destination stands, and completes their tasks.
@@ -34,6 +36,7 @@ mod breaker;
 pub mod certificates;
 pub mod config;
 pub mod exports;
+mod forget;
 mod metrics;
 mod operator_api;
 mod runner;

@@ -43,7 +43,8 @@ pub(crate) struct Shared {
     pub events: broadcast::Sender<String>,
     /// One client per processor, connecting lazily.
     pub processors: HashMap<String, ProcessorServiceClient<Channel>>,
-    /// Key of the identity hashes kept for the audit trail.
+    /// Key of the identity hashes kept for the audit trail and deduplication, and of the
+    /// Submit body hash.
     pub identity_hash_key: Vec<u8>,
     /// Counters and histograms served on the admin port.
     pub metrics: crate::metrics::Metrics,
@@ -106,14 +107,15 @@ impl App {
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);
             processors.insert(p.name.clone(), client);
         }
-        let identity_hash_key = if config.identity_hash_key.is_empty() {
-            tracing::warn!("identity_hash_key is not set; using the development key");
-            b"dsrelay development identity hash key".to_vec()
-        } else {
-            config.identity_hash_key.as_bytes().to_vec()
-        };
+        // Config::validate refuses an empty key; checked again here for configurations
+        // built in code, so no request is ever hashed with a key anyone could know.
+        anyhow::ensure!(
+            !config.identity_hash_key.is_empty(),
+            "identity_hash_key: required"
+        );
+        let identity_hash_key = config.identity_hash_key.as_bytes().to_vec();
         let (events, _) = broadcast::channel(1024);
-        let store = Store::new(db);
+        let store = Store::new(db, &identity_hash_key);
         let (intake, intake_writer) = intake::channel(store.clone());
         let packages = Packages::new(
             Arc::new(FolderStore::new(&config.package_dir)),
@@ -146,8 +148,8 @@ impl App {
         self.shared.clock.clone()
     }
 
-    /// Serves on `listener` and runs the intake writer, dispatcher, reconciler and package
-    /// expiry until
+    /// Serves on `listener` and runs the intake writer, dispatcher, reconciler, package
+    /// expiry and forgetting until
     /// `shutdown` resolves; then stops accepting, lets the workers finish their current
     /// round (queued Submits are committed), and returns. Binds the admin port when the
     /// configuration names one (`admin_listen`).
@@ -193,7 +195,7 @@ impl App {
         let api = Api::new(shared.clone());
         let scraped = shared.clone();
         let (dispatched, reconciled, chained) = (shared.clone(), shared.clone(), shared.clone());
-        let expiring = shared.clone();
+        let (expiring, forgetting) = (shared.clone(), shared.clone());
         Host::new("registry", &shared.config.service)
             .service(
                 RequestServiceServer::new(api.clone())
@@ -237,6 +239,9 @@ impl App {
             })
             .worker("package expiry", move |stop| {
                 crate::packages::expire(expiring, stop)
+            })
+            .worker("forgetting", move |stop| {
+                crate::forget::run(forgetting, stop)
             })
     }
 }

@@ -39,10 +39,20 @@ pub struct Config {
     /// Bounds on Watch streams.
     #[serde(default)]
     pub watch: WatchConfig,
-    /// Key of the keyed hashes that stay in the audit trail after raw identities are
-    /// forgotten. Empty means a fixed development key (a warning is logged).
+    /// Key of the keyed hashes (HMAC-SHA256) that stay after raw identities are forgotten,
+    /// for the audit trail and deduplication; also keys the Submit body hash. Required:
+    /// anyone holding it can test a guessed e-mail address against the hashes, so keep it
+    /// out of the database and never reuse a development key.
     #[serde(default)]
     pub identity_hash_key: String,
+    /// Days after a request finished (COMPLETED, FAILED or CANCELLED) before its raw
+    /// identities and body are removed from the store: the window in which a dispute about
+    /// the request can still be answered from what was asked. Default 30.
+    #[serde(default = "default_forget_after_days")]
+    pub forget_after_days: u32,
+    /// How often the registry looks for finished requests past `forget_after_days` (ms).
+    #[serde(default = "default_forget_sweep_interval_ms")]
+    pub forget_sweep_interval_ms: u64,
     /// The folder return-of-data packages are kept in, one folder per request. A relative
     /// path is taken from the working directory, like the default SQLite database beside it.
     #[serde(default = "default_package_dir")]
@@ -68,6 +78,14 @@ fn default_package_ttl_days() -> u32 {
 }
 
 fn default_package_sweep_interval_ms() -> u64 {
+    60_000
+}
+
+fn default_forget_after_days() -> u32 {
+    30
+}
+
+fn default_forget_sweep_interval_ms() -> u64 {
     60_000
 }
 
@@ -310,6 +328,16 @@ impl Config {
         if self.package_sweep_interval_ms == 0 {
             errors.push("package_sweep_interval_ms: must be at least 1".into());
         }
+        if self.identity_hash_key.is_empty() {
+            errors.push(
+                "identity_hash_key: required; set a long random secret (the key of the hashes \
+                 kept after identities are forgotten)"
+                    .into(),
+            );
+        }
+        if self.forget_sweep_interval_ms == 0 {
+            errors.push("forget_sweep_interval_ms: must be at least 1".into());
+        }
         let mut recipients = BTreeSet::new();
         for (i, r) in self.recipients.iter().enumerate() {
             if r.name.is_empty() || r.name.len() > MAX_RECIPIENT_NAME {
@@ -379,8 +407,14 @@ mod tests {
             .collect()
     }
 
-    /// A folder with a configuration file naming TLS files that exist.
+    /// A folder with a configuration file naming TLS files that exist, and an identity hash
+    /// key unless `extra` sets (or misspells) one.
     fn folder(extra: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let extra = if extra.contains("identity_hash_key") {
+            extra.to_string()
+        } else {
+            format!("identity_hash_key = \"test key\"\n{extra}")
+        };
         let dir = tempfile::tempdir().unwrap();
         for f in ["ca.pem", "registry.pem", "registry.key"] {
             std::fs::write(dir.path().join(f), "x").unwrap();
@@ -446,6 +480,25 @@ mod tests {
         let text = toml::to_string(&c).unwrap();
         let again: Config = toml::from_str(&text).unwrap();
         assert_eq!(again.service, c.service);
+    }
+
+    #[test]
+    fn an_empty_identity_hash_key_is_refused() {
+        let (_dir, file) = folder("identity_hash_key = \"\"");
+        let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert!(err.0[0].starts_with("identity_hash_key: required"), "{err}");
+        // Not set at all is the same error; the environment can supply it.
+        let (_dir, file) = folder("# identity_hash_key unset");
+        let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+        assert!(err.0[0].starts_with("identity_hash_key: required"), "{err}");
+        let c = Config::load_from(
+            Some(&file),
+            env(&[("DSRELAY_REGISTRY__IDENTITY_HASH_KEY", "from env")]),
+        )
+        .unwrap();
+        assert_eq!(c.identity_hash_key, "from env");
+        assert_eq!(c.forget_after_days, 30);
     }
 
     #[test]

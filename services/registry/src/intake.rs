@@ -149,7 +149,7 @@ mod tests {
         db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
             .await
             .unwrap();
-        Store::new(db)
+        Store::new(db, b"test key")
     }
 
     fn request(id: &str) -> NewRequest {

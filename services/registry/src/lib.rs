@@ -21,6 +21,8 @@
 //! - [`packages`]: return-of-data packages: the store their files go through (a folder
 //!   today), `manifest.json`, and their expiry.
 //! - [`reconciler`]: asks processors for status when acknowledgements are late.
+//! - `forget`: removes finished requests' raw identities and bodies after
+//!   `forget_after_days`.
 //! - [`error`]: the registry's error type (made into statuses by `dsrelay_runtime::grpc`).
 
 mod api;
@@ -31,6 +33,7 @@ pub mod deadline;
 mod dispatcher;
 mod error;
 mod fold;
+mod forget;
 mod intake;
 mod metrics;
 pub mod packages;

@@ -49,7 +49,10 @@ pub struct Entry {
     pub event_type: i32,
     /// Who acted: the partner or processor, where known; otherwise empty.
     pub actor: String,
-    /// What happened, in words. Never contains a subject's identities.
+    /// What happened, in words. Never contains a subject's identities; free text from
+    /// outside the registry (reasons, errors) appears only as its keyed hash,
+    /// `text hmac-sha256:<hex>` under the registry's `identity_hash_key`, because an entry
+    /// can never be changed once written, not even to forget.
     pub detail: String,
     /// The hash of the entry before, or [`GENESIS_HASH`].
     pub prev_hash: String,

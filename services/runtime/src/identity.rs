@@ -250,6 +250,17 @@ pub fn keyed_hash(key: &[u8], id: &SubjectIdentity) -> String {
     hex::encode(mac.finalize().into_bytes())
 }
 
+/// A keyed hash (HMAC-SHA256, lowercase hex) of `bytes` under `key`, in the context `domain`
+/// (so a hash made for one purpose never equals one made for another): for values that must
+/// be comparable after they are forgotten, such as a Submit body or a free-text note.
+pub fn keyed_digest(key: &[u8], domain: &[u8], bytes: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts any key length");
+    mac.update(&(domain.len() as u64).to_be_bytes());
+    mac.update(domain);
+    mac.update(bytes);
+    hex::encode(mac.finalize().into_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -115,7 +115,8 @@ impl Db {
         let pool = match backend {
             // SQLite allows one writer; a single connection avoids SQLITE_BUSY on lock
             // upgrades, and WAL + synchronous=FULL makes every commit durable before it returns
-            // (nothing accepted is ever lost, even on power loss).
+            // (nothing accepted is ever lost, even on power loss). secure_delete zeroes what a
+            // change frees, so forgotten identities do not linger in free space of the file.
             Backend::Sqlite => {
                 AnyPoolOptions::new()
                     .max_connections(1)
@@ -124,7 +125,8 @@ impl Db {
                         Box::pin(async move {
                             conn.execute(
                                 "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; \
-                                 PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;",
+                                 PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000; \
+                                 PRAGMA secure_delete=ON;",
                             )
                             .await?;
                             Ok(())

@@ -286,7 +286,8 @@ fn processor_toml(
     accounting_url: &str,
 ) -> Result<String> {
     let mut s = format!(
-        "listen = {}\ndatabase_url = {}\ndata_dir = {}\n\n",
+        "listen = {}\ndatabase_url = {}\ndata_dir = {}\n\
+         identity_hash_key = \"benchmark processor key\"\n\n",
         q(format!("127.0.0.1:{port}")),
         q(db),
         q(data_dir.to_string_lossy())

@@ -182,7 +182,7 @@ pub(crate) fn registry_toml(
 fn processor_toml(port: u16, tls: &TlsFiles, db: &str, registry_port: u16) -> String {
     let categories = CATEGORIES.map(q).join(", ");
     let mut s = format!(
-        "listen = {}\ndatabase_url = {}\n\n",
+        "listen = {}\ndatabase_url = {}\nidentity_hash_key = \"benchmark processor key\"\n\n",
         q(format!("127.0.0.1:{port}")),
         q(db)
     );

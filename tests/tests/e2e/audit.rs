@@ -99,7 +99,7 @@ async fn dsrctl_audit_verify_names_the_first_tampered_entry() {
     // Intact, in both formats, with the last hash as an anchor.
     let text = verify(setup, &[], 0).await;
     let db = Db::connect(&url).await.expect("connect");
-    let original = RegistryStore::new(db.clone())
+    let original = RegistryStore::new(db.clone(), b"test key")
         .audit_entries(0, 10_000)
         .await
         .expect("entries");
@@ -260,7 +260,7 @@ async fn store(url: &str) -> RegistryStore {
     db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
         .await
         .expect("migrate");
-    RegistryStore::new(db)
+    RegistryStore::new(db, b"test key")
 }
 
 /// Two stores on one PostgreSQL database (as two registry replicas) appending at once keep

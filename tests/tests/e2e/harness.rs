@@ -119,7 +119,7 @@ pub struct RecipientOptions {
 pub const CONTROLLER: &str = "controller";
 
 /// The processor's data folder, inside the pair's folder.
-const PROCESSOR_DATA_DIR: &str = "processor-data";
+pub const PROCESSOR_DATA_DIR: &str = "processor-data";
 
 /// The registry's package folder, inside the pair's folder.
 const REGISTRY_PACKAGES_DIR: &str = "registry-packages";
@@ -168,6 +168,9 @@ pub struct PairOptions {
     /// Start the example transfer recipient as [`RECIPIENT`] (in this process unless it
     /// asks for a process).
     pub recipient: Option<RecipientOptions>,
+    /// `forget_after_days` of both services (default 30; 0 forgets as soon as a request is
+    /// finished, for processes, whose clocks cannot be moved).
+    pub forget_after_days: u32,
 }
 
 impl Default for PairOptions {
@@ -190,6 +193,7 @@ impl Default for PairOptions {
             otel_endpoint: None,
             processor_public_key: None,
             recipient: None,
+            forget_after_days: 30,
         }
     }
 }
@@ -406,7 +410,9 @@ mod configs {
                 chain_interval_ms: 2000,
             },
             watch: Default::default(),
-            identity_hash_key: "test key".into(),
+            identity_hash_key: "test registry key".into(),
+            forget_after_days: plan.opts.forget_after_days,
+            forget_sweep_interval_ms: 200,
             package_dir: plan.registry_packages.clone(),
             package_ttl_days: 30,
             package_sweep_interval_ms: 200,
@@ -513,6 +519,9 @@ mod configs {
                 concurrency: 4,
                 call_timeout_ms: 3000,
             },
+            identity_hash_key: "test processor key".into(),
+            forget_after_days: plan.opts.forget_after_days,
+            forget_sweep_interval_ms: 200,
         };
         config.validate().expect("processor config");
         config

@@ -18,6 +18,7 @@ mod dsrctl_cli;
 mod durability;
 mod erasure;
 mod exports;
+mod forgetting;
 mod lifecycle;
 mod limits;
 mod logs;

@@ -22,7 +22,7 @@ async fn registry_store(backend: Backend, dir: &std::path::Path) -> Option<Regis
     db.migrate(&REG_SQLITE, &REG_PG)
         .await
         .expect("migrate again");
-    Some(RegistryStore::new(db))
+    Some(RegistryStore::new(db, b"test key"))
 }
 
 async fn processor_store(backend: Backend, dir: &std::path::Path) -> Option<ProcessorStore> {

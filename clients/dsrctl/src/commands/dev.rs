@@ -74,7 +74,9 @@ fn registry_config(dir: &Path, port: u16, processor_port: u16) -> dsrelay_regist
         delivery: Default::default(),
         reconcile: Default::default(),
         watch: Default::default(),
-        identity_hash_key: String::new(),
+        identity_hash_key: random_key(),
+        forget_after_days: 30,
+        forget_sweep_interval_ms: 60_000,
         package_dir: dir.join("registry-packages"),
         package_ttl_days: 30,
         package_sweep_interval_ms: 60_000,
@@ -128,7 +130,21 @@ fn processor_config(dir: &Path, port: u16, registry_port: u16) -> dsrelay_proces
             }
             .signing_key("processor"),
         ),
+        identity_hash_key: random_key(),
+        forget_after_days: 30,
+        forget_sweep_interval_ms: 60_000,
     }
+}
+
+/// A fresh random key for the keyed identity hashes (256 bits of the system's randomness,
+/// as hex), written once into the folder's configuration: each development setup has its
+/// own, and none is a constant anyone can read in the source.
+fn random_key() -> String {
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
 }
 
 fn write_if_missing<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {

@@ -8,9 +8,11 @@
 //! - `acks`: the acknowledgement outbox.
 //! - `uploads`: the upload outbox: RETURN_OF_DATA exports waiting to reach the registry.
 //! - `certificates`: the deletion certificates issued with erasure steps.
+//! - `forget`: removing finished requests' raw identities, body and free text.
 
 mod acks;
 mod certificates;
+mod forget;
 mod rows;
 mod tasks;
 mod uploads;
@@ -22,6 +24,7 @@ use dsrelay_runtime::store::Db;
 use crate::certificates::Issuer;
 
 pub use crate::task_machine::Transition;
+pub use forget::Forgettable;
 pub use rows::{AckJob, ManualRow, TaskJob, TaskKey, TaskRow};
 pub use tasks::Accepted;
 pub use uploads::{NextAttempt, UploadJob};

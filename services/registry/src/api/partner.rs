@@ -11,10 +11,9 @@ use dsrelay_proto::v1::{
     SubprocessorList, WatchRequest,
 };
 use dsrelay_runtime::grpc::CallerTrace;
-use dsrelay_runtime::identity::{keyed_hash, FieldViolation};
+use dsrelay_runtime::identity::{keyed_digest, keyed_hash, FieldViolation};
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
 use dsrelay_runtime::trace_context;
-use sha2::{Digest, Sha256};
 use tonic::{Response, Status};
 
 use crate::auth::Party;
@@ -24,6 +23,15 @@ use crate::store::{CancelOutcome, Inserted, ListFilter, NewRequest};
 use crate::validate::validate_submit;
 
 use super::{check_text, not_found, views, watch, Api};
+
+/// The idempotency hash of an encoded Submit body: HMAC-SHA256 under the identity hash key,
+/// so that the hash left after the body is forgotten cannot be tested against guessed bodies
+/// by anyone without the key. Rows stored before the hash was keyed hold a plain SHA-256:
+/// a retry of such a request within its idempotency window is answered as a conflict
+/// (ALREADY_EXISTS) rather than deduplicated, which is safe (nothing is stored twice).
+fn body_hash(key: &[u8], encoded: &[u8]) -> String {
+    keyed_digest(key, b"dsrelay.submit-body.v1", encoded)
+}
 
 /// Room kept free in a List answer for its framing and the page token.
 const LIST_HEADROOM_BYTES: usize = 64 * 1024;
@@ -76,7 +84,7 @@ impl RequestService for Api {
             id: id.clone(),
             partner: caller.name.clone(),
             idempotency_key: body.idempotency_key.clone(),
-            body_hash: hex::encode(Sha256::digest(&encoded)),
+            body_hash: body_hash(&self.shared.identity_hash_key, &encoded),
             body: encoded,
             identity_hashes: serde_json::to_string(&hashes).map_err(ApiError::unexpected)?,
             kind: body.kind,

@@ -49,6 +49,8 @@ pub struct TaskUpdate {
 }
 
 impl TaskUpdate {
+    /// The update in the registry's words; the processor's `reason` (free text) goes in
+    /// the event's `free_text`.
     fn describe(&self) -> String {
         let state = TaskState::try_from(self.state)
             .map(|s| {
@@ -60,9 +62,6 @@ impl TaskUpdate {
         let mut s = format!("{} #{}: {state}", self.subprocessor, self.sequence);
         if self.records_affected > 0 {
             s.push_str(&format!(", {} record(s)", self.records_affected));
-        }
-        if !self.reason.is_empty() {
-            s.push_str(&format!(", {}", self.reason));
         }
         if !self.legal_basis.is_empty() {
             s.push_str(&format!(", retained under {}", self.legal_basis));
@@ -217,6 +216,7 @@ impl Store {
                         sequence: ack.sequence,
                         attempt: ack.attempt,
                         message: ack.describe(),
+                        free_text: ack.reason.clone(),
                     },
                 )
                 .await?;
@@ -268,6 +268,7 @@ impl Store {
                         sequence: update.sequence,
                         attempt: 0,
                         message: format!("{} (reconciled)", update.describe()),
+                        free_text: update.reason.clone(),
                     },
                 )
                 .await?;

@@ -4,6 +4,7 @@
 use anyhow::{Context, Result};
 use dsrelay_proto::v1::{EventType, RequestState};
 use dsrelay_runtime::audit;
+use dsrelay_runtime::identity::keyed_digest;
 use dsrelay_runtime::trace_context;
 
 use super::Tx;
@@ -19,10 +20,22 @@ pub(super) struct EventDetail {
     pub(super) task_state: i32,
     pub(super) sequence: i64,
     pub(super) attempt: i64,
+    /// The registry's own words about what happened.
     pub(super) message: String,
+    /// Text from outside the registry that may name the subject (a processor's reason, a
+    /// partner's cancel reason, an operator's extension reason, a delivery error). The
+    /// event's message shows it after `message` until the request is forgotten; the
+    /// immutable audit trail holds only its keyed hash, so no raw text that may hold
+    /// personal data is ever written where it cannot be removed.
+    pub(super) free_text: String,
 }
 
-/// Records an event of a request, and its audit entry.
+/// The context of the keyed hashes of free text in audit entries.
+const AUDIT_TEXT_DOMAIN: &[u8] = b"dsrelay.audit-text.v1";
+
+/// Records an event of a request, and its audit entry: the same words, except that free
+/// text stands in the entry as `text hmac-sha256:<hex>`, its keyed hash (see
+/// [`EventDetail::free_text`]).
 pub(super) async fn insert_event(
     tx: &mut Tx,
     request_id: &str,
@@ -36,7 +49,16 @@ pub(super) async fn insert_event(
     } else {
         d.actor
     };
-    append_audit(tx, request_id, event_type, at, actor, d.message.clone()).await?;
+    let (message, detail) = if d.free_text.is_empty() {
+        (d.message.clone(), d.message)
+    } else {
+        let hash = keyed_digest(&tx.text_key, AUDIT_TEXT_DOMAIN, d.free_text.as_bytes());
+        (
+            format!("{}: {}", d.message, d.free_text),
+            format!("{}: text hmac-sha256:{hash}", d.message),
+        )
+    };
+    append_audit(tx, request_id, event_type, at, actor, detail).await?;
     // The span the event happened in; without a tracer, the request's own trace id.
     let traced = trace_context::traceparent_of(&tracing::Span::current());
     let mut parts = traced.as_deref().unwrap_or("").split('-').skip(1);
@@ -59,7 +81,7 @@ pub(super) async fn insert_event(
     .bind(i64::from(d.task_state))
     .bind(d.sequence)
     .bind(d.attempt)
-    .bind(d.message)
+    .bind(message)
     .bind(trace_id)
     .bind(span_id)
     .execute(tx.conn())

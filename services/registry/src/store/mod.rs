@@ -18,7 +18,11 @@
 //!   verdicts.
 //! - `events`: events and the audit-trail append.
 //! - `packages`: files and parts of return-of-data packages as stored, and their expiry.
+//! - `forget`: removing a finished request's raw identities, body and free text after its
+//!   dispute window.
 //! - `queries`: reads for the API (a request, lists, tasks, deliveries, events, audit entries).
+
+use std::sync::Arc;
 
 use anyhow::Result;
 use dsrelay_proto::v1::RequestState;
@@ -29,6 +33,7 @@ mod acknowledgements;
 mod certificates;
 mod chain;
 mod events;
+mod forget;
 mod intake;
 mod outbox;
 mod packages;
@@ -58,15 +63,31 @@ pub const OP_DELIVER: &str = Operation::Deliver.as_str();
 pub const OP_CANCEL: &str = Operation::Cancel.as_str();
 
 /// The registry store.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Store {
     db: Db,
+    /// The key of the keyed hashes that stand in the audit trail for free text (reasons,
+    /// notes, errors): the registry's `identity_hash_key`.
+    text_key: Arc<[u8]>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("Store")
+            .field("db", &self.db)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Store {
-    /// Wraps a migrated database.
-    pub fn new(db: Db) -> Self {
-        Self { db }
+    /// Wraps a migrated database; `text_key` keys the hashes that stand in the audit trail
+    /// for free text (see the `events` module).
+    pub fn new(db: Db, text_key: &[u8]) -> Self {
+        Self {
+            db,
+            text_key: text_key.into(),
+        }
     }
 
     /// The database handle.
@@ -79,6 +100,7 @@ impl Store {
         Ok(Tx {
             tx: self.db.pool.begin().await?,
             backend: self.db.backend,
+            text_key: self.text_key.clone(),
         })
     }
 
@@ -96,6 +118,8 @@ impl Store {
 struct Tx {
     tx: Transaction<'static, Any>,
     backend: Backend,
+    /// See [`Store`]'s field.
+    text_key: Arc<[u8]>,
 }
 
 impl Tx {

@@ -135,7 +135,8 @@ impl Store {
             EventDetail {
                 processor: job.processor.clone(),
                 attempt: job.attempts + 1,
-                message: format!("{} to {} failed: {error}", job.op, job.processor),
+                message: format!("{} to {} failed", job.op, job.processor),
+                free_text: error.to_string(),
                 ..Default::default()
             },
         )

@@ -74,7 +74,8 @@ impl Store {
             now,
             RequestState::Cancelled,
             EventDetail {
-                message: format!("cancelled: {reason}"),
+                message: "cancelled".into(),
+                free_text: reason.to_string(),
                 ..Default::default()
             },
         )
@@ -116,7 +117,8 @@ impl Store {
             now,
             row.state,
             EventDetail {
-                message: format!("due date extended by {months} month(s): {reason}"),
+                message: format!("due date extended by {months} month(s)"),
+                free_text: reason.to_string(),
                 ..Default::default()
             },
         )

@@ -1,0 +1,152 @@
+//! The processor forgets: `forget_after_days` after the last task of a request reached a
+//! final state (COMPLETED, NOT_FOUND, REFUSED, FAILED or CANCELLED; none RETAINED), with
+//! every acknowledgement and upload sent, its raw identities, body, notes and export files
+//! are removed. Keyed hashes of the identities (HMAC-SHA256 under the processor's
+//! `identity_hash_key`) stay, so an operator holding the key and an address can still show
+//! what was done for that subject.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use dsrelay_proto::prost::Message;
+use dsrelay_proto::v1::DeliverRequest;
+use dsrelay_runtime::identity::keyed_hash;
+use tokio::sync::watch;
+
+use crate::app::Shared;
+use crate::store::Forgettable;
+
+/// One day in milliseconds.
+const DAY_MS: i64 = 86_400_000;
+
+/// Requests forgotten per store round trip of a sweep.
+const BATCH: i64 = 100;
+
+/// The latest time (ms) a request's tasks may have reached their final state to be
+/// forgotten at `now`.
+pub(crate) fn cutoff(now: i64, after_days: u32) -> i64 {
+    now.saturating_sub(i64::from(after_days) * DAY_MS)
+}
+
+/// The keyed hashes of the identities in an encoded DeliverRequest, as a JSON array; an
+/// empty array when there is no body or it does not decode (nothing raw is kept either way).
+pub(crate) fn identity_hashes(key: &[u8], body: Option<&[u8]>) -> Result<String> {
+    let hashes: Vec<String> = body
+        .and_then(|b| DeliverRequest::decode(b).ok())
+        .map(|d| d.identities.iter().map(|i| keyed_hash(key, i)).collect())
+        .unwrap_or_default();
+    serde_json::to_string(&hashes).context("encoding identity hashes")
+}
+
+/// Forgets requests past their window until `stop` turns true.
+pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let interval = Duration::from_millis(shared.config.forget_sweep_interval_ms);
+    // Whether the SQLite write-ahead log may still hold forgotten bytes.
+    let mut log_dirty = false;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        match sweep(&shared).await {
+            Ok(forgotten) => log_dirty |= forgotten > 0,
+            Err(e) => {
+                // Some requests may have been forgotten before the error.
+                log_dirty = true;
+                tracing::error!(error = format!("{e:#}"), "forgetting requests failed");
+            }
+        }
+        if log_dirty {
+            match shared.store.scrub_log().await {
+                Ok(done) => log_dirty = !done,
+                Err(e) => tracing::error!(
+                    error = format!("{e:#}"),
+                    "emptying the write-ahead log failed"
+                ),
+            }
+        }
+        tokio::select! {
+            _ = stop.changed() => {}
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// One sweep: every request past its window is forgotten; returns how many.
+async fn sweep(shared: &Shared) -> Result<usize> {
+    let mut forgotten = 0usize;
+    loop {
+        let now = shared.clock.now_ms();
+        let cutoff = cutoff(now, shared.config.forget_after_days);
+        let due = shared.store.requests_to_forget(cutoff, BATCH).await?;
+        if due.is_empty() {
+            break;
+        }
+        let mut progressed = false;
+        for r in &due {
+            if forget(shared, r, cutoff, now).await? {
+                progressed = true;
+                forgotten += 1;
+            }
+        }
+        if !progressed || due.len() < BATCH as usize {
+            break;
+        }
+    }
+    Ok(forgotten)
+}
+
+/// Forgets one request: its export files first (a crash in between deletes them again at
+/// the next sweep, and the store never says forgotten while files remain), then its rows.
+async fn forget(shared: &Shared, r: &Forgettable, cutoff: i64, now: i64) -> Result<bool> {
+    let dir = crate::exports::request_dir(&shared.config.data_dir, &r.controller, &r.request_id);
+    match tokio::fs::remove_dir_all(&dir).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("deleting exports in {}", dir.display())),
+    }
+    let key = shared.config.identity_hash_key.as_bytes();
+    let hashes = identity_hashes(key, r.body.as_deref())?;
+    let done = shared.store.forget_request(r, &hashes, cutoff, now).await?;
+    if done {
+        tracing::info!(request_id = %r.request_id, controller = %r.controller, "identities forgotten");
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dsrelay_proto::v1::{IdentityEncoding, IdentityType, SubjectIdentity};
+
+    #[test]
+    fn the_window_counts_whole_days_back_from_now() {
+        assert_eq!(cutoff(40 * DAY_MS, 30), 10 * DAY_MS);
+        assert_eq!(cutoff(5, 0), 5);
+        assert_eq!(cutoff(i64::MIN, 1), i64::MIN);
+    }
+
+    #[test]
+    fn only_keyed_hashes_of_the_identities_are_kept() {
+        let email = "Forget.Me@Example.org";
+        let body = DeliverRequest {
+            identities: vec![SubjectIdentity {
+                r#type: IdentityType::Email as i32,
+                encoding: IdentityEncoding::Raw as i32,
+                value: email.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let kept = identity_hashes(b"k1", Some(&body)).unwrap();
+        let hashes: Vec<String> = serde_json::from_str(&kept).unwrap();
+        assert_eq!(hashes.len(), 1);
+        assert_eq!(hashes[0].len(), 64);
+        assert!(!kept.to_lowercase().contains("example"));
+        // Keyed: another key gives another hash.
+        assert_ne!(identity_hashes(b"k2", Some(&body)).unwrap(), kept);
+        assert_eq!(identity_hashes(b"k1", None).unwrap(), "[]");
+        assert_eq!(identity_hashes(b"k1", Some(b"\xff\xff")).unwrap(), "[]");
+    }
+}

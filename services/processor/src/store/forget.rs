@@ -1,0 +1,281 @@
+//! Forgetting a finished request: its raw identities, body, the free text kept with it and
+//! its tasks, and the acknowledgements already sent, once every task reached a final state
+//! and `forget_after_days` have passed; keyed identity hashes stay.
+
+use anyhow::Result;
+use dsrelay_proto::v1::TaskState;
+
+use super::rows::state_value;
+use super::Store;
+
+/// Task states that never change again. RETAINED is not among them: the holder still keeps
+/// data, and the processor needs the identities to erase it when the retention ends.
+const FINAL: [TaskState; 5] = [
+    TaskState::Completed,
+    TaskState::NotFound,
+    TaskState::Refused,
+    TaskState::Failed,
+    TaskState::Cancelled,
+];
+
+/// A request the processor may forget, with what it still holds.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Forgettable {
+    /// The controller that delivered it.
+    pub controller: String,
+    /// The registry's request id.
+    pub request_id: String,
+    /// The encoded DeliverRequest (the raw identities), if still there.
+    pub body: Option<Vec<u8>>,
+}
+
+/// The condition, on `requests r`, under which a request may be forgotten with `$1` the
+/// cutoff (ms): accepted (or cancelled) by then, every task final since by then, nothing
+/// left to send (acknowledgements, uploads).
+fn forgettable_where() -> String {
+    let finals = FINAL
+        .iter()
+        .map(|s| state_value(*s).to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "r.forgotten_at IS NULL AND r.accepted_at <= $1 \
+         AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.controller = r.controller \
+           AND t.request_id = r.request_id AND (t.state NOT IN ({finals}) OR t.updated_at > $1)) \
+         AND NOT EXISTS (SELECT 1 FROM ack_outbox a WHERE a.controller = r.controller \
+           AND a.request_id = r.request_id AND a.sent_at IS NULL) \
+         AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.controller = r.controller \
+           AND u.request_id = r.request_id AND u.done_at IS NULL)"
+    )
+}
+
+impl Store {
+    /// Requests not forgotten yet whose tasks all reached a final state at or before
+    /// `cutoff` (ms) and have nothing left to send.
+    pub async fn requests_to_forget(&self, cutoff: i64, limit: i64) -> Result<Vec<Forgettable>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT r.controller, r.request_id, r.body FROM requests r WHERE {} \
+             ORDER BY r.accepted_at LIMIT $2",
+            forgettable_where()
+        ))
+        .bind(cutoff)
+        .bind(limit)
+        .fetch_all(&self.db.pool)
+        .await?)
+    }
+
+    /// Removes the request's body and cancel reason, keeping `identity_hashes` (a JSON
+    /// array), and its tasks' notes, reasons, errors, connector handles and export file
+    /// lists, and the payloads of its sent acknowledgements (they repeat the notes). Returns
+    /// false, changing nothing, when the request no longer qualifies (a task moved, or it
+    /// was forgotten already).
+    pub async fn forget_request(
+        &self,
+        r: &Forgettable,
+        identity_hashes: &str,
+        cutoff: i64,
+        now: i64,
+    ) -> Result<bool> {
+        let mut tx = self.db.pool.begin().await?;
+        let changed = sqlx::query(&format!(
+            "UPDATE requests SET body = NULL, cancel_reason = NULL, identity_hashes = $2, \
+             forgotten_at = $3 WHERE controller = $4 AND request_id = $5 AND EXISTS \
+             (SELECT 1 FROM requests r WHERE r.controller = $4 AND r.request_id = $5 AND {})",
+            forgettable_where()
+        ))
+        .bind(cutoff)
+        .bind(identity_hashes)
+        .bind(now)
+        .bind(&r.controller)
+        .bind(&r.request_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if changed == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        sqlx::query(
+            "UPDATE tasks SET note = '', reason = '', last_error = NULL, handle = NULL, \
+             export_files = NULL WHERE controller = $1 AND request_id = $2",
+        )
+        .bind(&r.controller)
+        .bind(&r.request_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE ack_outbox SET payload = $1, last_error = NULL \
+             WHERE controller = $2 AND request_id = $3 AND sent_at IS NOT NULL",
+        )
+        .bind(Vec::<u8>::new())
+        .bind(&r.controller)
+        .bind(&r.request_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE uploads SET last_error = NULL WHERE controller = $1 AND request_id = $2",
+        )
+        .bind(&r.controller)
+        .bind(&r.request_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// After forgetting on SQLite, empties the write-ahead log, whose old page versions still
+    /// hold what was forgotten (`secure_delete`, set on every connection, zeroes freed space
+    /// in the database file). PostgreSQL keeps old row versions until VACUUM reclaims them.
+    /// Returns false when a reader kept part of the log in use: call again later.
+    pub async fn scrub_log(&self) -> Result<bool> {
+        if self.db.backend != dsrelay_runtime::store::Backend::Sqlite {
+            return Ok(true);
+        }
+        // One row: (busy, frames in the log, frames checkpointed); busy is 1 when a reader
+        // or writer stopped it from finishing.
+        let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&self.db.pool)
+            .await?;
+        Ok(busy == 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dsrelay_proto::v1::{DeliverRequest, RequestKind};
+    use dsrelay_runtime::store::Db;
+
+    use super::*;
+    use crate::store::{POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+
+    async fn store(dir: &std::path::Path) -> Store {
+        let db = Db::connect(&format!("sqlite://{}/processor.db", dir.display()))
+            .await
+            .unwrap();
+        db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+            .await
+            .unwrap();
+        Store::new(db)
+    }
+
+    /// A request accepted at 0 with one task per `(subprocessor, state, updated_at)`.
+    async fn request(store: &Store, id: &str, tasks: &[(&str, TaskState, i64)]) {
+        let req = DeliverRequest {
+            request_id: id.into(),
+            kind: RequestKind::Erasure as i32,
+            ..Default::default()
+        };
+        let subprocessors: Vec<String> = tasks.iter().map(|t| t.0.to_string()).collect();
+        store
+            .accept("c", &req, &subprocessors, None, 0)
+            .await
+            .unwrap();
+        for (s, state, at) in tasks {
+            sqlx::query(
+                "UPDATE tasks SET state = $1, updated_at = $2, note = 'erased subject@x' \
+                 WHERE request_id = $3 AND subprocessor = $4",
+            )
+            .bind(state_value(*state))
+            .bind(*at)
+            .bind(id)
+            .bind(*s)
+            .execute(&store.db.pool)
+            .await
+            .unwrap();
+        }
+    }
+
+    fn ids(due: &[Forgettable]) -> Vec<&str> {
+        due.iter().map(|r| r.request_id.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn requests_with_open_or_retained_tasks_or_unsent_acks_are_kept() {
+        use TaskState::*;
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path()).await;
+        request(
+            &store,
+            "done",
+            &[("a", Completed, 100), ("b", NotFound, 200)],
+        )
+        .await;
+        request(
+            &store,
+            "failed",
+            &[("a", Failed, 100), ("b", Cancelled, 100)],
+        )
+        .await;
+        request(
+            &store,
+            "retained",
+            &[("a", Completed, 100), ("b", Retained, 100)],
+        )
+        .await;
+        request(
+            &store,
+            "open",
+            &[("a", Completed, 100), ("b", InProgress, 100)],
+        )
+        .await;
+        request(&store, "recent", &[("a", Refused, 501)]).await;
+        request(&store, "unsent", &[("a", Completed, 100)]).await;
+        sqlx::query(
+            "INSERT INTO ack_outbox (controller, request_id, subprocessor, sequence, payload, \
+             next_attempt_at) VALUES ('c', 'unsent', 'a', 2, x'00', 0)",
+        )
+        .execute(&store.db.pool)
+        .await
+        .unwrap();
+        let due = store.requests_to_forget(500, 10).await.unwrap();
+        assert_eq!(ids(&due), ["done", "failed"]);
+        assert!(due[0].body.is_some());
+
+        assert!(store
+            .forget_request(&due[0], "[\"h\"]", 500, 900)
+            .await
+            .unwrap());
+        assert!(!store
+            .forget_request(&due[0], "[\"h\"]", 500, 900)
+            .await
+            .unwrap());
+        let (body, hashes, at): (Option<Vec<u8>>, Option<String>, Option<i64>) = sqlx::query_as(
+            "SELECT body, identity_hashes, forgotten_at FROM requests WHERE request_id = 'done'",
+        )
+        .fetch_one(&store.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            (body, hashes.as_deref(), at),
+            (None, Some("[\"h\"]"), Some(900))
+        );
+        let notes: Vec<String> =
+            sqlx::query_scalar("SELECT note FROM tasks WHERE request_id = 'done'")
+                .fetch_all(&store.db.pool)
+                .await
+                .unwrap();
+        assert_eq!(notes, ["", ""]);
+        // A task that moved after selection stops the forgetting.
+        sqlx::query(
+            "UPDATE tasks SET state = $1 WHERE request_id = 'failed' AND subprocessor = 'a'",
+        )
+        .bind(state_value(Retained))
+        .execute(&store.db.pool)
+        .await
+        .unwrap();
+        assert!(!store.forget_request(&due[1], "[]", 500, 900).await.unwrap());
+        assert!(ids(&store.requests_to_forget(500, 10).await.unwrap()).is_empty());
+        // The retained one is forgotten once its task is erased (COMPLETED) and the window
+        // passed since.
+        sqlx::query("UPDATE tasks SET state = $1, updated_at = 600 WHERE request_id = 'retained'")
+            .bind(state_value(Completed))
+            .execute(&store.db.pool)
+            .await
+            .unwrap();
+        assert!(ids(&store.requests_to_forget(500, 10).await.unwrap()).is_empty());
+        assert_eq!(
+            ids(&store.requests_to_forget(600, 10).await.unwrap()),
+            ["retained", "recent"]
+        );
+    }
+}

@@ -1,0 +1,278 @@
+//! Forgetting a finished request: its raw identities, body and the free text kept with it
+//! are removed once its dispute window has passed; the keyed identity hashes stay.
+
+use anyhow::Result;
+use dsrelay_proto::v1::{EventType, RequestState};
+
+use super::events::{insert_event, EventDetail};
+use super::rows::Operation;
+use super::Store;
+use crate::fold::request_is_terminal;
+
+/// The request states after which a request may be forgotten: the terminal ones.
+/// PARTIALLY_COMPLETED is not among them (a holder still keeps data under a legal
+/// obligation, and the request may still change).
+const FORGETTABLE: [RequestState; 3] = [
+    RequestState::Completed,
+    RequestState::Failed,
+    RequestState::Cancelled,
+];
+
+impl Store {
+    /// Requests not forgotten yet that finished (a terminal state) at or before `cutoff`
+    /// (ms), oldest first.
+    pub async fn requests_to_forget(&self, cutoff: i64, limit: i64) -> Result<Vec<String>> {
+        let states = FORGETTABLE
+            .iter()
+            .map(|s| (*s as i32).to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT id FROM requests WHERE forgotten_at IS NULL AND finished_at IS NOT NULL \
+             AND finished_at <= $1 AND state IN ({states}) ORDER BY finished_at LIMIT $2"
+        ))
+        .bind(cutoff)
+        .bind(limit)
+        .fetch_all(&self.db.pool)
+        .await?)
+    }
+
+    /// Removes the request's raw identities and body, the free text that may name its
+    /// subject (task notes and reasons, cancel and extension reasons, delivery errors, event
+    /// messages), and records an IDENTITIES_FORGOTTEN event. A Deliver still pending (only
+    /// possible for a cancelled request) is given up: it could carry no identities any more.
+    /// Returns false, changing nothing, when the request is not terminal, finished after
+    /// `cutoff`, or was forgotten already.
+    pub async fn forget_request(
+        &self,
+        id: &str,
+        cutoff: i64,
+        now: i64,
+        message: &str,
+    ) -> Result<bool> {
+        let mut tx = self.begin_audited().await?;
+        let Some(state) = tx.request_state(id, true).await? else {
+            tx.rollback().await?;
+            return Ok(false);
+        };
+        let changed = sqlx::query(
+            "UPDATE requests SET body = NULL, cancel_reason = NULL, extension_reasons = '[]', \
+             forgotten_at = $1, updated_at = $1 \
+             WHERE id = $2 AND forgotten_at IS NULL AND finished_at IS NOT NULL \
+             AND finished_at <= $3",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(cutoff)
+        .execute(tx.conn())
+        .await?
+        .rows_affected();
+        if changed == 0 || !request_is_terminal(state) {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        sqlx::query("UPDATE tasks SET note = '', reason = '' WHERE request_id = $1")
+            .bind(id)
+            .execute(tx.conn())
+            .await?;
+        sqlx::query("UPDATE deliveries SET last_error = NULL WHERE request_id = $1")
+            .bind(id)
+            .execute(tx.conn())
+            .await?;
+        sqlx::query(
+            "UPDATE deliveries SET done_at = $1, \
+             last_error = 'not delivered: the request was cancelled and forgotten' \
+             WHERE request_id = $2 AND op = $3 AND done_at IS NULL",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(Operation::Deliver.as_str())
+        .execute(tx.conn())
+        .await?;
+        // These events' messages repeat reasons, notes and errors; the others are the
+        // registry's own words. The audit trail keeps its own copy of each message
+        // (`detail`), which this does not touch, so the chain still verifies.
+        let free_text = [
+            EventType::DeliveryFailed,
+            EventType::TaskUpdated,
+            EventType::DeadlineExtended,
+            EventType::Cancelled,
+        ]
+        .iter()
+        .map(|t| (*t as i32).to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+        sqlx::query(&format!(
+            "UPDATE events SET message = '' WHERE request_id = $1 AND type IN ({free_text})"
+        ))
+        .bind(id)
+        .execute(tx.conn())
+        .await?;
+        insert_event(
+            &mut tx,
+            id,
+            EventType::IdentitiesForgotten,
+            now,
+            state,
+            EventDetail {
+                actor: "registry".into(),
+                message: message.to_string(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// After forgetting on SQLite, moves every page out of the write-ahead log and empties
+    /// it, so the old versions of the rewritten pages (which still hold what was forgotten)
+    /// leave the disk; `secure_delete` (set on every connection) zeroes freed space in the
+    /// database file itself. PostgreSQL keeps old row versions until VACUUM reclaims them.
+    /// Returns false when a reader kept part of the log in use: call again later.
+    pub async fn scrub_log(&self) -> Result<bool> {
+        if self.db.backend != dsrelay_runtime::store::Backend::Sqlite {
+            return Ok(true);
+        }
+        // One row: (busy, frames in the log, frames checkpointed); busy is 1 when a reader
+        // or writer stopped it from finishing.
+        let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&self.db.pool)
+            .await?;
+        Ok(busy == 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dsrelay_proto::v1::RequestKind;
+    use dsrelay_runtime::store::Db;
+
+    use super::*;
+    use crate::store::{NewRequest, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+
+    async fn store(dir: &std::path::Path) -> Store {
+        let db = Db::connect(&format!("sqlite://{}/registry.db", dir.display()))
+            .await
+            .unwrap();
+        db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+            .await
+            .unwrap();
+        Store::new(db, b"test key")
+    }
+
+    /// A request in `state`, finished at `finished_at`, with a body naming its subject.
+    async fn request(store: &Store, id: &str, state: RequestState, finished_at: Option<i64>) {
+        store
+            .insert_request(&NewRequest {
+                id: id.into(),
+                partner: "crm".into(),
+                idempotency_key: format!("key-{id}"),
+                body_hash: format!("hash-{id}"),
+                body: b"subject@example.org".to_vec(),
+                identity_hashes: "[\"h\"]".into(),
+                kind: RequestKind::Erasure as i32,
+                received_at: 0,
+                due_at: 1_000_000,
+                trace_id: "0".repeat(32),
+                traceparent: None,
+                processors: vec!["p1".into()],
+            })
+            .await
+            .unwrap();
+        sqlx::query(
+            "UPDATE requests SET state = $1, finished_at = $2, cancel_reason = 'asked by \
+             subject@example.org' WHERE id = $3",
+        )
+        .bind(state as i32)
+        .bind(finished_at)
+        .bind(id)
+        .execute(&store.db.pool)
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn only_terminal_requests_past_the_cutoff_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path()).await;
+        request(&store, "completed-old", RequestState::Completed, Some(100)).await;
+        request(&store, "failed-old", RequestState::Failed, Some(200)).await;
+        request(
+            &store,
+            "cancelled-at-cutoff",
+            RequestState::Cancelled,
+            Some(500),
+        )
+        .await;
+        request(&store, "completed-new", RequestState::Completed, Some(501)).await;
+        request(
+            &store,
+            "partial",
+            RequestState::PartiallyCompleted,
+            Some(100),
+        )
+        .await;
+        request(&store, "open", RequestState::InProgress, None).await;
+        let due = store.requests_to_forget(500, 10).await.unwrap();
+        assert_eq!(due, ["completed-old", "failed-old", "cancelled-at-cutoff"]);
+        assert_eq!(store.requests_to_forget(500, 1).await.unwrap().len(), 1);
+
+        // The cutoff is checked again when forgetting, and so is the state.
+        assert!(!store
+            .forget_request("completed-new", 500, 900, "m")
+            .await
+            .unwrap());
+        assert!(!store
+            .forget_request("partial", 500, 900, "m")
+            .await
+            .unwrap());
+        assert!(!store
+            .forget_request("missing", 500, 900, "m")
+            .await
+            .unwrap());
+        assert!(store
+            .forget_request("failed-old", 500, 900, "m")
+            .await
+            .unwrap());
+        assert!(!store
+            .forget_request("failed-old", 500, 900, "m")
+            .await
+            .unwrap());
+        let (body, reason, forgotten_at, hashes): (
+            Option<Vec<u8>>,
+            Option<String>,
+            Option<i64>,
+            String,
+        ) = sqlx::query_as(
+            "SELECT body, cancel_reason, forgotten_at, identity_hashes FROM requests \
+                 WHERE id = 'failed-old'",
+        )
+        .fetch_one(&store.db.pool)
+        .await
+        .unwrap();
+        assert_eq!((body, reason, forgotten_at), (None, None, Some(900)));
+        assert_eq!(hashes, "[\"h\"]");
+        let kept: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT body FROM requests WHERE id = 'partial'")
+                .fetch_one(&store.db.pool)
+                .await
+                .unwrap();
+        assert!(kept.is_some());
+        assert_eq!(
+            store.requests_to_forget(500, 10).await.unwrap(),
+            ["completed-old", "cancelled-at-cutoff"]
+        );
+        let events: Vec<i32> = sqlx::query_scalar(
+            "SELECT type FROM events WHERE request_id = 'failed-old' ORDER BY id",
+        )
+        .fetch_all(&store.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            events.last(),
+            Some(&(EventType::IdentitiesForgotten as i32))
+        );
+        assert!(store.scrub_log().await.unwrap());
+    }
+}
