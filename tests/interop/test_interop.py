@@ -180,6 +180,7 @@ def _processor_config(tmp: Path, pki: Path, rport: int, pport: int) -> str:
         [
             f"listen = {_toml(f'127.0.0.1:{pport}')}",
             f"database_url = {_toml(f'sqlite://{tmp}/processor.db')}",
+            'identity_hash_key = "interop test key"',
             "",
             _tls_table(pki, "processor"),
             "[[controllers]]",
