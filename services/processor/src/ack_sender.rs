@@ -1,5 +1,12 @@
 //! Sends queued acknowledgements to each controller's registry, in batches, retrying with
-//! backoff until the registry has stored them.
+//! backoff until the registry has stored them. The registry judges each acknowledgement on its
+//! own; one it rejects is retried alone, and dead-lettered after `acks.max_rejections`
+//! rejections, so it never holds back the others.
+//!
+//! A dead-lettered acknowledgement does not hold back later ones of the same task either: the
+//! registry keeps a task at the state of the highest sequence it applied and records an older
+//! one that arrives later (after a requeue) without moving the task back, so a later sequence
+//! overtaking a parked one leaves the task where the processor has it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -96,20 +103,31 @@ async fn send(shared: &Shared, controller: String, jobs: Vec<AckJob>) {
                 .collect();
             for (i, error) in &rejected {
                 let Some(j) = jobs.get(*i) else { continue };
-                tracing::warn!(
-                    request_id = %j.ack.request_id,
-                    subprocessor = %j.ack.subprocessor,
-                    sequence = j.ack.sequence,
-                    %error,
-                    "acknowledgement rejected; will retry"
-                );
                 let attempt = u32::try_from(j.attempts + 1).unwrap_or(u32::MAX);
-                let retry = [(j.id, now + cfg.backoff.delay(attempt).as_millis() as i64)];
-                if let Err(e) = shared.store.acks_failed(&retry, error).await {
-                    tracing::error!(
+                let next_at = now + cfg.backoff.delay(attempt).as_millis() as i64;
+                match shared
+                    .store
+                    .ack_rejected(j.id, next_at, error, now, cfg.max_rejections)
+                    .await
+                {
+                    Ok(true) => tracing::error!(
+                        request_id = %j.ack.request_id,
+                        subprocessor = %j.ack.subprocessor,
+                        sequence = j.ack.sequence,
+                        %error,
+                        "acknowledgement dead-lettered after repeated rejection"
+                    ),
+                    Ok(false) => tracing::warn!(
+                        request_id = %j.ack.request_id,
+                        subprocessor = %j.ack.subprocessor,
+                        sequence = j.ack.sequence,
+                        %error,
+                        "acknowledgement rejected; will retry"
+                    ),
+                    Err(e) => tracing::error!(
                         error = format!("{e:#}"),
                         "recording an acknowledgement rejection failed"
-                    );
+                    ),
                 }
             }
             if let Err(e) = shared.store.acks_sent(&ids, now).await {

@@ -178,6 +178,10 @@ pub struct AckConfig {
     pub batch_size: u32,
     /// Deadline of one Acknowledge call (ms).
     pub call_timeout_ms: u64,
+    /// Rejections by the registry after which an acknowledgement is dead-lettered: parked,
+    /// never sent again until an operator requeues it (`dsrctl tasks dead-letters`).
+    /// Until then each rejection is retried with `backoff`, in case the registry is fixed.
+    pub max_rejections: u32,
 }
 
 impl Default for AckConfig {
@@ -188,6 +192,7 @@ impl Default for AckConfig {
             lease_ms: 30_000,
             batch_size: 200,
             call_timeout_ms: 10_000,
+            max_rejections: 5,
         }
     }
 }
@@ -339,6 +344,9 @@ impl Config {
         }
         if self.tasks.concurrency == 0 || self.tasks.batch_size == 0 || self.acks.batch_size == 0 {
             errors.push("tasks and acks: concurrency and batch sizes must be at least 1".into());
+        }
+        if self.acks.max_rejections == 0 {
+            errors.push("acks.max_rejections must be at least 1".into());
         }
         if errors.is_empty() {
             Ok(())

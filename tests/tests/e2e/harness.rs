@@ -505,6 +505,7 @@ mod configs {
                 lease_ms: 2000,
                 batch_size: 200,
                 call_timeout_ms: 3000,
+                max_rejections: 5,
             },
             uploads: UploadConfig {
                 backoff: fast_backoff(),

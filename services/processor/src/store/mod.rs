@@ -22,6 +22,7 @@ use dsrelay_runtime::store::Db;
 use crate::certificates::Issuer;
 
 pub use crate::task_machine::Transition;
+pub use acks::DeadLetter;
 pub use rows::{AckJob, ManualRow, TaskJob, TaskKey, TaskRow};
 pub use tasks::Accepted;
 pub use uploads::{NextAttempt, UploadJob};
