@@ -154,6 +154,11 @@ pub struct DeliveryConfig {
     pub concurrency: usize,
     /// Deadline of one Deliver call (ms).
     pub call_timeout_ms: u64,
+    /// Refusals after which a delivery or cancellation is dead-lettered: no longer sent,
+    /// shown in Get and the request's events. A refusal is an answer retrying cannot change
+    /// (INVALID_ARGUMENT, PERMISSION_DENIED, UNIMPLEMENTED, FAILED_PRECONDITION); each is
+    /// still retried with `backoff` until then, in case the processor is fixed meanwhile.
+    pub max_refusals: u32,
 }
 
 impl Default for DeliveryConfig {
@@ -165,6 +170,7 @@ impl Default for DeliveryConfig {
             batch_size: 64,
             concurrency: 16,
             call_timeout_ms: 10_000,
+            max_refusals: 5,
         }
     }
 }

@@ -399,6 +399,7 @@ mod configs {
                 batch_size: 64,
                 concurrency: 8,
                 call_timeout_ms: 3000,
+                max_refusals: 5,
             },
             reconcile: ReconcileConfig {
                 interval_ms: 500,

@@ -1,19 +1,23 @@
 //! Poison acknowledgements: one the registry rejects does not hold back the others, is
 //! dead-lettered after `acks.max_rejections` rejections (visible in `dsrctl` and a metric) and
-//! can be requeued; an operator's maximal note is fitted to the protocol's limits.
+//! can be requeued; an operator's maximal note is fitted to the protocol's limits. Poison
+//! deliveries: a Deliver the processor keeps refusing is dead-lettered after
+//! `delivery.max_refusals` refusals, and says so in Get, the events, `dsrctl get` and a metric.
 
 use std::time::Duration;
 
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::v1::processor_operator_service_client::ProcessorOperatorServiceClient;
 use dsrelay_proto::v1::{
-    Acknowledgement, CompleteManualTaskRequest, ListManualTasksRequest, RequestState, Scope,
-    TaskState,
+    Acknowledgement, CompleteManualTaskRequest, DeliveryState, EventType, ListManualTasksRequest,
+    RequestState, Scope, SubmitRequest, TaskState, WatchRequest,
 };
 use serde_json::Value;
 
 use crate::harness::dsrctl::dsrctl;
-use crate::harness::{erasure, spawn_pair, wait_until, Backend, Holder, PairOptions, TestPair};
+use crate::harness::{
+    erasure, spawn_pair, wait_until, Backend, Holder, PairOptions, Role, TestPair, PROCESSOR,
+};
 
 /// What the registry allows in `Acknowledgement.reason`.
 const MAX_REASON: usize = 4096;
@@ -282,4 +286,131 @@ async fn poison_ack_is_dead_lettered_and_blocks_nothing_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_ack_is_dead_lettered_and_blocks_nothing_postgres() {
     poison_ack_is_dead_lettered_and_blocks_nothing(Backend::Postgres).await;
+}
+
+async fn refused_delivery_is_dead_lettered(backend: Backend) {
+    // The processor is down while the stored request is spoiled, so its first answer is a
+    // refusal.
+    let Some(mut pair) = spawn_pair(PairOptions {
+        backend,
+        admin: true,
+        down: vec![Role::Processor],
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let admin = pair.registry.admin_addr().expect("admin").to_string();
+    let mut crm = pair.client("partner-crm");
+    let id = crm
+        .submit(erasure("refused@example.fi"))
+        .await
+        .expect("submit")
+        .into_inner()
+        .request_id;
+    // A body the processor refuses every time: no request kind.
+    let db = dsrelay_runtime::store::Db::connect(pair.registry.database_url())
+        .await
+        .expect("registry db");
+    let body: Vec<u8> = sqlx::query_scalar("SELECT body FROM requests WHERE id = $1")
+        .bind(&id)
+        .fetch_one(&db.pool)
+        .await
+        .expect("body");
+    let mut spoiled = SubmitRequest::decode(body.as_slice()).expect("a SubmitRequest");
+    spoiled.kind = 0;
+    sqlx::query("UPDATE requests SET body = $1 WHERE id = $2")
+        .bind(spoiled.encode_to_vec())
+        .bind(&id)
+        .execute(&db.pool)
+        .await
+        .expect("spoil the body");
+    let unavailable: i64 =
+        sqlx::query_scalar("SELECT CAST(attempts AS BIGINT) FROM deliveries WHERE request_id = $1")
+            .bind(&id)
+            .fetch_one(&db.pool)
+            .await
+            .expect("attempts");
+    pair.processor.start().await;
+
+    let view = wait_until(&mut crm, &id, Duration::from_secs(30), |r| {
+        r.deliveries
+            .iter()
+            .any(|d| d.state == DeliveryState::DeadLettered as i32)
+    })
+    .await;
+    let d = &view.deliveries[0];
+    assert_eq!(d.processor, PROCESSOR);
+    assert!(d.dead_lettered_at.is_some(), "{d:?}");
+    assert!(d.next_attempt_at.is_none(), "{d:?}");
+    assert!(d.last_error.contains("InvalidArgument"), "{d:?}");
+    // Five refusals, after however many attempts found the processor down.
+    assert!(i64::from(d.attempts) >= 5 + unavailable, "{d:?}");
+    assert!(i64::from(d.attempts) <= 5 + unavailable + 2, "{d:?}");
+    let refusals: i64 =
+        sqlx::query_scalar("SELECT CAST(refusals AS BIGINT) FROM deliveries WHERE request_id = $1")
+            .bind(&id)
+            .fetch_one(&db.pool)
+            .await
+            .expect("refusals");
+    assert_eq!(refusals, 5);
+
+    // No longer sent.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let later = wait_until(&mut crm, &id, Duration::from_secs(5), |_| true).await;
+    assert_eq!(
+        later.deliveries[0].attempts, d.attempts,
+        "sent again: {later:#?}"
+    );
+    assert_eq!(later.state, view.state);
+
+    // The partner's event stream says so.
+    let mut events = crm
+        .watch(WatchRequest {
+            request_id: id.clone(),
+            after_event_id: 0,
+            follow_after_terminal: false,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let dead = loop {
+        let e = tokio::time::timeout(Duration::from_secs(5), events.message())
+            .await
+            .expect("an event in time")
+            .expect("stream")
+            .expect("the dead-letter event before the stream ends");
+        if e.r#type == EventType::DeliveryDeadLettered as i32 {
+            break e;
+        }
+    };
+    assert!(
+        dead.message.contains("dead-lettered after 5 refusals") && dead.message.contains(PROCESSOR),
+        "{dead:?}"
+    );
+
+    // Operators see it in dsrctl get, and the metric counts it.
+    let shown = crate::harness::dsrctl::dsrctl(&pair, "operator", &["get", &id]).await;
+    assert!(shown.ok().contains("DEAD_LETTERED"), "{}", shown.stdout);
+    let metrics = scrape(&admin).await;
+    assert_eq!(
+        gauge(
+            &metrics,
+            &format!("dsrelay_deliveries_dead_lettered_total{{processor=\"{PROCESSOR}\"}}")
+        ),
+        1.0
+    );
+    db.pool.close().await;
+    pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_delivery_is_dead_lettered_sqlite() {
+    refused_delivery_is_dead_lettered(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_delivery_is_dead_lettered_postgres() {
+    refused_delivery_is_dead_lettered(Backend::Postgres).await;
 }

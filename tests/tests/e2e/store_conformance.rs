@@ -167,7 +167,7 @@ async fn registry_outbox_claims_leases_and_backoff(backend: Backend) {
     let p1 = jobs.iter().find(|j| j.processor == "p1").expect("p1");
     let p2 = jobs.iter().find(|j| j.processor == "p2").expect("p2");
     store
-        .delivery_failed(p2, "UNAVAILABLE: down", 9_000, 5_000)
+        .delivery_failed(p2, "UNAVAILABLE: down", 9_000, 5_000, None)
         .await
         .expect("failed");
     let tasks = vec![TaskStatus {
