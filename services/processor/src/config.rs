@@ -442,4 +442,20 @@ mod tests {
             assert!(err.0.iter().any(|e| e.starts_with(key)), "{key}: {err}");
         }
     }
+
+    #[test]
+    fn max_rejections_defaults_to_five_and_must_be_positive() {
+        let (_dir, file) = folder("");
+        let c = Config::load_from(Some(&file), env(&[])).unwrap();
+        assert_eq!(c.acks.max_rejections, 5);
+        let err = Config::load_from(
+            Some(&file),
+            env(&[("DSRELAY_PROCESSOR__ACKS__MAX_REJECTIONS", "0")]),
+        )
+        .unwrap_err();
+        assert!(
+            err.0.iter().any(|e| e.starts_with("acks.max_rejections")),
+            "{err}"
+        );
+    }
 }

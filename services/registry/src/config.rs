@@ -342,6 +342,9 @@ impl Config {
         if self.delivery.concurrency == 0 || self.delivery.batch_size == 0 {
             errors.push("delivery: concurrency and batch_size must be at least 1".into());
         }
+        if self.delivery.max_refusals == 0 {
+            errors.push("delivery.max_refusals must be at least 1".into());
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -452,6 +455,23 @@ mod tests {
         let text = toml::to_string(&c).unwrap();
         let again: Config = toml::from_str(&text).unwrap();
         assert_eq!(again.service, c.service);
+    }
+
+    #[test]
+    fn max_refusals_defaults_to_five_and_must_be_positive() {
+        let (_dir, file) = folder("identity_hash_key = \"k\"");
+        let c = Config::load_from(Some(&file), env(&[])).unwrap();
+        assert_eq!(c.delivery.max_refusals, 5);
+        let err = Config::load_from(
+            Some(&file),
+            env(&[("DSRELAY_REGISTRY__DELIVERY__MAX_REFUSALS", "0")]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("delivery.max_refusals must be at least 1"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -246,6 +246,30 @@ mod tests {
     }
 
     #[test]
+    fn only_answers_retrying_cannot_change_are_refusals() {
+        use tonic::Code::*;
+        for c in [
+            InvalidArgument,
+            PermissionDenied,
+            Unimplemented,
+            FailedPrecondition,
+        ] {
+            assert!(is_refusal(c), "{c:?}");
+        }
+        for c in [
+            Unavailable,
+            DeadlineExceeded,
+            ResourceExhausted,
+            Aborted,
+            Internal,
+            Unknown,
+            Cancelled,
+        ] {
+            assert!(!is_refusal(c), "{c:?}");
+        }
+    }
+
+    #[test]
     fn a_transfer_carries_its_configured_recipient() {
         let req = deliver_request(
             &job(),
