@@ -115,8 +115,9 @@ pub enum Command {
     /// Draw a request's propagation from its stored events: registry → processors →
     /// subprocessors, with per-hop durations, states, retries and what is still pending.
     Trace(TraceArgs),
-    /// Tasks at a processor that wait for an operator (manual connectors). These commands
-    /// talk to the processor, not the registry.
+    /// Tasks at a processor that wait for an operator (manual connectors), and
+    /// acknowledgements its registry kept rejecting (dead letters). These commands talk to
+    /// the processor, not the registry.
     #[command(subcommand)]
     Tasks(TasksCommand),
     /// Run the whole service pair on this machine for development.
@@ -209,6 +210,22 @@ pub enum TasksCommand {
         /// Why.
         #[arg(long)]
         reason: String,
+    },
+    /// List acknowledgements the registry kept rejecting, parked after `acks.max_rejections`
+    /// rejections (dead letters), oldest first, each with its registry's last answer.
+    DeadLetters {
+        /// Where the processor is.
+        #[command(flatten)]
+        processor: ProcessorArgs,
+    },
+    /// Send a dead-lettered acknowledgement again, after whatever the registry objected to
+    /// was fixed.
+    Requeue {
+        /// Where the processor is.
+        #[command(flatten)]
+        processor: ProcessorArgs,
+        /// The dead letter's id (from `dsrctl tasks dead-letters`).
+        id: i64,
     },
 }
 

@@ -158,6 +158,9 @@ pub(crate) struct DeliveryView {
     pub(crate) last_error: String,
     pub(crate) next_attempt_at: Option<Time>,
     pub(crate) delivered_at: Option<Time>,
+    /// Set when the processor kept refusing it and it is no longer sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) dead_lettered_at: Option<Time>,
 }
 
 impl From<&Delivery> for DeliveryView {
@@ -169,6 +172,7 @@ impl From<&Delivery> for DeliveryView {
             last_error: d.last_error.clone(),
             next_attempt_at: Time::from_proto(d.next_attempt_at.as_ref()),
             delivered_at: Time::from_proto(d.delivered_at.as_ref()),
+            dead_lettered_at: Time::from_proto(d.dead_lettered_at.as_ref()),
         }
     }
 }

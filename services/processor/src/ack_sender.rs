@@ -1,11 +1,18 @@
 //! Sends queued acknowledgements to each controller's registry, in batches, retrying with
-//! backoff until the registry has stored them.
+//! backoff until the registry has stored them. The registry judges each acknowledgement on its
+//! own; one it rejects is retried alone, and dead-lettered after `acks.max_rejections`
+//! rejections, so it never holds back the others.
+//!
+//! A dead-lettered acknowledgement does not hold back later ones of the same task either: the
+//! registry keeps a task at the state of the highest sequence it applied and records an older
+//! one that arrives later (after a requeue) without moving the task back, so a later sequence
+//! overtaking a parked one leaves the task where the processor has it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dsrelay_proto::v1::AcknowledgeRequest;
+use dsrelay_proto::v1::{AcknowledgeRequest, RejectedAcknowledgement};
 use tokio::sync::watch;
 
 use crate::app::Shared;
@@ -81,8 +88,49 @@ async fn send(shared: &Shared, controller: String, jobs: Vec<AckJob>) {
                 duplicates = r.duplicates,
                 "acknowledged"
             );
-            let ids: Vec<i64> = jobs.iter().map(|j| j.id).collect();
-            if let Err(e) = shared.store.acks_sent(&ids, shared.clock.now_ms()).await {
+            let now = shared.clock.now_ms();
+            // A rejected acknowledgement is not stored by the registry: it stays queued and is
+            // retried with backoff, while the others of the batch are done.
+            let mut rejected = BTreeMap::new();
+            for x in &r.rejected {
+                rejected.insert(x.index as usize, describe_rejection(x));
+            }
+            let ids: Vec<i64> = jobs
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !rejected.contains_key(i))
+                .map(|(_, j)| j.id)
+                .collect();
+            for (i, error) in &rejected {
+                let Some(j) = jobs.get(*i) else { continue };
+                let attempt = u32::try_from(j.attempts + 1).unwrap_or(u32::MAX);
+                let next_at = now + cfg.backoff.delay(attempt).as_millis() as i64;
+                match shared
+                    .store
+                    .ack_rejected(j.id, next_at, error, now, cfg.max_rejections)
+                    .await
+                {
+                    Ok(true) => tracing::error!(
+                        request_id = %j.ack.request_id,
+                        subprocessor = %j.ack.subprocessor,
+                        sequence = j.ack.sequence,
+                        %error,
+                        "acknowledgement dead-lettered after repeated rejection"
+                    ),
+                    Ok(false) => tracing::warn!(
+                        request_id = %j.ack.request_id,
+                        subprocessor = %j.ack.subprocessor,
+                        sequence = j.ack.sequence,
+                        %error,
+                        "acknowledgement rejected; will retry"
+                    ),
+                    Err(e) => tracing::error!(
+                        error = format!("{e:#}"),
+                        "recording an acknowledgement rejection failed"
+                    ),
+                }
+            }
+            if let Err(e) = shared.store.acks_sent(&ids, now).await {
                 // They are sent again after the lease; the registry counts them as duplicates.
                 tracing::error!(
                     error = format!("{e:#}"),
@@ -108,4 +156,15 @@ async fn send(shared: &Shared, controller: String, jobs: Vec<AckJob>) {
             }
         }
     }
+}
+
+/// A rejection as one line for the outbox and the logs: the code, the message and each field
+/// with its rule.
+fn describe_rejection(x: &RejectedAcknowledgement) -> String {
+    let code = tonic::Code::from_i32(x.code);
+    let mut s = format!("{code:?}: {}", x.message);
+    for v in &x.violations {
+        s.push_str(&format!("; {}: {}", v.field, v.rule));
+    }
+    s
 }

@@ -201,6 +201,10 @@ pub struct AckConfig {
     pub batch_size: u32,
     /// Deadline of one Acknowledge call (ms).
     pub call_timeout_ms: u64,
+    /// Rejections by the registry after which an acknowledgement is dead-lettered: parked,
+    /// never sent again until an operator requeues it (`dsrctl tasks dead-letters`).
+    /// Until then each rejection is retried with `backoff`, in case the registry is fixed.
+    pub max_rejections: u32,
 }
 
 impl Default for AckConfig {
@@ -211,6 +215,7 @@ impl Default for AckConfig {
             lease_ms: 30_000,
             batch_size: 200,
             call_timeout_ms: 10_000,
+            max_rejections: 5,
         }
     }
 }
@@ -373,6 +378,9 @@ impl Config {
         if self.tasks.concurrency == 0 || self.tasks.batch_size == 0 || self.acks.batch_size == 0 {
             errors.push("tasks and acks: concurrency and batch sizes must be at least 1".into());
         }
+        if self.acks.max_rejections == 0 {
+            errors.push("acks.max_rejections must be at least 1".into());
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -487,5 +495,21 @@ mod tests {
         for key in ["admin_listen", "tasks and acks", "tls.ca"] {
             assert!(err.0.iter().any(|e| e.starts_with(key)), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn max_rejections_defaults_to_five_and_must_be_positive() {
+        let (_dir, file) = folder("");
+        let c = Config::load_from(Some(&file), env(&[])).unwrap();
+        assert_eq!(c.acks.max_rejections, 5);
+        let err = Config::load_from(
+            Some(&file),
+            env(&[("DSRELAY_PROCESSOR__ACKS__MAX_REJECTIONS", "0")]),
+        )
+        .unwrap_err();
+        assert!(
+            err.0.iter().any(|e| e.starts_with("acks.max_rejections")),
+            "{err}"
+        );
     }
 }

@@ -21,6 +21,7 @@
 //! - [`breaker`]: marks a holder that failed transiently, so its other tasks wait without
 //!   calling it.
 //! - [`ack_sender`]: sends queued acknowledgements to the registries.
+//! - [`text`]: fits reasons, notes and legal bases to the protocol's limits.
 //! - [`certificates`]: deletion certificates of erasure steps, signed with the processor's
 //!   key (`signing_key`).
 //! - `forget`: removes finished requests' raw identities, bodies, notes and export files
@@ -42,6 +43,7 @@ mod operator_api;
 mod runner;
 pub mod store;
 mod task_machine;
+pub mod text;
 mod uploader;
 
 pub use app::App;

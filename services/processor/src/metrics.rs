@@ -6,6 +6,7 @@
 //! | `dsrelay_tasks` | gauge | `subprocessor`, `state` |
 //! | `dsrelay_ack_outbox_depth` | gauge | |
 //! | `dsrelay_ack_outbox_oldest_age_seconds` | gauge | |
+//! | `dsrelay_processor_acks_dead_lettered` | gauge | |
 //! | `dsrelay_connector_errors_total` | counter | `subprocessor`, `kind` (`transient`, `permanent`) |
 //! | `dsrelay_connector_duration_seconds` | histogram | `subprocessor` |
 
@@ -156,6 +157,14 @@ pub(crate) async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
         "Age of the oldest acknowledgement not yet stored by its registry; 0 when none waits.",
     )
     .set(&[], age);
+    let dead = shared.store.dead_letter_count().await?;
+    GaugeFamily::register(
+        &mut gauges,
+        "dsrelay_processor_acks_dead_lettered",
+        "Acknowledgements parked after acks.max_rejections rejections by their registry: \
+         not sent until an operator requeues them (dsrctl tasks dead-letters).",
+    )
+    .set(&[], dead as f64);
 
     encode(&[&gauges, &shared.metrics.registry])
 }

@@ -1,12 +1,14 @@
-//! The processor's operator API: people confirm or refuse tasks of manual connectors.
+//! The processor's operator API: people confirm or refuse tasks of manual connectors, and see
+//! and requeue acknowledgements their registry kept rejecting (dead letters).
 
 use std::sync::Arc;
 
 use dsrelay_proto::timestamp_from_millis;
 use dsrelay_proto::v1::processor_operator_service_server::ProcessorOperatorService;
 use dsrelay_proto::v1::{
-    CompleteManualTaskRequest, Evidence, ListManualTasksRequest, ManualTask, ManualTaskList,
-    RefuseManualTaskRequest, TaskRef, TaskState,
+    CompleteManualTaskRequest, DeadLetter, DeadLetterList, Evidence, ListDeadLettersRequest,
+    ListManualTasksRequest, ManualTask, ManualTaskList, RefuseManualTaskRequest,
+    RequeueDeadLetterRequest, RequeueDeadLetterResponse, TaskRef, TaskState,
 };
 use dsrelay_runtime::grpc::Authorizer;
 use dsrelay_runtime::identity::{text_violation, FieldViolation};
@@ -231,5 +233,74 @@ impl ProcessorOperatorService for OperatorApi {
             by: &by,
         };
         Ok(Response::new(self.finish(r.task, event, &by).await?))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        req: Request<ListDeadLettersRequest>,
+    ) -> Result<Response<DeadLetterList>, Status> {
+        self.operator(&req)?;
+        let limit = match req.into_inner().limit {
+            0 => 100,
+            n @ 1..=500 => n,
+            _ => {
+                return Err(ApiError::invalid([FieldViolation::new(
+                    "limit",
+                    "must be 0 (default 100) to 500",
+                )])
+                .into())
+            }
+        };
+        let rows = self
+            .shared
+            .store
+            .dead_letters(i64::from(limit))
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(DeadLetterList {
+            dead_letters: rows
+                .into_iter()
+                .map(|d| DeadLetter {
+                    id: d.id,
+                    task: Some(TaskRef {
+                        controller: d.controller,
+                        request_id: d.request_id,
+                        subprocessor: d.subprocessor,
+                    }),
+                    sequence: d.sequence.max(0) as u64,
+                    rejections: d.rejections.clamp(0, i64::from(u32::MAX)) as u32,
+                    last_rejection: d.last_rejection,
+                    rejected_at: Some(timestamp_from_millis(d.rejected_at)),
+                    dead_lettered_at: Some(timestamp_from_millis(d.dead_lettered_at)),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn requeue_dead_letter(
+        &self,
+        req: Request<RequeueDeadLetterRequest>,
+    ) -> Result<Response<RequeueDeadLetterResponse>, Status> {
+        let by = self.operator(&req)?;
+        let id = req.into_inner().id;
+        if id <= 0 {
+            return Err(ApiError::invalid([FieldViolation::new(
+                "id",
+                "is required (a dead letter's id from ListDeadLetters)",
+            )])
+            .into());
+        }
+        let requeued = self
+            .shared
+            .store
+            .requeue_dead_letter(id, self.shared.clock.now_ms())
+            .await
+            .map_err(ApiError::from)?;
+        if !requeued {
+            return Err(ApiError::not_found(format!("no dead letter {id}")).into());
+        }
+        tracing::info!(id, operator = by, "dead-lettered acknowledgement requeued");
+        self.shared.ack_wakeup.notify_one();
+        Ok(Response::new(RequeueDeadLetterResponse {}))
     }
 }

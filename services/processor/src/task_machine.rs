@@ -427,17 +427,22 @@ pub(crate) fn delivery_retry_at(ctx: &Context) -> i64 {
 }
 
 /// An error as a note or reason may carry it: the registry takes at most 4096 bytes, and the
-/// sentence around it needs room.
+/// sentence around it needs room (the whole text is fitted again when it is recorded).
 fn clip(error: &str) -> String {
-    const MAX: usize = 1024;
-    if error.len() <= MAX {
-        return error.to_string();
+    crate::text::fit(error, 1024).into_owned()
+}
+
+impl Transition {
+    /// This transition with its texts fitted to the protocol's limits ([`crate::text`]).
+    pub(crate) fn fitted(&self) -> Self {
+        use crate::text::{fit, MAX_LEGAL_BASIS, MAX_NOTE, MAX_REASON};
+        Self {
+            note: fit(&self.note, MAX_NOTE).into_owned(),
+            reason: fit(&self.reason, MAX_REASON).into_owned(),
+            legal_basis: fit(&self.legal_basis, MAX_LEGAL_BASIS).into_owned(),
+            ..self.clone()
+        }
     }
-    let mut end = MAX;
-    while !error.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &error[..end])
 }
 
 /// `bytes` as a reader sizes it up.
@@ -1168,7 +1173,11 @@ mod tests {
     fn long_errors_are_clipped_and_sizes_read_well() {
         let long = "é".repeat(2000);
         let c = clip(&long);
-        assert!(c.len() <= 1027 && c.ends_with("..."), "{}", c.len());
+        assert!(
+            c.len() <= 1024 && c.ends_with(crate::text::CUT_MARKER),
+            "{}",
+            c.len()
+        );
         assert_eq!(clip("short"), "short");
         assert_eq!(size_label(999), "999 bytes");
         assert_eq!(size_label(1500), "1.5 kB");

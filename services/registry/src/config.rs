@@ -172,6 +172,11 @@ pub struct DeliveryConfig {
     pub concurrency: usize,
     /// Deadline of one Deliver call (ms).
     pub call_timeout_ms: u64,
+    /// Refusals after which a delivery or cancellation is dead-lettered: no longer sent,
+    /// shown in Get and the request's events. A refusal is an answer retrying cannot change
+    /// (INVALID_ARGUMENT, PERMISSION_DENIED, UNIMPLEMENTED, FAILED_PRECONDITION); each is
+    /// still retried with `backoff` until then, in case the processor is fixed meanwhile.
+    pub max_refusals: u32,
 }
 
 impl Default for DeliveryConfig {
@@ -183,6 +188,7 @@ impl Default for DeliveryConfig {
             batch_size: 64,
             concurrency: 16,
             call_timeout_ms: 10_000,
+            max_refusals: 5,
         }
     }
 }
@@ -364,6 +370,9 @@ impl Config {
         if self.delivery.concurrency == 0 || self.delivery.batch_size == 0 {
             errors.push("delivery: concurrency and batch_size must be at least 1".into());
         }
+        if self.delivery.max_refusals == 0 {
+            errors.push("delivery.max_refusals must be at least 1".into());
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -499,6 +508,23 @@ mod tests {
         .unwrap();
         assert_eq!(c.identity_hash_key, "from env");
         assert_eq!(c.forget_after_days, 30);
+    }
+
+    #[test]
+    fn max_refusals_defaults_to_five_and_must_be_positive() {
+        let (_dir, file) = folder("identity_hash_key = \"k\"");
+        let c = Config::load_from(Some(&file), env(&[])).unwrap();
+        assert_eq!(c.delivery.max_refusals, 5);
+        let err = Config::load_from(
+            Some(&file),
+            env(&[("DSRELAY_REGISTRY__DELIVERY__MAX_REFUSALS", "0")]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("delivery.max_refusals must be at least 1"),
+            "{err}"
+        );
     }
 
     #[test]

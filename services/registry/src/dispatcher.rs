@@ -1,5 +1,8 @@
 //! Delivers the outbox: each due row is sent to its processor (Deliver or Cancel) until the
-//! processor durably accepts it, with exponential backoff and jitter between attempts.
+//! processor durably accepts it, with exponential backoff and jitter between attempts. A row
+//! the processor refuses with an answer retrying cannot change ([`is_refusal`]) is
+//! dead-lettered after `delivery.max_refusals` refusals: no longer sent, shown in Get and the
+//! request's events, counted in `dsrelay_deliveries_dead_lettered_total`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,7 +84,7 @@ async fn attempt(shared: &Shared, job: DeliveryJob) {
     let cfg = &shared.config.delivery;
     let Some(client) = shared.processors.get(&job.processor) else {
         // The processor was removed from the configuration; keep the row for an operator.
-        record_failure(shared, &job, "processor is no longer configured").await;
+        record_failure(shared, &job, "processor is no longer configured", false).await;
         return;
     };
     let mut client = client.clone();
@@ -122,7 +125,7 @@ async fn attempt(shared: &Shared, job: DeliveryJob) {
         }
         Err(status) => {
             let message = format!("{:?}: {}", status.code(), status.message());
-            record_failure(shared, &job, &message).await;
+            record_failure(shared, &job, &message, is_refusal(status.code())).await;
         }
     }
 }
@@ -153,7 +156,19 @@ fn deliver_request(
     }
 }
 
-async fn record_failure(shared: &Shared, job: &DeliveryJob, error: &str) {
+/// Whether the processor's answer says the call itself is wrong, so sending it again unchanged
+/// gets the same answer: a malformed or unsupported call, a caller it does not serve, or a
+/// state it will not leave. Unavailability, deadlines, RESOURCE_EXHAUSTED, ABORTED and internal
+/// errors pass with time and are retried without limit.
+pub(crate) fn is_refusal(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        InvalidArgument | PermissionDenied | Unimplemented | FailedPrecondition
+    )
+}
+
+async fn record_failure(shared: &Shared, job: &DeliveryJob, error: &str, refused: bool) {
     shared.metrics.delivery_failures.inc(&[&job.processor]);
     let attempt = u32::try_from(job.attempts + 1).unwrap_or(u32::MAX);
     let delay = shared.config.delivery.backoff.delay(attempt);
@@ -163,15 +178,30 @@ async fn record_failure(shared: &Shared, job: &DeliveryJob, error: &str) {
         retry_in_ms = delay.as_millis() as u64,
         "delivery failed"
     );
-    if let Err(e) = shared
+    let max_refusals = refused.then_some(shared.config.delivery.max_refusals);
+    match shared
         .store
-        .delivery_failed(job, error, now + delay.as_millis() as i64, now)
+        .delivery_failed(
+            job,
+            error,
+            now + delay.as_millis() as i64,
+            now,
+            max_refusals,
+        )
         .await
     {
-        tracing::error!(
+        Ok(true) => {
+            shared
+                .metrics
+                .deliveries_dead_lettered
+                .inc(&[&job.processor]);
+            tracing::error!(error, "delivery dead-lettered after repeated refusal");
+        }
+        Ok(false) => {}
+        Err(e) => tracing::error!(
             error = format!("{e:#}"),
             "recording a delivery failure failed"
-        );
+        ),
     }
     shared.publish(&job.request_id);
 }
@@ -213,6 +243,30 @@ mod tests {
             endpoint: "https://dsr.bookkeeper.example:8443".into(),
             identity: "spiffe://bookkeeper.example/recipient".into(),
         })
+    }
+
+    #[test]
+    fn only_answers_retrying_cannot_change_are_refusals() {
+        use tonic::Code::*;
+        for c in [
+            InvalidArgument,
+            PermissionDenied,
+            Unimplemented,
+            FailedPrecondition,
+        ] {
+            assert!(is_refusal(c), "{c:?}");
+        }
+        for c in [
+            Unavailable,
+            DeadlineExceeded,
+            ResourceExhausted,
+            Aborted,
+            Internal,
+            Unknown,
+            Cancelled,
+        ] {
+            assert!(!is_refusal(c), "{c:?}");
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! | `dsrelay_outbox_oldest_age_seconds` | gauge | `op` |
 //! | `dsrelay_delivery_attempts_total` | counter | `processor` |
 //! | `dsrelay_delivery_failures_total` | counter | `processor` |
+//! | `dsrelay_deliveries_dead_lettered_total` | counter | `processor` |
 //! | `dsrelay_acknowledgement_latency_seconds` | histogram | `processor` |
 //! | `dsrelay_acknowledgements_total` | counter | `result` (`applied`, `duplicate`) |
 
@@ -33,6 +34,8 @@ pub(crate) struct Metrics {
     pub delivery_attempts: CounterVec,
     /// Of those, the ones that failed (or could not be made).
     pub delivery_failures: CounterVec,
+    /// Deliveries and cancellations dead-lettered after repeated refusal.
+    pub deliveries_dead_lettered: CounterVec,
     /// From a task's state change at the processor to the registry applying it.
     pub ack_latency: HistogramVec,
     /// Acknowledgements received, applied or duplicate.
@@ -56,6 +59,13 @@ impl Metrics {
                 "Deliver and Cancel calls that failed; the outbox retries them with backoff.",
                 &["processor"],
             ),
+            deliveries_dead_lettered: CounterVec::register(
+                &mut registry,
+                "dsrelay_deliveries_dead_lettered",
+                "Deliver and Cancel rows dead-lettered after delivery.max_refusals refusals by \
+                 the processor; they are no longer sent.",
+                &["processor"],
+            ),
             ack_latency: HistogramVec::register(
                 &mut registry,
                 "dsrelay_acknowledgement_latency_seconds",
@@ -76,6 +86,7 @@ impl Metrics {
         for p in &config.processors {
             m.delivery_attempts.inc_by(&[&p.name], 0);
             m.delivery_failures.inc_by(&[&p.name], 0);
+            m.deliveries_dead_lettered.inc_by(&[&p.name], 0);
             m.ack_latency.touch(&[&p.name]);
         }
         m.acknowledgements.inc_by(&["applied"], 0);

@@ -10,10 +10,10 @@ use dsrelay_proto::prost::Message;
 use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceClient;
 use dsrelay_proto::v1::request_service_client::RequestServiceClient;
 use dsrelay_proto::v1::{
-    AcknowledgeRequest, Acknowledgement, CancelRequest, Evidence, ExtendDeadlineRequest,
-    FieldCorrection, GetRequest, IdentityEncoding, IdentityType, ListRequestsRequest, RequestKind,
-    RequestParameters, RequestState, Scope, SubjectIdentity, SubmitRequest, SubmitResponse,
-    TaskState, WatchRequest,
+    AcknowledgeRequest, AcknowledgeResponse, Acknowledgement, CancelRequest, Evidence,
+    ExtendDeadlineRequest, FieldCorrection, GetRequest, IdentityEncoding, IdentityType,
+    ListRequestsRequest, RequestKind, RequestParameters, RequestState, Scope, SubjectIdentity,
+    SubmitRequest, SubmitResponse, TaskState, WatchRequest,
 };
 use dsrelay_runtime::identity::digest;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -85,6 +85,50 @@ fn expect_invalid<T: Debug>(what: &str, result: Result<T, Status>, expected: &[(
             );
         }
     }
+}
+
+/// Asserts that an Acknowledge call succeeded and rejected its entries with INVALID_ARGUMENT,
+/// naming exactly `expected` fields (in order, across entries) with the rules given.
+fn expect_rejected(
+    what: &str,
+    result: Result<tonic::Response<AcknowledgeResponse>, Status>,
+    expected: &[(&str, &[&str])],
+) -> AcknowledgeResponse {
+    let r = match result {
+        Ok(r) => r.into_inner(),
+        Err(s) => panic!("{what}: expected per-entry rejections, the call failed: {s:?}"),
+    };
+    assert_eq!(r.applied, 0, "{what}: {r:?}");
+    let invalid: Vec<_> = r
+        .rejected
+        .iter()
+        .filter(|x| x.code == Code::InvalidArgument as i32)
+        .collect();
+    assert!(
+        !invalid.is_empty(),
+        "{what}: nothing rejected as invalid: {r:?}"
+    );
+    for x in &invalid {
+        let prefix = format!("acknowledgements[{}].", x.index);
+        assert!(
+            x.violations.iter().all(|v| v.field.starts_with(&prefix)),
+            "{what}: a violation is filed under another entry: {x:?}"
+        );
+    }
+    let got: Vec<_> = invalid.iter().flat_map(|x| &x.violations).collect();
+    let fields: Vec<&str> = got.iter().map(|v| v.field.as_str()).collect();
+    let want: Vec<&str> = expected.iter().map(|(f, _)| *f).collect();
+    assert_eq!(fields, want, "{what}: {r:?}");
+    for ((field, rules), v) in expected.iter().zip(&got) {
+        for rule in *rules {
+            assert!(
+                v.rule.contains(rule),
+                "{what}: rule of {field} does not say {rule:?}: {:?}",
+                v.rule
+            );
+        }
+    }
+    r
 }
 
 fn expect_code<T: Debug>(what: &str, result: Result<T, Status>, code: Code) -> Status {
@@ -770,17 +814,40 @@ async fn many_or_long_violations_still_answer_invalid_argument() {
         None,
     ));
 
-    // 500 acknowledgements, each breaking four rules.
+    // 500 acknowledgements, each breaking four rules: each is rejected on its own, and the
+    // answer stays far below the 4 MiB a client decodes.
     let mut acks = AcknowledgementServiceClient::new(pair.channel_to_registry("processor"));
-    problems.extend(bounded_invalid(
-        "Acknowledge with 500 bad acknowledgements",
-        acks.acknowledge(AcknowledgeRequest {
+    match acks
+        .acknowledge(AcknowledgeRequest {
             acknowledgements: vec![Acknowledgement::default(); 500],
         })
-        .await,
-        "acknowledgements",
-        None,
-    ));
+        .await
+    {
+        Ok(r) => {
+            let r = r.into_inner();
+            let size = dsrelay_proto::prost::Message::encoded_len(&r);
+            let all_invalid = r.rejected.len() == 500
+                && r.rejected.iter().enumerate().all(|(i, x)| {
+                    x.index as usize == i
+                        && x.code == Code::InvalidArgument as i32
+                        && x.violations.len() == 4
+                        && x.violations
+                            .iter()
+                            .all(|v| v.field.starts_with(&format!("acknowledgements[{i}]")))
+                });
+            if r.applied != 0 || !all_invalid || size > 512 * 1024 {
+                problems.push(format!(
+                    "Acknowledge with 500 bad acknowledgements: applied {}, {} rejected, \
+                     {size} bytes",
+                    r.applied,
+                    r.rejected.len()
+                ));
+            }
+        }
+        Err(s) => problems.push(format!(
+            "Acknowledge with 500 bad acknowledgements: expected per-entry rejections, got {s:?}"
+        )),
+    }
     assert!(problems.is_empty(), "{problems:#?}");
     pair.stop().await;
 }
@@ -816,28 +883,28 @@ async fn acknowledgements_are_checked() {
         .await,
         &[("acknowledgements", &["1 to 500"])],
     );
-    expect_invalid(
+    expect_rejected(
         "sequence 0",
         acks.acknowledge(one(&|a| a.sequence = 0)).await,
         &[("acknowledgements[0].sequence", &["must start at 1"])],
     );
-    expect_invalid(
+    expect_rejected(
         "sequence beyond i64",
         acks.acknowledge(one(&|a| a.sequence = u64::MAX)).await,
         &[("acknowledgements[0].sequence", &["must start at 1"])],
     );
-    expect_invalid(
+    expect_rejected(
         "state UNSPECIFIED",
         acks.acknowledge(one(&|a| a.state = TaskState::Unspecified as i32))
             .await,
         &[("acknowledgements[0].state", &["must be a task state"])],
     );
-    expect_invalid(
+    expect_rejected(
         "state 99",
         acks.acknowledge(one(&|a| a.state = 99)).await,
         &[("acknowledgements[0].state", &["must be a task state"])],
     );
-    expect_invalid(
+    expect_rejected(
         "empty request id and subprocessor",
         acks.acknowledge(one(&|a| {
             a.request_id.clear();
@@ -849,7 +916,7 @@ async fn acknowledgements_are_checked() {
             ("acknowledgements[0].subprocessor", &["1 to 128 bytes"]),
         ],
     );
-    expect_invalid(
+    expect_rejected(
         "over-long reason and note",
         acks.acknowledge(one(&|a| {
             a.reason = "r".repeat(4097);
@@ -864,11 +931,13 @@ async fn acknowledgements_are_checked() {
             ("acknowledgements[0].evidence.note", &["at most 4096 bytes"]),
         ],
     );
-    // Violations in several acknowledgements of one call are all reported.
+    // Violations in several acknowledgements of one call are all reported, each under its
+    // own entry; the valid one beside them is judged on its own (its request was never
+    // delivered to this processor, so it is refused for that alone).
     let mut second = good.clone();
     second.sequence = 0;
     second.state = 0;
-    expect_invalid(
+    let r = expect_rejected(
         "violations in two acknowledgements",
         acks.acknowledge(AcknowledgeRequest {
             acknowledgements: vec![good.clone(), second.clone(), second],
@@ -881,6 +950,14 @@ async fn acknowledgements_are_checked() {
             ("acknowledgements[2].state", &["must be a task state"]),
         ],
     );
+    let first = &r.rejected[0];
+    assert_eq!(
+        (first.index, first.code, first.violations.len()),
+        (0, Code::PermissionDenied as i32, 0),
+        "{r:?}"
+    );
+    assert!(first.message.contains(&good.request_id), "{first:?}");
+    assert_eq!(r.rejected.len(), 3, "{r:?}");
     pair.stop().await;
 }
 

@@ -403,6 +403,7 @@ mod configs {
                 batch_size: 64,
                 concurrency: 8,
                 call_timeout_ms: 3000,
+                max_refusals: 5,
             },
             reconcile: ReconcileConfig {
                 interval_ms: 500,
@@ -511,6 +512,7 @@ mod configs {
                 lease_ms: 2000,
                 batch_size: 200,
                 call_timeout_ms: 3000,
+                max_rejections: 5,
             },
             uploads: UploadConfig {
                 backoff: fast_backoff(),

@@ -25,6 +25,7 @@ mod logs;
 mod metrics;
 mod mtls;
 mod packages;
+mod poison;
 mod retention;
 mod store_conformance;
 mod tracing;

@@ -167,7 +167,7 @@ async fn registry_outbox_claims_leases_and_backoff(backend: Backend) {
     let p1 = jobs.iter().find(|j| j.processor == "p1").expect("p1");
     let p2 = jobs.iter().find(|j| j.processor == "p2").expect("p2");
     store
-        .delivery_failed(p2, "UNAVAILABLE: down", 9_000, 5_000)
+        .delivery_failed(p2, "UNAVAILABLE: down", 9_000, 5_000, None)
         .await
         .expect("failed");
     let tasks = vec![TaskStatus {
@@ -225,10 +225,13 @@ async fn registry_acknowledgements_fold(backend: Backend) {
         .unwrap();
     assert_eq!(
         refused,
-        AckOutcome::NotRouted {
-            request_id: "r1".to_string()
+        AckOutcome {
+            applied: 0,
+            duplicates: 0,
+            not_routed: vec![0],
         }
     );
+    assert!(store.tasks("r1").await.unwrap().is_empty());
     // Acknowledgements may arrive before the delivery's answer is recorded, out of order.
     let r = store
         .apply_acks(
@@ -243,9 +246,10 @@ async fn registry_acknowledgements_fold(backend: Backend) {
         .unwrap();
     assert_eq!(
         r,
-        AckOutcome::Applied {
+        AckOutcome {
             applied: 2,
-            duplicates: 0
+            duplicates: 0,
+            not_routed: vec![],
         }
     );
     let dup = store
@@ -254,9 +258,10 @@ async fn registry_acknowledgements_fold(backend: Backend) {
         .unwrap();
     assert_eq!(
         dup,
-        AckOutcome::Applied {
+        AckOutcome {
             applied: 0,
-            duplicates: 1
+            duplicates: 1,
+            not_routed: vec![],
         }
     );
     let tasks = store.tasks("r1").await.unwrap();

@@ -25,7 +25,6 @@ use dsrelay_runtime::pki::dev_identity;
 use dsrelay_runtime::store::Db;
 use sha2::{Digest, Sha256};
 use tonic::Code;
-use tonic_types::StatusExt;
 
 use crate::exports::recorded_files;
 use crate::harness::{
@@ -453,14 +452,19 @@ async fn transfer_completed_without_a_receipt_is_refused_by_the_registry() {
             })],
         })
         .await
-        .unwrap_err();
-    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
-    let fields: Vec<String> = refused
-        .get_details_bad_request()
-        .expect("field violations")
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
+        .expect("answered per acknowledgement")
+        .into_inner();
+    assert_eq!(refused.applied, 0, "{refused:?}");
+    assert_eq!(refused.rejected.len(), 1, "{refused:?}");
+    assert_eq!(
+        refused.rejected[0].code,
+        Code::InvalidArgument as i32,
+        "{refused:?}"
+    );
+    let fields: Vec<String> = refused.rejected[0]
+        .violations
+        .iter()
+        .map(|v| v.field.clone())
         .collect();
     assert_eq!(fields, ["acknowledgements[0].evidence.transfer_receipt"]);
 
@@ -479,13 +483,14 @@ async fn transfer_completed_without_a_receipt_is_refused_by_the_registry() {
             })],
         })
         .await
-        .unwrap_err();
+        .expect("answered per acknowledgement")
+        .into_inner();
+    assert_eq!(refused.applied, 0, "{refused:?}");
     let fields: Vec<String> = refused
-        .get_details_bad_request()
-        .expect("field violations")
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
+        .rejected
+        .iter()
+        .flat_map(|x| &x.violations)
+        .map(|v| v.field.clone())
         .collect();
     assert_eq!(
         fields,

@@ -1,8 +1,10 @@
-//! `dsrctl tasks`: operators at a processor list, confirm and refuse manual tasks.
+//! `dsrctl tasks`: operators at a processor list, confirm and refuse manual tasks, and list
+//! and requeue dead-lettered acknowledgements.
 
 use dsrelay_sdk::proto::processor_operator_service_client::ProcessorOperatorServiceClient;
 use dsrelay_sdk::proto::{
-    CompleteManualTaskRequest, ListManualTasksRequest, ManualTask, RefuseManualTaskRequest, TaskRef,
+    CompleteManualTaskRequest, DeadLetter, ListDeadLettersRequest, ListManualTasksRequest,
+    ManualTask, RefuseManualTaskRequest, RequeueDeadLetterRequest, TaskRef,
 };
 use dsrelay_sdk::ConnectionSettings;
 use serde::Serialize;
@@ -117,6 +119,85 @@ impl Render for TaskView {
     }
 }
 
+#[derive(Debug, Serialize)]
+struct DeadLetterView {
+    id: i64,
+    controller: String,
+    request_id: String,
+    subprocessor: String,
+    sequence: u64,
+    rejections: u32,
+    last_rejection: String,
+    rejected_at: Option<Time>,
+    dead_lettered_at: Option<Time>,
+}
+
+impl From<&DeadLetter> for DeadLetterView {
+    fn from(d: &DeadLetter) -> Self {
+        let r = d.task.clone().unwrap_or_default();
+        Self {
+            id: d.id,
+            controller: r.controller,
+            request_id: r.request_id,
+            subprocessor: r.subprocessor,
+            sequence: d.sequence,
+            rejections: d.rejections,
+            last_rejection: d.last_rejection.clone(),
+            rejected_at: Time::from_proto(d.rejected_at.as_ref()),
+            dead_lettered_at: Time::from_proto(d.dead_lettered_at.as_ref()),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct DeadLetterListView {
+    dead_letters: Vec<DeadLetterView>,
+}
+
+impl Render for DeadLetterListView {
+    fn to_table(&self) -> String {
+        if self.dead_letters.is_empty() {
+            return "no dead-lettered acknowledgements\n".into();
+        }
+        let mut t = Table::new([
+            "ID",
+            "CONTROLLER",
+            "REQUEST",
+            "SUBPROCESSOR",
+            "SEQ",
+            "REJECTIONS",
+            "SINCE",
+            "LAST REJECTION",
+        ]);
+        for v in &self.dead_letters {
+            t.row([
+                v.id.to_string(),
+                clean(&v.controller),
+                clean(&v.request_id),
+                clean(&v.subprocessor),
+                v.sequence.to_string(),
+                v.rejections.to_string(),
+                v.dead_lettered_at
+                    .map(|d| d.to_string())
+                    .unwrap_or_default(),
+                clean(&v.last_rejection),
+            ]);
+        }
+        t.render()
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct RequeuedView {
+    requeued: i64,
+}
+
+impl Render for RequeuedView {
+    fn to_table(&self) -> String {
+        format!("dead letter {} requeued\n", self.requeued)
+    }
+}
+
 fn connect(args: &ProcessorArgs, settings: &ConnectionSettings) -> Result<Channel, Failure> {
     let tls = settings.tls.client_config().map_err(Failure::Setup)?;
     let identity = args.processor_identity.clone().or_else(|| {
@@ -219,6 +300,26 @@ pub(crate) async fn run(
                 .map_err(|s| failed(s, &processor.processor))?
                 .into_inner();
             emit(io.out, io.format, &TaskView::from(&done), false)?;
+        }
+        TasksCommand::DeadLetters { processor } => {
+            let mut client = ProcessorOperatorServiceClient::new(connect(processor, settings)?);
+            let list = client
+                .list_dead_letters(ListDeadLettersRequest { limit: 500 })
+                .await
+                .map_err(|s| failed(s, &processor.processor))?
+                .into_inner();
+            let view = DeadLetterListView {
+                dead_letters: list.dead_letters.iter().map(DeadLetterView::from).collect(),
+            };
+            emit(io.out, io.format, &view, false)?;
+        }
+        TasksCommand::Requeue { processor, id } => {
+            let mut client = ProcessorOperatorServiceClient::new(connect(processor, settings)?);
+            client
+                .requeue_dead_letter(RequeueDeadLetterRequest { id: *id })
+                .await
+                .map_err(|s| failed(s, &processor.processor))?;
+            emit(io.out, io.format, &RequeuedView { requeued: *id }, false)?;
         }
     }
     Ok(0)

@@ -110,7 +110,7 @@ impl TraceView {
                 Ok(EventType::Delivered) if hop.delivered_after_ms.is_none() => {
                     hop.delivered_after_ms = Some(ms(e) - start);
                 }
-                Ok(EventType::DeliveryFailed) => {
+                Ok(EventType::DeliveryFailed | EventType::DeliveryDeadLettered) => {
                     hop.failures
                         .push(format!("+{}: {}", secs(ms(e) - start), e.message));
                 }

@@ -1,5 +1,8 @@
 //! The acknowledgement outbox: every state change of a task queues one acknowledgement in
-//! the same transaction, and the sender claims, sends and retires them.
+//! the same transaction, and the sender claims, sends and retires them. One the registry
+//! rejects is retried with backoff (the registry may be fixed) and, after
+//! `acks.max_rejections` rejections, dead-lettered: kept, never sent again until an operator
+//! requeues it.
 
 use anyhow::Result;
 use dsrelay_proto::prost::Message;
@@ -8,6 +11,7 @@ use sqlx::{Any, Transaction};
 
 use super::rows::{AckJob, AckRecord, TaskKey};
 use super::Store;
+use sqlx::Row;
 
 /// Queues `ack`, the acknowledgement of `key`'s change number `sequence`, inside the
 /// transaction that makes the change.
@@ -39,7 +43,7 @@ impl Store {
         let mut tx = self.db.pool.begin().await?;
         let rows: Vec<AckRecord> = sqlx::query_as(&format!(
             "SELECT id, controller, attempts, payload FROM ack_outbox WHERE sent_at IS NULL \
-             AND next_attempt_at <= $1 AND lease_until <= $1 ORDER BY id LIMIT $2{}",
+             AND dead_lettered_at IS NULL AND next_attempt_at <= $1 AND lease_until <= $1 ORDER BY id LIMIT $2{}",
             self.db.skip_locked()
         ))
         .bind(now)
@@ -90,4 +94,115 @@ impl Store {
         tx.commit().await?;
         Ok(())
     }
+
+    /// Records the registry's rejection of acknowledgement `id`: retried at `next_at`, or
+    /// dead-lettered now when this is rejection number `max_rejections`. Returns whether it
+    /// was dead-lettered.
+    pub async fn ack_rejected(
+        &self,
+        id: i64,
+        next_at: i64,
+        rejection: &str,
+        now: i64,
+        max_rejections: u32,
+    ) -> Result<bool> {
+        let row = sqlx::query(
+            "UPDATE ack_outbox SET attempts = attempts + 1, rejections = rejections + 1, \
+             next_attempt_at = $1, lease_until = 0, last_error = $2, rejected_at = $3, \
+             dead_lettered_at = CASE WHEN rejections + 1 >= $4 THEN $3 ELSE NULL END \
+             WHERE id = $5 RETURNING dead_lettered_at",
+        )
+        .bind(next_at)
+        .bind(rejection)
+        .bind(now)
+        .bind(i64::from(max_rejections))
+        .bind(id)
+        .fetch_optional(&self.db.pool)
+        .await?;
+        Ok(match row {
+            Some(r) => r.try_get::<Option<i64>, _>("dead_lettered_at")?.is_some(),
+            None => false,
+        })
+    }
+
+    /// Dead-lettered acknowledgements, oldest first, at most `limit`.
+    pub async fn dead_letters(&self, limit: i64) -> Result<Vec<DeadLetter>> {
+        let rows = sqlx::query(
+            "SELECT id, controller, request_id, subprocessor, sequence, \
+             CAST(rejections AS BIGINT) AS rejections, \
+             last_error, rejected_at, dead_lettered_at FROM ack_outbox \
+             WHERE dead_lettered_at IS NOT NULL AND sent_at IS NULL ORDER BY id LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.db.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(DeadLetter {
+                    id: r.try_get("id")?,
+                    controller: r.try_get("controller")?,
+                    request_id: r.try_get("request_id")?,
+                    subprocessor: r.try_get("subprocessor")?,
+                    sequence: r.try_get("sequence")?,
+                    rejections: r.try_get("rejections")?,
+                    last_rejection: r
+                        .try_get::<Option<String>, _>("last_error")?
+                        .unwrap_or_default(),
+                    rejected_at: r.try_get::<Option<i64>, _>("rejected_at")?.unwrap_or(0),
+                    dead_lettered_at: r
+                        .try_get::<Option<i64>, _>("dead_lettered_at")?
+                        .unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
+    /// How many acknowledgements are dead-lettered.
+    pub async fn dead_letter_count(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM ack_outbox \
+             WHERE dead_lettered_at IS NOT NULL AND sent_at IS NULL",
+        )
+        .fetch_one(&self.db.pool)
+        .await?)
+    }
+
+    /// Puts dead-lettered acknowledgement `id` back in the queue, to be sent at once with a
+    /// fresh count of rejections. Returns false when no such dead letter exists.
+    pub async fn requeue_dead_letter(&self, id: i64, now: i64) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE ack_outbox SET dead_lettered_at = NULL, rejections = 0, attempts = 0, \
+             next_attempt_at = $1, lease_until = 0 \
+             WHERE id = $2 AND dead_lettered_at IS NOT NULL AND sent_at IS NULL",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&self.db.pool)
+        .await?
+        .rows_affected();
+        Ok(n > 0)
+    }
+}
+
+/// An acknowledgement the registry rejected `acks.max_rejections` times, parked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Outbox row id: what an operator names to requeue it.
+    pub id: i64,
+    /// The controller it is for.
+    pub controller: String,
+    /// The request.
+    pub request_id: String,
+    /// The subprocessor of the task.
+    pub subprocessor: String,
+    /// The task's change number it reports.
+    pub sequence: i64,
+    /// Rejections so far.
+    pub rejections: i64,
+    /// The registry's last answer about it.
+    pub last_rejection: String,
+    /// When that answer came (ms).
+    pub rejected_at: i64,
+    /// When it was parked (ms).
+    pub dead_lettered_at: i64,
 }

@@ -24,6 +24,7 @@ use dsrelay_runtime::store::Db;
 use crate::certificates::Issuer;
 
 pub use crate::task_machine::Transition;
+pub use acks::DeadLetter;
 pub use forget::Forgettable;
 pub use rows::{AckJob, ManualRow, TaskJob, TaskKey, TaskRow};
 pub use tasks::Accepted;

@@ -370,6 +370,10 @@ async fn certified_transition(
     now: i64,
     attempts: i64,
 ) -> Result<Option<i64>> {
+    // Every step's texts pass here on their way to the task row and the acknowledgement, so
+    // this is where they are fitted: the registry rejects an acknowledgement over its limits.
+    let fitted = t.fitted();
+    let t = &fitted;
     let next = expected_sequence + 1;
     let changed = sqlx::query(
         "UPDATE tasks SET state = $1, sequence = $2, records_affected = $3, confirmed = $4, \

@@ -1,14 +1,15 @@
 //! The acknowledgement API (`AcknowledgementService`): processors report the state of the
 //! tasks of requests delivered to them, in batches. A COMPLETED TRANSFER task must come with
 //! the recipient's receipt (`evidence.transfer_receipt`): without it nothing proves the data
-//! arrived, so the batch is invalid.
+//! arrived, so that acknowledgement is rejected. Each acknowledgement of a batch is judged on
+//! its own: the valid ones are applied and the others listed in the answer's `rejected`.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use dsrelay_proto::v1::acknowledgement_service_server::AcknowledgementService;
 use dsrelay_proto::v1::{
-    AcknowledgeRequest, AcknowledgeResponse, Acknowledgement, RequestKind, TaskState,
-    TransferReceipt,
+    AcknowledgeRequest, AcknowledgeResponse, Acknowledgement, RejectedAcknowledgement,
+    RejectedField, RequestKind, TaskState, TransferReceipt,
 };
 use dsrelay_runtime::identity::{request_id_violation, FieldViolation};
 use dsrelay_runtime::trace_context;
@@ -41,35 +42,91 @@ impl AcknowledgementService for Api {
                 )
             })?
             .name;
-        let acks = req.into_inner().acknowledgements;
+        let all = req.into_inner().acknowledgements;
         tracing::Span::current()
             .record("processor", processor.as_str())
-            .record("count", acks.len());
-        let mut problems = violations(&acks);
-        problems.extend(self.receipt_violations(&acks).await?);
-        ApiError::ensure_valid(problems)?;
+            .record("count", all.len());
+        if all.is_empty() || all.len() > MAX_ACKS_PER_CALL {
+            return Err(ApiError::invalid(vec![FieldViolation::new(
+                "acknowledgements",
+                format!("send 1 to {MAX_ACKS_PER_CALL} per call"),
+            )])
+            .into());
+        }
+        // Each entry is judged alone, so one the processor cannot fix does not hold back the
+        // others behind it in its outbox.
+        let mut problems: BTreeMap<usize, Vec<FieldViolation>> = BTreeMap::new();
+        for (i, a) in all.iter().enumerate() {
+            let v = violations(i, a);
+            if !v.is_empty() {
+                problems.insert(i, v);
+            }
+        }
+        for (i, v) in self.receipt_violations(&all).await? {
+            problems.entry(i).or_default().push(v);
+        }
+        let mut rejected: Vec<RejectedAcknowledgement> = problems
+            .into_iter()
+            .map(|(i, v)| RejectedAcknowledgement {
+                index: i as u32,
+                code: tonic::Code::InvalidArgument as i32,
+                message: format!("acknowledgement {i} breaks {} rule(s)", v.len()),
+                violations: v
+                    .into_iter()
+                    .map(|f| RejectedField {
+                        field: f.field,
+                        rule: f.rule,
+                    })
+                    .collect(),
+            })
+            .collect();
+        // Positions in `all` of the entries that go on to the store.
+        let positions: Vec<usize> = (0..all.len())
+            .filter(|i| !rejected.iter().any(|r| r.index as usize == *i))
+            .collect();
+        let acks: Vec<Acknowledgement> = positions.iter().map(|&i| all[i].clone()).collect();
         let mut updates: Vec<TaskUpdate> = acks.iter().map(TaskUpdate::from).collect();
         self.check_certificates(&processor, &acks, &mut updates);
-        let applied = self
+        let AckOutcome {
+            applied,
+            duplicates,
+            not_routed,
+        } = self
             .shared
             .store
             .apply_acks(&processor, &updates, self.shared.clock.now_ms())
             .await
             .map_err(ApiError::from)?;
-        let (applied, duplicates) = match applied {
-            AckOutcome::Applied {
-                applied,
-                duplicates,
-            } => (applied, duplicates),
-            AckOutcome::NotRouted { request_id } => {
-                return Err(ApiError::permission_denied(format!(
-                    "request {request_id} was not delivered to processor {processor}"
-                ))
-                .into())
-            }
-        };
+        for &j in &not_routed {
+            let i = positions[j];
+            rejected.push(RejectedAcknowledgement {
+                index: i as u32,
+                code: tonic::Code::PermissionDenied as i32,
+                message: format!(
+                    "request {} was not delivered to processor {processor}",
+                    acks[j].request_id
+                ),
+                violations: Vec::new(),
+            });
+        }
+        rejected.sort_by_key(|r| r.index);
+        if !rejected.is_empty() {
+            tracing::warn!(
+                rejected = rejected.len(),
+                first = %rejected[0].message,
+                "acknowledgements rejected"
+            );
+        }
+        // Only what was applied joins traces, metrics and watchers.
+        let kept: Vec<(&Acknowledgement, &TaskUpdate)> = acks
+            .iter()
+            .zip(&updates)
+            .enumerate()
+            .filter(|(j, _)| !not_routed.contains(j))
+            .map(|(_, p)| p)
+            .collect();
         // Each acknowledgement joins the trace of the task step that sent it.
-        for (a, u) in acks.iter().zip(&updates) {
+        for &(a, u) in &kept {
             if a.traceparent.is_empty() {
                 continue;
             }
@@ -83,9 +140,9 @@ impl AcknowledgementService for Api {
             trace_context::set_parent(&span, trace_context::from_traceparent(&a.traceparent));
             span.in_scope(|| tracing::debug!("acknowledgement recorded"));
         }
-        let occurred: Vec<Option<i64>> = acks
+        let occurred: Vec<Option<i64>> = kept
             .iter()
-            .map(|a| {
+            .map(|(a, _)| {
                 a.occurred_at
                     .as_ref()
                     .map(dsrelay_proto::millis_from_timestamp)
@@ -98,9 +155,9 @@ impl AcknowledgementService for Api {
             duplicates,
             self.shared.clock.now_ms(),
         );
-        for id in updates
+        for id in kept
             .iter()
-            .map(|u| &u.request_id)
+            .map(|(_, u)| &u.request_id)
             .collect::<BTreeSet<_>>()
         {
             self.shared.publish(id);
@@ -109,6 +166,7 @@ impl AcknowledgementService for Api {
         Ok(Response::new(AcknowledgeResponse {
             applied,
             duplicates,
+            rejected,
         }))
     }
 }
@@ -119,7 +177,7 @@ impl Api {
     async fn receipt_violations(
         &self,
         acks: &[Acknowledgement],
-    ) -> Result<Vec<FieldViolation>, ApiError> {
+    ) -> Result<Vec<(usize, FieldViolation)>, ApiError> {
         let mut kinds: BTreeMap<&str, Option<RequestKind>> = BTreeMap::new();
         let mut violations = Vec::new();
         for (i, a) in acks.iter().enumerate().take(MAX_ACKS_PER_CALL) {
@@ -144,10 +202,13 @@ impl Api {
                 }
             };
             if kind == Some(RequestKind::Transfer) {
-                violations.push(FieldViolation::new(
-                    format!("acknowledgements[{i}].evidence.transfer_receipt"),
-                    "is required when a TRANSFER task is COMPLETED: the recipient's receipt \
+                violations.push((
+                    i,
+                    FieldViolation::new(
+                        format!("acknowledgements[{i}].evidence.transfer_receipt"),
+                        "is required when a TRANSFER task is COMPLETED: the recipient's receipt \
                      proves the data arrived",
+                    ),
                 ));
             }
         }
@@ -185,70 +246,62 @@ fn receipt_problems(i: usize, a: &Acknowledgement, r: &TransferReceipt) -> Vec<F
     violations
 }
 
-/// Every rule the batch breaks, each naming its field.
-fn violations(acks: &[Acknowledgement]) -> Vec<FieldViolation> {
+/// Every rule the acknowledgement at `i` breaks, each naming its field.
+fn violations(i: usize, a: &Acknowledgement) -> Vec<FieldViolation> {
     let mut violations = Vec::new();
-    if acks.is_empty() || acks.len() > MAX_ACKS_PER_CALL {
+    violations.extend(request_id_violation(
+        &format!("acknowledgements[{i}].request_id"),
+        &a.request_id,
+    ));
+    if a.subprocessor.is_empty() || a.subprocessor.len() > 128 {
         violations.push(FieldViolation::new(
-            "acknowledgements",
-            format!("send 1 to {MAX_ACKS_PER_CALL} per call"),
+            format!("acknowledgements[{i}].subprocessor"),
+            "must be 1 to 128 bytes",
         ));
     }
-    for (i, a) in acks.iter().enumerate().take(MAX_ACKS_PER_CALL) {
-        violations.extend(request_id_violation(
-            &format!("acknowledgements[{i}].request_id"),
-            &a.request_id,
+    if a.sequence == 0 || a.sequence > i64::MAX as u64 {
+        violations.push(FieldViolation::new(
+            format!("acknowledgements[{i}].sequence"),
+            "must start at 1",
         ));
-        if a.subprocessor.is_empty() || a.subprocessor.len() > 128 {
-            violations.push(FieldViolation::new(
-                format!("acknowledgements[{i}].subprocessor"),
-                "must be 1 to 128 bytes",
-            ));
-        }
-        if a.sequence == 0 || a.sequence > i64::MAX as u64 {
-            violations.push(FieldViolation::new(
-                format!("acknowledgements[{i}].sequence"),
-                "must start at 1",
-            ));
-        }
-        if TaskState::try_from(a.state).unwrap_or_default() == TaskState::Unspecified {
-            violations.push(FieldViolation::new(
-                format!("acknowledgements[{i}].state"),
-                "must be a task state",
-            ));
-        }
-        violations.extend(text_violation(
-            &format!("acknowledgements[{i}].subprocessor"),
-            &a.subprocessor,
-            128,
-            false,
+    }
+    if TaskState::try_from(a.state).unwrap_or_default() == TaskState::Unspecified {
+        violations.push(FieldViolation::new(
+            format!("acknowledgements[{i}].state"),
+            "must be a task state",
         ));
+    }
+    violations.extend(text_violation(
+        &format!("acknowledgements[{i}].subprocessor"),
+        &a.subprocessor,
+        128,
+        false,
+    ));
+    violations.extend(text_violation(
+        &format!("acknowledgements[{i}].reason"),
+        &a.reason,
+        4096,
+        false,
+    ));
+    violations.extend(text_violation(
+        &format!("acknowledgements[{i}].legal_basis"),
+        &a.legal_basis,
+        1024,
+        false,
+    ));
+    if let Some(e) = &a.evidence {
         violations.extend(text_violation(
-            &format!("acknowledgements[{i}].reason"),
-            &a.reason,
+            &format!("acknowledgements[{i}].evidence.note"),
+            &e.note,
             4096,
             false,
         ));
-        violations.extend(text_violation(
-            &format!("acknowledgements[{i}].legal_basis"),
-            &a.legal_basis,
-            1024,
-            false,
-        ));
-        if let Some(e) = &a.evidence {
-            violations.extend(text_violation(
-                &format!("acknowledgements[{i}].evidence.note"),
-                &e.note,
-                4096,
-                false,
-            ));
-            if let Some(r) = &e.transfer_receipt {
-                violations.extend(receipt_problems(i, a, r));
-            }
+        if let Some(r) = &e.transfer_receipt {
+            violations.extend(receipt_problems(i, a, r));
         }
-        if let Some(c) = &a.certificate {
-            violations.extend(super::certificates::violations(i, c));
-        }
+    }
+    if let Some(c) = &a.certificate {
+        violations.extend(super::certificates::violations(i, c));
     }
     violations
 }

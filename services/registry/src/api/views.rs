@@ -60,16 +60,17 @@ fn delivery(d: DeliveryRow) -> Delivery {
         processor: d.processor,
         state: if d.done_at.is_some() {
             DeliveryState::Delivered
+        } else if d.dead_lettered_at.is_some() {
+            DeliveryState::DeadLettered
         } else {
             DeliveryState::Pending
         } as i32,
         attempts: d.attempts.clamp(0, i64::from(u32::MAX)) as u32,
         last_error: d.last_error.unwrap_or_default(),
-        next_attempt_at: d
-            .done_at
-            .is_none()
+        next_attempt_at: (d.done_at.is_none() && d.dead_lettered_at.is_none())
             .then(|| timestamp_from_millis(d.next_attempt_at)),
         delivered_at: d.done_at.map(timestamp_from_millis),
+        dead_lettered_at: d.dead_lettered_at.map(timestamp_from_millis),
     }
 }
 

@@ -128,26 +128,20 @@ impl From<&TaskStatus> for TaskUpdate {
 }
 
 /// What [`Store::apply_acks`] did with a batch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AckOutcome {
-    /// Every acknowledgement was recorded, or recognized as seen before.
-    Applied {
-        /// Acknowledgements recorded now.
-        applied: u32,
-        /// Acknowledgements already recorded.
-        duplicates: u32,
-    },
-    /// An acknowledgement concerns a request that was never routed to this processor;
-    /// nothing of the batch was applied.
-    NotRouted {
-        /// The first such request.
-        request_id: String,
-    },
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AckOutcome {
+    /// Acknowledgements recorded now.
+    pub applied: u32,
+    /// Acknowledgements already recorded.
+    pub duplicates: u32,
+    /// Positions (in the batch) of acknowledgements for requests never routed to this
+    /// processor; those were not applied, the others were.
+    pub not_routed: Vec<usize>,
 }
 
 impl Store {
-    /// Applies acknowledgements from `processor` in one transaction, refusing the whole batch
-    /// if one concerns a request that was never routed to this processor.
+    /// Applies acknowledgements from `processor` in one transaction, skipping (and listing)
+    /// those that concern a request never routed to this processor.
     pub async fn apply_acks(
         &self,
         processor: &str,
@@ -157,13 +151,18 @@ impl Store {
         let mut tx = self.begin_audited().await?;
         let mut applied = 0;
         let mut duplicates = 0;
+        let mut not_routed = Vec::new();
         let mut touched = BTreeSet::new();
         // Acknowledgements come in batches, several per request: check each request's routing
         // once.
         let mut routed_ok = BTreeSet::new();
-        for ack in acks {
+        let mut routed_not = BTreeSet::new();
+        for (i, ack) in acks.iter().enumerate() {
             if routed_ok.contains(&ack.request_id) {
                 // Routed: checked for an earlier acknowledgement of this batch.
+            } else if routed_not.contains(&ack.request_id) {
+                not_routed.push(i);
+                continue;
             } else if sqlx::query(
                 "SELECT 1 AS one FROM deliveries WHERE request_id = $1 AND processor = $2 \
                  AND op = $3",
@@ -177,10 +176,9 @@ impl Store {
             {
                 routed_ok.insert(ack.request_id.clone());
             } else {
-                tx.rollback().await?;
-                return Ok(AckOutcome::NotRouted {
-                    request_id: ack.request_id.clone(),
-                });
+                routed_not.insert(ack.request_id.clone());
+                not_routed.push(i);
+                continue;
             }
             let new = sqlx::query(
                 "INSERT INTO acknowledgements (request_id, processor, subprocessor, sequence, \
@@ -231,9 +229,10 @@ impl Store {
             mark_checked(&mut tx, id, now).await?;
         }
         tx.commit().await?;
-        Ok(AckOutcome::Applied {
+        Ok(AckOutcome {
             applied,
             duplicates,
+            not_routed,
         })
     }
 

@@ -24,7 +24,8 @@ impl Store {
             "SELECT d.request_id, d.processor, d.op, d.attempts, r.body, r.received_at, \
              r.due_at, r.trace_id, r.cancel_reason, r.traceparent FROM deliveries d \
              JOIN requests r ON r.id = d.request_id \
-             WHERE d.done_at IS NULL AND d.next_attempt_at <= $1 AND d.lease_until <= $1 \
+             WHERE d.done_at IS NULL AND d.dead_lettered_at IS NULL \
+             AND d.next_attempt_at <= $1 AND d.lease_until <= $1 \
              ORDER BY d.next_attempt_at LIMIT $2{lock}"
         ))
         .bind(now)
@@ -104,27 +105,38 @@ impl Store {
         tx.commit().await
     }
 
-    /// Records a failed attempt and when to try again.
+    /// Records a failed attempt and when to try again. `refused` carries
+    /// `delivery.max_refusals` when the processor refused the call with an answer retrying
+    /// cannot change: that refusal is counted, and the one that reaches the limit
+    /// dead-letters the row (no longer claimed) and tells the request's events. Returns
+    /// whether it did.
     pub async fn delivery_failed(
         &self,
         job: &DeliveryJob,
         error: &str,
         next_attempt_at: i64,
         now: i64,
-    ) -> Result<()> {
+        refused: Option<u32>,
+    ) -> Result<bool> {
         let mut tx = self.begin_audited().await?;
-        sqlx::query(
+        let dead: Option<Option<i64>> = sqlx::query_scalar(
             "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = $1, \
-             lease_until = 0, last_error = $2 WHERE request_id = $3 AND processor = $4 \
-             AND op = $5 AND done_at IS NULL",
+             lease_until = 0, last_error = $2, refusals = refusals + $6, \
+             dead_lettered_at = CASE WHEN $6 = 1 AND refusals + 1 >= $7 THEN $8 ELSE NULL END \
+             WHERE request_id = $3 AND processor = $4 AND op = $5 AND done_at IS NULL \
+             RETURNING dead_lettered_at",
         )
         .bind(next_attempt_at)
         .bind(error)
         .bind(&job.request_id)
         .bind(&job.processor)
         .bind(job.op.as_str())
-        .execute(tx.conn())
+        .bind(i64::from(refused.is_some()))
+        .bind(i64::from(refused.unwrap_or(u32::MAX)))
+        .bind(now)
+        .fetch_optional(tx.conn())
         .await?;
+        let dead_lettered = matches!(dead, Some(Some(_)));
         let state = tx.current_state(&job.request_id).await?;
         insert_event(
             &mut tx,
@@ -141,7 +153,29 @@ impl Store {
             },
         )
         .await?;
-        tx.commit().await
+        if dead_lettered {
+            insert_event(
+                &mut tx,
+                &job.request_id,
+                EventType::DeliveryDeadLettered,
+                now,
+                state,
+                EventDetail {
+                    processor: job.processor.clone(),
+                    attempt: job.attempts + 1,
+                    message: format!(
+                        "{} to {} dead-lettered after {} refusals, no longer sent: {error}",
+                        job.op,
+                        job.processor,
+                        refused.unwrap_or_default()
+                    ),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(dead_lettered)
     }
 
     /// Open requests with no acknowledgement since `cutoff`, with the processors that accepted

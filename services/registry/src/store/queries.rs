@@ -67,8 +67,9 @@ impl Store {
     /// A request's deliveries (not cancellations), by processor name.
     pub async fn deliveries(&self, id: &str) -> Result<Vec<DeliveryRow>> {
         Ok(sqlx::query_as(
-            "SELECT processor, attempts, next_attempt_at, last_error, done_at FROM deliveries \
-             WHERE request_id = $1 AND op = $2 ORDER BY processor",
+            "SELECT processor, attempts, next_attempt_at, last_error, done_at, \
+             dead_lettered_at FROM deliveries WHERE request_id = $1 AND op = $2 \
+             ORDER BY processor",
         )
         .bind(id)
         .bind(Operation::Deliver.as_str())
@@ -93,8 +94,8 @@ impl Store {
             return Ok(out);
         }
         let sql = format!(
-            "SELECT request_id, processor, attempts, next_attempt_at, last_error, done_at \
-             FROM deliveries WHERE op = $1 AND request_id IN ({}) \
+            "SELECT request_id, processor, attempts, next_attempt_at, last_error, done_at, \
+             dead_lettered_at FROM deliveries WHERE op = $1 AND request_id IN ({}) \
              ORDER BY request_id, processor",
             placeholders(2, ids.len())
         );

@@ -130,6 +130,8 @@ pub struct DeliveryRow {
     pub last_error: Option<String>,
     /// When the processor accepted (ms).
     pub done_at: Option<i64>,
+    /// When it was dead-lettered after repeated refusal (ms).
+    pub dead_lettered_at: Option<i64>,
 }
 
 /// A claimed outbox row with what is needed to send it.

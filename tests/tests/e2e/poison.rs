@@ -1,0 +1,416 @@
+//! Poison acknowledgements: one the registry rejects does not hold back the others, is
+//! dead-lettered after `acks.max_rejections` rejections (visible in `dsrctl` and a metric) and
+//! can be requeued; an operator's maximal note is fitted to the protocol's limits. Poison
+//! deliveries: a Deliver the processor keeps refusing is dead-lettered after
+//! `delivery.max_refusals` refusals, and says so in Get, the events, `dsrctl get` and a metric.
+
+use std::time::Duration;
+
+use dsrelay_proto::prost::Message;
+use dsrelay_proto::v1::processor_operator_service_client::ProcessorOperatorServiceClient;
+use dsrelay_proto::v1::{
+    Acknowledgement, CompleteManualTaskRequest, DeliveryState, EventType, ListManualTasksRequest,
+    RequestState, Scope, SubmitRequest, TaskState, WatchRequest,
+};
+use serde_json::Value;
+
+use crate::harness::dsrctl::dsrctl;
+use crate::harness::{
+    erasure, spawn_pair, wait_until, Backend, Holder, PairOptions, Role, TestPair, PROCESSOR,
+};
+
+/// What the registry allows in `Acknowledgement.reason`.
+const MAX_REASON: usize = 4096;
+
+async fn scrape(addr: &str) -> String {
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("body")
+}
+
+fn gauge(text: &str, name: &str) -> f64 {
+    let prefix = format!("{name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+        .parse()
+        .expect("a number")
+}
+
+/// `dsrctl tasks CMD --processor ... [EXTRA]` as the operator, output as JSON when `json`.
+async fn tasks(
+    pair: &TestPair,
+    cmd: &str,
+    extra: &[&str],
+    json: bool,
+) -> crate::harness::dsrctl::Run {
+    let processor = format!("https://localhost:{}", pair.processor.addr().port());
+    let mut args: Vec<&str> = Vec::new();
+    if json {
+        args.extend(["--output", "json"]);
+    }
+    args.extend([
+        "tasks",
+        cmd,
+        "--processor",
+        &processor,
+        "--processor-identity",
+        "spiffe://dsrelay.dev/processor/payroll-bureau",
+    ]);
+    args.extend(extra);
+    dsrctl(pair, "operator", &args).await
+}
+
+async fn poison_ack_is_dead_lettered_and_blocks_nothing(backend: Backend) {
+    let Some(pair) = spawn_pair(PairOptions {
+        backend,
+        holders: vec![Holder::Accounting, Holder::PaperArchive],
+        admin: true,
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let admin = pair.processor.admin_addr().expect("admin").to_string();
+    let mut crm = pair.client("partner-crm");
+    let mut operator = ProcessorOperatorServiceClient::new(pair.channel_to_processor("operator"));
+
+    // A request whose one task waits for an operator.
+    let mut req = erasure("poison@example.fi");
+    req.scope = Some(Scope {
+        data_categories: vec!["archive".into()],
+    });
+    let id = crm
+        .submit(req)
+        .await
+        .expect("submit")
+        .into_inner()
+        .request_id;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let waiting = loop {
+        let list = operator
+            .list_manual_tasks(ListManualTasksRequest::default())
+            .await
+            .expect("list manual tasks")
+            .into_inner();
+        if let Some(t) = list.tasks.into_iter().next() {
+            break t;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no manual task");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let task = waiting.task.clone().expect("task ref");
+
+    // A poison acknowledgement queued ahead of everything that follows: its reason is over
+    // the registry's limit, so the registry rejects it every time.
+    let db = dsrelay_runtime::store::Db::connect(pair.processor.database_url())
+        .await
+        .expect("processor db");
+    let poison = Acknowledgement {
+        request_id: id.clone(),
+        subprocessor: "ghost-holder".into(),
+        sequence: 1,
+        state: TaskState::InProgress as i32,
+        reason: "x".repeat(MAX_REASON + 1),
+        ..Default::default()
+    };
+    sqlx::query(
+        "INSERT INTO ack_outbox (controller, request_id, subprocessor, sequence, payload, \
+         next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(&task.controller)
+    .bind(&id)
+    .bind("ghost-holder")
+    .bind(1_i64)
+    .bind(poison.encode_to_vec())
+    .bind(0_i64)
+    .execute(&db.pool)
+    .await
+    .expect("queue the poison acknowledgement");
+    let poison_id: i64 = sqlx::query_scalar(
+        "SELECT id FROM ack_outbox WHERE subprocessor = 'ghost-holder' AND sequence = 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("poison row");
+
+    // The operator confirms with a note of the full 4096 bytes: the processor adds who
+    // confirmed, and fits the whole to the limit. That acknowledgement, queued behind the
+    // poison one, reaches the registry while the poison one is rejected.
+    let note = "ä".repeat(MAX_REASON / 2);
+    operator
+        .complete_manual_task(CompleteManualTaskRequest {
+            task: Some(task.clone()),
+            not_found: false,
+            records_affected: 1,
+            evidence_note: note,
+        })
+        .await
+        .expect("complete");
+    let done = wait_until(&mut crm, &id, Duration::from_secs(20), |r| {
+        r.state == RequestState::Completed as i32
+    })
+    .await;
+    let archive = done
+        .tasks
+        .iter()
+        .find(|t| t.subprocessor == "paper-archive")
+        .expect("archive task");
+    let note = &archive.evidence.as_ref().expect("evidence").note;
+    assert!(note.len() <= MAX_REASON, "{}", note.len());
+    assert!(note.starts_with("ää"), "{note}");
+    assert!(
+        done.tasks.iter().all(|t| t.subprocessor != "ghost-holder"),
+        "a rejected acknowledgement was applied: {done:#?}"
+    );
+
+    // After five rejections (backoff 100 ms to 1 s) it is parked and shown.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let letters = loop {
+        let list = tasks(&pair, "dead-letters", &[], true).await.json();
+        let letters: Vec<Value> = list["dead_letters"].as_array().cloned().unwrap_or_default();
+        if !letters.is_empty() {
+            break letters;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    let letter = &letters[0];
+    assert_eq!(letter["id"], poison_id);
+    assert_eq!(letter["request_id"], id.as_str());
+    assert_eq!(letter["subprocessor"], "ghost-holder");
+    assert_eq!(letter["sequence"], 1);
+    assert_eq!(letter["rejections"], 5);
+    let last = letter["last_rejection"].as_str().expect("last rejection");
+    assert!(
+        last.contains("InvalidArgument") && last.contains("acknowledgements[0].reason"),
+        "{last}"
+    );
+    let table = tasks(&pair, "dead-letters", &[], false).await;
+    let table = table.ok();
+    assert!(
+        table.contains("ghost-holder") && table.contains(&id),
+        "{table}"
+    );
+    assert_eq!(
+        gauge(
+            &scrape(&admin).await,
+            "dsrelay_processor_acks_dead_lettered"
+        ),
+        1.0
+    );
+
+    // Parked means never sent again: its attempts stay where they are.
+    let attempts = |pool: sqlx::AnyPool| async move {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT CAST(attempts AS BIGINT) FROM ack_outbox WHERE id = $1",
+        )
+        .bind(poison_id)
+        .fetch_one(&pool)
+        .await
+        .expect("attempts")
+    };
+    let before = attempts(db.pool.clone()).await;
+    assert_eq!(before, 5);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        attempts(db.pool.clone()).await,
+        before,
+        "a dead letter was sent again"
+    );
+
+    // Requeueing an unknown id is refused; requeueing this one after the fix sends it again
+    // and the registry applies it.
+    let unknown = tasks(&pair, "requeue", &["999999"], false).await;
+    assert_ne!(
+        unknown.code,
+        Some(0),
+        "requeue of an unknown id: {}",
+        unknown.stderr
+    );
+    assert!(
+        unknown.stderr.contains("no dead letter 999999"),
+        "{}",
+        unknown.stderr
+    );
+    let mut fixed = poison.clone();
+    fixed.reason = "fitted by hand".into();
+    sqlx::query("UPDATE ack_outbox SET payload = $1 WHERE id = $2")
+        .bind(fixed.encode_to_vec())
+        .bind(poison_id)
+        .execute(&db.pool)
+        .await
+        .expect("fix the payload");
+    let requeued = tasks(&pair, "requeue", &[&poison_id.to_string()], false).await;
+    assert!(requeued.ok().contains("requeued"), "{}", requeued.stdout);
+    let view = wait_until(&mut crm, &id, Duration::from_secs(20), |r| {
+        r.tasks.iter().any(|t| t.subprocessor == "ghost-holder")
+    })
+    .await;
+    let ghost = view
+        .tasks
+        .iter()
+        .find(|t| t.subprocessor == "ghost-holder")
+        .expect("ghost task");
+    assert_eq!(ghost.reason, "fitted by hand");
+    let list = tasks(&pair, "dead-letters", &[], true).await.json();
+    assert_eq!(
+        list["dead_letters"].as_array().map_or(0, Vec::len),
+        0,
+        "{list:#}"
+    );
+    assert_eq!(
+        gauge(
+            &scrape(&admin).await,
+            "dsrelay_processor_acks_dead_lettered"
+        ),
+        0.0
+    );
+    db.pool.close().await;
+    pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_ack_is_dead_lettered_and_blocks_nothing_sqlite() {
+    poison_ack_is_dead_lettered_and_blocks_nothing(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_ack_is_dead_lettered_and_blocks_nothing_postgres() {
+    poison_ack_is_dead_lettered_and_blocks_nothing(Backend::Postgres).await;
+}
+
+async fn refused_delivery_is_dead_lettered(backend: Backend) {
+    // The processor is down while the stored request is spoiled, so its first answer is a
+    // refusal.
+    let Some(mut pair) = spawn_pair(PairOptions {
+        backend,
+        admin: true,
+        down: vec![Role::Processor],
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let admin = pair.registry.admin_addr().expect("admin").to_string();
+    let mut crm = pair.client("partner-crm");
+    let id = crm
+        .submit(erasure("refused@example.fi"))
+        .await
+        .expect("submit")
+        .into_inner()
+        .request_id;
+    // A body the processor refuses every time: no request kind.
+    let db = dsrelay_runtime::store::Db::connect(pair.registry.database_url())
+        .await
+        .expect("registry db");
+    let body: Vec<u8> = sqlx::query_scalar("SELECT body FROM requests WHERE id = $1")
+        .bind(&id)
+        .fetch_one(&db.pool)
+        .await
+        .expect("body");
+    let mut spoiled = SubmitRequest::decode(body.as_slice()).expect("a SubmitRequest");
+    spoiled.kind = 0;
+    sqlx::query("UPDATE requests SET body = $1 WHERE id = $2")
+        .bind(spoiled.encode_to_vec())
+        .bind(&id)
+        .execute(&db.pool)
+        .await
+        .expect("spoil the body");
+    let unavailable: i64 =
+        sqlx::query_scalar("SELECT CAST(attempts AS BIGINT) FROM deliveries WHERE request_id = $1")
+            .bind(&id)
+            .fetch_one(&db.pool)
+            .await
+            .expect("attempts");
+    pair.processor.start().await;
+
+    let view = wait_until(&mut crm, &id, Duration::from_secs(30), |r| {
+        r.deliveries
+            .iter()
+            .any(|d| d.state == DeliveryState::DeadLettered as i32)
+    })
+    .await;
+    let d = &view.deliveries[0];
+    assert_eq!(d.processor, PROCESSOR);
+    assert!(d.dead_lettered_at.is_some(), "{d:?}");
+    assert!(d.next_attempt_at.is_none(), "{d:?}");
+    assert!(d.last_error.contains("InvalidArgument"), "{d:?}");
+    // Five refusals, after however many attempts found the processor down.
+    assert!(i64::from(d.attempts) >= 5 + unavailable, "{d:?}");
+    assert!(i64::from(d.attempts) <= 5 + unavailable + 2, "{d:?}");
+    let refusals: i64 =
+        sqlx::query_scalar("SELECT CAST(refusals AS BIGINT) FROM deliveries WHERE request_id = $1")
+            .bind(&id)
+            .fetch_one(&db.pool)
+            .await
+            .expect("refusals");
+    assert_eq!(refusals, 5);
+
+    // No longer sent.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let later = wait_until(&mut crm, &id, Duration::from_secs(5), |_| true).await;
+    assert_eq!(
+        later.deliveries[0].attempts, d.attempts,
+        "sent again: {later:#?}"
+    );
+    assert_eq!(later.state, view.state);
+
+    // The partner's event stream says so.
+    let mut events = crm
+        .watch(WatchRequest {
+            request_id: id.clone(),
+            after_event_id: 0,
+            follow_after_terminal: false,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let dead = loop {
+        let e = tokio::time::timeout(Duration::from_secs(5), events.message())
+            .await
+            .expect("an event in time")
+            .expect("stream")
+            .expect("the dead-letter event before the stream ends");
+        if e.r#type == EventType::DeliveryDeadLettered as i32 {
+            break e;
+        }
+    };
+    assert!(
+        dead.message.contains("dead-lettered after 5 refusals") && dead.message.contains(PROCESSOR),
+        "{dead:?}"
+    );
+
+    // Operators see it in dsrctl get, and the metric counts it.
+    let shown = crate::harness::dsrctl::dsrctl(&pair, "operator", &["get", &id]).await;
+    assert!(shown.ok().contains("DEAD_LETTERED"), "{}", shown.stdout);
+    let metrics = scrape(&admin).await;
+    assert_eq!(
+        gauge(
+            &metrics,
+            &format!("dsrelay_deliveries_dead_lettered_total{{processor=\"{PROCESSOR}\"}}")
+        ),
+        1.0
+    );
+    db.pool.close().await;
+    pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_delivery_is_dead_lettered_sqlite() {
+    refused_delivery_is_dead_lettered(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_delivery_is_dead_lettered_postgres() {
+    refused_delivery_is_dead_lettered(Backend::Postgres).await;
+}
