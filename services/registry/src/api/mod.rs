@@ -74,7 +74,6 @@ impl Api {
         Ok(row)
     }
 
-    /// The full view of `row`: its deliveries and tasks as of now.
     /// The views of a page of requests, with two queries for all their deliveries and tasks
     /// rather than two per request.
     async fn views(&self, rows: Vec<RequestRow>) -> Result<Vec<Request>, ApiError> {
@@ -92,6 +91,28 @@ impl Api {
             .collect())
     }
 
+    /// The request `id` as `caller` may see it (NOT_FOUND for another partner's), its state,
+    /// deliveries and tasks read from one snapshot.
+    async fn visible_view(&self, caller: &Caller, id: &str) -> Result<Request, ApiError> {
+        ApiError::ensure_valid(request_id_violation("request_id", id))?;
+        let (row, deliveries, tasks) = self
+            .shared
+            .store
+            .request_with_tasks(id)
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        if caller.role == Party::Partner && caller.name != row.partner {
+            return Err(not_found(id));
+        }
+        Ok(views::request(
+            row,
+            deliveries,
+            tasks,
+            self.shared.clock.now_ms(),
+        ))
+    }
+
+    /// The full view of `row`: its deliveries and tasks as of now.
     async fn view(&self, row: RequestRow) -> Result<Request, ApiError> {
         let deliveries = self.shared.store.deliveries(&row.id).await?;
         let tasks = self.shared.store.tasks(&row.id).await?;

@@ -165,8 +165,10 @@ impl RequestService for Api {
 
     async fn get(&self, req: tonic::Request<GetRequest>) -> Result<Response<Request>, Status> {
         let caller = self.partner_api_caller(&req)?;
-        let row = self.visible(&caller, &req.get_ref().request_id).await?;
-        Ok(Response::new(self.view(row).await?))
+        let view = self
+            .visible_view(&caller, &req.get_ref().request_id)
+            .await?;
+        Ok(Response::new(view))
     }
 
     async fn list(

@@ -50,6 +50,55 @@ impl Store {
         .await?)
     }
 
+    /// The request `id` with its deliveries and tasks, read from one snapshot of the store,
+    /// so the request's state agrees with its tasks' (read one after the other, an
+    /// acknowledgement applied in between showed a task COMPLETED under a request still
+    /// DISPATCHED).
+    pub async fn request_with_tasks(
+        &self,
+        id: &str,
+    ) -> Result<Option<(RequestRow, Vec<DeliveryRow>, Vec<TaskStatus>)>> {
+        let mut tx = self.db.pool.begin().await?;
+        // SQLite's deferred transaction reads one snapshot from its first read on (WAL);
+        // PostgreSQL needs REPEATABLE READ for that, READ COMMITTED reads anew per statement.
+        if self.db.backend == dsrelay_runtime::store::Backend::Postgres {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                .execute(&mut *tx)
+                .await?;
+        }
+        let row: Option<RequestRow> = sqlx::query_as(&format!(
+            "SELECT {REQUEST_COLUMNS} FROM requests WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let deliveries: Vec<DeliveryRow> = sqlx::query_as(
+            "SELECT processor, attempts, next_attempt_at, last_error, done_at, \
+             dead_lettered_at FROM deliveries WHERE request_id = $1 AND op = $2 \
+             ORDER BY processor",
+        )
+        .bind(id)
+        .bind(Operation::Deliver.as_str())
+        .fetch_all(&mut *tx)
+        .await?;
+        let tasks: Vec<TaskRow> = sqlx::query_as(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE request_id = $1 \
+             ORDER BY processor, subprocessor"
+        ))
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some((
+            row,
+            deliveries,
+            tasks.into_iter().map(TaskStatus::from).collect(),
+        )))
+    }
+
     /// The kind of the request `id`, if it exists.
     pub async fn request_kind(&self, id: &str) -> Result<Option<RequestKind>> {
         let kind: Option<i64> = sqlx::query_scalar("SELECT kind FROM requests WHERE id = $1")
