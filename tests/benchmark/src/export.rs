@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use dsrelay_connectors::sql::{create_sample_accounting_db, sample_config};
@@ -58,10 +58,9 @@ pub(crate) struct ExportFigures {
     pub(crate) files: usize,
     /// Submit to the package downloaded and verified (s).
     pub(crate) total_secs: f64,
-    /// Submit to the last export file written at the processor (s).
+    /// Submit to the export written at the processor, its upload queued (s).
     pub(crate) export_secs: f64,
-    /// The last export file written to the request finished at the registry, every part
-    /// stored (s).
+    /// The export written to the request finished at the registry, every part stored (s).
     pub(crate) upload_secs: f64,
     /// DownloadPackage opened to the last byte checked (s).
     pub(crate) download_secs: f64,
@@ -256,26 +255,6 @@ async fn fill(url: &str, target: u64) -> Result<u64> {
     Ok(rows)
 }
 
-/// The latest modification time (ms since the epoch) of any file under `dir`.
-fn latest_mtime_ms(dir: &Path) -> Option<i64> {
-    let mut latest = None;
-    for entry in std::fs::read_dir(dir).ok()?.flatten() {
-        let path = entry.path();
-        let t = if path.is_dir() {
-            latest_mtime_ms(&path)
-        } else {
-            entry
-                .metadata()
-                .ok()
-                .and_then(|m| m.modified().ok())
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .map(|d| d.as_millis() as i64)
-        };
-        latest = latest.max(t);
-    }
-    latest
-}
-
 /// The processor's configuration: one subprocessor, the SQL connector on the sample database.
 fn processor_toml(
     pki: &DevPki,
@@ -413,7 +392,15 @@ async fn scenario(
         .await?;
     let pids = [reg_service.pid()?, proc_service.pid()?];
     let mut services = [reg_service, proc_service];
-    let result = measure(pki, &mut services, pids, registry_port, registry_db, dir).await;
+    let result = measure(
+        pki,
+        &mut services,
+        pids,
+        registry_port,
+        registry_db,
+        processor_db,
+    )
+    .await;
     for s in services {
         s.kill().await;
     }
@@ -426,7 +413,7 @@ async fn measure(
     pids: [u32; 2],
     registry_port: u16,
     registry_db: &str,
-    dir: &Path,
+    processor_db: &str,
 ) -> Result<ExportFigures> {
     let logs = |services: &[Service; 2]| -> String {
         services
@@ -487,12 +474,29 @@ async fn measure(
     };
     db.pool.close().await;
     let d0 = Instant::now();
-    let (bytes, files) = receive(PackageServiceClient::new(partner), request_id, true).await?;
+    let (bytes, files) =
+        receive(PackageServiceClient::new(partner), request_id.clone(), true).await?;
     let download_secs = d0.elapsed().as_secs_f64();
     let total_secs = t0.elapsed().as_secs_f64();
     let peaks = sampler.finish().await;
-    let exported_ms = latest_mtime_ms(&dir.join("processor-data"))
-        .context("no export file found at the processor")?;
+    // The processor deletes an export's files once they are delivered, so the end of the
+    // export is read from its upload row: queued (next_attempt_at = now) in the transaction
+    // that lists the written files, and left so by a first attempt that succeeds.
+    let processor = Db::connect(processor_db).await?;
+    let (exported_ms, attempts): (i64, i64) = sqlx::query_as(
+        "SELECT next_attempt_at, CAST(attempts AS BIGINT) FROM uploads WHERE request_id = $1",
+    )
+    .bind(&request_id)
+    .fetch_one(&processor.pool)
+    .await
+    .context("no upload of the export found at the processor")?;
+    processor.pool.close().await;
+    if attempts != 1 {
+        bail!(
+            "the upload took {attempts} attempts, so the export's end cannot be told from it{}",
+            logs(services)
+        );
+    }
     let secs = |ms: i64| ms as f64 / 1000.0;
     Ok(ExportFigures {
         bytes,
