@@ -11,6 +11,9 @@ use dsrelay_proto::v1::{
     CompleteTransferRequest, ExportFileHeader, GetUploadStateRequest, TransferReceipt,
     UploadFileChunk, UploadState,
 };
+use dsrelay_runtime::export_files::{
+    file_name_violation, is_sha256, part_files_violations, MAX_CATEGORIES, MAX_LABEL,
+};
 use dsrelay_runtime::grpc::{self, Authorizer, ServiceName};
 use dsrelay_runtime::identity::{request_id_violation, FieldViolation};
 use sha2::{Digest, Sha256};
@@ -20,11 +23,6 @@ use crate::folder::{FileState, Folder, FolderError, Receipt};
 
 /// Bytes of a file in one message at most.
 pub(crate) const MAX_CHUNK: usize = 1024 * 1024;
-/// Longest subprocessor name, file name, media type or category accepted (bytes).
-const MAX_LABEL: usize = 128;
-/// At most this many categories per file, and files per part.
-const MAX_CATEGORIES: usize = 64;
-const MAX_FILES_PER_PART: usize = 10_000;
 
 /// Names the recipient in its answers.
 #[derive(Debug)]
@@ -289,39 +287,19 @@ impl TransferReceiver for Api {
     }
 }
 
-/// A name used as a folder or file name: ASCII letters, digits, '.', '-' and '_', not
-/// starting with '.' (so it is never `..`, and never one of the folder's own dot-files).
-fn path_violation(field: &str, value: &str) -> Option<FieldViolation> {
-    let ok = !value.is_empty()
-        && value.len() <= MAX_LABEL
-        && !value.starts_with('.')
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
-    (!ok).then(|| {
-        FieldViolation::new(
-            field,
-            format!(
-                "must be 1 to {MAX_LABEL} ASCII letters, digits, '.', '-' and '_', not \
-                 starting with '.'"
-            ),
-        )
-    })
-}
-
 /// Every rule a file header breaks, each naming its field under `prefix`.
 fn header_violations(prefix: &str, h: &ExportFileHeader) -> Vec<FieldViolation> {
     let mut out = Vec::new();
     let request_id = format!("{prefix}.request_id");
     out.extend(
         request_id_violation(&request_id, &h.request_id)
-            .or_else(|| path_violation(&request_id, &h.request_id)),
+            .or_else(|| file_name_violation(&request_id, &h.request_id)),
     );
-    out.extend(path_violation(
+    out.extend(file_name_violation(
         &format!("{prefix}.subprocessor"),
         &h.subprocessor,
     ));
-    out.extend(path_violation(&format!("{prefix}.name"), &h.name));
+    out.extend(file_name_violation(&format!("{prefix}.name"), &h.name));
     if h.name.ends_with(".partial") {
         out.push(FieldViolation::new(
             format!("{prefix}.name"),
@@ -348,11 +326,7 @@ fn header_violations(prefix: &str, h: &ExportFileHeader) -> Vec<FieldViolation> 
             ));
         }
     }
-    let sha_ok = h.sha256.len() == 64
-        && h.sha256
-            .bytes()
-            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-    if !sha_ok {
+    if !is_sha256(&h.sha256) {
         out.push(FieldViolation::new(
             format!("{prefix}.sha256"),
             "must be 64 lowercase hex digits",
@@ -366,32 +340,15 @@ fn part_violations(p: &CompleteTransferRequest) -> Vec<FieldViolation> {
     let mut out = Vec::new();
     out.extend(
         request_id_violation("request_id", &p.request_id)
-            .or_else(|| path_violation("request_id", &p.request_id)),
+            .or_else(|| file_name_violation("request_id", &p.request_id)),
     );
-    out.extend(path_violation("subprocessor", &p.subprocessor));
-    if p.files.len() > MAX_FILES_PER_PART {
-        out.push(FieldViolation::new(
-            "files",
-            format!("at most {MAX_FILES_PER_PART}"),
-        ));
-    }
-    let mut names = HashSet::new();
-    for (i, f) in p.files.iter().enumerate().take(MAX_FILES_PER_PART) {
-        let prefix = format!("files[{i}]");
-        out.extend(header_violations(&prefix, f));
-        if f.request_id != p.request_id || f.subprocessor != p.subprocessor {
-            out.push(FieldViolation::new(
-                prefix.clone(),
-                "must name the part's request_id and subprocessor",
-            ));
-        }
-        if !names.insert(f.name.as_str()) {
-            out.push(FieldViolation::new(
-                format!("{prefix}.name"),
-                "is listed twice",
-            ));
-        }
-    }
+    out.extend(file_name_violation("subprocessor", &p.subprocessor));
+    out.extend(part_files_violations(
+        &p.request_id,
+        &p.subprocessor,
+        &p.files,
+        header_violations,
+    ));
     out
 }
 

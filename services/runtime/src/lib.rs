@@ -36,6 +36,7 @@ pub mod audit;
 pub mod backoff;
 pub mod clock;
 pub mod config;
+pub mod export_files;
 pub mod grpc;
 pub mod host;
 pub mod identity;

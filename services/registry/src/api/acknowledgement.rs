@@ -232,11 +232,7 @@ fn receipt_problems(i: usize, a: &Acknowledgement, r: &TransferReceipt) -> Vec<F
             "must be the acknowledgement's subprocessor",
         ));
     }
-    let hex64 = r.manifest_sha256.len() == 64
-        && r.manifest_sha256
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    if !hex64 {
+    if !dsrelay_runtime::export_files::is_sha256(&r.manifest_sha256) {
         violations.push(FieldViolation::new(
             field("manifest_sha256"),
             "must be 64 lowercase hex digits",

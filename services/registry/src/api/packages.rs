@@ -17,6 +17,9 @@ use dsrelay_proto::v1::{
     GetPackageRequest, GetUploadStateRequest, PackageChunk, PackageFileChunk, PackageInfo,
     RequestKind, UploadFileChunk, UploadState,
 };
+use dsrelay_runtime::export_files::{
+    file_name_violation, is_sha256, part_files_violations, MAX_CATEGORIES, MAX_LABEL,
+};
 use dsrelay_runtime::identity::{request_id_violation, FieldViolation};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
@@ -31,12 +34,6 @@ use crate::store::{FileBegin, PackageFile, PartOutcome, RequestRow, UploadTarget
 use crate::validate::text_violation;
 
 use super::Api;
-
-/// Longest subprocessor name, media type or category accepted (bytes).
-const MAX_LABEL: usize = 128;
-/// At most this many categories per file, and files per part.
-const MAX_CATEGORIES: usize = 64;
-const MAX_FILES_PER_PART: usize = 10_000;
 
 /// Files being uploaded to this registry right now, by store key: two streams appending to
 /// one file would interleave their bytes, so the second is turned away until the first ends.
@@ -636,21 +633,7 @@ fn header_violations(prefix: &str, h: &ExportFileHeader) -> Vec<FieldViolation> 
         &format!("{prefix}.media_type"),
         &h.media_type,
     ));
-    let name_ok = !h.name.is_empty()
-        && h.name.len() <= MAX_LABEL
-        && !h.name.starts_with('.')
-        && h.name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
-    if !name_ok {
-        out.push(FieldViolation::new(
-            format!("{prefix}.name"),
-            format!(
-                "must be 1 to {MAX_LABEL} ASCII letters, digits, '.', '-' and '_', not \
-                 starting with '.'"
-            ),
-        ));
-    }
+    out.extend(file_name_violation(&format!("{prefix}.name"), &h.name));
     if h.categories.len() > MAX_CATEGORIES {
         out.push(FieldViolation::new(
             format!("{prefix}.categories"),
@@ -680,39 +663,18 @@ fn part_violations(p: &CompletePartRequest) -> Vec<FieldViolation> {
     let mut out = Vec::new();
     out.extend(request_id_violation("request_id", &p.request_id));
     out.extend(label_violation("subprocessor", &p.subprocessor));
-    if p.files.len() > MAX_FILES_PER_PART {
-        out.push(FieldViolation::new(
-            "files",
-            format!("at most {MAX_FILES_PER_PART}"),
-        ));
-    }
-    let mut names = HashSet::new();
-    for (i, f) in p.files.iter().enumerate().take(MAX_FILES_PER_PART) {
-        let prefix = format!("files[{i}]");
-        out.extend(header_violations(&prefix, f));
-        if f.request_id != p.request_id || f.subprocessor != p.subprocessor {
-            out.push(FieldViolation::new(
-                prefix.clone(),
-                "must name the part's request_id and subprocessor",
-            ));
-        }
-        if !names.insert(f.name.as_str()) {
-            out.push(FieldViolation::new(
-                format!("{prefix}.name"),
-                "is listed twice",
-            ));
-        }
-    }
+    out.extend(part_files_violations(
+        &p.request_id,
+        &p.subprocessor,
+        &p.files,
+        header_violations,
+    ));
     out
 }
 
 /// A required short label (subprocessor, media type, category).
 fn label_violation(field: &str, value: &str) -> Option<FieldViolation> {
     text_violation(field, value, MAX_LABEL, true)
-}
-
-fn is_sha256(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 #[cfg(test)]

@@ -1,0 +1,78 @@
+//! The rules on export files both receivers of the chunk protocol apply (the registry's
+//! `ExportUploadService` and a recipient's `TransferReceiver`, `proto/dsrelay/v1/package.proto`):
+//! the limits, the file name, the digest and the list of files that closes a part. Each side
+//! adds its own rules on the other header fields.
+
+use std::collections::HashSet;
+
+use dsrelay_proto::v1::ExportFileHeader;
+
+use crate::identity::FieldViolation;
+
+/// Longest subprocessor name, file name, media type or category accepted (bytes).
+pub const MAX_LABEL: usize = 128;
+/// At most this many categories per file.
+pub const MAX_CATEGORIES: usize = 64;
+/// At most this many files per part.
+pub const MAX_FILES_PER_PART: usize = 10_000;
+
+/// A name used as a folder or file name: 1 to [`MAX_LABEL`] ASCII letters, digits, '.', '-'
+/// and '_', not starting with '.' (so it is never `..`, nor a folder's own dot-file).
+pub fn file_name_violation(field: &str, value: &str) -> Option<FieldViolation> {
+    let ok = !value.is_empty()
+        && value.len() <= MAX_LABEL
+        && !value.starts_with('.')
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    (!ok).then(|| {
+        FieldViolation::new(
+            field,
+            format!(
+                "must be 1 to {MAX_LABEL} ASCII letters, digits, '.', '-' and '_', not \
+                 starting with '.'"
+            ),
+        )
+    })
+}
+
+/// Whether `s` is a SHA-256 as the protocol writes it: 64 lowercase hex digits.
+pub fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Every rule the file list closing a part breaks: at most [`MAX_FILES_PER_PART`] files,
+/// each valid by `header_violations` (called with its field prefix `files[i]`), naming the
+/// part's request and subprocessor, no name twice.
+pub fn part_files_violations(
+    request_id: &str,
+    subprocessor: &str,
+    files: &[ExportFileHeader],
+    header_violations: impl Fn(&str, &ExportFileHeader) -> Vec<FieldViolation>,
+) -> Vec<FieldViolation> {
+    let mut out = Vec::new();
+    if files.len() > MAX_FILES_PER_PART {
+        out.push(FieldViolation::new(
+            "files",
+            format!("at most {MAX_FILES_PER_PART}"),
+        ));
+    }
+    let mut names = HashSet::new();
+    for (i, f) in files.iter().enumerate().take(MAX_FILES_PER_PART) {
+        let prefix = format!("files[{i}]");
+        out.extend(header_violations(&prefix, f));
+        if f.request_id != request_id || f.subprocessor != subprocessor {
+            out.push(FieldViolation::new(
+                prefix.clone(),
+                "must name the part's request_id and subprocessor",
+            ));
+        }
+        if !names.insert(f.name.as_str()) {
+            out.push(FieldViolation::new(
+                format!("{prefix}.name"),
+                "is listed twice",
+            ));
+        }
+    }
+    out
+}
