@@ -201,35 +201,14 @@ impl Store {
         let mut tx = self.db.pool.begin().await?;
         let moved =
             super::tasks::transition(&mut tx, key, expected_sequence, t, now, attempts).await?;
-        sqlx::query(
-            "UPDATE uploads SET next_attempt_at = $1, lease_until = 0, last_error = $2 \
-             WHERE controller = $3 AND request_id = $4 AND subprocessor = $5",
-        )
-        .bind(next.at)
-        .bind(next.error)
-        .bind(&key.controller)
-        .bind(&key.request_id)
-        .bind(&key.subprocessor)
-        .execute(&mut *tx)
-        .await?;
+        schedule_retry(&mut *tx, key, next).await?;
         tx.commit().await?;
         Ok(moved)
     }
 
     /// Schedules the next attempt of an upload whose failure the controller is not told of.
     pub async fn upload_retry_later(&self, key: &TaskKey, next: NextAttempt<'_>) -> Result<()> {
-        sqlx::query(
-            "UPDATE uploads SET next_attempt_at = $1, lease_until = 0, last_error = $2 \
-             WHERE controller = $3 AND request_id = $4 AND subprocessor = $5",
-        )
-        .bind(next.at)
-        .bind(next.error)
-        .bind(&key.controller)
-        .bind(&key.request_id)
-        .bind(&key.subprocessor)
-        .execute(&self.db.pool)
-        .await?;
-        Ok(())
+        schedule_retry(&self.db.pool, key, next).await
     }
 
     /// Keeps a claimed upload reserved while its files are still being sent.
@@ -246,4 +225,24 @@ impl Store {
         .await?;
         Ok(())
     }
+}
+
+/// Releases a claimed upload until `next.at`, keeping why it failed.
+async fn schedule_retry<'e>(
+    db: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    key: &TaskKey,
+    next: NextAttempt<'_>,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE uploads SET next_attempt_at = $1, lease_until = 0, last_error = $2 \
+         WHERE controller = $3 AND request_id = $4 AND subprocessor = $5",
+    )
+    .bind(next.at)
+    .bind(next.error)
+    .bind(&key.controller)
+    .bind(&key.request_id)
+    .bind(&key.subprocessor)
+    .execute(db)
+    .await?;
+    Ok(())
 }
