@@ -68,9 +68,7 @@ impl Api {
             .request(id)
             .await?
             .ok_or_else(|| not_found(id))?;
-        if caller.role == Party::Partner && caller.name != row.partner {
-            return Err(not_found(id));
-        }
+        shown_to(caller, &row)?;
         Ok(row)
     }
 
@@ -101,9 +99,7 @@ impl Api {
             .request_with_tasks(id)
             .await?
             .ok_or_else(|| not_found(id))?;
-        if caller.role == Party::Partner && caller.name != row.partner {
-            return Err(not_found(id));
-        }
+        shown_to(caller, &row)?;
         Ok(views::request(
             row,
             deliveries,
@@ -123,6 +119,14 @@ impl Api {
             self.shared.clock.now_ms(),
         ))
     }
+}
+
+/// Operators see every request, a partner only its own: another partner's is NOT_FOUND.
+fn shown_to(caller: &Caller, row: &RequestRow) -> Result<(), ApiError> {
+    if caller.role == Party::Partner && caller.name != row.partner {
+        return Err(not_found(&row.id));
+    }
+    Ok(())
 }
 
 /// The same answer whether the request does not exist or belongs to another partner, so

@@ -42,12 +42,7 @@ enum Bind {
 impl Store {
     /// One request, if it exists.
     pub async fn request(&self, id: &str) -> Result<Option<RequestRow>> {
-        Ok(sqlx::query_as(&format!(
-            "SELECT {REQUEST_COLUMNS} FROM requests WHERE id = $1"
-        ))
-        .bind(id)
-        .fetch_optional(&self.db.pool)
-        .await?)
+        read_request(&self.db.pool, id).await
     }
 
     /// The request `id` with its deliveries and tasks, read from one snapshot of the store,
@@ -66,37 +61,13 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
-        let row: Option<RequestRow> = sqlx::query_as(&format!(
-            "SELECT {REQUEST_COLUMNS} FROM requests WHERE id = $1"
-        ))
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
+        let Some(row) = read_request(&mut *tx, id).await? else {
             return Ok(None);
         };
-        let deliveries: Vec<DeliveryRow> = sqlx::query_as(
-            "SELECT processor, attempts, next_attempt_at, last_error, done_at, \
-             dead_lettered_at FROM deliveries WHERE request_id = $1 AND op = $2 \
-             ORDER BY processor",
-        )
-        .bind(id)
-        .bind(Operation::Deliver.as_str())
-        .fetch_all(&mut *tx)
-        .await?;
-        let tasks: Vec<TaskRow> = sqlx::query_as(&format!(
-            "SELECT {TASK_COLUMNS} FROM tasks WHERE request_id = $1 \
-             ORDER BY processor, subprocessor"
-        ))
-        .bind(id)
-        .fetch_all(&mut *tx)
-        .await?;
+        let deliveries = read_deliveries(&mut *tx, id).await?;
+        let tasks = read_tasks(&mut *tx, id).await?;
         tx.commit().await?;
-        Ok(Some((
-            row,
-            deliveries,
-            tasks.into_iter().map(TaskStatus::from).collect(),
-        )))
+        Ok(Some((row, deliveries, tasks)))
     }
 
     /// The kind of the request `id`, if it exists.
@@ -115,15 +86,7 @@ impl Store {
 
     /// A request's deliveries (not cancellations), by processor name.
     pub async fn deliveries(&self, id: &str) -> Result<Vec<DeliveryRow>> {
-        Ok(sqlx::query_as(
-            "SELECT processor, attempts, next_attempt_at, last_error, done_at, \
-             dead_lettered_at FROM deliveries WHERE request_id = $1 AND op = $2 \
-             ORDER BY processor",
-        )
-        .bind(id)
-        .bind(Operation::Deliver.as_str())
-        .fetch_all(&self.db.pool)
-        .await?)
+        read_deliveries(&self.db.pool, id).await
     }
 
     /// The deliveries of each of `ids` (at most a page of them), by request id: one query
@@ -193,14 +156,7 @@ impl Store {
 
     /// A request's tasks.
     pub async fn tasks(&self, id: &str) -> Result<Vec<TaskStatus>> {
-        let rows: Vec<TaskRow> = sqlx::query_as(&format!(
-            "SELECT {TASK_COLUMNS} FROM tasks WHERE request_id = $1 \
-             ORDER BY processor, subprocessor"
-        ))
-        .bind(id)
-        .fetch_all(&self.db.pool)
-        .await?;
-        Ok(rows.into_iter().map(TaskStatus::from).collect())
+        read_tasks(&self.db.pool, id).await
     }
 
     /// Requests matching `f`, newest first.
@@ -282,4 +238,48 @@ impl Store {
         .fetch_all(&self.db.pool)
         .await?)
     }
+}
+
+/// One request, if it exists, through `db` (the pool, or a snapshot's transaction).
+async fn read_request<'e>(
+    db: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    id: &str,
+) -> Result<Option<RequestRow>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {REQUEST_COLUMNS} FROM requests WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(db)
+    .await?)
+}
+
+/// A request's deliveries (not cancellations), by processor name, through `db`.
+async fn read_deliveries<'e>(
+    db: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    id: &str,
+) -> Result<Vec<DeliveryRow>> {
+    Ok(sqlx::query_as(
+        "SELECT processor, attempts, next_attempt_at, last_error, done_at, \
+         dead_lettered_at FROM deliveries WHERE request_id = $1 AND op = $2 \
+         ORDER BY processor",
+    )
+    .bind(id)
+    .bind(Operation::Deliver.as_str())
+    .fetch_all(db)
+    .await?)
+}
+
+/// A request's tasks, through `db`.
+async fn read_tasks<'e>(
+    db: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    id: &str,
+) -> Result<Vec<TaskStatus>> {
+    let rows: Vec<TaskRow> = sqlx::query_as(&format!(
+        "SELECT {TASK_COLUMNS} FROM tasks WHERE request_id = $1 \
+         ORDER BY processor, subprocessor"
+    ))
+    .bind(id)
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(TaskStatus::from).collect())
 }
