@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "dsrelay/v1/package.proto",
         "dsrelay/v1/transfer.proto",
         "dsrelay/v1/certificate.proto",
+        "dsrelay/v1/contract.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

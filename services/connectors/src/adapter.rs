@@ -656,6 +656,7 @@ mod tests {
         Task {
             task_id: "controller/r1/newsletter".into(),
             request_id: "r1".into(),
+            controller: "acme".into(),
             kind: RequestKind::Erasure,
             identities: vec![SubjectIdentity {
                 r#type: IdentityType::Email as i32,
@@ -825,6 +826,7 @@ mod tests {
         Task {
             task_id: task_id.into(),
             request_id: "r-1".into(),
+            controller: "acme".into(),
             kind,
             identities: Vec::new(),
             categories: Vec::new(),

@@ -106,6 +106,9 @@ pub struct Task {
     pub task_id: String,
     /// The controller's request id.
     pub request_id: String,
+    /// The controller the request came from (the processor's name for it). A connector whose
+    /// configuration scopes data per controller touches only this controller's data.
+    pub controller: String,
     /// What the subject asked for.
     pub kind: RequestKind,
     /// How to find the subject.
@@ -135,6 +138,77 @@ impl Task {
                 kind_label(self.kind)
             ))
         })
+    }
+}
+
+/// One step of a contract end at one holder: all of one controller's data, not one subject's.
+#[derive(Debug, Clone)]
+pub struct BulkJob {
+    /// Unique per contract-end task and stable across retries: the holder's idempotency key.
+    pub job_id: String,
+    /// The registry's request id of the CONTRACT_END.
+    pub request_id: String,
+    /// The controller whose data it is (the processor's name for it). The connector touches
+    /// only the data its configuration scopes to this controller.
+    pub controller: String,
+    /// What to do with the controller's data.
+    pub op: BulkOp,
+    /// Which step to take: `Start`, `Confirm` for work the holder accepted earlier, or
+    /// `RetentionExpired` (with [`BulkOp::Erase`]) when data kept under a legal obligation has
+    /// reached its date.
+    pub phase: Phase,
+    /// When the controller must have an answer (ms since the epoch).
+    pub due_at_ms: i64,
+    /// The processor's clock (ms since the epoch), as in [`Task::now_ms`].
+    pub now_ms: i64,
+    /// For [`BulkOp::Export`]: the task's export folder, emptied before every run.
+    pub export: Option<ExportSink>,
+    /// Where the connector reports how far it has got while it runs.
+    pub progress: ProgressReporter,
+}
+
+/// What a contract end does with the controller's data at one holder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BulkOp {
+    /// Write all of it to the export folder, as a RETURN_OF_DATA export does for one subject.
+    Export,
+    /// Erase all of it, except what a legal obligation keeps ([`Outcome::Retained`]).
+    Erase,
+}
+
+/// How far a bulk job has got. Totals of 0 mean the connector cannot count them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BulkProgress {
+    /// Data subjects (top-level records: customers, audience members) done.
+    pub subjects_done: u64,
+    /// Data subjects of the controller at this holder.
+    pub subjects_total: u64,
+    /// Records (rows, members, objects) done.
+    pub records_done: u64,
+    /// Records of the controller at this holder.
+    pub records_total: u64,
+}
+
+/// The sending side of a bulk job's progress: the connector reports, the processor reads the
+/// latest value whenever it wants to tell the registry. Reporting never blocks.
+#[derive(Debug, Clone)]
+pub struct ProgressReporter(std::sync::Arc<tokio::sync::watch::Sender<BulkProgress>>);
+
+impl ProgressReporter {
+    /// A reporter and the receiver that sees its latest report.
+    pub fn new() -> (Self, tokio::sync::watch::Receiver<BulkProgress>) {
+        let (tx, rx) = tokio::sync::watch::channel(BulkProgress::default());
+        (Self(std::sync::Arc::new(tx)), rx)
+    }
+
+    /// Replaces the progress with `progress`.
+    pub fn report(&self, progress: BulkProgress) {
+        self.0.send_replace(progress);
+    }
+
+    /// The latest progress reported.
+    pub fn latest(&self) -> BulkProgress {
+        *self.0.borrow()
     }
 }
 
@@ -210,11 +284,27 @@ pub trait Connector: Send + Sync {
     fn kind_name(&self) -> &'static str;
 
     /// Whether this connector can carry out requests of `kind`. The processor refuses the
-    /// others without calling [`Connector::run`].
+    /// others without calling [`Connector::run`]. For `CONTRACT_END`: whether
+    /// [`Connector::run_bulk`] can end a contract here.
     fn supports(&self, kind: RequestKind) -> bool;
 
     /// Takes one step of `task`.
     fn run<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>>;
+
+    /// The controllers this connector's configuration scopes its data to, or `None` when its
+    /// data is not scoped (then all of it belongs to whichever controller asks).
+    fn scoped_controllers(&self) -> Option<Vec<String>> {
+        None
+    }
+
+    /// Takes one step of a contract end over all of `job.controller`'s data at this holder,
+    /// with a few statements or batched calls, never one call per subject. Connectors that
+    /// cannot do it refuse.
+    fn run_bulk<'a>(&'a self, job: &'a BulkJob) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        let _ = job;
+        let reason = format!("the {} connector cannot end a contract", self.kind_name());
+        Box::pin(async move { Ok(Outcome::Refused { reason }) })
+    }
 }
 
 /// The kind's name without the enum prefix, for messages (`ERASURE`).

@@ -221,6 +221,11 @@ pub(crate) async fn execute(
             )
             .into()
         }
+        RequestKind::ContractEnd => with_reason(
+            ExecuteOutcome::Refused,
+            "a contract end is not a task of one subject".into(),
+        )
+        .into(),
         RequestKind::Unspecified => {
             with_reason(ExecuteOutcome::Failed, "no request kind given".into()).into()
         }

@@ -11,6 +11,7 @@ use dsrelay_proto::v1::processor_service_server::ProcessorService;
 use dsrelay_proto::v1::{
     CancelDeliveryRequest, DeliverRequest, DeliverResponse, GetStatusRequest,
     ListSubprocessorsRequest, RequestKind, Subprocessor, SubprocessorList, TaskList,
+    UpdateContractEndRequest,
 };
 use dsrelay_runtime::grpc::{self, Authorizer, CallerTrace, ServiceName};
 use dsrelay_runtime::identity::{
@@ -66,6 +67,16 @@ impl Api {
 
 #[tonic::async_trait]
 impl ProcessorService for Api {
+    async fn update_contract_end(
+        &self,
+        req: Request<UpdateContractEndRequest>,
+    ) -> Result<Response<TaskList>, Status> {
+        self.controller(&req)?;
+        Err(Status::unimplemented(
+            "this processor does not run contract ends yet",
+        ))
+    }
+
     // A child of the registry's delivery attempt: the trace crosses the hop.
     #[tracing::instrument(name = "accept", skip_all, fields(
         request_id = %req.get_ref().request_id,
@@ -87,13 +98,16 @@ impl ProcessorService for Api {
         let mut violations: Vec<FieldViolation> = request_id_violation("request_id", &r.request_id)
             .into_iter()
             .collect();
-        if RequestKind::try_from(r.kind).unwrap_or(RequestKind::Unspecified)
-            == RequestKind::Unspecified
-        {
-            violations.push(FieldViolation::new(
+        match RequestKind::try_from(r.kind).unwrap_or(RequestKind::Unspecified) {
+            RequestKind::Unspecified => violations.push(FieldViolation::new(
                 "kind",
                 format!("{} is not a request kind", r.kind),
-            ));
+            )),
+            RequestKind::ContractEnd => violations.push(FieldViolation::new(
+                "kind",
+                "this processor does not run contract ends yet",
+            )),
+            _ => {}
         }
         violations.extend(validate_identities(&r.identities));
         ApiError::ensure_valid(violations)?;

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use dsrelay_proto::timestamp_from_millis;
 use dsrelay_proto::v1::processor_operator_service_server::ProcessorOperatorService;
 use dsrelay_proto::v1::{
-    CompleteManualTaskRequest, DeadLetter, DeadLetterList, Evidence, ListDeadLettersRequest,
-    ListManualTasksRequest, ManualTask, ManualTaskList, RefuseManualTaskRequest,
-    RequeueDeadLetterRequest, RequeueDeadLetterResponse, TaskRef, TaskState,
+    CompleteManualTaskRequest, ContractEndList, DeadLetter, DeadLetterList, Evidence,
+    ListContractEndsRequest, ListDeadLettersRequest, ListManualTasksRequest, ManualTask,
+    ManualTaskList, RefuseManualTaskRequest, RequeueDeadLetterRequest, RequeueDeadLetterResponse,
+    TaskRef, TaskState,
 };
 use dsrelay_runtime::grpc::Authorizer;
 use dsrelay_runtime::identity::{text_violation, FieldViolation};
@@ -154,6 +155,16 @@ fn to_proto(r: ManualRow) -> ManualTask {
 
 #[tonic::async_trait]
 impl ProcessorOperatorService for OperatorApi {
+    async fn list_contract_ends(
+        &self,
+        req: Request<ListContractEndsRequest>,
+    ) -> Result<Response<ContractEndList>, Status> {
+        self.operator(&req)?;
+        Err(Status::unimplemented(
+            "this processor does not run contract ends yet",
+        ))
+    }
+
     async fn list_manual_tasks(
         &self,
         req: Request<ListManualTasksRequest>,

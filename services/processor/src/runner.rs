@@ -222,6 +222,7 @@ async fn call(
     let task = Task {
         task_id: format!("{}/{}/{}", key.controller, key.request_id, key.subprocessor),
         request_id: key.request_id.clone(),
+        controller: key.controller.clone(),
         kind,
         identities: request.identities.clone(),
         categories,

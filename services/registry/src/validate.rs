@@ -29,17 +29,29 @@ pub(crate) fn validate_submit(
     known_recipients: &BTreeSet<&str>,
 ) -> Vec<FieldViolation> {
     let mut out = Vec::new();
-    let kind = RequestKind::try_from(req.kind).unwrap_or(RequestKind::Unspecified);
-    if kind == RequestKind::Unspecified {
-        out.push(FieldViolation::new(
-            "kind",
-            format!(
-                "must be one of ERASURE, RETURN_OF_DATA, TRANSFER, RECTIFICATION, RESTRICTION, \
-                 OBJECTION (got {})",
-                req.kind
-            ),
-        ));
-    }
+    let kind = match RequestKind::try_from(req.kind).unwrap_or(RequestKind::Unspecified) {
+        // Not a subject's request: operators end contracts with ContractService.EndContract.
+        RequestKind::ContractEnd => {
+            out.push(FieldViolation::new(
+                "kind",
+                "CONTRACT_END is not submitted as a request: an operator ends a contract with \
+                 ContractService.EndContract",
+            ));
+            RequestKind::Unspecified
+        }
+        RequestKind::Unspecified => {
+            out.push(FieldViolation::new(
+                "kind",
+                format!(
+                    "must be one of ERASURE, RETURN_OF_DATA, TRANSFER, RECTIFICATION, \
+                     RESTRICTION, OBJECTION (got {})",
+                    req.kind
+                ),
+            ));
+            RequestKind::Unspecified
+        }
+        kind => kind,
+    };
     out.extend(validate_identities(&req.identities));
     let key = &req.idempotency_key;
     if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
@@ -145,6 +157,12 @@ fn parameter_violations(
             format!("only a RESTRICTION may lift a restriction (this is {got})"),
         ));
     }
+    if params.contract_end.is_some() {
+        out.push(FieldViolation::new(
+            "parameters.contract_end",
+            format!("only a contract end has contract terms (this is {got})"),
+        ));
+    }
     let recipient = &params.transfer_recipient;
     if kind == RequestKind::Transfer {
         if recipient.is_empty() || recipient.len() > MAX_RECIPIENT {
@@ -235,6 +253,25 @@ mod tests {
             fields,
             ["kind", "idempotency_key", "scope.data_categories[1]"]
         );
+    }
+
+    #[test]
+    fn a_contract_end_is_not_submitted() {
+        let mut r = good();
+        r.kind = RequestKind::ContractEnd as i32;
+        let v = validate_submit(&r, &BTreeSet::new(), &BTreeSet::new());
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].field, "kind");
+        assert!(v[0].rule.contains("EndContract"), "{}", v[0].rule);
+
+        let mut r = good();
+        r.parameters = Some(dsrelay_proto::v1::RequestParameters {
+            contract_end: Some(Default::default()),
+            ..Default::default()
+        });
+        let v = validate_submit(&r, &BTreeSet::new(), &BTreeSet::new());
+        let fields: Vec<&str> = v.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["parameters.contract_end"]);
     }
 
     #[test]

@@ -1123,6 +1123,7 @@ fn garbage_submit(rng: &mut fastrand::Rng) -> SubmitRequest {
                 .collect(),
             lift_restriction: rng.bool(),
             transfer_recipient: garbage_string(rng, 5000),
+            contract_end: None,
         });
     }
     if all || rng.u8(..one_in) == 0 {

@@ -31,6 +31,7 @@ pub(super) fn task(kind: RequestKind, identities: Vec<SubjectIdentity>) -> Task 
     Task {
         task_id: "c/r1/newsletter".into(),
         request_id: "r1".into(),
+        controller: "acme".into(),
         kind,
         identities,
         categories: Vec::new(),

@@ -151,6 +151,9 @@ impl Connector for SqlConnector {
                 (Phase::Start, RequestKind::Objection) => {
                     Ok(work_outcome(self.suppress(ids).await?))
                 }
+                (Phase::Start, RequestKind::ContractEnd) => Ok(Outcome::Refused {
+                    reason: "a contract end is not a task of one subject".into(),
+                }),
                 (Phase::Start, RequestKind::Unspecified) => Ok(Outcome::Refused {
                     reason: "the request kind is unspecified".into(),
                 }),

@@ -308,7 +308,7 @@ impl SqlConnectorConfig {
             RequestKind::Rectification => any(|t| !t.rectify.is_empty()),
             RequestKind::Restriction => any(|t| t.restrict_column.is_some()),
             RequestKind::Objection => any(|t| t.suppress_column.is_some()),
-            RequestKind::Unspecified => false,
+            RequestKind::ContractEnd | RequestKind::Unspecified => false,
         }
     }
 

@@ -55,6 +55,7 @@ fn task(kind: RequestKind, identities: Vec<SubjectIdentity>, now_ms: i64, phase:
     Task {
         task_id: "controller/r-1/accounting".into(),
         request_id: "r-1".into(),
+        controller: "acme".into(),
         kind,
         identities,
         categories: Vec::new(),

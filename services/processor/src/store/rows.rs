@@ -80,6 +80,8 @@ impl TaskRow {
             legal_basis: self.legal_basis.clone(),
             retain_until: self.retain_until.map(timestamp_from_millis),
             updated_at: Some(timestamp_from_millis(self.updated_at)),
+            // Contract ends are not accepted yet (the Deliver handler refuses them).
+            progress: None,
         }
     }
 }

@@ -437,6 +437,8 @@ async fn certified_transition(
         // registry's handling of the acknowledgement hangs in the trace.
         traceparent: trace_context::traceparent_of(&tracing::Span::current()).unwrap_or_default(),
         certificate: certificate.as_ref().map(crate::certificates::to_proto),
+        // Contract ends are not accepted yet (the Deliver handler refuses them).
+        progress: None,
     };
     acks::queue(tx, key, next, &ack, now).await?;
     if t.upload {

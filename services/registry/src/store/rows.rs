@@ -249,6 +249,8 @@ impl From<TaskRow> for TaskStatus {
             legal_basis: r.legal_basis,
             retain_until: r.retain_until.map(dsrelay_proto::timestamp_from_millis),
             updated_at: Some(dsrelay_proto::timestamp_from_millis(r.updated_at)),
+            // No contract end is stored yet, so no task has progress to show.
+            progress: None,
         }
     }
 }
