@@ -240,12 +240,28 @@ impl DevPki {
 }
 
 pub(crate) fn write_secret(path: &Path, contents: &str) -> Result<()> {
-    std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()))?;
+    use std::io::Write;
+    // Created with mode 0600, never widened then narrowed: a key must not be readable by
+    // others even for the moment between writing and a chmod. An existing file keeps the
+    // mode it has, so it is narrowed too.
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     }
+    file.write_all(contents.as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -306,5 +322,31 @@ mod tests {
         std::fs::remove_file(pki.signing_key("processor")).unwrap();
         DevPki::ensure(dir.path()).unwrap();
         assert!(pki.signing_key("processor").exists());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn every_private_key_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let mut keys = vec![dir.path().join("ca.key")];
+        for (stem, role, _) in DEV_PARTIES {
+            keys.push(pki.key(stem));
+            if *role == "processor" {
+                keys.push(pki.signing_key(stem));
+            }
+        }
+        for key in keys {
+            assert_eq!(mode(&key), 0o600, "{}", key.display());
+        }
+        // A key file that existed with a wider mode is narrowed when written again.
+        let old = dir.path().join("old.key");
+        std::fs::write(&old, "x").unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_secret(&old, "secret").unwrap();
+        assert_eq!(mode(&old), 0o600);
+        assert_eq!(std::fs::read_to_string(&old).unwrap(), "secret");
     }
 }
