@@ -18,9 +18,11 @@ FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/*
-# /pki is owned by the service user so that a new named volume mounted there is writable.
+# The PKI folders are owned by the service user so that a new named volume mounted there
+# is writable (the compose `pki` service writes all three).
 RUN useradd --system --uid 10001 --create-home --home-dir /var/lib/dsrelay dsrelay \
-    && mkdir /pki && chown dsrelay /pki
+    && mkdir /pki /pki-registry /pki-processor \
+    && chown dsrelay /pki /pki-registry /pki-processor
 COPY --from=build /out/ /usr/local/bin/
 USER dsrelay
 WORKDIR /var/lib/dsrelay

@@ -566,6 +566,13 @@ pub struct PkiInitArgs {
     /// the services' host names in docker-compose. Used only when the PKI is created.
     #[arg(long = "dns-name", value_name = "NAME")]
     pub dns_names: Vec<String>,
+
+    /// Also copy into DIR only what party STEM (registry, processor, operator, ...) needs:
+    /// the CA certificate (never the CA key), its certificate and key, a processor's signing
+    /// key, a registry's processors' public signing keys (repeatable). For containers that
+    /// should each mount their own credentials only.
+    #[arg(long = "install", value_name = "STEM=DIR", value_parser = parse_assignment)]
+    pub install: Vec<(String, String)>,
 }
 
 /// `NAME=VALUE`, split at the first `=`; the name must not be empty.

@@ -596,6 +596,15 @@ pub(crate) struct PkiView {
     pub(crate) parties: Vec<PkiPartyView>,
     /// The processors' deletion-certificate signing keys.
     pub(crate) signing_keys: Vec<PkiSigningKeyView>,
+    /// The folders given to single parties (`--install`).
+    pub(crate) installed: Vec<PkiInstalledView>,
+}
+
+/// One party's own folder in `pki init --install`.
+#[derive(Debug, Serialize)]
+pub(crate) struct PkiInstalledView {
+    pub(crate) party: String,
+    pub(crate) dir: String,
 }
 
 /// One processor's certificate signing key in `pki init`.
@@ -625,6 +634,12 @@ impl PkiView {
             out.push_str(&format!(
                 "\nsigning key of {}: {} (public key: {})\n",
                 k.party, k.key, k.public_key
+            ));
+        }
+        for i in &self.installed {
+            out.push_str(&format!(
+                "\n{}'s own files installed in {}\n",
+                i.party, i.dir
             ));
         }
         out

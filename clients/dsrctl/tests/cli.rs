@@ -74,6 +74,48 @@ fn pki_init_creates_the_files_and_lists_identities() {
 }
 
 #[test]
+fn pki_init_installs_a_party_s_own_files_apart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = dsrctl(
+        tmp.path(),
+        &[],
+        &[
+            "pki",
+            "init",
+            "--dir",
+            "pki",
+            "--install",
+            "processor=own",
+            "--output",
+            "json",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["installed"][0]["party"], "processor");
+    let own = tmp.path().join("own");
+    assert!(own.join("processor.key").is_file());
+    assert!(own.join("processor-signing.key").is_file());
+    assert!(
+        !own.join("ca.key").exists(),
+        "the CA key must stay in the full set"
+    );
+    assert!(!own.join("registry.key").exists());
+    assert_eq!(
+        std::fs::read(own.join("ca.pem")).unwrap(),
+        std::fs::read(tmp.path().join("pki/ca.pem")).unwrap()
+    );
+
+    let out = dsrctl(tmp.path(), &[], &["pki", "init", "--install", "nobody=x"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("not a party"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
 fn help_names_the_commands_settings_and_exit_status() {
     let tmp = tempfile::tempdir().unwrap();
     let out = dsrctl(tmp.path(), &[], &["--help"]);

@@ -237,6 +237,56 @@ impl DevPki {
             key: self.key(stem),
         }
     }
+
+    /// Copies into `dir` only what the party `stem` needs to run, under the same names: the
+    /// CA certificate (never the CA key), its certificate and key, a processor's signing key
+    /// and its public key, and for a registry every processor's public signing key. A
+    /// service container mounts that folder and nothing else, so a compromised service holds
+    /// no other party's key and cannot issue certificates. Returns the installed set.
+    pub fn install(&self, stem: &str, dir: &Path) -> Result<Self> {
+        let Some((_, role, _)) = DEV_PARTIES.iter().find(|(s, _, _)| *s == stem) else {
+            let known: Vec<&str> = DEV_PARTIES.iter().map(|(s, _, _)| *s).collect();
+            anyhow::bail!(
+                "{stem:?} is not a party of the development PKI ({})",
+                known.join(", ")
+            );
+        };
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let target = Self {
+            dir: dir.to_path_buf(),
+        };
+        let read = |p: PathBuf| -> Result<String> {
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
+        };
+        let public = |from: PathBuf, to: PathBuf| -> Result<()> {
+            std::fs::write(&to, read(from)?).with_context(|| format!("writing {}", to.display()))
+        };
+        public(self.cert(stem), target.cert(stem))?;
+        write_secret(&target.key(stem), &read(self.key(stem))?)?;
+        match *role {
+            "processor" => {
+                write_secret(&target.signing_key(stem), &read(self.signing_key(stem))?)?;
+                public(
+                    self.signing_public_key(stem),
+                    target.signing_public_key(stem),
+                )?;
+            }
+            "registry" => {
+                for (other, role, _) in DEV_PARTIES {
+                    if *role == "processor" {
+                        public(
+                            self.signing_public_key(other),
+                            target.signing_public_key(other),
+                        )?;
+                    }
+                }
+            }
+            _ => {}
+        }
+        // Last, as in `ensure`: its presence means the set is complete.
+        public(self.ca(), target.ca())?;
+        Ok(target)
+    }
 }
 
 pub(crate) fn write_secret(path: &Path, contents: &str) -> Result<()> {
@@ -348,5 +398,51 @@ mod tests {
         write_secret(&old, "secret").unwrap();
         assert_eq!(mode(&old), 0o600);
         assert_eq!(std::fs::read_to_string(&old).unwrap(), "secret");
+    }
+
+    #[test]
+    fn an_installed_party_gets_its_own_files_and_never_the_ca_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(&dir.path().join("all")).unwrap();
+        let names = |d: &Path| -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        let registry = pki
+            .install("registry", &dir.path().join("registry"))
+            .unwrap();
+        assert_eq!(
+            names(&registry.dir),
+            [
+                "ca.pem",
+                "processor-signing.pub.pem",
+                "registry.key",
+                "registry.pem"
+            ]
+        );
+        let processor = pki
+            .install("processor", &dir.path().join("processor"))
+            .unwrap();
+        assert_eq!(
+            names(&processor.dir),
+            [
+                "ca.pem",
+                "processor-signing.key",
+                "processor-signing.pub.pem",
+                "processor.key",
+                "processor.pem"
+            ]
+        );
+        // The copies are the same credentials: a TLS configuration loads from them.
+        processor.files("processor").client_config().unwrap();
+        assert_eq!(
+            processor.files("processor").own_identity().unwrap(),
+            dev_identity("processor", "payroll-bureau")
+        );
+        assert!(pki.install("nobody", &dir.path().join("x")).is_err());
     }
 }

@@ -458,18 +458,38 @@ fn check_pki(
     };
     let dir = arg("--dir");
     assert_eq!(dir.len(), 1);
-    let pki = DevPki {
-        dir: PathBuf::from(dir[0]),
-    };
-    assert_eq!(tls, &pki.files(stem), "{service}: TLS files");
     assert!(
         arg("--dns-name").contains(&peer_host),
         "certificates are not valid for {peer_host}"
     );
-    // The same volume in both containers.
-    let written = compose.volume_holding("pki", &pki.dir);
-    assert_eq!(compose.volume_holding(service, &tls.ca), written);
-    assert_eq!(compose.volume_holding(service, &tls.key), written);
+    // The party's own folder, installed by the pki service, is what the service mounts.
+    let installed: Vec<&str> = arg("--install")
+        .into_iter()
+        .filter_map(|a| a.strip_prefix(&format!("{stem}=")))
+        .collect();
+    assert_eq!(installed.len(), 1, "{service}: no --install {stem}=DIR");
+    let own = compose.volume_holding("pki", Path::new(installed[0]));
+    let mounted_at = compose
+        .mounts(service)
+        .into_iter()
+        .find(|m| m.source == own)
+        .unwrap_or_else(|| panic!("{service} does not mount {own}"));
+    let pki = DevPki {
+        dir: PathBuf::from(&mounted_at.target),
+    };
+    assert_eq!(tls, &pki.files(stem), "{service}: TLS files");
+    assert_eq!(compose.volume_holding(service, &tls.ca), own);
+    assert_eq!(compose.volume_holding(service, &tls.key), own);
+    // The CA key lives only in the full set, which the service does not mount.
+    let full = compose.volume_holding("pki", Path::new(dir[0]));
+    assert_ne!(
+        own, full,
+        "{service}: its own folder must not be the full set"
+    );
+    assert!(
+        compose.mounts(service).iter().all(|m| m.source != full),
+        "{service} mounts the full PKI with the CA key"
+    );
 }
 
 #[test]

@@ -4,7 +4,7 @@ use dsrelay_sdk::runtime::pki::{dev_identity, DevPki, DEV_PARTIES};
 
 use crate::cli::PkiInitArgs;
 use crate::commands::Io;
-use crate::output::{emit, PkiPartyView, PkiSigningKeyView, PkiView};
+use crate::output::{emit, PkiInstalledView, PkiPartyView, PkiSigningKeyView, PkiView};
 use crate::settings::Environment;
 use crate::Failure;
 
@@ -14,6 +14,15 @@ pub(crate) fn init(args: &PkiInitArgs, env: &Environment, io: &mut Io<'_>) -> Re
     // `ensure` keeps an existing set; say which happened so nobody expects fresh keys.
     let existed = dir.join("ca.pem").exists();
     let pki = DevPki::ensure_with_dns_names(&dir, &args.dns_names).map_err(Failure::Setup)?;
+    let mut installed = Vec::new();
+    for (stem, target) in &args.install {
+        let target = env.cwd().join(target);
+        let set = pki.install(stem, &target).map_err(Failure::Setup)?;
+        installed.push(PkiInstalledView {
+            party: stem.clone(),
+            dir: set.dir.display().to_string(),
+        });
+    }
     let view = PkiView {
         dir: pki.dir.display().to_string(),
         created: !existed,
@@ -36,6 +45,7 @@ pub(crate) fn init(args: &PkiInitArgs, env: &Environment, io: &mut Io<'_>) -> Re
                 public_key: pki.signing_public_key(stem).display().to_string(),
             })
             .collect(),
+        installed,
     };
     emit(io.out, io.format, &view, false)?;
     Ok(0)
