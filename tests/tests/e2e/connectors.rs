@@ -259,6 +259,23 @@ async fn the_whole_chain_is_visible_to_the_controller() {
         .expect("absent processor");
     assert!(absent.subprocessors.is_empty());
     assert!(!absent.last_error.is_empty());
+    assert!(bureau.endpoint.starts_with("https://"), "{bureau:?}");
+
+    // A partner sees the same chain without the internal endpoints and connection errors.
+    let partner = pair
+        .crm()
+        .get_chain(GetChainRequest {})
+        .await
+        .expect("chain for a partner")
+        .into_inner();
+    assert_eq!(partner.processors.len(), chain.processors.len());
+    for (seen, full) in partner.processors.iter().zip(&chain.processors) {
+        assert_eq!(seen.name, full.name);
+        assert_eq!(seen.subprocessors, full.subprocessors);
+        assert_eq!(seen.data_categories, full.data_categories);
+        assert!(seen.endpoint.is_empty(), "{seen:?}");
+        assert!(seen.last_error.is_empty(), "{seen:?}");
+    }
     pair.stop().await;
 }
 

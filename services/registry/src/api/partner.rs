@@ -348,7 +348,10 @@ impl RequestService for Api {
         &self,
         req: tonic::Request<GetChainRequest>,
     ) -> Result<Response<Chain>, Status> {
-        self.partner_api_caller(&req)?;
+        let caller = self.partner_api_caller(&req)?;
+        // Where the processors listen and why the registry could not reach one are internal
+        // network details: operators need them, partners only the chain itself.
+        let internal = caller.is(&[Party::Operator]);
         let mut processors = Vec::new();
         for p in &self.shared.config.processors {
             let row = self
@@ -365,11 +368,18 @@ impl RequestService for Api {
                 .unwrap_or_default();
             processors.push(ChainProcessor {
                 name: p.name.clone(),
-                endpoint: p.endpoint.clone(),
+                endpoint: if internal {
+                    p.endpoint.clone()
+                } else {
+                    String::new()
+                },
                 data_categories: p.categories.clone(),
                 subprocessors,
                 reported_at: row.reported_at.map(timestamp_from_millis),
-                last_error: row.last_error.unwrap_or_default(),
+                last_error: match internal {
+                    true => row.last_error.unwrap_or_default(),
+                    false => String::new(),
+                },
             });
         }
         Ok(Response::new(Chain { processors }))
