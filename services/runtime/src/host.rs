@@ -62,6 +62,8 @@ pub struct Host {
     tls: TlsFiles,
     /// Bound by [`Host::run`]; callers that bind their own use [`Host::run_with_admin`].
     admin_listen: Option<String>,
+    /// What `/metrics` on the admin port requires, if anything.
+    admin_token: Option<String>,
     routes: Routes,
     /// Reported SERVING by the health service while the host runs.
     health_names: Vec<&'static str>,
@@ -78,6 +80,7 @@ impl Host {
             name,
             tls: settings.tls.clone(),
             admin_listen: settings.admin_listen.clone(),
+            admin_token: settings.admin_token.clone(),
             routes: Routes::default(),
             health_names: Vec::new(),
             // A service without metrics of its own still answers scrapes, with no families.
@@ -176,7 +179,7 @@ impl Host {
             .into_iter()
             .map(|(worker, start)| (worker, tokio::spawn(start(stop_rx.clone()))))
             .collect();
-        if let Some(admin) = crate::metrics::spawn(admin, self.scrape, stop_rx) {
+        if let Some(admin) = crate::metrics::spawn(admin, self.scrape, self.admin_token, stop_rx) {
             running.push(("admin port", admin));
         }
         let addr = listener.local_addr().ok();

@@ -192,24 +192,58 @@ pub type RenderFuture = Pin<Box<dyn Future<Output = Result<String>> + Send>>;
 pub type Render = Arc<dyn Fn() -> RenderFuture + Send + Sync>;
 
 /// Serves `GET /metrics` (the text from `render`, or 500 with the error when it fails) and
-/// `GET /healthz` (`ok`) on `listener` until `shutdown` resolves.
+/// `GET /healthz` (`ok`) on `listener` until `shutdown` resolves. With a `token`, `/metrics`
+/// answers 401 unless the request carries `Authorization: Bearer <token>`.
 pub async fn serve(
     listener: TcpListener,
     render: Render,
+    token: Option<String>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let app = axum::Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(render);
+        .with_state(Scrape {
+            render,
+            token: token.map(Arc::from),
+        });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
         .context("serving the admin port")
 }
 
-async fn metrics(State(render): State<Render>) -> Response {
-    match render().await {
+/// What `/metrics` needs: how to render, and the token it requires, if any.
+#[derive(Clone)]
+struct Scrape {
+    render: Render,
+    token: Option<Arc<str>>,
+}
+
+async fn metrics(State(scrape): State<Scrape>, headers: header::HeaderMap) -> Response {
+    if let Some(token) = &scrape.token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        // Compared in constant time: the answer's timing says nothing about the token.
+        let equal = given.len() == token.len()
+            && given
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if !equal {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "this admin port requires Authorization: Bearer <admin_token>\n",
+            )
+                .into_response();
+        }
+    }
+    match (scrape.render)().await {
         Ok(body) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response(),
         Err(e) => {
             tracing::warn!(error = format!("{e:#}"), "collecting metrics failed");
@@ -240,6 +274,7 @@ pub async fn bind(addr: Option<&str>) -> Result<Option<TcpListener>> {
 pub fn spawn(
     listener: Option<TcpListener>,
     render: Render,
+    token: Option<String>,
     mut stop: watch::Receiver<bool>,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let listener = listener?;
@@ -249,7 +284,7 @@ pub fn spawn(
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
-        if let Err(e) = serve(listener, render, shutdown).await {
+        if let Err(e) = serve(listener, render, token, shutdown).await {
             tracing::error!(error = format!("{e:#}"), "admin port failed");
         }
     }))
@@ -415,23 +450,12 @@ mod tests {
 
     #[tokio::test]
     async fn serves_metrics_and_health() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let render: Render = Arc::new(|| Box::pin(async { Ok("x 1\n".to_string()) }));
         let (stop_tx, stop_rx) = watch::channel(false);
-        let task = spawn(Some(listener), render, stop_rx).unwrap();
-        let get = |path: &'static str| async move {
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-            )
-            .await
-            .unwrap();
-            let mut text = String::new();
-            s.read_to_string(&mut text).await.unwrap();
-            text
-        };
+        let task = spawn(Some(listener), render, None, stop_rx).unwrap();
+        let get = |path: &'static str| get(addr, path, "");
         let m = get("/metrics").await;
         assert!(m.starts_with("HTTP/1.1 200"), "{m}");
         assert!(
@@ -443,6 +467,55 @@ mod tests {
         let h = get("/healthz").await;
         assert!(h.starts_with("HTTP/1.1 200") && h.ends_with("ok\n"), "{h}");
         assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+        stop_tx.send(true).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    /// The answer to `GET path` on `addr`, with extra header lines.
+    async fn get(addr: std::net::SocketAddr, path: &str, headers: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.unwrap();
+        text
+    }
+
+    #[tokio::test]
+    async fn with_a_token_metrics_need_it_and_health_does_not() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let render: Render = Arc::new(|| Box::pin(async { Ok("x 1\n".to_string()) }));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let token = "a-long-enough-admin-token";
+        let task = spawn(Some(listener), render, Some(token.into()), stop_rx).unwrap();
+        for headers in [
+            String::new(),
+            "Authorization: Bearer wrong-token-of-the-same-len\r\n".into(),
+            format!("Authorization: Bearer {token}x\r\n"),
+            format!("Authorization: Basic {token}\r\n"),
+        ] {
+            let m = get(addr, "/metrics", &headers).await;
+            assert!(m.starts_with("HTTP/1.1 401"), "{headers}: {m}");
+            assert!(!m.contains("x 1"), "{m}");
+        }
+        let m = get(
+            addr,
+            "/metrics",
+            &format!("Authorization: Bearer {token}\r\n"),
+        )
+        .await;
+        assert!(m.starts_with("HTTP/1.1 200") && m.ends_with("x 1\n"), "{m}");
+        let h = get(addr, "/healthz", "").await;
+        assert!(h.starts_with("HTTP/1.1 200") && h.ends_with("ok\n"), "{h}");
         stop_tx.send(true).unwrap();
         tokio::time::timeout(std::time::Duration::from_secs(5), task)
             .await

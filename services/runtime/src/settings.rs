@@ -73,9 +73,14 @@ pub struct ServiceSettings {
     pub listen: String,
     /// Plain-HTTP admin port serving `/metrics` (Prometheus text format) and `/healthz`, e.g.
     /// `127.0.0.1:9464`; off when absent. It has no TLS: keep it on loopback or a private
-    /// network.
+    /// network. An address other than a loopback one needs `admin_token`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_listen: Option<String>,
+    /// The bearer token `/metrics` then requires (`Authorization: Bearer <token>`; at least
+    /// 16 bytes); `/healthz` stays open, as it says only that the service runs. Required when
+    /// `admin_listen` is not a loopback address; optional otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<String>,
     /// `sqlite://path` (the embedded default) or `postgres://...`.
     pub database_url: String,
     /// This service's certificate and the CA its peers must chain to.
@@ -83,6 +88,9 @@ pub struct ServiceSettings {
     /// Log one JSON object per line instead of human-readable text.
     pub log_json: bool,
 }
+
+/// The shortest `admin_token` accepted: guessing it must not be practical.
+pub const MIN_ADMIN_TOKEN: usize = 16;
 
 /// Where a service listens and stores unless its configuration says otherwise; each service
 /// has its own, so that a pair started side by side on one host does not collide.
@@ -100,6 +108,7 @@ pub struct Defaults {
 struct FileSettings {
     listen: Option<String>,
     admin_listen: Option<String>,
+    admin_token: Option<String>,
     database_url: Option<String>,
     tls: TlsFiles,
     #[serde(default)]
@@ -112,6 +121,7 @@ impl ServiceSettings {
         Self {
             listen: listen.into(),
             admin_listen: None,
+            admin_token: None,
             database_url: database_url.into(),
             tls,
             log_json: false,
@@ -128,6 +138,7 @@ impl ServiceSettings {
         Ok(Self {
             listen: file.listen.unwrap_or_else(|| defaults.listen.to_string()),
             admin_listen: file.admin_listen,
+            admin_token: file.admin_token,
             database_url: file
                 .database_url
                 .unwrap_or_else(|| defaults.database_url.to_string()),
@@ -150,8 +161,23 @@ impl ServiceSettings {
             errors.push(format!("listen: {:?} is not host:port", self.listen));
         }
         if let Some(a) = &self.admin_listen {
-            if a.parse::<SocketAddr>().is_err() {
-                errors.push(format!("admin_listen: {a:?} is not host:port"));
+            match a.parse::<SocketAddr>() {
+                Err(_) => errors.push(format!("admin_listen: {a:?} is not host:port")),
+                Ok(addr) if !addr.ip().is_loopback() && self.admin_token.is_none() => {
+                    errors.push(format!(
+                        "admin_listen: {a} is reachable from other hosts: set admin_token, \
+                         which /metrics will then require, or listen on 127.0.0.1"
+                    ))
+                }
+                Ok(_) => {}
+            }
+        }
+        if let Some(token) = &self.admin_token {
+            if token.len() < MIN_ADMIN_TOKEN {
+                errors.push(format!(
+                    "admin_token: must be at least {MIN_ADMIN_TOKEN} bytes (it has {})",
+                    token.len()
+                ));
             }
         }
         // The URL is not repeated: it may carry a password.
@@ -226,6 +252,41 @@ mod tests {
         .unwrap();
         assert_eq!(s.service.listen, "0.0.0.0:5");
         assert_eq!(s.service.admin_listen.as_deref(), Some("127.0.0.1:6"));
+    }
+
+    #[test]
+    fn an_admin_port_off_loopback_needs_a_token() {
+        let mut s = ServiceSettings::new(
+            "127.0.0.1:1",
+            "sqlite://x.db",
+            parse(TLS).unwrap().service.tls,
+        );
+        s.admin_listen = Some("127.0.0.1:9464".into());
+        assert!(s.validate().is_empty(), "{:?}", s.validate());
+        s.admin_listen = Some("[::1]:9464".into());
+        assert!(s.validate().is_empty(), "{:?}", s.validate());
+        s.admin_listen = Some("0.0.0.0:9464".into());
+        let errors = s.validate();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("set admin_token"), "{errors:?}");
+        s.admin_token = Some("short".into());
+        let errors = s.validate();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with("admin_token: must be at least 16 bytes"),
+            "{errors:?}"
+        );
+        s.admin_token = Some("a-long-enough-admin-token".into());
+        assert!(s.validate().is_empty(), "{:?}", s.validate());
+        // Read from a file like the other shared keys.
+        let s = parse(&format!(
+            "admin_listen = \"0.0.0.0:6\"\nadmin_token = \"a-long-enough-admin-token\"\n{TLS}"
+        ))
+        .unwrap();
+        assert_eq!(
+            s.service.admin_token.as_deref(),
+            Some("a-long-enough-admin-token")
+        );
     }
 
     #[test]

@@ -367,6 +367,7 @@ mod configs {
         };
         let config = dsrelay_registry::Config {
             service: ServiceSettings {
+                admin_token: None,
                 listen: plan.registry_listen.clone(),
                 admin_listen: plan.registry_admin.clone(),
                 database_url: plan.registry_db.clone(),
@@ -478,6 +479,7 @@ mod configs {
     pub(super) fn processor(plan: &Plan<'_>) -> dsrelay_processor::Config {
         let config = dsrelay_processor::Config {
             service: ServiceSettings {
+                admin_token: None,
                 listen: plan.processor_listen.clone(),
                 admin_listen: plan.processor_admin.clone(),
                 database_url: plan.processor_db.clone(),
@@ -532,6 +534,7 @@ mod configs {
     pub(super) fn adapter(plan: &Plan<'_>) -> dsrelay_example_adapter::Config {
         let config = dsrelay_example_adapter::Config {
             service: ServiceSettings {
+                admin_token: None,
                 listen: plan.adapter_listen.clone(),
                 admin_listen: None,
                 database_url: plan.adapter_db.clone(),
@@ -549,6 +552,7 @@ mod configs {
         let opts = plan.opts.recipient.clone().unwrap_or_default();
         let config = dsrelay_example_recipient::Config {
             service: ServiceSettings {
+                admin_token: None,
                 listen: plan.recipient_listen.clone(),
                 admin_listen: None,
                 database_url: String::new(),
