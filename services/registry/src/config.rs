@@ -93,7 +93,7 @@ fn default_forget_sweep_interval_ms() -> u64 {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityRole {
-    /// The identity as found in the certificate (URI SAN, else DNS SAN).
+    /// The identity as found in the certificate (its one URI SAN).
     pub identity: String,
     /// What it may do.
     pub role: Role,
@@ -144,7 +144,7 @@ pub struct RecipientConfig {
     /// Where the recipient receives transfers (`TransferReceiver`), `https://host:port`; sent
     /// to the processors with a TRANSFER's Deliver, and called by them.
     pub endpoint: String,
-    /// The certificate identity the recipient must present there (URI SAN, else DNS SAN);
+    /// The certificate identity the recipient must present there (its one URI SAN);
     /// sent with the endpoint, and checked by the processors before they send anything.
     pub identity: String,
     /// Who the recipient is, for operators reading the configuration.

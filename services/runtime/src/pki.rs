@@ -99,20 +99,32 @@ impl DevCa {
         uri_identity: &str,
         dns_names: &[String],
     ) -> Result<IssuedCert> {
+        self.issue_with_uris(common_name, &[uri_identity], dns_names)
+    }
+
+    /// A leaf with any number of URI SANs (besides localhost and the `dns_names`): for tests
+    /// of certificates that carry no identity, or an ambiguous one.
+    pub fn issue_with_uris(
+        &self,
+        common_name: &str,
+        uris: &[&str],
+        dns_names: &[String],
+    ) -> Result<IssuedCert> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, common_name);
         dn.push(DnType::OrganizationName, "dsrelay development party");
         params.distinguished_name = dn;
-        params.subject_alt_names = vec![
-            SanType::URI(
-                uri_identity
-                    .try_into()
-                    .context("identity is not a valid URI")?,
-            ),
+        params.subject_alt_names = Vec::new();
+        for uri in uris {
+            params.subject_alt_names.push(SanType::URI(
+                (*uri).try_into().context("identity is not a valid URI")?,
+            ));
+        }
+        params.subject_alt_names.extend([
             SanType::DnsName("localhost".try_into()?),
             SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-        ];
+        ]);
         for name in dns_names {
             rustls_pki_types::DnsName::try_from(name.as_str())
                 .map_err(|_| anyhow::anyhow!("{name:?} is not a DNS name"))?;

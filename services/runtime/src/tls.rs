@@ -1,8 +1,11 @@
 //! Mutual TLS with rustls: server configuration, client channels that check the server's
 //! identity, and the peer identity of a call.
 //!
-//! An identity is the certificate's URI SAN (SPIFFE style) or, when it has none, its first DNS
-//! SAN. Roles are assigned to identities in each service's configuration.
+//! An identity is the certificate's one URI SAN (SPIFFE style, `spiffe://<trust
+//! domain>/<role>/<name>`). A certificate with no URI SAN, with several, or that is a CA
+//! certificate has no identity: DNS names say which host serves, not which party it is, so
+//! they never stand in for one. Roles are assigned to identities in each service's
+//! configuration.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -80,30 +83,53 @@ impl TlsFiles {
         let der = CertificateDer::pem_slice_iter(&pem)
             .next()
             .ok_or_else(|| anyhow!("no certificate in {}", self.cert.display()))??;
-        identity_of(&der).ok_or_else(|| anyhow!("{} has no URI or DNS SAN", self.cert.display()))
+        checked_identity(&der).map_err(|why| anyhow!("{}: {why}", self.cert.display()))
     }
 }
 
-/// The identity of a certificate: its URI SAN, else its first DNS SAN.
+/// The identity of a certificate (see the module documentation), if it has one.
 pub fn identity_of(der: &[u8]) -> Option<String> {
-    use x509_parser::extensions::GeneralName;
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    let mut dns = None;
-    for name in &san.value.general_names {
-        match name {
-            GeneralName::URI(uri) => return Some((*uri).to_string()),
-            GeneralName::DNSName(d) if dns.is_none() => dns = Some((*d).to_string()),
-            _ => {}
-        }
-    }
-    dns
+    checked_identity(der).ok()
 }
 
-/// The verified identity of the caller of a gRPC request, if it presented a certificate.
-pub fn peer_identity<T>(request: &tonic::Request<T>) -> Option<String> {
-    let certs = request.peer_certs()?;
-    identity_of(certs.first()?.as_ref())
+/// The identity of a certificate, or why it has none (for error messages).
+pub fn checked_identity(der: &[u8]) -> Result<String, String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("the certificate cannot be read: {e}"))?;
+    if cert.is_ca() {
+        return Err("the certificate is a CA certificate, not a party's".into());
+    }
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("the certificate's subject alternative names cannot be read: {e}"))?
+        .ok_or("the certificate has no subject alternative name")?;
+    let uris: Vec<&str> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(uri) => Some(*uri),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [one] => Ok((*one).to_string()),
+        [] => Err("the certificate has no URI SAN (a DNS name is not an identity)".into()),
+        many => Err(format!(
+            "the certificate has {} URI SANs, and an identity must be exactly one",
+            many.len()
+        )),
+    }
+}
+
+/// The verified identity of the caller of a gRPC request, or why it has none.
+pub fn peer_identity<T>(request: &tonic::Request<T>) -> Result<String, String> {
+    let certs = request
+        .peer_certs()
+        .ok_or("no client certificate was presented")?;
+    let leaf = certs.first().ok_or("no client certificate was presented")?;
+    checked_identity(leaf.as_ref())
 }
 
 /// Opens a lazily connecting channel to `endpoint` (`https://host:port`) over mutual TLS,
@@ -167,4 +193,48 @@ pub fn channel(
         }
     });
     Ok(plain.connect_with_connector_lazy(make))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::DevCa;
+
+    fn der(pem: &str) -> Vec<u8> {
+        CertificateDer::pem_slice_iter(pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap()
+            .to_vec()
+    }
+
+    #[test]
+    fn an_identity_is_exactly_one_uri_san_of_a_leaf() {
+        let ca = DevCa::generate("test CA").unwrap();
+        let one = ca.issue("one", "spiffe://dsrelay.dev/partner/crm").unwrap();
+        assert_eq!(
+            checked_identity(&der(&one.cert_pem)).as_deref(),
+            Ok("spiffe://dsrelay.dev/partner/crm")
+        );
+        let dns_only = ca
+            .issue_with_uris("dns", &[], &["crm.example.fi".into()])
+            .unwrap();
+        let why = checked_identity(&der(&dns_only.cert_pem)).unwrap_err();
+        assert!(why.contains("no URI SAN"), "{why}");
+        let two = ca
+            .issue_with_uris(
+                "two",
+                &[
+                    "spiffe://dsrelay.dev/partner/crm",
+                    "spiffe://dsrelay.dev/operator/ops",
+                ],
+                &[],
+            )
+            .unwrap();
+        let why = checked_identity(&der(&two.cert_pem)).unwrap_err();
+        assert!(why.contains("2 URI SANs"), "{why}");
+        let why = checked_identity(&der(&ca.cert_pem())).unwrap_err();
+        assert!(why.contains("CA certificate"), "{why}");
+        assert!(checked_identity(b"not a certificate").is_err());
+    }
 }

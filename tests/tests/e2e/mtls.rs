@@ -235,6 +235,58 @@ async fn registry_and_processor_refuse_a_certificate_from_another_ca() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_leaf_with_exactly_one_uri_san_is_an_identity() {
+    let pair = spawn_pair(PairOptions::default())
+        .await
+        .expect("sqlite pair");
+    let port = pair.registry.addr().port();
+    let pki = pair.pki();
+    let ca_pem = std::fs::read_to_string(pki.ca()).expect("ca");
+    let real_ca = DevCa::load(
+        &ca_pem,
+        &std::fs::read_to_string(pki.dir.join("ca.key")).expect("ca key"),
+    )
+    .expect("the real CA");
+    let crm = dev_identity("partner", "crm");
+    let ops = dev_identity("operator", "ops");
+    // Signed by the CA the registry trusts, and naming a configured partner, yet no
+    // identity: a DNS name only (the old fallback), or two URI SANs (which one?).
+    for (what, uris, dns) in [
+        ("a DNS SAN only", vec![], vec!["crm.example.fi".to_string()]),
+        ("two URI SANs", vec![crm.as_str(), ops.as_str()], vec![]),
+    ] {
+        let leaf = real_ca
+            .issue_with_uris("dsrelay odd party", &uris, &dns)
+            .expect("leaf");
+        let mut client = RequestServiceClient::new(tonic_tls_channel(
+            port,
+            ca_pem.as_bytes(),
+            Some(Identity::from_pem(leaf.cert_pem, leaf.key_pem)),
+        ));
+        let s = assert_code(
+            what,
+            client.list(ListRequestsRequest::default()).await,
+            Code::PermissionDenied,
+        );
+        assert!(s.message().contains("URI SAN"), "{what}: {s:?}");
+    }
+    // The CA's own certificate presented as a party's.
+    let mut client = RequestServiceClient::new(tonic_tls_channel(
+        port,
+        ca_pem.as_bytes(),
+        Some(Identity::from_pem(real_ca.cert_pem(), real_ca.key_pem())),
+    ));
+    let result = tokio::time::timeout(CALL_TIMEOUT, client.list(ListRequestsRequest::default()))
+        .await
+        .expect("the refusal is prompt");
+    match result {
+        Ok(v) => panic!("the CA certificate was accepted as a party's: {v:?}"),
+        Err(s) => assert_ne!(s.code(), Code::Ok, "{s:?}"),
+    }
+    pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_denies_a_valid_certificate_with_an_unknown_identity() {
     let pair = spawn_pair(PairOptions::default())
         .await
