@@ -60,11 +60,14 @@
 //! - here: the connector, which connects, dispatches a task by kind and phase and turns the
 //!   reports into an [`Outcome`].
 
+use std::collections::BTreeMap;
+
 use dsrelay_proto::v1::RequestKind;
 use dsrelay_runtime::store::Db;
 
-use crate::{BoxFuture, Connector, ConnectorError, Outcome, Phase, Task};
+use crate::{BoxFuture, BulkJob, Connector, ConnectorError, Outcome, Phase, Task};
 
+mod bulk;
 mod execute;
 mod plan;
 mod retention;
@@ -75,7 +78,7 @@ mod tests;
 
 use execute::{ErasureReport, WorkReport};
 pub use rules::{
-    Action, AnonymizeWith, ParentLink, Retention, SqlConnectorConfig, TableRule,
+    Action, AnonymizeWith, ControllerScope, ParentLink, Retention, SqlConnectorConfig, TableRule,
     DEFAULT_RECHECK_DAYS, REDACTED,
 };
 pub use sample::{
@@ -87,11 +90,27 @@ pub use sample::{
 #[derive(Debug, Clone)]
 pub(crate) struct SqlConnector {
     config: SqlConnectorConfig,
-    db: Db,
+    /// The database at `config.url`; `None` when every controller has a database of its own,
+    /// so that an unused URL is never opened (or, for SQLite, created).
+    db: Option<Db>,
+    /// The databases of the controllers scoped by `url`.
+    own: BTreeMap<String, Db>,
+    /// Top-level rows per transaction of a bulk job.
+    batch_subjects: u64,
+}
+
+/// One controller's part of the holder: the database its rows are in and the condition that
+/// selects them there. Every statement of a task or bulk job runs through one.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Scoped<'a> {
+    config: &'a SqlConnectorConfig,
+    db: &'a Db,
+    condition: Option<&'a str>,
 }
 
 impl SqlConnector {
-    /// Validates `config` and connects to its database.
+    /// Validates `config` and connects to its databases: `url` unless every controller has
+    /// its own, and each controller's own.
     pub(crate) async fn connect(config: SqlConnectorConfig) -> anyhow::Result<Self> {
         let problems = config.validate();
         if !problems.is_empty() {
@@ -100,8 +119,58 @@ impl SqlConnector {
                 problems.join("; ")
             );
         }
-        let db = Db::connect(&config.url).await?;
-        Ok(Self { config, db })
+        let shared = config.controllers.is_empty()
+            || config.controllers.values().any(|c| c.condition.is_some());
+        let db = match shared {
+            true => Some(Db::connect(&config.url).await?),
+            false => None,
+        };
+        let mut own = BTreeMap::new();
+        for (name, scope) in &config.controllers {
+            if let Some(url) = &scope.url {
+                let db = Db::connect(url).await.map_err(|e| {
+                    e.context(format!("connecting to the database of controller {name:?}"))
+                })?;
+                own.insert(name.clone(), db);
+            }
+        }
+        Ok(Self {
+            config,
+            db,
+            own,
+            batch_subjects: bulk::BATCH_SUBJECTS,
+        })
+    }
+
+    /// Where `controller`'s data is; the reason to refuse when this holder has none of it.
+    pub(crate) fn scope<'a>(&'a self, controller: &str) -> Result<Scoped<'a>, String> {
+        let config = &self.config;
+        let scoped = |db: Option<&'a Db>, condition: Option<&'a str>| {
+            db.map(|db| Scoped {
+                config,
+                db,
+                condition,
+            })
+            .ok_or_else(|| format!("no database is connected for controller {controller:?}"))
+        };
+        if self.config.controllers.is_empty() {
+            return scoped(self.db.as_ref(), None);
+        }
+        match self.config.controllers.get(controller) {
+            None => {
+                let known: Vec<&str> = self.config.controllers.keys().map(String::as_str).collect();
+                Err(format!(
+                    "the sql connector holds no data of controller {controller:?}; its \
+                     configuration scopes data to {}",
+                    known.join(", ")
+                ))
+            }
+            Some(ControllerScope {
+                condition: Some(condition),
+                ..
+            }) => scoped(self.db.as_ref(), Some(condition.as_str())),
+            Some(_) => scoped(self.own.get(controller), None),
+        }
     }
 }
 
@@ -125,6 +194,10 @@ impl Connector for SqlConnector {
                     ),
                 });
             }
+            let scope = match self.scope(&task.controller) {
+                Ok(scope) => scope,
+                Err(reason) => return Ok(Outcome::Refused { reason }),
+            };
             let ids = &task.identities;
             match (&task.phase, kind) {
                 (Phase::Confirm { .. }, _) => Err(ConnectorError::Permanent(
@@ -132,7 +205,7 @@ impl Connector for SqlConnector {
                         .into(),
                 )),
                 (Phase::Start | Phase::RetentionExpired, RequestKind::Erasure) => {
-                    let report = self.erase(ids, task.now_ms).await?;
+                    let report = scope.erase(ids, task.now_ms).await?;
                     Ok(erasure_outcome(report, &task.phase))
                 }
                 (Phase::RetentionExpired, _) => Err(ConnectorError::Permanent(format!(
@@ -140,16 +213,18 @@ impl Connector for SqlConnector {
                     crate::kind_label(kind)
                 ))),
                 (Phase::Start, RequestKind::ReturnOfData | RequestKind::Transfer) => {
-                    Ok(work_outcome(self.export(ids, task.export_sink()?).await?))
+                    Ok(work_outcome(scope.export(ids, task.export_sink()?).await?))
                 }
                 (Phase::Start, RequestKind::Rectification) => Ok(work_outcome(
-                    self.rectify(ids, &task.parameters.corrections).await?,
+                    scope.rectify(ids, &task.parameters.corrections).await?,
                 )),
                 (Phase::Start, RequestKind::Restriction) => Ok(work_outcome(
-                    self.restrict(ids, task.parameters.lift_restriction).await?,
+                    scope
+                        .restrict(ids, task.parameters.lift_restriction)
+                        .await?,
                 )),
                 (Phase::Start, RequestKind::Objection) => {
-                    Ok(work_outcome(self.suppress(ids).await?))
+                    Ok(work_outcome(scope.suppress(ids).await?))
                 }
                 (Phase::Start, RequestKind::ContractEnd) => Ok(Outcome::Refused {
                     reason: "a contract end is not a task of one subject".into(),
@@ -157,6 +232,20 @@ impl Connector for SqlConnector {
                 (Phase::Start, RequestKind::Unspecified) => Ok(Outcome::Refused {
                     reason: "the request kind is unspecified".into(),
                 }),
+            }
+        })
+    }
+
+    fn scoped_controllers(&self) -> Option<Vec<String>> {
+        (!self.config.controllers.is_empty())
+            .then(|| self.config.controllers.keys().cloned().collect())
+    }
+
+    fn run_bulk<'a>(&'a self, job: &'a BulkJob) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async move {
+            match self.scope(&job.controller) {
+                Ok(scope) => scope.bulk(job, self.batch_subjects).await,
+                Err(reason) => Ok(Outcome::Refused { reason }),
             }
         })
     }

@@ -224,6 +224,8 @@ async fn erases_subject_by_email(url: String) {
     // Mixed case and padding, as a partner might send it; the seed stores it in yet
     // another case.
     let out = connector
+        .scope("acme")
+        .unwrap()
         .erase(&[email(" MAIJA.meikalainen@example.FI ")], now())
         .await
         .unwrap();
@@ -339,7 +341,12 @@ async fn erases_subject_by_email(url: String) {
     );
 
     // Again, as the processor would if it asked twice: only what is kept is found.
-    let again = connector.erase(&[email(MAIJA)], now()).await.unwrap();
+    let again = connector
+        .scope("acme")
+        .unwrap()
+        .erase(&[email(MAIJA)], now())
+        .await
+        .unwrap();
     assert_eq!(again.records_affected, 0);
     assert!(again.found);
     assert_eq!(again.retained.map(|r| r.until_ms), Some(ms(2031, 1, 1)));
@@ -357,6 +364,8 @@ async fn erases_subject_by_email(url: String) {
 async fn erases_subject_by_customer_number(url: String) {
     let (connector, db) = sample(&url).await;
     let out = connector
+        .scope("acme")
+        .unwrap()
         .erase(
             &[ident(
                 IdentityType::CustomerNumber,
@@ -418,6 +427,8 @@ async fn erases_subject_by_customer_number(url: String) {
 async fn several_identities_of_one_subject_count_once(url: String) {
     let (connector, db) = sample(&url).await;
     let out = connector
+        .scope("acme")
+        .unwrap()
         .erase(
             &[
                 email(MAIJA),
@@ -487,6 +498,8 @@ async fn hashed_only_identities_are_permanent_errors(url: String) {
         ..ident(IdentityType::Other, IdentityEncoding::Raw, "LC-42")
     };
     let err = connector
+        .scope("acme")
+        .unwrap()
         .erase(&[hashed.clone(), other.clone()], now())
         .await
         .unwrap_err();
@@ -500,6 +513,8 @@ async fn hashed_only_identities_are_permanent_errors(url: String) {
     // The other kinds need them too.
     assert_eq!(
         connector
+            .scope("acme")
+            .unwrap()
             .export(
                 std::slice::from_ref(&hashed),
                 &ExportSink::new("unused", Vec::new())
@@ -508,7 +523,15 @@ async fn hashed_only_identities_are_permanent_errors(url: String) {
             .unwrap_err(),
         expected
     );
-    assert_eq!(connector.suppress(&[other]).await.unwrap_err(), expected);
+    assert_eq!(
+        connector
+            .scope("acme")
+            .unwrap()
+            .suppress(&[other])
+            .await
+            .unwrap_err(),
+        expected
+    );
     assert_eq!(count(&db, &format!("{C} FROM customers")).await, 6);
 }
 
@@ -521,7 +544,12 @@ async fn sql_errors_roll_back_every_table(url: String) {
         .anonymize
         .insert("no_such_column".into(), AnonymizeWith::Redacted);
     let connector = SqlConnector::connect(config).await.unwrap();
-    let err = connector.erase(&[email(MAIJA)], now()).await.unwrap_err();
+    let err = connector
+        .scope("acme")
+        .unwrap()
+        .erase(&[email(MAIJA)], now())
+        .await
+        .unwrap_err();
     let ConnectorError::Permanent(message) = &err else {
         panic!("expected a permanent error, got {err:?}");
     };
