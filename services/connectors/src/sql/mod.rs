@@ -15,8 +15,51 @@
 //! - which 0/1 column a RESTRICTION sets or lifts (`restrict_column`) and which one an
 //!   OBJECTION to direct marketing sets (`suppress_column`).
 //!
-//! The connector supports a request kind when some table is configured for it (ERASURE when
-//! some table is not `keep`).
+//! The connector supports a request kind when some table is configured for it (ERASURE and
+//! CONTRACT_END when some table is not `keep`; a contract end's return exports the tables
+//! with `export` and writes no files when there are none).
+//!
+//! # Controllers
+//!
+//! A processor may serve several controllers from one holder. Without `controllers` the
+//! data is not scoped: all of it belongs to whichever controller asks. With it, every task
+//! and bulk job works only on its controller's data, and a controller not listed is refused
+//! ([`Outcome::Refused`] naming it). Per controller, either:
+//! - `condition`: a SQL condition over the columns of the matched (top-level) tables, ANDed
+//!   into their selection (`tenant = 'acme'`); child tables are reached through their
+//!   parent's selected rows, so the condition needs only the top-level tables' columns
+//!   (every top-level table must have those it names). It must select the same rows after
+//!   an erasure as before, so it must not name `anonymize` columns. Like `retain.while` it is
+//!   spliced as written: trusted operator configuration, never user input;
+//! - `url`: a database of the controller's own, with the configured tables; every row there
+//!   is the controller's. Connected when the connector starts, as `url` is; the top-level
+//!   `url` is not opened when every controller has a database of its own.
+//!
+//! # Contract ends
+//!
+//! [`Connector::run_bulk`] works on all of the controller's rows: the top-level tables' rows
+//! in scope, and the child rows linked to them (a child row linked to no parent row belongs
+//! to no subject, as in a single request). It counts first (subjects: top-level rows;
+//! records: rows of the tables the step handles) and reports [`crate::BulkProgress`] as it
+//! goes.
+//! - Export: each table with `export` columns is read with a cursor, in one read
+//!   transaction, into `<table>.json` and `<table>.csv`, as a subject's export is.
+//! - Erase: each top-level table with the tables found through it, in batches of at most
+//!   10,000 of its rows (ranges of the column the children link to, or of a match column
+//!   for a table without children, compared as text), one transaction per batch, children
+//!   first. A batch runs the statements of a single
+//!   erasure over all of its rows (a few per table, never one per subject), so retention
+//!   applies exactly as for one subject: released rows get the table's action, kept rows lose
+//!   what the obligation does not need, a parent row stays while a child kept through it
+//!   does. Then one aggregate per `retain` table finds what is kept and the next release,
+//!   and the step answers [`Outcome::Retained`] (the processor runs it again with
+//!   [`Phase::RetentionExpired`]) or [`Outcome::Completed`]. Progress ends at the totals:
+//!   every counted row was erased or is kept.
+//!
+//! A crash or error between batches leaves the committed batches done and the rest
+//! untouched; the processor's retry runs the step again, which finds only what is left
+//! (erased rows are gone, anonymized rows no longer match the "not yet anonymized"
+//! conditions) and reports the counts of that run.
 //!
 //! # Legal retention
 //!
@@ -43,10 +86,12 @@
 //! # Safety
 //!
 //! A request runs in one transaction: child tables first, so that they are still reachable
-//! through their parent's rows, then the matched tables. Identifiers come only from the
-//! validated configuration and are quoted; identity values, corrected values and dates are
-//! always bound as parameters. The only SQL text taken from the configuration is
-//! `retain.while`, spliced as written: it is trusted operator configuration, never user input.
+//! through their parent's rows, then the matched tables (a contract end's erasure: one
+//! transaction per batch, see above). Identifiers come only from the validated configuration
+//! and are quoted; identity values, corrected values, dates and batch bounds are always bound
+//! as parameters. The only SQL text taken from the configuration is `retain.while` and a
+//! controller's `condition`, spliced as written: trusted operator configuration, never user
+//! input.
 //!
 //! # Layout
 //! - `rules`: the configuration ([`SqlConnectorConfig`], [`TableRule`], [`Action`],
@@ -55,10 +100,11 @@
 //!   SQL compares, and what a table keeps of the subject's rows.
 //! - `plan`: the statements a request runs, built from the rules and the identities (pure).
 //! - `execute`: running them in one transaction, reading rows, classifying database errors.
+//! - `bulk`: contract ends: counting, the export, the erasure in batches, what is kept.
 //! - `sample`: the sample accounting database and its rules ([`sample_config`],
 //!   [`create_sample_accounting_db`]).
-//! - here: the connector, which connects, dispatches a task by kind and phase and turns the
-//!   reports into an [`Outcome`].
+//! - here: the connector, which connects, finds the controller's scope, dispatches a task by
+//!   kind and phase and turns the reports into an [`Outcome`].
 
 use std::collections::BTreeMap;
 

@@ -2,8 +2,9 @@
 //! identities. Pure, so the SQL text and its parameters are tested without a database.
 //!
 //! Identifiers come only from the validated configuration and are quoted; identity values,
-//! corrected values and dates are always bound as parameters (`$1`, `$2`, ...). The only SQL
-//! text taken from the configuration is `retain.while`, spliced as written.
+//! corrected values, dates and batch bounds are always bound as parameters (`$1`, `$2`, ...).
+//! The only SQL text taken from the configuration is `retain.while` and a controller's
+//! `condition`, spliced as written.
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -1763,4 +1763,17 @@ fn controller_scopes_are_validated() {
     )
     .is_err());
     assert!(config.supports(RequestKind::ContractEnd));
+    // As a processor's subprocessor writes it (README).
+    let connector: crate::ConnectorConfig = toml::from_str(
+        "type = \"sql\"\nurl = \"sqlite://a.db\"\n[[tables]]\ntable = \"t\"\n\
+         action = \"delete\"\nmatch = { email = \"email\" }\n[controllers.acme]\n\
+         condition = \"tenant = 'acme'\"\n[controllers.globex]\n\
+         url = \"postgres://dsrelay@accounting-db/globex\"\n",
+    )
+    .unwrap();
+    let crate::ConnectorConfig::Sql(sql) = connector else {
+        panic!("expected sql");
+    };
+    assert_eq!(sql.controllers.len(), 2);
+    assert_eq!(sql.validate(), Vec::<String>::new());
 }
