@@ -8,8 +8,6 @@
 //! need). A batch thus runs a few statements per table, whatever the number of subjects.
 //! What is kept is assessed at the end with one aggregate per `retain` table.
 
-use futures::TryStreamExt;
-
 use super::execute::{classify, export_rows};
 use super::plan::{
     plan_export, plan_table_erasure, quote, subject_filter, Batch, Binds, Scope, Statement,
@@ -203,18 +201,19 @@ impl Scoped<'_> {
                 continue;
             }
             let key = batch_key(self.config, top);
+            let integer = self.integer_key(top, &key).await?;
             let mut after: Option<String> = None;
             let mut batches = 0u64;
             loop {
-                let through = self
-                    .batch_end(top, &key, after.as_deref(), batch_subjects)
-                    .await?;
-                let batch = Batch {
+                let mut batch = Batch {
                     table: top.table.clone(),
                     key: key.clone(),
                     after: after.clone(),
-                    through: through.clone(),
+                    through: None,
+                    integer,
                 };
+                batch.through = self.batch_end(&batch, batch_subjects).await?;
+                let through = batch.through.clone();
                 let scope = Scope {
                     batch: Some(&batch),
                     ..self.everything()
@@ -351,49 +350,57 @@ impl Scoped<'_> {
         })
     }
 
-    /// The last batch key of the batch after `after`: the `size`-th key in text order, or
-    /// `None` when at most `size` rows are left (the last batch, which also takes the rows
-    /// without a key).
-    async fn batch_end(
-        &self,
-        top: &TableRule,
-        key: &str,
-        after: Option<&str>,
-        size: u64,
-    ) -> Result<Option<String>, ConnectorError> {
-        let probe = Batch {
-            table: top.table.clone(),
-            key: key.to_string(),
-            after: None,
-            through: None,
-        };
-        let key_text = probe.key_text();
+    /// Whether `top`'s batch key holds integers, judged by one of its values.
+    async fn integer_key(&self, top: &TableRule, key: &str) -> Result<bool, ConnectorError> {
+        use sqlx::any::AnyTypeInfoKind as Kind;
+        use sqlx::{Row as _, ValueRef as _};
+        let column = quote(key);
+        let sql = format!(
+            "SELECT {column} FROM {} WHERE {column} IS NOT NULL LIMIT 1",
+            quote(&top.table)
+        );
+        let row = sqlx::query(&sql)
+            .fetch_optional(&self.db.pool)
+            .await
+            .map_err(|e| classify(&format!("reading the batch key of {}", top.table), &e))?;
+        Ok(row.is_some_and(|row| {
+            row.try_get_raw(0).is_ok_and(|raw| {
+                matches!(
+                    raw.type_info().kind(),
+                    Kind::SmallInt | Kind::Integer | Kind::BigInt
+                )
+            })
+        }))
+    }
+
+    /// The last key of `batch` (whose `after` is set): the `size`-th key after it, or `None`
+    /// when at most `size` rows are left (the last batch, which also takes the rows without
+    /// a key).
+    async fn batch_end(&self, batch: &Batch, size: u64) -> Result<Option<String>, ConnectorError> {
+        let key = batch.key_expr();
         let mut b = Binds::default();
-        let mut terms = vec![format!("{key_text} IS NOT NULL")];
+        let mut terms = vec![format!("{key} IS NOT NULL")];
         if let Some(condition) = self.condition {
             terms.push(format!("({condition})"));
         }
-        if let Some(after) = after {
-            terms.push(format!("{key_text} > {}", b.add(after)));
+        if let Some(after) = &batch.after {
+            terms.push(format!("{key} > {}", batch.bound(after, &mut b)));
         }
         // Two keys: the batch's last, and whether another follows it. The numbers are
         // constants of the code, not request data.
         let select = b.finish(format!(
-            "SELECT {key_text} FROM {} WHERE {} ORDER BY 1 LIMIT 2 OFFSET {}",
-            quote(&top.table),
+            "SELECT CAST({}.{} AS TEXT) FROM {} WHERE {} ORDER BY {key} LIMIT 2 OFFSET {}",
+            quote(&batch.table),
+            quote(&batch.key),
+            quote(&batch.table),
             terms.join(" AND "),
             size.saturating_sub(1)
         ));
-        let mut tx = self.begin().await?;
         let keys: Vec<String> = select
             .query_scalar()
-            .fetch(&mut *tx)
-            .try_collect()
+            .fetch_all(&self.db.pool)
             .await
-            .map_err(|e| classify(&format!("dividing {} into batches", top.table), &e))?;
-        tx.commit()
-            .await
-            .map_err(|e| classify("finishing a batch boundary", &e))?;
+            .map_err(|e| classify(&format!("dividing {} into batches", batch.table), &e))?;
         Ok((keys.len() == 2).then(|| keys[0].clone()))
     }
 

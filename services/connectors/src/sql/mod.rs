@@ -46,8 +46,9 @@
 //!   transaction, into `<table>.json` and `<table>.csv`, as a subject's export is.
 //! - Erase: each top-level table with the tables found through it, in batches of at most
 //!   10,000 of its rows (ranges of the column the children link to, or of a match column
-//!   for a table without children, compared as text), one transaction per batch, children
-//!   first. A batch runs the statements of a single
+//!   for a table without children; an integer key is compared as it is, so that a batch
+//!   reads its range from the key's index, any other as text), one transaction per batch,
+//!   children first. A batch runs the statements of a single
 //!   erasure over all of its rows (a few per table, never one per subject), so retention
 //!   applies exactly as for one subject: released rows get the table's action, kept rows lose
 //!   what the obligation does not need, a parent row stays while a child kept through it

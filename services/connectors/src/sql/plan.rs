@@ -88,9 +88,11 @@ pub(super) struct Scope<'a> {
     pub(super) batch: Option<&'a Batch>,
 }
 
-/// A range of a top-level table's batch key, compared as text so that any column type
-/// works with text parameters: `(after, through]`, where the last batch (`through` None)
-/// also takes the rows whose key is NULL. The batches of a run thus partition the rows.
+/// A range of a top-level table's batch key, `(after, through]`, where the last batch
+/// (`through` None) also takes the rows whose key is NULL, so that the batches of a run
+/// partition the rows. An integer key is compared as it is (the bounds, bound as text, are
+/// cast), so that a batch reads its range from the key's index; any other key is compared
+/// as text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Batch {
     /// The top-level table.
@@ -101,22 +103,37 @@ pub(super) struct Batch {
     pub(super) after: Option<String>,
     /// The last key of this batch; `None` for the last.
     pub(super) through: Option<String>,
+    /// Whether the key holds integers.
+    pub(super) integer: bool,
 }
 
 impl Batch {
-    /// The key as text, as the batch conditions and the boundary queries compare it.
-    pub(super) fn key_text(&self) -> String {
-        format!("CAST({}.{} AS TEXT)", quote(&self.table), quote(&self.key))
+    /// The key as the batch conditions and the boundary queries compare it.
+    pub(super) fn key_expr(&self) -> String {
+        let column = format!("{}.{}", quote(&self.table), quote(&self.key));
+        match self.integer {
+            true => column,
+            false => format!("CAST({column} AS TEXT)"),
+        }
+    }
+
+    /// A bound as the key is compared with it.
+    pub(super) fn bound(&self, value: &str, b: &mut Binds) -> String {
+        let p = b.add(value);
+        match self.integer {
+            true => format!("CAST({p} AS BIGINT)"),
+            false => p,
+        }
     }
 
     fn condition(&self, b: &mut Binds) -> String {
-        let key = self.key_text();
+        let key = self.key_expr();
         let mut terms = Vec::new();
         if let Some(after) = &self.after {
-            terms.push(format!("{key} > {}", b.add(after.clone())));
+            terms.push(format!("{key} > {}", self.bound(after, b)));
         }
         match &self.through {
-            Some(through) => terms.push(format!("{key} <= {}", b.add(through.clone()))),
+            Some(through) => terms.push(format!("{key} <= {}", self.bound(through, b))),
             None if !terms.is_empty() => {
                 let after = terms.remove(0);
                 terms.push(format!("({key} IS NULL OR {after})"));

@@ -1198,7 +1198,8 @@ fn replaces_database_name_in_urls() {
 
 on_both_backends!(
     scopes_controllers_by_condition,
-    bulk_erasure_runs_in_few_batches
+    bulk_erasure_runs_in_few_batches,
+    bulk_batches_of_a_text_key_cover_every_row,
 );
 
 /// A contract-end job for `controller`, and the receiver of its progress.
@@ -1628,6 +1629,37 @@ async fn bulk_erasure_runs_in_few_batches(url: String) {
     assert_eq!(count(&db, &format!("{C} FROM contacts")).await, 0);
     // Customers 1 to 5 have kept invoices.
     assert_eq!(count(&db, &format!("{C} FROM customers")).await, 5);
+}
+
+/// A table without children is batched by a match column erasure leaves alone, here text:
+/// the batches still take every row once.
+async fn bulk_batches_of_a_text_key_cover_every_row(url: String) {
+    let (_, db) = sample(&url).await;
+    let mut config = sample_config(&url);
+    config.tables.retain(|t| t.table == "customers");
+    let customers = &mut config.tables[0];
+    customers.anonymize.clear();
+    let mut connector = SqlConnector::connect(config).await.unwrap();
+    connector.batch_subjects = 2;
+    let (job, rx) = bulk_job("acme", crate::BulkOp::Erase, Phase::Start, now(), None);
+    // Rows linked to the customers would stop their deletion; these have none.
+    exec(&db, "DELETE FROM contacts").await;
+    exec(&db, "DELETE FROM invoices").await;
+    exec(&db, "DELETE FROM ledger_entries").await;
+    let (out, progress) = run_bulk_watched(&connector, job, rx).await;
+    assert_eq!((progress.subjects_total, progress.records_total), (6, 6));
+    assert_eq!(
+        out,
+        Outcome::Completed {
+            records_affected: 6,
+            note: "customers and the tables found through it: 3 batch(es) of at most 2 rows; \
+                   customers: deleted 6"
+                .into(),
+            files: Vec::new(),
+            erased: erased_counts(&[("customers", "deleted", 6)]),
+        }
+    );
+    assert_eq!(count(&db, &format!("{C} FROM customers")).await, 0);
 }
 
 /// Two controllers with a database each: A's requests never open B's.
