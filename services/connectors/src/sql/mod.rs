@@ -48,11 +48,10 @@
 //!   10,000 of its rows (ranges of the column the children link to, or of a match column
 //!   for a table without children; an integer key is compared as it is, so that a batch
 //!   reads its range from the key's index, any other as text), one transaction per batch,
-//!   children first. A batch runs the statements of a single
-//!   erasure over all of its rows (a few per table, never one per subject), so retention
-//!   applies exactly as for one subject: released rows get the table's action, kept rows lose
-//!   what the obligation does not need, a parent row stays while a child kept through it
-//!   does. Then one aggregate per `retain` table finds what is kept and the next release,
+//!   children first. A batch runs the statements of a single erasure over all of its rows
+//!   (a few per table, never one per subject), so retention applies exactly as for one
+//!   subject: released rows get the table's action, kept rows lose what the obligation does
+//!   not need, a parent row stays while a child kept through it does. Then one aggregate per `retain` table finds what is kept and the next release,
 //!   and the step answers [`Outcome::Retained`] (the processor runs it again with
 //!   [`Phase::RetentionExpired`]) or [`Outcome::Completed`]. Progress ends at the totals:
 //!   every counted row was erased or is kept.
