@@ -180,6 +180,26 @@ impl Scoped<'_> {
             .collect();
         let mut tx = self.begin().await?;
         let mut progress = self.totals(&mut tx, &erased_tables).await?;
+        // As a subject's erasure refuses a subject with an undated row, before erasing
+        // anything: without its date a row's retention cannot be known.
+        for rule in &erased_tables {
+            let Some(retain) = &rule.retain else {
+                continue;
+            };
+            let undated: i64 = self
+                .undated_query(rule, retain)
+                .query_scalar()
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| classify(&format!("reading the dates of {}", rule.table), &e))?;
+            if undated > 0 {
+                return Err(ConnectorError::Permanent(format!(
+                    "{}: {undated} of the controller's rows have no date in {} (YYYY-MM-DD \
+                     expected), so their retention cannot be computed; nothing was erased",
+                    rule.table, retain.from_column
+                )));
+            }
+        }
         tx.commit()
             .await
             .map_err(|e| classify("finishing the count", &e))?;
@@ -373,9 +393,8 @@ impl Scoped<'_> {
         }))
     }
 
-    /// The last key of `batch` (whose `after` is set): the `size`-th key after it, or `None`
-    /// when at most `size` rows are left (the last batch, which also takes the rows without
-    /// a key).
+    /// The last key of `batch`: the `size`-th key after its `after`, or `None` when at most
+    /// `size` rows are left (the last batch, which also takes the rows without a key).
     async fn batch_end(&self, batch: &Batch, size: u64) -> Result<Option<String>, ConnectorError> {
         let key = batch.key_expr();
         let mut b = Binds::default();
@@ -402,6 +421,21 @@ impl Scoped<'_> {
             .await
             .map_err(|e| classify(&format!("dividing {} into batches", batch.table), &e))?;
         Ok((keys.len() == 2).then(|| keys[0].clone()))
+    }
+
+    /// Counts the controller's rows of `rule` whose date is missing or not shaped
+    /// `YYYY-MM-DD...`.
+    fn undated_query(&self, rule: &TableRule, retain: &Retention) -> Statement {
+        let mut b = Binds::default();
+        let filter =
+            subject_filter(self.config, rule, self.everything(), &mut b).unwrap_or_default();
+        let table = quote(&rule.table);
+        let dated = format!("CAST({table}.{} AS TEXT)", quote(&retain.from_column));
+        b.finish(format!(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM {table} WHERE {filter} AND ({dated} IS NULL \
+             OR LENGTH({dated}) < 10 OR SUBSTR({dated}, 5, 1) <> '-' \
+             OR SUBSTR({dated}, 8, 1) <> '-')"
+        ))
     }
 
     /// Counts what `rule`'s `retain` keeps of the controller's rows at `now_ms`, by the same

@@ -1466,6 +1466,31 @@ async fn scopes_controllers_by_condition(url: String) {
         }
     }
 
+    // An undated invoice: its retention cannot be known, so nothing is erased.
+    exec(
+        &db,
+        "UPDATE invoices SET issued_on = 'unknown' WHERE id = 104",
+    )
+    .await;
+    let (job, _rx) = bulk_job("a", crate::BulkOp::Erase, Phase::Start, now(), None);
+    assert_eq!(
+        crate::Connector::run_bulk(&connector, &job).await,
+        Err(ConnectorError::Permanent(
+            "invoices: 1 of the controller's rows have no date in issued_on (YYYY-MM-DD \
+             expected), so their retention cannot be computed; nothing was erased"
+                .into()
+        ))
+    );
+    assert_eq!(
+        count(&db, &format!("{C} FROM contacts WHERE customer_id = 2")).await,
+        1
+    );
+    exec(
+        &db,
+        "UPDATE invoices SET issued_on = '2024-02-10' WHERE id = 104",
+    )
+    .await;
+
     // A's contract end erases what no obligation keeps, and only A's.
     let (job, rx) = bulk_job("a", crate::BulkOp::Erase, Phase::Start, now(), None);
     let (out, progress) = run_bulk_watched(&connector, job, rx).await;
