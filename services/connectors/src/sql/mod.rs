@@ -51,10 +51,12 @@
 //!   children first. A batch runs the statements of a single erasure over all of its rows
 //!   (a few per table, never one per subject), so retention applies exactly as for one
 //!   subject: released rows get the table's action, kept rows lose what the obligation does
-//!   not need, a parent row stays while a child kept through it does. Then one aggregate per `retain` table finds what is kept and the next release,
-//!   and the step answers [`Outcome::Retained`] (the processor runs it again with
-//!   [`Phase::RetentionExpired`]) or [`Outcome::Completed`]. Progress ends at the totals:
-//!   every counted row was erased or is kept.
+//!   not need, a parent row stays while a child kept through it does. Then one aggregate
+//!   per `retain` table finds what is kept and the next release, and the step answers
+//!   [`Outcome::Retained`] (the processor runs it again with [`Phase::RetentionExpired`]) or
+//!   [`Outcome::Completed`]. Progress ends at the totals: every counted row was erased or
+//!   is kept. Before the first batch, a `retain` table with an undated row of the
+//!   controller stops the step with a permanent error, as it stops a subject's erasure.
 //!
 //! A crash or error between batches leaves the committed batches done and the rest
 //! untouched; the processor's retry runs the step again, which finds only what is left

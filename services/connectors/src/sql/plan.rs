@@ -692,4 +692,62 @@ mod tests {
         );
         assert_eq!(work(3).held_for, ["invoices", "ledger_entries"]);
     }
+
+    #[test]
+    fn controller_conditions_and_batches_scope_the_top_level_rows() {
+        let config = sample_config("sqlite::memory:");
+        let batch = Batch {
+            table: "customers".into(),
+            key: "id".into(),
+            after: Some("10".into()),
+            through: None,
+            integer: true,
+        };
+        let scope = Scope {
+            subject: None,
+            condition: Some("tenant = 'a'"),
+            batch: Some(&batch),
+        };
+        let plan = plan_erasure(&config, scope, now());
+        // A child: through the parent's rows in the condition and the batch, which, being the
+        // last, also takes the rows without a key.
+        assert_eq!(
+            plan[0].work.as_ref().unwrap().main,
+            Statement {
+                sql: "DELETE FROM \"contacts\" WHERE \"customer_id\" IN (SELECT \"id\" FROM \
+                      \"customers\" WHERE (tenant = 'a') AND (\"customers\".\"id\" IS NULL OR \
+                      \"customers\".\"id\" > CAST($1 AS BIGINT)))"
+                    .into(),
+                binds: vec!["10".into()],
+            }
+        );
+        // With a subject, the condition joins the match; a text key is compared as text.
+        let raw = usable_identities(&config, &[email("Maija@Example.fi")]).unwrap();
+        let batch = Batch {
+            through: Some("20".into()),
+            integer: false,
+            ..batch
+        };
+        let scope = Scope {
+            subject: Some(&raw),
+            condition: Some("tenant = 'a'"),
+            batch: Some(&batch),
+        };
+        let customers = config
+            .tables
+            .iter()
+            .find(|t| t.table == "customers")
+            .unwrap();
+        assert_eq!(
+            plan_flag(&config, customers, scope, "marketing_opt_out", 1).unwrap(),
+            Statement {
+                sql: "UPDATE \"customers\" SET \"marketing_opt_out\" = 1 WHERE \
+                      (lower(\"email\") = $1) AND (tenant = 'a') AND \
+                      CAST(\"customers\".\"id\" AS TEXT) > $2 AND \
+                      CAST(\"customers\".\"id\" AS TEXT) <= $3"
+                    .into(),
+                binds: vec!["maija@example.fi".into(), "10".into(), "20".into()],
+            }
+        );
+    }
 }

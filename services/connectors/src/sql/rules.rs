@@ -28,7 +28,8 @@ pub(super) const MATCH_KEYS: [(&str, IdentityType); 4] = [
 #[serde(deny_unknown_fields)]
 pub struct SqlConnectorConfig {
     /// Where the data lives: `sqlite://path` or `postgres://user@host/db`. The connector needs
-    /// its own URL because the holder's database is not the processor's store.
+    /// its own URL because the holder's database is not the processor's store. When every
+    /// controller has a database of its own (`controllers`), it is not opened.
     pub url: String,
     /// The tables holding the subject's data and what to do in each; a table not listed here
     /// is never touched.
