@@ -10,11 +10,11 @@ use sqlx::{Any, Row, Transaction, ValueRef as _};
 
 use super::plan::{
     check_corrections, plan_erasure, plan_export, plan_flag, plan_rectify, usable_identities,
-    Statement,
+    Identity, Scope, Statement,
 };
 use super::retention::{assess, day_of, DatedRow};
 use super::rules::{Action, TableRule};
-use super::SqlConnector;
+use super::Scoped;
 use crate::export::{CsvWriter, ExportSink, JsonArrayWriter, CSV, JSON};
 use crate::{ConnectorError, ErasedCount, ExportedFile};
 
@@ -58,8 +58,20 @@ pub(crate) struct WorkReport {
     pub(crate) files: Vec<ExportedFile>,
 }
 
-impl SqlConnector {
-    async fn begin(&self) -> Result<Transaction<'static, Any>, ConnectorError> {
+impl<'a> Scoped<'a> {
+    /// The subject known by `raw` within this controller's data.
+    pub(super) fn subject<'b>(&self, raw: &'b [Identity]) -> Scope<'b>
+    where
+        'a: 'b,
+    {
+        Scope {
+            subject: Some(raw),
+            condition: self.condition,
+            batch: None,
+        }
+    }
+
+    pub(super) async fn begin(&self) -> Result<Transaction<'static, Any>, ConnectorError> {
         self.db
             .pool
             .begin()
@@ -79,7 +91,8 @@ impl SqlConnector {
         identities: &[SubjectIdentity],
         now_ms: i64,
     ) -> Result<ErasureReport, ConnectorError> {
-        let plan = plan_erasure(&self.config, identities, now_ms)?;
+        let raw = usable_identities(self.config, identities)?;
+        let plan = plan_erasure(self.config, self.subject(&raw), now_ms);
         let mut tx = self.begin().await?;
         let mut total: i64 = 0;
         let mut found = false;
@@ -214,64 +227,19 @@ impl SqlConnector {
         identities: &[SubjectIdentity],
         sink: &ExportSink,
     ) -> Result<WorkReport, ConnectorError> {
-        let raw = usable_identities(&self.config, identities)?;
+        let raw = usable_identities(self.config, identities)?;
         let mut tx = self.begin().await?;
         let mut total: i64 = 0;
         let mut notes = Vec::new();
         let mut files = Vec::new();
         for rule in self.config.tables.iter().filter(|t| !t.export.is_empty()) {
-            let Some(select) = plan_export(&self.config, rule, &raw) else {
+            let Some(select) = plan_export(self.config, rule, self.subject(&raw)) else {
                 notes.push(skipped(rule));
                 continue;
             };
             let table = rule.table.as_str();
-            let mut writers: Option<(JsonArrayWriter, CsvWriter)> = None;
-            // Reused from row to row: a row costs the reading of its values and no more.
-            let mut values = Vec::with_capacity(rule.export.len());
-            let mut rows = select.query().fetch(&mut *tx);
-            while let Some(row) = rows
-                .try_next()
-                .await
-                .map_err(|e| classify(&format!("exporting {table}"), &e))?
-            {
-                values.clear();
-                for (i, column) in rule.export.iter().enumerate() {
-                    values.push(
-                        json_value(&row, i)
-                            .map_err(|e| classify(&format!("exporting {table}.{column}"), &e))?,
-                    );
-                }
-                // Files are opened at the first row, so a table without the subject's rows
-                // adds nothing to the package.
-                let (json, csv) = match &mut writers {
-                    Some(w) => w,
-                    None => writers.insert((
-                        JsonArrayWriter::new(sink.file(&format!("{table}.json"), JSON).await?)
-                            .await?,
-                        CsvWriter::new(
-                            sink.file(&format!("{table}.csv"), CSV).await?,
-                            &rule.export,
-                        )
-                        .await?,
-                    )),
-                };
-                json.push(&RowObject {
-                    columns: &rule.export,
-                    values: &values,
-                })
-                .await?;
-                csv.push(values.iter().map(csv_field)).await?;
-            }
-            drop(rows);
-            let exported = match writers {
-                Some((json, csv)) => {
-                    let n = json.count();
-                    files.push(json.finish().await?);
-                    files.push(csv.finish().await?);
-                    n
-                }
-                None => 0,
-            };
+            let (exported, written) = export_rows(&mut tx, rule, &select, sink, |_| {}).await?;
+            files.extend(written);
             notes.push(format!("{table}: exported {exported}"));
             total = total.saturating_add(i64::try_from(exported).unwrap_or(i64::MAX));
         }
@@ -293,8 +261,8 @@ impl SqlConnector {
         identities: &[SubjectIdentity],
         corrections: &[FieldCorrection],
     ) -> Result<WorkReport, ConnectorError> {
-        let corrections = check_corrections(&self.config, corrections)?;
-        let raw = usable_identities(&self.config, identities)?;
+        let corrections = check_corrections(self.config, corrections)?;
+        let raw = usable_identities(self.config, identities)?;
         let mut tx = self.begin().await?;
         let mut total: i64 = 0;
         let mut notes = Vec::new();
@@ -311,7 +279,7 @@ impl SqlConnector {
                 .iter()
                 .map(|(_, column, value)| (*column, *value))
                 .collect();
-            let Some(update) = plan_rectify(&self.config, rule, &raw, &columns) else {
+            let Some(update) = plan_rectify(self.config, rule, self.subject(&raw), &columns) else {
                 notes.push(skipped(rule));
                 continue;
             };
@@ -368,7 +336,7 @@ impl SqlConnector {
         value: u8,
         verb: &str,
     ) -> Result<WorkReport, ConnectorError> {
-        let raw = usable_identities(&self.config, identities)?;
+        let raw = usable_identities(self.config, identities)?;
         let mut tx = self.begin().await?;
         let mut total: i64 = 0;
         let mut notes = Vec::new();
@@ -376,7 +344,8 @@ impl SqlConnector {
             let Some(column) = column_of(rule) else {
                 continue;
             };
-            let Some(update) = plan_flag(&self.config, rule, &raw, column, value) else {
+            let Some(update) = plan_flag(self.config, rule, self.subject(&raw), column, value)
+            else {
                 notes.push(skipped(rule));
                 continue;
             };
@@ -395,6 +364,59 @@ impl SqlConnector {
             files: Vec::new(),
         })
     }
+}
+
+/// Streams the rows `select` yields (the `export` columns of `rule`) into `<table>.json` and
+/// `<table>.csv` in `sink`, calling `on_row` with the count so far after each row. The files
+/// are opened at the first row, so a table without rows adds nothing to the package.
+pub(super) async fn export_rows(
+    tx: &mut Transaction<'static, Any>,
+    rule: &TableRule,
+    select: &Statement,
+    sink: &ExportSink,
+    mut on_row: impl FnMut(u64),
+) -> Result<(u64, Vec<ExportedFile>), ConnectorError> {
+    let table = rule.table.as_str();
+    let mut writers: Option<(JsonArrayWriter, CsvWriter)> = None;
+    // Reused from row to row: a row costs the reading of its values and no more.
+    let mut values = Vec::with_capacity(rule.export.len());
+    let mut rows = select.query().fetch(&mut **tx);
+    let mut count: u64 = 0;
+    while let Some(row) = rows
+        .try_next()
+        .await
+        .map_err(|e| classify(&format!("exporting {table}"), &e))?
+    {
+        values.clear();
+        for (i, column) in rule.export.iter().enumerate() {
+            values.push(
+                json_value(&row, i)
+                    .map_err(|e| classify(&format!("exporting {table}.{column}"), &e))?,
+            );
+        }
+        let (json, csv) = match &mut writers {
+            Some(w) => w,
+            None => writers.insert((
+                JsonArrayWriter::new(sink.file(&format!("{table}.json"), JSON).await?).await?,
+                CsvWriter::new(sink.file(&format!("{table}.csv"), CSV).await?, &rule.export)
+                    .await?,
+            )),
+        };
+        json.push(&RowObject {
+            columns: &rule.export,
+            values: &values,
+        })
+        .await?;
+        csv.push(values.iter().map(csv_field)).await?;
+        count += 1;
+        on_row(count);
+    }
+    drop(rows);
+    let files = match writers {
+        Some((json, csv)) => vec![json.finish().await?, csv.finish().await?],
+        None => Vec::new(),
+    };
+    Ok((count, files))
 }
 
 /// The note of a table no identity of the request applies to.
@@ -540,7 +562,12 @@ mod tests {
             .await
             .unwrap();
         // Waits out the 5 s busy timeout Db sets, then gives up.
-        let err = connector.erase(&[email(MAIJA)], now()).await.unwrap_err();
+        let err = connector
+            .scope("acme")
+            .unwrap()
+            .erase(&[email(MAIJA)], now())
+            .await
+            .unwrap_err();
         assert!(err.is_transient(), "{err:?}");
         assert!(err.to_string().contains("database is locked"), "{err}");
         sqlx::query("ROLLBACK").execute(&mut *writer).await.unwrap();

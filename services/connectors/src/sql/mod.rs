@@ -15,8 +15,53 @@
 //! - which 0/1 column a RESTRICTION sets or lifts (`restrict_column`) and which one an
 //!   OBJECTION to direct marketing sets (`suppress_column`).
 //!
-//! The connector supports a request kind when some table is configured for it (ERASURE when
-//! some table is not `keep`).
+//! The connector supports a request kind when some table is configured for it (ERASURE and
+//! CONTRACT_END when some table is not `keep`; a contract end's return exports the tables
+//! with `export` and writes no files when there are none).
+//!
+//! # Controllers
+//!
+//! A processor may serve several controllers from one holder. Without `controllers` the
+//! data is not scoped: all of it belongs to whichever controller asks. With it, every task
+//! and bulk job works only on its controller's data, and a controller not listed is refused
+//! ([`Outcome::Refused`] naming it). Per controller, either:
+//! - `condition`: a SQL condition over the columns of the matched (top-level) tables, ANDed
+//!   into their selection (`tenant = 'acme'`); child tables are reached through their
+//!   parent's selected rows, so the condition needs only the top-level tables' columns
+//!   (every top-level table must have those it names). It must select the same rows after
+//!   an erasure as before, so it must not name `anonymize` columns. Like `retain.while` it is
+//!   spliced as written: trusted operator configuration, never user input;
+//! - `url`: a database of the controller's own, with the configured tables; every row there
+//!   is the controller's. Connected when the connector starts, as `url` is; the top-level
+//!   `url` is not opened when every controller has a database of its own.
+//!
+//! # Contract ends
+//!
+//! [`Connector::run_bulk`] works on all of the controller's rows: the top-level tables' rows
+//! in scope, and the child rows linked to them (a child row linked to no parent row belongs
+//! to no subject, as in a single request). It counts first (subjects: top-level rows;
+//! records: rows of the tables the step handles) and reports [`crate::BulkProgress`] as it
+//! goes.
+//! - Export: each table with `export` columns is read with a cursor, in one read
+//!   transaction, into `<table>.json` and `<table>.csv`, as a subject's export is.
+//! - Erase: each top-level table with the tables found through it, in batches of at most
+//!   10,000 of its rows (ranges of the column the children link to, or of a match column
+//!   for a table without children; an integer key is compared as it is, so that a batch
+//!   reads its range from the key's index, any other as text), one transaction per batch,
+//!   children first. A batch runs the statements of a single erasure over all of its rows
+//!   (a few per table, never one per subject), so retention applies exactly as for one
+//!   subject: released rows get the table's action, kept rows lose what the obligation does
+//!   not need, a parent row stays while a child kept through it does. Then one aggregate
+//!   per `retain` table finds what is kept and the next release, and the step answers
+//!   [`Outcome::Retained`] (the processor runs it again with [`Phase::RetentionExpired`]) or
+//!   [`Outcome::Completed`]. Progress ends at the totals: every counted row was erased or
+//!   is kept. Before the first batch, a `retain` table with an undated row of the
+//!   controller stops the step with a permanent error, as it stops a subject's erasure.
+//!
+//! A crash or error between batches leaves the committed batches done and the rest
+//! untouched; the processor's retry runs the step again, which finds only what is left
+//! (erased rows are gone, anonymized rows no longer match the "not yet anonymized"
+//! conditions) and reports the counts of that run.
 //!
 //! # Legal retention
 //!
@@ -43,10 +88,12 @@
 //! # Safety
 //!
 //! A request runs in one transaction: child tables first, so that they are still reachable
-//! through their parent's rows, then the matched tables. Identifiers come only from the
-//! validated configuration and are quoted; identity values, corrected values and dates are
-//! always bound as parameters. The only SQL text taken from the configuration is
-//! `retain.while`, spliced as written: it is trusted operator configuration, never user input.
+//! through their parent's rows, then the matched tables (a contract end's erasure: one
+//! transaction per batch, see above). Identifiers come only from the validated configuration
+//! and are quoted; identity values, corrected values, dates and batch bounds are always bound
+//! as parameters. The only SQL text taken from the configuration is `retain.while` and a
+//! controller's `condition`, spliced as written: trusted operator configuration, never user
+//! input.
 //!
 //! # Layout
 //! - `rules`: the configuration ([`SqlConnectorConfig`], [`TableRule`], [`Action`],
@@ -55,16 +102,20 @@
 //!   SQL compares, and what a table keeps of the subject's rows.
 //! - `plan`: the statements a request runs, built from the rules and the identities (pure).
 //! - `execute`: running them in one transaction, reading rows, classifying database errors.
+//! - `bulk`: contract ends: counting, the export, the erasure in batches, what is kept.
 //! - `sample`: the sample accounting database and its rules ([`sample_config`],
 //!   [`create_sample_accounting_db`]).
-//! - here: the connector, which connects, dispatches a task by kind and phase and turns the
-//!   reports into an [`Outcome`].
+//! - here: the connector, which connects, finds the controller's scope, dispatches a task by
+//!   kind and phase and turns the reports into an [`Outcome`].
+
+use std::collections::BTreeMap;
 
 use dsrelay_proto::v1::RequestKind;
 use dsrelay_runtime::store::Db;
 
-use crate::{BoxFuture, Connector, ConnectorError, Outcome, Phase, Task};
+use crate::{BoxFuture, BulkJob, Connector, ConnectorError, Outcome, Phase, Task};
 
+mod bulk;
 mod execute;
 mod plan;
 mod retention;
@@ -75,7 +126,7 @@ mod tests;
 
 use execute::{ErasureReport, WorkReport};
 pub use rules::{
-    Action, AnonymizeWith, ParentLink, Retention, SqlConnectorConfig, TableRule,
+    Action, AnonymizeWith, ControllerScope, ParentLink, Retention, SqlConnectorConfig, TableRule,
     DEFAULT_RECHECK_DAYS, REDACTED,
 };
 pub use sample::{
@@ -87,11 +138,27 @@ pub use sample::{
 #[derive(Debug, Clone)]
 pub(crate) struct SqlConnector {
     config: SqlConnectorConfig,
-    db: Db,
+    /// The database at `config.url`; `None` when every controller has a database of its own,
+    /// so that an unused URL is never opened (or, for SQLite, created).
+    db: Option<Db>,
+    /// The databases of the controllers scoped by `url`.
+    own: BTreeMap<String, Db>,
+    /// Top-level rows per transaction of a bulk job.
+    batch_subjects: u64,
+}
+
+/// One controller's part of the holder: the database its rows are in and the condition that
+/// selects them there. Every statement of a task or bulk job runs through one.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Scoped<'a> {
+    config: &'a SqlConnectorConfig,
+    db: &'a Db,
+    condition: Option<&'a str>,
 }
 
 impl SqlConnector {
-    /// Validates `config` and connects to its database.
+    /// Validates `config` and connects to its databases: `url` unless every controller has
+    /// its own, and each controller's own.
     pub(crate) async fn connect(config: SqlConnectorConfig) -> anyhow::Result<Self> {
         let problems = config.validate();
         if !problems.is_empty() {
@@ -100,8 +167,58 @@ impl SqlConnector {
                 problems.join("; ")
             );
         }
-        let db = Db::connect(&config.url).await?;
-        Ok(Self { config, db })
+        let shared = config.controllers.is_empty()
+            || config.controllers.values().any(|c| c.condition.is_some());
+        let db = match shared {
+            true => Some(Db::connect(&config.url).await?),
+            false => None,
+        };
+        let mut own = BTreeMap::new();
+        for (name, scope) in &config.controllers {
+            if let Some(url) = &scope.url {
+                let db = Db::connect(url).await.map_err(|e| {
+                    e.context(format!("connecting to the database of controller {name:?}"))
+                })?;
+                own.insert(name.clone(), db);
+            }
+        }
+        Ok(Self {
+            config,
+            db,
+            own,
+            batch_subjects: bulk::BATCH_SUBJECTS,
+        })
+    }
+
+    /// Where `controller`'s data is; the reason to refuse when this holder has none of it.
+    pub(crate) fn scope<'a>(&'a self, controller: &str) -> Result<Scoped<'a>, String> {
+        let config = &self.config;
+        let scoped = |db: Option<&'a Db>, condition: Option<&'a str>| {
+            db.map(|db| Scoped {
+                config,
+                db,
+                condition,
+            })
+            .ok_or_else(|| format!("no database is connected for controller {controller:?}"))
+        };
+        if self.config.controllers.is_empty() {
+            return scoped(self.db.as_ref(), None);
+        }
+        match self.config.controllers.get(controller) {
+            None => {
+                let known: Vec<&str> = self.config.controllers.keys().map(String::as_str).collect();
+                Err(format!(
+                    "the sql connector holds no data of controller {controller:?}; its \
+                     configuration scopes data to {}",
+                    known.join(", ")
+                ))
+            }
+            Some(ControllerScope {
+                condition: Some(condition),
+                ..
+            }) => scoped(self.db.as_ref(), Some(condition.as_str())),
+            Some(_) => scoped(self.own.get(controller), None),
+        }
     }
 }
 
@@ -125,6 +242,10 @@ impl Connector for SqlConnector {
                     ),
                 });
             }
+            let scope = match self.scope(&task.controller) {
+                Ok(scope) => scope,
+                Err(reason) => return Ok(Outcome::Refused { reason }),
+            };
             let ids = &task.identities;
             match (&task.phase, kind) {
                 (Phase::Confirm { .. }, _) => Err(ConnectorError::Permanent(
@@ -132,7 +253,7 @@ impl Connector for SqlConnector {
                         .into(),
                 )),
                 (Phase::Start | Phase::RetentionExpired, RequestKind::Erasure) => {
-                    let report = self.erase(ids, task.now_ms).await?;
+                    let report = scope.erase(ids, task.now_ms).await?;
                     Ok(erasure_outcome(report, &task.phase))
                 }
                 (Phase::RetentionExpired, _) => Err(ConnectorError::Permanent(format!(
@@ -140,16 +261,18 @@ impl Connector for SqlConnector {
                     crate::kind_label(kind)
                 ))),
                 (Phase::Start, RequestKind::ReturnOfData | RequestKind::Transfer) => {
-                    Ok(work_outcome(self.export(ids, task.export_sink()?).await?))
+                    Ok(work_outcome(scope.export(ids, task.export_sink()?).await?))
                 }
                 (Phase::Start, RequestKind::Rectification) => Ok(work_outcome(
-                    self.rectify(ids, &task.parameters.corrections).await?,
+                    scope.rectify(ids, &task.parameters.corrections).await?,
                 )),
                 (Phase::Start, RequestKind::Restriction) => Ok(work_outcome(
-                    self.restrict(ids, task.parameters.lift_restriction).await?,
+                    scope
+                        .restrict(ids, task.parameters.lift_restriction)
+                        .await?,
                 )),
                 (Phase::Start, RequestKind::Objection) => {
-                    Ok(work_outcome(self.suppress(ids).await?))
+                    Ok(work_outcome(scope.suppress(ids).await?))
                 }
                 (Phase::Start, RequestKind::ContractEnd) => Ok(Outcome::Refused {
                     reason: "a contract end is not a task of one subject".into(),
@@ -157,6 +280,20 @@ impl Connector for SqlConnector {
                 (Phase::Start, RequestKind::Unspecified) => Ok(Outcome::Refused {
                     reason: "the request kind is unspecified".into(),
                 }),
+            }
+        })
+    }
+
+    fn scoped_controllers(&self) -> Option<Vec<String>> {
+        (!self.config.controllers.is_empty())
+            .then(|| self.config.controllers.keys().cloned().collect())
+    }
+
+    fn run_bulk<'a>(&'a self, job: &'a BulkJob) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async move {
+            match self.scope(&job.controller) {
+                Ok(scope) => scope.bulk(job, self.batch_subjects).await,
+                Err(reason) => Ok(Outcome::Refused { reason }),
             }
         })
     }

@@ -2,8 +2,9 @@
 //! identities. Pure, so the SQL text and its parameters are tested without a database.
 //!
 //! Identifiers come only from the validated configuration and are quoted; identity values,
-//! corrected values and dates are always bound as parameters (`$1`, `$2`, ...). The only SQL
-//! text taken from the configuration is `retain.while`, spliced as written.
+//! corrected values, dates and batch bounds are always bound as parameters (`$1`, `$2`, ...).
+//! The only SQL text taken from the configuration is `retain.while` and a controller's
+//! `condition`, spliced as written.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -73,6 +74,80 @@ impl Binds {
 /// A RAW identity of a type some table matches, normalized.
 pub(super) type Identity = (IdentityType, String);
 
+/// Whose rows the statements select.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Scope<'a> {
+    /// The subject's identities; `None` selects all of the controller's rows (a contract
+    /// end).
+    pub(super) subject: Option<&'a [Identity]>,
+    /// The controller's condition on the matched (top-level) tables' rows, when its data
+    /// shares the database with other controllers'.
+    pub(super) condition: Option<&'a str>,
+    /// One batch of a bulk job: the rows of one top-level table in a range of its batch key,
+    /// and the child rows found through them.
+    pub(super) batch: Option<&'a Batch>,
+}
+
+/// A range of a top-level table's batch key, `(after, through]`, where the last batch
+/// (`through` None) also takes the rows whose key is NULL, so that the batches of a run
+/// partition the rows. An integer key is compared as it is (the bounds, bound as text, are
+/// cast), so that a batch reads its range from the key's index; any other key is compared
+/// as text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Batch {
+    /// The top-level table.
+    pub(super) table: String,
+    /// Its batch key column.
+    pub(super) key: String,
+    /// The last key of the previous batch; `None` for the first.
+    pub(super) after: Option<String>,
+    /// The last key of this batch; `None` for the last.
+    pub(super) through: Option<String>,
+    /// Whether the key holds integers.
+    pub(super) integer: bool,
+}
+
+impl Batch {
+    /// The key as the batch conditions and the boundary queries compare it.
+    pub(super) fn key_expr(&self) -> String {
+        let column = format!("{}.{}", quote(&self.table), quote(&self.key));
+        match self.integer {
+            true => column,
+            false => format!("CAST({column} AS TEXT)"),
+        }
+    }
+
+    /// A bound as the key is compared with it.
+    pub(super) fn bound(&self, value: &str, b: &mut Binds) -> String {
+        let p = b.add(value);
+        match self.integer {
+            true => format!("CAST({p} AS BIGINT)"),
+            false => p,
+        }
+    }
+
+    fn condition(&self, b: &mut Binds) -> String {
+        let key = self.key_expr();
+        let mut terms = Vec::new();
+        if let Some(after) = &self.after {
+            terms.push(format!("{key} > {}", self.bound(after, b)));
+        }
+        match &self.through {
+            Some(through) => terms.push(format!("{key} <= {}", self.bound(through, b))),
+            None if !terms.is_empty() => {
+                let after = terms.remove(0);
+                terms.push(format!("({key} IS NULL OR {after})"));
+            }
+            None => {}
+        }
+        if terms.is_empty() {
+            "1 = 1".to_string()
+        } else {
+            terms.join(" AND ")
+        }
+    }
+}
+
 /// One table's part of an erasure, in the order the tables are handled.
 #[derive(Debug)]
 pub(super) struct ErasureStep<'a> {
@@ -97,38 +172,38 @@ pub(super) struct ErasureWork {
     pub(super) held_for: Vec<String>,
 }
 
-/// The statements for erasing the subject known by `identities` as of `now_ms`, children
-/// first.
+/// The statements for erasing the rows of `scope` as of `now_ms`, children first.
 pub(super) fn plan_erasure<'a>(
     config: &'a SqlConnectorConfig,
-    identities: &[SubjectIdentity],
+    scope: Scope<'_>,
     now_ms: i64,
-) -> Result<Vec<ErasureStep<'a>>, ConnectorError> {
-    let raw = usable_identities(config, identities)?;
-    Ok(config
+) -> Vec<ErasureStep<'a>> {
+    config
         .children_first()
         .map(|rule| ErasureStep {
             rule,
             work: match rule.action {
                 Action::Keep => None,
                 Action::Delete | Action::Anonymize => {
-                    plan_table_erasure(config, rule, &raw, now_ms)
+                    plan_table_erasure(config, rule, scope, now_ms)
                 }
             },
         })
-        .collect())
+        .collect()
 }
 
-fn plan_table_erasure(
+/// One table's part of an erasure of the rows of `scope`; `None` when no identity of the
+/// subject applies to the table.
+pub(super) fn plan_table_erasure(
     config: &SqlConnectorConfig,
     rule: &TableRule,
-    raw: &[Identity],
+    scope: Scope<'_>,
     now_ms: i64,
 ) -> Option<ErasureWork> {
     let table = quote(&rule.table);
     // None when no identity of the request applies to the table: then it is skipped.
-    subject_filter(config, rule, raw, &mut Binds::default())?;
-    let filter = |b: &mut Binds| subject_filter(config, rule, raw, b).unwrap_or_default();
+    subject_filter(config, rule, scope, &mut Binds::default())?;
+    let filter = |b: &mut Binds| subject_filter(config, rule, scope, b).unwrap_or_default();
     let keep = |b: &mut Binds| keep_condition(config, rule, now_ms, b);
     let keeps = keep(&mut Binds::default()).is_some();
 
@@ -162,7 +237,7 @@ fn plan_table_erasure(
     if let Some(link) = &rule.parent {
         findable.insert(&link.column);
     }
-    for (ty, _) in raw {
+    for (ty, _) in scope.subject.unwrap_or_default() {
         if let Some(column) = match_key(*ty).and_then(|k| rule.match_columns.get(k)) {
             findable.insert(column);
         }
@@ -290,15 +365,15 @@ fn anonymize_clauses<'c>(
     (set.join(", "), format!("({})", pending.join(" OR ")))
 }
 
-/// The export of `rule`'s rows of the subject, its `export` columns in order; `None` when no
+/// The export of `rule`'s rows of `scope`, its `export` columns in order; `None` when no
 /// identity applies to the table.
 pub(super) fn plan_export(
     config: &SqlConnectorConfig,
     rule: &TableRule,
-    raw: &[Identity],
+    scope: Scope<'_>,
 ) -> Option<Statement> {
     let mut binds = Binds::default();
-    let filter = subject_filter(config, rule, raw, &mut binds)?;
+    let filter = subject_filter(config, rule, scope, &mut binds)?;
     let columns: Vec<String> = rule.export.iter().map(|c| quote(c)).collect();
     let order: Vec<String> = (1..=columns.len()).map(|i| i.to_string()).collect();
     Some(binds.finish(format!(
@@ -314,7 +389,7 @@ pub(super) fn plan_export(
 pub(super) fn plan_rectify(
     config: &SqlConnectorConfig,
     rule: &TableRule,
-    raw: &[Identity],
+    scope: Scope<'_>,
     corrections: &[(&String, &str)],
 ) -> Option<Statement> {
     let mut binds = Binds::default();
@@ -322,7 +397,7 @@ pub(super) fn plan_rectify(
         .iter()
         .map(|(column, value)| format!("{} = {}", quote(column), binds.add(*value)))
         .collect();
-    let filter = subject_filter(config, rule, raw, &mut binds)?;
+    let filter = subject_filter(config, rule, scope, &mut binds)?;
     Some(binds.finish(format!(
         "UPDATE {} SET {} WHERE {filter}",
         quote(&rule.table),
@@ -335,12 +410,12 @@ pub(super) fn plan_rectify(
 pub(super) fn plan_flag(
     config: &SqlConnectorConfig,
     rule: &TableRule,
-    raw: &[Identity],
+    scope: Scope<'_>,
     column: &str,
     value: u8,
 ) -> Option<Statement> {
     let mut binds = Binds::default();
-    let filter = subject_filter(config, rule, raw, &mut binds)?;
+    let filter = subject_filter(config, rule, scope, &mut binds)?;
     // The value is a constant of the code, not request data.
     Some(binds.finish(format!(
         "UPDATE {} SET {} = {value} WHERE {filter}",
@@ -424,19 +499,19 @@ pub(super) fn check_corrections<'a>(
     Ok(out)
 }
 
-/// The condition selecting the subject's rows of `rule`: its own match columns, or its
-/// parent's through the link; `None` when no identity applies.
-fn subject_filter(
+/// The condition selecting the rows of `scope` in `rule`'s table: its own, or its parent's
+/// through the link; `None` when no identity of the subject applies.
+pub(super) fn subject_filter(
     config: &SqlConnectorConfig,
     rule: &TableRule,
-    identities: &[Identity],
+    scope: Scope<'_>,
     binds: &mut Binds,
 ) -> Option<String> {
     match &rule.parent {
-        None => match_clause(&rule.match_columns, identities, binds),
+        None => top_level_filter(rule, scope, binds),
         Some(link) => {
             let parent = config.tables.iter().find(|t| t.table == link.table)?;
-            let parent_filter = match_clause(&parent.match_columns, identities, binds)?;
+            let parent_filter = top_level_filter(parent, scope, binds)?;
             Some(format!(
                 "{} IN (SELECT {} FROM {} WHERE {parent_filter})",
                 quote(&link.column),
@@ -445,6 +520,26 @@ fn subject_filter(
             ))
         }
     }
+}
+
+/// The rows of `scope` in a matched (top-level) table: the subject's match, the controller's
+/// condition and the batch's range, all that apply.
+fn top_level_filter(rule: &TableRule, scope: Scope<'_>, binds: &mut Binds) -> Option<String> {
+    let mut terms = Vec::new();
+    if let Some(identities) = scope.subject {
+        terms.push(match_clause(&rule.match_columns, identities, binds)?);
+    }
+    if let Some(condition) = scope.condition {
+        terms.push(format!("({condition})"));
+    }
+    if let Some(batch) = scope.batch.filter(|b| b.table == rule.table) {
+        terms.push(batch.condition(binds));
+    }
+    Some(if terms.is_empty() {
+        "1 = 1".to_string()
+    } else {
+        terms.join(" AND ")
+    })
 }
 
 /// `(a = $n OR b = $m ...)` over every identity whose type the table matches, with the values
@@ -477,7 +572,7 @@ fn match_key(ty: IdentityType) -> Option<&'static str> {
 
 /// Double-quotes a validated identifier. Validation already excludes quotes; quoting keeps
 /// reserved words (a table named `order`) usable.
-fn quote(identifier: &str) -> String {
+pub(super) fn quote(identifier: &str) -> String {
     format!("\"{identifier}\"")
 }
 
@@ -490,7 +585,7 @@ mod tests {
     #[test]
     fn plans_bind_values_and_quote_identifiers() {
         let config = sample_config("sqlite::memory:");
-        let plan = plan_erasure(
+        let raw = usable_identities(
             &config,
             &[
                 email("Maija@Example.fi"),
@@ -500,9 +595,13 @@ mod tests {
                     "C-1001",
                 ),
             ],
-            now(),
         )
         .unwrap();
+        let scope = Scope {
+            subject: Some(&raw),
+            ..Scope::default()
+        };
+        let plan = plan_erasure(&config, scope, now());
         let tables: Vec<&str> = plan.iter().map(|s| s.rule.table.as_str()).collect();
         assert_eq!(
             tables,
@@ -592,5 +691,63 @@ mod tests {
             ]
         );
         assert_eq!(work(3).held_for, ["invoices", "ledger_entries"]);
+    }
+
+    #[test]
+    fn controller_conditions_and_batches_scope_the_top_level_rows() {
+        let config = sample_config("sqlite::memory:");
+        let batch = Batch {
+            table: "customers".into(),
+            key: "id".into(),
+            after: Some("10".into()),
+            through: None,
+            integer: true,
+        };
+        let scope = Scope {
+            subject: None,
+            condition: Some("tenant = 'a'"),
+            batch: Some(&batch),
+        };
+        let plan = plan_erasure(&config, scope, now());
+        // A child: through the parent's rows in the condition and the batch, which, being the
+        // last, also takes the rows without a key.
+        assert_eq!(
+            plan[0].work.as_ref().unwrap().main,
+            Statement {
+                sql: "DELETE FROM \"contacts\" WHERE \"customer_id\" IN (SELECT \"id\" FROM \
+                      \"customers\" WHERE (tenant = 'a') AND (\"customers\".\"id\" IS NULL OR \
+                      \"customers\".\"id\" > CAST($1 AS BIGINT)))"
+                    .into(),
+                binds: vec!["10".into()],
+            }
+        );
+        // With a subject, the condition joins the match; a text key is compared as text.
+        let raw = usable_identities(&config, &[email("Maija@Example.fi")]).unwrap();
+        let batch = Batch {
+            through: Some("20".into()),
+            integer: false,
+            ..batch
+        };
+        let scope = Scope {
+            subject: Some(&raw),
+            condition: Some("tenant = 'a'"),
+            batch: Some(&batch),
+        };
+        let customers = config
+            .tables
+            .iter()
+            .find(|t| t.table == "customers")
+            .unwrap();
+        assert_eq!(
+            plan_flag(&config, customers, scope, "marketing_opt_out", 1).unwrap(),
+            Statement {
+                sql: "UPDATE \"customers\" SET \"marketing_opt_out\" = 1 WHERE \
+                      (lower(\"email\") = $1) AND (tenant = 'a') AND \
+                      CAST(\"customers\".\"id\" AS TEXT) > $2 AND \
+                      CAST(\"customers\".\"id\" AS TEXT) <= $3"
+                    .into(),
+                binds: vec!["maija@example.fi".into(), "10".into(), "20".into()],
+            }
+        );
     }
 }

@@ -28,11 +28,38 @@ pub(super) const MATCH_KEYS: [(&str, IdentityType); 4] = [
 #[serde(deny_unknown_fields)]
 pub struct SqlConnectorConfig {
     /// Where the data lives: `sqlite://path` or `postgres://user@host/db`. The connector needs
-    /// its own URL because the holder's database is not the processor's store.
+    /// its own URL because the holder's database is not the processor's store. When every
+    /// controller has a database of its own (`controllers`), it is not opened.
     pub url: String,
     /// The tables holding the subject's data and what to do in each; a table not listed here
     /// is never touched.
     pub tables: Vec<TableRule>,
+    /// The processor's controller names (`ControllerConfig.name`) to where each one's data is
+    /// in this holder. Empty: the data is not scoped, and all of it belongs to whichever
+    /// controller asks. Otherwise every request is confined to its controller's data, and a
+    /// controller not listed is refused.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub controllers: BTreeMap<String, ControllerScope>,
+}
+
+/// Where one controller's data is: rows of the shared database a condition selects, or a
+/// database of its own. Exactly one of the two is given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerScope {
+    /// A SQL condition over the columns of the matched (top-level) tables, e.g.
+    /// `tenant = 'acme'`, ANDed into every statement's selection of their rows; child tables
+    /// are reached through their parent's selected rows. It must hold for the same rows
+    /// before and after an erasure, so it must not use `anonymize` columns. Spliced into the
+    /// statements as written, like `retain.while`: trusted operator configuration, never user
+    /// input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<String>,
+    /// The controller's own database (`sqlite://path` or `postgres://...`), with the tables
+    /// of `tables`; every row of a configured table there is the controller's. Connected
+    /// when the connector starts, as `url` is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 /// What to do with the subject's rows in one table.
@@ -183,6 +210,30 @@ impl SqlConnectorConfig {
         if self.tables.is_empty() {
             out.push("tables: at least one table rule is required".to_string());
         }
+        for (name, scope) in &self.controllers {
+            let at = format!("controllers.{name:?}");
+            if name.trim().is_empty() {
+                out.push("controllers: a controller name must not be empty".to_string());
+            }
+            match (&scope.condition, &scope.url) {
+                (Some(_), Some(_)) | (None, None) => out.push(format!(
+                    "{at}: give exactly one of condition (rows of the shared database) and \
+                     url (a database of its own)"
+                )),
+                (Some(condition), None) => {
+                    if let Err(why) = check_condition(condition) {
+                        out.push(format!("{at}: condition {why}"));
+                    }
+                }
+                (None, Some(url)) => {
+                    if url.trim().is_empty() {
+                        out.push(format!(
+                            "{at}: url must not be empty (sqlite://path or postgres://...)"
+                        ));
+                    }
+                }
+            }
+        }
         let mut seen = BTreeSet::new();
         for (i, rule) in self.tables.iter().enumerate() {
             let at = format!("tables[{i}] ({})", rule.table);
@@ -303,12 +354,14 @@ impl SqlConnectorConfig {
     pub fn supports(&self, kind: RequestKind) -> bool {
         let any = |f: fn(&TableRule) -> bool| self.tables.iter().any(f);
         match kind {
-            RequestKind::Erasure => any(|t| t.action != Action::Keep),
             RequestKind::ReturnOfData | RequestKind::Transfer => any(|t| !t.export.is_empty()),
             RequestKind::Rectification => any(|t| !t.rectify.is_empty()),
             RequestKind::Restriction => any(|t| t.restrict_column.is_some()),
             RequestKind::Objection => any(|t| t.suppress_column.is_some()),
-            RequestKind::ContractEnd | RequestKind::Unspecified => false,
+            // Erasing is the step every contract end ends with; an export (of a return) needs
+            // tables with `export` and writes nothing without them.
+            RequestKind::Erasure | RequestKind::ContractEnd => any(|t| t.action != Action::Keep),
+            RequestKind::Unspecified => false,
         }
     }
 
@@ -411,7 +464,8 @@ fn validate_retention(at: &str, rule: &TableRule, retain: &Retention, out: &mut 
     }
 }
 
-/// What is wrong with a `retain.while` condition; the message completes "retain while ...".
+/// What is wrong with a `retain.while` or controller condition; the message completes
+/// "retain while ..." or "condition ...".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub(super) enum ConditionError {
     #[error("must not be empty")]
@@ -432,7 +486,8 @@ pub(super) enum ConditionError {
     UnterminatedString,
 }
 
-/// Catches the mistakes that would break the statements a `while` condition is spliced into.
+/// Catches the mistakes that would break the statements a `while` or controller condition is
+/// spliced into.
 /// Not a defence against hostile SQL: the condition is trusted configuration.
 pub(super) fn check_condition(condition: &str) -> Result<(), ConditionError> {
     if condition.trim().is_empty() {

@@ -142,6 +142,7 @@ pub fn sample_config(url: &str) -> SqlConnectorConfig {
                 ..rule("customers", Action::Delete)
             },
         ],
+        controllers: BTreeMap::new(),
     }
 }
 

@@ -224,6 +224,8 @@ async fn erases_subject_by_email(url: String) {
     // Mixed case and padding, as a partner might send it; the seed stores it in yet
     // another case.
     let out = connector
+        .scope("acme")
+        .unwrap()
         .erase(&[email(" MAIJA.meikalainen@example.FI ")], now())
         .await
         .unwrap();
@@ -339,7 +341,12 @@ async fn erases_subject_by_email(url: String) {
     );
 
     // Again, as the processor would if it asked twice: only what is kept is found.
-    let again = connector.erase(&[email(MAIJA)], now()).await.unwrap();
+    let again = connector
+        .scope("acme")
+        .unwrap()
+        .erase(&[email(MAIJA)], now())
+        .await
+        .unwrap();
     assert_eq!(again.records_affected, 0);
     assert!(again.found);
     assert_eq!(again.retained.map(|r| r.until_ms), Some(ms(2031, 1, 1)));
@@ -357,6 +364,8 @@ async fn erases_subject_by_email(url: String) {
 async fn erases_subject_by_customer_number(url: String) {
     let (connector, db) = sample(&url).await;
     let out = connector
+        .scope("acme")
+        .unwrap()
         .erase(
             &[ident(
                 IdentityType::CustomerNumber,
@@ -418,6 +427,8 @@ async fn erases_subject_by_customer_number(url: String) {
 async fn several_identities_of_one_subject_count_once(url: String) {
     let (connector, db) = sample(&url).await;
     let out = connector
+        .scope("acme")
+        .unwrap()
         .erase(
             &[
                 email(MAIJA),
@@ -487,6 +498,8 @@ async fn hashed_only_identities_are_permanent_errors(url: String) {
         ..ident(IdentityType::Other, IdentityEncoding::Raw, "LC-42")
     };
     let err = connector
+        .scope("acme")
+        .unwrap()
         .erase(&[hashed.clone(), other.clone()], now())
         .await
         .unwrap_err();
@@ -500,6 +513,8 @@ async fn hashed_only_identities_are_permanent_errors(url: String) {
     // The other kinds need them too.
     assert_eq!(
         connector
+            .scope("acme")
+            .unwrap()
             .export(
                 std::slice::from_ref(&hashed),
                 &ExportSink::new("unused", Vec::new())
@@ -508,7 +523,15 @@ async fn hashed_only_identities_are_permanent_errors(url: String) {
             .unwrap_err(),
         expected
     );
-    assert_eq!(connector.suppress(&[other]).await.unwrap_err(), expected);
+    assert_eq!(
+        connector
+            .scope("acme")
+            .unwrap()
+            .suppress(&[other])
+            .await
+            .unwrap_err(),
+        expected
+    );
     assert_eq!(count(&db, &format!("{C} FROM customers")).await, 6);
 }
 
@@ -521,7 +544,12 @@ async fn sql_errors_roll_back_every_table(url: String) {
         .anonymize
         .insert("no_such_column".into(), AnonymizeWith::Redacted);
     let connector = SqlConnector::connect(config).await.unwrap();
-    let err = connector.erase(&[email(MAIJA)], now()).await.unwrap_err();
+    let err = connector
+        .scope("acme")
+        .unwrap()
+        .erase(&[email(MAIJA)], now())
+        .await
+        .unwrap_err();
     let ConnectorError::Permanent(message) = &err else {
         panic!("expected a permanent error, got {err:?}");
     };
@@ -1164,4 +1192,645 @@ fn replaces_database_name_in_urls() {
         "postgres://u:p@h:5432/t_1?sslmode=disable"
     );
     assert_eq!(with_database("postgres://h", "t_1"), "postgres://h/t_1");
+}
+
+// Controller scoping and contract ends.
+
+on_both_backends!(
+    scopes_controllers_by_condition,
+    bulk_erasure_runs_in_few_batches,
+    bulk_batches_of_a_text_key_cover_every_row,
+);
+
+/// A contract-end job for `controller`, and the receiver of its progress.
+fn bulk_job(
+    controller: &str,
+    op: crate::BulkOp,
+    phase: Phase,
+    now_ms: i64,
+    export: Option<ExportSink>,
+) -> (
+    crate::BulkJob,
+    tokio::sync::watch::Receiver<crate::BulkProgress>,
+) {
+    let (progress, rx) = crate::ProgressReporter::new();
+    let job = crate::BulkJob {
+        job_id: format!("{controller}/ce-1/accounting"),
+        request_id: "ce-1".into(),
+        controller: controller.into(),
+        op,
+        phase,
+        due_at_ms: now_ms + 400 * DAY_MS,
+        now_ms,
+        export,
+        progress,
+    };
+    (job, rx)
+}
+
+/// Runs `job` while recording every progress report seen, and checks that the reports only
+/// move forward and end at the totals; the outcome and the last report.
+async fn run_bulk_watched(
+    connector: &SqlConnector,
+    job: crate::BulkJob,
+    mut rx: tokio::sync::watch::Receiver<crate::BulkProgress>,
+) -> (Outcome, crate::BulkProgress) {
+    let watcher = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while rx.changed().await.is_ok() {
+            seen.push(*rx.borrow_and_update());
+        }
+        seen
+    });
+    let outcome = crate::Connector::run_bulk(connector, &job).await.unwrap();
+    drop(job);
+    let seen = watcher.await.unwrap();
+    let last = *seen.last().expect("progress was reported");
+    for pair in seen.windows(2) {
+        let (a, b) = (pair[0], pair[1]);
+        assert!(
+            b.subjects_done >= a.subjects_done && b.records_done >= a.records_done,
+            "progress went back: {seen:?}"
+        );
+        assert_eq!(
+            (a.subjects_total, a.records_total),
+            (b.subjects_total, b.records_total),
+            "{seen:?}"
+        );
+    }
+    assert_eq!(
+        (last.subjects_done, last.records_done),
+        (last.subjects_total, last.records_total),
+        "{seen:?}"
+    );
+    (outcome, last)
+}
+
+/// Every row of the four sample tables that belongs to a customer `customers` selects (all
+/// columns, in id order), to compare a controller's data before and after.
+async fn dump(db: &Db, customers: &str) -> Vec<Vec<Vec<serde_json::Value>>> {
+    let mut out = Vec::new();
+    out.push(
+        rows(
+            db,
+            &format!("SELECT * FROM customers WHERE {customers} ORDER BY id"),
+        )
+        .await,
+    );
+    for table in ["contacts", "invoices", "ledger_entries"] {
+        out.push(
+            rows(
+                db,
+                &format!(
+                    "SELECT * FROM {table} WHERE customer_id IN \
+                     (SELECT id FROM customers WHERE {customers}) ORDER BY id"
+                ),
+            )
+            .await,
+        );
+    }
+    out
+}
+
+async fn exec(db: &Db, sql: &str) {
+    sqlx::query(sql)
+        .execute(&db.pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// A customer of controller B with Maija's e-mail address, with an invoice and a contact.
+const BERTTA: &[&str] = &[
+    "INSERT INTO customers (id, customer_no, name, email) VALUES \
+     (7, 'C-1007', 'Bertta Bee', 'maija.meikalainen@example.fi')",
+    "INSERT INTO invoices (id, customer_id, customer_name, customer_email, amount_cents, \
+     issued_on, status) VALUES (110, 7, 'Bertta Bee', 'maija.meikalainen@example.fi', 700, \
+     '2015-01-05', 'paid')",
+    "INSERT INTO contacts (id, customer_id, name, email) VALUES \
+     (207, 7, 'Bertta Bee', 'maija.meikalainen@example.fi')",
+];
+
+fn erased_counts(counts: &[(&str, &str, i64)]) -> Vec<crate::ErasedCount> {
+    counts
+        .iter()
+        .map(|(target, action, count)| crate::ErasedCount {
+            target: target.to_string(),
+            action: action.to_string(),
+            count: *count,
+        })
+        .collect()
+}
+
+/// Two controllers in one database, told apart by a column of the customers: neither a
+/// subject's erasure, nor a contract end's export or erasure of A touches B's rows.
+async fn scopes_controllers_by_condition(url: String) {
+    let (_, db) = sample(&url).await;
+    exec(&db, "ALTER TABLE customers ADD COLUMN tenant TEXT").await;
+    exec(
+        &db,
+        "UPDATE customers SET tenant = 'a' WHERE id IN (1, 2, 3)",
+    )
+    .await;
+    exec(
+        &db,
+        "UPDATE customers SET tenant = 'b' WHERE id IN (4, 5, 6)",
+    )
+    .await;
+    for sql in BERTTA {
+        exec(&db, sql).await;
+    }
+    exec(&db, "UPDATE customers SET tenant = 'b' WHERE id = 7").await;
+    let mut config = sample_config(&url);
+    for (name, condition) in [("a", "tenant = 'a'"), ("b", "tenant = 'b'")] {
+        config.controllers.insert(
+            name.into(),
+            ControllerScope {
+                condition: Some(condition.into()),
+                url: None,
+            },
+        );
+    }
+    let connector = SqlConnector::connect(config.clone()).await.unwrap();
+    assert_eq!(
+        crate::Connector::scoped_controllers(&connector),
+        Some(vec!["a".to_string(), "b".to_string()])
+    );
+    let b_rows = dump(&db, "tenant = 'b'").await;
+    assert_eq!(b_rows[0].len(), 4, "B has four customers");
+
+    // A controller the configuration does not scope: refused, nothing touched.
+    let mut stranger = task(
+        RequestKind::Erasure,
+        vec![email(MAIJA)],
+        now(),
+        Phase::Start,
+    );
+    stranger.controller = "c".into();
+    let refused = Outcome::Refused {
+        reason: "the sql connector holds no data of controller \"c\"; its configuration \
+                 scopes data to a, b"
+            .into(),
+    };
+    assert_eq!(connector.run(&stranger).await.unwrap(), refused);
+    let (job, _rx) = bulk_job("c", crate::BulkOp::Erase, Phase::Start, now(), None);
+    assert_eq!(
+        crate::Connector::run_bulk(&connector, &job).await.unwrap(),
+        refused
+    );
+
+    // A's erasure of an address B also holds erases A's subject only.
+    let mut erasure = task(
+        RequestKind::Erasure,
+        vec![email(MAIJA)],
+        now(),
+        Phase::Start,
+    );
+    erasure.controller = "a".into();
+    let Outcome::Retained { note, .. } = connector.run(&erasure).await.unwrap() else {
+        panic!("expected RETAINED");
+    };
+    assert!(note.starts_with("contacts: deleted 2; "), "{note}");
+    assert_eq!(dump(&db, "tenant = 'b'").await, b_rows);
+    assert_eq!(
+        rows(&db, "SELECT name FROM customers WHERE id = 1").await,
+        [[json!(REDACTED)]]
+    );
+
+    // A's contract end returns all of A's rows and none of B's.
+    let dir = tempfile::tempdir().unwrap();
+    let sink = ExportSink::new(dir.path().join("ce"), vec!["billing".into()]);
+    sink.reset().await.unwrap();
+    let (job, rx) = bulk_job(
+        "a",
+        crate::BulkOp::Export,
+        Phase::Start,
+        now(),
+        Some(sink.clone()),
+    );
+    let (out, progress) = run_bulk_watched(&connector, job, rx).await;
+    assert_eq!(
+        progress,
+        crate::BulkProgress {
+            subjects_done: 3,
+            subjects_total: 3,
+            records_done: 8,
+            records_total: 8,
+        }
+    );
+    let Outcome::Completed {
+        records_affected,
+        note,
+        files,
+        erased,
+    } = out
+    else {
+        panic!("expected COMPLETED, got {out:?}");
+    };
+    // The 2015 invoice went with Maija's erasure above.
+    assert_eq!(
+        (records_affected, note.as_str()),
+        (8, "invoices: exported 5; customers: exported 3")
+    );
+    assert!(erased.is_empty());
+    let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "invoices.json",
+            "invoices.csv",
+            "customers.json",
+            "customers.csv"
+        ]
+    );
+    let export = task(RequestKind::ReturnOfData, vec![], now(), Phase::Start);
+    let export = Task {
+        export: Some(sink),
+        ..export
+    };
+    for (table, filter) in [
+        ("customers", "tenant = 'a'"),
+        (
+            "invoices",
+            "customer_id IN (SELECT id FROM customers WHERE tenant = 'a')",
+        ),
+    ] {
+        let (objects, records) = expected_rows(&db, &config, table, filter).await;
+        let json: Vec<serde_json::Value> =
+            serde_json::from_slice(&written(&export, &files, &format!("{table}.json"))).unwrap();
+        assert_eq!(json, objects, "{table}.json");
+        let csv = written(&export, &files, &format!("{table}.csv"));
+        assert_eq!(csv_records(&csv), records, "{table}.csv");
+        let text = String::from_utf8(csv).unwrap();
+        for b in ["C-1004", "C-1007", "Bertta", "Esimerkki"] {
+            assert!(!text.contains(b), "{table}.csv holds B's {b}: {text}");
+        }
+    }
+
+    // An undated invoice: its retention cannot be known, so nothing is erased.
+    exec(
+        &db,
+        "UPDATE invoices SET issued_on = 'unknown' WHERE id = 104",
+    )
+    .await;
+    let (job, _rx) = bulk_job("a", crate::BulkOp::Erase, Phase::Start, now(), None);
+    assert_eq!(
+        crate::Connector::run_bulk(&connector, &job).await,
+        Err(ConnectorError::Permanent(
+            "invoices: 1 of the controller's rows have no date in issued_on (YYYY-MM-DD \
+             expected), so their retention cannot be computed; nothing was erased"
+                .into()
+        ))
+    );
+    assert_eq!(
+        count(&db, &format!("{C} FROM contacts WHERE customer_id = 2")).await,
+        1
+    );
+    exec(
+        &db,
+        "UPDATE invoices SET issued_on = '2024-02-10' WHERE id = 104",
+    )
+    .await;
+
+    // A's contract end erases what no obligation keeps, and only A's.
+    let (job, rx) = bulk_job("a", crate::BulkOp::Erase, Phase::Start, now(), None);
+    let (out, progress) = run_bulk_watched(&connector, job, rx).await;
+    // contacts 1 (Matti's), invoices 5, ledger 2 (Maija's 2015 entry is no longer linked), customers 3.
+    assert_eq!((progress.subjects_total, progress.records_total), (3, 11));
+    assert_eq!(
+        out,
+        Outcome::Retained {
+            legal_basis: format!("{VOUCHERS}; {BOOKS}"),
+            until_ms: ms(2031, 1, 1),
+            records_affected: 7,
+            note: "customers and the tables found through it: 1 batch(es) of at most 10000 \
+                   rows; contacts: deleted 1, invoices: deleted 0, invoices: anonymized 3, \
+                   ledger_entries: anonymized 0, customers: deleted 0, customers: anonymized 3; \
+                   invoices: kept 5 until the end of 2031-12-31; \
+                   ledger_entries: kept 2 until the end of 2034-12-31"
+                .into(),
+            erased: erased_counts(&[
+                ("contacts", "deleted", 1),
+                ("invoices", "deleted", 0),
+                ("invoices", "anonymized", 3),
+                ("ledger_entries", "anonymized", 0),
+                ("customers", "deleted", 0),
+                ("customers", "anonymized", 3),
+            ]),
+        }
+    );
+    assert_eq!(dump(&db, "tenant = 'b'").await, b_rows);
+    assert_eq!(
+        count(
+            &db,
+            &format!("{C} FROM contacts WHERE customer_id IN (1, 2, 3)")
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &db,
+            &format!(
+                "{C} FROM customers WHERE tenant = 'a' AND email IS NULL AND name = '{REDACTED}'"
+            )
+        )
+        .await,
+        3
+    );
+
+    // Years later the periods are over; the open and collected invoices are still kept.
+    let (job, rx) = bulk_job(
+        "a",
+        crate::BulkOp::Erase,
+        Phase::RetentionExpired,
+        ms(2040, 1, 1),
+        None,
+    );
+    let (out, _) = run_bulk_watched(&connector, job, rx).await;
+    let Outcome::Retained {
+        legal_basis,
+        until_ms,
+        note,
+        ..
+    } = out
+    else {
+        panic!("expected RETAINED, got {out:?}");
+    };
+    assert_eq!((legal_basis.as_str(), until_ms), (OPEN, ms(2040, 1, 31)));
+    assert!(
+        note.ends_with(
+            "invoices: kept 2 while its retain condition holds, checked again on 2040-01-31"
+        ),
+        "{note}"
+    );
+    assert_eq!(
+        count(&db, &format!("{C} FROM customers WHERE tenant = 'a'")).await,
+        2,
+        "customers with kept invoices stay"
+    );
+    exec(
+        &db,
+        "UPDATE invoices SET status = 'paid' WHERE id IN (103, 105)",
+    )
+    .await;
+    let (job, rx) = bulk_job(
+        "a",
+        crate::BulkOp::Erase,
+        Phase::RetentionExpired,
+        ms(2040, 2, 1),
+        None,
+    );
+    let (out, _) = run_bulk_watched(&connector, job, rx).await;
+    assert!(matches!(out, Outcome::Completed { .. }), "{out:?}");
+    assert_eq!(
+        count(&db, &format!("{C} FROM customers WHERE tenant = 'a'")).await,
+        0
+    );
+    for table in ["contacts", "invoices", "ledger_entries"] {
+        assert_eq!(
+            count(
+                &db,
+                &format!("{C} FROM {table} WHERE customer_id IN (1, 2, 3)")
+            )
+            .await,
+            0,
+            "{table}"
+        );
+    }
+    assert_eq!(dump(&db, "tenant = 'b'").await, b_rows);
+}
+
+/// Twenty thousand customers are erased in three batches, each a few statements per table.
+async fn bulk_erasure_runs_in_few_batches(url: String) {
+    const MORE: i64 = 20_000;
+    let (connector, db) = sample(&url).await;
+    let numbers =
+        format!("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {MORE})");
+    exec(
+        &db,
+        &format!(
+            "INSERT INTO customers (id, customer_no, name, email) {numbers} \
+             SELECT 1000 + i, 'N-' || i, 'Nimi ' || i, 'n' || i || '@example.org' FROM n"
+        ),
+    )
+    .await;
+    exec(
+        &db,
+        &format!(
+            "INSERT INTO contacts (id, customer_id, name) {numbers} \
+             SELECT 10000 + i, 1000 + i, 'Yhteys ' || i FROM n"
+        ),
+    )
+    .await;
+    let (job, rx) = bulk_job("acme", crate::BulkOp::Erase, Phase::Start, now(), None);
+    let (out, progress) = run_bulk_watched(&connector, job, rx).await;
+    assert_eq!(
+        progress,
+        crate::BulkProgress {
+            subjects_done: 20_006,
+            subjects_total: 20_006,
+            records_done: 40_026,
+            records_total: 40_026,
+        }
+    );
+    let Outcome::Retained { note, erased, .. } = out else {
+        panic!("expected RETAINED, got {out:?}");
+    };
+    // 20,006 customers: 10,000 + 10,000 + 6.
+    assert!(
+        note.starts_with(
+            "customers and the tables found through it: 3 batch(es) of at most 10000 rows; "
+        ),
+        "{note}"
+    );
+    assert!(
+        erased.contains(&crate::ErasedCount {
+            target: "customers".into(),
+            action: "deleted".into(),
+            count: 20_001,
+        }),
+        "{erased:?}"
+    );
+    assert_eq!(count(&db, &format!("{C} FROM contacts")).await, 0);
+    // Customers 1 to 5 have kept invoices.
+    assert_eq!(count(&db, &format!("{C} FROM customers")).await, 5);
+}
+
+/// A table without children is batched by a match column erasure leaves alone, here text:
+/// the batches still take every row once.
+async fn bulk_batches_of_a_text_key_cover_every_row(url: String) {
+    let (_, db) = sample(&url).await;
+    let mut config = sample_config(&url);
+    config.tables.retain(|t| t.table == "customers");
+    let customers = &mut config.tables[0];
+    customers.anonymize.clear();
+    let mut connector = SqlConnector::connect(config).await.unwrap();
+    connector.batch_subjects = 2;
+    let (job, rx) = bulk_job("acme", crate::BulkOp::Erase, Phase::Start, now(), None);
+    // Rows linked to the customers would stop their deletion; these have none.
+    exec(&db, "DELETE FROM contacts").await;
+    exec(&db, "DELETE FROM invoices").await;
+    exec(&db, "DELETE FROM ledger_entries").await;
+    let (out, progress) = run_bulk_watched(&connector, job, rx).await;
+    assert_eq!((progress.subjects_total, progress.records_total), (6, 6));
+    assert_eq!(
+        out,
+        Outcome::Completed {
+            records_affected: 6,
+            note: "customers and the tables found through it: 3 batch(es) of at most 2 rows; \
+                   customers: deleted 6"
+                .into(),
+            files: Vec::new(),
+            erased: erased_counts(&[("customers", "deleted", 6)]),
+        }
+    );
+    assert_eq!(count(&db, &format!("{C} FROM customers")).await, 0);
+}
+
+/// Two controllers with a database each: A's requests never open B's.
+async fn scopes_controllers_by_database(url_a: String, url_b: String) {
+    let (_, db_a) = sample(&url_a).await;
+    let (_, db_b) = sample(&url_b).await;
+    for sql in BERTTA {
+        exec(&db_b, sql).await;
+    }
+    let mut config = sample_config("sqlite:///nonexistent/never-opened.db");
+    for (name, url) in [("a", &url_a), ("b", &url_b)] {
+        config.controllers.insert(
+            name.into(),
+            ControllerScope {
+                condition: None,
+                url: Some(url.clone()),
+            },
+        );
+    }
+    assert_eq!(config.validate(), Vec::<String>::new());
+    let connector = SqlConnector::connect(config).await.unwrap();
+    let b_rows = dump(&db_b, "1 = 1").await;
+
+    let mut erasure = task(
+        RequestKind::Erasure,
+        vec![email(MAIJA)],
+        now(),
+        Phase::Start,
+    );
+    erasure.controller = "a".into();
+    assert!(matches!(
+        connector.run(&erasure).await.unwrap(),
+        Outcome::Retained { .. }
+    ));
+    assert_eq!(dump(&db_b, "1 = 1").await, b_rows);
+    assert_eq!(
+        rows(&db_a, "SELECT name FROM customers WHERE id = 1").await,
+        [[json!(REDACTED)]]
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let sink = ExportSink::new(dir.path().join("ce"), vec!["billing".into()]);
+    sink.reset().await.unwrap();
+    let (job, rx) = bulk_job("a", crate::BulkOp::Export, Phase::Start, now(), Some(sink));
+    let (out, progress) = run_bulk_watched(&connector, job, rx).await;
+    let Outcome::Completed { note, .. } = out else {
+        panic!("expected COMPLETED, got {out:?}");
+    };
+    assert_eq!(note, "invoices: exported 8; customers: exported 6");
+    assert_eq!(progress.subjects_total, 6);
+    let customers = std::fs::read_to_string(dir.path().join("ce/customers.csv")).unwrap();
+    assert!(customers.contains("C-1006") && !customers.contains("C-1007"));
+
+    let (job, rx) = bulk_job("a", crate::BulkOp::Erase, Phase::Start, now(), None);
+    let (out, _) = run_bulk_watched(&connector, job, rx).await;
+    assert!(matches!(out, Outcome::Retained { .. }), "{out:?}");
+    assert_eq!(count(&db_a, &format!("{C} FROM contacts")).await, 0);
+    assert_eq!(dump(&db_b, "1 = 1").await, b_rows);
+    assert_eq!(count(&db_b, &format!("{C} FROM contacts")).await, 7);
+}
+
+mod scopes_controllers_by_database {
+    #[tokio::test]
+    async fn sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = |name: &str| format!("sqlite://{}/{name}.db", dir.path().display());
+        super::scopes_controllers_by_database(url("a"), url("b")).await;
+    }
+
+    #[tokio::test]
+    async fn postgres() {
+        let Some(a) = super::fresh_postgres_database("scopes_controllers_by_database").await else {
+            return;
+        };
+        let Some(b) = super::fresh_postgres_database("scopes_controllers_by_database").await else {
+            return;
+        };
+        super::scopes_controllers_by_database(a.url.clone(), b.url.clone()).await;
+        a.drop_database().await;
+        b.drop_database().await;
+    }
+}
+
+#[test]
+fn controller_scopes_are_validated() {
+    let mut config = sample_config("sqlite::memory:");
+    let scope = |condition: Option<&str>, url: Option<&str>| ControllerScope {
+        condition: condition.map(str::to_string),
+        url: url.map(str::to_string),
+    };
+    config
+        .controllers
+        .insert("both".into(), scope(Some("a = 1"), Some("sqlite://x.db")));
+    config
+        .controllers
+        .insert("neither".into(), scope(None, None));
+    config.controllers.insert(
+        " ".into(),
+        scope(Some("tenant = 'x'; DROP TABLE customers"), None),
+    );
+    config
+        .controllers
+        .insert("url".into(), scope(None, Some("")));
+    config
+        .controllers
+        .insert("fine".into(), scope(Some("tenant = 'x'"), None));
+    assert_eq!(
+        config.validate(),
+        [
+            "controllers: a controller name must not be empty",
+            "controllers.\" \": condition must be one condition, without ;",
+            "controllers.\"both\": give exactly one of condition (rows of the shared database) \
+             and url (a database of its own)",
+            "controllers.\"neither\": give exactly one of condition (rows of the shared \
+             database) and url (a database of its own)",
+            "controllers.\"url\": url must not be empty (sqlite://path or postgres://...)",
+        ]
+    );
+    // In TOML, after the tables.
+    let parsed: SqlConnectorConfig = toml::from_str(
+        "url = \"sqlite::memory:\"\n[[tables]]\ntable = \"t\"\naction = \"delete\"\n\
+         match = { email = \"email\" }\n[controllers.acme]\ncondition = \"tenant = 'acme'\"\n\
+         [controllers.globex]\nurl = \"sqlite://globex.db\"\n",
+    )
+    .unwrap();
+    assert_eq!(parsed.validate(), Vec::<String>::new());
+    assert_eq!(
+        parsed.controllers["acme"].condition.as_deref(),
+        Some("tenant = 'acme'")
+    );
+    assert!(toml::from_str::<SqlConnectorConfig>(
+        "url = \"x\"\ntables = []\n[controllers.a]\nwhere = \"x\"\n"
+    )
+    .is_err());
+    assert!(config.supports(RequestKind::ContractEnd));
+    // As a processor's subprocessor writes it (README).
+    let connector: crate::ConnectorConfig = toml::from_str(
+        "type = \"sql\"\nurl = \"sqlite://a.db\"\n[[tables]]\ntable = \"t\"\n\
+         action = \"delete\"\nmatch = { email = \"email\" }\n[controllers.acme]\n\
+         condition = \"tenant = 'acme'\"\n[controllers.globex]\n\
+         url = \"postgres://dsrelay@accounting-db/globex\"\n",
+    )
+    .unwrap();
+    let crate::ConnectorConfig::Sql(sql) = connector else {
+        panic!("expected sql");
+    };
+    assert_eq!(sql.controllers.len(), 2);
+    assert_eq!(sql.validate(), Vec::<String>::new());
 }

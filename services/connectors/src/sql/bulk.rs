@@ -1,0 +1,525 @@
+//! Contract ends: all of one controller's rows, exported in one read or erased a batch of
+//! top-level rows at a time.
+//!
+//! An erasure handles each matched (top-level) table with the tables found through it, in
+//! batches of at most [`BATCH_SUBJECTS`] of its rows: ranges of a batch key, each range in one
+//! transaction, children first, with the statements of a single erasure (the table's action
+//! on the rows no obligation keeps, the kept rows stripped of what the obligation does not
+//! need). A batch thus runs a few statements per table, whatever the number of subjects.
+//! What is kept is assessed at the end with one aggregate per `retain` table.
+
+use super::execute::{classify, export_rows};
+use super::plan::{
+    plan_export, plan_table_erasure, quote, subject_filter, Batch, Binds, Scope, Statement,
+};
+use super::retention::{day_of, parse_iso_date, DAY_MS};
+use super::rules::{Action, Retention, TableRule};
+use super::Scoped;
+use crate::{BulkJob, BulkOp, BulkProgress, ConnectorError, ErasedCount, Outcome, Phase};
+
+/// Top-level rows (subjects) per batch of a bulk erasure: large enough that a batch's few
+/// statements do real work, small enough that none holds the database for long.
+pub(super) const BATCH_SUBJECTS: u64 = 10_000;
+
+/// Rows exported between two progress reports.
+const EXPORT_REPORT_EVERY: u64 = 1_000;
+
+/// What a `retain` table keeps of the controller's rows after an erasure, read in SQL.
+#[derive(Debug, sqlx::FromRow)]
+struct KeptRows {
+    /// The earliest date among rows kept by their period.
+    first_kept: Option<String>,
+    /// The latest date among rows kept by their period.
+    last_kept: Option<String>,
+    /// Rows kept by their period.
+    by_date: i64,
+    /// Rows past their period kept because `while` holds.
+    by_condition: i64,
+}
+
+impl Scoped<'_> {
+    /// All of the controller's rows, nobody's identities.
+    fn everything(&self) -> Scope<'_> {
+        Scope {
+            subject: None,
+            condition: self.condition,
+            batch: None,
+        }
+    }
+
+    /// Takes one step of a contract end over all of the controller's rows.
+    pub(super) async fn bulk(
+        &self,
+        job: &BulkJob,
+        batch_subjects: u64,
+    ) -> Result<Outcome, ConnectorError> {
+        match (&job.phase, job.op) {
+            (Phase::Confirm { .. }, _) => Err(ConnectorError::Permanent(
+                "the sql connector finishes its work in one run; there is nothing to confirm"
+                    .into(),
+            )),
+            (Phase::RetentionExpired, BulkOp::Export) => Err(ConnectorError::Permanent(
+                "only erasures keep data under retention, not exports".into(),
+            )),
+            (Phase::Start, BulkOp::Export) => self.bulk_export(job).await,
+            (Phase::Start | Phase::RetentionExpired, BulkOp::Erase) => {
+                if !self
+                    .config
+                    .supports(dsrelay_proto::v1::RequestKind::ContractEnd)
+                {
+                    return Ok(Outcome::Refused {
+                        reason: "the sql connector erases nothing here: every table is keep".into(),
+                    });
+                }
+                self.bulk_erase(job, batch_subjects.max(1)).await
+            }
+        }
+    }
+
+    /// How many of the controller's rows `rule`'s table holds.
+    async fn count_rows(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        rule: &TableRule,
+        scope: Scope<'_>,
+    ) -> Result<u64, ConnectorError> {
+        let mut b = Binds::default();
+        let filter = subject_filter(self.config, rule, scope, &mut b).unwrap_or_default();
+        let count = b.finish(format!(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM {} WHERE {filter}",
+            quote(&rule.table)
+        ));
+        let n: i64 = count
+            .query_scalar()
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(|e| classify(&format!("counting the rows of {}", rule.table), &e))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// The totals of a job over `tables`: subjects are the rows of the matched tables,
+    /// records the rows of `tables`.
+    async fn totals(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        tables: &[&TableRule],
+    ) -> Result<BulkProgress, ConnectorError> {
+        let mut totals = BulkProgress::default();
+        for rule in self.config.tables.iter().filter(|t| t.parent.is_none()) {
+            totals.subjects_total += self.count_rows(tx, rule, self.everything()).await?;
+        }
+        for rule in tables {
+            totals.records_total += self.count_rows(tx, rule, self.everything()).await?;
+        }
+        Ok(totals)
+    }
+
+    /// Writes every row of the controller in the tables with `export` columns to
+    /// `<table>.json` and `<table>.csv`, in one read transaction with a cursor per table.
+    async fn bulk_export(&self, job: &BulkJob) -> Result<Outcome, ConnectorError> {
+        let sink = job.export.as_ref().ok_or_else(|| {
+            ConnectorError::Permanent("no export folder was given for a contract end".into())
+        })?;
+        let tables: Vec<&TableRule> = self
+            .config
+            .tables
+            .iter()
+            .filter(|t| !t.export.is_empty())
+            .collect();
+        let mut tx = self.begin().await?;
+        let mut progress = self.totals(&mut tx, &tables).await?;
+        job.progress.report(progress);
+        let mut files = Vec::new();
+        let mut notes = Vec::new();
+        let mut total: u64 = 0;
+        for rule in &tables {
+            let Some(select) = plan_export(self.config, rule, self.everything()) else {
+                continue;
+            };
+            let (base, top_level) = (progress, rule.parent.is_none());
+            let subjects = |n: u64| if top_level { n } else { 0 };
+            let (exported, written) = export_rows(&mut tx, rule, &select, sink, |n| {
+                if n % EXPORT_REPORT_EVERY == 0 {
+                    job.progress.report(advanced(base, subjects(n), n));
+                }
+            })
+            .await?;
+            progress = advanced(base, subjects(exported), exported);
+            job.progress.report(progress);
+            files.extend(written);
+            notes.push(format!("{}: exported {exported}", rule.table));
+            total += exported;
+        }
+        tx.commit()
+            .await
+            .map_err(|e| classify("finishing the export", &e))?;
+        job.progress.report(finished(progress));
+        if tables.is_empty() {
+            notes.push("no table has export columns".into());
+        }
+        Ok(Outcome::Completed {
+            records_affected: i64::try_from(total).unwrap_or(i64::MAX),
+            note: notes.join("; "),
+            files,
+            erased: Vec::new(),
+        })
+    }
+
+    /// Erases every row of the controller that no obligation keeps, a batch of top-level
+    /// rows per transaction; then reports what is kept and until when.
+    async fn bulk_erase(
+        &self,
+        job: &BulkJob,
+        batch_subjects: u64,
+    ) -> Result<Outcome, ConnectorError> {
+        let erased_tables: Vec<&TableRule> = self
+            .config
+            .tables
+            .iter()
+            .filter(|t| t.action != Action::Keep)
+            .collect();
+        let mut tx = self.begin().await?;
+        let mut progress = self.totals(&mut tx, &erased_tables).await?;
+        // As a subject's erasure refuses a subject with an undated row, before erasing
+        // anything: without its date a row's retention cannot be known.
+        for rule in &erased_tables {
+            let Some(retain) = &rule.retain else {
+                continue;
+            };
+            let undated: i64 = self
+                .undated_query(rule, retain)
+                .query_scalar()
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| classify(&format!("reading the dates of {}", rule.table), &e))?;
+            if undated > 0 {
+                return Err(ConnectorError::Permanent(format!(
+                    "{}: {undated} of the controller's rows have no date in {} (YYYY-MM-DD \
+                     expected), so their retention cannot be computed; nothing was erased",
+                    rule.table, retain.from_column
+                )));
+            }
+        }
+        tx.commit()
+            .await
+            .map_err(|e| classify("finishing the count", &e))?;
+        job.progress.report(progress);
+
+        let mut counts: Vec<ErasedCount> = Vec::new();
+        let mut notes = Vec::new();
+        let mut affected: i64 = 0;
+        for top in self.config.tables.iter().filter(|t| t.parent.is_none()) {
+            let group: Vec<&TableRule> = self
+                .config
+                .children_first()
+                .filter(|t| t.action != Action::Keep)
+                .filter(|t| {
+                    t.table == top.table || t.parent.as_ref().is_some_and(|p| p.table == top.table)
+                })
+                .collect();
+            if group.is_empty() {
+                continue;
+            }
+            let key = batch_key(self.config, top);
+            let integer = self.integer_key(top, &key).await?;
+            let mut after: Option<String> = None;
+            let mut batches = 0u64;
+            loop {
+                let mut batch = Batch {
+                    table: top.table.clone(),
+                    key: key.clone(),
+                    after: after.clone(),
+                    through: None,
+                    integer,
+                };
+                batch.through = self.batch_end(&batch, batch_subjects).await?;
+                let through = batch.through.clone();
+                let scope = Scope {
+                    batch: Some(&batch),
+                    ..self.everything()
+                };
+                let mut tx = self.begin().await?;
+                let subjects = self.count_rows(&mut tx, top, scope).await?;
+                let mut records: u64 = 0;
+                for rule in &group {
+                    let Some(work) = plan_table_erasure(self.config, rule, scope, job.now_ms)
+                    else {
+                        continue;
+                    };
+                    let table = rule.table.as_str();
+                    let anonymized = match &work.anonymize_kept {
+                        Some(update) => run(&mut tx, update)
+                            .await
+                            .map_err(|e| classify(&format!("anonymizing {table}"), &e))?,
+                        None => 0,
+                    };
+                    let done = run(&mut tx, &work.main)
+                        .await
+                        .map_err(|e| classify(&format!("{} {table}", rule.action.doing()), &e))?;
+                    add_count(&mut counts, table, rule.action.done(), done);
+                    if anonymized > 0 {
+                        add_count(&mut counts, table, "anonymized", anonymized);
+                    }
+                    affected = affected.saturating_add(done).saturating_add(anonymized);
+                    records += u64::try_from(done.saturating_add(anonymized)).unwrap_or(0);
+                }
+                tx.commit()
+                    .await
+                    .map_err(|e| classify("committing a batch of the erasure", &e))?;
+                batches += 1;
+                progress = advanced(progress, subjects, records);
+                job.progress.report(progress);
+                tracing::debug!(table = %top.table, batches, subjects, records, "sql bulk batch erased");
+                match through {
+                    Some(end) => after = Some(end),
+                    None => break,
+                }
+            }
+            notes.push(format!(
+                "{} and the tables found through it: {batches} batch(es) of at most \
+                 {batch_subjects} rows",
+                top.table
+            ));
+        }
+        notes.push(
+            counts
+                .iter()
+                .map(|c| format!("{}: {} {}", c.target, c.action, c.count))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+
+        // What is kept, over all of the controller's rows now that the batches are done.
+        let mut tx = self.begin().await?;
+        let mut bases: Vec<&str> = Vec::new();
+        let mut next_release: Option<i64> = None;
+        let mut kept_rows: i64 = 0;
+        for rule in &erased_tables {
+            let Some(retain) = &rule.retain else {
+                continue;
+            };
+            let table = rule.table.as_str();
+            let kept: KeptRows = self
+                .kept_query(rule, retain, job.now_ms)
+                .query_as()
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| classify(&format!("reading the kept rows of {table}"), &e))?;
+            if kept.by_date > 0 {
+                let first = kept
+                    .first_kept
+                    .as_deref()
+                    .and_then(parse_iso_date)
+                    .ok_or_else(|| {
+                        ConnectorError::Permanent(format!(
+                            "{table}: a kept row has no date in {} (YYYY-MM-DD expected), so \
+                             its retention cannot be computed",
+                            retain.from_column
+                        ))
+                    })?;
+                let at = retain.expires_at_ms(first);
+                next_release = Some(next_release.map_or(at, |n| n.min(at)));
+                if !bases.contains(&retain.basis.as_str()) {
+                    bases.push(&retain.basis);
+                }
+                let last = kept.last_kept.as_deref().and_then(parse_iso_date);
+                notes.push(format!(
+                    "{table}: kept {}{}",
+                    kept.by_date,
+                    last.map(|d| format!(" until the end of {}", retain.last_day(d)))
+                        .unwrap_or_default()
+                ));
+            }
+            if kept.by_condition > 0 {
+                let at = job
+                    .now_ms
+                    .saturating_add(i64::from(retain.recheck_days) * DAY_MS);
+                next_release = Some(next_release.map_or(at, |n| n.min(at)));
+                let basis = retain.while_basis.as_deref().unwrap_or(&retain.basis);
+                if !bases.contains(&basis) {
+                    bases.push(basis);
+                }
+                notes.push(format!(
+                    "{table}: kept {} while its retain condition holds, checked again on {}",
+                    kept.by_condition,
+                    day_of(at)
+                ));
+            }
+            kept_rows += kept.by_date + kept.by_condition;
+        }
+        tx.commit()
+            .await
+            .map_err(|e| classify("finishing the erasure", &e))?;
+        // Every row was handled: erased, or kept under an obligation.
+        job.progress.report(finished(progress));
+        let note = notes.join("; ");
+        Ok(match next_release {
+            Some(until_ms) if kept_rows > 0 => Outcome::Retained {
+                legal_basis: bases.join("; "),
+                until_ms,
+                records_affected: affected,
+                note,
+                erased: counts,
+            },
+            _ => Outcome::Completed {
+                records_affected: affected,
+                note,
+                files: Vec::new(),
+                erased: counts,
+            },
+        })
+    }
+
+    /// Whether `top`'s batch key holds integers, judged by one of its values.
+    async fn integer_key(&self, top: &TableRule, key: &str) -> Result<bool, ConnectorError> {
+        use sqlx::any::AnyTypeInfoKind as Kind;
+        use sqlx::{Row as _, ValueRef as _};
+        let column = quote(key);
+        let sql = format!(
+            "SELECT {column} FROM {} WHERE {column} IS NOT NULL LIMIT 1",
+            quote(&top.table)
+        );
+        let row = sqlx::query(&sql)
+            .fetch_optional(&self.db.pool)
+            .await
+            .map_err(|e| classify(&format!("reading the batch key of {}", top.table), &e))?;
+        Ok(row.is_some_and(|row| {
+            row.try_get_raw(0).is_ok_and(|raw| {
+                matches!(
+                    raw.type_info().kind(),
+                    Kind::SmallInt | Kind::Integer | Kind::BigInt
+                )
+            })
+        }))
+    }
+
+    /// The last key of `batch`: the `size`-th key after its `after`, or `None` when at most
+    /// `size` rows are left (the last batch, which also takes the rows without a key).
+    async fn batch_end(&self, batch: &Batch, size: u64) -> Result<Option<String>, ConnectorError> {
+        let key = batch.key_expr();
+        let mut b = Binds::default();
+        let mut terms = vec![format!("{key} IS NOT NULL")];
+        if let Some(condition) = self.condition {
+            terms.push(format!("({condition})"));
+        }
+        if let Some(after) = &batch.after {
+            terms.push(format!("{key} > {}", batch.bound(after, &mut b)));
+        }
+        // Two keys: the batch's last, and whether another follows it. The numbers are
+        // constants of the code, not request data.
+        let select = b.finish(format!(
+            "SELECT CAST({}.{} AS TEXT) FROM {} WHERE {} ORDER BY {key} LIMIT 2 OFFSET {}",
+            quote(&batch.table),
+            quote(&batch.key),
+            quote(&batch.table),
+            terms.join(" AND "),
+            size.saturating_sub(1)
+        ));
+        let keys: Vec<String> = select
+            .query_scalar()
+            .fetch_all(&self.db.pool)
+            .await
+            .map_err(|e| classify(&format!("dividing {} into batches", batch.table), &e))?;
+        Ok((keys.len() == 2).then(|| keys[0].clone()))
+    }
+
+    /// Counts the controller's rows of `rule` whose date is missing or not shaped
+    /// `YYYY-MM-DD...`.
+    fn undated_query(&self, rule: &TableRule, retain: &Retention) -> Statement {
+        let mut b = Binds::default();
+        let filter =
+            subject_filter(self.config, rule, self.everything(), &mut b).unwrap_or_default();
+        let table = quote(&rule.table);
+        let dated = format!("CAST({table}.{} AS TEXT)", quote(&retain.from_column));
+        b.finish(format!(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM {table} WHERE {filter} AND ({dated} IS NULL \
+             OR LENGTH({dated}) < 10 OR SUBSTR({dated}, 5, 1) <> '-' \
+             OR SUBSTR({dated}, 8, 1) <> '-')"
+        ))
+    }
+
+    /// Counts what `rule`'s `retain` keeps of the controller's rows at `now_ms`, by the same
+    /// conditions as the erasure's statements.
+    fn kept_query(&self, rule: &TableRule, retain: &Retention, now_ms: i64) -> Statement {
+        let mut b = Binds::default();
+        let filter =
+            subject_filter(self.config, rule, self.everything(), &mut b).unwrap_or_default();
+        let table = quote(&rule.table);
+        let dated = format!("CAST({table}.{} AS TEXT)", quote(&retain.from_column));
+        let by_date = format!("{dated} >= {}", b.add(retain.release_before(now_ms)));
+        let held = retain
+            .while_condition
+            .as_deref()
+            .map_or_else(|| "1 = 0".to_string(), |c| format!("({c})"));
+        // A NULL date is not kept by date (as in the erasure's statements), but may be by
+        // `while`: hence CASE rather than NOT.
+        b.finish(format!(
+            "SELECT MIN(CASE WHEN {by_date} THEN {dated} END) AS first_kept, \
+             MAX(CASE WHEN {by_date} THEN {dated} END) AS last_kept, \
+             CAST(COALESCE(SUM(CASE WHEN {by_date} THEN 1 ELSE 0 END), 0) AS BIGINT) AS by_date, \
+             CAST(COALESCE(SUM(CASE WHEN {by_date} THEN 0 WHEN {held} THEN 1 ELSE 0 END), 0) \
+             AS BIGINT) AS by_condition FROM {table} WHERE {filter}"
+        ))
+    }
+}
+
+/// The column a top-level table's batches are ranges of: the column its children link to
+/// (so a batch of parents is a batch of their children too), else a match column erasure
+/// does not overwrite (so a row keeps its place), else any match column.
+fn batch_key(config: &super::SqlConnectorConfig, top: &TableRule) -> String {
+    config
+        .tables
+        .iter()
+        .filter_map(|t| t.parent.as_ref())
+        .find(|link| link.table == top.table)
+        .map(|link| link.parent_column.clone())
+        .or_else(|| {
+            top.match_columns
+                .values()
+                .find(|c| !top.anonymize.contains_key(*c))
+                .cloned()
+        })
+        .or_else(|| top.match_columns.values().next().cloned())
+        .unwrap_or_default()
+}
+
+/// Runs `s`; the rows it changed.
+async fn run(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    s: &Statement,
+) -> Result<i64, sqlx::Error> {
+    let done = s.query().execute(&mut **tx).await?;
+    Ok(i64::try_from(done.rows_affected()).unwrap_or(i64::MAX))
+}
+
+fn add_count(counts: &mut Vec<ErasedCount>, target: &str, action: &str, count: i64) {
+    match counts
+        .iter_mut()
+        .find(|c| c.target == target && c.action == action)
+    {
+        Some(c) => c.count = c.count.saturating_add(count),
+        None => counts.push(ErasedCount {
+            target: target.to_string(),
+            action: action.to_string(),
+            count,
+        }),
+    }
+}
+
+/// `progress` moved on by `subjects` and `records`, never past the totals.
+fn advanced(progress: BulkProgress, subjects: u64, records: u64) -> BulkProgress {
+    BulkProgress {
+        subjects_done: (progress.subjects_done + subjects).min(progress.subjects_total),
+        records_done: (progress.records_done + records).min(progress.records_total),
+        ..progress
+    }
+}
+
+/// A finished job's progress: everything counted at the start was handled.
+fn finished(progress: BulkProgress) -> BulkProgress {
+    BulkProgress {
+        subjects_done: progress.subjects_total,
+        records_done: progress.records_total,
+        ..progress
+    }
+}
