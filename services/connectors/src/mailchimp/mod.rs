@@ -74,7 +74,8 @@ mod tests;
 use api::{Api, MemberList, Reply};
 use scrub::Scrubber;
 
-/// The configuration of one Mailchimp audience (everything after `type = "mailchimp"`).
+/// The configuration of a Mailchimp account's audience, or of one audience per controller
+/// (everything after `type = "mailchimp"`).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MailchimpConfig {
