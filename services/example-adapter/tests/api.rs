@@ -1063,3 +1063,74 @@ async fn the_adapter_connector_scopes_tasks_and_ends_a_contract() {
     assert!(matches!(out, Outcome::Refused { .. }), "{out:?}");
     a.stop().await;
 }
+
+/// A database from before subscribers had a controller keeps its subscribers (with their
+/// ids) and their deliveries through migration 0004, and they go to the default controller.
+async fn subscribers_from_before_controllers_keep_their_deliveries(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = match backend {
+        Backend::Sqlite => format!("sqlite://{}/old.db", dir.path().display()),
+        Backend::Postgres => match fresh_postgres_database().await {
+            Some(url) => url,
+            None => return,
+        },
+    };
+    let db = dsrelay_runtime::store::Db::connect(&url).await.unwrap();
+    let all = match backend {
+        Backend::Sqlite => &dsrelay_example_adapter::store::SQLITE_MIGRATIONS,
+        Backend::Postgres => &dsrelay_example_adapter::store::POSTGRES_MIGRATIONS,
+    };
+    let before = sqlx::migrate::Migrator {
+        migrations: std::borrow::Cow::Owned(all.migrations[..3].to_vec()),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    before.run(&db.pool).await.unwrap();
+    sqlx::query(
+        "INSERT INTO deliveries (subscriber_id, issue, sent_at, opened) VALUES \
+         (1, 'Issue 1', 1, 1), (1, 'Issue 2', 2, 0), (2, 'Issue 1', 1, 0)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    db.pool.close().await;
+
+    let store = Store::open(&url).await.unwrap();
+    assert_eq!(store.assign_unowned(CONTROLLER).await.unwrap(), 4);
+    assert_eq!(store.assign_unowned(CONTROLLER).await.unwrap(), 0);
+    let emails = store.emails_of(CONTROLLER).await.unwrap();
+    assert_eq!(emails.len(), 4);
+    assert_eq!(emails[0], MAIJA);
+    let deliveries: Vec<(i64, String)> =
+        sqlx::query_as("SELECT subscriber_id, issue FROM deliveries ORDER BY id")
+            .fetch_all(&store.db().pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        deliveries,
+        [
+            (1, "Issue 1".to_string()),
+            (1, "Issue 2".into()),
+            (2, "Issue 1".into())
+        ]
+    );
+    // Deliveries still must belong to a subscriber, and an address may now be another
+    // controller's subscriber too.
+    assert!(sqlx::query(
+        "INSERT INTO deliveries (subscriber_id, issue, sent_at, opened) VALUES (999, 'x', 1, 0)"
+    )
+    .execute(&store.db().pool)
+    .await
+    .is_err());
+    store.add_subscriber(GLOBEX, MAIJA, "Maija").await.unwrap();
+    assert!(store.add_subscriber(GLOBEX, MAIJA, "Maija").await.is_err());
+}
+
+#[tokio::test]
+async fn subscribers_from_before_controllers_keep_their_deliveries_on_sqlite() {
+    subscribers_from_before_controllers_keep_their_deliveries(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn subscribers_from_before_controllers_keep_their_deliveries_on_postgres() {
+    subscribers_from_before_controllers_keep_their_deliveries(Backend::Postgres).await;
+}
