@@ -50,6 +50,11 @@ pub struct Audience {
     ghosts: BTreeMap<(String, String), (Value, u32)>,
     /// How many GETs a member deleted from now on keeps being returned for.
     pub forget_after_gets: u32,
+    /// How many GETs of the audience document an audience deleted from now on keeps being
+    /// returned for (with no members), as a deletion that takes a while to show.
+    pub list_forget_after_gets: u32,
+    /// Deleted audiences the API keeps returning: GETs left, by audience id.
+    list_ghosts: BTreeMap<String, u32>,
     /// The next this many calls answer 429 with Retry-After: 1.
     pub rate_limited: u32,
     /// The next this many calls answer 503.
@@ -590,9 +595,18 @@ async fn get_list(
     Path(list_id): Path<String>,
     Query(fields): Query<Fields>,
 ) -> Response {
-    let a = audience.lock().unwrap();
-    let Some(members) = a.members_of(&list_id) else {
-        return member_not_found();
+    let mut a = audience.lock().unwrap();
+    let empty = BTreeMap::new();
+    let lingering = a.members_of(&list_id).is_none()
+        && a.list_ghosts.get_mut(&list_id).is_some_and(|left| {
+            let linger = *left > 0;
+            *left = left.saturating_sub(1);
+            linger
+        });
+    let members = match a.members_of(&list_id) {
+        Some(members) => members,
+        None if lingering => &empty,
+        None => return member_not_found(),
     };
     let count = |status: &str| {
         members
@@ -644,6 +658,10 @@ async fn delete_list(
     }
     a.lists.retain(|(l, _, _), _| *l != list_id);
     a.ghosts.retain(|(l, _), _| *l != list_id);
+    let lag = a.list_forget_after_gets;
+    if lag > 0 {
+        a.list_ghosts.insert(list_id, lag);
+    }
     StatusCode::NO_CONTENT.into_response()
 }
 

@@ -351,3 +351,31 @@ async fn a_rate_limited_bulk_step_asks_to_retry_after_the_header() {
     assert_eq!(err.retry_after_ms(), Some(1_000), "{err:?}");
     assert_eq!(fake.members_of(ACME_LIST).unwrap().len(), 3);
 }
+
+#[tokio::test]
+async fn an_audience_still_returned_after_its_deletion_is_accepted_then_confirmed() {
+    let (fake, connector) = two_audiences().await;
+    // The check right after the delete and the first confirmation still see the audience.
+    fake.audience().list_forget_after_gets = 2;
+    let (j, seen) = job("acme", BulkOp::Erase, None);
+    let out = connector.run_bulk(&j).await.unwrap();
+    let Outcome::Accepted { handle, note } = out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(handle, format!("audience:{ACME_LIST}:3"));
+    assert!(note.contains("still returns it"), "{note}");
+    assert_eq!(seen.borrow().subjects_done, 0);
+    let confirm = BulkJob {
+        phase: Phase::Confirm { handle },
+        ..j.clone()
+    };
+    let out = connector.run_bulk(&confirm).await.unwrap();
+    assert!(matches!(out, Outcome::Accepted { .. }), "{out:?}");
+    let out = connector.run_bulk(&confirm).await.unwrap();
+    let Outcome::Completed { erased, .. } = &out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(erased[0].count, 3);
+    assert_eq!(seen.borrow().subjects_done, 3);
+    assert_eq!(fake.members_of(GLOBEX_LIST).unwrap(), globex_members());
+}
