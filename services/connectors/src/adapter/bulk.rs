@@ -197,9 +197,184 @@ fn bulk_outcome(handle: &str, r: ExecuteBulkResponse) -> Result<Outcome, Connect
 
 #[cfg(test)]
 mod tests {
-    use dsrelay_proto::v1::{BulkErasedCount, BulkJobProgress};
+    use std::sync::{Arc, Mutex};
+
+    use dsrelay_proto::tonic::{self, Request, Response, Status};
+    use dsrelay_proto::v1::subprocessor_adapter_server::{
+        SubprocessorAdapter, SubprocessorAdapterServer,
+    };
+    use dsrelay_proto::v1::{
+        BulkErasedCount, BulkJobProgress, DescribeRequest, DescribeResponse, ExecuteRequest,
+        ExecuteResponse, ExportPage, GetExportPageRequest, GetTaskStatusRequest,
+    };
 
     use super::*;
+    use crate::adapter::{AdapterConfig, AdapterConnector};
+    use crate::{Connector, ProgressReporter};
+
+    /// An adapter whose bulk steps take a while: ExecuteBulk answers ACCEPTED with some
+    /// progress, GetBulkStatus COMPLETED; a retention-expired erasure answers RETAINED with a
+    /// date that has passed. It records the ExecuteBulk bodies.
+    #[derive(Clone, Default)]
+    struct SlowBulk(Arc<Mutex<Vec<ExecuteBulkRequest>>>);
+
+    fn progress(done: u64) -> Option<BulkJobProgress> {
+        Some(BulkJobProgress {
+            subjects_done: done,
+            subjects_total: 4,
+            records_done: done * 2,
+            records_total: 8,
+        })
+    }
+
+    #[tonic::async_trait]
+    impl SubprocessorAdapter for SlowBulk {
+        async fn describe(
+            &self,
+            _: Request<DescribeRequest>,
+        ) -> Result<Response<DescribeResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+
+        async fn execute(
+            &self,
+            _: Request<ExecuteRequest>,
+        ) -> Result<Response<ExecuteResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+
+        async fn get_task_status(
+            &self,
+            _: Request<GetTaskStatusRequest>,
+        ) -> Result<Response<ExecuteResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+
+        async fn get_export_page(
+            &self,
+            _: Request<GetExportPageRequest>,
+        ) -> Result<Response<ExportPage>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+
+        async fn execute_bulk(
+            &self,
+            req: Request<ExecuteBulkRequest>,
+        ) -> Result<Response<ExecuteBulkResponse>, Status> {
+            let r = req.into_inner();
+            self.0.lock().unwrap().push(r.clone());
+            if r.retention_expired {
+                return Ok(Response::new(ExecuteBulkResponse {
+                    outcome: ExecuteOutcome::Retained as i32,
+                    legal_basis: "bookkeeping act".into(),
+                    retain_until: Some(timestamp_from_millis(1_000)),
+                    ..Default::default()
+                }));
+            }
+            Ok(Response::new(ExecuteBulkResponse {
+                outcome: ExecuteOutcome::Accepted as i32,
+                progress: progress(1),
+                ..Default::default()
+            }))
+        }
+
+        async fn get_bulk_status(
+            &self,
+            _: Request<GetBulkStatusRequest>,
+        ) -> Result<Response<ExecuteBulkResponse>, Status> {
+            Ok(Response::new(ExecuteBulkResponse {
+                outcome: ExecuteOutcome::Completed as i32,
+                erased: vec![BulkErasedCount {
+                    target: "subscribers".into(),
+                    action: "deleted".into(),
+                    count: 4,
+                }],
+                progress: progress(4),
+                ..Default::default()
+            }))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_accepted_bulk_step_is_confirmed_with_its_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dsrelay_runtime::pki::DevPki::ensure(&dir.path().join("pki")).unwrap();
+        let adapter = SlowBulk::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let router =
+            dsrelay_runtime::server::builder(pki.files("adapter").server_config().unwrap())
+                .unwrap()
+                .add_service(SubprocessorAdapterServer::new(adapter.clone()));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(dsrelay_runtime::server::serve(router, listener, async {
+            let _ = stopped.await;
+        }));
+        let connector = AdapterConnector::connect(&AdapterConfig {
+            endpoint: format!("https://localhost:{port}"),
+            identity: "spiffe://dsrelay.dev/adapter/example".into(),
+            tls: pki.files("processor"),
+            timeout_ms: 5_000,
+            supported_kinds: Some(vec!["contract_end".into()]),
+            controllers: None,
+        })
+        .unwrap();
+        assert!(connector.supports(dsrelay_proto::v1::RequestKind::ContractEnd));
+        let (reporter, seen) = ProgressReporter::new();
+        let job = BulkJob {
+            job_id: "ce1/newsletter".into(),
+            request_id: "ce1".into(),
+            controller: "acme".into(),
+            op: BulkOp::Erase,
+            phase: Phase::Start,
+            due_at_ms: 2_000_000_000_000,
+            now_ms: 1_700_000_000_000,
+            export: None,
+            progress: reporter,
+        };
+        let out = connector.run_bulk(&job).await.unwrap();
+        let Outcome::Accepted { handle, .. } = out else {
+            panic!("{out:?}");
+        };
+        assert_eq!(handle, "ce1/newsletter");
+        assert_eq!(seen.borrow().subjects_done, 1);
+        let sent = adapter.0.lock().unwrap()[0].clone();
+        assert_eq!(sent.controller, "acme");
+        assert_eq!(sent.operation, BulkOperation::Erase as i32);
+        assert!(!sent.retention_expired);
+
+        let confirm = BulkJob {
+            phase: Phase::Confirm { handle },
+            ..job.clone()
+        };
+        let out = connector.run_bulk(&confirm).await.unwrap();
+        let Outcome::Completed {
+            records_affected: 4,
+            erased,
+            ..
+        } = out
+        else {
+            panic!("{out:?}");
+        };
+        assert_eq!(erased[0].target, "subscribers");
+        assert_eq!(seen.borrow().records_done, 8);
+
+        // Retained data past its date: sent under its own key, and an operator must look.
+        let expired = BulkJob {
+            phase: Phase::RetentionExpired,
+            ..job.clone()
+        };
+        let err = connector.run_bulk(&expired).await.unwrap_err();
+        assert!(
+            err.to_string().contains("after its retain-until date"),
+            "{err}"
+        );
+        let sent = adapter.0.lock().unwrap()[1].clone();
+        assert_eq!(sent.job_id, "ce1/newsletter#retention-expired");
+        assert!(sent.retention_expired);
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
 
     #[test]
     fn maps_bulk_answers() {
