@@ -37,6 +37,21 @@
 //! - `export_json` (adapters that answer inline): one JSON value in the answer itself, so at
 //!   most the 16 MiB this connector decodes; checked to be JSON and written as it came.
 //!
+//! # Controllers
+//! Every `Execute` carries the task's `controller`, and the adapter scopes itself by it. The
+//! optional `controllers` list of the configuration tells the processor which controllers the
+//! adapter holds data of: work for any other is REFUSED without a call. Without it the
+//! adapter is unscoped and [`Connector::scoped_controllers`] is `None`.
+//!
+//! # Contract ends
+//! [`Connector::run_bulk`] calls `ExecuteBulk` (see `bulk`): under the job's id at
+//! [`Phase::Start`], under `<job_id>#retention-expired` at [`Phase::RetentionExpired`], and
+//! `GetBulkStatus` with the handle at [`Phase::Confirm`]. Each answer's `progress` is
+//! reported to the processor; an adapter whose step takes longer than `timeout_ms` answers
+//! ACCEPTED and is asked again later. A completed export is fetched with `GetExportPage`
+//! under the key it was answered for, exactly as a paged RETURN_OF_DATA export, into
+//! `export.json` (an empty array when the answer has no `export_paged`).
+//!
 //! # Outcomes and errors
 //! COMPLETED, NOT_FOUND, RETAINED, ACCEPTED and REFUSED map to the [`Outcome`] of the same
 //! name; FAILED, UNSPECIFIED and malformed answers (invalid export JSON, RETAINED without a
@@ -66,7 +81,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
 use crate::export::{JsonArrayWriter, JSON};
-use crate::{kind_label, BoxFuture, Connector, ConnectorError, ExportedFile, Outcome, Phase, Task};
+use crate::{
+    kind_label, BoxFuture, BulkJob, Connector, ConnectorError, ExportSink, ExportedFile, Outcome,
+    Phase, Task,
+};
+
+mod bulk;
 
 /// Appended to the task id to form the idempotency key of the [`Phase::RetentionExpired`]
 /// call.
@@ -121,6 +141,13 @@ pub struct AdapterConfig {
     /// asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub supported_kinds: Option<Vec<String>>,
+    /// The controllers (the processor's names for them, `ControllerConfig.name`) whose data
+    /// the adapter holds separately, each scoped by the adapter itself from the `controller`
+    /// it is sent. A task or contract end of a controller not listed is refused without a
+    /// call. Absent: the adapter is not scoped, and its data belongs to whichever controller
+    /// asks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controllers: Option<Vec<String>>,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -161,6 +188,23 @@ impl AdapterConfig {
                 self.timeout_ms
             ));
         }
+        if let Some(controllers) = &self.controllers {
+            if controllers.is_empty() {
+                out.push(
+                    "controllers: must not be empty (leave it out when the adapter is not \
+                     scoped per controller)"
+                        .to_string(),
+                );
+            }
+            let mut seen = BTreeSet::new();
+            for (i, name) in controllers.iter().enumerate() {
+                if name.trim().is_empty() {
+                    out.push(format!("controllers[{i}]: must not be empty"));
+                } else if !seen.insert(name.as_str()) {
+                    out.push(format!("controllers[{i}]: {name:?} is listed twice"));
+                }
+            }
+        }
         if let Some(kinds) = &self.supported_kinds {
             if kinds.is_empty() {
                 out.push(
@@ -172,7 +216,7 @@ impl AdapterConfig {
                 if parse_kind(k).is_none() {
                     out.push(format!(
                         "supported_kinds[{i}]: {k:?} is not one of erasure, return_of_data, \
-                         transfer, rectification, restriction, objection"
+                         transfer, rectification, restriction, objection, contract_end"
                     ));
                 }
             }
@@ -192,6 +236,8 @@ pub(crate) struct AdapterConnector {
     described: OnceCell<Option<BTreeSet<i32>>>,
     /// The `max_bytes` of each export page ([`EXPORT_PAGE_BYTES`]; smaller in tests).
     page_bytes: u32,
+    /// The controllers the adapter scopes its data to; `None` when it does not.
+    controllers: Option<BTreeSet<String>>,
 }
 
 impl std::fmt::Debug for AdapterConnector {
@@ -201,6 +247,7 @@ impl std::fmt::Debug for AdapterConnector {
             .field("timeout", &self.timeout)
             .field("configured", &self.configured)
             .field("described", &self.described.get())
+            .field("controllers", &self.controllers)
             .finish_non_exhaustive()
     }
 }
@@ -236,6 +283,27 @@ impl AdapterConnector {
             configured,
             described: OnceCell::new(),
             page_bytes: EXPORT_PAGE_BYTES,
+            controllers: config
+                .controllers
+                .as_ref()
+                .map(|c| c.iter().cloned().collect()),
+        })
+    }
+
+    /// The refusal of work for `controller` when the adapter is scoped and does not list it.
+    fn refuse_controller(&self, controller: &str) -> Option<Outcome> {
+        let listed = self.controllers.as_ref()?;
+        if listed.contains(controller) {
+            return None;
+        }
+        let names: Vec<&str> = listed.iter().map(String::as_str).collect();
+        Some(Outcome::Refused {
+            reason: format!(
+                "the adapter at {} holds no data of controller {controller:?} (its \
+                 controllers: {}); add it to controllers in the connector configuration",
+                self.endpoint,
+                names.join(", ")
+            ),
         })
     }
 
@@ -310,10 +378,10 @@ impl AdapterConnector {
     /// of its records. See the module documentation for what is refused.
     async fn write_paged_export(
         &self,
-        task: &Task,
+        sink: &ExportSink,
         task_id: &str,
     ) -> Result<ExportedFile, ConnectorError> {
-        let file = task.export_sink()?.file("export.json", JSON).await?;
+        let file = sink.file("export.json", JSON).await?;
         let mut array = JsonArrayWriter::new(file).await?;
         let mut token = String::new();
         let mut pages: u64 = 0;
@@ -382,7 +450,7 @@ impl AdapterConnector {
             // Data the request did not ask for is not kept (nor fetched).
             if matches!(task.kind, RequestKind::ReturnOfData | RequestKind::Transfer) {
                 let file = if paged {
-                    self.write_paged_export(task, handle).await?
+                    self.write_paged_export(task.export_sink()?, handle).await?
                 } else {
                     write_export(task, &inline).await?
                 };
@@ -459,6 +527,9 @@ impl Connector for AdapterConnector {
 
     fn run<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
         Box::pin(async move {
+            if let Some(refusal) = self.refuse_controller(&task.controller) {
+                return Ok(refusal);
+            }
             match &task.phase {
                 Phase::Start => {
                     if self.refused_by_describe(task.kind).await {
@@ -493,6 +564,16 @@ impl Connector for AdapterConnector {
             }
         })
     }
+
+    fn scoped_controllers(&self) -> Option<Vec<String>> {
+        self.controllers
+            .as_ref()
+            .map(|c| c.iter().cloned().collect())
+    }
+
+    fn run_bulk<'a>(&'a self, job: &'a BulkJob) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(self.bulk(job))
+    }
 }
 
 /// The idempotency key of the [`Phase::RetentionExpired`] call for `task_id`.
@@ -512,6 +593,7 @@ fn execute_request(task: &Task, task_id: &str) -> ExecuteRequest {
         }),
         parameters: Some(task.parameters.clone()),
         due_at: Some(timestamp_from_millis(task.due_at_ms)),
+        controller: task.controller.clone(),
     }
 }
 
@@ -649,6 +731,7 @@ mod tests {
             tls,
             timeout_ms: 2000,
             supported_kinds: None,
+            controllers: None,
         }
     }
 
@@ -728,6 +811,18 @@ mod tests {
             .validate()
             .iter()
             .any(|p| p.starts_with("supported_kinds:")));
+        c.controllers = Some(vec![]);
+        assert!(c.validate().iter().any(|p| p.starts_with("controllers:")));
+        c.controllers = Some(vec!["acme".into(), " ".into(), "acme".into()]);
+        let problems = c.validate().join("\n");
+        assert!(
+            problems.contains("controllers[1]: must not be empty"),
+            "{problems}"
+        );
+        assert!(
+            problems.contains("controllers[2]: \"acme\" is listed twice"),
+            "{problems}"
+        );
     }
 
     #[test]
@@ -927,6 +1022,20 @@ mod tests {
             Err(Status::unimplemented("not scripted"))
         }
 
+        async fn execute_bulk(
+            &self,
+            _: tonic::Request<dsrelay_proto::v1::ExecuteBulkRequest>,
+        ) -> Result<tonic::Response<dsrelay_proto::v1::ExecuteBulkResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+
+        async fn get_bulk_status(
+            &self,
+            _: tonic::Request<dsrelay_proto::v1::GetBulkStatusRequest>,
+        ) -> Result<tonic::Response<dsrelay_proto::v1::ExecuteBulkResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+
         async fn get_export_page(
             &self,
             req: tonic::Request<GetExportPageRequest>,
@@ -1075,6 +1184,51 @@ mod tests {
             vec!["marketing".to_string()]
         );
         assert_eq!(millis_from_timestamp(&body.due_at.unwrap()), t.due_at_ms);
+        // The adapter scopes itself by the controller.
+        assert_eq!(body.controller, "acme");
+    }
+
+    #[tokio::test]
+    async fn a_scoped_adapter_refuses_other_controllers_without_a_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dsrelay_runtime::pki::DevPki::ensure(&dir.path().join("pki")).unwrap();
+        // Nothing listens on port 1: a call would fail transiently, a refusal makes none.
+        let c = AdapterConfig {
+            controllers: Some(vec!["globex".into(), "acme".into()]),
+            ..config(pki.files("processor"))
+        };
+        let connector = AdapterConnector::connect(&c).unwrap();
+        assert_eq!(
+            connector.scoped_controllers(),
+            Some(vec!["acme".to_string(), "globex".to_string()])
+        );
+        let mut t = task(Phase::Start);
+        t.controller = "initech".into();
+        let out = connector.run(&t).await.unwrap();
+        assert!(
+            matches!(&out, Outcome::Refused { reason } if reason.contains("\"initech\"")),
+            "{out:?}"
+        );
+        let (progress, _) = crate::ProgressReporter::new();
+        let job = BulkJob {
+            job_id: "ce/initech/newsletter".into(),
+            request_id: "ce".into(),
+            controller: "initech".into(),
+            op: crate::BulkOp::Erase,
+            phase: Phase::Start,
+            due_at_ms: 2_000_000_000_000,
+            now_ms: 1_700_000_000_000,
+            export: None,
+            progress,
+        };
+        let out = connector.run_bulk(&job).await.unwrap();
+        assert!(matches!(out, Outcome::Refused { .. }), "{out:?}");
+        // A listed controller does reach the (absent) adapter.
+        let mut t = task(Phase::Start);
+        t.controller = "acme".into();
+        assert!(connector.run(&t).await.unwrap_err().is_transient());
+        let unscoped = AdapterConnector::connect(&config(pki.files("processor"))).unwrap();
+        assert_eq!(unscoped.scoped_controllers(), None);
     }
 
     #[tokio::test]

@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use dsrelay_proto::v1::subprocessor_adapter_server::SubprocessorAdapter;
 use dsrelay_proto::v1::{
-    DescribeRequest, DescribeResponse, ExecuteRequest, ExecuteResponse, ExportPage,
-    GetExportPageRequest, GetTaskStatusRequest, IdentityEncoding, IdentityType, RequestKind,
-    SubjectIdentity,
+    BulkOperation, DescribeRequest, DescribeResponse, ExecuteBulkRequest, ExecuteBulkResponse,
+    ExecuteRequest, ExecuteResponse, ExportPage, GetBulkStatusRequest, GetExportPageRequest,
+    GetTaskStatusRequest, IdentityEncoding, IdentityType, RequestKind, SubjectIdentity,
 };
 use dsrelay_runtime::grpc::{self, Authorizer, ServiceName};
 use dsrelay_runtime::identity::{validate_identities, FieldViolation};
@@ -31,6 +31,8 @@ pub(crate) const MAX_CORRECTIONS: usize = 32;
 pub(crate) const MAX_NEW_VALUE: usize = 1024;
 /// At most this many bytes in a transfer recipient.
 pub(crate) const MAX_RECIPIENT: usize = 256;
+/// At most this many bytes in a controller name.
+pub(crate) const MAX_CONTROLLER: usize = 256;
 
 /// Names the adapter in its answers.
 #[derive(Debug)]
@@ -64,11 +66,18 @@ pub(crate) struct Api {
     /// The callers allowed, by certificate identity, which also names them (one role).
     allowed: Arc<Authorizer<()>>,
     confirm_delay_ms: u64,
+    /// The controller of requests that name none (older processors).
+    default_controller: String,
 }
 
 impl Api {
     /// Handlers over `store` for the callers in `allowed`.
-    pub(crate) fn new(store: Store, allowed: &[String], confirm_delay_ms: u64) -> Self {
+    pub(crate) fn new(
+        store: Store,
+        allowed: &[String],
+        confirm_delay_ms: u64,
+        default_controller: &str,
+    ) -> Self {
         let allowed = Authorizer::new(
             allowed.iter().map(|id| (id.clone(), (), id.clone())),
             "may not call this adapter",
@@ -77,6 +86,7 @@ impl Api {
             store,
             allowed: Arc::new(allowed),
             confirm_delay_ms,
+            default_controller: default_controller.to_string(),
         }
     }
 
@@ -129,10 +139,39 @@ pub(crate) fn validate_export_page(r: &GetExportPageRequest) -> Vec<FieldViolati
 }
 
 /// Every rule `r` breaks, each naming its field.
+pub(crate) fn validate_bulk(r: &ExecuteBulkRequest) -> Vec<FieldViolation> {
+    let mut out = Vec::new();
+    check_id(&mut out, "job_id", &r.job_id, MAX_TASK_ID);
+    check_id(&mut out, "request_id", &r.request_id, MAX_REQUEST_ID);
+    check_id(&mut out, "controller", &r.controller, MAX_CONTROLLER);
+    let operation = BulkOperation::try_from(r.operation).unwrap_or(BulkOperation::Unspecified);
+    if operation == BulkOperation::Unspecified {
+        out.push(FieldViolation::new(
+            "operation",
+            format!("must be EXPORT or ERASE (got {})", r.operation),
+        ));
+    }
+    if r.retention_expired && operation == BulkOperation::Export {
+        out.push(FieldViolation::new(
+            "retention_expired",
+            "applies only to ERASE: an export retains nothing",
+        ));
+    }
+    out
+}
+
+/// Every rule `r` breaks, each naming its field.
 pub(crate) fn validate_execute(r: &ExecuteRequest) -> Vec<FieldViolation> {
     let mut out = Vec::new();
     check_id(&mut out, "task_id", &r.task_id, MAX_TASK_ID);
     check_id(&mut out, "request_id", &r.request_id, MAX_REQUEST_ID);
+    // Empty is allowed: older processors send none, and the default controller is meant.
+    if r.controller.len() > MAX_CONTROLLER || r.controller.chars().any(char::is_control) {
+        out.push(FieldViolation::new(
+            "controller",
+            format!("must be at most {MAX_CONTROLLER} bytes without control characters"),
+        ));
+    }
     let kind = RequestKind::try_from(r.kind).unwrap_or(RequestKind::Unspecified);
     if kind == RequestKind::Unspecified {
         out.push(FieldViolation::new(
@@ -232,8 +271,11 @@ impl SubprocessorAdapter for Api {
         req: Request<ExecuteRequest>,
     ) -> Result<Response<ExecuteResponse>, Status> {
         let caller = self.caller(&req)?;
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         ApiError::ensure_valid(validate_execute(&r))?;
+        if r.controller.is_empty() {
+            r.controller = self.default_controller.clone();
+        }
         let now = dsrelay_runtime::store::now_ms();
         let response = self
             .store
@@ -258,6 +300,46 @@ impl SubprocessorAdapter for Api {
         let response = self
             .store
             .status(&caller, &r.task_id, now)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(response))
+    }
+
+    #[tracing::instrument(name = "adapter.execute_bulk", skip_all, fields(
+        job_id = %req.get_ref().job_id,
+        request_id = %req.get_ref().request_id,
+        controller = %req.get_ref().controller,
+    ))]
+    async fn execute_bulk(
+        &self,
+        req: Request<ExecuteBulkRequest>,
+    ) -> Result<Response<ExecuteBulkResponse>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        ApiError::ensure_valid(validate_bulk(&r))?;
+        let now = dsrelay_runtime::store::now_ms();
+        let response = self
+            .store
+            .execute_bulk(&caller, &r, now)
+            .await
+            .map_err(ApiError::from)?;
+        tracing::info!(outcome = response.outcome, "bulk job executed");
+        Ok(Response::new(response))
+    }
+
+    #[tracing::instrument(skip_all, fields(job_id = %req.get_ref().job_id))]
+    async fn get_bulk_status(
+        &self,
+        req: Request<GetBulkStatusRequest>,
+    ) -> Result<Response<ExecuteBulkResponse>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        let mut violations = Vec::new();
+        check_id(&mut violations, "job_id", &r.job_id, MAX_TASK_ID);
+        ApiError::ensure_valid(violations)?;
+        let response = self
+            .store
+            .bulk_status(&caller, &r.job_id)
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(response))

@@ -27,12 +27,23 @@ pub struct App {
 }
 
 impl App {
-    /// Connects and migrates the store (seeding subscribers on first start). Nothing listens
-    /// yet.
+    /// Connects and migrates the store (seeding subscribers on first start) and gives the
+    /// subscribers stored without a controller to `default_controller`. Nothing listens yet.
     pub async fn build(config: Config) -> Result<Self> {
         let store = Store::open(&config.service.database_url)
             .await
             .context("opening the newsletter database")?;
+        let assigned = store
+            .assign_unowned(&config.default_controller)
+            .await
+            .context("assigning subscribers without a controller")?;
+        if assigned > 0 {
+            tracing::info!(
+                assigned,
+                controller = %config.default_controller,
+                "subscribers without a controller assigned to the default controller"
+            );
+        }
         Ok(Self { config, store })
     }
 
@@ -66,7 +77,12 @@ impl App {
         let Self { config, store } = self;
         let delay = config.confirm_delay_ms;
         tracing::info!(confirm_delay_ms = delay, "adapter starting");
-        let api = Api::new(store.clone(), &config.allowed_identities, delay);
+        let api = Api::new(
+            store.clone(),
+            &config.allowed_identities,
+            delay,
+            &config.default_controller,
+        );
         let host = Host::new("adapter", &config.service).service(
             SubprocessorAdapterServer::new(api)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

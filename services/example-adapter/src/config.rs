@@ -29,6 +29,20 @@ pub struct Config {
     /// this many milliseconds.
     #[serde(default)]
     pub confirm_delay_ms: u64,
+    /// The controller (the processor's name for it, as sent in `ExecuteRequest.controller`)
+    /// that owns the subscribers stored without one: those from before subscribers had a
+    /// controller, assigned to it at start, and requests that name no controller (from
+    /// processors older than the field). Defaults to `controller`, the name `dsrctl dev up`
+    /// gives the development processor's one controller.
+    #[serde(default = "default_controller")]
+    pub default_controller: String,
+}
+
+/// The controller that owns subscribers stored without one, unless configured otherwise.
+pub const DEFAULT_CONTROLLER: &str = "controller";
+
+fn default_controller() -> String {
+    DEFAULT_CONTROLLER.to_string()
 }
 
 /// Where the adapter listens and stores unless configured otherwise.
@@ -93,6 +107,13 @@ impl Config {
                 self.confirm_delay_ms
             ));
         }
+        if self.default_controller.trim().is_empty() {
+            errors.push(
+                "default_controller: must name the controller that owns subscribers stored \
+                 without one"
+                    .to_string(),
+            );
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -144,6 +165,7 @@ mod tests {
         assert_eq!(c.service.database_url, DEFAULTS.database_url);
         assert_eq!(c.service.tls.ca, dir.path().join("pki/ca.pem"));
         assert_eq!(c.allowed_identities.len(), 1);
+        assert_eq!(c.default_controller, DEFAULT_CONTROLLER);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Paged exports (`GetExportPage`): a completed RETURN_OF_DATA or TRANSFER task keeps only
-//! the ids of the subscribers it covers; each page reads their rows live, by keyset (`id >
-//! last id sent`, in id order), and never holds more than one page.
+//! the ids of the subscribers it covers, a completed contract-end export only its controller;
+//! each page reads their rows live, by keyset (`id > last id sent`, in id order), and never
+//! holds more than one page.
 //!
 //! The export is every subscriber record, then every delivery record of those subscribers.
 //! A page token names the position (the section and the last id sent) and is bound to its
@@ -29,6 +30,15 @@ const BATCH: i64 = 256;
 
 /// Version prefix of the page tokens this adapter issues.
 const TOKEN_VERSION: &str = "p1";
+
+/// Which subscribers an export covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Covered {
+    /// These subscribers (a data subject's export).
+    Ids(Vec<i64>),
+    /// Every subscriber of this controller (a contract end's export).
+    Controller(String),
+}
 
 /// Where a page starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,18 +139,18 @@ pub(crate) struct Page {
 #[derive(Debug)]
 pub(crate) struct RecordTooLarge(pub(crate) usize);
 
-/// Reads the page at `position` of the export of the subscribers `ids`: whole records up to
+/// Reads the page at `position` of the export of the `covered` subscribers: whole records up to
 /// `max_bytes` together.
 pub(crate) async fn read_page(
     conn: &mut sqlx::AnyConnection,
-    ids: &[i64],
+    covered: &Covered,
     mut position: Position,
     max_bytes: usize,
 ) -> anyhow::Result<Result<Page, RecordTooLarge>> {
     let mut records = Vec::new();
     let mut used = 0usize;
     loop {
-        let rows = batch(conn, ids, position).await?;
+        let rows = batch(conn, covered, position).await?;
         if rows.is_empty() {
             match position {
                 Position::Subscribers(_) => {
@@ -179,19 +189,23 @@ pub(crate) async fn read_page(
 /// The next [`BATCH`] rows after `position`, in id order.
 async fn batch(
     conn: &mut sqlx::AnyConnection,
-    ids: &[i64],
+    covered: &Covered,
     position: Position,
 ) -> sqlx::Result<Vec<AnyRow>> {
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let list: Vec<String> = (0..ids.len()).map(|i| format!("${}", i + 2)).collect();
-    let list = list.join(", ");
+    // The condition on the subscriber row `s` that selects the covered subscribers.
+    let filter = match covered {
+        Covered::Ids(ids) if ids.is_empty() => return Ok(Vec::new()),
+        Covered::Ids(ids) => {
+            let list: Vec<String> = (0..ids.len()).map(|i| format!("${}", i + 2)).collect();
+            format!("s.id IN ({})", list.join(", "))
+        }
+        Covered::Controller(_) => "s.controller = $2".to_string(),
+    };
     let (sql, after) = match position {
         Position::Subscribers(after) => (
             format!(
-                "SELECT {SUBSCRIBER_COLUMNS} FROM subscribers WHERE id > $1 AND id IN ({list}) \
-                 ORDER BY id LIMIT {BATCH}"
+                "SELECT {SUBSCRIBER_COLUMNS} FROM subscribers s WHERE s.id > $1 AND {filter} \
+                 ORDER BY s.id LIMIT {BATCH}"
             ),
             after,
         ),
@@ -199,14 +213,19 @@ async fn batch(
             format!(
                 "SELECT d.id, s.email, d.issue, d.sent_at, d.opened FROM deliveries d \
                  JOIN subscribers s ON s.id = d.subscriber_id \
-                 WHERE d.id > $1 AND d.subscriber_id IN ({list}) ORDER BY d.id LIMIT {BATCH}"
+                 WHERE d.id > $1 AND {filter} ORDER BY d.id LIMIT {BATCH}"
             ),
             after,
         ),
     };
     let mut query = sqlx::query(&sql).bind(after);
-    for id in ids {
-        query = query.bind(*id);
+    match covered {
+        Covered::Ids(ids) => {
+            for id in ids {
+                query = query.bind(*id);
+            }
+        }
+        Covered::Controller(controller) => query = query.bind(controller.as_str()),
     }
     query.fetch_all(&mut *conn).await
 }

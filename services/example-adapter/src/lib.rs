@@ -16,6 +16,14 @@
 //! - Exports (RETURN_OF_DATA, TRANSFER) are answered COMPLETED with `export_paged`, and read
 //!   with GetExportPage page by page from the live rows (subscribers, then their deliveries);
 //!   the task keeps only which subscribers it covers, never the data.
+//! - Every subscriber belongs to one controller (the processor's name for it). Execute looks
+//!   only among the subscribers of the controller the request names; a request naming none
+//!   (older processors) means `default_controller`, which also owns the subscribers stored
+//!   without a controller (given to it at start).
+//! - ExecuteBulk ends a contract with one controller: EXPORT answers COMPLETED with
+//!   `export_paged` and the pages read all of the controller's subscribers and deliveries;
+//!   ERASE deletes them with two statements and reports the counts. Both answer at once
+//!   (never ACCEPTED), idempotently per `job_id`; GetBulkStatus repeats the answer.
 //!
 //! # Layout
 //! - [`config`]: the TOML file plus `DSRELAY_ADAPTER__*` environment overrides.

@@ -5,12 +5,18 @@
 //! MD5 of the normalised value); other identity types are not held here. A scope that names
 //! none of [`DATA_CATEGORIES`] finds nothing. One subscriber row is one record (its
 //! deliveries go with it: exported after it, erased with it).
+//!
+//! Every subscriber belongs to one controller (`subscribers.controller`, the processor's name
+//! for it): a request finds only the subscribers of the controller it names, and a contract
+//! end ([`erase_controller`]) deletes all of one controller's subscribers and their
+//! deliveries with two statements, whatever their number.
 
 use std::collections::BTreeMap;
 
 use dsrelay_proto::v1::{
-    Evidence, ExecuteOutcome, ExecuteRequest, ExecuteResponse, IdentityEncoding, IdentityType,
-    RequestKind,
+    BulkErasedCount, BulkJobProgress, BulkOperation, Evidence, ExecuteBulkRequest,
+    ExecuteBulkResponse, ExecuteOutcome, ExecuteRequest, ExecuteResponse, IdentityEncoding,
+    IdentityType, RequestKind,
 };
 use dsrelay_runtime::identity::{digest, normalize};
 use serde::Serialize;
@@ -23,14 +29,15 @@ pub(crate) const NAME: &str = "example newsletter";
 /// The data categories the newsletter holds.
 pub(crate) const DATA_CATEGORIES: [&str; 2] = ["contact", "marketing"];
 
-/// The request kinds the newsletter carries out.
-pub(crate) const SUPPORTED_KINDS: [RequestKind; 6] = [
+/// The request kinds the newsletter carries out (CONTRACT_END through ExecuteBulk).
+pub(crate) const SUPPORTED_KINDS: [RequestKind; 7] = [
     RequestKind::Erasure,
     RequestKind::ReturnOfData,
     RequestKind::Transfer,
     RequestKind::Rectification,
     RequestKind::Restriction,
     RequestKind::Objection,
+    RequestKind::ContractEnd,
 ];
 
 /// One subscriber.
@@ -120,8 +127,9 @@ fn with_reason(outcome: ExecuteOutcome, reason: String) -> ExecuteResponse {
     }
 }
 
-/// Carries out `req` in `tx`. With `confirm_delay_ms > 0` an erasure only records what to
-/// delete and answers ACCEPTED.
+/// Carries out `req` in `tx` among the subscribers of `req.controller` (which the caller has
+/// filled in). With `confirm_delay_ms > 0` an erasure only records what to delete and answers
+/// ACCEPTED.
 pub(crate) async fn execute(
     tx: &mut Transaction<'_, Any>,
     req: &ExecuteRequest,
@@ -223,7 +231,8 @@ pub(crate) async fn execute(
         }
         RequestKind::ContractEnd => with_reason(
             ExecuteOutcome::Refused,
-            "a contract end is not a task of one subject".into(),
+            "a contract end is not a task of one subject; it is carried out with ExecuteBulk"
+                .into(),
         )
         .into(),
         RequestKind::Unspecified => {
@@ -232,7 +241,7 @@ pub(crate) async fn execute(
     })
 }
 
-/// The subscribers any of the request's identities matches, by id.
+/// The subscribers of the request's controller that any of its identities matches, by id.
 async fn find(
     tx: &mut Transaction<'_, Any>,
     req: &ExecuteRequest,
@@ -250,9 +259,11 @@ async fn find(
             IdentityEncoding::try_from(identity.encoding).unwrap_or(IdentityEncoding::Unspecified);
         if encoding == IdentityEncoding::Raw {
             let rows = sqlx::query(&format!(
-                "SELECT {SUBSCRIBER_COLUMNS} FROM subscribers WHERE {column} = $1"
+                "SELECT {SUBSCRIBER_COLUMNS} FROM subscribers WHERE {column} = $1 \
+                 AND controller = $2"
             ))
             .bind(normalize(ty, &identity.value))
+            .bind(&req.controller)
             .fetch_all(&mut **tx)
             .await?;
             for r in &rows {
@@ -263,9 +274,12 @@ async fn find(
             // A hash can only be compared: hash every subscriber's value. Fine for a small
             // example; a real service would keep indexed hash columns.
             if all.is_none() {
-                let rows = sqlx::query(&format!("SELECT {SUBSCRIBER_COLUMNS} FROM subscribers"))
-                    .fetch_all(&mut **tx)
-                    .await?;
+                let rows = sqlx::query(&format!(
+                    "SELECT {SUBSCRIBER_COLUMNS} FROM subscribers WHERE controller = $1"
+                ))
+                .bind(&req.controller)
+                .fetch_all(&mut **tx)
+                .await?;
                 all = Some(
                     rows.iter()
                         .map(Subscriber::from_row)
@@ -374,12 +388,16 @@ async fn rectify(
                 ),
             ));
         }
-        let taken: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM subscribers WHERE email = $1 AND id <> $2")
-                .bind(value)
-                .bind(subscribers[0].id)
-                .fetch_one(&mut **tx)
-                .await?;
+        // Addresses are unique per controller: another controller's subscriber with the
+        // same address is someone else's business.
+        let taken: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM subscribers WHERE email = $1 AND id <> $2 AND controller = $3",
+        )
+        .bind(value)
+        .bind(subscribers[0].id)
+        .bind(&req.controller)
+        .fetch_one(&mut **tx)
+        .await?;
         if taken > 0 {
             return Ok(with_reason(
                 ExecuteOutcome::Failed,
@@ -417,4 +435,106 @@ async fn rectify(
         subscribers.len() as i64
     };
     Ok(completed(records, note))
+}
+
+/// How many subscribers and deliveries `controller` has.
+pub(crate) async fn count_controller(
+    tx: &mut Transaction<'_, Any>,
+    controller: &str,
+) -> sqlx::Result<(i64, i64)> {
+    let subscribers: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM subscribers WHERE controller = $1")
+            .bind(controller)
+            .fetch_one(&mut **tx)
+            .await?;
+    let deliveries: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM deliveries WHERE subscriber_id IN \
+         (SELECT id FROM subscribers WHERE controller = $1)",
+    )
+    .bind(controller)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok((subscribers, deliveries))
+}
+
+/// Deletes every subscriber of `controller` and their deliveries, in two statements; returns
+/// how many subscribers and deliveries went.
+pub(crate) async fn erase_controller(
+    tx: &mut Transaction<'_, Any>,
+    controller: &str,
+) -> sqlx::Result<(i64, i64)> {
+    let deliveries = sqlx::query(
+        "DELETE FROM deliveries WHERE subscriber_id IN \
+         (SELECT id FROM subscribers WHERE controller = $1)",
+    )
+    .bind(controller)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    let subscribers = sqlx::query("DELETE FROM subscribers WHERE controller = $1")
+        .bind(controller)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    Ok((n(subscribers), n(deliveries)))
+}
+
+/// Carries out the bulk job `req` (validated) in `tx`: counts the controller's subscribers and
+/// deliveries, then either leaves them to be read with GetExportPage (EXPORT) or deletes them
+/// (ERASE; the newsletter keeps nothing under a legal obligation, so a retention-expired
+/// erasure is the same). Answers COMPLETED with the counts.
+pub(crate) async fn bulk(
+    tx: &mut Transaction<'_, Any>,
+    req: &ExecuteBulkRequest,
+) -> sqlx::Result<ExecuteBulkResponse> {
+    let controller = req.controller.as_str();
+    let (subscribers, deliveries) = count_controller(tx, controller).await?;
+    let to_u64 = |n: i64| u64::try_from(n).unwrap_or(0);
+    let progress = Some(BulkJobProgress {
+        subjects_done: to_u64(subscribers),
+        subjects_total: to_u64(subscribers),
+        records_done: to_u64(subscribers + deliveries),
+        records_total: to_u64(subscribers + deliveries),
+    });
+    let completed = |note: String| ExecuteBulkResponse {
+        outcome: ExecuteOutcome::Completed as i32,
+        note,
+        progress,
+        ..Default::default()
+    };
+    Ok(
+        match BulkOperation::try_from(req.operation).unwrap_or(BulkOperation::Unspecified) {
+            BulkOperation::Export => ExecuteBulkResponse {
+                export_paged: true,
+                ..completed(format!(
+                    "exported {subscribers} subscriber record(s) and {deliveries} delivery \
+                     record(s) of controller {controller}"
+                ))
+            },
+            BulkOperation::Erase => {
+                let (subscribers, deliveries) = erase_controller(tx, controller).await?;
+                let erased = |target: &str, count: i64| BulkErasedCount {
+                    target: target.into(),
+                    action: "deleted".into(),
+                    count,
+                };
+                ExecuteBulkResponse {
+                    erased: vec![
+                        erased("subscribers", subscribers),
+                        erased("deliveries", deliveries),
+                    ],
+                    ..completed(format!(
+                        "deleted {subscribers} subscriber(s) and {deliveries} delivery \
+                         record(s) of controller {controller}"
+                    ))
+                }
+            }
+            BulkOperation::Unspecified => ExecuteBulkResponse {
+                outcome: ExecuteOutcome::Failed as i32,
+                reason: "no bulk operation given".into(),
+                ..Default::default()
+            },
+        },
+    )
 }

@@ -7,15 +7,23 @@
 //! once. Delayed erasures are finished by [`Store::finish`], which claims the ACCEPTED →
 //! COMPLETED change with a conditional update before deleting anything. A completed export
 //! keeps only the subscriber ids it covers, for [`Store::export_page`].
+//!
+//! Bulk jobs (ExecuteBulk, a contract end's steps) are rows of the same table, kind
+//! CONTRACT_END, with their controller and operation, claimed the same way: the set-based
+//! work and the stored answer commit together. A completed bulk export keeps only its
+//! controller; its pages read that controller's subscribers live.
 
 use anyhow::{anyhow, Context};
 use dsrelay_proto::prost::Message;
-use dsrelay_proto::v1::{ExecuteOutcome, ExecuteRequest, ExecuteResponse, RequestKind};
+use dsrelay_proto::v1::{
+    BulkOperation, ExecuteBulkRequest, ExecuteBulkResponse, ExecuteOutcome, ExecuteRequest,
+    ExecuteResponse, RequestKind,
+};
 use dsrelay_runtime::store::Db;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use crate::export::{self, is_export, Page, Position, RecordTooLarge};
+use crate::export::{self, is_export, Covered, Page, Position, RecordTooLarge};
 use crate::newsletter::{self, Subscriber, SUBSCRIBER_COLUMNS};
 
 /// The migrations for each backend, embedded at build time (the second seeds subscribers).
@@ -59,6 +67,10 @@ struct TaskRow {
     outcome: i64,
     response: Vec<u8>,
     confirm_at: Option<i64>,
+    /// The controller the task or job was for; `None` for tasks from before controllers.
+    controller: Option<String>,
+    /// The BulkOperation number of a bulk job; `None` for Execute's tasks.
+    operation: Option<i64>,
 }
 
 impl TaskRow {
@@ -71,7 +83,19 @@ impl TaskRow {
             outcome: r.try_get("outcome")?,
             response: r.try_get("response")?,
             confirm_at: r.try_get("confirm_at")?,
+            controller: r.try_get("controller")?,
+            operation: r.try_get("operation")?,
         })
+    }
+
+    fn is_bulk(&self) -> bool {
+        self.kind == RequestKind::ContractEnd as i64
+    }
+
+    fn decode_bulk(&self) -> Result<ExecuteBulkResponse, StoreError> {
+        ExecuteBulkResponse::decode(self.response.as_slice())
+            .with_context(|| format!("decoding the stored answer of bulk job {}", self.task_id))
+            .map_err(StoreError::Unexpected)
     }
 
     fn decode(&self) -> Result<ExecuteResponse, StoreError> {
@@ -81,7 +105,8 @@ impl TaskRow {
     }
 }
 
-const TASK_COLUMNS: &str = "task_id, caller, request_id, kind, outcome, response, confirm_at";
+const TASK_COLUMNS: &str =
+    "task_id, caller, request_id, kind, outcome, response, confirm_at, controller, operation";
 
 fn kind_name(kind: i64) -> &'static str {
     i32::try_from(kind)
@@ -123,15 +148,61 @@ impl Store {
             .collect::<sqlx::Result<_>>()?)
     }
 
-    /// The subscriber with `email` (compared lowercased), if any.
+    /// The first subscriber with `email` (compared lowercased), of any controller, if any.
     pub async fn subscriber(&self, email: &str) -> anyhow::Result<Option<Subscriber>> {
         let row = sqlx::query(&format!(
-            "SELECT {SUBSCRIBER_COLUMNS} FROM subscribers WHERE email = $1"
+            "SELECT {SUBSCRIBER_COLUMNS} FROM subscribers WHERE email = $1 ORDER BY id LIMIT 1"
         ))
         .bind(email.trim().to_lowercase())
         .fetch_optional(&self.db.pool)
         .await?;
         Ok(row.as_ref().map(Subscriber::from_row).transpose()?)
+    }
+
+    /// The e-mail addresses of `controller`'s subscribers, in id order.
+    pub async fn emails_of(&self, controller: &str) -> anyhow::Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT email FROM subscribers WHERE controller = $1 ORDER BY id")
+                .bind(controller)
+                .fetch_all(&self.db.pool)
+                .await?,
+        )
+    }
+
+    /// Subscribes `email` (lowercased) with `name` as a subscriber of `controller`; returns
+    /// its id. For tests and tools: the newsletter's own sign-up is not part of the example.
+    pub async fn add_subscriber(
+        &self,
+        controller: &str,
+        email: &str,
+        name: &str,
+    ) -> anyhow::Result<i64> {
+        let email = email.trim().to_lowercase();
+        sqlx::query("INSERT INTO subscribers (controller, email, name) VALUES ($1, $2, $3)")
+            .bind(controller)
+            .bind(&email)
+            .bind(name)
+            .execute(&self.db.pool)
+            .await?;
+        Ok(
+            sqlx::query_scalar("SELECT id FROM subscribers WHERE controller = $1 AND email = $2")
+                .bind(controller)
+                .bind(&email)
+                .fetch_one(&self.db.pool)
+                .await?,
+        )
+    }
+
+    /// Gives the subscribers stored without a controller (from before subscribers had one,
+    /// and the seed) to `controller`; returns how many.
+    pub async fn assign_unowned(&self, controller: &str) -> anyhow::Result<u64> {
+        Ok(
+            sqlx::query("UPDATE subscribers SET controller = $1 WHERE controller = ''")
+                .bind(controller)
+                .execute(&self.db.pool)
+                .await?
+                .rows_affected(),
+        )
     }
 
     async fn load(&self, task_id: &str) -> Result<Option<TaskRow>, StoreError> {
@@ -156,7 +227,7 @@ impl Store {
         let mut tx = self.db.pool.begin().await?;
         let claimed = sqlx::query(
             "INSERT INTO adapter_tasks (task_id, caller, request_id, kind, outcome, response, \
-             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             created_at, updated_at, controller) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
              ON CONFLICT (task_id) DO NOTHING",
         )
         .bind(&req.task_id)
@@ -167,6 +238,7 @@ impl Store {
         .bind(Vec::<u8>::new())
         .bind(now)
         .bind(now)
+        .bind(&req.controller)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -221,6 +293,16 @@ impl Store {
                 kind_name(row.kind)
             )));
         }
+        if row
+            .controller
+            .as_ref()
+            .is_some_and(|c| *c != req.controller)
+        {
+            return Err(StoreError::Conflict(format!(
+                "task_id {} was used for another controller; a task id names one task",
+                req.task_id
+            )));
+        }
         // A completed export answers as before; its pages read the data live.
         self.current(row, now).await
     }
@@ -260,7 +342,86 @@ impl Store {
                  with GetExportPage"
             )));
         }
+        if row.is_bulk() {
+            return Err(StoreError::FailedPrecondition(format!(
+                "{task_id} is a bulk job; ask GetBulkStatus"
+            )));
+        }
         self.current(row, now).await
+    }
+
+    /// Runs the bulk job `req` (validated) for `caller` once per job id; a repeated call gets
+    /// the first answer. The work is set-based and done in the claiming transaction, so the
+    /// answer is final (never ACCEPTED).
+    pub async fn execute_bulk(
+        &self,
+        caller: &str,
+        req: &ExecuteBulkRequest,
+        now: i64,
+    ) -> Result<ExecuteBulkResponse, StoreError> {
+        let mut tx = self.db.pool.begin().await?;
+        let claimed = sqlx::query(
+            "INSERT INTO adapter_tasks (task_id, caller, request_id, kind, outcome, response, \
+             created_at, updated_at, controller, operation) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (task_id) DO NOTHING",
+        )
+        .bind(&req.job_id)
+        .bind(caller)
+        .bind(&req.request_id)
+        .bind(RequestKind::ContractEnd as i64)
+        .bind(ExecuteOutcome::Unspecified as i64)
+        .bind(Vec::<u8>::new())
+        .bind(now)
+        .bind(now)
+        .bind(&req.controller)
+        .bind(i64::from(req.operation))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if claimed == 0 {
+            tx.rollback().await?;
+            let row = self.load(&req.job_id).await?.ok_or_else(|| {
+                StoreError::Unexpected(anyhow!("job {} was claimed but is gone", req.job_id))
+            })?;
+            let same = row.caller == caller
+                && row.is_bulk()
+                && row.request_id == req.request_id
+                && row.controller.as_deref() == Some(req.controller.as_str())
+                && row.operation == Some(i64::from(req.operation));
+            if !same {
+                return Err(StoreError::Conflict(format!(
+                    "job_id {} already names another task or bulk job; a job id names one job",
+                    req.job_id
+                )));
+            }
+            return row.decode_bulk();
+        }
+        let response = newsletter::bulk(&mut tx, req).await?;
+        sqlx::query(
+            "UPDATE adapter_tasks SET outcome = $1, response = $2, updated_at = $3 \
+             WHERE task_id = $4",
+        )
+        .bind(i64::from(response.outcome))
+        .bind(response.encode_to_vec())
+        .bind(now)
+        .bind(&req.job_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(response)
+    }
+
+    /// GetBulkStatus: the answer of `caller`'s bulk job `job_id`.
+    pub async fn bulk_status(
+        &self,
+        caller: &str,
+        job_id: &str,
+    ) -> Result<ExecuteBulkResponse, StoreError> {
+        self.load(job_id)
+            .await?
+            .filter(|r| r.caller == caller && r.is_bulk())
+            .ok_or_else(|| StoreError::NotFound(format!("no bulk job {job_id}")))?
+            .decode_bulk()
     }
 
     /// Carries out the accepted erasure `task_id` if its time has come and nobody else did:
@@ -322,7 +483,8 @@ impl Store {
         max_bytes: usize,
     ) -> Result<(Vec<Vec<u8>>, String), StoreError> {
         let row = sqlx::query(
-            "SELECT caller, kind, outcome, export_ids FROM adapter_tasks WHERE task_id = $1",
+            "SELECT caller, kind, outcome, export_ids, controller, operation FROM adapter_tasks \
+             WHERE task_id = $1",
         )
         .bind(task_id)
         .fetch_optional(&self.db.pool)
@@ -332,9 +494,19 @@ impl Store {
         let kind: i64 = row.try_get("kind")?;
         let outcome: i64 = row.try_get("outcome")?;
         let ids: Option<String> = row.try_get("export_ids")?;
-        let ids = match ids {
-            Some(ids) if is_export(kind) && outcome == ExecuteOutcome::Completed as i64 => {
-                split_ids(&ids).with_context(|| format!("reading the export ids of {task_id}"))?
+        let controller: Option<String> = row.try_get("controller")?;
+        let operation: Option<i64> = row.try_get("operation")?;
+        let completed = outcome == ExecuteOutcome::Completed as i64;
+        let covered = match (ids, controller) {
+            (Some(ids), _) if is_export(kind) && completed => Covered::Ids(
+                split_ids(&ids).with_context(|| format!("reading the export ids of {task_id}"))?,
+            ),
+            (_, Some(controller))
+                if kind == RequestKind::ContractEnd as i64
+                    && operation == Some(BulkOperation::Export as i64)
+                    && completed =>
+            {
+                Covered::Controller(controller)
             }
             _ => {
                 return Err(StoreError::FailedPrecondition(format!(
@@ -352,7 +524,7 @@ impl Store {
             })
         })?;
         let mut conn = self.db.pool.acquire().await?;
-        match export::read_page(&mut conn, &ids, position, max_bytes).await? {
+        match export::read_page(&mut conn, &covered, position, max_bytes).await? {
             Ok(Page { records, next }) => Ok((
                 records,
                 next.map(|p: Position| export::encode_token(task_id, p))

@@ -7,9 +7,10 @@ use dsrelay_example_adapter::store::Store;
 use dsrelay_example_adapter::{App, Config};
 use dsrelay_proto::v1::subprocessor_adapter_client::SubprocessorAdapterClient;
 use dsrelay_proto::v1::{
-    DescribeRequest, ExecuteOutcome, ExecuteRequest, ExecuteResponse, FieldCorrection,
-    GetExportPageRequest, GetTaskStatusRequest, IdentityEncoding, IdentityType, RequestKind,
-    RequestParameters, Scope, SubjectIdentity,
+    BulkOperation, DescribeRequest, ExecuteBulkRequest, ExecuteOutcome, ExecuteRequest,
+    ExecuteResponse, FieldCorrection, GetBulkStatusRequest, GetExportPageRequest,
+    GetTaskStatusRequest, IdentityEncoding, IdentityType, RequestKind, RequestParameters, Scope,
+    SubjectIdentity,
 };
 use dsrelay_runtime::identity::{digest, normalize};
 use dsrelay_runtime::pki::{dev_identity, DevPki};
@@ -21,6 +22,8 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 const MAIJA: &str = "maija.meikalainen@example.fi";
+/// The controller the seeded subscribers are given to.
+const CONTROLLER: &str = "payroll";
 
 struct Running {
     _dir: TempDir,
@@ -97,6 +100,7 @@ impl Running {
             ),
             allowed_identities: vec![dev_identity("processor", "payroll-bureau")],
             confirm_delay_ms,
+            default_controller: CONTROLLER.into(),
         };
         config.validate().unwrap();
         let app = App::build(config).await.unwrap();
@@ -176,7 +180,10 @@ async fn describe_lists_kinds_and_categories() {
         .unwrap()
         .into_inner();
     assert_eq!(d.name, "example newsletter");
-    assert_eq!(d.supported_kinds.len(), 6);
+    assert_eq!(d.supported_kinds.len(), 7);
+    assert!(d
+        .supported_kinds
+        .contains(&(RequestKind::ContractEnd as i32)));
     assert!(!d
         .supported_kinds
         .contains(&(RequestKind::Unspecified as i32)));
@@ -752,4 +759,378 @@ async fn serves_health_checks() {
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
     a.stop().await;
+}
+
+/// Another controller of the same processor, beside [`CONTROLLER`] (which owns the seed).
+const GLOBEX: &str = "globex";
+const PEKKA: &str = "pekka.nieminen@example.fi";
+
+fn bulk(job_id: &str, controller: &str, operation: BulkOperation) -> ExecuteBulkRequest {
+    ExecuteBulkRequest {
+        job_id: job_id.into(),
+        request_id: "ce-1".into(),
+        controller: controller.into(),
+        operation: operation as i32,
+        ..Default::default()
+    }
+}
+
+/// Gives globex two subscribers, Maija's address among them (so it exists for both
+/// controllers), and the seeded Maija and Matti (the default controller's) deliveries.
+async fn two_controllers(a: &Running) {
+    a.store
+        .add_subscriber(GLOBEX, MAIJA, "Maija M.")
+        .await
+        .unwrap();
+    a.store
+        .add_subscriber(GLOBEX, PEKKA, "Pekka Nieminen")
+        .await
+        .unwrap();
+    assert_eq!(a.store.add_deliveries(MAIJA, 3).await.unwrap(), 3);
+    assert_eq!(
+        a.store
+            .add_deliveries("matti.virtanen@example.fi", 2)
+            .await
+            .unwrap(),
+        2
+    );
+}
+
+async fn bulk_jobs_touch_only_their_controller(backend: Backend) {
+    let Some(a) = Running::start_on(backend, 0).await else {
+        return;
+    };
+    two_controllers(&a).await;
+    let seeded = a.store.emails_of(CONTROLLER).await.unwrap();
+    assert_eq!(seeded.len(), 4);
+    let mut c = a.client("processor");
+
+    // One subject's erasure for globex leaves the same address of the other controller.
+    let mut erase = request("t-globex-maija", RequestKind::Erasure, email(MAIJA));
+    erase.controller = GLOBEX.into();
+    let r = c.execute(erase).await.unwrap().into_inner();
+    assert_eq!((outcome(&r), records(&r)), (ExecuteOutcome::Completed, 1));
+    assert_eq!(a.store.emails_of(GLOBEX).await.unwrap(), [PEKKA]);
+    assert_eq!(a.store.emails_of(CONTROLLER).await.unwrap(), seeded);
+
+    // The default controller's export: all its subscribers and deliveries, nobody else's.
+    let r = c
+        .execute_bulk(bulk("ce-export", CONTROLLER, BulkOperation::Export))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome_of(r.outcome), ExecuteOutcome::Completed, "{r:?}");
+    assert!(r.export_paged);
+    let p = r.progress.unwrap();
+    assert_eq!((p.subjects_done, p.subjects_total), (4, 4));
+    assert_eq!((p.records_done, p.records_total), (9, 9));
+    let (json, _) = all_pages(&mut c, "ce-export", 1024).await;
+    let subscribers: Vec<&str> = json
+        .iter()
+        .filter(|r| r["record"] == "subscriber")
+        .map(|r| r["email"].as_str().unwrap())
+        .collect();
+    assert_eq!(subscribers, seeded);
+    let deliveries = json.iter().filter(|r| r["record"] == "delivery").count();
+    assert_eq!(deliveries, 5);
+    assert!(!json.iter().any(|r| r["email"] == PEKKA), "{json:?}");
+
+    // Globex's contract end erases all of globex's data, in a few statements, and nothing
+    // else.
+    let r = c
+        .execute_bulk(bulk("ce-erase", GLOBEX, BulkOperation::Erase))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome_of(r.outcome), ExecuteOutcome::Completed, "{r:?}");
+    let erased: Vec<(&str, i64)> = r
+        .erased
+        .iter()
+        .map(|e| (e.target.as_str(), e.count))
+        .collect();
+    assert_eq!(erased, [("subscribers", 1), ("deliveries", 0)]);
+    assert!(a.store.emails_of(GLOBEX).await.unwrap().is_empty());
+    assert_eq!(a.store.emails_of(CONTROLLER).await.unwrap(), seeded);
+
+    // Idempotent per job id; a job id reused for another job is refused.
+    let again = c
+        .execute_bulk(bulk("ce-erase", GLOBEX, BulkOperation::Erase))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, r);
+    let status = c
+        .get_bulk_status(GetBulkStatusRequest {
+            job_id: "ce-erase".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status, r);
+    let e = c
+        .execute_bulk(bulk("ce-erase", CONTROLLER, BulkOperation::Erase))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert_eq!(a.store.emails_of(CONTROLLER).await.unwrap(), seeded);
+    let e = c
+        .execute_bulk(bulk("t-globex-maija", GLOBEX, BulkOperation::Erase))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    let e = c
+        .get_task_status(GetTaskStatusRequest {
+            task_id: "ce-erase".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e = c
+        .get_bulk_status(GetBulkStatusRequest {
+            job_id: "t-globex-maija".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn bulk_jobs_touch_only_their_controller_on_sqlite() {
+    bulk_jobs_touch_only_their_controller(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn bulk_jobs_touch_only_their_controller_on_postgres() {
+    bulk_jobs_touch_only_their_controller(Backend::Postgres).await;
+}
+
+fn outcome_of(n: i32) -> ExecuteOutcome {
+    ExecuteOutcome::try_from(n).unwrap()
+}
+
+#[tokio::test]
+async fn invalid_bulk_jobs_name_their_fields() {
+    let a = Running::start(0).await;
+    let mut c = a.client("processor");
+    let mut r = bulk("", "", BulkOperation::Unspecified);
+    r.request_id = String::new();
+    let e = c.execute_bulk(r).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    for field in ["job_id", "request_id", "controller", "operation"] {
+        assert!(e.message().contains(field), "{field}: {}", e.message());
+    }
+    let mut r = bulk("j", CONTROLLER, BulkOperation::Export);
+    r.retention_expired = true;
+    let e = c.execute_bulk(r).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("retention_expired"), "{}", e.message());
+    // Nothing was touched.
+    assert_eq!(a.store.emails_of(CONTROLLER).await.unwrap().len(), 4);
+    let e = c
+        .execute(ExecuteRequest {
+            controller: "bad\ncontroller".into(),
+            ..request("t", RequestKind::Erasure, email(MAIJA))
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("controller"), "{}", e.message());
+    a.stop().await;
+}
+
+/// The processor's adapter connector against this adapter, over the same mutual TLS.
+#[tokio::test]
+async fn the_adapter_connector_scopes_tasks_and_ends_a_contract() {
+    use dsrelay_connectors::adapter::AdapterConfig;
+    use dsrelay_connectors::{
+        BulkJob, BulkOp, ConnectorConfig, ExportSink, Outcome, Phase, ProgressReporter, Task,
+    };
+    let a = Running::start(0).await;
+    two_controllers(&a).await;
+    let seeded = a.store.emails_of(CONTROLLER).await.unwrap();
+    let connector = dsrelay_connectors::build(&ConnectorConfig::Adapter(AdapterConfig {
+        endpoint: format!("https://localhost:{}", a.port),
+        identity: dev_identity("adapter", "example"),
+        tls: a.pki.files("processor"),
+        timeout_ms: 5_000,
+        supported_kinds: None,
+        controllers: Some(vec![CONTROLLER.into(), GLOBEX.into()]),
+    }))
+    .await
+    .unwrap();
+    assert_eq!(
+        connector.scoped_controllers(),
+        Some(vec![GLOBEX.to_string(), CONTROLLER.to_string()])
+    );
+    let task = |controller: &str| Task {
+        task_id: format!("{controller}/r1/newsletter"),
+        request_id: "r1".into(),
+        controller: controller.into(),
+        kind: RequestKind::Erasure,
+        identities: vec![email(MAIJA)],
+        categories: Vec::new(),
+        parameters: RequestParameters::default(),
+        due_at_ms: 2_000_000_000_000,
+        now_ms: 1_700_000_000_000,
+        phase: Phase::Start,
+        export: None,
+    };
+    // One subject: globex's Maija goes, the other controller's stays.
+    let out = connector.run(&task(GLOBEX)).await.unwrap();
+    assert!(
+        matches!(
+            out,
+            Outcome::Completed {
+                records_affected: 1,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    assert_eq!(a.store.emails_of(GLOBEX).await.unwrap(), [PEKKA]);
+    assert_eq!(a.store.emails_of(CONTROLLER).await.unwrap(), seeded);
+    // A controller the configuration does not list is refused, nothing touched.
+    let out = connector.run(&task("initech")).await.unwrap();
+    assert!(
+        matches!(&out, Outcome::Refused { reason } if reason.contains("initech")),
+        "{out:?}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let job = |controller: &str, op: BulkOp| {
+        let sink = ExportSink::new(dir.path().join(controller), Vec::new());
+        let (progress, seen) = ProgressReporter::new();
+        let job = BulkJob {
+            job_id: format!("{controller}/ce1/newsletter/{op:?}"),
+            request_id: "ce1".into(),
+            controller: controller.into(),
+            op,
+            phase: Phase::Start,
+            due_at_ms: 2_000_000_000_000,
+            now_ms: 1_700_000_000_000,
+            export: Some(sink),
+            progress,
+        };
+        (job, seen)
+    };
+    // The contract end's export: every record of the controller, fetched page by page.
+    let (export, seen) = job(CONTROLLER, BulkOp::Export);
+    export.export.as_ref().unwrap().reset().await.unwrap();
+    let out = connector.run_bulk(&export).await.unwrap();
+    let Outcome::Completed {
+        files,
+        records_affected,
+        ..
+    } = &out
+    else {
+        panic!("{out:?}");
+    };
+    assert_eq!(*records_affected, 9);
+    assert_eq!(files.len(), 1);
+    let bytes = std::fs::read(dir.path().join(CONTROLLER).join("export.json")).unwrap();
+    let records: Vec<serde_json::Value> = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(records.len(), 9);
+    assert!(!records.iter().any(|r| r["email"] == PEKKA));
+    assert_eq!(seen.borrow().subjects_total, 4);
+    assert_eq!(seen.borrow().records_done, 9);
+    // The contract end's erasure: globex's data only, with counts for the certificate.
+    let (erase, seen) = job(GLOBEX, BulkOp::Erase);
+    let out = connector.run_bulk(&erase).await.unwrap();
+    let Outcome::Completed {
+        erased,
+        records_affected,
+        ..
+    } = &out
+    else {
+        panic!("{out:?}");
+    };
+    assert_eq!(*records_affected, 1);
+    assert_eq!(erased[0].target, "subscribers");
+    assert_eq!(seen.borrow().subjects_done, 1);
+    assert!(a.store.emails_of(GLOBEX).await.unwrap().is_empty());
+    assert_eq!(a.store.emails_of(CONTROLLER).await.unwrap(), seeded);
+    // Asking again under the handle answers the same.
+    let confirm = BulkJob {
+        phase: Phase::Confirm {
+            handle: erase.job_id.clone(),
+        },
+        ..erase.clone()
+    };
+    assert_eq!(connector.run_bulk(&confirm).await.unwrap(), out);
+    let (refused, _) = job("initech", BulkOp::Erase);
+    let out = connector.run_bulk(&refused).await.unwrap();
+    assert!(matches!(out, Outcome::Refused { .. }), "{out:?}");
+    a.stop().await;
+}
+
+/// A database from before subscribers had a controller keeps its subscribers (with their
+/// ids) and their deliveries through migration 0004, and they go to the default controller.
+async fn subscribers_from_before_controllers_keep_their_deliveries(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = match backend {
+        Backend::Sqlite => format!("sqlite://{}/old.db", dir.path().display()),
+        Backend::Postgres => match fresh_postgres_database().await {
+            Some(url) => url,
+            None => return,
+        },
+    };
+    let db = dsrelay_runtime::store::Db::connect(&url).await.unwrap();
+    let all = match backend {
+        Backend::Sqlite => &dsrelay_example_adapter::store::SQLITE_MIGRATIONS,
+        Backend::Postgres => &dsrelay_example_adapter::store::POSTGRES_MIGRATIONS,
+    };
+    let before = sqlx::migrate::Migrator {
+        migrations: std::borrow::Cow::Owned(all.migrations[..3].to_vec()),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    before.run(&db.pool).await.unwrap();
+    sqlx::query(
+        "INSERT INTO deliveries (subscriber_id, issue, sent_at, opened) VALUES \
+         (1, 'Issue 1', 1, 1), (1, 'Issue 2', 2, 0), (2, 'Issue 1', 1, 0)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    db.pool.close().await;
+
+    let store = Store::open(&url).await.unwrap();
+    assert_eq!(store.assign_unowned(CONTROLLER).await.unwrap(), 4);
+    assert_eq!(store.assign_unowned(CONTROLLER).await.unwrap(), 0);
+    let emails = store.emails_of(CONTROLLER).await.unwrap();
+    assert_eq!(emails.len(), 4);
+    assert_eq!(emails[0], MAIJA);
+    let deliveries: Vec<(i64, String)> =
+        sqlx::query_as("SELECT subscriber_id, issue FROM deliveries ORDER BY id")
+            .fetch_all(&store.db().pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        deliveries,
+        [
+            (1, "Issue 1".to_string()),
+            (1, "Issue 2".into()),
+            (2, "Issue 1".into())
+        ]
+    );
+    // Deliveries still must belong to a subscriber, and an address may now be another
+    // controller's subscriber too.
+    assert!(sqlx::query(
+        "INSERT INTO deliveries (subscriber_id, issue, sent_at, opened) VALUES (999, 'x', 1, 0)"
+    )
+    .execute(&store.db().pool)
+    .await
+    .is_err());
+    store.add_subscriber(GLOBEX, MAIJA, "Maija").await.unwrap();
+    assert!(store.add_subscriber(GLOBEX, MAIJA, "Maija").await.is_err());
+}
+
+#[tokio::test]
+async fn subscribers_from_before_controllers_keep_their_deliveries_on_sqlite() {
+    subscribers_from_before_controllers_keep_their_deliveries(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn subscribers_from_before_controllers_keep_their_deliveries_on_postgres() {
+    subscribers_from_before_controllers_keep_their_deliveries(Backend::Postgres).await;
 }

@@ -471,6 +471,7 @@ mod configs {
                     tls: plan.pki.files("processor"),
                     timeout_ms: 5000,
                     supported_kinds: plan.opts.newsletter_kinds.clone(),
+                    controllers: None,
                 }),
             ),
         }
@@ -543,6 +544,7 @@ mod configs {
             },
             allowed_identities: vec![dev_identity("processor", PROCESSOR)],
             confirm_delay_ms: plan.opts.newsletter_confirm_delay_ms,
+            default_controller: super::CONTROLLER.into(),
         };
         config.validate().expect("adapter config");
         config

@@ -121,8 +121,8 @@ fn account_permits(api_key: &str) -> Arc<tokio::sync::Semaphore> {
 }
 
 impl Api {
-    /// The client for `config`'s audience; makes no call yet.
-    pub(super) fn new(config: &MailchimpConfig) -> anyhow::Result<Self> {
+    /// The client for audience `list_id` of `config`'s account; makes no call yet.
+    pub(super) fn new(config: &MailchimpConfig, list_id: &str) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(config.timeout_ms))
             .user_agent(concat!("dsrelay-connectors/", env!("CARGO_PKG_VERSION")))
@@ -132,7 +132,7 @@ impl Api {
             .build()?;
         Ok(Self {
             base: config.base_url.trim_end_matches('/').to_string(),
-            list_id: config.list_id.clone(),
+            list_id: list_id.to_string(),
             api_key: ApiKey(config.api_key.clone()),
             account: account_permits(&config.api_key),
             client,
@@ -142,6 +142,11 @@ impl Api {
     /// The API root, for messages that tell an operator where the audience was looked for.
     pub(super) fn base(&self) -> &str {
         &self.base
+    }
+
+    /// The audience this client calls.
+    pub(super) fn list_id(&self) -> &str {
+        &self.list_id
     }
 
     fn list_url(&self) -> String {
@@ -156,6 +161,43 @@ impl Api {
     pub(super) async fn get_list(&self, scrub: &Scrubber) -> Result<Reply, ConnectorError> {
         let url = format!("{}?fields=id", self.list_url());
         self.call(Method::GET, &url, None, "looking up the audience", scrub)
+            .await
+    }
+
+    /// `GET /lists/{list}?fields=...`: the audience's member counts (`stats.member_count`,
+    /// `stats.unsubscribe_count`, `stats.cleaned_count`).
+    pub(super) async fn list_stats(&self, scrub: &Scrubber) -> Result<Reply, ConnectorError> {
+        let url = format!(
+            "{}?fields=id,stats.member_count,stats.unsubscribe_count,stats.cleaned_count",
+            self.list_url()
+        );
+        self.call(
+            Method::GET,
+            &url,
+            None,
+            "counting the audience's members",
+            scrub,
+        )
+        .await
+    }
+
+    /// `GET /lists/{list}/members?count=&offset=`: one page of the audience's members, every
+    /// status.
+    pub(super) async fn members_page(
+        &self,
+        count: u32,
+        offset: u64,
+        scrub: &Scrubber,
+    ) -> Result<Reply, ConnectorError> {
+        let url = format!("{}/members?count={count}&offset={offset}", self.list_url());
+        let what = format!("reading the audience's members from {offset}");
+        self.call(Method::GET, &url, None, &what, scrub).await
+    }
+
+    /// `DELETE /lists/{list}`: the audience with all its members, for good.
+    pub(super) async fn delete_list(&self, scrub: &Scrubber) -> Result<Reply, ConnectorError> {
+        let url = self.list_url();
+        self.call(Method::DELETE, &url, None, "deleting the audience", scrub)
             .await
     }
 

@@ -1,7 +1,8 @@
 //! A local stand-in for the Mailchimp Marketing API v3: the paths, methods, status codes,
-//! problem+json errors, member documents and the member's paged notes, activity feed and
-//! events (`count`/`offset`, `total_items`) of the subset the connector uses, over one
-//! in-memory audience, with knobs for the failures the connector must survive (rate limits,
+//! problem+json errors, audience and member documents, the audience's paged members and the
+//! member's paged notes, activity feed and events (`count`/`offset`, `total_items`), and the
+//! deletion of a whole audience, of the subset the connector uses, over in-memory audiences of
+//! one account (a primary one and any number more), with knobs for the failures the connector must survive (rate limits,
 //! outages, slow answers, members that linger after deletion).
 //!
 //! Compiled for this crate's tests, and for other crates' with the `fake-mailchimp` feature:
@@ -33,16 +34,27 @@ const ERROR_DOCS: &str = "https://mailchimp.com/developer/marketing/docs/errors/
 pub struct Audience {
     /// The key the basic-auth password must be; any other answers 401.
     pub api_key: String,
-    /// The one audience id the API knows; any other answers 404.
+    /// The primary audience's id; other ids answer 404 unless in `other_audiences`.
     pub list_id: String,
-    /// Members by subscriber hash.
+    /// The primary audience's members by subscriber hash.
     pub members: BTreeMap<String, Value>,
-    /// Notes, activity-feed items and events by subscriber hash, oldest first.
-    lists: BTreeMap<(String, &'static str), Vec<Value>>,
-    /// Deleted members the API keeps returning: (document, GETs left).
-    ghosts: BTreeMap<String, (Value, u32)>,
+    /// Whether the primary audience was deleted (`DELETE /lists/{list_id}`); it then answers
+    /// 404 like any unknown audience.
+    pub list_deleted: bool,
+    /// Further audiences of the same account: members by subscriber hash, by audience id.
+    pub other_audiences: BTreeMap<String, BTreeMap<String, Value>>,
+    /// Notes, activity-feed items and events by audience and subscriber hash, oldest first.
+    lists: BTreeMap<(String, String, &'static str), Vec<Value>>,
+    /// Deleted members the API keeps returning, by audience and subscriber hash: (document,
+    /// GETs left).
+    ghosts: BTreeMap<(String, String), (Value, u32)>,
     /// How many GETs a member deleted from now on keeps being returned for.
     pub forget_after_gets: u32,
+    /// How many GETs of the audience document an audience deleted from now on keeps being
+    /// returned for (with no members), as a deletion that takes a while to show.
+    pub list_forget_after_gets: u32,
+    /// Deleted audiences the API keeps returning: GETs left, by audience id.
+    list_ghosts: BTreeMap<String, u32>,
     /// The next this many calls answer 429 with Retry-After: 1.
     pub rate_limited: u32,
     /// The next this many calls answer 503.
@@ -92,7 +104,8 @@ impl FakeMailchimp {
             ..Default::default()
         }));
         let app = Router::new()
-            .route("/3.0/lists/{list_id}", get(get_list))
+            .route("/3.0/lists/{list_id}", get(get_list).delete(delete_list))
+            .route("/3.0/lists/{list_id}/members", get(list_members))
             .route(
                 "/3.0/lists/{list_id}/members/{hash}",
                 get(get_member).patch(patch_member),
@@ -146,16 +159,46 @@ impl FakeMailchimp {
         self.audience.lock().unwrap()
     }
 
-    /// Subscribes `email` with a first and last name; returns its subscriber hash.
+    /// Subscribes `email` with a first and last name to the primary audience; returns its
+    /// subscriber hash.
     pub fn subscribe(&self, email: &str, first: &str, last: &str) -> String {
+        let list_id = self.audience().list_id.clone();
+        self.subscribe_to(&list_id, email, first, last)
+    }
+
+    /// Subscribes `email` to audience `list_id`, which is created (as one of
+    /// `other_audiences`) when the account has no such audience; returns its subscriber hash.
+    pub fn subscribe_to(&self, list_id: &str, email: &str, first: &str, last: &str) -> String {
         let mut a = self.audience();
         let hash = subscriber_hash(email);
         let web_id = a.next_web_id;
         a.next_web_id += 1;
-        let list_id = a.list_id.clone();
-        let doc = member_document(&list_id, &hash, email, first, last, web_id);
-        a.members.insert(hash.clone(), doc);
+        let doc = member_document(list_id, &hash, email, first, last, web_id);
+        if a.members_of(list_id).is_none() {
+            a.other_audiences
+                .insert(list_id.to_string(), BTreeMap::new());
+        }
+        if let Some(members) = a.members_of_mut(list_id) {
+            members.insert(hash.clone(), doc);
+        }
         hash
+    }
+
+    /// Sets the `status` (`unsubscribed`, `cleaned`, ...) of member `hash` of audience
+    /// `list_id`, if there is one.
+    pub fn set_status(&self, list_id: &str, hash: &str, status: &str) {
+        let mut a = self.audience();
+        if let Some(member) = a.members_of_mut(list_id).and_then(|m| m.get_mut(hash)) {
+            member["status"] = json!(status);
+        }
+    }
+
+    /// The subscriber hashes of audience `list_id`'s members; `None` when the account has
+    /// no such audience (never had, or deleted).
+    pub fn members_of(&self, list_id: &str) -> Option<Vec<String>> {
+        self.audience()
+            .members_of(list_id)
+            .map(|m| m.keys().cloned().collect())
     }
 
     /// Adds a note about member `hash`, as the audience's staff would write it.
@@ -164,6 +207,7 @@ impl FakeMailchimp {
         let id = a.list_len(hash, NOTES) + 1;
         let list_id = a.list_id.clone();
         a.push(
+            &list_id,
             hash,
             NOTES,
             json!({
@@ -185,7 +229,9 @@ impl FakeMailchimp {
     pub fn add_activity(&self, hash: &str, activity_type: &str) {
         let mut a = self.audience();
         let n = a.list_len(hash, ACTIVITY);
+        let list_id = a.list_id.clone();
         a.push(
+            &list_id,
             hash,
             ACTIVITY,
             json!({
@@ -201,7 +247,9 @@ impl FakeMailchimp {
     /// Adds a custom event `name` to member `hash`.
     pub fn add_event(&self, hash: &str, name: &str) {
         let mut a = self.audience();
+        let list_id = a.list_id.clone();
         a.push(
+            &list_id,
             hash,
             EVENTS,
             json!({
@@ -234,17 +282,33 @@ const ACTIVITY: &str = "activity";
 const EVENTS: &str = "events";
 
 impl Audience {
+    /// The number of items of a primary-audience member's list.
     fn list_len(&self, hash: &str, list: &'static str) -> usize {
         self.lists
-            .get(&(hash.to_string(), list))
+            .get(&(self.list_id.clone(), hash.to_string(), list))
             .map_or(0, Vec::len)
     }
 
-    fn push(&mut self, hash: &str, list: &'static str, item: Value) {
+    fn push(&mut self, list_id: &str, hash: &str, list: &'static str, item: Value) {
         self.lists
-            .entry((hash.to_string(), list))
+            .entry((list_id.to_string(), hash.to_string(), list))
             .or_default()
             .push(item);
+    }
+
+    /// The members of audience `list_id`, if the account has it.
+    fn members_of(&self, list_id: &str) -> Option<&BTreeMap<String, Value>> {
+        if list_id == self.list_id {
+            return (!self.list_deleted).then_some(&self.members);
+        }
+        self.other_audiences.get(list_id)
+    }
+
+    fn members_of_mut(&mut self, list_id: &str) -> Option<&mut BTreeMap<String, Value>> {
+        if list_id == self.list_id {
+            return (!self.list_deleted).then_some(&mut self.members);
+        }
+        self.other_audiences.get_mut(list_id)
     }
 }
 
@@ -264,10 +328,10 @@ async fn member_list(
     list: &'static str,
 ) -> Response {
     let a = audience.lock().unwrap();
-    if let Some(r) = wrong_list(&a, &list_id) {
-        return r;
-    }
-    if !a.members.contains_key(&hash) {
+    let Some(members) = a.members_of(&list_id) else {
+        return member_not_found();
+    };
+    if !members.contains_key(&hash) {
         return member_not_found();
     }
     let count = paging.count.unwrap_or(10);
@@ -276,7 +340,7 @@ async fn member_list(
     }
     let items = a
         .lists
-        .get(&(hash.clone(), list))
+        .get(&(list_id.clone(), hash.clone(), list))
         .cloned()
         .unwrap_or_default();
     let page: Vec<Value> = items
@@ -484,22 +548,150 @@ fn authorize(headers: &HeaderMap, api_key: &str) -> Option<Response> {
 }
 
 fn wrong_list(a: &Audience, list_id: &str) -> Option<Response> {
-    (a.list_id != list_id).then(member_not_found)
+    a.members_of(list_id).is_none().then(member_not_found)
 }
 
+/// `fields` of a call: a comma-separated list of dotted paths to keep (Mailchimp's partial
+/// responses).
+#[derive(serde::Deserialize)]
+struct Fields {
+    fields: Option<String>,
+}
+
+/// `doc` with only the dotted paths in `fields` (all of it without).
+fn only_fields(doc: Value, fields: Option<&str>) -> Value {
+    let Some(fields) = fields else {
+        return doc;
+    };
+    let mut out = json!({});
+    for path in fields.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let keys: Vec<&str> = path.split('.').collect();
+        let mut from = &doc;
+        let mut found = true;
+        for key in &keys {
+            match from.get(key) {
+                Some(v) => from = v,
+                None => found = false,
+            }
+        }
+        if !found {
+            continue;
+        }
+        let mut to = &mut out;
+        for key in &keys[..keys.len() - 1] {
+            if !to.get(key).is_some_and(Value::is_object) {
+                to[key] = json!({});
+            }
+            to = &mut to[key];
+        }
+        to[keys[keys.len() - 1]] = from.clone();
+    }
+    out
+}
+
+/// The audience document (a subset of Mailchimp's fields), honouring `fields`.
 async fn get_list(
     State(audience): State<Arc<Mutex<Audience>>>,
     Path(list_id): Path<String>,
+    Query(fields): Query<Fields>,
 ) -> Response {
-    let a = audience.lock().unwrap();
-    if let Some(r) = wrong_list(&a, &list_id) {
-        return r;
-    }
-    axum::Json(json!({
-        "id": a.list_id,
+    let mut a = audience.lock().unwrap();
+    let empty = BTreeMap::new();
+    let lingering = a.members_of(&list_id).is_none()
+        && a.list_ghosts.get_mut(&list_id).is_some_and(|left| {
+            let linger = *left > 0;
+            *left = left.saturating_sub(1);
+            linger
+        });
+    let members = match a.members_of(&list_id) {
+        Some(members) => members,
+        None if lingering => &empty,
+        None => return member_not_found(),
+    };
+    let count = |status: &str| {
+        members
+            .values()
+            .filter(|m| m["status"].as_str() == Some(status))
+            .count()
+    };
+    let doc = json!({
+        "id": list_id,
         "web_id": 123456,
         "name": "Newsletter",
-        "stats": { "member_count": a.members.len() },
+        "permission_reminder": "You signed up for our newsletter.",
+        "email_type_option": false,
+        "visibility": "prv",
+        "double_optin": false,
+        "date_created": "2023-01-10T08:00:00+00:00",
+        "list_rating": 3,
+        "stats": {
+            "member_count": count("subscribed"),
+            "total_contacts": members.len(),
+            "unsubscribe_count": count("unsubscribed"),
+            "cleaned_count": count("cleaned"),
+            "member_count_since_send": 0,
+            "unsubscribe_count_since_send": 0,
+            "cleaned_count_since_send": 0,
+            "campaign_count": 4,
+            "merge_field_count": 5,
+        },
+        "_links": [{ "rel": "self", "method": "GET",
+            "href": format!("https://us21.api.mailchimp.com/3.0/lists/{list_id}") }],
+    });
+    axum::Json(only_fields(doc, fields.fields.as_deref())).into_response()
+}
+
+/// `DELETE /lists/{list_id}`: the audience and everything in it, for good; 204.
+async fn delete_list(
+    State(audience): State<Arc<Mutex<Audience>>>,
+    Path(list_id): Path<String>,
+) -> Response {
+    let mut a = audience.lock().unwrap();
+    if a.members_of(&list_id).is_none() {
+        return member_not_found();
+    }
+    if list_id == a.list_id {
+        a.members.clear();
+        a.list_deleted = true;
+    } else {
+        a.other_audiences.remove(&list_id);
+    }
+    a.lists.retain(|(l, _, _), _| *l != list_id);
+    a.ghosts.retain(|(l, _), _| *l != list_id);
+    let lag = a.list_forget_after_gets;
+    if lag > 0 {
+        a.list_ghosts.insert(list_id, lag);
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// `GET /lists/{list_id}/members`: one page of the audience's members, every status, in a
+/// stable order.
+async fn list_members(
+    State(audience): State<Arc<Mutex<Audience>>>,
+    Path(list_id): Path<String>,
+    Query(paging): Query<Paging>,
+) -> Response {
+    let a = audience.lock().unwrap();
+    let Some(members) = a.members_of(&list_id) else {
+        return member_not_found();
+    };
+    let count = paging.count.unwrap_or(10);
+    if count > 1000 {
+        return invalid_resource("count", "Must be less than or equal to 1000");
+    }
+    let page: Vec<Value> = members
+        .values()
+        .skip(paging.offset.unwrap_or(0))
+        .take(count)
+        .cloned()
+        .collect();
+    axum::Json(json!({
+        "members": page,
+        "list_id": list_id,
+        "total_items": members.len(),
+        "_links": [{ "rel": "self", "method": "GET",
+            "href": format!("https://us21.api.mailchimp.com/3.0/lists/{list_id}/members") }],
     }))
     .into_response()
 }
@@ -509,13 +701,13 @@ async fn get_member(
     Path((list_id, hash)): Path<(String, String)>,
 ) -> Response {
     let mut a = audience.lock().unwrap();
-    if let Some(r) = wrong_list(&a, &list_id) {
-        return r;
-    }
-    if let Some(member) = a.members.get(&hash) {
+    let Some(members) = a.members_of(&list_id) else {
+        return member_not_found();
+    };
+    if let Some(member) = members.get(&hash) {
         return axum::Json(member.clone()).into_response();
     }
-    if let Some((doc, left)) = a.ghosts.get_mut(&hash) {
+    if let Some((doc, left)) = a.ghosts.get_mut(&(list_id, hash)) {
         if *left > 0 {
             *left -= 1;
             return axum::Json(doc.clone()).into_response();
@@ -529,15 +721,15 @@ async fn delete_permanent(
     Path((list_id, hash)): Path<(String, String)>,
 ) -> Response {
     let mut a = audience.lock().unwrap();
-    if let Some(r) = wrong_list(&a, &list_id) {
-        return r;
-    }
-    match a.members.remove(&hash) {
+    let Some(members) = a.members_of_mut(&list_id) else {
+        return member_not_found();
+    };
+    match members.remove(&hash) {
         Some(doc) => {
-            a.lists.retain(|(h, _), _| *h != hash);
+            a.lists.retain(|(l, h, _), _| *l != list_id || *h != hash);
             let lag = a.forget_after_gets;
             if lag > 0 {
-                a.ghosts.insert(hash, (doc, lag));
+                a.ghosts.insert((list_id, hash), (doc, lag));
             }
             StatusCode::NO_CONTENT.into_response()
         }
@@ -561,7 +753,10 @@ async fn patch_member(
             "We encountered an unspecified JSON parsing error.",
         );
     };
-    let Some(mut member) = a.members.get(&hash).cloned() else {
+    let Some(members) = a.members_of_mut(&list_id) else {
+        return member_not_found();
+    };
+    let Some(mut member) = members.get(&hash).cloned() else {
         return member_not_found();
     };
     if let Some(status) = patch.get("status") {
@@ -601,7 +796,7 @@ async fn patch_member(
             return invalid_resource("email_address", "Please provide a valid email address.");
         };
         new_hash = subscriber_hash(email);
-        if new_hash != hash && a.members.contains_key(&new_hash) {
+        if new_hash != hash && members.contains_key(&new_hash) {
             return problem(
                 StatusCode::BAD_REQUEST,
                 "Member Exists",
@@ -615,8 +810,8 @@ async fn patch_member(
         member["id"] = json!(new_hash);
     }
     member["last_changed"] = json!("2025-05-20T12:00:00+00:00");
-    a.members.remove(&hash);
-    a.members.insert(new_hash, member.clone());
+    members.remove(&hash);
+    members.insert(new_hash, member.clone());
     axum::Json(member).into_response()
 }
 

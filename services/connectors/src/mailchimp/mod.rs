@@ -13,6 +13,15 @@
 //! | RETURN_OF_DATA, TRANSFER | `GET /lists/{list}/members/{hash}`, then its `/notes`, `/activity-feed` and `/events`, page by page | COMPLETED with the export files |
 //! | RECTIFICATION | `PATCH` with `email_address` and mapped `merge_fields` | COMPLETED |
 //! | RESTRICTION | none: Mailchimp has no way to restrict processing of one member | REFUSED |
+//! | CONTRACT_END (bulk) | the controller's whole audience: see `bulk` | exported, or deleted and confirmed gone |
+//!
+//! # Controllers
+//! A processor serving several controllers gives each its own audience: `controllers` in the
+//! configuration maps the processor's controller names to audience ids, and every task or
+//! contract-end step uses only the audience of the controller it came from (a member with the
+//! same address in another controller's audience is untouched). A controller not listed is
+//! REFUSED, naming it, before any call. Without `controllers` the connector is unscoped: its
+//! one `list_id` serves whichever controller asks, as before.
 //!
 //! An export writes, per member found, four JSON files into the task's export folder:
 //! `member-{hash}.json` (the member document without its hypermedia links), and
@@ -29,8 +38,9 @@
 //! are what the controller may send anyway.
 //!
 //! # Layout
-//! - here: the configuration ([`MailchimpConfig`]) and the connector, which picks the calls
-//!   for a task and turns their answers into an [`Outcome`].
+//! - here: the configuration ([`MailchimpConfig`]) and the connector, which picks the audience
+//!   and the calls for a task and turns their answers into an [`Outcome`].
+//! - `bulk`: a contract end's steps over a whole audience (count, export, delete).
 //! - `api`: the HTTP calls to the API and the mapping of their failures to
 //!   [`ConnectorError`].
 //! - `scrub`: removing personal data and the key from what the API echoes back.
@@ -47,13 +57,16 @@ use serde_json::{json, Value};
 
 use crate::export::{JsonArrayWriter, JSON};
 use crate::{
-    kind_label, BoxFuture, Connector, ConnectorError, ErasedCount, ExportSink, ExportedFile,
-    Outcome, Phase, Task,
+    kind_label, BoxFuture, BulkJob, Connector, ConnectorError, ErasedCount, ExportSink,
+    ExportedFile, Outcome, Phase, Task,
 };
 
 mod api;
+mod bulk;
 #[cfg(any(test, feature = "fake-mailchimp"))]
 pub mod fake;
+#[cfg(test)]
+mod scoped_tests;
 mod scrub;
 #[cfg(test)]
 mod tests;
@@ -61,7 +74,8 @@ mod tests;
 use api::{Api, MemberList, Reply};
 use scrub::Scrubber;
 
-/// The configuration of one Mailchimp audience (everything after `type = "mailchimp"`).
+/// The configuration of a Mailchimp account's audience, or of one audience per controller
+/// (everything after `type = "mailchimp"`).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MailchimpConfig {
@@ -72,9 +86,17 @@ pub struct MailchimpConfig {
     /// The API key, sent as the basic-auth password (Mailchimp ignores the user name). Never
     /// printed: the `Debug` output redacts it.
     pub api_key: String,
-    /// The audience (list) id the subprocessor keeps the subjects in. Members are per
-    /// audience, so one connector serves one audience.
+    /// The audience (list) id the subprocessor keeps the subjects in, when the connector is
+    /// not scoped per controller: then it serves one audience, and all of it belongs to
+    /// whichever controller asks. Leave it out (empty) when `controllers` is given.
+    #[serde(default)]
     pub list_id: String,
+    /// The audience of each controller, keyed by the processor's controller names
+    /// (`ControllerConfig.name`): a task of a controller touches only its audience, a contract
+    /// end deletes only its audience, and a controller not listed is refused. Empty means not
+    /// scoped (`list_id` is the one audience).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub controllers: BTreeMap<String, MailchimpControllerConfig>,
     /// The limit for one HTTP call (ms); a call that takes longer is a transient error and is
     /// retried by the processor.
     #[serde(default = "default_timeout_ms")]
@@ -85,10 +107,19 @@ pub struct MailchimpConfig {
     /// always changes the member's `email_address`.
     #[serde(default = "default_merge_fields")]
     pub merge_fields: BTreeMap<String, String>,
-    /// Items asked for per page when an export lists a member's notes, activity and events
-    /// (`count`; Mailchimp allows at most 1000).
+    /// Items asked for per page when an export lists a member's notes, activity and events,
+    /// and members per page when a contract end exports a whole audience (`count`; Mailchimp
+    /// allows at most 1000).
     #[serde(default = "default_page_size")]
     pub page_size: u32,
+}
+
+/// The audience of one controller in a scoped Mailchimp connector.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MailchimpControllerConfig {
+    /// The audience (list) id that holds this controller's subjects and nobody else's.
+    pub list_id: String,
 }
 
 /// Mailchimp's largest `count`.
@@ -120,6 +151,7 @@ impl fmt::Debug for MailchimpConfig {
             .field("base_url", &self.base_url)
             .field("api_key", &"[redacted]")
             .field("list_id", &self.list_id)
+            .field("controllers", &self.controllers)
             .field("timeout_ms", &self.timeout_ms)
             .field("merge_fields", &self.merge_fields)
             .field("page_size", &self.page_size)
@@ -161,14 +193,36 @@ impl MailchimpConfig {
         if self.api_key.trim().is_empty() {
             out.push("api_key: must not be empty".to_string());
         }
-        if self.list_id.trim().is_empty() {
-            out.push("list_id: must not be empty (the audience id)".to_string());
-        } else if !is_path_safe(&self.list_id) {
-            // It is spliced into every URL path.
-            out.push(format!(
-                "list_id: {:?} may only contain letters, digits, '-' and '_'",
-                self.list_id
-            ));
+        if self.controllers.is_empty() {
+            check_list_id("list_id", &self.list_id, &mut out);
+        } else if !self.list_id.is_empty() {
+            // Which controller an unscoped audience would belong to is the very question
+            // scoping answers; two answers are one too many.
+            out.push(
+                "list_id: must be left out when controllers is given (each controller names \
+                 its own audience)"
+                    .to_string(),
+            );
+        }
+        let mut owners: BTreeMap<&str, &str> = BTreeMap::new();
+        for (name, controller) in &self.controllers {
+            if name.trim().is_empty() {
+                out.push("controllers: a controller name is empty".to_string());
+            }
+            check_list_id(
+                &format!("controllers.{name}.list_id"),
+                &controller.list_id,
+                &mut out,
+            );
+            // One audience for two controllers would let one's contract end delete the
+            // other's members.
+            if let Some(other) = owners.insert(controller.list_id.as_str(), name.as_str()) {
+                out.push(format!(
+                    "controllers.{name}.list_id: audience {} is already controller {other}'s; \
+                     each controller needs an audience of its own",
+                    controller.list_id
+                ));
+            }
         }
         if self.timeout_ms == 0 {
             out.push("timeout_ms: must be greater than 0".to_string());
@@ -197,6 +251,18 @@ impl MailchimpConfig {
     }
 }
 
+/// Pushes what is wrong with audience id `list_id`, configured under `key`.
+fn check_list_id(key: &str, list_id: &str, out: &mut Vec<String>) {
+    if list_id.trim().is_empty() {
+        out.push(format!("{key}: must not be empty (the audience id)"));
+    } else if !is_path_safe(list_id) {
+        // It is spliced into every URL path.
+        out.push(format!(
+            "{key}: {list_id:?} may only contain letters, digits, '-' and '_'"
+        ));
+    }
+}
+
 fn is_path_safe(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
@@ -209,11 +275,15 @@ fn is_subscriber_hash(s: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// Carries out data-subject requests in one Mailchimp audience; see the module documentation.
+/// Carries out data-subject requests in the Mailchimp audiences of one account; see the
+/// module documentation.
 #[derive(Debug, Clone)]
 pub(crate) struct MailchimpConnector {
     config: MailchimpConfig,
-    api: Api,
+    /// The one audience of an unscoped connector.
+    unscoped: Option<Api>,
+    /// The audience of each controller of a scoped connector.
+    audiences: BTreeMap<String, Api>,
 }
 
 impl MailchimpConnector {
@@ -226,52 +296,86 @@ impl MailchimpConnector {
                 problems.join("; ")
             );
         }
-        let api = Api::new(&config)?;
-        Ok(Self { config, api })
+        let unscoped = if config.controllers.is_empty() {
+            Some(Api::new(&config, &config.list_id)?)
+        } else {
+            None
+        };
+        let audiences = config
+            .controllers
+            .iter()
+            .map(|(name, c)| Ok((name.clone(), Api::new(&config, &c.list_id)?)))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self {
+            config,
+            unscoped,
+            audiences,
+        })
+    }
+
+    /// The audience of `controller`'s data, or why this connector refuses to touch any.
+    fn audience_of(&self, controller: &str) -> Result<&Api, String> {
+        if let Some(api) = &self.unscoped {
+            return Ok(api);
+        }
+        self.audiences.get(controller).ok_or_else(|| {
+            let known: Vec<&str> = self.audiences.keys().map(String::as_str).collect();
+            format!(
+                "the mailchimp connector holds no audience of controller {controller:?} (its \
+                 controllers: {}); add it under controllers in the connector configuration",
+                known.join(", ")
+            )
+        })
     }
 
     /// Fails unless the configured audience exists; called before answering NOT_FOUND, since
     /// Mailchimp's 404 does not say whether the member or the audience is missing.
-    async fn ensure_audience(&self, scrub: &Scrubber) -> Result<(), ConnectorError> {
-        match self.api.get_list(scrub).await? {
+    async fn ensure_audience(&self, api: &Api, scrub: &Scrubber) -> Result<(), ConnectorError> {
+        match api.get_list(scrub).await? {
             Reply::Done(_) => Ok(()),
             Reply::Missing => Err(ConnectorError::Permanent(format!(
                 "mailchimp: audience {} was not found at {}; check list_id and base_url",
-                self.config.list_id,
-                self.api.base()
+                api.list_id(),
+                api.base()
             ))),
         }
     }
 
     async fn not_found(
         &self,
+        api: &Api,
         hashes: &[String],
         scrub: &Scrubber,
     ) -> Result<Outcome, ConnectorError> {
-        self.ensure_audience(scrub).await?;
+        self.ensure_audience(api, scrub).await?;
         Ok(Outcome::NotFound {
             note: format!(
                 "mailchimp: audience {} has no member {}",
-                self.config.list_id,
+                api.list_id(),
                 hashes.join(", ")
             ),
         })
     }
 
-    async fn erase(&self, hashes: &[String], scrub: &Scrubber) -> Result<Outcome, ConnectorError> {
+    async fn erase(
+        &self,
+        api: &Api,
+        hashes: &[String],
+        scrub: &Scrubber,
+    ) -> Result<Outcome, ConnectorError> {
         let mut deleted = Vec::new();
         for hash in hashes {
             // An error here after an earlier member was deleted loses that count on the
             // retry (the member then answers 404); the erasure itself is not lost.
-            if let Reply::Done(_) = self.api.delete_permanent(hash, scrub).await? {
+            if let Reply::Done(_) = api.delete_permanent(hash, scrub).await? {
                 deleted.push(hash.clone());
             }
         }
         if deleted.is_empty() {
-            return self.not_found(hashes, scrub).await;
+            return self.not_found(api, hashes, scrub).await;
         }
         let handle = deleted.join(",");
-        match self.confirm_erasure(&deleted, scrub).await {
+        match self.confirm_erasure(api, &deleted, scrub).await {
             Ok(outcome) => Ok(outcome),
             // The members are deleted; if the check fails now, a retry from the start would
             // find nothing and answer NOT_FOUND. Keep the handle and ask again instead.
@@ -289,16 +393,17 @@ impl MailchimpConnector {
     /// same handle, so that the processor just asks again later.
     async fn confirm_erasure(
         &self,
+        api: &Api,
         deleted: &[String],
         scrub: &Scrubber,
     ) -> Result<Outcome, ConnectorError> {
         let mut lingering = Vec::new();
         for hash in deleted {
-            if let Reply::Done(_) = self.api.check_member(hash, scrub).await? {
+            if let Reply::Done(_) = api.check_member(hash, scrub).await? {
                 lingering.push(hash.as_str());
             }
         }
-        let list = &self.config.list_id;
+        let list = api.list_id();
         if lingering.is_empty() {
             Ok(Outcome::Completed {
                 records_affected: deleted.len() as i64,
@@ -330,6 +435,7 @@ impl MailchimpConnector {
     /// PATCHes every member with `body`; NOT_FOUND when none exists.
     async fn patch(
         &self,
+        api: &Api,
         hashes: &[String],
         body: &Value,
         done: &str,
@@ -337,7 +443,7 @@ impl MailchimpConnector {
     ) -> Result<Outcome, ConnectorError> {
         let mut notes = Vec::new();
         for hash in hashes {
-            let Reply::Done(member) = self.api.patch_member(hash, body, scrub).await? else {
+            let Reply::Done(member) = api.patch_member(hash, body, scrub).await? else {
                 continue;
             };
             // Changing the address changes the member's id (the hash of the new address).
@@ -347,14 +453,14 @@ impl MailchimpConnector {
             }
         }
         if notes.is_empty() {
-            return self.not_found(hashes, scrub).await;
+            return self.not_found(api, hashes, scrub).await;
         }
         Ok(Outcome::Completed {
             records_affected: notes.len() as i64,
             note: format!(
                 "mailchimp: {done} member {} in audience {}",
                 notes.join(", "),
-                self.config.list_id
+                api.list_id()
             ),
             files: Vec::new(),
             erased: Vec::new(),
@@ -365,6 +471,7 @@ impl MailchimpConnector {
     /// module documentation).
     async fn export(
         &self,
+        api: &Api,
         hashes: &[String],
         sink: &ExportSink,
         scrub: &Scrubber,
@@ -372,7 +479,7 @@ impl MailchimpConnector {
         let mut files = Vec::new();
         let mut notes = Vec::new();
         for hash in hashes {
-            let Reply::Done(mut member) = self.api.get_member(hash, scrub).await? else {
+            let Reply::Done(mut member) = api.get_member(hash, scrub).await? else {
                 continue;
             };
             // Hypermedia links describe the API, not the subject.
@@ -387,21 +494,21 @@ impl MailchimpConnector {
             files.push(file.finish().await?);
             let mut counts = Vec::new();
             for list in MemberList::ALL {
-                let (file, n) = self.export_list(hash, list, sink, scrub).await?;
+                let (file, n) = self.export_list(api, hash, list, sink, scrub).await?;
                 files.push(file);
                 counts.push(format!("{n} {}", list.key()));
             }
             notes.push(format!("{hash} ({})", counts.join(", ")));
         }
         if notes.is_empty() {
-            return self.not_found(hashes, scrub).await;
+            return self.not_found(api, hashes, scrub).await;
         }
         Ok(Outcome::Completed {
             records_affected: notes.len() as i64,
             note: format!(
                 "mailchimp: exported member {} of audience {}",
                 notes.join(", "),
-                self.config.list_id
+                api.list_id()
             ),
             files,
             erased: Vec::new(),
@@ -412,6 +519,7 @@ impl MailchimpConnector {
     /// items it holds.
     async fn export_list(
         &self,
+        api: &Api,
         hash: &str,
         list: MemberList,
         sink: &ExportSink,
@@ -422,7 +530,7 @@ impl MailchimpConnector {
         let count = self.config.page_size;
         let mut offset: u64 = 0;
         loop {
-            let page = match self.api.list_page(hash, list, count, offset, scrub).await? {
+            let page = match api.list_page(hash, list, count, offset, scrub).await? {
                 Reply::Done(page) => page,
                 // Deleted between the calls: what was written stands.
                 Reply::Missing => break,
@@ -498,6 +606,10 @@ impl MailchimpConnector {
     }
 
     async fn run_task(&self, task: &Task) -> Result<Outcome, ConnectorError> {
+        let api = match self.audience_of(&task.controller) {
+            Ok(api) => api,
+            Err(reason) => return Ok(Outcome::Refused { reason }),
+        };
         let scrub = Scrubber::for_task(task, &self.config.api_key);
         if let (RequestKind::Erasure, Phase::Confirm { handle }) = (task.kind, &task.phase) {
             let hashes: Vec<String> = handle.split(',').map(str::to_string).collect();
@@ -507,17 +619,18 @@ impl MailchimpConnector {
                      hashes"
                 )));
             }
-            return self.confirm_erasure(&hashes, &scrub).await;
+            return self.confirm_erasure(api, &hashes, &scrub).await;
         }
         let hashes = subscriber_hashes(&task.identities)?;
         match task.kind {
-            RequestKind::Erasure => self.erase(&hashes, &scrub).await,
+            RequestKind::Erasure => self.erase(api, &hashes, &scrub).await,
             RequestKind::Objection => {
                 let body = json!({ "status": "unsubscribed" });
-                self.patch(&hashes, &body, "unsubscribed", &scrub).await
+                self.patch(api, &hashes, &body, "unsubscribed", &scrub)
+                    .await
             }
             RequestKind::ReturnOfData | RequestKind::Transfer => {
-                self.export(&hashes, task.export_sink()?, &scrub).await
+                self.export(api, &hashes, task.export_sink()?, &scrub).await
             }
             RequestKind::Rectification => {
                 let body = self.rectification_body(task)?;
@@ -533,7 +646,7 @@ impl MailchimpConnector {
                     )
                     .collect();
                 let done = format!("corrected {} of", fields.join(", "));
-                self.patch(&hashes, &body, &done, &scrub).await
+                self.patch(api, &hashes, &body, &done, &scrub).await
             }
             other => Ok(Outcome::Refused {
                 reason: format!(
@@ -560,11 +673,22 @@ impl Connector for MailchimpConnector {
                 | RequestKind::ReturnOfData
                 | RequestKind::Transfer
                 | RequestKind::Rectification
+                | RequestKind::ContractEnd
         )
     }
 
     fn run<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
         Box::pin(self.run_task(task))
+    }
+
+    fn scoped_controllers(&self) -> Option<Vec<String>> {
+        self.unscoped
+            .is_none()
+            .then(|| self.audiences.keys().cloned().collect())
+    }
+
+    fn run_bulk<'a>(&'a self, job: &'a BulkJob) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(self.run_bulk_job(job))
     }
 }
 

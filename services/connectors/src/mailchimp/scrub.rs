@@ -26,6 +26,13 @@ impl Scrubber {
         Self { secrets }
     }
 
+    /// For work on a whole audience, which carries no identities: the key, and addresses.
+    pub(super) fn for_key(api_key: &str) -> Self {
+        Self {
+            secrets: vec![api_key.to_string()],
+        }
+    }
+
     /// A scrubber that knows no values; it still hides addresses.
     #[cfg(test)]
     pub(super) fn nothing() -> Self {

@@ -8,7 +8,7 @@ use super::*;
 use crate::config::ConnectorConfig;
 
 pub(super) const KEY: &str = "0123456789abcdef0123456789abcdef-us21";
-const LIST: &str = "a1b2c3d4e5";
+pub(super) const LIST: &str = "a1b2c3d4e5";
 pub(super) const MAIJA: &str = "Maija.Meikalainen@Example.fi";
 
 pub(super) fn email(value: &str) -> SubjectIdentity {
@@ -43,7 +43,7 @@ pub(super) fn task(kind: RequestKind, identities: Vec<SubjectIdentity>) -> Task 
     }
 }
 
-fn config(base_url: &str) -> MailchimpConfig {
+pub(super) fn config(base_url: &str) -> MailchimpConfig {
     MailchimpConfig {
         base_url: base_url.into(),
         api_key: KEY.into(),
@@ -51,6 +51,7 @@ fn config(base_url: &str) -> MailchimpConfig {
         timeout_ms: 5_000,
         merge_fields: default_merge_fields(),
         page_size: 2,
+        controllers: BTreeMap::new(),
     }
 }
 
@@ -62,7 +63,7 @@ async fn setup() -> (FakeMailchimp, MailchimpConnector, String) {
     (fake, connector, hash)
 }
 
-fn assert_clean(message: &str) {
+pub(super) fn assert_clean(message: &str) {
     let lower = message.to_lowercase();
     assert!(!lower.contains("maija.meikalainen"), "{message}");
     assert!(!lower.contains('@'), "{message}");
@@ -357,8 +358,8 @@ async fn one_account_never_has_more_calls_in_flight_than_mailchimp_allows() {
     let fake = FakeMailchimp::start(KEY, LIST).await.unwrap();
     fake.audience().delay_ms = 100;
     // Two audiences' connectors of one account share its connections.
-    let a = api::Api::new(&config(&fake.base_url)).unwrap();
-    let b = api::Api::new(&config(&fake.base_url)).unwrap();
+    let a = api::Api::new(&config(&fake.base_url), LIST).unwrap();
+    let b = api::Api::new(&config(&fake.base_url), LIST).unwrap();
     let scrub = scrub::Scrubber::for_task(&task(RequestKind::Erasure, vec![email(MAIJA)]), KEY);
     let calls = (0..3 * api::MAX_CONNECTIONS_PER_ACCOUNT).map(|i| {
         let api = if i % 2 == 0 { &a } else { &b };
@@ -443,7 +444,7 @@ async fn export_task(kind: RequestKind, who: &str, dir: &std::path::Path) -> Tas
 }
 
 /// The JSON file `name` that `task` wrote, checked against its reported size and digest.
-fn read_json(task: &Task, files: &[crate::ExportedFile], name: &str) -> Value {
+pub(super) fn read_json(task: &Task, files: &[crate::ExportedFile], name: &str) -> Value {
     use sha2::Digest as _;
     let bytes = std::fs::read(task.export.as_ref().unwrap().dir().join(name)).unwrap();
     let meta = files.iter().find(|f| f.name == name).expect(name);
@@ -737,6 +738,7 @@ fn configuration_parses_with_defaults_and_validates() {
         ]
         .into_iter()
         .collect(),
+        controllers: BTreeMap::new(),
     };
     let problems = bad.validate().join("\n");
     for expected in [

@@ -1,0 +1,439 @@
+//! A contract end through the adapter: `ExecuteBulk` and `GetBulkStatus` (see the parent
+//! module's documentation).
+
+use dsrelay_proto::millis_from_timestamp;
+use dsrelay_proto::timestamp_from_millis;
+use dsrelay_proto::v1::{
+    BulkOperation, ExecuteBulkRequest, ExecuteBulkResponse, ExecuteOutcome, GetBulkStatusRequest,
+};
+
+use super::{clip, retention_expired_key, AdapterConnector};
+use crate::export::{JsonArrayWriter, JSON};
+use crate::{BulkJob, BulkOp, BulkProgress, ConnectorError, ErasedCount, Outcome, Phase};
+
+impl AdapterConnector {
+    /// Takes one step of `job`.
+    pub(super) async fn bulk(&self, job: &BulkJob) -> Result<Outcome, ConnectorError> {
+        if let Some(refusal) = self.refuse_controller(&job.controller) {
+            return Ok(refusal);
+        }
+        let (key, response) = match &job.phase {
+            Phase::Start => (
+                job.job_id.clone(),
+                self.execute_bulk(job, &job.job_id, false).await?,
+            ),
+            Phase::RetentionExpired => {
+                if job.op != BulkOp::Erase {
+                    return Err(ConnectorError::Permanent(
+                        "only an erasure has data retained until a date".into(),
+                    ));
+                }
+                let key = retention_expired_key(&job.job_id);
+                let response = self.execute_bulk(job, &key, true).await?;
+                (key, response)
+            }
+            Phase::Confirm { handle } => (handle.clone(), self.bulk_status(handle).await?),
+        };
+        if let Some(p) = response.progress {
+            job.progress.report(BulkProgress {
+                subjects_done: p.subjects_done,
+                subjects_total: p.subjects_total,
+                records_done: p.records_done,
+                records_total: p.records_total,
+            });
+        }
+        let paged = response.export_paged;
+        let mut outcome = bulk_outcome(&key, response)?;
+        match &mut outcome {
+            Outcome::Completed { files, .. } if job.op == BulkOp::Export => {
+                let sink = job.export.as_ref().ok_or_else(|| {
+                    ConnectorError::Permanent(
+                        "no export folder was given for the contract end's export".into(),
+                    )
+                })?;
+                let file = if paged {
+                    self.write_paged_export(sink, &key).await?
+                } else {
+                    // Nothing to read: the controller has no data here.
+                    JsonArrayWriter::new(sink.file("export.json", JSON).await?)
+                        .await?
+                        .finish()
+                        .await?
+                };
+                *files = vec![file];
+            }
+            Outcome::Retained { until_ms, .. }
+                if job.phase == Phase::RetentionExpired && *until_ms <= job.now_ms =>
+            {
+                return Err(ConnectorError::Permanent(format!(
+                    "the adapter still retains data after its retain-until date ({until_ms} ms \
+                     since the epoch); an operator must check it"
+                )));
+            }
+            _ => {}
+        }
+        Ok(outcome)
+    }
+
+    async fn execute_bulk(
+        &self,
+        job: &BulkJob,
+        key: &str,
+        retention_expired: bool,
+    ) -> Result<ExecuteBulkResponse, ConnectorError> {
+        let operation = match job.op {
+            BulkOp::Export => BulkOperation::Export,
+            BulkOp::Erase => BulkOperation::Erase,
+        };
+        let request = self.outgoing(ExecuteBulkRequest {
+            job_id: key.to_string(),
+            request_id: job.request_id.clone(),
+            controller: job.controller.clone(),
+            operation: operation as i32,
+            retention_expired,
+            due_at: Some(timestamp_from_millis(job.due_at_ms)),
+        });
+        let mut client = self.client.clone();
+        let result = tokio::time::timeout(self.timeout, client.execute_bulk(request)).await;
+        self.finish("ExecuteBulk", result)
+    }
+
+    async fn bulk_status(&self, job_id: &str) -> Result<ExecuteBulkResponse, ConnectorError> {
+        let request = self.outgoing(GetBulkStatusRequest {
+            job_id: job_id.to_string(),
+        });
+        let mut client = self.client.clone();
+        let result = tokio::time::timeout(self.timeout, client.get_bulk_status(request)).await;
+        self.finish("GetBulkStatus", result)
+    }
+}
+
+/// Turns an adapter's answer to a bulk step into an [`Outcome`] (a COMPLETED export without
+/// its file: [`AdapterConnector::bulk`] writes it); `handle` is the key the answer was given
+/// under.
+fn bulk_outcome(handle: &str, r: ExecuteBulkResponse) -> Result<Outcome, ConnectorError> {
+    let note = clip(r.note);
+    let erased: Vec<ErasedCount> = r
+        .erased
+        .into_iter()
+        .map(|e| ErasedCount {
+            target: clip(e.target),
+            action: clip(e.action),
+            count: e.count.max(0),
+        })
+        .collect();
+    let records = if erased.is_empty() {
+        r.progress
+            .map_or(0, |p| i64::try_from(p.records_done).unwrap_or(i64::MAX))
+    } else {
+        erased
+            .iter()
+            .map(|e| e.count)
+            .fold(0i64, i64::saturating_add)
+    };
+    let outcome = ExecuteOutcome::try_from(r.outcome).unwrap_or(ExecuteOutcome::Unspecified);
+    match outcome {
+        ExecuteOutcome::Completed => Ok(Outcome::Completed {
+            records_affected: records,
+            note,
+            files: Vec::new(),
+            erased,
+        }),
+        ExecuteOutcome::NotFound => Ok(Outcome::NotFound {
+            note: if note.is_empty() {
+                "the adapter holds no data of the controller".into()
+            } else {
+                note
+            },
+        }),
+        ExecuteOutcome::Retained => {
+            if r.legal_basis.trim().is_empty() {
+                return Err(ConnectorError::Permanent(
+                    "the adapter answered RETAINED without a legal_basis".into(),
+                ));
+            }
+            let Some(until) = r.retain_until.as_ref() else {
+                return Err(ConnectorError::Permanent(
+                    "the adapter answered RETAINED without retain_until".into(),
+                ));
+            };
+            Ok(Outcome::Retained {
+                legal_basis: clip(r.legal_basis),
+                until_ms: millis_from_timestamp(until),
+                records_affected: records,
+                note,
+                erased,
+            })
+        }
+        ExecuteOutcome::Accepted => Ok(Outcome::Accepted {
+            handle: handle.to_string(),
+            note: if note.is_empty() {
+                "the adapter accepted the contract end's step".into()
+            } else {
+                note
+            },
+        }),
+        ExecuteOutcome::Refused => Ok(Outcome::Refused {
+            reason: if r.reason.trim().is_empty() {
+                "refused by the adapter (no reason given)".into()
+            } else {
+                clip(r.reason)
+            },
+        }),
+        ExecuteOutcome::Failed => Err(ConnectorError::Permanent(clip(format!(
+            "the adapter failed the contract end's step: {}",
+            if r.reason.is_empty() {
+                "(no reason given)"
+            } else {
+                r.reason.as_str()
+            }
+        )))),
+        ExecuteOutcome::Unspecified => Err(ConnectorError::Permanent(format!(
+            "the adapter answered without a valid outcome ({})",
+            r.outcome
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use dsrelay_proto::tonic::{self, Request, Response, Status};
+    use dsrelay_proto::v1::subprocessor_adapter_server::{
+        SubprocessorAdapter, SubprocessorAdapterServer,
+    };
+    use dsrelay_proto::v1::{
+        BulkErasedCount, BulkJobProgress, DescribeRequest, DescribeResponse, ExecuteRequest,
+        ExecuteResponse, ExportPage, GetExportPageRequest, GetTaskStatusRequest,
+    };
+
+    use super::*;
+    use crate::adapter::{AdapterConfig, AdapterConnector};
+    use crate::{Connector, ProgressReporter};
+
+    /// An adapter whose bulk steps take a while: ExecuteBulk answers ACCEPTED with some
+    /// progress, GetBulkStatus COMPLETED; a retention-expired erasure answers RETAINED with a
+    /// date that has passed. It records the ExecuteBulk bodies.
+    #[derive(Clone, Default)]
+    struct SlowBulk(Arc<Mutex<Vec<ExecuteBulkRequest>>>);
+
+    fn progress(done: u64) -> Option<BulkJobProgress> {
+        Some(BulkJobProgress {
+            subjects_done: done,
+            subjects_total: 4,
+            records_done: done * 2,
+            records_total: 8,
+        })
+    }
+
+    #[tonic::async_trait]
+    impl SubprocessorAdapter for SlowBulk {
+        async fn describe(
+            &self,
+            _: Request<DescribeRequest>,
+        ) -> Result<Response<DescribeResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+
+        async fn execute(
+            &self,
+            _: Request<ExecuteRequest>,
+        ) -> Result<Response<ExecuteResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+
+        async fn get_task_status(
+            &self,
+            _: Request<GetTaskStatusRequest>,
+        ) -> Result<Response<ExecuteResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+
+        async fn get_export_page(
+            &self,
+            _: Request<GetExportPageRequest>,
+        ) -> Result<Response<ExportPage>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+
+        async fn execute_bulk(
+            &self,
+            req: Request<ExecuteBulkRequest>,
+        ) -> Result<Response<ExecuteBulkResponse>, Status> {
+            let r = req.into_inner();
+            self.0.lock().unwrap().push(r.clone());
+            if r.retention_expired {
+                return Ok(Response::new(ExecuteBulkResponse {
+                    outcome: ExecuteOutcome::Retained as i32,
+                    legal_basis: "bookkeeping act".into(),
+                    retain_until: Some(timestamp_from_millis(1_000)),
+                    ..Default::default()
+                }));
+            }
+            Ok(Response::new(ExecuteBulkResponse {
+                outcome: ExecuteOutcome::Accepted as i32,
+                progress: progress(1),
+                ..Default::default()
+            }))
+        }
+
+        async fn get_bulk_status(
+            &self,
+            _: Request<GetBulkStatusRequest>,
+        ) -> Result<Response<ExecuteBulkResponse>, Status> {
+            Ok(Response::new(ExecuteBulkResponse {
+                outcome: ExecuteOutcome::Completed as i32,
+                erased: vec![BulkErasedCount {
+                    target: "subscribers".into(),
+                    action: "deleted".into(),
+                    count: 4,
+                }],
+                progress: progress(4),
+                ..Default::default()
+            }))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_accepted_bulk_step_is_confirmed_with_its_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dsrelay_runtime::pki::DevPki::ensure(&dir.path().join("pki")).unwrap();
+        let adapter = SlowBulk::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let router =
+            dsrelay_runtime::server::builder(pki.files("adapter").server_config().unwrap())
+                .unwrap()
+                .add_service(SubprocessorAdapterServer::new(adapter.clone()));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(dsrelay_runtime::server::serve(router, listener, async {
+            let _ = stopped.await;
+        }));
+        let connector = AdapterConnector::connect(&AdapterConfig {
+            endpoint: format!("https://localhost:{port}"),
+            identity: "spiffe://dsrelay.dev/adapter/example".into(),
+            tls: pki.files("processor"),
+            timeout_ms: 5_000,
+            supported_kinds: Some(vec!["contract_end".into()]),
+            controllers: None,
+        })
+        .unwrap();
+        assert!(connector.supports(dsrelay_proto::v1::RequestKind::ContractEnd));
+        let (reporter, seen) = ProgressReporter::new();
+        let job = BulkJob {
+            job_id: "ce1/newsletter".into(),
+            request_id: "ce1".into(),
+            controller: "acme".into(),
+            op: BulkOp::Erase,
+            phase: Phase::Start,
+            due_at_ms: 2_000_000_000_000,
+            now_ms: 1_700_000_000_000,
+            export: None,
+            progress: reporter,
+        };
+        let out = connector.run_bulk(&job).await.unwrap();
+        let Outcome::Accepted { handle, .. } = out else {
+            panic!("{out:?}");
+        };
+        assert_eq!(handle, "ce1/newsletter");
+        assert_eq!(seen.borrow().subjects_done, 1);
+        let sent = adapter.0.lock().unwrap()[0].clone();
+        assert_eq!(sent.controller, "acme");
+        assert_eq!(sent.operation, BulkOperation::Erase as i32);
+        assert!(!sent.retention_expired);
+
+        let confirm = BulkJob {
+            phase: Phase::Confirm { handle },
+            ..job.clone()
+        };
+        let out = connector.run_bulk(&confirm).await.unwrap();
+        let Outcome::Completed {
+            records_affected: 4,
+            erased,
+            ..
+        } = out
+        else {
+            panic!("{out:?}");
+        };
+        assert_eq!(erased[0].target, "subscribers");
+        assert_eq!(seen.borrow().records_done, 8);
+
+        // Retained data past its date: sent under its own key, and an operator must look.
+        let expired = BulkJob {
+            phase: Phase::RetentionExpired,
+            ..job.clone()
+        };
+        let err = connector.run_bulk(&expired).await.unwrap_err();
+        assert!(
+            err.to_string().contains("after its retain-until date"),
+            "{err}"
+        );
+        let sent = adapter.0.lock().unwrap()[1].clone();
+        assert_eq!(sent.job_id, "ce1/newsletter#retention-expired");
+        assert!(sent.retention_expired);
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn maps_bulk_answers() {
+        let r = ExecuteBulkResponse {
+            outcome: ExecuteOutcome::Completed as i32,
+            note: "deleted".into(),
+            erased: vec![
+                BulkErasedCount {
+                    target: "subscribers".into(),
+                    action: "deleted".into(),
+                    count: 3,
+                },
+                BulkErasedCount {
+                    target: "deliveries".into(),
+                    action: "deleted".into(),
+                    count: 7,
+                },
+            ],
+            progress: Some(BulkJobProgress {
+                subjects_done: 3,
+                subjects_total: 3,
+                records_done: 10,
+                records_total: 10,
+            }),
+            ..Default::default()
+        };
+        let Outcome::Completed {
+            records_affected: 10,
+            erased,
+            ..
+        } = bulk_outcome("j", r).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(erased.len(), 2);
+        let accepted = ExecuteBulkResponse {
+            outcome: ExecuteOutcome::Accepted as i32,
+            ..Default::default()
+        };
+        assert!(matches!(
+            bulk_outcome("j#retention-expired", accepted).unwrap(),
+            Outcome::Accepted { handle, .. } if handle == "j#retention-expired"
+        ));
+        let retained = ExecuteBulkResponse {
+            outcome: ExecuteOutcome::Retained as i32,
+            legal_basis: "bookkeeping act".into(),
+            ..Default::default()
+        };
+        let e = bulk_outcome("j", retained).unwrap_err();
+        assert!(e.to_string().contains("retain_until"), "{e}");
+        for (outcome, permanent) in [
+            (ExecuteOutcome::Failed, true),
+            (ExecuteOutcome::Unspecified, true),
+        ] {
+            let r = ExecuteBulkResponse {
+                outcome: outcome as i32,
+                ..Default::default()
+            };
+            assert_eq!(bulk_outcome("j", r).is_err(), permanent);
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! A contract end in Mailchimp: a whole audience, the controller's, exported or deleted with a
+//! handful of calls however many members it has.
+//!
+//! - Both steps first count the audience (`GET /lists/{list}`: `stats.member_count` +
+//!   `stats.unsubscribe_count` + `stats.cleaned_count`) and report it as the total.
+//! - [`BulkOp::Export`]: `GET /lists/{list}/members`, `page_size` members per page
+//!   (`count`/`offset`) until `total_items` is reached, into one `members.json`: a JSON array
+//!   of the member documents as the single export writes them (without hypermedia links),
+//!   written as each page arrives. Members' notes, activity feed and events are not included:
+//!   Mailchimp lists them only member by member, one call each, which a bulk step must not do.
+//!   The note of the outcome says so.
+//! - [`BulkOp::Erase`] (also with [`Phase::RetentionExpired`]: Mailchimp keeps nothing under a
+//!   legal obligation): `DELETE /lists/{list}`, which removes the audience with all its
+//!   members for good, then `GET /lists/{list}`: COMPLETED once it answers 404, otherwise
+//!   ACCEPTED under a handle and checked again ([`Phase::Confirm`]). The answer of the delete
+//!   alone is never taken as proof.
+//! - An audience that is already missing when a step starts is a permanent error, not an
+//!   erasure: Mailchimp's 404 cannot tell a deleted audience from a wrong `list_id`. (If an
+//!   earlier run's delete went through but its answer was lost, an operator sees this error
+//!   and can check the audience.)
+
+use serde_json::Value;
+
+use super::api::{Api, Reply};
+use super::scrub::Scrubber;
+use super::MailchimpConnector;
+use crate::export::{JsonArrayWriter, JSON};
+use crate::{BulkJob, BulkOp, BulkProgress, ConnectorError, ErasedCount, Outcome, Phase};
+
+/// The file a bulk export writes.
+const MEMBERS_FILE: &str = "members.json";
+
+/// Starts the handle of an audience deletion waiting for its check: `audience:{list}:{count}`.
+const HANDLE_PREFIX: &str = "audience:";
+
+impl MailchimpConnector {
+    /// Takes one step of `job` in the audience of its controller.
+    pub(super) async fn run_bulk_job(&self, job: &BulkJob) -> Result<Outcome, ConnectorError> {
+        let api = match self.audience_of(&job.controller) {
+            Ok(api) => api,
+            Err(reason) => return Ok(Outcome::Refused { reason }),
+        };
+        let scrub = Scrubber::for_key(&self.config.api_key);
+        match (job.op, &job.phase) {
+            (BulkOp::Erase, Phase::Confirm { handle }) => {
+                let count = parse_handle(handle, api.list_id())?;
+                confirm_deleted(api, count, job, &scrub).await
+            }
+            (BulkOp::Erase, Phase::Start | Phase::RetentionExpired) => {
+                erase_audience(api, job, &scrub).await
+            }
+            (BulkOp::Export, Phase::Start) => self.export_audience(api, job, &scrub).await,
+            (BulkOp::Export, phase) => Err(ConnectorError::Permanent(format!(
+                "mailchimp: an audience export has no {phase:?} step (it is never accepted)"
+            ))),
+        }
+    }
+
+    async fn export_audience(
+        &self,
+        api: &Api,
+        job: &BulkJob,
+        scrub: &Scrubber,
+    ) -> Result<Outcome, ConnectorError> {
+        let sink = job.export.as_ref().ok_or_else(|| {
+            ConnectorError::Permanent(
+                "mailchimp: no export folder was given for the contract end's export".to_string(),
+            )
+        })?;
+        let mut total = count_members(api, scrub).await?;
+        job.progress.report(progress(0, total));
+        let list = api.list_id();
+        let mut out = JsonArrayWriter::new(sink.file(MEMBERS_FILE, JSON).await?).await?;
+        let mut offset: u64 = 0;
+        loop {
+            let page = match api
+                .members_page(self.config.page_size, offset, scrub)
+                .await?
+            {
+                Reply::Done(page) => page,
+                Reply::Missing => {
+                    return Err(ConnectorError::Permanent(format!(
+                        "mailchimp: audience {list} disappeared while it was being exported"
+                    )))
+                }
+            };
+            let Some(members) = page.get("members").and_then(Value::as_array) else {
+                return Err(ConnectorError::Permanent(format!(
+                    "mailchimp: a page of audience {list}'s members came without a \"members\" \
+                     array"
+                )));
+            };
+            for member in members {
+                let mut member = member.clone();
+                // Hypermedia links describe the API, not the subject.
+                if let Some(map) = member.as_object_mut() {
+                    map.remove("_links");
+                }
+                out.push(&member).await?;
+            }
+            offset += members.len() as u64;
+            // The page's own count is the exact one (the statistics leave out pending and
+            // transactional members).
+            if let Some(items) = page.get("total_items").and_then(Value::as_u64) {
+                total = items;
+            }
+            job.progress
+                .report(progress(out.count(), total.max(out.count())));
+            // An empty page ends it too, so that a wrong total cannot loop for ever.
+            if members.is_empty() || offset >= total {
+                break;
+            }
+        }
+        let n = out.count();
+        let file = out.finish().await?;
+        Ok(Outcome::Completed {
+            records_affected: n as i64,
+            note: format!(
+                "mailchimp: exported the {n} members of audience {list} into {MEMBERS_FILE}; \
+                 members' notes, activity feed and events are not included (Mailchimp lists \
+                 them only one member per call)"
+            ),
+            files: vec![file],
+            erased: Vec::new(),
+        })
+    }
+}
+
+/// The audience's members by its statistics: subscribed, unsubscribed and cleaned.
+async fn count_members(api: &Api, scrub: &Scrubber) -> Result<u64, ConnectorError> {
+    let list = api.list_id();
+    let Reply::Done(doc) = api.list_stats(scrub).await? else {
+        return Err(ConnectorError::Permanent(format!(
+            "mailchimp: audience {list} was not found at {}; nothing was done (check list_id \
+             and base_url, or whether an earlier run already deleted it)",
+            api.base()
+        )));
+    };
+    let stat = |key: &str| doc["stats"][key].as_u64().unwrap_or(0);
+    Ok(stat("member_count") + stat("unsubscribe_count") + stat("cleaned_count"))
+}
+
+async fn erase_audience(
+    api: &Api,
+    job: &BulkJob,
+    scrub: &Scrubber,
+) -> Result<Outcome, ConnectorError> {
+    let count = count_members(api, scrub).await?;
+    job.progress.report(progress(0, count));
+    // Missing here means it went between the count and now; the check below decides.
+    api.delete_list(scrub).await?;
+    match confirm_deleted(api, count, job, scrub).await {
+        Ok(outcome) => Ok(outcome),
+        // The audience is deleted; a retry from the start would find it missing and fail.
+        // Keep the handle and ask again instead.
+        Err(e) => Ok(Outcome::Accepted {
+            handle: handle(api.list_id(), count),
+            note: format!(
+                "mailchimp: deleted audience {}; checking that it is gone failed ({e})",
+                api.list_id()
+            ),
+        }),
+    }
+}
+
+/// COMPLETED when the audience answers 404, otherwise ACCEPTED under the same handle.
+async fn confirm_deleted(
+    api: &Api,
+    count: u64,
+    job: &BulkJob,
+    scrub: &Scrubber,
+) -> Result<Outcome, ConnectorError> {
+    let list = api.list_id();
+    if let Reply::Done(_) = api.get_list(scrub).await? {
+        return Ok(Outcome::Accepted {
+            handle: handle(list, count),
+            note: format!("mailchimp: deleted audience {list}; the API still returns it"),
+        });
+    }
+    job.progress.report(progress(count, count));
+    Ok(Outcome::Completed {
+        records_affected: count as i64,
+        note: format!(
+            "mailchimp: deleted audience {list} with its {count} members; the API no longer \
+             returns it"
+        ),
+        files: Vec::new(),
+        erased: vec![ErasedCount {
+            target: format!("audience {list}"),
+            action: "deleted".into(),
+            count: count as i64,
+        }],
+    })
+}
+
+fn handle(list: &str, count: u64) -> String {
+    format!("{HANDLE_PREFIX}{list}:{count}")
+}
+
+/// The member count of a handle made by [`handle`] for audience `list`.
+fn parse_handle(handle: &str, list: &str) -> Result<u64, ConnectorError> {
+    handle
+        .strip_prefix(HANDLE_PREFIX)
+        .and_then(|rest| rest.split_once(':'))
+        .filter(|(l, _)| *l == list)
+        .and_then(|(_, n)| n.parse().ok())
+        .ok_or_else(|| {
+            ConnectorError::Permanent(format!(
+                "mailchimp: the confirmation handle {handle:?} is not a deletion of audience \
+                 {list}"
+            ))
+        })
+}
+
+/// Members are both the subjects and the records of an audience.
+fn progress(done: u64, total: u64) -> BulkProgress {
+    BulkProgress {
+        subjects_done: done,
+        subjects_total: total,
+        records_done: done,
+        records_total: total,
+    }
+}

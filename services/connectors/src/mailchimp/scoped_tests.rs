@@ -1,0 +1,381 @@
+//! Audiences scoped per controller, and contract ends (bulk steps) against the fake API: one
+//! controller's work never touches another controller's audience.
+
+use super::fake::{subscriber_hash, FakeMailchimp};
+use super::tests::{assert_clean, config, email, task, KEY, MAIJA};
+use super::*;
+use crate::config::ConnectorConfig;
+use crate::{BulkOp, BulkProgress, ProgressReporter};
+
+/// Controller acme's audience (the fake's primary one).
+const ACME_LIST: &str = "acme000001";
+/// Controller globex's audience.
+const GLOBEX_LIST: &str = "globex0002";
+const MATTI: &str = "matti.virtanen@example.fi";
+const LIISA: &str = "liisa.korhonen@example.fi";
+const PEKKA: &str = "pekka.nieminen@example.fi";
+
+fn scoped_config(base_url: &str) -> MailchimpConfig {
+    MailchimpConfig {
+        list_id: String::new(),
+        controllers: [("acme", ACME_LIST), ("globex", GLOBEX_LIST)]
+            .into_iter()
+            .map(|(name, list)| {
+                (
+                    name.to_string(),
+                    MailchimpControllerConfig {
+                        list_id: list.into(),
+                    },
+                )
+            })
+            .collect(),
+        ..config(base_url)
+    }
+}
+
+/// Acme's audience: Maija, Matti (unsubscribed) and Liisa; globex's: Maija and Pekka.
+async fn two_audiences() -> (FakeMailchimp, MailchimpConnector) {
+    let fake = FakeMailchimp::start(KEY, ACME_LIST).await.unwrap();
+    fake.subscribe(MAIJA, "Maija", "Meikäläinen");
+    let matti = fake.subscribe(MATTI, "Matti", "Virtanen");
+    fake.set_status(ACME_LIST, &matti, "unsubscribed");
+    fake.subscribe(LIISA, "Liisa", "Korhonen");
+    fake.subscribe_to(GLOBEX_LIST, MAIJA, "Maija", "Meikäläinen");
+    fake.subscribe_to(GLOBEX_LIST, PEKKA, "Pekka", "Nieminen");
+    let connector = MailchimpConnector::new(scoped_config(&fake.base_url)).unwrap();
+    (fake, connector)
+}
+
+fn globex_members() -> Vec<String> {
+    let mut m = vec![subscriber_hash(MAIJA), subscriber_hash(PEKKA)];
+    m.sort();
+    m
+}
+
+fn job(
+    controller: &str,
+    op: BulkOp,
+    export: Option<ExportSink>,
+) -> (BulkJob, tokio::sync::watch::Receiver<BulkProgress>) {
+    let (progress, seen) = ProgressReporter::new();
+    let job = BulkJob {
+        job_id: format!("ce1/{controller}/newsletter"),
+        request_id: "ce1".into(),
+        controller: controller.into(),
+        op,
+        phase: Phase::Start,
+        due_at_ms: 2_000_000_000_000,
+        now_ms: 1_700_000_000_000,
+        export,
+        progress,
+    };
+    (job, seen)
+}
+
+#[test]
+fn scoped_configuration_parses_and_validates() {
+    let toml = format!(
+        "type = \"mailchimp\"\nbase_url = \"https://us21.api.mailchimp.com/3.0\"\n\
+         api_key = \"{KEY}\"\n[controllers.acme]\nlist_id = \"{ACME_LIST}\"\n\
+         [controllers.globex]\nlist_id = \"{GLOBEX_LIST}\"\n"
+    );
+    let parsed: ConnectorConfig = toml::from_str(&toml).unwrap();
+    assert!(parsed.validate().is_empty(), "{:?}", parsed.validate());
+    let ConnectorConfig::Mailchimp(c) = &parsed else {
+        panic!("{parsed:?}");
+    };
+    assert_eq!(c.controllers["globex"].list_id, GLOBEX_LIST);
+    assert!(c.list_id.is_empty());
+
+    let both = MailchimpConfig {
+        list_id: "a1b2c3d4e5".into(),
+        ..c.clone()
+    };
+    assert!(
+        both.validate()
+            .join(" ")
+            .contains("list_id: must be left out"),
+        "{:?}",
+        both.validate()
+    );
+    let mut shared = c.clone();
+    shared.controllers.get_mut("globex").unwrap().list_id = ACME_LIST.into();
+    shared.controllers.get_mut("acme").unwrap().list_id = ACME_LIST.into();
+    let problems = shared.validate().join(" ");
+    assert!(problems.contains("already controller acme's"), "{problems}");
+    let mut bad = c.clone();
+    bad.controllers.get_mut("acme").unwrap().list_id = "a/b".into();
+    assert!(bad
+        .validate()
+        .join(" ")
+        .contains("controllers.acme.list_id"));
+    let neither = MailchimpConfig {
+        controllers: BTreeMap::new(),
+        ..c.clone()
+    };
+    assert!(neither
+        .validate()
+        .join(" ")
+        .contains("list_id: must not be empty"));
+}
+
+#[tokio::test]
+async fn scoped_controllers_are_the_configured_names_and_unscoped_is_none() {
+    let (fake, connector) = two_audiences().await;
+    assert_eq!(
+        connector.scoped_controllers(),
+        Some(vec!["acme".to_string(), "globex".to_string()])
+    );
+    let unscoped = MailchimpConnector::new(config(&fake.base_url)).unwrap();
+    assert_eq!(unscoped.scoped_controllers(), None);
+    assert!(connector.supports(RequestKind::ContractEnd));
+}
+
+#[tokio::test]
+async fn an_erasure_for_one_controller_leaves_the_same_address_in_the_others_audience() {
+    let (fake, connector) = two_audiences().await;
+    let hash = subscriber_hash(MAIJA);
+    let out = connector
+        .run(&task(RequestKind::Erasure, vec![email(MAIJA)]))
+        .await
+        .unwrap();
+    let Outcome::Completed { erased, .. } = &out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(erased[0].target, format!("audience {ACME_LIST}"));
+    assert!(!fake.members_of(ACME_LIST).unwrap().contains(&hash));
+    assert_eq!(fake.members_of(GLOBEX_LIST).unwrap(), globex_members());
+    // Every call went to acme's audience.
+    let calls = fake.audience().calls.clone();
+    assert!(
+        calls
+            .iter()
+            .all(|c| c.contains(&format!("/lists/{ACME_LIST}/"))),
+        "{calls:?}"
+    );
+
+    // The same request from globex erases globex's member only.
+    let mut t = task(RequestKind::Erasure, vec![email(MAIJA)]);
+    t.controller = "globex".into();
+    let out = connector.run(&t).await.unwrap();
+    assert!(matches!(out, Outcome::Completed { .. }), "{out:?}");
+    assert_eq!(
+        fake.members_of(GLOBEX_LIST).unwrap(),
+        [subscriber_hash(PEKKA)]
+    );
+    assert_eq!(fake.members_of(ACME_LIST).unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_controller_not_configured_is_refused_without_a_call() {
+    let (fake, connector) = two_audiences().await;
+    let mut t = task(RequestKind::Erasure, vec![email(MAIJA)]);
+    t.controller = "initech".into();
+    let out = connector.run(&t).await.unwrap();
+    let Outcome::Refused { reason } = &out else {
+        panic!("{out:?}");
+    };
+    assert!(reason.contains("\"initech\""), "{reason}");
+    assert!(reason.contains("acme, globex"), "{reason}");
+    let (j, _) = job("initech", BulkOp::Erase, None);
+    let out = connector.run_bulk(&j).await.unwrap();
+    assert!(
+        matches!(&out, Outcome::Refused { reason } if reason.contains("\"initech\"")),
+        "{out:?}"
+    );
+    assert!(fake.audience().calls.is_empty());
+    assert_eq!(fake.members_of(ACME_LIST).unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn a_bulk_export_has_all_of_the_controllers_members_and_none_of_the_others() {
+    let (fake, connector) = two_audiences().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sink = ExportSink::new(dir.path().join("ce"), vec![]);
+    sink.reset().await.unwrap();
+    let (j, seen) = job("acme", BulkOp::Export, Some(sink));
+    let out = connector.run_bulk(&j).await.unwrap();
+    let Outcome::Completed {
+        records_affected: 3,
+        note,
+        files,
+        ..
+    } = &out
+    else {
+        panic!("{out:?}");
+    };
+    assert_clean(note);
+    assert!(note.contains("not included"), "{note}");
+    assert_eq!(files.len(), 1);
+    assert_eq!(files[0].name, "members.json");
+    let bytes = std::fs::read(dir.path().join("ce/members.json")).unwrap();
+    assert_eq!(files[0].size, bytes.len() as u64);
+    let members: Vec<Value> = serde_json::from_slice(&bytes).unwrap();
+    let mut addresses: Vec<&str> = members
+        .iter()
+        .map(|m| m["email_address"].as_str().unwrap())
+        .collect();
+    addresses.sort();
+    assert_eq!(addresses, [MAIJA, LIISA, MATTI]);
+    assert!(members.iter().all(|m| m.get("_links").is_none()));
+    assert!(members.iter().all(|m| m["list_id"] == ACME_LIST));
+    assert!(members
+        .iter()
+        .any(|m| m["status"] == "unsubscribed" && m["merge_fields"]["LNAME"] == "Virtanen"));
+    assert_eq!(
+        *seen.borrow(),
+        BulkProgress {
+            subjects_done: 3,
+            subjects_total: 3,
+            records_done: 3,
+            records_total: 3,
+        }
+    );
+    // Counted first, then pages of 2 (the test configuration): two pages for three members.
+    let calls = fake.audience().calls.clone();
+    assert_eq!(
+        calls,
+        [
+            format!("GET /3.0/lists/{ACME_LIST}"),
+            format!("GET /3.0/lists/{ACME_LIST}/members"),
+            format!("GET /3.0/lists/{ACME_LIST}/members"),
+        ]
+    );
+    // Reading changes nothing.
+    assert_eq!(fake.members_of(ACME_LIST).unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn a_bulk_erasure_deletes_the_controllers_audience_and_leaves_the_others() {
+    let (fake, connector) = two_audiences().await;
+    let (j, seen) = job("acme", BulkOp::Erase, None);
+    let out = connector.run_bulk(&j).await.unwrap();
+    let Outcome::Completed {
+        records_affected: 3,
+        erased,
+        note,
+        ..
+    } = &out
+    else {
+        panic!("{out:?}");
+    };
+    assert_clean(note);
+    assert_eq!(
+        erased,
+        &[ErasedCount {
+            target: format!("audience {ACME_LIST}"),
+            action: "deleted".into(),
+            count: 3,
+        }]
+    );
+    assert_eq!(seen.borrow().subjects_done, 3);
+    assert_eq!(fake.members_of(ACME_LIST), None);
+    assert_eq!(fake.members_of(GLOBEX_LIST).unwrap(), globex_members());
+    // A count, one delete, and a read that proves it gone.
+    assert_eq!(
+        fake.audience().calls,
+        [
+            format!("GET /3.0/lists/{ACME_LIST}"),
+            format!("DELETE /3.0/lists/{ACME_LIST}"),
+            format!("GET /3.0/lists/{ACME_LIST}"),
+        ]
+    );
+
+    // Confirming the handle of a deletion reads the audience again.
+    let confirm = BulkJob {
+        phase: Phase::Confirm {
+            handle: format!("audience:{ACME_LIST}:3"),
+        },
+        ..j.clone()
+    };
+    let out = connector.run_bulk(&confirm).await.unwrap();
+    assert!(
+        matches!(
+            out,
+            Outcome::Completed {
+                records_affected: 3,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    let wrong = BulkJob {
+        phase: Phase::Confirm {
+            handle: format!("audience:{GLOBEX_LIST}:2"),
+        },
+        ..j.clone()
+    };
+    let err = connector.run_bulk(&wrong).await.unwrap_err();
+    assert!(matches!(err, ConnectorError::Permanent(_)), "{err:?}");
+
+    // Started again, the audience is missing: never a false confirmation.
+    let err = connector.run_bulk(&j).await.unwrap_err();
+    assert!(
+        matches!(&err, ConnectorError::Permanent(m) if m.contains("was not found")),
+        "{err:?}"
+    );
+    assert_eq!(fake.members_of(GLOBEX_LIST).unwrap(), globex_members());
+}
+
+#[tokio::test]
+async fn a_compliance_review_during_a_bulk_step_is_permanent_and_deletes_nothing() {
+    let (fake, connector) = two_audiences().await;
+    fake.audience().compliance_review = true;
+    for op in [BulkOp::Erase, BulkOp::Export] {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = ExportSink::new(dir.path().join("ce"), vec![]);
+        sink.reset().await.unwrap();
+        let (j, _) = job("globex", op, Some(sink));
+        let err = connector.run_bulk(&j).await.unwrap_err();
+        assert!(
+            matches!(&err, ConnectorError::Permanent(m) if m.contains("compliance review")),
+            "{op:?}: {err:?}"
+        );
+        assert!(!err.is_transient());
+    }
+    // Each step stopped at its first call, the count.
+    assert_eq!(
+        fake.audience().calls,
+        vec![format!("GET /3.0/lists/{GLOBEX_LIST}"); 2]
+    );
+    fake.audience().compliance_review = false;
+    assert_eq!(fake.members_of(GLOBEX_LIST).unwrap(), globex_members());
+}
+
+#[tokio::test]
+async fn a_rate_limited_bulk_step_asks_to_retry_after_the_header() {
+    let (fake, connector) = two_audiences().await;
+    fake.audience().rate_limited = 1;
+    let (j, _) = job("acme", BulkOp::Erase, None);
+    let err = connector.run_bulk(&j).await.unwrap_err();
+    assert_eq!(err.retry_after_ms(), Some(1_000), "{err:?}");
+    assert_eq!(fake.members_of(ACME_LIST).unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn an_audience_still_returned_after_its_deletion_is_accepted_then_confirmed() {
+    let (fake, connector) = two_audiences().await;
+    // The check right after the delete and the first confirmation still see the audience.
+    fake.audience().list_forget_after_gets = 2;
+    let (j, seen) = job("acme", BulkOp::Erase, None);
+    let out = connector.run_bulk(&j).await.unwrap();
+    let Outcome::Accepted { handle, note } = out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(handle, format!("audience:{ACME_LIST}:3"));
+    assert!(note.contains("still returns it"), "{note}");
+    assert_eq!(seen.borrow().subjects_done, 0);
+    let confirm = BulkJob {
+        phase: Phase::Confirm { handle },
+        ..j.clone()
+    };
+    let out = connector.run_bulk(&confirm).await.unwrap();
+    assert!(matches!(out, Outcome::Accepted { .. }), "{out:?}");
+    let out = connector.run_bulk(&confirm).await.unwrap();
+    let Outcome::Completed { erased, .. } = &out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(erased[0].count, 3);
+    assert_eq!(seen.borrow().subjects_done, 3);
+    assert_eq!(fake.members_of(GLOBEX_LIST).unwrap(), globex_members());
+}
