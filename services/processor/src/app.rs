@@ -101,6 +101,12 @@ impl App {
                 .with_context(|| format!("connecting subprocessor {}", s.name))?;
             connectors.insert(s.name.clone(), c);
         }
+        let errors = config.scoping_errors(|name| {
+            connectors
+                .get(name)
+                .and_then(|c: &Arc<dyn Connector>| c.scoped_controllers())
+        });
+        anyhow::ensure!(errors.is_empty(), "configuration: {}", errors.join("; "));
         let client_tls = config
             .service
             .tls

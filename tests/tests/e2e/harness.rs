@@ -284,7 +284,7 @@ mod configs {
     use dsrelay_connectors::manual::ManualConfig;
     use dsrelay_connectors::sql::sample_config;
     use dsrelay_processor::config::{
-        AckConfig, ConnectorConfig, ControllerConfig, NoopConfig, SubprocessorConfig, TaskConfig,
+        AckConfig, ConnectorConfig, ContractsConfig, ControllerConfig, NoopConfig, SubprocessorConfig, TaskConfig,
         TransferMechanismConfig, UploadConfig,
     };
     use dsrelay_registry::config::{
@@ -520,6 +520,9 @@ mod configs {
                 lease_ms: 10_000,
                 concurrency: 4,
                 call_timeout_ms: 3000,
+            },
+            contracts: ContractsConfig {
+                progress_interval_ms: 50,
             },
             identity_hash_key: "test processor key".into(),
             forget_after_days: plan.opts.forget_after_days,
