@@ -36,6 +36,8 @@ mod app;
 mod breaker;
 pub mod certificates;
 pub mod config;
+#[cfg(test)]
+mod contract_tests;
 pub mod exports;
 mod forget;
 mod metrics;

@@ -87,7 +87,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
 }
 
 /// One step of a claimed task: claim → phase → connector → next state.
-async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
+pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
     let key = &job.task.key;
     let current = job.task.current();
     let mut seq = job.task.sequence;
