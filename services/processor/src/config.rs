@@ -37,15 +37,17 @@ pub struct Config {
     /// How acknowledgements are sent back and retried.
     #[serde(default)]
     pub acks: AckConfig,
-    /// How RETURN_OF_DATA exports are uploaded to the registry and retried.
+    /// How exports are delivered (RETURN_OF_DATA and contract end returns to the registry,
+    /// TRANSFER to its recipient) and retried.
     #[serde(default)]
     pub uploads: UploadConfig,
     /// How contract ends report their progress.
     #[serde(default)]
     pub contracts: ContractsConfig,
-    /// The processor's data folder: exports of RETURN_OF_DATA and TRANSFER tasks are written
-    /// as files under `exports/` here, one folder per task. A relative path is taken from
-    /// the working directory, like the default SQLite database beside it.
+    /// The processor's data folder: exports of RETURN_OF_DATA, TRANSFER and returning
+    /// CONTRACT_END tasks are written as files under `exports/` here, one folder per task. A
+    /// relative path is taken from the working directory, like the default SQLite database
+    /// beside it.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
     /// The Ed25519 private key (PKCS#8 PEM file) that signs the deletion certificate of

@@ -6,7 +6,8 @@
 //! - `rows`: the types the store hands out, and the raw rows they are read from.
 //! - `tasks`: requests and tasks: accept, cancel, claim, transition, operator views.
 //! - `acks`: the acknowledgement outbox.
-//! - `uploads`: the upload outbox: RETURN_OF_DATA exports waiting to reach the registry.
+//! - `uploads`: the upload outbox: RETURN_OF_DATA and contract end exports waiting to reach
+//!   the registry, TRANSFER exports waiting to reach their recipient.
 //! - `certificates`: the deletion certificates issued with erasure and contract end steps.
 //! - `contracts`: contract ends' terms, updates of them, progress acknowledgements and the
 //!   operators' list.
