@@ -250,7 +250,9 @@ impl ProcessorService for Api {
         req: Request<ListSubprocessorsRequest>,
     ) -> Result<Response<SubprocessorList>, Status> {
         self.controller(&req)?;
-        let kinds: Vec<RequestKind> = (1..=7)
+        // The kinds partners submit; CONTRACT_END is left out until the chain view
+        // (`dsrctl chain`, which reads six kinds as "all kinds") knows it.
+        let kinds: Vec<RequestKind> = (1..=6)
             .filter_map(|k| RequestKind::try_from(k).ok())
             .collect();
         let subprocessors = self

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dsrelay_connectors::{
-    BoxFuture, BulkJob, BulkProgress, Connector, ConnectorError, ErasedCount, Outcome, Task,
+    BoxFuture, BulkJob, BulkProgress, Connector, ConnectorError, ErasedCount, Outcome, Phase, Task,
 };
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::timestamp_from_millis;
@@ -219,6 +219,133 @@ async fn contract_end_progress_is_acknowledged_as_it_goes_on_postgres() {
         .unwrap_or_default();
     let dir = tempfile::tempdir().expect("tempdir");
     progress_is_acknowledged_as_it_goes(&format!("{base}/{name}{query}"), dir.path()).await;
+}
+
+/// Keeps the invoices under the accounting law on the first erasure, erases them at their
+/// date.
+struct Keeper;
+
+impl Connector for Keeper {
+    fn kind_name(&self) -> &'static str {
+        "keeper"
+    }
+
+    fn supports(&self, _kind: RequestKind) -> bool {
+        true
+    }
+
+    fn run<'a>(&'a self, _task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async { Err(ConnectorError::Permanent("bulk only".into())) })
+    }
+
+    fn run_bulk<'a>(&'a self, job: &'a BulkJob) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async move {
+            let erased = |target: &str, count| {
+                vec![ErasedCount {
+                    target: target.into(),
+                    action: "deleted".into(),
+                    count,
+                }]
+            };
+            Ok(match job.phase {
+                Phase::RetentionExpired => Outcome::Completed {
+                    records_affected: 3,
+                    note: "invoices erased".into(),
+                    files: Vec::new(),
+                    erased: erased("invoices", 3),
+                },
+                _ => Outcome::Retained {
+                    legal_basis: "Kirjanpitolaki 2:10 §".into(),
+                    until_ms: job.now_ms + 5_000,
+                    records_affected: 7,
+                    note: "customers erased, invoices kept".into(),
+                    erased: erased("customers", 7),
+                },
+            })
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_data_of_a_contract_end_is_erased_at_its_date_with_a_follow_up_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/processor.db", dir.path().display());
+    let keeper = HashMap::from([("crm".to_string(), Arc::new(Keeper) as Arc<dyn Connector>)]);
+    // Unscoped: with one controller all of the holder's data is that controller's.
+    let app = App::with_connectors(config(dir.path(), &url, &["acme"]), keeper)
+        .await
+        .expect("app");
+    let shared = app.shared();
+    let now = shared.clock.now_ms();
+    let req = DeliverRequest {
+        request_id: "ce-kept".into(),
+        kind: RequestKind::ContractEnd as i32,
+        parameters: Some(RequestParameters {
+            contract_end: Some(ContractEnd {
+                choice: ContractEndChoice::Delete as i32,
+                effective_at: Some(timestamp_from_millis(now)),
+                grace_ends_at: Some(timestamp_from_millis(now)),
+                return_confirmed: false,
+            }),
+            ..Default::default()
+        }),
+        due_at: Some(timestamp_from_millis(now + 60_000)),
+        ..Default::default()
+    };
+    shared
+        .store
+        .accept("acme", &req, &["crm".to_string()], None, now)
+        .await
+        .expect("accept");
+    let step = |at: i64| {
+        let shared = shared.clone();
+        async move {
+            let jobs = shared
+                .store
+                .claim_tasks(at, 10, 30_000)
+                .await
+                .expect("claim");
+            let n = jobs.len();
+            for job in jobs {
+                crate::runner::run_task(&shared, job).await.expect("step");
+            }
+            n
+        }
+    };
+    assert_eq!(step(now).await, 1);
+    let task = &shared.store.tasks("acme", "ce-kept").await.expect("tasks")[0];
+    assert_eq!(task.state, TaskState::Retained);
+    assert_eq!(task.phase, ContractPhase::Done);
+    // Nothing runs before the date; at the date the processor erases the rest by itself.
+    assert_eq!(step(now + 1_000).await, 0);
+    shared.clock.advance(6_000);
+    assert_eq!(step(now + 6_000).await, 1);
+    let task = &shared.store.tasks("acme", "ce-kept").await.expect("tasks")[0];
+    assert_eq!(
+        (task.state, task.records_affected),
+        (TaskState::Completed, 10)
+    );
+
+    let bodies: Vec<Vec<u8>> =
+        sqlx::query_scalar("SELECT body FROM certificates WHERE request_id = $1 ORDER BY sequence")
+            .bind("ce-kept")
+            .fetch_all(&shared.store.db().pool)
+            .await
+            .expect("certificates");
+    let bodies: Vec<serde_json::Value> = bodies
+        .iter()
+        .map(|b| serde_json::from_slice(b).expect("json"))
+        .collect();
+    assert_eq!(bodies.len(), 2, "{bodies:#?}");
+    assert!(bodies.iter().all(|b| b["kind"] == "contract_end"));
+    assert_eq!(bodies[0]["task_state"], "RETAINED");
+    assert_eq!(
+        bodies[0]["retained"][0]["legal_basis"],
+        "Kirjanpitolaki 2:10 §"
+    );
+    assert_eq!(bodies[1]["task_state"], "COMPLETED");
+    assert_eq!(bodies[1]["follows"], bodies[0]["certificate_id"]);
+    assert_eq!(bodies[1]["erased"][0]["target"], "invoices");
 }
 
 #[tokio::test]
