@@ -502,7 +502,8 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
                 "{note} (returned by {by}); waiting for the controller's confirmation of \
                  receipt before deleting"
             ),
-            next_attempt_at: Some(NEVER),
+            // As after an upload: a confirmation that came meanwhile releases it.
+            next_attempt_at: Some(ctx.now),
             contract: Some(ContractStep::keep(ContractPhase::AwaitingConfirmation)),
             ..Default::default()
         }),
@@ -557,7 +558,9 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
                 confirmed: true,
                 reason: note.clone(),
                 note,
-                next_attempt_at: Some(NEVER),
+                // Looked at once more: a confirmation that came while the part was on its
+                // way releases it; otherwise the claim puts it to sleep.
+                next_attempt_at: Some(ctx.now),
                 contract: Some(ContractStep::keep(ContractPhase::AwaitingConfirmation)),
                 ..Default::default()
             })
@@ -2136,7 +2139,8 @@ mod tests {
             "{}",
             t.note
         );
-        assert_eq!(t.next_attempt_at, Some(NEVER));
+        // Looked at once more, in case the confirmation came while the part was on its way.
+        assert_eq!(t.next_attempt_at, Some(NOW));
         // Until the controller confirms it sleeps; then it deletes.
         let waiting = contract_task(InProgress, ContractPhase::AwaitingConfirmation);
         let mut rtd = terms(ContractEndChoice::ReturnThenDelete);
@@ -2404,6 +2408,7 @@ mod tests {
             t.contract.map(|c| c.phase),
             Some(ContractPhase::AwaitingConfirmation)
         );
+        assert_eq!(t.next_attempt_at, Some(NOW));
         let deleting = contract_task(WaitingForOperator, ContractPhase::Deleting);
         let t = moved(decide(&deleting, complete(), &ctx()));
         assert_eq!(t.state, Completed);
