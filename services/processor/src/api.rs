@@ -146,10 +146,13 @@ impl ProcessorService for Api {
             .collect();
         let kind = RequestKind::try_from(r.kind).unwrap_or(RequestKind::Unspecified);
         match kind {
-            RequestKind::Unspecified => violations.push(FieldViolation::new(
-                "kind",
-                format!("{} is not a request kind", r.kind),
-            )),
+            RequestKind::Unspecified => {
+                violations.push(FieldViolation::new(
+                    "kind",
+                    format!("{} is not a request kind", r.kind),
+                ));
+                violations.extend(validate_identities(&r.identities));
+            }
             // All of the controller's data, not a data subject's.
             RequestKind::ContractEnd => {
                 if !r.identities.is_empty() {
