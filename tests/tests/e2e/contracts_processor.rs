@@ -719,7 +719,7 @@ async fn contractproc_bad_deliveries_are_refused_with_the_field() {
             "{field}: {details:?}"
         );
     }
-    // Another controller's caller cannot update it, and the operator cannot deliver.
+    // A caller that is not a controller of this processor cannot update one.
     let mut partner = ProcessorServiceClient::new(s.pair.channel_to_processor("partner-crm"));
     let err = partner
         .update_contract_end(UpdateContractEndRequest {
