@@ -1,11 +1,12 @@
 //! A connector for holders without an API (paper archives, a legacy system someone must
 //! open by hand): the task waits for an operator, who confirms it with evidence or refuses
-//! it through the processor's operator API (`dsrctl tasks`).
+//! it through the processor's operator API (`dsrctl tasks`). A contract end's bulk step waits
+//! for an operator the same way, with instructions naming the controller.
 
 use dsrelay_proto::v1::RequestKind;
 use serde::{Deserialize, Serialize};
 
-use crate::{kind_label, BoxFuture, Connector, ConnectorError, Outcome, Task};
+use crate::{kind_label, BoxFuture, BulkJob, BulkOp, Connector, ConnectorError, Outcome, Task};
 
 /// Settings of the manual connector.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,5 +52,69 @@ impl Connector for ManualConnector {
             };
             Ok(Outcome::WaitingForOperator { note })
         })
+    }
+
+    fn run_bulk<'a>(&'a self, job: &'a BulkJob) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async move {
+            let what = match job.op {
+                BulkOp::Export => format!(
+                    "contract end: return ALL of controller {}'s data held here to the \
+                     controller, then confirm; it is deleted only after the controller \
+                     confirms receipt",
+                    job.controller
+                ),
+                BulkOp::Erase => format!(
+                    "contract end: delete ALL of controller {}'s data held here (keep only \
+                     what a legal obligation requires), then confirm with what was deleted",
+                    job.controller
+                ),
+            };
+            let note = if self.instructions.is_empty() {
+                what
+            } else {
+                format!("{what}; {}", self.instructions)
+            };
+            Ok(Outcome::WaitingForOperator { note })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Phase, ProgressReporter};
+
+    fn job(op: BulkOp) -> BulkJob {
+        BulkJob {
+            job_id: "acme/r-1/archive".into(),
+            request_id: "r-1".into(),
+            controller: "acme".into(),
+            op,
+            phase: Phase::Start,
+            due_at_ms: 0,
+            now_ms: 0,
+            export: None,
+            progress: ProgressReporter::new().0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_contract_end_waits_for_an_operator_told_whose_data_and_what_to_do() {
+        let c = ManualConnector::new(&ManualConfig {
+            instructions: "cabinet B2".into(),
+        });
+        for (op, verb) in [
+            (BulkOp::Erase, "delete ALL"),
+            (BulkOp::Export, "return ALL"),
+        ] {
+            match c.run_bulk(&job(op)).await.unwrap() {
+                Outcome::WaitingForOperator { note } => {
+                    assert!(note.contains(verb), "{note}");
+                    assert!(note.contains("controller acme"), "{note}");
+                    assert!(note.ends_with("; cabinet B2"), "{note}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }

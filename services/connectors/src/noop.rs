@@ -1,12 +1,13 @@
 //! A connector that holds nothing and confirms every task after a fixed delay: for benchmarks
-//! that measure the relay itself, and for tests that need a task to stay in progress.
+//! that measure the relay itself, and for tests that need a task to stay in progress. A
+//! contract end's bulk step likewise confirms after the delay, with nothing counted.
 
 use std::time::Duration;
 
 use dsrelay_proto::v1::RequestKind;
 use serde::{Deserialize, Serialize};
 
-use crate::{BoxFuture, Connector, ConnectorError, Outcome, Task};
+use crate::{BoxFuture, BulkJob, BulkProgress, Connector, ConnectorError, Outcome, Task};
 
 /// Settings of the no-op connector.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,5 +53,59 @@ impl Connector for NoopConnector {
                 erased: Vec::new(),
             })
         })
+    }
+
+    fn run_bulk<'a>(&'a self, job: &'a BulkJob) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async move {
+            // Counted first, as a connector holding data would: nothing, of nothing.
+            job.progress.report(BulkProgress::default());
+            tokio::time::sleep(self.delay).await;
+            Ok(Outcome::Completed {
+                records_affected: 0,
+                note: format!(
+                    "noop connector: nothing held for controller {}",
+                    job.controller
+                ),
+                files: Vec::new(),
+                erased: Vec::new(),
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BulkOp, Phase, ProgressReporter};
+
+    #[tokio::test]
+    async fn a_contract_end_confirms_with_nothing_counted() {
+        let (progress, seen) = ProgressReporter::new();
+        let job = BulkJob {
+            job_id: "acme/r-1/mail".into(),
+            request_id: "r-1".into(),
+            controller: "acme".into(),
+            op: BulkOp::Erase,
+            phase: Phase::Start,
+            due_at_ms: 0,
+            now_ms: 0,
+            export: None,
+            progress,
+        };
+        let c = NoopConnector::new(&NoopConfig { delay_ms: 1 });
+        match c.run_bulk(&job).await.unwrap() {
+            Outcome::Completed {
+                records_affected,
+                note,
+                files,
+                erased,
+            } => {
+                assert_eq!(records_affected, 0);
+                assert!(note.contains("acme"), "{note}");
+                assert!(files.is_empty() && erased.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(*seen.borrow(), BulkProgress::default());
     }
 }

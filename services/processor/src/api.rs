@@ -1,5 +1,5 @@
-//! The processor's gRPC handlers for configured controllers: Deliver, Cancel, GetStatus and
-//! ListSubprocessors.
+//! The processor's gRPC handlers for configured controllers: Deliver, Cancel, GetStatus,
+//! ListSubprocessors and UpdateContractEnd.
 //!
 //! Callers are mapped by [`dsrelay_runtime::grpc::Authorizer`], errors become statuses by
 //! the rules of [`dsrelay_runtime::grpc::error`], and the registry's trace is continued by
@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use dsrelay_proto::v1::processor_service_server::ProcessorService;
 use dsrelay_proto::v1::{
-    CancelDeliveryRequest, DeliverRequest, DeliverResponse, GetStatusRequest,
-    ListSubprocessorsRequest, RequestKind, Subprocessor, SubprocessorList, TaskList,
-    UpdateContractEndRequest,
+    CancelDeliveryRequest, ContractEnd, ContractEndChoice, DeliverRequest, DeliverResponse,
+    GetStatusRequest, ListSubprocessorsRequest, RequestKind, Subprocessor, SubprocessorList,
+    TaskList, UpdateContractEndRequest,
 };
 use dsrelay_runtime::grpc::{self, Authorizer, CallerTrace, ServiceName};
 use dsrelay_runtime::identity::{
@@ -21,7 +21,7 @@ use dsrelay_runtime::trace_context;
 use tonic::{Request, Response, Status};
 
 use crate::app::Shared;
-use crate::store::Accepted;
+use crate::store::{Accepted, Refusal, Updated};
 
 /// Names the processor in its answers.
 #[derive(Debug)]
@@ -67,14 +67,60 @@ impl Api {
 
 #[tonic::async_trait]
 impl ProcessorService for Api {
+    #[tracing::instrument(skip_all, fields(controller, request_id = %req.get_ref().request_id))]
     async fn update_contract_end(
         &self,
         req: Request<UpdateContractEndRequest>,
     ) -> Result<Response<TaskList>, Status> {
-        self.controller(&req)?;
-        Err(Status::unimplemented(
-            "this processor does not run contract ends yet",
-        ))
+        let controller = self.controller(&req)?;
+        tracing::Span::current().record("controller", controller.as_str());
+        let r = req.into_inner();
+        let mut violations: Vec<FieldViolation> = request_id_violation("request_id", &r.request_id)
+            .into_iter()
+            .collect();
+        match &r.contract_end {
+            None => violations.push(FieldViolation::new("contract_end", "required")),
+            Some(c) => violations.extend(terms_violations("contract_end", c, false)),
+        }
+        ApiError::ensure_valid(violations)?;
+        let wanted = r.contract_end.unwrap_or_default();
+        let updated = self
+            .shared
+            .store
+            .update_contract_end(
+                &controller,
+                &r.request_id,
+                &wanted,
+                self.shared.clock.now_ms(),
+            )
+            .await
+            .map_err(ApiError::from)?;
+        let tasks = match updated {
+            Updated::NotFound => {
+                return Err(ApiError::not_found(format!(
+                    "request {} is not a contract end delivered by this controller",
+                    r.request_id
+                ))
+                .into())
+            }
+            Updated::Refused(Refusal::Invalid(field, rule)) => {
+                return Err(ApiError::invalid([FieldViolation::new(field, rule)]).into())
+            }
+            Updated::Refused(Refusal::TooLate(why)) => {
+                return Err(ApiError::failed_precondition(format!(
+                    "the contract end can no longer change: {why}"
+                ))
+                .into())
+            }
+            Updated::Done(tasks) => tasks,
+        };
+        self.shared.task_wakeup.notify_one();
+        self.shared.ack_wakeup.notify_one();
+        tracing::info!("contract end terms updated");
+        Ok(Response::new(TaskList {
+            request_id: r.request_id,
+            tasks: tasks.iter().map(|t| t.to_status()).collect(),
+        }))
     }
 
     // A child of the registry's delivery attempt: the trace crosses the hop.
@@ -98,22 +144,40 @@ impl ProcessorService for Api {
         let mut violations: Vec<FieldViolation> = request_id_violation("request_id", &r.request_id)
             .into_iter()
             .collect();
-        match RequestKind::try_from(r.kind).unwrap_or(RequestKind::Unspecified) {
-            RequestKind::Unspecified => violations.push(FieldViolation::new(
-                "kind",
-                format!("{} is not a request kind", r.kind),
-            )),
-            RequestKind::ContractEnd => violations.push(FieldViolation::new(
-                "kind",
-                "this processor does not run contract ends yet",
-            )),
-            _ => {}
+        let kind = RequestKind::try_from(r.kind).unwrap_or(RequestKind::Unspecified);
+        match kind {
+            RequestKind::Unspecified => {
+                violations.push(FieldViolation::new(
+                    "kind",
+                    format!("{} is not a request kind", r.kind),
+                ));
+                violations.extend(validate_identities(&r.identities));
+            }
+            // All of the controller's data, not a data subject's.
+            RequestKind::ContractEnd => {
+                if !r.identities.is_empty() {
+                    violations.push(FieldViolation::new(
+                        "identities",
+                        "a contract end names no data subject: send no identities",
+                    ));
+                }
+                match r.parameters.as_ref().and_then(|p| p.contract_end.as_ref()) {
+                    None => violations.push(FieldViolation::new(
+                        "parameters.contract_end",
+                        "required for CONTRACT_END",
+                    )),
+                    Some(c) => {
+                        violations.extend(terms_violations("parameters.contract_end", c, true))
+                    }
+                }
+            }
+            _ => violations.extend(validate_identities(&r.identities)),
         }
-        violations.extend(validate_identities(&r.identities));
         ApiError::ensure_valid(violations)?;
         let wanted: Vec<&str> = r
             .scope
             .as_ref()
+            .filter(|_| kind != RequestKind::ContractEnd)
             .map(|s| s.data_categories.iter().map(String::as_str).collect())
             .unwrap_or_default();
         let subprocessors: Vec<String> = self
@@ -189,6 +253,8 @@ impl ProcessorService for Api {
         req: Request<ListSubprocessorsRequest>,
     ) -> Result<Response<SubprocessorList>, Status> {
         self.controller(&req)?;
+        // The kinds partners submit; CONTRACT_END is left out until the chain view
+        // (`dsrctl chain`, which reads six kinds as "all kinds") knows it.
         let kinds: Vec<RequestKind> = (1..=6)
             .filter_map(|k| RequestKind::try_from(k).ok())
             .collect();
@@ -245,4 +311,51 @@ impl ProcessorService for Api {
             tasks: tasks.iter().map(|t| t.to_status()).collect(),
         }))
     }
+}
+
+/// What is wrong with contract end terms under `at`; a delivery (`delivered`) must carry both
+/// dates, an update may leave them out (they cannot change).
+fn terms_violations(at: &str, c: &ContractEnd, delivered: bool) -> Vec<FieldViolation> {
+    let mut out = Vec::new();
+    let choice = ContractEndChoice::try_from(c.choice).unwrap_or(ContractEndChoice::Unspecified);
+    if choice == ContractEndChoice::Unspecified {
+        out.push(FieldViolation::new(
+            format!("{at}.choice"),
+            "must be NONE, DELETE or RETURN_THEN_DELETE",
+        ));
+    }
+    let millis = |t: Option<&dsrelay_proto::prost_types::Timestamp>| {
+        t.map(dsrelay_proto::millis_from_timestamp)
+    };
+    let (effective, grace) = (
+        millis(c.effective_at.as_ref()),
+        millis(c.grace_ends_at.as_ref()),
+    );
+    if delivered && effective.is_none() {
+        out.push(FieldViolation::new(
+            format!("{at}.effective_at"),
+            "required",
+        ));
+    }
+    if delivered && grace.is_none() {
+        out.push(FieldViolation::new(
+            format!("{at}.grace_ends_at"),
+            "required",
+        ));
+    }
+    if let (Some(e), Some(g)) = (effective, grace) {
+        if g < e {
+            out.push(FieldViolation::new(
+                format!("{at}.grace_ends_at"),
+                "must not be before effective_at",
+            ));
+        }
+    }
+    if c.return_confirmed && choice != ContractEndChoice::ReturnThenDelete {
+        out.push(FieldViolation::new(
+            format!("{at}.return_confirmed"),
+            "only a RETURN_THEN_DELETE contract end has a return to confirm",
+        ));
+    }
+    out
 }

@@ -92,8 +92,6 @@ impl App {
             !config.identity_hash_key.is_empty(),
             "identity_hash_key: required"
         );
-        let db = Db::connect(&config.service.database_url).await?;
-        db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS).await?;
         let mut connectors = HashMap::new();
         for s in &config.subprocessors {
             let c = dsrelay_connectors::build(&s.connector)
@@ -101,6 +99,23 @@ impl App {
                 .with_context(|| format!("connecting subprocessor {}", s.name))?;
             connectors.insert(s.name.clone(), c);
         }
+        Self::with_connectors(config, connectors).await
+    }
+
+    /// [`App::build`] with the connectors given, one per subprocessor by name (tests bring
+    /// their own).
+    pub(crate) async fn with_connectors(
+        config: Config,
+        connectors: HashMap<String, Arc<dyn Connector>>,
+    ) -> Result<Self> {
+        let errors = config.scoping_errors(|name| {
+            connectors
+                .get(name)
+                .and_then(|c: &Arc<dyn Connector>| c.scoped_controllers())
+        });
+        anyhow::ensure!(errors.is_empty(), "configuration: {}", errors.join("; "));
+        let db = Db::connect(&config.service.database_url).await?;
+        db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS).await?;
         let client_tls = config
             .service
             .tls
@@ -146,6 +161,12 @@ impl App {
                 unavailable_until: Default::default(),
             }),
         })
+    }
+
+    /// The state handlers and workers share (tests drive the runner with it).
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
     }
 
     /// The processor's clock; clones share its offset, so tests move time with it.

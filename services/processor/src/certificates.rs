@@ -1,7 +1,8 @@
-//! Deletion certificates: what an ERASURE task removed at its subprocessor and what the
-//! request's tasks keep under a legal obligation, signed with the processor's Ed25519 key.
+//! Deletion certificates: what an ERASURE or CONTRACT_END task removed at its subprocessor
+//! and what the request's tasks keep under a legal obligation, signed with the processor's
+//! Ed25519 key.
 //!
-//! The store issues one in the transaction that moves an erasure task to COMPLETED or
+//! The store issues one in the transaction that moves such a task to COMPLETED or
 //! RETAINED (a RETAINED task that later erases the rest gets a follow-up naming the earlier
 //! certificate), keeps it, and sends it with that acknowledgement. The body's keys are
 //! documented in `proto/dsrelay/v1/certificate.proto`; it is signed as canonical JSON
@@ -24,7 +25,8 @@ pub struct CertificateBody {
     pub version: u32,
     /// Unique id of this certificate.
     pub certificate_id: String,
-    /// What kind of work it certifies: `erasure`.
+    /// What kind of work it certifies: `erasure`, or `contract_end` (all of the controller's
+    /// data at the subprocessor).
     pub kind: String,
     /// The processor's identity (the URI SAN of its TLS certificate).
     pub processor: String,
@@ -72,6 +74,7 @@ pub struct Issuer {
 /// What the store knows about the task when it issues a certificate.
 #[derive(Debug)]
 pub(crate) struct Facts<'a> {
+    pub(crate) kind: &'static str,
     pub(crate) controller: &'a str,
     pub(crate) request_id: &'a str,
     pub(crate) subprocessor: &'a str,
@@ -101,7 +104,7 @@ impl Issuer {
         let body = CertificateBody {
             version: VERSION,
             certificate_id: id.clone(),
-            kind: "erasure".into(),
+            kind: facts.kind.into(),
             processor: self.processor.clone(),
             controller: facts.controller.into(),
             request_id: facts.request_id.into(),
@@ -122,10 +125,20 @@ impl Issuer {
     }
 }
 
-/// Whether a task moving to `state` in a request of `kind` gets a certificate.
-pub(crate) fn certifies(kind: i64, state: TaskState) -> bool {
-    kind == i64::from(dsrelay_proto::v1::RequestKind::Erasure as i32)
-        && matches!(state, TaskState::Completed | TaskState::Retained)
+/// The certificate kind a task moving to `state` in a request of `kind` gets, if any.
+pub(crate) fn certifies(kind: i64, state: TaskState) -> Option<&'static str> {
+    use dsrelay_proto::v1::RequestKind;
+    if !matches!(state, TaskState::Completed | TaskState::Retained) {
+        return None;
+    }
+    match i32::try_from(kind)
+        .ok()
+        .and_then(|k| RequestKind::try_from(k).ok())
+    {
+        Some(RequestKind::Erasure) => Some("erasure"),
+        Some(RequestKind::ContractEnd) => Some("contract_end"),
+        _ => None,
+    }
 }
 
 /// Milliseconds since the epoch as RFC 3339 UTC with milliseconds.
@@ -170,6 +183,7 @@ mod tests {
         }];
         let (id, doc) = issuer
             .issue(Facts {
+                kind: "erasure",
                 controller: "acme",
                 request_id: "r-1",
                 subprocessor: "accounting",
@@ -210,7 +224,12 @@ mod tests {
             bad.signature[i] = bad.signature[i].wrapping_add(1);
             assert!(public.verify(&bad).is_err(), "signature byte {i}");
         }
-        assert!(certifies(1, TaskState::Completed) && certifies(1, TaskState::Retained));
-        assert!(!certifies(1, TaskState::NotFound) && !certifies(2, TaskState::Completed));
+        assert_eq!(certifies(1, TaskState::Completed), Some("erasure"));
+        assert_eq!(certifies(1, TaskState::Retained), Some("erasure"));
+        assert_eq!(certifies(7, TaskState::Completed), Some("contract_end"));
+        assert_eq!(certifies(7, TaskState::Retained), Some("contract_end"));
+        assert_eq!(certifies(7, TaskState::Failed), None);
+        assert_eq!(certifies(1, TaskState::NotFound), None);
+        assert_eq!(certifies(2, TaskState::Completed), None);
     }
 }

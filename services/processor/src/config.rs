@@ -37,12 +37,17 @@ pub struct Config {
     /// How acknowledgements are sent back and retried.
     #[serde(default)]
     pub acks: AckConfig,
-    /// How RETURN_OF_DATA exports are uploaded to the registry and retried.
+    /// How exports are delivered (RETURN_OF_DATA and contract end returns to the registry,
+    /// TRANSFER to its recipient) and retried.
     #[serde(default)]
     pub uploads: UploadConfig,
-    /// The processor's data folder: exports of RETURN_OF_DATA and TRANSFER tasks are written
-    /// as files under `exports/` here, one folder per task. A relative path is taken from
-    /// the working directory, like the default SQLite database beside it.
+    /// How contract ends report their progress.
+    #[serde(default)]
+    pub contracts: ContractsConfig,
+    /// The processor's data folder: exports of RETURN_OF_DATA, TRANSFER and returning
+    /// CONTRACT_END tasks are written as files under `exports/` here, one folder per task. A
+    /// relative path is taken from the working directory, like the default SQLite database
+    /// beside it.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
     /// The Ed25519 private key (PKCS#8 PEM file) that signs the deletion certificate of
@@ -253,6 +258,23 @@ impl Default for UploadConfig {
     }
 }
 
+/// Contract end settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContractsConfig {
+    /// While a connector works through a controller's data, how often (ms) the processor
+    /// reads its progress and, when it moved, acknowledges it to the registry. Default 1000.
+    pub progress_interval_ms: u64,
+}
+
+impl Default for ContractsConfig {
+    fn default() -> Self {
+        Self {
+            progress_interval_ms: 1000,
+        }
+    }
+}
+
 /// Where the processor listens and stores unless configured otherwise.
 pub const DEFAULTS: Defaults = Defaults {
     listen: "127.0.0.1:50061",
@@ -378,6 +400,9 @@ impl Config {
         if self.tasks.concurrency == 0 || self.tasks.batch_size == 0 || self.acks.batch_size == 0 {
             errors.push("tasks and acks: concurrency and batch sizes must be at least 1".into());
         }
+        if self.contracts.progress_interval_ms == 0 {
+            errors.push("contracts.progress_interval_ms must be at least 1".into());
+        }
         if self.acks.max_rejections == 0 {
             errors.push("acks.max_rejections must be at least 1".into());
         }
@@ -386,6 +411,50 @@ impl Config {
         } else {
             Err(ConfigErrors(errors))
         }
+    }
+}
+
+impl Config {
+    /// Whose data each subprocessor's connector can tell apart, checked against the
+    /// controllers served; `scoped` answers [`dsrelay_connectors::Connector::scoped_controllers`]
+    /// by subprocessor. Serving more than one controller, every connector must scope every
+    /// one of them, or one controller's erasure or contract end could touch another's data;
+    /// a connector may never scope a controller this processor does not serve.
+    pub fn scoping_errors(&self, scoped: impl Fn(&str) -> Option<Vec<String>>) -> Vec<String> {
+        let served: BTreeSet<&str> = self.controllers.iter().map(|c| c.name.as_str()).collect();
+        let mut errors = Vec::new();
+        for (i, s) in self.subprocessors.iter().enumerate() {
+            let names = scoped(&s.name);
+            for name in names.iter().flatten() {
+                if !served.contains(name.as_str()) {
+                    errors.push(format!(
+                        "subprocessors[{i}].connector: subprocessor {} scopes controller {name}, \
+                         which this processor does not serve",
+                        s.name
+                    ));
+                }
+            }
+            if served.len() < 2 {
+                continue;
+            }
+            for c in &served {
+                match &names {
+                    None => errors.push(format!(
+                        "subprocessors[{i}].connector: subprocessor {} does not scope its data \
+                         per controller, but this processor serves several; configure which \
+                         data belongs to controller {c}",
+                        s.name
+                    )),
+                    Some(n) if !n.iter().any(|x| x == c) => errors.push(format!(
+                        "subprocessors[{i}].connector: subprocessor {} does not scope \
+                         controller {c}; configure which of its data belongs to it",
+                        s.name
+                    )),
+                    Some(_) => {}
+                }
+            }
+        }
+        errors
     }
 }
 
@@ -495,6 +564,44 @@ mod tests {
         for key in ["admin_listen", "tasks and acks", "tls.ca"] {
             assert!(err.0.iter().any(|e| e.starts_with(key)), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn several_controllers_need_every_connector_to_scope_each_of_them() {
+        let (_dir, file) = folder(
+            "[[controllers]]\nname = \"acme\"\nidentity = \"spiffe://a\"\n\
+             registry_endpoint = \"https://a:1\"\n\
+             [[subprocessors]]\nname = \"mail\"\ncategories = [\"marketing\"]\n\
+             connector = { type = \"noop\" }\n\
+             [[subprocessors]]\nname = \"crm\"\ncategories = [\"contact\"]\n\
+             connector = { type = \"noop\" }\n",
+        );
+        let mut c = Config::load_from(Some(&file), env(&[])).unwrap();
+        assert_eq!(c.contracts.progress_interval_ms, 1000);
+        // One controller: unscoped connectors keep today's behaviour.
+        assert!(c.scoping_errors(|_| None).is_empty());
+        let other = |n: &str| (n == "crm").then(|| vec!["globex".to_string()]);
+        let errors = c.scoping_errors(other);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].contains("crm") && errors[0].contains("globex"),
+            "{errors:?}"
+        );
+        let mut second = c.controllers[0].clone();
+        second.name = "globex".into();
+        second.identity = "spiffe://g".into();
+        c.controllers.push(second);
+        let errors = c.scoping_errors(other);
+        // mail scopes nobody (both named); crm misses acme.
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(errors
+            .iter()
+            .any(|e| e.contains("subprocessor mail") && e.contains("controller acme")));
+        assert!(errors
+            .iter()
+            .any(|e| e.contains("subprocessor crm") && e.contains("controller acme")));
+        let both = |_: &str| Some(vec!["acme".to_string(), "globex".to_string()]);
+        assert!(c.scoping_errors(both).is_empty());
     }
 
     #[test]

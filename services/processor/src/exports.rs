@@ -1,4 +1,5 @@
-//! Where the export of a RETURN_OF_DATA or TRANSFER task is written: a folder of its own
+//! Where the export of a RETURN_OF_DATA or TRANSFER task, or of a returning CONTRACT_END task,
+//! is written: a folder of its own
 //! under the configured `data_dir`, `exports/<controller>/<request_id>/<subprocessor>/`. The
 //! connector writes the files there ([`ExportSink`]); the store keeps only their list (name,
 //! media type, data categories, size, SHA-256) with the task, never their content.
@@ -10,7 +11,8 @@ use dsrelay_proto::v1::RequestKind;
 
 use crate::store::TaskKey;
 
-/// Whether tasks of `kind` write an export.
+/// Whether every task of `kind` writes an export (a CONTRACT_END task writes one only when
+/// its terms return the data first; the runner decides that itself).
 pub fn exports(kind: RequestKind) -> bool {
     matches!(kind, RequestKind::ReturnOfData | RequestKind::Transfer)
 }

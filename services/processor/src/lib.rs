@@ -8,27 +8,32 @@
 //!   folder.
 //! - [`app`]: [`App::build`] (store, connectors, registry clients) and [`App::run`], which
 //!   hands the services, metrics and workers to the runtime's host.
-//! - [`api`]: Deliver, Cancel, GetStatus and ListSubprocessors, for controllers; the
-//!   processor's error type, which both APIs use.
+//! - [`api`]: Deliver, Cancel, GetStatus, ListSubprocessors and UpdateContractEnd, for
+//!   controllers; the processor's error type, which both APIs use.
 //! - [`metrics`]: Prometheus metrics on the admin port (`admin_listen`).
-//! - [`operator_api`]: operators list, confirm and refuse manual tasks.
-//! - [`store`]: requests (with a transfer's recipient), tasks (with a transfer's receipt), the
-//!   acknowledgement outbox and the upload outbox.
+//! - [`operator_api`]: operators list, confirm and refuse manual tasks, requeue dead-lettered
+//!   acknowledgements and list contract ends.
+//! - [`store`]: requests (with a transfer's recipient, a contract end's terms), tasks (with a
+//!   transfer's receipt, a contract end's progress), the acknowledgement outbox and the
+//!   upload outbox.
 //! - [`task_machine`]: every rule of a task's life, as one pure function.
 //! - [`runner`]: claims runnable tasks and takes each one step by running its
-//!   subprocessor's connector (`dsrelay-connectors`), as the task machine decides.
+//!   subprocessor's connector (`dsrelay-connectors`), as the task machine decides; a
+//!   contract end's step is the connector's bulk step, its progress acknowledged as it goes.
 //! - [`exports`]: the folder under `data_dir` each export task writes its files to.
 //! - [`breaker`]: marks a holder that failed transiently, so its other tasks wait without
 //!   calling it.
 //! - [`ack_sender`]: sends queued acknowledgements to the registries.
 //! - [`text`]: fits reasons, notes and legal bases to the protocol's limits.
-//! - [`certificates`]: deletion certificates of erasure steps, signed with the processor's
-//!   key (`signing_key`).
+//! - [`certificates`]: deletion certificates of erasure and contract end steps, signed with
+//!   the processor's key (`signing_key`).
 //! - `forget`: removes finished requests' raw identities, bodies, notes and export files
 //!   after `forget_after_days`, keeping keyed hashes of the identities.
-//! - [`uploader`]: delivers written exports in chunks, RETURN_OF_DATA to the registries and
-//!   TRANSFER to their recipients (checking the recipient's identity and receipt), resuming
-//!   where the destination stands, and completes their tasks.
+//! - `contract_tests` (tests only): a contract end through the real store and runner.
+//! - [`uploader`]: delivers written exports in chunks, RETURN_OF_DATA and a contract end's
+//!   return to the registries and TRANSFER to their recipients (checking the recipient's
+//!   identity and receipt), resuming where the destination stands, and moves their tasks on
+//!   (a contract end's to waiting for the controller's confirmation).
 
 mod ack_sender;
 mod api;
@@ -36,6 +41,8 @@ mod app;
 mod breaker;
 pub mod certificates;
 pub mod config;
+#[cfg(test)]
+mod contract_tests;
 pub mod exports;
 mod forget;
 mod metrics;

@@ -8,8 +8,8 @@ use dsrelay_proto::v1::processor_operator_service_server::ProcessorOperatorServi
 use dsrelay_proto::v1::{
     CompleteManualTaskRequest, ContractEndList, DeadLetter, DeadLetterList, Evidence,
     ListContractEndsRequest, ListDeadLettersRequest, ListManualTasksRequest, ManualTask,
-    ManualTaskList, RefuseManualTaskRequest, RequeueDeadLetterRequest, RequeueDeadLetterResponse,
-    TaskRef, TaskState,
+    ManualTaskList, ProcessorContractEnd, RefuseManualTaskRequest, RequeueDeadLetterRequest,
+    RequeueDeadLetterResponse, TaskRef, TaskState,
 };
 use dsrelay_runtime::grpc::Authorizer;
 use dsrelay_runtime::identity::{text_violation, FieldViolation};
@@ -160,9 +160,26 @@ impl ProcessorOperatorService for OperatorApi {
         req: Request<ListContractEndsRequest>,
     ) -> Result<Response<ContractEndList>, Status> {
         self.operator(&req)?;
-        Err(Status::unimplemented(
-            "this processor does not run contract ends yet",
-        ))
+        let r = req.into_inner();
+        ApiError::ensure_valid(text_violation("controller", &r.controller, 256, false))?;
+        let rows = self
+            .shared
+            .store
+            .contract_ends(&r.controller)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(ContractEndList {
+            contract_ends: rows
+                .into_iter()
+                .map(|c| ProcessorContractEnd {
+                    contract_end: Some(crate::store::terms_to_proto(&c.terms)),
+                    tasks: c.tasks.iter().map(|t| t.to_status()).collect(),
+                    received_at: Some(timestamp_from_millis(c.received_at)),
+                    controller: c.controller,
+                    request_id: c.request_id,
+                })
+                .collect(),
+        }))
     }
 
     async fn list_manual_tasks(

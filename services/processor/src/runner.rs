@@ -5,11 +5,18 @@
 //! failed transiently is marked unreachable ([`crate::breaker`]) and its other tasks wait
 //! without calling it. An export task's connector writes into the task's folder under the
 //! data folder ([`crate::exports`]), emptied before each call.
+//!
+//! A CONTRACT_END task runs its connector's bulk step ([`Connector::run_bulk`]) over all of
+//! the controller's data instead; while it runs, the runner reads the connector's progress
+//! every `contracts.progress_interval_ms` and acknowledges it when it moved.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dsrelay_connectors::{Connector, ConnectorError, Outcome, Phase, Task};
+use dsrelay_connectors::{
+    BulkJob, BulkOp, BulkProgress, Connector, ConnectorError, Outcome, Phase, ProgressReporter,
+    Task,
+};
 use dsrelay_proto::v1::{DeliverRequest, RequestKind};
 use dsrelay_runtime::trace_context;
 use dsrelay_runtime::worker::{run_pool, PoolSettings};
@@ -19,7 +26,7 @@ use tracing::Instrument;
 use crate::app::Shared;
 use crate::exports;
 use crate::store::TaskJob;
-use crate::task_machine::{decide, retry_at, Context, Decision, Event, Holder};
+use crate::task_machine::{decide, phase_of, retry_at, Context, Decision, Event, Holder};
 
 /// Runs until `stop` turns true.
 pub(crate) async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
@@ -80,7 +87,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
 }
 
 /// One step of a claimed task: claim → phase → connector → next state.
-async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
+pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
     let key = &job.task.key;
     let current = job.task.current();
     let mut seq = job.task.sequence;
@@ -88,6 +95,9 @@ async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
     let kind = request.map_or(RequestKind::Unspecified, |r| {
         RequestKind::try_from(r.kind).unwrap_or(RequestKind::Unspecified)
     });
+    if kind == RequestKind::ContractEnd {
+        return run_contract_task(shared, job).await;
+    }
     let connector = shared
         .connectors
         .get(&key.subprocessor)
@@ -167,6 +177,186 @@ async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
         );
     }
     record(shared, &job, seq, decision).await
+}
+
+/// One step of a claimed contract end task: claim → bulk step (with progress) → next state.
+async fn run_contract_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
+    let key = &job.task.key;
+    let current = job.task.current();
+    let mut seq = job.task.sequence;
+    let connector = shared
+        .connectors
+        .get(&key.subprocessor)
+        .filter(|_| job.request.is_some());
+    let holder = connector.map(|c| Holder {
+        connector: c.kind_name(),
+        supports: c.supports(RequestKind::ContractEnd),
+    });
+    let terms = shared
+        .store
+        .contract_terms(&key.controller, &key.request_id)
+        .await?;
+    let event = Event::ContractClaimed { holder, terms };
+    let (start, op, mut phase) = match decide(&current, event, &context(shared, &job, 0)) {
+        Decision::RunBulk { start, op, phase } => (start, op, phase),
+        other => return record(shared, &job, seq, other).await,
+    };
+    let Some(connector) = connector else {
+        return Ok(());
+    };
+    if let Some(start) = start {
+        match record_move(shared, &job, seq, &start).await? {
+            Some(s) => seq = s,
+            None => return Ok(()),
+        }
+    }
+    let cfg = &shared.config.tasks;
+    let now = shared.clock.now_ms();
+    if let Some(until) = shared.unavailable_until.admit(
+        &key.subprocessor,
+        now,
+        cfg.lease_ms as i64,
+        cfg.poll_interval_ms as i64,
+    ) {
+        let event = Event::HolderDown { phase, until };
+        match decide(&current, event, &context(shared, &job, 0)) {
+            Decision::Run { phase: p, .. } => phase = p,
+            other => return record(shared, &job, seq, other).await,
+        }
+    }
+    let (result, progress) =
+        call_bulk(shared, connector.as_ref(), &job, op, &phase, &mut seq).await;
+    let attempt = u32::try_from(job.task.attempts).unwrap_or(u32::MAX);
+    let backoff = cfg.backoff.delay(attempt).as_millis() as i64;
+    let ctx = context(shared, &job, backoff);
+    match &result {
+        Err(e) if e.is_transient() => shared
+            .unavailable_until
+            .unreachable(&key.subprocessor, retry_at(&ctx, e)),
+        _ => shared.unavailable_until.answered(&key.subprocessor),
+    }
+    let event = Event::BulkRan {
+        op,
+        phase,
+        result,
+        progress,
+    };
+    let decision = decide(&current, event, &ctx);
+    if let Decision::Later {
+        at,
+        error: Some(error),
+    } = &decision
+    {
+        tracing::warn!(
+            %error,
+            attempts = job.task.attempts,
+            retry_in_ms = at - ctx.now,
+            "connector failed a contract end step; will retry"
+        );
+    }
+    record(shared, &job, seq, decision).await
+}
+
+/// Runs the connector's bulk step `op`, renewing the task's lease and acknowledging the
+/// connector's progress at most every `contracts.progress_interval_ms` when it moved;
+/// `seq` follows the acknowledgements. Answers the outcome and the last progress reported.
+async fn call_bulk(
+    shared: &Shared,
+    connector: &dyn Connector,
+    job: &TaskJob,
+    op: BulkOp,
+    phase: &Phase,
+    seq: &mut i64,
+) -> (Result<Outcome, ConnectorError>, BulkProgress) {
+    let key = &job.task.key;
+    let export = if op == BulkOp::Export {
+        let held = shared
+            .config
+            .subprocessors
+            .iter()
+            .find(|s| s.name == key.subprocessor)
+            .map_or(&[][..], |s| &s.categories[..]);
+        // All of the controller's data: every category the subprocessor holds.
+        let sink = exports::sink(&shared.config.data_dir, key, held, &[]);
+        if let Err(e) = sink.reset().await {
+            let error = ConnectorError::Permanent(format!(
+                "preparing the export folder {}: {e}",
+                sink.dir().display()
+            ));
+            return (Err(error), BulkProgress::default());
+        }
+        Some(sink)
+    } else {
+        None
+    };
+    let (reporter, _seen) = ProgressReporter::new();
+    let bulk = BulkJob {
+        job_id: format!("{}/{}/{}", key.controller, key.request_id, key.subprocessor),
+        request_id: key.request_id.clone(),
+        controller: key.controller.clone(),
+        op,
+        phase: phase.clone(),
+        due_at_ms: job.due_at,
+        now_ms: shared.clock.now_ms(),
+        export,
+        progress: reporter.clone(),
+    };
+    let lease_ms = shared.config.tasks.lease_ms as i64;
+    let every = Duration::from_millis(shared.config.contracts.progress_interval_ms);
+    let renew_every = Duration::from_millis((lease_ms / 3).max(1) as u64);
+    let mut tick = tokio::time::interval(every.min(renew_every));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut reported, mut reported_at, mut renewed_at) =
+        (BulkProgress::default(), Instant::now(), Instant::now());
+    let started = Instant::now();
+    let span = tracing::info_span!(
+        "connector",
+        subprocessor = %key.subprocessor,
+        connector = connector.kind_name(),
+        op = ?op,
+        phase = ?phase,
+    );
+    let run = connector.run_bulk(&bulk).instrument(span);
+    tokio::pin!(run);
+    let result = loop {
+        tokio::select! {
+            r = &mut run => break r,
+            _ = tick.tick() => {}
+        }
+        let latest = reporter.latest();
+        if latest != reported && reported_at.elapsed() >= every {
+            let now = shared.clock.now_ms();
+            match shared
+                .store
+                .record_progress(key, *seq, phase_of(op), latest, now)
+                .await
+            {
+                Ok(Some(s)) => {
+                    *seq = s;
+                    reported = latest;
+                    reported_at = Instant::now();
+                    shared.ack_wakeup.notify_one();
+                }
+                // The task changed meanwhile (cancelled): the step's end will find out.
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = format!("{e:#}"), "recording progress failed"),
+            }
+        }
+        if renewed_at.elapsed() >= renew_every {
+            renewed_at = Instant::now();
+            let until = shared.clock.now_ms() + lease_ms;
+            if let Err(e) = shared.store.extend_lease(key, *seq, until).await {
+                tracing::warn!(error = format!("{e:#}"), "renewing a task lease failed");
+            }
+        }
+    };
+    let m = &shared.metrics;
+    m.connector_duration
+        .observe(&[&key.subprocessor], started.elapsed().as_secs_f64());
+    if let Err(e) = &result {
+        m.connector_error(&key.subprocessor, e.is_transient());
+    }
+    (result, reporter.latest())
 }
 
 /// What the state machine needs of the runner's settings and the clock; `backoff_ms` is the
@@ -280,7 +470,10 @@ async fn record(
                 .postpone(key, seq, at, error.as_deref())
                 .await?;
         }
-        Decision::Run { .. } | Decision::Ignore | Decision::Reject(_) => {}
+        Decision::Run { .. }
+        | Decision::RunBulk { .. }
+        | Decision::Ignore
+        | Decision::Reject(_) => {}
     }
     Ok(())
 }

@@ -36,11 +36,34 @@
 //! - cancelled while PENDING, IN_PROGRESS or WAITING_FOR_OPERATOR → CANCELLED; later states
 //!   stay as they are
 //! - an operator completes (or finds nothing) or refuses only a task WAITING_FOR_OPERATOR
+//!
+//! # Contract ends (one task per subprocessor over all of a controller's data)
+//! - claimed PENDING (phase SCHEDULED) before its start ([`Terms::starts_at`]: the effective
+//!   date, or the end of the grace period while no choice is made) → waits until then
+//! - claimed PENDING at its start → IN_PROGRESS (kept reserved) and a bulk step: an export
+//!   (phase RETURNING) for RETURN_THEN_DELETE not yet confirmed, else an erasure (DELETING)
+//! - the export written → stays IN_PROGRESS (RETURNING) and queues its upload to the registry
+//!   as the task's part of the package; the registry holds the part → IN_PROGRESS
+//!   AWAITING_CONFIRMATION, never COMPLETED: the data is still there
+//! - AWAITING_CONFIRMATION sleeps until the controller confirms receipt; then → DELETING
+//! - the erasure done → COMPLETED (DONE); kept under an obligation → RETAINED (DONE), erased
+//!   by the processor itself at its date like a single erasure
+//! - refused by the holder, or a permanent error → FAILED with why: the data is not gone;
+//!   transient errors → retried until the due date (the latest moment the data may exist)
+//! - new terms ([`Event::TermsChanged`]): a SCHEDULED task is rescheduled to the new start
+//!   (at once when it has passed); a confirmed return releases AWAITING_CONFIRMATION
+//! - cancelled: tasks not yet deleting are CANCELLED; once deleting, the erasure reports what
+//!   it did (never "cancelled" over work that was done)
+//! - an operator completing a manual RETURNING step moves it to AWAITING_CONFIRMATION
 
 use std::fmt;
 
-use dsrelay_connectors::{kind_label, ConnectorError, ErasedCount, ExportedFile, Outcome, Phase};
-use dsrelay_proto::v1::{RequestKind, TaskState, TransferReceipt};
+use dsrelay_connectors::{
+    kind_label, BulkOp, BulkProgress, ConnectorError, ErasedCount, ExportedFile, Outcome, Phase,
+};
+use dsrelay_proto::v1::{
+    ContractEndChoice, ContractPhase, ContractProgress, RequestKind, TaskState, TransferReceipt,
+};
 
 /// Never: for tasks only an operator moves on.
 pub(crate) const NEVER: i64 = i64::MAX;
@@ -58,6 +81,99 @@ pub struct Current<'a> {
     pub records_affected: i64,
     /// Attempts so far, this one included: the reason of a task given up says how many.
     pub attempts: i64,
+    /// A contract end task's phase; UNSPECIFIED for every other kind.
+    pub phase: ContractPhase,
+}
+
+/// The terms of a contract end as the processor holds them (times in ms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Terms {
+    /// The controller's choice (never UNSPECIFIED once stored).
+    pub choice: ContractEndChoice,
+    /// When the contract ends.
+    pub effective_at: i64,
+    /// When the data goes if no choice is made.
+    pub grace_ends_at: i64,
+    /// RETURN_THEN_DELETE: the controller confirmed receipt of the package.
+    pub return_confirmed: bool,
+}
+
+impl Terms {
+    /// When the first step runs: nothing happens before the effective date, and without a
+    /// choice nothing happens before the grace period ends.
+    pub fn starts_at(&self) -> i64 {
+        if self.choice == ContractEndChoice::None {
+            self.grace_ends_at
+        } else {
+            self.effective_at
+        }
+    }
+
+    /// The first bulk step: the data goes back first unless the return is already confirmed.
+    pub fn first_op(&self) -> BulkOp {
+        if self.choice == ContractEndChoice::ReturnThenDelete && !self.return_confirmed {
+            BulkOp::Export
+        } else {
+            BulkOp::Erase
+        }
+    }
+}
+
+/// A contract end task's progress as a step records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContractStep {
+    /// The new phase.
+    pub phase: ContractPhase,
+    /// The counts; `None` keeps the recorded ones.
+    pub progress: Option<BulkProgress>,
+    /// SCHEDULED: when it starts; `None` keeps the recorded time.
+    pub scheduled_at: Option<i64>,
+}
+
+impl ContractStep {
+    /// `phase` with `progress`.
+    fn at(phase: ContractPhase, progress: BulkProgress) -> Self {
+        Self {
+            phase,
+            progress: Some(progress),
+            scheduled_at: None,
+        }
+    }
+
+    /// `phase`, keeping the recorded counts.
+    fn keep(phase: ContractPhase) -> Self {
+        Self {
+            phase,
+            progress: None,
+            scheduled_at: None,
+        }
+    }
+}
+
+/// The phase a bulk step runs in.
+pub(crate) fn phase_of(op: BulkOp) -> ContractPhase {
+    match op {
+        BulkOp::Export => ContractPhase::Returning,
+        BulkOp::Erase => ContractPhase::Deleting,
+    }
+}
+
+/// The wire form of a task's recorded progress; `scheduled_at` only while it is SCHEDULED.
+pub(crate) fn progress_proto(
+    phase: ContractPhase,
+    p: BulkProgress,
+    scheduled_at: Option<i64>,
+) -> ContractProgress {
+    ContractProgress {
+        phase: phase as i32,
+        subjects_done: p.subjects_done,
+        subjects_total: p.subjects_total,
+        records_done: p.records_done,
+        records_total: p.records_total,
+        scheduled_at: scheduled_at
+            .filter(|_| phase == ContractPhase::Scheduled)
+            .map(dsrelay_proto::timestamp_from_millis),
+    }
 }
 
 /// What the decision may depend on besides the task.
@@ -117,6 +233,32 @@ pub(crate) enum Event<'a> {
         phase: Phase,
         /// The end of the mark (ms).
         until: i64,
+    },
+    /// A runner claimed a contract end task. `terms` is `None` when they are missing.
+    ContractClaimed {
+        /// The connector it would run through.
+        holder: Option<Holder>,
+        /// The contract end's terms.
+        terms: Option<Terms>,
+    },
+    /// The connector took bulk step `op` in `phase` and ended in `result`, having reported
+    /// `progress` last.
+    BulkRan {
+        /// Export or erase.
+        op: BulkOp,
+        /// The step it took.
+        phase: Phase,
+        /// What it ended in.
+        result: Result<Outcome, ConnectorError>,
+        /// The connector's last report.
+        progress: BulkProgress,
+    },
+    /// The controller changed a contract end's terms (UpdateContractEnd).
+    TermsChanged {
+        /// The terms now.
+        terms: &'a Terms,
+        /// When the task is scheduled to start, as recorded.
+        scheduled_at: Option<i64>,
     },
     /// The connector took `phase` and ended in `result`.
     Ran {
@@ -241,6 +383,8 @@ pub struct Transition {
     /// The recipient's receipt, recorded with the task and carried by the acknowledgement;
     /// `None` keeps what is recorded.
     pub transfer_receipt: Option<TransferReceipt>,
+    /// A contract end task's phase and progress; `None` keeps what is recorded.
+    pub contract: Option<ContractStep>,
 }
 
 /// What to do about an event.
@@ -248,6 +392,16 @@ pub struct Transition {
 pub(crate) enum Decision {
     /// Record the transition and acknowledge it.
     Move(Transition),
+    /// Record `start` first when there is one (and acknowledge it), then call the holder's
+    /// bulk step `op` in `phase` (contract ends).
+    RunBulk {
+        /// The transition before the call.
+        start: Option<Transition>,
+        /// Export or erase.
+        op: BulkOp,
+        /// The step to take.
+        phase: Phase,
+    },
     /// Record `start` first when there is one (and acknowledge it), then call the holder to
     /// take `phase`.
     Run {
@@ -280,6 +434,17 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
             holder,
             recipient,
         } => claimed(task, kind, holder, recipient, ctx),
+        Event::ContractClaimed { holder, terms } => contract_claimed(task, holder, terms, ctx),
+        Event::BulkRan {
+            op,
+            phase,
+            result,
+            progress,
+        } => bulk_ran(task, op, phase, result, progress, ctx),
+        Event::TermsChanged {
+            terms,
+            scheduled_at,
+        } => terms_changed(task, terms, scheduled_at, ctx),
         Event::HolderDown { phase, until } => {
             if !may_retry(&phase, ctx) {
                 return Decision::Run { start: None, phase };
@@ -302,6 +467,12 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
             phase,
             result,
         } => ran(task, kind, phase, result, ctx),
+        // Once a contract end is deleting, the erasure reports what it did.
+        Event::Cancel { .. }
+            if matches!(task.phase, ContractPhase::Deleting | ContractPhase::Done) =>
+        {
+            Decision::Ignore
+        }
         Event::Cancel { reason } => match task.state {
             Pending | InProgress | WaitingForOperator => Decision::Move(Transition {
                 state: Cancelled,
@@ -318,6 +489,38 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
                 task.state.as_str_name().trim_start_matches("TASK_STATE_")
             ))
         }
+        Event::OperatorComplete {
+            records_affected,
+            note,
+            by,
+            ..
+        } if task.phase == ContractPhase::Returning => Decision::Move(Transition {
+            state: InProgress,
+            records_affected,
+            confirmed: true,
+            note: format!(
+                "{note} (returned by {by}); waiting for the controller's confirmation of \
+                 receipt before deleting"
+            ),
+            // As after an upload: a confirmation that came meanwhile releases it.
+            next_attempt_at: Some(ctx.now),
+            contract: Some(ContractStep::keep(ContractPhase::AwaitingConfirmation)),
+            ..Default::default()
+        }),
+        // A contract end's erasure that found nothing has still left nothing behind.
+        Event::OperatorComplete {
+            records_affected,
+            note,
+            by,
+            ..
+        } if task.phase == ContractPhase::Deleting => Decision::Move(Transition {
+            state: Completed,
+            records_affected,
+            confirmed: true,
+            note: format!("{note} (confirmed by {by})"),
+            contract: Some(ContractStep::keep(ContractPhase::Done)),
+            ..Default::default()
+        }),
         Event::OperatorComplete {
             not_found,
             records_affected,
@@ -340,6 +543,27 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
             if task.state != InProgress =>
         {
             Decision::Ignore
+        }
+        // A contract end's returned data is still at the holder: it waits for the controller.
+        Event::Delivered { files, bytes, .. } if task.phase == ContractPhase::Returning => {
+            let note = format!(
+                "the controller's data was returned: stored at the registry as this \
+                 subprocessor's part of the package ({files} file(s), {}); waiting for the \
+                 controller's confirmation of receipt before deleting",
+                size_label(bytes)
+            );
+            Decision::Move(Transition {
+                state: InProgress,
+                records_affected: task.records_affected,
+                confirmed: true,
+                reason: note.clone(),
+                note,
+                // Looked at once more: a confirmation that came while the part was on its
+                // way releases it; otherwise the claim puts it to sleep.
+                next_attempt_at: Some(ctx.now),
+                contract: Some(ContractStep::keep(ContractPhase::AwaitingConfirmation)),
+                ..Default::default()
+            })
         }
         Event::Delivered {
             to,
@@ -678,6 +902,331 @@ fn ran(
     })
 }
 
+fn contract_claimed(
+    task: &Current<'_>,
+    holder: Option<Holder>,
+    terms: Option<Terms>,
+    ctx: &Context,
+) -> Decision {
+    let (Some(holder), Some(terms)) = (holder, terms) else {
+        return Decision::Move(failed(format!(
+            "subprocessor {} is no longer configured, or the contract end's terms are missing",
+            task.subprocessor
+        )));
+    };
+    if !holder.supports {
+        return Decision::Move(Transition {
+            state: TaskState::Refused,
+            reason: format!(
+                "subprocessor {} ({} connector) does not support {}",
+                task.subprocessor,
+                holder.connector,
+                kind_label(RequestKind::ContractEnd)
+            ),
+            ..Default::default()
+        });
+    }
+    let again = |op| Decision::RunBulk {
+        start: None,
+        op,
+        phase: match task.handle {
+            Some(h) => Phase::Confirm {
+                handle: h.to_string(),
+            },
+            None => Phase::Start,
+        },
+    };
+    match (task.state, task.phase) {
+        (TaskState::Pending, _) if ctx.now < terms.starts_at() => Decision::Later {
+            at: terms.starts_at(),
+            error: None,
+        },
+        (TaskState::Pending, _) => {
+            let op = terms.first_op();
+            Decision::RunBulk {
+                start: Some(Transition {
+                    state: TaskState::InProgress,
+                    hold_until: Some(ctx.now + ctx.lease_ms),
+                    note: match op {
+                        BulkOp::Export => "returning the controller's data".into(),
+                        BulkOp::Erase => "deleting the controller's data".into(),
+                    },
+                    contract: Some(ContractStep::at(phase_of(op), BulkProgress::default())),
+                    ..Default::default()
+                }),
+                op,
+                phase: Phase::Start,
+            }
+        }
+        (TaskState::InProgress, ContractPhase::Returning) => again(BulkOp::Export),
+        (TaskState::InProgress, ContractPhase::Deleting) => again(BulkOp::Erase),
+        (TaskState::InProgress, ContractPhase::AwaitingConfirmation) if terms.return_confirmed => {
+            Decision::RunBulk {
+                start: Some(Transition {
+                    state: TaskState::InProgress,
+                    records_affected: task.records_affected,
+                    confirmed: true,
+                    note: "the controller confirmed receipt of the returned data; deleting it"
+                        .into(),
+                    hold_until: Some(ctx.now + ctx.lease_ms),
+                    contract: Some(ContractStep::at(
+                        ContractPhase::Deleting,
+                        BulkProgress::default(),
+                    )),
+                    ..Default::default()
+                }),
+                op: BulkOp::Erase,
+                phase: Phase::Start,
+            }
+        }
+        (TaskState::InProgress, ContractPhase::AwaitingConfirmation) => Decision::Later {
+            at: NEVER,
+            error: None,
+        },
+        (TaskState::Retained, _) => Decision::RunBulk {
+            start: None,
+            op: BulkOp::Erase,
+            phase: Phase::RetentionExpired,
+        },
+        _ => Decision::Ignore,
+    }
+}
+
+fn bulk_ran(
+    task: &Current<'_>,
+    op: BulkOp,
+    phase: Phase,
+    result: Result<Outcome, ConnectorError>,
+    progress: BulkProgress,
+    ctx: &Context,
+) -> Decision {
+    let earlier = if phase == Phase::RetentionExpired {
+        task.records_affected
+    } else {
+        0
+    };
+    let step = ContractStep::at(phase_of(op), progress);
+    let outcome = match result {
+        Ok(outcome) => outcome,
+        Err(e) if e.is_transient() && may_retry(&phase, ctx) => {
+            return Decision::Later {
+                at: retry_at(ctx, &e),
+                error: Some(e.to_string()),
+            }
+        }
+        Err(e) if e.is_transient() => {
+            return Decision::Move(failed(format!(
+                "gave up at the due date after {} attempt(s): {e}",
+                task.attempts
+            )))
+        }
+        Err(e) => return Decision::Move(failed(e.to_string())),
+    };
+    let exported = |records_affected: i64, note: String, files: Vec<ExportedFile>| {
+        let bytes: u64 = files.iter().map(|f| f.size).sum();
+        Transition {
+            state: TaskState::InProgress,
+            records_affected,
+            confirmed: true,
+            note: format!(
+                "{note}; the controller's data exported at the processor ({} file(s), {}), \
+                 uploading it to the registry",
+                files.len(),
+                size_label(bytes)
+            ),
+            next_attempt_at: Some(NEVER),
+            export_files: Some(files),
+            upload: true,
+            contract: Some(step),
+            ..Default::default()
+        }
+    };
+    let done = Some(ContractStep::at(ContractPhase::Done, progress));
+    Decision::Move(match (op, outcome) {
+        (
+            BulkOp::Export,
+            Outcome::Completed {
+                records_affected,
+                note,
+                files,
+                ..
+            },
+        ) => exported(records_affected, note, files),
+        // Nothing held is still a part: the registry learns the holder had nothing.
+        (BulkOp::Export, Outcome::NotFound { note }) => exported(0, note, Vec::new()),
+        (BulkOp::Export, Outcome::Retained { .. }) => failed(format!(
+            "subprocessor {} answered an export with a retention; nothing was returned",
+            task.subprocessor
+        )),
+        (
+            BulkOp::Erase,
+            Outcome::Completed {
+                records_affected,
+                note,
+                erased,
+                ..
+            },
+        ) => Transition {
+            state: TaskState::Completed,
+            records_affected: earlier + records_affected,
+            confirmed: true,
+            note,
+            erased,
+            contract: done,
+            ..Default::default()
+        },
+        (BulkOp::Erase, Outcome::NotFound { note }) => Transition {
+            state: TaskState::Completed,
+            records_affected: earlier,
+            confirmed: true,
+            note,
+            contract: done,
+            ..Default::default()
+        },
+        (
+            BulkOp::Erase,
+            Outcome::Retained {
+                legal_basis,
+                until_ms,
+                records_affected,
+                note,
+                erased,
+            },
+        ) => Transition {
+            state: TaskState::Retained,
+            records_affected: earlier + records_affected,
+            confirmed: true,
+            note,
+            erased,
+            legal_basis,
+            retain_until: Some(until_ms),
+            next_attempt_at: Some(until_ms),
+            contract: done,
+            ..Default::default()
+        },
+        (_, Outcome::Accepted { handle, note }) => {
+            let next = ctx.now + ctx.confirm_interval_ms;
+            if matches!(&phase, Phase::Confirm { handle: h } if *h == handle) {
+                return Decision::Later {
+                    at: next,
+                    error: None,
+                };
+            }
+            Transition {
+                state: TaskState::InProgress,
+                records_affected: task.records_affected,
+                note: format!("accepted by the holder, awaiting its confirmation: {note}"),
+                next_attempt_at: Some(next),
+                handle: Some(handle),
+                contract: Some(step),
+                ..Default::default()
+            }
+        }
+        (_, Outcome::WaitingForOperator { note }) => Transition {
+            state: TaskState::WaitingForOperator,
+            note,
+            next_attempt_at: Some(NEVER),
+            contract: Some(step),
+            ..Default::default()
+        },
+        // The data is still there: not a refusal the controller can leave at that.
+        (_, Outcome::Refused { reason }) => failed(format!(
+            "subprocessor {} refused to end the contract: {}",
+            task.subprocessor,
+            clip(&reason)
+        )),
+    })
+}
+
+fn terms_changed(
+    task: &Current<'_>,
+    terms: &Terms,
+    scheduled_at: Option<i64>,
+    ctx: &Context,
+) -> Decision {
+    match (task.state, task.phase) {
+        (TaskState::Pending, _) => {
+            let at = terms.starts_at();
+            if scheduled_at == Some(at) {
+                return Decision::Ignore;
+            }
+            let what = match terms.first_op() {
+                _ if terms.choice == ContractEndChoice::None => {
+                    "deleting the data if no choice is made"
+                }
+                BulkOp::Export => "returning the data, then deleting it",
+                BulkOp::Erase => "deleting the data",
+            };
+            Decision::Move(Transition {
+                state: TaskState::Pending,
+                note: format!("scheduled: {what} from {}", date_label(at)),
+                next_attempt_at: Some(at),
+                contract: Some(ContractStep {
+                    phase: ContractPhase::Scheduled,
+                    progress: None,
+                    scheduled_at: Some(at),
+                }),
+                ..Default::default()
+            })
+        }
+        (TaskState::InProgress, ContractPhase::AwaitingConfirmation) if terms.return_confirmed => {
+            Decision::Later {
+                at: ctx.now,
+                error: None,
+            }
+        }
+        _ => Decision::Ignore,
+    }
+}
+
+/// Why new contract end terms cannot replace the stored ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// A field of the new terms is wrong whatever the state: (field, rule).
+    Invalid(&'static str, String),
+    /// The change is no longer possible.
+    TooLate(String),
+}
+
+/// The terms after the controller's update `wanted` of `stored`; the same terms again are
+/// accepted unchanged. `deleting` says whether any task has started deleting.
+pub(crate) fn amend(stored: &Terms, wanted: &Terms, deleting: bool) -> Result<Terms, Refusal> {
+    if wanted == stored {
+        return Ok(*stored);
+    }
+    if wanted.effective_at != stored.effective_at {
+        return Err(Refusal::Invalid(
+            "contract_end.effective_at",
+            format!(
+                "the effective date cannot change (it is {})",
+                date_label(stored.effective_at)
+            ),
+        ));
+    }
+    if wanted.return_confirmed && wanted.choice != ContractEndChoice::ReturnThenDelete {
+        return Err(Refusal::Invalid(
+            "contract_end.return_confirmed",
+            "only a RETURN_THEN_DELETE contract end has a return to confirm".into(),
+        ));
+    }
+    if wanted.choice != stored.choice && stored.choice != ContractEndChoice::None {
+        return Err(Refusal::TooLate(format!(
+            "the controller already chose {}",
+            stored.choice.as_str_name()
+        )));
+    }
+    if stored.return_confirmed && !wanted.return_confirmed {
+        return Err(Refusal::TooLate("the return was already confirmed".into()));
+    }
+    if deleting && (wanted.choice != stored.choice || wanted.grace_ends_at != stored.grace_ends_at)
+    {
+        return Err(Refusal::TooLate(
+            "deleting the controller's data has started".into(),
+        ));
+    }
+    Ok(*wanted)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -693,6 +1242,7 @@ mod tests {
             handle: None,
             records_affected: 3,
             attempts: 4,
+            phase: ContractPhase::Unspecified,
         }
     }
 
@@ -1377,5 +1927,491 @@ mod tests {
             refuse(InProgress),
             Decision::Reject("the task is IN_PROGRESS, not waiting for an operator".into())
         );
+    }
+
+    // Contract ends.
+
+    const EFFECTIVE: i64 = NOW + 1_000;
+    const GRACE: i64 = NOW + 500_000;
+
+    fn terms(choice: ContractEndChoice) -> Terms {
+        Terms {
+            choice,
+            effective_at: EFFECTIVE,
+            grace_ends_at: GRACE,
+            return_confirmed: false,
+        }
+    }
+
+    fn contract_task(state: TaskState, phase: ContractPhase) -> Current<'static> {
+        Current {
+            phase,
+            ..task(state)
+        }
+    }
+
+    fn at(now: i64) -> Context {
+        Context { now, ..ctx() }
+    }
+
+    fn contract_claimed(t: &Current<'_>, terms: Terms, now: i64) -> Decision {
+        let event = Event::ContractClaimed {
+            holder: sql(),
+            terms: Some(terms),
+        };
+        decide(t, event, &at(now))
+    }
+
+    fn bulk(
+        t: &Current<'_>,
+        op: BulkOp,
+        phase: Phase,
+        result: Result<Outcome, ConnectorError>,
+    ) -> Decision {
+        let progress = BulkProgress {
+            subjects_done: 2,
+            subjects_total: 2,
+            records_done: 5,
+            records_total: 5,
+        };
+        let event = Event::BulkRan {
+            op,
+            phase,
+            result,
+            progress,
+        };
+        decide(t, event, &ctx())
+    }
+
+    fn completed(records_affected: i64) -> Outcome {
+        Outcome::Completed {
+            records_affected,
+            note: "done".into(),
+            files: Vec::new(),
+            erased: vec![ErasedCount {
+                target: "customers".into(),
+                action: "deleted".into(),
+                count: 2,
+            }],
+        }
+    }
+
+    #[test]
+    fn a_scheduled_contract_end_waits_for_its_start_then_deletes_or_returns() {
+        let pending = contract_task(Pending, ContractPhase::Scheduled);
+        let delete = terms(ContractEndChoice::Delete);
+        // Nothing happens before the effective date.
+        assert_eq!(
+            contract_claimed(&pending, delete, NOW),
+            Decision::Later {
+                at: EFFECTIVE,
+                error: None
+            }
+        );
+        // Without a choice, nothing happens before the grace period ends.
+        let none = terms(ContractEndChoice::None);
+        assert_eq!(none.starts_at(), GRACE);
+        assert_eq!(
+            contract_claimed(&pending, none, EFFECTIVE),
+            Decision::Later {
+                at: GRACE,
+                error: None
+            }
+        );
+        for (t, now, op, phase) in [
+            (delete, EFFECTIVE, BulkOp::Erase, ContractPhase::Deleting),
+            (none, GRACE, BulkOp::Erase, ContractPhase::Deleting),
+            (
+                terms(ContractEndChoice::ReturnThenDelete),
+                EFFECTIVE,
+                BulkOp::Export,
+                ContractPhase::Returning,
+            ),
+        ] {
+            match contract_claimed(&pending, t, now) {
+                Decision::RunBulk {
+                    start: Some(start),
+                    op: o,
+                    phase: Phase::Start,
+                } => {
+                    assert_eq!(o, op);
+                    assert_eq!(start.state, InProgress);
+                    assert_eq!(start.hold_until, Some(now + 30_000));
+                    assert_eq!(
+                        start.contract,
+                        Some(ContractStep::at(phase, BulkProgress::default()))
+                    );
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // A task already running its step takes it again; one with a handle asks for it.
+        let deleting = contract_task(InProgress, ContractPhase::Deleting);
+        assert_eq!(
+            contract_claimed(&deleting, delete, EFFECTIVE),
+            Decision::RunBulk {
+                start: None,
+                op: BulkOp::Erase,
+                phase: Phase::Start
+            }
+        );
+        let returning = Current {
+            handle: Some("job-7"),
+            ..contract_task(InProgress, ContractPhase::Returning)
+        };
+        assert_eq!(
+            contract_claimed(&returning, delete, EFFECTIVE),
+            Decision::RunBulk {
+                start: None,
+                op: BulkOp::Export,
+                phase: Phase::Confirm {
+                    handle: "job-7".into()
+                }
+            }
+        );
+        // Missing terms or holder fail it; a holder that cannot end a contract refuses.
+        let d = decide(
+            &pending,
+            Event::ContractClaimed {
+                holder: sql(),
+                terms: None,
+            },
+            &ctx(),
+        );
+        assert_eq!(moved(d).state, Failed);
+        let d = decide(
+            &pending,
+            Event::ContractClaimed {
+                holder: Some(Holder {
+                    connector: "mailchimp",
+                    supports: false,
+                }),
+                terms: Some(delete),
+            },
+            &ctx(),
+        );
+        let t = moved(d);
+        assert_eq!(t.state, Refused);
+        assert!(t.reason.contains("CONTRACT_END"), "{}", t.reason);
+    }
+
+    #[test]
+    fn a_returned_export_waits_for_the_controllers_confirmation_then_deletes() {
+        let returning = contract_task(InProgress, ContractPhase::Returning);
+        let files = vec![ExportedFile {
+            name: "customers.json".into(),
+            media_type: "application/json".into(),
+            categories: vec!["contact".into()],
+            size: 2048,
+            sha256: "ab".into(),
+        }];
+        let outcome = Outcome::Completed {
+            records_affected: 5,
+            note: "exported".into(),
+            files: files.clone(),
+            erased: Vec::new(),
+        };
+        let t = moved(bulk(&returning, BulkOp::Export, Phase::Start, Ok(outcome)));
+        assert_eq!(t.state, InProgress);
+        assert!(t.upload && t.confirmed);
+        assert_eq!(t.export_files, Some(files));
+        assert_eq!(t.next_attempt_at, Some(NEVER));
+        assert_eq!(t.contract.map(|c| c.phase), Some(ContractPhase::Returning));
+        // The registry holds the part: the data is still here, so not COMPLETED.
+        let d = decide(
+            &returning,
+            Event::Delivered {
+                to: Destination::Registry,
+                files: 1,
+                bytes: 2048,
+                receipt: None,
+            },
+            &ctx(),
+        );
+        let t = moved(d);
+        assert_eq!(t.state, InProgress);
+        assert_eq!(
+            t.contract,
+            Some(ContractStep::keep(ContractPhase::AwaitingConfirmation))
+        );
+        assert!(
+            t.note.contains("waiting for the controller's confirmation"),
+            "{}",
+            t.note
+        );
+        // Looked at once more, in case the confirmation came while the part was on its way.
+        assert_eq!(t.next_attempt_at, Some(NOW));
+        // Until the controller confirms it sleeps; then it deletes.
+        let waiting = contract_task(InProgress, ContractPhase::AwaitingConfirmation);
+        let mut rtd = terms(ContractEndChoice::ReturnThenDelete);
+        assert_eq!(
+            contract_claimed(&waiting, rtd, EFFECTIVE),
+            Decision::Later {
+                at: NEVER,
+                error: None
+            }
+        );
+        rtd.return_confirmed = true;
+        assert_eq!(rtd.first_op(), BulkOp::Erase);
+        match contract_claimed(&waiting, rtd, EFFECTIVE) {
+            Decision::RunBulk {
+                start: Some(start),
+                op: BulkOp::Erase,
+                phase: Phase::Start,
+            } => {
+                assert_eq!(start.state, InProgress);
+                assert_eq!(
+                    start.contract.map(|c| c.phase),
+                    Some(ContractPhase::Deleting)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // A confirmation releases the waiting task at once.
+        let d = decide(
+            &waiting,
+            Event::TermsChanged {
+                terms: &rtd,
+                scheduled_at: None,
+            },
+            &at(EFFECTIVE),
+        );
+        assert_eq!(
+            d,
+            Decision::Later {
+                at: EFFECTIVE,
+                error: None
+            }
+        );
+        // An export with nothing in it is still a part; a retention answer to one fails.
+        let t = moved(bulk(
+            &returning,
+            BulkOp::Export,
+            Phase::Start,
+            Ok(Outcome::NotFound {
+                note: "none".into(),
+            }),
+        ));
+        assert!(t.upload && t.export_files == Some(Vec::new()));
+        let kept = Outcome::Retained {
+            legal_basis: "law".into(),
+            until_ms: DUE,
+            records_affected: 0,
+            note: String::new(),
+            erased: Vec::new(),
+        };
+        assert_eq!(
+            moved(bulk(&returning, BulkOp::Export, Phase::Start, Ok(kept))).state,
+            Failed
+        );
+    }
+
+    #[test]
+    fn a_finished_erasure_is_done_and_retained_data_is_erased_at_its_date() {
+        let deleting = contract_task(InProgress, ContractPhase::Deleting);
+        let t = moved(bulk(
+            &deleting,
+            BulkOp::Erase,
+            Phase::Start,
+            Ok(completed(5)),
+        ));
+        assert_eq!(t.state, Completed);
+        assert_eq!(t.records_affected, 5);
+        assert_eq!(t.erased.len(), 1);
+        let done = t.contract.unwrap();
+        assert_eq!(done.phase, ContractPhase::Done);
+        assert_eq!(done.progress.unwrap().records_done, 5);
+
+        let kept = Outcome::Retained {
+            legal_basis: "Kirjanpitolaki 2:10 §".into(),
+            until_ms: DUE,
+            records_affected: 3,
+            note: "invoices kept".into(),
+            erased: Vec::new(),
+        };
+        let t = moved(bulk(&deleting, BulkOp::Erase, Phase::Start, Ok(kept)));
+        assert_eq!(t.state, Retained);
+        assert_eq!((t.retain_until, t.next_attempt_at), (Some(DUE), Some(DUE)));
+        assert_eq!(t.contract.map(|c| c.phase), Some(ContractPhase::Done));
+        // At its date the processor erases the rest by itself; the count is cumulative.
+        let retained = contract_task(Retained, ContractPhase::Done);
+        assert_eq!(
+            contract_claimed(&retained, terms(ContractEndChoice::Delete), DUE),
+            Decision::RunBulk {
+                start: None,
+                op: BulkOp::Erase,
+                phase: Phase::RetentionExpired
+            }
+        );
+        let t = moved(bulk(
+            &retained,
+            BulkOp::Erase,
+            Phase::RetentionExpired,
+            Ok(completed(2)),
+        ));
+        assert_eq!((t.state, t.records_affected), (Completed, 5));
+    }
+
+    #[test]
+    fn a_refusal_or_permanent_error_fails_a_contract_end_and_transient_ones_retry() {
+        let deleting = contract_task(InProgress, ContractPhase::Deleting);
+        let t = moved(bulk(
+            &deleting,
+            BulkOp::Erase,
+            Phase::Start,
+            Ok(Outcome::Refused {
+                reason: "controller globex is not scoped".into(),
+            }),
+        ));
+        assert_eq!(t.state, Failed);
+        assert!(t.reason.contains("globex"), "{}", t.reason);
+        let t = moved(bulk(
+            &deleting,
+            BulkOp::Erase,
+            Phase::Start,
+            Err(ConnectorError::Permanent("no such table".into())),
+        ));
+        assert_eq!((t.state, t.reason.as_str()), (Failed, "no such table"));
+        assert_eq!(
+            bulk(
+                &deleting,
+                BulkOp::Erase,
+                Phase::Start,
+                Err(ConnectorError::Transient("down".into()))
+            ),
+            Decision::Later {
+                at: NOW + 500,
+                error: Some("down".into())
+            }
+        );
+        let event = Event::BulkRan {
+            op: BulkOp::Erase,
+            phase: Phase::Start,
+            result: Err(ConnectorError::Transient("down".into())),
+            progress: BulkProgress::default(),
+        };
+        assert_eq!(moved(decide(&deleting, event, &past_due())).state, Failed);
+        // Manual holders wait for an operator, in the step's phase.
+        let t = moved(bulk(
+            &deleting,
+            BulkOp::Erase,
+            Phase::Start,
+            Ok(Outcome::WaitingForOperator {
+                note: "shred".into(),
+            }),
+        ));
+        assert_eq!(t.state, WaitingForOperator);
+        assert_eq!(t.contract.map(|c| c.phase), Some(ContractPhase::Deleting));
+    }
+
+    #[test]
+    fn new_terms_reschedule_waiting_tasks_and_are_refused_once_too_late() {
+        let pending = contract_task(Pending, ContractPhase::Scheduled);
+        let none = terms(ContractEndChoice::None);
+        let delete = terms(ContractEndChoice::Delete);
+        // Rescheduled to the effective date (at once when it has passed: the runner claims
+        // anything due).
+        let d = decide(
+            &pending,
+            Event::TermsChanged {
+                terms: &delete,
+                scheduled_at: Some(GRACE),
+            },
+            &at(NOW),
+        );
+        let t = moved(d);
+        assert_eq!((t.state, t.next_attempt_at), (Pending, Some(EFFECTIVE)));
+        assert_eq!(t.contract.and_then(|c| c.scheduled_at), Some(EFFECTIVE));
+        // The same schedule again changes nothing.
+        let same = Event::TermsChanged {
+            terms: &none,
+            scheduled_at: Some(GRACE),
+        };
+        assert_eq!(decide(&pending, same, &at(NOW)), Decision::Ignore);
+
+        assert_eq!(amend(&none, &delete, false), Ok(delete));
+        assert_eq!(amend(&delete, &delete, true), Ok(delete));
+        assert!(matches!(
+            amend(&none, &delete, true),
+            Err(Refusal::TooLate(why)) if why.contains("deleting")
+        ));
+        let rtd = terms(ContractEndChoice::ReturnThenDelete);
+        assert!(matches!(
+            amend(&delete, &rtd, false),
+            Err(Refusal::TooLate(_))
+        ));
+        let confirmed = Terms {
+            return_confirmed: true,
+            ..rtd
+        };
+        assert_eq!(amend(&rtd, &confirmed, false), Ok(confirmed));
+        assert!(matches!(
+            amend(&confirmed, &rtd, false),
+            Err(Refusal::TooLate(_))
+        ));
+        let moved_date = Terms {
+            effective_at: EFFECTIVE + 1,
+            ..none
+        };
+        assert!(matches!(
+            amend(&none, &moved_date, false),
+            Err(Refusal::Invalid("contract_end.effective_at", _))
+        ));
+        let odd = Terms {
+            return_confirmed: true,
+            ..delete
+        };
+        assert!(matches!(
+            amend(&none, &odd, false),
+            Err(Refusal::Invalid("contract_end.return_confirmed", _))
+        ));
+    }
+
+    #[test]
+    fn cancelling_a_contract_end_stops_it_only_before_deleting() {
+        let event = || Event::Cancel { reason: "oops" };
+        for phase in [
+            ContractPhase::Scheduled,
+            ContractPhase::Returning,
+            ContractPhase::AwaitingConfirmation,
+        ] {
+            let state = if phase == ContractPhase::Scheduled {
+                Pending
+            } else {
+                InProgress
+            };
+            let t = moved(decide(&contract_task(state, phase), event(), &ctx()));
+            assert_eq!(t.state, Cancelled, "{phase:?}");
+        }
+        for (state, phase) in [
+            (InProgress, ContractPhase::Deleting),
+            (WaitingForOperator, ContractPhase::Deleting),
+            (Retained, ContractPhase::Done),
+        ] {
+            let d = decide(&contract_task(state, phase), event(), &ctx());
+            assert_eq!(d, Decision::Ignore, "{state:?} {phase:?}");
+        }
+    }
+
+    #[test]
+    fn an_operator_returning_a_manual_part_leaves_it_waiting_for_confirmation() {
+        let complete = || Event::OperatorComplete {
+            not_found: false,
+            records_affected: 4,
+            note: "handed over on disk",
+            by: "ops",
+        };
+        let returning = contract_task(WaitingForOperator, ContractPhase::Returning);
+        let t = moved(decide(&returning, complete(), &ctx()));
+        assert_eq!(t.state, InProgress);
+        assert_eq!(
+            t.contract.map(|c| c.phase),
+            Some(ContractPhase::AwaitingConfirmation)
+        );
+        assert_eq!(t.next_attempt_at, Some(NOW));
+        let deleting = contract_task(WaitingForOperator, ContractPhase::Deleting);
+        let t = moved(decide(&deleting, complete(), &ctx()));
+        assert_eq!(t.state, Completed);
+        assert_eq!(t.contract.map(|c| c.phase), Some(ContractPhase::Done));
     }
 }

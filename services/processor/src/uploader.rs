@@ -7,7 +7,9 @@
 //! the part the processor sent (canonical manifest digest, bytes, files) before the task may
 //! complete. Then the task moves to COMPLETED through the task machine, so the
 //! acknowledgement carries it (and the receipt), and the export's files are deleted from the
-//! data folder: they were kept only until delivered.
+//! data folder: they were kept only until delivered. A contract end's return goes to the
+//! registry the same way as the task's part of the package; the task then waits for the
+//! controller's confirmation instead of completing, since the data is still at the holder.
 //!
 //! A failed attempt (destination down, wrong identity, a refused chunk or receipt, a
 //! FAILED_PRECONDITION) leaves the task IN_PROGRESS with a note saying what is missing, and
@@ -126,7 +128,8 @@ impl RecipientClients {
 
 /// Where one export goes, with the three calls every destination takes.
 enum Sink<'a> {
-    /// The controller's registry: the task's part of a return-of-data package.
+    /// The controller's registry: the task's part of a return-of-data or contract end
+    /// package.
     Registry(ExportUploadServiceClient<Channel>),
     /// A transfer's recipient.
     Recipient {

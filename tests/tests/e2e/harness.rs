@@ -118,6 +118,9 @@ pub struct RecipientOptions {
 /// The controller's name in the processor's configuration.
 pub const CONTROLLER: &str = "controller";
 
+/// The processor's name for a second controller ([`PairOptions::second_controller`]).
+pub const OTHER_CONTROLLER: &str = "other-controller";
+
 /// The processor's data folder, inside the pair's folder.
 pub const PROCESSOR_DATA_DIR: &str = "processor-data";
 
@@ -171,6 +174,12 @@ pub struct PairOptions {
     /// `forget_after_days` of both services (default 30; 0 forgets as soon as a request is
     /// finished, for processes, whose clocks cannot be moved).
     pub forget_after_days: u32,
+    /// Where the processor sends acknowledgements and uploads when the test plays the
+    /// controller's registry itself, presenting the registry's certificate (the real registry
+    /// still runs, and still delivers).
+    pub registry_endpoint: Option<SocketAddr>,
+    /// Also serve [`OTHER_CONTROLLER`] at the processor (its registry at the same endpoint).
+    pub second_controller: bool,
 }
 
 impl Default for PairOptions {
@@ -194,6 +203,8 @@ impl Default for PairOptions {
             processor_public_key: None,
             recipient: None,
             forget_after_days: 30,
+            registry_endpoint: None,
+            second_controller: false,
         }
     }
 }
@@ -284,8 +295,8 @@ mod configs {
     use dsrelay_connectors::manual::ManualConfig;
     use dsrelay_connectors::sql::sample_config;
     use dsrelay_processor::config::{
-        AckConfig, ConnectorConfig, ControllerConfig, NoopConfig, SubprocessorConfig, TaskConfig,
-        TransferMechanismConfig, UploadConfig,
+        AckConfig, ConnectorConfig, ContractsConfig, ControllerConfig, NoopConfig,
+        SubprocessorConfig, TaskConfig, TransferMechanismConfig, UploadConfig,
     };
     use dsrelay_registry::config::{
         DeliveryConfig, IdentityRole, ProcessorConfig, RecipientConfig, ReconcileConfig, Role,
@@ -487,11 +498,19 @@ mod configs {
                 tls: plan.pki.files("processor"),
                 log_json: plan.opts.log_json,
             },
-            controllers: vec![ControllerConfig {
-                name: super::CONTROLLER.into(),
-                identity: dev_identity("registry", "controller"),
-                registry_endpoint: format!("https://localhost:{}", plan.ack_port),
-            }],
+            controllers: [(super::CONTROLLER, "controller")]
+                .into_iter()
+                .chain(
+                    plan.opts
+                        .second_controller
+                        .then_some((super::OTHER_CONTROLLER, "other")),
+                )
+                .map(|(name, stem)| ControllerConfig {
+                    name: name.into(),
+                    identity: dev_identity("registry", stem),
+                    registry_endpoint: format!("https://localhost:{}", plan.ack_port),
+                })
+                .collect(),
             operators: vec![dev_identity("operator", "ops")],
             data_dir: plan.processor_data.clone(),
             signing_key: Some(plan.pki.signing_key("processor")),
@@ -523,6 +542,9 @@ mod configs {
                 lease_ms: 10_000,
                 concurrency: 4,
                 call_timeout_ms: 3000,
+            },
+            contracts: ContractsConfig {
+                progress_interval_ms: 50,
             },
             identity_hash_key: "test processor key".into(),
             forget_after_days: plan.opts.forget_after_days,
@@ -950,7 +972,9 @@ pub async fn spawn_pair(opts: PairOptions) -> Option<TestPair> {
             .map(|l| l.local_addr().expect("admin addr").to_string())
     };
     let mut nowhere = Vec::new();
-    let ack_port = if opts.acks_to_nowhere {
+    let ack_port = if let Some(registry) = opts.registry_endpoint {
+        registry.port()
+    } else if opts.acks_to_nowhere {
         nowhere.push(reserve());
         addr_of(&nowhere[nowhere.len() - 1]).port()
     } else {

@@ -124,6 +124,7 @@ fn processor_config(dir: &Path, port: u16, registry_port: u16) -> dsrelay_proces
         tasks: Default::default(),
         acks: Default::default(),
         uploads: Default::default(),
+        contracts: Default::default(),
         signing_key: Some(
             DevPki {
                 dir: dir.join("pki"),

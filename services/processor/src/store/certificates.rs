@@ -10,7 +10,7 @@ use super::rows::{state_value, TaskKey};
 use crate::certificates::{certifies, rfc3339, Facts, Issuer, Retained};
 use crate::task_machine::Transition;
 
-/// Issues and stores the certificate of `t` when it certifies an erasure step; returns it
+/// Issues and stores the certificate of `t` when it certifies an erasure or contract end step; returns it
 /// for the acknowledgement.
 pub(super) async fn issue_for(
     tx: &mut Transaction<'static, Any>,
@@ -30,9 +30,9 @@ pub(super) async fn issue_for(
             .bind(&key.request_id)
             .fetch_optional(&mut **tx)
             .await?;
-    if !kind.is_some_and(|k| certifies(k, t.state)) {
+    let Some(certificate_kind) = kind.and_then(|k| certifies(k, t.state)) else {
         return Ok(None);
-    }
+    };
     // The request's retained data as of this step, this task's included.
     let kept: Vec<(String, String, Option<i64>)> = sqlx::query_as(
         "SELECT subprocessor, legal_basis, retain_until FROM tasks WHERE controller = $1 \
@@ -53,6 +53,7 @@ pub(super) async fn issue_for(
     .fetch_optional(&mut **tx)
     .await?;
     let (id, doc) = issuer.issue(Facts {
+        kind: certificate_kind,
         controller: &key.controller,
         request_id: &key.request_id,
         subprocessor: &key.subprocessor,

@@ -6,12 +6,16 @@
 //! - `rows`: the types the store hands out, and the raw rows they are read from.
 //! - `tasks`: requests and tasks: accept, cancel, claim, transition, operator views.
 //! - `acks`: the acknowledgement outbox.
-//! - `uploads`: the upload outbox: RETURN_OF_DATA exports waiting to reach the registry.
-//! - `certificates`: the deletion certificates issued with erasure steps.
+//! - `uploads`: the upload outbox: RETURN_OF_DATA and contract end exports waiting to reach
+//!   the registry, TRANSFER exports waiting to reach their recipient.
+//! - `certificates`: the deletion certificates issued with erasure and contract end steps.
+//! - `contracts`: contract ends' terms, updates of them, progress acknowledgements and the
+//!   operators' list.
 //! - `forget`: removing finished requests' raw identities, body and free text.
 
 mod acks;
 mod certificates;
+mod contracts;
 mod forget;
 mod rows;
 mod tasks;
@@ -23,8 +27,10 @@ use dsrelay_runtime::store::Db;
 
 use crate::certificates::Issuer;
 
-pub use crate::task_machine::Transition;
+pub use crate::task_machine::{Refusal, Terms, Transition};
 pub use acks::DeadLetter;
+pub(crate) use contracts::to_proto as terms_to_proto;
+pub use contracts::{ContractEndRow, Updated};
 pub use forget::Forgettable;
 pub use rows::{AckJob, ManualRow, TaskJob, TaskKey, TaskRow};
 pub use tasks::Accepted;

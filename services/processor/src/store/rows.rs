@@ -1,13 +1,15 @@
 //! What the store hands out, and the raw rows they are read from: numbers in the database
 //! become enums and flags here, at the row boundary, and nowhere else.
 
+use dsrelay_connectors::BulkProgress;
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::timestamp_from_millis;
 use dsrelay_proto::v1::{
-    Acknowledgement, DeliverRequest, Evidence, TaskState, TaskStatus, TransferReceipt,
+    Acknowledgement, ContractPhase, ContractProgress, DeliverRequest, Evidence, TaskState,
+    TaskStatus, TransferReceipt,
 };
 
-use crate::task_machine::Current;
+use crate::task_machine::{progress_proto, Current};
 
 /// Identifies one task.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -49,6 +51,12 @@ pub struct TaskRow {
     pub handle: Option<String>,
     /// The recipient's receipt, once a TRANSFER task's part arrived.
     pub transfer_receipt: Option<TransferReceipt>,
+    /// A contract end task's phase; UNSPECIFIED for every other kind.
+    pub phase: ContractPhase,
+    /// A contract end task's counts in its phase.
+    pub counts: BulkProgress,
+    /// A SCHEDULED contract end task's start (ms).
+    pub scheduled_at: Option<i64>,
 }
 
 impl TaskRow {
@@ -60,7 +68,14 @@ impl TaskRow {
             handle: self.handle.as_deref(),
             records_affected: self.records_affected,
             attempts: self.attempts,
+            phase: self.phase,
         }
+    }
+
+    /// A contract end task's progress; `None` for every other kind.
+    pub fn progress(&self) -> Option<ContractProgress> {
+        (self.phase != ContractPhase::Unspecified)
+            .then(|| progress_proto(self.phase, self.counts, self.scheduled_at))
     }
 
     /// The wire view (processor left for the registry to fill in).
@@ -80,8 +95,7 @@ impl TaskRow {
             legal_basis: self.legal_basis.clone(),
             retain_until: self.retain_until.map(timestamp_from_millis),
             updated_at: Some(timestamp_from_millis(self.updated_at)),
-            // Contract ends are not accepted yet (the Deliver handler refuses them).
-            progress: None,
+            progress: self.progress(),
         }
     }
 }
@@ -131,7 +145,8 @@ pub(super) fn state_value(state: TaskState) -> i64 {
 /// The columns of [`TaskRecord`].
 pub(super) const TASK_COLUMNS: &str = "controller, request_id, subprocessor, state, sequence, \
     attempts, records_affected, confirmed, note, reason, legal_basis, retain_until, updated_at, \
-    handle, transfer_receipt";
+    handle, transfer_receipt, contract_phase, subjects_done, subjects_total, records_done, \
+    records_total, scheduled_at";
 
 /// A `tasks` row as stored.
 #[derive(Debug, sqlx::FromRow)]
@@ -151,6 +166,12 @@ pub(super) struct TaskRecord {
     updated_at: i64,
     handle: Option<String>,
     transfer_receipt: Option<Vec<u8>>,
+    contract_phase: i64,
+    subjects_done: i64,
+    subjects_total: i64,
+    records_done: i64,
+    records_total: i64,
+    scheduled_at: Option<i64>,
 }
 
 impl From<TaskRecord> for TaskRow {
@@ -179,16 +200,38 @@ impl From<TaskRecord> for TaskRow {
             transfer_receipt: r
                 .transfer_receipt
                 .and_then(|b| TransferReceipt::decode(b.as_slice()).ok()),
+            phase: i32::try_from(r.contract_phase)
+                .ok()
+                .and_then(|p| ContractPhase::try_from(p).ok())
+                .unwrap_or(ContractPhase::Unspecified),
+            counts: BulkProgress {
+                subjects_done: count(r.subjects_done),
+                subjects_total: count(r.subjects_total),
+                records_done: count(r.records_done),
+                records_total: count(r.records_total),
+            },
+            scheduled_at: r.scheduled_at,
         }
     }
+}
+
+/// A stored count (BIGINT) as the wire's unsigned count.
+fn count(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// A count as stored (BIGINT).
+pub(super) fn stored_count(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// Tasks joined with their requests: the columns of [`JoinedRecord`]. Callers add the
 /// WHERE clause.
 pub(super) const JOINED_SELECT: &str = "SELECT t.controller, t.request_id, t.subprocessor, \
     t.state, t.sequence, t.attempts, t.records_affected, t.confirmed, t.note, t.reason, \
-    t.legal_basis, t.retain_until, t.updated_at, t.handle, t.transfer_receipt, r.body, r.due_at, \
-    r.traceparent \
+    t.legal_basis, t.retain_until, t.updated_at, t.handle, t.transfer_receipt, t.contract_phase, \
+    t.subjects_done, t.subjects_total, t.records_done, t.records_total, t.scheduled_at, r.body, \
+    r.due_at, r.traceparent \
     FROM tasks t JOIN requests r ON r.controller = t.controller AND r.request_id = t.request_id";
 
 /// A task row with the columns of its request that the runner and operators need.

@@ -4,13 +4,15 @@
 use anyhow::Result;
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::timestamp_from_millis;
-use dsrelay_proto::v1::{Acknowledgement, DeliverRequest, Evidence, TaskState};
+use dsrelay_proto::v1::{
+    Acknowledgement, ContractPhase, DeliverRequest, Evidence, RequestKind, TaskState,
+};
 use dsrelay_runtime::trace_context;
 use sqlx::{Any, Transaction};
 
 use super::rows::{
-    state_value, JoinedRecord, ManualRow, TaskJob, TaskKey, TaskRecord, TaskRow, JOINED_SELECT,
-    TASK_COLUMNS,
+    state_value, stored_count, JoinedRecord, ManualRow, TaskJob, TaskKey, TaskRecord, TaskRow,
+    JOINED_SELECT, TASK_COLUMNS,
 };
 use super::{acks, Store};
 use crate::certificates::Issuer;
@@ -39,7 +41,8 @@ enum OperatorFilter<'a> {
 
 impl Store {
     /// Stores a delivered request and one PENDING task per subprocessor, or reports the
-    /// existing ones when it was delivered (or cancelled) before.
+    /// existing ones when it was delivered (or cancelled) before. A contract end's terms are
+    /// stored with it, and its tasks are SCHEDULED for their start.
     pub async fn accept(
         &self,
         controller: &str,
@@ -85,16 +88,35 @@ impl Store {
                 self.tasks(controller, &req.request_id).await?,
             ));
         }
+        let terms = (req.kind == RequestKind::ContractEnd as i32)
+            .then(|| {
+                req.parameters
+                    .as_ref()
+                    .and_then(|p| p.contract_end.as_ref())
+                    .and_then(|c| super::contracts::terms_of(c, None))
+            })
+            .flatten();
+        if let Some(t) = &terms {
+            super::contracts::insert(&mut tx, controller, &req.request_id, t, now).await?;
+        }
+        let (phase, starts_at) = match &terms {
+            Some(t) => (ContractPhase::Scheduled, Some(t.starts_at())),
+            None => (ContractPhase::Unspecified, None),
+        };
         for s in subprocessors {
             sqlx::query(
                 "INSERT INTO tasks (controller, request_id, subprocessor, state, sequence, \
-                 next_attempt_at, updated_at) VALUES ($1, $2, $3, $4, 1, $5, $5)",
+                 next_attempt_at, updated_at, contract_phase, scheduled_at) \
+                 VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8)",
             )
             .bind(controller)
             .bind(&req.request_id)
             .bind(s)
             .bind(state_value(TaskState::Pending))
+            .bind(starts_at.unwrap_or(now))
             .bind(now)
+            .bind(i64::from(phase as i32))
+            .bind(starts_at)
             .execute(&mut *tx)
             .await?;
         }
@@ -375,13 +397,23 @@ async fn certified_transition(
     let fitted = t.fitted();
     let t = &fitted;
     let next = expected_sequence + 1;
-    let changed = sqlx::query(
+    let step = t.contract;
+    let counts = step.and_then(|c| c.progress);
+    let progress: Option<(i64, i64, i64, i64, i64, Option<i64>)> = sqlx::query_as(
         "UPDATE tasks SET state = $1, sequence = $2, records_affected = $3, confirmed = $4, \
          note = $5, reason = $6, legal_basis = $7, retain_until = $8, updated_at = $9, \
          attempts = $10, lease_until = $18, next_attempt_at = $15, handle = $16, \
          export_files = COALESCE($17, export_files), \
-         transfer_receipt = COALESCE($19, transfer_receipt) \
-         WHERE controller = $11 AND request_id = $12 AND subprocessor = $13 AND sequence = $14",
+         transfer_receipt = COALESCE($19, transfer_receipt), \
+         contract_phase = COALESCE($20, contract_phase), \
+         subjects_done = COALESCE($21, subjects_done), \
+         subjects_total = COALESCE($22, subjects_total), \
+         records_done = COALESCE($23, records_done), \
+         records_total = COALESCE($24, records_total), \
+         scheduled_at = COALESCE($25, scheduled_at) \
+         WHERE controller = $11 AND request_id = $12 AND subprocessor = $13 AND sequence = $14 \
+         RETURNING contract_phase, subjects_done, subjects_total, records_done, records_total, \
+         scheduled_at",
     )
     .bind(state_value(t.state))
     .bind(next)
@@ -407,12 +439,37 @@ async fn certified_transition(
     )
     .bind(t.hold_until.unwrap_or(0))
     .bind(t.transfer_receipt.as_ref().map(Message::encode_to_vec))
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    if changed == 0 {
+    .bind(step.map(|c| i64::from(c.phase as i32)))
+    .bind(counts.map(|p| stored_count(p.subjects_done)))
+    .bind(counts.map(|p| stored_count(p.subjects_total)))
+    .bind(counts.map(|p| stored_count(p.records_done)))
+    .bind(counts.map(|p| stored_count(p.records_total)))
+    .bind(step.and_then(|c| c.scheduled_at))
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some((phase, subjects_done, subjects_total, records_done, records_total, scheduled_at)) =
+        progress
+    else {
         return Ok(None);
-    }
+    };
+    // Every acknowledgement of a contract end task carries its progress as recorded now.
+    let count = |v: i64| u64::try_from(v).unwrap_or(0);
+    let progress = i32::try_from(phase)
+        .ok()
+        .and_then(|p| ContractPhase::try_from(p).ok())
+        .filter(|p| *p != ContractPhase::Unspecified)
+        .map(|p| {
+            crate::task_machine::progress_proto(
+                p,
+                dsrelay_connectors::BulkProgress {
+                    subjects_done: count(subjects_done),
+                    subjects_total: count(subjects_total),
+                    records_done: count(records_done),
+                    records_total: count(records_total),
+                },
+                scheduled_at,
+            )
+        });
     let certificate = match issuer {
         Some(issuer) => super::certificates::issue_for(tx, issuer, key, next, t, now).await?,
         None => None,
@@ -437,8 +494,7 @@ async fn certified_transition(
         // registry's handling of the acknowledgement hangs in the trace.
         traceparent: trace_context::traceparent_of(&tracing::Span::current()).unwrap_or_default(),
         certificate: certificate.as_ref().map(crate::certificates::to_proto),
-        // Contract ends are not accepted yet (the Deliver handler refuses them).
-        progress: None,
+        progress,
     };
     acks::queue(tx, key, next, &ack, now).await?;
     if t.upload {

@@ -1,0 +1,364 @@
+//! A contract end driven through the processor's real store (SQLite, and PostgreSQL when
+//! `DSRELAY_TEST_POSTGRES_URL` names a server) and runner, with a connector that reports its
+//! progress as it goes: the acknowledgements queued for the registry carry that progress,
+//! in order, and the last one a certificate of kind `contract_end`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dsrelay_connectors::{
+    BoxFuture, BulkJob, BulkProgress, Connector, ConnectorError, ErasedCount, Outcome, Phase, Task,
+};
+use dsrelay_proto::prost::Message;
+use dsrelay_proto::timestamp_from_millis;
+use dsrelay_proto::v1::{
+    Acknowledgement, ContractEnd, ContractEndChoice, ContractPhase, DeliverRequest, RequestKind,
+    RequestParameters, TaskState,
+};
+use dsrelay_runtime::pki::DevPki;
+
+use crate::{App, Config};
+
+/// Works through 40 subjects (100 records) of controller `acme` in four reported steps.
+struct Stepper;
+
+impl Connector for Stepper {
+    fn kind_name(&self) -> &'static str {
+        "stepper"
+    }
+
+    fn supports(&self, _kind: RequestKind) -> bool {
+        true
+    }
+
+    fn run<'a>(&'a self, _task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async { Err(ConnectorError::Permanent("bulk only".into())) })
+    }
+
+    fn scoped_controllers(&self) -> Option<Vec<String>> {
+        Some(vec!["acme".into()])
+    }
+
+    fn run_bulk<'a>(&'a self, job: &'a BulkJob) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async move {
+            for i in 1..=4u64 {
+                job.progress.report(BulkProgress {
+                    subjects_done: i * 10,
+                    subjects_total: 40,
+                    records_done: i * 25,
+                    records_total: 100,
+                });
+                tokio::time::sleep(Duration::from_millis(80)).await;
+            }
+            Ok(Outcome::Completed {
+                records_affected: 100,
+                note: format!("erased controller {}'s data", job.controller),
+                files: Vec::new(),
+                erased: vec![ErasedCount {
+                    target: "customers".into(),
+                    action: "deleted".into(),
+                    count: 40,
+                }],
+            })
+        })
+    }
+}
+
+fn config(dir: &std::path::Path, database_url: &str, controllers: &[&str]) -> Config {
+    let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
+    let tls = pki.files("processor");
+    let mut text = format!(
+        "database_url = {database_url:?}\ndata_dir = {:?}\nidentity_hash_key = \"k\"\n\
+         signing_key = {:?}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
+         [contracts]\nprogress_interval_ms = 20\n\
+         [[subprocessors]]\nname = \"crm\"\ncategories = [\"contact\"]\n\
+         connector = {{ type = \"noop\" }}\n",
+        dir.join("data"),
+        pki.signing_key("processor"),
+        tls.ca,
+        tls.cert,
+        tls.key,
+    );
+    for (i, c) in controllers.iter().enumerate() {
+        text.push_str(&format!(
+            "[[controllers]]\nname = \"{c}\"\nidentity = \"spiffe://dsrelay.dev/registry/{i}\"\n\
+             registry_endpoint = \"https://localhost:1\"\n"
+        ));
+    }
+    let file = dir.join("processor.toml");
+    std::fs::write(&file, text).expect("config file");
+    Config::load_from(Some(&file), Vec::new()).expect("config")
+}
+
+fn connectors() -> HashMap<String, Arc<dyn Connector>> {
+    HashMap::from([("crm".to_string(), Arc::new(Stepper) as Arc<dyn Connector>)])
+}
+
+async fn progress_is_acknowledged_as_it_goes(database_url: &str, dir: &std::path::Path) {
+    let app = App::with_connectors(config(dir, database_url, &["acme"]), connectors())
+        .await
+        .expect("app");
+    let shared = app.shared();
+    let now = shared.clock.now_ms();
+    let terms = ContractEnd {
+        choice: ContractEndChoice::Delete as i32,
+        effective_at: Some(timestamp_from_millis(now)),
+        grace_ends_at: Some(timestamp_from_millis(now + 1000)),
+        return_confirmed: false,
+    };
+    let req = DeliverRequest {
+        request_id: "ce-1".into(),
+        kind: RequestKind::ContractEnd as i32,
+        parameters: Some(RequestParameters {
+            contract_end: Some(terms),
+            ..Default::default()
+        }),
+        due_at: Some(timestamp_from_millis(now + 60_000)),
+        ..Default::default()
+    };
+    shared
+        .store
+        .accept("acme", &req, &["crm".to_string()], None, now)
+        .await
+        .expect("accept");
+    let jobs = shared
+        .store
+        .claim_tasks(now, 10, 30_000)
+        .await
+        .expect("claim");
+    assert_eq!(jobs.len(), 1);
+    for job in jobs {
+        crate::runner::run_task(&shared, job).await.expect("step");
+    }
+
+    let payloads: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT payload FROM ack_outbox WHERE request_id = $1 ORDER BY sequence",
+    )
+    .bind("ce-1")
+    .fetch_all(&shared.store.db().pool)
+    .await
+    .expect("acks");
+    let acks: Vec<Acknowledgement> = payloads
+        .iter()
+        .map(|p| Acknowledgement::decode(p.as_slice()).expect("ack"))
+        .collect();
+    // Start (DELETING, nothing done), at least two progress reports, then COMPLETED.
+    assert!(acks.len() >= 4, "{acks:#?}");
+    let progress: Vec<_> = acks
+        .iter()
+        .map(|a| a.progress.expect("every ack carries progress"))
+        .collect();
+    for pair in acks.windows(2) {
+        assert_eq!(pair[1].sequence, pair[0].sequence + 1);
+    }
+    for pair in progress.windows(2) {
+        assert!(
+            pair[1].records_done >= pair[0].records_done,
+            "{progress:#?}"
+        );
+        assert!(
+            pair[1].subjects_done >= pair[0].subjects_done,
+            "{progress:#?}"
+        );
+    }
+    assert_eq!(acks[0].state(), TaskState::InProgress);
+    assert_eq!(progress[0].phase(), ContractPhase::Deleting);
+    assert_eq!(progress[0].records_done, 0);
+    let running = &acks[1..acks.len() - 1];
+    assert!(running.len() >= 2, "{acks:#?}");
+    for a in running {
+        assert_eq!(a.state(), TaskState::InProgress);
+        let p = a.progress.as_ref().expect("progress");
+        assert_eq!(p.phase(), ContractPhase::Deleting);
+        assert_eq!((p.subjects_total, p.records_total), (40, 100));
+        assert!(p.records_done > 0);
+    }
+    let last = acks.last().expect("acks");
+    assert_eq!(last.state(), TaskState::Completed);
+    let p = last.progress.as_ref().expect("progress");
+    assert_eq!(p.phase(), ContractPhase::Done);
+    assert_eq!((p.subjects_done, p.records_done), (40, 100));
+    let c = last.certificate.as_ref().expect("certificate");
+    let body: serde_json::Value = serde_json::from_slice(&c.body).expect("json");
+    assert_eq!(body["kind"], "contract_end");
+    assert_eq!(body["controller"], "acme");
+    assert_eq!(body["request_id"], "ce-1");
+    assert_eq!(body["erased"][0]["count"], 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contract_end_progress_is_acknowledged_as_it_goes_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/processor.db", dir.path().display());
+    progress_is_acknowledged_as_it_goes(&url, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contract_end_progress_is_acknowledged_as_it_goes_on_postgres() {
+    let Some(server) = std::env::var("DSRELAY_TEST_POSTGRES_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    else {
+        eprintln!("SKIPPED on PostgreSQL: DSRELAY_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let name = format!("processor_{:016x}", fastrand::u64(..));
+    let admin = dsrelay_runtime::store::Db::connect(&server)
+        .await
+        .expect("postgres");
+    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+        .execute(&admin.pool)
+        .await
+        .expect("create database");
+    admin.pool.close().await;
+    let (base, _) = server.rsplit_once('/').expect("a database in the url");
+    let query = server
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
+    let dir = tempfile::tempdir().expect("tempdir");
+    progress_is_acknowledged_as_it_goes(&format!("{base}/{name}{query}"), dir.path()).await;
+}
+
+/// Keeps the invoices under the accounting law on the first erasure, erases them at their
+/// date.
+struct Keeper;
+
+impl Connector for Keeper {
+    fn kind_name(&self) -> &'static str {
+        "keeper"
+    }
+
+    fn supports(&self, _kind: RequestKind) -> bool {
+        true
+    }
+
+    fn run<'a>(&'a self, _task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async { Err(ConnectorError::Permanent("bulk only".into())) })
+    }
+
+    fn run_bulk<'a>(&'a self, job: &'a BulkJob) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async move {
+            let erased = |target: &str, count| {
+                vec![ErasedCount {
+                    target: target.into(),
+                    action: "deleted".into(),
+                    count,
+                }]
+            };
+            Ok(match job.phase {
+                Phase::RetentionExpired => Outcome::Completed {
+                    records_affected: 3,
+                    note: "invoices erased".into(),
+                    files: Vec::new(),
+                    erased: erased("invoices", 3),
+                },
+                _ => Outcome::Retained {
+                    legal_basis: "Kirjanpitolaki 2:10 §".into(),
+                    until_ms: job.now_ms + 5_000,
+                    records_affected: 7,
+                    note: "customers erased, invoices kept".into(),
+                    erased: erased("customers", 7),
+                },
+            })
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_data_of_a_contract_end_is_erased_at_its_date_with_a_follow_up_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/processor.db", dir.path().display());
+    let keeper = HashMap::from([("crm".to_string(), Arc::new(Keeper) as Arc<dyn Connector>)]);
+    // Unscoped: with one controller all of the holder's data is that controller's.
+    let app = App::with_connectors(config(dir.path(), &url, &["acme"]), keeper)
+        .await
+        .expect("app");
+    let shared = app.shared();
+    let now = shared.clock.now_ms();
+    let req = DeliverRequest {
+        request_id: "ce-kept".into(),
+        kind: RequestKind::ContractEnd as i32,
+        parameters: Some(RequestParameters {
+            contract_end: Some(ContractEnd {
+                choice: ContractEndChoice::Delete as i32,
+                effective_at: Some(timestamp_from_millis(now)),
+                grace_ends_at: Some(timestamp_from_millis(now)),
+                return_confirmed: false,
+            }),
+            ..Default::default()
+        }),
+        due_at: Some(timestamp_from_millis(now + 60_000)),
+        ..Default::default()
+    };
+    shared
+        .store
+        .accept("acme", &req, &["crm".to_string()], None, now)
+        .await
+        .expect("accept");
+    let step = |at: i64| {
+        let shared = shared.clone();
+        async move {
+            let jobs = shared
+                .store
+                .claim_tasks(at, 10, 30_000)
+                .await
+                .expect("claim");
+            let n = jobs.len();
+            for job in jobs {
+                crate::runner::run_task(&shared, job).await.expect("step");
+            }
+            n
+        }
+    };
+    assert_eq!(step(now).await, 1);
+    let task = &shared.store.tasks("acme", "ce-kept").await.expect("tasks")[0];
+    assert_eq!(task.state, TaskState::Retained);
+    assert_eq!(task.phase, ContractPhase::Done);
+    // Nothing runs before the date; at the date the processor erases the rest by itself.
+    assert_eq!(step(now + 1_000).await, 0);
+    shared.clock.advance(6_000);
+    assert_eq!(step(now + 6_000).await, 1);
+    let task = &shared.store.tasks("acme", "ce-kept").await.expect("tasks")[0];
+    assert_eq!(
+        (task.state, task.records_affected),
+        (TaskState::Completed, 10)
+    );
+
+    let bodies: Vec<Vec<u8>> =
+        sqlx::query_scalar("SELECT body FROM certificates WHERE request_id = $1 ORDER BY sequence")
+            .bind("ce-kept")
+            .fetch_all(&shared.store.db().pool)
+            .await
+            .expect("certificates");
+    let bodies: Vec<serde_json::Value> = bodies
+        .iter()
+        .map(|b| serde_json::from_slice(b).expect("json"))
+        .collect();
+    assert_eq!(bodies.len(), 2, "{bodies:#?}");
+    assert!(bodies.iter().all(|b| b["kind"] == "contract_end"));
+    assert_eq!(bodies[0]["task_state"], "RETAINED");
+    assert_eq!(
+        bodies[0]["retained"][0]["legal_basis"],
+        "Kirjanpitolaki 2:10 §"
+    );
+    assert_eq!(bodies[1]["task_state"], "COMPLETED");
+    assert_eq!(bodies[1]["follows"], bodies[0]["certificate_id"]);
+    assert_eq!(bodies[1]["erased"][0]["target"], "invoices");
+}
+
+#[tokio::test]
+async fn a_connector_missing_a_served_controller_stops_the_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/processor.db", dir.path().display());
+    let err = App::with_connectors(config(dir.path(), &url, &["acme", "globex"]), connectors())
+        .await
+        .err()
+        .expect("refused");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("subprocessor crm") && text.contains("controller globex"),
+        "{text}"
+    );
+}

@@ -1,0 +1,317 @@
+//! Contract ends: their terms (stored with the delivery, replaced by UpdateContractEnd), the
+//! progress acknowledgements of a running bulk step, and the operators' list.
+
+use anyhow::Result;
+use dsrelay_connectors::BulkProgress;
+use dsrelay_proto::timestamp_from_millis;
+use dsrelay_proto::v1::{
+    Acknowledgement, ContractEnd, ContractEndChoice, ContractPhase, Evidence, TaskState,
+};
+use dsrelay_runtime::trace_context;
+use sqlx::{Any, Transaction};
+
+use super::rows::{stored_count, TaskKey, TaskRecord, TaskRow, TASK_COLUMNS};
+use super::{acks, tasks, Store};
+use crate::task_machine::{amend, decide, Context, Decision, Event, Refusal, Terms};
+
+/// The terms a delivery or update carries, if they are complete; `fallback` fills in the
+/// dates an update leaves out.
+pub(crate) fn terms_of(c: &ContractEnd, fallback: Option<&Terms>) -> Option<Terms> {
+    let choice = ContractEndChoice::try_from(c.choice)
+        .ok()
+        .filter(|c| *c != ContractEndChoice::Unspecified)?;
+    let millis = |t: Option<&dsrelay_proto::prost_types::Timestamp>| {
+        t.map(dsrelay_proto::millis_from_timestamp)
+    };
+    let effective_at = millis(c.effective_at.as_ref()).or(fallback.map(|f| f.effective_at))?;
+    let grace_ends_at = millis(c.grace_ends_at.as_ref()).or(fallback.map(|f| f.grace_ends_at))?;
+    Some(Terms {
+        choice,
+        effective_at,
+        grace_ends_at,
+        return_confirmed: c.return_confirmed,
+    })
+}
+
+/// The wire form of stored terms.
+pub(crate) fn to_proto(t: &Terms) -> ContractEnd {
+    ContractEnd {
+        choice: t.choice as i32,
+        effective_at: Some(timestamp_from_millis(t.effective_at)),
+        grace_ends_at: Some(timestamp_from_millis(t.grace_ends_at)),
+        return_confirmed: t.return_confirmed,
+    }
+}
+
+/// What became of an update of a contract end's terms.
+#[derive(Debug)]
+pub enum Updated {
+    /// The controller delivered no contract end with that id.
+    NotFound,
+    /// The update was refused.
+    Refused(Refusal),
+    /// The terms are as asked (changed or already so); the tasks as they stand.
+    Done(Vec<TaskRow>),
+}
+
+/// One contract end as the processor holds it.
+#[derive(Debug)]
+pub struct ContractEndRow {
+    /// The controller it is for.
+    pub controller: String,
+    /// The registry's request id.
+    pub request_id: String,
+    /// The terms as last delivered or updated.
+    pub terms: Terms,
+    /// When it was delivered (ms).
+    pub received_at: i64,
+    /// Its tasks, one per subprocessor.
+    pub tasks: Vec<TaskRow>,
+}
+
+/// A `contract_ends` row as stored.
+#[derive(Debug, sqlx::FromRow)]
+struct TermsRecord {
+    controller: String,
+    request_id: String,
+    choice: i64,
+    effective_at: i64,
+    grace_ends_at: i64,
+    return_confirmed: i64,
+    received_at: i64,
+}
+
+impl TermsRecord {
+    fn terms(&self) -> Terms {
+        Terms {
+            choice: i32::try_from(self.choice)
+                .ok()
+                .and_then(|c| ContractEndChoice::try_from(c).ok())
+                .unwrap_or(ContractEndChoice::Unspecified),
+            effective_at: self.effective_at,
+            grace_ends_at: self.grace_ends_at,
+            return_confirmed: self.return_confirmed != 0,
+        }
+    }
+}
+
+const TERMS_COLUMNS: &str =
+    "controller, request_id, choice, effective_at, grace_ends_at, return_confirmed, received_at";
+
+/// Stores the terms of a contract end delivered now (inside Deliver's transaction).
+pub(super) async fn insert(
+    tx: &mut Transaction<'static, Any>,
+    controller: &str,
+    request_id: &str,
+    terms: &Terms,
+    now: i64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO contract_ends (controller, request_id, choice, effective_at, \
+         grace_ends_at, return_confirmed, received_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+    )
+    .bind(controller)
+    .bind(request_id)
+    .bind(i64::from(terms.choice as i32))
+    .bind(terms.effective_at)
+    .bind(terms.grace_ends_at)
+    .bind(i64::from(terms.return_confirmed))
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+impl Store {
+    /// The terms of a contract end, if the controller delivered one with that id.
+    pub async fn contract_terms(
+        &self,
+        controller: &str,
+        request_id: &str,
+    ) -> Result<Option<Terms>> {
+        let row: Option<TermsRecord> = sqlx::query_as(&format!(
+            "SELECT {TERMS_COLUMNS} FROM contract_ends WHERE controller = $1 AND request_id = $2"
+        ))
+        .bind(controller)
+        .bind(request_id)
+        .fetch_optional(&self.db.pool)
+        .await?;
+        Ok(row.map(|r| r.terms()))
+    }
+
+    /// Replaces a contract end's terms with `wanted` when the rules allow
+    /// ([`crate::task_machine::amend`]) and reschedules its tasks as the task machine says,
+    /// in one transaction.
+    pub async fn update_contract_end(
+        &self,
+        controller: &str,
+        request_id: &str,
+        wanted: &ContractEnd,
+        now: i64,
+    ) -> Result<Updated> {
+        let mut tx = self.db.pool.begin().await?;
+        let stored: Option<TermsRecord> = sqlx::query_as(&format!(
+            "SELECT {TERMS_COLUMNS} FROM contract_ends WHERE controller = $1 AND request_id = $2{}",
+            self.db.backend.lock_rows()
+        ))
+        .bind(controller)
+        .bind(request_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(stored) = stored.map(|r| r.terms()) else {
+            return Ok(Updated::NotFound);
+        };
+        let Some(wanted) = terms_of(wanted, Some(&stored)) else {
+            return Ok(Updated::Refused(Refusal::Invalid(
+                "contract_end.choice",
+                "must be NONE, DELETE or RETURN_THEN_DELETE".into(),
+            )));
+        };
+        let rows: Vec<TaskRecord> = sqlx::query_as(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE controller = $1 AND request_id = $2 \
+             ORDER BY subprocessor"
+        ))
+        .bind(controller)
+        .bind(request_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let rows: Vec<TaskRow> = rows.into_iter().map(TaskRow::from).collect();
+        let deleting = rows
+            .iter()
+            .any(|t| matches!(t.phase, ContractPhase::Deleting | ContractPhase::Done));
+        let terms = match amend(&stored, &wanted, deleting) {
+            Ok(t) => t,
+            Err(refusal) => return Ok(Updated::Refused(refusal)),
+        };
+        if terms == stored {
+            tx.rollback().await?;
+            return Ok(Updated::Done(rows));
+        }
+        sqlx::query(
+            "UPDATE contract_ends SET choice = $1, grace_ends_at = $2, return_confirmed = $3, \
+             updated_at = $4 WHERE controller = $5 AND request_id = $6",
+        )
+        .bind(i64::from(terms.choice as i32))
+        .bind(terms.grace_ends_at)
+        .bind(i64::from(terms.return_confirmed))
+        .bind(now)
+        .bind(controller)
+        .bind(request_id)
+        .execute(&mut *tx)
+        .await?;
+        for task in &rows {
+            let event = Event::TermsChanged {
+                terms: &terms,
+                scheduled_at: task.scheduled_at,
+            };
+            match decide(&task.current(), event, &Context::at(now)) {
+                Decision::Move(t) => {
+                    tasks::transition(&mut tx, &task.key, task.sequence, &t, now, task.attempts)
+                        .await?;
+                }
+                Decision::Later { at, .. } => {
+                    sqlx::query(
+                        "UPDATE tasks SET next_attempt_at = $1 WHERE controller = $2 \
+                         AND request_id = $3 AND subprocessor = $4 AND sequence = $5",
+                    )
+                    .bind(at)
+                    .bind(controller)
+                    .bind(request_id)
+                    .bind(&task.key.subprocessor)
+                    .bind(task.sequence)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                _ => {}
+            }
+        }
+        tx.commit().await?;
+        Ok(Updated::Done(self.tasks(controller, request_id).await?))
+    }
+
+    /// Records a running bulk step's new progress, the task otherwise unchanged, and queues
+    /// its acknowledgement, if the task is still at `expected_sequence` and IN_PROGRESS.
+    /// Returns the new sequence.
+    pub async fn record_progress(
+        &self,
+        key: &TaskKey,
+        expected_sequence: i64,
+        phase: ContractPhase,
+        p: BulkProgress,
+        now: i64,
+    ) -> Result<Option<i64>> {
+        let mut tx = self.db.pool.begin().await?;
+        let row: Option<TaskRecord> = sqlx::query_as(&format!(
+            "UPDATE tasks SET sequence = $1, contract_phase = $2, subjects_done = $3, \
+             subjects_total = $4, records_done = $5, records_total = $6, updated_at = $7 \
+             WHERE controller = $8 AND request_id = $9 AND subprocessor = $10 \
+             AND sequence = $11 AND state = $12 RETURNING {TASK_COLUMNS}"
+        ))
+        .bind(expected_sequence + 1)
+        .bind(i64::from(phase as i32))
+        .bind(stored_count(p.subjects_done))
+        .bind(stored_count(p.subjects_total))
+        .bind(stored_count(p.records_done))
+        .bind(stored_count(p.records_total))
+        .bind(now)
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .bind(expected_sequence)
+        .bind(i64::from(TaskState::InProgress as i32))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row.map(TaskRow::from) else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let ack = Acknowledgement {
+            request_id: key.request_id.clone(),
+            subprocessor: key.subprocessor.clone(),
+            sequence: row.sequence as u64,
+            state: row.state as i32,
+            evidence: Some(Evidence {
+                records_affected: row.records_affected,
+                note: row.note.clone(),
+                confirmed: row.confirmed,
+                transfer_receipt: None,
+            }),
+            reason: row.reason.clone(),
+            legal_basis: row.legal_basis.clone(),
+            retain_until: row.retain_until.map(timestamp_from_millis),
+            occurred_at: Some(timestamp_from_millis(now)),
+            attempt: row.attempts.clamp(0, i64::from(u32::MAX)) as u32,
+            traceparent: trace_context::traceparent_of(&tracing::Span::current())
+                .unwrap_or_default(),
+            certificate: None,
+            progress: row.progress(),
+        };
+        acks::queue(&mut tx, key, row.sequence, &ack, now).await?;
+        tx.commit().await?;
+        Ok(Some(row.sequence))
+    }
+
+    /// The contract ends delivered here (only `controller`'s unless empty), newest first.
+    pub async fn contract_ends(&self, controller: &str) -> Result<Vec<ContractEndRow>> {
+        let rows: Vec<TermsRecord> = sqlx::query_as(&format!(
+            "SELECT {TERMS_COLUMNS} FROM contract_ends WHERE ($1 = '' OR controller = $1) \
+             ORDER BY received_at DESC, request_id DESC"
+        ))
+        .bind(controller)
+        .fetch_all(&self.db.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let tasks = self.tasks(&r.controller, &r.request_id).await?;
+            out.push(ContractEndRow {
+                terms: r.terms(),
+                controller: r.controller,
+                request_id: r.request_id,
+                received_at: r.received_at,
+                tasks,
+            });
+        }
+        Ok(out)
+    }
+}
