@@ -120,7 +120,7 @@ impl Writer {
             }
         }
         let (requests, answers): (Vec<Intaken>, Vec<_>) = jobs.into_iter().unzip();
-        match self.store.insert_requests(&requests).await {
+        match self.store.insert_batch(&requests).await {
             Ok(outcomes) => {
                 for (answer, outcome) in answers.into_iter().zip(outcomes) {
                     // The Submit may have gone (its caller hung up); its request is stored.

@@ -171,6 +171,9 @@ pub struct PairOptions {
     /// `forget_after_days` of both services (default 30; 0 forgets as soon as a request is
     /// finished, for processes, whose clocks cannot be moved).
     pub forget_after_days: u32,
+    /// Where the registry finds the processor when the test plays it itself (leave the
+    /// processor down then: `down: vec![Role::Processor]`).
+    pub processor_endpoint: Option<SocketAddr>,
 }
 
 impl Default for PairOptions {
@@ -194,6 +197,7 @@ impl Default for PairOptions {
             processor_public_key: None,
             recipient: None,
             forget_after_days: 30,
+            processor_endpoint: None,
         }
     }
 }
@@ -336,7 +340,10 @@ mod configs {
     pub(super) fn registry(plan: &Plan<'_>) -> dsrelay_registry::Config {
         let mut processors = vec![ProcessorConfig {
             name: PROCESSOR.into(),
-            endpoint: format!("https://localhost:{}", port(&plan.processor_listen)),
+            endpoint: match plan.opts.processor_endpoint {
+                Some(addr) => format!("https://localhost:{}", addr.port()),
+                None => format!("https://localhost:{}", port(&plan.processor_listen)),
+            },
             identity: dev_identity("processor", PROCESSOR),
             categories: vec![
                 "contact".into(),
@@ -417,6 +424,7 @@ mod configs {
             package_dir: plan.registry_packages.clone(),
             package_ttl_days: 30,
             package_sweep_interval_ms: 200,
+            contracts: Default::default(),
         };
         config.validate().expect("registry config");
         config

@@ -13,6 +13,7 @@ mod bad_input;
 mod certificates;
 mod compose;
 mod connectors;
+mod contracts_registry;
 mod download;
 mod dsrctl_cli;
 mod durability;

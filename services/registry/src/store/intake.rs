@@ -95,7 +95,14 @@ impl Store {
     /// Stores several requests in ONE transaction, so concurrent Submits share a commit (and
     /// its fsync). Answers in order. If the shared transaction cannot be used (a race on an
     /// idempotency key with another replica), each request is stored on its own instead.
-    pub async fn insert_requests(&self, rs: &[Intaken]) -> Result<Vec<Inserted>> {
+    pub async fn insert_requests(&self, rs: &[NewRequest]) -> Result<Vec<Inserted>> {
+        let batch: Vec<Intaken> = rs.iter().map(|r| (r.clone(), None)).collect();
+        self.insert_batch(&batch).await
+    }
+
+    /// [`Store::insert_requests`] for what the intake queue holds: Submits and contract ends
+    /// (with their terms) alike, in one transaction.
+    pub async fn insert_batch(&self, rs: &[Intaken]) -> Result<Vec<Inserted>> {
         if let [(r, c)] = rs {
             return Ok(vec![self.insert_intaken(r, c.as_ref()).await?]);
         }

@@ -248,7 +248,7 @@ pub struct ChainRow {
 /// The columns of [`TaskRow`], for `SELECT`s.
 pub(super) const TASK_COLUMNS: &str = "processor, subprocessor, state, sequence, \
     records_affected, confirmed, note, reason, legal_basis, retain_until, updated_at, \
-    transfer_receipt";
+    transfer_receipt, progress";
 
 /// A task as stored; the API sees it as a [`TaskStatus`].
 #[derive(Debug, Clone, sqlx::FromRow)]
