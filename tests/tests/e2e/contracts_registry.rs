@@ -27,6 +27,7 @@ use tokio::net::TcpListener;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
+use crate::harness::dsrctl::dsrctl;
 use crate::harness::{count, spawn_pair, Backend, PairOptions, Role, TestPair, PROCESSOR};
 
 const DAY_MS: i64 = 86_400_000;
@@ -521,6 +522,37 @@ async fn delivery_update_and_progress(backend: Backend) {
         .expect("get")
         .into_inner();
     assert_eq!(request.tasks[0].progress, Some(counted));
+    // dsrctl shows each subprocessor's phase and progress.
+    let shown = dsrctl(&pair, "operator", &["contracts", "show", &id]).await;
+    let line = shown
+        .ok()
+        .lines()
+        .find(|l| l.starts_with("accounting"))
+        .unwrap_or_else(|| panic!("no accounting row:\n{}", shown.stdout))
+        .to_string();
+    for word in ["IN_PROGRESS", "SCHEDULED", "0/10", "0/40"] {
+        assert!(line.contains(word), "{word:?} in {line:?}");
+    }
+    let listed = dsrctl(
+        &pair,
+        "operator",
+        &["contracts", "list", "--processor", PROCESSOR],
+    )
+    .await;
+    let row = listed
+        .ok()
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("no row for {id}:\n{}", listed.stdout))
+        .to_string();
+    for word in [
+        PROCESSOR,
+        "NONE",
+        "IN_PROGRESS",
+        "accounting SCHEDULED 0/10 subjects",
+    ] {
+        assert!(row.contains(word), "{word:?} in {row:?}");
+    }
 
     // The choice travels as an update; the first two attempts fail, and a confirmation made
     // meanwhile is not possible yet (no part), so the latest terms are those sent.
@@ -591,16 +623,30 @@ async fn delivery_update_and_progress(backend: Backend) {
         Code::FailedPrecondition,
         &["differs"],
     );
+    // The operator downloads and verifies the package, then confirms it with dsrctl.
     let digest = sha256(&info.manifest_json);
-    let confirmed = ops
-        .confirm_return(ConfirmReturnRequest {
-            contract_id: id.clone(),
-            manifest_sha256: digest.to_uppercase(),
-        })
+    let folder = pair.dir().join("returned");
+    let folder_arg = folder.to_str().expect("utf-8 path");
+    dsrctl(&pair, "operator", &["download", &id, "--out", folder_arg])
         .await
-        .expect("confirm")
-        .into_inner();
-    assert!(confirmed.contract_end.expect("terms").return_confirmed);
+        .ok();
+    let confirmed = dsrctl(
+        &pair,
+        "operator",
+        &[
+            "contracts",
+            "confirm",
+            &id,
+            "--package",
+            folder_arg,
+            "--output",
+            "json",
+        ],
+    )
+    .await
+    .json();
+    assert_eq!(confirmed["return_confirmed"], true, "{confirmed}");
+    assert_eq!(confirmed["choice"], "RETURN_THEN_DELETE", "{confirmed}");
     // The same confirmation again changes nothing.
     ops.confirm_return(ConfirmReturnRequest {
         contract_id: id.clone(),
@@ -670,4 +716,145 @@ async fn contractreg_delivery_update_and_progress_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contractreg_delivery_update_and_progress_on_postgres() {
     delivery_update_and_progress(Backend::Postgres).await;
+}
+
+/// dsrctl's contract commands against the real pair: end (printing the key it chose),
+/// list, show, choose, and the registry's refusal carried to the exit status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contractreg_dsrctl_contract_commands() {
+    let pair = spawn_pair(PairOptions::default())
+        .await
+        .expect("sqlite pair");
+    let ended = dsrctl(
+        &pair,
+        "operator",
+        &[
+            "contracts",
+            "end",
+            "--processor",
+            PROCESSOR,
+            "--choice",
+            "none",
+            "--now",
+            "--output",
+            "json",
+        ],
+    )
+    .await
+    .json();
+    let id = ended["contract_id"].as_str().expect("id").to_string();
+    assert_eq!(ended["choice"], "NONE", "{ended}");
+    assert!(
+        ended["idempotency_key"]
+            .as_str()
+            .is_some_and(|k| !k.is_empty()),
+        "{ended}"
+    );
+    assert!(ended["grace_ends_at"].is_string(), "{ended}");
+
+    // Both or neither of --effective-at and --now is a usage error.
+    dsrctl(
+        &pair,
+        "operator",
+        &[
+            "contracts",
+            "end",
+            "--processor",
+            PROCESSOR,
+            "--choice",
+            "delete",
+        ],
+    )
+    .await
+    .expect_code(2);
+    // A second one with the processor: the registry's refusal, naming the first.
+    let again = dsrctl(
+        &pair,
+        "operator",
+        &[
+            "contracts",
+            "end",
+            "--processor",
+            PROCESSOR,
+            "--choice",
+            "delete",
+            "--now",
+        ],
+    )
+    .await;
+    again.expect_code(2);
+    assert!(
+        again.stderr.contains("FAILED_PRECONDITION") && again.stderr.contains(&id),
+        "{}",
+        again.stderr
+    );
+    // Partners may not.
+    let partner = dsrctl(&pair, "partner-crm", &["contracts", "list"]).await;
+    partner.expect_code(2);
+    assert!(
+        partner.stderr.contains("PERMISSION_DENIED"),
+        "{}",
+        partner.stderr
+    );
+
+    let list = dsrctl(&pair, "operator", &["contracts", "list"]).await;
+    let header = list.ok().lines().next().expect("a header").to_string();
+    for column in [
+        "ID",
+        "PROCESSOR",
+        "CHOICE",
+        "EFFECTIVE",
+        "GRACE ENDS",
+        "STATE",
+        "SUBPROCESSORS",
+    ] {
+        assert!(header.contains(column), "{column} in {header:?}");
+    }
+    assert!(list.stdout.contains(&id), "{}", list.stdout);
+
+    let chosen = dsrctl(
+        &pair,
+        "operator",
+        &[
+            "contracts",
+            "choose",
+            &id,
+            "--choice",
+            "return-then-delete",
+            "--output",
+            "json",
+        ],
+    )
+    .await
+    .json();
+    assert_eq!(chosen["choice"], "RETURN_THEN_DELETE", "{chosen}");
+    let shown = dsrctl(&pair, "operator", &["contracts", "show", &id]).await;
+    assert!(
+        shown
+            .ok()
+            .lines()
+            .any(|l| l.starts_with("choice") && l.contains("RETURN_THEN_DELETE")),
+        "{}",
+        shown.stdout
+    );
+    // Nothing was returned yet: the confirmation is refused.
+    let confirm = dsrctl(
+        &pair,
+        "operator",
+        &[
+            "contracts",
+            "confirm",
+            &id,
+            "--manifest-sha256",
+            &"0".repeat(64),
+        ],
+    )
+    .await;
+    confirm.expect_code(2);
+    assert!(
+        confirm.stderr.contains("not complete"),
+        "{}",
+        confirm.stderr
+    );
+    pair.stop().await;
 }
