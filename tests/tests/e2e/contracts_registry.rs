@@ -700,6 +700,23 @@ async fn delivery_update_and_progress(backend: Backend) {
     assert_eq!(finished.tasks[0].progress, Some(done));
     let last = events(&pair, &id, EventType::TaskUpdated).await;
     assert!(last.last().is_some_and(|m| m.contains("DONE")), "{last:?}");
+    // The event's task (as Watch and ListEvents show it) carries the progress it reported.
+    let listed = pair
+        .operator()
+        .list_events(ListEventsRequest {
+            request_id: id.clone(),
+        })
+        .await
+        .expect("events")
+        .into_inner()
+        .events;
+    let task = listed
+        .iter()
+        .rev()
+        .find(|e| e.r#type == EventType::TaskUpdated as i32)
+        .and_then(|e| e.task.clone())
+        .expect("a task update");
+    assert_eq!(task.progress, Some(done));
 
     // Finished: another contract end with the processor may begin.
     ops.end_contract(end(ContractEndChoice::Delete, "the-next"))

@@ -22,3 +22,7 @@ CREATE INDEX contracts_by_processor ON contracts (processor, request_id);
 -- A CONTRACT_END task's latest progress (an encoded dsrelay.v1.ContractProgress), as its
 -- highest-sequence acknowledgement carried it; NULL for every other task.
 ALTER TABLE tasks ADD COLUMN progress BLOB;
+
+-- The progress a TASK_UPDATED event of a CONTRACT_END task reported (an encoded
+-- dsrelay.v1.ContractProgress), so Watch and ListEvents show it with the task; NULL otherwise.
+ALTER TABLE events ADD COLUMN progress BLOB;

@@ -275,6 +275,7 @@ impl Store {
                         attempt: ack.attempt,
                         message: ack.describe(),
                         free_text: ack.reason.clone(),
+                        progress: ack.progress,
                     },
                 )
                 .await?;
@@ -331,6 +332,7 @@ impl Store {
                         attempt: 0,
                         message: format!("{} (reconciled)", update.describe()),
                         free_text: update.reason.clone(),
+                        progress: update.progress,
                     },
                 )
                 .await?;

@@ -232,6 +232,8 @@ pub struct EventRow {
     pub trace_id: Option<String>,
     /// The span it happened in, when traced.
     pub span_id: Option<String>,
+    /// An encoded ContractProgress, for a CONTRACT_END task's update.
+    pub progress: Option<Vec<u8>>,
 }
 
 /// A processor's last reported subprocessor list.
