@@ -542,3 +542,65 @@ async fn watch(registry: &Registry, id: &str, io: &mut Io<'_>) -> Result<u8, Fai
         1
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use dsrelay_sdk::proto::{ContractProgress, TaskState};
+
+    use super::*;
+
+    #[test]
+    fn the_digest_is_that_of_the_folders_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            manifest_digest(dir.path()),
+            Err(Failure::Usage(m)) if m.contains("dsrctl download")
+        ));
+        std::fs::write(dir.path().join("manifest.json"), b"{}\n").unwrap();
+        assert_eq!(
+            manifest_digest(dir.path()).unwrap(),
+            hex::encode(Sha256::digest(b"{}\n"))
+        );
+    }
+
+    #[test]
+    fn a_part_shows_its_phase_and_counts() {
+        let task = TaskStatus {
+            subprocessor: "accounting".into(),
+            state: TaskState::InProgress as i32,
+            progress: Some(ContractProgress {
+                phase: ContractPhase::Deleting as i32,
+                subjects_done: 3,
+                subjects_total: 10,
+                records_done: 7,
+                records_total: 0,
+                scheduled_at: None,
+            }),
+            ..Default::default()
+        };
+        let part = PartView::from(&task);
+        assert_eq!(part.summary(), "accounting DELETING 3/10 subjects");
+        assert_eq!(count(part.records_done, part.records_total), "7/?");
+        let c = Contract {
+            contract_id: "c1".into(),
+            processor: "payroll".into(),
+            contract_end: Some(ContractEnd {
+                choice: ContractEndChoice::Delete as i32,
+                ..Default::default()
+            }),
+            state: RequestState::InProgress as i32,
+            tasks: vec![task],
+            ..Default::default()
+        };
+        let table = ContractView::from(&c).to_table();
+        let row = table
+            .lines()
+            .find(|l| l.starts_with("accounting"))
+            .expect("a row");
+        for word in ["IN_PROGRESS", "DELETING", "3/10", "7/?"] {
+            assert!(row.contains(word), "{word} in {row}");
+        }
+        assert!(finished(RequestState::Completed as i32));
+        assert!(!finished(RequestState::PartiallyCompleted as i32));
+    }
+}
