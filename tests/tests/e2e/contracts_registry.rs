@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceClient;
+use dsrelay_proto::v1::certificate_service_client::CertificateServiceClient;
 use dsrelay_proto::v1::contract_service_client::ContractServiceClient;
 use dsrelay_proto::v1::export_upload_service_client::ExportUploadServiceClient;
 use dsrelay_proto::v1::package_service_client::PackageServiceClient;
@@ -15,13 +16,15 @@ use dsrelay_proto::v1::processor_service_server::{ProcessorService, ProcessorSer
 use dsrelay_proto::v1::{
     AcknowledgeRequest, Acknowledgement, CancelDeliveryRequest, ChooseContractEndRequest,
     CompletePartRequest, ConfirmReturnRequest, Contract, ContractEndChoice, ContractPhase,
-    ContractProgress, DeliverRequest, DeliverResponse, EndContractRequest, EventType,
-    ExportFileHeader, GetContractRequest, GetPackageRequest, GetRequest, GetStatusRequest,
-    ListContractsRequest, ListEventsRequest, ListSubprocessorsRequest, RequestKind, RequestState,
-    SubprocessorList, TaskList, TaskState, TaskStatus, UpdateContractEndRequest, UploadFileChunk,
+    ContractProgress, DeletionCertificate, DeliverRequest, DeliverResponse, EndContractRequest,
+    EventType, ExportFileHeader, GetContractRequest, GetPackageRequest, GetRequest,
+    GetStatusRequest, ListCertificatesRequest, ListContractsRequest, ListEventsRequest,
+    ListSubprocessorsRequest, RequestKind, RequestState, SubprocessorList, TaskList, TaskState,
+    TaskStatus, UpdateContractEndRequest, UploadFileChunk,
 };
 use dsrelay_proto::{millis_from_timestamp, timestamp_from_millis};
-use dsrelay_runtime::pki::DevPki;
+use dsrelay_runtime::pki::{dev_identity, DevPki};
+use dsrelay_runtime::signing::{to_canonical_json, SigningKey};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
@@ -694,7 +697,47 @@ async fn delivery_update_and_progress(backend: Backend) {
         phase: ContractPhase::Done as i32,
         ..Default::default()
     };
-    acknowledge(&pair, &id, 4, TaskState::Completed, done).await;
+    // With a certificate of kind contract_end, signed with the processor's key.
+    let key = SigningKey::load(&pair.pki().signing_key("processor")).expect("signing key");
+    let body = serde_json::json!({
+        "version": 1, "certificate_id": format!("c-{id}"), "kind": "contract_end",
+        "processor": dev_identity("processor", PROCESSOR), "request_id": id,
+        "subprocessor": "accounting", "task_state": "COMPLETED", "controller": "controller",
+        "records_affected": 40, "erased": [], "retained": [],
+        "completed_at": "2026-01-01T00:00:00.000Z", "issued_at": "2026-01-01T00:00:00.000Z",
+    });
+    let signed = key.sign(to_canonical_json(&body).expect("canonical"));
+    let answer = AcknowledgementServiceClient::new(pair.channel_to_registry("processor"))
+        .acknowledge(AcknowledgeRequest {
+            acknowledgements: vec![Acknowledgement {
+                request_id: id.clone(),
+                subprocessor: "accounting".into(),
+                sequence: 4,
+                state: TaskState::Completed as i32,
+                progress: Some(done),
+                certificate: Some(DeletionCertificate {
+                    body: signed.body,
+                    signature: signed.signature,
+                    key_id: signed.key_id,
+                }),
+                ..Default::default()
+            }],
+        })
+        .await
+        .expect("acknowledge")
+        .into_inner();
+    assert_eq!(answer.applied, 1, "{answer:?}");
+    let certificates = CertificateServiceClient::new(pair.channel_to_registry("operator"))
+        .list_certificates(ListCertificatesRequest {
+            request_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("certificates")
+        .into_inner()
+        .certificates;
+    assert_eq!(certificates.len(), 1);
+    assert!(certificates[0].verified, "{:?}", certificates[0]);
     let finished = get(&pair, &id).await;
     assert_eq!(finished.state, RequestState::Completed as i32);
     assert_eq!(finished.tasks[0].progress, Some(done));
