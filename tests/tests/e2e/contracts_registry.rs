@@ -761,6 +761,17 @@ async fn delivery_update_and_progress(backend: Backend) {
         .expect("a task update");
     assert_eq!(task.progress, Some(done));
 
+    // Watching a finished contract end ends at once, exit 0 for COMPLETED.
+    let watched = dsrctl(
+        &pair,
+        "operator",
+        &["contracts", "show", &id, "--watch", "--output", "json"],
+    )
+    .await
+    .json();
+    assert_eq!(watched["state"], "COMPLETED", "{watched}");
+    assert_eq!(watched["tasks"][0]["phase"], "DONE", "{watched}");
+
     // Finished: another contract end with the processor may begin.
     ops.end_contract(end(ContractEndChoice::Delete, "the-next"))
         .await
