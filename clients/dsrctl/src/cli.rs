@@ -130,6 +130,11 @@ pub enum Command {
     /// and what it retains, until when.
     #[command(subcommand)]
     Certificate(CertificateCommand),
+    /// Contract ends (operators only): end the contract with a processor, so that it deletes,
+    /// or returns and then deletes, all of the controller's data at every subprocessor;
+    /// follow it, make a deferred choice, confirm the returned package.
+    #[command(subcommand)]
+    Contracts(ContractsCommand),
     // New subcommands go here, with their arm in `commands::dispatch`; a subcommand that
     // needs no registry connection must not call `settings::resolve`.
 }
@@ -226,6 +231,97 @@ pub enum TasksCommand {
         processor: ProcessorArgs,
         /// The dead letter's id (from `dsrctl tasks dead-letters`).
         id: i64,
+    },
+}
+
+/// What happens to the controller's data when a contract ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ContractChoiceArg {
+    /// Delete all of it from the effective date.
+    Delete,
+    /// Return it as a package, and delete it once `dsrctl contracts confirm` was given.
+    ReturnThenDelete,
+    /// Choose later (`dsrctl contracts choose`); without a choice the data is deleted when
+    /// the grace period ends.
+    None,
+}
+
+/// `dsrctl contracts ...`.
+#[derive(Debug, Subcommand)]
+pub enum ContractsCommand {
+    /// End the contract with a processor; prints the contract end.
+    End {
+        /// The processor, as the registry names it.
+        #[arg(long)]
+        processor: String,
+        /// What happens to the data.
+        #[arg(long, value_enum)]
+        choice: ContractChoiceArg,
+        /// When the contract ends (RFC 3339, e.g. 2027-01-01T00:00:00Z); not in the past.
+        #[arg(
+            long,
+            value_name = "RFC3339",
+            required_unless_present = "now",
+            conflicts_with = "now"
+        )]
+        effective_at: Option<String>,
+        /// End it now.
+        #[arg(long)]
+        now: bool,
+        /// The key that makes retrying safe [default: a new random key, printed].
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// List contract ends, newest first, with each subprocessor's phase and progress.
+    List {
+        /// Only this processor's.
+        #[arg(long)]
+        processor: Option<String>,
+    },
+    /// Show one contract end with each subprocessor's phase and progress.
+    Show {
+        /// The contract end's id.
+        id: String,
+        /// Keep showing progress bars per subprocessor until it finishes (or Ctrl-C); exits 0
+        /// only if it ended COMPLETED.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Make the choice a contract end was created without, during its grace period.
+    Choose {
+        /// The contract end's id.
+        id: String,
+        /// DELETE or RETURN_THEN_DELETE.
+        #[arg(long, value_enum)]
+        choice: ContractChoiceArg,
+    },
+    /// Confirm that the returned package arrived and was verified; the processor then
+    /// deletes the data.
+    Confirm {
+        /// The contract end's id.
+        id: String,
+        /// SHA-256 (hex) of the package's manifest.json, as `dsrctl download` printed it.
+        #[arg(
+            long,
+            value_name = "HEX",
+            required_unless_present = "package",
+            conflicts_with = "package"
+        )]
+        manifest_sha256: Option<String>,
+        /// A folder `dsrctl download --out` wrote and verified: its manifest.json's SHA-256 is
+        /// sent.
+        #[arg(long, value_name = "DIR")]
+        package: Option<PathBuf>,
+    },
+    /// What a processor has scheduled for the contract ends it received, and when (asks the
+    /// processor's operator API, like `dsrctl tasks`).
+    Scheduled {
+        /// Where the processor is.
+        #[command(flatten)]
+        processor: ProcessorArgs,
+        /// Only this controller's (as the processor names it).
+        #[arg(long)]
+        controller: Option<String>,
     },
 }
 

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use dsrelay_proto::v1::certificate_service_client::CertificateServiceClient;
+use dsrelay_proto::v1::contract_service_client::ContractServiceClient;
 use dsrelay_proto::v1::package_service_client::PackageServiceClient;
 use dsrelay_proto::v1::request_service_client::RequestServiceClient;
 use dsrelay_proto::v1::{
@@ -49,6 +50,8 @@ pub struct RegistryClient {
     pub(crate) packages: PackageServiceClient<Channel>,
     /// The same channel, for deletion certificates.
     certificates: CertificateServiceClient<Channel>,
+    /// The same channel, for contract ends (in [`crate::contracts`]).
+    pub(crate) contracts: ContractServiceClient<Channel>,
     timeout: Option<Duration>,
 }
 
@@ -77,7 +80,8 @@ impl RegistryClient {
         Self {
             inner: RequestServiceClient::new(channel.clone()),
             packages: PackageServiceClient::new(channel.clone()),
-            certificates: CertificateServiceClient::new(channel),
+            certificates: CertificateServiceClient::new(channel.clone()),
+            contracts: ContractServiceClient::new(channel),
             timeout: Some(DEFAULT_CALL_TIMEOUT),
         }
     }

@@ -1,5 +1,6 @@
 //! Rust client for the dsrelay registry's partner API (`dsrelay.v1.RequestService`,
-//! `dsrelay.v1.PackageService` and `dsrelay.v1.CertificateService`).
+//! `dsrelay.v1.PackageService` and `dsrelay.v1.CertificateService`) and its operators'
+//! contract ends (`dsrelay.v1.ContractService`).
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -25,6 +26,8 @@
 //! # Layout
 //! - [`client`]: [`ConnectionSettings`] and [`RegistryClient`], one typed method per RPC;
 //!   every call fails with the server's [`tonic::Status`] so callers can show code and message.
+//! - [`contracts`]: contract ends (operators only): [`RegistryClient::end_contract`] and the
+//!   calls that follow one ([`EffectiveAt`] says when it ends).
 //! - [`package`]: return-of-data packages: [`RegistryClient::get_package`] and
 //!   [`RegistryClient::download_package`], a stream of [`DownloadEvent`]s (manifest, chunks).
 //! - [`submit`]: [`SubmitBuilder`] and the identity helpers ([`identity`], [`hashed_identity`],
@@ -35,11 +38,13 @@
 //!   dependency on `dsrelay-proto`; [`runtime`] likewise for `TlsFiles` and the dev PKI.
 
 pub mod client;
+pub mod contracts;
 pub mod package;
 pub mod status;
 pub mod submit;
 
 pub use client::{ConnectionSettings, RegistryClient, DEFAULT_CALL_TIMEOUT};
+pub use contracts::EffectiveAt;
 pub use package::DownloadEvent;
 pub use status::{code_name, is_connection_error};
 pub use submit::{hashed_identity, identity, other_identity, SubmitBuilder};

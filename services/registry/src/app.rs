@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use dsrelay_proto::v1::acknowledgement_service_server::AcknowledgementServiceServer;
 use dsrelay_proto::v1::certificate_service_server::CertificateServiceServer;
+use dsrelay_proto::v1::contract_service_server::ContractServiceServer;
 use dsrelay_proto::v1::export_upload_service_server::ExportUploadServiceServer;
 use dsrelay_proto::v1::package_service_server::PackageServiceServer;
 use dsrelay_proto::v1::processor_service_client::ProcessorServiceClient;
@@ -215,6 +216,7 @@ impl App {
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
             .service(CertificateServiceServer::new(api.clone()))
+            .service(ContractServiceServer::new(api.clone()))
             .service(
                 PackageServiceServer::new(api)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -39,6 +39,9 @@ pub struct Config {
     /// Bounds on Watch streams.
     #[serde(default)]
     pub watch: WatchConfig,
+    /// Contract ends (ContractService).
+    #[serde(default)]
+    pub contracts: ContractsConfig,
     /// Key of the keyed hashes (HMAC-SHA256) that stay after raw identities are forgotten,
     /// for the audit trail and deduplication; also keys the Submit body hash. Required:
     /// anyone holding it can test a guessed e-mail address against the hashes, so keep it
@@ -232,6 +235,22 @@ impl Default for WatchConfig {
     }
 }
 
+/// Contract-end settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContractsConfig {
+    /// Calendar months the processor keeps a controller's data after the contract's effective
+    /// date when no choice was made (`grace_ends_at`); six by default, as the privacy notices
+    /// promise. Every contract end's `grace_ends_at` is computed with it when it is created.
+    pub grace_months: u32,
+}
+
+impl Default for ContractsConfig {
+    fn default() -> Self {
+        Self { grace_months: 6 }
+    }
+}
+
 /// Where the registry listens and stores unless configured otherwise.
 pub const DEFAULTS: Defaults = Defaults {
     listen: "127.0.0.1:50051",
@@ -327,6 +346,9 @@ impl Config {
         }
         if self.watch.streams_per_caller == 0 {
             errors.push("watch.streams_per_caller: must be at least 1".into());
+        }
+        if self.contracts.grace_months == 0 || self.contracts.grace_months > 120 {
+            errors.push("contracts.grace_months: must be 1 to 120".into());
         }
         if self.package_ttl_days == 0 {
             errors.push("package_ttl_days: keep packages at least 1 day".into());
@@ -485,6 +507,7 @@ mod tests {
         assert_eq!(c.identity_hash_key, "k");
         assert_eq!(c.package_dir, Path::new(DEFAULT_PACKAGE_DIR));
         assert_eq!(c.package_ttl_days, 30);
+        assert_eq!(c.contracts.grace_months, 6);
         // Written back, it is the same flat file.
         let text = toml::to_string(&c).unwrap();
         let again: Config = toml::from_str(&text).unwrap();

@@ -1,4 +1,5 @@
-//! Delivers the outbox: each due row is sent to its processor (Deliver or Cancel) until the
+//! Delivers the outbox: each due row is sent to its processor (Deliver, Cancel, or a contract
+//! end's UpdateContractEnd with its terms as they stand) until the
 //! processor durably accepts it, with exponential backoff and jitter between attempts. A row
 //! the processor refuses with an answer retrying cannot change ([`is_refusal`]) is
 //! dead-lettered after `delivery.max_refusals` refusals: no longer sent, shown in Get and the
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use dsrelay_proto::v1::{
     CancelDeliveryRequest, DeliverRequest, RequestKind, SubmitRequest, TransferRecipient,
+    UpdateContractEndRequest,
 };
 use dsrelay_proto::{prost::Message, timestamp_from_millis};
 use dsrelay_runtime::trace_context;
@@ -89,26 +91,45 @@ async fn attempt(shared: &Shared, job: DeliveryJob) {
     };
     let mut client = client.clone();
     let timeout = Duration::from_millis(cfg.call_timeout_ms);
-    let result = if job.op == Operation::Deliver {
-        let body = job
-            .body
-            .as_deref()
-            .and_then(|b| SubmitRequest::decode(b).ok())
-            .unwrap_or_default();
-        let mut req = tonic::Request::new(deliver_request(&job, body, |name| {
-            shared.config.recipient(name)
-        }));
-        req.set_timeout(timeout);
-        propagate(req.metadata_mut(), &job.trace_id);
-        client.deliver(req).await.map(|r| r.into_inner().tasks)
-    } else {
-        let mut req = tonic::Request::new(CancelDeliveryRequest {
-            request_id: job.request_id.clone(),
-            reason: job.cancel_reason.clone().unwrap_or_default(),
-        });
-        req.set_timeout(timeout);
-        propagate(req.metadata_mut(), &job.trace_id);
-        client.cancel(req).await.map(|r| r.into_inner().tasks)
+    let result = match job.op {
+        Operation::Deliver => {
+            let body = job
+                .body
+                .as_deref()
+                .and_then(|b| SubmitRequest::decode(b).ok())
+                .unwrap_or_default();
+            let mut req = tonic::Request::new(deliver_request(&job, body, |name| {
+                shared.config.recipient(name)
+            }));
+            req.set_timeout(timeout);
+            propagate(req.metadata_mut(), &job.trace_id);
+            client.deliver(req).await.map(|r| r.into_inner().tasks)
+        }
+        Operation::Cancel => {
+            let mut req = tonic::Request::new(CancelDeliveryRequest {
+                request_id: job.request_id.clone(),
+                reason: job.cancel_reason.clone().unwrap_or_default(),
+            });
+            req.set_timeout(timeout);
+            propagate(req.metadata_mut(), &job.trace_id);
+            client.cancel(req).await.map(|r| r.into_inner().tasks)
+        }
+        Operation::Update => {
+            let Some(terms) = job.terms.contract_end() else {
+                record_failure(shared, &job, "the request is not a contract end", true).await;
+                return;
+            };
+            let mut req = tonic::Request::new(UpdateContractEndRequest {
+                request_id: job.request_id.clone(),
+                contract_end: Some(terms),
+            });
+            req.set_timeout(timeout);
+            propagate(req.metadata_mut(), &job.trace_id);
+            client
+                .update_contract_end(req)
+                .await
+                .map(|r| r.into_inner().tasks)
+        }
     };
     match result {
         Ok(tasks) => {
@@ -131,12 +152,29 @@ async fn attempt(shared: &Shared, job: DeliveryJob) {
 }
 
 /// The Deliver of `job`'s request: a TRANSFER carries its recipient as `recipient` finds it
-/// configured now, so the processor knows where the data goes and whom to expect there.
+/// configured now, so the processor knows where the data goes and whom to expect there; a
+/// CONTRACT_END carries its terms as the `contracts` table holds them (never the body's,
+/// which forgetting removes and which a later choice makes stale), and no identities.
 fn deliver_request(
     job: &DeliveryJob,
     body: SubmitRequest,
     recipient: impl Fn(&str) -> Option<TransferRecipient>,
 ) -> DeliverRequest {
+    if job.kind == RequestKind::ContractEnd as i64 {
+        return DeliverRequest {
+            request_id: job.request_id.clone(),
+            kind: RequestKind::ContractEnd as i32,
+            identities: Vec::new(),
+            scope: None,
+            parameters: Some(dsrelay_proto::v1::RequestParameters {
+                contract_end: job.terms.contract_end(),
+                ..Default::default()
+            }),
+            received_at: Some(timestamp_from_millis(job.received_at)),
+            due_at: Some(timestamp_from_millis(job.due_at)),
+            recipient: None,
+        };
+    }
     let recipient = (body.kind == RequestKind::Transfer as i32)
         .then(|| {
             body.parameters
@@ -223,6 +261,8 @@ mod tests {
             trace_id: String::new(),
             cancel_reason: None,
             traceparent: None,
+            kind: RequestKind::Transfer as i64,
+            terms: Default::default(),
         }
     }
 
@@ -282,6 +322,31 @@ mod tests {
         // A recipient no longer configured is not invented.
         let gone = deliver_request(&job(), submit(RequestKind::Transfer, "old"), configured);
         assert_eq!(gone.recipient, None);
+    }
+
+    #[test]
+    fn a_contract_end_carries_its_stored_terms_and_no_identities() {
+        use dsrelay_proto::v1::{ContractEndChoice, SubjectIdentity};
+        let mut j = job();
+        j.kind = RequestKind::ContractEnd as i64;
+        j.terms = crate::store::ContractTerms {
+            contract_choice: Some(ContractEndChoice::Delete as i64),
+            contract_effective_at: Some(10),
+            contract_grace_ends_at: Some(20),
+            contract_return_confirmed: Some(0),
+            contract_version: Some(2),
+        };
+        // A stale body (choice NONE, an identity) never reaches the processor.
+        let mut body = submit(RequestKind::ContractEnd, "");
+        body.identities.push(SubjectIdentity::default());
+        let req = deliver_request(&j, body, configured);
+        assert_eq!(req.kind, RequestKind::ContractEnd as i32);
+        assert!(req.identities.is_empty());
+        let terms = req.parameters.unwrap().contract_end.unwrap();
+        assert_eq!(terms.choice, ContractEndChoice::Delete as i32);
+        assert_eq!(terms.effective_at, Some(timestamp_from_millis(10)));
+        assert_eq!(terms.grace_ends_at, Some(timestamp_from_millis(20)));
+        assert!(!terms.return_confirmed);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use dsrelay_runtime::host::Stop;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::{Inserted, NewRequest, Store};
+use crate::store::{Inserted, Intaken, NewContract, NewRequest, Store};
 
 /// Most requests stored in one transaction.
 pub(crate) const MAX_BATCH: usize = 256;
@@ -37,7 +37,7 @@ pub enum IntakeError {
     },
 }
 
-type Job = (NewRequest, oneshot::Sender<Result<Inserted, IntakeError>>);
+type Job = (Intaken, oneshot::Sender<Result<Inserted, IntakeError>>);
 
 /// The queue in front of the writer.
 #[derive(Debug, Clone)]
@@ -63,9 +63,23 @@ impl Intake {
     /// Stores `request` (or finds its idempotency key's earlier request); returns once it is
     /// committed.
     pub(crate) async fn submit(&self, request: NewRequest) -> Result<Inserted, IntakeError> {
+        self.queue((request, None)).await
+    }
+
+    /// Stores a contract end with its terms, as [`Intake::submit`] stores a request; it is
+    /// [`Inserted::Running`] while another contract end with the processor has not finished.
+    pub(crate) async fn end_contract(
+        &self,
+        request: NewRequest,
+        contract: NewContract,
+    ) -> Result<Inserted, IntakeError> {
+        self.queue((request, Some(contract))).await
+    }
+
+    async fn queue(&self, job: Intaken) -> Result<Inserted, IntakeError> {
         let (done_tx, done_rx) = oneshot::channel();
         self.tx
-            .send((request, done_tx))
+            .send((job, done_tx))
             .await
             .map_err(|_| IntakeError::Stopped)?;
         done_rx.await.map_err(|_| IntakeError::Stopped)?
@@ -105,8 +119,8 @@ impl Writer {
                 Err(_) => break,
             }
         }
-        let (requests, answers): (Vec<NewRequest>, Vec<_>) = jobs.into_iter().unzip();
-        match self.store.insert_requests(&requests).await {
+        let (requests, answers): (Vec<Intaken>, Vec<_>) = jobs.into_iter().unzip();
+        match self.store.insert_batch(&requests).await {
             Ok(outcomes) => {
                 for (answer, outcome) in answers.into_iter().zip(outcomes) {
                     // The Submit may have gone (its caller hung up); its request is stored.

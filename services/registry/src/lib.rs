@@ -7,15 +7,16 @@
 //! - [`app`]: [`App::build`] (store, processor clients, shared state) and [`App::run`], which
 //!   hands the services, metrics and workers to the runtime's host.
 //! - [`api`]: the gRPC handlers (partner API, acknowledgement API, deletion certificates,
-//!   package upload and download, the Watch stream, views).
+//!   package upload and download, contract ends, the Watch stream, views).
 //! - [`auth`]: the registry's callers (partners, operators, processors) by certificate
 //!   identity.
 //! - [`validate`]: Submit input rules.
 //! - [`intake`]: group commit of concurrent Submits; its writer is a worker, drained and
 //!   stopped on shutdown.
-//! - [`store`]: requests, the delivery outbox, tasks, acknowledgements, events.
+//! - [`store`]: requests, the delivery outbox, tasks, acknowledgements, events, contract
+//!   ends' terms.
 //! - [`fold`]: deliveries and task states → request state.
-//! - [`deadline`]: GDPR due dates.
+//! - [`deadline`]: GDPR due dates, and a contract end's grace period and due date.
 //! - [`dispatcher`]: sends the outbox with backoff and jitter.
 //! - [`metrics`]: Prometheus metrics on the admin port (`admin_listen`).
 //! - [`packages`]: return-of-data packages: the store their files go through (a folder

@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `dsrelay_requests` | gauge | `kind`, `state` |
 //! | `dsrelay_requests_overdue` | gauge | |
-//! | `dsrelay_outbox_depth` | gauge | `op` (`deliver`, `cancel`) |
+//! | `dsrelay_outbox_depth` | gauge | `op` (`deliver`, `cancel`, `update`) |
 //! | `dsrelay_outbox_oldest_age_seconds` | gauge | `op` |
 //! | `dsrelay_delivery_attempts_total` | counter | `processor` |
 //! | `dsrelay_delivery_failures_total` | counter | `processor` |
@@ -23,7 +23,7 @@ use sqlx::Row;
 use crate::app::Shared;
 use crate::config::Config;
 use crate::fold::request_can_be_overdue;
-use crate::store::{OP_CANCEL, OP_DELIVER};
+use crate::store::{OP_CANCEL, OP_DELIVER, OP_UPDATE};
 
 /// The counters and histograms the handlers and the dispatcher update.
 #[derive(Debug)]
@@ -135,6 +135,7 @@ const KINDS: &[RequestKind] = &[
     RequestKind::Rectification,
     RequestKind::Restriction,
     RequestKind::Objection,
+    RequestKind::ContractEnd,
 ];
 
 const STATES: &[RequestState] = &[
@@ -216,28 +217,31 @@ pub(crate) async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
     .set(&[], overdue as f64);
 
     // A delivery row is queued with its request; a cancellation when the request is
-    // cancelled (its finished_at).
+    // cancelled (its finished_at); a contract end's update when its terms last changed.
     let rows = sqlx::query(
         "SELECT d.op, CAST(COUNT(*) AS BIGINT) AS n, \
          MIN(CASE WHEN d.op = $1 THEN r.received_at \
+         WHEN d.op = $2 THEN (SELECT c.updated_at FROM contracts c \
+         WHERE c.request_id = d.request_id) \
          ELSE COALESCE(r.finished_at, r.updated_at) END) AS oldest \
          FROM deliveries d JOIN requests r ON r.id = d.request_id \
          WHERE d.done_at IS NULL GROUP BY d.op",
     )
     .bind(OP_DELIVER)
+    .bind(OP_UPDATE)
     .fetch_all(pool)
     .await?;
     let depth = GaugeFamily::register(
         &mut gauges,
         "dsrelay_outbox_depth",
-        "Deliveries and cancellations not yet accepted by their processor.",
+        "Deliveries, cancellations and contract-end updates not yet accepted by their processor.",
     );
     let age = GaugeFamily::register(
         &mut gauges,
         "dsrelay_outbox_oldest_age_seconds",
-        "Age of the oldest delivery or cancellation not yet accepted; 0 when none waits.",
+        "Age of the oldest delivery, cancellation or contract-end update not yet accepted; 0 when none waits.",
     );
-    for op in [OP_DELIVER, OP_CANCEL] {
+    for op in [OP_DELIVER, OP_CANCEL, OP_UPDATE] {
         depth.set(&[("op", op)], 0.0);
         age.set(&[("op", op)], 0.0);
     }

@@ -180,6 +180,9 @@ pub struct PairOptions {
     pub registry_endpoint: Option<SocketAddr>,
     /// Also serve [`OTHER_CONTROLLER`] at the processor (its registry at the same endpoint).
     pub second_controller: bool,
+    /// Where the registry finds the processor when the test plays it itself (leave the
+    /// processor down then: `down: vec![Role::Processor]`).
+    pub processor_endpoint: Option<SocketAddr>,
 }
 
 impl Default for PairOptions {
@@ -205,6 +208,7 @@ impl Default for PairOptions {
             forget_after_days: 30,
             registry_endpoint: None,
             second_controller: false,
+            processor_endpoint: None,
         }
     }
 }
@@ -347,7 +351,10 @@ mod configs {
     pub(super) fn registry(plan: &Plan<'_>) -> dsrelay_registry::Config {
         let mut processors = vec![ProcessorConfig {
             name: PROCESSOR.into(),
-            endpoint: format!("https://localhost:{}", port(&plan.processor_listen)),
+            endpoint: match plan.opts.processor_endpoint {
+                Some(addr) => format!("https://localhost:{}", addr.port()),
+                None => format!("https://localhost:{}", port(&plan.processor_listen)),
+            },
             identity: dev_identity("processor", PROCESSOR),
             categories: vec![
                 "contact".into(),
@@ -429,6 +436,7 @@ mod configs {
             package_dir: plan.registry_packages.clone(),
             package_ttl_days: 30,
             package_sweep_interval_ms: 200,
+            contracts: Default::default(),
         };
         config.validate().expect("registry config");
         config

@@ -14,6 +14,7 @@ mod certificates;
 mod compose;
 mod connectors;
 mod contracts_processor;
+mod contracts_registry;
 mod download;
 mod dsrctl_cli;
 mod durability;

@@ -80,6 +80,7 @@ fn registry_config(dir: &Path, port: u16, processor_port: u16) -> dsrelay_regist
         package_dir: dir.join("registry-packages"),
         package_ttl_days: 30,
         package_sweep_interval_ms: 60_000,
+        contracts: Default::default(),
     }
 }
 

@@ -5,7 +5,8 @@ use std::io::Write;
 use dsrelay_sdk::RegistryClient;
 
 use crate::cli::{
-    AuditCommand, CertificateCommand, Cli, Command, DevCommand, OutputFormat, PkiCommand,
+    AuditCommand, CertificateCommand, Cli, Command, ContractsCommand, DevCommand, OutputFormat,
+    PkiCommand,
 };
 use crate::settings::{self, Environment};
 use crate::Failure;
@@ -14,6 +15,7 @@ use dsrelay_sdk::ConnectionSettings;
 mod audit;
 mod certificate;
 mod chain;
+mod contracts;
 mod dev;
 mod download;
 mod list;
@@ -83,6 +85,12 @@ pub(crate) async fn dispatch(cli: &Cli, env: &Environment, io: &mut Io<'_>) -> R
                 settings::resolve(&cli.connection, env).map_err(Failure::Setup)?;
             tasks::run(cmd, &settings, io).await
         }
+        Command::Contracts(cmd @ ContractsCommand::Scheduled { .. }) => {
+            let settings: ConnectionSettings =
+                settings::resolve(&cli.connection, env).map_err(Failure::Setup)?;
+            contracts::scheduled(cmd, &settings, io).await
+        }
+        Command::Contracts(cmd) => contracts::run(&Registry::connect(cli, env)?, cmd, io).await,
         Command::Submit(args) => {
             let prepared = submit::prepare(args)?;
             submit::run(&Registry::connect(cli, env)?, prepared, io).await

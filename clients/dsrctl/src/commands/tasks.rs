@@ -198,7 +198,11 @@ impl Render for RequeuedView {
     }
 }
 
-fn connect(args: &ProcessorArgs, settings: &ConnectionSettings) -> Result<Channel, Failure> {
+/// A channel to the processor `args` names, with the TLS files of `settings`.
+pub(super) fn connect(
+    args: &ProcessorArgs,
+    settings: &ConnectionSettings,
+) -> Result<Channel, Failure> {
     let tls = settings.tls.client_config().map_err(Failure::Setup)?;
     let identity = args.processor_identity.clone().or_else(|| {
         // The development PKI's processor, when the registry is also the development one.

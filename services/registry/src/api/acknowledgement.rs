@@ -86,7 +86,8 @@ impl AcknowledgementService for Api {
             .collect();
         let acks: Vec<Acknowledgement> = positions.iter().map(|&i| all[i].clone()).collect();
         let mut updates: Vec<TaskUpdate> = acks.iter().map(TaskUpdate::from).collect();
-        self.check_certificates(&processor, &acks, &mut updates);
+        self.check_certificates(&processor, &acks, &mut updates)
+            .await?;
         let AckOutcome {
             applied,
             duplicates,

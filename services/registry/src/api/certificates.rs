@@ -4,13 +4,16 @@
 //! A certificate is verified when it is signed by the key configured as the processor's
 //! `public_key`, its body is canonical JSON, and the body names the same processor
 //! (identity), request, subprocessor and task state as the acknowledgement it came with,
-//! and the kind `erasure`. One that fails is still stored, as rejected with why, so that an
+//! and the kind its request calls for: `erasure` for an ERASURE (and any other request),
+//! `contract_end` for a CONTRACT_END. One that fails is still stored, as rejected with why, so that an
 //! operator sees it; the task's state change is applied as reported either way, since the
 //! processor's work happened whatever its certificate says.
 
 use dsrelay_proto::v1::certificate_service_server::CertificateService;
+use std::collections::BTreeMap;
+
 use dsrelay_proto::v1::{
-    Acknowledgement, CertificateList, DeletionCertificate, ListCertificatesRequest,
+    Acknowledgement, CertificateList, DeletionCertificate, ListCertificatesRequest, RequestKind,
     StoredCertificate, TaskState,
 };
 use dsrelay_runtime::identity::FieldViolation;
@@ -36,11 +39,20 @@ struct Claims {
     task_state: String,
 }
 
+/// The certificate kind a task of a request of `kind` is certified with.
+pub(crate) fn certificate_kind(kind: Option<RequestKind>) -> &'static str {
+    match kind {
+        Some(RequestKind::ContractEnd) => "contract_end",
+        _ => "erasure",
+    }
+}
+
 /// Checks `c`, which came with `ack` from the processor whose certificate identity is
-/// `identity` and whose configured key is `key`.
+/// `identity` and whose configured key is `key`; its body must name `kind`.
 pub(crate) fn check(
     key: Option<&PublicKey>,
     identity: &str,
+    kind: &str,
     ack: &Acknowledgement,
     c: &DeletionCertificate,
 ) -> ReceivedCertificate {
@@ -60,7 +72,7 @@ pub(crate) fn check(
             Err(e) => Some(e.to_string()),
             Ok(value) => match serde_json::from_value::<Claims>(value) {
                 Err(e) => Some(format!("the body is not a deletion certificate: {e}")),
-                Ok(claims) => mismatch(&claims, identity, ack),
+                Ok(claims) => mismatch(&claims, identity, kind, ack),
             },
         },
     };
@@ -75,14 +87,14 @@ pub(crate) fn check(
 }
 
 /// The first way `claims` disagree with the acknowledgement, if any.
-fn mismatch(claims: &Claims, identity: &str, ack: &Acknowledgement) -> Option<String> {
+fn mismatch(claims: &Claims, identity: &str, kind: &str, ack: &Acknowledgement) -> Option<String> {
     let state = TaskState::try_from(ack.state)
         .unwrap_or_default()
         .as_str_name()
         .trim_start_matches("TASK_STATE_")
         .to_string();
     let pairs = [
-        ("kind", claims.kind.as_str(), "erasure"),
+        ("kind", claims.kind.as_str(), kind),
         ("processor", &claims.processor, identity),
         ("request_id", &claims.request_id, &ack.request_id),
         ("subprocessor", &claims.subprocessor, &ack.subprocessor),
@@ -104,13 +116,21 @@ fn mismatch(claims: &Claims, identity: &str, ack: &Acknowledgement) -> Option<St
 
 impl Api {
     /// Checks the certificate each acknowledgement of `processor` carries and attaches the
-    /// verdict to its update.
-    pub(super) fn check_certificates(
+    /// verdict to its update. Only the requests of acknowledgements with a certificate are
+    /// looked up, for their kind.
+    pub(super) async fn check_certificates(
         &self,
         processor: &str,
         acks: &[Acknowledgement],
         updates: &mut [crate::store::TaskUpdate],
-    ) {
+    ) -> Result<(), ApiError> {
+        let mut kinds: BTreeMap<&str, Option<RequestKind>> = BTreeMap::new();
+        for a in acks.iter().filter(|a| a.certificate.is_some()) {
+            if !kinds.contains_key(a.request_id.as_str()) {
+                let k = self.shared.store.request_kind(&a.request_id).await?;
+                kinds.insert(&a.request_id, k);
+            }
+        }
         let identity = self
             .shared
             .config
@@ -121,7 +141,8 @@ impl Api {
         let key = self.shared.certificate_keys.get(processor);
         for (a, u) in acks.iter().zip(updates.iter_mut()) {
             if let Some(c) = &a.certificate {
-                let checked = check(key, identity, a, c);
+                let kind = certificate_kind(kinds.get(a.request_id.as_str()).copied().flatten());
+                let checked = check(key, identity, kind, a, c);
                 if !checked.verified {
                     tracing::warn!(
                         processor,
@@ -134,6 +155,7 @@ impl Api {
                 u.certificate = Some(checked);
             }
         }
+        Ok(())
     }
 }
 
@@ -267,16 +289,16 @@ mod tests {
     fn only_a_matching_certificate_under_the_configured_key_is_verified() {
         let key = SigningKey::generate();
         let public = key.public_key();
-        let good = check(Some(&public), ID, &ack(), &signed(&key, body()));
+        let good = check(Some(&public), ID, "erasure", &ack(), &signed(&key, body()));
         assert!(good.verified, "{}", good.rejection);
         assert_eq!(good.certificate_id, "c-1");
 
         let other = SigningKey::generate().public_key();
-        let r = check(Some(&other), ID, &ack(), &signed(&key, body()));
+        let r = check(Some(&other), ID, "erasure", &ack(), &signed(&key, body()));
         assert!(!r.verified && r.rejection.contains("not with the expected key"));
         assert_eq!(r.certificate_id, "c-1");
 
-        let r = check(None, ID, &ack(), &signed(&key, body()));
+        let r = check(None, ID, "erasure", &ack(), &signed(&key, body()));
         assert!(!r.verified && r.rejection.contains("no public_key"));
 
         for (field, value) in [
@@ -288,15 +310,56 @@ mod tests {
         ] {
             let mut b = body();
             b[field] = json!(value);
-            let r = check(Some(&public), ID, &ack(), &signed(&key, b));
+            let r = check(Some(&public), ID, "erasure", &ack(), &signed(&key, b));
             assert!(!r.verified, "{field}");
             assert!(r.rejection.contains(field), "{field}: {}", r.rejection);
         }
         let mut tampered = signed(&key, body());
         let last = tampered.signature.len() - 1;
         tampered.signature[last] ^= 1;
-        let r = check(Some(&public), ID, &ack(), &tampered);
+        let r = check(Some(&public), ID, "erasure", &ack(), &tampered);
         assert_eq!(r.rejection, "the signature does not match the document");
+    }
+
+    #[test]
+    fn a_contract_end_is_certified_as_one_and_an_erasure_only_as_an_erasure() {
+        let key = SigningKey::generate();
+        let public = key.public_key();
+        assert_eq!(
+            certificate_kind(Some(RequestKind::ContractEnd)),
+            "contract_end"
+        );
+        assert_eq!(certificate_kind(Some(RequestKind::Erasure)), "erasure");
+        assert_eq!(certificate_kind(None), "erasure");
+        let mut b = body();
+        b["kind"] = json!("contract_end");
+        let r = check(
+            Some(&public),
+            ID,
+            "contract_end",
+            &ack(),
+            &signed(&key, b.clone()),
+        );
+        assert!(r.verified, "{}", r.rejection);
+        // Neither kind passes for the other.
+        let r = check(Some(&public), ID, "erasure", &ack(), &signed(&key, b));
+        assert!(
+            !r.verified && r.rejection.contains("kind"),
+            "{}",
+            r.rejection
+        );
+        let r = check(
+            Some(&public),
+            ID,
+            "contract_end",
+            &ack(),
+            &signed(&key, body()),
+        );
+        assert!(
+            !r.verified && r.rejection.contains("kind"),
+            "{}",
+            r.rejection
+        );
     }
 
     #[test]

@@ -10,6 +10,9 @@
 //!   (`PackageService`).
 //! - `certificates`: deletion certificates: checking each one that comes with an
 //!   acknowledgement, and reading them (`CertificateService`).
+//! - `contracts`: contract ends (`ContractService`, operators only): ending a contract with
+//!   a processor, following it, the deferred choice and the confirmation of the returned
+//!   package.
 //! - `watch`: the event stream behind Watch.
 //! - `views`: stored rows → protocol messages.
 //!
@@ -32,6 +35,7 @@ pub(crate) use packages::Uploading;
 
 mod acknowledgement;
 mod certificates;
+mod contracts;
 mod packages;
 mod partner;
 mod views;

@@ -89,9 +89,10 @@ impl Api {
             UploadTarget::NotDelivered => Err(ApiError::permission_denied(format!(
                 "request {request_id} was not delivered to processor {processor}"
             ))),
-            UploadTarget::Kind(k) if k == RequestKind::ReturnOfData as i32 => Ok(()),
+            UploadTarget::Kind(k) if has_package(k) => Ok(()),
             UploadTarget::Kind(k) => Err(ApiError::failed_precondition(format!(
-                "request {request_id} is {}; only RETURN_OF_DATA requests have a package",
+                "request {request_id} is {}; only RETURN_OF_DATA and CONTRACT_END requests \
+                 have a package",
                 kind_name(k)
             ))),
         }
@@ -273,11 +274,25 @@ impl Api {
     }
 }
 
-/// A request's package as PackageInfo, or why it has none.
-async fn package_info(shared: &Shared, row: &RequestRow) -> Result<PackageInfo, ApiError> {
-    if row.kind != RequestKind::ReturnOfData {
+/// Whether requests of `kind` (proto enum value) have a package: a return of data, and a
+/// contract end whose choice is RETURN_THEN_DELETE.
+fn has_package(kind: i32) -> bool {
+    kind == RequestKind::ReturnOfData as i32 || kind == RequestKind::ContractEnd as i32
+}
+
+/// A request's package as PackageInfo, or why it has none. A contract end's package is
+/// complete once every subprocessor's part is stored, before the request finishes: the
+/// controller downloads and verifies it, then confirms (ContractService.ConfirmReturn), and
+/// only then does the processor delete the data and the request finish. Its expiry, like any
+/// package's, counts from when the request finished, so it never expires while the
+/// contract end waits for the confirmation.
+pub(super) async fn package_info(
+    shared: &Shared,
+    row: &RequestRow,
+) -> Result<PackageInfo, ApiError> {
+    if !has_package(row.kind as i32) {
         return Err(ApiError::failed_precondition(format!(
-            "request {} is {}; only RETURN_OF_DATA requests have a package",
+            "request {} is {}; only RETURN_OF_DATA and CONTRACT_END requests have a package",
             row.id,
             kind_name(row.kind as i32)
         )));
@@ -291,15 +306,15 @@ async fn package_info(shared: &Shared, row: &RequestRow) -> Result<PackageInfo, 
         return Err(expired(&row.id, at));
     }
     let created_at = record.created_at.unwrap_or(row.received_at);
-    let (files, manifest_json) = manifest::build(
-        &row.id,
-        RequestKind::ReturnOfData,
-        created_at,
-        &record.files,
-    );
+    let (files, manifest_json) = manifest::build(&row.id, row.kind, created_at, &record.files);
+    let complete = if row.kind == RequestKind::ContractEnd {
+        record.parts > 0 && record.missing.is_empty()
+    } else {
+        record.finished_at.is_some() && record.missing.is_empty()
+    };
     Ok(PackageInfo {
         request_id: row.id.clone(),
-        complete: record.finished_at.is_some() && record.missing.is_empty(),
+        complete,
         files,
         missing: record
             .missing

@@ -137,6 +137,12 @@ impl RequestService for Api {
                     .collect();
                 (existing, row.state as i32, row.due_at, row.trace_id, routed, true)
             }
+            Inserted::Running(_) => {
+                return Err(ApiError::unexpected(anyhow::anyhow!(
+                    "a submitted request was taken for a contract end"
+                ))
+                .into())
+            }
             Inserted::Conflict(existing) => {
                 return Err(ApiError::already_exists(format!(
                     "idempotency_key {:?} was already used for request {existing} with a different body; use a new key for a new request",

@@ -82,6 +82,10 @@ pub(crate) fn event(request_id: &str, e: &EventRow) -> RequestEvent {
         state: e.task_state,
         sequence: e.sequence.max(0) as u64,
         updated_at: Some(timestamp_from_millis(e.occurred_at)),
+        // Written by this registry from a decoded message: it decodes again.
+        progress: e.progress.as_deref().and_then(|b| {
+            <dsrelay_proto::v1::ContractProgress as dsrelay_proto::prost::Message>::decode(b).ok()
+        }),
         ..Default::default()
     });
     RequestEvent {

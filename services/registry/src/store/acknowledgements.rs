@@ -7,7 +7,8 @@ use std::collections::BTreeSet;
 use anyhow::Result;
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::v1::{
-    Acknowledgement, EventType, RequestState, TaskState, TaskStatus, TransferReceipt,
+    Acknowledgement, ContractPhase, ContractProgress, EventType, RequestState, TaskState,
+    TaskStatus, TransferReceipt,
 };
 
 use super::events::{insert_event, EventDetail};
@@ -46,6 +47,8 @@ pub struct TaskUpdate {
     pub certificate: Option<super::ReceivedCertificate>,
     /// The recipient's receipt of a COMPLETED TRANSFER task.
     pub transfer_receipt: Option<TransferReceipt>,
+    /// A CONTRACT_END task's progress.
+    pub progress: Option<ContractProgress>,
 }
 
 impl TaskUpdate {
@@ -72,8 +75,60 @@ impl TaskUpdate {
                 r.recipient, r.files, r.bytes
             ));
         }
+        if let Some(p) = &self.progress {
+            s.push_str(&format!(", {}", phase_name(p.phase)));
+        }
         s
     }
+}
+
+/// A contract phase in the registry's words (`DELETING`).
+fn phase_name(phase: i32) -> String {
+    ContractPhase::try_from(phase)
+        .map(|p| {
+            p.as_str_name()
+                .trim_start_matches("CONTRACT_PHASE_")
+                .to_string()
+        })
+        .unwrap_or_else(|_| format!("phase {phase}"))
+}
+
+/// What a task was before an update: its state and its encoded progress.
+type Previous = (i32, Option<Vec<u8>>);
+
+/// Whether applying `update` over `previous` is worth a TASK_UPDATED event. An update that
+/// repeats the state and the contract phase with only new counts is not: a contract end
+/// reports progress every second or so, and events must say something new.
+pub(crate) fn says_something_new(previous: Option<&Previous>, update: &TaskUpdate) -> bool {
+    let (Some((state, progress)), Some(new)) = (previous, &update.progress) else {
+        return true;
+    };
+    if *state != update.state {
+        return true;
+    }
+    let old_phase = progress
+        .as_deref()
+        .and_then(|b| ContractProgress::decode(b).ok())
+        .map(|p| p.phase);
+    old_phase != Some(new.phase)
+}
+
+/// The task's state and progress before an update, if it exists.
+async fn previous(
+    tx: &mut Tx,
+    request_id: &str,
+    processor: &str,
+    subprocessor: &str,
+) -> Result<Option<Previous>> {
+    Ok(sqlx::query_as(
+        "SELECT state, progress FROM tasks WHERE request_id = $1 AND processor = $2 \
+         AND subprocessor = $3",
+    )
+    .bind(request_id)
+    .bind(processor)
+    .bind(subprocessor)
+    .fetch_optional(tx.conn())
+    .await?)
 }
 
 impl From<&Acknowledgement> for TaskUpdate {
@@ -98,6 +153,7 @@ impl From<&Acknowledgement> for TaskUpdate {
             // Checked by the handler, which knows the processor's key.
             certificate: None,
             transfer_receipt: ev.transfer_receipt,
+            progress: a.progress,
         }
     }
 }
@@ -123,6 +179,7 @@ impl From<&TaskStatus> for TaskUpdate {
             traceparent: String::new(),
             certificate: None,
             transfer_receipt: ev.transfer_receipt,
+            progress: t.progress,
         }
     }
 }
@@ -198,7 +255,10 @@ impl Store {
                 continue;
             }
             applied += 1;
-            if upsert_task(&mut tx, &ack.request_id, processor, ack, now).await? {
+            let before = previous(&mut tx, &ack.request_id, processor, &ack.subprocessor).await?;
+            if upsert_task(&mut tx, &ack.request_id, processor, ack, now).await?
+                && says_something_new(before.as_ref(), ack)
+            {
                 let state = tx.current_state(&ack.request_id).await?;
                 insert_event(
                     &mut tx,
@@ -215,6 +275,7 @@ impl Store {
                         attempt: ack.attempt,
                         message: ack.describe(),
                         free_text: ack.reason.clone(),
+                        progress: ack.progress,
                     },
                 )
                 .await?;
@@ -250,7 +311,10 @@ impl Store {
         for t in tasks {
             let mut update = TaskUpdate::from(t);
             update.request_id = request_id.to_string();
-            if upsert_task(&mut tx, request_id, processor, &update, now).await? {
+            let before = previous(&mut tx, request_id, processor, &update.subprocessor).await?;
+            if upsert_task(&mut tx, request_id, processor, &update, now).await?
+                && says_something_new(before.as_ref(), &update)
+            {
                 changed += 1;
                 let state = tx.current_state(request_id).await?;
                 insert_event(
@@ -268,6 +332,7 @@ impl Store {
                         attempt: 0,
                         message: format!("{} (reconciled)", update.describe()),
                         free_text: update.reason.clone(),
+                        progress: update.progress,
                     },
                 )
                 .await?;
@@ -302,13 +367,14 @@ pub(super) async fn upsert_task(
     let n = sqlx::query(
         "INSERT INTO tasks (request_id, processor, subprocessor, state, sequence, \
          records_affected, confirmed, note, reason, legal_basis, retain_until, updated_at, \
-         transfer_receipt) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+         transfer_receipt, progress) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
          ON CONFLICT (request_id, processor, subprocessor) DO UPDATE SET \
          state = excluded.state, sequence = excluded.sequence, \
          records_affected = excluded.records_affected, confirmed = excluded.confirmed, \
          note = excluded.note, reason = excluded.reason, legal_basis = excluded.legal_basis, \
          retain_until = excluded.retain_until, updated_at = excluded.updated_at, \
-         transfer_receipt = excluded.transfer_receipt \
+         transfer_receipt = excluded.transfer_receipt, progress = excluded.progress \
          WHERE tasks.sequence < excluded.sequence",
     )
     .bind(request_id)
@@ -324,6 +390,7 @@ pub(super) async fn upsert_task(
     .bind(t.retain_until)
     .bind(now)
     .bind(t.transfer_receipt.as_ref().map(Message::encode_to_vec))
+    .bind(t.progress.as_ref().map(Message::encode_to_vec))
     .execute(tx.conn())
     .await?
     .rows_affected();
@@ -382,4 +449,61 @@ pub(super) async fn refold(tx: &mut Tx, id: &str, now: i64) -> Result<()> {
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(state: TaskState, phase: Option<ContractPhase>) -> TaskUpdate {
+        TaskUpdate {
+            state: state as i32,
+            progress: phase.map(|p| ContractProgress {
+                phase: p as i32,
+                records_done: 7,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn before(state: TaskState, phase: ContractPhase) -> Previous {
+        let p = ContractProgress {
+            phase: phase as i32,
+            ..Default::default()
+        };
+        (state as i32, Some(p.encode_to_vec()))
+    }
+
+    #[test]
+    fn only_new_counts_say_nothing_new() {
+        use ContractPhase::*;
+        use TaskState::*;
+        let deleting = before(InProgress, Deleting);
+        assert!(!says_something_new(
+            Some(&deleting),
+            &update(InProgress, Some(Deleting))
+        ));
+        // A new phase, a new state, a first report, or a task without progress all speak.
+        assert!(says_something_new(
+            Some(&deleting),
+            &update(InProgress, Some(Done))
+        ));
+        assert!(says_something_new(
+            Some(&deleting),
+            &update(Completed, Some(Deleting))
+        ));
+        assert!(says_something_new(
+            None,
+            &update(InProgress, Some(Deleting))
+        ));
+        assert!(says_something_new(
+            Some(&(InProgress as i32, None)),
+            &update(InProgress, Some(Deleting))
+        ));
+        assert!(says_something_new(
+            Some(&(InProgress as i32, None)),
+            &update(InProgress, None)
+        ));
+    }
 }

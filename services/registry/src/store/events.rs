@@ -28,6 +28,8 @@ pub(super) struct EventDetail {
     /// immutable audit trail holds only its keyed hash, so no raw text that may hold
     /// personal data is ever written where it cannot be removed.
     pub(super) free_text: String,
+    /// A CONTRACT_END task's progress, shown with the event's task.
+    pub(super) progress: Option<dsrelay_proto::v1::ContractProgress>,
 }
 
 /// The context of the keyed hashes of free text in audit entries.
@@ -68,9 +70,9 @@ pub(super) async fn insert_event(
     );
     sqlx::query(
         "INSERT INTO events (request_id, type, occurred_at, request_state, processor, \
-         subprocessor, task_state, sequence, attempt, message, trace_id, span_id) \
+         subprocessor, task_state, sequence, attempt, message, trace_id, span_id, progress) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
-         COALESCE($11, (SELECT trace_id FROM requests WHERE id = $1)), $12)",
+         COALESCE($11, (SELECT trace_id FROM requests WHERE id = $1)), $12, $13)",
     )
     .bind(request_id)
     .bind(event_type as i64)
@@ -84,6 +86,11 @@ pub(super) async fn insert_event(
     .bind(message)
     .bind(trace_id)
     .bind(span_id)
+    .bind(
+        d.progress
+            .as_ref()
+            .map(dsrelay_proto::prost::Message::encode_to_vec),
+    )
     .execute(tx.conn())
     .await?;
     Ok(())

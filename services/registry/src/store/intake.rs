@@ -7,6 +7,7 @@ use dsrelay_proto::v1::{EventType, RequestState};
 
 use super::events::{insert_event, EventDetail};
 use super::{Operation, Store, Tx};
+use crate::fold::request_is_terminal;
 
 /// What a Submit's insert found.
 #[derive(Debug, PartialEq, Eq)]
@@ -17,6 +18,20 @@ pub enum Inserted {
     Existing(String),
     /// The same key was used before with another body, for this request.
     Conflict(String),
+    /// A contract end was not stored: this contract end with the same processor has not
+    /// finished.
+    Running(String),
+}
+
+/// The terms of a new contract end, stored with its request.
+#[derive(Debug, Clone)]
+pub struct NewContract {
+    /// ContractEndChoice (proto enum value).
+    pub choice: i32,
+    /// When the contract ends (ms).
+    pub effective_at: i64,
+    /// When the grace period ends (ms).
+    pub grace_ends_at: i64,
 }
 
 /// A new request to store.
@@ -48,12 +63,24 @@ pub struct NewRequest {
     pub processors: Vec<String>,
 }
 
+/// A request to store and, for a contract end, its terms (with exactly one processor).
+pub type Intaken = (NewRequest, Option<NewContract>);
+
 impl Store {
     /// Stores a new request with its outbox rows, or finds the one its idempotency key names.
     pub async fn insert_request(&self, r: &NewRequest) -> Result<Inserted> {
+        self.insert_intaken(r, None).await
+    }
+
+    /// [`Store::insert_request`] for a contract end (`contract` set) or a Submit.
+    async fn insert_intaken(
+        &self,
+        r: &NewRequest,
+        contract: Option<&NewContract>,
+    ) -> Result<Inserted> {
         for _ in 0..2 {
             let mut tx = self.begin_audited().await?;
-            match insert_one(&mut tx, r).await? {
+            match insert_one(&mut tx, r, contract).await? {
                 Some(outcome) => {
                     tx.commit().await?;
                     return Ok(outcome);
@@ -69,19 +96,26 @@ impl Store {
     /// its fsync). Answers in order. If the shared transaction cannot be used (a race on an
     /// idempotency key with another replica), each request is stored on its own instead.
     pub async fn insert_requests(&self, rs: &[NewRequest]) -> Result<Vec<Inserted>> {
-        if rs.len() == 1 {
-            return Ok(vec![self.insert_request(&rs[0]).await?]);
+        let batch: Vec<Intaken> = rs.iter().map(|r| (r.clone(), None)).collect();
+        self.insert_batch(&batch).await
+    }
+
+    /// [`Store::insert_requests`] for what the intake queue holds: Submits and contract ends
+    /// (with their terms) alike, in one transaction.
+    pub async fn insert_batch(&self, rs: &[Intaken]) -> Result<Vec<Inserted>> {
+        if let [(r, c)] = rs {
+            return Ok(vec![self.insert_intaken(r, c.as_ref()).await?]);
         }
         let mut tx = self.begin_audited().await?;
         let mut out = Vec::with_capacity(rs.len());
-        for r in rs {
-            match insert_one(&mut tx, r).await {
+        for (r, c) in rs {
+            match insert_one(&mut tx, r, c.as_ref()).await {
                 Ok(Some(outcome)) => out.push(outcome),
                 Ok(None) | Err(_) => {
                     drop(tx);
                     let mut one_by_one = Vec::with_capacity(rs.len());
-                    for r in rs {
-                        one_by_one.push(self.insert_request(r).await?);
+                    for (r, c) in rs {
+                        one_by_one.push(self.insert_intaken(r, c.as_ref()).await?);
                     }
                     return Ok(one_by_one);
                 }
@@ -95,7 +129,11 @@ impl Store {
 /// Stores one request with its outbox rows and first event in `tx`, or finds the request
 /// its idempotency key names. `None` when the insert lost a race on the key (the caller
 /// looks again in a new transaction).
-async fn insert_one(tx: &mut Tx, r: &NewRequest) -> Result<Option<Inserted>> {
+async fn insert_one(
+    tx: &mut Tx,
+    r: &NewRequest,
+    contract: Option<&NewContract>,
+) -> Result<Option<Inserted>> {
     let existing: Option<(String, String)> = sqlx::query_as(
         "SELECT id, body_hash FROM requests WHERE partner = $1 AND idempotency_key = $2",
     )
@@ -109,6 +147,11 @@ async fn insert_one(tx: &mut Tx, r: &NewRequest) -> Result<Option<Inserted>> {
         } else {
             Inserted::Conflict(id)
         }));
+    }
+    if let (Some(_), [processor]) = (contract, r.processors.as_slice()) {
+        if let Some(running) = running_contract(tx, processor).await? {
+            return Ok(Some(Inserted::Running(running)));
+        }
     }
     let state = if r.processors.is_empty() {
         RequestState::Completed
@@ -153,6 +196,24 @@ async fn insert_one(tx: &mut Tx, r: &NewRequest) -> Result<Option<Inserted>> {
         .execute(tx.conn())
         .await?;
     }
+    if let Some(c) = contract {
+        anyhow::ensure!(
+            r.processors.len() == 1,
+            "a contract end goes to exactly one processor"
+        );
+        sqlx::query(
+            "INSERT INTO contracts (request_id, processor, choice, effective_at, \
+             grace_ends_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&r.id)
+        .bind(&r.processors[0])
+        .bind(i64::from(c.choice))
+        .bind(c.effective_at)
+        .bind(c.grace_ends_at)
+        .bind(r.received_at)
+        .execute(tx.conn())
+        .await?;
+    }
     let message = if r.processors.is_empty() {
         "accepted; no processor holds data in its scope".to_string()
     } else {
@@ -172,4 +233,25 @@ async fn insert_one(tx: &mut Tx, r: &NewRequest) -> Result<Option<Inserted>> {
     )
     .await?;
     Ok(Some(Inserted::New))
+}
+
+/// The contract end with `processor` that has not finished, if any.
+async fn running_contract(tx: &mut Tx, processor: &str) -> Result<Option<String>> {
+    let terminal = [
+        RequestState::Completed,
+        RequestState::Failed,
+        RequestState::Cancelled,
+    ];
+    debug_assert!(terminal.iter().all(|s| request_is_terminal(*s)));
+    Ok(sqlx::query_scalar(
+        "SELECT c.request_id FROM contracts c JOIN requests r ON r.id = c.request_id \
+         WHERE c.processor = $1 AND r.state NOT IN ($2, $3, $4) \
+         ORDER BY r.received_at DESC LIMIT 1",
+    )
+    .bind(processor)
+    .bind(terminal[0] as i64)
+    .bind(terminal[1] as i64)
+    .bind(terminal[2] as i64)
+    .fetch_optional(tx.conn())
+    .await?)
 }

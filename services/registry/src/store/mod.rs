@@ -13,6 +13,8 @@
 //! - `acknowledgements`: applying acknowledgement batches and reconciled task lists, and
 //!   refolding a request's state through [`crate::fold`].
 //! - `requests`: cancelling a request and extending its due date.
+//! - `contracts`: contract ends' terms, the operator's choice and confirmation, and the one
+//!   `update` outbox row each change re-arms.
 //! - `chain`: each processor's last reported subprocessor list.
 //! - `certificates`: deletion certificates received with acknowledgements, and their
 //!   verdicts.
@@ -32,6 +34,7 @@ use sqlx::{Any, AnyConnection, Transaction};
 mod acknowledgements;
 mod certificates;
 mod chain;
+mod contracts;
 mod events;
 mod forget;
 mod intake;
@@ -44,12 +47,14 @@ mod rows;
 pub use acknowledgements::{AckOutcome, TaskUpdate};
 pub use certificates::{CertificateRow, ReceivedCertificate};
 pub use chain::ChainReport;
-pub use intake::{Inserted, NewRequest};
+pub use contracts::{ContractChange, ContractRow};
+pub use intake::{Inserted, Intaken, NewContract, NewRequest};
 pub use packages::{FileBegin, PackageFile, PackageRecord, PartOutcome, UploadTarget};
 pub use queries::ListFilter;
 pub use requests::CancelOutcome;
 pub use rows::{
-    ChainRow, DeliveryJob, DeliveryRow, EventRow, Operation, RequestRow, UnknownOperation,
+    ChainRow, ContractTerms, DeliveryJob, DeliveryRow, EventRow, Operation, RequestRow,
+    UnknownOperation,
 };
 
 /// The migrations for each backend, embedded at build time.
@@ -61,6 +66,8 @@ pub static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migr
 pub const OP_DELIVER: &str = Operation::Deliver.as_str();
 /// [`Operation::Cancel`] as stored, for SQL written outside the store (metrics).
 pub const OP_CANCEL: &str = Operation::Cancel.as_str();
+/// [`Operation::Update`] as stored, for SQL written outside the store (metrics).
+pub const OP_UPDATE: &str = Operation::Update.as_str();
 
 /// The registry store.
 #[derive(Clone)]

@@ -22,14 +22,28 @@ impl Store {
         let lock = tx.backend.skip_locked_of("d");
         let jobs: Vec<DeliveryJob> = sqlx::query_as(&format!(
             "SELECT d.request_id, d.processor, d.op, d.attempts, r.body, r.received_at, \
-             r.due_at, r.trace_id, r.cancel_reason, r.traceparent FROM deliveries d \
-             JOIN requests r ON r.id = d.request_id \
+             r.due_at, r.trace_id, r.cancel_reason, r.traceparent, \
+             CAST(r.kind AS BIGINT) AS kind, \
+             CAST(c.choice AS BIGINT) AS contract_choice, \
+             c.effective_at AS contract_effective_at, \
+             c.grace_ends_at AS contract_grace_ends_at, \
+             CAST(c.return_confirmed AS BIGINT) AS contract_return_confirmed, \
+             c.version AS contract_version \
+             FROM deliveries d JOIN requests r ON r.id = d.request_id \
+             LEFT JOIN contracts c ON c.request_id = d.request_id \
              WHERE d.done_at IS NULL AND d.dead_lettered_at IS NULL \
              AND d.next_attempt_at <= $1 AND d.lease_until <= $1 \
+             AND (d.op <> $3 OR EXISTS (SELECT 1 FROM deliveries x \
+             WHERE x.request_id = d.request_id AND x.processor = d.processor \
+             AND x.op = $4 AND x.done_at IS NOT NULL)) \
              ORDER BY d.next_attempt_at LIMIT $2{lock}"
         ))
         .bind(now)
         .bind(limit)
+        // An update waits for its contract end's delivery, which carries the terms as they
+        // stand when it is sent: the processor cannot take an update before.
+        .bind(Operation::Update.as_str())
+        .bind(Operation::Deliver.as_str())
         .fetch_all(tx.conn())
         .await?;
         for job in &jobs {
@@ -48,8 +62,10 @@ impl Store {
         Ok(jobs)
     }
 
-    /// Records that a processor durably accepted a delivery (or cancellation), with the tasks
-    /// it reported, and refolds the request.
+    /// Records that a processor durably accepted a delivery (or cancellation, or a contract
+    /// end's update), with the tasks it reported, and refolds the request. An update is
+    /// marked sent only when the terms it carried are still the latest; otherwise the row
+    /// stays armed and is sent again with the new ones.
     pub async fn delivery_succeeded(
         &self,
         job: &DeliveryJob,
@@ -58,14 +74,17 @@ impl Store {
     ) -> Result<()> {
         let mut tx = self.begin_audited().await?;
         let updated = sqlx::query(
-            "UPDATE deliveries SET done_at = $1, attempts = attempts + 1, lease_until = 0, \
-             last_error = NULL WHERE request_id = $2 AND processor = $3 AND op = $4 \
-             AND done_at IS NULL",
+            "UPDATE deliveries SET done_at = CASE WHEN $5 = 0 OR EXISTS (SELECT 1 FROM \
+             contracts c WHERE c.request_id = $2 AND c.version = $6) THEN $1 ELSE NULL END, \
+             attempts = attempts + 1, lease_until = 0, last_error = NULL \
+             WHERE request_id = $2 AND processor = $3 AND op = $4 AND done_at IS NULL",
         )
         .bind(now)
         .bind(&job.request_id)
         .bind(&job.processor)
         .bind(job.op.as_str())
+        .bind(i64::from(job.op == Operation::Update))
+        .bind(job.terms.contract_version.unwrap_or_default())
         .execute(tx.conn())
         .await?;
         for t in tasks {
@@ -85,6 +104,14 @@ impl Store {
                     format!("accepted by {} with {} task(s)", job.processor, tasks.len())
                 }
                 Operation::Cancel => format!("cancellation accepted by {}", job.processor),
+                Operation::Update => format!(
+                    "contract terms accepted by {}{}",
+                    job.processor,
+                    job.terms
+                        .contract_end()
+                        .map(|t| describe_terms(&t))
+                        .unwrap_or_default()
+                ),
             };
             insert_event(
                 &mut tx,
@@ -195,5 +222,17 @@ impl Store {
         .bind(limit)
         .fetch_all(&self.db.pool)
         .await?)
+    }
+}
+
+/// A contract end's terms in the registry's words, for events: `: DELETE`.
+pub(crate) fn describe_terms(t: &dsrelay_proto::v1::ContractEnd) -> String {
+    let choice = dsrelay_proto::v1::ContractEndChoice::try_from(t.choice)
+        .map(|c| c.as_str_name().trim_start_matches("CONTRACT_END_CHOICE_"))
+        .unwrap_or("?");
+    if t.return_confirmed {
+        format!(": {choice}, return confirmed")
+    } else {
+        format!(": {choice}")
     }
 }

@@ -98,6 +98,8 @@ pub struct PackageRecord {
     pub files: Vec<PackageFile>,
     /// Tasks still open with no part stored, as `(processor, subprocessor)`.
     pub missing: Vec<(String, String)>,
+    /// Parts stored.
+    pub parts: i64,
 }
 
 impl Store {
@@ -366,6 +368,12 @@ impl Store {
         .bind(request_id)
         .fetch_all(pool)
         .await?;
+        let parts: i64 = sqlx::query_scalar(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM package_parts WHERE request_id = $1",
+        )
+        .bind(request_id)
+        .fetch_one(pool)
+        .await?;
         let missing = open
             .into_iter()
             .filter(|(_, _, s)| {
@@ -382,6 +390,7 @@ impl Store {
             finished_at,
             files,
             missing,
+            parts,
         })
     }
 

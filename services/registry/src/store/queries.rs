@@ -219,7 +219,8 @@ impl Store {
     pub async fn events(&self, id: &str) -> Result<Vec<EventRow>> {
         Ok(sqlx::query_as(
             "SELECT id, type, occurred_at, request_state, processor, subprocessor, task_state, \
-             sequence, attempt, message, trace_id, span_id FROM events WHERE request_id = $1 \
+             sequence, attempt, message, trace_id, span_id, progress FROM events \
+             WHERE request_id = $1 \
              ORDER BY id",
         )
         .bind(id)

@@ -56,6 +56,16 @@ impl Store {
         .bind(Operation::Deliver.as_str())
         .execute(tx.conn())
         .await?;
+        // A contract end's changed terms are not sent to a processor told to cancel.
+        sqlx::query(
+            "UPDATE deliveries SET done_at = $1, last_error = 'cancelled before delivery' \
+             WHERE request_id = $2 AND op = $3 AND done_at IS NULL",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(Operation::Update.as_str())
+        .execute(tx.conn())
+        .await?;
         sqlx::query(
             "INSERT INTO deliveries (request_id, processor, op, next_attempt_at) \
              SELECT request_id, processor, $1, $2 FROM deliveries WHERE request_id = $3 \

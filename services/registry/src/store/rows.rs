@@ -12,13 +12,16 @@ use dsrelay_proto::v1::{RequestKind, RequestState, TaskState, TaskStatus};
 
 use crate::fold::request_can_be_overdue;
 
-/// What an outbox row asks of a processor. Stored as text (`deliver`, `cancel`).
+/// What an outbox row asks of a processor. Stored as text (`deliver`, `cancel`, `update`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Operation {
     /// Deliver the request.
     Deliver,
     /// Cancel a request delivered (or possibly being delivered) before.
     Cancel,
+    /// Send a contract end's terms as they stand (`ProcessorService.UpdateContractEnd`):
+    /// one row per contract end, re-armed by every change of its terms.
+    Update,
 }
 
 impl Operation {
@@ -27,6 +30,7 @@ impl Operation {
         match self {
             Self::Deliver => "deliver",
             Self::Cancel => "cancel",
+            Self::Update => "update",
         }
     }
 }
@@ -49,6 +53,7 @@ impl FromStr for Operation {
         match s {
             "deliver" => Ok(Self::Deliver),
             "cancel" => Ok(Self::Cancel),
+            "update" => Ok(Self::Update),
             other => Err(UnknownOperation(other.to_string())),
         }
     }
@@ -158,6 +163,45 @@ pub struct DeliveryJob {
     pub cancel_reason: Option<String>,
     /// W3C traceparent of the request's intake span.
     pub traceparent: Option<String>,
+    /// The request's kind (proto enum value).
+    pub kind: i64,
+    /// A contract end's terms as stored when the row was claimed, right before it is sent
+    /// (the `contracts` row, not the request's body, which forgetting removes); `None` for
+    /// every other kind.
+    #[sqlx(flatten)]
+    pub terms: ContractTerms,
+}
+
+/// A contract end's terms as the outbox reads them with a claimed row; every field is
+/// `None` when the request is not a contract end.
+#[derive(Debug, Clone, Default, sqlx::FromRow)]
+pub struct ContractTerms {
+    /// ContractEndChoice (proto enum value).
+    pub contract_choice: Option<i64>,
+    /// Effective date (ms).
+    pub contract_effective_at: Option<i64>,
+    /// End of the grace period (ms).
+    pub contract_grace_ends_at: Option<i64>,
+    /// 1 once the return was confirmed.
+    pub contract_return_confirmed: Option<i64>,
+    /// The terms' version (see the `contracts` table).
+    pub contract_version: Option<i64>,
+}
+
+impl ContractTerms {
+    /// The terms as the protocol carries them, when the request is a contract end.
+    pub fn contract_end(&self) -> Option<dsrelay_proto::v1::ContractEnd> {
+        Some(dsrelay_proto::v1::ContractEnd {
+            choice: i32::try_from(self.contract_choice?).unwrap_or_default(),
+            effective_at: Some(dsrelay_proto::timestamp_from_millis(
+                self.contract_effective_at?,
+            )),
+            grace_ends_at: Some(dsrelay_proto::timestamp_from_millis(
+                self.contract_grace_ends_at?,
+            )),
+            return_confirmed: self.contract_return_confirmed? != 0,
+        })
+    }
 }
 
 /// A stored event.
@@ -188,6 +232,8 @@ pub struct EventRow {
     pub trace_id: Option<String>,
     /// The span it happened in, when traced.
     pub span_id: Option<String>,
+    /// An encoded ContractProgress, for a CONTRACT_END task's update.
+    pub progress: Option<Vec<u8>>,
 }
 
 /// A processor's last reported subprocessor list.
@@ -204,7 +250,7 @@ pub struct ChainRow {
 /// The columns of [`TaskRow`], for `SELECT`s.
 pub(super) const TASK_COLUMNS: &str = "processor, subprocessor, state, sequence, \
     records_affected, confirmed, note, reason, legal_basis, retain_until, updated_at, \
-    transfer_receipt";
+    transfer_receipt, progress";
 
 /// A task as stored; the API sees it as a [`TaskStatus`].
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -224,6 +270,8 @@ pub(super) struct TaskRow {
     updated_at: i64,
     /// An encoded TransferReceipt, for a COMPLETED TRANSFER task.
     transfer_receipt: Option<Vec<u8>>,
+    /// An encoded ContractProgress, for a CONTRACT_END task.
+    progress: Option<Vec<u8>>,
 }
 
 impl From<TaskRow> for TaskStatus {
@@ -249,8 +297,13 @@ impl From<TaskRow> for TaskStatus {
             legal_basis: r.legal_basis,
             retain_until: r.retain_until.map(dsrelay_proto::timestamp_from_millis),
             updated_at: Some(dsrelay_proto::timestamp_from_millis(r.updated_at)),
-            // No contract end is stored yet, so no task has progress to show.
-            progress: None,
+            // Written by this registry from a decoded message: it decodes again.
+            progress: r.progress.and_then(|b| {
+                <dsrelay_proto::v1::ContractProgress as dsrelay_proto::prost::Message>::decode(
+                    b.as_slice(),
+                )
+                .ok()
+            }),
         }
     }
 }
@@ -261,7 +314,7 @@ mod tests {
 
     #[test]
     fn operations_read_back_as_stored() {
-        for op in [Operation::Deliver, Operation::Cancel] {
+        for op in [Operation::Deliver, Operation::Cancel, Operation::Update] {
             assert_eq!(op.as_str().parse::<Operation>().unwrap(), op);
             assert_eq!(op.to_string(), op.as_str());
         }

@@ -1,0 +1,606 @@
+//! `dsrctl contracts`: operators end a contract with a processor, follow it (a table, or live
+//! progress bars per subprocessor), make the deferred choice, confirm the returned package,
+//! and see what a processor has scheduled.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::time::Duration;
+
+use dsrelay_sdk::proto::processor_operator_service_client::ProcessorOperatorServiceClient;
+use dsrelay_sdk::proto::{
+    Contract, ContractEnd, ContractEndChoice, ContractPhase, ListContractEndsRequest,
+    ProcessorContractEnd, RequestState, TaskStatus,
+};
+use dsrelay_sdk::{ConnectionSettings, EffectiveAt};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::cli::{ContractChoiceArg, ContractsCommand};
+use crate::commands::{Io, Registry};
+use crate::output::{emit, state_name, task_state_name, Render, Time};
+use crate::table::{clean, Table};
+use crate::Failure;
+
+/// How often `show --watch` asks the registry.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+fn choice(c: ContractChoiceArg) -> ContractEndChoice {
+    match c {
+        ContractChoiceArg::Delete => ContractEndChoice::Delete,
+        ContractChoiceArg::ReturnThenDelete => ContractEndChoice::ReturnThenDelete,
+        ContractChoiceArg::None => ContractEndChoice::None,
+    }
+}
+
+fn choice_name(v: i32) -> String {
+    ContractEndChoice::try_from(v)
+        .map(|c| {
+            c.as_str_name()
+                .trim_start_matches("CONTRACT_END_CHOICE_")
+                .to_string()
+        })
+        .unwrap_or_else(|_| format!("UNKNOWN({v})"))
+}
+
+fn phase_name(v: i32) -> String {
+    ContractPhase::try_from(v)
+        .map(|c| {
+            c.as_str_name()
+                .trim_start_matches("CONTRACT_PHASE_")
+                .to_string()
+        })
+        .unwrap_or_else(|_| format!("UNKNOWN({v})"))
+}
+
+/// `done/total`, with `?` for a total the connector could not count.
+fn count(done: u64, total: u64) -> String {
+    if total == 0 {
+        format!("{done}/?")
+    } else {
+        format!("{done}/{total}")
+    }
+}
+
+/// The terms as shown.
+#[derive(Debug, Serialize)]
+struct TermsView {
+    choice: String,
+    effective_at: Option<Time>,
+    grace_ends_at: Option<Time>,
+    return_confirmed: bool,
+}
+
+impl From<Option<&ContractEnd>> for TermsView {
+    fn from(t: Option<&ContractEnd>) -> Self {
+        let t = t.copied().unwrap_or_default();
+        Self {
+            choice: choice_name(t.choice),
+            effective_at: Time::from_proto(t.effective_at.as_ref()),
+            grace_ends_at: Time::from_proto(t.grace_ends_at.as_ref()),
+            return_confirmed: t.return_confirmed,
+        }
+    }
+}
+
+/// One subprocessor's part of a contract end.
+#[derive(Debug, Serialize)]
+struct PartView {
+    processor: String,
+    subprocessor: String,
+    state: String,
+    phase: Option<String>,
+    subjects_done: u64,
+    subjects_total: u64,
+    records_done: u64,
+    records_total: u64,
+    scheduled_at: Option<Time>,
+    retain_until: Option<Time>,
+}
+
+impl From<&TaskStatus> for PartView {
+    fn from(t: &TaskStatus) -> Self {
+        let p = t.progress.unwrap_or_default();
+        Self {
+            processor: t.processor.clone(),
+            subprocessor: t.subprocessor.clone(),
+            state: task_state_name(t.state),
+            phase: t.progress.map(|p| phase_name(p.phase)),
+            subjects_done: p.subjects_done,
+            subjects_total: p.subjects_total,
+            records_done: p.records_done,
+            records_total: p.records_total,
+            scheduled_at: Time::from_proto(p.scheduled_at.as_ref()),
+            retain_until: Time::from_proto(t.retain_until.as_ref()),
+        }
+    }
+}
+
+impl PartView {
+    /// `accounting DELETING 10/40 subjects`, for a table cell.
+    fn summary(&self) -> String {
+        let phase = self.phase.clone().unwrap_or_else(|| self.state.clone());
+        let mut s = format!(
+            "{} {phase} {} subjects",
+            self.subprocessor,
+            count(self.subjects_done, self.subjects_total)
+        );
+        if let Some(at) = self.scheduled_at {
+            s.push_str(&format!(" at {at}"));
+        }
+        s
+    }
+}
+
+/// A contract end as shown.
+#[derive(Debug, Serialize)]
+struct ContractView {
+    contract_id: String,
+    processor: String,
+    #[serde(flatten)]
+    terms: TermsView,
+    state: String,
+    created_at: Option<Time>,
+    updated_at: Option<Time>,
+    trace_id: String,
+    deduplicated: bool,
+    /// The key dsrctl chose, shown so a retry can reuse it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idempotency_key: Option<String>,
+    tasks: Vec<PartView>,
+}
+
+impl From<&Contract> for ContractView {
+    fn from(c: &Contract) -> Self {
+        Self {
+            contract_id: c.contract_id.clone(),
+            processor: c.processor.clone(),
+            terms: TermsView::from(c.contract_end.as_ref()),
+            state: state_name(c.state),
+            created_at: Time::from_proto(c.created_at.as_ref()),
+            updated_at: Time::from_proto(c.updated_at.as_ref()),
+            trace_id: c.trace_id.clone(),
+            deduplicated: c.deduplicated,
+            idempotency_key: None,
+            tasks: c.tasks.iter().map(PartView::from).collect(),
+        }
+    }
+}
+
+fn cell(t: Option<Time>) -> String {
+    t.map(|t| t.to_string()).unwrap_or_default()
+}
+
+impl Render for ContractView {
+    fn to_table(&self) -> String {
+        let mut t = Table::headless();
+        t.row(["contract", &clean(&self.contract_id)]);
+        t.row(["processor", &clean(&self.processor)]);
+        t.row(["choice", &self.terms.choice]);
+        t.row(["effective", &cell(self.terms.effective_at)]);
+        t.row(["grace ends", &cell(self.terms.grace_ends_at)]);
+        t.row(["return confirmed", &self.terms.return_confirmed.to_string()]);
+        t.row(["state", &self.state]);
+        t.row(["created", &cell(self.created_at)]);
+        t.row(["trace", &clean(&self.trace_id)]);
+        if self.deduplicated {
+            t.row(["deduplicated", "true"]);
+        }
+        if let Some(k) = &self.idempotency_key {
+            t.row(["idempotency key", &clean(k)]);
+        }
+        let mut out = t.render();
+        if !self.tasks.is_empty() {
+            let mut parts = Table::new([
+                "SUBPROCESSOR",
+                "STATE",
+                "PHASE",
+                "SUBJECTS",
+                "RECORDS",
+                "SCHEDULED",
+                "RETAINED UNTIL",
+            ]);
+            for p in &self.tasks {
+                parts.row([
+                    clean(&p.subprocessor),
+                    p.state.clone(),
+                    p.phase.clone().unwrap_or_default(),
+                    count(p.subjects_done, p.subjects_total),
+                    count(p.records_done, p.records_total),
+                    cell(p.scheduled_at),
+                    cell(p.retain_until),
+                ]);
+            }
+            out.push('\n');
+            out.push_str(&parts.render());
+        }
+        out
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct ContractListView {
+    contracts: Vec<ContractView>,
+}
+
+impl Render for ContractListView {
+    fn to_table(&self) -> String {
+        if self.contracts.is_empty() {
+            return "no contract ends\n".into();
+        }
+        let mut t = Table::new([
+            "ID",
+            "PROCESSOR",
+            "CHOICE",
+            "EFFECTIVE",
+            "GRACE ENDS",
+            "STATE",
+            "SUBPROCESSORS",
+        ]);
+        for c in &self.contracts {
+            let parts: Vec<String> = c.tasks.iter().map(PartView::summary).collect();
+            t.row([
+                clean(&c.contract_id),
+                clean(&c.processor),
+                c.terms.choice.clone(),
+                cell(c.terms.effective_at),
+                cell(c.terms.grace_ends_at),
+                c.state.clone(),
+                clean(&parts.join("; ")),
+            ]);
+        }
+        t.render()
+    }
+}
+
+/// A contract end as the processor holds it.
+#[derive(Debug, Serialize)]
+struct ScheduledView {
+    controller: String,
+    request_id: String,
+    #[serde(flatten)]
+    terms: TermsView,
+    received_at: Option<Time>,
+    tasks: Vec<PartView>,
+}
+
+impl From<&ProcessorContractEnd> for ScheduledView {
+    fn from(c: &ProcessorContractEnd) -> Self {
+        Self {
+            controller: c.controller.clone(),
+            request_id: c.request_id.clone(),
+            terms: TermsView::from(c.contract_end.as_ref()),
+            received_at: Time::from_proto(c.received_at.as_ref()),
+            tasks: c.tasks.iter().map(PartView::from).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct ScheduledListView {
+    contract_ends: Vec<ScheduledView>,
+}
+
+impl Render for ScheduledListView {
+    fn to_table(&self) -> String {
+        if self.contract_ends.is_empty() {
+            return "no contract ends at this processor\n".into();
+        }
+        let mut t = Table::new([
+            "CONTROLLER",
+            "REQUEST",
+            "CHOICE",
+            "EFFECTIVE",
+            "GRACE ENDS",
+            "SUBPROCESSOR",
+            "PHASE",
+            "SCHEDULED",
+            "SUBJECTS",
+            "RECORDS",
+        ]);
+        for c in &self.contract_ends {
+            for p in &c.tasks {
+                t.row([
+                    clean(&c.controller),
+                    clean(&c.request_id),
+                    c.terms.choice.clone(),
+                    cell(c.terms.effective_at),
+                    cell(c.terms.grace_ends_at),
+                    clean(&p.subprocessor),
+                    p.phase.clone().unwrap_or_else(|| p.state.clone()),
+                    cell(p.scheduled_at),
+                    count(p.subjects_done, p.subjects_total),
+                    count(p.records_done, p.records_total),
+                ]);
+            }
+        }
+        t.render()
+    }
+}
+
+/// The SHA-256 of `dir/manifest.json`.
+fn manifest_digest(dir: &Path) -> Result<String, Failure> {
+    let path = dir.join(crate::unpack::MANIFEST_NAME);
+    let bytes = std::fs::read(&path).map_err(|e| {
+        Failure::Usage(format!(
+            "--package {}: cannot read {} ({e}); download the package there first \
+             (dsrctl download ID --out DIR)",
+            dir.display(),
+            path.display()
+        ))
+    })?;
+    Ok(hex::encode(Sha256::digest(&bytes)))
+}
+
+/// Runs a `contracts` subcommand against the registry (all but `scheduled`).
+pub(crate) async fn run(
+    registry: &Registry,
+    cmd: &ContractsCommand,
+    io: &mut Io<'_>,
+) -> Result<u8, Failure> {
+    let client = &registry.client;
+    let contract = match cmd {
+        ContractsCommand::End {
+            processor,
+            choice: c,
+            effective_at,
+            now,
+            idempotency_key,
+        } => {
+            let effective = match (effective_at, now) {
+                (_, true) => EffectiveAt::Now,
+                (Some(at), false) => {
+                    let at = chrono::DateTime::parse_from_rfc3339(at).map_err(|e| {
+                        Failure::Usage(format!("--effective-at {at:?} is not RFC 3339: {e}"))
+                    })?;
+                    EffectiveAt::At(at.timestamp_millis())
+                }
+                (None, false) => {
+                    return Err(Failure::Usage(
+                        "give --effective-at RFC3339 or --now".into(),
+                    ))
+                }
+            };
+            let key = idempotency_key
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            let answer = client
+                .end_contract(processor.as_str(), choice(*c), effective, key.as_str())
+                .await
+                .map_err(|s| registry.failed(s))?;
+            let mut view = ContractView::from(&answer);
+            view.idempotency_key = idempotency_key.is_none().then_some(key);
+            emit(io.out, io.format, &view, false)?;
+            return Ok(0);
+        }
+        ContractsCommand::List { processor } => {
+            let list = client
+                .list_contracts(processor.clone().unwrap_or_default())
+                .await
+                .map_err(|s| registry.failed(s))?;
+            let view = ContractListView {
+                contracts: list.iter().map(ContractView::from).collect(),
+            };
+            emit(io.out, io.format, &view, false)?;
+            return Ok(0);
+        }
+        ContractsCommand::Show { id, watch: false } => client.get_contract(id.as_str()).await,
+        ContractsCommand::Show { id, watch: true } => return watch(registry, id, io).await,
+        ContractsCommand::Choose { id, choice: c } => {
+            client.choose_contract_end(id.as_str(), choice(*c)).await
+        }
+        ContractsCommand::Confirm {
+            id,
+            manifest_sha256,
+            package,
+        } => {
+            let digest = match (manifest_sha256, package) {
+                (Some(hex), _) => hex.clone(),
+                (None, Some(dir)) => manifest_digest(dir)?,
+                (None, None) => {
+                    return Err(Failure::Usage(
+                        "give --manifest-sha256 HEX or --package DIR".into(),
+                    ))
+                }
+            };
+            client.confirm_return(id.as_str(), digest).await
+        }
+        ContractsCommand::Scheduled { .. } => {
+            return Err(Failure::Usage(
+                "contracts scheduled asks the processor, not the registry".into(),
+            ))
+        }
+    }
+    .map_err(|s| registry.failed(s))?;
+    emit(io.out, io.format, &ContractView::from(&contract), false)?;
+    Ok(0)
+}
+
+/// `dsrctl contracts scheduled`: the processor's view (its operator API).
+pub(crate) async fn scheduled(
+    cmd: &ContractsCommand,
+    settings: &ConnectionSettings,
+    io: &mut Io<'_>,
+) -> Result<u8, Failure> {
+    let ContractsCommand::Scheduled {
+        processor,
+        controller,
+    } = cmd
+    else {
+        return Err(Failure::Usage(
+            "only contracts scheduled asks the processor".into(),
+        ));
+    };
+    let mut client =
+        ProcessorOperatorServiceClient::new(super::tasks::connect(processor, settings)?);
+    let list = client
+        .list_contract_ends(ListContractEndsRequest {
+            controller: controller.clone().unwrap_or_default(),
+        })
+        .await
+        .map_err(|status| Failure::Rpc {
+            status,
+            endpoint: processor.processor.clone(),
+        })?
+        .into_inner();
+    let view = ScheduledListView {
+        contract_ends: list.contract_ends.iter().map(ScheduledView::from).collect(),
+    };
+    emit(io.out, io.format, &view, false)?;
+    Ok(0)
+}
+
+/// Whether a request in `state` will not change any more.
+fn finished(state: i32) -> bool {
+    matches!(
+        RequestState::try_from(state),
+        Ok(RequestState::Completed | RequestState::Failed | RequestState::Cancelled)
+    )
+}
+
+/// The bars of `show --watch`, one per subprocessor, on stderr when it is a terminal.
+struct Bars {
+    multi: MultiProgress,
+    bars: Vec<(String, ProgressBar)>,
+}
+
+impl Bars {
+    fn new() -> Self {
+        let target = if std::io::stderr().is_terminal() {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        Self {
+            multi: MultiProgress::with_draw_target(target),
+            bars: Vec::new(),
+        }
+    }
+
+    /// Moves each subprocessor's bar to what `c` says (subjects done of the total; records
+    /// and the phase in its message).
+    fn show(&mut self, c: &Contract) {
+        for t in &c.tasks {
+            let part = PartView::from(t);
+            let bar = match self.bars.iter().find(|(s, _)| *s == part.subprocessor) {
+                Some((_, b)) => b.clone(),
+                None => {
+                    let b = self.multi.add(ProgressBar::new(0));
+                    if let Ok(style) =
+                        ProgressStyle::with_template("{prefix:>16} {wide_bar} {pos}/{len} {msg}")
+                    {
+                        b.set_style(style);
+                    }
+                    b.set_prefix(clean(&part.subprocessor));
+                    self.bars.push((part.subprocessor.clone(), b.clone()));
+                    b
+                }
+            };
+            bar.set_length(part.subjects_total.max(part.subjects_done));
+            bar.set_position(part.subjects_done);
+            bar.set_message(format!(
+                "subjects; {} records; {}",
+                count(part.records_done, part.records_total),
+                part.phase.clone().unwrap_or(part.state)
+            ));
+        }
+    }
+
+    fn finish(self) {
+        for (_, b) in self.bars {
+            b.finish();
+        }
+    }
+}
+
+/// `show --watch`: polls GetContract until the contract end finishes or Ctrl-C, drawing
+/// progress; then prints it. Exits 0 only if it ended COMPLETED.
+async fn watch(registry: &Registry, id: &str, io: &mut Io<'_>) -> Result<u8, Failure> {
+    let mut bars = Bars::new();
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    let last = loop {
+        let c = registry
+            .client
+            .get_contract(id)
+            .await
+            .map_err(|s| registry.failed(s))?;
+        bars.show(&c);
+        if finished(c.state) {
+            break c;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(WATCH_INTERVAL) => {}
+            _ = &mut interrupted => break c,
+        }
+    };
+    bars.finish();
+    emit(io.out, io.format, &ContractView::from(&last), false)?;
+    Ok(if last.state == RequestState::Completed as i32 {
+        0
+    } else {
+        1
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use dsrelay_sdk::proto::{ContractProgress, TaskState};
+
+    use super::*;
+
+    #[test]
+    fn the_digest_is_that_of_the_folders_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            manifest_digest(dir.path()),
+            Err(Failure::Usage(m)) if m.contains("dsrctl download")
+        ));
+        std::fs::write(dir.path().join("manifest.json"), b"{}\n").unwrap();
+        assert_eq!(
+            manifest_digest(dir.path()).unwrap(),
+            hex::encode(Sha256::digest(b"{}\n"))
+        );
+    }
+
+    #[test]
+    fn a_part_shows_its_phase_and_counts() {
+        let task = TaskStatus {
+            subprocessor: "accounting".into(),
+            state: TaskState::InProgress as i32,
+            progress: Some(ContractProgress {
+                phase: ContractPhase::Deleting as i32,
+                subjects_done: 3,
+                subjects_total: 10,
+                records_done: 7,
+                records_total: 0,
+                scheduled_at: None,
+            }),
+            ..Default::default()
+        };
+        let part = PartView::from(&task);
+        assert_eq!(part.summary(), "accounting DELETING 3/10 subjects");
+        assert_eq!(count(part.records_done, part.records_total), "7/?");
+        let c = Contract {
+            contract_id: "c1".into(),
+            processor: "payroll".into(),
+            contract_end: Some(ContractEnd {
+                choice: ContractEndChoice::Delete as i32,
+                ..Default::default()
+            }),
+            state: RequestState::InProgress as i32,
+            tasks: vec![task],
+            ..Default::default()
+        };
+        let table = ContractView::from(&c).to_table();
+        let row = table
+            .lines()
+            .find(|l| l.starts_with("accounting"))
+            .expect("a row");
+        for word in ["IN_PROGRESS", "DELETING", "3/10", "7/?"] {
+            assert!(row.contains(word), "{word} in {row}");
+        }
+        assert!(finished(RequestState::Completed as i32));
+        assert!(!finished(RequestState::PartiallyCompleted as i32));
+    }
+}

@@ -1,0 +1,523 @@
+//! Contract ends (`ContractService`, operators only): ending the contract with a processor,
+//! following it, making the deferred choice and confirming the returned package.
+//!
+//! A contract end is a request of kind CONTRACT_END, stored through the Submit path's group
+//! commit (`crate::intake`) with its one delivery and its terms (`contracts` table) in one
+//! transaction. A later choice or confirmation changes the stored terms and re-arms the
+//! contract end's one `update` outbox row, which the dispatcher sends as
+//! `ProcessorService.UpdateContractEnd` with the terms as they stand at send time.
+
+use std::collections::BTreeSet;
+
+use dsrelay_proto::prost::Message;
+use dsrelay_proto::v1::contract_service_server::ContractService;
+use dsrelay_proto::v1::{
+    ChooseContractEndRequest, ConfirmReturnRequest, Contract, ContractEnd, ContractEndChoice,
+    ContractList, EndContractRequest, GetContractRequest, ListContractsRequest, RequestKind,
+    RequestParameters, SubmitRequest, TaskStatus,
+};
+use dsrelay_proto::{millis_from_timestamp, timestamp_from_millis};
+use dsrelay_runtime::grpc::CallerTrace;
+use dsrelay_runtime::identity::{keyed_digest, request_id_violation, FieldViolation};
+use dsrelay_runtime::trace_context;
+use sha2::{Digest, Sha256};
+use tonic::{Response, Status};
+
+use crate::auth::{Caller, Party};
+use crate::deadline::{contract_end_due_at, grace_ends_at};
+use crate::error::ApiError;
+use crate::fold::request_is_terminal;
+use crate::store::{ContractChange, ContractRow, Inserted, NewContract, NewRequest};
+use crate::validate::MAX_IDEMPOTENCY_KEY;
+
+use super::Api;
+
+/// The idempotency hash of an encoded EndContract body, keyed like Submit's but in its own
+/// domain, so a Submit and an EndContract never share a key by accident.
+fn body_hash(key: &[u8], encoded: &[u8]) -> String {
+    keyed_digest(key, b"dsrelay.end-contract-body.v1", encoded)
+}
+
+/// A choice's name without its prefix (`DELETE`).
+fn choice_name(c: ContractEndChoice) -> &'static str {
+    c.as_str_name().trim_start_matches("CONTRACT_END_CHOICE_")
+}
+
+/// An instant for messages.
+fn when(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// Every rule an EndContract body breaks, given the configured processors and the time now.
+pub(crate) fn end_contract_violations(
+    r: &EndContractRequest,
+    processors: &BTreeSet<&str>,
+    now: i64,
+) -> Vec<FieldViolation> {
+    let mut out = Vec::new();
+    if !processors.contains(r.processor.as_str()) {
+        let known: Vec<&str> = processors.iter().copied().collect();
+        out.push(FieldViolation::new(
+            "processor",
+            format!(
+                "{:?} is not a configured processor; known: {}",
+                r.processor,
+                known.join(", ")
+            ),
+        ));
+    }
+    match ContractEndChoice::try_from(r.choice) {
+        Ok(
+            ContractEndChoice::None
+            | ContractEndChoice::Delete
+            | ContractEndChoice::ReturnThenDelete,
+        ) => {}
+        _ => out.push(FieldViolation::new(
+            "choice",
+            format!(
+                "must be NONE (choose later), DELETE or RETURN_THEN_DELETE (got {})",
+                r.choice
+            ),
+        )),
+    }
+    match (&r.effective_at, r.effective_now) {
+        (Some(_), true) => out.push(FieldViolation::new(
+            "effective_at",
+            "give either effective_at or effective_now, not both",
+        )),
+        (None, false) => out.push(FieldViolation::new(
+            "effective_at",
+            "is required: give the date the contract ends, or effective_now to end it now",
+        )),
+        (Some(t), false) if millis_from_timestamp(t) < now => out.push(FieldViolation::new(
+            "effective_at",
+            format!(
+                "{} is in the past; pass effective_now to end the contract now",
+                when(millis_from_timestamp(t))
+            ),
+        )),
+        _ => {}
+    }
+    let key = &r.idempotency_key;
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+        out.push(FieldViolation::new(
+            "idempotency_key",
+            format!("must be 1 to {MAX_IDEMPOTENCY_KEY} bytes"),
+        ));
+    }
+    out
+}
+
+/// The view of a contract end with its tasks.
+fn view(row: ContractRow, tasks: Vec<TaskStatus>, deduplicated: bool) -> Contract {
+    Contract {
+        contract_id: row.request_id.clone(),
+        processor: row.processor.clone(),
+        contract_end: Some(row.terms()),
+        state: row.state() as i32,
+        tasks,
+        created_at: Some(timestamp_from_millis(row.received_at)),
+        updated_at: Some(timestamp_from_millis(
+            row.updated_at.max(row.request_updated_at),
+        )),
+        trace_id: row.trace_id,
+        deduplicated,
+    }
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!("contract end {id} not found"))
+}
+
+impl Api {
+    /// The caller, who must be an operator.
+    fn contract_caller<T>(&self, req: &tonic::Request<T>) -> Result<Caller, ApiError> {
+        Ok(self.shared.auth.require(req, &[Party::Operator], |c| {
+            format!("{} may not manage contract ends: operators only", c.name)
+        })?)
+    }
+
+    /// The contract end `id`, or NOT_FOUND (also for a request that is not one).
+    async fn contract_row(&self, id: &str) -> Result<ContractRow, ApiError> {
+        ApiError::ensure_valid(request_id_violation("contract_id", id))?;
+        self.shared
+            .store
+            .contract(id)
+            .await?
+            .ok_or_else(|| not_found(id))
+    }
+
+    /// The contract end `id` as shown.
+    async fn contract_view(&self, id: &str, deduplicated: bool) -> Result<Contract, ApiError> {
+        let row = self.contract_row(id).await?;
+        let tasks = self.shared.store.tasks(id).await?;
+        Ok(view(row, tasks, deduplicated))
+    }
+
+    /// Refuses a change to a contract end that has finished.
+    fn ensure_open(row: &ContractRow) -> Result<(), ApiError> {
+        if request_is_terminal(row.state()) {
+            return Err(ApiError::failed_precondition(format!(
+                "contract end {} has finished ({}); its terms can no longer change",
+                row.request_id,
+                row.state()
+                    .as_str_name()
+                    .trim_start_matches("REQUEST_STATE_")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Applies `change` and answers with the contract end; a change that lost a race with
+    /// another is refused as such.
+    async fn change(
+        &self,
+        caller: &Caller,
+        row: &ContractRow,
+        change: ContractChange,
+    ) -> Result<Contract, ApiError> {
+        let id = &row.request_id;
+        let changed = self
+            .shared
+            .store
+            .change_contract(id, &change, &caller.name, self.shared.clock.now_ms())
+            .await?;
+        if !changed {
+            return Err(ApiError::failed_precondition(format!(
+                "contract end {id} changed meanwhile; read it again (dsrctl contracts show {id})"
+            )));
+        }
+        tracing::info!(contract_id = %id, by = %caller.name, ?change, "contract end changed");
+        self.shared.dispatch_wakeup.notify_one();
+        self.shared.publish(id);
+        self.contract_view(id, false).await
+    }
+}
+
+#[tonic::async_trait]
+impl ContractService for Api {
+    #[tracing::instrument(name = "end_contract", skip_all, fields(request_id, trace_id))]
+    async fn end_contract(
+        &self,
+        req: tonic::Request<EndContractRequest>,
+    ) -> Result<Response<Contract>, Status> {
+        let span = tracing::Span::current();
+        let caller = self.contract_caller(&req)?;
+        let trace_id = trace_context::trace_id_of(&span)
+            .or_else(|| CallerTrace::of(&req).map(|t| t.trace_id().to_string()))
+            .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        let traceparent = trace_context::traceparent_of(&span);
+        span.record("trace_id", trace_id.as_str());
+        let body = req.into_inner();
+        let config = &self.shared.config;
+        let now = self.shared.clock.now_ms();
+        let processors: BTreeSet<&str> =
+            config.processors.iter().map(|p| p.name.as_str()).collect();
+        ApiError::ensure_valid(end_contract_violations(&body, &processors, now))?;
+        let choice = ContractEndChoice::try_from(body.choice).unwrap_or_default();
+        let effective_at = body
+            .effective_at
+            .as_ref()
+            .map_or(now, millis_from_timestamp);
+        let grace = grace_ends_at(effective_at, config.contracts.grace_months);
+        let terms = ContractEnd {
+            choice: choice as i32,
+            effective_at: Some(timestamp_from_millis(effective_at)),
+            grace_ends_at: Some(timestamp_from_millis(grace)),
+            return_confirmed: false,
+        };
+        // The body says what was asked, for Get; the dispatcher sends the terms from the
+        // `contracts` table, which later changes update.
+        let stored = SubmitRequest {
+            kind: RequestKind::ContractEnd as i32,
+            idempotency_key: body.idempotency_key.clone(),
+            parameters: Some(RequestParameters {
+                contract_end: Some(terms),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let id = uuid::Uuid::now_v7().to_string();
+        let new = NewRequest {
+            id: id.clone(),
+            partner: caller.name.clone(),
+            idempotency_key: body.idempotency_key.clone(),
+            body_hash: body_hash(&self.shared.identity_hash_key, &body.encode_to_vec()),
+            body: stored.encode_to_vec(),
+            identity_hashes: "[]".into(),
+            kind: RequestKind::ContractEnd as i32,
+            received_at: now,
+            due_at: contract_end_due_at(grace),
+            trace_id,
+            traceparent,
+            processors: vec![body.processor.clone()],
+        };
+        let contract = NewContract {
+            choice: choice as i32,
+            effective_at,
+            grace_ends_at: grace,
+        };
+        let inserted = self
+            .shared
+            .intake
+            .end_contract(new, contract)
+            .await
+            .map_err(ApiError::from)?;
+        let (contract_id, deduplicated) = match inserted {
+            Inserted::New => {
+                self.shared.dispatch_wakeup.notify_one();
+                self.shared.publish(&id);
+                (id, false)
+            }
+            Inserted::Existing(existing) => (existing, true),
+            Inserted::Conflict(existing) => {
+                return Err(ApiError::already_exists(format!(
+                    "idempotency_key {:?} was already used for request {existing} with a \
+                     different body; use a new key for a new contract end",
+                    body.idempotency_key
+                ))
+                .into())
+            }
+            Inserted::Running(running) => {
+                return Err(ApiError::failed_precondition(format!(
+                    "contract end {running} with processor {} has not finished; follow it \
+                     with dsrctl contracts show {running}",
+                    body.processor
+                ))
+                .into())
+            }
+        };
+        span.record("request_id", contract_id.as_str());
+        tracing::info!(
+            contract_id = %contract_id,
+            processor = %body.processor,
+            choice = choice_name(choice),
+            deduplicated,
+            "contract end created"
+        );
+        Ok(Response::new(
+            self.contract_view(&contract_id, deduplicated).await?,
+        ))
+    }
+
+    async fn get_contract(
+        &self,
+        req: tonic::Request<GetContractRequest>,
+    ) -> Result<Response<Contract>, Status> {
+        self.contract_caller(&req)?;
+        Ok(Response::new(
+            self.contract_view(&req.get_ref().contract_id, false)
+                .await?,
+        ))
+    }
+
+    async fn list_contracts(
+        &self,
+        req: tonic::Request<ListContractsRequest>,
+    ) -> Result<Response<ContractList>, Status> {
+        self.contract_caller(&req)?;
+        let processor = &req.get_ref().processor;
+        let rows = self
+            .shared
+            .store
+            .contracts((!processor.is_empty()).then_some(processor.as_str()))
+            .await
+            .map_err(ApiError::from)?;
+        let ids: Vec<String> = rows.iter().map(|r| r.request_id.clone()).collect();
+        let mut tasks = self
+            .shared
+            .store
+            .tasks_of(&ids)
+            .await
+            .map_err(ApiError::from)?;
+        let contracts = rows
+            .into_iter()
+            .map(|r| {
+                let t = tasks.remove(&r.request_id).unwrap_or_default();
+                view(r, t, false)
+            })
+            .collect();
+        Ok(Response::new(ContractList { contracts }))
+    }
+
+    async fn choose_contract_end(
+        &self,
+        req: tonic::Request<ChooseContractEndRequest>,
+    ) -> Result<Response<Contract>, Status> {
+        let caller = self.contract_caller(&req)?;
+        let r = req.into_inner();
+        let choice = match ContractEndChoice::try_from(r.choice) {
+            Ok(c @ (ContractEndChoice::Delete | ContractEndChoice::ReturnThenDelete)) => c,
+            _ => {
+                return Err(ApiError::invalid([FieldViolation::new(
+                    "choice",
+                    format!("must be DELETE or RETURN_THEN_DELETE (got {})", r.choice),
+                )])
+                .into())
+            }
+        };
+        let row = self.contract_row(&r.contract_id).await?;
+        Self::ensure_open(&row)?;
+        if row.choice() != ContractEndChoice::None {
+            return Err(ApiError::failed_precondition(format!(
+                "contract end {} was made with the choice {}, which is final",
+                row.request_id,
+                choice_name(row.choice())
+            ))
+            .into());
+        }
+        if self.shared.clock.now_ms() >= row.grace_ends_at {
+            return Err(ApiError::failed_precondition(format!(
+                "the grace period of contract end {} ended at {}: the processor deletes the \
+                 data, and no choice can be made any more",
+                row.request_id,
+                when(row.grace_ends_at)
+            ))
+            .into());
+        }
+        Ok(Response::new(
+            self.change(&caller, &row, ContractChange::Choose(choice))
+                .await?,
+        ))
+    }
+
+    async fn confirm_return(
+        &self,
+        req: tonic::Request<ConfirmReturnRequest>,
+    ) -> Result<Response<Contract>, Status> {
+        let caller = self.contract_caller(&req)?;
+        let r = req.into_inner();
+        let digest = r.manifest_sha256.to_ascii_lowercase();
+        if !dsrelay_runtime::export_files::is_sha256(&digest) {
+            return Err(ApiError::invalid([FieldViolation::new(
+                "manifest_sha256",
+                "must be 64 hex digits: the SHA-256 of the package's manifest.json",
+            )])
+            .into());
+        }
+        let row = self.contract_row(&r.contract_id).await?;
+        let id = row.request_id.clone();
+        if row.choice() != ContractEndChoice::ReturnThenDelete {
+            return Err(ApiError::failed_precondition(format!(
+                "contract end {id} is {}; only RETURN_THEN_DELETE returns a package to confirm",
+                choice_name(row.choice())
+            ))
+            .into());
+        }
+        if row.return_confirmed != 0 {
+            if row.manifest_sha256.as_deref() == Some(digest.as_str()) {
+                // The same confirmation again: already done.
+                return Ok(Response::new(self.contract_view(&id, false).await?));
+            }
+            return Err(ApiError::failed_precondition(format!(
+                "contract end {id} was confirmed already, with manifest sha256 {}",
+                row.manifest_sha256.as_deref().unwrap_or("?")
+            ))
+            .into());
+        }
+        Self::ensure_open(&row)?;
+        let request = self
+            .shared
+            .store
+            .request(&id)
+            .await
+            .map_err(ApiError::from)?
+            .ok_or_else(|| not_found(&id))?;
+        let info = super::packages::package_info(&self.shared, &request).await?;
+        if !info.complete {
+            let waiting = if info.missing.is_empty() {
+                "no subprocessor's part is stored yet".to_string()
+            } else {
+                format!(
+                    "the parts of {} are not stored yet",
+                    info.missing.join(", ")
+                )
+            };
+            return Err(ApiError::failed_precondition(format!(
+                "the package of contract end {id} is not complete: {waiting}; confirm once \
+                 every subprocessor's part is stored and the package was downloaded and \
+                 verified"
+            ))
+            .into());
+        }
+        let actual = hex::encode(Sha256::digest(&info.manifest_json));
+        if actual != digest {
+            return Err(ApiError::failed_precondition(format!(
+                "manifest_sha256 {digest} differs from the SHA-256 of the package's \
+                 manifest.json; download the package again (dsrctl download {id}) and verify it"
+            ))
+            .into());
+        }
+        Ok(Response::new(
+            self.change(&caller, &row, ContractChange::ConfirmReturn(digest))
+                .await?,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000_000;
+
+    fn good() -> EndContractRequest {
+        EndContractRequest {
+            processor: "payroll".into(),
+            choice: ContractEndChoice::Delete as i32,
+            effective_at: Some(timestamp_from_millis(NOW + 1000)),
+            effective_now: false,
+            idempotency_key: "k".into(),
+        }
+    }
+
+    fn fields(r: &EndContractRequest) -> Vec<String> {
+        let known: BTreeSet<&str> = ["payroll", "web"].into();
+        end_contract_violations(r, &known, NOW)
+            .into_iter()
+            .map(|v| v.field)
+            .collect()
+    }
+
+    #[test]
+    fn end_contract_rules() {
+        assert!(fields(&good()).is_empty());
+        let mut r = good();
+        r.processor = "nobody".into();
+        let known: BTreeSet<&str> = ["payroll", "web"].into();
+        let v = end_contract_violations(&r, &known, NOW);
+        assert_eq!(v[0].field, "processor");
+        assert!(v[0].rule.contains("payroll, web"), "{}", v[0].rule);
+
+        for c in [0, 99] {
+            let mut r = good();
+            r.choice = c;
+            assert_eq!(fields(&r), ["choice"]);
+        }
+        let mut r = good();
+        r.choice = ContractEndChoice::None as i32;
+        assert!(fields(&r).is_empty());
+
+        let mut r = good();
+        r.effective_at = Some(timestamp_from_millis(NOW - 1));
+        let v = end_contract_violations(&r, &known, NOW);
+        assert_eq!(v.len(), 1);
+        assert!(v[0].rule.contains("effective_now"), "{}", v[0].rule);
+
+        let mut r = good();
+        r.effective_now = true;
+        assert_eq!(fields(&r), ["effective_at"]);
+        r.effective_at = None;
+        assert!(fields(&r).is_empty());
+        r.effective_now = false;
+        assert_eq!(fields(&r), ["effective_at"]);
+
+        let mut r = good();
+        r.idempotency_key = String::new();
+        assert_eq!(fields(&r), ["idempotency_key"]);
+        r.idempotency_key = "k".repeat(MAX_IDEMPOTENCY_KEY + 1);
+        assert_eq!(fields(&r), ["idempotency_key"]);
+    }
+}
