@@ -16,12 +16,18 @@ pub struct ManualConfig {
     /// cabinet B2, sorted by customer number; shred and note the folder ids").
     #[serde(default)]
     pub instructions: String,
+    /// The controllers whose data the operator handles here, when the processor serves
+    /// several; each task and contract end tells the operator its controller. Absent:
+    /// unscoped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controllers: Option<Vec<String>>,
 }
 
 /// See the module documentation.
 #[derive(Debug, Clone)]
 pub(crate) struct ManualConnector {
     instructions: String,
+    controllers: Option<Vec<String>>,
 }
 
 impl ManualConnector {
@@ -29,6 +35,7 @@ impl ManualConnector {
     pub(crate) fn new(config: &ManualConfig) -> Self {
         Self {
             instructions: config.instructions.clone(),
+            controllers: config.controllers.clone(),
         }
     }
 }
@@ -40,6 +47,10 @@ impl Connector for ManualConnector {
 
     fn supports(&self, kind: RequestKind) -> bool {
         kind != RequestKind::Unspecified
+    }
+
+    fn scoped_controllers(&self) -> Option<Vec<String>> {
+        self.controllers.clone()
     }
 
     fn run<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
@@ -101,6 +112,7 @@ mod tests {
     #[tokio::test]
     async fn a_contract_end_waits_for_an_operator_told_whose_data_and_what_to_do() {
         let c = ManualConnector::new(&ManualConfig {
+            controllers: None,
             instructions: "cabinet B2".into(),
         });
         for (op, verb) in [

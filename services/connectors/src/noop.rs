@@ -16,12 +16,18 @@ pub struct NoopConfig {
     /// How long each task takes (ms), standing in for a subprocessor's latency.
     #[serde(default)]
     pub delay_ms: u64,
+    /// The controllers it stands in for, when the processor serves several (it holds nothing,
+    /// so nothing of one controller can reach another's; the list only says whose holder it
+    /// is). Absent: unscoped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controllers: Option<Vec<String>>,
 }
 
 /// See the module documentation.
 #[derive(Debug, Clone)]
 pub(crate) struct NoopConnector {
     delay: Duration,
+    controllers: Option<Vec<String>>,
 }
 
 impl NoopConnector {
@@ -29,6 +35,7 @@ impl NoopConnector {
     pub(crate) fn new(config: &NoopConfig) -> Self {
         Self {
             delay: Duration::from_millis(config.delay_ms),
+            controllers: config.controllers.clone(),
         }
     }
 }
@@ -40,6 +47,10 @@ impl Connector for NoopConnector {
 
     fn supports(&self, kind: RequestKind) -> bool {
         kind != RequestKind::Unspecified
+    }
+
+    fn scoped_controllers(&self) -> Option<Vec<String>> {
+        self.controllers.clone()
     }
 
     fn run<'a>(&'a self, _task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
@@ -92,7 +103,10 @@ mod tests {
             export: None,
             progress,
         };
-        let c = NoopConnector::new(&NoopConfig { delay_ms: 1 });
+        let c = NoopConnector::new(&NoopConfig {
+            delay_ms: 1,
+            controllers: Some(vec!["acme".into()]),
+        });
         match c.run_bulk(&job).await.unwrap() {
             Outcome::Completed {
                 records_affected,
@@ -107,5 +121,6 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(*seen.borrow(), BulkProgress::default());
+        assert_eq!(c.scoped_controllers(), Some(vec!["acme".to_string()]));
     }
 }

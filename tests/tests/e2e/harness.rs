@@ -180,6 +180,11 @@ pub struct PairOptions {
     pub registry_endpoint: Option<SocketAddr>,
     /// Also serve [`OTHER_CONTROLLER`] at the processor (its registry at the same endpoint).
     pub second_controller: bool,
+    /// With `second_controller`: scope every holder per controller, so that the processor
+    /// starts. The accounting holder keeps each controller's data in a sample database of
+    /// its own ([`TestPair::other_accounting_url`] is the second controller's); the others
+    /// list both controllers.
+    pub scope_holders: bool,
     /// Where the registry finds the processor when the test plays it itself (leave the
     /// processor down then: `down: vec![Role::Processor]`).
     pub processor_endpoint: Option<SocketAddr>,
@@ -208,6 +213,7 @@ impl Default for PairOptions {
             forget_after_days: 30,
             registry_endpoint: None,
             second_controller: false,
+            scope_holders: false,
             processor_endpoint: None,
         }
     }
@@ -329,6 +335,8 @@ mod configs {
         pub ack_port: u16,
         pub absent_processor_port: Option<u16>,
         pub accounting_url: String,
+        /// The second controller's accounting database ([`super::PairOptions::scope_holders`]).
+        pub other_accounting_url: String,
         pub adapter_listen: String,
         pub adapter_db: String,
         /// Where the example recipient listens (empty: none is started).
@@ -452,12 +460,38 @@ mod configs {
                 description: description.into(),
                 connector,
             };
+        let scoped = plan.opts.second_controller && plan.opts.scope_holders;
+        let controllers = scoped.then(|| {
+            vec![
+                super::CONTROLLER.to_string(),
+                super::OTHER_CONTROLLER.to_string(),
+            ]
+        });
         match holder {
             Holder::Accounting => finnish(
                 "accounting",
                 &["contact", "invoicing"],
                 "accounting outsourcing",
-                ConnectorConfig::Sql(sample_config(&plan.accounting_url)),
+                ConnectorConfig::Sql({
+                    let mut sql = sample_config(&plan.accounting_url);
+                    if scoped {
+                        // Each controller's books in a database of its own; the shared url
+                        // is then not opened.
+                        for (name, url) in [
+                            (super::CONTROLLER, &plan.accounting_url),
+                            (super::OTHER_CONTROLLER, &plan.other_accounting_url),
+                        ] {
+                            sql.controllers.insert(
+                                name.to_string(),
+                                dsrelay_connectors::sql::ControllerScope {
+                                    condition: None,
+                                    url: Some(url.clone()),
+                                },
+                            );
+                        }
+                    }
+                    sql
+                }),
             ),
             Holder::MailMarketing => SubprocessorConfig {
                 name: "mail-marketing".into(),
@@ -467,6 +501,7 @@ mod configs {
                 description: "mail-marketing service (EU-US Data Privacy Framework)".into(),
                 connector: ConnectorConfig::Noop(NoopConfig {
                     delay_ms: plan.opts.mail_delay_ms,
+                    controllers: controllers.clone(),
                 }),
             },
             Holder::PaperArchive => finnish(
@@ -475,6 +510,7 @@ mod configs {
                 "signed contracts in cabinet B2",
                 ConnectorConfig::Manual(ManualConfig {
                     instructions: "shred the customer's folder and note its id".into(),
+                    controllers: controllers.clone(),
                 }),
             ),
             Holder::Newsletter => finnish(
@@ -490,7 +526,7 @@ mod configs {
                     tls: plan.pki.files("processor"),
                     timeout_ms: 5000,
                     supported_kinds: plan.opts.newsletter_kinds.clone(),
-                    controllers: None,
+                    controllers,
                 }),
             ),
         }
@@ -945,6 +981,9 @@ pub struct TestPair {
     pub recipient: Option<Service>,
     /// The sample accounting database the `accounting` holder erases from.
     pub accounting_url: String,
+    /// The second controller's sample accounting database, with the same rows
+    /// ([`PairOptions::scope_holders`]; created only then).
+    pub other_accounting_url: String,
     pki: DevPki,
     /// Ports where nothing listens (the absent processor, acknowledgements to nowhere),
     /// bound so that calls there are refused at once and nobody else takes them.
@@ -964,6 +1003,12 @@ pub async fn spawn_pair(opts: PairOptions) -> Option<TestPair> {
     dsrelay_connectors::sql::create_sample_accounting_db(&accounting_url)
         .await
         .expect("sample accounting db");
+    let other_accounting_url = format!("sqlite://{}/accounting-other.db", dir.path().display());
+    if opts.scope_holders {
+        dsrelay_connectors::sql::create_sample_accounting_db(&other_accounting_url)
+            .await
+            .expect("the second controller's sample accounting db");
+    }
 
     let registry_socket = reserve();
     let processor_socket = reserve();
@@ -1006,6 +1051,7 @@ pub async fn spawn_pair(opts: PairOptions) -> Option<TestPair> {
         ack_port,
         absent_processor_port,
         accounting_url: accounting_url.clone(),
+        other_accounting_url: other_accounting_url.clone(),
         adapter_listen: adapter_socket
             .as_ref()
             .map(|s| addr_of(s).to_string())
@@ -1084,6 +1130,7 @@ pub async fn spawn_pair(opts: PairOptions) -> Option<TestPair> {
         adapter,
         recipient,
         accounting_url,
+        other_accounting_url,
         pki,
         _nowhere: nowhere,
         dir,

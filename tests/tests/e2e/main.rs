@@ -13,6 +13,7 @@ mod bad_input;
 mod certificates;
 mod compose;
 mod connectors;
+mod contract_end;
 mod contracts_processor;
 mod contracts_registry;
 mod download;

@@ -1,0 +1,466 @@
+//! Contract ends through the real registry and the real processor, end to end: an operator
+//! ends a contract with `dsrctl contracts`, the registry delivers it, the processor runs each
+//! subprocessor's bulk step over all of that controller's data (the SQL connector on the
+//! sample accounting database, the example adapter, a no-op holder), and the registry shows
+//! the outcome, the progress and the signed certificates. The processor serves a second
+//! controller whose data sits at the same holders and must come through untouched.
+
+use std::time::Duration;
+
+use dsrelay_proto::v1::certificate_service_client::CertificateServiceClient;
+use dsrelay_proto::v1::contract_service_client::ContractServiceClient;
+use dsrelay_proto::v1::{
+    Contract, ContractPhase, GetContractRequest, ListCertificatesRequest, RequestState, TaskState,
+};
+use dsrelay_runtime::signing::PublicKey;
+
+use crate::harness::dsrctl::dsrctl;
+use crate::harness::{
+    spawn_pair, Backend, Holder, PairOptions, TestPair, CONTROLLER, OTHER_CONTROLLER, PROCESSOR,
+};
+
+/// Every row of the sample accounting database, table by table, in a fixed order: what
+/// "untouched" is compared on.
+async fn dump(url: &str) -> Vec<String> {
+    let db = dsrelay_runtime::store::Db::connect(url)
+        .await
+        .expect("connect");
+    let mut rows = Vec::new();
+    let tables: [(&str, &[&str]); 4] = [
+        (
+            "customers",
+            &[
+                "customer_no",
+                "name",
+                "COALESCE(email, '')",
+                "COALESCE(phone, '')",
+                "COALESCE(national_id, '')",
+                "COALESCE(address, '')",
+            ],
+        ),
+        (
+            "invoices",
+            &[
+                "CAST(COALESCE(customer_id, -1) AS TEXT)",
+                "COALESCE(customer_name, '')",
+                "COALESCE(customer_email, '')",
+                "CAST(amount_cents AS TEXT)",
+                "issued_on",
+                "status",
+            ],
+        ),
+        (
+            "contacts",
+            &["CAST(customer_id AS TEXT)", "name", "COALESCE(email, '')"],
+        ),
+        (
+            "ledger_entries",
+            &[
+                "CAST(COALESCE(customer_id, -1) AS TEXT)",
+                "booked_on",
+                "description",
+            ],
+        ),
+    ];
+    for (table, columns) in tables {
+        let found: Vec<(i64, String)> = sqlx::query_as(&format!(
+            "SELECT id, {} FROM {table} ORDER BY id",
+            columns.join(" || '|' || ")
+        ))
+        .fetch_all(&db.pool)
+        .await
+        .expect("dump");
+        rows.extend(
+            found
+                .into_iter()
+                .map(|(id, r)| format!("{table}#{id}: {r}")),
+        );
+    }
+    db.pool.close().await;
+    rows
+}
+
+async fn customers(url: &str) -> i64 {
+    crate::harness::count(url, "SELECT COUNT(*) FROM customers").await
+}
+
+fn contracts(pair: &TestPair) -> ContractServiceClient<tonic::transport::Channel> {
+    ContractServiceClient::new(pair.channel_to_registry("operator"))
+}
+
+async fn contract(pair: &TestPair, id: &str) -> Contract {
+    contracts(pair)
+        .get_contract(GetContractRequest {
+            contract_id: id.into(),
+        })
+        .await
+        .expect("GetContract")
+        .into_inner()
+}
+
+/// Polls the contract end until `done` holds, failing with its last view after `secs`.
+async fn until(
+    pair: &TestPair,
+    id: &str,
+    secs: u64,
+    what: &str,
+    done: impl Fn(&Contract) -> bool,
+) -> Contract {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let c = contract(pair, id).await;
+        if done(&c) {
+            return c;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not reached in {secs} s\n{c:#?}\n--- processor log ---\n{}",
+            pair.processor.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn state(c: &Contract) -> RequestState {
+    RequestState::try_from(c.state).unwrap_or(RequestState::Unspecified)
+}
+
+fn phases(c: &Contract) -> Vec<(String, ContractPhase)> {
+    c.tasks
+        .iter()
+        .map(|t| {
+            let phase = t
+                .progress
+                .as_ref()
+                .and_then(|p| ContractPhase::try_from(p.phase).ok())
+                .unwrap_or(ContractPhase::Unspecified);
+            (t.subprocessor.clone(), phase)
+        })
+        .collect()
+}
+
+/// Ends the contract with `choice` (a dsrctl choice), effective now; returns its id.
+async fn end_contract(pair: &TestPair, choice: &str) -> String {
+    let ended = dsrctl(
+        pair,
+        "operator",
+        &[
+            "contracts",
+            "end",
+            "--processor",
+            PROCESSOR,
+            "--choice",
+            choice,
+            "--now",
+            "--output",
+            "json",
+        ],
+    )
+    .await
+    .json();
+    ended["contract_id"]
+        .as_str()
+        .expect("contract id")
+        .to_string()
+}
+
+/// The certificates of the contract end: each verified by the registry, of kind
+/// `contract_end`, for this controller; verified here once more with the processor's public
+/// key.
+async fn check_certificates(pair: &TestPair, id: &str, subprocessors: &[&str]) {
+    let list = CertificateServiceClient::new(pair.channel_to_registry("operator"))
+        .list_certificates(ListCertificatesRequest {
+            request_id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("certificates")
+        .into_inner()
+        .certificates;
+    let key = PublicKey::from_config(
+        pair.pki()
+            .signing_public_key("processor")
+            .to_str()
+            .expect("path"),
+    )
+    .expect("public key");
+    let mut certified: Vec<&str> = Vec::new();
+    for stored in &list {
+        assert!(stored.verified, "{stored:?}");
+        let cert = stored.certificate.as_ref().expect("certificate");
+        let body: serde_json::Value = serde_json::from_slice(&cert.body).expect("json body");
+        assert_eq!(body["kind"], "contract_end", "{body}");
+        assert_eq!(body["controller"], CONTROLLER, "{body}");
+        assert_eq!(body["request_id"], id, "{body}");
+        let signed = dsrelay_runtime::signing::Signed {
+            body: cert.body.clone(),
+            signature: cert.signature.clone(),
+            key_id: cert.key_id.clone(),
+        };
+        key.verify(&signed).expect("the processor's signature");
+        certified.push(stored.subprocessor.as_str());
+    }
+    certified.sort();
+    certified.dedup();
+    assert_eq!(certified, subprocessors, "{list:#?}");
+}
+
+/// DELETE, effective now: every holder erases all of the controller's data in bulk; what
+/// the Accounting Act keeps is RETAINED with its basis and date; the second controller's
+/// books and newsletter subscribers come through byte for byte.
+async fn delete_now(backend: Backend) {
+    let Some(pair) = spawn_pair(PairOptions {
+        backend,
+        holders: vec![
+            Holder::Accounting,
+            Holder::MailMarketing,
+            Holder::Newsletter,
+        ],
+        second_controller: true,
+        scope_holders: true,
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let other_before = dump(&pair.other_accounting_url).await;
+    assert_eq!(customers(&pair.accounting_url).await, 6);
+
+    let id = end_contract(&pair, "delete").await;
+    let done = until(&pair, &id, 60, "every task final", |c| {
+        !c.tasks.is_empty()
+            && c.tasks.iter().all(|t| {
+                matches!(
+                    TaskState::try_from(t.state),
+                    Ok(TaskState::Completed | TaskState::Retained)
+                )
+            })
+    })
+    .await;
+    // The sample books keep vouchers and entries inside their periods, and open invoices.
+    assert_eq!(state(&done), RequestState::PartiallyCompleted, "{done:#?}");
+    for t in &done.tasks {
+        let phase = t.progress.as_ref().map(|p| p.phase);
+        assert_eq!(phase, Some(ContractPhase::Done as i32), "{t:?}");
+        match t.subprocessor.as_str() {
+            "accounting" => {
+                assert_eq!(t.state, TaskState::Retained as i32, "{t:?}");
+                assert!(t.legal_basis.contains("Kirjanpitolaki"), "{t:?}");
+                assert!(t.retain_until.is_some(), "{t:?}");
+                let p = t.progress.as_ref().expect("progress");
+                assert_eq!(p.subjects_total, 6, "{p:?}");
+            }
+            _ => assert_eq!(t.state, TaskState::Completed as i32, "{t:?}"),
+        }
+    }
+    // Only the customers whose books are still kept remain, and none of them is findable by
+    // anything but the controller's own database.
+    let left = customers(&pair.accounting_url).await;
+    assert!((1..6).contains(&left), "{left} customers left");
+    assert_eq!(
+        crate::harness::count(&pair.accounting_url, "SELECT COUNT(*) FROM contacts").await,
+        0
+    );
+    assert_eq!(
+        dump(&pair.other_accounting_url).await,
+        other_before,
+        "the other controller's books changed"
+    );
+    check_certificates(&pair, &id, &["accounting", "mail-marketing", "newsletter"]).await;
+
+    // The operator's views say the same.
+    let shown = dsrctl(&pair, "operator", &["contracts", "show", &id]).await;
+    let text = shown.ok();
+    assert!(
+        text.contains("accounting") && text.contains("RETAINED"),
+        "{text}"
+    );
+    let scheduled = dsrctl(
+        &pair,
+        "operator",
+        &[
+            "contracts",
+            "scheduled",
+            "--processor",
+            &format!("https://localhost:{}", pair.processor.addr().port()),
+            "--output",
+            "json",
+        ],
+    )
+    .await
+    .json();
+    let text = scheduled.to_string();
+    assert!(text.contains(&id), "{text}");
+    assert!(!text.contains(OTHER_CONTROLLER), "{text}");
+    pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contract_end_delete_now_leaves_the_other_controller_s_data_sqlite() {
+    delete_now(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contract_end_delete_now_leaves_the_other_controller_s_data_postgres() {
+    delete_now(Backend::Postgres).await;
+}
+
+/// RETURN_THEN_DELETE: the whole data set comes back as a package the operator downloads and
+/// verifies; nothing is deleted until the operator confirms that package; then it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contract_end_returns_the_data_and_deletes_only_after_confirmation() {
+    let pair = spawn_pair(PairOptions {
+        holders: vec![Holder::Accounting, Holder::MailMarketing],
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
+    let before = dump(&pair.accounting_url).await;
+    let id = end_contract(&pair, "return-then-delete").await;
+    let waiting = until(&pair, &id, 60, "every part returned", |c| {
+        !c.tasks.is_empty()
+            && phases(c)
+                .iter()
+                .all(|(_, p)| *p == ContractPhase::AwaitingConfirmation)
+    })
+    .await;
+    for t in &waiting.tasks {
+        assert_eq!(t.state, TaskState::InProgress as i32, "{t:?}");
+    }
+    // Returned, not deleted: the state is a promise.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(dump(&pair.accounting_url).await, before);
+
+    let out = pair.dir().join("returned");
+    let run = dsrctl(
+        &pair,
+        "operator",
+        &["download", &id, "--out", out.to_str().expect("path")],
+    )
+    .await;
+    run.ok();
+    let listing = walk(&out);
+    let customers_json = std::fs::read_to_string(
+        out.join(PROCESSOR)
+            .join("accounting")
+            .join("customers.json"),
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{PROCESSOR}/accounting/customers.json: {e}\n{}\n{listing:?}",
+            run.stdout
+        )
+    });
+    for name in ["C-1001", "C-1002", "C-1006"] {
+        assert!(customers_json.contains(name), "{name} in {customers_json}");
+    }
+    dsrctl(
+        &pair,
+        "operator",
+        &[
+            "contracts",
+            "confirm",
+            &id,
+            "--package",
+            out.to_str().expect("path"),
+        ],
+    )
+    .await
+    .ok();
+    let done = until(&pair, &id, 60, "deleted after confirmation", |c| {
+        matches!(
+            state(c),
+            RequestState::Completed | RequestState::PartiallyCompleted
+        )
+    })
+    .await;
+    assert_eq!(state(&done), RequestState::PartiallyCompleted, "{done:#?}");
+    assert!(customers(&pair.accounting_url).await < 6);
+    pair.stop().await;
+}
+
+/// No choice: the data is kept until the grace period ends, shown as scheduled at both
+/// services; then the processor deletes it without anyone asking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contract_end_without_a_choice_deletes_when_the_grace_period_ends() {
+    let pair = spawn_pair(PairOptions {
+        holders: vec![Holder::Accounting, Holder::MailMarketing],
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
+    let before = dump(&pair.accounting_url).await;
+    let id = end_contract(&pair, "none").await;
+    let scheduled = until(&pair, &id, 30, "both tasks scheduled", |c| {
+        c.tasks.len() == 2
+            && phases(c)
+                .iter()
+                .all(|(_, p)| *p == ContractPhase::Scheduled)
+    })
+    .await;
+    let grace_ends = scheduled
+        .contract_end
+        .as_ref()
+        .and_then(|t| t.grace_ends_at)
+        .map(|t| dsrelay_proto::millis_from_timestamp(&t))
+        .expect("grace_ends_at");
+    for t in &scheduled.tasks {
+        let at = t
+            .progress
+            .as_ref()
+            .and_then(|p| p.scheduled_at)
+            .map(|t| dsrelay_proto::millis_from_timestamp(&t));
+        assert_eq!(at, Some(grace_ends), "{t:?}");
+    }
+    let now = pair.processor.clock().expect("processor clock").now_ms();
+    let months = (grace_ends - now) as f64 / (30.44 * 86_400_000.0);
+    assert!((5.9..6.1).contains(&months), "{months} months of grace");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(dump(&pair.accounting_url).await, before);
+
+    // The grace period passes at the processor.
+    pair.processor
+        .clock()
+        .expect("processor clock")
+        .advance(grace_ends - now + 1000);
+    let done = until(
+        &pair,
+        &id,
+        60,
+        "deleted at the end of the grace period",
+        |c| {
+            matches!(
+                state(c),
+                RequestState::Completed | RequestState::PartiallyCompleted
+            )
+        },
+    )
+    .await;
+    assert!(
+        done.tasks
+            .iter()
+            .all(|t| t.progress.as_ref().map(|p| p.phase) == Some(ContractPhase::Done as i32)),
+        "{done:#?}"
+    );
+    assert!(customers(&pair.accounting_url).await < 6);
+    pair.stop().await;
+}
+
+/// Every file under `dir`, relative to it.
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.strip_prefix(dir).unwrap_or(&p).display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
