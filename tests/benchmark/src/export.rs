@@ -256,7 +256,7 @@ async fn fill(url: &str, target: u64) -> Result<u64> {
 }
 
 /// The processor's configuration: one subprocessor, the SQL connector on the sample database.
-fn processor_toml(
+pub(crate) fn processor_toml(
     pki: &DevPki,
     port: u16,
     db: &str,

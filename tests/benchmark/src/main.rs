@@ -17,13 +17,18 @@
 //!   and one processor (the SQL connector on the sample accounting database), from Submit to
 //!   the package downloaded and verified, against a bare mTLS server-streaming RPC carrying
 //!   the same bytes in 1 MiB messages (this binary's hidden `stream-server` command), with
-//!   the two services' peak resident memory.
+//!   the two services' peak resident memory;
+//! - contract end (`contract`): all of a controller's data at one SQL subprocessor
+//!   (`--contract-subjects` customers of the sample accounting schema) deleted through the
+//!   registry and a processor, against the bare statements the rules amount to on a copy of
+//!   the same database, with the two services' peak resident memory.
 //!
 //! Run it with `scripts/bench.sh` (which builds the release binaries first, and with
 //! `--postgres` starts a throwaway PostgreSQL exactly as `scripts/test.sh` does). Load only
 //! ever goes to 127.0.0.1, bounded in count and time.
 
 mod baseline;
+mod contract;
 mod export;
 mod load;
 mod relay;
@@ -80,6 +85,10 @@ struct Args {
     /// take about twice this on disk while it runs, and are deleted right after.
     #[arg(long, default_value_t = 1024)]
     export_mib: u64,
+    /// Data subjects (customers with a contact, an invoice and a ledger entry each) of the
+    /// contract-end benchmark's SQL subprocessor; 0 skips it.
+    #[arg(long, default_value_t = 1_000_000)]
+    contract_subjects: u64,
     /// Where to write the report (default docs/benchmarks.md, or docs/benchmarks-postgres.md
     /// with --postgres).
     #[arg(long, value_name = "FILE")]
@@ -260,6 +269,8 @@ async fn run(args: &Args) -> Result<()> {
                 processor_b: pg.fresh_database("processor_b").await?,
                 export_registry: Some(pg.fresh_database("export_registry").await?),
                 export_processor: Some(pg.fresh_database("export_processor").await?),
+                contract_registry: Some(pg.fresh_database("contract_registry").await?),
+                contract_processor: Some(pg.fresh_database("contract_processor").await?),
             },
         ),
         None => {
@@ -272,6 +283,8 @@ async fn run(args: &Args) -> Result<()> {
                     processor_b: f("processor-b"),
                     export_registry: None,
                     export_processor: None,
+                    contract_registry: None,
+                    contract_processor: None,
                 },
             )
         }
@@ -384,6 +397,35 @@ async fn measure(
             "  {:.0} MB/s end to end, bare stream {:.0} MB/s",
             export::mb_per_s(f.bytes, f.total_secs),
             export::mb_per_s(f.bytes, f.baseline_secs)
+        ));
+        Some(f)
+    } else {
+        None
+    };
+
+    // Contract end at scale, with everything above stopped.
+    let contract = if args.contract_subjects > 0 {
+        let dir = work.join("contract");
+        let sqlite = |n: &str| format!("sqlite://{}/{n}.db", dir.display());
+        let registry_db = dbs
+            .contract_registry
+            .clone()
+            .unwrap_or_else(|| sqlite("registry"));
+        let processor_db = dbs
+            .contract_processor
+            .clone()
+            .unwrap_or_else(|| sqlite("processor"));
+        let f = contract::run(
+            pki,
+            &dir,
+            args.contract_subjects,
+            &registry_db,
+            &processor_db,
+        )
+        .await?;
+        progress(format!(
+            "  contract end {:.1} s, bare statements {:.1} s",
+            f.relay_secs, f.bare_secs
         ));
         Some(f)
     } else {
@@ -537,11 +579,7 @@ async fn measure(
         .against("CPU per bare INSERT commit", per_commit_ms),
     );
     rows.extend(export_rows(exported.as_ref()));
-    rows.push(Row::plain(
-        "contract end (against a bare bulk DELETE)",
-        Value::NotBuilt,
-        "s",
-    ));
+    rows.extend(contract_rows(contract.as_ref()));
     notes.extend(explain(
         &rows,
         is_pg,
@@ -579,6 +617,19 @@ async fn measure(
             args.export_mib
         ));
     }
+    if args.contract_subjects > 0 {
+        settings.push(format!(
+            "contract end: --contract-subjects {}: one registry and one processor (the release \
+             binaries) with one `sql` subprocessor on the sample accounting schema (SQLite) \
+             holding that many customers, each with a contact, a paid invoice and a ledger \
+             entry from 2010 (past every retention period); EndContract with choice DELETE, \
+             effective now, timed to the contract end COMPLETED at the registry, and the \
+             customers counted afterwards (none may be left); the bare run is the rules' \
+             three DELETEs and one UPDATE in one transaction on a file copy of the same \
+             database; resident memory sampled every 100 ms",
+            args.contract_subjects
+        ));
+    }
     let command = std::iter::once("scripts/bench.sh".to_string())
         .chain(std::env::args().skip(1))
         .collect::<Vec<_>>()
@@ -595,6 +646,43 @@ async fn measure(
         rows,
         notes,
     })
+}
+
+/// The contract-end benchmark's rows, or one saying it was not run.
+fn contract_rows(f: Option<&contract::ContractFigures>) -> Vec<Row> {
+    let Some(f) = f else {
+        return vec![Row::plain(
+            "contract end (against a bare bulk DELETE)",
+            Value::Missing("not run: --contract-subjects 0".into()),
+            "s",
+        )];
+    };
+    let mut rows = vec![
+        Row::plain(
+            format!(
+                "bare statements: the sample rules' DELETEs and UPDATE over {} customers ({} \
+                 rows), one transaction",
+                f.subjects, f.records
+            ),
+            Value::Num(f.bare_secs),
+            "s",
+        ),
+        Row::plain(
+            "contract end (DELETE, now): EndContract to COMPLETED at the registry",
+            Value::Num(f.relay_secs),
+            "s",
+        )
+        .against("bare statements", f.bare_secs)
+        .target(Target::RatioAtMost(2.0)),
+    ];
+    for (name, kib) in ["registry", "processor"].iter().zip(f.peaks) {
+        rows.push(Row::plain(
+            format!("resident memory peak during the contract end: {name}"),
+            Value::Num(mib(kib)),
+            "MiB",
+        ));
+    }
+    rows
 }
 
 /// The export benchmark's rows, or one saying it was not run.

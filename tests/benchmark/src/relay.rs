@@ -40,6 +40,10 @@ pub(crate) struct Databases {
     pub(crate) export_registry: Option<String>,
     /// The export scenario's processor's (likewise).
     pub(crate) export_processor: Option<String>,
+    /// The contract-end scenario's registry's (likewise).
+    pub(crate) contract_registry: Option<String>,
+    /// The contract-end scenario's processor's (likewise).
+    pub(crate) contract_processor: Option<String>,
 }
 
 /// The poll interval of every outbox and runner (ms). The defaults' 1 s only matters when a

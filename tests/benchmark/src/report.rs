@@ -8,8 +8,6 @@ use std::fmt::Write as _;
 pub(crate) enum Value {
     /// Measured.
     Num(f64),
-    /// The feature is not built yet.
-    NotBuilt,
     /// Could not be measured (the reason).
     Missing(String),
 }
@@ -88,7 +86,6 @@ impl Row {
     fn cells(&self) -> [String; 7] {
         let value = match &self.value {
             Value::Num(v) => number(*v),
-            Value::NotBuilt => "not built yet".into(),
             Value::Missing(why) => format!("n/a ({why})"),
         };
         let baseline = match &self.baseline {
@@ -389,7 +386,8 @@ mod tests {
             .against("p50", 5.0)
             .target(Target::RatioAtMost(10.0));
         assert_eq!(p.met(), Some(true));
-        let n = Row::plain("export", Value::NotBuilt, "MB/s").target(Target::RatioAtLeast(1.0));
+        let n = Row::plain("export", Value::Missing("not run".into()), "MB/s")
+            .target(Target::RatioAtLeast(1.0));
         assert_eq!(n.met(), None);
     }
 
@@ -400,7 +398,7 @@ mod tests {
             Row::plain("accepted Submits", Value::Num(305.0), "/s")
                 .against("bare INSERT", 612.4)
                 .target(Target::RatioAtLeast(1.0)),
-            Row::plain("export streaming", Value::NotBuilt, "MB/s"),
+            Row::plain("export streaming", Value::Missing("not run".into()), "MB/s"),
         ];
         let t = render_table(&rows);
         let lines: Vec<&str> = t.lines().collect();
@@ -413,7 +411,7 @@ mod tests {
         assert!(lines[3].contains("0.50×"));
         assert!(lines[3].contains("≥ 1× baseline"));
         assert!(lines[3].trim_end().ends_with("| NO   |"), "{}", lines[3]);
-        assert!(lines[4].contains("not built yet"));
+        assert!(lines[4].contains("n/a (not run)"));
     }
 
     #[test]
