@@ -21,8 +21,8 @@ RUN apt-get update \
 # The PKI folders are owned by the service user so that a new named volume mounted there
 # is writable (the compose `pki` service writes all three).
 RUN useradd --system --uid 10001 --create-home --home-dir /var/lib/dsrelay dsrelay \
-    && mkdir /pki /pki-registry /pki-processor \
-    && chown dsrelay /pki /pki-registry /pki-processor
+    && mkdir /pki /pki-registry /pki-registry-retailer /pki-processor \
+    && chown dsrelay /pki /pki-registry /pki-registry-retailer /pki-processor
 COPY --from=build /out/ /usr/local/bin/
 USER dsrelay
 WORKDIR /var/lib/dsrelay

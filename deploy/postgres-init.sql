@@ -1,4 +1,6 @@
 -- Runs once, when the `postgres` volume of docker-compose.yml is first created (as the
--- POSTGRES_USER, in the POSTGRES_DB `registry`): the processor's store is a second database
--- on the same server. Each service creates its tables itself (migrations run at start).
+-- POSTGRES_USER, in the POSTGRES_DB `registry`): the processor's store and the second
+-- controller's registry's are more databases on the same server. Each service creates its tables itself (migrations run at start).
 CREATE DATABASE processor;
+-- The second controller's registry (`registry-retailer`).
+CREATE DATABASE registry_retailer;

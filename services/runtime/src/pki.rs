@@ -156,6 +156,8 @@ impl DevCa {
 /// The parties of the development setup: (file stem, role, name).
 pub const DEV_PARTIES: &[(&str, &str, &str)] = &[
     ("registry", "registry", "controller"),
+    // A second controller served by the same processor (the compose sample's `retailer`).
+    ("registry-retailer", "registry", "retailer"),
     ("processor", "processor", "payroll-bureau"),
     ("partner-crm", "partner", "crm"),
     ("partner-webform", "partner", "webform"),
@@ -184,7 +186,9 @@ impl DevPki {
             dir: dir.to_path_buf(),
         };
         if pki.dir.join("ca.pem").exists() {
-            // A set written before processors signed certificates gets their keys now.
+            // A set written before processors signed certificates gets their keys now, and
+            // one written before a party was added gets that party's certificate.
+            pki.ensure_missing_parties(dns_names)?;
             pki.ensure_signing_keys()?;
             return Ok(pki);
         }
@@ -204,6 +208,33 @@ impl DevPki {
         // Written last: its presence means the set is complete.
         std::fs::write(pki.ca(), ca.cert_pem())?;
         Ok(pki)
+    }
+
+    /// Issues a certificate to every party that has none, with the CA key of the set (left
+    /// alone when the set has no CA key: then it was installed for one party).
+    fn ensure_missing_parties(&self, dns_names: &[String]) -> Result<()> {
+        let missing: Vec<_> = DEV_PARTIES
+            .iter()
+            .filter(|(stem, _, _)| !self.cert(stem).exists())
+            .collect();
+        let ca_key = self.dir.join("ca.key");
+        if missing.is_empty() || !ca_key.exists() {
+            return Ok(());
+        }
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+        };
+        let ca = DevCa::load(&read(&self.ca())?, &read(&ca_key)?)?;
+        for (stem, role, name) in missing {
+            let leaf = ca.issue_with_dns_names(
+                &format!("dsrelay {role} {name}"),
+                &dev_identity(role, name),
+                dns_names,
+            )?;
+            write_secret(&self.key(stem), &leaf.key_pem)?;
+            std::fs::write(self.cert(stem), &leaf.cert_pem)?;
+        }
+        Ok(())
     }
 
     /// Generates the signing key of every processor party that has none.
@@ -384,6 +415,26 @@ mod tests {
         std::fs::remove_file(pki.signing_key("processor")).unwrap();
         DevPki::ensure(dir.path()).unwrap();
         assert!(pki.signing_key("processor").exists());
+    }
+
+    #[test]
+    fn a_party_added_later_gets_its_certificate_from_the_same_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let ca = std::fs::read(pki.ca()).unwrap();
+        let crm = std::fs::read(pki.cert("partner-crm")).unwrap();
+        // A set written before the second controller existed.
+        std::fs::remove_file(pki.cert("registry-retailer")).unwrap();
+        std::fs::remove_file(pki.key("registry-retailer")).unwrap();
+        DevPki::ensure(dir.path()).unwrap();
+        assert_eq!(std::fs::read(pki.ca()).unwrap(), ca);
+        assert_eq!(std::fs::read(pki.cert("partner-crm")).unwrap(), crm);
+        let files = pki.files("registry-retailer");
+        files.client_config().unwrap();
+        assert_eq!(
+            files.own_identity().unwrap(),
+            dev_identity("registry", "retailer")
+        );
     }
 
     #[cfg(unix)]

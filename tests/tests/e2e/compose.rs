@@ -351,7 +351,8 @@ fn compose_services_and_volumes_exist() {
             "pki",
             "postgres",
             "processor",
-            "registry"
+            "registry",
+            "registry-retailer"
         ])
     );
     let declared: BTreeSet<String> = compose.doc["volumes"]
@@ -492,13 +493,25 @@ fn check_pki(
     );
 }
 
+/// The compose registries: (service, PKI stem, the processor's name for its controller).
+const REGISTRIES: [(&str, &str, &str); 2] = [
+    ("registry", "registry", "controller"),
+    ("registry-retailer", "registry-retailer", "retailer"),
+];
+
 #[test]
 fn compose_registry_configuration_loads() {
+    for (service, stem, _) in REGISTRIES {
+        check_registry(service, stem);
+    }
+}
+
+fn check_registry(service: &str, stem: &str) {
     let compose = Compose::load();
     let prefix = dsrelay_registry::config::ENV_PREFIX;
-    let env = compose.env("registry");
+    let env = compose.env(service);
     check_variables(&env, prefix, "services/registry/src/main.rs");
-    let (file, vars) = service_config(&compose, "registry", prefix);
+    let (file, vars) = service_config(&compose, service, prefix);
     let config: dsrelay_registry::Config =
         dsrelay_runtime::config::load(Some(&file), prefix, vars).unwrap_or_else(|e| panic!("{e}"));
     config.validate().unwrap_or_else(|e| panic!("{e}"));
@@ -509,7 +522,7 @@ fn compose_registry_configuration_loads() {
     assert!(set.len() >= 3, "{set:?}");
     check_ports(
         &compose,
-        "registry",
+        service,
         &config.service.listen,
         config.service.admin_listen.as_deref(),
     );
@@ -518,7 +531,7 @@ fn compose_registry_configuration_loads() {
         &config.service.database_url,
         Some("deploy/postgres-init.sql"),
     );
-    check_otel(&compose, &env, "registry");
+    check_otel(&compose, &env, service);
     // Its processor is the compose service, on that service's gRPC port.
     let processor: dsrelay_processor::Config = dsrelay_runtime::config::load(
         Some(&service_config(&compose, "processor", dsrelay_processor::config::ENV_PREFIX).0),
@@ -532,13 +545,7 @@ fn compose_registry_configuration_loads() {
         (host.as_str(), port),
         ("processor", port_of(&processor.service.listen))
     );
-    check_pki(
-        &compose,
-        "registry",
-        &config.service.tls,
-        "registry",
-        "registry",
-    );
+    check_pki(&compose, service, &config.service.tls, stem, service);
     assert_eq!(
         config.processors[0].identity,
         dsrelay_runtime::pki::dev_identity("processor", &config.processors[0].name)
@@ -567,18 +574,55 @@ fn compose_processor_configuration_loads() {
         Some("deploy/postgres-init.sql"),
     );
     check_otel(&compose, &env, "processor");
-    let registry: dsrelay_registry::Config = dsrelay_runtime::config::load(
-        Some(&service_config(&compose, "registry", dsrelay_registry::config::ENV_PREFIX).0),
-        dsrelay_registry::config::ENV_PREFIX,
-        compose.env("registry"),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(config.controllers.len(), 1);
-    let (host, port) = host_port(&config.controllers[0].registry_endpoint);
-    assert_eq!(
-        (host.as_str(), port),
-        ("registry", port_of(&registry.service.listen))
-    );
+    // Two controllers, each at its compose registry, known by that registry's identity; and
+    // every subprocessor says which of its data is whose, or the processor would not start.
+    assert_eq!(config.controllers.len(), REGISTRIES.len());
+    for (service, stem, name) in REGISTRIES {
+        let registry: dsrelay_registry::Config = dsrelay_runtime::config::load(
+            Some(&service_config(&compose, service, dsrelay_registry::config::ENV_PREFIX).0),
+            dsrelay_registry::config::ENV_PREFIX,
+            compose.env(service),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let controller = config
+            .controllers
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no controller {name}"));
+        let (host, port) = host_port(&controller.registry_endpoint);
+        assert_eq!(
+            (host.as_str(), port),
+            (service, port_of(&registry.service.listen))
+        );
+        let pki = DevPki {
+            dir: PathBuf::from("/"),
+        };
+        let role_name = dsrelay_runtime::pki::DEV_PARTIES
+            .iter()
+            .find(|(s, _, _)| *s == stem)
+            .map(|(_, role, name)| dsrelay_runtime::pki::dev_identity(role, name))
+            .expect("a development party");
+        assert_eq!(controller.identity, role_name, "{service}");
+        assert_eq!(
+            registry.service.tls.cert.file_name(),
+            pki.cert(stem).file_name()
+        );
+    }
+    // The processor's own start-up check, over what each sample connector scopes.
+    let errors = config.scoping_errors(|name| {
+        let s = config.subprocessors.iter().find(|s| s.name == name)?;
+        match &s.connector {
+            ConnectorConfig::Sql(c) => {
+                Some(c.controllers.keys().cloned().collect()).filter(|v: &Vec<_>| !v.is_empty())
+            }
+            ConnectorConfig::Noop(c) => c.controllers.clone(),
+            other => panic!(
+                "{}: an unexpected connector in the sample {other:?}",
+                s.name
+            ),
+        }
+    });
+    assert!(errors.is_empty(), "{errors:?}");
     check_pki(
         &compose,
         "processor",
@@ -595,12 +639,21 @@ fn compose_processor_configuration_loads() {
             _ => None,
         })
         .expect("an SQL subprocessor");
+    let mut rules = sql.clone();
+    rules.controllers.clear();
     assert_eq!(
-        sql,
-        &sample_config(&sql.url),
+        rules,
+        sample_config(&sql.url),
         "deploy/processor.toml keeps the sample rules"
     );
     check_postgres_url(&compose, &sql.url, None);
+    for (name, scope) in &sql.controllers {
+        let url = scope
+            .url
+            .as_deref()
+            .unwrap_or_else(|| panic!("{name}: the sample gives each controller a database"));
+        check_postgres_url(&compose, url, Some("deploy/accounting-retailer.sql"));
+    }
     assert!(
         compose.service("processor")["depends_on"]
             .get(postgres_parts(&sql.url).2.as_str())
