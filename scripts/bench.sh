@@ -18,7 +18,10 @@
 #      export: a return of data of --export-mib MiB (default 1024, 0 skips it)
 #      through a registry and one processor, against a bare mTLS gRPC stream
 #      of the same bytes. The export needs up to three times its size of free disk
-#      in the temporary folder while it runs. It prints a table and writes it,
+#      in the temporary folder while it runs. Then a contract end over
+#      --contract-subjects customers (default 1000000, 0 skips it) of the sample
+#      accounting schema, against the bare statements on a copy of the same
+#      database. It prints a table and writes it,
 #      with a description of the machine, to docs/.
 #   With --postgres the run is wrapped in `DSRELAY_TEST_SH_ONLY_PG=1
 #   scripts/test.sh ...`, which starts a throwaway PostgreSQL exactly as for the

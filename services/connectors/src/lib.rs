@@ -12,17 +12,24 @@
 //! - [`sql`]: accounting/ERP databases (SQLite, PostgreSQL) by declarative table rules; a
 //!   folder: `rules` (configuration and validation), `retention` (the retention calendar),
 //!   `plan` (statements from rules and identities), `execute` (running them in a
-//!   transaction), `sample` (the sample accounting database).
+//!   transaction), `bulk` (a contract end's export and erasure of a controller's rows, in
+//!   batches), `sample` (the sample accounting database).
 //! - [`mailchimp`]: mail-marketing audiences through the Mailchimp Marketing API v3; a
 //!   folder: the connector, `api` (the HTTP calls and their error mapping), `scrub` (keeping
-//!   personal data out of echoed errors) and `mailchimp::fake` (a local Mailchimp API for
-//!   tests, public with the `fake-mailchimp` feature).
+//!   personal data out of echoed errors), `bulk` (a contract end: an audience counted,
+//!   exported page by page, deleted) and `mailchimp::fake` (a local Mailchimp API for tests,
+//!   public with the `fake-mailchimp` feature).
 //! - [`export`]: where RETURN_OF_DATA and TRANSFER exports go: files in the task's folder,
 //!   written a piece at a time, each counted and hashed ([`ExportSink`], [`ExportedFile`]).
 //! - [`noop`]: holds nothing; confirms after a delay (benchmarks, smoke tests).
 //! - [`manual`]: an operator does the work and confirms it (systems without an API).
 //! - [`adapter`]: an external adapter (any language) over mutual TLS via the
-//!   SubprocessorAdapter API.
+//!   SubprocessorAdapter API; `adapter::bulk` carries a contract end's steps
+//!   (`ExecuteBulk`, `GetBulkStatus`).
+//!
+//! Every connector may scope its data per controller (a `controllers` entry in its
+//! configuration; [`Connector::scoped_controllers`]); a contract end runs through
+//! [`Connector::run_bulk`] over all of one controller's data.
 //! - `config`: the tagged configuration of every connector ([`ConnectorConfig`]) and
 //!   [`build`], which turns one into a running connector.
 //!
