@@ -17,7 +17,8 @@ Connection settings: each is taken from the first of
      anywhere and ./.dsrelay/pki/operator.pem exists, the development PKI in ./.dsrelay/pki
      is used (ca.pem, operator.pem, operator.key) and, unless a server identity is given,
      the registry must present spiffe://dsrelay.dev/registry/controller.
-     `dsrctl pki init` creates that PKI.
+     `dsrctl pki init` creates that PKI. With ca, cert and key given, the server identity
+     must be given too: the registry is never trusted on its CA alone.
 
 Exit status: 0 on success; 1 for a configuration or connection problem, from `watch`
 when the request ended other than COMPLETED, from `audit verify` when the trail is
@@ -65,7 +66,8 @@ pub struct ConnectionArgs {
     pub key: Option<PathBuf>,
 
     /// Certificate identity the registry must present, e.g.
-    /// spiffe://dsrelay.dev/registry/controller [env: DSRCTL_SERVER_IDENTITY]
+    /// spiffe://dsrelay.dev/registry/controller; required with --ca/--cert/--key (the
+    /// development PKI sets it) [env: DSRCTL_SERVER_IDENTITY]
     #[arg(long, global = true, value_name = "URI")]
     pub server_identity: Option<String>,
 

@@ -189,6 +189,14 @@ pub fn resolve(args: &ConnectionArgs, env: &Environment) -> Result<ConnectionSet
             );
         }
     };
+    let Some(server_identity) = server_identity else {
+        bail!(
+            "no server identity: give --server-identity (or DSRCTL_SERVER_IDENTITY, or \
+             server_identity in the --config file), the identity the registry's certificate \
+             carries, e.g. spiffe://dsrelay.dev/registry/controller; without it any party the \
+             CA certified could pose as the registry"
+        );
+    };
     Ok(ConnectionSettings {
         endpoint,
         tls,
@@ -239,7 +247,7 @@ mod tests {
         // From the file, relative to the file's folder rather than the working directory.
         assert_eq!(s.tls.ca, tmp.path().join("f-ca.pem"));
         assert_eq!(s.tls.key, tmp.path().join("f.key"));
-        assert_eq!(s.server_identity.as_deref(), Some("spiffe://file"));
+        assert_eq!(s.server_identity, "spiffe://file");
 
         let s = resolve(&args(), &env).unwrap();
         assert_eq!(s.endpoint, "https://env:1");
@@ -280,8 +288,8 @@ mod tests {
         assert_eq!(s.tls.cert, dir.join("operator.pem"));
         assert_eq!(s.tls.key, dir.join("operator.key"));
         assert_eq!(
-            s.server_identity.as_deref(),
-            Some("spiffe://dsrelay.dev/registry/controller")
+            s.server_identity,
+            "spiffe://dsrelay.dev/registry/controller"
         );
 
         // An explicit identity still wins over the dev default.
@@ -290,7 +298,7 @@ mod tests {
             ..args()
         };
         let s = resolve(&flags, &env).unwrap();
-        assert_eq!(s.server_identity.as_deref(), Some("spiffe://other"));
+        assert_eq!(s.server_identity, "spiffe://other");
     }
 
     #[test]
@@ -299,6 +307,18 @@ mod tests {
         let env = Environment::new([("DSRCTL_CA", "ca.pem")], tmp.path());
         let err = resolve(&args(), &env).unwrap_err().to_string();
         assert!(err.contains("cert, key missing"), "{err}");
+
+        // Given TLS files, the registry's identity must be given too.
+        let env = Environment::new(
+            [
+                ("DSRCTL_CA", "ca.pem"),
+                ("DSRCTL_CERT", "me.pem"),
+                ("DSRCTL_KEY", "me.key"),
+            ],
+            tmp.path(),
+        );
+        let err = resolve(&args(), &env).unwrap_err().to_string();
+        assert!(err.contains("no server identity"), "{err}");
 
         let conf = write_config(tmp.path(), "endpont = \"typo\"\n");
         let flags = ConnectionArgs {

@@ -272,7 +272,16 @@ fn settings_that_cannot_work_exit_1() {
         tmp.path(),
         &[],
         &[
-            "get", "r-1", "--ca", "ca.pem", "--cert", "me.pem", "--key", "me.key",
+            "get",
+            "r-1",
+            "--ca",
+            "ca.pem",
+            "--cert",
+            "me.pem",
+            "--key",
+            "me.key",
+            "--server-identity",
+            "spiffe://dsrelay.dev/registry/controller",
         ],
     );
     assert_eq!(out.status.code(), Some(1));

@@ -33,9 +33,10 @@ pub struct ConnectionSettings {
     /// Our CA bundle, certificate and key for mutual TLS.
     pub tls: TlsFiles,
     /// The certificate identity the registry must present (e.g.
-    /// `spiffe://dsrelay.dev/registry/controller`); `None` accepts any certificate that
-    /// chains to the CA.
-    pub server_identity: Option<String>,
+    /// `spiffe://dsrelay.dev/registry/controller`). Required: any party the CA certified (a
+    /// processor, another partner) could otherwise pose as the registry and read what is
+    /// submitted.
+    pub server_identity: String,
 }
 
 /// A client of the registry's partner API: `RequestService`, and `PackageService` for
@@ -69,7 +70,7 @@ impl RegistryClient {
             .context("loading the TLS files")?;
         let channel = tls::channel(
             &settings.endpoint,
-            settings.server_identity.clone(),
+            Some(settings.server_identity.clone()),
             &config,
         )?;
         Ok(Self::from_channel(channel))
@@ -299,7 +300,7 @@ mod tests {
                 cert: "/nonexistent/c.pem".into(),
                 key: "/nonexistent/c.key".into(),
             },
-            server_identity: None,
+            server_identity: "spiffe://dsrelay.dev/registry/controller".into(),
         };
         let err = RegistryClient::connect(&settings).unwrap_err();
         assert!(

@@ -11,7 +11,7 @@
 //! let client = RegistryClient::connect(&ConnectionSettings {
 //!     endpoint: "https://127.0.0.1:50051".into(),
 //!     tls: pki.files("partner-crm"),
-//!     server_identity: Some(dsrelay_sdk::runtime::pki::dev_identity("registry", "controller")),
+//!     server_identity: dsrelay_sdk::runtime::pki::dev_identity("registry", "controller"),
 //! })?;
 //! let request = SubmitBuilder::erasure()
 //!     .email("maija@example.fi")

@@ -206,10 +206,16 @@ pub(super) fn connect(
     let tls = settings.tls.client_config().map_err(Failure::Setup)?;
     let identity = args.processor_identity.clone().or_else(|| {
         // The development PKI's processor, when the registry is also the development one.
-        (settings.server_identity.as_deref() == Some("spiffe://dsrelay.dev/registry/controller"))
+        (settings.server_identity == "spiffe://dsrelay.dev/registry/controller")
             .then(|| DEV_PROCESSOR_IDENTITY.to_string())
     });
-    dsrelay_runtime::tls::channel(&args.processor, identity, &tls).map_err(Failure::Setup)
+    let Some(identity) = identity else {
+        return Err(Failure::Setup(anyhow::anyhow!(
+            "no processor identity: give --processor-identity, the identity the processor's \
+             certificate carries"
+        )));
+    };
+    dsrelay_runtime::tls::channel(&args.processor, Some(identity), &tls).map_err(Failure::Setup)
 }
 
 fn task_ref(t: &TaskRefArgs) -> Option<TaskRef> {
