@@ -151,8 +151,13 @@ impl Api {
 
     /// The contract end `id` as shown.
     async fn contract_view(&self, id: &str, deduplicated: bool) -> Result<Contract, ApiError> {
-        let row = self.contract_row(id).await?;
-        let tasks = self.shared.store.tasks(id).await?;
+        ApiError::ensure_valid(request_id_violation("contract_id", id))?;
+        let (row, tasks) = self
+            .shared
+            .store
+            .contract_with_tasks(id)
+            .await?
+            .ok_or_else(|| not_found(id))?;
         Ok(view(row, tasks, deduplicated))
     }
 

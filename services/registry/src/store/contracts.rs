@@ -96,6 +96,29 @@ impl Store {
         .await?)
     }
 
+    /// The contract end `id` with its tasks, read from one snapshot, so that its state agrees
+    /// with its tasks' (read one after the other, a task's last acknowledgement applied in
+    /// between showed every task final under a request still IN_PROGRESS).
+    pub async fn contract_with_tasks(
+        &self,
+        id: &str,
+    ) -> Result<Option<(ContractRow, Vec<dsrelay_proto::v1::TaskStatus>)>> {
+        let mut tx = self.snapshot().await?;
+        let row: Option<ContractRow> = sqlx::query_as(&format!(
+            "SELECT {CONTRACT_COLUMNS} FROM contracts c JOIN requests r ON r.id = c.request_id \
+             WHERE c.request_id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let tasks = super::queries::read_tasks(&mut *tx, id).await?;
+        tx.commit().await?;
+        Ok(Some((row, tasks)))
+    }
+
     /// Every contract end (or `processor`'s), newest first.
     pub async fn contracts(&self, processor: Option<&str>) -> Result<Vec<ContractRow>> {
         let filter = if processor.is_some() {

@@ -53,6 +53,19 @@ impl Store {
         &self,
         id: &str,
     ) -> Result<Option<(RequestRow, Vec<DeliveryRow>, Vec<TaskStatus>)>> {
+        let mut tx = self.snapshot().await?;
+        let Some(row) = read_request(&mut *tx, id).await? else {
+            return Ok(None);
+        };
+        let deliveries = read_deliveries(&mut *tx, id).await?;
+        let tasks = read_tasks(&mut *tx, id).await?;
+        tx.commit().await?;
+        Ok(Some((row, deliveries, tasks)))
+    }
+
+    /// A read-only transaction whose reads all see one snapshot of the store, so that what
+    /// they return agrees (a request's state with its tasks'). Commit it when done.
+    pub(super) async fn snapshot(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
         let mut tx = self.db.pool.begin().await?;
         // SQLite's deferred transaction reads one snapshot from its first read on (WAL);
         // PostgreSQL needs REPEATABLE READ for that, READ COMMITTED reads anew per statement.
@@ -61,13 +74,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
-        let Some(row) = read_request(&mut *tx, id).await? else {
-            return Ok(None);
-        };
-        let deliveries = read_deliveries(&mut *tx, id).await?;
-        let tasks = read_tasks(&mut *tx, id).await?;
-        tx.commit().await?;
-        Ok(Some((row, deliveries, tasks)))
+        Ok(tx)
     }
 
     /// The kind of the request `id`, if it exists.
@@ -271,7 +278,7 @@ async fn read_deliveries<'e>(
 }
 
 /// A request's tasks, through `db`.
-async fn read_tasks<'e>(
+pub(super) async fn read_tasks<'e>(
     db: impl sqlx::Executor<'e, Database = sqlx::Any>,
     id: &str,
 ) -> Result<Vec<TaskStatus>> {
