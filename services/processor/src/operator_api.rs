@@ -6,8 +6,8 @@ use std::sync::Arc;
 use dsrelay_proto::timestamp_from_millis;
 use dsrelay_proto::v1::processor_operator_service_server::ProcessorOperatorService;
 use dsrelay_proto::v1::{
-    CompleteManualTaskRequest, ContractEndList, DeadLetter, DeadLetterList, Evidence,
-    ListContractEndsRequest, ListDeadLettersRequest, ListManualTasksRequest, ManualTask,
+    CompleteManualTaskRequest, ContractEndList, ContractPhase, DeadLetter, DeadLetterList,
+    Evidence, ListContractEndsRequest, ListDeadLettersRequest, ListManualTasksRequest, ManualTask,
     ManualTaskList, ProcessorContractEnd, RefuseManualTaskRequest, RequeueDeadLetterRequest,
     RequeueDeadLetterResponse, TaskRef, TaskState,
 };
@@ -17,6 +17,8 @@ use tonic::{Request, Response, Status};
 
 use crate::api::ApiError;
 use crate::app::Shared;
+use dsrelay_connectors::ExportedFile;
+
 use crate::store::{ManualRow, TaskKey};
 use crate::task_machine::{decide, Context, Decision, Event};
 
@@ -50,6 +52,55 @@ impl OperatorApi {
         Ok(self.operators.caller(req)?.name)
     }
 
+    /// Writes `returned-by-hand.json` into the task's export folder: who returned the
+    /// controller's data by hand, when, how many records, and the operator's note.
+    async fn write_return_record(
+        &self,
+        key: &TaskKey,
+        records_affected: i64,
+        note: &str,
+        by: &str,
+        now: i64,
+    ) -> Result<ExportedFile, ApiError> {
+        let held = self
+            .shared
+            .config
+            .subprocessors
+            .iter()
+            .find(|s| s.name == key.subprocessor)
+            .map_or(&[][..], |s| &s.categories[..]);
+        let sink = crate::exports::sink(&self.shared.config.data_dir, key, held, &[]);
+        let unexpected = |e: String| ApiError::unexpected(anyhow::anyhow!(e));
+        sink.reset().await.map_err(|e| {
+            unexpected(format!(
+                "preparing the export folder {}: {e}",
+                sink.dir().display()
+            ))
+        })?;
+        let returned_at = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(now)
+            .unwrap_or_default()
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let record = serde_json::json!({
+            "controller": key.controller,
+            "request_id": key.request_id,
+            "subprocessor": key.subprocessor,
+            "returned_by_hand": true,
+            "returned_by": by,
+            "returned_at": returned_at,
+            "records": records_affected,
+            "note": note,
+        });
+        let bytes = serde_json::to_vec_pretty(&record).map_err(|e| unexpected(e.to_string()))?;
+        let mut out = sink
+            .file("returned-by-hand.json", dsrelay_connectors::export::JSON)
+            .await
+            .map_err(|e| unexpected(e.to_string()))?;
+        out.write(&bytes)
+            .await
+            .map_err(|e| unexpected(e.to_string()))?;
+        out.finish().await.map_err(|e| unexpected(e.to_string()))
+    }
+
     async fn finish(
         &self,
         task: Option<TaskRef>,
@@ -65,6 +116,39 @@ impl OperatorApi {
             ))
         })?;
         let now = self.shared.clock.now_ms();
+        // A contract end's return done by hand leaves a record, which travels as the part.
+        let record = match (&event, row.task.phase, row.task.state) {
+            (
+                Event::OperatorComplete {
+                    records_affected,
+                    note,
+                    by,
+                    ..
+                },
+                ContractPhase::Returning,
+                TaskState::WaitingForOperator,
+            ) => Some(
+                self.write_return_record(&key, *records_affected, note, by, now)
+                    .await?,
+            ),
+            _ => None,
+        };
+        let event = match event {
+            Event::OperatorComplete {
+                not_found,
+                records_affected,
+                note,
+                by,
+                ..
+            } => Event::OperatorComplete {
+                not_found,
+                records_affected,
+                note,
+                by,
+                record: record.as_ref(),
+            },
+            other => other,
+        };
         let transition = match decide(&row.task.current(), event, &Context::at(now)) {
             Decision::Move(t) => t,
             Decision::Reject(why) => return Err(ApiError::failed_precondition(why)),
@@ -245,6 +329,7 @@ impl ProcessorOperatorService for OperatorApi {
             records_affected: r.records_affected,
             note: &r.evidence_note,
             by: &by,
+            record: None,
         };
         Ok(Response::new(self.finish(r.task, event, &by).await?))
     }

@@ -284,6 +284,9 @@ pub(crate) enum Event<'a> {
         note: &'a str,
         /// The operator's identity.
         by: &'a str,
+        /// A contract end's return done by hand: the record of it the processor wrote into
+        /// the task's export folder, which goes to the registry as the task's part.
+        record: Option<&'a ExportedFile>,
     },
     /// An operator will not do the work of a manual task.
     OperatorRefuse {
@@ -489,24 +492,35 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
                 task.state.as_str_name().trim_start_matches("TASK_STATE_")
             ))
         }
+        // A return done by hand goes to the registry as a record of it, like any part: the
+        // controller confirms a package in which every subprocessor has its part.
         Event::OperatorComplete {
             records_affected,
             note,
             by,
+            record,
             ..
-        } if task.phase == ContractPhase::Returning => Decision::Move(Transition {
-            state: InProgress,
-            records_affected,
-            confirmed: true,
-            note: format!(
-                "{note} (returned by {by}); waiting for the controller's confirmation of \
-                 receipt before deleting"
+        } if task.phase == ContractPhase::Returning => match record {
+            Some(file) => Decision::Move(Transition {
+                state: InProgress,
+                records_affected,
+                confirmed: true,
+                note: format!(
+                    "{note} (returned by {by}); the record of the return goes to the registry \
+                     as this subprocessor's part ({}, {})",
+                    file.name,
+                    size_label(file.size)
+                ),
+                next_attempt_at: Some(NEVER),
+                export_files: Some(vec![file.clone()]),
+                upload: true,
+                contract: Some(ContractStep::keep(ContractPhase::Returning)),
+                ..Default::default()
+            }),
+            None => Decision::Reject(
+                "a return done by hand needs the record of it that the processor writes".into(),
             ),
-            // As after an upload: a confirmation that came meanwhile releases it.
-            next_attempt_at: Some(ctx.now),
-            contract: Some(ContractStep::keep(ContractPhase::AwaitingConfirmation)),
-            ..Default::default()
-        }),
+        },
         // A contract end's erasure that found nothing has still left nothing behind.
         Event::OperatorComplete {
             records_affected,
@@ -526,6 +540,7 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
             records_affected,
             note,
             by,
+            ..
         } => Decision::Move(Transition {
             state: if not_found { NotFound } else { Completed },
             records_affected,
@@ -1893,6 +1908,7 @@ mod tests {
                     records_affected: 1,
                     note: "shredded",
                     by: "ops",
+                    record: None,
                 },
                 &Context::at(NOW),
             )
@@ -2394,23 +2410,36 @@ mod tests {
     }
 
     #[test]
-    fn an_operator_returning_a_manual_part_leaves_it_waiting_for_confirmation() {
-        let complete = || Event::OperatorComplete {
+    fn an_operator_returning_a_manual_part_sends_the_record_of_it_as_the_part() {
+        let record = ExportedFile {
+            name: "returned-by-hand.json".into(),
+            media_type: "application/json".into(),
+            size: 321,
+            sha256: "ab".repeat(32),
+            categories: vec!["archive".into()],
+        };
+        let complete = |record| Event::OperatorComplete {
             not_found: false,
             records_affected: 4,
             note: "handed over on disk",
             by: "ops",
+            record,
         };
         let returning = contract_task(WaitingForOperator, ContractPhase::Returning);
-        let t = moved(decide(&returning, complete(), &ctx()));
+        let t = moved(decide(&returning, complete(Some(&record)), &ctx()));
         assert_eq!(t.state, InProgress);
-        assert_eq!(
-            t.contract.map(|c| c.phase),
-            Some(ContractPhase::AwaitingConfirmation)
-        );
-        assert_eq!(t.next_attempt_at, Some(NOW));
+        // Still returning until the registry holds the record; then it waits.
+        assert_eq!(t.contract.map(|c| c.phase), Some(ContractPhase::Returning));
+        assert!(t.upload);
+        assert_eq!(t.export_files, Some(vec![record.clone()]));
+        assert!(t.note.contains("returned by ops"), "{}", t.note);
+        // Without a record nothing could ever be confirmed: refused, not left waiting.
+        assert!(matches!(
+            decide(&returning, complete(None), &ctx()),
+            Decision::Reject(_)
+        ));
         let deleting = contract_task(WaitingForOperator, ContractPhase::Deleting);
-        let t = moved(decide(&deleting, complete(), &ctx()));
+        let t = moved(decide(&deleting, complete(None), &ctx()));
         assert_eq!(t.state, Completed);
         assert_eq!(t.contract.map(|c| c.phase), Some(ContractPhase::Done));
     }

@@ -10,7 +10,8 @@ use std::time::Duration;
 use dsrelay_proto::v1::certificate_service_client::CertificateServiceClient;
 use dsrelay_proto::v1::contract_service_client::ContractServiceClient;
 use dsrelay_proto::v1::{
-    Contract, ContractPhase, GetContractRequest, ListCertificatesRequest, RequestState, TaskState,
+    CompleteManualTaskRequest, Contract, ContractPhase, GetContractRequest,
+    ListCertificatesRequest, RequestState, TaskRef, TaskState,
 };
 use dsrelay_runtime::signing::PublicKey;
 
@@ -306,18 +307,60 @@ async fn contract_end_delete_now_leaves_the_other_controller_s_data_postgres() {
     delete_now(Backend::Postgres).await;
 }
 
+/// The processor's operator completes the paper archive's task of the contract end `id`.
+async fn complete_by_hand(pair: &TestPair, id: &str, note: &str) {
+    pair.processor_operator()
+        .complete_manual_task(CompleteManualTaskRequest {
+            task: Some(TaskRef {
+                controller: CONTROLLER.into(),
+                request_id: id.into(),
+                subprocessor: "paper-archive".into(),
+            }),
+            not_found: false,
+            records_affected: 3,
+            evidence_note: note.into(),
+        })
+        .await
+        .expect("CompleteManualTask");
+}
+
+fn waits_for_an_operator(c: &Contract) -> bool {
+    c.tasks.iter().any(|t| {
+        t.subprocessor == "paper-archive" && t.state == TaskState::WaitingForOperator as i32
+    })
+}
+
 /// RETURN_THEN_DELETE: the whole data set comes back as a package the operator downloads and
-/// verifies; nothing is deleted until the operator confirms that package; then it is.
+/// verifies (the paper archive's part is the record of the folders handed back by hand);
+/// nothing is deleted until the operator confirms that package; then it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contract_end_returns_the_data_and_deletes_only_after_confirmation() {
     let pair = spawn_pair(PairOptions {
-        holders: vec![Holder::Accounting, Holder::MailMarketing],
+        holders: vec![
+            Holder::Accounting,
+            Holder::MailMarketing,
+            Holder::PaperArchive,
+        ],
         ..Default::default()
     })
     .await
     .expect("sqlite pair");
     let before = dump(&pair.accounting_url).await;
     let id = end_contract(&pair, "return-then-delete").await;
+    until(
+        &pair,
+        &id,
+        60,
+        "the paper archive waits for its operator",
+        waits_for_an_operator,
+    )
+    .await;
+    complete_by_hand(
+        &pair,
+        &id,
+        "handed the customer folders back to the controller",
+    )
+    .await;
     let waiting = until(&pair, &id, 60, "every part returned", |c| {
         !c.tasks.is_empty()
             && phases(c)
@@ -355,6 +398,21 @@ async fn contract_end_returns_the_data_and_deletes_only_after_confirmation() {
     for name in ["C-1001", "C-1002", "C-1006"] {
         assert!(customers_json.contains(name), "{name} in {customers_json}");
     }
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            out.join(PROCESSOR)
+                .join("paper-archive")
+                .join("returned-by-hand.json"),
+        )
+        .unwrap_or_else(|e| panic!("the paper archive's record: {e}\n{listing:?}")),
+    )
+    .expect("json record");
+    assert_eq!(record["returned_by_hand"], true, "{record}");
+    assert_eq!(record["records"], 3, "{record}");
+    assert_eq!(
+        record["note"], "handed the customer folders back to the controller",
+        "{record}"
+    );
     dsrctl(
         &pair,
         "operator",
@@ -368,6 +426,23 @@ async fn contract_end_returns_the_data_and_deletes_only_after_confirmation() {
     )
     .await
     .ok();
+    // The archive's deletion is by hand too.
+    until(
+        &pair,
+        &id,
+        60,
+        "the paper archive's deletion waits for its operator",
+        |c| {
+            waits_for_an_operator(c)
+                && c.tasks.iter().any(|t| {
+                    t.subprocessor == "paper-archive"
+                        && t.progress.as_ref().map(|p| p.phase)
+                            == Some(ContractPhase::Deleting as i32)
+                })
+        },
+    )
+    .await;
+    complete_by_hand(&pair, &id, "shredded the copies kept in cabinet B2").await;
     let done = until(&pair, &id, 60, "deleted after confirmation", |c| {
         matches!(
             state(c),
