@@ -330,12 +330,18 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigErrors> {
         let mut errors = self.service.validate();
         let mut ids = BTreeSet::new();
+        // Tasks, scoping and acknowledgements go by the controller's name: one name for two
+        // controllers would mix their data.
+        let mut names = BTreeSet::new();
         for (i, c) in self.controllers.iter().enumerate() {
             if !ids.insert(&c.identity) {
                 errors.push(format!(
                     "controllers[{i}]: identity {} is listed twice",
                     c.identity
                 ));
+            }
+            if !names.insert(&c.name) {
+                errors.push(format!("controllers[{i}]: name {} is used twice", c.name));
             }
             if !c.registry_endpoint.starts_with("https://") {
                 errors.push(format!(
@@ -517,6 +523,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.data_dir, Path::new("/var/lib/dsrelay"));
+    }
+
+    #[test]
+    fn two_controllers_may_not_share_a_name() {
+        let (_dir, file) = folder(
+            "[[controllers]]\nname = \"acme\"\nidentity = \"spiffe://dsrelay.dev/registry/a\"\n\
+             registry_endpoint = \"https://a:1\"\n\
+             [[controllers]]\nname = \"acme\"\nidentity = \"spiffe://dsrelay.dev/registry/b\"\n\
+             registry_endpoint = \"https://b:1\"\n",
+        );
+        let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+        assert!(
+            err.0
+                .iter()
+                .any(|e| e == "controllers[1]: name acme is used twice"),
+            "{err}"
+        );
     }
 
     #[test]

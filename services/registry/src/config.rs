@@ -307,6 +307,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigErrors> {
         let mut errors = self.service.validate();
         let mut seen_ids = BTreeSet::new();
+        // Requests belong to a partner by name: two identities under one name would see
+        // and act on each other's requests.
+        let mut seen_names = BTreeSet::new();
         for (i, r) in self.identities.iter().enumerate() {
             if r.identity.is_empty() || r.name.is_empty() {
                 errors.push(format!(
@@ -315,6 +318,12 @@ impl Config {
             }
             if !seen_ids.insert(r.identity.clone()) {
                 errors.push(format!("identities[{i}]: {} is listed twice", r.identity));
+            }
+            if !r.name.is_empty() && !seen_names.insert(r.name.clone()) {
+                errors.push(format!(
+                    "identities[{i}]: name {} is used twice; each identity needs a name of its own",
+                    r.name
+                ));
             }
         }
         let mut names = BTreeSet::new();
@@ -605,6 +614,22 @@ mod tests {
         // Written back (as `dsrctl dev up` does), it reads the same.
         let again: Config = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
         assert_eq!(again.recipients, c.recipients);
+    }
+
+    #[test]
+    fn two_identities_may_not_share_a_name() {
+        let text = "[[identities]]\nidentity = \"spiffe://dsrelay.dev/partner/crm\"\n\
+            role = \"partner\"\nname = \"crm\"\n\
+            [[identities]]\nidentity = \"spiffe://dsrelay.dev/partner/other\"\n\
+            role = \"partner\"\nname = \"crm\"\n";
+        let (_dir, file) = folder(text);
+        let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+        assert!(
+            err.0
+                .iter()
+                .any(|e| e.starts_with("identities[1]: name crm is used twice")),
+            "{err}"
+        );
     }
 
     #[test]
