@@ -63,7 +63,7 @@ fn refused<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, words: &[&
 }
 
 /// Every status EndContract and the other calls answer, and idempotency, against the real
-/// pair (whose processor does not take contract ends yet: that changes nothing here).
+/// pair (what its processor then does with the contract ends is `contract_end.rs`'s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contractreg_statuses_and_idempotency() {
     let pair = spawn_pair(PairOptions::default())
