@@ -206,6 +206,11 @@ pub struct ReconcileConfig {
     pub ack_timeout_ms: u64,
     /// How often to ask every processor for its subprocessor list (ms); also at start.
     pub chain_interval_ms: u64,
+    /// A status check that finds nothing new waits, before the next one, as long again as
+    /// the request has been unchanged, up to this (ms). A request that waits for months (a
+    /// contract end's grace period, data retained for years) is then asked about daily, not
+    /// every `ack_timeout_ms`. An acknowledgement resets it.
+    pub max_backoff_ms: u64,
 }
 
 impl Default for ReconcileConfig {
@@ -214,6 +219,7 @@ impl Default for ReconcileConfig {
             interval_ms: 30_000,
             ack_timeout_ms: 120_000,
             chain_interval_ms: 600_000,
+            max_backoff_ms: 86_400_000,
         }
     }
 }

@@ -1,5 +1,7 @@
 //! Asks processors for status when a request has been quiet too long, so a lost
-//! acknowledgement (or a processor outbox that is stuck) cannot leave a request hanging.
+//! acknowledgement (or a processor outbox that is stuck) cannot leave a request hanging. A
+//! check that finds nothing new backs off (`reconcile.max_backoff_ms`), so requests that
+//! wait for months cost a call a day, not one every `ack_timeout_ms`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,7 +81,13 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     let tasks = resp.into_inner().tasks;
                     match shared
                         .store
-                        .reconcile(&request_id, &processor, &tasks, shared.clock.now_ms())
+                        .reconcile(
+                            &request_id,
+                            &processor,
+                            &tasks,
+                            shared.clock.now_ms(),
+                            cfg.max_backoff_ms as i64,
+                        )
                         .await
                     {
                         Ok(changed) => {

@@ -436,6 +436,7 @@ mod configs {
                 interval_ms: 500,
                 ack_timeout_ms: 3000,
                 chain_interval_ms: 2000,
+                max_backoff_ms: 60_000,
             },
             watch: Default::default(),
             identity_hash_key: "test registry key".into(),

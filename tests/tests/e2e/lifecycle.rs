@@ -387,3 +387,71 @@ async fn lost_acknowledgements_are_reconciled() {
     assert_eq!(reconciled, 2, "one reconciled update per task");
     pair.stop().await;
 }
+
+/// The registry's `checked_at` of request `id` (ms).
+async fn checked_at(pair: &crate::harness::TestPair, id: &str) -> i64 {
+    count(
+        pair.registry.database_url(),
+        &format!("SELECT checked_at FROM requests WHERE id = '{id}'"),
+    )
+    .await
+}
+
+/// Waits until `checked_at` of `id` differs from `before`; None after `secs`.
+async fn next_check(
+    pair: &crate::harness::TestPair,
+    id: &str,
+    before: i64,
+    secs: u64,
+) -> Option<i64> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while tokio::time::Instant::now() < deadline {
+        let now = checked_at(pair, id).await;
+        if now != before {
+            return Some(now);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_request_is_asked_about_less_and_less_often() {
+    // Maija's books are kept for years: the request stays PARTIALLY_COMPLETED and nothing new
+    // comes of a status check until then.
+    let pair = spawn_pair(PairOptions::default()).await.expect("pair");
+    let mut crm = pair.client("partner-crm");
+    let r = crm
+        .submit(erasure("maija.meikalainen@example.fi"))
+        .await
+        .expect("submit")
+        .into_inner();
+    wait_until(
+        &mut crm,
+        &r.request_id,
+        Duration::from_secs(30),
+        in_state(RequestState::PartiallyCompleted),
+    )
+    .await;
+    let clock = pair.registry.clock().expect("registry clock");
+    // Ten quiet minutes: the next check finds nothing and waits as long as the backoff's cap
+    // (60 s in the tests) before the one after, instead of ack_timeout_ms (3 s).
+    clock.advance(600_000);
+    let before = checked_at(&pair, &r.request_id).await;
+    let checked = next_check(&pair, &r.request_id, before, 10)
+        .await
+        .expect("a status check after ten quiet minutes");
+    let now = clock.now_ms();
+    assert!(
+        checked > now + 50_000,
+        "the next check should wait about 60 s: checked_at {checked}, now {now}"
+    );
+    // Nothing is asked meanwhile, though the reconciler looks every 500 ms.
+    assert_eq!(next_check(&pair, &r.request_id, checked, 3).await, None);
+    // Once the wait is over, it is asked again.
+    clock.advance(70_000);
+    assert!(next_check(&pair, &r.request_id, checked, 10)
+        .await
+        .is_some());
+    pair.stop().await;
+}

@@ -299,12 +299,17 @@ impl Store {
 
     /// Folds a processor's reported task list (from reconciliation) like acknowledgements
     /// whose sequence numbers are newer than ours.
+    ///
+    /// When nothing was new, the next check waits as long again as the request has been
+    /// unchanged (`updated_at`), at most `max_backoff_ms`: quiet requests are asked less and
+    /// less often.
     pub async fn reconcile(
         &self,
         request_id: &str,
         processor: &str,
         tasks: &[TaskStatus],
         now: i64,
+        max_backoff_ms: i64,
     ) -> Result<usize> {
         let mut tx = self.begin_audited().await?;
         let mut changed = 0;
@@ -339,7 +344,20 @@ impl Store {
             }
         }
         refold(&mut tx, request_id, now).await?;
-        mark_checked(&mut tx, request_id, now).await?;
+        if changed > 0 {
+            mark_checked(&mut tx, request_id, now).await?;
+        } else {
+            sqlx::query(
+                "UPDATE requests SET checked_at = $1 + \
+                 CASE WHEN $1 - updated_at < $2 THEN $1 - updated_at ELSE $2 END \
+                 WHERE id = $3",
+            )
+            .bind(now)
+            .bind(max_backoff_ms.max(0))
+            .bind(request_id)
+            .execute(tx.conn())
+            .await?;
+        }
         tx.commit().await?;
         Ok(changed)
     }
