@@ -205,7 +205,14 @@ impl App {
         let scraped = shared.clone();
         let (runner, sender, uploader) = (shared.clone(), shared.clone(), shared.clone());
         let forgetting = shared.clone();
+        let callers = shared
+            .config
+            .controllers
+            .iter()
+            .map(|c| c.identity.clone())
+            .chain(shared.config.operators.iter().cloned());
         Host::new("processor", &shared.config.service)
+            .reflection_for(callers)
             .service(ProcessorOperatorServiceServer::new(OperatorApi::new(
                 shared.clone(),
             )))

@@ -197,7 +197,14 @@ impl App {
         let scraped = shared.clone();
         let (dispatched, reconciled, chained) = (shared.clone(), shared.clone(), shared.clone());
         let (expiring, forgetting) = (shared.clone(), shared.clone());
+        let callers = shared
+            .config
+            .identities
+            .iter()
+            .map(|i| i.identity.clone())
+            .chain(shared.config.processors.iter().map(|p| p.identity.clone()));
         Host::new("registry", &shared.config.service)
+            .reflection_for(callers)
             .service(
                 RequestServiceServer::new(api.clone())
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -21,6 +21,7 @@
 //! [`main`] is what the service binaries share: load the configuration (exit 64 when it is
 //! bad), set up telemetry, bind, run, shut telemetry down.
 
+use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::future::Future;
 use std::path::Path;
@@ -35,6 +36,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::body::Body;
 use tonic::server::NamedService;
+use tonic::service::interceptor::InterceptedService;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
 
@@ -70,6 +72,8 @@ pub struct Host {
     scrape: Render,
     workers: Vec<(&'static str, Worker)>,
     grace: Duration,
+    /// Who may use server reflection; `None`: anyone the CA certified.
+    reflection_callers: Option<Arc<BTreeSet<String>>>,
 }
 
 impl Host {
@@ -87,7 +91,16 @@ impl Host {
             scrape: Arc::new(|| Box::pin(async { Ok(String::new()) })),
             workers: Vec::new(),
             grace: WORKER_GRACE,
+            reflection_callers: None,
         }
+    }
+
+    /// Answers server reflection only to callers with one of `identities` (the service's
+    /// configured parties): the API's shape is no business of a certificate the CA issued to
+    /// someone this service does not know. Others get PERMISSION_DENIED.
+    pub fn reflection_for(mut self, identities: impl IntoIterator<Item = String>) -> Self {
+        self.reflection_callers = Some(Arc::new(identities.into_iter().collect()));
+        self
     }
 
     /// Serves `service` (a generated tonic server, with its message limits set) and reports
@@ -170,8 +183,14 @@ impl Host {
         let router = crate::server::builder(tls)?
             .add_routes(self.routes)
             .add_service(health_service)
-            .add_service(crate::server::reflection()?)
-            .add_service(crate::server::reflection_v1alpha()?);
+            .add_service(InterceptedService::new(
+                crate::server::reflection()?,
+                reflection_gate(self.reflection_callers.clone()),
+            ))
+            .add_service(InterceptedService::new(
+                crate::server::reflection_v1alpha()?,
+                reflection_gate(self.reflection_callers.clone()),
+            ));
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut running: Vec<(&'static str, JoinHandle<()>)> = self
@@ -248,6 +267,25 @@ where
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "{name} failed");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// The check in front of server reflection: the caller must be one of `callers` (when set).
+fn reflection_gate(
+    callers: Option<Arc<BTreeSet<String>>>,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |req: tonic::Request<()>| {
+        let Some(callers) = &callers else {
+            return Ok(req);
+        };
+        match crate::tls::peer_identity(&req) {
+            Ok(identity) if callers.contains(&identity) => Ok(req),
+            Ok(identity) => Err(tonic::Status::permission_denied(format!(
+                "server reflection answers this service's configured callers; {identity} is \
+                 not one"
+            ))),
+            Err(why) => Err(tonic::Status::permission_denied(why)),
         }
     }
 }

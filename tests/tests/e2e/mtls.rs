@@ -657,3 +657,61 @@ async fn client_refuses_a_server_with_the_wrong_identity() {
     assert_refused_by_transport("List at the processor expecting the registry", result);
     pair.stop().await;
 }
+
+/// Lists the services through server reflection (v1) over `channel`.
+async fn reflected_services(channel: Channel) -> Result<Vec<String>, Status> {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await?
+        .into_inner();
+    let mut names = Vec::new();
+    while let Some(answer) = answers.message().await? {
+        if let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response {
+            names.extend(list.service.into_iter().map(|s| s.name));
+        }
+    }
+    Ok(names)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_answers_only_the_callers_a_service_knows() {
+    let pair = spawn_pair(PairOptions::default())
+        .await
+        .expect("sqlite pair");
+    // A partner of the registry, and the registry as the processor's controller.
+    let names = reflected_services(pair.channel_to_registry("partner-crm"))
+        .await
+        .expect("a partner may reflect");
+    assert!(
+        names.iter().any(|n| n == "dsrelay.v1.RequestService"),
+        "{names:?}"
+    );
+    reflected_services(pair.channel_to_processor("registry"))
+        .await
+        .expect("the controller may reflect at the processor");
+    // The adapter's certificate is from the same CA, but neither service knows it.
+    for (what, channel) in [
+        ("registry", pair.channel_to_registry("adapter")),
+        ("processor", pair.channel_to_processor("adapter")),
+    ] {
+        let status = reflected_services(channel)
+            .await
+            .expect_err("an unknown caller may not reflect");
+        assert_eq!(status.code(), Code::PermissionDenied, "{what}: {status:?}");
+        assert!(
+            status
+                .message()
+                .contains("spiffe://dsrelay.dev/adapter/example"),
+            "{what}: {status:?}"
+        );
+    }
+    pair.stop().await;
+}
