@@ -324,17 +324,10 @@ impl ContractService for Api {
     ) -> Result<Response<ContractList>, Status> {
         self.contract_caller(&req)?;
         let processor = &req.get_ref().processor;
-        let rows = self
+        let (rows, mut tasks) = self
             .shared
             .store
-            .contracts((!processor.is_empty()).then_some(processor.as_str()))
-            .await
-            .map_err(ApiError::from)?;
-        let ids: Vec<String> = rows.iter().map(|r| r.request_id.clone()).collect();
-        let mut tasks = self
-            .shared
-            .store
-            .tasks_of(&ids)
+            .contracts_with_tasks((!processor.is_empty()).then_some(processor.as_str()))
             .await
             .map_err(ApiError::from)?;
         let contracts = rows

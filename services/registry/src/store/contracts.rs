@@ -119,22 +119,21 @@ impl Store {
         Ok(Some((row, tasks)))
     }
 
-    /// Every contract end (or `processor`'s), newest first.
-    pub async fn contracts(&self, processor: Option<&str>) -> Result<Vec<ContractRow>> {
-        let filter = if processor.is_some() {
-            "WHERE c.processor = $1 "
-        } else {
-            ""
-        };
-        let sql = format!(
-            "SELECT {CONTRACT_COLUMNS} FROM contracts c JOIN requests r ON r.id = c.request_id \
-             {filter}ORDER BY r.received_at DESC, r.id DESC"
-        );
-        let mut q = sqlx::query_as(&sql);
-        if let Some(p) = processor {
-            q = q.bind(p);
-        }
-        Ok(q.fetch_all(&self.db.pool).await?)
+    /// Every contract end (or `processor`'s), newest first, with each one's tasks, read from
+    /// one snapshot (see [`Store::contract_with_tasks`]).
+    pub async fn contracts_with_tasks(
+        &self,
+        processor: Option<&str>,
+    ) -> Result<(
+        Vec<ContractRow>,
+        std::collections::HashMap<String, Vec<dsrelay_proto::v1::TaskStatus>>,
+    )> {
+        let mut tx = self.snapshot().await?;
+        let rows = read_contracts(&mut *tx, processor).await?;
+        let ids: Vec<String> = rows.iter().map(|r| r.request_id.clone()).collect();
+        let tasks = super::queries::read_tasks_of(&mut *tx, &ids).await?;
+        tx.commit().await?;
+        Ok((rows, tasks))
     }
 
     /// Applies `change` to the contract end `id` if it still may be (a choice only over
@@ -262,4 +261,26 @@ async fn read_terms(tx: &mut Tx, id: &str) -> Result<Option<ContractEnd>> {
     .fetch_optional(tx.conn())
     .await?;
     Ok(row.map(|r| r.terms()))
+}
+
+/// Every contract end (or `processor`'s), newest first, through `db` (the pool, or a
+/// snapshot's transaction).
+async fn read_contracts<'e>(
+    db: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    processor: Option<&str>,
+) -> Result<Vec<ContractRow>> {
+    let filter = if processor.is_some() {
+        "WHERE c.processor = $1 "
+    } else {
+        ""
+    };
+    let sql = format!(
+        "SELECT {CONTRACT_COLUMNS} FROM contracts c JOIN requests r ON r.id = c.request_id \
+         {filter}ORDER BY r.received_at DESC, r.id DESC"
+    );
+    let mut q = sqlx::query_as(&sql);
+    if let Some(p) = processor {
+        q = q.bind(p);
+    }
+    Ok(q.fetch_all(db).await?)
 }

@@ -134,31 +134,7 @@ impl Store {
         &self,
         ids: &[String],
     ) -> Result<std::collections::HashMap<String, Vec<TaskStatus>>> {
-        #[derive(sqlx::FromRow)]
-        struct Keyed {
-            request_id: String,
-            #[sqlx(flatten)]
-            row: TaskRow,
-        }
-        let mut out = std::collections::HashMap::new();
-        if ids.is_empty() {
-            return Ok(out);
-        }
-        let sql = format!(
-            "SELECT request_id, {TASK_COLUMNS} FROM tasks WHERE request_id IN ({}) \
-             ORDER BY request_id, processor, subprocessor",
-            placeholders(1, ids.len())
-        );
-        let mut q = sqlx::query_as::<_, Keyed>(&sql);
-        for id in ids {
-            q = q.bind(id);
-        }
-        for k in q.fetch_all(&self.db.pool).await? {
-            out.entry(k.request_id)
-                .or_insert_with(Vec::new)
-                .push(TaskStatus::from(k.row));
-        }
-        Ok(out)
+        read_tasks_of(&self.db.pool, ids).await
     }
 
     /// A request's tasks.
@@ -290,4 +266,36 @@ pub(super) async fn read_tasks<'e>(
     .fetch_all(db)
     .await?;
     Ok(rows.into_iter().map(TaskStatus::from).collect())
+}
+
+/// [`Store::tasks_of`] through `db` (the pool, or a snapshot's transaction).
+pub(super) async fn read_tasks_of<'e>(
+    db: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    ids: &[String],
+) -> Result<std::collections::HashMap<String, Vec<TaskStatus>>> {
+    #[derive(sqlx::FromRow)]
+    struct Keyed {
+        request_id: String,
+        #[sqlx(flatten)]
+        row: TaskRow,
+    }
+    let mut out = std::collections::HashMap::new();
+    if ids.is_empty() {
+        return Ok(out);
+    }
+    let sql = format!(
+        "SELECT request_id, {TASK_COLUMNS} FROM tasks WHERE request_id IN ({}) \
+         ORDER BY request_id, processor, subprocessor",
+        placeholders(1, ids.len())
+    );
+    let mut q = sqlx::query_as::<_, Keyed>(&sql);
+    for id in ids {
+        q = q.bind(id);
+    }
+    for k in q.fetch_all(db).await? {
+        out.entry(k.request_id)
+            .or_insert_with(Vec::new)
+            .push(TaskStatus::from(k.row));
+    }
+    Ok(out)
 }
