@@ -210,7 +210,7 @@ impl Store {
     /// Each claim writes a new random lease token ([`TaskJob::lease_owner`]), so a runner
     /// whose lease ran out no longer matches once another claim took the task.
     ///
-    /// `now` is the processor's clock ([`crate::app::Shared::clock`]), as for renewals
+    /// `now` is the processor's clock (the one tests move), as for renewals
     /// ([`Store::extend_lease`]): one clock decides both when a lease ends and whether it is
     /// still held, and it is the clock tests move. Replicas compare each other's leases on
     /// their own clocks, so their clocks must agree to well within a lease.
