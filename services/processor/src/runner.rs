@@ -6,6 +6,14 @@
 //! without calling it. An export task's connector writes into the task's folder under the
 //! data folder ([`crate::exports`]), emptied before each call.
 //!
+//! Each claim leases its task under a random token ([`TaskJob::lease_owner`]); the lease is
+//! renewed every third of `tasks.lease_ms` while the connector runs. When a renewal matches
+//! nothing (the lease ran out and another claim took the task, or the task changed) or
+//! renewals keep failing until the lease is over, the step is abandoned: the connector call
+//! is dropped, its outcome never recorded, and the task is left to whoever claims it next.
+//! Transitions and postponements match the token too, so a step that ends after its lease
+//! was taken records nothing over the new holder's work.
+//!
 //! A CONTRACT_END task runs its connector's bulk step ([`Connector::run_bulk`]) over all of
 //! the controller's data instead; while it runs, the runner reads the connector's progress
 //! every `contracts.progress_interval_ms` and acknowledges it when it moved.
@@ -144,7 +152,10 @@ pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()
         }
     }
 
-    let result = call(shared, connector.as_ref(), &job, request, kind, &phase, seq).await;
+    let Ok(result) = call(shared, connector.as_ref(), &job, request, kind, &phase, seq).await
+    else {
+        return Ok(());
+    };
     let attempt = u32::try_from(job.task.attempts).unwrap_or(u32::MAX);
     let backoff = cfg.backoff.delay(attempt).as_millis() as i64;
     let ctx = context(shared, &job, backoff);
@@ -224,8 +235,11 @@ async fn run_contract_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> 
             other => return record(shared, &job, seq, other).await,
         }
     }
-    let (result, progress) =
-        call_bulk(shared, connector.as_ref(), &job, op, &phase, &mut seq).await;
+    let Ok((result, progress)) =
+        call_bulk(shared, connector.as_ref(), &job, op, &phase, &mut seq).await
+    else {
+        return Ok(());
+    };
     let attempt = u32::try_from(job.task.attempts).unwrap_or(u32::MAX);
     let backoff = cfg.backoff.delay(attempt).as_millis() as i64;
     let ctx = context(shared, &job, backoff);
@@ -259,7 +273,8 @@ async fn run_contract_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> 
 
 /// Runs the connector's bulk step `op`, renewing the task's lease and acknowledging the
 /// connector's progress at most every `contracts.progress_interval_ms` when it moved;
-/// `seq` follows the acknowledgements. Answers the outcome and the last progress reported.
+/// `seq` follows the acknowledgements. Answers the outcome and the last progress reported,
+/// or [`LeaseLost`] when the step was abandoned.
 async fn call_bulk(
     shared: &Shared,
     connector: &dyn Connector,
@@ -267,7 +282,7 @@ async fn call_bulk(
     op: BulkOp,
     phase: &Phase,
     seq: &mut i64,
-) -> (Result<Outcome, ConnectorError>, BulkProgress) {
+) -> Result<(Result<Outcome, ConnectorError>, BulkProgress), LeaseLost> {
     let key = &job.task.key;
     let export = if op == BulkOp::Export {
         let held = shared
@@ -283,7 +298,7 @@ async fn call_bulk(
                 "preparing the export folder {}: {e}",
                 sink.dir().display()
             ));
-            return (Err(error), BulkProgress::default());
+            return Ok((Err(error), BulkProgress::default()));
         }
         Some(sink)
     } else {
@@ -308,6 +323,7 @@ async fn call_bulk(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut reported, mut reported_at, mut renewed_at) =
         (BulkProgress::default(), Instant::now(), Instant::now());
+    let mut lease = Lease::new(shared, job, lease_ms);
     let started = Instant::now();
     let span = tracing::info_span!(
         "connector",
@@ -344,10 +360,7 @@ async fn call_bulk(
         }
         if renewed_at.elapsed() >= renew_every {
             renewed_at = Instant::now();
-            let until = shared.clock.now_ms() + lease_ms;
-            if let Err(e) = shared.store.extend_lease(key, *seq, until).await {
-                tracing::warn!(error = format!("{e:#}"), "renewing a task lease failed");
-            }
+            lease.renew(*seq).await?;
         }
     };
     let m = &shared.metrics;
@@ -356,7 +369,7 @@ async fn call_bulk(
     if let Err(e) = &result {
         m.connector_error(&key.subprocessor, e.is_transient());
     }
-    (result, reporter.latest())
+    Ok((result, reporter.latest()))
 }
 
 /// What the state machine needs of the runner's settings and the clock; `backoff_ms` is the
@@ -374,6 +387,7 @@ fn context(shared: &Shared, job: &TaskJob, backoff_ms: i64) -> Context {
 
 /// Calls the connector for `phase`, renewing the task's lease while the holder works, so a
 /// slow holder is not run twice by another replica (or by this one, on its next claim).
+/// [`LeaseLost`] when the lease could not be kept: the call is dropped unfinished.
 async fn call(
     shared: &Shared,
     connector: &dyn Connector,
@@ -382,7 +396,7 @@ async fn call(
     kind: RequestKind,
     phase: &Phase,
     seq: i64,
-) -> Result<Outcome, ConnectorError> {
+) -> Result<Result<Outcome, ConnectorError>, LeaseLost> {
     let key = &job.task.key;
     let categories = request
         .scope
@@ -400,10 +414,10 @@ async fn call(
         // Whatever an earlier run of this task left goes: its files are replaced, never
         // added to.
         if let Err(e) = sink.reset().await {
-            return Err(ConnectorError::Permanent(format!(
+            return Ok(Err(ConnectorError::Permanent(format!(
                 "preparing the export folder {}: {e}",
                 sink.dir().display()
-            )));
+            ))));
         }
         Some(sink)
     } else {
@@ -424,11 +438,11 @@ async fn call(
     };
     let lease_ms = shared.config.tasks.lease_ms as i64;
     let renew = async {
+        let mut lease = Lease::new(shared, job, lease_ms);
         loop {
             tokio::time::sleep(Duration::from_millis((lease_ms / 3).max(1) as u64)).await;
-            let until = shared.clock.now_ms() + lease_ms;
-            if let Err(e) = shared.store.extend_lease(key, seq, until).await {
-                tracing::warn!(error = format!("{e:#}"), "renewing a task lease failed");
+            if let Err(lost) = lease.renew(seq).await {
+                break lost;
             }
         }
     };
@@ -441,7 +455,7 @@ async fn call(
     );
     let result = tokio::select! {
         r = connector.run(&task).instrument(span) => r,
-        () = renew => Err(ConnectorError::Transient("lease renewal stopped".into())),
+        lost = renew => return Err(lost),
     };
     let m = &shared.metrics;
     m.connector_duration
@@ -449,7 +463,73 @@ async fn call(
     if let Err(e) = &result {
         m.connector_error(&key.subprocessor, e.is_transient());
     }
-    result
+    Ok(result)
+}
+
+/// The step was abandoned because its task's lease was lost; the loss is logged.
+#[derive(Debug)]
+pub(crate) struct LeaseLost;
+
+/// The lease of one claimed task, as its runner keeps it.
+struct Lease<'a> {
+    shared: &'a Shared,
+    job: &'a TaskJob,
+    lease_ms: i64,
+    /// Until when (processor clock, ms) the last successful renewal or the claim holds it.
+    held_until: i64,
+}
+
+impl<'a> Lease<'a> {
+    fn new(shared: &'a Shared, job: &'a TaskJob, lease_ms: i64) -> Self {
+        // The claim was made at most a moment ago; counting from now errs by that moment.
+        let held_until = shared.clock.now_ms() + lease_ms;
+        Self {
+            shared,
+            job,
+            lease_ms,
+            held_until,
+        }
+    }
+
+    /// Extends the lease by `lease_ms` from now. A failed renewal is retried at the next
+    /// one, as long as the lease lasts; the lease is lost when a renewal matches nothing or
+    /// the failures outlast it.
+    async fn renew(&mut self, seq: i64) -> Result<(), LeaseLost> {
+        let now = self.shared.clock.now_ms();
+        let until = now + self.lease_ms;
+        let key = &self.job.task.key;
+        let owner = &self.job.lease_owner;
+        match self
+            .shared
+            .store
+            .extend_lease(key, seq, owner, now, until)
+            .await
+        {
+            Ok(true) => {
+                self.held_until = until;
+                Ok(())
+            }
+            Ok(false) => {
+                tracing::warn!(
+                    "task lease lost: another claim took the task or it changed; \
+                     the step is abandoned and its outcome not recorded"
+                );
+                Err(LeaseLost)
+            }
+            Err(e) if now + self.lease_ms / 3 >= self.held_until => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "task lease lost: renewals failed until it ran out; \
+                     the step is abandoned and its outcome not recorded"
+                );
+                Err(LeaseLost)
+            }
+            Err(e) => {
+                tracing::warn!(error = format!("{e:#}"), "renewing a task lease failed");
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Stores what the state machine decided.
@@ -465,10 +545,13 @@ async fn record(
         }
         Decision::Later { at, error } => {
             let key = &job.task.key;
-            shared
+            let held = shared
                 .store
-                .postpone(key, seq, at, error.as_deref())
+                .postpone(key, seq, &job.lease_owner, at, error.as_deref())
                 .await?;
+            if !held {
+                tracing::warn!("task lease lost or task changed; the retry is left to its holder");
+            }
         }
         Decision::Run { .. }
         | Decision::RunBulk { .. }
@@ -479,7 +562,7 @@ async fn record(
 }
 
 /// Records a transition and wakes the acknowledgement sender; the new sequence, or `None`
-/// when the task changed meanwhile (a cancellation wins).
+/// when the task changed meanwhile (a cancellation wins) or another claim took it.
 async fn record_move(
     shared: &Shared,
     job: &TaskJob,
@@ -489,7 +572,14 @@ async fn record_move(
     let now = shared.clock.now_ms();
     let moved = shared
         .store
-        .transition(&job.task.key, seq, t, now, job.task.attempts)
+        .transition_leased(
+            &job.task.key,
+            seq,
+            &job.lease_owner,
+            t,
+            now,
+            job.task.attempts,
+        )
         .await?;
     if moved.is_some() {
         tracing::info!(
@@ -501,6 +591,16 @@ async fn record_move(
         if t.upload {
             shared.upload_wakeup.notify_one();
         }
+    } else {
+        tracing::warn!(
+            state = t.state.as_str_name(),
+            "task step not recorded: the task changed meanwhile or its lease was lost to \
+             another claim"
+        );
     }
     Ok(moved)
 }
+
+#[cfg(test)]
+#[path = "lease_tests.rs"]
+mod lease_tests;

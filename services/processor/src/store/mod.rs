@@ -4,7 +4,9 @@
 //! decided by [`crate::task_machine`], never here.
 //!
 //! - `rows`: the types the store hands out, and the raw rows they are read from.
-//! - `tasks`: requests and tasks: accept, cancel, claim, transition, operator views.
+//! - `tasks`: requests and tasks: accept, cancel, claim (each claim under its own lease
+//!   token, which renewals, transitions and postponements of the claimed step match),
+//!   transition, operator views.
 //! - `acks`: the acknowledgement outbox.
 //! - `uploads`: the upload outbox: RETURN_OF_DATA and contract end exports waiting to reach
 //!   the registry, TRANSFER exports waiting to reach their recipient.

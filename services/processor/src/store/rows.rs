@@ -111,6 +111,9 @@ pub struct TaskJob {
     pub due_at: i64,
     /// W3C traceparent of the Deliver call that brought the request.
     pub traceparent: Option<String>,
+    /// The token of this claim's lease: renewals, transitions and postponements of the task
+    /// made for this claim match it, and fail once another claim took the task.
+    pub lease_owner: String,
 }
 
 /// A task with its request, as the operator API shows it.
@@ -260,6 +263,8 @@ impl From<JoinedRecord> for TaskJob {
             due_at: r.due_at,
             traceparent: r.traceparent,
             task: r.task.into(),
+            // Written by the claim that hands the job out.
+            lease_owner: String::new(),
         }
     }
 }

@@ -1,5 +1,8 @@
 //! Requests and their tasks: accepting a delivery, cancelling it, claiming runnable tasks
-//! and recording each change of state together with its acknowledgement.
+//! and recording each change of state together with its acknowledgement. A claim leases a
+//! task under a random token; the runner's renewals, transitions and postponements match
+//! it, so once a lease is lost (it ran out and another claim took the task) the old runner
+//! changes nothing.
 
 use anyhow::Result;
 use dsrelay_proto::prost::Message;
@@ -204,6 +207,13 @@ impl Store {
 
     /// Reserves runnable tasks (PENDING; IN_PROGRESS waiting for a retry or a confirmation;
     /// RETAINED whose date has come) for `lease_ms` and counts the attempt each claim starts.
+    /// Each claim writes a new random lease token ([`TaskJob::lease_owner`]), so a runner
+    /// whose lease ran out no longer matches once another claim took the task.
+    ///
+    /// `now` is the processor's clock (the one tests move), as for renewals
+    /// ([`Store::extend_lease`]): one clock decides both when a lease ends and whether it is
+    /// still held, and it is the clock tests move. Replicas compare each other's leases on
+    /// their own clocks, so their clocks must agree to well within a lease.
     pub async fn claim_tasks(&self, now: i64, limit: i64, lease_ms: i64) -> Result<Vec<TaskJob>> {
         let lock = self.db.backend.skip_locked_of("t");
         let mut tx = self.db.pool.begin().await?;
@@ -226,15 +236,17 @@ impl Store {
             let mut job = TaskJob::from(r);
             // Claiming starts an attempt: a run cut off by a crash still counts.
             job.task.attempts += 1;
+            job.lease_owner = uuid::Uuid::new_v4().to_string();
             let key = &job.task.key;
             sqlx::query(
-                "UPDATE tasks SET lease_until = $1, attempts = attempts + 1 WHERE controller = $2 \
-                 AND request_id = $3 AND subprocessor = $4",
+                "UPDATE tasks SET lease_until = $1, attempts = attempts + 1, lease_owner = $5 \
+                 WHERE controller = $2 AND request_id = $3 AND subprocessor = $4",
             )
             .bind(now + lease_ms)
             .bind(&key.controller)
             .bind(&key.request_id)
             .bind(&key.subprocessor)
+            .bind(&job.lease_owner)
             .execute(&mut *tx)
             .await?;
             jobs.push(job);
@@ -261,20 +273,52 @@ impl Store {
         Ok(seq)
     }
 
-    /// Leaves a task in its state and looks at it again at `next_at`, releasing it; nothing
-    /// is acknowledged, since nothing changed. `error` (a transient failure, an unreachable
-    /// holder) is kept for operators; `None` keeps the last one.
+    /// [`Store::transition`] for the runner's claim `lease_owner`: nothing moves once another
+    /// claim took the task, so a runner whose lease was lost records no outcome over the new
+    /// holder's.
+    pub async fn transition_leased(
+        &self,
+        key: &TaskKey,
+        expected_sequence: i64,
+        lease_owner: &str,
+        t: &Transition,
+        now: i64,
+        attempts: i64,
+    ) -> Result<Option<i64>> {
+        let mut tx = self.db.pool.begin().await?;
+        let issuer = self.issuer.as_deref();
+        let seq = step_transition(
+            &mut tx,
+            issuer,
+            key,
+            expected_sequence,
+            Some(lease_owner),
+            t,
+            now,
+            attempts,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(seq)
+    }
+
+    /// Leaves a task of the claim `lease_owner` in its state and looks at it again at
+    /// `next_at`, releasing it; nothing is acknowledged, since nothing changed. `error` (a
+    /// transient failure, an unreachable holder) is kept for operators; `None` keeps the last
+    /// one. Answers whether the claim still held the task (another claim's lease is left
+    /// alone).
     pub async fn postpone(
         &self,
         key: &TaskKey,
         expected_sequence: i64,
+        lease_owner: &str,
         next_at: i64,
         error: Option<&str>,
-    ) -> Result<()> {
-        sqlx::query(
+    ) -> Result<bool> {
+        let done = sqlx::query(
             "UPDATE tasks SET next_attempt_at = $1, lease_until = 0, \
              last_error = COALESCE($2, last_error) WHERE controller = $3 AND request_id = $4 \
-             AND subprocessor = $5 AND sequence = $6",
+             AND subprocessor = $5 AND sequence = $6 AND lease_owner = $7",
         )
         .bind(next_at)
         .bind(error)
@@ -282,30 +326,40 @@ impl Store {
         .bind(&key.request_id)
         .bind(&key.subprocessor)
         .bind(expected_sequence)
+        .bind(lease_owner)
         .execute(&self.db.pool)
-        .await?;
-        Ok(())
+        .await?
+        .rows_affected();
+        Ok(done > 0)
     }
 
-    /// Keeps a claimed task reserved while its connector runs longer than one lease.
+    /// Keeps a task claimed by `lease_owner` reserved until `until` while its connector runs
+    /// longer than one lease. Answers whether it did: not when the task changed, another
+    /// claim took it, or the lease had already ended at `now` (another replica may claim it
+    /// any moment, so it is not revived). `now` is the processor's clock, as for claims.
     pub async fn extend_lease(
         &self,
         key: &TaskKey,
         expected_sequence: i64,
+        lease_owner: &str,
+        now: i64,
         until: i64,
-    ) -> Result<()> {
-        sqlx::query(
+    ) -> Result<bool> {
+        let done = sqlx::query(
             "UPDATE tasks SET lease_until = $1 WHERE controller = $2 AND request_id = $3 \
-             AND subprocessor = $4 AND sequence = $5 AND lease_until > 0",
+             AND subprocessor = $4 AND sequence = $5 AND lease_owner = $6 AND lease_until > $7",
         )
         .bind(until)
         .bind(&key.controller)
         .bind(&key.request_id)
         .bind(&key.subprocessor)
         .bind(expected_sequence)
+        .bind(lease_owner)
+        .bind(now)
         .execute(&self.db.pool)
-        .await?;
-        Ok(())
+        .await?
+        .rows_affected();
+        Ok(done > 0)
     }
 
     /// Tasks in `states` (WAITING_FOR_OPERATOR when empty), oldest change first.
@@ -392,6 +446,21 @@ async fn certified_transition(
     now: i64,
     attempts: i64,
 ) -> Result<Option<i64>> {
+    step_transition(tx, issuer, key, expected_sequence, None, t, now, attempts).await
+}
+
+/// [`certified_transition`]; with `lease_owner`, only while that claim holds the task.
+#[allow(clippy::too_many_arguments)]
+async fn step_transition(
+    tx: &mut Transaction<'static, Any>,
+    issuer: Option<&Issuer>,
+    key: &TaskKey,
+    expected_sequence: i64,
+    lease_owner: Option<&str>,
+    t: &Transition,
+    now: i64,
+    attempts: i64,
+) -> Result<Option<i64>> {
     // Every step's texts pass here on their way to the task row and the acknowledgement, so
     // this is where they are fitted: the registry rejects an acknowledgement over its limits.
     let fitted = t.fitted();
@@ -399,7 +468,13 @@ async fn certified_transition(
     let next = expected_sequence + 1;
     let step = t.contract;
     let counts = step.and_then(|c| c.progress);
-    let progress: Option<(i64, i64, i64, i64, i64, Option<i64>)> = sqlx::query_as(
+    // A parameter only when it is matched: `$26 IS NULL` leaves PostgreSQL guessing its type.
+    let held = if lease_owner.is_some() {
+        " AND lease_owner = $26"
+    } else {
+        ""
+    };
+    let sql = format!(
         "UPDATE tasks SET state = $1, sequence = $2, records_affected = $3, confirmed = $4, \
          note = $5, reason = $6, legal_basis = $7, retain_until = $8, updated_at = $9, \
          attempts = $10, lease_until = $18, next_attempt_at = $15, handle = $16, \
@@ -411,40 +486,45 @@ async fn certified_transition(
          records_done = COALESCE($23, records_done), \
          records_total = COALESCE($24, records_total), \
          scheduled_at = COALESCE($25, scheduled_at) \
-         WHERE controller = $11 AND request_id = $12 AND subprocessor = $13 AND sequence = $14 \
-         RETURNING contract_phase, subjects_done, subjects_total, records_done, records_total, \
-         scheduled_at",
-    )
-    .bind(state_value(t.state))
-    .bind(next)
-    .bind(t.records_affected)
-    .bind(i64::from(t.confirmed))
-    .bind(&t.note)
-    .bind(&t.reason)
-    .bind(&t.legal_basis)
-    .bind(t.retain_until)
-    .bind(now)
-    .bind(attempts)
-    .bind(&key.controller)
-    .bind(&key.request_id)
-    .bind(&key.subprocessor)
-    .bind(expected_sequence)
-    .bind(t.next_attempt_at.unwrap_or(now))
-    .bind(t.handle.clone())
-    .bind(
-        t.export_files
-            .as_ref()
-            .map(serde_json::to_string)
-            .transpose()?,
-    )
-    .bind(t.hold_until.unwrap_or(0))
-    .bind(t.transfer_receipt.as_ref().map(Message::encode_to_vec))
-    .bind(step.map(|c| i64::from(c.phase as i32)))
-    .bind(counts.map(|p| stored_count(p.subjects_done)))
-    .bind(counts.map(|p| stored_count(p.subjects_total)))
-    .bind(counts.map(|p| stored_count(p.records_done)))
-    .bind(counts.map(|p| stored_count(p.records_total)))
-    .bind(step.and_then(|c| c.scheduled_at))
+         WHERE controller = $11 AND request_id = $12 AND subprocessor = $13 AND sequence = $14\
+         {held} RETURNING contract_phase, subjects_done, subjects_total, records_done, \
+         records_total, scheduled_at",
+    );
+    let query = sqlx::query_as::<_, (i64, i64, i64, i64, i64, Option<i64>)>(&sql)
+        .bind(state_value(t.state))
+        .bind(next)
+        .bind(t.records_affected)
+        .bind(i64::from(t.confirmed))
+        .bind(&t.note)
+        .bind(&t.reason)
+        .bind(&t.legal_basis)
+        .bind(t.retain_until)
+        .bind(now)
+        .bind(attempts)
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .bind(expected_sequence)
+        .bind(t.next_attempt_at.unwrap_or(now))
+        .bind(t.handle.clone())
+        .bind(
+            t.export_files
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()?,
+        )
+        .bind(t.hold_until.unwrap_or(0))
+        .bind(t.transfer_receipt.as_ref().map(Message::encode_to_vec))
+        .bind(step.map(|c| i64::from(c.phase as i32)))
+        .bind(counts.map(|p| stored_count(p.subjects_done)))
+        .bind(counts.map(|p| stored_count(p.subjects_total)))
+        .bind(counts.map(|p| stored_count(p.records_done)))
+        .bind(counts.map(|p| stored_count(p.records_total)))
+        .bind(step.and_then(|c| c.scheduled_at));
+    let progress = match lease_owner {
+        Some(owner) => query.bind(owner),
+        None => query,
+    }
     .fetch_optional(&mut **tx)
     .await?;
     let Some((phase, subjects_done, subjects_total, records_done, records_total, scheduled_at)) =

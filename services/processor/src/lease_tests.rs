@@ -1,0 +1,365 @@
+//! Lost leases, through the processor's real store (SQLite, and PostgreSQL when
+//! `DSRELAY_TEST_POSTGRES_URL` names a server) and runner: two claims of one task, the
+//! first's lease run out while its connector is held at a barrier. The first's outcome is
+//! never recorded over the second's, whichever way the first learns of the loss.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dsrelay_connectors::{BoxFuture, Connector, ConnectorError, Outcome, Task};
+use dsrelay_proto::prost::Message;
+use dsrelay_proto::timestamp_from_millis;
+use dsrelay_proto::v1::{Acknowledgement, DeliverRequest, RequestKind, TaskState};
+use dsrelay_runtime::pki::DevPki;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::app::Shared;
+use crate::store::{TaskJob, Transition};
+use crate::{App, Config};
+
+/// Holds each call until the test releases it: every call reports itself on `entered` with
+/// the sender that lets it finish (COMPLETED, with the call's number as its note).
+struct Barrier {
+    entered: mpsc::UnboundedSender<oneshot::Sender<()>>,
+    calls: AtomicUsize,
+}
+
+impl Connector for Barrier {
+    fn kind_name(&self) -> &'static str {
+        "barrier"
+    }
+
+    fn supports(&self, _kind: RequestKind) -> bool {
+        true
+    }
+
+    fn run<'a>(&'a self, _task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async move {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            let (release, released) = oneshot::channel();
+            self.entered
+                .send(release)
+                .map_err(|_| ConnectorError::Permanent("test ended".into()))?;
+            released
+                .await
+                .map_err(|_| ConnectorError::Permanent("test ended".into()))?;
+            Ok(Outcome::Completed {
+                records_affected: 1,
+                note: format!("call {n}"),
+                files: Vec::new(),
+                erased: Vec::new(),
+            })
+        })
+    }
+}
+
+fn config(dir: &std::path::Path, database_url: &str, lease_ms: u64) -> Config {
+    let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
+    let tls = pki.files("processor");
+    let text = format!(
+        "database_url = {database_url:?}\ndata_dir = {:?}\nidentity_hash_key = \"k\"\n\
+         [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
+         [tasks]\nlease_ms = {lease_ms}\n\
+         [[subprocessors]]\nname = \"crm\"\ncategories = [\"contact\"]\n\
+         connector = {{ type = \"noop\" }}\n\
+         [[controllers]]\nname = \"acme\"\nidentity = \"spiffe://dsrelay.dev/registry/0\"\n\
+         registry_endpoint = \"https://localhost:1\"\n",
+        dir.join("data"),
+        tls.ca,
+        tls.cert,
+        tls.key,
+    );
+    let file = dir.join("processor.toml");
+    std::fs::write(&file, text).expect("config file");
+    Config::load_from(Some(&file), Vec::new()).expect("config")
+}
+
+struct Setup {
+    app: App,
+    entered: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+    barrier: Arc<Barrier>,
+}
+
+async fn setup(database_url: &str, dir: &std::path::Path, lease_ms: u64) -> Setup {
+    let (tx, entered) = mpsc::unbounded_channel();
+    let barrier = Arc::new(Barrier {
+        entered: tx,
+        calls: AtomicUsize::new(0),
+    });
+    let connectors = HashMap::from([("crm".to_string(), barrier.clone() as Arc<dyn Connector>)]);
+    let app = App::with_connectors(config(dir, database_url, lease_ms), connectors)
+        .await
+        .expect("app");
+    let shared = app.shared();
+    let now = shared.clock.now_ms();
+    let req = DeliverRequest {
+        request_id: "r-1".into(),
+        kind: RequestKind::Erasure as i32,
+        due_at: Some(timestamp_from_millis(now + 600_000)),
+        ..Default::default()
+    };
+    shared
+        .store
+        .accept("acme", &req, &["crm".to_string()], None, now)
+        .await
+        .expect("accept");
+    Setup {
+        app,
+        entered,
+        barrier,
+    }
+}
+
+async fn claim_one(shared: &Arc<Shared>) -> TaskJob {
+    let lease_ms = shared.config.tasks.lease_ms as i64;
+    let mut jobs = shared
+        .store
+        .claim_tasks(shared.clock.now_ms(), 10, lease_ms)
+        .await
+        .expect("claim");
+    assert_eq!(jobs.len(), 1, "one task to claim");
+    jobs.pop().expect("a job")
+}
+
+fn start(shared: &Arc<Shared>, job: TaskJob) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    let shared = shared.clone();
+    tokio::spawn(async move { crate::runner::run_task(&shared, job).await })
+}
+
+async fn next_call(
+    entered: &mut mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+) -> oneshot::Sender<()> {
+    tokio::time::timeout(Duration::from_secs(10), entered.recv())
+        .await
+        .expect("the connector is called")
+        .expect("a call")
+}
+
+/// The acknowledgements queued for the task, in order.
+async fn acks(shared: &Shared) -> Vec<Acknowledgement> {
+    let payloads: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT payload FROM ack_outbox WHERE request_id = $1 ORDER BY sequence",
+    )
+    .bind("r-1")
+    .fetch_all(&shared.store.db().pool)
+    .await
+    .expect("acks");
+    payloads
+        .iter()
+        .map(|p| Acknowledgement::decode(p.as_slice()).expect("ack"))
+        .collect()
+}
+
+fn completed(acks: &[Acknowledgement]) -> Vec<&Acknowledgement> {
+    acks.iter()
+        .filter(|a| a.state() == TaskState::Completed)
+        .collect()
+}
+
+/// The first runner's connector returns after its lease ran out and a second claim took the
+/// task (its renewals are a lease third apart, far off): the transition matches the lease
+/// token and records nothing; the second runner's outcome is the one acknowledged.
+async fn late_outcome_is_not_recorded(database_url: &str, dir: &std::path::Path) {
+    let lease_ms = 60_000;
+    let Setup {
+        app,
+        mut entered,
+        barrier,
+    } = setup(database_url, dir, lease_ms).await;
+    let shared = app.shared();
+    let first = start(&shared, claim_one(&shared).await);
+    let release_first = next_call(&mut entered).await;
+
+    shared.clock.advance(lease_ms as i64 + 1);
+    let second = start(&shared, claim_one(&shared).await);
+    let release_second = next_call(&mut entered).await;
+
+    release_first.send(()).expect("first call waits");
+    first.await.expect("first runner").expect("first step");
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(task.state, TaskState::InProgress, "{task:?}");
+    assert!(completed(&acks(&shared).await).is_empty());
+
+    release_second.send(()).expect("second call waits");
+    second.await.expect("second runner").expect("second step");
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(task.state, TaskState::Completed, "{task:?}");
+    let acks = acks(&shared).await;
+    let done = completed(&acks);
+    assert_eq!(done.len(), 1, "{acks:#?}");
+    assert_eq!(done[0].evidence.as_ref().expect("evidence").note, "call 2");
+    assert_eq!(barrier.calls.load(Ordering::SeqCst), 2);
+}
+
+/// The first runner renews every third of a short lease; once another claim took the task
+/// its renewal matches nothing, so it abandons the step without waiting for its connector,
+/// which never returns.
+async fn lost_renewal_abandons_the_step(database_url: &str, dir: &std::path::Path) {
+    let lease_ms = 300;
+    let Setup {
+        app,
+        mut entered,
+        barrier,
+    } = setup(database_url, dir, lease_ms).await;
+    let shared = app.shared();
+    let first = start(&shared, claim_one(&shared).await);
+    let _held_forever = next_call(&mut entered).await;
+
+    shared.clock.advance(lease_ms as i64 + 1);
+    let second = start(&shared, claim_one(&shared).await);
+    let release_second = next_call(&mut entered).await;
+
+    tokio::time::timeout(Duration::from_secs(10), first)
+        .await
+        .expect("the first runner gives up its step")
+        .expect("first runner")
+        .expect("first step");
+    assert!(completed(&acks(&shared).await).is_empty());
+
+    release_second.send(()).expect("second call waits");
+    second.await.expect("second runner").expect("second step");
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(task.state, TaskState::Completed, "{task:?}");
+    let acks = acks(&shared).await;
+    assert_eq!(completed(&acks).len(), 1, "{acks:#?}");
+    assert_eq!(barrier.calls.load(Ordering::SeqCst), 2);
+}
+
+/// The store's side of a lease: only the claim's token, on a lease not yet run out, extends,
+/// moves or postpones the task.
+async fn the_store_matches_the_lease_token(database_url: &str, dir: &std::path::Path) {
+    let Setup { app, .. } = setup(database_url, dir, 1_000).await;
+    let shared = app.shared();
+    let store = &shared.store;
+    let now = shared.clock.now_ms();
+    let first = store.claim_tasks(now, 10, 1_000).await.expect("claim");
+    let first = &first[0];
+    let (key, seq, mine) = (&first.task.key, first.task.sequence, &first.lease_owner);
+    assert!(!mine.is_empty());
+    assert!(!store
+        .extend_lease(key, seq, "someone else", now + 10, now + 2_000)
+        .await
+        .expect("extend"));
+    assert!(!store
+        .extend_lease(key, seq, mine, now + 1_000, now + 2_000)
+        .await
+        .expect("extend"));
+    assert!(store
+        .extend_lease(key, seq, mine, now + 10, now + 1_500)
+        .await
+        .expect("extend"));
+    // Still held: nothing to claim before it runs out.
+    assert!(store
+        .claim_tasks(now + 1_400, 10, 1_000)
+        .await
+        .expect("claim")
+        .is_empty());
+
+    let second = store
+        .claim_tasks(now + 1_500, 10, 1_000)
+        .await
+        .expect("claim");
+    let theirs = &second[0].lease_owner;
+    assert_ne!(theirs, mine);
+    assert!(!store
+        .extend_lease(key, seq, mine, now + 1_600, now + 3_000)
+        .await
+        .expect("extend"));
+    let step = Transition {
+        state: TaskState::Completed,
+        records_affected: 1,
+        ..Default::default()
+    };
+    assert_eq!(
+        store
+            .transition_leased(key, seq, mine, &step, now + 1_600, 1)
+            .await
+            .expect("transition"),
+        None
+    );
+    assert!(!store
+        .postpone(key, seq, mine, now + 5_000, Some("late"))
+        .await
+        .expect("postpone"));
+    let task = &store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!((task.state, task.sequence), (TaskState::Pending, seq));
+    assert_eq!(
+        store
+            .transition_leased(key, seq, theirs, &step, now + 1_600, 2)
+            .await
+            .expect("transition"),
+        Some(seq + 1)
+    );
+}
+
+async fn on_sqlite<F, Fut>(test: F)
+where
+    F: FnOnce(String, std::path::PathBuf) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/processor.db", dir.path().display());
+    test(url, dir.path().to_path_buf()).await;
+}
+
+async fn on_postgres<F, Fut>(test: F)
+where
+    F: FnOnce(String, std::path::PathBuf) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let Some(server) = std::env::var("DSRELAY_TEST_POSTGRES_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    else {
+        eprintln!("SKIPPED on PostgreSQL: DSRELAY_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let name = format!("processor_{:016x}", fastrand::u64(..));
+    let admin = dsrelay_runtime::store::Db::connect(&server)
+        .await
+        .expect("postgres");
+    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+        .execute(&admin.pool)
+        .await
+        .expect("create database");
+    admin.pool.close().await;
+    let (base, _) = server.rsplit_once('/').expect("a database in the url");
+    let query = server
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
+    let dir = tempfile::tempdir().expect("tempdir");
+    test(format!("{base}/{name}{query}"), dir.path().to_path_buf()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_a_late_outcome_is_not_recorded_on_sqlite() {
+    on_sqlite(|u, d| async move { late_outcome_is_not_recorded(&u, &d).await }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_a_late_outcome_is_not_recorded_on_postgres() {
+    on_postgres(|u, d| async move { late_outcome_is_not_recorded(&u, &d).await }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_a_lost_renewal_abandons_the_step_on_sqlite() {
+    on_sqlite(|u, d| async move { lost_renewal_abandons_the_step(&u, &d).await }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_a_lost_renewal_abandons_the_step_on_postgres() {
+    on_postgres(|u, d| async move { lost_renewal_abandons_the_step(&u, &d).await }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_the_store_matches_the_lease_token_on_sqlite() {
+    on_sqlite(|u, d| async move { the_store_matches_the_lease_token(&u, &d).await }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_the_store_matches_the_lease_token_on_postgres() {
+    on_postgres(|u, d| async move { the_store_matches_the_lease_token(&u, &d).await }).await;
+}
