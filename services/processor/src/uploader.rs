@@ -233,10 +233,10 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
         Ok(s) => s,
         Err(reason) => {
             // Named before any sink exists: the request says where it goes.
-            let to = match (&job.kind, &job.recipient) {
-                (RequestKind::Transfer, Some(r)) => Destination::Recipient(&r.name),
-                (RequestKind::Transfer, None) => Destination::Recipient("(none named)"),
-                _ => Destination::Registry,
+            let to = match job.recipient_name() {
+                Some("") => Destination::Recipient("(none named)"),
+                Some(name) => Destination::Recipient(name),
+                None => Destination::Registry,
             };
             return undeliverable(shared, job, &task, to, &reason).await;
         }
@@ -321,15 +321,22 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
 
 /// Where `job`'s export goes: the controller's registry, or the recipient its request names.
 fn sink<'a>(shared: &Shared, job: &'a UploadJob) -> Result<Sink<'a>, String> {
-    if job.kind != RequestKind::Transfer {
+    let Some(name) = job.recipient_name() else {
         return shared
             .uploaders
             .get(&job.key.controller)
             .map(|c| Sink::Registry(c.clone()))
             .ok_or_else(|| format!("controller {} is no longer configured", job.key.controller));
-    }
-    let Some(r) = &job.recipient else {
-        return Err("the transfer came without a recipient".to_string());
+    };
+    let Some(r) = job.recipient.as_ref().filter(|r| r.name == name) else {
+        return Err(if job.kind == RequestKind::Transfer {
+            "the transfer came without a recipient".to_string()
+        } else {
+            format!(
+                "the registry does not configure recipient {name} any more, so there is \
+                 nowhere to send the data"
+            )
+        });
     };
     let client = shared.recipients.client(r).map_err(|e| {
         format!(

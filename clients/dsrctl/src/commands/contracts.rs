@@ -73,7 +73,7 @@ struct TermsView {
 
 impl From<Option<&ContractEnd>> for TermsView {
     fn from(t: Option<&ContractEnd>) -> Self {
-        let t = t.copied().unwrap_or_default();
+        let t = t.cloned().unwrap_or_default();
         Self {
             choice: choice_name(t.choice),
             effective_at: Time::from_proto(t.effective_at.as_ref()),
