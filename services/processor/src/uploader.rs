@@ -8,8 +8,10 @@
 //! complete. Then the task moves to COMPLETED through the task machine, so the
 //! acknowledgement carries it (and the receipt), and the export's files are deleted from the
 //! data folder: they were kept only until delivered. A contract end's return goes to the
-//! registry the same way as the task's part of the package; the task then waits for the
-//! controller's confirmation instead of completing, since the data is still at the holder.
+//! registry the same way as the task's part of the package, or, when its terms name a
+//! transfer recipient, to that recipient as for a TRANSFER; the task then waits for the
+//! controller's confirmation (with the receipt) instead of completing, since the data is
+//! still at the holder.
 //!
 //! A failed attempt (destination down, wrong identity, a refused chunk or receipt, a
 //! FAILED_PRECONDITION) leaves the task IN_PROGRESS with a note saying what is missing, and

@@ -271,7 +271,8 @@ pub(super) struct TaskRow {
     legal_basis: String,
     retain_until: Option<i64>,
     updated_at: i64,
-    /// An encoded TransferReceipt, for a COMPLETED TRANSFER task.
+    /// An encoded TransferReceipt: a COMPLETED TRANSFER task's, or a contract end task's
+    /// returned to a transfer recipient.
     transfer_receipt: Option<Vec<u8>>,
     /// An encoded ContractProgress, for a CONTRACT_END task.
     progress: Option<Vec<u8>>,
