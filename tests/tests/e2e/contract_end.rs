@@ -542,8 +542,8 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
 }
 
 /// RETURN_THEN_DELETE to a transfer recipient (the controller's successor): the accounting
-/// holder's export goes straight to the example recipient, whose receipt comes back with the
-/// task; nothing is deleted until the controller confirms, without a digest (the receipts
+/// holder's export, and the record of the paper archive's return done by hand, go straight to
+/// the example recipient, whose receipts come back with the tasks; nothing is deleted until the controller confirms, without a digest (the receipts
 /// are the proof), and then it is. A recipient that is not configured, or one named with
 /// DELETE, is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -552,7 +552,7 @@ async fn contract_end_cetransfer_returns_the_data_to_a_recipient() {
     use sha2::{Digest, Sha256};
 
     let pair = spawn_pair(PairOptions {
-        holders: vec![Holder::Accounting],
+        holders: vec![Holder::Accounting, Holder::PaperArchive],
         recipient: Some(RecipientOptions::default()),
         ..Default::default()
     })
@@ -605,6 +605,15 @@ async fn contract_end_cetransfer_returns_the_data_to_a_recipient() {
     .json();
     assert_eq!(ended["transfer_recipient"], RECIPIENT, "{ended}");
     let id = ended["contract_id"].as_str().expect("id").to_string();
+    until(
+        &pair,
+        &id,
+        60,
+        "the paper archive waits for its operator",
+        waits_for_an_operator,
+    )
+    .await;
+    complete_by_hand(&pair, &id, "handed the folders to the new bookkeeper").await;
     let waiting = until(&pair, &id, 60, "returned to the recipient", |c| {
         !c.tasks.is_empty()
             && phases(c)
@@ -612,8 +621,33 @@ async fn contract_end_cetransfer_returns_the_data_to_a_recipient() {
                 .all(|(_, p)| *p == ContractPhase::AwaitingConfirmation)
     })
     .await;
-    let task = &waiting.tasks[0];
-    assert_eq!(task.state, TaskState::InProgress as i32, "{task:?}");
+    for t in &waiting.tasks {
+        assert_eq!(t.state, TaskState::InProgress as i32, "{t:?}");
+        let r = t
+            .evidence
+            .as_ref()
+            .and_then(|e| e.transfer_receipt.as_ref());
+        assert_eq!(
+            r.map(|r| r.subprocessor.as_str()),
+            Some(t.subprocessor.as_str())
+        );
+    }
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            pair.recipient_dir()
+                .join(&id)
+                .join("paper-archive")
+                .join("returned-by-hand.json"),
+        )
+        .expect("the paper archive's record at the recipient"),
+    )
+    .expect("json record");
+    assert_eq!(record["returned_by_hand"], true, "{record}");
+    let task = waiting
+        .tasks
+        .iter()
+        .find(|t| t.subprocessor == "accounting")
+        .expect("accounting task");
     let receipt = task
         .evidence
         .as_ref()
@@ -662,6 +696,22 @@ async fn contract_end_cetransfer_returns_the_data_to_a_recipient() {
     dsrctl(&pair, "operator", &["contracts", "confirm", &id])
         .await
         .ok();
+    until(
+        &pair,
+        &id,
+        60,
+        "the paper archive's deletion waits for its operator",
+        |c| {
+            waits_for_an_operator(c)
+                && c.tasks.iter().any(|t| {
+                    t.subprocessor == "paper-archive"
+                        && t.progress.as_ref().map(|p| p.phase)
+                            == Some(ContractPhase::Deleting as i32)
+                })
+        },
+    )
+    .await;
+    complete_by_hand(&pair, &id, "shredded the copies").await;
     let done = until(&pair, &id, 60, "deleted after confirmation", |c| {
         matches!(
             state(c),

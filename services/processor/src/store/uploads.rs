@@ -1,9 +1,8 @@
 //! The delivery outbox (the `uploads` table): a RETURN_OF_DATA, TRANSFER or CONTRACT_END
 //! task whose export is written queues one delivery, in the transaction that records the
-//! export; the upload
-//! worker claims it, sends the files to the registry or the recipient and, in one
-//! transaction, retires it and moves the task on (or records the failed attempt and when the
-//! next one comes).
+//! export; the upload worker claims it, sends the files to the registry or the recipient
+//! and, in one transaction, retires it and moves the task on (or records the failed attempt
+//! and when the next one comes).
 
 use anyhow::Result;
 use dsrelay_connectors::ExportedFile;
