@@ -273,6 +273,11 @@ pub enum ContractsCommand {
         /// The key that makes retrying safe [default: a new random key, printed].
         #[arg(long)]
         idempotency_key: Option<String>,
+        /// Return the data to this transfer recipient (a name in the registry's
+        /// `[[recipients]]`, e.g. the successor processor) instead of to the registry as a
+        /// package; only with --choice return-then-delete.
+        #[arg(long, value_name = "NAME")]
+        transfer_recipient: Option<String>,
     },
     /// List contract ends, newest first, with each subprocessor's phase and progress.
     List {
@@ -296,19 +301,20 @@ pub enum ContractsCommand {
         /// DELETE or RETURN_THEN_DELETE.
         #[arg(long, value_enum)]
         choice: ContractChoiceArg,
+        /// Return the data to this transfer recipient instead of to the registry; only with
+        /// --choice return-then-delete.
+        #[arg(long, value_name = "NAME")]
+        transfer_recipient: Option<String>,
     },
-    /// Confirm that the returned package arrived and was verified; the processor then
-    /// deletes the data.
+    /// Confirm that the returned data arrived: the package was downloaded and verified, or,
+    /// for a return to a transfer recipient (no digest given), every subprocessor's receipt
+    /// is in (`contracts show`); the processor then deletes the data.
     Confirm {
         /// The contract end's id.
         id: String,
         /// SHA-256 (hex) of the package's manifest.json, as `dsrctl download` printed it.
-        #[arg(
-            long,
-            value_name = "HEX",
-            required_unless_present = "package",
-            conflicts_with = "package"
-        )]
+        /// Leave out, with --package, for a return to a transfer recipient.
+        #[arg(long, value_name = "HEX", conflicts_with = "package")]
         manifest_sha256: Option<String>,
         /// A folder `dsrctl download --out` wrote and verified: its manifest.json's SHA-256 is
         /// sent.

@@ -30,6 +30,21 @@ impl RegistryClient {
         effective: EffectiveAt,
         idempotency_key: impl Into<String>,
     ) -> Result<Contract, Status> {
+        self.end_contract_to(processor, choice, "", effective, idempotency_key)
+            .await
+    }
+
+    /// As [`Self::end_contract`], returning the data to `transfer_recipient` (a name in the
+    /// registry's `[[recipients]]`) instead of to the registry when not empty; only with
+    /// RETURN_THEN_DELETE (else INVALID_ARGUMENT).
+    pub async fn end_contract_to(
+        &self,
+        processor: impl Into<String>,
+        choice: ContractEndChoice,
+        transfer_recipient: impl Into<String>,
+        effective: EffectiveAt,
+        idempotency_key: impl Into<String>,
+    ) -> Result<Contract, Status> {
         let (effective_at, effective_now) = match effective {
             EffectiveAt::Now => (None, true),
             EffectiveAt::At(ms) => (Some(dsrelay_proto::timestamp_from_millis(ms)), false),
@@ -40,6 +55,7 @@ impl RegistryClient {
             effective_at,
             effective_now,
             idempotency_key: idempotency_key.into(),
+            transfer_recipient: transfer_recipient.into(),
         });
         Ok(self
             .contracts
@@ -86,9 +102,21 @@ impl RegistryClient {
         contract_id: impl Into<String>,
         choice: ContractEndChoice,
     ) -> Result<Contract, Status> {
+        self.choose_contract_end_to(contract_id, choice, "").await
+    }
+
+    /// As [`Self::choose_contract_end`], returning the data to `transfer_recipient` when not
+    /// empty (RETURN_THEN_DELETE only).
+    pub async fn choose_contract_end_to(
+        &self,
+        contract_id: impl Into<String>,
+        choice: ContractEndChoice,
+        transfer_recipient: impl Into<String>,
+    ) -> Result<Contract, Status> {
         let request = self.request(ChooseContractEndRequest {
             contract_id: contract_id.into(),
             choice: choice as i32,
+            transfer_recipient: transfer_recipient.into(),
         });
         Ok(self
             .contracts
@@ -99,7 +127,8 @@ impl RegistryClient {
     }
 
     /// Confirms receipt of a RETURN_THEN_DELETE's verified package, named by the SHA-256
-    /// (hex) of its `manifest.json`; the processor then deletes the data.
+    /// (hex) of its `manifest.json`; the processor then deletes the data. For a return to a
+    /// transfer recipient `manifest_sha256` is empty: the recipient's receipts are the proof.
     pub async fn confirm_return(
         &self,
         contract_id: impl Into<String>,

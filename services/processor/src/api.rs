@@ -91,6 +91,7 @@ impl ProcessorService for Api {
                 &controller,
                 &r.request_id,
                 &wanted,
+                r.recipient.as_ref(),
                 self.shared.clock.now_ms(),
             )
             .await

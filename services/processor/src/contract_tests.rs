@@ -106,6 +106,7 @@ async fn progress_is_acknowledged_as_it_goes(database_url: &str, dir: &std::path
         effective_at: Some(timestamp_from_millis(now)),
         grace_ends_at: Some(timestamp_from_millis(now + 1000)),
         return_confirmed: false,
+        transfer_recipient: String::new(),
     };
     let req = DeliverRequest {
         request_id: "ce-1".into(),
@@ -286,6 +287,7 @@ async fn retained_data_of_a_contract_end_is_erased_at_its_date_with_a_follow_up_
                 effective_at: Some(timestamp_from_millis(now)),
                 grace_ends_at: Some(timestamp_from_millis(now)),
                 return_confirmed: false,
+                transfer_recipient: String::new(),
             }),
             ..Default::default()
         }),

@@ -256,7 +256,10 @@ impl ProcessorOperatorService for OperatorApi {
             contract_ends: rows
                 .into_iter()
                 .map(|c| ProcessorContractEnd {
-                    contract_end: Some(crate::store::terms_to_proto(&c.terms)),
+                    contract_end: Some(crate::store::terms_to_proto(
+                        &c.terms,
+                        &c.transfer_recipient,
+                    )),
                     tasks: c.tasks.iter().map(|t| t.to_status()).collect(),
                     received_at: Some(timestamp_from_millis(c.received_at)),
                     controller: c.controller,

@@ -42,9 +42,10 @@
 //!   date, or the end of the grace period while no choice is made) → waits until then
 //! - claimed PENDING at its start → IN_PROGRESS (kept reserved) and a bulk step: an export
 //!   (phase RETURNING) for RETURN_THEN_DELETE not yet confirmed, else an erasure (DELETING)
-//! - the export written → stays IN_PROGRESS (RETURNING) and queues its upload to the registry
-//!   as the task's part of the package; the registry holds the part → IN_PROGRESS
-//!   AWAITING_CONFIRMATION, never COMPLETED: the data is still there
+//! - the export written → stays IN_PROGRESS (RETURNING) and queues its delivery: to the
+//!   registry as the task's part of the package, or to the transfer recipient the terms name;
+//!   the registry holds the part, or the recipient's receipt matched → IN_PROGRESS
+//!   AWAITING_CONFIRMATION (with the receipt), never COMPLETED: the data is still there
 //! - AWAITING_CONFIRMATION sleeps until the controller confirms receipt; then → DELETING
 //! - the erasure done → COMPLETED (DONE); kept under an obligation → RETAINED (DONE), erased
 //!   by the processor itself at its date like a single erasure
@@ -492,8 +493,9 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
                 task.state.as_str_name().trim_start_matches("TASK_STATE_")
             ))
         }
-        // A return done by hand goes to the registry as a record of it, like any part: the
-        // controller confirms a package in which every subprocessor has its part.
+        // A return done by hand is delivered as a record of it, like any part (to the
+        // registry, or to the contract end's transfer recipient): the controller confirms
+        // once every subprocessor's part has arrived.
         Event::OperatorComplete {
             records_affected,
             note,
@@ -506,8 +508,8 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
                 records_affected,
                 confirmed: true,
                 note: format!(
-                    "{note} (returned by {by}); the record of the return goes to the registry \
-                     as this subprocessor's part ({}, {})",
+                    "{note} (returned by {by}); the record of the return is delivered as this \
+                     subprocessor's part ({}, {})",
                     file.name,
                     size_label(file.size)
                 ),
@@ -560,13 +562,29 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
             Decision::Ignore
         }
         // A contract end's returned data is still at the holder: it waits for the controller.
-        Event::Delivered { files, bytes, .. } if task.phase == ContractPhase::Returning => {
-            let note = format!(
-                "the controller's data was returned: stored at the registry as this \
-                 subprocessor's part of the package ({files} file(s), {}); waiting for the \
-                 controller's confirmation of receipt before deleting",
-                size_label(bytes)
-            );
+        // Returned to a transfer recipient, the recipient's receipt is the proof the
+        // controller confirms with, so the acknowledgement carries it.
+        Event::Delivered {
+            to,
+            files,
+            bytes,
+            receipt,
+        } if task.phase == ContractPhase::Returning => {
+            let note = match (&to, &receipt) {
+                (Destination::Recipient(_), Some(r)) => format!(
+                    "the controller's data was returned: received by {to} ({files} file(s), \
+                     {}), receipt over manifest SHA-256 {}; waiting for the controller's \
+                     confirmation of receipt before deleting",
+                    size_label(bytes),
+                    r.manifest_sha256
+                ),
+                _ => format!(
+                    "the controller's data was returned: stored at {to} as this \
+                     subprocessor's part of the package ({files} file(s), {}); waiting for \
+                     the controller's confirmation of receipt before deleting",
+                    size_label(bytes)
+                ),
+            };
             Decision::Move(Transition {
                 state: InProgress,
                 records_affected: task.records_affected,
@@ -576,6 +594,7 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
                 // Looked at once more: a confirmation that came while the part was on its
                 // way releases it; otherwise the claim puts it to sleep.
                 next_attempt_at: Some(ctx.now),
+                transfer_receipt: receipt,
                 contract: Some(ContractStep::keep(ContractPhase::AwaitingConfirmation)),
                 ..Default::default()
             })
@@ -1045,7 +1064,7 @@ fn bulk_ran(
             confirmed: true,
             note: format!(
                 "{note}; the controller's data exported at the processor ({} file(s), {}), \
-                 uploading it to the registry",
+                 delivering it as this subprocessor's part of the return",
                 files.len(),
                 size_label(bytes)
             ),
@@ -2109,6 +2128,40 @@ mod tests {
         let t = moved(d);
         assert_eq!(t.state, Refused);
         assert!(t.reason.contains("CONTRACT_END"), "{}", t.reason);
+    }
+
+    #[test]
+    fn a_return_received_by_a_recipient_waits_with_its_receipt() {
+        let returning = contract_task(InProgress, ContractPhase::Returning);
+        let receipt = TransferReceipt {
+            request_id: "r".into(),
+            subprocessor: "s".into(),
+            manifest_sha256: "ab".repeat(32),
+            recipient: "successor".into(),
+            ..Default::default()
+        };
+        let t = moved(decide(
+            &returning,
+            Event::Delivered {
+                to: Destination::Recipient("successor"),
+                files: 2,
+                bytes: 300,
+                receipt: Some(receipt.clone()),
+            },
+            &ctx(),
+        ));
+        assert_eq!(t.state, InProgress);
+        assert_eq!(
+            t.contract.map(|c| c.phase),
+            Some(ContractPhase::AwaitingConfirmation)
+        );
+        assert_eq!(t.transfer_receipt, Some(receipt));
+        assert!(
+            t.note.contains("received by recipient successor"),
+            "{}",
+            t.note
+        );
+        assert!(!t.upload && t.erased.is_empty());
     }
 
     #[test]

@@ -8,8 +8,10 @@
 //! complete. Then the task moves to COMPLETED through the task machine, so the
 //! acknowledgement carries it (and the receipt), and the export's files are deleted from the
 //! data folder: they were kept only until delivered. A contract end's return goes to the
-//! registry the same way as the task's part of the package; the task then waits for the
-//! controller's confirmation instead of completing, since the data is still at the holder.
+//! registry the same way as the task's part of the package, or, when its terms name a
+//! transfer recipient, to that recipient as for a TRANSFER; the task then waits for the
+//! controller's confirmation (with the receipt) instead of completing, since the data is
+//! still at the holder.
 //!
 //! A failed attempt (destination down, wrong identity, a refused chunk or receipt, a
 //! FAILED_PRECONDITION) leaves the task IN_PROGRESS with a note saying what is missing, and
@@ -233,10 +235,10 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
         Ok(s) => s,
         Err(reason) => {
             // Named before any sink exists: the request says where it goes.
-            let to = match (&job.kind, &job.recipient) {
-                (RequestKind::Transfer, Some(r)) => Destination::Recipient(&r.name),
-                (RequestKind::Transfer, None) => Destination::Recipient("(none named)"),
-                _ => Destination::Registry,
+            let to = match job.recipient_name() {
+                Some("") => Destination::Recipient("(none named)"),
+                Some(name) => Destination::Recipient(name),
+                None => Destination::Registry,
             };
             return undeliverable(shared, job, &task, to, &reason).await;
         }
@@ -321,15 +323,22 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
 
 /// Where `job`'s export goes: the controller's registry, or the recipient its request names.
 fn sink<'a>(shared: &Shared, job: &'a UploadJob) -> Result<Sink<'a>, String> {
-    if job.kind != RequestKind::Transfer {
+    let Some(name) = job.recipient_name() else {
         return shared
             .uploaders
             .get(&job.key.controller)
             .map(|c| Sink::Registry(c.clone()))
             .ok_or_else(|| format!("controller {} is no longer configured", job.key.controller));
-    }
-    let Some(r) = &job.recipient else {
-        return Err("the transfer came without a recipient".to_string());
+    };
+    let Some(r) = job.recipient.as_ref().filter(|r| r.name == name) else {
+        return Err(if job.kind == RequestKind::Transfer {
+            "the transfer came without a recipient".to_string()
+        } else {
+            format!(
+                "the registry does not configure recipient {name} any more, so there is \
+                 nowhere to send the data"
+            )
+        });
     };
     let client = shared.recipients.client(r).map_err(|e| {
         format!(

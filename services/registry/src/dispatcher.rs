@@ -119,9 +119,11 @@ async fn attempt(shared: &Shared, job: DeliveryJob) {
                 record_failure(shared, &job, "the request is not a contract end", true).await;
                 return;
             };
+            let recipient = contract_recipient(&terms, |name| shared.config.recipient(name));
             let mut req = tonic::Request::new(UpdateContractEndRequest {
                 request_id: job.request_id.clone(),
                 contract_end: Some(terms),
+                recipient,
             });
             req.set_timeout(timeout);
             propagate(req.metadata_mut(), &job.trace_id);
@@ -161,18 +163,22 @@ fn deliver_request(
     recipient: impl Fn(&str) -> Option<TransferRecipient>,
 ) -> DeliverRequest {
     if job.kind == RequestKind::ContractEnd as i64 {
+        let terms = job.terms.contract_end();
+        let recipient = terms
+            .as_ref()
+            .and_then(|t| contract_recipient(t, &recipient));
         return DeliverRequest {
             request_id: job.request_id.clone(),
             kind: RequestKind::ContractEnd as i32,
             identities: Vec::new(),
             scope: None,
             parameters: Some(dsrelay_proto::v1::RequestParameters {
-                contract_end: job.terms.contract_end(),
+                contract_end: terms,
                 ..Default::default()
             }),
             received_at: Some(timestamp_from_millis(job.received_at)),
             due_at: Some(timestamp_from_millis(job.due_at)),
-            recipient: None,
+            recipient,
         };
     }
     let recipient = (body.kind == RequestKind::Transfer as i32)
@@ -192,6 +198,17 @@ fn deliver_request(
         due_at: Some(timestamp_from_millis(job.due_at)),
         recipient,
     }
+}
+
+/// The recipient a contract end's terms return the data to, as `recipient` finds it
+/// configured now; `None` for a return to the registry or a recipient no longer configured.
+fn contract_recipient(
+    terms: &dsrelay_proto::v1::ContractEnd,
+    recipient: impl Fn(&str) -> Option<TransferRecipient>,
+) -> Option<TransferRecipient> {
+    (!terms.transfer_recipient.is_empty())
+        .then(|| recipient(&terms.transfer_recipient))
+        .flatten()
 }
 
 /// Whether the processor's answer says the call itself is wrong, so sending it again unchanged
@@ -334,6 +351,7 @@ mod tests {
             contract_effective_at: Some(10),
             contract_grace_ends_at: Some(20),
             contract_return_confirmed: Some(0),
+            contract_transfer_recipient: Some(String::new()),
             contract_version: Some(2),
         };
         // A stale body (choice NONE, an identity) never reaches the processor.
@@ -347,6 +365,29 @@ mod tests {
         assert_eq!(terms.effective_at, Some(timestamp_from_millis(10)));
         assert_eq!(terms.grace_ends_at, Some(timestamp_from_millis(20)));
         assert!(!terms.return_confirmed);
+        assert_eq!(req.recipient, None);
+    }
+
+    #[test]
+    fn a_contract_end_returned_to_a_recipient_carries_it() {
+        use dsrelay_proto::v1::ContractEndChoice;
+        let mut j = job();
+        j.kind = RequestKind::ContractEnd as i64;
+        j.terms = crate::store::ContractTerms {
+            contract_choice: Some(ContractEndChoice::ReturnThenDelete as i64),
+            contract_effective_at: Some(10),
+            contract_grace_ends_at: Some(20),
+            contract_return_confirmed: Some(0),
+            contract_transfer_recipient: Some("new-bookkeeper".into()),
+            contract_version: Some(1),
+        };
+        let req = deliver_request(&j, submit(RequestKind::ContractEnd, ""), configured);
+        assert_eq!(req.recipient, configured("new-bookkeeper"));
+        let terms = req.parameters.unwrap().contract_end.unwrap();
+        assert_eq!(terms.transfer_recipient, "new-bookkeeper");
+        j.terms.contract_transfer_recipient = Some("old".into());
+        let gone = deliver_request(&j, submit(RequestKind::ContractEnd, ""), configured);
+        assert_eq!(gone.recipient, None);
     }
 
     #[test]

@@ -175,6 +175,7 @@ async fn measure(
             effective_at: None,
             effective_now: true,
             idempotency_key: "bench-contract-end".into(),
+            transfer_recipient: String::new(),
         })
         .await
         .context("ending the contract")?

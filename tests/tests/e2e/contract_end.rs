@@ -17,7 +17,8 @@ use dsrelay_runtime::signing::PublicKey;
 
 use crate::harness::dsrctl::dsrctl;
 use crate::harness::{
-    spawn_pair, Backend, Holder, PairOptions, TestPair, CONTROLLER, OTHER_CONTROLLER, PROCESSOR,
+    spawn_pair, Backend, Holder, PairOptions, RecipientOptions, TestPair, CONTROLLER,
+    OTHER_CONTROLLER, PROCESSOR, RECIPIENT,
 };
 
 /// Every row of the sample accounting database, table by table, in a fixed order: what
@@ -538,4 +539,187 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
     }
     out.sort();
     out
+}
+
+/// RETURN_THEN_DELETE to a transfer recipient (the controller's successor): the accounting
+/// holder's export, and the record of the paper archive's return done by hand, go straight to
+/// the example recipient, whose receipts come back with the tasks; nothing is deleted until the controller confirms, without a digest (the receipts
+/// are the proof), and then it is. A recipient that is not configured, or one named with
+/// DELETE, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contract_end_cetransfer_returns_the_data_to_a_recipient() {
+    use dsrelay_proto::v1::{ConfirmReturnRequest, ContractEndChoice, EndContractRequest};
+    use sha2::{Digest, Sha256};
+
+    let pair = spawn_pair(PairOptions {
+        holders: vec![Holder::Accounting, Holder::PaperArchive],
+        recipient: Some(RecipientOptions::default()),
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
+    let refused = |r: Result<tonic::Response<Contract>, tonic::Status>, needle: &str| {
+        let s = r.expect_err("refused");
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+        assert!(s.message().contains(needle), "{needle:?} in {s:?}");
+    };
+    let end = |choice: ContractEndChoice, recipient: &str| EndContractRequest {
+        processor: PROCESSOR.into(),
+        choice: choice as i32,
+        effective_now: true,
+        idempotency_key: format!("refused-{recipient}-{}", choice as i32),
+        transfer_recipient: recipient.into(),
+        ..Default::default()
+    };
+    let mut ops = contracts(&pair);
+    refused(
+        ops.end_contract(end(ContractEndChoice::ReturnThenDelete, "stranger"))
+            .await,
+        RECIPIENT,
+    );
+    refused(
+        ops.end_contract(end(ContractEndChoice::Delete, RECIPIENT))
+            .await,
+        "RETURN_THEN_DELETE",
+    );
+
+    let before = dump(&pair.accounting_url).await;
+    let ended = dsrctl(
+        &pair,
+        "operator",
+        &[
+            "contracts",
+            "end",
+            "--processor",
+            PROCESSOR,
+            "--choice",
+            "return-then-delete",
+            "--transfer-recipient",
+            RECIPIENT,
+            "--now",
+            "--output",
+            "json",
+        ],
+    )
+    .await
+    .json();
+    assert_eq!(ended["transfer_recipient"], RECIPIENT, "{ended}");
+    let id = ended["contract_id"].as_str().expect("id").to_string();
+    until(
+        &pair,
+        &id,
+        60,
+        "the paper archive waits for its operator",
+        waits_for_an_operator,
+    )
+    .await;
+    complete_by_hand(&pair, &id, "handed the folders to the new bookkeeper").await;
+    let waiting = until(&pair, &id, 60, "returned to the recipient", |c| {
+        !c.tasks.is_empty()
+            && phases(c)
+                .iter()
+                .all(|(_, p)| *p == ContractPhase::AwaitingConfirmation)
+    })
+    .await;
+    for t in &waiting.tasks {
+        assert_eq!(t.state, TaskState::InProgress as i32, "{t:?}");
+        let r = t
+            .evidence
+            .as_ref()
+            .and_then(|e| e.transfer_receipt.as_ref());
+        assert_eq!(
+            r.map(|r| r.subprocessor.as_str()),
+            Some(t.subprocessor.as_str())
+        );
+    }
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            pair.recipient_dir()
+                .join(&id)
+                .join("paper-archive")
+                .join("returned-by-hand.json"),
+        )
+        .expect("the paper archive's record at the recipient"),
+    )
+    .expect("json record");
+    assert_eq!(record["returned_by_hand"], true, "{record}");
+    let task = waiting
+        .tasks
+        .iter()
+        .find(|t| t.subprocessor == "accounting")
+        .expect("accounting task");
+    let receipt = task
+        .evidence
+        .as_ref()
+        .and_then(|e| e.transfer_receipt.clone())
+        .expect("the recipient's receipt");
+    assert_eq!(receipt.recipient, RECIPIENT);
+    assert_eq!(receipt.request_id, id);
+    // The files are at the recipient, and its own record of the part is the receipt's.
+    let folder = pair.recipient_dir().join(&id).join("accounting");
+    let customers_json = std::fs::read_to_string(folder.join("customers.json"))
+        .unwrap_or_else(|e| panic!("customers.json at the recipient: {e}"));
+    for name in ["C-1001", "C-1002", "C-1006"] {
+        assert!(customers_json.contains(name), "{name} in {customers_json}");
+    }
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(folder.join(".receipt.json")).expect("receipt"))
+            .expect("json");
+    assert_eq!(written["manifest_sha256"], receipt.manifest_sha256.as_str());
+    let stored: u64 = std::fs::read_dir(&folder)
+        .expect("folder")
+        .filter_map(Result::ok)
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| e.metadata().expect("metadata").len())
+        .sum();
+    assert_eq!(stored, receipt.bytes);
+    // Returned, not deleted.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(dump(&pair.accounting_url).await, before);
+    let shown = dsrctl(&pair, "operator", &["contracts", "show", &id]).await;
+    assert!(
+        shown.ok().contains(&receipt.manifest_sha256),
+        "{}",
+        shown.stdout
+    );
+
+    // A package digest is no proof here.
+    let digest = hex::encode(Sha256::digest(b"{}"));
+    refused(
+        ops.confirm_return(ConfirmReturnRequest {
+            contract_id: id.clone(),
+            manifest_sha256: digest,
+        })
+        .await,
+        "receipts",
+    );
+    dsrctl(&pair, "operator", &["contracts", "confirm", &id])
+        .await
+        .ok();
+    until(
+        &pair,
+        &id,
+        60,
+        "the paper archive's deletion waits for its operator",
+        |c| {
+            waits_for_an_operator(c)
+                && c.tasks.iter().any(|t| {
+                    t.subprocessor == "paper-archive"
+                        && t.progress.as_ref().map(|p| p.phase)
+                            == Some(ContractPhase::Deleting as i32)
+                })
+        },
+    )
+    .await;
+    complete_by_hand(&pair, &id, "shredded the copies").await;
+    let done = until(&pair, &id, 60, "deleted after confirmation", |c| {
+        matches!(
+            state(c),
+            RequestState::Completed | RequestState::PartiallyCompleted
+        )
+    })
+    .await;
+    assert!(done.contract_end.expect("terms").return_confirmed);
+    assert!(customers(&pair.accounting_url).await < 6);
+    pair.stop().await;
 }

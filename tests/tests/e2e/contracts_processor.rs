@@ -262,6 +262,7 @@ impl Setup {
             .update_contract_end(UpdateContractEndRequest {
                 request_id: id.into(),
                 contract_end: Some(terms),
+                recipient: None,
             })
             .await
             .map(|_| ())
@@ -281,6 +282,7 @@ fn terms(choice: ContractEndChoice, effective_at: i64) -> ContractEnd {
         effective_at: Some(timestamp_from_millis(effective_at)),
         grace_ends_at: Some(timestamp_from_millis(effective_at + 180 * DAY_MS)),
         return_confirmed: false,
+        transfer_recipient: String::new(),
     }
 }
 
@@ -542,7 +544,9 @@ async fn contractproc_return_then_delete_waits_for_the_confirmation() {
 
     let mut confirmed = terms(ContractEndChoice::ReturnThenDelete, now);
     confirmed.return_confirmed = true;
-    s.update("ce-return", confirmed).await.expect("confirm");
+    s.update("ce-return", confirmed.clone())
+        .await
+        .expect("confirm");
     let done = s
         .registry
         .wait("ce-return", "mail-marketing", |a| {
@@ -725,6 +729,7 @@ async fn contractproc_bad_deliveries_are_refused_with_the_field() {
         .update_contract_end(UpdateContractEndRequest {
             request_id: "ce-bad-1".into(),
             contract_end: Some(terms(ContractEndChoice::Delete, now)),
+            recipient: None,
         })
         .await
         .expect_err("not a controller");

@@ -46,6 +46,7 @@ fn end(choice: ContractEndChoice, key: &str) -> EndContractRequest {
         effective_at: None,
         effective_now: true,
         idempotency_key: key.into(),
+        transfer_recipient: String::new(),
     }
 }
 
@@ -215,6 +216,7 @@ async fn contractreg_statuses_and_idempotency() {
         ops.choose_contract_end(ChooseContractEndRequest {
             contract_id: id.clone(),
             choice: ContractEndChoice::None as i32,
+            transfer_recipient: String::new(),
         })
         .await,
         Code::InvalidArgument,
@@ -224,6 +226,7 @@ async fn contractreg_statuses_and_idempotency() {
         .choose_contract_end(ChooseContractEndRequest {
             contract_id: id.clone(),
             choice: ContractEndChoice::Delete as i32,
+            transfer_recipient: String::new(),
         })
         .await
         .expect("choose")
@@ -236,6 +239,7 @@ async fn contractreg_statuses_and_idempotency() {
         ops.choose_contract_end(ChooseContractEndRequest {
             contract_id: id.clone(),
             choice: ContractEndChoice::ReturnThenDelete as i32,
+            transfer_recipient: String::new(),
         })
         .await,
         Code::FailedPrecondition,
@@ -487,7 +491,7 @@ async fn delivery_update_and_progress(backend: Backend) {
         .parameters
         .and_then(|p| p.contract_end)
         .expect("terms delivered");
-    assert_eq!(Some(terms), c.contract_end);
+    assert_eq!(Some(terms.clone()), c.contract_end);
     assert_eq!(
         millis_from_timestamp(&delivered.due_at.expect("due")),
         millis_from_timestamp(terms.grace_ends_at.as_ref().expect("grace")) + 30 * DAY_MS
@@ -563,6 +567,7 @@ async fn delivery_update_and_progress(backend: Backend) {
     ops.choose_contract_end(ChooseContractEndRequest {
         contract_id: id.clone(),
         choice: ContractEndChoice::ReturnThenDelete as i32,
+        transfer_recipient: String::new(),
     })
     .await
     .expect("choose");

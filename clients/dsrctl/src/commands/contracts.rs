@@ -69,16 +69,19 @@ struct TermsView {
     effective_at: Option<Time>,
     grace_ends_at: Option<Time>,
     return_confirmed: bool,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    transfer_recipient: String,
 }
 
 impl From<Option<&ContractEnd>> for TermsView {
     fn from(t: Option<&ContractEnd>) -> Self {
-        let t = t.copied().unwrap_or_default();
+        let t = t.cloned().unwrap_or_default();
         Self {
             choice: choice_name(t.choice),
             effective_at: Time::from_proto(t.effective_at.as_ref()),
             grace_ends_at: Time::from_proto(t.grace_ends_at.as_ref()),
             return_confirmed: t.return_confirmed,
+            transfer_recipient: t.transfer_recipient,
         }
     }
 }
@@ -96,6 +99,18 @@ struct PartView {
     records_total: u64,
     scheduled_at: Option<Time>,
     retain_until: Option<Time>,
+    /// The transfer recipient's receipt for this part, when the data went to one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    receipt: Option<ReceiptView>,
+}
+
+/// A transfer recipient's receipt for one part, as shown.
+#[derive(Debug, Serialize)]
+struct ReceiptView {
+    recipient: String,
+    manifest_sha256: String,
+    bytes: u64,
+    received_at: Option<Time>,
 }
 
 impl From<&TaskStatus> for PartView {
@@ -112,6 +127,16 @@ impl From<&TaskStatus> for PartView {
             records_total: p.records_total,
             scheduled_at: Time::from_proto(p.scheduled_at.as_ref()),
             retain_until: Time::from_proto(t.retain_until.as_ref()),
+            receipt: t
+                .evidence
+                .as_ref()
+                .and_then(|e| e.transfer_receipt.as_ref())
+                .map(|r| ReceiptView {
+                    recipient: r.recipient.clone(),
+                    manifest_sha256: r.manifest_sha256.clone(),
+                    bytes: r.bytes,
+                    received_at: Time::from_proto(r.received_at.as_ref()),
+                }),
         }
     }
 }
@@ -179,6 +204,9 @@ impl Render for ContractView {
         t.row(["choice", &self.terms.choice]);
         t.row(["effective", &cell(self.terms.effective_at)]);
         t.row(["grace ends", &cell(self.terms.grace_ends_at)]);
+        if !self.terms.transfer_recipient.is_empty() {
+            t.row(["returned to", &clean(&self.terms.transfer_recipient)]);
+        }
         t.row(["return confirmed", &self.terms.return_confirmed.to_string()]);
         t.row(["state", &self.state]);
         t.row(["created", &cell(self.created_at)]);
@@ -213,6 +241,29 @@ impl Render for ContractView {
             }
             out.push('\n');
             out.push_str(&parts.render());
+            let receipts: Vec<&PartView> =
+                self.tasks.iter().filter(|p| p.receipt.is_some()).collect();
+            if !receipts.is_empty() {
+                let mut table = Table::new([
+                    "SUBPROCESSOR",
+                    "RECIPIENT",
+                    "MANIFEST SHA-256",
+                    "BYTES",
+                    "RECEIVED",
+                ]);
+                for p in receipts {
+                    let Some(r) = &p.receipt else { continue };
+                    table.row([
+                        clean(&p.subprocessor),
+                        clean(&r.recipient),
+                        clean(&r.manifest_sha256),
+                        r.bytes.to_string(),
+                        cell(r.received_at),
+                    ]);
+                }
+                out.push('\n');
+                out.push_str(&table.render());
+            }
         }
         out
     }
@@ -346,6 +397,7 @@ pub(crate) async fn run(
             effective_at,
             now,
             idempotency_key,
+            transfer_recipient,
         } => {
             let effective = match (effective_at, now) {
                 (_, true) => EffectiveAt::Now,
@@ -365,7 +417,13 @@ pub(crate) async fn run(
                 .clone()
                 .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
             let answer = client
-                .end_contract(processor.as_str(), choice(*c), effective, key.as_str())
+                .end_contract_to(
+                    processor.as_str(),
+                    choice(*c),
+                    transfer_recipient.clone().unwrap_or_default(),
+                    effective,
+                    key.as_str(),
+                )
                 .await
                 .map_err(|s| registry.failed(s))?;
             let mut view = ContractView::from(&answer);
@@ -386,8 +444,18 @@ pub(crate) async fn run(
         }
         ContractsCommand::Show { id, watch: false } => client.get_contract(id.as_str()).await,
         ContractsCommand::Show { id, watch: true } => return watch(registry, id, io).await,
-        ContractsCommand::Choose { id, choice: c } => {
-            client.choose_contract_end(id.as_str(), choice(*c)).await
+        ContractsCommand::Choose {
+            id,
+            choice: c,
+            transfer_recipient,
+        } => {
+            client
+                .choose_contract_end_to(
+                    id.as_str(),
+                    choice(*c),
+                    transfer_recipient.clone().unwrap_or_default(),
+                )
+                .await
         }
         ContractsCommand::Confirm {
             id,
@@ -397,11 +465,9 @@ pub(crate) async fn run(
             let digest = match (manifest_sha256, package) {
                 (Some(hex), _) => hex.clone(),
                 (None, Some(dir)) => manifest_digest(dir)?,
-                (None, None) => {
-                    return Err(Failure::Usage(
-                        "give --manifest-sha256 HEX or --package DIR".into(),
-                    ))
-                }
+                // A return to a transfer recipient: the registry checks the receipts instead
+                // (and says so when the contract end returned a package).
+                (None, None) => String::new(),
             };
             client.confirm_return(id.as_str(), digest).await
         }

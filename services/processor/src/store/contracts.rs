@@ -5,7 +5,8 @@ use anyhow::Result;
 use dsrelay_connectors::BulkProgress;
 use dsrelay_proto::timestamp_from_millis;
 use dsrelay_proto::v1::{
-    Acknowledgement, ContractEnd, ContractEndChoice, ContractPhase, Evidence, TaskState,
+    Acknowledgement, ContractEnd, ContractEndChoice, ContractPhase, DeliverRequest, Evidence,
+    TaskState, TransferRecipient,
 };
 use dsrelay_runtime::trace_context;
 use sqlx::{Any, Transaction};
@@ -33,13 +34,14 @@ pub(crate) fn terms_of(c: &ContractEnd, fallback: Option<&Terms>) -> Option<Term
     })
 }
 
-/// The wire form of stored terms.
-pub(crate) fn to_proto(t: &Terms) -> ContractEnd {
+/// The wire form of stored terms with the recipient they return the data to.
+pub(crate) fn to_proto(t: &Terms, transfer_recipient: &str) -> ContractEnd {
     ContractEnd {
         choice: t.choice as i32,
         effective_at: Some(timestamp_from_millis(t.effective_at)),
         grace_ends_at: Some(timestamp_from_millis(t.grace_ends_at)),
         return_confirmed: t.return_confirmed,
+        transfer_recipient: transfer_recipient.to_string(),
     }
 }
 
@@ -63,6 +65,8 @@ pub struct ContractEndRow {
     pub request_id: String,
     /// The terms as last delivered or updated.
     pub terms: Terms,
+    /// The transfer recipient the data is returned to; empty for the registry.
+    pub transfer_recipient: String,
     /// When it was delivered (ms).
     pub received_at: i64,
     /// Its tasks, one per subprocessor.
@@ -79,6 +83,7 @@ struct TermsRecord {
     grace_ends_at: i64,
     return_confirmed: i64,
     received_at: i64,
+    transfer_recipient: String,
 }
 
 impl TermsRecord {
@@ -95,29 +100,37 @@ impl TermsRecord {
     }
 }
 
-const TERMS_COLUMNS: &str =
-    "controller, request_id, choice, effective_at, grace_ends_at, return_confirmed, received_at";
+const TERMS_COLUMNS: &str = "controller, request_id, choice, effective_at, grace_ends_at, \
+    return_confirmed, received_at, transfer_recipient";
 
-/// Stores the terms of a contract end delivered now (inside Deliver's transaction).
+/// Stores the terms of a contract end delivered now (inside Deliver's transaction), with the
+/// transfer recipient they name.
 pub(super) async fn insert(
     tx: &mut Transaction<'static, Any>,
     controller: &str,
-    request_id: &str,
+    req: &DeliverRequest,
     terms: &Terms,
     now: i64,
 ) -> Result<()> {
+    let recipient = req
+        .parameters
+        .as_ref()
+        .and_then(|p| p.contract_end.as_ref())
+        .map(|c| c.transfer_recipient.as_str())
+        .unwrap_or_default();
     sqlx::query(
         "INSERT INTO contract_ends (controller, request_id, choice, effective_at, \
-         grace_ends_at, return_confirmed, received_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+         grace_ends_at, return_confirmed, received_at, updated_at, transfer_recipient) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8)",
     )
     .bind(controller)
-    .bind(request_id)
+    .bind(&req.request_id)
     .bind(i64::from(terms.choice as i32))
     .bind(terms.effective_at)
     .bind(terms.grace_ends_at)
     .bind(i64::from(terms.return_confirmed))
     .bind(now)
+    .bind(recipient)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -141,13 +154,15 @@ impl Store {
     }
 
     /// Replaces a contract end's terms with `wanted` when the rules allow
-    /// ([`crate::task_machine::amend`]) and reschedules its tasks as the task machine says,
-    /// in one transaction.
+    /// ([`crate::task_machine::amend`]; the transfer recipient changes only with the choice)
+    /// and reschedules its tasks as the task machine says, in one transaction. `recipient`,
+    /// where to reach the recipient the terms name, replaces the stored one when given.
     pub async fn update_contract_end(
         &self,
         controller: &str,
         request_id: &str,
         wanted: &ContractEnd,
+        recipient: Option<&TransferRecipient>,
         now: i64,
     ) -> Result<Updated> {
         let mut tx = self.db.pool.begin().await?;
@@ -159,9 +174,11 @@ impl Store {
         .bind(request_id)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(stored) = stored.map(|r| r.terms()) else {
+        let Some(record) = stored else {
             return Ok(Updated::NotFound);
         };
+        let stored = record.terms();
+        let wanted_name = wanted.transfer_recipient.clone();
         let Some(wanted) = terms_of(wanted, Some(&stored)) else {
             return Ok(Updated::Refused(Refusal::Invalid(
                 "contract_end.choice",
@@ -184,10 +201,37 @@ impl Store {
             Ok(t) => t,
             Err(refusal) => return Ok(Updated::Refused(refusal)),
         };
-        if terms == stored {
-            tx.rollback().await?;
+        let new_recipient = wanted_recipient(&record, &stored, &terms, &wanted_name);
+        let new_recipient = match new_recipient {
+            Ok(r) => r,
+            Err(refusal) => return Ok(Updated::Refused(refusal)),
+        };
+        if let Some(r) = recipient.filter(|r| r.name == new_recipient) {
+            sqlx::query(
+                "UPDATE requests SET recipient_name = $1, recipient_endpoint = $2, \
+                 recipient_identity = $3 WHERE controller = $4 AND request_id = $5",
+            )
+            .bind(&r.name)
+            .bind(&r.endpoint)
+            .bind(&r.identity)
+            .bind(controller)
+            .bind(request_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if terms == stored && new_recipient == record.transfer_recipient {
+            tx.commit().await?;
             return Ok(Updated::Done(rows));
         }
+        sqlx::query(
+            "UPDATE contract_ends SET transfer_recipient = $1 WHERE controller = $2 \
+             AND request_id = $3",
+        )
+        .bind(&new_recipient)
+        .bind(controller)
+        .bind(request_id)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(
             "UPDATE contract_ends SET choice = $1, grace_ends_at = $2, return_confirmed = $3, \
              updated_at = $4 WHERE controller = $5 AND request_id = $6",
@@ -306,6 +350,7 @@ impl Store {
             let tasks = self.tasks(&r.controller, &r.request_id).await?;
             out.push(ContractEndRow {
                 terms: r.terms(),
+                transfer_recipient: r.transfer_recipient.clone(),
                 controller: r.controller,
                 request_id: r.request_id,
                 received_at: r.received_at,
@@ -314,4 +359,30 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// The transfer recipient after an update to `terms`: it changes only with the choice (a
+/// final choice's recipient is final too), and only RETURN_THEN_DELETE names one.
+fn wanted_recipient(
+    record: &TermsRecord,
+    stored: &Terms,
+    terms: &Terms,
+    wanted: &str,
+) -> Result<String, Refusal> {
+    if wanted == record.transfer_recipient {
+        return Ok(wanted.to_string());
+    }
+    if !wanted.is_empty() && terms.choice != ContractEndChoice::ReturnThenDelete {
+        return Err(Refusal::Invalid(
+            "contract_end.transfer_recipient",
+            "only a RETURN_THEN_DELETE contract end returns data to a recipient".into(),
+        ));
+    }
+    if stored.choice != ContractEndChoice::None {
+        return Err(Refusal::TooLate(format!(
+            "the controller already chose {} and where the data goes",
+            stored.choice.as_str_name()
+        )));
+    }
+    Ok(wanted.to_string())
 }

@@ -100,7 +100,7 @@ impl Store {
             })
             .flatten();
         if let Some(t) = &terms {
-            super::contracts::insert(&mut tx, controller, &req.request_id, t, now).await?;
+            super::contracts::insert(&mut tx, controller, req, t, now).await?;
         }
         let (phase, starts_at) = match &terms {
             Some(t) => (ContractPhase::Scheduled, Some(t.starts_at())),

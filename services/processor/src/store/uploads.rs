@@ -1,8 +1,8 @@
-//! The delivery outbox (the `uploads` table): a RETURN_OF_DATA or TRANSFER task whose export
-//! is written queues one delivery, in the transaction that records the export; the upload
-//! worker claims it, sends the files to the registry or the recipient and, in one
-//! transaction, retires it and moves the task on (or records the failed attempt and when the
-//! next one comes).
+//! The delivery outbox (the `uploads` table): a RETURN_OF_DATA, TRANSFER or CONTRACT_END
+//! task whose export is written queues one delivery, in the transaction that records the
+//! export; the upload worker claims it, sends the files to the registry or the recipient
+//! and, in one transaction, retires it and moves the task on (or records the failed attempt
+//! and when the next one comes).
 
 use anyhow::Result;
 use dsrelay_connectors::ExportedFile;
@@ -26,8 +26,23 @@ pub struct UploadJob {
     pub kind: RequestKind,
     /// The request's due date (ms): failed deliveries are retried until then.
     pub due_at: i64,
-    /// Where a TRANSFER goes, as the registry named it on delivery.
+    /// Where a TRANSFER, or a contract end returned to a recipient, goes, as the registry
+    /// named it on delivery (or on a contract end's last update).
     pub recipient: Option<TransferRecipient>,
+    /// A CONTRACT_END whose terms return the data to a transfer recipient: its name (empty
+    /// for a return to the registry and on every other kind).
+    pub contract_recipient: String,
+}
+
+impl UploadJob {
+    /// Whether the export goes to a transfer recipient rather than to the registry, and the
+    /// name the request gives it.
+    pub fn recipient_name(&self) -> Option<&str> {
+        if self.kind == RequestKind::Transfer {
+            return Some(self.recipient.as_ref().map_or("", |r| r.name.as_str()));
+        }
+        (!self.contract_recipient.is_empty()).then_some(self.contract_recipient.as_str())
+    }
 }
 
 /// When a failed upload is tried again, and why it failed (kept for operators).
@@ -51,6 +66,7 @@ struct UploadRecord {
     recipient_name: Option<String>,
     recipient_endpoint: Option<String>,
     recipient_identity: Option<String>,
+    contract_recipient: Option<String>,
 }
 
 /// Queues the upload of `key`'s export inside the transaction that records it.
@@ -83,10 +99,13 @@ impl Store {
         let mut tx = self.db.pool.begin().await?;
         let rows: Vec<UploadRecord> = sqlx::query_as(&format!(
             "SELECT u.controller, u.request_id, u.subprocessor, u.attempts, t.export_files, \
-             r.kind, r.due_at, r.recipient_name, r.recipient_endpoint, r.recipient_identity \
+             r.kind, r.due_at, r.recipient_name, r.recipient_endpoint, r.recipient_identity, \
+             c.transfer_recipient AS contract_recipient \
              FROM uploads u JOIN tasks t ON t.controller = u.controller \
              AND t.request_id = u.request_id AND t.subprocessor = u.subprocessor \
              JOIN requests r ON r.controller = u.controller AND r.request_id = u.request_id \
+             LEFT JOIN contract_ends c ON c.controller = u.controller \
+             AND c.request_id = u.request_id \
              WHERE u.done_at IS NULL AND u.next_attempt_at <= $1 AND u.lease_until <= $1 \
              ORDER BY u.next_attempt_at LIMIT $2{}",
             self.db.backend.skip_locked_of("u")
@@ -133,6 +152,7 @@ impl Store {
                     .unwrap_or(RequestKind::Unspecified),
                 due_at: r.due_at,
                 recipient,
+                contract_recipient: r.contract_recipient.unwrap_or_default(),
             });
         }
         tx.commit().await?;

@@ -50,10 +50,46 @@ fn when(ms: i64) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
-/// Every rule an EndContract body breaks, given the configured processors and the time now.
+/// What is wrong with returning the data to `recipient` under `choice` (an integer from the
+/// wire), given the configured recipients: only RETURN_THEN_DELETE returns data, and only to a
+/// configured recipient.
+pub(crate) fn recipient_violation(
+    choice: i32,
+    recipient: &str,
+    recipients: &BTreeSet<&str>,
+) -> Option<FieldViolation> {
+    if recipient.is_empty() {
+        return None;
+    }
+    if choice != ContractEndChoice::ReturnThenDelete as i32 {
+        return Some(FieldViolation::new(
+            "transfer_recipient",
+            "is allowed only with RETURN_THEN_DELETE: no other choice returns data",
+        ));
+    }
+    if !recipients.contains(recipient) {
+        let known: Vec<&str> = recipients.iter().copied().collect();
+        return Some(FieldViolation::new(
+            "transfer_recipient",
+            format!(
+                "{recipient:?} is not a configured recipient; known: {}",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        ));
+    }
+    None
+}
+
+/// Every rule an EndContract body breaks, given the configured processors and recipients and
+/// the time now.
 pub(crate) fn end_contract_violations(
     r: &EndContractRequest,
     processors: &BTreeSet<&str>,
+    recipients: &BTreeSet<&str>,
     now: i64,
 ) -> Vec<FieldViolation> {
     let mut out = Vec::new();
@@ -100,6 +136,11 @@ pub(crate) fn end_contract_violations(
         )),
         _ => {}
     }
+    out.extend(recipient_violation(
+        r.choice,
+        &r.transfer_recipient,
+        recipients,
+    ));
     let key = &r.idempotency_key;
     if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
         out.push(FieldViolation::new(
@@ -175,6 +216,46 @@ impl Api {
         Ok(())
     }
 
+    /// Confirms a return to a transfer recipient once every task carries the recipient's
+    /// receipt: the receipts, not a package, prove the data arrived.
+    async fn confirm_transfer(
+        &self,
+        caller: &Caller,
+        row: &ContractRow,
+    ) -> Result<Contract, ApiError> {
+        let id = &row.request_id;
+        let (_, tasks) = self
+            .shared
+            .store
+            .contract_with_tasks(id)
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        let without: Vec<&str> = tasks
+            .iter()
+            .filter(|t| {
+                t.evidence
+                    .as_ref()
+                    .and_then(|e| e.transfer_receipt.as_ref())
+                    .is_none()
+            })
+            .map(|t| t.subprocessor.as_str())
+            .collect();
+        if tasks.is_empty() || !without.is_empty() {
+            let waiting = if tasks.is_empty() {
+                "no subprocessor has reported yet".to_string()
+            } else {
+                format!("no receipt yet for {}", without.join(", "))
+            };
+            return Err(ApiError::failed_precondition(format!(
+                "the return of contract end {id} to {} is not complete: {waiting}; confirm \
+                 once every subprocessor's export was received",
+                row.transfer_recipient
+            )));
+        }
+        self.change(caller, row, ContractChange::ConfirmReturn(String::new()))
+            .await
+    }
+
     /// Applies `change` and answers with the contract end; a change that lost a race with
     /// another is refused as such.
     async fn change(
@@ -220,7 +301,12 @@ impl ContractService for Api {
         let now = self.shared.clock.now_ms();
         let processors: BTreeSet<&str> =
             config.processors.iter().map(|p| p.name.as_str()).collect();
-        ApiError::ensure_valid(end_contract_violations(&body, &processors, now))?;
+        ApiError::ensure_valid(end_contract_violations(
+            &body,
+            &processors,
+            &config.known_recipients(),
+            now,
+        ))?;
         let choice = ContractEndChoice::try_from(body.choice).unwrap_or_default();
         let effective_at = body
             .effective_at
@@ -232,6 +318,7 @@ impl ContractService for Api {
             effective_at: Some(timestamp_from_millis(effective_at)),
             grace_ends_at: Some(timestamp_from_millis(grace)),
             return_confirmed: false,
+            transfer_recipient: body.transfer_recipient.clone(),
         };
         // The body says what was asked, for Get; the dispatcher sends the terms from the
         // `contracts` table, which later changes update.
@@ -263,6 +350,7 @@ impl ContractService for Api {
             choice: choice as i32,
             effective_at,
             grace_ends_at: grace,
+            transfer_recipient: body.transfer_recipient.clone(),
         };
         let inserted = self
             .shared
@@ -356,6 +444,11 @@ impl ContractService for Api {
                 .into())
             }
         };
+        ApiError::ensure_valid(recipient_violation(
+            r.choice,
+            &r.transfer_recipient,
+            &self.shared.config.known_recipients(),
+        ))?;
         let row = self.contract_row(&r.contract_id).await?;
         Self::ensure_open(&row)?;
         if row.choice() != ContractEndChoice::None {
@@ -376,8 +469,12 @@ impl ContractService for Api {
             .into());
         }
         Ok(Response::new(
-            self.change(&caller, &row, ContractChange::Choose(choice))
-                .await?,
+            self.change(
+                &caller,
+                &row,
+                ContractChange::Choose(choice, r.transfer_recipient.clone()),
+            )
+            .await?,
         ))
     }
 
@@ -388,15 +485,27 @@ impl ContractService for Api {
         let caller = self.contract_caller(&req)?;
         let r = req.into_inner();
         let digest = r.manifest_sha256.to_ascii_lowercase();
-        if !dsrelay_runtime::export_files::is_sha256(&digest) {
+        let row = self.contract_row(&r.contract_id).await?;
+        let id = row.request_id.clone();
+        let transfer = !row.transfer_recipient.is_empty();
+        if transfer && !digest.is_empty() {
+            return Err(ApiError::invalid([FieldViolation::new(
+                "manifest_sha256",
+                format!(
+                    "must be empty: contract end {id} returns the data to {}, whose receipts \
+                     are the proof; there is no package",
+                    row.transfer_recipient
+                ),
+            )])
+            .into());
+        }
+        if !transfer && !dsrelay_runtime::export_files::is_sha256(&digest) {
             return Err(ApiError::invalid([FieldViolation::new(
                 "manifest_sha256",
                 "must be 64 hex digits: the SHA-256 of the package's manifest.json",
             )])
             .into());
         }
-        let row = self.contract_row(&r.contract_id).await?;
-        let id = row.request_id.clone();
         if row.choice() != ContractEndChoice::ReturnThenDelete {
             return Err(ApiError::failed_precondition(format!(
                 "contract end {id} is {}; only RETURN_THEN_DELETE returns a package to confirm",
@@ -416,6 +525,9 @@ impl ContractService for Api {
             .into());
         }
         Self::ensure_open(&row)?;
+        if transfer {
+            return Ok(Response::new(self.confirm_transfer(&caller, &row).await?));
+        }
         let request = self
             .shared
             .store
@@ -468,12 +580,17 @@ mod tests {
             effective_at: Some(timestamp_from_millis(NOW + 1000)),
             effective_now: false,
             idempotency_key: "k".into(),
+            transfer_recipient: String::new(),
         }
+    }
+
+    fn recipients() -> BTreeSet<&'static str> {
+        ["new-bookkeeper", "successor"].into()
     }
 
     fn fields(r: &EndContractRequest) -> Vec<String> {
         let known: BTreeSet<&str> = ["payroll", "web"].into();
-        end_contract_violations(r, &known, NOW)
+        end_contract_violations(r, &known, &recipients(), NOW)
             .into_iter()
             .map(|v| v.field)
             .collect()
@@ -485,7 +602,7 @@ mod tests {
         let mut r = good();
         r.processor = "nobody".into();
         let known: BTreeSet<&str> = ["payroll", "web"].into();
-        let v = end_contract_violations(&r, &known, NOW);
+        let v = end_contract_violations(&r, &known, &recipients(), NOW);
         assert_eq!(v[0].field, "processor");
         assert!(v[0].rule.contains("payroll, web"), "{}", v[0].rule);
 
@@ -500,7 +617,7 @@ mod tests {
 
         let mut r = good();
         r.effective_at = Some(timestamp_from_millis(NOW - 1));
-        let v = end_contract_violations(&r, &known, NOW);
+        let v = end_contract_violations(&r, &known, &recipients(), NOW);
         assert_eq!(v.len(), 1);
         assert!(v[0].rule.contains("effective_now"), "{}", v[0].rule);
 
@@ -517,5 +634,41 @@ mod tests {
         assert_eq!(fields(&r), ["idempotency_key"]);
         r.idempotency_key = "k".repeat(MAX_IDEMPOTENCY_KEY + 1);
         assert_eq!(fields(&r), ["idempotency_key"]);
+    }
+
+    #[test]
+    fn a_transfer_recipient_must_be_configured_and_return_the_data() {
+        let mut r = good();
+        r.choice = ContractEndChoice::ReturnThenDelete as i32;
+        r.transfer_recipient = "successor".into();
+        assert!(fields(&r).is_empty());
+
+        r.transfer_recipient = "stranger".into();
+        let known: BTreeSet<&str> = ["payroll", "web"].into();
+        let v = end_contract_violations(&r, &known, &recipients(), NOW);
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].field, "transfer_recipient");
+        assert!(
+            v[0].rule.contains("new-bookkeeper, successor"),
+            "{}",
+            v[0].rule
+        );
+        let none = recipient_violation(r.choice, "stranger", &BTreeSet::new()).unwrap();
+        assert!(none.rule.contains("known: none"), "{}", none.rule);
+
+        for c in [ContractEndChoice::Delete, ContractEndChoice::None] {
+            let mut r = good();
+            r.choice = c as i32;
+            r.transfer_recipient = "successor".into();
+            let v = end_contract_violations(&r, &known, &recipients(), NOW);
+            assert_eq!(v.len(), 1, "{c:?}");
+            assert!(v[0].rule.contains("RETURN_THEN_DELETE"), "{}", v[0].rule);
+        }
+        // ChooseContractEnd applies the same rule.
+        assert!(
+            recipient_violation(ContractEndChoice::Delete as i32, "successor", &recipients())
+                .is_some()
+        );
+        assert!(recipient_violation(ContractEndChoice::Delete as i32, "", &recipients()).is_none());
     }
 }

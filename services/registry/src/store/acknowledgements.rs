@@ -392,7 +392,8 @@ pub(super) async fn upsert_task(
          records_affected = excluded.records_affected, confirmed = excluded.confirmed, \
          note = excluded.note, reason = excluded.reason, legal_basis = excluded.legal_basis, \
          retain_until = excluded.retain_until, updated_at = excluded.updated_at, \
-         transfer_receipt = excluded.transfer_receipt, progress = excluded.progress \
+         transfer_receipt = COALESCE(excluded.transfer_receipt, tasks.transfer_receipt), \
+         progress = excluded.progress \
          WHERE tasks.sequence < excluded.sequence",
     )
     .bind(request_id)

@@ -16,6 +16,7 @@ use crate::fold::request_is_terminal;
 const CONTRACT_COLUMNS: &str = "c.request_id, c.processor, \
     CAST(c.choice AS BIGINT) AS choice, c.effective_at, c.grace_ends_at, \
     CAST(c.return_confirmed AS BIGINT) AS return_confirmed, c.manifest_sha256, c.version, \
+    c.transfer_recipient, \
     c.updated_at, CAST(r.state AS BIGINT) AS state, r.received_at, \
     r.updated_at AS request_updated_at, r.trace_id";
 
@@ -36,6 +37,8 @@ pub struct ContractRow {
     pub return_confirmed: i64,
     /// The SHA-256 of the manifest.json confirmed.
     pub manifest_sha256: Option<String>,
+    /// The transfer recipient the data is returned to; empty for a package to the registry.
+    pub transfer_recipient: String,
     /// Changes of the terms so far, plus one.
     pub version: i64,
     /// When the terms last changed (ms).
@@ -71,6 +74,7 @@ impl ContractRow {
             effective_at: Some(dsrelay_proto::timestamp_from_millis(self.effective_at)),
             grace_ends_at: Some(dsrelay_proto::timestamp_from_millis(self.grace_ends_at)),
             return_confirmed: self.return_confirmed != 0,
+            transfer_recipient: self.transfer_recipient.clone(),
         }
     }
 }
@@ -78,9 +82,11 @@ impl ContractRow {
 /// A change an operator makes to a contract end's terms.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ContractChange {
-    /// The choice made during the grace period (from NONE only).
-    Choose(ContractEndChoice),
-    /// Receipt of the returned package confirmed, with its manifest's SHA-256 (hex).
+    /// The choice made during the grace period (from NONE only), with the transfer recipient
+    /// the data is returned to (empty for a package to the registry).
+    Choose(ContractEndChoice, String),
+    /// Receipt of the returned data confirmed, with the package manifest's SHA-256 (hex), or
+    /// empty when the data went to a transfer recipient (its receipts are the proof).
     ConfirmReturn(String),
 }
 
@@ -157,15 +163,16 @@ impl Store {
             return Ok(false);
         }
         let (changed, event, message) = match change {
-            ContractChange::Choose(choice) => {
+            ContractChange::Choose(choice, recipient) => {
                 let n = sqlx::query(
-                    "UPDATE contracts SET choice = $1, version = version + 1, updated_at = $2 \
-                     WHERE request_id = $3 AND choice = $4",
+                    "UPDATE contracts SET choice = $1, version = version + 1, updated_at = $2, \
+                     transfer_recipient = $5 WHERE request_id = $3 AND choice = $4",
                 )
                 .bind(*choice as i64)
                 .bind(now)
                 .bind(id)
                 .bind(ContractEndChoice::None as i64)
+                .bind(recipient)
                 .execute(tx.conn())
                 .await?
                 .rows_affected();
@@ -196,7 +203,11 @@ impl Store {
                 (
                     n,
                     EventType::ReturnConfirmed,
-                    format!("return confirmed by {actor}: manifest sha256 {sha256}"),
+                    if sha256.is_empty() {
+                        format!("return confirmed by {actor}: the recipient's receipts")
+                    } else {
+                        format!("return confirmed by {actor}: manifest sha256 {sha256}")
+                    },
                 )
             }
         };

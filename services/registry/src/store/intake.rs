@@ -32,6 +32,8 @@ pub struct NewContract {
     pub effective_at: i64,
     /// When the grace period ends (ms).
     pub grace_ends_at: i64,
+    /// The transfer recipient the data is returned to; empty for a package to the registry.
+    pub transfer_recipient: String,
 }
 
 /// A new request to store.
@@ -203,7 +205,8 @@ async fn insert_one(
         );
         sqlx::query(
             "INSERT INTO contracts (request_id, processor, choice, effective_at, \
-             grace_ends_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6)",
+             grace_ends_at, updated_at, transfer_recipient) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&r.id)
         .bind(&r.processors[0])
@@ -211,6 +214,7 @@ async fn insert_one(
         .bind(c.effective_at)
         .bind(c.grace_ends_at)
         .bind(r.received_at)
+        .bind(&c.transfer_recipient)
         .execute(tx.conn())
         .await?;
     }

@@ -28,6 +28,7 @@ impl Store {
              c.effective_at AS contract_effective_at, \
              c.grace_ends_at AS contract_grace_ends_at, \
              CAST(c.return_confirmed AS BIGINT) AS contract_return_confirmed, \
+             c.transfer_recipient AS contract_transfer_recipient, \
              c.version AS contract_version \
              FROM deliveries d JOIN requests r ON r.id = d.request_id \
              LEFT JOIN contracts c ON c.request_id = d.request_id \
@@ -230,9 +231,14 @@ pub(crate) fn describe_terms(t: &dsrelay_proto::v1::ContractEnd) -> String {
     let choice = dsrelay_proto::v1::ContractEndChoice::try_from(t.choice)
         .map(|c| c.as_str_name().trim_start_matches("CONTRACT_END_CHOICE_"))
         .unwrap_or("?");
-    if t.return_confirmed {
-        format!(": {choice}, return confirmed")
+    let to = if t.transfer_recipient.is_empty() {
+        String::new()
     } else {
-        format!(": {choice}")
+        format!(" to {}", t.transfer_recipient)
+    };
+    if t.return_confirmed {
+        format!(": {choice}{to}, return confirmed")
+    } else {
+        format!(": {choice}{to}")
     }
 }

@@ -184,6 +184,8 @@ pub struct ContractTerms {
     pub contract_grace_ends_at: Option<i64>,
     /// 1 once the return was confirmed.
     pub contract_return_confirmed: Option<i64>,
+    /// The transfer recipient the data is returned to; empty for a package.
+    pub contract_transfer_recipient: Option<String>,
     /// The terms' version (see the `contracts` table).
     pub contract_version: Option<i64>,
 }
@@ -200,6 +202,7 @@ impl ContractTerms {
                 self.contract_grace_ends_at?,
             )),
             return_confirmed: self.contract_return_confirmed? != 0,
+            transfer_recipient: self.contract_transfer_recipient.clone().unwrap_or_default(),
         })
     }
 }
@@ -268,7 +271,8 @@ pub(super) struct TaskRow {
     legal_basis: String,
     retain_until: Option<i64>,
     updated_at: i64,
-    /// An encoded TransferReceipt, for a COMPLETED TRANSFER task.
+    /// An encoded TransferReceipt: a COMPLETED TRANSFER task's, or a contract end task's
+    /// returned to a transfer recipient.
     transfer_receipt: Option<Vec<u8>>,
     /// An encoded ContractProgress, for a CONTRACT_END task.
     progress: Option<Vec<u8>>,
