@@ -98,7 +98,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
 pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
     let key = &job.task.key;
     let current = job.task.current();
-    let mut seq = job.task.sequence;
+    let seq = job.task.sequence;
     let request = job.request.as_ref();
     let kind = request.map_or(RequestKind::Unspecified, |r| {
         RequestKind::try_from(r.kind).unwrap_or(RequestKind::Unspecified)
@@ -114,7 +114,7 @@ pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()
         connector: c.kind_name(),
         supports: c.supports(kind),
     });
-    let (start, mut phase) = match decide(
+    let (start, phase) = match decide(
         &current,
         Event::Claimed {
             kind,
@@ -129,28 +129,10 @@ pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()
     let (Some(connector), Some(request)) = (connector, request) else {
         return Ok(());
     };
-    if let Some(start) = start {
-        match record_move(shared, &job, seq, &start).await? {
-            Some(s) => seq = s,
-            None => return Ok(()),
-        }
-    }
-
-    // While a holder is known to be unreachable its tasks wait without calling it.
+    let Some((seq, phase)) = before_call(shared, &job, seq, start, phase).await? else {
+        return Ok(());
+    };
     let cfg = &shared.config.tasks;
-    let now = shared.clock.now_ms();
-    if let Some(until) = shared.unavailable_until.admit(
-        &key.subprocessor,
-        now,
-        cfg.lease_ms as i64,
-        cfg.poll_interval_ms as i64,
-    ) {
-        let event = Event::HolderDown { phase, until };
-        match decide(&current, event, &context(shared, &job, 0)) {
-            Decision::Run { phase: p, .. } => phase = p,
-            other => return record(shared, &job, seq, other).await,
-        }
-    }
 
     let Ok(result) = call(shared, connector.as_ref(), &job, request, kind, &phase, seq).await
     else {
@@ -190,11 +172,47 @@ pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()
     record(shared, &job, seq, decision).await
 }
 
+/// What comes between a task's claim and its holder's call, for single and contract end
+/// tasks alike: records the `start` transition the claim decided on, then, while the holder
+/// is known to be unreachable, lets the task wait instead of calling it. Returns the sequence
+/// and the phase to call with, or `None` when the step ends here (what happened is recorded).
+async fn before_call(
+    shared: &Shared,
+    job: &TaskJob,
+    mut seq: i64,
+    start: Option<crate::task_machine::Transition>,
+    mut phase: Phase,
+) -> anyhow::Result<Option<(i64, Phase)>> {
+    if let Some(start) = start {
+        match record_move(shared, job, seq, &start).await? {
+            Some(s) => seq = s,
+            None => return Ok(None),
+        }
+    }
+    let cfg = &shared.config.tasks;
+    if let Some(until) = shared.unavailable_until.admit(
+        &job.task.key.subprocessor,
+        shared.clock.now_ms(),
+        cfg.lease_ms as i64,
+        cfg.poll_interval_ms as i64,
+    ) {
+        let event = Event::HolderDown { phase, until };
+        match decide(&job.task.current(), event, &context(shared, job, 0)) {
+            Decision::Run { phase: p, .. } => phase = p,
+            other => {
+                record(shared, job, seq, other).await?;
+                return Ok(None);
+            }
+        }
+    }
+    Ok(Some((seq, phase)))
+}
+
 /// One step of a claimed contract end task: claim → bulk step (with progress) → next state.
 async fn run_contract_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
     let key = &job.task.key;
     let current = job.task.current();
-    let mut seq = job.task.sequence;
+    let seq = job.task.sequence;
     let connector = shared
         .connectors
         .get(&key.subprocessor)
@@ -208,33 +226,17 @@ async fn run_contract_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> 
         .contract_terms(&key.controller, &key.request_id)
         .await?;
     let event = Event::ContractClaimed { holder, terms };
-    let (start, op, mut phase) = match decide(&current, event, &context(shared, &job, 0)) {
+    let (start, op, phase) = match decide(&current, event, &context(shared, &job, 0)) {
         Decision::RunBulk { start, op, phase } => (start, op, phase),
         other => return record(shared, &job, seq, other).await,
     };
     let Some(connector) = connector else {
         return Ok(());
     };
-    if let Some(start) = start {
-        match record_move(shared, &job, seq, &start).await? {
-            Some(s) => seq = s,
-            None => return Ok(()),
-        }
-    }
+    let Some((mut seq, phase)) = before_call(shared, &job, seq, start, phase).await? else {
+        return Ok(());
+    };
     let cfg = &shared.config.tasks;
-    let now = shared.clock.now_ms();
-    if let Some(until) = shared.unavailable_until.admit(
-        &key.subprocessor,
-        now,
-        cfg.lease_ms as i64,
-        cfg.poll_interval_ms as i64,
-    ) {
-        let event = Event::HolderDown { phase, until };
-        match decide(&current, event, &context(shared, &job, 0)) {
-            Decision::Run { phase: p, .. } => phase = p,
-            other => return record(shared, &job, seq, other).await,
-        }
-    }
     let Ok((result, progress)) =
         call_bulk(shared, connector.as_ref(), &job, op, &phase, &mut seq).await
     else {

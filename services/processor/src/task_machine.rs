@@ -58,6 +58,7 @@
 //! - an operator completing a manual RETURNING step moves it to AWAITING_CONFIRMATION
 
 use std::fmt;
+use std::ops::ControlFlow;
 
 use dsrelay_connectors::{
     kind_label, BulkOp, BulkProgress, ConnectorError, ErasedCount, ExportedFile, Outcome, Phase,
@@ -733,6 +734,30 @@ pub(crate) fn retry_at(ctx: &Context, error: &ConnectorError) -> i64 {
     ctx.now.saturating_add(ctx.backoff_ms.max(asked))
 }
 
+/// A connector run's outcome, or what its error decides: a transient error is retried while
+/// the phase may be (until the due date), then fails the task; any other error fails it.
+fn outcome_or_retry(
+    task: &Current<'_>,
+    phase: &Phase,
+    result: Result<Outcome, ConnectorError>,
+    ctx: &Context,
+) -> ControlFlow<Decision, Outcome> {
+    match result {
+        Ok(outcome) => ControlFlow::Continue(outcome),
+        Err(e) if e.is_transient() && may_retry(phase, ctx) => {
+            ControlFlow::Break(Decision::Later {
+                at: retry_at(ctx, &e),
+                error: Some(e.to_string()),
+            })
+        }
+        Err(e) if e.is_transient() => ControlFlow::Break(Decision::Move(failed(format!(
+            "gave up at the due date after {} attempt(s): {e}",
+            task.attempts
+        )))),
+        Err(e) => ControlFlow::Break(Decision::Move(failed(e.to_string()))),
+    }
+}
+
 /// A request's due date bounds its retries; retained data past its date is erased however
 /// long the holder takes to come back.
 fn may_retry(phase: &Phase, ctx: &Context) -> bool {
@@ -818,21 +843,9 @@ fn ran(
     } else {
         0
     };
-    let outcome = match result {
-        Ok(outcome) => outcome,
-        Err(e) if e.is_transient() && may_retry(&phase, ctx) => {
-            return Decision::Later {
-                at: retry_at(ctx, &e),
-                error: Some(e.to_string()),
-            }
-        }
-        Err(e) if e.is_transient() => {
-            return Decision::Move(failed(format!(
-                "gave up at the due date after {} attempt(s): {e}",
-                task.attempts
-            )))
-        }
-        Err(e) => return Decision::Move(failed(e.to_string())),
+    let outcome = match outcome_or_retry(task, &phase, result, ctx) {
+        ControlFlow::Continue(outcome) => outcome,
+        ControlFlow::Break(decision) => return decision,
     };
     Decision::Move(match outcome {
         Outcome::Completed {
@@ -1040,21 +1053,9 @@ fn bulk_ran(
         0
     };
     let step = ContractStep::at(phase_of(op), progress);
-    let outcome = match result {
-        Ok(outcome) => outcome,
-        Err(e) if e.is_transient() && may_retry(&phase, ctx) => {
-            return Decision::Later {
-                at: retry_at(ctx, &e),
-                error: Some(e.to_string()),
-            }
-        }
-        Err(e) if e.is_transient() => {
-            return Decision::Move(failed(format!(
-                "gave up at the due date after {} attempt(s): {e}",
-                task.attempts
-            )))
-        }
-        Err(e) => return Decision::Move(failed(e.to_string())),
+    let outcome = match outcome_or_retry(task, &phase, result, ctx) {
+        ControlFlow::Continue(outcome) => outcome,
+        ControlFlow::Break(decision) => return decision,
     };
     let exported = |records_affected: i64, note: String, files: Vec<ExportedFile>| {
         let bytes: u64 = files.iter().map(|f| f.size).sum();
