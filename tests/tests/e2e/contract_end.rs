@@ -325,6 +325,34 @@ async fn complete_by_hand(pair: &TestPair, id: &str, note: &str) {
         .expect("CompleteManualTask");
 }
 
+/// After the return is confirmed: waits for the paper archive's deletion, which is by hand
+/// too, has its operator complete it, and waits for the contract end to finish.
+async fn delete_by_hand_then_finish(pair: &TestPair, id: &str, note: &str) -> Contract {
+    until(
+        pair,
+        id,
+        60,
+        "the paper archive's deletion waits for its operator",
+        |c| {
+            waits_for_an_operator(c)
+                && c.tasks.iter().any(|t| {
+                    t.subprocessor == "paper-archive"
+                        && t.progress.as_ref().map(|p| p.phase)
+                            == Some(ContractPhase::Deleting as i32)
+                })
+        },
+    )
+    .await;
+    complete_by_hand(pair, id, note).await;
+    until(pair, id, 60, "deleted after confirmation", |c| {
+        matches!(
+            state(c),
+            RequestState::Completed | RequestState::PartiallyCompleted
+        )
+    })
+    .await
+}
+
 fn waits_for_an_operator(c: &Contract) -> bool {
     c.tasks.iter().any(|t| {
         t.subprocessor == "paper-archive" && t.state == TaskState::WaitingForOperator as i32
@@ -427,30 +455,8 @@ async fn contract_end_returns_the_data_and_deletes_only_after_confirmation() {
     )
     .await
     .ok();
-    // The archive's deletion is by hand too.
-    until(
-        &pair,
-        &id,
-        60,
-        "the paper archive's deletion waits for its operator",
-        |c| {
-            waits_for_an_operator(c)
-                && c.tasks.iter().any(|t| {
-                    t.subprocessor == "paper-archive"
-                        && t.progress.as_ref().map(|p| p.phase)
-                            == Some(ContractPhase::Deleting as i32)
-                })
-        },
-    )
-    .await;
-    complete_by_hand(&pair, &id, "shredded the copies kept in cabinet B2").await;
-    let done = until(&pair, &id, 60, "deleted after confirmation", |c| {
-        matches!(
-            state(c),
-            RequestState::Completed | RequestState::PartiallyCompleted
-        )
-    })
-    .await;
+    let done =
+        delete_by_hand_then_finish(&pair, &id, "shredded the copies kept in cabinet B2").await;
     assert_eq!(state(&done), RequestState::PartiallyCompleted, "{done:#?}");
     assert!(customers(&pair.accounting_url).await < 6);
     pair.stop().await;
@@ -696,29 +702,7 @@ async fn contract_end_cetransfer_returns_the_data_to_a_recipient() {
     dsrctl(&pair, "operator", &["contracts", "confirm", &id])
         .await
         .ok();
-    until(
-        &pair,
-        &id,
-        60,
-        "the paper archive's deletion waits for its operator",
-        |c| {
-            waits_for_an_operator(c)
-                && c.tasks.iter().any(|t| {
-                    t.subprocessor == "paper-archive"
-                        && t.progress.as_ref().map(|p| p.phase)
-                            == Some(ContractPhase::Deleting as i32)
-                })
-        },
-    )
-    .await;
-    complete_by_hand(&pair, &id, "shredded the copies").await;
-    let done = until(&pair, &id, 60, "deleted after confirmation", |c| {
-        matches!(
-            state(c),
-            RequestState::Completed | RequestState::PartiallyCompleted
-        )
-    })
-    .await;
+    let done = delete_by_hand_then_finish(&pair, &id, "shredded the copies").await;
     assert!(done.contract_end.expect("terms").return_confirmed);
     assert!(customers(&pair.accounting_url).await < 6);
     pair.stop().await;
