@@ -22,10 +22,9 @@ use dsrelay_proto::v1::{
 use dsrelay_runtime::pki::{dev_identity, DevPki};
 use dsrelay_runtime::store::Db;
 
-use crate::export::processor_toml;
+use crate::export::start_pair;
 use crate::load::RssSampler;
-use crate::relay::{q, registry_toml, write_file};
-use crate::service::{channel, free_port, sibling_binary, Service};
+use crate::service::{channel, Service};
 
 /// The longest the contract end may take before the run gives up.
 const TIMEOUT: Duration = Duration::from_secs(60 * 60);
@@ -82,56 +81,11 @@ async fn scenario(
     let bare_secs = bare_delete(&format!("sqlite://{}", bare.display()), subjects).await?;
     let _ = std::fs::remove_file(&bare);
 
-    let registry_port = free_port()?;
-    let processor_port = free_port()?;
-    let processor = "payroll-bureau";
-    let mut registry_text = registry_toml(
-        pki,
-        registry_port,
-        registry_db,
-        &[(processor, processor_port)],
-    );
-    registry_text = format!(
-        "package_dir = {}\n{registry_text}",
-        q(dir.join("packages").to_string_lossy())
-    );
-    let processor_text = processor_toml(
-        pki,
-        processor_port,
-        processor_db,
-        &dir.join("processor-data"),
-        registry_port,
-        &accounting_url,
-    )?;
-    let r: dsrelay_registry::Config = toml::from_str(&registry_text)?;
-    r.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let p: dsrelay_processor::Config = toml::from_str(&processor_text)?;
-    p.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-
-    let config = dir.join("processor.toml");
-    write_file(&config, &processor_text)?;
-    let mut proc_service = Service::spawn(
-        "processor",
-        &sibling_binary("dsrelay-processor")?,
-        &["--config".as_ref(), config.as_os_str()],
-        dir.join("processor.log"),
-        "warn",
-    )?;
-    proc_service
-        .wait_serving(channel(pki, "processor", processor_port, None)?)
-        .await?;
-    let config = dir.join("registry.toml");
-    write_file(&config, &registry_text)?;
-    let mut reg_service = Service::spawn(
-        "registry",
-        &sibling_binary("dsrelay-registry")?,
-        &["--config".as_ref(), config.as_os_str()],
-        dir.join("registry.log"),
-        "warn",
-    )?;
+    let (reg_service, proc_service, registry_port) =
+        start_pair(pki, dir, registry_db, processor_db, &accounting_url).await?;
     let expected = Some(dev_identity("registry", "controller"));
     let operator = channel(pki, "operator", registry_port, expected)?;
-    reg_service.wait_serving(operator.clone()).await?;
+    let processor = "payroll-bureau";
     let pids = [reg_service.pid()?, proc_service.pid()?];
     let mut services = [reg_service, proc_service];
     let result = measure(&mut services, pids, operator, processor).await;

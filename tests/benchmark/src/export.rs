@@ -338,6 +338,35 @@ async fn scenario(
     let rows = fill(&accounting_url, target).await?;
     crate::progress(format!("  {rows} invoices added"));
 
+    let (reg_service, proc_service, registry_port) =
+        start_pair(pki, dir, registry_db, processor_db, &accounting_url).await?;
+    let pids = [reg_service.pid()?, proc_service.pid()?];
+    let mut services = [reg_service, proc_service];
+    let result = measure(
+        pki,
+        &mut services,
+        pids,
+        registry_port,
+        registry_db,
+        processor_db,
+    )
+    .await;
+    for s in services {
+        s.kill().await;
+    }
+    result
+}
+
+/// Starts the release registry and one processor (`payroll-bureau`) in processes of their
+/// own, in `dir`, with the SQL connector on the sample accounting database at
+/// `accounting_url`, and waits until both serve. Returns them and the registry's port.
+pub(crate) async fn start_pair(
+    pki: &DevPki,
+    dir: &Path,
+    registry_db: &str,
+    processor_db: &str,
+    accounting_url: &str,
+) -> Result<(Service, Service, u16)> {
     let registry_port = free_port()?;
     let processor_port = free_port()?;
     let processor = "payroll-bureau";
@@ -358,7 +387,7 @@ async fn scenario(
         processor_db,
         &dir.join("processor-data"),
         registry_port,
-        &accounting_url,
+        accounting_url,
     )?;
     let r: dsrelay_registry::Config = toml::from_str(&registry_text)?;
     r.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -388,23 +417,9 @@ async fn scenario(
     )?;
     let expected = Some(dev_identity("registry", "controller"));
     reg_service
-        .wait_serving(channel(pki, "operator", registry_port, expected.clone())?)
+        .wait_serving(channel(pki, "operator", registry_port, expected)?)
         .await?;
-    let pids = [reg_service.pid()?, proc_service.pid()?];
-    let mut services = [reg_service, proc_service];
-    let result = measure(
-        pki,
-        &mut services,
-        pids,
-        registry_port,
-        registry_db,
-        processor_db,
-    )
-    .await;
-    for s in services {
-        s.kill().await;
-    }
-    result
+    Ok((reg_service, proc_service, registry_port))
 }
 
 async fn measure(
