@@ -197,29 +197,10 @@ async fn contract_end_progress_is_acknowledged_as_it_goes_on_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contract_end_progress_is_acknowledged_as_it_goes_on_postgres() {
-    let Some(server) = std::env::var("DSRELAY_TEST_POSTGRES_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-    else {
-        eprintln!("SKIPPED on PostgreSQL: DSRELAY_TEST_POSTGRES_URL is not set");
-        return;
-    };
-    let name = format!("processor_{:016x}", fastrand::u64(..));
-    let admin = dsrelay_runtime::store::Db::connect(&server)
-        .await
-        .expect("postgres");
-    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-        .execute(&admin.pool)
-        .await
-        .expect("create database");
-    admin.pool.close().await;
-    let (base, _) = server.rsplit_once('/').expect("a database in the url");
-    let query = server
-        .split_once('?')
-        .map(|(_, q)| format!("?{q}"))
-        .unwrap_or_default();
-    let dir = tempfile::tempdir().expect("tempdir");
-    progress_is_acknowledged_as_it_goes(&format!("{base}/{name}{query}"), dir.path()).await;
+    crate::test_postgres::on_postgres(|url, dir| async move {
+        progress_is_acknowledged_as_it_goes(&url, &dir).await
+    })
+    .await;
 }
 
 /// Keeps the invoices under the accounting law on the first erasure, erases them at their

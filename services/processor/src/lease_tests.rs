@@ -304,36 +304,6 @@ where
     test(url, dir.path().to_path_buf()).await;
 }
 
-async fn on_postgres<F, Fut>(test: F)
-where
-    F: FnOnce(String, std::path::PathBuf) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let Some(server) = std::env::var("DSRELAY_TEST_POSTGRES_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-    else {
-        eprintln!("SKIPPED on PostgreSQL: DSRELAY_TEST_POSTGRES_URL is not set");
-        return;
-    };
-    let name = format!("processor_{:016x}", fastrand::u64(..));
-    let admin = dsrelay_runtime::store::Db::connect(&server)
-        .await
-        .expect("postgres");
-    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-        .execute(&admin.pool)
-        .await
-        .expect("create database");
-    admin.pool.close().await;
-    let (base, _) = server.rsplit_once('/').expect("a database in the url");
-    let query = server
-        .split_once('?')
-        .map(|(_, q)| format!("?{q}"))
-        .unwrap_or_default();
-    let dir = tempfile::tempdir().expect("tempdir");
-    test(format!("{base}/{name}{query}"), dir.path().to_path_buf()).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_a_late_outcome_is_not_recorded_on_sqlite() {
     on_sqlite(|u, d| async move { late_outcome_is_not_recorded(&u, &d).await }).await;
@@ -341,7 +311,10 @@ async fn leases_a_late_outcome_is_not_recorded_on_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_a_late_outcome_is_not_recorded_on_postgres() {
-    on_postgres(|u, d| async move { late_outcome_is_not_recorded(&u, &d).await }).await;
+    crate::test_postgres::on_postgres(
+        |u, d| async move { late_outcome_is_not_recorded(&u, &d).await },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -351,7 +324,10 @@ async fn leases_a_lost_renewal_abandons_the_step_on_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_a_lost_renewal_abandons_the_step_on_postgres() {
-    on_postgres(|u, d| async move { lost_renewal_abandons_the_step(&u, &d).await }).await;
+    crate::test_postgres::on_postgres(|u, d| async move {
+        lost_renewal_abandons_the_step(&u, &d).await
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -361,5 +337,8 @@ async fn leases_the_store_matches_the_lease_token_on_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_the_store_matches_the_lease_token_on_postgres() {
-    on_postgres(|u, d| async move { the_store_matches_the_lease_token(&u, &d).await }).await;
+    crate::test_postgres::on_postgres(|u, d| async move {
+        the_store_matches_the_lease_token(&u, &d).await
+    })
+    .await;
 }

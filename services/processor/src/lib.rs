@@ -50,6 +50,8 @@ mod operator_api;
 mod runner;
 pub mod store;
 mod task_machine;
+#[cfg(test)]
+mod test_postgres;
 pub mod text;
 mod uploader;
 
