@@ -121,6 +121,8 @@ impl Db {
                 AnyPoolOptions::new()
                     .max_connections(1)
                     .acquire_timeout(Duration::from_secs(30))
+                    .idle_timeout(None)
+                    .max_lifetime(None)
                     .after_connect(|conn, _| {
                         Box::pin(async move {
                             conn.execute(
@@ -135,10 +137,15 @@ impl Db {
                     .connect_with(options)
                     .await
             }
+            // No idle timeout or lifetime: they start sqlx's pool maintenance task, whose
+            // loop over `num_idle()` was seen to spin without yielding (a CI run hung in
+            // it at a test's runtime shutdown). A server connection needs no recycling here.
             Backend::Postgres => {
                 AnyPoolOptions::new()
                     .max_connections(16)
                     .acquire_timeout(Duration::from_secs(30))
+                    .idle_timeout(None)
+                    .max_lifetime(None)
                     .connect_with(options)
                     .await
             }
