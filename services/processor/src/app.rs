@@ -114,6 +114,13 @@ impl App {
                 .and_then(|c: &Arc<dyn Connector>| c.scoped_controllers())
         });
         anyhow::ensure!(errors.is_empty(), "configuration: {}", errors.join("; "));
+        let own_identity = config
+            .service
+            .tls
+            .own_identity()
+            .context("reading the processor's own certificate identity")?;
+        let errors = config.trust_errors(&own_identity)?;
+        anyhow::ensure!(errors.is_empty(), "configuration: {}", errors.join("; "));
         let db = Db::connect(&config.service.database_url).await?;
         db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS).await?;
         let client_tls = config

@@ -421,6 +421,39 @@ impl Config {
 }
 
 impl Config {
+    /// Every configured caller whose identity is outside the processor's trust domain
+    /// (`service.trust_domain`, else the one of `own_identity`) or does not name its role:
+    /// controllers' registries as `registry`, operators as `operator`.
+    pub fn trust_errors(&self, own_identity: &str) -> anyhow::Result<Vec<String>> {
+        use dsrelay_runtime::trust::{check_callers, effective_trust_domain, ConfiguredCaller};
+        let domain = effective_trust_domain(self.service.trust_domain.as_deref(), own_identity)?;
+        let controller_keys: Vec<String> = (0..self.controllers.len())
+            .map(|i| format!("controllers[{i}].identity"))
+            .collect();
+        let operator_keys: Vec<String> = (0..self.operators.len())
+            .map(|i| format!("operators[{i}]"))
+            .collect();
+        let controllers = self
+            .controllers
+            .iter()
+            .zip(&controller_keys)
+            .map(|(c, key)| ConfiguredCaller {
+                key,
+                identity: &c.identity,
+                role_path: "registry",
+            });
+        let operators = self
+            .operators
+            .iter()
+            .zip(&operator_keys)
+            .map(|(identity, key)| ConfiguredCaller {
+                key,
+                identity,
+                role_path: "operator",
+            });
+        Ok(check_callers(&domain, controllers.chain(operators)))
+    }
+
     /// Whose data each subprocessor's connector can tell apart, checked against the
     /// controllers served; `scoped` answers [`dsrelay_connectors::Connector::scoped_controllers`]
     /// by subprocessor. Serving more than one controller, every connector must scope every
@@ -640,6 +673,32 @@ mod tests {
         assert!(
             err.0.iter().any(|e| e.starts_with("acks.max_rejections")),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn callers_outside_the_trust_domain_or_their_role_are_named() {
+        let (_dir, file) = folder(
+            "operators = [\"spiffe://dsrelay.dev/operator/ops\", \"spiffe://dsrelay.dev/partner/crm\"]\n\
+             [[controllers]]\nname = \"acme\"\nidentity = \"spiffe://dsrelay.dev/registry/acme\"\n\
+             registry_endpoint = \"https://r.example:1\"\n\
+             [[controllers]]\nname = \"other\"\nidentity = \"spiffe://other.example/registry/x\"\n\
+             registry_endpoint = \"https://o.example:1\"\n",
+        );
+        let c = Config::load_from(Some(&file), env(&[])).unwrap();
+        let errors = c
+            .trust_errors("spiffe://dsrelay.dev/processor/payroll-bureau")
+            .unwrap();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(
+            errors[0].starts_with("controllers[1].identity: identity spiffe://other.example/registry/x is in trust domain other.example"),
+            "{errors:?}"
+        );
+        assert!(
+            errors[1].starts_with(
+                "operators[1]: identity spiffe://dsrelay.dev/partner/crm must name its role"
+            ),
+            "{errors:?}"
         );
     }
 }

@@ -87,6 +87,13 @@ impl App {
     pub async fn build(config: Config) -> Result<Self> {
         let db = Db::connect(&config.service.database_url).await?;
         db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS).await?;
+        let own_identity = config
+            .service
+            .tls
+            .own_identity()
+            .context("reading the registry's own certificate identity")?;
+        let errors = config.trust_errors(&own_identity)?;
+        anyhow::ensure!(errors.is_empty(), "configuration: {}", errors.join("; "));
         let client_tls = config
             .service
             .tls

@@ -308,6 +308,44 @@ impl Config {
         dsrelay_runtime::settings::load(file, ENV_PREFIX, env)
     }
 
+    /// Every configured caller whose identity is outside the registry's trust domain
+    /// (`service.trust_domain`, else the one of `own_identity`) or does not name its role:
+    /// partners as `partner`, operators as `operator`, processors as `processor`. Transfer
+    /// recipients are not callers (they may sit at another organisation) and are matched
+    /// exactly only.
+    pub fn trust_errors(&self, own_identity: &str) -> anyhow::Result<Vec<String>> {
+        use dsrelay_runtime::trust::{check_callers, effective_trust_domain, ConfiguredCaller};
+        let domain = effective_trust_domain(self.service.trust_domain.as_deref(), own_identity)?;
+        let identity_keys: Vec<String> = (0..self.identities.len())
+            .map(|i| format!("identities[{i}].identity"))
+            .collect();
+        let processor_keys: Vec<String> = (0..self.processors.len())
+            .map(|i| format!("processors[{i}].identity"))
+            .collect();
+        let people = self
+            .identities
+            .iter()
+            .zip(&identity_keys)
+            .map(|(r, key)| ConfiguredCaller {
+                key,
+                identity: &r.identity,
+                role_path: match r.role {
+                    Role::Partner => "partner",
+                    Role::Operator => "operator",
+                },
+            });
+        let processors =
+            self.processors
+                .iter()
+                .zip(&processor_keys)
+                .map(|(p, key)| ConfiguredCaller {
+                    key,
+                    identity: &p.identity,
+                    role_path: "processor",
+                });
+        Ok(check_callers(&domain, people.chain(processors)))
+    }
+
     /// Every problem with the configuration that shows without looking at the file system,
     /// reported together.
     pub fn validate(&self) -> Result<(), ConfigErrors> {
@@ -665,5 +703,44 @@ mod tests {
         let (_dir, file) = folder("[[recipients]]\nname = \"a\"\n");
         let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
         assert!(err.to_string().contains("endpoint"), "{err}");
+    }
+
+    #[test]
+    fn callers_outside_the_trust_domain_or_their_role_are_named() {
+        let (_dir, file) = folder(
+            "[[identities]]\nidentity = \"spiffe://dsrelay.dev/partner/crm\"\nrole = \"partner\"\n\
+             name = \"crm\"\n\
+             [[identities]]\nidentity = \"spiffe://dsrelay.dev/partner/webform\"\n\
+             role = \"operator\"\nname = \"webform\"\n\
+             [[identities]]\nidentity = \"spiffe://elsewhere.example/operator/ops\"\n\
+             role = \"operator\"\nname = \"ops\"\n\
+             [[processors]]\nname = \"p\"\nendpoint = \"https://p.example:1\"\n\
+             identity = \"spiffe://dsrelay.dev/processor/p\"\ncategories = [\"c\"]\n\
+             [[recipients]]\nname = \"r\"\nendpoint = \"https://r.example:1\"\n\
+             identity = \"spiffe://other.example/recipient\"\n",
+        );
+        let c = Config::load_from(Some(&file), env(&[])).unwrap();
+        let errors = c
+            .trust_errors("spiffe://dsrelay.dev/registry/controller")
+            .unwrap();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(
+            errors[0].starts_with("identities[1].identity: identity spiffe://dsrelay.dev/partner/webform must name its role"),
+            "{errors:?}"
+        );
+        assert!(
+            errors[1].contains("trust domain elsewhere.example, not dsrelay.dev"),
+            "{errors:?}"
+        );
+
+        // A configured trust domain replaces the one of the registry's own certificate.
+        let mut c = c;
+        c.service.trust_domain = Some("elsewhere.example".into());
+        let errors = c
+            .trust_errors("spiffe://dsrelay.dev/registry/controller")
+            .unwrap();
+        // Every caller but the operator from elsewhere.example is now outside it.
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(errors.iter().all(|e| e.contains("not elsewhere.example")));
     }
 }

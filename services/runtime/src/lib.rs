@@ -30,6 +30,7 @@
 //! - [`trace_context`]: W3C trace context in gRPC metadata and stored rows.
 //! - [`transfer_manifest`]: the canonical manifest of a transfer's part, whose SHA-256 both
 //!   the sending processor and the recipient compute for the receipt.
+//! - [`trust`]: the trust domain and role path every configured caller's identity must have.
 //! - [`worker`]: the claim-and-run loop of the outboxes and the task runner.
 
 pub mod audit;
@@ -51,6 +52,7 @@ pub mod telemetry;
 pub mod tls;
 pub mod trace_context;
 pub mod transfer_manifest;
+pub mod trust;
 pub mod worker;
 
 /// Resolves on SIGINT or SIGTERM, for graceful shutdown in `main`.

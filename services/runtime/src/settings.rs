@@ -85,6 +85,10 @@ pub struct ServiceSettings {
     pub database_url: String,
     /// This service's certificate and the CA its peers must chain to.
     pub tls: TlsFiles,
+    /// The trust domain every configured caller's identity must lie in (see
+    /// [`crate::trust`]); the one in this service's own certificate when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trust_domain: Option<String>,
     /// Log one JSON object per line instead of human-readable text.
     pub log_json: bool,
 }
@@ -111,6 +115,7 @@ struct FileSettings {
     admin_token: Option<String>,
     database_url: Option<String>,
     tls: TlsFiles,
+    trust_domain: Option<String>,
     #[serde(default)]
     log_json: bool,
 }
@@ -124,6 +129,7 @@ impl ServiceSettings {
             admin_token: None,
             database_url: database_url.into(),
             tls,
+            trust_domain: None,
             log_json: false,
         }
     }
@@ -143,6 +149,7 @@ impl ServiceSettings {
                 .database_url
                 .unwrap_or_else(|| defaults.database_url.to_string()),
             tls: file.tls,
+            trust_domain: file.trust_domain,
             log_json: file.log_json,
         })
     }

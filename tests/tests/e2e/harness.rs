@@ -398,6 +398,7 @@ mod configs {
                 admin_listen: plan.registry_admin.clone(),
                 database_url: plan.registry_db.clone(),
                 tls: plan.pki.files("registry"),
+                trust_domain: None,
                 log_json: plan.opts.log_json,
             },
             identities: vec![
@@ -541,6 +542,7 @@ mod configs {
                 admin_listen: plan.processor_admin.clone(),
                 database_url: plan.processor_db.clone(),
                 tls: plan.pki.files("processor"),
+                trust_domain: None,
                 log_json: plan.opts.log_json,
             },
             controllers: [(super::CONTROLLER, "controller")]
@@ -607,6 +609,7 @@ mod configs {
                 admin_listen: None,
                 database_url: plan.adapter_db.clone(),
                 tls: plan.pki.files("adapter"),
+                trust_domain: None,
                 log_json: plan.opts.log_json,
             },
             allowed_identities: vec![dev_identity("processor", PROCESSOR)],
@@ -626,6 +629,7 @@ mod configs {
                 admin_listen: None,
                 database_url: String::new(),
                 tls: plan.pki.files("recipient"),
+                trust_domain: None,
                 log_json: plan.opts.log_json,
             },
             name: RECIPIENT.into(),

@@ -33,4 +33,5 @@ mod retention;
 mod store_conformance;
 mod tracing;
 mod transfer;
+mod trust_domain;
 mod validation;
