@@ -1,7 +1,9 @@
 //! Lost leases, through the processor's real store (SQLite, and PostgreSQL when
 //! `DSRELAY_TEST_POSTGRES_URL` names a server) and runner: two claims of one task, the
 //! first's lease run out while its connector is held at a barrier. The first's outcome is
-//! never recorded over the second's, whichever way the first learns of the loss.
+//! never recorded over the second's, whichever way the first learns of the loss. Leases are
+//! on the database's clock, so they run out by waiting, never by moving the processor's
+//! clock: the first claim takes a short lease and the test waits it out.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -105,6 +107,20 @@ async fn setup(database_url: &str, dir: &std::path::Path, lease_ms: u64) -> Setu
         .accept("acme", &req, &["crm".to_string()], None, now)
         .await
         .expect("accept");
+    // IN_PROGRESS and released, as after a retry: a claim then runs it under the claim's
+    // own lease, which the tests choose (a PENDING task's start would hold it for
+    // `tasks.lease_ms`).
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    let started = Transition {
+        state: TaskState::InProgress,
+        ..Default::default()
+    };
+    shared
+        .store
+        .transition(&task.key, task.sequence, &started, now, 0)
+        .await
+        .expect("start")
+        .expect("started");
     Setup {
         app,
         entered,
@@ -112,8 +128,8 @@ async fn setup(database_url: &str, dir: &std::path::Path, lease_ms: u64) -> Setu
     }
 }
 
-async fn claim_one(shared: &Arc<Shared>) -> TaskJob {
-    let lease_ms = shared.config.tasks.lease_ms as i64;
+/// Claims the task for `lease_ms` (the runner renews it on `tasks.lease_ms`).
+async fn claim_one(shared: &Arc<Shared>, lease_ms: i64) -> TaskJob {
     let mut jobs = shared
         .store
         .claim_tasks(shared.clock.now_ms(), 10, lease_ms)
@@ -159,21 +175,20 @@ fn completed(acks: &[Acknowledgement]) -> Vec<&Acknowledgement> {
 }
 
 /// The first runner's connector returns after its lease ran out and a second claim took the
-/// task (its renewals are a lease third apart, far off): the transition matches the lease
-/// token and records nothing; the second runner's outcome is the one acknowledged.
+/// task (its renewals are a third of a minute apart, far off): the transition matches the
+/// lease token and records nothing; the second runner's outcome is the one acknowledged.
 async fn late_outcome_is_not_recorded(database_url: &str, dir: &std::path::Path) {
-    let lease_ms = 60_000;
     let Setup {
         app,
         mut entered,
         barrier,
-    } = setup(database_url, dir, lease_ms).await;
+    } = setup(database_url, dir, 60_000).await;
     let shared = app.shared();
-    let first = start(&shared, claim_one(&shared).await);
+    let first = start(&shared, claim_one(&shared, 200).await);
     let release_first = next_call(&mut entered).await;
 
-    shared.clock.advance(lease_ms as i64 + 1);
-    let second = start(&shared, claim_one(&shared).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = start(&shared, claim_one(&shared, 60_000).await);
     let release_second = next_call(&mut entered).await;
 
     release_first.send(()).expect("first call waits");
@@ -193,22 +208,22 @@ async fn late_outcome_is_not_recorded(database_url: &str, dir: &std::path::Path)
     assert_eq!(barrier.calls.load(Ordering::SeqCst), 2);
 }
 
-/// The first runner renews every third of a short lease; once another claim took the task
-/// its renewal matches nothing, so it abandons the step without waiting for its connector,
-/// which never returns.
+/// The first runner renews every third of `tasks.lease_ms` (300 ms), but its claim's lease
+/// (50 ms) ran out before the first renewal and another claim took the task: the renewal
+/// matches nothing, so it abandons the step without waiting for its connector, which never
+/// returns.
 async fn lost_renewal_abandons_the_step(database_url: &str, dir: &std::path::Path) {
-    let lease_ms = 300;
     let Setup {
         app,
         mut entered,
         barrier,
-    } = setup(database_url, dir, lease_ms).await;
+    } = setup(database_url, dir, 900).await;
     let shared = app.shared();
-    let first = start(&shared, claim_one(&shared).await);
+    let first = start(&shared, claim_one(&shared, 50).await);
     let _held_forever = next_call(&mut entered).await;
 
-    shared.clock.advance(lease_ms as i64 + 1);
-    let second = start(&shared, claim_one(&shared).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = start(&shared, claim_one(&shared, 900).await);
     let release_second = next_call(&mut entered).await;
 
     tokio::time::timeout(Duration::from_secs(10), first)
@@ -227,44 +242,49 @@ async fn lost_renewal_abandons_the_step(database_url: &str, dir: &std::path::Pat
     assert_eq!(barrier.calls.load(Ordering::SeqCst), 2);
 }
 
-/// The store's side of a lease: only the claim's token, on a lease not yet run out, extends,
-/// moves or postpones the task.
+/// The store's side of a lease: only the claim's token, on a lease not yet run out by the
+/// database's clock, extends, moves or postpones the task; the processor's clock moved
+/// far ahead frees no lease.
 async fn the_store_matches_the_lease_token(database_url: &str, dir: &std::path::Path) {
     let Setup { app, .. } = setup(database_url, dir, 1_000).await;
     let shared = app.shared();
     let store = &shared.store;
     let now = shared.clock.now_ms();
-    let first = store.claim_tasks(now, 10, 1_000).await.expect("claim");
+    let first = store.claim_tasks(now, 10, 300).await.expect("claim");
     let first = &first[0];
     let (key, seq, mine) = (&first.task.key, first.task.sequence, &first.lease_owner);
     assert!(!mine.is_empty());
     assert!(!store
-        .extend_lease(key, seq, "someone else", now + 10, now + 2_000)
+        .extend_lease(key, seq, "someone else", 300)
         .await
         .expect("extend"));
     assert!(!store
-        .extend_lease(key, seq, mine, now + 1_000, now + 2_000)
+        .extend_lease(key, seq + 1, mine, 300)
         .await
         .expect("extend"));
     assert!(store
-        .extend_lease(key, seq, mine, now + 10, now + 1_500)
+        .extend_lease(key, seq, mine, 300)
         .await
         .expect("extend"));
-    // Still held: nothing to claim before it runs out.
+    // Still held, however far the processor's clock moves.
+    shared.clock.advance(3_600_000);
     assert!(store
-        .claim_tasks(now + 1_400, 10, 1_000)
+        .claim_tasks(shared.clock.now_ms(), 10, 1_000)
         .await
         .expect("claim")
         .is_empty());
 
-    let second = store
-        .claim_tasks(now + 1_500, 10, 1_000)
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Run out: not revived, though no one took it yet.
+    assert!(!store
+        .extend_lease(key, seq, mine, 300)
         .await
-        .expect("claim");
+        .expect("extend"));
+    let second = store.claim_tasks(now, 10, 60_000).await.expect("claim");
     let theirs = &second[0].lease_owner;
     assert_ne!(theirs, mine);
     assert!(!store
-        .extend_lease(key, seq, mine, now + 1_600, now + 3_000)
+        .extend_lease(key, seq, mine, 300)
         .await
         .expect("extend"));
     let step = Transition {
@@ -274,7 +294,7 @@ async fn the_store_matches_the_lease_token(database_url: &str, dir: &std::path::
     };
     assert_eq!(
         store
-            .transition_leased(key, seq, mine, &step, now + 1_600, 1)
+            .transition_leased(key, seq, mine, &step, now, 1)
             .await
             .expect("transition"),
         None
@@ -284,10 +304,14 @@ async fn the_store_matches_the_lease_token(database_url: &str, dir: &std::path::
         .await
         .expect("postpone"));
     let task = &store.tasks("acme", "r-1").await.expect("tasks")[0];
-    assert_eq!((task.state, task.sequence), (TaskState::Pending, seq));
+    assert_eq!((task.state, task.sequence), (TaskState::InProgress, seq));
+    assert!(store
+        .extend_lease(key, seq, theirs, 300)
+        .await
+        .expect("extend"));
     assert_eq!(
         store
-            .transition_leased(key, seq, theirs, &step, now + 1_600, 2)
+            .transition_leased(key, seq, theirs, &step, now, 2)
             .await
             .expect("transition"),
         Some(seq + 1)

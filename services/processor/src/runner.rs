@@ -6,8 +6,9 @@
 //! without calling it. An export task's connector writes into the task's folder under the
 //! data folder ([`crate::exports`]), emptied before each call.
 //!
-//! Each claim leases its task under a random token ([`TaskJob::lease_owner`]); the lease is
-//! renewed every third of `tasks.lease_ms` while the connector runs. When a renewal matches
+//! Each claim leases its task under a random token ([`TaskJob::lease_owner`]), timed on the
+//! database's clock; the lease is renewed every third of `tasks.lease_ms` while the
+//! connector runs. When a renewal matches
 //! nothing (the lease ran out and another claim took the task, or the task changed) or
 //! renewals keep failing until the lease is over, the step is abandoned: the connector call
 //! is dropped, its outcome never recorded, and the task is left to whoever claims it next.
@@ -477,38 +478,37 @@ struct Lease<'a> {
     shared: &'a Shared,
     job: &'a TaskJob,
     lease_ms: i64,
-    /// Until when (processor clock, ms) the last successful renewal or the claim holds it.
-    held_until: i64,
+    /// Until when the claim or the last successful renewal holds it, as far as this runner
+    /// can tell: the database's clock decides, but the time elapsed since is measured here.
+    held_until: Instant,
 }
 
 impl<'a> Lease<'a> {
     fn new(shared: &'a Shared, job: &'a TaskJob, lease_ms: i64) -> Self {
         // The claim was made at most a moment ago; counting from now errs by that moment.
-        let held_until = shared.clock.now_ms() + lease_ms;
         Self {
             shared,
             job,
             lease_ms,
-            held_until,
+            held_until: Instant::now() + millis(lease_ms),
         }
     }
 
-    /// Extends the lease by `lease_ms` from now. A failed renewal is retried at the next
-    /// one, as long as the lease lasts; the lease is lost when a renewal matches nothing or
-    /// the failures outlast it.
+    /// Extends the lease by `lease_ms` from now (the database's clock). A failed renewal is
+    /// retried at the next one, as long as the lease lasts; the lease is lost when a renewal
+    /// matches nothing or the failures outlast it.
     async fn renew(&mut self, seq: i64) -> Result<(), LeaseLost> {
-        let now = self.shared.clock.now_ms();
-        let until = now + self.lease_ms;
+        let asked = Instant::now();
         let key = &self.job.task.key;
         let owner = &self.job.lease_owner;
         match self
             .shared
             .store
-            .extend_lease(key, seq, owner, now, until)
+            .extend_lease(key, seq, owner, self.lease_ms)
             .await
         {
             Ok(true) => {
-                self.held_until = until;
+                self.held_until = asked + millis(self.lease_ms);
                 Ok(())
             }
             Ok(false) => {
@@ -518,7 +518,7 @@ impl<'a> Lease<'a> {
                 );
                 Err(LeaseLost)
             }
-            Err(e) if now + self.lease_ms / 3 >= self.held_until => {
+            Err(e) if Instant::now() + millis(self.lease_ms / 3) >= self.held_until => {
                 tracing::warn!(
                     error = format!("{e:#}"),
                     "task lease lost: renewals failed until it ran out; \
@@ -532,6 +532,10 @@ impl<'a> Lease<'a> {
             }
         }
     }
+}
+
+fn millis(ms: i64) -> Duration {
+    Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
 
 /// Stores what the state machine decided.

@@ -376,9 +376,10 @@ pub struct Transition {
     /// The files an export wrote into the task's folder (metadata only); `None` keeps what
     /// is recorded (no export in this step).
     pub export_files: Option<Vec<ExportedFile>>,
-    /// Keep the task reserved until then (ms): for a step after which the same runner goes
-    /// on working on the task. `None` releases it.
-    pub hold_until: Option<i64>,
+    /// Keep the task reserved for this long (ms) from the moment the step is recorded, by
+    /// the database's clock like every lease: for a step after which the same runner goes on
+    /// working on the task. `None` releases it.
+    pub hold_ms: Option<i64>,
     /// Queue the delivery of the task's export (a RETURN_OF_DATA or TRANSFER export
     /// written).
     pub upload: bool,
@@ -812,7 +813,7 @@ fn claimed(
         (TaskState::Pending, _) => (
             Some(Transition {
                 state: TaskState::InProgress,
-                hold_until: Some(ctx.now + ctx.lease_ms),
+                hold_ms: Some(ctx.lease_ms),
                 ..Default::default()
             }),
             Phase::Start,
@@ -993,7 +994,7 @@ fn contract_claimed(
             Decision::RunBulk {
                 start: Some(Transition {
                     state: TaskState::InProgress,
-                    hold_until: Some(ctx.now + ctx.lease_ms),
+                    hold_ms: Some(ctx.lease_ms),
                     note: match op {
                         BulkOp::Export => "returning the controller's data".into(),
                         BulkOp::Erase => "deleting the controller's data".into(),
@@ -1015,7 +1016,7 @@ fn contract_claimed(
                     confirmed: true,
                     note: "the controller confirmed receipt of the returned data; deleting it"
                         .into(),
-                    hold_until: Some(ctx.now + ctx.lease_ms),
+                    hold_ms: Some(ctx.lease_ms),
                     contract: Some(ContractStep::at(
                         ContractPhase::Deleting,
                         BulkProgress::default(),
@@ -1341,7 +1342,7 @@ mod tests {
         let d = claimed(&task(Pending), sql());
         let start = Transition {
             state: InProgress,
-            hold_until: Some(NOW + 30_000),
+            hold_ms: Some(30_000),
             ..Default::default()
         };
         assert_eq!(
@@ -2072,7 +2073,7 @@ mod tests {
                 } => {
                     assert_eq!(o, op);
                     assert_eq!(start.state, InProgress);
-                    assert_eq!(start.hold_until, Some(now + 30_000));
+                    assert_eq!(start.hold_ms, Some(30_000));
                     assert_eq!(
                         start.contract,
                         Some(ContractStep::at(phase, BulkProgress::default()))

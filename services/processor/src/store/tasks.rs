@@ -2,7 +2,8 @@
 //! and recording each change of state together with its acknowledgement. A claim leases a
 //! task under a random token; the runner's renewals, transitions and postponements match
 //! it, so once a lease is lost (it ran out and another claim took the task) the old runner
-//! changes nothing.
+//! changes nothing. Leases are set and compared on the database's clock
+//! ([`super::db_now_ms`]); everything else (next attempts, due dates) is on the processor's.
 
 use anyhow::Result;
 use dsrelay_proto::prost::Message;
@@ -210,16 +211,17 @@ impl Store {
     /// Each claim writes a new random lease token ([`TaskJob::lease_owner`]), so a runner
     /// whose lease ran out no longer matches once another claim took the task.
     ///
-    /// `now` is the processor's clock (the one tests move), as for renewals
-    /// ([`Store::extend_lease`]): one clock decides both when a lease ends and whether it is
-    /// still held, and it is the clock tests move. Replicas compare each other's leases on
-    /// their own clocks, so their clocks must agree to well within a lease.
+    /// `now` (the processor's clock, the one tests move) decides which tasks are due; the
+    /// lease is set and compared on the database's clock ([`super::db_now_ms`]), as renewals
+    /// ([`Store::extend_lease`]) are, so replicas agree on when a lease ends whatever their
+    /// own clocks say.
     pub async fn claim_tasks(&self, now: i64, limit: i64, lease_ms: i64) -> Result<Vec<TaskJob>> {
         let lock = self.db.backend.skip_locked_of("t");
+        let db_now = super::db_now_ms(self.db.backend);
         let mut tx = self.db.pool.begin().await?;
         let rows: Vec<JoinedRecord> = sqlx::query_as(&format!(
             "{JOINED_SELECT} WHERE t.state IN ({pending}, {in_progress}, {retained}) \
-             AND t.next_attempt_at <= $1 AND t.lease_until <= $1 \
+             AND t.next_attempt_at <= $1 AND t.lease_until <= {db_now} \
              ORDER BY t.next_attempt_at LIMIT $2{lock}",
             // Literals, not parameters: only then can the planner use the partial index
             // `tasks_runnable` (WHERE state IN (1, 2, 5)) instead of scanning every task.
@@ -238,11 +240,11 @@ impl Store {
             job.task.attempts += 1;
             job.lease_owner = uuid::Uuid::new_v4().to_string();
             let key = &job.task.key;
-            sqlx::query(
-                "UPDATE tasks SET lease_until = $1, attempts = attempts + 1, lease_owner = $5 \
-                 WHERE controller = $2 AND request_id = $3 AND subprocessor = $4",
-            )
-            .bind(now + lease_ms)
+            sqlx::query(&format!(
+                "UPDATE tasks SET lease_until = {db_now} + $1, attempts = attempts + 1, \
+                 lease_owner = $5 WHERE controller = $2 AND request_id = $3 AND subprocessor = $4"
+            ))
+            .bind(lease_ms)
             .bind(&key.controller)
             .bind(&key.request_id)
             .bind(&key.subprocessor)
@@ -333,29 +335,29 @@ impl Store {
         Ok(done > 0)
     }
 
-    /// Keeps a task claimed by `lease_owner` reserved until `until` while its connector runs
-    /// longer than one lease. Answers whether it did: not when the task changed, another
-    /// claim took it, or the lease had already ended at `now` (another replica may claim it
-    /// any moment, so it is not revived). `now` is the processor's clock, as for claims.
+    /// Keeps a task claimed by `lease_owner` reserved for `lease_ms` more from now (the
+    /// database's clock, as for claims) while its connector runs longer than one lease.
+    /// Answers whether it did: not when the task changed, another claim took it, or the lease
+    /// had already ended (another replica may claim it any moment, so it is not revived).
     pub async fn extend_lease(
         &self,
         key: &TaskKey,
         expected_sequence: i64,
         lease_owner: &str,
-        now: i64,
-        until: i64,
+        lease_ms: i64,
     ) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE tasks SET lease_until = $1 WHERE controller = $2 AND request_id = $3 \
-             AND subprocessor = $4 AND sequence = $5 AND lease_owner = $6 AND lease_until > $7",
-        )
-        .bind(until)
+        let db_now = super::db_now_ms(self.db.backend);
+        let done = sqlx::query(&format!(
+            "UPDATE tasks SET lease_until = {db_now} + $1 WHERE controller = $2 \
+             AND request_id = $3 AND subprocessor = $4 AND sequence = $5 AND lease_owner = $6 \
+             AND lease_until > {db_now}"
+        ))
+        .bind(lease_ms)
         .bind(&key.controller)
         .bind(&key.request_id)
         .bind(&key.subprocessor)
         .bind(expected_sequence)
         .bind(lease_owner)
-        .bind(now)
         .execute(&self.db.pool)
         .await?
         .rows_affected();
@@ -474,10 +476,12 @@ async fn step_transition(
     } else {
         ""
     };
+    let db_now = super::db_now_in(tx);
     let sql = format!(
         "UPDATE tasks SET state = $1, sequence = $2, records_affected = $3, confirmed = $4, \
          note = $5, reason = $6, legal_basis = $7, retain_until = $8, updated_at = $9, \
-         attempts = $10, lease_until = $18, next_attempt_at = $15, handle = $16, \
+         attempts = $10, lease_until = CASE WHEN $18 > 0 THEN {db_now} + $18 ELSE 0 END, \
+         next_attempt_at = $15, handle = $16, \
          export_files = COALESCE($17, export_files), \
          transfer_receipt = COALESCE($19, transfer_receipt), \
          contract_phase = COALESCE($20, contract_phase), \
@@ -513,7 +517,7 @@ async fn step_transition(
                 .map(serde_json::to_string)
                 .transpose()?,
         )
-        .bind(t.hold_until.unwrap_or(0))
+        .bind(t.hold_ms.unwrap_or(0))
         .bind(t.transfer_receipt.as_ref().map(Message::encode_to_vec))
         .bind(step.map(|c| i64::from(c.phase as i32)))
         .bind(counts.map(|p| stored_count(p.subjects_done)))
