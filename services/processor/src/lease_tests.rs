@@ -10,15 +10,21 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dsrelay_connectors::{BoxFuture, Connector, ConnectorError, Outcome, Task};
+use dsrelay_connectors::{
+    BoxFuture, BulkJob, BulkProgress, Connector, ConnectorError, Outcome, Task,
+};
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::timestamp_from_millis;
-use dsrelay_proto::v1::{Acknowledgement, DeliverRequest, RequestKind, TaskState};
+use dsrelay_proto::v1::{
+    Acknowledgement, ContractEnd, ContractEndChoice, ContractPhase, DeliverRequest, RequestKind,
+    RequestParameters, TaskState,
+};
 use dsrelay_runtime::pki::DevPki;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::app::Shared;
 use crate::store::{TaskJob, Transition};
+use crate::task_machine::ContractStep;
 use crate::{App, Config};
 
 /// Holds each call until the test releases it: every call reports itself on `entered` with
@@ -63,7 +69,7 @@ fn config(dir: &std::path::Path, database_url: &str, lease_ms: u64) -> Config {
     let text = format!(
         "database_url = {database_url:?}\ndata_dir = {:?}\nidentity_hash_key = \"k\"\n\
          [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
-         [tasks]\nlease_ms = {lease_ms}\n\
+         [tasks]\nlease_ms = {lease_ms}\n[contracts]\nprogress_interval_ms = 10\n\
          [[subprocessors]]\nname = \"crm\"\ncategories = [\"contact\"]\n\
          connector = {{ type = \"noop\" }}\n\
          [[controllers]]\nname = \"acme\"\nidentity = \"spiffe://dsrelay.dev/registry/0\"\n\
@@ -318,6 +324,150 @@ async fn the_store_matches_the_lease_token(database_url: &str, dir: &std::path::
     );
 }
 
+/// A contract end's bulk step held until the test lets it go: each call reports itself on
+/// `entered`; `report` makes it report progress, `finish` makes it complete.
+struct BulkBarrier {
+    entered: mpsc::UnboundedSender<HeldBulk>,
+}
+
+/// One held bulk step, as the test drives it.
+struct HeldBulk {
+    report: oneshot::Sender<()>,
+    finish: oneshot::Sender<()>,
+}
+
+impl Connector for BulkBarrier {
+    fn kind_name(&self) -> &'static str {
+        "bulk barrier"
+    }
+
+    fn supports(&self, _kind: RequestKind) -> bool {
+        true
+    }
+
+    fn run<'a>(&'a self, _task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async { Err(ConnectorError::Permanent("bulk only".into())) })
+    }
+
+    fn run_bulk<'a>(&'a self, job: &'a BulkJob) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async move {
+            let (report, reported) = oneshot::channel();
+            let (finish, finished) = oneshot::channel();
+            self.entered
+                .send(HeldBulk { report, finish })
+                .map_err(|_| ConnectorError::Permanent("test ended".into()))?;
+            if reported.await.is_ok() {
+                job.progress.report(BulkProgress {
+                    subjects_done: 5,
+                    subjects_total: 10,
+                    records_done: 5,
+                    records_total: 10,
+                });
+            }
+            finished
+                .await
+                .map_err(|_| ConnectorError::Permanent("test ended".into()))?;
+            Ok(Outcome::Completed {
+                records_affected: 10,
+                note: "erased".into(),
+                files: Vec::new(),
+                erased: Vec::new(),
+            })
+        })
+    }
+}
+
+/// A bulk step whose lease was taken by another claim reports progress before it learns of
+/// the loss (its renewals are far off): the progress is not recorded, so the sequence stays
+/// where the new holder's step expects it and its erasure is the one acknowledged.
+async fn lost_progress_is_not_recorded(database_url: &str, dir: &std::path::Path) {
+    let (tx, mut entered) = mpsc::unbounded_channel();
+    let connectors = HashMap::from([(
+        "crm".to_string(),
+        Arc::new(BulkBarrier { entered: tx }) as Arc<dyn Connector>,
+    )]);
+    let app = App::with_connectors(config(dir, database_url, 60_000), connectors)
+        .await
+        .expect("app");
+    let shared = app.shared();
+    let now = shared.clock.now_ms();
+    let req = DeliverRequest {
+        request_id: "r-1".into(),
+        kind: RequestKind::ContractEnd as i32,
+        parameters: Some(RequestParameters {
+            contract_end: Some(ContractEnd {
+                choice: ContractEndChoice::Delete as i32,
+                effective_at: Some(timestamp_from_millis(now)),
+                grace_ends_at: Some(timestamp_from_millis(now + 1_000)),
+                return_confirmed: false,
+                transfer_recipient: String::new(),
+            }),
+            ..Default::default()
+        }),
+        due_at: Some(timestamp_from_millis(now + 600_000)),
+        ..Default::default()
+    };
+    shared
+        .store
+        .accept("acme", &req, &["crm".to_string()], None, now)
+        .await
+        .expect("accept");
+    // Deleting and released, so each claim runs it under the lease the test gives it.
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    let deleting = Transition {
+        state: TaskState::InProgress,
+        contract: Some(ContractStep {
+            phase: ContractPhase::Deleting,
+            progress: None,
+            scheduled_at: None,
+        }),
+        ..Default::default()
+    };
+    let seq = shared
+        .store
+        .transition(&task.key, task.sequence, &deleting, now, 0)
+        .await
+        .expect("deleting")
+        .expect("moved");
+
+    let first = start(&shared, claim_one(&shared, 50).await);
+    let held_first = tokio::time::timeout(Duration::from_secs(10), entered.recv())
+        .await
+        .expect("the first bulk step runs")
+        .expect("held");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let second = start(&shared, claim_one(&shared, 60_000).await);
+    let held_second = tokio::time::timeout(Duration::from_secs(10), entered.recv())
+        .await
+        .expect("the second bulk step runs")
+        .expect("held");
+
+    held_first.report.send(()).expect("first step waits");
+    // Many progress ticks (10 ms apart) of the first runner.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(
+        (task.sequence, task.counts.subjects_done),
+        (seq, 0),
+        "{task:?}"
+    );
+
+    drop(held_second.report);
+    held_second.finish.send(()).expect("second step waits");
+    second.await.expect("second runner").expect("second step");
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(task.state, TaskState::Completed, "{task:?}");
+    let acks = acks(&shared).await;
+    assert!(
+        acks.iter()
+            .all(|a| a.progress.as_ref().is_none_or(|p| p.subjects_done == 0)),
+        "{acks:#?}"
+    );
+    assert_eq!(completed(&acks).len(), 1, "{acks:#?}");
+    drop(held_first.finish);
+    first.abort();
+}
+
 async fn on_sqlite<F, Fut>(test: F)
 where
     F: FnOnce(String, std::path::PathBuf) -> Fut,
@@ -364,5 +514,18 @@ async fn leases_the_store_matches_the_lease_token_on_postgres() {
     crate::test_postgres::on_postgres(|u, d| async move {
         the_store_matches_the_lease_token(&u, &d).await
     })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_lost_progress_is_not_recorded_on_sqlite() {
+    on_sqlite(|u, d| async move { lost_progress_is_not_recorded(&u, &d).await }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_lost_progress_is_not_recorded_on_postgres() {
+    crate::test_postgres::on_postgres(
+        |u, d| async move { lost_progress_is_not_recorded(&u, &d).await },
+    )
     .await;
 }

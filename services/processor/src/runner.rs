@@ -347,7 +347,7 @@ async fn call_bulk(
             let now = shared.clock.now_ms();
             match shared
                 .store
-                .record_progress(key, *seq, phase_of(op), latest, now)
+                .record_progress(key, *seq, &job.lease_owner, phase_of(op), latest, now)
                 .await
             {
                 Ok(Some(s)) => {
@@ -356,7 +356,8 @@ async fn call_bulk(
                     reported_at = Instant::now();
                     shared.ack_wakeup.notify_one();
                 }
-                // The task changed meanwhile (cancelled): the step's end will find out.
+                // The task changed meanwhile (cancelled) or another claim took it: the
+                // step's end, or the next renewal, finds out.
                 Ok(None) => {}
                 Err(e) => tracing::warn!(error = format!("{e:#}"), "recording progress failed"),
             }
