@@ -15,6 +15,9 @@
 //! Transitions and postponements match the token too, so a step that ends after its lease
 //! was taken records nothing over the new holder's work.
 //!
+//! A request cancelled while a holder works does not stop the call: its outcome is recorded
+//! as what the holder did, saying the cancellation came too late ([`crate::task_machine`]).
+//!
 //! A CONTRACT_END task runs its connector's bulk step ([`Connector::run_bulk`]) over all of
 //! the controller's data instead; while it runs, the runner reads the connector's progress
 //! every `contracts.progress_interval_ms` and acknowledges it when it moved.
@@ -149,6 +152,16 @@ pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()
             .unreachable(&key.subprocessor, retry_at(&ctx, e)),
         _ => shared.unavailable_until.answered(&key.subprocessor),
     }
+    // A cancellation that came while the holder worked is read now, so the outcome says
+    // it came too late.
+    let marked = match shared.store.task(key).await? {
+        Some(row) => row.cancel_requested_at.is_some(),
+        None => false,
+    };
+    let current = crate::task_machine::Current {
+        cancel_requested: current.cancel_requested || marked,
+        ..current
+    };
     let decision = decide(
         &current,
         Event::Ran {
@@ -562,6 +575,7 @@ async fn record(
         }
         Decision::Run { .. }
         | Decision::RunBulk { .. }
+        | Decision::Mark { .. }
         | Decision::Ignore
         | Decision::Reject(_) => {}
     }
@@ -611,3 +625,7 @@ async fn record_move(
 #[cfg(test)]
 #[path = "lease_tests.rs"]
 mod lease_tests;
+
+#[cfg(test)]
+#[path = "cancel_tests.rs"]
+mod cancel_tests;

@@ -155,9 +155,12 @@ impl Store {
         Ok(rows.into_iter().map(TaskRow::from).collect())
     }
 
-    /// Cancels a request's tasks as the state machine says (the unfinished ones); writes a
-    /// tombstone when the request is unknown, so a delivery that arrives later creates no
-    /// tasks.
+    /// Cancels a request's tasks as the state machine says: those not started, or between
+    /// attempts, become CANCELLED; those whose holder is working (under a runner's lease, or
+    /// with accepted work awaiting confirmation) keep their state and are marked
+    /// (`cancel_requested_at` and a reason saying so), so that what the holder did is what
+    /// they report. Writes a tombstone when the request is unknown, so a delivery that
+    /// arrives later creates no tasks. Answers the tasks as they now stand.
     pub async fn cancel(
         &self,
         controller: &str,
@@ -165,6 +168,7 @@ impl Store {
         reason: &str,
         now: i64,
     ) -> Result<Vec<TaskRow>> {
+        let db_now = super::db_now_ms(self.db.backend);
         let mut tx = self.db.pool.begin().await?;
         sqlx::query(
             "INSERT INTO requests (controller, request_id, kind, body, received_at, due_at, \
@@ -179,6 +183,17 @@ impl Store {
         .bind(reason)
         .execute(&mut *tx)
         .await?;
+        // Locked: a runner's start or outcome committing meanwhile is read, not overwritten
+        // (on SQLite the transaction's first write already holds every other writer off).
+        let leases: Vec<(String, i64)> = sqlx::query_as(&format!(
+            "SELECT subprocessor, CAST(CASE WHEN lease_until > {db_now} THEN 1 ELSE 0 END \
+             AS BIGINT) AS leased FROM tasks WHERE controller = $1 AND request_id = $2{}",
+            self.db.backend.lock_rows()
+        ))
+        .bind(controller)
+        .bind(request_id)
+        .fetch_all(&mut *tx)
+        .await?;
         let rows: Vec<TaskRecord> = sqlx::query_as(&format!(
             "SELECT {TASK_COLUMNS} FROM tasks WHERE controller = $1 AND request_id = $2"
         ))
@@ -187,19 +202,42 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         for task in rows.into_iter().map(TaskRow::from) {
-            let event = Event::Cancel { reason };
-            if let Decision::Move(t) = decide(&task.current(), event, &Context::at(now)) {
-                let issuer = self.issuer.as_deref();
-                certified_transition(
-                    &mut tx,
-                    issuer,
-                    &task.key,
-                    task.sequence,
-                    &t,
-                    now,
-                    task.attempts,
-                )
-                .await?;
+            let leased = leases
+                .iter()
+                .any(|(s, l)| *s == task.key.subprocessor && *l != 0);
+            let event = Event::Cancel { reason, leased };
+            match decide(&task.current(), event, &Context::at(now)) {
+                Decision::Move(t) => {
+                    let issuer = self.issuer.as_deref();
+                    certified_transition(
+                        &mut tx,
+                        issuer,
+                        &task.key,
+                        task.sequence,
+                        &t,
+                        now,
+                        task.attempts,
+                    )
+                    .await?;
+                }
+                // The sequence stays: the runner's renewals and outcome still match it.
+                Decision::Mark { reason } => {
+                    let key = &task.key;
+                    sqlx::query(
+                        "UPDATE tasks SET cancel_requested_at = $1, reason = $2 \
+                         WHERE controller = $3 AND request_id = $4 AND subprocessor = $5 \
+                         AND sequence = $6",
+                    )
+                    .bind(now)
+                    .bind(crate::text::fit(&reason, crate::text::MAX_REASON).as_ref())
+                    .bind(&key.controller)
+                    .bind(&key.request_id)
+                    .bind(&key.subprocessor)
+                    .bind(task.sequence)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                _ => {}
             }
         }
         tx.commit().await?;
@@ -208,6 +246,8 @@ impl Store {
 
     /// Reserves runnable tasks (PENDING; IN_PROGRESS waiting for a retry or a confirmation;
     /// RETAINED whose date has come) for `lease_ms` and counts the attempt each claim starts.
+    /// Of a cancelled request, only tasks whose holder was working when the cancellation came
+    /// are taken (to learn what it did); the others are never started.
     /// Each claim writes a new random lease token ([`TaskJob::lease_owner`]), so a runner
     /// whose lease ran out no longer matches once another claim took the task.
     ///
@@ -222,6 +262,7 @@ impl Store {
         let rows: Vec<JoinedRecord> = sqlx::query_as(&format!(
             "{JOINED_SELECT} WHERE t.state IN ({pending}, {in_progress}, {retained}) \
              AND t.next_attempt_at <= $1 AND t.lease_until <= {db_now} \
+             AND (r.cancelled_at IS NULL OR t.cancel_requested_at IS NOT NULL) \
              ORDER BY t.next_attempt_at LIMIT $2{lock}",
             // Literals, not parameters: only then can the planner use the partial index
             // `tasks_runnable` (WHERE state IN (1, 2, 5)) instead of scanning every task.
