@@ -247,7 +247,8 @@ impl Store {
     /// Reserves runnable tasks (PENDING; IN_PROGRESS waiting for a retry or a confirmation;
     /// RETAINED whose date has come) for `lease_ms` and counts the attempt each claim starts.
     /// Of a cancelled request, only tasks whose holder was working when the cancellation came
-    /// are taken (to learn what it did); the others are never started.
+    /// are taken (to learn what it did), and RETAINED ones at their date (the erasure was
+    /// done but for what the law kept, which goes when it may); the others are never started.
     /// Each claim writes a new random lease token ([`TaskJob::lease_owner`]), so a runner
     /// whose lease ran out no longer matches once another claim took the task.
     ///
@@ -262,7 +263,8 @@ impl Store {
         let rows: Vec<JoinedRecord> = sqlx::query_as(&format!(
             "{JOINED_SELECT} WHERE t.state IN ({pending}, {in_progress}, {retained}) \
              AND t.next_attempt_at <= $1 AND t.lease_until <= {db_now} \
-             AND (r.cancelled_at IS NULL OR t.cancel_requested_at IS NOT NULL) \
+             AND (r.cancelled_at IS NULL OR t.cancel_requested_at IS NOT NULL \
+             OR t.state = {retained}) \
              ORDER BY t.next_attempt_at LIMIT $2{lock}",
             // Literals, not parameters: only then can the planner use the partial index
             // `tasks_runnable` (WHERE state IN (1, 2, 5)) instead of scanning every task.
