@@ -3,7 +3,8 @@
 //! cancelled before its holder is called, a task is CANCELLED and the holder never called;
 //! cancelled while the holder works (held at a barrier), the task reports what the holder
 //! did: the erasure COMPLETED with its evidence and certificate, saying the cancellation came
-//! too late.
+//! too late. Work started before the cancellation is followed to its end even when its
+//! runner went away, and retained data still goes at its date.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,7 +19,7 @@ use dsrelay_runtime::pki::DevPki;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::app::Shared;
-use crate::store::TaskJob;
+use crate::store::{TaskJob, Transition};
 use crate::{App, Config};
 
 /// An erasure held until the test lets it go: each call reports itself on `entered` with
@@ -257,6 +258,88 @@ async fn cancelled_while_the_holder_works(database_url: &str, dir: &std::path::P
     assert!(claim(&shared).await.is_empty());
 }
 
+/// A marked task whose runner went away (its lease ran out, say in a crash) is claimed
+/// again, though its request is cancelled, to learn what the holder did; a RETAINED task of
+/// a cancelled request is still claimed at its date, to erase what the law kept.
+async fn started_work_is_followed_to_its_end(database_url: &str, dir: &std::path::Path) {
+    let Setup {
+        app,
+        mut entered,
+        barrier,
+    } = setup(database_url, dir).await;
+    let shared = app.shared();
+    let now = shared.clock.now_ms();
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    let started = Transition {
+        state: TaskState::InProgress,
+        ..Default::default()
+    };
+    shared
+        .store
+        .transition(&task.key, task.sequence, &started, now, 0)
+        .await
+        .expect("start")
+        .expect("started");
+    // Claimed by a runner that never comes back.
+    let gone = shared.store.claim_tasks(now, 10, 100).await.expect("claim");
+    assert_eq!(gone.len(), 1);
+    let marked = cancel(&shared).await;
+    assert!(marked[0].cancel_requested_at.is_some(), "{marked:?}");
+    assert!(claim(&shared).await.is_empty(), "still leased");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let job = claim(&shared).await.pop().expect("claimed again");
+    let runner = {
+        let shared = shared.clone();
+        tokio::spawn(async move { crate::runner::run_task(&shared, job).await })
+    };
+    let release = tokio::time::timeout(Duration::from_secs(10), entered.recv())
+        .await
+        .expect("the holder is asked again")
+        .expect("a call");
+    release.send(()).expect("the call waits");
+    runner.await.expect("runner").expect("step");
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(task.state, TaskState::Completed, "{task:?}");
+    assert!(task.reason.contains("too late"), "{}", task.reason);
+    assert_eq!(barrier.calls.load(Ordering::SeqCst), 1);
+
+    // Another request, its task RETAINED until now, then cancelled.
+    let req = DeliverRequest {
+        request_id: "r-2".into(),
+        kind: RequestKind::Erasure as i32,
+        due_at: Some(timestamp_from_millis(now + 600_000)),
+        ..Default::default()
+    };
+    shared
+        .store
+        .accept("acme", &req, &["crm".to_string()], None, now)
+        .await
+        .expect("accept");
+    let task = &shared.store.tasks("acme", "r-2").await.expect("tasks")[0];
+    let retained = Transition {
+        state: TaskState::Retained,
+        legal_basis: "Kirjanpitolaki 2:10".into(),
+        retain_until: Some(now),
+        next_attempt_at: Some(now),
+        ..Default::default()
+    };
+    shared
+        .store
+        .transition(&task.key, task.sequence, &retained, now, 1)
+        .await
+        .expect("retain")
+        .expect("retained");
+    let tasks = shared
+        .store
+        .cancel("acme", "r-2", "withdrawn", now)
+        .await
+        .expect("cancel");
+    assert_eq!(tasks[0].state, TaskState::Retained, "{tasks:?}");
+    let jobs = claim(&shared).await;
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].task.key.request_id, "r-2");
+}
+
 async fn on_sqlite<F, Fut>(test: F)
 where
     F: FnOnce(String, std::path::PathBuf) -> Fut,
@@ -289,6 +372,19 @@ async fn cancel_while_the_holder_works_reports_what_it_did_on_sqlite() {
 async fn cancel_while_the_holder_works_reports_what_it_did_on_postgres() {
     crate::test_postgres::on_postgres(|u, d| async move {
         cancelled_while_the_holder_works(&u, &d).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_started_work_is_followed_to_its_end_on_sqlite() {
+    on_sqlite(|u, d| async move { started_work_is_followed_to_its_end(&u, &d).await }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_started_work_is_followed_to_its_end_on_postgres() {
+    crate::test_postgres::on_postgres(|u, d| async move {
+        started_work_is_followed_to_its_end(&u, &d).await
     })
     .await;
 }
