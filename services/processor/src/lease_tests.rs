@@ -3,7 +3,8 @@
 //! first's lease run out while its connector is held at a barrier. The first's outcome is
 //! never recorded over the second's, whichever way the first learns of the loss. Leases are
 //! on the database's clock, so they run out by waiting, never by moving the processor's
-//! clock: the first claim takes a short lease and the test waits it out.
+//! clock: the first claim takes a short lease and the test waits it out. The second call is
+//! told the first was cut off before its answer was recorded (`Task::interrupted`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,6 +33,8 @@ use crate::{App, Config};
 struct Barrier {
     entered: mpsc::UnboundedSender<oneshot::Sender<()>>,
     calls: AtomicUsize,
+    /// Each call's [`Task::interrupted`], in order.
+    interrupted: std::sync::Mutex<Vec<bool>>,
 }
 
 impl Connector for Barrier {
@@ -43,9 +46,13 @@ impl Connector for Barrier {
         true
     }
 
-    fn run<'a>(&'a self, _task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+    fn run<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
         Box::pin(async move {
             let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            self.interrupted
+                .lock()
+                .expect("interrupted")
+                .push(task.interrupted);
             let (release, released) = oneshot::channel();
             self.entered
                 .send(release)
@@ -95,6 +102,7 @@ async fn setup(database_url: &str, dir: &std::path::Path, lease_ms: u64) -> Setu
     let barrier = Arc::new(Barrier {
         entered: tx,
         calls: AtomicUsize::new(0),
+        interrupted: Default::default(),
     });
     let connectors = HashMap::from([("crm".to_string(), barrier.clone() as Arc<dyn Connector>)]);
     let app = App::with_connectors(config(dir, database_url, lease_ms), connectors)
@@ -212,6 +220,13 @@ async fn late_outcome_is_not_recorded(database_url: &str, dir: &std::path::Path)
     assert_eq!(done.len(), 1, "{acks:#?}");
     assert_eq!(done[0].evidence.as_ref().expect("evidence").note, "call 2");
     assert_eq!(barrier.calls.load(Ordering::SeqCst), 2);
+    // The second call knew the first was cut off; the recorded outcome clears the note.
+    assert_eq!(
+        *barrier.interrupted.lock().expect("interrupted"),
+        [false, true]
+    );
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(task.call_started_at, None, "{task:?}");
 }
 
 /// The first runner renews every third of `tasks.lease_ms` (300 ms), but its claim's lease

@@ -451,8 +451,29 @@ async fn call(
         due_at_ms: job.due_at,
         now_ms: shared.clock.now_ms(),
         phase: phase.clone(),
+        interrupted: job.task.call_started_at.is_some(),
         export,
     };
+    // Noted before the call, so that if it is cut off the next claim makes a resumed one.
+    let noted = shared
+        .store
+        .call_started(key, seq, &job.lease_owner, shared.clock.now_ms())
+        .await;
+    match noted {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!("task lease lost before its holder was called; the step is abandoned");
+            return Err(LeaseLost);
+        }
+        Err(e) => {
+            // Not called unnoted: the lease runs out and a later claim takes the step.
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "noting a holder call failed; the step is abandoned"
+            );
+            return Err(LeaseLost);
+        }
+    }
     let lease_ms = shared.config.tasks.lease_ms as i64;
     let renew = async {
         let mut lease = Lease::new(shared, job, lease_ms);
@@ -483,7 +504,8 @@ async fn call(
     Ok(result)
 }
 
-/// The step was abandoned because its task's lease was lost; the loss is logged.
+/// The step was abandoned because its task's lease was lost (or, before the holder was
+/// called, the call could not be noted); the cause is logged.
 #[derive(Debug)]
 pub(crate) struct LeaseLost;
 

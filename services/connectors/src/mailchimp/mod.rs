@@ -35,6 +35,9 @@
 //! the task's next step is a confirmation by reading: `GET` answers 404 → COMPLETED, erased
 //! by this task (its note says the answer was lost); the member still there → the delete is
 //! sent again. The reading is tried at once, so a lost answer usually costs one `GET` more.
+//! The same holds for a task whose earlier call was cut off (`Task::interrupted`: the
+//! processor stopped or lost the lease while Mailchimp worked): a 404 to its delete is
+//! confirmed by reading as this task's erasure.
 //! A lost 404 cannot be told from a lost 204, so a member that was never there reads the
 //! same way then; with every answer received, a member never there stays NOT_FOUND.
 //!
@@ -366,10 +369,14 @@ impl MailchimpConnector {
         })
     }
 
+    /// Deletes every member permanently and confirms they are gone. `interrupted`: an
+    /// earlier call of this task was cut off, so a 404 may be its delete's doing and is
+    /// confirmed by reading like a lost answer, never taken for NOT_FOUND.
     async fn erase(
         &self,
         api: &Api,
         hashes: &[String],
+        interrupted: bool,
         scrub: &Scrubber,
     ) -> Result<Outcome, ConnectorError> {
         let mut sent = Vec::new();
@@ -379,6 +386,13 @@ impl MailchimpConnector {
             // retry (the member then answers 404); the erasure itself is not lost.
             match api.delete_permanent(hash, scrub).await? {
                 Deletion::Deleted => sent.push(Sent::answered(hash)),
+                Deletion::Missing if interrupted => {
+                    sent.push(Sent::unanswered(hash));
+                    lost.push(format!(
+                        "an earlier call of this task was cut off, and deleting {hash} now \
+                         answers 404"
+                    ));
+                }
                 Deletion::Missing => {}
                 Deletion::Unanswered(why) => {
                     sent.push(Sent::unanswered(hash));
@@ -682,7 +696,7 @@ impl MailchimpConnector {
         }
         let hashes = subscriber_hashes(&task.identities)?;
         match task.kind {
-            RequestKind::Erasure => self.erase(api, &hashes, &scrub).await,
+            RequestKind::Erasure => self.erase(api, &hashes, task.interrupted, &scrub).await,
             RequestKind::Objection => {
                 let body = json!({ "status": "unsubscribed" });
                 self.patch(api, &hashes, &body, "unsubscribed", &scrub)

@@ -39,6 +39,7 @@ pub(super) fn task(kind: RequestKind, identities: Vec<SubjectIdentity>) -> Task 
         due_at_ms: 2_000_000_000_000,
         now_ms: 1_700_000_000_000,
         phase: Phase::Start,
+        interrupted: false,
         export: None,
     }
 }
@@ -783,6 +784,35 @@ async fn a_lost_answer_keeps_the_delete_in_the_handle_so_the_retry_is_not_not_fo
         .filter(|c| c.starts_with("POST"))
         .count();
     assert_eq!(posts, 1, "the retry only reads");
+}
+
+#[tokio::test]
+async fn after_a_cut_off_call_a_404_is_read_as_this_tasks_erasure() {
+    let (fake, connector, hash) = setup().await;
+    let mut t = task(RequestKind::Erasure, vec![email(MAIJA)]);
+    // The call the processor never recorded the answer of: the member went.
+    assert!(matches!(
+        connector.run(&t).await.unwrap(),
+        Outcome::Completed { .. }
+    ));
+    t.interrupted = true;
+    let out = connector.run(&t).await.unwrap();
+    let Outcome::Completed {
+        records_affected: 1,
+        note,
+        erased,
+        ..
+    } = out
+    else {
+        panic!("{out:?}");
+    };
+    assert!(note.contains("reading the member answers 404"), "{note}");
+    assert_eq!(erased[0].count, 1);
+    assert!(fake.member(&hash).is_none());
+    // Without a cut-off call, the same answers mean the member was never there.
+    t.interrupted = false;
+    let out = connector.run(&t).await.unwrap();
+    assert!(matches!(out, Outcome::NotFound { .. }), "{out:?}");
 }
 
 #[tokio::test]

@@ -4,3 +4,9 @@
 -- its outcome is recorded as what the holder did, saying the cancellation came too late.
 -- Claims take no other task of a cancelled request.
 ALTER TABLE tasks ADD COLUMN cancel_requested_at BIGINT;
+
+-- When the runner called the task's holder and has not yet recorded the answer: set before
+-- each call, cleared by the step that records its outcome (or postpones the task). Still
+-- set at the next claim, the call was cut off (a crash, a lost lease) and the holder may
+-- have done the work, so that call is made as a resumed one (`Task::interrupted`).
+ALTER TABLE tasks ADD COLUMN call_started_at BIGINT;

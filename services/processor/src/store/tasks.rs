@@ -361,7 +361,7 @@ impl Store {
         error: Option<&str>,
     ) -> Result<bool> {
         let done = sqlx::query(
-            "UPDATE tasks SET next_attempt_at = $1, lease_until = 0, \
+            "UPDATE tasks SET next_attempt_at = $1, lease_until = 0, call_started_at = NULL, \
              last_error = COALESCE($2, last_error) WHERE controller = $3 AND request_id = $4 \
              AND subprocessor = $5 AND sequence = $6 AND lease_owner = $7",
         )
@@ -396,6 +396,32 @@ impl Store {
              AND lease_until > {db_now}"
         ))
         .bind(lease_ms)
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .bind(expected_sequence)
+        .bind(lease_owner)
+        .execute(&self.db.pool)
+        .await?
+        .rows_affected();
+        Ok(done > 0)
+    }
+
+    /// Notes, for the claim `lease_owner`, that its holder is being called at `now`: until
+    /// the step records the answer (or postpones the task), a later claim knows the call was
+    /// cut off ([`TaskRow::call_started_at`]). Answers whether the claim still held the task.
+    pub async fn call_started(
+        &self,
+        key: &TaskKey,
+        expected_sequence: i64,
+        lease_owner: &str,
+        now: i64,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tasks SET call_started_at = $1 WHERE controller = $2 AND request_id = $3 \
+             AND subprocessor = $4 AND sequence = $5 AND lease_owner = $6",
+        )
+        .bind(now)
         .bind(&key.controller)
         .bind(&key.request_id)
         .bind(&key.subprocessor)
@@ -532,7 +558,7 @@ async fn step_transition(
          subjects_total = COALESCE($22, subjects_total), \
          records_done = COALESCE($23, records_done), \
          records_total = COALESCE($24, records_total), \
-         scheduled_at = COALESCE($25, scheduled_at) \
+         scheduled_at = COALESCE($25, scheduled_at), call_started_at = NULL \
          WHERE controller = $11 AND request_id = $12 AND subprocessor = $13 AND sequence = $14\
          {held} RETURNING contract_phase, subjects_done, subjects_total, records_done, \
          records_total, scheduled_at",
