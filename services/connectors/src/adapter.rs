@@ -753,6 +753,7 @@ mod tests {
             now_ms: 1_600_000_000_000,
             export: None,
             phase,
+            interrupted: false,
         }
     }
 
@@ -929,6 +930,7 @@ mod tests {
             due_at_ms: 0,
             now_ms: 0,
             phase: Phase::Start,
+            interrupted: false,
             export: Some(crate::ExportSink::new(
                 dir.join(task_id).join(kind_label(kind)),
                 vec!["crm".into()],

@@ -131,6 +131,12 @@ pub struct Task {
     pub now_ms: i64,
     /// Which step to take.
     pub phase: Phase,
+    /// An earlier call for this task was cut off before its answer was recorded (the
+    /// processor stopped, or lost the task's lease, while the holder worked): the holder may
+    /// have done the work already. A connector whose repeated call answers differently once
+    /// the work is done (Mailchimp's delete-permanent answers 404) confirms by reading
+    /// instead of concluding from that answer.
+    pub interrupted: bool,
     /// Where the export goes, for RETURN_OF_DATA and TRANSFER tasks: the processor gives
     /// each such task a folder of its own, emptied before every run.
     pub export: Option<ExportSink>,

@@ -974,6 +974,7 @@ async fn the_adapter_connector_scopes_tasks_and_ends_a_contract() {
         due_at_ms: 2_000_000_000_000,
         now_ms: 1_700_000_000_000,
         phase: Phase::Start,
+        interrupted: false,
         export: None,
     };
     // One subject: globex's Maija goes, the other controller's stays.

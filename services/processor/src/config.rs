@@ -168,8 +168,8 @@ pub struct TaskConfig {
     pub backoff: Backoff,
     /// How often the runner looks for runnable tasks when nothing wakes it (ms).
     pub poll_interval_ms: u64,
-    /// How long a claimed task is reserved for this replica (ms); a crashed replica's tasks
-    /// are picked up again after this.
+    /// How long a claimed task is reserved for this replica (ms), by the database's clock; a
+    /// crashed replica's tasks are picked up again after this.
     pub lease_ms: u64,
     /// Tasks claimed per round.
     pub batch_size: u32,

@@ -1,22 +1,31 @@
 //! Lost leases, through the processor's real store (SQLite, and PostgreSQL when
 //! `DSRELAY_TEST_POSTGRES_URL` names a server) and runner: two claims of one task, the
 //! first's lease run out while its connector is held at a barrier. The first's outcome is
-//! never recorded over the second's, whichever way the first learns of the loss.
+//! never recorded over the second's, whichever way the first learns of the loss. Leases are
+//! on the database's clock, so they run out by waiting, never by moving the processor's
+//! clock: the first claim takes a short lease and the test waits it out. The second call is
+//! told the first was cut off before its answer was recorded (`Task::interrupted`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dsrelay_connectors::{BoxFuture, Connector, ConnectorError, Outcome, Task};
+use dsrelay_connectors::{
+    BoxFuture, BulkJob, BulkProgress, Connector, ConnectorError, Outcome, Task,
+};
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::timestamp_from_millis;
-use dsrelay_proto::v1::{Acknowledgement, DeliverRequest, RequestKind, TaskState};
+use dsrelay_proto::v1::{
+    Acknowledgement, ContractEnd, ContractEndChoice, ContractPhase, DeliverRequest, RequestKind,
+    RequestParameters, TaskState,
+};
 use dsrelay_runtime::pki::DevPki;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::app::Shared;
 use crate::store::{TaskJob, Transition};
+use crate::task_machine::ContractStep;
 use crate::{App, Config};
 
 /// Holds each call until the test releases it: every call reports itself on `entered` with
@@ -24,6 +33,8 @@ use crate::{App, Config};
 struct Barrier {
     entered: mpsc::UnboundedSender<oneshot::Sender<()>>,
     calls: AtomicUsize,
+    /// Each call's [`Task::interrupted`], in order.
+    interrupted: std::sync::Mutex<Vec<bool>>,
 }
 
 impl Connector for Barrier {
@@ -35,9 +46,13 @@ impl Connector for Barrier {
         true
     }
 
-    fn run<'a>(&'a self, _task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+    fn run<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
         Box::pin(async move {
             let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            self.interrupted
+                .lock()
+                .expect("interrupted")
+                .push(task.interrupted);
             let (release, released) = oneshot::channel();
             self.entered
                 .send(release)
@@ -61,7 +76,7 @@ fn config(dir: &std::path::Path, database_url: &str, lease_ms: u64) -> Config {
     let text = format!(
         "database_url = {database_url:?}\ndata_dir = {:?}\nidentity_hash_key = \"k\"\n\
          [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
-         [tasks]\nlease_ms = {lease_ms}\n\
+         [tasks]\nlease_ms = {lease_ms}\n[contracts]\nprogress_interval_ms = 10\n\
          [[subprocessors]]\nname = \"crm\"\ncategories = [\"contact\"]\n\
          connector = {{ type = \"noop\" }}\n\
          [[controllers]]\nname = \"acme\"\nidentity = \"spiffe://dsrelay.dev/registry/0\"\n\
@@ -87,6 +102,7 @@ async fn setup(database_url: &str, dir: &std::path::Path, lease_ms: u64) -> Setu
     let barrier = Arc::new(Barrier {
         entered: tx,
         calls: AtomicUsize::new(0),
+        interrupted: Default::default(),
     });
     let connectors = HashMap::from([("crm".to_string(), barrier.clone() as Arc<dyn Connector>)]);
     let app = App::with_connectors(config(dir, database_url, lease_ms), connectors)
@@ -105,6 +121,20 @@ async fn setup(database_url: &str, dir: &std::path::Path, lease_ms: u64) -> Setu
         .accept("acme", &req, &["crm".to_string()], None, now)
         .await
         .expect("accept");
+    // IN_PROGRESS and released, as after a retry: a claim then runs it under the claim's
+    // own lease, which the tests choose (a PENDING task's start would hold it for
+    // `tasks.lease_ms`).
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    let started = Transition {
+        state: TaskState::InProgress,
+        ..Default::default()
+    };
+    shared
+        .store
+        .transition(&task.key, task.sequence, &started, now, 0)
+        .await
+        .expect("start")
+        .expect("started");
     Setup {
         app,
         entered,
@@ -112,8 +142,8 @@ async fn setup(database_url: &str, dir: &std::path::Path, lease_ms: u64) -> Setu
     }
 }
 
-async fn claim_one(shared: &Arc<Shared>) -> TaskJob {
-    let lease_ms = shared.config.tasks.lease_ms as i64;
+/// Claims the task for `lease_ms` (the runner renews it on `tasks.lease_ms`).
+async fn claim_one(shared: &Arc<Shared>, lease_ms: i64) -> TaskJob {
     let mut jobs = shared
         .store
         .claim_tasks(shared.clock.now_ms(), 10, lease_ms)
@@ -159,21 +189,20 @@ fn completed(acks: &[Acknowledgement]) -> Vec<&Acknowledgement> {
 }
 
 /// The first runner's connector returns after its lease ran out and a second claim took the
-/// task (its renewals are a lease third apart, far off): the transition matches the lease
-/// token and records nothing; the second runner's outcome is the one acknowledged.
+/// task (its renewals are a third of a minute apart, far off): the transition matches the
+/// lease token and records nothing; the second runner's outcome is the one acknowledged.
 async fn late_outcome_is_not_recorded(database_url: &str, dir: &std::path::Path) {
-    let lease_ms = 60_000;
     let Setup {
         app,
         mut entered,
         barrier,
-    } = setup(database_url, dir, lease_ms).await;
+    } = setup(database_url, dir, 60_000).await;
     let shared = app.shared();
-    let first = start(&shared, claim_one(&shared).await);
+    let first = start(&shared, claim_one(&shared, 200).await);
     let release_first = next_call(&mut entered).await;
 
-    shared.clock.advance(lease_ms as i64 + 1);
-    let second = start(&shared, claim_one(&shared).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = start(&shared, claim_one(&shared, 60_000).await);
     let release_second = next_call(&mut entered).await;
 
     release_first.send(()).expect("first call waits");
@@ -191,24 +220,31 @@ async fn late_outcome_is_not_recorded(database_url: &str, dir: &std::path::Path)
     assert_eq!(done.len(), 1, "{acks:#?}");
     assert_eq!(done[0].evidence.as_ref().expect("evidence").note, "call 2");
     assert_eq!(barrier.calls.load(Ordering::SeqCst), 2);
+    // The second call knew the first was cut off; the recorded outcome clears the note.
+    assert_eq!(
+        *barrier.interrupted.lock().expect("interrupted"),
+        [false, true]
+    );
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(task.call_started_at, None, "{task:?}");
 }
 
-/// The first runner renews every third of a short lease; once another claim took the task
-/// its renewal matches nothing, so it abandons the step without waiting for its connector,
-/// which never returns.
+/// The first runner renews every third of `tasks.lease_ms` (300 ms), but its claim's lease
+/// (50 ms) ran out before the first renewal and another claim took the task: the renewal
+/// matches nothing, so it abandons the step without waiting for its connector, which never
+/// returns.
 async fn lost_renewal_abandons_the_step(database_url: &str, dir: &std::path::Path) {
-    let lease_ms = 300;
     let Setup {
         app,
         mut entered,
         barrier,
-    } = setup(database_url, dir, lease_ms).await;
+    } = setup(database_url, dir, 900).await;
     let shared = app.shared();
-    let first = start(&shared, claim_one(&shared).await);
+    let first = start(&shared, claim_one(&shared, 50).await);
     let _held_forever = next_call(&mut entered).await;
 
-    shared.clock.advance(lease_ms as i64 + 1);
-    let second = start(&shared, claim_one(&shared).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = start(&shared, claim_one(&shared, 900).await);
     let release_second = next_call(&mut entered).await;
 
     tokio::time::timeout(Duration::from_secs(10), first)
@@ -227,44 +263,49 @@ async fn lost_renewal_abandons_the_step(database_url: &str, dir: &std::path::Pat
     assert_eq!(barrier.calls.load(Ordering::SeqCst), 2);
 }
 
-/// The store's side of a lease: only the claim's token, on a lease not yet run out, extends,
-/// moves or postpones the task.
+/// The store's side of a lease: only the claim's token, on a lease not yet run out by the
+/// database's clock, extends, moves or postpones the task; the processor's clock moved
+/// far ahead frees no lease.
 async fn the_store_matches_the_lease_token(database_url: &str, dir: &std::path::Path) {
     let Setup { app, .. } = setup(database_url, dir, 1_000).await;
     let shared = app.shared();
     let store = &shared.store;
     let now = shared.clock.now_ms();
-    let first = store.claim_tasks(now, 10, 1_000).await.expect("claim");
+    let first = store.claim_tasks(now, 10, 300).await.expect("claim");
     let first = &first[0];
     let (key, seq, mine) = (&first.task.key, first.task.sequence, &first.lease_owner);
     assert!(!mine.is_empty());
     assert!(!store
-        .extend_lease(key, seq, "someone else", now + 10, now + 2_000)
+        .extend_lease(key, seq, "someone else", 300)
         .await
         .expect("extend"));
     assert!(!store
-        .extend_lease(key, seq, mine, now + 1_000, now + 2_000)
+        .extend_lease(key, seq + 1, mine, 300)
         .await
         .expect("extend"));
     assert!(store
-        .extend_lease(key, seq, mine, now + 10, now + 1_500)
+        .extend_lease(key, seq, mine, 300)
         .await
         .expect("extend"));
-    // Still held: nothing to claim before it runs out.
+    // Still held, however far the processor's clock moves.
+    shared.clock.advance(3_600_000);
     assert!(store
-        .claim_tasks(now + 1_400, 10, 1_000)
+        .claim_tasks(shared.clock.now_ms(), 10, 1_000)
         .await
         .expect("claim")
         .is_empty());
 
-    let second = store
-        .claim_tasks(now + 1_500, 10, 1_000)
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Run out: not revived, though no one took it yet.
+    assert!(!store
+        .extend_lease(key, seq, mine, 300)
         .await
-        .expect("claim");
+        .expect("extend"));
+    let second = store.claim_tasks(now, 10, 60_000).await.expect("claim");
     let theirs = &second[0].lease_owner;
     assert_ne!(theirs, mine);
     assert!(!store
-        .extend_lease(key, seq, mine, now + 1_600, now + 3_000)
+        .extend_lease(key, seq, mine, 300)
         .await
         .expect("extend"));
     let step = Transition {
@@ -274,7 +315,7 @@ async fn the_store_matches_the_lease_token(database_url: &str, dir: &std::path::
     };
     assert_eq!(
         store
-            .transition_leased(key, seq, mine, &step, now + 1_600, 1)
+            .transition_leased(key, seq, mine, &step, now, 1)
             .await
             .expect("transition"),
         None
@@ -284,14 +325,162 @@ async fn the_store_matches_the_lease_token(database_url: &str, dir: &std::path::
         .await
         .expect("postpone"));
     let task = &store.tasks("acme", "r-1").await.expect("tasks")[0];
-    assert_eq!((task.state, task.sequence), (TaskState::Pending, seq));
+    assert_eq!((task.state, task.sequence), (TaskState::InProgress, seq));
+    assert!(store
+        .extend_lease(key, seq, theirs, 300)
+        .await
+        .expect("extend"));
     assert_eq!(
         store
-            .transition_leased(key, seq, theirs, &step, now + 1_600, 2)
+            .transition_leased(key, seq, theirs, &step, now, 2)
             .await
             .expect("transition"),
         Some(seq + 1)
     );
+}
+
+/// A contract end's bulk step held until the test lets it go: each call reports itself on
+/// `entered`; `report` makes it report progress, `finish` makes it complete.
+struct BulkBarrier {
+    entered: mpsc::UnboundedSender<HeldBulk>,
+}
+
+/// One held bulk step, as the test drives it.
+struct HeldBulk {
+    report: oneshot::Sender<()>,
+    finish: oneshot::Sender<()>,
+}
+
+impl Connector for BulkBarrier {
+    fn kind_name(&self) -> &'static str {
+        "bulk barrier"
+    }
+
+    fn supports(&self, _kind: RequestKind) -> bool {
+        true
+    }
+
+    fn run<'a>(&'a self, _task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async { Err(ConnectorError::Permanent("bulk only".into())) })
+    }
+
+    fn run_bulk<'a>(&'a self, job: &'a BulkJob) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async move {
+            let (report, reported) = oneshot::channel();
+            let (finish, finished) = oneshot::channel();
+            self.entered
+                .send(HeldBulk { report, finish })
+                .map_err(|_| ConnectorError::Permanent("test ended".into()))?;
+            if reported.await.is_ok() {
+                job.progress.report(BulkProgress {
+                    subjects_done: 5,
+                    subjects_total: 10,
+                    records_done: 5,
+                    records_total: 10,
+                });
+            }
+            finished
+                .await
+                .map_err(|_| ConnectorError::Permanent("test ended".into()))?;
+            Ok(Outcome::Completed {
+                records_affected: 10,
+                note: "erased".into(),
+                files: Vec::new(),
+                erased: Vec::new(),
+            })
+        })
+    }
+}
+
+/// A bulk step whose lease was taken by another claim reports progress before it learns of
+/// the loss (its renewals are far off): the progress is not recorded, so the sequence stays
+/// where the new holder's step expects it and its erasure is the one acknowledged.
+async fn lost_progress_is_not_recorded(database_url: &str, dir: &std::path::Path) {
+    let (tx, mut entered) = mpsc::unbounded_channel();
+    let connectors = HashMap::from([(
+        "crm".to_string(),
+        Arc::new(BulkBarrier { entered: tx }) as Arc<dyn Connector>,
+    )]);
+    let app = App::with_connectors(config(dir, database_url, 60_000), connectors)
+        .await
+        .expect("app");
+    let shared = app.shared();
+    let now = shared.clock.now_ms();
+    let req = DeliverRequest {
+        request_id: "r-1".into(),
+        kind: RequestKind::ContractEnd as i32,
+        parameters: Some(RequestParameters {
+            contract_end: Some(ContractEnd {
+                choice: ContractEndChoice::Delete as i32,
+                effective_at: Some(timestamp_from_millis(now)),
+                grace_ends_at: Some(timestamp_from_millis(now + 1_000)),
+                return_confirmed: false,
+                transfer_recipient: String::new(),
+            }),
+            ..Default::default()
+        }),
+        due_at: Some(timestamp_from_millis(now + 600_000)),
+        ..Default::default()
+    };
+    shared
+        .store
+        .accept("acme", &req, &["crm".to_string()], None, now)
+        .await
+        .expect("accept");
+    // Deleting and released, so each claim runs it under the lease the test gives it.
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    let deleting = Transition {
+        state: TaskState::InProgress,
+        contract: Some(ContractStep {
+            phase: ContractPhase::Deleting,
+            progress: None,
+            scheduled_at: None,
+        }),
+        ..Default::default()
+    };
+    let seq = shared
+        .store
+        .transition(&task.key, task.sequence, &deleting, now, 0)
+        .await
+        .expect("deleting")
+        .expect("moved");
+
+    let first = start(&shared, claim_one(&shared, 50).await);
+    let held_first = tokio::time::timeout(Duration::from_secs(10), entered.recv())
+        .await
+        .expect("the first bulk step runs")
+        .expect("held");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let second = start(&shared, claim_one(&shared, 60_000).await);
+    let held_second = tokio::time::timeout(Duration::from_secs(10), entered.recv())
+        .await
+        .expect("the second bulk step runs")
+        .expect("held");
+
+    held_first.report.send(()).expect("first step waits");
+    // Many progress ticks (10 ms apart) of the first runner.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(
+        (task.sequence, task.counts.subjects_done),
+        (seq, 0),
+        "{task:?}"
+    );
+
+    drop(held_second.report);
+    held_second.finish.send(()).expect("second step waits");
+    second.await.expect("second runner").expect("second step");
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(task.state, TaskState::Completed, "{task:?}");
+    let acks = acks(&shared).await;
+    assert!(
+        acks.iter()
+            .all(|a| a.progress.as_ref().is_none_or(|p| p.subjects_done == 0)),
+        "{acks:#?}"
+    );
+    assert_eq!(completed(&acks).len(), 1, "{acks:#?}");
+    drop(held_first.finish);
+    first.abort();
 }
 
 async fn on_sqlite<F, Fut>(test: F)
@@ -340,5 +529,18 @@ async fn leases_the_store_matches_the_lease_token_on_postgres() {
     crate::test_postgres::on_postgres(|u, d| async move {
         the_store_matches_the_lease_token(&u, &d).await
     })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_lost_progress_is_not_recorded_on_sqlite() {
+    on_sqlite(|u, d| async move { lost_progress_is_not_recorded(&u, &d).await }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_lost_progress_is_not_recorded_on_postgres() {
+    crate::test_postgres::on_postgres(
+        |u, d| async move { lost_progress_is_not_recorded(&u, &d).await },
+    )
     .await;
 }

@@ -17,9 +17,10 @@
 //!   transfer's receipt, a contract end's progress), the acknowledgement outbox and the
 //!   upload outbox.
 //! - [`task_machine`]: every rule of a task's life, as one pure function.
-//! - [`runner`]: claims runnable tasks and takes each one step by running its
-//!   subprocessor's connector (`dsrelay-connectors`), as the task machine decides; a
-//!   contract end's step is the connector's bulk step, its progress acknowledged as it goes.
+//! - [`runner`]: claims runnable tasks (leased on the database's clock) and takes each one
+//!   step by running its subprocessor's connector (`dsrelay-connectors`), as the task
+//!   machine decides; a contract end's step is the connector's bulk step, its progress
+//!   acknowledged as it goes.
 //! - [`exports`]: the folder under `data_dir` each export task writes its files to.
 //! - [`breaker`]: marks a holder that failed transiently, so its other tasks wait without
 //!   calling it.

@@ -6,13 +6,17 @@
 //! without calling it. An export task's connector writes into the task's folder under the
 //! data folder ([`crate::exports`]), emptied before each call.
 //!
-//! Each claim leases its task under a random token ([`TaskJob::lease_owner`]); the lease is
-//! renewed every third of `tasks.lease_ms` while the connector runs. When a renewal matches
+//! Each claim leases its task under a random token ([`TaskJob::lease_owner`]), timed on the
+//! database's clock; the lease is renewed every third of `tasks.lease_ms` while the
+//! connector runs. When a renewal matches
 //! nothing (the lease ran out and another claim took the task, or the task changed) or
 //! renewals keep failing until the lease is over, the step is abandoned: the connector call
 //! is dropped, its outcome never recorded, and the task is left to whoever claims it next.
 //! Transitions and postponements match the token too, so a step that ends after its lease
 //! was taken records nothing over the new holder's work.
+//!
+//! A request cancelled while a holder works does not stop the call: its outcome is recorded
+//! as what the holder did, saying the cancellation came too late ([`crate::task_machine`]).
 //!
 //! A CONTRACT_END task runs its connector's bulk step ([`Connector::run_bulk`]) over all of
 //! the controller's data instead; while it runs, the runner reads the connector's progress
@@ -148,6 +152,16 @@ pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()
             .unreachable(&key.subprocessor, retry_at(&ctx, e)),
         _ => shared.unavailable_until.answered(&key.subprocessor),
     }
+    // A cancellation that came while the holder worked is read now, so the outcome says
+    // it came too late.
+    let marked = match shared.store.task(key).await? {
+        Some(row) => row.cancel_requested_at.is_some(),
+        None => false,
+    };
+    let current = crate::task_machine::Current {
+        cancel_requested: current.cancel_requested || marked,
+        ..current
+    };
     let decision = decide(
         &current,
         Event::Ran {
@@ -346,7 +360,7 @@ async fn call_bulk(
             let now = shared.clock.now_ms();
             match shared
                 .store
-                .record_progress(key, *seq, phase_of(op), latest, now)
+                .record_progress(key, *seq, &job.lease_owner, phase_of(op), latest, now)
                 .await
             {
                 Ok(Some(s)) => {
@@ -355,7 +369,8 @@ async fn call_bulk(
                     reported_at = Instant::now();
                     shared.ack_wakeup.notify_one();
                 }
-                // The task changed meanwhile (cancelled): the step's end will find out.
+                // The task changed meanwhile (cancelled) or another claim took it: the
+                // step's end, or the next renewal, finds out.
                 Ok(None) => {}
                 Err(e) => tracing::warn!(error = format!("{e:#}"), "recording progress failed"),
             }
@@ -436,8 +451,29 @@ async fn call(
         due_at_ms: job.due_at,
         now_ms: shared.clock.now_ms(),
         phase: phase.clone(),
+        interrupted: job.task.call_started_at.is_some(),
         export,
     };
+    // Noted before the call, so that if it is cut off the next claim makes a resumed one.
+    let noted = shared
+        .store
+        .call_started(key, seq, &job.lease_owner, shared.clock.now_ms())
+        .await;
+    match noted {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!("task lease lost before its holder was called; the step is abandoned");
+            return Err(LeaseLost);
+        }
+        Err(e) => {
+            // Not called unnoted: the lease runs out and a later claim takes the step.
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "noting a holder call failed; the step is abandoned"
+            );
+            return Err(LeaseLost);
+        }
+    }
     let lease_ms = shared.config.tasks.lease_ms as i64;
     let renew = async {
         let mut lease = Lease::new(shared, job, lease_ms);
@@ -468,7 +504,8 @@ async fn call(
     Ok(result)
 }
 
-/// The step was abandoned because its task's lease was lost; the loss is logged.
+/// The step was abandoned because its task's lease was lost (or, before the holder was
+/// called, the call could not be noted); the cause is logged.
 #[derive(Debug)]
 pub(crate) struct LeaseLost;
 
@@ -477,38 +514,37 @@ struct Lease<'a> {
     shared: &'a Shared,
     job: &'a TaskJob,
     lease_ms: i64,
-    /// Until when (processor clock, ms) the last successful renewal or the claim holds it.
-    held_until: i64,
+    /// Until when the claim or the last successful renewal holds it, as far as this runner
+    /// can tell: the database's clock decides, but the time elapsed since is measured here.
+    held_until: Instant,
 }
 
 impl<'a> Lease<'a> {
     fn new(shared: &'a Shared, job: &'a TaskJob, lease_ms: i64) -> Self {
         // The claim was made at most a moment ago; counting from now errs by that moment.
-        let held_until = shared.clock.now_ms() + lease_ms;
         Self {
             shared,
             job,
             lease_ms,
-            held_until,
+            held_until: Instant::now() + millis(lease_ms),
         }
     }
 
-    /// Extends the lease by `lease_ms` from now. A failed renewal is retried at the next
-    /// one, as long as the lease lasts; the lease is lost when a renewal matches nothing or
-    /// the failures outlast it.
+    /// Extends the lease by `lease_ms` from now (the database's clock). A failed renewal is
+    /// retried at the next one, as long as the lease lasts; the lease is lost when a renewal
+    /// matches nothing or the failures outlast it.
     async fn renew(&mut self, seq: i64) -> Result<(), LeaseLost> {
-        let now = self.shared.clock.now_ms();
-        let until = now + self.lease_ms;
+        let asked = Instant::now();
         let key = &self.job.task.key;
         let owner = &self.job.lease_owner;
         match self
             .shared
             .store
-            .extend_lease(key, seq, owner, now, until)
+            .extend_lease(key, seq, owner, self.lease_ms)
             .await
         {
             Ok(true) => {
-                self.held_until = until;
+                self.held_until = asked + millis(self.lease_ms);
                 Ok(())
             }
             Ok(false) => {
@@ -518,7 +554,7 @@ impl<'a> Lease<'a> {
                 );
                 Err(LeaseLost)
             }
-            Err(e) if now + self.lease_ms / 3 >= self.held_until => {
+            Err(e) if Instant::now() + millis(self.lease_ms / 3) >= self.held_until => {
                 tracing::warn!(
                     error = format!("{e:#}"),
                     "task lease lost: renewals failed until it ran out; \
@@ -532,6 +568,10 @@ impl<'a> Lease<'a> {
             }
         }
     }
+}
+
+fn millis(ms: i64) -> Duration {
+    Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
 
 /// Stores what the state machine decided.
@@ -557,6 +597,7 @@ async fn record(
         }
         Decision::Run { .. }
         | Decision::RunBulk { .. }
+        | Decision::Mark { .. }
         | Decision::Ignore
         | Decision::Reject(_) => {}
     }
@@ -606,3 +647,7 @@ async fn record_move(
 #[cfg(test)]
 #[path = "lease_tests.rs"]
 mod lease_tests;
+
+#[cfg(test)]
+#[path = "cancel_tests.rs"]
+mod cancel_tests;

@@ -33,8 +33,16 @@
 //! - transient error → retry after the backoff (or the holder's Retry-After, if longer),
 //!   until the due date; retained data past its date is erased however late
 //! - transient error past the due date, or a permanent error → FAILED with the reason
-//! - cancelled while PENDING, IN_PROGRESS or WAITING_FOR_OPERATOR → CANCELLED; later states
-//!   stay as they are
+//! - cancelled while PENDING (claimed or not: its start then matches nothing, so the holder
+//!   is never called), IN_PROGRESS between attempts, or WAITING_FOR_OPERATOR → CANCELLED;
+//!   later states stay as they are
+//! - cancelled while the holder works (IN_PROGRESS under a runner's lease, or accepted work
+//!   awaiting the holder's confirmation) → cancellation requested ([`Decision::Mark`]): the
+//!   state stays, and what the holder did is recorded when it answers ([`too_late`]): a
+//!   final outcome (COMPLETED with its evidence, NOT_FOUND, RETAINED, REFUSED, FAILED) as
+//!   it is, saying the cancellation came too late; accepted work goes on being confirmed; an
+//!   export written is not delivered (CANCELLED); a transient failure or an operator's turn
+//!   → CANCELLED, saying what is known
 //! - an operator completes (or finds nothing) or refuses only a task WAITING_FOR_OPERATOR
 //!
 //! # Contract ends (one task per subprocessor over all of a controller's data)
@@ -85,6 +93,9 @@ pub struct Current<'a> {
     pub attempts: i64,
     /// A contract end task's phase; UNSPECIFIED for every other kind.
     pub phase: ContractPhase,
+    /// The request was cancelled while the holder worked on this task: its outcome is
+    /// recorded as what the holder did, saying the cancellation came too late.
+    pub cancel_requested: bool,
 }
 
 /// The terms of a contract end as the processor holds them (times in ms).
@@ -275,6 +286,8 @@ pub(crate) enum Event<'a> {
     Cancel {
         /// The controller's reason.
         reason: &'a str,
+        /// A runner holds the task's lease: its holder may be working on it right now.
+        leased: bool,
     },
     /// An operator did the work of a manual task.
     OperatorComplete {
@@ -376,9 +389,10 @@ pub struct Transition {
     /// The files an export wrote into the task's folder (metadata only); `None` keeps what
     /// is recorded (no export in this step).
     pub export_files: Option<Vec<ExportedFile>>,
-    /// Keep the task reserved until then (ms): for a step after which the same runner goes
-    /// on working on the task. `None` releases it.
-    pub hold_until: Option<i64>,
+    /// Keep the task reserved for this long (ms) from the moment the step is recorded, by
+    /// the database's clock like every lease: for a step after which the same runner goes on
+    /// working on the task. `None` releases it.
+    pub hold_ms: Option<i64>,
     /// Queue the delivery of the task's export (a RETURN_OF_DATA or TRANSFER export
     /// written).
     pub upload: bool,
@@ -414,6 +428,13 @@ pub(crate) enum Decision {
         start: Option<Transition>,
         /// The step to take.
         phase: Phase,
+    },
+    /// Keep the state and its sequence (nothing is acknowledged), noting in the task's row
+    /// that its request was cancelled while the holder worked: the outcome, when it comes,
+    /// is recorded as what the holder did.
+    Mark {
+        /// The note for the task's row (its reason).
+        reason: String,
     },
     /// Nothing the controller sees changed: look at the task again at `at` (ms). `error` is
     /// kept for operators when the task waits because of a failure.
@@ -471,6 +492,11 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
             kind,
             phase,
             result,
+        } if task.cancel_requested => too_late(task, ran(task, kind, phase, result, ctx)),
+        Event::Ran {
+            kind,
+            phase,
+            result,
         } => ran(task, kind, phase, result, ctx),
         // Once a contract end is deleting, the erasure reports what it did.
         Event::Cancel { .. }
@@ -478,7 +504,24 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
         {
             Decision::Ignore
         }
-        Event::Cancel { reason } => match task.state {
+        Event::Cancel { .. } if task.cancel_requested => Decision::Ignore,
+        // The holder is working (or accepted the work): it cannot be called back, so what
+        // it does is what the task reports.
+        Event::Cancel { reason, leased }
+            if task.state == InProgress
+                && task.phase == ContractPhase::Unspecified
+                && (leased || task.handle.is_some()) =>
+        {
+            Decision::Mark {
+                reason: format!(
+                    "cancellation requested ({}) while subprocessor {} was working on the \
+                     task: too late to stop it; what it did is reported when it answers",
+                    clip(reason),
+                    task.subprocessor
+                ),
+            }
+        }
+        Event::Cancel { reason, .. } => match task.state {
             Pending | InProgress | WaitingForOperator => Decision::Move(Transition {
                 state: Cancelled,
                 reason: format!("cancelled: {reason}"),
@@ -772,6 +815,60 @@ fn failed(reason: String) -> Transition {
     }
 }
 
+/// What a connector's answer decided (`decision`), for a task whose request was cancelled
+/// while the holder worked: what the holder did stands, saying the cancellation came too
+/// late; nothing more is started for it.
+fn too_late(task: &Current<'_>, decision: Decision) -> Decision {
+    const LATE: &str = "the cancellation came while the holder was working: too late to stop it";
+    let cancelled = |reason: String| {
+        Decision::Move(Transition {
+            state: TaskState::Cancelled,
+            records_affected: task.records_affected,
+            reason,
+            ..Default::default()
+        })
+    };
+    match decision {
+        // An export lies at the processor only: the cancellation stops its delivery.
+        Decision::Move(t) if t.upload => cancelled(format!(
+            "cancelled: the holder's export was written at the processor and is not delivered \
+             ({} file(s))",
+            t.export_files.as_ref().map_or(0, Vec::len)
+        )),
+        Decision::Move(t) if t.state == TaskState::WaitingForOperator => cancelled(
+            "cancelled: the task had come to wait for an operator, who did nothing yet".into(),
+        ),
+        // Accepted work: the holder does it anyway, so its confirmation is still awaited.
+        Decision::Move(t) if t.state == TaskState::InProgress => Decision::Move(Transition {
+            note: format!("{}; {LATE}: its confirmation is awaited", t.note),
+            reason: LATE.into(),
+            ..t
+        }),
+        Decision::Move(t) => Decision::Move(Transition {
+            note: if t.note.is_empty() {
+                LATE.into()
+            } else {
+                format!("{} ({LATE})", t.note)
+            },
+            reason: if t.reason.is_empty() {
+                format!("{LATE}; this is what it did")
+            } else {
+                format!("{} ({LATE})", t.reason)
+            },
+            ..t
+        }),
+        // A failure that may pass is not retried for a cancelled request.
+        Decision::Later {
+            error: Some(error), ..
+        } => cancelled(format!(
+            "cancelled: the call under way when the cancellation came failed ({}), so \
+             whether the holder acted is not known",
+            clip(&error)
+        )),
+        other => other,
+    }
+}
+
 fn claimed(
     task: &Current<'_>,
     kind: RequestKind,
@@ -812,7 +909,7 @@ fn claimed(
         (TaskState::Pending, _) => (
             Some(Transition {
                 state: TaskState::InProgress,
-                hold_until: Some(ctx.now + ctx.lease_ms),
+                hold_ms: Some(ctx.lease_ms),
                 ..Default::default()
             }),
             Phase::Start,
@@ -993,7 +1090,7 @@ fn contract_claimed(
             Decision::RunBulk {
                 start: Some(Transition {
                     state: TaskState::InProgress,
-                    hold_until: Some(ctx.now + ctx.lease_ms),
+                    hold_ms: Some(ctx.lease_ms),
                     note: match op {
                         BulkOp::Export => "returning the controller's data".into(),
                         BulkOp::Erase => "deleting the controller's data".into(),
@@ -1015,7 +1112,7 @@ fn contract_claimed(
                     confirmed: true,
                     note: "the controller confirmed receipt of the returned data; deleting it"
                         .into(),
-                    hold_until: Some(ctx.now + ctx.lease_ms),
+                    hold_ms: Some(ctx.lease_ms),
                     contract: Some(ContractStep::at(
                         ContractPhase::Deleting,
                         BulkProgress::default(),
@@ -1278,6 +1375,7 @@ mod tests {
             records_affected: 3,
             attempts: 4,
             phase: ContractPhase::Unspecified,
+            cancel_requested: false,
         }
     }
 
@@ -1341,7 +1439,7 @@ mod tests {
         let d = claimed(&task(Pending), sql());
         let start = Transition {
             state: InProgress,
-            hold_until: Some(NOW + 30_000),
+            hold_ms: Some(30_000),
             ..Default::default()
         };
         assert_eq!(
@@ -1902,6 +2000,7 @@ mod tests {
                 &task(state),
                 Event::Cancel {
                     reason: "withdrawn",
+                    leased: false,
                 },
                 &Context::at(NOW),
             )
@@ -1916,6 +2015,107 @@ mod tests {
         for state in [Completed, NotFound, Retained, Refused, Failed, Cancelled] {
             assert_eq!(cancel(state), Decision::Ignore, "{state:?}");
         }
+    }
+
+    #[test]
+    fn cancelling_while_the_holder_works_marks_the_task_and_keeps_its_state() {
+        let cancel = |t: &Current<'_>, leased| {
+            decide(
+                t,
+                Event::Cancel {
+                    reason: "withdrawn",
+                    leased,
+                },
+                &Context::at(NOW),
+            )
+        };
+        let accepted = Current {
+            handle: Some("h-1"),
+            ..task(InProgress)
+        };
+        for (t, leased) in [(task(InProgress), true), (accepted, false)] {
+            match cancel(&t, leased) {
+                Decision::Mark { reason } => {
+                    assert!(reason.contains("withdrawn"), "{reason}");
+                    assert!(reason.contains("too late to stop it"), "{reason}");
+                }
+                other => panic!("expected a mark, got {other:?}"),
+            }
+        }
+        // A claimed PENDING task has not called its holder: its start will match nothing.
+        assert_eq!(moved(cancel(&task(Pending), true)).state, Cancelled);
+        let marked = Current {
+            cancel_requested: true,
+            ..task(InProgress)
+        };
+        assert_eq!(cancel(&marked, true), Decision::Ignore);
+    }
+
+    #[test]
+    fn a_cancellation_that_came_too_late_reports_what_the_holder_did() {
+        let marked = Current {
+            cancel_requested: true,
+            ..task(InProgress)
+        };
+        let erased = Ok(Outcome::Completed {
+            records_affected: 2,
+            note: "deleted 2 rows".into(),
+            files: Vec::new(),
+            erased: vec![ErasedCount {
+                target: "customers".into(),
+                action: "deleted".into(),
+                count: 2,
+            }],
+        });
+        let t = moved(ran(&marked, Phase::Start, erased));
+        assert_eq!((t.state, t.records_affected), (Completed, 2));
+        assert_eq!(t.erased.len(), 1, "the certificate lists what was erased");
+        assert!(
+            t.note.starts_with("deleted 2 rows (the cancellation came"),
+            "{}",
+            t.note
+        );
+        assert!(t.reason.contains("too late"), "{}", t.reason);
+
+        let gone = Ok(Outcome::NotFound {
+            note: "no such subscriber".into(),
+        });
+        assert_eq!(moved(ran(&marked, Phase::Start, gone)).state, NotFound);
+        let refused = Ok(Outcome::Refused {
+            reason: "legal hold".into(),
+        });
+        let t = moved(ran(&marked, Phase::Start, refused));
+        assert_eq!(t.state, Refused);
+        assert!(t.reason.starts_with("legal hold ("), "{}", t.reason);
+
+        // Accepted work is done anyway: its confirmation is awaited.
+        let accepted = Ok(Outcome::Accepted {
+            handle: "h-2".into(),
+            note: "queued".into(),
+        });
+        let t = moved(ran(&marked, Phase::Start, accepted));
+        assert_eq!((t.state, t.handle.as_deref()), (InProgress, Some("h-2")));
+        assert!(t.note.contains("confirmation is awaited"), "{}", t.note);
+
+        // A failure that may pass is not retried; what happened is not known.
+        let down = Err(ConnectorError::Transient("connection reset".into()));
+        let t = moved(ran(&marked, Phase::Start, down));
+        assert_eq!(t.state, Cancelled);
+        assert!(t.reason.contains("is not known"), "{}", t.reason);
+
+        // An export written is not delivered.
+        let exported = Event::Ran {
+            kind: RequestKind::ReturnOfData,
+            phase: Phase::Start,
+            result: Ok(Outcome::Completed {
+                records_affected: 1,
+                note: "exported".into(),
+                files: Vec::new(),
+                erased: Vec::new(),
+            }),
+        };
+        let t = moved(decide(&marked, exported, &ctx()));
+        assert_eq!((t.state, t.upload), (Cancelled, false));
     }
 
     #[test]
@@ -2072,7 +2272,7 @@ mod tests {
                 } => {
                     assert_eq!(o, op);
                     assert_eq!(start.state, InProgress);
-                    assert_eq!(start.hold_until, Some(now + 30_000));
+                    assert_eq!(start.hold_ms, Some(30_000));
                     assert_eq!(
                         start.contract,
                         Some(ContractStep::at(phase, BulkProgress::default()))
@@ -2439,7 +2639,10 @@ mod tests {
 
     #[test]
     fn cancelling_a_contract_end_stops_it_only_before_deleting() {
-        let event = || Event::Cancel { reason: "oops" };
+        let event = || Event::Cancel {
+            reason: "oops",
+            leased: true,
+        };
         for phase in [
             ContractPhase::Scheduled,
             ContractPhase::Returning,

@@ -6,8 +6,8 @@ use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceCli
 use dsrelay_proto::v1::processor_service_client::ProcessorServiceClient;
 use dsrelay_proto::v1::{
     AcknowledgeRequest, Acknowledgement, CancelRequest, DeliverRequest, Evidence,
-    ExtendDeadlineRequest, GetRequest, ListRequestsRequest, RequestKind, RequestState, Scope,
-    SubmitRequest, TaskState,
+    ExtendDeadlineRequest, GetRequest, ListRequestsRequest, Request, RequestKind, RequestState,
+    Scope, SubmitRequest, TaskState,
 };
 use dsrelay_registry::deadline::due_at;
 use tonic::Code;
@@ -133,8 +133,12 @@ async fn receivers_deduplicate_deliveries_and_acknowledgements() {
     pair.stop().await;
 }
 
+/// A cancellation that comes while a holder works cannot call it back: the mail holder's
+/// erasure (five seconds long) goes on, and the task reports what it did, COMPLETED and
+/// saying the cancellation came too late, never CANCELLED over work that was done. The
+/// request is CANCELLED.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_stops_unfinished_work() {
+async fn cancel_while_a_holder_works_reports_what_it_did() {
     let pair = spawn_pair(PairOptions {
         mail_delay_ms: 5000,
         ..Default::default()
@@ -147,11 +151,22 @@ async fn cancel_stops_unfinished_work() {
         .await
         .expect("submit")
         .into_inner();
-    wait_until(&mut crm, &r.request_id, Duration::from_secs(20), |v| {
-        v.tasks
-            .iter()
-            .any(|t| t.subprocessor == "accounting" && t.state == TaskState::Completed as i32)
-    })
+    let task_in = |name: &'static str, state: TaskState| {
+        move |v: &Request| {
+            v.tasks
+                .iter()
+                .any(|t| t.subprocessor == name && t.state == state as i32)
+        }
+    };
+    wait_until(
+        &mut crm,
+        &r.request_id,
+        Duration::from_secs(20),
+        |v: &Request| {
+            task_in("accounting", TaskState::Completed)(v)
+                && task_in("mail-marketing", TaskState::InProgress)(v)
+        },
+    )
     .await;
     let cancelled = crm
         .cancel(CancelRequest {
@@ -163,20 +178,29 @@ async fn cancel_stops_unfinished_work() {
         .into_inner();
     assert_eq!(cancelled.state, RequestState::Cancelled as i32);
     assert_eq!(cancelled.cancel_reason, "subject withdrew the request");
-    // The processor hears of it: the unfinished mail task ends CANCELLED, the finished
-    // accounting task stays COMPLETED.
-    let view = wait_until(&mut crm, &r.request_id, Duration::from_secs(20), |v| {
-        v.tasks
-            .iter()
-            .any(|t| t.subprocessor == "mail-marketing" && t.state == TaskState::Cancelled as i32)
-    })
+    let view = wait_until(
+        &mut crm,
+        &r.request_id,
+        Duration::from_secs(20),
+        task_in("mail-marketing", TaskState::Completed),
+    )
     .await;
-    let accounting = view
+    let mail = view
         .tasks
         .iter()
-        .find(|t| t.subprocessor == "accounting")
+        .find(|t| t.subprocessor == "mail-marketing")
         .expect("task");
-    assert_eq!(accounting.state, TaskState::Completed as i32);
+    let evidence = mail.evidence.as_ref().expect("evidence");
+    assert!(
+        evidence
+            .note
+            .contains("the cancellation came while the holder was working"),
+        "{mail:#?}"
+    );
+    assert!(view
+        .tasks
+        .iter()
+        .all(|t| t.state != TaskState::Cancelled as i32));
     assert_eq!(view.state, RequestState::Cancelled as i32);
     let err = crm
         .cancel(CancelRequest {

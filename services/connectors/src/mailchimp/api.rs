@@ -39,6 +39,19 @@ pub(super) enum Reply {
     Missing,
 }
 
+/// What a `delete-permanent` call came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Deletion {
+    /// 2xx: the member is deleted.
+    Deleted,
+    /// 404: no such member (now).
+    Missing,
+    /// The call went out but its answer never came back (timed out, or the connection was
+    /// cut after sending): Mailchimp may have deleted the member. Only reading it tells, and
+    /// a second delete would answer 404 if the first one took effect. Why, for notes.
+    Unanswered(String),
+}
+
 /// The lists under a member that an access request covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum MemberList {
@@ -242,15 +255,22 @@ impl Api {
         self.call(Method::GET, &url, None, &what, scrub).await
     }
 
-    /// `POST /lists/{list}/members/{hash}/actions/delete-permanent`.
+    /// `POST /lists/{list}/members/{hash}/actions/delete-permanent`. A call whose answer was
+    /// lost is [`Deletion::Unanswered`], not an error: the caller must not take a retry's 404
+    /// for a member that was never there.
     pub(super) async fn delete_permanent(
         &self,
         hash: &str,
         scrub: &Scrubber,
-    ) -> Result<Reply, ConnectorError> {
+    ) -> Result<Deletion, ConnectorError> {
         let url = format!("{}/actions/delete-permanent", self.member_url(hash));
         let what = format!("deleting member {hash}");
-        self.call(Method::POST, &url, None, &what, scrub).await
+        match self.send(Method::POST, &url, None, &what, scrub).await {
+            Ok(Reply::Done(_)) => Ok(Deletion::Deleted),
+            Ok(Reply::Missing) => Ok(Deletion::Missing),
+            Err(Failure::Unanswered(e)) => Ok(Deletion::Unanswered(e.to_string())),
+            Err(Failure::Refused(e)) => Err(e),
+        }
     }
 
     /// `PATCH /lists/{list}/members/{hash}` with `body`: the changed member document.
@@ -281,10 +301,29 @@ impl Api {
         what: &str,
         scrub: &Scrubber,
     ) -> Result<Reply, ConnectorError> {
+        self.send(method, url, body, what, scrub)
+            .await
+            .map_err(|f| match f {
+                Failure::Unanswered(e) | Failure::Refused(e) => e,
+            })
+    }
+
+    /// [`Api::call`], telling a call that may have taken effect without its answer coming
+    /// back from one that did not.
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<&Value>,
+        what: &str,
+        scrub: &Scrubber,
+    ) -> Result<Reply, Failure> {
         // Held until the body is read: the connection is busy until then. The semaphore is
         // never closed, so acquiring only waits.
         let _permit = self.account.acquire().await.map_err(|_| {
-            ConnectorError::Transient(format!("mailchimp: {what}: the connector is stopping"))
+            Failure::Refused(ConnectorError::Transient(format!(
+                "mailchimp: {what}: the connector is stopping"
+            )))
         })?;
         let mut request = self
             .client
@@ -293,7 +332,14 @@ impl Api {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request.send().await.map_err(|e| transport_error(what, e))?;
+        let response = request.send().await.map_err(|e| {
+            // Not connected: the call never reached Mailchimp. Otherwise it may have.
+            if e.is_connect() || e.is_builder() {
+                Failure::Refused(transport_error(what, e))
+            } else {
+                Failure::Unanswered(transport_error(what, e))
+            }
+        })?;
         let status = response.status();
         tracing::debug!(status = status.as_u16(), what, "mailchimp call");
         if status == StatusCode::NOT_FOUND {
@@ -303,10 +349,14 @@ impl Api {
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .map(|v| v.to_str().unwrap_or_default().to_string());
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| transport_error(what, e))?;
+        let bytes = response.bytes().await.map_err(|e| {
+            // The status came: a success is the answer even if its body was cut short.
+            if status.is_success() {
+                Failure::Unanswered(transport_error(what, e))
+            } else {
+                Failure::Refused(transport_error(what, e))
+            }
+        })?;
         if status.is_success() {
             if bytes.is_empty() {
                 return Ok(Reply::Done(Value::Null));
@@ -314,19 +364,27 @@ impl Api {
             return serde_json::from_slice(&bytes)
                 .map(Reply::Done)
                 .map_err(|e| {
-                    ConnectorError::Permanent(format!(
+                    Failure::Refused(ConnectorError::Permanent(format!(
                         "mailchimp: {what}: HTTP {status} with a body that is not JSON ({e})"
-                    ))
+                    )))
                 });
         }
-        Err(status_error(
+        Err(Failure::Refused(status_error(
             what,
             status,
             retry_after.as_deref(),
             &bytes,
             scrub,
-        ))
+        )))
     }
+}
+
+/// Why a call has no [`Reply`].
+enum Failure {
+    /// Mailchimp answered with an error status, or the call never reached it.
+    Refused(ConnectorError),
+    /// The call went out and no answer came back: it may have taken effect.
+    Unanswered(ConnectorError),
 }
 
 /// A transport failure (nothing or no complete answer came back).

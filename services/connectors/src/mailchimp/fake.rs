@@ -3,7 +3,8 @@
 //! member's paged notes, activity feed and events (`count`/`offset`, `total_items`), and the
 //! deletion of a whole audience, of the subset the connector uses, over in-memory audiences of
 //! one account (a primary one and any number more), with knobs for the failures the connector must survive (rate limits,
-//! outages, slow answers, members that linger after deletion).
+//! outages, slow answers, answers lost after the call took effect, members that linger after
+//! deletion).
 //!
 //! Compiled for this crate's tests, and for other crates' with the `fake-mailchimp` feature:
 //! start it with [`FakeMailchimp::start`] and point a
@@ -65,6 +66,12 @@ pub struct Audience {
     pub compliance_review: bool,
     /// Every call wait this long before answering (ms).
     pub delay_ms: u64,
+    /// The next this many calls take effect at once but are answered only after
+    /// `late_answer_ms`: with a client timeout shorter than that, the call happened and its
+    /// answer is lost.
+    pub late_answers: u32,
+    /// How late a late answer comes (ms).
+    pub late_answer_ms: u64,
     /// Calls being answered right now.
     pub in_flight: u32,
     /// The most calls there ever were in flight at once.
@@ -467,7 +474,7 @@ async fn gate(
     request: Request,
     next: Next,
 ) -> Response {
-    let (delay_ms, early) = {
+    let (delay_ms, late_ms, early) = {
         let mut a = audience.lock().unwrap();
         a.calls
             .push(format!("{} {}", request.method(), request.uri().path()));
@@ -506,7 +513,13 @@ async fn gate(
         };
         a.in_flight += 1;
         a.max_in_flight = a.max_in_flight.max(a.in_flight);
-        (a.delay_ms, early)
+        let late_ms = if a.late_answers > 0 && early.is_none() {
+            a.late_answers -= 1;
+            a.late_answer_ms
+        } else {
+            0
+        };
+        (a.delay_ms, late_ms, early)
     };
     if delay_ms > 0 {
         tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
@@ -515,6 +528,9 @@ async fn gate(
         Some(response) => response,
         None => next.run(request).await,
     };
+    if late_ms > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(late_ms)).await;
+    }
     audience.lock().unwrap().in_flight -= 1;
     response
 }

@@ -8,7 +8,7 @@
 //!
 //! | kind | call | outcome |
 //! |---|---|---|
-//! | ERASURE | `POST /lists/{list}/members/{hash}/actions/delete-permanent`, then `GET` the member | COMPLETED once the `GET` answers 404, otherwise ACCEPTED and asked again |
+//! | ERASURE | `POST /lists/{list}/members/{hash}/actions/delete-permanent`, then `GET` the member | COMPLETED once the `GET` answers 404, otherwise ACCEPTED and asked again (see below when the delete's answer is lost) |
 //! | OBJECTION | `PATCH /lists/{list}/members/{hash}` `{"status":"unsubscribed"}` | COMPLETED |
 //! | RETURN_OF_DATA, TRANSFER | `GET /lists/{list}/members/{hash}`, then its `/notes`, `/activity-feed` and `/events`, page by page | COMPLETED with the export files |
 //! | RECTIFICATION | `PATCH` with `email_address` and mapped `merge_fields` | COMPLETED |
@@ -28,6 +28,18 @@
 //! `notes-{hash}.json`, `activity-{hash}.json` and `events-{hash}.json`, each an array of the
 //! items the API lists, fetched `page_size` at a time (`count`/`offset`) until `total_items`
 //! is reached and written as each page arrives.
+//!
+//! A delete whose answer was lost (the call timed out or its connection was cut after it went
+//! out) may have taken effect, and a second delete would then answer 404, which must not read
+//! as "never there". Such a member is kept in the ACCEPTED handle marked `?` (`?{hash}`), so
+//! the task's next step is a confirmation by reading: `GET` answers 404 → COMPLETED, erased
+//! by this task (its note says the answer was lost); the member still there → the delete is
+//! sent again. The reading is tried at once, so a lost answer usually costs one `GET` more.
+//! The same holds for a task whose earlier call was cut off (`Task::interrupted`: the
+//! processor stopped or lost the lease while Mailchimp worked): a 404 to its delete is
+//! confirmed by reading as this task's erasure.
+//! A lost 404 cannot be told from a lost 204, so a member that was never there reads the
+//! same way then; with every answer received, a member never there stays NOT_FOUND.
 //!
 //! A member the API does not know is NOT_FOUND, but only after the audience itself was found:
 //! Mailchimp answers 404 for a wrong `list_id` too, and reporting "holds no data" because of a
@@ -71,7 +83,7 @@ mod scrub;
 #[cfg(test)]
 mod tests;
 
-use api::{Api, MemberList, Reply};
+use api::{Api, Deletion, MemberList, Reply};
 use scrub::Scrubber;
 
 /// The configuration of a Mailchimp account's audience, or of one audience per controller
@@ -357,76 +369,138 @@ impl MailchimpConnector {
         })
     }
 
+    /// Deletes every member permanently and confirms they are gone. `interrupted`: an
+    /// earlier call of this task was cut off, so a 404 may be its delete's doing and is
+    /// confirmed by reading like a lost answer, never taken for NOT_FOUND.
     async fn erase(
         &self,
         api: &Api,
         hashes: &[String],
+        interrupted: bool,
         scrub: &Scrubber,
     ) -> Result<Outcome, ConnectorError> {
-        let mut deleted = Vec::new();
+        let mut sent = Vec::new();
+        let mut lost = Vec::new();
         for hash in hashes {
             // An error here after an earlier member was deleted loses that count on the
             // retry (the member then answers 404); the erasure itself is not lost.
-            if let Reply::Done(_) = api.delete_permanent(hash, scrub).await? {
-                deleted.push(hash.clone());
+            match api.delete_permanent(hash, scrub).await? {
+                Deletion::Deleted => sent.push(Sent::answered(hash)),
+                Deletion::Missing if interrupted => {
+                    sent.push(Sent::unanswered(hash));
+                    lost.push(format!(
+                        "an earlier call of this task was cut off, and deleting {hash} now \
+                         answers 404"
+                    ));
+                }
+                Deletion::Missing => {}
+                Deletion::Unanswered(why) => {
+                    sent.push(Sent::unanswered(hash));
+                    lost.push(why);
+                }
             }
         }
-        if deleted.is_empty() {
+        if sent.is_empty() {
             return self.not_found(api, hashes, scrub).await;
         }
-        let handle = deleted.join(",");
-        match self.confirm_erasure(api, &deleted, scrub).await {
+        match self.confirm_erasure(api, &sent, scrub).await {
             Ok(outcome) => Ok(outcome),
-            // The members are deleted; if the check fails now, a retry from the start would
-            // find nothing and answer NOT_FOUND. Keep the handle and ask again instead.
-            Err(e) => Ok(Outcome::Accepted {
-                handle,
+            // The members are deleted (or may be); if the check fails now, a retry from the
+            // start would find nothing and answer NOT_FOUND. Keep the handle and ask again.
+            Err(e) if lost.is_empty() => Ok(Outcome::Accepted {
+                handle: handle_of(&sent),
                 note: format!(
                     "mailchimp: permanently deleted {}; checking that it is gone failed ({e})",
-                    deleted.join(", ")
+                    hashes_of(&sent)
+                ),
+            }),
+            Err(e) => Ok(Outcome::Accepted {
+                handle: handle_of(&sent),
+                note: format!(
+                    "mailchimp: the permanent deletion of {} was sent but its answer was lost \
+                     ({}); reading whether it is gone failed too ({e})",
+                    hashes_of(&sent),
+                    lost.join("; ")
                 ),
             }),
         }
     }
 
-    /// COMPLETED when every member in `deleted` answers 404, otherwise ACCEPTED under the
-    /// same handle, so that the processor just asks again later.
+    /// COMPLETED when every member in `sent` answers 404, otherwise ACCEPTED under the
+    /// handle of what is left, so that the processor just asks again later. A member whose
+    /// delete went unanswered and that is still there is deleted again: the first delete
+    /// may never have arrived.
     async fn confirm_erasure(
         &self,
         api: &Api,
-        deleted: &[String],
+        sent: &[Sent],
         scrub: &Scrubber,
     ) -> Result<Outcome, ConnectorError> {
         let mut lingering = Vec::new();
-        for hash in deleted {
-            if let Reply::Done(_) = api.check_member(hash, scrub).await? {
-                lingering.push(hash.as_str());
+        for s in sent {
+            if let Reply::Missing = api.check_member(&s.hash, scrub).await? {
+                continue;
+            }
+            if !s.unanswered {
+                lingering.push(s.clone());
+                continue;
+            }
+            match api.delete_permanent(&s.hash, scrub).await? {
+                Deletion::Deleted | Deletion::Missing => lingering.push(Sent::answered(&s.hash)),
+                Deletion::Unanswered(_) => lingering.push(s.clone()),
             }
         }
         let list = api.list_id();
+        let all = hashes_of(sent);
         if lingering.is_empty() {
+            let lost: Vec<&str> = sent
+                .iter()
+                .filter(|s| s.unanswered)
+                .map(|s| s.hash.as_str())
+                .collect();
+            let note = if lost.is_empty() {
+                format!(
+                    "mailchimp: permanently deleted member {all} from audience {list}; the API \
+                     no longer returns it"
+                )
+            } else {
+                format!(
+                    "mailchimp: permanently deleted member {all} from audience {list}; the API \
+                     no longer returns it (the answer to this task's deletion of {} was lost, \
+                     and reading the member answers 404)",
+                    lost.join(", ")
+                )
+            };
             Ok(Outcome::Completed {
-                records_affected: deleted.len() as i64,
-                note: format!(
-                    "mailchimp: permanently deleted member {} from audience {list}; the API no \
-                     longer returns it",
-                    deleted.join(", ")
-                ),
+                records_affected: sent.len() as i64,
+                note,
                 files: Vec::new(),
                 erased: vec![ErasedCount {
                     target: format!("audience {list}"),
                     action: "deleted".into(),
-                    count: deleted.len() as i64,
+                    count: sent.len() as i64,
                 }],
             })
         } else {
+            // The handle keeps every member, so the count in the end covers them all.
+            let handle = handle_of(
+                &sent
+                    .iter()
+                    .map(|s| {
+                        lingering
+                            .iter()
+                            .find(|l| l.hash == s.hash)
+                            .unwrap_or(s)
+                            .clone()
+                    })
+                    .collect::<Vec<_>>(),
+            );
             Ok(Outcome::Accepted {
-                handle: deleted.join(","),
+                handle,
                 note: format!(
-                    "mailchimp: permanently deleted member {} from audience {list}; the API \
+                    "mailchimp: permanently deleted member {all} from audience {list}; the API \
                      still returns {}",
-                    deleted.join(", "),
-                    lingering.join(", ")
+                    hashes_of(&lingering)
                 ),
             })
         }
@@ -612,18 +686,17 @@ impl MailchimpConnector {
         };
         let scrub = Scrubber::for_task(task, &self.config.api_key);
         if let (RequestKind::Erasure, Phase::Confirm { handle }) = (task.kind, &task.phase) {
-            let hashes: Vec<String> = handle.split(',').map(str::to_string).collect();
-            if !hashes.iter().all(|h| is_subscriber_hash(h)) {
+            let Some(sent) = sent_of(handle) else {
                 return Err(ConnectorError::Permanent(format!(
                     "mailchimp: the confirmation handle {handle:?} is not a list of subscriber \
                      hashes"
                 )));
-            }
-            return self.confirm_erasure(api, &hashes, &scrub).await;
+            };
+            return self.confirm_erasure(api, &sent, &scrub).await;
         }
         let hashes = subscriber_hashes(&task.identities)?;
         match task.kind {
-            RequestKind::Erasure => self.erase(api, &hashes, &scrub).await,
+            RequestKind::Erasure => self.erase(api, &hashes, task.interrupted, &scrub).await,
             RequestKind::Objection => {
                 let body = json!({ "status": "unsubscribed" });
                 self.patch(api, &hashes, &body, "unsubscribed", &scrub)
@@ -690,6 +763,65 @@ impl Connector for MailchimpConnector {
     fn run_bulk<'a>(&'a self, job: &'a BulkJob) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
         Box::pin(self.run_bulk_job(job))
     }
+}
+
+/// A member whose permanent deletion this task sent, as an erasure's handle keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Sent {
+    /// The subscriber hash.
+    hash: String,
+    /// No answer came back to the delete: it may or may not have taken effect.
+    unanswered: bool,
+}
+
+impl Sent {
+    fn answered(hash: &str) -> Self {
+        Self {
+            hash: hash.to_string(),
+            unanswered: false,
+        }
+    }
+
+    fn unanswered(hash: &str) -> Self {
+        Self {
+            hash: hash.to_string(),
+            unanswered: true,
+        }
+    }
+}
+
+/// The handle of an erasure's sent deletes: their hashes, comma-separated, each `?`-prefixed
+/// when its delete went unanswered.
+fn handle_of(sent: &[Sent]) -> String {
+    sent.iter()
+        .map(|s| {
+            if s.unanswered {
+                format!("?{}", s.hash)
+            } else {
+                s.hash.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The hashes of `sent`, for notes.
+fn hashes_of(sent: &[Sent]) -> String {
+    sent.iter()
+        .map(|s| s.hash.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The sent deletes a handle of [`handle_of`] names; `None` when it names something else.
+fn sent_of(handle: &str) -> Option<Vec<Sent>> {
+    handle
+        .split(',')
+        .map(|item| match item.strip_prefix('?') {
+            Some(hash) => is_subscriber_hash(hash).then(|| Sent::unanswered(hash)),
+            None => is_subscriber_hash(item).then(|| Sent::answered(item)),
+        })
+        .collect()
 }
 
 /// The subscriber hashes of the subject's e-mail identities (raw ones hashed, MD5 ones as

@@ -39,6 +39,7 @@ pub(super) fn task(kind: RequestKind, identities: Vec<SubjectIdentity>) -> Task 
         due_at_ms: 2_000_000_000_000,
         now_ms: 1_700_000_000_000,
         phase: Phase::Start,
+        interrupted: false,
         export: None,
     }
 }
@@ -703,6 +704,163 @@ async fn a_slow_server_times_out_transiently() {
         matches!(&err, ConnectorError::Transient(m) if m.contains("timed out")),
         "{err:?}"
     );
+}
+
+/// A connector whose calls give up after 200 ms, against a fake whose next call takes
+/// effect and answers a second late: the delete happens, its answer is lost.
+fn losing_the_next_answer(fake: &FakeMailchimp) -> MailchimpConnector {
+    let mut a = fake.audience();
+    a.late_answers = 1;
+    a.late_answer_ms = 1_000;
+    MailchimpConnector::new(MailchimpConfig {
+        timeout_ms: 200,
+        ..config(&fake.base_url)
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_lost_answer_to_the_delete_is_confirmed_by_reading_as_this_tasks_erasure() {
+    let (fake, _, hash) = setup().await;
+    let connector = losing_the_next_answer(&fake);
+    let out = connector
+        .run(&task(RequestKind::Erasure, vec![email(MAIJA)]))
+        .await
+        .unwrap();
+    let Outcome::Completed {
+        records_affected: 1,
+        note,
+        erased,
+        ..
+    } = out
+    else {
+        panic!("{out:?}");
+    };
+    assert!(note.contains("answer to this task's deletion"), "{note}");
+    assert_clean(&note);
+    assert_eq!(erased[0].count, 1);
+    assert!(fake.member(&hash).is_none());
+    assert_eq!(
+        fake.audience().calls,
+        [
+            format!("POST /3.0/lists/{LIST}/members/{hash}/actions/delete-permanent"),
+            format!("GET /3.0/lists/{LIST}/members/{hash}"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_lost_answer_keeps_the_delete_in_the_handle_so_the_retry_is_not_not_found() {
+    let (fake, _, hash) = setup().await;
+    let connector = losing_the_next_answer(&fake);
+    // The reading right after fails too: the task waits with the delete in its handle.
+    fake.audience().unavailable_gets = 1;
+    let mut t = task(RequestKind::Erasure, vec![email(MAIJA)]);
+    let out = connector.run(&t).await.unwrap();
+    let Outcome::Accepted { handle, note } = out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(handle, format!("?{hash}"));
+    assert!(note.contains("its answer was lost"), "{note}");
+    assert_clean(&note);
+    assert!(fake.member(&hash).is_none(), "the delete took effect");
+    // Started afresh, the delete would answer 404 and the task NOT_FOUND; the handle makes
+    // the next step a reading, and the erasure this task's own.
+    t.phase = Phase::Confirm { handle };
+    let done = connector.run(&t).await.unwrap();
+    let Outcome::Completed {
+        records_affected: 1,
+        note,
+        ..
+    } = done
+    else {
+        panic!("{done:?}");
+    };
+    assert!(note.contains("was lost"), "{note}");
+    let posts = fake
+        .audience()
+        .calls
+        .iter()
+        .filter(|c| c.starts_with("POST"))
+        .count();
+    assert_eq!(posts, 1, "the retry only reads");
+}
+
+#[tokio::test]
+async fn after_a_cut_off_call_a_404_is_read_as_this_tasks_erasure() {
+    let (fake, connector, hash) = setup().await;
+    let mut t = task(RequestKind::Erasure, vec![email(MAIJA)]);
+    // The call the processor never recorded the answer of: the member went.
+    assert!(matches!(
+        connector.run(&t).await.unwrap(),
+        Outcome::Completed { .. }
+    ));
+    t.interrupted = true;
+    let out = connector.run(&t).await.unwrap();
+    let Outcome::Completed {
+        records_affected: 1,
+        note,
+        erased,
+        ..
+    } = out
+    else {
+        panic!("{out:?}");
+    };
+    assert!(note.contains("reading the member answers 404"), "{note}");
+    assert_eq!(erased[0].count, 1);
+    assert!(fake.member(&hash).is_none());
+    // Without a cut-off call, the same answers mean the member was never there.
+    t.interrupted = false;
+    let out = connector.run(&t).await.unwrap();
+    assert!(matches!(out, Outcome::NotFound { .. }), "{out:?}");
+}
+
+#[tokio::test]
+async fn a_delete_that_went_unanswered_and_did_not_land_is_sent_again() {
+    let (fake, connector, hash) = setup().await;
+    // The handle of a delete whose answer was lost, for a member that is still there.
+    let mut t = task(RequestKind::Erasure, vec![email(MAIJA)]);
+    t.phase = Phase::Confirm {
+        handle: format!("?{hash}"),
+    };
+    let out = connector.run(&t).await.unwrap();
+    let Outcome::Accepted { handle, .. } = out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(handle, hash, "sent again, and answered");
+    assert!(fake.member(&hash).is_none());
+    t.phase = Phase::Confirm { handle };
+    let done = connector.run(&t).await.unwrap();
+    assert!(
+        matches!(
+            done,
+            Outcome::Completed {
+                records_affected: 1,
+                ..
+            }
+        ),
+        "{done:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_subject_never_there_stays_not_found_and_a_bad_handle_is_permanent() {
+    let (fake, connector, _) = setup().await;
+    let out = connector
+        .run(&task(
+            RequestKind::Erasure,
+            vec![email("nobody@example.fi")],
+        ))
+        .await
+        .unwrap();
+    assert!(matches!(out, Outcome::NotFound { .. }), "{out:?}");
+    let mut t = task(RequestKind::Erasure, vec![email(MAIJA)]);
+    t.phase = Phase::Confirm {
+        handle: "?not-a-hash".into(),
+    };
+    let err = connector.run(&t).await.unwrap_err();
+    assert!(matches!(err, ConnectorError::Permanent(_)), "{err:?}");
+    assert_eq!(fake.audience().members.len(), 2);
 }
 
 #[test]

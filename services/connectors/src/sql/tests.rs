@@ -63,6 +63,7 @@ fn task(kind: RequestKind, identities: Vec<SubjectIdentity>, now_ms: i64, phase:
         due_at_ms: now_ms + 30 * DAY_MS,
         now_ms,
         phase,
+        interrupted: false,
         export: None,
     }
 }

@@ -275,12 +275,15 @@ impl Store {
     }
 
     /// Records a running bulk step's new progress, the task otherwise unchanged, and queues
-    /// its acknowledgement, if the task is still at `expected_sequence` and IN_PROGRESS.
-    /// Returns the new sequence.
+    /// its acknowledgement, if the task is still at `expected_sequence`, IN_PROGRESS, and
+    /// held by the claim `lease_owner`. Returns the new sequence. A step whose lease was
+    /// taken by another claim records nothing: its progress would move the sequence under
+    /// the new holder's step, which could then record no outcome.
     pub async fn record_progress(
         &self,
         key: &TaskKey,
         expected_sequence: i64,
+        lease_owner: &str,
         phase: ContractPhase,
         p: BulkProgress,
         now: i64,
@@ -290,7 +293,7 @@ impl Store {
             "UPDATE tasks SET sequence = $1, contract_phase = $2, subjects_done = $3, \
              subjects_total = $4, records_done = $5, records_total = $6, updated_at = $7 \
              WHERE controller = $8 AND request_id = $9 AND subprocessor = $10 \
-             AND sequence = $11 AND state = $12 RETURNING {TASK_COLUMNS}"
+             AND sequence = $11 AND state = $12 AND lease_owner = $13 RETURNING {TASK_COLUMNS}"
         ))
         .bind(expected_sequence + 1)
         .bind(i64::from(phase as i32))
@@ -304,6 +307,7 @@ impl Store {
         .bind(&key.subprocessor)
         .bind(expected_sequence)
         .bind(i64::from(TaskState::InProgress as i32))
+        .bind(lease_owner)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row.map(TaskRow::from) else {

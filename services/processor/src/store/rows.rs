@@ -57,6 +57,12 @@ pub struct TaskRow {
     pub counts: BulkProgress,
     /// A SCHEDULED contract end task's start (ms).
     pub scheduled_at: Option<i64>,
+    /// When the request was cancelled while the holder worked on this task (ms): its outcome
+    /// is recorded as what the holder did, saying the cancellation came too late.
+    pub cancel_requested_at: Option<i64>,
+    /// When the runner last called the holder without yet recording the answer (ms): set
+    /// at a claim, the call was cut off and the holder may have done the work.
+    pub call_started_at: Option<i64>,
 }
 
 impl TaskRow {
@@ -69,6 +75,7 @@ impl TaskRow {
             records_affected: self.records_affected,
             attempts: self.attempts,
             phase: self.phase,
+            cancel_requested: self.cancel_requested_at.is_some(),
         }
     }
 
@@ -149,7 +156,7 @@ pub(super) fn state_value(state: TaskState) -> i64 {
 pub(super) const TASK_COLUMNS: &str = "controller, request_id, subprocessor, state, sequence, \
     attempts, records_affected, confirmed, note, reason, legal_basis, retain_until, updated_at, \
     handle, transfer_receipt, contract_phase, subjects_done, subjects_total, records_done, \
-    records_total, scheduled_at";
+    records_total, scheduled_at, cancel_requested_at, call_started_at";
 
 /// A `tasks` row as stored.
 #[derive(Debug, sqlx::FromRow)]
@@ -175,6 +182,8 @@ pub(super) struct TaskRecord {
     records_done: i64,
     records_total: i64,
     scheduled_at: Option<i64>,
+    cancel_requested_at: Option<i64>,
+    call_started_at: Option<i64>,
 }
 
 impl From<TaskRecord> for TaskRow {
@@ -214,6 +223,8 @@ impl From<TaskRecord> for TaskRow {
                 records_total: count(r.records_total),
             },
             scheduled_at: r.scheduled_at,
+            cancel_requested_at: r.cancel_requested_at,
+            call_started_at: r.call_started_at,
         }
     }
 }
@@ -233,7 +244,7 @@ pub(super) fn stored_count(v: u64) -> i64 {
 pub(super) const JOINED_SELECT: &str = "SELECT t.controller, t.request_id, t.subprocessor, \
     t.state, t.sequence, t.attempts, t.records_affected, t.confirmed, t.note, t.reason, \
     t.legal_basis, t.retain_until, t.updated_at, t.handle, t.transfer_receipt, t.contract_phase, \
-    t.subjects_done, t.subjects_total, t.records_done, t.records_total, t.scheduled_at, r.body, \
+    t.subjects_done, t.subjects_total, t.records_done, t.records_total, t.scheduled_at, t.cancel_requested_at, t.call_started_at, r.body, \
     r.due_at, r.traceparent \
     FROM tasks t JOIN requests r ON r.controller = t.controller AND r.request_id = t.request_id";
 

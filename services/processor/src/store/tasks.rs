@@ -2,7 +2,8 @@
 //! and recording each change of state together with its acknowledgement. A claim leases a
 //! task under a random token; the runner's renewals, transitions and postponements match
 //! it, so once a lease is lost (it ran out and another claim took the task) the old runner
-//! changes nothing.
+//! changes nothing. Leases are set and compared on the database's clock
+//! ([`super::db_now_ms`]); everything else (next attempts, due dates) is on the processor's.
 
 use anyhow::Result;
 use dsrelay_proto::prost::Message;
@@ -154,9 +155,12 @@ impl Store {
         Ok(rows.into_iter().map(TaskRow::from).collect())
     }
 
-    /// Cancels a request's tasks as the state machine says (the unfinished ones); writes a
-    /// tombstone when the request is unknown, so a delivery that arrives later creates no
-    /// tasks.
+    /// Cancels a request's tasks as the state machine says: those not started, or between
+    /// attempts, become CANCELLED; those whose holder is working (under a runner's lease, or
+    /// with accepted work awaiting confirmation) keep their state and are marked
+    /// (`cancel_requested_at` and a reason saying so), so that what the holder did is what
+    /// they report. Writes a tombstone when the request is unknown, so a delivery that
+    /// arrives later creates no tasks. Answers the tasks as they now stand.
     pub async fn cancel(
         &self,
         controller: &str,
@@ -164,6 +168,7 @@ impl Store {
         reason: &str,
         now: i64,
     ) -> Result<Vec<TaskRow>> {
+        let db_now = super::db_now_ms(self.db.backend);
         let mut tx = self.db.pool.begin().await?;
         sqlx::query(
             "INSERT INTO requests (controller, request_id, kind, body, received_at, due_at, \
@@ -178,6 +183,17 @@ impl Store {
         .bind(reason)
         .execute(&mut *tx)
         .await?;
+        // Locked: a runner's start or outcome committing meanwhile is read, not overwritten
+        // (on SQLite the transaction's first write already holds every other writer off).
+        let leases: Vec<(String, i64)> = sqlx::query_as(&format!(
+            "SELECT subprocessor, CAST(CASE WHEN lease_until > {db_now} THEN 1 ELSE 0 END \
+             AS BIGINT) AS leased FROM tasks WHERE controller = $1 AND request_id = $2{}",
+            self.db.backend.lock_rows()
+        ))
+        .bind(controller)
+        .bind(request_id)
+        .fetch_all(&mut *tx)
+        .await?;
         let rows: Vec<TaskRecord> = sqlx::query_as(&format!(
             "SELECT {TASK_COLUMNS} FROM tasks WHERE controller = $1 AND request_id = $2"
         ))
@@ -186,19 +202,42 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         for task in rows.into_iter().map(TaskRow::from) {
-            let event = Event::Cancel { reason };
-            if let Decision::Move(t) = decide(&task.current(), event, &Context::at(now)) {
-                let issuer = self.issuer.as_deref();
-                certified_transition(
-                    &mut tx,
-                    issuer,
-                    &task.key,
-                    task.sequence,
-                    &t,
-                    now,
-                    task.attempts,
-                )
-                .await?;
+            let leased = leases
+                .iter()
+                .any(|(s, l)| *s == task.key.subprocessor && *l != 0);
+            let event = Event::Cancel { reason, leased };
+            match decide(&task.current(), event, &Context::at(now)) {
+                Decision::Move(t) => {
+                    let issuer = self.issuer.as_deref();
+                    certified_transition(
+                        &mut tx,
+                        issuer,
+                        &task.key,
+                        task.sequence,
+                        &t,
+                        now,
+                        task.attempts,
+                    )
+                    .await?;
+                }
+                // The sequence stays: the runner's renewals and outcome still match it.
+                Decision::Mark { reason } => {
+                    let key = &task.key;
+                    sqlx::query(
+                        "UPDATE tasks SET cancel_requested_at = $1, reason = $2 \
+                         WHERE controller = $3 AND request_id = $4 AND subprocessor = $5 \
+                         AND sequence = $6",
+                    )
+                    .bind(now)
+                    .bind(crate::text::fit(&reason, crate::text::MAX_REASON).as_ref())
+                    .bind(&key.controller)
+                    .bind(&key.request_id)
+                    .bind(&key.subprocessor)
+                    .bind(task.sequence)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                _ => {}
             }
         }
         tx.commit().await?;
@@ -207,19 +246,25 @@ impl Store {
 
     /// Reserves runnable tasks (PENDING; IN_PROGRESS waiting for a retry or a confirmation;
     /// RETAINED whose date has come) for `lease_ms` and counts the attempt each claim starts.
+    /// Of a cancelled request, only tasks whose holder was working when the cancellation came
+    /// are taken (to learn what it did), and RETAINED ones at their date (the erasure was
+    /// done but for what the law kept, which goes when it may); the others are never started.
     /// Each claim writes a new random lease token ([`TaskJob::lease_owner`]), so a runner
     /// whose lease ran out no longer matches once another claim took the task.
     ///
-    /// `now` is the processor's clock (the one tests move), as for renewals
-    /// ([`Store::extend_lease`]): one clock decides both when a lease ends and whether it is
-    /// still held, and it is the clock tests move. Replicas compare each other's leases on
-    /// their own clocks, so their clocks must agree to well within a lease.
+    /// `now` (the processor's clock, the one tests move) decides which tasks are due; the
+    /// lease is set and compared on the database's clock ([`super::db_now_ms`]), as renewals
+    /// ([`Store::extend_lease`]) are, so replicas agree on when a lease ends whatever their
+    /// own clocks say.
     pub async fn claim_tasks(&self, now: i64, limit: i64, lease_ms: i64) -> Result<Vec<TaskJob>> {
         let lock = self.db.backend.skip_locked_of("t");
+        let db_now = super::db_now_ms(self.db.backend);
         let mut tx = self.db.pool.begin().await?;
         let rows: Vec<JoinedRecord> = sqlx::query_as(&format!(
             "{JOINED_SELECT} WHERE t.state IN ({pending}, {in_progress}, {retained}) \
-             AND t.next_attempt_at <= $1 AND t.lease_until <= $1 \
+             AND t.next_attempt_at <= $1 AND t.lease_until <= {db_now} \
+             AND (r.cancelled_at IS NULL OR t.cancel_requested_at IS NOT NULL \
+             OR t.state = {retained}) \
              ORDER BY t.next_attempt_at LIMIT $2{lock}",
             // Literals, not parameters: only then can the planner use the partial index
             // `tasks_runnable` (WHERE state IN (1, 2, 5)) instead of scanning every task.
@@ -238,11 +283,11 @@ impl Store {
             job.task.attempts += 1;
             job.lease_owner = uuid::Uuid::new_v4().to_string();
             let key = &job.task.key;
-            sqlx::query(
-                "UPDATE tasks SET lease_until = $1, attempts = attempts + 1, lease_owner = $5 \
-                 WHERE controller = $2 AND request_id = $3 AND subprocessor = $4",
-            )
-            .bind(now + lease_ms)
+            sqlx::query(&format!(
+                "UPDATE tasks SET lease_until = {db_now} + $1, attempts = attempts + 1, \
+                 lease_owner = $5 WHERE controller = $2 AND request_id = $3 AND subprocessor = $4"
+            ))
+            .bind(lease_ms)
             .bind(&key.controller)
             .bind(&key.request_id)
             .bind(&key.subprocessor)
@@ -316,7 +361,7 @@ impl Store {
         error: Option<&str>,
     ) -> Result<bool> {
         let done = sqlx::query(
-            "UPDATE tasks SET next_attempt_at = $1, lease_until = 0, \
+            "UPDATE tasks SET next_attempt_at = $1, lease_until = 0, call_started_at = NULL, \
              last_error = COALESCE($2, last_error) WHERE controller = $3 AND request_id = $4 \
              AND subprocessor = $5 AND sequence = $6 AND lease_owner = $7",
         )
@@ -333,29 +378,55 @@ impl Store {
         Ok(done > 0)
     }
 
-    /// Keeps a task claimed by `lease_owner` reserved until `until` while its connector runs
-    /// longer than one lease. Answers whether it did: not when the task changed, another
-    /// claim took it, or the lease had already ended at `now` (another replica may claim it
-    /// any moment, so it is not revived). `now` is the processor's clock, as for claims.
+    /// Keeps a task claimed by `lease_owner` reserved for `lease_ms` more from now (the
+    /// database's clock, as for claims) while its connector runs longer than one lease.
+    /// Answers whether it did: not when the task changed, another claim took it, or the lease
+    /// had already ended (another replica may claim it any moment, so it is not revived).
     pub async fn extend_lease(
         &self,
         key: &TaskKey,
         expected_sequence: i64,
         lease_owner: &str,
-        now: i64,
-        until: i64,
+        lease_ms: i64,
     ) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE tasks SET lease_until = $1 WHERE controller = $2 AND request_id = $3 \
-             AND subprocessor = $4 AND sequence = $5 AND lease_owner = $6 AND lease_until > $7",
-        )
-        .bind(until)
+        let db_now = super::db_now_ms(self.db.backend);
+        let done = sqlx::query(&format!(
+            "UPDATE tasks SET lease_until = {db_now} + $1 WHERE controller = $2 \
+             AND request_id = $3 AND subprocessor = $4 AND sequence = $5 AND lease_owner = $6 \
+             AND lease_until > {db_now}"
+        ))
+        .bind(lease_ms)
         .bind(&key.controller)
         .bind(&key.request_id)
         .bind(&key.subprocessor)
         .bind(expected_sequence)
         .bind(lease_owner)
+        .execute(&self.db.pool)
+        .await?
+        .rows_affected();
+        Ok(done > 0)
+    }
+
+    /// Notes, for the claim `lease_owner`, that its holder is being called at `now`: until
+    /// the step records the answer (or postpones the task), a later claim knows the call was
+    /// cut off ([`TaskRow::call_started_at`]). Answers whether the claim still held the task.
+    pub async fn call_started(
+        &self,
+        key: &TaskKey,
+        expected_sequence: i64,
+        lease_owner: &str,
+        now: i64,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tasks SET call_started_at = $1 WHERE controller = $2 AND request_id = $3 \
+             AND subprocessor = $4 AND sequence = $5 AND lease_owner = $6",
+        )
         .bind(now)
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .bind(expected_sequence)
+        .bind(lease_owner)
         .execute(&self.db.pool)
         .await?
         .rows_affected();
@@ -474,10 +545,12 @@ async fn step_transition(
     } else {
         ""
     };
+    let db_now = super::db_now_in(tx);
     let sql = format!(
         "UPDATE tasks SET state = $1, sequence = $2, records_affected = $3, confirmed = $4, \
          note = $5, reason = $6, legal_basis = $7, retain_until = $8, updated_at = $9, \
-         attempts = $10, lease_until = $18, next_attempt_at = $15, handle = $16, \
+         attempts = $10, lease_until = CASE WHEN $18 > 0 THEN {db_now} + $18 ELSE 0 END, \
+         next_attempt_at = $15, handle = $16, \
          export_files = COALESCE($17, export_files), \
          transfer_receipt = COALESCE($19, transfer_receipt), \
          contract_phase = COALESCE($20, contract_phase), \
@@ -485,7 +558,7 @@ async fn step_transition(
          subjects_total = COALESCE($22, subjects_total), \
          records_done = COALESCE($23, records_done), \
          records_total = COALESCE($24, records_total), \
-         scheduled_at = COALESCE($25, scheduled_at) \
+         scheduled_at = COALESCE($25, scheduled_at), call_started_at = NULL \
          WHERE controller = $11 AND request_id = $12 AND subprocessor = $13 AND sequence = $14\
          {held} RETURNING contract_phase, subjects_done, subjects_total, records_done, \
          records_total, scheduled_at",
@@ -513,7 +586,7 @@ async fn step_transition(
                 .map(serde_json::to_string)
                 .transpose()?,
         )
-        .bind(t.hold_until.unwrap_or(0))
+        .bind(t.hold_ms.unwrap_or(0))
         .bind(t.transfer_receipt.as_ref().map(Message::encode_to_vec))
         .bind(step.map(|c| i64::from(c.phase as i32)))
         .bind(counts.map(|p| stored_count(p.subjects_done)))
