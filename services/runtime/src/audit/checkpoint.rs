@@ -318,7 +318,10 @@ mod tests {
                 key.public_key().key_id()
             )
         );
-        assert_eq!(check(std::slice::from_ref(&signed), &key.public_key()).unwrap(), [c]);
+        assert_eq!(
+            check(std::slice::from_ref(&signed), &key.public_key()).unwrap(),
+            [c]
+        );
         // One line in the file, read back the same.
         let line = signed.to_json_line().unwrap();
         assert!(!line.contains('\n'));
