@@ -55,10 +55,10 @@ impl Checkpointer {
         self.key.public_key()
     }
 
-    /// Every checkpoint in the file, in order.
-    pub(crate) async fn read(&self) -> Result<Vec<Signed>> {
+    /// Up to `limit` checkpoints after `after_seq` from the file, and whether more follow.
+    pub(crate) async fn page(&self, after_seq: u64, limit: usize) -> Result<(Vec<Signed>, bool)> {
         let file = self.file.clone();
-        tokio::task::spawn_blocking(move || file.read()).await?
+        tokio::task::spawn_blocking(move || file.page(after_seq, limit)).await?
     }
 
     /// Signs the trail's head if it moved since `last` (read from the file first when not

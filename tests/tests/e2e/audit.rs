@@ -20,7 +20,9 @@ use crate::harness::dsrctl::dsrctl;
 use crate::harness::{
     count, database_url, erasure, in_state, spawn_pair, wait_until, Backend, PairOptions, TestPair,
 };
+use dsrelay_proto::v1::ListAuditCheckpointsRequest;
 use dsrelay_runtime::audit::checkpoint::{self, Checkpoint};
+use tonic_types::StatusExt;
 
 /// `dsrctl audit verify ARGS` as the operator, expecting `code`; returns stdout.
 async fn verify(setup: &TestPair, args: &[&str], code: i32) -> String {
@@ -458,6 +460,46 @@ async fn checkpoints_catch_what_the_chain_cannot(backend: Backend) {
     let run = dsrctl(&pair, "processor", &["audit", "checkpoints"]).await;
     run.expect_code(2);
     assert!(run.stderr.contains("PERMISSION_DENIED"), "{}", run.stderr);
+    // Paged one by one over the RPC, with the key that checks them; a page size out of
+    // range is named.
+    let mut partner = pair.client("partner-crm");
+    let (mut paged, mut after) = (Vec::new(), 0);
+    loop {
+        let page = partner
+            .list_audit_checkpoints(ListAuditCheckpointsRequest {
+                after_seq: after,
+                page_size: 1,
+            })
+            .await
+            .expect("page")
+            .into_inner();
+        let public = dsrelay_runtime::signing::PublicKey::from_config(&key).expect("key");
+        assert_eq!(page.public_key, public.to_base64());
+        assert_eq!(page.key_id, public.key_id());
+        assert!(page.checkpoints.len() <= 1);
+        paged.extend(page.checkpoints.into_iter().map(|c| c.body));
+        if page.next_after_seq == 0 {
+            break;
+        }
+        after = page.next_after_seq;
+    }
+    let bodies: Vec<String> = on_file
+        .iter()
+        .map(|c| {
+            String::from_utf8(dsrelay_runtime::signing::to_canonical_json(c).unwrap()).unwrap()
+        })
+        .collect();
+    assert_eq!(paged, bodies);
+    let status = partner
+        .list_audit_checkpoints(ListAuditCheckpointsRequest {
+            after_seq: 0,
+            page_size: 2_000_000_000,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let bad = status.get_details_bad_request().expect("field violations");
+    assert_eq!(bad.field_violations[0].field, "page_size", "{status:?}");
 
     // Rewritten from the first entry after the early checkpoint on, with fresh hashes.
     drop_audit_triggers(&db, backend).await;

@@ -33,39 +33,23 @@ impl Api {
                 "this registry signs no audit checkpoints (audit.checkpoints = false)",
             ));
         };
-        let mut page = Vec::new();
-        let mut more = false;
-        for (i, signed) in checkpointer
-            .read()
+        let (page, more) = checkpointer
+            .page(r.after_seq, page_size)
             .await
-            .map_err(|e| ApiError::data_loss(format!("the checkpoint file cannot be read: {e:#}")))?
-            .into_iter()
-            .enumerate()
-        {
-            let seq = Checkpoint::read_unchecked(&signed)
-                .map_err(|e| {
-                    ApiError::data_loss(format!("checkpoint {} in the file: {e:#}", i + 1))
-                })?
-                .seq;
-            if seq <= r.after_seq {
-                continue;
+            .map_err(|e| ApiError::data_loss(format!("the checkpoint file: {e:#}")))?;
+        let next_after_seq = match page.last() {
+            Some(last) if more => {
+                Checkpoint::read_unchecked(last)
+                    .map_err(ApiError::unexpected)?
+                    .seq
             }
-            if page.len() == page_size {
-                more = true;
-                break;
-            }
-            page.push((seq, signed));
-        }
-        let next_after_seq = if more {
-            page.last().map_or(0, |(seq, _)| *seq)
-        } else {
-            0
+            _ => 0,
         };
         let key = checkpointer.public_key();
         Ok(AuditCheckpoints {
             checkpoints: page
                 .into_iter()
-                .map(|(_, s)| AuditCheckpoint {
+                .map(|s| AuditCheckpoint {
                     // Checkpoints are signed as UTF-8 JSON text; lossless here.
                     body: String::from_utf8_lossy(&s.body).into_owned(),
                     signature: s.signature,

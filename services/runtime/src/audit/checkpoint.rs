@@ -202,6 +202,39 @@ impl CheckpointFile {
         parse_lines(&text).with_context(|| format!("reading {}", self.path.display()))
     }
 
+    /// Up to `limit` checkpoints over a seq after `after_seq`, in order, and whether more
+    /// follow; read line by line, so a long file is never held whole. Blocks.
+    pub fn page(&self, after_seq: u64, limit: usize) -> Result<(Vec<Signed>, bool)> {
+        use std::io::BufRead as _;
+        let file = match std::fs::File::open(&self.path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), false)),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", self.path.display())),
+        };
+        let mut page = Vec::new();
+        let mut index = 0;
+        for line in std::io::BufReader::new(file).lines() {
+            let line = line.with_context(|| format!("reading {}", self.path.display()))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            index += 1;
+            let signed = Signed::from_file_json(&line)
+                .map_err(|e| CheckpointError::Unreadable(index, format!("{e:#}")))?;
+            let seq = Checkpoint::read_unchecked(&signed)
+                .map_err(|e| CheckpointError::NotACheckpoint(index, format!("{e:#}")))?
+                .seq;
+            if seq <= after_seq {
+                continue;
+            }
+            if page.len() == limit {
+                return Ok((page, true));
+            }
+            page.push(signed);
+        }
+        Ok((page, false))
+    }
+
     /// What the last checkpoint in the file states, unchecked. Blocks.
     pub fn last(&self) -> Result<Option<Checkpoint>> {
         self.read()?
@@ -454,6 +487,9 @@ mod tests {
         file.append(&signed[1]).unwrap();
         assert_eq!(file.read().unwrap(), signed[..2]);
         assert_eq!(file.last().unwrap().map(|c| c.seq), Some(2));
+        assert_eq!(file.page(0, 1).unwrap(), (signed[..1].to_vec(), true));
+        assert_eq!(file.page(1, 1).unwrap(), (signed[1..2].to_vec(), false));
+        assert_eq!(file.page(2, 10).unwrap(), (vec![], false));
         // A crash cut the next line short: the one after it still gets a line of its own,
         // and the cut line is reported, never passed over.
         let mut f = std::fs::OpenOptions::new()
