@@ -235,12 +235,20 @@ impl CheckpointFile {
         Ok((page, false))
     }
 
-    /// What the last checkpoint in the file states, unchecked. Blocks.
+    /// What the last readable checkpoint in the file states, unchecked: a line a crash cut
+    /// short after it is passed over, so the service goes on signing after it (readers of
+    /// the file still see the cut line and name it). Blocks.
     pub fn last(&self) -> Result<Option<Checkpoint>> {
-        self.read()?
-            .last()
-            .map(Checkpoint::read_unchecked)
-            .transpose()
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", self.path.display())),
+        };
+        Ok(text.lines().rev().find_map(|line| {
+            Signed::from_file_json(line)
+                .ok()
+                .and_then(|s| Checkpoint::read_unchecked(&s).ok())
+        }))
     }
 }
 
@@ -490,13 +498,15 @@ mod tests {
         assert_eq!(file.page(0, 1).unwrap(), (signed[..1].to_vec(), true));
         assert_eq!(file.page(1, 1).unwrap(), (signed[1..2].to_vec(), false));
         assert_eq!(file.page(2, 10).unwrap(), (vec![], false));
-        // A crash cut the next line short: the one after it still gets a line of its own,
-        // and the cut line is reported, never passed over.
+        // A crash cut the next line short: the writer goes on from the last whole checkpoint,
+        // the one after it still gets a line of its own, and readers name the cut line
+        // rather than pass over it.
         let mut f = std::fs::OpenOptions::new()
             .append(true)
             .open(file.path())
             .unwrap();
         f.write_all(b"{\"body\":\"{\\\"at").unwrap();
+        assert_eq!(file.last().unwrap().map(|c| c.seq), Some(2));
         file.append(&signed[2]).unwrap();
         let text = std::fs::read_to_string(file.path()).unwrap();
         assert_eq!(text.lines().count(), 4);
@@ -505,5 +515,6 @@ mod tests {
             [signed[2].clone()]
         );
         assert!(file.read().is_err());
+        assert!(file.page(0, 10).is_err());
     }
 }
