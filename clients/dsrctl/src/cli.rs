@@ -125,7 +125,8 @@ pub enum Command {
     /// Run the whole service pair on this machine for development.
     #[command(subcommand)]
     Dev(DevCommand),
-    /// The registry's tamper-evident audit trail (operators only).
+    /// The registry's tamper-evident audit trail (operators only) and its signed checkpoints
+    /// (partners too).
     #[command(subcommand)]
     Audit(AuditCommand),
     /// Deletion certificates: signed statements by a processor of what an erasure removed
@@ -380,8 +381,15 @@ pub enum AuditCommand {
     /// Read the whole audit trail and check its hash chain; exits 0 if it is intact and 1
     /// naming the first entry that was modified, inserted or removed. Keep the printed last
     /// hash: passed to --anchor later, it also catches entries removed from the end and a
-    /// trail rewritten up to that entry.
+    /// trail rewritten up to that entry. With the registry's signed checkpoints
+    /// (--checkpoints FILE or --fetch-checkpoints, and --checkpoint-key), it also checks
+    /// every checkpoint's signature and that the trail still holds every checkpointed
+    /// entry, naming the checkpoint a rewritten or cut trail no longer matches.
     Verify(AuditVerifyArgs),
+    /// Print the registry's signed audit checkpoints, one JSON line each, as its checkpoint
+    /// file holds them (partners and operators): keep them where the registry's operators
+    /// cannot change them, and verify against them later (`audit verify --checkpoints`).
+    Checkpoints(AuditCheckpointsArgs),
 }
 
 /// Arguments of `dsrctl audit verify`.
@@ -390,6 +398,33 @@ pub struct AuditVerifyArgs {
     /// Require entry SEQ to have hash HASH, as an earlier verification printed them.
     #[arg(long, value_name = "SEQ:HASH", value_parser = parse_anchor)]
     pub anchor: Option<(u64, String)>,
+    /// Check the trail against the signed checkpoints in FILE (JSON lines, as the registry's
+    /// checkpoint file or `dsrctl audit checkpoints` hold them).
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "checkpoint_key",
+        conflicts_with = "fetch_checkpoints"
+    )]
+    pub checkpoints: Option<PathBuf>,
+    /// Check the trail against the signed checkpoints the registry serves
+    /// (ListAuditCheckpoints).
+    #[arg(long, requires = "checkpoint_key")]
+    pub fetch_checkpoints: bool,
+    /// The public key that checks the checkpoints: the base64 of its 32 bytes, or a file
+    /// holding it (SPKI PEM, as `dsrctl pki init` writes registry-signing.pub.pem). Get it
+    /// from the registry's operator another way than from the registry itself.
+    #[arg(long, value_name = "PUBKEY")]
+    pub checkpoint_key: Option<String>,
+}
+
+/// Arguments of `dsrctl audit checkpoints`.
+#[derive(Debug, Clone, Args)]
+pub struct AuditCheckpointsArgs {
+    /// Only checkpoints over a larger seq than this (to fetch what is new since the last
+    /// one kept).
+    #[arg(long, value_name = "SEQ", default_value_t = 0)]
+    pub after_seq: u64,
 }
 
 /// `SEQ:HASH` with a positive seq and a hex SHA-256.

@@ -594,7 +594,8 @@ pub(crate) struct PkiView {
     pub(crate) created: bool,
     pub(crate) ca: String,
     pub(crate) parties: Vec<PkiPartyView>,
-    /// The processors' deletion-certificate signing keys.
+    /// The processors' deletion-certificate signing keys and the registries' audit
+    /// checkpoint keys.
     pub(crate) signing_keys: Vec<PkiSigningKeyView>,
     /// The folders given to single parties (`--install`).
     pub(crate) installed: Vec<PkiInstalledView>,
@@ -607,13 +608,15 @@ pub(crate) struct PkiInstalledView {
     pub(crate) dir: String,
 }
 
-/// One processor's certificate signing key in `pki init`.
+/// One party's signing key in `pki init`.
 #[derive(Debug, Serialize)]
 pub(crate) struct PkiSigningKeyView {
     pub(crate) party: String,
-    /// The private key (PKCS#8 PEM): the processor's `signing_key`.
+    /// The private key (PKCS#8 PEM): a processor's `signing_key`, a registry's
+    /// `audit.checkpoint_key`.
     pub(crate) key: String,
-    /// Its public key (SPKI PEM): the registry's `public_key` for the processor.
+    /// Its public key (SPKI PEM): the registry's `public_key` for a processor; for a
+    /// registry, what `dsrctl audit verify --checkpoint-key` checks its checkpoints with.
     pub(crate) public_key: String,
 }
 

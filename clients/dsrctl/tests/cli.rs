@@ -61,11 +61,16 @@ fn pki_init_creates_the_files_and_lists_identities() {
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["created"], false);
     assert_eq!(doc["parties"].as_array().unwrap().len(), DEV_PARTIES.len());
-    // The processor's deletion-certificate key, and its public half for the registry.
-    assert_eq!(doc["signing_keys"][0]["party"], "processor");
-    for file in ["key", "public_key"] {
-        let path = doc["signing_keys"][0][file].as_str().unwrap();
-        assert!(std::path::Path::new(path).is_file(), "{path}");
+    // The processor's deletion-certificate key, and its public half for the registry; each
+    // registry's audit checkpoint key, and its public half for verifiers.
+    let keys = doc["signing_keys"].as_array().unwrap();
+    let parties: Vec<&str> = keys.iter().map(|k| k["party"].as_str().unwrap()).collect();
+    assert_eq!(parties, ["registry", "registry-retailer", "processor"]);
+    for k in keys {
+        for file in ["key", "public_key"] {
+            let path = k[file].as_str().unwrap();
+            assert!(std::path::Path::new(path).is_file(), "{path}");
+        }
     }
     assert_eq!(
         std::fs::read(tmp.path().join("pki/ca.pem")).unwrap(),

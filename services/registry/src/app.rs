@@ -24,6 +24,7 @@ use tonic::transport::Channel;
 
 use crate::api::{Api, Uploading};
 use crate::auth::Authorizer;
+use crate::checkpoints::Checkpointer;
 use crate::config::Config;
 use crate::intake::{self, Writer};
 use crate::packages::{FolderStore, Packages};
@@ -64,6 +65,9 @@ pub(crate) struct Shared {
     /// Turns true when shutdown begins, so Watch streams end at once instead of holding
     /// the server open.
     pub stopping: tokio::sync::watch::Sender<bool>,
+    /// Signs the audit trail's checkpoints and reads them back; `None` with
+    /// `audit.checkpoints = false`.
+    pub checkpoints: Option<Arc<Checkpointer>>,
 }
 
 impl Shared {
@@ -122,6 +126,13 @@ impl App {
             "identity_hash_key: required"
         );
         let identity_hash_key = config.identity_hash_key.as_bytes().to_vec();
+        let checkpoints = Checkpointer::from_config(&config.audit)?.map(Arc::new);
+        if checkpoints.is_none() {
+            tracing::warn!(
+                "audit.checkpoints is off: whoever can write the database can rewrite the audit \
+                 trail without a trace"
+            );
+        }
         let (events, _) = broadcast::channel(1024);
         let store = Store::new(db, &identity_hash_key);
         let (intake, intake_writer) = intake::channel(store.clone());
@@ -146,6 +157,7 @@ impl App {
                 certificate_keys,
                 watchers: Default::default(),
                 stopping: tokio::sync::watch::channel(false).0,
+                checkpoints,
             }),
             intake_writer,
         })
@@ -157,7 +169,7 @@ impl App {
     }
 
     /// Serves on `listener` and runs the intake writer, dispatcher, reconciler, package
-    /// expiry and forgetting until
+    /// expiry, forgetting and audit checkpoints until
     /// `shutdown` resolves; then stops accepting, lets the workers finish their current
     /// round (queued Submits are committed), and returns. Binds the admin port when the
     /// configuration names one (`admin_listen`).
@@ -204,13 +216,17 @@ impl App {
         let scraped = shared.clone();
         let (dispatched, reconciled, chained) = (shared.clone(), shared.clone(), shared.clone());
         let (expiring, forgetting) = (shared.clone(), shared.clone());
+        let checkpointing = shared
+            .checkpoints
+            .clone()
+            .map(|c| (c, shared.store.clone(), shared.clock.clone()));
         let callers = shared
             .config
             .identities
             .iter()
             .map(|i| i.identity.clone())
             .chain(shared.config.processors.iter().map(|p| p.identity.clone()));
-        Host::new("registry", &shared.config.service)
+        let host = Host::new("registry", &shared.config.service)
             .reflection_for(callers)
             .service(
                 RequestServiceServer::new(api.clone())
@@ -258,6 +274,12 @@ impl App {
             })
             .worker("forgetting", move |stop| {
                 crate::forget::run(forgetting, stop)
-            })
+            });
+        match checkpointing {
+            Some((checkpointer, store, clock)) => host.worker("audit checkpoints", move |stop| {
+                crate::checkpoints::run(checkpointer, store, clock, stop)
+            }),
+            None => host,
+        }
     }
 }

@@ -67,6 +67,47 @@ pub struct Config {
     /// How often the registry looks for packages past their retention (ms).
     #[serde(default = "default_package_sweep_interval_ms")]
     pub package_sweep_interval_ms: u64,
+    /// Signed checkpoints of the audit trail.
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// Signed checkpoints of the audit trail (`[audit]`): on by default, and then
+/// `checkpoint_key` and `checkpoint_file` are required, so a registry never runs with a trail
+/// that whoever can write its database could rewrite unseen, unless its configuration says
+/// so (`checkpoints = false`). `dsrctl pki init` and `dsrctl dev up` generate the key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Whether the registry signs checkpoints. Turning them off leaves a chain that someone
+    /// able to write the database can rewrite from any entry on without a trace.
+    pub checkpoints: bool,
+    /// The Ed25519 private key (PKCS#8 PEM, as `dsrctl pki init` writes
+    /// `registry-signing.key`) that signs checkpoints. Keep it outside the database and out
+    /// of reach of whoever administers it: with it, a rewritten trail can be checkpointed
+    /// anew.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_key: Option<PathBuf>,
+    /// The file checkpoints are appended to, one JSON line each, made durable before the
+    /// next; ListAuditCheckpoints serves it. Put it where the database's administrators
+    /// cannot write, and copy it away as it grows: a copy elsewhere is what an auditor trusts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_file: Option<PathBuf>,
+    /// How often the registry signs the trail's head, if it moved since the last checkpoint
+    /// (ms); default one minute. Entries newer than the last checkpoint are covered only by
+    /// the chain until the next one.
+    pub checkpoint_interval_ms: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            checkpoints: true,
+            checkpoint_key: None,
+            checkpoint_file: None,
+            checkpoint_interval_ms: 60_000,
+        }
+    }
 }
 
 /// The default of `package_dir`: next to the default SQLite database.
@@ -276,6 +317,17 @@ impl AsRef<ServiceSettings> for Config {
 impl ServiceConfig for Config {
     fn relative_to(&mut self, dir: &Path) {
         self.service.relative_to(dir);
+        for path in [
+            &mut self.audit.checkpoint_key,
+            &mut self.audit.checkpoint_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if path.is_relative() {
+                *path = dir.join(&*path);
+            }
+        }
         for p in &mut self.processors {
             // A key given inline stays as it is; a relative file name is the config's.
             if let Some(key) = &mut p.public_key {
@@ -448,6 +500,26 @@ impl Config {
         if self.delivery.max_refusals == 0 {
             errors.push("delivery.max_refusals must be at least 1".into());
         }
+        if self.audit.checkpoints {
+            if self.audit.checkpoint_key.is_none() {
+                errors.push(
+                    "audit.checkpoint_key: required while audit.checkpoints is on; the ed25519 \
+                     key (pkcs#8 pem) that signs the audit trail's checkpoints, kept outside \
+                     the database (dsrctl pki init writes registry-signing.key)"
+                        .into(),
+                );
+            }
+            if self.audit.checkpoint_file.is_none() {
+                errors.push(
+                    "audit.checkpoint_file: required while audit.checkpoints is on; the file \
+                     checkpoints are appended to, where the database cannot change them"
+                        .into(),
+                );
+            }
+            if self.audit.checkpoint_interval_ms == 0 {
+                errors.push("audit.checkpoint_interval_ms: must be at least 1".into());
+            }
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -491,8 +563,9 @@ mod tests {
             .collect()
     }
 
-    /// A folder with a configuration file naming TLS files that exist, and an identity hash
-    /// key unless `extra` sets (or misspells) one.
+    /// A folder with a configuration file naming TLS files that exist, an identity hash
+    /// key unless `extra` sets (or misspells) one, and checkpoint files unless `extra` has an
+    /// `[audit]` table.
     fn folder(extra: &str) -> (tempfile::TempDir, std::path::PathBuf) {
         let extra = if extra.contains("identity_hash_key") {
             extra.to_string()
@@ -507,7 +580,13 @@ mod tests {
         std::fs::write(
             &file,
             format!(
-                "{extra}\n[tls]\nca = \"ca.pem\"\ncert = \"registry.pem\"\nkey = \"registry.key\"\n"
+                "{extra}\n[tls]\nca = \"ca.pem\"\ncert = \"registry.pem\"\nkey = \"registry.key\"\n{}",
+                if extra.contains("[audit]") {
+                    ""
+                } else {
+                    "[audit]\ncheckpoint_key = \"registry-signing.key\"\n\
+                     checkpoint_file = \"audit/checkpoints.jsonl\"\n"
+                }
             ),
         )
         .unwrap();
@@ -601,6 +680,47 @@ mod tests {
                 .contains("delivery.max_refusals must be at least 1"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn checkpoints_are_on_by_default_and_then_need_a_key_and_a_file() {
+        let (dir, file) = folder("");
+        let c = Config::load_from(Some(&file), env(&[])).unwrap();
+        assert!(c.audit.checkpoints);
+        assert_eq!(c.audit.checkpoint_interval_ms, 60_000);
+        // Relative paths are the configuration folder's.
+        assert_eq!(
+            c.audit.checkpoint_key.as_deref(),
+            Some(dir.path().join("registry-signing.key").as_path())
+        );
+        assert_eq!(
+            c.audit.checkpoint_file.as_deref(),
+            Some(dir.path().join("audit/checkpoints.jsonl").as_path())
+        );
+
+        let (_dir, file) = folder("[audit]\ncheckpoint_interval_ms = 0\n");
+        let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|e| e.split(':').next().unwrap()).collect();
+        assert_eq!(
+            keys,
+            [
+                "audit.checkpoint_key",
+                "audit.checkpoint_file",
+                "audit.checkpoint_interval_ms"
+            ],
+            "{err}"
+        );
+        // Turned off on purpose, nothing else is asked for.
+        let (_dir, file) = folder("[audit]\ncheckpoints = false\n");
+        let c = Config::load_from(Some(&file), env(&[])).unwrap();
+        assert!(!c.audit.checkpoints);
+        let (_dir, file) = folder("[audit]\n");
+        let c = Config::load_from(
+            Some(&file),
+            env(&[("DSRELAY_REGISTRY__AUDIT__CHECKPOINTS", "false")]),
+        )
+        .unwrap();
+        assert!(!c.audit.checkpoints);
     }
 
     #[test]

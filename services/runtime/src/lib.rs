@@ -2,7 +2,8 @@
 //! and that have nothing to do with either's domain.
 //!
 //! # Layout
-//! - [`audit`]: the tamper-evident audit trail's entry hash and chain verification.
+//! - [`audit`]: the tamper-evident audit trail: entry hash, chain verification, signed
+//!   checkpoints and their file.
 //! - [`config`]: TOML file plus prefixed environment overrides layered with figment; the
 //!   problems of every layer reported at once, each naming its key and source.
 //! - [`settings`]: the settings every service shares (listen and admin addresses, database,

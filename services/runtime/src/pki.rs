@@ -5,9 +5,10 @@
 //! distinct subject names: OpenSSL-based stacks (grpcurl, Python's grpcio) take a leaf whose
 //! subject equals its issuer's for self-signed and refuse it.
 //!
-//! Every processor party also gets an Ed25519 key that signs its deletion certificates
-//! (`<stem>-signing.key`, mode 0600, and `<stem>-signing.pub.pem` beside it; see
-//! [`crate::signing`]).
+//! Every processor and registry party also gets an Ed25519 key (`<stem>-signing.key`, mode
+//! 0600, and `<stem>-signing.pub.pem` beside it; see [`crate::signing`]): a processor signs
+//! its deletion certificates with it, a registry its audit checkpoints
+//! ([`crate::audit::checkpoint`]).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -237,17 +238,18 @@ impl DevPki {
         Ok(())
     }
 
-    /// Generates the signing key of every processor party that has none.
+    /// Generates the signing key of every processor and registry party that has none.
     fn ensure_signing_keys(&self) -> Result<()> {
         for (stem, role, _) in DEV_PARTIES {
-            if *role == "processor" && !self.signing_key(stem).exists() {
+            if signs(role) && !self.signing_key(stem).exists() {
                 crate::signing::SigningKey::generate().write(&self.signing_key(stem))?;
             }
         }
         Ok(())
     }
 
-    /// Path of a processor's certificate signing key (PKCS#8 PEM).
+    /// Path of a processor's certificate signing key or a registry's checkpoint signing key
+    /// (PKCS#8 PEM).
     pub fn signing_key(&self, stem: &str) -> PathBuf {
         self.dir.join(format!("{stem}-signing.key"))
     }
@@ -282,8 +284,9 @@ impl DevPki {
     }
 
     /// Copies into `dir` only what the party `stem` needs to run, under the same names: the
-    /// CA certificate (never the CA key), its certificate and key, a processor's signing key
-    /// and its public key, and for a registry every processor's public signing key. A
+    /// CA certificate (never the CA key), its certificate and key, a processor's or
+    /// registry's signing key and its public key, and for a registry every processor's public
+    /// signing key. A
     /// service container mounts that folder and nothing else, so a compromised service holds
     /// no other party's key and cannot issue certificates. Returns the installed set.
     pub fn install(&self, stem: &str, dir: &Path) -> Result<Self> {
@@ -306,30 +309,33 @@ impl DevPki {
         };
         public(self.cert(stem), target.cert(stem))?;
         write_secret(&target.key(stem), &read(self.key(stem))?)?;
-        match *role {
-            "processor" => {
-                write_secret(&target.signing_key(stem), &read(self.signing_key(stem))?)?;
-                public(
-                    self.signing_public_key(stem),
-                    target.signing_public_key(stem),
-                )?;
-            }
-            "registry" => {
-                for (other, role, _) in DEV_PARTIES {
-                    if *role == "processor" {
-                        public(
-                            self.signing_public_key(other),
-                            target.signing_public_key(other),
-                        )?;
-                    }
+        if signs(role) {
+            write_secret(&target.signing_key(stem), &read(self.signing_key(stem))?)?;
+            public(
+                self.signing_public_key(stem),
+                target.signing_public_key(stem),
+            )?;
+        }
+        if *role == "registry" {
+            for (other, role, _) in DEV_PARTIES {
+                if *role == "processor" {
+                    public(
+                        self.signing_public_key(other),
+                        target.signing_public_key(other),
+                    )?;
                 }
             }
-            _ => {}
         }
         // Last, as in `ensure`: its presence means the set is complete.
         public(self.ca(), target.ca())?;
         Ok(target)
     }
+}
+
+/// Whether parties of `role` sign documents: processors their deletion certificates,
+/// registries their audit checkpoints.
+fn signs(role: &str) -> bool {
+    matches!(role, "processor" | "registry")
 }
 
 pub(crate) fn write_secret(path: &Path, contents: &str) -> Result<()> {
@@ -402,7 +408,7 @@ mod tests {
     }
 
     #[test]
-    fn each_processor_gets_a_signing_key_also_in_an_older_set() {
+    fn each_processor_and_registry_gets_a_signing_key_also_in_an_older_set() {
         let dir = tempfile::tempdir().unwrap();
         let pki = DevPki::ensure(dir.path()).unwrap();
         let key = crate::signing::SigningKey::load(&pki.signing_key("processor")).unwrap();
@@ -411,10 +417,14 @@ mod tests {
             crate::signing::PublicKey::parse(&public).unwrap(),
             key.public_key()
         );
-        assert!(!pki.signing_key("registry").exists());
+        assert!(pki.signing_key("registry").exists());
+        assert!(pki.signing_key("registry-retailer").exists());
+        assert!(!pki.signing_key("partner-crm").exists());
         std::fs::remove_file(pki.signing_key("processor")).unwrap();
+        std::fs::remove_file(pki.signing_key("registry")).unwrap();
         DevPki::ensure(dir.path()).unwrap();
         assert!(pki.signing_key("processor").exists());
+        assert!(pki.signing_key("registry").exists());
     }
 
     #[test]
@@ -447,7 +457,7 @@ mod tests {
         let mut keys = vec![dir.path().join("ca.key")];
         for (stem, role, _) in DEV_PARTIES {
             keys.push(pki.key(stem));
-            if *role == "processor" {
+            if signs(role) {
                 keys.push(pki.signing_key(stem));
             }
         }
@@ -483,6 +493,8 @@ mod tests {
             [
                 "ca.pem",
                 "processor-signing.pub.pem",
+                "registry-signing.key",
+                "registry-signing.pub.pem",
                 "registry.key",
                 "registry.pem"
             ]

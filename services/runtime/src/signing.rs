@@ -112,7 +112,18 @@ impl Signed {
         Ok(serde_json::to_string_pretty(&file)? + "\n")
     }
 
-    /// Reads the file form written by [`Signed::to_file_json`].
+    /// The file form on one line, without a line end: how an append-only file of signed
+    /// documents (the audit trail's checkpoints) holds one document per line.
+    pub fn to_json_line(&self) -> Result<String> {
+        let file = SignedFile {
+            body: String::from_utf8(self.body.clone()).context("the body is not utf-8")?,
+            signature: BASE64.encode(&self.signature),
+            key_id: self.key_id.clone(),
+        };
+        Ok(serde_json::to_string(&file)?)
+    }
+
+    /// Reads the file form written by [`Signed::to_file_json`] or [`Signed::to_json_line`].
     pub fn from_file_json(text: &str) -> Result<Self> {
         let file: SignedFile = serde_json::from_str(text)
             .context("not a signed document (body, signature, key_id)")?;

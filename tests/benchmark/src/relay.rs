@@ -179,6 +179,16 @@ pub(crate) fn registry_toml(
         ));
     }
     s.push_str(&format!("\n[delivery]\npoll_interval_ms = {POLL_MS}\n"));
+    // Audit checkpoints, as every registry signs them: the key from the development PKI,
+    // the file beside it.
+    s.push_str(&format!(
+        "\n[audit]\ncheckpoint_key = {}\ncheckpoint_file = {}\n",
+        q(pki.signing_key("registry").to_string_lossy()),
+        q(pki
+            .dir
+            .with_file_name("registry-audit-checkpoints.jsonl")
+            .to_string_lossy())
+    ));
     s
 }
 

@@ -1,7 +1,9 @@
 //! The tamper-evident audit trail: one entry per event, append-only, hash-chained. The real
 //! `dsrctl audit verify` against a real pair finds it intact, then names the first entry that
-//! was changed, removed or inserted behind the registry's back; and appenders on several
-//! stores sharing one database keep a single valid chain.
+//! was changed, removed or inserted behind the registry's back; appenders on several
+//! stores sharing one database keep a single valid chain; and the registry's signed
+//! checkpoints catch what the chain alone cannot: a trail rewritten with fresh hashes from an
+//! early entry on, or cut at the end, by someone who can write the database.
 
 use std::time::Duration;
 
@@ -18,6 +20,9 @@ use crate::harness::dsrctl::dsrctl;
 use crate::harness::{
     count, database_url, erasure, in_state, spawn_pair, wait_until, Backend, PairOptions, TestPair,
 };
+use dsrelay_proto::v1::ListAuditCheckpointsRequest;
+use dsrelay_runtime::audit::checkpoint::{self, Checkpoint};
+use tonic_types::StatusExt;
 
 /// `dsrctl audit verify ARGS` as the operator, expecting `code`; returns stdout.
 async fn verify(setup: &TestPair, args: &[&str], code: i32) -> String {
@@ -326,4 +331,285 @@ async fn concurrent_appends_keep_one_valid_chain_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appends_keep_one_valid_chain_on_postgres() {
     concurrent_appends_keep_one_valid_chain(Backend::Postgres).await;
+}
+
+/// The registry's checkpoints as its file holds them now, unchecked.
+fn checkpoints_on_file(pair: &TestPair) -> Vec<Checkpoint> {
+    let text = std::fs::read_to_string(pair.checkpoint_file()).unwrap_or_default();
+    checkpoint::parse_lines(&text)
+        .expect("checkpoint file")
+        .iter()
+        .map(|s| Checkpoint::read_unchecked(s).expect("checkpoint"))
+        .collect()
+}
+
+/// Waits until the registry has checkpointed the head of its trail; returns the head's seq.
+async fn checkpointed_head(pair: &TestPair, db: &Db) -> u64 {
+    let store = RegistryStore::new(db.clone(), b"test key");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (seq, hash) = store.audit_head().await.expect("head").expect("entries");
+        if checkpoints_on_file(pair)
+            .last()
+            .is_some_and(|c| c.seq == seq && c.hash == hash)
+        {
+            return seq;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no checkpoint over seq {seq}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn completed_erasure(pair: &TestPair, mail: &str) {
+    let mut client = pair.client("partner-crm");
+    let id = client
+        .submit(erasure(mail))
+        .await
+        .expect("submit")
+        .into_inner()
+        .request_id;
+    wait_until(
+        &mut client,
+        &id,
+        Duration::from_secs(30),
+        in_state(RequestState::Completed),
+    )
+    .await;
+}
+
+/// Lets whoever holds `db` change and remove audit entries, as an insider can.
+async fn drop_audit_triggers(db: &Db, backend: Backend) {
+    tamper(
+        db,
+        match backend {
+            Backend::Sqlite => "DROP TRIGGER audit_log_no_update; DROP TRIGGER audit_log_no_delete",
+            Backend::Postgres => {
+                "DROP TRIGGER audit_log_no_change ON audit_log; \
+                 DROP TRIGGER audit_log_no_truncate ON audit_log"
+            }
+        },
+    )
+    .await;
+}
+
+/// A rewrite of the whole trail from one entry on with fresh, valid hashes, and the
+/// truncation of its end, both done in the database: the chain alone cannot tell, the
+/// signed checkpoints name what no longer matches. A checkpoint changed in one byte fails
+/// its signature, and while the trail does not grow, no checkpoint is signed.
+async fn checkpoints_catch_what_the_chain_cannot(backend: Backend) {
+    let Some(mut pair) = spawn_pair(PairOptions {
+        backend,
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let url = pair.registry.database_url().to_string();
+    let db = Db::connect(&url).await.expect("connect");
+    completed_erasure(&pair, "early@example.fi").await;
+    let early = checkpointed_head(&pair, &db).await;
+    for i in 0..2 {
+        completed_erasure(&pair, &format!("later-{i}@example.fi")).await;
+    }
+    // Nothing changes any more once the processor is gone (every request has finished).
+    pair.processor.stop().await;
+    let last = checkpointed_head(&pair, &db).await;
+    assert!(last > early + 2, "{early} then {last}");
+
+    let key = pair
+        .pki()
+        .signing_public_key("registry")
+        .display()
+        .to_string();
+    let file = pair.checkpoint_file().display().to_string();
+    let with_file = [
+        "--checkpoints",
+        file.as_str(),
+        "--checkpoint-key",
+        key.as_str(),
+    ];
+    let fetched = ["--fetch-checkpoints", "--checkpoint-key", key.as_str()];
+    let on_file = checkpoints_on_file(&pair);
+    let original = RegistryStore::new(db.clone(), b"test key")
+        .audit_entries(0, 10_000)
+        .await
+        .expect("entries");
+    let last_hash = original.last().expect("entries").hash.clone();
+    let intact = format!(
+        "audit trail intact: {last} entries, last hash {last_hash}, {} signed checkpoints kept\n",
+        on_file.len()
+    );
+    assert_eq!(verify(&pair, &with_file, 0).await, intact);
+    assert_eq!(verify(&pair, &fetched, 0).await, intact);
+
+    // While the trail does not grow, no checkpoint is signed (the interval is 100 ms).
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(checkpoints_on_file(&pair), on_file);
+
+    // Partners may fetch them to keep; processors may not.
+    let run = dsrctl(&pair, "partner-crm", &["audit", "checkpoints"]).await;
+    run.expect_code(0);
+    assert_eq!(
+        run.stdout,
+        std::fs::read_to_string(pair.checkpoint_file()).expect("file")
+    );
+    let run = dsrctl(&pair, "processor", &["audit", "checkpoints"]).await;
+    run.expect_code(2);
+    assert!(run.stderr.contains("PERMISSION_DENIED"), "{}", run.stderr);
+    // Paged one by one over the RPC, with the key that checks them; a page size out of
+    // range is named.
+    let mut partner = pair.client("partner-crm");
+    let (mut paged, mut after) = (Vec::new(), 0);
+    loop {
+        let page = partner
+            .list_audit_checkpoints(ListAuditCheckpointsRequest {
+                after_seq: after,
+                page_size: 1,
+            })
+            .await
+            .expect("page")
+            .into_inner();
+        let public = dsrelay_runtime::signing::PublicKey::from_config(&key).expect("key");
+        assert_eq!(page.public_key, public.to_base64());
+        assert_eq!(page.key_id, public.key_id());
+        assert!(page.checkpoints.len() <= 1);
+        paged.extend(page.checkpoints.into_iter().map(|c| c.body));
+        if page.next_after_seq == 0 {
+            break;
+        }
+        after = page.next_after_seq;
+    }
+    let bodies: Vec<String> = on_file
+        .iter()
+        .map(|c| {
+            String::from_utf8(dsrelay_runtime::signing::to_canonical_json(c).unwrap()).unwrap()
+        })
+        .collect();
+    assert_eq!(paged, bodies);
+    let status = partner
+        .list_audit_checkpoints(ListAuditCheckpointsRequest {
+            after_seq: 0,
+            page_size: 2_000_000_000,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let bad = status.get_details_bad_request().expect("field violations");
+    assert_eq!(bad.field_violations[0].field, "page_size", "{status:?}");
+
+    // Rewritten from the first entry after the early checkpoint on, with fresh hashes.
+    drop_audit_triggers(&db, backend).await;
+    let from = early + 1;
+    let mut forged = original.clone();
+    forged[from as usize - 1].detail = "nothing happened".into();
+    for i in from as usize - 1..forged.len() {
+        if i > 0 {
+            forged[i].prev_hash = forged[i - 1].hash.clone();
+        }
+        forged[i].hash = forged[i].compute_hash();
+    }
+    restore(&db, &forged).await;
+    assert!(audit::verify(&forged).is_ok());
+    // The chain alone finds nothing wrong...
+    verify(&pair, &[], 0).await;
+    // ...the checkpoints do, and name where the rewrite began.
+    let (index, first_broken) = on_file
+        .iter()
+        .enumerate()
+        .find(|(_, c)| c.seq >= from)
+        .map(|(i, c)| (i + 1, c.clone()))
+        .expect("a checkpoint after the rewrite began");
+    let out = verify(&pair, &with_file, 1).await;
+    let start = if first_broken.seq == from {
+        format!("seq {from}")
+    } else {
+        format!("a seq between {from} and {}", first_broken.seq)
+    };
+    assert_eq!(
+        out,
+        format!(
+            "audit trail broken at entry {from}: rewritten: entries rewritten from {start}: \
+             checkpoint {index} at seq {} says {}, store says {}\n",
+            first_broken.seq,
+            first_broken.hash,
+            forged[first_broken.seq as usize - 1].hash
+        )
+    );
+    let mut json = vec!["--output", "json"];
+    json.extend_from_slice(&fetched);
+    let doc: Value = serde_json::from_str(&verify(&pair, &json, 1).await).expect("json");
+    assert_eq!(doc["break"]["seq"], from, "{doc:#}");
+    assert_eq!(doc["break"]["kind"], "rewritten", "{doc:#}");
+    restore(&db, &original).await;
+    verify(&pair, &with_file, 0).await;
+
+    // Truncated: the last two entries removed; the chain alone cannot tell.
+    tamper(
+        &db,
+        &format!("DELETE FROM audit_log WHERE seq > {}", last - 2),
+    )
+    .await;
+    verify(&pair, &[], 0).await;
+    let out = verify(&pair, &with_file, 1).await;
+    assert_eq!(
+        out,
+        format!(
+            "audit trail broken at entry {}: removed: trail truncated: checkpoint {} at seq \
+             {last} but the store ends at {}\n",
+            last - 1,
+            on_file.len(),
+            last - 2
+        )
+    );
+    restore(&db, &original).await;
+
+    // A checkpoint changed in one byte: its signature fails, and the trail is not judged.
+    let text = std::fs::read_to_string(pair.checkpoint_file()).expect("file");
+    let line = text.lines().next().expect("a checkpoint");
+    let hash = &on_file[0].hash;
+    let flipped = if hash.starts_with('0') { "1" } else { "0" };
+    let changed = line.replacen(hash.as_str(), &format!("{flipped}{}", &hash[1..]), 1);
+    assert_eq!(changed.len(), line.len());
+    let forged_file = pair.dir().join("forged-checkpoints.jsonl");
+    std::fs::write(&forged_file, text.replacen(line, &changed, 1)).expect("write");
+    let forged_path = forged_file.display().to_string();
+    let out = verify(
+        &pair,
+        &["--checkpoints", &forged_path, "--checkpoint-key", &key],
+        1,
+    )
+    .await;
+    assert_eq!(
+        out,
+        "checkpoints do not verify: checkpoint 1 bad signature: the signature does not match \
+         the document\n"
+    );
+
+    // While the trail was cut or rewritten the registry signed nothing; once it grows again
+    // from what it checkpointed, it signs again.
+    assert_eq!(checkpoints_on_file(&pair), on_file);
+    let mut client = pair.client("partner-crm");
+    client
+        .submit(erasure("after@example.fi"))
+        .await
+        .expect("submit");
+    let head = checkpointed_head(&pair, &db).await;
+    assert!(head > last, "{head}");
+    verify(&pair, &with_file, 0).await;
+    db.pool.close().await;
+    pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_catch_what_the_chain_cannot_on_sqlite() {
+    checkpoints_catch_what_the_chain_cannot(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_catch_what_the_chain_cannot_on_postgres() {
+    checkpoints_catch_what_the_chain_cannot(Backend::Postgres).await;
 }

@@ -546,6 +546,25 @@ fn check_registry(service: &str, stem: &str) {
         ("processor", port_of(&processor.service.listen))
     );
     check_pki(&compose, service, &config.service.tls, stem, service);
+    // Audit checkpoints: signed with the registry's own key from its PKI folder, written to
+    // its data volume beside the packages (not to the read-only PKI).
+    let installed = DevPki {
+        dir: config.service.tls.ca.parent().expect("pki folder").into(),
+    };
+    assert!(config.audit.checkpoints, "{service}: audit checkpoints off");
+    assert_eq!(
+        config.audit.checkpoint_key.as_deref(),
+        Some(installed.signing_key(stem).as_path())
+    );
+    let file = config
+        .audit
+        .checkpoint_file
+        .as_deref()
+        .expect("checkpoint_file");
+    assert_eq!(
+        compose.volume_holding(service, file),
+        compose.volume_holding(service, &config.package_dir)
+    );
     assert_eq!(
         config.processors[0].identity,
         dsrelay_runtime::pki::dev_identity("processor", &config.processors[0].name)

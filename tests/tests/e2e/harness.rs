@@ -126,6 +126,8 @@ pub const PROCESSOR_DATA_DIR: &str = "processor-data";
 
 /// The registry's package folder, inside the pair's folder.
 const REGISTRY_PACKAGES_DIR: &str = "registry-packages";
+/// The registry's audit checkpoint file, inside the pair's folder.
+const REGISTRY_CHECKPOINTS: &str = "registry-audit-checkpoints.jsonl";
 
 /// The example recipient's folder, inside the pair's folder.
 const RECIPIENT_DATA_DIR: &str = "recipient-data";
@@ -309,7 +311,8 @@ mod configs {
         SubprocessorConfig, TaskConfig, TransferMechanismConfig, UploadConfig,
     };
     use dsrelay_registry::config::{
-        DeliveryConfig, IdentityRole, ProcessorConfig, RecipientConfig, ReconcileConfig, Role,
+        AuditConfig, DeliveryConfig, IdentityRole, ProcessorConfig, RecipientConfig,
+        ReconcileConfig, Role,
     };
     use dsrelay_runtime::backoff::Backoff;
     use dsrelay_runtime::pki::{dev_identity, DevPki};
@@ -331,6 +334,8 @@ mod configs {
         pub processor_data: std::path::PathBuf,
         /// The registry's package folder.
         pub registry_packages: std::path::PathBuf,
+        /// The registry's audit checkpoint file.
+        pub registry_checkpoints: std::path::PathBuf,
         /// Where the processor sends its acknowledgements.
         pub ack_port: u16,
         pub absent_processor_port: Option<u16>,
@@ -447,6 +452,13 @@ mod configs {
             package_ttl_days: 30,
             package_sweep_interval_ms: 200,
             contracts: Default::default(),
+            // Signed often, so tests see the head checkpointed soon after it moves.
+            audit: AuditConfig {
+                checkpoints: true,
+                checkpoint_key: Some(plan.pki.signing_key("registry")),
+                checkpoint_file: Some(plan.registry_checkpoints.clone()),
+                checkpoint_interval_ms: 100,
+            },
         };
         config.validate().expect("registry config");
         config
@@ -1053,6 +1065,7 @@ pub async fn spawn_pair(opts: PairOptions) -> Option<TestPair> {
         processor_db,
         processor_data: dir.path().join(PROCESSOR_DATA_DIR),
         registry_packages: dir.path().join(REGISTRY_PACKAGES_DIR),
+        registry_checkpoints: dir.path().join(REGISTRY_CHECKPOINTS),
         ack_port,
         absent_processor_port,
         accounting_url: accounting_url.clone(),
@@ -1187,6 +1200,11 @@ impl TestPair {
     /// The registry's package folder.
     pub fn package_dir(&self) -> PathBuf {
         self.dir().join(REGISTRY_PACKAGES_DIR)
+    }
+
+    /// The file the registry appends its signed audit checkpoints to.
+    pub fn checkpoint_file(&self) -> PathBuf {
+        self.dir().join(REGISTRY_CHECKPOINTS)
     }
 
     /// The pair's development PKI, its CA generated for this test.

@@ -12,7 +12,7 @@ use dsrelay_connectors::sql::{create_sample_accounting_db, sample_config};
 use dsrelay_processor::config::{
     ConnectorConfig, ControllerConfig, NoopConfig, SubprocessorConfig, TransferMechanismConfig,
 };
-use dsrelay_registry::config::{IdentityRole, ProcessorConfig, RecipientConfig, Role};
+use dsrelay_registry::config::{AuditConfig, IdentityRole, ProcessorConfig, RecipientConfig, Role};
 use dsrelay_runtime::pki::{dev_identity, DevPki};
 use dsrelay_runtime::settings::ServiceSettings;
 
@@ -81,6 +81,18 @@ fn registry_config(dir: &Path, port: u16, processor_port: u16) -> dsrelay_regist
         package_ttl_days: 30,
         package_sweep_interval_ms: 60_000,
         contracts: Default::default(),
+        // Signed with the registry's key from the development PKI, into a file beside the
+        // database.
+        audit: AuditConfig {
+            checkpoint_key: Some(
+                DevPki {
+                    dir: dir.join("pki"),
+                }
+                .signing_key("registry"),
+            ),
+            checkpoint_file: Some(dir.join("registry-audit-checkpoints.jsonl")),
+            ..AuditConfig::default()
+        },
     }
 }
 

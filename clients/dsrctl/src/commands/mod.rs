@@ -80,6 +80,9 @@ pub(crate) async fn dispatch(cli: &Cli, env: &Environment, io: &mut Io<'_>) -> R
         Command::Audit(AuditCommand::Verify(args)) => {
             audit::verify(&Registry::connect(cli, env)?, args, io).await
         }
+        Command::Audit(AuditCommand::Checkpoints(args)) => {
+            audit::checkpoints(&Registry::connect(cli, env)?, args, io).await
+        }
         Command::Tasks(cmd) => {
             let settings: ConnectionSettings =
                 settings::resolve(&cli.connection, env).map_err(Failure::Setup)?;

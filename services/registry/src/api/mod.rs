@@ -3,6 +3,7 @@
 //! # Layout
 //! - `partner`: the partner API (`RequestService`): submit, get, list, watch, cancel,
 //!   extend a due date, events, the processing chain, the audit trail.
+//! - `audit`: the audit trail's signed checkpoints (`ListAuditCheckpoints`).
 //! - `acknowledgement`: the acknowledgement API (`AcknowledgementService`) processors
 //!   report task states through.
 //! - `packages`: return-of-data packages: processors upload export files and declare parts
@@ -34,6 +35,7 @@ use crate::validate::{text_violation, MAX_TEXT};
 pub(crate) use packages::Uploading;
 
 mod acknowledgement;
+mod audit;
 mod certificates;
 mod contracts;
 mod packages;

@@ -5,10 +5,10 @@ use dsrelay_proto::prost::Message;
 use dsrelay_proto::timestamp_from_millis;
 use dsrelay_proto::v1::request_service_server::RequestService;
 use dsrelay_proto::v1::{
-    AuditEntries, CancelRequest, Chain, ChainProcessor, EventList, ExtendDeadlineRequest,
-    GetChainRequest, GetRequest, ListAuditEntriesRequest, ListEventsRequest, ListRequestsRequest,
-    ListRequestsResponse, Request, RequestKind, RequestState, SubmitRequest, SubmitResponse,
-    SubprocessorList, WatchRequest,
+    AuditCheckpoints, AuditEntries, CancelRequest, Chain, ChainProcessor, EventList,
+    ExtendDeadlineRequest, GetChainRequest, GetRequest, ListAuditCheckpointsRequest,
+    ListAuditEntriesRequest, ListEventsRequest, ListRequestsRequest, ListRequestsResponse, Request,
+    RequestKind, RequestState, SubmitRequest, SubmitResponse, SubprocessorList, WatchRequest,
 };
 use dsrelay_runtime::grpc::CallerTrace;
 use dsrelay_runtime::identity::{keyed_digest, keyed_hash, FieldViolation};
@@ -469,5 +469,12 @@ impl RequestService for Api {
             entries: entries.into_iter().map(views::audit_entry).collect(),
             next_after_seq,
         }))
+    }
+
+    async fn list_audit_checkpoints(
+        &self,
+        req: tonic::Request<ListAuditCheckpointsRequest>,
+    ) -> Result<Response<AuditCheckpoints>, Status> {
+        Ok(Response::new(self.audit_checkpoints(req).await?))
     }
 }

@@ -7,7 +7,7 @@ use dsrelay_runtime::audit;
 use dsrelay_runtime::identity::keyed_digest;
 use dsrelay_runtime::trace_context;
 
-use super::Tx;
+use super::{Store, Tx};
 
 /// What an event says besides its type, time and the request's state.
 #[derive(Debug, Default)]
@@ -157,4 +157,27 @@ async fn append_audit(
     .execute(tx.conn())
     .await?;
     Ok(())
+}
+
+impl Store {
+    /// The last entry of the audit trail (seq and hash), if any: what a checkpoint signs.
+    pub async fn audit_head(&self) -> Result<Option<(u64, String)>> {
+        let row: Option<(i64, String)> =
+            sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+                .fetch_optional(&self.db.pool)
+                .await?;
+        row.map(|(seq, hash)| Ok((u64::try_from(seq).context("audit seq")?, hash)))
+            .transpose()
+    }
+
+    /// The stored hash of audit entry `seq`, if there is one.
+    pub async fn audit_hash(&self, seq: u64) -> Result<Option<String>> {
+        let seq = i64::try_from(seq).context("audit seq")?;
+        Ok(
+            sqlx::query_scalar("SELECT hash FROM audit_log WHERE seq = $1")
+                .bind(seq)
+                .fetch_optional(&self.db.pool)
+                .await?,
+        )
+    }
 }

@@ -9,8 +9,16 @@
 //!
 //! What a chain alone cannot show: someone able to write the store can append a well-formed
 //! entry at the end, drop entries from the end, or rewrite every entry from some point on with
-//! fresh hashes. Anchors catch the last two: keep the hash of the last entry printed by an
-//! earlier verification and pass it to [`Verifier::anchor`] (`dsrctl audit verify --anchor`).
+//! fresh hashes. Anchors catch the last two: hashes of entries known from outside the store,
+//! which the verifier requires the trail to keep. One is the hash of the last entry printed
+//! by an earlier verification ([`Verifier::anchor`], `dsrctl audit verify --anchor`); the
+//! others are the service's signed checkpoints ([`checkpoint`], [`Verifier::checkpoints`]),
+//! which it writes to a file the database cannot change.
+//!
+//! # Layout
+//!
+//! - this module: entries, their hash, and the [`Verifier`] of a trail and its anchors.
+//! - [`checkpoint`]: signed checkpoints over the trail's head, their file, and checking them.
 //!
 //! # Hash
 //!
@@ -20,6 +28,9 @@
 //! big-endian (`seq` unsigned; `occurred_at` and `event_type` two's complement); text is UTF-8
 //! as stored; `prev_hash` is its lowercase hex text.
 
+pub mod checkpoint;
+
+use std::collections::BTreeMap;
 use std::fmt;
 
 use sha2::{Digest, Sha256};
@@ -94,6 +105,9 @@ pub enum BreakKind {
     Inserted,
     /// The entry is missing.
     Removed,
+    /// The trail was rewritten with fresh hashes somewhere from this entry on, up to an
+    /// entry whose anchored hash it no longer has.
+    Rewritten,
 }
 
 impl BreakKind {
@@ -103,6 +117,7 @@ impl BreakKind {
             Self::Modified => "modified",
             Self::Inserted => "inserted",
             Self::Removed => "removed",
+            Self::Rewritten => "rewritten",
         }
     }
 }
@@ -134,6 +149,8 @@ pub struct Intact {
     pub last_seq: u64,
     /// The last entry's hash ([`GENESIS_HASH`] for an empty trail): an anchor for later checks.
     pub last_hash: String,
+    /// How many anchors (checkpoints and `--anchor`) the trail was found to keep.
+    pub anchors: u64,
 }
 
 /// Checks a whole trail, oldest first, from entry 1.
@@ -158,8 +175,20 @@ pub struct Verifier {
     before_prev: Option<String>,
     /// The entry pushed last, checked once its successor (or the end) is known.
     pending: Option<Entry>,
-    anchor: Option<(u64, String)>,
+    /// Hashes the trail must keep, by seq.
+    anchors: BTreeMap<u64, Anchor>,
+    /// The seq of the last anchor found kept (0 before any): a rewrite found at the next
+    /// anchor began after it.
+    kept: u64,
     checked: u64,
+}
+
+/// A hash known from outside the store.
+#[derive(Debug, Clone)]
+struct Anchor {
+    hash: String,
+    /// What it came from, in words: `anchor` or `checkpoint N`.
+    source: String,
 }
 
 impl Default for Verifier {
@@ -175,7 +204,8 @@ impl Verifier {
             prev: (0, GENESIS_HASH.to_string()),
             before_prev: None,
             pending: None,
-            anchor: None,
+            anchors: BTreeMap::new(),
+            kept: 0,
             checked: 0,
         }
     }
@@ -183,8 +213,39 @@ impl Verifier {
     /// Also requires entry `seq` to exist with exactly `hash` (from an earlier verification),
     /// which catches entries removed from the end and a trail rewritten up to that entry.
     pub fn anchor(mut self, seq: u64, hash: impl Into<String>) -> Self {
-        self.anchor = Some((seq, hash.into().to_ascii_lowercase()));
+        self.add_anchor(seq, hash.into(), "anchor".into());
         self
+    }
+
+    /// Also requires the trail to keep every checkpoint's hash, checked signatures first
+    /// ([`checkpoint::check`]); breaks name the checkpoint by its number in `checkpoints`
+    /// (from 1), as [`checkpoint::check`] does.
+    pub fn checkpoints(mut self, checkpoints: &[checkpoint::Checkpoint]) -> Self {
+        for (i, c) in checkpoints.iter().enumerate() {
+            self.add_anchor(c.seq, c.hash.clone(), format!("checkpoint {}", i + 1));
+        }
+        self
+    }
+
+    fn add_anchor(&mut self, seq: u64, hash: String, source: String) {
+        // Two anchors on one entry: each must hold, so a differing second one stands in for
+        // the first, which then fails at once against the entry the second one matches.
+        let hash = hash.to_ascii_lowercase();
+        match self.anchors.get(&seq) {
+            Some(a) if a.hash != hash => {
+                self.anchors.insert(
+                    seq,
+                    Anchor {
+                        hash: String::new(),
+                        source: format!("{} and {source} (which disagree)", a.source),
+                    },
+                );
+            }
+            Some(_) => {}
+            None => {
+                self.anchors.insert(seq, Anchor { hash, source });
+            }
+        }
     }
 
     /// Takes the next entry; fails at the first break found.
@@ -202,22 +263,21 @@ impl Verifier {
             self.check(&p, None)?;
         }
         let (last_seq, last_hash) = self.prev;
-        if let Some((seq, hash)) = &self.anchor {
-            if *seq > last_seq {
-                return Err(ChainBreak {
-                    seq: last_seq + 1,
-                    kind: BreakKind::Removed,
-                    detail: format!(
-                        "the trail ends at entry {last_seq}, but entry {seq} was anchored \
-                         with hash {hash}: entries were removed from the end"
-                    ),
-                });
-            }
+        if let Some((seq, a)) = self.anchors.range(last_seq + 1..).next_back() {
+            return Err(ChainBreak {
+                seq: last_seq + 1,
+                kind: BreakKind::Removed,
+                detail: format!(
+                    "trail truncated: {} at seq {seq} but the store ends at {last_seq}",
+                    a.source
+                ),
+            });
         }
         Ok(Intact {
             entries: self.checked,
             last_seq,
             last_hash,
+            anchors: self.anchors.len() as u64,
         })
     }
 
@@ -340,16 +400,26 @@ impl Verifier {
                 ),
             ));
         }
-        if let Some((seq, hash)) = &self.anchor {
-            if *seq == e.seq && *hash != e.hash {
+        if let Some(a) = self.anchors.get(&e.seq) {
+            if a.hash != e.hash {
+                // The chain up to here is intact, so it was rewritten whole from some entry
+                // after the last anchor it kept.
+                let from = self.kept + 1;
+                let start = if from == e.seq {
+                    format!("seq {from}")
+                } else {
+                    format!("a seq between {from} and {}", e.seq)
+                };
                 return Err(brk(
-                    e.seq,
-                    BreakKind::Modified,
+                    from,
+                    BreakKind::Rewritten,
                     format!(
-                        "its hash is not the anchored {hash}: the trail up to it was rewritten"
+                        "entries rewritten from {start}: {} at seq {} says {}, store says {}",
+                        a.source, e.seq, a.hash, e.hash
                     ),
                 ));
             }
+            self.kept = e.seq;
         }
         self.before_prev = Some(std::mem::replace(&mut self.prev.1, e.hash.clone()));
         self.prev.0 = e.seq;
@@ -417,7 +487,8 @@ mod tests {
             Intact {
                 entries: 0,
                 last_seq: 0,
-                last_hash: GENESIS_HASH.into()
+                last_hash: GENESIS_HASH.into(),
+                anchors: 0,
             }
         );
         let t = trail(6);
@@ -621,7 +692,15 @@ mod tests {
         rechain(&mut t2, 1);
         assert!(verify(&t2).is_ok());
         let b = anchored(&t2, 5, &last).unwrap_err();
-        assert_eq!((b.seq, b.kind), (5, BreakKind::Modified));
+        assert_eq!((b.seq, b.kind), (1, BreakKind::Rewritten));
+        assert_eq!(
+            b.detail,
+            format!(
+                "entries rewritten from a seq between 1 and 5: anchor at seq 5 says {last}, \
+                 store says {}",
+                t2[4].hash
+            )
+        );
     }
 
     #[test]
