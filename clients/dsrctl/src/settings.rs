@@ -156,7 +156,7 @@ pub fn resolve(args: &ConnectionArgs, env: &Environment) -> Result<ConnectionSet
     let key = first_some([path_flag(&args.key), env.var_path(ENV_KEY), file.key]);
 
     let tls = match (ca, cert, key) {
-        (Some(ca), Some(cert), Some(key)) => TlsFiles { ca, cert, key },
+        (Some(ca), Some(cert), Some(key)) => TlsFiles::new(ca, cert, key),
         (None, None, None) => {
             let dev = pki::DevPki {
                 dir: env.cwd.join(DEV_PKI_DIR),

@@ -295,11 +295,11 @@ mod tests {
     fn connect_reports_missing_tls_files() {
         let settings = ConnectionSettings {
             endpoint: "https://127.0.0.1:50051".into(),
-            tls: TlsFiles {
-                ca: "/nonexistent/ca.pem".into(),
-                cert: "/nonexistent/c.pem".into(),
-                key: "/nonexistent/c.key".into(),
-            },
+            tls: TlsFiles::new(
+                "/nonexistent/ca.pem",
+                "/nonexistent/c.pem",
+                "/nonexistent/c.key",
+            ),
             server_identity: "spiffe://dsrelay.dev/registry/controller".into(),
         };
         let err = RegistryClient::connect(&settings).unwrap_err();
