@@ -657,6 +657,32 @@ pub struct ExtendArgs {
 pub enum PkiCommand {
     /// Create a development CA and certificates for every party (kept if already there).
     Init(PkiInitArgs),
+    /// Add certificates to the development CA's revocation list (DIR/crl.pem), keeping the
+    /// entries already there, or renew the list. Services that name the list in `tls.crls`
+    /// refuse the revoked certificates once they reload it (within `tls.reload_interval_ms`,
+    /// or at once on SIGHUP).
+    Revoke(PkiRevokeArgs),
+}
+
+/// Arguments of `dsrctl pki revoke`.
+#[derive(Debug, Clone, Args)]
+pub struct PkiRevokeArgs {
+    /// Folder of the PKI files (with the CA key).
+    #[arg(long, value_name = "DIR", default_value = ".dsrelay/pki")]
+    pub dir: PathBuf,
+
+    /// A party whose certificate (DIR/PARTY.pem) is revoked (repeatable).
+    #[arg(value_name = "PARTY")]
+    pub parties: Vec<String>,
+
+    /// A certificate file (PEM) to revoke (repeatable).
+    #[arg(long = "file", value_name = "FILE")]
+    pub certs: Vec<PathBuf>,
+
+    /// Days until the list must be renewed: services refuse an expired list unless
+    /// configured with `tls.allow_expired_crl`, so renew it before then (run this again).
+    #[arg(long, value_name = "N", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    pub days: u32,
 }
 
 /// Arguments of `dsrctl pki init`.

@@ -419,7 +419,13 @@ impl DevPki {
         } else {
             Vec::new()
         };
-        let now = SystemTime::now();
+        // Whole seconds, as a list records them, so an entry reads back as it was written.
+        let now = SystemTime::UNIX_EPOCH
+            + Duration::from_secs(
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            );
         for cert in certs {
             let serial = serial_of(&read(cert)?).with_context(|| cert.display().to_string())?;
             if !revoked.iter().any(|r| r.serial == serial) {
@@ -539,6 +545,33 @@ mod tests {
             })
             .collect();
         (crate::tls::identity_of(&der), names)
+    }
+
+    #[test]
+    fn revoking_keeps_the_earlier_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let month = Duration::from_secs(30 * 86_400);
+        assert!(pki.revoke(&[], month).unwrap().is_empty());
+        let crm = serial_of(&std::fs::read(pki.cert("partner-crm")).unwrap()).unwrap();
+        let web = serial_of(&std::fs::read(pki.cert("partner-webform")).unwrap()).unwrap();
+        let first = pki.revoke(&[pki.cert("partner-crm")], month).unwrap();
+        assert_eq!(first.iter().map(|r| &r.serial).collect::<Vec<_>>(), [&crm]);
+        // Revoking crm again adds nothing; webform joins it.
+        let both = pki
+            .revoke(
+                &[pki.cert("partner-crm"), pki.cert("partner-webform")],
+                month,
+            )
+            .unwrap();
+        assert_eq!(both.len(), 2);
+        assert_eq!(both[0], first[0]);
+        assert_eq!(both[1].serial, web);
+        assert_eq!(
+            revoked_in(&std::fs::read(pki.crl()).unwrap()).unwrap(),
+            both
+        );
+        assert!(!dir.path().join("crl.pem.new").exists());
     }
 
     #[test]

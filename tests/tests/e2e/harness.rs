@@ -188,6 +188,12 @@ pub struct PairOptions {
     /// Where the registry finds the processor when the test plays it itself (leave the
     /// processor down then: `down: vec![Role::Processor]`).
     pub processor_endpoint: Option<SocketAddr>,
+    /// Give the registry and the processor the development CA's revocation list
+    /// (`DevPki::crl`, written with no entries before they start) in `tls.crls`.
+    pub revocation_list: bool,
+    /// How often the registry and the processor look for changed TLS files (ms; `None`:
+    /// their default).
+    pub tls_reload_ms: Option<u64>,
 }
 
 impl Default for PairOptions {
@@ -215,6 +221,8 @@ impl Default for PairOptions {
             second_controller: false,
             scope_holders: false,
             processor_endpoint: None,
+            revocation_list: false,
+            tls_reload_ms: None,
         }
     }
 }
@@ -352,6 +360,19 @@ mod configs {
         }
     }
 
+    /// The TLS files of the registry or the processor (`stem`), with the pair's revocation
+    /// list and reload interval.
+    fn service_tls(plan: &Plan<'_>, stem: &str) -> dsrelay_runtime::tls::TlsFiles {
+        let mut files = plan.pki.files(stem);
+        if plan.opts.revocation_list {
+            files.crls = vec![plan.pki.crl()];
+        }
+        if let Some(ms) = plan.opts.tls_reload_ms {
+            files.reload_interval_ms = ms;
+        }
+        files
+    }
+
     fn port(listen: &str) -> &str {
         listen.rsplit_once(':').expect("host:port").1
     }
@@ -397,7 +418,7 @@ mod configs {
                 listen: plan.registry_listen.clone(),
                 admin_listen: plan.registry_admin.clone(),
                 database_url: plan.registry_db.clone(),
-                tls: plan.pki.files("registry"),
+                tls: service_tls(plan, "registry"),
                 log_json: plan.opts.log_json,
             },
             identities: vec![
@@ -540,7 +561,7 @@ mod configs {
                 listen: plan.processor_listen.clone(),
                 admin_listen: plan.processor_admin.clone(),
                 database_url: plan.processor_db.clone(),
-                tls: plan.pki.files("processor"),
+                tls: service_tls(plan, "processor"),
                 log_json: plan.opts.log_json,
             },
             controllers: [(super::CONTROLLER, "controller")]
@@ -998,6 +1019,10 @@ pub struct TestPair {
 pub async fn spawn_pair(opts: PairOptions) -> Option<TestPair> {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = DevPki::ensure(&dir.path().join("pki")).expect("dev pki");
+    if opts.revocation_list {
+        pki.revoke(&[], Duration::from_secs(30 * 86_400))
+            .expect("an empty revocation list");
+    }
     let registry_db = database_url(dir.path(), "registry", opts.backend).await?;
     let processor_db = database_url(dir.path(), "processor", opts.backend).await?;
     let accounting_url = format!("sqlite://{}/accounting.db", dir.path().display());
