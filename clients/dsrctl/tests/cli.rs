@@ -10,7 +10,8 @@ use std::process::Output;
 
 use dsrelay_runtime::pki::{dev_identity, DEV_PARTIES};
 
-const ENV_NAMES: [&str; 6] = [
+const ENV_NAMES: [&str; 7] = [
+    "DSRCTL_CRL",
     "DSRCTL_ENDPOINT",
     "DSRCTL_CA",
     "DSRCTL_CERT",

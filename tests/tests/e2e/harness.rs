@@ -1372,11 +1372,12 @@ pub mod dsrctl {
     pub const REGISTRY_IDENTITY: &str = "spiffe://dsrelay.dev/registry/controller";
 
     /// Every variable dsrctl reads; removed so the caller's environment cannot leak in.
-    pub const ENV_NAMES: [&str; 6] = [
+    pub const ENV_NAMES: [&str; 7] = [
         "DSRCTL_ENDPOINT",
         "DSRCTL_CA",
         "DSRCTL_CERT",
         "DSRCTL_KEY",
+        "DSRCTL_CRL",
         "DSRCTL_SERVER_IDENTITY",
         "DSRCTL_CONFIG",
     ];
