@@ -64,8 +64,9 @@ pub struct TlsFiles {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub crls: Vec<PathBuf>,
     /// Accept a revocation list past its next-update date. Off: an expired list fails the
-    /// start (or a reload), and handshakes fail once a loaded list expires, so that a
-    /// revocation published since cannot be missed.
+    /// start (or a reload), and handshakes fail once a loaded list expires (a TLS session
+    /// resumed from before keeps going), so that a revocation published since cannot be
+    /// missed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_expired_crl: bool,
     /// How often a running service looks at these files' modification times and reloads
@@ -563,6 +564,17 @@ mod tests {
             pki.files("partner-crm").client_config().unwrap(),
         )
         .expect("an expired list, allowed, still works");
+        // A list that expires while loaded fails the handshakes from then on.
+        let soon = ca.revocation_list(&[], now - DAY, now + Duration::from_secs(2));
+        std::fs::write(pki.crl(), soon.unwrap()).unwrap();
+        files.allow_expired_crl = false;
+        let server = files.rustls_server_config().unwrap();
+        // A new client each time: one resuming its session would skip the certificate checks.
+        let client = || pki.files("partner-crm").client_config().unwrap();
+        handshake(server.clone(), client()).expect("the list is current");
+        std::thread::sleep(Duration::from_secs(3));
+        let err = handshake(server, client()).unwrap_err();
+        assert!(err.to_string().contains("revocation list expired"), "{err}");
         // tonic's fixed server TLS cannot check lists, so it refuses files that name one.
         let err = files.server_config().unwrap_err();
         assert!(err.to_string().starts_with("tls.crls"), "{err}");
