@@ -16,10 +16,11 @@
 //! that fails to start leaves nothing running. The host serves with a [`LiveTls`] (the
 //! service's own when it has outbound channels over the same files, [`Host::tls`]) and runs
 //! its watcher as one more worker, so a changed certificate, key, CA bundle or revocation
-//! list (or a SIGHUP) takes effect for the next connection in and out. On shutdown the server stops accepting and
-//! finishes the calls in flight; then every worker (and the admin port) is told to stop
-//! through its [`Stop`] receiver and given [`WORKER_GRACE`] in all to return. Workers still
-//! running after that are aborted, so nothing of a host outlives its `run`.
+//! list (or a SIGHUP) takes effect for the next connection in and out. On shutdown the
+//! server stops accepting and finishes the calls in flight; then every worker (and the admin
+//! port) is told to stop through its [`Stop`] receiver and given [`WORKER_GRACE`] in all to
+//! return. Workers still running after that are aborted, so nothing of a host outlives its
+//! `run`.
 //!
 //! [`main`] is what the service binaries share: load the configuration (exit 64 when it is
 //! bad), set up telemetry, bind, run, shut telemetry down.

@@ -209,7 +209,11 @@ async fn accept(listener: TcpListener, tls: LiveTls, done: mpsc::Sender<TlsStrea
                             tracing::info!(%peer, error = %e, "tls handshake refused");
                         }
                         Err(_) => {
-                            tracing::info!(%peer, timeout = ?HANDSHAKE_TIMEOUT, "tls handshake timed out");
+                            tracing::info!(
+                                %peer,
+                                timeout = ?HANDSHAKE_TIMEOUT,
+                                "tls handshake timed out"
+                            );
                         }
                     }
                 });
