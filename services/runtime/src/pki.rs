@@ -73,7 +73,7 @@ impl DevCa {
         Ok(Self { cert, key })
     }
 
-    /// Loads a CA written earlier by [`DevPki::write`].
+    /// Loads a CA written earlier by [`DevPki::ensure`].
     pub fn load(cert_pem: &str, key_pem: &str) -> Result<Self> {
         let key = KeyPair::from_pem(key_pem).context("reading the CA key")?;
         let params = CertificateParams::from_ca_cert_pem(cert_pem).context("reading the CA")?;

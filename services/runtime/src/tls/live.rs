@@ -6,7 +6,7 @@
 //! the client configuration of the moment; connections already open keep the configuration
 //! they were made with, so a swap fails no call.
 //!
-//! [`LiveTls::watch`] reloads when one of the files' modification time or size changes
+//! [`LiveTls::watcher`] reloads when one of the files' modification time or size changes
 //! (looked at every [`TlsFiles::reload_interval_ms`]) and on SIGHUP. A reload that fails (an
 //! unreadable file, a key that does not match the certificate, an expired revocation list)
 //! keeps the configuration in use and logs why; the next change of a file tries again.
