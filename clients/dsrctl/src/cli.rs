@@ -8,15 +8,16 @@ use dsrelay_sdk::proto::{RequestKind, RequestState};
 /// Printed after `--help`: where connection settings come from, and what the exit status means.
 const AFTER_HELP: &str = "\
 Connection settings: each is taken from the first of
-  1. its flag: --endpoint, --ca, --cert, --key, --server-identity
-  2. the environment: DSRCTL_ENDPOINT, DSRCTL_CA, DSRCTL_CERT, DSRCTL_KEY,
+  1. its flag: --endpoint, --ca, --cert, --key, --crl, --server-identity
+  2. the environment: DSRCTL_ENDPOINT, DSRCTL_CA, DSRCTL_CERT, DSRCTL_KEY, DSRCTL_CRL,
      DSRCTL_SERVER_IDENTITY (empty values count as unset)
   3. the config file named by --config or DSRCTL_CONFIG: TOML with the keys endpoint, ca,
-     cert, key, server_identity; relative paths there are relative to the file's folder
-  4. defaults: endpoint https://127.0.0.1:50051. When none of ca, cert and key is given
-     anywhere and ./.dsrelay/pki/operator.pem exists, the development PKI in ./.dsrelay/pki
-     is used (ca.pem, operator.pem, operator.key) and, unless a server identity is given,
-     the registry must present spiffe://dsrelay.dev/registry/controller.
+     cert, key, crl, server_identity; relative paths there are relative to the file's folder
+  4. defaults: endpoint https://127.0.0.1:50051, no revocation list. When none of ca, cert
+     and key is given anywhere and ./.dsrelay/pki/operator.pem exists, the development PKI
+     in ./.dsrelay/pki is used (ca.pem, operator.pem, operator.key, and crl.pem once
+     `dsrctl pki revoke` wrote it) and, unless a server identity is given, the registry
+     must present spiffe://dsrelay.dev/registry/controller.
      `dsrctl pki init` creates that PKI. With ca, cert and key given, the server identity
      must be given too: the registry is never trusted on its CA alone.
 
@@ -65,13 +66,18 @@ pub struct ConnectionArgs {
     #[arg(long, global = true, value_name = "FILE")]
     pub key: Option<PathBuf>,
 
+    /// Certificate revocation list (PEM) of the CA: a registry whose certificate is on it
+    /// is refused [env: DSRCTL_CRL]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub crl: Option<PathBuf>,
+
     /// Certificate identity the registry must present, e.g.
     /// spiffe://dsrelay.dev/registry/controller; required with --ca/--cert/--key (the
     /// development PKI sets it) [env: DSRCTL_SERVER_IDENTITY]
     #[arg(long, global = true, value_name = "URI")]
     pub server_identity: Option<String>,
 
-    /// TOML file with endpoint, ca, cert, key, server_identity [env: DSRCTL_CONFIG]
+    /// TOML file with endpoint, ca, cert, key, crl, server_identity [env: DSRCTL_CONFIG]
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
@@ -692,6 +698,32 @@ pub struct ExtendArgs {
 pub enum PkiCommand {
     /// Create a development CA and certificates for every party (kept if already there).
     Init(PkiInitArgs),
+    /// Add certificates to the development CA's revocation list (DIR/crl.pem), keeping the
+    /// entries already there, or renew the list. Services that name the list in `tls.crls`
+    /// refuse the revoked certificates once they reload it (within `tls.reload_interval_ms`,
+    /// or at once on SIGHUP).
+    Revoke(PkiRevokeArgs),
+}
+
+/// Arguments of `dsrctl pki revoke`.
+#[derive(Debug, Clone, Args)]
+pub struct PkiRevokeArgs {
+    /// Folder of the PKI files (with the CA key).
+    #[arg(long, value_name = "DIR", default_value = ".dsrelay/pki")]
+    pub dir: PathBuf,
+
+    /// A party whose certificate (DIR/PARTY.pem) is revoked (repeatable).
+    #[arg(value_name = "PARTY")]
+    pub parties: Vec<String>,
+
+    /// A certificate file (PEM) to revoke (repeatable).
+    #[arg(long = "file", value_name = "FILE")]
+    pub certs: Vec<PathBuf>,
+
+    /// Days until the list must be renewed: services refuse an expired list unless
+    /// configured with `tls.allow_expired_crl`, so renew it before then (run this again).
+    #[arg(long, value_name = "N", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    pub days: u32,
 }
 
 /// Arguments of `dsrctl pki init`.

@@ -620,6 +620,30 @@ pub(crate) struct PkiSigningKeyView {
     pub(crate) public_key: String,
 }
 
+/// Result of `pki revoke`.
+#[derive(Debug, Serialize)]
+pub(crate) struct CrlView {
+    /// The revocation list written.
+    pub(crate) crl: String,
+    /// When it must be renewed (RFC 3339).
+    pub(crate) next_update: String,
+    /// Serial numbers (hex) of every certificate it lists.
+    pub(crate) revoked: Vec<String>,
+}
+
+impl Render for CrlView {
+    fn to_table(&self) -> String {
+        let mut out = format!("wrote {} (renew before {})\n", self.crl, self.next_update);
+        if self.revoked.is_empty() {
+            out.push_str("no certificate is revoked\n");
+        }
+        for serial in &self.revoked {
+            out.push_str(&format!("revoked: {serial}\n"));
+        }
+        out
+    }
+}
+
 impl PkiView {
     fn table(&self) -> String {
         let mut out = if self.created {

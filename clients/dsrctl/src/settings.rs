@@ -27,13 +27,15 @@ const ENV_ENDPOINT: &str = "DSRCTL_ENDPOINT";
 const ENV_CA: &str = "DSRCTL_CA";
 const ENV_CERT: &str = "DSRCTL_CERT";
 const ENV_KEY: &str = "DSRCTL_KEY";
+const ENV_CRL: &str = "DSRCTL_CRL";
 const ENV_SERVER_IDENTITY: &str = "DSRCTL_SERVER_IDENTITY";
 const ENV_CONFIG: &str = "DSRCTL_CONFIG";
-const ENV_NAMES: [&str; 6] = [
+const ENV_NAMES: [&str; 7] = [
     ENV_ENDPOINT,
     ENV_CA,
     ENV_CERT,
     ENV_KEY,
+    ENV_CRL,
     ENV_SERVER_IDENTITY,
     ENV_CONFIG,
 ];
@@ -106,6 +108,7 @@ struct FileSettings {
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
+    crl: Option<PathBuf>,
     server_identity: Option<String>,
 }
 
@@ -117,7 +120,7 @@ impl FileSettings {
             .with_context(|| format!("parsing config file {}", path.display()))?;
         // Paths in a file are meant relative to the file, so it works from any directory.
         let base = path.parent().unwrap_or(Path::new(""));
-        for p in [&mut file.ca, &mut file.cert, &mut file.key]
+        for p in [&mut file.ca, &mut file.cert, &mut file.key, &mut file.crl]
             .into_iter()
             .flatten()
         {
@@ -154,9 +157,10 @@ pub fn resolve(args: &ConnectionArgs, env: &Environment) -> Result<ConnectionSet
     let ca = first_some([path_flag(&args.ca), env.var_path(ENV_CA), file.ca]);
     let cert = first_some([path_flag(&args.cert), env.var_path(ENV_CERT), file.cert]);
     let key = first_some([path_flag(&args.key), env.var_path(ENV_KEY), file.key]);
+    let crl = first_some([path_flag(&args.crl), env.var_path(ENV_CRL), file.crl]);
 
-    let tls = match (ca, cert, key) {
-        (Some(ca), Some(cert), Some(key)) => TlsFiles { ca, cert, key },
+    let mut tls = match (ca, cert, key) {
+        (Some(ca), Some(cert), Some(key)) => TlsFiles::new(ca, cert, key),
         (None, None, None) => {
             let dev = pki::DevPki {
                 dir: env.cwd.join(DEV_PKI_DIR),
@@ -171,7 +175,11 @@ pub fn resolve(args: &ConnectionArgs, env: &Environment) -> Result<ConnectionSet
             // The development registry certificate is known, so check it rather than trust
             // any certificate the dev CA signed (the processor's, say).
             server_identity.get_or_insert_with(|| pki::dev_identity("registry", "controller"));
-            dev.files(DEV_CLIENT_STEM)
+            let mut files = dev.files(DEV_CLIENT_STEM);
+            if dev.crl().exists() {
+                files.crls = vec![dev.crl()];
+            }
+            files
         }
         (ca, cert, key) => {
             let missing: Vec<&str> = [
@@ -189,6 +197,9 @@ pub fn resolve(args: &ConnectionArgs, env: &Environment) -> Result<ConnectionSet
             );
         }
     };
+    if let Some(crl) = crl {
+        tls.crls = vec![crl];
+    }
     let Some(server_identity) = server_identity else {
         bail!(
             "no server identity: give --server-identity (or DSRCTL_SERVER_IDENTITY, or \
@@ -287,9 +298,24 @@ mod tests {
         assert_eq!(s.tls.ca, dir.join("ca.pem"));
         assert_eq!(s.tls.cert, dir.join("operator.pem"));
         assert_eq!(s.tls.key, dir.join("operator.key"));
+        assert!(s.tls.crls.is_empty());
         assert_eq!(
             s.server_identity,
             "spiffe://dsrelay.dev/registry/controller"
+        );
+        // The development CA's revocation list, once written, is checked.
+        std::fs::write(dir.join("crl.pem"), "").unwrap();
+        assert_eq!(
+            resolve(&args(), &env).unwrap().tls.crls,
+            [dir.join("crl.pem")]
+        );
+        let flags = ConnectionArgs {
+            crl: Some("mine.pem".into()),
+            ..args()
+        };
+        assert_eq!(
+            resolve(&flags, &env).unwrap().tls.crls,
+            [tmp.path().join("mine.pem")]
         );
 
         // An explicit identity still wins over the dev default.

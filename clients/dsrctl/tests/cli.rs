@@ -10,7 +10,8 @@ use std::process::Output;
 
 use dsrelay_runtime::pki::{dev_identity, DEV_PARTIES};
 
-const ENV_NAMES: [&str; 6] = [
+const ENV_NAMES: [&str; 7] = [
+    "DSRCTL_CRL",
     "DSRCTL_ENDPOINT",
     "DSRCTL_CA",
     "DSRCTL_CERT",
@@ -112,6 +113,64 @@ fn pki_init_installs_a_party_s_own_files_apart() {
     );
 
     let out = dsrctl(tmp.path(), &[], &["pki", "init", "--install", "nobody=x"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("not a party"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn pki_revoke_lists_certificates_in_the_ca_s_revocation_list() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = dsrctl(tmp.path(), &[], &["pki", "init", "--dir", "pki"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let serial = |stem: &str| {
+        let pem = std::fs::read(tmp.path().join(format!("pki/{stem}.pem"))).unwrap();
+        hex::encode(dsrelay_runtime::pki::serial_of(&pem).unwrap())
+    };
+    let out = dsrctl(
+        tmp.path(),
+        &[],
+        &[
+            "pki",
+            "revoke",
+            "--dir",
+            "pki",
+            "partner-crm",
+            "--output",
+            "json",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["revoked"], serde_json::json!([serial("partner-crm")]));
+    // A certificate named by its file joins the entries already there.
+    let out = dsrctl(
+        tmp.path(),
+        &[],
+        &[
+            "pki",
+            "revoke",
+            "--dir",
+            "pki",
+            "--file",
+            "pki/operator.pem",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains(&serial("partner-crm")), "{stdout}");
+    assert!(stdout.contains(&serial("operator")), "{stdout}");
+    let crl = std::fs::read(tmp.path().join("pki/crl.pem")).unwrap();
+    assert_eq!(
+        dsrelay_runtime::pki::revoked_in(&crl).unwrap().len(),
+        2,
+        "{stdout}"
+    );
+
+    let out = dsrctl(tmp.path(), &[], &["pki", "revoke", "--dir", "pki", "ca"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
     assert!(
         text(&out.stderr).contains("not a party"),

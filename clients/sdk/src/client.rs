@@ -30,7 +30,9 @@ pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct ConnectionSettings {
     /// The registry's address, `https://host:port`.
     pub endpoint: String,
-    /// Our CA bundle, certificate and key for mutual TLS.
+    /// Our CA bundle, certificate and key for mutual TLS, and the revocation lists
+    /// (`tls.crls`) the registry's certificate is checked against. Read once, in
+    /// [`RegistryClient::connect`].
     pub tls: TlsFiles,
     /// The certificate identity the registry must present (e.g.
     /// `spiffe://dsrelay.dev/registry/controller`). Required: any party the CA certified (a
@@ -295,11 +297,11 @@ mod tests {
     fn connect_reports_missing_tls_files() {
         let settings = ConnectionSettings {
             endpoint: "https://127.0.0.1:50051".into(),
-            tls: TlsFiles {
-                ca: "/nonexistent/ca.pem".into(),
-                cert: "/nonexistent/c.pem".into(),
-                key: "/nonexistent/c.key".into(),
-            },
+            tls: TlsFiles::new(
+                "/nonexistent/ca.pem",
+                "/nonexistent/c.pem",
+                "/nonexistent/c.key",
+            ),
             server_identity: "spiffe://dsrelay.dev/registry/controller".into(),
         };
         let err = RegistryClient::connect(&settings).unwrap_err();

@@ -791,11 +791,7 @@ mod tests {
 
     #[test]
     fn validation_names_each_key() {
-        let mut c = config(TlsFiles {
-            ca: "ca.pem".into(),
-            cert: "p.pem".into(),
-            key: "p.key".into(),
-        });
+        let mut c = config(TlsFiles::new("ca.pem", "p.pem", "p.key"));
         assert!(c.validate().is_empty());
         c.endpoint = "http://localhost:1".into();
         c.identity = " ".into();

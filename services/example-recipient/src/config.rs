@@ -131,11 +131,7 @@ mod tests {
             service: ServiceSettings::new(
                 "127.0.0.1:1",
                 "",
-                dsrelay_runtime::tls::TlsFiles {
-                    ca: "ca.pem".into(),
-                    cert: "r.pem".into(),
-                    key: "r.key".into(),
-                },
+                dsrelay_runtime::tls::TlsFiles::new("ca.pem", "r.pem", "r.key"),
             ),
             name: " ".into(),
             data_dir: PathBuf::new(),

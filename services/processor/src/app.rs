@@ -15,6 +15,7 @@ use dsrelay_runtime::clock::Clock;
 use dsrelay_runtime::host::Host;
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
 use dsrelay_runtime::store::Db;
+use dsrelay_runtime::tls::LiveTls;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tonic::transport::Channel;
@@ -80,6 +81,8 @@ fn issuer(config: &Config) -> Result<Option<Arc<Issuer>>> {
 /// A processor ready to serve.
 pub struct App {
     shared: Arc<Shared>,
+    /// The processor's TLS, which its server and its outbound channels share.
+    tls: LiveTls,
 }
 
 impl App {
@@ -123,21 +126,17 @@ impl App {
         anyhow::ensure!(errors.is_empty(), "configuration: {}", errors.join("; "));
         let db = Db::connect(&config.service.database_url).await?;
         db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS).await?;
-        let client_tls = config
-            .service
-            .tls
-            .client_config()
-            .context("loading the processor's TLS files")?;
-        let recipients = crate::uploader::RecipientClients::new(client_tls.clone());
+        // Shared with the host, whose watcher reloads it: new connections to the registries
+        // and recipients then present the new certificate too.
+        let tls =
+            LiveTls::load(&config.service.tls).context("loading the processor's TLS files")?;
+        let recipients = crate::uploader::RecipientClients::new((&tls).into());
         let mut registries = HashMap::new();
         let mut uploaders = HashMap::new();
         for c in &config.controllers {
-            let channel = dsrelay_runtime::tls::channel(
-                &c.registry_endpoint,
-                Some(c.identity.clone()),
-                &client_tls,
-            )
-            .with_context(|| format!("controller {}", c.name))?;
+            let channel =
+                dsrelay_runtime::tls::channel(&c.registry_endpoint, Some(c.identity.clone()), &tls)
+                    .with_context(|| format!("controller {}", c.name))?;
             // MAX_MESSAGE_BYTES (4 MiB) leaves room for a 1 MiB chunk with its header.
             uploaders.insert(
                 c.name.clone(),
@@ -153,6 +152,7 @@ impl App {
             );
         }
         Ok(Self {
+            tls,
             shared: Arc::new(Shared {
                 metrics: crate::metrics::Metrics::new(&config),
                 store: Store::new(db).with_issuer(issuer(&config)?),
@@ -204,7 +204,7 @@ impl App {
     }
 
     fn host(self) -> Host {
-        let shared = self.shared;
+        let Self { shared, tls } = self;
         tracing::info!(
             subprocessors = shared.connectors.len(),
             "processor starting"
@@ -219,6 +219,7 @@ impl App {
             .map(|c| c.identity.clone())
             .chain(shared.config.operators.iter().cloned());
         Host::new("processor", &shared.config.service)
+            .tls(tls)
             .reflection_for(callers)
             .service(ProcessorOperatorServiceServer::new(OperatorApi::new(
                 shared.clone(),

@@ -33,6 +33,7 @@ use dsrelay_proto::v1::{
     RequestKind, TaskState, TransferReceipt, TransferRecipient, UploadFileChunk, UploadState,
 };
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
+use dsrelay_runtime::tls::ClientTls;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
@@ -96,13 +97,14 @@ enum Failure {
 /// Channels to transfer recipients, made on first use with the processor's client TLS and
 /// kept per (endpoint, identity): recipients come with requests, not with the configuration.
 pub(crate) struct RecipientClients {
-    tls: rustls::ClientConfig,
+    tls: ClientTls,
     cached: Mutex<HashMap<(String, String), TransferReceiverClient<Channel>>>,
 }
 
 impl RecipientClients {
-    /// Clients that present the processor's certificate (`tls`).
-    pub(crate) fn new(tls: rustls::ClientConfig) -> Self {
+    /// Clients that present the processor's certificate (`tls`, as it is when each
+    /// connection opens).
+    pub(crate) fn new(tls: ClientTls) -> Self {
         Self {
             tls,
             cached: Mutex::new(HashMap::new()),

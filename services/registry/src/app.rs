@@ -18,6 +18,7 @@ use dsrelay_runtime::host::Host;
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
 use dsrelay_runtime::signing::PublicKey;
 use dsrelay_runtime::store::Db;
+use dsrelay_runtime::tls::LiveTls;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, Notify};
 use tonic::transport::Channel;
@@ -83,6 +84,8 @@ pub struct App {
     shared: Arc<Shared>,
     /// Started as a worker by `run`, so intake stops with the other workers.
     intake_writer: Writer,
+    /// The registry's TLS, which its server and its channels to processors share.
+    tls: LiveTls,
 }
 
 impl App {
@@ -98,11 +101,9 @@ impl App {
             .context("reading the registry's own certificate identity")?;
         let errors = config.trust_errors(&own_identity)?;
         anyhow::ensure!(errors.is_empty(), "configuration: {}", errors.join("; "));
-        let client_tls = config
-            .service
-            .tls
-            .client_config()
-            .context("loading the registry's TLS files")?;
+        // Shared with the host, whose watcher reloads it: new connections to the processors
+        // then present the new certificate too.
+        let tls = LiveTls::load(&config.service.tls).context("loading the registry's TLS files")?;
         let mut processors = HashMap::new();
         let mut certificate_keys = HashMap::new();
         for p in &config.processors {
@@ -112,7 +113,7 @@ impl App {
                 certificate_keys.insert(p.name.clone(), key);
             }
             let channel =
-                dsrelay_runtime::tls::channel(&p.endpoint, Some(p.identity.clone()), &client_tls)
+                dsrelay_runtime::tls::channel(&p.endpoint, Some(p.identity.clone()), &tls)
                     .with_context(|| format!("processor {}", p.name))?;
             let client = ProcessorServiceClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -160,6 +161,7 @@ impl App {
                 checkpoints,
             }),
             intake_writer,
+            tls,
         })
     }
 
@@ -210,6 +212,7 @@ impl App {
         let Self {
             shared,
             intake_writer,
+            tls,
         } = self;
         tracing::info!(processors = shared.processors.len(), "registry starting");
         let api = Api::new(shared.clone());
@@ -227,6 +230,7 @@ impl App {
             .map(|i| i.identity.clone())
             .chain(shared.config.processors.iter().map(|p| p.identity.clone()));
         let host = Host::new("registry", &shared.config.service)
+            .tls(tls)
             .reflection_for(callers)
             .service(
                 RequestServiceServer::new(api.clone())

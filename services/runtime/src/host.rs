@@ -13,10 +13,14 @@
 //! ```
 //!
 //! Workers are spawned only inside `run`, after the server could be configured, so a service
-//! that fails to start leaves nothing running. On shutdown the server stops accepting and
-//! finishes the calls in flight; then every worker (and the admin port) is told to stop
-//! through its [`Stop`] receiver and given [`WORKER_GRACE`] in all to return. Workers still
-//! running after that are aborted, so nothing of a host outlives its `run`.
+//! that fails to start leaves nothing running. The host serves with a [`LiveTls`] (the
+//! service's own when it has outbound channels over the same files, [`Host::tls`]) and runs
+//! its watcher as one more worker, so a changed certificate, key, CA bundle or revocation
+//! list (or a SIGHUP) takes effect for the next connection in and out. On shutdown the
+//! server stops accepting and finishes the calls in flight; then every worker (and the admin
+//! port) is told to stop through its [`Stop`] receiver and given [`WORKER_GRACE`] in all to
+//! return. Workers still running after that are aborted, so nothing of a host outlives its
+//! `run`.
 //!
 //! [`main`] is what the service binaries share: load the configuration (exit 64 when it is
 //! bad), set up telemetry, bind, run, shut telemetry down.
@@ -43,7 +47,7 @@ use tonic_health::ServingStatus;
 use crate::config::{ConfigErrors, EXIT_USAGE};
 use crate::metrics::Render;
 use crate::settings::ServiceSettings;
-use crate::tls::TlsFiles;
+use crate::tls::{LiveTls, TlsFiles};
 
 /// How long the workers get, in all, to return once told to stop.
 pub const WORKER_GRACE: Duration = Duration::from_secs(10);
@@ -60,8 +64,12 @@ type Worker = Box<dyn FnOnce(Stop) -> Pin<Box<dyn Future<Output = ()> + Send>> +
 pub struct Host {
     /// The service's name in logs (`registry`).
     name: &'static str,
-    /// Read when `run` starts, so a bad file fails the start rather than the build.
+    /// Read when `run` starts (unless `live` is given), so a bad file fails the start rather
+    /// than the build.
     tls: TlsFiles,
+    /// The service's own live TLS, shared with its outbound channels, so one watcher
+    /// reloads both directions.
+    live: Option<LiveTls>,
     /// Bound by [`Host::run`]; callers that bind their own use [`Host::run_with_admin`].
     admin_listen: Option<String>,
     /// What `/metrics` on the admin port requires, if anything.
@@ -83,6 +91,7 @@ impl Host {
         Self {
             name,
             tls: settings.tls.clone(),
+            live: None,
             admin_listen: settings.admin_listen.clone(),
             admin_token: settings.admin_token.clone(),
             routes: Routes::default(),
@@ -100,6 +109,13 @@ impl Host {
     /// someone this service does not know. Others get PERMISSION_DENIED.
     pub fn reflection_for(mut self, identities: impl IntoIterator<Item = String>) -> Self {
         self.reflection_callers = Some(Arc::new(identities.into_iter().collect()));
+        self
+    }
+
+    /// Serves with `live` (loaded from the settings' TLS files by the service, which opens
+    /// its outbound channels over it too) instead of loading the files again in `run`.
+    pub fn tls(mut self, live: LiveTls) -> Self {
+        self.live = Some(live);
         self
     }
 
@@ -176,11 +192,13 @@ impl Host {
                 .set_service_status(*service, ServingStatus::Serving)
                 .await;
         }
-        let tls = self
-            .tls
-            .server_config()
-            .with_context(|| format!("loading the {name}'s TLS files"))?;
-        let router = crate::server::builder(tls)?
+        let live = match self.live {
+            Some(live) => live,
+            None => LiveTls::load(&self.tls)
+                .with_context(|| format!("loading the {name}'s TLS files"))?,
+        };
+        let watcher = live.watcher()?;
+        let router = crate::server::plain_builder()
             .add_routes(self.routes)
             .add_service(health_service)
             .add_service(InterceptedService::new(
@@ -198,12 +216,13 @@ impl Host {
             .into_iter()
             .map(|(worker, start)| (worker, tokio::spawn(start(stop_rx.clone()))))
             .collect();
+        running.push(("tls reload", tokio::spawn(watcher.run(stop_rx.clone()))));
         if let Some(admin) = crate::metrics::spawn(admin, self.scrape, self.admin_token, stop_rx) {
             running.push(("admin port", admin));
         }
         let addr = listener.local_addr().ok();
         tracing::info!(service = name, ?addr, "serving");
-        let served = crate::server::serve(router, listener, shutdown).await;
+        let served = crate::server::serve_tls(router, listener, live, shutdown).await;
         // Nobody listening any more is fine: every worker has already returned.
         let _ = stop_tx.send(true);
         stop_within(running, self.grace).await;
@@ -364,11 +383,11 @@ mod tests {
         let settings = ServiceSettings::new(
             "127.0.0.1:0",
             "sqlite::memory:",
-            TlsFiles {
-                ca: "/nonexistent/ca.pem".into(),
-                cert: "/nonexistent/c.pem".into(),
-                key: "/nonexistent/c.key".into(),
-            },
+            TlsFiles::new(
+                "/nonexistent/ca.pem",
+                "/nonexistent/c.pem",
+                "/nonexistent/c.key",
+            ),
         );
         let started = Arc::new(AtomicBool::new(false));
         let s = started.clone();

@@ -10,9 +10,11 @@
 //!   TLS files, log format), validated once.
 //! - [`host`]: one host for every service: gRPC server with health and reflection, admin
 //!   port and background workers, started and stopped together; the binaries' shared `main`.
-//! - [`tls`]: mutual TLS with rustls; peer identities from certificate SANs; client channels
-//!   that check the server's identity.
-//! - [`pki`]: the generated development PKI, with each processor's signing key.
+//! - [`tls`]: mutual TLS with rustls, with certificate revocation lists; peer identities from
+//!   certificate SANs; client channels that check the server's identity; [`tls::live`], the
+//!   configuration a service uses now, reloaded without a restart.
+//! - [`pki`]: the generated development PKI, with each processor's signing key and the CA's
+//!   revocation list.
 //! - [`signing`]: canonical JSON signed with Ed25519 (deletion certificates); key files.
 //! - [`store`]: one sqlx handle over SQLite or PostgreSQL, with per-backend migrations.
 //! - [`backoff`]: retry spacing for the outboxes.
@@ -24,8 +26,9 @@
 //!   port.
 //! - [`grpc`]: the gRPC boundary: errors to statuses, callers by certificate identity, the
 //!   layer that continues a caller's trace.
-//! - [`server`]: the tonic server's TLS, limits and trace-context layer, the reflection
-//!   services, and serving a router on a caller-bound listener.
+//! - [`server`]: the tonic server's limits and trace-context layer, the reflection services,
+//!   and serving a router on a caller-bound listener, doing each connection's TLS handshake
+//!   with the configuration of the moment.
 //! - [`telemetry`]: logging and OpenTelemetry set-up (OTLP, off unless the `OTEL_*`
 //!   variables ask for it).
 //! - [`trace_context`]: W3C trace context in gRPC metadata and stored rows.

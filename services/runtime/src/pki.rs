@@ -5,6 +5,9 @@
 //! distinct subject names: OpenSSL-based stacks (grpcurl, Python's grpcio) take a leaf whose
 //! subject equals its issuer's for self-signed and refuse it.
 //!
+//! The CA also signs the set's certificate revocation list (`crl.pem`, [`DevPki::revoke`]),
+//! which services name in `tls.crls` to shut out a party whose key was lost.
+//!
 //! Every processor and registry party also gets an Ed25519 key (`<stem>-signing.key`, mode
 //! 0600, and `<stem>-signing.pub.pem` beside it; see [`crate::signing`]): a processor signs
 //! its deletion certificates with it, a registry its audit checkpoints
@@ -12,12 +15,16 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevokedCertParams, SanType, SerialNumber,
 };
+use rustls_pki_types::pem::PemObject;
+use time::OffsetDateTime;
 
 /// The trust domain used in development identities.
 pub const DEV_TRUST_DOMAIN: &str = "dsrelay.dev";
@@ -67,7 +74,7 @@ impl DevCa {
         Ok(Self { cert, key })
     }
 
-    /// Loads a CA written earlier by [`DevPki::write`].
+    /// Loads a CA written earlier by [`DevPki::ensure`].
     pub fn load(cert_pem: &str, key_pem: &str) -> Result<Self> {
         let key = KeyPair::from_pem(key_pem).context("reading the CA key")?;
         let params = CertificateParams::from_ca_cert_pem(cert_pem).context("reading the CA")?;
@@ -111,6 +118,33 @@ impl DevCa {
         uris: &[&str],
         dns_names: &[String],
     ) -> Result<IssuedCert> {
+        self.issue_leaf(common_name, uris, dns_names, None)
+    }
+
+    /// [`DevCa::issue`] valid from `not_before` to `not_after` only (rcgen's default is a
+    /// validity from 1975 to 4096): for certificates that are expired or not valid yet.
+    pub fn issue_valid_between(
+        &self,
+        common_name: &str,
+        uri_identity: &str,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<IssuedCert> {
+        self.issue_leaf(
+            common_name,
+            &[uri_identity],
+            &[],
+            Some((not_before, not_after)),
+        )
+    }
+
+    fn issue_leaf(
+        &self,
+        common_name: &str,
+        uris: &[&str],
+        dns_names: &[String],
+        validity: Option<(SystemTime, SystemTime)>,
+    ) -> Result<IssuedCert> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, common_name);
@@ -145,6 +179,10 @@ impl DevCa {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.use_authority_key_identifier_extension = true;
+        if let Some((not_before, not_after)) = validity {
+            params.not_before = OffsetDateTime::from(not_before);
+            params.not_after = OffsetDateTime::from(not_after);
+        }
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.cert, &self.key)?;
         Ok(IssuedCert {
@@ -152,6 +190,86 @@ impl DevCa {
             key_pem: key.serialize_pem(),
         })
     }
+}
+
+impl DevCa {
+    /// A revocation list signed by this CA listing `revoked` (serial and when it was
+    /// revoked), issued `this_update` and due for renewal at `next_update`. PEM.
+    pub fn revocation_list(
+        &self,
+        revoked: &[Revoked],
+        this_update: SystemTime,
+        next_update: SystemTime,
+    ) -> Result<String> {
+        let number = this_update
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let params = CertificateRevocationListParams {
+            this_update: OffsetDateTime::from(this_update),
+            next_update: OffsetDateTime::from(next_update),
+            // Seconds since the epoch grow with every list a CA issues, as the number must.
+            crl_number: SerialNumber::from(number.to_be_bytes().to_vec()),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|r| RevokedCertParams {
+                    serial_number: SerialNumber::from(r.serial.clone()),
+                    revocation_time: OffsetDateTime::from(r.at),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        Ok(params
+            .signed_by(&self.cert, &self.key)
+            .context("signing the revocation list")?
+            .pem()?)
+    }
+}
+
+/// A revoked certificate in a revocation list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    /// Its serial number, big-endian without leading zeros.
+    pub serial: Vec<u8>,
+    /// When it was revoked.
+    pub at: SystemTime,
+}
+
+/// The serial number of the first certificate in `pem`, big-endian without leading zeros.
+pub fn serial_of(pem: &[u8]) -> Result<Vec<u8>> {
+    let der = rustls_pki_types::CertificateDer::pem_slice_iter(pem)
+        .next()
+        .context("no certificate")??;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| anyhow::anyhow!("reading the certificate: {e}"))?;
+    Ok(trimmed(cert.raw_serial()))
+}
+
+fn trimmed(serial: &[u8]) -> Vec<u8> {
+    let start = serial
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(serial.len().saturating_sub(1));
+    serial[start..].to_vec()
+}
+
+/// The entries of the revocation list in `pem` (the first one in it).
+pub fn revoked_in(pem: &[u8]) -> Result<Vec<Revoked>> {
+    let der = rustls_pki_types::CertificateRevocationListDer::pem_slice_iter(pem)
+        .next()
+        .context("no revocation list")??;
+    let (_, crl) = x509_parser::parse_x509_crl(&der)
+        .map_err(|e| anyhow::anyhow!("reading the revocation list: {e}"))?;
+    Ok(crl
+        .iter_revoked_certificates()
+        .map(|r| Revoked {
+            serial: trimmed(r.raw_serial()),
+            at: SystemTime::UNIX_EPOCH
+                + Duration::from_secs(u64::try_from(r.revocation_date.timestamp()).unwrap_or(0)),
+        })
+        .collect())
 }
 
 /// The parties of the development setup: (file stem, role, name).
@@ -274,13 +392,59 @@ impl DevPki {
         self.dir.join(format!("{stem}.key"))
     }
 
+    /// Path of the CA's revocation list, written by [`DevPki::revoke`].
+    pub fn crl(&self) -> PathBuf {
+        self.dir.join("crl.pem")
+    }
+
+    /// Adds the certificates in `certs` (PEM files) to the CA's revocation list, keeping
+    /// the entries already there, and writes it anew, due for renewal `valid_for` from now
+    /// (no certificates: the list is only renewed, or created empty). The list is written to
+    /// a temporary file and renamed over the old one, so a service reloading it never reads
+    /// half of it. Returns every entry of the new list.
+    pub fn revoke(&self, certs: &[PathBuf], valid_for: Duration) -> Result<Vec<Revoked>> {
+        let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let ca_key = self.dir.join("ca.key");
+        if !ca_key.exists() {
+            anyhow::bail!(
+                "{} has no CA key: revoke where the CA was created",
+                self.dir.display()
+            );
+        }
+        let ca = DevCa::load(
+            &String::from_utf8_lossy(&read(&self.ca())?),
+            &String::from_utf8_lossy(&read(&ca_key)?),
+        )?;
+        let mut revoked = if self.crl().exists() {
+            revoked_in(&read(&self.crl())?)
+                .with_context(|| format!("reading {}", self.crl().display()))?
+        } else {
+            Vec::new()
+        };
+        // Whole seconds, as a list records them, so an entry reads back as it was written.
+        let now = SystemTime::UNIX_EPOCH
+            + Duration::from_secs(
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            );
+        for cert in certs {
+            let serial = serial_of(&read(cert)?).with_context(|| cert.display().to_string())?;
+            if !revoked.iter().any(|r| r.serial == serial) {
+                revoked.push(Revoked { serial, at: now });
+            }
+        }
+        let pem = ca.revocation_list(&revoked, now, now + valid_for)?;
+        let partial = self.dir.join("crl.pem.new");
+        std::fs::write(&partial, pem).with_context(|| format!("writing {}", partial.display()))?;
+        std::fs::rename(&partial, self.crl())
+            .with_context(|| format!("writing {}", self.crl().display()))?;
+        Ok(revoked)
+    }
+
     /// The TLS file set of a party.
     pub fn files(&self, stem: &str) -> crate::tls::TlsFiles {
-        crate::tls::TlsFiles {
-            ca: self.ca(),
-            cert: self.cert(stem),
-            key: self.key(stem),
-        }
+        crate::tls::TlsFiles::new(self.ca(), self.cert(stem), self.key(stem))
     }
 
     /// Copies into `dir` only what the party `stem` needs to run, under the same names: the
@@ -387,6 +551,33 @@ mod tests {
             })
             .collect();
         (crate::tls::identity_of(&der), names)
+    }
+
+    #[test]
+    fn revoking_keeps_the_earlier_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let month = Duration::from_secs(30 * 86_400);
+        assert!(pki.revoke(&[], month).unwrap().is_empty());
+        let crm = serial_of(&std::fs::read(pki.cert("partner-crm")).unwrap()).unwrap();
+        let web = serial_of(&std::fs::read(pki.cert("partner-webform")).unwrap()).unwrap();
+        let first = pki.revoke(&[pki.cert("partner-crm")], month).unwrap();
+        assert_eq!(first.iter().map(|r| &r.serial).collect::<Vec<_>>(), [&crm]);
+        // Revoking crm again adds nothing; webform joins it.
+        let both = pki
+            .revoke(
+                &[pki.cert("partner-crm"), pki.cert("partner-webform")],
+                month,
+            )
+            .unwrap();
+        assert_eq!(both.len(), 2);
+        assert_eq!(both[0], first[0]);
+        assert_eq!(both[1].serial, web);
+        assert_eq!(
+            revoked_in(&std::fs::read(pki.crl()).unwrap()).unwrap(),
+            both
+        );
+        assert!(!dir.path().join("crl.pem.new").exists());
     }
 
     #[test]

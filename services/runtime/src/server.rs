@@ -1,21 +1,31 @@
-//! The tonic server every dsrelay service runs: mTLS, limits and the caller's trace context
-//! ([`builder`]), the reflection services, and serving a router on a listener the caller bound
-//! ([`serve`]).
+//! The tonic server every dsrelay service runs: limits and the caller's trace context
+//! ([`builder`], with tonic's fixed TLS; [`plain_builder`], for [`serve_tls`]), the
+//! reflection services, and serving a router on a listener the caller bound: [`serve_tls`]
+//! accepts every connection with the TLS configuration a [`LiveTls`] holds at that moment,
+//! so certificates, CA bundle and revocation lists change without a restart; [`serve`]
+//! serves the builder's fixed TLS.
 //!
 //! The caller binds (tests bind `127.0.0.1:0`) and owns shutdown, as in mini-redis.
 //! [`crate::host::Host`] puts these together with health checking, the admin port and the
 //! workers.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tokio::net::TcpListener;
-use tonic::transport::server::{Router, TcpIncoming};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::server::TlsStream;
+use tokio_stream::Stream;
+use tonic::transport::server::{Connected, Router, TcpIncoming};
 use tonic::transport::{Server, ServerTlsConfig};
 use tower::layer::util::{Identity, Stack};
 
 use crate::grpc::TraceContextLayer;
+use crate::tls::{LiveTls, HANDSHAKE_TIMEOUT};
 
 /// Largest message either service decodes or encodes.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
@@ -23,18 +33,29 @@ pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// The layers [`builder`] puts around every service.
 pub type Layers = Stack<TraceContextLayer, Identity>;
 
-/// A server builder with TLS, the limits every dsrelay service uses, and the layer that
-/// continues callers' traces ([`crate::grpc::trace`]).
+/// A server builder with tonic's TLS, the limits every dsrelay service uses, and the layer
+/// that continues callers' traces ([`crate::grpc::trace`]).
 pub fn builder(tls: ServerTlsConfig) -> Result<Server<Layers>> {
-    Ok(Server::builder()
-        .tls_config(tls)
-        .context("configuring TLS")?
+    Ok(limits(
+        Server::builder()
+            .tls_config(tls)
+            .context("configuring TLS")?,
+    ))
+}
+
+/// [`builder`] without TLS, for [`serve_tls`], which does the handshakes itself.
+pub fn plain_builder() -> Server<Layers> {
+    limits(Server::builder())
+}
+
+fn limits(server: Server) -> Server<Layers> {
+    server
         .max_concurrent_streams(Some(256))
         .concurrency_limit_per_connection(256)
         .http2_max_pending_accept_reset_streams(Some(64))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .layer(TraceContextLayer))
+        .layer(TraceContextLayer)
 }
 
 /// The gRPC reflection service (v1) describing dsrelay's protocol and health checking.
@@ -78,6 +99,32 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    serve_incoming(router, incoming, shutdown).await
+}
+
+/// [`serve`] for a router from [`plain_builder`]: every accepted connection does its TLS
+/// handshake (at most [`HANDSHAKE_TIMEOUT`], several at once) with the server
+/// configuration `tls` holds at that moment, and only completed handshakes reach tonic,
+/// which reads the client's certificates from the stream as it does for its own TLS.
+pub async fn serve_tls(
+    router: Router<Layers>,
+    listener: TcpListener,
+    tls: LiveTls,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    serve_incoming(router, TlsIncoming::start(listener, tls), shutdown).await
+}
+
+async fn serve_incoming<I, IO, IE>(
+    router: Router<Layers>,
+    incoming: I,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()>
+where
+    I: Stream<Item = Result<IO, IE>>,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Connected + Unpin + Send + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let (began, beginning) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         shutdown.await;
@@ -98,6 +145,80 @@ pub async fn serve(
         () = drained_or_overdue => {
             tracing::warn!(grace = ?DRAIN_GRACE, "calls still open after shutdown began; closing their connections");
             Ok(())
+        }
+    }
+}
+
+/// Connections whose TLS handshake completed, in the order they completed. The listener
+/// and the handshakes in progress live in a task that ends when this stream is dropped
+/// (tonic drops it when shutdown begins), so the port stops accepting at once.
+struct TlsIncoming {
+    done: mpsc::Receiver<TlsStream<TcpStream>>,
+    accepting: JoinHandle<()>,
+}
+
+impl TlsIncoming {
+    fn start(listener: TcpListener, tls: LiveTls) -> Self {
+        let (tx, done) = mpsc::channel(16);
+        let accepting = tokio::spawn(accept(listener, tls, tx));
+        Self { done, accepting }
+    }
+}
+
+impl Drop for TlsIncoming {
+    fn drop(&mut self) {
+        self.accepting.abort();
+    }
+}
+
+impl Stream for TlsIncoming {
+    type Item = Result<TlsStream<TcpStream>, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        self.done.poll_recv(cx).map(|s| s.map(Ok))
+    }
+}
+
+/// Accepts connections and runs their handshakes side by side, so a slow or silent client
+/// holds up nobody else.
+async fn accept(listener: TcpListener, tls: LiveTls, done: mpsc::Sender<TlsStream<TcpStream>>) {
+    let mut handshakes = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (tcp, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors, most likely: let connections close.
+                        tracing::warn!(error = %e, "accepting a connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                // Best effort: a socket already closed by the peer fails its handshake next.
+                let _ = tcp.set_nodelay(true);
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+                let done = done.clone();
+                handshakes.spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            // Closed: serving stopped, and the connection goes with it.
+                            let _ = done.send(stream).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::info!(%peer, error = %e, "tls handshake refused");
+                        }
+                        Err(_) => {
+                            tracing::info!(
+                                %peer,
+                                timeout = ?HANDSHAKE_TIMEOUT,
+                                "tls handshake timed out"
+                            );
+                        }
+                    }
+                });
+            }
+            Some(_) = handshakes.join_next(), if !handshakes.is_empty() => {}
         }
     }
 }

@@ -202,15 +202,12 @@ impl ServiceSettings {
     /// a service loads its configuration, so a wrong path is reported with every other problem
     /// instead of failing the start later.
     pub fn check_files(&self) -> Vec<String> {
-        [
-            ("tls.ca", &self.tls.ca),
-            ("tls.cert", &self.tls.cert),
-            ("tls.key", &self.tls.key),
-        ]
-        .into_iter()
-        .filter(|(_, path)| !path.is_file())
-        .map(|(key, path)| format!("{key}: {} is not a readable file", path.display()))
-        .collect()
+        self.tls
+            .paths()
+            .into_iter()
+            .filter(|(_, path)| !path.is_file())
+            .map(|(key, path)| format!("{key}: {} is not a readable file", path.display()))
+            .collect()
     }
 }
 
@@ -326,11 +323,11 @@ mod tests {
         let mut s = ServiceSettings::new(
             "nowhere",
             "mysql://u:secret@h/db",
-            TlsFiles {
-                ca: "/nonexistent/ca.pem".into(),
-                cert: "/nonexistent/c.pem".into(),
-                key: "/nonexistent/c.key".into(),
-            },
+            TlsFiles::new(
+                "/nonexistent/ca.pem",
+                "/nonexistent/c.pem",
+                "/nonexistent/c.key",
+            ),
         );
         s.admin_listen = Some("9464".into());
         let errors = s.validate();

@@ -1,24 +1,53 @@
-//! Mutual TLS with rustls: server configuration, client channels that check the server's
-//! identity, and the peer identity of a call.
+//! Mutual TLS with rustls: server and client configurations (with certificate revocation
+//! lists), client channels that check the server's identity, and the peer identity of a call.
 //!
 //! An identity is the certificate's one URI SAN (SPIFFE style, `spiffe://<trust
 //! domain>/<role>/<name>`). A certificate with no URI SAN, with several, or that is a CA
 //! certificate has no identity: DNS names say which host serves, not which party it is, so
 //! they never stand in for one. Roles are assigned to identities in each service's
 //! configuration.
+//!
+//! Revocation: when [`TlsFiles::crls`] names revocation lists, both directions check the
+//! peer's leaf against them (servers the client's, channels the server's); a leaf whose
+//! issuer has no list among them is refused, as its status is unknown. An expired list is
+//! refused when loaded and fails every handshake once it expires while loaded, unless
+//! [`TlsFiles::allow_expired_crl`] says otherwise.
+//!
+//! [`LiveTls`] (in [`live`]) holds the configurations a service uses now and swaps them when
+//! the files change or on SIGHUP.
+
+pub mod live;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
 use hyper_util::rt::TokioIo;
+use rustls::client::WebPkiServerVerifier;
+use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::{self, PemObject};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 use serde::{Deserialize, Serialize};
 use tonic::transport::{Certificate, Channel, Endpoint, Identity, ServerTlsConfig, Uri};
 
-/// Where a party's CA, certificate and key are.
+pub use live::LiveTls;
+
+/// How long a peer gets to complete the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The default of [`TlsFiles::reload_interval_ms`].
+pub const DEFAULT_RELOAD_INTERVAL_MS: u64 = 5_000;
+
+fn default_reload_interval_ms() -> u64 {
+    DEFAULT_RELOAD_INTERVAL_MS
+}
+
+fn is_default_reload_interval(ms: &u64) -> bool {
+    *ms == DEFAULT_RELOAD_INTERVAL_MS
+}
+
+/// Where a party's CA, certificate, key and revocation lists are.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct TlsFiles {
@@ -28,12 +57,47 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// This party's private key (PEM).
     pub key: PathBuf,
+    /// Certificate revocation lists (PEM, one or more per file) of the CAs in `ca`: a peer
+    /// whose certificate is listed is refused. With none, nothing is checked for revocation;
+    /// with some, every CA that issues peers' certificates needs its list here, since a
+    /// certificate whose revocation status is unknown is refused too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub crls: Vec<PathBuf>,
+    /// Accept a revocation list past its next-update date. Off: an expired list fails the
+    /// start (or a reload), and handshakes fail once a loaded list expires (a TLS session
+    /// resumed from before keeps going), so that a revocation published since cannot be
+    /// missed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_expired_crl: bool,
+    /// How often a running service looks at these files' modification times and reloads
+    /// them when one changed (SIGHUP reloads at once); 0: only on SIGHUP.
+    #[serde(
+        default = "default_reload_interval_ms",
+        skip_serializing_if = "is_default_reload_interval"
+    )]
+    pub reload_interval_ms: u64,
 }
 
 impl TlsFiles {
+    /// The files of a party with no revocation lists, reloaded every
+    /// [`DEFAULT_RELOAD_INTERVAL_MS`].
+    pub fn new(ca: impl Into<PathBuf>, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        Self {
+            ca: ca.into(),
+            cert: cert.into(),
+            key: key.into(),
+            crls: Vec::new(),
+            allow_expired_crl: false,
+            reload_interval_ms: DEFAULT_RELOAD_INTERVAL_MS,
+        }
+    }
+
     /// Resolves relative paths against `base` (the folder of the config file).
     pub fn relative_to(mut self, base: &Path) -> Self {
-        for p in [&mut self.ca, &mut self.cert, &mut self.key] {
+        for p in [&mut self.ca, &mut self.cert, &mut self.key]
+            .into_iter()
+            .chain(self.crls.iter_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -41,40 +105,95 @@ impl TlsFiles {
         self
     }
 
+    /// Every file these settings name, each with its configuration key.
+    pub fn paths(&self) -> Vec<(String, &Path)> {
+        let mut paths = vec![
+            ("tls.ca".to_string(), self.ca.as_path()),
+            ("tls.cert".to_string(), self.cert.as_path()),
+            ("tls.key".to_string(), self.key.as_path()),
+        ];
+        for (i, crl) in self.crls.iter().enumerate() {
+            paths.push((format!("tls.crls[{i}]"), crl.as_path()));
+        }
+        paths
+    }
+
     fn read(path: &Path) -> Result<Vec<u8>> {
         std::fs::read(path).with_context(|| format!("reading {}", path.display()))
     }
 
-    /// Server TLS that requires a client certificate chaining to `ca`.
+    /// tonic's server TLS requiring a client certificate chaining to `ca`, for servers that
+    /// neither reload nor check revocation (tests' stand-ins, benchmarks): it refuses files
+    /// that name revocation lists, which only [`LiveTls`] (what [`crate::host::Host`]
+    /// serves with) honours.
     pub fn server_config(&self) -> Result<ServerTlsConfig> {
+        if !self.crls.is_empty() {
+            bail!("tls.crls: revocation lists are checked by the host's server only");
+        }
         let identity = Identity::from_pem(Self::read(&self.cert)?, Self::read(&self.key)?);
         Ok(ServerTlsConfig::new()
             .identity(identity)
             .client_ca_root(Certificate::from_pem(Self::read(&self.ca)?))
-            .timeout(Duration::from_secs(10)))
+            .timeout(HANDSHAKE_TIMEOUT))
     }
 
-    /// A rustls client configuration presenting this party's certificate.
+    /// A rustls client configuration presenting this party's certificate and checking the
+    /// server's against the CA bundle and the revocation lists.
     pub fn client_config(&self) -> Result<rustls::ClientConfig> {
+        self.material()?.client_config()
+    }
+
+    /// A rustls server configuration presenting this party's certificate and requiring a
+    /// client certificate that chains to the CA bundle and is not revoked.
+    pub fn rustls_server_config(&self) -> Result<rustls::ServerConfig> {
+        self.material()?.server_config()
+    }
+
+    /// Reads and parses every file once.
+    fn material(&self) -> Result<Material> {
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(&Self::read(&self.ca)?) {
-            roots.add(cert.context("parsing the CA bundle")?)?;
+            let cert =
+                cert.with_context(|| format!("parsing the CA bundle {}", self.ca.display()))?;
+            roots
+                .add(cert)
+                .with_context(|| format!("a CA certificate in {}", self.ca.display()))?;
+        }
+        if roots.is_empty() {
+            bail!("no CA certificate in {}", self.ca.display());
         }
         let chain: Vec<CertificateDer<'static>> =
             CertificateDer::pem_slice_iter(&Self::read(&self.cert)?)
                 .collect::<Result<_, _>>()
-                .context("parsing the certificate")?;
+                .with_context(|| format!("parsing the certificate {}", self.cert.display()))?;
+        if chain.is_empty() {
+            bail!("no certificate in {}", self.cert.display());
+        }
         let key = PrivateKeyDer::from_pem_slice(&Self::read(&self.key)?).map_err(|e| match e {
             pem::Error::NoItemsFound => anyhow!("no private key in {}", self.key.display()),
             e => anyhow!("parsing the private key {}: {e}", self.key.display()),
         })?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(config)
+        let mut crls = Vec::new();
+        for path in &self.crls {
+            let found: Vec<CertificateRevocationListDer<'static>> =
+                CertificateRevocationListDer::pem_slice_iter(&Self::read(path)?)
+                    .collect::<Result<_, _>>()
+                    .with_context(|| format!("parsing the revocation list {}", path.display()))?;
+            if found.is_empty() {
+                bail!("no revocation list in {}", path.display());
+            }
+            for crl in &found {
+                check_crl(crl, path, self.allow_expired_crl, SystemTime::now())?;
+            }
+            crls.extend(found);
+        }
+        Ok(Material {
+            roots: Arc::new(roots),
+            chain,
+            key,
+            crls,
+            allow_expired_crl: self.allow_expired_crl,
+        })
     }
 
     /// This party's own identity, read from its certificate.
@@ -84,6 +203,136 @@ impl TlsFiles {
             .next()
             .ok_or_else(|| anyhow!("no certificate in {}", self.cert.display()))??;
         checked_identity(&der).map_err(|why| anyhow!("{}: {why}", self.cert.display()))
+    }
+}
+
+/// Refuses a revocation list that cannot be read or, unless `allow_expired`, whose next
+/// update is before `now`: such a list may be missing revocations made since.
+fn check_crl(
+    crl: &CertificateRevocationListDer<'_>,
+    path: &Path,
+    allow_expired: bool,
+    now: SystemTime,
+) -> Result<()> {
+    let (_, parsed) = x509_parser::parse_x509_crl(crl.as_ref())
+        .map_err(|e| anyhow!("reading the revocation list {}: {e}", path.display()))?;
+    if allow_expired {
+        return Ok(());
+    }
+    let Some(next) = parsed.next_update() else {
+        return Ok(());
+    };
+    let now = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    if next.timestamp() < now {
+        bail!(
+            "the revocation list {} expired at {next}: publish a new one (dsrctl pki revoke) \
+             or set tls.allow_expired_crl",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The contents of a party's TLS files, parsed.
+struct Material {
+    roots: Arc<rustls::RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+    allow_expired_crl: bool,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl Material {
+    fn server_config(&self) -> Result<rustls::ServerConfig> {
+        let mut verifier =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider());
+        if !self.crls.is_empty() {
+            // Only leaves: the development PKI and most private ones issue from the root, and
+            // a CA's own revocation is the business of whoever publishes the bundle.
+            verifier = verifier
+                .with_crls(self.crls.iter().cloned())
+                .only_check_end_entity_revocation();
+            if !self.allow_expired_crl {
+                verifier = verifier.enforce_revocation_expiration();
+            }
+        }
+        let verifier = verifier
+            .build()
+            .context("building the client certificate verifier")?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .context("the certificate and the private key do not belong together")?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(config)
+    }
+
+    fn client_config(&self) -> Result<rustls::ClientConfig> {
+        let mut verifier =
+            WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider());
+        if !self.crls.is_empty() {
+            verifier = verifier
+                .with_crls(self.crls.iter().cloned())
+                .only_check_end_entity_revocation();
+            if !self.allow_expired_crl {
+                verifier = verifier.enforce_revocation_expiration();
+            }
+        }
+        let verifier = verifier
+            .build()
+            .context("building the server certificate verifier")?;
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_webpki_verifier(verifier)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+            .context("the certificate and the private key do not belong together")?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(config)
+    }
+}
+
+/// The client configuration a channel opens its connections with: fixed, or a service's
+/// [`LiveTls`], read again for every new connection so that reloaded files take effect
+/// without new channels.
+#[derive(Clone)]
+pub enum ClientTls {
+    /// The same configuration for every connection.
+    Fixed(Arc<rustls::ClientConfig>),
+    /// Whatever the service's files held when it last loaded them.
+    Live(LiveTls),
+}
+
+impl ClientTls {
+    fn current(&self) -> Arc<rustls::ClientConfig> {
+        match self {
+            Self::Fixed(c) => c.clone(),
+            Self::Live(l) => l.client_config(),
+        }
+    }
+}
+
+impl From<&rustls::ClientConfig> for ClientTls {
+    fn from(config: &rustls::ClientConfig) -> Self {
+        Self::Fixed(Arc::new(config.clone()))
+    }
+}
+
+impl From<&LiveTls> for ClientTls {
+    fn from(live: &LiveTls) -> Self {
+        Self::Live(live.clone())
+    }
+}
+
+impl From<&ClientTls> for ClientTls {
+    fn from(tls: &ClientTls) -> Self {
+        tls.clone()
     }
 }
 
@@ -134,14 +383,16 @@ pub fn peer_identity<T>(request: &tonic::Request<T>) -> Result<String, String> {
 
 /// Opens a lazily connecting channel to `endpoint` (`https://host:port`) over mutual TLS,
 /// refusing a server whose certificate identity is not `expected_identity` (when given).
+/// Each new connection takes the client configuration `tls` holds at that moment.
 ///
 /// The TLS handshake is done here rather than by tonic so that the server's identity can be
 /// checked and TCP_NODELAY set on every connection.
 pub fn channel(
     endpoint: &str,
     expected_identity: Option<String>,
-    tls: &rustls::ClientConfig,
+    tls: impl Into<ClientTls>,
 ) -> Result<Channel> {
+    let tls = tls.into();
     let uri: Uri = endpoint
         .parse()
         .with_context(|| format!("endpoint {endpoint:?} is not a URI"))?;
@@ -157,7 +408,6 @@ pub fn channel(
     let port = uri.port_u16().unwrap_or(443);
     let server_name = ServerName::try_from(host.clone())
         .with_context(|| format!("endpoint host {host:?} is not a valid server name"))?;
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls.clone()));
     // tonic sees plain http; the service below supplies the TLS stream.
     let plain = Endpoint::from_shared(format!("http://{host}:{port}"))?
         .connect_timeout(Duration::from_secs(5))
@@ -165,7 +415,7 @@ pub fn channel(
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
     let make = tower::service_fn(move |_: Uri| {
-        let connector = connector.clone();
+        let connector = tokio_rustls::TlsConnector::from(tls.current());
         let server_name = server_name.clone();
         let host = host.clone();
         let expected = expected_identity.clone();
@@ -198,7 +448,176 @@ pub fn channel(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::DevCa;
+    use crate::pki::{DevCa, DevPki};
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    /// Runs a handshake between the two configurations in memory; the server's verdict on
+    /// the client's certificate or the client's on the server's.
+    fn handshake(
+        server: rustls::ServerConfig,
+        client: rustls::ClientConfig,
+    ) -> Result<(), rustls::Error> {
+        let mut server = rustls::ServerConnection::new(Arc::new(server))?;
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut client = rustls::ClientConnection::new(Arc::new(client), name)?;
+        for _ in 0..10 {
+            let mut wire = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut wire).unwrap();
+            }
+            server.read_tls(&mut wire.as_slice()).unwrap();
+            server.process_new_packets()?;
+            let mut wire = Vec::new();
+            while server.wants_write() {
+                server.write_tls(&mut wire).unwrap();
+            }
+            client.read_tls(&mut wire.as_slice()).unwrap();
+            client.process_new_packets()?;
+            if !client.is_handshaking() && !server.is_handshaking() {
+                return Ok(());
+            }
+        }
+        panic!("the handshake did not finish");
+    }
+
+    #[test]
+    fn revoked_and_unlisted_leaves_are_refused_both_ways() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        pki.revoke(&[pki.cert("partner-crm")], 30 * DAY).unwrap();
+        let mut registry = pki.files("registry");
+        registry.crls = vec![pki.crl()];
+        let server = || registry.rustls_server_config().unwrap();
+        let client = |stem: &str| pki.files(stem).client_config().unwrap();
+
+        handshake(server(), client("partner-webform")).expect("webform is not revoked");
+        let err = handshake(server(), client("partner-crm")).unwrap_err();
+        assert!(err.to_string().contains("Revoked"), "{err}");
+
+        // A client with the list refuses a server whose certificate is on it.
+        let mut crm_as_server = pki.files("partner-crm");
+        crm_as_server.crls = vec![pki.crl()];
+        let err = handshake(
+            pki.files("partner-crm").rustls_server_config().unwrap(),
+            crm_as_server.client_config().unwrap(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("Revoked"), "{err}");
+
+        // A leaf from a CA in the bundle that has no list here: its status is unknown.
+        let other = DevCa::generate("another CA").unwrap();
+        let leaf = other
+            .issue("other", "spiffe://dsrelay.dev/partner/other")
+            .unwrap();
+        let bundle = dir.path().join("bundle.pem");
+        std::fs::write(
+            &bundle,
+            std::fs::read_to_string(pki.ca()).unwrap() + &other.cert_pem(),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("other.pem"), &leaf.cert_pem).unwrap();
+        std::fs::write(dir.path().join("other.key"), &leaf.key_pem).unwrap();
+        let mut with_bundle = registry.clone();
+        with_bundle.ca = bundle.clone();
+        let from_other = TlsFiles::new(
+            &bundle,
+            dir.path().join("other.pem"),
+            dir.path().join("other.key"),
+        );
+        let err = handshake(
+            with_bundle.rustls_server_config().unwrap(),
+            from_other.client_config().unwrap(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("UnknownRevocationStatus"), "{err}");
+        // Without lists the same leaf is served: the refusal was the list's doing.
+        let mut without = with_bundle.clone();
+        without.crls.clear();
+        handshake(
+            without.rustls_server_config().unwrap(),
+            from_other.client_config().unwrap(),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn an_expired_list_is_refused_unless_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let ca = DevCa::load(
+            &std::fs::read_to_string(pki.ca()).unwrap(),
+            &std::fs::read_to_string(dir.path().join("ca.key")).unwrap(),
+        )
+        .unwrap();
+        let now = SystemTime::now();
+        let stale = ca.revocation_list(&[], now - 2 * DAY, now - DAY).unwrap();
+        std::fs::write(pki.crl(), stale).unwrap();
+        let mut files = pki.files("registry");
+        files.crls = vec![pki.crl()];
+        let err = files.client_config().unwrap_err();
+        assert!(format!("{err:#}").contains("expired at"), "{err:#}");
+        assert!(files.rustls_server_config().is_err());
+        files.allow_expired_crl = true;
+        handshake(
+            files.rustls_server_config().unwrap(),
+            pki.files("partner-crm").client_config().unwrap(),
+        )
+        .expect("an expired list, allowed, still works");
+        // A list that expires while loaded fails the handshakes from then on.
+        let soon = ca.revocation_list(&[], now - DAY, now + Duration::from_secs(2));
+        std::fs::write(pki.crl(), soon.unwrap()).unwrap();
+        files.allow_expired_crl = false;
+        let server = files.rustls_server_config().unwrap();
+        // A new client each time: one resuming its session would skip the certificate checks.
+        let client = || pki.files("partner-crm").client_config().unwrap();
+        handshake(server.clone(), client()).expect("the list is current");
+        std::thread::sleep(Duration::from_secs(3));
+        let err = handshake(server, client()).unwrap_err();
+        assert!(err.to_string().contains("revocation list expired"), "{err}");
+        // tonic's fixed server TLS cannot check lists, so it refuses files that name one.
+        let err = files.server_config().unwrap_err();
+        assert!(err.to_string().starts_with("tls.crls"), "{err}");
+    }
+
+    #[test]
+    fn a_failed_reload_keeps_the_configuration_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let live = LiveTls::load(&pki.files("registry")).unwrap();
+        let (server, client) = (live.server_config(), live.client_config());
+        let key = std::fs::read(pki.key("registry")).unwrap();
+        std::fs::write(
+            pki.key("registry"),
+            std::fs::read(pki.key("processor")).unwrap(),
+        )
+        .unwrap();
+        let err = live.reload().unwrap_err();
+        assert!(
+            format!("{err:#}").contains("do not belong together"),
+            "{err:#}"
+        );
+        assert!(Arc::ptr_eq(&server, &live.server_config()));
+        assert!(Arc::ptr_eq(&client, &live.client_config()));
+        std::fs::write(pki.key("registry"), b"not a key").unwrap();
+        assert!(live.reload().is_err());
+        assert!(Arc::ptr_eq(&server, &live.server_config()));
+        std::fs::write(pki.key("registry"), key).unwrap();
+        live.reload().unwrap();
+        assert!(!Arc::ptr_eq(&server, &live.server_config()));
+    }
+
+    #[test]
+    fn relative_paths_include_the_lists() {
+        let mut files = TlsFiles::new("ca.pem", "/abs/c.pem", "c.key");
+        files.crls = vec!["crl.pem".into()];
+        let files = files.relative_to(Path::new("/etc/dsrelay"));
+        assert_eq!(files.ca, Path::new("/etc/dsrelay/ca.pem"));
+        assert_eq!(files.cert, Path::new("/abs/c.pem"));
+        assert_eq!(files.crls, [Path::new("/etc/dsrelay/crl.pem")]);
+        let keys: Vec<String> = files.paths().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["tls.ca", "tls.cert", "tls.key", "tls.crls[0]"]);
+    }
 
     fn der(pem: &str) -> Vec<u8> {
         CertificateDer::pem_slice_iter(pem.as_bytes())

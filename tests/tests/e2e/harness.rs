@@ -190,6 +190,12 @@ pub struct PairOptions {
     /// Where the registry finds the processor when the test plays it itself (leave the
     /// processor down then: `down: vec![Role::Processor]`).
     pub processor_endpoint: Option<SocketAddr>,
+    /// Give the registry and the processor the development CA's revocation list
+    /// (`DevPki::crl`, written with no entries before they start) in `tls.crls`.
+    pub revocation_list: bool,
+    /// How often the registry and the processor look for changed TLS files (ms; `None`:
+    /// their default).
+    pub tls_reload_ms: Option<u64>,
 }
 
 impl Default for PairOptions {
@@ -217,6 +223,8 @@ impl Default for PairOptions {
             second_controller: false,
             scope_holders: false,
             processor_endpoint: None,
+            revocation_list: false,
+            tls_reload_ms: None,
         }
     }
 }
@@ -357,6 +365,19 @@ mod configs {
         }
     }
 
+    /// The TLS files of the registry or the processor (`stem`), with the pair's revocation
+    /// list and reload interval.
+    fn service_tls(plan: &Plan<'_>, stem: &str) -> dsrelay_runtime::tls::TlsFiles {
+        let mut files = plan.pki.files(stem);
+        if plan.opts.revocation_list {
+            files.crls = vec![plan.pki.crl()];
+        }
+        if let Some(ms) = plan.opts.tls_reload_ms {
+            files.reload_interval_ms = ms;
+        }
+        files
+    }
+
     fn port(listen: &str) -> &str {
         listen.rsplit_once(':').expect("host:port").1
     }
@@ -402,7 +423,7 @@ mod configs {
                 listen: plan.registry_listen.clone(),
                 admin_listen: plan.registry_admin.clone(),
                 database_url: plan.registry_db.clone(),
-                tls: plan.pki.files("registry"),
+                tls: service_tls(plan, "registry"),
                 trust_domain: None,
                 log_json: plan.opts.log_json,
             },
@@ -553,7 +574,7 @@ mod configs {
                 listen: plan.processor_listen.clone(),
                 admin_listen: plan.processor_admin.clone(),
                 database_url: plan.processor_db.clone(),
-                tls: plan.pki.files("processor"),
+                tls: service_tls(plan, "processor"),
                 trust_domain: None,
                 log_json: plan.opts.log_json,
             },
@@ -1014,6 +1035,10 @@ pub struct TestPair {
 pub async fn spawn_pair(opts: PairOptions) -> Option<TestPair> {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = DevPki::ensure(&dir.path().join("pki")).expect("dev pki");
+    if opts.revocation_list {
+        pki.revoke(&[], Duration::from_secs(30 * 86_400))
+            .expect("an empty revocation list");
+    }
     let registry_db = database_url(dir.path(), "registry", opts.backend).await?;
     let processor_db = database_url(dir.path(), "processor", opts.backend).await?;
     let accounting_url = format!("sqlite://{}/accounting.db", dir.path().display());
@@ -1369,11 +1394,12 @@ pub mod dsrctl {
     pub const REGISTRY_IDENTITY: &str = "spiffe://dsrelay.dev/registry/controller";
 
     /// Every variable dsrctl reads; removed so the caller's environment cannot leak in.
-    pub const ENV_NAMES: [&str; 6] = [
+    pub const ENV_NAMES: [&str; 7] = [
         "DSRCTL_ENDPOINT",
         "DSRCTL_CA",
         "DSRCTL_CERT",
         "DSRCTL_KEY",
+        "DSRCTL_CRL",
         "DSRCTL_SERVER_IDENTITY",
         "DSRCTL_CONFIG",
     ];

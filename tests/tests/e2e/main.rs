@@ -30,6 +30,7 @@ mod mtls;
 mod packages;
 mod poison;
 mod retention;
+mod rotation;
 mod store_conformance;
 mod tracing;
 mod transfer;

@@ -60,11 +60,7 @@ fn foreign_party(dir: &Path, real_ca: &Path, identity: &str) -> TlsFiles {
     let key = dir.join("rogue.key");
     std::fs::write(&cert, leaf.cert_pem).expect("write cert");
     std::fs::write(&key, leaf.key_pem).expect("write key");
-    TlsFiles {
-        ca: real_ca.to_path_buf(),
-        cert,
-        key,
-    }
+    TlsFiles::new(real_ca, cert, key)
 }
 
 /// Asserts that a call was refused at the transport level: not answered, and in particular not

@@ -67,6 +67,7 @@ pub(crate) async fn dispatch(cli: &Cli, env: &Environment, io: &mut Io<'_>) -> R
     match &cli.command {
         // Needs no registry, so must not fail on missing connection settings.
         Command::Pki(PkiCommand::Init(args)) => pki::init(args, env, io),
+        Command::Pki(PkiCommand::Revoke(args)) => pki::revoke(args, env, io),
         Command::Dev(DevCommand::Up(args)) => dev::up(args, env, io).await,
         // Offline: needs no registry.
         Command::Certificate(CertificateCommand::Verify(args)) => {
