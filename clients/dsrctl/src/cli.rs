@@ -144,6 +144,10 @@ pub enum Command {
     /// follow it, make a deferred choice, confirm the returned package.
     #[command(subcommand)]
     Contracts(ContractsCommand),
+    /// Deliveries the registry dead-lettered because their processor kept refusing them
+    /// (operators only): list them, and requeue one once the cause is fixed.
+    #[command(subcommand)]
+    Deliveries(DeliveriesCommand),
     // New subcommands go here, with their arm in `commands::dispatch`; a subcommand that
     // needs no registry connection must not call `settings::resolve`.
 }
@@ -240,6 +244,27 @@ pub enum TasksCommand {
         processor: ProcessorArgs,
         /// The dead letter's id (from `dsrctl tasks dead-letters`).
         id: i64,
+    },
+}
+
+/// `dsrctl deliveries ...`.
+#[derive(Debug, Subcommand)]
+pub enum DeliveriesCommand {
+    /// List dead-lettered deliveries, cancellations and contract-end updates, oldest first,
+    /// each with the processor's last answer.
+    DeadLetters {
+        /// At most this many, 1..=500 [default: the registry's, 100]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=500))]
+        limit: Option<u32>,
+    },
+    /// Send a request's dead-lettered deliveries to one processor again, with a fresh refusal
+    /// count; prints the request as it is afterwards.
+    Requeue {
+        /// The request id.
+        id: String,
+        /// The processor, as the registry names it.
+        #[arg(long)]
+        processor: String,
     },
 }
 

@@ -3,7 +3,8 @@
 //! processor durably accepts it, with exponential backoff and jitter between attempts. A row
 //! the processor refuses with an answer retrying cannot change ([`is_refusal`]) is
 //! dead-lettered after `delivery.max_refusals` refusals: no longer sent, shown in Get and the
-//! request's events, counted in `dsrelay_deliveries_dead_lettered_total`.
+//! request's events, counted in `dsrelay_deliveries_dead_lettered_total`, until an operator
+//! requeues it (`RequestService.RequeueDelivery`, which also wakes this loop).
 
 use std::sync::Arc;
 use std::time::Duration;

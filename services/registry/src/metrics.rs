@@ -12,6 +12,7 @@
 //! | `dsrelay_deliveries_dead_lettered_total` | counter | `processor` |
 //! | `dsrelay_acknowledgement_latency_seconds` | histogram | `processor` |
 //! | `dsrelay_acknowledgements_total` | counter | `result` (`applied`, `duplicate`) |
+//! | `dsrelay_acknowledgements_rejected_total` | counter | `processor`, `reason` (`invalid`, `not_routed`) |
 
 use anyhow::Result;
 use dsrelay_proto::v1::{RequestKind, RequestState};
@@ -40,6 +41,9 @@ pub(crate) struct Metrics {
     pub ack_latency: HistogramVec,
     /// Acknowledgements received, applied or duplicate.
     pub acknowledgements: CounterVec,
+    /// Acknowledgements of a batch answered in its `rejected` list, by why: a processor whose
+    /// count keeps growing is resending one it cannot fix (it dead-letters it in the end).
+    pub acknowledgements_rejected: CounterVec,
 }
 
 impl Metrics {
@@ -81,6 +85,13 @@ impl Metrics {
                  applied before.",
                 &["result"],
             ),
+            acknowledgements_rejected: CounterVec::register(
+                &mut registry,
+                "dsrelay_acknowledgements_rejected",
+                "Acknowledgements rejected one by one: invalid (a field breaks the protocol's \
+                 rules) or not_routed (the request was not delivered to that processor).",
+                &["processor", "reason"],
+            ),
             registry,
         };
         for p in &config.processors {
@@ -88,6 +99,9 @@ impl Metrics {
             m.delivery_failures.inc_by(&[&p.name], 0);
             m.deliveries_dead_lettered.inc_by(&[&p.name], 0);
             m.ack_latency.touch(&[&p.name]);
+            for reason in REJECTION_REASONS {
+                m.acknowledgements_rejected.inc_by(&[&p.name, reason], 0);
+            }
         }
         m.acknowledgements.inc_by(&["applied"], 0);
         m.acknowledgements.inc_by(&["duplicate"], 0);
@@ -122,6 +136,13 @@ impl Metrics {
         }
     }
 }
+
+/// The `reason` labels of `dsrelay_acknowledgements_rejected_total`.
+pub(crate) const REJECTION_REASONS: [&str; 2] = [REJECTED_INVALID, REJECTED_NOT_ROUTED];
+/// An acknowledgement that breaks a field rule (INVALID_ARGUMENT).
+pub(crate) const REJECTED_INVALID: &str = "invalid";
+/// An acknowledgement of a request not delivered to its sender (PERMISSION_DENIED).
+pub(crate) const REJECTED_NOT_ROUTED: &str = "not_routed";
 
 /// A kind or state as a label value: the proto enum name without its prefix.
 fn label(name: &str, prefix: &str) -> String {

@@ -1,16 +1,19 @@
 //! Poison acknowledgements: one the registry rejects does not hold back the others, is
-//! dead-lettered after `acks.max_rejections` rejections (visible in `dsrctl` and a metric) and
-//! can be requeued; an operator's maximal note is fitted to the protocol's limits. Poison
-//! deliveries: a Deliver the processor keeps refusing is dead-lettered after
-//! `delivery.max_refusals` refusals, and says so in Get, the events, `dsrctl get` and a metric.
+//! counted by the registry per rejection, is dead-lettered after `acks.max_rejections`
+//! rejections (visible in `dsrctl` and a metric) and can be requeued; an operator's maximal
+//! note is fitted to the protocol's limits. Poison deliveries: a Deliver the processor keeps
+//! refusing is dead-lettered after `delivery.max_refusals` refusals, and says so in Get, the
+//! events, `dsrctl get` and a metric; an operator (never a partner) lists and requeues it once
+//! the cause is fixed, and the request completes.
 
 use std::time::Duration;
 
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::v1::processor_operator_service_client::ProcessorOperatorServiceClient;
 use dsrelay_proto::v1::{
-    Acknowledgement, CompleteManualTaskRequest, DeliveryState, EventType, ListManualTasksRequest,
-    RequestState, Scope, SubmitRequest, TaskState, WatchRequest,
+    Acknowledgement, CompleteManualTaskRequest, DeliveryState, EventType, ListAuditEntriesRequest,
+    ListDeadLetteredDeliveriesRequest, ListManualTasksRequest, RequestState,
+    RequeueDeliveryRequest, Scope, SubmitRequest, TaskState, WatchRequest,
 };
 use serde_json::Value;
 
@@ -207,6 +210,20 @@ async fn poison_ack_is_dead_lettered_and_blocks_nothing(backend: Backend) {
         ),
         1.0
     );
+    // The registry counted each of the five rejections, and nothing else as rejected.
+    let registry_admin = pair
+        .registry
+        .admin_addr()
+        .expect("registry admin")
+        .to_string();
+    let rejected = |reason: &str| {
+        format!(
+            r#"dsrelay_acknowledgements_rejected_total{{processor="{PROCESSOR}",reason="{reason}"}}"#
+        )
+    };
+    let registry_metrics = scrape(&registry_admin).await;
+    assert_eq!(gauge(&registry_metrics, &rejected("invalid")), 5.0);
+    assert_eq!(gauge(&registry_metrics, &rejected("not_routed")), 0.0);
 
     // Parked means never sent again: its attempts stay where they are.
     let attempts = |pool: sqlx::AnyPool| async move {
@@ -273,6 +290,11 @@ async fn poison_ack_is_dead_lettered_and_blocks_nothing(backend: Backend) {
             "dsrelay_processor_acks_dead_lettered"
         ),
         0.0
+    );
+    assert_eq!(
+        gauge(&scrape(&registry_admin).await, &rejected("invalid")),
+        5.0,
+        "the fixed acknowledgement was rejected"
     );
     db.pool.close().await;
     pair.stop().await;
@@ -401,6 +423,113 @@ async fn refused_delivery_is_dead_lettered(backend: Backend) {
         ),
         1.0
     );
+
+    // Only operators list and requeue dead-lettered deliveries.
+    let requeue = RequeueDeliveryRequest {
+        request_id: id.clone(),
+        processor: PROCESSOR.into(),
+    };
+    let denied = crm
+        .requeue_delivery(requeue.clone())
+        .await
+        .expect_err("a partner requeued a delivery");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    let denied = crm
+        .list_dead_lettered_deliveries(ListDeadLetteredDeliveriesRequest::default())
+        .await
+        .expect_err("a partner listed dead-lettered deliveries");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    let mut operator = pair.client("operator");
+    let unknown = operator
+        .requeue_delivery(RequeueDeliveryRequest {
+            request_id: id.clone(),
+            processor: "no-such-processor".into(),
+        })
+        .await
+        .expect_err("requeued a delivery to an unknown processor");
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+
+    let listed = dsrctl(
+        &pair,
+        "operator",
+        &["--output", "json", "deliveries", "dead-letters"],
+    )
+    .await
+    .json();
+    let letters = listed["dead_lettered"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(letters.len(), 1, "{listed:#}");
+    assert_eq!(letters[0]["request_id"], id.as_str());
+    assert_eq!(letters[0]["processor"], PROCESSOR);
+    assert_eq!(letters[0]["operation"], "deliver");
+    assert_eq!(letters[0]["refusals"], 5);
+    assert!(
+        letters[0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("InvalidArgument")),
+        "{listed:#}"
+    );
+
+    // The cause is fixed (the stored body is whole again) and the operator requeues it: it
+    // is delivered and the request completes.
+    sqlx::query("UPDATE requests SET body = $1 WHERE id = $2")
+        .bind(body.as_slice())
+        .bind(&id)
+        .execute(&db.pool)
+        .await
+        .expect("mend the body");
+    let requeued = dsrctl(
+        &pair,
+        "operator",
+        &["deliveries", "requeue", &id, "--processor", PROCESSOR],
+    )
+    .await;
+    assert!(requeued.ok().contains(&id), "{}", requeued.stdout);
+    assert!(
+        requeued.stderr.contains("requeued the delivery"),
+        "{}",
+        requeued.stderr
+    );
+    let done = wait_until(&mut crm, &id, Duration::from_secs(30), |r| {
+        r.state == RequestState::Completed as i32
+    })
+    .await;
+    assert_eq!(
+        done.deliveries[0].state,
+        DeliveryState::Delivered as i32,
+        "{done:#?}"
+    );
+    let listed = dsrctl(&pair, "operator", &["deliveries", "dead-letters"]).await;
+    assert!(
+        listed.ok().contains("no dead-lettered deliveries"),
+        "{}",
+        listed.stdout
+    );
+
+    // The operator's act is in the audit trail, under the operator's name.
+    let trail = operator
+        .list_audit_entries(ListAuditEntriesRequest::default())
+        .await
+        .expect("audit trail")
+        .into_inner();
+    let entry = trail
+        .entries
+        .iter()
+        .find(|e| e.event_type == EventType::DeliveryRequeued as i32)
+        .expect("a requeue entry");
+    assert_eq!(entry.request_id, id);
+    assert_eq!(entry.actor, "ops", "the operator's configured name");
+    assert!(entry.detail.contains(PROCESSOR), "{entry:?}");
+
+    // A delivery that is not dead-lettered cannot be requeued, and the answer says its state.
+    let live = operator
+        .requeue_delivery(requeue)
+        .await
+        .expect_err("requeued a delivered delivery");
+    assert_eq!(live.code(), tonic::Code::FailedPrecondition, "{live:?}");
+    assert!(live.message().contains("DELIVERED"), "{live:?}");
     db.pool.close().await;
     pair.stop().await;
 }

@@ -16,6 +16,7 @@ mod audit;
 mod certificate;
 mod chain;
 mod contracts;
+mod deliveries;
 mod dev;
 mod download;
 mod list;
@@ -109,5 +110,6 @@ pub(crate) async fn dispatch(cli: &Cli, env: &Environment, io: &mut Io<'_>) -> R
         Command::Watch(args) => watch::run(&Registry::connect(cli, env)?, args, io).await,
         Command::Cancel(args) => request::cancel(&Registry::connect(cli, env)?, args, io).await,
         Command::Extend(args) => request::extend(&Registry::connect(cli, env)?, args, io).await,
+        Command::Deliveries(cmd) => deliveries::run(&Registry::connect(cli, env)?, cmd, io).await,
     }
 }

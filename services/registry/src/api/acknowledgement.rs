@@ -17,6 +17,7 @@ use tonic::{Response, Status};
 
 use crate::auth::Party;
 use crate::error::ApiError;
+use crate::metrics::{REJECTED_INVALID, REJECTED_NOT_ROUTED};
 use crate::store::{AckOutcome, TaskUpdate};
 use crate::validate::text_violation;
 
@@ -111,6 +112,17 @@ impl AcknowledgementService for Api {
             });
         }
         rejected.sort_by_key(|r| r.index);
+        for r in &rejected {
+            let reason = if r.code == tonic::Code::PermissionDenied as i32 {
+                REJECTED_NOT_ROUTED
+            } else {
+                REJECTED_INVALID
+            };
+            self.shared
+                .metrics
+                .acknowledgements_rejected
+                .inc(&[&processor, reason]);
+        }
         if !rejected.is_empty() {
             tracing::warn!(
                 rejected = rejected.len(),

@@ -1,14 +1,17 @@
 //! The partner API (`RequestService`): partners submit and follow their requests; operators
-//! see every request, extend due dates and read the audit trail.
+//! see every request, extend due dates, read the audit trail, and list and requeue
+//! dead-lettered deliveries.
 
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::timestamp_from_millis;
 use dsrelay_proto::v1::request_service_server::RequestService;
 use dsrelay_proto::v1::{
-    AuditCheckpoints, AuditEntries, CancelRequest, Chain, ChainProcessor, EventList,
-    ExtendDeadlineRequest, GetChainRequest, GetRequest, ListAuditCheckpointsRequest,
-    ListAuditEntriesRequest, ListEventsRequest, ListRequestsRequest, ListRequestsResponse, Request,
-    RequestKind, RequestState, SubmitRequest, SubmitResponse, SubprocessorList, WatchRequest,
+    AuditCheckpoints, AuditEntries, CancelRequest, Chain, ChainProcessor, DeadLetteredDeliveries,
+    DeadLetteredDelivery, EventList, ExtendDeadlineRequest, GetChainRequest, GetRequest,
+    ListAuditCheckpointsRequest, ListAuditEntriesRequest, ListDeadLetteredDeliveriesRequest,
+    ListEventsRequest, ListRequestsRequest, ListRequestsResponse, Request, RequestKind,
+    RequestState, RequeueDeliveryRequest, SubmitRequest, SubmitResponse, SubprocessorList,
+    WatchRequest,
 };
 use dsrelay_runtime::grpc::CallerTrace;
 use dsrelay_runtime::identity::{keyed_digest, keyed_hash, FieldViolation};
@@ -19,7 +22,7 @@ use tonic::{Response, Status};
 use crate::auth::Party;
 use crate::deadline::{due_at, MAX_EXTENSION_MONTHS};
 use crate::error::ApiError;
-use crate::store::{CancelOutcome, Inserted, ListFilter, NewRequest};
+use crate::store::{CancelOutcome, Inserted, ListFilter, NewRequest, RequeueOutcome};
 use crate::validate::validate_submit;
 
 use super::{check_text, not_found, views, watch, Api};
@@ -476,5 +479,108 @@ impl RequestService for Api {
         req: tonic::Request<ListAuditCheckpointsRequest>,
     ) -> Result<Response<AuditCheckpoints>, Status> {
         Ok(Response::new(self.audit_checkpoints(req).await?))
+    }
+
+    async fn list_dead_lettered_deliveries(
+        &self,
+        req: tonic::Request<ListDeadLetteredDeliveriesRequest>,
+    ) -> Result<Response<DeadLetteredDeliveries>, Status> {
+        self.partner_api_caller(&req)?
+            .require(&[Party::Operator], |_| {
+                "only operators may list dead-lettered deliveries".into()
+            })?;
+        let page_size = match req.get_ref().page_size {
+            0 => 100,
+            n @ 1..=500 => n,
+            _ => {
+                return Err(ApiError::invalid([FieldViolation::new(
+                    "page_size",
+                    "must be 0 (default 100) to 500",
+                )])
+                .into())
+            }
+        };
+        let mut rows = self
+            .shared
+            .store
+            .dead_lettered_deliveries(i64::from(page_size) + 1)
+            .await
+            .map_err(ApiError::from)?;
+        let truncated = rows.len() > page_size as usize;
+        rows.truncate(page_size as usize);
+        let deliveries = rows
+            .into_iter()
+            .map(|r| DeadLetteredDelivery {
+                request_id: r.request_id,
+                processor: r.processor,
+                operation: r.op,
+                attempts: u32::try_from(r.attempts).unwrap_or(u32::MAX),
+                refusals: u32::try_from(r.refusals).unwrap_or(u32::MAX),
+                last_error: r.last_error.unwrap_or_default(),
+                dead_lettered_at: Some(timestamp_from_millis(r.dead_lettered_at)),
+            })
+            .collect();
+        Ok(Response::new(DeadLetteredDeliveries {
+            deliveries,
+            truncated,
+        }))
+    }
+
+    async fn requeue_delivery(
+        &self,
+        req: tonic::Request<RequeueDeliveryRequest>,
+    ) -> Result<Response<Request>, Status> {
+        let caller = self
+            .partner_api_caller(&req)?
+            .require(&[Party::Operator], |_| {
+                "only operators may requeue a delivery".into()
+            })?;
+        let r = req.into_inner();
+        if r.processor.is_empty() || r.processor.len() > 128 {
+            return Err(ApiError::invalid([FieldViolation::new(
+                "processor",
+                "must be 1 to 128 bytes",
+            )])
+            .into());
+        }
+        let row = self.visible(&caller, &r.request_id).await?;
+        let outcome = self
+            .shared
+            .store
+            .requeue_deliveries(
+                &row.id,
+                &r.processor,
+                &caller.name,
+                self.shared.clock.now_ms(),
+            )
+            .await
+            .map_err(ApiError::from)?;
+        match outcome {
+            RequeueOutcome::Requeued(n) => {
+                tracing::info!(
+                    request_id = %row.id,
+                    processor = %r.processor,
+                    rows = n,
+                    "dead-lettered delivery requeued"
+                );
+            }
+            RequeueOutcome::NoDelivery => {
+                return Err(ApiError::not_found(format!(
+                    "request {} has no delivery to processor {}",
+                    row.id, r.processor
+                ))
+                .into())
+            }
+            RequeueOutcome::NotDeadLettered(state) => {
+                return Err(ApiError::failed_precondition(format!(
+                    "the delivery of request {} to processor {} is {state}, not DEAD_LETTERED",
+                    row.id, r.processor
+                ))
+                .into())
+            }
+        }
+        self.shared.dispatch_wakeup.notify_one();
+        self.shared.publish(&row.id);
+        Ok(Response::new(self.visible_view(&caller, &row.id).await?))
     }
 }

@@ -206,6 +206,79 @@ impl Store {
         Ok(dead_lettered)
     }
 
+    /// Dead-lettered outbox rows, the oldest dead-lettered first, at most `limit`.
+    pub async fn dead_lettered_deliveries(&self, limit: i64) -> Result<Vec<DeadLetteredRow>> {
+        Ok(sqlx::query_as(
+            "SELECT request_id, processor, op, CAST(attempts AS BIGINT) AS attempts, \
+             CAST(refusals AS BIGINT) AS refusals, last_error, dead_lettered_at \
+             FROM deliveries WHERE dead_lettered_at IS NOT NULL AND done_at IS NULL \
+             ORDER BY dead_lettered_at, request_id, processor, op LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.db.pool)
+        .await?)
+    }
+
+    /// Re-arms every dead-lettered row of `request_id` to `processor`: due at `now`, its
+    /// refusals back at zero, so it takes `delivery.max_refusals` new refusals to park it
+    /// again. Records who did it in the request's events and the audit trail.
+    pub async fn requeue_deliveries(
+        &self,
+        request_id: &str,
+        processor: &str,
+        operator: &str,
+        now: i64,
+    ) -> Result<RequeueOutcome> {
+        let mut tx = self.begin_audited().await?;
+        let requeued = sqlx::query(
+            "UPDATE deliveries SET dead_lettered_at = NULL, refusals = 0, next_attempt_at = $1, \
+             lease_until = 0 WHERE request_id = $2 AND processor = $3 \
+             AND dead_lettered_at IS NOT NULL AND done_at IS NULL",
+        )
+        .bind(now)
+        .bind(request_id)
+        .bind(processor)
+        .execute(tx.conn())
+        .await?
+        .rows_affected();
+        if requeued == 0 {
+            let pending: Vec<Option<i64>> = sqlx::query_scalar(
+                "SELECT done_at FROM deliveries WHERE request_id = $1 AND processor = $2",
+            )
+            .bind(request_id)
+            .bind(processor)
+            .fetch_all(tx.conn())
+            .await?;
+            return Ok(if pending.is_empty() {
+                RequeueOutcome::NoDelivery
+            } else if pending.iter().any(Option::is_none) {
+                RequeueOutcome::NotDeadLettered("PENDING")
+            } else {
+                RequeueOutcome::NotDeadLettered("DELIVERED")
+            });
+        }
+        let state = tx.current_state(request_id).await?;
+        insert_event(
+            &mut tx,
+            request_id,
+            EventType::DeliveryRequeued,
+            now,
+            state,
+            EventDetail {
+                actor: operator.to_string(),
+                processor: processor.to_string(),
+                message: format!(
+                    "{requeued} dead-lettered delivery row(s) to {processor} requeued by \
+                     {operator}"
+                ),
+                ..Default::default()
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(RequeueOutcome::Requeued(requeued))
+    }
+
     /// Open requests with no acknowledgement since `cutoff`, with the processors that accepted
     /// them: candidates for a status check.
     pub async fn quiet_requests(&self, cutoff: i64, limit: i64) -> Result<Vec<(String, String)>> {
@@ -224,6 +297,36 @@ impl Store {
         .fetch_all(&self.db.pool)
         .await?)
     }
+}
+
+/// A dead-lettered outbox row, for operators.
+#[derive(Debug, sqlx::FromRow)]
+pub struct DeadLetteredRow {
+    /// The request.
+    pub request_id: String,
+    /// The processor that kept refusing it.
+    pub processor: String,
+    /// `deliver`, `cancel` or `update`, as stored.
+    pub op: String,
+    /// Calls made, refused or not.
+    pub attempts: i64,
+    /// Refusals counted towards `delivery.max_refusals`.
+    pub refusals: i64,
+    /// The processor's last answer.
+    pub last_error: Option<String>,
+    /// When it was dead-lettered (ms).
+    pub dead_lettered_at: i64,
+}
+
+/// What [`Store::requeue_deliveries`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RequeueOutcome {
+    /// This many rows were re-armed.
+    Requeued(u64),
+    /// The request has no delivery to that processor (or does not exist).
+    NoDelivery,
+    /// None of the pair's rows is dead-lettered; the state they are in instead.
+    NotDeadLettered(&'static str),
 }
 
 /// A contract end's terms in the registry's words, for events: `: DELETE`.
