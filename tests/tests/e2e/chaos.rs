@@ -30,8 +30,9 @@ async fn short_chaos_run(extra: &[&str]) {
             "300",
             "--kills",
             "6",
+            // 10 s of Submits, so that most kills fall while they arrive.
             "--rate",
-            "100",
+            "30",
             "--kill-gap-ms",
             "1000",
             "--max-pause-ms",

@@ -11,7 +11,8 @@ use dsrelay_runtime::store::Db;
 use tonic::transport::Channel;
 
 use super::holders::Holder;
-use super::{Submitted, PROCESSOR};
+use super::submit::Submitted;
+use super::PROCESSOR;
 use crate::progress;
 
 /// Whether `state` is final (COMPLETED and every state after it).

@@ -12,19 +12,31 @@
 //! ([`check`]): every accepted Submit is final, none is lost (its id is known to the
 //! registry), none is duplicated (one request per idempotency key, one id per key), each
 //! holder's row of each subject was deleted exactly once and no other subject's row was
-//! touched, and each task's reported outcome matches the holder's data.
+//! touched, and each task's reported outcome matches the holder's data (a NOT_FOUND from a
+//! retry over a row the task's earlier attempt deleted is counted on its own, issue 12
+//! point 3; see `--allow-not-found-after-retry`).
+//!
+//! # Layout
+//! - `mod.rs`: the options, the services' configuration, the run and its printed figures
+//! - [`submit`]: the submitters
+//! - [`cluster`]: the processes under test and the killer
+//! - [`postgres`]: the run's own PostgreSQL server
+//! - [`holders`]: the subprocessors' databases and their record of effects
+//! - [`check`]: the drain and the total-queue check
 //!
 //! It is a subcommand of `dsrelay-bench` rather than a binary of its own because it needs
 //! what the benchmark already has: the services as processes from sibling binaries, their
 //! configuration files, the dev PKI and `scripts/bench.sh` to build and run it.
 
 mod check;
+mod cluster;
 mod holders;
 mod postgres;
+mod submit;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,13 +44,14 @@ use anyhow::{bail, Context, Result};
 use dsrelay_connectors::ConnectorConfig;
 use dsrelay_proto::v1::request_service_client::RequestServiceClient;
 use dsrelay_runtime::pki::{dev_identity, DevPki};
-use tonic::transport::Channel;
 
 use crate::progress;
-use crate::relay::{erasure, q, registry_toml, tls_toml, write_file, POLL_MS};
+use crate::relay::{q, registry_toml, tls_toml, write_file, POLL_MS};
 use crate::service::{channel, free_port, sibling_binary, Service};
-use holders::{subject_key, Holder};
+use cluster::{killer, Cluster, Target};
+use holders::Holder;
 use postgres::PgServer;
+use submit::submit_all;
 
 /// The subprocessors (holders), each a SQLite database of its own.
 const HOLDERS: [&str; 2] = ["holder-a", "holder-b"];
@@ -96,173 +109,6 @@ pub(crate) struct ChaosArgs {
     /// Seed of the random moments, targets and pauses (default: drawn, and printed).
     #[arg(long)]
     seed: Option<u64>,
-}
-
-/// What can be killed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Target {
-    Registry,
-    Processor,
-    Database,
-}
-
-impl Target {
-    fn name(self) -> &'static str {
-        match self {
-            Target::Registry => "registry",
-            Target::Processor => "processor",
-            Target::Database => "database",
-        }
-    }
-}
-
-/// What the killer did.
-#[derive(Debug, Default)]
-struct Kills {
-    /// SIGKILLs per target.
-    by_target: HashMap<Target, u32>,
-    /// Exits nobody asked for, per target (each was started again).
-    own_exits: HashMap<Target, u32>,
-    /// Starts that failed and were tried again (e.g. a service started while the database
-    /// was down).
-    failed_starts: u32,
-}
-
-/// What one submitter learned of one subject's erasure.
-#[derive(Debug, Clone)]
-pub(crate) struct Submitted {
-    /// The subject's number.
-    pub(crate) n: u64,
-    /// The idempotency key (also the subject's address before the `@`).
-    pub(crate) key: String,
-    /// The request id the registry answered, if any answer came back.
-    pub(crate) id: Option<String>,
-    /// Submit calls made, the first included.
-    pub(crate) calls: u32,
-    /// Whether the answer said the key was seen before (an earlier call's answer was lost).
-    pub(crate) deduplicated: bool,
-    /// The last error, when no answer came back.
-    pub(crate) last_error: Option<String>,
-}
-
-/// The processes under test and how to reach them.
-struct Cluster {
-    registry: Service,
-    processor: Service,
-    database: Option<PgServer>,
-    pki: DevPki,
-    registry_port: u16,
-    processor_port: u16,
-}
-
-impl Cluster {
-    fn targets(&self) -> Vec<Target> {
-        let mut t = vec![Target::Registry, Target::Processor];
-        if self.database.is_some() {
-            t.push(Target::Database);
-        }
-        t
-    }
-
-    async fn sigkill(&mut self, target: Target) {
-        match target {
-            Target::Registry => self.registry.sigkill().await,
-            Target::Processor => self.processor.sigkill().await,
-            Target::Database => {
-                if let Some(db) = &mut self.database {
-                    db.sigkill().await;
-                }
-            }
-        }
-    }
-
-    fn has_exited(&mut self, target: Target) -> bool {
-        match target {
-            Target::Registry => self.registry.has_exited(),
-            Target::Processor => self.processor.has_exited(),
-            Target::Database => self.database.as_mut().is_some_and(PgServer::has_exited),
-        }
-    }
-
-    /// Starts `target` again and waits until it serves, trying again (up to 20 times) when
-    /// it exits while starting, as a service does when its database is down.
-    async fn bring_up(&mut self, target: Target, kills: &mut Kills) -> Result<()> {
-        let mut last = None;
-        for _ in 0..20 {
-            let r = match target {
-                Target::Database => match &mut self.database {
-                    Some(db) => db.restart().await,
-                    None => Ok(()),
-                },
-                Target::Registry => {
-                    let health = channel(
-                        &self.pki,
-                        "operator",
-                        self.registry_port,
-                        Some(dev_identity("registry", "controller")),
-                    )?;
-                    match self.registry.restart().await {
-                        Ok(()) => self.registry.wait_serving(health).await,
-                        Err(e) => Err(e),
-                    }
-                }
-                Target::Processor => {
-                    let health = channel(&self.pki, "processor", self.processor_port, None)?;
-                    match self.processor.restart().await {
-                        Ok(()) => self.processor.wait_serving(health).await,
-                        Err(e) => Err(e),
-                    }
-                }
-            };
-            match r {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    progress(format!(
-                        "chaos: the {} did not start, trying again: {e:#}",
-                        target.name()
-                    ));
-                    kills.failed_starts += 1;
-                    last = Some(e);
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-        }
-        Err(last
-            .unwrap_or_else(|| anyhow::anyhow!("no attempt made"))
-            .context(format!("the {} did not start again", target.name())))
-    }
-
-    /// Starts again whatever exited on its own, the database first (the services need it).
-    async fn supervise(&mut self, kills: &mut Kills) -> Result<()> {
-        for target in [Target::Database, Target::Registry, Target::Processor] {
-            if self.has_exited(target) && self.targets().contains(&target) {
-                *kills.own_exits.entry(target).or_default() += 1;
-                progress(format!("chaos: the {} exited on its own", target.name()));
-                self.bring_up(target, kills).await?;
-            }
-        }
-        Ok(())
-    }
-
-    async fn stop(self) {
-        self.registry.kill().await;
-        self.processor.kill().await;
-        if let Some(mut db) = self.database {
-            db.sigkill().await;
-        }
-    }
-
-    fn log_tails(&self) -> String {
-        let mut s = format!(
-            "\n--- registry log (end) ---\n{}\n--- processor log (end) ---\n{}",
-            self.registry.log_tail(),
-            self.processor.log_tail()
-        );
-        if let Some(db) = &self.database {
-            s.push_str(&format!("\n--- postgres log (end) ---\n{}", db.log_tail()));
-        }
-        s
-    }
 }
 
 /// The processor's configuration file: the SQL connector on each holder, leases of
@@ -566,144 +412,4 @@ async fn chaos(args: &ChaosArgs, seed: u64, work: &Path) -> Result<bool> {
         eprintln!("{tails}");
     }
     Ok(pass)
-}
-
-/// Submits one erasure per subject `0..requests` from `clients` (one submitter each), paced
-/// to `rate` per second; each Submit is retried with its idempotency key until an answer
-/// comes back or `submit_timeout_secs` pass.
-async fn submit_all(
-    args: &ChaosArgs,
-    clients: Vec<RequestServiceClient<Channel>>,
-) -> Vec<Submitted> {
-    let next = Arc::new(AtomicU64::new(0));
-    let t0 = Instant::now();
-    let mut tasks = Vec::new();
-    for client in clients {
-        let next = next.clone();
-        let requests = args.requests;
-        let rate = args.rate;
-        let timeout = Duration::from_secs(args.submit_timeout_secs);
-        tasks.push(tokio::spawn(async move {
-            let mut out = Vec::new();
-            loop {
-                let n = next.fetch_add(1, Ordering::SeqCst);
-                if n >= requests {
-                    break out;
-                }
-                let slot = t0 + Duration::from_secs_f64(n as f64 / rate as f64);
-                tokio::time::sleep_until(slot.into()).await;
-                out.push(submit_one(client.clone(), n, timeout).await);
-            }
-        }));
-    }
-    let mut all = Vec::new();
-    for t in tasks {
-        // A submitter only panics on a bug here; its subjects then count as not submitted.
-        if let Ok(v) = t.await {
-            all.extend(v);
-        }
-    }
-    all.sort_by_key(|s| s.n);
-    all
-}
-
-async fn submit_one(
-    mut client: RequestServiceClient<Channel>,
-    n: u64,
-    timeout: Duration,
-) -> Submitted {
-    let key = subject_key(n);
-    let deadline = Instant::now() + timeout;
-    let mut s = Submitted {
-        n,
-        key: key.clone(),
-        id: None,
-        calls: 0,
-        deduplicated: false,
-        last_error: None,
-    };
-    loop {
-        s.calls += 1;
-        let mut request = tonic::Request::new(erasure(key.clone()));
-        request.set_timeout(Duration::from_secs(5));
-        match client.submit(request).await {
-            Ok(r) => {
-                let r = r.into_inner();
-                s.id = Some(r.request_id);
-                s.deduplicated = r.deduplicated;
-                s.last_error = None;
-                return s;
-            }
-            Err(e) => {
-                s.last_error = Some(format!("{:?}: {}", e.code(), e.message()));
-                if Instant::now() > deadline {
-                    return s;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
-}
-
-/// Kills a random target `kills` times at random moments, starting each again after a
-/// short random pause, and starts again anything that exits on its own, until `stop`.
-async fn killer(
-    mut cluster: Cluster,
-    args: ChaosArgs,
-    seed: u64,
-    done: Arc<AtomicU32>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<(Cluster, Kills)> {
-    let mut rng = fastrand::Rng::with_seed(seed);
-    let mut kills = Kills::default();
-    let gap = |rng: &mut fastrand::Rng| {
-        let mean = args.kill_gap_ms.max(4);
-        Duration::from_millis(rng.u64(mean / 4..=mean * 7 / 4))
-    };
-    let mut next_kill = Instant::now() + gap(&mut rng);
-    loop {
-        if *stop.borrow() {
-            return Ok((cluster, kills));
-        }
-        let result = async {
-            cluster.supervise(&mut kills).await?;
-            if done.load(Ordering::SeqCst) < args.kills && Instant::now() >= next_kill {
-                let targets: Vec<Target> = cluster
-                    .targets()
-                    .into_iter()
-                    .filter(|t| {
-                        args.targets.is_empty() || args.targets.iter().any(|n| n == t.name())
-                    })
-                    .collect();
-                if targets.is_empty() {
-                    bail!("none of --targets can be killed in this run");
-                }
-                let target = targets[rng.usize(..targets.len())];
-                let pause = Duration::from_millis(rng.u64(100..=args.max_pause_ms.max(100)));
-                cluster.sigkill(target).await;
-                *kills.by_target.entry(target).or_default() += 1;
-                let n = done.load(Ordering::SeqCst) + 1;
-                progress(format!(
-                    "chaos: kill {n}: SIGKILL the {}, restart in {} ms",
-                    target.name(),
-                    pause.as_millis()
-                ));
-                tokio::time::sleep(pause).await;
-                cluster.bring_up(target, &mut kills).await?;
-                done.store(n, Ordering::SeqCst);
-                next_kill = Instant::now() + gap(&mut rng);
-            }
-            anyhow::Ok(())
-        }
-        .await;
-        if let Err(e) = result {
-            let tails = cluster.log_tails();
-            cluster.stop().await;
-            return Err(e.context(tails));
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            _ = stop.changed() => {}
-        }
-    }
 }
