@@ -232,7 +232,7 @@ pub(super) async fn check(
         }
     }
 
-    // One request per key at the registry, and no request the submitters were not told of.
+    // One request per key at the registry, and it is the one its submitter was told of.
     let registry = Db::connect(registry_db).await?;
     let rows: Vec<(String, String)> = sqlx::query_as(
         "SELECT idempotency_key, id FROM requests WHERE idempotency_key LIKE 'chaos-%'",
