@@ -5,6 +5,8 @@
 #   scripts/bench.sh --postgres          # PostgreSQL → docs/benchmarks-postgres.md
 #   scripts/bench.sh --duration-secs 10 --concurrency 32 --batch 4000 --out /tmp/b.md
 #   scripts/bench.sh --export-mib 16 --out /tmp/b.md   # short: a 16 MiB export (default 1024)
+#   scripts/bench.sh --chaos             # the chaos test in full, SQLite then PostgreSQL
+#   scripts/bench.sh --chaos --requests 300 --kills 6  # a shorter chaos run
 #
 # Steps:
 #   1. cargo build --release --bins: the benchmark spawns the release service
@@ -28,10 +30,26 @@
 #   tests (or uses DSRELAY_TEST_POSTGRES_URL when it is already set) and stops it
 #   afterwards; the benchmark creates fresh databases in it for each service and
 #   for the baseline.
+#
+# With --chaos (the first argument) the script measures nothing and writes
+# nothing to docs/: after step 1 it runs the chaos test twice,
+# `dsrelay-bench chaos` (stores on SQLite) and `dsrelay-bench chaos --postgres`
+# (stores on a PostgreSQL server the run starts in a temporary folder and kills
+# too; the shared test server is never used), each with the remaining
+# arguments (default 2,000 erasures, 20 SIGKILLs; see `dsrelay-bench chaos
+# --help`). Each prints requests accepted, kills per target, connector
+# attempts, the holders' effects, lost, duplicated and PASS or FAIL; the script
+# exits non-zero if either run fails. `--chaos --postgres` runs only the
+# PostgreSQL one.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+chaos=0
+if [ "${1:-}" = --chaos ]; then
+    chaos=1
+    shift
+fi
 postgres=0
 for arg in "$@"; do
     case "$arg" in
@@ -43,6 +61,17 @@ printf 'bench.sh: building release binaries: cargo build --release --bins\n' >&2
 cargo build --release --bins
 
 bench="${CARGO_TARGET_DIR:-target}/release/dsrelay-bench"
+if [ "$chaos" -eq 1 ]; then
+    if [ "$postgres" -eq 1 ]; then
+        exec "$bench" chaos "$@"
+    fi
+    status=0
+    printf 'bench.sh: chaos test on SQLite: dsrelay-bench chaos %s\n' "$*" >&2
+    "$bench" chaos "$@" || status=$?
+    printf 'bench.sh: chaos test on PostgreSQL: dsrelay-bench chaos --postgres %s\n' "$*" >&2
+    "$bench" chaos --postgres "$@" || status=$?
+    exit "$status"
+fi
 if [ "$postgres" -eq 1 ]; then
     DSRELAY_TEST_SH_ONLY_PG=1 exec scripts/test.sh "$bench" "$@"
 else

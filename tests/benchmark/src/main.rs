@@ -23,11 +23,16 @@
 //!   registry and a processor, against the bare statements the rules amount to on a copy of
 //!   the same database, with the two services' peak resident memory.
 //!
+//! Apart from the measuring run, `dsrelay-bench chaos` is the chaos test (see the `chaos`
+//! module): erasures under SIGKILLs of the services and of their database, checked against
+//! Jepsen's total-queue rule; `scripts/bench.sh --chaos` runs it in full.
+//!
 //! Run it with `scripts/bench.sh` (which builds the release binaries first, and with
 //! `--postgres` starts a throwaway PostgreSQL exactly as `scripts/test.sh` does). Load only
 //! ever goes to 127.0.0.1, bounded in count and time.
 
 mod baseline;
+mod chaos;
 mod contract;
 mod export;
 mod load;
@@ -97,6 +102,10 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// The chaos test: erasures under SIGKILLs of the registry, the processor and (with
+    /// --postgres) the database server, then Jepsen's total-queue check; exits non-zero on
+    /// FAIL. Writes nothing to docs/.
+    Chaos(chaos::ChaosArgs),
     /// The bare echo server of the baseline (started by the benchmark itself).
     #[command(hide = true)]
     EchoServer {
@@ -125,6 +134,12 @@ async fn main() {
     let result = match &args.command {
         Some(Command::EchoServer { listen, pki }) => baseline::serve_echo(*listen, pki).await,
         Some(Command::StreamServer { listen, pki }) => export::serve_stream(*listen, pki).await,
+        Some(Command::Chaos(chaos)) => {
+            tokio::select! {
+                r = chaos::run(chaos) => r,
+                _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+            }
+        }
         None => {
             tokio::select! {
                 r = run(&args) => r,

@@ -56,6 +56,10 @@ pub(crate) struct Service {
     pub(crate) name: String,
     child: tokio::process::Child,
     log: PathBuf,
+    /// How it was started, so that [`Service::restart`] starts it the same way.
+    bin: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    rust_log: String,
 }
 
 impl Service {
@@ -69,20 +73,40 @@ impl Service {
     ) -> Result<Self> {
         let file =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let child = tokio::process::Command::new(bin)
-            .args(args)
-            .env("RUST_LOG", rust_log)
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
+        let args: Vec<std::ffi::OsString> = args.iter().map(|a| a.to_os_string()).collect();
+        let child = start(bin, &args, file, rust_log)?;
         Ok(Self {
             name: name.to_string(),
             child,
             log,
+            bin: bin.to_path_buf(),
+            args,
+            rust_log: rust_log.to_string(),
         })
+    }
+
+    /// Kills it (SIGKILL) if it still runs, then starts it again the same way, its output
+    /// appended to the same log so that every life of the process can be read there.
+    pub(crate) async fn restart(&mut self) -> Result<()> {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("opening {}", self.log.display()))?;
+        self.child = start(&self.bin, &self.args, file, &self.rust_log)?;
+        Ok(())
+    }
+
+    /// SIGKILLs it and reaps it, leaving it stopped until [`Service::restart`].
+    pub(crate) async fn sigkill(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    /// Whether it has exited (killed or on its own).
+    pub(crate) fn has_exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Its process id while it runs.
@@ -139,4 +163,21 @@ impl Service {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
     }
+}
+
+fn start(
+    bin: &Path,
+    args: &[std::ffi::OsString],
+    log: std::fs::File,
+    rust_log: &str,
+) -> Result<tokio::process::Child> {
+    tokio::process::Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", rust_log)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))
 }

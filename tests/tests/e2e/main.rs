@@ -11,6 +11,7 @@ mod adapter_export;
 mod audit;
 mod bad_input;
 mod certificates;
+mod chaos;
 mod compose;
 mod connectors;
 mod contract_end;

@@ -1,0 +1,106 @@
+//! The chaos test in its short form: `dsrelay-bench chaos` (the real binaries, SIGKILLs of
+//! the registry, the processor and, on PostgreSQL, of a database server the run starts
+//! itself) with 300 erasures and 6 kills, which must end in PASS: every accepted Submit
+//! final, none lost, none duplicated, every holder's row deleted exactly once, no other row
+//! touched, no task reporting COMPLETED over a row still there.
+//! `scripts/bench.sh --chaos` runs the full form (2,000 erasures, 20 kills).
+//!
+//! One known false outcome is tolerated here (`--allow-not-found-after-retry`), and only it:
+//! a task whose first connector attempt deleted the row, but whose outcome was never stored
+//! (the processor or its database killed in between), reports NOT_FOUND from its retry
+//! (issue 12 point 3). The run still prints how many; the full form fails on them. Drop the
+//! flag when the processor confirms such a retry by reading instead of concluding from it.
+
+use std::process::Output;
+use std::time::Duration;
+
+use crate::harness::binary;
+
+/// The longest a short run may take before the test stops it and fails.
+const BOUND: Duration = Duration::from_secs(100);
+
+/// Runs `dsrelay-bench chaos` with the short form's numbers and `extra`, and fails unless
+/// it passed having made every kill.
+async fn short_chaos_run(extra: &[&str]) {
+    let mut command = tokio::process::Command::new(binary("dsrelay-bench"));
+    command
+        .args([
+            "chaos",
+            "--requests",
+            "300",
+            "--kills",
+            "6",
+            // 10 s of Submits, so that most kills fall while they arrive.
+            "--rate",
+            "30",
+            "--kill-gap-ms",
+            "1000",
+            "--max-pause-ms",
+            "500",
+            "--drain-secs",
+            "45",
+            "--allow-not-found-after-retry",
+        ])
+        .args(extra)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let child = command.spawn().expect("starting dsrelay-bench chaos");
+    let pid = child.id().expect("its process id");
+    let out: Output = match tokio::time::timeout(BOUND, child.wait_with_output()).await {
+        Ok(out) => out.expect("running dsrelay-bench chaos"),
+        Err(_) => {
+            // SIGINT lets the run kill the processes it started before it exits.
+            let _ = std::process::Command::new("kill")
+                .args(["-INT", &pid.to_string()])
+                .status();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            panic!("the chaos run took longer than {} s", BOUND.as_secs());
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let explain = format!("--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}");
+    assert!(out.status.success(), "the chaos run failed\n{explain}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.last().copied(), Some("PASS"), "{explain}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("kills: 6 SIGKILLs")),
+        "not every kill was made\n{explain}"
+    );
+    for line in ["lost: 0", "duplicated: 0", "effects applied twice: 0"] {
+        assert!(lines.contains(&line), "no `{line}`\n{explain}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("requests: 300 asked, 300 accepted")),
+        "{explain}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_short_run_on_sqlite_passes() {
+    short_chaos_run(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_short_run_on_postgres_passes() {
+    let installed = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.flatten().any(|e| e.path().join("bin/postgres").exists()))
+        .unwrap_or(false);
+    if !installed {
+        let ci = std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
+        assert!(
+            !ci,
+            "the PostgreSQL server binaries are required in CI (/usr/lib/postgresql/*/bin)"
+        );
+        eprintln!(
+            "SKIPPED on PostgreSQL: no server binaries under /usr/lib/postgresql/*/bin \
+             (in CI this is a failure)"
+        );
+        return;
+    }
+    short_chaos_run(&["--postgres"]).await;
+}
