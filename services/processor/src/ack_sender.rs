@@ -7,51 +7,34 @@
 //! registry keeps a task at the state of the highest sequence it applied and records an older
 //! one that arrives later (after a requeue) without moving the task back, so a later sequence
 //! overtaking a parked one leaves the task where the processor has it.
+//!
+//! When the service stops, the sender flushes: it keeps sending what is due until the task
+//! runner has returned (its last steps queue acknowledgements too) and nothing due is left,
+//! within the shutdown grace plus half of [`SHUTDOWN_MARGIN`]. A batch still unanswered then
+//! is released (its lease ended), so another replica or the next start sends it at once.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use dsrelay_proto::v1::{AcknowledgeRequest, RejectedAcknowledgement};
+use dsrelay_runtime::host::SHUTDOWN_MARGIN;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::app::Shared;
 use crate::store::AckJob;
 
-/// Runs until `stop` turns true.
+/// Runs until `stop` turns true, then flushes.
 pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let cfg = shared.config.acks.clone();
     loop {
         if *stop.borrow() {
-            return;
+            break;
         }
-        let jobs = match shared
-            .store
-            .claim_acks(
-                shared.clock.now_ms(),
-                i64::from(cfg.batch_size),
-                cfg.lease_ms as i64,
-            )
-            .await
-        {
-            Ok(j) => j,
-            Err(e) => {
-                tracing::error!(error = format!("{e:#}"), "claiming acknowledgements failed");
-                Vec::new()
-            }
-        };
+        let jobs = claim(&shared).await;
         let full = jobs.len() == cfg.batch_size as usize;
-        let mut by_controller: BTreeMap<String, Vec<AckJob>> = BTreeMap::new();
-        for j in jobs {
-            by_controller
-                .entry(j.controller.clone())
-                .or_default()
-                .push(j);
-        }
-        let sends = by_controller
-            .into_iter()
-            .map(|(controller, jobs)| send(&shared, controller, jobs));
-        futures::future::join_all(sends).await;
+        send_all(&shared, jobs).await;
         if full {
             continue;
         }
@@ -61,6 +44,95 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = tokio::time::sleep(Duration::from_millis(cfg.poll_interval_ms)) => {}
         }
     }
+    flush(&shared).await;
+}
+
+/// Sends what is due until the task runner has stopped and nothing due is left, or the
+/// shutdown deadline comes; logs how many were sent and how many are left queued.
+async fn flush(shared: &Shared) {
+    let grace = Duration::from_millis(shared.config.service.shutdown_grace_ms);
+    let deadline = Instant::now() + grace + SHUTDOWN_MARGIN / 2;
+    let poll = Duration::from_millis(shared.config.acks.poll_interval_ms);
+    let mut runner_stopped = shared.runner_stopped.subscribe();
+    let mut sent = 0usize;
+    loop {
+        // Read before claiming: acknowledgements the runner queued before it stopped are
+        // then claimed by this round or a later one.
+        let runner_done = *runner_stopped.borrow_and_update();
+        let Ok(jobs) = tokio::time::timeout_at(deadline, claim(shared)).await else {
+            break;
+        };
+        if jobs.is_empty() {
+            if runner_done {
+                break;
+            }
+            tokio::select! {
+                _ = runner_stopped.changed() => {}
+                _ = shared.ack_wakeup.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+            continue;
+        }
+        let ids: Vec<i64> = jobs.iter().map(|j| j.id).collect();
+        if tokio::time::timeout_at(deadline, send_all(shared, jobs))
+            .await
+            .is_err()
+        {
+            if let Err(e) = shared.store.release_acks(&ids).await {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "releasing unanswered acknowledgements failed; their lease runs out instead"
+                );
+            }
+            break;
+        }
+        sent += ids.len();
+    }
+    let left = shared.store.unsent_ack_count().await.unwrap_or_else(|e| {
+        tracing::warn!(
+            error = format!("{e:#}"),
+            "counting queued acknowledgements failed"
+        );
+        -1
+    });
+    tracing::info!(
+        flushed = sent,
+        left_queued = left,
+        "acknowledgement sender stopped"
+    );
+}
+
+/// Claims the due acknowledgements, a batch at most.
+async fn claim(shared: &Shared) -> Vec<AckJob> {
+    let cfg = &shared.config.acks;
+    shared
+        .store
+        .claim_acks(
+            shared.clock.now_ms(),
+            i64::from(cfg.batch_size),
+            cfg.lease_ms as i64,
+        )
+        .await
+        .unwrap_or_else(|e| {
+            tracing::error!(error = format!("{e:#}"), "claiming acknowledgements failed");
+            Vec::new()
+        })
+}
+
+/// Sends claimed acknowledgements, one batch per controller at once.
+async fn send_all(shared: &Shared, jobs: Vec<AckJob>) {
+    let mut by_controller: BTreeMap<String, Vec<AckJob>> = BTreeMap::new();
+    for j in jobs {
+        by_controller
+            .entry(j.controller.clone())
+            .or_default()
+            .push(j);
+    }
+    let sends = by_controller
+        .into_iter()
+        .map(|(controller, jobs)| send(shared, controller, jobs));
+    futures::future::join_all(sends).await;
 }
 
 #[tracing::instrument(skip_all, fields(controller = %controller, count = jobs.len()))]

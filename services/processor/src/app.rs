@@ -17,7 +17,7 @@ use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
 use dsrelay_runtime::store::Db;
 use dsrelay_runtime::tls::LiveTls;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tonic::transport::Channel;
 
 use dsrelay_runtime::signing::SigningKey;
@@ -57,6 +57,15 @@ pub(crate) struct Shared {
     pub unavailable_until: crate::breaker::Breaker,
     /// Counters and histograms served on the admin port.
     pub metrics: crate::metrics::Metrics,
+    /// Turns true when the shutdown grace is over: task steps still calling their holder
+    /// drop the call and release their lease ([`crate::runner`]).
+    pub abandon: watch::Sender<bool>,
+    /// Turns true when the task runner has returned, so the acknowledgement sender knows no
+    /// more acknowledgements come before it stops.
+    pub runner_stopped: watch::Sender<bool>,
+    /// Task leases released by steps abandoned at the end of the shutdown grace, for the
+    /// runner's last log line.
+    pub shutdown_released: std::sync::atomic::AtomicUsize,
 }
 
 /// The signer of deletion certificates, when the configuration names a key.
@@ -166,6 +175,9 @@ impl App {
                 upload_wakeup: Notify::new(),
                 recipients,
                 unavailable_until: Default::default(),
+                abandon: watch::Sender::new(false),
+                runner_stopped: watch::Sender::new(false),
+                shutdown_released: Default::default(),
             }),
         })
     }

@@ -15,6 +15,13 @@
 //! Transitions and postponements match the token too, so a step that ends after its lease
 //! was taken records nothing over the new holder's work.
 //!
+//! When the service stops (its [`Stop`] turns true) no task is claimed any more; steps in
+//! flight get `shutdown_grace_ms` to finish. A step still calling its holder then is
+//! abandoned like one whose lease was lost, and its lease released on the spot
+//! ([`Store::release_lease`](crate::store::Store::release_lease)) so that another replica
+//! claims the task at once instead of waiting `tasks.lease_ms`; the call having been noted,
+//! that claim resumes it with care.
+//!
 //! A request cancelled while a holder works does not stop the call: its outcome is recorded
 //! as what the holder did, saying the cancellation came too late ([`crate::task_machine`]).
 //!
@@ -22,6 +29,7 @@
 //! the controller's data instead; while it runs, the runner reads the connector's progress
 //! every `contracts.progress_interval_ms` and acknowledges it when it moved.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,9 +48,46 @@ use crate::exports;
 use crate::store::TaskJob;
 use crate::task_machine::{decide, phase_of, retry_at, Context, Decision, Event, Holder};
 
-/// Runs until `stop` turns true.
+/// Runs until `stop` turns true, then lets the steps in flight finish within the grace,
+/// abandons and releases the rest, and logs what it finished, released and left queued.
 pub(crate) async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
+    let grace = Duration::from_millis(shared.config.service.shutdown_grace_ms);
+    let finished = Arc::new(AtomicUsize::new(0));
+    let deadline = {
+        let (shared, mut stop) = (shared.clone(), stop.clone());
+        tokio::spawn(async move {
+            if stop.wait_for(|s| *s).await.is_ok() {
+                tokio::time::sleep(grace).await;
+                shared.abandon.send_replace(true);
+            }
+        })
+    };
+    pool(shared.clone(), stop.clone(), grace, finished.clone()).await;
+    deadline.abort();
+    if *stop.borrow() {
+        let left = shared.store.runnable_count().await.unwrap_or_else(|e| {
+            tracing::warn!(error = format!("{e:#}"), "counting queued tasks failed");
+            -1
+        });
+        tracing::info!(
+            finished = finished.load(Ordering::SeqCst),
+            released = shared.shutdown_released.load(Ordering::SeqCst),
+            left_queued = left,
+            "task runner stopped"
+        );
+    }
+    shared.runner_stopped.send_replace(true);
+}
+
+/// The claim-and-run loop; `finished` counts the steps that ended after `stop` turned true.
+async fn pool(
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+    grace: Duration,
+    finished: Arc<AtomicUsize>,
+) {
     let cfg = shared.config.tasks.clone();
+    let stopping = stop.clone();
     let settings = PoolSettings {
         concurrency: cfg.concurrency,
         batch: cfg.batch_size as usize,
@@ -54,7 +99,8 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
         settings,
         &shared.task_wakeup,
         stop,
-        Duration::from_secs(10),
+        // Abandoned steps release their leases within the margin after the grace.
+        grace + dsrelay_runtime::host::SHUTDOWN_MARGIN / 2,
         move |n| {
             let shared = claimer.clone();
             async move {
@@ -70,6 +116,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
         },
         move |job| {
             let shared = runner.clone();
+            let (stopping, finished) = (stopping.clone(), finished.clone());
             // Each step of a task is a span under the Deliver call that brought the request.
             let trace_id = job
                 .traceparent
@@ -90,6 +137,9 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
                 if let Err(e) = run_task(&shared, job).await {
                     // The lease runs out and the task is picked up again.
                     tracing::error!(error = format!("{e:#}"), "task step failed");
+                }
+                if *stopping.borrow() && !*shared.abandon.borrow() {
+                    finished.fetch_add(1, Ordering::SeqCst);
                 }
             }
             .instrument(span)
@@ -354,6 +404,7 @@ async fn call_bulk(
         tokio::select! {
             r = &mut run => break r,
             _ = tick.tick() => {}
+            () = abandoned(shared) => return Err(release(shared, job).await),
         }
         let latest = reporter.latest();
         if latest != reported && reported_at.elapsed() >= every {
@@ -494,6 +545,7 @@ async fn call(
     let result = tokio::select! {
         r = connector.run(&task).instrument(span) => r,
         lost = renew => return Err(lost),
+        () = abandoned(shared) => return Err(release(shared, job).await),
     };
     let m = &shared.metrics;
     m.connector_duration
@@ -504,8 +556,34 @@ async fn call(
     Ok(result)
 }
 
+/// Resolves when the shutdown grace is over.
+async fn abandoned(shared: &Shared) {
+    let _ = shared.abandon.subscribe().wait_for(|a| *a).await;
+}
+
+/// A step abandoned at the end of the shutdown grace gives its lease up, so that another
+/// runner claims the task at once; its holder's call is dropped, no outcome recorded.
+async fn release(shared: &Shared, job: &TaskJob) -> LeaseLost {
+    match shared
+        .store
+        .release_lease(&job.task.key, &job.lease_owner)
+        .await
+    {
+        Ok(true) => {
+            shared.shutdown_released.fetch_add(1, Ordering::SeqCst);
+            tracing::warn!("shutting down: step abandoned mid-call and its lease released");
+        }
+        Ok(false) => tracing::warn!("shutting down: step abandoned; its lease was already lost"),
+        Err(e) => tracing::warn!(
+            error = format!("{e:#}"),
+            "shutting down: step abandoned; releasing its lease failed, it runs out instead"
+        ),
+    }
+    LeaseLost
+}
+
 /// The step was abandoned because its task's lease was lost (or, before the holder was
-/// called, the call could not be noted); the cause is logged.
+/// called, the call could not be noted, or the shutdown grace ended); the cause is logged.
 #[derive(Debug)]
 pub(crate) struct LeaseLost;
 
@@ -651,3 +729,7 @@ mod lease_tests;
 #[cfg(test)]
 #[path = "cancel_tests.rs"]
 mod cancel_tests;
+
+#[cfg(test)]
+#[path = "shutdown_tests.rs"]
+mod shutdown_tests;

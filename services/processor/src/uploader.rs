@@ -49,7 +49,9 @@ use crate::task_machine::{
 /// Bytes of a file in one message: the most the registry and the recipient take.
 pub(crate) const CHUNK: usize = 1024 * 1024;
 
-/// Runs until `stop` turns true.
+/// Runs until `stop` turns true. Deliveries in flight then get the shutdown grace to
+/// finish; those still sending after it are dropped and their leases released, so another
+/// replica or the next start resumes them at once (the destination keeps what it received).
 pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let cfg = shared.config.uploads.clone();
     loop {
@@ -72,7 +74,35 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             }
         };
         let full = jobs.len() == cfg.concurrency as usize;
-        futures::future::join_all(jobs.into_iter().map(|j| upload(&shared, j))).await;
+        let keys: Vec<TaskKey> = jobs.iter().map(|j| j.key.clone()).collect();
+        let sending = futures::future::join_all(jobs.into_iter().map(|j| upload(&shared, j)));
+        let grace = Duration::from_millis(shared.config.service.shutdown_grace_ms);
+        let mut watching = stop.clone();
+        let overdue = async {
+            if watching.wait_for(|s| *s).await.is_ok() {
+                tokio::time::sleep(grace).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            _ = sending => {}
+            () = overdue => {
+                for key in &keys {
+                    if let Err(e) = shared.store.release_upload(key).await {
+                        tracing::warn!(
+                            error = format!("{e:#}"),
+                            "releasing an abandoned upload failed; its lease runs out instead"
+                        );
+                    }
+                }
+                tracing::warn!(
+                    released = keys.len(),
+                    "shutting down: uploads still sending abandoned and released"
+                );
+                return;
+            }
+        }
         if full {
             continue;
         }
@@ -425,8 +455,11 @@ async fn send_export(
         if !state.complete {
             send_file(sink, &path, header, state.offset, cfg.lease_ms).await?;
         }
-        let until = shared.clock.now_ms() + cfg.lease_ms as i64;
-        if let Err(e) = shared.store.extend_upload_lease(key, until).await {
+        if let Err(e) = shared
+            .store
+            .extend_upload_lease(key, cfg.lease_ms as i64)
+            .await
+        {
             tracing::warn!(
                 error = format!("{e:#}"),
                 "extending an upload's lease failed"

@@ -16,11 +16,12 @@
 //! that fails to start leaves nothing running. The host serves with a [`LiveTls`] (the
 //! service's own when it has outbound channels over the same files, [`Host::tls`]) and runs
 //! its watcher as one more worker, so a changed certificate, key, CA bundle or revocation
-//! list (or a SIGHUP) takes effect for the next connection in and out. On shutdown the
-//! server stops accepting and finishes the calls in flight; then every worker (and the admin
-//! port) is told to stop through its [`Stop`] receiver and given [`WORKER_GRACE`] in all to
-//! return. Workers still running after that are aborted, so nothing of a host outlives its
-//! `run`.
+//! list (or a SIGHUP) takes effect for the next connection in and out. When shutdown begins
+//! the server stops accepting and finishes the calls in flight, and at the same moment every
+//! worker (and the admin port) is told to stop through its [`Stop`] receiver. A worker
+//! finishes its work in flight within the grace (`shutdown_grace_ms`, [`Host::grace`]),
+//! abandons and releases what is still running then, and returns; workers still running
+//! [`SHUTDOWN_MARGIN`] after the grace are aborted, so nothing of a host outlives its `run`.
 //!
 //! [`main`] is what the service binaries share: load the configuration (exit 64 when it is
 //! bad), set up telemetry, bind, run, shut telemetry down.
@@ -49,8 +50,9 @@ use crate::metrics::Render;
 use crate::settings::ServiceSettings;
 use crate::tls::{LiveTls, TlsFiles};
 
-/// How long the workers get, in all, to return once told to stop.
-pub const WORKER_GRACE: Duration = Duration::from_secs(10);
+/// How long after the grace a worker may take to release what it abandoned and return
+/// before it is aborted.
+pub const SHUTDOWN_MARGIN: Duration = Duration::from_secs(2);
 
 /// Turns true when a worker should stop: it finishes what it is doing and returns.
 pub type Stop = watch::Receiver<bool>;
@@ -79,6 +81,7 @@ pub struct Host {
     health_names: Vec<&'static str>,
     scrape: Render,
     workers: Vec<(&'static str, Worker)>,
+    /// How long work in flight gets to finish once shutdown begins.
     grace: Duration,
     /// Who may use server reflection; `None`: anyone the CA certified.
     reflection_callers: Option<Arc<BTreeSet<String>>>,
@@ -99,7 +102,7 @@ impl Host {
             // A service without metrics of its own still answers scrapes, with no families.
             scrape: Arc::new(|| Box::pin(async { Ok(String::new()) })),
             workers: Vec::new(),
-            grace: WORKER_GRACE,
+            grace: Duration::from_millis(settings.shutdown_grace_ms),
             reflection_callers: None,
         }
     }
@@ -160,7 +163,9 @@ impl Host {
         self
     }
 
-    /// How long the workers get to stop ([`WORKER_GRACE`] unless set).
+    /// How long the workers' work in flight gets to finish once shutdown begins
+    /// (`shutdown_grace_ms` of the settings unless set); workers get [`SHUTDOWN_MARGIN`] more
+    /// to return.
     pub fn grace(mut self, grace: Duration) -> Self {
         self.grace = grace;
         self
@@ -222,24 +227,39 @@ impl Host {
         }
         let addr = listener.local_addr().ok();
         tracing::info!(service = name, ?addr, "serving");
+        // The workers stop while the server drains, not after it: the grace counts from the
+        // signal, whatever the calls in flight do.
+        let stop_tx = Arc::new(stop_tx);
+        let began = Arc::new(std::sync::OnceLock::new());
+        let (signal, began_at) = (stop_tx.clone(), began.clone());
+        let grace = self.grace;
+        let shutdown = async move {
+            shutdown.await;
+            let _ = began_at.set(tokio::time::Instant::now());
+            tracing::info!(service = name, ?grace, "shutting down");
+            let _ = signal.send(true);
+        };
         let served = crate::server::serve_tls(router, listener, live, shutdown).await;
         // Nobody listening any more is fine: every worker has already returned.
         let _ = stop_tx.send(true);
-        stop_within(running, self.grace).await;
+        let began = began
+            .get()
+            .copied()
+            .unwrap_or_else(tokio::time::Instant::now);
+        stop_within(running, began + grace + SHUTDOWN_MARGIN).await;
         tracing::info!(service = name, "stopped");
         served
     }
 }
 
-/// Waits for the workers, `grace` in all, and aborts those still running after it.
-async fn stop_within(running: Vec<(&'static str, JoinHandle<()>)>, grace: Duration) {
-    let deadline = tokio::time::Instant::now() + grace;
+/// Waits for the workers until `deadline` and aborts those still running then.
+async fn stop_within(running: Vec<(&'static str, JoinHandle<()>)>, deadline: tokio::time::Instant) {
     for (worker, mut handle) in running {
         match tokio::time::timeout_at(deadline, &mut handle).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(worker, error = %e, "worker failed"),
             Err(_) => {
-                tracing::warn!(worker, ?grace, "worker did not stop in time; aborting it");
+                tracing::warn!(worker, "worker did not stop in time; aborting it");
                 handle.abort();
             }
         }

@@ -91,7 +91,15 @@ pub struct ServiceSettings {
     pub trust_domain: Option<String>,
     /// Log one JSON object per line instead of human-readable text.
     pub log_json: bool,
+    /// How long, from SIGTERM, work in flight gets to finish (ms; default
+    /// [`DEFAULT_SHUTDOWN_GRACE_MS`]). Work still running then is abandoned and its leases
+    /// released, so another replica takes it over at once; the process exits within this
+    /// plus [`crate::host::SHUTDOWN_MARGIN`].
+    pub shutdown_grace_ms: u64,
 }
+
+/// The default of `shutdown_grace_ms`: 10 s.
+pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
 
 /// The shortest `admin_token` accepted: guessing it must not be practical.
 pub const MIN_ADMIN_TOKEN: usize = 16;
@@ -118,6 +126,7 @@ struct FileSettings {
     trust_domain: Option<String>,
     #[serde(default)]
     log_json: bool,
+    shutdown_grace_ms: Option<u64>,
 }
 
 impl ServiceSettings {
@@ -131,6 +140,7 @@ impl ServiceSettings {
             tls,
             trust_domain: None,
             log_json: false,
+            shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
         }
     }
 
@@ -151,6 +161,7 @@ impl ServiceSettings {
             tls: file.tls,
             trust_domain: file.trust_domain,
             log_json: file.log_json,
+            shutdown_grace_ms: file.shutdown_grace_ms.unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS),
         })
     }
 
@@ -186,6 +197,9 @@ impl ServiceSettings {
                     token.len()
                 ));
             }
+        }
+        if self.shutdown_grace_ms == 0 {
+            errors.push("shutdown_grace_ms: must be at least 1".to_string());
         }
         // The URL is not repeated: it may carry a password.
         let url = &self.database_url;
@@ -250,6 +264,14 @@ mod tests {
         assert_eq!(s.service.admin_listen, None);
         assert!(s.service.log_json);
         assert_eq!(s.service.tls.key, Path::new("c.key"));
+        assert_eq!(s.service.shutdown_grace_ms, DEFAULT_SHUTDOWN_GRACE_MS);
+        let s = parse(&format!("shutdown_grace_ms = 2500\n{TLS}")).unwrap();
+        assert_eq!(s.service.shutdown_grace_ms, 2500);
+        let s = parse(&format!("shutdown_grace_ms = 0\n{TLS}")).unwrap();
+        assert!(s
+            .service
+            .validate()
+            .contains(&"shutdown_grace_ms: must be at least 1".to_string()));
         let s = parse(&format!(
             "listen = \"0.0.0.0:5\"\nadmin_listen = \"127.0.0.1:6\"\n{TLS}"
         ))

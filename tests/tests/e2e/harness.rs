@@ -426,6 +426,7 @@ mod configs {
                 tls: service_tls(plan, "registry"),
                 trust_domain: None,
                 log_json: plan.opts.log_json,
+                shutdown_grace_ms: dsrelay_runtime::settings::DEFAULT_SHUTDOWN_GRACE_MS,
             },
             identities: vec![
                 party("partner", "crm", Role::Partner),
@@ -577,6 +578,7 @@ mod configs {
                 tls: service_tls(plan, "processor"),
                 trust_domain: None,
                 log_json: plan.opts.log_json,
+                shutdown_grace_ms: dsrelay_runtime::settings::DEFAULT_SHUTDOWN_GRACE_MS,
             },
             controllers: [(super::CONTROLLER, "controller")]
                 .into_iter()
@@ -644,6 +646,7 @@ mod configs {
                 tls: plan.pki.files("adapter"),
                 trust_domain: None,
                 log_json: plan.opts.log_json,
+                shutdown_grace_ms: dsrelay_runtime::settings::DEFAULT_SHUTDOWN_GRACE_MS,
             },
             allowed_identities: vec![dev_identity("processor", PROCESSOR)],
             confirm_delay_ms: plan.opts.newsletter_confirm_delay_ms,
@@ -664,6 +667,7 @@ mod configs {
                 tls: plan.pki.files("recipient"),
                 trust_domain: None,
                 log_json: plan.opts.log_json,
+                shutdown_grace_ms: dsrelay_runtime::settings::DEFAULT_SHUTDOWN_GRACE_MS,
             },
             name: RECIPIENT.into(),
             data_dir: plan.recipient_data.clone(),

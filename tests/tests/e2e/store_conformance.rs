@@ -532,6 +532,76 @@ async fn processor_tasks_and_ack_outbox(backend: Backend) {
     assert!(again.iter().all(|a| a.attempts == 1));
 }
 
+/// A stopping processor gives up what it abandoned: a released task or acknowledgement is
+/// claimed again at once, without waiting for its lease, and only the claim's own token
+/// releases a task.
+async fn processor_released_leases_are_claimed_at_once(backend: Backend) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(store) = processor_store(backend, dir.path()).await else {
+        return;
+    };
+    let req = DeliverRequest {
+        request_id: "r1".into(),
+        kind: RequestKind::Erasure as i32,
+        identities: vec![email("a@b.fi")],
+        ..Default::default()
+    };
+    let subs = vec!["s1".to_string()];
+    store.accept("c", &req, &subs, None, 1_000).await.unwrap();
+    let hour = 3_600_000;
+    let jobs = store.claim_tasks(2_000, 10, hour).await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    let job = &jobs[0];
+    let key = &job.task.key;
+    assert!(store
+        .call_started(key, job.task.sequence, &job.lease_owner, 2_000)
+        .await
+        .unwrap());
+    assert!(
+        !store.release_lease(key, "not-the-owner").await.unwrap(),
+        "another token releases nothing"
+    );
+    assert!(store.claim_tasks(2_000, 10, hour).await.unwrap().is_empty());
+    assert!(store.release_lease(key, &job.lease_owner).await.unwrap());
+    let row = store.task(key).await.unwrap().unwrap();
+    assert_eq!(
+        row.call_started_at,
+        Some(2_000),
+        "the cut-off call stays noted"
+    );
+    let again = store.claim_tasks(2_000, 10, hour).await.unwrap();
+    assert_eq!(
+        again.len(),
+        1,
+        "claimed at once, the hour-long lease notwithstanding"
+    );
+    assert_ne!(again[0].lease_owner, job.lease_owner);
+    assert!(
+        !store.release_lease(key, &job.lease_owner).await.unwrap(),
+        "the old claim cannot release the new one"
+    );
+
+    let started = Transition {
+        state: TaskState::InProgress,
+        ..Default::default()
+    };
+    assert!(store
+        .transition(key, again[0].task.sequence, &started, 2_500, 1)
+        .await
+        .unwrap()
+        .is_some());
+    let acks = store.claim_acks(3_000, 100, hour).await.unwrap();
+    assert_eq!(acks.len(), 1);
+    assert!(store.claim_acks(3_000, 100, hour).await.unwrap().is_empty());
+    assert_eq!(store.unsent_ack_count().await.unwrap(), acks.len() as i64);
+    let ids: Vec<i64> = acks.iter().map(|a| a.id).collect();
+    store.release_acks(&ids).await.unwrap();
+    assert_eq!(
+        store.claim_acks(3_000, 100, hour).await.unwrap().len(),
+        acks.len()
+    );
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -560,4 +630,5 @@ on_both_backends!(
     registry_acknowledgements_fold,
     registry_list_cancel_extend,
     processor_tasks_and_ack_outbox,
+    processor_released_leases_are_claimed_at_once,
 );

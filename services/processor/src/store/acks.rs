@@ -38,12 +38,16 @@ pub(super) async fn queue(
 }
 
 impl Store {
-    /// Reserves up to `limit` queued acknowledgements for `lease_ms`, oldest first.
+    /// Reserves up to `limit` queued acknowledgements due at `now` (the processor's clock)
+    /// for `lease_ms`, oldest first. The lease is set and compared on the database's clock
+    /// ([`super::db_now_ms`]), so replicas agree on when it ends whatever their own clocks say.
     pub async fn claim_acks(&self, now: i64, limit: i64, lease_ms: i64) -> Result<Vec<AckJob>> {
+        let db_now = super::db_now_ms(self.db.backend);
         let mut tx = self.db.pool.begin().await?;
         let rows: Vec<AckRecord> = sqlx::query_as(&format!(
             "SELECT id, controller, attempts, payload FROM ack_outbox WHERE sent_at IS NULL \
-             AND dead_lettered_at IS NULL AND next_attempt_at <= $1 AND lease_until <= $1 ORDER BY id LIMIT $2{}",
+             AND dead_lettered_at IS NULL AND next_attempt_at <= $1 \
+             AND lease_until <= {db_now} ORDER BY id LIMIT $2{}",
             self.db.skip_locked()
         ))
         .bind(now)
@@ -52,11 +56,13 @@ impl Store {
         .await?;
         let mut jobs = Vec::with_capacity(rows.len());
         for r in rows {
-            sqlx::query("UPDATE ack_outbox SET lease_until = $1 WHERE id = $2")
-                .bind(now + lease_ms)
-                .bind(r.id)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(&format!(
+                "UPDATE ack_outbox SET lease_until = {db_now} + $1 WHERE id = $2"
+            ))
+            .bind(lease_ms)
+            .bind(r.id)
+            .execute(&mut *tx)
+            .await?;
             jobs.push(AckJob::try_from(r)?);
         }
         tx.commit().await?;
@@ -75,6 +81,30 @@ impl Store {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Ends the lease of claimed acknowledgements not yet answered (the service is
+    /// stopping), so they are sent again at once, by another replica or the next start.
+    pub async fn release_acks(&self, ids: &[i64]) -> Result<()> {
+        let mut tx = self.db.pool.begin().await?;
+        for id in ids {
+            sqlx::query("UPDATE ack_outbox SET lease_until = 0 WHERE id = $1 AND sent_at IS NULL")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// How many acknowledgements wait to be sent (dead letters not counted).
+    pub async fn unsent_ack_count(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM ack_outbox \
+             WHERE sent_at IS NULL AND dead_lettered_at IS NULL",
+        )
+        .fetch_one(&self.db.pool)
+        .await?)
     }
 
     /// Records a failed send; each acknowledgement is retried at its own backoff.

@@ -407,6 +407,39 @@ impl Store {
         Ok(done > 0)
     }
 
+    /// Gives up the claim `lease_owner` of a task whose step was abandoned (the service is
+    /// stopping): the owner token is cleared and the lease ended on the database's clock, so
+    /// another runner claims the task at once. `call_started_at` stays, so that claim resumes
+    /// the cut-off call with care. Answers whether the claim still held the task (a task
+    /// another claim took is left alone).
+    pub async fn release_lease(&self, key: &TaskKey, lease_owner: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tasks SET lease_owner = NULL, lease_until = 0 WHERE controller = $1 \
+             AND request_id = $2 AND subprocessor = $3 AND lease_owner = $4",
+        )
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .bind(lease_owner)
+        .execute(&self.db.pool)
+        .await?
+        .rows_affected();
+        Ok(done > 0)
+    }
+
+    /// How many tasks a runner could claim now or later (pending, in progress, retained),
+    /// leased or not: what a stopping processor leaves queued.
+    pub async fn runnable_count(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM tasks WHERE state IN ({}, {}, {})",
+            state_value(TaskState::Pending),
+            state_value(TaskState::InProgress),
+            state_value(TaskState::Retained),
+        ))
+        .fetch_one(&self.db.pool)
+        .await?)
+    }
+
     /// Notes, for the claim `lease_owner`, that its holder is being called at `now`: until
     /// the step records the answer (or postpones the task), a later claim knows the call was
     /// cut off ([`TaskRow::call_started_at`]). Answers whether the claim still held the task.

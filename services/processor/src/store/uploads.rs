@@ -89,13 +89,16 @@ pub(super) async fn queue(
 }
 
 impl Store {
-    /// Reserves up to `limit` due uploads for `lease_ms`, counting the attempt each starts.
+    /// Reserves up to `limit` uploads due at `now` (the processor's clock) for `lease_ms`,
+    /// counting the attempt each starts. The lease is set and compared on the database's
+    /// clock ([`super::db_now_ms`]), so replicas agree on when it ends.
     pub async fn claim_uploads(
         &self,
         now: i64,
         limit: i64,
         lease_ms: i64,
     ) -> Result<Vec<UploadJob>> {
+        let db_now = super::db_now_ms(self.db.backend);
         let mut tx = self.db.pool.begin().await?;
         let rows: Vec<UploadRecord> = sqlx::query_as(&format!(
             "SELECT u.controller, u.request_id, u.subprocessor, u.attempts, t.export_files, \
@@ -106,9 +109,9 @@ impl Store {
              JOIN requests r ON r.controller = u.controller AND r.request_id = u.request_id \
              LEFT JOIN contract_ends c ON c.controller = u.controller \
              AND c.request_id = u.request_id \
-             WHERE u.done_at IS NULL AND u.next_attempt_at <= $1 AND u.lease_until <= $1 \
-             ORDER BY u.next_attempt_at LIMIT $2{}",
-            self.db.backend.skip_locked_of("u")
+             WHERE u.done_at IS NULL AND u.next_attempt_at <= $1 AND u.lease_until <= {db_now} \
+             ORDER BY u.next_attempt_at LIMIT $2{lock}",
+            lock = self.db.backend.skip_locked_of("u")
         ))
         .bind(now)
         .bind(limit)
@@ -116,11 +119,11 @@ impl Store {
         .await?;
         let mut jobs = Vec::with_capacity(rows.len());
         for r in rows {
-            sqlx::query(
-                "UPDATE uploads SET lease_until = $1, attempts = attempts + 1 \
-                 WHERE controller = $2 AND request_id = $3 AND subprocessor = $4",
-            )
-            .bind(now + lease_ms)
+            sqlx::query(&format!(
+                "UPDATE uploads SET lease_until = {db_now} + $1, attempts = attempts + 1 \
+                 WHERE controller = $2 AND request_id = $3 AND subprocessor = $4"
+            ))
+            .bind(lease_ms)
             .bind(&r.controller)
             .bind(&r.request_id)
             .bind(&r.subprocessor)
@@ -231,13 +234,33 @@ impl Store {
         schedule_retry(&self.db.pool, key, next).await
     }
 
-    /// Keeps a claimed upload reserved while its files are still being sent.
-    pub async fn extend_upload_lease(&self, key: &TaskKey, until: i64) -> Result<()> {
+    /// Keeps a claimed upload reserved for `lease_ms` more from now (the database's clock)
+    /// while its files are still being sent.
+    pub async fn extend_upload_lease(&self, key: &TaskKey, lease_ms: i64) -> Result<()> {
+        let db_now = super::db_now_ms(self.db.backend);
+        sqlx::query(&format!(
+            "UPDATE uploads SET lease_until = {db_now} + $1 WHERE controller = $2 \
+             AND request_id = $3 AND subprocessor = $4 AND done_at IS NULL"
+        ))
+        .bind(lease_ms)
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Ends the lease of a claimed upload whose sending was abandoned (the service is
+    /// stopping), so another replica or the next start resumes it at once; the attempt it
+    /// started stays counted.
+    pub async fn release_upload(&self, key: &TaskKey) -> Result<()> {
         sqlx::query(
-            "UPDATE uploads SET lease_until = $1 WHERE controller = $2 AND request_id = $3 \
-             AND subprocessor = $4 AND done_at IS NULL",
+            "UPDATE uploads SET lease_until = 0 WHERE controller = $1 AND request_id = $2 \
+             AND subprocessor = $3 AND done_at IS NULL",
         )
-        .bind(until)
         .bind(&key.controller)
         .bind(&key.request_id)
         .bind(&key.subprocessor)
