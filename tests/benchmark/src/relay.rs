@@ -178,7 +178,6 @@ pub(crate) fn registry_toml(
             q(dev_identity("processor", name))
         ));
     }
-    s.push_str(&format!("\n[delivery]\npoll_interval_ms = {POLL_MS}\n"));
     // Audit checkpoints, as every registry signs them: the key from the development PKI,
     // the file beside it.
     s.push_str(&format!(
@@ -189,6 +188,8 @@ pub(crate) fn registry_toml(
             .with_file_name("registry-audit-checkpoints.jsonl")
             .to_string_lossy())
     ));
+    // Last, so that a caller can add keys to [delivery] (the chaos run does).
+    s.push_str(&format!("\n[delivery]\npoll_interval_ms = {POLL_MS}\n"));
     s
 }
 
