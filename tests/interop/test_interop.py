@@ -171,6 +171,12 @@ def _registry_config(tmp: Path, pki: Path, rport: int, pport: int) -> str:
             "call_timeout_ms = 5000",
             "backoff = { initial_ms = 100, max_ms = 1000 }",
             "",
+            # Every registry signs checkpoints of its audit trail; the development PKI
+            # holds the key.
+            "[audit]",
+            f"checkpoint_key = {_toml(str(pki / 'registry-signing.key'))}",
+            f"checkpoint_file = {_toml(str(tmp / 'registry-audit-checkpoints.jsonl'))}",
+            "",
         ]
     )
 
