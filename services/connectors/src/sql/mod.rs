@@ -118,6 +118,7 @@ use crate::{BoxFuture, BulkJob, Connector, ConnectorError, Outcome, Phase, Task}
 mod bulk;
 mod execute;
 mod plan;
+mod receipt;
 mod retention;
 mod rules;
 mod sample;
@@ -125,6 +126,7 @@ mod sample;
 mod tests;
 
 use execute::{ErasureReport, WorkReport};
+pub use receipt::DEFAULT_RECEIPTS_TABLE;
 pub use rules::{
     Action, AnonymizeWith, ControllerScope, ParentLink, Retention, SqlConnectorConfig, TableRule,
     DEFAULT_RECHECK_DAYS, REDACTED,
@@ -180,6 +182,13 @@ impl SqlConnector {
                     e.context(format!("connecting to the database of controller {name:?}"))
                 })?;
                 own.insert(name.clone(), db);
+            }
+        }
+        // Only a connector that erases writes receipts; a read-only holder gets no table.
+        if config.supports(RequestKind::Erasure) {
+            let table = config.receipts_table();
+            for db in db.iter().chain(own.values()) {
+                receipt::ensure_table(db, table).await?;
             }
         }
         Ok(Self {
@@ -253,7 +262,16 @@ impl Connector for SqlConnector {
                         .into(),
                 )),
                 (Phase::Start | Phase::RetentionExpired, RequestKind::Erasure) => {
-                    let report = scope.erase(ids, task.now_ms).await?;
+                    // Only the first phase needs a receipt: a later phase already reads
+                    // finding nothing as nothing left (see `erasure_outcome`).
+                    let key = (task.phase == Phase::Start).then_some(task.task_id.as_str());
+                    let (mut report, earlier) = scope.erase_once(ids, task.now_ms, key).await?;
+                    if earlier {
+                        report.note = format!(
+                            "erased by an earlier attempt of this task whose answer was lost: {}",
+                            report.note
+                        );
+                    }
                     Ok(erasure_outcome(report, &task.phase))
                 }
                 (Phase::RetentionExpired, _) => Err(ConnectorError::Permanent(format!(
