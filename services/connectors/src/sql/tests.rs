@@ -1992,3 +1992,71 @@ async fn a_lost_answer_is_answered_from_the_receipt(url: String) {
     assert!(!text.contains("teemu.testaaja") && !text.contains("maija.meikalainen"));
     assert!(!text.contains("nobody"));
 }
+
+/// A database user without the right to create the receipt table is told so at connect,
+/// with the table and the grant; once an administrator creates the table and grants its
+/// use, the same user connects and erases.
+#[tokio::test]
+async fn a_user_who_cannot_create_the_receipt_table_is_told_at_connect() {
+    let Some(db) = fresh_postgres_database("receipt_grant").await else {
+        return;
+    };
+    create_sample_accounting_db(&db.url).await.unwrap();
+    let role = format!("r_{:016x}", fastrand::u64(..));
+    let admin = Db::connect(&db.url).await.unwrap();
+    for sql in [
+        format!("CREATE ROLE {role} LOGIN"),
+        "REVOKE CREATE ON SCHEMA public FROM PUBLIC".to_string(),
+        format!("GRANT USAGE ON SCHEMA public TO {role}"),
+        format!("GRANT SELECT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"),
+    ] {
+        exec(&admin, &sql).await;
+    }
+    // The same server and database, as the new role.
+    let (scheme, rest) = db.url.split_once("://").unwrap();
+    let host = rest.split_once('@').map_or(rest, |(_, host)| host);
+    let user_url = format!("{scheme}://{role}@{host}");
+
+    let err = SqlConnector::connect(sample_config(&user_url))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("creating the erasure receipt table \"dsrelay_erasure_receipts\"")
+            && err.contains("GRANT CREATE ON SCHEMA")
+            && err.contains("GRANT SELECT, INSERT, UPDATE ON \"dsrelay_erasure_receipts\""),
+        "{err}"
+    );
+
+    exec(
+        &admin,
+        "CREATE TABLE dsrelay_erasure_receipts (task_key TEXT PRIMARY KEY, \
+         report TEXT NOT NULL, erased_at BIGINT NOT NULL)",
+    )
+    .await;
+    exec(
+        &admin,
+        &format!("GRANT SELECT, INSERT, UPDATE ON dsrelay_erasure_receipts TO {role}"),
+    )
+    .await;
+    let connector = SqlConnector::connect(sample_config(&user_url))
+        .await
+        .unwrap();
+    let erasure = task(
+        RequestKind::Erasure,
+        vec![email("teemu.testaaja@example.fi")],
+        now(),
+        Phase::Start,
+    );
+    assert!(matches!(
+        connector.run(&erasure).await.unwrap(),
+        Outcome::Completed { .. }
+    ));
+    drop(connector);
+    admin.pool.close().await;
+    db.drop_database().await;
+    let admin = Db::connect(&std::env::var("DSRELAY_TEST_POSTGRES_URL").unwrap())
+        .await
+        .unwrap();
+    exec(&admin, &format!("DROP ROLE {role}")).await;
+}
