@@ -232,8 +232,17 @@ async fn chaos(args: &ChaosArgs, seed: u64, work: &Path) -> Result<bool> {
         &registry_db,
         &[(PROCESSOR, processor_port)],
     );
-    // `registry_toml` ends in the [delivery] table, whose poll interval it sets.
-    registry_text.push_str(&format!("lease_ms = {LEASE_MS}\n"));
+    // `registry_toml` sets the [delivery] poll interval; the lease goes into the same table
+    // (not at the end: other tables follow it).
+    anyhow::ensure!(
+        registry_text.contains("\n[delivery]\n"),
+        "the registry configuration has no [delivery] table"
+    );
+    registry_text = registry_text.replacen(
+        "\n[delivery]\n",
+        &format!("\n[delivery]\nlease_ms = {LEASE_MS}\n"),
+        1,
+    );
     let processor_text = processor_toml(
         &pki,
         processor_port,
