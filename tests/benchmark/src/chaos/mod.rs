@@ -99,8 +99,9 @@ pub(crate) struct ChaosArgs {
     drain_secs: u64,
     /// Report, but do not fail on, tasks that answered NOT_FOUND on a retry over a row an
     /// earlier attempt of theirs deleted (the processor killed between the holder's commit
-    /// and its own): the known false outcome of issue 12 point 3, which the processor does
-    /// not prevent yet. Every other check still fails the run.
+    /// and its own): the false outcome of issue 12 point 3, which the SQL connector's
+    /// erasure receipts now prevent; kept to compare a build without them. Every other
+    /// check still fails the run.
     #[arg(long)]
     allow_not_found_after_retry: bool,
     /// Kill only these targets (default: all of them).
