@@ -2060,3 +2060,22 @@ async fn a_user_who_cannot_create_the_receipt_table_is_told_at_connect() {
         .unwrap();
     exec(&admin, &format!("DROP ROLE {role}")).await;
 }
+
+#[test]
+fn receipts_table_must_be_a_table_of_its_own() {
+    let mut config = sample_config("sqlite::memory:");
+    assert_eq!(config.receipts_table(), DEFAULT_RECEIPTS_TABLE);
+    config.receipts_table = Some("dsr_receipts".into());
+    assert_eq!(config.validate(), Vec::<String>::new());
+    assert_eq!(config.receipts_table(), "dsr_receipts");
+    config.receipts_table = Some("receipts; DROP TABLE customers".into());
+    assert!(config.validate()[0].starts_with("receipts_table: "));
+    config.receipts_table = Some("invoices".into());
+    assert_eq!(
+        config.validate(),
+        [
+            "receipts_table: \"invoices\" is a configured table; the receipts need a table of \
+          their own"
+        ]
+    );
+}
