@@ -5,11 +5,9 @@
 //! touched, no task reporting COMPLETED over a row still there.
 //! `scripts/bench.sh --chaos` runs the full form (2,000 erasures, 20 kills).
 //!
-//! One known false outcome is tolerated here (`--allow-not-found-after-retry`), and only it:
-//! a task whose first connector attempt deleted the row, but whose outcome was never stored
-//! (the processor or its database killed in between), reports NOT_FOUND from its retry
-//! (issue 12 point 3). The run still prints how many; the full form fails on them. Drop the
-//! flag when the processor confirms such a retry by reading instead of concluding from it.
+//! No false outcome is tolerated: a task whose first connector attempt deleted the row but
+//! whose outcome was never stored (the processor or its database killed in between) answers
+//! from the SQL connector's erasure receipt on its retry, not NOT_FOUND (issue 12 point 3).
 
 use std::process::Output;
 use std::time::Duration;
@@ -39,7 +37,6 @@ async fn short_chaos_run(extra: &[&str]) {
             "500",
             "--drain-secs",
             "45",
-            "--allow-not-found-after-retry",
         ])
         .args(extra)
         .stdin(std::process::Stdio::null())

@@ -12,14 +12,15 @@ use super::plan::{
     check_corrections, plan_erasure, plan_export, plan_flag, plan_rectify, usable_identities,
     Identity, Scope, Statement,
 };
+use super::receipt;
 use super::retention::{assess, day_of, DatedRow};
 use super::rules::{Action, TableRule};
 use super::Scoped;
 use crate::export::{CsvWriter, ExportSink, JsonArrayWriter, CSV, JSON};
 use crate::{ConnectorError, ErasedCount, ExportedFile};
 
-/// What an erasure did in one database.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What an erasure did in one database; stored as JSON in the task's erasure receipt.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct ErasureReport {
     /// How many rows were erased or anonymized.
     pub(crate) records_affected: i64,
@@ -36,7 +37,7 @@ pub(crate) struct ErasureReport {
 }
 
 /// What an erasure keeps under `retain` rules.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct RetentionReport {
     /// The bases of the rules that keep rows, children first as the tables are handled,
     /// joined with `"; "`.
@@ -86,14 +87,37 @@ impl<'a> Scoped<'a> {
     ///
     /// Running it again finds only what is still kept, and answers `found: false` once
     /// nothing is left.
+    #[cfg(test)]
     pub(crate) async fn erase(
         &self,
         identities: &[SubjectIdentity],
         now_ms: i64,
     ) -> Result<ErasureReport, ConnectorError> {
+        Ok(self.erase_once(identities, now_ms, None).await?.0)
+    }
+
+    /// [`Scoped::erase`] under the receipt of `task_key`, when given: the erasure claims
+    /// the key in the receipt table and stores its report there in the same transaction.
+    /// When an earlier call committed under the key, nothing is erased and its report is
+    /// returned, with `true`.
+    pub(crate) async fn erase_once(
+        &self,
+        identities: &[SubjectIdentity],
+        now_ms: i64,
+        task_key: Option<&str>,
+    ) -> Result<(ErasureReport, bool), ConnectorError> {
         let raw = usable_identities(self.config, identities)?;
         let plan = plan_erasure(self.config, self.subject(&raw), now_ms);
         let mut tx = self.begin().await?;
+        let receipts = self.config.receipts_table();
+        if let Some(key) = task_key {
+            if let Some(earlier) = receipt::claim(&mut tx, receipts, key, now_ms).await? {
+                tx.rollback()
+                    .await
+                    .map_err(|e| classify("ending the receipt lookup", &e))?;
+                return Ok((earlier, true));
+            }
+        }
         let mut total: i64 = 0;
         let mut found = false;
         let mut notes = Vec::with_capacity(plan.len());
@@ -201,10 +225,7 @@ impl<'a> Scoped<'a> {
                 }
             }
         }
-        tx.commit()
-            .await
-            .map_err(|e| classify("committing the erasure", &e))?;
-        Ok(ErasureReport {
+        let report = ErasureReport {
             records_affected: total,
             note: notes.join("; "),
             found,
@@ -214,7 +235,14 @@ impl<'a> Scoped<'a> {
                 until_ms: next_release.unwrap_or(now_ms),
                 rows: kept_rows,
             }),
-        })
+        };
+        if let Some(key) = task_key {
+            receipt::record(&mut tx, receipts, key, &report).await?;
+        }
+        tx.commit()
+            .await
+            .map_err(|e| classify("committing the erasure", &e))?;
+        Ok((report, false))
     }
 
     /// Writes the subject's rows of every table with `export` columns into `sink`, read in

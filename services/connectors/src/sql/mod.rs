@@ -63,6 +63,24 @@
 //! (erased rows are gone, anonymized rows no longer match the "not yet anonymized"
 //! conditions) and reports the counts of that run.
 //!
+//! # Receipts
+//!
+//! A subject's erasure ([`Phase::Start`]) claims its task's key ([`Task::task_id`]:
+//! controller, request and subprocessor) in the connector's receipt table
+//! (`receipts_table`, default [`DEFAULT_RECEIPTS_TABLE`]) and stores its report there (the
+//! counts, the note, what is kept and until when; no identity values), in the transaction of
+//! the erasure. A later call of the same task, when the processor never recorded the first
+//! one's answer, finds the receipt, erases nothing and answers with the stored report
+//! ([`Outcome::Completed`] or [`Outcome::Retained`], the note saying that an earlier attempt
+//! did the work), where reading the holder could not tell "erased by me" from "never there"
+//! and would answer [`Outcome::NotFound`]. A concurrent call of the same task waits on the
+//! key and then sees the receipt. The table is created with `CREATE TABLE IF NOT EXISTS`
+//! when the connector connects, in every database it erases in, unless it can already be
+//! read; a database user without the right to create it gets an error at connect naming the
+//! table and the grant. A [`Phase::RetentionExpired`] run needs no receipt (it reads finding
+//! nothing as nothing left), and contract ends' bulk steps write none: their retry reports
+//! the counts of what it finds left.
+//!
 //! # Legal retention
 //!
 //! A `retain` rule keeps the table's rows until the end of the fiscal year that contains the
@@ -102,6 +120,7 @@
 //!   SQL compares, and what a table keeps of the subject's rows.
 //! - `plan`: the statements a request runs, built from the rules and the identities (pure).
 //! - `execute`: running them in one transaction, reading rows, classifying database errors.
+//! - `receipt`: the erasure receipts: the table, claiming a task's key, storing its report.
 //! - `bulk`: contract ends: counting, the export, the erasure in batches, what is kept.
 //! - `sample`: the sample accounting database and its rules ([`sample_config`],
 //!   [`create_sample_accounting_db`]).
@@ -118,6 +137,7 @@ use crate::{BoxFuture, BulkJob, Connector, ConnectorError, Outcome, Phase, Task}
 mod bulk;
 mod execute;
 mod plan;
+mod receipt;
 mod retention;
 mod rules;
 mod sample;
@@ -125,6 +145,7 @@ mod sample;
 mod tests;
 
 use execute::{ErasureReport, WorkReport};
+pub use receipt::DEFAULT_RECEIPTS_TABLE;
 pub use rules::{
     Action, AnonymizeWith, ControllerScope, ParentLink, Retention, SqlConnectorConfig, TableRule,
     DEFAULT_RECHECK_DAYS, REDACTED,
@@ -180,6 +201,13 @@ impl SqlConnector {
                     e.context(format!("connecting to the database of controller {name:?}"))
                 })?;
                 own.insert(name.clone(), db);
+            }
+        }
+        // Only a connector that erases writes receipts; a read-only holder gets no table.
+        if config.supports(RequestKind::Erasure) {
+            let table = config.receipts_table();
+            for db in db.iter().chain(own.values()) {
+                receipt::ensure_table(db, table).await?;
             }
         }
         Ok(Self {
@@ -253,7 +281,16 @@ impl Connector for SqlConnector {
                         .into(),
                 )),
                 (Phase::Start | Phase::RetentionExpired, RequestKind::Erasure) => {
-                    let report = scope.erase(ids, task.now_ms).await?;
+                    // Only the first phase needs a receipt: a later phase already reads
+                    // finding nothing as nothing left (see `erasure_outcome`).
+                    let key = (task.phase == Phase::Start).then_some(task.task_id.as_str());
+                    let (mut report, earlier) = scope.erase_once(ids, task.now_ms, key).await?;
+                    if earlier {
+                        report.note = format!(
+                            "erased by an earlier attempt of this task whose answer was lost: {}",
+                            report.note
+                        );
+                    }
                     Ok(erasure_outcome(report, &task.phase))
                 }
                 (Phase::RetentionExpired, _) => Err(ConnectorError::Permanent(format!(

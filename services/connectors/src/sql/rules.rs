@@ -40,6 +40,12 @@ pub struct SqlConnectorConfig {
     /// controller not listed is refused.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub controllers: BTreeMap<String, ControllerScope>,
+    /// The table the connector keeps its erasure receipts in, in each database it erases in
+    /// (default `dsrelay_erasure_receipts`): one row per erasure task, written with the
+    /// erasure, so that a retry whose earlier call committed answers with that call's counts
+    /// instead of NOT_FOUND. Created when the connector connects if it is missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipts_table: Option<String>,
 }
 
 /// Where one controller's data is: rows of the shared database a condition selects, or a
@@ -200,10 +206,31 @@ fn default_recheck_days() -> u32 {
 }
 
 impl SqlConnectorConfig {
+    /// The table of the erasure receipts: `receipts_table`, or its default.
+    pub fn receipts_table(&self) -> &str {
+        self.receipts_table
+            .as_deref()
+            .unwrap_or(super::receipt::DEFAULT_RECEIPTS_TABLE)
+    }
+
     /// Every rule the configuration breaks, each naming the table and the rule; empty when
     /// the configuration is usable.
     pub fn validate(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if let Some(table) = &self.receipts_table {
+            if !is_identifier(table) {
+                out.push(format!(
+                    "receipts_table: {table:?} must be a plain identifier (a letter or _, then \
+                     letters, digits or _, at most 63)"
+                ));
+            }
+            if self.tables.iter().any(|t| &t.table == table) {
+                out.push(format!(
+                    "receipts_table: {table:?} is a configured table; the receipts need a \
+                     table of their own"
+                ));
+            }
+        }
         if self.url.trim().is_empty() {
             out.push("url: must not be empty (sqlite://path or postgres://...)".to_string());
         }

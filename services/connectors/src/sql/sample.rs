@@ -143,6 +143,7 @@ pub fn sample_config(url: &str) -> SqlConnectorConfig {
             },
         ],
         controllers: BTreeMap::new(),
+        receipts_table: None,
     }
 }
 

@@ -217,6 +217,7 @@ on_both_backends!(
     exports_many_rows,
     rectifies_mapped_columns,
     restricts_lifts_and_suppresses,
+    a_lost_answer_is_answered_from_the_receipt,
 );
 
 async fn erases_subject_by_email(url: String) {
@@ -703,8 +704,17 @@ async fn retention_expires_in_stages(url: String) {
         panic!("expected COMPLETED");
     };
     assert!(note.starts_with("nothing left to erase: "), "{note}");
+    let new_request = Task {
+        task_id: "controller/r-2/accounting".into(),
+        ..task(
+            RequestKind::Erasure,
+            vec![email(MAIJA)],
+            ms(2035, 1, 2),
+            Phase::Start,
+        )
+    };
     assert!(matches!(
-        run(ms(2035, 1, 2), Phase::Start).await,
+        connector.run(&new_request).await.unwrap(),
         Outcome::NotFound { .. }
     ));
 }
@@ -1834,4 +1844,238 @@ fn controller_scopes_are_validated() {
     };
     assert_eq!(sql.controllers.len(), 2);
     assert_eq!(sql.validate(), Vec::<String>::new());
+}
+
+/// Every row of the sample tables, to show that a call changed nothing.
+async fn everything(db: &Db) -> Vec<Vec<Vec<serde_json::Value>>> {
+    let mut out = Vec::new();
+    for table in ["customers", "invoices", "contacts", "ledger_entries"] {
+        out.push(rows(db, &format!("SELECT * FROM {table} ORDER BY id")).await);
+    }
+    out
+}
+
+const LOST: &str = "erased by an earlier attempt of this task whose answer was lost: ";
+
+async fn a_lost_answer_is_answered_from_the_receipt(url: String) {
+    let (connector, db) = sample(&url).await;
+    let erasure = |task_id: &str, who: &str, interrupted: bool| Task {
+        task_id: task_id.into(),
+        interrupted,
+        ..task(RequestKind::Erasure, vec![email(who)], now(), Phase::Start)
+    };
+
+    // Teemu's rows are all past their retention: the first call erases them.
+    let teemu = "teemu.testaaja@example.fi";
+    let (affected, erased, note) = match connector
+        .run(&erasure("acme/r-1/accounting", teemu, false))
+        .await
+        .unwrap()
+    {
+        Outcome::Completed {
+            records_affected,
+            erased,
+            note,
+            ..
+        } => (records_affected, erased, note),
+        other => panic!("expected COMPLETED, got {other:?}"),
+    };
+    assert_eq!(affected, 4, "{note}");
+    let after = everything(&db).await;
+
+    // Its answer was lost: the processor asks again, marking the call interrupted or not
+    // (a transient error's retry). Both answer with the first call's counts and erase
+    // nothing more.
+    for interrupted in [true, false] {
+        match connector
+            .run(&erasure("acme/r-1/accounting", teemu, interrupted))
+            .await
+            .unwrap()
+        {
+            Outcome::Completed {
+                records_affected,
+                erased: again,
+                note: again_note,
+                files,
+            } => {
+                assert_eq!(records_affected, affected);
+                assert_eq!(again, erased);
+                assert_eq!(again_note, format!("{LOST}{note}"));
+                assert!(files.is_empty());
+            }
+            other => panic!("expected COMPLETED (interrupted: {interrupted}), got {other:?}"),
+        }
+        assert_eq!(everything(&db).await, after);
+    }
+
+    // Another request's task for the same subject finds nothing: the receipt is per task.
+    assert!(matches!(
+        connector
+            .run(&erasure("acme/r-2/accounting", teemu, false))
+            .await
+            .unwrap(),
+        Outcome::NotFound { .. }
+    ));
+
+    // A subject who was never there is NOT_FOUND, on the first call and on its retry.
+    for interrupted in [false, true] {
+        assert!(matches!(
+            connector
+                .run(&erasure(
+                    "acme/r-3/accounting",
+                    "nobody@example.fi",
+                    interrupted
+                ))
+                .await
+                .unwrap(),
+            Outcome::NotFound { .. }
+        ));
+    }
+
+    // An erasure that keeps rows under retention answers RETAINED again, as it did.
+    let retained = |outcome: Outcome| match outcome {
+        Outcome::Retained {
+            legal_basis,
+            until_ms,
+            records_affected,
+            note,
+            erased,
+        } => (legal_basis, until_ms, records_affected, note, erased),
+        other => panic!("expected RETAINED, got {other:?}"),
+    };
+    let first = retained(
+        connector
+            .run(&erasure("acme/r-4/accounting", MAIJA, false))
+            .await
+            .unwrap(),
+    );
+    assert_eq!((first.1, first.2), (ms(2031, 1, 1), 7));
+    let kept = everything(&db).await;
+    let again = retained(
+        connector
+            .run(&erasure("acme/r-4/accounting", MAIJA, true))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        again,
+        (
+            first.0.clone(),
+            first.1,
+            first.2,
+            format!("{LOST}{}", first.3),
+            first.4.clone()
+        )
+    );
+    assert_eq!(everything(&db).await, kept);
+
+    // The receipts name the tasks and hold counts, never the subjects' addresses.
+    let receipts = rows(
+        &db,
+        "SELECT task_key, report FROM dsrelay_erasure_receipts ORDER BY task_key",
+    )
+    .await;
+    let keys: Vec<&serde_json::Value> = receipts.iter().map(|r| &r[0]).collect();
+    assert_eq!(
+        keys,
+        [
+            "acme/r-1/accounting",
+            "acme/r-2/accounting",
+            "acme/r-3/accounting",
+            "acme/r-4/accounting"
+        ]
+        .map(|k| json!(k))
+        .iter()
+        .collect::<Vec<_>>()
+    );
+    let text = serde_json::to_string(&receipts).unwrap().to_lowercase();
+    assert!(!text.contains("teemu.testaaja") && !text.contains("maija.meikalainen"));
+    assert!(!text.contains("nobody"));
+}
+
+/// A database user without the right to create the receipt table is told so at connect,
+/// with the table and the grant; once an administrator creates the table and grants its
+/// use, the same user connects and erases.
+#[tokio::test]
+async fn a_user_who_cannot_create_the_receipt_table_is_told_at_connect() {
+    let Some(db) = fresh_postgres_database("receipt_grant").await else {
+        return;
+    };
+    create_sample_accounting_db(&db.url).await.unwrap();
+    let role = format!("r_{:016x}", fastrand::u64(..));
+    let admin = Db::connect(&db.url).await.unwrap();
+    for sql in [
+        format!("CREATE ROLE {role} LOGIN"),
+        "REVOKE CREATE ON SCHEMA public FROM PUBLIC".to_string(),
+        format!("GRANT USAGE ON SCHEMA public TO {role}"),
+        format!("GRANT SELECT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"),
+    ] {
+        exec(&admin, &sql).await;
+    }
+    // The same server and database, as the new role.
+    let (scheme, rest) = db.url.split_once("://").unwrap();
+    let host = rest.split_once('@').map_or(rest, |(_, host)| host);
+    let user_url = format!("{scheme}://{role}@{host}");
+
+    let err = SqlConnector::connect(sample_config(&user_url))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("creating the erasure receipt table \"dsrelay_erasure_receipts\"")
+            && err.contains("GRANT CREATE ON SCHEMA")
+            && err.contains("GRANT SELECT, INSERT, UPDATE ON \"dsrelay_erasure_receipts\""),
+        "{err}"
+    );
+
+    exec(
+        &admin,
+        "CREATE TABLE dsrelay_erasure_receipts (task_key TEXT PRIMARY KEY, \
+         report TEXT NOT NULL, erased_at BIGINT NOT NULL)",
+    )
+    .await;
+    exec(
+        &admin,
+        &format!("GRANT SELECT, INSERT, UPDATE ON dsrelay_erasure_receipts TO {role}"),
+    )
+    .await;
+    let connector = SqlConnector::connect(sample_config(&user_url))
+        .await
+        .unwrap();
+    let erasure = task(
+        RequestKind::Erasure,
+        vec![email("teemu.testaaja@example.fi")],
+        now(),
+        Phase::Start,
+    );
+    assert!(matches!(
+        connector.run(&erasure).await.unwrap(),
+        Outcome::Completed { .. }
+    ));
+    drop(connector);
+    admin.pool.close().await;
+    db.drop_database().await;
+    let admin = Db::connect(&std::env::var("DSRELAY_TEST_POSTGRES_URL").unwrap())
+        .await
+        .unwrap();
+    exec(&admin, &format!("DROP ROLE {role}")).await;
+}
+
+#[test]
+fn receipts_table_must_be_a_table_of_its_own() {
+    let mut config = sample_config("sqlite::memory:");
+    assert_eq!(config.receipts_table(), DEFAULT_RECEIPTS_TABLE);
+    config.receipts_table = Some("dsr_receipts".into());
+    assert_eq!(config.validate(), Vec::<String>::new());
+    assert_eq!(config.receipts_table(), "dsr_receipts");
+    config.receipts_table = Some("receipts; DROP TABLE customers".into());
+    assert!(config.validate()[0].starts_with("receipts_table: "));
+    config.receipts_table = Some("invoices".into());
+    assert_eq!(
+        config.validate(),
+        [
+            "receipts_table: \"invoices\" is a configured table; the receipts need a table of \
+          their own"
+        ]
+    );
 }

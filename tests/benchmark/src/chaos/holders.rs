@@ -101,6 +101,7 @@ impl Holder {
                 retain: None,
             }],
             controllers: Default::default(),
+            receipts_table: None,
         }
     }
 

@@ -99,8 +99,9 @@ pub(crate) struct ChaosArgs {
     drain_secs: u64,
     /// Report, but do not fail on, tasks that answered NOT_FOUND on a retry over a row an
     /// earlier attempt of theirs deleted (the processor killed between the holder's commit
-    /// and its own): the known false outcome of issue 12 point 3, which the processor does
-    /// not prevent yet. Every other check still fails the run.
+    /// and its own): the false outcome of issue 12 point 3, which the SQL connector's
+    /// erasure receipts now prevent; kept to compare a build without them. Every other
+    /// check still fails the run.
     #[arg(long)]
     allow_not_found_after_retry: bool,
     /// Kill only these targets (default: all of them).
@@ -232,8 +233,17 @@ async fn chaos(args: &ChaosArgs, seed: u64, work: &Path) -> Result<bool> {
         &registry_db,
         &[(PROCESSOR, processor_port)],
     );
-    // `registry_toml` ends in the [delivery] table, whose poll interval it sets.
-    registry_text.push_str(&format!("lease_ms = {LEASE_MS}\n"));
+    // `registry_toml` sets the [delivery] poll interval; the lease goes into the same table
+    // (not at the end: other tables follow it).
+    anyhow::ensure!(
+        registry_text.contains("\n[delivery]\n"),
+        "the registry configuration has no [delivery] table"
+    );
+    registry_text = registry_text.replacen(
+        "\n[delivery]\n",
+        &format!("\n[delivery]\nlease_ms = {LEASE_MS}\n"),
+        1,
+    );
     let processor_text = processor_toml(
         &pki,
         processor_port,

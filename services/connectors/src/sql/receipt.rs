@@ -1,0 +1,106 @@
+//! Erasure receipts: the connector's own table in the holder's database, one row per
+//! erasure task, written in the transaction of the erasure itself.
+//!
+//! The processor runs a task again when an earlier call's answer was never recorded (it or
+//! its database stopped while the holder worked). Reading the holder afterwards cannot tell
+//! "erased by that call" from "never there", so a retry would answer NOT_FOUND for work its
+//! own task did. The receipt answers instead: an erasure first claims its task's key; when
+//! the key is already there, the earlier call committed, and its stored report is the
+//! answer. A receipt holds the task key and the report (counts, the note, what is kept and
+//! until when): no identity values.
+
+use dsrelay_runtime::store::Db;
+use sqlx::{Any, Transaction};
+
+use super::execute::{classify, ErasureReport};
+use super::plan::quote;
+use crate::ConnectorError;
+
+/// The receipt table's name when the configuration names none.
+pub const DEFAULT_RECEIPTS_TABLE: &str = "dsrelay_erasure_receipts";
+
+/// Makes sure `table` exists in `db` and that the connector can use it: read first, so that
+/// a table the database administrator created beforehand needs no CREATE grant, then
+/// created when missing.
+pub(super) async fn ensure_table(db: &Db, table: &str) -> anyhow::Result<()> {
+    let t = quote(table);
+    let probe = format!("SELECT task_key, report, erased_at FROM {t} WHERE 1 = 0");
+    if sqlx::query(&probe).execute(&db.pool).await.is_ok() {
+        return Ok(());
+    }
+    let create = format!(
+        "CREATE TABLE IF NOT EXISTS {t} (task_key TEXT PRIMARY KEY, report TEXT NOT NULL, \
+         erased_at BIGINT NOT NULL)"
+    );
+    if let Err(e) = sqlx::query(&create).execute(&db.pool).await {
+        anyhow::bail!(
+            "creating the erasure receipt table {table:?} in the holder database: {e}; the \
+             connector's database user needs the right to create it (on PostgreSQL: GRANT \
+             CREATE ON SCHEMA <schema> TO <user>), or create it beforehand with `{create}` and \
+             GRANT SELECT, INSERT, UPDATE ON {t} TO <user>"
+        );
+    }
+    if let Err(e) = sqlx::query(&probe).execute(&db.pool).await {
+        anyhow::bail!(
+            "reading the erasure receipt table {table:?} in the holder database: {e}; GRANT \
+             SELECT, INSERT, UPDATE ON {t} TO the connector's database user"
+        );
+    }
+    Ok(())
+}
+
+/// Claims `key` for this erasure within `tx`: `None` when the key is new (the erasure runs,
+/// and [`record`] stores its report before the commit), or the report of the earlier call
+/// that committed under it. A concurrent call of the same task waits on the key until the
+/// other transaction ends, then sees its receipt, or claims the key if it rolled back.
+pub(super) async fn claim(
+    tx: &mut Transaction<'static, Any>,
+    table: &str,
+    key: &str,
+    now_ms: i64,
+) -> Result<Option<ErasureReport>, ConnectorError> {
+    let t = quote(table);
+    let inserted = sqlx::query(&format!(
+        "INSERT INTO {t} (task_key, report, erased_at) VALUES ($1, '', $2) \
+         ON CONFLICT (task_key) DO NOTHING"
+    ))
+    .bind(key)
+    .bind(now_ms)
+    .execute(&mut **tx)
+    .await
+    .map_err(|e| classify("claiming the erasure receipt", &e))?;
+    if inserted.rows_affected() > 0 {
+        return Ok(None);
+    }
+    let stored: String = sqlx::query_scalar(&format!("SELECT report FROM {t} WHERE task_key = $1"))
+        .bind(key)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(|e| classify("reading the erasure receipt", &e))?;
+    serde_json::from_str(&stored).map(Some).map_err(|e| {
+        ConnectorError::Permanent(format!(
+            "the erasure receipt of this task in {table:?} is unreadable: {e}"
+        ))
+    })
+}
+
+/// Stores the report of the erasure that claimed `key`, in its transaction.
+pub(super) async fn record(
+    tx: &mut Transaction<'static, Any>,
+    table: &str,
+    key: &str,
+    report: &ErasureReport,
+) -> Result<(), ConnectorError> {
+    let json = serde_json::to_string(report)
+        .map_err(|e| ConnectorError::Permanent(format!("encoding the erasure receipt: {e}")))?;
+    sqlx::query(&format!(
+        "UPDATE {} SET report = $1 WHERE task_key = $2",
+        quote(table)
+    ))
+    .bind(json)
+    .bind(key)
+    .execute(&mut **tx)
+    .await
+    .map_err(|e| classify("recording the erasure receipt", &e))?;
+    Ok(())
+}
