@@ -68,8 +68,9 @@ pub(crate) struct Shared {
     pub shutdown_released: std::sync::atomic::AtomicUsize,
 }
 
-/// The signer of deletion certificates, when the configuration names a key.
-fn issuer(config: &Config) -> Result<Option<Arc<Issuer>>> {
+/// The signer of deletion certificates, when the configuration names a key; `identity`
+/// (the processor's own certificate identity) names the processor in its certificates.
+fn issuer(config: &Config, identity: String) -> Result<Option<Arc<Issuer>>> {
     let Some(path) = &config.signing_key else {
         tracing::warn!(
             "no signing_key configured: erasures are acknowledged without a deletion certificate"
@@ -77,11 +78,6 @@ fn issuer(config: &Config) -> Result<Option<Arc<Issuer>>> {
         return Ok(None);
     };
     let key = SigningKey::load(path)?;
-    let identity = config
-        .service
-        .tls
-        .own_identity()
-        .context("naming the processor in its certificates")?;
     let issuer = Issuer::new(key, identity);
     tracing::info!(key_id = %issuer.key_id(), "signing deletion certificates");
     Ok(Some(Arc::new(issuer)))
@@ -164,7 +160,7 @@ impl App {
             tls,
             shared: Arc::new(Shared {
                 metrics: crate::metrics::Metrics::new(&config),
-                store: Store::new(db).with_issuer(issuer(&config)?),
+                store: Store::new(db).with_issuer(issuer(&config, own_identity)?),
                 config,
                 connectors,
                 clock: Clock::system(),
