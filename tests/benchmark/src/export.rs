@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use dsrelay_connectors::sql::{create_sample_accounting_db, sample_config};
+use dsrelay_connectors::sql::{create_sample_accounting_db, sample_config, SqlConnectorConfig};
 use dsrelay_connectors::ConnectorConfig;
 use dsrelay_proto::v1::package_chunk::Item;
 use dsrelay_proto::v1::package_service_client::PackageServiceClient;
@@ -255,14 +255,24 @@ async fn fill(url: &str, target: u64) -> Result<u64> {
     Ok(rows)
 }
 
-/// The processor's configuration: one subprocessor, the SQL connector on the sample database.
+/// A subprocessor of a benchmark processor: the SQL connector with `connector`.
+pub(crate) struct SqlSubprocessor {
+    pub(crate) name: String,
+    pub(crate) categories: &'static [&'static str],
+    pub(crate) connector: SqlConnectorConfig,
+}
+
+/// A benchmark processor's configuration: one controller (the registry at
+/// `registry_port`), `subprocessors` on the SQL connector, and task and acknowledgement
+/// leases of `lease_ms` when given (the processor's default otherwise).
 pub(crate) fn processor_toml(
     pki: &DevPki,
     port: u16,
     db: &str,
     data_dir: &Path,
     registry_port: u16,
-    accounting_url: &str,
+    lease_ms: Option<u64>,
+    subprocessors: Vec<SqlSubprocessor>,
 ) -> Result<String> {
     let mut s = format!(
         "listen = {}\ndatabase_url = {}\ndata_dir = {}\n\
@@ -277,25 +287,31 @@ pub(crate) fn processor_toml(
         q(dev_identity("registry", "controller")),
         q(format!("https://localhost:{registry_port}"))
     ));
+    let lease = lease_ms
+        .map(|ms| format!("lease_ms = {ms}\n"))
+        .unwrap_or_default();
     s.push_str(&format!(
-        "\n[tasks]\npoll_interval_ms = {POLL_MS}\n\n[acks]\npoll_interval_ms = {POLL_MS}\n"
+        "\n[tasks]\npoll_interval_ms = {POLL_MS}\n{lease}\n[acks]\npoll_interval_ms = {POLL_MS}\n{lease}"
     ));
     let mut table: toml::Table = toml::from_str(&s).context("the processor's configuration")?;
-    let mut sub = toml::Table::new();
-    sub.insert("name".into(), "accounting".into());
-    sub.insert(
-        "categories".into(),
-        toml::Value::Array(vec!["contact".into(), "invoicing".into()]),
-    );
-    sub.insert("country".into(), "FI".into());
-    sub.insert(
-        "connector".into(),
-        toml::Value::try_from(ConnectorConfig::Sql(sample_config(accounting_url)))?,
-    );
-    table.insert(
-        "subprocessors".into(),
-        toml::Value::Array(vec![toml::Value::Table(sub)]),
-    );
+    let subprocessors = subprocessors
+        .into_iter()
+        .map(|sp| {
+            let mut sub = toml::Table::new();
+            sub.insert("name".into(), sp.name.into());
+            sub.insert(
+                "categories".into(),
+                toml::Value::Array(sp.categories.iter().map(|&c| c.into()).collect()),
+            );
+            sub.insert("country".into(), "FI".into());
+            sub.insert(
+                "connector".into(),
+                toml::Value::try_from(ConnectorConfig::Sql(sp.connector))?,
+            );
+            Ok(toml::Value::Table(sub))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    table.insert("subprocessors".into(), toml::Value::Array(subprocessors));
     Ok(toml::to_string(&table)?)
 }
 
@@ -387,7 +403,12 @@ pub(crate) async fn start_pair(
         processor_db,
         &dir.join("processor-data"),
         registry_port,
-        accounting_url,
+        None,
+        vec![SqlSubprocessor {
+            name: "accounting".into(),
+            categories: &["contact", "invoicing"],
+            connector: sample_config(accounting_url),
+        }],
     )?;
     let r: dsrelay_registry::Config = toml::from_str(&registry_text)?;
     r.validate().map_err(|e| anyhow::anyhow!("{e}"))?;

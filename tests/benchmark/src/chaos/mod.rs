@@ -41,12 +41,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use dsrelay_connectors::ConnectorConfig;
 use dsrelay_proto::v1::request_service_client::RequestServiceClient;
 use dsrelay_runtime::pki::{dev_identity, DevPki};
 
+use crate::export::{processor_toml, SqlSubprocessor};
 use crate::progress;
-use crate::relay::{q, registry_toml, tls_toml, write_file, POLL_MS};
+use crate::relay::{registry_toml, write_file};
 use crate::service::{channel, free_port, sibling_binary, Service};
 use cluster::{killer, Cluster, Target};
 use holders::Holder;
@@ -110,59 +110,6 @@ pub(crate) struct ChaosArgs {
     /// Seed of the random moments, targets and pauses (default: drawn, and printed).
     #[arg(long)]
     seed: Option<u64>,
-}
-
-/// The processor's configuration file: the SQL connector on each holder, leases of
-/// [`LEASE_MS`].
-fn processor_toml(
-    pki: &DevPki,
-    port: u16,
-    db: &str,
-    data_dir: &Path,
-    registry_port: u16,
-    holders: &[Holder],
-) -> Result<String> {
-    let mut s = format!(
-        "listen = {}\ndatabase_url = {}\ndata_dir = {}\n\
-         identity_hash_key = \"chaos processor key\"\n\n",
-        q(format!("127.0.0.1:{port}")),
-        q(db),
-        q(data_dir.to_string_lossy())
-    );
-    s.push_str(&tls_toml(&pki.files("processor")));
-    s.push_str(&format!(
-        "\n[[controllers]]\nname = \"controller\"\nidentity = {}\nregistry_endpoint = {}\n",
-        q(dev_identity("registry", "controller")),
-        q(format!("https://localhost:{registry_port}"))
-    ));
-    s.push_str(&format!(
-        "\n[tasks]\npoll_interval_ms = {POLL_MS}\nlease_ms = {LEASE_MS}\n\n\
-         [acks]\npoll_interval_ms = {POLL_MS}\nlease_ms = {LEASE_MS}\n"
-    ));
-    let mut table: toml::Table = toml::from_str(&s).context("the processor's configuration")?;
-    let subprocessors = holders
-        .iter()
-        .map(|h| {
-            let mut sub = toml::Table::new();
-            sub.insert("name".into(), h.name.clone().into());
-            sub.insert(
-                "categories".into(),
-                toml::Value::Array(
-                    ["contact", "invoicing", "marketing"]
-                        .map(toml::Value::from)
-                        .to_vec(),
-                ),
-            );
-            sub.insert("country".into(), "FI".into());
-            sub.insert(
-                "connector".into(),
-                toml::Value::try_from(ConnectorConfig::Sql(h.connector()))?,
-            );
-            Ok(toml::Value::Table(sub))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    table.insert("subprocessors".into(), toml::Value::Array(subprocessors));
-    Ok(toml::to_string(&table)?)
 }
 
 /// Runs the chaos test; an error when it fails (after the figures are printed).
@@ -250,7 +197,15 @@ async fn chaos(args: &ChaosArgs, seed: u64, work: &Path) -> Result<bool> {
         &processor_db,
         &work.join("processor-data"),
         registry_port,
-        &holders,
+        Some(LEASE_MS),
+        holders
+            .iter()
+            .map(|h| SqlSubprocessor {
+                name: h.name.clone(),
+                categories: &["contact", "invoicing", "marketing"],
+                connector: h.connector(),
+            })
+            .collect(),
     )?;
     let r: dsrelay_registry::Config =
         toml::from_str(&registry_text).context("the registry's chaos configuration")?;
