@@ -134,6 +134,12 @@ impl App {
         let errors = config.trust_errors(&own_identity)?;
         anyhow::ensure!(errors.is_empty(), "configuration: {}", errors.join("; "));
         let checkpoints = Checkpointer::from_config(crate::SERVICE, &config.audit)?.map(Arc::new);
+        if checkpoints.is_none() {
+            tracing::warn!(
+                "audit.checkpoints is off: whoever can write the database can rewrite the audit \
+                 trail without a trace"
+            );
+        }
         let db = Db::connect(&config.service.database_url).await?;
         db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS).await?;
         // Shared with the host, whose watcher reloads it: new connections to the registries
