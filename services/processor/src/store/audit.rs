@@ -200,3 +200,193 @@ impl dsrelay_runtime::audit::signer::Trail for Store {
         self.audit_hash(seq).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use dsrelay_proto::v1::{DeliverRequest, RequestKind, TaskState};
+    use dsrelay_runtime::store::Db;
+
+    use super::*;
+    use crate::store::{Delivered, TaskKey, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+    use crate::task_machine::Transition;
+
+    /// The address the free text names; it must never reach the trail.
+    const MAIL: &str = "alice@example.fi";
+
+    /// Every kind of change the trail records besides deliveries' steps at a real runner:
+    /// an operator's step, an acknowledgement dead-lettered, requeued and accepted, an
+    /// export delivered, forgetting; each once, in order, in one valid chain, naming its
+    /// actor, with free text only as its keyed hash.
+    async fn every_change_is_an_entry(url: &str) {
+        let db = Db::connect(url).await.expect("connect");
+        db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+            .await
+            .expect("migrate");
+        let store = Store::new(db, b"test key");
+        let req = DeliverRequest {
+            request_id: "r-1".into(),
+            kind: RequestKind::Erasure as i32,
+            ..Default::default()
+        };
+        store
+            .accept("acme", &req, &["crm".into()], None, 1)
+            .await
+            .expect("accept");
+        let key = TaskKey {
+            controller: "acme".into(),
+            request_id: "r-1".into(),
+            subprocessor: "crm".into(),
+        };
+        let done = Transition {
+            state: TaskState::Completed,
+            records_affected: 3,
+            note: format!("deleted the rows of {MAIL}"),
+            ..Default::default()
+        };
+        let ops = "spiffe://dsrelay.dev/operator/ops";
+        store
+            .operator_transition(&key, 1, &done, 2, 1, ops)
+            .await
+            .expect("step")
+            .expect("moved");
+        let ack = store
+            .claim_acks(3, 10, 1000)
+            .await
+            .expect("claim")
+            .remove(0);
+        let rejection = format!("INVALID_ARGUMENT: note names {MAIL}");
+        assert!(store
+            .ack_rejected(ack.id, 4, &rejection, 4, 1)
+            .await
+            .expect("rejected"));
+        assert!(store
+            .requeue_dead_letter(ack.id, ops, 5)
+            .await
+            .expect("requeue"));
+        store.acks_sent(&[ack.id], 6).await.expect("sent");
+        // Sent twice (a lease run out, say): one entry.
+        store.acks_sent(&[ack.id], 7).await.expect("sent again");
+        let to = Delivered {
+            to: "registry",
+            files: 2,
+            bytes: 10,
+        };
+        store
+            .upload_finished(&key, 2, None, Some(&to), 8, 1)
+            .await
+            .expect("upload");
+        let due = store.requests_to_forget(100, 10).await.expect("due");
+        assert_eq!(due.len(), 1);
+        assert!(store
+            .forget_request(&due[0], "[]", 100, 9)
+            .await
+            .expect("forget"));
+
+        let entries = store.audit_entries(0, 100).await.expect("entries");
+        assert!(audit::verify(&entries).is_ok(), "{entries:#?}");
+        let text = |t: &str| {
+            format!(
+                "text hmac-sha256:{}",
+                keyed_digest(b"test key", AUDIT_TEXT_DOMAIN, t.as_bytes())
+            )
+        };
+        let seen: Vec<(ProcessorAuditEvent, i64, &str, String)> = entries
+            .iter()
+            .map(|e| {
+                let event = ProcessorAuditEvent::try_from(e.event_type).expect("event");
+                (event, e.occurred_at, e.actor.as_str(), e.detail.clone())
+            })
+            .collect();
+        use ProcessorAuditEvent::*;
+        assert_eq!(
+            seen,
+            [
+                (
+                    RequestAccepted,
+                    1,
+                    "acme",
+                    "controller acme: REQUEST_KIND_ERASURE accepted, tasks for crm".into()
+                ),
+                (
+                    TaskRecorded,
+                    2,
+                    ops,
+                    format!(
+                        "controller acme: subprocessor crm, change 2, TASK_STATE_COMPLETED, \
+                         records 3, note {}",
+                        text(&done.note)
+                    )
+                ),
+                (
+                    AckDeadLettered,
+                    4,
+                    "",
+                    format!(
+                        "controller acme: subprocessor crm, change 2 dead-lettered after 1 \
+                         rejections, last {}",
+                        text(&rejection)
+                    )
+                ),
+                (
+                    AckRequeued,
+                    5,
+                    ops,
+                    "controller acme: subprocessor crm, change 2 requeued".into()
+                ),
+                (
+                    AckAccepted,
+                    6,
+                    "",
+                    "controller acme: subprocessor crm, change 2 accepted by the registry".into()
+                ),
+                (
+                    ExportDelivered,
+                    8,
+                    "",
+                    "controller acme: subprocessor crm, export of 2 files, 10 bytes, delivered \
+                     to registry"
+                        .into()
+                ),
+                (
+                    RequestForgotten,
+                    9,
+                    "",
+                    "controller acme: raw identities, body, notes and exports removed; keyed \
+                     hashes kept"
+                        .into()
+                ),
+            ]
+        );
+        assert!(!format!("{entries:?}").contains("example.fi"));
+        // The triggers refuse changes and removals.
+        for sql in [
+            "UPDATE audit_log SET detail = 'nothing' WHERE seq = 2",
+            "DELETE FROM audit_log WHERE seq = 7",
+        ] {
+            assert!(
+                sqlx::query(sql).execute(&store.db.pool).await.is_err(),
+                "{sql}"
+            );
+        }
+        assert_eq!(store.audit_entries(0, 100).await.expect("entries"), entries);
+        // Paged, the same entries.
+        let (page, rest) = (
+            store.audit_entries(0, 3).await.expect("page"),
+            store.audit_entries(3, 100).await.expect("rest"),
+        );
+        assert_eq!([page, rest].concat(), entries);
+        store.db.pool.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_change_is_an_entry_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        every_change_is_an_entry(&format!("sqlite://{}/processor.db", dir.path().display())).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_change_is_an_entry_on_postgres() {
+        crate::test_postgres::on_postgres(|u, _| async move { every_change_is_an_entry(&u).await })
+            .await;
+    }
+}
