@@ -186,8 +186,9 @@ impl Store {
     ) -> Result<Vec<TaskRow>> {
         let db_now = super::db_now_ms(self.db.backend);
         let mut tx = self.begin_audited().await?;
-        // Read under the audit lock, which every cancellation takes first: only the first
-        // cancellation of a request is an entry, not the registry's retries of it.
+        // Only the first cancellation of a request is an entry, not the registry's retries
+        // of it. Read while holding the audit lock (on SQLite, the one writer), which every
+        // cancellation takes first, so two cancellations never both see none before.
         let cancelled_before: Option<Option<i64>> = sqlx::query_scalar(
             "SELECT cancelled_at FROM requests WHERE controller = $1 AND request_id = $2",
         )
