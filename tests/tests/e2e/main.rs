@@ -30,6 +30,7 @@ mod metrics;
 mod mtls;
 mod packages;
 mod poison;
+mod procaudit;
 mod retention;
 mod rotation;
 mod store_conformance;
