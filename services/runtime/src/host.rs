@@ -17,7 +17,8 @@
 //! service's own when it has outbound channels over the same files, [`Host::tls`]) and runs
 //! its watcher as one more worker, so a changed certificate, key, CA bundle or revocation
 //! list (or a SIGHUP) takes effect for the next connection in and out. When shutdown begins
-//! the server stops accepting and finishes the calls in flight, and at the same moment every
+//! the server stops accepting and lets the calls in flight finish within the grace (then
+//! their connections are closed), and at the same moment every
 //! worker (and the admin port) is told to stop through its [`Stop`] receiver. A worker
 //! finishes its work in flight within the grace (`shutdown_grace_ms`, [`Host::grace`]),
 //! abandons and releases what is still running then, and returns; workers still running
@@ -239,7 +240,8 @@ impl Host {
             tracing::info!(service = name, ?grace, "shutting down");
             let _ = signal.send(true);
         };
-        let served = crate::server::serve_tls(router, listener, live, shutdown).await;
+        // Calls get the same grace as the workers, counted from the same signal.
+        let served = crate::server::serve_tls(router, listener, live, shutdown, grace).await;
         // Nobody listening any more is fine: every worker has already returned.
         let _ = stop_tx.send(true);
         let began = began
@@ -396,6 +398,58 @@ mod tests {
             stubborn_dropped.load(Ordering::SeqCst),
             "the stubborn worker was aborted"
         );
+    }
+
+    /// A stream the client never closes holds the server only for the grace (not a fixed
+    /// drain time): then its connection is closed and `run` returns.
+    #[tokio::test]
+    async fn calls_still_open_get_the_grace_then_their_connections_close() {
+        use tonic_health::pb::health_client::HealthClient;
+        use tonic_health::pb::HealthCheckRequest;
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(&dir.path().join("pki")).unwrap();
+        let settings =
+            ServiceSettings::new("127.0.0.1:0", "sqlite::memory:", pki.files("registry"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let grace = Duration::from_millis(300);
+        let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(Host::new("test", &settings).grace(grace).run_with_admin(
+            listener,
+            None,
+            async move {
+                let _ = shutdown_rx.await;
+            },
+        ));
+        let tls = pki.files("operator").client_config().unwrap();
+        let channel =
+            crate::tls::channel(&format!("https://localhost:{port}"), None, &tls).unwrap();
+        // A health Watch stays open until the server goes.
+        let mut stream = HealthClient::new(channel)
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(stream.message().await.unwrap().is_some());
+        let began = std::time::Instant::now();
+        shutdown_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(4), run)
+            .await
+            .expect("run returns once the grace is over, not after a fixed drain")
+            .unwrap()
+            .unwrap();
+        let took = began.elapsed();
+        assert!(took >= grace, "the open call got the grace: {took:?}");
+        assert!(
+            took < grace + SHUTDOWN_MARGIN,
+            "returned within grace and margin: {took:?}"
+        );
+        let ended = tokio::time::timeout(Duration::from_secs(2), stream.message())
+            .await
+            .expect("the stream ended with its connection");
+        assert!(!matches!(ended, Ok(Some(_))), "{ended:?}");
     }
 
     #[tokio::test]

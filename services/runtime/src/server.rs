@@ -85,8 +85,9 @@ pub fn reflection_v1alpha() -> Result<
         .context("building the reflection service")
 }
 
-/// How long calls still open when shutdown begins may run on; then their connections are
-/// closed, so a client holding a stream open cannot keep a service from stopping.
+/// How long calls still open when shutdown begins may run on under [`serve`] (the services'
+/// hosts use their `shutdown_grace_ms` instead, [`serve_tls`]); then their connections are
+/// closed, so a client holding a stream open cannot keep a server from stopping.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// Serves `router` on `listener` until `shutdown` resolves, with TCP_NODELAY on every accepted
@@ -99,26 +100,30 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    serve_incoming(router, incoming, shutdown).await
+    serve_incoming(router, incoming, shutdown, DRAIN_GRACE).await
 }
 
 /// [`serve`] for a router from [`plain_builder`]: every accepted connection does its TLS
 /// handshake (at most [`HANDSHAKE_TIMEOUT`], several at once) with the server
 /// configuration `tls` holds at that moment, and only completed handshakes reach tonic,
-/// which reads the client's certificates from the stream as it does for its own TLS.
+/// which reads the client's certificates from the stream as it does for its own TLS. Calls
+/// still open when shutdown began get `drain` (the service's `shutdown_grace_ms`) to finish,
+/// then their connections are dropped.
 pub async fn serve_tls(
     router: Router<Layers>,
     listener: TcpListener,
     tls: LiveTls,
     shutdown: impl Future<Output = ()> + Send,
+    drain: Duration,
 ) -> Result<()> {
-    serve_incoming(router, TlsIncoming::start(listener, tls), shutdown).await
+    serve_incoming(router, TlsIncoming::start(listener, tls), shutdown, drain).await
 }
 
 async fn serve_incoming<I, IO, IE>(
     router: Router<Layers>,
     incoming: I,
     shutdown: impl Future<Output = ()> + Send,
+    drain: Duration,
 ) -> Result<()>
 where
     I: Stream<Item = Result<IO, IE>>,
@@ -130,11 +135,16 @@ where
         shutdown.await;
         let _ = began.send(());
     };
+    // tonic's connection tasks outlive the serving future; this closes them when it ends.
+    let (close, closing) = tokio::sync::watch::channel(false);
+    let incoming = tokio_stream::StreamExt::map(incoming, move |io| {
+        io.map(|io| Closable::new(io, closing.clone()))
+    });
     let serving = router.serve_with_incoming_shutdown(incoming, shutdown);
     tokio::pin!(serving);
     let drained_or_overdue = async {
         if beginning.await.is_ok() {
-            tokio::time::sleep(DRAIN_GRACE).await;
+            tokio::time::sleep(drain).await;
         } else {
             // Serving ended without a shutdown; the other branch has its result.
             std::future::pending::<()>().await;
@@ -143,9 +153,94 @@ where
     tokio::select! {
         served = &mut serving => served.context("serving gRPC"),
         () = drained_or_overdue => {
-            tracing::warn!(grace = ?DRAIN_GRACE, "calls still open after shutdown began; closing their connections");
+            tracing::warn!(grace = ?drain, "calls still open after shutdown began; closing their connections");
+            close.send_replace(true);
             Ok(())
         }
+    }
+}
+
+/// A served connection whose reads and writes fail once `closing` turns true (or its sender
+/// is gone), so that a call still open when the drain ends loses its connection even while
+/// the process lives on.
+struct Closable<IO> {
+    io: IO,
+    closed: bool,
+    closing: Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
+impl<IO> Closable<IO> {
+    fn new(io: IO, mut closing: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self {
+            io,
+            closed: false,
+            closing: Box::pin(async move {
+                let _ = closing.wait_for(|c| *c).await;
+            }),
+        }
+    }
+
+    /// Whether the connection is closed; otherwise the task is woken when it is.
+    fn poll_closed(&mut self, cx: &mut TaskContext<'_>) -> bool {
+        if !self.closed && self.closing.as_mut().poll(cx).is_ready() {
+            self.closed = true;
+        }
+        self.closed
+    }
+}
+
+fn aborted() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        "the server stopped and closed this connection",
+    )
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Closable<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.poll_closed(cx) {
+            return Poll::Ready(Err(aborted()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Closable<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.poll_closed(cx) {
+            return Poll::Ready(Err(aborted()));
+        }
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        if self.poll_closed(cx) {
+            return Poll::Ready(Err(aborted()));
+        }
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl<IO: Connected> Connected for Closable<IO> {
+    type ConnectInfo = IO::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
     }
 }
 
