@@ -27,7 +27,7 @@
 //! [`main`] is what the service binaries share: load the configuration (exit 64 when it is
 //! bad), set up telemetry, bind, run, shut telemetry down.
 
-use std::collections::BTreeSet;
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::path::Path;
@@ -42,7 +42,6 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::body::Body;
 use tonic::server::NamedService;
-use tonic::service::interceptor::InterceptedService;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
 
@@ -84,8 +83,19 @@ pub struct Host {
     workers: Vec<(&'static str, Worker)>,
     /// How long work in flight gets to finish once shutdown begins.
     grace: Duration,
-    /// Who may use server reflection; `None`: anyone the CA certified.
-    reflection_callers: Option<Arc<BTreeSet<String>>>,
+    /// Who may use server reflection and what each sees; `None`: anyone the CA certified
+    /// sees every service.
+    reflection_roles: Option<Vec<ReflectionRole>>,
+}
+
+/// One role's view of server reflection ([`Host::reflection_for`]).
+#[derive(Debug, Clone)]
+pub struct ReflectionRole {
+    /// The certificate identities of the role's callers.
+    pub callers: Vec<String>,
+    /// The services (full names, `dsrelay.v1.RequestService`) the role may call: the only
+    /// ones its callers see, besides health checking and reflection itself.
+    pub services: Vec<&'static str>,
 }
 
 impl Host {
@@ -104,15 +114,16 @@ impl Host {
             scrape: Arc::new(|| Box::pin(async { Ok(String::new()) })),
             workers: Vec::new(),
             grace: Duration::from_millis(settings.shutdown_grace_ms),
-            reflection_callers: None,
+            reflection_roles: None,
         }
     }
 
-    /// Answers server reflection only to callers with one of `identities` (the service's
-    /// configured parties): the API's shape is no business of a certificate the CA issued to
-    /// someone this service does not know. Others get PERMISSION_DENIED.
-    pub fn reflection_for(mut self, identities: impl IntoIterator<Item = String>) -> Self {
-        self.reflection_callers = Some(Arc::new(identities.into_iter().collect()));
+    /// Answers server reflection only to the callers of `roles` (the service's configured
+    /// parties), each seeing only the services its role may call: the API's shape is no
+    /// business of a certificate the CA issued to someone this service does not know, and a
+    /// partner learns nothing of the operators' services. Others get PERMISSION_DENIED.
+    pub fn reflection_for(mut self, roles: impl IntoIterator<Item = ReflectionRole>) -> Self {
+        self.reflection_roles = Some(roles.into_iter().collect());
         self
     }
 
@@ -206,15 +217,19 @@ impl Host {
         let watcher = live.watcher()?;
         let router = crate::server::plain_builder()
             .add_routes(self.routes)
-            .add_service(health_service)
-            .add_service(InterceptedService::new(
-                crate::server::reflection()?,
-                reflection_gate(self.reflection_callers.clone()),
-            ))
-            .add_service(InterceptedService::new(
-                crate::server::reflection_v1alpha()?,
-                reflection_gate(self.reflection_callers.clone()),
-            ));
+            .add_service(health_service);
+        let router = match &self.reflection_roles {
+            None => router
+                .add_service(crate::server::reflection(None)?)
+                .add_service(crate::server::reflection_v1alpha(None)?),
+            Some(roles) => router
+                .add_service(ByRole::build(roles, |only| {
+                    crate::server::reflection(Some(only))
+                })?)
+                .add_service(ByRole::build(roles, |only| {
+                    crate::server::reflection_v1alpha(Some(only))
+                })?),
+        };
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut running: Vec<(&'static str, JoinHandle<()>)> = self
@@ -312,21 +327,87 @@ where
     }
 }
 
-/// The check in front of server reflection: the caller must be one of `callers` (when set).
-fn reflection_gate(
-    callers: Option<Arc<BTreeSet<String>>>,
-) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
-    move |req: tonic::Request<()>| {
-        let Some(callers) = &callers else {
-            return Ok(req);
-        };
-        match crate::tls::peer_identity(&req) {
-            Ok(identity) if callers.contains(&identity) => Ok(req),
-            Ok(identity) => Err(tonic::Status::permission_denied(format!(
-                "server reflection answers this service's configured callers; {identity} is \
-                 not one"
-            ))),
-            Err(why) => Err(tonic::Status::permission_denied(why)),
+/// Server reflection by the caller's role: one reflection service per role, describing
+/// only that role's services, and the caller's certificate identity picks which answers.
+#[derive(Clone)]
+struct ByRole<S> {
+    /// Certificate identity → index in `servers`.
+    roles: Arc<HashMap<String, usize>>,
+    servers: Vec<S>,
+}
+
+impl<S> ByRole<S> {
+    fn build(roles: &[ReflectionRole], server: impl Fn(&[&str]) -> Result<S>) -> Result<Self> {
+        let mut by_identity = HashMap::new();
+        let mut servers = Vec::with_capacity(roles.len());
+        for (i, role) in roles.iter().enumerate() {
+            servers.push(server(&role.services)?);
+            for caller in &role.callers {
+                by_identity.insert(caller.clone(), i);
+            }
+        }
+        Ok(Self {
+            roles: Arc::new(by_identity),
+            servers,
+        })
+    }
+
+    /// The reflection service for the caller of `req`, or why it has none.
+    fn server_for<B>(&self, req: &http::Request<B>) -> Result<&S, String> {
+        use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+        let leaf = req
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(|info| info.peer_certs())
+            .and_then(|certs| certs.first().cloned())
+            .ok_or("no client certificate was presented")?;
+        let identity = crate::tls::checked_identity(leaf.as_ref())?;
+        self.roles
+            .get(&identity)
+            .map(|&i| &self.servers[i])
+            .ok_or_else(|| {
+                format!(
+                    "server reflection answers this service's configured callers; {identity} \
+                     is not one"
+                )
+            })
+    }
+}
+
+impl<S: NamedService> NamedService for ByRole<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> tower::Service<http::Request<Body>> for ByRole<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        // Each call clones the server it goes to, which is ready then (tonic's always are).
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        match self.server_for(&req) {
+            Ok(server) => {
+                let mut server = server.clone();
+                Box::pin(async move { server.call(req).await })
+            }
+            Err(why) => {
+                let denied = tonic::Status::permission_denied(why).into_http();
+                Box::pin(async move { Ok(denied) })
+            }
         }
     }
 }

@@ -58,31 +58,54 @@ fn limits(server: Server) -> Server<Layers> {
         .layer(TraceContextLayer)
 }
 
-/// The gRPC reflection service (v1) describing dsrelay's protocol and health checking.
-pub fn reflection() -> Result<
+/// The gRPC reflection service (v1) describing dsrelay's protocol and health checking: all
+/// of dsrelay's services, or with `only` (full names, `dsrelay.v1.RequestService`) just
+/// those, so that a caller learns nothing of the services it may not call.
+pub fn reflection(
+    only: Option<&[&str]>,
+) -> Result<
     tonic_reflection::server::v1::ServerReflectionServer<
         impl tonic_reflection::server::v1::ServerReflection,
     >,
 > {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(dsrelay_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    reflection_builder(only)?
         .build_v1()
         .context("building the reflection service")
 }
 
 /// The older reflection service (v1alpha), which many tools still speak (grpcurl before
-/// 1.9, Python's grpcio-reflection client).
-pub fn reflection_v1alpha() -> Result<
+/// 1.9, Python's grpcio-reflection client); `only` as for [`reflection`].
+pub fn reflection_v1alpha(
+    only: Option<&[&str]>,
+) -> Result<
     tonic_reflection::server::v1alpha::ServerReflectionServer<
         impl tonic_reflection::server::v1alpha::ServerReflection,
     >,
 > {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(dsrelay_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    reflection_builder(only)?
         .build_v1alpha()
         .context("building the reflection service")
+}
+
+/// The reflection builder over dsrelay's descriptors and health checking's. With `only`, the
+/// other services are cut out of dsrelay's file descriptors, so they are neither listed nor
+/// found by symbol or file (their messages stay, as the services kept may use them).
+fn reflection_builder(only: Option<&[&str]>) -> Result<tonic_reflection::server::Builder<'static>> {
+    use dsrelay_proto::prost::Message;
+    let builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    let Some(only) = only else {
+        return Ok(builder.register_encoded_file_descriptor_set(dsrelay_proto::FILE_DESCRIPTOR_SET));
+    };
+    let mut set =
+        dsrelay_proto::prost_types::FileDescriptorSet::decode(dsrelay_proto::FILE_DESCRIPTOR_SET)
+            .context("reading dsrelay's file descriptors")?;
+    for file in &mut set.file {
+        let package = file.package().to_string();
+        file.service
+            .retain(|s| only.contains(&format!("{package}.{}", s.name()).as_str()));
+    }
+    Ok(builder.register_file_descriptor_set(set))
 }
 
 /// How long calls still open when shutdown begins may run on under [`serve`] (the services'
