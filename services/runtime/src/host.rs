@@ -83,6 +83,8 @@ pub struct Host {
     workers: Vec<(&'static str, Worker)>,
     /// How long work in flight gets to finish once shutdown begins.
     grace: Duration,
+    /// How long a unary call may run ([`crate::server::UnaryLimitLayer`]).
+    call_limit: Duration,
     /// Who may use server reflection and what each sees; `None`: anyone the CA certified
     /// sees every service.
     reflection_roles: Option<Vec<ReflectionRole>>,
@@ -114,6 +116,7 @@ impl Host {
             scrape: Arc::new(|| Box::pin(async { Ok(String::new()) })),
             workers: Vec::new(),
             grace: Duration::from_millis(settings.shutdown_grace_ms),
+            call_limit: Duration::from_millis(settings.call_limit_ms),
             reflection_roles: None,
         }
     }
@@ -215,7 +218,7 @@ impl Host {
                 .with_context(|| format!("loading the {name}'s TLS files"))?,
         };
         let watcher = live.watcher()?;
-        let router = crate::server::plain_builder()
+        let router = crate::server::plain_builder(self.call_limit)
             .add_routes(self.routes)
             .add_service(health_service);
         let router = match &self.reflection_roles {
@@ -531,6 +534,113 @@ mod tests {
             .await
             .expect("the stream ended with its connection");
         assert!(!matches!(ended, Ok(Some(_))), "{ended:?}");
+    }
+
+    /// A `dsrelay.v1.RequestService` whose handlers never answer; each call's handler sets
+    /// its flag when it is dropped.
+    #[derive(Clone)]
+    struct Stuck(Arc<std::sync::Mutex<Vec<Arc<AtomicBool>>>>);
+
+    impl NamedService for Stuck {
+        const NAME: &'static str = "dsrelay.v1.RequestService";
+    }
+
+    impl tower::Service<http::Request<Body>> for Stuck {
+        type Response = http::Response<Body>;
+        type Error = Infallible;
+        type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+        fn poll_ready(
+            &mut self,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Infallible>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _req: http::Request<Body>) -> Self::Future {
+            struct Flag(Arc<AtomicBool>);
+            impl Drop for Flag {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::SeqCst);
+                }
+            }
+            let dropped = Arc::new(AtomicBool::new(false));
+            self.0.lock().unwrap().push(dropped.clone());
+            let flag = Flag(dropped);
+            Box::pin(async move {
+                let _flag = flag;
+                std::future::pending().await
+            })
+        }
+    }
+
+    /// A unary call whose handler is stuck ends after `call_limit_ms` with DEADLINE_EXCEEDED
+    /// naming the limit, its handler dropped; a caller's shorter deadline ends it first; a
+    /// streaming call is not cut by the limit.
+    #[tokio::test]
+    async fn a_stuck_unary_call_ends_at_the_call_limit() {
+        use dsrelay_proto::v1::request_service_client::RequestServiceClient;
+        use dsrelay_proto::v1::{GetRequest, WatchRequest};
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(&dir.path().join("pki")).unwrap();
+        let mut settings =
+            ServiceSettings::new("127.0.0.1:0", "sqlite::memory:", pki.files("registry"));
+        settings.call_limit_ms = 300;
+        let handlers = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (_shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+        let host = Host::new("test", &settings).service(Stuck(handlers.clone()));
+        tokio::spawn(host.run_with_admin(listener, None, async move {
+            let _ = shutdown_rx.await;
+        }));
+        let tls = pki.files("operator").client_config().unwrap();
+        let channel =
+            crate::tls::channel(&format!("https://localhost:{port}"), None, &tls).unwrap();
+        let mut client = RequestServiceClient::new(channel);
+
+        let began = std::time::Instant::now();
+        let status = client
+            .get(GetRequest::default())
+            .await
+            .expect_err("a stuck handler never answers");
+        let took = began.elapsed();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        assert!(
+            status.message().contains("300 ms (call_limit_ms)"),
+            "{status:?}"
+        );
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            handlers.lock().unwrap()[0].load(Ordering::SeqCst),
+            "the stuck handler was dropped"
+        );
+
+        let mut shorter = tonic::Request::new(GetRequest::default());
+        shorter.set_timeout(Duration::from_millis(100));
+        let began = std::time::Instant::now();
+        let status = client.get(shorter).await.expect_err("still stuck");
+        // The client's own timer or the server's, whichever fires first.
+        let deadline = [tonic::Code::Cancelled, tonic::Code::DeadlineExceeded];
+        assert!(deadline.contains(&status.code()), "{status:?}");
+        assert!(
+            !status.message().contains("call_limit_ms"),
+            "the caller's own deadline ended it: {status:?}"
+        );
+        assert!(began.elapsed() < Duration::from_millis(300));
+
+        let mut watch = tonic::Request::new(WatchRequest::default());
+        watch.set_timeout(Duration::from_millis(800));
+        let began = std::time::Instant::now();
+        let status = client.watch(watch).await.expect_err("stuck too");
+        assert!(deadline.contains(&status.code()), "{status:?}");
+        assert!(
+            !status.message().contains("call_limit_ms"),
+            "a stream is not cut by the unary limit: {status:?}"
+        );
+        assert!(began.elapsed() >= Duration::from_millis(800));
     }
 
     #[tokio::test]

@@ -31,24 +31,27 @@ use crate::tls::{LiveTls, HANDSHAKE_TIMEOUT};
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// The layers [`builder`] puts around every service.
-pub type Layers = Stack<TraceContextLayer, Identity>;
+pub type Layers = Stack<UnaryLimitLayer, Stack<TraceContextLayer, Identity>>;
 
 /// A server builder with tonic's TLS, the limits every dsrelay service uses, and the layer
-/// that continues callers' traces ([`crate::grpc::trace`]).
+/// that continues callers' traces ([`crate::grpc::trace`]). Unary calls run as long as
+/// their callers allow.
 pub fn builder(tls: ServerTlsConfig) -> Result<Server<Layers>> {
     Ok(limits(
         Server::builder()
             .tls_config(tls)
             .context("configuring TLS")?,
+        None,
     ))
 }
 
-/// [`builder`] without TLS, for [`serve_tls`], which does the handshakes itself.
-pub fn plain_builder() -> Server<Layers> {
-    limits(Server::builder())
+/// [`builder`] without TLS, for [`serve_tls`], which does the handshakes itself; every
+/// unary call is ended after `call_limit` ([`UnaryLimitLayer`]).
+pub fn plain_builder(call_limit: Duration) -> Server<Layers> {
+    limits(Server::builder(), Some(call_limit))
 }
 
-fn limits(server: Server) -> Server<Layers> {
+fn limits(server: Server, call_limit: Option<Duration>) -> Server<Layers> {
     server
         .max_concurrent_streams(Some(256))
         .concurrency_limit_per_connection(256)
@@ -56,6 +59,108 @@ fn limits(server: Server) -> Server<Layers> {
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(TraceContextLayer)
+        .layer(UnaryLimitLayer { limit: call_limit })
+}
+
+/// Ends every unary call still running after `limit` (the service's `call_limit_ms`) with
+/// DEADLINE_EXCEEDED naming the limit, dropping its handler, so that a stuck handler cannot
+/// hold the server's resources forever. A caller's shorter `grpc-timeout` still ends it
+/// first (tonic enforces that). Streaming calls are not timed here: their handlers only
+/// start the stream, and each stream bounds itself (the registry's Watch by
+/// `watch.max_stream_ms`).
+#[derive(Debug, Clone, Copy)]
+pub struct UnaryLimitLayer {
+    limit: Option<Duration>,
+}
+
+impl<S> tower::Layer<S> for UnaryLimitLayer {
+    type Service = UnaryLimit<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        UnaryLimit {
+            inner,
+            limit: self.limit,
+        }
+    }
+}
+
+/// The service [`UnaryLimitLayer`] wraps around the router.
+#[derive(Debug, Clone)]
+pub struct UnaryLimit<S> {
+    inner: S,
+    limit: Option<Duration>,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for UnaryLimit<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    R: Default + Send + 'static,
+{
+    type Response = http::Response<R>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let limit = self
+            .limit
+            .filter(|_| unary_methods().contains(request.uri().path()));
+        let call = self.inner.call(request);
+        let Some(limit) = limit else {
+            return Box::pin(call);
+        };
+        Box::pin(async move {
+            match tokio::time::timeout(limit, call).await {
+                Ok(answer) => answer,
+                Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
+                    "the call ran past this server's limit of {} ms (call_limit_ms) and was \
+                     cancelled",
+                    limit.as_millis()
+                ))
+                .into_http()),
+            }
+        })
+    }
+}
+
+/// The paths (`/dsrelay.v1.RequestService/Get`) of every unary method of dsrelay's protocol
+/// and of health checking, read from their descriptors once.
+fn unary_methods() -> &'static std::collections::HashSet<String> {
+    static UNARY: std::sync::OnceLock<std::collections::HashSet<String>> =
+        std::sync::OnceLock::new();
+    UNARY.get_or_init(|| {
+        use dsrelay_proto::prost::Message;
+        let mut paths = std::collections::HashSet::new();
+        for encoded in [
+            dsrelay_proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ] {
+            // Compiled into the binary; a set that does not decode leaves its calls untimed.
+            let Ok(set) = dsrelay_proto::prost_types::FileDescriptorSet::decode(encoded) else {
+                continue;
+            };
+            for file in &set.file {
+                for service in &file.service {
+                    for method in &service.method {
+                        if !method.client_streaming() && !method.server_streaming() {
+                            paths.insert(format!(
+                                "/{}.{}/{}",
+                                file.package(),
+                                service.name(),
+                                method.name()
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        paths
+    })
 }
 
 /// The gRPC reflection service (v1) describing dsrelay's protocol and health checking: all

@@ -196,6 +196,10 @@ pub struct PairOptions {
     /// How often the registry and the processor look for changed TLS files (ms; `None`:
     /// their default).
     pub tls_reload_ms: Option<u64>,
+    /// `shutdown_grace_ms` of the registry and the processor (`None`: the default).
+    pub shutdown_grace_ms: Option<u64>,
+    /// The registry's `[watch]` table (`None`: its defaults).
+    pub watch: Option<dsrelay_registry::config::WatchConfig>,
 }
 
 impl Default for PairOptions {
@@ -225,6 +229,8 @@ impl Default for PairOptions {
             processor_endpoint: None,
             revocation_list: false,
             tls_reload_ms: None,
+            shutdown_grace_ms: None,
+            watch: None,
         }
     }
 }
@@ -426,7 +432,11 @@ mod configs {
                 tls: service_tls(plan, "registry"),
                 trust_domain: None,
                 log_json: plan.opts.log_json,
-                shutdown_grace_ms: dsrelay_runtime::settings::DEFAULT_SHUTDOWN_GRACE_MS,
+                shutdown_grace_ms: plan
+                    .opts
+                    .shutdown_grace_ms
+                    .unwrap_or(dsrelay_runtime::settings::DEFAULT_SHUTDOWN_GRACE_MS),
+                call_limit_ms: dsrelay_runtime::settings::DEFAULT_CALL_LIMIT_MS,
             },
             identities: vec![
                 party("partner", "crm", Role::Partner),
@@ -466,7 +476,7 @@ mod configs {
                 chain_interval_ms: 2000,
                 max_backoff_ms: 60_000,
             },
-            watch: Default::default(),
+            watch: plan.opts.watch.clone().unwrap_or_default(),
             identity_hash_key: "test registry key".into(),
             forget_after_days: plan.opts.forget_after_days,
             forget_sweep_interval_ms: 200,
@@ -578,7 +588,11 @@ mod configs {
                 tls: service_tls(plan, "processor"),
                 trust_domain: None,
                 log_json: plan.opts.log_json,
-                shutdown_grace_ms: dsrelay_runtime::settings::DEFAULT_SHUTDOWN_GRACE_MS,
+                shutdown_grace_ms: plan
+                    .opts
+                    .shutdown_grace_ms
+                    .unwrap_or(dsrelay_runtime::settings::DEFAULT_SHUTDOWN_GRACE_MS),
+                call_limit_ms: dsrelay_runtime::settings::DEFAULT_CALL_LIMIT_MS,
             },
             controllers: [(super::CONTROLLER, "controller")]
                 .into_iter()
@@ -647,6 +661,7 @@ mod configs {
                 trust_domain: None,
                 log_json: plan.opts.log_json,
                 shutdown_grace_ms: dsrelay_runtime::settings::DEFAULT_SHUTDOWN_GRACE_MS,
+                call_limit_ms: dsrelay_runtime::settings::DEFAULT_CALL_LIMIT_MS,
             },
             allowed_identities: vec![dev_identity("processor", PROCESSOR)],
             confirm_delay_ms: plan.opts.newsletter_confirm_delay_ms,
@@ -668,6 +683,7 @@ mod configs {
                 trust_domain: None,
                 log_json: plan.opts.log_json,
                 shutdown_grace_ms: dsrelay_runtime::settings::DEFAULT_SHUTDOWN_GRACE_MS,
+                call_limit_ms: dsrelay_runtime::settings::DEFAULT_CALL_LIMIT_MS,
             },
             name: RECIPIENT.into(),
             data_dir: plan.recipient_data.clone(),
