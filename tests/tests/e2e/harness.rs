@@ -1009,6 +1009,33 @@ impl Service {
         }
     }
 
+    /// SIGTERM, the signal an orchestrator stops a service with; waits (at most 30 s) for the
+    /// process to exit and answers how it exited and how long that took. Processes only.
+    pub async fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
+        let Running::Process(mut child) = std::mem::replace(&mut self.running, Running::Stopped)
+        else {
+            panic!("terminate needs a running process: start the pair with Mode::Processes")
+        };
+        let pid = child.id().expect("a running process has an id");
+        let began = std::time::Instant::now();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("running kill");
+        assert!(sent.success(), "kill -TERM {pid}: {sent}");
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{} did not exit within 30 s of SIGTERM\n--- log ---\n{}",
+                    self.role.name(),
+                    self.log()
+                )
+            })
+            .expect("reaping");
+        (status, began.elapsed())
+    }
+
     /// SIGKILL, then the same binary with the same configuration on the same socket; waits
     /// until it serves again. Processes only.
     pub async fn restart(&mut self) {

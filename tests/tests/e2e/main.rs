@@ -32,6 +32,7 @@ mod packages;
 mod poison;
 mod retention;
 mod rotation;
+mod shutdown;
 mod store_conformance;
 mod tracing;
 mod transfer;
