@@ -29,11 +29,14 @@ const LONG: Duration = Duration::from_secs(60);
 
 /// A processor whose Deliver calls each wait until the test lets them go (answering with one
 /// PENDING task then); a call the test never lets go waits until the registry drops it.
+/// GetStatus never answers.
 #[derive(Clone)]
 struct HeldProcessor {
     entered: mpsc::UnboundedSender<(String, oneshot::Sender<()>)>,
     /// Request ids whose Deliver was answered.
     answered: Arc<Mutex<Vec<String>>>,
+    /// Told of every GetStatus call.
+    asked: mpsc::UnboundedSender<String>,
 }
 
 #[tonic::async_trait]
@@ -73,10 +76,8 @@ impl ProcessorService for HeldProcessor {
         &self,
         req: Request<GetStatusRequest>,
     ) -> Result<Response<TaskList>, Status> {
-        Ok(Response::new(TaskList {
-            request_id: req.into_inner().request_id,
-            tasks: Vec::new(),
-        }))
+        let _ = self.asked.send(req.into_inner().request_id);
+        std::future::pending().await
     }
 
     async fn list_subprocessors(
@@ -148,6 +149,7 @@ async fn dispatcher_finishes_or_releases(backend: Backend) {
     let processor = HeldProcessor {
         entered: entered_tx,
         answered: Arc::default(),
+        asked: mpsc::unbounded_channel().0,
     };
     serve(processor.clone(), listener, pair.pki());
     let mut crm = pair.crm();
@@ -211,6 +213,57 @@ async fn shutdown_dispatcher_finishes_or_releases_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_dispatcher_finishes_or_releases_postgres() {
     dispatcher_finishes_or_releases(Backend::Postgres).await;
+}
+
+/// The reconciler waiting for a processor's status answer stops at once when shutdown begins:
+/// with nothing else in flight the registry stops well within its grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_for_a_status_check() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let mut pair = spawn_pair(PairOptions {
+        down: vec![Role::Processor],
+        processor_endpoint: Some(listener.local_addr().expect("addr")),
+        shutdown_grace_ms: Some(GRACE_MS),
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
+    let (entered_tx, mut entered) = mpsc::unbounded_channel();
+    let (asked_tx, mut asked) = mpsc::unbounded_channel();
+    serve(
+        HeldProcessor {
+            entered: entered_tx,
+            answered: Arc::default(),
+            asked: asked_tx,
+        },
+        listener,
+        pair.pki(),
+    );
+    let id = pair
+        .crm()
+        .submit(erasure("quiet@example.fi"))
+        .await
+        .expect("submit")
+        .into_inner()
+        .request_id;
+    let (_, release) = tokio::time::timeout(LONG, entered.recv())
+        .await
+        .expect("delivered")
+        .expect("the processor runs");
+    release.send(()).expect("the call waits");
+    // No acknowledgement comes: the reconciler asks, and gets no answer.
+    let asked_about = tokio::time::timeout(LONG, asked.recv())
+        .await
+        .expect("the reconciler asks")
+        .expect("the processor runs");
+    assert_eq!(asked_about, id);
+    let began = std::time::Instant::now();
+    pair.registry.stop().await;
+    let took = began.elapsed();
+    assert!(
+        took < Duration::from_millis(GRACE_MS),
+        "the status check did not hold the shutdown: {took:?}"
+    );
 }
 
 /// The `key=value` field of the last log line that contains `line`, e.g. `released=3`, its
@@ -287,6 +340,10 @@ async fn sigterm_with_work_in_flight(backend: Backend) {
     assert!(status.success(), "{status}\n{log}");
     assert!(took < limit, "exited after {took:?}\n{log}");
     assert!(log.contains("shutting down"), "{log}");
+    assert!(
+        !log.contains("did not stop in time"),
+        "every worker stopped\n{log}"
+    );
     assert_eq!(
         field(&log, "task runner stopped", "released"),
         Some(3),
@@ -313,6 +370,10 @@ async fn sigterm_with_work_in_flight(backend: Backend) {
     assert!(took < limit, "exited after {took:?}\n{log}");
     assert!(log.contains("shutting down"), "{log}");
     assert!(log.contains("dispatcher stopped"), "{log}");
+    assert!(
+        !log.contains("did not stop in time"),
+        "every worker stopped\n{log}"
+    );
 
     pair.registry.start().await;
     let mut crm = pair.crm();
