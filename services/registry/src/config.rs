@@ -272,12 +272,17 @@ pub struct WatchConfig {
     /// Watch streams one caller (partner or operator, by configured name) may hold open at
     /// once; one more is RESOURCE_EXHAUSTED.
     pub streams_per_caller: u32,
+    /// How long one Watch stream may stay open (ms): then it ends with UNAVAILABLE naming
+    /// the `after_event_id` to watch again from, so that a stream its caller never closes,
+    /// or never reads, does not hold a task and a slot forever.
+    pub max_stream_ms: u64,
 }
 
 impl Default for WatchConfig {
     fn default() -> Self {
         Self {
             streams_per_caller: 32,
+            max_stream_ms: 3_600_000,
         }
     }
 }
@@ -451,6 +456,9 @@ impl Config {
         }
         if self.watch.streams_per_caller == 0 {
             errors.push("watch.streams_per_caller: must be at least 1".into());
+        }
+        if self.watch.max_stream_ms == 0 {
+            errors.push("watch.max_stream_ms: must be at least 1".into());
         }
         if self.contracts.grace_months == 0 || self.contracts.grace_months > 120 {
             errors.push("contracts.grace_months: must be 1 to 120".into());

@@ -33,6 +33,7 @@ mod poison;
 mod procaudit;
 mod retention;
 mod rotation;
+mod shutdown;
 mod store_conformance;
 mod tracing;
 mod transfer;
