@@ -56,5 +56,5 @@ mod test_postgres;
 pub mod text;
 mod uploader;
 
-pub use app::App;
+pub use app::{App, MAX_API_MESSAGE_BYTES};
 pub use config::Config;

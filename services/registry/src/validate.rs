@@ -53,21 +53,7 @@ pub(crate) fn validate_submit(
         kind => kind,
     };
     out.extend(validate_identities(&req.identities));
-    let key = &req.idempotency_key;
-    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
-        out.push(FieldViolation::new(
-            "idempotency_key",
-            format!("must be 1 to {MAX_IDEMPOTENCY_KEY} bytes"),
-        ));
-    } else if !key
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
-    {
-        out.push(FieldViolation::new(
-            "idempotency_key",
-            "may contain only letters, digits and . _ : -",
-        ));
-    }
+    out.extend(idempotency_key_violation(&req.idempotency_key));
     out.extend(text_violation("note", &req.note, MAX_TEXT, false));
     if let Some(scope) = &req.scope {
         if scope.data_categories.len() > MAX_CATEGORIES {
@@ -107,6 +93,24 @@ pub(crate) fn validate_submit(
     let params = req.parameters.clone().unwrap_or_default();
     out.extend(parameter_violations(kind, &params, known_recipients));
     out
+}
+
+/// Checks an idempotency key (of a Submit or an EndContract): 1 to [`MAX_IDEMPOTENCY_KEY`]
+/// bytes of letters, digits and `. _ : -`, since keys are stored, logged and compared.
+pub(crate) fn idempotency_key_violation(key: &str) -> Option<FieldViolation> {
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+        return Some(FieldViolation::new(
+            "idempotency_key",
+            format!("must be 1 to {MAX_IDEMPOTENCY_KEY} bytes"),
+        ));
+    }
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-');
+    (!key.bytes().all(allowed)).then(|| {
+        FieldViolation::new(
+            "idempotency_key",
+            "may contain only letters, digits and . _ : -",
+        )
+    })
 }
 
 /// What is wrong with the kind-specific parameters of a request of `kind`: those of the kind
@@ -253,6 +257,58 @@ mod tests {
             fields,
             ["kind", "idempotency_key", "scope.data_categories[1]"]
         );
+    }
+
+    /// The largest Submit every rule allows: the most and longest of everything.
+    pub(crate) fn largest_valid_submit() -> (SubmitRequest, Vec<String>) {
+        use dsrelay_runtime::identity::{MAX_IDENTITIES, MAX_IDENTITY_LABEL, MAX_IDENTITY_VALUE};
+        // Three bytes a character, so that a byte limit is not met by counting characters.
+        let text = |len: usize| "€".repeat(len / 3) + &"x".repeat(len % 3);
+        let categories: Vec<String> = (0..MAX_CATEGORIES)
+            .map(|i| format!("{i:02}{}", "c".repeat(MAX_CATEGORY - 2)))
+            .collect();
+        let req = SubmitRequest {
+            kind: RequestKind::Rectification as i32,
+            identities: (0..MAX_IDENTITIES)
+                .map(|_| SubjectIdentity {
+                    r#type: IdentityType::Other as i32,
+                    encoding: IdentityEncoding::Raw as i32,
+                    value: text(MAX_IDENTITY_VALUE),
+                    label: text(MAX_IDENTITY_LABEL),
+                })
+                .collect(),
+            idempotency_key: "k".repeat(MAX_IDEMPOTENCY_KEY),
+            note: text(MAX_TEXT),
+            scope: Some(Scope {
+                data_categories: categories.clone(),
+            }),
+            parameters: Some(RequestParameters {
+                corrections: (0..MAX_CORRECTIONS)
+                    .map(|i| FieldCorrection {
+                        field: format!("{i:02}{}", "f".repeat(62)),
+                        new_value: text(MAX_TEXT),
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+        };
+        (req, categories)
+    }
+
+    #[test]
+    fn the_largest_valid_submit_fits_the_decode_limit() {
+        use dsrelay_proto::prost::Message;
+        let (req, categories) = largest_valid_submit();
+        let known: BTreeSet<&str> = categories.iter().map(String::as_str).collect();
+        assert_eq!(validate_submit(&req, &known, &BTreeSet::new()), []);
+        let len = req.encoded_len();
+        eprintln!("the largest valid submit: {len} bytes");
+        assert!(
+            len > 40_000 && len <= crate::app::MAX_API_MESSAGE_BYTES,
+            "{len} bytes"
+        );
+        // The limit is about this message, not one ten times its size.
+        assert!(len > crate::app::MAX_API_MESSAGE_BYTES / 2, "{len} bytes");
     }
 
     #[test]

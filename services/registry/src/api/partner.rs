@@ -23,7 +23,7 @@ use crate::auth::Party;
 use crate::deadline::{due_at, MAX_EXTENSION_MONTHS};
 use crate::error::ApiError;
 use crate::store::{CancelOutcome, Inserted, ListFilter, NewRequest, RequeueOutcome};
-use crate::validate::validate_submit;
+use crate::validate::{text_violation, validate_submit};
 
 use super::{check_text, not_found, views, watch, Api};
 
@@ -536,13 +536,7 @@ impl RequestService for Api {
                 "only operators may requeue a delivery".into()
             })?;
         let r = req.into_inner();
-        if r.processor.is_empty() || r.processor.len() > 128 {
-            return Err(ApiError::invalid([FieldViolation::new(
-                "processor",
-                "must be 1 to 128 bytes",
-            )])
-            .into());
-        }
+        ApiError::ensure_valid(text_violation("processor", &r.processor, 128, true))?;
         let row = self.visible(&caller, &r.request_id).await?;
         let outcome = self
             .shared
