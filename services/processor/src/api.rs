@@ -633,4 +633,132 @@ mod tests {
             .collect();
         assert_eq!(fields, ["scope.data_categories", "parameters.corrections"]);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                "[a-z\u{0}-\u{1f}\u{7f}\u{80}-\u{9f}€ ]{0,40}",
+                (0usize..2000).prop_map(|n| "x".repeat(n)),
+            ]
+        }
+
+        fn number() -> impl Strategy<Value = i32> {
+            prop_oneof![4 => -2..10i32, 1 => any::<i32>()]
+        }
+
+        fn any_delivery() -> impl Strategy<Value = DeliverRequest> {
+            let identity = (number(), number(), text(), text()).prop_map(|(t, e, value, label)| {
+                SubjectIdentity {
+                    r#type: t,
+                    encoding: e,
+                    value,
+                    label,
+                }
+            });
+            let parameters = (
+                prop::collection::vec((text(), text()), 0..40),
+                any::<bool>(),
+                text(),
+                prop::option::of((number(), any::<bool>(), text(), any::<i64>())),
+            )
+                .prop_map(|(corrections, lift, recipient, end)| RequestParameters {
+                    corrections: corrections
+                        .into_iter()
+                        .map(|(field, new_value)| FieldCorrection { field, new_value })
+                        .collect(),
+                    lift_restriction: lift,
+                    transfer_recipient: recipient,
+                    contract_end: end.map(|(choice, return_confirmed, transfer_recipient, at)| {
+                        ContractEnd {
+                            choice,
+                            effective_at: Some(dsrelay_proto::timestamp_from_millis(at)),
+                            grace_ends_at: Some(dsrelay_proto::timestamp_from_millis(
+                                at.wrapping_neg(),
+                            )),
+                            return_confirmed,
+                            transfer_recipient,
+                        }
+                    }),
+                });
+            (
+                (text(), number()),
+                prop::collection::vec(identity, 0..20),
+                prop::option::of(prop::collection::vec(text(), 0..40)),
+                prop::option::of(parameters),
+                prop::option::of((text(), text(), text())),
+            )
+                .prop_map(
+                    |((request_id, kind), identities, categories, parameters, to)| DeliverRequest {
+                        request_id,
+                        kind,
+                        identities,
+                        scope: categories.map(|data_categories| Scope { data_categories }),
+                        parameters,
+                        recipient: to.map(|(name, endpoint, identity)| TransferRecipient {
+                            name,
+                            endpoint,
+                            identity,
+                        }),
+                        ..Default::default()
+                    },
+                )
+        }
+
+        proptest! {
+            #[test]
+            fn any_delivery_is_judged_without_panicking(r in any_delivery()) {
+                for v in delivery_violations(&r) {
+                    prop_assert!(!v.field.is_empty() && !v.rule.is_empty(), "{v:?}");
+                }
+            }
+
+            #[test]
+            fn a_control_character_in_any_text_of_a_delivery_is_refused(
+                which in 0usize..6,
+                c in prop_oneof![0u32..0x09, 0x0bu32..0x0d, 0x0eu32..0x20, 0x7fu32..0xa0]
+                    .prop_map(|c| char::from_u32(c).expect("a control character")),
+            ) {
+                let bad = format!("a{c}b");
+                let (mut r, field) = match which {
+                    0 => {
+                        let mut r = largest_delivery();
+                        r.scope.as_mut().unwrap().data_categories[0] = bad;
+                        (r, "scope.data_categories[0]")
+                    }
+                    1 => {
+                        let mut r = largest_delivery();
+                        r.parameters.as_mut().unwrap().corrections[0].new_value = bad;
+                        (r, "parameters.corrections[0].new_value")
+                    }
+                    2 => {
+                        let mut r = largest_delivery();
+                        r.identities[0].label = bad;
+                        (r, "identities[0].label")
+                    }
+                    3 => {
+                        let mut r = transfer();
+                        r.parameters.as_mut().unwrap().transfer_recipient = bad;
+                        (r, "parameters.transfer_recipient")
+                    }
+                    4 => {
+                        let mut r = transfer();
+                        r.recipient.as_mut().unwrap().endpoint = bad;
+                        (r, "recipient.endpoint")
+                    }
+                    _ => {
+                        let mut r = largest_delivery();
+                        r.identities[0].value = bad;
+                        (r, "identities[0].value")
+                    }
+                };
+                r.request_id = "r-1".into();
+                let v = delivery_violations(&r);
+                prop_assert!(v.iter().any(|v| v.field == field), "{c:?} in {field}: {v:?}");
+            }
+        }
+    }
 }

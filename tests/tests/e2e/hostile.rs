@@ -549,6 +549,8 @@ fn texts(name: &str) -> Vec<(Spoil, String)> {
         out.push((Spoil::PageToken, "not-a-token".into()));
         out.push((Spoil::PageToken, "AAAAAAAAAAAAAAAAAAAAAA==".into()));
         out.push((Spoil::PageToken, "%%%".repeat(100)));
+        // The form of a token, with an id no request has and SQL text cannot hold.
+        out.push((Spoil::PageToken, format!("1_{CONTROL}")));
     }
     out
 }
