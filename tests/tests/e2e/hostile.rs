@@ -865,7 +865,8 @@ fn check_every_rpc_has_a_row(pool: &DescriptorPool, rows: &[Row]) {
     );
 }
 
-async fn table(backend: Backend) {
+/// The rows of `side` on `backend` (one side at a time, so that the halves run in parallel).
+async fn table(backend: Backend, side: Side) {
     let Some(pair) = spawn_pair(PairOptions {
         backend,
         // A request that never finishes, to be read, extended and cancelled at leisure.
@@ -894,7 +895,7 @@ async fn table(backend: Backend) {
     let mut problems = Vec::new();
     let mut counts: BTreeMap<Spoil, usize> = BTreeMap::new();
     let began = Instant::now();
-    for row in &rows {
+    for row in rows.iter().filter(|r| r.side == side) {
         let channel = channel(&pair, row);
         let (service, method) = row.method.split_once('/').expect("service/method");
         let m = pool
@@ -937,8 +938,8 @@ async fn table(backend: Backend) {
         }
     }
     eprintln!(
-        "hostile table ({backend:?}): {} RPCs, cases {counts:?}, {:?}, {} problems",
-        rows.len(),
+        "hostile table ({side:?} on {backend:?}): {} RPCs, cases {counts:?}, {:?}, {} problems",
+        rows.iter().filter(|r| r.side == side).count(),
         began.elapsed(),
         problems.len()
     );
@@ -951,6 +952,22 @@ async fn table(backend: Backend) {
         };
         assert_eq!(health(ch).await, ServingStatus::Serving as i32, "{side:?}");
     }
+    // Any certified peer may check health: a check longer than a service name is refused
+    // by its length.
+    let mut long_check = HealthCheckRequest {
+        service: "x".repeat(dsrelay_runtime::host::MAX_HEALTH_CHECK_BYTES),
+    }
+    .encode_to_vec();
+    long_check.push(0);
+    let refused = call(
+        &pair.channel_to_registry("partner-crm"),
+        "grpc.health.v1.Health/Check",
+        (false, false),
+        long_check,
+    )
+    .await
+    .expect_err("a health check of more than 1 KiB");
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
     RequestServiceClient::new(pair.channel_to_registry("partner-crm"))
         .submit(erasure("after.the.table@example.fi"))
         .await
@@ -980,13 +997,23 @@ fn channel(pair: &TestPair, row: &Row) -> Channel {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_input_to_every_rpc_gets_a_clear_answer_on_sqlite() {
-    table(Backend::Sqlite).await;
+async fn hostile_input_to_every_registry_rpc_gets_a_clear_answer_on_sqlite() {
+    table(Backend::Sqlite, Side::Registry).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_input_to_every_rpc_gets_a_clear_answer_on_postgres() {
-    table(Backend::Postgres).await;
+async fn hostile_input_to_every_registry_rpc_gets_a_clear_answer_on_postgres() {
+    table(Backend::Postgres, Side::Registry).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_to_every_processor_rpc_gets_a_clear_answer_on_sqlite() {
+    table(Backend::Sqlite, Side::Processor).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_to_every_processor_rpc_gets_a_clear_answer_on_postgres() {
+    table(Backend::Postgres, Side::Processor).await;
 }
 
 /// VmRSS of process `pid`, in KiB.
