@@ -11,7 +11,7 @@
 //! a message, INVALID_ARGUMENT with the violated fields as details; texts with control
 //! characters, huge texts, unknown enum numbers and garbage page tokens must be refused. After
 //! the table both services still pass their health checks and do their work. A flood of
-//! oversized Submits leaves the registry's resident memory where it was.
+//! oversized Submits keeps the registry's resident memory within twice its idle size.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
