@@ -142,39 +142,8 @@ impl ProcessorService for Api {
             .or_else(|| CallerTrace::of(&req).map(|t| t.traceparent().to_string()));
 
         let r = req.into_inner();
-        let mut violations: Vec<FieldViolation> = request_id_violation("request_id", &r.request_id)
-            .into_iter()
-            .collect();
+        ApiError::ensure_valid(delivery_violations(&r))?;
         let kind = RequestKind::try_from(r.kind).unwrap_or(RequestKind::Unspecified);
-        match kind {
-            RequestKind::Unspecified => {
-                violations.push(FieldViolation::new(
-                    "kind",
-                    format!("{} is not a request kind", r.kind),
-                ));
-                violations.extend(validate_identities(&r.identities));
-            }
-            // All of the controller's data, not a data subject's.
-            RequestKind::ContractEnd => {
-                if !r.identities.is_empty() {
-                    violations.push(FieldViolation::new(
-                        "identities",
-                        "a contract end names no data subject: send no identities",
-                    ));
-                }
-                match r.parameters.as_ref().and_then(|p| p.contract_end.as_ref()) {
-                    None => violations.push(FieldViolation::new(
-                        "parameters.contract_end",
-                        "required for CONTRACT_END",
-                    )),
-                    Some(c) => {
-                        violations.extend(terms_violations("parameters.contract_end", c, true))
-                    }
-                }
-            }
-            _ => violations.extend(validate_identities(&r.identities)),
-        }
-        ApiError::ensure_valid(violations)?;
         let wanted: Vec<&str> = r
             .scope
             .as_ref()
@@ -314,6 +283,150 @@ impl ProcessorService for Api {
     }
 }
 
+/// At most this many data categories in a delivered scope, as the registry's Submit allows.
+const MAX_CATEGORIES: usize = 32;
+/// At most this many bytes in a data category, a correction's field name or a recipient's
+/// name, endpoint or identity.
+const MAX_NAME: usize = 256;
+/// At most this many corrections, as the registry's Submit allows.
+const MAX_CORRECTIONS: usize = 32;
+/// At most this many bytes in a correction's new value.
+const MAX_VALUE: usize = 1024;
+
+/// Every rule a delivery breaks. Every text it carries reaches the store and the holders, so
+/// each is checked by length and for control characters ([`text_violation`]), whichever
+/// registry sent it.
+fn delivery_violations(r: &DeliverRequest) -> Vec<FieldViolation> {
+    let mut out: Vec<FieldViolation> = request_id_violation("request_id", &r.request_id)
+        .into_iter()
+        .collect();
+    let kind = RequestKind::try_from(r.kind).unwrap_or(RequestKind::Unspecified);
+    match kind {
+        RequestKind::Unspecified => {
+            out.push(FieldViolation::new(
+                "kind",
+                format!("{} is not a request kind", r.kind),
+            ));
+            out.extend(validate_identities(&r.identities));
+        }
+        // All of the controller's data, not a data subject's.
+        RequestKind::ContractEnd => {
+            if !r.identities.is_empty() {
+                out.push(FieldViolation::new(
+                    "identities",
+                    "a contract end names no data subject: send no identities",
+                ));
+            }
+            match r.parameters.as_ref().and_then(|p| p.contract_end.as_ref()) {
+                None => out.push(FieldViolation::new(
+                    "parameters.contract_end",
+                    "required for CONTRACT_END",
+                )),
+                Some(c) => out.extend(terms_violations("parameters.contract_end", c, true)),
+            }
+        }
+        _ => out.extend(validate_identities(&r.identities)),
+    }
+    out.extend(misplaced_parameters(kind, r));
+    if let Some(scope) = &r.scope {
+        if scope.data_categories.len() > MAX_CATEGORIES {
+            out.push(FieldViolation::new(
+                "scope.data_categories",
+                format!("at most {MAX_CATEGORIES} categories are allowed"),
+            ));
+        } else {
+            for (i, c) in scope.data_categories.iter().enumerate() {
+                out.extend(text_violation(
+                    &format!("scope.data_categories[{i}]"),
+                    c,
+                    MAX_NAME,
+                    true,
+                ));
+            }
+        }
+    }
+    if let Some(p) = &r.parameters {
+        if p.corrections.len() > MAX_CORRECTIONS {
+            out.push(FieldViolation::new(
+                "parameters.corrections",
+                format!("at most {MAX_CORRECTIONS} corrections are allowed"),
+            ));
+        } else {
+            for (i, c) in p.corrections.iter().enumerate() {
+                let at = format!("parameters.corrections[{i}]");
+                out.extend(text_violation(
+                    &format!("{at}.field"),
+                    &c.field,
+                    MAX_NAME,
+                    true,
+                ));
+                out.extend(text_violation(
+                    &format!("{at}.new_value"),
+                    &c.new_value,
+                    MAX_VALUE,
+                    false,
+                ));
+            }
+        }
+        out.extend(text_violation(
+            "parameters.transfer_recipient",
+            &p.transfer_recipient,
+            MAX_NAME,
+            false,
+        ));
+    }
+    if let Some(to) = &r.recipient {
+        out.extend(text_violation("recipient.name", &to.name, MAX_NAME, true));
+        out.extend(text_violation(
+            "recipient.endpoint",
+            &to.endpoint,
+            MAX_NAME,
+            true,
+        ));
+        out.extend(text_violation(
+            "recipient.identity",
+            &to.identity,
+            MAX_NAME,
+            true,
+        ));
+    }
+    out
+}
+
+/// Parameters of another kind than `kind`: a registry that sends them has mistaken
+/// something, and acting on either half could be acting on the wrong one.
+fn misplaced_parameters(kind: RequestKind, r: &DeliverRequest) -> Vec<FieldViolation> {
+    let mut out = Vec::new();
+    if kind == RequestKind::Unspecified {
+        return out;
+    }
+    let got = kind.as_str_name().trim_start_matches("REQUEST_KIND_");
+    let mut misplaced = |field: &str, owner: &str| {
+        out.push(FieldViolation::new(
+            field,
+            format!("only a {owner} carries it (this is {got})"),
+        ))
+    };
+    if let Some(p) = &r.parameters {
+        if !p.corrections.is_empty() && kind != RequestKind::Rectification {
+            misplaced("parameters.corrections", "RECTIFICATION");
+        }
+        if p.lift_restriction && kind != RequestKind::Restriction {
+            misplaced("parameters.lift_restriction", "RESTRICTION");
+        }
+        if !p.transfer_recipient.is_empty() && kind != RequestKind::Transfer {
+            misplaced("parameters.transfer_recipient", "TRANSFER");
+        }
+        if p.contract_end.is_some() && kind != RequestKind::ContractEnd {
+            misplaced("parameters.contract_end", "CONTRACT_END");
+        }
+    }
+    if r.recipient.is_some() && !matches!(kind, RequestKind::Transfer | RequestKind::ContractEnd) {
+        misplaced("recipient", "TRANSFER or CONTRACT_END");
+    }
+    out
+}
+
 /// What is wrong with contract end terms under `at`; a delivery (`delivered`) must carry both
 /// dates, an update may leave them out (they cannot change).
 fn terms_violations(at: &str, c: &ContractEnd, delivered: bool) -> Vec<FieldViolation> {
@@ -352,6 +465,12 @@ fn terms_violations(at: &str, c: &ContractEnd, delivered: bool) -> Vec<FieldViol
             ));
         }
     }
+    out.extend(text_violation(
+        &format!("{at}.transfer_recipient"),
+        &c.transfer_recipient,
+        MAX_NAME,
+        false,
+    ));
     if c.return_confirmed && choice != ContractEndChoice::ReturnThenDelete {
         out.push(FieldViolation::new(
             format!("{at}.return_confirmed"),
@@ -359,4 +478,287 @@ fn terms_violations(at: &str, c: &ContractEnd, delivered: bool) -> Vec<FieldViol
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use dsrelay_proto::prost::Message;
+    use dsrelay_proto::v1::{
+        FieldCorrection, IdentityEncoding, IdentityType, RequestParameters, Scope, SubjectIdentity,
+        TransferRecipient,
+    };
+    use dsrelay_runtime::identity::{MAX_IDENTITIES, MAX_IDENTITY_LABEL, MAX_IDENTITY_VALUE};
+
+    use super::*;
+
+    /// The largest delivery the registry sends: its largest valid Submit (a rectification)
+    /// with the request id, dates and a recipient.
+    fn largest_delivery() -> DeliverRequest {
+        let text = |len: usize| "€".repeat(len / 3) + &"x".repeat(len % 3);
+        DeliverRequest {
+            request_id: "r".repeat(dsrelay_runtime::identity::MAX_REQUEST_ID),
+            kind: RequestKind::Rectification as i32,
+            identities: (0..MAX_IDENTITIES)
+                .map(|_| SubjectIdentity {
+                    r#type: IdentityType::Other as i32,
+                    encoding: IdentityEncoding::Raw as i32,
+                    value: text(MAX_IDENTITY_VALUE),
+                    label: text(MAX_IDENTITY_LABEL),
+                })
+                .collect(),
+            scope: Some(Scope {
+                data_categories: (0..MAX_CATEGORIES).map(|_| "c".repeat(64)).collect(),
+            }),
+            parameters: Some(RequestParameters {
+                corrections: (0..MAX_CORRECTIONS)
+                    .map(|_| FieldCorrection {
+                        field: "f".repeat(64),
+                        new_value: text(MAX_VALUE),
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            received_at: Some(dsrelay_proto::timestamp_from_millis(i64::MAX / 4)),
+            due_at: Some(dsrelay_proto::timestamp_from_millis(i64::MAX / 4)),
+            recipient: None,
+        }
+    }
+
+    /// A transfer with the longest recipient.
+    fn transfer() -> DeliverRequest {
+        DeliverRequest {
+            kind: RequestKind::Transfer as i32,
+            parameters: Some(RequestParameters {
+                transfer_recipient: "n".repeat(MAX_NAME),
+                ..Default::default()
+            }),
+            recipient: Some(TransferRecipient {
+                name: "n".repeat(MAX_NAME),
+                endpoint: "e".repeat(MAX_NAME),
+                identity: "i".repeat(MAX_NAME),
+            }),
+            ..largest_delivery()
+        }
+    }
+
+    #[test]
+    fn the_largest_valid_delivery_fits_the_decode_limit() {
+        let r = largest_delivery();
+        assert_eq!(delivery_violations(&r), []);
+        let len = r.encoded_len();
+        eprintln!("the largest valid delivery: {len} bytes");
+        assert!(len <= crate::app::MAX_API_MESSAGE_BYTES, "{len} bytes");
+        assert!(len > crate::app::MAX_API_MESSAGE_BYTES / 2, "{len} bytes");
+    }
+
+    #[test]
+    fn every_text_of_a_delivery_is_checked_for_control_characters() {
+        let bad = "a\u{0}b";
+        let mut r = largest_delivery();
+        r.identities[0].label = bad.into();
+        r.scope.as_mut().unwrap().data_categories[3] = bad.into();
+        let p = r.parameters.as_mut().unwrap();
+        p.corrections[1].field = bad.into();
+        p.corrections[2].new_value = bad.into();
+        let fields: Vec<String> = delivery_violations(&r)
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "identities[0].label",
+                "scope.data_categories[3]",
+                "parameters.corrections[1].field",
+                "parameters.corrections[2].new_value",
+            ]
+        );
+
+        let mut r = transfer();
+        assert_eq!(delivery_violations(&r), []);
+        r.parameters.as_mut().unwrap().transfer_recipient = bad.into();
+        let to = r.recipient.as_mut().unwrap();
+        to.name = bad.into();
+        to.endpoint = bad.into();
+        to.identity = bad.into();
+        let fields: Vec<String> = delivery_violations(&r)
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "parameters.transfer_recipient",
+                "recipient.name",
+                "recipient.endpoint",
+                "recipient.identity",
+            ]
+        );
+    }
+
+    #[test]
+    fn parameters_of_another_kind_are_refused() {
+        let mut r = transfer();
+        r.kind = RequestKind::Erasure as i32;
+        let p = r.parameters.as_mut().unwrap();
+        p.corrections = largest_delivery().parameters.unwrap().corrections;
+        p.lift_restriction = true;
+        p.contract_end = Some(Default::default());
+        let v = delivery_violations(&r);
+        let fields: Vec<&str> = v.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "parameters.corrections",
+                "parameters.lift_restriction",
+                "parameters.transfer_recipient",
+                "parameters.contract_end",
+                "recipient",
+            ]
+        );
+        assert_eq!(
+            v[0].rule,
+            "only a RECTIFICATION carries it (this is ERASURE)"
+        );
+    }
+
+    #[test]
+    fn too_many_categories_or_corrections_are_refused_by_count() {
+        let mut r = largest_delivery();
+        r.scope.as_mut().unwrap().data_categories = vec!["c".into(); 10_000];
+        r.parameters.as_mut().unwrap().corrections = vec![Default::default(); 10_000];
+        let fields: Vec<String> = delivery_violations(&r)
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        assert_eq!(fields, ["scope.data_categories", "parameters.corrections"]);
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                "[a-z\u{0}-\u{1f}\u{7f}\u{80}-\u{9f}€ ]{0,40}",
+                (0usize..2000).prop_map(|n| "x".repeat(n)),
+            ]
+        }
+
+        fn number() -> impl Strategy<Value = i32> {
+            prop_oneof![4 => -2..10i32, 1 => any::<i32>()]
+        }
+
+        fn any_delivery() -> impl Strategy<Value = DeliverRequest> {
+            let identity = (number(), number(), text(), text()).prop_map(|(t, e, value, label)| {
+                SubjectIdentity {
+                    r#type: t,
+                    encoding: e,
+                    value,
+                    label,
+                }
+            });
+            let parameters = (
+                prop::collection::vec((text(), text()), 0..40),
+                any::<bool>(),
+                text(),
+                prop::option::of((number(), any::<bool>(), text(), any::<i64>())),
+            )
+                .prop_map(|(corrections, lift, recipient, end)| RequestParameters {
+                    corrections: corrections
+                        .into_iter()
+                        .map(|(field, new_value)| FieldCorrection { field, new_value })
+                        .collect(),
+                    lift_restriction: lift,
+                    transfer_recipient: recipient,
+                    contract_end: end.map(|(choice, return_confirmed, transfer_recipient, at)| {
+                        ContractEnd {
+                            choice,
+                            effective_at: Some(dsrelay_proto::timestamp_from_millis(at)),
+                            grace_ends_at: Some(dsrelay_proto::timestamp_from_millis(
+                                at.wrapping_neg(),
+                            )),
+                            return_confirmed,
+                            transfer_recipient,
+                        }
+                    }),
+                });
+            (
+                (text(), number()),
+                prop::collection::vec(identity, 0..20),
+                prop::option::of(prop::collection::vec(text(), 0..40)),
+                prop::option::of(parameters),
+                prop::option::of((text(), text(), text())),
+            )
+                .prop_map(
+                    |((request_id, kind), identities, categories, parameters, to)| DeliverRequest {
+                        request_id,
+                        kind,
+                        identities,
+                        scope: categories.map(|data_categories| Scope { data_categories }),
+                        parameters,
+                        recipient: to.map(|(name, endpoint, identity)| TransferRecipient {
+                            name,
+                            endpoint,
+                            identity,
+                        }),
+                        ..Default::default()
+                    },
+                )
+        }
+
+        proptest! {
+            #[test]
+            fn any_delivery_is_judged_without_panicking(r in any_delivery()) {
+                for v in delivery_violations(&r) {
+                    prop_assert!(!v.field.is_empty() && !v.rule.is_empty(), "{v:?}");
+                }
+            }
+
+            #[test]
+            fn a_control_character_in_any_text_of_a_delivery_is_refused(
+                which in 0usize..6,
+                c in prop_oneof![0u32..0x09, 0x0bu32..0x0d, 0x0eu32..0x20, 0x7fu32..0xa0]
+                    .prop_map(|c| char::from_u32(c).expect("a control character")),
+            ) {
+                let bad = format!("a{c}b");
+                let (mut r, field) = match which {
+                    0 => {
+                        let mut r = largest_delivery();
+                        r.scope.as_mut().unwrap().data_categories[0] = bad;
+                        (r, "scope.data_categories[0]")
+                    }
+                    1 => {
+                        let mut r = largest_delivery();
+                        r.parameters.as_mut().unwrap().corrections[0].new_value = bad;
+                        (r, "parameters.corrections[0].new_value")
+                    }
+                    2 => {
+                        let mut r = largest_delivery();
+                        r.identities[0].label = bad;
+                        (r, "identities[0].label")
+                    }
+                    3 => {
+                        let mut r = transfer();
+                        r.parameters.as_mut().unwrap().transfer_recipient = bad;
+                        (r, "parameters.transfer_recipient")
+                    }
+                    4 => {
+                        let mut r = transfer();
+                        r.recipient.as_mut().unwrap().endpoint = bad;
+                        (r, "recipient.endpoint")
+                    }
+                    _ => {
+                        let mut r = largest_delivery();
+                        r.identities[0].value = bad;
+                        (r, "identities[0].value")
+                    }
+                };
+                r.request_id = "r-1".into();
+                let v = delivery_violations(&r);
+                prop_assert!(v.iter().any(|v| v.field == field), "{c:?} in {field}: {v:?}");
+            }
+        }
+    }
 }

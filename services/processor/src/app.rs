@@ -29,6 +29,14 @@ use crate::config::Config;
 use crate::operator_api::OperatorApi;
 use crate::store::{Store, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
 
+/// Largest message the processor's APIs decode. The largest valid one is a Deliver of about
+/// 45 KB: a rectification with 16 identities, 32 corrections of 1 KiB and 32 data categories,
+/// as the registry's largest valid Submit, with its request id and dates
+/// (`api::tests::the_largest_valid_delivery_fits_the_decode_limit`); a transfer's recipient
+/// is far smaller than the corrections, and an operator's note or reason is at most 4 KiB. tonic refuses a longer message from its length prefix
+/// (OUT_OF_RANGE) before buffering its body, so oversized calls cost no memory.
+pub const MAX_API_MESSAGE_BYTES: usize = 64 * 1024;
+
 /// State shared by the handlers and the workers.
 pub(crate) struct Shared {
     /// The store.
@@ -253,12 +261,13 @@ impl App {
         let host = Host::new("processor", &shared.config.service)
             .tls(tls)
             .reflection_for(reflection)
-            .service(ProcessorOperatorServiceServer::new(OperatorApi::new(
-                shared.clone(),
-            )))
+            .service(
+                ProcessorOperatorServiceServer::new(OperatorApi::new(shared.clone()))
+                    .max_decoding_message_size(MAX_API_MESSAGE_BYTES),
+            )
             .service(
                 ProcessorServiceServer::new(Api::new(shared.clone()))
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_decoding_message_size(MAX_API_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
             .metrics(move || {

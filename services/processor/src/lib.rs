@@ -58,7 +58,7 @@ mod test_postgres;
 pub mod text;
 mod uploader;
 
-pub use app::App;
+pub use app::{App, MAX_API_MESSAGE_BYTES};
 pub use config::Config;
 
 /// What the processor's audit checkpoints name as the trail's owner.

@@ -200,8 +200,7 @@ fn task_key(task: Option<TaskRef>) -> Result<TaskKey, ApiError> {
             ("task.subprocessor", &t.subprocessor),
         ]
         .into_iter()
-        .filter(|(_, value)| value.is_empty() || value.len() > 128)
-        .map(|(field, _)| FieldViolation::new(field, "must be 1 to 128 bytes")),
+        .filter_map(|(field, value)| text_violation(field, value, 128, true)),
     )?;
     Ok(TaskKey {
         controller: t.controller,
@@ -383,6 +382,9 @@ impl ProcessorOperatorService for OperatorApi {
                 100
             }
         };
+        // Any name, since tasks outlive a subprocessor's removal from the configuration;
+        // held to the rules of every text all the same.
+        violations.extend(text_violation("subprocessor", &r.subprocessor, 128, false));
         let mut states = Vec::new();
         for (i, s) in r.states.iter().enumerate() {
             match TaskState::try_from(*s) {

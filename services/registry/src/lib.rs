@@ -44,5 +44,5 @@ mod reconciler;
 pub mod store;
 mod validate;
 
-pub use app::App;
+pub use app::{App, MAX_API_MESSAGE_BYTES};
 pub use config::Config;

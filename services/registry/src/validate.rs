@@ -2,9 +2,11 @@
 
 use std::collections::BTreeSet;
 
-use dsrelay_proto::v1::{RequestKind, RequestParameters, SubmitRequest};
+use dsrelay_proto::v1::{
+    ListRequestsRequest, RequestKind, RequestParameters, RequestState, SubmitRequest,
+};
 pub(crate) use dsrelay_runtime::identity::text_violation;
-use dsrelay_runtime::identity::{validate_identities, FieldViolation};
+use dsrelay_runtime::identity::{validate_identities, FieldViolation, MAX_REQUEST_ID};
 
 /// At most this many bytes in an idempotency key.
 pub(crate) const MAX_IDEMPOTENCY_KEY: usize = 128;
@@ -53,21 +55,7 @@ pub(crate) fn validate_submit(
         kind => kind,
     };
     out.extend(validate_identities(&req.identities));
-    let key = &req.idempotency_key;
-    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
-        out.push(FieldViolation::new(
-            "idempotency_key",
-            format!("must be 1 to {MAX_IDEMPOTENCY_KEY} bytes"),
-        ));
-    } else if !key
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
-    {
-        out.push(FieldViolation::new(
-            "idempotency_key",
-            "may contain only letters, digits and . _ : -",
-        ));
-    }
+    out.extend(idempotency_key_violation(&req.idempotency_key));
     out.extend(text_violation("note", &req.note, MAX_TEXT, false));
     if let Some(scope) = &req.scope {
         if scope.data_categories.len() > MAX_CATEGORIES {
@@ -107,6 +95,24 @@ pub(crate) fn validate_submit(
     let params = req.parameters.clone().unwrap_or_default();
     out.extend(parameter_violations(kind, &params, known_recipients));
     out
+}
+
+/// Checks an idempotency key (of a Submit or an EndContract): 1 to [`MAX_IDEMPOTENCY_KEY`]
+/// bytes of letters, digits and `. _ : -`, since keys are stored, logged and compared.
+pub(crate) fn idempotency_key_violation(key: &str) -> Option<FieldViolation> {
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+        return Some(FieldViolation::new(
+            "idempotency_key",
+            format!("must be 1 to {MAX_IDEMPOTENCY_KEY} bytes"),
+        ));
+    }
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-');
+    (!key.bytes().all(allowed)).then(|| {
+        FieldViolation::new(
+            "idempotency_key",
+            "may contain only letters, digits and . _ : -",
+        )
+    })
 }
 
 /// What is wrong with the kind-specific parameters of a request of `kind`: those of the kind
@@ -191,6 +197,83 @@ fn parameter_violations(
     out
 }
 
+/// At most this many states in a List filter (there are fewer states than that).
+pub(crate) const MAX_LIST_STATES: usize = 16;
+
+/// List's arguments, checked.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct ListArguments {
+    /// Requests on one page: 1 to 500.
+    pub page_size: u32,
+    /// Where the page starts: before this (received_at, request id), from a previous page's
+    /// token.
+    pub before: Option<(i64, String)>,
+}
+
+/// List's arguments, or every rule they break.
+pub(crate) fn list_arguments(
+    r: &ListRequestsRequest,
+) -> Result<ListArguments, Vec<FieldViolation>> {
+    let mut violations = Vec::new();
+    let page_size = match r.page_size {
+        0 => 50,
+        n @ 1..=500 => n,
+        _ => {
+            violations.push(FieldViolation::new(
+                "page_size",
+                "must be 0 (default 50) to 500",
+            ));
+            50
+        }
+    };
+    if r.states.len() > MAX_LIST_STATES {
+        violations.push(FieldViolation::new(
+            format!("states[{MAX_LIST_STATES}]"),
+            format!("at most {MAX_LIST_STATES} states may be given"),
+        ));
+    }
+    for (i, s) in r.states.iter().enumerate().take(MAX_LIST_STATES) {
+        if RequestState::try_from(*s).unwrap_or(RequestState::Unspecified)
+            == RequestState::Unspecified
+        {
+            violations.push(FieldViolation::new(
+                format!("states[{i}]"),
+                format!("{s} is not a request state"),
+            ));
+        }
+    }
+    if RequestKind::try_from(r.kind).is_err() {
+        violations.push(FieldViolation::new(
+            "kind",
+            format!("{} is not a request kind", r.kind),
+        ));
+    }
+    // A token is `received_at_id`, as a previous page made it; its id goes into SQL, so it
+    // is held to the rules of an id (PostgreSQL refuses NUL in text).
+    let before = if r.page_token.is_empty() {
+        None
+    } else {
+        let parsed = r.page_token.split_once('_').and_then(|(at, id)| {
+            let id_ok = !id.is_empty()
+                && id.len() <= MAX_REQUEST_ID
+                && id.bytes().all(|b| b.is_ascii_graphic());
+            Some((at.parse::<i64>().ok()?, id.to_string())).filter(|_| id_ok)
+        });
+        if parsed.is_none() {
+            violations.push(FieldViolation::new(
+                "page_token",
+                "is not a token from a previous page",
+            ));
+        }
+        parsed
+    };
+    if violations.is_empty() {
+        Ok(ListArguments { page_size, before })
+    } else {
+        Err(violations)
+    }
+}
+
 /// The configured recipients for an error message, a few at most so the status stays small.
 fn recipients_listed(known: &BTreeSet<&str>) -> String {
     const SHOWN: usize = 8;
@@ -253,6 +336,58 @@ mod tests {
             fields,
             ["kind", "idempotency_key", "scope.data_categories[1]"]
         );
+    }
+
+    /// The largest Submit every rule allows: the most and longest of everything.
+    pub(crate) fn largest_valid_submit() -> (SubmitRequest, Vec<String>) {
+        use dsrelay_runtime::identity::{MAX_IDENTITIES, MAX_IDENTITY_LABEL, MAX_IDENTITY_VALUE};
+        // Three bytes a character, so that a byte limit is not met by counting characters.
+        let text = |len: usize| "€".repeat(len / 3) + &"x".repeat(len % 3);
+        let categories: Vec<String> = (0..MAX_CATEGORIES)
+            .map(|i| format!("{i:02}{}", "c".repeat(MAX_CATEGORY - 2)))
+            .collect();
+        let req = SubmitRequest {
+            kind: RequestKind::Rectification as i32,
+            identities: (0..MAX_IDENTITIES)
+                .map(|_| SubjectIdentity {
+                    r#type: IdentityType::Other as i32,
+                    encoding: IdentityEncoding::Raw as i32,
+                    value: text(MAX_IDENTITY_VALUE),
+                    label: text(MAX_IDENTITY_LABEL),
+                })
+                .collect(),
+            idempotency_key: "k".repeat(MAX_IDEMPOTENCY_KEY),
+            note: text(MAX_TEXT),
+            scope: Some(Scope {
+                data_categories: categories.clone(),
+            }),
+            parameters: Some(RequestParameters {
+                corrections: (0..MAX_CORRECTIONS)
+                    .map(|i| FieldCorrection {
+                        field: format!("{i:02}{}", "f".repeat(62)),
+                        new_value: text(MAX_TEXT),
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+        };
+        (req, categories)
+    }
+
+    #[test]
+    fn the_largest_valid_submit_fits_the_decode_limit() {
+        use dsrelay_proto::prost::Message;
+        let (req, categories) = largest_valid_submit();
+        let known: BTreeSet<&str> = categories.iter().map(String::as_str).collect();
+        assert_eq!(validate_submit(&req, &known, &BTreeSet::new()), []);
+        let len = req.encoded_len();
+        eprintln!("the largest valid submit: {len} bytes");
+        assert!(
+            len > 40_000 && len <= crate::app::MAX_API_MESSAGE_BYTES,
+            "{len} bytes"
+        );
+        // The limit is about this message, not one ten times its size.
+        assert!(len > crate::app::MAX_API_MESSAGE_BYTES / 2, "{len} bytes");
     }
 
     #[test]
@@ -479,5 +614,284 @@ mod tests {
             listed,
             "known recipients: r00, r01, r02, r03, r04, r05, r06, r07 and 12 more"
         );
+    }
+}
+
+/// Properties of validation over arbitrary input: nothing panics, what keeps every rule
+/// passes, and a control character in any text is refused naming its field.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use dsrelay_proto::v1::{
+        ContractEnd, FieldCorrection, IdentityEncoding, IdentityType, Scope, SubjectIdentity,
+    };
+    use proptest::prelude::*;
+
+    const RECIPIENT: &str = "new-bookkeeper";
+    const CATEGORIES: [&str; 3] = ["contact", "invoicing", "marketing"];
+
+    /// Mostly small numbers (the enums' own and their neighbours), sometimes any.
+    fn number() -> impl Strategy<Value = i32> {
+        prop_oneof![4 => -2..10i32, 1 => any::<i32>()]
+    }
+
+    /// Any text, with control characters and multi-byte characters likely.
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[a-z\u{0}-\u{1f}\u{7f}\u{80}-\u{9f}€ ]{0,40}",
+            (0usize..2000).prop_map(|n| "x".repeat(n)),
+        ]
+    }
+
+    fn identity() -> impl Strategy<Value = SubjectIdentity> {
+        (number(), number(), text(), text()).prop_map(|(t, e, value, label)| SubjectIdentity {
+            r#type: t,
+            encoding: e,
+            value,
+            label,
+        })
+    }
+
+    fn any_submit() -> impl Strategy<Value = SubmitRequest> {
+        let parameters = (
+            prop::collection::vec((text(), text()), 0..40),
+            any::<bool>(),
+            text(),
+            prop::option::of((number(), any::<bool>(), text())),
+        )
+            .prop_map(|(corrections, lift, recipient, end)| RequestParameters {
+                corrections: corrections
+                    .into_iter()
+                    .map(|(field, new_value)| FieldCorrection { field, new_value })
+                    .collect(),
+                lift_restriction: lift,
+                transfer_recipient: recipient,
+                contract_end: end.map(|(choice, return_confirmed, transfer_recipient)| {
+                    ContractEnd {
+                        choice,
+                        return_confirmed,
+                        transfer_recipient,
+                        ..Default::default()
+                    }
+                }),
+            });
+        (
+            number(),
+            prop::collection::vec(identity(), 0..20),
+            text(),
+            text(),
+            prop::option::of(prop::collection::vec(text(), 0..40)),
+            prop::option::of(parameters),
+        )
+            .prop_map(
+                |(kind, identities, idempotency_key, note, categories, parameters)| SubmitRequest {
+                    kind,
+                    identities,
+                    idempotency_key,
+                    note,
+                    scope: categories.map(|data_categories| Scope { data_categories }),
+                    parameters,
+                },
+            )
+    }
+
+    /// Printable text of at most `max` bytes (tab and line breaks included).
+    fn printable(max: usize) -> impl Strategy<Value = String> {
+        "[ -~äöå€\t\n]{0,300}".prop_map(move |s: String| {
+            let mut end = s.len().min(max);
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s[..end].to_string()
+        })
+    }
+
+    /// Submits that keep every rule: each kind with its own parameters.
+    fn valid_submit() -> impl Strategy<Value = SubmitRequest> {
+        let kinds = prop::sample::select(vec![
+            RequestKind::Erasure,
+            RequestKind::ReturnOfData,
+            RequestKind::Transfer,
+            RequestKind::Rectification,
+            RequestKind::Restriction,
+            RequestKind::Objection,
+        ]);
+        let mail = "[a-z0-9._]{1,30}@[a-z]{1,20}\\.(fi|com)";
+        (
+            kinds,
+            prop::collection::vec((mail, printable(64)), 1..=16),
+            "[A-Za-z0-9._:-]{1,128}",
+            printable(MAX_TEXT),
+            prop::option::of(prop::sample::subsequence(CATEGORIES.to_vec(), 0..=3)),
+            prop::collection::vec(("[a-z_]{1,64}", printable(MAX_TEXT)), 1..=MAX_CORRECTIONS),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(kind, mails, idempotency_key, note, categories, corrections, lift)| {
+                    let parameters = match kind {
+                        RequestKind::Transfer => RequestParameters {
+                            transfer_recipient: RECIPIENT.into(),
+                            ..Default::default()
+                        },
+                        RequestKind::Rectification => RequestParameters {
+                            corrections: corrections
+                                .into_iter()
+                                .map(|(field, new_value)| FieldCorrection { field, new_value })
+                                .collect(),
+                            ..Default::default()
+                        },
+                        RequestKind::Restriction => RequestParameters {
+                            lift_restriction: lift,
+                            ..Default::default()
+                        },
+                        _ => RequestParameters::default(),
+                    };
+                    SubmitRequest {
+                        kind: kind as i32,
+                        identities: mails
+                            .into_iter()
+                            .map(|(value, label)| SubjectIdentity {
+                                r#type: IdentityType::Email as i32,
+                                encoding: IdentityEncoding::Raw as i32,
+                                value,
+                                label,
+                            })
+                            .collect(),
+                        idempotency_key,
+                        note,
+                        scope: categories.map(|c| Scope {
+                            data_categories: c.into_iter().map(String::from).collect(),
+                        }),
+                        parameters: Some(parameters),
+                    }
+                },
+            )
+    }
+
+    /// A control character the rules refuse in every text: C0 but tab and line breaks,
+    /// DEL, C1.
+    fn control() -> impl Strategy<Value = char> {
+        prop_oneof![
+            (0u32..0x20).prop_filter("tab and line breaks are allowed", |c| {
+                !matches!(c, 0x09 | 0x0a | 0x0d)
+            }),
+            0x7fu32..0xa0,
+        ]
+        .prop_map(|c| char::from_u32(c).expect("a control character"))
+    }
+
+    fn known() -> (BTreeSet<&'static str>, BTreeSet<&'static str>) {
+        (CATEGORIES.into(), [RECIPIENT].into())
+    }
+
+    proptest! {
+        #[test]
+        fn any_submit_is_judged_without_panicking(req in any_submit()) {
+            let (categories, recipients) = known();
+            for v in validate_submit(&req, &categories, &recipients) {
+                prop_assert!(!v.field.is_empty() && !v.rule.is_empty(), "{v:?}");
+            }
+        }
+
+        #[test]
+        fn a_submit_that_keeps_every_rule_passes(req in valid_submit()) {
+            let (categories, recipients) = known();
+            let v = validate_submit(&req, &categories, &recipients);
+            prop_assert!(v.is_empty(), "{v:?} for {req:?}");
+        }
+
+        #[test]
+        fn a_control_character_in_any_text_is_refused(
+            req in valid_submit(),
+            which in 0usize..5,
+            at in any::<prop::sample::Index>(),
+            c in control(),
+        ) {
+            let mut req = req;
+            let insert = |s: &mut String| {
+                let mut i = at.index(s.len() + 1);
+                while !s.is_char_boundary(i) {
+                    i -= 1;
+                }
+                s.insert(i, c);
+            };
+            let field = match which {
+                0 => {
+                    insert(&mut req.note);
+                    "note".to_string()
+                }
+                1 => {
+                    insert(&mut req.identities[0].label);
+                    "identities[0].label".into()
+                }
+                2 => {
+                    insert(&mut req.identities[0].value);
+                    "identities[0].value".into()
+                }
+                3 => {
+                    insert(&mut req.idempotency_key);
+                    "idempotency_key".into()
+                }
+                _ => {
+                    req.kind = RequestKind::Rectification as i32;
+                    let p = req.parameters.get_or_insert_with(Default::default);
+                    p.transfer_recipient.clear();
+                    p.lift_restriction = false;
+                    p.corrections = vec![FieldCorrection {
+                        field: "phone".into(),
+                        new_value: "+358 40 123".into(),
+                    }];
+                    insert(&mut p.corrections[0].new_value);
+                    "parameters.corrections[0].new_value".into()
+                }
+            };
+            let (categories, recipients) = known();
+            let v = validate_submit(&req, &categories, &recipients);
+            prop_assert!(
+                v.iter().any(|v| v.field == field),
+                "{c:?} in {field} passed: {v:?}"
+            );
+        }
+
+        #[test]
+        fn any_list_arguments_are_judged_without_panicking(
+            states in prop::collection::vec(number(), 0..40),
+            kind in number(),
+            page_size in any::<u32>(),
+            page_token in prop_oneof![text(), (any::<i64>(), text()).prop_map(|(a, b)| format!("{a}_{b}"))],
+        ) {
+            let r = ListRequestsRequest {
+                states,
+                kind,
+                overdue_only: false,
+                page_size,
+                page_token,
+            };
+            match list_arguments(&r) {
+                Ok(a) => {
+                    prop_assert!((1..=500).contains(&a.page_size));
+                    if let Some((_, id)) = &a.before {
+                        prop_assert!(id.bytes().all(|b| b.is_ascii_graphic()), "{id:?}");
+                    }
+                }
+                Err(v) => prop_assert!(!v.is_empty()),
+            }
+        }
+
+        #[test]
+        fn a_token_from_a_previous_page_is_accepted(
+            at in any::<i64>(),
+            id in "[0-9a-f-]{36}",
+            page_size in 0u32..=500,
+        ) {
+            let r = ListRequestsRequest {
+                page_size,
+                page_token: format!("{at}_{id}"),
+                ..Default::default()
+            };
+            let a = list_arguments(&r).expect("valid arguments");
+            prop_assert_eq!(a.before, Some((at, id)));
+        }
     }
 }

@@ -54,6 +54,9 @@ use crate::tls::{LiveTls, TlsFiles};
 /// before it is aborted.
 pub const SHUTDOWN_MARGIN: Duration = Duration::from_secs(2);
 
+/// Largest health check request decoded (tonic's default would be 4 MiB).
+pub const MAX_HEALTH_CHECK_BYTES: usize = 1024;
+
 /// Turns true when a worker should stop: it finishes what it is doing and returns.
 pub type Stop = watch::Receiver<bool>;
 
@@ -207,6 +210,9 @@ impl Host {
     ) -> Result<()> {
         let name = self.name;
         let (health, health_service) = tonic_health::server::health_reporter();
+        // Any certified peer may check health, and a check names one service: anything
+        // longer than a service name is refused from its length prefix, not buffered.
+        let health_service = health_service.max_decoding_message_size(MAX_HEALTH_CHECK_BYTES);
         for service in &self.health_names {
             health
                 .set_service_status(*service, ServingStatus::Serving)

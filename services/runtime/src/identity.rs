@@ -152,12 +152,13 @@ pub fn validate_identities(identities: &[SubjectIdentity]) -> Vec<FieldViolation
                 out.push(FieldViolation::new(f("value"), rule));
             }
         }
-        if id.label.len() > MAX_IDENTITY_LABEL {
-            out.push(FieldViolation::new(
-                f("label"),
-                format!("must be at most {MAX_IDENTITY_LABEL} bytes"),
-            ));
-        }
+        // Stored and shown with the value, so held to the rules of every other text.
+        out.extend(text_violation(
+            &f("label"),
+            &id.label,
+            MAX_IDENTITY_LABEL,
+            false,
+        ));
         if ty == IdentityType::Other && id.label.trim().is_empty() {
             out.push(FieldViolation::new(
                 f("label"),

@@ -1250,9 +1250,9 @@ async fn garbage_submits_get_clean_answers_and_the_registry_stays_up() {
     );
 }
 
-/// Sends and receives raw bytes, to put undecodable bodies on the wire.
+/// Sends and receives raw bytes, to put undecodable or spoiled bodies on the wire.
 #[derive(Debug, Clone, Copy, Default)]
-struct RawCodec;
+pub(crate) struct RawCodec;
 
 impl Codec for RawCodec {
     type Encode = Vec<u8>;
@@ -1364,12 +1364,17 @@ async fn raw_garbage_bodies_are_refused_without_harm() {
     eprintln!("raw garbage: {decoded} decoded and answered, {refused} refused as undecodable");
     assert!(refused >= 6, "{refused}");
 
-    // A body over the 4 MiB limit is refused by size.
-    let s = raw_submit(&channel, vec![0; 4 * 1024 * 1024 + 1])
-        .await
-        .expect_err("an oversized body is refused");
+    // A body over the decode limit is refused by size, naming the limit.
+    let s = raw_submit(
+        &channel,
+        vec![0; dsrelay_registry::MAX_API_MESSAGE_BYTES + 1],
+    )
+    .await
+    .expect_err("an oversized body is refused");
+    assert_eq!(s.code(), Code::OutOfRange, "{s:?}");
     assert!(
-        matches!(s.code(), Code::OutOfRange | Code::ResourceExhausted),
+        s.message()
+            .contains(&dsrelay_registry::MAX_API_MESSAGE_BYTES.to_string()),
         "{s:?}"
     );
 

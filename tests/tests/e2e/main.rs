@@ -23,6 +23,7 @@ mod durability;
 mod erasure;
 mod exports;
 mod forgetting;
+mod hostile;
 mod lifecycle;
 mod limits;
 mod logs;

@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use dsrelay_proto::v1::acknowledgement_service_server::AcknowledgementService;
 use dsrelay_proto::v1::{
-    AcknowledgeRequest, AcknowledgeResponse, Acknowledgement, RejectedAcknowledgement,
-    RejectedField, RequestKind, TaskState, TransferReceipt,
+    AcknowledgeRequest, AcknowledgeResponse, Acknowledgement, ContractPhase,
+    RejectedAcknowledgement, RejectedField, RequestKind, TaskState, TransferReceipt,
 };
 use dsrelay_runtime::identity::{request_id_violation, FieldViolation};
 use dsrelay_runtime::trace_context;
@@ -311,6 +311,15 @@ fn violations(i: usize, a: &Acknowledgement) -> Vec<FieldViolation> {
     }
     if let Some(c) = &a.certificate {
         violations.extend(super::certificates::violations(i, c));
+    }
+    // Stored, and shown in the contract's view: a number of no phase would show as nothing.
+    if let Some(p) = &a.progress {
+        if ContractPhase::try_from(p.phase).is_err() {
+            violations.push(FieldViolation::new(
+                format!("acknowledgements[{i}].progress.phase"),
+                format!("{} is not a contract phase", p.phase),
+            ));
+        }
     }
     violations
 }

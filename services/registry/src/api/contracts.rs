@@ -18,7 +18,9 @@ use dsrelay_proto::v1::{
 };
 use dsrelay_proto::{millis_from_timestamp, timestamp_from_millis};
 use dsrelay_runtime::grpc::CallerTrace;
-use dsrelay_runtime::identity::{keyed_digest, request_id_violation, FieldViolation};
+use dsrelay_runtime::identity::{
+    keyed_digest, request_id_violation, text_violation, FieldViolation,
+};
 use dsrelay_runtime::trace_context;
 use sha2::{Digest, Sha256};
 use tonic::{Response, Status};
@@ -28,7 +30,6 @@ use crate::deadline::{contract_end_due_at, grace_ends_at};
 use crate::error::ApiError;
 use crate::fold::request_is_terminal;
 use crate::store::{ContractChange, ContractRow, Inserted, NewContract, NewRequest};
-use crate::validate::MAX_IDEMPOTENCY_KEY;
 
 use super::Api;
 
@@ -141,13 +142,9 @@ pub(crate) fn end_contract_violations(
         &r.transfer_recipient,
         recipients,
     ));
-    let key = &r.idempotency_key;
-    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
-        out.push(FieldViolation::new(
-            "idempotency_key",
-            format!("must be 1 to {MAX_IDEMPOTENCY_KEY} bytes"),
-        ));
-    }
+    out.extend(crate::validate::idempotency_key_violation(
+        &r.idempotency_key,
+    ));
     out
 }
 
@@ -412,6 +409,9 @@ impl ContractService for Api {
     ) -> Result<Response<ContractList>, Status> {
         self.contract_caller(&req)?;
         let processor = &req.get_ref().processor;
+        // Any name, since contract ends outlive a processor's removal from the
+        // configuration; held to the rules of every text all the same.
+        ApiError::ensure_valid(text_violation("processor", processor, 128, false))?;
         let (rows, mut tasks) = self
             .shared
             .store
@@ -570,6 +570,7 @@ impl ContractService for Api {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::validate::MAX_IDEMPOTENCY_KEY;
 
     const NOW: i64 = 1_800_000_000_000;
 

@@ -23,7 +23,7 @@ use crate::auth::Party;
 use crate::deadline::{due_at, MAX_EXTENSION_MONTHS};
 use crate::error::ApiError;
 use crate::store::{CancelOutcome, Inserted, ListFilter, NewRequest, RequeueOutcome};
-use crate::validate::validate_submit;
+use crate::validate::{list_arguments, text_violation, validate_submit, ListArguments};
 
 use super::{check_text, not_found, views, watch, Api};
 
@@ -186,59 +186,7 @@ impl RequestService for Api {
     ) -> Result<Response<ListRequestsResponse>, Status> {
         let caller = self.partner_api_caller(&req)?;
         let r = req.into_inner();
-        let mut violations = Vec::new();
-        let page_size = match r.page_size {
-            0 => 50,
-            n @ 1..=500 => n,
-            _ => {
-                violations.push(FieldViolation::new(
-                    "page_size",
-                    "must be 0 (default 50) to 500",
-                ));
-                50
-            }
-        };
-        if r.states.len() > 16 {
-            violations.push(FieldViolation::new(
-                "states[16]",
-                "at most 16 states may be given",
-            ));
-        }
-        for (i, s) in r.states.iter().enumerate().take(16) {
-            if RequestState::try_from(*s).unwrap_or(RequestState::Unspecified)
-                == RequestState::Unspecified
-            {
-                violations.push(FieldViolation::new(
-                    format!("states[{i}]"),
-                    format!("{s} is not a request state"),
-                ));
-            }
-        }
-        if RequestKind::try_from(r.kind).is_err() {
-            violations.push(FieldViolation::new(
-                "kind",
-                format!("{} is not a request kind", r.kind),
-            ));
-        }
-        let before = if r.page_token.is_empty() {
-            None
-        } else {
-            match r
-                .page_token
-                .split_once('_')
-                .and_then(|(a, b)| Some((a.parse::<i64>().ok()?, b.to_string())))
-            {
-                Some(p) => Some(p),
-                None => {
-                    violations.push(FieldViolation::new(
-                        "page_token",
-                        "is not a token from a previous page",
-                    ));
-                    None
-                }
-            }
-        };
-        ApiError::ensure_valid(violations)?;
+        let ListArguments { page_size, before } = list_arguments(&r).map_err(ApiError::invalid)?;
         let filter = ListFilter {
             partner: (caller.role == Party::Partner).then(|| caller.name.clone()),
             states: r.states.clone(),
@@ -536,13 +484,7 @@ impl RequestService for Api {
                 "only operators may requeue a delivery".into()
             })?;
         let r = req.into_inner();
-        if r.processor.is_empty() || r.processor.len() > 128 {
-            return Err(ApiError::invalid([FieldViolation::new(
-                "processor",
-                "must be 1 to 128 bytes",
-            )])
-            .into());
-        }
+        ApiError::ensure_valid(text_violation("processor", &r.processor, 128, true))?;
         let row = self.visible(&caller, &r.request_id).await?;
         let outcome = self
             .shared
