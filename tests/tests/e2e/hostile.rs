@@ -28,7 +28,8 @@ use dsrelay_proto::v1::{
     GetPackageRequest, GetRequest, GetStatusRequest, GetUploadStateRequest,
     ListAuditCheckpointsRequest, ListAuditEntriesRequest, ListCertificatesRequest,
     ListContractEndsRequest, ListContractsRequest, ListDeadLetteredDeliveriesRequest,
-    ListDeadLettersRequest, ListEventsRequest, ListManualTasksRequest, ListRequestsRequest,
+    ListDeadLettersRequest, ListEventsRequest, ListManualTasksRequest,
+    ListProcessorAuditCheckpointsRequest, ListProcessorAuditEntriesRequest, ListRequestsRequest,
     ListSubprocessorsRequest, RefuseManualTaskRequest, RequestKind, RequeueDeadLetterRequest,
     RequeueDeliveryRequest, TaskRef, TaskState, UpdateContractEndRequest, UploadFileChunk,
     WatchRequest,
@@ -507,6 +508,24 @@ fn rows(open: &str, other: &str) -> Vec<Row> {
             "operator",
             ListContractEndsRequest {
                 controller: CONTROLLER.into(),
+            },
+        ),
+        row(
+            P,
+            "dsrelay.v1.ProcessorOperatorService/ListAuditEntries",
+            "operator",
+            ListProcessorAuditEntriesRequest {
+                after_seq: 0,
+                page_size: 10,
+            },
+        ),
+        row(
+            P,
+            "dsrelay.v1.ProcessorOperatorService/ListAuditCheckpoints",
+            "operator",
+            ListProcessorAuditCheckpointsRequest {
+                after_seq: 0,
+                page_size: 10,
             },
         ),
     ]
