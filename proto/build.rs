@@ -23,6 +23,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("dsrelay_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    tonic_prost_build::configure()
+        // Undecodable requests are the caller's error, not the service's (see `codec.rs`).
+        .codec_path("crate::codec::DsrelayCodec")
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -6,6 +6,10 @@
 //! # Layout
 //! - [`v1`]: messages, enums, clients and servers of package `dsrelay.v1`.
 //! - [`FILE_DESCRIPTOR_SET`]: the compiled descriptors, served through gRPC reflection.
+//! - [`codec`]: the protobuf codec of the generated code (undecodable bytes are
+//!   INVALID_ARGUMENT).
+
+pub mod codec;
 
 pub use prost;
 pub use prost_types;

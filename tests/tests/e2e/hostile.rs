@@ -4,12 +4,13 @@
 //! new field is spoiled without anyone writing a case for it: oversized messages, 10,000
 //! repeated entries, empty and huge strings, control characters, unknown enum numbers,
 //! extreme numbers, fields that do not belong (messages set that the valid body leaves out,
-//! flags flipped), page sizes of 0 and 2,000,000,000, garbage page tokens, and many
-//! concurrent streams from one peer.
+//! flags flipped), page sizes of 0 and 2,000,000,000, garbage page tokens, bodies that are
+//! not protobuf, and many concurrent streams from one peer.
 //!
 //! Each answer must be a clear status (never INTERNAL, UNKNOWN or a dropped connection) with
 //! a message, INVALID_ARGUMENT with the violated fields as details; texts with control
-//! characters, huge texts, unknown enum numbers and garbage page tokens must be refused. After
+//! characters, huge texts, unknown enum numbers, garbage page tokens and undecodable bodies
+//! must be refused. After
 //! the table both services still pass their health checks and do their work. A flood of
 //! oversized Submits keeps the registry's resident memory within twice its idle size.
 
@@ -107,6 +108,8 @@ enum Spoil {
     PageToken,
     /// [`CONCURRENT`] calls at once over one connection.
     Concurrent,
+    /// The valid body followed by bytes that are not protobuf.
+    Undecodable,
 }
 
 impl Spoil {
@@ -114,7 +117,12 @@ impl Spoil {
     fn must_be_refused(self) -> bool {
         matches!(
             self,
-            Spoil::Oversized | Spoil::Huge | Spoil::Control | Spoil::UnknownEnum | Spoil::PageToken
+            Spoil::Oversized
+                | Spoil::Huge
+                | Spoil::Control
+                | Spoil::UnknownEnum
+                | Spoil::PageToken
+                | Spoil::Undecodable
         )
     }
 }
@@ -738,6 +746,16 @@ fn cases(pool: &DescriptorPool, row: &Row) -> Vec<Case> {
         spoil: Spoil::Oversized,
         body: oversized,
     });
+    // A tag of wire type 7, which protobuf does not have, and a varint cut short.
+    for tail in [&[0x0f_u8][..], &[0x08]] {
+        let mut body = row.valid.clone();
+        body.extend_from_slice(tail);
+        out.push(Case {
+            path: format!("(trailing {tail:02x?})"),
+            spoil: Spoil::Undecodable,
+            body,
+        });
+    }
     for (path, spoil, m) in spoiled(&valid, 0) {
         out.push(Case {
             path,
