@@ -32,14 +32,12 @@ async fn replicas_watch_at_one_registry_sees_an_event_written_through_another() 
 
     // Registry B: the same configuration and database as A, its own checkpoint file and
     // address, as a second replica is deployed.
-    let text = std::fs::read_to_string(pair.registry.config_file()).expect("A's configuration");
-    let mut config: dsrelay_registry::Config = toml::from_str(&text).expect("A's configuration");
-    config.audit.checkpoint_file = Some(pair.dir().join("registry-b-checkpoints.jsonl"));
-    config.watch.poll_interval_ms = 200;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("binding registry B");
-    let b_port = listener.local_addr().expect("B's address").port();
+    let b_addr = listener.local_addr().expect("B's address");
+    let b_port = b_addr.port();
+    let config = pair.registry_replica_config(b_addr, 1);
     let b = dsrelay_registry::App::build(config)
         .await
         .expect("building registry B");
