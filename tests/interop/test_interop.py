@@ -189,6 +189,12 @@ def _processor_config(tmp: Path, pki: Path, rport: int, pport: int) -> str:
             'identity_hash_key = "interop test key"',
             "",
             _tls_table(pki, "processor"),
+            # Every processor signs checkpoints of its own audit trail too; the development
+            # PKI's processor key serves.
+            "[audit]",
+            f"checkpoint_key = {_toml(str(pki / 'processor-signing.key'))}",
+            f"checkpoint_file = {_toml(str(tmp / 'processor-audit-checkpoints.jsonl'))}",
+            "",
             "[[controllers]]",
             'name = "controller"',
             f"identity = {_toml(REGISTRY_ID)}",

@@ -415,21 +415,40 @@ pub enum AuditCommand {
     /// trail rewritten up to that entry. With the registry's signed checkpoints
     /// (--checkpoints FILE or --fetch-checkpoints, and --checkpoint-key), it also checks
     /// every checkpoint's signature and that the trail still holds every checkpointed
-    /// entry, naming the checkpoint a rewritten or cut trail no longer matches.
+    /// entry, naming the checkpoint a rewritten or cut trail no longer matches. With
+    /// --processor, the same for that processor's own trail and checkpoints (operators of
+    /// the processor only).
     Verify(AuditVerifyArgs),
     /// Print the registry's signed audit checkpoints, one JSON line each, as its checkpoint
     /// file holds them (partners and operators): keep them where the registry's operators
     /// cannot change them, and verify against them later (`audit verify --checkpoints`).
+    /// With --processor, that processor's checkpoints (operators of the processor only).
     Checkpoints(AuditCheckpointsArgs),
+}
+
+/// Whose audit trail: the registry's, unless a processor is named.
+#[derive(Debug, Clone, Args)]
+pub struct AuditTrailArgs {
+    /// Read the trail of the processor at this endpoint (its operator API) instead of the
+    /// registry's.
+    #[arg(long, value_name = "URL")]
+    pub processor: Option<String>,
+    /// The identity the processor's certificate must carry [default with the development PKI:
+    /// spiffe://dsrelay.dev/processor/payroll-bureau].
+    #[arg(long, value_name = "URI", requires = "processor")]
+    pub processor_identity: Option<String>,
 }
 
 /// Arguments of `dsrctl audit verify`.
 #[derive(Debug, Clone, Args)]
 pub struct AuditVerifyArgs {
+    /// Whose trail.
+    #[command(flatten)]
+    pub trail: AuditTrailArgs,
     /// Require entry SEQ to have hash HASH, as an earlier verification printed them.
     #[arg(long, value_name = "SEQ:HASH", value_parser = parse_anchor)]
     pub anchor: Option<(u64, String)>,
-    /// Check the trail against the signed checkpoints in FILE (JSON lines, as the registry's
+    /// Check the trail against the signed checkpoints in FILE (JSON lines, as the service's
     /// checkpoint file or `dsrctl audit checkpoints` hold them).
     #[arg(
         long,
@@ -438,13 +457,14 @@ pub struct AuditVerifyArgs {
         conflicts_with = "fetch_checkpoints"
     )]
     pub checkpoints: Option<PathBuf>,
-    /// Check the trail against the signed checkpoints the registry serves
+    /// Check the trail against the signed checkpoints the service serves
     /// (ListAuditCheckpoints).
     #[arg(long, requires = "checkpoint_key")]
     pub fetch_checkpoints: bool,
     /// The public key that checks the checkpoints: the base64 of its 32 bytes, or a file
-    /// holding it (SPKI PEM, as `dsrctl pki init` writes registry-signing.pub.pem). Get it
-    /// from the registry's operator another way than from the registry itself.
+    /// holding it (SPKI PEM, as `dsrctl pki init` writes registry-signing.pub.pem and
+    /// processor-signing.pub.pem). Get it from the service's operator another way than from
+    /// the service itself.
     #[arg(long, value_name = "PUBKEY")]
     pub checkpoint_key: Option<String>,
 }
@@ -452,6 +472,9 @@ pub struct AuditVerifyArgs {
 /// Arguments of `dsrctl audit checkpoints`.
 #[derive(Debug, Clone, Args)]
 pub struct AuditCheckpointsArgs {
+    /// Whose checkpoints.
+    #[command(flatten)]
+    pub trail: AuditTrailArgs,
     /// Only checkpoints over a larger seq than this (to fetch what is new since the last
     /// one kept).
     #[arg(long, value_name = "SEQ", default_value_t = 0)]

@@ -11,6 +11,7 @@ use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceCli
 use dsrelay_proto::v1::export_upload_service_client::ExportUploadServiceClient;
 use dsrelay_proto::v1::processor_operator_service_server::ProcessorOperatorServiceServer;
 use dsrelay_proto::v1::processor_service_server::ProcessorServiceServer;
+use dsrelay_runtime::audit::signer::Checkpointer;
 use dsrelay_runtime::clock::Clock;
 use dsrelay_runtime::host::Host;
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
@@ -66,6 +67,9 @@ pub(crate) struct Shared {
     /// Task leases released by steps abandoned at the end of the shutdown grace, for the
     /// runner's last log line.
     pub shutdown_released: std::sync::atomic::AtomicUsize,
+    /// Signs the audit trail's head into the checkpoint file; `None` when `audit.checkpoints`
+    /// is off.
+    pub checkpoints: Option<Arc<Checkpointer>>,
 }
 
 /// The signer of deletion certificates, when the configuration names a key; `identity`
@@ -129,6 +133,13 @@ impl App {
             .context("reading the processor's own certificate identity")?;
         let errors = config.trust_errors(&own_identity)?;
         anyhow::ensure!(errors.is_empty(), "configuration: {}", errors.join("; "));
+        let checkpoints = Checkpointer::from_config(crate::SERVICE, &config.audit)?.map(Arc::new);
+        if checkpoints.is_none() {
+            tracing::warn!(
+                "audit.checkpoints is off: whoever can write the database can rewrite the audit \
+                 trail without a trace"
+            );
+        }
         let db = Db::connect(&config.service.database_url).await?;
         db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS).await?;
         // Shared with the host, whose watcher reloads it: new connections to the registries
@@ -160,7 +171,8 @@ impl App {
             tls,
             shared: Arc::new(Shared {
                 metrics: crate::metrics::Metrics::new(&config),
-                store: Store::new(db).with_issuer(issuer(&config, own_identity)?),
+                store: Store::new(db, config.identity_hash_key.as_bytes())
+                    .with_issuer(issuer(&config, own_identity)?),
                 config,
                 connectors,
                 clock: Clock::system(),
@@ -174,6 +186,7 @@ impl App {
                 abandon: watch::Sender::new(false),
                 runner_stopped: watch::Sender::new(false),
                 shutdown_released: Default::default(),
+                checkpoints,
             }),
         })
     }
@@ -220,13 +233,14 @@ impl App {
         let scraped = shared.clone();
         let (runner, sender, uploader) = (shared.clone(), shared.clone(), shared.clone());
         let forgetting = shared.clone();
+        let signing = shared.checkpoints.clone().map(|c| (c, shared.clone()));
         let callers = shared
             .config
             .controllers
             .iter()
             .map(|c| c.identity.clone())
             .chain(shared.config.operators.iter().cloned());
-        Host::new("processor", &shared.config.service)
+        let host = Host::new("processor", &shared.config.service)
             .tls(tls)
             .reflection_for(callers)
             .service(ProcessorOperatorServiceServer::new(OperatorApi::new(
@@ -253,6 +267,13 @@ impl App {
             })
             .worker("forgetting", move |stop| {
                 crate::forget::run(forgetting, stop)
-            })
+            });
+        match signing {
+            Some((checkpointer, shared)) => host.worker("audit checkpoints", move |stop| {
+                let (store, clock) = (shared.store.clone(), shared.clock.clone());
+                dsrelay_runtime::audit::signer::run(checkpointer, store, clock, stop)
+            }),
+            None => host,
+        }
     }
 }

@@ -65,9 +65,12 @@ impl Connector for Barrier {
 fn config(dir: &std::path::Path, database_url: &str) -> Config {
     let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
     let tls = pki.files("processor");
+    let checkpoint_key = pki.signing_key("processor");
+    let checkpoint_file = dir.join("audit/checkpoints.jsonl");
     let text = format!(
         "database_url = {database_url:?}\ndata_dir = {:?}\nidentity_hash_key = \"k\"\n\
          signing_key = {:?}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
+         [audit]\ncheckpoint_key = {checkpoint_key:?}\ncheckpoint_file = {checkpoint_file:?}\n\
          [[subprocessors]]\nname = \"crm\"\ncategories = [\"contact\"]\n\
          connector = {{ type = \"noop\" }}\n\
          [[controllers]]\nname = \"acme\"\nidentity = \"spiffe://dsrelay.dev/registry/0\"\n\

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 pub use dsrelay_connectors::noop::NoopConfig;
 pub use dsrelay_connectors::ConnectorConfig;
+pub use dsrelay_runtime::audit::signer::AuditConfig;
 use dsrelay_runtime::backoff::Backoff;
 use dsrelay_runtime::config::ConfigErrors;
 use dsrelay_runtime::settings::{Defaults, ServiceConfig, ServiceSettings};
@@ -72,6 +73,12 @@ pub struct Config {
     /// How often the processor looks for requests to forget (ms).
     #[serde(default = "default_forget_sweep_interval_ms")]
     pub forget_sweep_interval_ms: u64,
+    /// Signed checkpoints of the processor's own audit trail (`[audit]`): on by default, and
+    /// then `checkpoint_key` and `checkpoint_file` are required. The key may be the one in
+    /// `signing_key` (the development PKI's `<stem>-signing.key` serves both): a checkpoint's
+    /// signed body cannot be read as a certificate's, nor the other way round.
+    #[serde(default)]
+    pub audit: AuditConfig,
 }
 
 fn default_forget_after_days() -> u32 {
@@ -297,6 +304,7 @@ impl ServiceConfig for Config {
         if let Some(key) = &mut self.signing_key {
             *key = dir.join(&*key);
         }
+        self.audit.relative_to(dir);
         // Connectors with their own TLS files resolve them like the service's.
         for s in &mut self.subprocessors {
             if let ConnectorConfig::Adapter(a) = &mut s.connector {
@@ -400,6 +408,7 @@ impl Config {
         if self.forget_sweep_interval_ms == 0 {
             errors.push("forget_sweep_interval_ms: must be at least 1".into());
         }
+        errors.extend(self.audit.errors());
         if self.uploads.concurrency == 0 || self.uploads.lease_ms == 0 {
             errors.push("uploads: concurrency and lease_ms must be at least 1".into());
         }
@@ -508,8 +517,9 @@ mod tests {
             .collect()
     }
 
-    /// A folder with a configuration file naming TLS files that exist, and an identity hash
-    /// key unless `extra` sets one.
+    /// A folder with a configuration file naming TLS files that exist, an identity hash
+    /// key unless `extra` sets one, and checkpoint files unless `extra` has an `[audit]`
+    /// table.
     fn folder(extra: &str) -> (tempfile::TempDir, std::path::PathBuf) {
         let extra = if extra.contains("identity_hash_key") {
             extra.to_string()
@@ -524,7 +534,13 @@ mod tests {
         std::fs::write(
             &file,
             format!(
-                "{extra}\n[tls]\nca = \"ca.pem\"\ncert = \"processor.pem\"\nkey = \"processor.key\"\n"
+                "{extra}\n[tls]\nca = \"ca.pem\"\ncert = \"processor.pem\"\nkey = \"processor.key\"\n{}",
+                if extra.contains("[audit]") {
+                    ""
+                } else {
+                    "[audit]\ncheckpoint_key = \"processor-checkpoint.key\"\n\
+                     checkpoint_file = \"audit/checkpoints.jsonl\"\n"
+                }
             ),
         )
         .unwrap();
@@ -556,6 +572,40 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.data_dir, Path::new("/var/lib/dsrelay"));
+    }
+
+    #[test]
+    fn audit_checkpoints_are_required_unless_turned_off() {
+        let (dir, file) = folder("");
+        let c = Config::load_from(Some(&file), env(&[])).unwrap();
+        assert!(c.audit.checkpoints);
+        assert_eq!(c.audit.checkpoint_interval_ms, 60_000);
+        assert_eq!(
+            c.audit.checkpoint_key.as_deref(),
+            Some(dir.path().join("processor-checkpoint.key").as_path())
+        );
+        assert_eq!(
+            c.audit.checkpoint_file.as_deref(),
+            Some(dir.path().join("audit/checkpoints.jsonl").as_path())
+        );
+        let (_dir, file) = folder("[audit]\ncheckpoint_interval_ms = 0\n");
+        let err = Config::load_from(Some(&file), env(&[]))
+            .unwrap_err()
+            .to_string();
+        for key in [
+            "audit.checkpoint_key",
+            "audit.checkpoint_file",
+            "audit.checkpoint_interval_ms",
+        ] {
+            assert!(err.contains(key), "{key} missing from {err}");
+        }
+        let (_dir, file) = folder("[audit]\ncheckpoints = false\n");
+        assert!(
+            !Config::load_from(Some(&file), env(&[]))
+                .unwrap()
+                .audit
+                .checkpoints
+        );
     }
 
     #[test]

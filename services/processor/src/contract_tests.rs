@@ -67,10 +67,13 @@ impl Connector for Stepper {
 
 fn config(dir: &std::path::Path, database_url: &str, controllers: &[&str]) -> Config {
     let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
+    let checkpoint_key = pki.signing_key("processor");
+    let checkpoint_file = dir.join("audit/checkpoints.jsonl");
     let tls = pki.files("processor");
     let mut text = format!(
         "database_url = {database_url:?}\ndata_dir = {:?}\nidentity_hash_key = \"k\"\n\
          signing_key = {:?}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
+         [audit]\ncheckpoint_key = {checkpoint_key:?}\ncheckpoint_file = {checkpoint_file:?}\n\
          [contracts]\nprogress_interval_ms = 20\n\
          [[subprocessors]]\nname = \"crm\"\ncategories = [\"contact\"]\n\
          connector = {{ type = \"noop\" }}\n",

@@ -72,10 +72,13 @@ impl Connector for Barrier {
 
 fn config(dir: &std::path::Path, database_url: &str, lease_ms: u64) -> Config {
     let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
+    let checkpoint_key = pki.signing_key("processor");
+    let checkpoint_file = dir.join("audit/checkpoints.jsonl");
     let tls = pki.files("processor");
     let text = format!(
         "database_url = {database_url:?}\ndata_dir = {:?}\nidentity_hash_key = \"k\"\n\
          [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
+         [audit]\ncheckpoint_key = {checkpoint_key:?}\ncheckpoint_file = {checkpoint_file:?}\n\
          [tasks]\nlease_ms = {lease_ms}\n[contracts]\nprogress_interval_ms = 10\n\
          [[subprocessors]]\nname = \"crm\"\ncategories = [\"contact\"]\n\
          connector = {{ type = \"noop\" }}\n\

@@ -12,10 +12,12 @@
 //!   controllers; the processor's error type, which both APIs use.
 //! - [`metrics`]: Prometheus metrics on the admin port (`admin_listen`).
 //! - [`operator_api`]: operators list, confirm and refuse manual tasks, requeue dead-lettered
-//!   acknowledgements and list contract ends.
+//!   acknowledgements, list contract ends, and read the audit trail and its checkpoints.
 //! - [`store`]: requests (with a transfer's recipient, a contract end's terms), tasks (with a
-//!   transfer's receipt, a contract end's progress), the acknowledgement outbox and the
-//!   upload outbox.
+//!   transfer's receipt, a contract end's progress), the acknowledgement outbox, the
+//!   upload outbox, and the hash-chained audit trail each change appends to in its own
+//!   transaction (its head signed into the checkpoint file by
+//!   `dsrelay_runtime::audit::signer`, `[audit]`).
 //! - [`task_machine`]: every rule of a task's life, as one pure function.
 //! - [`runner`]: claims runnable tasks (leased on the database's clock) and takes each one
 //!   step by running its subprocessor's connector (`dsrelay-connectors`), as the task
@@ -58,3 +60,6 @@ mod uploader;
 
 pub use app::App;
 pub use config::Config;
+
+/// What the processor's audit checkpoints name as the trail's owner.
+pub const SERVICE: &str = "processor";

@@ -1,5 +1,6 @@
-//! The processor's operator API: people confirm or refuse tasks of manual connectors, and see
-//! and requeue acknowledgements their registry kept rejecting (dead letters).
+//! The processor's operator API: people confirm or refuse tasks of manual connectors, see
+//! and requeue acknowledgements their registry kept rejecting (dead letters), and read the
+//! processor's audit trail and its signed checkpoints.
 
 use std::sync::Arc;
 
@@ -7,10 +8,13 @@ use dsrelay_proto::timestamp_from_millis;
 use dsrelay_proto::v1::processor_operator_service_server::ProcessorOperatorService;
 use dsrelay_proto::v1::{
     CompleteManualTaskRequest, ContractEndList, ContractPhase, DeadLetter, DeadLetterList,
-    Evidence, ListContractEndsRequest, ListDeadLettersRequest, ListManualTasksRequest, ManualTask,
-    ManualTaskList, ProcessorContractEnd, RefuseManualTaskRequest, RequeueDeadLetterRequest,
+    Evidence, ListContractEndsRequest, ListDeadLettersRequest, ListManualTasksRequest,
+    ListProcessorAuditCheckpointsRequest, ListProcessorAuditEntriesRequest, ManualTask,
+    ManualTaskList, ProcessorAuditCheckpoint, ProcessorAuditCheckpoints, ProcessorAuditEntries,
+    ProcessorAuditEntry, ProcessorContractEnd, RefuseManualTaskRequest, RequeueDeadLetterRequest,
     RequeueDeadLetterResponse, TaskRef, TaskState,
 };
+use dsrelay_runtime::audit::checkpoint::Checkpoint;
 use dsrelay_runtime::grpc::Authorizer;
 use dsrelay_runtime::identity::{text_violation, FieldViolation};
 use tonic::{Request, Response, Status};
@@ -158,8 +162,9 @@ impl OperatorApi {
                 )))
             }
         };
+        let (sequence, attempts) = (row.task.sequence, row.task.attempts);
         let moved = store
-            .transition(&key, row.task.sequence, &transition, now, row.task.attempts)
+            .operator_transition(&key, sequence, &transition, now, attempts, by)
             .await?;
         if moved.is_none() {
             return Err(ApiError::aborted(
@@ -237,8 +242,99 @@ fn to_proto(r: ManualRow) -> ManualTask {
     }
 }
 
+/// A page size of the audit RPCs: 1..=1000, 0 meaning 500.
+fn audit_page_size(page_size: u32) -> Result<u32, ApiError> {
+    match page_size {
+        0 => Ok(500),
+        n @ 1..=1000 => Ok(n),
+        _ => Err(ApiError::invalid([FieldViolation::new(
+            "page_size",
+            "must be 0 (default 500) to 1000",
+        )])),
+    }
+}
+
 #[tonic::async_trait]
 impl ProcessorOperatorService for OperatorApi {
+    async fn list_audit_entries(
+        &self,
+        req: Request<ListProcessorAuditEntriesRequest>,
+    ) -> Result<Response<ProcessorAuditEntries>, Status> {
+        self.operator(&req)?;
+        let r = req.into_inner();
+        let page_size = audit_page_size(r.page_size)?;
+        let mut entries = self
+            .shared
+            .store
+            .audit_entries(r.after_seq, i64::from(page_size) + 1)
+            .await
+            .map_err(ApiError::from)?;
+        let next_after_seq = if entries.len() > page_size as usize {
+            entries.truncate(page_size as usize);
+            entries.last().map_or(0, |e| e.seq)
+        } else {
+            0
+        };
+        Ok(Response::new(ProcessorAuditEntries {
+            entries: entries
+                .into_iter()
+                .map(|e| ProcessorAuditEntry {
+                    seq: e.seq,
+                    occurred_at: Some(timestamp_from_millis(e.occurred_at)),
+                    request_id: e.request_id,
+                    event: e.event_type,
+                    actor: e.actor,
+                    detail: e.detail,
+                    prev_hash: e.prev_hash,
+                    hash: e.hash,
+                })
+                .collect(),
+            next_after_seq,
+        }))
+    }
+
+    async fn list_audit_checkpoints(
+        &self,
+        req: Request<ListProcessorAuditCheckpointsRequest>,
+    ) -> Result<Response<ProcessorAuditCheckpoints>, Status> {
+        self.operator(&req)?;
+        let r = req.into_inner();
+        let page_size = audit_page_size(r.page_size)? as usize;
+        let Some(checkpointer) = &self.shared.checkpoints else {
+            return Err(ApiError::failed_precondition(
+                "this processor signs no audit checkpoints (audit.checkpoints = false)",
+            )
+            .into());
+        };
+        let (page, more) = checkpointer
+            .page(r.after_seq, page_size)
+            .await
+            .map_err(|e| ApiError::data_loss(format!("the checkpoint file: {e:#}")))?;
+        let next_after_seq = match page.last() {
+            Some(last) if more => {
+                Checkpoint::read_unchecked(last)
+                    .map_err(ApiError::unexpected)?
+                    .seq
+            }
+            _ => 0,
+        };
+        let key = checkpointer.public_key();
+        Ok(Response::new(ProcessorAuditCheckpoints {
+            checkpoints: page
+                .into_iter()
+                .map(|s| ProcessorAuditCheckpoint {
+                    // Checkpoints are signed as UTF-8 JSON text; lossless here.
+                    body: String::from_utf8_lossy(&s.body).into_owned(),
+                    signature: s.signature,
+                    key_id: s.key_id,
+                })
+                .collect(),
+            next_after_seq,
+            public_key: key.to_base64(),
+            key_id: key.key_id(),
+        }))
+    }
+
     async fn list_contract_ends(
         &self,
         req: Request<ListContractEndsRequest>,
@@ -409,7 +505,7 @@ impl ProcessorOperatorService for OperatorApi {
         let requeued = self
             .shared
             .store
-            .requeue_dead_letter(id, self.shared.clock.now_ms())
+            .requeue_dead_letter(id, &by, self.shared.clock.now_ms())
             .await
             .map_err(ApiError::from)?;
         if !requeued {

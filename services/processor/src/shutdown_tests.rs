@@ -97,11 +97,14 @@ impl Registry {
 
 fn config(dir: &std::path::Path, database_url: &str, registry: u16) -> Config {
     let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
+    let checkpoint_key = pki.signing_key("processor");
+    let checkpoint_file = dir.join("audit/checkpoints.jsonl");
     let tls = pki.files("processor");
     let text = format!(
         "database_url = {database_url:?}\ndata_dir = {:?}\nidentity_hash_key = \"k\"\n\
          shutdown_grace_ms = {GRACE_MS}\n\
          [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
+         [audit]\ncheckpoint_key = {checkpoint_key:?}\ncheckpoint_file = {checkpoint_file:?}\n\
          [tasks]\nlease_ms = 3600000\n\
          [[subprocessors]]\nname = \"fast\"\ncategories = [\"contact\"]\n\
          connector = {{ type = \"noop\" }}\n\

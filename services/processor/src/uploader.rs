@@ -41,7 +41,7 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::app::Shared;
-use crate::store::{NextAttempt, TaskKey, TaskRow, UploadJob};
+use crate::store::{Delivered, NextAttempt, TaskKey, TaskRow, UploadJob};
 use crate::task_machine::{
     decide, delivery_retry_at, Context, Decision, Destination, Event, Transition,
 };
@@ -257,11 +257,11 @@ async fn upload(shared: &Shared, job: UploadJob) {
 async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
     let key = &job.key;
     let Some(task) = shared.store.task(key).await? else {
-        return retire(shared, job, None, 0, 0).await;
+        return retire(shared, job, None, None, 0, 0).await;
     };
     if task.state != TaskState::InProgress {
         // Cancelled (or otherwise finished) meanwhile: nothing is waiting for the part.
-        return retire(shared, job, None, task.sequence, task.attempts).await;
+        return retire(shared, job, None, None, task.sequence, task.attempts).await;
     }
     let sink = match sink(shared, job) {
         Ok(s) => s,
@@ -287,7 +287,14 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
                 receipt,
             };
             let decision = decide(&task.current(), event, &Context::at(shared.clock.now_ms()));
-            record(shared, job, decision, task.sequence, task.attempts).await?;
+            let to = to.to_string();
+            let delivered = Delivered {
+                to: &to,
+                files: job.files.len(),
+                bytes,
+            };
+            let (sequence, attempts) = (task.sequence, task.attempts);
+            record(shared, job, decision, Some(&delivered), sequence, attempts).await?;
             // The destination holds the files now; the processor kept them only until then.
             let dir = crate::exports::task_dir(&shared.config.data_dir, key);
             if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
@@ -346,7 +353,7 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
                 }
                 decision => {
                     tracing::warn!(%error, %to, "delivering an export failed at the due date; giving up");
-                    record(shared, job, decision, task.sequence, task.attempts).await
+                    record(shared, job, decision, None, task.sequence, task.attempts).await
                 }
             }
         }
@@ -397,20 +404,22 @@ async fn undeliverable(
         Event::Undeliverable { to, reason },
         &Context::at(shared.clock.now_ms()),
     );
-    record(shared, job, decision, task.sequence, task.attempts).await
+    record(shared, job, decision, None, task.sequence, task.attempts).await
 }
 
-/// Records what the task machine decided and retires the upload.
+/// Records what the task machine decided and retires the upload (`delivered`: where the
+/// export went, when it did).
 async fn record(
     shared: &Shared,
     job: &UploadJob,
     decision: Decision,
+    delivered: Option<&Delivered<'_>>,
     sequence: i64,
     attempts: i64,
 ) -> anyhow::Result<()> {
     match decision {
-        Decision::Move(t) => retire(shared, job, Some(&t), sequence, attempts).await,
-        _ => retire(shared, job, None, sequence, attempts).await,
+        Decision::Move(t) => retire(shared, job, Some(&t), delivered, sequence, attempts).await,
+        _ => retire(shared, job, None, delivered, sequence, attempts).await,
     }
 }
 
@@ -418,12 +427,14 @@ async fn retire(
     shared: &Shared,
     job: &UploadJob,
     t: Option<&Transition>,
+    delivered: Option<&Delivered<'_>>,
     sequence: i64,
     attempts: i64,
 ) -> anyhow::Result<()> {
+    let now = shared.clock.now_ms();
     let moved = shared
         .store
-        .upload_finished(&job.key, sequence, t, shared.clock.now_ms(), attempts)
+        .upload_finished(&job.key, sequence, t, delivered, now, attempts)
         .await?;
     if moved.is_some() {
         shared.ack_wakeup.notify_one();

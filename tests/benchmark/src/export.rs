@@ -282,6 +282,7 @@ pub(crate) fn processor_toml(
         q(data_dir.to_string_lossy())
     );
     s.push_str(&tls_toml(&pki.files("processor")));
+    s.push_str(&crate::relay::processor_audit_toml(pki, "processor"));
     s.push_str(&format!(
         "\n[[controllers]]\nname = \"controller\"\nidentity = {}\nregistry_endpoint = {}\n",
         q(dev_identity("registry", "controller")),

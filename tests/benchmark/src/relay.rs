@@ -193,8 +193,23 @@ pub(crate) fn registry_toml(
     s
 }
 
-/// A processor's configuration file.
-fn processor_toml(port: u16, tls: &TlsFiles, db: &str, registry_port: u16) -> String {
+/// A processor's `[audit]` table, as every processor signs checkpoints of its audit trail:
+/// the development PKI's processor key, and a checkpoint file of its own (by `name`) beside
+/// the PKI.
+pub(crate) fn processor_audit_toml(pki: &DevPki, name: &str) -> String {
+    format!(
+        "\n[audit]\ncheckpoint_key = {}\ncheckpoint_file = {}\n",
+        q(pki.signing_key("processor").to_string_lossy()),
+        q(pki
+            .dir
+            .with_file_name(format!("{name}-audit-checkpoints.jsonl"))
+            .to_string_lossy())
+    )
+}
+
+/// A processor's configuration file, its `[audit]` table `audit`
+/// ([`processor_audit_toml`]).
+fn processor_toml(port: u16, tls: &TlsFiles, db: &str, registry_port: u16, audit: &str) -> String {
     let categories = CATEGORIES.map(q).join(", ");
     let mut s = format!(
         "listen = {}\ndatabase_url = {}\nidentity_hash_key = \"benchmark processor key\"\n\n",
@@ -202,6 +217,7 @@ fn processor_toml(port: u16, tls: &TlsFiles, db: &str, registry_port: u16) -> St
         q(db)
     );
     s.push_str(&tls_toml(tls));
+    s.push_str(audit);
     s.push_str(&format!(
         "\n[[controllers]]\nname = \"controller\"\nidentity = {}\nregistry_endpoint = {}\n",
         q(dev_identity("registry", "controller")),
@@ -247,8 +263,15 @@ impl Relay {
                 &pki.files("processor"),
                 &dbs.processor_a,
                 registry_port,
+                &processor_audit_toml(pki, names[0]),
             ),
-            processor_toml(ports[1], &processor_b_tls, &dbs.processor_b, registry_port),
+            processor_toml(
+                ports[1],
+                &processor_b_tls,
+                &dbs.processor_b,
+                registry_port,
+                &processor_audit_toml(pki, names[1]),
+            ),
         ];
         let mut processors = Vec::new();
         for text in &processor_texts {

@@ -128,6 +128,8 @@ pub const PROCESSOR_DATA_DIR: &str = "processor-data";
 const REGISTRY_PACKAGES_DIR: &str = "registry-packages";
 /// The registry's audit checkpoint file, inside the pair's folder.
 const REGISTRY_CHECKPOINTS: &str = "registry-audit-checkpoints.jsonl";
+/// The processor's audit checkpoint file, inside the pair's folder.
+const PROCESSOR_CHECKPOINTS: &str = "processor-audit-checkpoints.jsonl";
 
 /// The example recipient's folder, inside the pair's folder.
 const RECIPIENT_DATA_DIR: &str = "recipient-data";
@@ -344,6 +346,8 @@ mod configs {
         pub registry_packages: std::path::PathBuf,
         /// The registry's audit checkpoint file.
         pub registry_checkpoints: std::path::PathBuf,
+        /// The processor's audit checkpoint file.
+        pub processor_checkpoints: std::path::PathBuf,
         /// Where the processor sends its acknowledgements.
         pub ack_port: u16,
         pub absent_processor_port: Option<u16>,
@@ -631,6 +635,13 @@ mod configs {
             identity_hash_key: "test processor key".into(),
             forget_after_days: plan.opts.forget_after_days,
             forget_sweep_interval_ms: 200,
+            // Signed often, so tests see the head checkpointed soon after it moves.
+            audit: dsrelay_processor::config::AuditConfig {
+                checkpoints: true,
+                checkpoint_key: Some(plan.pki.signing_key("processor")),
+                checkpoint_file: Some(plan.processor_checkpoints.clone()),
+                checkpoint_interval_ms: 100,
+            },
         };
         config.validate().expect("processor config");
         config
@@ -1109,6 +1120,7 @@ pub async fn spawn_pair(opts: PairOptions) -> Option<TestPair> {
         processor_data: dir.path().join(PROCESSOR_DATA_DIR),
         registry_packages: dir.path().join(REGISTRY_PACKAGES_DIR),
         registry_checkpoints: dir.path().join(REGISTRY_CHECKPOINTS),
+        processor_checkpoints: dir.path().join(PROCESSOR_CHECKPOINTS),
         ack_port,
         absent_processor_port,
         accounting_url: accounting_url.clone(),
@@ -1261,6 +1273,11 @@ impl TestPair {
             listen,
             self.dir().join(format!("registry-{n}-checkpoints.jsonl")),
         )
+    }
+
+    /// The file the processor appends its signed audit checkpoints to.
+    pub fn processor_checkpoint_file(&self) -> PathBuf {
+        self.dir().join(PROCESSOR_CHECKPOINTS)
     }
 
     /// The pair's development PKI, its CA generated for this test.

@@ -30,6 +30,7 @@ mod metrics;
 mod mtls;
 mod packages;
 mod poison;
+mod procaudit;
 mod replicas;
 mod retention;
 mod rotation;

@@ -29,7 +29,7 @@ async fn processor_store(backend: Backend, dir: &std::path::Path) -> Option<Proc
     let url = database_url(dir, "processor", backend).await?;
     let db = Db::connect(&url).await.expect("connect");
     db.migrate(&PROC_SQLITE, &PROC_PG).await.expect("migrate");
-    Some(ProcessorStore::new(db))
+    Some(ProcessorStore::new(db, b"test key"))
 }
 
 fn new_request(id: &str, key: &str, received_at: i64, processors: &[&str]) -> NewRequest {

@@ -1,23 +1,177 @@
-//! `dsrctl audit verify`: reads the registry's audit trail page by page and checks its hash
-//! chain with [`dsrelay_runtime::audit`], the same code the registry hashes with, and against
-//! the registry's signed checkpoints when given them. `dsrctl audit checkpoints`: prints the
-//! checkpoints, to keep.
+//! `dsrctl audit verify`: reads the registry's audit trail (or, with `--processor`, a
+//! processor's own) page by page and checks its hash chain with [`dsrelay_runtime::audit`],
+//! the same code both services hash with, and against the service's signed checkpoints when
+//! given them. `dsrctl audit checkpoints`: prints the checkpoints, to keep.
 
 use anyhow::Context as _;
 use dsrelay_runtime::audit::checkpoint::{self, Checkpoint};
 use dsrelay_runtime::audit::{ChainBreak, Entry, Verifier};
 use dsrelay_runtime::signing::{PublicKey, Signed};
-use dsrelay_sdk::proto::{ListAuditCheckpointsRequest, ListAuditEntriesRequest};
+use dsrelay_sdk::proto::processor_operator_service_client::ProcessorOperatorServiceClient;
+use dsrelay_sdk::proto::{
+    ListAuditCheckpointsRequest, ListAuditEntriesRequest, ListProcessorAuditCheckpointsRequest,
+    ListProcessorAuditEntriesRequest,
+};
 use serde::Serialize;
+use tonic::transport::Channel;
 
-use crate::cli::{AuditCheckpointsArgs, AuditVerifyArgs};
+use crate::cli::{AuditCheckpointsArgs, AuditTrailArgs, AuditVerifyArgs, Cli, ProcessorArgs};
 use crate::commands::{Io, Registry};
 use crate::output::{emit, Render};
+use crate::settings::{self, Environment};
 use crate::table::clean;
 use crate::Failure;
 
 /// Entries asked for per call.
 const PAGE_SIZE: u32 = 1000;
+
+/// Whose trail is read: the registry's, or a processor's through its operator API.
+pub(crate) enum Trail {
+    /// The registry the connection settings name (boxed: its client is large).
+    Registry(Box<Registry>),
+    /// A processor.
+    Processor {
+        client: ProcessorOperatorServiceClient<Channel>,
+        endpoint: String,
+    },
+}
+
+/// One page of checkpoints: the signed documents, the seq to ask after next (0 at the end),
+/// and the key id the service says signs them now.
+type CheckpointPage = (Vec<Signed>, u64, String);
+
+impl Trail {
+    /// The trail `args` name; nothing is sent yet.
+    pub(crate) fn connect(
+        cli: &Cli,
+        env: &Environment,
+        args: &AuditTrailArgs,
+    ) -> Result<Self, Failure> {
+        let Some(processor) = &args.processor else {
+            return Ok(Self::Registry(Box::new(Registry::connect(cli, env)?)));
+        };
+        let settings = settings::resolve(&cli.connection, env).map_err(Failure::Setup)?;
+        let target = ProcessorArgs {
+            processor: processor.clone(),
+            processor_identity: args.processor_identity.clone(),
+        };
+        Ok(Self::Processor {
+            client: ProcessorOperatorServiceClient::new(super::tasks::connect(&target, &settings)?),
+            endpoint: processor.clone(),
+        })
+    }
+
+    /// Whose trail, in words.
+    fn owner(&self) -> &'static str {
+        match self {
+            Self::Registry(_) => "registry",
+            Self::Processor { .. } => "processor",
+        }
+    }
+
+    fn failed(&self, status: tonic::Status) -> Failure {
+        match self {
+            Self::Registry(r) => r.failed(status),
+            Self::Processor { endpoint, .. } => Failure::Rpc {
+                status,
+                endpoint: endpoint.clone(),
+            },
+        }
+    }
+
+    /// Up to [`PAGE_SIZE`] entries after `after_seq`, and the seq to ask after next (0 at
+    /// the end).
+    async fn entries(&mut self, after_seq: u64) -> Result<(Vec<Entry>, u64), Failure> {
+        let time = |t: Option<&dsrelay_proto::prost_types::Timestamp>| {
+            t.map(dsrelay_proto::millis_from_timestamp)
+                .unwrap_or_default()
+        };
+        let answer = match self {
+            Self::Registry(r) => r
+                .client
+                .raw()
+                .list_audit_entries(ListAuditEntriesRequest {
+                    after_seq,
+                    page_size: PAGE_SIZE,
+                })
+                .await
+                .map(|page| {
+                    let page = page.into_inner();
+                    let entries = page.entries.into_iter().map(|e| Entry {
+                        seq: e.seq,
+                        occurred_at: time(e.occurred_at.as_ref()),
+                        request_id: e.request_id,
+                        event_type: e.event_type,
+                        actor: e.actor,
+                        detail: e.detail,
+                        prev_hash: e.prev_hash,
+                        hash: e.hash,
+                    });
+                    (entries.collect(), page.next_after_seq)
+                }),
+            Self::Processor { client, .. } => client
+                .list_audit_entries(ListProcessorAuditEntriesRequest {
+                    after_seq,
+                    page_size: PAGE_SIZE,
+                })
+                .await
+                .map(|page| {
+                    let page = page.into_inner();
+                    let entries = page.entries.into_iter().map(|e| Entry {
+                        seq: e.seq,
+                        occurred_at: time(e.occurred_at.as_ref()),
+                        request_id: e.request_id,
+                        event_type: e.event,
+                        actor: e.actor,
+                        detail: e.detail,
+                        prev_hash: e.prev_hash,
+                        hash: e.hash,
+                    });
+                    (entries.collect(), page.next_after_seq)
+                }),
+        };
+        answer.map_err(|s| self.failed(s))
+    }
+
+    /// Up to [`PAGE_SIZE`] checkpoints over a seq after `after_seq`.
+    async fn checkpoints(&mut self, after_seq: u64) -> Result<CheckpointPage, Failure> {
+        let answer = match self {
+            Self::Registry(r) => r
+                .client
+                .raw()
+                .list_audit_checkpoints(ListAuditCheckpointsRequest {
+                    after_seq,
+                    page_size: PAGE_SIZE,
+                })
+                .await
+                .map(|page| {
+                    let page = page.into_inner();
+                    let signed = page.checkpoints.into_iter().map(|c| Signed {
+                        body: c.body.into_bytes(),
+                        signature: c.signature,
+                        key_id: c.key_id,
+                    });
+                    (signed.collect(), page.next_after_seq, page.key_id)
+                }),
+            Self::Processor { client, .. } => client
+                .list_audit_checkpoints(ListProcessorAuditCheckpointsRequest {
+                    after_seq,
+                    page_size: PAGE_SIZE,
+                })
+                .await
+                .map(|page| {
+                    let page = page.into_inner();
+                    let signed = page.checkpoints.into_iter().map(|c| Signed {
+                        body: c.body.into_bytes(),
+                        signature: c.signature,
+                        key_id: c.key_id,
+                    });
+                    (signed.collect(), page.next_after_seq, page.key_id)
+                }),
+        };
+        answer.map_err(|s| self.failed(s))
+    }
+}
 
 /// The outcome of a verification.
 #[derive(Debug, Serialize)]
@@ -87,7 +241,7 @@ impl Render for VerifyView {
 
 /// Verifies the whole trail; 0 when intact, 1 when broken.
 pub(crate) async fn verify(
-    registry: &Registry,
+    trail: &mut Trail,
     args: &AuditVerifyArgs,
     io: &mut Io<'_>,
 ) -> Result<u8, Failure> {
@@ -95,7 +249,7 @@ pub(crate) async fn verify(
     if let Some((seq, hash)) = &args.anchor {
         verifier = verifier.anchor(*seq, hash.clone());
     }
-    let checkpoints = match checkpoints_to_check(registry, args).await? {
+    let checkpoints = match checkpoints_to_check(trail, args).await? {
         None => None,
         Some(Ok(list)) => Some(list),
         Some(Err(e)) => {
@@ -115,41 +269,19 @@ pub(crate) async fn verify(
     if let Some(list) = &checkpoints {
         verifier = verifier.checkpoints(list);
     }
-    let mut client = registry.client.raw();
     let mut after_seq = 0;
     let outcome = 'pages: loop {
-        let page = client
-            .list_audit_entries(ListAuditEntriesRequest {
-                after_seq,
-                page_size: PAGE_SIZE,
-            })
-            .await
-            .map_err(|s| registry.failed(s))?
-            .into_inner();
-        for e in page.entries {
-            let entry = Entry {
-                seq: e.seq,
-                occurred_at: e
-                    .occurred_at
-                    .as_ref()
-                    .map(dsrelay_proto::millis_from_timestamp)
-                    .unwrap_or_default(),
-                request_id: e.request_id,
-                event_type: e.event_type,
-                actor: e.actor,
-                detail: e.detail,
-                prev_hash: e.prev_hash,
-                hash: e.hash,
-            };
+        let (entries, next_after_seq) = trail.entries(after_seq).await?;
+        for entry in entries {
             if let Err(b) = verifier.push(entry) {
                 break 'pages Err(b);
             }
         }
         // 0 at the end; a token that does not advance would loop forever.
-        if page.next_after_seq <= after_seq {
+        if next_after_seq <= after_seq {
             break 'pages verifier.finish();
         }
-        after_seq = page.next_after_seq;
+        after_seq = next_after_seq;
     };
     let view = match outcome {
         Ok(intact) => VerifyView {
@@ -178,7 +310,7 @@ pub(crate) async fn verify(
 /// The checkpoints `args` name, their signatures checked: `None` when none were asked for,
 /// `Some(Err)` naming the first that does not check out.
 async fn checkpoints_to_check(
-    registry: &Registry,
+    trail: &mut Trail,
     args: &AuditVerifyArgs,
 ) -> Result<Option<Result<Vec<Checkpoint>, checkpoint::CheckpointError>>, Failure> {
     let signed = match (&args.checkpoints, args.fetch_checkpoints) {
@@ -192,11 +324,14 @@ async fn checkpoints_to_check(
                 Err(e) => return Ok(Some(Err(e))),
             }
         }
-        (None, true) => fetch_checkpoints(registry, 0).await?.0,
+        (None, true) => fetch_checkpoints(trail, 0).await?.0,
     };
     // clap requires the key with either source.
     let key = args.checkpoint_key.as_deref().ok_or_else(|| {
-        Failure::Usage("name the registry's checkpoint key with --checkpoint-key".into())
+        Failure::Usage(format!(
+            "name the {}'s checkpoint key with --checkpoint-key",
+            trail.owner()
+        ))
     })?;
     let key = PublicKey::from_config(key)
         .context("--checkpoint-key")
@@ -205,32 +340,20 @@ async fn checkpoints_to_check(
 }
 
 /// Every checkpoint over a seq after `after_seq`, page by page, with the key id the
-/// registry says signs them.
+/// service says signs them.
 async fn fetch_checkpoints(
-    registry: &Registry,
+    trail: &mut Trail,
     mut after_seq: u64,
 ) -> Result<(Vec<Signed>, String), Failure> {
-    let mut client = registry.client.raw();
     let mut all = Vec::new();
     loop {
-        let page = client
-            .list_audit_checkpoints(ListAuditCheckpointsRequest {
-                after_seq,
-                page_size: PAGE_SIZE,
-            })
-            .await
-            .map_err(|s| registry.failed(s))?
-            .into_inner();
-        all.extend(page.checkpoints.into_iter().map(|c| Signed {
-            body: c.body.into_bytes(),
-            signature: c.signature,
-            key_id: c.key_id,
-        }));
+        let (signed, next_after_seq, key_id) = trail.checkpoints(after_seq).await?;
+        all.extend(signed);
         // 0 at the end; a token that does not advance would loop forever.
-        if page.next_after_seq <= after_seq {
-            return Ok((all, page.key_id));
+        if next_after_seq <= after_seq {
+            return Ok((all, key_id));
         }
-        after_seq = page.next_after_seq;
+        after_seq = next_after_seq;
     }
 }
 
@@ -242,7 +365,7 @@ pub(crate) struct CheckpointsView {
     lines: Vec<String>,
     /// The same, parsed: `{body, signature, key_id}`.
     checkpoints: Vec<serde_json::Value>,
-    /// The key id the registry says signs them now.
+    /// The key id the service says signs them now.
     key_id: String,
 }
 
@@ -252,19 +375,19 @@ impl Render for CheckpointsView {
     }
 }
 
-/// Prints the registry's checkpoints after `--after-seq`, one line each (the file form).
+/// Prints the service's checkpoints after `--after-seq`, one line each (the file form).
 pub(crate) async fn checkpoints(
-    registry: &Registry,
+    trail: &mut Trail,
     args: &AuditCheckpointsArgs,
     io: &mut Io<'_>,
 ) -> Result<u8, Failure> {
-    let (signed, key_id) = fetch_checkpoints(registry, args.after_seq).await?;
+    let (signed, key_id) = fetch_checkpoints(trail, args.after_seq).await?;
     let mut lines = Vec::with_capacity(signed.len());
     let mut parsed = Vec::with_capacity(signed.len());
     for s in &signed {
         let line = s
             .to_json_line()
-            .context("a checkpoint the registry sent")
+            .with_context(|| format!("a checkpoint the {} sent", trail.owner()))
             .map_err(Failure::Setup)?;
         parsed.push(serde_json::from_str(&line).map_err(|e| Failure::Setup(e.into()))?);
         lines.push(line);
@@ -272,8 +395,9 @@ pub(crate) async fn checkpoints(
     writeln!(
         io.err,
         "{} checkpoints, signed with key {key_id}: check them with a public key you got from \
-         the registry's operator, not from the registry",
-        lines.len()
+         the {owner}'s operator, not from the {owner}",
+        lines.len(),
+        owner = trail.owner()
     )?;
     let view = CheckpointsView {
         lines,

@@ -147,6 +147,18 @@ fn processor_config(dir: &Path, port: u16, registry_port: u16) -> dsrelay_proces
         identity_hash_key: random_key(),
         forget_after_days: 30,
         forget_sweep_interval_ms: 60_000,
+        // Signed with the processor's key from the development PKI (the one that signs its
+        // deletion certificates), into a file beside the database.
+        audit: dsrelay_processor::config::AuditConfig {
+            checkpoint_key: Some(
+                DevPki {
+                    dir: dir.join("pki"),
+                }
+                .signing_key("processor"),
+            ),
+            checkpoint_file: Some(dir.join("processor-audit-checkpoints.jsonl")),
+            ..Default::default()
+        },
     }
 }
 

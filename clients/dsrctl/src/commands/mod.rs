@@ -80,10 +80,11 @@ pub(crate) async fn dispatch(cli: &Cli, env: &Environment, io: &mut Io<'_>) -> R
         Command::Chain => chain::run(&Registry::connect(cli, env)?, io).await,
         Command::Trace(args) => trace::run(&Registry::connect(cli, env)?, args, io).await,
         Command::Audit(AuditCommand::Verify(args)) => {
-            audit::verify(&Registry::connect(cli, env)?, args, io).await
+            audit::verify(&mut audit::Trail::connect(cli, env, &args.trail)?, args, io).await
         }
         Command::Audit(AuditCommand::Checkpoints(args)) => {
-            audit::checkpoints(&Registry::connect(cli, env)?, args, io).await
+            let trail = &mut audit::Trail::connect(cli, env, &args.trail)?;
+            audit::checkpoints(trail, args, io).await
         }
         Command::Tasks(cmd) => {
             let settings: ConnectionSettings =

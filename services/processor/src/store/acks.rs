@@ -6,9 +6,10 @@
 
 use anyhow::Result;
 use dsrelay_proto::prost::Message;
-use dsrelay_proto::v1::Acknowledgement;
-use sqlx::{Any, Transaction};
+use dsrelay_proto::v1::{Acknowledgement, ProcessorAuditEvent};
+use sqlx::AnyConnection;
 
+use super::audit::{self, Record};
 use super::rows::{AckJob, AckRecord, TaskKey};
 use super::Store;
 use sqlx::Row;
@@ -16,7 +17,7 @@ use sqlx::Row;
 /// Queues `ack`, the acknowledgement of `key`'s change number `sequence`, inside the
 /// transaction that makes the change.
 pub(super) async fn queue(
-    tx: &mut Transaction<'static, Any>,
+    tx: &mut AnyConnection,
     key: &TaskKey,
     sequence: i64,
     ack: &Acknowledgement,
@@ -32,7 +33,7 @@ pub(super) async fn queue(
     .bind(sequence)
     .bind(ack.encode_to_vec())
     .bind(now)
-    .execute(&mut **tx)
+    .execute(&mut *tx)
     .await?;
     Ok(())
 }
@@ -69,15 +70,31 @@ impl Store {
         Ok(jobs)
     }
 
-    /// Marks acknowledgements as received by the registry.
+    /// Marks acknowledgements as received by the registry, each with its audit entry (an
+    /// acknowledgement marked before is left as it is).
     pub async fn acks_sent(&self, ids: &[i64], now: i64) -> Result<()> {
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.begin_audited().await?;
         for id in ids {
-            sqlx::query("UPDATE ack_outbox SET sent_at = $1, lease_until = 0 WHERE id = $2")
-                .bind(now)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+            let sent: Option<(String, String, String, i64)> = sqlx::query_as(
+                "UPDATE ack_outbox SET sent_at = $1, lease_until = 0 WHERE id = $2 \
+                 AND sent_at IS NULL RETURNING controller, request_id, subprocessor, sequence",
+            )
+            .bind(now)
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((controller, request_id, subprocessor, sequence)) = sent else {
+                continue;
+            };
+            let record = Record {
+                controller: &controller,
+                request_id: &request_id,
+                actor: "",
+                detail: format!(
+                    "subprocessor {subprocessor}, change {sequence} accepted by the registry"
+                ),
+            };
+            audit::append(&mut tx, ProcessorAuditEvent::AckAccepted, now, record).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -136,23 +153,47 @@ impl Store {
         now: i64,
         max_rejections: u32,
     ) -> Result<bool> {
+        let mut tx = self.begin_audited().await?;
         let row = sqlx::query(
             "UPDATE ack_outbox SET attempts = attempts + 1, rejections = rejections + 1, \
              next_attempt_at = $1, lease_until = 0, last_error = $2, rejected_at = $3, \
              dead_lettered_at = CASE WHEN rejections + 1 >= $4 THEN $3 ELSE NULL END \
-             WHERE id = $5 RETURNING dead_lettered_at",
+             WHERE id = $5 RETURNING dead_lettered_at, controller, request_id, subprocessor, \
+             sequence, CAST(rejections AS BIGINT) AS rejections",
         )
         .bind(next_at)
         .bind(rejection)
         .bind(now)
         .bind(i64::from(max_rejections))
         .bind(id)
-        .fetch_optional(&self.db.pool)
+        .fetch_optional(&mut *tx)
         .await?;
-        Ok(match row {
-            Some(r) => r.try_get::<Option<i64>, _>("dead_lettered_at")?.is_some(),
-            None => false,
-        })
+        let Some(r) = row else {
+            tx.rollback().await?;
+            return Ok(false);
+        };
+        if r.try_get::<Option<i64>, _>("dead_lettered_at")?.is_none() {
+            tx.commit().await?;
+            return Ok(false);
+        }
+        let (controller, request_id): (String, String) =
+            (r.try_get("controller")?, r.try_get("request_id")?);
+        let detail = format!(
+            "subprocessor {}, change {} dead-lettered after {} rejections, last {}",
+            r.try_get::<String, _>("subprocessor")?,
+            r.try_get::<i64, _>("sequence")?,
+            r.try_get::<i64, _>("rejections")?,
+            tx.text(rejection)
+        );
+        let record = Record {
+            controller: &controller,
+            request_id: &request_id,
+            actor: "",
+            detail,
+        };
+        audit::append(&mut tx, ProcessorAuditEvent::AckDeadLettered, now, record).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Dead-lettered acknowledgements, oldest first, at most `limit`.
@@ -198,19 +239,33 @@ impl Store {
     }
 
     /// Puts dead-lettered acknowledgement `id` back in the queue, to be sent at once with a
-    /// fresh count of rejections. Returns false when no such dead letter exists.
-    pub async fn requeue_dead_letter(&self, id: i64, now: i64) -> Result<bool> {
-        let n = sqlx::query(
+    /// fresh count of rejections, in the name of the operator `by`. Returns false when no
+    /// such dead letter exists.
+    pub async fn requeue_dead_letter(&self, id: i64, by: &str, now: i64) -> Result<bool> {
+        let mut tx = self.begin_audited().await?;
+        let row: Option<(String, String, String, i64)> = sqlx::query_as(
             "UPDATE ack_outbox SET dead_lettered_at = NULL, rejections = 0, attempts = 0, \
              next_attempt_at = $1, lease_until = 0 \
-             WHERE id = $2 AND dead_lettered_at IS NOT NULL AND sent_at IS NULL",
+             WHERE id = $2 AND dead_lettered_at IS NOT NULL AND sent_at IS NULL \
+             RETURNING controller, request_id, subprocessor, sequence",
         )
         .bind(now)
         .bind(id)
-        .execute(&self.db.pool)
-        .await?
-        .rows_affected();
-        Ok(n > 0)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((controller, request_id, subprocessor, sequence)) = row else {
+            tx.rollback().await?;
+            return Ok(false);
+        };
+        let record = Record {
+            controller: &controller,
+            request_id: &request_id,
+            actor: by,
+            detail: format!("subprocessor {subprocessor}, change {sequence} requeued"),
+        };
+        audit::append(&mut tx, ProcessorAuditEvent::AckRequeued, now, record).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 }
 

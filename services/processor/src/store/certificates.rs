@@ -4,7 +4,7 @@
 use anyhow::Result;
 use dsrelay_proto::v1::TaskState;
 use dsrelay_runtime::signing::Signed;
-use sqlx::{Any, Transaction};
+use sqlx::AnyConnection;
 
 use super::rows::{state_value, TaskKey};
 use crate::certificates::{certifies, rfc3339, Facts, Issuer, Retained};
@@ -13,7 +13,7 @@ use crate::task_machine::Transition;
 /// Issues and stores the certificate of `t` when it certifies an erasure or contract end step; returns it
 /// for the acknowledgement.
 pub(super) async fn issue_for(
-    tx: &mut Transaction<'static, Any>,
+    tx: &mut AnyConnection,
     issuer: &Issuer,
     key: &TaskKey,
     sequence: i64,
@@ -28,7 +28,7 @@ pub(super) async fn issue_for(
         sqlx::query_scalar("SELECT kind FROM requests WHERE controller = $1 AND request_id = $2")
             .bind(&key.controller)
             .bind(&key.request_id)
-            .fetch_optional(&mut **tx)
+            .fetch_optional(&mut *tx)
             .await?;
     let Some(certificate_kind) = kind.and_then(|k| certifies(k, t.state)) else {
         return Ok(None);
@@ -41,7 +41,7 @@ pub(super) async fn issue_for(
     .bind(&key.controller)
     .bind(&key.request_id)
     .bind(state_value(TaskState::Retained))
-    .fetch_all(&mut **tx)
+    .fetch_all(&mut *tx)
     .await?;
     let follows: Option<String> = sqlx::query_scalar(
         "SELECT id FROM certificates WHERE controller = $1 AND request_id = $2 \
@@ -50,7 +50,7 @@ pub(super) async fn issue_for(
     .bind(&key.controller)
     .bind(&key.request_id)
     .bind(&key.subprocessor)
-    .fetch_optional(&mut **tx)
+    .fetch_optional(&mut *tx)
     .await?;
     let (id, doc) = issuer.issue(Facts {
         kind: certificate_kind,
@@ -84,7 +84,7 @@ pub(super) async fn issue_for(
     .bind(doc.signature.clone())
     .bind(&doc.key_id)
     .bind(now)
-    .execute(&mut **tx)
+    .execute(&mut *tx)
     .await?;
     Ok(Some(doc))
 }

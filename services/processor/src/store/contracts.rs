@@ -9,7 +9,7 @@ use dsrelay_proto::v1::{
     TaskState, TransferRecipient,
 };
 use dsrelay_runtime::trace_context;
-use sqlx::{Any, Transaction};
+use sqlx::AnyConnection;
 
 use super::rows::{stored_count, TaskKey, TaskRecord, TaskRow, TASK_COLUMNS};
 use super::{acks, tasks, Store};
@@ -103,10 +103,27 @@ impl TermsRecord {
 const TERMS_COLUMNS: &str = "controller, request_id, choice, effective_at, grace_ends_at, \
     return_confirmed, received_at, transfer_recipient";
 
+/// New terms in words, for the audit trail.
+fn terms_detail(t: &Terms, recipient: &str) -> String {
+    let mut detail = format!(
+        "terms now {}, effective {}, grace ends {}",
+        t.choice.as_str_name(),
+        crate::certificates::rfc3339(t.effective_at),
+        crate::certificates::rfc3339(t.grace_ends_at)
+    );
+    if t.return_confirmed {
+        detail.push_str(", return confirmed");
+    }
+    if !recipient.is_empty() {
+        detail.push_str(&format!(", returned to {recipient}"));
+    }
+    detail
+}
+
 /// Stores the terms of a contract end delivered now (inside Deliver's transaction), with the
 /// transfer recipient they name.
 pub(super) async fn insert(
-    tx: &mut Transaction<'static, Any>,
+    tx: &mut AnyConnection,
     controller: &str,
     req: &DeliverRequest,
     terms: &Terms,
@@ -131,7 +148,7 @@ pub(super) async fn insert(
     .bind(i64::from(terms.return_confirmed))
     .bind(now)
     .bind(recipient)
-    .execute(&mut **tx)
+    .execute(&mut *tx)
     .await?;
     Ok(())
 }
@@ -165,7 +182,7 @@ impl Store {
         recipient: Option<&TransferRecipient>,
         now: i64,
     ) -> Result<Updated> {
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.begin_audited().await?;
         let stored: Option<TermsRecord> = sqlx::query_as(&format!(
             "SELECT {TERMS_COLUMNS} FROM contract_ends WHERE controller = $1 AND request_id = $2{}",
             self.db.backend.lock_rows()
@@ -244,6 +261,14 @@ impl Store {
         .bind(request_id)
         .execute(&mut *tx)
         .await?;
+        let record = super::audit::Record {
+            controller,
+            request_id,
+            actor: controller,
+            detail: terms_detail(&terms, &new_recipient),
+        };
+        let event = dsrelay_proto::v1::ProcessorAuditEvent::ContractEndUpdated;
+        super::audit::append(&mut tx, event, now, record).await?;
         for task in &rows {
             let event = Event::TermsChanged {
                 terms: &terms,

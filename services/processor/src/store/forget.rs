@@ -76,7 +76,7 @@ impl Store {
         cutoff: i64,
         now: i64,
     ) -> Result<bool> {
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.begin_audited().await?;
         let changed = sqlx::query(&format!(
             "UPDATE requests SET body = NULL, cancel_reason = NULL, identity_hashes = $2, \
              forgotten_at = $3 WHERE controller = $4 AND request_id = $5 AND EXISTS \
@@ -119,6 +119,14 @@ impl Store {
         .bind(&r.request_id)
         .execute(&mut *tx)
         .await?;
+        let record = super::audit::Record {
+            controller: &r.controller,
+            request_id: &r.request_id,
+            actor: "",
+            detail: "raw identities, body, notes and exports removed; keyed hashes kept".into(),
+        };
+        let event = dsrelay_proto::v1::ProcessorAuditEvent::RequestForgotten;
+        super::audit::append(&mut tx, event, now, record).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -155,7 +163,7 @@ mod tests {
         db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
             .await
             .unwrap();
-        Store::new(db)
+        Store::new(db, b"test key")
     }
 
     /// A request accepted at 0 with one task per `(subprocessor, state, updated_at)`.

@@ -15,8 +15,11 @@
 //! - `contracts`: contract ends' terms, updates of them, progress acknowledgements and the
 //!   operators' list.
 //! - `forget`: removing finished requests' raw identities, body and free text.
+//! - `audit`: the hash-chained audit trail, appended to in the transaction of each change
+//!   an auditor asks about.
 
 mod acks;
+mod audit;
 mod certificates;
 mod contracts;
 mod forget;
@@ -37,7 +40,7 @@ pub use contracts::{ContractEndRow, Updated};
 pub use forget::Forgettable;
 pub use rows::{AckJob, ManualRow, TaskJob, TaskKey, TaskRow};
 pub use tasks::Accepted;
-pub use uploads::{NextAttempt, UploadJob};
+pub use uploads::{Delivered, NextAttempt, UploadJob};
 
 /// The migrations for each backend, embedded at build time.
 pub static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -72,12 +75,19 @@ pub struct Store {
     db: Db,
     /// Signs the deletion certificate of each erasure step; `None` issues none.
     issuer: Option<Arc<Issuer>>,
+    /// Keys the hashes that stand for free text in audit entries (`identity_hash_key`).
+    text_key: Arc<[u8]>,
 }
 
 impl Store {
-    /// Wraps a migrated database; it issues no certificates.
-    pub fn new(db: Db) -> Self {
-        Self { db, issuer: None }
+    /// Wraps a migrated database, hashing free text in audit entries with `text_key`; it
+    /// issues no certificates.
+    pub fn new(db: Db, text_key: &[u8]) -> Self {
+        Self {
+            db,
+            issuer: None,
+            text_key: text_key.into(),
+        }
     }
 
     /// The store, issuing a certificate with every COMPLETED or RETAINED erasure step.

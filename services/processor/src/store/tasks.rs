@@ -9,11 +9,13 @@ use anyhow::Result;
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::timestamp_from_millis;
 use dsrelay_proto::v1::{
-    Acknowledgement, ContractPhase, DeliverRequest, Evidence, RequestKind, TaskState,
+    Acknowledgement, ContractPhase, DeliverRequest, Evidence, ProcessorAuditEvent, RequestKind,
+    TaskState,
 };
 use dsrelay_runtime::trace_context;
-use sqlx::{Any, Transaction};
+use sha2::{Digest, Sha256};
 
+use super::audit::{self, AuditTx, Record};
 use super::rows::{
     state_value, stored_count, JoinedRecord, ManualRow, TaskJob, TaskKey, TaskRecord, TaskRow,
     JOINED_SELECT, TASK_COLUMNS,
@@ -55,7 +57,7 @@ impl Store {
         traceparent: Option<&str>,
         now: i64,
     ) -> Result<Accepted> {
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.begin_audited().await?;
         let recipient = req.recipient.as_ref();
         let inserted = sqlx::query(
             "INSERT INTO requests (controller, request_id, kind, body, received_at, due_at, \
@@ -124,6 +126,20 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
+        let kind = RequestKind::try_from(req.kind)
+            .map_or_else(|_| req.kind.to_string(), |k| k.as_str_name().to_string());
+        let detail = if subprocessors.is_empty() {
+            format!("{kind} accepted, no subprocessor holds its categories")
+        } else {
+            format!("{kind} accepted, tasks for {}", subprocessors.join(", "))
+        };
+        let record = Record {
+            controller,
+            request_id: &req.request_id,
+            actor: controller,
+            detail,
+        };
+        audit::append(&mut tx, ProcessorAuditEvent::RequestAccepted, now, record).await?;
         tx.commit().await?;
         Ok(Accepted::New(
             self.tasks(controller, &req.request_id).await?,
@@ -169,7 +185,37 @@ impl Store {
         now: i64,
     ) -> Result<Vec<TaskRow>> {
         let db_now = super::db_now_ms(self.db.backend);
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.begin_audited().await?;
+        // Only the first cancellation of a request is an entry, not the registry's retries
+        // of it. Read while holding the audit lock (on SQLite, the one writer), which every
+        // cancellation takes first, so two cancellations never both see none before.
+        let cancelled_before: Option<Option<i64>> = sqlx::query_scalar(
+            "SELECT cancelled_at FROM requests WHERE controller = $1 AND request_id = $2",
+        )
+        .bind(controller)
+        .bind(request_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if !matches!(cancelled_before, Some(Some(_))) {
+            let known = if cancelled_before.is_some() {
+                "cancelled"
+            } else {
+                "cancelled before its delivery arrived"
+            };
+            let reason = tx.text(reason);
+            let detail = if reason.is_empty() {
+                known.to_string()
+            } else {
+                format!("{known}, reason {reason}")
+            };
+            let record = Record {
+                controller,
+                request_id,
+                actor: controller,
+                detail,
+            };
+            audit::append(&mut tx, ProcessorAuditEvent::RequestCancelled, now, record).await?;
+        }
         sqlx::query(
             "INSERT INTO requests (controller, request_id, kind, body, received_at, due_at, \
              accepted_at, cancelled_at, cancel_reason) VALUES ($1, $2, 0, NULL, $3, $3, $3, $3, $4) \
@@ -310,10 +356,29 @@ impl Store {
         now: i64,
         attempts: i64,
     ) -> Result<Option<i64>> {
-        let mut tx = self.db.pool.begin().await?;
+        self.operator_transition(key, expected_sequence, t, now, attempts, "")
+            .await
+    }
+
+    /// [`Store::transition`] made by the operator `by` (empty: the processor's own), whom
+    /// the audit entry names as its actor.
+    pub async fn operator_transition(
+        &self,
+        key: &TaskKey,
+        expected_sequence: i64,
+        t: &Transition,
+        now: i64,
+        attempts: i64,
+        by: &str,
+    ) -> Result<Option<i64>> {
+        let mut tx = self.begin_audited().await?;
         let issuer = self.issuer.as_deref();
-        let seq =
-            certified_transition(&mut tx, issuer, key, expected_sequence, t, now, attempts).await?;
+        let step = Step {
+            expected_sequence,
+            lease_owner: None,
+            by,
+        };
+        let seq = step_transition(&mut tx, issuer, key, step, t, now, attempts).await?;
         tx.commit().await?;
         Ok(seq)
     }
@@ -330,19 +395,14 @@ impl Store {
         now: i64,
         attempts: i64,
     ) -> Result<Option<i64>> {
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.begin_audited().await?;
         let issuer = self.issuer.as_deref();
-        let seq = step_transition(
-            &mut tx,
-            issuer,
-            key,
+        let step = Step {
             expected_sequence,
-            Some(lease_owner),
-            t,
-            now,
-            attempts,
-        )
-        .await?;
+            lease_owner: Some(lease_owner),
+            by: "",
+        };
+        let seq = step_transition(&mut tx, issuer, key, step, t, now, attempts).await?;
         tx.commit().await?;
         Ok(seq)
     }
@@ -529,7 +589,7 @@ impl Store {
 /// Records `t` and queues its acknowledgement, if the task is still at `expected_sequence`;
 /// issues no certificate (for steps that never certify an erasure).
 pub(super) async fn transition(
-    tx: &mut Transaction<'static, Any>,
+    tx: &mut AuditTx,
     key: &TaskKey,
     expected_sequence: i64,
     t: &Transition,
@@ -542,7 +602,7 @@ pub(super) async fn transition(
 /// [`transition`], issuing with `issuer` the deletion certificate of an erasure step and
 /// sending it with the acknowledgement.
 async fn certified_transition(
-    tx: &mut Transaction<'static, Any>,
+    tx: &mut AuditTx,
     issuer: Option<&Issuer>,
     key: &TaskKey,
     expected_sequence: i64,
@@ -550,21 +610,39 @@ async fn certified_transition(
     now: i64,
     attempts: i64,
 ) -> Result<Option<i64>> {
-    step_transition(tx, issuer, key, expected_sequence, None, t, now, attempts).await
+    let step = Step {
+        expected_sequence,
+        lease_owner: None,
+        by: "",
+    };
+    step_transition(tx, issuer, key, step, t, now, attempts).await
 }
 
-/// [`certified_transition`]; with `lease_owner`, only while that claim holds the task.
-#[allow(clippy::too_many_arguments)]
+/// Which change a step records, and for whom.
+struct Step<'a> {
+    /// The task's sequence the step was decided from; a task that moved on is left alone.
+    expected_sequence: i64,
+    /// Only while this claim holds the task, when given.
+    lease_owner: Option<&'a str>,
+    /// The operator who made the change, for the audit entry; empty for the processor's own.
+    by: &'a str,
+}
+
+/// [`certified_transition`] as `step` says, with its audit entry.
 async fn step_transition(
-    tx: &mut Transaction<'static, Any>,
+    tx: &mut AuditTx,
     issuer: Option<&Issuer>,
     key: &TaskKey,
-    expected_sequence: i64,
-    lease_owner: Option<&str>,
+    step: Step<'_>,
     t: &Transition,
     now: i64,
     attempts: i64,
 ) -> Result<Option<i64>> {
+    let Step {
+        expected_sequence,
+        lease_owner,
+        by,
+    } = step;
     // Every step's texts pass here on their way to the task row and the acknowledgement, so
     // this is where they are fitted: the registry rejects an acknowledgement over its limits.
     let fitted = t.fitted();
@@ -686,5 +764,70 @@ async fn step_transition(
     if t.upload {
         super::uploads::queue(tx, key, now).await?;
     }
+    let detail = step_detail(tx, key, next, t, progress.as_ref(), certificate.as_ref());
+    let record = Record {
+        controller: &key.controller,
+        request_id: &key.request_id,
+        actor: by,
+        detail,
+    };
+    audit::append(tx, ProcessorAuditEvent::TaskRecorded, now, record).await?;
     Ok(Some(next))
+}
+
+/// A step's audit detail: the subprocessor, the change number, the state, the counts, the
+/// certificate's digest; free text only as its keyed hash.
+fn step_detail(
+    tx: &AuditTx,
+    key: &TaskKey,
+    sequence: i64,
+    t: &Transition,
+    progress: Option<&dsrelay_proto::v1::ContractProgress>,
+    certificate: Option<&dsrelay_runtime::signing::Signed>,
+) -> String {
+    let mut parts = vec![
+        format!("subprocessor {}", key.subprocessor),
+        format!("change {sequence}"),
+        t.state.as_str_name().to_string(),
+    ];
+    if t.records_affected != 0 {
+        parts.push(format!("records {}", t.records_affected));
+    }
+    if t.confirmed {
+        parts.push("confirmed by the holder".into());
+    }
+    if let Some(until) = t.retain_until {
+        parts.push(format!(
+            "retained until {}",
+            crate::certificates::rfc3339(until)
+        ));
+    }
+    if let Some(p) = progress {
+        let phase = ContractPhase::try_from(p.phase)
+            .map_or_else(|_| p.phase.to_string(), |p| p.as_str_name().to_string());
+        parts.push(format!(
+            "{phase}, subjects {}/{}, records {}/{}",
+            p.subjects_done, p.subjects_total, p.records_done, p.records_total
+        ));
+    }
+    if let Some(files) = &t.export_files {
+        let bytes: u64 = files.iter().map(|f| f.size).sum();
+        parts.push(format!("export of {} files, {bytes} bytes", files.len()));
+    }
+    if let Some(c) = certificate {
+        parts.push(format!(
+            "certificate sha256:{}",
+            hex::encode(Sha256::digest(&c.body))
+        ));
+    }
+    for (name, text) in [
+        ("note", &t.note),
+        ("reason", &t.reason),
+        ("legal basis", &t.legal_basis),
+    ] {
+        if !text.is_empty() {
+            parts.push(format!("{name} {}", tx.text(text)));
+        }
+    }
+    parts.join(", ")
 }

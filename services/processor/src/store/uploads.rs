@@ -6,8 +6,8 @@
 
 use anyhow::Result;
 use dsrelay_connectors::ExportedFile;
-use dsrelay_proto::v1::{RequestKind, TransferRecipient};
-use sqlx::{Any, Transaction};
+use dsrelay_proto::v1::{ProcessorAuditEvent, RequestKind, TransferRecipient};
+use sqlx::AnyConnection;
 
 use super::rows::{TaskKey, TaskRecord, TaskRow, TASK_COLUMNS};
 use super::Store;
@@ -45,6 +45,17 @@ impl UploadJob {
     }
 }
 
+/// Where an export went, for the audit trail.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivered<'a> {
+    /// The registry or the recipient, in words.
+    pub to: &'a str,
+    /// How many files.
+    pub files: usize,
+    /// How many bytes in all.
+    pub bytes: u64,
+}
+
 /// When a failed upload is tried again, and why it failed (kept for operators).
 #[derive(Debug, Clone, Copy)]
 pub struct NextAttempt<'a> {
@@ -70,11 +81,7 @@ struct UploadRecord {
 }
 
 /// Queues the upload of `key`'s export inside the transaction that records it.
-pub(super) async fn queue(
-    tx: &mut Transaction<'static, Any>,
-    key: &TaskKey,
-    now: i64,
-) -> Result<()> {
+pub(super) async fn queue(tx: &mut AnyConnection, key: &TaskKey, now: i64) -> Result<()> {
     sqlx::query(
         "INSERT INTO uploads (controller, request_id, subprocessor, next_attempt_at) \
          VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
@@ -83,7 +90,7 @@ pub(super) async fn queue(
     .bind(&key.request_id)
     .bind(&key.subprocessor)
     .bind(now)
-    .execute(&mut **tx)
+    .execute(&mut *tx)
     .await?;
     Ok(())
 }
@@ -177,17 +184,32 @@ impl Store {
     }
 
     /// Retires an upload and, in the same transaction, records `t` (the task delivered or
-    /// undeliverable) if the task is still at `expected_sequence`. Returns the task's new
-    /// sequence, or `None` when it changed meanwhile or `t` is `None`.
+    /// undeliverable) if the task is still at `expected_sequence`, and, when the export was
+    /// `delivered`, an audit entry saying where. Returns the task's new sequence, or `None`
+    /// when it changed meanwhile or `t` is `None`.
     pub async fn upload_finished(
         &self,
         key: &TaskKey,
         expected_sequence: i64,
         t: Option<&Transition>,
+        delivered: Option<&Delivered<'_>>,
         now: i64,
         attempts: i64,
     ) -> Result<Option<i64>> {
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.begin_audited().await?;
+        if let Some(d) = delivered {
+            let record = super::audit::Record {
+                controller: &key.controller,
+                request_id: &key.request_id,
+                actor: "",
+                detail: format!(
+                    "subprocessor {}, export of {} files, {} bytes, delivered to {}",
+                    key.subprocessor, d.files, d.bytes, d.to
+                ),
+            };
+            super::audit::append(&mut tx, ProcessorAuditEvent::ExportDelivered, now, record)
+                .await?;
+        }
         let moved = match t {
             Some(t) => {
                 super::tasks::transition(&mut tx, key, expected_sequence, t, now, attempts).await?
@@ -221,7 +243,7 @@ impl Store {
         now: i64,
         attempts: i64,
     ) -> Result<Option<i64>> {
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.begin_audited().await?;
         let moved =
             super::tasks::transition(&mut tx, key, expected_sequence, t, now, attempts).await?;
         schedule_retry(&mut *tx, key, next).await?;

@@ -1,6 +1,6 @@
 //! The tamper-evident audit trail: entry hashing and chain verification, shared by the
-//! registry (which appends entries) and `dsrctl audit verify` (which checks them), so both
-//! agree on every byte that is hashed.
+//! registry and the processor (which each append entries to a trail of their own) and
+//! `dsrctl audit verify` (which checks either), so all agree on every byte that is hashed.
 //!
 //! Entries are numbered 1, 2, 3, … without gaps (`seq`), and each carries the hash of its
 //! predecessor (`prev_hash`; [`GENESIS_HASH`] for entry 1) and its own [`Entry::compute_hash`].
@@ -19,6 +19,8 @@
 //!
 //! - this module: entries, their hash, and the [`Verifier`] of a trail and its anchors.
 //! - [`checkpoint`]: signed checkpoints over the trail's head, their file, and checking them.
+//! - [`signer`]: the worker that signs a service's head into its checkpoint file, and its
+//!   `[audit]` configuration (the processor's; the registry keeps its own copy).
 //!
 //! # Hash
 //!
@@ -29,6 +31,7 @@
 //! as stored; `prev_hash` is its lowercase hex text.
 
 pub mod checkpoint;
+pub mod signer;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -56,13 +59,15 @@ pub struct Entry {
     pub occurred_at: i64,
     /// The request concerned.
     pub request_id: String,
-    /// What happened (the `EventType` value).
+    /// What happened: the `EventType` value in the registry's trail, the
+    /// `ProcessorAuditEvent` value in the processor's.
     pub event_type: i32,
-    /// Who acted: the partner or processor, where known; otherwise empty.
+    /// Who acted, where known (the registry's partner or processor; the processor's
+    /// controller or operator); otherwise empty.
     pub actor: String,
     /// What happened, in words. Never contains a subject's identities; free text from
-    /// outside the registry (reasons, errors) appears only as its keyed hash,
-    /// `text hmac-sha256:<hex>` under the registry's `identity_hash_key`, because an entry
+    /// outside the service (reasons, notes, errors) appears only as its keyed hash,
+    /// `text hmac-sha256:<hex>` under the service's `identity_hash_key`, because an entry
     /// can never be changed once written, not even to forget.
     pub detail: String,
     /// The hash of the entry before, or [`GENESIS_HASH`].
@@ -101,7 +106,7 @@ impl Entry {
 pub enum BreakKind {
     /// The entry's content (or its hash) was changed.
     Modified,
-    /// The entry was not written by the registry: it was put between others.
+    /// The entry was not written by the service: it was put between others.
     Inserted,
     /// The entry is missing.
     Removed,
@@ -128,7 +133,7 @@ impl fmt::Display for BreakKind {
     }
 }
 
-/// The first place where the trail is not what the registry wrote.
+/// The first place where the trail is not what the service wrote.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("audit trail broken at entry {seq}: {kind}: {detail}")]
 pub struct ChainBreak {

@@ -67,6 +67,8 @@ const HOLDERS: [&str; 2] = ["holder-a", "holder-b"];
 const PROCESSOR: &str = "payroll-bureau";
 /// The name of the registry's audit checkpoint file in [`registry_toml`]'s configuration.
 const CHECKPOINTS: &str = "registry-audit-checkpoints.jsonl";
+/// The name of the processor's audit checkpoint file in [`processor_toml`]'s configuration.
+const PROCESSOR_CHECKPOINTS: &str = "processor-audit-checkpoints.jsonl";
 /// Leases of claimed work (registry deliveries, processor tasks and acknowledgements): short,
 /// so that the work a killed process held is taken up again within seconds.
 const LEASE_MS: u64 = 5_000;
@@ -120,7 +122,8 @@ pub(crate) struct ChaosArgs {
     #[arg(long, default_value_t = 1)]
     processors: usize,
     /// Replicas of the registry, likewise (the submitters and the processors reach them
-    /// through a load balancer); each writes its audit checkpoints to a file of its own.
+    /// through a load balancer). Replicas of either service write their audit checkpoints
+    /// to files of their own.
     /// More than one needs `--postgres`.
     #[arg(long, default_value_t = 1)]
     registries: usize,
@@ -261,7 +264,7 @@ async fn chaos(args: &ChaosArgs, seed: u64, work: &Path) -> Result<bool> {
     let mut processor_configs = Vec::new();
     let mut task_concurrency = 0;
     for (i, port) in processor_ports.iter().enumerate() {
-        let text = processor_toml(
+        let mut text = processor_toml(
             &pki,
             *port,
             &processor_db,
@@ -277,6 +280,18 @@ async fn chaos(args: &ChaosArgs, seed: u64, work: &Path) -> Result<bool> {
                 })
                 .collect(),
         )?;
+        if args.processors > 1 {
+            // Each replica signs its audit trail's head into a file of its own.
+            anyhow::ensure!(
+                text.contains(PROCESSOR_CHECKPOINTS),
+                "the processor configuration has no checkpoint file"
+            );
+            text = text.replacen(
+                PROCESSOR_CHECKPOINTS,
+                &format!("processor-{i}-audit-checkpoints.jsonl"),
+                1,
+            );
+        }
         let p: dsrelay_processor::Config =
             toml::from_str(&text).context("the processor's chaos configuration")?;
         p.validate().map_err(|e| anyhow::anyhow!("{e}"))?;

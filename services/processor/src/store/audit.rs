@@ -1,0 +1,392 @@
+//! The processor's audit trail: one hash-chained entry ([`dsrelay_runtime::audit`], the
+//! registry's format, so one verifier checks both) per change an auditor asks about, written
+//! in that change's own transaction. A change not committed leaves no entry; an entry never
+//! names a change that did not happen.
+//!
+//! # One chain across replicas
+//!
+//! Appending reads the last entry and writes the next, so appenders must take turns. Every
+//! transaction that may append is begun by [`Store::begin_audited`], which on PostgreSQL
+//! takes a transaction-scoped advisory lock as its very first statement, before any row
+//! lock; [`append`] only accepts such a transaction ([`AuditTx`]). So a transaction holding
+//! row locks never waits for the chain lock while another holding the chain lock waits for
+//! its rows: the only lock ever waited for while holding another is a row lock, taken after
+//! the chain lock by everyone. The price is that audited transactions commit one at a time.
+//! On SQLite the single writer connection already holds every transaction apart.
+//!
+//! # No personal data
+//!
+//! Entries are never changed or removed, not even to forget, so they never hold a subject's
+//! identities, and free text that may name one (reasons, notes, legal bases, rejections)
+//! stands in them only as `text hmac-sha256:<hex>`, its keyed hash under the processor's
+//! `identity_hash_key`.
+
+use std::fmt::Write as _;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use dsrelay_proto::v1::ProcessorAuditEvent;
+use dsrelay_runtime::audit::{self, Entry};
+use dsrelay_runtime::identity::keyed_digest;
+use sqlx::{Any, AnyConnection, Transaction};
+
+use super::Store;
+
+/// Key of the advisory lock that serializes the processor's audit appenders ("dsrelay" + 2).
+const AUDIT_LOCK_KEY: i64 = 0x6473_7265_6c61_7902;
+
+/// The context of the keyed hashes of free text in audit entries.
+const AUDIT_TEXT_DOMAIN: &[u8] = b"dsrelay.processor.audit-text.v1";
+
+/// A transaction that holds the audit trail's append lock from its first statement on: the
+/// only kind [`append`] takes. Derefs to its connection, like a [`Transaction`].
+pub(crate) struct AuditTx {
+    tx: Transaction<'static, Any>,
+    text_key: Arc<[u8]>,
+}
+
+impl Deref for AuditTx {
+    type Target = AnyConnection;
+    fn deref(&self) -> &AnyConnection {
+        &self.tx
+    }
+}
+
+impl DerefMut for AuditTx {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        &mut self.tx
+    }
+}
+
+impl AuditTx {
+    /// Commits the change and its entries.
+    pub(crate) async fn commit(self) -> Result<()> {
+        Ok(self.tx.commit().await?)
+    }
+
+    /// Rolls back the change and its entries.
+    pub(crate) async fn rollback(self) -> Result<()> {
+        Ok(self.tx.rollback().await?)
+    }
+
+    /// `text`'s stand-in in an entry: its keyed hash (empty text stays empty).
+    pub(crate) fn text(&self, text: &str) -> String {
+        if text.is_empty() {
+            return String::new();
+        }
+        let hash = keyed_digest(&self.text_key, AUDIT_TEXT_DOMAIN, text.as_bytes());
+        format!("text hmac-sha256:{hash}")
+    }
+}
+
+/// What an entry says besides its time and type.
+pub(crate) struct Record<'a> {
+    /// The controller whose request it is (the detail starts with it).
+    pub(crate) controller: &'a str,
+    /// The request.
+    pub(crate) request_id: &'a str,
+    /// Who acted: the controller, an operator; empty for the processor's own steps.
+    pub(crate) actor: &'a str,
+    /// The rest of the detail, in words, free text only through [`AuditTx::text`].
+    pub(crate) detail: String,
+}
+
+/// Appends one entry in `tx`: the last entry's seq + 1, chained to its hash.
+pub(crate) async fn append(
+    tx: &mut AuditTx,
+    event: ProcessorAuditEvent,
+    at: i64,
+    r: Record<'_>,
+) -> Result<()> {
+    let last: Option<(i64, String)> =
+        sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut **tx)
+            .await?;
+    let (seq, prev_hash) = match last {
+        Some((seq, hash)) => (seq + 1, hash),
+        None => (1, audit::GENESIS_HASH.to_string()),
+    };
+    let mut detail = format!("controller {}", r.controller);
+    if !r.detail.is_empty() {
+        let _ = write!(detail, ": {}", r.detail);
+    }
+    let mut entry = Entry {
+        seq: u64::try_from(seq).context("audit seq")?,
+        occurred_at: at,
+        request_id: r.request_id.to_string(),
+        event_type: event as i32,
+        actor: r.actor.to_string(),
+        detail,
+        prev_hash,
+        hash: String::new(),
+    };
+    entry.hash = entry.compute_hash();
+    sqlx::query(
+        "INSERT INTO audit_log (seq, occurred_at, request_id, event_type, actor, detail, \
+         prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(seq)
+    .bind(entry.occurred_at)
+    .bind(entry.request_id)
+    .bind(i64::from(entry.event_type))
+    .bind(entry.actor)
+    .bind(entry.detail)
+    .bind(entry.prev_hash)
+    .bind(entry.hash)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+impl Store {
+    /// Begins a transaction that may append to the audit trail, holding the append lock
+    /// from its first statement (see the module documentation).
+    pub(crate) async fn begin_audited(&self) -> Result<AuditTx> {
+        let mut tx = self.db.pool.begin().await?;
+        if let Some(lock) = self.db.backend.transaction_lock() {
+            sqlx::query(lock)
+                .bind(AUDIT_LOCK_KEY)
+                .fetch_one(&mut *tx)
+                .await?;
+        }
+        Ok(AuditTx {
+            tx,
+            text_key: self.text_key.clone(),
+        })
+    }
+
+    /// Up to `limit` entries after `after_seq`, oldest first.
+    pub async fn audit_entries(&self, after_seq: u64, limit: i64) -> Result<Vec<Entry>> {
+        let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+        Ok(sqlx::query_as(
+            "SELECT seq, occurred_at, request_id, event_type, actor, detail, prev_hash, hash \
+             FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.db.pool)
+        .await?)
+    }
+
+    /// The last entry of the audit trail (seq and hash), if any: what a checkpoint signs.
+    pub async fn audit_head(&self) -> Result<Option<(u64, String)>> {
+        let row: Option<(i64, String)> =
+            sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+                .fetch_optional(&self.db.pool)
+                .await?;
+        row.map(|(seq, hash)| Ok((u64::try_from(seq).context("audit seq")?, hash)))
+            .transpose()
+    }
+
+    /// The stored hash of audit entry `seq`, if there is one.
+    pub async fn audit_hash(&self, seq: u64) -> Result<Option<String>> {
+        let seq = i64::try_from(seq).context("audit seq")?;
+        Ok(
+            sqlx::query_scalar("SELECT hash FROM audit_log WHERE seq = $1")
+                .bind(seq)
+                .fetch_optional(&self.db.pool)
+                .await?,
+        )
+    }
+}
+
+impl dsrelay_runtime::audit::signer::Trail for Store {
+    async fn head(&self) -> Result<Option<(u64, String)>> {
+        self.audit_head().await
+    }
+
+    async fn hash_of(&self, seq: u64) -> Result<Option<String>> {
+        self.audit_hash(seq).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dsrelay_proto::v1::{DeliverRequest, RequestKind, TaskState};
+    use dsrelay_runtime::store::Db;
+
+    use super::*;
+    use crate::store::{Delivered, TaskKey, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+    use crate::task_machine::Transition;
+
+    /// The address the free text names; it must never reach the trail.
+    const MAIL: &str = "alice@example.fi";
+
+    /// Every kind of change the trail records besides deliveries' steps at a real runner:
+    /// an operator's step, an acknowledgement dead-lettered, requeued and accepted, an
+    /// export delivered, forgetting; each once, in order, in one valid chain, naming its
+    /// actor, with free text only as its keyed hash.
+    async fn every_change_is_an_entry(url: &str) {
+        let db = Db::connect(url).await.expect("connect");
+        db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+            .await
+            .expect("migrate");
+        let store = Store::new(db, b"test key");
+        let req = DeliverRequest {
+            request_id: "r-1".into(),
+            kind: RequestKind::Erasure as i32,
+            ..Default::default()
+        };
+        store
+            .accept("acme", &req, &["crm".into()], None, 1)
+            .await
+            .expect("accept");
+        let key = TaskKey {
+            controller: "acme".into(),
+            request_id: "r-1".into(),
+            subprocessor: "crm".into(),
+        };
+        let done = Transition {
+            state: TaskState::Completed,
+            records_affected: 3,
+            note: format!("deleted the rows of {MAIL}"),
+            ..Default::default()
+        };
+        let ops = "spiffe://dsrelay.dev/operator/ops";
+        store
+            .operator_transition(&key, 1, &done, 2, 1, ops)
+            .await
+            .expect("step")
+            .expect("moved");
+        let ack = store
+            .claim_acks(3, 10, 1000)
+            .await
+            .expect("claim")
+            .remove(0);
+        let rejection = format!("INVALID_ARGUMENT: note names {MAIL}");
+        assert!(store
+            .ack_rejected(ack.id, 4, &rejection, 4, 1)
+            .await
+            .expect("rejected"));
+        assert!(store
+            .requeue_dead_letter(ack.id, ops, 5)
+            .await
+            .expect("requeue"));
+        store.acks_sent(&[ack.id], 6).await.expect("sent");
+        // Sent twice (a lease run out, say): one entry.
+        store.acks_sent(&[ack.id], 7).await.expect("sent again");
+        let to = Delivered {
+            to: "registry",
+            files: 2,
+            bytes: 10,
+        };
+        store
+            .upload_finished(&key, 2, None, Some(&to), 8, 1)
+            .await
+            .expect("upload");
+        let due = store.requests_to_forget(100, 10).await.expect("due");
+        assert_eq!(due.len(), 1);
+        assert!(store
+            .forget_request(&due[0], "[]", 100, 9)
+            .await
+            .expect("forget"));
+
+        let entries = store.audit_entries(0, 100).await.expect("entries");
+        assert!(audit::verify(&entries).is_ok(), "{entries:#?}");
+        let text = |t: &str| {
+            format!(
+                "text hmac-sha256:{}",
+                keyed_digest(b"test key", AUDIT_TEXT_DOMAIN, t.as_bytes())
+            )
+        };
+        let seen: Vec<(ProcessorAuditEvent, i64, &str, String)> = entries
+            .iter()
+            .map(|e| {
+                let event = ProcessorAuditEvent::try_from(e.event_type).expect("event");
+                (event, e.occurred_at, e.actor.as_str(), e.detail.clone())
+            })
+            .collect();
+        use ProcessorAuditEvent::*;
+        assert_eq!(
+            seen,
+            [
+                (
+                    RequestAccepted,
+                    1,
+                    "acme",
+                    "controller acme: REQUEST_KIND_ERASURE accepted, tasks for crm".into()
+                ),
+                (
+                    TaskRecorded,
+                    2,
+                    ops,
+                    format!(
+                        "controller acme: subprocessor crm, change 2, TASK_STATE_COMPLETED, \
+                         records 3, note {}",
+                        text(&done.note)
+                    )
+                ),
+                (
+                    AckDeadLettered,
+                    4,
+                    "",
+                    format!(
+                        "controller acme: subprocessor crm, change 2 dead-lettered after 1 \
+                         rejections, last {}",
+                        text(&rejection)
+                    )
+                ),
+                (
+                    AckRequeued,
+                    5,
+                    ops,
+                    "controller acme: subprocessor crm, change 2 requeued".into()
+                ),
+                (
+                    AckAccepted,
+                    6,
+                    "",
+                    "controller acme: subprocessor crm, change 2 accepted by the registry".into()
+                ),
+                (
+                    ExportDelivered,
+                    8,
+                    "",
+                    "controller acme: subprocessor crm, export of 2 files, 10 bytes, delivered \
+                     to registry"
+                        .into()
+                ),
+                (
+                    RequestForgotten,
+                    9,
+                    "",
+                    "controller acme: raw identities, body, notes and exports removed; keyed \
+                     hashes kept"
+                        .into()
+                ),
+            ]
+        );
+        assert!(!format!("{entries:?}").contains("example.fi"));
+        // The triggers refuse changes and removals.
+        for sql in [
+            "UPDATE audit_log SET detail = 'nothing' WHERE seq = 2",
+            "DELETE FROM audit_log WHERE seq = 7",
+        ] {
+            assert!(
+                sqlx::query(sql).execute(&store.db.pool).await.is_err(),
+                "{sql}"
+            );
+        }
+        assert_eq!(store.audit_entries(0, 100).await.expect("entries"), entries);
+        // Paged, the same entries.
+        let (page, rest) = (
+            store.audit_entries(0, 3).await.expect("page"),
+            store.audit_entries(3, 100).await.expect("rest"),
+        );
+        assert_eq!([page, rest].concat(), entries);
+        store.db.pool.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_change_is_an_entry_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        every_change_is_an_entry(&format!("sqlite://{}/processor.db", dir.path().display())).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_change_is_an_entry_on_postgres() {
+        crate::test_postgres::on_postgres(|u, _| async move { every_change_is_an_entry(&u).await })
+            .await;
+    }
+}
