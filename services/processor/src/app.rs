@@ -9,11 +9,11 @@ use anyhow::{Context, Result};
 use dsrelay_connectors::Connector;
 use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceClient;
 use dsrelay_proto::v1::export_upload_service_client::ExportUploadServiceClient;
-use dsrelay_proto::v1::processor_operator_service_server::ProcessorOperatorServiceServer;
-use dsrelay_proto::v1::processor_service_server::ProcessorServiceServer;
+use dsrelay_proto::v1::processor_operator_service_server::{self, ProcessorOperatorServiceServer};
+use dsrelay_proto::v1::processor_service_server::{self, ProcessorServiceServer};
 use dsrelay_runtime::audit::signer::Checkpointer;
 use dsrelay_runtime::clock::Clock;
-use dsrelay_runtime::host::Host;
+use dsrelay_runtime::host::{Host, ReflectionRole};
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
 use dsrelay_runtime::store::Db;
 use dsrelay_runtime::tls::LiveTls;
@@ -234,15 +234,25 @@ impl App {
         let (runner, sender, uploader) = (shared.clone(), shared.clone(), shared.clone());
         let forgetting = shared.clone();
         let signing = shared.checkpoints.clone().map(|c| (c, shared.clone()));
-        let callers = shared
-            .config
-            .controllers
-            .iter()
-            .map(|c| c.identity.clone())
-            .chain(shared.config.operators.iter().cloned());
+        // Each caller sees in reflection only the service it may call.
+        let reflection = [
+            ReflectionRole {
+                callers: shared
+                    .config
+                    .controllers
+                    .iter()
+                    .map(|c| c.identity.clone())
+                    .collect(),
+                services: vec![processor_service_server::SERVICE_NAME],
+            },
+            ReflectionRole {
+                callers: shared.config.operators.clone(),
+                services: vec![processor_operator_service_server::SERVICE_NAME],
+            },
+        ];
         let host = Host::new("processor", &shared.config.service)
             .tls(tls)
-            .reflection_for(callers)
+            .reflection_for(reflection)
             .service(ProcessorOperatorServiceServer::new(OperatorApi::new(
                 shared.clone(),
             )))

@@ -14,7 +14,7 @@ use dsrelay_proto::v1::package_service_server::PackageServiceServer;
 use dsrelay_proto::v1::processor_service_client::ProcessorServiceClient;
 use dsrelay_proto::v1::request_service_server::RequestServiceServer;
 use dsrelay_runtime::clock::Clock;
-use dsrelay_runtime::host::Host;
+use dsrelay_runtime::host::{Host, ReflectionRole};
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
 use dsrelay_runtime::signing::PublicKey;
 use dsrelay_runtime::store::Db;
@@ -26,7 +26,7 @@ use tonic::transport::Channel;
 use crate::api::{Api, Uploading};
 use crate::auth::Authorizer;
 use crate::checkpoints::Checkpointer;
-use crate::config::Config;
+use crate::config::{Config, Role};
 use crate::intake::{self, Writer};
 use crate::packages::{FolderStore, Packages};
 use crate::store::{Store, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
@@ -223,15 +223,9 @@ impl App {
             .checkpoints
             .clone()
             .map(|c| (c, shared.store.clone(), shared.clock.clone()));
-        let callers = shared
-            .config
-            .identities
-            .iter()
-            .map(|i| i.identity.clone())
-            .chain(shared.config.processors.iter().map(|p| p.identity.clone()));
         let host = Host::new("registry", &shared.config.service)
             .tls(tls)
-            .reflection_for(callers)
+            .reflection_for(reflection_roles(&shared.config))
             .service(
                 RequestServiceServer::new(api.clone())
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -286,4 +280,46 @@ impl App {
             None => host,
         }
     }
+}
+
+/// Who sees what in server reflection: each role only the services it may call.
+fn reflection_roles(config: &Config) -> Vec<ReflectionRole> {
+    use dsrelay_proto::v1::{
+        acknowledgement_service_server as acks, certificate_service_server as certificates,
+        contract_service_server as contracts, export_upload_service_server as uploads,
+        package_service_server as packages, request_service_server as requests,
+    };
+    let people = |role: Role| {
+        config
+            .identities
+            .iter()
+            .filter(|i| i.role == role)
+            .map(|i| i.identity.clone())
+            .collect()
+    };
+    let partner_services = vec![
+        requests::SERVICE_NAME,
+        certificates::SERVICE_NAME,
+        packages::SERVICE_NAME,
+    ];
+    let mut operator_services = partner_services.clone();
+    operator_services.push(contracts::SERVICE_NAME);
+    vec![
+        ReflectionRole {
+            callers: people(Role::Partner),
+            services: partner_services,
+        },
+        ReflectionRole {
+            callers: people(Role::Operator),
+            services: operator_services,
+        },
+        ReflectionRole {
+            callers: config
+                .processors
+                .iter()
+                .map(|p| p.identity.clone())
+                .collect(),
+            services: vec![acks::SERVICE_NAME, uploads::SERVICE_NAME],
+        },
+    ]
 }

@@ -276,6 +276,10 @@ pub struct WatchConfig {
     /// change in this process woke it. Changes made through another replica sharing the
     /// database wake nobody here, so this bounds how late a watcher hears of them.
     pub poll_interval_ms: u64,
+    /// How long one Watch stream may stay open (ms): then it ends with UNAVAILABLE naming
+    /// the `after_event_id` to watch again from, so that a stream its caller never closes,
+    /// or never reads, does not hold a task and a slot forever.
+    pub max_stream_ms: u64,
 }
 
 impl Default for WatchConfig {
@@ -283,6 +287,7 @@ impl Default for WatchConfig {
         Self {
             streams_per_caller: 32,
             poll_interval_ms: 1_000,
+            max_stream_ms: 3_600_000,
         }
     }
 }
@@ -459,6 +464,9 @@ impl Config {
         }
         if self.watch.poll_interval_ms == 0 {
             errors.push("watch.poll_interval_ms: must be at least 1".into());
+        }
+        if self.watch.max_stream_ms == 0 {
+            errors.push("watch.max_stream_ms: must be at least 1".into());
         }
         if self.contracts.grace_months == 0 || self.contracts.grace_months > 120 {
             errors.push("contracts.grace_months: must be 1 to 120".into());

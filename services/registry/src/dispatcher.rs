@@ -5,7 +5,20 @@
 //! dead-lettered after `delivery.max_refusals` refusals: no longer sent, shown in Get and the
 //! request's events, counted in `dsrelay_deliveries_dead_lettered_total`, until an operator
 //! requeues it (`RequestService.RequeueDelivery`, which also wakes this loop).
+//!
+//! Each claim leases its row under a random token on the database's clock
+//! ([`Store::claim_deliveries`](crate::store::Store::claim_deliveries)); the outcome of an
+//! attempt is recorded only while that claim still holds the row, so a dispatcher paused past
+//! its lease records nothing over the replica that took the row since.
+//!
+//! When the registry stops (its [`Stop`](dsrelay_runtime::host::Stop) turns true) no row is
+//! claimed any more; calls in flight get `shutdown_grace_ms` to finish and be recorded. A call
+//! still waiting for its processor then is dropped and its lease released on the spot
+//! ([`Store::release_delivery`](crate::store::Store::release_delivery)), so another replica
+//! sends the row at once instead of waiting `delivery.lease_ms`; the processor deduplicates
+//! the second Deliver.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,11 +33,65 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::app::Shared;
-use crate::store::{DeliveryJob, Operation};
+use crate::store::{DeliveryJob, FailureRecorded, Operation};
 
-/// Runs until `stop` turns true.
+/// What the dispatcher did once shutdown began, for the log line it ends with.
+#[derive(Default)]
+struct Stopping {
+    /// Attempts that ended (and were recorded, or found their lease lost) after the stop.
+    finished: AtomicUsize,
+    /// Leases given up by calls dropped at the end of the grace.
+    released: AtomicUsize,
+}
+
+/// Runs until `stop` turns true, then lets the calls in flight finish within the grace,
+/// drops and releases the rest, and logs what it finished, released and left queued.
 pub(crate) async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
+    let grace = Duration::from_millis(shared.config.service.shutdown_grace_ms);
+    let (abandon_tx, abandon) = watch::channel(false);
+    let deadline = {
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            if stop.wait_for(|s| *s).await.is_ok() {
+                tokio::time::sleep(grace).await;
+                abandon_tx.send_replace(true);
+            }
+        })
+    };
+    let tally = Arc::new(Stopping::default());
+    pool(shared.clone(), stop.clone(), grace, abandon, tally.clone()).await;
+    deadline.abort();
+    if *stop.borrow() {
+        let left = shared
+            .store
+            .unsent_delivery_count()
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "counting queued deliveries failed"
+                );
+                -1
+            });
+        tracing::info!(
+            finished = tally.finished.load(Ordering::SeqCst),
+            released = tally.released.load(Ordering::SeqCst),
+            left_queued = left,
+            "dispatcher stopped"
+        );
+    }
+}
+
+/// The claim-and-send loop.
+async fn pool(
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+    grace: Duration,
+    abandon: watch::Receiver<bool>,
+    tally: Arc<Stopping>,
+) {
     let cfg = shared.config.delivery.clone();
+    let stopping = stop.clone();
     let settings = PoolSettings {
         concurrency: cfg.concurrency,
         batch: cfg.batch_size as usize,
@@ -36,7 +103,8 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
         settings,
         &shared.dispatch_wakeup,
         stop,
-        Duration::from_secs(10),
+        // Dropped calls release their leases within the margin after the grace.
+        grace + dsrelay_runtime::host::SHUTDOWN_MARGIN / 2,
         move |n| {
             let shared = claimer.clone();
             async move {
@@ -52,6 +120,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
         },
         move |job| {
             let shared = runner.clone();
+            let (stopping, abandon, tally) = (stopping.clone(), abandon.clone(), tally.clone());
             // Each attempt is a span of the request's trace, a child of its intake.
             let span = tracing::info_span!(
                 "deliver",
@@ -64,7 +133,20 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
             if let Some(tp) = &job.traceparent {
                 trace_context::set_parent(&span, trace_context::from_traceparent(tp));
             }
-            async move { attempt(&shared, job).await }.instrument(span)
+            async move {
+                let outcome = attempt(&shared, job, abandon).await;
+                let stopped = *stopping.borrow();
+                match outcome {
+                    Attempt::Ended if stopped => {
+                        tally.finished.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Attempt::Released => {
+                        tally.released.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Attempt::Ended | Attempt::Dropped => {}
+                }
+            }
+            .instrument(span)
         },
     )
     .await;
@@ -82,13 +164,98 @@ fn propagate(metadata: &mut tonic::metadata::MetadataMap, trace_id: &str) {
     }
 }
 
-async fn attempt(shared: &Shared, job: DeliveryJob) {
+/// How an attempt ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Attempt {
+    /// The processor answered (or could not be called) and that was recorded, or found the
+    /// lease lost.
+    Ended,
+    /// The shutdown grace ended during the call: it was dropped and its lease released.
+    Released,
+    /// As `Released`, but the lease could not be released (already lost, or the store
+    /// failed): it runs out instead.
+    Dropped,
+}
+
+/// One attempt: the call, raced against the end of the shutdown grace, then its outcome.
+async fn attempt(shared: &Shared, job: DeliveryJob, abandon: watch::Receiver<bool>) -> Attempt {
+    let call = tokio::select! {
+        result = call(shared, &job) => result,
+        () = abandoned(abandon) => return release(shared, &job).await,
+    };
+    match call {
+        Call::Answered(Ok(tasks)) => {
+            tracing::info!(tasks = tasks.len(), "processor accepted");
+            match shared
+                .store
+                .delivery_succeeded(&job, &tasks, shared.clock.now_ms())
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(
+                    "lease lost to another claim; the processor's acceptance is not recorded"
+                ),
+                // The lease expires and the row is sent again; the processor deduplicates.
+                Err(e) => tracing::error!(error = format!("{e:#}"), "recording a delivery failed"),
+            }
+            shared.publish(&job.request_id);
+        }
+        Call::Answered(Err(status)) => {
+            let message = format!("{:?}: {}", status.code(), status.message());
+            record_failure(shared, &job, &message, is_refusal(status.code())).await;
+        }
+        Call::NotMade { error, refused } => record_failure(shared, &job, error, refused).await,
+    }
+    Attempt::Ended
+}
+
+/// Resolves when the shutdown grace is over.
+async fn abandoned(mut abandon: watch::Receiver<bool>) {
+    if abandon.wait_for(|a| *a).await.is_err() {
+        // The grace's timer is gone without ending the grace: it never ends.
+        std::future::pending::<()>().await;
+    }
+}
+
+/// A call dropped at the end of the shutdown grace gives its lease up, so that another
+/// replica sends the row at once; nothing is recorded for it.
+async fn release(shared: &Shared, job: &DeliveryJob) -> Attempt {
+    match shared.store.release_delivery(job).await {
+        Ok(true) => {
+            tracing::warn!("shutting down: call dropped and its lease released");
+            Attempt::Released
+        }
+        Ok(false) => {
+            tracing::warn!("shutting down: call dropped; its lease was already lost");
+            Attempt::Dropped
+        }
+        Err(e) => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "shutting down: call dropped; releasing its lease failed, it runs out instead"
+            );
+            Attempt::Dropped
+        }
+    }
+}
+
+/// What calling the processor came to.
+enum Call {
+    /// The processor's answer: the tasks it reported, or its status.
+    Answered(Result<Vec<dsrelay_proto::v1::TaskStatus>, tonic::Status>),
+    /// No call could be made; `refused`: retrying cannot help.
+    NotMade { error: &'static str, refused: bool },
+}
+
+async fn call(shared: &Shared, job: &DeliveryJob) -> Call {
     shared.metrics.delivery_attempts.inc(&[&job.processor]);
     let cfg = &shared.config.delivery;
     let Some(client) = shared.processors.get(&job.processor) else {
         // The processor was removed from the configuration; keep the row for an operator.
-        record_failure(shared, &job, "processor is no longer configured", false).await;
-        return;
+        return Call::NotMade {
+            error: "processor is no longer configured",
+            refused: false,
+        };
     };
     let mut client = client.clone();
     let timeout = Duration::from_millis(cfg.call_timeout_ms);
@@ -99,7 +266,7 @@ async fn attempt(shared: &Shared, job: DeliveryJob) {
                 .as_deref()
                 .and_then(|b| SubmitRequest::decode(b).ok())
                 .unwrap_or_default();
-            let mut req = tonic::Request::new(deliver_request(&job, body, |name| {
+            let mut req = tonic::Request::new(deliver_request(job, body, |name| {
                 shared.config.recipient(name)
             }));
             req.set_timeout(timeout);
@@ -117,8 +284,10 @@ async fn attempt(shared: &Shared, job: DeliveryJob) {
         }
         Operation::Update => {
             let Some(terms) = job.terms.contract_end() else {
-                record_failure(shared, &job, "the request is not a contract end", true).await;
-                return;
+                return Call::NotMade {
+                    error: "the request is not a contract end",
+                    refused: true,
+                };
             };
             let recipient = contract_recipient(&terms, |name| shared.config.recipient(name));
             let mut req = tonic::Request::new(UpdateContractEndRequest {
@@ -134,24 +303,7 @@ async fn attempt(shared: &Shared, job: DeliveryJob) {
                 .map(|r| r.into_inner().tasks)
         }
     };
-    match result {
-        Ok(tasks) => {
-            tracing::info!(tasks = tasks.len(), "processor accepted");
-            if let Err(e) = shared
-                .store
-                .delivery_succeeded(&job, &tasks, shared.clock.now_ms())
-                .await
-            {
-                // The lease expires and the row is sent again; the processor deduplicates.
-                tracing::error!(error = format!("{e:#}"), "recording a delivery failed");
-            }
-            shared.publish(&job.request_id);
-        }
-        Err(status) => {
-            let message = format!("{:?}: {}", status.code(), status.message());
-            record_failure(shared, &job, &message, is_refusal(status.code())).await;
-        }
-    }
+    Call::Answered(result)
 }
 
 /// The Deliver of `job`'s request: a TRANSFER carries its recipient as `recipient` finds it
@@ -246,14 +398,17 @@ async fn record_failure(shared: &Shared, job: &DeliveryJob, error: &str, refused
         )
         .await
     {
-        Ok(true) => {
+        Ok(FailureRecorded::DeadLettered) => {
             shared
                 .metrics
                 .deliveries_dead_lettered
                 .inc(&[&job.processor]);
             tracing::error!(error, "delivery dead-lettered after repeated refusal");
         }
-        Ok(false) => {}
+        Ok(FailureRecorded::Retrying) => {}
+        Ok(FailureRecorded::LeaseLost) => {
+            tracing::warn!("lease lost to another claim; the failed attempt is not recorded")
+        }
         Err(e) => tracing::error!(
             error = format!("{e:#}"),
             "recording a delivery failure failed"
@@ -281,6 +436,7 @@ mod tests {
             traceparent: None,
             kind: RequestKind::Transfer as i64,
             terms: Default::default(),
+            lease_owner: String::new(),
         }
     }
 

@@ -23,7 +23,12 @@ pub(crate) async fn refresh_chain(shared: Arc<Shared>, mut stop: watch::Receiver
             req.set_timeout(Duration::from_millis(
                 shared.config.delivery.call_timeout_ms,
             ));
-            let report = match client.clone().list_subprocessors(req).await {
+            let mut client = client.clone();
+            let answer = tokio::select! {
+                a = client.list_subprocessors(req) => a,
+                () = stopped(&mut stop) => return,
+            };
+            let report = match answer {
                 Ok(r) => ChainReport::Listed(r.into_inner().encode_to_vec()),
                 Err(s) => {
                     let e = format!("{:?}: {}", s.code(), s.message());
@@ -76,7 +81,14 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             req.set_timeout(Duration::from_millis(
                 shared.config.delivery.call_timeout_ms,
             ));
-            match client.clone().get_status(req).await {
+            // A processor slow to answer does not hold the registry's shutdown; the question
+            // is asked again after the restart.
+            let mut client = client.clone();
+            let answer = tokio::select! {
+                a = client.get_status(req) => a,
+                () = stopped(&mut stop) => return,
+            };
+            match answer {
                 Ok(resp) => {
                     let tasks = resp.into_inner().tasks;
                     match shared
@@ -107,4 +119,9 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             }
         }
     }
+}
+
+/// Resolves once `stop` is true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }

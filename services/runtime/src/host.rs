@@ -17,7 +17,8 @@
 //! service's own when it has outbound channels over the same files, [`Host::tls`]) and runs
 //! its watcher as one more worker, so a changed certificate, key, CA bundle or revocation
 //! list (or a SIGHUP) takes effect for the next connection in and out. When shutdown begins
-//! the server stops accepting and finishes the calls in flight, and at the same moment every
+//! the server stops accepting and lets the calls in flight finish within the grace (then
+//! their connections are closed), and at the same moment every
 //! worker (and the admin port) is told to stop through its [`Stop`] receiver. A worker
 //! finishes its work in flight within the grace (`shutdown_grace_ms`, [`Host::grace`]),
 //! abandons and releases what is still running then, and returns; workers still running
@@ -26,7 +27,7 @@
 //! [`main`] is what the service binaries share: load the configuration (exit 64 when it is
 //! bad), set up telemetry, bind, run, shut telemetry down.
 
-use std::collections::BTreeSet;
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::path::Path;
@@ -41,7 +42,6 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::body::Body;
 use tonic::server::NamedService;
-use tonic::service::interceptor::InterceptedService;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
 
@@ -83,8 +83,21 @@ pub struct Host {
     workers: Vec<(&'static str, Worker)>,
     /// How long work in flight gets to finish once shutdown begins.
     grace: Duration,
-    /// Who may use server reflection; `None`: anyone the CA certified.
-    reflection_callers: Option<Arc<BTreeSet<String>>>,
+    /// How long a unary call may run ([`crate::server::UnaryLimitLayer`]).
+    call_limit: Duration,
+    /// Who may use server reflection and what each sees; `None`: anyone the CA certified
+    /// sees every service.
+    reflection_roles: Option<Vec<ReflectionRole>>,
+}
+
+/// One role's view of server reflection ([`Host::reflection_for`]).
+#[derive(Debug, Clone)]
+pub struct ReflectionRole {
+    /// The certificate identities of the role's callers.
+    pub callers: Vec<String>,
+    /// The services (full names, `dsrelay.v1.RequestService`) the role may call: the only
+    /// ones its callers see, besides health checking and reflection itself.
+    pub services: Vec<&'static str>,
 }
 
 impl Host {
@@ -103,15 +116,17 @@ impl Host {
             scrape: Arc::new(|| Box::pin(async { Ok(String::new()) })),
             workers: Vec::new(),
             grace: Duration::from_millis(settings.shutdown_grace_ms),
-            reflection_callers: None,
+            call_limit: Duration::from_millis(settings.call_limit_ms),
+            reflection_roles: None,
         }
     }
 
-    /// Answers server reflection only to callers with one of `identities` (the service's
-    /// configured parties): the API's shape is no business of a certificate the CA issued to
-    /// someone this service does not know. Others get PERMISSION_DENIED.
-    pub fn reflection_for(mut self, identities: impl IntoIterator<Item = String>) -> Self {
-        self.reflection_callers = Some(Arc::new(identities.into_iter().collect()));
+    /// Answers server reflection only to the callers of `roles` (the service's configured
+    /// parties), each seeing only the services its role may call: the API's shape is no
+    /// business of a certificate the CA issued to someone this service does not know, and a
+    /// partner learns nothing of the operators' services. Others get PERMISSION_DENIED.
+    pub fn reflection_for(mut self, roles: impl IntoIterator<Item = ReflectionRole>) -> Self {
+        self.reflection_roles = Some(roles.into_iter().collect());
         self
     }
 
@@ -203,17 +218,21 @@ impl Host {
                 .with_context(|| format!("loading the {name}'s TLS files"))?,
         };
         let watcher = live.watcher()?;
-        let router = crate::server::plain_builder()
+        let router = crate::server::plain_builder(self.call_limit)
             .add_routes(self.routes)
-            .add_service(health_service)
-            .add_service(InterceptedService::new(
-                crate::server::reflection()?,
-                reflection_gate(self.reflection_callers.clone()),
-            ))
-            .add_service(InterceptedService::new(
-                crate::server::reflection_v1alpha()?,
-                reflection_gate(self.reflection_callers.clone()),
-            ));
+            .add_service(health_service);
+        let router = match &self.reflection_roles {
+            None => router
+                .add_service(crate::server::reflection(None)?)
+                .add_service(crate::server::reflection_v1alpha(None)?),
+            Some(roles) => router
+                .add_service(ByRole::build(roles, |only| {
+                    crate::server::reflection(Some(only))
+                })?)
+                .add_service(ByRole::build(roles, |only| {
+                    crate::server::reflection_v1alpha(Some(only))
+                })?),
+        };
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut running: Vec<(&'static str, JoinHandle<()>)> = self
@@ -239,7 +258,8 @@ impl Host {
             tracing::info!(service = name, ?grace, "shutting down");
             let _ = signal.send(true);
         };
-        let served = crate::server::serve_tls(router, listener, live, shutdown).await;
+        // Calls get the same grace as the workers, counted from the same signal.
+        let served = crate::server::serve_tls(router, listener, live, shutdown, grace).await;
         // Nobody listening any more is fine: every worker has already returned.
         let _ = stop_tx.send(true);
         let began = began
@@ -310,21 +330,87 @@ where
     }
 }
 
-/// The check in front of server reflection: the caller must be one of `callers` (when set).
-fn reflection_gate(
-    callers: Option<Arc<BTreeSet<String>>>,
-) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
-    move |req: tonic::Request<()>| {
-        let Some(callers) = &callers else {
-            return Ok(req);
-        };
-        match crate::tls::peer_identity(&req) {
-            Ok(identity) if callers.contains(&identity) => Ok(req),
-            Ok(identity) => Err(tonic::Status::permission_denied(format!(
-                "server reflection answers this service's configured callers; {identity} is \
-                 not one"
-            ))),
-            Err(why) => Err(tonic::Status::permission_denied(why)),
+/// Server reflection by the caller's role: one reflection service per role, describing
+/// only that role's services, and the caller's certificate identity picks which answers.
+#[derive(Clone)]
+struct ByRole<S> {
+    /// Certificate identity → index in `servers`.
+    roles: Arc<HashMap<String, usize>>,
+    servers: Vec<S>,
+}
+
+impl<S> ByRole<S> {
+    fn build(roles: &[ReflectionRole], server: impl Fn(&[&str]) -> Result<S>) -> Result<Self> {
+        let mut by_identity = HashMap::new();
+        let mut servers = Vec::with_capacity(roles.len());
+        for (i, role) in roles.iter().enumerate() {
+            servers.push(server(&role.services)?);
+            for caller in &role.callers {
+                by_identity.insert(caller.clone(), i);
+            }
+        }
+        Ok(Self {
+            roles: Arc::new(by_identity),
+            servers,
+        })
+    }
+
+    /// The reflection service for the caller of `req`, or why it has none.
+    fn server_for<B>(&self, req: &http::Request<B>) -> Result<&S, String> {
+        use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+        let leaf = req
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(|info| info.peer_certs())
+            .and_then(|certs| certs.first().cloned())
+            .ok_or("no client certificate was presented")?;
+        let identity = crate::tls::checked_identity(leaf.as_ref())?;
+        self.roles
+            .get(&identity)
+            .map(|&i| &self.servers[i])
+            .ok_or_else(|| {
+                format!(
+                    "server reflection answers this service's configured callers; {identity} \
+                     is not one"
+                )
+            })
+    }
+}
+
+impl<S: NamedService> NamedService for ByRole<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> tower::Service<http::Request<Body>> for ByRole<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        // Each call clones the server it goes to, which is ready then (tonic's always are).
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        match self.server_for(&req) {
+            Ok(server) => {
+                let mut server = server.clone();
+                Box::pin(async move { server.call(req).await })
+            }
+            Err(why) => {
+                let denied = tonic::Status::permission_denied(why).into_http();
+                Box::pin(async move { Ok(denied) })
+            }
         }
     }
 }
@@ -396,6 +482,165 @@ mod tests {
             stubborn_dropped.load(Ordering::SeqCst),
             "the stubborn worker was aborted"
         );
+    }
+
+    /// A stream the client never closes holds the server only for the grace (not a fixed
+    /// drain time): then its connection is closed and `run` returns.
+    #[tokio::test]
+    async fn calls_still_open_get_the_grace_then_their_connections_close() {
+        use tonic_health::pb::health_client::HealthClient;
+        use tonic_health::pb::HealthCheckRequest;
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(&dir.path().join("pki")).unwrap();
+        let settings =
+            ServiceSettings::new("127.0.0.1:0", "sqlite::memory:", pki.files("registry"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let grace = Duration::from_millis(300);
+        let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(Host::new("test", &settings).grace(grace).run_with_admin(
+            listener,
+            None,
+            async move {
+                let _ = shutdown_rx.await;
+            },
+        ));
+        let tls = pki.files("operator").client_config().unwrap();
+        let channel =
+            crate::tls::channel(&format!("https://localhost:{port}"), None, &tls).unwrap();
+        // A health Watch stays open until the server goes.
+        let mut stream = HealthClient::new(channel)
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(stream.message().await.unwrap().is_some());
+        let began = std::time::Instant::now();
+        shutdown_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(4), run)
+            .await
+            .expect("run returns once the grace is over, not after a fixed drain")
+            .unwrap()
+            .unwrap();
+        let took = began.elapsed();
+        assert!(took >= grace, "the open call got the grace: {took:?}");
+        assert!(
+            took < grace + SHUTDOWN_MARGIN,
+            "returned within grace and margin: {took:?}"
+        );
+        let ended = tokio::time::timeout(Duration::from_secs(2), stream.message())
+            .await
+            .expect("the stream ended with its connection");
+        assert!(!matches!(ended, Ok(Some(_))), "{ended:?}");
+    }
+
+    /// A `dsrelay.v1.RequestService` whose handlers never answer; each call's handler sets
+    /// its flag when it is dropped.
+    #[derive(Clone)]
+    struct Stuck(Arc<std::sync::Mutex<Vec<Arc<AtomicBool>>>>);
+
+    impl NamedService for Stuck {
+        const NAME: &'static str = "dsrelay.v1.RequestService";
+    }
+
+    impl tower::Service<http::Request<Body>> for Stuck {
+        type Response = http::Response<Body>;
+        type Error = Infallible;
+        type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+        fn poll_ready(
+            &mut self,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Infallible>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _req: http::Request<Body>) -> Self::Future {
+            struct Flag(Arc<AtomicBool>);
+            impl Drop for Flag {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::SeqCst);
+                }
+            }
+            let dropped = Arc::new(AtomicBool::new(false));
+            self.0.lock().unwrap().push(dropped.clone());
+            let flag = Flag(dropped);
+            Box::pin(async move {
+                let _flag = flag;
+                std::future::pending().await
+            })
+        }
+    }
+
+    /// A unary call whose handler is stuck ends after `call_limit_ms` with DEADLINE_EXCEEDED
+    /// naming the limit, its handler dropped; a caller's shorter deadline ends it first; a
+    /// streaming call is not cut by the limit.
+    #[tokio::test]
+    async fn a_stuck_unary_call_ends_at_the_call_limit() {
+        use dsrelay_proto::v1::request_service_client::RequestServiceClient;
+        use dsrelay_proto::v1::{GetRequest, WatchRequest};
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(&dir.path().join("pki")).unwrap();
+        let mut settings =
+            ServiceSettings::new("127.0.0.1:0", "sqlite::memory:", pki.files("registry"));
+        settings.call_limit_ms = 300;
+        let handlers = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (_shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+        let host = Host::new("test", &settings).service(Stuck(handlers.clone()));
+        tokio::spawn(host.run_with_admin(listener, None, async move {
+            let _ = shutdown_rx.await;
+        }));
+        let tls = pki.files("operator").client_config().unwrap();
+        let channel =
+            crate::tls::channel(&format!("https://localhost:{port}"), None, &tls).unwrap();
+        let mut client = RequestServiceClient::new(channel);
+
+        let began = std::time::Instant::now();
+        let status = client
+            .get(GetRequest::default())
+            .await
+            .expect_err("a stuck handler never answers");
+        let took = began.elapsed();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        assert!(
+            status.message().contains("300 ms (call_limit_ms)"),
+            "{status:?}"
+        );
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            handlers.lock().unwrap()[0].load(Ordering::SeqCst),
+            "the stuck handler was dropped"
+        );
+
+        let mut shorter = tonic::Request::new(GetRequest::default());
+        shorter.set_timeout(Duration::from_millis(100));
+        let began = std::time::Instant::now();
+        let status = client.get(shorter).await.expect_err("still stuck");
+        // The client's own timer or the server's, whichever fires first.
+        let deadline = [tonic::Code::Cancelled, tonic::Code::DeadlineExceeded];
+        assert!(deadline.contains(&status.code()), "{status:?}");
+        assert!(
+            !status.message().contains("call_limit_ms"),
+            "the caller's own deadline ended it: {status:?}"
+        );
+        assert!(began.elapsed() < Duration::from_millis(300));
+
+        let mut watch = tonic::Request::new(WatchRequest::default());
+        watch.set_timeout(Duration::from_millis(800));
+        let began = std::time::Instant::now();
+        let status = client.watch(watch).await.expect_err("stuck too");
+        assert!(deadline.contains(&status.code()), "{status:?}");
+        assert!(
+            !status.message().contains("call_limit_ms"),
+            "a stream is not cut by the unary limit: {status:?}"
+        );
+        assert!(began.elapsed() >= Duration::from_millis(800));
     }
 
     #[tokio::test]

@@ -96,10 +96,18 @@ pub struct ServiceSettings {
     /// released, so another replica takes it over at once; the process exits within this
     /// plus [`crate::host::SHUTDOWN_MARGIN`].
     pub shutdown_grace_ms: u64,
+    /// The longest a unary call may run at this service (ms; default
+    /// [`DEFAULT_CALL_LIMIT_MS`]): then it is ended with DEADLINE_EXCEEDED naming this limit,
+    /// so that a stuck handler cannot hold the service's resources. A caller's shorter
+    /// deadline still ends it first. Streaming calls are not limited by it.
+    pub call_limit_ms: u64,
 }
 
 /// The default of `shutdown_grace_ms`: 10 s.
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
+
+/// The default of `call_limit_ms`: 60 s.
+pub const DEFAULT_CALL_LIMIT_MS: u64 = 60_000;
 
 /// The shortest `admin_token` accepted: guessing it must not be practical.
 pub const MIN_ADMIN_TOKEN: usize = 16;
@@ -127,6 +135,7 @@ struct FileSettings {
     #[serde(default)]
     log_json: bool,
     shutdown_grace_ms: Option<u64>,
+    call_limit_ms: Option<u64>,
 }
 
 impl ServiceSettings {
@@ -141,6 +150,7 @@ impl ServiceSettings {
             trust_domain: None,
             log_json: false,
             shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
+            call_limit_ms: DEFAULT_CALL_LIMIT_MS,
         }
     }
 
@@ -162,6 +172,7 @@ impl ServiceSettings {
             trust_domain: file.trust_domain,
             log_json: file.log_json,
             shutdown_grace_ms: file.shutdown_grace_ms.unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS),
+            call_limit_ms: file.call_limit_ms.unwrap_or(DEFAULT_CALL_LIMIT_MS),
         })
     }
 
@@ -200,6 +211,9 @@ impl ServiceSettings {
         }
         if self.shutdown_grace_ms == 0 {
             errors.push("shutdown_grace_ms: must be at least 1".to_string());
+        }
+        if self.call_limit_ms == 0 {
+            errors.push("call_limit_ms: must be at least 1".to_string());
         }
         // The URL is not repeated: it may carry a password.
         let url = &self.database_url;
@@ -272,6 +286,22 @@ mod tests {
             .service
             .validate()
             .contains(&"shutdown_grace_ms: must be at least 1".to_string()));
+        assert_eq!(s.service.call_limit_ms, DEFAULT_CALL_LIMIT_MS);
+        let s = parse(&format!(
+            "call_limit_ms = 1500
+{TLS}"
+        ))
+        .unwrap();
+        assert_eq!(s.service.call_limit_ms, 1500);
+        let s = parse(&format!(
+            "call_limit_ms = 0
+{TLS}"
+        ))
+        .unwrap();
+        assert!(s
+            .service
+            .validate()
+            .contains(&"call_limit_ms: must be at least 1".to_string()));
         let s = parse(&format!(
             "listen = \"0.0.0.0:5\"\nadmin_listen = \"127.0.0.1:6\"\n{TLS}"
         ))

@@ -36,6 +36,17 @@ impl Backend {
         }
     }
 
+    /// The database's clock in epoch milliseconds, as an SQL expression (BIGINT). Leases are
+    /// set and compared on it, never on a replica's clock: replicas sharing a database then
+    /// agree on who holds a row however far their own clocks drift, and tests that move a
+    /// service's clock move due dates and retries, not leases.
+    pub fn now_ms(self) -> &'static str {
+        match self {
+            Self::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)",
+            Self::Postgres => "(extract(epoch from clock_timestamp()) * 1000)::bigint",
+        }
+    }
+
     /// Appended to a `SELECT` that reads rows the transaction goes on to decide from, so that a
     /// concurrent transaction deciding from the same rows waits for this one to end. Empty on
     /// SQLite, whose single writer already serializes transactions.

@@ -198,6 +198,10 @@ pub struct PairOptions {
     /// How often the registry and the processor look for changed TLS files (ms; `None`:
     /// their default).
     pub tls_reload_ms: Option<u64>,
+    /// `shutdown_grace_ms` of the registry and the processor (`None`: the default).
+    pub shutdown_grace_ms: Option<u64>,
+    /// The registry's `[watch]` table (`None`: its defaults).
+    pub watch: Option<dsrelay_registry::config::WatchConfig>,
 }
 
 impl Default for PairOptions {
@@ -227,6 +231,8 @@ impl Default for PairOptions {
             processor_endpoint: None,
             revocation_list: false,
             tls_reload_ms: None,
+            shutdown_grace_ms: None,
+            watch: None,
         }
     }
 }
@@ -430,7 +436,11 @@ mod configs {
                 tls: service_tls(plan, "registry"),
                 trust_domain: None,
                 log_json: plan.opts.log_json,
-                shutdown_grace_ms: dsrelay_runtime::settings::DEFAULT_SHUTDOWN_GRACE_MS,
+                shutdown_grace_ms: plan
+                    .opts
+                    .shutdown_grace_ms
+                    .unwrap_or(dsrelay_runtime::settings::DEFAULT_SHUTDOWN_GRACE_MS),
+                call_limit_ms: dsrelay_runtime::settings::DEFAULT_CALL_LIMIT_MS,
             },
             identities: vec![
                 party("partner", "crm", Role::Partner),
@@ -470,7 +480,7 @@ mod configs {
                 chain_interval_ms: 2000,
                 max_backoff_ms: 60_000,
             },
-            watch: Default::default(),
+            watch: plan.opts.watch.clone().unwrap_or_default(),
             identity_hash_key: "test registry key".into(),
             forget_after_days: plan.opts.forget_after_days,
             forget_sweep_interval_ms: 200,
@@ -582,7 +592,11 @@ mod configs {
                 tls: service_tls(plan, "processor"),
                 trust_domain: None,
                 log_json: plan.opts.log_json,
-                shutdown_grace_ms: dsrelay_runtime::settings::DEFAULT_SHUTDOWN_GRACE_MS,
+                shutdown_grace_ms: plan
+                    .opts
+                    .shutdown_grace_ms
+                    .unwrap_or(dsrelay_runtime::settings::DEFAULT_SHUTDOWN_GRACE_MS),
+                call_limit_ms: dsrelay_runtime::settings::DEFAULT_CALL_LIMIT_MS,
             },
             controllers: [(super::CONTROLLER, "controller")]
                 .into_iter()
@@ -658,6 +672,7 @@ mod configs {
                 trust_domain: None,
                 log_json: plan.opts.log_json,
                 shutdown_grace_ms: dsrelay_runtime::settings::DEFAULT_SHUTDOWN_GRACE_MS,
+                call_limit_ms: dsrelay_runtime::settings::DEFAULT_CALL_LIMIT_MS,
             },
             allowed_identities: vec![dev_identity("processor", PROCESSOR)],
             confirm_delay_ms: plan.opts.newsletter_confirm_delay_ms,
@@ -679,6 +694,7 @@ mod configs {
                 trust_domain: None,
                 log_json: plan.opts.log_json,
                 shutdown_grace_ms: dsrelay_runtime::settings::DEFAULT_SHUTDOWN_GRACE_MS,
+                call_limit_ms: dsrelay_runtime::settings::DEFAULT_CALL_LIMIT_MS,
             },
             name: RECIPIENT.into(),
             data_dir: plan.recipient_data.clone(),
@@ -1016,6 +1032,33 @@ impl Service {
                 panic!("kill needs a process: start the pair with Mode::Processes")
             }
         }
+    }
+
+    /// SIGTERM, the signal an orchestrator stops a service with; waits (at most 30 s) for the
+    /// process to exit and answers how it exited and how long that took. Processes only.
+    pub async fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
+        let Running::Process(mut child) = std::mem::replace(&mut self.running, Running::Stopped)
+        else {
+            panic!("terminate needs a running process: start the pair with Mode::Processes")
+        };
+        let pid = child.id().expect("a running process has an id");
+        let began = std::time::Instant::now();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("running kill");
+        assert!(sent.success(), "kill -TERM {pid}: {sent}");
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{} did not exit within 30 s of SIGTERM\n--- log ---\n{}",
+                    self.role.name(),
+                    self.log()
+                )
+            })
+            .expect("reaping");
+        (status, began.elapsed())
     }
 
     /// SIGKILL, then the same binary with the same configuration on the same socket; waits

@@ -194,3 +194,87 @@ async fn a_list_page_ends_early_rather_than_outgrow_one_answer() {
     assert!(pages >= 2, "150 requests of 34 KB fit one answer?");
     pair.stop().await;
 }
+
+/// A Watch stream lives at most `watch.max_stream_ms`, read or not: a caller that opens one
+/// and never reads it gets its slot back when the lifetime is over, and the stream, once
+/// read, holds the events queued before it ended, then UNAVAILABLE naming the last of them
+/// as the `after_event_id` to watch again from.
+#[tokio::test]
+async fn a_watch_stream_ends_at_its_maximum_lifetime() {
+    const LIFETIME_MS: u64 = 1_500;
+    let Some(pair) = spawn_pair(PairOptions {
+        // A request that never finishes keeps the stream open.
+        with_absent_processor: true,
+        watch: Some(dsrelay_registry::config::WatchConfig {
+            streams_per_caller: 1,
+            max_stream_ms: LIFETIME_MS,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let id = pair
+        .crm()
+        .submit(erasure("watch.lifetime@example.fi"))
+        .await
+        .expect("submit")
+        .into_inner()
+        .request_id;
+    let watch = |after_event_id| WatchRequest {
+        request_id: id.clone(),
+        after_event_id,
+        ..Default::default()
+    };
+    let opened = std::time::Instant::now();
+    let mut unread = pair
+        .crm()
+        .watch(watch(0))
+        .await
+        .expect("a watch")
+        .into_inner();
+    let refused = pair
+        .crm()
+        .watch(watch(0))
+        .await
+        .expect_err("the only slot is taken");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    // Never read, never closed: the slot still comes back once the lifetime is over.
+    let mut again = None;
+    while opened.elapsed() < std::time::Duration::from_secs(10) {
+        match pair.crm().watch(watch(0)).await {
+            Ok(s) => {
+                again = Some(s);
+                break;
+            }
+            Err(s) if s.code() == Code::ResourceExhausted => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(s) => panic!("unexpected answer: {s:?}"),
+        }
+    }
+    assert!(again.is_some(), "the unread stream's slot never came back");
+    assert!(
+        opened.elapsed() >= std::time::Duration::from_millis(LIFETIME_MS),
+        "not before its lifetime: {:?}",
+        opened.elapsed()
+    );
+    let mut last = 0;
+    let ended = loop {
+        match unread.message().await {
+            Ok(Some(event)) => last = event.event_id,
+            Ok(None) => panic!("the stream ended without saying why"),
+            Err(status) => break status,
+        }
+    };
+    assert!(last > 0, "the events queued before the end were delivered");
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    assert!(
+        ended.message().contains("watch.max_stream_ms")
+            && ended.message().contains(&format!("after_event_id {last} ")),
+        "{ended:?}"
+    );
+    pair.stop().await;
+}

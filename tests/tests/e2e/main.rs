@@ -34,6 +34,7 @@ mod procaudit;
 mod replicas;
 mod retention;
 mod rotation;
+mod shutdown;
 mod store_conformance;
 mod tracing;
 mod transfer;

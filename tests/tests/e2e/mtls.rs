@@ -711,3 +711,137 @@ async fn reflection_answers_only_the_callers_a_service_knows() {
     }
     pair.stop().await;
 }
+
+/// Whether server reflection (v1) over `channel` finds the file that declares `symbol`.
+async fn reflection_finds(channel: Channel, symbol: &str) -> bool {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(symbol.into())),
+    };
+    let mut answers = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    match answers.message().await {
+        Ok(Some(answer)) => matches!(
+            answer.message_response,
+            Some(MessageResponse::FileDescriptorResponse(_))
+        ),
+        Err(status) if status.code() == Code::NotFound => false,
+        other => panic!("reflection of {symbol}: {other:?}"),
+    }
+}
+
+/// Each caller sees in reflection only the services its role may call: a partner of the
+/// registry neither lists nor finds the operators' ContractService nor the processors'
+/// services; an operator has ContractService; at the processor the controller sees
+/// ProcessorService and not the operators' service, which the processor's operator sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_shows_each_role_only_its_services() {
+    let pair = spawn_pair(PairOptions::default())
+        .await
+        .expect("sqlite pair");
+    let sorted = |mut names: Vec<String>| {
+        names.sort();
+        names
+    };
+    let health = "grpc.health.v1.Health".to_string();
+    let reflection = "grpc.reflection.v1.ServerReflection".to_string();
+    let partner = sorted(
+        reflected_services(pair.channel_to_registry("partner-crm"))
+            .await
+            .expect("a partner may reflect"),
+    );
+    assert_eq!(
+        partner,
+        sorted(vec![
+            "dsrelay.v1.CertificateService".into(),
+            "dsrelay.v1.PackageService".into(),
+            "dsrelay.v1.RequestService".into(),
+            health.clone(),
+            reflection.clone(),
+        ])
+    );
+    let operator = reflected_services(pair.channel_to_registry("operator"))
+        .await
+        .expect("an operator may reflect");
+    assert!(
+        operator.iter().any(|n| n == "dsrelay.v1.ContractService"),
+        "{operator:?}"
+    );
+    assert!(
+        !operator
+            .iter()
+            .any(|n| n == "dsrelay.v1.AcknowledgementService"),
+        "{operator:?}"
+    );
+    for symbol in [
+        "dsrelay.v1.ContractService",
+        "dsrelay.v1.AcknowledgementService",
+        "dsrelay.v1.ExportUploadService",
+    ] {
+        assert!(
+            !reflection_finds(pair.channel_to_registry("partner-crm"), symbol).await,
+            "a partner found {symbol}"
+        );
+    }
+    assert!(
+        reflection_finds(
+            pair.channel_to_registry("partner-crm"),
+            "dsrelay.v1.RequestService"
+        )
+        .await
+    );
+    assert!(
+        reflection_finds(
+            pair.channel_to_registry("operator"),
+            "dsrelay.v1.ContractService"
+        )
+        .await
+    );
+    let processor = sorted(
+        reflected_services(pair.channel_to_registry("processor"))
+            .await
+            .expect("a processor may reflect"),
+    );
+    assert_eq!(
+        processor,
+        sorted(vec![
+            "dsrelay.v1.AcknowledgementService".into(),
+            "dsrelay.v1.ExportUploadService".into(),
+            health.clone(),
+            reflection.clone(),
+        ])
+    );
+    let controller = sorted(
+        reflected_services(pair.channel_to_processor("registry"))
+            .await
+            .expect("the controller may reflect at the processor"),
+    );
+    assert_eq!(
+        controller,
+        sorted(vec![
+            "dsrelay.v1.ProcessorService".into(),
+            health.clone(),
+            reflection.clone(),
+        ])
+    );
+    let processor_operator = reflected_services(pair.channel_to_processor("operator"))
+        .await
+        .expect("the processor's operator may reflect");
+    assert!(
+        processor_operator
+            .iter()
+            .any(|n| n == "dsrelay.v1.ProcessorOperatorService")
+            && !processor_operator
+                .iter()
+                .any(|n| n == "dsrelay.v1.ProcessorService"),
+        "{processor_operator:?}"
+    );
+    pair.stop().await;
+}

@@ -7,8 +7,9 @@ use dsrelay_processor::store::{
 };
 use dsrelay_proto::v1::{DeliverRequest, RequestKind, RequestState, TaskState, TaskStatus};
 use dsrelay_registry::store::{
-    AckOutcome, CancelOutcome, Inserted, ListFilter, NewRequest, Store as RegistryStore,
-    TaskUpdate, POSTGRES_MIGRATIONS as REG_PG, SQLITE_MIGRATIONS as REG_SQLITE,
+    AckOutcome, CancelOutcome, FailureRecorded, Inserted, ListFilter, NewRequest,
+    Store as RegistryStore, TaskUpdate, POSTGRES_MIGRATIONS as REG_PG,
+    SQLITE_MIGRATIONS as REG_SQLITE,
 };
 use dsrelay_runtime::store::Db;
 
@@ -190,7 +191,8 @@ async fn registry_outbox_claims_leases_and_backoff(backend: Backend) {
         .await
         .unwrap()
         .is_empty());
-    let again = store.claim_deliveries(9_000, 10, 30_000).await.unwrap();
+    // Leases run on the database's clock, not the `now` given: a short one and a real wait.
+    let again = store.claim_deliveries(9_000, 10, 1_000).await.unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].processor, "p2");
     assert_eq!(again[0].attempts, 1);
@@ -198,15 +200,98 @@ async fn registry_outbox_claims_leases_and_backoff(backend: Backend) {
     let p2row = d.iter().find(|d| d.processor == "p2").unwrap();
     assert_eq!(p2row.last_error.as_deref(), Some("UNAVAILABLE: down"));
     assert!(p2row.done_at.is_none());
+    assert!(
+        store
+            .claim_deliveries(9_000 + 3_600_000, 10, 30_000)
+            .await
+            .unwrap()
+            .is_empty(),
+        "moving the registry's clock does not end a lease"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
     // An expired lease hands the row out again (a crashed replica's work is not lost).
     assert_eq!(
         store
-            .claim_deliveries(9_000 + 30_000, 10, 30_000)
+            .claim_deliveries(9_000, 10, 30_000)
             .await
             .unwrap()
             .len(),
         1
     );
+}
+
+/// Two dispatchers claim the same row: the first is paused past its lease, the second takes
+/// the row, and the first's late outcome, acceptance or failure, is not recorded. A claim
+/// released by its own token is claimed again at once, whatever its lease; another token
+/// releases nothing.
+async fn registry_outbox_lease_owner(backend: Backend) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(store) = registry_store(backend, dir.path()).await else {
+        return;
+    };
+    store
+        .insert_request(&new_request("r1", "k1", 1_000, &["p1"]))
+        .await
+        .unwrap();
+    let first = store.claim_deliveries(2_000, 10, 200).await.unwrap();
+    assert_eq!(first.len(), 1);
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let hour = 3_600_000;
+    let second = store.claim_deliveries(2_000, 10, hour).await.unwrap();
+    assert_eq!(second.len(), 1, "the paused claim's lease ran out");
+    assert_ne!(first[0].lease_owner, second[0].lease_owner);
+    let accepted = vec![TaskStatus {
+        subprocessor: "s1".into(),
+        state: TaskState::Pending as i32,
+        sequence: 1,
+        ..Default::default()
+    }];
+    assert!(!store
+        .delivery_succeeded(&first[0], &accepted, 2_500)
+        .await
+        .unwrap());
+    assert_eq!(
+        store
+            .delivery_failed(&first[0], "UNAVAILABLE: late", 9_000, 2_500, Some(1))
+            .await
+            .unwrap(),
+        FailureRecorded::LeaseLost
+    );
+    let row = store.deliveries("r1").await.unwrap().remove(0);
+    assert!(row.done_at.is_none());
+    assert_eq!(row.attempts, 0, "nothing of the lost claim was counted");
+    assert!(row.last_error.is_none());
+    assert!(store.tasks("r1").await.unwrap().is_empty());
+    assert!(!store.release_delivery(&first[0]).await.unwrap());
+    assert!(
+        store
+            .claim_deliveries(2_000, 10, hour)
+            .await
+            .unwrap()
+            .is_empty(),
+        "the stale claim released nothing"
+    );
+    // The holder releases it (its registry is stopping): another claim takes it at once.
+    assert!(store.release_delivery(&second[0]).await.unwrap());
+    let third = store.claim_deliveries(2_000, 10, hour).await.unwrap();
+    assert_eq!(
+        third.len(),
+        1,
+        "claimed at once, the hour-long lease notwithstanding"
+    );
+    assert!(!store
+        .delivery_succeeded(&second[0], &accepted, 2_600)
+        .await
+        .unwrap());
+    assert!(store
+        .delivery_succeeded(&third[0], &accepted, 2_700)
+        .await
+        .unwrap());
+    let row = store.deliveries("r1").await.unwrap().remove(0);
+    assert_eq!(row.done_at, Some(2_700));
+    assert_eq!(row.attempts, 1);
+    assert_eq!(store.tasks("r1").await.unwrap().len(), 1);
+    assert_eq!(store.unsent_delivery_count().await.unwrap(), 0);
 }
 
 async fn registry_acknowledgements_fold(backend: Backend) {
@@ -627,6 +712,7 @@ on_both_backends!(
     registry_intake_and_idempotency,
     registry_batched_intake_shares_one_commit,
     registry_outbox_claims_leases_and_backoff,
+    registry_outbox_lease_owner,
     registry_acknowledgements_fold,
     registry_list_cancel_extend,
     processor_tasks_and_ack_outbox,

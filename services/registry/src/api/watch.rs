@@ -5,7 +5,10 @@
 //! process, and at least every `watch.poll_interval_ms`: a change written through another
 //! replica sharing the database (an acknowledgement the processor sent there, a Cancel a
 //! partner made there) wakes nobody here, so the interval bounds how late its watchers hear
-//! of it. One caller may hold at most `watch.streams_per_caller` streams ([`Slots`]).
+//! of it. One caller may hold at most `watch.streams_per_caller` streams ([`Slots`]), each
+//! for at most `watch.max_stream_ms`: then the task ends, even while waiting for a caller
+//! that does not read, and the stream ends, after the events already queued, with
+//! UNAVAILABLE naming the `after_event_id` to watch again from.
 
 use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
@@ -13,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dsrelay_proto::v1::{RequestEvent, RequestState, WatchRequest};
+use futures::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
@@ -79,6 +83,18 @@ pub(crate) fn events(
         .watchers
         .take(caller, shared.config.watch.streams_per_caller)?;
     let (tx, rx) = tokio::sync::mpsc::channel(64);
+    // How the stream ends when the task ends it: queued after the events, whatever their
+    // number, so it is never lost to a full channel.
+    let (end_tx, end_rx) = tokio::sync::oneshot::channel::<Status>();
+    let max_stream_ms = shared.config.watch.max_stream_ms;
+    let end_of_life = tokio::time::Instant::now() + Duration::from_millis(max_stream_ms);
+    let over = move |last: i64| {
+        Status::unavailable(format!(
+            "this watch stream reached its maximum lifetime (watch.max_stream_ms = \
+             {max_stream_ms}); watch again with after_event_id {last} to continue where this \
+             stream ended"
+        ))
+    };
     let mut wake = shared.events.subscribe();
     let mut stopping = shared.stopping.subscribe();
     let poll = Duration::from_millis(shared.config.watch.poll_interval_ms);
@@ -99,8 +115,17 @@ pub(crate) fn events(
                 if !sent.insert(e.id) {
                     continue;
                 }
-                if tx.send(Ok(views::event(&id, e))).await.is_err() {
-                    return;
+                match tokio::time::timeout_at(end_of_life, tx.send(Ok(views::event(&id, e)))).await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        // The caller stopped reading: this event is not queued.
+                        sent.remove(&e.id);
+                        let last = sent.last().copied().unwrap_or(watch.after_event_id as i64);
+                        let _ = end_tx.send(over(last));
+                        return;
+                    }
                 }
             }
             let terminal = events.last().is_some_and(|last| {
@@ -133,11 +158,17 @@ pub(crate) fn events(
                         .await;
                     return;
                 }
+                _ = tokio::time::sleep_until(end_of_life) => {
+                    let last = sent.last().copied().unwrap_or(watch.after_event_id as i64);
+                    let _ = end_tx.send(over(last));
+                    return;
+                }
                 _ = own_change => {}
                 // Changes made through another replica.
                 _ = tokio::time::sleep(poll) => {}
             }
         }
     });
-    Ok(Box::pin(ReceiverStream::new(rx)))
+    let end = futures::stream::once(end_rx).filter_map(|end| std::future::ready(end.ok().map(Err)));
+    Ok(Box::pin(ReceiverStream::new(rx).chain(end)))
 }

@@ -49,7 +49,7 @@ pub use certificates::{CertificateRow, ReceivedCertificate};
 pub use chain::ChainReport;
 pub use contracts::{ContractChange, ContractRow};
 pub use intake::{Inserted, Intaken, NewContract, NewRequest};
-pub use outbox::{DeadLetteredRow, RequeueOutcome};
+pub use outbox::{DeadLetteredRow, FailureRecorded, RequeueOutcome};
 pub use packages::{FileBegin, PackageFile, PackageRecord, PartOutcome, UploadTarget};
 pub use queries::ListFilter;
 pub use requests::CancelOutcome;

@@ -1,6 +1,13 @@
 //! The delivery outbox: claiming due rows under a lease, recording a processor's acceptance
-//! (with the tasks it reported) or a failed attempt, and finding delivered requests that have
-//! been quiet too long, for the reconciler to ask about.
+//! (with the tasks it reported) or a failed attempt, releasing a claim the dispatcher gave up,
+//! and finding delivered requests that have been quiet too long, for the reconciler to ask
+//! about.
+//!
+//! A claim writes a new random lease token ([`DeliveryJob::lease_owner`]) and sets the lease
+//! on the database's clock ([`Backend::now_ms`](dsrelay_runtime::store::Backend::now_ms)), so
+//! replicas agree on when a lease ends whatever their own clocks say. Outcomes and releases
+//! match the token: a dispatcher whose lease ran out and was taken by another claim records
+//! nothing over the new holder's. Due dates (`next_attempt_at`) stay on the registry's clock.
 
 use anyhow::Result;
 use dsrelay_proto::v1::{EventType, RequestState, TaskStatus};
@@ -10,7 +17,8 @@ use super::events::{insert_event, EventDetail};
 use super::{DeliveryJob, Operation, Store};
 
 impl Store {
-    /// Reserves up to `limit` due outbox rows for `lease_ms`, so that concurrent dispatchers
+    /// Reserves up to `limit` outbox rows due at `now` (the registry's clock) for `lease_ms`
+    /// of the database's clock, each under a new lease token, so that concurrent dispatchers
     /// (in this process or in other replicas) never send the same row at once.
     pub async fn claim_deliveries(
         &self,
@@ -20,7 +28,8 @@ impl Store {
     ) -> Result<Vec<DeliveryJob>> {
         let mut tx = self.begin().await?;
         let lock = tx.backend.skip_locked_of("d");
-        let jobs: Vec<DeliveryJob> = sqlx::query_as(&format!(
+        let db_now = tx.backend.now_ms();
+        let mut jobs: Vec<DeliveryJob> = sqlx::query_as(&format!(
             "SELECT d.request_id, d.processor, d.op, d.attempts, r.body, r.received_at, \
              r.due_at, r.trace_id, r.cancel_reason, r.traceparent, \
              CAST(r.kind AS BIGINT) AS kind, \
@@ -33,7 +42,7 @@ impl Store {
              FROM deliveries d JOIN requests r ON r.id = d.request_id \
              LEFT JOIN contracts c ON c.request_id = d.request_id \
              WHERE d.done_at IS NULL AND d.dead_lettered_at IS NULL \
-             AND d.next_attempt_at <= $1 AND d.lease_until <= $1 \
+             AND d.next_attempt_at <= $1 AND d.lease_until <= {db_now} \
              AND (d.op <> $3 OR EXISTS (SELECT 1 FROM deliveries x \
              WHERE x.request_id = d.request_id AND x.processor = d.processor \
              AND x.op = $4 AND x.done_at IS NOT NULL)) \
@@ -47,15 +56,17 @@ impl Store {
         .bind(Operation::Deliver.as_str())
         .fetch_all(tx.conn())
         .await?;
-        for job in &jobs {
-            sqlx::query(
-                "UPDATE deliveries SET lease_until = $1 \
-                 WHERE request_id = $2 AND processor = $3 AND op = $4",
-            )
-            .bind(now + lease_ms)
+        for job in &mut jobs {
+            job.lease_owner = uuid::Uuid::new_v4().to_string();
+            sqlx::query(&format!(
+                "UPDATE deliveries SET lease_until = {db_now} + $1, lease_owner = $5 \
+                 WHERE request_id = $2 AND processor = $3 AND op = $4"
+            ))
+            .bind(lease_ms)
             .bind(&job.request_id)
             .bind(&job.processor)
             .bind(job.op.as_str())
+            .bind(&job.lease_owner)
             .execute(tx.conn())
             .await?;
         }
@@ -66,19 +77,21 @@ impl Store {
     /// Records that a processor durably accepted a delivery (or cancellation, or a contract
     /// end's update), with the tasks it reported, and refolds the request. An update is
     /// marked sent only when the terms it carried are still the latest; otherwise the row
-    /// stays armed and is sent again with the new ones.
+    /// stays armed and is sent again with the new ones. Answers whether `job`'s claim still
+    /// held the row: when another claim took it, nothing is recorded.
     pub async fn delivery_succeeded(
         &self,
         job: &DeliveryJob,
         tasks: &[TaskStatus],
         now: i64,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let mut tx = self.begin_audited().await?;
         let updated = sqlx::query(
             "UPDATE deliveries SET done_at = CASE WHEN $5 = 0 OR EXISTS (SELECT 1 FROM \
              contracts c WHERE c.request_id = $2 AND c.version = $6) THEN $1 ELSE NULL END, \
-             attempts = attempts + 1, lease_until = 0, last_error = NULL \
-             WHERE request_id = $2 AND processor = $3 AND op = $4 AND done_at IS NULL",
+             attempts = attempts + 1, lease_until = 0, lease_owner = NULL, last_error = NULL \
+             WHERE request_id = $2 AND processor = $3 AND op = $4 AND done_at IS NULL \
+             AND lease_owner = $7",
         )
         .bind(now)
         .bind(&job.request_id)
@@ -86,8 +99,13 @@ impl Store {
         .bind(job.op.as_str())
         .bind(i64::from(job.op == Operation::Update))
         .bind(job.terms.contract_version.unwrap_or_default())
+        .bind(&job.lease_owner)
         .execute(tx.conn())
         .await?;
+        if updated.rows_affected() == 0 {
+            // Dropping the transaction rolls it back: nothing of a lost claim is kept.
+            return Ok(false);
+        }
         for t in tasks {
             upsert_task(
                 &mut tx,
@@ -98,46 +116,45 @@ impl Store {
             )
             .await?;
         }
-        if updated.rows_affected() > 0 {
-            let state = tx.current_state(&job.request_id).await?;
-            let message = match job.op {
-                Operation::Deliver => {
-                    format!("accepted by {} with {} task(s)", job.processor, tasks.len())
-                }
-                Operation::Cancel => format!("cancellation accepted by {}", job.processor),
-                Operation::Update => format!(
-                    "contract terms accepted by {}{}",
-                    job.processor,
-                    job.terms
-                        .contract_end()
-                        .map(|t| describe_terms(&t))
-                        .unwrap_or_default()
-                ),
-            };
-            insert_event(
-                &mut tx,
-                &job.request_id,
-                EventType::Delivered,
-                now,
-                state,
-                EventDetail {
-                    processor: job.processor.clone(),
-                    attempt: job.attempts + 1,
-                    message,
-                    ..Default::default()
-                },
-            )
-            .await?;
-        }
+        let state = tx.current_state(&job.request_id).await?;
+        let message = match job.op {
+            Operation::Deliver => {
+                format!("accepted by {} with {} task(s)", job.processor, tasks.len())
+            }
+            Operation::Cancel => format!("cancellation accepted by {}", job.processor),
+            Operation::Update => format!(
+                "contract terms accepted by {}{}",
+                job.processor,
+                job.terms
+                    .contract_end()
+                    .map(|t| describe_terms(&t))
+                    .unwrap_or_default()
+            ),
+        };
+        insert_event(
+            &mut tx,
+            &job.request_id,
+            EventType::Delivered,
+            now,
+            state,
+            EventDetail {
+                processor: job.processor.clone(),
+                attempt: job.attempts + 1,
+                message,
+                ..Default::default()
+            },
+        )
+        .await?;
         refold(&mut tx, &job.request_id, now).await?;
-        tx.commit().await
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Records a failed attempt and when to try again. `refused` carries
     /// `delivery.max_refusals` when the processor refused the call with an answer retrying
     /// cannot change: that refusal is counted, and the one that reaches the limit
-    /// dead-letters the row (no longer claimed) and tells the request's events. Returns
-    /// whether it did.
+    /// dead-letters the row (no longer claimed) and tells the request's events. Nothing is
+    /// recorded when another claim took the row.
     pub async fn delivery_failed(
         &self,
         job: &DeliveryJob,
@@ -145,14 +162,14 @@ impl Store {
         next_attempt_at: i64,
         now: i64,
         refused: Option<u32>,
-    ) -> Result<bool> {
+    ) -> Result<FailureRecorded> {
         let mut tx = self.begin_audited().await?;
         let dead: Option<Option<i64>> = sqlx::query_scalar(
             "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = $1, \
-             lease_until = 0, last_error = $2, refusals = refusals + $6, \
+             lease_until = 0, lease_owner = NULL, last_error = $2, refusals = refusals + $6, \
              dead_lettered_at = CASE WHEN $6 = 1 AND refusals + 1 >= $7 THEN $8 ELSE NULL END \
              WHERE request_id = $3 AND processor = $4 AND op = $5 AND done_at IS NULL \
-             RETURNING dead_lettered_at",
+             AND lease_owner = $9 RETURNING dead_lettered_at",
         )
         .bind(next_attempt_at)
         .bind(error)
@@ -162,9 +179,13 @@ impl Store {
         .bind(i64::from(refused.is_some()))
         .bind(i64::from(refused.unwrap_or(u32::MAX)))
         .bind(now)
+        .bind(&job.lease_owner)
         .fetch_optional(tx.conn())
         .await?;
-        let dead_lettered = matches!(dead, Some(Some(_)));
+        let Some(dead) = dead else {
+            return Ok(FailureRecorded::LeaseLost);
+        };
+        let dead_lettered = dead.is_some();
         let state = tx.current_state(&job.request_id).await?;
         insert_event(
             &mut tx,
@@ -203,7 +224,39 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
-        Ok(dead_lettered)
+        Ok(if dead_lettered {
+            FailureRecorded::DeadLettered
+        } else {
+            FailureRecorded::Retrying
+        })
+    }
+
+    /// Gives up the claim of `job` that the dispatcher abandoned (the registry is stopping):
+    /// the token is cleared and the lease ended, so another replica sends the row at once
+    /// instead of waiting for the lease to run out. Answers whether the claim still held it.
+    pub async fn release_delivery(&self, job: &DeliveryJob) -> Result<bool> {
+        let released = sqlx::query(
+            "UPDATE deliveries SET lease_until = 0, lease_owner = NULL \
+             WHERE request_id = $1 AND processor = $2 AND op = $3 AND lease_owner = $4 \
+             AND done_at IS NULL",
+        )
+        .bind(&job.request_id)
+        .bind(&job.processor)
+        .bind(job.op.as_str())
+        .bind(&job.lease_owner)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(released.rows_affected() > 0)
+    }
+
+    /// Outbox rows still to send, leased or not (dead-lettered ones excluded): what a stopping
+    /// registry leaves queued.
+    pub async fn unsent_delivery_count(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT COUNT(*) FROM deliveries WHERE done_at IS NULL AND dead_lettered_at IS NULL",
+        )
+        .fetch_one(&self.db.pool)
+        .await?)
     }
 
     /// Dead-lettered outbox rows, the oldest dead-lettered first, at most `limit`.
@@ -316,6 +369,17 @@ pub struct DeadLetteredRow {
     pub last_error: Option<String>,
     /// When it was dead-lettered (ms).
     pub dead_lettered_at: i64,
+}
+
+/// What [`Store::delivery_failed`] recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureRecorded {
+    /// The attempt was counted and the row is sent again when due.
+    Retrying,
+    /// That refusal reached `delivery.max_refusals`: the row is no longer sent.
+    DeadLettered,
+    /// Another claim took the row: nothing was recorded.
+    LeaseLost,
 }
 
 /// What [`Store::requeue_deliveries`] found.

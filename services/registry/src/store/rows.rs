@@ -170,6 +170,10 @@ pub struct DeliveryJob {
     /// every other kind.
     #[sqlx(flatten)]
     pub terms: ContractTerms,
+    /// The token of this claim's lease: the outcome and release of the row made for this
+    /// claim match it, and change nothing once another claim took the row.
+    #[sqlx(default)]
+    pub lease_owner: String,
 }
 
 /// A contract end's terms as the outbox reads them with a claimed row; every field is
