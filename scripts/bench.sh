@@ -5,7 +5,7 @@
 #   scripts/bench.sh --postgres          # PostgreSQL → docs/benchmarks-postgres.md
 #   scripts/bench.sh --duration-secs 10 --concurrency 32 --batch 4000 --out /tmp/b.md
 #   scripts/bench.sh --export-mib 16 --out /tmp/b.md   # short: a 16 MiB export (default 1024)
-#   scripts/bench.sh --chaos             # the chaos test in full, SQLite then PostgreSQL
+#   scripts/bench.sh --chaos             # the chaos test in full: SQLite, PostgreSQL, replicas
 #   scripts/bench.sh --chaos --requests 300 --kills 6  # a shorter chaos run
 #
 # Steps:
@@ -32,15 +32,19 @@
 #   for the baseline.
 #
 # With --chaos (the first argument) the script measures nothing and writes
-# nothing to docs/: after step 1 it runs the chaos test twice,
-# `dsrelay-bench chaos` (stores on SQLite) and `dsrelay-bench chaos --postgres`
+# nothing to docs/: after step 1 it runs the chaos test three times,
+# `dsrelay-bench chaos` (stores on SQLite), `dsrelay-bench chaos --postgres`
 # (stores on a PostgreSQL server the run starts in a temporary folder and kills
-# too; the shared test server is never used), each with the remaining
-# arguments (default 2,000 erasures, 20 SIGKILLs; see `dsrelay-bench chaos
-# --help`). Each prints requests accepted, kills per target, connector
-# attempts, the holders' effects, lost, duplicated and PASS or FAIL; the script
-# exits non-zero if either run fails. `--chaos --postgres` runs only the
-# PostgreSQL one.
+# too; the shared test server is never used) and `dsrelay-bench chaos --postgres
+# --registries 2 --processors 3` (two registry and three processor replicas on
+# that server, each service behind a load balancer of the run's own, single
+# replicas killed), each with the remaining arguments (default 2,000 erasures,
+# 20 SIGKILLs; see `dsrelay-bench chaos --help`). Each prints requests
+# accepted, kills per target, connector calls against the bound the kills
+# explain, acknowledgements made and received, the holders' effects, lost,
+# duplicated and PASS or FAIL; the script exits non-zero if any run fails.
+# `--chaos --postgres ...` runs only the one its arguments name (add
+# `--registries 2 --processors 3` for the replicated one).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -70,6 +74,8 @@ if [ "$chaos" -eq 1 ]; then
     "$bench" chaos "$@" || status=$?
     printf 'bench.sh: chaos test on PostgreSQL: dsrelay-bench chaos --postgres %s\n' "$*" >&2
     "$bench" chaos --postgres "$@" || status=$?
+    printf 'bench.sh: chaos test on PostgreSQL with replicas: dsrelay-bench chaos --postgres --registries 2 --processors 3 %s\n' "$*" >&2
+    "$bench" chaos --postgres --registries 2 --processors 3 "$@" || status=$?
     exit "$status"
 fi
 if [ "$postgres" -eq 1 ]; then

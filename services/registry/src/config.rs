@@ -272,6 +272,10 @@ pub struct WatchConfig {
     /// Watch streams one caller (partner or operator, by configured name) may hold open at
     /// once; one more is RESOURCE_EXHAUSTED.
     pub streams_per_caller: u32,
+    /// Longest an open stream waits before it reads its request's events again (ms) when no
+    /// change in this process woke it. Changes made through another replica sharing the
+    /// database wake nobody here, so this bounds how late a watcher hears of them.
+    pub poll_interval_ms: u64,
     /// How long one Watch stream may stay open (ms): then it ends with UNAVAILABLE naming
     /// the `after_event_id` to watch again from, so that a stream its caller never closes,
     /// or never reads, does not hold a task and a slot forever.
@@ -282,6 +286,7 @@ impl Default for WatchConfig {
     fn default() -> Self {
         Self {
             streams_per_caller: 32,
+            poll_interval_ms: 1_000,
             max_stream_ms: 3_600_000,
         }
     }
@@ -456,6 +461,9 @@ impl Config {
         }
         if self.watch.streams_per_caller == 0 {
             errors.push("watch.streams_per_caller: must be at least 1".into());
+        }
+        if self.watch.poll_interval_ms == 0 {
+            errors.push("watch.poll_interval_ms: must be at least 1".into());
         }
         if self.watch.max_stream_ms == 0 {
             errors.push("watch.max_stream_ms: must be at least 1".into());
@@ -686,6 +694,29 @@ mod tests {
         assert!(
             err.to_string()
                 .contains("delivery.max_refusals must be at least 1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn watch_poll_interval_defaults_to_one_second_and_must_be_positive() {
+        let (_dir, file) = folder("identity_hash_key = \"k\"");
+        let c = Config::load_from(Some(&file), env(&[])).unwrap();
+        assert_eq!(c.watch.poll_interval_ms, 1_000);
+        let c = Config::load_from(
+            Some(&file),
+            env(&[("DSRELAY_REGISTRY__WATCH__POLL_INTERVAL_MS", "250")]),
+        )
+        .unwrap();
+        assert_eq!(c.watch.poll_interval_ms, 250);
+        let err = Config::load_from(
+            Some(&file),
+            env(&[("DSRELAY_REGISTRY__WATCH__POLL_INTERVAL_MS", "0")]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("watch.poll_interval_ms: must be at least 1"),
             "{err}"
         );
     }

@@ -704,6 +704,20 @@ mod configs {
         config.validate().expect("recipient config");
         config
     }
+
+    /// Another replica of `registry` on its database: the same configuration, its own
+    /// audit checkpoint file (`checkpoints`) and address (`listen`).
+    pub(super) fn registry_replica(
+        registry: &dsrelay_registry::Config,
+        listen: std::net::SocketAddr,
+        checkpoints: std::path::PathBuf,
+    ) -> dsrelay_registry::Config {
+        let mut config = registry.clone();
+        config.service.listen = listen.to_string();
+        config.audit.checkpoint_file = Some(checkpoints);
+        config.validate().expect("registry replica config");
+        config
+    }
 }
 
 /// One service's configuration.
@@ -1289,6 +1303,19 @@ impl TestPair {
     /// The file the registry appends its signed audit checkpoints to.
     pub fn checkpoint_file(&self) -> PathBuf {
         self.dir().join(REGISTRY_CHECKPOINTS)
+    }
+
+    /// The configuration of another replica of the registry on its database, serving at
+    /// `listen`, with checkpoint file number `n` of its own.
+    pub fn registry_replica_config(&self, listen: SocketAddr, n: u32) -> dsrelay_registry::Config {
+        let ServiceConfig::Registry(registry) = &self.registry.config else {
+            unreachable!("the pair's registry has a registry configuration")
+        };
+        configs::registry_replica(
+            registry,
+            listen,
+            self.dir().join(format!("registry-{n}-checkpoints.jsonl")),
+        )
     }
 
     /// The file the processor appends its signed audit checkpoints to.

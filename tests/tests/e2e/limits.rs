@@ -208,6 +208,7 @@ async fn a_watch_stream_ends_at_its_maximum_lifetime() {
         watch: Some(dsrelay_registry::config::WatchConfig {
             streams_per_caller: 1,
             max_stream_ms: LIFETIME_MS,
+            ..Default::default()
         }),
         ..Default::default()
     })

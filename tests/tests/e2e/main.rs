@@ -32,6 +32,7 @@ mod mtls;
 mod packages;
 mod poison;
 mod procaudit;
+mod replicas;
 mod retention;
 mod rotation;
 mod shutdown;

@@ -1,11 +1,14 @@
 //! The event stream behind Watch: a request's events as they are recorded, until the request
 //! is finished (or for as long as the caller listens, if it asks to follow on).
 //!
-//! Each open stream holds a task and reads the store whenever its request changes, so one
-//! caller may hold at most `watch.streams_per_caller` of them ([`Slots`]), each for at most
-//! `watch.max_stream_ms`: then the task ends, even while waiting for a caller that does not
-//! read, and the stream ends, after the events already queued, with UNAVAILABLE naming the
-//! `after_event_id` to watch again from.
+//! Each open stream holds a task and reads the store whenever its request changes in this
+//! process, and at least every `watch.poll_interval_ms`: a change written through another
+//! replica sharing the database (an acknowledgement the processor sent there, a Cancel a
+//! partner made there) wakes nobody here, so the interval bounds how late its watchers hear
+//! of it. One caller may hold at most `watch.streams_per_caller` streams ([`Slots`]), each
+//! for at most `watch.max_stream_ms`: then the task ends, even while waiting for a caller
+//! that does not read, and the stream ends, after the events already queued, with
+//! UNAVAILABLE naming the `after_event_id` to watch again from.
 
 use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
@@ -94,6 +97,7 @@ pub(crate) fn events(
     };
     let mut wake = shared.events.subscribe();
     let mut stopping = shared.stopping.subscribe();
+    let poll = Duration::from_millis(shared.config.watch.poll_interval_ms);
     tokio::spawn(async move {
         let _slot = slot;
         // Ids are not assumed to commit in order (PostgreSQL sequences don't), so every
@@ -160,7 +164,8 @@ pub(crate) fn events(
                     return;
                 }
                 _ = own_change => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                // Changes made through another replica.
+                _ = tokio::time::sleep(poll) => {}
             }
         }
     });

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use dsrelay_proto::v1::request_service_client::RequestServiceClient;
-use dsrelay_proto::v1::{GetRequest, Request, RequestState, TaskState};
+use dsrelay_proto::v1::{EventType, GetRequest, Request, RequestState, TaskState};
 use dsrelay_runtime::store::Db;
 use tonic::transport::Channel;
 
@@ -96,7 +96,7 @@ pub(super) struct Report {
     /// Requests the processor holds beyond the registry's (a delivery taken twice).
     processor_requests: i64,
     /// The processor's tasks and the connector attempts their rows count.
-    tasks: i64,
+    pub(super) tasks: i64,
     attempts: i64,
     /// Per holder: rows deleted (the trigger's count).
     effects: Vec<(String, i64)>,
@@ -114,6 +114,20 @@ pub(super) struct Report {
     not_found_after_retry: Vec<String>,
     /// Whether those fail the run.
     fail_on_not_found_after_retry: bool,
+    /// The most connector attempts the run's kills explain, and how it was reckoned; more
+    /// fails the run.
+    pub(super) attempts_bound: Option<(i64, String)>,
+    /// Acknowledgements the processor made, and of those how many it has not sent.
+    acks_made: i64,
+    acks_unsent: i64,
+    /// Acknowledgements the registry received (once each: its primary key).
+    acks_received: i64,
+    /// (request, holder, sequence) the processor sent that the registry never received.
+    acks_lost: Vec<String>,
+    /// (request, holder, sequence) the registry received that the processor never made.
+    acks_unknown: Vec<String>,
+    /// (request, holder, sequence) the registry recorded more than one task event for.
+    acks_applied_twice: Vec<String>,
 }
 
 impl Report {
@@ -126,6 +140,13 @@ impl Report {
             && self.unasked_touched.is_empty()
             && self.false_outcomes.is_empty()
             && (self.not_found_after_retry.is_empty() || !self.fail_on_not_found_after_retry)
+            && self.acks_lost.is_empty()
+            && self.acks_unknown.is_empty()
+            && self.acks_applied_twice.is_empty()
+            && self
+                .attempts_bound
+                .as_ref()
+                .is_none_or(|(bound, _)| self.attempts <= *bound)
     }
 
     pub(super) fn print(&self) {
@@ -140,6 +161,24 @@ impl Report {
             "processor: {} requests, {} tasks, {} connector attempts (claims counted in the \
              task rows)",
             self.processor_requests, self.tasks, self.attempts
+        );
+        if let Some((bound, why)) = &self.attempts_bound {
+            println!(
+                "connector calls: {} for {} tasks, {} beyond one per task; at most {bound} \
+                 allowed ({why}){}",
+                self.attempts,
+                self.tasks,
+                self.attempts - self.tasks,
+                if self.attempts > *bound {
+                    " EXCEEDED"
+                } else {
+                    ""
+                }
+            );
+        }
+        println!(
+            "acknowledgements: {} made by the processor ({} unsent), {} received by the registry",
+            self.acks_made, self.acks_unsent, self.acks_received
         );
         let effects = self
             .effects
@@ -168,6 +207,15 @@ impl Report {
         println!(
             "{}",
             line("outcomes contradicting the holder:", &self.false_outcomes)
+        );
+        println!("{}", line("acknowledgements lost:", &self.acks_lost));
+        println!(
+            "{}",
+            line("acknowledgements never made:", &self.acks_unknown)
+        );
+        println!(
+            "{}",
+            line("acknowledgements applied twice:", &self.acks_applied_twice)
         );
         println!(
             "{}{}",
@@ -289,6 +337,8 @@ pub(super) async fn check(
         ));
     }
 
+    acknowledgements(&mut report, registry_db, processor_db).await?;
+
     // The holders: each accepted subject's row deleted once, by a task that says so; every
     // other subject's row untouched.
     let asked: HashSet<&str> = answered.keys().copied().collect();
@@ -363,4 +413,67 @@ pub(super) async fn check(
         }
     }
     Ok(report)
+}
+
+/// Each acknowledgement the processor sent received by the registry, none it never made,
+/// and each applied once (at most one task event per acknowledgement).
+async fn acknowledgements(
+    report: &mut Report,
+    registry_db: &str,
+    processor_db: &str,
+) -> Result<()> {
+    type Key = (String, String, i64);
+    let processor = Db::connect(processor_db).await?;
+    let made: Vec<(String, String, i64, i64)> = sqlx::query_as(
+        "SELECT request_id, subprocessor, CAST(sequence AS BIGINT), \
+         CAST(CASE WHEN sent_at IS NULL THEN 0 ELSE 1 END AS BIGINT) FROM ack_outbox",
+    )
+    .fetch_all(&processor.pool)
+    .await?;
+    processor.pool.close().await;
+    let registry = Db::connect(registry_db).await?;
+    let received: Vec<Key> = sqlx::query_as(
+        "SELECT request_id, subprocessor, CAST(sequence AS BIGINT) FROM acknowledgements \
+         WHERE processor = $1",
+    )
+    .bind(PROCESSOR)
+    .fetch_all(&registry.pool)
+    .await?;
+    let twice: Vec<(String, String, i64, i64)> = sqlx::query_as(
+        "SELECT request_id, subprocessor, CAST(sequence AS BIGINT), COUNT(*) FROM events \
+         WHERE type = $1 AND processor = $2 \
+         GROUP BY request_id, subprocessor, sequence HAVING COUNT(*) > 1",
+    )
+    .bind(EventType::TaskUpdated as i64)
+    .bind(PROCESSOR)
+    .fetch_all(&registry.pool)
+    .await?;
+    registry.pool.close().await;
+
+    let key = |(r, s, n): &Key| format!("{r} at {s} #{n}");
+    let received_set: HashSet<&Key> = received.iter().collect();
+    let made_set: HashSet<Key> = made
+        .iter()
+        .map(|(r, s, n, _)| (r.clone(), s.clone(), *n))
+        .collect();
+    report.acks_made = made.len() as i64;
+    report.acks_unsent = made.iter().filter(|m| m.3 == 0).count() as i64;
+    report.acks_received = received.len() as i64;
+    for (r, s, n, sent) in &made {
+        let k = (r.clone(), s.clone(), *n);
+        if *sent == 1 && !received_set.contains(&k) {
+            report.acks_lost.push(key(&k));
+        }
+    }
+    for k in &received {
+        if !made_set.contains(k) {
+            report.acks_unknown.push(key(k));
+        }
+    }
+    for (r, s, n, times) in twice {
+        report
+            .acks_applied_twice
+            .push(format!("{} ({times} events)", key(&(r, s, n))));
+    }
+    Ok(())
 }
