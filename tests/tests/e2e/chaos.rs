@@ -19,11 +19,13 @@ use std::time::Duration;
 
 use crate::harness::binary;
 
-/// The longest a short run may take before the test stops it and fails.
-const BOUND: Duration = Duration::from_secs(100);
+/// The longest a short run may take before the test stops it and fails: a guard against a
+/// hang, not a performance goal (a run took 50 to 80 s on a loaded 2-core machine; nextest
+/// gives each chaos test the machine to itself, see `.config/nextest.toml`).
+const BOUND: Duration = Duration::from_secs(150);
 /// The same for the replicated run: five services and their database on a shared machine
 /// took 50 to 80 s.
-const REPLICATED_BOUND: Duration = Duration::from_secs(150);
+const REPLICATED_BOUND: Duration = Duration::from_secs(200);
 
 /// Runs `dsrelay-bench chaos` with the short form's numbers, `requests` erasures and
 /// `extra`, and fails unless it passed having made every kill within `bound`.
@@ -44,7 +46,7 @@ async fn short_chaos_run(requests: u32, extra: &[&str], bound: Duration) {
             "--max-pause-ms",
             "500",
             "--drain-secs",
-            "45",
+            "60",
         ])
         .args(extra)
         .stdin(std::process::Stdio::null())
