@@ -16,6 +16,7 @@ use dsrelay_runtime::export_files::{
 };
 use dsrelay_runtime::grpc::{self, Authorizer, ServiceName};
 use dsrelay_runtime::identity::{request_id_violation, FieldViolation};
+use dsrelay_runtime::server::next_message_within;
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -61,6 +62,8 @@ pub(crate) struct Api {
     /// their bytes, so the second is turned away until the first ends.
     receiving: Arc<Mutex<HashSet<String>>>,
     chunk_delay: Duration,
+    /// How long a transfer stream may send nothing before it is ended (`call_limit_ms`).
+    idle: Duration,
 }
 
 /// Holds a file's key in [`Api::receiving`] until dropped.
@@ -83,6 +86,7 @@ impl Api {
         name: String,
         allowed: &[String],
         chunk_delay_ms: u64,
+        idle: Duration,
     ) -> Self {
         let allowed = Authorizer::new(
             allowed.iter().map(|id| (id.clone(), (), id.clone())),
@@ -94,6 +98,7 @@ impl Api {
             allowed: Arc::new(allowed),
             receiving: Arc::default(),
             chunk_delay: Duration::from_millis(chunk_delay_ms),
+            idle,
         }
     }
 
@@ -213,7 +218,7 @@ impl TransferReceiver for Api {
     ) -> Result<Response<UploadState>, Status> {
         let sender = self.caller(&req)?;
         let mut stream = req.into_inner();
-        let Some(first) = stream.message().await? else {
+        let Some(first) = next_message_within(&mut stream, self.idle).await? else {
             return Err(ApiError::invalid([FieldViolation::new(
                 "header",
                 "is required in the first message",
@@ -244,7 +249,7 @@ impl TransferReceiver for Api {
         let mut next = Some(first);
         while let Some(chunk) = next {
             s = self.store_chunk(&header, s, &chunk).await?;
-            next = stream.message().await?;
+            next = next_message_within(&mut stream, self.idle).await?;
         }
         tracing::debug!(
             offset = s.offset,

@@ -3,6 +3,7 @@
 //! own).
 
 use std::future::Future;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use dsrelay_proto::v1::transfer_receiver_server::TransferReceiverServer;
@@ -48,6 +49,7 @@ impl App {
             config.name.clone(),
             &config.allowed_identities,
             config.chunk_delay_ms,
+            Duration::from_millis(config.service.call_limit_ms),
         );
         Host::new("recipient", &config.service)
             .service(

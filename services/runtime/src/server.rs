@@ -67,7 +67,7 @@ fn limits(server: Server, call_limit: Option<Duration>) -> Server<Layers> {
 /// hold the server's resources forever. A caller's shorter `grpc-timeout` still ends it
 /// first (tonic enforces that). Streaming calls are not timed here: their handlers only
 /// start the stream, and each stream bounds itself (the registry's Watch by
-/// `watch.max_stream_ms`).
+/// `watch.max_stream_ms`; upload streams by [`next_message_within`]).
 #[derive(Debug, Clone, Copy)]
 pub struct UnaryLimitLayer {
     limit: Option<Duration>,
@@ -125,6 +125,24 @@ where
                 .into_http()),
             }
         })
+    }
+}
+
+/// The next message of a client stream, or DEADLINE_EXCEEDED when its caller sends nothing
+/// for `idle` (the service's `call_limit_ms`): a caller that opens an upload and then stalls
+/// would otherwise hold the handler, its file and its claim on the file for as long as its
+/// connection lives, since HTTP/2 keepalive pings are answered by a stalled client too.
+pub async fn next_message_within<T>(
+    stream: &mut tonic::Streaming<T>,
+    idle: Duration,
+) -> Result<Option<T>, tonic::Status> {
+    match tokio::time::timeout(idle, stream.message()).await {
+        Ok(message) => message,
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            "the stream sent nothing for {} ms (call_limit_ms) and was ended; what arrived \
+             before is kept: ask for the upload's state and resume from there",
+            idle.as_millis()
+        ))),
     }
 }
 

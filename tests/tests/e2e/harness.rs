@@ -200,6 +200,8 @@ pub struct PairOptions {
     pub tls_reload_ms: Option<u64>,
     /// `shutdown_grace_ms` of the registry and the processor (`None`: the default).
     pub shutdown_grace_ms: Option<u64>,
+    /// `call_limit_ms` of the registry and the processor (`None`: the default).
+    pub call_limit_ms: Option<u64>,
     /// The registry's `[watch]` table (`None`: its defaults).
     pub watch: Option<dsrelay_registry::config::WatchConfig>,
 }
@@ -232,6 +234,7 @@ impl Default for PairOptions {
             revocation_list: false,
             tls_reload_ms: None,
             shutdown_grace_ms: None,
+            call_limit_ms: None,
             watch: None,
         }
     }
@@ -440,7 +443,10 @@ mod configs {
                     .opts
                     .shutdown_grace_ms
                     .unwrap_or(dsrelay_runtime::settings::DEFAULT_SHUTDOWN_GRACE_MS),
-                call_limit_ms: dsrelay_runtime::settings::DEFAULT_CALL_LIMIT_MS,
+                call_limit_ms: plan
+                    .opts
+                    .call_limit_ms
+                    .unwrap_or(dsrelay_runtime::settings::DEFAULT_CALL_LIMIT_MS),
             },
             identities: vec![
                 party("partner", "crm", Role::Partner),
@@ -596,7 +602,10 @@ mod configs {
                     .opts
                     .shutdown_grace_ms
                     .unwrap_or(dsrelay_runtime::settings::DEFAULT_SHUTDOWN_GRACE_MS),
-                call_limit_ms: dsrelay_runtime::settings::DEFAULT_CALL_LIMIT_MS,
+                call_limit_ms: plan
+                    .opts
+                    .call_limit_ms
+                    .unwrap_or(dsrelay_runtime::settings::DEFAULT_CALL_LIMIT_MS),
             },
             controllers: [(super::CONTROLLER, "controller")]
                 .into_iter()

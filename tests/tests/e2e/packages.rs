@@ -318,6 +318,61 @@ async fn state(
         .into_inner()
 }
 
+/// An upload whose sender opens the stream, sends a chunk and then stalls is ended after
+/// `call_limit_ms` with DEADLINE_EXCEEDED: the chunk it sent is kept, and the file is free
+/// for the next upload, which resumes where GetUploadState says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packages_a_stalled_upload_stream_is_ended_and_the_file_freed() {
+    let pair = spawn_pair(PairOptions {
+        holders: vec![Holder::Newsletter],
+        call_limit_ms: Some(500),
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
+    let mut crm = pair.client("partner-crm");
+    let id = crm
+        .submit(return_of_data())
+        .await
+        .expect("submit")
+        .into_inner()
+        .request_id;
+    wait_until(&mut crm, &id, Duration::from_secs(30), delivered).await;
+    let mut client = uploads(&pair);
+    let data = br#"{"subject": "maija", "rows": [1, 2, 3]}"#;
+    let h = header(&id, "stalled.json", data);
+
+    // The sender keeps its half of the stream open and sends nothing after the first chunk.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(chunk(Some(h.clone()), 0, &data[..10]))
+        .await
+        .expect("first chunk");
+    let started = std::time::Instant::now();
+    let ended = tokio::time::timeout(
+        Duration::from_secs(20),
+        client.upload_file(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    .expect("the registry ends a stalled stream")
+    .expect_err("a stalled stream is not a completed upload");
+    assert_eq!(ended.code(), Code::DeadlineExceeded, "{ended:?}");
+    assert!(ended.message().contains("500 ms"), "{ended:?}");
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    assert_eq!(
+        state(&mut client, &h).await.offset,
+        10,
+        "the chunk sent is kept"
+    );
+
+    // The file's claim went with the stream: the rest is uploaded at once.
+    let rest = upload(&mut client, vec![chunk(Some(h.clone()), 10, &data[10..])])
+        .await
+        .expect("the upload resumes");
+    assert!(rest.complete, "{rest:?}");
+    drop(tx);
+    pair.stop().await;
+}
+
 /// Chunks sent with the processor's certificate: a damaged or out-of-order chunk, and a file
 /// whose bytes disagree with its header, are refused and leave nothing stored; an upload cut
 /// short resumes where GetUploadState says; a part lists only files stored whole.

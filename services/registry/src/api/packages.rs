@@ -6,6 +6,7 @@
 use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat};
 use dsrelay_proto::timestamp_from_millis;
@@ -21,6 +22,7 @@ use dsrelay_runtime::export_files::{
     file_name_violation, is_sha256, part_files_violations, MAX_CATEGORIES, MAX_LABEL,
 };
 use dsrelay_runtime::identity::{request_id_violation, FieldViolation};
+use dsrelay_runtime::server::next_message_within;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -350,8 +352,9 @@ impl ExportUploadService for Api {
         req: tonic::Request<Streaming<UploadFileChunk>>,
     ) -> Result<Response<UploadState>, Status> {
         let processor = self.uploader(&req)?;
+        let idle = Duration::from_millis(self.shared.config.service.call_limit_ms);
         let mut stream = req.into_inner();
-        let Some(first) = stream.message().await? else {
+        let Some(first) = next_message_within(&mut stream, idle).await? else {
             return Err(ApiError::invalid([FieldViolation::new(
                 "header",
                 "is required in the first message",
@@ -385,7 +388,7 @@ impl ExportUploadService for Api {
         let streamed: Result<(), Status> = async {
             while let Some(chunk) = next {
                 self.store_chunk(&mut up, &chunk).await?;
-                next = stream.message().await?;
+                next = next_message_within(&mut stream, idle).await?;
             }
             Ok(())
         }
