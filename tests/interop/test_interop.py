@@ -494,10 +494,18 @@ class DynamicService:
 
 
 def test_reflection_lists_services(stack):
+    # Each caller sees only the services its role may call: an operator the request API, a
+    # processor the acknowledgement API; both see health and reflection.
     with stack.registry("operator") as ch:
         services = set(Reflection(ch).services())
-    for expected in [REQUEST_SERVICE, ACK_SERVICE, HEALTH_SERVICE, REFLECTION_V1]:
+    for expected in [REQUEST_SERVICE, HEALTH_SERVICE, REFLECTION_V1]:
         assert expected in services, f"{expected} not listed by reflection: {sorted(services)}"
+    assert ACK_SERVICE not in services, f"an operator sees {ACK_SERVICE}: {sorted(services)}"
+    with stack.registry("processor") as ch:
+        services = set(Reflection(ch).services())
+    for expected in [ACK_SERVICE, HEALTH_SERVICE, REFLECTION_V1]:
+        assert expected in services, f"{expected} not listed by reflection: {sorted(services)}"
+    assert REQUEST_SERVICE not in services, f"a processor sees {REQUEST_SERVICE}: {sorted(services)}"
 
 
 def test_processor_reflection_lists_services(stack):
