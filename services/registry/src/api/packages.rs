@@ -21,11 +21,11 @@ use dsrelay_proto::v1::{
 use dsrelay_runtime::export_files::{
     file_name_violation, is_sha256, part_files_violations, MAX_CATEGORIES, MAX_LABEL,
 };
+use dsrelay_runtime::grpc::feed;
 use dsrelay_runtime::identity::{request_id_violation, FieldViolation};
 use dsrelay_runtime::server::next_message_within;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Response, Status, Streaming};
 
 use crate::app::Shared;
@@ -512,15 +512,16 @@ impl PackageService for Api {
             .map_err(ApiError::from)?;
         let mut files = record.files;
         files.sort_by_key(manifest::path);
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        // A reader that stops reading stops the reading of the files after call_limit_ms.
+        let idle = Duration::from_millis(self.shared.config.service.call_limit_ms);
+        let (mut tx, rx) = feed::channel(4, idle);
         let store = self.shared.packages.store.clone();
         tokio::spawn(async move {
-            if tx
+            if !tx
                 .send(Ok(PackageChunk {
                     item: Some(Item::Info(info)),
                 }))
                 .await
-                .is_err()
             {
                 return;
             }
@@ -555,13 +556,13 @@ impl PackageService for Api {
                         })),
                     };
                     offset += n as u64;
-                    if tx.send(Ok(chunk)).await.is_err() {
+                    if !tx.send(Ok(chunk)).await {
                         return;
                     }
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(rx)))
     }
 }
 

@@ -9,9 +9,11 @@
 //! - [`trace`]: the tower layer that continues the caller's W3C trace, installed once by
 //!   [`crate::server::builder`], so handlers open their spans with plain
 //!   `#[tracing::instrument]`.
+//! - [`feed`]: server streams fed by a producer task that stops when its reader stalls.
 
 pub mod auth;
 pub mod error;
+pub mod feed;
 pub mod trace;
 
 pub use auth::{Authorizer, Caller, Refused};
