@@ -315,13 +315,28 @@ fn reflection_roles(config: &Config) -> Vec<ReflectionRole> {
             .map(|i| i.identity.clone())
             .collect()
     };
-    let partner_services = vec![
+    // RequestService's methods a partner may call: all but the operators' (ListAuditEntries,
+    // ListDeadLetteredDeliveries, RequeueDelivery, whose handlers refuse partners too). A
+    // method added to the service stays hidden from partners until it is listed here.
+    const PARTNER_REQUEST_METHODS: [&str; 9] = [
+        "dsrelay.v1.RequestService/Submit",
+        "dsrelay.v1.RequestService/Get",
+        "dsrelay.v1.RequestService/List",
+        "dsrelay.v1.RequestService/Watch",
+        "dsrelay.v1.RequestService/Cancel",
+        "dsrelay.v1.RequestService/ExtendDeadline",
+        "dsrelay.v1.RequestService/GetChain",
+        "dsrelay.v1.RequestService/ListEvents",
+        "dsrelay.v1.RequestService/ListAuditCheckpoints",
+    ];
+    let mut partner_services: Vec<&'static str> = PARTNER_REQUEST_METHODS.to_vec();
+    partner_services.extend([certificates::SERVICE_NAME, packages::SERVICE_NAME]);
+    let operator_services = vec![
         requests::SERVICE_NAME,
         certificates::SERVICE_NAME,
         packages::SERVICE_NAME,
+        contracts::SERVICE_NAME,
     ];
-    let mut operator_services = partner_services.clone();
-    operator_services.push(contracts::SERVICE_NAME);
     vec![
         ReflectionRole {
             callers: people(Role::Partner),

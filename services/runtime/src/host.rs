@@ -99,7 +99,9 @@ pub struct ReflectionRole {
     /// The certificate identities of the role's callers.
     pub callers: Vec<String>,
     /// The services (full names, `dsrelay.v1.RequestService`) the role may call: the only
-    /// ones its callers see, besides health checking and reflection itself.
+    /// ones its callers see, besides health checking and reflection itself. An entry
+    /// `dsrelay.v1.RequestService/Submit` names one method: a service named only by method
+    /// entries is shown with those methods alone.
     pub services: Vec<&'static str>,
 }
 

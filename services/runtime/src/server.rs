@@ -212,7 +212,10 @@ pub fn reflection_v1alpha(
 
 /// The reflection builder over dsrelay's descriptors and health checking's. With `only`, the
 /// other services are cut out of dsrelay's file descriptors, so they are neither listed nor
-/// found by symbol or file (their messages stay, as the services kept may use them).
+/// found by symbol or file (their messages stay, as the services kept may use them). An entry
+/// `dsrelay.v1.RequestService` keeps the whole service; entries
+/// `dsrelay.v1.RequestService/Submit` keep the service with only the methods they name, so
+/// that a role sees none of the methods it may not call in a service it shares with another.
 fn reflection_builder(only: Option<&[&str]>) -> Result<tonic_reflection::server::Builder<'static>> {
     use dsrelay_proto::prost::Message;
     let builder = tonic_reflection::server::Builder::configure()
@@ -225,8 +228,19 @@ fn reflection_builder(only: Option<&[&str]>) -> Result<tonic_reflection::server:
             .context("reading dsrelay's file descriptors")?;
     for file in &mut set.file {
         let package = file.package().to_string();
-        file.service
-            .retain(|s| only.contains(&format!("{package}.{}", s.name()).as_str()));
+        file.service.retain_mut(|s| {
+            let name = format!("{package}.{}", s.name());
+            if only.contains(&name.as_str()) {
+                return true;
+            }
+            let prefix = format!("{name}/");
+            let methods: Vec<&str> = only
+                .iter()
+                .filter_map(|e| e.strip_prefix(&prefix))
+                .collect();
+            s.method.retain(|m| methods.contains(&m.name()));
+            !s.method.is_empty()
+        });
     }
     Ok(builder.register_file_descriptor_set(set))
 }

@@ -739,7 +739,7 @@ async fn reflection_finds(channel: Channel, symbol: &str) -> bool {
 
 /// Each caller sees in reflection only the services its role may call: a partner of the
 /// registry neither lists nor finds the operators' ContractService nor the processors'
-/// services; an operator has ContractService; at the processor the controller sees
+/// services, nor the operators' methods of RequestService; an operator has ContractService; at the processor the controller sees
 /// ProcessorService and not the operators' service, which the processor's operator sees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflection_shows_each_role_only_its_services() {
@@ -797,6 +797,26 @@ async fn reflection_shows_each_role_only_its_services() {
         )
         .await
     );
+    // RequestService is shared: a partner sees its own methods of it, not the operators'.
+    for (method, partner_sees) in [
+        ("Submit", true),
+        ("Watch", true),
+        ("ListAuditCheckpoints", true),
+        ("ListAuditEntries", false),
+        ("ListDeadLetteredDeliveries", false),
+        ("RequeueDelivery", false),
+    ] {
+        let symbol = format!("dsrelay.v1.RequestService.{method}");
+        assert_eq!(
+            reflection_finds(pair.channel_to_registry("partner-crm"), &symbol).await,
+            partner_sees,
+            "a partner reflecting {symbol}"
+        );
+        assert!(
+            reflection_finds(pair.channel_to_registry("operator"), &symbol).await,
+            "an operator reflecting {symbol}"
+        );
+    }
     assert!(
         reflection_finds(
             pair.channel_to_registry("operator"),
