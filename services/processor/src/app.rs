@@ -242,7 +242,7 @@ impl App {
         let (runner, sender, uploader) = (shared.clone(), shared.clone(), shared.clone());
         let forgetting = shared.clone();
         let signing = shared.checkpoints.clone().map(|c| (c, shared.clone()));
-        // Each caller sees in reflection only the service it may call.
+        // Each caller sees in reflection only what it may call.
         let reflection = [
             ReflectionRole {
                 callers: shared
@@ -251,7 +251,10 @@ impl App {
                     .iter()
                     .map(|c| c.identity.clone())
                     .collect(),
-                services: vec![processor_service_server::SERVICE_NAME],
+                services: vec![
+                    processor_service_server::SERVICE_NAME,
+                    "dsrelay.v1.ProcessorOperatorService/ListAuditCheckpoints",
+                ],
             },
             ReflectionRole {
                 callers: shared.config.operators.clone(),

@@ -32,6 +32,9 @@ pub(crate) struct OperatorApi {
     shared: Arc<Shared>,
     /// The operators, by certificate identity, which also names them (one role).
     operators: Arc<Authorizer<()>>,
+    /// The controllers, who may fetch the audit checkpoints (hashes only) and nothing else
+    /// here: the entries name every controller's requests.
+    controllers: Arc<Authorizer<()>>,
 }
 
 impl OperatorApi {
@@ -45,15 +48,33 @@ impl OperatorApi {
                 .map(|identity| (identity.clone(), (), identity.clone())),
             "is not an operator of this processor",
         );
+        let controllers = Authorizer::new(
+            shared
+                .config
+                .controllers
+                .iter()
+                .map(|c| (c.identity.clone(), (), c.identity.clone())),
+            "is neither an operator nor a controller of this processor",
+        );
         Self {
             shared,
             operators: Arc::new(operators),
+            controllers: Arc::new(controllers),
         }
     }
 
     /// The operator calling, by identity, or PERMISSION_DENIED.
     fn operator<T>(&self, req: &Request<T>) -> Result<String, ApiError> {
         Ok(self.operators.caller(req)?.name)
+    }
+
+    /// An operator or a controller calling, by identity, or PERMISSION_DENIED: those who may
+    /// hold the processor to its checkpoints.
+    fn checkpoint_reader<T>(&self, req: &Request<T>) -> Result<String, ApiError> {
+        match self.operators.caller(req) {
+            Ok(operator) => Ok(operator.name),
+            Err(_) => Ok(self.controllers.caller(req)?.name),
+        }
     }
 
     /// Writes `returned-by-hand.json` into the task's export folder: who returned the
@@ -296,7 +317,7 @@ impl ProcessorOperatorService for OperatorApi {
         &self,
         req: Request<ListProcessorAuditCheckpointsRequest>,
     ) -> Result<Response<ProcessorAuditCheckpoints>, Status> {
-        self.operator(&req)?;
+        self.checkpoint_reader(&req)?;
         let r = req.into_inner();
         let page_size = audit_page_size(r.page_size)? as usize;
         let Some(checkpointer) = &self.shared.checkpoints else {

@@ -846,11 +846,21 @@ async fn reflection_shows_each_role_only_its_services() {
     assert_eq!(
         controller,
         sorted(vec![
+            "dsrelay.v1.ProcessorOperatorService".into(),
             "dsrelay.v1.ProcessorService".into(),
             health.clone(),
             reflection.clone(),
         ])
     );
+    // Of the operators' service a controller sees only the checkpoints it may fetch.
+    for (method, controller_sees) in [("ListAuditCheckpoints", true), ("ListAuditEntries", false)] {
+        let symbol = format!("dsrelay.v1.ProcessorOperatorService.{method}");
+        assert_eq!(
+            reflection_finds(pair.channel_to_processor("registry"), &symbol).await,
+            controller_sees,
+            "the controller reflecting {symbol}"
+        );
+    }
     let processor_operator = reflected_services(pair.channel_to_processor("operator"))
         .await
         .expect("the processor's operator may reflect");

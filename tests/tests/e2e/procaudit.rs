@@ -221,7 +221,7 @@ async fn the_processor_keeps_a_checkpointed_trail(backend: Backend) {
     );
     assert_eq!(verify(&pair, "operator", &with_file, 0).await, intact);
     assert_eq!(verify(&pair, "operator", &fetched, 0).await, intact);
-    // The processor's operators read it; nobody else does.
+    // The processor's operators read it; a partner of the registry does not.
     let run = dsrctl(
         &pair,
         "partner-crm",
@@ -240,6 +240,26 @@ async fn the_processor_keeps_a_checkpointed_trail(backend: Backend) {
         run.ok(),
         std::fs::read_to_string(pair.processor_checkpoint_file()).expect("file")
     );
+    // A controller fetches the checkpoints to hold the processor to them, and reads no
+    // entry: those name every controller's requests.
+    let run = dsrctl(
+        &pair,
+        "registry",
+        &["audit", "checkpoints", "--processor", &processor(&pair)],
+    )
+    .await;
+    assert_eq!(
+        run.ok(),
+        std::fs::read_to_string(pair.processor_checkpoint_file()).expect("file")
+    );
+    let run = dsrctl(
+        &pair,
+        "registry",
+        &["audit", "verify", "--processor", &processor(&pair)],
+    )
+    .await;
+    run.expect_code(2);
+    assert!(run.stderr.contains("PERMISSION_DENIED"), "{}", run.stderr);
 
     // The triggers refuse a change; whoever drops them can rewrite the trail from the
     // first entry after the early checkpoint on, with fresh hashes.
