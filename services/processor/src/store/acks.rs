@@ -41,9 +41,9 @@ pub(super) async fn queue(
 impl Store {
     /// Reserves up to `limit` queued acknowledgements due at `now` (the processor's clock)
     /// for `lease_ms`, oldest first. The lease is set and compared on the database's clock
-    /// ([`super::db_now_ms`]), so replicas agree on when it ends whatever their own clocks say.
+    /// ([`Backend::now_ms`](dsrelay_runtime::store::Backend::now_ms)), so replicas agree on when it ends whatever their own clocks say.
     pub async fn claim_acks(&self, now: i64, limit: i64, lease_ms: i64) -> Result<Vec<AckJob>> {
-        let db_now = super::db_now_ms(self.db.backend);
+        let db_now = self.db.backend.now_ms();
         let mut tx = self.db.pool.begin().await?;
         let rows: Vec<AckRecord> = sqlx::query_as(&format!(
             "SELECT id, controller, attempts, payload FROM ack_outbox WHERE sent_at IS NULL \

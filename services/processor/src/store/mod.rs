@@ -6,7 +6,7 @@
 //! - `rows`: the types the store hands out, and the raw rows they are read from.
 //! - `tasks`: requests and tasks: accept, cancel, claim (each claim under its own lease
 //!   token, which renewals, transitions and postponements of the claimed step match; task
-//!   leases are set and compared on the database's clock, [`db_now_ms`]), transition,
+//!   leases are set and compared on the database's clock, [`Backend::now_ms`]), transition,
 //!   operator views.
 //! - `acks`: the acknowledgement outbox.
 //! - `uploads`: the upload outbox: RETURN_OF_DATA and contract end exports waiting to reach
@@ -47,26 +47,16 @@ pub static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrat
 /// See [`SQLITE_MIGRATIONS`].
 pub static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
-/// The database's clock in epoch milliseconds, as an SQL expression (BIGINT). Task leases
-/// are set and compared on it, never on a replica's clock: replicas sharing a database then
-/// agree on who holds a task however far their own clocks drift, and tests that move a
-/// processor's clock move due dates and retries, not leases.
-pub(crate) fn db_now_ms(backend: Backend) -> &'static str {
-    match backend {
-        Backend::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)",
-        Backend::Postgres => "(extract(epoch from clock_timestamp()) * 1000)::bigint",
-    }
-}
-
-/// [`db_now_ms`] for the database behind `conn` (inside a transaction, where the store's
-/// backend is not at hand).
+/// The database's clock ([`Backend::now_ms`]) for the database behind `conn` (inside a
+/// transaction, where the store's backend is not at hand).
 pub(crate) fn db_now_in(conn: &sqlx::AnyConnection) -> &'static str {
     let postgres = conn.backend_name() == <sqlx::Postgres as sqlx::Database>::NAME;
-    db_now_ms(if postgres {
+    if postgres {
         Backend::Postgres
     } else {
         Backend::Sqlite
-    })
+    }
+    .now_ms()
 }
 
 /// The processor store.

@@ -3,7 +3,7 @@
 //! task under a random token; the runner's renewals, transitions and postponements match
 //! it, so once a lease is lost (it ran out and another claim took the task) the old runner
 //! changes nothing. Leases are set and compared on the database's clock
-//! ([`super::db_now_ms`]); everything else (next attempts, due dates) is on the processor's.
+//! ([`Backend::now_ms`](dsrelay_runtime::store::Backend::now_ms)); everything else (next attempts, due dates) is on the processor's.
 
 use anyhow::Result;
 use dsrelay_proto::prost::Message;
@@ -184,7 +184,7 @@ impl Store {
         reason: &str,
         now: i64,
     ) -> Result<Vec<TaskRow>> {
-        let db_now = super::db_now_ms(self.db.backend);
+        let db_now = self.db.backend.now_ms();
         let mut tx = self.begin_audited().await?;
         // Only the first cancellation of a request is an entry, not the registry's retries
         // of it. Read while holding the audit lock (on SQLite, the one writer), which every
@@ -299,12 +299,12 @@ impl Store {
     /// whose lease ran out no longer matches once another claim took the task.
     ///
     /// `now` (the processor's clock, the one tests move) decides which tasks are due; the
-    /// lease is set and compared on the database's clock ([`super::db_now_ms`]), as renewals
+    /// lease is set and compared on the database's clock ([`Backend::now_ms`](dsrelay_runtime::store::Backend::now_ms)), as renewals
     /// ([`Store::extend_lease`]) are, so replicas agree on when a lease ends whatever their
     /// own clocks say.
     pub async fn claim_tasks(&self, now: i64, limit: i64, lease_ms: i64) -> Result<Vec<TaskJob>> {
         let lock = self.db.backend.skip_locked_of("t");
-        let db_now = super::db_now_ms(self.db.backend);
+        let db_now = self.db.backend.now_ms();
         let mut tx = self.db.pool.begin().await?;
         let rows: Vec<JoinedRecord> = sqlx::query_as(&format!(
             "{JOINED_SELECT} WHERE t.state IN ({pending}, {in_progress}, {retained}) \
@@ -449,7 +449,7 @@ impl Store {
         lease_owner: &str,
         lease_ms: i64,
     ) -> Result<bool> {
-        let db_now = super::db_now_ms(self.db.backend);
+        let db_now = self.db.backend.now_ms();
         let done = sqlx::query(&format!(
             "UPDATE tasks SET lease_until = {db_now} + $1 WHERE controller = $2 \
              AND request_id = $3 AND subprocessor = $4 AND sequence = $5 AND lease_owner = $6 \

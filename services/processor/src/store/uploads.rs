@@ -98,14 +98,14 @@ pub(super) async fn queue(tx: &mut AnyConnection, key: &TaskKey, now: i64) -> Re
 impl Store {
     /// Reserves up to `limit` uploads due at `now` (the processor's clock) for `lease_ms`,
     /// counting the attempt each starts. The lease is set and compared on the database's
-    /// clock ([`super::db_now_ms`]), so replicas agree on when it ends.
+    /// clock ([`Backend::now_ms`](dsrelay_runtime::store::Backend::now_ms)), so replicas agree on when it ends.
     pub async fn claim_uploads(
         &self,
         now: i64,
         limit: i64,
         lease_ms: i64,
     ) -> Result<Vec<UploadJob>> {
-        let db_now = super::db_now_ms(self.db.backend);
+        let db_now = self.db.backend.now_ms();
         let mut tx = self.db.pool.begin().await?;
         let rows: Vec<UploadRecord> = sqlx::query_as(&format!(
             "SELECT u.controller, u.request_id, u.subprocessor, u.attempts, t.export_files, \
@@ -259,7 +259,7 @@ impl Store {
     /// Keeps a claimed upload reserved for `lease_ms` more from now (the database's clock)
     /// while its files are still being sent.
     pub async fn extend_upload_lease(&self, key: &TaskKey, lease_ms: i64) -> Result<()> {
-        let db_now = super::db_now_ms(self.db.backend);
+        let db_now = self.db.backend.now_ms();
         sqlx::query(&format!(
             "UPDATE uploads SET lease_until = {db_now} + $1 WHERE controller = $2 \
              AND request_id = $3 AND subprocessor = $4 AND done_at IS NULL"
