@@ -13,6 +13,7 @@ use dsrelay_proto::v1::export_upload_service_server::ExportUploadServiceServer;
 use dsrelay_proto::v1::package_service_server::PackageServiceServer;
 use dsrelay_proto::v1::processor_service_client::ProcessorServiceClient;
 use dsrelay_proto::v1::request_service_server::RequestServiceServer;
+use dsrelay_runtime::audit::signer::Checkpointer;
 use dsrelay_runtime::clock::Clock;
 use dsrelay_runtime::host::{Host, ReflectionRole};
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
@@ -25,7 +26,6 @@ use tonic::transport::Channel;
 
 use crate::api::{Api, Uploading};
 use crate::auth::Authorizer;
-use crate::checkpoints::Checkpointer;
 use crate::config::{Config, Role};
 use crate::intake::{self, Writer};
 use crate::packages::{FolderStore, Packages};
@@ -136,7 +136,7 @@ impl App {
             "identity_hash_key: required"
         );
         let identity_hash_key = config.identity_hash_key.as_bytes().to_vec();
-        let checkpoints = Checkpointer::from_config(&config.audit)?.map(Arc::new);
+        let checkpoints = Checkpointer::from_config("registry", &config.audit)?.map(Arc::new);
         if checkpoints.is_none() {
             tracing::warn!(
                 "audit.checkpoints is off: whoever can write the database can rewrite the audit \
@@ -293,7 +293,7 @@ impl App {
             });
         match checkpointing {
             Some((checkpointer, store, clock)) => host.worker("audit checkpoints", move |stop| {
-                crate::checkpoints::run(checkpointer, store, clock, stop)
+                dsrelay_runtime::audit::signer::run(checkpointer, store, clock, stop)
             }),
             None => host,
         }

@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+pub use dsrelay_runtime::audit::signer::AuditConfig;
 use dsrelay_runtime::backoff::Backoff;
 use dsrelay_runtime::config::ConfigErrors;
 use dsrelay_runtime::settings::{Defaults, ServiceConfig, ServiceSettings};
@@ -70,44 +71,6 @@ pub struct Config {
     /// Signed checkpoints of the audit trail.
     #[serde(default)]
     pub audit: AuditConfig,
-}
-
-/// Signed checkpoints of the audit trail (`[audit]`): on by default, and then
-/// `checkpoint_key` and `checkpoint_file` are required, so a registry never runs with a trail
-/// that whoever can write its database could rewrite unseen, unless its configuration says
-/// so (`checkpoints = false`). `dsrctl pki init` and `dsrctl dev up` generate the key.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuditConfig {
-    /// Whether the registry signs checkpoints. Turning them off leaves a chain that someone
-    /// able to write the database can rewrite from any entry on without a trace.
-    pub checkpoints: bool,
-    /// The Ed25519 private key (PKCS#8 PEM, as `dsrctl pki init` writes
-    /// `registry-signing.key`) that signs checkpoints. Keep it outside the database and out
-    /// of reach of whoever administers it: with it, a rewritten trail can be checkpointed
-    /// anew.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub checkpoint_key: Option<PathBuf>,
-    /// The file checkpoints are appended to, one JSON line each, made durable before the
-    /// next; ListAuditCheckpoints serves it. Put it where the database's administrators
-    /// cannot write, and copy it away as it grows: a copy elsewhere is what an auditor trusts.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub checkpoint_file: Option<PathBuf>,
-    /// How often the registry signs the trail's head, if it moved since the last checkpoint
-    /// (ms); default one minute. Entries newer than the last checkpoint are covered only by
-    /// the chain until the next one.
-    pub checkpoint_interval_ms: u64,
-}
-
-impl Default for AuditConfig {
-    fn default() -> Self {
-        Self {
-            checkpoints: true,
-            checkpoint_key: None,
-            checkpoint_file: None,
-            checkpoint_interval_ms: 60_000,
-        }
-    }
 }
 
 /// The default of `package_dir`: next to the default SQLite database.
@@ -327,17 +290,7 @@ impl AsRef<ServiceSettings> for Config {
 impl ServiceConfig for Config {
     fn relative_to(&mut self, dir: &Path) {
         self.service.relative_to(dir);
-        for path in [
-            &mut self.audit.checkpoint_key,
-            &mut self.audit.checkpoint_file,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if path.is_relative() {
-                *path = dir.join(&*path);
-            }
-        }
+        self.audit.relative_to(dir);
         for p in &mut self.processors {
             // A key given inline stays as it is; a relative file name is the config's.
             if let Some(key) = &mut p.public_key {
@@ -516,26 +469,7 @@ impl Config {
         if self.delivery.max_refusals == 0 {
             errors.push("delivery.max_refusals must be at least 1".into());
         }
-        if self.audit.checkpoints {
-            if self.audit.checkpoint_key.is_none() {
-                errors.push(
-                    "audit.checkpoint_key: required while audit.checkpoints is on; the ed25519 \
-                     key (pkcs#8 pem) that signs the audit trail's checkpoints, kept outside \
-                     the database (dsrctl pki init writes registry-signing.key)"
-                        .into(),
-                );
-            }
-            if self.audit.checkpoint_file.is_none() {
-                errors.push(
-                    "audit.checkpoint_file: required while audit.checkpoints is on; the file \
-                     checkpoints are appended to, where the database cannot change them"
-                        .into(),
-                );
-            }
-            if self.audit.checkpoint_interval_ms == 0 {
-                errors.push("audit.checkpoint_interval_ms: must be at least 1".into());
-            }
-        }
+        errors.extend(self.audit.errors());
         if errors.is_empty() {
             Ok(())
         } else {

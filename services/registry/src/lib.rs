@@ -24,13 +24,11 @@
 //! - [`reconciler`]: asks processors for status when acknowledgements are late.
 //! - `forget`: removes finished requests' raw identities and bodies after
 //!   `forget_after_days`.
-//! - `checkpoints`: signs the audit trail's head at an interval into the checkpoint file.
 //! - [`error`]: the registry's error type (made into statuses by `dsrelay_runtime::grpc`).
 
 mod api;
 mod app;
 mod auth;
-mod checkpoints;
 pub mod config;
 pub mod deadline;
 mod dispatcher;

@@ -181,3 +181,13 @@ impl Store {
         )
     }
 }
+
+impl dsrelay_runtime::audit::signer::Trail for Store {
+    async fn head(&self) -> Result<Option<(u64, String)>> {
+        self.audit_head().await
+    }
+
+    async fn hash_of(&self, seq: u64) -> Result<Option<String>> {
+        self.audit_hash(seq).await
+    }
+}

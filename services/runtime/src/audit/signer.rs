@@ -1,8 +1,8 @@
 //! The worker that signs a service's audit trail: every `checkpoint_interval_ms` in which
 //! the trail grew, its head (the last entry's seq and hash) is signed with the checkpoint
 //! key and appended to the checkpoint file, neither of which the database holds
-//! ([`super::checkpoint`]). The processor runs it over its trail ([`Trail`]); its
-//! `[audit]` configuration is [`AuditConfig`].
+//! ([`super::checkpoint`]). The registry and the processor each run it over their trail
+//! ([`Trail`]); their `[audit]` configuration is [`AuditConfig`].
 //!
 //! Several replicas sharing one database each need a file of their own: each signs the head
 //! it sees, and one file's seqs must increase line by line.
@@ -68,7 +68,8 @@ impl AuditConfig {
             errors.push(
                 "audit.checkpoint_key: required while audit.checkpoints is on; the ed25519 key \
                  (pkcs#8 pem) that signs the audit trail's checkpoints, kept outside the \
-                 database (or set audit.checkpoints = false)"
+                 database (dsrctl pki init writes one per service: registry-signing.key, \
+                 processor-signing.key), or set audit.checkpoints = false"
                     .into(),
             );
         }
@@ -110,7 +111,7 @@ pub trait Trail: Send + Sync {
 /// The key and the file a service's checkpoints are signed with and written to.
 #[derive(Debug)]
 pub struct Checkpointer {
-    /// What every checkpoint names as the trail's owner (`processor`).
+    /// What every checkpoint names as the trail's owner (`registry`, `processor`).
     service: &'static str,
     key: SigningKey,
     file: CheckpointFile,
