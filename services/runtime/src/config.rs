@@ -15,6 +15,9 @@
 //! fields), which is reported with its key and source. `main` exits with 64 (EX_USAGE) on a
 //! bad configuration.
 
+#[cfg(feature = "arbitrary-config")]
+pub mod arbitrary;
+
 use std::path::Path;
 
 use figment::providers::{Format, Toml};
