@@ -25,7 +25,7 @@ use std::fmt::Write as _;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use dsrelay_proto::v1::ProcessorAuditEvent;
 use dsrelay_runtime::audit::{self, Entry};
 use dsrelay_runtime::identity::keyed_digest;
@@ -99,44 +99,21 @@ pub(crate) async fn append(
     at: i64,
     r: Record<'_>,
 ) -> Result<()> {
-    let last: Option<(i64, String)> =
-        sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(&mut **tx)
-            .await?;
-    let (seq, prev_hash) = match last {
-        Some((seq, hash)) => (seq + 1, hash),
-        None => (1, audit::GENESIS_HASH.to_string()),
-    };
     let mut detail = format!("controller {}", r.controller);
     if !r.detail.is_empty() {
         let _ = write!(detail, ": {}", r.detail);
     }
-    let mut entry = Entry {
-        seq: u64::try_from(seq).context("audit seq")?,
-        occurred_at: at,
-        request_id: r.request_id.to_string(),
-        event_type: event as i32,
-        actor: r.actor.to_string(),
-        detail,
-        prev_hash,
-        hash: String::new(),
-    };
-    entry.hash = entry.compute_hash();
-    sqlx::query(
-        "INSERT INTO audit_log (seq, occurred_at, request_id, event_type, actor, detail, \
-         prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    audit::table::append(
+        tx,
+        audit::table::NewEntry {
+            occurred_at: at,
+            request_id: r.request_id.to_string(),
+            event_type: event as i32,
+            actor: r.actor.to_string(),
+            detail,
+        },
     )
-    .bind(seq)
-    .bind(entry.occurred_at)
-    .bind(entry.request_id)
-    .bind(i64::from(entry.event_type))
-    .bind(entry.actor)
-    .bind(entry.detail)
-    .bind(entry.prev_hash)
-    .bind(entry.hash)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    .await
 }
 
 impl Store {
@@ -158,36 +135,12 @@ impl Store {
 
     /// Up to `limit` entries after `after_seq`, oldest first.
     pub async fn audit_entries(&self, after_seq: u64, limit: i64) -> Result<Vec<Entry>> {
-        let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
-        Ok(sqlx::query_as(
-            "SELECT seq, occurred_at, request_id, event_type, actor, detail, prev_hash, hash \
-             FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2",
-        )
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&self.db.pool)
-        .await?)
+        audit::table::entries(&self.db.pool, after_seq, limit).await
     }
 
     /// The last entry of the audit trail (seq and hash), if any: what a checkpoint signs.
     pub async fn audit_head(&self) -> Result<Option<(u64, String)>> {
-        let row: Option<(i64, String)> =
-            sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-                .fetch_optional(&self.db.pool)
-                .await?;
-        row.map(|(seq, hash)| Ok((u64::try_from(seq).context("audit seq")?, hash)))
-            .transpose()
-    }
-
-    /// The stored hash of audit entry `seq`, if there is one.
-    pub async fn audit_hash(&self, seq: u64) -> Result<Option<String>> {
-        let seq = i64::try_from(seq).context("audit seq")?;
-        Ok(
-            sqlx::query_scalar("SELECT hash FROM audit_log WHERE seq = $1")
-                .bind(seq)
-                .fetch_optional(&self.db.pool)
-                .await?,
-        )
+        audit::table::head(&self.db.pool).await
     }
 }
 
@@ -197,7 +150,7 @@ impl dsrelay_runtime::audit::signer::Trail for Store {
     }
 
     async fn hash_of(&self, seq: u64) -> Result<Option<String>> {
-        self.audit_hash(seq).await
+        audit::table::hash_of(&self.db.pool, seq).await
     }
 }
 

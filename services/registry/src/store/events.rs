@@ -1,7 +1,7 @@
 //! Events and the audit trail: every event a request records is also appended to the
 //! hash-chained audit trail, in the same transaction.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use dsrelay_proto::v1::{EventType, RequestState};
 use dsrelay_runtime::audit;
 use dsrelay_runtime::identity::keyed_digest;
@@ -123,62 +123,23 @@ async fn append_audit(
     detail: String,
 ) -> Result<()> {
     lock_audit(tx).await?;
-    let last: Option<(i64, String)> =
-        sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(tx.conn())
-            .await?;
-    let (seq, prev_hash) = match last {
-        Some((seq, hash)) => (seq + 1, hash),
-        None => (1, audit::GENESIS_HASH.to_string()),
-    };
-    let mut entry = audit::Entry {
-        seq: u64::try_from(seq).context("audit seq")?,
-        occurred_at: at,
-        request_id: request_id.to_string(),
-        event_type: event_type as i32,
-        actor,
-        detail,
-        prev_hash,
-        hash: String::new(),
-    };
-    entry.hash = entry.compute_hash();
-    sqlx::query(
-        "INSERT INTO audit_log (seq, occurred_at, request_id, event_type, actor, detail, \
-         prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    audit::table::append(
+        tx.conn(),
+        audit::table::NewEntry {
+            occurred_at: at,
+            request_id: request_id.to_string(),
+            event_type: event_type as i32,
+            actor,
+            detail,
+        },
     )
-    .bind(seq)
-    .bind(entry.occurred_at)
-    .bind(entry.request_id)
-    .bind(i64::from(entry.event_type))
-    .bind(entry.actor)
-    .bind(entry.detail)
-    .bind(entry.prev_hash)
-    .bind(entry.hash)
-    .execute(tx.conn())
-    .await?;
-    Ok(())
+    .await
 }
 
 impl Store {
     /// The last entry of the audit trail (seq and hash), if any: what a checkpoint signs.
     pub async fn audit_head(&self) -> Result<Option<(u64, String)>> {
-        let row: Option<(i64, String)> =
-            sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-                .fetch_optional(&self.db.pool)
-                .await?;
-        row.map(|(seq, hash)| Ok((u64::try_from(seq).context("audit seq")?, hash)))
-            .transpose()
-    }
-
-    /// The stored hash of audit entry `seq`, if there is one.
-    pub async fn audit_hash(&self, seq: u64) -> Result<Option<String>> {
-        let seq = i64::try_from(seq).context("audit seq")?;
-        Ok(
-            sqlx::query_scalar("SELECT hash FROM audit_log WHERE seq = $1")
-                .bind(seq)
-                .fetch_optional(&self.db.pool)
-                .await?,
-        )
+        audit::table::head(&self.db.pool).await
     }
 }
 
@@ -188,6 +149,6 @@ impl dsrelay_runtime::audit::signer::Trail for Store {
     }
 
     async fn hash_of(&self, seq: u64) -> Result<Option<String>> {
-        self.audit_hash(seq).await
+        audit::table::hash_of(&self.db.pool, seq).await
     }
 }

@@ -213,14 +213,7 @@ impl Store {
 
     /// Up to `limit` audit trail entries after `after_seq`, oldest first.
     pub async fn audit_entries(&self, after_seq: u64, limit: i64) -> Result<Vec<audit::Entry>> {
-        Ok(sqlx::query_as(
-            "SELECT seq, occurred_at, request_id, event_type, actor, detail, prev_hash, hash \
-             FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2",
-        )
-        .bind(i64::try_from(after_seq).unwrap_or(i64::MAX))
-        .bind(limit)
-        .fetch_all(&self.db.pool)
-        .await?)
+        audit::table::entries(&self.db.pool, after_seq, limit).await
     }
 }
 

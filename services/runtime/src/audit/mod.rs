@@ -20,7 +20,8 @@
 //! - this module: entries, their hash, and the [`Verifier`] of a trail and its anchors.
 //! - [`checkpoint`]: signed checkpoints over the trail's head, their file, and checking them.
 //! - [`signer`]: the worker that signs a service's head into its checkpoint file, and its
-//!   `[audit]` configuration (the processor's; the registry keeps its own copy).
+//!   `[audit]` configuration, which both services use.
+//! - [`table`]: the `audit_log` table both services keep: appending and reading entries.
 //!
 //! # Hash
 //!
@@ -32,6 +33,7 @@
 
 pub mod checkpoint;
 pub mod signer;
+pub mod table;
 
 use std::collections::BTreeMap;
 use std::fmt;
