@@ -90,8 +90,8 @@ impl Store {
         .execute(tx.conn())
         .await?;
         // These events' messages repeat reasons, notes and errors; the others are the
-        // registry's own words. The audit trail keeps its own copy of each message
-        // (`detail`), which this does not touch, so the chain still verifies.
+        // registry's own words. The audit trail holds such text only as its keyed hash
+        // (`detail`) and is not touched here, so the chain still verifies.
         let free_text = [
             EventType::DeliveryFailed,
             EventType::TaskUpdated,
