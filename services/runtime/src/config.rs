@@ -107,6 +107,19 @@ impl Provider for Variable {
             Some(split) if !self.key.iter().any(String::is_empty) => split,
             _ => return Err("has an empty key segment".to_string().into()),
         };
+        // figment's value parser slices strings at character counts as if they were byte
+        // offsets once it meets a backslash: past a non-ASCII character that panics or
+        // garbles the value, so such values are refused rather than misread.
+        if let Some(at) = self.value.rfind('\\') {
+            if !self.value[..at].is_ascii() {
+                return Err(
+                    "has a backslash after a non-ASCII character, which cannot be \
+                     read from the environment; set this key in the file instead"
+                        .to_string()
+                        .into(),
+                );
+            }
+        }
         let value: Value = self.value.parse().unwrap_or_else(|e| match e {});
         let dict = tables
             .iter()
@@ -217,6 +230,32 @@ mod tests {
         let err = load::<Sample>(Some(&f), "APP", vars(&[])).unwrap_err();
         assert_eq!(err.0.len(), 1, "{err}");
         assert!(err.0[0].starts_with(&format!("{}: ", f.display())), "{err}");
+    }
+
+    #[test]
+    fn a_backslash_after_non_ascii_text_is_refused_not_misread() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = sample_file(&dir);
+        // A value like the one a property test found, on which figment's parser panicked.
+        let found = "\"\u{71a}\u{10ec2}\u{10a12}P'\u{1ee7b}\u{1e7ed}\u{10bad}\u{128a}$\u{1170b}1&4\u{1e900}\\&\"";
+        for value in [found, "\"päivä\\n\"", "[\"\\n\", \"ä\\t\"]"] {
+            let err =
+                load::<Sample>(Some(&f), "APP", vars(&[("APP__DB__URL", value)])).unwrap_err();
+            assert_eq!(
+                err.0,
+                [
+                    "environment variable APP__DB__URL: has a backslash after a non-ASCII \
+                  character, which cannot be read from the environment; set this key in the \
+                  file instead"
+                ],
+                "{value}"
+            );
+        }
+        // Backslashes before any non-ASCII text, and non-ASCII text without one, still load.
+        for (value, read) in [("\"a\\\\b\"", "a\\b"), ("päivä", "päivä"), ("\\ä", "\\ä")] {
+            let s: Sample = load(Some(&f), "APP", vars(&[("APP__DB__URL", value)])).unwrap();
+            assert_eq!(s.db.url, read, "{value}");
+        }
     }
 
     #[test]
