@@ -1,7 +1,8 @@
 //! Claims of queued work at both services, on both backends: the processor's tasks,
 //! acknowledgements and uploads, the registry's deliveries. Several claimers at once (one
 //! pool, as a replica's workers share it; on PostgreSQL each on its own connection) take
-//! every due row exactly once, each row under its own lease token, the most overdue first.
+//! every due row exactly once, each row under its own lease token, the most overdue first,
+//! and a claim is one statement however many rows it takes.
 //!
 //! `claim_timings` (ignored; run it by name with `--run-ignored only`) prints how long a
 //! claim of 1,000 due rows takes on each backend: figures, not assertions.
@@ -389,6 +390,139 @@ async fn claim_timings(backend: Backend) {
     .await;
 }
 
+/// What sqlx reports of each statement this process runs (its `sqlx::query` events, which
+/// `Db::connect` turns on): the text and the rows it changed. The recorder becomes the
+/// process's subscriber on first use.
+mod statements {
+    use std::future::Future;
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    use ::tracing::field::{Field, Visit};
+    use dsrelay_runtime::store::Db;
+    use tracing_subscriber::layer::{Context, SubscriberExt};
+    use tracing_subscriber::Layer;
+
+    /// One statement as sqlx logged it.
+    #[derive(Debug, Clone, Default)]
+    pub struct Statement {
+        pub sql: String,
+        pub rows_affected: u64,
+    }
+
+    #[derive(Default)]
+    struct Fields(Statement);
+
+    impl Visit for Fields {
+        fn record_str(&mut self, field: &Field, value: &str) {
+            match field.name() {
+                // The first words; the whole text follows unless they are all of it.
+                "summary" if self.0.sql.is_empty() => self.0.sql = value.to_string(),
+                "db.statement" if !value.is_empty() => self.0.sql = value.to_string(),
+                _ => {}
+            }
+        }
+
+        fn record_u64(&mut self, field: &Field, value: u64) {
+            if field.name() == "rows_affected" {
+                self.0.rows_affected = value;
+            }
+        }
+
+        fn record_debug(&mut self, _: &Field, _: &dyn std::fmt::Debug) {}
+    }
+
+    struct Recorder(Arc<Mutex<Vec<Statement>>>);
+
+    impl<S: ::tracing::Subscriber> Layer<S> for Recorder {
+        fn on_event(&self, event: &::tracing::Event<'_>, _: Context<'_, S>) {
+            if event.metadata().target() == "sqlx::query" {
+                let mut fields = Fields::default();
+                event.record(&mut fields);
+                self.0.lock().expect("log").push(fields.0);
+            }
+        }
+    }
+
+    fn log() -> &'static Arc<Mutex<Vec<Statement>>> {
+        static LOG: OnceLock<Arc<Mutex<Vec<Statement>>>> = OnceLock::new();
+        LOG.get_or_init(|| {
+            let log = Arc::default();
+            let subscriber = tracing_subscriber::registry().with(Recorder(Arc::clone(&log)));
+            ::tracing::subscriber::set_global_default(subscriber)
+                .expect("no other subscriber in this process");
+            log
+        })
+    }
+
+    /// Starts recording (before the first statement of a test, so that every one is seen).
+    pub fn record() {
+        log();
+    }
+
+    /// What `work` returned and the statements it ran: those logged from its start until a
+    /// marker statement `db` runs after it. SQLite logs from its connection's own thread,
+    /// which runs one statement after another, so the marker comes after everything `work`
+    /// ran; PostgreSQL logs before a statement's answer is handed back.
+    pub async fn of<T>(db: &Db, work: impl Future<Output = T>) -> (T, Vec<Statement>) {
+        let start = log().lock().expect("log").len();
+        let out = work.await;
+        sqlx::query("SELECT 'statements marker'")
+            .execute(&db.pool)
+            .await
+            .expect("marker");
+        let ran = log().lock().expect("log")[start..]
+            .iter()
+            .take_while(|s| !s.sql.contains("statements marker"))
+            .cloned()
+            .collect();
+        (out, ran)
+    }
+}
+
+/// `ran` (the statements of one claim) holds one `UPDATE` of `table` that claimed all
+/// `rows`; run alone in its process (nextest runs each test in its own), nothing else.
+fn one_statement_claimed(ran: &[statements::Statement], table: &str, rows: u64) {
+    let update = format!("UPDATE {table} SET");
+    assert!(
+        ran.iter()
+            .any(|s| s.sql.contains(&update) && s.rows_affected == rows),
+        "no one statement claimed all {rows} rows of {table}: {} statements ran",
+        ran.len()
+    );
+    if std::env::var("NEXTEST_EXECUTION_MODE").as_deref() == Ok("process-per-test") {
+        assert_eq!(ran.len(), 1, "{ran:#?}");
+    }
+}
+
+/// Claims of 50 rows, at both services: one statement each.
+async fn claims_are_one_statement(backend: Backend) {
+    statements::record();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((store, db)) = processor(backend, dir.path()).await else {
+        return;
+    };
+    let keys = deliver(&store, 10, 5).await;
+    let (jobs, ran) = statements::of(&db, store.claim_tasks(10_000, 100, 60_000)).await;
+    assert_eq!(jobs.expect("claim").len(), 50);
+    one_statement_claimed(&ran, "tasks", 50);
+    start_with_exports(&store, &keys).await;
+    let (acks, ran) = statements::of(&db, store.claim_acks(10_000, 100, 60_000)).await;
+    assert_eq!(acks.expect("claim").len(), 50);
+    one_statement_claimed(&ran, "ack_outbox", 50);
+    let (uploads, ran) = statements::of(&db, store.claim_uploads(10_000, 100, 60_000)).await;
+    assert_eq!(uploads.expect("claim").len(), 50);
+    one_statement_claimed(&ran, "uploads", 50);
+
+    let Some((outbox, db)) = registry(backend, dir.path()).await else {
+        return;
+    };
+    let requests: Vec<NewRequest> = (0..10).map(|i| new_request(i, 5)).collect();
+    outbox.insert_requests(&requests).await.expect("insert");
+    let (jobs, ran) = statements::of(&db, outbox.claim_deliveries(10_000, 100, 60_000)).await;
+    assert_eq!(jobs.expect("claim").len(), 50);
+    one_statement_claimed(&ran, "deliveries", 50);
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -423,4 +557,5 @@ macro_rules! on_both_backends {
 on_both_backends!(
     processor_claims_take_each_due_row_once,
     registry_claims_take_each_due_row_once,
+    claims_are_one_statement,
 );
