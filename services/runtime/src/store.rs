@@ -6,6 +6,29 @@
 //! `SKIP LOCKED`, advisory locks) the [`Backend`]'s methods give the text to use, so that every
 //! dialect decision is made in one place. Timestamps are stored as milliseconds since the Unix
 //! epoch (`BIGINT`), which both backends compare and index alike.
+//!
+//! # Claims
+//!
+//! Every claim of queued work (the processor's tasks, acknowledgements and uploads, the
+//! registry's deliveries) is one statement, whatever the batch size:
+//!
+//! ```sql
+//! WITH picked AS MATERIALIZED (SELECT key FROM queue WHERE due... ORDER BY next_attempt_at
+//!                              LIMIT $n FOR UPDATE SKIP LOCKED)
+//! UPDATE queue SET lease_until = now + $lease, attempts = attempts + 1,
+//!                  lease_owner = <a random token per row>
+//! WHERE key IN (SELECT key FROM picked)
+//! RETURNING queue's columns, (SELECT column FROM joined WHERE ...) AS column, ...
+//! ```
+//!
+//! Both backends accept it as written (PostgreSQL ≥ 12, SQLite ≥ 3.35). `MATERIALIZED`
+//! makes the picking `SELECT` run once, so a re-scan can never lock other rows than those
+//! it picked; the lock clause comes from [`Backend::skip_locked_of`], the clock from
+//! [`Backend::now_ms`] and the per-row token from [`Backend::random_token`] (the
+//! acknowledgement and upload outboxes keep no owner, and only tasks and uploads count
+//! their attempts at the claim). SQLite's `RETURNING` may name only the updated table, so
+//! a joined table's columns come from scalar subqueries ([`lookups`]). `RETURNING` gives
+//! rows in no particular order: callers sort them as the picking `ORDER BY` did.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -72,6 +95,16 @@ impl Backend {
         match self {
             Self::Sqlite => String::new(),
             Self::Postgres => format!(" FOR UPDATE OF {table} SKIP LOCKED"),
+        }
+    }
+
+    /// A new random token for each row a statement writes, as an SQL expression (TEXT): the
+    /// lease owner a claim gives every row it takes. 128 random bits on SQLite (32 hex
+    /// digits), a version 4 UUID on PostgreSQL (13 or later).
+    pub fn random_token(self) -> &'static str {
+        match self {
+            Self::Sqlite => "lower(hex(randomblob(16)))",
+            Self::Postgres => "CAST(gen_random_uuid() AS TEXT)",
         }
     }
 
@@ -218,6 +251,19 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// Columns of another table for the `RETURNING` list of a claim (see [the module
+/// docs](self#claims)): one scalar subquery per `(expression, alias)`, reading `from` (a
+/// table and its alias) where `on` holds, comma-separated. `on` names the updated table by
+/// its name, which is all a `RETURNING` list may name on SQLite. A row `on` does not find
+/// gives NULLs, as a `LEFT JOIN` would.
+pub fn lookups(from: &str, on: &str, columns: &[(&str, &str)]) -> String {
+    columns
+        .iter()
+        .map(|(expr, alias)| format!("(SELECT {expr} FROM {from} WHERE {on}) AS {alias}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -259,6 +305,20 @@ mod tests {
         assert_eq!(postgres.lock_rows(), " FOR UPDATE");
         assert_eq!(postgres.skip_locked_of("d"), " FOR UPDATE OF d SKIP LOCKED");
         assert!(postgres.transaction_lock().is_some());
+    }
+
+    #[test]
+    fn lookups_are_one_subquery_per_column() {
+        assert_eq!(
+            lookups(
+                "requests r",
+                "r.id = jobs.request_id",
+                &[("r.body", "body"), ("CAST(r.kind AS BIGINT)", "kind")]
+            ),
+            "(SELECT r.body FROM requests r WHERE r.id = jobs.request_id) AS body, \
+             (SELECT CAST(r.kind AS BIGINT) FROM requests r WHERE r.id = jobs.request_id) AS kind"
+        );
+        assert_eq!(lookups("t", "true", &[]), "");
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod audit;
 mod bad_input;
 mod certificates;
 mod chaos;
+mod claims;
 mod compose;
 mod connectors;
 mod contract_end;

@@ -40,34 +40,28 @@ pub(super) async fn queue(
 
 impl Store {
     /// Reserves up to `limit` queued acknowledgements due at `now` (the processor's clock)
-    /// for `lease_ms`, oldest first. The lease is set and compared on the database's clock
-    /// ([`Backend::now_ms`](dsrelay_runtime::store::Backend::now_ms)), so replicas agree on when it ends whatever their own clocks say.
+    /// for `lease_ms`, oldest first, in one statement. The lease is set and compared on the
+    /// database's clock ([`Backend::now_ms`](dsrelay_runtime::store::Backend::now_ms)), so
+    /// replicas agree on when it ends whatever their own clocks say.
     pub async fn claim_acks(&self, now: i64, limit: i64, lease_ms: i64) -> Result<Vec<AckJob>> {
         let db_now = self.db.backend.now_ms();
-        let mut tx = self.db.pool.begin().await?;
-        let rows: Vec<AckRecord> = sqlx::query_as(&format!(
-            "SELECT id, controller, attempts, payload FROM ack_outbox WHERE sent_at IS NULL \
+        // One statement whatever `limit` is (see dsrelay_runtime::store's "Claims").
+        let mut rows: Vec<AckRecord> = sqlx::query_as(&format!(
+            "WITH picked AS MATERIALIZED (SELECT id FROM ack_outbox WHERE sent_at IS NULL \
              AND dead_lettered_at IS NULL AND next_attempt_at <= $1 \
-             AND lease_until <= {db_now} ORDER BY id LIMIT $2{}",
-            self.db.skip_locked()
+             AND lease_until <= {db_now} ORDER BY id LIMIT $2{lock}) \
+             UPDATE ack_outbox SET lease_until = {db_now} + $3 \
+             WHERE id IN (SELECT id FROM picked) \
+             RETURNING id, controller, attempts, payload",
+            lock = self.db.skip_locked()
         ))
         .bind(now)
         .bind(limit)
-        .fetch_all(&mut *tx)
+        .bind(lease_ms)
+        .fetch_all(&self.db.pool)
         .await?;
-        let mut jobs = Vec::with_capacity(rows.len());
-        for r in rows {
-            sqlx::query(&format!(
-                "UPDATE ack_outbox SET lease_until = {db_now} + $1 WHERE id = $2"
-            ))
-            .bind(lease_ms)
-            .bind(r.id)
-            .execute(&mut *tx)
-            .await?;
-            jobs.push(AckJob::try_from(r)?);
-        }
-        tx.commit().await?;
-        Ok(jobs)
+        rows.sort_by_key(|r| r.id);
+        rows.into_iter().map(|r| Ok(AckJob::try_from(r)?)).collect()
     }
 
     /// Marks acknowledgements as received by the registry, each with its audit entry (an

@@ -267,15 +267,26 @@ impl JoinedRecord {
     }
 }
 
-impl From<JoinedRecord> for TaskJob {
-    fn from(r: JoinedRecord) -> Self {
+/// A task row as a claim wrote it (attempt counted, lease token set), with its request's
+/// columns.
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct ClaimedRecord {
+    #[sqlx(flatten)]
+    joined: JoinedRecord,
+    /// For putting the claimed rows back in the order they were picked in.
+    pub(super) next_attempt_at: i64,
+    /// The token the claim wrote.
+    lease_owner: String,
+}
+
+impl From<ClaimedRecord> for TaskJob {
+    fn from(r: ClaimedRecord) -> Self {
         Self {
-            request: r.request(),
-            due_at: r.due_at,
-            traceparent: r.traceparent,
-            task: r.task.into(),
-            // Written by the claim that hands the job out.
-            lease_owner: String::new(),
+            request: r.joined.request(),
+            due_at: r.joined.due_at,
+            traceparent: r.joined.traceparent,
+            task: r.joined.task.into(),
+            lease_owner: r.lease_owner,
         }
     }
 }

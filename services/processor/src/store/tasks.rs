@@ -12,13 +12,14 @@ use dsrelay_proto::v1::{
     Acknowledgement, ContractPhase, DeliverRequest, Evidence, ProcessorAuditEvent, RequestKind,
     TaskState,
 };
+use dsrelay_runtime::store::lookups;
 use dsrelay_runtime::trace_context;
 use sha2::{Digest, Sha256};
 
 use super::audit::{self, AuditTx, Record};
 use super::rows::{
-    state_value, stored_count, JoinedRecord, ManualRow, TaskJob, TaskKey, TaskRecord, TaskRow,
-    JOINED_SELECT, TASK_COLUMNS,
+    state_value, stored_count, ClaimedRecord, JoinedRecord, ManualRow, TaskJob, TaskKey,
+    TaskRecord, TaskRow, JOINED_SELECT, TASK_COLUMNS,
 };
 use super::{acks, Store};
 use crate::certificates::Issuer;
@@ -295,55 +296,59 @@ impl Store {
     /// Of a cancelled request, only tasks whose holder was working when the cancellation came
     /// are taken (to learn what it did), and RETAINED ones at their date (the erasure was
     /// done but for what the law kept, which goes when it may); the others are never started.
-    /// Each claim writes a new random lease token ([`TaskJob::lease_owner`]), so a runner
-    /// whose lease ran out no longer matches once another claim took the task.
+    /// Each claim writes a new random lease token into every task it takes, one per task
+    /// ([`TaskJob::lease_owner`]), so a runner whose lease ran out no longer matches once
+    /// another claim took the task. The claim is one statement however many tasks it takes;
+    /// they come back the most overdue first.
     ///
     /// `now` (the processor's clock, the one tests move) decides which tasks are due; the
     /// lease is set and compared on the database's clock ([`Backend::now_ms`](dsrelay_runtime::store::Backend::now_ms)), as renewals
     /// ([`Store::extend_lease`]) are, so replicas agree on when a lease ends whatever their
     /// own clocks say.
     pub async fn claim_tasks(&self, now: i64, limit: i64, lease_ms: i64) -> Result<Vec<TaskJob>> {
-        let lock = self.db.backend.skip_locked_of("t");
-        let db_now = self.db.backend.now_ms();
-        let mut tx = self.db.pool.begin().await?;
-        let rows: Vec<JoinedRecord> = sqlx::query_as(&format!(
-            "{JOINED_SELECT} WHERE t.state IN ({pending}, {in_progress}, {retained}) \
+        let backend = self.db.backend;
+        let db_now = backend.now_ms();
+        // One statement whatever `limit` is (see dsrelay_runtime::store's "Claims").
+        let mut rows: Vec<ClaimedRecord> = sqlx::query_as(&format!(
+            "WITH picked AS MATERIALIZED (SELECT t.controller, t.request_id, t.subprocessor \
+             FROM tasks t JOIN requests r ON r.controller = t.controller \
+             AND r.request_id = t.request_id \
+             WHERE t.state IN ({pending}, {in_progress}, {retained}) \
              AND t.next_attempt_at <= $1 AND t.lease_until <= {db_now} \
              AND (r.cancelled_at IS NULL OR t.cancel_requested_at IS NOT NULL \
              OR t.state = {retained}) \
-             ORDER BY t.next_attempt_at LIMIT $2{lock}",
+             ORDER BY t.next_attempt_at LIMIT $2{lock}) \
+             UPDATE tasks SET lease_until = {db_now} + $3, attempts = attempts + 1, \
+             lease_owner = {token} \
+             WHERE (controller, request_id, subprocessor) IN \
+             (SELECT controller, request_id, subprocessor FROM picked) \
+             RETURNING {TASK_COLUMNS}, next_attempt_at, lease_owner, {request}",
             // Literals, not parameters: only then can the planner use the partial index
             // `tasks_runnable` (WHERE state IN (1, 2, 5)) instead of scanning every task.
             pending = state_value(TaskState::Pending),
             in_progress = state_value(TaskState::InProgress),
             retained = state_value(TaskState::Retained),
+            lock = backend.skip_locked_of("t"),
+            token = backend.random_token(),
+            request = lookups(
+                "requests r",
+                "r.controller = tasks.controller AND r.request_id = tasks.request_id",
+                &[
+                    ("r.body", "body"),
+                    ("r.due_at", "due_at"),
+                    ("r.traceparent", "traceparent"),
+                ],
+            ),
         ))
         .bind(now)
         .bind(limit)
-        .fetch_all(&mut *tx)
+        .bind(lease_ms)
+        .fetch_all(&self.db.pool)
         .await?;
-        let mut jobs = Vec::with_capacity(rows.len());
-        for r in rows {
-            let mut job = TaskJob::from(r);
-            // Claiming starts an attempt: a run cut off by a crash still counts.
-            job.task.attempts += 1;
-            job.lease_owner = uuid::Uuid::new_v4().to_string();
-            let key = &job.task.key;
-            sqlx::query(&format!(
-                "UPDATE tasks SET lease_until = {db_now} + $1, attempts = attempts + 1, \
-                 lease_owner = $5 WHERE controller = $2 AND request_id = $3 AND subprocessor = $4"
-            ))
-            .bind(lease_ms)
-            .bind(&key.controller)
-            .bind(&key.request_id)
-            .bind(&key.subprocessor)
-            .bind(&job.lease_owner)
-            .execute(&mut *tx)
-            .await?;
-            jobs.push(job);
-        }
-        tx.commit().await?;
-        Ok(jobs)
+        // Claiming starts an attempt (`attempts` as returned counts it): a run cut off by a
+        // crash still counts. The most overdue first, as picked.
+        rows.sort_by_key(|r| r.next_attempt_at);
+        Ok(rows.into_iter().map(TaskJob::from).collect())
     }
 
     /// Moves a task to a new state and queues the acknowledgement, if the task is still at

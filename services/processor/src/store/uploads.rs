@@ -7,6 +7,7 @@
 use anyhow::Result;
 use dsrelay_connectors::ExportedFile;
 use dsrelay_proto::v1::{ProcessorAuditEvent, RequestKind, TransferRecipient};
+use dsrelay_runtime::store::lookups;
 use sqlx::AnyConnection;
 
 use super::rows::{TaskKey, TaskRecord, TaskRow, TASK_COLUMNS};
@@ -71,6 +72,7 @@ struct UploadRecord {
     request_id: String,
     subprocessor: String,
     attempts: i64,
+    next_attempt_at: i64,
     export_files: Option<String>,
     kind: i64,
     due_at: i64,
@@ -97,45 +99,64 @@ pub(super) async fn queue(tx: &mut AnyConnection, key: &TaskKey, now: i64) -> Re
 
 impl Store {
     /// Reserves up to `limit` uploads due at `now` (the processor's clock) for `lease_ms`,
-    /// counting the attempt each starts. The lease is set and compared on the database's
-    /// clock ([`Backend::now_ms`](dsrelay_runtime::store::Backend::now_ms)), so replicas agree on when it ends.
+    /// counting the attempt each starts, in one statement, the most overdue first. The lease
+    /// is set and compared on the database's clock
+    /// ([`Backend::now_ms`](dsrelay_runtime::store::Backend::now_ms)), so replicas agree on
+    /// when it ends.
     pub async fn claim_uploads(
         &self,
         now: i64,
         limit: i64,
         lease_ms: i64,
     ) -> Result<Vec<UploadJob>> {
-        let db_now = self.db.backend.now_ms();
-        let mut tx = self.db.pool.begin().await?;
-        let rows: Vec<UploadRecord> = sqlx::query_as(&format!(
-            "SELECT u.controller, u.request_id, u.subprocessor, u.attempts, t.export_files, \
-             r.kind, r.due_at, r.recipient_name, r.recipient_endpoint, r.recipient_identity, \
-             c.transfer_recipient AS contract_recipient \
+        let backend = self.db.backend;
+        let db_now = backend.now_ms();
+        // One statement whatever `limit` is (see dsrelay_runtime::store's "Claims").
+        let mut rows: Vec<UploadRecord> = sqlx::query_as(&format!(
+            "WITH picked AS MATERIALIZED (SELECT u.controller, u.request_id, u.subprocessor \
              FROM uploads u JOIN tasks t ON t.controller = u.controller \
              AND t.request_id = u.request_id AND t.subprocessor = u.subprocessor \
              JOIN requests r ON r.controller = u.controller AND r.request_id = u.request_id \
-             LEFT JOIN contract_ends c ON c.controller = u.controller \
-             AND c.request_id = u.request_id \
              WHERE u.done_at IS NULL AND u.next_attempt_at <= $1 AND u.lease_until <= {db_now} \
-             ORDER BY u.next_attempt_at LIMIT $2{lock}",
-            lock = self.db.backend.skip_locked_of("u")
+             ORDER BY u.next_attempt_at LIMIT $2{lock}) \
+             UPDATE uploads SET lease_until = {db_now} + $3, attempts = attempts + 1 \
+             WHERE (controller, request_id, subprocessor) IN \
+             (SELECT controller, request_id, subprocessor FROM picked) \
+             RETURNING controller, request_id, subprocessor, attempts, next_attempt_at, \
+             {task}, {request}, {contract}",
+            lock = backend.skip_locked_of("u"),
+            task = lookups(
+                "tasks t",
+                "t.controller = uploads.controller AND t.request_id = uploads.request_id \
+                 AND t.subprocessor = uploads.subprocessor",
+                &[("t.export_files", "export_files")],
+            ),
+            request = lookups(
+                "requests r",
+                "r.controller = uploads.controller AND r.request_id = uploads.request_id",
+                &[
+                    ("r.kind", "kind"),
+                    ("r.due_at", "due_at"),
+                    ("r.recipient_name", "recipient_name"),
+                    ("r.recipient_endpoint", "recipient_endpoint"),
+                    ("r.recipient_identity", "recipient_identity"),
+                ],
+            ),
+            contract = lookups(
+                "contract_ends c",
+                "c.controller = uploads.controller AND c.request_id = uploads.request_id",
+                &[("c.transfer_recipient", "contract_recipient")],
+            ),
         ))
         .bind(now)
         .bind(limit)
-        .fetch_all(&mut *tx)
+        .bind(lease_ms)
+        .fetch_all(&self.db.pool)
         .await?;
+        // The most overdue first, as picked.
+        rows.sort_by_key(|r| r.next_attempt_at);
         let mut jobs = Vec::with_capacity(rows.len());
         for r in rows {
-            sqlx::query(&format!(
-                "UPDATE uploads SET lease_until = {db_now} + $1, attempts = attempts + 1 \
-                 WHERE controller = $2 AND request_id = $3 AND subprocessor = $4"
-            ))
-            .bind(lease_ms)
-            .bind(&r.controller)
-            .bind(&r.request_id)
-            .bind(&r.subprocessor)
-            .execute(&mut *tx)
-            .await?;
             let files = match r.export_files.as_deref() {
                 Some(json) => serde_json::from_str(json)?,
                 None => Vec::new(),
@@ -154,7 +175,8 @@ impl Store {
                     request_id: r.request_id,
                     subprocessor: r.subprocessor,
                 },
-                attempts: r.attempts + 1,
+                // As written by the claim: this attempt is counted.
+                attempts: r.attempts,
                 files,
                 kind: i32::try_from(r.kind)
                     .ok()
@@ -165,7 +187,6 @@ impl Store {
                 contract_recipient: r.contract_recipient.unwrap_or_default(),
             });
         }
-        tx.commit().await?;
         Ok(jobs)
     }
 

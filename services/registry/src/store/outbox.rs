@@ -11,42 +11,78 @@
 
 use anyhow::Result;
 use dsrelay_proto::v1::{EventType, RequestState, TaskStatus};
+use dsrelay_runtime::store::lookups;
 
 use super::acknowledgements::{refold, upsert_task, TaskUpdate};
 use super::events::{insert_event, EventDetail};
 use super::{DeliveryJob, Operation, Store};
 
+/// A delivery row as a claim wrote it (lease token set), with its request and terms.
+#[derive(sqlx::FromRow)]
+struct ClaimedDelivery {
+    #[sqlx(flatten)]
+    job: DeliveryJob,
+    /// For putting the claimed rows back in the order they were picked in.
+    next_attempt_at: i64,
+}
+
 impl Store {
     /// Reserves up to `limit` outbox rows due at `now` (the registry's clock) for `lease_ms`
-    /// of the database's clock, each under a new lease token, so that concurrent dispatchers
-    /// (in this process or in other replicas) never send the same row at once.
+    /// of the database's clock, each row under a new lease token of its own, so that
+    /// concurrent dispatchers (in this process or in other replicas) never send the same row
+    /// at once. One statement however many rows it takes; the most overdue come first.
     pub async fn claim_deliveries(
         &self,
         now: i64,
         limit: i64,
         lease_ms: i64,
     ) -> Result<Vec<DeliveryJob>> {
-        let mut tx = self.begin().await?;
-        let lock = tx.backend.skip_locked_of("d");
-        let db_now = tx.backend.now_ms();
-        let mut jobs: Vec<DeliveryJob> = sqlx::query_as(&format!(
-            "SELECT d.request_id, d.processor, d.op, d.attempts, r.body, r.received_at, \
-             r.due_at, r.trace_id, r.cancel_reason, r.traceparent, \
-             CAST(r.kind AS BIGINT) AS kind, \
-             CAST(c.choice AS BIGINT) AS contract_choice, \
-             c.effective_at AS contract_effective_at, \
-             c.grace_ends_at AS contract_grace_ends_at, \
-             CAST(c.return_confirmed AS BIGINT) AS contract_return_confirmed, \
-             c.transfer_recipient AS contract_transfer_recipient, \
-             c.version AS contract_version \
+        let backend = self.db.backend;
+        let db_now = backend.now_ms();
+        // One statement whatever `limit` is (see dsrelay_runtime::store's "Claims").
+        let mut rows: Vec<ClaimedDelivery> = sqlx::query_as(&format!(
+            "WITH picked AS MATERIALIZED (SELECT d.request_id, d.processor, d.op \
              FROM deliveries d JOIN requests r ON r.id = d.request_id \
-             LEFT JOIN contracts c ON c.request_id = d.request_id \
              WHERE d.done_at IS NULL AND d.dead_lettered_at IS NULL \
              AND d.next_attempt_at <= $1 AND d.lease_until <= {db_now} \
              AND (d.op <> $3 OR EXISTS (SELECT 1 FROM deliveries x \
              WHERE x.request_id = d.request_id AND x.processor = d.processor \
              AND x.op = $4 AND x.done_at IS NOT NULL)) \
-             ORDER BY d.next_attempt_at LIMIT $2{lock}"
+             ORDER BY d.next_attempt_at LIMIT $2{lock}) \
+             UPDATE deliveries SET lease_until = {db_now} + $5, lease_owner = {token} \
+             WHERE (request_id, processor, op) IN (SELECT request_id, processor, op FROM picked) \
+             RETURNING request_id, processor, op, attempts, next_attempt_at, lease_owner, \
+             {request}, {contract}",
+            lock = backend.skip_locked_of("d"),
+            token = backend.random_token(),
+            request = lookups(
+                "requests r",
+                "r.id = deliveries.request_id",
+                &[
+                    ("r.body", "body"),
+                    ("r.received_at", "received_at"),
+                    ("r.due_at", "due_at"),
+                    ("r.trace_id", "trace_id"),
+                    ("r.cancel_reason", "cancel_reason"),
+                    ("r.traceparent", "traceparent"),
+                    ("CAST(r.kind AS BIGINT)", "kind"),
+                ],
+            ),
+            contract = lookups(
+                "contracts c",
+                "c.request_id = deliveries.request_id",
+                &[
+                    ("CAST(c.choice AS BIGINT)", "contract_choice"),
+                    ("c.effective_at", "contract_effective_at"),
+                    ("c.grace_ends_at", "contract_grace_ends_at"),
+                    (
+                        "CAST(c.return_confirmed AS BIGINT)",
+                        "contract_return_confirmed"
+                    ),
+                    ("c.transfer_recipient", "contract_transfer_recipient"),
+                    ("c.version", "contract_version"),
+                ],
+            ),
         ))
         .bind(now)
         .bind(limit)
@@ -54,24 +90,12 @@ impl Store {
         // stand when it is sent: the processor cannot take an update before.
         .bind(Operation::Update.as_str())
         .bind(Operation::Deliver.as_str())
-        .fetch_all(tx.conn())
+        .bind(lease_ms)
+        .fetch_all(&self.db.pool)
         .await?;
-        for job in &mut jobs {
-            job.lease_owner = uuid::Uuid::new_v4().to_string();
-            sqlx::query(&format!(
-                "UPDATE deliveries SET lease_until = {db_now} + $1, lease_owner = $5 \
-                 WHERE request_id = $2 AND processor = $3 AND op = $4"
-            ))
-            .bind(lease_ms)
-            .bind(&job.request_id)
-            .bind(&job.processor)
-            .bind(job.op.as_str())
-            .bind(&job.lease_owner)
-            .execute(tx.conn())
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(jobs)
+        // The most overdue first, as picked.
+        rows.sort_by_key(|r| r.next_attempt_at);
+        Ok(rows.into_iter().map(|r| r.job).collect())
     }
 
     /// Records that a processor durably accepted a delivery (or cancellation, or a contract

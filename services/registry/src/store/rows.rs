@@ -170,9 +170,8 @@ pub struct DeliveryJob {
     /// every other kind.
     #[sqlx(flatten)]
     pub terms: ContractTerms,
-    /// The token of this claim's lease: the outcome and release of the row made for this
-    /// claim match it, and change nothing once another claim took the row.
-    #[sqlx(default)]
+    /// The token of this claim's lease, the row's own: the outcome and release of the row
+    /// made for this claim match it, and change nothing once another claim took the row.
     pub lease_owner: String,
 }
 
