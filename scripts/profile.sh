@@ -4,6 +4,7 @@
 #   scripts/profile.sh                    # → ./profile-out/ (summary.md and perf data)
 #   scripts/profile.sh /tmp/prof          # another output folder
 #   PROFILE_BATCH=4000 PROFILE_SECS=10 scripts/profile.sh
+#   PROFILE_NO_BUILD=1 scripts/profile.sh   # the release binaries as they are (no build)
 #
 # What it does:
 #   1. cargo build --release --bins (as scripts/bench.sh does; $CARGO_TARGET_DIR honoured).
@@ -19,9 +20,13 @@
 #      processors, until the services exit at the end of the run. The warm-up,
 #      the completed-propagations batch, the latency load and the Submit load are
 #      all in it.
-#   4. Writes OUT/summary.md: per recording the samples, the top symbols by their own
-#      share of the samples (`perf report --no-children --sort sym`), and the share
-#      per shared object (`--sort dso`: the binary itself, libc, the kernel).
+#   4. Writes OUT/summary.md: per recording the samples, the share per thread
+#      (`--sort comm`: the tokio runtime's workers against the thread sqlx runs each
+#      SQLite connection on), what the time spent switching threads waited in (the
+#      callers of `finish_task_switch`), the top symbols by their own share of the
+#      samples (`perf report --no-children --sort sym`), and the share per shared
+#      object (`--sort dso`: the binary itself, libc, the kernel). Open the .data files
+#      with `perf report -i` for more.
 #
 # Needs perf (/usr/bin/perf) and permission to record another process
 # (root, or kernel.perf_event_paranoid <= 1). Measures nothing else and writes
@@ -36,8 +41,10 @@ secs="${PROFILE_SECS:-5}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 
-printf 'profile.sh: building release binaries: cargo build --release --bins\n' >&2
-cargo build --release --bins
+if [ -z "${PROFILE_NO_BUILD:-}" ]; then
+    printf 'profile.sh: building release binaries: cargo build --release --bins\n' >&2
+    cargo build --release --bins
+fi
 
 bench="${CARGO_TARGET_DIR:-target}/release/dsrelay-bench"
 # shellcheck disable=SC2086 # PROFILE_ARGS is a list of arguments on purpose.
@@ -93,7 +100,16 @@ fi
         printf 'Samples: %s (at 499 Hz per thread that runs)\n\n' \
             "$(perf report -i "$data" --stdio --sort comm 2>/dev/null \
                 | sed -n 's/^# Samples: \([^ ]*\).*/\1/p' | head -n 1)"
-        printf 'Top symbols by their own share of the samples:\n\n```\n'
+        printf 'Share per thread (tokio-rt-worker: the async runtime; sqlx-sqlite-wor: the\n'
+        printf "thread sqlx runs each SQLite connection on, to which every statement is handed):\n\n\`\`\`\n"
+        perf report -i "$data" --no-children --sort comm --stdio -q -g none 2>/dev/null \
+            | grep . | head -n 5
+        printf '```\n\nWhat the time in the scheduler (`finish_task_switch`) waited in, callers\n'
+        printf 'of 2 %% or more:\n\n```\n'
+        perf report -i "$data" --no-children --sort sym -S finish_task_switch.isra.0 \
+            -g caller,2,callee,function,percent --stdio 2>/dev/null \
+            | grep -E -e '--[0-9.]+%--' | head -n 25
+        printf '```\n\nTop symbols by their own share of the samples:\n\n```\n'
         perf report -i "$data" --no-children --sort sym --stdio -q -g none \
             --percent-limit 0.7 2>/dev/null | head -n 30
         printf '```\n\nShare per shared object:\n\n```\n'
