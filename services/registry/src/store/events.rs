@@ -186,8 +186,8 @@ pub(super) async fn insert_events(tx: &mut Tx, events: Vec<NewEvent>) -> Result<
 /// Key of the advisory lock that serializes audit appenders ("dsrelay" + 1).
 const AUDIT_LOCK_KEY: i64 = 0x6473_7265_6c61_7901;
 
-/// Takes the audit trail's append lock until the transaction ends (again if already held: it
-/// is re-entrant, so a transaction that already holds it asks the database no more). Every
+/// Takes the audit trail's append lock until the transaction ends; a transaction that holds
+/// it already (`Tx::audit_locked`) does not ask the database again. Every
 /// transaction that records events takes it first, before any row lock, so that they all
 /// lock in the same order and never deadlock; as a result they commit one at a time. Where
 /// the backend needs no lock (one writer), nothing is done.
