@@ -23,8 +23,14 @@
 #      in the temporary folder while it runs. Then a contract end over
 #      --contract-subjects customers (default 1000000, 0 skips it) of the sample
 #      accounting schema, against the bare statements on a copy of the same
-#      database. It prints a table and writes it,
-#      with a description of the machine, to docs/.
+#      database. Then the statement count: the relay again on a PostgreSQL
+#      server of the run's own with pg_stat_statements (--count-erasures
+#      erasures, default 500, 0 skips it; needs /usr/lib/postgresql/*/bin),
+#      printing the statements, writes, rows written and commits one erasure
+#      costs at each service, and listing every statement. It prints a table
+#      and writes it, with a description of the machine, to docs/.
+#   To see where the CPU goes, scripts/profile.sh records the services with perf
+#   under the relay part of this benchmark.
 #   With --postgres the run is wrapped in `DSRELAY_TEST_SH_ONLY_PG=1
 #   scripts/test.sh ...`, which starts a throwaway PostgreSQL exactly as for the
 #   tests (or uses DSRELAY_TEST_POSTGRES_URL when it is already set) and stops it

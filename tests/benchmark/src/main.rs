@@ -39,6 +39,7 @@ mod load;
 mod relay;
 mod report;
 mod service;
+mod statements;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -94,6 +95,11 @@ struct Args {
     /// contract-end benchmark's SQL subprocessor; 0 skips it.
     #[arg(long, default_value_t = 1_000_000)]
     contract_subjects: u64,
+    /// Erasures of the statement count: the relay again, on a PostgreSQL server of the run's
+    /// own with `pg_stat_statements`, counting the statements and commits one erasure costs
+    /// at each service (needs the PostgreSQL server binaries; 0 skips it).
+    #[arg(long, default_value_t = 500)]
+    count_erasures: u64,
     /// Where to write the report (default docs/benchmarks.md, or docs/benchmarks-postgres.md
     /// with --postgres).
     #[arg(long, value_name = "FILE")]
@@ -447,6 +453,29 @@ async fn measure(
         None
     };
 
+    // Statements and commits per erasure, with everything above stopped.
+    let counted = if args.count_erasures > 0 {
+        let f = statements::run(
+            pki,
+            &work.join("statements"),
+            args.channels,
+            c,
+            args.count_erasures,
+        )
+        .await?;
+        if let Ok(f) = &f {
+            for s in &f.services {
+                progress(format!(
+                    "  {}: {:.1} statements ({:.1} writes), {:.1} commits per erasure",
+                    s.name, s.statements, s.writes, s.commits
+                ));
+            }
+        }
+        Some(f)
+    } else {
+        None
+    };
+
     // The table.
     let insert_rate = inserts.rate();
     let echo_rate = echo.load.rate();
@@ -595,6 +624,7 @@ async fn measure(
     );
     rows.extend(export_rows(exported.as_ref()));
     rows.extend(contract_rows(contract.as_ref()));
+    rows.extend(statement_rows(counted.as_ref()));
     notes.extend(explain(
         &rows,
         is_pg,
@@ -645,6 +675,21 @@ async fn measure(
             args.contract_subjects
         ));
     }
+    if args.count_erasures > 0 {
+        settings.push(format!(
+            "statements per erasure: --count-erasures {}: the relay above (same \
+             configurations) started again on a PostgreSQL server of the run's own with \
+             `pg_stat_statements`, each service on a database of its own; the erasures \
+             submitted by the same callers, counted from after a warm-up to one second after \
+             the last completed, less a 3 s idle window's polls at their rate (see \
+             `tests/benchmark/src/statements.rs`)",
+            args.count_erasures
+        ));
+    }
+    let statement_lists = match &counted {
+        Some(Ok(f)) => statement_lists(f),
+        _ => Vec::new(),
+    };
     let command = std::iter::once("scripts/bench.sh".to_string())
         .chain(std::env::args().skip(1))
         .collect::<Vec<_>>()
@@ -660,7 +705,75 @@ async fn measure(
         settings,
         rows,
         notes,
+        statements: statement_lists,
     })
+}
+
+/// The rows of the statement count: per service, statements, writes, rows written and
+/// commits per erasure.
+fn statement_rows(
+    f: Option<&std::result::Result<statements::StatementFigures, String>>,
+) -> Vec<Row> {
+    let Some(f) = f else {
+        return Vec::new();
+    };
+    let f = match f {
+        Ok(f) => f,
+        Err(why) => {
+            return vec![Row::plain(
+                "statements per erasure",
+                Value::Missing(why.clone()),
+                "",
+            )]
+        }
+    };
+    let mut rows = Vec::new();
+    for s in &f.services {
+        let name = &s.name;
+        rows.push(Row::plain(
+            format!(
+                "statements per erasure (PostgreSQL, n = {}): {name}",
+                f.erasures
+            ),
+            Value::Num(s.statements),
+            "",
+        ));
+        rows.push(Row::plain(
+            format!("  of which INSERT, UPDATE, DELETE: {name}"),
+            Value::Num(s.writes),
+            "",
+        ));
+        rows.push(Row::plain(
+            format!("  rows they wrote: {name}"),
+            Value::Num(s.rows_written),
+            "",
+        ));
+        rows.push(Row::plain(
+            format!("commits (COMMIT of a transaction) per erasure: {name}"),
+            Value::Num(s.commits),
+            "",
+        ));
+    }
+    rows
+}
+
+/// Each service's statements with their calls per erasure, for the report.
+fn statement_lists(f: &statements::StatementFigures) -> Vec<String> {
+    let mut out = Vec::new();
+    for s in &f.services {
+        let mut text = format!(
+            "### {}\n\n| per erasure | statement |\n| --- | --- |\n",
+            s.name
+        );
+        for (calls, q) in s.each.iter().filter(|(c, _)| *c >= 0.005) {
+            text.push_str(&format!(
+                "| {calls:.2} | `{}` |\n",
+                q.replace('|', "\\|").replace('`', "'")
+            ));
+        }
+        out.push(text);
+    }
+    out
 }
 
 /// The contract-end benchmark's rows, or one saying it was not run.

@@ -392,6 +392,97 @@ async fn registry_acknowledgements_fold(backend: Backend) {
     );
 }
 
+/// One acknowledgement batch with two steps of one task, a copy of one of them, another
+/// request's step and a request never routed: each step is recorded once with its event, the
+/// task keeps the last state and the receipt an earlier step carried, and the audit trail
+/// holds one valid chain of exactly the events written.
+async fn registry_acknowledgement_batch(backend: Backend) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(store) = registry_store(backend, dir.path()).await else {
+        return;
+    };
+    for (id, key) in [("r1", "k1"), ("r2", "k2")] {
+        store
+            .insert_request(&new_request(id, key, 1_000, &["p1"]))
+            .await
+            .unwrap();
+    }
+    let receipt = dsrelay_proto::v1::TransferReceipt {
+        request_id: "r1".into(),
+        subprocessor: "s1".into(),
+        recipient: "recipient".into(),
+        files: 1,
+        bytes: 10,
+        ..Default::default()
+    };
+    let mut first = ack("r1", "s1", 2, TaskState::InProgress);
+    first.transfer_receipt = Some(receipt.clone());
+    let head_before = store.audit_head().await.unwrap().map_or(0, |(seq, _)| seq);
+    let events_before =
+        store.events("r1").await.unwrap().len() + store.events("r2").await.unwrap().len();
+    let r = store
+        .apply_acks(
+            "p1",
+            &[
+                first,
+                ack("r1", "s1", 3, TaskState::Completed),
+                ack("r1", "s1", 3, TaskState::Completed),
+                ack("r2", "s1", 2, TaskState::InProgress),
+                ack("r9", "s1", 2, TaskState::InProgress),
+            ],
+            2_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r,
+        AckOutcome {
+            applied: 3,
+            duplicates: 1,
+            not_routed: vec![4],
+        }
+    );
+    let tasks = store.tasks("r1").await.unwrap();
+    assert_eq!(tasks.len(), 1);
+    assert_eq!(tasks[0].state, TaskState::Completed as i32);
+    assert_eq!(tasks[0].sequence, 3);
+    assert_eq!(
+        tasks[0]
+            .evidence
+            .as_ref()
+            .and_then(|e| e.transfer_receipt.clone()),
+        Some(receipt),
+        "the receipt of the earlier step stays with the task"
+    );
+    let r1 = store.events("r1").await.unwrap();
+    let steps: Vec<i64> = r1
+        .iter()
+        .filter(|e| e.event_type == dsrelay_proto::v1::EventType::TaskUpdated as i32)
+        .map(|e| e.sequence)
+        .collect();
+    assert_eq!(steps, vec![2, 3], "one event per step, none for the copy");
+    let written = store.events("r1").await.unwrap().len() + store.events("r2").await.unwrap().len()
+        - events_before;
+    let head_after = store.audit_head().await.unwrap().map_or(0, |(seq, _)| seq);
+    assert_eq!(
+        (head_after - head_before) as usize,
+        written,
+        "one audit entry per event"
+    );
+    let entries = store.audit_entries(0, 10_000).await.unwrap();
+    dsrelay_runtime::audit::verify(&entries).expect("one valid chain");
+    // Applying the same batch again changes nothing and writes nothing.
+    let again = store
+        .apply_acks("p1", &[ack("r1", "s1", 3, TaskState::Completed)], 2_100)
+        .await
+        .unwrap();
+    assert_eq!(again.duplicates, 1);
+    assert_eq!(
+        store.audit_head().await.unwrap().map_or(0, |(seq, _)| seq),
+        head_after
+    );
+}
+
 async fn registry_list_cancel_extend(backend: Backend) {
     let dir = tempfile::tempdir().expect("tempdir");
     let Some(store) = registry_store(backend, dir.path()).await else {
@@ -714,6 +805,7 @@ on_both_backends!(
     registry_outbox_claims_leases_and_backoff,
     registry_outbox_lease_owner,
     registry_acknowledgements_fold,
+    registry_acknowledgement_batch,
     registry_list_cancel_extend,
     processor_tasks_and_ack_outbox,
     processor_released_leases_are_claimed_at_once,

@@ -2,7 +2,7 @@
 //! reported on delivery or reconciliation, and refolding a request's state from its
 //! deliveries and tasks through [`crate::fold`].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Result;
 use dsrelay_proto::prost::Message;
@@ -11,7 +11,7 @@ use dsrelay_proto::v1::{
     TaskStatus, TransferReceipt,
 };
 
-use super::events::{insert_event, EventDetail};
+use super::events::{insert_event, insert_events, EventDetail, NewEvent};
 use super::rows::task_state;
 use super::{Operation, Store, Tx};
 use crate::fold::{fold, request_is_terminal};
@@ -199,6 +199,14 @@ pub struct AckOutcome {
 impl Store {
     /// Applies acknowledgements from `processor` in one transaction, skipping (and listing)
     /// those that concern a request never routed to this processor.
+    ///
+    /// The batch costs a fixed number of statements, whatever its size: one read of the
+    /// routing, one multi-row INSERT of the acknowledgements (which tells the new from the
+    /// duplicates), one read each of the touched requests (locked), their tasks and their
+    /// deliveries; then, decided in memory, one multi-row upsert of the tasks that moved (the
+    /// last state of each), one UPDATE per request whose state changed and one for the rest,
+    /// and the batch's events and audit entries written together. A deletion certificate
+    /// adds its INSERT.
     pub async fn apply_acks(
         &self,
         processor: &str,
@@ -206,89 +214,148 @@ impl Store {
         now: i64,
     ) -> Result<AckOutcome> {
         let mut tx = self.begin_audited().await?;
-        let mut applied = 0;
-        let mut duplicates = 0;
+        let ids: Vec<&str> = acks
+            .iter()
+            .map(|a| a.request_id.as_str())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let routed = routed_requests(&mut tx, processor, &ids).await?;
         let mut not_routed = Vec::new();
-        let mut touched = BTreeSet::new();
-        // Acknowledgements come in batches, several per request: check each request's routing
-        // once.
-        let mut routed_ok = BTreeSet::new();
-        let mut routed_not = BTreeSet::new();
+        let mut candidates = Vec::new();
         for (i, ack) in acks.iter().enumerate() {
-            if routed_ok.contains(&ack.request_id) {
-                // Routed: checked for an earlier acknowledgement of this batch.
-            } else if routed_not.contains(&ack.request_id) {
-                not_routed.push(i);
-                continue;
-            } else if sqlx::query(
-                "SELECT 1 AS one FROM deliveries WHERE request_id = $1 AND processor = $2 \
-                 AND op = $3",
-            )
-            .bind(&ack.request_id)
-            .bind(processor)
-            .bind(Operation::Deliver.as_str())
-            .fetch_optional(tx.conn())
-            .await?
-            .is_some()
-            {
-                routed_ok.insert(ack.request_id.clone());
+            if routed.contains(ack.request_id.as_str()) {
+                candidates.push(ack);
             } else {
-                routed_not.insert(ack.request_id.clone());
                 not_routed.push(i);
-                continue;
             }
-            let new = sqlx::query(
-                "INSERT INTO acknowledgements (request_id, processor, subprocessor, sequence, \
-                 state, received_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-            )
-            .bind(&ack.request_id)
-            .bind(processor)
-            .bind(&ack.subprocessor)
-            .bind(ack.sequence)
-            .bind(i64::from(ack.state))
-            .bind(now)
-            .execute(tx.conn())
-            .await?
-            .rows_affected();
-            if new == 0 {
-                duplicates += 1;
-                continue;
-            }
-            applied += 1;
-            let before = previous(&mut tx, &ack.request_id, processor, &ack.subprocessor).await?;
-            if upsert_task(&mut tx, &ack.request_id, processor, ack, now).await?
-                && says_something_new(before.as_ref(), ack)
-            {
-                let state = tx.current_state(&ack.request_id).await?;
-                insert_event(
-                    &mut tx,
-                    &ack.request_id,
-                    EventType::TaskUpdated,
-                    now,
-                    state,
-                    EventDetail {
-                        actor: String::new(),
-                        processor: processor.to_string(),
-                        subprocessor: ack.subprocessor.clone(),
-                        task_state: ack.state,
+        }
+        let mut recorded = record_acks(&mut tx, processor, &candidates, now).await?;
+        // A key recorded now is applied once: a second copy in the same batch is a duplicate.
+        let fresh: Vec<&TaskUpdate> = candidates
+            .iter()
+            .copied()
+            .filter(|a| {
+                recorded.remove(&(a.request_id.clone(), a.subprocessor.clone(), a.sequence))
+            })
+            .collect();
+        let applied = fresh.len() as u32;
+        let duplicates = (candidates.len() - fresh.len()) as u32;
+        if fresh.is_empty() {
+            tx.commit().await?;
+            return Ok(AckOutcome {
+                applied,
+                duplicates,
+                not_routed,
+            });
+        }
+        let touched: Vec<&str> = fresh
+            .iter()
+            .map(|a| a.request_id.as_str())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut view = FoldView::read(&mut tx, &touched).await?;
+
+        let mut events = Vec::new();
+        // The last update of each task that moved, by (request, subprocessor).
+        let mut moved: BTreeMap<(String, String), TaskUpdate> = BTreeMap::new();
+        for ack in &fresh {
+            let key = (
+                ack.request_id.clone(),
+                processor.to_string(),
+                ack.subprocessor.clone(),
+            );
+            let before = view.tasks.get(&key);
+            if before.is_none_or(|t| t.sequence < ack.sequence) {
+                let previous = before.map(|t| (t.state, t.progress.clone()));
+                if says_something_new(previous.as_ref(), ack) {
+                    events.push(NewEvent {
+                        request_id: ack.request_id.clone(),
+                        event_type: EventType::TaskUpdated,
+                        at: now,
+                        request_state: view.state_of(&ack.request_id),
+                        detail: EventDetail {
+                            actor: String::new(),
+                            processor: processor.to_string(),
+                            subprocessor: ack.subprocessor.clone(),
+                            task_state: ack.state,
+                            sequence: ack.sequence,
+                            attempt: ack.attempt,
+                            message: ack.describe(),
+                            free_text: ack.reason.clone(),
+                            progress: ack.progress,
+                        },
+                    });
+                }
+                view.tasks.insert(
+                    key,
+                    TaskNow {
+                        state: ack.state,
                         sequence: ack.sequence,
-                        attempt: ack.attempt,
-                        message: ack.describe(),
-                        free_text: ack.reason.clone(),
-                        progress: ack.progress,
+                        progress: ack.progress.as_ref().map(Message::encode_to_vec),
                     },
-                )
-                .await?;
+                );
+                let slot = (ack.request_id.clone(), ack.subprocessor.clone());
+                let mut update = (*ack).clone();
+                // A receipt an earlier update of this batch carried stays with the task, as
+                // it would have had each update been written on its own.
+                if update.transfer_receipt.is_none() {
+                    update.transfer_receipt =
+                        moved.get(&slot).and_then(|u| u.transfer_receipt.clone());
+                }
+                moved.insert(slot, update);
             }
             if let Some(c) = &ack.certificate {
-                super::certificates::record(&mut tx, processor, ack, c, now).await?;
+                events.push(super::certificates::record(&mut tx, processor, ack, c, now).await?);
+                // Its request state is the one before the fold, as for the task's event.
+                if let Some(e) = events.last_mut() {
+                    e.request_state = view.state_of(&ack.request_id);
+                }
             }
-            touched.insert(ack.request_id.clone());
         }
+        upsert_tasks(&mut tx, processor, moved.values(), now).await?;
+
+        // Fold each touched request from the tasks and deliveries in view.
+        let mut changed = Vec::new();
+        let mut unchanged = Vec::new();
         for id in &touched {
-            refold(&mut tx, id, now).await?;
-            mark_checked(&mut tx, id, now).await?;
+            let Some(old) = view.requests.get(*id).copied() else {
+                continue;
+            };
+            let new = view.fold(id, old);
+            if new == old {
+                unchanged.push(*id);
+                continue;
+            }
+            changed.push((*id, new));
+            events.push(state_changed_event(id, old, new, now));
         }
+        for (id, new) in &changed {
+            let finished = request_is_terminal(*new).then_some(now);
+            sqlx::query(
+                "UPDATE requests SET state = $1, updated_at = $2, \
+                 finished_at = COALESCE($3, finished_at), checked_at = $2 WHERE id = $4",
+            )
+            .bind(*new as i64)
+            .bind(now)
+            .bind(finished)
+            .bind(*id)
+            .execute(tx.conn())
+            .await?;
+        }
+        if !unchanged.is_empty() {
+            let sql = format!(
+                "UPDATE requests SET checked_at = $1 WHERE id IN ({})",
+                placeholders(2, unchanged.len())
+            );
+            let mut q = sqlx::query(&sql).bind(now);
+            for id in &unchanged {
+                q = q.bind(*id);
+            }
+            q.execute(tx.conn()).await?;
+        }
+        insert_events(&mut tx, events).await?;
         tx.commit().await?;
         Ok(AckOutcome {
             applied,
@@ -363,6 +430,262 @@ impl Store {
     }
 }
 
+/// `$from, $from+1, ...`: `n` placeholders for an `IN` list.
+fn placeholders(from: usize, n: usize) -> String {
+    (from..from + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Which of `ids` were routed to `processor` (have its Deliver row): one statement.
+async fn routed_requests(tx: &mut Tx, processor: &str, ids: &[&str]) -> Result<BTreeSet<String>> {
+    if ids.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    let sql = format!(
+        "SELECT DISTINCT request_id FROM deliveries WHERE processor = $1 AND op = $2 \
+         AND request_id IN ({})",
+        placeholders(3, ids.len())
+    );
+    let mut q = sqlx::query_scalar::<_, String>(&sql)
+        .bind(processor)
+        .bind(Operation::Deliver.as_str());
+    for id in ids {
+        q = q.bind(*id);
+    }
+    Ok(q.fetch_all(tx.conn()).await?.into_iter().collect())
+}
+
+/// Rows per multi-row INSERT here: at most 14 parameters each, well under both backends'
+/// limits.
+const ROWS_PER_INSERT: usize = 200;
+
+/// Records the acknowledgements (the exactly-once record) in multi-row INSERTs; returns the
+/// keys (request, subprocessor, sequence) recorded now, not those recorded before.
+async fn record_acks(
+    tx: &mut Tx,
+    processor: &str,
+    acks: &[&TaskUpdate],
+    now: i64,
+) -> Result<BTreeSet<(String, String, i64)>> {
+    let mut recorded = BTreeSet::new();
+    for chunk in acks.chunks(ROWS_PER_INSERT) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                let b = 3 + i * 4;
+                format!("(${}, $1, ${}, ${}, ${}, $2)", b, b + 1, b + 2, b + 3)
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO acknowledgements (request_id, processor, subprocessor, sequence, \
+             state, received_at) VALUES {} ON CONFLICT DO NOTHING \
+             RETURNING request_id, subprocessor, sequence",
+            values.join(", ")
+        );
+        let mut q = sqlx::query_as::<_, (String, String, i64)>(&sql)
+            .bind(processor)
+            .bind(now);
+        for a in chunk {
+            q = q
+                .bind(&a.request_id)
+                .bind(&a.subprocessor)
+                .bind(a.sequence)
+                .bind(i64::from(a.state));
+        }
+        recorded.extend(q.fetch_all(tx.conn()).await?);
+    }
+    Ok(recorded)
+}
+
+/// A task as the fold sees it.
+struct TaskNow {
+    state: i32,
+    sequence: i64,
+    progress: Option<Vec<u8>>,
+}
+
+/// What folding the touched requests needs, read once: their states (locked), every task
+/// of theirs (by request, processor, subprocessor) and whether each delivery is done.
+struct FoldView {
+    requests: BTreeMap<String, RequestState>,
+    tasks: BTreeMap<(String, String, String), TaskNow>,
+    delivered: BTreeMap<String, Vec<bool>>,
+}
+
+impl FoldView {
+    async fn read(tx: &mut Tx, ids: &[&str]) -> Result<Self> {
+        // Two processors' acknowledgements for one request may be applied by concurrent
+        // transactions; each must fold with the other's tasks in view, so the request rows
+        // are locked before the tasks are read.
+        let sql = format!(
+            "SELECT id, state FROM requests WHERE id IN ({}) ORDER BY id{}",
+            placeholders(1, ids.len()),
+            tx.backend.lock_rows()
+        );
+        let mut q = sqlx::query_as::<_, (String, i32)>(&sql);
+        for id in ids {
+            q = q.bind(*id);
+        }
+        let requests = q
+            .fetch_all(tx.conn())
+            .await?
+            .into_iter()
+            .map(|(id, s)| (id, super::rows::request_state(s)))
+            .collect();
+        let sql = format!(
+            "SELECT request_id, processor, subprocessor, state, sequence, progress FROM tasks \
+             WHERE request_id IN ({})",
+            placeholders(1, ids.len())
+        );
+        let mut q = sqlx::query_as::<_, (String, String, String, i32, i64, Option<Vec<u8>>)>(&sql);
+        for id in ids {
+            q = q.bind(*id);
+        }
+        let tasks = q
+            .fetch_all(tx.conn())
+            .await?
+            .into_iter()
+            .map(|(r, p, s, state, sequence, progress)| {
+                (
+                    (r, p, s),
+                    TaskNow {
+                        state,
+                        sequence,
+                        progress,
+                    },
+                )
+            })
+            .collect();
+        let sql = format!(
+            "SELECT request_id, done_at FROM deliveries WHERE op = $1 AND request_id IN ({})",
+            placeholders(2, ids.len())
+        );
+        let mut q =
+            sqlx::query_as::<_, (String, Option<i64>)>(&sql).bind(Operation::Deliver.as_str());
+        for id in ids {
+            q = q.bind(*id);
+        }
+        let mut delivered: BTreeMap<String, Vec<bool>> = BTreeMap::new();
+        for (id, done) in q.fetch_all(tx.conn()).await? {
+            delivered.entry(id).or_default().push(done.is_some());
+        }
+        Ok(Self {
+            requests,
+            tasks,
+            delivered,
+        })
+    }
+
+    /// A request's state before the fold, `UNSPECIFIED` if it does not exist.
+    fn state_of(&self, id: &str) -> RequestState {
+        self.requests
+            .get(id)
+            .copied()
+            .unwrap_or(RequestState::Unspecified)
+    }
+
+    /// The request's state folded from its deliveries and tasks as they now stand.
+    fn fold(&self, id: &str, old: RequestState) -> RequestState {
+        let delivered = self.delivered.get(id).map(Vec::as_slice).unwrap_or(&[]);
+        let tasks: Vec<TaskState> = self
+            .tasks
+            .range((id.to_string(), String::new(), String::new())..)
+            .take_while(|((r, _, _), _)| r == id)
+            .map(|(_, t)| task_state(t.state))
+            .collect();
+        fold(old == RequestState::Cancelled, delivered, &tasks)
+    }
+}
+
+/// Writes each task's new state in multi-row upserts; a report older than what is stored
+/// never moves a task back.
+async fn upsert_tasks<'a>(
+    tx: &mut Tx,
+    processor: &str,
+    updates: impl Iterator<Item = &'a TaskUpdate>,
+    now: i64,
+) -> Result<()> {
+    let updates: Vec<&TaskUpdate> = updates.collect();
+    for chunk in updates.chunks(ROWS_PER_INSERT) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                let b = 3 + i * 12;
+                format!(
+                    "(${}, $1, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, $2, ${}, ${})",
+                    b,
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6,
+                    b + 7,
+                    b + 8,
+                    b + 9,
+                    b + 10,
+                    b + 11
+                )
+            })
+            .collect();
+        let sql = format!(
+            "{UPSERT_TASK_HEAD} {} {UPSERT_TASK_TAIL}",
+            values.join(", ")
+        );
+        let mut q = sqlx::query(&sql).bind(processor).bind(now);
+        for t in chunk {
+            q = q
+                .bind(&t.request_id)
+                .bind(&t.subprocessor)
+                .bind(i64::from(t.state))
+                .bind(t.sequence)
+                .bind(t.records_affected)
+                .bind(i64::from(t.confirmed))
+                .bind(&t.note)
+                .bind(&t.reason)
+                .bind(&t.legal_basis)
+                .bind(t.retain_until)
+                .bind(t.transfer_receipt.as_ref().map(Message::encode_to_vec))
+                .bind(t.progress.as_ref().map(Message::encode_to_vec));
+        }
+        q.execute(tx.conn()).await?;
+    }
+    Ok(())
+}
+
+/// The STATE_CHANGED event of a request moving from `old` to `new`.
+fn state_changed_event(id: &str, old: RequestState, new: RequestState, now: i64) -> NewEvent {
+    NewEvent {
+        request_id: id.to_string(),
+        event_type: EventType::StateChanged,
+        at: now,
+        request_state: new,
+        detail: EventDetail {
+            message: format!(
+                "{} -> {}",
+                old.as_str_name().trim_start_matches("REQUEST_STATE_"),
+                new.as_str_name().trim_start_matches("REQUEST_STATE_")
+            ),
+            ..Default::default()
+        },
+    }
+}
+
+/// The task upsert's text before its VALUES rows ([`upsert_task`] and [`upsert_tasks`]).
+const UPSERT_TASK_HEAD: &str = "INSERT INTO tasks (request_id, processor, subprocessor, state, \
+     sequence, records_affected, confirmed, note, reason, legal_basis, retain_until, \
+     updated_at, transfer_receipt, progress) VALUES";
+
+/// The task upsert's text after its VALUES rows.
+const UPSERT_TASK_TAIL: &str = "ON CONFLICT (request_id, processor, subprocessor) DO UPDATE SET \
+     state = excluded.state, sequence = excluded.sequence, \
+     records_affected = excluded.records_affected, confirmed = excluded.confirmed, \
+     note = excluded.note, reason = excluded.reason, legal_basis = excluded.legal_basis, \
+     retain_until = excluded.retain_until, updated_at = excluded.updated_at, \
+     transfer_receipt = COALESCE(excluded.transfer_receipt, tasks.transfer_receipt), \
+     progress = excluded.progress \
+     WHERE tasks.sequence < excluded.sequence";
+
 /// Notes that the request was heard of now, so the reconciler leaves it alone for a while.
 async fn mark_checked(tx: &mut Tx, id: &str, now: i64) -> Result<()> {
     sqlx::query("UPDATE requests SET checked_at = $1 WHERE id = $2")
@@ -382,37 +705,28 @@ pub(super) async fn upsert_task(
     t: &TaskUpdate,
     now: i64,
 ) -> Result<bool> {
-    let n = sqlx::query(
-        "INSERT INTO tasks (request_id, processor, subprocessor, state, sequence, \
-         records_affected, confirmed, note, reason, legal_basis, retain_until, updated_at, \
-         transfer_receipt, progress) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
-         ON CONFLICT (request_id, processor, subprocessor) DO UPDATE SET \
-         state = excluded.state, sequence = excluded.sequence, \
-         records_affected = excluded.records_affected, confirmed = excluded.confirmed, \
-         note = excluded.note, reason = excluded.reason, legal_basis = excluded.legal_basis, \
-         retain_until = excluded.retain_until, updated_at = excluded.updated_at, \
-         transfer_receipt = COALESCE(excluded.transfer_receipt, tasks.transfer_receipt), \
-         progress = excluded.progress \
-         WHERE tasks.sequence < excluded.sequence",
-    )
-    .bind(request_id)
-    .bind(processor)
-    .bind(&t.subprocessor)
-    .bind(i64::from(t.state))
-    .bind(t.sequence)
-    .bind(t.records_affected)
-    .bind(i64::from(t.confirmed))
-    .bind(&t.note)
-    .bind(&t.reason)
-    .bind(&t.legal_basis)
-    .bind(t.retain_until)
-    .bind(now)
-    .bind(t.transfer_receipt.as_ref().map(Message::encode_to_vec))
-    .bind(t.progress.as_ref().map(Message::encode_to_vec))
-    .execute(tx.conn())
-    .await?
-    .rows_affected();
+    let sql = format!(
+        "{UPSERT_TASK_HEAD} ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+         {UPSERT_TASK_TAIL}"
+    );
+    let n = sqlx::query(&sql)
+        .bind(request_id)
+        .bind(processor)
+        .bind(&t.subprocessor)
+        .bind(i64::from(t.state))
+        .bind(t.sequence)
+        .bind(t.records_affected)
+        .bind(i64::from(t.confirmed))
+        .bind(&t.note)
+        .bind(&t.reason)
+        .bind(&t.legal_basis)
+        .bind(t.retain_until)
+        .bind(now)
+        .bind(t.transfer_receipt.as_ref().map(Message::encode_to_vec))
+        .bind(t.progress.as_ref().map(Message::encode_to_vec))
+        .execute(tx.conn())
+        .await?
+        .rows_affected();
     Ok(n > 0)
 }
 

@@ -2,10 +2,10 @@
 //! written in the acknowledgement's transaction together with their event.
 
 use anyhow::Result;
-use dsrelay_proto::v1::EventType;
+use dsrelay_proto::v1::{EventType, RequestState};
 
 use super::acknowledgements::TaskUpdate;
-use super::events::{insert_event, EventDetail};
+use super::events::{EventDetail, NewEvent};
 use super::{Store, Tx};
 
 /// A certificate as it arrived, and what checking it found.
@@ -48,14 +48,16 @@ pub struct CertificateRow {
     pub rejection: String,
 }
 
-/// Stores the certificate that came with `ack` and records whether it was verified.
+/// Stores the certificate that came with `ack`; returns the event that records whether it
+/// was verified, for the caller to write with its batch's events (its request state is left
+/// UNSPECIFIED for the caller to set).
 pub(super) async fn record(
     tx: &mut Tx,
     processor: &str,
     ack: &TaskUpdate,
     c: &ReceivedCertificate,
     now: i64,
-) -> Result<()> {
+) -> Result<NewEvent> {
     sqlx::query(
         "INSERT INTO certificates (request_id, processor, subprocessor, sequence, \
          certificate_id, body, signature, key_id, verified, rejection, received_at) \
@@ -91,14 +93,12 @@ pub(super) async fn record(
             ),
         )
     };
-    let state = tx.current_state(&ack.request_id).await?;
-    insert_event(
-        tx,
-        &ack.request_id,
-        event,
-        now,
-        state,
-        EventDetail {
+    Ok(NewEvent {
+        request_id: ack.request_id.clone(),
+        event_type: event,
+        at: now,
+        request_state: RequestState::Unspecified,
+        detail: EventDetail {
             processor: processor.to_string(),
             subprocessor: ack.subprocessor.clone(),
             task_state: ack.state,
@@ -106,8 +106,7 @@ pub(super) async fn record(
             message,
             ..Default::default()
         },
-    )
-    .await
+    })
 }
 
 impl Store {

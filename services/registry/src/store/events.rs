@@ -35,6 +35,17 @@ pub(super) struct EventDetail {
 /// The context of the keyed hashes of free text in audit entries.
 const AUDIT_TEXT_DOMAIN: &[u8] = b"dsrelay.audit-text.v1";
 
+/// One event to record with [`insert_events`].
+#[derive(Debug)]
+pub(super) struct NewEvent {
+    pub(super) request_id: String,
+    pub(super) event_type: EventType,
+    pub(super) at: i64,
+    /// The request's state the event shows.
+    pub(super) request_state: RequestState,
+    pub(super) detail: EventDetail,
+}
+
 /// Records an event of a request, and its audit entry: the same words, except that free
 /// text stands in the entry as `text hmac-sha256:<hex>`, its keyed hash (see
 /// [`EventDetail::free_text`]).
@@ -46,94 +57,152 @@ pub(super) async fn insert_event(
     request_state: RequestState,
     d: EventDetail,
 ) -> Result<()> {
-    let actor = if d.actor.is_empty() {
-        d.processor.clone()
-    } else {
-        d.actor
-    };
-    let (message, detail) = if d.free_text.is_empty() {
-        (d.message.clone(), d.message)
-    } else {
-        let hash = keyed_digest(&tx.text_key, AUDIT_TEXT_DOMAIN, d.free_text.as_bytes());
-        (
-            format!("{}: {}", d.message, d.free_text),
-            format!("{}: text hmac-sha256:{hash}", d.message),
-        )
-    };
-    append_audit(tx, request_id, event_type, at, actor, detail).await?;
-    // The span the event happened in; without a tracer, the request's own trace id.
+    insert_events(
+        tx,
+        vec![NewEvent {
+            request_id: request_id.to_string(),
+            event_type,
+            at,
+            request_state,
+            detail: d,
+        }],
+    )
+    .await
+}
+
+/// Rows per INSERT of [`insert_events`]: 13 parameters each, well under both backends'
+/// limits.
+const EVENTS_PER_INSERT: usize = 200;
+
+/// Records `events` in order, as [`insert_event`] records one, with their audit entries
+/// appended together (one read of the trail's head) and the events in multi-row INSERTs.
+pub(super) async fn insert_events(tx: &mut Tx, events: Vec<NewEvent>) -> Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut entries = Vec::with_capacity(events.len());
+    let mut rows = Vec::with_capacity(events.len());
+    for e in events {
+        let d = e.detail;
+        let actor = if d.actor.is_empty() {
+            d.processor.clone()
+        } else {
+            d.actor
+        };
+        let (message, detail) = if d.free_text.is_empty() {
+            (d.message.clone(), d.message)
+        } else {
+            let hash = keyed_digest(&tx.text_key, AUDIT_TEXT_DOMAIN, d.free_text.as_bytes());
+            (
+                format!("{}: {}", d.message, d.free_text),
+                format!("{}: text hmac-sha256:{hash}", d.message),
+            )
+        };
+        entries.push(audit::table::NewEntry {
+            occurred_at: e.at,
+            request_id: e.request_id.clone(),
+            event_type: e.event_type as i32,
+            actor,
+            detail,
+        });
+        rows.push((
+            e.request_id,
+            e.event_type,
+            e.at,
+            e.request_state,
+            d.processor,
+            d.subprocessor,
+            d.task_state,
+            d.sequence,
+            d.attempt,
+            message,
+            d.progress,
+        ));
+    }
+    lock_audit(tx).await?;
+    audit::table::append_all(tx.conn(), entries).await?;
+    // The span the events happened in; without a tracer, each request's own trace id.
     let traced = trace_context::traceparent_of(&tracing::Span::current());
     let mut parts = traced.as_deref().unwrap_or("").split('-').skip(1);
     let (trace_id, span_id) = (
         parts.next().map(str::to_string),
         parts.next().map(str::to_string),
     );
-    sqlx::query(
-        "INSERT INTO events (request_id, type, occurred_at, request_state, processor, \
-         subprocessor, task_state, sequence, attempt, message, trace_id, span_id, progress) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
-         COALESCE($11, (SELECT trace_id FROM requests WHERE id = $1)), $12, $13)",
-    )
-    .bind(request_id)
-    .bind(event_type as i64)
-    .bind(at)
-    .bind(request_state as i64)
-    .bind(d.processor)
-    .bind(d.subprocessor)
-    .bind(i64::from(d.task_state))
-    .bind(d.sequence)
-    .bind(d.attempt)
-    .bind(message)
-    .bind(trace_id)
-    .bind(span_id)
-    .bind(
-        d.progress
-            .as_ref()
-            .map(dsrelay_proto::prost::Message::encode_to_vec),
-    )
-    .execute(tx.conn())
-    .await?;
+    for chunk in rows.chunks(EVENTS_PER_INSERT) {
+        let mut sql = String::from(
+            "INSERT INTO events (request_id, type, occurred_at, request_state, processor, \
+             subprocessor, task_state, sequence, attempt, message, trace_id, span_id, progress) \
+             VALUES ",
+        );
+        for i in 0..chunk.len() {
+            let b = i * 13;
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!(
+                "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, \
+                 COALESCE(${}, (SELECT trace_id FROM requests WHERE id = ${})), ${}, ${})",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6,
+                b + 7,
+                b + 8,
+                b + 9,
+                b + 10,
+                b + 11,
+                b + 1,
+                b + 12,
+                b + 13
+            ));
+        }
+        let mut q = sqlx::query(&sql);
+        for r in chunk {
+            q = q
+                .bind(r.0.clone())
+                .bind(r.1 as i64)
+                .bind(r.2)
+                .bind(r.3 as i64)
+                .bind(r.4.clone())
+                .bind(r.5.clone())
+                .bind(i64::from(r.6))
+                .bind(r.7)
+                .bind(r.8)
+                .bind(r.9.clone())
+                .bind(trace_id.clone())
+                .bind(span_id.clone())
+                .bind(
+                    r.10.as_ref()
+                        .map(dsrelay_proto::prost::Message::encode_to_vec),
+                );
+        }
+        q.execute(tx.conn()).await?;
+    }
     Ok(())
 }
 
 /// Key of the advisory lock that serializes audit appenders ("dsrelay" + 1).
 const AUDIT_LOCK_KEY: i64 = 0x6473_7265_6c61_7901;
 
-/// Takes the audit trail's append lock until the transaction ends (again if already held: it
-/// is re-entrant). Every transaction that records events takes it first, before any row lock,
-/// so that they all lock in the same order and never deadlock; as a result they commit one at
-/// a time. Where the backend needs no lock (one writer), nothing is done.
+/// Takes the audit trail's append lock until the transaction ends; a transaction that holds
+/// it already (`Tx::audit_locked`) does not ask the database again. Every
+/// transaction that records events takes it first, before any row lock, so that they all
+/// lock in the same order and never deadlock; as a result they commit one at a time. Where
+/// the backend needs no lock (one writer), nothing is done.
 pub(super) async fn lock_audit(tx: &mut Tx) -> Result<()> {
+    if tx.audit_locked {
+        return Ok(());
+    }
     if let Some(lock) = tx.backend.transaction_lock() {
         sqlx::query(lock)
             .bind(AUDIT_LOCK_KEY)
             .fetch_one(tx.conn())
             .await?;
     }
+    tx.audit_locked = true;
     Ok(())
-}
-
-/// Appends one entry to the audit trail: the last entry's seq + 1, chained to its hash.
-async fn append_audit(
-    tx: &mut Tx,
-    request_id: &str,
-    event_type: EventType,
-    at: i64,
-    actor: String,
-    detail: String,
-) -> Result<()> {
-    lock_audit(tx).await?;
-    audit::table::append(
-        tx.conn(),
-        audit::table::NewEntry {
-            occurred_at: at,
-            request_id: request_id.to_string(),
-            event_type: event_type as i32,
-            actor,
-            detail,
-        },
-    )
-    .await
 }
 
 impl Store {

@@ -109,6 +109,7 @@ impl Store {
             tx: self.db.pool.begin().await?,
             backend: self.db.backend,
             text_key: self.text_key.clone(),
+            audit_locked: false,
         })
     }
 
@@ -128,6 +129,8 @@ struct Tx {
     backend: Backend,
     /// See [`Store`]'s field.
     text_key: Arc<[u8]>,
+    /// Whether the transaction holds the audit trail's append lock already (taken once).
+    audit_locked: bool,
 }
 
 impl Tx {

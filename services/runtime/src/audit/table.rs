@@ -4,7 +4,8 @@
 //!
 //! Appending reads the last entry and writes the next, so appenders must take turns: the
 //! caller's transaction holds the service's chain lock (on PostgreSQL an advisory lock taken
-//! before any row lock; on SQLite the one writer connection) before it calls [`append`].
+//! before any row lock; on SQLite the one writer connection) before it calls [`append`] or
+//! [`append_all`].
 
 use anyhow::{Context, Result};
 use sqlx::{AnyConnection, AnyPool};
@@ -28,39 +29,79 @@ pub struct NewEntry {
 /// Appends `new` in the caller's transaction as the last entry's seq + 1, chained to its
 /// hash (the first entry to [`GENESIS_HASH`]).
 pub async fn append(conn: &mut AnyConnection, new: NewEntry) -> Result<()> {
+    append_all(conn, vec![new]).await
+}
+
+/// Rows per INSERT of [`append_all`]: 8 parameters each, well under both backends' limits.
+const ROWS_PER_INSERT: usize = 200;
+
+/// Appends `entries` in the caller's transaction, in order, each chained to the one before
+/// (the first to the trail's last entry): one read of the head, then multi-row INSERTs.
+pub async fn append_all(conn: &mut AnyConnection, entries: Vec<NewEntry>) -> Result<()> {
+    if entries.is_empty() {
+        return Ok(());
+    }
     let last: Option<(i64, String)> =
         sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
             .fetch_optional(&mut *conn)
             .await?;
-    let (seq, prev_hash) = match last {
-        Some((seq, hash)) => (seq + 1, hash),
-        None => (1, GENESIS_HASH.to_string()),
+    let (mut seq, mut prev_hash) = match last {
+        Some((seq, hash)) => (u64::try_from(seq).context("audit seq")?, hash),
+        None => (0, GENESIS_HASH.to_string()),
     };
-    let mut entry = Entry {
-        seq: u64::try_from(seq).context("audit seq")?,
-        occurred_at: new.occurred_at,
-        request_id: new.request_id,
-        event_type: new.event_type,
-        actor: new.actor,
-        detail: new.detail,
-        prev_hash,
-        hash: String::new(),
-    };
-    entry.hash = entry.compute_hash();
-    sqlx::query(
-        "INSERT INTO audit_log (seq, occurred_at, request_id, event_type, actor, detail, \
-         prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-    )
-    .bind(seq)
-    .bind(entry.occurred_at)
-    .bind(entry.request_id)
-    .bind(i64::from(entry.event_type))
-    .bind(entry.actor)
-    .bind(entry.detail)
-    .bind(entry.prev_hash)
-    .bind(entry.hash)
-    .execute(&mut *conn)
-    .await?;
+    let mut chained = Vec::with_capacity(entries.len());
+    for new in entries {
+        seq += 1;
+        let mut entry = Entry {
+            seq,
+            occurred_at: new.occurred_at,
+            request_id: new.request_id,
+            event_type: new.event_type,
+            actor: new.actor,
+            detail: new.detail,
+            prev_hash: std::mem::take(&mut prev_hash),
+            hash: String::new(),
+        };
+        entry.hash = entry.compute_hash();
+        prev_hash = entry.hash.clone();
+        chained.push(entry);
+    }
+    for chunk in chained.chunks(ROWS_PER_INSERT) {
+        let mut sql = String::from(
+            "INSERT INTO audit_log (seq, occurred_at, request_id, event_type, actor, detail, \
+             prev_hash, hash) VALUES ",
+        );
+        for i in 0..chunk.len() {
+            let b = i * 8;
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!(
+                "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6,
+                b + 7,
+                b + 8
+            ));
+        }
+        let mut q = sqlx::query(&sql);
+        for e in chunk {
+            q = q
+                .bind(i64::try_from(e.seq).context("audit seq")?)
+                .bind(e.occurred_at)
+                .bind(e.request_id.clone())
+                .bind(i64::from(e.event_type))
+                .bind(e.actor.clone())
+                .bind(e.detail.clone())
+                .bind(e.prev_hash.clone())
+                .bind(e.hash.clone());
+        }
+        q.execute(&mut *conn).await?;
+    }
     Ok(())
 }
 

@@ -38,7 +38,7 @@ mod balancer;
 mod check;
 mod cluster;
 mod holders;
-mod postgres;
+pub(crate) mod postgres;
 mod submit;
 
 use std::collections::HashMap;

@@ -92,12 +92,19 @@ pub(crate) struct PgServer {
     /// The postmaster, started directly (not through `runuser`) so that killing it kills the
     /// server and reaping it frees its lock file at once.
     child: Option<tokio::process::Child>,
+    /// Server settings given as `-c name=value` at every start, besides the run's own.
+    settings: Vec<String>,
 }
 
 impl PgServer {
     /// Creates a cluster in a new temporary folder (owned by `postgres` when run as root) and
     /// starts it, its output appended to `log`.
     pub(crate) async fn start(log: PathBuf) -> Result<Self> {
+        Self::start_with(log, &[]).await
+    }
+
+    /// [`PgServer::start`] with more server settings (`name=value`, each passed as `-c`).
+    pub(crate) async fn start_with(log: PathBuf, settings: &[&str]) -> Result<Self> {
         let bin = find_bin().ok_or_else(|| {
             anyhow!(
                 "--postgres needs the PostgreSQL server binaries under \
@@ -130,6 +137,7 @@ impl PgServer {
             port: free_port()?,
             user,
             child: None,
+            settings: settings.iter().map(|s| s.to_string()).collect(),
         };
         server.restart().await?;
         Ok(server)
@@ -203,6 +211,7 @@ impl PgServer {
                 "-c",
                 "max_connections=200",
             ])
+            .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .current_dir(self.folder.path())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
