@@ -7,6 +7,7 @@
 #   scripts/bench.sh --export-mib 16 --out /tmp/b.md   # short: a 16 MiB export (default 1024)
 #   scripts/bench.sh --chaos             # the chaos test in full: SQLite, PostgreSQL, replicas
 #   scripts/bench.sh --chaos --requests 300 --kills 6  # a shorter chaos run
+#   (target/release/dsrelay-bench claims [--postgres] times claims of queued work alone)
 #
 # Steps:
 #   1. cargo build --release --bins: the benchmark spawns the release service

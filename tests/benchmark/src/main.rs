@@ -33,6 +33,7 @@
 
 mod baseline;
 mod chaos;
+mod claims;
 mod contract;
 mod export;
 mod load;
@@ -112,6 +113,9 @@ enum Command {
     /// --postgres) the database server, then Jepsen's total-queue check; exits non-zero on
     /// FAIL. Writes nothing to docs/.
     Chaos(chaos::ChaosArgs),
+    /// How long one claim of many due rows takes at each queue of both services (figures
+    /// only). Writes nothing to docs/.
+    Claims(claims::ClaimsArgs),
     /// The bare echo server of the baseline (started by the benchmark itself).
     #[command(hide = true)]
     EchoServer {
@@ -140,6 +144,7 @@ async fn main() {
     let result = match &args.command {
         Some(Command::EchoServer { listen, pki }) => baseline::serve_echo(*listen, pki).await,
         Some(Command::StreamServer { listen, pki }) => export::serve_stream(*listen, pki).await,
+        Some(Command::Claims(claims)) => claims::run(claims).await,
         Some(Command::Chaos(chaos)) => {
             tokio::select! {
                 r = chaos::run(chaos) => r,

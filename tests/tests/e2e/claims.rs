@@ -2,13 +2,10 @@
 //! acknowledgements and uploads, the registry's deliveries. Several claimers at once (one
 //! pool, as a replica's workers share it; on PostgreSQL each on its own connection) take
 //! every due row exactly once, each row under its own lease token, the most overdue first,
-//! and a claim is one statement however many rows it takes.
-//!
-//! `claim_timings` (ignored; run it by name with `--run-ignored only`) prints how long a
-//! claim of 1,000 due rows takes on each backend: figures, not assertions.
+//! and a claim is one statement however many rows it takes. How long a claim takes is
+//! measured by `dsrelay-bench claims`, not here.
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
 
 use dsrelay_processor::store::{
     Store as ProcessorStore, TaskKey, Transition, POSTGRES_MIGRATIONS as PROC_PG,
@@ -331,65 +328,6 @@ async fn registry_claims_take_each_due_row_once(backend: Backend) {
         .is_empty());
 }
 
-/// Times claims of 1,000 due rows of each kind, `ROUNDS` times each (a 1 ms lease, so that
-/// the rows are due again after a short wait), and prints the figures.
-async fn claim_timings(backend: Backend) {
-    const ROWS: usize = 1_000;
-    const ROUNDS: usize = 5;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let Some((store, _db)) = processor(backend, dir.path()).await else {
-        eprintln!("claim_timings: no PostgreSQL server, skipped");
-        return;
-    };
-    let keys = deliver(&store, 10, ROWS / 10).await;
-    async fn time<T, Fut: std::future::Future<Output = anyhow::Result<Vec<T>>>>(
-        what: &str,
-        backend: Backend,
-        claim: impl Fn() -> Fut,
-    ) {
-        let mut took = Vec::new();
-        for _ in 0..ROUNDS {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            let start = Instant::now();
-            let n = claim().await.expect("claim").len();
-            took.push(start.elapsed());
-            assert_eq!(n, ROWS);
-        }
-        took.sort();
-        println!(
-            "claim timing: {backend:?} {what}: {ROWS} rows, median {:.1} ms, min {:.1} ms, \
-             max {:.1} ms over {ROUNDS} claims",
-            took[ROUNDS / 2].as_secs_f64() * 1e3,
-            took[0].as_secs_f64() * 1e3,
-            took[ROUNDS - 1].as_secs_f64() * 1e3,
-        );
-    }
-    let rows = ROWS as i64;
-    time("processor tasks", backend, || {
-        store.claim_tasks(10_000, rows, 1)
-    })
-    .await;
-    start_with_exports(&store, &keys).await;
-    time("processor acks", backend, || {
-        store.claim_acks(10_000, rows, 1)
-    })
-    .await;
-    time("processor uploads", backend, || {
-        store.claim_uploads(10_000, rows, 1)
-    })
-    .await;
-
-    let Some((outbox, _db)) = registry(backend, dir.path()).await else {
-        return;
-    };
-    let requests: Vec<NewRequest> = (0..10).map(|i| new_request(i, ROWS / 10)).collect();
-    outbox.insert_requests(&requests).await.expect("insert");
-    time("registry deliveries", backend, || {
-        outbox.claim_deliveries(10_000, rows, 1)
-    })
-    .await;
-}
-
 /// What sqlx reports of each statement this process runs (its `sqlx::query` events, which
 /// `Db::connect` turns on): the text and the rows it changed. The recorder becomes the
 /// process's subscriber on first use.
@@ -532,11 +470,6 @@ macro_rules! on_both_backends {
                     super::$name(super::Backend::Sqlite).await;
                 }
             )*
-            #[tokio::test]
-            #[ignore = "prints figures; run by name with --run-ignored only"]
-            async fn claim_timings() {
-                super::claim_timings(super::Backend::Sqlite).await;
-            }
         }
         mod postgres {
             $(
@@ -545,11 +478,6 @@ macro_rules! on_both_backends {
                     super::$name(super::Backend::Postgres).await;
                 }
             )*
-            #[tokio::test]
-            #[ignore = "prints figures; run by name with --run-ignored only"]
-            async fn claim_timings() {
-                super::claim_timings(super::Backend::Postgres).await;
-            }
         }
     };
 }
