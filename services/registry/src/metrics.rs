@@ -7,6 +7,7 @@
 //! | `dsrelay_requests_overdue` | gauge | |
 //! | `dsrelay_outbox_depth` | gauge | `op` (`deliver`, `cancel`, `update`) |
 //! | `dsrelay_outbox_oldest_age_seconds` | gauge | `op` |
+//! | `dsrelay_outbox_dead_lettered` | gauge | `op` |
 //! | `dsrelay_delivery_attempts_total` | counter | `processor` |
 //! | `dsrelay_delivery_failures_total` | counter | `processor` |
 //! | `dsrelay_deliveries_dead_lettered_total` | counter | `processor` |
@@ -246,7 +247,7 @@ pub(crate) async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
          WHERE c.request_id = d.request_id) \
          ELSE COALESCE(r.finished_at, r.updated_at) END) AS oldest \
          FROM deliveries d JOIN requests r ON r.id = d.request_id \
-         WHERE d.done_at IS NULL GROUP BY d.op",
+         WHERE d.done_at IS NULL AND d.dead_lettered_at IS NULL GROUP BY d.op",
     )
     .bind(OP_DELIVER)
     .bind(OP_UPDATE)
@@ -255,16 +256,30 @@ pub(crate) async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
     let depth = GaugeFamily::register(
         &mut gauges,
         "dsrelay_outbox_depth",
-        "Deliveries, cancellations and contract-end updates not yet accepted by their processor.",
+        "Deliveries, cancellations and contract-end updates queued for their processor (dead-lettered ones apart).",
     );
     let age = GaugeFamily::register(
         &mut gauges,
         "dsrelay_outbox_oldest_age_seconds",
-        "Age of the oldest delivery, cancellation or contract-end update not yet accepted; 0 when none waits.",
+        "Age of the oldest queued delivery, cancellation or contract-end update (dead-lettered ones apart); 0 when none waits.",
+    );
+    // Dead-lettered rows wait for an operator, not for the dispatcher: counted apart, so
+    // that one of them does not hold the age gauge rising until it is requeued.
+    let dead_rows = sqlx::query(
+        "SELECT op, CAST(COUNT(*) AS BIGINT) AS n FROM deliveries \
+         WHERE done_at IS NULL AND dead_lettered_at IS NOT NULL GROUP BY op",
+    )
+    .fetch_all(pool)
+    .await?;
+    let dead = GaugeFamily::register(
+        &mut gauges,
+        "dsrelay_outbox_dead_lettered",
+        "Deliveries, cancellations and contract-end updates dead-lettered and not requeued.",
     );
     for op in [OP_DELIVER, OP_CANCEL, OP_UPDATE] {
         depth.set(&[("op", op)], 0.0);
         age.set(&[("op", op)], 0.0);
+        dead.set(&[("op", op)], 0.0);
     }
     for r in &rows {
         let op: String = r.try_get("op")?;
@@ -272,6 +287,10 @@ pub(crate) async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
         if let Some(oldest) = r.try_get::<Option<i64>, _>("oldest")? {
             age.set(&[("op", &op)], (now_ms - oldest).max(0) as f64 / 1000.0);
         }
+    }
+    for r in &dead_rows {
+        let op: String = r.try_get("op")?;
+        dead.set(&[("op", &op)], r.try_get::<i64, _>("n")? as f64);
     }
 
     encode(&[&gauges, &shared.metrics.registry])

@@ -423,6 +423,23 @@ async fn refused_delivery_is_dead_lettered(backend: Backend) {
         ),
         1.0
     );
+    // The dead letter is counted apart from the queue, so the queue's age gauge does not
+    // keep rising while it waits for an operator.
+    assert_eq!(
+        gauge(&metrics, r#"dsrelay_outbox_dead_lettered{op="deliver"}"#),
+        1.0
+    );
+    assert_eq!(
+        gauge(&metrics, r#"dsrelay_outbox_depth{op="deliver"}"#),
+        0.0
+    );
+    assert_eq!(
+        gauge(
+            &metrics,
+            r#"dsrelay_outbox_oldest_age_seconds{op="deliver"}"#
+        ),
+        0.0
+    );
 
     // Only operators list and requeue dead-lettered deliveries.
     let requeue = RequeueDeliveryRequest {
@@ -506,6 +523,11 @@ async fn refused_delivery_is_dead_lettered(backend: Backend) {
         listed.ok().contains("no dead-lettered deliveries"),
         "{}",
         listed.stdout
+    );
+    let metrics = scrape(&admin).await;
+    assert_eq!(
+        gauge(&metrics, r#"dsrelay_outbox_dead_lettered{op="deliver"}"#),
+        0.0
     );
 
     // The operator's act is in the audit trail, under the operator's name.
