@@ -765,23 +765,7 @@ pub(super) async fn refold(tx: &mut Tx, id: &str, now: i64) -> Result<()> {
     .bind(id)
     .execute(tx.conn())
     .await?;
-    insert_event(
-        tx,
-        id,
-        EventType::StateChanged,
-        now,
-        new,
-        EventDetail {
-            message: format!(
-                "{} -> {}",
-                old.as_str_name().trim_start_matches("REQUEST_STATE_"),
-                new.as_str_name().trim_start_matches("REQUEST_STATE_")
-            ),
-            ..Default::default()
-        },
-    )
-    .await?;
-    Ok(())
+    insert_events(tx, vec![state_changed_event(id, old, new, now)]).await
 }
 
 #[cfg(test)]
