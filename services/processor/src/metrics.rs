@@ -93,7 +93,7 @@ fn state_label(s: i32) -> String {
 
 /// The whole exposition: gauges from the store, then the in-process families.
 pub(crate) async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
-    let pool = &shared.store.db().pool;
+    let pool = &shared.store.db().reader;
 
     // A registry of this scrape alone: the store gauges are read anew each time.
     let mut gauges = Registry::default();

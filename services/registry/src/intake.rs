@@ -236,4 +236,39 @@ mod tests {
             Err(IntakeError::Stopped)
         ));
     }
+
+    /// Answers (Get, List, Watch's events) read through the store's readers: a writer
+    /// transaction held open does not hold them up.
+    #[tokio::test]
+    async fn answers_are_read_while_the_writer_is_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path()).await;
+        store.insert_batch(&[(request("r1"), None)]).await.unwrap();
+        let mut busy = store.db().pool.begin().await.unwrap();
+        sqlx::query("UPDATE requests SET checked_at = 1")
+            .execute(&mut *busy)
+            .await
+            .unwrap();
+        let reads = async {
+            let got = store.request_with_tasks("r1").await.unwrap();
+            let filter = crate::store::ListFilter {
+                partner: None,
+                states: vec![],
+                kind: None,
+                overdue_only: false,
+                before: None,
+                limit: 10,
+            };
+            let listed = store.list(&filter, 0).await.unwrap();
+            let events = store.events("r1").await.unwrap();
+            (got.is_some(), listed.len(), events.len())
+        };
+        let (got, listed, events) = tokio::time::timeout(Duration::from_secs(5), reads)
+            .await
+            .expect("reads do not wait for the writer's open transaction");
+        assert!(got);
+        assert_eq!(listed, 1);
+        assert!(events >= 1, "the request's RECEIVED event");
+        busy.rollback().await.unwrap();
+    }
 }

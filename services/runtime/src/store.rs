@@ -41,7 +41,7 @@ use sqlx::{AnyPool, ConnectOptions, Executor};
 /// Which database a [`Db`] talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
-    /// SQLite in WAL mode with `synchronous=FULL`, one writer connection.
+    /// SQLite in WAL mode with `synchronous=FULL`, one writer connection (and readers).
     Sqlite,
     /// PostgreSQL; several replicas may share it.
     Postgres,
@@ -133,11 +133,20 @@ impl Backend {
     }
 }
 
+/// How many read-only connections a SQLite file gets beside its one writer.
+const SQLITE_READERS: u32 = 4;
+
 /// A connection pool and the backend behind it.
 #[derive(Debug, Clone)]
 pub struct Db {
-    /// The pool.
+    /// The pool every write, and every read that decides a write, goes through.
     pub pool: AnyPool,
+    /// The pool for reads that only answer (Get, List, Watch, metrics). On a SQLite file it
+    /// is [`SQLITE_READERS`] connections of their own, which WAL lets read while the one
+    /// writer writes, so an answer never queues behind the writer's transactions; each read
+    /// sees every transaction committed before it began. On PostgreSQL, and on an in-memory
+    /// SQLite database (which another connection would not see), it is `pool` itself.
+    pub reader: AnyPool,
     /// The backend, for the few dialect differences.
     pub backend: Backend,
 }
@@ -156,6 +165,7 @@ impl Db {
             .with_context(|| format!("parsing database url {}", redact(&url)))?
             .log_statements(tracing::log::LevelFilter::Trace)
             .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
+        let sqlite_file = backend == Backend::Sqlite && !url.contains(":memory:");
         let pool = match backend {
             // SQLite allows one writer; a single connection avoids SQLITE_BUSY on lock
             // upgrades, and WAL + synchronous=FULL makes every commit durable before it returns
@@ -178,7 +188,7 @@ impl Db {
                             Ok(())
                         })
                     })
-                    .connect_with(options)
+                    .connect_with(options.clone())
                     .await
             }
             // No idle timeout or lifetime: they start sqlx's pool maintenance task, whose
@@ -190,12 +200,38 @@ impl Db {
                     .acquire_timeout(Duration::from_secs(30))
                     .idle_timeout(None)
                     .max_lifetime(None)
-                    .connect_with(options)
+                    .connect_with(options.clone())
                     .await
             }
         }
         .with_context(|| format!("connecting to {}", redact(&url)))?;
-        Ok(Self { pool, backend })
+        let reader = if sqlite_file {
+            // Opened after the writer, which has put the file in WAL mode (a setting the file
+            // keeps), so these never block it nor it them. `query_only` makes a write sent
+            // here by mistake fail instead of competing with the writer for the lock.
+            AnyPoolOptions::new()
+                .max_connections(SQLITE_READERS)
+                .acquire_timeout(Duration::from_secs(30))
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        conn.execute("PRAGMA busy_timeout=5000; PRAGMA query_only=ON;")
+                            .await?;
+                        Ok(())
+                    })
+                })
+                .connect_with(options)
+                .await
+                .with_context(|| format!("connecting readers to {}", redact(&url)))?
+        } else {
+            pool.clone()
+        };
+        Ok(Self {
+            pool,
+            reader,
+            backend,
+        })
     }
 
     /// Applies the migrations for this backend. On PostgreSQL sqlx holds an advisory lock while
@@ -328,5 +364,65 @@ mod tests {
         let prepared = prepare_sqlite_url(&url).unwrap();
         assert!(prepared.ends_with("?mode=rwc"));
         assert!(dir.path().join("sub").is_dir());
+    }
+}
+
+#[cfg(test)]
+mod reader_tests {
+    use super::*;
+
+    /// What the reader pool is for: while the one writer holds a transaction open, an
+    /// answer's read neither waits for it nor sees its uncommitted rows, and sees them once
+    /// committed.
+    #[tokio::test]
+    async fn sqlite_reads_do_not_wait_for_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let db = Db::connect(&url).await.unwrap();
+        db.pool
+            .execute("CREATE TABLE t (id BIGINT PRIMARY KEY)")
+            .await
+            .unwrap();
+        let count = |db: Db| async move {
+            sqlx::query_scalar::<_, i64>("SELECT CAST(COUNT(*) AS BIGINT) FROM t")
+                .fetch_one(&db.reader)
+                .await
+                .unwrap()
+        };
+
+        let mut tx = db.pool.begin().await.unwrap();
+        tx.execute("INSERT INTO t (id) VALUES (1)").await.unwrap();
+        // The writer's only connection is held by `tx`: through it this read would wait
+        // the pool's 30 s acquire timeout.
+        let during = tokio::time::timeout(Duration::from_secs(5), count(db.clone()))
+            .await
+            .expect("a read while the writer's transaction is open does not wait for it");
+        assert_eq!(during, 0, "the uncommitted row is not seen");
+        tx.commit().await.unwrap();
+        assert_eq!(count(db.clone()).await, 1, "the committed row is seen");
+
+        let write = sqlx::query("INSERT INTO t (id) VALUES (2)")
+            .execute(&db.reader)
+            .await;
+        assert!(write.is_err(), "the readers refuse writes: {write:?}");
+    }
+
+    /// An in-memory database exists only on its one connection, so its reader is that pool.
+    #[tokio::test]
+    async fn an_in_memory_database_reads_through_its_writer() {
+        let db = Db::connect("sqlite::memory:").await.unwrap();
+        db.pool
+            .execute("CREATE TABLE t (id BIGINT PRIMARY KEY)")
+            .await
+            .unwrap();
+        db.pool
+            .execute("INSERT INTO t (id) VALUES (1)")
+            .await
+            .unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT CAST(COUNT(*) AS BIGINT) FROM t")
+            .fetch_one(&db.reader)
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
     }
 }

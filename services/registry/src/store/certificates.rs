@@ -126,7 +126,7 @@ impl Store {
         .bind(request_id)
         .bind(processor)
         .bind(subprocessor)
-        .fetch_all(&self.db.pool)
+        .fetch_all(&self.db.reader)
         .await?)
     }
 }

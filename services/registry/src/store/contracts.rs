@@ -98,7 +98,7 @@ impl Store {
              WHERE c.request_id = $1"
         ))
         .bind(id)
-        .fetch_optional(&self.db.pool)
+        .fetch_optional(&self.db.reader)
         .await?)
     }
 

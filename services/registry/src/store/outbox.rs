@@ -279,7 +279,7 @@ impl Store {
         Ok(sqlx::query_scalar(
             "SELECT COUNT(*) FROM deliveries WHERE done_at IS NULL AND dead_lettered_at IS NULL",
         )
-        .fetch_one(&self.db.pool)
+        .fetch_one(&self.db.reader)
         .await?)
     }
 
@@ -292,7 +292,7 @@ impl Store {
              ORDER BY dead_lettered_at, request_id, processor, op LIMIT $1",
         )
         .bind(limit)
-        .fetch_all(&self.db.pool)
+        .fetch_all(&self.db.reader)
         .await?)
     }
 

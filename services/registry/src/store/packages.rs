@@ -337,7 +337,7 @@ impl Store {
 
     /// What the registry knows of a request's package.
     pub async fn package(&self, request_id: &str) -> Result<PackageRecord> {
-        let pool = &self.db.pool;
+        let pool = &self.db.reader;
         let dates: Option<(i64, Option<i64>)> =
             sqlx::query_as("SELECT created_at, expired_at FROM packages WHERE request_id = $1")
                 .bind(request_id)

@@ -42,7 +42,7 @@ enum Bind {
 impl Store {
     /// One request, if it exists.
     pub async fn request(&self, id: &str) -> Result<Option<RequestRow>> {
-        read_request(&self.db.pool, id).await
+        read_request(&self.db.reader, id).await
     }
 
     /// The request `id` with its deliveries and tasks, read from one snapshot of the store,
@@ -66,7 +66,7 @@ impl Store {
     /// A read-only transaction whose reads all see one snapshot of the store, so that what
     /// they return agrees (a request's state with its tasks'). Commit it when done.
     pub(super) async fn snapshot(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.reader.begin().await?;
         // SQLite's deferred transaction reads one snapshot from its first read on (WAL);
         // PostgreSQL needs REPEATABLE READ for that, READ COMMITTED reads anew per statement.
         if self.db.backend == dsrelay_runtime::store::Backend::Postgres {
@@ -81,7 +81,7 @@ impl Store {
     pub async fn request_kind(&self, id: &str) -> Result<Option<RequestKind>> {
         let kind: Option<i64> = sqlx::query_scalar("SELECT kind FROM requests WHERE id = $1")
             .bind(id)
-            .fetch_optional(&self.db.pool)
+            .fetch_optional(&self.db.reader)
             .await?;
         Ok(kind.map(|k| {
             i32::try_from(k)
@@ -93,7 +93,7 @@ impl Store {
 
     /// A request's deliveries (not cancellations), by processor name.
     pub async fn deliveries(&self, id: &str) -> Result<Vec<DeliveryRow>> {
-        read_deliveries(&self.db.pool, id).await
+        read_deliveries(&self.db.reader, id).await
     }
 
     /// The deliveries of each of `ids` (at most a page of them), by request id: one query
@@ -122,7 +122,7 @@ impl Store {
         for id in ids {
             q = q.bind(id);
         }
-        for k in q.fetch_all(&self.db.pool).await? {
+        for k in q.fetch_all(&self.db.reader).await? {
             out.entry(k.request_id).or_insert_with(Vec::new).push(k.row);
         }
         Ok(out)
@@ -134,12 +134,12 @@ impl Store {
         &self,
         ids: &[String],
     ) -> Result<std::collections::HashMap<String, Vec<TaskStatus>>> {
-        read_tasks_of(&self.db.pool, ids).await
+        read_tasks_of(&self.db.reader, ids).await
     }
 
     /// A request's tasks.
     pub async fn tasks(&self, id: &str) -> Result<Vec<TaskStatus>> {
-        read_tasks(&self.db.pool, id).await
+        read_tasks(&self.db.reader, id).await
     }
 
     /// Requests matching `f`, newest first.
@@ -195,7 +195,7 @@ impl Store {
                 Bind::Text(v) => q.bind(v),
             };
         }
-        Ok(q.fetch_all(&self.db.pool).await?)
+        Ok(q.fetch_all(&self.db.reader).await?)
     }
 
     /// Every event of a request, oldest first.
@@ -207,13 +207,13 @@ impl Store {
              ORDER BY id",
         )
         .bind(id)
-        .fetch_all(&self.db.pool)
+        .fetch_all(&self.db.reader)
         .await?)
     }
 
     /// Up to `limit` audit trail entries after `after_seq`, oldest first.
     pub async fn audit_entries(&self, after_seq: u64, limit: i64) -> Result<Vec<audit::Entry>> {
-        audit::table::entries(&self.db.pool, after_seq, limit).await
+        audit::table::entries(&self.db.reader, after_seq, limit).await
     }
 }
 
