@@ -6,6 +6,11 @@
 //! request's events, counted in `dsrelay_deliveries_dead_lettered_total`, until an operator
 //! requeues it (`RequestService.RequeueDelivery`, which also wakes this loop).
 //!
+//! Acceptances are written by one recorder ([`Recorder`]): a call that ends while others are
+//! being written waits with the rest of the queue, and the next transaction records them all,
+//! so concurrent calls share one commit; each call still goes on only once its own is
+//! committed.
+//!
 //! Each claim leases its row under a random token on the database's clock
 //! ([`Store::claim_deliveries`](crate::store::Store::claim_deliveries)); the outcome of an
 //! attempt is recorded only while that claim still holds the row, so a dispatcher paused past
@@ -22,6 +27,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use dsrelay_proto::v1::TaskStatus;
 use dsrelay_proto::v1::{
     CancelDeliveryRequest, DeliverRequest, RequestKind, SubmitRequest, TransferRecipient,
     UpdateContractEndRequest,
@@ -29,7 +35,7 @@ use dsrelay_proto::v1::{
 use dsrelay_proto::{prost::Message, timestamp_from_millis};
 use dsrelay_runtime::trace_context;
 use dsrelay_runtime::worker::{run_pool, PoolSettings};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
 use crate::app::Shared;
@@ -59,7 +65,19 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: watch::Receiver<bool>) {
         })
     };
     let tally = Arc::new(Stopping::default());
-    pool(shared.clone(), stop.clone(), grace, abandon, tally.clone()).await;
+    let (recorder, recording) = Recorder::start(shared.clone());
+    pool(
+        shared.clone(),
+        stop.clone(),
+        grace,
+        abandon,
+        tally.clone(),
+        recorder,
+    )
+    .await;
+    // Every call has ended and handed its acceptance over: the recorder writes what is
+    // queued and stops.
+    let _ = recording.await;
     deadline.abort();
     if *stop.borrow() {
         let left = shared
@@ -89,6 +107,7 @@ async fn pool(
     grace: Duration,
     abandon: watch::Receiver<bool>,
     tally: Arc<Stopping>,
+    recorder: Recorder,
 ) {
     let cfg = shared.config.delivery.clone();
     let stopping = stop.clone();
@@ -120,6 +139,7 @@ async fn pool(
         },
         move |job| {
             let shared = runner.clone();
+            let recorder = recorder.clone();
             let (stopping, abandon, tally) = (stopping.clone(), abandon.clone(), tally.clone());
             // Each attempt is a span of the request's trace, a child of its intake.
             let span = tracing::info_span!(
@@ -134,7 +154,7 @@ async fn pool(
                 trace_context::set_parent(&span, trace_context::from_traceparent(tp));
             }
             async move {
-                let outcome = attempt(&shared, job, abandon).await;
+                let outcome = attempt(&shared, &recorder, job, abandon).await;
                 let stopped = *stopping.borrow();
                 match outcome {
                     Attempt::Ended if stopped => {
@@ -178,7 +198,12 @@ enum Attempt {
 }
 
 /// One attempt: the call, raced against the end of the shutdown grace, then its outcome.
-async fn attempt(shared: &Shared, job: DeliveryJob, abandon: watch::Receiver<bool>) -> Attempt {
+async fn attempt(
+    shared: &Shared,
+    recorder: &Recorder,
+    job: DeliveryJob,
+    abandon: watch::Receiver<bool>,
+) -> Attempt {
     let call = tokio::select! {
         result = call(shared, &job) => result,
         () = abandoned(abandon) => return release(shared, &job).await,
@@ -186,11 +211,8 @@ async fn attempt(shared: &Shared, job: DeliveryJob, abandon: watch::Receiver<boo
     match call {
         Call::Answered(Ok(tasks)) => {
             tracing::info!(tasks = tasks.len(), "processor accepted");
-            match shared
-                .store
-                .delivery_succeeded(&job, &tasks, shared.clock.now_ms())
-                .await
-            {
+            let request_id = job.request_id.clone();
+            match recorder.record(shared, job, tasks).await {
                 Ok(true) => {}
                 Ok(false) => tracing::warn!(
                     "lease lost to another claim; the processor's acceptance is not recorded"
@@ -198,7 +220,7 @@ async fn attempt(shared: &Shared, job: DeliveryJob, abandon: watch::Receiver<boo
                 // The lease expires and the row is sent again; the processor deduplicates.
                 Err(e) => tracing::error!(error = format!("{e:#}"), "recording a delivery failed"),
             }
-            shared.publish(&job.request_id);
+            shared.publish(&request_id);
         }
         Call::Answered(Err(status)) => {
             let message = format!("{:?}: {}", status.code(), status.message());
@@ -207,6 +229,101 @@ async fn attempt(shared: &Shared, job: DeliveryJob, abandon: watch::Receiver<boo
         Call::NotMade { error, refused } => record_failure(shared, &job, error, refused).await,
     }
     Attempt::Ended
+}
+
+/// The processors' acceptances of concurrent calls, written together: a call that ends while
+/// others are being written queues its own, and the next write takes every one queued
+/// ([`Store::deliveries_succeeded`](crate::store::Store::deliveries_succeeded), one
+/// transaction). Each call waits for its own to be committed, as before.
+#[derive(Clone)]
+struct Recorder(mpsc::UnboundedSender<Accepted>);
+
+/// An accepted call's job, the tasks its processor reported, and where to answer whether
+/// its claim still held the row.
+type Accepted = (
+    DeliveryJob,
+    Vec<TaskStatus>,
+    oneshot::Sender<anyhow::Result<bool>>,
+);
+
+/// At most this many acceptances per transaction.
+const ACCEPTED_PER_WRITE: usize = 64;
+
+impl Recorder {
+    /// The recorder and its writer, which ends once every `Recorder` is dropped and what was
+    /// queued is written.
+    fn start(shared: Arc<Shared>) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Self(tx), tokio::spawn(write_accepted(shared, rx)))
+    }
+
+    /// Records `job` as accepted with `tasks`, once committed; answers whether its claim
+    /// still held the row.
+    async fn record(
+        &self,
+        shared: &Shared,
+        job: DeliveryJob,
+        tasks: Vec<TaskStatus>,
+    ) -> anyhow::Result<bool> {
+        let (answer, answered) = oneshot::channel();
+        match self.0.send((job, tasks, answer)) {
+            Ok(()) => answered
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the delivery recorder stopped"))),
+            // The writer is gone (it never is while calls run): write this one alone.
+            Err(mpsc::error::SendError((job, tasks, _))) => {
+                shared
+                    .store
+                    .delivery_succeeded(&job, &tasks, shared.clock.now_ms())
+                    .await
+            }
+        }
+    }
+}
+
+/// The recorder's writer: each write takes every acceptance queued (up to
+/// [`ACCEPTED_PER_WRITE`]). When a write of several fails, each is written again alone, so
+/// that one row's failure leaves the others recorded.
+async fn write_accepted(shared: Arc<Shared>, mut queued: mpsc::UnboundedReceiver<Accepted>) {
+    while let Some(first) = queued.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < ACCEPTED_PER_WRITE {
+            match queued.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(_) => break,
+            }
+        }
+        let now = shared.clock.now_ms();
+        let done: Vec<(&DeliveryJob, &[TaskStatus])> = batch
+            .iter()
+            .map(|(job, tasks, _)| (job, tasks.as_slice()))
+            .collect();
+        let written = shared.store.deliveries_succeeded(&done, now).await;
+        drop(done);
+        match written {
+            Ok(held) => {
+                for ((_, _, answer), held) in batch.into_iter().zip(held) {
+                    let _ = answer.send(Ok(held));
+                }
+            }
+            Err(e) if batch.len() == 1 => {
+                if let Some((_, _, answer)) = batch.pop() {
+                    let _ = answer.send(Err(e));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    accepted = batch.len(),
+                    "recording accepted deliveries together failed; recording each alone"
+                );
+                for (job, tasks, answer) in batch {
+                    let one = shared.store.delivery_succeeded(&job, &tasks, now).await;
+                    let _ = answer.send(one);
+                }
+            }
+        }
+    }
 }
 
 /// Resolves when the shutdown grace is over.

@@ -5,7 +5,9 @@ use dsrelay_processor::store::{
     Accepted, Store as ProcessorStore, Transition, POSTGRES_MIGRATIONS as PROC_PG,
     SQLITE_MIGRATIONS as PROC_SQLITE,
 };
-use dsrelay_proto::v1::{DeliverRequest, RequestKind, RequestState, TaskState, TaskStatus};
+use dsrelay_proto::v1::{
+    DeliverRequest, EventType, RequestKind, RequestState, TaskState, TaskStatus,
+};
 use dsrelay_registry::store::{
     AckOutcome, CancelOutcome, FailureRecorded, Inserted, ListFilter, NewRequest,
     Store as RegistryStore, TaskUpdate, POSTGRES_MIGRATIONS as REG_PG,
@@ -292,6 +294,121 @@ async fn registry_outbox_lease_owner(backend: Backend) {
     assert_eq!(row.attempts, 1);
     assert_eq!(store.tasks("r1").await.unwrap().len(), 1);
     assert_eq!(store.unsent_delivery_count().await.unwrap(), 0);
+}
+
+/// Acceptances of several calls recorded together (the dispatcher's recorder): each held
+/// row is marked done with the tasks its answer reported (an answer older than what an
+/// acknowledgement already brought moves nothing back), the touched requests fold once, a
+/// DELIVERED event per accepted call shows the state before the fold and comes before the
+/// STATE_CHANGED; a row another claim took records nothing while the others still do.
+async fn registry_deliveries_accepted_together(backend: Backend) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(store) = registry_store(backend, dir.path()).await else {
+        return;
+    };
+    store
+        .insert_request(&new_request("r1", "k1", 1_000, &["p1", "p2"]))
+        .await
+        .unwrap();
+    store
+        .insert_request(&new_request("r2", "k2", 1_000, &["p1"]))
+        .await
+        .unwrap();
+    let hour = 3_600_000;
+    let jobs = store.claim_deliveries(2_000, 10, hour).await.unwrap();
+    assert_eq!(jobs.len(), 3);
+    let job = |r: &str, p: &str| {
+        jobs.iter()
+            .find(|j| j.request_id == r && j.processor == p)
+            .expect("claimed")
+            .clone()
+    };
+    let (r1p1, r1p2) = (job("r1", "p1"), job("r1", "p2"));
+    let mut stale = job("r2", "p1");
+    stale.lease_owner = "another claim's token".into();
+    // An acknowledgement overtook p1's answer: s1 is IN_PROGRESS already.
+    store
+        .apply_acks("p1", &[ack("r1", "s1", 2, TaskState::InProgress)], 2_100)
+        .await
+        .unwrap();
+    let status = |sub: &str, seq: u64, state: TaskState| TaskStatus {
+        subprocessor: sub.into(),
+        state: state as i32,
+        sequence: seq,
+        ..Default::default()
+    };
+    let p1_tasks = vec![
+        status("s1", 1, TaskState::Pending),
+        status("s2", 1, TaskState::Pending),
+    ];
+    let p2_tasks = vec![status("s3", 1, TaskState::Pending)];
+    let before = store.request("r1").await.unwrap().unwrap().state;
+    let held = store
+        .deliveries_succeeded(
+            &[
+                (&r1p1, p1_tasks.as_slice()),
+                (&stale, p1_tasks.as_slice()),
+                (&r1p2, p2_tasks.as_slice()),
+            ],
+            2_500,
+        )
+        .await
+        .unwrap();
+    assert_eq!(held, vec![true, false, true]);
+
+    for d in store.deliveries("r1").await.unwrap() {
+        assert_eq!(d.done_at, Some(2_500), "{}", d.processor);
+        assert_eq!(d.attempts, 1);
+    }
+    let r2 = store.deliveries("r2").await.unwrap().remove(0);
+    assert!(r2.done_at.is_none());
+    assert_eq!(r2.attempts, 0, "nothing of the lost claim was counted");
+    assert!(store.tasks("r2").await.unwrap().is_empty());
+    let mut tasks: Vec<(String, u64, i32)> = store
+        .tasks("r1")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| (t.subprocessor, t.sequence, t.state))
+        .collect();
+    tasks.sort();
+    assert_eq!(
+        tasks,
+        vec![
+            ("s1".into(), 2, TaskState::InProgress as i32),
+            ("s2".into(), 1, TaskState::Pending as i32),
+            ("s3".into(), 1, TaskState::Pending as i32),
+        ],
+        "the older answer moved nothing back"
+    );
+
+    let after = store.request("r1").await.unwrap().unwrap().state;
+    assert_ne!(before, after, "both deliveries done: the request moved on");
+    let events = store.events("r1").await.unwrap();
+    let tail: Vec<(i32, i32, String)> = events
+        .iter()
+        .rev()
+        .take(3)
+        .rev()
+        .map(|e| (e.event_type, e.request_state, e.processor.clone()))
+        .collect();
+    assert_eq!(
+        tail,
+        vec![
+            (EventType::Delivered as i32, before as i32, "p1".to_string()),
+            (EventType::Delivered as i32, before as i32, "p2".to_string()),
+            (EventType::StateChanged as i32, after as i32, String::new()),
+        ]
+    );
+    assert!(
+        !store
+            .events("r2")
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.event_type == EventType::Delivered as i32),
+        "no DELIVERED event for the lost claim"
+    );
 }
 
 async fn registry_acknowledgements_fold(backend: Backend) {
@@ -804,6 +921,7 @@ on_both_backends!(
     registry_batched_intake_shares_one_commit,
     registry_outbox_claims_leases_and_backoff,
     registry_outbox_lease_owner,
+    registry_deliveries_accepted_together,
     registry_acknowledgements_fold,
     registry_acknowledgement_batch,
     registry_list_cancel_extend,

@@ -598,9 +598,45 @@ impl FoldView {
     }
 }
 
+/// Refolds each of `ids` from its deliveries and tasks as they now stand, in a fixed number
+/// of statements: the request rows locked and read with their tasks and deliveries (as
+/// [`refold`] does for one), then one UPDATE per request whose state changed. Returns each
+/// request's state before the fold (for events that show it) and the STATE_CHANGED events,
+/// for the caller to write after its own.
+pub(super) async fn refold_all(
+    tx: &mut Tx,
+    ids: &[&str],
+    now: i64,
+) -> Result<(BTreeMap<String, RequestState>, Vec<NewEvent>)> {
+    if ids.is_empty() {
+        return Ok((BTreeMap::new(), Vec::new()));
+    }
+    let view = FoldView::read(tx, ids).await?;
+    let mut events = Vec::new();
+    for (id, old) in &view.requests {
+        let new = view.fold(id, *old);
+        if new == *old {
+            continue;
+        }
+        let finished = request_is_terminal(new).then_some(now);
+        sqlx::query(
+            "UPDATE requests SET state = $1, updated_at = $2, \
+             finished_at = COALESCE($3, finished_at) WHERE id = $4",
+        )
+        .bind(new as i64)
+        .bind(now)
+        .bind(finished)
+        .bind(id)
+        .execute(tx.conn())
+        .await?;
+        events.push(state_changed_event(id, *old, new, now));
+    }
+    Ok((view.requests, events))
+}
+
 /// Writes each task's new state in multi-row upserts; a report older than what is stored
 /// never moves a task back.
-async fn upsert_tasks<'a>(
+pub(super) async fn upsert_tasks<'a>(
     tx: &mut Tx,
     processor: &str,
     updates: impl Iterator<Item = &'a TaskUpdate>,

@@ -13,9 +13,11 @@ use anyhow::Result;
 use dsrelay_proto::v1::{EventType, RequestState, TaskStatus};
 use dsrelay_runtime::store::lookups;
 
-use super::acknowledgements::{refold, upsert_task, TaskUpdate};
-use super::events::{insert_event, EventDetail};
-use super::{DeliveryJob, Operation, Store};
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::acknowledgements::{refold_all, upsert_tasks, TaskUpdate};
+use super::events::{insert_event, insert_events, EventDetail, NewEvent};
+use super::{DeliveryJob, Operation, Store, Tx};
 
 /// A delivery row as a claim wrote it (lease token set), with its request and terms.
 #[derive(sqlx::FromRow)]
@@ -109,69 +111,73 @@ impl Store {
         tasks: &[TaskStatus],
         now: i64,
     ) -> Result<bool> {
+        let held = self.deliveries_succeeded(&[(job, tasks)], now).await?;
+        Ok(held.first().copied().unwrap_or(false))
+    }
+
+    /// [`Store::delivery_succeeded`] for several attempts at once, in one transaction of a
+    /// fixed number of statements besides one UPDATE per row: the tasks every answer
+    /// reported in one multi-row upsert per processor, the touched requests refolded together
+    /// ([`refold_all`]), and the events written together. Answers, in `done`'s order, whether
+    /// each claim still held its row; a row another claim took records nothing, the others
+    /// still do.
+    pub async fn deliveries_succeeded(
+        &self,
+        done: &[(&DeliveryJob, &[TaskStatus])],
+        now: i64,
+    ) -> Result<Vec<bool>> {
         let mut tx = self.begin_audited().await?;
-        let updated = sqlx::query(
-            "UPDATE deliveries SET done_at = CASE WHEN $5 = 0 OR EXISTS (SELECT 1 FROM \
-             contracts c WHERE c.request_id = $2 AND c.version = $6) THEN $1 ELSE NULL END, \
-             attempts = attempts + 1, lease_until = 0, lease_owner = NULL, last_error = NULL \
-             WHERE request_id = $2 AND processor = $3 AND op = $4 AND done_at IS NULL \
-             AND lease_owner = $7",
-        )
-        .bind(now)
-        .bind(&job.request_id)
-        .bind(&job.processor)
-        .bind(job.op.as_str())
-        .bind(i64::from(job.op == Operation::Update))
-        .bind(job.terms.contract_version.unwrap_or_default())
-        .bind(&job.lease_owner)
-        .execute(tx.conn())
-        .await?;
-        if updated.rows_affected() == 0 {
-            // Dropping the transaction rolls it back: nothing of a lost claim is kept.
-            return Ok(false);
+        let mut held = Vec::with_capacity(done.len());
+        for (job, _) in done {
+            held.push(mark_delivered(&mut tx, job, now).await?);
         }
-        for t in tasks {
-            upsert_task(
-                &mut tx,
-                &job.request_id,
-                &job.processor,
-                &TaskUpdate::from(t),
-                now,
-            )
-            .await?;
-        }
-        let state = tx.current_state(&job.request_id).await?;
-        let message = match job.op {
-            Operation::Deliver => {
-                format!("accepted by {} with {} task(s)", job.processor, tasks.len())
+        // The newest report of each task, per processor: one upsert may not name a row twice.
+        let mut reported: BTreeMap<&str, BTreeMap<(&str, &str), TaskUpdate>> = BTreeMap::new();
+        for ((job, tasks), _) in done.iter().zip(&held).filter(|(_, h)| **h) {
+            let of_processor = reported.entry(job.processor.as_str()).or_default();
+            for t in *tasks {
+                let mut update = TaskUpdate::from(t);
+                update.request_id = job.request_id.clone();
+                match of_processor.get(&(job.request_id.as_str(), t.subprocessor.as_str())) {
+                    Some(kept) if kept.sequence >= update.sequence => {}
+                    _ => {
+                        of_processor
+                            .insert((job.request_id.as_str(), t.subprocessor.as_str()), update);
+                    }
+                }
             }
-            Operation::Cancel => format!("cancellation accepted by {}", job.processor),
-            Operation::Update => format!(
-                "contract terms accepted by {}{}",
-                job.processor,
-                job.terms
-                    .contract_end()
-                    .map(|t| describe_terms(&t))
-                    .unwrap_or_default()
-            ),
-        };
-        insert_event(
-            &mut tx,
-            &job.request_id,
-            EventType::Delivered,
-            now,
-            state,
-            EventDetail {
-                processor: job.processor.clone(),
-                attempt: job.attempts + 1,
-                message,
-                ..Default::default()
-            },
-        )
-        .await?;
-        refold(&mut tx, &job.request_id, now).await?;
+        }
+        for (processor, updates) in &reported {
+            upsert_tasks(&mut tx, processor, updates.values(), now).await?;
+        }
+        let touched: Vec<&str> = done
+            .iter()
+            .zip(&held)
+            .filter(|(_, h)| **h)
+            .map(|((job, _), _)| job.request_id.as_str())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let (before, changed) = refold_all(&mut tx, &touched, now).await?;
+        let mut events: Vec<NewEvent> = done
+            .iter()
+            .zip(&held)
+            .filter(|(_, h)| **h)
+            .map(|((job, tasks), _)| NewEvent {
+                request_id: job.request_id.clone(),
+                event_type: EventType::Delivered,
+                at: now,
+                request_state: before
+                    .get(&job.request_id)
+                    .copied()
+                    .unwrap_or(RequestState::Unspecified),
+                detail: delivered_detail(job, tasks.len()),
+            })
+            .collect();
+        events.extend(changed);
+        insert_events(&mut tx, events).await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(held)
     }
 
     /// Records a failed attempt and when to try again. `refused` carries
@@ -431,5 +437,49 @@ pub(crate) fn describe_terms(t: &dsrelay_proto::v1::ContractEnd) -> String {
         format!(": {choice}{to}, return confirmed")
     } else {
         format!(": {choice}{to}")
+    }
+}
+
+/// Marks `job`'s row accepted, if its claim still holds it (see
+/// [`Store::delivery_succeeded`]); answers whether it did.
+async fn mark_delivered(tx: &mut Tx, job: &DeliveryJob, now: i64) -> Result<bool> {
+    let updated = sqlx::query(
+        "UPDATE deliveries SET done_at = CASE WHEN $5 = 0 OR EXISTS (SELECT 1 FROM \
+         contracts c WHERE c.request_id = $2 AND c.version = $6) THEN $1 ELSE NULL END, \
+         attempts = attempts + 1, lease_until = 0, lease_owner = NULL, last_error = NULL \
+         WHERE request_id = $2 AND processor = $3 AND op = $4 AND done_at IS NULL \
+         AND lease_owner = $7",
+    )
+    .bind(now)
+    .bind(&job.request_id)
+    .bind(&job.processor)
+    .bind(job.op.as_str())
+    .bind(i64::from(job.op == Operation::Update))
+    .bind(job.terms.contract_version.unwrap_or_default())
+    .bind(&job.lease_owner)
+    .execute(tx.conn())
+    .await?;
+    Ok(updated.rows_affected() > 0)
+}
+
+/// The DELIVERED event's words for an accepted `job` whose answer reported `tasks` tasks.
+fn delivered_detail(job: &DeliveryJob, tasks: usize) -> EventDetail {
+    let message = match job.op {
+        Operation::Deliver => format!("accepted by {} with {tasks} task(s)", job.processor),
+        Operation::Cancel => format!("cancellation accepted by {}", job.processor),
+        Operation::Update => format!(
+            "contract terms accepted by {}{}",
+            job.processor,
+            job.terms
+                .contract_end()
+                .map(|t| describe_terms(&t))
+                .unwrap_or_default()
+        ),
+    };
+    EventDetail {
+        processor: job.processor.clone(),
+        attempt: job.attempts + 1,
+        message,
+        ..Default::default()
     }
 }
