@@ -145,6 +145,45 @@ async fn registry_batched_intake_shares_one_commit(backend: Backend) {
     );
     assert_eq!(store.deliveries("r2").await.expect("deliveries").len(), 2);
     assert!(store.request("r3").await.expect("get").is_none());
+
+    // A batch larger than one multi-row INSERT, from two partners, one request routed to
+    // nobody (COMPLETED at once): each stored with its outbox rows and SUBMITTED event.
+    let mut big: Vec<NewRequest> = (0..70)
+        .map(|i| {
+            let mut r = new_request(&format!("b{i}"), &format!("bk{i}"), 2_000, &["p1", "p2"]);
+            if i % 2 == 1 {
+                r.partner = "web-form".into();
+            }
+            r
+        })
+        .collect();
+    big[69].processors.clear();
+    let out = store.insert_requests(&big).await.expect("big batch");
+    assert!(out.iter().all(|o| matches!(o, Inserted::New)), "{out:?}");
+    for (i, r) in big.iter().enumerate() {
+        let row = store.request(&r.id).await.unwrap().expect("stored");
+        assert_eq!(row.partner, r.partner);
+        let events = store.events(&r.id).await.unwrap();
+        assert_eq!(events.len(), 1, "{}", r.id);
+        assert_eq!(events[0].event_type, EventType::Submitted as i32);
+        assert_eq!(events[0].request_state, row.state as i32);
+        let deliveries = store.deliveries(&r.id).await.unwrap();
+        if i == 69 {
+            assert_eq!(row.state, RequestState::Completed);
+            assert!(deliveries.is_empty());
+        } else {
+            assert_eq!(row.state, RequestState::Received);
+            assert_eq!(deliveries.len(), 2);
+        }
+    }
+    // The same keys again: each partner's key finds its own request, not the other's.
+    let out = store.insert_requests(&big[..4]).await.expect("again");
+    for (o, r) in out.iter().zip(&big) {
+        assert!(
+            matches!(o, Inserted::Existing(id) if *id == r.id),
+            "{out:?}"
+        );
+    }
 }
 
 async fn registry_outbox_claims_leases_and_backoff(backend: Backend) {

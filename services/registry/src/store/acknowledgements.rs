@@ -13,7 +13,7 @@ use dsrelay_proto::v1::{
 
 use super::events::{insert_event, insert_events, EventDetail, NewEvent};
 use super::rows::task_state;
-use super::{Operation, Store, Tx};
+use super::{placeholders, Operation, Store, Tx};
 use crate::fold::{fold, request_is_terminal};
 
 /// A task state change, from an acknowledgement or a status report.
@@ -428,14 +428,6 @@ impl Store {
         tx.commit().await?;
         Ok(changed)
     }
-}
-
-/// `$from, $from+1, ...`: `n` placeholders for an `IN` list.
-fn placeholders(from: usize, n: usize) -> String {
-    (from..from + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// Which of `ids` were routed to `processor` (have its Deliver row): one statement.

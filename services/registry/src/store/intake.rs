@@ -5,7 +5,7 @@
 use anyhow::Result;
 use dsrelay_proto::v1::{EventType, RequestState};
 
-use super::events::{insert_event, EventDetail};
+use super::events::{insert_event, insert_events, EventDetail, NewEvent};
 use super::{Operation, Store, Tx};
 use crate::fold::request_is_terminal;
 
@@ -109,6 +109,19 @@ impl Store {
             return Ok(vec![self.insert_intaken(r, c.as_ref()).await?]);
         }
         let mut tx = self.begin_audited().await?;
+        if rs.iter().all(|(_, c)| c.is_none()) {
+            let submits: Vec<&NewRequest> = rs.iter().map(|(r, _)| r).collect();
+            if let Ok(Some(out)) = insert_many(&mut tx, &submits).await {
+                tx.commit().await?;
+                return Ok(out);
+            }
+            drop(tx);
+            let mut one_by_one = Vec::with_capacity(rs.len());
+            for (r, c) in rs {
+                one_by_one.push(self.insert_intaken(r, c.as_ref()).await?);
+            }
+            return Ok(one_by_one);
+        }
         let mut out = Vec::with_capacity(rs.len());
         for (r, c) in rs {
             match insert_one(&mut tx, r, c.as_ref()).await {
@@ -125,6 +138,172 @@ impl Store {
         }
         tx.commit().await?;
         Ok(out)
+    }
+}
+
+/// Rows per multi-row INSERT of requests: few enough that binding a statement's numbered
+/// parameters stays cheap on SQLite (it looks each name up in a list).
+const REQUESTS_PER_INSERT: usize = 32;
+
+/// Stores Submits (no contract end among them) with their outbox rows and first events in
+/// `tx`, in a fixed number of statements whatever their number (the batch in chunks of
+/// [`REQUESTS_PER_INSERT`]): one read of the keys already used, per partner; multi-row
+/// INSERTs of the requests and of their outbox rows; the events and their audit entries
+/// written together. Answers in order, as [`insert_one`] would one by one: a key used before,
+/// or earlier in the batch, finds that request. `None` (or an error) when an insert lost a
+/// race on a key to another replica: the caller stores each on its own.
+async fn insert_many(tx: &mut Tx, rs: &[&NewRequest]) -> Result<Option<Vec<Inserted>>> {
+    use std::collections::{BTreeMap, HashMap};
+
+    let mut keys: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for r in rs {
+        keys.entry(r.partner.as_str())
+            .or_default()
+            .push(r.idempotency_key.as_str());
+    }
+    // (partner, key) -> (request id, body hash)
+    let mut used: HashMap<(String, String), (String, String)> = HashMap::new();
+    for (partner, keys) in &keys {
+        for chunk in keys.chunks(REQUESTS_PER_INSERT * 4) {
+            let sql = format!(
+                "SELECT idempotency_key, id, body_hash FROM requests WHERE partner = $1 \
+                 AND idempotency_key IN ({})",
+                super::placeholders(2, chunk.len())
+            );
+            let mut q = sqlx::query_as::<_, (String, String, String)>(&sql).bind(*partner);
+            for k in chunk {
+                q = q.bind(*k);
+            }
+            for (key, id, hash) in q.fetch_all(tx.conn()).await? {
+                used.insert((partner.to_string(), key), (id, hash));
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(rs.len());
+    let mut new: Vec<&NewRequest> = Vec::new();
+    for r in rs {
+        let key = (r.partner.clone(), r.idempotency_key.clone());
+        if let Some((id, hash)) = used.get(&key) {
+            out.push(if *hash == r.body_hash {
+                Inserted::Existing(id.clone())
+            } else {
+                Inserted::Conflict(id.clone())
+            });
+            continue;
+        }
+        used.insert(key, (r.id.clone(), r.body_hash.clone()));
+        new.push(r);
+        out.push(Inserted::New);
+    }
+    for chunk in new.chunks(REQUESTS_PER_INSERT) {
+        let rows: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                let b = 1 + i * 13;
+                format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                    b,
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6,
+                    b + 7,
+                    b + 8,
+                    b + 9,
+                    b + 10,
+                    b + 8,
+                    b + 8,
+                    b + 11,
+                    b + 12
+                )
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO requests (id, partner, idempotency_key, body_hash, body, \
+             identity_hashes, kind, state, received_at, due_at, trace_id, updated_at, \
+             checked_at, finished_at, traceparent) VALUES {}",
+            rows.join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for r in chunk {
+            q = q
+                .bind(&r.id)
+                .bind(&r.partner)
+                .bind(&r.idempotency_key)
+                .bind(&r.body_hash)
+                .bind(r.body.clone())
+                .bind(&r.identity_hashes)
+                .bind(i64::from(r.kind))
+                .bind(initial_state(r) as i64)
+                .bind(r.received_at)
+                .bind(r.due_at)
+                .bind(&r.trace_id)
+                .bind(r.processors.is_empty().then_some(r.received_at))
+                .bind(r.traceparent.clone());
+        }
+        match q.execute(tx.conn()).await {
+            Ok(_) => {}
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let outbox: Vec<(&str, &str, i64)> = new
+        .iter()
+        .flat_map(|r| {
+            r.processors
+                .iter()
+                .map(|p| (r.id.as_str(), p.as_str(), r.received_at))
+        })
+        .collect();
+    for chunk in outbox.chunks(REQUESTS_PER_INSERT * 2) {
+        let rows: Vec<String> = (0..chunk.len())
+            .map(|i| format!("(${}, ${}, $1, ${})", 2 + i * 3, 3 + i * 3, 4 + i * 3))
+            .collect();
+        let sql = format!(
+            "INSERT INTO deliveries (request_id, processor, op, next_attempt_at) VALUES {}",
+            rows.join(", ")
+        );
+        let mut q = sqlx::query(&sql).bind(Operation::Deliver.as_str());
+        for (id, processor, at) in chunk {
+            q = q.bind(*id).bind(*processor).bind(*at);
+        }
+        q.execute(tx.conn()).await?;
+    }
+    let events = new
+        .iter()
+        .map(|r| NewEvent {
+            request_id: r.id.clone(),
+            event_type: EventType::Submitted,
+            at: r.received_at,
+            request_state: initial_state(r),
+            detail: submitted_detail(r),
+        })
+        .collect();
+    insert_events(tx, events).await?;
+    Ok(Some(out))
+}
+
+/// A new request's state: RECEIVED, or COMPLETED at once when no processor holds its data.
+fn initial_state(r: &NewRequest) -> RequestState {
+    if r.processors.is_empty() {
+        RequestState::Completed
+    } else {
+        RequestState::Received
+    }
+}
+
+/// The SUBMITTED event's words.
+fn submitted_detail(r: &NewRequest) -> EventDetail {
+    let message = if r.processors.is_empty() {
+        "accepted; no processor holds data in its scope".to_string()
+    } else {
+        format!("accepted; routed to {}", r.processors.join(", "))
+    };
+    EventDetail {
+        actor: r.partner.clone(),
+        message,
+        ..Default::default()
     }
 }
 
@@ -155,11 +334,7 @@ async fn insert_one(
             return Ok(Some(Inserted::Running(running)));
         }
     }
-    let state = if r.processors.is_empty() {
-        RequestState::Completed
-    } else {
-        RequestState::Received
-    };
+    let state = initial_state(r);
     let inserted = sqlx::query(
         "INSERT INTO requests (id, partner, idempotency_key, body_hash, body, \
          identity_hashes, kind, state, received_at, due_at, trace_id, updated_at, \
@@ -218,22 +393,13 @@ async fn insert_one(
         .execute(tx.conn())
         .await?;
     }
-    let message = if r.processors.is_empty() {
-        "accepted; no processor holds data in its scope".to_string()
-    } else {
-        format!("accepted; routed to {}", r.processors.join(", "))
-    };
     insert_event(
         tx,
         &r.id,
         EventType::Submitted,
         r.received_at,
         state,
-        EventDetail {
-            actor: r.partner.clone(),
-            message,
-            ..Default::default()
-        },
+        submitted_detail(r),
     )
     .await?;
     Ok(Some(Inserted::New))

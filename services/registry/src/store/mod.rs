@@ -169,3 +169,12 @@ impl Tx {
             .unwrap_or(RequestState::Unspecified))
     }
 }
+
+/// `$first, $first+1, ...`: `count` numbered placeholders (for an `IN` list or a VALUES row),
+/// which both backends accept.
+fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|n| format!("${n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

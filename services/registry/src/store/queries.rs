@@ -6,7 +6,7 @@ use dsrelay_proto::v1::{RequestKind, RequestState, TaskStatus};
 use dsrelay_runtime::audit;
 
 use super::rows::{TaskRow, REQUEST_COLUMNS, TASK_COLUMNS};
-use super::{DeliveryRow, EventRow, Operation, RequestRow, Store};
+use super::{placeholders, DeliveryRow, EventRow, Operation, RequestRow, Store};
 
 /// Filters for listing.
 #[derive(Debug, Default)]
@@ -26,14 +26,6 @@ pub struct ListFilter {
 }
 
 /// A value bound to a placeholder of a query built at run time.
-/// `$first, $first+1, ...`: `count` numbered placeholders, which both backends accept.
-fn placeholders(first: usize, count: usize) -> String {
-    (first..first + count)
-        .map(|n| format!("${n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 enum Bind {
     I64(i64),
     Text(String),
