@@ -380,7 +380,13 @@ async fn registry_deliveries_accepted_together(backend: Backend) {
         status("s1", 1, TaskState::Pending),
         status("s2", 1, TaskState::Pending),
     ];
-    let p2_tasks = vec![status("s3", 1, TaskState::Pending)];
+    // p2's Deliver was sent again after its task had finished: the answer reports it so.
+    let mut s3_done = status("s3", 3, TaskState::Completed);
+    s3_done.evidence = Some(dsrelay_proto::v1::Evidence {
+        records_affected: 2,
+        ..Default::default()
+    });
+    let p2_tasks = vec![s3_done];
     let before = store.request("r1").await.unwrap().unwrap().state;
     let held = store
         .deliveries_succeeded(
@@ -416,7 +422,7 @@ async fn registry_deliveries_accepted_together(backend: Backend) {
         vec![
             ("s1".into(), 2, TaskState::InProgress as i32),
             ("s2".into(), 1, TaskState::Pending as i32),
-            ("s3".into(), 1, TaskState::Pending as i32),
+            ("s3".into(), 3, TaskState::Completed as i32),
         ],
         "the older answer moved nothing back"
     );
@@ -427,7 +433,7 @@ async fn registry_deliveries_accepted_together(backend: Backend) {
     let tail: Vec<(i32, i32, String)> = events
         .iter()
         .rev()
-        .take(3)
+        .take(4)
         .rev()
         .map(|e| (e.event_type, e.request_state, e.processor.clone()))
         .collect();
@@ -436,9 +442,30 @@ async fn registry_deliveries_accepted_together(backend: Backend) {
         vec![
             (EventType::Delivered as i32, before as i32, "p1".to_string()),
             (EventType::Delivered as i32, before as i32, "p2".to_string()),
+            (
+                EventType::TaskUpdated as i32,
+                before as i32,
+                "p2".to_string()
+            ),
             (EventType::StateChanged as i32, after as i32, String::new()),
-        ]
+        ],
+        "a step learned from a delivery's answer is an event of its own"
     );
+    let reported = &events[events.len() - 2];
+    assert_eq!(reported.subprocessor, "s3");
+    assert_eq!(reported.sequence, 3);
+    assert!(
+        reported.message.contains("reported on delivery"),
+        "{}",
+        reported.message
+    );
+    // Its acknowledgement, arriving afterwards, is recorded but says nothing new.
+    let out = store
+        .apply_acks("p2", &[ack("r1", "s3", 3, TaskState::Completed)], 2_600)
+        .await
+        .unwrap();
+    assert_eq!(out.applied, 1);
+    assert_eq!(store.events("r1").await.unwrap().len(), events.len());
     assert!(
         !store
             .events("r2")

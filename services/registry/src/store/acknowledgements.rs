@@ -590,24 +590,102 @@ impl FoldView {
     }
 }
 
-/// Refolds each of `ids` from its deliveries and tasks as they now stand, in a fixed number
-/// of statements: the request rows locked and read with their tasks and deliveries (as
-/// [`refold`] does for one), then one UPDATE per request whose state changed. Returns each
-/// request's state before the fold (for events that show it) and the STATE_CHANGED events,
-/// for the caller to write after its own.
-pub(super) async fn refold_all(
-    tx: &mut Tx,
-    ids: &[&str],
-    now: i64,
-) -> Result<(BTreeMap<String, RequestState>, Vec<NewEvent>)> {
-    if ids.is_empty() {
-        return Ok((BTreeMap::new(), Vec::new()));
+/// One processor's answer to a delivery the registry records as accepted: the tasks it
+/// reported, and the words of its DELIVERED event.
+pub(super) struct Accepted<'a> {
+    pub(super) request_id: &'a str,
+    pub(super) processor: &'a str,
+    pub(super) tasks: &'a [TaskStatus],
+    pub(super) delivered: EventDetail,
+}
+
+/// Records what accepted deliveries reported, in a fixed number of statements whatever their
+/// number: the touched requests locked and read with their tasks and deliveries (whose rows
+/// the caller has already marked), the reported tasks applied like acknowledgements (a
+/// report older than what the registry has moves nothing; the answer to a Deliver sent again
+/// reports the tasks as they stand), one multi-row upsert per processor of the tasks that
+/// moved, one UPDATE per request whose state changed, and the events written together. Per
+/// request, each DELIVERED event (showing the state before the fold) is followed by a
+/// TASK_UPDATED for each task its report moved past its first state (so a step learned from
+/// a delivery's answer is in the request's events as an acknowledgement's would be; the
+/// acknowledgement that follows is then not new), and the STATE_CHANGED comes last.
+pub(super) async fn apply_accepted(tx: &mut Tx, accepted: &[Accepted<'_>], now: i64) -> Result<()> {
+    if accepted.is_empty() {
+        return Ok(());
     }
-    let view = FoldView::read(tx, ids).await?;
+    let touched: Vec<&str> = accepted
+        .iter()
+        .map(|a| a.request_id)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut view = FoldView::read(tx, &touched).await?;
     let mut events = Vec::new();
-    for (id, old) in &view.requests {
-        let new = view.fold(id, *old);
-        if new == *old {
+    // The last report of each task that moved, per processor.
+    let mut moved: BTreeMap<&str, BTreeMap<(String, String), TaskUpdate>> = BTreeMap::new();
+    for a in accepted {
+        events.push(NewEvent {
+            request_id: a.request_id.to_string(),
+            event_type: EventType::Delivered,
+            at: now,
+            request_state: view.state_of(a.request_id),
+            detail: a.delivered.clone(),
+        });
+        for t in a.tasks {
+            let mut update = TaskUpdate::from(t);
+            update.request_id = a.request_id.to_string();
+            let key = (
+                a.request_id.to_string(),
+                a.processor.to_string(),
+                update.subprocessor.clone(),
+            );
+            let before = view.tasks.get(&key);
+            if before.is_some_and(|t| t.sequence >= update.sequence) {
+                continue;
+            }
+            let previous = before.map(|t| (t.state, t.progress.clone()));
+            if update.sequence > 1 && says_something_new(previous.as_ref(), &update) {
+                events.push(NewEvent {
+                    request_id: a.request_id.to_string(),
+                    event_type: EventType::TaskUpdated,
+                    at: now,
+                    request_state: view.state_of(a.request_id),
+                    detail: EventDetail {
+                        actor: String::new(),
+                        processor: a.processor.to_string(),
+                        subprocessor: update.subprocessor.clone(),
+                        task_state: update.state,
+                        sequence: update.sequence,
+                        attempt: 0,
+                        message: format!("{} (reported on delivery)", update.describe()),
+                        free_text: update.reason.clone(),
+                        progress: update.progress,
+                    },
+                });
+            }
+            view.tasks.insert(
+                key,
+                TaskNow {
+                    state: update.state,
+                    sequence: update.sequence,
+                    progress: update.progress.as_ref().map(Message::encode_to_vec),
+                },
+            );
+            moved.entry(a.processor).or_default().insert(
+                (a.request_id.to_string(), update.subprocessor.clone()),
+                update,
+            );
+        }
+    }
+    for (processor, updates) in &moved {
+        upsert_tasks(tx, processor, updates.values(), now).await?;
+    }
+    for id in &touched {
+        let Some(old) = view.requests.get(*id).copied() else {
+            continue;
+        };
+        let new = view.fold(id, old);
+        if new == old {
             continue;
         }
         let finished = request_is_terminal(new).then_some(now);
@@ -618,17 +696,19 @@ pub(super) async fn refold_all(
         .bind(new as i64)
         .bind(now)
         .bind(finished)
-        .bind(id)
+        .bind(*id)
         .execute(tx.conn())
         .await?;
-        events.push(state_changed_event(id, *old, new, now));
+        events.push(state_changed_event(id, old, new, now));
     }
-    Ok((view.requests, events))
+    // Each request's events together, in the order above (a stable sort keeps it).
+    events.sort_by(|a, b| a.request_id.cmp(&b.request_id));
+    insert_events(tx, events).await
 }
 
 /// Writes each task's new state in multi-row upserts; a report older than what is stored
 /// never moves a task back.
-pub(super) async fn upsert_tasks<'a>(
+async fn upsert_tasks<'a>(
     tx: &mut Tx,
     processor: &str,
     updates: impl Iterator<Item = &'a TaskUpdate>,

@@ -10,7 +10,7 @@ use dsrelay_runtime::trace_context;
 use super::{Store, Tx};
 
 /// What an event says besides its type, time and the request's state.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(super) struct EventDetail {
     /// Who acted, for the audit trail, when not `processor` (the submitting partner).
     pub(super) actor: String,

@@ -13,10 +13,8 @@ use anyhow::Result;
 use dsrelay_proto::v1::{EventType, RequestState, TaskStatus};
 use dsrelay_runtime::store::lookups;
 
-use std::collections::{BTreeMap, BTreeSet};
-
-use super::acknowledgements::{refold_all, upsert_tasks, TaskUpdate};
-use super::events::{insert_event, insert_events, EventDetail, NewEvent};
+use super::acknowledgements::{apply_accepted, Accepted};
+use super::events::{insert_event, EventDetail};
 use super::{DeliveryJob, Operation, Store, Tx};
 
 /// A delivery row as a claim wrote it (lease token set), with its request and terms.
@@ -116,9 +114,8 @@ impl Store {
     }
 
     /// [`Store::delivery_succeeded`] for several attempts at once, in one transaction of a
-    /// fixed number of statements besides one UPDATE per row: the tasks every answer
-    /// reported in one multi-row upsert per processor, the touched requests refolded together
-    /// ([`refold_all`]), and the events written together. Answers, in `done`'s order, whether
+    /// fixed number of statements besides one UPDATE per row ([`apply_accepted`]: what the
+    /// answers reported, the touched requests folded, the events written together). Answers, in `done`'s order, whether
     /// each claim still held its row; a row another claim took records nothing, the others
     /// still do.
     pub async fn deliveries_succeeded(
@@ -131,51 +128,18 @@ impl Store {
         for (job, _) in done {
             held.push(mark_delivered(&mut tx, job, now).await?);
         }
-        // The newest report of each task, per processor: one upsert may not name a row twice.
-        let mut reported: BTreeMap<&str, BTreeMap<(&str, &str), TaskUpdate>> = BTreeMap::new();
-        for ((job, tasks), _) in done.iter().zip(&held).filter(|(_, h)| **h) {
-            let of_processor = reported.entry(job.processor.as_str()).or_default();
-            for t in *tasks {
-                let mut update = TaskUpdate::from(t);
-                update.request_id = job.request_id.clone();
-                match of_processor.get(&(job.request_id.as_str(), t.subprocessor.as_str())) {
-                    Some(kept) if kept.sequence >= update.sequence => {}
-                    _ => {
-                        of_processor
-                            .insert((job.request_id.as_str(), t.subprocessor.as_str()), update);
-                    }
-                }
-            }
-        }
-        for (processor, updates) in &reported {
-            upsert_tasks(&mut tx, processor, updates.values(), now).await?;
-        }
-        let touched: Vec<&str> = done
+        let accepted: Vec<Accepted<'_>> = done
             .iter()
             .zip(&held)
-            .filter(|(_, h)| **h)
-            .map(|((job, _), _)| job.request_id.as_str())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let (before, changed) = refold_all(&mut tx, &touched, now).await?;
-        let mut events: Vec<NewEvent> = done
-            .iter()
-            .zip(&held)
-            .filter(|(_, h)| **h)
-            .map(|((job, tasks), _)| NewEvent {
-                request_id: job.request_id.clone(),
-                event_type: EventType::Delivered,
-                at: now,
-                request_state: before
-                    .get(&job.request_id)
-                    .copied()
-                    .unwrap_or(RequestState::Unspecified),
-                detail: delivered_detail(job, tasks.len()),
+            .filter(|(_, held)| **held)
+            .map(|((job, tasks), _)| Accepted {
+                request_id: &job.request_id,
+                processor: &job.processor,
+                tasks,
+                delivered: delivered_detail(job, tasks.len()),
             })
             .collect();
-        events.extend(changed);
-        insert_events(&mut tx, events).await?;
+        apply_accepted(&mut tx, &accepted, now).await?;
         tx.commit().await?;
         Ok(held)
     }
