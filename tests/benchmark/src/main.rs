@@ -512,6 +512,27 @@ async fn measure(
         .against("bare INSERT", insert_rate)
         .target(Target::RatioAtLeast(0.25)),
     ];
+    let single = &figures.idle_latencies;
+    let single_value = |v: Option<f64>| match v {
+        Some(v) => Value::Num(v),
+        None => Value::Missing("no request completed".into()),
+    };
+    rows.push(
+        Row::plain(
+            format!(
+                "single-request latency on an idle pair, p50 (n = {})",
+                single.len()
+            ),
+            single_value(percentile(single, 50.0)),
+            "ms",
+        )
+        .target(Target::AtMost(10.0)),
+    );
+    rows.push(Row::plain(
+        "single-request latency on an idle pair, max",
+        single_value(single.last().copied()),
+        "ms",
+    ));
     let lat = &figures.latencies;
     let p50 = percentile(lat, 50.0);
     let p99 = percentile(lat, 99.0);
@@ -889,7 +910,12 @@ struct RelayFigures {
     latency_rate: f64,
     latencies: Vec<f64>,
     latency_unfinished: usize,
+    /// Single requests on the idle pair, one at a time (ms, sorted).
+    idle_latencies: Vec<f64>,
 }
+
+/// Requests of the single-request latency on an idle pair.
+const IDLE_REQUESTS: u64 = 50;
 
 /// How long without any request finishing counts as stuck.
 const STALL: Duration = Duration::from_secs(10);
@@ -932,6 +958,15 @@ async fn relay_load(
         );
     }
     notes.extend(unfinished_note(relay, "warm-up", "warm-", warm, &w).await);
+
+    // Single-request latency on an idle pair: nothing else is running yet.
+    progress(format!(
+        "idle latency: {IDLE_REQUESTS} requests, one at a time"
+    ));
+    let idle_latencies = relay.one_at_a_time("idle-", IDLE_REQUESTS).await?;
+    if let Some(p50) = percentile(&idle_latencies, 50.0) {
+        progress(format!("  p50 {p50:.0} ms"));
+    }
 
     // Completed propagations: a batch as fast as the callers can submit it, until the last
     // one completes.
@@ -1029,6 +1064,7 @@ async fn relay_load(
         latency_rate,
         latencies,
         latency_unfinished,
+        idle_latencies,
     })
 }
 

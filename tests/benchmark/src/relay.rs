@@ -484,6 +484,39 @@ impl Relay {
         .await?)
     }
 
+    /// Submits `n` requests under `prefix` one at a time, each once the one before has
+    /// finished (the registry's table read every 2 ms, for at most 10 s each), and answers
+    /// their [`Relay::latencies_ms`].
+    pub(crate) async fn one_at_a_time(&mut self, prefix: &str, n: u64) -> Result<Vec<f64>> {
+        for i in 0..n {
+            let key = format!("{prefix}{i:06}");
+            submit(self.clients[0].clone(), key.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("Submit of {key} failed: {e}"))?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let finished: Option<Option<i64>> = sqlx::query_scalar(
+                    "SELECT finished_at FROM requests WHERE idempotency_key = $1",
+                )
+                .bind(&key)
+                .fetch_optional(&self.registry_db.pool)
+                .await?;
+                if matches!(finished, Some(Some(_))) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    anyhow::bail!(
+                        "{key} did not finish within 10 s: {}{}",
+                        self.describe_unfinished(prefix, 1).await,
+                        self.log_tails()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        self.latencies_ms(prefix).await
+    }
+
     /// `finished_at - received_at` (ms) of every COMPLETED request under `prefix`, sorted.
     pub(crate) async fn latencies_ms(&self, prefix: &str) -> Result<Vec<f64>> {
         let rows: Vec<(i64, Option<i64>)> = sqlx::query_as(

@@ -23,6 +23,8 @@ pub(crate) enum Target {
     RatioAtMost(f64),
     /// value < this (in the row's unit).
     Below(f64),
+    /// value ≤ this (in the row's unit).
+    AtMost(f64),
 }
 
 /// One line of the table.
@@ -77,6 +79,7 @@ impl Row {
         match (self.target, &self.value) {
             (Target::None, _) => None,
             (Target::Below(max), Value::Num(v)) => Some(*v < max),
+            (Target::AtMost(max), Value::Num(v)) => Some(*v <= max),
             (Target::RatioAtLeast(min), _) => self.ratio().map(|r| r >= min),
             (Target::RatioAtMost(max), _) => self.ratio().map(|r| r <= max),
             (_, _) => None,
@@ -98,6 +101,7 @@ impl Row {
             Target::RatioAtLeast(x) => format!("≥ {}× baseline", number(x)),
             Target::RatioAtMost(x) => format!("≤ {}× baseline", number(x)),
             Target::Below(x) => format!("< {} {}", number(x), self.unit),
+            Target::AtMost(x) => format!("≤ {} {}", number(x), self.unit),
         };
         let met = match self.met() {
             Some(true) => "yes".into(),
@@ -344,6 +348,10 @@ the batch size over the time from the first Submit to the last request reaching 
 (`finished_at` in the registry's `requests` table); requests still unfinished when nothing \
 has finished for 10 s are left out and reported in the notes. Each request goes to two processors, \
 each with three `noop` subprocessors (delay 0): 6 tasks, 12 acknowledgements.
+- **single-request latency on an idle pair**: after the warm-up and before any load, one \
+caller submits one erasure at a time and submits the next once the registry's table shows \
+the one before finished (read every 2 ms); per request `finished_at - received_at` as for the \
+latency below; p50 and max by nearest rank.
 - **latency**: open loop at half the completed rate for the latency duration; per request \
 `finished_at - received_at` from the registry's table (received at the registry to the \
 acknowledgement that completed it, ms); a request that has not finished when the wait ends \
@@ -406,6 +414,9 @@ mod tests {
         assert_eq!(r.met(), Some(false));
         let m = Row::plain("idle", Value::Num(12.5), "MiB").target(Target::Below(30.0));
         assert_eq!(m.met(), Some(true));
+        let at = |v| Row::plain("p50", Value::Num(v), "ms").target(Target::AtMost(10.0));
+        assert_eq!(at(10.0).met(), Some(true));
+        assert_eq!(at(10.5).met(), Some(false));
         let p = Row::plain("p99", Value::Num(40.0), "ms")
             .against("p50", 5.0)
             .target(Target::RatioAtMost(10.0));
