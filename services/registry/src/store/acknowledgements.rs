@@ -13,7 +13,7 @@ use dsrelay_proto::v1::{
 
 use super::events::{insert_event, insert_events, EventDetail, NewEvent};
 use super::rows::task_state;
-use super::{placeholders, Operation, Store, Tx};
+use super::{placeholders, values_row, Operation, Store, Tx};
 use crate::fold::{fold, request_is_terminal};
 
 /// A task state change, from an acknowledgement or a status report.
@@ -716,23 +716,16 @@ async fn upsert_tasks<'a>(
 ) -> Result<()> {
     let updates: Vec<&TaskUpdate> = updates.collect();
     for chunk in updates.chunks(ROWS_PER_INSERT) {
+        // Columns: request, processor ($1), subprocessor, state, sequence, records, confirmed,
+        // note, reason, legal basis, retained until, updated ($2), receipt, progress.
         let values: Vec<String> = (0..chunk.len())
             .map(|i| {
                 let b = 3 + i * 12;
-                format!(
-                    "(${}, $1, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, $2, ${}, ${})",
-                    b,
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5,
-                    b + 6,
-                    b + 7,
-                    b + 8,
-                    b + 9,
-                    b + 10,
-                    b + 11
+                values_row(
+                    [b, 1]
+                        .into_iter()
+                        .chain(b + 1..b + 10)
+                        .chain([2, b + 10, b + 11]),
                 )
             })
             .collect();

@@ -5,8 +5,8 @@
 use anyhow::Result;
 use dsrelay_proto::v1::{EventType, RequestState};
 
-use super::events::{insert_event, insert_events, EventDetail, NewEvent};
-use super::{Operation, Store, Tx};
+use super::events::{insert_events, EventDetail, NewEvent};
+use super::{values_row, Operation, Store, Tx};
 use crate::fold::request_is_terminal;
 
 /// What a Submit's insert found.
@@ -195,28 +195,22 @@ async fn insert_many(tx: &mut Tx, rs: &[&NewRequest]) -> Result<Option<Vec<Inser
         new.push(r);
         out.push(Inserted::New);
     }
+    if !store_new(tx, &new).await? {
+        return Ok(None);
+    }
+    Ok(Some(out))
+}
+
+/// Writes new requests with their outbox rows and SUBMITTED events (and audit entries), in
+/// multi-row statements of [`REQUESTS_PER_INSERT`] requests. `false` when a request's key
+/// was taken meanwhile by another replica (nothing usable is left in `tx` then).
+async fn store_new(tx: &mut Tx, new: &[&NewRequest]) -> Result<bool> {
     for chunk in new.chunks(REQUESTS_PER_INSERT) {
+        // updated_at and checked_at are received_at.
         let rows: Vec<String> = (0..chunk.len())
             .map(|i| {
                 let b = 1 + i * 13;
-                format!(
-                    "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                    b,
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5,
-                    b + 6,
-                    b + 7,
-                    b + 8,
-                    b + 9,
-                    b + 10,
-                    b + 8,
-                    b + 8,
-                    b + 11,
-                    b + 12
-                )
+                values_row((b..b + 11).chain([b + 8, b + 8, b + 11, b + 12]))
             })
             .collect();
         let sql = format!(
@@ -244,7 +238,7 @@ async fn insert_many(tx: &mut Tx, rs: &[&NewRequest]) -> Result<Option<Vec<Inser
         }
         match q.execute(tx.conn()).await {
             Ok(_) => {}
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Ok(None),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Ok(false),
             Err(e) => return Err(e.into()),
         }
     }
@@ -258,7 +252,7 @@ async fn insert_many(tx: &mut Tx, rs: &[&NewRequest]) -> Result<Option<Vec<Inser
         .collect();
     for chunk in outbox.chunks(REQUESTS_PER_INSERT * 2) {
         let rows: Vec<String> = (0..chunk.len())
-            .map(|i| format!("(${}, ${}, $1, ${})", 2 + i * 3, 3 + i * 3, 4 + i * 3))
+            .map(|i| values_row([2 + i * 3, 3 + i * 3, 1, 4 + i * 3]))
             .collect();
         let sql = format!(
             "INSERT INTO deliveries (request_id, processor, op, next_attempt_at) VALUES {}",
@@ -281,7 +275,7 @@ async fn insert_many(tx: &mut Tx, rs: &[&NewRequest]) -> Result<Option<Vec<Inser
         })
         .collect();
     insert_events(tx, events).await?;
-    Ok(Some(out))
+    Ok(true)
 }
 
 /// A new request's state: RECEIVED, or COMPLETED at once when no processor holds its data.
@@ -334,44 +328,8 @@ async fn insert_one(
             return Ok(Some(Inserted::Running(running)));
         }
     }
-    let state = initial_state(r);
-    let inserted = sqlx::query(
-        "INSERT INTO requests (id, partner, idempotency_key, body_hash, body, \
-         identity_hashes, kind, state, received_at, due_at, trace_id, updated_at, \
-         checked_at, finished_at, traceparent) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $9, $9, $12, $13)",
-    )
-    .bind(&r.id)
-    .bind(&r.partner)
-    .bind(&r.idempotency_key)
-    .bind(&r.body_hash)
-    .bind(r.body.clone())
-    .bind(&r.identity_hashes)
-    .bind(i64::from(r.kind))
-    .bind(state as i64)
-    .bind(r.received_at)
-    .bind(r.due_at)
-    .bind(&r.trace_id)
-    .bind(r.processors.is_empty().then_some(r.received_at))
-    .bind(r.traceparent.clone())
-    .execute(tx.conn())
-    .await;
-    match inserted {
-        Ok(_) => {}
-        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Ok(None),
-        Err(e) => return Err(e.into()),
-    }
-    for p in &r.processors {
-        sqlx::query(
-            "INSERT INTO deliveries (request_id, processor, op, next_attempt_at) \
-             VALUES ($1, $2, $3, $4)",
-        )
-        .bind(&r.id)
-        .bind(p)
-        .bind(Operation::Deliver.as_str())
-        .bind(r.received_at)
-        .execute(tx.conn())
-        .await?;
+    if !store_new(tx, &[r]).await? {
+        return Ok(None);
     }
     if let Some(c) = contract {
         anyhow::ensure!(
@@ -393,15 +351,6 @@ async fn insert_one(
         .execute(tx.conn())
         .await?;
     }
-    insert_event(
-        tx,
-        &r.id,
-        EventType::Submitted,
-        r.received_at,
-        state,
-        submitted_detail(r),
-    )
-    .await?;
     Ok(Some(Inserted::New))
 }
 

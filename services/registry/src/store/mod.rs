@@ -178,3 +178,10 @@ fn placeholders(first: usize, count: usize) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+/// One VALUES row of numbered placeholders, `($a, $b, ...)`, for a multi-row statement whose
+/// rows bind their parameters at these numbers.
+fn values_row(params: impl IntoIterator<Item = usize>) -> String {
+    let params: Vec<String> = params.into_iter().map(|n| format!("${n}")).collect();
+    format!("({})", params.join(", "))
+}
