@@ -44,6 +44,12 @@ pub(crate) struct Databases {
     pub(crate) contract_registry: Option<String>,
     /// The contract-end scenario's processor's (likewise).
     pub(crate) contract_processor: Option<String>,
+    /// The one-hop scenario's registry's (likewise).
+    pub(crate) onehop_registry: Option<String>,
+    /// The one-hop scenario's processor's (likewise).
+    pub(crate) onehop_processor: Option<String>,
+    /// The one-hop scenario's holder's, the sample accounting database (likewise).
+    pub(crate) onehop_holder: Option<String>,
 }
 
 /// The poll interval of every outbox and runner (ms). The defaults' 1 s only matters when a
@@ -528,10 +534,18 @@ pub(crate) fn erasure(key: String) -> SubmitRequest {
 
 /// Submits `key` through `client`.
 pub(crate) async fn submit(
-    mut client: RequestServiceClient<Channel>,
+    client: RequestServiceClient<Channel>,
     key: String,
 ) -> Result<(), String> {
-    match client.submit(erasure(key)).await {
+    submit_request(client, erasure(key)).await
+}
+
+/// Submits `request` through `client`; a deduplicated answer is an error.
+pub(crate) async fn submit_request(
+    mut client: RequestServiceClient<Channel>,
+    request: SubmitRequest,
+) -> Result<(), String> {
+    match client.submit(request).await {
         Ok(r) if !r.get_ref().deduplicated => Ok(()),
         Ok(_) => Err("deduplicated: the idempotency key was used before".into()),
         Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
