@@ -240,3 +240,70 @@ async fn check_in(db: &Db, subjects: u64, erased: &BTreeSet<u64>) -> Result<()> 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn run(url: &str, statements: &[String]) {
+        let db = Db::connect(url).await.unwrap();
+        for s in statements {
+            sqlx::query(s).execute(&db.pool).await.unwrap();
+        }
+        db.pool.close().await;
+    }
+
+    #[tokio::test]
+    async fn the_check_sees_exactly_the_erasures() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/accounting.db", dir.path().display());
+        assert_eq!(fill(&url, 20).await.unwrap(), 80);
+        let nobody = BTreeSet::new();
+        check_erased(&url, 20, &nobody).await.unwrap();
+
+        // What the sample rules do to customer 3 (the connector's own tests hold it to them).
+        run(
+            &url,
+            &[
+                "DELETE FROM contacts WHERE customer_id = 3".into(),
+                "DELETE FROM invoices WHERE customer_id = 3".into(),
+                format!(
+                    "UPDATE ledger_entries SET customer_id = NULL, description = '{REDACTED}' \
+                     WHERE customer_id = 3"
+                ),
+                "DELETE FROM customers WHERE id = 3".into(),
+            ],
+        )
+        .await;
+        let three = BTreeSet::from([3]);
+        check_erased(&url, 20, &three).await.unwrap();
+        let e = check_erased(&url, 20, &nobody).await.unwrap_err();
+        assert!(format!("{e}").contains("customer 3, never erased"), "{e}");
+        let e = check_erased(&url, 20, &BTreeSet::from([3, 4]))
+            .await
+            .unwrap_err();
+        assert!(
+            format!("{e}").contains("erased customer 4 is still in customers"),
+            "{e}"
+        );
+
+        // Half an erasure, and a row of someone never asked about.
+        run(
+            &url,
+            &[
+                "DELETE FROM contacts WHERE customer_id = 7".into(),
+                "UPDATE ledger_entries SET description = 'x' WHERE customer_id = 9".into(),
+            ],
+        )
+        .await;
+        let e = check_erased(&url, 20, &BTreeSet::from([3, 7]))
+            .await
+            .unwrap_err();
+        let e = format!("{e}");
+        assert!(e.contains("erased customer 7 is still in customers"), "{e}");
+        assert!(
+            e.contains("customer 9, never erased: their ledger entry"),
+            "{e}"
+        );
+    }
+}
