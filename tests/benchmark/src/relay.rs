@@ -106,9 +106,9 @@ pub(crate) struct Waited {
     pub(crate) cpu: Option<CpuUsage>,
 }
 
-/// The running relay.
+/// The running relay (also the one-hop scenario's pair, built by `onehop`).
 pub(crate) struct Relay {
-    /// registry, processor A, processor B.
+    /// The registry, then the processors (A and B here; the one-hop scenario's one).
     pub(crate) services: Vec<Service>,
     /// Partner-API clients, one per channel.
     pub(crate) clients: Vec<RequestServiceClient<Channel>>,
@@ -341,7 +341,7 @@ impl Relay {
         ))
     }
 
-    /// The process ids: registry, processor A, processor B.
+    /// The process ids, in the order of `services`.
     pub(crate) fn pids(&self) -> Result<Vec<u32>> {
         self.services.iter().map(Service::pid).collect()
     }
