@@ -5,6 +5,8 @@
 #   scripts/bench.sh --postgres          # PostgreSQL → docs/benchmarks-postgres.md
 #   scripts/bench.sh --duration-secs 10 --concurrency 32 --batch 4000 --out /tmp/b.md
 #   scripts/bench.sh --export-mib 16 --out /tmp/b.md   # short: a 16 MiB export (default 1024)
+#   scripts/bench.sh --export-mib 0 --contract-subjects 0 --count-erasures 0 \
+#       --onehop-customers 10000 --onehop-erasures 3000 --out /tmp/b.md  # mostly the one hop
 #   scripts/bench.sh --chaos             # the chaos test in full: SQLite, PostgreSQL, replicas
 #   scripts/bench.sh --chaos --requests 300 --kills 6  # a shorter chaos run
 #   (target/release/dsrelay-bench claims [--postgres] times claims of queued work alone)
@@ -17,7 +19,12 @@
 #      honoured). It measures a bare
 #      mTLS gRPC echo and bare durable INSERT commits (the baselines), then the
 #      relay: one registry and two processors with three no-op subprocessors
-#      each, everything on 127.0.0.1 in a fresh temporary folder; then the
+#      each, everything on 127.0.0.1 in a fresh temporary folder; then one hop
+#      of real work: erasures of existing customers through a registry and one
+#      processor with one SQL subprocessor on the sample accounting schema
+#      (--onehop-customers, default 10000; a batch of --onehop-erasures, default
+#      3000, 0 skips it), completed erasures/s against a target of 1500/s, the
+#      holder's rows checked afterwards; then the
 #      export: a return of data of --export-mib MiB (default 1024, 0 skips it)
 #      through a registry and one processor, against a bare mTLS gRPC stream
 #      of the same bytes. The export needs up to three times its size of free disk

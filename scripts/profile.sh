@@ -10,10 +10,10 @@
 #   1. cargo build --release --bins (as scripts/bench.sh does; $CARGO_TARGET_DIR honoured).
 #      The release profile keeps symbols, which is all a flat profile needs.
 #   2. Runs the benchmark's relay part only: target/release/dsrelay-bench with
-#      --export-mib 0 --contract-subjects 0 --count-erasures 0 (SQLite, the
-#      embedded default; add PROFILE_ARGS="--postgres" with DSRELAY_TEST_POSTGRES_URL
-#      set for PostgreSQL), --batch $PROFILE_BATCH (default 2000) and fixed-time loads
-#      of $PROFILE_SECS s (default 5). Its report goes to OUT/bench.md, not to docs/.
+#      --export-mib 0 --contract-subjects 0 --count-erasures 0 --onehop-erasures 0
+#      (SQLite, the embedded default; add PROFILE_ARGS="--postgres" with
+#      DSRELAY_TEST_POSTGRES_URL set for PostgreSQL), --batch $PROFILE_BATCH (default
+#      2000) and fixed-time loads of $PROFILE_SECS s (default 5). Its report goes to OUT/bench.md, not to docs/.
 #   3. As soon as the benchmark has started the relay's services (its child
 #      processes dsrelay-registry and dsrelay-processor), records them with
 #      `perf record -F 499 -g`: one recording for the registry, one for both
@@ -48,7 +48,7 @@ fi
 
 bench="${CARGO_TARGET_DIR:-target}/release/dsrelay-bench"
 # shellcheck disable=SC2086 # PROFILE_ARGS is a list of arguments on purpose.
-"$bench" --export-mib 0 --contract-subjects 0 --count-erasures 0 \
+"$bench" --export-mib 0 --contract-subjects 0 --count-erasures 0 --onehop-erasures 0 \
     --batch "$batch" --duration-secs "$secs" --latency-secs "$secs" \
     --out "$out/bench.md" ${PROFILE_ARGS:-} >"$out/bench.log" 2>&1 &
 bench_pid=$!

@@ -3,8 +3,8 @@
 //! the same database, measured in the same run.
 //!
 //! The data: the sample accounting schema (SQLite, a file in the temporary folder) emptied of
-//! its sample rows and filled with `--contract-subjects` customers, each with one contact, one
-//! paid invoice and one ledger entry from 2010, so that no legal obligation keeps anything in
+//! its sample rows and filled with `--contract-subjects` customers (`accounting::fill`), each
+//! with one contact, one paid invoice and one ledger entry from 2010, so that no legal obligation keeps anything in
 //! 2026 and the contract end deletes (ledger entries: anonymizes) every row, as the bare
 //! statements do. The relay run is timed from `ContractService.EndContract` (choice DELETE,
 //! effective now) to the contract end's request COMPLETED at the registry; the bare run is
@@ -22,14 +22,13 @@ use dsrelay_proto::v1::{
 use dsrelay_runtime::pki::{dev_identity, DevPki};
 use dsrelay_runtime::store::Db;
 
+use crate::accounting;
 use crate::export::start_pair;
 use crate::load::RssSampler;
 use crate::service::{channel, Service};
 
 /// The longest the contract end may take before the run gives up.
 const TIMEOUT: Duration = Duration::from_secs(60 * 60);
-/// Customers per INSERT statement while filling.
-const PER_STATEMENT: u64 = 500;
 
 /// The contract-end scenario's figures.
 pub(crate) struct ContractFigures {
@@ -72,7 +71,7 @@ async fn scenario(
     crate::progress(format!(
         "contract end: filling the sample accounting schema with {subjects} customers"
     ));
-    let records = fill(&accounting_url, subjects).await?;
+    let records = accounting::fill(&accounting_url, subjects).await?;
     let bare = dir.join("bare.db");
     std::fs::copy(&accounting, &bare).context("copying the filled database")?;
     crate::progress(format!(
@@ -93,7 +92,7 @@ async fn scenario(
         s.kill().await;
     }
     let (relay_secs, peaks) = result?;
-    let remaining = count_customers(&accounting_url).await?;
+    let remaining = accounting::count_customers(&accounting_url).await?;
     if remaining != 0 {
         bail!("the contract end COMPLETED with {remaining} customers left in the database");
     }
@@ -200,78 +199,6 @@ async fn measure(
     Ok((secs, [peaks[0], peaks[1]]))
 }
 
-/// The sample accounting schema at `url` with its sample rows replaced by `subjects`
-/// customers, each with one contact, one paid invoice and one ledger entry from 2010.
-/// Returns the rows written.
-async fn fill(url: &str, subjects: u64) -> Result<u64> {
-    dsrelay_connectors::sql::create_sample_accounting_db(url).await?;
-    let db = Db::connect(url).await?;
-    for table in ["contacts", "invoices", "ledger_entries", "customers"] {
-        sqlx::query(&format!("DELETE FROM {table}"))
-            .execute(&db.pool)
-            .await?;
-    }
-    let mut next = 0u64;
-    while next < subjects {
-        let mut tx = db.pool.begin().await?;
-        for _ in 0..200 {
-            let n = PER_STATEMENT.min(subjects - next);
-            if n == 0 {
-                break;
-            }
-            let ids = next + 1..=next + n;
-            let rows =
-                |f: &dyn Fn(u64) -> String| ids.clone().map(f).collect::<Vec<_>>().join(", ");
-            let statements = [
-                format!(
-                    "INSERT INTO customers (id, customer_no, name, email, phone, address) VALUES {}",
-                    rows(&|i| format!(
-                        "({i}, 'C-{i}', 'Asiakas {i}', 'asiakas.{i}@example.fi', '+35840{i:07}', \
-                         'Katu {i}, 00100 Helsinki')"
-                    ))
-                ),
-                format!(
-                    "INSERT INTO contacts (id, customer_id, name, email, phone) VALUES {}",
-                    rows(&|i| format!(
-                        "({i}, {i}, 'Yhteyshenkilö {i}', 'yhteys.{i}@example.fi', NULL)"
-                    ))
-                ),
-                format!(
-                    "INSERT INTO invoices (id, customer_id, customer_name, customer_email, \
-                     amount_cents, issued_on, status) VALUES {}",
-                    rows(&|i| format!(
-                        "({i}, {i}, 'Asiakas {i}', 'asiakas.{i}@example.fi', {}, '2010-05-01', \
-                         'paid')",
-                        1000 + i % 90_000
-                    ))
-                ),
-                format!(
-                    "INSERT INTO ledger_entries (id, customer_id, booked_on, account, \
-                     amount_cents, description) VALUES {}",
-                    rows(&|i| format!(
-                        "({i}, {i}, '2010-05-01', '3000', {}, 'myynti asiakas {i}')",
-                        1000 + i % 90_000
-                    ))
-                ),
-            ];
-            for s in statements {
-                sqlx::query(&s)
-                    .execute(&mut *tx)
-                    .await
-                    .context("filling the accounting database")?;
-            }
-            next += n;
-        }
-        tx.commit().await?;
-    }
-    // The copy for the bare run is taken from the main file alone.
-    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-        .execute(&db.pool)
-        .await?;
-    db.pool.close().await;
-    Ok(subjects * 4)
-}
-
 /// What the sample rules do to every customer's rows, as bare statements in one transaction
 /// (ledger entries are anonymized, the rest deleted). Returns the seconds.
 async fn bare_delete(url: &str, subjects: u64) -> Result<f64> {
@@ -298,13 +225,4 @@ async fn bare_delete(url: &str, subjects: u64) -> Result<f64> {
         );
     }
     Ok(secs)
-}
-
-async fn count_customers(url: &str) -> Result<i64> {
-    let db = Db::connect(url).await?;
-    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM customers")
-        .fetch_one(&db.pool)
-        .await?;
-    db.pool.close().await;
-    Ok(n)
 }

@@ -13,6 +13,13 @@
 //!   as the release binaries in processes of their own: accepted Submits per second,
 //!   completed propagations per second, end-to-end latency at half the completed rate, and
 //!   each service's resident memory idle and under load;
+//! - one hop of real work (`onehop`): erasures of existing customers through a registry and
+//!   one processor whose only subprocessor is the `sql` connector on the sample accounting
+//!   schema filled with `--onehop-customers` customers: completed erasures per second (a batch
+//!   of `--onehop-erasures`), latency p50/p99 at half that rate, CPU per erasure, against a
+//!   target of 1,500/s; afterwards every row of the holder's database is checked (erased
+//!   customers' rows gone or anonymized, nobody else's touched) and any difference fails the
+//!   run;
 //! - export streaming (`export`): a return of data of `--export-mib` MiB through a registry
 //!   and one processor (the SQL connector on the sample accounting database), from Submit to
 //!   the package downloaded and verified, against a bare mTLS server-streaming RPC carrying
@@ -31,12 +38,14 @@
 //! `--postgres` starts a throwaway PostgreSQL exactly as `scripts/test.sh` does). Load only
 //! ever goes to 127.0.0.1, bounded in count and time.
 
+mod accounting;
 mod baseline;
 mod chaos;
 mod claims;
 mod contract;
 mod export;
 mod load;
+mod onehop;
 mod relay;
 mod report;
 mod service;
@@ -96,6 +105,14 @@ struct Args {
     /// contract-end benchmark's SQL subprocessor; 0 skips it.
     #[arg(long, default_value_t = 1_000_000)]
     contract_subjects: u64,
+    /// Customers of the one-hop scenario's SQL subprocessor (the sample accounting schema;
+    /// each erasure names a different one, so at least the warm-up, two per caller, plus
+    /// --onehop-erasures; what is left goes to its latency load).
+    #[arg(long, default_value_t = 10_000)]
+    onehop_customers: u64,
+    /// Erasures in the one-hop scenario's completed-erasures batch; 0 skips the scenario.
+    #[arg(long, default_value_t = 3000)]
+    onehop_erasures: u64,
     /// Erasures of the statement count: the relay again, on a PostgreSQL server of the run's
     /// own with `pg_stat_statements`, counting the statements and commits one erasure costs
     /// at each service (needs the PostgreSQL server binaries; 0 skips it).
@@ -297,6 +314,9 @@ async fn run(args: &Args) -> Result<()> {
                 export_processor: Some(pg.fresh_database("export_processor").await?),
                 contract_registry: Some(pg.fresh_database("contract_registry").await?),
                 contract_processor: Some(pg.fresh_database("contract_processor").await?),
+                onehop_registry: Some(pg.fresh_database("onehop_registry").await?),
+                onehop_processor: Some(pg.fresh_database("onehop_processor").await?),
+                onehop_holder: Some(pg.fresh_database("onehop_holder").await?),
             },
         ),
         None => {
@@ -311,6 +331,9 @@ async fn run(args: &Args) -> Result<()> {
                     export_processor: None,
                     contract_registry: None,
                     contract_processor: None,
+                    onehop_registry: None,
+                    onehop_processor: None,
+                    onehop_holder: None,
                 },
             )
         }
@@ -398,6 +421,49 @@ async fn measure(
     let peaks = sampler.finish().await;
     relay.stop().await;
     let figures = result?;
+
+    // One hop of real work, with the relay above stopped.
+    let onehop = if args.onehop_erasures > 0 {
+        let dir = work.join("onehop");
+        let sqlite = |n: &str| format!("sqlite://{}/{n}.db", dir.display());
+        let registry_db = dbs
+            .onehop_registry
+            .clone()
+            .unwrap_or_else(|| sqlite("registry"));
+        let processor_db = dbs
+            .onehop_processor
+            .clone()
+            .unwrap_or_else(|| sqlite("processor"));
+        let f = onehop::run(
+            pki,
+            &dir,
+            &onehop::OnehopLoad {
+                customers: args.onehop_customers,
+                erasures: args.onehop_erasures,
+                concurrency: c,
+                channels: args.channels,
+                latency_secs: args.latency_secs,
+            },
+            &onehop::OnehopStores {
+                registry: &registry_db,
+                processor: &processor_db,
+                holder: dbs.onehop_holder.as_deref(),
+                db_server,
+            },
+        )
+        .await?;
+        progress(format!(
+            "  one hop: {:.0} completed erasures/s; {} customers checked erased, the other {} \
+             untouched",
+            f.completed_rate,
+            f.checked_erased,
+            f.customers - f.checked_erased as u64
+        ));
+        notes.extend(f.notes.iter().cloned());
+        Some(f)
+    } else {
+        None
+    };
 
     // Export streaming, with the relay above stopped.
     let exported = if args.export_mib > 0 {
@@ -648,6 +714,8 @@ async fn measure(
         )
         .against("CPU per bare INSERT commit", per_commit_ms),
     );
+    rows.extend(onehop_rows(onehop.as_ref(), insert_rate, per_commit_ms));
+    notes.extend(onehop.as_ref().and_then(onehop_explain));
     rows.extend(export_rows(exported.as_ref()));
     rows.extend(contract_rows(contract.as_ref()));
     rows.extend(statement_rows(counted.as_ref()));
@@ -671,6 +739,26 @@ async fn measure(
             .into(),
     ];
     settings.extend(relay_settings);
+    if args.onehop_erasures > 0 {
+        settings.push(format!(
+            "one hop: --onehop-customers {} --onehop-erasures {}: one registry and one \
+             processor (the release binaries, the relay's poll settings) with one `sql` \
+             subprocessor (the sample rules) on the sample accounting schema ({}) holding that \
+             many customers, each with a contact, a paid invoice and a ledger entry from 2010; \
+             each erasure names a different existing customer by customer number; a warm-up of \
+             {}, then the batch by the same callers, then an open loop at half the completed \
+             rate for the latency duration; afterwards every row of the holder's database \
+             checked against the requests",
+            args.onehop_customers,
+            args.onehop_erasures,
+            if is_pg {
+                "a database of its own on the services' PostgreSQL server"
+            } else {
+                "a SQLite file, WAL, synchronous=FULL"
+            },
+            onehop::warm_up_count(c)
+        ));
+    }
     if args.export_mib > 0 {
         settings.push(format!(
             "export: --export-mib {}: one registry and one processor (the release binaries, \
@@ -837,6 +925,133 @@ fn contract_rows(f: Option<&contract::ContractFigures>) -> Vec<Row> {
         ));
     }
     rows
+}
+
+/// The one-hop target: completed erasures per second.
+const ONEHOP_TARGET: f64 = 1500.0;
+
+/// The one-hop scenario's rows, or one saying it was not run.
+fn onehop_rows(
+    f: Option<&onehop::OnehopFigures>,
+    insert_rate: f64,
+    per_commit_ms: f64,
+) -> Vec<Row> {
+    let Some(f) = f else {
+        return vec![Row::plain(
+            "one hop: completed erasures (1 processor, 1 `sql` subprocessor)",
+            Value::Missing("not run: --onehop-erasures 0".into()),
+            "/s",
+        )];
+    };
+    let mut rows = vec![Row::plain(
+        format!(
+            "one hop: completed erasures (1 processor, 1 `sql` subprocessor, {} customers; \
+             n = {})",
+            f.customers, f.completed
+        ),
+        Value::Num(f.completed_rate),
+        "/s",
+    )
+    .against("bare INSERT", insert_rate)
+    .target(Target::AtLeast(ONEHOP_TARGET))];
+    let lat = &f.latencies;
+    let lat_value = |v: Option<f64>| match v {
+        Some(v) => Value::Num(v),
+        None => Value::Missing("no customer left for the latency load".into()),
+    };
+    rows.push(Row::plain(
+        format!(
+            "one hop: latency p50, open loop at {}/s (n = {})",
+            number(f.latency_rate),
+            lat.len()
+        ),
+        lat_value(percentile(lat, 50.0)),
+        "ms",
+    ));
+    rows.push(Row::plain(
+        "one hop: latency p99",
+        lat_value(percentile(lat, 99.0)),
+        "ms",
+    ));
+    let u = &f.batch_cpu;
+    rows.push(Row::plain(
+        format!(
+            "one hop: machine CPU busy during the batch (of which the registry and the \
+             processor: {:.0} %{}; waiting for I/O: {:.0} %)",
+            100.0 * u.watched,
+            match u.tree_secs {
+                Some(_) => format!(", the database server: {:.0} %", 100.0 * u.tree),
+                None => String::new(),
+            },
+            100.0 * u.iowait
+        ),
+        Value::Num(100.0 * u.busy),
+        "%",
+    ));
+    let completed = f.completed.max(1) as f64;
+    let mut services = 0.0;
+    for (name, secs) in ["registry", "processor"].iter().zip(&u.process_secs) {
+        let ms = secs * 1000.0 / completed;
+        services += ms;
+        rows.push(Row::plain(
+            format!("one hop: CPU per completed erasure: {name}"),
+            Value::Num(ms),
+            "ms",
+        ));
+    }
+    rows.push(
+        Row::plain(
+            "one hop: CPU per completed erasure: the registry and the processor",
+            Value::Num(services),
+            "ms",
+        )
+        .against("CPU per bare INSERT commit", per_commit_ms),
+    );
+    if let Some(secs) = u.tree_secs {
+        rows.push(Row::plain(
+            "one hop: CPU per completed erasure: the database server (services' stores and \
+             the holder)",
+            Value::Num(secs * 1000.0 / completed),
+            "ms",
+        ));
+    }
+    rows
+}
+
+/// Why the one-hop target was missed, as far as the run's figures tell.
+fn onehop_explain(f: &onehop::OnehopFigures) -> Option<String> {
+    if f.completed_rate >= ONEHOP_TARGET {
+        return None;
+    }
+    let u = &f.batch_cpu;
+    let completed = f.completed.max(1) as f64;
+    let services: f64 = u.process_secs.iter().sum::<f64>() * 1000.0 / completed;
+    let server = u.tree_secs.map_or(0.0, |s| s * 1000.0 / completed);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    Some(format!(
+        "one hop below {} completed erasures/s ({:.0}/s, {:.0} % short): during the batch the \
+         cores were {:.0} % busy ({:.0} % by the registry and the processor{}) and waited for \
+         I/O {:.0} % of the time; one erasure cost {} ms of CPU at the registry and the \
+         processor{}, so {cores:.0} cores doing nothing else would complete at most {:.0} \
+         per second",
+        number(ONEHOP_TARGET),
+        f.completed_rate,
+        100.0 * (1.0 - f.completed_rate / ONEHOP_TARGET),
+        100.0 * u.busy,
+        100.0 * u.watched,
+        match u.tree_secs {
+            Some(_) => format!(", {:.0} % by the database server", 100.0 * u.tree),
+            None => String::new(),
+        },
+        100.0 * u.iowait,
+        number(services),
+        if u.tree_secs.is_some() {
+            format!(" and {} ms at the database server", number(server))
+        } else {
+            String::new()
+        },
+        cores * 1000.0 / (services + server).max(1e-6)
+    ))
 }
 
 /// The export benchmark's rows, or one saying it was not run.

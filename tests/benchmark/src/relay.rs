@@ -44,6 +44,12 @@ pub(crate) struct Databases {
     pub(crate) contract_registry: Option<String>,
     /// The contract-end scenario's processor's (likewise).
     pub(crate) contract_processor: Option<String>,
+    /// The one-hop scenario's registry's (likewise).
+    pub(crate) onehop_registry: Option<String>,
+    /// The one-hop scenario's processor's (likewise).
+    pub(crate) onehop_processor: Option<String>,
+    /// The one-hop scenario's holder's, the sample accounting database (likewise).
+    pub(crate) onehop_holder: Option<String>,
 }
 
 /// The poll interval of every outbox and runner (ms). The defaults' 1 s only matters when a
@@ -100,9 +106,9 @@ pub(crate) struct Waited {
     pub(crate) cpu: Option<CpuUsage>,
 }
 
-/// The running relay.
+/// The running relay (also the one-hop scenario's pair, built by `onehop`).
 pub(crate) struct Relay {
-    /// registry, processor A, processor B.
+    /// The registry, then the processors (A and B here; the one-hop scenario's one).
     pub(crate) services: Vec<Service>,
     /// Partner-API clients, one per channel.
     pub(crate) clients: Vec<RequestServiceClient<Channel>>,
@@ -335,7 +341,7 @@ impl Relay {
         ))
     }
 
-    /// The process ids: registry, processor A, processor B.
+    /// The process ids, in the order of `services`.
     pub(crate) fn pids(&self) -> Result<Vec<u32>> {
         self.services.iter().map(Service::pid).collect()
     }
@@ -561,10 +567,18 @@ pub(crate) fn erasure(key: String) -> SubmitRequest {
 
 /// Submits `key` through `client`.
 pub(crate) async fn submit(
-    mut client: RequestServiceClient<Channel>,
+    client: RequestServiceClient<Channel>,
     key: String,
 ) -> Result<(), String> {
-    match client.submit(erasure(key)).await {
+    submit_request(client, erasure(key)).await
+}
+
+/// Submits `request` through `client`; a deduplicated answer is an error.
+pub(crate) async fn submit_request(
+    mut client: RequestServiceClient<Channel>,
+    request: SubmitRequest,
+) -> Result<(), String> {
+    match client.submit(request).await {
         Ok(r) if !r.get_ref().deduplicated => Ok(()),
         Ok(_) => Err("deduplicated: the idempotency key was used before".into()),
         Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),

@@ -25,6 +25,8 @@ pub(crate) enum Target {
     Below(f64),
     /// value ≤ this (in the row's unit).
     AtMost(f64),
+    /// value ≥ this (in the row's unit).
+    AtLeast(f64),
 }
 
 /// One line of the table.
@@ -80,6 +82,7 @@ impl Row {
             (Target::None, _) => None,
             (Target::Below(max), Value::Num(v)) => Some(*v < max),
             (Target::AtMost(max), Value::Num(v)) => Some(*v <= max),
+            (Target::AtLeast(min), Value::Num(v)) => Some(*v >= min),
             (Target::RatioAtLeast(min), _) => self.ratio().map(|r| r >= min),
             (Target::RatioAtMost(max), _) => self.ratio().map(|r| r <= max),
             (_, _) => None,
@@ -102,6 +105,7 @@ impl Row {
             Target::RatioAtMost(x) => format!("≤ {}× baseline", number(x)),
             Target::Below(x) => format!("< {} {}", number(x), self.unit),
             Target::AtMost(x) => format!("≤ {} {}", number(x), self.unit),
+            Target::AtLeast(x) => format!("≥ {} {}", number(x), self.unit),
         };
         let met = match self.met() {
             Some(true) => "yes".into(),
@@ -372,6 +376,25 @@ services for the relay; on PostgreSQL, when the server runs on this machine, its
 first Submit to the last completion) divided by the requests completed (with the database \
 server's on PostgreSQL); its baseline is the CPU time per bare INSERT commit of this process \
 (and of the database server on PostgreSQL).
+- **one hop** (`--onehop-customers`, `--onehop-erasures`): a registry and one processor \
+(the release binaries, the relay's poll settings) whose only subprocessor is the `sql` \
+connector with the sample rules, on the sample accounting schema filled with that many \
+customers (each with a contact, a paid invoice and a ledger entry from 2010, past every \
+retention period); the holder's database is a SQLite file, or on PostgreSQL a fresh database \
+on the same server as the services' stores. Each erasure names one existing customer by \
+customer number (matched through the schema's UNIQUE index on `customer_no`) and no customer \
+twice, so each one deletes a customer, a contact and an invoice and anonymizes a ledger \
+entry at the holder. After a warm-up, a batch of `--onehop-erasures` is submitted by the same \
+callers; completed erasures/s is the batch over the time from the first Submit to the last \
+request COMPLETED at the registry; latency is `finished_at - received_at` of an open loop at \
+half that rate for the latency duration (fewer when the customers run out; p50/p99 by \
+nearest rank); CPU per completed erasure is each service's CPU time over the batch divided by \
+the erasures completed (the database server's apart, on PostgreSQL; on SQLite the holder's \
+database runs inside the processor). Its baseline is the bare INSERT rate; its target is an \
+absolute 1,500/s. Afterwards the services are stopped and every row of the holder's database \
+is checked: the customers of the registry's requests (all of which must be COMPLETED) gone \
+with their contact and invoice, their ledger entry anonymized, every other row as filled; \
+any difference fails the run.
 - **statements and commits per erasure**: the relay (same configurations) started again on a \
 PostgreSQL server the run starts in a folder of its own with `pg_stat_statements` loaded, \
 each service on a database of its own; a batch of erasures submitted by the same callers. Per \
@@ -417,6 +440,14 @@ mod tests {
         let at = |v| Row::plain("p50", Value::Num(v), "ms").target(Target::AtMost(10.0));
         assert_eq!(at(10.0).met(), Some(true));
         assert_eq!(at(10.5).met(), Some(false));
+        let rate = |v: f64| {
+            Row::plain("one hop", Value::Num(v), "/s")
+                .against("bare INSERT", 3000.0)
+                .target(Target::AtLeast(1500.0))
+        };
+        assert_eq!(rate(1499.0).met(), Some(false));
+        assert_eq!(rate(1500.0).met(), Some(true));
+        assert!(rate(1500.0).cells()[5] == "≥ 1500 /s");
         let p = Row::plain("p99", Value::Num(40.0), "ms")
             .against("p50", 5.0)
             .target(Target::RatioAtMost(10.0));

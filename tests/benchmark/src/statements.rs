@@ -115,6 +115,9 @@ pub(crate) async fn run(
         export_processor: None,
         contract_registry: None,
         contract_processor: None,
+        onehop_registry: None,
+        onehop_processor: None,
+        onehop_holder: None,
     };
     progress(format!(
         "statements per erasure: the relay on PostgreSQL with pg_stat_statements, {erasures} erasures"

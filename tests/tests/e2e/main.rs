@@ -10,6 +10,7 @@ mod adapter;
 mod adapter_export;
 mod audit;
 mod bad_input;
+mod bench;
 mod certificates;
 mod chaos;
 mod claims;
