@@ -318,7 +318,7 @@ async fn the_store_matches_the_lease_token(database_url: &str, dir: &std::path::
     };
     assert_eq!(
         store
-            .transition_leased(key, seq, mine, &step, now, 1)
+            .transition_leased(key, seq, mine, &step, now, 1, None)
             .await
             .expect("transition"),
         None
@@ -335,7 +335,7 @@ async fn the_store_matches_the_lease_token(database_url: &str, dir: &std::path::
         .expect("extend"));
     assert_eq!(
         store
-            .transition_leased(key, seq, theirs, &step, now, 2)
+            .transition_leased(key, seq, theirs, &step, now, 2, None)
             .await
             .expect("transition"),
         Some(seq + 1)
