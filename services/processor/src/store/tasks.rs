@@ -512,6 +512,8 @@ impl Store {
     /// Notes, for the claim `lease_owner`, that its holder is being called at `now`: until
     /// the step records the answer (or postpones the task), a later claim knows the call was
     /// cut off ([`TaskRow::call_started_at`]). Answers whether the claim still held the task.
+    /// A call that directly follows the step starting the task is noted by that step instead
+    /// ([`Store::transition_leased`]), sparing a statement.
     pub async fn call_started(
         &self,
         key: &TaskKey,
