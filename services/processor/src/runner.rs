@@ -211,38 +211,57 @@ pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()
             .unreachable(&key.subprocessor, retry_at(&ctx, e)),
         _ => shared.unavailable_until.answered(&key.subprocessor),
     }
-    // A cancellation that came while the holder worked is read now, so the outcome says
-    // it came too late.
+    // A cancellation that came while the holder worked makes the outcome say it came too
+    // late. Unless the claim found the task marked already, the outcome is decided as if none
+    // came and written only while the task is still unmarked; when a mark stopped the write,
+    // it is decided again with the mark. So no step reads the mark before writing (a
+    // statement each), and none can miss a mark set between such a read and its write.
+    let decided = |cancel_requested: bool| {
+        let current = crate::task_machine::Current {
+            cancel_requested,
+            ..current
+        };
+        let event = Event::Ran {
+            kind,
+            phase: phase.clone(),
+            result: result.clone(),
+        };
+        let decision = decide(&current, event, &ctx);
+        if let Decision::Later {
+            at,
+            error: Some(error),
+        } = &decision
+        {
+            tracing::warn!(
+                %error,
+                attempts = job.task.attempts,
+                retry_in_ms = at - ctx.now,
+                "connector failed; will retry"
+            );
+        }
+        decision
+    };
+    if current.cancel_requested {
+        return record(shared, &job, seq, decided(true)).await;
+    }
+    let written = write(shared, &job, seq, decided(false), true).await?;
+    if written == Some(true) {
+        return Ok(());
+    }
     let marked = match shared.store.task(key).await? {
         Some(row) => row.cancel_requested_at.is_some(),
         None => false,
     };
-    let current = crate::task_machine::Current {
-        cancel_requested: current.cancel_requested || marked,
-        ..current
-    };
-    let decision = decide(
-        &current,
-        Event::Ran {
-            kind,
-            phase,
-            result,
-        },
-        &ctx,
-    );
-    if let Decision::Later {
-        at,
-        error: Some(error),
-    } = &decision
-    {
+    if marked {
+        return record(shared, &job, seq, decided(true)).await;
+    }
+    if written == Some(false) {
         tracing::warn!(
-            %error,
-            attempts = job.task.attempts,
-            retry_in_ms = at - ctx.now,
-            "connector failed; will retry"
+            "task step not recorded: the task changed meanwhile or its lease was lost to \
+             another claim"
         );
     }
-    record(shared, &job, seq, decision).await
+    Ok(())
 }
 
 /// What comes between a task's claim and its holder's call, for single and contract end
@@ -262,7 +281,7 @@ async fn before_call(
     let mut noted = false;
     if let Some(start) = start {
         let call_at = note_call.then(|| shared.clock.now_ms());
-        match record_move(shared, job, seq, &start, call_at).await? {
+        match record_move(shared, job, seq, &start, call_at, false).await? {
             Some(s) => seq = s,
             None => return Ok(None),
         }
@@ -682,38 +701,61 @@ async fn record(
     seq: i64,
     decision: Decision,
 ) -> anyhow::Result<()> {
+    write(shared, job, seq, decision, false).await.map(drop)
+}
+
+/// [`record`], only while no cancellation marked the task when `unless_cancelled` (then a
+/// write that matched nothing is not logged: the caller finds out why). Answers whether the
+/// decision was written; `None` when it writes nothing.
+async fn write(
+    shared: &Shared,
+    job: &TaskJob,
+    seq: i64,
+    decision: Decision,
+    unless_cancelled: bool,
+) -> anyhow::Result<Option<bool>> {
     match decision {
         Decision::Move(t) => {
-            record_move(shared, job, seq, &t, None).await?;
+            let moved = record_move(shared, job, seq, &t, None, unless_cancelled).await?;
+            Ok(Some(moved.is_some()))
         }
         Decision::Later { at, error } => {
             let key = &job.task.key;
             let held = shared
                 .store
-                .postpone(key, seq, &job.lease_owner, at, error.as_deref())
+                .postpone(
+                    key,
+                    seq,
+                    &job.lease_owner,
+                    at,
+                    error.as_deref(),
+                    unless_cancelled,
+                )
                 .await?;
-            if !held {
+            if !held && !unless_cancelled {
                 tracing::warn!("task lease lost or task changed; the retry is left to its holder");
             }
+            Ok(Some(held))
         }
         Decision::Run { .. }
         | Decision::RunBulk { .. }
         | Decision::Mark { .. }
         | Decision::Ignore
-        | Decision::Reject(_) => {}
+        | Decision::Reject(_) => Ok(None),
     }
-    Ok(())
 }
 
 /// Records a transition (noting the holder's call at `call_at` with it, when the call follows
-/// directly) and wakes the acknowledgement sender; the new sequence, or `None` when the task
-/// changed meanwhile (a cancellation wins) or another claim took it.
+/// directly; only while no cancellation marked the task when `unless_cancelled`) and wakes
+/// the acknowledgement sender; the new sequence, or `None` when the task changed meanwhile
+/// (a cancellation wins) or another claim took it.
 async fn record_move(
     shared: &Shared,
     job: &TaskJob,
     seq: i64,
     t: &crate::task_machine::Transition,
     call_at: Option<i64>,
+    unless_cancelled: bool,
 ) -> anyhow::Result<Option<i64>> {
     let now = shared.clock.now_ms();
     let moved = shared
@@ -726,6 +768,7 @@ async fn record_move(
             now,
             job.task.attempts,
             call_at,
+            unless_cancelled,
         )
         .await?;
     if moved.is_some() {
@@ -738,7 +781,7 @@ async fn record_move(
         if t.upload {
             shared.upload_wakeup.notify_one();
         }
-    } else {
+    } else if !unless_cancelled {
         tracing::warn!(
             state = t.state.as_str_name(),
             "task step not recorded: the task changed meanwhile or its lease was lost to \

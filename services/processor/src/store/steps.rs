@@ -34,6 +34,7 @@ pub(super) struct QueuedStep {
     pub(super) now: i64,
     pub(super) attempts: i64,
     pub(super) call_started_at: Option<i64>,
+    pub(super) unless_cancelled: bool,
     /// The caller's span, for the acknowledgement (the commit runs in another task).
     pub(super) traceparent: String,
     answer: oneshot::Sender<Result<Option<i64>, String>>,
@@ -66,7 +67,9 @@ impl Store {
     /// [`Store::transition`] for the runner's claim `lease_owner`: nothing moves once another
     /// claim took the task, so a runner whose lease was lost records no outcome over the new
     /// holder's. `call_started_at`: the holder is called right after the move, and the call
-    /// is noted with it (see [`Store::call_started`]); `None` clears the note. Steps of
+    /// is noted with it (see [`Store::call_started`]); `None` clears the note.
+    /// `unless_cancelled`: nothing moves either once a cancellation marked the task (an
+    /// outcome decided as if none came, to be decided again). Steps of
     /// concurrent claims share one transaction (see the module documentation); this returns
     /// once this step is committed, with its new sequence.
     #[allow(clippy::too_many_arguments)]
@@ -79,6 +82,7 @@ impl Store {
         now: i64,
         attempts: i64,
         call_started_at: Option<i64>,
+        unless_cancelled: bool,
     ) -> Result<Option<i64>> {
         let (answer, answered) = oneshot::channel();
         let step = QueuedStep {
@@ -89,6 +93,7 @@ impl Store {
             now,
             attempts,
             call_started_at,
+            unless_cancelled,
             // The span the change happens in is where the registry's handling of the
             // acknowledgement hangs in the trace.
             traceparent: trace_context::traceparent_of(&tracing::Span::current())
@@ -170,6 +175,7 @@ impl Store {
                 lease_owner: Some(&s.lease_owner),
                 by: "",
                 call_started_at: s.call_started_at,
+                unless_cancelled: s.unless_cancelled,
             };
             let prepared = prepare_step(
                 &mut tx,
@@ -259,7 +265,7 @@ mod tests {
             };
             async move {
                 store
-                    .transition_leased(&j.task.key, j.task.sequence, &owner, &t, 10, 1, None)
+                    .transition_leased(&j.task.key, j.task.sequence, &owner, &t, 10, 1, None, false)
                     .await
             }
         });

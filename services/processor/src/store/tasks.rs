@@ -410,6 +410,7 @@ impl Store {
             lease_owner: None,
             by,
             call_started_at: None,
+            unless_cancelled: false,
         };
         let seq = step_transition(&mut tx, issuer, key, step, t, now, attempts).await?;
         tx.commit().await?;
@@ -420,7 +421,7 @@ impl Store {
     /// `next_at`, releasing it; nothing is acknowledged, since nothing changed. `error` (a
     /// transient failure, an unreachable holder) is kept for operators; `None` keeps the last
     /// one. Answers whether the claim still held the task (another claim's lease is left
-    /// alone).
+    /// alone) and, when `unless_cancelled`, no cancellation had marked it.
     pub async fn postpone(
         &self,
         key: &TaskKey,
@@ -428,12 +429,18 @@ impl Store {
         lease_owner: &str,
         next_at: i64,
         error: Option<&str>,
+        unless_cancelled: bool,
     ) -> Result<bool> {
-        let done = sqlx::query(
+        let unmarked = if unless_cancelled {
+            " AND cancel_requested_at IS NULL"
+        } else {
+            ""
+        };
+        let done = sqlx::query(&format!(
             "UPDATE tasks SET next_attempt_at = $1, lease_until = 0, call_started_at = NULL, \
              last_error = COALESCE($2, last_error) WHERE controller = $3 AND request_id = $4 \
-             AND subprocessor = $5 AND sequence = $6 AND lease_owner = $7",
-        )
+             AND subprocessor = $5 AND sequence = $6 AND lease_owner = $7{unmarked}"
+        ))
         .bind(next_at)
         .bind(error)
         .bind(&key.controller)
@@ -626,6 +633,7 @@ async fn certified_transition(
         lease_owner: None,
         by: "",
         call_started_at: None,
+        unless_cancelled: false,
     };
     step_transition(tx, issuer, key, step, t, now, attempts).await
 }
@@ -643,6 +651,9 @@ pub(super) struct Step<'a> {
     /// knows the call may have been cut off. `None` clears the note (the change records an
     /// answer, or no call follows).
     pub(super) call_started_at: Option<i64>,
+    /// Only while no cancellation marked the task (`cancel_requested_at`): for an outcome
+    /// decided as if none came, which must be decided again when one did.
+    pub(super) unless_cancelled: bool,
 }
 
 /// [`certified_transition`] as `step` says, with its audit entry.
@@ -698,6 +709,7 @@ pub(super) async fn prepare_step(
         lease_owner,
         by,
         call_started_at,
+        unless_cancelled,
     } = step;
     // Every step's texts pass here on their way to the task row and the acknowledgement, so
     // this is where they are fitted: the registry rejects an acknowledgement over its limits.
@@ -709,6 +721,11 @@ pub(super) async fn prepare_step(
     // A parameter only when it is matched: `$27 IS NULL` leaves PostgreSQL guessing its type.
     let held = if lease_owner.is_some() {
         " AND lease_owner = $27"
+    } else {
+        ""
+    };
+    let unmarked = if unless_cancelled {
+        " AND cancel_requested_at IS NULL"
     } else {
         ""
     };
@@ -727,7 +744,7 @@ pub(super) async fn prepare_step(
          records_total = COALESCE($24, records_total), \
          scheduled_at = COALESCE($25, scheduled_at), call_started_at = $26 \
          WHERE controller = $11 AND request_id = $12 AND subprocessor = $13 AND sequence = $14\
-         {held} RETURNING contract_phase, subjects_done, subjects_total, records_done, \
+         {held}{unmarked} RETURNING contract_phase, subjects_done, subjects_total, records_done, \
          records_total, scheduled_at",
     );
     let query = sqlx::query_as::<_, (i64, i64, i64, i64, i64, Option<i64>)>(&sql)
