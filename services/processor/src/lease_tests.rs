@@ -318,13 +318,13 @@ async fn the_store_matches_the_lease_token(database_url: &str, dir: &std::path::
     };
     assert_eq!(
         store
-            .transition_leased(key, seq, mine, &step, now, 1)
+            .transition_leased(key, seq, mine, &step, now, 1, None, false)
             .await
             .expect("transition"),
         None
     );
     assert!(!store
-        .postpone(key, seq, mine, now + 5_000, Some("late"))
+        .postpone(key, seq, mine, now + 5_000, Some("late"), false)
         .await
         .expect("postpone"));
     let task = &store.tasks("acme", "r-1").await.expect("tasks")[0];
@@ -335,7 +335,7 @@ async fn the_store_matches_the_lease_token(database_url: &str, dir: &std::path::
         .expect("extend"));
     assert_eq!(
         store
-            .transition_leased(key, seq, theirs, &step, now, 2)
+            .transition_leased(key, seq, theirs, &step, now, 2, None, false)
             .await
             .expect("transition"),
         Some(seq + 1)

@@ -183,13 +183,22 @@ pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()
     let (Some(connector), Some(request)) = (connector, request) else {
         return Ok(());
     };
-    let Some((seq, phase)) = before_call(shared, &job, seq, start, phase).await? else {
+    let Some((seq, phase, noted)) = before_call(shared, &job, seq, start, phase, true).await?
+    else {
         return Ok(());
     };
     let cfg = &shared.config.tasks;
 
-    let Ok(result) = call(shared, connector.as_ref(), &job, request, kind, &phase, seq).await
-    else {
+    let call = call(
+        shared,
+        connector.as_ref(),
+        &job,
+        request,
+        kind,
+        &phase,
+        (seq, noted),
+    );
+    let Ok(result) = call.await else {
         return Ok(());
     };
     let attempt = u32::try_from(job.task.attempts).unwrap_or(u32::MAX);
@@ -202,56 +211,81 @@ pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()
             .unreachable(&key.subprocessor, retry_at(&ctx, e)),
         _ => shared.unavailable_until.answered(&key.subprocessor),
     }
-    // A cancellation that came while the holder worked is read now, so the outcome says
-    // it came too late.
+    // A cancellation that came while the holder worked makes the outcome say it came too
+    // late. Unless the claim found the task marked already, the outcome is decided as if none
+    // came and written only while the task is still unmarked; when a mark stopped the write,
+    // it is decided again with the mark. So no step reads the mark before writing (a
+    // statement each), and none can miss a mark set between such a read and its write.
+    let decided = |cancel_requested: bool| {
+        let current = crate::task_machine::Current {
+            cancel_requested,
+            ..current
+        };
+        let event = Event::Ran {
+            kind,
+            phase: phase.clone(),
+            result: result.clone(),
+        };
+        let decision = decide(&current, event, &ctx);
+        if let Decision::Later {
+            at,
+            error: Some(error),
+        } = &decision
+        {
+            tracing::warn!(
+                %error,
+                attempts = job.task.attempts,
+                retry_in_ms = at - ctx.now,
+                "connector failed; will retry"
+            );
+        }
+        decision
+    };
+    if current.cancel_requested {
+        return record(shared, &job, seq, decided(true)).await;
+    }
+    let written = write(shared, &job, seq, decided(false), true).await?;
+    if written == Some(true) {
+        return Ok(());
+    }
     let marked = match shared.store.task(key).await? {
         Some(row) => row.cancel_requested_at.is_some(),
         None => false,
     };
-    let current = crate::task_machine::Current {
-        cancel_requested: current.cancel_requested || marked,
-        ..current
-    };
-    let decision = decide(
-        &current,
-        Event::Ran {
-            kind,
-            phase,
-            result,
-        },
-        &ctx,
-    );
-    if let Decision::Later {
-        at,
-        error: Some(error),
-    } = &decision
-    {
+    if marked {
+        return record(shared, &job, seq, decided(true)).await;
+    }
+    if written == Some(false) {
         tracing::warn!(
-            %error,
-            attempts = job.task.attempts,
-            retry_in_ms = at - ctx.now,
-            "connector failed; will retry"
+            "task step not recorded: the task changed meanwhile or its lease was lost to \
+             another claim"
         );
     }
-    record(shared, &job, seq, decision).await
+    Ok(())
 }
 
 /// What comes between a task's claim and its holder's call, for single and contract end
 /// tasks alike: records the `start` transition the claim decided on, then, while the holder
 /// is known to be unreachable, lets the task wait instead of calling it. Returns the sequence
-/// and the phase to call with, or `None` when the step ends here (what happened is recorded).
+/// and the phase to call with, and whether the call was noted (`note_call`: with the start
+/// transition, which spares the call its own statement; a wait that follows clears the note
+/// again), or `None` when the step ends here (what happened is recorded).
 async fn before_call(
     shared: &Shared,
     job: &TaskJob,
     mut seq: i64,
     start: Option<crate::task_machine::Transition>,
     mut phase: Phase,
-) -> anyhow::Result<Option<(i64, Phase)>> {
+    note_call: bool,
+) -> anyhow::Result<Option<(i64, Phase, bool)>> {
+    let mut noted = false;
     if let Some(start) = start {
-        match record_move(shared, job, seq, &start).await? {
+        let call_at = note_call.then(|| shared.clock.now_ms());
+        match record_move(shared, job, seq, &start, call_at, false).await? {
             Some(s) => seq = s,
             None => return Ok(None),
         }
+        noted = note_call;
     }
     let cfg = &shared.config.tasks;
     if let Some(until) = shared.unavailable_until.admit(
@@ -269,7 +303,7 @@ async fn before_call(
             }
         }
     }
-    Ok(Some((seq, phase)))
+    Ok(Some((seq, phase, noted)))
 }
 
 /// One step of a claimed contract end task: claim → bulk step (with progress) → next state.
@@ -297,7 +331,9 @@ async fn run_contract_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> 
     let Some(connector) = connector else {
         return Ok(());
     };
-    let Some((mut seq, phase)) = before_call(shared, &job, seq, start, phase).await? else {
+    // A bulk step is not noted as a call: it resumes from its progress, not with care.
+    let Some((mut seq, phase, _)) = before_call(shared, &job, seq, start, phase, false).await?
+    else {
         return Ok(());
     };
     let cfg = &shared.config.tasks;
@@ -455,7 +491,9 @@ fn context(shared: &Shared, job: &TaskJob, backoff_ms: i64) -> Context {
 
 /// Calls the connector for `phase`, renewing the task's lease while the holder works, so a
 /// slow holder is not run twice by another replica (or by this one, on its next claim).
-/// [`LeaseLost`] when the lease could not be kept: the call is dropped unfinished.
+/// `noted`: the call was already noted with the task's sequence `seq` (by the start
+/// transition); otherwise it is noted here first. [`LeaseLost`] when the lease could not be
+/// kept: the call is dropped unfinished.
 async fn call(
     shared: &Shared,
     connector: &dyn Connector,
@@ -463,7 +501,7 @@ async fn call(
     request: &DeliverRequest,
     kind: RequestKind,
     phase: &Phase,
-    seq: i64,
+    (seq, noted): (i64, bool),
 ) -> Result<Result<Outcome, ConnectorError>, LeaseLost> {
     let key = &job.task.key;
     let categories = request
@@ -506,10 +544,14 @@ async fn call(
         export,
     };
     // Noted before the call, so that if it is cut off the next claim makes a resumed one.
-    let noted = shared
-        .store
-        .call_started(key, seq, &job.lease_owner, shared.clock.now_ms())
-        .await;
+    let noted = if noted {
+        Ok(true)
+    } else {
+        shared
+            .store
+            .call_started(key, seq, &job.lease_owner, shared.clock.now_ms())
+            .await
+    };
     match noted {
         Ok(true) => {}
         Ok(false) => {
@@ -659,36 +701,61 @@ async fn record(
     seq: i64,
     decision: Decision,
 ) -> anyhow::Result<()> {
+    write(shared, job, seq, decision, false).await.map(drop)
+}
+
+/// [`record`], only while no cancellation marked the task when `unless_cancelled` (then a
+/// write that matched nothing is not logged: the caller finds out why). Answers whether the
+/// decision was written; `None` when it writes nothing.
+async fn write(
+    shared: &Shared,
+    job: &TaskJob,
+    seq: i64,
+    decision: Decision,
+    unless_cancelled: bool,
+) -> anyhow::Result<Option<bool>> {
     match decision {
         Decision::Move(t) => {
-            record_move(shared, job, seq, &t).await?;
+            let moved = record_move(shared, job, seq, &t, None, unless_cancelled).await?;
+            Ok(Some(moved.is_some()))
         }
         Decision::Later { at, error } => {
             let key = &job.task.key;
             let held = shared
                 .store
-                .postpone(key, seq, &job.lease_owner, at, error.as_deref())
+                .postpone(
+                    key,
+                    seq,
+                    &job.lease_owner,
+                    at,
+                    error.as_deref(),
+                    unless_cancelled,
+                )
                 .await?;
-            if !held {
+            if !held && !unless_cancelled {
                 tracing::warn!("task lease lost or task changed; the retry is left to its holder");
             }
+            Ok(Some(held))
         }
         Decision::Run { .. }
         | Decision::RunBulk { .. }
         | Decision::Mark { .. }
         | Decision::Ignore
-        | Decision::Reject(_) => {}
+        | Decision::Reject(_) => Ok(None),
     }
-    Ok(())
 }
 
-/// Records a transition and wakes the acknowledgement sender; the new sequence, or `None`
-/// when the task changed meanwhile (a cancellation wins) or another claim took it.
+/// Records a transition (noting the holder's call at `call_at` with it, when the call follows
+/// directly; only while no cancellation marked the task when `unless_cancelled`) and wakes
+/// the acknowledgement sender; the new sequence, or `None` when the task changed meanwhile
+/// (a cancellation wins) or another claim took it.
 async fn record_move(
     shared: &Shared,
     job: &TaskJob,
     seq: i64,
     t: &crate::task_machine::Transition,
+    call_at: Option<i64>,
+    unless_cancelled: bool,
 ) -> anyhow::Result<Option<i64>> {
     let now = shared.clock.now_ms();
     let moved = shared
@@ -700,6 +767,8 @@ async fn record_move(
             t,
             now,
             job.task.attempts,
+            call_at,
+            unless_cancelled,
         )
         .await?;
     if moved.is_some() {
@@ -712,7 +781,7 @@ async fn record_move(
         if t.upload {
             shared.upload_wakeup.notify_one();
         }
-    } else {
+    } else if !unless_cancelled {
         tracing::warn!(
             state = t.state.as_str_name(),
             "task step not recorded: the task changed meanwhile or its lease was lost to \

@@ -14,28 +14,67 @@ use super::rows::{AckJob, AckRecord, TaskKey};
 use super::Store;
 use sqlx::Row;
 
-/// Queues `ack`, the acknowledgement of `key`'s change number `sequence`, inside the
-/// transaction that makes the change.
-pub(super) async fn queue(
-    tx: &mut AnyConnection,
-    key: &TaskKey,
-    sequence: i64,
-    ack: &Acknowledgement,
-    now: i64,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO ack_outbox (controller, request_id, subprocessor, sequence, payload, \
-         next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(&key.controller)
-    .bind(&key.request_id)
-    .bind(&key.subprocessor)
-    .bind(sequence)
-    .bind(ack.encode_to_vec())
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
+/// An acknowledgement to queue: `ack`, of `key`'s change number `sequence`, due at `at`.
+pub(super) struct NewAck {
+    pub(super) key: TaskKey,
+    pub(super) sequence: i64,
+    pub(super) ack: Acknowledgement,
+    pub(super) at: i64,
+}
+
+/// Acknowledgements per INSERT of [`queue_all`]: 6 parameters each, well under both
+/// backends' limits.
+const ACKS_PER_INSERT: usize = 200;
+
+/// Queues `acks` inside the transaction that makes their changes: one multi-row INSERT
+/// (per [`ACKS_PER_INSERT`]), in order, so the outbox ids follow the changes.
+pub(super) async fn queue_all(tx: &mut AnyConnection, acks: &[NewAck]) -> Result<()> {
+    for chunk in acks.chunks(ACKS_PER_INSERT) {
+        let rows: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                let b = 6 * i;
+                format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${})",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6
+                )
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO ack_outbox (controller, request_id, subprocessor, sequence, payload, \
+             next_attempt_at) VALUES {}",
+            rows.join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for a in chunk {
+            q = q
+                .bind(&a.key.controller)
+                .bind(&a.key.request_id)
+                .bind(&a.key.subprocessor)
+                .bind(a.sequence)
+                .bind(a.ack.encode_to_vec())
+                .bind(a.at);
+        }
+        q.execute(&mut *tx).await?;
+    }
     Ok(())
+}
+
+/// Outbox ids per statement of [`Store::acks_sent`] and [`Store::release_acks`]: a batch of
+/// the sender's (`acks.batch_size`) is one statement, well under both backends' limits on
+/// parameters.
+const IDS_PER_STATEMENT: usize = 1000;
+
+/// `count` numbered placeholders from `$first` on, separated by commas.
+fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl Store {
@@ -65,31 +104,46 @@ impl Store {
     }
 
     /// Marks acknowledgements as received by the registry, each with its audit entry (an
-    /// acknowledgement marked before is left as it is).
+    /// acknowledgement marked before is left as it is, and gets no second entry): one UPDATE
+    /// for the whole batch, then its entries appended together, in the order of `ids`.
     pub async fn acks_sent(&self, ids: &[i64], now: i64) -> Result<()> {
-        let mut tx = self.begin_audited().await?;
-        for id in ids {
-            let sent: Option<(String, String, String, i64)> = sqlx::query_as(
-                "UPDATE ack_outbox SET sent_at = $1, lease_until = 0 WHERE id = $2 \
-                 AND sent_at IS NULL RETURNING controller, request_id, subprocessor, sequence",
-            )
-            .bind(now)
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some((controller, request_id, subprocessor, sequence)) = sent else {
-                continue;
-            };
-            let record = Record {
-                controller: &controller,
-                request_id: &request_id,
-                actor: "",
-                detail: format!(
-                    "subprocessor {subprocessor}, change {sequence} accepted by the registry"
-                ),
-            };
-            audit::append(&mut tx, ProcessorAuditEvent::AckAccepted, now, record).await?;
+        if ids.is_empty() {
+            return Ok(());
         }
+        let mut tx = self.begin_audited().await?;
+        let mut sent: Vec<(i64, String, String, String, i64)> = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(IDS_PER_STATEMENT) {
+            let sql = format!(
+                "UPDATE ack_outbox SET sent_at = $1, lease_until = 0 WHERE id IN ({}) \
+                 AND sent_at IS NULL RETURNING id, controller, request_id, subprocessor, sequence",
+                placeholders(2, chunk.len())
+            );
+            let mut q = sqlx::query_as(&sql).bind(now);
+            for id in chunk {
+                q = q.bind(id);
+            }
+            sent.extend(q.fetch_all(&mut *tx).await?);
+        }
+        let position = |id: i64| ids.iter().position(|i| *i == id);
+        sent.sort_by_key(|(id, ..)| position(*id));
+        let entries = sent
+            .into_iter()
+            .map(|(_, controller, request_id, subprocessor, sequence)| {
+                audit::entry(
+                    ProcessorAuditEvent::AckAccepted,
+                    now,
+                    Record {
+                        controller: &controller,
+                        request_id: &request_id,
+                        actor: "",
+                        detail: format!(
+                            "subprocessor {subprocessor}, change {sequence} accepted by the registry"
+                        ),
+                    },
+                )
+            })
+            .collect();
+        audit::append_all(&mut tx, entries).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -97,14 +151,17 @@ impl Store {
     /// Ends the lease of claimed acknowledgements not yet answered (the service is
     /// stopping), so they are sent again at once, by another replica or the next start.
     pub async fn release_acks(&self, ids: &[i64]) -> Result<()> {
-        let mut tx = self.db.pool.begin().await?;
-        for id in ids {
-            sqlx::query("UPDATE ack_outbox SET lease_until = 0 WHERE id = $1 AND sent_at IS NULL")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+        for chunk in ids.chunks(IDS_PER_STATEMENT) {
+            let sql = format!(
+                "UPDATE ack_outbox SET lease_until = 0 WHERE id IN ({}) AND sent_at IS NULL",
+                placeholders(1, chunk.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id);
+            }
+            q.execute(&self.db.pool).await?;
         }
-        tx.commit().await?;
         Ok(())
     }
 

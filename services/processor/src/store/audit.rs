@@ -11,7 +11,9 @@
 //! lock; [`append`] only accepts such a transaction ([`AuditTx`]). So a transaction holding
 //! row locks never waits for the chain lock while another holding the chain lock waits for
 //! its rows: the only lock ever waited for while holding another is a row lock, taken after
-//! the chain lock by everyone. The price is that audited transactions commit one at a time.
+//! the chain lock by everyone. The price is that audited transactions commit one at a time,
+//! which is why the runner's concurrent steps share one ([`super::steps`]) and a change of
+//! several entries appends them together ([`append_all`]).
 //! On SQLite the single writer connection already holds every transaction apart.
 //!
 //! # No personal data
@@ -27,6 +29,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use dsrelay_proto::v1::ProcessorAuditEvent;
+pub(crate) use dsrelay_runtime::audit::table::NewEntry;
 use dsrelay_runtime::audit::{self, Entry};
 use dsrelay_runtime::identity::keyed_digest;
 use sqlx::{Any, AnyConnection, Transaction};
@@ -99,21 +102,28 @@ pub(crate) async fn append(
     at: i64,
     r: Record<'_>,
 ) -> Result<()> {
+    append_all(tx, vec![entry(event, at, r)]).await
+}
+
+/// Appends `entries` in `tx`, in order, with one read of the trail's head
+/// ([`audit::table::append_all`]): how a change of several entries records them.
+pub(crate) async fn append_all(tx: &mut AuditTx, entries: Vec<NewEntry>) -> Result<()> {
+    audit::table::append_all(tx, entries).await
+}
+
+/// The entry `r` says, of type `event` at `at`, for [`append_all`].
+pub(crate) fn entry(event: ProcessorAuditEvent, at: i64, r: Record<'_>) -> NewEntry {
     let mut detail = format!("controller {}", r.controller);
     if !r.detail.is_empty() {
         let _ = write!(detail, ": {}", r.detail);
     }
-    audit::table::append(
-        tx,
-        audit::table::NewEntry {
-            occurred_at: at,
-            request_id: r.request_id.to_string(),
-            event_type: event as i32,
-            actor: r.actor.to_string(),
-            detail,
-        },
-    )
-    .await
+    NewEntry {
+        occurred_at: at,
+        request_id: r.request_id.to_string(),
+        event_type: event as i32,
+        actor: r.actor.to_string(),
+        detail,
+    }
 }
 
 impl Store {

@@ -360,7 +360,13 @@ impl Store {
             certificate: None,
             progress: row.progress(),
         };
-        acks::queue(&mut tx, key, row.sequence, &ack, now).await?;
+        let queued = acks::NewAck {
+            key: key.clone(),
+            sequence: row.sequence,
+            ack,
+            at: now,
+        };
+        acks::queue_all(&mut tx, &[queued]).await?;
         tx.commit().await?;
         Ok(Some(row.sequence))
     }

@@ -8,6 +8,8 @@
 //!   token, which renewals, transitions and postponements of the claimed step match; task
 //!   leases are set and compared on the database's clock, [`Backend::now_ms`]), transition,
 //!   operator views.
+//! - `steps`: group commit of the runner's steps: concurrent claims' transitions share one
+//!   transaction, each answered once its step is committed.
 //! - `acks`: the acknowledgement outbox.
 //! - `uploads`: the upload outbox: RETURN_OF_DATA and contract end exports waiting to reach
 //!   the registry, TRANSFER exports waiting to reach their recipient.
@@ -24,6 +26,7 @@ mod certificates;
 mod contracts;
 mod forget;
 mod rows;
+mod steps;
 mod tasks;
 mod uploads;
 
@@ -67,6 +70,8 @@ pub struct Store {
     issuer: Option<Arc<Issuer>>,
     /// Keys the hashes that stand for free text in audit entries (`identity_hash_key`).
     text_key: Arc<[u8]>,
+    /// The runner's steps waiting to share a commit ([`steps`]).
+    steps: Arc<steps::StepQueue>,
 }
 
 impl Store {
@@ -77,6 +82,7 @@ impl Store {
             db,
             issuer: None,
             text_key: text_key.into(),
+            steps: Arc::default(),
         }
     }
 

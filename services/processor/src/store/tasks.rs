@@ -25,6 +25,10 @@ use super::{acks, Store};
 use crate::certificates::Issuer;
 use crate::task_machine::{decide, Context, Decision, Event, Transition};
 
+/// Tasks per INSERT of [`Store::accept`]: 8 parameters each, well under both backends'
+/// limits.
+const TASKS_PER_INSERT: usize = 200;
+
 /// What Deliver found.
 #[derive(Debug)]
 pub enum Accepted {
@@ -110,23 +114,48 @@ impl Store {
             Some(t) => (ContractPhase::Scheduled, Some(t.starts_at())),
             None => (ContractPhase::Unspecified, None),
         };
-        for s in subprocessors {
-            sqlx::query(
+        // One statement for all the tasks, answering the rows as stored (defaults included),
+        // so nothing is read back after the commit.
+        let mut tasks: Vec<TaskRow> = Vec::with_capacity(subprocessors.len());
+        for chunk in subprocessors.chunks(TASKS_PER_INSERT) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let b = 8 * i;
+                    format!(
+                        "(${}, ${}, ${}, ${}, 1, ${}, ${}, ${}, ${})",
+                        b + 1,
+                        b + 2,
+                        b + 3,
+                        b + 4,
+                        b + 5,
+                        b + 6,
+                        b + 7,
+                        b + 8
+                    )
+                })
+                .collect();
+            let sql = format!(
                 "INSERT INTO tasks (controller, request_id, subprocessor, state, sequence, \
-                 next_attempt_at, updated_at, contract_phase, scheduled_at) \
-                 VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8)",
-            )
-            .bind(controller)
-            .bind(&req.request_id)
-            .bind(s)
-            .bind(state_value(TaskState::Pending))
-            .bind(starts_at.unwrap_or(now))
-            .bind(now)
-            .bind(i64::from(phase as i32))
-            .bind(starts_at)
-            .execute(&mut *tx)
-            .await?;
+                 next_attempt_at, updated_at, contract_phase, scheduled_at) VALUES {} \
+                 RETURNING {TASK_COLUMNS}",
+                rows.join(", ")
+            );
+            let mut q = sqlx::query_as::<_, TaskRecord>(&sql);
+            for s in chunk {
+                q = q
+                    .bind(controller)
+                    .bind(&req.request_id)
+                    .bind(s)
+                    .bind(state_value(TaskState::Pending))
+                    .bind(starts_at.unwrap_or(now))
+                    .bind(now)
+                    .bind(i64::from(phase as i32))
+                    .bind(starts_at);
+            }
+            tasks.extend(q.fetch_all(&mut *tx).await?.into_iter().map(TaskRow::from));
         }
+        // As [`Store::tasks`] lists them.
+        tasks.sort_by(|a, b| a.key.subprocessor.cmp(&b.key.subprocessor));
         let kind = RequestKind::try_from(req.kind)
             .map_or_else(|_| req.kind.to_string(), |k| k.as_str_name().to_string());
         let detail = if subprocessors.is_empty() {
@@ -142,9 +171,7 @@ impl Store {
         };
         audit::append(&mut tx, ProcessorAuditEvent::RequestAccepted, now, record).await?;
         tx.commit().await?;
-        Ok(Accepted::New(
-            self.tasks(controller, &req.request_id).await?,
-        ))
+        Ok(Accepted::New(tasks))
     }
 
     /// Whether the controller delivered (or cancelled) this request.
@@ -382,30 +409,8 @@ impl Store {
             expected_sequence,
             lease_owner: None,
             by,
-        };
-        let seq = step_transition(&mut tx, issuer, key, step, t, now, attempts).await?;
-        tx.commit().await?;
-        Ok(seq)
-    }
-
-    /// [`Store::transition`] for the runner's claim `lease_owner`: nothing moves once another
-    /// claim took the task, so a runner whose lease was lost records no outcome over the new
-    /// holder's.
-    pub async fn transition_leased(
-        &self,
-        key: &TaskKey,
-        expected_sequence: i64,
-        lease_owner: &str,
-        t: &Transition,
-        now: i64,
-        attempts: i64,
-    ) -> Result<Option<i64>> {
-        let mut tx = self.begin_audited().await?;
-        let issuer = self.issuer.as_deref();
-        let step = Step {
-            expected_sequence,
-            lease_owner: Some(lease_owner),
-            by: "",
+            call_started_at: None,
+            unless_cancelled: false,
         };
         let seq = step_transition(&mut tx, issuer, key, step, t, now, attempts).await?;
         tx.commit().await?;
@@ -416,7 +421,7 @@ impl Store {
     /// `next_at`, releasing it; nothing is acknowledged, since nothing changed. `error` (a
     /// transient failure, an unreachable holder) is kept for operators; `None` keeps the last
     /// one. Answers whether the claim still held the task (another claim's lease is left
-    /// alone).
+    /// alone) and, when `unless_cancelled`, no cancellation had marked it.
     pub async fn postpone(
         &self,
         key: &TaskKey,
@@ -424,12 +429,18 @@ impl Store {
         lease_owner: &str,
         next_at: i64,
         error: Option<&str>,
+        unless_cancelled: bool,
     ) -> Result<bool> {
-        let done = sqlx::query(
+        let unmarked = if unless_cancelled {
+            " AND cancel_requested_at IS NULL"
+        } else {
+            ""
+        };
+        let done = sqlx::query(&format!(
             "UPDATE tasks SET next_attempt_at = $1, lease_until = 0, call_started_at = NULL, \
              last_error = COALESCE($2, last_error) WHERE controller = $3 AND request_id = $4 \
-             AND subprocessor = $5 AND sequence = $6 AND lease_owner = $7",
-        )
+             AND subprocessor = $5 AND sequence = $6 AND lease_owner = $7{unmarked}"
+        ))
         .bind(next_at)
         .bind(error)
         .bind(&key.controller)
@@ -508,6 +519,8 @@ impl Store {
     /// Notes, for the claim `lease_owner`, that its holder is being called at `now`: until
     /// the step records the answer (or postpones the task), a later claim knows the call was
     /// cut off ([`TaskRow::call_started_at`]). Answers whether the claim still held the task.
+    /// A call that directly follows the step starting the task is noted by that step instead
+    /// ([`Store::transition_leased`]), sparing a statement.
     pub async fn call_started(
         &self,
         key: &TaskKey,
@@ -619,18 +632,28 @@ async fn certified_transition(
         expected_sequence,
         lease_owner: None,
         by: "",
+        call_started_at: None,
+        unless_cancelled: false,
     };
     step_transition(tx, issuer, key, step, t, now, attempts).await
 }
 
 /// Which change a step records, and for whom.
-struct Step<'a> {
+pub(super) struct Step<'a> {
     /// The task's sequence the step was decided from; a task that moved on is left alone.
-    expected_sequence: i64,
+    pub(super) expected_sequence: i64,
     /// Only while this claim holds the task, when given.
-    lease_owner: Option<&'a str>,
+    pub(super) lease_owner: Option<&'a str>,
     /// The operator who made the change, for the audit entry; empty for the processor's own.
-    by: &'a str,
+    pub(super) by: &'a str,
+    /// When the holder is called right after the change is recorded: noted with it
+    /// (`call_started_at`), as [`Store::call_started`] would, so that a claim after a crash
+    /// knows the call may have been cut off. `None` clears the note (the change records an
+    /// answer, or no call follows).
+    pub(super) call_started_at: Option<i64>,
+    /// Only while no cancellation marked the task (`cancel_requested_at`): for an outcome
+    /// decided as if none came, which must be decided again when one did.
+    pub(super) unless_cancelled: bool,
 }
 
 /// [`certified_transition`] as `step` says, with its audit entry.
@@ -643,10 +666,50 @@ async fn step_transition(
     now: i64,
     attempts: i64,
 ) -> Result<Option<i64>> {
+    // The span the change happens in (a task step, a cancellation) is where the registry's
+    // handling of the acknowledgement hangs in the trace.
+    let traceparent = trace_context::traceparent_of(&tracing::Span::current()).unwrap_or_default();
+    let Some(prepared) = prepare_step(tx, issuer, key, step, t, now, attempts, traceparent).await?
+    else {
+        return Ok(None);
+    };
+    let next = prepared.sequence;
+    acks::queue_all(tx, std::slice::from_ref(&prepared.ack)).await?;
+    audit::append_all(tx, vec![prepared.entry]).await?;
+    Ok(Some(next))
+}
+
+/// A step written to its task row, whose acknowledgement and audit entry are still to be
+/// written in the same transaction (several steps' together, by [`Store::record_steps`]).
+pub(super) struct PreparedStep {
+    /// The task's new sequence.
+    pub(super) sequence: i64,
+    /// The acknowledgement to queue.
+    pub(super) ack: acks::NewAck,
+    /// The audit entry.
+    pub(super) entry: audit::NewEntry,
+}
+
+/// Writes `t` to the task row as `step` says (with the certificate it issues and the upload
+/// it queues) and prepares its acknowledgement, carrying `traceparent`, and its audit entry;
+/// `None` when the task is no longer at the step's sequence (or claim).
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn prepare_step(
+    tx: &mut AuditTx,
+    issuer: Option<&Issuer>,
+    key: &TaskKey,
+    step: Step<'_>,
+    t: &Transition,
+    now: i64,
+    attempts: i64,
+    traceparent: String,
+) -> Result<Option<PreparedStep>> {
     let Step {
         expected_sequence,
         lease_owner,
         by,
+        call_started_at,
+        unless_cancelled,
     } = step;
     // Every step's texts pass here on their way to the task row and the acknowledgement, so
     // this is where they are fitted: the registry rejects an acknowledgement over its limits.
@@ -655,9 +718,14 @@ async fn step_transition(
     let next = expected_sequence + 1;
     let step = t.contract;
     let counts = step.and_then(|c| c.progress);
-    // A parameter only when it is matched: `$26 IS NULL` leaves PostgreSQL guessing its type.
+    // A parameter only when it is matched: `$27 IS NULL` leaves PostgreSQL guessing its type.
     let held = if lease_owner.is_some() {
-        " AND lease_owner = $26"
+        " AND lease_owner = $27"
+    } else {
+        ""
+    };
+    let unmarked = if unless_cancelled {
+        " AND cancel_requested_at IS NULL"
     } else {
         ""
     };
@@ -674,9 +742,9 @@ async fn step_transition(
          subjects_total = COALESCE($22, subjects_total), \
          records_done = COALESCE($23, records_done), \
          records_total = COALESCE($24, records_total), \
-         scheduled_at = COALESCE($25, scheduled_at), call_started_at = NULL \
+         scheduled_at = COALESCE($25, scheduled_at), call_started_at = $26 \
          WHERE controller = $11 AND request_id = $12 AND subprocessor = $13 AND sequence = $14\
-         {held} RETURNING contract_phase, subjects_done, subjects_total, records_done, \
+         {held}{unmarked} RETURNING contract_phase, subjects_done, subjects_total, records_done, \
          records_total, scheduled_at",
     );
     let query = sqlx::query_as::<_, (i64, i64, i64, i64, i64, Option<i64>)>(&sql)
@@ -709,7 +777,8 @@ async fn step_transition(
         .bind(counts.map(|p| stored_count(p.subjects_total)))
         .bind(counts.map(|p| stored_count(p.records_done)))
         .bind(counts.map(|p| stored_count(p.records_total)))
-        .bind(step.and_then(|c| c.scheduled_at));
+        .bind(step.and_then(|c| c.scheduled_at))
+        .bind(call_started_at);
     let progress = match lease_owner {
         Some(owner) => query.bind(owner),
         None => query,
@@ -759,13 +828,10 @@ async fn step_transition(
         retain_until: t.retain_until.map(timestamp_from_millis),
         occurred_at: Some(timestamp_from_millis(now)),
         attempt: attempts.clamp(0, i64::from(u32::MAX)) as u32,
-        // The span the change happens in (a task step, a cancellation) is where the
-        // registry's handling of the acknowledgement hangs in the trace.
-        traceparent: trace_context::traceparent_of(&tracing::Span::current()).unwrap_or_default(),
+        traceparent,
         certificate: certificate.as_ref().map(crate::certificates::to_proto),
         progress,
     };
-    acks::queue(tx, key, next, &ack, now).await?;
     if t.upload {
         super::uploads::queue(tx, key, now).await?;
     }
@@ -776,8 +842,16 @@ async fn step_transition(
         actor: by,
         detail,
     };
-    audit::append(tx, ProcessorAuditEvent::TaskRecorded, now, record).await?;
-    Ok(Some(next))
+    Ok(Some(PreparedStep {
+        sequence: next,
+        ack: acks::NewAck {
+            key: key.clone(),
+            sequence: next,
+            ack,
+            at: now,
+        },
+        entry: audit::entry(ProcessorAuditEvent::TaskRecorded, now, record),
+    }))
 }
 
 /// A step's audit detail: the subprocessor, the change number, the state, the counts, the

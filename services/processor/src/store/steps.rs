@@ -1,0 +1,408 @@
+//! Group commit for the runner's task steps: concurrent [`Store::transition_leased`] calls
+//! queue their steps here, and whichever finds no commit under way starts one, which writes
+//! everything queued in a single transaction (each step's task row, then the batch's
+//! acknowledgements in one INSERT and its audit entries with one read of the trail's head)
+//! and keeps going while steps are queued. One commit then serves many steps, while each
+//! caller still gets its own answer only once its step is durable.
+//!
+//! The commit runs in a task of its own, so a caller that gives up waiting (its step
+//! abandoned) cancels nothing of the others. When a batch's transaction fails, every step of
+//! it is written again alone, in a transaction of its own, so one step that cannot be
+//! written never takes the others down with it; each caller gets its own step's outcome.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use anyhow::{anyhow, Result};
+use dsrelay_runtime::trace_context;
+use tokio::sync::oneshot;
+
+use super::rows::TaskKey;
+use super::tasks::{prepare_step, PreparedStep, Step};
+use super::{acks, audit, Store};
+use crate::task_machine::Transition;
+
+/// Most steps written in one transaction.
+pub(crate) const MAX_BATCH: usize = 64;
+
+/// One queued step of a claim, and where its answer goes.
+pub(super) struct QueuedStep {
+    pub(super) key: TaskKey,
+    pub(super) expected_sequence: i64,
+    pub(super) lease_owner: String,
+    pub(super) t: Transition,
+    pub(super) now: i64,
+    pub(super) attempts: i64,
+    pub(super) call_started_at: Option<i64>,
+    pub(super) unless_cancelled: bool,
+    /// The caller's span, for the acknowledgement (the commit runs in another task).
+    pub(super) traceparent: String,
+    answer: oneshot::Sender<Result<Option<i64>, String>>,
+}
+
+/// The steps waiting for a commit, and whether one is under way.
+#[derive(Debug, Default)]
+pub(super) struct StepQueue {
+    state: Mutex<QueueState>,
+    /// Transactions committed so far, batches and steps written alone alike.
+    commits: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    waiting: Vec<QueuedStep>,
+    writing: bool,
+}
+
+impl std::fmt::Debug for QueuedStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueuedStep")
+            .field("key", &self.key)
+            .field("expected_sequence", &self.expected_sequence)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// [`Store::transition`] for the runner's claim `lease_owner`: nothing moves once another
+    /// claim took the task, so a runner whose lease was lost records no outcome over the new
+    /// holder's. `call_started_at`: the holder is called right after the move, and the call
+    /// is noted with it (see [`Store::call_started`]); `None` clears the note.
+    /// `unless_cancelled`: nothing moves either once a cancellation marked the task (an
+    /// outcome decided as if none came, to be decided again). Steps of
+    /// concurrent claims share one transaction (see the module documentation); this returns
+    /// once this step is committed, with its new sequence.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn transition_leased(
+        &self,
+        key: &TaskKey,
+        expected_sequence: i64,
+        lease_owner: &str,
+        t: &Transition,
+        now: i64,
+        attempts: i64,
+        call_started_at: Option<i64>,
+        unless_cancelled: bool,
+    ) -> Result<Option<i64>> {
+        let (answer, answered) = oneshot::channel();
+        let step = QueuedStep {
+            key: key.clone(),
+            expected_sequence,
+            lease_owner: lease_owner.to_string(),
+            t: t.clone(),
+            now,
+            attempts,
+            call_started_at,
+            unless_cancelled,
+            // The span the change happens in is where the registry's handling of the
+            // acknowledgement hangs in the trace.
+            traceparent: trace_context::traceparent_of(&tracing::Span::current())
+                .unwrap_or_default(),
+            answer,
+        };
+        let start = {
+            let mut state = self.steps.state.lock().expect("step queue");
+            state.waiting.push(step);
+            !std::mem::replace(&mut state.writing, true)
+        };
+        if start {
+            let store = self.clone();
+            tokio::spawn(async move { store.write_steps().await });
+        }
+        answered
+            .await
+            .map_err(|_| anyhow!("the step writer stopped before answering"))?
+            .map_err(|e| anyhow!(e))
+    }
+
+    /// Commits queued steps, a batch at a time, until none is left.
+    async fn write_steps(&self) {
+        loop {
+            let batch: Vec<QueuedStep> = {
+                let mut state = self.steps.state.lock().expect("step queue");
+                if state.waiting.is_empty() {
+                    state.writing = false;
+                    return;
+                }
+                let n = state.waiting.len().min(MAX_BATCH);
+                state.waiting.drain(..n).collect()
+            };
+            self.commit_steps(batch).await;
+        }
+    }
+
+    /// Writes `batch` in one transaction and answers each step; when that fails, writes
+    /// each step alone.
+    async fn commit_steps(&self, batch: Vec<QueuedStep>) {
+        if batch.len() > 1 {
+            match self.record_steps(&batch).await {
+                Ok(sequences) => {
+                    for (step, seq) in batch.into_iter().zip(sequences) {
+                        // The runner may have gone (its step abandoned); the step is stored.
+                        let _ = step.answer.send(Ok(seq));
+                    }
+                    return;
+                }
+                Err(e) => tracing::warn!(
+                    error = format!("{e:#}"),
+                    steps = batch.len(),
+                    "recording a batch of task steps failed; recording each alone"
+                ),
+            }
+        }
+        for step in batch {
+            let outcome = self.record_steps(std::slice::from_ref(&step)).await;
+            let _ = step.answer.send(
+                outcome
+                    .map(|mut s| s.pop().flatten())
+                    .map_err(|e| format!("{e:#}")),
+            );
+        }
+    }
+
+    /// Records `steps` in one transaction: each step's task row (with the certificate it
+    /// issues and the upload it queues), then all their acknowledgements in one INSERT and
+    /// their audit entries, in the steps' order. Answers each step's new sequence, `None`
+    /// for a step whose task moved on or whose claim was lost (it records nothing).
+    pub(super) async fn record_steps(&self, steps: &[QueuedStep]) -> Result<Vec<Option<i64>>> {
+        let mut tx = self.begin_audited().await?;
+        let issuer = self.issuer.as_deref();
+        let mut sequences = Vec::with_capacity(steps.len());
+        let (mut queued, mut entries) = (Vec::new(), Vec::new());
+        for s in steps {
+            let step = Step {
+                expected_sequence: s.expected_sequence,
+                lease_owner: Some(&s.lease_owner),
+                by: "",
+                call_started_at: s.call_started_at,
+                unless_cancelled: s.unless_cancelled,
+            };
+            let prepared = prepare_step(
+                &mut tx,
+                issuer,
+                &s.key,
+                step,
+                &s.t,
+                s.now,
+                s.attempts,
+                s.traceparent.clone(),
+            )
+            .await?;
+            sequences.push(prepared.as_ref().map(|p| p.sequence));
+            if let Some(PreparedStep { ack, entry, .. }) = prepared {
+                queued.push(ack);
+                entries.push(entry);
+            }
+        }
+        acks::queue_all(&mut tx, &queued).await?;
+        audit::append_all(&mut tx, entries).await?;
+        tx.commit().await?;
+        self.steps.commits.fetch_add(1, Ordering::Relaxed);
+        Ok(sequences)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dsrelay_proto::v1::{DeliverRequest, ProcessorAuditEvent, RequestKind, TaskState};
+    use dsrelay_runtime::store::{Backend, Db};
+
+    use super::*;
+    use crate::store::{POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+
+    /// Tasks stepped at once.
+    const N: usize = 8;
+
+    /// The subprocessor whose step the tests make fail or lose its claim.
+    const ODD: usize = 3;
+
+    /// A store with one accepted erasure of [`N`] tasks, all claimed.
+    async fn claimed(url: &str) -> (Store, Vec<crate::store::TaskJob>) {
+        let db = Db::connect(url).await.expect("connect");
+        db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+            .await
+            .expect("migrate");
+        let store = Store::new(db, b"test key");
+        let req = DeliverRequest {
+            request_id: "r-1".into(),
+            kind: RequestKind::Erasure as i32,
+            ..Default::default()
+        };
+        let subprocessors: Vec<String> = (0..N).map(|i| format!("s{i}")).collect();
+        let accepted = store
+            .accept("acme", &req, &subprocessors, None, 1)
+            .await
+            .expect("accept");
+        // Answered from the one INSERT's RETURNING: the rows as a read finds them.
+        let crate::store::Accepted::New(tasks) = accepted else {
+            panic!("a new delivery")
+        };
+        let read = store.tasks("acme", "r-1").await.expect("tasks");
+        assert_eq!(format!("{tasks:?}"), format!("{read:?}"));
+        assert_eq!(tasks.len(), N);
+        let mut jobs = store.claim_tasks(2, N as i64, 60_000).await.expect("claim");
+        jobs.sort_by(|a, b| a.task.key.subprocessor.cmp(&b.task.key.subprocessor));
+        assert_eq!(jobs.len(), N);
+        (store, jobs)
+    }
+
+    /// Steps every job at once (task `i` COMPLETED with `i` records), the [`ODD`] one under
+    /// `odd_owner` when given; answers each caller's answer, in the jobs' order.
+    async fn step_all(
+        store: &Store,
+        jobs: &[crate::store::TaskJob],
+        odd_owner: Option<&str>,
+    ) -> Vec<Result<Option<i64>>> {
+        let steps = jobs.iter().enumerate().map(|(i, j)| {
+            let owner = match odd_owner {
+                Some(o) if i == ODD => o.to_string(),
+                _ => j.lease_owner.clone(),
+            };
+            let t = Transition {
+                state: TaskState::Completed,
+                records_affected: i as i64,
+                ..Default::default()
+            };
+            async move {
+                store
+                    .transition_leased(&j.task.key, j.task.sequence, &owner, &t, 10, 1, None, false)
+                    .await
+            }
+        });
+        futures::future::join_all(steps).await
+    }
+
+    /// The subprocessors whose steps the trail records, in its order; the chain is valid.
+    async fn recorded(store: &Store) -> Vec<String> {
+        let entries = store.audit_entries(0, 100).await.expect("entries");
+        assert!(
+            dsrelay_runtime::audit::verify(&entries).is_ok(),
+            "{entries:#?}"
+        );
+        entries
+            .iter()
+            .filter(|e| e.event_type == ProcessorAuditEvent::TaskRecorded as i32)
+            .map(|e| {
+                let rest = e.detail.split("subprocessor ").nth(1).expect("named");
+                rest.split(',').next().expect("name").to_string()
+            })
+            .collect()
+    }
+
+    /// Steps queued together are committed in one transaction, their acknowledgements and
+    /// entries in the callers' order, and each caller gets its own task's sequence; a step
+    /// whose claim was lost gets `None` and records nothing, without holding the others back.
+    async fn concurrent_steps_share_one_commit(url: &str) {
+        let (store, jobs) = claimed(url).await;
+        let before = store.steps.commits.load(Ordering::Relaxed);
+        let answers = step_all(&store, &jobs, Some("another claim")).await;
+        assert_eq!(store.steps.commits.load(Ordering::Relaxed) - before, 1);
+        let mut expected_names = Vec::new();
+        for (i, (job, answer)) in jobs.iter().zip(answers).enumerate() {
+            let answer = answer.expect("step");
+            let task = store.task(&job.task.key).await.expect("task").expect("row");
+            if i == ODD {
+                assert_eq!(answer, None);
+                assert_eq!((task.state, task.sequence), (TaskState::Pending, 1));
+            } else {
+                assert_eq!(answer, Some(job.task.sequence + 1));
+                assert_eq!(
+                    (task.state, task.sequence, task.records_affected),
+                    (TaskState::Completed, 2, i as i64)
+                );
+                expected_names.push(job.task.key.subprocessor.clone());
+            }
+        }
+        assert_eq!(recorded(&store).await, expected_names);
+        let acks = store.claim_acks(100, 100, 1_000).await.expect("acks");
+        let acked: Vec<(String, u64, i64)> = acks
+            .iter()
+            .map(|a| {
+                (
+                    a.ack.subprocessor.clone(),
+                    a.ack.sequence,
+                    a.ack.evidence.as_ref().expect("evidence").records_affected,
+                )
+            })
+            .collect();
+        let wanted: Vec<(String, u64, i64)> = (0..N)
+            .filter(|i| *i != ODD)
+            .map(|i| (format!("s{i}"), 2, i as i64))
+            .collect();
+        assert_eq!(acked, wanted);
+        store.db.pool.close().await;
+    }
+
+    /// A step that cannot be written fails its batch's transaction: every step of it is then
+    /// written alone, so the others are recorded and only its caller gets the error.
+    async fn a_failing_step_leaves_the_others_recorded(url: &str) {
+        let (store, jobs) = claimed(url).await;
+        let refuse: &[&str] = match store.db.backend {
+            Backend::Postgres => &[
+                "CREATE FUNCTION refuse_step() RETURNS trigger AS $$ BEGIN \
+                 RAISE EXCEPTION 'refused by the test'; END $$ LANGUAGE plpgsql",
+                "CREATE TRIGGER refuse_step BEFORE UPDATE OF state ON tasks FOR EACH ROW \
+                 WHEN (NEW.subprocessor = 's3') EXECUTE FUNCTION refuse_step()",
+            ],
+            Backend::Sqlite => &["CREATE TRIGGER refuse_step BEFORE UPDATE OF state ON tasks \
+                 WHEN NEW.subprocessor = 's3' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"],
+        };
+        for sql in refuse {
+            sqlx::query(sql).execute(&store.db.pool).await.expect(sql);
+        }
+        let before = store.steps.commits.load(Ordering::Relaxed);
+        let answers = step_all(&store, &jobs, None).await;
+        // The batch failed; each step was then written alone.
+        assert_eq!(
+            store.steps.commits.load(Ordering::Relaxed) - before,
+            N as u64 - 1
+        );
+        let mut expected_names = Vec::new();
+        for (i, (job, answer)) in jobs.iter().zip(answers).enumerate() {
+            let task = store.task(&job.task.key).await.expect("task").expect("row");
+            if i == ODD {
+                let error = format!("{:#}", answer.expect_err("refused"));
+                assert!(error.contains("refused by the test"), "{error}");
+                assert_eq!((task.state, task.sequence), (TaskState::Pending, 1));
+            } else {
+                assert_eq!(answer.expect("step"), Some(2));
+                assert_eq!((task.state, task.sequence), (TaskState::Completed, 2));
+                expected_names.push(job.task.key.subprocessor.clone());
+            }
+        }
+        assert_eq!(recorded(&store).await, expected_names);
+        store.db.pool.close().await;
+    }
+
+    #[tokio::test]
+    async fn concurrent_steps_share_one_commit_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        concurrent_steps_share_one_commit(&format!("sqlite://{}/p.db", dir.path().display())).await;
+    }
+
+    #[tokio::test]
+    async fn concurrent_steps_share_one_commit_on_postgres() {
+        crate::test_postgres::on_postgres(|u, _| async move {
+            concurrent_steps_share_one_commit(&u).await
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_failing_step_leaves_the_others_recorded_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        a_failing_step_leaves_the_others_recorded(&format!(
+            "sqlite://{}/p.db",
+            dir.path().display()
+        ))
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_failing_step_leaves_the_others_recorded_on_postgres() {
+        crate::test_postgres::on_postgres(|u, _| async move {
+            a_failing_step_leaves_the_others_recorded(&u).await
+        })
+        .await;
+    }
+}
