@@ -1382,10 +1382,11 @@ fn explain(
             "completed propagations below a quarter of the bare INSERT rate: during the batch \
              the cores were {:.0} % busy ({:.0} % by the services{}) and waited for I/O {:.0} % \
              of the time; {cpu_cost}; \
-             and it takes at least {} durable commits in three stores (registry: the Submit \
-             and one per processor for the accepted delivery; each processor: the accepted \
-             Deliver and two per task, IN_PROGRESS and COMPLETED, for {SUBPROCESSORS} tasks) \
-             besides batched ones (claims, acknowledgement calls, sent marks)",
+             and each request waits for a chain of durable commits in three stores, one \
+             after the other (registry: the Submit, the accepted deliveries, the \
+             acknowledgement batches; each processor: the accepted Deliver, the IN_PROGRESS \
+             and COMPLETED steps of its {SUBPROCESSORS} tasks, the sent marks), which \
+             concurrent requests share only where they meet in a batch",
             100.0 * u.busy,
             100.0 * u.watched,
             match u.tree_secs {
@@ -1393,7 +1394,6 @@ fn explain(
                 None => String::new(),
             },
             100.0 * u.iowait,
-            3 + 2 * (1 + 2 * SUBPROCESSORS)
         ));
     }
     if missed("latency p99") {
