@@ -258,8 +258,8 @@ async fn describe_store(url: &str, postgres: bool) -> String {
         format!("{version}; a pool of 16 connections per service")
     } else {
         format!(
-            "SQLite {version}, WAL, synchronous=FULL, one connection per service, one file \
-             per service"
+            "SQLite {version}, WAL, synchronous=FULL, one writer connection (and four \
+             readers) per service, one file per service"
         )
     }
 }
