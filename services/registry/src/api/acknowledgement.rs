@@ -191,29 +191,37 @@ impl Api {
         &self,
         acks: &[Acknowledgement],
     ) -> Result<Vec<(usize, FieldViolation)>, ApiError> {
-        let mut kinds: BTreeMap<&str, Option<RequestKind>> = BTreeMap::new();
+        let unreceipted = |a: &&Acknowledgement| {
+            a.state == TaskState::Completed as i32
+                && a.evidence
+                    .as_ref()
+                    .and_then(|e| e.transfer_receipt.as_ref())
+                    .is_none()
+        };
+        let ids: Vec<&str> = acks
+            .iter()
+            .take(MAX_ACKS_PER_CALL)
+            .filter(unreceipted)
+            .map(|a| a.request_id.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One query for every request concerned, not one per acknowledgement.
+        let kinds = self
+            .shared
+            .store
+            .request_kinds(&ids)
+            .await
+            .map_err(ApiError::from)?;
         let mut violations = Vec::new();
         for (i, a) in acks.iter().enumerate().take(MAX_ACKS_PER_CALL) {
-            let receipt = a
-                .evidence
-                .as_ref()
-                .and_then(|e| e.transfer_receipt.as_ref());
-            if a.state != TaskState::Completed as i32 || receipt.is_some() {
+            if !unreceipted(&a) {
                 continue;
             }
-            let kind = match kinds.get(a.request_id.as_str()) {
-                Some(k) => *k,
-                None => {
-                    let k = self
-                        .shared
-                        .store
-                        .request_kind(&a.request_id)
-                        .await
-                        .map_err(ApiError::from)?;
-                    kinds.insert(&a.request_id, k);
-                    k
-                }
-            };
+            let kind = kinds.get(a.request_id.as_str()).copied();
             if kind == Some(RequestKind::Transfer) {
                 violations.push((
                     i,

@@ -10,7 +10,7 @@
 //! processor's work happened whatever its certificate says.
 
 use dsrelay_proto::v1::certificate_service_server::CertificateService;
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 
 use dsrelay_proto::v1::{
     Acknowledgement, CertificateList, DeletionCertificate, ListCertificatesRequest, RequestKind,
@@ -117,20 +117,25 @@ fn mismatch(claims: &Claims, identity: &str, kind: &str, ack: &Acknowledgement) 
 impl Api {
     /// Checks the certificate each acknowledgement of `processor` carries and attaches the
     /// verdict to its update. Only the requests of acknowledgements with a certificate are
-    /// looked up, for their kind.
+    /// looked up, for their kind, in one query.
     pub(super) async fn check_certificates(
         &self,
         processor: &str,
         acks: &[Acknowledgement],
         updates: &mut [crate::store::TaskUpdate],
     ) -> Result<(), ApiError> {
-        let mut kinds: BTreeMap<&str, Option<RequestKind>> = BTreeMap::new();
-        for a in acks.iter().filter(|a| a.certificate.is_some()) {
-            if !kinds.contains_key(a.request_id.as_str()) {
-                let k = self.shared.store.request_kind(&a.request_id).await?;
-                kinds.insert(&a.request_id, k);
-            }
-        }
+        let certified: Vec<&str> = acks
+            .iter()
+            .filter(|a| a.certificate.is_some())
+            .map(|a| a.request_id.as_str())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let kinds = if certified.is_empty() {
+            Default::default()
+        } else {
+            self.shared.store.request_kinds(&certified).await?
+        };
         let identity = self
             .shared
             .config
@@ -141,7 +146,7 @@ impl Api {
         let key = self.shared.certificate_keys.get(processor);
         for (a, u) in acks.iter().zip(updates.iter_mut()) {
             if let Some(c) = &a.certificate {
-                let kind = certificate_kind(kinds.get(a.request_id.as_str()).copied().flatten());
+                let kind = certificate_kind(kinds.get(a.request_id.as_str()).copied());
                 let checked = check(key, identity, kind, a, c);
                 if !checked.verified {
                     tracing::warn!(

@@ -69,18 +69,30 @@ impl Store {
         Ok(tx)
     }
 
-    /// The kind of the request `id`, if it exists.
-    pub async fn request_kind(&self, id: &str) -> Result<Option<RequestKind>> {
-        let kind: Option<i64> = sqlx::query_scalar("SELECT kind FROM requests WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.db.reader)
-            .await?;
-        Ok(kind.map(|k| {
-            i32::try_from(k)
-                .ok()
-                .and_then(|k| RequestKind::try_from(k).ok())
-                .unwrap_or(RequestKind::Unspecified)
-        }))
+    /// The kinds of those of `ids` that exist, in one query.
+    pub async fn request_kinds(
+        &self,
+        ids: &[&str],
+    ) -> Result<std::collections::HashMap<String, RequestKind>> {
+        let mut out = std::collections::HashMap::new();
+        for chunk in ids.chunks(500) {
+            let sql = format!(
+                "SELECT id, kind FROM requests WHERE id IN ({})",
+                placeholders(1, chunk.len())
+            );
+            let mut q = sqlx::query_as::<_, (String, i64)>(&sql);
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            for (id, kind) in q.fetch_all(&self.db.reader).await? {
+                let kind = i32::try_from(kind)
+                    .ok()
+                    .and_then(|k| RequestKind::try_from(k).ok())
+                    .unwrap_or(RequestKind::Unspecified);
+                out.insert(id, kind);
+            }
+        }
+        Ok(out)
     }
 
     /// A request's deliveries (not cancellations), by processor name.
