@@ -171,7 +171,7 @@ impl Store {
             "SELECT CAST(COUNT(*) AS BIGINT) FROM ack_outbox \
              WHERE sent_at IS NULL AND dead_lettered_at IS NULL",
         )
-        .fetch_one(&self.db.pool)
+        .fetch_one(&self.db.reader)
         .await?)
     }
 
@@ -256,7 +256,7 @@ impl Store {
              WHERE dead_lettered_at IS NOT NULL AND sent_at IS NULL ORDER BY id LIMIT $1",
         )
         .bind(limit)
-        .fetch_all(&self.db.pool)
+        .fetch_all(&self.db.reader)
         .await?;
         rows.iter()
             .map(|r| {
@@ -285,7 +285,7 @@ impl Store {
             "SELECT CAST(COUNT(*) AS BIGINT) FROM ack_outbox \
              WHERE dead_lettered_at IS NOT NULL AND sent_at IS NULL",
         )
-        .fetch_one(&self.db.pool)
+        .fetch_one(&self.db.reader)
         .await?)
     }
 

@@ -145,7 +145,7 @@ impl Store {
 
     /// Up to `limit` entries after `after_seq`, oldest first.
     pub async fn audit_entries(&self, after_seq: u64, limit: i64) -> Result<Vec<Entry>> {
-        audit::table::entries(&self.db.pool, after_seq, limit).await
+        audit::table::entries(&self.db.reader, after_seq, limit).await
     }
 
     /// The last entry of the audit trail (seq and hash), if any: what a checkpoint signs.

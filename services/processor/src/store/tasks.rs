@@ -180,7 +180,7 @@ impl Store {
             sqlx::query("SELECT 1 AS one FROM requests WHERE controller = $1 AND request_id = $2")
                 .bind(controller)
                 .bind(request_id)
-                .fetch_optional(&self.db.pool)
+                .fetch_optional(&self.db.reader)
                 .await?
                 .is_some(),
         )
@@ -194,7 +194,7 @@ impl Store {
         ))
         .bind(controller)
         .bind(request_id)
-        .fetch_all(&self.db.pool)
+        .fetch_all(&self.db.reader)
         .await?;
         Ok(rows.into_iter().map(TaskRow::from).collect())
     }
@@ -512,7 +512,7 @@ impl Store {
             state_value(TaskState::InProgress),
             state_value(TaskState::Retained),
         ))
-        .fetch_one(&self.db.pool)
+        .fetch_one(&self.db.reader)
         .await?)
     }
 
@@ -574,7 +574,7 @@ impl Store {
                 .bind(&key.controller)
                 .bind(&key.request_id)
                 .bind(&key.subprocessor)
-                .fetch_all(&self.db.pool)
+                .fetch_all(&self.db.reader)
                 .await?
             }
             OperatorFilter::InStates {
@@ -596,7 +596,7 @@ impl Store {
                 ))
                 .bind(subprocessor.unwrap_or(""))
                 .bind(limit)
-                .fetch_all(&self.db.pool)
+                .fetch_all(&self.db.reader)
                 .await?
             }
         };
