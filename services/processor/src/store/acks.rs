@@ -22,14 +22,12 @@ pub(super) struct NewAck {
     pub(super) at: i64,
 }
 
-/// Acknowledgements per INSERT of [`queue_all`]: 6 parameters each, well under both
-/// backends' limits.
-const ACKS_PER_INSERT: usize = 200;
-
 /// Queues `acks` inside the transaction that makes their changes: one multi-row INSERT
-/// (per [`ACKS_PER_INSERT`]), in order, so the outbox ids follow the changes.
+/// per [`Backend::rows_per_statement`](dsrelay_runtime::store::Backend::rows_per_statement)
+/// rows, in order, so the outbox ids follow the changes.
 pub(super) async fn queue_all(tx: &mut AnyConnection, acks: &[NewAck]) -> Result<()> {
-    for chunk in acks.chunks(ACKS_PER_INSERT) {
+    let rows = dsrelay_runtime::store::Backend::of_connection(tx).rows_per_statement(6);
+    for chunk in acks.chunks(rows) {
         let rows: Vec<String> = (0..chunk.len())
             .map(|i| {
                 let b = 6 * i;

@@ -449,10 +449,6 @@ async fn routed_requests(tx: &mut Tx, processor: &str, ids: &[&str]) -> Result<B
     Ok(q.fetch_all(tx.conn()).await?.into_iter().collect())
 }
 
-/// Rows per multi-row INSERT here: at most 14 parameters each, well under both backends'
-/// limits.
-const ROWS_PER_INSERT: usize = 200;
-
 /// Records the acknowledgements (the exactly-once record) in multi-row INSERTs; returns the
 /// keys (request, subprocessor, sequence) recorded now, not those recorded before.
 async fn record_acks(
@@ -462,7 +458,7 @@ async fn record_acks(
     now: i64,
 ) -> Result<BTreeSet<(String, String, i64)>> {
     let mut recorded = BTreeSet::new();
-    for chunk in acks.chunks(ROWS_PER_INSERT) {
+    for chunk in acks.chunks(tx.backend.rows_per_statement(4)) {
         let values: Vec<String> = (0..chunk.len())
             .map(|i| {
                 let b = 3 + i * 4;
@@ -715,7 +711,7 @@ async fn upsert_tasks<'a>(
     now: i64,
 ) -> Result<()> {
     let updates: Vec<&TaskUpdate> = updates.collect();
-    for chunk in updates.chunks(ROWS_PER_INSERT) {
+    for chunk in updates.chunks(tx.backend.rows_per_statement(12)) {
         // Columns: request, processor ($1), subprocessor, state, sequence, records, confirmed,
         // note, reason, legal basis, retained until, updated ($2), receipt, progress.
         let values: Vec<String> = (0..chunk.len())

@@ -70,10 +70,6 @@ pub(super) async fn insert_event(
     .await
 }
 
-/// Rows per INSERT of [`insert_events`]: 13 parameters each, well under both backends'
-/// limits.
-const EVENTS_PER_INSERT: usize = 200;
-
 /// Records `events` in order, as [`insert_event`] records one, with their audit entries
 /// appended together (one read of the trail's head) and the events in multi-row INSERTs.
 pub(super) async fn insert_events(tx: &mut Tx, events: Vec<NewEvent>) -> Result<()> {
@@ -128,7 +124,7 @@ pub(super) async fn insert_events(tx: &mut Tx, events: Vec<NewEvent>) -> Result<
         parts.next().map(str::to_string),
         parts.next().map(str::to_string),
     );
-    for chunk in rows.chunks(EVENTS_PER_INSERT) {
+    for chunk in rows.chunks(tx.backend.rows_per_statement(13)) {
         let mut sql = String::from(
             "INSERT INTO events (request_id, type, occurred_at, request_state, processor, \
              subprocessor, task_state, sequence, attempt, message, trace_id, span_id, progress) \

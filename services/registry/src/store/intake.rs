@@ -141,15 +141,11 @@ impl Store {
     }
 }
 
-/// Rows per multi-row INSERT of requests: few enough that binding a statement's numbered
-/// parameters stays cheap on SQLite (it looks each name up in a list).
-const REQUESTS_PER_INSERT: usize = 32;
-
 /// Stores Submits (no contract end among them) with their outbox rows and first events in
 /// `tx`, in a fixed number of statements whatever their number (the batch in chunks of
-/// [`REQUESTS_PER_INSERT`]): one read of the keys already used, per partner; multi-row
-/// INSERTs of the requests and of their outbox rows; the events and their audit entries
-/// written together. Answers in order, as [`insert_one`] would one by one: a key used before,
+/// [`Backend::rows_per_statement`](dsrelay_runtime::store::Backend::rows_per_statement)):
+/// one read of the keys already used, per partner; multi-row INSERTs of the requests and
+/// of their outbox rows; the events and their audit entries written together. Answers in order, as [`insert_one`] would one by one: a key used before,
 /// or earlier in the batch, finds that request. `None` (or an error) when an insert lost a
 /// race on a key to another replica: the caller stores each on its own.
 async fn insert_many(tx: &mut Tx, rs: &[&NewRequest]) -> Result<Option<Vec<Inserted>>> {
@@ -164,7 +160,7 @@ async fn insert_many(tx: &mut Tx, rs: &[&NewRequest]) -> Result<Option<Vec<Inser
     // (partner, key) -> (request id, body hash)
     let mut used: HashMap<(String, String), (String, String)> = HashMap::new();
     for (partner, keys) in &keys {
-        for chunk in keys.chunks(REQUESTS_PER_INSERT * 4) {
+        for chunk in keys.chunks(tx.backend.rows_per_statement(1)) {
             let sql = format!(
                 "SELECT idempotency_key, id, body_hash FROM requests WHERE partner = $1 \
                  AND idempotency_key IN ({})",
@@ -202,10 +198,12 @@ async fn insert_many(tx: &mut Tx, rs: &[&NewRequest]) -> Result<Option<Vec<Inser
 }
 
 /// Writes new requests with their outbox rows and SUBMITTED events (and audit entries), in
-/// multi-row statements of [`REQUESTS_PER_INSERT`] requests. `false` when a request's key
-/// was taken meanwhile by another replica (nothing usable is left in `tx` then).
+/// multi-row statements of as many rows as
+/// [`Backend::rows_per_statement`](dsrelay_runtime::store::Backend::rows_per_statement)
+/// allows. `false` when a request's key was taken meanwhile by another replica (nothing
+/// usable is left in `tx` then).
 async fn store_new(tx: &mut Tx, new: &[&NewRequest]) -> Result<bool> {
-    for chunk in new.chunks(REQUESTS_PER_INSERT) {
+    for chunk in new.chunks(tx.backend.rows_per_statement(13)) {
         // updated_at and checked_at are received_at.
         let rows: Vec<String> = (0..chunk.len())
             .map(|i| {
@@ -250,7 +248,7 @@ async fn store_new(tx: &mut Tx, new: &[&NewRequest]) -> Result<bool> {
                 .map(|p| (r.id.as_str(), p.as_str(), r.received_at))
         })
         .collect();
-    for chunk in outbox.chunks(REQUESTS_PER_INSERT * 2) {
+    for chunk in outbox.chunks(tx.backend.rows_per_statement(3)) {
         let rows: Vec<String> = (0..chunk.len())
             .map(|i| values_row([2 + i * 3, 3 + i * 3, 1, 4 + i * 3]))
             .collect();

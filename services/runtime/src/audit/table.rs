@@ -32,8 +32,8 @@ pub async fn append(conn: &mut AnyConnection, new: NewEntry) -> Result<()> {
     append_all(conn, vec![new]).await
 }
 
-/// Rows per INSERT of [`append_all`]: 8 parameters each, well under both backends' limits.
-const ROWS_PER_INSERT: usize = 200;
+/// Parameters per row of [`append_all`]'s INSERTs.
+const PARAMS_PER_ROW: usize = 8;
 
 /// Appends `entries` in the caller's transaction, in order, each chained to the one before
 /// (the first to the trail's last entry): one read of the head, then multi-row INSERTs.
@@ -66,7 +66,8 @@ pub async fn append_all(conn: &mut AnyConnection, entries: Vec<NewEntry>) -> Res
         prev_hash = entry.hash.clone();
         chained.push(entry);
     }
-    for chunk in chained.chunks(ROWS_PER_INSERT) {
+    let rows = crate::store::Backend::of_connection(conn).rows_per_statement(PARAMS_PER_ROW);
+    for chunk in chained.chunks(rows) {
         let mut sql = String::from(
             "INSERT INTO audit_log (seq, occurred_at, request_id, event_type, actor, detail, \
              prev_hash, hash) VALUES ",
@@ -136,4 +137,48 @@ pub async fn hash_of(pool: &AnyPool, seq: u64) -> Result<Option<String>> {
             .fetch_optional(pool)
             .await?,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Backend, Db};
+    use sqlx::Executor as _;
+
+    /// A batch longer than one statement's rows (SQLite's parameter budget) is one chain:
+    /// each entry linked to the one before across the statements, and to what was there.
+    #[tokio::test]
+    async fn entries_appended_over_several_statements_form_one_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("a.db").display());
+        let db = Db::connect(&url).await.unwrap();
+        db.pool
+            .execute(
+                "CREATE TABLE audit_log (seq BIGINT PRIMARY KEY, occurred_at BIGINT NOT NULL, \
+                 request_id TEXT NOT NULL, event_type BIGINT NOT NULL, actor TEXT NOT NULL, \
+                 detail TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL)",
+            )
+            .await
+            .unwrap();
+        let new = |i: i64| NewEntry {
+            occurred_at: 1_000 + i,
+            request_id: format!("r{i}"),
+            event_type: 1,
+            actor: "crm".into(),
+            detail: format!("entry {i}"),
+        };
+        let per_statement = Backend::Sqlite.rows_per_statement(PARAMS_PER_ROW);
+        let mut conn = db.pool.acquire().await.unwrap();
+        append(&mut conn, new(0)).await.unwrap();
+        let batch = (1..=(2 * per_statement as i64 + 3)).map(new).collect();
+        append_all(&mut conn, batch).await.unwrap();
+        drop(conn);
+        let all = entries(&db.pool, 0, 10_000).await.unwrap();
+        assert_eq!(all.len(), 2 * per_statement + 4);
+        crate::audit::verify(&all).expect("one intact chain");
+        assert_eq!(
+            head(&db.pool).await.unwrap().map(|h| h.0),
+            Some(all.len() as u64)
+        );
+    }
 }
