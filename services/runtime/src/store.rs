@@ -329,6 +329,22 @@ pub fn lookups(from: &str, on: &str, columns: &[(&str, &str)]) -> String {
         .join(", ")
 }
 
+/// `$first, $first+1, ...`: `count` numbered placeholders, comma-separated (an `IN` list),
+/// which both backends accept.
+pub fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|n| format!("${n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One VALUES row of numbered placeholders, `($a, $b, ...)`, for a multi-row statement whose
+/// rows bind their parameters at these numbers.
+pub fn values_row(params: impl IntoIterator<Item = usize>) -> String {
+    let params: Vec<String> = params.into_iter().map(|n| format!("${n}")).collect();
+    format!("({})", params.join(", "))
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -357,6 +373,12 @@ mod tests {
             Backend::Postgres
         );
         assert!(Backend::of_url("mysql://h/db").is_err());
+    }
+
+    #[test]
+    fn placeholders_are_numbered_from_first() {
+        assert_eq!(placeholders(3, 3), "$3, $4, $5");
+        assert_eq!(values_row([2, 1, 3]), "($2, $1, $3)");
     }
 
     #[test]

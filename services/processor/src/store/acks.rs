@@ -7,6 +7,7 @@
 use anyhow::Result;
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::v1::{Acknowledgement, ProcessorAuditEvent};
+use dsrelay_runtime::store::{placeholders, values_row};
 use sqlx::AnyConnection;
 
 use super::audit::{self, Record};
@@ -29,18 +30,7 @@ pub(super) async fn queue_all(tx: &mut AnyConnection, acks: &[NewAck]) -> Result
     let rows = dsrelay_runtime::store::Backend::of_connection(tx).rows_per_statement(6);
     for chunk in acks.chunks(rows) {
         let rows: Vec<String> = (0..chunk.len())
-            .map(|i| {
-                let b = 6 * i;
-                format!(
-                    "(${}, ${}, ${}, ${}, ${}, ${})",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5,
-                    b + 6
-                )
-            })
+            .map(|i| values_row(6 * i + 1..=6 * i + 6))
             .collect();
         let sql = format!(
             "INSERT INTO ack_outbox (controller, request_id, subprocessor, sequence, payload, \
@@ -66,14 +56,6 @@ pub(super) async fn queue_all(tx: &mut AnyConnection, acks: &[NewAck]) -> Result
 /// the sender's (`acks.batch_size`) is one statement, well under both backends' limits on
 /// parameters.
 const IDS_PER_STATEMENT: usize = 1000;
-
-/// `count` numbered placeholders from `$first` on, separated by commas.
-fn placeholders(first: usize, count: usize) -> String {
-    (first..first + count)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
 
 impl Store {
     /// Reserves up to `limit` queued acknowledgements due at `now` (the processor's clock)

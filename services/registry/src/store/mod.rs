@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use dsrelay_proto::v1::RequestState;
-use dsrelay_runtime::store::{Backend, Db};
+use dsrelay_runtime::store::{placeholders, values_row, Backend, Db};
 use sqlx::{Any, AnyConnection, Transaction};
 
 mod acknowledgements;
@@ -168,20 +168,4 @@ impl Tx {
             .await?
             .unwrap_or(RequestState::Unspecified))
     }
-}
-
-/// `$first, $first+1, ...`: `count` numbered placeholders (for an `IN` list or a VALUES row),
-/// which both backends accept.
-fn placeholders(first: usize, count: usize) -> String {
-    (first..first + count)
-        .map(|n| format!("${n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// One VALUES row of numbered placeholders, `($a, $b, ...)`, for a multi-row statement whose
-/// rows bind their parameters at these numbers.
-fn values_row(params: impl IntoIterator<Item = usize>) -> String {
-    let params: Vec<String> = params.into_iter().map(|n| format!("${n}")).collect();
-    format!("({})", params.join(", "))
 }

@@ -77,17 +77,7 @@ pub async fn append_all(conn: &mut AnyConnection, entries: Vec<NewEntry>) -> Res
             if i > 0 {
                 sql.push_str(", ");
             }
-            sql.push_str(&format!(
-                "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                b + 1,
-                b + 2,
-                b + 3,
-                b + 4,
-                b + 5,
-                b + 6,
-                b + 7,
-                b + 8
-            ));
+            sql.push_str(&crate::store::values_row(b + 1..=b + 8));
         }
         let mut q = sqlx::query(&sql);
         for e in chunk {
