@@ -703,14 +703,15 @@ pub(super) async fn apply_accepted(tx: &mut Tx, accepted: &[Accepted<'_>], now: 
 }
 
 /// Writes each task's new state in multi-row upserts; a report older than what is stored
-/// never moves a task back.
+/// never moves a task back. Answers how many tasks were written.
 async fn upsert_tasks<'a>(
     tx: &mut Tx,
     processor: &str,
     updates: impl Iterator<Item = &'a TaskUpdate>,
     now: i64,
-) -> Result<()> {
+) -> Result<u64> {
     let updates: Vec<&TaskUpdate> = updates.collect();
+    let mut written = 0;
     for chunk in updates.chunks(tx.backend.rows_per_statement(12)) {
         // Columns: request, processor ($1), subprocessor, state, sequence, records, confirmed,
         // note, reason, legal basis, retained until, updated ($2), receipt, progress.
@@ -745,9 +746,9 @@ async fn upsert_tasks<'a>(
                 .bind(t.transfer_receipt.as_ref().map(Message::encode_to_vec))
                 .bind(t.progress.as_ref().map(Message::encode_to_vec));
         }
-        q.execute(tx.conn()).await?;
+        written += q.execute(tx.conn()).await?.rows_affected();
     }
-    Ok(())
+    Ok(written)
 }
 
 /// The STATE_CHANGED event of a request moving from `old` to `new`.
@@ -768,7 +769,7 @@ fn state_changed_event(id: &str, old: RequestState, new: RequestState, now: i64)
     }
 }
 
-/// The task upsert's text before its VALUES rows ([`upsert_task`] and [`upsert_tasks`]).
+/// The task upsert's text before its VALUES rows ([`upsert_tasks`]).
 const UPSERT_TASK_HEAD: &str = "INSERT INTO tasks (request_id, processor, subprocessor, state, \
      sequence, records_affected, confirmed, note, reason, legal_basis, retain_until, \
      updated_at, transfer_receipt, progress) VALUES";
@@ -802,29 +803,9 @@ pub(super) async fn upsert_task(
     t: &TaskUpdate,
     now: i64,
 ) -> Result<bool> {
-    let sql = format!(
-        "{UPSERT_TASK_HEAD} ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
-         {UPSERT_TASK_TAIL}"
-    );
-    let n = sqlx::query(&sql)
-        .bind(request_id)
-        .bind(processor)
-        .bind(&t.subprocessor)
-        .bind(i64::from(t.state))
-        .bind(t.sequence)
-        .bind(t.records_affected)
-        .bind(i64::from(t.confirmed))
-        .bind(&t.note)
-        .bind(&t.reason)
-        .bind(&t.legal_basis)
-        .bind(t.retain_until)
-        .bind(now)
-        .bind(t.transfer_receipt.as_ref().map(Message::encode_to_vec))
-        .bind(t.progress.as_ref().map(Message::encode_to_vec))
-        .execute(tx.conn())
-        .await?
-        .rows_affected();
-    Ok(n > 0)
+    let mut update = t.clone();
+    update.request_id = request_id.to_string();
+    Ok(upsert_tasks(tx, processor, std::iter::once(&update), now).await? > 0)
 }
 
 /// Recomputes a request's state from its deliveries and tasks; records a change.
