@@ -38,3 +38,27 @@ where
     let dir = tempfile::tempdir().expect("tempdir");
     test(format!("{base}/{name}{query}"), dir.path().to_path_buf()).await;
 }
+
+/// Returns once a session on `pool`'s database waits for a lock another one holds: how a
+/// test knows the statement it started is blocked behind the transaction it keeps open.
+/// Panics when none does within ten seconds (the statement did not wait).
+pub(crate) async fn until_waiting_for_a_lock(pool: &sqlx::AnyPool) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no session waits for a lock"
+        );
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await
+        .expect("pg_stat_activity");
+        if waiting > 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

@@ -202,9 +202,23 @@ impl Store {
                 "must be NONE, DELETE or RETURN_THEN_DELETE".into(),
             )));
         };
+        // The tasks are locked (on SQLite the one writer holds every other off): whether
+        // deleting started decides the update, and a runner's step committing meanwhile (to
+        // DELETING, say) must be read, not passed over. The request's row first, as every
+        // transaction locking both does (it may be updated below), then the tasks in order.
+        let lock = self.db.backend.lock_rows();
+        if !lock.is_empty() {
+            sqlx::query(&format!(
+                "SELECT 1 AS one FROM requests WHERE controller = $1 AND request_id = $2{lock}"
+            ))
+            .bind(controller)
+            .bind(request_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        }
         let rows: Vec<TaskRecord> = sqlx::query_as(&format!(
             "SELECT {TASK_COLUMNS} FROM tasks WHERE controller = $1 AND request_id = $2 \
-             ORDER BY subprocessor"
+             ORDER BY subprocessor{lock}"
         ))
         .bind(controller)
         .bind(request_id)
@@ -420,4 +434,81 @@ fn wanted_recipient(
         )));
     }
     Ok(wanted.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use dsrelay_proto::v1::{RequestKind, RequestParameters};
+    use dsrelay_runtime::store::Db;
+
+    use super::*;
+    use crate::store::{POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+
+    /// A runner's step starting to delete commits while an update of the terms waits for
+    /// the task's row: the update reads the step and is refused as too late, rather than
+    /// changing the terms of a deletion under way.
+    #[tokio::test]
+    async fn an_update_waits_for_a_step_that_starts_deleting_on_postgres() {
+        crate::test_postgres::on_postgres(|url, _| async move {
+            let db = Db::connect(&url).await.expect("connect");
+            db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+                .await
+                .expect("migrate");
+            let store = Store::new(db, b"test key");
+            let terms = |grace_ends_at: i64| ContractEnd {
+                choice: ContractEndChoice::Delete as i32,
+                effective_at: Some(timestamp_from_millis(1_000)),
+                grace_ends_at: Some(timestamp_from_millis(grace_ends_at)),
+                return_confirmed: false,
+                transfer_recipient: String::new(),
+            };
+            let req = DeliverRequest {
+                request_id: "ce-1".into(),
+                kind: RequestKind::ContractEnd as i32,
+                parameters: Some(RequestParameters {
+                    contract_end: Some(terms(2_000)),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            store
+                .accept("acme", &req, &["crm".into()], None, 1)
+                .await
+                .expect("accept");
+            // The runner's step to DELETING, not committed yet.
+            let mut step = store.db.pool.begin().await.expect("begin");
+            sqlx::query(
+                "UPDATE tasks SET sequence = sequence + 1, contract_phase = $1 \
+                 WHERE request_id = 'ce-1'",
+            )
+            .bind(i64::from(ContractPhase::Deleting as i32))
+            .execute(&mut *step)
+            .await
+            .expect("step");
+            let update = {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .update_contract_end("acme", "ce-1", &terms(5_000), None, 3)
+                        .await
+                        .expect("update")
+                })
+            };
+            crate::test_postgres::until_waiting_for_a_lock(&store.db.pool).await;
+            step.commit().await.expect("commit");
+            let updated = update.await.expect("joined");
+            assert!(
+                matches!(updated, Updated::Refused(Refusal::TooLate(_))),
+                "{updated:?}"
+            );
+            let stored = store
+                .contract_terms("acme", "ce-1")
+                .await
+                .expect("terms")
+                .expect("stored");
+            assert_eq!(stored.grace_ends_at, 2_000);
+            store.db.pool.close().await;
+        })
+        .await;
+    }
 }

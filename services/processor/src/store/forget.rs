@@ -77,9 +77,15 @@ impl Store {
         now: i64,
     ) -> Result<bool> {
         let mut tx = self.begin_audited().await?;
+        // `forgotten_at IS NULL` on the row updated, not only in the subquery: replicas
+        // forgetting side by side (PostgreSQL) wait for each other's lock on this row, and
+        // only the row's own condition is checked again once the other one committed (the
+        // subquery keeps what the statement first saw), so the second one changes nothing
+        // and records no second entry.
         let changed = sqlx::query(&format!(
             "UPDATE requests SET body = NULL, cancel_reason = NULL, identity_hashes = $2, \
-             forgotten_at = $3 WHERE controller = $4 AND request_id = $5 AND EXISTS \
+             forgotten_at = $3 WHERE controller = $4 AND request_id = $5 \
+             AND forgotten_at IS NULL AND EXISTS \
              (SELECT 1 FROM requests r WHERE r.controller = $4 AND r.request_id = $5 AND {})",
             forgettable_where()
         ))
@@ -157,9 +163,11 @@ mod tests {
     use crate::store::{POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
 
     async fn store(dir: &std::path::Path) -> Store {
-        let db = Db::connect(&format!("sqlite://{}/processor.db", dir.display()))
-            .await
-            .unwrap();
+        store_at(&format!("sqlite://{}/processor.db", dir.display())).await
+    }
+
+    async fn store_at(url: &str) -> Store {
+        let db = Db::connect(url).await.unwrap();
         db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
             .await
             .unwrap();
@@ -285,5 +293,49 @@ mod tests {
             ids(&store.requests_to_forget(600, 10).await.unwrap()),
             ["retained", "recent"]
         );
+    }
+
+    /// Two replicas forgetting the same request side by side: the one that waited for the
+    /// other's lock on the request finds it forgotten, changes nothing and records no entry.
+    #[tokio::test]
+    async fn a_request_forgotten_meanwhile_is_not_forgotten_again_on_postgres() {
+        crate::test_postgres::on_postgres(|url, _| async move {
+            use TaskState::*;
+            let store = store_at(&url).await;
+            request(&store, "done", &[("a", Completed, 100)]).await;
+            let due = store.requests_to_forget(500, 10).await.unwrap();
+            assert_eq!(ids(&due), ["done"]);
+            // The other replica's forgetting, not committed yet.
+            let mut other = store.db.pool.begin().await.unwrap();
+            sqlx::query("UPDATE requests SET forgotten_at = 800 WHERE request_id = 'done'")
+                .execute(&mut *other)
+                .await
+                .unwrap();
+            let forgetting = {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let r = Forgettable {
+                        controller: "c".into(),
+                        request_id: "done".into(),
+                        body: None,
+                    };
+                    store.forget_request(&r, "[]", 500, 900).await.unwrap()
+                })
+            };
+            crate::test_postgres::until_waiting_for_a_lock(&store.db.pool).await;
+            other.commit().await.unwrap();
+            assert!(!forgetting.await.unwrap());
+            let entries = store.audit_entries(0, 100).await.unwrap();
+            let forgotten = dsrelay_proto::v1::ProcessorAuditEvent::RequestForgotten as i32;
+            assert!(!entries.iter().any(|e| e.event_type == forgotten));
+            let at: Option<i64> =
+                sqlx::query_scalar("SELECT forgotten_at FROM requests WHERE request_id = 'done'")
+                    .fetch_one(&store.db.pool)
+                    .await
+                    .unwrap();
+            assert_eq!(at, Some(800));
+            store.db.pool.close().await;
+        })
+        .await;
     }
 }

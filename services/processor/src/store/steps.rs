@@ -1,9 +1,9 @@
 //! Group commit for the runner's task steps: concurrent [`Store::transition_leased`] calls
 //! queue their steps here, and whichever finds no commit under way starts one, which writes
 //! everything queued in a single transaction (each step's task row, then the batch's
-//! acknowledgements in one INSERT and its audit entries with one read of the trail's head)
-//! and keeps going while steps are queued. One commit then serves many steps, while each
-//! caller still gets its own answer only once its step is durable.
+//! acknowledgements in one INSERT and its audit entries together) and keeps going while
+//! steps are queued. One commit then serves many steps, while each caller still gets its own
+//! answer only once its step is durable.
 //!
 //! The commit runs in a task of its own, so a caller that gives up waiting (its step
 //! abandoned) cancels nothing of the others. When a batch's transaction fails, every step of
@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 
 use super::rows::TaskKey;
 use super::tasks::{prepare_step, PreparedStep, Step};
-use super::{acks, audit, Store};
+use super::{acks, audit, certificates, Store};
 use crate::task_machine::Transition;
 
 /// Most steps written in one transaction.
@@ -167,9 +167,29 @@ impl Store {
     pub(super) async fn record_steps(&self, steps: &[QueuedStep]) -> Result<Vec<Option<i64>>> {
         let mut tx = self.begin_audited().await?;
         let issuer = self.issuer.as_deref();
-        let mut sequences = Vec::with_capacity(steps.len());
-        let (mut queued, mut entries) = (Vec::new(), Vec::new());
-        for s in steps {
+        // Transactions run side by side on PostgreSQL, so rows are locked in one order, as
+        // everywhere: the rows of the requests whose steps may issue a certificate first
+        // (see `certificates::lock_requests`), then the tasks' rows in key order (as a
+        // cancellation or an update of terms locks a request's tasks); the acknowledgements
+        // and entries still follow the callers' order.
+        let certifying: Vec<(&str, &str)> = steps
+            .iter()
+            .filter(|s| certificates::may_issue(issuer, &s.t))
+            .map(|s| (s.key.controller.as_str(), s.key.request_id.as_str()))
+            .collect();
+        certificates::lock_requests(&mut tx, &certifying).await?;
+        let mut order: Vec<usize> = (0..steps.len()).collect();
+        order.sort_by(|a, b| {
+            let key = |i: usize| {
+                let k = &steps[i].key;
+                (&k.controller, &k.request_id, &k.subprocessor)
+            };
+            key(*a).cmp(&key(*b))
+        });
+        let mut prepared_steps: Vec<Option<PreparedStep>> =
+            std::iter::repeat_with(|| None).take(steps.len()).collect();
+        for i in order {
+            let s = &steps[i];
             let step = Step {
                 expected_sequence: s.expected_sequence,
                 lease_owner: Some(&s.lease_owner),
@@ -188,6 +208,11 @@ impl Store {
                 s.traceparent.clone(),
             )
             .await?;
+            prepared_steps[i] = prepared;
+        }
+        let mut sequences = Vec::with_capacity(steps.len());
+        let (mut queued, mut entries) = (Vec::new(), Vec::new());
+        for prepared in prepared_steps {
             sequences.push(prepared.as_ref().map(|p| p.sequence));
             if let Some(PreparedStep { ack, entry, .. }) = prepared {
                 queued.push(ack);

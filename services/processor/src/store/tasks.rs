@@ -215,21 +215,41 @@ impl Store {
         let db_now = self.db.backend.now_ms();
         let mut tx = self.begin_audited().await?;
         // Only the first cancellation of a request is an entry, not the registry's retries
-        // of it. Read while holding the audit lock (on SQLite, the one writer), which every
-        // cancellation takes first, so two cancellations never both see none before.
-        let cancelled_before: Option<Option<i64>> = sqlx::query_scalar(
-            "SELECT cancelled_at FROM requests WHERE controller = $1 AND request_id = $2",
+        // of it. The write itself tells which one is first, even when cancellations run
+        // side by side (replicas on PostgreSQL): marking a known request as cancelled locks
+        // its row, so a concurrent one finds it cancelled; the tombstone of an unknown
+        // request is inserted by one, and the others' inserts find it there.
+        let marked = sqlx::query(
+            "UPDATE requests SET cancelled_at = $1, \
+             cancel_reason = COALESCE(cancel_reason, $2) \
+             WHERE controller = $3 AND request_id = $4 AND cancelled_at IS NULL",
         )
+        .bind(now)
+        .bind(reason)
         .bind(controller)
         .bind(request_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if !matches!(cancelled_before, Some(Some(_))) {
-            let known = if cancelled_before.is_some() {
-                "cancelled"
-            } else {
-                "cancelled before its delivery arrived"
-            };
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let first = if marked > 0 {
+            Some("cancelled")
+        } else {
+            let tombstone = sqlx::query(
+                "INSERT INTO requests (controller, request_id, kind, body, received_at, \
+                 due_at, accepted_at, cancelled_at, cancel_reason) \
+                 VALUES ($1, $2, 0, NULL, $3, $3, $3, $3, $4) \
+                 ON CONFLICT (controller, request_id) DO NOTHING",
+            )
+            .bind(controller)
+            .bind(request_id)
+            .bind(now)
+            .bind(reason)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            (tombstone > 0).then_some("cancelled before its delivery arrived")
+        };
+        if let Some(known) = first {
             let reason = tx.text(reason);
             let detail = if reason.is_empty() {
                 known.to_string()
@@ -244,24 +264,12 @@ impl Store {
             };
             audit::append(&mut tx, ProcessorAuditEvent::RequestCancelled, now, record).await?;
         }
-        sqlx::query(
-            "INSERT INTO requests (controller, request_id, kind, body, received_at, due_at, \
-             accepted_at, cancelled_at, cancel_reason) VALUES ($1, $2, 0, NULL, $3, $3, $3, $3, $4) \
-             ON CONFLICT (controller, request_id) DO UPDATE SET \
-             cancelled_at = COALESCE(requests.cancelled_at, excluded.cancelled_at), \
-             cancel_reason = COALESCE(requests.cancel_reason, excluded.cancel_reason)",
-        )
-        .bind(controller)
-        .bind(request_id)
-        .bind(now)
-        .bind(reason)
-        .execute(&mut *tx)
-        .await?;
         // Locked: a runner's start or outcome committing meanwhile is read, not overwritten
         // (on SQLite the transaction's first write already holds every other writer off).
         let leases: Vec<(String, i64)> = sqlx::query_as(&format!(
             "SELECT subprocessor, CAST(CASE WHEN lease_until > {db_now} THEN 1 ELSE 0 END \
-             AS BIGINT) AS leased FROM tasks WHERE controller = $1 AND request_id = $2{}",
+             AS BIGINT) AS leased FROM tasks WHERE controller = $1 AND request_id = $2 \
+             ORDER BY subprocessor{}",
             self.db.backend.lock_rows()
         ))
         .bind(controller)
@@ -669,6 +677,10 @@ async fn step_transition(
     // The span the change happens in (a task step, a cancellation) is where the registry's
     // handling of the acknowledgement hangs in the trace.
     let traceparent = trace_context::traceparent_of(&tracing::Span::current()).unwrap_or_default();
+    if super::certificates::may_issue(issuer, t) {
+        let request = (key.controller.as_str(), key.request_id.as_str());
+        super::certificates::lock_requests(tx, &[request]).await?;
+    }
     let Some(prepared) = prepare_step(tx, issuer, key, step, t, now, attempts, traceparent).await?
     else {
         return Ok(None);
@@ -692,7 +704,9 @@ pub(super) struct PreparedStep {
 
 /// Writes `t` to the task row as `step` says (with the certificate it issues and the upload
 /// it queues) and prepares its acknowledgement, carrying `traceparent`, and its audit entry;
-/// `None` when the task is no longer at the step's sequence (or claim).
+/// `None` when the task is no longer at the step's sequence (or claim). A step that may issue
+/// a certificate must have locked its request's row first
+/// ([`super::certificates::lock_requests`]).
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn prepare_step(
     tx: &mut AuditTx,
