@@ -241,6 +241,7 @@ impl App {
         let scraped = shared.clone();
         let (runner, sender, uploader) = (shared.clone(), shared.clone(), shared.clone());
         let forgetting = shared.clone();
+        let audit_chain = shared.store.clone();
         let signing = shared.checkpoints.clone().map(|c| (c, shared.clone()));
         // Each caller sees in reflection only what it may call.
         let reflection = [
@@ -289,6 +290,9 @@ impl App {
             })
             .worker("forgetting", move |stop| {
                 crate::forget::run(forgetting, stop)
+            })
+            .worker("audit chainer", move |stop| async move {
+                audit_chain.run_audit_chainer(stop).await
             });
         match signing {
             Some((checkpointer, shared)) => host.worker("audit checkpoints", move |stop| {

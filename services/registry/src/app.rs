@@ -228,6 +228,7 @@ impl App {
         let scraped = shared.clone();
         let (dispatched, reconciled, chained) = (shared.clone(), shared.clone(), shared.clone());
         let (expiring, forgetting) = (shared.clone(), shared.clone());
+        let audit_chain = shared.store.clone();
         let checkpointing = shared
             .checkpoints
             .clone()
@@ -290,6 +291,9 @@ impl App {
             })
             .worker("forgetting", move |stop| {
                 crate::forget::run(forgetting, stop)
+            })
+            .worker("audit chainer", move |stop| async move {
+                audit_chain.run_audit_chainer(stop).await
             });
         match checkpointing {
             Some((checkpointer, store, clock)) => host.worker("audit checkpoints", move |stop| {

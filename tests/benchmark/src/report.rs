@@ -404,8 +404,10 @@ comes to over as long a time, divided by the erasures completed. Statements are 
 BEGIN, COMMIT and ROLLBACK; writes are INSERT, UPDATE and DELETE (and WITH statements holding \
 one), their rows those the extension counts as affected; commits are COMMIT statements of \
 explicit transactions (a statement run outside one commits alone and is listed, not counted \
-as a commit). The benchmark's own reads are left out. PostgreSQL also runs the audit chain's \
-advisory lock, which SQLite does not need; otherwise both stores run the same statements.
+as a commit). The benchmark's own reads are left out. Both stores run the same statements \
+except for the audit trail: on PostgreSQL each transaction queues its entries in \
+`audit_pending` and the service's chainer chains them in batches (advisory lock, head, \
+pending rows, INSERT, DELETE); SQLite chains them in the transaction.
 ";
 
 #[cfg(test)]

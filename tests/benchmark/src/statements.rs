@@ -18,9 +18,10 @@
 //! A statement a service runs outside a transaction commits alone and is not among those;
 //! such statements are in the list of statements, which names every one.
 //!
-//! PostgreSQL runs the same statements as SQLite, plus the audit chain's advisory lock at the
-//! start of each transaction that records events (`SELECT pg_advisory_xact_lock`), which
-//! SQLite, with one writer, does not need.
+//! PostgreSQL runs the same statements as SQLite, except for the audit trail: a transaction
+//! that records events queues its entries in `audit_pending`, and the service's chainer
+//! chains them in batches (advisory lock, head, pending rows, INSERT, DELETE), where SQLite's
+//! one writer chains them in the transaction itself.
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -18,7 +18,8 @@ use serde_json::Value;
 
 use crate::harness::dsrctl::dsrctl;
 use crate::harness::{
-    count, database_url, erasure, in_state, spawn_pair, wait_until, Backend, PairOptions, TestPair,
+    audit_chained, count, database_url, erasure, in_state, spawn_pair, wait_until, Backend,
+    PairOptions, TestPair,
 };
 use dsrelay_proto::v1::ListAuditCheckpointsRequest;
 use dsrelay_runtime::audit::checkpoint::{self, Checkpoint};
@@ -92,6 +93,7 @@ async fn dsrctl_audit_verify_names_the_first_tampered_entry() {
     pair.processor.stop().await;
     let setup = &pair;
     let url = setup.registry.database_url().to_string();
+    audit_chained(&url).await;
     let events = count(&url, "SELECT COUNT(*) FROM events").await;
     assert_eq!(
         count(&url, "SELECT COUNT(*) FROM audit_log").await,

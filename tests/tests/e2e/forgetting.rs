@@ -14,7 +14,8 @@ use dsrelay_proto::v1::{
 
 use crate::harness::dsrctl::dsrctl;
 use crate::harness::{
-    count, erasure, in_state, spawn_pair, wait_until, Backend, Mode, PairOptions, TestPair,
+    audit_chained, count, erasure, in_state, spawn_pair, wait_until, Backend, Mode, PairOptions,
+    TestPair,
 };
 
 /// The sample accounting database's customer 1: her return of data carries her records
@@ -340,6 +341,7 @@ async fn forgotten_addresses_leave_no_byte_in_the_files_on_sqlite() {
             "{op}"
         );
     }
+    audit_chained(pair.registry.database_url()).await;
     assert_eq!(
         count(
             pair.registry.database_url(),

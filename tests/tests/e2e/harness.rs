@@ -1465,6 +1465,28 @@ pub async fn count(url: &str, sql: &str) -> i64 {
     n
 }
 
+/// Waits (10 s at most) until the running service whose database is `url` has chained every
+/// audit entry committed so far: on PostgreSQL entries wait in `audit_pending` for the
+/// service's chainer, which runs every `CHAIN_INTERVAL`; on SQLite they are chained when
+/// committed. For tests that read `audit_log` directly rather than through the service.
+pub async fn audit_chained(url: &str) {
+    if url.starts_with("sqlite:") {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let pending = count(url, "SELECT COUNT(*) FROM audit_pending").await;
+        if pending == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{pending} audit entries still wait for the chainer after 10 s"
+        );
+        tokio::time::sleep(dsrelay_runtime::audit::table::CHAIN_INTERVAL).await;
+    }
+}
+
 /// Where cargo put the service binaries (next to the test binary's `deps` folder).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");

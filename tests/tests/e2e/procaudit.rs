@@ -17,8 +17,8 @@ use serde_json::Value;
 
 use crate::harness::dsrctl::dsrctl;
 use crate::harness::{
-    count, database_url, erasure, in_state, spawn_pair, wait_until, Backend, PairOptions, TestPair,
-    CONTROLLER,
+    audit_chained, count, database_url, erasure, in_state, spawn_pair, wait_until, Backend,
+    PairOptions, TestPair, CONTROLLER,
 };
 
 /// The processor's operator endpoint.
@@ -188,6 +188,7 @@ async fn the_processor_keeps_a_checkpointed_trail(backend: Backend) {
     let listed = format!("{original:?}");
     assert!(!listed.contains("example.fi"), "{listed}");
     let url = pair.processor.database_url().to_string();
+    audit_chained(&url).await;
     assert_eq!(
         count(
             &url,

@@ -28,6 +28,25 @@ async fn registry_store(backend: Backend, dir: &std::path::Path) -> Option<Regis
     Some(RegistryStore::new(db, b"test key"))
 }
 
+/// Two replicas of the registry's store on one database: on SQLite, which has one writer per
+/// database, the same store twice.
+async fn registry_replicas(
+    backend: Backend,
+    dir: &std::path::Path,
+) -> Option<(RegistryStore, RegistryStore)> {
+    let url = database_url(dir, "registry", backend).await?;
+    let db = Db::connect(&url).await.expect("connect");
+    db.migrate(&REG_SQLITE, &REG_PG).await.expect("migrate");
+    let a = RegistryStore::new(db, b"test key");
+    let b = match backend {
+        Backend::Sqlite => a.clone(),
+        Backend::Postgres => {
+            RegistryStore::new(Db::connect(&url).await.expect("connect"), b"test key")
+        }
+    };
+    Some((a, b))
+}
+
 async fn processor_store(backend: Backend, dir: &std::path::Path) -> Option<ProcessorStore> {
     let url = database_url(dir, "processor", backend).await?;
     let db = Db::connect(&url).await.expect("connect");
@@ -961,6 +980,183 @@ async fn processor_released_leases_are_claimed_at_once(backend: Backend) {
     );
 }
 
+/// Every event recorded by concurrent writers, on two replicas sharing the database while
+/// both run their audit chainer, is in one gapless, valid chain once read: as many entries
+/// as events, none left waiting.
+async fn registry_concurrent_events_form_one_chain(backend: Backend) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((a, b)) = registry_replicas(backend, dir.path()).await else {
+        return;
+    };
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let chainers = [a.clone(), b.clone()].map(|store| {
+        let stop = stop.clone();
+        tokio::spawn(async move { store.run_audit_chainer(stop).await })
+    });
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let store = if w % 2 == 0 { a.clone() } else { b.clone() };
+        writers.push(tokio::spawn(async move {
+            for i in 0..10 {
+                let id = format!("w{w}-{i}");
+                store
+                    .insert_request(&new_request(&id, &id, 1_000 + i, &["p1", "p2"]))
+                    .await
+                    .expect("insert");
+                if i % 3 == 0 {
+                    // Reads of the trail chain what is committed, racing the chainers.
+                    store.audit_head().await.expect("head");
+                }
+            }
+        }));
+    }
+    for w in writers {
+        w.await.expect("writer");
+    }
+    stop_tx.send(true).expect("stop");
+    for c in chainers {
+        c.await.expect("chainer");
+    }
+    let entries = b.audit_entries(0, 100_000).await.expect("entries");
+    let intact = dsrelay_runtime::audit::verify(&entries).expect("one valid chain");
+    let events: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM events")
+        .fetch_one(&a.db().pool)
+        .await
+        .expect("events");
+    assert!(events >= 80, "{events} events");
+    assert_eq!(entries.len() as i64, events, "one entry per event");
+    assert_eq!(intact.entries, entries.len() as u64);
+    assert_eq!(entries.last().map(|e| e.seq), Some(events as u64));
+    if backend == Backend::Postgres {
+        let pending: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_pending")
+            .fetch_one(&a.db().pool)
+            .await
+            .expect("pending");
+        assert_eq!(pending, 0, "nothing left unchained");
+    }
+}
+
+/// On PostgreSQL, transactions that record audit entries commit side by side: one that has
+/// appended and not committed does not hold up another replica's change, whose entries are
+/// chained at once; the first's entry is chained once it commits, after the others, and an
+/// entry of a transaction rolled back never reaches the trail.
+async fn registry_audited_transactions_do_not_wait_for_each_other(backend: Backend) {
+    use dsrelay_runtime::audit::table::{append_all, NewEntry};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((a, b)) = registry_replicas(backend, dir.path()).await else {
+        return;
+    };
+    a.insert_request(&new_request("r0", "k0", 500, &["p1"]))
+        .await
+        .expect("insert");
+    let before = a.audit_head().await.expect("head").map_or(0, |h| h.0);
+    assert!(before > 0);
+    let entry = |detail: &str| NewEntry {
+        occurred_at: 2_000,
+        request_id: "held".into(),
+        event_type: EventType::Submitted as i32,
+        actor: "test".into(),
+        detail: detail.into(),
+    };
+    let mut held = a.db().pool.begin().await.expect("begin");
+    append_all(&mut held, vec![entry("committed late")])
+        .await
+        .expect("append");
+    let mut dropped = a.db().pool.begin().await.expect("begin");
+    append_all(&mut dropped, vec![entry("rolled back")])
+        .await
+        .expect("append");
+    // With one lock per audited transaction, or a chain written in each transaction, this
+    // change would wait for `held` to end.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        b.insert_request(&new_request("r1", "k1", 1_000, &["p1", "p2"])),
+    )
+    .await
+    .expect("another replica's change committed while a transaction with entries is open")
+    .expect("insert");
+    let (seq, _) = tokio::time::timeout(std::time::Duration::from_secs(10), b.audit_head())
+        .await
+        .expect("chained while a transaction with entries is open")
+        .expect("head")
+        .expect("a head");
+    assert!(seq > before, "the second change's entries are chained");
+    dropped.rollback().await.expect("rollback");
+    held.commit().await.expect("commit");
+    let entries = a.audit_entries(0, 10_000).await.expect("entries");
+    dsrelay_runtime::audit::verify(&entries).expect("one valid chain");
+    let last = entries.last().expect("entries");
+    assert_eq!(last.detail, "committed late");
+    assert_eq!(last.seq, seq + 1);
+    assert!(entries.iter().all(|e| e.detail != "rolled back"));
+}
+
+/// Cancellations of one request arriving side by side (the registry's retries, reaching two
+/// processor replicas on PostgreSQL) record one audit entry, for a request the processor
+/// knows and for one it does not know yet alike, and leave it cancelled once.
+async fn processor_concurrent_cancellations_record_one_entry(backend: Backend) {
+    use dsrelay_proto::v1::ProcessorAuditEvent;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(url) = database_url(dir.path(), "processor", backend).await else {
+        return;
+    };
+    let db = Db::connect(&url).await.expect("connect");
+    db.migrate(&PROC_SQLITE, &PROC_PG).await.expect("migrate");
+    let a = ProcessorStore::new(db, b"test key");
+    let b = match backend {
+        Backend::Sqlite => a.clone(),
+        Backend::Postgres => {
+            ProcessorStore::new(Db::connect(&url).await.expect("connect"), b"test key")
+        }
+    };
+    let mut expected = Vec::new();
+    for round in 0..5 {
+        let (known, unknown) = (format!("known-{round}"), format!("unknown-{round}"));
+        let req = DeliverRequest {
+            request_id: known.clone(),
+            kind: RequestKind::Erasure as i32,
+            identities: vec![email("a@b.fi")],
+            ..Default::default()
+        };
+        let subs = vec!["s1".to_string()];
+        assert!(matches!(
+            a.accept("c", &req, &subs, None, 1_000)
+                .await
+                .expect("accept"),
+            Accepted::New(_)
+        ));
+        let mut calls = Vec::new();
+        for i in 0..8 {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let id = if i < 4 {
+                known.clone()
+            } else {
+                unknown.clone()
+            };
+            calls.push(tokio::spawn(async move {
+                store
+                    .cancel("c", &id, "asked twice", 5_000 + i)
+                    .await
+                    .expect("cancel");
+            }));
+        }
+        for c in calls {
+            c.await.expect("cancel");
+        }
+        expected.extend([known, unknown]);
+    }
+    let entries = a.audit_entries(0, 10_000).await.expect("entries");
+    dsrelay_runtime::audit::verify(&entries).expect("one valid chain");
+    let mut cancelled: Vec<&str> = entries
+        .iter()
+        .filter(|e| e.event_type == ProcessorAuditEvent::RequestCancelled as i32)
+        .map(|e| e.request_id.as_str())
+        .collect();
+    cancelled.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(cancelled, expected, "one entry per cancelled request");
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -993,4 +1189,12 @@ on_both_backends!(
     registry_list_cancel_extend,
     processor_tasks_and_ack_outbox,
     processor_released_leases_are_claimed_at_once,
+    registry_concurrent_events_form_one_chain,
+    processor_concurrent_cancellations_record_one_entry,
 );
+
+/// SQLite's one writer connection holds every transaction apart, so this is PostgreSQL's alone.
+#[tokio::test]
+async fn postgres_audited_transactions_do_not_wait_for_each_other() {
+    registry_audited_transactions_do_not_wait_for_each_other(Backend::Postgres).await;
+}

@@ -5,16 +5,13 @@
 //!
 //! # One chain across replicas
 //!
-//! Appending reads the last entry and writes the next, so appenders must take turns. Every
-//! transaction that may append is begun by [`Store::begin_audited`], which on PostgreSQL
-//! takes a transaction-scoped advisory lock as its very first statement, before any row
-//! lock; [`append`] only accepts such a transaction ([`AuditTx`]). So a transaction holding
-//! row locks never waits for the chain lock while another holding the chain lock waits for
-//! its rows: the only lock ever waited for while holding another is a row lock, taken after
-//! the chain lock by everyone. The price is that audited transactions commit one at a time,
-//! which is why the runner's concurrent steps share one ([`super::steps`]) and a change of
-//! several entries appends them together ([`append_all`]).
-//! On SQLite the single writer connection already holds every transaction apart.
+//! Chaining an entry reads the last entry and writes the next, so chainers must take turns,
+//! but the changes that record entries need not: [`append`] and [`append_all`] hand the
+//! entries to `dsrelay_runtime::audit::table::append_all`, which chains them in the change's
+//! transaction on SQLite (whose one writer connection holds transactions apart) and on
+//! PostgreSQL queues them in `audit_pending` with no lock, for the service's chainer to chain
+//! just after the commit under a lock only chainers take. Reads of the trail chain what is
+//! committed first ([`Store::chain_audit`]).
 //!
 //! # No personal data
 //!
@@ -36,14 +33,16 @@ use sqlx::{Any, AnyConnection, Transaction};
 
 use super::Store;
 
-/// Key of the advisory lock that serializes the processor's audit appenders ("dsrelay" + 2).
-const AUDIT_LOCK_KEY: i64 = 0x6473_7265_6c61_7902;
+/// Key of the advisory lock that the processor's audit chainers take turns with ("dsrelay" +
+/// 2; see `dsrelay_runtime::audit::table`).
+pub(crate) const AUDIT_CHAIN_LOCK: i64 = 0x6473_7265_6c61_7902;
 
 /// The context of the keyed hashes of free text in audit entries.
 const AUDIT_TEXT_DOMAIN: &[u8] = b"dsrelay.processor.audit-text.v1";
 
-/// A transaction that holds the audit trail's append lock from its first statement on: the
-/// only kind [`append`] takes. Derefs to its connection, like a [`Transaction`].
+/// A transaction that may append to the audit trail, with the key that hashes free text for
+/// its entries: the only kind [`append`] takes. Derefs to its connection, like a
+/// [`Transaction`].
 pub(crate) struct AuditTx {
     tx: Transaction<'static, Any>,
     text_key: Arc<[u8]>,
@@ -95,7 +94,7 @@ pub(crate) struct Record<'a> {
     pub(crate) detail: String,
 }
 
-/// Appends one entry in `tx`: the last entry's seq + 1, chained to its hash.
+/// Appends one entry in `tx` (see the module documentation).
 pub(crate) async fn append(
     tx: &mut AuditTx,
     event: ProcessorAuditEvent,
@@ -105,8 +104,8 @@ pub(crate) async fn append(
     append_all(tx, vec![entry(event, at, r)]).await
 }
 
-/// Appends `entries` in `tx`, in order, with one read of the trail's head
-/// ([`audit::table::append_all`]): how a change of several entries records them.
+/// Appends `entries` in `tx`, in order, together ([`audit::table::append_all`]): how a change
+/// of several entries records them.
 pub(crate) async fn append_all(tx: &mut AuditTx, entries: Vec<NewEntry>) -> Result<()> {
     audit::table::append_all(tx, entries).await
 }
@@ -127,30 +126,39 @@ pub(crate) fn entry(event: ProcessorAuditEvent, at: i64, r: Record<'_>) -> NewEn
 }
 
 impl Store {
-    /// Begins a transaction that may append to the audit trail, holding the append lock
-    /// from its first statement (see the module documentation).
+    /// Begins a transaction that may append to the audit trail.
     pub(crate) async fn begin_audited(&self) -> Result<AuditTx> {
-        let mut tx = self.db.pool.begin().await?;
-        if let Some(lock) = self.db.backend.transaction_lock() {
-            sqlx::query(lock)
-                .bind(AUDIT_LOCK_KEY)
-                .fetch_one(&mut *tx)
-                .await?;
-        }
+        let tx = self.db.pool.begin().await?;
         Ok(AuditTx {
             tx,
             text_key: self.text_key.clone(),
         })
     }
 
-    /// Up to `limit` entries after `after_seq`, oldest first.
+    /// Up to `limit` entries after `after_seq`, oldest first, once the entries committed
+    /// before the call are chained.
     pub async fn audit_entries(&self, after_seq: u64, limit: i64) -> Result<Vec<Entry>> {
+        self.chain_audit().await?;
         audit::table::entries(&self.db.reader, after_seq, limit).await
     }
 
     /// The last entry of the audit trail (seq and hash), if any: what a checkpoint signs.
+    /// Entries committed before the call are chained first.
     pub async fn audit_head(&self) -> Result<Option<(u64, String)>> {
+        self.chain_audit().await?;
         audit::table::head(&self.db.pool).await
+    }
+
+    /// Chains the audit entries committed so far (on PostgreSQL; nothing to do on SQLite),
+    /// so that a read of the trail that follows sees them.
+    pub async fn chain_audit(&self) -> Result<usize> {
+        audit::table::chain_pending(&self.db, AUDIT_CHAIN_LOCK).await
+    }
+
+    /// The service's audit chainer: chains committed entries as they come until `stop`
+    /// turns true (on PostgreSQL; returns at once on SQLite).
+    pub async fn run_audit_chainer(&self, stop: tokio::sync::watch::Receiver<bool>) {
+        audit::table::run_chainer(self.db.clone(), AUDIT_CHAIN_LOCK, stop).await
     }
 }
 
@@ -160,6 +168,7 @@ impl dsrelay_runtime::audit::signer::Trail for Store {
     }
 
     async fn hash_of(&self, seq: u64) -> Result<Option<String>> {
+        self.chain_audit().await?;
         audit::table::hash_of(&self.db.pool, seq).await
     }
 }

@@ -213,7 +213,7 @@ impl Store {
         acks: &[TaskUpdate],
         now: i64,
     ) -> Result<AckOutcome> {
-        let mut tx = self.begin_audited().await?;
+        let mut tx = self.begin().await?;
         let ids: Vec<&str> = acks
             .iter()
             .map(|a| a.request_id.as_str())
@@ -378,7 +378,10 @@ impl Store {
         now: i64,
         max_backoff_ms: i64,
     ) -> Result<usize> {
-        let mut tx = self.begin_audited().await?;
+        let mut tx = self.begin().await?;
+        // Locked first, as acknowledgements lock it before the tasks they fold: a concurrent
+        // acknowledgement's step is waited for and seen.
+        tx.lock_requests(&[request_id]).await?;
         let mut changed = 0;
         for t in tasks {
             let mut update = TaskUpdate::from(t);

@@ -154,7 +154,7 @@ impl Store {
         actor: &str,
         now: i64,
     ) -> Result<bool> {
-        let mut tx = self.begin_audited().await?;
+        let mut tx = self.begin().await?;
         let Some(state) = tx.request_state(id, true).await? else {
             return Ok(false);
         };

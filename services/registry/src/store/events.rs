@@ -1,5 +1,6 @@
 //! Events and the audit trail: every event a request records is also appended to the
-//! hash-chained audit trail, in the same transaction.
+//! hash-chained audit trail, in the same transaction (on PostgreSQL queued there and chained
+//! just after the commit: see `dsrelay_runtime::audit::table`).
 
 use anyhow::Result;
 use dsrelay_proto::v1::{EventType, RequestState};
@@ -115,7 +116,6 @@ pub(super) async fn insert_events(tx: &mut Tx, events: Vec<NewEvent>) -> Result<
             d.progress,
         ));
     }
-    lock_audit(tx).await?;
     audit::table::append_all(tx.conn(), entries).await?;
     // The span the events happened in; without a tracer, each request's own trace id.
     let traced = trace_context::traceparent_of(&tracing::Span::current());
@@ -179,32 +179,28 @@ pub(super) async fn insert_events(tx: &mut Tx, events: Vec<NewEvent>) -> Result<
     Ok(())
 }
 
-/// Key of the advisory lock that serializes audit appenders ("dsrelay" + 1).
-const AUDIT_LOCK_KEY: i64 = 0x6473_7265_6c61_7901;
-
-/// Takes the audit trail's append lock until the transaction ends; a transaction that holds
-/// it already (`Tx::audit_locked`) does not ask the database again. Every
-/// transaction that records events takes it first, before any row lock, so that they all
-/// lock in the same order and never deadlock; as a result they commit one at a time. Where
-/// the backend needs no lock (one writer), nothing is done.
-pub(super) async fn lock_audit(tx: &mut Tx) -> Result<()> {
-    if tx.audit_locked {
-        return Ok(());
-    }
-    if let Some(lock) = tx.backend.transaction_lock() {
-        sqlx::query(lock)
-            .bind(AUDIT_LOCK_KEY)
-            .fetch_one(tx.conn())
-            .await?;
-    }
-    tx.audit_locked = true;
-    Ok(())
-}
+/// Key of the advisory lock that the registry's audit chainers take turns with ("dsrelay" + 1;
+/// see `dsrelay_runtime::audit::table`).
+pub(crate) const AUDIT_CHAIN_LOCK: i64 = 0x6473_7265_6c61_7901;
 
 impl Store {
     /// The last entry of the audit trail (seq and hash), if any: what a checkpoint signs.
+    /// Entries committed before the call are chained first.
     pub async fn audit_head(&self) -> Result<Option<(u64, String)>> {
+        self.chain_audit().await?;
         audit::table::head(&self.db.pool).await
+    }
+
+    /// Chains the audit entries committed so far (on PostgreSQL; nothing to do on SQLite),
+    /// so that a read of the trail that follows sees them.
+    pub async fn chain_audit(&self) -> Result<usize> {
+        audit::table::chain_pending(&self.db, AUDIT_CHAIN_LOCK).await
+    }
+
+    /// The service's audit chainer: chains committed entries as they come until `stop`
+    /// turns true (on PostgreSQL; returns at once on SQLite).
+    pub async fn run_audit_chainer(&self, stop: tokio::sync::watch::Receiver<bool>) {
+        audit::table::run_chainer(self.db.clone(), AUDIT_CHAIN_LOCK, stop).await
     }
 }
 
@@ -214,6 +210,7 @@ impl dsrelay_runtime::audit::signer::Trail for Store {
     }
 
     async fn hash_of(&self, seq: u64) -> Result<Option<String>> {
+        self.chain_audit().await?;
         audit::table::hash_of(&self.db.pool, seq).await
     }
 }

@@ -50,7 +50,7 @@ impl Store {
         now: i64,
         message: &str,
     ) -> Result<bool> {
-        let mut tx = self.begin_audited().await?;
+        let mut tx = self.begin().await?;
         let Some(state) = tx.request_state(id, true).await? else {
             tx.rollback().await?;
             return Ok(false);

@@ -81,7 +81,7 @@ impl Store {
         contract: Option<&NewContract>,
     ) -> Result<Inserted> {
         for _ in 0..2 {
-            let mut tx = self.begin_audited().await?;
+            let mut tx = self.begin().await?;
             match insert_one(&mut tx, r, contract).await? {
                 Some(outcome) => {
                     tx.commit().await?;
@@ -108,7 +108,7 @@ impl Store {
         if let [(r, c)] = rs {
             return Ok(vec![self.insert_intaken(r, c.as_ref()).await?]);
         }
-        let mut tx = self.begin_audited().await?;
+        let mut tx = self.begin().await?;
         if rs.iter().all(|(_, c)| c.is_none()) {
             let submits: Vec<&NewRequest> = rs.iter().map(|(r, _)| r).collect();
             if let Ok(Some(out)) = insert_many(&mut tx, &submits).await {

@@ -23,6 +23,18 @@
 //! - `forget`: removing a finished request's raw identities, body and free text after its
 //!   dispute window.
 //! - `queries`: reads for the API (a request, lists, tasks, deliveries, events, audit entries).
+//!
+//! # Concurrency
+//! On PostgreSQL transactions run side by side: replicas share the database, and within one
+//! the intake writer, the dispatcher's recorder, the reconciler and the API's handlers each
+//! write. (Recording events takes no common lock: see [`dsrelay_runtime::audit::table`].) A
+//! write that depends on what the transaction read is guarded by the database, never by
+//! taking turns: the request row is locked first (`Tx::lock_requests`, or
+//! `Tx::request_state` with its lock) by every transaction that decides on a request's state
+//! and also changes its deliveries or tasks, so all lock in the same order; outbox rows are
+//! claimed with SKIP LOCKED and written back only while their lease token still matches;
+//! idempotency keys and acknowledgement keys are unique, and a lost race on one is retried.
+//! On SQLite the one writer connection holds every transaction apart.
 
 use std::sync::Arc;
 
@@ -103,22 +115,13 @@ impl Store {
         &self.db
     }
 
-    /// A transaction that records no events.
+    /// A transaction: what it records with events goes to the audit trail with it.
     async fn begin(&self) -> Result<Tx> {
         Ok(Tx {
             tx: self.db.pool.begin().await?,
             backend: self.db.backend,
             text_key: self.text_key.clone(),
-            audit_locked: false,
         })
-    }
-
-    /// A transaction that records events: it holds the audit trail's append lock from the
-    /// start (see [`events::lock_audit`]).
-    async fn begin_audited(&self) -> Result<Tx> {
-        let mut tx = self.begin().await?;
-        events::lock_audit(&mut tx).await?;
-        Ok(tx)
     }
 }
 
@@ -129,8 +132,6 @@ struct Tx {
     backend: Backend,
     /// See [`Store`]'s field.
     text_key: Arc<[u8]>,
-    /// Whether the transaction holds the audit trail's append lock already (taken once).
-    audit_locked: bool,
 }
 
 impl Tx {
@@ -159,6 +160,33 @@ impl Tx {
                 .fetch_optional(self.conn())
                 .await?;
         Ok(state.map(rows::request_state))
+    }
+
+    /// Locks the rows of `ids` (sorted, as every multi-request lock is) until the transaction
+    /// ends: what a transaction that changes requests and also their deliveries or tasks
+    /// takes first, so that every such transaction locks a request before its other rows
+    /// and none waits for another in a cycle. Nothing to do on SQLite, whose one writer holds
+    /// transactions apart.
+    async fn lock_requests(&mut self, ids: &[&str]) -> Result<()> {
+        let lock = self.backend.lock_rows();
+        if lock.is_empty() || ids.is_empty() {
+            return Ok(());
+        }
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        for chunk in ids.chunks(self.backend.rows_per_statement(1)) {
+            let sql = format!(
+                "SELECT id FROM requests WHERE id IN ({}) ORDER BY id{lock}",
+                placeholders(1, chunk.len())
+            );
+            let mut q = sqlx::query_scalar::<_, String>(&sql);
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            q.fetch_all(self.conn()).await?;
+        }
+        Ok(())
     }
 
     /// A request's state, `UNSPECIFIED` if it does not exist, for the events that record it.

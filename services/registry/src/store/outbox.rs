@@ -123,7 +123,13 @@ impl Store {
         done: &[(&DeliveryJob, &[TaskStatus])],
         now: i64,
     ) -> Result<Vec<bool>> {
-        let mut tx = self.begin_audited().await?;
+        let mut tx = self.begin().await?;
+        // The requests first, as a cancellation (which then ends their deliveries) locks them.
+        let ids: Vec<&str> = done
+            .iter()
+            .map(|(job, _)| job.request_id.as_str())
+            .collect();
+        tx.lock_requests(&ids).await?;
         let mut held = Vec::with_capacity(done.len());
         for (job, _) in done {
             held.push(mark_delivered(&mut tx, job, now).await?);
@@ -157,7 +163,7 @@ impl Store {
         now: i64,
         refused: Option<u32>,
     ) -> Result<FailureRecorded> {
-        let mut tx = self.begin_audited().await?;
+        let mut tx = self.begin().await?;
         let dead: Option<Option<i64>> = sqlx::query_scalar(
             "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = $1, \
              lease_until = 0, lease_owner = NULL, last_error = $2, refusals = refusals + $6, \
@@ -276,7 +282,7 @@ impl Store {
         operator: &str,
         now: i64,
     ) -> Result<RequeueOutcome> {
-        let mut tx = self.begin_audited().await?;
+        let mut tx = self.begin().await?;
         let requeued = sqlx::query(
             "UPDATE deliveries SET dead_lettered_at = NULL, refusals = 0, next_attempt_at = $1, \
              lease_until = 0 WHERE request_id = $2 AND processor = $3 \

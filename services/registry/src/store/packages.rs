@@ -231,12 +231,16 @@ impl Store {
         files: &[PackageFile],
         now: i64,
     ) -> Result<PartOutcome> {
-        let mut tx = self.begin_audited().await?;
-        let expired: Option<Option<i64>> =
-            sqlx::query_scalar("SELECT expired_at FROM packages WHERE request_id = $1")
-                .bind(request_id)
-                .fetch_optional(tx.conn())
-                .await?;
+        let mut tx = self.begin().await?;
+        // Locked: the package's expiry (which deletes its files) and another completion of
+        // the same part wait for this one, and this one for them.
+        let expired: Option<Option<i64>> = sqlx::query_scalar(&format!(
+            "SELECT expired_at FROM packages WHERE request_id = $1{}",
+            tx.backend.lock_rows()
+        ))
+        .bind(request_id)
+        .fetch_optional(tx.conn())
+        .await?;
         if let Some(Some(at)) = expired {
             tx.rollback().await?;
             return Ok(PartOutcome::Expired(at));
@@ -409,7 +413,7 @@ impl Store {
 
     /// Records a package deleted at expiry, with a PACKAGE_EXPIRED event.
     pub async fn package_expired(&self, request_id: &str, now: i64, message: &str) -> Result<()> {
-        let mut tx = self.begin_audited().await?;
+        let mut tx = self.begin().await?;
         let changed = sqlx::query(
             "UPDATE packages SET expired_at = $1 WHERE request_id = $2 AND expired_at IS NULL",
         )

@@ -215,8 +215,10 @@ impl Store {
         .await?)
     }
 
-    /// Up to `limit` audit trail entries after `after_seq`, oldest first.
+    /// Up to `limit` audit trail entries after `after_seq`, oldest first, once the entries
+    /// committed before the call are chained.
     pub async fn audit_entries(&self, after_seq: u64, limit: i64) -> Result<Vec<audit::Entry>> {
+        self.chain_audit().await?;
         audit::table::entries(&self.db.reader, after_seq, limit).await
     }
 }

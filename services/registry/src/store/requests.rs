@@ -22,8 +22,10 @@ impl Store {
     /// Cancels a request: no further deliveries, and a cancellation queued for every
     /// processor.
     pub async fn cancel(&self, id: &str, reason: &str, now: i64) -> Result<CancelOutcome> {
-        let mut tx = self.begin_audited().await?;
-        let Some(state) = tx.request_state(id, false).await? else {
+        let mut tx = self.begin().await?;
+        // Locked: an acknowledgement that finishes the request meanwhile is waited for and
+        // seen, never overwritten with CANCELLED.
+        let Some(state) = tx.request_state(id, true).await? else {
             return Ok(CancelOutcome::NotFound);
         };
         if !matches!(
@@ -107,7 +109,7 @@ impl Store {
             serde_json::from_str(&row.extension_reasons).unwrap_or_default();
         reasons.push(reason.to_string());
         let due = crate::deadline::due_at(row.received_at, total);
-        let mut tx = self.begin_audited().await?;
+        let mut tx = self.begin().await?;
         sqlx::query(
             "UPDATE requests SET extension_months = $1, extension_reasons = $2, due_at = $3, \
              updated_at = $4 WHERE id = $5 AND extension_months = $6",

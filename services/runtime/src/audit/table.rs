@@ -2,15 +2,39 @@
 //! with the same columns: appending the next entry, and reading the head, one entry's hash
 //! and a page of entries.
 //!
-//! Appending reads the last entry and writes the next, so appenders must take turns: the
-//! caller's transaction holds the service's chain lock (on PostgreSQL an advisory lock taken
-//! before any row lock; on SQLite the one writer connection) before it calls [`append`] or
-//! [`append_all`].
+//! Chaining an entry reads the last entry and writes the next, so chainers must take turns.
+//! How a change's entries reach the chain depends on the backend:
+//!
+//! - **SQLite:** the one writer connection already holds every transaction apart, so
+//!   [`append_all`] chains the entries in the change's own transaction.
+//! - **PostgreSQL:** replicas and concurrent transactions write at once, and a chain lock taken
+//!   by every transaction that records an entry would make them all commit one at a time.
+//!   Instead [`append_all`] queues the entries in `audit_pending`, in the change's own
+//!   transaction and without a lock, so the change and its entries commit together or not at
+//!   all; [`chain_pending`] then moves what has been committed to the chain in batches, one
+//!   transaction each, holding the service's chain lock (a transaction-scoped advisory lock
+//!   that only chainers take). Every service runs [`run_chainer`], and every read of the
+//!   trail ([`entries`], [`head`], [`hash_of`]) is preceded by a [`chain_pending`] in the
+//!   services' stores, so an answer includes every entry committed before it was asked.
+//!
+//! The price on PostgreSQL: an entry is in the chain, and so tamper-evident, from its
+//! chaining on, [`CHAIN_INTERVAL`] at most after its commit when the service runs; until then
+//! it sits in `audit_pending`, which refuses UPDATE but not the chainer's DELETE.
+
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sqlx::{AnyConnection, AnyPool};
+use tokio::sync::watch;
 
 use super::{Entry, GENESIS_HASH};
+use crate::store::{Backend, Db};
+
+/// How often [`run_chainer`] moves committed entries from `audit_pending` to the chain.
+pub const CHAIN_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Entries [`chain_pending`] chains per transaction.
+const CHAIN_BATCH: i64 = 1000;
 
 /// What an entry says; its seq and hashes come from the chain.
 pub struct NewEntry {
@@ -26,21 +50,34 @@ pub struct NewEntry {
     pub detail: String,
 }
 
-/// Appends `new` in the caller's transaction as the last entry's seq + 1, chained to its
-/// hash (the first entry to [`GENESIS_HASH`]).
+/// Appends `new` in the caller's transaction (see [`append_all`]).
 pub async fn append(conn: &mut AnyConnection, new: NewEntry) -> Result<()> {
     append_all(conn, vec![new]).await
 }
 
-/// Parameters per row of [`append_all`]'s INSERTs.
+/// Parameters per row of [`chain`]'s INSERTs.
 const PARAMS_PER_ROW: usize = 8;
 
-/// Appends `entries` in the caller's transaction, in order, each chained to the one before
-/// (the first to the trail's last entry): one read of the head, then multi-row INSERTs.
+/// Parameters per row of [`queue`]'s INSERTs.
+const PENDING_PARAMS_PER_ROW: usize = 5;
+
+/// Records `entries`, in order, in the caller's transaction: on SQLite chained at once, on
+/// PostgreSQL queued for [`chain_pending`] (see the module documentation). Either way they
+/// commit or roll back with the caller's change.
 pub async fn append_all(conn: &mut AnyConnection, entries: Vec<NewEntry>) -> Result<()> {
     if entries.is_empty() {
         return Ok(());
     }
+    match Backend::of_connection(conn) {
+        Backend::Sqlite => chain(conn, entries).await,
+        Backend::Postgres => queue(conn, entries).await,
+    }
+}
+
+/// Chains `entries` in the caller's transaction, in order, each to the one before (the first
+/// to the trail's last entry): one read of the head, then multi-row INSERTs. The caller must
+/// be the only chainer until it commits.
+async fn chain(conn: &mut AnyConnection, entries: Vec<NewEntry>) -> Result<()> {
     let last: Option<(i64, String)> =
         sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
             .fetch_optional(&mut *conn)
@@ -66,18 +103,18 @@ pub async fn append_all(conn: &mut AnyConnection, entries: Vec<NewEntry>) -> Res
         prev_hash = entry.hash.clone();
         chained.push(entry);
     }
-    let rows = crate::store::Backend::of_connection(conn).rows_per_statement(PARAMS_PER_ROW);
+    let rows = Backend::of_connection(conn).rows_per_statement(PARAMS_PER_ROW);
     for chunk in chained.chunks(rows) {
         let mut sql = String::from(
             "INSERT INTO audit_log (seq, occurred_at, request_id, event_type, actor, detail, \
              prev_hash, hash) VALUES ",
         );
         for i in 0..chunk.len() {
-            let b = i * 8;
+            let b = i * PARAMS_PER_ROW;
             if i > 0 {
                 sql.push_str(", ");
             }
-            sql.push_str(&crate::store::values_row(b + 1..=b + 8));
+            sql.push_str(&crate::store::values_row(b + 1..=b + PARAMS_PER_ROW));
         }
         let mut q = sqlx::query(&sql);
         for e in chunk {
@@ -94,6 +131,127 @@ pub async fn append_all(conn: &mut AnyConnection, entries: Vec<NewEntry>) -> Res
         q.execute(&mut *conn).await?;
     }
     Ok(())
+}
+
+/// Queues `entries` in `audit_pending`, in order, in the caller's transaction.
+async fn queue(conn: &mut AnyConnection, entries: Vec<NewEntry>) -> Result<()> {
+    let rows = Backend::of_connection(conn).rows_per_statement(PENDING_PARAMS_PER_ROW);
+    for chunk in entries.chunks(rows) {
+        let mut sql = String::from(
+            "INSERT INTO audit_pending (occurred_at, request_id, event_type, actor, detail) \
+             VALUES ",
+        );
+        for i in 0..chunk.len() {
+            let b = i * PENDING_PARAMS_PER_ROW;
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&crate::store::values_row(
+                b + 1..=b + PENDING_PARAMS_PER_ROW,
+            ));
+        }
+        let mut q = sqlx::query(&sql);
+        for e in chunk {
+            q = q
+                .bind(e.occurred_at)
+                .bind(e.request_id.clone())
+                .bind(i64::from(e.event_type))
+                .bind(e.actor.clone())
+                .bind(e.detail.clone());
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Moves every entry committed to `audit_pending` before the call to the chain, oldest
+/// queued first, in transactions of up to [`CHAIN_BATCH`] entries that each hold the chain
+/// lock `lock_key` (the service's own); returns how many it chained. Nothing is queued on
+/// SQLite, where it does nothing.
+pub async fn chain_pending(db: &Db, lock_key: i64) -> Result<usize> {
+    if db.backend == Backend::Sqlite {
+        return Ok(0);
+    }
+    let mut chained = 0;
+    loop {
+        let mut tx = db.pool.begin().await?;
+        if let Some(lock) = db.backend.transaction_lock() {
+            sqlx::query(lock)
+                .bind(lock_key)
+                .fetch_one(&mut *tx)
+                .await
+                .context("taking the audit chain lock")?;
+        }
+        // Only committed rows are seen, and only those are deleted below (by id: a lower id
+        // that commits after this read is left for the next batch, never deleted unchained).
+        let pending: Vec<(i64, i64, String, i64, String, String)> = sqlx::query_as(
+            "SELECT id, occurred_at, request_id, event_type, actor, detail \
+             FROM audit_pending ORDER BY id LIMIT $1",
+        )
+        .bind(CHAIN_BATCH)
+        .fetch_all(&mut *tx)
+        .await?;
+        if pending.is_empty() {
+            tx.rollback().await?;
+            return Ok(chained);
+        }
+        let n = pending.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut entries = Vec::with_capacity(n);
+        for (id, occurred_at, request_id, event_type, actor, detail) in pending {
+            ids.push(id);
+            entries.push(NewEntry {
+                occurred_at,
+                request_id,
+                event_type: i32::try_from(event_type).context("audit event type")?,
+                actor,
+                detail,
+            });
+        }
+        chain(&mut tx, entries).await?;
+        for chunk in ids.chunks(db.backend.rows_per_statement(1)) {
+            let sql = format!(
+                "DELETE FROM audit_pending WHERE id IN ({})",
+                crate::store::placeholders(1, chunk.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        chained += n;
+        if n < CHAIN_BATCH as usize {
+            return Ok(chained);
+        }
+    }
+}
+
+/// Chains what is committed to `audit_pending` every [`CHAIN_INTERVAL`] until `stop` turns
+/// true (see the module documentation); returns at once on SQLite.
+pub async fn run_chainer(db: Db, lock_key: i64, mut stop: watch::Receiver<bool>) {
+    if db.backend == Backend::Sqlite {
+        return;
+    }
+    loop {
+        if *stop.borrow() {
+            // What committed last is chained now rather than at the next start.
+            if let Err(e) = chain_pending(&db, lock_key).await {
+                tracing::warn!(error = format!("{e:#}"), "chaining audit entries failed");
+            }
+            return;
+        }
+        match chain_pending(&db, lock_key).await {
+            Ok(0) => {}
+            Ok(n) => tracing::trace!(entries = n, "audit entries chained"),
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "chaining audit entries failed"),
+        }
+        tokio::select! {
+            _ = stop.changed() => {}
+            _ = tokio::time::sleep(CHAIN_INTERVAL) => {}
+        }
+    }
 }
 
 /// Up to `limit` entries after `after_seq`, oldest first.
