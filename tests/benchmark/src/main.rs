@@ -1369,8 +1369,10 @@ fn explain(
             100.0 * u.busy,
             100.0 * u.iowait,
             if is_pg {
-                "on PostgreSQL every transaction that records events also takes the audit \
-                 trail's append lock, so they commit one at a time"
+                "on PostgreSQL those transactions commit side by side (no lock is shared by \
+                 every transaction that records events: the audit chainer links the entries \
+                 afterwards), so the database server's CPU, on the same cores, is what they \
+                 share"
             } else {
                 "SQLite allows one writer, so that work and intake take turns"
             }
