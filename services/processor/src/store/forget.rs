@@ -201,6 +201,28 @@ mod tests {
         }
     }
 
+    /// A cancellation arriving after the request was forgotten does not bring free text
+    /// back: the reason is not stored.
+    #[tokio::test]
+    async fn a_cancellation_after_forgetting_stores_no_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path()).await;
+        request(&store, "done", &[("a", TaskState::Completed, 100)]).await;
+        let due = store.requests_to_forget(500, 10).await.unwrap();
+        assert!(store.forget_request(&due[0], "[]", 500, 900).await.unwrap());
+        store
+            .cancel("c", "done", "asked by subject@x", 950)
+            .await
+            .unwrap();
+        let (reason, cancelled_at): (Option<String>, Option<i64>) = sqlx::query_as(
+            "SELECT cancel_reason, cancelled_at FROM requests WHERE request_id = 'done'",
+        )
+        .fetch_one(&store.db.pool)
+        .await
+        .unwrap();
+        assert_eq!((reason, cancelled_at), (None, Some(950)));
+    }
+
     fn ids(due: &[Forgettable]) -> Vec<&str> {
         due.iter().map(|r| r.request_id.as_str()).collect()
     }

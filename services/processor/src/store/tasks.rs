@@ -219,9 +219,12 @@ impl Store {
         // side by side (replicas on PostgreSQL): marking a known request as cancelled locks
         // its row, so a concurrent one finds it cancelled; the tombstone of an unknown
         // request is inserted by one, and the others' inserts find it there.
+        // A request forgotten already (finished, then a late cancellation) gets no reason:
+        // it is free text from outside, which forgetting removed for good.
         let marked = sqlx::query(
             "UPDATE requests SET cancelled_at = $1, \
-             cancel_reason = COALESCE(cancel_reason, $2) \
+             cancel_reason = CASE WHEN forgotten_at IS NULL \
+             THEN COALESCE(cancel_reason, $2) END \
              WHERE controller = $3 AND request_id = $4 AND cancelled_at IS NULL",
         )
         .bind(now)
