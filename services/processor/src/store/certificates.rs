@@ -4,7 +4,6 @@
 use anyhow::Result;
 use dsrelay_proto::v1::TaskState;
 use dsrelay_runtime::signing::Signed;
-use dsrelay_runtime::store::Backend;
 use sqlx::AnyConnection;
 
 use super::rows::{state_value, TaskKey};
@@ -14,36 +13,6 @@ use crate::task_machine::Transition;
 /// Whether a step writing `t` may issue a certificate ([`issue_for`]), whatever its kind.
 pub(super) fn may_issue(issuer: Option<&Issuer>, t: &Transition) -> bool {
     issuer.is_some() && matches!(t.state, TaskState::Completed | TaskState::Retained)
-}
-
-/// Locks the rows of `requests` (controller, request id), in order, on PostgreSQL (on
-/// SQLite the one writer holds every other off): taken before any of their tasks' rows by
-/// the steps that may issue a certificate, which lists the request's other tasks' retained
-/// data as of the step. So steps of one request's tasks that certify take turns, each
-/// listing what those committed before it retained, as when every audited transaction ran
-/// alone; a step of one request never waits for another's.
-pub(super) async fn lock_requests(tx: &mut AnyConnection, requests: &[(&str, &str)]) -> Result<()> {
-    let lock = Backend::of_connection(tx).lock_rows();
-    if lock.is_empty() || requests.is_empty() {
-        return Ok(());
-    }
-    let mut requests = requests.to_vec();
-    requests.sort_unstable();
-    requests.dedup();
-    let rows: Vec<String> = (0..requests.len())
-        .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
-        .collect();
-    let sql = format!(
-        "SELECT 1 AS one FROM requests WHERE (controller, request_id) IN ({}) \
-         ORDER BY controller, request_id{lock}",
-        rows.join(", ")
-    );
-    let mut q = sqlx::query(&sql);
-    for (controller, request_id) in requests {
-        q = q.bind(controller).bind(request_id);
-    }
-    q.fetch_all(&mut *tx).await?;
-    Ok(())
 }
 
 /// Issues and stores the certificate of `t` when it certifies an erasure or contract end step; returns it

@@ -206,16 +206,8 @@ impl Store {
         // deleting started decides the update, and a runner's step committing meanwhile (to
         // DELETING, say) must be read, not passed over. The request's row first, as every
         // transaction locking both does (it may be updated below), then the tasks in order.
+        super::lock_requests(&mut tx, &[(controller, request_id)]).await?;
         let lock = self.db.backend.lock_rows();
-        if !lock.is_empty() {
-            sqlx::query(&format!(
-                "SELECT 1 AS one FROM requests WHERE controller = $1 AND request_id = $2{lock}"
-            ))
-            .bind(controller)
-            .bind(request_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        }
         let rows: Vec<TaskRecord> = sqlx::query_as(&format!(
             "SELECT {TASK_COLUMNS} FROM tasks WHERE controller = $1 AND request_id = $2 \
              ORDER BY subprocessor{lock}"

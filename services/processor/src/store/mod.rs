@@ -96,3 +96,36 @@ impl Store {
         &self.db
     }
 }
+
+/// Locks the rows of `requests` (controller, request id), sorted, until the transaction ends,
+/// on PostgreSQL (on SQLite the one writer holds every other transaction off). Taken before
+/// any of their tasks' rows by the transactions that decide on a request's tasks as a whole:
+/// a step that may issue a certificate (which lists the request's other tasks' retained data
+/// as of the step), an update of a contract end's terms. So those take turns per request,
+/// each seeing what the ones before it committed, and lock in one order.
+async fn lock_requests(
+    tx: &mut sqlx::AnyConnection,
+    requests: &[(&str, &str)],
+) -> anyhow::Result<()> {
+    let lock = Backend::of_connection(tx).lock_rows();
+    if lock.is_empty() || requests.is_empty() {
+        return Ok(());
+    }
+    let mut requests = requests.to_vec();
+    requests.sort_unstable();
+    requests.dedup();
+    let rows: Vec<String> = (0..requests.len())
+        .map(|i| dsrelay_runtime::store::values_row([2 * i + 1, 2 * i + 2]))
+        .collect();
+    let sql = format!(
+        "SELECT 1 AS one FROM requests WHERE (controller, request_id) IN ({}) \
+         ORDER BY controller, request_id{lock}",
+        rows.join(", ")
+    );
+    let mut q = sqlx::query(&sql);
+    for (controller, request_id) in requests {
+        q = q.bind(controller).bind(request_id);
+    }
+    q.fetch_all(&mut *tx).await?;
+    Ok(())
+}

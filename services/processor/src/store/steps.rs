@@ -169,7 +169,7 @@ impl Store {
         let issuer = self.issuer.as_deref();
         // Transactions run side by side on PostgreSQL, so rows are locked in one order, as
         // everywhere: the rows of the requests whose steps may issue a certificate first
-        // (see `certificates::lock_requests`), then the tasks' rows in key order (as a
+        // (see `super::lock_requests`), then the tasks' rows in key order (as a
         // cancellation or an update of terms locks a request's tasks); the acknowledgements
         // and entries still follow the callers' order.
         let certifying: Vec<(&str, &str)> = steps
@@ -177,7 +177,7 @@ impl Store {
             .filter(|s| certificates::may_issue(issuer, &s.t))
             .map(|s| (s.key.controller.as_str(), s.key.request_id.as_str()))
             .collect();
-        certificates::lock_requests(&mut tx, &certifying).await?;
+        super::lock_requests(&mut tx, &certifying).await?;
         let mut order: Vec<usize> = (0..steps.len()).collect();
         order.sort_by(|a, b| {
             let key = |i: usize| {

@@ -682,7 +682,7 @@ async fn step_transition(
     let traceparent = trace_context::traceparent_of(&tracing::Span::current()).unwrap_or_default();
     if super::certificates::may_issue(issuer, t) {
         let request = (key.controller.as_str(), key.request_id.as_str());
-        super::certificates::lock_requests(tx, &[request]).await?;
+        super::lock_requests(tx, &[request]).await?;
     }
     let Some(prepared) = prepare_step(tx, issuer, key, step, t, now, attempts, traceparent).await?
     else {
@@ -709,7 +709,7 @@ pub(super) struct PreparedStep {
 /// it queues) and prepares its acknowledgement, carrying `traceparent`, and its audit entry;
 /// `None` when the task is no longer at the step's sequence (or claim). A step that may issue
 /// a certificate must have locked its request's row first
-/// ([`super::certificates::lock_requests`]).
+/// ([`super::lock_requests`]).
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn prepare_step(
     tx: &mut AuditTx,

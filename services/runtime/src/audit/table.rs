@@ -13,9 +13,10 @@
 //!   transaction and without a lock, so the change and its entries commit together or not at
 //!   all; [`chain_pending`] then moves what has been committed to the chain in batches, one
 //!   transaction each, holding the service's chain lock (a transaction-scoped advisory lock
-//!   that only chainers take). Every service runs [`run_chainer`], and every read of the
-//!   trail ([`entries`], [`head`], [`hash_of`]) is preceded by a [`chain_pending`] in the
-//!   services' stores, so an answer includes every entry committed before it was asked.
+//!   that only chainers take). Every service runs [`run_chainer`], and its stores precede
+//!   every read of the trail's entries or head ([`entries`], [`head`]) with a
+//!   [`chain_pending`], so an answer includes every entry committed before it was asked.
+//!   ([`hash_of`] is asked only for entries that a checkpoint signed, chained by then.)
 //!
 //! The price on PostgreSQL: an entry is in the chain, and so tamper-evident, from its
 //! chaining on, [`CHAIN_INTERVAL`] at most after its commit when the service runs; until then
