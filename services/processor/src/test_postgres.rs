@@ -8,6 +8,15 @@ where
     F: FnOnce(String, std::path::PathBuf) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
+    on_postgres_created_with("", test).await
+}
+
+/// [`on_postgres`] with `options` appended to the `CREATE DATABASE` (a collation, say).
+pub(crate) async fn on_postgres_created_with<F, Fut>(options: &str, test: F)
+where
+    F: FnOnce(String, std::path::PathBuf) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let Some(server) = std::env::var("DSRELAY_TEST_POSTGRES_URL")
         .ok()
         .filter(|u| !u.is_empty())
@@ -25,7 +34,7 @@ where
     let admin = dsrelay_runtime::store::Db::connect(&server)
         .await
         .expect("postgres");
-    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+    sqlx::query(&format!("CREATE DATABASE \"{name}\"{options}"))
         .execute(&admin.pool)
         .await
         .expect("create database");

@@ -99,6 +99,18 @@ impl Backend {
         }
     }
 
+    /// Appended to each text column of an `ORDER BY` that sets the order rows are locked
+    /// in: byte order, the order Rust sorts keys in, whatever the database's collation
+    /// (SQLite's default collation already compares bytes). Transactions that lock several
+    /// rows one by one in Rust's order and those that lock them with one ordered `SELECT`
+    /// then take them in the same order, so they cannot wait for each other in a cycle.
+    pub fn bytewise(self) -> &'static str {
+        match self {
+            Self::Sqlite => "",
+            Self::Postgres => " COLLATE \"C\"",
+        }
+    }
+
     /// Appended to a claiming `SELECT` so that rows another replica holds are skipped rather
     /// than waited for, and the rows taken stay locked until commit.
     pub fn skip_locked(self) -> &'static str {
@@ -396,7 +408,9 @@ mod tests {
         assert_eq!(sqlite.skip_locked(), "");
         assert_eq!(sqlite.skip_locked_of("d"), "");
         assert_eq!(sqlite.transaction_lock(), None);
+        assert_eq!(sqlite.bytewise(), "");
         let postgres = Backend::Postgres;
+        assert_eq!(postgres.bytewise(), " COLLATE \"C\"");
         assert_eq!(postgres.lock_rows(), " FOR UPDATE");
         assert_eq!(postgres.skip_locked_of("d"), " FOR UPDATE OF d SKIP LOCKED");
         assert!(postgres.transaction_lock().is_some());

@@ -1198,3 +1198,73 @@ on_both_backends!(
 async fn postgres_audited_transactions_do_not_wait_for_each_other() {
     registry_audited_transactions_do_not_wait_for_each_other(Backend::Postgres).await;
 }
+
+/// Two transactions applying overlapping acknowledgement batches (a batch sent again to
+/// another registry replica while the first is still applying it) record the keys in one
+/// order: a batch that arrives out of order waits for a key the other holds without holding
+/// one the other needs next, so the other goes on rather than both waiting in a cycle (and
+/// PostgreSQL aborting one). PostgreSQL's alone: SQLite's one writer holds them apart.
+#[tokio::test]
+async fn postgres_overlapping_acknowledgement_batches_do_not_wait_in_a_cycle() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(store) = registry_store(Backend::Postgres, dir.path()).await else {
+        return;
+    };
+    store
+        .insert_request(&new_request("r1", "k1", 1_000, &["p1"]))
+        .await
+        .expect("insert");
+    let record = |sub: &'static str| {
+        sqlx::query(
+            "INSERT INTO acknowledgements (request_id, processor, subprocessor, sequence, \
+             state, received_at) VALUES ('r1', 'p1', $1, 2, $2, 2000)",
+        )
+        .bind(sub)
+        .bind(TaskState::InProgress as i32)
+    };
+    // The other transaction holds the first key of the batch, not committed yet.
+    let mut other = store.db().pool.begin().await.expect("begin");
+    sqlx::query("SET LOCAL lock_timeout = '5s'")
+        .execute(&mut *other)
+        .await
+        .expect("lock timeout");
+    record("s1").execute(&mut *other).await.expect("first key");
+    let applying = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let batch = [
+                ack("r1", "s2", 2, TaskState::InProgress),
+                ack("r1", "s1", 2, TaskState::InProgress),
+            ];
+            store.apply_acks("p1", &batch, 2_100).await
+        })
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&store.db().pool)
+        .await
+        .expect("pg_stat_activity");
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the batch did not wait"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    record("s2")
+        .execute(&mut *other)
+        .await
+        .expect("the second key is not held by the waiting batch");
+    other.rollback().await.expect("rollback");
+    let outcome = applying
+        .await
+        .expect("joined")
+        .expect("the batch goes through once the other ends");
+    assert_eq!((outcome.applied, outcome.duplicates), (2, 0));
+}

@@ -175,7 +175,8 @@ impl Store {
 
     /// Records the registry's rejection of acknowledgement `id`: retried at `next_at`, or
     /// dead-lettered now when this is rejection number `max_rejections`. Returns whether it
-    /// was dead-lettered.
+    /// was dead-lettered by this call: a rejection of one already dead-lettered (a second
+    /// sender whose lease ran out, say) changes nothing and records no second entry.
     pub async fn ack_rejected(
         &self,
         id: i64,
@@ -189,7 +190,8 @@ impl Store {
             "UPDATE ack_outbox SET attempts = attempts + 1, rejections = rejections + 1, \
              next_attempt_at = $1, lease_until = 0, last_error = $2, rejected_at = $3, \
              dead_lettered_at = CASE WHEN rejections + 1 >= $4 THEN $3 ELSE NULL END \
-             WHERE id = $5 RETURNING dead_lettered_at, controller, request_id, subprocessor, \
+             WHERE id = $5 AND dead_lettered_at IS NULL \
+             RETURNING dead_lettered_at, controller, request_id, subprocessor, \
              sequence, CAST(rejections AS BIGINT) AS rejections",
         )
         .bind(next_at)

@@ -187,8 +187,9 @@ mod tests {
 
     /// Every kind of change the trail records besides deliveries' steps at a real runner:
     /// an operator's step, an acknowledgement dead-lettered, requeued and accepted, an
-    /// export delivered, forgetting; each once, in order, in one valid chain, naming its
-    /// actor, with free text only as its keyed hash.
+    /// export delivered, forgetting; each once (also when a second sender or uploader
+    /// repeats the change), in order, in one valid chain, naming its actor, with free text
+    /// only as its keyed hash.
     async fn every_change_is_an_entry(url: &str) {
         let db = Db::connect(url).await.expect("connect");
         db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
@@ -231,6 +232,12 @@ mod tests {
             .ack_rejected(ack.id, 4, &rejection, 4, 1)
             .await
             .expect("rejected"));
+        // Rejected again once dead-lettered (another sender whose lease ran out): no second
+        // entry.
+        assert!(!store
+            .ack_rejected(ack.id, 4, &rejection, 4, 1)
+            .await
+            .expect("rejected again"));
         assert!(store
             .requeue_dead_letter(ack.id, ops, 5)
             .await
@@ -243,10 +250,21 @@ mod tests {
             files: 2,
             bytes: 10,
         };
+        let mut conn = store.db.pool.acquire().await.expect("connection");
+        crate::store::uploads::queue(&mut conn, &key, 7)
+            .await
+            .expect("queue the upload");
+        drop(conn);
         store
             .upload_finished(&key, 2, None, Some(&to), 8, 1)
             .await
             .expect("upload");
+        // Finished again by a second uploader (the first one's lease ran out while it was
+        // sending): no second entry.
+        store
+            .upload_finished(&key, 2, None, Some(&to), 8, 1)
+            .await
+            .expect("upload again");
         let due = store.requests_to_forget(100, 10).await.expect("due");
         assert_eq!(due.len(), 1);
         assert!(store

@@ -207,10 +207,10 @@ impl Store {
         // DELETING, say) must be read, not passed over. The request's row first, as every
         // transaction locking both does (it may be updated below), then the tasks in order.
         super::lock_requests(&mut tx, &[(controller, request_id)]).await?;
-        let lock = self.db.backend.lock_rows();
+        let (lock, bytes) = (self.db.backend.lock_rows(), self.db.backend.bytewise());
         let rows: Vec<TaskRecord> = sqlx::query_as(&format!(
             "SELECT {TASK_COLUMNS} FROM tasks WHERE controller = $1 AND request_id = $2 \
-             ORDER BY subprocessor{lock}"
+             ORDER BY subprocessor{bytes}{lock}"
         ))
         .bind(controller)
         .bind(request_id)

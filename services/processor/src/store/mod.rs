@@ -102,12 +102,14 @@ impl Store {
 /// any of their tasks' rows by the transactions that decide on a request's tasks as a whole:
 /// a step that may issue a certificate (which lists the request's other tasks' retained data
 /// as of the step), an update of a contract end's terms. So those take turns per request,
-/// each seeing what the ones before it committed, and lock in one order.
+/// each seeing what the ones before it committed, and lock in one order: byte order
+/// ([`Backend::bytewise`]), the order a batch of steps writes its tasks in.
 async fn lock_requests(
     tx: &mut sqlx::AnyConnection,
     requests: &[(&str, &str)],
 ) -> anyhow::Result<()> {
-    let lock = Backend::of_connection(tx).lock_rows();
+    let backend = Backend::of_connection(tx);
+    let (lock, bytes) = (backend.lock_rows(), backend.bytewise());
     if lock.is_empty() || requests.is_empty() {
         return Ok(());
     }
@@ -119,7 +121,7 @@ async fn lock_requests(
         .collect();
     let sql = format!(
         "SELECT 1 AS one FROM requests WHERE (controller, request_id) IN ({}) \
-         ORDER BY controller, request_id{lock}",
+         ORDER BY controller{bytes}, request_id{bytes}{lock}",
         rows.join(", ")
     );
     let mut q = sqlx::query(&sql);

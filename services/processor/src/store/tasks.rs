@@ -272,7 +272,8 @@ impl Store {
         let leases: Vec<(String, i64)> = sqlx::query_as(&format!(
             "SELECT subprocessor, CAST(CASE WHEN lease_until > {db_now} THEN 1 ELSE 0 END \
              AS BIGINT) AS leased FROM tasks WHERE controller = $1 AND request_id = $2 \
-             ORDER BY subprocessor{}",
+             ORDER BY subprocessor{}{}",
+            self.db.backend.bytewise(),
             self.db.backend.lock_rows()
         ))
         .bind(controller)
@@ -926,4 +927,84 @@ fn step_detail(
         }
     }
     parts.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use dsrelay_proto::v1::{DeliverRequest, RequestKind};
+    use dsrelay_runtime::store::Db;
+
+    use crate::store::{Store, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+
+    /// On a database whose collation does not sort by bytes (ICU's root locale puts
+    /// `a-mail` before `B-crm`; bytes put `B` first), a cancellation still locks a request's
+    /// tasks in byte order, the order in which a batch of steps writes them. A step batch
+    /// holding the first task while the cancellation waits for it can take the second,
+    /// where locking in the collation's order would make the two wait for each other (and
+    /// PostgreSQL abort one).
+    #[tokio::test]
+    async fn a_cancellation_locks_tasks_in_the_order_steps_write_them_on_postgres() {
+        let icu = " TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'und'";
+        crate::test_postgres::on_postgres_created_with(icu, |url, _| async move {
+            let db = Db::connect(&url).await.expect("connect");
+            db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+                .await
+                .expect("migrate");
+            let store = Store::new(db, b"test key");
+            let collated: Vec<String> = sqlx::query_scalar(
+                "SELECT s FROM (VALUES ('B-crm'), ('a-mail')) AS v (s) ORDER BY s",
+            )
+            .fetch_all(&store.db.pool)
+            .await
+            .expect("collation");
+            assert_eq!(
+                collated,
+                ["a-mail", "B-crm"],
+                "the database sorts by its collation"
+            );
+            let req = DeliverRequest {
+                request_id: "r-1".into(),
+                kind: RequestKind::Erasure as i32,
+                ..Default::default()
+            };
+            store
+                .accept("acme", &req, &["B-crm".into(), "a-mail".into()], None, 1)
+                .await
+                .expect("accept");
+            let step = |subprocessor: &'static str| {
+                sqlx::query(
+                    "UPDATE tasks SET sequence = sequence + 1 WHERE controller = 'acme' \
+                     AND request_id = 'r-1' AND subprocessor = $1",
+                )
+                .bind(subprocessor)
+            };
+            // A batch of steps, in byte order: its first task written, not committed.
+            let mut steps = store.db.pool.begin().await.expect("begin");
+            sqlx::query("SET LOCAL lock_timeout = '5s'")
+                .execute(&mut *steps)
+                .await
+                .expect("lock timeout");
+            step("B-crm")
+                .execute(&mut *steps)
+                .await
+                .expect("first step");
+            let cancel = {
+                let store = store.clone();
+                tokio::spawn(async move { store.cancel("acme", "r-1", "", 2).await })
+            };
+            crate::test_postgres::until_waiting_for_a_lock(&store.db.pool).await;
+            step("a-mail")
+                .execute(&mut *steps)
+                .await
+                .expect("the second step is not held up by the waiting cancellation");
+            steps.commit().await.expect("commit");
+            let tasks = cancel
+                .await
+                .expect("joined")
+                .expect("the cancellation goes through once the steps commit");
+            assert_eq!(tasks.len(), 2);
+            store.db.pool.close().await;
+        })
+        .await;
+    }
 }

@@ -207,7 +207,10 @@ impl Store {
     /// Retires an upload and, in the same transaction, records `t` (the task delivered or
     /// undeliverable) if the task is still at `expected_sequence`, and, when the export was
     /// `delivered`, an audit entry saying where. Returns the task's new sequence, or `None`
-    /// when it changed meanwhile or `t` is `None`.
+    /// when it changed meanwhile, `t` is `None`, or the upload was retired already: two
+    /// uploaders may finish the same upload (the first one's lease ran out while it was
+    /// still sending), and only the first records anything, so the trail says once that
+    /// the export was delivered.
     pub async fn upload_finished(
         &self,
         key: &TaskKey,
@@ -231,22 +234,29 @@ impl Store {
             super::audit::append(&mut tx, ProcessorAuditEvent::ExportDelivered, now, record)
                 .await?;
         }
+        // The task before the upload, as `upload_failed` locks them; all of it is rolled
+        // back below if another uploader retired the upload first.
         let moved = match t {
             Some(t) => {
                 super::tasks::transition(&mut tx, key, expected_sequence, t, now, attempts).await?
             }
             None => None,
         };
-        sqlx::query(
+        let retired = sqlx::query(
             "UPDATE uploads SET done_at = $1, lease_until = 0 WHERE controller = $2 \
-             AND request_id = $3 AND subprocessor = $4",
+             AND request_id = $3 AND subprocessor = $4 AND done_at IS NULL",
         )
         .bind(now)
         .bind(&key.controller)
         .bind(&key.request_id)
         .bind(&key.subprocessor)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
+        if retired == 0 {
+            tx.rollback().await?;
+            return Ok(None);
+        }
         tx.commit().await?;
         Ok(moved)
     }

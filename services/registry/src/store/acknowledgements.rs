@@ -454,12 +454,24 @@ async fn routed_requests(tx: &mut Tx, processor: &str, ids: &[&str]) -> Result<B
 
 /// Records the acknowledgements (the exactly-once record) in multi-row INSERTs; returns the
 /// keys (request, subprocessor, sequence) recorded now, not those recorded before.
+///
+/// The rows go in key order: two transactions recording overlapping batches (a batch sent
+/// again to another replica while the first is still applying it) then wait for each
+/// other's keys in one order, never in a cycle.
 async fn record_acks(
     tx: &mut Tx,
     processor: &str,
     acks: &[&TaskUpdate],
     now: i64,
 ) -> Result<BTreeSet<(String, String, i64)>> {
+    let mut acks = acks.to_vec();
+    acks.sort_by(|a, b| {
+        (&a.request_id, &a.subprocessor, a.sequence).cmp(&(
+            &b.request_id,
+            &b.subprocessor,
+            b.sequence,
+        ))
+    });
     let mut recorded = BTreeSet::new();
     for chunk in acks.chunks(tx.backend.rows_per_statement(4)) {
         let values: Vec<String> = (0..chunk.len())
@@ -510,8 +522,9 @@ impl FoldView {
         // transactions; each must fold with the other's tasks in view, so the request rows
         // are locked before the tasks are read.
         let sql = format!(
-            "SELECT id, state FROM requests WHERE id IN ({}) ORDER BY id{}",
+            "SELECT id, state FROM requests WHERE id IN ({}) ORDER BY id{}{}",
             placeholders(1, ids.len()),
+            tx.backend.bytewise(),
             tx.backend.lock_rows()
         );
         let mut q = sqlx::query_as::<_, (String, i32)>(&sql);

@@ -31,10 +31,13 @@
 //! write that depends on what the transaction read is guarded by the database, never by
 //! taking turns: the request row is locked first (`Tx::lock_requests`, or
 //! `Tx::request_state` with its lock) by every transaction that decides on a request's state
-//! and also changes its deliveries or tasks, so all lock in the same order; outbox rows are
-//! claimed with SKIP LOCKED and written back only while their lease token still matches;
-//! idempotency keys and acknowledgement keys are unique, and a lost race on one is retried.
-//! On SQLite the one writer connection holds every transaction apart.
+//! and also changes its deliveries or tasks, so all lock in the same order; several rows are
+//! locked in byte order of their keys (`Backend::bytewise`, whatever the database's
+//! collation) and an acknowledgement batch records its keys sorted, so two transactions
+//! never wait for each other in a cycle; outbox rows are claimed with SKIP LOCKED and
+//! written back only while their lease token still matches; idempotency keys and
+//! acknowledgement keys are unique, and a lost race on one is retried. On SQLite the one
+//! writer connection holds every transaction apart.
 
 use std::sync::Arc;
 
@@ -177,8 +180,9 @@ impl Tx {
         ids.dedup();
         for chunk in ids.chunks(self.backend.rows_per_statement(1)) {
             let sql = format!(
-                "SELECT id FROM requests WHERE id IN ({}) ORDER BY id{lock}",
-                placeholders(1, chunk.len())
+                "SELECT id FROM requests WHERE id IN ({}) ORDER BY id{}{lock}",
+                placeholders(1, chunk.len()),
+                self.backend.bytewise()
             );
             let mut q = sqlx::query_scalar::<_, String>(&sql);
             for id in chunk {
