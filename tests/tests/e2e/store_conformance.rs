@@ -1184,6 +1184,7 @@ on_both_backends!(
     registry_outbox_claims_leases_and_backoff,
     registry_outbox_lease_owner,
     registry_deliveries_accepted_together,
+    registry_an_update_of_old_terms_stays_armed,
     registry_acknowledgements_fold,
     registry_acknowledgement_batch,
     registry_list_cancel_extend,
@@ -1267,4 +1268,104 @@ async fn postgres_overlapping_acknowledgement_batches_do_not_wait_in_a_cycle() {
         .expect("joined")
         .expect("the batch goes through once the other ends");
     assert_eq!((outcome.applied, outcome.duplicates), (2, 0));
+}
+
+/// Accepted deliveries recorded together, one of them a contract end's update of terms that
+/// changed again while it was on its way: every claim held its row, the Deliver is done, and
+/// the update stays armed (its terms are no longer the latest) until the one carrying the
+/// new terms is accepted.
+async fn registry_an_update_of_old_terms_stays_armed(backend: Backend) {
+    use dsrelay_proto::v1::ContractEndChoice;
+    use dsrelay_registry::store::{ContractChange, NewContract};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(store) = registry_store(backend, dir.path()).await else {
+        return;
+    };
+    let mut contract_end = new_request("c1", "kc", 1_000, &["p1"]);
+    contract_end.kind = RequestKind::ContractEnd as i32;
+    let terms = NewContract {
+        choice: ContractEndChoice::None as i32,
+        effective_at: 1_000,
+        grace_ends_at: 1_000_000,
+        transfer_recipient: String::new(),
+    };
+    store
+        .insert_batch(&[(contract_end, Some(terms))])
+        .await
+        .expect("insert");
+    let hour = 3_600_000;
+    let delivered = store
+        .claim_deliveries(2_000, 10, hour)
+        .await
+        .expect("claim");
+    assert_eq!(delivered.len(), 1);
+    // The processor reports its task, pending: the contract end is under way.
+    let pending = [TaskStatus {
+        subprocessor: "s1".into(),
+        state: TaskState::Pending as i32,
+        sequence: 1,
+        ..Default::default()
+    }];
+    assert!(store
+        .delivery_succeeded(&delivered[0], &pending, 2_000)
+        .await
+        .expect("delivered"));
+    let choose = ContractChange::Choose(ContractEndChoice::ReturnThenDelete, String::new());
+    assert!(store
+        .change_contract("c1", &choose, "ops", 3_000)
+        .await
+        .expect("choose"));
+    store
+        .insert_request(&new_request("r1", "k1", 3_000, &["p1"]))
+        .await
+        .expect("insert");
+    let jobs = store
+        .claim_deliveries(4_000, 10, hour)
+        .await
+        .expect("claim");
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    let update = jobs.iter().find(|j| j.request_id == "c1").expect("update");
+    let deliver = jobs.iter().find(|j| j.request_id == "r1").expect("deliver");
+    assert!(update.terms.contract_version.is_some());
+    // Confirmed while the update carrying the choice is on its way.
+    let confirm = ContractChange::ConfirmReturn("ab".repeat(32));
+    assert!(store
+        .change_contract("c1", &confirm, "ops", 4_100)
+        .await
+        .expect("confirm"));
+    let held = store
+        .deliveries_succeeded(&[(update, &[]), (deliver, &[])], 4_200)
+        .await
+        .expect("recorded");
+    assert_eq!(held, [true, true]);
+    let done_at = |id: &'static str, op: &'static str| {
+        let pool = store.db().pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Option<i64>>(
+                "SELECT done_at FROM deliveries WHERE request_id = $1 AND op = $2",
+            )
+            .bind(id)
+            .bind(op)
+            .fetch_one(&pool)
+            .await
+            .expect("row")
+        }
+    };
+    assert_eq!(done_at("r1", "deliver").await, Some(4_200));
+    assert_eq!(
+        done_at("c1", "update").await,
+        None,
+        "the old terms' update stays armed"
+    );
+    let again = store
+        .claim_deliveries(5_000, 10, hour)
+        .await
+        .expect("claim");
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert!(again[0].terms.contract_version > update.terms.contract_version);
+    assert!(store
+        .delivery_succeeded(&again[0], &[], 5_100)
+        .await
+        .expect("delivered"));
+    assert_eq!(done_at("c1", "update").await, Some(5_100));
 }

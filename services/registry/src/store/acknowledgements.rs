@@ -204,9 +204,9 @@ impl Store {
     /// routing, one multi-row INSERT of the acknowledgements (which tells the new from the
     /// duplicates), one read each of the touched requests (locked), their tasks and their
     /// deliveries; then, decided in memory, one multi-row upsert of the tasks that moved (the
-    /// last state of each), one UPDATE per request whose state changed and one for the rest,
-    /// and the batch's events and audit entries written together. A deletion certificate
-    /// adds its INSERT.
+    /// last state of each), one UPDATE per state the touched requests move to (most batches
+    /// move them to one or two) and one for the requests that stay, and the batch's events
+    /// and audit entries written together. A deletion certificate adds its INSERT.
     pub async fn apply_acks(
         &self,
         processor: &str,
@@ -331,19 +331,7 @@ impl Store {
             changed.push((*id, new));
             events.push(state_changed_event(id, old, new, now));
         }
-        for (id, new) in &changed {
-            let finished = request_is_terminal(*new).then_some(now);
-            sqlx::query(
-                "UPDATE requests SET state = $1, updated_at = $2, \
-                 finished_at = COALESCE($3, finished_at), checked_at = $2 WHERE id = $4",
-            )
-            .bind(*new as i64)
-            .bind(now)
-            .bind(finished)
-            .bind(*id)
-            .execute(tx.conn())
-            .await?;
-        }
+        write_request_states(&mut tx, &changed, now, Checked::Now).await?;
         if !unchanged.is_empty() {
             let sql = format!(
                 "UPDATE requests SET checked_at = $1 WHERE id IN ({})",
@@ -616,7 +604,7 @@ pub(super) struct Accepted<'a> {
 /// the caller has already marked), the reported tasks applied like acknowledgements (a
 /// report older than what the registry has moves nothing; the answer to a Deliver sent again
 /// reports the tasks as they stand), one multi-row upsert per processor of the tasks that
-/// moved, one UPDATE per request whose state changed, and the events written together. Per
+/// moved, one UPDATE per state the requests move to, and the events written together. Per
 /// request, each DELIVERED event (showing the state before the fold) is followed by a
 /// TASK_UPDATED for each task its report moved past its first state (so a step learned from
 /// a delivery's answer is in the request's events as an acknowledgement's would be; the
@@ -692,6 +680,7 @@ pub(super) async fn apply_accepted(tx: &mut Tx, accepted: &[Accepted<'_>], now: 
     for (processor, updates) in &moved {
         upsert_tasks(tx, processor, updates.values(), now).await?;
     }
+    let mut changed = Vec::new();
     for id in &touched {
         let Some(old) = view.requests.get(*id).copied() else {
             continue;
@@ -700,19 +689,10 @@ pub(super) async fn apply_accepted(tx: &mut Tx, accepted: &[Accepted<'_>], now: 
         if new == old {
             continue;
         }
-        let finished = request_is_terminal(new).then_some(now);
-        sqlx::query(
-            "UPDATE requests SET state = $1, updated_at = $2, \
-             finished_at = COALESCE($3, finished_at) WHERE id = $4",
-        )
-        .bind(new as i64)
-        .bind(now)
-        .bind(finished)
-        .bind(*id)
-        .execute(tx.conn())
-        .await?;
+        changed.push((*id, new));
         events.push(state_changed_event(id, old, new, now));
     }
+    write_request_states(tx, &changed, now, Checked::Unchanged).await?;
     // Each request's events together, in the order above (a stable sort keeps it).
     events.sort_by(|a, b| a.request_id.cmp(&b.request_id));
     insert_events(tx, events).await
@@ -822,6 +802,52 @@ pub(super) async fn upsert_task(
     let mut update = t.clone();
     update.request_id = request_id.to_string();
     Ok(upsert_tasks(tx, processor, std::iter::once(&update), now).await? > 0)
+}
+
+/// Whether writing a request's new state also counts as checking it (`checked_at`), as an
+/// acknowledgement does.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Checked {
+    Now,
+    Unchanged,
+}
+
+/// Writes the new states of `changed` (request id, state), whose rows the caller has
+/// locked: one UPDATE per state they move to, not one per request (a batch's requests
+/// mostly move to the same one or two).
+async fn write_request_states(
+    tx: &mut Tx,
+    changed: &[(&str, RequestState)],
+    now: i64,
+    checked: Checked,
+) -> Result<()> {
+    let mut by_state: BTreeMap<RequestState, Vec<&str>> = BTreeMap::new();
+    for (id, state) in changed {
+        by_state.entry(*state).or_default().push(id);
+    }
+    let checked = match checked {
+        Checked::Now => ", checked_at = $2",
+        Checked::Unchanged => "",
+    };
+    for (state, ids) in by_state {
+        let finished = request_is_terminal(state).then_some(now);
+        for chunk in ids.chunks(tx.backend.rows_per_statement(1)) {
+            let sql = format!(
+                "UPDATE requests SET state = $1, updated_at = $2, \
+                 finished_at = COALESCE($3, finished_at){checked} WHERE id IN ({})",
+                placeholders(4, chunk.len())
+            );
+            let mut q = sqlx::query(&sql)
+                .bind(state as i64)
+                .bind(now)
+                .bind(finished);
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            q.execute(tx.conn()).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Recomputes a request's state from its deliveries and tasks; records a change.
