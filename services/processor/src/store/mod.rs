@@ -97,46 +97,6 @@ impl Store {
     }
 }
 
-/// Locks the task rows of `keys`, in byte order, until the transaction ends, on PostgreSQL
-/// (on SQLite the one writer holds every other transaction off): what a batch of steps
-/// takes before writing its rows in whatever order its statements reach them, so that it
-/// locks them in the order a cancellation or an update of terms does.
-async fn lock_tasks(tx: &mut sqlx::AnyConnection, keys: &[&TaskKey]) -> anyhow::Result<()> {
-    let backend = Backend::of_connection(tx);
-    let (lock, bytes) = (backend.lock_rows(), backend.bytewise());
-    if lock.is_empty() || keys.is_empty() {
-        return Ok(());
-    }
-    let mut keys = keys.to_vec();
-    keys.sort_unstable_by(|a, b| {
-        (&a.controller, &a.request_id, &a.subprocessor).cmp(&(
-            &b.controller,
-            &b.request_id,
-            &b.subprocessor,
-        ))
-    });
-    keys.dedup();
-    for chunk in keys.chunks(backend.rows_per_statement(3)) {
-        let rows: Vec<String> = (0..chunk.len())
-            .map(|i| dsrelay_runtime::store::values_row([3 * i + 1, 3 * i + 2, 3 * i + 3]))
-            .collect();
-        let sql = format!(
-            "SELECT 1 AS one FROM tasks WHERE (controller, request_id, subprocessor) IN ({}) \
-             ORDER BY controller{bytes}, request_id{bytes}, subprocessor{bytes}{lock}",
-            rows.join(", ")
-        );
-        let mut q = sqlx::query(&sql);
-        for key in chunk {
-            q = q
-                .bind(&key.controller)
-                .bind(&key.request_id)
-                .bind(&key.subprocessor);
-        }
-        q.fetch_all(&mut *tx).await?;
-    }
-    Ok(())
-}
-
 /// Locks the rows of `requests` (controller, request id), sorted, until the transaction ends,
 /// on PostgreSQL (on SQLite the one writer holds every other transaction off). Taken before
 /// any of their tasks' rows by the transactions that decide on a request's tasks as a whole:

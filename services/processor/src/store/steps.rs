@@ -1,8 +1,7 @@
 //! Group commit for the runner's task steps: concurrent [`Store::transition_leased`] calls
 //! queue their steps here, and whichever finds no commit under way starts one, which writes
-//! everything queued in a single transaction (the steps' task rows, most of them in one
-//! multi-row UPDATE, then the batch's acknowledgements in one INSERT and its audit entries
-//! together) and keeps going while
+//! everything queued in a single transaction (each step's task row, then the batch's
+//! acknowledgements in one INSERT and its audit entries together) and keeps going while
 //! steps are queued. One commit then serves many steps, while each caller still gets its own
 //! answer only once its step is durable.
 //!
@@ -11,7 +10,6 @@
 //! it is written again alone, in a transaction of its own, so one step that cannot be
 //! written never takes the others down with it; each caller gets its own step's outcome.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -19,9 +17,8 @@ use anyhow::{anyhow, Result};
 use dsrelay_runtime::trace_context;
 use tokio::sync::oneshot;
 
-use super::audit::AuditTx;
-use super::rows::{state_value, stored_count, TaskKey};
-use super::tasks::{finish_step, prepare_step, PreparedStep, Step, WrittenRow};
+use super::rows::TaskKey;
+use super::tasks::{prepare_step, PreparedStep, Step};
 use super::{acks, audit, certificates, Store};
 use crate::task_machine::Transition;
 
@@ -167,10 +164,6 @@ impl Store {
     /// issues and the upload it queues), then all their acknowledgements in one INSERT and
     /// their audit entries, in the steps' order. Answers each step's new sequence, `None`
     /// for a step whose task moved on or whose claim was lost (it records nothing).
-    ///
-    /// The task rows of steps that issue no certificate and carry no export or receipt (most
-    /// of them: starting, progress, retries) are written together, in one multi-row UPDATE
-    /// per chunk ([`write_rows_together`]); the others one by one, in key order, after them.
     pub(super) async fn record_steps(&self, steps: &[QueuedStep]) -> Result<Vec<Option<i64>>> {
         let mut tx = self.begin_audited().await?;
         let issuer = self.issuer.as_deref();
@@ -185,10 +178,6 @@ impl Store {
             .map(|s| (s.key.controller.as_str(), s.key.request_id.as_str()))
             .collect();
         super::lock_requests(&mut tx, &certifying).await?;
-        if steps.len() > 1 {
-            let keys: Vec<&TaskKey> = steps.iter().map(|s| &s.key).collect();
-            super::lock_tasks(&mut tx, &keys).await?;
-        }
         let mut order: Vec<usize> = (0..steps.len()).collect();
         order.sort_by(|a, b| {
             let key = |i: usize| {
@@ -197,79 +186,29 @@ impl Store {
             };
             key(*a).cmp(&key(*b))
         });
-        // Every step's texts are fitted on their way to the task row and the
-        // acknowledgement: the registry rejects an acknowledgement over its limits.
-        let fitted: Vec<Transition> = steps.iter().map(|s| s.t.fitted()).collect();
-        // A task stepped twice in one batch (not done by the runner, which waits for each
-        // step) has its later steps written one by one, after the first.
-        let mut seen = std::collections::HashSet::new();
-        let together: Vec<bool> = (0..steps.len())
-            .map(|i| {
-                let t = &fitted[i];
-                !certificates::may_issue(issuer, t)
-                    && t.export_files.is_none()
-                    && t.transfer_receipt.is_none()
-            })
-            .collect();
-        let mut batched: Vec<usize> = Vec::new();
-        let mut in_batch = vec![false; steps.len()];
-        for &i in &order {
-            if together[i] && seen.insert(&steps[i].key) {
-                batched.push(i);
-                in_batch[i] = true;
-            }
-        }
-        let rows: Vec<(&QueuedStep, &Transition)> =
-            batched.iter().map(|&i| (&steps[i], &fitted[i])).collect();
-        let mut written = write_rows_together(&mut tx, &rows).await?;
         let mut prepared_steps: Vec<Option<PreparedStep>> =
             std::iter::repeat_with(|| None).take(steps.len()).collect();
         for i in order {
             let s = &steps[i];
-            prepared_steps[i] = if in_batch[i] {
-                let key = (
-                    s.key.controller.clone(),
-                    s.key.request_id.clone(),
-                    s.key.subprocessor.clone(),
-                );
-                match written.remove(&key) {
-                    Some(row) => Some(
-                        finish_step(
-                            &mut tx,
-                            issuer,
-                            &s.key,
-                            "",
-                            &fitted[i],
-                            s.expected_sequence + 1,
-                            s.now,
-                            s.attempts,
-                            s.traceparent.clone(),
-                            row,
-                        )
-                        .await?,
-                    ),
-                    None => None,
-                }
-            } else {
-                let step = Step {
-                    expected_sequence: s.expected_sequence,
-                    lease_owner: Some(&s.lease_owner),
-                    by: "",
-                    call_started_at: s.call_started_at,
-                    unless_cancelled: s.unless_cancelled,
-                };
-                prepare_step(
-                    &mut tx,
-                    issuer,
-                    &s.key,
-                    step,
-                    &s.t,
-                    s.now,
-                    s.attempts,
-                    s.traceparent.clone(),
-                )
-                .await?
+            let step = Step {
+                expected_sequence: s.expected_sequence,
+                lease_owner: Some(&s.lease_owner),
+                by: "",
+                call_started_at: s.call_started_at,
+                unless_cancelled: s.unless_cancelled,
             };
+            let prepared = prepare_step(
+                &mut tx,
+                issuer,
+                &s.key,
+                step,
+                &s.t,
+                s.now,
+                s.attempts,
+                s.traceparent.clone(),
+            )
+            .await?;
+            prepared_steps[i] = prepared;
         }
         let mut sequences = Vec::with_capacity(steps.len());
         let (mut queued, mut entries) = (Vec::new(), Vec::new());
@@ -286,131 +225,6 @@ impl Store {
         self.steps.commits.fetch_add(1, Ordering::Relaxed);
         Ok(sequences)
     }
-}
-
-/// The columns of one step in [`write_rows_together`]'s VALUES rows, in order, each with the
-/// type its parameter is cast to (PostgreSQL cannot tell a VALUES parameter's type from its
-/// use).
-const ROW_COLUMNS: [(&str, &str); 26] = [
-    ("controller", "TEXT"),
-    ("request_id", "TEXT"),
-    ("subprocessor", "TEXT"),
-    ("expected_sequence", "BIGINT"),
-    ("lease", "TEXT"),
-    ("unless_cancelled", "BIGINT"),
-    ("new_state", "BIGINT"),
-    ("new_sequence", "BIGINT"),
-    ("records_affected", "BIGINT"),
-    ("confirmed", "BIGINT"),
-    ("note", "TEXT"),
-    ("reason", "TEXT"),
-    ("legal_basis", "TEXT"),
-    ("retain_until", "BIGINT"),
-    ("written_at", "BIGINT"),
-    ("attempts", "BIGINT"),
-    ("hold_ms", "BIGINT"),
-    ("next_attempt_at", "BIGINT"),
-    ("handle", "TEXT"),
-    ("contract_phase", "BIGINT"),
-    ("subjects_done", "BIGINT"),
-    ("subjects_total", "BIGINT"),
-    ("records_done", "BIGINT"),
-    ("records_total", "BIGINT"),
-    ("scheduled_at", "BIGINT"),
-    ("call_started_at", "BIGINT"),
-];
-
-/// Writes the task rows of `rows` (steps of the runner's claims, their transitions fitted,
-/// none with an export or a receipt) in one multi-row UPDATE per chunk, each row only while
-/// its task is at the step's sequence, its claim still holds it and, where the step asks,
-/// no cancellation marked it, exactly as [`prepare_step`] writes one. Answers what each
-/// written row returns, by task key; a step missing from the answer recorded nothing. The
-/// caller has locked the rows (see [`super::lock_tasks`]).
-async fn write_rows_together(
-    tx: &mut AuditTx,
-    rows: &[(&QueuedStep, &Transition)],
-) -> Result<HashMap<(String, String, String), WrittenRow>> {
-    let mut written = HashMap::new();
-    if rows.is_empty() {
-        return Ok(written);
-    }
-    let backend = dsrelay_runtime::store::Backend::of_connection(tx);
-    let db_now = super::db_now_in(tx);
-    let names: Vec<&str> = ROW_COLUMNS.iter().map(|(name, _)| *name).collect();
-    for chunk in rows.chunks(backend.rows_per_statement(ROW_COLUMNS.len())) {
-        let values: Vec<String> = (0..chunk.len())
-            .map(|i| {
-                let casts: Vec<String> = ROW_COLUMNS
-                    .iter()
-                    .enumerate()
-                    .map(|(j, (_, ty))| format!("CAST(${} AS {ty})", i * ROW_COLUMNS.len() + j + 1))
-                    .collect();
-                format!("({})", casts.join(", "))
-            })
-            .collect();
-        let sql = format!(
-            "WITH v ({}) AS (VALUES {}) \
-             UPDATE tasks SET state = v.new_state, sequence = v.new_sequence, \
-             records_affected = v.records_affected, confirmed = v.confirmed, note = v.note, \
-             reason = v.reason, legal_basis = v.legal_basis, retain_until = v.retain_until, \
-             updated_at = v.written_at, attempts = v.attempts, \
-             lease_until = CASE WHEN v.hold_ms > 0 THEN {db_now} + v.hold_ms ELSE 0 END, \
-             next_attempt_at = v.next_attempt_at, handle = v.handle, \
-             contract_phase = COALESCE(v.contract_phase, tasks.contract_phase), \
-             subjects_done = COALESCE(v.subjects_done, tasks.subjects_done), \
-             subjects_total = COALESCE(v.subjects_total, tasks.subjects_total), \
-             records_done = COALESCE(v.records_done, tasks.records_done), \
-             records_total = COALESCE(v.records_total, tasks.records_total), \
-             scheduled_at = COALESCE(v.scheduled_at, tasks.scheduled_at), \
-             call_started_at = v.call_started_at \
-             FROM v WHERE tasks.controller = v.controller AND tasks.request_id = v.request_id \
-             AND tasks.subprocessor = v.subprocessor \
-             AND tasks.sequence = v.expected_sequence AND tasks.lease_owner = v.lease \
-             AND (v.unless_cancelled = 0 OR tasks.cancel_requested_at IS NULL) \
-             RETURNING tasks.controller, tasks.request_id, tasks.subprocessor, \
-             tasks.contract_phase, tasks.subjects_done, tasks.subjects_total, \
-             tasks.records_done, tasks.records_total, tasks.scheduled_at",
-            names.join(", "),
-            values.join(", ")
-        );
-        type Returned = (String, String, String, i64, i64, i64, i64, i64, Option<i64>);
-        let mut q = sqlx::query_as::<_, Returned>(&sql);
-        for (s, t) in chunk {
-            let contract = t.contract;
-            let counts = contract.and_then(|c| c.progress);
-            q = q
-                .bind(&s.key.controller)
-                .bind(&s.key.request_id)
-                .bind(&s.key.subprocessor)
-                .bind(s.expected_sequence)
-                .bind(&s.lease_owner)
-                .bind(i64::from(s.unless_cancelled))
-                .bind(state_value(t.state))
-                .bind(s.expected_sequence + 1)
-                .bind(t.records_affected)
-                .bind(i64::from(t.confirmed))
-                .bind(&t.note)
-                .bind(&t.reason)
-                .bind(&t.legal_basis)
-                .bind(t.retain_until)
-                .bind(s.now)
-                .bind(s.attempts)
-                .bind(t.hold_ms.unwrap_or(0))
-                .bind(t.next_attempt_at.unwrap_or(s.now))
-                .bind(t.handle.clone())
-                .bind(contract.map(|c| i64::from(c.phase as i32)))
-                .bind(counts.map(|p| stored_count(p.subjects_done)))
-                .bind(counts.map(|p| stored_count(p.subjects_total)))
-                .bind(counts.map(|p| stored_count(p.records_done)))
-                .bind(counts.map(|p| stored_count(p.records_total)))
-                .bind(contract.and_then(|c| c.scheduled_at))
-                .bind(s.call_started_at);
-        }
-        for (c, r, sub, phase, sd, st, rd, rt, at) in q.fetch_all(&mut **tx).await? {
-            written.insert((c, r, sub), (phase, sd, st, rd, rt, at));
-        }
-    }
-    Ok(written)
 }
 
 #[cfg(test)]

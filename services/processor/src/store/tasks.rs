@@ -765,7 +765,7 @@ pub(super) async fn prepare_step(
          {held}{unmarked} RETURNING contract_phase, subjects_done, subjects_total, records_done, \
          records_total, scheduled_at",
     );
-    let query = sqlx::query_as::<_, WrittenRow>(&sql)
+    let query = sqlx::query_as::<_, (i64, i64, i64, i64, i64, Option<i64>)>(&sql)
         .bind(state_value(t.state))
         .bind(next)
         .bind(t.records_affected)
@@ -803,47 +803,11 @@ pub(super) async fn prepare_step(
     }
     .fetch_optional(&mut **tx)
     .await?;
-    let Some(written) = progress else {
+    let Some((phase, subjects_done, subjects_total, records_done, records_total, scheduled_at)) =
+        progress
+    else {
         return Ok(None);
     };
-    finish_step(
-        tx,
-        issuer,
-        key,
-        by,
-        t,
-        next,
-        now,
-        attempts,
-        traceparent,
-        written,
-    )
-    .await
-    .map(Some)
-}
-
-/// What writing a step returns of its task row: the contract end's phase, subject and
-/// record counts and scheduled time as they stand after the step.
-pub(super) type WrittenRow = (i64, i64, i64, i64, i64, Option<i64>);
-
-/// The rest of a step whose task row is written (`written`, now at sequence `next`): the
-/// certificate it issues, the upload it queues, its acknowledgement, carrying
-/// `traceparent`, and its audit entry, naming `by`. `t` is fitted
-/// ([`Transition::fitted`]).
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn finish_step(
-    tx: &mut AuditTx,
-    issuer: Option<&Issuer>,
-    key: &TaskKey,
-    by: &str,
-    t: &Transition,
-    next: i64,
-    now: i64,
-    attempts: i64,
-    traceparent: String,
-    written: WrittenRow,
-) -> Result<PreparedStep> {
-    let (phase, subjects_done, subjects_total, records_done, records_total, scheduled_at) = written;
     // Every acknowledgement of a contract end task carries its progress as recorded now.
     let count = |v: i64| u64::try_from(v).unwrap_or(0);
     let progress = i32::try_from(phase)
@@ -896,7 +860,7 @@ pub(super) async fn finish_step(
         actor: by,
         detail,
     };
-    Ok(PreparedStep {
+    Ok(Some(PreparedStep {
         sequence: next,
         ack: acks::NewAck {
             key: key.clone(),
@@ -905,7 +869,7 @@ pub(super) async fn finish_step(
             at: now,
         },
         entry: audit::entry(ProcessorAuditEvent::TaskRecorded, now, record),
-    })
+    }))
 }
 
 /// A step's audit detail: the subprocessor, the change number, the state, the counts, the
