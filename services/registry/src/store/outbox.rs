@@ -9,8 +9,6 @@
 //! match the token: a dispatcher whose lease ran out and was taken by another claim records
 //! nothing over the new holder's. Due dates (`next_attempt_at`) stay on the registry's clock.
 
-use std::collections::BTreeSet;
-
 use anyhow::Result;
 use dsrelay_proto::v1::{EventType, RequestState, TaskStatus};
 use dsrelay_runtime::store::lookups;
@@ -115,10 +113,11 @@ impl Store {
         Ok(held.first().copied().unwrap_or(false))
     }
 
-    /// [`Store::delivery_succeeded`] for several attempts at once, in one transaction of a
-    /// fixed number of statements: the requests locked, the rows marked in one multi-row
-    /// UPDATE, then [`apply_accepted`] (what the answers reported, the touched requests
-    /// folded, the events written together). Answers, in `done`'s order, whether
+    /// [`Store::delivery_succeeded`] for several attempts at once, in one transaction: the
+    /// requests locked, each row marked with its own UPDATE (a multi-row UPDATE ... FROM
+    /// (VALUES ...) measured slower on SQLite, see `docs/benchmarks.md`), then
+    /// [`apply_accepted`] (what the answers reported, the touched requests folded, the events
+    /// written together). Answers, in `done`'s order, whether
     /// each claim still held its row; a row another claim took records nothing, the others
     /// still do.
     pub async fn deliveries_succeeded(
@@ -133,8 +132,10 @@ impl Store {
             .map(|(job, _)| job.request_id.as_str())
             .collect();
         tx.lock_requests(&ids).await?;
-        let jobs: Vec<&DeliveryJob> = done.iter().map(|(job, _)| *job).collect();
-        let held = mark_delivered(&mut tx, &jobs, now).await?;
+        let mut held = Vec::with_capacity(done.len());
+        for (job, _) in done {
+            held.push(mark_delivered(&mut tx, job, now).await?);
+        }
         let accepted: Vec<Accepted<'_>> = done
             .iter()
             .zip(&held)
@@ -411,65 +412,26 @@ pub(crate) fn describe_terms(t: &dsrelay_proto::v1::ContractEnd) -> String {
     }
 }
 
-/// Marks the rows of `jobs` accepted, those their claims still hold (see
-/// [`Store::delivery_succeeded`]), in one multi-row UPDATE per chunk; answers, in `jobs`'
-/// order, whether each claim held its row (a row listed twice counts once).
-async fn mark_delivered(tx: &mut Tx, jobs: &[&DeliveryJob], now: i64) -> Result<Vec<bool>> {
-    // Per row: request, processor, op, whether it is an update of terms, the terms' version
-    // it carried, its claim's token. An update is done only when the terms it carried are
-    // still the latest; otherwise the row stays armed and is sent again with the new ones.
-    const PARAMS: usize = 6;
-    let mut marked: BTreeSet<(String, String, String)> = BTreeSet::new();
-    for chunk in jobs.chunks(tx.backend.rows_per_statement(PARAMS)) {
-        let rows: Vec<String> = (0..chunk.len())
-            .map(|i| {
-                let b = 2 + i * PARAMS;
-                format!(
-                    "(CAST(${} AS TEXT), CAST(${} AS TEXT), CAST(${} AS TEXT), \
-                     CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS TEXT))",
-                    b,
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5
-                )
-            })
-            .collect();
-        let sql = format!(
-            "WITH v (request_id, processor, op, is_update, version, owner) AS (VALUES {}) \
-             UPDATE deliveries SET done_at = CASE WHEN v.is_update = 0 OR EXISTS (SELECT 1 \
-             FROM contracts c WHERE c.request_id = v.request_id AND c.version = v.version) \
-             THEN $1 ELSE NULL END, attempts = deliveries.attempts + 1, lease_until = 0, \
-             lease_owner = NULL, last_error = NULL FROM v \
-             WHERE deliveries.request_id = v.request_id AND deliveries.processor = v.processor \
-             AND deliveries.op = v.op AND deliveries.done_at IS NULL \
-             AND deliveries.lease_owner = v.owner \
-             RETURNING deliveries.request_id, deliveries.processor, deliveries.op",
-            rows.join(", ")
-        );
-        let mut q = sqlx::query_as::<_, (String, String, String)>(&sql).bind(now);
-        for job in chunk {
-            q = q
-                .bind(&job.request_id)
-                .bind(&job.processor)
-                .bind(job.op.as_str())
-                .bind(i64::from(job.op == Operation::Update))
-                .bind(job.terms.contract_version.unwrap_or_default())
-                .bind(&job.lease_owner);
-        }
-        marked.extend(q.fetch_all(tx.conn()).await?);
-    }
-    Ok(jobs
-        .iter()
-        .map(|job| {
-            marked.remove(&(
-                job.request_id.clone(),
-                job.processor.clone(),
-                job.op.as_str().to_string(),
-            ))
-        })
-        .collect())
+/// Marks `job`'s row accepted, if its claim still holds it (see
+/// [`Store::delivery_succeeded`]); answers whether it did.
+async fn mark_delivered(tx: &mut Tx, job: &DeliveryJob, now: i64) -> Result<bool> {
+    let updated = sqlx::query(
+        "UPDATE deliveries SET done_at = CASE WHEN $5 = 0 OR EXISTS (SELECT 1 FROM \
+         contracts c WHERE c.request_id = $2 AND c.version = $6) THEN $1 ELSE NULL END, \
+         attempts = attempts + 1, lease_until = 0, lease_owner = NULL, last_error = NULL \
+         WHERE request_id = $2 AND processor = $3 AND op = $4 AND done_at IS NULL \
+         AND lease_owner = $7",
+    )
+    .bind(now)
+    .bind(&job.request_id)
+    .bind(&job.processor)
+    .bind(job.op.as_str())
+    .bind(i64::from(job.op == Operation::Update))
+    .bind(job.terms.contract_version.unwrap_or_default())
+    .bind(&job.lease_owner)
+    .execute(tx.conn())
+    .await?;
+    Ok(updated.rows_affected() > 0)
 }
 
 /// The DELIVERED event's words for an accepted `job` whose answer reported `tasks` tasks.
