@@ -874,17 +874,7 @@ pub(super) async fn refold(tx: &mut Tx, id: &str, now: i64) -> Result<()> {
     if new == old {
         return Ok(());
     }
-    let finished = request_is_terminal(new).then_some(now);
-    sqlx::query(
-        "UPDATE requests SET state = $1, updated_at = $2, finished_at = COALESCE($3, finished_at) \
-         WHERE id = $4",
-    )
-    .bind(new as i64)
-    .bind(now)
-    .bind(finished)
-    .bind(id)
-    .execute(tx.conn())
-    .await?;
+    write_request_states(tx, &[(id, new)], now, Checked::Unchanged).await?;
     insert_events(tx, vec![state_changed_event(id, old, new, now)]).await
 }
 
