@@ -49,6 +49,7 @@ mod onehop;
 mod relay;
 mod report;
 mod service;
+mod statement_cost;
 mod statements;
 
 use std::net::SocketAddr;
@@ -133,6 +134,10 @@ enum Command {
     /// How long one claim of many due rows takes at each queue of both services (figures
     /// only). Writes nothing to docs/.
     Claims(claims::ClaimsArgs),
+    /// What one keyed single-row UPDATE costs on SQLite through sqlx, one statement per row,
+    /// several in one text, or one multi-row statement (figures only). Writes nothing to
+    /// docs/.
+    StatementCost(statement_cost::StatementCostArgs),
     /// The bare echo server of the baseline (started by the benchmark itself).
     #[command(hide = true)]
     EchoServer {
@@ -162,6 +167,7 @@ async fn main() {
         Some(Command::EchoServer { listen, pki }) => baseline::serve_echo(*listen, pki).await,
         Some(Command::StreamServer { listen, pki }) => export::serve_stream(*listen, pki).await,
         Some(Command::Claims(claims)) => claims::run(claims).await,
+        Some(Command::StatementCost(cost)) => statement_cost::run(cost).await,
         Some(Command::Chaos(chaos)) => {
             tokio::select! {
                 r = chaos::run(chaos) => r,

@@ -37,6 +37,7 @@ pub(super) async fn queue_all(tx: &mut AnyConnection, acks: &[NewAck]) -> Result
              next_attempt_at) VALUES {}",
             rows.join(", ")
         );
+        let sql = dsrelay_runtime::store::Backend::of_connection(tx).numbered(&sql);
         let mut q = sqlx::query(&sql);
         for a in chunk {
             q = q
@@ -98,6 +99,7 @@ impl Store {
                  AND sent_at IS NULL RETURNING id, controller, request_id, subprocessor, sequence",
                 placeholders(2, chunk.len())
             );
+            let sql = self.db.backend.numbered(&sql);
             let mut q = sqlx::query_as(&sql).bind(now);
             for id in chunk {
                 q = q.bind(id);

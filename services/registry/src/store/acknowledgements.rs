@@ -337,6 +337,7 @@ impl Store {
                 "UPDATE requests SET checked_at = $1 WHERE id IN ({})",
                 placeholders(2, unchanged.len())
             );
+            let sql = tx.backend.numbered(&sql);
             let mut q = sqlx::query(&sql).bind(now);
             for id in &unchanged {
                 q = q.bind(*id);
@@ -431,6 +432,7 @@ async fn routed_requests(tx: &mut Tx, processor: &str, ids: &[&str]) -> Result<B
          AND request_id IN ({})",
         placeholders(3, ids.len())
     );
+    let sql = tx.backend.numbered(&sql);
     let mut q = sqlx::query_scalar::<_, String>(&sql)
         .bind(processor)
         .bind(Operation::Deliver.as_str());
@@ -461,12 +463,11 @@ async fn record_acks(
         ))
     });
     let mut recorded = BTreeSet::new();
-    for chunk in acks.chunks(tx.backend.rows_per_statement(4)) {
+    // The processor and the time bound again in every row: each parameter once, in order,
+    // so that SQLite binds them by position (`Backend::numbered`).
+    for chunk in acks.chunks(tx.backend.rows_per_statement(6)) {
         let values: Vec<String> = (0..chunk.len())
-            .map(|i| {
-                let b = 3 + i * 4;
-                format!("(${}, $1, ${}, ${}, ${}, $2)", b, b + 1, b + 2, b + 3)
-            })
+            .map(|i| values_row(1 + i * 6..7 + i * 6))
             .collect();
         let sql = format!(
             "INSERT INTO acknowledgements (request_id, processor, subprocessor, sequence, \
@@ -474,15 +475,16 @@ async fn record_acks(
              RETURNING request_id, subprocessor, sequence",
             values.join(", ")
         );
-        let mut q = sqlx::query_as::<_, (String, String, i64)>(&sql)
-            .bind(processor)
-            .bind(now);
+        let sql = tx.backend.numbered(&sql);
+        let mut q = sqlx::query_as::<_, (String, String, i64)>(&sql);
         for a in chunk {
             q = q
                 .bind(&a.request_id)
+                .bind(processor)
                 .bind(&a.subprocessor)
                 .bind(a.sequence)
-                .bind(i64::from(a.state));
+                .bind(i64::from(a.state))
+                .bind(now);
         }
         recorded.extend(q.fetch_all(tx.conn()).await?);
     }
@@ -515,6 +517,7 @@ impl FoldView {
             tx.backend.bytewise(),
             tx.backend.lock_rows()
         );
+        let sql = tx.backend.numbered(&sql);
         let mut q = sqlx::query_as::<_, (String, i32)>(&sql);
         for id in ids {
             q = q.bind(*id);
@@ -530,6 +533,7 @@ impl FoldView {
              WHERE request_id IN ({})",
             placeholders(1, ids.len())
         );
+        let sql = tx.backend.numbered(&sql);
         let mut q = sqlx::query_as::<_, (String, String, String, i32, i64, Option<Vec<u8>>)>(&sql);
         for id in ids {
             q = q.bind(*id);
@@ -553,6 +557,7 @@ impl FoldView {
             "SELECT request_id, done_at FROM deliveries WHERE op = $1 AND request_id IN ({})",
             placeholders(2, ids.len())
         );
+        let sql = tx.backend.numbered(&sql);
         let mut q =
             sqlx::query_as::<_, (String, Option<i64>)>(&sql).bind(Operation::Deliver.as_str());
         for id in ids {
@@ -708,28 +713,24 @@ async fn upsert_tasks<'a>(
 ) -> Result<u64> {
     let updates: Vec<&TaskUpdate> = updates.collect();
     let mut written = 0;
-    for chunk in updates.chunks(tx.backend.rows_per_statement(12)) {
-        // Columns: request, processor ($1), subprocessor, state, sequence, records, confirmed,
-        // note, reason, legal basis, retained until, updated ($2), receipt, progress.
+    for chunk in updates.chunks(tx.backend.rows_per_statement(14)) {
+        // Columns: request, processor, subprocessor, state, sequence, records, confirmed,
+        // note, reason, legal basis, retained until, updated, receipt, progress; the
+        // processor and the time bound again in every row, so that each parameter appears
+        // once, in order, and SQLite binds them by position (`Backend::numbered`).
         let values: Vec<String> = (0..chunk.len())
-            .map(|i| {
-                let b = 3 + i * 12;
-                values_row(
-                    [b, 1]
-                        .into_iter()
-                        .chain(b + 1..b + 10)
-                        .chain([2, b + 10, b + 11]),
-                )
-            })
+            .map(|i| values_row(1 + i * 14..15 + i * 14))
             .collect();
         let sql = format!(
             "{UPSERT_TASK_HEAD} {} {UPSERT_TASK_TAIL}",
             values.join(", ")
         );
-        let mut q = sqlx::query(&sql).bind(processor).bind(now);
+        let sql = tx.backend.numbered(&sql);
+        let mut q = sqlx::query(&sql);
         for t in chunk {
             q = q
                 .bind(&t.request_id)
+                .bind(processor)
                 .bind(&t.subprocessor)
                 .bind(i64::from(t.state))
                 .bind(t.sequence)
@@ -739,6 +740,7 @@ async fn upsert_tasks<'a>(
                 .bind(&t.reason)
                 .bind(&t.legal_basis)
                 .bind(t.retain_until)
+                .bind(now)
                 .bind(t.transfer_receipt.as_ref().map(Message::encode_to_vec))
                 .bind(t.progress.as_ref().map(Message::encode_to_vec));
         }
@@ -837,6 +839,7 @@ async fn write_request_states(
                  finished_at = COALESCE($3, finished_at){checked} WHERE id IN ({})",
                 placeholders(4, chunk.len())
             );
+            let sql = tx.backend.numbered(&sql);
             let mut q = sqlx::query(&sql)
                 .bind(state as i64)
                 .bind(now)

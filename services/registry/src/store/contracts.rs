@@ -137,7 +137,7 @@ impl Store {
         let mut tx = self.snapshot().await?;
         let rows = read_contracts(&mut *tx, processor).await?;
         let ids: Vec<String> = rows.iter().map(|r| r.request_id.clone()).collect();
-        let tasks = super::queries::read_tasks_of(&mut *tx, &ids).await?;
+        let tasks = super::queries::read_tasks_of(&mut *tx, self.db.backend, &ids).await?;
         tx.commit().await?;
         Ok((rows, tasks))
     }

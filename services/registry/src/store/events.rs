@@ -124,14 +124,16 @@ pub(super) async fn insert_events(tx: &mut Tx, events: Vec<NewEvent>) -> Result<
         parts.next().map(str::to_string),
         parts.next().map(str::to_string),
     );
-    for chunk in rows.chunks(tx.backend.rows_per_statement(13)) {
+    // Every parameter once, in order (the request id twice: for its column and for the
+    // trace id's fallback), so that SQLite binds them by position (`Backend::numbered`).
+    for chunk in rows.chunks(tx.backend.rows_per_statement(14)) {
         let mut sql = String::from(
             "INSERT INTO events (request_id, type, occurred_at, request_state, processor, \
              subprocessor, task_state, sequence, attempt, message, trace_id, span_id, progress) \
              VALUES ",
         );
         for i in 0..chunk.len() {
-            let b = i * 13;
+            let b = i * 14;
             if i > 0 {
                 sql.push_str(", ");
             }
@@ -149,11 +151,12 @@ pub(super) async fn insert_events(tx: &mut Tx, events: Vec<NewEvent>) -> Result<
                 b + 9,
                 b + 10,
                 b + 11,
-                b + 1,
                 b + 12,
-                b + 13
+                b + 13,
+                b + 14
             ));
         }
+        let sql = tx.backend.numbered(&sql);
         let mut q = sqlx::query(&sql);
         for r in chunk {
             q = q
@@ -168,6 +171,7 @@ pub(super) async fn insert_events(tx: &mut Tx, events: Vec<NewEvent>) -> Result<
                 .bind(r.8)
                 .bind(r.9.clone())
                 .bind(trace_id.clone())
+                .bind(r.0.clone())
                 .bind(span_id.clone())
                 .bind(
                     r.10.as_ref()

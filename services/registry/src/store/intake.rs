@@ -166,6 +166,7 @@ async fn insert_many(tx: &mut Tx, rs: &[&NewRequest]) -> Result<Option<Vec<Inser
                  AND idempotency_key IN ({})",
                 super::placeholders(2, chunk.len())
             );
+            let sql = tx.backend.numbered(&sql);
             let mut q = sqlx::query_as::<_, (String, String, String)>(&sql).bind(*partner);
             for k in chunk {
                 q = q.bind(*k);
@@ -203,12 +204,13 @@ async fn insert_many(tx: &mut Tx, rs: &[&NewRequest]) -> Result<Option<Vec<Inser
 /// allows. `false` when a request's key was taken meanwhile by another replica (nothing
 /// usable is left in `tx` then).
 async fn store_new(tx: &mut Tx, new: &[&NewRequest]) -> Result<bool> {
-    for chunk in new.chunks(tx.backend.rows_per_statement(13)) {
-        // updated_at and checked_at are received_at.
+    // Every value bound once per column, in column order, even where it repeats (updated_at
+    // and checked_at are received_at): SQLite then binds by position (`Backend::numbered`).
+    for chunk in new.chunks(tx.backend.rows_per_statement(15)) {
         let rows: Vec<String> = (0..chunk.len())
             .map(|i| {
-                let b = 1 + i * 13;
-                values_row((b..b + 11).chain([b + 8, b + 8, b + 11, b + 12]))
+                let b = 1 + i * 15;
+                values_row(b..b + 15)
             })
             .collect();
         let sql = format!(
@@ -217,6 +219,7 @@ async fn store_new(tx: &mut Tx, new: &[&NewRequest]) -> Result<bool> {
              checked_at, finished_at, traceparent) VALUES {}",
             rows.join(", ")
         );
+        let sql = tx.backend.numbered(&sql);
         let mut q = sqlx::query(&sql);
         for r in chunk {
             q = q
@@ -231,6 +234,8 @@ async fn store_new(tx: &mut Tx, new: &[&NewRequest]) -> Result<bool> {
                 .bind(r.received_at)
                 .bind(r.due_at)
                 .bind(&r.trace_id)
+                .bind(r.received_at)
+                .bind(r.received_at)
                 .bind(r.processors.is_empty().then_some(r.received_at))
                 .bind(r.traceparent.clone());
         }
@@ -248,17 +253,22 @@ async fn store_new(tx: &mut Tx, new: &[&NewRequest]) -> Result<bool> {
                 .map(|p| (r.id.as_str(), p.as_str(), r.received_at))
         })
         .collect();
-    for chunk in outbox.chunks(tx.backend.rows_per_statement(3)) {
+    for chunk in outbox.chunks(tx.backend.rows_per_statement(4)) {
         let rows: Vec<String> = (0..chunk.len())
-            .map(|i| values_row([2 + i * 3, 3 + i * 3, 1, 4 + i * 3]))
+            .map(|i| values_row(1 + i * 4..5 + i * 4))
             .collect();
         let sql = format!(
             "INSERT INTO deliveries (request_id, processor, op, next_attempt_at) VALUES {}",
             rows.join(", ")
         );
-        let mut q = sqlx::query(&sql).bind(Operation::Deliver.as_str());
+        let sql = tx.backend.numbered(&sql);
+        let mut q = sqlx::query(&sql);
         for (id, processor, at) in chunk {
-            q = q.bind(*id).bind(*processor).bind(*at);
+            q = q
+                .bind(*id)
+                .bind(*processor)
+                .bind(Operation::Deliver.as_str())
+                .bind(*at);
         }
         q.execute(tx.conn()).await?;
     }

@@ -184,6 +184,7 @@ impl Tx {
                 placeholders(1, chunk.len()),
                 self.backend.bytewise()
             );
+            let sql = self.backend.numbered(&sql);
             let mut q = sqlx::query_scalar::<_, String>(&sql);
             for id in chunk {
                 q = q.bind(*id);

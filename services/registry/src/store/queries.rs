@@ -7,6 +7,7 @@ use dsrelay_runtime::audit;
 
 use super::rows::{TaskRow, REQUEST_COLUMNS, TASK_COLUMNS};
 use super::{placeholders, DeliveryRow, EventRow, Operation, RequestRow, Store};
+use dsrelay_runtime::store::Backend;
 
 /// Filters for listing.
 #[derive(Debug, Default)]
@@ -80,6 +81,7 @@ impl Store {
                 "SELECT id, kind FROM requests WHERE id IN ({})",
                 placeholders(1, chunk.len())
             );
+            let sql = self.db.backend.numbered(&sql);
             let mut q = sqlx::query_as::<_, (String, i64)>(&sql);
             for id in chunk {
                 q = q.bind(*id);
@@ -122,6 +124,7 @@ impl Store {
              ORDER BY request_id, processor",
             placeholders(2, ids.len())
         );
+        let sql = self.db.backend.numbered(&sql);
         let mut q = sqlx::query_as::<_, Keyed>(&sql).bind(Operation::Deliver.as_str());
         for id in ids {
             q = q.bind(id);
@@ -138,7 +141,7 @@ impl Store {
         &self,
         ids: &[String],
     ) -> Result<std::collections::HashMap<String, Vec<TaskStatus>>> {
-        read_tasks_of(&self.db.reader, ids).await
+        read_tasks_of(&self.db.reader, self.db.backend, ids).await
     }
 
     /// A request's tasks.
@@ -270,6 +273,7 @@ pub(super) async fn read_tasks<'e>(
 /// [`Store::tasks_of`] through `db` (the pool, or a snapshot's transaction).
 pub(super) async fn read_tasks_of<'e>(
     db: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    backend: Backend,
     ids: &[String],
 ) -> Result<std::collections::HashMap<String, Vec<TaskStatus>>> {
     #[derive(sqlx::FromRow)]
@@ -287,6 +291,7 @@ pub(super) async fn read_tasks_of<'e>(
          ORDER BY request_id, processor, subprocessor",
         placeholders(1, ids.len())
     );
+    let sql = backend.numbered(&sql);
     let mut q = sqlx::query_as::<_, Keyed>(&sql);
     for id in ids {
         q = q.bind(id);

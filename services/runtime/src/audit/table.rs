@@ -117,6 +117,7 @@ async fn chain(conn: &mut AnyConnection, entries: Vec<NewEntry>) -> Result<()> {
             }
             sql.push_str(&crate::store::values_row(b + 1..=b + PARAMS_PER_ROW));
         }
+        let sql = Backend::of_connection(conn).numbered(&sql);
         let mut q = sqlx::query(&sql);
         for e in chunk {
             q = q
@@ -215,6 +216,7 @@ pub async fn chain_pending(db: &Db, lock_key: i64) -> Result<usize> {
                 "DELETE FROM audit_pending WHERE id IN ({})",
                 crate::store::placeholders(1, chunk.len())
             );
+            let sql = db.backend.numbered(&sql);
             let mut q = sqlx::query(&sql);
             for id in chunk {
                 q = q.bind(*id);
