@@ -8,8 +8,11 @@
 //!   token, which renewals, transitions and postponements of the claimed step match; task
 //!   leases are set and compared on the database's clock, [`Backend::now_ms`]), transition,
 //!   operator views.
+//! - `accepts`: group commit of Deliver: concurrent deliveries are stored in one
+//!   transaction, each answered once its request is committed.
 //! - `steps`: group commit of the runner's steps: concurrent claims' transitions share one
 //!   transaction, each answered once its step is committed.
+//! - `group`: the queue both group commits wait in.
 //! - `acks`: the acknowledgement outbox.
 //! - `uploads`: the upload outbox: RETURN_OF_DATA and contract end exports waiting to reach
 //!   the registry, TRANSFER exports waiting to reach their recipient.
@@ -20,11 +23,13 @@
 //! - `audit`: the hash-chained audit trail, appended to in the transaction of each change
 //!   an auditor asks about.
 
+mod accepts;
 mod acks;
 mod audit;
 mod certificates;
 mod contracts;
 mod forget;
+mod group;
 mod rows;
 mod steps;
 mod tasks;
@@ -72,6 +77,8 @@ pub struct Store {
     text_key: Arc<[u8]>,
     /// The runner's steps waiting to share a commit ([`steps`]).
     steps: Arc<steps::StepQueue>,
+    /// Deliver calls waiting to share a commit ([`accepts`]).
+    accepts: Arc<accepts::AcceptQueue>,
 }
 
 impl Store {
@@ -83,6 +90,7 @@ impl Store {
             issuer: None,
             text_key: text_key.into(),
             steps: Arc::default(),
+            accepts: Arc::default(),
         }
     }
 

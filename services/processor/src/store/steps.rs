@@ -10,13 +10,13 @@
 //! it is written again alone, in a transaction of its own, so one step that cannot be
 //! written never takes the others down with it; each caller gets its own step's outcome.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::Ordering;
 
 use anyhow::{anyhow, Result};
 use dsrelay_runtime::trace_context;
 use tokio::sync::oneshot;
 
+use super::group::GroupQueue;
 use super::rows::TaskKey;
 use super::tasks::{prepare_step, PreparedStep, Step};
 use super::{acks, audit, certificates, Store};
@@ -41,18 +41,7 @@ pub(super) struct QueuedStep {
 }
 
 /// The steps waiting for a commit, and whether one is under way.
-#[derive(Debug, Default)]
-pub(super) struct StepQueue {
-    state: Mutex<QueueState>,
-    /// Transactions committed so far, batches and steps written alone alike.
-    commits: AtomicU64,
-}
-
-#[derive(Debug, Default)]
-struct QueueState {
-    waiting: Vec<QueuedStep>,
-    writing: bool,
-}
+pub(super) type StepQueue = GroupQueue<QueuedStep>;
 
 impl std::fmt::Debug for QueuedStep {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -100,12 +89,7 @@ impl Store {
                 .unwrap_or_default(),
             answer,
         };
-        let start = {
-            let mut state = self.steps.state.lock().expect("step queue");
-            state.waiting.push(step);
-            !std::mem::replace(&mut state.writing, true)
-        };
-        if start {
+        if self.steps.push(step) {
             let store = self.clone();
             tokio::spawn(async move { store.write_steps().await });
         }
@@ -117,16 +101,7 @@ impl Store {
 
     /// Commits queued steps, a batch at a time, until none is left.
     async fn write_steps(&self) {
-        loop {
-            let batch: Vec<QueuedStep> = {
-                let mut state = self.steps.state.lock().expect("step queue");
-                if state.waiting.is_empty() {
-                    state.writing = false;
-                    return;
-                }
-                let n = state.waiting.len().min(MAX_BATCH);
-                state.waiting.drain(..n).collect()
-            };
+        while let Some(batch) = self.steps.next_batch(MAX_BATCH) {
             self.commit_steps(batch).await;
         }
     }

@@ -12,11 +12,11 @@ use dsrelay_proto::v1::{
     Acknowledgement, ContractPhase, DeliverRequest, Evidence, ProcessorAuditEvent, RequestKind,
     TaskState,
 };
-use dsrelay_runtime::store::lookups;
+use dsrelay_runtime::store::{lookups, Backend};
 use dsrelay_runtime::trace_context;
 use sha2::{Digest, Sha256};
 
-use super::audit::{self, AuditTx, Record};
+use super::audit::{self, AuditTx, NewEntry, Record};
 use super::rows::{
     state_value, stored_count, ClaimedRecord, JoinedRecord, ManualRow, TaskJob, TaskKey,
     TaskRecord, TaskRow, JOINED_SELECT, TASK_COLUMNS,
@@ -50,19 +50,21 @@ enum OperatorFilter<'a> {
     },
 }
 
-impl Store {
-    /// Stores a delivered request and one PENDING task per subprocessor, or reports the
-    /// existing ones when it was delivered (or cancelled) before. A contract end's terms are
-    /// stored with it, and its tasks are SCHEDULED for their start.
-    pub async fn accept(
-        &self,
-        controller: &str,
-        req: &DeliverRequest,
-        subprocessors: &[String],
-        traceparent: Option<&str>,
-        now: i64,
-    ) -> Result<Accepted> {
-        let mut tx = self.begin_audited().await?;
+/// Stores, in `tx`, a delivered request and one PENDING task per subprocessor, or reports
+/// the existing ones when it was delivered (or cancelled) before, then or earlier in `tx`.
+/// A contract end's terms are stored with it, and its tasks are SCHEDULED for their start.
+/// Answers the audit entry a new request needs (the caller appends it, with the others of
+/// its batch). See [`Store::accept`].
+pub(super) async fn accept_in(
+    tx: &mut AuditTx,
+    controller: &str,
+    req: &DeliverRequest,
+    subprocessors: &[String],
+    traceparent: Option<&str>,
+    now: i64,
+) -> Result<(Accepted, Option<NewEntry>)> {
+    let backend = Backend::of_connection(tx);
+    {
         let recipient = req.recipient.as_ref();
         let inserted = sqlx::query(
             "INSERT INTO requests (controller, request_id, kind, body, received_at, due_at, \
@@ -90,13 +92,23 @@ impl Store {
         .bind(recipient.map(|r| r.name.clone()))
         .bind(recipient.map(|r| r.endpoint.clone()))
         .bind(recipient.map(|r| r.identity.clone()))
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?
         .rows_affected();
         if inserted == 0 {
-            tx.rollback().await?;
-            return Ok(Accepted::Duplicate(
-                self.tasks(controller, &req.request_id).await?,
+            // Nothing of it was written here: the tasks as they stand, read in `tx` so that
+            // a second delivery in the same batch sees what the first one wrote.
+            let rows: Vec<TaskRecord> = sqlx::query_as(&format!(
+                "SELECT {TASK_COLUMNS} FROM tasks WHERE controller = $1 AND request_id = $2 \
+                 ORDER BY subprocessor"
+            ))
+            .bind(controller)
+            .bind(&req.request_id)
+            .fetch_all(&mut **tx)
+            .await?;
+            return Ok((
+                Accepted::Duplicate(rows.into_iter().map(TaskRow::from).collect()),
+                None,
             ));
         }
         let terms = (req.kind == RequestKind::ContractEnd as i32)
@@ -108,7 +120,7 @@ impl Store {
             })
             .flatten();
         if let Some(t) = &terms {
-            super::contracts::insert(&mut tx, controller, req, t, now).await?;
+            super::contracts::insert(tx, controller, req, t, now).await?;
         }
         let (phase, starts_at) = match &terms {
             Some(t) => (ContractPhase::Scheduled, Some(t.starts_at())),
@@ -140,6 +152,7 @@ impl Store {
                  RETURNING {TASK_COLUMNS}",
                 rows.join(", ")
             );
+            let sql = backend.numbered(&sql);
             let mut q = sqlx::query_as::<_, TaskRecord>(&sql);
             for s in chunk {
                 q = q
@@ -152,7 +165,7 @@ impl Store {
                     .bind(i64::from(phase as i32))
                     .bind(starts_at);
             }
-            tasks.extend(q.fetch_all(&mut *tx).await?.into_iter().map(TaskRow::from));
+            tasks.extend(q.fetch_all(&mut **tx).await?.into_iter().map(TaskRow::from));
         }
         // As [`Store::tasks`] lists them.
         tasks.sort_by(|a, b| a.key.subprocessor.cmp(&b.key.subprocessor));
@@ -169,11 +182,12 @@ impl Store {
             actor: controller,
             detail,
         };
-        audit::append(&mut tx, ProcessorAuditEvent::RequestAccepted, now, record).await?;
-        tx.commit().await?;
-        Ok(Accepted::New(tasks))
+        let entry = audit::entry(ProcessorAuditEvent::RequestAccepted, now, record);
+        Ok((Accepted::New(tasks), Some(entry)))
     }
+}
 
+impl Store {
     /// Whether the controller delivered (or cancelled) this request.
     pub async fn request_exists(&self, controller: &str, request_id: &str) -> Result<bool> {
         Ok(
