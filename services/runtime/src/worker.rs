@@ -65,8 +65,14 @@ pub async fn run_pool<J, C, CF, R, RF>(
             _ = stop.changed() => {}
             _ = wakeup.notified() => {}
             _ = tokio::time::sleep(settings.poll) => {}
-            // A slot freed while all were busy.
-            p = slots.acquire(), if free == 0 => drop(p),
+            // A slot freed while all were busy. Jobs tend to finish together (a group
+            // commit answers a batch of steps at once): yielding first lets the others that
+            // finished give their slots back, so one claim fills them all instead of one
+            // claim, a durable commit on SQLite, per slot.
+            p = slots.acquire(), if free == 0 => {
+                drop(p);
+                tokio::task::yield_now().await;
+            }
         }
     }
     let all = u32::try_from(settings.concurrency.max(1)).unwrap_or(u32::MAX);
