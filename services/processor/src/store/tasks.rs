@@ -64,127 +64,133 @@ pub(super) async fn accept_in(
     now: i64,
 ) -> Result<(Accepted, Option<NewEntry>)> {
     let backend = Backend::of_connection(tx);
-    {
-        let recipient = req.recipient.as_ref();
-        let inserted = sqlx::query(
-            "INSERT INTO requests (controller, request_id, kind, body, received_at, due_at, \
+    let recipient = req.recipient.as_ref();
+    let inserted = sqlx::query(
+        "INSERT INTO requests (controller, request_id, kind, body, received_at, due_at, \
              accepted_at, traceparent, recipient_name, recipient_endpoint, recipient_identity) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
-        )
-        .bind(controller)
-        .bind(&req.request_id)
-        .bind(i64::from(req.kind))
-        .bind(req.encode_to_vec())
-        .bind(
-            req.received_at
+    )
+    .bind(controller)
+    .bind(&req.request_id)
+    .bind(i64::from(req.kind))
+    .bind(req.encode_to_vec())
+    .bind(
+        req.received_at
+            .as_ref()
+            .map(dsrelay_proto::millis_from_timestamp)
+            .unwrap_or(now),
+    )
+    .bind(
+        req.due_at
+            .as_ref()
+            .map(dsrelay_proto::millis_from_timestamp)
+            .unwrap_or(i64::MAX),
+    )
+    .bind(now)
+    .bind(traceparent)
+    .bind(recipient.map(|r| r.name.clone()))
+    .bind(recipient.map(|r| r.endpoint.clone()))
+    .bind(recipient.map(|r| r.identity.clone()))
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if inserted == 0 {
+        // Nothing of it was written here: the tasks as they stand, read in `tx` so that
+        // a second delivery in the same batch sees what the first one wrote.
+        let tasks = read_tasks(&mut **tx, controller, &req.request_id).await?;
+        return Ok((Accepted::Duplicate(tasks), None));
+    }
+    let terms = (req.kind == RequestKind::ContractEnd as i32)
+        .then(|| {
+            req.parameters
                 .as_ref()
-                .map(dsrelay_proto::millis_from_timestamp)
-                .unwrap_or(now),
-        )
-        .bind(
-            req.due_at
-                .as_ref()
-                .map(dsrelay_proto::millis_from_timestamp)
-                .unwrap_or(i64::MAX),
-        )
-        .bind(now)
-        .bind(traceparent)
-        .bind(recipient.map(|r| r.name.clone()))
-        .bind(recipient.map(|r| r.endpoint.clone()))
-        .bind(recipient.map(|r| r.identity.clone()))
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
-            // Nothing of it was written here: the tasks as they stand, read in `tx` so that
-            // a second delivery in the same batch sees what the first one wrote.
-            let rows: Vec<TaskRecord> = sqlx::query_as(&format!(
-                "SELECT {TASK_COLUMNS} FROM tasks WHERE controller = $1 AND request_id = $2 \
-                 ORDER BY subprocessor"
-            ))
-            .bind(controller)
-            .bind(&req.request_id)
-            .fetch_all(&mut **tx)
-            .await?;
-            return Ok((
-                Accepted::Duplicate(rows.into_iter().map(TaskRow::from).collect()),
-                None,
-            ));
-        }
-        let terms = (req.kind == RequestKind::ContractEnd as i32)
-            .then(|| {
-                req.parameters
-                    .as_ref()
-                    .and_then(|p| p.contract_end.as_ref())
-                    .and_then(|c| super::contracts::terms_of(c, None))
+                .and_then(|p| p.contract_end.as_ref())
+                .and_then(|c| super::contracts::terms_of(c, None))
+        })
+        .flatten();
+    if let Some(t) = &terms {
+        super::contracts::insert(tx, controller, req, t, now).await?;
+    }
+    let (phase, starts_at) = match &terms {
+        Some(t) => (ContractPhase::Scheduled, Some(t.starts_at())),
+        None => (ContractPhase::Unspecified, None),
+    };
+    // One statement for all the tasks, answering the rows as stored (defaults included),
+    // so nothing is read back after the commit.
+    let mut tasks: Vec<TaskRow> = Vec::with_capacity(subprocessors.len());
+    for chunk in subprocessors.chunks(TASKS_PER_INSERT) {
+        let rows: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                let b = 8 * i;
+                format!(
+                    "(${}, ${}, ${}, ${}, 1, ${}, ${}, ${}, ${})",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6,
+                    b + 7,
+                    b + 8
+                )
             })
-            .flatten();
-        if let Some(t) = &terms {
-            super::contracts::insert(tx, controller, req, t, now).await?;
-        }
-        let (phase, starts_at) = match &terms {
-            Some(t) => (ContractPhase::Scheduled, Some(t.starts_at())),
-            None => (ContractPhase::Unspecified, None),
-        };
-        // One statement for all the tasks, answering the rows as stored (defaults included),
-        // so nothing is read back after the commit.
-        let mut tasks: Vec<TaskRow> = Vec::with_capacity(subprocessors.len());
-        for chunk in subprocessors.chunks(TASKS_PER_INSERT) {
-            let rows: Vec<String> = (0..chunk.len())
-                .map(|i| {
-                    let b = 8 * i;
-                    format!(
-                        "(${}, ${}, ${}, ${}, 1, ${}, ${}, ${}, ${})",
-                        b + 1,
-                        b + 2,
-                        b + 3,
-                        b + 4,
-                        b + 5,
-                        b + 6,
-                        b + 7,
-                        b + 8
-                    )
-                })
-                .collect();
-            let sql = format!(
-                "INSERT INTO tasks (controller, request_id, subprocessor, state, sequence, \
+            .collect();
+        let sql = format!(
+            "INSERT INTO tasks (controller, request_id, subprocessor, state, sequence, \
                  next_attempt_at, updated_at, contract_phase, scheduled_at) VALUES {} \
                  RETURNING {TASK_COLUMNS}",
-                rows.join(", ")
-            );
-            let sql = backend.numbered(&sql);
-            let mut q = sqlx::query_as::<_, TaskRecord>(&sql);
-            for s in chunk {
-                q = q
-                    .bind(controller)
-                    .bind(&req.request_id)
-                    .bind(s)
-                    .bind(state_value(TaskState::Pending))
-                    .bind(starts_at.unwrap_or(now))
-                    .bind(now)
-                    .bind(i64::from(phase as i32))
-                    .bind(starts_at);
-            }
-            tasks.extend(q.fetch_all(&mut **tx).await?.into_iter().map(TaskRow::from));
+            rows.join(", ")
+        );
+        let sql = backend.numbered(&sql);
+        let mut q = sqlx::query_as::<_, TaskRecord>(&sql);
+        for s in chunk {
+            q = q
+                .bind(controller)
+                .bind(&req.request_id)
+                .bind(s)
+                .bind(state_value(TaskState::Pending))
+                .bind(starts_at.unwrap_or(now))
+                .bind(now)
+                .bind(i64::from(phase as i32))
+                .bind(starts_at);
         }
-        // As [`Store::tasks`] lists them.
-        tasks.sort_by(|a, b| a.key.subprocessor.cmp(&b.key.subprocessor));
-        let kind = RequestKind::try_from(req.kind)
-            .map_or_else(|_| req.kind.to_string(), |k| k.as_str_name().to_string());
-        let detail = if subprocessors.is_empty() {
-            format!("{kind} accepted, no subprocessor holds its categories")
-        } else {
-            format!("{kind} accepted, tasks for {}", subprocessors.join(", "))
-        };
-        let record = Record {
-            controller,
-            request_id: &req.request_id,
-            actor: controller,
-            detail,
-        };
-        let entry = audit::entry(ProcessorAuditEvent::RequestAccepted, now, record);
-        Ok((Accepted::New(tasks), Some(entry)))
+        tasks.extend(q.fetch_all(&mut **tx).await?.into_iter().map(TaskRow::from));
     }
+    // As [`Store::tasks`] lists them.
+    tasks.sort_by(|a, b| a.key.subprocessor.cmp(&b.key.subprocessor));
+    let kind = RequestKind::try_from(req.kind)
+        .map_or_else(|_| req.kind.to_string(), |k| k.as_str_name().to_string());
+    let detail = if subprocessors.is_empty() {
+        format!("{kind} accepted, no subprocessor holds its categories")
+    } else {
+        format!("{kind} accepted, tasks for {}", subprocessors.join(", "))
+    };
+    let record = Record {
+        controller,
+        request_id: &req.request_id,
+        actor: controller,
+        detail,
+    };
+    let entry = audit::entry(ProcessorAuditEvent::RequestAccepted, now, record);
+    Ok((Accepted::New(tasks), Some(entry)))
+}
+
+/// A request's tasks, by subprocessor, read through `db` ([`Store::tasks`]' reader, or a
+/// transaction that must see its own writes).
+async fn read_tasks<'e>(
+    db: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    controller: &str,
+    request_id: &str,
+) -> Result<Vec<TaskRow>> {
+    let rows: Vec<TaskRecord> = sqlx::query_as(&format!(
+        "SELECT {TASK_COLUMNS} FROM tasks WHERE controller = $1 AND request_id = $2 \
+         ORDER BY subprocessor"
+    ))
+    .bind(controller)
+    .bind(request_id)
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(TaskRow::from).collect())
 }
 
 impl Store {
@@ -202,15 +208,7 @@ impl Store {
 
     /// A request's tasks.
     pub async fn tasks(&self, controller: &str, request_id: &str) -> Result<Vec<TaskRow>> {
-        let rows: Vec<TaskRecord> = sqlx::query_as(&format!(
-            "SELECT {TASK_COLUMNS} FROM tasks WHERE controller = $1 AND request_id = $2 \
-             ORDER BY subprocessor"
-        ))
-        .bind(controller)
-        .bind(request_id)
-        .fetch_all(&self.db.reader)
-        .await?;
-        Ok(rows.into_iter().map(TaskRow::from).collect())
+        read_tasks(&self.db.reader, controller, request_id).await
     }
 
     /// Cancels a request's tasks as the state machine says: those not started, or between
