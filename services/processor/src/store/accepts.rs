@@ -3,8 +3,8 @@
 //! single transaction, each request with its tasks, their audit entries together. Each
 //! caller is answered only once its request is durable. As for the runner's steps
 //! (`steps`), the writer runs in a task of its own, and when a batch's transaction fails
-//! every request of it is stored again alone, so one that cannot be stored never takes the
-//! others down with it.
+//! every request of it is stored again alone (`super::group`), so one that cannot be stored
+//! never takes the others down with it.
 //!
 //! The batch is written in (controller, request id) byte order, whatever order the calls
 //! came in: two replicas writing overlapping batches on PostgreSQL then wait for each
@@ -17,7 +17,7 @@ use dsrelay_proto::v1::DeliverRequest;
 use tokio::sync::oneshot;
 
 use super::audit;
-use super::group::GroupQueue;
+use super::group::{GroupQueue, Queued};
 use super::tasks::{accept_in, Accepted};
 use super::Store;
 
@@ -32,6 +32,13 @@ pub(super) struct QueuedAccept {
     traceparent: Option<String>,
     now: i64,
     answer: oneshot::Sender<Result<Accepted, String>>,
+}
+
+impl Queued for QueuedAccept {
+    type Answer = Accepted;
+    fn answer_to(self) -> oneshot::Sender<Result<Accepted, String>> {
+        self.answer
+    }
 }
 
 /// The Deliver calls waiting for a commit.
@@ -72,38 +79,13 @@ impl Store {
 
     /// Commits queued deliveries, a batch at a time, until none is left.
     async fn write_accepts(&self) {
-        while let Some(batch) = self.accepts.next_batch(MAX_BATCH) {
-            self.commit_accepts(batch).await;
-        }
-    }
-
-    /// Stores `batch` in one transaction and answers each call; when that fails, stores
-    /// each alone.
-    async fn commit_accepts(&self, batch: Vec<QueuedAccept>) {
-        if batch.len() > 1 {
-            match self.record_accepts(&batch).await {
-                Ok(accepted) => {
-                    for (queued, a) in batch.into_iter().zip(accepted) {
-                        // The caller may have gone (its call cancelled); the request is stored.
-                        let _ = queued.answer.send(Ok(a));
-                    }
-                    return;
-                }
-                Err(e) => tracing::warn!(
-                    error = format!("{e:#}"),
-                    deliveries = batch.len(),
-                    "storing a batch of deliveries failed; storing each alone"
-                ),
-            }
-        }
-        for queued in batch {
-            let outcome = self.record_accepts(std::slice::from_ref(&queued)).await;
-            let _ = queued.answer.send(
-                outcome
-                    .and_then(|mut a| a.pop().ok_or_else(|| anyhow!("nothing was stored")))
-                    .map_err(|e| format!("{e:#}")),
-            );
-        }
+        let store = self.clone();
+        self.accepts
+            .write_all(MAX_BATCH, "deliveries", move |batch| {
+                let store = store.clone();
+                Box::pin(async move { store.record_accepts(batch).await })
+            })
+            .await;
     }
 
     /// Stores `batch` in one transaction, in key order; answers in the batch's order.

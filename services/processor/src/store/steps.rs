@@ -7,8 +7,7 @@
 //!
 //! The commit runs in a task of its own, so a caller that gives up waiting (its step
 //! abandoned) cancels nothing of the others. When a batch's transaction fails, every step of
-//! it is written again alone, in a transaction of its own, so one step that cannot be
-//! written never takes the others down with it; each caller gets its own step's outcome.
+//! it is written again alone (`super::group`), so each caller gets its own step's outcome.
 
 use std::sync::atomic::Ordering;
 
@@ -16,7 +15,7 @@ use anyhow::{anyhow, Result};
 use dsrelay_runtime::trace_context;
 use tokio::sync::oneshot;
 
-use super::group::GroupQueue;
+use super::group::{GroupQueue, Queued};
 use super::rows::TaskKey;
 use super::tasks::{prepare_step, PreparedStep, Step};
 use super::{acks, audit, certificates, Store};
@@ -42,6 +41,13 @@ pub(super) struct QueuedStep {
 
 /// The steps waiting for a commit, and whether one is under way.
 pub(super) type StepQueue = GroupQueue<QueuedStep>;
+
+impl Queued for QueuedStep {
+    type Answer = Option<i64>;
+    fn answer_to(self) -> oneshot::Sender<Result<Option<i64>, String>> {
+        self.answer
+    }
+}
 
 impl std::fmt::Debug for QueuedStep {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -101,38 +107,13 @@ impl Store {
 
     /// Commits queued steps, a batch at a time, until none is left.
     async fn write_steps(&self) {
-        while let Some(batch) = self.steps.next_batch(MAX_BATCH) {
-            self.commit_steps(batch).await;
-        }
-    }
-
-    /// Writes `batch` in one transaction and answers each step; when that fails, writes
-    /// each step alone.
-    async fn commit_steps(&self, batch: Vec<QueuedStep>) {
-        if batch.len() > 1 {
-            match self.record_steps(&batch).await {
-                Ok(sequences) => {
-                    for (step, seq) in batch.into_iter().zip(sequences) {
-                        // The runner may have gone (its step abandoned); the step is stored.
-                        let _ = step.answer.send(Ok(seq));
-                    }
-                    return;
-                }
-                Err(e) => tracing::warn!(
-                    error = format!("{e:#}"),
-                    steps = batch.len(),
-                    "recording a batch of task steps failed; recording each alone"
-                ),
-            }
-        }
-        for step in batch {
-            let outcome = self.record_steps(std::slice::from_ref(&step)).await;
-            let _ = step.answer.send(
-                outcome
-                    .map(|mut s| s.pop().flatten())
-                    .map_err(|e| format!("{e:#}")),
-            );
-        }
+        let store = self.clone();
+        self.steps
+            .write_all(MAX_BATCH, "task steps", move |batch| {
+                let store = store.clone();
+                Box::pin(async move { store.record_steps(batch).await })
+            })
+            .await;
     }
 
     /// Records `steps` in one transaction: each step's task row (with the certificate it
