@@ -26,6 +26,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Undecodable requests are the caller's error, not the service's (see `codec.rs`).
         .codec_path("crate::codec::DsrelayCodec")
+        // An uploaded chunk's bytes are taken from the received buffer as they are, not copied
+        // into a Vec of their own: a package passes through the registry a MiB at a time.
+        .bytes(".dsrelay.v1.UploadFileChunk.data")
         .compile_fds(fds)?;
     Ok(())
 }

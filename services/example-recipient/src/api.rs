@@ -17,7 +17,6 @@ use dsrelay_runtime::export_files::{
 use dsrelay_runtime::grpc::{self, Authorizer, ServiceName};
 use dsrelay_runtime::identity::{request_id_violation, FieldViolation};
 use dsrelay_runtime::server::next_message_within;
-use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::folder::{FileState, Folder, FolderError, Receipt};
@@ -153,11 +152,12 @@ impl Api {
                 format!("runs past the file's size of {} bytes", h.size),
             )]));
         }
-        if hex::encode(Sha256::digest(&chunk.data)) != chunk.chunk_sha256 {
+        let crc = dsrelay_runtime::export_files::chunk_crc32(&chunk.data);
+        if crc != chunk.chunk_crc32 {
             return Err(ApiError::data_loss(format!(
-                "chunk at offset {} of {} does not match its chunk_sha256; nothing of it was \
-                 stored, send it again",
-                chunk.offset, h.name
+                "chunk at offset {} of {} does not match its chunk_crc32 (CRC-32 of its data \
+                 {crc:08x}, given {:08x}); nothing of it was stored, send it again",
+                chunk.offset, h.name, chunk.chunk_crc32
             )));
         }
         self.folder.append(h, &chunk.data).await?;

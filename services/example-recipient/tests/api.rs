@@ -97,8 +97,8 @@ fn chunks(h: &ExportFileHeader, data: &[u8], from: usize, to: usize) -> Vec<Uplo
         .map(|(i, c)| UploadFileChunk {
             header: None,
             offset: (from + i * MIB) as u64,
-            data: c.to_vec(),
-            chunk_sha256: hex::encode(Sha256::digest(c)),
+            data: c.to_vec().into(),
+            chunk_crc32: dsrelay_runtime::export_files::chunk_crc32(c),
         })
         .collect();
     if out.is_empty() {
@@ -226,13 +226,15 @@ async fn a_corrupted_chunk_or_file_is_refused_and_never_stored() {
     let data = content(MIB + 10);
     let h = header("export.json", &data);
     let mut msgs = chunks(&h, &data, 0, data.len());
-    msgs[1].data[3] ^= 0xff;
+    let mut damaged = msgs[1].data.to_vec();
+    damaged[3] ^= 0xff;
+    msgs[1].data = damaged.into();
     let bad = send(&mut c, msgs).await.unwrap_err();
     assert_eq!(bad.code(), Code::DataLoss, "{bad:?}");
     // The good first chunk stayed; the damaged one left nothing.
     assert_eq!(state(&mut c, &h).await.offset, MIB as u64);
 
-    // Chunks that match their own digests but not the file's: the whole file is dropped.
+    // Chunks that match their own checksums but not the file's digest: the whole file is dropped.
     let mut lying = h.clone();
     lying.sha256 = "0".repeat(64);
     let dropped = send(&mut c, chunks(&lying, &data, 0, data.len()))

@@ -1,9 +1,9 @@
-//! Delivers each written export to where its request sends it, file by file in 1 MiB
-//! chunks: a RETURN_OF_DATA's to its controller's registry (`ExportUploadService`), a
+//! Delivers each written export to where its request sends it, two files at a time, each in
+//! 1 MiB chunks: a RETURN_OF_DATA's to its controller's registry (`ExportUploadService`), a
 //! TRANSFER's straight to the recipient the registry named (`TransferReceiver`, over mutual
 //! TLS, checking that the recipient presents the identity the registry gave). Both take the
 //! same steps through [`Sink`]: ask where each file stands and resume there, send the rest
-//! with each chunk's digest, close the part. A recipient answers a receipt, which must match
+//! with each chunk's checksum, close the part. A recipient answers a receipt, which must match
 //! the part the processor sent (canonical manifest digest, bytes, files) before the task may
 //! complete. Then the task moves to COMPLETED through the task machine, so the
 //! acknowledgement carries it (and the receipt), and the export's files are deleted from the
@@ -34,6 +34,7 @@ use dsrelay_proto::v1::{
 };
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
 use dsrelay_runtime::tls::ClientTls;
+use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
@@ -48,6 +49,11 @@ use crate::task_machine::{
 
 /// Bytes of a file in one message: the most the registry and the recipient take.
 pub(crate) const CHUNK: usize = 1024 * 1024;
+
+/// Files of one export sent at the same time (each its own stream): two keep both ends of a
+/// 2-core machine busy with a large export's files, where one at a time left each end waiting
+/// for the other half of the time.
+const FILES_AT_ONCE: usize = 2;
 
 /// Runs until `stop` turns true. Deliveries in flight then get the shutdown grace to
 /// finish; those still sending after it are dropped and their leases released, so another
@@ -455,28 +461,22 @@ async fn send_export(
     let timeout = Duration::from_millis(cfg.call_timeout_ms);
     let dir = crate::exports::task_dir(&shared.config.data_dir, key);
     let headers: Vec<ExportFileHeader> = job.files.iter().map(|f| header(key, f)).collect();
-    for (f, header) in job.files.iter().zip(&headers) {
-        let path = dir.join(&f.name);
-        let state = sink
-            .state(header, timeout)
-            .await
-            .map_err(|s| refused(to, "asking the state", &s))?;
-        // A file the destination holds whole was checked there against its SHA-256; the
-        // others are checked here as they are read for sending.
-        if !state.complete {
-            send_file(sink, &path, header, state.offset, cfg.lease_ms).await?;
-        }
-        if let Err(e) = shared
-            .store
-            .extend_upload_lease(key, cfg.lease_ms as i64)
-            .await
-        {
-            tracing::warn!(
-                error = format!("{e:#}"),
-                "extending an upload's lease failed"
-            );
-        }
+    // Files go FILES_AT_ONCE at a time, so that one file's reading and hashing here overlaps
+    // another's storing at the destination; the first failure ends the attempt (the files
+    // still sending are dropped, and the destination keeps what it stored of them).
+    // The futures are made first: a stream's own map over borrowed closures trips the
+    // compiler's Send check of the runner's future.
+    let files: Vec<_> = job
+        .files
+        .iter()
+        .zip(&headers)
+        .map(|(f, header)| deliver_file(shared, job, sink, &dir, f, header))
+        .collect();
+    let mut sending = futures::stream::iter(files).buffer_unordered(FILES_AT_ONCE);
+    while let Some(sent) = sending.next().await {
+        sent?;
     }
+    drop(sending);
     let receipt = sink
         .complete(key, headers.clone(), timeout)
         .await
@@ -489,6 +489,40 @@ async fn send_export(
         })?;
     }
     Ok(receipt)
+}
+
+/// Sends one file of `job`'s export unless the destination holds it whole already, and
+/// extends the upload's lease.
+async fn deliver_file(
+    shared: &Shared,
+    job: &UploadJob,
+    sink: &Sink<'_>,
+    dir: &Path,
+    f: &ExportedFile,
+    header: &ExportFileHeader,
+) -> Result<(), Failure> {
+    let cfg = &shared.config.uploads;
+    let timeout = Duration::from_millis(cfg.call_timeout_ms);
+    let state = sink
+        .state(header, timeout)
+        .await
+        .map_err(|s| refused(sink.destination(), "asking the state", &s))?;
+    // A file the destination holds whole was checked there against its SHA-256; the others
+    // are checked here as they are read for sending.
+    if !state.complete {
+        send_file(sink, &dir.join(&f.name), header, state.offset, cfg.lease_ms).await?;
+    }
+    if let Err(e) = shared
+        .store
+        .extend_upload_lease(&job.key, cfg.lease_ms as i64)
+        .await
+    {
+        tracing::warn!(
+            error = format!("{e:#}"),
+            "extending an upload's lease failed"
+        );
+    }
+    Ok(())
 }
 
 /// Whether `r` is the receipt for exactly the part `headers` describe: same request and
@@ -584,7 +618,7 @@ async fn open(path: &Path, f: &ExportedFile) -> Result<tokio::fs::File, Failure>
 }
 
 /// Streams the file at `path` from `offset` to its end, in chunks of [`CHUNK`] bytes with
-/// their digests; the first message carries the header. The whole file is hashed on the way
+/// their checksums; the first message carries the header. The whole file is hashed on the way
 /// (the part before `offset` first), so a file that changed since the connector wrote it
 /// fails the task instead of being retried: it is read once per attempt, not twice.
 async fn send_file(
@@ -666,8 +700,8 @@ async fn send_file(
             let chunk = UploadFileChunk {
                 header,
                 offset,
-                chunk_sha256: hex::encode(Sha256::digest(&data)),
-                data,
+                chunk_crc32: dsrelay_runtime::export_files::chunk_crc32(&data),
+                data: data.into(),
             };
             let next = offset + filled as u64;
             Some((chunk, (file, next, None, filled == 0, reading)))

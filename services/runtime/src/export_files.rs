@@ -1,7 +1,7 @@
 //! The rules on export files both receivers of the chunk protocol apply (the registry's
 //! `ExportUploadService` and a recipient's `TransferReceiver`, `proto/dsrelay/v1/package.proto`):
-//! the limits, the file name, the digest and the list of files that closes a part. Each side
-//! adds its own rules on the other header fields.
+//! the limits, the file name, the digests and checksums and the list of files that closes a
+//! part. Each side adds its own rules on the other header fields.
 
 use std::collections::HashSet;
 
@@ -34,6 +34,15 @@ pub fn file_name_violation(field: &str, value: &str) -> Option<FieldViolation> {
             ),
         )
     })
+}
+
+/// The checksum an `UploadFileChunk` carries of its data (`chunk_crc32`): CRC-32 with the
+/// IEEE polynomial, as zip and gzip compute it. A checksum, not a digest: it is there to catch
+/// a chunk damaged on its way (TLS guards against tampering, and the file's SHA-256 is checked
+/// once the file is whole), and at several GB/s it costs a small fraction of a SHA-256 pass,
+/// which both ends of an upload already make over the whole file.
+pub fn chunk_crc32(data: &[u8]) -> u32 {
+    crc32fast::hash(data)
 }
 
 /// Whether `s` is a SHA-256 as the protocol writes it: 64 lowercase hex digits.

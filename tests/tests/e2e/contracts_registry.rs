@@ -439,8 +439,8 @@ async fn upload_part(pair: &TestPair, id: &str) {
         .upload_file(tokio_stream::iter(vec![UploadFileChunk {
             header: Some(header.clone()),
             offset: 0,
-            data: data.to_vec(),
-            chunk_sha256: sha256(data),
+            data: data.to_vec().into(),
+            chunk_crc32: dsrelay_runtime::export_files::chunk_crc32(data),
         }]))
         .await
         .expect("upload")

@@ -335,8 +335,8 @@ fn rows(open: &str, other: &str) -> Vec<Row> {
             UploadFileChunk {
                 header: Some(header.clone()),
                 offset: 0,
-                chunk_sha256: hex::encode(Sha256::digest(&data)),
-                data,
+                chunk_crc32: dsrelay_runtime::export_files::chunk_crc32(&data),
+                data: data.into(),
             },
         ),
         row(

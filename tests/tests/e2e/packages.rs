@@ -290,8 +290,8 @@ fn chunk(header: Option<ExportFileHeader>, offset: u64, data: &[u8]) -> UploadFi
     UploadFileChunk {
         header,
         offset,
-        data: data.to_vec(),
-        chunk_sha256: sha256(data),
+        data: data.to_vec().into(),
+        chunk_crc32: dsrelay_runtime::export_files::chunk_crc32(data),
     }
 }
 
@@ -404,9 +404,11 @@ async fn packages_refuse_bad_chunks_and_resume_uploads() {
         .join("rows.json");
     let stored_len = || std::fs::metadata(&stored).map(|m| m.len()).unwrap_or(0);
 
-    // A chunk whose digest does not match its data.
+    // A chunk whose checksum does not match its data.
     let mut damaged = chunk(Some(h.clone()), 0, &data[..10]);
-    damaged.data[3] ^= 0xff;
+    let mut bytes = damaged.data.to_vec();
+    bytes[3] ^= 0xff;
+    damaged.data = bytes.into();
     let refused = upload(&mut client, vec![damaged]).await.unwrap_err();
     assert_eq!(refused.code(), Code::DataLoss, "{refused:?}");
     assert_eq!(state(&mut client, &h).await.offset, 0);
