@@ -115,7 +115,7 @@ impl Api {
         })
     }
 
-    /// Stores one chunk after checking its offset, size and digest; a refused chunk leaves
+    /// Stores one chunk after checking its offset, size and CRC-32; a refused chunk leaves
     /// nothing behind.
     async fn store_chunk(
         &self,

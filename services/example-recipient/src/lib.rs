@@ -7,7 +7,7 @@
 //!   (PERMISSION_DENIED otherwise).
 //! - Files land in `<data_dir>/<request_id>/<subprocessor>/<name>`; while incomplete they are
 //!   `<name>.partial`, and a file is renamed to its name only once its SHA-256 matched. Every
-//!   chunk is checked (offset, SHA-256) before a byte of it is written.
+//!   chunk is checked (offset, CRC-32) before a byte of it is written.
 //! - Closing a part writes `.manifest.json` (the canonical manifest, see
 //!   [`dsrelay_runtime::transfer_manifest`]) and
 //!   `.receipt.json` next to the files, and answers the receipt.

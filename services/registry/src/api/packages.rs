@@ -192,7 +192,7 @@ impl Api {
         })
     }
 
-    /// Stores one chunk after checking its offset, size and digest; a refused chunk leaves
+    /// Stores one chunk after checking its offset, size and CRC-32; a refused chunk leaves
     /// nothing behind. The chunk is durable only once [`FileUpload::sync`] has run, which
     /// happens before the file is checked and before any answer.
     async fn store_chunk(
