@@ -303,6 +303,65 @@ async fn transfer_resumes_after_the_recipient_is_killed_mid_stream() {
     pair.stop().await;
 }
 
+/// A part's files go two at a time, and a file changed at the processor is still found: the
+/// recipient is killed while the big export is being sent, the last of the four accounting
+/// files gets one byte changed meanwhile, and once the recipient is back the attempt that
+/// resumes the files finds the change while another file is in flight. The task fails naming
+/// that file, and no receipt is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_of_a_file_changed_while_others_are_sent_fails_naming_it() {
+    let mut pair = spawn_pair(PairOptions {
+        holders: vec![Holder::Accounting],
+        recipient: Some(RecipientOptions {
+            process: true,
+            chunk_delay_ms: 400,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
+    make_the_export_big(&pair.accounting_url).await;
+    let id = submit(&pair).await;
+    let folder = pair.recipient_dir().join(&id);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while largest_partial(&folder) < 1024 * 1024 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no chunk reached the recipient"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pair.recipient().kill().await;
+    let written = recorded_files(pair.processor.database_url(), &id, "accounting").await;
+    assert_eq!(written.len(), 4, "{written:?}");
+    let last = written[3].name.clone();
+    let path = pair.export_dir(&id, "accounting").join(&last);
+    let mut bytes = std::fs::read(&path).expect("the export file, not delivered yet");
+    bytes[0] ^= 0x20;
+    std::fs::write(&path, &bytes).unwrap();
+    pair.recipient().start().await;
+
+    let mut crm = pair.crm();
+    let view = wait_until(&mut crm, &id, Duration::from_secs(60), |r| {
+        r.tasks.iter().any(|t| t.state == TaskState::Failed as i32)
+    })
+    .await;
+    let task = &view.tasks[0];
+    assert!(
+        task.reason
+            .contains(&format!("{last} changed at the processor")),
+        "{view:#?}"
+    );
+    assert!(
+        task.evidence
+            .as_ref()
+            .is_none_or(|e| e.transfer_receipt.is_none()),
+        "{view:#?}"
+    );
+    pair.stop().await;
+}
+
 /// The `from_offset` of every "receiving a file" line of a recipient's log.
 fn resumed_offsets(log: &str) -> Vec<u64> {
     without_colours(log)
