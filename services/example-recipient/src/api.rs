@@ -152,12 +152,12 @@ impl Api {
                 format!("runs past the file's size of {} bytes", h.size),
             )]));
         }
-        let crc = dsrelay_runtime::export_files::chunk_crc32(&chunk.data);
-        if crc != chunk.chunk_crc32 {
+        if let Some(why) =
+            dsrelay_runtime::export_files::chunk_crc32_mismatch(&chunk.data, chunk.chunk_crc32)
+        {
             return Err(ApiError::data_loss(format!(
-                "chunk at offset {} of {} does not match its chunk_crc32 (CRC-32 of its data \
-                 {crc:08x}, given {:08x}); nothing of it was stored, send it again",
-                chunk.offset, h.name, chunk.chunk_crc32
+                "chunk at offset {} of {} refused: {why}; nothing of it was stored, send it again",
+                chunk.offset, h.name
             )));
         }
         self.folder.append(h, &chunk.data).await?;

@@ -45,6 +45,26 @@ pub fn chunk_crc32(data: &[u8]) -> u32 {
     crc32fast::hash(data)
 }
 
+/// Why a chunk whose `chunk_crc32` is `given` must be refused, or `None` when it matches
+/// `data`. A sender built for the protocol before `chunk_crc32` (field 5) sends 0 there, since
+/// it fills the SHA-256 of field 4 that is no longer read; the reason then says so, so that the
+/// operator upgrading a mixed deployment knows what to fix.
+pub fn chunk_crc32_mismatch(data: &[u8], given: u32) -> Option<String> {
+    let crc = chunk_crc32(data);
+    if crc == given {
+        return None;
+    }
+    Some(if given == 0 {
+        format!(
+            "chunk_crc32 is not set: it must be the CRC-32 of the chunk's data ({crc:08x}); a \
+             sender built for the earlier protocol sends chunk_sha256 instead, which is no \
+             longer read"
+        )
+    } else {
+        format!("chunk_crc32 {given:08x} does not match the CRC-32 of the chunk's data ({crc:08x})")
+    })
+}
+
 /// Whether `s` is a SHA-256 as the protocol writes it: 64 lowercase hex digits.
 pub fn is_sha256(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
@@ -84,4 +104,24 @@ pub fn part_files_violations(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunk_checksum_is_the_crc_32_of_zip_and_an_unset_one_is_named() {
+        // The CRC-32 check value of the IEEE polynomial.
+        assert_eq!(chunk_crc32(b"123456789"), 0xcbf4_3926);
+        assert_eq!(chunk_crc32_mismatch(b"123456789", 0xcbf4_3926), None);
+        let wrong = chunk_crc32_mismatch(b"123456789", 1).unwrap();
+        assert!(
+            wrong.contains("00000001") && wrong.contains("cbf43926"),
+            "{wrong}"
+        );
+        let unset = chunk_crc32_mismatch(b"123456789", 0).unwrap();
+        assert!(unset.contains("chunk_crc32 is not set"), "{unset}");
+        assert!(unset.contains("chunk_sha256"), "{unset}");
+    }
 }

@@ -413,6 +413,16 @@ async fn packages_refuse_bad_chunks_and_resume_uploads() {
     assert_eq!(refused.code(), Code::DataLoss, "{refused:?}");
     assert_eq!(state(&mut client, &h).await.offset, 0);
     assert_eq!(stored_len(), 0, "nothing of it stored");
+    // A sender built for the earlier protocol leaves chunk_crc32 unset, and is told so.
+    let mut unset = chunk(Some(h.clone()), 0, &data[..10]);
+    unset.chunk_crc32 = 0;
+    let refused = upload(&mut client, vec![unset]).await.unwrap_err();
+    assert_eq!(refused.code(), Code::DataLoss, "{refused:?}");
+    assert!(
+        refused.message().contains("chunk_crc32 is not set"),
+        "{refused:?}"
+    );
+    assert_eq!(stored_len(), 0, "nothing of it stored");
 
     // A chunk that does not start where the stored bytes end.
     let refused = upload(&mut client, vec![chunk(Some(h.clone()), 10, &data[10..20])])

@@ -232,12 +232,13 @@ impl Api {
                 format!("runs past the file's size of {size} bytes"),
             )]));
         }
-        let crc = dsrelay_runtime::export_files::chunk_crc32(&chunk.data);
-        if crc != chunk.chunk_crc32 {
+        if let Some(why) =
+            dsrelay_runtime::export_files::chunk_crc32_mismatch(&chunk.data, chunk.chunk_crc32)
+        {
             return Err(ApiError::data_loss(format!(
-                "chunk at offset {} of {path} does not match its chunk_crc32 (CRC-32 of its \
-                 data {crc:08x}, given {:08x}); nothing of it was stored, send it again",
-                chunk.offset, chunk.chunk_crc32
+                "chunk at offset {} of {path} refused: {why}; nothing of it was stored, send it \
+                 again",
+                chunk.offset
             )));
         }
         let appender = match &mut up.appender {
