@@ -476,7 +476,6 @@ async fn send_export(
     while let Some(sent) = sending.next().await {
         sent?;
     }
-    drop(sending);
     let receipt = sink
         .complete(key, headers.clone(), timeout)
         .await

@@ -67,8 +67,8 @@ pub(super) async fn accept_in(
     let recipient = req.recipient.as_ref();
     let inserted = sqlx::query(
         "INSERT INTO requests (controller, request_id, kind, body, received_at, due_at, \
-             accepted_at, traceparent, recipient_name, recipient_endpoint, recipient_identity) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
+         accepted_at, traceparent, recipient_name, recipient_endpoint, recipient_identity) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
     )
     .bind(controller)
     .bind(&req.request_id)
@@ -137,8 +137,8 @@ pub(super) async fn accept_in(
             .collect();
         let sql = format!(
             "INSERT INTO tasks (controller, request_id, subprocessor, state, sequence, \
-                 next_attempt_at, updated_at, contract_phase, scheduled_at) VALUES {} \
-                 RETURNING {TASK_COLUMNS}",
+             next_attempt_at, updated_at, contract_phase, scheduled_at) VALUES {} \
+             RETURNING {TASK_COLUMNS}",
             rows.join(", ")
         );
         let sql = backend.numbered(&sql);
