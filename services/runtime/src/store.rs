@@ -80,34 +80,7 @@ impl Backend {
         if self == Self::Postgres || !sql.contains('$') {
             return std::borrow::Cow::Borrowed(sql);
         }
-        // (start, end) byte ranges of each `$N` outside quotes, and N.
-        let mut found: Vec<(usize, usize, u64)> = Vec::new();
-        let bytes = sql.as_bytes();
-        let (mut i, mut quote) = (0, None::<u8>);
-        while i < bytes.len() {
-            let b = bytes[i];
-            match quote {
-                Some(q) if b == q => quote = None,
-                Some(_) => {}
-                None if b == b'\'' || b == b'"' => quote = Some(b),
-                None if b == b'$' => {
-                    let digits = bytes[i + 1..]
-                        .iter()
-                        .take_while(|c| c.is_ascii_digit())
-                        .count();
-                    if digits > 0 {
-                        let end = i + 1 + digits;
-                        if let Ok(n) = sql[i + 1..end].parse::<u64>() {
-                            found.push((i, end, n));
-                        }
-                        i = end;
-                        continue;
-                    }
-                }
-                None => {}
-            }
-            i += 1;
-        }
+        let found = numbered_parameters(sql);
         if found.is_empty() {
             return std::borrow::Cow::Borrowed(sql);
         }
@@ -376,6 +349,55 @@ fn prepare_sqlite_url(url: &str) -> Result<String> {
     })
 }
 
+/// The byte ranges `(start, end)` of every numbered parameter `$N` in `sql` outside quoted
+/// literals and identifiers, with its N, in text order.
+fn numbered_parameters(sql: &str) -> Vec<(usize, usize, u64)> {
+    let mut found = Vec::new();
+    let bytes = sql.as_bytes();
+    let (mut i, mut quote) = (0, None::<u8>);
+    while i < bytes.len() {
+        let b = bytes[i];
+        match quote {
+            Some(q) if b == q => quote = None,
+            Some(_) => {}
+            None if b == b'\'' || b == b'"' => quote = Some(b),
+            None if b == b'$' => {
+                let digits = bytes[i + 1..]
+                    .iter()
+                    .take_while(|c| c.is_ascii_digit())
+                    .count();
+                if digits > 0 {
+                    let end = i + 1 + digits;
+                    if let Ok(n) = sql[i + 1..end].parse::<u64>() {
+                        found.push((i, end, n));
+                    }
+                    i = end;
+                    continue;
+                }
+            }
+            None => {}
+        }
+        i += 1;
+    }
+    found
+}
+
+/// `sql` with every numbered parameter `$N` (outside quotes) written `$(N + by)`: how a
+/// statement's parameters are moved behind those of the statements joined before it into
+/// one text.
+pub fn renumbered(sql: &str, by: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut last = 0;
+    for (start, end, n) in numbered_parameters(sql) {
+        out.push_str(&sql[last..start]);
+        out.push('$');
+        out.push_str(&(n + by as u64).to_string());
+        last = end;
+    }
+    out.push_str(&sql[last..]);
+    out
+}
+
 /// The URL with any password replaced, for messages.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -477,6 +499,20 @@ mod tests {
         assert_eq!(sqlite.numbered("SELECT 1"), "SELECT 1");
         let postgres = Backend::Postgres;
         assert_eq!(postgres.numbered("SELECT $1, $2"), "SELECT $1, $2");
+    }
+
+    #[test]
+    fn renumbered_moves_parameters_outside_quotes() {
+        assert_eq!(
+            renumbered("UPDATE t SET a = $2 WHERE b = $1 OR c = $10", 3),
+            "UPDATE t SET a = $5 WHERE b = $4 OR c = $13"
+        );
+        assert_eq!(
+            renumbered("SELECT '$1', \"$2\", $1 || '$'", 7),
+            "SELECT '$1', \"$2\", $8 || '$'"
+        );
+        assert_eq!(renumbered("SELECT $1", 0), "SELECT $1");
+        assert_eq!(renumbered("SELECT 1", 4), "SELECT 1");
     }
 
     /// What the rewrite must keep: every value bound where its `$N` was, with sqlx binding
