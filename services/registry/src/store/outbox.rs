@@ -11,7 +11,7 @@
 
 use anyhow::Result;
 use dsrelay_proto::v1::{EventType, RequestState, TaskStatus};
-use dsrelay_runtime::store::lookups;
+use dsrelay_runtime::store::{execute_each, lookups};
 
 use super::acknowledgements::{apply_accepted, Accepted};
 use super::events::{insert_event, EventDetail};
@@ -114,12 +114,10 @@ impl Store {
     }
 
     /// [`Store::delivery_succeeded`] for several attempts at once, in one transaction: the
-    /// requests locked, each row marked with its own UPDATE (a multi-row UPDATE ... FROM
-    /// (VALUES ...) measured slower on SQLite, see `docs/benchmarks.md`), then
-    /// [`apply_accepted`] (what the answers reported, the touched requests folded, the events
-    /// written together). Answers, in `done`'s order, whether
-    /// each claim still held its row; a row another claim took records nothing, the others
-    /// still do.
+    /// requests locked, the rows marked ([`mark_delivered`]), then [`apply_accepted`] (what
+    /// the answers reported, the touched requests folded, the events written together).
+    /// Answers, in `done`'s order, whether each claim still held its row; a row another claim
+    /// took records nothing, the others still do.
     pub async fn deliveries_succeeded(
         &self,
         done: &[(&DeliveryJob, &[TaskStatus])],
@@ -132,10 +130,8 @@ impl Store {
             .map(|(job, _)| job.request_id.as_str())
             .collect();
         tx.lock_requests(&ids).await?;
-        let mut held = Vec::with_capacity(done.len());
-        for (job, _) in done {
-            held.push(mark_delivered(&mut tx, job, now).await?);
-        }
+        let jobs: Vec<&DeliveryJob> = done.iter().map(|(job, _)| *job).collect();
+        let held = mark_delivered(&mut tx, &jobs, now).await?;
         let accepted: Vec<Accepted<'_>> = done
             .iter()
             .zip(&held)
@@ -412,26 +408,35 @@ pub(crate) fn describe_terms(t: &dsrelay_proto::v1::ContractEnd) -> String {
     }
 }
 
-/// Marks `job`'s row accepted, if its claim still holds it (see
-/// [`Store::delivery_succeeded`]); answers whether it did.
-async fn mark_delivered(tx: &mut Tx, job: &DeliveryJob, now: i64) -> Result<bool> {
-    let updated = sqlx::query(
+/// Marks each of `jobs`' rows accepted, if its claim still holds it (see
+/// [`Store::delivery_succeeded`]); answers, in order, whether it did. A row's own UPDATE
+/// each (a multi-row UPDATE ... FROM (VALUES ...) measured slower on SQLite, see
+/// `docs/benchmarks.md`), all in one call on SQLite ([`execute_each`]).
+async fn mark_delivered(tx: &mut Tx, jobs: &[&DeliveryJob], now: i64) -> Result<Vec<bool>> {
+    let backend = tx.backend;
+    let changed = execute_each(
+        tx.conn(),
+        backend,
         "UPDATE deliveries SET done_at = CASE WHEN $5 = 0 OR EXISTS (SELECT 1 FROM \
          contracts c WHERE c.request_id = $2 AND c.version = $6) THEN $1 ELSE NULL END, \
          attempts = attempts + 1, lease_until = 0, lease_owner = NULL, last_error = NULL \
          WHERE request_id = $2 AND processor = $3 AND op = $4 AND done_at IS NULL \
          AND lease_owner = $7",
+        7,
+        jobs,
+        |query, job| {
+            query
+                .bind(now)
+                .bind(&job.request_id)
+                .bind(&job.processor)
+                .bind(job.op.as_str())
+                .bind(i64::from(job.op == Operation::Update))
+                .bind(job.terms.contract_version.unwrap_or_default())
+                .bind(&job.lease_owner)
+        },
     )
-    .bind(now)
-    .bind(&job.request_id)
-    .bind(&job.processor)
-    .bind(job.op.as_str())
-    .bind(i64::from(job.op == Operation::Update))
-    .bind(job.terms.contract_version.unwrap_or_default())
-    .bind(&job.lease_owner)
-    .execute(tx.conn())
     .await?;
-    Ok(updated.rows_affected() > 0)
+    Ok(changed.into_iter().map(|n| n > 0).collect())
 }
 
 /// The DELIVERED event's words for an accepted `job` whose answer reported `tasks` tasks.
