@@ -29,34 +29,40 @@ pub(super) async fn issue_for(
     if !matches!(t.state, TaskState::Completed | TaskState::Retained) {
         return Ok(None);
     }
-    let kind: Option<i64> =
-        sqlx::query_scalar("SELECT kind FROM requests WHERE controller = $1 AND request_id = $2")
-            .bind(&key.controller)
-            .bind(&key.request_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-    let Some(certificate_kind) = kind.and_then(|k| certifies(k, t.state)) else {
-        return Ok(None);
-    };
-    // The request's retained data as of this step, this task's included.
-    let kept: Vec<(String, String, Option<i64>)> = sqlx::query_as(
-        "SELECT subprocessor, legal_basis, retain_until FROM tasks WHERE controller = $1 \
-         AND request_id = $2 AND state = $3 ORDER BY subprocessor",
-    )
-    .bind(&key.controller)
-    .bind(&key.request_id)
-    .bind(state_value(TaskState::Retained))
-    .fetch_all(&mut *tx)
-    .await?;
-    let follows: Option<String> = sqlx::query_scalar(
-        "SELECT id FROM certificates WHERE controller = $1 AND request_id = $2 \
-         AND subprocessor = $3 ORDER BY sequence DESC LIMIT 1",
+    // What the certificate states besides the step, in one statement (each call is a
+    // hand-off to the connection's thread on SQLite): the request's kind, the certificate
+    // this one follows (the task's last), and the request's retained data as of this step,
+    // this task's included (one row each; one row of NULLs when none).
+    type Read = (
+        i64,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<i64>,
+    );
+    let rows: Vec<Read> = sqlx::query_as(
+        "SELECT r.kind, (SELECT c.id FROM certificates c WHERE c.controller = $1 \
+         AND c.request_id = $2 AND c.subprocessor = $3 ORDER BY c.sequence DESC LIMIT 1), \
+         t.subprocessor, t.legal_basis, t.retain_until FROM requests r LEFT JOIN tasks t \
+         ON t.controller = r.controller AND t.request_id = r.request_id AND t.state = $4 \
+         WHERE r.controller = $1 AND r.request_id = $2 ORDER BY t.subprocessor",
     )
     .bind(&key.controller)
     .bind(&key.request_id)
     .bind(&key.subprocessor)
-    .fetch_optional(&mut *tx)
+    .bind(state_value(TaskState::Retained))
+    .fetch_all(&mut *tx)
     .await?;
+    let Some(certificate_kind) = rows.first().and_then(|r| certifies(r.0, t.state)) else {
+        return Ok(None);
+    };
+    let follows = rows.first().and_then(|r| r.1.clone());
+    let kept: Vec<(String, String, Option<i64>)> = rows
+        .into_iter()
+        .filter_map(|(_, _, subprocessor, legal_basis, until)| {
+            Some((subprocessor?, legal_basis.unwrap_or_default(), until))
+        })
+        .collect();
     let (id, doc) = issuer.issue(Facts {
         kind: certificate_kind,
         controller: &key.controller,
