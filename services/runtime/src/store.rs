@@ -400,13 +400,7 @@ pub fn renumbered(sql: &str, by: usize) -> String {
 
 /// Runs one statement (`sql`, whose parameters are `$1..$per_row`) once for each of `rows`
 /// on `conn`, each run's values bound by `bind`, in order; answers each run's changed rows.
-///
-/// On SQLite the runs go as one text in one call. Why: sqlx runs a SQLite connection on a
-/// thread of its own and hands every call to it and its answer back, which costs about 45
-/// µs of CPU and 60 µs of waiting per call on these machines, against about 8 µs for one more
-/// statement in the same text (`dsrelay-bench statement-cost`, where the same keyed UPDATE
-/// in one multi-row statement came out slower than either). PostgreSQL takes one statement
-/// per call when values are bound, so there they go one by one.
+/// One call on SQLite, as [`run_each`] says.
 pub async fn execute_each<T>(
     conn: &mut sqlx::AnyConnection,
     backend: Backend,
@@ -418,36 +412,88 @@ pub async fn execute_each<T>(
         &'q T,
     ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
 ) -> Result<Vec<u64>> {
+    let ran = run_each(conn, backend, rows, |_| (sql.to_string(), per_row), bind).await?;
+    Ok(ran.into_iter().map(|r| r.changed).collect())
+}
+
+/// What one run of [`run_each`] gave back.
+#[derive(Default)]
+pub struct Ran {
+    /// The rows it returned.
+    pub rows: Vec<sqlx::any::AnyRow>,
+    /// The rows it changed.
+    pub changed: u64,
+}
+
+/// Runs one statement for each of `runs`, in order, on `conn`: the statement `sql_of` gives
+/// (its text, whose parameters are `$1..$n`, and n), with the values `bind` binds. Answers
+/// each run's rows and changed rows.
+///
+/// On SQLite the runs go as one text in one call. Why: sqlx runs a SQLite connection on a
+/// thread of its own and hands every call to it and its answer back, which costs about 45
+/// µs of CPU and 60 µs of waiting per call on these machines, against about 8 µs for one more
+/// statement in the same text (`dsrelay-bench statement-cost`, where the same keyed UPDATE
+/// in one multi-row statement came out slower than either). PostgreSQL takes one statement
+/// per call when values are bound, so there they go one by one.
+pub async fn run_each<T>(
+    conn: &mut sqlx::AnyConnection,
+    backend: Backend,
+    runs: &[T],
+    sql_of: impl Fn(&T) -> (String, usize),
+    bind: impl for<'q> Fn(
+        sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+        &'q T,
+    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+) -> Result<Vec<Ran>> {
     use futures::TryStreamExt;
-    if backend == Backend::Postgres || rows.len() < 2 {
-        let mut changed = Vec::with_capacity(rows.len());
-        for row in rows {
-            let done = bind(sqlx::query(sql), row).execute(&mut *conn).await?;
-            changed.push(done.rows_affected());
+    let mut out: Vec<Ran> = Vec::with_capacity(runs.len());
+    if backend == Backend::Postgres || runs.len() < 2 {
+        for run in runs {
+            let sql = sql_of(run).0;
+            let query = bind(sqlx::query(&sql), run);
+            let mut ran = Ran::default();
+            let mut results = conn.fetch_many(query);
+            while let Some(item) = results.try_next().await? {
+                match item {
+                    sqlx::Either::Right(row) => ran.rows.push(row),
+                    sqlx::Either::Left(done) => ran.changed += done.rows_affected(),
+                }
+            }
+            out.push(ran);
         }
-        return Ok(changed);
+        return Ok(out);
     }
-    let text: Vec<String> = (0..rows.len())
-        .map(|i| renumbered(sql, i * per_row))
-        .collect();
-    let text = text.join(";\n");
-    let query = rows.iter().fold(sqlx::query(&text), &bind);
-    let mut changed = Vec::with_capacity(rows.len());
+    let mut text = String::new();
+    let mut bound = 0;
+    for run in runs {
+        let (sql, params) = sql_of(run);
+        if !text.is_empty() {
+            text.push_str(";\n");
+        }
+        text.push_str(&renumbered(&sql, bound));
+        bound += params;
+    }
+    let query = runs.iter().fold(sqlx::query(&text), &bind);
+    let mut current = Ran::default();
     let mut results = conn.fetch_many(query);
     while let Some(item) = results.try_next().await? {
-        if let sqlx::Either::Left(done) = item {
-            changed.push(done.rows_affected());
+        match item {
+            sqlx::Either::Right(row) => current.rows.push(row),
+            sqlx::Either::Left(done) => {
+                current.changed = done.rows_affected();
+                out.push(std::mem::take(&mut current));
+            }
         }
     }
     drop(results);
-    if changed.len() != rows.len() {
+    if out.len() != runs.len() {
         bail!(
-            "{} runs of one statement in one text gave {} results",
-            rows.len(),
-            changed.len()
+            "{} statements in one text gave {} results",
+            runs.len(),
+            out.len()
         );
     }
-    Ok(changed)
+    Ok(out)
 }
 
 /// The URL with any password replaced, for messages.

@@ -12,12 +12,13 @@
 use std::sync::atomic::Ordering;
 
 use anyhow::{anyhow, Result};
+use dsrelay_runtime::store::{run_each, Backend};
 use dsrelay_runtime::trace_context;
 use tokio::sync::oneshot;
 
 use super::group::{GroupQueue, Queued};
 use super::rows::TaskKey;
-use super::tasks::{prepare_step, PreparedStep, Step};
+use super::tasks::{finish_step, PreparedStep, Step, StepWrite};
 use super::{acks, audit, certificates, Store};
 use crate::task_machine::Transition;
 
@@ -116,9 +117,10 @@ impl Store {
             .await;
     }
 
-    /// Records `steps` in one transaction: each step's task row (with the certificate it
-    /// issues and the upload it queues), then all their acknowledgements in one INSERT and
-    /// their audit entries, in the steps' order. Answers each step's new sequence, `None`
+    /// Records `steps` in one transaction: their task rows (one UPDATE each, all in one call
+    /// on SQLite), then each step's certificate and upload, then all their acknowledgements
+    /// in one INSERT and their audit entries, in the steps' order. A certificate therefore
+    /// lists the retained data of the request as the whole batch leaves it. Answers each step's new sequence, `None`
     /// for a step whose task moved on or whose claim was lost (it records nothing).
     pub(super) async fn record_steps(&self, steps: &[QueuedStep]) -> Result<Vec<Option<i64>>> {
         let mut tx = self.begin_audited().await?;
@@ -142,29 +144,41 @@ impl Store {
             };
             key(*a).cmp(&key(*b))
         });
-        let mut prepared_steps: Vec<Option<PreparedStep>> =
-            std::iter::repeat_with(|| None).take(steps.len()).collect();
-        for i in order {
-            let s = &steps[i];
-            let step = Step {
+        let claimed: Vec<Step<'_>> = steps
+            .iter()
+            .map(|s| Step {
                 expected_sequence: s.expected_sequence,
                 lease_owner: Some(&s.lease_owner),
                 by: "",
                 call_started_at: s.call_started_at,
                 unless_cancelled: s.unless_cancelled,
-            };
-            let prepared = prepare_step(
+            })
+            .collect();
+        // The task rows first, all in one call on SQLite; then each step's certificate,
+        // upload and acknowledgement, in the same order.
+        let writes = order
+            .iter()
+            .map(|&i| {
+                let s = &steps[i];
+                StepWrite::new(&tx, &s.key, &claimed[i], &s.t, s.now, s.attempts)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let backend = Backend::of_connection(&tx);
+        let ran = run_each(&mut tx, backend, &writes, StepWrite::sql, StepWrite::bind).await?;
+        let mut prepared_steps: Vec<Option<PreparedStep>> =
+            std::iter::repeat_with(|| None).take(steps.len()).collect();
+        for ((i, write), ran) in order.into_iter().zip(&writes).zip(ran) {
+            let s = &steps[i];
+            prepared_steps[i] = finish_step(
                 &mut tx,
                 issuer,
                 &s.key,
-                step,
-                &s.t,
-                s.now,
-                s.attempts,
+                &claimed[i],
+                write,
+                ran.rows.into_iter().next(),
                 s.traceparent.clone(),
             )
             .await?;
-            prepared_steps[i] = prepared;
         }
         let mut sequences = Vec::with_capacity(steps.len());
         let (mut queued, mut entries) = (Vec::new(), Vec::new());

@@ -12,7 +12,7 @@ use dsrelay_proto::v1::{
     Acknowledgement, ContractPhase, DeliverRequest, Evidence, ProcessorAuditEvent, RequestKind,
     TaskState,
 };
-use dsrelay_runtime::store::{lookups, Backend};
+use dsrelay_runtime::store::{lookups, run_each, Backend};
 use dsrelay_runtime::trace_context;
 use sha2::{Digest, Sha256};
 
@@ -734,92 +734,192 @@ pub(super) async fn prepare_step(
     attempts: i64,
     traceparent: String,
 ) -> Result<Option<PreparedStep>> {
-    let Step {
-        expected_sequence,
-        lease_owner,
-        by,
-        call_started_at,
-        unless_cancelled,
-    } = step;
-    // Every step's texts pass here on their way to the task row and the acknowledgement, so
-    // this is where they are fitted: the registry rejects an acknowledgement over its limits.
-    let fitted = t.fitted();
-    let t = &fitted;
-    let next = expected_sequence + 1;
-    let step = t.contract;
-    let counts = step.and_then(|c| c.progress);
-    // A parameter only when it is matched: `$27 IS NULL` leaves PostgreSQL guessing its type.
-    let held = if lease_owner.is_some() {
-        " AND lease_owner = $27"
-    } else {
-        ""
-    };
-    let unmarked = if unless_cancelled {
-        " AND cancel_requested_at IS NULL"
-    } else {
-        ""
-    };
-    let db_now = super::db_now_in(tx);
-    let sql = format!(
-        "UPDATE tasks SET state = $1, sequence = $2, records_affected = $3, confirmed = $4, \
-         note = $5, reason = $6, legal_basis = $7, retain_until = $8, updated_at = $9, \
-         attempts = $10, lease_until = CASE WHEN $18 > 0 THEN {db_now} + $18 ELSE 0 END, \
-         next_attempt_at = $15, handle = $16, \
-         export_files = COALESCE($17, export_files), \
-         transfer_receipt = COALESCE($19, transfer_receipt), \
-         contract_phase = COALESCE($20, contract_phase), \
-         subjects_done = COALESCE($21, subjects_done), \
-         subjects_total = COALESCE($22, subjects_total), \
-         records_done = COALESCE($23, records_done), \
-         records_total = COALESCE($24, records_total), \
-         scheduled_at = COALESCE($25, scheduled_at), call_started_at = $26 \
-         WHERE controller = $11 AND request_id = $12 AND subprocessor = $13 AND sequence = $14\
-         {held}{unmarked} RETURNING contract_phase, subjects_done, subjects_total, records_done, \
-         records_total, scheduled_at",
-    );
-    let query = sqlx::query_as::<_, (i64, i64, i64, i64, i64, Option<i64>)>(&sql)
-        .bind(state_value(t.state))
-        .bind(next)
-        .bind(t.records_affected)
-        .bind(i64::from(t.confirmed))
-        .bind(&t.note)
-        .bind(&t.reason)
-        .bind(&t.legal_basis)
-        .bind(t.retain_until)
-        .bind(now)
-        .bind(attempts)
-        .bind(&key.controller)
-        .bind(&key.request_id)
-        .bind(&key.subprocessor)
-        .bind(expected_sequence)
-        .bind(t.next_attempt_at.unwrap_or(now))
-        .bind(t.handle.clone())
-        .bind(
-            t.export_files
+    let write = StepWrite::new(tx, key, &step, t, now, attempts)?;
+    let backend = Backend::of_connection(tx);
+    let ran = run_each(
+        tx,
+        backend,
+        std::slice::from_ref(&write),
+        StepWrite::sql,
+        StepWrite::bind,
+    )
+    .await?;
+    let row = ran
+        .into_iter()
+        .next()
+        .and_then(|r| r.rows.into_iter().next());
+    finish_step(tx, issuer, key, &step, &write, row, traceparent).await
+}
+
+/// A step's UPDATE of its task row, with every value it binds, so that several steps' can go
+/// to the database in one call ([`run_each`]).
+pub(super) struct StepWrite {
+    /// The transition as fitted to the registry's limits: what the row and the
+    /// acknowledgement say.
+    pub(super) t: Transition,
+    sql: String,
+    params: usize,
+    next: i64,
+    now: i64,
+    attempts: i64,
+    expected_sequence: i64,
+    controller: String,
+    request_id: String,
+    subprocessor: String,
+    export_files: Option<String>,
+    transfer_receipt: Option<Vec<u8>>,
+    phase: Option<i64>,
+    counts: [Option<i64>; 4],
+    scheduled_at: Option<i64>,
+    call_started_at: Option<i64>,
+    lease_owner: Option<String>,
+}
+
+impl StepWrite {
+    /// The UPDATE of `key`'s row that records `t` as `step` says.
+    pub(super) fn new(
+        conn: &sqlx::AnyConnection,
+        key: &TaskKey,
+        step: &Step<'_>,
+        t: &Transition,
+        now: i64,
+        attempts: i64,
+    ) -> Result<Self> {
+        // Every step's texts pass here on their way to the task row and the acknowledgement,
+        // so this is where they are fitted: the registry rejects an acknowledgement over its
+        // limits.
+        let t = t.fitted();
+        let contract = t.contract;
+        let counts = contract.and_then(|c| c.progress);
+        // A parameter only when it is matched: `$27 IS NULL` leaves PostgreSQL guessing its
+        // type.
+        let held = if step.lease_owner.is_some() {
+            " AND lease_owner = $27"
+        } else {
+            ""
+        };
+        let unmarked = if step.unless_cancelled {
+            " AND cancel_requested_at IS NULL"
+        } else {
+            ""
+        };
+        let db_now = super::db_now_in(conn);
+        let sql = format!(
+            "UPDATE tasks SET state = $1, sequence = $2, records_affected = $3, confirmed = $4, \
+             note = $5, reason = $6, legal_basis = $7, retain_until = $8, updated_at = $9, \
+             attempts = $10, lease_until = CASE WHEN $18 > 0 THEN {db_now} + $18 ELSE 0 END, \
+             next_attempt_at = $15, handle = $16, \
+             export_files = COALESCE($17, export_files), \
+             transfer_receipt = COALESCE($19, transfer_receipt), \
+             contract_phase = COALESCE($20, contract_phase), \
+             subjects_done = COALESCE($21, subjects_done), \
+             subjects_total = COALESCE($22, subjects_total), \
+             records_done = COALESCE($23, records_done), \
+             records_total = COALESCE($24, records_total), \
+             scheduled_at = COALESCE($25, scheduled_at), call_started_at = $26 \
+             WHERE controller = $11 AND request_id = $12 AND subprocessor = $13 AND sequence = $14\
+             {held}{unmarked} RETURNING contract_phase, subjects_done, subjects_total, records_done, \
+             records_total, scheduled_at",
+        );
+        Ok(Self {
+            sql,
+            params: if step.lease_owner.is_some() { 27 } else { 26 },
+            next: step.expected_sequence + 1,
+            now,
+            attempts,
+            expected_sequence: step.expected_sequence,
+            controller: key.controller.clone(),
+            request_id: key.request_id.clone(),
+            subprocessor: key.subprocessor.clone(),
+            export_files: t
+                .export_files
                 .as_ref()
                 .map(serde_json::to_string)
                 .transpose()?,
-        )
-        .bind(t.hold_ms.unwrap_or(0))
-        .bind(t.transfer_receipt.as_ref().map(Message::encode_to_vec))
-        .bind(step.map(|c| i64::from(c.phase as i32)))
-        .bind(counts.map(|p| stored_count(p.subjects_done)))
-        .bind(counts.map(|p| stored_count(p.subjects_total)))
-        .bind(counts.map(|p| stored_count(p.records_done)))
-        .bind(counts.map(|p| stored_count(p.records_total)))
-        .bind(step.and_then(|c| c.scheduled_at))
-        .bind(call_started_at);
-    let progress = match lease_owner {
-        Some(owner) => query.bind(owner),
-        None => query,
+            transfer_receipt: t.transfer_receipt.as_ref().map(Message::encode_to_vec),
+            phase: contract.map(|c| i64::from(c.phase as i32)),
+            counts: [
+                counts.map(|p| stored_count(p.subjects_done)),
+                counts.map(|p| stored_count(p.subjects_total)),
+                counts.map(|p| stored_count(p.records_done)),
+                counts.map(|p| stored_count(p.records_total)),
+            ],
+            scheduled_at: contract.and_then(|c| c.scheduled_at),
+            call_started_at: step.call_started_at,
+            lease_owner: step.lease_owner.map(str::to_string),
+            t,
+        })
     }
-    .fetch_optional(&mut **tx)
-    .await?;
-    let Some((phase, subjects_done, subjects_total, records_done, records_total, scheduled_at)) =
-        progress
-    else {
+
+    /// Its text and how many parameters it binds.
+    pub(super) fn sql(&self) -> (String, usize) {
+        (self.sql.clone(), self.params)
+    }
+
+    /// Binds its values, in the order of its parameters.
+    pub(super) fn bind<'q>(
+        query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+        w: &'q Self,
+    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+        let t = &w.t;
+        let query = query
+            .bind(state_value(t.state))
+            .bind(w.next)
+            .bind(t.records_affected)
+            .bind(i64::from(t.confirmed))
+            .bind(&t.note)
+            .bind(&t.reason)
+            .bind(&t.legal_basis)
+            .bind(t.retain_until)
+            .bind(w.now)
+            .bind(w.attempts)
+            .bind(&w.controller)
+            .bind(&w.request_id)
+            .bind(&w.subprocessor)
+            .bind(w.expected_sequence)
+            .bind(t.next_attempt_at.unwrap_or(w.now))
+            .bind(t.handle.as_deref())
+            .bind(w.export_files.as_deref())
+            .bind(t.hold_ms.unwrap_or(0))
+            .bind(w.transfer_receipt.as_deref())
+            .bind(w.phase)
+            .bind(w.counts[0])
+            .bind(w.counts[1])
+            .bind(w.counts[2])
+            .bind(w.counts[3])
+            .bind(w.scheduled_at)
+            .bind(w.call_started_at);
+        match &w.lease_owner {
+            Some(owner) => query.bind(owner.as_str()),
+            None => query,
+        }
+    }
+}
+
+/// The rest of a step whose row `write` wrote: the certificate it issues, the upload it
+/// queues, its acknowledgement and audit entry. `row` is what the UPDATE returned; `None`
+/// (the task moved on, or the claim was lost) ends the step with nothing recorded.
+pub(super) async fn finish_step(
+    tx: &mut AuditTx,
+    issuer: Option<&Issuer>,
+    key: &TaskKey,
+    step: &Step<'_>,
+    write: &StepWrite,
+    row: Option<sqlx::any::AnyRow>,
+    traceparent: String,
+) -> Result<Option<PreparedStep>> {
+    let Some(row) = row else {
         return Ok(None);
     };
+    let (phase, subjects_done, subjects_total, records_done, records_total, scheduled_at): (
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        Option<i64>,
+    ) = sqlx::FromRow::from_row(&row)?;
+    let (t, next, now, attempts, by) = (&write.t, write.next, write.now, write.attempts, step.by);
     // Every acknowledgement of a contract end task carries its progress as recorded now.
     let count = |v: i64| u64::try_from(v).unwrap_or(0);
     let progress = i32::try_from(phase)
