@@ -470,7 +470,7 @@ async fn send_export(
         .files
         .iter()
         .zip(&headers)
-        .map(|(f, header)| deliver_file(shared, job, sink, &dir, f, header))
+        .map(|(f, header)| deliver_file(shared, job, sink, &dir, f, header, timeout))
         .collect();
     let mut sending = futures::stream::iter(files).buffer_unordered(FILES_AT_ONCE);
     while let Some(sent) = sending.next().await {
@@ -490,8 +490,8 @@ async fn send_export(
     Ok(receipt)
 }
 
-/// Sends one file of `job`'s export unless the destination holds it whole already, and
-/// extends the upload's lease.
+/// Sends one file of `job`'s export unless the destination holds it whole already (asking
+/// with `timeout`), and extends the upload's lease.
 async fn deliver_file(
     shared: &Shared,
     job: &UploadJob,
@@ -499,9 +499,9 @@ async fn deliver_file(
     dir: &Path,
     f: &ExportedFile,
     header: &ExportFileHeader,
+    timeout: Duration,
 ) -> Result<(), Failure> {
     let cfg = &shared.config.uploads;
-    let timeout = Duration::from_millis(cfg.call_timeout_ms);
     let state = sink
         .state(header, timeout)
         .await

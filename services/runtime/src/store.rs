@@ -411,8 +411,17 @@ pub async fn execute_each<T>(
         sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
         &'q T,
     ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
-) -> Result<Vec<u64>> {
-    let ran = run_each(conn, backend, rows, |_| (sql.to_string(), per_row), bind).await?;
+) -> std::result::Result<Vec<u64>, RunFailed> {
+    // Each run paired with the text, so that the text's lifetime is one `run_each` can see.
+    let runs: Vec<(&str, &T)> = rows.iter().map(|row| (sql, row)).collect();
+    let ran = run_each(
+        conn,
+        backend,
+        &runs,
+        |run| (run.0, per_row),
+        |query, run| bind(query, run.1),
+    )
+    .await?;
     Ok(ran.into_iter().map(|r| r.changed).collect())
 }
 
@@ -425,9 +434,19 @@ pub struct Ran {
     pub changed: u64,
 }
 
+/// A run of [`run_each`] failed: which one (its index in the runs), and the database's error.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct RunFailed {
+    /// The index of the run that failed.
+    pub run: usize,
+    /// What the database answered.
+    pub error: sqlx::Error,
+}
+
 /// Runs one statement for each of `runs`, in order, on `conn`: the statement `sql_of` gives
 /// (its text, whose parameters are `$1..$n`, and n), with the values `bind` binds. Answers
-/// each run's rows and changed rows.
+/// each run's rows and changed rows; an error says which run failed.
 ///
 /// On SQLite the runs go as one text in one call. Why: sqlx runs a SQLite connection on a
 /// thread of its own and hands every call to it and its answer back, which costs about 45
@@ -439,44 +458,65 @@ pub async fn run_each<T>(
     conn: &mut sqlx::AnyConnection,
     backend: Backend,
     runs: &[T],
-    sql_of: impl Fn(&T) -> (String, usize),
+    sql_of: impl Fn(&T) -> (&str, usize),
     bind: impl for<'q> Fn(
         sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
         &'q T,
     ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
-) -> Result<Vec<Ran>> {
-    use futures::TryStreamExt;
+) -> std::result::Result<Vec<Ran>, RunFailed> {
     let mut out: Vec<Ran> = Vec::with_capacity(runs.len());
-    if backend == Backend::Postgres || runs.len() < 2 {
+    if backend == Backend::Sqlite && runs.len() > 1 {
+        let mut text = String::new();
+        let mut bound = 0;
         for run in runs {
-            let sql = sql_of(run).0;
-            let query = bind(sqlx::query(&sql), run);
-            let mut ran = Ran::default();
-            let mut results = conn.fetch_many(query);
-            while let Some(item) = results.try_next().await? {
-                match item {
-                    sqlx::Either::Right(row) => ran.rows.push(row),
-                    sqlx::Either::Left(done) => ran.changed += done.rows_affected(),
-                }
+            let (sql, params) = sql_of(run);
+            if !text.is_empty() {
+                text.push_str(";\n");
             }
-            out.push(ran);
+            text.push_str(&renumbered(sql, bound));
+            bound += params;
         }
-        return Ok(out);
-    }
-    let mut text = String::new();
-    let mut bound = 0;
-    for run in runs {
-        let (sql, params) = sql_of(run);
-        if !text.is_empty() {
-            text.push_str(";\n");
+        let query = runs.iter().fold(sqlx::query(&text), &bind);
+        collect_runs(conn.fetch_many(query), &mut out).await?;
+    } else {
+        for run in runs {
+            collect_runs(
+                conn.fetch_many(bind(sqlx::query(sql_of(run).0), run)),
+                &mut out,
+            )
+            .await?;
         }
-        text.push_str(&renumbered(&sql, bound));
-        bound += params;
     }
-    let query = runs.iter().fold(sqlx::query(&text), &bind);
+    if out.len() != runs.len() {
+        return Err(RunFailed {
+            run: out.len().min(runs.len().saturating_sub(1)),
+            error: sqlx::Error::Protocol(format!(
+                "{} statements gave {} results",
+                runs.len(),
+                out.len()
+            )),
+        });
+    }
+    Ok(out)
+}
+
+/// Appends to `out` a [`Ran`] for every statement `results` finishes: the rows it returned,
+/// then its changed rows, which end it.
+async fn collect_runs(
+    mut results: impl futures::Stream<
+            Item = std::result::Result<
+                sqlx::Either<sqlx::any::AnyQueryResult, sqlx::any::AnyRow>,
+                sqlx::Error,
+            >,
+        > + Unpin,
+    out: &mut Vec<Ran>,
+) -> std::result::Result<(), RunFailed> {
+    use futures::TryStreamExt;
     let mut current = Ran::default();
-    let mut results = conn.fetch_many(query);
-    while let Some(item) = results.try_next().await? {
+    while let Some(item) = results.try_next().await.map_err(|error| RunFailed {
+        run: out.len(),
+        error,
+    })? {
         match item {
             sqlx::Either::Right(row) => current.rows.push(row),
             sqlx::Either::Left(done) => {
@@ -485,15 +525,7 @@ pub async fn run_each<T>(
             }
         }
     }
-    drop(results);
-    if out.len() != runs.len() {
-        bail!(
-            "{} statements in one text gave {} results",
-            runs.len(),
-            out.len()
-        );
-    }
-    Ok(out)
+    Ok(())
 }
 
 /// The URL with any password replaced, for messages.

@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 
 use dsrelay_proto::v1::{FieldCorrection, SubjectIdentity};
-use dsrelay_runtime::store::Backend;
+use dsrelay_runtime::store::{run_each, Backend, Ran};
 use futures::TryStreamExt;
 use sqlx::any::{AnyRow, AnyTypeInfoKind};
 use sqlx::{Any, FromRow as _, Row, Transaction, ValueRef as _};
@@ -181,10 +181,10 @@ impl<'a> Scoped<'a> {
                 None => 0,
             };
             let anonymized = match &work.anonymize_kept {
-                Some(_) => next().affected,
+                Some(_) => rows_changed(&next()),
                 None => 0,
             };
-            let done = next().affected;
+            let done = rows_changed(&next());
             total = total.saturating_add(done).saturating_add(anonymized);
             found |= done > 0 || kept > 0;
             counts.push(ErasedCount {
@@ -474,70 +474,40 @@ fn skipped(rule: &TableRule) -> String {
 }
 
 /// Runs `s`; the rows it changed.
+/// The rows `ran` changed, as the reports count them.
+fn rows_changed(ran: &Ran) -> i64 {
+    i64::try_from(ran.changed).unwrap_or(i64::MAX)
+}
+
 async fn execute(tx: &mut Transaction<'static, Any>, s: &Statement) -> Result<i64, sqlx::Error> {
     let done = s.query().execute(&mut **tx).await?;
     Ok(i64::try_from(done.rows_affected()).unwrap_or(i64::MAX))
 }
 
-/// What one statement of [`run_in_order`] gave back.
-#[derive(Default)]
-struct Ran {
-    /// The rows it read.
-    rows: Vec<AnyRow>,
-    /// The rows it changed.
-    affected: i64,
-}
-
-/// Runs `statements` one after the other in `tx` and answers each one's rows and changed
-/// rows, in order; an error names what the failing statement was doing (its label).
-///
-/// On SQLite they go as one text in one call. Why: sqlx runs a SQLite connection on a thread
-/// of its own and hands every call to it and its answer back, which costs about 45 µs of CPU
-/// and 60 µs of waiting per call on these machines against about 8 µs for one more statement
-/// in the same text (`dsrelay-bench statement-cost`); an erasure of the sample rules runs a
-/// dozen statements, and its transaction holds the database's only writer meanwhile.
-/// PostgreSQL takes one statement per call when values are bound, so there they go one by
-/// one.
+/// Runs `statements` one after the other in `tx` ([`run_each`]: on SQLite as one text in one
+/// call, which spares the erasure's dozen statements a hand-off each to sqlx's connection
+/// thread while its transaction holds the database's only writer) and answers each one's
+/// rows and changed rows, in order; an error names what the failing statement was doing (its
+/// label).
 async fn run_in_order(
     tx: &mut Transaction<'static, Any>,
     backend: Backend,
     statements: &[(String, &Statement)],
 ) -> Result<Vec<Ran>, ConnectorError> {
-    let mut out: Vec<Ran> = Vec::with_capacity(statements.len());
-    let label = |i: usize| statements.get(i).map_or("running the erasure", |(l, _)| l);
-    let joined;
-    let calls: Vec<&Statement> = match backend {
-        Backend::Sqlite if statements.len() > 1 => {
-            joined = Statement::joined(statements.iter().map(|(_, s)| *s));
-            vec![&joined]
-        }
-        _ => statements.iter().map(|(_, s)| *s).collect(),
-    };
-    for call in calls {
-        let mut stream = sqlx::Executor::fetch_many(&mut **tx, call.query());
-        let mut current = Ran::default();
-        while let Some(item) = stream
-            .try_next()
-            .await
-            .map_err(|e| classify(label(out.len()), &e))?
-        {
-            match item {
-                sqlx::Either::Right(row) => current.rows.push(row),
-                sqlx::Either::Left(done) => {
-                    current.affected = i64::try_from(done.rows_affected()).unwrap_or(i64::MAX);
-                    out.push(std::mem::take(&mut current));
-                }
-            }
-        }
-    }
-    if out.len() != statements.len() {
-        return Err(ConnectorError::Permanent(format!(
-            "the erasure's {} statements gave {} results; nothing was changed",
-            statements.len(),
-            out.len()
-        )));
-    }
-    Ok(out)
+    run_each(
+        tx,
+        backend,
+        statements,
+        |(_, s)| (s.sql.as_str(), s.binds.len()),
+        |query, (_, s)| s.binds.iter().fold(query, |q, v| q.bind(v.as_str())),
+    )
+    .await
+    .map_err(|failed| {
+        let label = statements
+            .get(failed.run)
+            .map_or("running the erasure", |(l, _)| l.as_str());
+        classify(label, &failed.error)
+    })
 }
 
 /// Column `i` of `row` as JSON, by the type the database reports. The export columns are

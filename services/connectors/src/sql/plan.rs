@@ -55,23 +55,6 @@ impl Statement {
     }
 }
 
-impl Statement {
-    /// `parts` as one text, separated by `;`, each part's parameters numbered on from those
-    /// of the parts before it: what SQLite runs one after the other in one call.
-    pub(super) fn joined<'s>(parts: impl IntoIterator<Item = &'s Statement>) -> Statement {
-        let mut sql = String::new();
-        let mut binds = Vec::new();
-        for part in parts {
-            if !sql.is_empty() {
-                sql.push_str(";\n");
-            }
-            sql.push_str(&dsrelay_runtime::store::renumbered(&part.sql, binds.len()));
-            binds.extend(part.binds.iter().cloned());
-        }
-        Statement { sql, binds }
-    }
-}
-
 /// The values bound so far while a statement is built.
 #[derive(Debug, Default)]
 pub(super) struct Binds(Vec<String>);

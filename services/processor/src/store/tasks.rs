@@ -852,8 +852,8 @@ impl StepWrite {
     }
 
     /// Its text and how many parameters it binds.
-    pub(super) fn sql(&self) -> (String, usize) {
-        (self.sql.clone(), self.params)
+    pub(super) fn sql(&self) -> (&str, usize) {
+        (&self.sql, self.params)
     }
 
     /// Binds its values, in the order of its parameters.
