@@ -1136,12 +1136,11 @@ fn export_rows(f: Option<&export::ExportFigures>) -> Vec<Row> {
 
 /// Why the export end to end stayed under half the bare stream, from this run's phases.
 fn export_explain(f: &export::ExportFigures) -> Option<String> {
-    let bare = export::mb_per_s(f.bytes, f.baseline_secs);
-    let total = export::mb_per_s(f.bytes, f.total_secs);
+    let rate = |secs: f64| export::mb_per_s(f.bytes, secs);
+    let (bare, total) = (rate(f.baseline_secs), rate(f.total_secs));
     if total >= 0.5 * bare {
         return None;
     }
-    let rate = |secs: f64| export::mb_per_s(f.bytes, secs);
     let download = rate(f.download_secs);
     // End to end within twice the bare stream's time leaves, after the download, this much
     // time for the export and the upload together.
