@@ -270,7 +270,8 @@ impl<'a> Scoped<'a> {
     /// one transaction with a cursor: per table a JSON file (`<table>.json`, an array of
     /// objects of the `export` columns) and a CSV file (`<table>.csv`, a header row of the
     /// column names and one record per row), both fed row by row as the database yields
-    /// them. A table without the subject's rows gets no files.
+    /// them, in the order the database reads them ([`plan_export`]). A table without the
+    /// subject's rows gets no files.
     pub(crate) async fn export(
         &self,
         identities: &[SubjectIdentity],
@@ -473,12 +474,12 @@ fn skipped(rule: &TableRule) -> String {
     format!("{}: skipped (no identity of a type it matches)", rule.table)
 }
 
-/// Runs `s`; the rows it changed.
 /// The rows `ran` changed, as the reports count them.
 fn rows_changed(ran: &Ran) -> i64 {
     i64::try_from(ran.changed).unwrap_or(i64::MAX)
 }
 
+/// Runs `s`; the rows it changed.
 async fn execute(tx: &mut Transaction<'static, Any>, s: &Statement) -> Result<i64, sqlx::Error> {
     let done = s.query().execute(&mut **tx).await?;
     Ok(i64::try_from(done.rows_affected()).unwrap_or(i64::MAX))

@@ -8,8 +8,9 @@
 //!   (`anonymize`), or `keep` them untouched;
 //! - whether a legal obligation keeps them for a while (`retain`, see below);
 //! - which columns a RETURN_OF_DATA or TRANSFER export contains (`export`): the subject's
-//!   rows of each such table are written, as the database yields them, to `<table>.json` and
-//!   `<table>.csv` in the task's export folder;
+//!   rows of each such table are written, as a cursor yields them (unsorted: in the order
+//!   the database reads them), to `<table>.json` and `<table>.csv` in the task's export
+//!   folder;
 //! - which column a RECTIFICATION of a logical field (`email`, `name`, ...) changes
 //!   (`rectify`);
 //! - which 0/1 column a RESTRICTION sets or lifts (`restrict_column`) and which one an
