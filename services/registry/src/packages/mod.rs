@@ -4,6 +4,7 @@
 //! # Layout
 //! - `store`: the [`PackageStore`] trait the bytes go through (appends through an
 //!   [`Appender`], durable once synced), and [`FolderStore`].
+//! - `direct`: the folder store's files written and read with `O_DIRECT`.
 //! - `manifest`: the manifest's deterministic JSON.
 //! - this module: [`Packages`] (the store and the retention), file keys, the whole-file
 //!   digest check, and the expiry worker.
@@ -22,6 +23,7 @@ use tokio::sync::watch;
 use crate::app::Shared;
 use crate::store::PackageFile;
 
+mod direct;
 pub(crate) mod manifest;
 mod store;
 
