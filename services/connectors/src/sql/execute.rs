@@ -137,9 +137,9 @@ impl<'a> Scoped<'a> {
             }
             statements.push((format!("{} {table}", step.rule.action.doing()), &work.main));
         }
-        let mut results = run_in_order(&mut tx, self.db.backend, &statements)
-            .await?
-            .into_iter();
+        let ran = run_in_order(&mut tx, self.db.backend, &statements).await?;
+        // Each statement's result with its label, for what reading the result may report.
+        let mut results = statements.iter().map(|(label, _)| label.as_str()).zip(ran);
         let mut total: i64 = 0;
         let mut found = false;
         let mut notes = Vec::with_capacity(plan.len());
@@ -161,30 +161,32 @@ impl<'a> Scoped<'a> {
             let mut next = || results.next().unwrap_or_default();
             let retained = match (&work.probe, &rule.retain) {
                 (Some(_), Some(retain)) => {
-                    let rows = next()
+                    let (label, ran) = next();
+                    let rows = ran
                         .rows
                         .iter()
                         .map(DatedRow::from_row)
                         .collect::<Result<Vec<_>, _>>()
-                        .map_err(|e| classify(&format!("reading the dates of {table}"), &e))?;
+                        .map_err(|e| classify(label, &e))?;
                     Some(assess(table, retain, &rows, now_ms)?)
                 }
                 _ => None,
             };
             let kept = match &work.count_kept {
-                Some(_) => match next().rows.first() {
-                    Some(row) => row
-                        .try_get::<i64, _>(0)
-                        .map_err(|e| classify(&format!("counting the kept rows of {table}"), &e))?,
-                    None => 0,
-                },
+                Some(_) => {
+                    let (label, ran) = next();
+                    match ran.rows.first() {
+                        Some(row) => row.try_get::<i64, _>(0).map_err(|e| classify(label, &e))?,
+                        None => 0,
+                    }
+                }
                 None => 0,
             };
             let anonymized = match &work.anonymize_kept {
-                Some(_) => rows_changed(&next()),
+                Some(_) => rows_changed(&next().1),
                 None => 0,
             };
-            let done = rows_changed(&next());
+            let done = rows_changed(&next().1);
             total = total.saturating_add(done).saturating_add(anonymized);
             found |= done > 0 || kept > 0;
             counts.push(ErasedCount {
