@@ -120,8 +120,9 @@ impl Store {
     /// Records `steps` in one transaction: their task rows (one UPDATE each, all in one call
     /// on SQLite), then each step's certificate and upload, then all their acknowledgements
     /// in one INSERT and their audit entries, in the steps' order. A certificate therefore
-    /// lists the retained data of the request as the whole batch leaves it. Answers each step's new sequence, `None`
-    /// for a step whose task moved on or whose claim was lost (it records nothing).
+    /// lists the retained data of the request as the whole batch leaves it. Answers each
+    /// step's new sequence, `None` for a step whose task moved on or whose claim was lost (it
+    /// records nothing).
     pub(super) async fn record_steps(&self, steps: &[QueuedStep]) -> Result<Vec<Option<i64>>> {
         let mut tx = self.begin_audited().await?;
         let issuer = self.issuer.as_deref();

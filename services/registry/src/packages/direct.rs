@@ -69,6 +69,11 @@ impl Aligned {
     }
 }
 
+/// What a [`DirectAppender`] whose buffer went with a failed write answers from then on.
+fn failed_before() -> io::Error {
+    io::Error::other("an earlier write to this package file failed")
+}
+
 /// The appender of one file; see the module documentation.
 pub(super) struct DirectAppender {
     /// Opened with `O_DIRECT`: whole blocks.
@@ -112,9 +117,7 @@ impl DirectAppender {
     }
 
     fn take_buf(&mut self) -> io::Result<Aligned> {
-        self.buf
-            .take()
-            .ok_or_else(|| io::Error::other("an earlier write to this package file failed"))
+        self.buf.take().ok_or_else(failed_before)
     }
 
     /// Writes the first `n` bytes of the buffer (a multiple of [`ALIGN`]) directly at
@@ -142,10 +145,7 @@ impl Appender for DirectAppender {
     async fn append(&mut self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
             let len = self.len;
-            let buf = self
-                .buf
-                .as_mut()
-                .ok_or_else(|| io::Error::other("an earlier write to this package file failed"))?;
+            let buf = self.buf.as_mut().ok_or_else(failed_before)?;
             let n = (BLOCK - len).min(data.len());
             buf.bytes_mut()[len..len + n].copy_from_slice(&data[..n]);
             self.len += n;
