@@ -10,6 +10,11 @@
 //! read and not yet written: the SQL connector one row, the Mailchimp connector one page of
 //! a member's list, the adapter connector one page of its adapter's export (or the one
 //! message of at most 16 MiB an adapter that answers inline sends).
+//!
+//! A sink may be watched ([`ExportSink::watched`]): every file it opens is then announced as
+//! a [`GrowingFile`] whose [`Growth`] tells how far the file is written and, once it is
+//! finished, its size and digest, so that the processor sends the file while the connector
+//! still writes it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::fs::File;
 use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::ConnectorError;
@@ -57,12 +63,36 @@ pub struct ExportedFile {
 }
 
 /// The folder one task's export is written to. See the module documentation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ExportSink {
     dir: PathBuf,
     /// The data categories every file is labelled with: the processor knows which categories
     /// the subprocessor holds and the request concerns; the connectors do not.
     categories: Vec<String>,
+    /// Where the files it opens are announced, when it is watched.
+    watcher: Option<mpsc::UnboundedSender<GrowingFile>>,
+}
+
+/// A file of a watched sink, announced when it is opened.
+#[derive(Debug)]
+pub struct GrowingFile {
+    /// Where it is written.
+    pub path: PathBuf,
+    /// Its name, media type and categories (size and digest not known yet).
+    pub meta: ExportedFile,
+    /// How far it is written. The sender's end is dropped without [`Growth::end`] when the
+    /// file is abandoned (the export failed).
+    pub growth: watch::Receiver<Growth>,
+}
+
+/// How far a file of a watched sink is written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Growth {
+    /// Bytes handed to the file system so far. A reader may find fewer there for a moment
+    /// (the last write may still be on its way to the file), never different ones.
+    pub written: u64,
+    /// The finished file, flushed and synced: its size and SHA-256.
+    pub end: Option<ExportedFile>,
 }
 
 impl ExportSink {
@@ -72,12 +102,25 @@ impl ExportSink {
         Self {
             dir: dir.into(),
             categories,
+            watcher: None,
         }
+    }
+
+    /// This sink, announcing to `watcher` every file it opens from now on (see the module
+    /// documentation). The channel closes when the sink and its copies are dropped.
+    pub fn watched(mut self, watcher: mpsc::UnboundedSender<GrowingFile>) -> Self {
+        self.watcher = Some(watcher);
+        self
     }
 
     /// The folder.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The data categories its files are labelled with.
+    pub fn categories(&self) -> &[String] {
+        &self.categories
     }
 
     /// Removes whatever an earlier run left in the folder and creates it empty, so that a
@@ -112,19 +155,32 @@ impl ExportSink {
             .map_err(|e| io_error(&format!("creating export file {name}"), &e))?
             .into_std()
             .await;
+        let meta = ExportedFile {
+            name: name.to_string(),
+            media_type: media_type.to_string(),
+            categories: self.categories.clone(),
+            size: 0,
+            sha256: String::new(),
+        };
+        let growth = self.watcher.as_ref().and_then(|w| {
+            let (tx, rx) = watch::channel(Growth::default());
+            // A watcher that stopped listening only loses the early start of its sending.
+            w.send(GrowingFile {
+                path: self.dir.join(name),
+                meta: meta.clone(),
+                growth: rx,
+            })
+            .ok()
+            .map(|()| tx)
+        });
         Ok(ExportWriter {
             file: BufWriter::with_capacity(WRITE_BUFFER, file),
             syncer: Arc::new(syncer),
             writeback: None,
             writeback_at: 0,
             hash: Sha256::new(),
-            meta: ExportedFile {
-                name: name.to_string(),
-                media_type: media_type.to_string(),
-                categories: self.categories.clone(),
-                size: 0,
-                sha256: String::new(),
-            },
+            meta,
+            growth,
         })
     }
 }
@@ -141,6 +197,8 @@ pub struct ExportWriter {
     writeback_at: u64,
     hash: Sha256,
     meta: ExportedFile,
+    /// Told how far the file is written, when the sink is watched.
+    growth: Option<watch::Sender<Growth>>,
 }
 
 impl ExportWriter {
@@ -152,6 +210,15 @@ impl ExportWriter {
             .write_all(bytes)
             .await
             .map_err(|e| io_error(&format!("writing export file {}", self.meta.name), &e))?;
+        if let Some(growth) = &self.growth {
+            // What the buffer still holds is not in the file yet.
+            let written = self.meta.size - self.file.buffer().len() as u64;
+            growth.send_if_modified(|g| {
+                let moved = g.written != written;
+                g.written = written;
+                moved
+            });
+        }
         if self.meta.size - self.writeback_at >= WRITEBACK_EVERY
             && self.writeback.as_ref().is_none_or(JoinHandle::is_finished)
         {
@@ -195,6 +262,12 @@ impl ExportWriter {
             .await
             .map_err(|e| io_error(&context, &e))?;
         self.meta.sha256 = hex::encode(self.hash.finalize());
+        if let Some(growth) = &self.growth {
+            growth.send_replace(Growth {
+                written: self.meta.size,
+                end: Some(self.meta.clone()),
+            });
+        }
         Ok(self.meta)
     }
 }
@@ -386,6 +459,55 @@ mod tests {
         sink.reset().await.unwrap();
         assert_eq!(std::fs::read_dir(sink.dir()).unwrap().count(), 0);
         sink.file("t.csv", CSV).await.unwrap();
+    }
+
+    /// A watched sink announces each file at its opening; its growth counts only bytes the
+    /// file has been handed (never what is still buffered), and ends with the finished
+    /// file's size and digest. A file abandoned unfinished closes its growth without an end.
+    #[tokio::test]
+    async fn a_watched_sink_reports_how_far_each_file_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut announced) = mpsc::unbounded_channel();
+        let sink = ExportSink::new(dir.path().join("task"), vec!["contact".into()]).watched(tx);
+        sink.reset().await.unwrap();
+
+        let mut w = sink
+            .file("big.bin", "application/octet-stream")
+            .await
+            .unwrap();
+        let mut file = announced.try_recv().expect("announced when opened");
+        assert_eq!(file.path, sink.dir().join("big.bin"));
+        assert_eq!(file.meta.name, "big.bin");
+        assert_eq!(file.meta.categories, ["contact".to_string()]);
+        assert_eq!(*file.growth.borrow(), Growth::default());
+        let block = vec![7u8; 300 * 1024];
+        for _ in 0..3 {
+            w.write(&block).await.unwrap();
+        }
+        assert_eq!(file.growth.borrow().written, 0, "still in the write buffer");
+        w.write(&block).await.unwrap();
+        let written = file.growth.borrow_and_update().written;
+        assert!(
+            written > 0 && written <= 4 * block.len() as u64,
+            "{written}"
+        );
+        let meta = w.finish().await.unwrap();
+        let g = file.growth.borrow_and_update().clone();
+        assert_eq!(g.written, meta.size);
+        assert_eq!(g.end, Some(meta.clone()));
+        assert_eq!(std::fs::read(&file.path).unwrap().len() as u64, meta.size);
+
+        let mut w = sink
+            .file("cut.bin", "application/octet-stream")
+            .await
+            .unwrap();
+        let mut cut = announced.try_recv().expect("announced");
+        w.write(b"partial").await.unwrap();
+        drop(w);
+        assert!(cut.growth.changed().await.is_err(), "closed");
+        assert_eq!(cut.growth.borrow().end, None);
+        drop(sink);
+        assert!(announced.recv().await.is_none(), "no more files");
     }
 
     #[tokio::test]

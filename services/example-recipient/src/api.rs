@@ -225,6 +225,7 @@ impl TransferReceiver for Api {
             )])
             .into());
         };
+        refuse_growing(&first)?;
         let header = first.header.clone().unwrap_or_default();
         ApiError::ensure_valid(header_violations("header", &header))?;
         tracing::Span::current()
@@ -248,6 +249,7 @@ impl TransferReceiver for Api {
         );
         let mut next = Some(first);
         while let Some(chunk) = next {
+            refuse_growing(&chunk)?;
             s = self.store_chunk(&header, s, &chunk).await?;
             next = next_message_within(&mut stream, self.idle).await?;
         }
@@ -355,6 +357,23 @@ fn part_violations(p: &CompleteTransferRequest) -> Vec<FieldViolation> {
         header_violations,
     ));
     out
+}
+
+/// Refuses the fields of a file streamed while it is written (the registry takes those; a
+/// recipient takes files whose size and digest are known at the start).
+fn refuse_growing(chunk: &UploadFileChunk) -> Result<(), ApiError> {
+    let field = if chunk.end.is_some() {
+        "end"
+    } else if chunk.size_follows {
+        "size_follows"
+    } else {
+        return Ok(());
+    };
+    Err(ApiError::invalid([FieldViolation::new(
+        field,
+        "is not taken by SendFile: send a file once it is written, with its size and SHA-256 \
+         in the header",
+    )]))
 }
 
 #[cfg(test)]

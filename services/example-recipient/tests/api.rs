@@ -7,7 +7,8 @@ use std::time::Duration;
 use dsrelay_example_recipient::{App, Config};
 use dsrelay_proto::v1::transfer_receiver_client::TransferReceiverClient;
 use dsrelay_proto::v1::{
-    CompleteTransferRequest, ExportFileHeader, GetUploadStateRequest, UploadFileChunk, UploadState,
+    CompleteTransferRequest, ExportFileHeader, FileEnd, GetUploadStateRequest, UploadFileChunk,
+    UploadState,
 };
 use dsrelay_runtime::pki::{dev_identity, DevPki};
 use dsrelay_runtime::settings::ServiceSettings;
@@ -99,6 +100,7 @@ fn chunks(h: &ExportFileHeader, data: &[u8], from: usize, to: usize) -> Vec<Uplo
             offset: (from + i * MIB) as u64,
             data: c.to_vec().into(),
             chunk_crc32: dsrelay_runtime::export_files::chunk_crc32(c),
+            ..Default::default()
         })
         .collect();
     if out.is_empty() {
@@ -293,6 +295,36 @@ async fn bad_headers_name_their_fields() {
         .map(|v| v.field.as_str())
         .collect();
     assert_eq!(fields, ["header.request_id", "header.name"]);
+}
+
+/// A file whose size and digest follow at its end (the registry's uploads of a file still
+/// being written) is refused by name, and nothing of it is stored.
+#[tokio::test]
+async fn a_file_whose_size_follows_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Running::start(dir.path(), 0).await;
+    let mut c = r.client();
+    let data = content(1000);
+    let h = header("grown.json", &data);
+    let mut first = chunks(&h, &data, 0, data.len());
+    first[0].size_follows = true;
+    let err = send(&mut c, first).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("size_follows"), "{err:?}");
+    let mut ended = chunks(&h, &data, 0, data.len());
+    ended.push(UploadFileChunk {
+        offset: data.len() as u64,
+        end: Some(FileEnd {
+            size: data.len() as u64,
+            sha256: h.sha256.clone(),
+        }),
+        ..Default::default()
+    });
+    let err = send(&mut c, ended).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("end"), "{err:?}");
+    // The chunks before the refused message were stored: the file is whole, as sent.
+    assert!(state(&mut c, &h).await.complete);
 }
 
 #[tokio::test]

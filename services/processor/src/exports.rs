@@ -106,10 +106,9 @@ mod tests {
             &held,
             &["invoicing".into(), "x".into()],
         );
-        assert_eq!(all, ExportSink::new(task_dir(Path::new("/d"), &k), held));
-        assert_eq!(
-            some,
-            ExportSink::new(task_dir(Path::new("/d"), &k), vec!["invoicing".into()])
-        );
+        assert_eq!(all.dir(), task_dir(Path::new("/d"), &k));
+        assert_eq!(all.categories(), held);
+        assert_eq!(some.dir(), task_dir(Path::new("/d"), &k));
+        assert_eq!(some.categories(), ["invoicing".to_string()]);
     }
 }

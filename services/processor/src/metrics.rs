@@ -9,6 +9,7 @@
 //! | `dsrelay_processor_acks_dead_lettered` | gauge | |
 //! | `dsrelay_connector_errors_total` | counter | `subprocessor`, `kind` (`transient`, `permanent`) |
 //! | `dsrelay_connector_duration_seconds` | histogram | `subprocessor` |
+//! | `dsrelay_export_bytes_sent_total` | counter | `subprocessor`, `when` (`while_written`, `after_export`) |
 
 use anyhow::Result;
 use dsrelay_proto::prost::Message;
@@ -30,6 +31,9 @@ pub(crate) struct Metrics {
     pub connector_errors: CounterVec,
     /// How long connector runs took, by subprocessor.
     pub connector_duration: HistogramVec,
+    /// Export bytes delivered, by subprocessor and by whether they went while the connector
+    /// wrote them (`crate::head_start`) or after the export was recorded (`crate::uploader`).
+    pub export_bytes_sent: CounterVec,
 }
 
 impl Metrics {
@@ -51,12 +55,22 @@ impl Metrics {
                 &["subprocessor"],
                 LATENCY_BUCKETS,
             ),
+            export_bytes_sent: CounterVec::register(
+                &mut registry,
+                "dsrelay_export_bytes_sent",
+                "Export bytes the registry or a transfer's recipient took: while the \
+                 connector still wrote them (when = while_written), or after the export was \
+                 recorded (when = after_export).",
+                &["subprocessor", "when"],
+            ),
             registry,
         };
         for s in &config.subprocessors {
             m.connector_errors.inc_by(&[&s.name, "transient"], 0);
             m.connector_errors.inc_by(&[&s.name, "permanent"], 0);
             m.connector_duration.touch(&[&s.name]);
+            m.export_bytes_sent.inc_by(&[&s.name, "while_written"], 0);
+            m.export_bytes_sent.inc_by(&[&s.name, "after_export"], 0);
         }
         m
     }
@@ -65,6 +79,16 @@ impl Metrics {
     pub(crate) fn connector_error(&self, subprocessor: &str, transient: bool) {
         let kind = if transient { "transient" } else { "permanent" };
         self.connector_errors.inc(&[subprocessor, kind]);
+    }
+
+    /// Counts `bytes` of an export delivered, `while_written` or after the export.
+    pub(crate) fn export_sent(&self, subprocessor: &str, while_written: bool, bytes: u64) {
+        let when = if while_written {
+            "while_written"
+        } else {
+            "after_export"
+        };
+        self.export_bytes_sent.inc_by(&[subprocessor, when], bytes);
     }
 }
 

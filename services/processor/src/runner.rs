@@ -45,6 +45,7 @@ use tracing::Instrument;
 
 use crate::app::Shared;
 use crate::exports;
+use crate::head_start;
 use crate::store::TaskJob;
 use crate::task_machine::{decide, phase_of, retry_at, Context, Decision, Event, Holder};
 
@@ -529,6 +530,14 @@ async fn call(
     } else {
         None
     };
+    // A return of data's files start for the registry while they are written.
+    let (export, head_start) = match (export, shared.uploaders.get(&key.controller)) {
+        (Some(sink), Some(client)) if kind == RequestKind::ReturnOfData => {
+            let (sink, head) = head_start::watch(sink, client.clone(), key);
+            (Some(sink), Some(head))
+        }
+        (export, _) => (export, None),
+    };
     let task = Task {
         task_id: format!("{}/{}/{}", key.controller, key.request_id, key.subprocessor),
         request_id: key.request_id.clone(),
@@ -584,14 +593,34 @@ async fn call(
         connector = connector.kind_name(),
         phase = ?phase,
     );
+    let m = &shared.metrics;
+    let (connector_done, done) = tokio::sync::oneshot::channel::<()>();
+    let run = async {
+        let result = connector.run(&task).instrument(span).await;
+        m.connector_duration
+            .observe(&[&key.subprocessor], started.elapsed().as_secs_f64());
+        // Whatever the outcome, the head start sends what is finished and stops.
+        let _ = connector_done.send(());
+        result
+    };
+    let head_start = async {
+        if let Some(head) = head_start {
+            let tail = Duration::from_millis(shared.config.uploads.call_timeout_ms);
+            head.run(
+                async {
+                    let _ = done.await;
+                },
+                tail,
+                m,
+            )
+            .await;
+        }
+    };
     let result = tokio::select! {
-        r = connector.run(&task).instrument(span) => r,
+        (r, ()) = async { tokio::join!(run, head_start) } => r,
         lost = renew => return Err(lost),
         () = abandoned(shared) => return Err(release(shared, job).await),
     };
-    let m = &shared.metrics;
-    m.connector_duration
-        .observe(&[&key.subprocessor], started.elapsed().as_secs_f64());
     if let Err(e) = &result {
         m.connector_error(&key.subprocessor, e.is_transient());
     }

@@ -13,6 +13,10 @@
 //! controller's confirmation (with the receipt) instead of completing, since the data is
 //! still at the holder.
 //!
+//! A return of data's files usually reach the registry before this worker sees them: the
+//! runner streams them while the connector writes them (`crate::head_start`), so that
+//! GetUploadState here answers them complete and only the part is closed.
+//!
 //! A failed attempt (destination down, wrong identity, a refused chunk or receipt, a
 //! FAILED_PRECONDITION) leaves the task IN_PROGRESS with a note saying what is missing, and
 //! is tried again after the backoff until the request's due date; then the task fails with
@@ -510,6 +514,11 @@ async fn deliver_file(
     // are checked here as they are read for sending.
     if !state.complete {
         send_file(sink, &dir.join(&f.name), header, state.offset, cfg.lease_ms).await?;
+        shared.metrics.export_sent(
+            &job.key.subprocessor,
+            false,
+            f.size.saturating_sub(state.offset),
+        );
     }
     if let Err(e) = shared
         .store
@@ -701,6 +710,7 @@ async fn send_file(
                 offset,
                 chunk_crc32: dsrelay_runtime::export_files::chunk_crc32(&data),
                 data: data.into(),
+                ..Default::default()
             };
             let next = offset + filled as u64;
             Some((chunk, (file, next, None, filled == 0, reading)))

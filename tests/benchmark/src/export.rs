@@ -58,9 +58,10 @@ pub(crate) struct ExportFigures {
     pub(crate) files: usize,
     /// Submit to the package downloaded and verified (s).
     pub(crate) total_secs: f64,
-    /// Submit to the export written at the processor, its upload queued (s).
+    /// Submit to the export recorded at the processor, its upload queued: the files written,
+    /// and streamed to the registry as they were written (s).
     pub(crate) export_secs: f64,
-    /// The export written to the request finished at the registry, every part stored (s).
+    /// The export recorded to the request finished at the registry, every part stored (s).
     pub(crate) upload_secs: f64,
     /// DownloadPackage opened to the last byte checked (s).
     pub(crate) download_secs: f64,

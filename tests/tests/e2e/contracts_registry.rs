@@ -441,6 +441,7 @@ async fn upload_part(pair: &TestPair, id: &str) {
             offset: 0,
             data: data.to_vec().into(),
             chunk_crc32: dsrelay_runtime::export_files::chunk_crc32(data),
+            ..Default::default()
         }]))
         .await
         .expect("upload")

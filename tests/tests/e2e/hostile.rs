@@ -337,6 +337,7 @@ fn rows(open: &str, other: &str) -> Vec<Row> {
                 offset: 0,
                 chunk_crc32: dsrelay_runtime::export_files::chunk_crc32(&data),
                 data: data.into(),
+                ..Default::default()
             },
         ),
         row(

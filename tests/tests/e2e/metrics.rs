@@ -26,7 +26,7 @@ async fn get(addr: &str, path: &str) -> (u16, String, String) {
 }
 
 /// Scrapes `/metrics`, checking the response and the shape of every line.
-async fn scrape(addr: &str) -> String {
+pub(crate) async fn scrape(addr: &str) -> String {
     let (status, content_type, body) = get(addr, "/metrics").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
@@ -55,7 +55,7 @@ async fn scrape(addr: &str) -> String {
 }
 
 /// The value of one series, written exactly as the exposition writes it.
-fn value(text: &str, series: &str) -> f64 {
+pub(crate) fn value(text: &str, series: &str) -> f64 {
     let prefix = format!("{series} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&prefix))

@@ -12,9 +12,9 @@ use dsrelay_proto::v1::export_upload_service_client::ExportUploadServiceClient;
 use dsrelay_proto::v1::package_chunk::Item;
 use dsrelay_proto::v1::package_service_client::PackageServiceClient;
 use dsrelay_proto::v1::{
-    CompletePartRequest, DownloadPackageRequest, EventType, ExportFileHeader, GetPackageRequest,
-    GetUploadStateRequest, ListEventsRequest, PackageInfo, RequestKind, SubmitRequest,
-    UploadFileChunk, UploadState,
+    CompletePartRequest, DownloadPackageRequest, EventType, ExportFileHeader, FileEnd,
+    GetPackageRequest, GetUploadStateRequest, ListEventsRequest, PackageInfo, RequestKind,
+    SubmitRequest, UploadFileChunk, UploadState,
 };
 use dsrelay_runtime::store::Db;
 use sha2::{Digest, Sha256};
@@ -26,6 +26,7 @@ use crate::harness::{
     erasure, spawn_pair, wait_until, Backend, Holder, PairOptions, Role, TestPair, NEWSLETTER,
     PROCESSOR,
 };
+use crate::metrics::{scrape, value};
 
 /// In the sample accounting database (customer 1) and the newsletter's seed.
 const MAIJA: &str = "maija.meikalainen@example.fi";
@@ -114,6 +115,7 @@ async fn a_return_of_data_travels_to_the_partner(backend: Backend) {
     let Some(pair) = spawn_pair(PairOptions {
         backend,
         holders: vec![Holder::Accounting, Holder::Newsletter],
+        admin: true,
         ..Default::default()
     })
     .await
@@ -155,6 +157,26 @@ async fn a_return_of_data_travels_to_the_partner(backend: Backend) {
         .collect();
     assert_eq!(listed, expected);
     assert_eq!(listed.len(), 5, "four accounting files and the adapter's");
+    // Every byte went to the registry while the connectors wrote it; the uploader only
+    // closed the parts.
+    let metrics = scrape(&pair.processor.admin_addr().expect("admin").to_string()).await;
+    for sub in ["accounting", NEWSLETTER] {
+        let written: u64 = expected
+            .iter()
+            .filter(|(path, ..)| path.starts_with(&format!("{PROCESSOR}/{sub}/")))
+            .map(|(_, size, _)| size)
+            .sum();
+        let sent = |when: &str| {
+            value(
+                &metrics,
+                &format!(
+                    "dsrelay_export_bytes_sent_total{{subprocessor=\"{sub}\",when=\"{when}\"}}"
+                ),
+            )
+        };
+        assert_eq!(sent("while_written"), written as f64, "{sub}\n{metrics}");
+        assert_eq!(sent("after_export"), 0.0, "{sub}\n{metrics}");
+    }
     let manifest: serde_json::Value = serde_json::from_slice(&info.manifest_json).unwrap();
     assert_eq!(manifest["request_id"], id.as_str());
     assert_eq!(manifest["kind"], "RETURN_OF_DATA");
@@ -292,6 +314,7 @@ fn chunk(header: Option<ExportFileHeader>, offset: u64, data: &[u8]) -> UploadFi
         offset,
         data: data.to_vec().into(),
         chunk_crc32: dsrelay_runtime::export_files::chunk_crc32(data),
+        ..Default::default()
     }
 }
 
@@ -514,6 +537,193 @@ async fn packages_refuse_bad_chunks_and_resume_uploads() {
             format!("{PROCESSOR}/test-holder/rows.json")
         ]
     );
+    pair.stop().await;
+}
+
+/// The header of a file streamed while it is written: its size and digest follow.
+fn growing(id: &str, name: &str) -> ExportFileHeader {
+    ExportFileHeader {
+        size: 0,
+        sha256: String::new(),
+        ..header(id, name, b"")
+    }
+}
+
+/// The messages of `data` streamed while written: the header alone, chunks of `step`
+/// bytes with an empty (keep-alive) message among them, and `end` with `size` and `sha`.
+fn grown(
+    h: &ExportFileHeader,
+    data: &[u8],
+    step: usize,
+    size: u64,
+    sha: &str,
+) -> Vec<UploadFileChunk> {
+    let mut out = vec![UploadFileChunk {
+        header: Some(h.clone()),
+        size_follows: true,
+        ..Default::default()
+    }];
+    for (i, part) in data.chunks(step).enumerate() {
+        out.push(chunk(None, (i * step) as u64, part));
+        out.push(UploadFileChunk {
+            offset: (i * step + part.len()) as u64,
+            ..Default::default()
+        });
+    }
+    out.push(UploadFileChunk {
+        offset: data.len() as u64,
+        end: Some(FileEnd {
+            size,
+            sha256: sha.into(),
+        }),
+        ..Default::default()
+    });
+    out
+}
+
+/// A file streamed while it is written (`size_follows`): stored once its end gives the size
+/// and SHA-256 of what arrived, after which GetUploadState with the real header finds it
+/// whole; an end that disagrees drops it; it always starts at offset 0, over any partial
+/// file; a re-export replaces a file until its part is stored, not after; and the fields are
+/// refused where they do not belong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packages_a_file_streamed_while_written_is_checked_at_its_end() {
+    let pair = spawn_pair(PairOptions {
+        holders: vec![Holder::Newsletter],
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
+    let mut crm = pair.client("partner-crm");
+    let id = crm
+        .submit(return_of_data())
+        .await
+        .expect("submit")
+        .into_inner()
+        .request_id;
+    wait_until(&mut crm, &id, Duration::from_secs(30), delivered).await;
+    let mut client = uploads(&pair);
+    let data: Vec<u8> = (0..5000u32).flat_map(|i| i.to_le_bytes()).collect();
+    let stored = |name: &str| {
+        pair.package_dir()
+            .join(&id)
+            .join(PROCESSOR)
+            .join("test-holder")
+            .join(name)
+    };
+
+    // A partial upload of the file is there; the streamed one starts over it at offset 0.
+    let whole = header(&id, "grown.bin", &data);
+    let first = upload(
+        &mut client,
+        vec![chunk(Some(whole.clone()), 0, &data[..100])],
+    )
+    .await
+    .expect("a partial upload");
+    assert_eq!(first.offset, 100);
+    let g = growing(&id, "grown.bin");
+    let done = upload(
+        &mut client,
+        grown(&g, &data, 7000, data.len() as u64, &sha256(&data)),
+    )
+    .await
+    .expect("streamed while written");
+    assert_eq!((done.offset, done.complete), (data.len() as u64, true));
+    assert_eq!(std::fs::read(stored("grown.bin")).unwrap(), data);
+    let s = state(&mut client, &whole).await;
+    assert_eq!((s.offset, s.complete), (data.len() as u64, true));
+
+    // An end that disagrees with what arrived drops the file.
+    for (size, sha, name) in [
+        (data.len() as u64, sha256(b"other"), "bad-digest.bin"),
+        (data.len() as u64 + 1, sha256(&data), "bad-size.bin"),
+    ] {
+        let refused = upload(
+            &mut client,
+            grown(&growing(&id, name), &data, 7000, size, &sha),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(refused.code(), Code::DataLoss, "{name}: {refused:?}");
+        assert!(
+            refused.message().contains("send the file again"),
+            "{refused:?}"
+        );
+        assert!(!stored(name).exists(), "{name} dropped");
+        assert_eq!(
+            state(&mut client, &header(&id, name, &data)).await.offset,
+            0
+        );
+    }
+
+    // The fields where they do not belong.
+    let refused = upload(
+        &mut client,
+        vec![UploadFileChunk {
+            header: Some(whole.clone()),
+            size_follows: true,
+            ..Default::default()
+        }],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("header.sha256"), "{refused:?}");
+    let mut ended = chunk(Some(header(&id, "plain.bin", &data[..10])), 0, &data[..10]);
+    ended.end = Some(FileEnd {
+        size: 10,
+        sha256: sha256(&data[..10]),
+    });
+    let refused = upload(&mut client, vec![ended]).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("size_follows"), "{refused:?}");
+    let mut after_end = grown(
+        &growing(&id, "late.bin"),
+        &data[..10],
+        10,
+        10,
+        &sha256(&data[..10]),
+    );
+    after_end.push(chunk(None, 10, b"late"));
+    let refused = upload(&mut client, after_end).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("end"), "{refused:?}");
+
+    // Exported again before the part is stored: the new content replaces the stored file.
+    let again: Vec<u8> = data.iter().rev().copied().collect();
+    let done = upload(
+        &mut client,
+        grown(&g, &again, 4096, again.len() as u64, &sha256(&again)),
+    )
+    .await
+    .expect("a re-export streamed");
+    assert!(done.complete);
+    assert_eq!(std::fs::read(stored("grown.bin")).unwrap(), again);
+    let replaced = header(&id, "grown.bin", &again);
+    client
+        .complete_part(CompletePartRequest {
+            request_id: id.clone(),
+            subprocessor: "test-holder".into(),
+            files: vec![replaced.clone()],
+        })
+        .await
+        .expect("part stored");
+    // Once the part is stored, its files stay as they are.
+    let refused = upload(
+        &mut client,
+        grown(&g, &data, 7000, data.len() as u64, &sha256(&data)),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    let refused = client
+        .get_upload_state(GetUploadStateRequest {
+            header: Some(whole.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(std::fs::read(stored("grown.bin")).unwrap(), again);
     pair.stop().await;
 }
 

@@ -14,7 +14,7 @@ use dsrelay_proto::v1::export_upload_service_server::ExportUploadService;
 use dsrelay_proto::v1::package_chunk::Item;
 use dsrelay_proto::v1::package_service_server::PackageService;
 use dsrelay_proto::v1::{
-    CompletePartRequest, CompletePartResponse, DownloadPackageRequest, ExportFileHeader,
+    CompletePartRequest, CompletePartResponse, DownloadPackageRequest, ExportFileHeader, FileEnd,
     GetPackageRequest, GetUploadStateRequest, PackageChunk, PackageFileChunk, PackageInfo,
     RequestKind, UploadFileChunk, UploadState,
 };
@@ -153,6 +153,93 @@ impl Api {
         Ok((file, state))
     }
 
+    /// Registers a file about to be streamed while it is written (`size_follows`): its
+    /// header stands with size 0 and an empty digest until its end, and whatever was stored
+    /// of the file before is dropped, since such an upload always starts at offset 0.
+    async fn register_growing(
+        &self,
+        processor: &str,
+        header: &ExportFileHeader,
+    ) -> Result<(PackageFile, UploadState), ApiError> {
+        let file = package_file(processor, header);
+        let now = self.shared.clock.now_ms();
+        match self.shared.store.begin_file(&file, now).await? {
+            FileBegin::Expired(at) => return Err(expired(&file.request_id, at)),
+            FileBegin::Conflict => {
+                return Err(ApiError::failed_precondition(format!(
+                    "file {} belongs to a part that is stored already",
+                    manifest::path(&file)
+                )))
+            }
+            FileBegin::Registered { .. } | FileBegin::Restarted => {}
+        }
+        self.shared
+            .packages
+            .store
+            .remove(&file_key(&file))
+            .await
+            .map_err(io_error)?;
+        Ok((file, UploadState::default()))
+    }
+
+    /// Ends a file streamed while it was written: every byte must be stored, and `end`
+    /// must give their number and SHA-256; then the file is stored whole under that size
+    /// and digest. Otherwise the file is dropped, so that the sender starts it again.
+    async fn end_growing(&self, up: &mut FileUpload, end: &FileEnd) -> Result<(), ApiError> {
+        let path = manifest::path(&up.file);
+        let mut wrong = Vec::new();
+        if i64::try_from(end.size).is_err() {
+            wrong.push(FieldViolation::new(
+                "end.size",
+                "must fit a signed 64-bit integer",
+            ));
+        }
+        if !is_sha256(&end.sha256) {
+            wrong.push(FieldViolation::new(
+                "end.sha256",
+                "must be 64 lowercase hex digits",
+            ));
+        }
+        ApiError::ensure_valid(wrong)?;
+        up.sync().await?;
+        let digest = up
+            .hasher
+            .take()
+            .map(|h| hex::encode(h.finalize()))
+            .unwrap_or_default();
+        let key = file_key(&up.file);
+        if end.size != up.state.offset || digest != end.sha256 {
+            self.shared
+                .packages
+                .store
+                .remove(&key)
+                .await
+                .map_err(io_error)?;
+            return Err(ApiError::data_loss(format!(
+                "file {path}: its end gives {} bytes with SHA-256 {}, but {} bytes with SHA-256 \
+                 {digest} were received; they were dropped, send the file again",
+                end.size, end.sha256, up.state.offset
+            )));
+        }
+        let mut file = up.file.clone();
+        file.size = i64::try_from(end.size).unwrap_or(i64::MAX);
+        file.sha256.clone_from(&end.sha256);
+        if !self
+            .shared
+            .store
+            .file_streamed(&file, self.shared.clock.now_ms())
+            .await?
+        {
+            return Err(ApiError::aborted(format!(
+                "file {path} was registered again by another call while it streamed; ask \
+                 GetUploadState and send it again"
+            )));
+        }
+        up.file = file;
+        up.state.complete = true;
+        Ok(())
+    }
+
     /// Checks a file whose every byte is stored (and durable) against its SHA-256: a match
     /// marks it stored; a mismatch drops it, so the sender starts it again. `digest` is the
     /// SHA-256 of the whole file when one stream saw all of it; otherwise the stored file is
@@ -226,7 +313,7 @@ impl Api {
         }
         let len = chunk.data.len() as u64;
         let size = u64::try_from(file.size).unwrap_or(0);
-        if state.offset + len > size {
+        if !up.growing && state.offset + len > size {
             return Err(ApiError::invalid([FieldViolation::new(
                 "data",
                 format!("runs past the file's size of {size} bytes"),
@@ -257,7 +344,7 @@ impl Api {
             h.update(&chunk.data);
         }
         up.state.offset += len;
-        if up.state.offset == size {
+        if !up.growing && up.state.offset == size {
             up.sync().await?;
             let digest = up.hasher.take().map(|h| hex::encode(h.finalize()));
             up.state = self.finish(&up.file, digest).await?;
@@ -363,7 +450,12 @@ impl ExportUploadService for Api {
             .into());
         };
         let header = first.header.clone().unwrap_or_default();
-        ApiError::ensure_valid(header_violations("header", &header))?;
+        let growing = first.size_follows;
+        ApiError::ensure_valid(if growing {
+            growing_header_violations("header", &header)
+        } else {
+            header_violations("header", &header)
+        })?;
         let span = tracing::Span::current();
         span.record("processor", processor.as_str())
             .record("request_id", header.request_id.as_str())
@@ -377,18 +469,42 @@ impl ExportUploadService for Api {
             ))
             .into());
         };
-        let (file, state) = self.register(&processor, &header).await?;
+        let (file, state) = if growing {
+            self.register_growing(&processor, &header).await?
+        } else {
+            self.register(&processor, &header).await?
+        };
         let mut up = FileUpload {
             // A stream that starts the file sees all of it and hashes it as it goes.
             hasher: (state.offset == 0).then(Sha256::new),
             file,
             state,
             appender: None,
+            growing,
         };
         let mut next = Some(first);
+        let mut ended = false;
         let streamed: Result<(), Status> = async {
             while let Some(chunk) = next {
+                if ended {
+                    return Err(ApiError::invalid([FieldViolation::new(
+                        "end",
+                        "must be in the last message: no message may follow it",
+                    )])
+                    .into());
+                }
+                if chunk.end.is_some() && !growing {
+                    return Err(ApiError::invalid([FieldViolation::new(
+                        "end",
+                        "is only for an upload whose first message set size_follows",
+                    )])
+                    .into());
+                }
                 self.store_chunk(&mut up, &chunk).await?;
+                if let Some(end) = &chunk.end {
+                    self.end_growing(&mut up, end).await?;
+                    ended = true;
+                }
                 next = next_message_within(&mut stream, idle).await?;
             }
             Ok(())
@@ -575,6 +691,8 @@ struct FileUpload {
     appender: Option<Box<dyn Appender>>,
     /// The SHA-256 of the file so far, when this stream started it at offset 0.
     hasher: Option<Sha256>,
+    /// Streamed while it is written: its size and digest come at the end.
+    growing: bool,
 }
 
 impl FileUpload {
@@ -640,6 +758,24 @@ fn kind_name(kind: i32) -> &'static str {
 
 /// Every rule a file header breaks, each naming its field under `prefix`.
 fn header_violations(prefix: &str, h: &ExportFileHeader) -> Vec<FieldViolation> {
+    let mut out = described_violations(prefix, h);
+    if i64::try_from(h.size).is_err() {
+        out.push(FieldViolation::new(
+            format!("{prefix}.size"),
+            "must fit a signed 64-bit integer",
+        ));
+    }
+    if !is_sha256(&h.sha256) {
+        out.push(FieldViolation::new(
+            format!("{prefix}.sha256"),
+            "must be 64 lowercase hex digits",
+        ));
+    }
+    out
+}
+
+/// Every rule a header's description of its file (all but its size and digest) breaks.
+fn described_violations(prefix: &str, h: &ExportFileHeader) -> Vec<FieldViolation> {
     let mut out = Vec::new();
     out.extend(request_id_violation(
         &format!("{prefix}.request_id"),
@@ -663,16 +799,23 @@ fn header_violations(prefix: &str, h: &ExportFileHeader) -> Vec<FieldViolation> 
     for (i, c) in h.categories.iter().enumerate().take(MAX_CATEGORIES) {
         out.extend(label_violation(&format!("{prefix}.categories[{i}]"), c));
     }
-    if i64::try_from(h.size).is_err() {
+    out
+}
+
+/// Every rule the header of a file streamed while it is written breaks: those of any
+/// header, but for a size and digest that are not known yet and must be left empty.
+fn growing_header_violations(prefix: &str, h: &ExportFileHeader) -> Vec<FieldViolation> {
+    let mut out = described_violations(prefix, h);
+    if h.size != 0 {
         out.push(FieldViolation::new(
             format!("{prefix}.size"),
-            "must fit a signed 64-bit integer",
+            "must be 0 with size_follows: the size comes in `end`",
         ));
     }
-    if !is_sha256(&h.sha256) {
+    if !h.sha256.is_empty() {
         out.push(FieldViolation::new(
             format!("{prefix}.sha256"),
-            "must be 64 lowercase hex digits",
+            "must be empty with size_follows: the digest comes in `end`",
         ));
     }
     out

@@ -59,10 +59,12 @@ pub enum FileBegin {
         /// Stored whole already.
         complete: bool,
     },
-    /// The header differs from the one registered before for a file not complete yet: the
-    /// new header replaces it, and the bytes stored so far belong to the old one.
+    /// The header differs from the one registered before for a file whose part is not
+    /// stored yet: the new header replaces it, and the bytes stored so far belong to the old
+    /// one. (A file stored whole is replaced too: the processor exported again, after a
+    /// crash or a retry, before it declared the part.)
     Restarted,
-    /// The file is stored complete with different content.
+    /// The file's part is stored, with different content for this file.
     Conflict,
     /// The package was deleted at expiry (ms).
     Expired(i64),
@@ -180,11 +182,24 @@ impl Store {
             Some((old, stored_at)) if old.same_content(f) => FileBegin::Registered {
                 complete: stored_at.is_some(),
             },
-            Some((_, Some(_))) => FileBegin::Conflict,
-            Some((_, None)) => {
+            Some((_, Some(_)))
+                if sqlx::query(
+                    "SELECT 1 AS one FROM package_parts WHERE request_id = $1 AND processor = $2 \
+                     AND subprocessor = $3",
+                )
+                .bind(&f.request_id)
+                .bind(&f.processor)
+                .bind(&f.subprocessor)
+                .fetch_optional(tx.conn())
+                .await?
+                .is_some() =>
+            {
+                FileBegin::Conflict
+            }
+            Some(_) => {
                 sqlx::query(
                     "UPDATE package_files SET media_type = $1, categories = $2, size = $3, \
-                     sha256 = $4 WHERE request_id = $5 AND processor = $6 AND subprocessor = $7 \
+                     sha256 = $4, stored_at = NULL WHERE request_id = $5 AND processor = $6 AND subprocessor = $7 \
                      AND name = $8",
                 )
                 .bind(&f.media_type)
@@ -219,6 +234,28 @@ impl Store {
         .execute(&self.db.pool)
         .await?;
         Ok(())
+    }
+
+    /// Marks a file streamed while it was written (registered with size 0 and an empty
+    /// SHA-256, standing for "not known yet") stored whole, with the size and digest its end
+    /// gave and that were checked. False when that registration is gone: another upload of
+    /// the file registered its header meanwhile.
+    pub async fn file_streamed(&self, f: &PackageFile, now: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE package_files SET size = $1, sha256 = $2, stored_at = $3 WHERE \
+             request_id = $4 AND processor = $5 AND subprocessor = $6 AND name = $7 \
+             AND sha256 = '' AND stored_at IS NULL",
+        )
+        .bind(f.size)
+        .bind(&f.sha256)
+        .bind(now)
+        .bind(&f.request_id)
+        .bind(&f.processor)
+        .bind(&f.subprocessor)
+        .bind(&f.name)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Records a part complete when every file it lists is stored with the digest given,
