@@ -12,17 +12,19 @@
 //! message of at most 16 MiB an adapter that answers inline sends).
 //!
 //! A sink may be watched ([`ExportSink::watched`]): every file it opens is then announced as
-//! a [`GrowingFile`] whose [`Growth`] tells how far the file is written and, once it is
-//! finished, its size and digest, so that the processor sends the file while the connector
-//! still writes it.
+//! a [`GrowingFile`], which is handed each [`Block`] of the file as it goes to the file
+//! system and whose [`Growth`] tells how far the file is written and, once it is finished,
+//! its size and digest, so that the processor sends the file while the connector still
+//! writes it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::fs::File;
-use tokio::io::{AsyncWriteExt, BufWriter};
+use std::io::Write;
+
+use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -37,10 +39,13 @@ pub const CSV: &str = "text/csv";
 /// Longest file name accepted (bytes), within what every common file system allows.
 const MAX_NAME: usize = 200;
 
-/// Bytes gathered before they go to the file: every write of a `tokio::fs::File` is a hop
-/// to the blocking pool, so rows (a few hundred bytes to a few KiB) are written in batches
-/// of this size, not one by one.
-const WRITE_BUFFER: usize = 1024 * 1024;
+/// Bytes gathered before they go to the file: every write is a hop to the blocking pool, so
+/// rows (a few hundred bytes to a few KiB) are written in blocks of this size, not one by
+/// one. A watcher's uploads send a block as one chunk, so it is the protocol's largest.
+pub const WRITE_BUFFER: usize = 1024 * 1024;
+
+/// Blocks a watcher may hold before it reads the file instead (see [`GrowingFile`]).
+const BLOCKS_AHEAD: usize = 4;
 
 /// Bytes written between two early writebacks: a sync started in the background while
 /// writing goes on, so that the disk works alongside the connector and the sync that
@@ -83,13 +88,16 @@ pub struct GrowingFile {
     /// How far it is written. The sender's end is dropped without [`Growth::end`] when the
     /// file is abandoned (the export failed).
     pub growth: watch::Receiver<Growth>,
+    /// Its blocks as they go to the file, so the watcher need not read them back. A block
+    /// the watcher had no room for ([`BLOCKS_AHEAD`] waiting) is not sent; the watcher reads
+    /// it from the file, where `growth` says it is.
+    pub blocks: mpsc::Receiver<Block>,
 }
 
 /// How far a file of a watched sink is written.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Growth {
-    /// Bytes handed to the file system so far. A reader may find fewer there for a moment
-    /// (the last write may still be on its way to the file), never different ones.
+    /// Bytes written to the file so far, there for a reader to read.
     pub written: u64,
     /// The finished file, flushed and synced: its size and SHA-256.
     pub end: Option<ExportedFile>,
@@ -148,10 +156,6 @@ impl ExportSink {
             .create_new(true)
             .open(self.dir.join(name))
             .await
-            .map_err(|e| io_error(&format!("creating export file {name}"), &e))?;
-        let syncer = file
-            .try_clone()
-            .await
             .map_err(|e| io_error(&format!("creating export file {name}"), &e))?
             .into_std()
             .await;
@@ -162,72 +166,137 @@ impl ExportSink {
             size: 0,
             sha256: String::new(),
         };
-        let growth = self.watcher.as_ref().and_then(|w| {
-            let (tx, rx) = watch::channel(Growth::default());
+        let watched = self.watcher.as_ref().and_then(|w| {
+            let (growth_tx, growth) = watch::channel(Growth::default());
+            let (blocks_tx, blocks) = mpsc::channel(BLOCKS_AHEAD);
             // A watcher that stopped listening only loses the early start of its sending.
             w.send(GrowingFile {
                 path: self.dir.join(name),
                 meta: meta.clone(),
-                growth: rx,
+                growth,
+                blocks,
             })
             .ok()
-            .map(|()| tx)
+            .map(|()| (growth_tx, blocks_tx))
         });
+        let (growth, blocks) = watched.unzip();
         Ok(ExportWriter {
-            file: BufWriter::with_capacity(WRITE_BUFFER, file),
-            syncer: Arc::new(syncer),
+            file: Arc::new(file),
+            block: Vec::with_capacity(WRITE_BUFFER),
+            handed: 0,
+            writing: None,
+            hash: Some(Sha256::new()),
             writeback: None,
             writeback_at: 0,
-            hash: Sha256::new(),
             meta,
             growth,
+            blocks,
         })
     }
 }
 
+/// A block of a file as it goes to the file system, shared with a watcher without a copy.
+#[derive(Debug, Clone)]
+pub struct Block {
+    /// Where it starts in the file.
+    pub offset: u64,
+    /// Its bytes: [`WRITE_BUFFER`] of them, but for a file's last block.
+    pub data: Bytes,
+}
+
 /// A file being written; see [`ExportSink::file`].
+///
+/// Bytes are gathered into blocks of [`WRITE_BUFFER`]; each full block is hashed and
+/// written on the blocking pool while the connector fills the next one, so the connector's
+/// task does neither (one block in flight at a time keeps the file's bytes in order).
 #[derive(Debug)]
 pub struct ExportWriter {
-    file: BufWriter<File>,
-    /// The same file, synced in the background (see [`WRITEBACK_EVERY`]).
-    syncer: Arc<std::fs::File>,
+    file: Arc<std::fs::File>,
+    /// The block being filled.
+    block: Vec<u8>,
+    /// Bytes handed to the blocking pool so far (the blocks before `block`).
+    handed: u64,
+    /// The block being hashed and written, which hands the hash back.
+    writing: Option<JoinHandle<std::io::Result<Sha256>>>,
+    /// The hash of every block written, while none is in flight.
+    hash: Option<Sha256>,
     /// The early writeback running, if any.
     writeback: Option<JoinHandle<std::io::Result<()>>>,
     /// The size when the last early writeback started.
     writeback_at: u64,
-    hash: Sha256,
     meta: ExportedFile,
     /// Told how far the file is written, when the sink is watched.
     growth: Option<watch::Sender<Growth>>,
+    /// Given each block as it goes to the file, when the sink is watched.
+    blocks: Option<mpsc::Sender<Block>>,
 }
 
 impl ExportWriter {
-    /// Appends `bytes`, counting and hashing them.
-    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), ConnectorError> {
-        self.hash.update(bytes);
+    /// Appends `bytes`, counting them; they are hashed and written block by block.
+    pub async fn write(&mut self, mut bytes: &[u8]) -> Result<(), ConnectorError> {
         self.meta.size += bytes.len() as u64;
-        self.file
-            .write_all(bytes)
-            .await
-            .map_err(|e| io_error(&format!("writing export file {}", self.meta.name), &e))?;
-        if let Some(growth) = &self.growth {
-            // What the buffer still holds is not in the file yet.
-            let written = self.meta.size - self.file.buffer().len() as u64;
-            growth.send_if_modified(|g| {
-                let moved = g.written != written;
-                g.written = written;
-                moved
+        while !bytes.is_empty() {
+            let take = (WRITE_BUFFER - self.block.len()).min(bytes.len());
+            self.block.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.block.len() == WRITE_BUFFER {
+                self.hand_over().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the block being filled to be hashed and written, once the one before it is
+    /// written; offers it to the watcher, if any.
+    async fn hand_over(&mut self) -> Result<(), ConnectorError> {
+        let data = Bytes::from(std::mem::replace(
+            &mut self.block,
+            Vec::with_capacity(WRITE_BUFFER),
+        ));
+        if data.is_empty() {
+            return Ok(());
+        }
+        if let Some(blocks) = &self.blocks {
+            // A watcher that lags reads this block from the file instead.
+            let _ = blocks.try_send(Block {
+                offset: self.handed,
+                data: data.clone(),
             });
         }
-        if self.meta.size - self.writeback_at >= WRITEBACK_EVERY
+        let mut hash = self.written().await?;
+        let file = Arc::clone(&self.file);
+        self.handed += data.len() as u64;
+        self.writing = Some(tokio::task::spawn_blocking(move || {
+            hash.update(&data);
+            (&*file).write_all(&data)?;
+            Ok(hash)
+        }));
+        if self.handed - self.writeback_at >= WRITEBACK_EVERY
             && self.writeback.as_ref().is_none_or(JoinHandle::is_finished)
         {
             self.wait_for_writeback().await?;
-            let file = Arc::clone(&self.syncer);
+            let file = Arc::clone(&self.file);
             self.writeback = Some(tokio::task::spawn_blocking(move || file.sync_data()));
-            self.writeback_at = self.meta.size;
+            self.writeback_at = self.handed;
         }
         Ok(())
+    }
+
+    /// Waits for the block in flight, if any, to be written, tells the watcher, and answers
+    /// the hash of everything written.
+    async fn written(&mut self) -> Result<Sha256, ConnectorError> {
+        if let Some(writing) = self.writing.take() {
+            let context = format!("writing export file {}", self.meta.name);
+            let hash = writing
+                .await
+                .map_err(|e| io_error(&context, &std::io::Error::other(e)))?
+                .map_err(|e| io_error(&context, &e))?;
+            if let Some(growth) = &self.growth {
+                growth.send_modify(|g| g.written = self.handed);
+            }
+            return Ok(hash);
+        }
+        Ok(self.hash.take().unwrap_or_default())
     }
 
     /// Waits for the early writeback running, if any, and reports its failure.
@@ -247,21 +316,19 @@ impl ExportWriter {
         self.meta.size
     }
 
-    /// Flushes the file to disk (the processor records the file list only after this) and
-    /// answers what it holds.
+    /// Writes the last block and syncs the file to disk (the processor records the file list
+    /// only after this), and answers what it holds.
     pub async fn finish(mut self) -> Result<ExportedFile, ConnectorError> {
-        let context = format!("closing export file {}", self.meta.name);
-        self.file
-            .flush()
-            .await
-            .map_err(|e| io_error(&context, &e))?;
+        self.hand_over().await?;
+        let hash = self.written().await?;
         self.wait_for_writeback().await?;
-        self.file
-            .get_ref()
-            .sync_all()
+        let context = format!("closing export file {}", self.meta.name);
+        let file = Arc::clone(&self.file);
+        tokio::task::spawn_blocking(move || file.sync_all())
             .await
+            .map_err(|e| io_error(&context, &std::io::Error::other(e)))?
             .map_err(|e| io_error(&context, &e))?;
-        self.meta.sha256 = hex::encode(self.hash.finalize());
+        self.meta.sha256 = hex::encode(hash.finalize());
         if let Some(growth) = &self.growth {
             growth.send_replace(Growth {
                 written: self.meta.size,
@@ -461,11 +528,13 @@ mod tests {
         sink.file("t.csv", CSV).await.unwrap();
     }
 
-    /// A watched sink announces each file at its opening; its growth counts only bytes the
-    /// file has been handed (never what is still buffered), and ends with the finished
-    /// file's size and digest. A file abandoned unfinished closes its growth without an end.
+    /// A watched sink announces each file at its opening and hands over each block as it
+    /// goes to the file (none while the first is still filling; a watcher with
+    /// BLOCKS_AHEAD waiting gets no more and reads the rest from the file); its growth says
+    /// how far the file is written and ends with the finished file's size and digest. A
+    /// file abandoned unfinished closes its growth without an end.
     #[tokio::test]
-    async fn a_watched_sink_reports_how_far_each_file_is_written() {
+    async fn a_watched_sink_hands_over_its_blocks_and_reports_the_end() {
         let dir = tempfile::tempdir().unwrap();
         let (tx, mut announced) = mpsc::unbounded_channel();
         let sink = ExportSink::new(dir.path().join("task"), vec!["contact".into()]).watched(tx);
@@ -479,23 +548,33 @@ mod tests {
         assert_eq!(file.path, sink.dir().join("big.bin"));
         assert_eq!(file.meta.name, "big.bin");
         assert_eq!(file.meta.categories, ["contact".to_string()]);
-        assert_eq!(*file.growth.borrow(), Growth::default());
-        let block = vec![7u8; 300 * 1024];
-        for _ in 0..3 {
-            w.write(&block).await.unwrap();
-        }
-        assert_eq!(file.growth.borrow().written, 0, "still in the write buffer");
-        w.write(&block).await.unwrap();
-        let written = file.growth.borrow_and_update().written;
+        let content: Vec<u8> = (0..WRITE_BUFFER * 10 + 1234)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let third = 300 * 1024;
+        w.write(&content[..3 * third]).await.unwrap();
         assert!(
-            written > 0 && written <= 4 * block.len() as u64,
-            "{written}"
+            file.blocks.try_recv().is_err(),
+            "the first block is still filling"
         );
+        assert_eq!(file.growth.borrow().written, 0);
+        w.write(&content[3 * third..]).await.unwrap();
         let meta = w.finish().await.unwrap();
+        let mut blocks = Vec::new();
+        while let Ok(b) = file.blocks.try_recv() {
+            blocks.push(b);
+        }
+        assert_eq!(blocks.len(), BLOCKS_AHEAD, "no room for more");
+        for (i, b) in blocks.iter().enumerate() {
+            let at = i * WRITE_BUFFER;
+            assert_eq!(b.offset, at as u64);
+            assert_eq!(&b.data[..], &content[at..at + WRITE_BUFFER]);
+        }
         let g = file.growth.borrow_and_update().clone();
-        assert_eq!(g.written, meta.size);
+        assert_eq!(g.written, content.len() as u64);
         assert_eq!(g.end, Some(meta.clone()));
-        assert_eq!(std::fs::read(&file.path).unwrap().len() as u64, meta.size);
+        assert_eq!(meta.sha256, sha256_hex(&content));
+        assert_eq!(std::fs::read(&file.path).unwrap(), content);
 
         let mut w = sink
             .file("cut.bin", "application/octet-stream")

@@ -50,7 +50,7 @@ pub mod noop;
 pub mod sql;
 
 pub use config::{build, ConnectorConfig};
-pub use export::{ExportSink, ExportedFile, GrowingFile, Growth};
+pub use export::{Block, ExportSink, ExportedFile, GrowingFile, Growth};
 
 /// A boxed future, so that connectors can be used as trait objects.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

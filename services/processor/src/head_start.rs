@@ -3,7 +3,9 @@
 //!
 //! The runner watches the task's export sink ([`watch`]); every file the connector opens is
 //! streamed to the registry as an upload whose size and SHA-256 follow at its end
-//! (`UploadFileChunk.size_follows` and `end`), read from the file as it grows. The runner's
+//! (`UploadFileChunk.size_follows` and `end`). Its chunks are the writer's blocks, handed
+//! over as they go to the file, so nothing is read back; a block the writer could not hand
+//! over (this side fell behind) is read from the file once it is written there. The runner's
 //! step waits for these uploads (at most `uploads.call_timeout_ms` after the connector
 //! returned) before it records the export, so the uploader then finds the files stored whole
 //! (GetUploadState answers complete) and only closes the part.
@@ -14,10 +16,14 @@
 
 use std::time::Duration;
 
-use dsrelay_connectors::{ExportSink, GrowingFile};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use dsrelay_connectors::{Block, ExportSink, GrowingFile, Growth};
 use dsrelay_proto::v1::export_upload_service_client::ExportUploadServiceClient;
 use dsrelay_proto::v1::{ExportFileHeader, FileEnd, UploadFileChunk};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
@@ -26,14 +32,13 @@ use crate::metrics::Metrics;
 use crate::store::TaskKey;
 use crate::uploader::CHUNK;
 
+// A block of the writer goes as one chunk.
+const _: () = assert!(dsrelay_connectors::export::WRITE_BUFFER <= CHUNK);
+
 /// How long a stream may go without a message while its file waits for the connector: the
 /// registry ends streams idle for its `call_limit_ms` (60 s by default), and an empty
 /// message keeps this one open.
 const KEEPALIVE: Duration = Duration::from_secs(5);
-
-/// How long a read may find the file shorter than its writer reported before the stream
-/// gives up: the writer's last write can still be on its way to the file for a moment.
-const SHORT_READ_PATIENCE: Duration = Duration::from_secs(10);
 
 /// The uploads of one export's files while they are written.
 pub(crate) struct HeadStart {
@@ -130,14 +135,14 @@ async fn send(
     file: GrowingFile,
 ) -> Result<(String, u64), String> {
     let name = header.name.clone();
-    let reader = tokio::fs::File::open(&file.path)
-        .await
-        .map_err(|e| format!("opening {name} to send it: {e}"))?;
-    let outcome = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+    let outcome = Arc::new(Mutex::new(None::<String>));
     let chunks = futures::stream::unfold(
         Growing {
-            reader,
+            reader: None,
+            path: file.path,
             growth: file.growth,
+            blocks: Some(file.blocks),
+            waiting: VecDeque::new(),
             offset: 0,
             header: Some(header),
             ended: false,
@@ -150,7 +155,7 @@ async fn send(
     );
     let state = client.upload_file(chunks).await;
     if let Some(why) = outcome.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        return Err(why);
+        return Err(format!("{name}: {why}"));
     }
     let state = state
         .map_err(|s| format!("sending {name}: {:?}: {}", s.code(), s.message()))?
@@ -167,8 +172,14 @@ async fn send(
 
 /// One file being streamed as it grows.
 struct Growing {
-    reader: tokio::fs::File,
-    growth: tokio::sync::watch::Receiver<dsrelay_connectors::Growth>,
+    /// The file, opened at the first block that has to be read from it.
+    reader: Option<tokio::fs::File>,
+    path: std::path::PathBuf,
+    growth: tokio::sync::watch::Receiver<Growth>,
+    /// The writer's blocks; `None` once the writer dropped its end.
+    blocks: Option<mpsc::Receiver<Block>>,
+    /// Blocks received and not sent yet, in order.
+    waiting: VecDeque<Block>,
     /// Bytes sent so far.
     offset: u64,
     /// Sent with the first message, then gone.
@@ -176,14 +187,15 @@ struct Growing {
     /// The end was sent: nothing follows.
     ended: bool,
     /// Why the stream stopped without the file's end, when it did.
-    outcome: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    outcome: Arc<Mutex<Option<String>>>,
 }
 
 impl Growing {
     /// The next message: the header at once (so the registry drops any earlier partial
-    /// file while the connector works), then chunks as the file grows, empty messages while
-    /// it waits, and the end. `None` ends the stream: after the end, or when the file was
-    /// abandoned or cannot be read (the reason is kept in `outcome`).
+    /// file while the connector works), then chunks as the file grows (the writer's blocks
+    /// as they are, or read from the file for blocks the writer could not hand over), empty
+    /// messages while it waits, and the end. `None` ends the stream: after the end, or when
+    /// the file was abandoned or cannot be read (the reason is kept in `outcome`).
     async fn next(&mut self) -> Option<UploadFileChunk> {
         if self.ended {
             return None;
@@ -196,15 +208,32 @@ impl Growing {
             });
         }
         loop {
+            self.take_blocks();
+            // The next bytes, if a block received holds them.
+            if let Some(block) = self.waiting.pop_front() {
+                if block.offset <= self.offset {
+                    let skip = (self.offset - block.offset) as usize;
+                    let data = block.data.slice(skip.min(block.data.len())..);
+                    if data.is_empty() {
+                        continue;
+                    }
+                    return Some(self.chunk(data));
+                }
+                self.waiting.push_front(block);
+            }
+            // Otherwise from the file: up to the next block received, or a whole chunk, or
+            // the rest once the file is finished.
             let growth = self.growth.borrow_and_update().clone();
-            let ready = growth.written.saturating_sub(self.offset);
-            if ready >= CHUNK as u64 || (growth.end.is_some() && ready > 0) {
-                return match self.read(ready.min(CHUNK as u64) as usize).await {
-                    Ok(chunk) => Some(chunk),
+            let on_disk = growth.written.saturating_sub(self.offset);
+            let gap = self.waiting.front().map(|b| b.offset - self.offset);
+            if on_disk > 0 && (gap.is_some() || on_disk >= CHUNK as u64 || growth.end.is_some()) {
+                let len = on_disk.min(CHUNK as u64).min(gap.unwrap_or(u64::MAX));
+                return match self.read(len as usize).await {
+                    Ok(data) => Some(self.chunk(data.into())),
                     Err(why) => self.stop(why),
                 };
             }
-            if let Some(end) = growth.end {
+            if let Some(end) = growth.end.filter(|e| e.size == self.offset) {
                 self.ended = true;
                 return Some(UploadFileChunk {
                     offset: self.offset,
@@ -215,7 +244,17 @@ impl Growing {
                     ..Default::default()
                 });
             }
+            let block = async {
+                match self.blocks.as_mut() {
+                    Some(b) => b.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                received = block => match received {
+                    Some(b) => self.waiting.push_back(b),
+                    None => self.blocks = None,
+                },
                 changed = self.growth.changed() => {
                     if changed.is_err() && self.growth.borrow().end.is_none() {
                         return self.stop("the export of the file was abandoned".into());
@@ -231,40 +270,56 @@ impl Growing {
         }
     }
 
-    /// The next `len` bytes as a chunk.
-    async fn read(&mut self, len: usize) -> Result<UploadFileChunk, String> {
-        let mut data = vec![0u8; len];
-        let mut filled = 0;
-        let mut waited = Duration::ZERO;
-        while filled < len {
-            let n = self
-                .reader
-                .read(&mut data[filled..])
-                .await
-                .map_err(|e| format!("reading the file: {e}"))?;
-            if n == 0 {
-                if waited >= SHORT_READ_PATIENCE {
-                    return Err(format!(
-                        "the file ends at byte {} although its writer reported {}",
-                        self.offset + filled as u64,
-                        self.offset + len as u64
-                    ));
-                }
-                let pause = Duration::from_millis(1);
-                tokio::time::sleep(pause).await;
-                waited += pause;
-                continue;
+    /// Moves the blocks that arrived into `waiting`, dropping those already sent.
+    fn take_blocks(&mut self) {
+        if let Some(blocks) = self.blocks.as_mut() {
+            while let Ok(b) = blocks.try_recv() {
+                self.waiting.push_back(b);
             }
-            filled += n;
         }
+        while self
+            .waiting
+            .front()
+            .is_some_and(|b| b.offset + b.data.len() as u64 <= self.offset)
+        {
+            self.waiting.pop_front();
+        }
+    }
+
+    /// `data`, which starts at `offset`, as the next chunk.
+    fn chunk(&mut self, data: Bytes) -> UploadFileChunk {
         let chunk = UploadFileChunk {
             offset: self.offset,
             chunk_crc32: dsrelay_runtime::export_files::chunk_crc32(&data),
-            data: data.into(),
+            data,
             ..Default::default()
         };
-        self.offset += len as u64;
-        Ok(chunk)
+        self.offset += chunk.data.len() as u64;
+        chunk
+    }
+
+    /// `len` bytes of the file from `offset`, all of which are written.
+    async fn read(&mut self, len: usize) -> Result<Vec<u8>, String> {
+        let reader = match &mut self.reader {
+            Some(r) => r,
+            None => self.reader.insert(
+                tokio::fs::File::open(&self.path)
+                    .await
+                    .map_err(|e| format!("opening the file: {e}"))?,
+            ),
+        };
+        reader
+            .seek(std::io::SeekFrom::Start(self.offset))
+            .await
+            .map_err(|e| format!("reading the file: {e}"))?;
+        let mut data = vec![0u8; len];
+        reader.read_exact(&mut data).await.map_err(|e| {
+            format!(
+                "reading {len} bytes of the file at byte {}: {e}",
+                self.offset
+            )
+        })?;
+        Ok(data)
     }
 
     fn stop(&mut self, why: String) -> Option<UploadFileChunk> {
