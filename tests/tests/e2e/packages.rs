@@ -236,13 +236,12 @@ async fn packages_a_return_of_data_is_downloaded_and_verified_on_postgres() {
     a_return_of_data_travels_to_the_partner(Backend::Postgres).await;
 }
 
-/// Past `package_ttl_days` after the request finished, the files are deleted with an event,
-/// and reading the package says it expired.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn packages_expire_after_their_retention() {
+/// A pair with the newsletter as its only holder (and `options` otherwise), and the id of a
+/// return of data delivered to its processor, which may now upload parts of it.
+async fn a_delivered_return_of_data(options: PairOptions) -> (TestPair, String) {
     let pair = spawn_pair(PairOptions {
         holders: vec![Holder::Newsletter],
-        ..Default::default()
+        ..options
     })
     .await
     .expect("sqlite pair");
@@ -254,6 +253,14 @@ async fn packages_expire_after_their_retention() {
         .into_inner()
         .request_id;
     wait_until(&mut crm, &id, Duration::from_secs(30), delivered).await;
+    (pair, id)
+}
+
+/// Past `package_ttl_days` after the request finished, the files are deleted with an event,
+/// and reading the package says it expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packages_expire_after_their_retention() {
+    let (pair, id) = a_delivered_return_of_data(PairOptions::default()).await;
     let folder = pair.package_dir().join(&id);
     assert!(folder.exists(), "{folder:?}");
     let mut client = packages(&pair, "partner-crm");
@@ -346,21 +353,11 @@ async fn state(
 /// for the next upload, which resumes where GetUploadState says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packages_a_stalled_upload_stream_is_ended_and_the_file_freed() {
-    let pair = spawn_pair(PairOptions {
-        holders: vec![Holder::Newsletter],
+    let (pair, id) = a_delivered_return_of_data(PairOptions {
         call_limit_ms: Some(500),
         ..Default::default()
     })
-    .await
-    .expect("sqlite pair");
-    let mut crm = pair.client("partner-crm");
-    let id = crm
-        .submit(return_of_data())
-        .await
-        .expect("submit")
-        .into_inner()
-        .request_id;
-    wait_until(&mut crm, &id, Duration::from_secs(30), delivered).await;
+    .await;
     let mut client = uploads(&pair);
     let data = br#"{"subject": "maija", "rows": [1, 2, 3]}"#;
     let h = header(&id, "stalled.json", data);
@@ -401,21 +398,7 @@ async fn packages_a_stalled_upload_stream_is_ended_and_the_file_freed() {
 /// short resumes where GetUploadState says; a part lists only files stored whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packages_refuse_bad_chunks_and_resume_uploads() {
-    let pair = spawn_pair(PairOptions {
-        holders: vec![Holder::Newsletter],
-        ..Default::default()
-    })
-    .await
-    .expect("sqlite pair");
-    let mut crm = pair.client("partner-crm");
-    let id = crm
-        .submit(return_of_data())
-        .await
-        .expect("submit")
-        .into_inner()
-        .request_id;
-    // Delivered: the processor may upload parts of it.
-    wait_until(&mut crm, &id, Duration::from_secs(30), delivered).await;
+    let (pair, id) = a_delivered_return_of_data(PairOptions::default()).await;
     let mut client = uploads(&pair);
     let data = br#"{"subject": "maija", "rows": [1, 2, 3]}"#;
     let h = header(&id, "rows.json", data);
@@ -588,20 +571,7 @@ fn grown(
 /// refused where they do not belong.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packages_a_file_streamed_while_written_is_checked_at_its_end() {
-    let pair = spawn_pair(PairOptions {
-        holders: vec![Holder::Newsletter],
-        ..Default::default()
-    })
-    .await
-    .expect("sqlite pair");
-    let mut crm = pair.client("partner-crm");
-    let id = crm
-        .submit(return_of_data())
-        .await
-        .expect("submit")
-        .into_inner()
-        .request_id;
-    wait_until(&mut crm, &id, Duration::from_secs(30), delivered).await;
+    let (pair, id) = a_delivered_return_of_data(PairOptions::default()).await;
     let mut client = uploads(&pair);
     let data: Vec<u8> = (0..5000u32).flat_map(|i| i.to_le_bytes()).collect();
     let stored = |name: &str| {

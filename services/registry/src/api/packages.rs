@@ -173,12 +173,7 @@ impl Api {
             }
             FileBegin::Registered { .. } | FileBegin::Restarted => {}
         }
-        self.shared
-            .packages
-            .store
-            .remove(&file_key(&file))
-            .await
-            .map_err(io_error)?;
+        self.drop_file(&file_key(&file)).await?;
         Ok((file, UploadState::default()))
     }
 
@@ -209,12 +204,7 @@ impl Api {
             .unwrap_or_default();
         let key = file_key(&up.file);
         if end.size != up.state.offset || digest != end.sha256 {
-            self.shared
-                .packages
-                .store
-                .remove(&key)
-                .await
-                .map_err(io_error)?;
+            self.drop_file(&key).await?;
             return Err(ApiError::data_loss(format!(
                 "file {path}: its end gives {} bytes with SHA-256 {}, but {} bytes with SHA-256 \
                  {digest} were received; they were dropped, send the file again",
@@ -240,6 +230,16 @@ impl Api {
         Ok(())
     }
 
+    /// Removes the bytes stored under `key`, so that the file's sender starts it again.
+    async fn drop_file(&self, key: &str) -> Result<(), ApiError> {
+        self.shared
+            .packages
+            .store
+            .remove(key)
+            .await
+            .map_err(io_error)
+    }
+
     /// Checks a file whose every byte is stored (and durable) against its SHA-256: a match
     /// marks it stored; a mismatch drops it, so the sender starts it again. `digest` is the
     /// SHA-256 of the whole file when one stream saw all of it; otherwise the stored file is
@@ -255,12 +255,7 @@ impl Api {
             None => self.shared.packages.stored_sha256(&key).await?,
         };
         if digest != file.sha256 {
-            self.shared
-                .packages
-                .store
-                .remove(&key)
-                .await
-                .map_err(io_error)?;
+            self.drop_file(&key).await?;
             return Err(ApiError::data_loss(format!(
                 "file {}: the {} bytes received have SHA-256 {digest}, not {} as the header \
                  says; they were dropped, send the file again",
