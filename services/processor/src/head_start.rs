@@ -1,14 +1,15 @@
-//! A return of data's export files sent to the registry while the connector still writes
-//! them, so that a large export's upload overlaps its writing instead of following it.
+//! The export files of a return of data, or of a contract end returned to the registry, sent
+//! to the registry while the connector still writes them, so that a large export's upload
+//! overlaps its writing instead of following it.
 //!
-//! The runner watches the task's export sink ([`watch`]); every file the connector opens is
+//! The runner watches the task's export sink ([`attach`]); every file the connector opens is
 //! streamed to the registry as an upload whose size and SHA-256 follow at its end
 //! (`UploadFileChunk.size_follows` and `end`). Its chunks are the writer's blocks, handed
 //! over as they go to the file, so nothing is read back; a block the writer could not hand
-//! over (this side fell behind) is read from the file once it is written there. The runner's
-//! step waits for these uploads (at most `uploads.call_timeout_ms` after the connector
-//! returned) before it records the export, so the uploader then finds the files stored whole
-//! (GetUploadState answers complete) and only closes the part.
+//! over (this side fell behind) is read from the file once it is written there. The
+//! runner's step waits for these uploads ([`beside`]: at most `uploads.call_timeout_ms`
+//! after the connector returned) before it records the export, so the uploader then finds
+//! the files stored whole (GetUploadState answers complete) and only closes the part.
 //!
 //! This is only a head start: nothing about it is recorded. A file it did not deliver (the
 //! registry down or slow, the stream cut, the export failed, the processor stopped) is sent
@@ -28,6 +29,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
+use crate::app::Shared;
 use crate::metrics::Metrics;
 use crate::store::TaskKey;
 use crate::uploader::CHUNK;
@@ -47,9 +49,55 @@ pub(crate) struct HeadStart {
     key: TaskKey,
 }
 
+/// `export` and, when it goes `to_registry` and the task's controller has an upload client,
+/// its head start: the sink watched, and what sends its files ([`beside`] runs it).
+pub(crate) fn attach(
+    shared: &Shared,
+    key: &TaskKey,
+    export: Option<ExportSink>,
+    to_registry: bool,
+) -> (Option<ExportSink>, Option<HeadStart>) {
+    match (export, shared.uploaders.get(&key.controller)) {
+        (Some(sink), Some(client)) if to_registry => {
+            let (sink, head) = watch(sink, client.clone(), key);
+            (Some(sink), Some(head))
+        }
+        (export, _) => (export, None),
+    }
+}
+
+/// Runs `connector` (the connector's call that writes the export) with `head` beside it:
+/// the head start sends what the connector writes, and once the connector has returned
+/// gets at most `uploads.call_timeout_ms` to finish. Answers the connector's outcome.
+pub(crate) async fn beside<T>(
+    shared: &Shared,
+    head: Option<HeadStart>,
+    connector: impl std::future::Future<Output = T>,
+) -> T {
+    let Some(head) = head else {
+        return connector.await;
+    };
+    let (connector_done, done) = tokio::sync::oneshot::channel::<()>();
+    let connector = async {
+        let outcome = connector.await;
+        // Whatever the outcome, the head start sends what is finished and stops.
+        let _ = connector_done.send(());
+        outcome
+    };
+    let tail = Duration::from_millis(shared.config.uploads.call_timeout_ms);
+    let head = head.run(
+        async {
+            let _ = done.await;
+        },
+        tail,
+        &shared.metrics,
+    );
+    tokio::join!(connector, head).0
+}
+
 /// `sink`, watched, and the head start that sends its files to the registry behind
 /// `client`; the head start does nothing until [`HeadStart::run`].
-pub(crate) fn watch(
+fn watch(
     sink: ExportSink,
     client: ExportUploadServiceClient<Channel>,
     key: &TaskKey,

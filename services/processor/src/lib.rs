@@ -24,8 +24,9 @@
 //!   machine decides; a contract end's step is the connector's bulk step, its progress
 //!   acknowledged as it goes.
 //! - [`exports`]: the folder under `data_dir` each export task writes its files to.
-//! - `head_start`: a return of data's files streamed to the registry while the connector
-//!   writes them, before the uploader takes the recorded export.
+//! - `head_start`: a return of data's files (or a contract end's returned to the registry)
+//!   streamed to the registry while the connector writes them, before the uploader takes the
+//!   recorded export.
 //! - [`breaker`]: marks a holder that failed transiently, so its other tasks wait without
 //!   calling it.
 //! - [`ack_sender`]: sends queued acknowledgements to the registries.

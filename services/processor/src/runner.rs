@@ -320,10 +320,13 @@ async fn run_contract_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> 
         connector: c.kind_name(),
         supports: c.supports(RequestKind::ContractEnd),
     });
-    let terms = shared
+    let (terms, recipient) = shared
         .store
-        .contract_terms(&key.controller, &key.request_id)
-        .await?;
+        .contract_terms_and_recipient(&key.controller, &key.request_id)
+        .await?
+        .unzip();
+    // The data goes back to the registry unless the terms name a transfer recipient.
+    let to_registry = recipient.is_some_and(|r| r.is_empty());
     let event = Event::ContractClaimed { holder, terms };
     let (start, op, phase) = match decide(&current, event, &context(shared, &job, 0)) {
         Decision::RunBulk { start, op, phase } => (start, op, phase),
@@ -338,8 +341,16 @@ async fn run_contract_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> 
         return Ok(());
     };
     let cfg = &shared.config.tasks;
-    let Ok((result, progress)) =
-        call_bulk(shared, connector.as_ref(), &job, op, &phase, &mut seq).await
+    let Ok((result, progress)) = call_bulk(
+        shared,
+        connector.as_ref(),
+        &job,
+        op,
+        to_registry,
+        &phase,
+        &mut seq,
+    )
+    .await
     else {
         return Ok(());
     };
@@ -376,13 +387,15 @@ async fn run_contract_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> 
 
 /// Runs the connector's bulk step `op`, renewing the task's lease and acknowledging the
 /// connector's progress at most every `contracts.progress_interval_ms` when it moved;
-/// `seq` follows the acknowledgements. Answers the outcome and the last progress reported,
+/// `seq` follows the acknowledgements. An export the registry is to receive
+/// (`to_registry`) gets a head start. Answers the outcome and the last progress reported,
 /// or [`LeaseLost`] when the step was abandoned.
 async fn call_bulk(
     shared: &Shared,
     connector: &dyn Connector,
     job: &TaskJob,
     op: BulkOp,
+    to_registry: bool,
     phase: &Phase,
     seq: &mut i64,
 ) -> Result<(Result<Outcome, ConnectorError>, BulkProgress), LeaseLost> {
@@ -407,6 +420,7 @@ async fn call_bulk(
     } else {
         None
     };
+    let (export, head_start) = head_start::attach(shared, key, export, to_registry);
     let (reporter, _seen) = ProgressReporter::new();
     let bulk = BulkJob {
         job_id: format!("{}/{}/{}", key.controller, key.request_id, key.subprocessor),
@@ -435,7 +449,14 @@ async fn call_bulk(
         op = ?op,
         phase = ?phase,
     );
-    let run = connector.run_bulk(&bulk).instrument(span);
+    let run = head_start::beside(shared, head_start, async {
+        let result = connector.run_bulk(&bulk).instrument(span).await;
+        shared
+            .metrics
+            .connector_duration
+            .observe(&[&key.subprocessor], started.elapsed().as_secs_f64());
+        result
+    });
     tokio::pin!(run);
     let result = loop {
         tokio::select! {
@@ -468,11 +489,10 @@ async fn call_bulk(
             lease.renew(*seq).await?;
         }
     };
-    let m = &shared.metrics;
-    m.connector_duration
-        .observe(&[&key.subprocessor], started.elapsed().as_secs_f64());
     if let Err(e) = &result {
-        m.connector_error(&key.subprocessor, e.is_transient());
+        shared
+            .metrics
+            .connector_error(&key.subprocessor, e.is_transient());
     }
     Ok((result, reporter.latest()))
 }
@@ -531,13 +551,8 @@ async fn call(
         None
     };
     // A return of data's files start for the registry while they are written.
-    let (export, head_start) = match (export, shared.uploaders.get(&key.controller)) {
-        (Some(sink), Some(client)) if kind == RequestKind::ReturnOfData => {
-            let (sink, head) = head_start::watch(sink, client.clone(), key);
-            (Some(sink), Some(head))
-        }
-        (export, _) => (export, None),
-    };
+    let (export, head_start) =
+        head_start::attach(shared, key, export, kind == RequestKind::ReturnOfData);
     let task = Task {
         task_id: format!("{}/{}/{}", key.controller, key.request_id, key.subprocessor),
         request_id: key.request_id.clone(),
@@ -594,30 +609,14 @@ async fn call(
         phase = ?phase,
     );
     let m = &shared.metrics;
-    let (connector_done, done) = tokio::sync::oneshot::channel::<()>();
     let run = async {
         let result = connector.run(&task).instrument(span).await;
         m.connector_duration
             .observe(&[&key.subprocessor], started.elapsed().as_secs_f64());
-        // Whatever the outcome, the head start sends what is finished and stops.
-        let _ = connector_done.send(());
         result
     };
-    let head_start = async {
-        if let Some(head) = head_start {
-            let tail = Duration::from_millis(shared.config.uploads.call_timeout_ms);
-            head.run(
-                async {
-                    let _ = done.await;
-                },
-                tail,
-                m,
-            )
-            .await;
-        }
-    };
     let result = tokio::select! {
-        (r, ()) = async { tokio::join!(run, head_start) } => r,
+        r = head_start::beside(shared, head_start, run) => r,
         lost = renew => return Err(lost),
         () = abandoned(shared) => return Err(release(shared, job).await),
     };

@@ -13,9 +13,10 @@
 //! controller's confirmation (with the receipt) instead of completing, since the data is
 //! still at the holder.
 //!
-//! A return of data's files usually reach the registry before this worker sees them: the
-//! runner streams them while the connector writes them (`crate::head_start`), so that
-//! GetUploadState here answers them complete and only the part is closed.
+//! A return of data's files (and a contract end's returned to the registry) usually reach
+//! the registry before this worker sees them: the runner streams them while the connector
+//! writes them (`crate::head_start`), so that GetUploadState here answers them complete and
+//! only the part is closed.
 //!
 //! A failed attempt (destination down, wrong identity, a refused chunk or receipt, a
 //! FAILED_PRECONDITION) leaves the task IN_PROGRESS with a note saying what is missing, and

@@ -20,6 +20,7 @@ use crate::harness::{
     spawn_pair, Backend, Holder, PairOptions, RecipientOptions, TestPair, CONTROLLER,
     OTHER_CONTROLLER, PROCESSOR, RECIPIENT,
 };
+use crate::metrics::{scrape, value};
 
 /// Every row of the sample accounting database, table by table, in a fixed order: what
 /// "untouched" is compared on.
@@ -370,6 +371,7 @@ async fn contract_end_returns_the_data_and_deletes_only_after_confirmation() {
             Holder::MailMarketing,
             Holder::PaperArchive,
         ],
+        admin: true,
         ..Default::default()
     })
     .await
@@ -436,6 +438,27 @@ async fn contract_end_returns_the_data_and_deletes_only_after_confirmation() {
         .unwrap_or_else(|e| panic!("the paper archive's record: {e}\n{listing:?}")),
     )
     .expect("json record");
+    // The accounting connector's export went to the registry while it was written (the
+    // mail-marketing part is empty for this controller).
+    let metrics = scrape(&pair.processor.admin_addr().expect("admin").to_string()).await;
+    {
+        let sub = "accounting";
+        let written: u64 = std::fs::read_dir(out.join(PROCESSOR).join(sub))
+            .unwrap_or_else(|e| panic!("{sub}: {e}\n{listing:?}"))
+            .map(|f| f.expect("entry").metadata().expect("metadata").len())
+            .sum();
+        assert!(written > 0, "{sub} returned nothing: {listing:?}");
+        let sent = |when: &str| {
+            value(
+                &metrics,
+                &format!(
+                    "dsrelay_export_bytes_sent_total{{subprocessor=\"{sub}\",when=\"{when}\"}}"
+                ),
+            )
+        };
+        assert_eq!(sent("while_written"), written as f64, "{sub}\n{metrics}");
+        assert_eq!(sent("after_export"), 0.0, "{sub}\n{metrics}");
+    }
     assert_eq!(record["returned_by_hand"], true, "{record}");
     assert_eq!(record["records"], 3, "{record}");
     assert_eq!(

@@ -160,14 +160,37 @@ impl Store {
         controller: &str,
         request_id: &str,
     ) -> Result<Option<Terms>> {
-        let row: Option<TermsRecord> = sqlx::query_as(&format!(
+        Ok(self
+            .contract_record(controller, request_id)
+            .await?
+            .map(|r| r.terms()))
+    }
+
+    /// The terms of a contract end and the transfer recipient its data is returned to
+    /// (empty for the registry), if the controller delivered one with that id.
+    pub async fn contract_terms_and_recipient(
+        &self,
+        controller: &str,
+        request_id: &str,
+    ) -> Result<Option<(Terms, String)>> {
+        Ok(self
+            .contract_record(controller, request_id)
+            .await?
+            .map(|r| (r.terms(), r.transfer_recipient)))
+    }
+
+    async fn contract_record(
+        &self,
+        controller: &str,
+        request_id: &str,
+    ) -> Result<Option<TermsRecord>> {
+        Ok(sqlx::query_as(&format!(
             "SELECT {TERMS_COLUMNS} FROM contract_ends WHERE controller = $1 AND request_id = $2"
         ))
         .bind(controller)
         .bind(request_id)
         .fetch_optional(&self.db.pool)
-        .await?;
-        Ok(row.map(|r| r.terms()))
+        .await?)
     }
 
     /// Replaces a contract end's terms with `wanted` when the rules allow
