@@ -15,10 +15,9 @@
 //! registry down or slow, the stream cut, the export failed, the processor stopped) is sent
 //! by the uploader as before, from offset 0; the registry drops the partial file then.
 
-use std::time::Duration;
-
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use dsrelay_connectors::{Block, ExportSink, GrowingFile, Growth};
@@ -32,7 +31,7 @@ use tonic::transport::Channel;
 use crate::app::Shared;
 use crate::metrics::Metrics;
 use crate::store::TaskKey;
-use crate::uploader::CHUNK;
+use crate::uploader::{header, CHUNK};
 
 // A block of the writer goes as one chunk.
 const _: () = assert!(dsrelay_connectors::export::WRITE_BUFFER <= CHUNK);
@@ -114,24 +113,17 @@ fn watch(
 impl HeadStart {
     /// Sends every file the sink opens, each on a stream of its own, until `connector_done`
     /// resolves; then waits up to `tail` for the streams still sending (the connector's last
-    /// bytes, each file's end) and drops those it cuts off. Answers the files delivered.
+    /// bytes, each file's end) and drops those it cuts off.
     pub(crate) async fn run(
         mut self,
         connector_done: impl std::future::Future<Output = ()>,
         tail: Duration,
         metrics: &Metrics,
-    ) -> usize {
+    ) {
         let mut sending = JoinSet::new();
         let mut start = |file: GrowingFile| {
-            let header = ExportFileHeader {
-                request_id: self.key.request_id.clone(),
-                subprocessor: self.key.subprocessor.clone(),
-                name: file.meta.name.clone(),
-                media_type: file.meta.media_type.clone(),
-                categories: file.meta.categories.clone(),
-                size: 0,
-                sha256: String::new(),
-            };
+            // The file's size and digest are not known yet: the header leaves them empty.
+            let header = header(&self.key, &file.meta);
             sending.spawn(send(self.client.clone(), header, file));
         };
         tokio::pin!(connector_done);
@@ -146,12 +138,10 @@ impl HeadStart {
             start(file);
         }
         let subprocessor = self.key.subprocessor.as_str();
-        let mut delivered = 0;
         let finished = tokio::time::timeout(tail, async {
             while let Some(joined) = sending.join_next().await {
                 match joined {
                     Ok(Ok((name, bytes))) => {
-                        delivered += 1;
                         metrics.export_sent(subprocessor, true, bytes);
                         tracing::debug!(file = %name, bytes, "export file sent while written");
                     }
@@ -171,7 +161,6 @@ impl HeadStart {
                 tail.as_millis()
             );
         }
-        delivered
     }
 }
 

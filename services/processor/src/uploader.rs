@@ -570,8 +570,9 @@ fn check_receipt(
     }
 }
 
-/// The header the destination gets for `f`.
-fn header(key: &TaskKey, f: &ExportedFile) -> ExportFileHeader {
+/// The header the destination gets for `f` (a file still being written has no size or
+/// digest yet, and its header none either).
+pub(crate) fn header(key: &TaskKey, f: &ExportedFile) -> ExportFileHeader {
     ExportFileHeader {
         request_id: key.request_id.clone(),
         subprocessor: key.subprocessor.clone(),
