@@ -154,18 +154,6 @@ pub(super) async fn insert(
 }
 
 impl Store {
-    /// The terms of a contract end, if the controller delivered one with that id.
-    pub async fn contract_terms(
-        &self,
-        controller: &str,
-        request_id: &str,
-    ) -> Result<Option<Terms>> {
-        Ok(self
-            .contract_record(controller, request_id)
-            .await?
-            .map(|r| r.terms()))
-    }
-
     /// The terms of a contract end and the transfer recipient its data is returned to
     /// (empty for the registry), if the controller delivered one with that id.
     pub async fn contract_terms_and_recipient(
@@ -173,24 +161,14 @@ impl Store {
         controller: &str,
         request_id: &str,
     ) -> Result<Option<(Terms, String)>> {
-        Ok(self
-            .contract_record(controller, request_id)
-            .await?
-            .map(|r| (r.terms(), r.transfer_recipient)))
-    }
-
-    async fn contract_record(
-        &self,
-        controller: &str,
-        request_id: &str,
-    ) -> Result<Option<TermsRecord>> {
-        Ok(sqlx::query_as(&format!(
+        let row: Option<TermsRecord> = sqlx::query_as(&format!(
             "SELECT {TERMS_COLUMNS} FROM contract_ends WHERE controller = $1 AND request_id = $2"
         ))
         .bind(controller)
         .bind(request_id)
         .fetch_optional(&self.db.pool)
-        .await?)
+        .await?;
+        Ok(row.map(|r| (r.terms(), r.transfer_recipient)))
     }
 
     /// Replaces a contract end's terms with `wanted` when the rules allow
@@ -516,8 +494,8 @@ mod tests {
                 matches!(updated, Updated::Refused(Refusal::TooLate(_))),
                 "{updated:?}"
             );
-            let stored = store
-                .contract_terms("acme", "ce-1")
+            let (stored, _) = store
+                .contract_terms_and_recipient("acme", "ce-1")
                 .await
                 .expect("terms")
                 .expect("stored");
