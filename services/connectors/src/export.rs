@@ -185,7 +185,7 @@ impl ExportSink {
             block: Vec::with_capacity(WRITE_BUFFER),
             handed: 0,
             writing: None,
-            hash: Some(Sha256::new()),
+            hash: Sha256::new(),
             writeback: None,
             writeback_at: 0,
             meta,
@@ -218,8 +218,9 @@ pub struct ExportWriter {
     handed: u64,
     /// The block being hashed and written, which hands the hash back.
     writing: Option<JoinHandle<std::io::Result<Sha256>>>,
-    /// The hash of every block written, while none is in flight.
-    hash: Option<Sha256>,
+    /// The hash of every block written. While a block is in flight the hash travels with
+    /// it, and this is an empty stand-in until [`ExportWriter::written`] puts it back.
+    hash: Sha256,
     /// The early writeback running, if any.
     writeback: Option<JoinHandle<std::io::Result<()>>>,
     /// The size when the last early writeback started.
@@ -263,7 +264,8 @@ impl ExportWriter {
                 data: data.clone(),
             });
         }
-        let mut hash = self.written().await?;
+        self.written().await?;
+        let mut hash = std::mem::take(&mut self.hash);
         let file = Arc::clone(&self.file);
         self.handed += data.len() as u64;
         self.writing = Some(tokio::task::spawn_blocking(move || {
@@ -282,21 +284,21 @@ impl ExportWriter {
         Ok(())
     }
 
-    /// Waits for the block in flight, if any, to be written, tells the watcher, and answers
-    /// the hash of everything written.
-    async fn written(&mut self) -> Result<Sha256, ConnectorError> {
-        if let Some(writing) = self.writing.take() {
-            let context = format!("writing export file {}", self.meta.name);
-            let hash = writing
-                .await
-                .map_err(|e| io_error(&context, &std::io::Error::other(e)))?
-                .map_err(|e| io_error(&context, &e))?;
-            if let Some(growth) = &self.growth {
-                growth.send_modify(|g| g.written = self.handed);
-            }
-            return Ok(hash);
+    /// Waits for the block in flight, if any, to be written, takes its hash back (the hash
+    /// of everything written), and tells the watcher.
+    async fn written(&mut self) -> Result<(), ConnectorError> {
+        let Some(writing) = self.writing.take() else {
+            return Ok(());
+        };
+        let context = format!("writing export file {}", self.meta.name);
+        self.hash = writing
+            .await
+            .map_err(|e| io_error(&context, &std::io::Error::other(e)))?
+            .map_err(|e| io_error(&context, &e))?;
+        if let Some(growth) = &self.growth {
+            growth.send_modify(|g| g.written = self.handed);
         }
-        Ok(self.hash.take().unwrap_or_default())
+        Ok(())
     }
 
     /// Waits for the early writeback running, if any, and reports its failure.
@@ -320,7 +322,7 @@ impl ExportWriter {
     /// only after this), and answers what it holds.
     pub async fn finish(mut self) -> Result<ExportedFile, ConnectorError> {
         self.hand_over().await?;
-        let hash = self.written().await?;
+        self.written().await?;
         self.wait_for_writeback().await?;
         let context = format!("closing export file {}", self.meta.name);
         let file = Arc::clone(&self.file);
@@ -328,7 +330,7 @@ impl ExportWriter {
             .await
             .map_err(|e| io_error(&context, &std::io::Error::other(e)))?
             .map_err(|e| io_error(&context, &e))?;
-        self.meta.sha256 = hex::encode(hash.finalize());
+        self.meta.sha256 = hex::encode(self.hash.finalize());
         if let Some(growth) = &self.growth {
             growth.send_replace(Growth {
                 written: self.meta.size,
