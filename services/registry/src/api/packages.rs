@@ -182,20 +182,7 @@ impl Api {
     /// and digest. Otherwise the file is dropped, so that the sender starts it again.
     async fn end_growing(&self, up: &mut FileUpload, end: &FileEnd) -> Result<(), ApiError> {
         let path = manifest::path(&up.file);
-        let mut wrong = Vec::new();
-        if i64::try_from(end.size).is_err() {
-            wrong.push(FieldViolation::new(
-                "end.size",
-                "must fit a signed 64-bit integer",
-            ));
-        }
-        if !is_sha256(&end.sha256) {
-            wrong.push(FieldViolation::new(
-                "end.sha256",
-                "must be 64 lowercase hex digits",
-            ));
-        }
-        ApiError::ensure_valid(wrong)?;
+        ApiError::ensure_valid(size_and_digest_violations("end", end.size, &end.sha256))?;
         up.sync().await?;
         let digest = up
             .hasher
@@ -754,13 +741,21 @@ fn kind_name(kind: i32) -> &'static str {
 /// Every rule a file header breaks, each naming its field under `prefix`.
 fn header_violations(prefix: &str, h: &ExportFileHeader) -> Vec<FieldViolation> {
     let mut out = described_violations(prefix, h);
-    if i64::try_from(h.size).is_err() {
+    out.extend(size_and_digest_violations(prefix, h.size, &h.sha256));
+    out
+}
+
+/// Every rule a file's size and SHA-256 (in a header, or in the `end` of a file streamed
+/// while it was written) break, each naming its field under `prefix`.
+fn size_and_digest_violations(prefix: &str, size: u64, sha256: &str) -> Vec<FieldViolation> {
+    let mut out = Vec::new();
+    if i64::try_from(size).is_err() {
         out.push(FieldViolation::new(
             format!("{prefix}.size"),
             "must fit a signed 64-bit integer",
         ));
     }
-    if !is_sha256(&h.sha256) {
+    if !is_sha256(sha256) {
         out.push(FieldViolation::new(
             format!("{prefix}.sha256"),
             "must be 64 lowercase hex digits",

@@ -140,11 +140,16 @@ impl Store {
         .bind(now)
         .execute(tx.conn())
         .await?;
-        let expired: Option<i64> =
-            sqlx::query_scalar("SELECT expired_at FROM packages WHERE request_id = $1")
-                .bind(&f.request_id)
-                .fetch_one(tx.conn())
-                .await?;
+        // Locked, as CompletePart locks it: whether a stored file may still be replaced
+        // depends on its part not being stored, so a completion of the part waits for this
+        // registration, and this one for it.
+        let expired: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT expired_at FROM packages WHERE request_id = $1{}",
+            tx.backend.lock_rows()
+        ))
+        .bind(&f.request_id)
+        .fetch_one(tx.conn())
+        .await?;
         if let Some(at) = expired {
             tx.rollback().await?;
             return Ok(FileBegin::Expired(at));
@@ -199,8 +204,8 @@ impl Store {
             Some(_) => {
                 sqlx::query(
                     "UPDATE package_files SET media_type = $1, categories = $2, size = $3, \
-                     sha256 = $4, stored_at = NULL WHERE request_id = $5 AND processor = $6 AND subprocessor = $7 \
-                     AND name = $8",
+                     sha256 = $4, stored_at = NULL WHERE request_id = $5 AND processor = $6 \
+                     AND subprocessor = $7 AND name = $8",
                 )
                 .bind(&f.media_type)
                 .bind(&f.categories)
