@@ -225,6 +225,9 @@ pub struct Db {
     pub reader: AnyPool,
     /// The backend, for the few dialect differences.
     pub backend: Backend,
+    /// The file of a SQLite database, for a reader that opens a connection of its own
+    /// (the SQL connector's export); `None` on PostgreSQL and for an in-memory database.
+    pub sqlite_file: Option<std::path::PathBuf>,
 }
 
 impl Db {
@@ -307,6 +310,7 @@ impl Db {
             pool,
             reader,
             backend,
+            sqlite_file: sqlite_file.then(|| sqlite_path(&url).into()),
         })
     }
 
@@ -335,7 +339,7 @@ fn prepare_sqlite_url(url: &str) -> Result<String> {
     if rest.starts_with(":memory:") {
         return Ok(url.to_string());
     }
-    let path = rest.split('?').next().unwrap_or(rest);
+    let path = sqlite_path(url);
     if let Some(parent) = std::path::Path::new(path).parent() {
         if !parent.as_os_str().is_empty() {
             std::fs::create_dir_all(parent)
@@ -347,6 +351,12 @@ fn prepare_sqlite_url(url: &str) -> Result<String> {
     } else {
         format!("sqlite://{path}?mode=rwc")
     })
+}
+
+/// The file a `sqlite:` URL names: what follows the scheme, up to its options.
+fn sqlite_path(url: &str) -> &str {
+    let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
+    rest.split('?').next().unwrap_or(rest)
 }
 
 /// The byte ranges `(start, end)` of every numbered parameter `$N` in `sql` outside quoted

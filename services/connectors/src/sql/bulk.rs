@@ -8,14 +8,17 @@
 //! need). A batch thus runs a few statements per table, whatever the number of subjects.
 //! What is kept is assessed at the end with one aggregate per `retain` table.
 
-use super::execute::{classify, export_rows};
+use super::execute::{classify, ExportJob, ReadTx};
 use super::plan::{
     plan_export, plan_table_erasure, quote, subject_filter, Batch, Binds, Scope, Statement,
 };
 use super::retention::{day_of, parse_iso_date, DAY_MS};
 use super::rules::{Action, Retention, TableRule};
 use super::Scoped;
-use crate::{BulkJob, BulkOp, BulkProgress, ConnectorError, ErasedCount, Outcome, Phase};
+use crate::export::ExportSink;
+use crate::{
+    BulkJob, BulkOp, BulkProgress, ConnectorError, ErasedCount, Outcome, Phase, ProgressReporter,
+};
 
 /// Top-level rows (subjects) per batch of a bulk erasure: large enough that a batch's few
 /// statements do real work, small enough that none holds the database for long.
@@ -76,6 +79,17 @@ impl Scoped<'_> {
         }
     }
 
+    /// The statement counting the rows of `rule`'s table in `scope`, and what it is for.
+    fn count_statement(&self, rule: &TableRule, scope: Scope<'_>) -> (String, Statement) {
+        let mut b = Binds::default();
+        let filter = subject_filter(self.config, rule, scope, &mut b).unwrap_or_default();
+        let count = b.finish(format!(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM {} WHERE {filter}",
+            quote(&rule.table)
+        ));
+        (format!("counting the rows of {}", rule.table), count)
+    }
+
     /// How many of the controller's rows `rule`'s table holds.
     async fn count_rows(
         &self,
@@ -83,18 +97,8 @@ impl Scoped<'_> {
         rule: &TableRule,
         scope: Scope<'_>,
     ) -> Result<u64, ConnectorError> {
-        let mut b = Binds::default();
-        let filter = subject_filter(self.config, rule, scope, &mut b).unwrap_or_default();
-        let count = b.finish(format!(
-            "SELECT CAST(COUNT(*) AS BIGINT) FROM {} WHERE {filter}",
-            quote(&rule.table)
-        ));
-        let n: i64 = count
-            .query_scalar()
-            .fetch_one(&mut **tx)
-            .await
-            .map_err(|e| classify(&format!("counting the rows of {}", rule.table), &e))?;
-        Ok(u64::try_from(n).unwrap_or(0))
+        let (doing, count) = self.count_statement(rule, scope);
+        Ok(u64::try_from(tx.count(&count, &doing).await?).unwrap_or(0))
     }
 
     /// The totals of a job over `tables`: subjects are the rows of the matched tables,
@@ -126,43 +130,24 @@ impl Scoped<'_> {
             .iter()
             .filter(|t| !t.export.is_empty())
             .collect();
-        let mut tx = self.begin().await?;
-        let mut progress = self.totals(&mut tx, &tables).await?;
-        job.progress.report(progress);
-        let mut files = Vec::new();
-        let mut notes = Vec::new();
-        let mut total: u64 = 0;
-        for rule in &tables {
-            let Some(select) = plan_export(self.config, rule, self.everything()) else {
-                continue;
-            };
-            let (base, top_level) = (progress, rule.parent.is_none());
-            let subjects = |n: u64| if top_level { n } else { 0 };
-            let (exported, written) = export_rows(&mut tx, rule, &select, sink, |n| {
-                if n % EXPORT_REPORT_EVERY == 0 {
-                    job.progress.report(advanced(base, subjects(n), n));
-                }
-            })
-            .await?;
-            progress = advanced(base, subjects(exported), exported);
-            job.progress.report(progress);
-            files.extend(written);
-            notes.push(format!("{}: exported {exported}", rule.table));
-            total += exported;
-        }
-        tx.commit()
-            .await
-            .map_err(|e| classify("finishing the export", &e))?;
-        job.progress.report(finished(progress));
-        if tables.is_empty() {
-            notes.push("no table has export columns".into());
-        }
-        Ok(Outcome::Completed {
-            records_affected: i64::try_from(total).unwrap_or(i64::MAX),
-            note: notes.join("; "),
-            files,
-            erased: Vec::new(),
-        })
+        let export = BulkExport {
+            subjects: (self.config.tables.iter())
+                .filter(|t| t.parent.is_none())
+                .map(|rule| self.count_statement(rule, self.everything()))
+                .collect(),
+            records: tables
+                .iter()
+                .map(|rule| self.count_statement(rule, self.everything()))
+                .collect(),
+            tables: (tables.iter())
+                .map(|rule| {
+                    let select = plan_export(self.config, rule, self.everything());
+                    ((*rule).clone(), select)
+                })
+                .collect(),
+            progress: job.progress.clone(),
+        };
+        self.read_export(sink, export).await
     }
 
     /// Erases every row of the controller that no obligation keeps, a batch of top-level
@@ -503,6 +488,63 @@ fn add_count(counts: &mut Vec<ErasedCount>, target: &str, action: &str, count: i
             action: action.to_string(),
             count,
         }),
+    }
+}
+
+/// A contract end's export: the counts its progress is measured against (subjects: rows of
+/// the top-level tables; records: rows of the exported tables), then each exported table.
+struct BulkExport {
+    subjects: Vec<(String, Statement)>,
+    records: Vec<(String, Statement)>,
+    tables: Vec<(TableRule, Option<Statement>)>,
+    progress: ProgressReporter,
+}
+
+impl ExportJob for BulkExport {
+    type Output = Outcome;
+
+    async fn run(self, tx: &mut impl ReadTx, sink: &ExportSink) -> Result<Outcome, ConnectorError> {
+        let mut progress = BulkProgress::default();
+        for (doing, count) in &self.subjects {
+            progress.subjects_total += u64::try_from(tx.count(count, doing).await?).unwrap_or(0);
+        }
+        for (doing, count) in &self.records {
+            progress.records_total += u64::try_from(tx.count(count, doing).await?).unwrap_or(0);
+        }
+        self.progress.report(progress);
+        let mut files = Vec::new();
+        let mut notes = Vec::new();
+        let mut total: u64 = 0;
+        for (rule, select) in &self.tables {
+            let Some(select) = select else {
+                continue;
+            };
+            let (base, top_level) = (progress, rule.parent.is_none());
+            let subjects = |n: u64| if top_level { n } else { 0 };
+            let reporter = &self.progress;
+            let (exported, written) = tx
+                .rows(rule, select, sink, &mut |n| {
+                    if n % EXPORT_REPORT_EVERY == 0 {
+                        reporter.report(advanced(base, subjects(n), n));
+                    }
+                })
+                .await?;
+            progress = advanced(base, subjects(exported), exported);
+            self.progress.report(progress);
+            files.extend(written);
+            notes.push(format!("{}: exported {exported}", rule.table));
+            total += exported;
+        }
+        self.progress.report(finished(progress));
+        if self.tables.is_empty() {
+            notes.push("no table has export columns".into());
+        }
+        Ok(Outcome::Completed {
+            records_affected: i64::try_from(total).unwrap_or(i64::MAX),
+            note: notes.join("; "),
+            files,
+            erased: Vec::new(),
+        })
     }
 }
 

@@ -273,36 +273,52 @@ impl<'a> Scoped<'a> {
     /// objects of the `export` columns) and a CSV file (`<table>.csv`, a header row of the
     /// column names and one record per row), both fed row by row as the database yields
     /// them, in the order the database reads them ([`plan_export`]). A table without the
-    /// subject's rows gets no files.
+    /// subject's rows gets no files. A SQLite file is read on a connection of its own
+    /// ([`super::direct`]).
     pub(crate) async fn export(
         &self,
         identities: &[SubjectIdentity],
         sink: &ExportSink,
     ) -> Result<WorkReport, ConnectorError> {
         let raw = usable_identities(self.config, identities)?;
-        let mut tx = self.begin().await?;
-        let mut total: i64 = 0;
-        let mut notes = Vec::new();
-        let mut files = Vec::new();
-        for rule in self.config.tables.iter().filter(|t| !t.export.is_empty()) {
-            let Some(select) = plan_export(self.config, rule, self.subject(&raw)) else {
-                notes.push(skipped(rule));
-                continue;
-            };
-            let table = rule.table.as_str();
-            let (exported, written) = export_rows(&mut tx, rule, &select, sink, |_| {}).await?;
-            files.extend(written);
-            notes.push(format!("{table}: exported {exported}"));
-            total = total.saturating_add(i64::try_from(exported).unwrap_or(i64::MAX));
+        let tables: Vec<(TableRule, Option<Statement>)> = self
+            .config
+            .tables
+            .iter()
+            .filter(|t| !t.export.is_empty())
+            .map(|rule| {
+                let select = plan_export(self.config, rule, self.subject(&raw));
+                (rule.clone(), select)
+            })
+            .collect();
+        self.read_export(sink, SubjectExport { tables }).await
+    }
+
+    /// Runs `job` in one read transaction: on a SQLite file on a connection of its own, on
+    /// the blocking pool ([`super::direct`]); otherwise in a transaction of the pool.
+    pub(super) async fn read_export<J: ExportJob>(
+        &self,
+        sink: &ExportSink,
+        job: J,
+    ) -> Result<J::Output, ConnectorError> {
+        match &self.db.sqlite_file {
+            Some(path) => {
+                let sink = sink.clone();
+                super::direct::read(path, move |reading| {
+                    let handle = tokio::runtime::Handle::current();
+                    handle.block_on(job.run(reading, &sink))
+                })
+                .await
+            }
+            None => {
+                let mut tx = self.begin().await?;
+                let out = job.run(&mut tx, sink).await?;
+                tx.commit()
+                    .await
+                    .map_err(|e| classify("finishing the export", &e))?;
+                Ok(out)
+            }
         }
-        tx.commit()
-            .await
-            .map_err(|e| classify("finishing the export", &e))?;
-        Ok(WorkReport {
-            records_affected: total,
-            note: notes.join("; "),
-            files,
-        })
     }
 
     /// Writes the corrected values into the columns the `rectify` maps name, in every table
@@ -418,57 +434,171 @@ impl<'a> Scoped<'a> {
     }
 }
 
-/// Streams the rows `select` yields (the `export` columns of `rule`) into `<table>.json` and
-/// `<table>.csv` in `sink`, calling `on_row` with the count so far after each row. The files
-/// are opened at the first row, so a table without rows adds nothing to the package.
-pub(super) async fn export_rows(
-    tx: &mut Transaction<'static, Any>,
-    rule: &TableRule,
-    select: &Statement,
-    sink: &ExportSink,
-    mut on_row: impl FnMut(u64),
-) -> Result<(u64, Vec<ExportedFile>), ConnectorError> {
-    let table = rule.table.as_str();
-    let mut writers: Option<(JsonArrayWriter, CsvWriter)> = None;
-    let mut rows = select.query().fetch(&mut **tx);
-    let mut count: u64 = 0;
-    while let Some(row) = rows
-        .try_next()
-        .await
-        .map_err(|e| classify(&format!("exporting {table}"), &e))?
-    {
-        // Text is borrowed from the row: a value is encoded twice and copied never.
-        let values = rule
-            .export
-            .iter()
-            .enumerate()
-            .map(|(i, column)| {
-                cell(&row, i).map_err(|e| classify(&format!("exporting {table}.{column}"), &e))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let (json, csv) = match &mut writers {
+/// Work done in an export's read transaction ([`Scoped::read_export`]); owned, because on a
+/// SQLite file it runs on a thread of the blocking pool.
+pub(super) trait ExportJob: Send + 'static {
+    type Output: Send + 'static;
+
+    /// Reads through `tx` and writes the files into `sink`.
+    async fn run(
+        self,
+        tx: &mut impl ReadTx,
+        sink: &ExportSink,
+    ) -> Result<Self::Output, ConnectorError>;
+}
+
+/// One subject's export: each table with `export` columns and the select of the subject's
+/// rows, `None` where no identity of the request applies.
+struct SubjectExport {
+    tables: Vec<(TableRule, Option<Statement>)>,
+}
+
+impl ExportJob for SubjectExport {
+    type Output = WorkReport;
+
+    async fn run(
+        self,
+        tx: &mut impl ReadTx,
+        sink: &ExportSink,
+    ) -> Result<WorkReport, ConnectorError> {
+        let mut total: i64 = 0;
+        let mut notes = Vec::new();
+        let mut files = Vec::new();
+        for (rule, select) in &self.tables {
+            let Some(select) = select else {
+                notes.push(skipped(rule));
+                continue;
+            };
+            let (exported, written) = tx.rows(rule, select, sink, &mut |_| {}).await?;
+            files.extend(written);
+            notes.push(format!("{}: exported {exported}", rule.table));
+            total = total.saturating_add(i64::try_from(exported).unwrap_or(i64::MAX));
+        }
+        Ok(WorkReport {
+            records_affected: total,
+            note: notes.join("; "),
+            files,
+        })
+    }
+}
+
+/// A read transaction of an export: what an export asks of the database.
+pub(super) trait ReadTx {
+    /// The first column of the first row `s` yields, as an integer; 0 without a row.
+    /// `doing` says what it is for, in an error.
+    async fn count(&mut self, s: &Statement, doing: &str) -> Result<i64, ConnectorError>;
+
+    /// Streams the rows `select` yields (the `export` columns of `rule`) into
+    /// `<table>.json` and `<table>.csv` in `sink`, calling `on_row` with the count so far
+    /// after each row. The files are opened at the first row, so a table without rows adds
+    /// nothing to the package.
+    async fn rows(
+        &mut self,
+        rule: &TableRule,
+        select: &Statement,
+        sink: &ExportSink,
+        on_row: &mut (dyn FnMut(u64) + Send),
+    ) -> Result<(u64, Vec<ExportedFile>), ConnectorError>;
+}
+
+impl ReadTx for Transaction<'_, Any> {
+    async fn count(&mut self, s: &Statement, doing: &str) -> Result<i64, ConnectorError> {
+        let n: Option<i64> = s
+            .query_scalar()
+            .fetch_optional(&mut **self)
+            .await
+            .map_err(|e| classify(doing, &e))?;
+        Ok(n.unwrap_or(0))
+    }
+
+    async fn rows(
+        &mut self,
+        rule: &TableRule,
+        select: &Statement,
+        sink: &ExportSink,
+        on_row: &mut (dyn FnMut(u64) + Send),
+    ) -> Result<(u64, Vec<ExportedFile>), ConnectorError> {
+        let table = rule.table.as_str();
+        let mut files = TableFiles::new(rule, sink);
+        let mut rows = select.query().fetch(&mut **self);
+        while let Some(row) = rows
+            .try_next()
+            .await
+            .map_err(|e| classify(&format!("exporting {table}"), &e))?
+        {
+            // Text is borrowed from the row: a value is encoded twice and copied never.
+            let values = rule
+                .export
+                .iter()
+                .enumerate()
+                .map(|(i, column)| {
+                    cell(&row, i).map_err(|e| classify(&format!("exporting {table}.{column}"), &e))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            files.push(&values).await?;
+            on_row(files.count());
+        }
+        drop(rows);
+        files.finish().await
+    }
+}
+
+/// A table's two export files, `<table>.json` and `<table>.csv`, opened at its first row.
+pub(super) struct TableFiles<'a> {
+    rule: &'a TableRule,
+    sink: &'a ExportSink,
+    open: Option<(JsonArrayWriter, CsvWriter)>,
+    count: u64,
+}
+
+impl<'a> TableFiles<'a> {
+    pub(super) fn new(rule: &'a TableRule, sink: &'a ExportSink) -> Self {
+        Self {
+            rule,
+            sink,
+            open: None,
+            count: 0,
+        }
+    }
+
+    /// Appends one row, `values` in the order of the rule's `export` columns.
+    pub(super) async fn push(&mut self, values: &[Cell<'_>]) -> Result<(), ConnectorError> {
+        let (rule, sink) = (self.rule, self.sink);
+        let (json, csv) = match &mut self.open {
             Some(w) => w,
-            None => writers.insert((
-                JsonArrayWriter::new(sink.file(&format!("{table}.json"), JSON).await?).await?,
-                CsvWriter::new(sink.file(&format!("{table}.csv"), CSV).await?, &rule.export)
-                    .await?,
-            )),
+            None => {
+                let table = rule.table.as_str();
+                let json = sink.file(&format!("{table}.json"), JSON).await?;
+                let csv = sink.file(&format!("{table}.csv"), CSV).await?;
+                self.open.insert((
+                    JsonArrayWriter::new(json).await?,
+                    CsvWriter::new(csv, &rule.export).await?,
+                ))
+            }
         };
         json.push(&RowObject {
             columns: &rule.export,
-            values: &values,
+            values,
         })
         .await?;
         csv.push(values.iter().map(csv_field)).await?;
-        count += 1;
-        on_row(count);
+        self.count += 1;
+        Ok(())
     }
-    drop(rows);
-    let files = match writers {
-        Some((json, csv)) => vec![json.finish().await?, csv.finish().await?],
-        None => Vec::new(),
-    };
-    Ok((count, files))
+
+    /// Rows pushed so far.
+    pub(super) fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Closes the files: the rows written and the files, none when no row came.
+    pub(super) async fn finish(self) -> Result<(u64, Vec<ExportedFile>), ConnectorError> {
+        let files = match self.open {
+            Some((json, csv)) => vec![json.finish().await?, csv.finish().await?],
+            None => Vec::new(),
+        };
+        Ok((self.count, files))
+    }
 }
 
 /// The note of a table no identity of the request applies to.
@@ -584,12 +714,12 @@ fn csv_field<'a>(value: &Cell<'a>) -> Cow<'a, [u8]> {
 
 /// One exported row as a JSON object of its columns, in the rules' order, encoded straight
 /// from the values (no map of copied column names per row).
-struct RowObject<'a> {
+struct RowObject<'a, 'r> {
     columns: &'a [String],
-    values: &'a [Cell<'a>],
+    values: &'a [Cell<'r>],
 }
 
-impl serde::Serialize for RowObject<'_> {
+impl serde::Serialize for RowObject<'_, '_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let mut map = serializer.serialize_map(Some(self.columns.len()))?;

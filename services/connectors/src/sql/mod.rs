@@ -121,6 +121,8 @@
 //!   SQL compares, and what a table keeps of the subject's rows.
 //! - `plan`: the statements a request runs, built from the rules and the identities (pure).
 //! - `execute`: running them in one transaction, reading rows, classifying database errors.
+//! - `direct`: an export's read of a SQLite file, on a connection of its own (rusqlite) on
+//!   the blocking pool; PostgreSQL and in-memory SQLite are read through sqlx.
 //! - `receipt`: the erasure receipts: the table, claiming a task's key, storing its report.
 //! - `bulk`: contract ends: counting, the export, the erasure in batches, what is kept.
 //! - `sample`: the sample accounting database and its rules ([`sample_config`],
@@ -136,6 +138,7 @@ use dsrelay_runtime::store::Db;
 use crate::{BoxFuture, BulkJob, Connector, ConnectorError, Outcome, Phase, Task};
 
 mod bulk;
+mod direct;
 mod execute;
 mod plan;
 mod receipt;

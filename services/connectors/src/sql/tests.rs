@@ -2103,3 +2103,87 @@ fn receipts_table_must_be_a_table_of_its_own() {
         ]
     );
 }
+
+/// A SQLite file is exported on a reader of its own ([`super::direct`]), which reads every
+/// storage class as the sqlx path does: integers, reals (a non-finite one as null), text,
+/// blobs (as hex) and NULL; text that is not UTF-8 is a permanent error naming the column.
+#[tokio::test]
+async fn a_sqlite_file_is_exported_by_its_own_reader_as_sqlx_reads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/accounting.db", dir.path().display());
+    let (_, db) = sample(&url).await;
+    exec(
+        &db,
+        "CREATE TABLE notes (id INTEGER PRIMARY KEY, customer_id BIGINT NOT NULL, \
+         weight REAL, raw BLOB, memo TEXT, flag INTEGER)",
+    )
+    .await;
+    exec(
+        &db,
+        "INSERT INTO notes VALUES \
+         (1, 1, 1.5, x'00ab10', 'soitti \"asiakaspalveluun\", 12.3.', 1), \
+         (2, 1, 9e999, NULL, 'Ääkköset ja rivinvaihto\nkin', 0), \
+         (3, 1, NULL, x'', NULL, NULL), \
+         (4, 2, 2.0, x'ff', 'toisen asiakkaan', 1)",
+    )
+    .await;
+    let mut config = sample_config(&url);
+    let mut notes = config
+        .tables
+        .iter()
+        .find(|t| t.table == "invoices")
+        .unwrap()
+        .clone();
+    notes.table = "notes".into();
+    notes.action = Action::Keep;
+    notes.anonymize.clear();
+    notes.rectify.clear();
+    notes.retain = None;
+    notes.export = ["id", "weight", "raw", "memo", "flag"]
+        .map(String::from)
+        .into();
+    config.tables.insert(0, notes);
+    let connector = SqlConnector::connect(config.clone()).await.unwrap();
+    assert!(db.sqlite_file.is_some(), "a file gets a reader of its own");
+
+    let task = export_task(RequestKind::ReturnOfData, MAIJA, dir.path()).await;
+    let Outcome::Completed { note, files, .. } = connector.run(&task).await.unwrap() else {
+        panic!("expected COMPLETED");
+    };
+    assert!(note.starts_with("notes: exported 3; "), "{note}");
+    let (objects, records) = expected_rows(&db, &config, "notes", "customer_id = 1").await;
+    let json: Vec<serde_json::Value> =
+        serde_json::from_slice(&written(&task, &files, "notes.json")).unwrap();
+    assert_eq!(by_content(json), objects);
+    assert_eq!(
+        records_by_content(csv_records(&written(&task, &files, "notes.csv"))),
+        records
+    );
+    // Spot-check what the comparison reads, so that a shared mistake cannot hide.
+    let first = objects
+        .iter()
+        .find(|o| o["id"] == 1)
+        .expect("row 1 exported");
+    assert_eq!(
+        first,
+        &serde_json::json!({"id": 1, "weight": 1.5, "raw": "00ab10",
+            "memo": "soitti \"asiakaspalveluun\", 12.3.", "flag": 1})
+    );
+    assert!(objects
+        .iter()
+        .any(|o| o["id"] == 2 && o["weight"].is_null()));
+
+    exec(
+        &db,
+        "UPDATE notes SET memo = CAST(x'ff' AS TEXT) WHERE id = 3",
+    )
+    .await;
+    let again = export_task(RequestKind::ReturnOfData, MAIJA, &dir.path().join("again")).await;
+    let err = connector.run(&again).await.unwrap_err();
+    assert!(!err.is_transient(), "{err}");
+    assert!(
+        err.to_string()
+            .contains("exporting notes.memo: the text is not UTF-8"),
+        "{err}"
+    );
+}

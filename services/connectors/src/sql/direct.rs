@@ -1,0 +1,193 @@
+//! Reading an export from a SQLite file on a connection of the export's own, on one thread of
+//! the blocking pool that reads, encodes and hands the export writer its blocks.
+//!
+//! Through sqlx, every SQLite connection runs on a thread of its own that sends each row to
+//! the task reading it; the task took rows more slowly than SQLite yielded them, so every row
+//! woke the parked thread, and waking, parking and copying each row into sqlx's `AnyRow`
+//! cost more than reading and encoding it (docs/benchmarks.md, session 16). Writes and the
+//! reads that decide them stay on sqlx: this reads only, on a connection that refuses writes.
+//!
+//! The read is one transaction, as through sqlx: every table of an export comes from the same
+//! snapshot, which WAL gives a reader without blocking the connector's writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use rusqlite::types::ValueRef;
+use rusqlite::{Connection, OpenFlags};
+
+use super::execute::{Cell, ReadTx, TableFiles};
+use super::plan::Statement;
+use super::rules::TableRule;
+use crate::export::ExportSink;
+use crate::{ConnectorError, ExportedFile};
+
+/// How long a statement waits for a lock before SQLITE_BUSY, as the sqlx connections do.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// One read transaction on a connection of its own.
+pub(super) struct Reading {
+    conn: Connection,
+    /// Set when the export's caller has gone away (its future was dropped): the thread stops
+    /// at the next row instead of writing files nobody will read.
+    abandoned: Arc<AtomicBool>,
+}
+
+/// Sets its flag when dropped: the caller's future ended before the thread did.
+struct Abandon(Arc<AtomicBool>);
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Runs `work` in a read transaction on `path`, on the blocking pool; `work` may block on the
+/// runtime (`Handle::current().block_on`) for the export writer. The transaction ends (it
+/// read nothing to commit) when `work` returns.
+pub(super) async fn read<T, W>(path: &Path, work: W) -> Result<T, ConnectorError>
+where
+    T: Send + 'static,
+    W: FnOnce(&mut Reading) -> Result<T, ConnectorError> + Send + 'static,
+{
+    let path: PathBuf = path.to_owned();
+    let abandoned = Arc::new(AtomicBool::new(false));
+    let guard = Abandon(abandoned.clone());
+    let done = tokio::task::spawn_blocking(move || {
+        let mut reading = Reading {
+            conn: open(&path)?,
+            abandoned,
+        };
+        reading
+            .conn
+            .execute_batch("BEGIN")
+            .map_err(|e| classify("starting the export's read", &e))?;
+        let out = work(&mut reading)?;
+        reading
+            .conn
+            .execute_batch("COMMIT")
+            .map_err(|e| classify("finishing the export", &e))?;
+        Ok(out)
+    })
+    .await;
+    drop(guard);
+    done.map_err(|e| ConnectorError::Transient(format!("the export's reading thread ended: {e}")))?
+}
+
+/// A connection to `path` that reads only: `query_only` makes a write sent here by mistake
+/// fail instead of competing with the connector's writer.
+fn open(path: &Path) -> Result<Connection, ConnectorError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| classify(&format!("opening {} to export", path.display()), &e))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .and_then(|()| conn.execute_batch("PRAGMA query_only=ON;"))
+        .map_err(|e| classify(&format!("setting up {} to export", path.display()), &e))?;
+    Ok(conn)
+}
+
+impl Reading {
+    /// `s` prepared with its `$N` parameters bound (as text, as the sqlx path binds them).
+    fn prepare(
+        &self,
+        s: &Statement,
+        doing: &str,
+    ) -> Result<rusqlite::Statement<'_>, ConnectorError> {
+        let mut prepared = self.conn.prepare(&s.sql).map_err(|e| classify(doing, &e))?;
+        for i in 1..=prepared.parameter_count() {
+            let name = prepared.parameter_name(i).unwrap_or("?");
+            let value = name
+                .strip_prefix('$')
+                .and_then(|n| n.parse::<usize>().ok())
+                .and_then(|n| s.binds.get(n.checked_sub(1)?))
+                .ok_or_else(|| {
+                    ConnectorError::Permanent(format!(
+                        "{doing}: the statement's parameter {name} has no value"
+                    ))
+                })?;
+            prepared
+                .raw_bind_parameter(i, value.as_str())
+                .map_err(|e| classify(doing, &e))?;
+        }
+        Ok(prepared)
+    }
+}
+
+impl ReadTx for Reading {
+    async fn count(&mut self, s: &Statement, doing: &str) -> Result<i64, ConnectorError> {
+        let mut prepared = self.prepare(s, doing)?;
+        let mut rows = prepared.raw_query();
+        match rows.next().map_err(|e| classify(doing, &e))? {
+            Some(row) => row.get::<_, i64>(0).map_err(|e| classify(doing, &e)),
+            None => Ok(0),
+        }
+    }
+
+    async fn rows(
+        &mut self,
+        rule: &TableRule,
+        select: &Statement,
+        sink: &ExportSink,
+        on_row: &mut (dyn FnMut(u64) + Send),
+    ) -> Result<(u64, Vec<ExportedFile>), ConnectorError> {
+        let table = rule.table.as_str();
+        let doing = format!("exporting {table}");
+        let abandoned = self.abandoned.clone();
+        let mut prepared = self.prepare(select, &doing)?;
+        let mut rows = prepared.raw_query();
+        let mut files = TableFiles::new(rule, sink);
+        while let Some(row) = rows.next().map_err(|e| classify(&doing, &e))? {
+            if abandoned.load(Ordering::Relaxed) {
+                return Err(ConnectorError::Transient(format!(
+                    "{doing}: the export was abandoned by its caller"
+                )));
+            }
+            let values = rule
+                .export
+                .iter()
+                .enumerate()
+                .map(|(i, column)| {
+                    let value = row
+                        .get_ref(i)
+                        .map_err(|e| classify(&format!("exporting {table}.{column}"), &e))?;
+                    cell(value).map_err(|e| {
+                        ConnectorError::Permanent(format!(
+                            "exporting {table}.{column}: the text is not UTF-8: {e}"
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            files.push(&values).await?;
+            on_row(files.count());
+        }
+        files.finish().await
+    }
+}
+
+/// A value as SQLite stores it: integers, reals, text and blobs, as the sqlx path reads them
+/// (`cell` in `execute`, which takes the type from the value, not the column).
+pub(super) fn cell(value: ValueRef<'_>) -> Result<Cell<'_>, std::str::Utf8Error> {
+    Ok(match value {
+        ValueRef::Null => Cell::Null,
+        ValueRef::Integer(n) => Cell::Int(n),
+        ValueRef::Real(f) if f.is_finite() => Cell::Float(f),
+        ValueRef::Real(_) => Cell::Null,
+        ValueRef::Text(t) => Cell::Text(std::str::from_utf8(t)?),
+        ValueRef::Blob(b) => Cell::Blob(b),
+    })
+}
+
+/// Sorts a SQLite error into worth-retrying (another connection holds a lock the read needs)
+/// or not; `doing` says what was being done.
+fn classify(doing: &str, err: &rusqlite::Error) -> ConnectorError {
+    let message = format!("{doing}: {err}");
+    match err.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+            ConnectorError::Transient(message)
+        }
+        _ => ConnectorError::Permanent(message),
+    }
+}
