@@ -17,7 +17,7 @@ use super::receipt;
 use super::retention::{assess, day_of, DatedRow};
 use super::rules::{Action, TableRule};
 use super::Scoped;
-use crate::export::{CsvWriter, ExportSink, JsonArrayWriter, CSV, JSON};
+use crate::export::{push_json_str, CsvWriter, ExportSink, JsonArrayWriter, CSV, JSON};
 use crate::{ConnectorError, ErasedCount, ExportedFile};
 
 /// What an erasure did in one database; stored as JSON in the task's erasure receipt.
@@ -549,19 +549,35 @@ pub(super) struct TableFiles<'a> {
     sink: &'a ExportSink,
     open: Option<(JsonArrayWriter, CsvWriter)>,
     count: u64,
+    /// Each column's key as it opens its member of a row's JSON object: `{"id":`, then
+    /// `,"name":`, ...; encoded once per table, not once per row.
+    keys: Vec<Vec<u8>>,
+    /// The current row's JSON object, reused so that a row costs no allocation.
+    element: Vec<u8>,
 }
 
 impl<'a> TableFiles<'a> {
     pub(super) fn new(rule: &'a TableRule, sink: &'a ExportSink) -> Self {
+        let keys = (rule.export.iter().enumerate())
+            .map(|(i, column)| {
+                let mut key = vec![if i == 0 { b'{' } else { b',' }];
+                push_json_str(&mut key, column);
+                key.push(b':');
+                key
+            })
+            .collect();
         Self {
             rule,
             sink,
             open: None,
             count: 0,
+            keys,
+            element: Vec::new(),
         }
     }
 
-    /// Appends one row, `values` in the order of the rule's `export` columns.
+    /// Appends one row, `values` in the order of the rule's `export` columns: to the JSON
+    /// file an object of the columns in that order, to the CSV file a record.
     pub(super) async fn push(&mut self, values: &[Cell<'_>]) -> Result<(), ConnectorError> {
         let (rule, sink) = (self.rule, self.sink);
         let (json, csv) = match &mut self.open {
@@ -576,11 +592,16 @@ impl<'a> TableFiles<'a> {
                 ))
             }
         };
-        json.push(&RowObject {
-            columns: &rule.export,
-            values,
-        })
-        .await?;
+        self.element.clear();
+        if self.keys.is_empty() {
+            self.element.push(b'{');
+        }
+        for (key, value) in self.keys.iter().zip(values) {
+            self.element.extend_from_slice(key);
+            push_json_value(&mut self.element, value);
+        }
+        self.element.push(b'}');
+        json.push_json(&self.element).await?;
         csv.push(values.iter().map(csv_field)).await?;
         self.count += 1;
         Ok(())
@@ -712,21 +733,14 @@ fn csv_field<'a>(value: &Cell<'a>) -> Cow<'a, [u8]> {
     }
 }
 
-/// One exported row as a JSON object of its columns, in the rules' order, encoded straight
-/// from the values (no map of copied column names per row).
-struct RowObject<'a, 'r> {
-    columns: &'a [String],
-    values: &'a [Cell<'r>],
-}
-
-impl serde::Serialize for RowObject<'_, '_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut map = serializer.serialize_map(Some(self.columns.len()))?;
-        for (column, value) in self.columns.iter().zip(self.values) {
-            map.serialize_entry(column, value)?;
+/// Appends `value` as JSON: text through [`push_json_str`], the rest as serde_json writes it.
+fn push_json_value(out: &mut Vec<u8>, value: &Cell<'_>) {
+    match *value {
+        Cell::Text(t) => push_json_str(out, t),
+        // Writing into a Vec cannot fail, and a Cell always encodes.
+        other => {
+            let _ = serde_json::to_writer(&mut *out, &other);
         }
-        map.end()
     }
 }
 
