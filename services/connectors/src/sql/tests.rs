@@ -2187,3 +2187,74 @@ async fn a_sqlite_file_is_exported_by_its_own_reader_as_sqlx_reads_it() {
         "{err}"
     );
 }
+
+/// An export whose caller goes away (its future dropped: a shutdown, a lost lease) stops its
+/// reading thread at the next row instead of writing files nobody will read.
+#[tokio::test]
+async fn an_abandoned_export_stops_its_reading_thread() {
+    const ROWS: i64 = 2_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/accounting.db", dir.path().display());
+    let (_, db) = sample(&url).await;
+    exec(
+        &db,
+        "CREATE TABLE events (id INTEGER PRIMARY KEY, customer_id BIGINT NOT NULL, \
+         detail TEXT NOT NULL)",
+    )
+    .await;
+    exec(
+        &db,
+        &format!(
+            "INSERT INTO events (id, customer_id, detail) \
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {ROWS}) \
+             SELECT i, 1, 'opened newsletter, issue ' || i FROM n"
+        ),
+    )
+    .await;
+    let mut config = sample_config(&url);
+    let mut events = config
+        .tables
+        .iter()
+        .find(|t| t.table == "invoices")
+        .unwrap()
+        .clone();
+    events.table = "events".into();
+    events.action = Action::Keep;
+    events.anonymize.clear();
+    events.rectify.clear();
+    events.retain = None;
+    events.export = vec!["id".into(), "detail".into()];
+    config.tables.insert(0, events);
+    let connector = std::sync::Arc::new(SqlConnector::connect(config).await.unwrap());
+    let task = export_task(RequestKind::ReturnOfData, MAIJA, dir.path()).await;
+    let json = task.export.as_ref().unwrap().dir().join("events.json");
+    let running = {
+        let (connector, task) = (connector.clone(), task.clone());
+        tokio::spawn(async move { connector.run(&task).await })
+    };
+    let size = || std::fs::metadata(&json).map_or(0, |m| m.len());
+    while size() == 0 {
+        assert!(
+            !running.is_finished(),
+            "the export ended before it was abandoned"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    running.abort();
+    // The thread stops within a row; the file then stops growing, short of its end.
+    let mut last = size();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let now = size();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let written = std::fs::read(&json).unwrap();
+    assert!(
+        !written.ends_with(b"]"),
+        "the abandoned export went on to write all {} bytes",
+        written.len()
+    );
+}
