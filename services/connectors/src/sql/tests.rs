@@ -821,6 +821,28 @@ async fn exports_configured_columns_per_table(url: String) {
     assert!(!err.is_transient(), "{err}");
 }
 
+/// A rule for `table`, a child of customers linked as invoices are (`customer_id`), kept by
+/// erasures and exporting `export`.
+fn kept_child_of_customers(
+    config: &SqlConnectorConfig,
+    table: &str,
+    export: Vec<String>,
+) -> TableRule {
+    let mut rule = config
+        .tables
+        .iter()
+        .find(|t| t.table == "invoices")
+        .unwrap()
+        .clone();
+    rule.table = table.into();
+    rule.action = Action::Keep;
+    rule.anonymize.clear();
+    rule.rectify.clear();
+    rule.retain = None;
+    rule.export = export;
+    rule
+}
+
 /// A table with many of the subject's rows is streamed from a cursor into the files, which
 /// hold every row.
 async fn exports_many_rows(url: String) {
@@ -842,19 +864,10 @@ async fn exports_many_rows(url: String) {
     .await
     .unwrap();
     let mut config = sample_config(&url);
-    let mut events = config
+    let export = vec!["id".into(), "detail".into()];
+    config
         .tables
-        .iter()
-        .find(|t| t.table == "invoices")
-        .unwrap()
-        .clone();
-    events.table = "events".into();
-    events.action = Action::Keep;
-    events.anonymize.clear();
-    events.rectify.clear();
-    events.retain = None;
-    events.export = vec!["id".into(), "detail".into()];
-    config.tables.insert(0, events);
+        .insert(0, kept_child_of_customers(&config, "events", export));
     let connector = SqlConnector::connect(config.clone()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let task = export_task(RequestKind::ReturnOfData, MAIJA, dir.path()).await;
@@ -2128,21 +2141,12 @@ async fn a_sqlite_file_is_exported_by_its_own_reader_as_sqlx_reads_it() {
     )
     .await;
     let mut config = sample_config(&url);
-    let mut notes = config
-        .tables
-        .iter()
-        .find(|t| t.table == "invoices")
-        .unwrap()
-        .clone();
-    notes.table = "notes".into();
-    notes.action = Action::Keep;
-    notes.anonymize.clear();
-    notes.rectify.clear();
-    notes.retain = None;
-    notes.export = ["id", "weight", "raw", "memo", "flag"]
+    let export = ["id", "weight", "raw", "memo", "flag"]
         .map(String::from)
         .into();
-    config.tables.insert(0, notes);
+    config
+        .tables
+        .insert(0, kept_child_of_customers(&config, "notes", export));
     let connector = SqlConnector::connect(config.clone()).await.unwrap();
     assert!(db.sqlite_file.is_some(), "a file gets a reader of its own");
 
@@ -2212,19 +2216,10 @@ async fn an_abandoned_export_stops_its_reading_thread() {
     )
     .await;
     let mut config = sample_config(&url);
-    let mut events = config
+    let export = vec!["id".into(), "detail".into()];
+    config
         .tables
-        .iter()
-        .find(|t| t.table == "invoices")
-        .unwrap()
-        .clone();
-    events.table = "events".into();
-    events.action = Action::Keep;
-    events.anonymize.clear();
-    events.rectify.clear();
-    events.retain = None;
-    events.export = vec!["id".into(), "detail".into()];
-    config.tables.insert(0, events);
+        .insert(0, kept_child_of_customers(&config, "events", export));
     let connector = std::sync::Arc::new(SqlConnector::connect(config).await.unwrap());
     let task = export_task(RequestKind::ReturnOfData, MAIJA, dir.path()).await;
     let json = task.export.as_ref().unwrap().dir().join("events.json");
