@@ -44,8 +44,9 @@ const MAX_NAME: usize = 200;
 /// one. A watcher's uploads send a block as one chunk, so it is the protocol's largest.
 pub const WRITE_BUFFER: usize = 1024 * 1024;
 
-/// Blocks a watcher may hold before it reads the file instead (see [`GrowingFile`]).
-const BLOCKS_AHEAD: usize = 4;
+/// Blocks a watcher may hold before it reads the file instead (see [`GrowingFile`]): in
+/// the channel, and as many again taken out of it and not yet sent.
+pub const BLOCKS_AHEAD: usize = 4;
 
 /// Bytes written between two early writebacks: a sync started in the background while
 /// writing goes on, so that the disk works alongside the connector and the sync that

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use dsrelay_connectors::export::BLOCKS_AHEAD;
 use dsrelay_connectors::{Block, ExportSink, GrowingFile, Growth};
 use dsrelay_proto::v1::export_upload_service_client::ExportUploadServiceClient;
 use dsrelay_proto::v1::{ExportFileHeader, FileEnd, UploadFileChunk};
@@ -288,7 +289,7 @@ impl Growing {
                 }
             };
             tokio::select! {
-                received = block => match received {
+                received = block, if self.waiting.len() < BLOCKS_AHEAD => match received {
                     Some(b) => self.waiting.push_back(b),
                     None => self.blocks = None,
                 },
@@ -307,13 +308,25 @@ impl Growing {
         }
     }
 
-    /// Moves the blocks that arrived into `waiting`, dropping those already sent.
+    /// Moves the blocks that arrived into `waiting`, dropping those already sent, never
+    /// holding more than [`BLOCKS_AHEAD`]: when the export outpaces the stream, the writer
+    /// then finds the channel full and this side reads those blocks from the file, instead
+    /// of taking every block out of the channel and holding the export in memory.
     fn take_blocks(&mut self) {
+        self.drop_sent();
         if let Some(blocks) = self.blocks.as_mut() {
-            while let Ok(b) = blocks.try_recv() {
-                self.waiting.push_back(b);
+            while self.waiting.len() < BLOCKS_AHEAD {
+                match blocks.try_recv() {
+                    Ok(b) => self.waiting.push_back(b),
+                    Err(_) => break,
+                }
             }
         }
+        self.drop_sent();
+    }
+
+    /// Drops the blocks in `waiting` that were sent already.
+    fn drop_sent(&mut self) {
         while self
             .waiting
             .front()
@@ -363,5 +376,70 @@ impl Growing {
         *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
         self.ended = true;
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An export that outpaces its stream: the stream holds at most [`BLOCKS_AHEAD`] of the
+    /// writer's blocks (the rest it reads from the file), and still sends every byte in
+    /// order, then the end with the file's size and digest.
+    #[tokio::test]
+    async fn a_lagging_stream_holds_few_blocks_and_reads_the_rest_from_the_file() {
+        use sha2::Digest as _;
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut announced) = mpsc::unbounded_channel();
+        let sink = ExportSink::new(dir.path().join("task"), Vec::new()).watched(tx);
+        sink.reset().await.unwrap();
+        let mut writer = sink.file("big.json", "application/json").await.unwrap();
+        let file = announced.recv().await.unwrap();
+        let mut growing = Growing {
+            reader: None,
+            path: file.path.clone(),
+            growth: file.growth,
+            blocks: Some(file.blocks),
+            waiting: VecDeque::new(),
+            offset: 0,
+            header: Some(ExportFileHeader::default()),
+            ended: false,
+            outcome: Arc::new(Mutex::new(None)),
+        };
+        let header = growing.next().await.unwrap();
+        assert!(header.size_follows);
+        let block = dsrelay_connectors::export::WRITE_BUFFER;
+        let mut sent = Vec::new();
+        let mut most_held = 0;
+        // Three blocks written for every chunk the stream sends.
+        for round in 0..30u8 {
+            writer.write(&vec![round; 3 * block]).await.unwrap();
+            let chunk = growing.next().await.unwrap();
+            most_held = most_held.max(growing.waiting.len());
+            assert_eq!(chunk.offset, sent.len() as u64);
+            sent.extend_from_slice(&chunk.data);
+        }
+        assert!(
+            most_held <= BLOCKS_AHEAD,
+            "held {most_held} blocks, more than {BLOCKS_AHEAD}"
+        );
+        let meta = writer.finish().await.unwrap();
+        loop {
+            let chunk = growing.next().await.unwrap();
+            if let Some(end) = chunk.end {
+                assert_eq!((end.size, &end.sha256), (meta.size, &meta.sha256));
+                break;
+            }
+            assert_eq!(chunk.offset, sent.len() as u64);
+            sent.extend_from_slice(&chunk.data);
+        }
+        assert!(growing.next().await.is_none());
+        assert_eq!(sent.len() as u64, meta.size);
+        let on_disk = std::fs::read(&file.path).unwrap();
+        assert!(
+            sent == on_disk,
+            "the stream sent other bytes than the file holds"
+        );
+        assert_eq!(hex::encode(sha2::Sha256::digest(&sent)), meta.sha256);
     }
 }
