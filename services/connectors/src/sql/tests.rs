@@ -2253,3 +2253,52 @@ async fn an_abandoned_export_stops_its_reading_thread() {
         written.len()
     );
 }
+
+/// A SQLite column declared BOOLEAN holds integers; the file's own reader exports them as
+/// stored (sqlx's Any driver refuses the declared type, so the pool's reader could not).
+#[tokio::test]
+async fn a_sqlite_boolean_column_is_exported_as_the_integer_it_stores() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/accounting.db", dir.path().display());
+    let (_, db) = sample(&url).await;
+    exec(
+        &db,
+        "CREATE TABLE consents (id INTEGER PRIMARY KEY, customer_id BIGINT NOT NULL, \
+         newsletter BOOLEAN)",
+    )
+    .await;
+    exec(
+        &db,
+        "INSERT INTO consents VALUES (1, 1, TRUE), (2, 1, FALSE), (3, 1, NULL)",
+    )
+    .await;
+    let mut config = sample_config(&url);
+    let export = vec!["id".into(), "newsletter".into()];
+    config
+        .tables
+        .insert(0, kept_child_of_customers(&config, "consents", export));
+    let connector = SqlConnector::connect(config).await.unwrap();
+    let task = export_task(RequestKind::ReturnOfData, MAIJA, dir.path()).await;
+    let Outcome::Completed { files, .. } = connector.run(&task).await.unwrap() else {
+        panic!("expected COMPLETED");
+    };
+    let json: Vec<serde_json::Value> =
+        serde_json::from_slice(&written(&task, &files, "consents.json")).unwrap();
+    assert_eq!(
+        by_content(json),
+        by_content(vec![
+            serde_json::json!({"id": 1, "newsletter": 1}),
+            serde_json::json!({"id": 2, "newsletter": 0}),
+            serde_json::json!({"id": 3, "newsletter": null}),
+        ])
+    );
+    let csv = written(&task, &files, "consents.csv");
+    assert_eq!(
+        records_by_content(csv_records(&csv)),
+        records_by_content(
+            [["id", "newsletter"], ["1", "1"], ["2", "0"], ["3", ""]]
+                .map(|r| r.map(String::from).to_vec())
+                .to_vec()
+        )
+    );
+}
