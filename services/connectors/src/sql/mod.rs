@@ -10,7 +10,10 @@
 //! - which columns a RETURN_OF_DATA or TRANSFER export contains (`export`): the subject's
 //!   rows of each such table are written, as a cursor yields them (unsorted: in the order
 //!   the database reads them), to `<table>.json` and `<table>.csv` in the task's export
-//!   folder;
+//!   folder. Values go as the database gives them: numbers as numbers (a non-finite real
+//!   as null), text as text, blobs as lowercase hex, NULL as null (an empty CSV field).
+//!   SQLite has no boolean type, so a column declared BOOLEAN there exports its 0 and 1;
+//!   PostgreSQL's exports `true` and `false`;
 //! - which column a RECTIFICATION of a logical field (`email`, `name`, ...) changes
 //!   (`rectify`);
 //! - which 0/1 column a RESTRICTION sets or lifts (`restrict_column`) and which one an
