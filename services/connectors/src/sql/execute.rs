@@ -825,6 +825,9 @@ mod tests {
                 "{cell:?}"
             );
             assert_eq!(&*csv_field(&cell), csv.as_bytes(), "{cell:?}");
+            let mut pushed = Vec::new();
+            push_json_value(&mut pushed, &cell);
+            assert_eq!(pushed, json.to_string().into_bytes(), "{cell:?}");
         }
     }
 

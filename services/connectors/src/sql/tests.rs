@@ -231,6 +231,7 @@ on_both_backends!(
     rectifies_mapped_columns,
     restricts_lifts_and_suppresses,
     a_lost_answer_is_answered_from_the_receipt,
+    a_boolean_column_is_exported_as_stored,
 );
 
 async fn erases_subject_by_email(url: String) {
@@ -2254,16 +2255,16 @@ async fn an_abandoned_export_stops_its_reading_thread() {
     );
 }
 
-/// A SQLite column declared BOOLEAN holds integers; the file's own reader exports them as
-/// stored (sqlx's Any driver refuses the declared type, so the pool's reader could not).
-#[tokio::test]
-async fn a_sqlite_boolean_column_is_exported_as_the_integer_it_stores() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}/accounting.db", dir.path().display());
+/// A boolean column exports what the database stores. SQLite has no boolean type: a column
+/// declared BOOLEAN holds integers, which the file's own reader exports as they are (sqlx's
+/// Any driver refuses the declared type, so the pool's reader could not). PostgreSQL's
+/// booleans export as `true` and `false`.
+async fn a_boolean_column_is_exported_as_stored(url: String) {
+    let sqlite = url.starts_with("sqlite:");
     let (_, db) = sample(&url).await;
     exec(
         &db,
-        "CREATE TABLE consents (id INTEGER PRIMARY KEY, customer_id BIGINT NOT NULL, \
+        "CREATE TABLE consents (id BIGINT PRIMARY KEY, customer_id BIGINT NOT NULL, \
          newsletter BOOLEAN)",
     )
     .await;
@@ -2278,17 +2279,28 @@ async fn a_sqlite_boolean_column_is_exported_as_the_integer_it_stores() {
         .tables
         .insert(0, kept_child_of_customers(&config, "consents", export));
     let connector = SqlConnector::connect(config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
     let task = export_task(RequestKind::ReturnOfData, MAIJA, dir.path()).await;
     let Outcome::Completed { files, .. } = connector.run(&task).await.unwrap() else {
         panic!("expected COMPLETED");
+    };
+    let (yes, no, yes_csv, no_csv) = if sqlite {
+        (serde_json::json!(1), serde_json::json!(0), "1", "0")
+    } else {
+        (
+            serde_json::json!(true),
+            serde_json::json!(false),
+            "true",
+            "false",
+        )
     };
     let json: Vec<serde_json::Value> =
         serde_json::from_slice(&written(&task, &files, "consents.json")).unwrap();
     assert_eq!(
         by_content(json),
         by_content(vec![
-            serde_json::json!({"id": 1, "newsletter": 1}),
-            serde_json::json!({"id": 2, "newsletter": 0}),
+            serde_json::json!({"id": 1, "newsletter": yes}),
+            serde_json::json!({"id": 2, "newsletter": no}),
             serde_json::json!({"id": 3, "newsletter": null}),
         ])
     );
@@ -2296,9 +2308,14 @@ async fn a_sqlite_boolean_column_is_exported_as_the_integer_it_stores() {
     assert_eq!(
         records_by_content(csv_records(&csv)),
         records_by_content(
-            [["id", "newsletter"], ["1", "1"], ["2", "0"], ["3", ""]]
-                .map(|r| r.map(String::from).to_vec())
-                .to_vec()
+            [
+                ["id", "newsletter"],
+                ["1", yes_csv],
+                ["2", no_csv],
+                ["3", ""]
+            ]
+            .map(|r| r.map(String::from).to_vec())
+            .to_vec()
         )
     );
 }
