@@ -101,21 +101,17 @@ impl Scoped<'_> {
         Ok(u64::try_from(tx.count(&count, &doing).await?).unwrap_or(0))
     }
 
-    /// The totals of a job over `tables`: subjects are the rows of the matched tables,
-    /// records the rows of `tables`.
-    async fn totals(
-        &self,
-        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-        tables: &[&TableRule],
-    ) -> Result<BulkProgress, ConnectorError> {
-        let mut totals = BulkProgress::default();
-        for rule in self.config.tables.iter().filter(|t| t.parent.is_none()) {
-            totals.subjects_total += self.count_rows(tx, rule, self.everything()).await?;
+    /// The statements counting a job's totals over `tables`: subjects are the rows of the
+    /// matched tables, records the rows of `tables`.
+    fn totals(&self, tables: &[&TableRule]) -> Totals {
+        let count = |rule: &TableRule| self.count_statement(rule, self.everything());
+        Totals {
+            subjects: (self.config.tables.iter())
+                .filter(|t| t.parent.is_none())
+                .map(count)
+                .collect(),
+            records: tables.iter().map(|rule| count(rule)).collect(),
         }
-        for rule in tables {
-            totals.records_total += self.count_rows(tx, rule, self.everything()).await?;
-        }
-        Ok(totals)
     }
 
     /// Writes every row of the controller in the tables with `export` columns to
@@ -131,14 +127,7 @@ impl Scoped<'_> {
             .filter(|t| !t.export.is_empty())
             .collect();
         let export = BulkExport {
-            subjects: (self.config.tables.iter())
-                .filter(|t| t.parent.is_none())
-                .map(|rule| self.count_statement(rule, self.everything()))
-                .collect(),
-            records: tables
-                .iter()
-                .map(|rule| self.count_statement(rule, self.everything()))
-                .collect(),
+            totals: self.totals(&tables),
             tables: (tables.iter())
                 .map(|rule| {
                     let select = plan_export(self.config, rule, self.everything());
@@ -164,7 +153,7 @@ impl Scoped<'_> {
             .filter(|t| t.action != Action::Keep)
             .collect();
         let mut tx = self.begin().await?;
-        let mut progress = self.totals(&mut tx, &erased_tables).await?;
+        let mut progress = self.totals(&erased_tables).count(&mut tx).await?;
         // As a subject's erasure refuses a subject with an undated row, before erasing
         // anything: without its date a row's retention cannot be known.
         for rule in &erased_tables {
@@ -491,11 +480,32 @@ fn add_count(counts: &mut Vec<ErasedCount>, target: &str, action: &str, count: i
     }
 }
 
-/// A contract end's export: the counts its progress is measured against (subjects: rows of
-/// the top-level tables; records: rows of the exported tables), then each exported table.
-struct BulkExport {
+/// The statements counting a bulk job's totals, each with what it is for.
+struct Totals {
+    /// Rows of the top-level tables.
     subjects: Vec<(String, Statement)>,
+    /// Rows of the tables the job handles.
     records: Vec<(String, Statement)>,
+}
+
+impl Totals {
+    /// The totals, counted through `tx`.
+    async fn count(&self, tx: &mut impl ReadTx) -> Result<BulkProgress, ConnectorError> {
+        let mut totals = BulkProgress::default();
+        for (doing, count) in &self.subjects {
+            totals.subjects_total += u64::try_from(tx.count(count, doing).await?).unwrap_or(0);
+        }
+        for (doing, count) in &self.records {
+            totals.records_total += u64::try_from(tx.count(count, doing).await?).unwrap_or(0);
+        }
+        Ok(totals)
+    }
+}
+
+/// A contract end's export: the totals its progress is measured against (records: rows of
+/// the exported tables), then each exported table.
+struct BulkExport {
+    totals: Totals,
     tables: Vec<(TableRule, Option<Statement>)>,
     progress: ProgressReporter,
 }
@@ -504,13 +514,7 @@ impl ExportJob for BulkExport {
     type Output = Outcome;
 
     async fn run(self, tx: &mut impl ReadTx, sink: &ExportSink) -> Result<Outcome, ConnectorError> {
-        let mut progress = BulkProgress::default();
-        for (doing, count) in &self.subjects {
-            progress.subjects_total += u64::try_from(tx.count(count, doing).await?).unwrap_or(0);
-        }
-        for (doing, count) in &self.records {
-            progress.records_total += u64::try_from(tx.count(count, doing).await?).unwrap_or(0);
-        }
+        let mut progress = self.totals.count(tx).await?;
         self.progress.report(progress);
         let mut files = Vec::new();
         let mut notes = Vec::new();
