@@ -18,6 +18,8 @@
 //! - [`signing`]: canonical JSON signed with Ed25519 (deletion certificates); key files.
 //! - [`store`]: one sqlx handle over SQLite or PostgreSQL, with per-backend migrations.
 //! - [`backoff`]: retry spacing for the outboxes.
+//! - [`group_commit`]: the queue behind a group commit: concurrent callers' writes share
+//!   one transaction, and a failed batch is written again item by item.
 //! - [`clock`]: the system clock with a test offset.
 //! - [`identity`]: subject identity validation, normalisation and hashing.
 //! - [`listen`]: TCP listeners handed down by whoever started the process (`LISTEN_FDS`),
@@ -42,6 +44,7 @@ pub mod backoff;
 pub mod clock;
 pub mod config;
 pub mod export_files;
+pub mod group_commit;
 pub mod grpc;
 pub mod host;
 pub mod identity;

@@ -3,8 +3,8 @@
 //! single transaction, each request with its tasks, their audit entries together. Each
 //! caller is answered only once its request is durable. As for the runner's steps
 //! (`steps`), the writer runs in a task of its own, and when a batch's transaction fails
-//! every request of it is stored again alone (`super::group`), so one that cannot be stored
-//! never takes the others down with it.
+//! every request of it is stored again alone (`dsrelay_runtime::group_commit`), so one that
+//! cannot be stored never takes the others down with it.
 //!
 //! The batch is written in (controller, request id) byte order, whatever order the calls
 //! came in: two replicas writing overlapping batches on PostgreSQL then wait for each
@@ -14,10 +14,10 @@ use std::sync::atomic::Ordering;
 
 use anyhow::{anyhow, Result};
 use dsrelay_proto::v1::DeliverRequest;
+use dsrelay_runtime::group_commit::{GroupQueue, Queued};
 use tokio::sync::oneshot;
 
 use super::audit;
-use super::group::{GroupQueue, Queued};
 use super::tasks::{accept_in, Accepted};
 use super::Store;
 
@@ -31,12 +31,12 @@ pub(super) struct QueuedAccept {
     subprocessors: Vec<String>,
     traceparent: Option<String>,
     now: i64,
-    answer: oneshot::Sender<Result<Accepted, String>>,
+    answer: oneshot::Sender<Result<Accepted>>,
 }
 
 impl Queued for QueuedAccept {
     type Answer = Accepted;
-    fn answer_to(self) -> oneshot::Sender<Result<Accepted, String>> {
+    fn answer_to(self) -> oneshot::Sender<Result<Accepted>> {
         self.answer
     }
 }
@@ -74,7 +74,6 @@ impl Store {
         answered
             .await
             .map_err(|_| anyhow!("the delivery writer stopped before answering"))?
-            .map_err(|e| anyhow!(e))
     }
 
     /// Commits queued deliveries, a batch at a time, until none is left.

@@ -12,7 +12,7 @@
 //!   transaction, each answered once its request is committed.
 //! - `steps`: group commit of the runner's steps: concurrent claims' transitions share one
 //!   transaction, each answered once its step is committed.
-//! - `group`: the queue both group commits wait in.
+//!   Both wait in `dsrelay_runtime::group_commit`'s queue.
 //! - `acks`: the acknowledgement outbox.
 //! - `uploads`: the upload outbox: RETURN_OF_DATA and contract end exports waiting to reach
 //!   the registry, TRANSFER exports waiting to reach their recipient.
@@ -29,7 +29,6 @@ mod audit;
 mod certificates;
 mod contracts;
 mod forget;
-mod group;
 mod rows;
 mod steps;
 mod tasks;

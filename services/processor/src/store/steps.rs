@@ -7,16 +7,17 @@
 //!
 //! The commit runs in a task of its own, so a caller that gives up waiting (its step
 //! abandoned) cancels nothing of the others. When a batch's transaction fails, every step of
-//! it is written again alone (`super::group`), so each caller gets its own step's outcome.
+//! it is written again alone (`dsrelay_runtime::group_commit`), so each caller gets its own
+//! step's outcome.
 
 use std::sync::atomic::Ordering;
 
 use anyhow::{anyhow, Result};
+use dsrelay_runtime::group_commit::{GroupQueue, Queued};
 use dsrelay_runtime::store::{run_each, Backend};
 use dsrelay_runtime::trace_context;
 use tokio::sync::oneshot;
 
-use super::group::{GroupQueue, Queued};
 use super::rows::TaskKey;
 use super::tasks::{finish_step, PreparedStep, Step, StepWrite};
 use super::{acks, audit, certificates, Store};
@@ -37,7 +38,7 @@ pub(super) struct QueuedStep {
     pub(super) unless_cancelled: bool,
     /// The caller's span, for the acknowledgement (the commit runs in another task).
     pub(super) traceparent: String,
-    answer: oneshot::Sender<Result<Option<i64>, String>>,
+    answer: oneshot::Sender<Result<Option<i64>>>,
 }
 
 /// The steps waiting for a commit, and whether one is under way.
@@ -45,7 +46,7 @@ pub(super) type StepQueue = GroupQueue<QueuedStep>;
 
 impl Queued for QueuedStep {
     type Answer = Option<i64>;
-    fn answer_to(self) -> oneshot::Sender<Result<Option<i64>, String>> {
+    fn answer_to(self) -> oneshot::Sender<Result<Option<i64>>> {
         self.answer
     }
 }
@@ -103,7 +104,6 @@ impl Store {
         answered
             .await
             .map_err(|_| anyhow!("the step writer stopped before answering"))?
-            .map_err(|e| anyhow!(e))
     }
 
     /// Commits queued steps, a batch at a time, until none is left.

@@ -1,9 +1,9 @@
-//! The queue behind each group commit of the store (the runner's steps in `steps`, the
-//! Deliver calls' acceptances in `accepts`): concurrent callers queue what they want
-//! written, and the one that finds no commit under way starts a writer, which takes batches
-//! until the queue is empty ([`GroupQueue::write_all`]). On SQLite's one connection a commit
-//! costs about as much CPU as a bare INSERT's whole transaction, so sharing it is where
-//! concurrent writers save most.
+//! The queue behind a group commit (the processor's task steps and Deliver acceptances, the
+//! registry's acknowledgement batches): concurrent callers queue what they want written,
+//! and the one that finds no commit under way starts a writer, which takes batches until the
+//! queue is empty ([`GroupQueue::write_all`]). On SQLite's one connection a commit costs
+//! about as much CPU as a bare INSERT's whole transaction, so sharing it is where concurrent
+//! writers save most; on PostgreSQL it also takes the row locks of a batch once.
 //!
 //! When a batch's transaction fails, every item of it is written again alone, in a
 //! transaction of its own, so one that cannot be written never takes the others down with
@@ -17,19 +17,19 @@ use futures::future::BoxFuture;
 use tokio::sync::oneshot;
 
 /// What a caller queues for a group commit: the item, and where its answer goes.
-pub(super) trait Queued {
+pub trait Queued {
     /// What the caller is answered once its item is committed.
     type Answer;
     /// Where the caller waits for its answer.
-    fn answer_to(self) -> oneshot::Sender<Result<Self::Answer, String>>;
+    fn answer_to(self) -> oneshot::Sender<Result<Self::Answer>>;
 }
 
 /// What waits for a commit, and whether a writer is under way.
-pub(super) struct GroupQueue<T> {
+pub struct GroupQueue<T> {
     state: Mutex<QueueState<T>>,
     /// Transactions committed so far, batches and items written alone alike (counted by
     /// the `record` that commits them).
-    pub(super) commits: AtomicU64,
+    pub commits: AtomicU64,
 }
 
 struct QueueState<T> {
@@ -61,7 +61,7 @@ impl<T> std::fmt::Debug for GroupQueue<T> {
 
 impl<T> GroupQueue<T> {
     /// Queues `item`; `true` when no writer is under way, so the caller must start one.
-    pub(super) fn push(&self, item: T) -> bool {
+    pub fn push(&self, item: T) -> bool {
         let mut state = self.state.lock().expect("group queue");
         state.waiting.push(item);
         !std::mem::replace(&mut state.writing, true)
@@ -69,7 +69,7 @@ impl<T> GroupQueue<T> {
 
     /// The writer's next batch, oldest first, at most `max`; `None` once nothing waits, and
     /// the writer is then gone (the next [`GroupQueue::push`] starts another).
-    pub(super) fn next_batch(&self, max: usize) -> Option<Vec<T>> {
+    pub fn next_batch(&self, max: usize) -> Option<Vec<T>> {
         let mut state = self.state.lock().expect("group queue");
         if state.waiting.is_empty() {
             state.writing = false;
@@ -85,10 +85,14 @@ impl<T: Queued> GroupQueue<T> {
     /// batch is written by `record` in one transaction, which answers, in the batch's order,
     /// each item's answer; a failed batch is written again one item at a time (see the
     /// module documentation). `what` names a batch in the log.
-    pub(super) async fn write_all<F>(&self, max: usize, what: &str, record: F)
+    pub async fn write_all<F>(&self, max: usize, what: &str, record: F)
     where
         F: for<'a> Fn(&'a [T]) -> BoxFuture<'a, Result<Vec<T::Answer>>>,
     {
+        // Callers woken by the same event (a claim's tasks starting together, their holders
+        // answering together) are ready to run on this thread now: letting them queue first
+        // puts them in the first batch, not the second.
+        tokio::task::yield_now().await;
         while let Some(batch) = self.next_batch(max) {
             if batch.len() > 1 {
                 match record(&batch).await {
@@ -110,7 +114,7 @@ impl<T: Queued> GroupQueue<T> {
                 let outcome = record(std::slice::from_ref(&item))
                     .await
                     .and_then(|mut a| a.pop().ok_or_else(|| anyhow!("nothing was written")));
-                let _ = item.answer_to().send(outcome.map_err(|e| format!("{e:#}")));
+                let _ = item.answer_to().send(outcome);
             }
         }
     }
@@ -118,7 +122,69 @@ impl<T: Queued> GroupQueue<T> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+
+    /// An item of the tests' queue: its number and where its answer goes.
+    struct Item(usize, oneshot::Sender<Result<usize>>);
+
+    impl Queued for Item {
+        type Answer = usize;
+        fn answer_to(self) -> oneshot::Sender<Result<usize>> {
+            self.1
+        }
+    }
+
+    /// Queues item `i` as a store's caller does: the first to find no writer starts one in a
+    /// task of its own, whose batches' sizes go to `batches`; answers the item's answer.
+    async fn queue(
+        q: Arc<GroupQueue<Item>>,
+        batches: Arc<Mutex<Vec<usize>>>,
+        i: usize,
+    ) -> Result<usize> {
+        let (answer, answered) = oneshot::channel();
+        if q.push(Item(i, answer)) {
+            let q = q.clone();
+            tokio::spawn(async move {
+                q.write_all(64, "test items", move |batch| {
+                    let batches = batches.clone();
+                    Box::pin(async move {
+                        batches.lock().expect("batches").push(batch.len());
+                        Ok(batch.iter().map(|item| item.0 * 10).collect())
+                    })
+                })
+                .await
+            });
+        }
+        answered.await.expect("answered")
+    }
+
+    /// Tasks that start together (a claim's tasks, spawned one after the other) all find
+    /// room in the first batch: the writer, which a worker thread would run next, first lets
+    /// the tasks already waiting on that thread queue their items.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn callers_started_together_share_the_first_batch() {
+        const N: usize = 8;
+        let q: Arc<GroupQueue<Item>> = Arc::default();
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let (q2, b2) = (q.clone(), batches.clone());
+        // Spawned from a worker thread, as the runner spawns its tasks.
+        let answers = tokio::spawn(async move {
+            let callers: Vec<_> = (0..N)
+                .map(|i| tokio::spawn(queue(q2.clone(), b2.clone(), i)))
+                .collect();
+            let mut answers = Vec::new();
+            for c in callers {
+                answers.push(c.await.expect("caller").expect("answer"));
+            }
+            answers
+        })
+        .await
+        .expect("callers");
+        assert_eq!(answers, (0..N).map(|i| i * 10).collect::<Vec<_>>());
+        assert_eq!(*batches.lock().expect("batches"), vec![N]);
+    }
 
     #[test]
     fn the_first_push_starts_a_writer_which_takes_batches_until_none_is_left() {
