@@ -685,6 +685,96 @@ async fn registry_acknowledgement_batch(backend: Backend) {
     );
 }
 
+/// Acknowledge calls that arrive together (two processors', and one processor's sent again)
+/// are applied in one transaction, and each caller is answered with its own outcome: what it
+/// applied, what was a duplicate (also of another call of the same transaction), what was
+/// never routed to its processor.
+async fn registry_concurrent_acknowledge_calls_share_one_commit(backend: Backend) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(store) = registry_store(backend, dir.path()).await else {
+        return;
+    };
+    store
+        .insert_request(&new_request("r1", "k1", 1_000, &["p1", "p2"]))
+        .await
+        .unwrap();
+    let before = store.acknowledgement_commits();
+    let p1 = [
+        ack("r1", "s1", 2, TaskState::InProgress),
+        ack("r1", "s1", 3, TaskState::Completed),
+    ];
+    let p2 = [
+        ack("r1", "s2", 2, TaskState::Completed),
+        ack("r9", "s2", 2, TaskState::Completed),
+    ];
+    let p1_again = [ack("r1", "s1", 3, TaskState::Completed)];
+    // Polled together: every call queues before the writer takes the first batch.
+    let (a, b, c) = tokio::join!(
+        store.apply_acks("p1", &p1, 2_000),
+        store.apply_acks("p2", &p2, 2_000),
+        store.apply_acks("p1", &p1_again, 2_000),
+    );
+    assert_eq!(
+        store.acknowledgement_commits() - before,
+        1,
+        "one transaction"
+    );
+    assert_eq!(
+        a.unwrap(),
+        AckOutcome {
+            applied: 2,
+            duplicates: 0,
+            not_routed: vec![],
+        }
+    );
+    assert_eq!(
+        b.unwrap(),
+        AckOutcome {
+            applied: 1,
+            duplicates: 0,
+            not_routed: vec![1],
+        }
+    );
+    assert_eq!(
+        c.unwrap(),
+        AckOutcome {
+            applied: 0,
+            duplicates: 1,
+            not_routed: vec![],
+        }
+    );
+    let mut tasks: Vec<(String, String, i32, u64)> = store
+        .tasks("r1")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| (t.processor, t.subprocessor, t.state, t.sequence))
+        .collect();
+    tasks.sort();
+    assert_eq!(
+        tasks,
+        vec![
+            ("p1".into(), "s1".into(), TaskState::Completed as i32, 3),
+            ("p2".into(), "s2".into(), TaskState::Completed as i32, 2),
+        ]
+    );
+    let steps: Vec<(String, i64)> = store
+        .events("r1")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event_type == EventType::TaskUpdated as i32)
+        .map(|e| (e.processor, e.sequence))
+        .collect();
+    assert_eq!(
+        steps,
+        vec![("p1".into(), 2), ("p1".into(), 3), ("p2".into(), 2)],
+        "one event per step, none for the copy"
+    );
+    let entries = store.audit_entries(0, 10_000).await.unwrap();
+    dsrelay_runtime::audit::verify(&entries).expect("one valid chain");
+}
+
 async fn registry_list_cancel_extend(backend: Backend) {
     let dir = tempfile::tempdir().expect("tempdir");
     let Some(store) = registry_store(backend, dir.path()).await else {
@@ -1187,6 +1277,7 @@ on_both_backends!(
     registry_an_update_of_old_terms_stays_armed,
     registry_acknowledgements_fold,
     registry_acknowledgement_batch,
+    registry_concurrent_acknowledge_calls_share_one_commit,
     registry_list_cancel_extend,
     processor_tasks_and_ack_outbox,
     processor_released_leases_are_claimed_at_once,

@@ -3,13 +3,17 @@
 //! deliveries and tasks through [`crate::fold`].
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::v1::{
     Acknowledgement, ContractPhase, ContractProgress, EventType, RequestState, TaskState,
     TaskStatus, TransferReceipt,
 };
+use dsrelay_runtime::group_commit::{GroupQueue, Queued};
+
+use tokio::sync::oneshot;
 
 use super::events::{insert_event, insert_events, EventDetail, NewEvent};
 use super::rows::task_state;
@@ -196,71 +200,158 @@ pub struct AckOutcome {
     pub not_routed: Vec<usize>,
 }
 
+/// Most Acknowledge calls applied in one transaction.
+pub(crate) const MAX_ACK_CALLS: usize = 32;
+
+/// One Acknowledge call's acknowledgements waiting for a group commit, and where its
+/// answer goes.
+pub(crate) struct QueuedAcks {
+    processor: String,
+    acks: Vec<TaskUpdate>,
+    now: i64,
+    answer: oneshot::Sender<Result<AckOutcome>>,
+}
+
+/// The Acknowledge calls waiting for a commit, and whether one is under way.
+pub(crate) type AckQueue = GroupQueue<QueuedAcks>;
+
+impl Queued for QueuedAcks {
+    type Answer = AckOutcome;
+    fn answer_to(self) -> oneshot::Sender<Result<AckOutcome>> {
+        self.answer
+    }
+}
+
+impl std::fmt::Debug for QueuedAcks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueuedAcks")
+            .field("processor", &self.processor)
+            .field("acks", &self.acks.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Store {
-    /// Applies acknowledgements from `processor` in one transaction, skipping (and listing)
-    /// those that concern a request never routed to this processor.
+    /// Applies acknowledgements from `processor`, skipping (and listing) those that concern
+    /// a request never routed to this processor; returns once they are committed.
     ///
-    /// The batch costs a fixed number of statements, whatever its size: one read of the
-    /// routing, one multi-row INSERT of the acknowledgements (which tells the new from the
-    /// duplicates), one read each of the touched requests (locked), their tasks and their
-    /// deliveries; then, decided in memory, one multi-row upsert of the tasks that moved (the
-    /// last state of each), one UPDATE per state the touched requests move to (most batches
-    /// move them to one or two) and one for the requests that stay, and the batch's events
-    /// and audit entries written together. A deletion certificate adds its INSERT.
+    /// Concurrent calls (several processors, or one processor's batches in flight side by
+    /// side) share one transaction: the first to find no commit under way writes everything
+    /// queued, in a task of its own, and keeps going while calls are queued
+    /// ([`dsrelay_runtime::group_commit`]; when a shared transaction fails, each call's batch
+    /// is applied again alone, so each caller gets its own outcome). The request rows the
+    /// calls touch are then locked once, and their fold reads once, for all of them.
     pub async fn apply_acks(
         &self,
         processor: &str,
         acks: &[TaskUpdate],
         now: i64,
     ) -> Result<AckOutcome> {
+        let (answer, answered) = oneshot::channel();
+        let queued = QueuedAcks {
+            processor: processor.to_string(),
+            acks: acks.to_vec(),
+            now,
+            answer,
+        };
+        if self.acks.push(queued) {
+            let store = self.clone();
+            tokio::spawn(async move { store.write_acks().await });
+        }
+        answered
+            .await
+            .map_err(|_| anyhow!("the acknowledgement writer stopped before answering"))?
+    }
+
+    /// Commits queued Acknowledge calls, a batch of calls at a time, until none is left.
+    async fn write_acks(&self) {
+        let store = self.clone();
+        self.acks
+            .write_all(MAX_ACK_CALLS, "acknowledgement batches", move |calls| {
+                let store = store.clone();
+                Box::pin(async move { store.record_ack_calls(calls).await })
+            })
+            .await;
+    }
+
+    /// Applies the acknowledgements of `calls` in one transaction; answers each call's
+    /// outcome, in order.
+    ///
+    /// The transaction costs a fixed number of statements, whatever the number of calls and
+    /// acknowledgements: per processor one read of its routing; one multi-row INSERT of all
+    /// the acknowledgements (which tells the new from the duplicates); one read each of the
+    /// touched requests (locked), their tasks and their deliveries; then, decided in memory,
+    /// per processor one multi-row upsert of its tasks that moved (the last state of each),
+    /// one UPDATE per state the touched requests move to (most batches move them to one or
+    /// two) and one for the requests that stay, and the events and audit entries written
+    /// together. A deletion certificate adds its INSERT.
+    async fn record_ack_calls(&self, calls: &[QueuedAcks]) -> Result<Vec<AckOutcome>> {
+        let now = calls.iter().map(|c| c.now).max().unwrap_or_default();
         let mut tx = self.begin().await?;
-        let ids: Vec<&str> = acks
-            .iter()
-            .map(|a| a.request_id.as_str())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let routed = routed_requests(&mut tx, processor, &ids).await?;
-        let mut not_routed = Vec::new();
-        let mut candidates = Vec::new();
-        for (i, ack) in acks.iter().enumerate() {
-            if routed.contains(ack.request_id.as_str()) {
-                candidates.push(ack);
-            } else {
-                not_routed.push(i);
+        // Which requests each processor may acknowledge: one read per processor.
+        let mut ids_of: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for c in calls {
+            let ids = ids_of.entry(c.processor.as_str()).or_default();
+            ids.extend(c.acks.iter().map(|a| a.request_id.as_str()));
+        }
+        let mut routed: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+        for (processor, ids) in &ids_of {
+            let ids: Vec<&str> = ids.iter().copied().collect();
+            routed.insert(processor, routed_requests(&mut tx, processor, &ids).await?);
+        }
+        let mut outcomes: Vec<AckOutcome> = Vec::with_capacity(calls.len());
+        let mut candidates: Vec<(&str, &TaskUpdate)> = Vec::new();
+        for c in calls {
+            let mut outcome = AckOutcome::default();
+            let routed = &routed[c.processor.as_str()];
+            for (i, ack) in c.acks.iter().enumerate() {
+                if routed.contains(ack.request_id.as_str()) {
+                    candidates.push((c.processor.as_str(), ack));
+                } else {
+                    outcome.not_routed.push(i);
+                }
+            }
+            outcomes.push(outcome);
+        }
+        let mut recorded = record_acks(&mut tx, &candidates, now).await?;
+        // A key recorded now is applied once: a second copy, in the same call or another
+        // call of the transaction, is a duplicate.
+        let mut fresh: Vec<(&str, &TaskUpdate)> = Vec::new();
+        let mut candidates = candidates.into_iter();
+        for (c, outcome) in calls.iter().zip(&mut outcomes) {
+            let routed = c.acks.len() - outcome.not_routed.len();
+            for (processor, a) in candidates.by_ref().take(routed) {
+                let key = (
+                    a.request_id.clone(),
+                    processor.to_string(),
+                    a.subprocessor.clone(),
+                    a.sequence,
+                );
+                if recorded.remove(&key) {
+                    outcome.applied += 1;
+                    fresh.push((processor, a));
+                } else {
+                    outcome.duplicates += 1;
+                }
             }
         }
-        let mut recorded = record_acks(&mut tx, processor, &candidates, now).await?;
-        // A key recorded now is applied once: a second copy in the same batch is a duplicate.
-        let fresh: Vec<&TaskUpdate> = candidates
-            .iter()
-            .copied()
-            .filter(|a| {
-                recorded.remove(&(a.request_id.clone(), a.subprocessor.clone(), a.sequence))
-            })
-            .collect();
-        let applied = fresh.len() as u32;
-        let duplicates = (candidates.len() - fresh.len()) as u32;
         if fresh.is_empty() {
             tx.commit().await?;
-            return Ok(AckOutcome {
-                applied,
-                duplicates,
-                not_routed,
-            });
+            self.acks.commits.fetch_add(1, Ordering::Relaxed);
+            return Ok(outcomes);
         }
         let touched: Vec<&str> = fresh
             .iter()
-            .map(|a| a.request_id.as_str())
+            .map(|(_, a)| a.request_id.as_str())
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
         let mut view = FoldView::read(&mut tx, &touched).await?;
 
         let mut events = Vec::new();
-        // The last update of each task that moved, by (request, subprocessor).
-        let mut moved: BTreeMap<(String, String), TaskUpdate> = BTreeMap::new();
-        for ack in &fresh {
+        // The last update of each task that moved, per processor, by (request, subprocessor).
+        let mut moved: BTreeMap<&str, BTreeMap<(String, String), TaskUpdate>> = BTreeMap::new();
+        for &(processor, ack) in &fresh {
             let key = (
                 ack.request_id.clone(),
                 processor.to_string(),
@@ -297,9 +388,10 @@ impl Store {
                     },
                 );
                 let slot = (ack.request_id.clone(), ack.subprocessor.clone());
-                let mut update = (*ack).clone();
-                // A receipt an earlier update of this batch carried stays with the task, as
-                // it would have had each update been written on its own.
+                let moved = moved.entry(processor).or_default();
+                let mut update = ack.clone();
+                // A receipt an earlier update of this transaction carried stays with the
+                // task, as it would have had each update been written on its own.
                 if update.transfer_receipt.is_none() {
                     update.transfer_receipt =
                         moved.get(&slot).and_then(|u| u.transfer_receipt.clone());
@@ -314,7 +406,9 @@ impl Store {
                 }
             }
         }
-        upsert_tasks(&mut tx, processor, moved.values(), now).await?;
+        for (processor, updates) in &moved {
+            upsert_tasks(&mut tx, processor, updates.values(), now).await?;
+        }
 
         // Fold each touched request from the tasks and deliveries in view.
         let mut changed = Vec::new();
@@ -346,11 +440,14 @@ impl Store {
         }
         insert_events(&mut tx, events).await?;
         tx.commit().await?;
-        Ok(AckOutcome {
-            applied,
-            duplicates,
-            not_routed,
-        })
+        self.acks.commits.fetch_add(1, Ordering::Relaxed);
+        Ok(outcomes)
+    }
+
+    /// Transactions the acknowledgement writer committed so far (set against the
+    /// Acknowledge calls, what its group commit saved).
+    pub fn acknowledgement_commits(&self) -> u64 {
+        self.acks.commits.load(Ordering::Relaxed)
     }
 
     /// Folds a processor's reported task list (from reconciliation) like acknowledgements
@@ -442,29 +539,30 @@ async fn routed_requests(tx: &mut Tx, processor: &str, ids: &[&str]) -> Result<B
     Ok(q.fetch_all(tx.conn()).await?.into_iter().collect())
 }
 
-/// Records the acknowledgements (the exactly-once record) in multi-row INSERTs; returns the
-/// keys (request, subprocessor, sequence) recorded now, not those recorded before.
+/// Records the acknowledgements (the exactly-once record), each with its processor, in
+/// multi-row INSERTs; returns the keys (request, processor, subprocessor, sequence) recorded
+/// now, not those recorded before.
 ///
 /// The rows go in key order: two transactions recording overlapping batches (a batch sent
 /// again to another replica while the first is still applying it) then wait for each
 /// other's keys in one order, never in a cycle.
 async fn record_acks(
     tx: &mut Tx,
-    processor: &str,
-    acks: &[&TaskUpdate],
+    acks: &[(&str, &TaskUpdate)],
     now: i64,
-) -> Result<BTreeSet<(String, String, i64)>> {
+) -> Result<BTreeSet<(String, String, String, i64)>> {
     let mut acks = acks.to_vec();
-    acks.sort_by(|a, b| {
-        (&a.request_id, &a.subprocessor, a.sequence).cmp(&(
+    acks.sort_by(|(p, a), (q, b)| {
+        (&a.request_id, p, &a.subprocessor, a.sequence).cmp(&(
             &b.request_id,
+            q,
             &b.subprocessor,
             b.sequence,
         ))
     });
     let mut recorded = BTreeSet::new();
-    // The processor and the time bound again in every row: each parameter once, in order,
-    // so that SQLite binds them by position (`Backend::numbered`).
+    // The time bound again in every row: each parameter once, in order, so that SQLite
+    // binds them by position (`Backend::numbered`).
     for chunk in acks.chunks(tx.backend.rows_per_statement(6)) {
         let values: Vec<String> = (0..chunk.len())
             .map(|i| values_row(1 + i * 6..7 + i * 6))
@@ -472,15 +570,15 @@ async fn record_acks(
         let sql = format!(
             "INSERT INTO acknowledgements (request_id, processor, subprocessor, sequence, \
              state, received_at) VALUES {} ON CONFLICT DO NOTHING \
-             RETURNING request_id, subprocessor, sequence",
+             RETURNING request_id, processor, subprocessor, sequence",
             values.join(", ")
         );
         let sql = tx.backend.numbered(&sql);
-        let mut q = sqlx::query_as::<_, (String, String, i64)>(&sql);
-        for a in chunk {
+        let mut q = sqlx::query_as::<_, (String, String, String, i64)>(&sql);
+        for (processor, a) in chunk {
             q = q
                 .bind(&a.request_id)
-                .bind(processor)
+                .bind(*processor)
                 .bind(&a.subprocessor)
                 .bind(a.sequence)
                 .bind(i64::from(a.state))

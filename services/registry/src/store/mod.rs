@@ -10,8 +10,9 @@
 //! - `intake`: inserting submitted requests with their outbox rows and first event.
 //! - `outbox`: claiming deliveries, recording their success or failure, and finding quiet
 //!   requests for reconciliation.
-//! - `acknowledgements`: applying acknowledgement batches and reconciled task lists, and
-//!   refolding a request's state through [`crate::fold`].
+//! - `acknowledgements`: applying acknowledgement batches (concurrent Acknowledge calls
+//!   share one transaction, a group commit) and reconciled task lists, and refolding a
+//!   request's state through [`crate::fold`].
 //! - `requests`: cancelling a request and extending its due date.
 //! - `contracts`: contract ends' terms, the operator's choice and confirmation, and the one
 //!   `update` outbox row each change re-arms.
@@ -92,6 +93,8 @@ pub struct Store {
     /// The key of the keyed hashes that stand in the audit trail for free text (reasons,
     /// notes, errors): the registry's `identity_hash_key`.
     text_key: Arc<[u8]>,
+    /// Acknowledge calls waiting to share a commit (`acknowledgements`).
+    acks: Arc<acknowledgements::AckQueue>,
 }
 
 impl std::fmt::Debug for Store {
@@ -110,6 +113,7 @@ impl Store {
         Self {
             db,
             text_key: text_key.into(),
+            acks: Arc::default(),
         }
     }
 
