@@ -777,6 +777,12 @@ async fn write(
 /// directly; only while no cancellation marked the task when `unless_cancelled`) and wakes
 /// the acknowledgement sender; the new sequence, or `None` when the task changed meanwhile
 /// (a cancellation wins) or another claim took it.
+///
+/// A transition the holder's call directly follows does not wake the sender: its
+/// acknowledgement (IN_PROGRESS, mostly) goes with the outcome's, which the call's step
+/// queues and wakes the sender for, in one Acknowledge call instead of two; it goes sooner
+/// when the sender wakes for another reason or polls (`acks.poll_interval_ms`) while the
+/// holder is still at work.
 async fn record_move(
     shared: &Shared,
     job: &TaskJob,
@@ -805,7 +811,9 @@ async fn record_move(
             records = t.records_affected,
             "task step done"
         );
-        shared.ack_wakeup.notify_one();
+        if call_at.is_none() {
+            shared.ack_wakeup.notify_one();
+        }
         if t.upload {
             shared.upload_wakeup.notify_one();
         }

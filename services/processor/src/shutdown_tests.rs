@@ -5,6 +5,9 @@
 //! reaches the registry before `run` returns; the slow one never returns, so at the end of
 //! the grace its step is abandoned, nothing recorded for it, and its lease released: another
 //! processor claims it at once, though `tasks.lease_ms` is an hour.
+//!
+//! The same harness shows when acknowledgements leave: a task's IN_PROGRESS goes to the
+//! registry with its outcome, in one call, not alone while the holder works.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -63,9 +66,10 @@ impl Connector for Held {
     }
 }
 
-/// The controller's registry as far as acknowledgements go: it stores what it is sent.
+/// The controller's registry as far as acknowledgements go: it stores what it is sent, call
+/// by call.
 #[derive(Clone, Default)]
-struct Registry(Arc<Mutex<Vec<Acknowledgement>>>);
+struct Registry(Arc<Mutex<Vec<Vec<Acknowledgement>>>>);
 
 #[tonic::async_trait]
 impl AcknowledgementService for Registry {
@@ -75,7 +79,7 @@ impl AcknowledgementService for Registry {
     ) -> Result<Response<AcknowledgeResponse>, Status> {
         let acks = req.into_inner().acknowledgements;
         let applied = acks.len() as u32;
-        self.0.lock().expect("acks").extend(acks);
+        self.0.lock().expect("acks").push(acks);
         Ok(Response::new(AcknowledgeResponse {
             applied,
             ..Default::default()
@@ -89,13 +93,35 @@ impl Registry {
             .lock()
             .expect("acks")
             .iter()
+            .flatten()
             .filter(|a| a.subprocessor == subprocessor)
             .map(|a| a.state())
             .collect()
     }
 }
 
+impl Registry {
+    /// The calls so far: per call, each acknowledgement's request and state.
+    fn calls(&self) -> Vec<Vec<(String, TaskState)>> {
+        self.0
+            .lock()
+            .expect("acks")
+            .iter()
+            .map(|call| {
+                call.iter()
+                    .map(|a| (a.request_id.clone(), a.state()))
+                    .collect()
+            })
+            .collect()
+    }
+}
+
 fn config(dir: &std::path::Path, database_url: &str, registry: u16) -> Config {
+    config_with(dir, database_url, registry, "")
+}
+
+/// [`config`] with `acks` as the `[acks]` table's lines.
+fn config_with(dir: &std::path::Path, database_url: &str, registry: u16, acks: &str) -> Config {
     let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
     let checkpoint_key = pki.signing_key("processor");
     let checkpoint_file = dir.join("audit/checkpoints.jsonl");
@@ -105,7 +131,7 @@ fn config(dir: &std::path::Path, database_url: &str, registry: u16) -> Config {
          shutdown_grace_ms = {GRACE_MS}\n\
          [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
          [audit]\ncheckpoint_key = {checkpoint_key:?}\ncheckpoint_file = {checkpoint_file:?}\n\
-         [tasks]\nlease_ms = 3600000\n\
+         [tasks]\nlease_ms = 3600000\n[acks]\n{acks}\n\
          [[subprocessors]]\nname = \"fast\"\ncategories = [\"contact\"]\n\
          connector = {{ type = \"noop\" }}\n\
          [[subprocessors]]\nname = \"slow\"\ncategories = [\"marketing\"]\n\
@@ -281,4 +307,97 @@ async fn shutdown_finishes_fast_steps_and_releases_slow_ones_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_fast_steps_and_releases_slow_ones_on_postgres() {
     crate::test_postgres::on_postgres(|u, d| async move { shutdown_mid_call(&u, &d).await }).await;
+}
+
+/// Accepts `request_id` (one task, of subprocessor "fast") and wakes the runner, as a
+/// Deliver does (without waking the acknowledgement sender, which a Deliver also does).
+async fn deliver(shared: &crate::app::Shared, request_id: &str) {
+    let now = shared.clock.now_ms();
+    let req = DeliverRequest {
+        request_id: request_id.into(),
+        kind: RequestKind::Erasure as i32,
+        due_at: Some(timestamp_from_millis(now + 600_000)),
+        ..Default::default()
+    };
+    shared
+        .store
+        .accept("acme", &req, &["fast".to_string()], None, now)
+        .await
+        .expect("accept");
+    shared.task_wakeup.notify_one();
+}
+
+/// Waits for the holder's next call; answers what lets it go.
+async fn called(
+    entered: &mut mpsc::UnboundedReceiver<(&'static str, oneshot::Sender<()>)>,
+) -> oneshot::Sender<()> {
+    let (_, release) = tokio::time::timeout(Duration::from_secs(10), entered.recv())
+        .await
+        .expect("the holder is called")
+        .expect("a call");
+    release
+}
+
+/// Waits until the registry has had `n` calls.
+async fn calls_reach(registry: &Registry, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while registry.calls().len() < n {
+        assert!(Instant::now() < deadline, "{:?}", registry.calls());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The step that starts a task, which the holder's call directly follows, does not wake the
+/// acknowledgement sender: its IN_PROGRESS waits for the outcome and both go in one call
+/// (the sender polls only once a minute here, so nothing else sends it).
+async fn in_progress_goes_with_the_outcome(database_url: &str, dir: &std::path::Path) {
+    let (registry, port, stop_registry) = serve_registry(dir).await;
+    let (tx, mut entered) = mpsc::unbounded_channel();
+    let connectors = HashMap::from([(
+        "fast".to_string(),
+        Arc::new(Held {
+            name: "fast",
+            entered: tx,
+        }) as Arc<dyn Connector>,
+    )]);
+    let config = config_with(dir, database_url, port, "poll_interval_ms = 60000");
+    let app = App::with_connectors(config, connectors).await.expect("app");
+    let shared = app.shared();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let (shutdown, shutdown_rx) = oneshot::channel::<()>();
+    let run = tokio::spawn(app.run_with_admin(listener, None, async move {
+        let _ = shutdown_rx.await;
+    }));
+    // A first request, whose acknowledgements leave the sender waiting for the next wake.
+    deliver(&shared, "r-1").await;
+    called(&mut entered).await.send(()).expect("held");
+    calls_reach(&registry, 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    deliver(&shared, "r-2").await;
+    let release = called(&mut entered).await;
+    // IN_PROGRESS is recorded before the call; the sender is given time to (wrongly) send it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let tasks = shared.store.tasks("acme", "r-2").await.expect("tasks");
+    assert_eq!(tasks[0].state, TaskState::InProgress);
+    assert_eq!(registry.calls().len(), 1, "{:?}", registry.calls());
+    release.send(()).expect("held");
+    calls_reach(&registry, 2).await;
+    assert_eq!(
+        registry.calls()[1],
+        vec![
+            ("r-2".to_string(), TaskState::InProgress),
+            ("r-2".to_string(), TaskState::Completed)
+        ]
+    );
+    shutdown.send(()).expect("run waits for shutdown");
+    run.await.expect("run task").expect("run");
+    let _ = stop_registry.send(());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_progress_goes_with_the_outcome_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/processor.db", dir.path().display());
+    in_progress_goes_with_the_outcome(&url, dir.path()).await;
 }
