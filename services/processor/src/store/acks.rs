@@ -163,7 +163,7 @@ impl Store {
         for (id, next_at) in jobs {
             sqlx::query(
                 "UPDATE ack_outbox SET attempts = attempts + 1, next_attempt_at = $1, \
-                 lease_until = 0, last_error = $2 WHERE id = $3",
+                 lease_until = 0, last_error = $2 WHERE id = $3 AND sent_at IS NULL",
             )
             .bind(next_at)
             .bind(error)
@@ -177,8 +177,9 @@ impl Store {
 
     /// Records the registry's rejection of acknowledgement `id`: retried at `next_at`, or
     /// dead-lettered now when this is rejection number `max_rejections`. Returns whether it
-    /// was dead-lettered by this call: a rejection of one already dead-lettered (a second
-    /// sender whose lease ran out, say) changes nothing and records no second entry.
+    /// was dead-lettered by this call: a rejection of one already dead-lettered, or already
+    /// accepted by the registry (answers to a second sender whose lease ran out, say),
+    /// changes nothing and records no entry.
     pub async fn ack_rejected(
         &self,
         id: i64,
@@ -192,7 +193,7 @@ impl Store {
             "UPDATE ack_outbox SET attempts = attempts + 1, rejections = rejections + 1, \
              next_attempt_at = $1, lease_until = 0, last_error = $2, rejected_at = $3, \
              dead_lettered_at = CASE WHEN rejections + 1 >= $4 THEN $3 ELSE NULL END \
-             WHERE id = $5 AND dead_lettered_at IS NULL \
+             WHERE id = $5 AND dead_lettered_at IS NULL AND sent_at IS NULL \
              RETURNING dead_lettered_at, controller, request_id, subprocessor, \
              sequence, CAST(rejections AS BIGINT) AS rejections",
         )

@@ -245,6 +245,24 @@ mod tests {
         store.acks_sent(&[ack.id], 6).await.expect("sent");
         // Sent twice (a lease run out, say): one entry.
         store.acks_sent(&[ack.id], 7).await.expect("sent again");
+        // A late rejection or failure of a copy another sender had out changes nothing: the
+        // registry has it.
+        assert!(!store
+            .ack_rejected(ack.id, 8, &rejection, 8, 1)
+            .await
+            .expect("rejected late"));
+        store
+            .acks_failed(&[(ack.id, 8)], "UNAVAILABLE: late")
+            .await
+            .expect("failed late");
+        let row: (Option<i64>, Option<String>) =
+            sqlx::query_as("SELECT dead_lettered_at, last_error FROM ack_outbox WHERE id = $1")
+                .bind(ack.id)
+                .fetch_one(&store.db.pool)
+                .await
+                .expect("row");
+        assert_eq!(row.0, None, "not dead-lettered once accepted");
+        assert!(!row.1.as_deref().unwrap_or("").contains("late"), "{row:?}");
         let to = Delivered {
             to: "registry",
             files: 2,
