@@ -875,6 +875,11 @@ fn statement_rows(
             Value::Num(s.commits),
             "",
         ));
+        rows.push(Row::plain(
+            format!("database server time executing them, per erasure: {name}"),
+            Value::Num(s.exec_ms),
+            "ms",
+        ));
     }
     rows
 }
@@ -884,12 +889,12 @@ fn statement_lists(f: &statements::StatementFigures) -> Vec<String> {
     let mut out = Vec::new();
     for s in &f.services {
         let mut text = format!(
-            "### {}\n\n| per erasure | statement |\n| --- | --- |\n",
+            "### {}\n\n| per erasure | server ms per erasure | statement |\n| --- | --- | --- |\n",
             s.name
         );
-        for (calls, q) in s.each.iter().filter(|(c, _)| *c >= 0.005) {
+        for (calls, ms, q) in s.each.iter().filter(|(c, _, _)| *c >= 0.005) {
             text.push_str(&format!(
-                "| {calls:.2} | `{}` |\n",
+                "| {calls:.2} | {ms:.3} | `{}` |\n",
                 q.replace('|', "\\|").replace('`', "'")
             ));
         }

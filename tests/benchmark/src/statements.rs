@@ -59,9 +59,13 @@ pub(crate) struct ServiceCounts {
     pub(crate) rows_written: f64,
     /// COMMIT statements (explicit transactions committed), per erasure.
     pub(crate) commits: f64,
-    /// Every statement with its calls per erasure, most called first (BEGIN and COMMIT
-    /// included), for the report's list.
-    pub(crate) each: Vec<(f64, String)>,
+    /// Time the server's executor spent on this service's statements, per erasure (ms;
+    /// `pg_stat_statements.total_exec_time`, which times a COMMIT at about 0: its WAL flush
+    /// is not in it).
+    pub(crate) exec_ms: f64,
+    /// Every statement with its calls and execution time (ms) per erasure, most called
+    /// first (BEGIN and COMMIT included), for the report's list.
+    pub(crate) each: Vec<(f64, f64, String)>,
 }
 
 /// The counts of the run.
@@ -73,8 +77,8 @@ pub(crate) struct StatementFigures {
     pub(crate) services: Vec<ServiceCounts>,
 }
 
-/// Calls and rows of each statement text, per database.
-type Snapshot = BTreeMap<String, (i64, i64)>;
+/// Calls, rows and execution time (ms) of each statement text, per database.
+type Snapshot = BTreeMap<String, (i64, i64, f64)>;
 
 /// Runs the counting relay with `erasures` erasures from `concurrency` callers; `None` (with
 /// the reason) when no PostgreSQL server binaries are installed or the server cannot load
@@ -210,7 +214,7 @@ fn per_erasure(
     scale: f64,
     n: i64,
 ) -> ServiceCounts {
-    let get = |s: &Snapshot, q: &str| s.get(q).copied().unwrap_or((0, 0));
+    let get = |s: &Snapshot, q: &str| s.get(q).copied().unwrap_or((0, 0, 0.0));
     let n = n as f64;
     let mut out = ServiceCounts {
         name: name.to_string(),
@@ -218,17 +222,20 @@ fn per_erasure(
         writes: 0.0,
         rows_written: 0.0,
         commits: 0.0,
+        exec_ms: 0.0,
         each: Vec::new(),
     };
     for query in c.keys() {
-        let (ca, ra) = get(a, query);
-        let (cb, rb) = get(b, query);
-        let (cc, rc) = get(c, query);
+        let (ca, ra, ta) = get(a, query);
+        let (cb, rb, tb) = get(b, query);
+        let (cc, rc, tc) = get(c, query);
         let calls = ((cc - cb) as f64 - (cb - ca) as f64 * scale).max(0.0) / n;
         let rows = ((rc - rb) as f64 - (rb - ra) as f64 * scale).max(0.0) / n;
+        let ms = ((tc - tb) - (tb - ta) * scale).max(0.0) / n;
         if calls <= 0.0 {
             continue;
         }
+        out.exec_ms += ms;
         match kind(query) {
             Kind::Commit => out.commits += calls,
             Kind::Control => {}
@@ -239,10 +246,10 @@ fn per_erasure(
             }
             Kind::Read => out.statements += calls,
         }
-        out.each.push((calls, one_line(query)));
+        out.each.push((calls, ms, one_line(query)));
     }
     out.each
-        .sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+        .sort_by(|x, y| y.0.total_cmp(&x.0).then(x.2.cmp(&y.2)));
     out
 }
 
@@ -287,8 +294,8 @@ fn one_line(query: &str) -> String {
 async fn snapshot_all(admin: &Db) -> Result<Vec<Snapshot>> {
     let mut out = Vec::new();
     for (db, _) in SERVICES {
-        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT s.query, s.calls, s.rows FROM pg_stat_statements s \
+        let rows: Vec<(String, i64, i64, f64)> = sqlx::query_as(
+            "SELECT s.query, s.calls, s.rows, s.total_exec_time FROM pg_stat_statements s \
              JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = $1",
         )
         .bind(db)
@@ -296,7 +303,7 @@ async fn snapshot_all(admin: &Db) -> Result<Vec<Snapshot>> {
         .await
         .context("reading pg_stat_statements")?;
         let mut snap = Snapshot::new();
-        for (query, calls, rows) in rows {
+        for (query, calls, rows, ms) in rows {
             if query.contains("idempotency_key LIKE") {
                 continue;
             }
@@ -305,6 +312,7 @@ async fn snapshot_all(admin: &Db) -> Result<Vec<Snapshot>> {
             let e = snap.entry(query).or_default();
             e.0 += calls;
             e.1 += rows;
+            e.2 += ms;
         }
         out.push(snap);
     }
@@ -331,7 +339,9 @@ mod tests {
     #[test]
     fn the_idle_window_is_taken_out_at_its_rate() {
         let snap = |v: &[(&str, i64)]| -> Snapshot {
-            v.iter().map(|(q, c)| (q.to_string(), (*c, *c))).collect()
+            v.iter()
+                .map(|(q, c)| (q.to_string(), (*c, *c, *c as f64 / 10.0)))
+                .collect()
         };
         let a = snap(&[("SELECT poll", 10)]);
         let b = snap(&[("SELECT poll", 20)]);
@@ -342,6 +352,13 @@ mod tests {
         assert_eq!(s.writes, 10.0);
         assert_eq!(s.rows_written, 10.0);
         assert_eq!(s.commits, 5.0);
-        assert_eq!(s.each[0], (10.0, "INSERT x".to_string()));
+        // Over 10 erasures: 10 ms of INSERT, 5 ms of COMMIT, and of the polls' 4 ms in the
+        // batch window the 2 ms beyond the idle rate (1 ms idle, at twice the length).
+        assert!(
+            (s.exec_ms - (1.0 + 0.5 + 0.2)).abs() < 1e-9,
+            "{}",
+            s.exec_ms
+        );
+        assert_eq!(s.each[0], (10.0, 1.0, "INSERT x".to_string()));
     }
 }
