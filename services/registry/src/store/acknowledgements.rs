@@ -235,8 +235,8 @@ impl Store {
     /// Applies acknowledgements from `processor`, skipping (and listing) those that concern
     /// a request never routed to this processor; returns once they are committed.
     ///
-    /// Concurrent calls (several processors, or one processor's batches in flight side by
-    /// side) share one transaction: the first to find no commit under way writes everything
+    /// Concurrent calls (several processors, a processor's replicas, or a batch sent again
+    /// while the first copy is applied) share one transaction: the first to find no commit under way writes everything
     /// queued, in a task of its own, and keeps going while calls are queued
     /// ([`dsrelay_runtime::group_commit`]; when a shared transaction fails, each call's batch
     /// is applied again alone, so each caller gets its own outcome). The request rows the
