@@ -300,39 +300,37 @@ impl Store {
             routed.insert(processor, routed_requests(&mut tx, processor, &ids).await?);
         }
         let mut outcomes: Vec<AckOutcome> = Vec::with_capacity(calls.len());
-        let mut candidates: Vec<(&str, &TaskUpdate)> = Vec::new();
-        for c in calls {
+        // Each routed acknowledgement with the position of its call.
+        let mut candidates: Vec<(usize, &str, &TaskUpdate)> = Vec::new();
+        for (call, c) in calls.iter().enumerate() {
             let mut outcome = AckOutcome::default();
             let routed = &routed[c.processor.as_str()];
             for (i, ack) in c.acks.iter().enumerate() {
                 if routed.contains(ack.request_id.as_str()) {
-                    candidates.push((c.processor.as_str(), ack));
+                    candidates.push((call, c.processor.as_str(), ack));
                 } else {
                     outcome.not_routed.push(i);
                 }
             }
             outcomes.push(outcome);
         }
-        let mut recorded = record_acks(&mut tx, &candidates, now).await?;
+        let keys = candidates.iter().map(|&(_, processor, a)| (processor, a));
+        let mut recorded = record_acks(&mut tx, keys, now).await?;
         // A key recorded now is applied once: a second copy, in the same call or another
         // call of the transaction, is a duplicate.
         let mut fresh: Vec<(&str, &TaskUpdate)> = Vec::new();
-        let mut candidates = candidates.into_iter();
-        for (c, outcome) in calls.iter().zip(&mut outcomes) {
-            let routed = c.acks.len() - outcome.not_routed.len();
-            for (processor, a) in candidates.by_ref().take(routed) {
-                let key = (
-                    a.request_id.clone(),
-                    processor.to_string(),
-                    a.subprocessor.clone(),
-                    a.sequence,
-                );
-                if recorded.remove(&key) {
-                    outcome.applied += 1;
-                    fresh.push((processor, a));
-                } else {
-                    outcome.duplicates += 1;
-                }
+        for (call, processor, a) in candidates {
+            let key = (
+                a.request_id.clone(),
+                processor.to_string(),
+                a.subprocessor.clone(),
+                a.sequence,
+            );
+            if recorded.remove(&key) {
+                outcomes[call].applied += 1;
+                fresh.push((processor, a));
+            } else {
+                outcomes[call].duplicates += 1;
             }
         }
         if fresh.is_empty() {
@@ -546,12 +544,12 @@ async fn routed_requests(tx: &mut Tx, processor: &str, ids: &[&str]) -> Result<B
 /// The rows go in key order: two transactions recording overlapping batches (a batch sent
 /// again to another replica while the first is still applying it) then wait for each
 /// other's keys in one order, never in a cycle.
-async fn record_acks(
+async fn record_acks<'a>(
     tx: &mut Tx,
-    acks: &[(&str, &TaskUpdate)],
+    acks: impl Iterator<Item = (&'a str, &'a TaskUpdate)>,
     now: i64,
 ) -> Result<BTreeSet<(String, String, String, i64)>> {
-    let mut acks = acks.to_vec();
+    let mut acks: Vec<(&str, &TaskUpdate)> = acks.collect();
     acks.sort_by(|(p, a), (q, b)| {
         (&a.request_id, p, &a.subprocessor, a.sequence).cmp(&(
             &b.request_id,
