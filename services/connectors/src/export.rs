@@ -17,12 +17,12 @@
 //! its size and digest, so that the processor sends the file while the connector still
 //! writes it.
 
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::io::Write;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
@@ -44,8 +44,20 @@ const MAX_NAME: usize = 200;
 /// one. A watcher's uploads send a block as one chunk, so it is the protocol's largest.
 pub const WRITE_BUFFER: usize = 1024 * 1024;
 
-/// Blocks a watcher may hold before it reads the file instead (see [`GrowingFile`]): in
-/// the channel, and as many again taken out of it and not yet sent.
+/// How long a block waits for room in its watcher's channel before the writer stops handing
+/// blocks to that watcher, which then reads the rest from the file. Waiting, rather than
+/// letting a lagging watcher read blocks back, keeps the export at the upload's pace without
+/// a second pass over the bytes (and the file is written past the page cache, so reading it
+/// back is a disk read); the limit keeps a stalled upload from stalling the export.
+pub const WATCHER_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// File offsets, lengths and buffer addresses of direct writes are multiples of this, which
+/// every logical block size Linux uses divides.
+const ALIGN: usize = 4096;
+const _: () = assert!(WRITE_BUFFER.is_multiple_of(ALIGN));
+
+/// Blocks a watcher may hold (see [`GrowingFile`]): in the channel, and as many again taken
+/// out of it and not yet sent. A writer that finds the channel full waits for room.
 pub const BLOCKS_AHEAD: usize = 4;
 
 /// Bytes written between two early writebacks: a sync started in the background while
@@ -89,9 +101,10 @@ pub struct GrowingFile {
     /// How far it is written. The sender's end is dropped without [`Growth::end`] when the
     /// file is abandoned (the export failed).
     pub growth: watch::Receiver<Growth>,
-    /// Its blocks as they go to the file, so the watcher need not read them back. A block
-    /// the watcher had no room for ([`BLOCKS_AHEAD`] waiting) is not sent; the watcher reads
-    /// it from the file, where `growth` says it is.
+    /// Its blocks as they go to the file, so the watcher need not read them back. The
+    /// writer waits for room here (the watcher's pace sets the export's), but only
+    /// [`WATCHER_PATIENCE`] for a block: past that it sends the watcher no more blocks and the
+    /// watcher reads the rest from the file, where `growth` says it is.
     pub blocks: mpsc::Receiver<Block>,
 }
 
@@ -152,14 +165,16 @@ impl ExportSink {
         tokio::fs::create_dir_all(&self.dir)
             .await
             .map_err(|e| io_error(&format!("creating the export folder for {name}"), &e))?;
-        let file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(self.dir.join(name))
+        let path = self.dir.join(name);
+        let (file, direct) = tokio::task::spawn_blocking(move || open_export_file(&path))
             .await
-            .map_err(|e| io_error(&format!("creating export file {name}"), &e))?
-            .into_std()
-            .await;
+            .map_err(|e| {
+                io_error(
+                    &format!("creating export file {name}"),
+                    &std::io::Error::other(e),
+                )
+            })?
+            .map_err(|e| io_error(&format!("creating export file {name}"), &e))?;
         let meta = ExportedFile {
             name: name.to_string(),
             media_type: media_type.to_string(),
@@ -183,7 +198,9 @@ impl ExportSink {
         let (growth, blocks) = watched.unzip();
         Ok(ExportWriter {
             file: Arc::new(file),
-            block: Vec::with_capacity(WRITE_BUFFER),
+            direct: direct.map(Arc::new),
+            block: AlignedBlock::new(),
+            spares: Arc::default(),
             handed: 0,
             writing: None,
             hash: Sha256::new(),
@@ -194,6 +211,124 @@ impl ExportSink {
             blocks,
         })
     }
+}
+
+/// Creates `path` for writing, and opens it a second time with `O_DIRECT` where the
+/// filesystem allows that (`None` where it answers `EINVAL`, as tmpfs does).
+fn open_export_file(path: &Path) -> std::io::Result<(std::fs::File, Option<std::fs::File>)> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)?;
+    let direct = match std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+    {
+        Ok(f) => Some(f),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => None,
+        Err(e) => return Err(e),
+    };
+    Ok((file, direct))
+}
+
+/// One block's buffer: room for [`WRITE_BUFFER`] bytes from an [`ALIGN`]-aligned address
+/// (carved out of a vector never resized, so the address never moves), so that a full block
+/// can be written directly.
+#[derive(Debug)]
+struct AlignedBlock {
+    vec: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBlock {
+    fn new() -> Self {
+        let vec = vec![0u8; WRITE_BUFFER + ALIGN];
+        // Always below ALIGN for a byte pointer; clamped so that a surprise costs only the
+        // direct write (write_block checks the address), not a slice out of bounds.
+        let start = vec.as_ptr().align_offset(ALIGN).min(ALIGN);
+        Self { vec, start, len: 0 }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Appends as much of `bytes` as there is room for; answers how much that was.
+    fn fill(&mut self, bytes: &[u8]) -> usize {
+        let take = (WRITE_BUFFER - self.len).min(bytes.len());
+        let at = self.start + self.len;
+        self.vec[at..at + take].copy_from_slice(&bytes[..take]);
+        self.len += take;
+        take
+    }
+}
+
+impl AsRef<[u8]> for AlignedBlock {
+    fn as_ref(&self) -> &[u8] {
+        &self.vec[self.start..self.start + self.len]
+    }
+}
+
+/// Emptied block buffers of one file, for its next blocks.
+type Spares = Arc<Mutex<Vec<AlignedBlock>>>;
+
+/// Spares kept at most: the writer fills one block while another is written.
+const MAX_SPARES: usize = 2;
+
+/// A block handed out as [`Bytes`]: when the last holder (the write, the watcher) drops it,
+/// its buffer goes back to the file's spares, so a file's blocks reuse a few buffers instead
+/// of mapping and zeroing fresh memory for every MiB.
+struct Lent {
+    block: Option<AlignedBlock>,
+    spares: Weak<Mutex<Vec<AlignedBlock>>>,
+}
+
+impl AsRef<[u8]> for Lent {
+    fn as_ref(&self) -> &[u8] {
+        self.block.as_ref().map_or(&[], AlignedBlock::as_ref)
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        let (Some(mut block), Some(spares)) = (self.block.take(), self.spares.upgrade()) else {
+            return;
+        };
+        block.len = 0;
+        let mut spares = spares.lock().unwrap_or_else(|p| p.into_inner());
+        if spares.len() < MAX_SPARES {
+            spares.push(block);
+        }
+    }
+}
+
+/// Writes `data` at `offset` of the file: directly when it is a whole aligned block and the
+/// file has a direct handle, through the page cache otherwise. Answers whether the direct
+/// handle is still worth trying: a filesystem may accept `O_DIRECT` at open and refuse the
+/// write (`EINVAL`), and the block then goes through the page cache.
+fn write_block(
+    plain: &std::fs::File,
+    direct: Option<&std::fs::File>,
+    data: &[u8],
+    offset: u64,
+) -> std::io::Result<bool> {
+    let aligned = data.len().is_multiple_of(ALIGN)
+        && offset.is_multiple_of(ALIGN as u64)
+        && (data.as_ptr() as usize).is_multiple_of(ALIGN);
+    if let (Some(direct), true) = (direct, aligned) {
+        match direct.write_all_at(data, offset) {
+            Ok(()) => return Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                plain.write_all_at(data, offset)?;
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    plain.write_all_at(data, offset)?;
+    Ok(direct.is_some())
 }
 
 /// A block of a file as it goes to the file system, shared with a watcher without a copy.
@@ -210,15 +345,27 @@ pub struct Block {
 /// Bytes are gathered into blocks of [`WRITE_BUFFER`]; each full block is hashed and
 /// written on the blocking pool while the connector fills the next one, so the connector's
 /// task does neither (one block in flight at a time keeps the file's bytes in order).
+///
+/// Whole blocks are written with `O_DIRECT` where the filesystem allows it, past the page
+/// cache, as the registry writes package files (`packages/direct.rs` there says why: on the
+/// virtual machines measured, copying into page cache pages costs several times a memory
+/// copy); the last, partial block goes through the page cache. A block's buffer comes back
+/// for the next blocks once the write and the watcher are done with it ([`Lent`]).
 #[derive(Debug)]
 pub struct ExportWriter {
+    /// The file through the page cache: the last block, and the syncs.
     file: Arc<std::fs::File>,
+    /// The same file opened with `O_DIRECT`, while the filesystem takes direct writes.
+    direct: Option<Arc<std::fs::File>>,
     /// The block being filled.
-    block: Vec<u8>,
+    block: AlignedBlock,
+    /// Buffers of blocks written and sent, for the next blocks.
+    spares: Spares,
     /// Bytes handed to the blocking pool so far (the blocks before `block`).
     handed: u64,
-    /// The block being hashed and written, which hands the hash back.
-    writing: Option<JoinHandle<std::io::Result<Sha256>>>,
+    /// The block being hashed and written, which hands back the hash and whether direct
+    /// writes still work.
+    writing: Option<JoinHandle<std::io::Result<Written>>>,
     /// The hash of every block written. While a block is in flight the hash travels with
     /// it, and this is an empty stand-in until [`ExportWriter::written`] puts it back.
     hash: Sha256,
@@ -233,14 +380,20 @@ pub struct ExportWriter {
     blocks: Option<mpsc::Sender<Block>>,
 }
 
+/// What the blocking pool hands back for a block it hashed and wrote.
+#[derive(Debug)]
+struct Written {
+    hash: Sha256,
+    direct_works: bool,
+}
+
 impl ExportWriter {
     /// Appends `bytes`, counting them; they are hashed and written block by block.
     pub async fn write(&mut self, mut bytes: &[u8]) -> Result<(), ConnectorError> {
         self.meta.size += bytes.len() as u64;
         while !bytes.is_empty() {
-            let take = (WRITE_BUFFER - self.block.len()).min(bytes.len());
-            self.block.extend_from_slice(&bytes[..take]);
-            bytes = &bytes[take..];
+            let took = self.block.fill(bytes);
+            bytes = &bytes[took..];
             if self.block.len() == WRITE_BUFFER {
                 self.hand_over().await?;
             }
@@ -251,28 +404,38 @@ impl ExportWriter {
     /// Sends the block being filled to be hashed and written, once the one before it is
     /// written; offers it to the watcher, if any.
     async fn hand_over(&mut self) -> Result<(), ConnectorError> {
-        let data = Bytes::from(std::mem::replace(
-            &mut self.block,
-            Vec::with_capacity(WRITE_BUFFER),
-        ));
+        let spare = self.spares.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let block = std::mem::replace(&mut self.block, spare.unwrap_or_else(AlignedBlock::new));
+        let data = Bytes::from_owner(Lent {
+            block: Some(block),
+            spares: Arc::downgrade(&self.spares),
+        });
         if data.is_empty() {
             return Ok(());
         }
         if let Some(blocks) = &self.blocks {
-            // A watcher that lags reads this block from the file instead.
-            let _ = blocks.try_send(Block {
+            let block = Block {
                 offset: self.handed,
                 data: data.clone(),
-            });
+            };
+            if tokio::time::timeout(WATCHER_PATIENCE, blocks.send(block))
+                .await
+                .map_or(true, |sent| sent.is_err())
+            {
+                // A watcher that stalls, or has gone, reads what follows from the file.
+                self.blocks = None;
+            }
         }
         self.written().await?;
         let mut hash = std::mem::take(&mut self.hash);
         let file = Arc::clone(&self.file);
+        let direct = self.direct.clone();
+        let offset = self.handed;
         self.handed += data.len() as u64;
         self.writing = Some(tokio::task::spawn_blocking(move || {
             hash.update(&data);
-            (&*file).write_all(&data)?;
-            Ok(hash)
+            let direct_works = write_block(&file, direct.as_deref(), &data, offset)?;
+            Ok(Written { hash, direct_works })
         }));
         if self.handed - self.writeback_at >= WRITEBACK_EVERY
             && self.writeback.as_ref().is_none_or(JoinHandle::is_finished)
@@ -292,10 +455,14 @@ impl ExportWriter {
             return Ok(());
         };
         let context = format!("writing export file {}", self.meta.name);
-        self.hash = writing
+        let written = writing
             .await
             .map_err(|e| io_error(&context, &std::io::Error::other(e)))?
             .map_err(|e| io_error(&context, &e))?;
+        self.hash = written.hash;
+        if !written.direct_works {
+            self.direct = None;
+        }
         if let Some(growth) = &self.growth {
             growth.send_modify(|g| g.written = self.handed);
         }
@@ -669,9 +836,77 @@ mod tests {
         );
     }
 
+    /// Whole blocks go past the page cache from aligned buffers that are reused, the last
+    /// partial block through it, and the file holds every byte in order either way.
+    #[tokio::test]
+    async fn blocks_are_written_whole_and_their_buffers_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = ExportSink::new(dir.path().join("task"), vec![]);
+        sink.reset().await.unwrap();
+        let mut w = sink.file("big.json", JSON).await.unwrap();
+        let direct_at_open = w.direct.is_some();
+        let content: Vec<u8> = (0..WRITE_BUFFER * 6 + 777)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let mut buffers = std::collections::BTreeSet::new();
+        for piece in content.chunks(WRITE_BUFFER / 2 + 3) {
+            w.write(piece).await.unwrap();
+            let at = w.block.as_ref().as_ptr();
+            assert_eq!(at.align_offset(ALIGN), 0, "unaligned block");
+            buffers.insert(at as usize);
+        }
+        // The block being filled, the one being written, and one spare.
+        assert!(buffers.len() <= 3, "{} buffers for 7 blocks", buffers.len());
+        assert_eq!(
+            w.direct.is_some(),
+            direct_at_open,
+            "a filesystem that opened the file with O_DIRECT refused a direct write"
+        );
+        let meta = w.finish().await.unwrap();
+        let written = std::fs::read(sink.dir().join("big.json")).unwrap();
+        assert!(written == content, "the file differs from what was written");
+        assert_eq!(meta.size, content.len() as u64);
+        assert_eq!(meta.sha256, sha256_hex(&content));
+    }
+
+    /// A watcher slower than the writer still gets every block: the writer waits for room
+    /// in the channel instead of leaving blocks to be read back from the file.
+    #[tokio::test]
+    async fn a_slow_watcher_gets_every_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut announced) = mpsc::unbounded_channel();
+        let sink = ExportSink::new(dir.path().join("task"), vec![]).watched(tx);
+        sink.reset().await.unwrap();
+        let mut w = sink
+            .file("slow.bin", "application/octet-stream")
+            .await
+            .unwrap();
+        let mut file = announced.try_recv().expect("announced when opened");
+        let blocks = 3 * BLOCKS_AHEAD;
+        let watcher = tokio::spawn(async move {
+            let mut offsets = Vec::new();
+            while let Some(b) = file.blocks.recv().await {
+                offsets.push(b.offset);
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            offsets
+        });
+        for i in 0..blocks {
+            w.write(&vec![i as u8; WRITE_BUFFER]).await.unwrap();
+        }
+        w.finish().await.unwrap();
+        let offsets = watcher.await.unwrap();
+        let expected: Vec<u64> = (0..blocks).map(|i| (i * WRITE_BUFFER) as u64).collect();
+        assert_eq!(
+            offsets, expected,
+            "blocks left to be read back from the file"
+        );
+    }
+
     /// A watched sink announces each file at its opening and hands over each block as it
-    /// goes to the file (none while the first is still filling; a watcher with
-    /// BLOCKS_AHEAD waiting gets no more and reads the rest from the file); its growth says
+    /// goes to the file (none while the first is still filling; a watcher that leaves
+    /// BLOCKS_AHEAD waiting for WATCHER_PATIENCE gets no more and reads the rest from the
+    /// file); its growth says
     /// how far the file is written and ends with the finished file's size and digest. A
     /// file abandoned unfinished closes its growth without an end.
     #[tokio::test]

@@ -5,8 +5,9 @@
 //! The runner watches the task's export sink ([`attach`]); every file the connector opens is
 //! streamed to the registry as an upload whose size and SHA-256 follow at its end
 //! (`UploadFileChunk.size_follows` and `end`). Its chunks are the writer's blocks, handed
-//! over as they go to the file, so nothing is read back; a block the writer could not hand
-//! over (this side fell behind) is read from the file once it is written there. The
+//! over as they go to the file, so nothing is read back. The writer waits for this side
+//! when it falls behind, but only `WATCHER_PATIENCE` for a block; past that it hands over no
+//! more, and what follows is read from the file once it is written there. The
 //! runner's step waits for these uploads ([`beside`]: at most `uploads.call_timeout_ms`
 //! after the connector returned) before it records the export, so the uploader then finds
 //! the files stored whole (GetUploadState answers complete) and only closes the part.
@@ -310,8 +311,8 @@ impl Growing {
 
     /// Moves the blocks that arrived into `waiting`, dropping those already sent, never
     /// holding more than [`BLOCKS_AHEAD`]: when the export outpaces the stream, the writer
-    /// then finds the channel full and this side reads those blocks from the file, instead
-    /// of taking every block out of the channel and holding the export in memory.
+    /// then finds the channel full and waits, instead of this side taking every block out
+    /// of the channel and holding the export in memory.
     fn take_blocks(&mut self) {
         self.drop_sent();
         if let Some(blocks) = self.blocks.as_mut() {
@@ -383,9 +384,10 @@ impl Growing {
 mod tests {
     use super::*;
 
-    /// An export that outpaces its stream: the stream holds at most [`BLOCKS_AHEAD`] of the
-    /// writer's blocks (the rest it reads from the file), and still sends every byte in
-    /// order, then the end with the file's size and digest.
+    /// An export that outpaces a stream that stalls (here it is not polled while the writer
+    /// writes): the stream holds at most [`BLOCKS_AHEAD`] of the writer's blocks, the writer
+    /// gives up waiting for it, and the stream reads the rest from the file; it still sends
+    /// every byte in order, then the end with the file's size and digest.
     #[tokio::test]
     async fn a_lagging_stream_holds_few_blocks_and_reads_the_rest_from_the_file() {
         use sha2::Digest as _;
