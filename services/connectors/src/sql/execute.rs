@@ -100,22 +100,42 @@ impl<'a> Scoped<'a> {
     /// [`Scoped::erase`] under the receipt of `task_key`, when given: the erasure claims
     /// the key in the receipt table and stores its report there in the same transaction.
     /// When an earlier call committed under the key, nothing is erased and its report is
-    /// returned, with `true`.
+    /// returned, with `true`. On SQLite the erasure shares a transaction with those queued
+    /// beside it ([`super::writer`]); on PostgreSQL it has one of its own.
     pub(crate) async fn erase_once(
         &self,
         identities: &[SubjectIdentity],
         now_ms: i64,
         task_key: Option<&str>,
     ) -> Result<(ErasureReport, bool), ConnectorError> {
+        if let Some(writer) = self.writer {
+            return writer
+                .erase(identities, now_ms, task_key, self.condition)
+                .await;
+        }
+        let mut tx = self.begin().await?;
+        let erased = self.erase_in(&mut tx, identities, now_ms, task_key).await?;
+        tx.commit()
+            .await
+            .map_err(|e| classify("committing the erasure", &e))?;
+        Ok(erased)
+    }
+
+    /// The work of [`Scoped::erase_once`] in `tx`, which the caller commits (or rolls back
+    /// when this fails). When the receipt says an earlier call did the work, nothing is
+    /// written.
+    pub(super) async fn erase_in(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        identities: &[SubjectIdentity],
+        now_ms: i64,
+        task_key: Option<&str>,
+    ) -> Result<(ErasureReport, bool), ConnectorError> {
         let raw = usable_identities(self.config, identities)?;
         let plan = plan_erasure(self.config, self.subject(&raw), now_ms);
-        let mut tx = self.begin().await?;
         let receipts = self.config.receipts_table();
         if let Some(key) = task_key {
-            if let Some(earlier) = receipt::claim(&mut tx, receipts, key, now_ms).await? {
-                tx.rollback()
-                    .await
-                    .map_err(|e| classify("ending the receipt lookup", &e))?;
+            if let Some(earlier) = receipt::claim(tx, receipts, key, now_ms).await? {
                 return Ok((earlier, true));
             }
         }
@@ -137,7 +157,7 @@ impl<'a> Scoped<'a> {
             }
             statements.push((format!("{} {table}", step.rule.action.doing()), &work.main));
         }
-        let ran = run_in_order(&mut tx, self.db.backend, &statements).await?;
+        let ran = run_in_order(tx, self.db.backend, &statements).await?;
         // Each statement's result with its label, for what reading the result may report.
         let mut results = statements.iter().map(|(label, _)| label.as_str()).zip(ran);
         let mut total: i64 = 0;
@@ -260,11 +280,8 @@ impl<'a> Scoped<'a> {
             }),
         };
         if let Some(key) = task_key {
-            receipt::record(&mut tx, receipts, key, &report).await?;
+            receipt::record(tx, receipts, key, &report).await?;
         }
-        tx.commit()
-            .await
-            .map_err(|e| classify("committing the erasure", &e))?;
         Ok((report, false))
     }
 

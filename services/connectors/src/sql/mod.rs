@@ -111,7 +111,8 @@
 //!
 //! A request runs in one transaction: child tables first, so that they are still reachable
 //! through their parent's rows, then the matched tables (a contract end's erasure: one
-//! transaction per batch, see above). Identifiers come only from the validated configuration
+//! transaction per batch, see above). On SQLite, erasures that arrive together share a
+//! transaction, each in a savepoint of its own that a failure rolls back alone (`writer`). Identifiers come only from the validated configuration
 //! and are quoted; identity values, corrected values, dates and batch bounds are always bound
 //! as parameters. The only SQL text taken from the configuration is `retain.while` and a
 //! controller's `condition`, spliced as written: trusted operator configuration, never user
@@ -124,6 +125,7 @@
 //!   SQL compares, and what a table keeps of the subject's rows.
 //! - `plan`: the statements a request runs, built from the rules and the identities (pure).
 //! - `execute`: running them in one transaction, reading rows, classifying database errors.
+//! - `writer`: on SQLite, erasures queued together erased in one transaction (group commit).
 //! - `direct`: an export's read of a SQLite file, on a connection of its own (rusqlite) on
 //!   the blocking pool; PostgreSQL and in-memory SQLite are read through sqlx.
 //! - `receipt`: the erasure receipts: the table, claiming a task's key, storing its report.
@@ -134,9 +136,11 @@
 //!   kind and phase and turns the reports into an [`Outcome`].
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use dsrelay_proto::v1::RequestKind;
-use dsrelay_runtime::store::Db;
+use dsrelay_runtime::store::{Backend, Db};
+use writer::ErasureWriter;
 
 use crate::{BoxFuture, BulkJob, Connector, ConnectorError, Outcome, Phase, Task};
 
@@ -150,6 +154,7 @@ mod rules;
 mod sample;
 #[cfg(test)]
 mod tests;
+mod writer;
 
 use execute::{ErasureReport, WorkReport};
 pub use receipt::DEFAULT_RECEIPTS_TABLE;
@@ -165,12 +170,16 @@ pub use sample::{
 /// [`SqlConnectorConfig`].
 #[derive(Debug, Clone)]
 pub(crate) struct SqlConnector {
-    config: SqlConnectorConfig,
+    config: Arc<SqlConnectorConfig>,
     /// The database at `config.url`; `None` when every controller has a database of its own,
     /// so that an unused URL is never opened (or, for SQLite, created).
     db: Option<Db>,
     /// The databases of the controllers scoped by `url`.
     own: BTreeMap<String, Db>,
+    /// The erasure queue of `db` when it is SQLite.
+    db_writer: Option<Arc<ErasureWriter>>,
+    /// The erasure queues of the controllers' own databases that are SQLite.
+    own_writers: BTreeMap<String, Arc<ErasureWriter>>,
     /// Top-level rows per transaction of a bulk job.
     batch_subjects: u64,
 }
@@ -182,6 +191,8 @@ pub(crate) struct Scoped<'a> {
     config: &'a SqlConnectorConfig,
     db: &'a Db,
     condition: Option<&'a str>,
+    /// Where its erasures queue to share a transaction (SQLite); `None`: each has its own.
+    writer: Option<&'a Arc<ErasureWriter>>,
 }
 
 impl SqlConnector {
@@ -217,27 +228,41 @@ impl SqlConnector {
                 receipt::ensure_table(db, table).await?;
             }
         }
+        let config = Arc::new(config);
+        let writer = |db: &Db| {
+            (db.backend == Backend::Sqlite).then(|| ErasureWriter::new(config.clone(), db.clone()))
+        };
+        let db_writer = db.as_ref().and_then(writer);
+        let own_writers = own
+            .iter()
+            .filter_map(|(name, db)| Some((name.clone(), writer(db)?)))
+            .collect();
         Ok(Self {
             config,
             db,
             own,
+            db_writer,
+            own_writers,
             batch_subjects: bulk::BATCH_SUBJECTS,
         })
     }
 
     /// Where `controller`'s data is; the reason to refuse when this holder has none of it.
     pub(crate) fn scope<'a>(&'a self, controller: &str) -> Result<Scoped<'a>, String> {
-        let config = &self.config;
-        let scoped = |db: Option<&'a Db>, condition: Option<&'a str>| {
+        let config = &*self.config;
+        let scoped = |db: Option<&'a Db>,
+                      writer: Option<&'a Arc<ErasureWriter>>,
+                      condition: Option<&'a str>| {
             db.map(|db| Scoped {
                 config,
                 db,
                 condition,
+                writer,
             })
             .ok_or_else(|| format!("no database is connected for controller {controller:?}"))
         };
         if self.config.controllers.is_empty() {
-            return scoped(self.db.as_ref(), None);
+            return scoped(self.db.as_ref(), self.db_writer.as_ref(), None);
         }
         match self.config.controllers.get(controller) {
             None => {
@@ -251,8 +276,16 @@ impl SqlConnector {
             Some(ControllerScope {
                 condition: Some(condition),
                 ..
-            }) => scoped(self.db.as_ref(), Some(condition.as_str())),
-            Some(_) => scoped(self.own.get(controller), None),
+            }) => scoped(
+                self.db.as_ref(),
+                self.db_writer.as_ref(),
+                Some(condition.as_str()),
+            ),
+            Some(_) => scoped(
+                self.own.get(controller),
+                self.own_writers.get(controller),
+                None,
+            ),
         }
     }
 }

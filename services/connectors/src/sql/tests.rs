@@ -2319,3 +2319,73 @@ async fn a_boolean_column_is_exported_as_stored(url: String) {
         )
     );
 }
+
+/// Erasures that arrive together on SQLite share one transaction, each in a savepoint: the
+/// one whose statement fails is rolled back alone (its contacts, deleted before the failing
+/// statement, are back) and answered with its error, and the others are committed.
+#[tokio::test]
+async fn sqlite_erasures_arriving_together_share_a_commit_and_fail_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/accounting.db", dir.path().display());
+    let (connector, db) = sample(&url).await;
+    for sql in [
+        "CREATE TRIGGER matti_locked_d BEFORE DELETE ON customers WHEN OLD.id = 2 \
+         BEGIN SELECT RAISE(ABORT, 'customer 2 is locked'); END",
+        "CREATE TRIGGER matti_locked_u BEFORE UPDATE ON customers WHEN OLD.id = 2 \
+         BEGIN SELECT RAISE(ABORT, 'customer 2 is locked'); END",
+    ] {
+        sqlx::query(sql).execute(&db.pool).await.unwrap();
+    }
+    let writer = connector
+        .db_writer
+        .as_ref()
+        .expect("a SQLite database has a writer");
+    let before = writer.commits();
+    let scope = connector.scope("acme").unwrap();
+    let (matti, teemu, maija) = (
+        [email("matti.virtanen@example.fi")],
+        [email("teemu.testaaja@example.fi")],
+        [email(MAIJA)],
+    );
+    let (matti, teemu, maija) = futures::join!(
+        scope.erase_once(&matti, now(), Some("t-matti")),
+        scope.erase_once(&teemu, now(), Some("t-teemu")),
+        scope.erase_once(&maija, now(), Some("t-maija")),
+    );
+    assert_eq!(
+        writer.commits() - before,
+        1,
+        "one transaction for the three"
+    );
+    let err = matti.unwrap_err();
+    assert!(err.to_string().contains("customer 2 is locked"), "{err}");
+    assert_eq!(
+        count(&db, &format!("{C} FROM contacts WHERE customer_id = 2")).await,
+        1,
+        "the failed erasure's first statements are rolled back"
+    );
+    let (teemu, earlier) = teemu.unwrap();
+    assert!(teemu.found && !earlier, "{teemu:?}");
+    assert_eq!(
+        count(&db, &format!("{C} FROM contacts WHERE customer_id = 6")).await,
+        0
+    );
+    let (maija, _) = maija.unwrap();
+    assert_eq!(maija.records_affected, 7, "{maija:?}");
+    // Their receipts were committed with them; the failed one left none.
+    let again = scope
+        .erase_once(
+            &[email("teemu.testaaja@example.fi")],
+            now(),
+            Some("t-teemu"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again, (teemu, true));
+    let receipts = count(
+        &db,
+        &format!("{C} FROM {}", connector.config.receipts_table()),
+    )
+    .await;
+    assert_eq!(receipts, 2);
+}
