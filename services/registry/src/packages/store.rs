@@ -191,6 +191,11 @@ impl FileAppender {
 impl Appender for FileAppender {
     async fn append(&mut self, data: &[u8]) -> io::Result<()> {
         self.file.write_all(data).await?;
+        // tokio's File finishes its last write in the background, and dropping the File does
+        // not wait for it: an appender dropped unsynced (an upload cut off) would leave a
+        // write that lands after a sender was told the stored length, and its resumed bytes
+        // would then follow that write. Waiting here leaves nothing behind.
+        self.file.flush().await?;
         self.since_writeback += data.len() as u64;
         if self.since_writeback >= WRITEBACK_EVERY
             && self.writeback.as_ref().is_none_or(JoinHandle::is_finished)
@@ -204,8 +209,6 @@ impl Appender for FileAppender {
     }
 
     async fn sync(&mut self) -> io::Result<()> {
-        // tokio's File finishes a write in the background: flush waits for it.
-        self.file.flush().await?;
         self.wait_for_writeback().await?;
         self.file.sync_data().await
     }
