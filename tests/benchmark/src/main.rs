@@ -1166,8 +1166,8 @@ fn export_explain(f: &export::ExportFigures) -> Option<String> {
     Some(format!(
         "export end to end below half the bare stream ({:.2}×): the SQL connector's export \
          with its upload running alongside {} MB/s ({:.2}×; reading the rows, encoding JSON and \
-         CSV, writing and syncing the files, and at the same time reading them back, sending \
-         them over TLS, writing and syncing them at the registry, SHA-256 on both ends), \
+         CSV, writing and syncing the files, and at the same time sending the same blocks \
+         over TLS, writing and syncing them at the registry, SHA-256 on both ends), \
          closing the part {} MB/s ({:.2}×), then the download {} MB/s ({:.2}×). The download \
          alone is a server stream of the same bytes as the baseline, and a package can be \
          downloaded only once it is stored, {needed}",
