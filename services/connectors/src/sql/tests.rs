@@ -2389,3 +2389,48 @@ async fn sqlite_erasures_arriving_together_share_a_commit_and_fail_alone() {
     .await;
     assert_eq!(receipts, 2);
 }
+
+/// An erasure whose error rolls back the whole SQLite transaction (here a trigger's
+/// `RAISE(ROLLBACK)`, as SQLITE_FULL or SQLITE_IOERR do) takes its batch down: each erasure
+/// is then run alone, the others are committed, and it answers its own error, not the
+/// savepoint's that was rolled back with the transaction.
+#[tokio::test]
+async fn sqlite_erasure_that_rolls_back_its_transaction_answers_its_own_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/accounting.db", dir.path().display());
+    let (connector, db) = sample(&url).await;
+    sqlx::query(
+        "CREATE TRIGGER matti_rolls_back BEFORE DELETE ON contacts WHEN OLD.customer_id = 2 \
+         BEGIN SELECT RAISE(ROLLBACK, 'contacts of customer 2 are locked'); END",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let writer = connector.db_writer.as_ref().unwrap();
+    let before = writer.commits();
+    let scope = connector.scope("acme").unwrap();
+    let (teemu, matti) = (
+        [email("teemu.testaaja@example.fi")],
+        [email("matti.virtanen@example.fi")],
+    );
+    let (teemu, matti) = futures::join!(
+        scope.erase_once(&teemu, now(), Some("t-teemu")),
+        scope.erase_once(&matti, now(), Some("t-matti")),
+    );
+    let err = matti.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("contacts of customer 2 are locked"),
+        "{err}"
+    );
+    assert!(teemu.unwrap().0.found);
+    assert_eq!(writer.commits() - before, 1, "teemu's, alone");
+    assert_eq!(
+        count(&db, &format!("{C} FROM contacts WHERE customer_id = 6")).await,
+        0
+    );
+    assert_eq!(
+        count(&db, &format!("{C} FROM contacts WHERE customer_id = 2")).await,
+        1
+    );
+}

@@ -137,14 +137,25 @@ impl ErasureWriter {
                 writer: None,
             };
             savepoint(&mut tx, "SAVEPOINT erasure").await?;
-            let erased = scoped
+            match scoped
                 .erase_in(&mut tx, &q.identities, q.now_ms, q.task_key.as_deref())
-                .await;
-            if erased.is_err() {
-                savepoint(&mut tx, "ROLLBACK TO erasure").await?;
+                .await
+            {
+                Ok(erased) => {
+                    savepoint(&mut tx, "RELEASE erasure").await?;
+                    answers.push(Ok(erased));
+                }
+                Err(e) => {
+                    // Some errors (SQLITE_FULL, SQLITE_IOERR, ...) roll the whole transaction
+                    // back, savepoints and all. The batch then fails with this erasure's own
+                    // error, which is what it answers when it is run again alone.
+                    let undone = savepoint(&mut tx, "ROLLBACK TO erasure").await;
+                    if undone.is_err() || savepoint(&mut tx, "RELEASE erasure").await.is_err() {
+                        return Err(e.into());
+                    }
+                    answers.push(Err(e));
+                }
             }
-            savepoint(&mut tx, "RELEASE erasure").await?;
-            answers.push(erased);
         }
         tx.commit()
             .await
