@@ -635,8 +635,8 @@ impl PackageService for Api {
                 };
                 let mut offset = 0u64;
                 loop {
-                    let mut buf = vec![0u8; MAX_CHUNK];
-                    let n = match read_full(&mut reader, &mut buf).await {
+                    let mut buf = Vec::with_capacity(MAX_CHUNK);
+                    let n = match read_chunk(&mut reader, &mut buf, MAX_CHUNK).await {
                         Ok(n) => n,
                         Err(e) => {
                             let _ = tx.send(Err(io_error(e).into())).await;
@@ -646,7 +646,6 @@ impl PackageService for Api {
                     if n == 0 {
                         break;
                     }
-                    buf.truncate(n);
                     let chunk = PackageChunk {
                         item: Some(Item::File(PackageFileChunk {
                             path: path.clone(),
@@ -687,20 +686,21 @@ impl FileUpload {
     }
 }
 
-/// Fills `buf` as far as the reader goes, so chunks are full-sized but the last.
-async fn read_full(
+/// Reads up to `max` bytes into `buf` (empty, with room for them) as far as the reader goes,
+/// so chunks are full-sized but the last; answers how many.
+async fn read_chunk(
     reader: &mut (dyn tokio::io::AsyncRead + Send + Unpin),
-    buf: &mut [u8],
+    buf: &mut Vec<u8>,
+    max: usize,
 ) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let n = reader.read(&mut buf[filled..]).await?;
-        if n == 0 {
+    // Into the vector's spare room, which is not zeroed first (a chunk is 1 MiB).
+    while buf.len() < max {
+        let room = (max - buf.len()) as u64;
+        if (&mut *reader).take(room).read_buf(buf).await? == 0 {
             break;
         }
-        filled += n;
     }
-    Ok(filled)
+    Ok(buf.len())
 }
 
 /// The file a header describes, from `processor`.

@@ -180,22 +180,25 @@ impl Appender for DirectAppender {
 }
 
 /// Reads `path` from the start with `O_DIRECT`, [`READ_AHEAD`] blocks ahead of the consumer;
-/// `None` when the filesystem refuses `O_DIRECT`.
+/// `None` when the filesystem refuses `O_DIRECT`. The consumer reads straight from the aligned
+/// buffers the disk filled and hands each back once it has read it, so a file's reading
+/// reuses a few buffers and copies nothing on the way.
 pub(super) fn reader(path: &Path) -> io::Result<Option<DirectReader>> {
     let Some(file) = open_direct(path, OpenOptions::new().read(true))? else {
         return Ok(None);
     };
     let (tx, rx) = mpsc::channel(READ_AHEAD);
+    let (spare_tx, spare_rx) = std::sync::mpsc::channel::<Aligned>();
     tokio::task::spawn_blocking(move || {
-        let mut buf = Aligned::new();
         let mut at = 0u64;
         loop {
+            let mut buf = spare_rx.try_recv().unwrap_or_else(|_| Aligned::new());
             let read = file.read_at(buf.bytes_mut(), at);
             let last = !matches!(read, Ok(n) if n > 0 && n % ALIGN == 0);
-            let block = read.map(|n| buf.bytes()[..n].to_vec());
-            if let Ok(b) = &block {
-                at += b.len() as u64;
-            }
+            let block = read.map(|n| {
+                at += n as u64;
+                (buf, n)
+            });
             // A consumer that went away stops the reading.
             if tx.blocking_send(block).is_err() || last {
                 return;
@@ -204,16 +207,22 @@ pub(super) fn reader(path: &Path) -> io::Result<Option<DirectReader>> {
     });
     Ok(Some(DirectReader {
         blocks: rx,
-        block: Vec::new(),
+        block: None,
+        len: 0,
         pos: 0,
+        spares: spare_tx,
     }))
 }
 
 /// The consuming end of [`reader`]: an [`AsyncRead`] over the blocks it reads.
 pub(super) struct DirectReader {
-    blocks: mpsc::Receiver<io::Result<Vec<u8>>>,
-    block: Vec<u8>,
+    blocks: mpsc::Receiver<io::Result<(Aligned, usize)>>,
+    /// The block being read, its first `len` bytes the file's.
+    block: Option<Aligned>,
+    len: usize,
     pos: usize,
+    /// Where read blocks go back to the reading thread.
+    spares: std::sync::mpsc::Sender<Aligned>,
 }
 
 impl AsyncRead for DirectReader {
@@ -223,16 +232,22 @@ impl AsyncRead for DirectReader {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         loop {
-            if self.pos < self.block.len() {
-                let n = (self.block.len() - self.pos).min(out.remaining());
-                let pos = self.pos;
-                out.put_slice(&self.block[pos..pos + n]);
-                self.pos += n;
-                return Poll::Ready(Ok(()));
+            if let Some(block) = &self.block {
+                if self.pos < self.len {
+                    let n = (self.len - self.pos).min(out.remaining());
+                    out.put_slice(&block.bytes()[self.pos..self.pos + n]);
+                    self.pos += n;
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            if let Some(read) = self.block.take() {
+                // The reading thread may have ended (the file's last block): then it is dropped.
+                let _ = self.spares.send(read);
             }
             match ready!(self.blocks.poll_recv(cx)) {
-                Some(Ok(block)) => {
-                    self.block = block;
+                Some(Ok((block, len))) => {
+                    self.block = Some(block);
+                    self.len = len;
                     self.pos = 0;
                 }
                 Some(Err(e)) => return Poll::Ready(Err(e)),
