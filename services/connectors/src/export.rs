@@ -17,7 +17,7 @@
 //! its size and digest, so that the processor sends the file while the connector still
 //! writes it.
 
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use bytes::Bytes;
+use dsrelay_runtime::direct_io::{open_direct, AlignedBuf, ALIGN};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -51,9 +52,7 @@ pub const WRITE_BUFFER: usize = 1024 * 1024;
 /// back is a disk read); the limit keeps a stalled upload from stalling the export.
 pub const WATCHER_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// File offsets, lengths and buffer addresses of direct writes are multiples of this, which
-/// every logical block size Linux uses divides.
-const ALIGN: usize = 4096;
+// A full block is written directly, so its length must be a multiple of ALIGN.
 const _: () = assert!(WRITE_BUFFER.is_multiple_of(ALIGN));
 
 /// Blocks a watcher may hold (see [`GrowingFile`]): in the channel, and as many again taken
@@ -220,35 +219,24 @@ fn open_export_file(path: &Path) -> std::io::Result<(std::fs::File, Option<std::
         .write(true)
         .create_new(true)
         .open(path)?;
-    let direct = match std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-    {
-        Ok(f) => Some(f),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => None,
-        Err(e) => return Err(e),
-    };
+    let direct = open_direct(path, std::fs::OpenOptions::new().write(true))?;
     Ok((file, direct))
 }
 
-/// One block's buffer: room for [`WRITE_BUFFER`] bytes from an [`ALIGN`]-aligned address
-/// (carved out of a vector never resized, so the address never moves), so that a full block
-/// can be written directly.
+/// One block's buffer ([`WRITE_BUFFER`] bytes at an aligned address, so that a full block can
+/// be written directly) and how much of it is filled.
 #[derive(Debug)]
 struct AlignedBlock {
-    vec: Vec<u8>,
-    start: usize,
+    buf: AlignedBuf,
     len: usize,
 }
 
 impl AlignedBlock {
     fn new() -> Self {
-        let vec = vec![0u8; WRITE_BUFFER + ALIGN];
-        // Always below ALIGN for a byte pointer; clamped so that a surprise costs only the
-        // direct write (write_block checks the address), not a slice out of bounds.
-        let start = vec.as_ptr().align_offset(ALIGN).min(ALIGN);
-        Self { vec, start, len: 0 }
+        Self {
+            buf: AlignedBuf::new(WRITE_BUFFER),
+            len: 0,
+        }
     }
 
     fn len(&self) -> usize {
@@ -258,8 +246,7 @@ impl AlignedBlock {
     /// Appends as much of `bytes` as there is room for; answers how much that was.
     fn fill(&mut self, bytes: &[u8]) -> usize {
         let take = (WRITE_BUFFER - self.len).min(bytes.len());
-        let at = self.start + self.len;
-        self.vec[at..at + take].copy_from_slice(&bytes[..take]);
+        self.buf.bytes_mut()[self.len..self.len + take].copy_from_slice(&bytes[..take]);
         self.len += take;
         take
     }
@@ -267,7 +254,7 @@ impl AlignedBlock {
 
 impl AsRef<[u8]> for AlignedBlock {
     fn as_ref(&self) -> &[u8] {
-        &self.vec[self.start..self.start + self.len]
+        &self.buf.bytes()[..self.len]
     }
 }
 

@@ -21,6 +21,7 @@
 //! - [`group_commit`]: the queue behind a group commit: concurrent callers' writes share
 //!   one transaction, and a failed batch is written again item by item.
 //! - [`clock`]: the system clock with a test offset.
+//! - [`direct_io`]: `O_DIRECT` files and the aligned buffers they need.
 //! - [`identity`]: subject identity validation, normalisation and hashing.
 //! - [`listen`]: TCP listeners handed down by whoever started the process (`LISTEN_FDS`),
 //!   or bound here when none was.
@@ -43,6 +44,7 @@ pub mod audit;
 pub mod backoff;
 pub mod clock;
 pub mod config;
+pub mod direct_io;
 pub mod export_files;
 pub mod group_commit;
 pub mod grpc;

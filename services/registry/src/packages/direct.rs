@@ -17,7 +17,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,48 +26,15 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::mpsc;
 
+use dsrelay_runtime::direct_io::ALIGN;
+use dsrelay_runtime::direct_io::{open_direct, AlignedBuf};
+
 use super::store::Appender;
 
-/// Offsets, lengths and buffer addresses of direct I/O are multiples of this.
-pub(super) const ALIGN: usize = 4096;
 /// Bytes per direct write or read.
 const BLOCK: usize = 1 << 20;
 /// Blocks a reader reads ahead of its consumer.
 const READ_AHEAD: usize = 2;
-
-/// Opens `path` with `O_DIRECT` as `options` says; `None` when the filesystem refuses it.
-fn open_direct(path: &Path, options: &mut OpenOptions) -> io::Result<Option<File>> {
-    match options.custom_flags(libc::O_DIRECT).open(path) {
-        Ok(f) => Ok(Some(f)),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-/// [`BLOCK`] bytes at an [`ALIGN`]-aligned address, carved out of a vector that is never
-/// resized, so the address never moves.
-struct Aligned {
-    vec: Vec<u8>,
-    start: usize,
-}
-
-impl Aligned {
-    fn new() -> Self {
-        let vec = vec![0u8; BLOCK + ALIGN];
-        // Always below ALIGN for a byte pointer; clamped so that a surprise makes the
-        // direct call fail with EINVAL rather than slice out of bounds.
-        let start = vec.as_ptr().align_offset(ALIGN).min(ALIGN);
-        Self { vec, start }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        &self.vec[self.start..self.start + BLOCK]
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.vec[self.start..self.start + BLOCK]
-    }
-}
 
 /// What a [`DirectAppender`] whose buffer went with a failed write answers from then on.
 fn failed_before() -> io::Error {
@@ -82,7 +49,7 @@ pub(super) struct DirectAppender {
     plain: Arc<File>,
     /// The bytes from `base` on not yet written directly; `None` only while a write runs
     /// (or after it failed: the appender is then unusable).
-    buf: Option<Aligned>,
+    buf: Option<AlignedBuf>,
     /// Bytes held in `buf`.
     len: usize,
     /// The file offset of `buf`'s first byte, a multiple of [`ALIGN`].
@@ -105,7 +72,7 @@ impl DirectAppender {
         let stored = plain.metadata()?.len();
         let tail = (stored % ALIGN as u64) as usize;
         let base = stored - tail as u64;
-        let mut buf = Aligned::new();
+        let mut buf = AlignedBuf::new(BLOCK);
         plain.read_exact_at(&mut buf.bytes_mut()[..tail], base)?;
         Ok(Some(Self {
             direct: Arc::new(direct),
@@ -116,7 +83,7 @@ impl DirectAppender {
         }))
     }
 
-    fn take_buf(&mut self) -> io::Result<Aligned> {
+    fn take_buf(&mut self) -> io::Result<AlignedBuf> {
         self.buf.take().ok_or_else(failed_before)
     }
 
@@ -188,11 +155,13 @@ pub(super) fn reader(path: &Path) -> io::Result<Option<DirectReader>> {
         return Ok(None);
     };
     let (tx, rx) = mpsc::channel(READ_AHEAD);
-    let (spare_tx, spare_rx) = std::sync::mpsc::channel::<Aligned>();
+    let (spare_tx, spare_rx) = std::sync::mpsc::channel::<AlignedBuf>();
     tokio::task::spawn_blocking(move || {
         let mut at = 0u64;
         loop {
-            let mut buf = spare_rx.try_recv().unwrap_or_else(|_| Aligned::new());
+            let mut buf = spare_rx
+                .try_recv()
+                .unwrap_or_else(|_| AlignedBuf::new(BLOCK));
             let read = file.read_at(buf.bytes_mut(), at);
             let last = !matches!(read, Ok(n) if n > 0 && n % ALIGN == 0);
             let block = read.map(|n| {
@@ -216,13 +185,13 @@ pub(super) fn reader(path: &Path) -> io::Result<Option<DirectReader>> {
 
 /// The consuming end of [`reader`]: an [`AsyncRead`] over the blocks it reads.
 pub(super) struct DirectReader {
-    blocks: mpsc::Receiver<io::Result<(Aligned, usize)>>,
+    blocks: mpsc::Receiver<io::Result<(AlignedBuf, usize)>>,
     /// The block being read, its first `len` bytes the file's.
-    block: Option<Aligned>,
+    block: Option<AlignedBuf>,
     len: usize,
     pos: usize,
     /// Where read blocks go back to the reading thread.
-    spares: std::sync::mpsc::Sender<Aligned>,
+    spares: std::sync::mpsc::Sender<AlignedBuf>,
 }
 
 impl AsyncRead for DirectReader {
