@@ -112,11 +112,11 @@
 //! A request runs in one transaction: child tables first, so that they are still reachable
 //! through their parent's rows, then the matched tables (a contract end's erasure: one
 //! transaction per batch, see above). On SQLite, erasures that arrive together share a
-//! transaction, each in a savepoint of its own that a failure rolls back alone (`writer`). Identifiers come only from the validated configuration
-//! and are quoted; identity values, corrected values, dates and batch bounds are always bound
-//! as parameters. The only SQL text taken from the configuration is `retain.while` and a
-//! controller's `condition`, spliced as written: trusted operator configuration, never user
-//! input.
+//! transaction, each in a savepoint of its own that a failure rolls back alone (`writer`).
+//! Identifiers come only from the validated configuration and are quoted; identity values,
+//! corrected values, dates and batch bounds are always bound as parameters. The only SQL text
+//! taken from the configuration is `retain.while` and a controller's `condition`, spliced as
+//! written: trusted operator configuration, never user input.
 //!
 //! # Layout
 //! - `rules`: the configuration ([`SqlConnectorConfig`], [`TableRule`], [`Action`],
@@ -173,15 +173,19 @@ pub(crate) struct SqlConnector {
     config: Arc<SqlConnectorConfig>,
     /// The database at `config.url`; `None` when every controller has a database of its own,
     /// so that an unused URL is never opened (or, for SQLite, created).
-    db: Option<Db>,
+    db: Option<Database>,
     /// The databases of the controllers scoped by `url`.
-    own: BTreeMap<String, Db>,
-    /// The erasure queue of `db` when it is SQLite.
-    db_writer: Option<Arc<ErasureWriter>>,
-    /// The erasure queues of the controllers' own databases that are SQLite.
-    own_writers: BTreeMap<String, Arc<ErasureWriter>>,
+    own: BTreeMap<String, Database>,
     /// Top-level rows per transaction of a bulk job.
     batch_subjects: u64,
+}
+
+/// A connected database and, when it is SQLite, the queue its erasures share transactions
+/// through.
+#[derive(Debug, Clone)]
+struct Database {
+    db: Db,
+    writer: Option<Arc<ErasureWriter>>,
 }
 
 /// One controller's part of the holder: the database its rows are in and the condition that
@@ -229,20 +233,20 @@ impl SqlConnector {
             }
         }
         let config = Arc::new(config);
-        let writer = |db: &Db| {
-            (db.backend == Backend::Sqlite).then(|| ErasureWriter::new(config.clone(), db.clone()))
+        let database = |db: Db| Database {
+            writer: (db.backend == Backend::Sqlite)
+                .then(|| ErasureWriter::new(config.clone(), db.clone())),
+            db,
         };
-        let db_writer = db.as_ref().and_then(writer);
-        let own_writers = own
-            .iter()
-            .filter_map(|(name, db)| Some((name.clone(), writer(db)?)))
+        let db = db.map(database);
+        let own = own
+            .into_iter()
+            .map(|(name, db)| (name, database(db)))
             .collect();
         Ok(Self {
             config,
             db,
             own,
-            db_writer,
-            own_writers,
             batch_subjects: bulk::BATCH_SUBJECTS,
         })
     }
@@ -250,19 +254,18 @@ impl SqlConnector {
     /// Where `controller`'s data is; the reason to refuse when this holder has none of it.
     pub(crate) fn scope<'a>(&'a self, controller: &str) -> Result<Scoped<'a>, String> {
         let config = &*self.config;
-        let scoped = |db: Option<&'a Db>,
-                      writer: Option<&'a Arc<ErasureWriter>>,
-                      condition: Option<&'a str>| {
-            db.map(|db| Scoped {
-                config,
-                db,
-                condition,
-                writer,
-            })
-            .ok_or_else(|| format!("no database is connected for controller {controller:?}"))
+        let scoped = |database: Option<&'a Database>, condition: Option<&'a str>| {
+            database
+                .map(|d| Scoped {
+                    config,
+                    db: &d.db,
+                    condition,
+                    writer: d.writer.as_ref(),
+                })
+                .ok_or_else(|| format!("no database is connected for controller {controller:?}"))
         };
         if self.config.controllers.is_empty() {
-            return scoped(self.db.as_ref(), self.db_writer.as_ref(), None);
+            return scoped(self.db.as_ref(), None);
         }
         match self.config.controllers.get(controller) {
             None => {
@@ -276,16 +279,8 @@ impl SqlConnector {
             Some(ControllerScope {
                 condition: Some(condition),
                 ..
-            }) => scoped(
-                self.db.as_ref(),
-                self.db_writer.as_ref(),
-                Some(condition.as_str()),
-            ),
-            Some(_) => scoped(
-                self.own.get(controller),
-                self.own_writers.get(controller),
-                None,
-            ),
+            }) => scoped(self.db.as_ref(), Some(condition.as_str())),
+            Some(_) => scoped(self.own.get(controller), None),
         }
     }
 }

@@ -2336,10 +2336,8 @@ async fn sqlite_erasures_arriving_together_share_a_commit_and_fail_alone() {
     ] {
         sqlx::query(sql).execute(&db.pool).await.unwrap();
     }
-    let writer = connector
-        .db_writer
-        .as_ref()
-        .expect("a SQLite database has a writer");
+    let writer = connector.db.as_ref().and_then(|d| d.writer.as_ref());
+    let writer = writer.expect("a SQLite database has a writer");
     let before = writer.commits();
     let scope = connector.scope("acme").unwrap();
     let (matti, teemu, maija) = (
@@ -2406,7 +2404,11 @@ async fn sqlite_erasure_that_rolls_back_its_transaction_answers_its_own_error() 
     .execute(&db.pool)
     .await
     .unwrap();
-    let writer = connector.db_writer.as_ref().unwrap();
+    let writer = connector
+        .db
+        .as_ref()
+        .and_then(|d| d.writer.as_ref())
+        .unwrap();
     let before = writer.commits();
     let scope = connector.scope("acme").unwrap();
     let (teemu, matti) = (
