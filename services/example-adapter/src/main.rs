@@ -16,8 +16,7 @@ struct Args {
     config: Option<PathBuf>,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args = Args::parse();
     dsrelay_runtime::host::main(
         "dsrelay-example-adapter",
@@ -27,5 +26,4 @@ async fn main() -> ExitCode {
             App::build(config).await?.run(listener, shutdown).await
         },
     )
-    .await
 }

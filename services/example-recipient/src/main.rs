@@ -16,16 +16,12 @@ struct Args {
     config: Option<PathBuf>,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args = Args::parse();
     dsrelay_runtime::host::main(
         "dsrelay-example-recipient",
         args.config.as_deref(),
         Config::load,
-        |config, listener, shutdown| async move {
-            App::build(config)?.run(listener, shutdown).await
-        },
+        |config, listener, shutdown| async move { App::build(config)?.run(listener, shutdown).await },
     )
-    .await
 }

@@ -15,8 +15,7 @@ struct Args {
     config: Option<PathBuf>,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args = Args::parse();
     dsrelay_runtime::host::main(
         "dsrelay-processor",
@@ -26,5 +25,4 @@ async fn main() -> ExitCode {
             App::build(config).await?.run(listener, shutdown).await
         },
     )
-    .await
 }

@@ -25,7 +25,7 @@
 //! [`SHUTDOWN_MARGIN`] after the grace are aborted, so nothing of a host outlives its `run`.
 //!
 //! [`main`] is what the service binaries share: load the configuration (exit 64 when it is
-//! bad), set up telemetry, bind, run, shut telemetry down.
+//! bad), start the runtime it asks for, set up telemetry, bind, run, shut telemetry down.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -253,7 +253,8 @@ impl Host {
             running.push(("admin port", admin));
         }
         let addr = listener.local_addr().ok();
-        tracing::info!(service = name, ?addr, "serving");
+        let (runtime, worker_threads) = runtime_shape();
+        tracing::info!(service = name, ?addr, runtime, worker_threads, "serving");
         // The workers stop while the server drains, not after it: the grace counts from the
         // signal, whatever the calls in flight do.
         let stop_tx = Arc::new(stop_tx);
@@ -295,10 +296,11 @@ async fn stop_within(running: Vec<(&'static str, JoinHandle<()>)>, deadline: tok
 }
 
 /// The body of every service binary's `main`: loads the configuration from `config_file`
-/// and the environment with `load` (a bad one is printed and exits 64, EX_USAGE), sets up
-/// telemetry as `name`, binds the configured address, and calls `run` with the listener and
-/// a future that resolves on SIGINT or SIGTERM. Exits 1 when the service fails.
-pub async fn main<C, L, R, Fut>(
+/// and the environment with `load` (a bad one is printed and exits 64, EX_USAGE), starts the
+/// async runtime its `worker_threads` asks for ([`runtime`]), sets up telemetry as `name`,
+/// binds the configured address, and calls `run` with the listener and a future that
+/// resolves on SIGINT or SIGTERM. Exits 1 when the service fails.
+pub fn main<C, L, R, Fut>(
     name: &'static str,
     config_file: Option<&Path>,
     load: L,
@@ -317,25 +319,60 @@ where
             return ExitCode::from(EXIT_USAGE as u8);
         }
     };
-    let telemetry = crate::telemetry::init(config.as_ref().log_json, name);
-    let result = async {
-        let listen = config.as_ref().listen.clone();
-        // A socket handed down by whoever started us (tests, systemd) keeps its address
-        // across restarts; otherwise bind it here.
-        let listener = crate::listen::bind(&listen)
-            .await
-            .with_context(|| format!("binding {listen}"))?;
-        run(config, listener, Box::pin(crate::shutdown_signal())).await
-    }
-    .await;
-    telemetry.shutdown().await;
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
+    let runtime = match runtime(config.as_ref().worker_threads) {
+        Ok(r) => r,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "{name} failed");
-            ExitCode::FAILURE
+            eprintln!("{name}: starting the async runtime failed: {e}");
+            return ExitCode::FAILURE;
         }
-    }
+    };
+    runtime.block_on(async move {
+        let telemetry = crate::telemetry::init(config.as_ref().log_json, name);
+        let result = async {
+            let listen = config.as_ref().listen.clone();
+            // A socket handed down by whoever started us (tests, systemd) keeps its address
+            // across restarts; otherwise bind it here.
+            let listener = crate::listen::bind(&listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            run(config, listener, Box::pin(crate::shutdown_signal())).await
+        }
+        .await;
+        telemetry.shutdown().await;
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "{name} failed");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// The async runtime of a service with `worker_threads` ([`ServiceSettings::worker_threads`]):
+/// tokio's current-thread runtime for 1, which runs everything on the thread that blocks on
+/// it, or a work-stealing pool of that many threads. Either has the blocking pool, I/O and
+/// timers.
+pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if worker_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(worker_threads);
+        builder
+    };
+    builder.enable_all().build()
+}
+
+/// How the runtime the caller runs on is made up, for the start-up log: its kind and how
+/// many threads run its tasks.
+fn runtime_shape() -> (&'static str, usize) {
+    let handle = tokio::runtime::Handle::current();
+    let kind = match handle.runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::CurrentThread => "current_thread",
+        _ => "multi_thread",
+    };
+    (kind, handle.metrics().num_workers())
 }
 
 /// Server reflection by the caller's role: one reflection service per role, describing
@@ -681,21 +718,50 @@ mod tests {
         assert!(!started.load(Ordering::SeqCst));
     }
 
-    #[tokio::test]
-    async fn a_bad_configuration_exits_64_before_anything_starts() {
-        struct Sample(ServiceSettings);
-        impl AsRef<ServiceSettings> for Sample {
-            fn as_ref(&self) -> &ServiceSettings {
-                &self.0
-            }
+    /// A configuration shaped like the services' own.
+    struct Sample(ServiceSettings);
+
+    impl AsRef<ServiceSettings> for Sample {
+        fn as_ref(&self) -> &ServiceSettings {
+            &self.0
         }
+    }
+
+    #[test]
+    fn a_bad_configuration_exits_64_before_anything_starts() {
         let code = main(
             "test",
             None,
             |_| Err::<Sample, _>(ConfigErrors(vec!["listen: \"x\" is not host:port".into()])),
             |_, _, _| async { panic!("ran with a bad configuration") },
-        )
-        .await;
+        );
         assert_eq!(format!("{code:?}"), format!("{:?}", ExitCode::from(64)));
+    }
+
+    /// `main` runs the service on the runtime its `worker_threads` asks for: one thread, or
+    /// a pool of that many.
+    #[test]
+    fn the_service_runs_on_the_runtime_its_configuration_asks_for() {
+        for (threads, wanted) in [(1, ("current_thread", 1)), (3, ("multi_thread", 3))] {
+            let mut settings = ServiceSettings::new(
+                "127.0.0.1:0",
+                "sqlite::memory:",
+                TlsFiles::new("ca.pem", "c.pem", "c.key"),
+            );
+            settings.worker_threads = threads;
+            let seen = Arc::new(std::sync::Mutex::new(None));
+            let s = seen.clone();
+            let code = main(
+                "test",
+                None,
+                |_| Ok(Sample(settings)),
+                |_, _, _| async move {
+                    *s.lock().unwrap() = Some(runtime_shape());
+                    Ok(())
+                },
+            );
+            assert_eq!(format!("{code:?}"), format!("{:?}", ExitCode::SUCCESS));
+            assert_eq!(*seen.lock().unwrap(), Some(wanted), "{threads} threads");
+        }
     }
 }

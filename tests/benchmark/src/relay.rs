@@ -91,9 +91,12 @@ pub(crate) fn settings_description(
              everything else at its default",
             t.poll_interval_ms, t.batch_size, t.concurrency, a.poll_interval_ms, a.batch_size
         ),
-        "services: the release binaries, each a process of its own, `RUST_LOG=warn` (logs to \
-         files in the temporary folder)"
-            .into(),
+        format!(
+            "services: the release binaries, each a process of its own on {} async thread(s) \
+             (`worker_threads`, the default), `RUST_LOG=warn` (logs to files in the temporary \
+             folder)",
+            dsrelay_runtime::settings::DEFAULT_WORKER_THREADS
+        ),
     ]
 }
 

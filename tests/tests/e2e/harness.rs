@@ -202,6 +202,8 @@ pub struct PairOptions {
     pub shutdown_grace_ms: Option<u64>,
     /// `call_limit_ms` of the registry and the processor (`None`: the default).
     pub call_limit_ms: Option<u64>,
+    /// `worker_threads` of the registry and the processor (`None`: the default).
+    pub worker_threads: Option<usize>,
     /// The registry's `[watch]` table (`None`: its defaults).
     pub watch: Option<dsrelay_registry::config::WatchConfig>,
 }
@@ -235,6 +237,7 @@ impl Default for PairOptions {
             tls_reload_ms: None,
             shutdown_grace_ms: None,
             call_limit_ms: None,
+            worker_threads: None,
             watch: None,
         }
     }
@@ -447,6 +450,10 @@ mod configs {
                     .opts
                     .call_limit_ms
                     .unwrap_or(dsrelay_runtime::settings::DEFAULT_CALL_LIMIT_MS),
+                worker_threads: plan
+                    .opts
+                    .worker_threads
+                    .unwrap_or(dsrelay_runtime::settings::DEFAULT_WORKER_THREADS),
             },
             identities: vec![
                 party("partner", "crm", Role::Partner),
@@ -606,6 +613,10 @@ mod configs {
                     .opts
                     .call_limit_ms
                     .unwrap_or(dsrelay_runtime::settings::DEFAULT_CALL_LIMIT_MS),
+                worker_threads: plan
+                    .opts
+                    .worker_threads
+                    .unwrap_or(dsrelay_runtime::settings::DEFAULT_WORKER_THREADS),
             },
             controllers: [(super::CONTROLLER, "controller")]
                 .into_iter()
@@ -682,6 +693,7 @@ mod configs {
                 log_json: plan.opts.log_json,
                 shutdown_grace_ms: dsrelay_runtime::settings::DEFAULT_SHUTDOWN_GRACE_MS,
                 call_limit_ms: dsrelay_runtime::settings::DEFAULT_CALL_LIMIT_MS,
+                worker_threads: dsrelay_runtime::settings::DEFAULT_WORKER_THREADS,
             },
             allowed_identities: vec![dev_identity("processor", PROCESSOR)],
             confirm_delay_ms: plan.opts.newsletter_confirm_delay_ms,
@@ -704,6 +716,7 @@ mod configs {
                 log_json: plan.opts.log_json,
                 shutdown_grace_ms: dsrelay_runtime::settings::DEFAULT_SHUTDOWN_GRACE_MS,
                 call_limit_ms: dsrelay_runtime::settings::DEFAULT_CALL_LIMIT_MS,
+                worker_threads: dsrelay_runtime::settings::DEFAULT_WORKER_THREADS,
             },
             name: RECIPIENT.into(),
             data_dir: plan.recipient_data.clone(),
