@@ -64,6 +64,9 @@ pub(crate) struct Shared {
     /// Subprocessors that failed transiently, and until when (ms) their tasks wait without
     /// calling them: one unreachable holder costs one timeout, not one per task.
     pub unavailable_until: crate::breaker::Breaker,
+    /// One permit per export that may run at once (`tasks.export_concurrency`): an export
+    /// holds buffers and an upload stream, an erasure hardly anything.
+    pub export_slots: tokio::sync::Semaphore,
     /// Counters and histograms served on the admin port.
     pub metrics: crate::metrics::Metrics,
     /// Turns true when the shutdown grace is over: task steps still calling their holder
@@ -175,6 +178,7 @@ impl App {
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             );
         }
+        let export_slots = tokio::sync::Semaphore::new(config.tasks.export_concurrency);
         Ok(Self {
             tls,
             shared: Arc::new(Shared {
@@ -191,6 +195,7 @@ impl App {
                 upload_wakeup: Notify::new(),
                 recipients,
                 unavailable_until: Default::default(),
+                export_slots,
                 abandon: watch::Sender::new(false),
                 runner_stopped: watch::Sender::new(false),
                 shutdown_released: Default::default(),

@@ -486,6 +486,103 @@ async fn lost_progress_is_not_recorded(database_url: &str, dir: &std::path::Path
     first.abort();
 }
 
+/// Exports beyond `tasks.export_concurrency` (1 here) wait for a slot, and their leases are
+/// renewed while they wait; work that exports nothing does not wait for one.
+async fn exports_wait_for_a_slot_holding_their_leases(database_url: &str, dir: &std::path::Path) {
+    let lease_ms = 600;
+    let (tx, mut entered) = mpsc::unbounded_channel();
+    let barrier = Arc::new(Barrier {
+        entered: tx,
+        calls: AtomicUsize::new(0),
+        interrupted: Default::default(),
+    });
+    let connectors = HashMap::from([("crm".to_string(), barrier.clone() as Arc<dyn Connector>)]);
+    let mut config = config(dir, database_url, lease_ms);
+    config.tasks.export_concurrency = 1;
+    let app = App::with_connectors(config, connectors).await.expect("app");
+    let shared = app.shared();
+    let now = shared.clock.now_ms();
+    let mut jobs = HashMap::new();
+    for (id, kind) in [
+        ("export-1", RequestKind::ReturnOfData),
+        ("export-2", RequestKind::ReturnOfData),
+        ("erasure", RequestKind::Erasure),
+    ] {
+        let req = DeliverRequest {
+            request_id: id.into(),
+            kind: kind as i32,
+            due_at: Some(timestamp_from_millis(now + 600_000)),
+            ..Default::default()
+        };
+        shared
+            .store
+            .accept("acme", &req, &["crm".to_string()], None, now)
+            .await
+            .expect("accept");
+        let task = &shared.store.tasks("acme", id).await.expect("tasks")[0];
+        let started = Transition {
+            state: TaskState::InProgress,
+            ..Default::default()
+        };
+        shared
+            .store
+            .transition(&task.key, task.sequence, &started, now, 0)
+            .await
+            .expect("start")
+            .expect("started");
+        let job = claim_one(&shared, lease_ms as i64).await;
+        jobs.insert(id, job);
+    }
+    let first = start(&shared, jobs.remove("export-1").expect("job"));
+    let release_first = next_call(&mut entered).await;
+    let second = start(&shared, jobs.remove("export-2").expect("job"));
+    let erasure = start(&shared, jobs.remove("erasure").expect("job"));
+    let release_erasure = next_call(&mut entered).await;
+    assert_eq!(
+        barrier.calls.load(Ordering::SeqCst),
+        2,
+        "the erasure took no slot"
+    );
+
+    // Three leases' worth of waiting: the second export is not called, and no claim can
+    // take its task, since its runner renews the lease while it waits.
+    tokio::time::sleep(Duration::from_millis(3 * lease_ms)).await;
+    assert_eq!(
+        barrier.calls.load(Ordering::SeqCst),
+        2,
+        "one export at a time"
+    );
+    let taken = shared
+        .store
+        .claim_tasks(shared.clock.now_ms(), 10, 60_000)
+        .await
+        .expect("claim");
+    assert!(
+        taken.is_empty(),
+        "a waiting export kept its lease: {taken:?}"
+    );
+
+    release_first.send(()).expect("first call waits");
+    let release_second = next_call(&mut entered).await;
+    assert_eq!(barrier.calls.load(Ordering::SeqCst), 3);
+    release_second.send(()).expect("second call waits");
+    release_erasure.send(()).expect("erasure waits");
+    for runner in [first, second, erasure] {
+        runner.await.expect("runner").expect("step");
+    }
+    // No call was cut off and resumed: each ran once, under its own claim.
+    assert_eq!(
+        *barrier.interrupted.lock().expect("interrupted"),
+        [false, false, false]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_wait_for_a_slot_holding_their_leases_on_sqlite() {
+    on_sqlite(|u, d| async move { exports_wait_for_a_slot_holding_their_leases(&u, &d).await })
+        .await;
+}
+
 async fn on_sqlite<F, Fut>(test: F)
 where
     F: FnOnce(String, std::path::PathBuf) -> Fut,

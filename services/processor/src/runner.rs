@@ -601,7 +601,6 @@ async fn call(
             }
         }
     };
-    let started = Instant::now();
     let span = tracing::info_span!(
         "connector",
         subprocessor = %key.subprocessor,
@@ -610,13 +609,24 @@ async fn call(
     );
     let m = &shared.metrics;
     let run = async {
+        let started = Instant::now();
         let result = connector.run(&task).instrument(span).await;
         m.connector_duration
             .observe(&[&key.subprocessor], started.elapsed().as_secs_f64());
         result
     };
+    let exporting = task.export.is_some();
+    let work = async {
+        // Exports beyond `tasks.export_concurrency` wait here, inside the select, so their
+        // leases are renewed while they wait. The semaphore is never closed.
+        let _slot = match exporting {
+            true => shared.export_slots.acquire().await.ok(),
+            false => None,
+        };
+        head_start::beside(shared, head_start, run).await
+    };
     let result = tokio::select! {
-        r = head_start::beside(shared, head_start, run) => r,
+        r = work => r,
         lost = renew => return Err(lost),
         () = abandoned(shared) => return Err(release(shared, job).await),
     };

@@ -646,6 +646,7 @@ mod configs {
                 lease_ms: 2000,
                 batch_size: 64,
                 concurrency: 8,
+                export_concurrency: 4,
                 confirm_interval_ms: 200,
             },
             acks: AckConfig {
