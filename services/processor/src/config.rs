@@ -181,7 +181,7 @@ pub struct TaskConfig {
     /// Tasks claimed per round.
     pub batch_size: u32,
     /// Tasks run at once. Most steps wait on a commit or a holder's answer, so more in
-    /// flight share more commits: 32 completed 40 % more one-hop erasures than 8
+    /// flight share more commits: 32 completed 40–55 % more one-hop erasures than 8
     /// (`docs/benchmarks.md`, session 19).
     pub concurrency: usize,
     /// Of those, how many may be exports (a return of data's or a transfer's holder call)
