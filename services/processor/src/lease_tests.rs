@@ -101,21 +101,42 @@ struct Setup {
 }
 
 async fn setup(database_url: &str, dir: &std::path::Path, lease_ms: u64) -> Setup {
-    let (tx, entered) = mpsc::unbounded_channel();
-    let barrier = Arc::new(Barrier {
-        entered: tx,
-        calls: AtomicUsize::new(0),
-        interrupted: Default::default(),
-    });
-    let connectors = HashMap::from([("crm".to_string(), barrier.clone() as Arc<dyn Connector>)]);
-    let app = App::with_connectors(config(dir, database_url, lease_ms), connectors)
-        .await
-        .expect("app");
-    let shared = app.shared();
+    let (barrier, entered) = Barrier::new();
+    let app = barrier.app(config(dir, database_url, lease_ms)).await;
+    accept_started(&app.shared(), "r-1", RequestKind::Erasure).await;
+    Setup {
+        app,
+        entered,
+        barrier,
+    }
+}
+
+impl Barrier {
+    fn new() -> (Arc<Self>, mpsc::UnboundedReceiver<oneshot::Sender<()>>) {
+        let (tx, entered) = mpsc::unbounded_channel();
+        let barrier = Arc::new(Barrier {
+            entered: tx,
+            calls: AtomicUsize::new(0),
+            interrupted: Default::default(),
+        });
+        (barrier, entered)
+    }
+
+    /// The processor of `config`, with this barrier as its subprocessor `crm`.
+    async fn app(self: &Arc<Self>, config: Config) -> App {
+        let connectors = HashMap::from([("crm".to_string(), self.clone() as Arc<dyn Connector>)]);
+        App::with_connectors(config, connectors).await.expect("app")
+    }
+}
+
+/// Accepts request `id` of `kind` for `crm` and moves its task to IN_PROGRESS, released, as
+/// after a retry: a claim then runs it under the claim's own lease, which the tests choose
+/// (a PENDING task's start would hold it for `tasks.lease_ms`).
+async fn accept_started(shared: &Shared, id: &str, kind: RequestKind) {
     let now = shared.clock.now_ms();
     let req = DeliverRequest {
-        request_id: "r-1".into(),
-        kind: RequestKind::Erasure as i32,
+        request_id: id.into(),
+        kind: kind as i32,
         due_at: Some(timestamp_from_millis(now + 600_000)),
         ..Default::default()
     };
@@ -124,10 +145,7 @@ async fn setup(database_url: &str, dir: &std::path::Path, lease_ms: u64) -> Setu
         .accept("acme", &req, &["crm".to_string()], None, now)
         .await
         .expect("accept");
-    // IN_PROGRESS and released, as after a retry: a claim then runs it under the claim's
-    // own lease, which the tests choose (a PENDING task's start would hold it for
-    // `tasks.lease_ms`).
-    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    let task = &shared.store.tasks("acme", id).await.expect("tasks")[0];
     let started = Transition {
         state: TaskState::InProgress,
         ..Default::default()
@@ -138,11 +156,6 @@ async fn setup(database_url: &str, dir: &std::path::Path, lease_ms: u64) -> Setu
         .await
         .expect("start")
         .expect("started");
-    Setup {
-        app,
-        entered,
-        barrier,
-    }
 }
 
 /// Claims the task for `lease_ms` (the runner renews it on `tasks.lease_ms`).
@@ -490,48 +503,19 @@ async fn lost_progress_is_not_recorded(database_url: &str, dir: &std::path::Path
 /// renewed while they wait; work that exports nothing does not wait for one.
 async fn exports_wait_for_a_slot_holding_their_leases(database_url: &str, dir: &std::path::Path) {
     let lease_ms = 600;
-    let (tx, mut entered) = mpsc::unbounded_channel();
-    let barrier = Arc::new(Barrier {
-        entered: tx,
-        calls: AtomicUsize::new(0),
-        interrupted: Default::default(),
-    });
-    let connectors = HashMap::from([("crm".to_string(), barrier.clone() as Arc<dyn Connector>)]);
+    let (barrier, mut entered) = Barrier::new();
     let mut config = config(dir, database_url, lease_ms);
     config.tasks.export_concurrency = 1;
-    let app = App::with_connectors(config, connectors).await.expect("app");
+    let app = barrier.app(config).await;
     let shared = app.shared();
-    let now = shared.clock.now_ms();
     let mut jobs = HashMap::new();
     for (id, kind) in [
         ("export-1", RequestKind::ReturnOfData),
         ("export-2", RequestKind::ReturnOfData),
         ("erasure", RequestKind::Erasure),
     ] {
-        let req = DeliverRequest {
-            request_id: id.into(),
-            kind: kind as i32,
-            due_at: Some(timestamp_from_millis(now + 600_000)),
-            ..Default::default()
-        };
-        shared
-            .store
-            .accept("acme", &req, &["crm".to_string()], None, now)
-            .await
-            .expect("accept");
-        let task = &shared.store.tasks("acme", id).await.expect("tasks")[0];
-        let started = Transition {
-            state: TaskState::InProgress,
-            ..Default::default()
-        };
-        shared
-            .store
-            .transition(&task.key, task.sequence, &started, now, 0)
-            .await
-            .expect("start")
-            .expect("started");
-        let job = claim_one(&shared, lease_ms as i64).await;
-        jobs.insert(id, job);
+        accept_started(&shared, id, kind).await;
+        jobs.insert(id, claim_one(&shared, lease_ms as i64).await);
     }
     let first = start(&shared, jobs.remove("export-1").expect("job"));
     let release_first = next_call(&mut entered).await;
