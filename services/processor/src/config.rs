@@ -184,8 +184,9 @@ pub struct TaskConfig {
     /// flight share more commits: 32 completed 40–55 % more one-hop erasures than 8
     /// (`docs/benchmarks.md`, session 19).
     pub concurrency: usize,
-    /// Of those, how many may be exports (a return of data's or a transfer's holder call)
-    /// at once; the others wait for a slot, their leases renewed meanwhile. Each export
+    /// Of those, how many may be exports (the holder call of a return of data, a transfer,
+    /// or a contract end that returns the data) at once; the others wait for a slot, their
+    /// leases renewed meanwhile. Each export
     /// holds about 25 MiB while it runs (its blocks, the export reader and the upload
     /// beside it), so this bounds the processor's memory where `concurrency` would not.
     pub export_concurrency: usize,

@@ -158,6 +158,53 @@ async fn accept_started(shared: &Shared, id: &str, kind: RequestKind) {
         .expect("started");
 }
 
+/// Accepts `r-1`, a contract end of `choice` effective now, for `crm`, and moves its task
+/// to `phase`, released; answers its sequence.
+async fn accept_contract_end(
+    shared: &Shared,
+    choice: ContractEndChoice,
+    phase: ContractPhase,
+) -> i64 {
+    let now = shared.clock.now_ms();
+    let req = DeliverRequest {
+        request_id: "r-1".into(),
+        kind: RequestKind::ContractEnd as i32,
+        parameters: Some(RequestParameters {
+            contract_end: Some(ContractEnd {
+                choice: choice as i32,
+                effective_at: Some(timestamp_from_millis(now)),
+                grace_ends_at: Some(timestamp_from_millis(now + 1_000)),
+                return_confirmed: false,
+                transfer_recipient: String::new(),
+            }),
+            ..Default::default()
+        }),
+        due_at: Some(timestamp_from_millis(now + 600_000)),
+        ..Default::default()
+    };
+    shared
+        .store
+        .accept("acme", &req, &["crm".to_string()], None, now)
+        .await
+        .expect("accept");
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    let moved = Transition {
+        state: TaskState::InProgress,
+        contract: Some(ContractStep {
+            phase,
+            progress: None,
+            scheduled_at: None,
+        }),
+        ..Default::default()
+    };
+    shared
+        .store
+        .transition(&task.key, task.sequence, &moved, now, 0)
+        .await
+        .expect("move")
+        .expect("moved")
+}
+
 /// Claims the task for `lease_ms` (the runner renews it on `tasks.lease_ms`).
 async fn claim_one(shared: &Arc<Shared>, lease_ms: i64) -> TaskJob {
     let mut jobs = shared
@@ -421,45 +468,9 @@ async fn lost_progress_is_not_recorded(database_url: &str, dir: &std::path::Path
         .await
         .expect("app");
     let shared = app.shared();
-    let now = shared.clock.now_ms();
-    let req = DeliverRequest {
-        request_id: "r-1".into(),
-        kind: RequestKind::ContractEnd as i32,
-        parameters: Some(RequestParameters {
-            contract_end: Some(ContractEnd {
-                choice: ContractEndChoice::Delete as i32,
-                effective_at: Some(timestamp_from_millis(now)),
-                grace_ends_at: Some(timestamp_from_millis(now + 1_000)),
-                return_confirmed: false,
-                transfer_recipient: String::new(),
-            }),
-            ..Default::default()
-        }),
-        due_at: Some(timestamp_from_millis(now + 600_000)),
-        ..Default::default()
-    };
-    shared
-        .store
-        .accept("acme", &req, &["crm".to_string()], None, now)
-        .await
-        .expect("accept");
     // Deleting and released, so each claim runs it under the lease the test gives it.
-    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
-    let deleting = Transition {
-        state: TaskState::InProgress,
-        contract: Some(ContractStep {
-            phase: ContractPhase::Deleting,
-            progress: None,
-            scheduled_at: None,
-        }),
-        ..Default::default()
-    };
-    let seq = shared
-        .store
-        .transition(&task.key, task.sequence, &deleting, now, 0)
-        .await
-        .expect("deleting")
-        .expect("moved");
+    let seq =
+        accept_contract_end(&shared, ContractEndChoice::Delete, ContractPhase::Deleting).await;
 
     let first = start(&shared, claim_one(&shared, 50).await);
     let held_first = tokio::time::timeout(Duration::from_secs(10), entered.recv())
@@ -565,6 +576,66 @@ async fn exports_wait_for_a_slot_holding_their_leases(database_url: &str, dir: &
 async fn exports_wait_for_a_slot_holding_their_leases_on_sqlite() {
     on_sqlite(|u, d| async move { exports_wait_for_a_slot_holding_their_leases(&u, &d).await })
         .await;
+}
+
+/// A contract end's export waits for a slot like any other (all of them taken by the test
+/// here), its lease renewed by the bulk step's loop meanwhile; its holder is called once a
+/// slot is free.
+async fn a_contract_end_export_waits_for_a_slot(database_url: &str, dir: &std::path::Path) {
+    let lease_ms = 600;
+    let (tx, mut entered) = mpsc::unbounded_channel();
+    let connectors = HashMap::from([(
+        "crm".to_string(),
+        Arc::new(BulkBarrier { entered: tx }) as Arc<dyn Connector>,
+    )]);
+    let app = App::with_connectors(config(dir, database_url, lease_ms), connectors)
+        .await
+        .expect("app");
+    let shared = app.shared();
+    accept_contract_end(
+        &shared,
+        ContractEndChoice::ReturnThenDelete,
+        ContractPhase::Returning,
+    )
+    .await;
+    let slots = shared
+        .config
+        .tasks
+        .export_concurrency
+        .try_into()
+        .expect("slots");
+    let taken = shared
+        .export_slots
+        .acquire_many(slots)
+        .await
+        .expect("every slot");
+
+    let runner = start(&shared, claim_one(&shared, lease_ms as i64).await);
+    tokio::time::sleep(Duration::from_millis(3 * lease_ms)).await;
+    assert!(entered.try_recv().is_err(), "the export waits for a slot");
+    let claimed = shared
+        .store
+        .claim_tasks(shared.clock.now_ms(), 10, 60_000)
+        .await
+        .expect("claim");
+    assert!(
+        claimed.is_empty(),
+        "a waiting export kept its lease: {claimed:?}"
+    );
+
+    drop(taken);
+    let held = tokio::time::timeout(Duration::from_secs(10), entered.recv())
+        .await
+        .expect("the export runs once a slot is free")
+        .expect("held");
+    drop(held.report);
+    held.finish.send(()).expect("step waits");
+    runner.await.expect("runner").expect("step");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contract_end_export_waits_for_a_slot_on_sqlite() {
+    on_sqlite(|u, d| async move { a_contract_end_export_waits_for_a_slot(&u, &d).await }).await;
 }
 
 async fn on_sqlite<F, Fut>(test: F)

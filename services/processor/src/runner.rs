@@ -441,7 +441,6 @@ async fn call_bulk(
     let (mut reported, mut reported_at, mut renewed_at) =
         (BulkProgress::default(), Instant::now(), Instant::now());
     let mut lease = Lease::new(shared, job, lease_ms);
-    let started = Instant::now();
     let span = tracing::info_span!(
         "connector",
         subprocessor = %key.subprocessor,
@@ -449,14 +448,20 @@ async fn call_bulk(
         op = ?op,
         phase = ?phase,
     );
-    let run = head_start::beside(shared, head_start, async {
-        let result = connector.run_bulk(&bulk).instrument(span).await;
-        shared
-            .metrics
-            .connector_duration
-            .observe(&[&key.subprocessor], started.elapsed().as_secs_f64());
-        result
-    });
+    let run = async {
+        // Renewed by the loop below while it waits for an export slot.
+        let _slot = export_slot(shared, op == BulkOp::Export).await;
+        let started = Instant::now();
+        head_start::beside(shared, head_start, async {
+            let result = connector.run_bulk(&bulk).instrument(span).await;
+            shared
+                .metrics
+                .connector_duration
+                .observe(&[&key.subprocessor], started.elapsed().as_secs_f64());
+            result
+        })
+        .await
+    };
     tokio::pin!(run);
     let result = loop {
         tokio::select! {
@@ -617,12 +622,8 @@ async fn call(
     };
     let exporting = task.export.is_some();
     let work = async {
-        // Exports beyond `tasks.export_concurrency` wait here, inside the select, so their
-        // leases are renewed while they wait. The semaphore is never closed.
-        let _slot = match exporting {
-            true => shared.export_slots.acquire().await.ok(),
-            false => None,
-        };
+        // Inside the select, so the lease is renewed while it waits for an export slot.
+        let _slot = export_slot(shared, exporting).await;
         head_start::beside(shared, head_start, run).await
     };
     let result = tokio::select! {
@@ -634,6 +635,16 @@ async fn call(
         m.connector_error(&key.subprocessor, e.is_transient());
     }
     Ok(result)
+}
+
+/// One of the `tasks.export_concurrency` slots when the step `exports`, once one is free;
+/// `None` at once for a step that does not. Callers wait where their lease is renewed.
+async fn export_slot(shared: &Shared, exports: bool) -> Option<tokio::sync::SemaphorePermit<'_>> {
+    match exports {
+        // The semaphore is never closed.
+        true => shared.export_slots.acquire().await.ok(),
+        false => None,
+    }
 }
 
 /// Resolves when the shutdown grace is over.
