@@ -186,9 +186,9 @@ pub struct TaskConfig {
     pub concurrency: usize,
     /// Of those, how many may be exports (the holder call of a return of data, a transfer,
     /// or a contract end that returns the data) at once; the others wait for a slot, their
-    /// leases renewed meanwhile. Each export
-    /// holds about 25 MiB while it runs (its blocks, the export reader and the upload
-    /// beside it), so this bounds the processor's memory where `concurrency` would not.
+    /// leases renewed meanwhile. Each export holds about 25 MiB while it runs (its blocks,
+    /// the export reader and the upload beside it), so this bounds the processor's memory
+    /// where `concurrency` would not.
     pub export_concurrency: usize,
     /// How often to ask a holder that accepted work whether it is done (ms).
     pub confirm_interval_ms: u64,

@@ -640,11 +640,11 @@ async fn call(
 /// One of the `tasks.export_concurrency` slots when the step `exports`, once one is free;
 /// `None` at once for a step that does not. Callers wait where their lease is renewed.
 async fn export_slot(shared: &Shared, exports: bool) -> Option<tokio::sync::SemaphorePermit<'_>> {
-    match exports {
-        // The semaphore is never closed.
-        true => shared.export_slots.acquire().await.ok(),
-        false => None,
+    if !exports {
+        return None;
     }
+    // The semaphore is never closed.
+    shared.export_slots.acquire().await.ok()
 }
 
 /// Resolves when the shutdown grace is over.
