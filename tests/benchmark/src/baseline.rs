@@ -14,8 +14,8 @@ use tonic_health::pb::HealthCheckRequest;
 use crate::load::{closed_loop, rss_kib, CpuUsage, CpuWindow, LoadResult, RssSampler};
 use crate::service::{channel, free_port, sibling_binary, Service};
 
-/// Serves only `grpc.health.v1.Health` with the services' TLS, limits and TCP_NODELAY, as
-/// the registry's identity, until SIGINT/SIGTERM.
+/// Serves only `grpc.health.v1.Health` with the services' TLS, limits, TCP_NODELAY and
+/// runtime (one async thread, their default), as the registry's identity, until SIGINT/SIGTERM.
 pub(crate) async fn serve_echo(listen: SocketAddr, pki_dir: &Path) -> Result<()> {
     let pki = DevPki {
         dir: pki_dir.to_path_buf(),

@@ -86,8 +86,9 @@ pub(crate) fn mb_per_s(bytes: u64, secs: f64) -> f64 {
 }
 
 /// Serves a bare `PackageService` whose DownloadPackage streams as many bytes as its
-/// `request_id` says, in 1 MiB file chunks, with the services' TLS, limits and TCP_NODELAY,
-/// as the registry's identity, until SIGINT/SIGTERM.
+/// `request_id` says, in 1 MiB file chunks, with the services' TLS, limits, TCP_NODELAY
+/// and runtime (one async thread, their default), as the registry's identity, until
+/// SIGINT/SIGTERM.
 pub(crate) async fn serve_stream(listen: SocketAddr, pki_dir: &Path) -> Result<()> {
     let pki = DevPki {
         dir: pki_dir.to_path_buf(),

@@ -5,7 +5,7 @@
 //! `docs/benchmarks.md` (`docs/benchmarks-postgres.md` with `--postgres`):
 //!
 //! - the bare echo: unary calls per second of a tonic server built like the services (same
-//!   mTLS, limits and TCP_NODELAY) that serves only the health check, in a process of its own
+//!   mTLS, limits, TCP_NODELAY and one async thread) that serves only the health check, in a process of its own
 //!   (this binary's hidden `echo-server` command);
 //! - bare durable single-row INSERT commits per second through the services' store handle
 //!   (`dsrelay_runtime::store::Db`) on the same store;
@@ -23,7 +23,8 @@
 //! - export streaming (`export`): a return of data of `--export-mib` MiB through a registry
 //!   and one processor (the SQL connector on the sample accounting database), from Submit to
 //!   the package downloaded and verified, against a bare mTLS server-streaming RPC carrying
-//!   the same bytes in 1 MiB messages (this binary's hidden `stream-server` command), with
+//!   the same bytes in 1 MiB messages (this binary's hidden `stream-server` command, built
+//!   like the echo server), with
 //!   the two services' peak resident memory;
 //! - contract end (`contract`): all of a controller's data at one SQL subprocessor
 //!   (`--contract-subjects` customers of the sample accounting schema) deleted through the
@@ -160,9 +161,28 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let args = Args::parse();
+    // The baseline servers run on the runtime the services run on by default, so that a
+    // baseline is what the services' own building blocks do on this machine; the load and
+    // the rest of the benchmark keep tokio's default pool.
+    let serving_baseline = matches!(
+        args.command,
+        Some(Command::EchoServer { .. } | Command::StreamServer { .. })
+    );
+    let runtime = if serving_baseline {
+        dsrelay_runtime::host::runtime(dsrelay_runtime::settings::DEFAULT_WORKER_THREADS)
+    } else {
+        tokio::runtime::Runtime::new()
+    };
+    let runtime = runtime.unwrap_or_else(|e| {
+        eprintln!("dsrelay-bench: starting the async runtime: {e}");
+        std::process::exit(1);
+    });
+    runtime.block_on(run_command(args));
+}
+
+async fn run_command(args: Args) {
     let result = match &args.command {
         Some(Command::EchoServer { listen, pki }) => baseline::serve_echo(*listen, pki).await,
         Some(Command::StreamServer { listen, pki }) => export::serve_stream(*listen, pki).await,
@@ -778,7 +798,7 @@ async fn measure(
              registry while they were written; its uploads row), phase 2 at the request's \
              finished_at at the registry; the \
              bare stream is a tonic server-streaming RPC (this binary's `stream-server`, the \
-             services' TLS and limits) sending the same bytes in 1 MiB messages from memory, \
+             services' TLS, limits and runtime of one async thread) sending the same bytes in 1 MiB messages from memory, \
              hashed with SHA-256 by the receiver as the package is, run {} times after the \
              export (a new server each time), its median the baseline; resident memory \
              sampled every 100 ms",
