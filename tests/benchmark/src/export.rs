@@ -65,9 +65,7 @@ pub(crate) struct ExportFigures {
     pub(crate) upload_secs: f64,
     /// DownloadPackage opened to the last byte checked (s).
     pub(crate) download_secs: f64,
-    /// The bare stream of the same bytes (s): the median of [`BARE_RUNS`] runs.
-    pub(crate) baseline_secs: f64,
-    /// Every bare stream run (s), in the order they ran.
+    /// Every run of the bare stream of the same bytes (s), in the order they ran.
     pub(crate) baseline_runs: Vec<f64>,
     /// Peak resident memory (KiB) of the registry and the processor during the run.
     pub(crate) peaks: [u64; 2],
@@ -79,6 +77,15 @@ pub(crate) struct ExportFigures {
 /// 460 and 620 MB/s from one benchmark to the next on the same machine (docs/benchmarks.md,
 /// session 18), as much as a change to the relay would.
 pub(crate) const BARE_RUNS: usize = 3;
+
+impl ExportFigures {
+    /// The baseline (s): the median of the bare stream's runs.
+    pub(crate) fn baseline_secs(&self) -> f64 {
+        let mut sorted = self.baseline_runs.clone();
+        sorted.sort_by(f64::total_cmp);
+        sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+}
 
 /// MB/s (10^6 bytes) of `bytes` in `secs`.
 pub(crate) fn mb_per_s(bytes: u64, secs: f64) -> f64 {
@@ -348,9 +355,6 @@ pub(crate) async fn run(
         figures.baseline_runs.push(secs);
         figures.baseline_peak = figures.baseline_peak.max(peak);
     }
-    let mut sorted = figures.baseline_runs.clone();
-    sorted.sort_by(f64::total_cmp);
-    figures.baseline_secs = sorted[sorted.len() / 2];
     Ok(figures)
 }
 
@@ -556,7 +560,6 @@ async fn measure(
         export_secs: secs(exported_ms - t0_ms),
         upload_secs: secs(stored_ms - exported_ms),
         download_secs,
-        baseline_secs: 0.0,
         baseline_runs: Vec::new(),
         peaks: [peaks[0], peaks[1]],
         baseline_peak: 0,

@@ -5,8 +5,8 @@
 //! `docs/benchmarks.md` (`docs/benchmarks-postgres.md` with `--postgres`):
 //!
 //! - the bare echo: unary calls per second of a tonic server built like the services (same
-//!   mTLS, limits, TCP_NODELAY and one async thread) that serves only the health check, in a process of its own
-//!   (this binary's hidden `echo-server` command);
+//!   mTLS, limits, TCP_NODELAY and one async thread) that serves only the health check, in a
+//!   process of its own (this binary's hidden `echo-server` command);
 //! - bare durable single-row INSERT commits per second through the services' store handle
 //!   (`dsrelay_runtime::store::Db`) on the same store;
 //! - the relay: one registry and two processors (three in-process `noop` subprocessors each)
@@ -24,8 +24,7 @@
 //!   and one processor (the SQL connector on the sample accounting database), from Submit to
 //!   the package downloaded and verified, against a bare mTLS server-streaming RPC carrying
 //!   the same bytes in 1 MiB messages (this binary's hidden `stream-server` command, built
-//!   like the echo server), with
-//!   the two services' peak resident memory;
+//!   like the echo server), with the two services' peak resident memory;
 //! - contract end (`contract`): all of a controller's data at one SQL subprocessor
 //!   (`--contract-subjects` customers of the sample accounting schema) deleted through the
 //!   registry and a processor, against the bare statements the rules amount to on a copy of
@@ -514,7 +513,7 @@ async fn measure(
         progress(format!(
             "  {:.0} MB/s end to end, bare stream {:.0} MB/s",
             export::mb_per_s(f.bytes, f.total_secs),
-            export::mb_per_s(f.bytes, f.baseline_secs)
+            export::mb_per_s(f.bytes, f.baseline_secs())
         ));
         Some(f)
     } else {
@@ -798,8 +797,8 @@ async fn measure(
              registry while they were written; its uploads row), phase 2 at the request's \
              finished_at at the registry; the \
              bare stream is a tonic server-streaming RPC (this binary's `stream-server`, the \
-             services' TLS, limits and runtime of one async thread) sending the same bytes in 1 MiB messages from memory, \
-             hashed with SHA-256 by the receiver as the package is, run {} times after the \
+             services' TLS, limits and runtime of one async thread) sending the same bytes \
+             in 1 MiB messages from memory, hashed with SHA-256 by the receiver as the package is, run {} times after the \
              export (a new server each time), its median the baseline; resident memory \
              sampled every 100 ms",
             args.export_mib,
@@ -1098,7 +1097,7 @@ fn export_rows(f: Option<&export::ExportFigures>) -> Vec<Row> {
             "MB/s",
         )];
     };
-    let bare = export::mb_per_s(f.bytes, f.baseline_secs);
+    let bare = export::mb_per_s(f.bytes, f.baseline_secs());
     let mb = f.bytes as f64 / 1e6;
     let mut rows = vec![
         Row::plain(
@@ -1175,14 +1174,14 @@ fn export_rows(f: Option<&export::ExportFigures>) -> Vec<Row> {
 /// Why the export end to end stayed under half the bare stream, from this run's phases.
 fn export_explain(f: &export::ExportFigures) -> Option<String> {
     let rate = |secs: f64| export::mb_per_s(f.bytes, secs);
-    let (bare, total) = (rate(f.baseline_secs), rate(f.total_secs));
+    let (bare, total) = (rate(f.baseline_secs()), rate(f.total_secs));
     if total >= 0.5 * bare {
         return None;
     }
     let download = rate(f.download_secs);
     // End to end within twice the bare stream's time leaves, after the download, this much
     // time for the export and the upload together.
-    let left = 2.0 * f.baseline_secs - f.download_secs;
+    let left = 2.0 * f.baseline_secs() - f.download_secs;
     let needed = if left > 0.0 {
         format!(
             "so the export and the upload together would have to run at {} MB/s ({:.2}× the \
