@@ -17,7 +17,9 @@ Connection settings: each is taken from the first of
      and key is given anywhere and ./.dsrelay/pki/operator.pem exists, the development PKI
      in ./.dsrelay/pki is used (ca.pem, operator.pem, operator.key, and crl.pem once
      `dsrctl pki revoke` wrote it) and, unless a server identity is given, the registry
-     must present spiffe://dsrelay.dev/registry/controller.
+     must present spiffe://dsrelay.dev/registry/controller. The same holds for another
+     party's certificate of that PKI given as cert and key without a ca (for example
+     --cert .dsrelay/pki/partner-crm.pem --key .dsrelay/pki/partner-crm.key, a partner).
      `dsrctl pki init` creates that PKI. With ca, cert and key given, the server identity
      must be given too: the registry is never trusted on its CA alone.
 

@@ -159,12 +159,22 @@ pub fn resolve(args: &ConnectionArgs, env: &Environment) -> Result<ConnectionSet
     let key = first_some([path_flag(&args.key), env.var_path(ENV_KEY), file.key]);
     let crl = first_some([path_flag(&args.crl), env.var_path(ENV_CRL), file.crl]);
 
+    let dev = pki::DevPki {
+        dir: env.cwd.join(DEV_PKI_DIR),
+    };
     let mut tls = match (ca, cert, key) {
         (Some(ca), Some(cert), Some(key)) => TlsFiles::new(ca, cert, key),
+        // Another party of the development PKI (a partner's certificate, as `dev up`
+        // suggests): its CA and the development registry, as for the operator below.
+        (None, Some(cert), Some(key)) if in_folder(&cert, &dev.dir) => {
+            server_identity.get_or_insert_with(|| pki::dev_identity("registry", "controller"));
+            let mut files = TlsFiles::new(dev.ca(), cert, key);
+            if dev.crl().exists() {
+                files.crls = vec![dev.crl()];
+            }
+            files
+        }
         (None, None, None) => {
-            let dev = pki::DevPki {
-                dir: env.cwd.join(DEV_PKI_DIR),
-            };
             if !dev.cert(DEV_CLIENT_STEM).exists() {
                 bail!(
                     "no client certificate: give --ca, --cert and --key (or DSRCTL_CA, \
@@ -213,6 +223,17 @@ pub fn resolve(args: &ConnectionArgs, env: &Environment) -> Result<ConnectionSet
         tls,
         server_identity,
     })
+}
+
+/// Whether `file` is in `folder` (both existing; compared as the file system resolves them).
+fn in_folder(file: &Path, folder: &Path) -> bool {
+    match (
+        file.parent().map(std::fs::canonicalize),
+        std::fs::canonicalize(folder),
+    ) {
+        (Some(Ok(parent)), Ok(folder)) => parent == folder,
+        _ => false,
+    }
 }
 
 fn first_some<T, const N: usize>(candidates: [Option<T>; N]) -> Option<T> {
@@ -317,6 +338,29 @@ mod tests {
             resolve(&flags, &env).unwrap().tls.crls,
             [tmp.path().join("mine.pem")]
         );
+
+        // Another party's certificate of the same PKI (`dev up` suggests the partner's)
+        // gets its CA, revocation list and registry identity; one from elsewhere does not.
+        let partner = ConnectionArgs {
+            cert: Some(format!("{DEV_PKI_DIR}/partner-crm.pem").into()),
+            key: Some(format!("./{DEV_PKI_DIR}/partner-crm.key").into()),
+            ..args()
+        };
+        let s = resolve(&partner, &env).unwrap();
+        assert_eq!(s.tls.ca, dir.join("ca.pem"));
+        assert_eq!(s.tls.cert, dir.join("partner-crm.pem"));
+        assert_eq!(s.tls.crls, [dir.join("crl.pem")]);
+        assert_eq!(
+            s.server_identity,
+            "spiffe://dsrelay.dev/registry/controller"
+        );
+        let elsewhere = ConnectionArgs {
+            cert: Some("partner-crm.pem".into()),
+            key: Some("partner-crm.key".into()),
+            ..args()
+        };
+        let err = resolve(&elsewhere, &env).unwrap_err().to_string();
+        assert!(err.contains("ca missing"), "{err}");
 
         // An explicit identity still wins over the dev default.
         let flags = ConnectionArgs {
