@@ -18,9 +18,9 @@ use dsrelay_proto::v1::{
     CompletePartRequest, ConfirmReturnRequest, Contract, ContractEndChoice, ContractPhase,
     ContractProgress, DeletionCertificate, DeliverRequest, DeliverResponse, EndContractRequest,
     EventType, ExportFileHeader, GetContractRequest, GetPackageRequest, GetRequest,
-    GetStatusRequest, ListCertificatesRequest, ListContractsRequest, ListEventsRequest,
-    ListSubprocessorsRequest, RequestKind, RequestState, SubprocessorList, TaskList, TaskState,
-    TaskStatus, UpdateContractEndRequest, UploadFileChunk,
+    GetStatusRequest, GetUploadStateRequest, ListCertificatesRequest, ListContractsRequest,
+    ListEventsRequest, ListSubprocessorsRequest, RequestKind, RequestState, SubprocessorList,
+    TaskList, TaskState, TaskStatus, UpdateContractEndRequest, UploadFileChunk,
 };
 use dsrelay_proto::{millis_from_timestamp, timestamp_from_millis};
 use dsrelay_runtime::pki::{dev_identity, DevPki};
@@ -182,6 +182,16 @@ async fn contractreg_statuses_and_idempotency() {
             .await,
         Code::NotFound,
         &[],
+    );
+    // While its choice is NONE it has no package, and says why.
+    refused(
+        PackageServiceClient::new(pair.channel_to_registry("operator"))
+            .get_package(GetPackageRequest {
+                request_id: first.contract_id.clone(),
+            })
+            .await,
+        Code::FailedPrecondition,
+        &[&first.contract_id, "NONE", "only RETURN_THEN_DELETE"],
     );
 
     let listed = ops
@@ -561,6 +571,25 @@ async fn delivery_update_and_progress(backend: Backend) {
     ] {
         assert!(row.contains(word), "{word:?} in {row:?}");
     }
+
+    // Delivered with choice NONE, the contract end takes no upload: nothing is returned.
+    let mut up = ExportUploadServiceClient::new(pair.channel_to_registry("processor"));
+    refused(
+        up.get_upload_state(GetUploadStateRequest {
+            header: Some(ExportFileHeader {
+                request_id: id.clone(),
+                subprocessor: "accounting".into(),
+                name: "customers.json".into(),
+                media_type: "application/json".into(),
+                categories: vec!["contact".into()],
+                size: 2,
+                sha256: sha256(b"[]"),
+            }),
+        })
+        .await,
+        Code::FailedPrecondition,
+        &[&id, "NONE", "only RETURN_THEN_DELETE"],
+    );
 
     // The choice travels as an update; the first two attempts fail, and a confirmation made
     // meanwhile is not possible yet (no part), so the latest terms are those sent.

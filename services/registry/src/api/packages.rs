@@ -14,9 +14,9 @@ use dsrelay_proto::v1::export_upload_service_server::ExportUploadService;
 use dsrelay_proto::v1::package_chunk::Item;
 use dsrelay_proto::v1::package_service_server::PackageService;
 use dsrelay_proto::v1::{
-    CompletePartRequest, CompletePartResponse, DownloadPackageRequest, ExportFileHeader, FileEnd,
-    GetPackageRequest, GetUploadStateRequest, PackageChunk, PackageFileChunk, PackageInfo,
-    RequestKind, UploadFileChunk, UploadState,
+    CompletePartRequest, CompletePartResponse, ContractEndChoice, DownloadPackageRequest,
+    ExportFileHeader, FileEnd, GetPackageRequest, GetUploadStateRequest, PackageChunk,
+    PackageFileChunk, PackageInfo, RequestKind, UploadFileChunk, UploadState,
 };
 use dsrelay_runtime::export_files::{
     file_name_violation, is_sha256, part_files_violations, MAX_CATEGORIES, MAX_LABEL,
@@ -91,12 +91,10 @@ impl Api {
             UploadTarget::NotDelivered => Err(ApiError::permission_denied(format!(
                 "request {request_id} was not delivered to processor {processor}"
             ))),
-            UploadTarget::Kind(k) if has_package(k) => Ok(()),
-            UploadTarget::Kind(k) => Err(ApiError::failed_precondition(format!(
-                "request {request_id} is {}; only RETURN_OF_DATA and CONTRACT_END requests \
-                 have a package",
-                kind_name(k)
-            ))),
+            UploadTarget::Kind(k) => match no_package(&self.shared, request_id, k).await? {
+                None => Ok(()),
+                Some(why) => Err(ApiError::failed_precondition(why)),
+            },
         }
     }
 
@@ -346,10 +344,37 @@ impl Api {
     }
 }
 
-/// Whether requests of `kind` (proto enum value) have a package: a return of data, and a
-/// contract end whose choice is RETURN_THEN_DELETE.
-fn has_package(kind: i32) -> bool {
-    kind == RequestKind::ReturnOfData as i32 || kind == RequestKind::ContractEnd as i32
+/// Why request `id`, of `kind` (proto enum value), has no package, or `None` when it has
+/// one: a return of data has one, and so has a contract end whose choice is
+/// RETURN_THEN_DELETE to the registry. One returned to a transfer recipient has none (the
+/// recipient's receipts are the proof), nor has one whose choice is DELETE or still NONE.
+async fn no_package(shared: &Shared, id: &str, kind: i32) -> Result<Option<String>, ApiError> {
+    if kind == RequestKind::ReturnOfData as i32 {
+        return Ok(None);
+    }
+    if kind != RequestKind::ContractEnd as i32 {
+        return Ok(Some(format!(
+            "request {id} is {}; only RETURN_OF_DATA and CONTRACT_END requests have a package",
+            kind_name(kind)
+        )));
+    }
+    let Some(contract) = shared.store.contract(id).await? else {
+        return Ok(Some(format!("contract end {id} has no terms stored")));
+    };
+    Ok(match contract.choice() {
+        ContractEndChoice::ReturnThenDelete if contract.transfer_recipient.is_empty() => None,
+        ContractEndChoice::ReturnThenDelete => Some(format!(
+            "contract end {id} returns the data to transfer recipient {}, whose receipts are \
+             the proof: it has no package",
+            contract.transfer_recipient
+        )),
+        other => Some(format!(
+            "contract end {id} is {}; only RETURN_THEN_DELETE returns a package",
+            other
+                .as_str_name()
+                .trim_start_matches("CONTRACT_END_CHOICE_")
+        )),
+    })
 }
 
 /// A request's package as PackageInfo, or why it has none. A contract end's package is
@@ -362,12 +387,8 @@ pub(super) async fn package_info(
     shared: &Shared,
     row: &RequestRow,
 ) -> Result<PackageInfo, ApiError> {
-    if !has_package(row.kind as i32) {
-        return Err(ApiError::failed_precondition(format!(
-            "request {} is {}; only RETURN_OF_DATA and CONTRACT_END requests have a package",
-            row.id,
-            kind_name(row.kind as i32)
-        )));
+    if let Some(why) = no_package(shared, &row.id, row.kind as i32).await? {
+        return Err(ApiError::failed_precondition(why));
     }
     let record = shared.store.package(&row.id).await?;
     if let Some(at) = record.expired_at {
