@@ -36,6 +36,7 @@
 //! - `forget`: removes finished requests' raw identities, bodies, notes and export files
 //!   after `forget_after_days`, keeping keyed hashes of the identities.
 //! - `contract_tests` (tests only): a contract end through the real store and runner.
+//! - `test_postgres` (tests only): the throwaway PostgreSQL database a store test runs on.
 //! - [`uploader`]: delivers written exports in chunks, RETURN_OF_DATA and a contract end's
 //!   return to the registries and TRANSFER to their recipients (checking the recipient's
 //!   identity and receipt), resuming where the destination stands, and moves their tasks on

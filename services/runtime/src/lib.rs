@@ -22,6 +22,8 @@
 //!   one transaction, and a failed batch is written again item by item.
 //! - [`clock`]: the system clock with a test offset.
 //! - [`direct_io`]: `O_DIRECT` files and the aligned buffers they need.
+//! - [`export_files`]: the rules both receivers of export files apply (limits, file names,
+//!   digests and chunk checksums, the list of files that closes a part).
 //! - [`identity`]: subject identity validation, normalisation and hashing.
 //! - [`listen`]: TCP listeners handed down by whoever started the process (`LISTEN_FDS`),
 //!   or bound here when none was.

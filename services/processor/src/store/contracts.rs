@@ -385,7 +385,7 @@ impl Store {
              ORDER BY received_at DESC, request_id DESC"
         ))
         .bind(controller)
-        .fetch_all(&self.db.pool)
+        .fetch_all(&self.db.reader)
         .await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {

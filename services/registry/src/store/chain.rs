@@ -55,7 +55,7 @@ impl Store {
              WHERE processor = $1",
         )
         .bind(processor)
-        .fetch_optional(&self.db.pool)
+        .fetch_optional(&self.db.reader)
         .await?;
         Ok(row.unwrap_or_default())
     }
