@@ -67,9 +67,12 @@ fn refused<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, words: &[&
 /// pair (what its processor then does with the contract ends is `contract_end.rs`'s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contractreg_statuses_and_idempotency() {
-    let pair = spawn_pair(PairOptions::default())
-        .await
-        .expect("sqlite pair");
+    let pair = spawn_pair(PairOptions {
+        with_absent_processor: true,
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
     let mut ops = contracts(&pair, "operator");
 
     // Partners and processors may not touch contract ends.
@@ -211,6 +214,34 @@ async fn contractreg_statuses_and_idempotency() {
         .expect("list")
         .into_inner();
     assert!(none.contracts.is_empty());
+
+    // A retry after the effective date passed still answers the contract end it made.
+    let mut later = end(ContractEndChoice::Delete, "k-later");
+    later.processor = "web-agency".into();
+    later.effective_now = false;
+    let clock = pair.registry.clock().expect("clock");
+    later.effective_at = Some(timestamp_from_millis(clock.now_ms() + DAY_MS));
+    let made = ops
+        .end_contract(later.clone())
+        .await
+        .expect("end later")
+        .into_inner();
+    assert!(!made.deduplicated);
+    clock.advance(2 * DAY_MS);
+    let retried = ops
+        .end_contract(later.clone())
+        .await
+        .expect("retry after the date")
+        .into_inner();
+    assert!(retried.deduplicated);
+    assert_eq!(retried.contract_id, made.contract_id);
+    // A new key with that date is refused as before.
+    later.idempotency_key = "k-later-2".into();
+    refused(
+        ops.end_contract(later).await,
+        Code::InvalidArgument,
+        &["effective_at", "in the past"],
+    );
     refused(
         ops.get_contract(GetContractRequest {
             contract_id: "0190a0a0-0000-7000-8000-000000000000".into(),

@@ -298,12 +298,33 @@ impl ContractService for Api {
         let now = self.shared.clock.now_ms();
         let processors: BTreeSet<&str> =
             config.processors.iter().map(|p| p.name.as_str()).collect();
-        ApiError::ensure_valid(end_contract_violations(
-            &body,
-            &processors,
-            &config.known_recipients(),
-            now,
-        ))?;
+        let hash = body_hash(&self.shared.identity_hash_key, &body.encode_to_vec());
+        let violations =
+            end_contract_violations(&body, &processors, &config.known_recipients(), now);
+        if !violations.is_empty() {
+            // A retry of a contract end already made answers it, even once a rule that
+            // depends on the time or the configuration no longer holds for the same body (its
+            // effective date has passed meanwhile, say).
+            let existing = self
+                .shared
+                .store
+                .request_by_key(&caller.name, &body.idempotency_key)
+                .await
+                .map_err(ApiError::from)?;
+            if let Some((id, _)) = existing.filter(|(_, stored)| *stored == hash) {
+                if self
+                    .shared
+                    .store
+                    .contract(&id)
+                    .await
+                    .map_err(ApiError::from)?
+                    .is_some()
+                {
+                    return Ok(Response::new(self.contract_view(&id, true).await?));
+                }
+            }
+        }
+        ApiError::ensure_valid(violations)?;
         let choice = ContractEndChoice::try_from(body.choice).unwrap_or_default();
         let effective_at = body
             .effective_at
@@ -333,7 +354,7 @@ impl ContractService for Api {
             id: id.clone(),
             partner: caller.name.clone(),
             idempotency_key: body.idempotency_key.clone(),
-            body_hash: body_hash(&self.shared.identity_hash_key, &body.encode_to_vec()),
+            body_hash: hash,
             body: stored.encode_to_vec(),
             identity_hashes: "[]".into(),
             kind: RequestKind::ContractEnd as i32,

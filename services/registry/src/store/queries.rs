@@ -38,6 +38,21 @@ impl Store {
         read_request(&self.db.reader, id).await
     }
 
+    /// The request `partner` stored under `idempotency_key`, with its body hash, if any.
+    pub async fn request_by_key(
+        &self,
+        partner: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<(String, String)>> {
+        Ok(sqlx::query_as(
+            "SELECT id, body_hash FROM requests WHERE partner = $1 AND idempotency_key = $2",
+        )
+        .bind(partner)
+        .bind(idempotency_key)
+        .fetch_optional(&self.db.pool)
+        .await?)
+    }
+
     /// The request `id` with its deliveries and tasks, read from one snapshot of the store,
     /// so the request's state agrees with its tasks' (read one after the other, an
     /// acknowledgement applied in between showed a task COMPLETED under a request still
