@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use dsrelay_proto::v1::{EventType, RequestState, Scope, TaskState, WatchRequest};
+use dsrelay_proto::v1::{
+    CancelRequest, DeliveryState, EventType, RequestState, Scope, TaskState, WatchRequest,
+};
 use tokio_stream::StreamExt;
 
 use crate::harness::{
@@ -165,5 +167,36 @@ async fn scope_routes_to_the_holders_of_its_categories_only() {
         .expect("delivery");
     assert!(!absent.last_error.is_empty());
     assert!(absent.next_attempt_at.is_some());
+
+    // Cancelled, the delivery the absent processor never accepted is CANCELLED, not
+    // DELIVERED; the one the processor accepted stays DELIVERED.
+    let cancelled = crm
+        .cancel(CancelRequest {
+            request_id: r.request_id.clone(),
+            reason: "withdrawn".into(),
+        })
+        .await
+        .expect("cancel")
+        .into_inner();
+    let state_of = |name: &str| {
+        cancelled
+            .deliveries
+            .iter()
+            .find(|d| d.processor == name)
+            .cloned()
+            .expect("delivery")
+    };
+    let withdrawn = state_of("web-agency");
+    assert_eq!(
+        withdrawn.state,
+        DeliveryState::Cancelled as i32,
+        "{cancelled:#?}"
+    );
+    assert!(withdrawn.delivered_at.is_none(), "{withdrawn:#?}");
+    assert!(withdrawn.next_attempt_at.is_none(), "{withdrawn:#?}");
+    assert_eq!(withdrawn.last_error, "cancelled before delivery");
+    let accepted = state_of(PROCESSOR);
+    assert_eq!(accepted.state, DeliveryState::Delivered as i32);
+    assert!(accepted.delivered_at.is_some());
     pair.stop().await;
 }

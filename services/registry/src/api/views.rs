@@ -58,7 +58,9 @@ pub(crate) fn request(
 fn delivery(d: DeliveryRow) -> Delivery {
     Delivery {
         processor: d.processor,
-        state: if d.done_at.is_some() {
+        state: if d.withdrawn_at.is_some() {
+            DeliveryState::Cancelled
+        } else if d.done_at.is_some() {
             DeliveryState::Delivered
         } else if d.dead_lettered_at.is_some() {
             DeliveryState::DeadLettered
@@ -69,7 +71,10 @@ fn delivery(d: DeliveryRow) -> Delivery {
         last_error: d.last_error.unwrap_or_default(),
         next_attempt_at: (d.done_at.is_none() && d.dead_lettered_at.is_none())
             .then(|| timestamp_from_millis(d.next_attempt_at)),
-        delivered_at: d.done_at.map(timestamp_from_millis),
+        delivered_at: d
+            .done_at
+            .filter(|_| d.withdrawn_at.is_none())
+            .map(timestamp_from_millis),
         dead_lettered_at: d.dead_lettered_at.map(timestamp_from_millis),
     }
 }

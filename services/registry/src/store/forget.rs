@@ -80,7 +80,7 @@ impl Store {
             .execute(tx.conn())
             .await?;
         sqlx::query(
-            "UPDATE deliveries SET done_at = $1, \
+            "UPDATE deliveries SET done_at = $1, withdrawn_at = $1, \
              last_error = 'not delivered: the request was cancelled and forgotten' \
              WHERE request_id = $2 AND op = $3 AND done_at IS NULL",
         )

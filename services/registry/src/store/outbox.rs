@@ -293,17 +293,20 @@ impl Store {
         .await?
         .rows_affected();
         if requeued == 0 {
-            let pending: Vec<Option<i64>> = sqlx::query_scalar(
-                "SELECT done_at FROM deliveries WHERE request_id = $1 AND processor = $2",
+            let rows: Vec<(Option<i64>, Option<i64>)> = sqlx::query_as(
+                "SELECT done_at, withdrawn_at FROM deliveries \
+                 WHERE request_id = $1 AND processor = $2",
             )
             .bind(request_id)
             .bind(processor)
             .fetch_all(tx.conn())
             .await?;
-            return Ok(if pending.is_empty() {
+            return Ok(if rows.is_empty() {
                 RequeueOutcome::NoDelivery
-            } else if pending.iter().any(Option::is_none) {
+            } else if rows.iter().any(|(done, _)| done.is_none()) {
                 RequeueOutcome::NotDeadLettered("PENDING")
+            } else if rows.iter().all(|(_, withdrawn)| withdrawn.is_some()) {
+                RequeueOutcome::NotDeadLettered("CANCELLED")
             } else {
                 RequeueOutcome::NotDeadLettered("DELIVERED")
             });

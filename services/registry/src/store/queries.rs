@@ -135,7 +135,7 @@ impl Store {
         }
         let sql = format!(
             "SELECT request_id, processor, attempts, next_attempt_at, last_error, done_at, \
-             dead_lettered_at FROM deliveries WHERE op = $1 AND request_id IN ({}) \
+             dead_lettered_at, withdrawn_at FROM deliveries WHERE op = $1 AND request_id IN ({}) \
              ORDER BY request_id, processor",
             placeholders(2, ids.len())
         );
@@ -261,7 +261,7 @@ async fn read_deliveries<'e>(
 ) -> Result<Vec<DeliveryRow>> {
     Ok(sqlx::query_as(
         "SELECT processor, attempts, next_attempt_at, last_error, done_at, \
-         dead_lettered_at FROM deliveries WHERE request_id = $1 AND op = $2 \
+         dead_lettered_at, withdrawn_at FROM deliveries WHERE request_id = $1 AND op = $2 \
          ORDER BY processor",
     )
     .bind(id)

@@ -50,7 +50,8 @@ impl Store {
         // Undelivered requests are not sent any more; every processor (even one whose
         // delivery may be in flight right now) is told to cancel, and keeps a tombstone.
         sqlx::query(
-            "UPDATE deliveries SET done_at = $1, last_error = 'cancelled before delivery' \
+            "UPDATE deliveries SET done_at = $1, withdrawn_at = $1, \
+             last_error = 'cancelled before delivery' \
              WHERE request_id = $2 AND op = $3 AND done_at IS NULL",
         )
         .bind(now)
@@ -60,7 +61,8 @@ impl Store {
         .await?;
         // A contract end's changed terms are not sent to a processor told to cancel.
         sqlx::query(
-            "UPDATE deliveries SET done_at = $1, last_error = 'cancelled before delivery' \
+            "UPDATE deliveries SET done_at = $1, withdrawn_at = $1, \
+             last_error = 'cancelled before delivery' \
              WHERE request_id = $2 AND op = $3 AND done_at IS NULL",
         )
         .bind(now)

@@ -137,6 +137,9 @@ pub struct DeliveryRow {
     pub done_at: Option<i64>,
     /// When it was dead-lettered after repeated refusal (ms).
     pub dead_lettered_at: Option<i64>,
+    /// When the request's cancellation (or forgetting) took it off the outbox before an
+    /// acceptance was recorded (ms); `done_at` is set then too, but nothing was delivered.
+    pub withdrawn_at: Option<i64>,
 }
 
 /// A claimed outbox row with what is needed to send it.
