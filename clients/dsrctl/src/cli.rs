@@ -424,7 +424,7 @@ pub enum AuditCommand {
     /// Print the registry's signed audit checkpoints, one JSON line each, as its checkpoint
     /// file holds them (partners and operators): keep them where the registry's operators
     /// cannot change them, and verify against them later (`audit verify --checkpoints`).
-    /// With --processor, that processor's checkpoints (operators of the processor only).
+    /// With --processor, that processor's checkpoints (its operators and controllers).
     Checkpoints(AuditCheckpointsArgs),
 }
 
