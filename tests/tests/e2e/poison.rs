@@ -411,6 +411,25 @@ async fn refused_delivery_is_dead_lettered(backend: Backend) {
         dead.message.contains("dead-lettered after 5 refusals") && dead.message.contains(PROCESSOR),
         "{dead:?}"
     );
+    assert!(dead.message.contains("InvalidArgument"), "{dead:?}");
+    // The audit trail, which forgetting never touches, keeps the processor's answer only as
+    // its keyed hash.
+    let url = pair.registry.database_url();
+    crate::harness::audit_chained(url).await;
+    let dead_entries = |detail: &str| {
+        format!(
+            "SELECT COUNT(*) FROM audit_log WHERE event_type = {} AND detail LIKE '{detail}'",
+            EventType::DeliveryDeadLettered as i32
+        )
+    };
+    assert_eq!(
+        crate::harness::count(url, &dead_entries("%no longer sent: text hmac-sha256:%")).await,
+        1
+    );
+    assert_eq!(
+        crate::harness::count(url, &dead_entries("%InvalidArgument%")).await,
+        0
+    );
 
     // Operators see it in dsrctl get, and the metric counts it.
     let shown = crate::harness::dsrctl::dsrctl(&pair, "operator", &["get", &id]).await;

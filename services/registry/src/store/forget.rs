@@ -94,6 +94,7 @@ impl Store {
         // (`detail`) and is not touched here, so the chain still verifies.
         let free_text = [
             EventType::DeliveryFailed,
+            EventType::DeliveryDeadLettered,
             EventType::TaskUpdated,
             EventType::DeadlineExtended,
             EventType::Cancelled,

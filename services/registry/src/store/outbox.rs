@@ -210,12 +210,15 @@ impl Store {
                 EventDetail {
                     processor: job.processor.clone(),
                     attempt: job.attempts + 1,
+                    // The processor's answer is free text: the audit trail keeps only its
+                    // keyed hash, as for DELIVERY_FAILED, and forgetting clears it.
                     message: format!(
-                        "{} to {} dead-lettered after {} refusals, no longer sent: {error}",
+                        "{} to {} dead-lettered after {} refusals, no longer sent",
                         job.op,
                         job.processor,
                         refused.unwrap_or_default()
                     ),
+                    free_text: error.to_string(),
                     ..Default::default()
                 },
             )
