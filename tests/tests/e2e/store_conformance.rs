@@ -878,10 +878,18 @@ async fn registry_list_cancel_extend(backend: Backend) {
         .collect();
     assert_eq!(r0, ["cancel"]);
     let row = store.request("r1").await.unwrap().unwrap();
-    store.extend(&row, 2, "archives", 3_000).await.unwrap();
-    let row = store.request("r1").await.unwrap().unwrap();
-    assert_eq!(row.extension_months, 2);
-    assert!(row.extension_reasons.contains("archives"));
+    assert!(store.extend(&row, 2, "archives", 3_000).await.unwrap());
+    // A second extension made from the same read (a concurrent call) writes nothing and says
+    // so, rather than losing the first one's months and reason.
+    assert!(!store.extend(&row, 1, "later", 3_000).await.unwrap());
+    let extended = store.request("r1").await.unwrap().unwrap();
+    assert_eq!(extended.extension_months, 2);
+    assert!(extended.extension_reasons.contains("archives"));
+    assert!(!extended.extension_reasons.contains("later"));
+    // Nor is a cancelled request extended by a call that read it before the cancellation.
+    let before = store.request("r1").await.unwrap().unwrap();
+    store.cancel("r1", "withdrawn", 3_500).await.unwrap();
+    assert!(!store.extend(&before, 0, "too late", 4_000).await.unwrap());
 }
 
 async fn processor_tasks_and_ack_outbox(backend: Backend) {

@@ -374,11 +374,20 @@ impl RequestService for Api {
                 ApiError::failed_precondition(format!("request {} has finished", row.id)).into(),
             );
         }
-        self.shared
+        let extended = self
+            .shared
             .store
             .extend(&row, r.months, &r.reason, self.shared.clock.now_ms())
             .await
             .map_err(ApiError::from)?;
+        if !extended {
+            return Err(ApiError::aborted(format!(
+                "request {} changed while it was being extended (another extension, or it \
+                 finished); read it again and retry",
+                row.id
+            ))
+            .into());
+        }
         self.shared.publish(&row.id);
         let row = self.visible(&caller, &row.id).await?;
         Ok(Response::new(self.view(row).await?))

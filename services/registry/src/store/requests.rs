@@ -98,23 +98,25 @@ impl Store {
         Ok(CancelOutcome::Cancelled)
     }
 
-    /// Extends the due date by `months`, keeping the reason.
+    /// Extends the due date by `months`, keeping the reason, if the request is as `row` read
+    /// it (no extension made since, not finished since); answers whether it did. Nothing is
+    /// written otherwise, so a concurrent extension is never lost under an answer of success.
     pub async fn extend(
         &self,
         row: &RequestRow,
         months: u32,
         reason: &str,
         now: i64,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let total = row.extension_months as u32 + months;
         let mut reasons: Vec<String> =
             serde_json::from_str(&row.extension_reasons).unwrap_or_default();
         reasons.push(reason.to_string());
         let due = crate::deadline::due_at(row.received_at, total);
         let mut tx = self.begin().await?;
-        sqlx::query(
+        let updated = sqlx::query(
             "UPDATE requests SET extension_months = $1, extension_reasons = $2, due_at = $3, \
-             updated_at = $4 WHERE id = $5 AND extension_months = $6",
+             updated_at = $4 WHERE id = $5 AND extension_months = $6 AND state NOT IN ($7, $8)",
         )
         .bind(i64::from(total))
         .bind(serde_json::to_string(&reasons).context("encoding reasons")?)
@@ -122,8 +124,14 @@ impl Store {
         .bind(now)
         .bind(&row.id)
         .bind(row.extension_months)
+        .bind(RequestState::Completed as i64)
+        .bind(RequestState::Cancelled as i64)
         .execute(tx.conn())
-        .await?;
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            return Ok(false);
+        }
         insert_event(
             &mut tx,
             &row.id,
@@ -137,6 +145,7 @@ impl Store {
             },
         )
         .await?;
-        tx.commit().await
+        tx.commit().await?;
+        Ok(true)
     }
 }
