@@ -225,7 +225,8 @@ pub fn resolve(args: &ConnectionArgs, env: &Environment) -> Result<ConnectionSet
     })
 }
 
-/// Whether `file` is in `folder` (both existing; compared as the file system resolves them).
+/// Whether `file` is in `folder`, as the file system resolves both (`folder` must exist; the
+/// file itself need not).
 fn in_folder(file: &Path, folder: &Path) -> bool {
     match (
         file.parent().map(std::fs::canonicalize),
