@@ -162,18 +162,10 @@ pub fn resolve(args: &ConnectionArgs, env: &Environment) -> Result<ConnectionSet
     let dev = pki::DevPki {
         dir: env.cwd.join(DEV_PKI_DIR),
     };
-    let mut tls = match (ca, cert, key) {
-        (Some(ca), Some(cert), Some(key)) => TlsFiles::new(ca, cert, key),
-        // Another party of the development PKI (a partner's certificate, as `dev up`
-        // suggests): its CA and the development registry, as for the operator below.
-        (None, Some(cert), Some(key)) if in_folder(&cert, &dev.dir) => {
-            server_identity.get_or_insert_with(|| pki::dev_identity("registry", "controller"));
-            let mut files = TlsFiles::new(dev.ca(), cert, key);
-            if dev.crl().exists() {
-                files.crls = vec![dev.crl()];
-            }
-            files
-        }
+    // A party of the development PKI: the operator when no TLS file is given anywhere, or
+    // another party (a partner, as `dev up` suggests) whose certificate and key come from
+    // the PKI's folder without a CA.
+    let dev_party = match (&ca, &cert, &key) {
         (None, None, None) => {
             if !dev.cert(DEV_CLIENT_STEM).exists() {
                 bail!(
@@ -182,16 +174,25 @@ pub fn resolve(args: &ConnectionArgs, env: &Environment) -> Result<ConnectionSet
                      here for a development PKI"
                 );
             }
+            Some(dev.files(DEV_CLIENT_STEM))
+        }
+        (None, Some(cert), Some(key)) if in_folder(cert, &dev.dir) => {
+            Some(TlsFiles::new(dev.ca(), cert.clone(), key.clone()))
+        }
+        _ => None,
+    };
+    let mut tls = match (dev_party, ca, cert, key) {
+        (Some(mut files), ..) => {
             // The development registry certificate is known, so check it rather than trust
             // any certificate the dev CA signed (the processor's, say).
             server_identity.get_or_insert_with(|| pki::dev_identity("registry", "controller"));
-            let mut files = dev.files(DEV_CLIENT_STEM);
             if dev.crl().exists() {
                 files.crls = vec![dev.crl()];
             }
             files
         }
-        (ca, cert, key) => {
+        (None, Some(ca), Some(cert), Some(key)) => TlsFiles::new(ca, cert, key),
+        (None, ca, cert, key) => {
             let missing: Vec<&str> = [
                 ("ca", ca.is_none()),
                 ("cert", cert.is_none()),
