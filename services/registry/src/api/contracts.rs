@@ -40,7 +40,7 @@ fn body_hash(key: &[u8], encoded: &[u8]) -> String {
 }
 
 /// A choice's name without its prefix (`DELETE`).
-fn choice_name(c: ContractEndChoice) -> &'static str {
+pub(super) fn choice_name(c: ContractEndChoice) -> &'static str {
     c.as_str_name().trim_start_matches("CONTRACT_END_CHOICE_")
 }
 

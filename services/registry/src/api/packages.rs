@@ -370,9 +370,7 @@ async fn no_package(shared: &Shared, id: &str, kind: i32) -> Result<Option<Strin
         )),
         other => Some(format!(
             "contract end {id} is {}; only RETURN_THEN_DELETE returns a package",
-            other
-                .as_str_name()
-                .trim_start_matches("CONTRACT_END_CHOICE_")
+            super::contracts::choice_name(other)
         )),
     })
 }

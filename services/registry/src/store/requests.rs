@@ -48,25 +48,16 @@ impl Store {
         .execute(tx.conn())
         .await?;
         // Undelivered requests are not sent any more; every processor (even one whose
-        // delivery may be in flight right now) is told to cancel, and keeps a tombstone.
+        // delivery may be in flight right now) is told to cancel, and keeps a tombstone. Nor
+        // are a contract end's changed terms sent to a processor told to cancel.
         sqlx::query(
             "UPDATE deliveries SET done_at = $1, withdrawn_at = $1, \
              last_error = 'cancelled before delivery' \
-             WHERE request_id = $2 AND op = $3 AND done_at IS NULL",
+             WHERE request_id = $2 AND op IN ($3, $4) AND done_at IS NULL",
         )
         .bind(now)
         .bind(id)
         .bind(Operation::Deliver.as_str())
-        .execute(tx.conn())
-        .await?;
-        // A contract end's changed terms are not sent to a processor told to cancel.
-        sqlx::query(
-            "UPDATE deliveries SET done_at = $1, withdrawn_at = $1, \
-             last_error = 'cancelled before delivery' \
-             WHERE request_id = $2 AND op = $3 AND done_at IS NULL",
-        )
-        .bind(now)
-        .bind(id)
         .bind(Operation::Update.as_str())
         .execute(tx.conn())
         .await?;
