@@ -798,9 +798,9 @@ async fn measure(
              finished_at at the registry; the \
              bare stream is a tonic server-streaming RPC (this binary's `stream-server`, the \
              services' TLS, limits and runtime of one async thread) sending the same bytes \
-             in 1 MiB messages from memory, hashed with SHA-256 by the receiver as the package is, run {} times after the \
-             export (a new server each time), its median the baseline; resident memory \
-             sampled every 100 ms",
+             in 1 MiB messages from memory, hashed with SHA-256 by the receiver as the \
+             package is, run {} times after the export (a new server each time), its median \
+             the baseline; resident memory sampled every 100 ms",
             args.export_mib,
             export::BARE_RUNS
         ));
