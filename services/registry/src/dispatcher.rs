@@ -8,8 +8,9 @@
 //!
 //! Acceptances are written by one recorder ([`Recorder`]): a call that ends while others are
 //! being written waits with the rest of the queue, and the next transaction records them all,
-//! so concurrent calls share one commit; each call still goes on only once its own is
-//! committed.
+//! so concurrent calls share one commit. A call's slot frees once its acceptance is queued,
+//! so the next claim and calls overlap that write; the row's lease keeps it from being
+//! claimed again until the write lands.
 //!
 //! Each claim leases its row under a random token on the database's clock
 //! ([`Store::claim_deliveries`](crate::store::Store::claim_deliveries)); the outcome of an
@@ -35,7 +36,7 @@ use dsrelay_proto::v1::{
 use dsrelay_proto::{prost::Message, timestamp_from_millis};
 use dsrelay_runtime::trace_context;
 use dsrelay_runtime::worker::{run_pool, PoolSettings};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 use crate::app::Shared;
@@ -44,7 +45,8 @@ use crate::store::{DeliveryJob, FailureRecorded, Operation};
 /// What the dispatcher did once shutdown began, for the log line it ends with.
 #[derive(Default)]
 struct Stopping {
-    /// Attempts that ended (and were recorded, or found their lease lost) after the stop.
+    /// Attempts that ended (their outcome recorded or queued for the recorder, or their lease
+    /// found lost) after the stop.
     finished: AtomicUsize,
     /// Leases given up by calls dropped at the end of the grace.
     released: AtomicUsize,
@@ -211,16 +213,10 @@ async fn attempt(
     match call {
         Call::Answered(Ok(tasks)) => {
             tracing::info!(tasks = tasks.len(), "processor accepted");
-            let request_id = job.request_id.clone();
-            match recorder.record(shared, job, tasks).await {
-                Ok(true) => {}
-                Ok(false) => tracing::warn!(
-                    "lease lost to another claim; the processor's acceptance is not recorded"
-                ),
-                // The lease expires and the row is sent again; the processor deduplicates.
-                Err(e) => tracing::error!(error = format!("{e:#}"), "recording a delivery failed"),
-            }
-            shared.publish(&request_id);
+            // The call's slot frees once the acceptance is queued, not once it is written:
+            // the claim's lease keeps the row from being claimed again meanwhile, and the
+            // next claim and calls overlap this write instead of waiting for it.
+            recorder.queue(shared, job, tasks).await;
         }
         Call::Answered(Err(status)) => {
             let message = format!("{:?}: {}", status.code(), status.message());
@@ -234,65 +230,65 @@ async fn attempt(
 /// The processors' acceptances of concurrent calls, written together: a call that ends while
 /// others are being written queues its own, and the next write takes every one queued
 /// ([`Store::deliveries_succeeded`](crate::store::Store::deliveries_succeeded), one
-/// transaction). Each call waits for its own to be committed, as before.
+/// transaction). A call hands its acceptance over and ends; the writer logs each outcome
+/// under the call's span and wakes the request's watchers once it is committed. The queue
+/// holds at most [`QUEUED_ACCEPTANCES`]: a call that finds it full waits for room, so claims
+/// never run further ahead of the writes than that.
 #[derive(Clone)]
-struct Recorder(mpsc::UnboundedSender<Accepted>);
+struct Recorder(mpsc::Sender<Accepted>);
 
-/// An accepted call's job, the tasks its processor reported, and where to answer whether
-/// its claim still held the row.
-type Accepted = (
-    DeliveryJob,
-    Vec<TaskStatus>,
-    oneshot::Sender<anyhow::Result<bool>>,
-);
+/// An accepted call's job, the tasks its processor reported, and the call's span.
+type Accepted = (DeliveryJob, Vec<TaskStatus>, tracing::Span);
 
 /// At most this many acceptances per transaction.
 const ACCEPTED_PER_WRITE: usize = 64;
+
+/// At most this many acceptances waiting for the writer.
+const QUEUED_ACCEPTANCES: usize = 2 * ACCEPTED_PER_WRITE;
 
 impl Recorder {
     /// The recorder and its writer, which ends once every `Recorder` is dropped and what was
     /// queued is written.
     fn start(shared: Arc<Shared>) -> (Self, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(QUEUED_ACCEPTANCES);
         (Self(tx), tokio::spawn(write_accepted(shared, rx)))
     }
 
-    /// Records `job` as accepted with `tasks`, once committed; answers whether its claim
-    /// still held the row.
-    async fn record(
-        &self,
-        shared: &Shared,
-        job: DeliveryJob,
-        tasks: Vec<TaskStatus>,
-    ) -> anyhow::Result<bool> {
-        let (answer, answered) = oneshot::channel();
-        match self.0.send((job, tasks, answer)) {
-            Ok(()) => answered
-                .await
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("the delivery recorder stopped"))),
+    /// Queues `job` as accepted with `tasks`, to be recorded by the writer.
+    async fn queue(&self, shared: &Shared, job: DeliveryJob, tasks: Vec<TaskStatus>) {
+        if let Err(mpsc::error::SendError((job, tasks, span))) =
+            self.0.send((job, tasks, tracing::Span::current())).await
+        {
             // The writer is gone (it never is while calls run): write this one alone.
-            Err(mpsc::error::SendError((job, tasks, _))) => {
-                shared
-                    .store
-                    .delivery_succeeded(&job, &tasks, shared.clock.now_ms())
-                    .await
-            }
+            let held = shared
+                .store
+                .delivery_succeeded(&job, &tasks, shared.clock.now_ms())
+                .await;
+            recorded(shared, &job, held, &span);
         }
     }
+}
+
+/// Logs what recording an acceptance came to, under the call's span, and wakes the
+/// request's watchers.
+fn recorded(shared: &Shared, job: &DeliveryJob, held: anyhow::Result<bool>, span: &tracing::Span) {
+    span.in_scope(|| match held {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(
+            "lease lost to another claim; the processor's acceptance is not recorded"
+        ),
+        // The lease expires and the row is sent again; the processor deduplicates.
+        Err(e) => tracing::error!(error = format!("{e:#}"), "recording a delivery failed"),
+    });
+    shared.publish(&job.request_id);
 }
 
 /// The recorder's writer: each write takes every acceptance queued (up to
 /// [`ACCEPTED_PER_WRITE`]). When a write of several fails, each is written again alone, so
 /// that one row's failure leaves the others recorded.
-async fn write_accepted(shared: Arc<Shared>, mut queued: mpsc::UnboundedReceiver<Accepted>) {
-    while let Some(first) = queued.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < ACCEPTED_PER_WRITE {
-            match queued.try_recv() {
-                Ok(more) => batch.push(more),
-                Err(_) => break,
-            }
-        }
+async fn write_accepted(shared: Arc<Shared>, mut queued: mpsc::Receiver<Accepted>) {
+    let mut batch = Vec::with_capacity(ACCEPTED_PER_WRITE);
+    while queued.recv_many(&mut batch, ACCEPTED_PER_WRITE).await > 0 {
         let now = shared.clock.now_ms();
         let done: Vec<(&DeliveryJob, &[TaskStatus])> = batch
             .iter()
@@ -302,13 +298,13 @@ async fn write_accepted(shared: Arc<Shared>, mut queued: mpsc::UnboundedReceiver
         drop(done);
         match written {
             Ok(held) => {
-                for ((_, _, answer), held) in batch.into_iter().zip(held) {
-                    let _ = answer.send(Ok(held));
+                for ((job, _, span), held) in batch.drain(..).zip(held) {
+                    recorded(&shared, &job, Ok(held), &span);
                 }
             }
             Err(e) if batch.len() == 1 => {
-                if let Some((_, _, answer)) = batch.pop() {
-                    let _ = answer.send(Err(e));
+                if let Some((job, _, span)) = batch.pop() {
+                    recorded(&shared, &job, Err(e), &span);
                 }
             }
             Err(e) => {
@@ -317,9 +313,9 @@ async fn write_accepted(shared: Arc<Shared>, mut queued: mpsc::UnboundedReceiver
                     accepted = batch.len(),
                     "recording accepted deliveries together failed; recording each alone"
                 );
-                for (job, tasks, answer) in batch {
+                for (job, tasks, span) in batch.drain(..) {
                     let one = shared.store.delivery_succeeded(&job, &tasks, now).await;
-                    let _ = answer.send(one);
+                    recorded(&shared, &job, one, &span);
                 }
             }
         }
