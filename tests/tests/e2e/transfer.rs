@@ -18,10 +18,10 @@ use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceCli
 use dsrelay_proto::v1::processor_service_client::ProcessorServiceClient;
 use dsrelay_proto::v1::{
     AcknowledgeRequest, Acknowledgement, DeliverRequest, Evidence, ExportFileHeader,
-    GetStatusRequest, Request, RequestKind, RequestParameters, RequestState, SubmitRequest,
+    GetStatusRequest, Request, RequestKind, RequestParameters, RequestState, Scope, SubmitRequest,
     TaskState, TransferReceipt,
 };
-use dsrelay_runtime::pki::dev_identity;
+use dsrelay_runtime::pki::{dev_identity, DevCa};
 use dsrelay_runtime::store::Db;
 use sha2::{Digest, Sha256};
 use tonic::Code;
@@ -564,6 +564,94 @@ async fn transfer_completed_without_a_receipt_is_refused_by_the_registry() {
         .tasks
         .iter()
         .all(|t| t.state != TaskState::Completed as i32));
+    pair.stop().await;
+}
+
+/// Another processor's COMPLETED report of a TRANSFER without a receipt is refused as not
+/// routed to it (PERMISSION_DENIED), exactly as for a request that does not exist, and not
+/// for the missing receipt: what a processor is told never says another's request exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_processors_transfer_report_is_refused_as_not_routed() {
+    let pair = spawn_pair(PairOptions {
+        holders: vec![Holder::Accounting],
+        with_absent_processor: true,
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
+    let mut crm = pair.crm();
+    // Only `payroll-bureau` holds invoicing data: `web-agency`, a configured processor of
+    // the registry, is not sent the request.
+    let id = crm
+        .submit(SubmitRequest {
+            scope: Some(Scope {
+                data_categories: vec!["invoicing".into()],
+            }),
+            ..transfer()
+        })
+        .await
+        .expect("submit")
+        .into_inner()
+        .request_id;
+    wait_until(&mut crm, &id, Duration::from_secs(30), |r| {
+        r.state == RequestState::InProgress as i32
+    })
+    .await;
+    let pki = pair.pki();
+    let ca = DevCa::load(
+        &std::fs::read_to_string(pki.ca()).expect("ca.pem"),
+        &std::fs::read_to_string(pki.dir.join("ca.key")).expect("ca.key"),
+    )
+    .expect("the development CA");
+    let agency = ca
+        .issue(
+            "dsrelay web-agency",
+            &dev_identity("processor", "web-agency"),
+        )
+        .expect("a certificate for web-agency");
+    std::fs::write(pki.cert("web-agency"), agency.cert_pem).expect("write cert");
+    std::fs::write(pki.key("web-agency"), agency.key_pem).expect("write key");
+    let mut acks = AcknowledgementServiceClient::new(pair.channel_to_registry("web-agency"));
+    let report = |request_id: &str| Acknowledgement {
+        request_id: request_id.to_string(),
+        subprocessor: "accounting".into(),
+        sequence: 99,
+        state: TaskState::Completed as i32,
+        evidence: Some(Evidence {
+            confirmed: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let absent = uuid::Uuid::now_v7().to_string();
+    let answer = acks
+        .acknowledge(AcknowledgeRequest {
+            acknowledgements: vec![report(&id), report(&absent)],
+        })
+        .await
+        .expect("answered per acknowledgement")
+        .into_inner();
+    assert_eq!(answer.applied, 0, "{answer:?}");
+    let refusals: Vec<(u32, i32, usize)> = answer
+        .rejected
+        .iter()
+        .map(|r| (r.index, r.code, r.violations.len()))
+        .collect();
+    assert_eq!(
+        refusals,
+        [
+            (0, Code::PermissionDenied as i32, 0),
+            (1, Code::PermissionDenied as i32, 0)
+        ],
+        "{answer:?}"
+    );
+    for (r, request_id) in answer.rejected.iter().zip([&id, &absent]) {
+        assert_eq!(
+            r.message,
+            format!("request {request_id} was not delivered to processor web-agency"),
+            "{answer:?}"
+        );
+    }
     pair.stop().await;
 }
 

@@ -63,7 +63,7 @@ impl AcknowledgementService for Api {
                 problems.insert(i, v);
             }
         }
-        for (i, v) in self.receipt_violations(&all).await? {
+        for (i, v) in self.receipt_violations(&processor, &all).await? {
             problems.entry(i).or_default().push(v);
         }
         let mut rejected: Vec<RejectedAcknowledgement> = problems
@@ -186,9 +186,12 @@ impl AcknowledgementService for Api {
 
 impl Api {
     /// COMPLETED reports of TRANSFER tasks that lack the recipient's receipt. Only requests
-    /// with such a report are looked up.
+    /// with such a report are looked up, and only among those delivered to `processor`: an
+    /// acknowledgement of any other request is refused as not routed (PERMISSION_DENIED),
+    /// whatever its kind, so a processor cannot learn that another's request exists.
     async fn receipt_violations(
         &self,
+        processor: &str,
         acks: &[Acknowledgement],
     ) -> Result<Vec<(usize, FieldViolation)>, ApiError> {
         let unreceipted = |a: &&Acknowledgement| {
@@ -213,7 +216,7 @@ impl Api {
         let kinds = self
             .shared
             .store
-            .request_kinds(&ids)
+            .kinds_delivered_to(processor, &ids)
             .await
             .map_err(ApiError::from)?;
         let mut violations = Vec::new();

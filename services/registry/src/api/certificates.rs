@@ -134,7 +134,10 @@ impl Api {
         let kinds = if certified.is_empty() {
             Default::default()
         } else {
-            self.shared.store.request_kinds(&certified).await?
+            self.shared
+                .store
+                .kinds_delivered_to(processor, &certified)
+                .await?
         };
         let identity = self
             .shared

@@ -85,19 +85,27 @@ impl Store {
         Ok(tx)
     }
 
-    /// The kinds of those of `ids` that exist, in one query.
-    pub async fn request_kinds(
+    /// The kinds of those of `ids` that were delivered to `processor`, in one query. The
+    /// others are left out whether they exist or not, so that what a processor is told
+    /// about a request never depends on whether another processor's request of that id
+    /// exists.
+    pub async fn kinds_delivered_to(
         &self,
+        processor: &str,
         ids: &[&str],
     ) -> Result<std::collections::HashMap<String, RequestKind>> {
         let mut out = std::collections::HashMap::new();
         for chunk in ids.chunks(500) {
             let sql = format!(
-                "SELECT id, kind FROM requests WHERE id IN ({})",
-                placeholders(1, chunk.len())
+                "SELECT r.id, r.kind FROM requests r WHERE r.id IN ({}) AND EXISTS \
+                 (SELECT 1 FROM deliveries d WHERE d.request_id = r.id AND d.processor = $1 \
+                 AND d.op = $2)",
+                placeholders(3, chunk.len())
             );
             let sql = self.db.backend.numbered(&sql);
-            let mut q = sqlx::query_as::<_, (String, i64)>(&sql);
+            let mut q = sqlx::query_as::<_, (String, i64)>(&sql)
+                .bind(processor)
+                .bind(Operation::Deliver.as_str());
             for id in chunk {
                 q = q.bind(*id);
             }
