@@ -8,7 +8,7 @@ use dsrelay_proto::v1::{
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::harness::{erasure, spawn_pair, Backend, PairOptions, PROCESSOR, RECIPIENT};
+use crate::harness::{erasure, spawn_pair, Backend, Mode, PairOptions, PROCESSOR, RECIPIENT};
 
 /// A request of `kind` for the sample customer carrying `parameters`.
 fn submit(kind: RequestKind, parameters: RequestParameters) -> SubmitRequest {
@@ -125,5 +125,69 @@ async fn parameters_of_another_kind_and_unknown_recipients_are_refused() {
         stored.parameters.expect("parameters").transfer_recipient,
         RECIPIENT
     );
+    pair.stop().await;
+}
+
+/// A retry of an accepted Submit answers the request it made, even after the registry's
+/// configuration stopped allowing its body (the recipient it names was removed and the
+/// registry restarted); the same body under a new key is refused naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_the_configuration_changed_answers_the_accepted_request() {
+    let mut pair = spawn_pair(PairOptions {
+        backend: Backend::Sqlite,
+        mode: Mode::Processes,
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
+    let transfer = SubmitRequest {
+        idempotency_key: "transfer-after-reconfiguration".into(),
+        ..submit(RequestKind::Transfer, to(RECIPIENT))
+    };
+    let first = pair
+        .client("partner-crm")
+        .submit(transfer.clone())
+        .await
+        .expect("accepted")
+        .into_inner();
+    assert!(!first.deduplicated, "{first:?}");
+
+    let config = pair.registry.config_file().to_path_buf();
+    let text = std::fs::read_to_string(&config).expect("registry config");
+    let named = format!("name = \"{RECIPIENT}\"");
+    assert_eq!(text.matches(&named).count(), 1, "{text}");
+    std::fs::write(&config, text.replace(&named, "name = \"other-bookkeeper\""))
+        .expect("rewrite the registry config");
+    pair.registry.restart().await;
+
+    let mut crm = pair.client("partner-crm");
+    let again = crm
+        .submit(transfer.clone())
+        .await
+        .expect("a retry is answered")
+        .into_inner();
+    assert!(again.deduplicated, "{again:?}");
+    assert_eq!(
+        (&again.request_id, again.due_at, &again.trace_id),
+        (&first.request_id, first.due_at, &first.trace_id)
+    );
+    assert_eq!(again.routed_to, [PROCESSOR]);
+
+    let status = crm
+        .submit(SubmitRequest {
+            idempotency_key: "transfer-after-reconfiguration-2".into(),
+            ..transfer
+        })
+        .await
+        .expect_err("a new request to a removed recipient");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let fields: Vec<String> = status
+        .get_details_bad_request()
+        .expect("field violations")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    assert_eq!(fields, ["parameters.transfer_recipient"], "{status:?}");
     pair.stop().await;
 }

@@ -22,7 +22,7 @@ use tonic::{Response, Status};
 use crate::auth::Party;
 use crate::deadline::{due_at, MAX_EXTENSION_MONTHS};
 use crate::error::ApiError;
-use crate::store::{CancelOutcome, Inserted, ListFilter, NewRequest, RequeueOutcome};
+use crate::store::{CancelOutcome, Inserted, ListFilter, NewRequest, RequestRow, RequeueOutcome};
 use crate::validate::{list_arguments, text_violation, validate_submit, ListArguments};
 
 use super::{check_text, not_found, views, watch, Api};
@@ -57,11 +57,25 @@ impl RequestService for Api {
 
         let body = req.into_inner();
         let config = &self.shared.config;
-        ApiError::ensure_valid(validate_submit(
+        let violations = validate_submit(
             &body,
             &config.known_categories(),
             &config.known_recipients(),
-        ))?;
+        );
+        let encoded = body.encode_to_vec();
+        let hash = body_hash(&self.shared.identity_hash_key, &encoded);
+        if !violations.is_empty()
+            && crate::validate::idempotency_key_violation(&body.idempotency_key).is_none()
+        {
+            // A retry of a request already accepted answers it, even once a rule that
+            // depends on the configuration no longer holds for the same body (a category or
+            // recipient it names was removed meanwhile). A key that breaks its own rules is
+            // never looked up: it was never stored.
+            if let Some(existing) = self.submitted_before(&caller.name, &body, &hash).await? {
+                return Ok(Response::new(existing));
+            }
+        }
+        ApiError::ensure_valid(violations)?;
         let wanted: Vec<&str> = body
             .scope
             .as_ref()
@@ -75,7 +89,6 @@ impl RequestService for Api {
             })
             .map(|p| p.name.clone())
             .collect();
-        let encoded = body.encode_to_vec();
         let received_at = self.shared.clock.now_ms();
         let id = uuid::Uuid::now_v7().to_string();
         let hashes: Vec<String> = body
@@ -87,7 +100,7 @@ impl RequestService for Api {
             id: id.clone(),
             partner: caller.name.clone(),
             idempotency_key: body.idempotency_key.clone(),
-            body_hash: body_hash(&self.shared.identity_hash_key, &encoded),
+            body_hash: hash,
             body: encoded,
             identity_hashes: serde_json::to_string(&hashes).map_err(ApiError::unexpected)?,
             kind: body.kind,
@@ -113,11 +126,18 @@ impl RequestService for Api {
             .submit(new)
             .await
             .map_err(ApiError::from)?;
-        let (request_id, state, due, trace_id, routed_to, deduplicated) = match inserted {
+        let answer = match inserted {
             Inserted::New => {
                 self.shared.dispatch_wakeup.notify_one();
                 self.shared.publish(&new_id);
-                (new_id, new_state as i32, new_due, new_trace, processors, false)
+                SubmitResponse {
+                    request_id: new_id,
+                    state: new_state as i32,
+                    due_at: Some(timestamp_from_millis(new_due)),
+                    trace_id: new_trace,
+                    deduplicated: false,
+                    routed_to: processors,
+                }
             }
             Inserted::Existing(existing) => {
                 let row = self
@@ -129,16 +149,7 @@ impl RequestService for Api {
                     .ok_or_else(|| {
                         ApiError::unexpected(anyhow::anyhow!("request {existing} vanished"))
                     })?;
-                let routed = self
-                    .shared
-                    .store
-                    .deliveries(&existing)
-                    .await
-                    .map_err(ApiError::from)?
-                    .into_iter()
-                    .map(|d| d.processor)
-                    .collect();
-                (existing, row.state as i32, row.due_at, row.trace_id, routed, true)
+                self.deduplicated(row).await?
             }
             Inserted::Running(_) => {
                 return Err(ApiError::unexpected(anyhow::anyhow!(
@@ -154,22 +165,7 @@ impl RequestService for Api {
                 .into())
             }
         };
-        span.record("request_id", request_id.as_str());
-        tracing::info!(
-            request_id = %request_id,
-            kind = RequestKind::try_from(body.kind).map(|k| k.as_str_name()).unwrap_or("?"),
-            deduplicated,
-            routed = routed_to.len(),
-            "request submitted"
-        );
-        Ok(Response::new(SubmitResponse {
-            request_id,
-            state,
-            due_at: Some(timestamp_from_millis(due)),
-            trace_id,
-            deduplicated,
-            routed_to,
-        }))
+        Ok(Response::new(submitted(answer, body.kind)))
     }
 
     async fn get(&self, req: tonic::Request<GetRequest>) -> Result<Response<Request>, Status> {
@@ -533,5 +529,71 @@ impl RequestService for Api {
         self.shared.dispatch_wakeup.notify_one();
         self.shared.publish(&row.id);
         Ok(Response::new(self.visible_view(&caller, &row.id).await?))
+    }
+}
+
+/// Logs an answered Submit (new or deduplicated) under the call's span.
+fn submitted(answer: SubmitResponse, kind: i32) -> SubmitResponse {
+    tracing::Span::current().record("request_id", answer.request_id.as_str());
+    tracing::info!(
+        request_id = %answer.request_id,
+        kind = RequestKind::try_from(kind).map(|k| k.as_str_name()).unwrap_or("?"),
+        deduplicated = answer.deduplicated,
+        routed = answer.routed_to.len(),
+        "request submitted"
+    );
+    answer
+}
+
+impl Api {
+    /// The answer to a Submit whose request is stored already: its state, due date, trace
+    /// and the processors it was routed to.
+    async fn deduplicated(&self, row: RequestRow) -> Result<SubmitResponse, ApiError> {
+        let routed_to = self
+            .shared
+            .store
+            .deliveries(&row.id)
+            .await
+            .map_err(ApiError::from)?
+            .into_iter()
+            .map(|d| d.processor)
+            .collect();
+        Ok(SubmitResponse {
+            state: row.state as i32,
+            due_at: Some(timestamp_from_millis(row.due_at)),
+            trace_id: row.trace_id,
+            deduplicated: true,
+            routed_to,
+            request_id: row.id,
+        })
+    }
+
+    /// The answer to a Submit `partner` made before with the same body under the same key
+    /// (`hash` is the body's), if there is one and it is a request (not a contract end).
+    async fn submitted_before(
+        &self,
+        partner: &str,
+        body: &SubmitRequest,
+        hash: &str,
+    ) -> Result<Option<SubmitResponse>, ApiError> {
+        let store = &self.shared.store;
+        let Some((id, stored)) = store
+            .request_by_key(partner, &body.idempotency_key)
+            .await
+            .map_err(ApiError::from)?
+        else {
+            return Ok(None);
+        };
+        if stored != hash {
+            return Ok(None);
+        }
+        let Some(row) = store.request(&id).await.map_err(ApiError::from)? else {
+            return Ok(None);
+        };
+        if row.kind == RequestKind::ContractEnd {
+            return Ok(None);
+        }
+        let answer = self.deduplicated(row).await?;
+        Ok(Some(submitted(answer, body.kind)))
     }
 }
