@@ -689,7 +689,8 @@ pub struct ListArgs {
     #[arg(long, value_enum)]
     pub kind: Option<KindArg>,
 
-    /// Only requests past their due date that have not finished.
+    /// Only requests past their due date and still open (RECEIVED, DISPATCHED, IN_PROGRESS
+    /// or FAILED).
     #[arg(long)]
     pub overdue: bool,
 

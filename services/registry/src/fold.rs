@@ -23,15 +23,21 @@ pub(crate) fn request_is_terminal(s: RequestState) -> bool {
     )
 }
 
-/// True for request states whose due date still matters (the controller has not answered).
-pub(crate) fn request_can_be_overdue(s: RequestState) -> bool {
-    matches!(
-        s,
-        RequestState::Received
-            | RequestState::Dispatched
-            | RequestState::InProgress
-            | RequestState::Failed
-    )
+/// The states in which a request is open: the controller has not answered the subject yet,
+/// so its due date matters. Only an open request can be overdue, cancelled or have its due
+/// date extended. FAILED is open (an operator must act, and the subject still waits);
+/// PARTIALLY_COMPLETED is not (what is left is retained by law, and the holders erase it
+/// when its date passes).
+pub(crate) const OPEN_STATES: [RequestState; 4] = [
+    RequestState::Received,
+    RequestState::Dispatched,
+    RequestState::InProgress,
+    RequestState::Failed,
+];
+
+/// True for the [`OPEN_STATES`].
+pub(crate) fn request_is_open(s: RequestState) -> bool {
+    OPEN_STATES.contains(&s)
 }
 
 /// The state of a request from what its processors have reported.

@@ -730,7 +730,7 @@ async fn ids_paging_cancel_and_deadline_arguments_are_checked() {
             .await,
         Code::FailedPrecondition,
     );
-    assert!(s.message().contains("finished"), "{s:?}");
+    assert!(s.message().contains("is CANCELLED"), "{s:?}");
     pair.stop().await;
 }
 

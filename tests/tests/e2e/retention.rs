@@ -6,7 +6,11 @@
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
-use dsrelay_proto::v1::{Request, RequestState, TaskState};
+use dsrelay_proto::v1::{
+    CancelRequest, ExtendDeadlineRequest, GetRequest, ListRequestsRequest, Request, RequestState,
+    TaskState,
+};
+use tonic::Code;
 
 use crate::harness::{count, erasure, spawn_pair, wait_until, PairOptions};
 
@@ -133,5 +137,83 @@ async fn retained_data_is_erased_when_the_obligation_ends() {
     );
     // Everyone else's books are intact.
     assert_eq!(count(&url, "SELECT COUNT(*) FROM customers").await, 5);
+    pair.stop().await;
+}
+
+/// A PARTIALLY_COMPLETED request is answered: what is left is retained by law and erased by
+/// its holders when the date passes. So, like COMPLETED, it is never overdue, even long past
+/// its due date, and neither Cancel nor ExtendDeadline acts on it; each refusal names the
+/// state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partially_completed_request_is_not_open() {
+    let pair = spawn_pair(PairOptions::default()).await.expect("pair");
+    let mut crm = pair.crm();
+    let r = crm
+        .submit(erasure(MAIJA))
+        .await
+        .expect("submit")
+        .into_inner();
+    wait_until(&mut crm, &r.request_id, Duration::from_secs(20), |v| {
+        v.state == RequestState::PartiallyCompleted as i32
+    })
+    .await;
+    let registry = pair.registry.clock().expect("an in-process registry");
+    let due = dsrelay_proto::millis_from_timestamp(&r.due_at.expect("due_at"));
+    registry.advance(due - registry.now_ms() + 86_400_000);
+
+    let mut operator = pair.operator();
+    let view = operator
+        .get(GetRequest {
+            request_id: r.request_id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(view.state, RequestState::PartiallyCompleted as i32);
+    assert!(!view.overdue, "{view:#?}");
+    let overdue = operator
+        .list(ListRequestsRequest {
+            overdue_only: true,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(overdue.requests.is_empty(), "{overdue:#?}");
+
+    let refused = operator
+        .extend_deadline(ExtendDeadlineRequest {
+            request_id: r.request_id.clone(),
+            months: 1,
+            reason: "a large request".into(),
+        })
+        .await
+        .expect_err("nothing to extend");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("is PARTIALLY_COMPLETED"),
+        "{refused:?}"
+    );
+    let refused = crm
+        .cancel(CancelRequest {
+            request_id: r.request_id.clone(),
+            reason: "changed her mind".into(),
+        })
+        .await
+        .expect_err("nothing to cancel");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("is PARTIALLY_COMPLETED"),
+        "{refused:?}"
+    );
+    let after = operator
+        .get(GetRequest {
+            request_id: r.request_id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(after.due_at, view.due_at);
+    assert!(after.extension_reasons.is_empty(), "{after:#?}");
     pair.stop().await;
 }

@@ -365,10 +365,14 @@ impl RequestService for Api {
             };
             return Err(ApiError::invalid([FieldViolation::new("months", rule)]).into());
         }
-        if matches!(row.state, RequestState::Completed | RequestState::Cancelled) {
-            return Err(
-                ApiError::failed_precondition(format!("request {} has finished", row.id)).into(),
-            );
+        if !crate::fold::request_is_open(row.state) {
+            return Err(ApiError::failed_precondition(format!(
+                "request {} is {}: only a request still open (RECEIVED, DISPATCHED, \
+                 IN_PROGRESS or FAILED) has a due date to extend",
+                row.id,
+                row.state.as_str_name().trim_start_matches("REQUEST_STATE_")
+            ))
+            .into());
         }
         let extended = self
             .shared

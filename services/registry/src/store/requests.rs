@@ -6,6 +6,7 @@ use dsrelay_proto::v1::{EventType, RequestState};
 
 use super::events::{insert_event, EventDetail};
 use super::{Operation, RequestRow, Store};
+use crate::fold::OPEN_STATES;
 
 /// What [`Store::cancel`] found.
 #[derive(Debug, PartialEq, Eq)]
@@ -28,13 +29,7 @@ impl Store {
         let Some(state) = tx.request_state(id, true).await? else {
             return Ok(CancelOutcome::NotFound);
         };
-        if !matches!(
-            state,
-            RequestState::Received
-                | RequestState::Dispatched
-                | RequestState::InProgress
-                | RequestState::Failed
-        ) {
+        if !crate::fold::request_is_open(state) {
             return Ok(CancelOutcome::NotCancellable(state));
         }
         sqlx::query(
@@ -90,7 +85,7 @@ impl Store {
     }
 
     /// Extends the due date by `months`, keeping the reason, if the request is as `row` read
-    /// it (no extension made since, not finished since); answers whether it did. Nothing is
+    /// it (no extension made since, still open: [`OPEN_STATES`]); answers whether it did. Nothing is
     /// written otherwise, so a concurrent extension is never lost under an answer of success.
     pub async fn extend(
         &self,
@@ -107,7 +102,8 @@ impl Store {
         let mut tx = self.begin().await?;
         let updated = sqlx::query(
             "UPDATE requests SET extension_months = $1, extension_reasons = $2, due_at = $3, \
-             updated_at = $4 WHERE id = $5 AND extension_months = $6 AND state NOT IN ($7, $8)",
+             updated_at = $4 WHERE id = $5 AND extension_months = $6 \
+             AND state IN ($7, $8, $9, $10)",
         )
         .bind(i64::from(total))
         .bind(serde_json::to_string(&reasons).context("encoding reasons")?)
@@ -115,8 +111,10 @@ impl Store {
         .bind(now)
         .bind(&row.id)
         .bind(row.extension_months)
-        .bind(RequestState::Completed as i64)
-        .bind(RequestState::Cancelled as i64)
+        .bind(OPEN_STATES[0] as i64)
+        .bind(OPEN_STATES[1] as i64)
+        .bind(OPEN_STATES[2] as i64)
+        .bind(OPEN_STATES[3] as i64)
         .execute(tx.conn())
         .await?
         .rows_affected();

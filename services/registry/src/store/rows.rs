@@ -10,7 +10,7 @@ use std::str::FromStr;
 
 use dsrelay_proto::v1::{RequestKind, RequestState, TaskState, TaskStatus};
 
-use crate::fold::request_can_be_overdue;
+use crate::fold::request_is_open;
 
 /// What an outbox row asks of a processor. Stored as text (`deliver`, `cancel`, `update`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -118,7 +118,7 @@ pub struct RequestRow {
 impl RequestRow {
     /// Whether the due date has passed while the controller still owes an answer.
     pub fn overdue(&self, now: i64) -> bool {
-        self.due_at < now && request_can_be_overdue(self.state)
+        self.due_at < now && request_is_open(self.state)
     }
 }
 
