@@ -26,10 +26,12 @@ pub enum IntakeError {
     /// safe either way.
     #[error("the registry is not taking requests now (shutting down); submit again")]
     Stopped,
-    /// The transaction storing the batch failed; no request of the batch was stored.
+    /// Storing the request failed: the batch's transaction could not begin or commit (no
+    /// request of the batch was stored), or, stored alone after the batch could not take it,
+    /// this request could not be (the others of its batch were answered on their own).
     #[error("storing a batch of {batch} submitted requests failed")]
     Store {
-        /// Requests in the failed batch, all refused together.
+        /// Requests refused together with this one (1 when it failed alone).
         batch: usize,
         /// What the store said, shared by every request of the batch.
         #[source]
@@ -120,11 +122,21 @@ impl Writer {
             }
         }
         let (requests, answers): (Vec<Intaken>, Vec<_>) = jobs.into_iter().unzip();
-        match self.store.insert_batch(&requests).await {
+        match self.store.insert_each(&requests).await {
             Ok(outcomes) => {
                 for (answer, outcome) in answers.into_iter().zip(outcomes) {
+                    let outcome = outcome.map_err(|e| {
+                        tracing::error!(
+                            error = format!("{e:#}"),
+                            "storing a submitted request failed"
+                        );
+                        IntakeError::Store {
+                            batch: 1,
+                            cause: Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(e)),
+                        }
+                    });
                     // The Submit may have gone (its caller hung up); its request is stored.
-                    let _ = answer.send(Ok(outcome));
+                    let _ = answer.send(outcome);
                 }
             }
             Err(e) => {
@@ -235,6 +247,45 @@ mod tests {
             intake.submit(request("b")).await,
             Err(IntakeError::Stopped)
         ));
+    }
+
+    /// A request of a batch that cannot be stored (here: its id is taken) is answered with
+    /// its own error, and the others of the batch, stored alone, as stored.
+    #[tokio::test]
+    async fn each_request_of_a_failed_batch_gets_its_own_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path()).await;
+        let (intake, writer) = channel(store.clone());
+        let taken = NewRequest {
+            idempotency_key: "another key".into(),
+            ..request("r1")
+        };
+        let queued: Vec<_> = [request("r1"), request("r2"), taken]
+            .into_iter()
+            .map(|r| {
+                let intake = intake.clone();
+                tokio::spawn(async move { intake.submit(r).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        stop_tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), writer.run(stop_rx))
+            .await
+            .expect("the writer returns once drained");
+        let mut answers = Vec::new();
+        for q in queued {
+            answers.push(q.await.unwrap());
+        }
+        assert!(matches!(answers[0], Ok(Inserted::New)), "{answers:?}");
+        assert!(matches!(answers[1], Ok(Inserted::New)), "{answers:?}");
+        assert!(
+            matches!(answers[2], Err(IntakeError::Store { batch: 1, .. })),
+            "{answers:?}"
+        );
+        for id in ["r1", "r2"] {
+            assert!(store.request(id).await.unwrap().is_some(), "{id}");
+        }
     }
 
     /// Answers (Get, List, Watch's events) read through the store's readers: a writer

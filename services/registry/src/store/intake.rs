@@ -45,7 +45,8 @@ pub struct NewRequest {
     pub partner: String,
     /// Idempotency key.
     pub idempotency_key: String,
-    /// SHA-256 of the encoded body.
+    /// HMAC-SHA256 of the encoded body under the identity hash key (`api/partner.rs`), which
+    /// idempotency compares.
     pub body_hash: String,
     /// Encoded SubmitRequest.
     pub body: Vec<u8>,
@@ -103,41 +104,45 @@ impl Store {
     }
 
     /// [`Store::insert_requests`] for what the intake queue holds: Submits and contract ends
-    /// (with their terms) alike, in one transaction.
+    /// (with their terms) alike, in one transaction. Fails on the first request that cannot
+    /// be stored; [`Store::insert_each`] answers each alone.
     pub async fn insert_batch(&self, rs: &[Intaken]) -> Result<Vec<Inserted>> {
+        self.insert_each(rs).await?.into_iter().collect()
+    }
+
+    /// Stores `rs` in one transaction and answers each one's outcome. When that
+    /// transaction cannot take one of them, each is stored in a transaction of its own, so
+    /// one that cannot be stored never takes the others down with it, and each is answered
+    /// with its own outcome: stored, or why not. Fails as a whole only when the batch's
+    /// transaction cannot begin or commit, and then none of them was stored.
+    pub async fn insert_each(&self, rs: &[Intaken]) -> Result<Vec<Result<Inserted>>> {
         if let [(r, c)] = rs {
-            return Ok(vec![self.insert_intaken(r, c.as_ref()).await?]);
+            return Ok(vec![self.insert_intaken(r, c.as_ref()).await]);
         }
         let mut tx = self.begin().await?;
-        if rs.iter().all(|(_, c)| c.is_none()) {
+        let together = if rs.iter().all(|(_, c)| c.is_none()) {
             let submits: Vec<&NewRequest> = rs.iter().map(|(r, _)| r).collect();
-            if let Ok(Some(out)) = insert_many(&mut tx, &submits).await {
-                tx.commit().await?;
-                return Ok(out);
+            insert_many(&mut tx, &submits).await.ok().flatten()
+        } else {
+            let mut out = Vec::with_capacity(rs.len());
+            for (r, c) in rs {
+                match insert_one(&mut tx, r, c.as_ref()).await {
+                    Ok(Some(outcome)) => out.push(outcome),
+                    Ok(None) | Err(_) => break,
+                }
             }
+            (out.len() == rs.len()).then_some(out)
+        };
+        let Some(out) = together else {
             drop(tx);
             let mut one_by_one = Vec::with_capacity(rs.len());
             for (r, c) in rs {
-                one_by_one.push(self.insert_intaken(r, c.as_ref()).await?);
+                one_by_one.push(self.insert_intaken(r, c.as_ref()).await);
             }
             return Ok(one_by_one);
-        }
-        let mut out = Vec::with_capacity(rs.len());
-        for (r, c) in rs {
-            match insert_one(&mut tx, r, c.as_ref()).await {
-                Ok(Some(outcome)) => out.push(outcome),
-                Ok(None) | Err(_) => {
-                    drop(tx);
-                    let mut one_by_one = Vec::with_capacity(rs.len());
-                    for (r, c) in rs {
-                        one_by_one.push(self.insert_intaken(r, c.as_ref()).await?);
-                    }
-                    return Ok(one_by_one);
-                }
-            }
-        }
+        };
         tx.commit().await?;
-        Ok(out)
+        Ok(out.into_iter().map(Ok).collect())
     }
 }
 
