@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dsrelay_proto::prost::Message;
 use dsrelay_proto::v1::{AcknowledgeRequest, RejectedAcknowledgement};
 use dsrelay_runtime::host::SHUTDOWN_MARGIN;
 use tokio::sync::watch;
@@ -120,7 +121,19 @@ async fn claim(shared: &Shared) -> Vec<AckJob> {
         })
 }
 
-/// Sends claimed acknowledgements, one batch per controller at once.
+/// Most acknowledgements the registry takes in one call (`AcknowledgeRequest` in
+/// `registry.proto`).
+const MAX_ACKS_PER_CALL: usize = 500;
+
+/// Most encoded bytes of acknowledgements in one call: the registry refuses a message over
+/// `MAX_MESSAGE_BYTES` (4 MiB) whole, and an acknowledgement may carry 9 KB of text and a
+/// 64 KiB certificate, so `acks.batch_size` of them may not fit. A quarter is left for
+/// framing.
+const MAX_BYTES_PER_CALL: usize = dsrelay_runtime::server::MAX_MESSAGE_BYTES / 4 * 3;
+
+/// Sends claimed acknowledgements, one batch per controller at once; a controller's batch
+/// goes in as many calls as it needs to stay within the registry's limits ([`calls`]), so a
+/// batch too large for one call is never refused whole and retried as it is forever.
 async fn send_all(shared: &Shared, jobs: Vec<AckJob>) {
     let mut by_controller: BTreeMap<String, Vec<AckJob>> = BTreeMap::new();
     for j in jobs {
@@ -131,8 +144,37 @@ async fn send_all(shared: &Shared, jobs: Vec<AckJob>) {
     }
     let sends = by_controller
         .into_iter()
-        .map(|(controller, jobs)| send(shared, controller, jobs));
+        .map(|(controller, jobs)| async move {
+            for call in calls(jobs, |j| j.ack.encoded_len()) {
+                send(shared, controller.clone(), call).await;
+            }
+        });
     futures::future::join_all(sends).await;
+}
+
+/// `jobs` split, in order, into calls of at most [`MAX_ACKS_PER_CALL`] acknowledgements and
+/// [`MAX_BYTES_PER_CALL`] bytes (`size` of each, with its field's framing); one larger than
+/// that alone goes in a call of its own.
+fn calls<J>(jobs: Vec<J>, size: impl Fn(&J) -> usize) -> Vec<Vec<J>> {
+    let mut out: Vec<Vec<J>> = Vec::new();
+    let mut bytes = 0;
+    for j in jobs {
+        // A length-delimited field: its tag, its length (at most 5 bytes), its bytes.
+        let framed = size(&j) + 6;
+        match out.last_mut() {
+            Some(call)
+                if call.len() < MAX_ACKS_PER_CALL && bytes + framed <= MAX_BYTES_PER_CALL =>
+            {
+                call.push(j);
+                bytes += framed;
+            }
+            _ => {
+                out.push(vec![j]);
+                bytes = framed;
+            }
+        }
+    }
+    out
 }
 
 #[tracing::instrument(skip_all, fields(controller = %controller, count = jobs.len()))]
@@ -239,4 +281,41 @@ fn describe_rejection(x: &RejectedAcknowledgement) -> String {
         s.push_str(&format!("; {}: {}", v.field, v.rule));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_goes_in_calls_within_the_registrys_limits() {
+        // 1,200 acknowledgements of 9 KB (the most text one may carry): 10.8 MB in all.
+        let split = calls((0..1200).collect::<Vec<i32>>(), |_| 9 * 1024);
+        let sizes: Vec<usize> = split.iter().map(Vec::len).collect();
+        assert!(sizes.len() >= 4, "{sizes:?}");
+        for call in &split {
+            assert!(call.len() <= MAX_ACKS_PER_CALL, "{sizes:?}");
+            assert!(
+                call.len() * (9 * 1024 + 6) <= MAX_BYTES_PER_CALL,
+                "{sizes:?}"
+            );
+        }
+        // Every one, once, in order.
+        let flat: Vec<i32> = split.into_iter().flatten().collect();
+        assert_eq!(flat, (0..1200).collect::<Vec<_>>());
+
+        // Small ones: only the count limits a call.
+        assert_eq!(calls_of(1200, 200), [500, 500, 200]);
+        // One over the byte limit goes alone, between the others.
+        let big = MAX_BYTES_PER_CALL + 1;
+        let split = calls(vec![10usize, big, 10], |n| *n);
+        assert_eq!(split, [vec![10], vec![big], vec![10]]);
+    }
+
+    fn calls_of(n: usize, size: usize) -> Vec<usize> {
+        calls((0..n).collect::<Vec<_>>(), |_| size)
+            .iter()
+            .map(Vec::len)
+            .collect()
+    }
 }

@@ -62,7 +62,8 @@ pub(crate) struct Shared {
     pub metrics: crate::metrics::Metrics,
     /// Group commit of submitted requests.
     pub intake: crate::intake::Intake,
-    /// The clock deadlines, leases and events are stamped by; tests move it.
+    /// The clock deadlines and events are stamped by; tests move it. Leases are timed on the
+    /// database's clock instead (`store/outbox.rs`), so that replicas agree on them.
     pub clock: Clock,
     /// Where return-of-data packages are kept, and for how long.
     pub packages: Packages,
@@ -241,8 +242,9 @@ impl App {
                     .max_decoding_message_size(MAX_API_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
-            // Only processors call it, with up to 500 acknowledgements whose texts may each
-            // be 9 KB (`MAX_ACKS_PER_CALL`).
+            // Only processors call it, with up to 500 acknowledgements (`MAX_ACKS_PER_CALL`)
+            // whose texts may each be 9 KB and certificates 64 KiB: more than fits, so the
+            // processor's sender splits its batches to stay under this limit.
             .service(
                 AcknowledgementServiceServer::new(api.clone())
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -250,7 +252,7 @@ impl App {
             )
             // MAX_MESSAGE_BYTES (4 MiB) leaves room for a 1 MiB chunk with its header and
             // digest, both ways, and for a CompletePart, which lists every file of a part
-            // (their number has no limit).
+            // (at most `MAX_FILES_PER_PART`, 10,000).
             .service(
                 ExportUploadServiceServer::new(api.clone())
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -319,9 +321,11 @@ fn reflection_roles(config: &Config) -> Vec<ReflectionRole> {
             .map(|i| i.identity.clone())
             .collect()
     };
-    // RequestService's methods a partner may call: all but the operators' (ListAuditEntries,
-    // ListDeadLetteredDeliveries, RequeueDelivery, whose handlers refuse partners too). A
-    // method added to the service stays hidden from partners until it is listed here.
+    // RequestService's methods reflection shows a partner: all but ListAuditEntries,
+    // ListDeadLetteredDeliveries and RequeueDelivery, whose handlers refuse partners too.
+    // ExtendDeadline is listed though only operators may call it (its handler answers a
+    // partner PERMISSION_DENIED saying so). A method added to the service stays hidden from
+    // partners until it is listed here.
     const PARTNER_REQUEST_METHODS: [&str; 9] = [
         "dsrelay.v1.RequestService/Submit",
         "dsrelay.v1.RequestService/Get",
