@@ -137,8 +137,8 @@ pub struct AdapterConfig {
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
     /// The request kinds the adapter supports (`erasure`, `return_of_data`, `transfer`,
-    /// `rectification`, `restriction`, `objection`). When absent the adapter's Describe is
-    /// asked.
+    /// `rectification`, `restriction`, `objection`, `contract_end`). When absent the
+    /// adapter's Describe is asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub supported_kinds: Option<Vec<String>>,
     /// The controllers (the processor's names for them, `ControllerConfig.name`) whose data

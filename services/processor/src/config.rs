@@ -52,7 +52,7 @@ pub struct Config {
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
     /// The Ed25519 private key (PKCS#8 PEM file) that signs the deletion certificate of
-    /// every COMPLETED or RETAINED erasure task. Its public key (the `.pub.pem` file the
+    /// every COMPLETED or RETAINED erasure task, and of every contract end's erasure. Its public key (the `.pub.pem` file the
     /// development PKI writes beside it) goes to each controller's registry, as `public_key`
     /// of this processor's `[[processors]]` entry. Without it the processor issues no
     /// certificates and warns at start-up; a key that cannot be read stops the start.
@@ -97,7 +97,7 @@ fn default_data_dir() -> PathBuf {
 }
 
 /// A controller: who may deliver requests, and where its registry takes acknowledgements and
-/// return-of-data uploads.
+/// uploads (returns of data, contract ends' returns).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ControllerConfig {
@@ -241,8 +241,9 @@ impl Default for AckConfig {
     }
 }
 
-/// Upload outbox settings: each RETURN_OF_DATA export goes to its controller's registry, each
-/// TRANSFER export to the recipient the registry named with the request.
+/// Upload outbox settings: each RETURN_OF_DATA export (and a contract end's return) goes to
+/// its controller's registry, each TRANSFER export (and a contract end's transfer) to the
+/// recipient the registry named with the request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UploadConfig {
@@ -448,7 +449,7 @@ impl Config {
 
 impl Config {
     /// Every configured caller whose identity is outside the processor's trust domain
-    /// (`service.trust_domain`, else the one of `own_identity`) or does not name its role:
+    /// (`trust_domain`, else the one of `own_identity`) or does not name its role:
     /// controllers' registries as `registry`, operators as `operator`.
     pub fn trust_errors(&self, own_identity: &str) -> anyhow::Result<Vec<String>> {
         use dsrelay_runtime::trust::{check_callers, effective_trust_domain, ConfiguredCaller};

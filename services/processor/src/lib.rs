@@ -15,8 +15,8 @@
 //!   acknowledgements, list contract ends, and read the audit trail and its checkpoints.
 //! - [`store`]: requests (with a transfer's recipient, a contract end's terms), tasks (with a
 //!   transfer's receipt, a contract end's progress), the acknowledgement outbox, the
-//!   upload outbox, and the hash-chained audit trail each change appends to in its own
-//!   transaction (its head signed into the checkpoint file by
+//!   upload outbox, and the hash-chained audit trail each change an auditor asks about
+//!   appends to in its own transaction (`store/audit.rs` lists them) (its head signed into the checkpoint file by
 //!   `dsrelay_runtime::audit::signer`, `[audit]`).
 //! - [`task_machine`]: every rule of a task's life, as one pure function.
 //! - [`runner`]: claims runnable tasks (leased on the database's clock) and takes each one

@@ -63,7 +63,8 @@
 //!   (at once when it has passed); a confirmed return releases AWAITING_CONFIRMATION
 //! - cancelled: tasks not yet deleting are CANCELLED; once deleting, the erasure reports what
 //!   it did (never "cancelled" over work that was done)
-//! - an operator completing a manual RETURNING step moves it to AWAITING_CONFIRMATION
+//! - an operator completing a manual RETURNING step queues the delivery of its return record
+//!   (the task stays RETURNING); once that is delivered it moves to AWAITING_CONFIRMATION
 
 use std::fmt;
 use std::ops::ControlFlow;
@@ -89,7 +90,8 @@ pub struct Current<'a> {
     pub handle: Option<&'a str>,
     /// Records reported so far: a retention run adds to them.
     pub records_affected: i64,
-    /// Attempts so far, this one included: the reason of a task given up says how many.
+    /// Claims so far, this one included (`TaskRow::attempts`: connector calls, and claims
+    /// that ended without one): the reason of a task given up says how many.
     pub attempts: i64,
     /// A contract end task's phase; UNSPECIFIED for every other kind.
     pub phase: ContractPhase,
@@ -349,7 +351,7 @@ pub(crate) enum Event<'a> {
 /// Where an export is delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Destination<'a> {
-    /// The controller's registry (RETURN_OF_DATA).
+    /// The controller's registry (RETURN_OF_DATA, and a contract end's return).
     Registry,
     /// The recipient of a transfer, by the registry's name for it.
     Recipient(&'a str),
@@ -393,11 +395,11 @@ pub struct Transition {
     /// the database's clock like every lease: for a step after which the same runner goes on
     /// working on the task. `None` releases it.
     pub hold_ms: Option<i64>,
-    /// Queue the delivery of the task's export (a RETURN_OF_DATA or TRANSFER export
-    /// written).
+    /// Queue the delivery of the task's export (a RETURN_OF_DATA, TRANSFER or contract end
+    /// export written, or a manual return's record).
     pub upload: bool,
     /// What this step erased where, as the connector counted it: the deletion certificate
-    /// of an ERASURE lists it. Not stored with the task.
+    /// of an ERASURE or a contract end lists it. Not stored with the task.
     pub erased: Vec<ErasedCount>,
     /// The recipient's receipt, recorded with the task and carried by the acknowledgement;
     /// `None` keeps what is recorded.

@@ -177,9 +177,11 @@ pub struct DeliveryConfig {
     pub batch_size: u32,
     /// Deliveries in flight at once.
     pub concurrency: usize,
-    /// Deadline of one Deliver call (ms).
+    /// Deadline of one call to a processor (ms): Deliver, Cancel and UpdateContractEnd, and
+    /// the reconciler's GetStatus and ListSubprocessors.
     pub call_timeout_ms: u64,
-    /// Refusals after which a delivery or cancellation is dead-lettered: no longer sent,
+    /// Refusals after which an outbox row (a delivery, a cancellation or a contract end's
+    /// update) is dead-lettered: no longer sent,
     /// shown in Get and the request's events. A refusal is an answer retrying cannot change
     /// (INVALID_ARGUMENT, PERMISSION_DENIED, UNIMPLEMENTED, FAILED_PRECONDITION); each is
     /// still retried with `backoff` until then, in case the processor is fixed meanwhile.
@@ -213,7 +215,10 @@ pub struct ReconcileConfig {
     /// A status check that finds nothing new waits, before the next one, as long again as
     /// the request has been unchanged, up to this (ms). A request that waits for months (a
     /// contract end's grace period, data retained for years) is then asked about daily, not
-    /// every `ack_timeout_ms`. An acknowledgement resets it.
+    /// every `ack_timeout_ms`. The wait is measured from the request's last change of state,
+    /// so an acknowledgement that moves the request resets it; one that does not (a task's
+    /// progress within the same request state) brings one check `ack_timeout_ms` later, and
+    /// then the long wait resumes.
     pub max_backoff_ms: u64,
 }
 

@@ -32,11 +32,12 @@ use crate::store::{OP_CANCEL, OP_DELIVER, OP_UPDATE};
 pub(crate) struct Metrics {
     /// The families below, for the exposition.
     registry: Registry,
-    /// Deliver and Cancel calls made, by processor.
+    /// Deliver, Cancel and UpdateContractEnd calls made, by processor.
     pub delivery_attempts: CounterVec,
     /// Of those, the ones that failed (or could not be made).
     pub delivery_failures: CounterVec,
-    /// Deliveries and cancellations dead-lettered after repeated refusal.
+    /// Outbox rows (deliveries, cancellations, contract end updates) dead-lettered after
+    /// repeated refusal.
     pub deliveries_dead_lettered: CounterVec,
     /// From a task's state change at the processor to the registry applying it.
     pub ack_latency: HistogramVec,
@@ -55,20 +56,21 @@ impl Metrics {
             delivery_attempts: CounterVec::register(
                 &mut registry,
                 "dsrelay_delivery_attempts",
-                "Deliver and Cancel calls made to processors.",
+                "Deliver, Cancel and UpdateContractEnd calls made to processors.",
                 &["processor"],
             ),
             delivery_failures: CounterVec::register(
                 &mut registry,
                 "dsrelay_delivery_failures",
-                "Deliver and Cancel calls that failed; the outbox retries them with backoff.",
+                "Deliver, Cancel and UpdateContractEnd calls that failed; the outbox retries \
+                 them with backoff.",
                 &["processor"],
             ),
             deliveries_dead_lettered: CounterVec::register(
                 &mut registry,
                 "dsrelay_deliveries_dead_lettered",
-                "Deliver and Cancel rows dead-lettered after delivery.max_refusals refusals by \
-                 the processor; they are no longer sent.",
+                "Deliver, Cancel and UpdateContractEnd rows dead-lettered after \
+                 delivery.max_refusals refusals by the processor; they are no longer sent.",
                 &["processor"],
             ),
             ack_latency: HistogramVec::register(

@@ -1,4 +1,5 @@
-//! Retry timing for outboxes: exponential backoff with full jitter.
+//! Retry timing for outboxes: exponential backoff with equal jitter (a delay between half
+//! and all of the ceiling).
 
 use std::time::Duration;
 

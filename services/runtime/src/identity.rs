@@ -1,7 +1,7 @@
 //! Subject identities: validation, normalisation and hashing.
 //!
 //! Raw values are normalised before hashing (emails trimmed and lowercased, phone numbers
-//! stripped of spaces and dashes), so a hash computed by a partner matches ours.
+//! reduced to their digits and `+`), so a hash computed by a partner matches ours.
 
 use dsrelay_proto::v1::{IdentityEncoding, IdentityType, SubjectIdentity};
 use hmac::{Hmac, Mac};

@@ -10,8 +10,9 @@
 //! registries one after the other.
 //!
 //! [`serve`] answers `GET /metrics` and `GET /healthz` on a listener the caller bound. The
-//! admin port has neither TLS nor authentication and carries no personal data (labels are
-//! kinds, states and configured names): bind it to loopback or a private network.
+//! admin port has no TLS and carries no personal data (labels are kinds, states and
+//! configured names). With an `admin_token` every request must carry `Authorization: Bearer
+//! <token>`; a non-loopback address requires one. Bind it to loopback or a private network.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -227,7 +228,8 @@ async fn metrics(State(scrape): State<Scrape>, headers: header::HeaderMap) -> Re
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or_default();
-        // Compared in constant time: the answer's timing says nothing about the token.
+        // Compared in constant time: the answer's timing says nothing about the token's
+        // bytes (only, through the length check, whether the length is right).
         let equal = given.len() == token.len()
             && given
                 .bytes()

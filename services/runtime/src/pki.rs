@@ -10,7 +10,7 @@
 //!
 //! Every processor and registry party also gets an Ed25519 key (`<stem>-signing.key`, mode
 //! 0600, and `<stem>-signing.pub.pem` beside it; see [`crate::signing`]): a processor signs
-//! its deletion certificates with it, a registry its audit checkpoints
+//! its deletion certificates and audit checkpoints with it, a registry its audit checkpoints
 //! ([`crate::audit::checkpoint`]).
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -496,8 +496,8 @@ impl DevPki {
     }
 }
 
-/// Whether parties of `role` sign documents: processors their deletion certificates,
-/// registries their audit checkpoints.
+/// Whether parties of `role` sign documents: processors their deletion certificates and
+/// audit checkpoints, registries their audit checkpoints.
 fn signs(role: &str) -> bool {
     matches!(role, "processor" | "registry")
 }

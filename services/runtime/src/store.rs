@@ -21,7 +21,8 @@
 //! RETURNING queue's columns, (SELECT column FROM joined WHERE ...) AS column, ...
 //! ```
 //!
-//! Both backends accept it as written (PostgreSQL ≥ 12, SQLite ≥ 3.35). `MATERIALIZED`
+//! Both backends accept it as written (PostgreSQL ≥ 13, for `gen_random_uuid()` in the lease
+//! token; SQLite ≥ 3.35). `MATERIALIZED`
 //! makes the picking `SELECT` run once, so a re-scan can never lock other rows than those
 //! it picked; the lock clause comes from [`Backend::skip_locked_of`], the clock from
 //! [`Backend::now_ms`] and the per-row token from [`Backend::random_token`] (the

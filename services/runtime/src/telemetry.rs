@@ -5,8 +5,10 @@
 //! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set; `OTEL_SDK_DISABLED=true` or
 //! `OTEL_TRACES_EXPORTER=none` turn it off again. `OTEL_SERVICE_NAME` names the service
 //! (default: the binary's name), and the exporter reads the other `OTEL_EXPORTER_OTLP_*`
-//! and `OTEL_BSP_*` variables itself. W3C trace context is propagated in gRPC metadata
-//! either way (see [`crate::trace_context`]).
+//! and `OTEL_BSP_*` variables itself. W3C trace context is injected into gRPC metadata only
+//! while a tracer is installed (see [`crate::trace_context`]); without one the registry's
+//! calls to processors still name the request's trace in a `traceparent` of their own, and
+//! other calls (a processor's to its adapters) carry none.
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;

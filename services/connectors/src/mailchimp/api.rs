@@ -23,7 +23,7 @@ use crate::ConnectorError;
 /// seconds: Mailchimp's limits are per minute-ish, so a minute is a safe guess.
 const DEFAULT_RETRY_AFTER_MS: u64 = 60_000;
 /// The longest Retry-After honoured, so that a misbehaving proxy cannot park a task for days;
-/// the processor's own backoff still applies on top.
+/// the processor waits the longer of it and its own backoff.
 const MAX_RETRY_AFTER_MS: u64 = 3_600_000;
 /// Calls in flight at once per Mailchimp account: the API's documented limit.
 pub(super) const MAX_CONNECTIONS_PER_ACCOUNT: usize = 10;

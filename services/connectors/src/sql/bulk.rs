@@ -2,7 +2,8 @@
 //! top-level rows at a time.
 //!
 //! An erasure handles each matched (top-level) table with the tables found through it, in
-//! batches of at most [`BATCH_SUBJECTS`] of its rows: ranges of a batch key, each range in one
+//! batches of about [`BATCH_SUBJECTS`] of its rows (more where rows share a batch key, and
+//! the last batch also takes the rows without one): ranges of a batch key, each range in one
 //! transaction, children first, with the statements of a single erasure (the table's action
 //! on the rows no obligation keeps, the kept rows stripped of what the obligation does not
 //! need). A batch thus runs a few statements per table, whatever the number of subjects.

@@ -48,8 +48,9 @@
 //! goes.
 //! - Export: each table with `export` columns is read with a cursor, in one read
 //!   transaction, into `<table>.json` and `<table>.csv`, as a subject's export is.
-//! - Erase: each top-level table with the tables found through it, in batches of at most
-//!   10,000 of its rows (ranges of the column the children link to, or of a match column
+//! - Erase: each top-level table with the tables found through it, in batches of about
+//!   10,000 of its rows (more where rows share a batch key, and the last batch also takes
+//!   the rows without one; ranges of the column the children link to, or of a match column
 //!   for a table without children; an integer key is compared as it is, so that a batch
 //!   reads its range from the key's index, any other as text), one transaction per batch,
 //!   children first. A batch runs the statements of a single erasure over all of its rows
@@ -59,8 +60,10 @@
 //!   per `retain` table finds what is kept and the next release, and the step answers
 //!   [`Outcome::Retained`] (the processor runs it again with [`Phase::RetentionExpired`]) or
 //!   [`Outcome::Completed`]. Progress ends at the totals: every counted row was erased or
-//!   is kept. Before the first batch, a `retain` table with an undated row of the
-//!   controller stops the step with a permanent error, as it stops a subject's erasure.
+//!   is kept. Before the first batch, a `retain` table with a row of the controller whose
+//!   date is missing or not shaped `YYYY-MM-DD` stops the step with a permanent error, as it
+//!   stops a subject's erasure. That check is of the shape only: a shaped value that is no
+//!   date (`2024-13-45`) is found when the batches are done, and stops the step then.
 //!
 //! A crash or error between batches leaves the committed batches done and the rest
 //! untouched; the processor's retry runs the step again, which finds only what is left

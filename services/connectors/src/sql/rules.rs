@@ -91,7 +91,8 @@ pub struct TableRule {
     #[serde(default)]
     pub anonymize: BTreeMap<String, AnonymizeWith>,
     /// The columns a RETURN_OF_DATA or TRANSFER export contains; a table without them is not
-    /// exported. Columns must be of integer, floating-point, boolean or text types.
+    /// exported. Columns of integer, floating-point, boolean and text types are exported as
+    /// they are, blobs as hex.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub export: Vec<String>,
     /// Logical field of a RECTIFICATION (`email`, `phone`, `name`, `address`, ...) to the

@@ -1,6 +1,7 @@
 //! The processor's durable state: requests, tasks, the acknowledgement outbox and the
 //! upload outbox. A task's state change, the acknowledgement reporting it and, for a written
-//! return-of-data export, its upload are written in one transaction; which change to make is
+//! export (of a return of data, a transfer or a contract end), its upload are written in one
+//! transaction; which change to make is
 //! decided by [`crate::task_machine`], never here.
 //!
 //! - `rows`: the types the store hands out, and the raw rows they are read from.
@@ -70,7 +71,8 @@ pub(crate) fn db_now_in(conn: &sqlx::AnyConnection) -> &'static str {
 #[derive(Debug, Clone)]
 pub struct Store {
     db: Db,
-    /// Signs the deletion certificate of each erasure step; `None` issues none.
+    /// Signs the deletion certificate of each erasure step (of an ERASURE or of a contract
+    /// end); `None` issues none.
     issuer: Option<Arc<Issuer>>,
     /// Keys the hashes that stand for free text in audit entries (`identity_hash_key`).
     text_key: Arc<[u8]>,
@@ -93,7 +95,8 @@ impl Store {
         }
     }
 
-    /// The store, issuing a certificate with every COMPLETED or RETAINED erasure step.
+    /// The store, issuing a certificate with every COMPLETED or RETAINED erasure step (of an
+    /// ERASURE or of a contract end).
     pub fn with_issuer(self, issuer: Option<Arc<Issuer>>) -> Self {
         Self { issuer, ..self }
     }

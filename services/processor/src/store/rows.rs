@@ -31,7 +31,8 @@ pub struct TaskRow {
     pub state: TaskState,
     /// Sequence of the last acknowledgement queued.
     pub sequence: i64,
-    /// Connector attempts so far.
+    /// Claims so far: each connector call, and each claim that ended without one (a wait
+    /// while the holder is unreachable, a contract end's wake-up after its return arrived).
     pub attempts: i64,
     /// Records affected.
     pub records_affected: i64,

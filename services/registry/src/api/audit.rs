@@ -1,5 +1,6 @@
 //! The audit trail's signed checkpoints (`ListAuditCheckpoints`), served from the checkpoint
-//! file (see [`crate::checkpoints`]).
+//! file, which the registry's checkpointer
+//! ([`dsrelay_runtime::audit::signer::Checkpointer`]) appends to.
 
 use dsrelay_proto::v1::{AuditCheckpoint, AuditCheckpoints, ListAuditCheckpointsRequest};
 use dsrelay_runtime::audit::checkpoint::Checkpoint;

@@ -30,7 +30,7 @@ use super::{check_text, not_found, views, watch, Api};
 /// The idempotency hash of an encoded Submit body: HMAC-SHA256 under the identity hash key,
 /// so that the hash left after the body is forgotten cannot be tested against guessed bodies
 /// by anyone without the key. Rows stored before the hash was keyed hold a plain SHA-256:
-/// a retry of such a request within its idempotency window is answered as a conflict
+/// a retry of such a request is answered as a conflict
 /// (ALREADY_EXISTS) rather than deduplicated, which is safe (nothing is stored twice).
 fn body_hash(key: &[u8], encoded: &[u8]) -> String {
     keyed_digest(key, b"dsrelay.submit-body.v1", encoded)

@@ -145,8 +145,8 @@ impl Store {
     /// Applies `change` to the contract end `id` if it still may be (a choice only over
     /// NONE, a confirmation only of an unconfirmed RETURN_THEN_DELETE, neither once the
     /// request has finished), re-arms its update row and records the event, in one
-    /// transaction. Returns whether it changed anything; the caller reads the contract again
-    /// to say why not.
+    /// transaction. Returns whether it changed anything; the caller, which checked the terms
+    /// just before, answers that the contract end changed meanwhile.
     pub async fn change_contract(
         &self,
         id: &str,

@@ -336,8 +336,9 @@ impl Store {
         Ok(RequeueOutcome::Requeued(requeued))
     }
 
-    /// Open requests with no acknowledgement since `cutoff`, with the processors that accepted
-    /// them: candidates for a status check.
+    /// Requests still moving at their processors (DISPATCHED, IN_PROGRESS, or
+    /// PARTIALLY_COMPLETED while retained data waits for its date) not checked or acknowledged
+    /// since `cutoff`, with the processors that accepted them: candidates for a status check.
     pub async fn quiet_requests(&self, cutoff: i64, limit: i64) -> Result<Vec<(String, String)>> {
         Ok(sqlx::query_as(
             "SELECT r.id, d.processor FROM requests r JOIN deliveries d \

@@ -1,9 +1,9 @@
 //! Rows as read from the tables, decoded by `sqlx::FromRow`, and the conversions from stored
 //! values to the enums the store decides with.
 //!
-//! Proto enum fields that the API hands on unchanged (a request's kind and state, an event's
-//! type and states) stay the `i32` the wire carries; the store itself reads them through the
-//! enum accessors.
+//! A request's kind and state are decoded into their enums when a row is read (a value no
+//! enum knows fails the read); an event's type and states, which the API hands on unchanged,
+//! stay the `i32` the wire carries.
 
 use std::fmt;
 use std::str::FromStr;
@@ -223,7 +223,8 @@ pub struct EventRow {
     pub event_type: i32,
     /// When (ms).
     pub occurred_at: i64,
-    /// Request state after the event (proto enum value).
+    /// The request's state when the event was recorded (proto enum value): the new state
+    /// for STATE_CHANGED, the state before the event's change for the others.
     pub request_state: i32,
     /// Processor concerned.
     pub processor: String,

@@ -4,7 +4,8 @@
 //! handlers; `?` turns the error into a [`Status`] by the rules here:
 //!
 //! - broken input rules are INVALID_ARGUMENT with one `google.rpc.BadRequest` field
-//!   violation per rule, at most [`MAX_REPORTED_VIOLATIONS`] of them and each text clipped;
+//!   violation per rule, at most [`MAX_REPORTED_VIOLATIONS`] of them (and one more saying
+//!   how many were left out) and each text clipped;
 //! - a store that cannot be reached just now (pool timeout, closed pool, lost connection,
 //!   a busy SQLite file) is UNAVAILABLE, so callers retry;
 //! - any other fault of ours is INTERNAL: the details go to the log, and the answer says so.
