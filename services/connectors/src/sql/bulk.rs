@@ -398,18 +398,37 @@ impl Scoped<'_> {
         Ok((keys.len() == 2).then(|| keys[0].clone()))
     }
 
-    /// Counts the controller's rows of `rule` whose date is missing or not shaped
-    /// `YYYY-MM-DD...`.
+    /// Counts the controller's rows of `rule` whose date is missing or not `YYYY-MM-DD...`
+    /// with a month of 01–12 and a day of 01–31, in plain SQL both backends run. What it
+    /// lets through that is still no date (`2024-02-31`) is found when the batches are done.
     fn undated_query(&self, rule: &TableRule, retain: &Retention) -> Statement {
         let mut b = Binds::default();
         let filter =
             subject_filter(self.config, rule, self.everything(), &mut b).unwrap_or_default();
         let table = quote(&rule.table);
         let dated = format!("CAST({table}.{} AS TEXT)", quote(&retain.from_column));
+        let numbers = |from: u32, to: u32| {
+            (from..=to)
+                .map(|n| format!("'{n:02}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let digits = (0..=9)
+            .map(|n| format!("'{n}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let year = (1..=4)
+            .map(|i| format!(" OR SUBSTR({dated}, {i}, 1) NOT IN ({digits})"))
+            .collect::<String>();
         b.finish(format!(
             "SELECT CAST(COUNT(*) AS BIGINT) FROM {table} WHERE {filter} AND ({dated} IS NULL \
              OR LENGTH({dated}) < 10 OR SUBSTR({dated}, 5, 1) <> '-' \
-             OR SUBSTR({dated}, 8, 1) <> '-')"
+             OR SUBSTR({dated}, 8, 1) <> '-'{year} \
+             OR SUBSTR({dated}, 6, 2) NOT IN ({months}) \
+             OR SUBSTR({dated}, 9, 2) NOT IN ({days}) \
+             OR SUBSTR({dated}, 11, 1) IN ({digits}))",
+            months = numbers(1, 12),
+            days = numbers(1, 31),
         ))
     }
 

@@ -61,9 +61,9 @@
 //!   [`Outcome::Retained`] (the processor runs it again with [`Phase::RetentionExpired`]) or
 //!   [`Outcome::Completed`]. Progress ends at the totals: every counted row was erased or
 //!   is kept. Before the first batch, a `retain` table with a row of the controller whose
-//!   date is missing or not shaped `YYYY-MM-DD` stops the step with a permanent error, as it
-//!   stops a subject's erasure. That check is of the shape only: a shaped value that is no
-//!   date (`2024-13-45`) is found when the batches are done, and stops the step then.
+//!   date is missing or not `YYYY-MM-DD` (month 01–12, day 01–31) stops the step with a
+//!   permanent error, as it stops a subject's erasure. A value that passes and is still no
+//!   date (`2024-02-31`) is found when the batches are done, and stops the step then.
 //!
 //! A crash or error between batches leaves the committed batches done and the rest
 //! untouched; the processor's retry runs the step again, which finds only what is left

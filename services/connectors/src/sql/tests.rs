@@ -1515,25 +1515,36 @@ async fn scopes_controllers_by_condition(url: String) {
         }
     }
 
-    // An undated invoice: its retention cannot be known, so nothing is erased.
-    exec(
-        &db,
-        "UPDATE invoices SET issued_on = 'unknown' WHERE id = 104",
-    )
-    .await;
-    let (job, _rx) = bulk_job("a", crate::BulkOp::Erase, Phase::Start, now(), None);
-    assert_eq!(
-        crate::Connector::run_bulk(&connector, &job).await,
-        Err(ConnectorError::Permanent(
-            "invoices: 1 of the controller's rows have no date in issued_on (YYYY-MM-DD \
-             expected), so their retention cannot be computed; nothing was erased"
-                .into()
-        ))
-    );
-    assert_eq!(
-        count(&db, &format!("{C} FROM contacts WHERE customer_id = 2")).await,
-        1
-    );
+    // An undated invoice: its retention cannot be known, so nothing is erased. Nor when
+    // the value is shaped like a date but is none.
+    for undated in [
+        "unknown",
+        "2024-13-05",
+        "2024-02-45",
+        "2O24-02-10",
+        "2024-02-100",
+    ] {
+        exec(
+            &db,
+            &format!("UPDATE invoices SET issued_on = '{undated}' WHERE id = 104"),
+        )
+        .await;
+        let (job, _rx) = bulk_job("a", crate::BulkOp::Erase, Phase::Start, now(), None);
+        assert_eq!(
+            crate::Connector::run_bulk(&connector, &job).await,
+            Err(ConnectorError::Permanent(
+                "invoices: 1 of the controller's rows have no date in issued_on (YYYY-MM-DD \
+                 expected), so their retention cannot be computed; nothing was erased"
+                    .into()
+            )),
+            "{undated}"
+        );
+        assert_eq!(
+            count(&db, &format!("{C} FROM contacts WHERE customer_id = 2")).await,
+            1,
+            "{undated}"
+        );
+    }
     exec(
         &db,
         "UPDATE invoices SET issued_on = '2024-02-10' WHERE id = 104",
