@@ -321,18 +321,16 @@ fn reflection_roles(config: &Config) -> Vec<ReflectionRole> {
             .map(|i| i.identity.clone())
             .collect()
     };
-    // RequestService's methods reflection shows a partner: all but ListAuditEntries,
-    // ListDeadLetteredDeliveries and RequeueDelivery, whose handlers refuse partners too.
-    // ExtendDeadline is listed though only operators may call it (its handler answers a
-    // partner PERMISSION_DENIED saying so). A method added to the service stays hidden from
+    // RequestService's methods reflection shows a partner: all but the operators'
+    // (ExtendDeadline, ListAuditEntries, ListDeadLetteredDeliveries, RequeueDelivery, whose
+    // handlers refuse partners too). A method added to the service stays hidden from
     // partners until it is listed here.
-    const PARTNER_REQUEST_METHODS: [&str; 9] = [
+    const PARTNER_REQUEST_METHODS: [&str; 8] = [
         "dsrelay.v1.RequestService/Submit",
         "dsrelay.v1.RequestService/Get",
         "dsrelay.v1.RequestService/List",
         "dsrelay.v1.RequestService/Watch",
         "dsrelay.v1.RequestService/Cancel",
-        "dsrelay.v1.RequestService/ExtendDeadline",
         "dsrelay.v1.RequestService/GetChain",
         "dsrelay.v1.RequestService/ListEvents",
         "dsrelay.v1.RequestService/ListAuditCheckpoints",

@@ -802,6 +802,7 @@ async fn reflection_shows_each_role_only_its_services() {
         ("Submit", true),
         ("Watch", true),
         ("ListAuditCheckpoints", true),
+        ("ExtendDeadline", false),
         ("ListAuditEntries", false),
         ("ListDeadLetteredDeliveries", false),
         ("RequeueDelivery", false),
