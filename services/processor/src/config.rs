@@ -52,9 +52,9 @@ pub struct Config {
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
     /// The Ed25519 private key (PKCS#8 PEM file) that signs the deletion certificate of
-    /// every COMPLETED or RETAINED erasure task, and of every contract end's erasure. Its public key (the `.pub.pem` file the
-    /// development PKI writes beside it) goes to each controller's registry, as `public_key`
-    /// of this processor's `[[processors]]` entry. Without it the processor issues no
+    /// every COMPLETED or RETAINED erasure task, and of every contract end's erasure. Its
+    /// public key (the `.pub.pem` file the development PKI writes beside it) goes to each
+    /// controller's registry, as `public_key` of this processor's `[[processors]]` entry. Without it the processor issues no
     /// certificates and warns at start-up; a key that cannot be read stops the start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_key: Option<PathBuf>,

@@ -24,7 +24,7 @@ use sqlx::Row;
 
 use crate::app::Shared;
 use crate::config::Config;
-use crate::fold::request_is_open;
+use crate::fold::OPEN_STATES;
 use crate::store::{OP_CANCEL, OP_DELIVER, OP_UPDATE};
 
 /// The counters and histograms the handlers and the dispatcher update.
@@ -221,9 +221,8 @@ pub(crate) async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
         );
     }
 
-    let open: Vec<String> = STATES
+    let open: Vec<String> = OPEN_STATES
         .iter()
-        .filter(|s| request_is_open(**s))
         .map(|s| (*s as i32).to_string())
         .collect();
     let overdue: i64 = sqlx::query_scalar(&format!(

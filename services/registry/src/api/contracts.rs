@@ -301,21 +301,13 @@ impl ContractService for Api {
         let hash = body_hash(&self.shared.identity_hash_key, &body.encode_to_vec());
         let violations =
             end_contract_violations(&body, &processors, &config.known_recipients(), now);
-        // A key that breaks its own rules (control characters, say) is never looked up: it
-        // was never stored, and a database may refuse it as text.
-        let key_is_valid =
-            crate::validate::idempotency_key_violation(&body.idempotency_key).is_none();
-        if !violations.is_empty() && key_is_valid {
-            // A retry of a contract end already made answers it, even once a rule that
-            // depends on the time or the configuration no longer holds for the same body (its
-            // effective date has passed meanwhile, say).
+        if !violations.is_empty() {
+            // A retry of a contract end already made answers it (its effective date may have
+            // passed meanwhile, say).
             let existing = self
-                .shared
-                .store
-                .request_by_key(&caller.name, &body.idempotency_key)
-                .await
-                .map_err(ApiError::from)?;
-            if let Some((id, _)) = existing.filter(|(_, stored)| *stored == hash) {
+                .stored_with_body(&caller.name, &body.idempotency_key, &hash)
+                .await?;
+            if let Some(id) = existing {
                 if self
                     .shared
                     .store

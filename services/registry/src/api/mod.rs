@@ -55,6 +55,31 @@ impl Api {
         Self { shared }
     }
 
+    /// The id of the request `owner` stored under `idempotency_key` with the body whose hash
+    /// is `hash`, if any: a retry of a Submit or an EndContract already made is answered with
+    /// it even once a rule that depends on the time or the configuration no longer holds for
+    /// the same body. A key that breaks its own rules (control characters, say) is never
+    /// looked up: it was never stored, and a database may refuse it as text.
+    async fn stored_with_body(
+        &self,
+        owner: &str,
+        idempotency_key: &str,
+        hash: &str,
+    ) -> Result<Option<String>, ApiError> {
+        if crate::validate::idempotency_key_violation(idempotency_key).is_some() {
+            return Ok(None);
+        }
+        let stored = self
+            .shared
+            .store
+            .request_by_key(owner, idempotency_key)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(stored
+            .filter(|(_, stored)| stored == hash)
+            .map(|(id, _)| id))
+    }
+
     /// The caller of the partner API: a partner or an operator.
     fn partner_api_caller<T>(&self, req: &tonic::Request<T>) -> Result<Caller, ApiError> {
         Ok(self

@@ -64,13 +64,9 @@ impl RequestService for Api {
         );
         let encoded = body.encode_to_vec();
         let hash = body_hash(&self.shared.identity_hash_key, &encoded);
-        if !violations.is_empty()
-            && crate::validate::idempotency_key_violation(&body.idempotency_key).is_none()
-        {
-            // A retry of a request already accepted answers it, even once a rule that
-            // depends on the configuration no longer holds for the same body (a category or
-            // recipient it names was removed meanwhile). A key that breaks its own rules is
-            // never looked up: it was never stored.
+        if !violations.is_empty() {
+            // A retry of a request already accepted answers it (a category or recipient it
+            // names may have been removed meanwhile).
             if let Some(existing) = self.submitted_before(&caller.name, &body, &hash).await? {
                 return Ok(Response::new(existing));
             }
@@ -580,18 +576,19 @@ impl Api {
         body: &SubmitRequest,
         hash: &str,
     ) -> Result<Option<SubmitResponse>, ApiError> {
-        let store = &self.shared.store;
-        let Some((id, stored)) = store
-            .request_by_key(partner, &body.idempotency_key)
-            .await
-            .map_err(ApiError::from)?
+        let Some(id) = self
+            .stored_with_body(partner, &body.idempotency_key, hash)
+            .await?
         else {
             return Ok(None);
         };
-        if stored != hash {
-            return Ok(None);
-        }
-        let Some(row) = store.request(&id).await.map_err(ApiError::from)? else {
+        let Some(row) = self
+            .shared
+            .store
+            .request(&id)
+            .await
+            .map_err(ApiError::from)?
+        else {
             return Ok(None);
         };
         if row.kind == RequestKind::ContractEnd {

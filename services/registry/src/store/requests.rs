@@ -85,8 +85,9 @@ impl Store {
     }
 
     /// Extends the due date by `months`, keeping the reason, if the request is as `row` read
-    /// it (no extension made since, still open: [`OPEN_STATES`]); answers whether it did. Nothing is
-    /// written otherwise, so a concurrent extension is never lost under an answer of success.
+    /// it (no extension made since, still open: [`OPEN_STATES`]); answers whether it did.
+    /// Nothing is written otherwise, so a concurrent extension is never lost under an answer
+    /// of success.
     pub async fn extend(
         &self,
         row: &RequestRow,
