@@ -399,8 +399,11 @@ impl Scoped<'_> {
     }
 
     /// Counts the controller's rows of `rule` whose date is missing or not `YYYY-MM-DD...`
-    /// with a month of 01–12 and a day of 01–31, in plain SQL both backends run. What it
-    /// lets through that is still no date (`2024-02-31`) is found when the batches are done.
+    /// naming a day of the calendar (a month of 01–12, a day the month has, 29 February
+    /// only in a leap year), in plain SQL both backends run: text comparisons only, as
+    /// PostgreSQL may evaluate a cast of a malformed year before the checks that exclude it.
+    /// Rows it lets through are the ones [`parse_iso_date`] reads, so the kept rows' dates
+    /// read after the batches were committed cannot fail.
     fn undated_query(&self, rule: &TableRule, retain: &Retention) -> Statement {
         let mut b = Binds::default();
         let filter =
@@ -426,9 +429,19 @@ impl Scoped<'_> {
              OR SUBSTR({dated}, 8, 1) <> '-'{year} \
              OR SUBSTR({dated}, 6, 2) NOT IN ({months}) \
              OR SUBSTR({dated}, 9, 2) NOT IN ({days}) \
+             OR (SUBSTR({dated}, 9, 2) = '31' AND SUBSTR({dated}, 6, 2) IN ('02', '04', '06', '09', '11')) \
+             OR (SUBSTR({dated}, 9, 2) = '30' AND SUBSTR({dated}, 6, 2) = '02') \
+             OR (SUBSTR({dated}, 6, 5) = '02-29' AND NOT (SUBSTR({dated}, 3, 2) IN ({fourths}) \
+               OR (SUBSTR({dated}, 3, 2) = '00' AND SUBSTR({dated}, 1, 2) IN ({fourths}, '00')))) \
              OR SUBSTR({dated}, 11, 1) IN ({digits}))",
             months = numbers(1, 12),
             days = numbers(1, 31),
+            // The two-digit multiples of four but 00: a year ending in one is a leap year;
+            // one ending in 00 is when its century is a multiple of four too.
+            fourths = (1..=24)
+                .map(|n| format!("'{:02}'", n * 4))
+                .collect::<Vec<_>>()
+                .join(", "),
         ))
     }
 

@@ -1523,6 +1523,11 @@ async fn scopes_controllers_by_condition(url: String) {
         "2024-02-45",
         "2O24-02-10",
         "2024-02-100",
+        "2024-02-31",
+        "2024-04-31",
+        "2024-02-30",
+        "2023-02-29",
+        "1900-02-29",
     ] {
         exec(
             &db,
@@ -1545,9 +1550,10 @@ async fn scopes_controllers_by_condition(url: String) {
             "{undated}"
         );
     }
+    // A leap day is a date: the contract end below goes ahead with it (same fiscal year).
     exec(
         &db,
-        "UPDATE invoices SET issued_on = '2024-02-10' WHERE id = 104",
+        "UPDATE invoices SET issued_on = '2024-02-29' WHERE id = 104",
     )
     .await;
 
