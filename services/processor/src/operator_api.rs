@@ -77,8 +77,9 @@ impl OperatorApi {
         }
     }
 
-    /// Writes `returned-by-hand.json` into the task's export folder: who returned the
-    /// controller's data by hand, when, how many records, and the operator's note.
+    /// Writes `returned-by-hand.json` into the task's export folder: who returned the data by
+    /// hand (a contract end's to the controller, a subject's to them or to their recipient),
+    /// when, how many records, and the operator's note.
     async fn write_return_record(
         &self,
         key: &TaskKey,
@@ -141,18 +142,26 @@ impl OperatorApi {
             ))
         })?;
         let now = self.shared.clock.now_ms();
-        // A contract end's return done by hand leaves a record, which travels as the part.
+        // Whether the request asks for the data itself; a forgotten body is of a request
+        // long finished, which has no task waiting for an operator.
+        let exports = row
+            .request
+            .as_ref()
+            .is_some_and(|r| crate::exports::exports(r.kind()));
+        // A return done by hand (a contract end's, or a return of data or transfer) leaves a
+        // record, which travels as the part.
         let record = match (&event, row.task.phase, row.task.state) {
             (
                 Event::OperatorComplete {
+                    not_found,
                     records_affected,
                     note,
                     by,
                     ..
                 },
-                ContractPhase::Returning,
+                phase,
                 TaskState::WaitingForOperator,
-            ) => Some(
+            ) if phase == ContractPhase::Returning || (exports && !*not_found) => Some(
                 self.write_return_record(&key, *records_affected, note, by, now)
                     .await?,
             ),
@@ -170,6 +179,7 @@ impl OperatorApi {
                 records_affected,
                 note,
                 by,
+                exports,
                 record: record.as_ref(),
             },
             other => other,
@@ -451,6 +461,8 @@ impl ProcessorOperatorService for OperatorApi {
             records_affected: r.records_affected,
             note: &r.evidence_note,
             by: &by,
+            // Filled in by `finish`, which reads the request.
+            exports: false,
             record: None,
         };
         Ok(Response::new(self.finish(r.task, event, &by).await?))

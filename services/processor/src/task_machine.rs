@@ -301,8 +301,12 @@ pub(crate) enum Event<'a> {
         note: &'a str,
         /// The operator's identity.
         by: &'a str,
-        /// A contract end's return done by hand: the record of it the processor wrote into
-        /// the task's export folder, which goes to the registry as the task's part.
+        /// The request asks for the data itself (RETURN_OF_DATA, TRANSFER): done by hand, the
+        /// task is delivered as the record of it, never COMPLETED on the operator's word.
+        exports: bool,
+        /// A return done by hand (a contract end's, or a return of data or transfer): the
+        /// record of it the processor wrote into the task's export folder, which goes where
+        /// the data was asked to go (the registry, or the recipient) as the task's part.
         record: Option<&'a ExportedFile>,
     },
     /// An operator will not do the work of a manual task.
@@ -583,6 +587,38 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
             contract: Some(ContractStep::keep(ContractPhase::Done)),
             ..Default::default()
         }),
+        // The data of a return of data or a transfer must reach the registry or the
+        // recipient before the task is COMPLETED; done by hand, what travels is the record of
+        // it, which the registry keeps as the part (or the recipient confirms).
+        Event::OperatorComplete {
+            not_found: false,
+            exports: true,
+            records_affected,
+            note,
+            by,
+            record,
+        } => match record {
+            Some(file) => Decision::Move(Transition {
+                state: InProgress,
+                records_affected,
+                confirmed: true,
+                note: format!(
+                    "{note} (done by hand by {by}); the record of it is delivered as this \
+                     subprocessor's part ({}, {})",
+                    file.name,
+                    size_label(file.size)
+                ),
+                next_attempt_at: Some(NEVER),
+                export_files: Some(vec![file.clone()]),
+                upload: true,
+                ..Default::default()
+            }),
+            None => Decision::Reject(
+                "a return of data or transfer done by hand needs the record of it that the \
+                 processor writes"
+                    .into(),
+            ),
+        },
         Event::OperatorComplete {
             not_found,
             records_affected,
@@ -2130,6 +2166,7 @@ mod tests {
                     records_affected: 1,
                     note: "shredded",
                     by: "ops",
+                    exports: false,
                     record: None,
                 },
                 &Context::at(NOW),
@@ -2682,6 +2719,7 @@ mod tests {
             records_affected: 4,
             note: "handed over on disk",
             by: "ops",
+            exports: false,
             record,
         };
         let returning = contract_task(WaitingForOperator, ContractPhase::Returning);
@@ -2701,5 +2739,39 @@ mod tests {
         let t = moved(decide(&deleting, complete(None), &ctx()));
         assert_eq!(t.state, Completed);
         assert_eq!(t.contract.map(|c| c.phase), Some(ContractPhase::Done));
+    }
+
+    #[test]
+    fn a_return_of_data_done_by_hand_is_delivered_as_its_record_not_completed() {
+        let record = ExportedFile {
+            name: "returned-by-hand.json".into(),
+            media_type: "application/json".into(),
+            size: 210,
+            sha256: "cd".repeat(32),
+            categories: vec!["archive".into()],
+        };
+        let complete = |not_found, record| Event::OperatorComplete {
+            not_found,
+            records_affected: 2,
+            note: "posted to the subject",
+            by: "ops",
+            exports: true,
+            record,
+        };
+        let waiting = task(WaitingForOperator);
+        let t = moved(decide(&waiting, complete(false, Some(&record)), &ctx()));
+        // IN_PROGRESS until the registry (or the recipient) holds the record.
+        assert_eq!((t.state, t.upload), (InProgress, true));
+        assert_eq!(t.export_files, Some(vec![record.clone()]));
+        assert_eq!(t.next_attempt_at, Some(NEVER));
+        assert!(t.note.contains("done by hand by ops"), "{}", t.note);
+        // The operator's word alone never makes it COMPLETED.
+        assert!(matches!(
+            decide(&waiting, complete(false, None), &ctx()),
+            Decision::Reject(_)
+        ));
+        // Nothing held: nothing to deliver.
+        let t = moved(decide(&waiting, complete(true, None), &ctx()));
+        assert_eq!((t.state, t.upload), (NotFound, false));
     }
 }

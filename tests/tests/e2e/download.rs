@@ -9,12 +9,14 @@ use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
-use dsrelay_proto::v1::{RequestState, TaskState};
+use dsrelay_proto::v1::{CompleteManualTaskRequest, RequestState, TaskRef, TaskState};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::harness::dsrctl::dsrctl;
-use crate::harness::{in_state, spawn_pair, wait_until, Holder, PairOptions, PROCESSOR};
+use crate::harness::{
+    in_state, spawn_pair, wait_until, Holder, PairOptions, CONTROLLER, PROCESSOR,
+};
 
 /// The sample accounting database's customer 1, also known to the example adapter.
 const MAIJA: &str = "maija.meikalainen@example.fi";
@@ -262,6 +264,56 @@ async fn download_of_a_package_with_parts_missing_names_them() {
     assert!(
         !Path::new(&out).exists(),
         "nothing written for a refused download"
+    );
+
+    // The archive's operator returns the subject's folder by hand. The operator's word alone
+    // does not complete the task: the record of the return travels to the registry as the
+    // archive's part, and the request is COMPLETED only once the registry holds it.
+    pair.processor_operator()
+        .complete_manual_task(CompleteManualTaskRequest {
+            task: Some(TaskRef {
+                controller: CONTROLLER.into(),
+                request_id: id.clone(),
+                subprocessor: "paper-archive".into(),
+            }),
+            not_found: false,
+            records_affected: 2,
+            evidence_note: "posted folder 2019/14 to the subject by registered mail".into(),
+        })
+        .await
+        .expect("CompleteManualTask");
+    let done = wait_until(&mut crm, &id, Duration::from_secs(60), |r| {
+        r.state != RequestState::InProgress as i32 && r.state != RequestState::Dispatched as i32
+    })
+    .await;
+    assert_eq!(done.state, RequestState::Completed as i32, "{done:#?}");
+    let info = dsrctl(&pair, "partner-crm", &["package", &id, "--output", "json"])
+        .await
+        .json();
+    assert_eq!(info["complete"], true, "{info:#}");
+    let run = dsrctl(
+        &pair,
+        "partner-crm",
+        &["download", &id, "--out", out.to_str().unwrap()],
+    )
+    .await;
+    run.ok();
+    let record: Value = serde_json::from_slice(
+        &std::fs::read(out.join(&missing).join("returned-by-hand.json"))
+            .unwrap_or_else(|e| panic!("the archive's record: {e}\n{}", run.stdout)),
+    )
+    .expect("json record");
+    assert_eq!(record["returned_by_hand"], true, "{record}");
+    assert!(
+        record["returned_by"]
+            .as_str()
+            .is_some_and(|by| !by.is_empty()),
+        "{record}"
+    );
+    assert_eq!(record["records"], 2, "{record}");
+    assert_eq!(
+        record["note"], "posted folder 2019/14 to the subject by registered mail",
+        "{record}"
     );
 
     pair.stop().await;
