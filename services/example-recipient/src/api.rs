@@ -116,7 +116,7 @@ impl Api {
     }
 
     /// Stores one chunk after checking its offset, size and CRC-32; a refused chunk leaves
-    /// nothing behind.
+    /// nothing behind. The bytes are not synced yet (see [`Folder::sync_partial`]).
     async fn store_chunk(
         &self,
         h: &ExportFileHeader,
@@ -247,12 +247,27 @@ impl TransferReceiver for Api {
             size = header.size,
             "receiving a file"
         );
+        let from = s.offset;
         let mut next = Some(first);
-        while let Some(chunk) = next {
-            refuse_growing(&chunk)?;
-            s = self.store_chunk(&header, s, &chunk).await?;
-            next = next_message_within(&mut stream, self.idle).await?;
+        let received = async {
+            while let Some(chunk) = next {
+                refuse_growing(&chunk)?;
+                s = self.store_chunk(&header, s, &chunk).await?;
+                next = next_message_within(&mut stream, self.idle).await?;
+            }
+            Ok::<(), Status>(())
         }
+        .await;
+        // The answer, an error too, tells the sender how many bytes are stored, and it resumes
+        // after them: they are synced once here rather than per chunk (a complete file was
+        // synced when it got its name).
+        if s.offset > from && !s.complete {
+            self.folder
+                .sync_partial(&header)
+                .await
+                .map_err(ApiError::from)?;
+        }
+        received?;
         tracing::debug!(
             offset = s.offset,
             complete = s.complete,

@@ -3,6 +3,13 @@
 //! with in `.header.<name>.json` (file names never start with '.', so these never collide),
 //! and a closed part's `.manifest.json` and `.receipt.json`. Files are hashed in chunks,
 //! never read whole.
+//!
+//! The sender deletes its copy once it holds the receipt and resumes a file from the offset
+//! it is told, so nothing is answered before what it confirms is on disk: a partial file's
+//! bytes and name are synced before its offset is answered (not per chunk: nothing is
+//! answered per chunk), a file's bytes before it is renamed complete, the JSON files are
+//! written whole as `<name>.tmp`, synced and renamed, and a folder in which an entry was
+//! created or renamed is synced before the answer that counts on it.
 
 use std::path::{Path, PathBuf};
 
@@ -129,8 +136,8 @@ impl Folder {
         }
         if stored.as_ref() != Some(&announced) {
             remove(&partial).await?;
-            tokio::fs::create_dir_all(meta.parent().unwrap_or(Path::new("."))).await?;
-            tokio::fs::write(&meta, serde_json::to_vec(&announced).unwrap_or_default()).await?;
+            create_part_dir(&self.part_dir(&h.request_id, &h.subprocessor)).await?;
+            write_durably(&meta, &serde_json::to_vec(&announced).unwrap_or_default()).await?;
         }
         let offset = match tokio::fs::metadata(&partial).await {
             Ok(m) => m.len(),
@@ -148,13 +155,19 @@ impl Folder {
         if offset == h.size {
             return self.finish(h).await;
         }
+        if offset > 0 {
+            // A run that ended before syncing may have left bytes only in the page cache, and
+            // the sender resumes after what is answered here.
+            self.sync_partial(h).await?;
+        }
         Ok(FileState {
             offset,
             complete: false,
         })
     }
 
-    /// Appends checked bytes to the file's partial form.
+    /// Appends checked bytes to the file's partial form. They are not synced here: the caller
+    /// calls [`Folder::sync_partial`] before it answers the offset they reach.
     pub async fn append(&self, h: &ExportFileHeader, data: &[u8]) -> Result<(), FolderError> {
         let (_, partial, _) = self.paths(h);
         let mut f = tokio::fs::OpenOptions::new()
@@ -164,6 +177,18 @@ impl Folder {
             .await?;
         f.write_all(data).await?;
         f.flush().await?;
+        Ok(())
+    }
+
+    /// Syncs the bytes and the name of the file's partial form, if there is one.
+    pub async fn sync_partial(&self, h: &ExportFileHeader) -> Result<(), FolderError> {
+        let (_, partial, _) = self.paths(h);
+        match tokio::fs::File::open(&partial).await {
+            Ok(f) => f.sync_data().await?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        sync_dir(&self.part_dir(&h.request_id, &h.subprocessor)).await?;
         Ok(())
     }
 
@@ -180,7 +205,11 @@ impl Folder {
                 h.name, h.size, h.sha256
             )));
         }
+        // A file under its final name is taken as received whole by every later call (and
+        // counted in the receipt), so its bytes reach the disk first.
+        tokio::fs::File::open(&partial).await?.sync_all().await?;
         tokio::fs::rename(&partial, &done).await?;
+        sync_dir(&self.part_dir(&h.request_id, &h.subprocessor)).await?;
         Ok(FileState {
             offset: h.size,
             complete: true,
@@ -205,6 +234,8 @@ impl Folder {
         if let Ok(b) = tokio::fs::read(&receipt_path).await {
             if let Ok(r) = serde_json::from_slice::<Receipt>(&b) {
                 if r.manifest_sha256 == manifest_sha256 {
+                    // A run that renamed it may have ended before syncing the folder.
+                    sync_dir(&dir).await?;
                     return Ok(r);
                 }
                 return Err(FolderError::Conflict(format!(
@@ -228,7 +259,7 @@ impl Folder {
         if !missing.is_empty() {
             return Err(FolderError::Missing(missing));
         }
-        tokio::fs::create_dir_all(&dir).await?;
+        create_part_dir(&dir).await?;
         let receipt = Receipt {
             request_id: request_id.to_string(),
             subprocessor: subprocessor.to_string(),
@@ -238,15 +269,16 @@ impl Folder {
             received_at_ms: now_ms,
             recipient: recipient.to_string(),
         };
-        tokio::fs::write(
-            dir.join(".manifest.json"),
-            dsrelay_runtime::transfer_manifest::canonical_json(request_id, subprocessor, files),
+        write_durably(
+            &dir.join(".manifest.json"),
+            &dsrelay_runtime::transfer_manifest::canonical_json(request_id, subprocessor, files),
         )
         .await?;
-        // Written last: its presence means the part is closed.
-        tokio::fs::write(
+        // Written last: its presence means the part is closed. The files it counts had their
+        // bytes synced before they got their names; syncing the folder after it covers those.
+        write_durably(
             &receipt_path,
-            serde_json::to_vec_pretty(&receipt).unwrap_or_default(),
+            &serde_json::to_vec_pretty(&receipt).unwrap_or_default(),
         )
         .await?;
         Ok(receipt)
@@ -255,6 +287,33 @@ impl Folder {
 
 async fn exists(p: &Path) -> std::io::Result<bool> {
     tokio::fs::try_exists(p).await
+}
+
+/// Creates a part's folder `<root>/<request_id>/<subprocessor>` and syncs the two folders
+/// above it, so its name and its request's survive a crash with the files in it.
+async fn create_part_dir(dir: &Path) -> std::io::Result<()> {
+    tokio::fs::create_dir_all(dir).await?;
+    for above in dir.ancestors().skip(1).take(2) {
+        sync_dir(above).await?;
+    }
+    Ok(())
+}
+
+/// Replaces the file at `p` with `bytes`, durably: a crash leaves the old file or the new one
+/// whole (a temporary `<p>.tmp` synced, then renamed), and the folder is synced after.
+async fn write_durably(p: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = p.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let mut f = tokio::fs::File::create(&tmp).await?;
+    f.write_all(bytes).await?;
+    f.sync_all().await?;
+    tokio::fs::rename(&tmp, p).await?;
+    sync_dir(p.parent().unwrap_or(Path::new("."))).await
+}
+
+/// Syncs the folder `dir`, making the entries created, renamed or removed in it durable.
+async fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    tokio::fs::File::open(dir).await?.sync_all().await
 }
 
 async fn remove(p: &Path) -> std::io::Result<()> {

@@ -11,6 +11,8 @@
 //! - Closing a part writes `.manifest.json` (the canonical manifest, see
 //!   [`dsrelay_runtime::transfer_manifest`]) and
 //!   `.receipt.json` next to the files, and answers the receipt.
+//! - Nothing is answered before what it confirms is on disk (the sender resumes from the
+//!   offsets it is told and deletes its copy on the receipt): see [`folder`].
 //! - With `chunk_delay_ms > 0` it pauses after every stored chunk, so tests can interrupt a
 //!   transfer midway.
 //!
