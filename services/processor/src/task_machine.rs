@@ -1000,7 +1000,7 @@ fn ran(
             };
             Transition {
                 state: TaskState::InProgress,
-                records_affected: earlier + records_affected,
+                records_affected: earlier.saturating_add(records_affected),
                 confirmed: true,
                 note: format!(
                     "{note}; export written at the processor ({} file(s), {bytes} bytes), \
@@ -1021,7 +1021,7 @@ fn ran(
             erased,
         } => Transition {
             state: TaskState::Completed,
-            records_affected: earlier + records_affected,
+            records_affected: earlier.saturating_add(records_affected),
             confirmed: true,
             note,
             export_files: (!files.is_empty()).then_some(files),
@@ -1034,6 +1034,16 @@ fn ran(
             note,
             ..Default::default()
         },
+        // Only what an erasure leaves behind can be retained: a holder that answers another
+        // kind so has not done what was asked, and RETAINED would fold the request into
+        // "done, except what must be kept" with nothing done.
+        Outcome::Retained { legal_basis, .. } if kind != RequestKind::Erasure => failed(format!(
+            "subprocessor {} answered the {} with a retention ({}), which only an erasure can \
+             have; nothing is known to have been done",
+            task.subprocessor,
+            kind.as_str_name().trim_start_matches("REQUEST_KIND_"),
+            clip(&legal_basis)
+        )),
         Outcome::Retained {
             legal_basis,
             until_ms,
@@ -1042,7 +1052,7 @@ fn ran(
             erased,
         } => Transition {
             state: TaskState::Retained,
-            records_affected: earlier + records_affected,
+            records_affected: earlier.saturating_add(records_affected),
             confirmed: true,
             note,
             erased,
@@ -1238,7 +1248,7 @@ fn bulk_ran(
             },
         ) => Transition {
             state: TaskState::Completed,
-            records_affected: earlier + records_affected,
+            records_affected: earlier.saturating_add(records_affected),
             confirmed: true,
             note,
             erased,
@@ -1264,7 +1274,7 @@ fn bulk_ran(
             },
         ) => Transition {
             state: TaskState::Retained,
-            records_affected: earlier + records_affected,
+            records_affected: earlier.saturating_add(records_affected),
             confirmed: true,
             note,
             erased,
@@ -1656,6 +1666,45 @@ mod tests {
         assert_eq!((t.state, t.records_affected), (Completed, 5));
         let t = moved(ran(&task(Retained), Phase::RetentionExpired, retained()));
         assert_eq!((t.state, t.records_affected), (Retained, 4));
+        // A count a holder gives at the very top does not wrap when the runs are added up.
+        let mut top = task(Retained);
+        top.records_affected = i64::MAX;
+        let t = moved(ran(&top, Phase::RetentionExpired, retained()));
+        assert_eq!(t.records_affected, i64::MAX);
+    }
+
+    #[test]
+    fn a_retention_is_an_answer_to_an_erasure_only() {
+        for kind in [
+            RequestKind::ReturnOfData,
+            RequestKind::Transfer,
+            RequestKind::Rectification,
+            RequestKind::Restriction,
+            RequestKind::Objection,
+        ] {
+            let d = decide(
+                &task(InProgress),
+                Event::Ran {
+                    kind,
+                    phase: Phase::Start,
+                    result: Ok(Outcome::Retained {
+                        legal_basis: "Kirjanpitolaki 2:10".into(),
+                        until_ms: NOW + 99,
+                        records_affected: 1,
+                        note: "kept invoices".into(),
+                        erased: Vec::new(),
+                    }),
+                },
+                &ctx(),
+            );
+            let t = moved(d);
+            assert_eq!(t.state, Failed, "{kind:?}");
+            assert!(
+                t.reason.contains("only an erasure") && t.reason.contains("Kirjanpitolaki 2:10"),
+                "{kind:?}: {}",
+                t.reason
+            );
+        }
     }
 
     #[test]
