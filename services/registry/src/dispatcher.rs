@@ -416,7 +416,9 @@ async fn call(shared: &Shared, job: &DeliveryJob) -> Call {
                 .map(|r| r.into_inner().tasks)
         }
     };
-    Call::Answered(result)
+    Call::Answered(result.map(|tasks| {
+        crate::api::acknowledgement::well_formed_reports(&job.processor, &job.request_id, tasks)
+    }))
 }
 
 /// The Deliver of `job`'s request: a TRANSFER carries its recipient as `recipient` finds it

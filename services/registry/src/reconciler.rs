@@ -90,7 +90,11 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             };
             match answer {
                 Ok(resp) => {
-                    let tasks = resp.into_inner().tasks;
+                    let tasks = crate::api::acknowledgement::well_formed_reports(
+                        &processor,
+                        &request_id,
+                        resp.into_inner().tasks,
+                    );
                     match shared
                         .store
                         .reconcile(

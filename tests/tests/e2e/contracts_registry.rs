@@ -328,6 +328,8 @@ fn accounting() -> TaskStatus {
         processor: PROCESSOR.into(),
         subprocessor: "accounting".into(),
         state: TaskState::Pending as i32,
+        // As the processor reports a task it just created.
+        sequence: 1,
         ..Default::default()
     }
 }
@@ -545,14 +547,14 @@ async fn delivery_update_and_progress(backend: Backend) {
         scheduled_at: terms.grace_ends_at,
         ..Default::default()
     };
-    acknowledge(&pair, &id, 1, TaskState::InProgress, scheduled).await;
+    acknowledge(&pair, &id, 2, TaskState::InProgress, scheduled).await;
     let updated = events(&pair, &id, EventType::TaskUpdated).await.len();
     let counted = ContractProgress {
         subjects_total: 10,
         records_total: 40,
         ..scheduled
     };
-    acknowledge(&pair, &id, 2, TaskState::InProgress, counted).await;
+    acknowledge(&pair, &id, 3, TaskState::InProgress, counted).await;
     assert_eq!(
         events(&pair, &id, EventType::TaskUpdated).await.len(),
         updated
@@ -560,7 +562,7 @@ async fn delivery_update_and_progress(backend: Backend) {
     let shown = get(&pair, &id).await;
     assert_eq!(shown.state, RequestState::InProgress as i32);
     assert_eq!(shown.tasks.len(), 1);
-    assert_eq!(shown.tasks[0].sequence, 2);
+    assert_eq!(shown.tasks[0].sequence, 3);
     assert_eq!(shown.tasks[0].progress, Some(counted));
     let request = pair
         .operator()
@@ -669,7 +671,7 @@ async fn delivery_update_and_progress(backend: Backend) {
         scheduled_at: None,
     };
     upload_part(&pair, &id).await;
-    acknowledge(&pair, &id, 3, TaskState::InProgress, returning).await;
+    acknowledge(&pair, &id, 4, TaskState::InProgress, returning).await;
     let info = PackageServiceClient::new(pair.channel_to_registry("operator"))
         .get_package(GetPackageRequest {
             request_id: id.clone(),
@@ -778,7 +780,7 @@ async fn delivery_update_and_progress(backend: Backend) {
             acknowledgements: vec![Acknowledgement {
                 request_id: id.clone(),
                 subprocessor: "accounting".into(),
-                sequence: 4,
+                sequence: 5,
                 state: TaskState::Completed as i32,
                 progress: Some(done),
                 certificate: Some(DeletionCertificate {

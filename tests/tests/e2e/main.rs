@@ -35,6 +35,7 @@ mod packages;
 mod poison;
 mod procaudit;
 mod replicas;
+mod reports;
 mod retention;
 mod rotation;
 mod shutdown;

@@ -59,6 +59,8 @@ impl ProcessorService for HeldProcessor {
                 processor: PROCESSOR.into(),
                 subprocessor: "accounting".into(),
                 state: TaskState::Pending as i32,
+                // As the processor reports a task it just created.
+                sequence: 1,
                 ..Default::default()
             }],
             duplicate: false,

@@ -1,7 +1,9 @@
 //! The acknowledgement API (`AcknowledgementService`): processors report the state of the
 //! tasks of requests delivered to them, in batches. A COMPLETED TRANSFER task must come with
-//! the recipient's receipt (`evidence.transfer_receipt`): without it nothing proves the data
-//! arrived, so that acknowledgement is rejected. Each acknowledgement of a batch is judged on
+//! the recipient's receipt (`evidence.transfer_receipt`), and a COMPLETED RETURN_OF_DATA task
+//! must have its part stored here: without them nothing proves the data arrived, so that
+//! acknowledgement is rejected. The same rules hold for the task reports in processors'
+//! answers to calls and status checks ([`well_formed_reports`], and the store). Each acknowledgement of a batch is judged on
 //! its own: the valid ones are applied and the others listed in the answer's `rejected`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -9,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use dsrelay_proto::v1::acknowledgement_service_server::AcknowledgementService;
 use dsrelay_proto::v1::{
     AcknowledgeRequest, AcknowledgeResponse, Acknowledgement, ContractPhase,
-    RejectedAcknowledgement, RejectedField, RequestKind, TaskState, TransferReceipt,
+    RejectedAcknowledgement, RejectedField, RequestKind, TaskState, TaskStatus, TransferReceipt,
 };
 use dsrelay_runtime::identity::{request_id_violation, FieldViolation};
 use dsrelay_runtime::trace_context;
@@ -185,10 +187,13 @@ impl AcknowledgementService for Api {
 }
 
 impl Api {
-    /// COMPLETED reports of TRANSFER tasks that lack the recipient's receipt. Only requests
-    /// with such a report are looked up, and only among those delivered to `processor`: an
-    /// acknowledgement of any other request is refused as not routed (PERMISSION_DENIED),
-    /// whatever its kind, so a processor cannot learn that another's request exists.
+    /// COMPLETED reports that lack their proof: a TRANSFER task's without the recipient's
+    /// receipt, a RETURN_OF_DATA task's whose part the registry does not hold (the processor
+    /// reports COMPLETED only once CompletePart was answered). Only requests with a COMPLETED
+    /// report without a receipt are looked up, and only among those delivered to
+    /// `processor`: an acknowledgement of any other request is refused as not routed
+    /// (PERMISSION_DENIED), whatever its kind, so a processor cannot learn that another's
+    /// request exists.
     async fn receipt_violations(
         &self,
         processor: &str,
@@ -219,12 +224,38 @@ impl Api {
             .kinds_delivered_to(processor, &ids)
             .await
             .map_err(ApiError::from)?;
+        let returns: Vec<&str> = ids
+            .iter()
+            .copied()
+            .filter(|id| kinds.get(*id) == Some(&RequestKind::ReturnOfData))
+            .collect();
+        let parts = if returns.is_empty() {
+            Default::default()
+        } else {
+            self.shared
+                .store
+                .parts_stored(processor, &returns)
+                .await
+                .map_err(ApiError::from)?
+        };
         let mut violations = Vec::new();
         for (i, a) in acks.iter().enumerate().take(MAX_ACKS_PER_CALL) {
             if !unreceipted(&a) {
                 continue;
             }
             let kind = kinds.get(a.request_id.as_str()).copied();
+            if kind == Some(RequestKind::ReturnOfData)
+                && !parts.contains(&(a.request_id.clone(), a.subprocessor.clone()))
+            {
+                violations.push((
+                    i,
+                    FieldViolation::new(
+                        format!("acknowledgements[{i}].state"),
+                        "may be COMPLETED for a RETURN_OF_DATA task only once its part of the \
+                         package is stored at the registry (UploadFile, then CompletePart)",
+                    ),
+                ));
+            }
             if kind == Some(RequestKind::Transfer) {
                 violations.push((
                     i,
@@ -264,6 +295,57 @@ fn receipt_problems(i: usize, a: &Acknowledgement, r: &TransferReceipt) -> Vec<F
     }
     violations.extend(text_violation(&field("recipient"), &r.recipient, 256, true));
     violations
+}
+
+/// The task reports of a processor's answer (to a Deliver, a cancellation, an update of terms
+/// or a status check) about `request_id` that keep the rules an acknowledgement keeps; each
+/// one that does not is left out and logged with what is wrong, so a report is never stored
+/// on looser terms than the same change acknowledged. (Whether a COMPLETED report has its
+/// proof, a receipt or a stored part, the store checks when it applies them.)
+pub(crate) fn well_formed_reports(
+    processor: &str,
+    request_id: &str,
+    tasks: Vec<TaskStatus>,
+) -> Vec<TaskStatus> {
+    tasks
+        .into_iter()
+        .filter(|t| {
+            let as_acknowledged = Acknowledgement {
+                request_id: request_id.to_string(),
+                subprocessor: t.subprocessor.clone(),
+                sequence: t.sequence,
+                state: t.state,
+                evidence: t.evidence.clone(),
+                reason: t.reason.clone(),
+                legal_basis: t.legal_basis.clone(),
+                retain_until: t.retain_until,
+                progress: t.progress,
+                ..Default::default()
+            };
+            let broken = violations(0, &as_acknowledged);
+            if broken.is_empty() {
+                return true;
+            }
+            let rules: Vec<String> = broken
+                .iter()
+                .map(|v| {
+                    format!(
+                        "{} {}",
+                        v.field.trim_start_matches("acknowledgements[0]."),
+                        v.rule
+                    )
+                })
+                .collect();
+            tracing::warn!(
+                %processor,
+                %request_id,
+                subprocessor = %t.subprocessor,
+                problems = %rules.join("; "),
+                "a task report the processor answered breaks the acknowledgement rules; left out"
+            );
+            false
+        })
+        .collect()
 }
 
 /// Every rule the acknowledgement at `i` breaks, each naming its field.

@@ -34,7 +34,7 @@ use crate::validate::{text_violation, MAX_TEXT};
 
 pub(crate) use packages::Uploading;
 
-mod acknowledgement;
+pub(crate) mod acknowledgement;
 mod audit;
 mod certificates;
 mod contracts;

@@ -8,8 +8,8 @@ use std::sync::atomic::Ordering;
 use anyhow::{anyhow, Result};
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::v1::{
-    Acknowledgement, ContractPhase, ContractProgress, EventType, RequestState, TaskState,
-    TaskStatus, TransferReceipt,
+    Acknowledgement, ContractPhase, ContractProgress, EventType, RequestKind, RequestState,
+    TaskState, TaskStatus, TransferReceipt,
 };
 use dsrelay_runtime::group_commit::{GroupQueue, Queued};
 
@@ -56,6 +56,15 @@ pub struct TaskUpdate {
 }
 
 impl TaskUpdate {
+    /// The task this update is about, at `processor`: (request id, processor, subprocessor).
+    fn key_at(&self, processor: &str) -> (String, String, String) {
+        (
+            self.request_id.clone(),
+            processor.to_string(),
+            self.subprocessor.clone(),
+        )
+    }
+
     /// The update in the registry's words; the processor's `reason` (free text) goes in
     /// the event's `free_text`.
     fn describe(&self) -> String {
@@ -467,9 +476,26 @@ impl Store {
         // acknowledgement's step is waited for and seen.
         tx.lock_requests(&[request_id]).await?;
         let mut changed = 0;
-        for t in tasks {
-            let mut update = TaskUpdate::from(t);
-            update.request_id = request_id.to_string();
+        let updates: Vec<TaskUpdate> = tasks
+            .iter()
+            .map(|t| TaskUpdate {
+                request_id: request_id.to_string(),
+                ..TaskUpdate::from(t)
+            })
+            .collect();
+        let unproven = unproven_completions(
+            &mut tx,
+            updates
+                .iter()
+                .map(|u| (processor, u))
+                .collect::<Vec<_>>()
+                .as_slice(),
+        )
+        .await?;
+        for update in updates {
+            if unproven.contains(&update.key_at(processor)) {
+                continue;
+            }
             let before = previous(&mut tx, request_id, processor, &update.subprocessor).await?;
             if upsert_task(&mut tx, request_id, processor, &update, now).await?
                 && says_something_new(before.as_ref(), &update)
@@ -515,6 +541,85 @@ impl Store {
         tx.commit().await?;
         Ok(changed)
     }
+}
+
+/// The (request id, processor, subprocessor) of the COMPLETED reports among `reports` (each
+/// with the processor that made it) whose proof the registry does not have: a TRANSFER task's
+/// without the recipient's receipt, a RETURN_OF_DATA task's without its part stored here.
+/// Acknowledge refuses those by name (see `api::acknowledgement`); a report in a processor's
+/// answer to a call or a status check that lacks it is left out, logged, so the task stays
+/// where it was. No statement when no report is COMPLETED; else two per 500 requests at most.
+async fn unproven_completions(
+    tx: &mut Tx,
+    reports: &[(&str, &TaskUpdate)],
+) -> Result<BTreeSet<(String, String, String)>> {
+    let completed: Vec<(&str, &TaskUpdate)> = reports
+        .iter()
+        .copied()
+        .filter(|(_, u)| u.state == TaskState::Completed as i32)
+        .collect();
+    if completed.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    let ids: Vec<&str> = completed
+        .iter()
+        .map(|(_, u)| u.request_id.as_str())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut kinds: BTreeMap<String, i64> = BTreeMap::new();
+    for chunk in ids.chunks(500) {
+        let sql = format!(
+            "SELECT id, kind FROM requests WHERE id IN ({})",
+            placeholders(1, chunk.len())
+        );
+        let sql = tx.backend.numbered(&sql);
+        let mut q = sqlx::query_as::<_, (String, i64)>(&sql);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        kinds.extend(q.fetch_all(tx.conn()).await?);
+    }
+    let is = |id: &str, kind: RequestKind| kinds.get(id) == Some(&(kind as i64));
+    let returns: Vec<&str> = ids
+        .iter()
+        .copied()
+        .filter(|id| is(id, RequestKind::ReturnOfData))
+        .collect();
+    let mut parts: BTreeSet<(String, String, String)> = BTreeSet::new();
+    for chunk in returns.chunks(500) {
+        let sql = format!(
+            "SELECT request_id, processor, subprocessor FROM package_parts \
+             WHERE request_id IN ({})",
+            placeholders(1, chunk.len())
+        );
+        let sql = tx.backend.numbered(&sql);
+        let mut q = sqlx::query_as::<_, (String, String, String)>(&sql);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        parts.extend(q.fetch_all(tx.conn()).await?);
+    }
+    let mut unproven = BTreeSet::new();
+    for (processor, u) in completed {
+        let key = u.key_at(processor);
+        let lacking = if is(&u.request_id, RequestKind::Transfer) && u.transfer_receipt.is_none() {
+            "the recipient's receipt"
+        } else if is(&u.request_id, RequestKind::ReturnOfData) && !parts.contains(&key) {
+            "its part of the package stored at the registry"
+        } else {
+            continue;
+        };
+        tracing::warn!(
+            request_id = %u.request_id,
+            %processor,
+            subprocessor = %u.subprocessor,
+            sequence = u.sequence,
+            "a processor reported a task COMPLETED without {lacking}; the report is left out"
+        );
+        unproven.insert(key);
+    }
+    Ok(unproven)
 }
 
 /// Which of `ids` were routed to `processor` (have its Deliver row): one statement.
@@ -721,10 +826,31 @@ pub(super) async fn apply_accepted(tx: &mut Tx, accepted: &[Accepted<'_>], now: 
         .into_iter()
         .collect();
     let mut view = FoldView::read(tx, &touched).await?;
+    let reported: Vec<Vec<TaskUpdate>> = accepted
+        .iter()
+        .map(|a| {
+            a.tasks
+                .iter()
+                .map(|t| TaskUpdate {
+                    request_id: a.request_id.to_string(),
+                    ..TaskUpdate::from(t)
+                })
+                .collect()
+        })
+        .collect();
+    let unproven = unproven_completions(
+        tx,
+        &accepted
+            .iter()
+            .zip(&reported)
+            .flat_map(|(a, updates)| updates.iter().map(|u| (a.processor, u)))
+            .collect::<Vec<_>>(),
+    )
+    .await?;
     let mut events = Vec::new();
     // The last report of each task that moved, per processor.
     let mut moved: BTreeMap<&str, BTreeMap<(String, String), TaskUpdate>> = BTreeMap::new();
-    for a in accepted {
+    for (a, updates) in accepted.iter().zip(reported) {
         events.push(NewEvent {
             request_id: a.request_id.to_string(),
             event_type: EventType::Delivered,
@@ -732,9 +858,10 @@ pub(super) async fn apply_accepted(tx: &mut Tx, accepted: &[Accepted<'_>], now: 
             request_state: view.state_of(a.request_id),
             detail: a.delivered.clone(),
         });
-        for t in a.tasks {
-            let mut update = TaskUpdate::from(t);
-            update.request_id = a.request_id.to_string();
+        for update in updates {
+            if unproven.contains(&update.key_at(a.processor)) {
+                continue;
+            }
             let key = (
                 a.request_id.to_string(),
                 a.processor.to_string(),
