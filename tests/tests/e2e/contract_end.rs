@@ -11,7 +11,7 @@ use dsrelay_proto::v1::certificate_service_client::CertificateServiceClient;
 use dsrelay_proto::v1::contract_service_client::ContractServiceClient;
 use dsrelay_proto::v1::{
     CompleteManualTaskRequest, Contract, ContractPhase, GetContractRequest,
-    ListCertificatesRequest, RequestState, TaskRef, TaskState,
+    ListCertificatesRequest, RefuseManualTaskRequest, RequestState, TaskRef, TaskState,
 };
 use dsrelay_runtime::signing::PublicKey;
 
@@ -482,6 +482,89 @@ async fn contract_end_returns_the_data_and_deletes_only_after_confirmation() {
         delete_by_hand_then_finish(&pair, &id, "shredded the copies kept in cabinet B2").await;
     assert_eq!(state(&done), RequestState::PartiallyCompleted, "{done:#?}");
     assert!(customers(&pair.accounting_url).await < 6);
+    pair.stop().await;
+}
+
+/// RETURN_THEN_DELETE where one holder's return ends without its part (its operator refuses
+/// it): the package holds the other parts and can be downloaded, but ConfirmReturn is refused
+/// naming that holder, since its data was neither returned nor deleted; nothing is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_return_that_ended_without_its_part_cannot_be_confirmed() {
+    let pair = spawn_pair(PairOptions {
+        holders: vec![Holder::Accounting, Holder::PaperArchive],
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
+    let before = dump(&pair.accounting_url).await;
+    let id = end_contract(&pair, "return-then-delete").await;
+    until(
+        &pair,
+        &id,
+        60,
+        "the paper archive waits for its operator",
+        waits_for_an_operator,
+    )
+    .await;
+    pair.processor_operator()
+        .refuse_manual_task(RefuseManualTaskRequest {
+            task: Some(TaskRef {
+                controller: CONTROLLER.into(),
+                request_id: id.clone(),
+                subprocessor: "paper-archive".into(),
+            }),
+            reason: "the archive room is sealed by the fire brigade".into(),
+        })
+        .await
+        .expect("RefuseManualTask");
+    until(
+        &pair,
+        &id,
+        60,
+        "accounting returned, the archive's return refused",
+        |c| {
+            c.tasks.iter().any(|t| {
+                t.subprocessor == "accounting"
+                    && t.progress.as_ref().map(|p| p.phase)
+                        == Some(ContractPhase::AwaitingConfirmation as i32)
+            }) && c.tasks.iter().any(|t| {
+                t.subprocessor == "paper-archive"
+                    && (t.state == TaskState::Refused as i32 || t.state == TaskState::Failed as i32)
+            })
+        },
+    )
+    .await;
+    let out = pair.dir().join("returned");
+    dsrctl(
+        &pair,
+        "operator",
+        &["download", &id, "--out", out.to_str().expect("path")],
+    )
+    .await
+    .ok();
+    let confirm = dsrctl(
+        &pair,
+        "operator",
+        &[
+            "contracts",
+            "confirm",
+            &id,
+            "--package",
+            out.to_str().expect("path"),
+        ],
+    )
+    .await;
+    confirm.expect_code(2);
+    assert!(
+        confirm.stderr.contains("FAILED_PRECONDITION")
+            && confirm
+                .stderr
+                .contains(&format!("{PROCESSOR}/paper-archive (REFUSED)")),
+        "{}",
+        confirm.stderr
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(dump(&pair.accounting_url).await, before);
     pair.stop().await;
 }
 

@@ -569,6 +569,34 @@ impl ContractService for Api {
             ))
             .into());
         }
+        // A holder whose return failed has no part, yet the package is complete (nothing is
+        // to come): confirming would have the others' data deleted while the controller
+        // never got that holder's, so it is refused as for a transfer without a receipt.
+        let unreturned = self
+            .shared
+            .store
+            .package(&id)
+            .await
+            .map_err(ApiError::from)?
+            .unreturned;
+        if !unreturned.is_empty() {
+            let named: Vec<String> = unreturned
+                .iter()
+                .map(|(p, s, state)| {
+                    format!(
+                        "{p}/{s} ({})",
+                        state.as_str_name().trim_start_matches("TASK_STATE_")
+                    )
+                })
+                .collect();
+            return Err(ApiError::failed_precondition(format!(
+                "the return of {} ended without its part: that data was neither returned nor \
+                 deleted, so the package is not all of the data; see why with dsrctl contracts \
+                 show {id}",
+                named.join(", ")
+            ))
+            .into());
+        }
         let actual = hex::encode(Sha256::digest(&info.manifest_json));
         if actual != digest {
             return Err(ApiError::failed_precondition(format!(

@@ -100,6 +100,9 @@ pub struct PackageRecord {
     pub files: Vec<PackageFile>,
     /// Tasks still open with no part stored, as `(processor, subprocessor)`.
     pub missing: Vec<(String, String)>,
+    /// Tasks that ended FAILED or REFUSED with no part stored, as `(processor,
+    /// subprocessor, state)`: their holders' data was not returned, and is still there.
+    pub unreturned: Vec<(String, String, TaskState)>,
     /// Parts stored.
     pub parts: i64,
 }
@@ -420,22 +423,24 @@ impl Store {
         .bind(request_id)
         .fetch_one(pool)
         .await?;
-        let missing = open
-            .into_iter()
-            .filter(|(_, _, s)| {
-                matches!(
-                    task_state(*s),
-                    TaskState::Pending | TaskState::InProgress | TaskState::WaitingForOperator
-                )
-            })
-            .map(|(p, s, _)| (p, s))
-            .collect();
+        let mut missing = Vec::new();
+        let mut unreturned = Vec::new();
+        for (p, s, state) in open {
+            match task_state(state) {
+                TaskState::Pending | TaskState::InProgress | TaskState::WaitingForOperator => {
+                    missing.push((p, s))
+                }
+                state @ (TaskState::Failed | TaskState::Refused) => unreturned.push((p, s, state)),
+                _ => {}
+            }
+        }
         Ok(PackageRecord {
             created_at: dates.map(|d| d.0),
             expired_at: dates.and_then(|d| d.1),
             finished_at,
             files,
             missing,
+            unreturned,
             parts,
         })
     }
