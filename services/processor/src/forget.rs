@@ -84,9 +84,20 @@ async fn sweep(shared: &Shared) -> Result<usize> {
         }
         let mut progressed = false;
         for r in &due {
-            if forget(shared, r, cutoff, now).await? {
-                progressed = true;
-                forgotten += 1;
+            // One request that cannot be forgotten (a folder that will not go) is logged and
+            // tried again at the next sweep; it does not hold back the ones behind it.
+            match forget(shared, r, cutoff, now).await {
+                Ok(true) => {
+                    progressed = true;
+                    forgotten += 1;
+                }
+                Ok(false) => {}
+                Err(e) => tracing::error!(
+                    request_id = %r.request_id,
+                    controller = %r.controller,
+                    error = format!("{e:#}"),
+                    "forgetting a request failed; trying again at the next sweep"
+                ),
             }
         }
         if !progressed || due.len() < BATCH as usize {

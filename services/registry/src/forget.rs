@@ -71,15 +71,25 @@ async fn sweep(shared: &Shared) -> Result<usize> {
         let mut progressed = false;
         for request_id in &due {
             let message = format!("identities forgotten {days} day(s) after the request finished");
-            if shared
+            // One request that cannot be forgotten is logged and tried again at the next
+            // sweep; it does not hold back the ones behind it.
+            match shared
                 .store
                 .forget_request(request_id, cutoff, now, &message)
-                .await?
+                .await
             {
-                progressed = true;
-                forgotten += 1;
-                tracing::info!(%request_id, "identities forgotten");
-                shared.publish(request_id);
+                Ok(true) => {
+                    progressed = true;
+                    forgotten += 1;
+                    tracing::info!(%request_id, "identities forgotten");
+                    shared.publish(request_id);
+                }
+                Ok(false) => {}
+                Err(e) => tracing::error!(
+                    %request_id,
+                    error = format!("{e:#}"),
+                    "forgetting a request failed; trying again at the next sweep"
+                ),
             }
         }
         if !progressed || due.len() < BATCH as usize {

@@ -488,3 +488,84 @@ async fn forgotten_addresses_leave_no_row_on_postgres() {
     }
     pair.stop().await;
 }
+
+/// A request the processor cannot forget (the path of its export folder is taken by a file,
+/// which no deletion of a folder removes) is logged and tried again at every sweep, and never
+/// holds back the requests accepted after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_cannot_be_forgotten_holds_back_no_other() {
+    let pair = spawn_pair(PairOptions::default())
+        .await
+        .expect("sqlite pair");
+    let mut crm = pair.crm();
+    let mut stuck = Vec::new();
+    for address in addresses("stuck") {
+        stuck.push(
+            crm.submit(erasure(&address))
+                .await
+                .expect("submit")
+                .into_inner()
+                .request_id,
+        );
+    }
+    wait_completed(&pair, &stuck).await;
+    // Accepted after every stuck one, so the sweep (oldest first) reaches it last.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let free = crm
+        .submit(erasure("forget.delta@forgetting.example"))
+        .await
+        .expect("submit")
+        .into_inner()
+        .request_id;
+    wait_completed(&pair, std::slice::from_ref(&free)).await;
+    let exports = pair
+        .dir()
+        .join(crate::harness::PROCESSOR_DATA_DIR)
+        .join("exports")
+        .join(crate::harness::CONTROLLER);
+    std::fs::create_dir_all(&exports).expect("exports folder");
+    for id in &stuck {
+        std::fs::write(exports.join(id), b"not a folder").expect("blocking file");
+    }
+
+    pair.registry
+        .clock()
+        .expect("in process")
+        .advance(31 * DAY_MS);
+    pair.processor
+        .clock()
+        .expect("in process")
+        .advance(31 * DAY_MS);
+    let url = pair.processor.database_url().to_string();
+    let forgotten = |id: &str| {
+        format!(
+            "SELECT COUNT(*) FROM requests WHERE request_id = '{id}' AND forgotten_at IS NOT NULL"
+        )
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while count(&url, &forgotten(&free)).await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the request behind the stuck ones was never forgotten"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for id in &stuck {
+        assert_eq!(count(&url, &forgotten(id)).await, 0, "{id} was forgotten");
+    }
+    // Once the obstacle is gone, the next sweep forgets them too.
+    for id in &stuck {
+        std::fs::remove_file(exports.join(id)).expect("unblock");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    for id in &stuck {
+        while count(&url, &forgotten(id)).await == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id} was not forgotten once it could be"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    pair.stop().await;
+}

@@ -143,26 +143,41 @@ async fn expire_due(shared: &Shared) -> Result<()> {
         .packages_to_expire(now.saturating_sub(packages.ttl_ms), 100)
         .await?;
     for request_id in due {
-        // Files first: a crash in between deletes them again at the next sweep, and the
-        // record never says deleted while bytes remain.
-        packages
-            .store
-            .remove_all(&package_key(&request_id))
-            .await
-            .with_context(|| format!("deleting the package of request {request_id}"))?;
-        let days = packages.ttl_ms / DAY_MS;
-        shared
-            .store
-            .package_expired(
-                &request_id,
-                now,
-                &format!("package deleted {days} day(s) after the request finished"),
-            )
-            .await?;
-        tracing::info!(%request_id, "package expired and deleted");
-        shared.publish(&request_id);
+        // One package that cannot be deleted is logged and tried again at the next sweep; it
+        // does not hold back the ones behind it.
+        match expire_one(shared, &request_id, now).await {
+            Ok(()) => {
+                tracing::info!(%request_id, "package expired and deleted");
+                shared.publish(&request_id);
+            }
+            Err(e) => tracing::error!(
+                %request_id,
+                error = format!("{e:#}"),
+                "expiring a package failed; trying again at the next sweep"
+            ),
+        }
     }
     Ok(())
+}
+
+/// Deletes one package's files, then records it expired: a crash in between deletes them
+/// again at the next sweep, and the record never says deleted while bytes remain.
+async fn expire_one(shared: &Shared, request_id: &str, now: i64) -> Result<()> {
+    let packages = &shared.packages;
+    packages
+        .store
+        .remove_all(&package_key(request_id))
+        .await
+        .with_context(|| format!("deleting the package of request {request_id}"))?;
+    let days = packages.ttl_ms / DAY_MS;
+    shared
+        .store
+        .package_expired(
+            request_id,
+            now,
+            &format!("package deleted {days} day(s) after the request finished"),
+        )
+        .await
 }
 
 #[cfg(test)]
