@@ -1,8 +1,12 @@
 //! Asks processors for status when a request has been quiet too long, so a lost
 //! acknowledgement (or a processor outbox that is stuck) cannot leave a request hanging. A
 //! check that finds nothing new backs off (`reconcile.max_backoff_ms`), so requests that
-//! wait for months cost a call a day, not one every `ack_timeout_ms`.
+//! wait for months cost a call a day, not one every `ack_timeout_ms`. A check that gets no
+//! answer puts its request behind the other quiet ones, and when the processor is down or too
+//! slow (UNAVAILABLE, DEADLINE_EXCEEDED) the round skips the rest of its requests, so
+//! requests that cannot be checked never keep the others from being checked.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,9 +75,16 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 continue;
             }
         };
+        // Processors down or too slow this round: their other requests wait for the next
+        // round instead of a timeout each.
+        let mut unanswered: BTreeSet<String> = BTreeSet::new();
         for (request_id, processor) in quiet {
-            let Some(client) = shared.processors.get(&processor) else {
-                continue;
+            let client = match shared.processors.get(&processor) {
+                Some(client) if !unanswered.contains(&processor) => client,
+                _ => {
+                    postpone(&shared, &request_id).await;
+                    continue;
+                }
             };
             let mut req = tonic::Request::new(GetStatusRequest {
                 request_id: request_id.clone(),
@@ -119,9 +130,29 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 }
                 Err(status) => {
                     tracing::warn!(%request_id, %processor, code = ?status.code(), message = status.message(), "status check failed");
+                    // Down or too slow, not an answer about this request alone.
+                    if matches!(
+                        status.code(),
+                        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                    ) {
+                        unanswered.insert(processor);
+                    }
+                    postpone(&shared, &request_id).await;
                 }
             }
         }
+    }
+}
+
+/// Puts `request_id` behind the other quiet requests after a status check that got no
+/// answer; a store failure is logged (the request is then asked about first again).
+async fn postpone(shared: &Shared, request_id: &str) {
+    if let Err(e) = shared
+        .store
+        .status_check_unanswered(request_id, shared.clock.now_ms())
+        .await
+    {
+        tracing::error!(%request_id, error = format!("{e:#}"), "postponing a status check failed");
     }
 }
 

@@ -8,6 +8,7 @@
 //! stored: only a processor that is broken or hostile does, and the registry must not believe
 //! it.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,11 +25,13 @@ use tonic::{Request, Response, Status};
 
 use crate::harness::{erasure, spawn_pair, Backend, PairOptions, Role, TestPair, PROCESSOR};
 
-/// A processor that answers every Deliver and status check with the reports it is given.
+/// A processor that answers every Deliver and status check with the reports it is given;
+/// a status check of a request in `unknown` is answered NOT_FOUND instead.
 #[derive(Clone, Default)]
 struct ReportingProcessor {
     reports: Arc<Mutex<Vec<TaskStatus>>>,
     status_checks: Arc<AtomicUsize>,
+    unknown: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl ReportingProcessor {
@@ -65,8 +68,12 @@ impl ProcessorService for ReportingProcessor {
         req: Request<GetStatusRequest>,
     ) -> Result<Response<TaskList>, Status> {
         self.status_checks.fetch_add(1, Ordering::SeqCst);
+        let request_id = req.into_inner().request_id;
+        if self.unknown.lock().unwrap().contains(&request_id) {
+            return Err(Status::not_found(format!("no request {request_id} here")));
+        }
         Ok(Response::new(TaskList {
-            request_id: req.into_inner().request_id,
+            request_id,
             tasks: self.reports(),
         }))
     }
@@ -121,18 +128,16 @@ async fn tasks(pair: &TestPair, id: &str) -> (RequestState, Vec<(String, TaskSta
     (r.state(), tasks)
 }
 
-async fn reports_are_held_to_the_acknowledgement_rules(backend: Backend) {
+/// A pair whose processor is a [`ReportingProcessor`] served here.
+async fn pair_with_reporting_processor(backend: Backend) -> Option<(TestPair, ReportingProcessor)> {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let Some(pair) = spawn_pair(PairOptions {
+    let pair = spawn_pair(PairOptions {
         backend,
         down: vec![Role::Processor],
         processor_endpoint: Some(listener.local_addr().expect("addr")),
         ..Default::default()
     })
-    .await
-    else {
-        return;
-    };
+    .await?;
     let processor = ReportingProcessor::default();
     let tls = pair
         .pki()
@@ -147,6 +152,13 @@ async fn reports_are_held_to_the_acknowledgement_rules(backend: Backend) {
         listener,
         std::future::pending(),
     ));
+    Some((pair, processor))
+}
+
+async fn reports_are_held_to_the_acknowledgement_rules(backend: Backend) {
+    let Some((pair, processor)) = pair_with_reporting_processor(backend).await else {
+        return;
+    };
 
     // The answer to the Deliver: one task COMPLETED with no part stored, one malformed (a
     // control character in its name), one PENDING as the real processor reports it.
@@ -246,4 +258,52 @@ async fn reports_are_held_to_the_acknowledgement_rules_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_are_held_to_the_acknowledgement_rules_on_postgres() {
     reports_are_held_to_the_acknowledgement_rules(Backend::Postgres).await;
+}
+
+/// More quiet requests than one round of status checks takes (100), each answered NOT_FOUND,
+/// ahead of one whose check would finish it: each unanswered check puts its request behind
+/// the others, so the last one is still asked about, and reconciled, within a few rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_whose_status_checks_fail_hold_back_no_other() {
+    let Some((pair, processor)) = pair_with_reporting_processor(Backend::Sqlite).await else {
+        return;
+    };
+    processor.report(vec![report("accounting", 1, TaskState::Pending)]);
+    let mut crm = pair.client("partner-crm");
+    let mut ids = Vec::new();
+    for i in 0..110 {
+        ids.push(
+            crm.submit(erasure(&format!("quiet.{i}@example.fi")))
+                .await
+                .expect("submit")
+                .into_inner()
+                .request_id,
+        );
+    }
+    let last = ids.pop().expect("the last request");
+    processor.unknown.lock().unwrap().extend(ids);
+    // Every request was delivered (its task shows) before the status checks finish one.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tasks(&pair, &last).await.1.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the last request was never delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    processor.report(vec![report("accounting", 2, TaskState::Completed)]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (state, _) = tasks(&pair, &last).await;
+        if state == RequestState::Completed {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the last quiet request was never checked ({state:?}, {} status checks)",
+            processor.status_checks.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pair.stop().await;
 }

@@ -357,6 +357,20 @@ impl Store {
     }
 }
 
+impl Store {
+    /// A status check of `request_id` that got no answer (its processor unreachable, or no
+    /// longer configured) counts as a check made at `now`: the request goes behind every
+    /// other quiet one, so requests of processors that answer are still asked about.
+    pub async fn status_check_unanswered(&self, request_id: &str, now: i64) -> Result<()> {
+        sqlx::query("UPDATE requests SET checked_at = $1 WHERE id = $2 AND checked_at < $1")
+            .bind(now)
+            .bind(request_id)
+            .execute(&self.db.pool)
+            .await?;
+        Ok(())
+    }
+}
+
 /// A dead-lettered outbox row, for operators.
 #[derive(Debug, sqlx::FromRow)]
 pub struct DeadLetteredRow {
