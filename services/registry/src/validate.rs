@@ -138,12 +138,14 @@ fn parameter_violations(
             ));
         }
         for (i, c) in params.corrections.iter().take(MAX_CORRECTIONS).enumerate() {
-            if c.field.is_empty() || c.field.len() > 64 {
-                out.push(FieldViolation::new(
-                    format!("parameters.corrections[{i}].field"),
-                    "must be 1 to 64 bytes",
-                ));
-            }
+            // As strict as each processor is at Deliver: a correction it would refuse must be
+            // refused here, where the partner hears why, not dead-lettered on the way.
+            out.extend(text_violation(
+                &format!("parameters.corrections[{i}].field"),
+                &c.field,
+                64,
+                true,
+            ));
             out.extend(text_violation(
                 &format!("parameters.corrections[{i}].new_value"),
                 &c.new_value,
@@ -415,6 +417,25 @@ mod tests {
         r.kind = RequestKind::Rectification as i32;
         let v = validate_submit(&r, &BTreeSet::new(), &BTreeSet::new());
         assert_eq!(v[0].field, "parameters.corrections");
+    }
+
+    #[test]
+    fn a_correction_names_its_field_in_plain_text() {
+        for bad in ["", "   ", "a\u{1}b", &"f".repeat(65)] {
+            let r = with(
+                RequestKind::Rectification,
+                RequestParameters {
+                    corrections: vec![FieldCorrection {
+                        field: bad.to_string(),
+                        new_value: "+358401234567".into(),
+                    }],
+                    ..Default::default()
+                },
+            );
+            let fields: Vec<String> = violations(&r).into_iter().map(|(f, _)| f).collect();
+            assert_eq!(fields, ["parameters.corrections[0].field"], "{bad:?}");
+        }
+        assert!(violations(&with(RequestKind::Rectification, corrections())).is_empty());
     }
 
     const RECIPIENT: &str = "new-bookkeeper";
