@@ -62,7 +62,7 @@ impl<T> std::fmt::Debug for GroupQueue<T> {
 impl<T> GroupQueue<T> {
     /// Queues `item`; `true` when no writer is under way, so the caller must start one.
     pub fn push(&self, item: T) -> bool {
-        let mut state = self.state.lock().expect("group queue");
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.waiting.push(item);
         !std::mem::replace(&mut state.writing, true)
     }
@@ -70,7 +70,7 @@ impl<T> GroupQueue<T> {
     /// The writer's next batch, oldest first, at most `max`; `None` once nothing waits, and
     /// the writer is then gone (the next [`GroupQueue::push`] starts another).
     pub fn next_batch(&self, max: usize) -> Option<Vec<T>> {
-        let mut state = self.state.lock().expect("group queue");
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if state.waiting.is_empty() {
             state.writing = false;
             return None;
@@ -89,6 +89,14 @@ impl<T: Queued> GroupQueue<T> {
     where
         F: for<'a> Fn(&'a [T]) -> BoxFuture<'a, Result<Vec<T::Answer>>>,
     {
+        // A writer that ends any other way than finding the queue empty (`record` panicked,
+        // or the task running it was dropped) would leave `writing` set, and every later
+        // caller waiting for a writer that never comes.
+        let mut guard = WriterGuard {
+            queue: self,
+            what,
+            done: false,
+        };
         // Callers woken by the same event (a claim's tasks starting together, their holders
         // answering together) are ready to run on this thread now: letting them queue first
         // puts them in the first batch, not the second.
@@ -116,6 +124,47 @@ impl<T: Queued> GroupQueue<T> {
                     .and_then(|mut a| a.pop().ok_or_else(|| anyhow!("nothing was written")));
                 let _ = item.answer_to().send(outcome);
             }
+        }
+        guard.done = true;
+    }
+}
+
+/// Clears a writer's claim on its queue if it ends without emptying it, answering what waits
+/// with an error: the callers retry (their leases run out, their calls are repeated), and the
+/// next caller starts a writer again. The items of the batch under way when it stopped are
+/// answered by their senders being dropped.
+struct WriterGuard<'a, T: Queued> {
+    queue: &'a GroupQueue<T>,
+    what: &'a str,
+    done: bool,
+}
+
+impl<T: Queued> Drop for WriterGuard<'_, T> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        // A poisoned lock is the same state: a panic elsewhere while it was held.
+        let waiting = {
+            let mut state = self
+                .queue
+                .state
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            state.writing = false;
+            std::mem::take(&mut state.waiting)
+        };
+        tracing::error!(
+            waiting = waiting.len(),
+            "the writer of {} stopped before its queue was empty; what waited is answered \
+             with an error",
+            self.what
+        );
+        for item in waiting {
+            let _ = item.answer_to().send(Err(anyhow!(
+                "the writer of {} stopped before writing this; nothing of it was written",
+                self.what
+            )));
         }
     }
 }
@@ -184,6 +233,36 @@ mod tests {
         .expect("callers");
         assert_eq!(answers, (0..N).map(|i| i * 10).collect::<Vec<_>>());
         assert_eq!(*batches.lock().expect("batches"), vec![N]);
+    }
+
+    /// A writer whose `record` panics does not leave the queue waiting for it: the caller
+    /// whose item it was writing gets an error, and the next caller's writer writes.
+    #[tokio::test]
+    async fn a_writer_that_panics_leaves_the_queue_to_the_next_one() {
+        let q: Arc<GroupQueue<Item>> = Arc::default();
+        let (answer, answered) = oneshot::channel();
+        assert!(q.push(Item(1, answer)));
+        let writer = {
+            let q = q.clone();
+            tokio::spawn(async move {
+                q.write_all(64, "test items", |_batch| {
+                    Box::pin(async move { panic!("a bug in record") })
+                })
+                .await
+            })
+        };
+        assert!(writer.await.is_err(), "the writer panicked");
+        assert!(answered.await.is_err(), "its caller hears it stopped");
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            queue(q.clone(), batches.clone(), 2),
+        )
+        .await
+        .expect("a new writer starts")
+        .expect("answer");
+        assert_eq!(answer, 20);
+        assert_eq!(*batches.lock().expect("batches"), vec![1]);
     }
 
     #[test]
