@@ -243,10 +243,31 @@ impl Host {
         };
 
         let (stop_tx, stop_rx) = watch::channel(false);
+        // A worker that panics has stopped doing its work for good (a bug, not a condition it
+        // waits out); the service then shuts down, so that it exits with an error and its
+        // supervisor starts it again whole, instead of serving on without that work.
+        let (panicked_tx, mut panicked_rx) = watch::channel::<Option<&'static str>>(None);
+        let panicked_tx = Arc::new(panicked_tx);
         let mut running: Vec<(&'static str, JoinHandle<()>)> = self
             .workers
             .into_iter()
-            .map(|(worker, start)| (worker, tokio::spawn(start(stop_rx.clone()))))
+            .map(|(worker, start)| {
+                let work = start(stop_rx.clone());
+                let panicked = panicked_tx.clone();
+                let watched = async move {
+                    use futures::FutureExt;
+                    if let Err(panic) = std::panic::AssertUnwindSafe(work).catch_unwind().await {
+                        tracing::error!(
+                            worker,
+                            "a worker panicked; the service shuts down so that it is started \
+                             again whole"
+                        );
+                        panicked.send_if_modified(|p| p.replace(worker).is_none());
+                        std::panic::resume_unwind(panic);
+                    }
+                };
+                (worker, tokio::spawn(watched))
+            })
             .collect();
         running.push(("tls reload", tokio::spawn(watcher.run(stop_rx.clone()))));
         if let Some(admin) = crate::metrics::spawn(admin, self.scrape, self.admin_token, stop_rx) {
@@ -262,7 +283,10 @@ impl Host {
         let (signal, began_at) = (stop_tx.clone(), began.clone());
         let grace = self.grace;
         let shutdown = async move {
-            shutdown.await;
+            tokio::select! {
+                () = shutdown => {}
+                _ = panicked_rx.wait_for(Option::is_some) => {}
+            }
             let _ = began_at.set(tokio::time::Instant::now());
             tracing::info!(service = name, ?grace, "shutting down");
             let _ = signal.send(true);
@@ -277,6 +301,12 @@ impl Host {
             .unwrap_or_else(tokio::time::Instant::now);
         stop_within(running, began + grace + SHUTDOWN_MARGIN).await;
         tracing::info!(service = name, "stopped");
+        if let Some(worker) = *panicked_tx.borrow() {
+            return Err(anyhow::anyhow!(
+                "the {name}'s worker {worker} panicked (see the log); the service stopped so \
+                 that it is started again whole"
+            ));
+        }
         served
     }
 }
@@ -527,6 +557,36 @@ mod tests {
             stubborn_dropped.load(Ordering::SeqCst),
             "the stubborn worker was aborted"
         );
+    }
+
+    /// A worker that panics shuts the service down: the others see stop, and `run` returns
+    /// an error naming it, so the process exits for its supervisor to start it again.
+    #[tokio::test]
+    async fn a_worker_that_panics_stops_the_service_with_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(&dir.path().join("pki")).unwrap();
+        let settings =
+            ServiceSettings::new("127.0.0.1:0", "sqlite::memory:", pki.files("registry"));
+        let finished = Arc::new(AtomicBool::new(false));
+        let f = finished.clone();
+        let host = Host::new("test", &settings)
+            .worker("polite", move |stop| async move {
+                stopped(stop).await;
+                f.store(true, Ordering::SeqCst);
+            })
+            .worker("buggy", |_stop| async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                panic!("a bug in a worker");
+            })
+            .grace(Duration::from_millis(200));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let run = host.run_with_admin(listener, None, std::future::pending());
+        let err = tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .expect("run returns without being asked to shut down")
+            .expect_err("run ends with an error");
+        assert!(err.to_string().contains("worker buggy panicked"), "{err:#}");
+        assert!(finished.load(Ordering::SeqCst), "the other worker saw stop");
     }
 
     /// A stream the client never closes holds the server only for the grace (not a fixed
