@@ -81,7 +81,22 @@ impl Store {
         .fetch_all(&self.db.pool)
         .await?;
         rows.sort_by_key(|r| r.id);
-        rows.into_iter().map(|r| Ok(AckJob::try_from(r)?)).collect()
+        let mut jobs = Vec::with_capacity(rows.len());
+        for r in rows {
+            let id = r.id;
+            match AckJob::try_from(r) {
+                Ok(job) => jobs.push(job),
+                // A payload this build cannot read (written by a newer one, or damaged) can
+                // never be sent: failing the whole claim would stop every acknowledgement
+                // behind it, so it is dead-lettered at once, for an operator to see.
+                Err(e) => {
+                    let why = format!("the stored acknowledgement does not decode: {e}");
+                    tracing::error!(outbox_id = id, error = %why, "acknowledgement dead-lettered");
+                    self.ack_rejected(id, now, &why, now, 1).await?;
+                }
+            }
+        }
+        Ok(jobs)
     }
 
     /// Marks acknowledgements as received by the registry, each with its audit entry (an

@@ -370,6 +370,53 @@ mod tests {
         store.db.pool.close().await;
     }
 
+    /// An acknowledgement whose stored payload does not decode is dead-lettered when it is
+    /// claimed, with why; the claim answers the others instead of failing whole.
+    async fn an_unreadable_acknowledgement_is_dead_lettered_alone(url: &str) {
+        let (store, jobs) = claimed(url).await;
+        for answer in step_all(&store, &jobs, None).await {
+            answer.expect("step");
+        }
+        sqlx::query(
+            "UPDATE ack_outbox SET payload = $1 WHERE id = (SELECT MIN(id) FROM ack_outbox)",
+        )
+        .bind(vec![0xffu8, 0xff, 0xff])
+        .execute(&store.db.pool)
+        .await
+        .expect("damage one payload");
+        let acks = store.claim_acks(100, 100, 1_000).await.expect("claim");
+        assert_eq!(acks.len(), N - 1);
+        let dead = store.dead_letters(10).await.expect("dead letters");
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert!(
+            dead[0].last_rejection.contains("does not decode"),
+            "{dead:?}"
+        );
+        assert!(
+            !acks.iter().any(|a| a.id == dead[0].id),
+            "the unreadable one is not sent"
+        );
+        store.db.pool.close().await;
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_acknowledgement_is_dead_lettered_alone_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        an_unreadable_acknowledgement_is_dead_lettered_alone(&format!(
+            "sqlite://{}/p.db",
+            dir.path().display()
+        ))
+        .await;
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_acknowledgement_is_dead_lettered_alone_on_postgres() {
+        crate::test_postgres::on_postgres(|u, _| async move {
+            an_unreadable_acknowledgement_is_dead_lettered_alone(&u).await
+        })
+        .await;
+    }
+
     #[tokio::test]
     async fn concurrent_steps_share_one_commit_on_sqlite() {
         let dir = tempfile::tempdir().expect("tempdir");

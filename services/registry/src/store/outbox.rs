@@ -45,6 +45,7 @@ impl Store {
              FROM deliveries d JOIN requests r ON r.id = d.request_id \
              WHERE d.done_at IS NULL AND d.dead_lettered_at IS NULL \
              AND d.next_attempt_at <= $1 AND d.lease_until <= {db_now} \
+             AND d.op IN ($6, $7, $8) \
              AND (d.op <> $3 OR EXISTS (SELECT 1 FROM deliveries x \
              WHERE x.request_id = d.request_id AND x.processor = d.processor \
              AND x.op = $4 AND x.done_at IS NOT NULL)) \
@@ -91,6 +92,12 @@ impl Store {
         .bind(Operation::Update.as_str())
         .bind(Operation::Deliver.as_str())
         .bind(lease_ms)
+        // Only what this build can send: a row of an operation it does not know (a newer
+        // version's, left after a rollback) would fail the whole claim, every time, and stop
+        // every delivery behind it; it waits for a version that knows it instead.
+        .bind(Operation::Deliver.as_str())
+        .bind(Operation::Cancel.as_str())
+        .bind(Operation::Update.as_str())
         .fetch_all(&self.db.pool)
         .await?;
         // The most overdue first, as picked.
