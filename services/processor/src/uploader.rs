@@ -47,7 +47,7 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::app::Shared;
-use crate::store::{Delivered, NextAttempt, TaskKey, TaskRow, UploadJob};
+use crate::store::{Delivered, NextAttempt, TaskKey, TaskRow, UploadFinish, UploadJob};
 use crate::task_machine::{
     decide, delivery_retry_at, Context, Decision, Destination, Event, Transition,
 };
@@ -268,11 +268,13 @@ async fn upload(shared: &Shared, job: UploadJob) {
 async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
     let key = &job.key;
     let Some(task) = shared.store.task(key).await? else {
-        return retire(shared, job, None, None, 0, 0).await;
+        return retire(shared, job, None, None, 0, 0).await.map(drop);
     };
     if task.state != TaskState::InProgress {
         // Cancelled (or otherwise finished) meanwhile: nothing is waiting for the part.
-        return retire(shared, job, None, None, task.sequence, task.attempts).await;
+        return retire(shared, job, None, None, task.sequence, task.attempts)
+            .await
+            .map(drop);
     }
     let sink = match sink(shared, job) {
         Ok(s) => s,
@@ -305,7 +307,10 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
                 bytes,
             };
             let (sequence, attempts) = (task.sequence, task.attempts);
-            record(shared, job, decision, Some(&delivered), sequence, attempts).await?;
+            if !record(shared, job, decision, Some(&delivered), sequence, attempts).await? {
+                // Decided again on the task as it stands; the files stay until then.
+                return Ok(());
+            }
             // The destination holds the files now; the processor kept them only until then.
             let dir = crate::exports::task_dir(&shared.config.data_dir, key);
             if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
@@ -364,7 +369,9 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
                 }
                 decision => {
                     tracing::warn!(%error, %to, "delivering an export failed at the due date; giving up");
-                    record(shared, job, decision, None, task.sequence, task.attempts).await
+                    record(shared, job, decision, None, task.sequence, task.attempts)
+                        .await
+                        .map(drop)
                 }
             }
         }
@@ -415,11 +422,14 @@ async fn undeliverable(
         Event::Undeliverable { to, reason },
         &Context::at(shared.clock.now_ms()),
     );
-    record(shared, job, decision, None, task.sequence, task.attempts).await
+    record(shared, job, decision, None, task.sequence, task.attempts)
+        .await
+        .map(drop)
 }
 
 /// Records what the task machine decided and retires the upload (`delivered`: where the
-/// export went, when it did).
+/// export went, when it did); answers whether the upload is retired (by this call or another
+/// uploader's).
 async fn record(
     shared: &Shared,
     job: &UploadJob,
@@ -427,7 +437,7 @@ async fn record(
     delivered: Option<&Delivered<'_>>,
     sequence: i64,
     attempts: i64,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     match decision {
         Decision::Move(t) => retire(shared, job, Some(&t), delivered, sequence, attempts).await,
         _ => retire(shared, job, None, delivered, sequence, attempts).await,
@@ -441,16 +451,38 @@ async fn retire(
     delivered: Option<&Delivered<'_>>,
     sequence: i64,
     attempts: i64,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let now = shared.clock.now_ms();
-    let moved = shared
+    match shared
         .store
         .upload_finished(&job.key, sequence, t, delivered, now, attempts)
-        .await?;
-    if moved.is_some() {
-        shared.ack_wakeup.notify_one();
+        .await?
+    {
+        UploadFinish::Retired { sequence } => {
+            if sequence.is_some() {
+                shared.ack_wakeup.notify_one();
+            }
+            Ok(true)
+        }
+        UploadFinish::RetiredAlready => Ok(true),
+        UploadFinish::TaskChanged => {
+            // Another uploader's attempt moved the task while this one sent: the upload is
+            // taken again at once, and what it finds (the destination holding every file,
+            // say) decided on the task as it stands.
+            tracing::info!("the task changed while its export was sent; deciding again");
+            shared
+                .store
+                .upload_retry_later(
+                    &job.key,
+                    NextAttempt {
+                        at: now,
+                        error: "the task changed while its export was sent; decided again",
+                    },
+                )
+                .await?;
+            Ok(false)
+        }
     }
-    Ok(())
 }
 
 /// Sends every file of the export the destination does not hold whole yet, then closes the

@@ -57,6 +57,20 @@ pub struct Delivered<'a> {
     pub bytes: u64,
 }
 
+/// What [`Store::upload_finished`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadFinish {
+    /// The upload is retired, and the task moved to this sequence (`None`: no move asked).
+    Retired {
+        /// The task's new sequence.
+        sequence: Option<i64>,
+    },
+    /// Another uploader retired it first; nothing was written.
+    RetiredAlready,
+    /// The task is no longer at the sequence the move was decided on; nothing was written.
+    TaskChanged,
+}
+
 /// When a failed upload is tried again, and why it failed (kept for operators).
 #[derive(Debug, Clone, Copy)]
 pub struct NextAttempt<'a> {
@@ -206,11 +220,12 @@ impl Store {
 
     /// Retires an upload and, in the same transaction, records `t` (the task delivered or
     /// undeliverable) if the task is still at `expected_sequence`, and, when the export was
-    /// `delivered`, an audit entry saying where. Returns the task's new sequence, or `None`
-    /// when it changed meanwhile, `t` is `None`, or the upload was retired already: two
-    /// uploaders may finish the same upload (the first one's lease ran out while it was
-    /// still sending), and only the first records anything, so the trail says once that
-    /// the export was delivered.
+    /// `delivered`, an audit entry saying where. Two uploaders may finish the same upload
+    /// (the first one's lease ran out while it was still sending): only the first records
+    /// anything, so the trail says once that the export was delivered. When `t` finds the
+    /// task moved on (another uploader's failed attempt counted meanwhile), nothing is
+    /// written: the upload stays, to be decided again on the task as it stands, rather than
+    /// retired with its task left IN_PROGRESS for good.
     pub async fn upload_finished(
         &self,
         key: &TaskKey,
@@ -219,7 +234,7 @@ impl Store {
         delivered: Option<&Delivered<'_>>,
         now: i64,
         attempts: i64,
-    ) -> Result<Option<i64>> {
+    ) -> Result<UploadFinish> {
         let mut tx = self.begin_audited().await?;
         if let Some(d) = delivered {
             let record = super::audit::Record {
@@ -238,7 +253,14 @@ impl Store {
         // back below if another uploader retired the upload first.
         let moved = match t {
             Some(t) => {
-                super::tasks::transition(&mut tx, key, expected_sequence, t, now, attempts).await?
+                let moved =
+                    super::tasks::transition(&mut tx, key, expected_sequence, t, now, attempts)
+                        .await?;
+                if moved.is_none() {
+                    tx.rollback().await?;
+                    return Ok(UploadFinish::TaskChanged);
+                }
+                moved
             }
             None => None,
         };
@@ -255,10 +277,10 @@ impl Store {
         .rows_affected();
         if retired == 0 {
             tx.rollback().await?;
-            return Ok(None);
+            return Ok(UploadFinish::RetiredAlready);
         }
         tx.commit().await?;
-        Ok(moved)
+        Ok(UploadFinish::Retired { sequence: moved })
     }
 
     /// Tries an upload again at `next.at`, keeping why it failed for operators, and in the
@@ -341,4 +363,115 @@ async fn schedule_retry<'e>(
     .execute(db)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use dsrelay_proto::v1::{DeliverRequest, RequestKind, TaskState};
+    use dsrelay_runtime::store::Db;
+
+    use super::*;
+    use crate::store::{POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+
+    /// An upload delivered by one uploader while another's failed attempt moved the task
+    /// (the first's lease ran out while it was still sending) retires nothing, so the task is
+    /// not left IN_PROGRESS with no upload to finish it; decided again on the task as it
+    /// stands, it is retired with the task COMPLETED.
+    async fn a_delivery_decided_on_a_stale_task_is_decided_again(url: &str) {
+        let db = Db::connect(url).await.expect("connect");
+        db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+            .await
+            .expect("migrate");
+        let store = Store::new(db, b"test key");
+        let req = DeliverRequest {
+            request_id: "r-1".into(),
+            kind: RequestKind::ReturnOfData as i32,
+            ..Default::default()
+        };
+        store
+            .accept("acme", &req, &["crm".into()], None, 1)
+            .await
+            .expect("accept");
+        let key = TaskKey {
+            controller: "acme".into(),
+            request_id: "r-1".into(),
+            subprocessor: "crm".into(),
+        };
+        let exported = Transition {
+            state: TaskState::InProgress,
+            note: "exported; uploading".into(),
+            ..Default::default()
+        };
+        let s = store
+            .transition(&key, 1, &exported, 2, 1)
+            .await
+            .expect("step")
+            .expect("moved");
+        let mut conn = store.db.pool.acquire().await.expect("connection");
+        queue(&mut conn, &key, 2).await.expect("queue the upload");
+        drop(conn);
+        // Another uploader's failed attempt is counted on the task meanwhile.
+        let failed_once = Transition {
+            state: TaskState::InProgress,
+            note: "exported; uploading (attempt 1 failed)".into(),
+            ..Default::default()
+        };
+        let now_at = store
+            .transition(&key, s, &failed_once, 3, 1)
+            .await
+            .expect("step")
+            .expect("moved");
+        let delivered = Transition {
+            state: TaskState::Completed,
+            confirmed: true,
+            ..Default::default()
+        };
+        let to = Delivered {
+            to: "registry",
+            files: 1,
+            bytes: 10,
+        };
+        assert_eq!(
+            store
+                .upload_finished(&key, s, Some(&delivered), Some(&to), 4, 1)
+                .await
+                .expect("finish"),
+            UploadFinish::TaskChanged
+        );
+        let pending: (Option<i64>,) = sqlx::query_as("SELECT done_at FROM uploads")
+            .fetch_one(&store.db.pool)
+            .await
+            .expect("upload");
+        assert_eq!(pending.0, None, "the upload stays to be decided again");
+        assert_eq!(
+            store
+                .upload_finished(&key, now_at, Some(&delivered), Some(&to), 5, 1)
+                .await
+                .expect("finish"),
+            UploadFinish::Retired {
+                sequence: Some(now_at + 1)
+            }
+        );
+        let task = store.task(&key).await.expect("task").expect("row");
+        assert_eq!(task.state, TaskState::Completed);
+        store.db.pool.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_delivery_decided_on_a_stale_task_is_decided_again_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        a_delivery_decided_on_a_stale_task_is_decided_again(&format!(
+            "sqlite://{}/p.db",
+            dir.path().display()
+        ))
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_delivery_decided_on_a_stale_task_is_decided_again_on_postgres() {
+        crate::test_postgres::on_postgres(|u, _| async move {
+            a_delivery_decided_on_a_stale_task_is_decided_again(&u).await
+        })
+        .await;
+    }
 }
