@@ -206,6 +206,7 @@ impl ExportSink {
             writeback: None,
             writeback_at: 0,
             meta,
+            dir: self.dir.clone(),
             growth,
             blocks,
         })
@@ -361,6 +362,8 @@ pub struct ExportWriter {
     /// The size when the last early writeback started.
     writeback_at: u64,
     meta: ExportedFile,
+    /// The folder it is in.
+    dir: PathBuf,
     /// Told how far the file is written, when the sink is watched.
     growth: Option<watch::Sender<Growth>>,
     /// Given each block as it goes to the file, when the sink is watched.
@@ -481,10 +484,26 @@ impl ExportWriter {
         self.wait_for_writeback().await?;
         let context = format!("closing export file {}", self.meta.name);
         let file = Arc::clone(&self.file);
-        tokio::task::spawn_blocking(move || file.sync_all())
-            .await
-            .map_err(|e| io_error(&context, &std::io::Error::other(e)))?
-            .map_err(|e| io_error(&context, &e))?;
+        let dir = self.dir.clone();
+        // The file's name, and the names of the folders created for it, must survive a power
+        // loss too, or the recorded list would point at a file that is gone: its folder and
+        // the folders above it up to the processor's data folder
+        // (`exports/<controller>/<request>/<subprocessor>`) are synced as well.
+        tokio::task::spawn_blocking(move || {
+            file.sync_all()?;
+            for folder in dir.ancestors().take(5) {
+                if folder.as_os_str().is_empty() {
+                    // A relative path's last folder is the working directory.
+                    std::fs::File::open(".")?.sync_all()?;
+                    break;
+                }
+                std::fs::File::open(folder)?.sync_all()?;
+            }
+            Ok::<(), std::io::Error>(())
+        })
+        .await
+        .map_err(|e| io_error(&context, &std::io::Error::other(e)))?
+        .map_err(|e| io_error(&context, &e))?;
         self.meta.sha256 = hex::encode(self.hash.finalize());
         if let Some(growth) = &self.growth {
             growth.send_replace(Growth {

@@ -15,7 +15,7 @@
 //! before it is durable.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWriteExt};
@@ -58,6 +58,32 @@ pub struct FolderStore {
 }
 
 impl FolderStore {
+    /// Opens `path` (its folder exists) for appending, with `O_DIRECT` where it works.
+    async fn open_appender(&self, path: &Path) -> io::Result<Box<dyn Appender>> {
+        if self.direct {
+            let path = path.to_path_buf();
+            if let Some(direct) =
+                tokio::task::spawn_blocking(move || super::direct::DirectAppender::open(&path))
+                    .await
+                    .map_err(io::Error::other)??
+            {
+                return Ok(Box::new(direct));
+            }
+        }
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .await?;
+        let syncer = file.try_clone().await?.into_std().await;
+        Ok(Box::new(FileAppender {
+            file,
+            syncer: Arc::new(syncer),
+            writeback: None,
+            since_writeback: 0,
+        }))
+    }
+
     /// A store under `root`, created when the first file is written.
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self {
@@ -114,28 +140,33 @@ impl PackageStore for FolderStore {
         if let Some(dir) = path.parent() {
             tokio::fs::create_dir_all(dir).await?;
         }
-        if self.direct {
-            let path = path.clone();
-            if let Some(direct) =
-                tokio::task::spawn_blocking(move || super::direct::DirectAppender::open(&path))
-                    .await
-                    .map_err(io::Error::other)??
-            {
-                return Ok(Box::new(direct));
+        let appender = self.open_appender(&path).await?;
+        // The file's name and the folders created for it must survive a power loss like its
+        // bytes do ([`Appender::sync`], `stored_len`), or a part recorded as stored could
+        // point at a file that is gone: every folder from the file's up to the one holding
+        // the store's root is synced once the file exists.
+        let root_parent = self.root.parent().map(Path::to_path_buf);
+        let file_dir = path.parent().map(Path::to_path_buf);
+        tokio::task::spawn_blocking(move || {
+            let Some(file_dir) = file_dir else {
+                return Ok(());
+            };
+            for folder in file_dir.ancestors() {
+                if folder.as_os_str().is_empty() {
+                    // A relative path's last folder is the working directory.
+                    std::fs::File::open(".")?.sync_all()?;
+                    break;
+                }
+                std::fs::File::open(folder)?.sync_all()?;
+                if Some(folder) == root_parent.as_deref() {
+                    break;
+                }
             }
-        }
-        let file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .await?;
-        let syncer = file.try_clone().await?.into_std().await;
-        Ok(Box::new(FileAppender {
-            file,
-            syncer: Arc::new(syncer),
-            writeback: None,
-            since_writeback: 0,
-        }))
+            Ok::<(), io::Error>(())
+        })
+        .await
+        .map_err(io::Error::other)??;
+        Ok(appender)
     }
 
     async fn open(&self, key: &str) -> io::Result<Box<dyn AsyncRead + Send + Unpin>> {
