@@ -134,7 +134,7 @@ impl Metrics {
         }
         for at in occurred_at_ms.iter().flatten() {
             // Clocks differ between hosts: a change "from the future" counts as immediate.
-            let seconds = (now_ms - at).max(0) as f64 / 1000.0;
+            let seconds = now_ms.saturating_sub(*at).max(0) as f64 / 1000.0;
             self.ack_latency.observe(&[processor], seconds);
         }
     }
@@ -286,7 +286,10 @@ pub(crate) async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
         let op: String = r.try_get("op")?;
         depth.set(&[("op", &op)], r.try_get::<i64, _>("n")? as f64);
         if let Some(oldest) = r.try_get::<Option<i64>, _>("oldest")? {
-            age.set(&[("op", &op)], (now_ms - oldest).max(0) as f64 / 1000.0);
+            age.set(
+                &[("op", &op)],
+                now_ms.saturating_sub(oldest).max(0) as f64 / 1000.0,
+            );
         }
     }
     for r in &dead_rows {
@@ -295,4 +298,35 @@ pub(crate) async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
     }
 
     encode(&[&gauges, &shared.metrics.registry])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics() -> Metrics {
+        let config: Config = toml::from_str(
+            "identity_hash_key = \"k\"\n[tls]\nca = \"ca.pem\"\ncert = \"r.pem\"\nkey = \"r.key\"\n",
+        )
+        .unwrap();
+        Metrics::new(&config)
+    }
+
+    #[test]
+    fn an_acknowledgement_from_the_far_past_or_future_does_not_break_the_latency() {
+        let m = metrics();
+        m.acknowledged(
+            "p",
+            &[Some(i64::MIN), Some(i64::MAX), Some(1_000)],
+            3,
+            0,
+            i64::MAX,
+        );
+        m.acknowledged("p", &[Some(i64::MAX)], 1, 0, i64::MIN);
+        let text = encode(&[&m.registry]).unwrap();
+        assert!(
+            text.contains("dsrelay_acknowledgement_latency_seconds_count{processor=\"p\"} 4"),
+            "{text}"
+        );
+    }
 }

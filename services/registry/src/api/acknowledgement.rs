@@ -405,6 +405,17 @@ fn violations(i: usize, a: &Acknowledgement) -> Vec<FieldViolation> {
     if let Some(c) = &a.certificate {
         violations.extend(super::certificates::violations(i, c));
     }
+    for (name, at) in [
+        ("occurred_at", &a.occurred_at),
+        ("retain_until", &a.retain_until),
+    ] {
+        if let Some(t) = at {
+            violations.extend(timestamp_violation(
+                &format!("acknowledgements[{i}].{name}"),
+                t,
+            ));
+        }
+    }
     // Stored, and shown in the contract's view: a number of no phase would show as nothing.
     if let Some(p) = &a.progress {
         if ContractPhase::try_from(p.phase).is_err() {
@@ -415,4 +426,102 @@ fn violations(i: usize, a: &Acknowledgement) -> Vec<FieldViolation> {
         }
     }
     violations
+}
+
+/// 2000-01-01T00:00:00Z, in seconds since the Unix epoch.
+const EARLIEST_SECONDS: i64 = 946_684_800;
+/// 9999-12-31T23:59:59Z, in seconds since the Unix epoch.
+const LATEST_SECONDS: i64 = 253_402_300_799;
+
+/// What is wrong with `t` as the instant in `field`: outside the years 2000 to 9999 it is no
+/// real task's time, and far enough out its milliseconds saturate into a meaningless
+/// acknowledgement latency.
+fn timestamp_violation(
+    field: &str,
+    t: &dsrelay_proto::prost_types::Timestamp,
+) -> Option<FieldViolation> {
+    (!(EARLIEST_SECONDS..=LATEST_SECONDS).contains(&t.seconds)).then(|| {
+        FieldViolation::new(
+            field,
+            format!(
+                "must be between the years 2000 and 9999 (got {} seconds since the epoch)",
+                t.seconds
+            ),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use dsrelay_proto::prost_types::Timestamp;
+
+    use super::*;
+
+    fn ack() -> Acknowledgement {
+        Acknowledgement {
+            request_id: "0190a0b0-0000-7000-8000-000000000001".into(),
+            subprocessor: "accounting".into(),
+            sequence: 1,
+            state: TaskState::InProgress as i32,
+            ..Default::default()
+        }
+    }
+
+    fn at(seconds: i64) -> Option<Timestamp> {
+        Some(Timestamp { seconds, nanos: 0 })
+    }
+
+    fn fields(a: &Acknowledgement) -> Vec<String> {
+        violations(3, a).into_iter().map(|v| v.field).collect()
+    }
+
+    #[test]
+    fn instants_outside_the_years_2000_to_9999_are_refused() {
+        assert!(fields(&ack()).is_empty(), "{:?}", fields(&ack()));
+        for ok in [EARLIEST_SECONDS, 1_800_000_000, LATEST_SECONDS] {
+            let a = Acknowledgement {
+                occurred_at: at(ok),
+                retain_until: at(ok),
+                ..ack()
+            };
+            assert!(fields(&a).is_empty(), "{ok}: {:?}", fields(&a));
+        }
+        for bad in [
+            i64::MIN,
+            -1,
+            0,
+            EARLIEST_SECONDS - 1,
+            LATEST_SECONDS + 1,
+            i64::MAX,
+        ] {
+            let a = Acknowledgement {
+                occurred_at: at(bad),
+                ..ack()
+            };
+            assert_eq!(fields(&a), ["acknowledgements[3].occurred_at"], "{bad}");
+            let a = Acknowledgement {
+                retain_until: at(bad),
+                ..ack()
+            };
+            assert_eq!(fields(&a), ["acknowledgements[3].retain_until"], "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_task_report_retained_until_no_real_date_is_left_out() {
+        let report = |seconds| TaskStatus {
+            subprocessor: "accounting".into(),
+            sequence: 1,
+            state: TaskState::Retained as i32,
+            retain_until: at(seconds),
+            ..Default::default()
+        };
+        let kept = well_formed_reports(
+            "p",
+            "0190a0b0-0000-7000-8000-000000000001",
+            vec![report(1_800_000_000), report(i64::MIN)],
+        );
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].retain_until, at(1_800_000_000));
+    }
 }

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dsrelay_proto::v1::{RequestEvent, RequestState, WatchRequest};
+use dsrelay_runtime::identity::FieldViolation;
 use futures::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
@@ -71,14 +72,28 @@ impl Drop for Slot {
     }
 }
 
+/// `watch.after_event_id` as an event id, or INVALID_ARGUMENT: ids are stored as i64, so a
+/// larger one names no event, and cast to i64 it would be negative (in the filter, and in the
+/// `after_event_id` the stream's last message tells the caller to watch again from).
+fn after_event_id(watch: &WatchRequest) -> Result<i64, ApiError> {
+    i64::try_from(watch.after_event_id).map_err(|_| {
+        ApiError::invalid([FieldViolation::new(
+            "after_event_id",
+            format!("must be at most {} (an event id)", i64::MAX),
+        )])
+    })
+}
+
 /// Streams the events of request `id` (already checked to be visible to `caller`) after
-/// `watch.after_event_id`; RESOURCE_EXHAUSTED when `caller` holds as many streams as it may.
+/// `watch.after_event_id`; INVALID_ARGUMENT when that is no event id, RESOURCE_EXHAUSTED when
+/// `caller` holds as many streams as it may.
 pub(crate) fn events(
     shared: Arc<Shared>,
     caller: &str,
     id: String,
     watch: WatchRequest,
 ) -> Result<EventStream, ApiError> {
+    let after = after_event_id(&watch)?;
     let slot = shared
         .watchers
         .take(caller, shared.config.watch.streams_per_caller)?;
@@ -111,7 +126,7 @@ pub(crate) fn events(
                     return;
                 }
             };
-            for e in events.iter().filter(|e| e.id as u64 > watch.after_event_id) {
+            for e in events.iter().filter(|e| e.id > after) {
                 if !sent.insert(e.id) {
                     continue;
                 }
@@ -122,7 +137,7 @@ pub(crate) fn events(
                     Err(_) => {
                         // The caller stopped reading: this event is not queued.
                         sent.remove(&e.id);
-                        let last = sent.last().copied().unwrap_or(watch.after_event_id as i64);
+                        let last = sent.last().copied().unwrap_or(after);
                         let _ = end_tx.send(over(last));
                         return;
                     }
@@ -149,7 +164,7 @@ pub(crate) fn events(
             tokio::select! {
                 _ = tx.closed() => return,
                 _ = stopping.changed() => {
-                    let last = sent.last().copied().unwrap_or(watch.after_event_id as i64);
+                    let last = sent.last().copied().unwrap_or(after);
                     let _ = tx
                         .send(Err(Status::unavailable(format!(
                             "the registry is shutting down; watch again with after_event_id \
@@ -159,7 +174,7 @@ pub(crate) fn events(
                     return;
                 }
                 _ = tokio::time::sleep_until(end_of_life) => {
-                    let last = sent.last().copied().unwrap_or(watch.after_event_id as i64);
+                    let last = sent.last().copied().unwrap_or(after);
                     let _ = end_tx.send(over(last));
                     return;
                 }
@@ -171,4 +186,28 @@ pub(crate) fn events(
     });
     let end = futures::stream::once(end_rx).filter_map(|end| std::future::ready(end.ok().map(Err)));
     Ok(Box::pin(ReceiverStream::new(rx).chain(end)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn after(id: u64) -> Result<i64, Status> {
+        after_event_id(&WatchRequest {
+            after_event_id: id,
+            ..Default::default()
+        })
+        .map_err(Status::from)
+    }
+
+    #[test]
+    fn an_after_event_id_beyond_the_stored_ids_is_refused_not_wrapped() {
+        assert_eq!(after(0).unwrap(), 0);
+        assert_eq!(after(i64::MAX as u64).unwrap(), i64::MAX);
+        for id in [i64::MAX as u64 + 1, u64::MAX] {
+            let s = after(id).unwrap_err();
+            assert_eq!(s.code(), tonic::Code::InvalidArgument, "{id}");
+            assert!(s.message().contains("after_event_id"), "{}", s.message());
+        }
+    }
 }

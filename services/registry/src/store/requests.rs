@@ -87,7 +87,8 @@ impl Store {
     /// Extends the due date by `months`, keeping the reason, if the request is as `row` read
     /// it (no extension made since, still open: [`OPEN_STATES`]); answers whether it did.
     /// Nothing is written otherwise, so a concurrent extension is never lost under an answer
-    /// of success.
+    /// of success. An error, with nothing written, when the stored count cannot grow by
+    /// `months` without leaving the u32 range.
     pub async fn extend(
         &self,
         row: &RequestRow,
@@ -95,7 +96,17 @@ impl Store {
         reason: &str,
         now: i64,
     ) -> Result<bool> {
-        let total = row.extension_months as u32 + months;
+        // A stored count below zero is no extension made; a count that does not fit, or
+        // cannot grow by `months`, is refused rather than wrapped into a shorter due date.
+        let total = u32::try_from(row.extension_months.max(0))
+            .ok()
+            .and_then(|used| used.checked_add(months))
+            .with_context(|| {
+                format!(
+                    "request {}: {} months extended by {months} is out of range",
+                    row.id, row.extension_months
+                )
+            })?;
         let mut reasons: Vec<String> =
             serde_json::from_str(&row.extension_reasons).unwrap_or_default();
         reasons.push(reason.to_string());
@@ -137,5 +148,79 @@ impl Store {
         .await?;
         tx.commit().await?;
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dsrelay_proto::v1::RequestKind;
+    use dsrelay_runtime::store::Db;
+
+    use super::*;
+    use crate::store::{NewRequest, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+
+    async fn store(dir: &std::path::Path) -> Store {
+        let db = Db::connect(&format!("sqlite://{}/registry.db", dir.display()))
+            .await
+            .unwrap();
+        db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+            .await
+            .unwrap();
+        Store::new(db, b"test key")
+    }
+
+    /// An open request received at `received_at` whose stored extension count is `months`.
+    async fn request(store: &Store, id: &str, received_at: i64, months: i64) -> RequestRow {
+        store
+            .insert_request(&NewRequest {
+                id: id.into(),
+                partner: "crm".into(),
+                idempotency_key: format!("key-{id}"),
+                body_hash: format!("hash-{id}"),
+                body: b"{}".to_vec(),
+                identity_hashes: "[\"h\"]".into(),
+                kind: RequestKind::Erasure as i32,
+                received_at,
+                due_at: crate::deadline::due_at(received_at, 0),
+                trace_id: "0".repeat(32),
+                traceparent: None,
+                processors: vec!["p1".into()],
+            })
+            .await
+            .unwrap();
+        sqlx::query("UPDATE requests SET extension_months = $1 WHERE id = $2")
+            .bind(months)
+            .bind(id)
+            .execute(&store.db.pool)
+            .await
+            .unwrap();
+        store.request(id).await.unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_stored_count_out_of_range_never_wraps_into_the_due_date() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path()).await;
+        const RECEIVED: i64 = 1_800_000_000_000;
+
+        // Below zero counts as no extension made.
+        let row = request(&store, "negative", RECEIVED, -1).await;
+        assert!(store.extend(&row, 1, "archives", RECEIVED).await.unwrap());
+        let row = store.request("negative").await.unwrap().unwrap();
+        assert_eq!(row.extension_months, 1);
+        assert_eq!(row.due_at, crate::deadline::due_at(RECEIVED, 1));
+
+        // One that cannot grow is refused, and nothing is written.
+        for (id, months) in [("at-max", i64::from(u32::MAX)), ("beyond", i64::MAX)] {
+            let row = request(&store, id, RECEIVED, months).await;
+            let e = store
+                .extend(&row, 1, "archives", RECEIVED)
+                .await
+                .unwrap_err();
+            assert!(e.to_string().contains("out of range"), "{e:#}");
+            let after = store.request(id).await.unwrap().unwrap();
+            assert_eq!(after.extension_months, months);
+            assert_eq!(after.due_at, crate::deadline::due_at(RECEIVED, 0));
+        }
     }
 }
