@@ -660,6 +660,15 @@ fn outcome_from_response(
                     "the adapter answered RETAINED without retain_until".into(),
                 ));
             };
+            // Within the years 2000 to 9999, as the registry takes it: a date beyond would
+            // wake the task never, or shows in a certificate as no date at all.
+            if !(946_684_800..=253_402_300_799).contains(&until.seconds) {
+                return Err(ConnectorError::Permanent(format!(
+                    "the adapter answered RETAINED until {} seconds since the epoch, which is \
+                     not a date between the years 2000 and 9999",
+                    until.seconds
+                )));
+            }
             Ok(Outcome::Retained {
                 legal_basis: clip(response.legal_basis),
                 until_ms: millis_from_timestamp(until),
@@ -909,6 +918,16 @@ mod tests {
         no_date.retain_until = None;
         let e = outcome_from_response("h", no_date).unwrap_err();
         assert!(!e.is_transient() && e.to_string().contains("retain_until"));
+        for seconds in [i64::MIN, -1, 946_684_799, 253_402_300_800, i64::MAX] {
+            let mut no_real_date = r.clone();
+            no_real_date.retain_until =
+                Some(dsrelay_proto::prost_types::Timestamp { seconds, nanos: 0 });
+            let e = outcome_from_response("h", no_real_date).unwrap_err();
+            assert!(
+                !e.is_transient() && e.to_string().contains("not a date"),
+                "{seconds}: {e}"
+            );
+        }
         let mut no_basis = r;
         no_basis.legal_basis.clear();
         assert!(outcome_from_response("h", no_basis).is_err());
