@@ -137,7 +137,10 @@ async fn count_members(api: &Api, scrub: &Scrubber) -> Result<u64, ConnectorErro
         )));
     };
     let stat = |key: &str| doc["stats"][key].as_u64().unwrap_or(0);
-    Ok(stat("member_count") + stat("unsubscribe_count") + stat("cleaned_count"))
+    // Counts from outside: added without wrapping.
+    Ok(stat("member_count")
+        .saturating_add(stat("unsubscribe_count"))
+        .saturating_add(stat("cleaned_count")))
 }
 
 async fn erase_audience(
@@ -178,8 +181,9 @@ async fn confirm_deleted(
         });
     }
     job.progress.report(progress(count, count));
+    let records = i64::try_from(count).unwrap_or(i64::MAX);
     Ok(Outcome::Completed {
-        records_affected: count as i64,
+        records_affected: records,
         note: format!(
             "mailchimp: deleted audience {list} with its {count} members; the API no longer \
              returns it"
@@ -188,7 +192,7 @@ async fn confirm_deleted(
         erased: vec![ErasedCount {
             target: format!("audience {list}"),
             action: "deleted".into(),
-            count: count as i64,
+            count: records,
         }],
     })
 }
