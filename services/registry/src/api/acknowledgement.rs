@@ -392,6 +392,12 @@ fn violations(i: usize, a: &Acknowledgement) -> Vec<FieldViolation> {
         false,
     ));
     if let Some(e) = &a.evidence {
+        if e.records_affected < 0 {
+            violations.push(FieldViolation::new(
+                format!("acknowledgements[{i}].evidence.records_affected"),
+                "must not be negative",
+            ));
+        }
         violations.extend(text_violation(
             &format!("acknowledgements[{i}].evidence.note"),
             &e.note,
@@ -473,6 +479,21 @@ mod tests {
 
     fn fields(a: &Acknowledgement) -> Vec<String> {
         violations(3, a).into_iter().map(|v| v.field).collect()
+    }
+
+    #[test]
+    fn a_negative_count_of_records_is_refused() {
+        let a = Acknowledgement {
+            evidence: Some(dsrelay_proto::v1::Evidence {
+                records_affected: -1,
+                ..Default::default()
+            }),
+            ..ack()
+        };
+        assert_eq!(
+            fields(&a),
+            ["acknowledgements[3].evidence.records_affected"]
+        );
     }
 
     #[test]
