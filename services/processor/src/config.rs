@@ -8,7 +8,10 @@ pub use dsrelay_connectors::noop::NoopConfig;
 pub use dsrelay_connectors::ConnectorConfig;
 pub use dsrelay_runtime::audit::signer::AuditConfig;
 use dsrelay_runtime::backoff::Backoff;
-use dsrelay_runtime::config::ConfigErrors;
+use dsrelay_runtime::config::{
+    check_backoff, check_ms, check_shared_durations, ConfigErrors, MAX_CALL_TIMEOUT_MS,
+    MAX_DURATION_MS, MAX_RETENTION_DAYS,
+};
 use dsrelay_runtime::settings::{Defaults, ServiceConfig, ServiceSettings};
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -67,10 +70,11 @@ pub struct Config {
     /// Days after the last task of a request reached a final state before its raw identities,
     /// body, notes and export files are removed. A request with a RETAINED task keeps its
     /// identities until that task is done: they are needed to erase the retained data later.
-    /// Default 30.
+    /// Default 30; 0 to [`MAX_RETENTION_DAYS`] (3650), 0 forgetting at the next sweep.
     #[serde(default = "default_forget_after_days")]
     pub forget_after_days: u32,
-    /// How often the processor looks for requests to forget (ms).
+    /// How often the processor looks for requests to forget (ms); 1 to [`MAX_DURATION_MS`]
+    /// (30 days).
     #[serde(default = "default_forget_sweep_interval_ms")]
     pub forget_sweep_interval_ms: u64,
     /// Signed checkpoints of the processor's own audit trail (`[audit]`): on by default, and
@@ -171,12 +175,15 @@ pub const EU_EEA: &[&str] = &[
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TaskConfig {
-    /// Retry spacing for transient connector errors.
+    /// Retry spacing for transient connector errors; `initial_ms` and `max_ms` 1 to
+    /// [`MAX_DURATION_MS`] (30 days).
     pub backoff: Backoff,
-    /// How often the runner looks for runnable tasks when nothing wakes it (ms).
+    /// How often the runner looks for runnable tasks when nothing wakes it (ms); 1 to
+    /// [`MAX_DURATION_MS`] (30 days).
     pub poll_interval_ms: u64,
     /// How long a claimed task is reserved for this replica (ms), by the database's clock; a
-    /// crashed replica's tasks are picked up again after this.
+    /// crashed replica's tasks are picked up again after this. 1 to [`MAX_DURATION_MS`] (30
+    /// days): at 0 a claim has expired when it is taken, so the task could run twice at once.
     pub lease_ms: u64,
     /// Tasks claimed per round.
     pub batch_size: u32,
@@ -190,7 +197,8 @@ pub struct TaskConfig {
     /// the export reader and the upload beside it), so this bounds the processor's memory
     /// where `concurrency` would not.
     pub export_concurrency: usize,
-    /// How often to ask a holder that accepted work whether it is done (ms).
+    /// How often to ask a holder that accepted work whether it is done (ms); 1 to
+    /// [`MAX_DURATION_MS`] (30 days).
     pub confirm_interval_ms: u64,
 }
 
@@ -212,15 +220,18 @@ impl Default for TaskConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AckConfig {
-    /// Retry spacing when the registry cannot be reached.
+    /// Retry spacing when the registry cannot be reached; `initial_ms` and `max_ms` 1 to
+    /// [`MAX_DURATION_MS`] (30 days).
     pub backoff: Backoff,
-    /// How often the sender looks for queued acknowledgements when nothing wakes it (ms).
+    /// How often the sender looks for queued acknowledgements when nothing wakes it (ms); 1
+    /// to [`MAX_DURATION_MS`] (30 days).
     pub poll_interval_ms: u64,
-    /// How long claimed acknowledgements are reserved (ms).
+    /// How long claimed acknowledgements are reserved (ms); 1 to [`MAX_DURATION_MS`] (30
+    /// days).
     pub lease_ms: u64,
     /// Acknowledgements per call.
     pub batch_size: u32,
-    /// Deadline of one Acknowledge call (ms).
+    /// Deadline of one Acknowledge call (ms); 1 to [`MAX_CALL_TIMEOUT_MS`] (one hour).
     pub call_timeout_ms: u64,
     /// Rejections by the registry after which an acknowledgement is dead-lettered: parked,
     /// never sent again until an operator requeues it (`dsrctl tasks dead-letters`).
@@ -249,17 +260,18 @@ impl Default for AckConfig {
 pub struct UploadConfig {
     /// Retry spacing when the registry or recipient cannot be reached, or refuses a chunk or
     /// (a recipient) answers a receipt that does not match; retries stop at the request's
-    /// due date.
+    /// due date. `initial_ms` and `max_ms` 1 to [`MAX_DURATION_MS`] (30 days).
     pub backoff: Backoff,
-    /// How often the worker looks for due uploads when nothing wakes it (ms).
+    /// How often the worker looks for due uploads when nothing wakes it (ms); 1 to
+    /// [`MAX_DURATION_MS`] (30 days).
     pub poll_interval_ms: u64,
     /// How long a claimed upload is reserved (ms); renewed after every file, and the
-    /// deadline of sending one file.
+    /// deadline of sending one file. 1 to [`MAX_DURATION_MS`] (30 days).
     pub lease_ms: u64,
     /// Exports uploaded at once.
     pub concurrency: u32,
     /// Deadline of one state call (GetUploadState, GetTransferState) or closing call
-    /// (CompletePart, CompleteTransfer) (ms).
+    /// (CompletePart, CompleteTransfer) (ms); 1 to [`MAX_CALL_TIMEOUT_MS`] (one hour).
     pub call_timeout_ms: u64,
 }
 
@@ -280,7 +292,8 @@ impl Default for UploadConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ContractsConfig {
     /// While a connector works through a controller's data, how often (ms) the processor
-    /// reads its progress and, when it moved, acknowledges it to the registry. Default 1000.
+    /// reads its progress and, when it moved, acknowledges it to the registry. Default 1000;
+    /// 1 to [`MAX_DURATION_MS`] (30 days).
     pub progress_interval_ms: u64,
 }
 
@@ -415,12 +428,9 @@ impl Config {
                     .into(),
             );
         }
-        if self.forget_sweep_interval_ms == 0 {
-            errors.push("forget_sweep_interval_ms: must be at least 1".into());
-        }
         errors.extend(self.audit.errors());
-        if self.uploads.concurrency == 0 || self.uploads.lease_ms == 0 {
-            errors.push("uploads: concurrency and lease_ms must be at least 1".into());
+        if self.uploads.concurrency == 0 {
+            errors.push("uploads.concurrency: must be at least 1".into());
         }
         if self.tasks.concurrency == 0
             || self.tasks.export_concurrency == 0
@@ -433,12 +443,10 @@ impl Config {
                     .into(),
             );
         }
-        if self.contracts.progress_interval_ms == 0 {
-            errors.push("contracts.progress_interval_ms must be at least 1".into());
-        }
         if self.acks.max_rejections == 0 {
             errors.push("acks.max_rejections must be at least 1".into());
         }
+        self.duration_errors(&mut errors);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -448,6 +456,49 @@ impl Config {
 }
 
 impl Config {
+    /// Every duration outside its accepted range, by its full key: 0 where it would make a
+    /// lease expire as it is taken, a call fail at once or a loop spin, and anything above
+    /// [`MAX_DURATION_MS`] (a call's deadline: [`MAX_CALL_TIMEOUT_MS`]), which is a typo and
+    /// would overflow once added to a clock reading. `forget_after_days` may be 0.
+    fn duration_errors(&self, errors: &mut Vec<String>) {
+        let any = 1..=MAX_DURATION_MS;
+        let call = 1..=MAX_CALL_TIMEOUT_MS;
+        if self.forget_after_days > MAX_RETENTION_DAYS {
+            errors.push(format!(
+                "forget_after_days: must be from 0 to {MAX_RETENTION_DAYS} days; it is {}",
+                self.forget_after_days
+            ));
+        }
+        let (t, a, u) = (&self.tasks, &self.acks, &self.uploads);
+        for (key, value, range) in [
+            (
+                "forget_sweep_interval_ms",
+                self.forget_sweep_interval_ms,
+                &any,
+            ),
+            ("tasks.poll_interval_ms", t.poll_interval_ms, &any),
+            ("tasks.lease_ms", t.lease_ms, &any),
+            ("tasks.confirm_interval_ms", t.confirm_interval_ms, &any),
+            ("acks.poll_interval_ms", a.poll_interval_ms, &any),
+            ("acks.lease_ms", a.lease_ms, &any),
+            ("acks.call_timeout_ms", a.call_timeout_ms, &call),
+            ("uploads.poll_interval_ms", u.poll_interval_ms, &any),
+            ("uploads.lease_ms", u.lease_ms, &any),
+            ("uploads.call_timeout_ms", u.call_timeout_ms, &call),
+            (
+                "contracts.progress_interval_ms",
+                self.contracts.progress_interval_ms,
+                &any,
+            ),
+        ] {
+            check_ms(errors, key, value, range.clone());
+        }
+        check_backoff(errors, "tasks", &t.backoff);
+        check_backoff(errors, "acks", &a.backoff);
+        check_backoff(errors, "uploads", &u.backoff);
+        check_shared_durations(errors, &self.service, &self.audit);
+    }
+
     /// Every configured caller whose identity is outside the processor's trust domain
     /// (`trust_domain`, else the one of `own_identity`) or does not name its role:
     /// controllers' registries as `registry`, operators as `operator`.
@@ -741,6 +792,184 @@ mod tests {
         assert!(
             err.0.iter().any(|e| e.starts_with("acks.max_rejections")),
             "{err}"
+        );
+    }
+
+    /// Every duration key with the largest value it accepts, as environment variable name
+    /// suffixes.
+    const DURATIONS: &[(&str, &str, u64)] = &[
+        (
+            "forget_sweep_interval_ms",
+            "FORGET_SWEEP_INTERVAL_MS",
+            MAX_DURATION_MS,
+        ),
+        (
+            "tasks.poll_interval_ms",
+            "TASKS__POLL_INTERVAL_MS",
+            MAX_DURATION_MS,
+        ),
+        ("tasks.lease_ms", "TASKS__LEASE_MS", MAX_DURATION_MS),
+        (
+            "tasks.confirm_interval_ms",
+            "TASKS__CONFIRM_INTERVAL_MS",
+            MAX_DURATION_MS,
+        ),
+        (
+            "tasks.backoff.initial_ms",
+            "TASKS__BACKOFF__INITIAL_MS",
+            MAX_DURATION_MS,
+        ),
+        (
+            "tasks.backoff.max_ms",
+            "TASKS__BACKOFF__MAX_MS",
+            MAX_DURATION_MS,
+        ),
+        (
+            "acks.poll_interval_ms",
+            "ACKS__POLL_INTERVAL_MS",
+            MAX_DURATION_MS,
+        ),
+        ("acks.lease_ms", "ACKS__LEASE_MS", MAX_DURATION_MS),
+        (
+            "acks.call_timeout_ms",
+            "ACKS__CALL_TIMEOUT_MS",
+            MAX_CALL_TIMEOUT_MS,
+        ),
+        (
+            "acks.backoff.initial_ms",
+            "ACKS__BACKOFF__INITIAL_MS",
+            MAX_DURATION_MS,
+        ),
+        (
+            "acks.backoff.max_ms",
+            "ACKS__BACKOFF__MAX_MS",
+            MAX_DURATION_MS,
+        ),
+        (
+            "uploads.poll_interval_ms",
+            "UPLOADS__POLL_INTERVAL_MS",
+            MAX_DURATION_MS,
+        ),
+        ("uploads.lease_ms", "UPLOADS__LEASE_MS", MAX_DURATION_MS),
+        (
+            "uploads.call_timeout_ms",
+            "UPLOADS__CALL_TIMEOUT_MS",
+            MAX_CALL_TIMEOUT_MS,
+        ),
+        (
+            "uploads.backoff.initial_ms",
+            "UPLOADS__BACKOFF__INITIAL_MS",
+            MAX_DURATION_MS,
+        ),
+        (
+            "uploads.backoff.max_ms",
+            "UPLOADS__BACKOFF__MAX_MS",
+            MAX_DURATION_MS,
+        ),
+        (
+            "contracts.progress_interval_ms",
+            "CONTRACTS__PROGRESS_INTERVAL_MS",
+            MAX_DURATION_MS,
+        ),
+        ("shutdown_grace_ms", "SHUTDOWN_GRACE_MS", MAX_DURATION_MS),
+        ("call_limit_ms", "CALL_LIMIT_MS", MAX_DURATION_MS),
+        (
+            "audit.checkpoint_interval_ms",
+            "AUDIT__CHECKPOINT_INTERVAL_MS",
+            MAX_DURATION_MS,
+        ),
+    ];
+
+    /// Every duration key set to `value(its maximum)` through the environment.
+    fn every_duration(value: impl Fn(u64) -> u64) -> Vec<(String, String)> {
+        DURATIONS
+            .iter()
+            .map(|(_, var, max)| (format!("{ENV_PREFIX}__{var}"), value(*max).to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_defaults_and_every_duration_at_its_bounds_are_accepted() {
+        let (_dir, file) = folder("");
+        let c = Config::load_from(Some(&file), env(&[])).unwrap();
+        assert_eq!(c.tasks.lease_ms, 30_000);
+        assert_eq!(c.uploads.lease_ms, 300_000);
+        c.validate().unwrap();
+        Config::load_from(Some(&file), every_duration(|_| 1)).unwrap();
+        Config::load_from(Some(&file), every_duration(|max| max)).unwrap();
+        // 0 where the code gives it a meaning: forget at once; reload TLS files on SIGHUP only.
+        let (_dir, file) = folder("forget_after_days = 0");
+        let c = Config::load_from(
+            Some(&file),
+            env(&[("DSRELAY_PROCESSOR__TLS__RELOAD_INTERVAL_MS", "0")]),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.forget_after_days, c.service.tls.reload_interval_ms),
+            (0, 0)
+        );
+    }
+
+    #[test]
+    fn a_task_lease_of_zero_is_refused_naming_the_key_and_the_range() {
+        let (_dir, file) = folder("[tasks]\nlease_ms = 0\n");
+        let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+        assert_eq!(
+            err.0,
+            ["tasks.lease_ms: must be from 1 ms to 2592000000 ms (30 days); it is 0"]
+        );
+    }
+
+    #[test]
+    fn every_duration_of_zero_is_refused_naming_its_key() {
+        let (_dir, file) = folder("");
+        let err = Config::load_from(Some(&file), every_duration(|_| 0)).unwrap_err();
+        for (key, _, _) in DURATIONS {
+            let named: Vec<_> = err
+                .0
+                .iter()
+                .filter(|e| e.starts_with(&format!("{key}:")))
+                .collect();
+            // The shared keys' own check reports 0 (once); the others name the range.
+            assert_eq!(named.len(), 1, "{key}: {err}");
+        }
+        assert_eq!(err.0.len(), DURATIONS.len(), "{err}");
+        assert!(
+            err.0.contains(
+                &"acks.call_timeout_ms: must be from 1 ms to 3600000 ms (1 hour); it is 0"
+                    .to_string()
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn every_duration_above_its_maximum_is_refused_naming_its_key() {
+        let (_dir, file) = folder("");
+        let err = Config::load_from(Some(&file), every_duration(|max| max + 1)).unwrap_err();
+        assert_eq!(err.0.len(), DURATIONS.len(), "{err}");
+        for (key, _, max) in DURATIONS {
+            let want = format!("{key}: must be from 1 ms to {max} ms");
+            assert!(err.0.iter().any(|e| e.starts_with(&want)), "{want}: {err}");
+        }
+        // The largest a TOML file can hold, a typo's value, and retention beyond ten years.
+        let (_dir, file) = folder(
+            "forget_after_days = 3651\n[tasks]\nconfirm_interval_ms = 9223372036854775807\n",
+        );
+        let err = Config::load_from(
+            Some(&file),
+            env(&[("DSRELAY_PROCESSOR__TLS__RELOAD_INTERVAL_MS", "2592000001")]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.0,
+            [
+                "forget_after_days: must be from 0 to 3650 days; it is 3651",
+                "tasks.confirm_interval_ms: must be from 1 ms to 2592000000 ms (30 days); it \
+                 is 9223372036854775807",
+                "tls.reload_interval_ms: must be from 0 ms to 2592000000 ms (30 days); it is \
+                 2592000001",
+            ]
         );
     }
 

@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 
 pub use dsrelay_runtime::audit::signer::AuditConfig;
 use dsrelay_runtime::backoff::Backoff;
-use dsrelay_runtime::config::ConfigErrors;
+use dsrelay_runtime::config::{
+    check_backoff, check_ms, check_shared_durations, ConfigErrors, MAX_CALL_TIMEOUT_MS,
+    MAX_DURATION_MS, MAX_RETENTION_DAYS,
+};
 use dsrelay_runtime::settings::{Defaults, ServiceConfig, ServiceSettings};
 use serde::{Deserialize, Deserializer, Serialize};
 use tonic::transport::Uri;
@@ -51,10 +54,12 @@ pub struct Config {
     pub identity_hash_key: String,
     /// Days after a request finished (COMPLETED, FAILED or CANCELLED) before its raw
     /// identities and body are removed from the store: the window in which a dispute about
-    /// the request can still be answered from what was asked. Default 30.
+    /// the request can still be answered from what was asked. Default 30; 0 to
+    /// [`MAX_RETENTION_DAYS`] (3650), 0 forgetting at the next sweep.
     #[serde(default = "default_forget_after_days")]
     pub forget_after_days: u32,
-    /// How often the registry looks for finished requests past `forget_after_days` (ms).
+    /// How often the registry looks for finished requests past `forget_after_days` (ms); 1
+    /// to [`MAX_DURATION_MS`] (30 days).
     #[serde(default = "default_forget_sweep_interval_ms")]
     pub forget_sweep_interval_ms: u64,
     /// The folder return-of-data packages are kept in, one folder per request. A relative
@@ -62,10 +67,11 @@ pub struct Config {
     #[serde(default = "default_package_dir")]
     pub package_dir: PathBuf,
     /// Days a package is kept after its request finished; then its files are deleted and an
-    /// event recorded.
+    /// event recorded. 1 to [`MAX_RETENTION_DAYS`] (3650).
     #[serde(default = "default_package_ttl_days")]
     pub package_ttl_days: u32,
-    /// How often the registry looks for packages past their retention (ms).
+    /// How often the registry looks for packages past their retention (ms); 1 to
+    /// [`MAX_DURATION_MS`] (30 days).
     #[serde(default = "default_package_sweep_interval_ms")]
     pub package_sweep_interval_ms: u64,
     /// Signed checkpoints of the audit trail.
@@ -167,18 +173,22 @@ pub const MAX_RECIPIENT_NAME: usize = 256;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
-    /// Retry spacing.
+    /// Retry spacing; `initial_ms` and `max_ms` 1 to [`MAX_DURATION_MS`] (30 days).
     pub backoff: Backoff,
-    /// How often the dispatcher looks for due deliveries when nothing wakes it (ms).
+    /// How often the dispatcher looks for due deliveries when nothing wakes it (ms); 1 to
+    /// [`MAX_DURATION_MS`] (30 days).
     pub poll_interval_ms: u64,
-    /// How long a claimed delivery is reserved for this replica (ms).
+    /// How long a claimed delivery is reserved for this replica (ms); 1 to
+    /// [`MAX_DURATION_MS`] (30 days): at 0 a claim has expired when it is taken, so another
+    /// replica could send the same row at once.
     pub lease_ms: u64,
     /// Deliveries claimed per round.
     pub batch_size: u32,
     /// Deliveries in flight at once.
     pub concurrency: usize,
     /// Deadline of one call to a processor (ms): Deliver, Cancel and UpdateContractEnd, and
-    /// the reconciler's GetStatus and ListSubprocessors.
+    /// the reconciler's GetStatus and ListSubprocessors. 1 to [`MAX_CALL_TIMEOUT_MS`] (one
+    /// hour).
     pub call_timeout_ms: u64,
     /// Refusals after which an outbox row (a delivery, a cancellation or a contract end's
     /// update) is dead-lettered: no longer sent,
@@ -206,11 +216,13 @@ impl Default for DeliveryConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReconcileConfig {
-    /// How often to look for quiet requests (ms).
+    /// How often to look for quiet requests (ms); 1 to [`MAX_DURATION_MS`] (30 days).
     pub interval_ms: u64,
-    /// A request with no acknowledgement for this long gets a status check (ms).
+    /// A request with no acknowledgement for this long gets a status check (ms); 1 to
+    /// [`MAX_DURATION_MS`] (30 days).
     pub ack_timeout_ms: u64,
-    /// How often to ask every processor for its subprocessor list (ms); also at start.
+    /// How often to ask every processor for its subprocessor list (ms); also at start. 1 to
+    /// [`MAX_DURATION_MS`] (30 days).
     pub chain_interval_ms: u64,
     /// A status check that finds nothing new waits, before the next one, as long again as
     /// the request has been unchanged, up to this (ms). A request that waits for months (a
@@ -218,7 +230,8 @@ pub struct ReconcileConfig {
     /// every `ack_timeout_ms`. The wait is measured from the request's last change of state,
     /// so an acknowledgement that moves the request resets it; one that does not (a task's
     /// progress within the same request state) brings one check `ack_timeout_ms` later, and
-    /// then the long wait resumes.
+    /// then the long wait resumes. 0 to [`MAX_DURATION_MS`] (30 days); 0: no backing off,
+    /// a quiet request is checked every `ack_timeout_ms`.
     pub max_backoff_ms: u64,
 }
 
@@ -242,13 +255,20 @@ pub struct WatchConfig {
     pub streams_per_caller: u32,
     /// Longest an open stream waits before it reads its request's events again (ms) when no
     /// change in this process woke it. Changes made through another replica sharing the
-    /// database wake nobody here, so this bounds how late a watcher hears of them.
+    /// database wake nobody here, so this bounds how late a watcher hears of them. 1 to
+    /// [`MAX_DURATION_MS`] (30 days).
     pub poll_interval_ms: u64,
     /// How long one Watch stream may stay open (ms): then it ends with UNAVAILABLE naming
     /// the `after_event_id` to watch again from, so that a stream its caller never closes,
-    /// or never reads, does not hold a task and a slot forever.
+    /// or never reads, does not hold a task and a slot forever. 1 to
+    /// [`MAX_WATCH_STREAM_MS`] (one day).
     pub max_stream_ms: u64,
 }
+
+/// The longest `watch.max_stream_ms` accepted: one day (24 times the default). A caller
+/// watches on from where a stream ended, so a longer lifetime gains nothing but streams
+/// that hold a task and a slot for days.
+pub const MAX_WATCH_STREAM_MS: u64 = 86_400_000;
 
 impl Default for WatchConfig {
     fn default() -> Self {
@@ -420,20 +440,8 @@ impl Config {
         if self.watch.streams_per_caller == 0 {
             errors.push("watch.streams_per_caller: must be at least 1".into());
         }
-        if self.watch.poll_interval_ms == 0 {
-            errors.push("watch.poll_interval_ms: must be at least 1".into());
-        }
-        if self.watch.max_stream_ms == 0 {
-            errors.push("watch.max_stream_ms: must be at least 1".into());
-        }
         if self.contracts.grace_months == 0 || self.contracts.grace_months > 120 {
             errors.push("contracts.grace_months: must be 1 to 120".into());
-        }
-        if self.package_ttl_days == 0 {
-            errors.push("package_ttl_days: keep packages at least 1 day".into());
-        }
-        if self.package_sweep_interval_ms == 0 {
-            errors.push("package_sweep_interval_ms: must be at least 1".into());
         }
         if self.identity_hash_key.is_empty() {
             errors.push(
@@ -441,9 +449,6 @@ impl Config {
                  kept after identities are forgotten)"
                     .into(),
             );
-        }
-        if self.forget_sweep_interval_ms == 0 {
-            errors.push("forget_sweep_interval_ms: must be at least 1".into());
         }
         let mut recipients = BTreeSet::new();
         for (i, r) in self.recipients.iter().enumerate() {
@@ -475,11 +480,73 @@ impl Config {
             errors.push("delivery.max_refusals must be at least 1".into());
         }
         errors.extend(self.audit.errors());
+        self.duration_errors(&mut errors);
         if errors.is_empty() {
             Ok(())
         } else {
             Err(ConfigErrors(errors))
         }
+    }
+
+    /// Every duration outside its accepted range, by its full key: 0 where it would make a
+    /// lease expire as it is taken, a call fail at once or a loop spin, and anything above
+    /// [`MAX_DURATION_MS`] (a call's deadline: [`MAX_CALL_TIMEOUT_MS`], a Watch stream's
+    /// lifetime: [`MAX_WATCH_STREAM_MS`]), which is a typo and would overflow once added to
+    /// a clock reading. `forget_after_days` and `reconcile.max_backoff_ms` may be 0.
+    fn duration_errors(&self, errors: &mut Vec<String>) {
+        for (key, value, min) in [
+            ("forget_after_days", self.forget_after_days, 0),
+            ("package_ttl_days", self.package_ttl_days, 1),
+        ] {
+            if !(min..=MAX_RETENTION_DAYS).contains(&value) {
+                errors.push(format!(
+                    "{key}: must be from {min} to {MAX_RETENTION_DAYS} days; it is {value}"
+                ));
+            }
+        }
+        let any = 1..=MAX_DURATION_MS;
+        let (d, r, w) = (&self.delivery, &self.reconcile, &self.watch);
+        for (key, value, range) in [
+            (
+                "forget_sweep_interval_ms",
+                self.forget_sweep_interval_ms,
+                any.clone(),
+            ),
+            (
+                "package_sweep_interval_ms",
+                self.package_sweep_interval_ms,
+                any.clone(),
+            ),
+            ("delivery.poll_interval_ms", d.poll_interval_ms, any.clone()),
+            ("delivery.lease_ms", d.lease_ms, any.clone()),
+            (
+                "delivery.call_timeout_ms",
+                d.call_timeout_ms,
+                1..=MAX_CALL_TIMEOUT_MS,
+            ),
+            ("reconcile.interval_ms", r.interval_ms, any.clone()),
+            ("reconcile.ack_timeout_ms", r.ack_timeout_ms, any.clone()),
+            (
+                "reconcile.chain_interval_ms",
+                r.chain_interval_ms,
+                any.clone(),
+            ),
+            (
+                "reconcile.max_backoff_ms",
+                r.max_backoff_ms,
+                0..=MAX_DURATION_MS,
+            ),
+            ("watch.poll_interval_ms", w.poll_interval_ms, any),
+            (
+                "watch.max_stream_ms",
+                w.max_stream_ms,
+                1..=MAX_WATCH_STREAM_MS,
+            ),
+        ] {
+            check_ms(errors, key, value, range);
+        }
+        check_backoff(errors, "delivery", &d.backoff);
+        check_shared_durations(errors, &self.service, &self.audit);
     }
 
     /// Every data category some processor holds.
@@ -654,9 +721,201 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            err.to_string()
-                .contains("watch.poll_interval_ms: must be at least 1"),
+            err.to_string().contains(
+                "watch.poll_interval_ms: must be from 1 ms to 2592000000 ms (30 days); it is 0"
+            ),
             "{err}"
+        );
+    }
+
+    /// Every duration key with the smallest and largest values it accepts, as environment
+    /// variable name suffixes.
+    const DURATIONS: &[(&str, &str, u64, u64)] = &[
+        (
+            "forget_sweep_interval_ms",
+            "FORGET_SWEEP_INTERVAL_MS",
+            1,
+            MAX_DURATION_MS,
+        ),
+        (
+            "package_sweep_interval_ms",
+            "PACKAGE_SWEEP_INTERVAL_MS",
+            1,
+            MAX_DURATION_MS,
+        ),
+        (
+            "delivery.poll_interval_ms",
+            "DELIVERY__POLL_INTERVAL_MS",
+            1,
+            MAX_DURATION_MS,
+        ),
+        (
+            "delivery.lease_ms",
+            "DELIVERY__LEASE_MS",
+            1,
+            MAX_DURATION_MS,
+        ),
+        (
+            "delivery.call_timeout_ms",
+            "DELIVERY__CALL_TIMEOUT_MS",
+            1,
+            MAX_CALL_TIMEOUT_MS,
+        ),
+        (
+            "delivery.backoff.initial_ms",
+            "DELIVERY__BACKOFF__INITIAL_MS",
+            1,
+            MAX_DURATION_MS,
+        ),
+        (
+            "delivery.backoff.max_ms",
+            "DELIVERY__BACKOFF__MAX_MS",
+            1,
+            MAX_DURATION_MS,
+        ),
+        (
+            "reconcile.interval_ms",
+            "RECONCILE__INTERVAL_MS",
+            1,
+            MAX_DURATION_MS,
+        ),
+        (
+            "reconcile.ack_timeout_ms",
+            "RECONCILE__ACK_TIMEOUT_MS",
+            1,
+            MAX_DURATION_MS,
+        ),
+        (
+            "reconcile.chain_interval_ms",
+            "RECONCILE__CHAIN_INTERVAL_MS",
+            1,
+            MAX_DURATION_MS,
+        ),
+        (
+            "reconcile.max_backoff_ms",
+            "RECONCILE__MAX_BACKOFF_MS",
+            0,
+            MAX_DURATION_MS,
+        ),
+        (
+            "watch.poll_interval_ms",
+            "WATCH__POLL_INTERVAL_MS",
+            1,
+            MAX_DURATION_MS,
+        ),
+        (
+            "watch.max_stream_ms",
+            "WATCH__MAX_STREAM_MS",
+            1,
+            MAX_WATCH_STREAM_MS,
+        ),
+        ("shutdown_grace_ms", "SHUTDOWN_GRACE_MS", 1, MAX_DURATION_MS),
+        ("call_limit_ms", "CALL_LIMIT_MS", 1, MAX_DURATION_MS),
+        (
+            "audit.checkpoint_interval_ms",
+            "AUDIT__CHECKPOINT_INTERVAL_MS",
+            1,
+            MAX_DURATION_MS,
+        ),
+        (
+            "tls.reload_interval_ms",
+            "TLS__RELOAD_INTERVAL_MS",
+            0,
+            MAX_DURATION_MS,
+        ),
+        (
+            "forget_after_days",
+            "FORGET_AFTER_DAYS",
+            0,
+            MAX_RETENTION_DAYS as u64,
+        ),
+        (
+            "package_ttl_days",
+            "PACKAGE_TTL_DAYS",
+            1,
+            MAX_RETENTION_DAYS as u64,
+        ),
+    ];
+
+    /// Every duration key set to `value(its minimum, its maximum)` through the environment.
+    fn every_duration(value: impl Fn(u64, u64) -> u64) -> Vec<(String, String)> {
+        DURATIONS
+            .iter()
+            .map(|(_, var, min, max)| {
+                (
+                    format!("{ENV_PREFIX}__{var}"),
+                    value(*min, *max).to_string(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_defaults_and_every_duration_at_its_bounds_are_accepted() {
+        let (_dir, file) = folder("");
+        let c = Config::load_from(Some(&file), env(&[])).unwrap();
+        assert_eq!(c.delivery.lease_ms, 30_000);
+        assert_eq!(c.watch.max_stream_ms, 3_600_000);
+        c.validate().unwrap();
+        Config::load_from(Some(&file), every_duration(|min, _| min)).unwrap();
+        Config::load_from(Some(&file), every_duration(|_, max| max)).unwrap();
+    }
+
+    #[test]
+    fn a_delivery_lease_of_zero_is_refused_naming_the_key_and_the_range() {
+        let (_dir, file) = folder("[delivery]\nlease_ms = 0\n");
+        let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+        assert_eq!(
+            err.0,
+            ["delivery.lease_ms: must be from 1 ms to 2592000000 ms (30 days); it is 0"]
+        );
+    }
+
+    #[test]
+    fn every_duration_below_its_minimum_is_refused_naming_its_key() {
+        let (_dir, file) = folder("");
+        let err = Config::load_from(Some(&file), every_duration(|_, _| 0)).unwrap_err();
+        let refused: Vec<_> = DURATIONS.iter().filter(|(_, _, min, _)| *min > 0).collect();
+        for (key, _, _, _) in &refused {
+            let named = err.0.iter().filter(|e| e.starts_with(&format!("{key}:")));
+            // The shared keys' own checks report their 0 (once); the others name the range.
+            assert_eq!(named.count(), 1, "{key}: {err}");
+        }
+        assert_eq!(err.0.len(), refused.len(), "{err}");
+        for want in [
+            "delivery.call_timeout_ms: must be from 1 ms to 3600000 ms (1 hour); it is 0",
+            "reconcile.interval_ms: must be from 1 ms to 2592000000 ms (30 days); it is 0",
+            "package_ttl_days: must be from 1 to 3650 days; it is 0",
+        ] {
+            assert!(err.0.iter().any(|e| e == want), "{want}: {err}");
+        }
+    }
+
+    #[test]
+    fn every_duration_above_its_maximum_is_refused_naming_its_key() {
+        let (_dir, file) = folder("");
+        let err = Config::load_from(Some(&file), every_duration(|_, max| max + 1)).unwrap_err();
+        assert_eq!(err.0.len(), DURATIONS.len(), "{err}");
+        for (key, _, min, max) in DURATIONS {
+            let unit = if key.ends_with("_days") { "" } else { " ms" };
+            let want = format!("{key}: must be from {min}{unit} to {max}{unit}");
+            assert!(err.0.iter().any(|e| e.starts_with(&want)), "{want}: {err}");
+        }
+        // The largest a TOML file can hold: `now - ack_timeout_ms` would overflow.
+        let (_dir, file) = folder("[reconcile]\nack_timeout_ms = 9223372036854775807\n");
+        let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+        assert_eq!(
+            err.0,
+            [
+                "reconcile.ack_timeout_ms: must be from 1 ms to 2592000000 ms (30 days); it is \
+              9223372036854775807"
+            ]
+        );
+        let (_dir, file) = folder("[watch]\nmax_stream_ms = 86400001\n");
+        let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+        assert_eq!(
+            err.0,
+            ["watch.max_stream_ms: must be from 1 ms to 86400000 ms (1 day); it is 86400001"]
         );
     }
 

@@ -18,12 +18,17 @@
 #[cfg(feature = "arbitrary-config")]
 pub mod arbitrary;
 
+use std::ops::RangeInclusive;
 use std::path::Path;
 
 use figment::providers::{Format, Toml};
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider, Source};
 use serde::de::DeserializeOwned;
+
+use crate::audit::signer::AuditConfig;
+use crate::backoff::Backoff;
+use crate::settings::ServiceSettings;
 
 /// Exit status for a bad configuration or bad command line (EX_USAGE).
 pub const EXIT_USAGE: i32 = 64;
@@ -32,6 +37,103 @@ pub const EXIT_USAGE: i32 = 64;
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
 pub struct ConfigErrors(pub Vec<String>);
+
+/// One day in milliseconds.
+const DAY_MS: u64 = 86_400_000;
+
+/// The longest duration a `*_ms` setting accepts unless it has a tighter bound of its own:
+/// 30 days. Every interval, lease, timeout and backoff of the services is far below it; a
+/// value above it is a typo, not a tuning, and added to a clock reading (ms since the epoch,
+/// as `i64`) it would overflow or land in the far future.
+pub const MAX_DURATION_MS: u64 = 30 * DAY_MS;
+
+/// The longest deadline of one outgoing call (`*.call_timeout_ms`) accepted: one hour. A call
+/// is one request and its answer; the peer ends its unary calls after its own
+/// `call_limit_ms` (default 60 s) anyway.
+pub const MAX_CALL_TIMEOUT_MS: u64 = 3_600_000;
+
+/// The longest retention (`forget_after_days`, `package_ttl_days`) accepted: ten years, in
+/// days. Beyond it the personal data would, in practice, be kept for ever.
+pub const MAX_RETENTION_DAYS: u32 = 3650;
+
+/// Adds a message naming `key` and the accepted range to `errors` when the duration `value`
+/// (ms) lies outside `range`; e.g. `tasks.lease_ms: must be from 1 ms to 2592000000 ms (30
+/// days); it is 0`.
+pub fn check_ms(errors: &mut Vec<String>, key: &str, value: u64, range: RangeInclusive<u64>) {
+    if !range.contains(&value) {
+        errors.push(format!(
+            "{key}: must be from {} to {}; it is {value}",
+            describe_ms(*range.start()),
+            describe_ms(*range.end())
+        ));
+    }
+}
+
+/// Checks the retry spacing of table `table` (e.g. `tasks`): `backoff.initial_ms` and
+/// `backoff.max_ms` from 1 ms to [`MAX_DURATION_MS`]. At 0 every retry of a failing call
+/// follows the last after 1 ms, a busy loop against a peer that is down; far above the
+/// maximum, a retry time added to the clock overflows.
+pub fn check_backoff(errors: &mut Vec<String>, table: &str, backoff: &Backoff) {
+    let range = 1..=MAX_DURATION_MS;
+    check_ms(
+        errors,
+        &format!("{table}.backoff.initial_ms"),
+        backoff.initial_ms,
+        range.clone(),
+    );
+    check_ms(
+        errors,
+        &format!("{table}.backoff.max_ms"),
+        backoff.max_ms,
+        range,
+    );
+}
+
+/// The upper bounds on the durations among the keys every service shares, which their own
+/// checks ([`ServiceSettings::validate`], [`AuditConfig::errors`]) leave out:
+/// `shutdown_grace_ms`, `call_limit_ms` and, while checkpoints are on,
+/// `audit.checkpoint_interval_ms` up to [`MAX_DURATION_MS`] (0 is refused by those checks,
+/// and not reported twice); `tls.reload_interval_ms` from 0 (only on SIGHUP) to
+/// [`MAX_DURATION_MS`].
+pub fn check_shared_durations(
+    errors: &mut Vec<String>,
+    service: &ServiceSettings,
+    audit: &AuditConfig,
+) {
+    let positive = [
+        ("shutdown_grace_ms", service.shutdown_grace_ms, true),
+        ("call_limit_ms", service.call_limit_ms, true),
+        (
+            "audit.checkpoint_interval_ms",
+            audit.checkpoint_interval_ms,
+            audit.checkpoints,
+        ),
+    ];
+    for (key, value, used) in positive {
+        if used && value != 0 {
+            check_ms(errors, key, value, 1..=MAX_DURATION_MS);
+        }
+    }
+    check_ms(
+        errors,
+        "tls.reload_interval_ms",
+        service.tls.reload_interval_ms,
+        0..=MAX_DURATION_MS,
+    );
+}
+
+/// `ms` as `N ms`, followed by whole days or hours in parentheses when it is a multiple.
+fn describe_ms(ms: u64) -> String {
+    const HOUR_MS: u64 = 3_600_000;
+    let unit = |n: u64, one: &str| format!(" ({n} {one}{})", if n == 1 { "" } else { "s" });
+    let whole = match ms {
+        0 => String::new(),
+        _ if ms.is_multiple_of(DAY_MS) => unit(ms / DAY_MS, "day"),
+        _ if ms.is_multiple_of(HOUR_MS) => unit(ms / HOUR_MS, "hour"),
+        _ => String::new(),
+    };
+    format!("{ms} ms{whole}")
+}
 
 /// Reads `file` (if given), applies `PREFIX__*` variables from `env`, and deserializes.
 pub fn load<T: DeserializeOwned>(
@@ -290,6 +392,35 @@ mod tests {
         assert!(
             err.0[0].starts_with(&format!("{}: key listen_port: unknown key", f.display())),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_duration_out_of_range_is_named_with_the_range() {
+        let mut errors = Vec::new();
+        check_ms(&mut errors, "a.lease_ms", 0, 1..=MAX_DURATION_MS);
+        check_ms(&mut errors, "a.lease_ms", 1, 1..=MAX_DURATION_MS);
+        check_ms(
+            &mut errors,
+            "a.lease_ms",
+            MAX_DURATION_MS,
+            1..=MAX_DURATION_MS,
+        );
+        check_ms(
+            &mut errors,
+            "b.timeout_ms",
+            u64::MAX,
+            0..=MAX_CALL_TIMEOUT_MS,
+        );
+        check_ms(&mut errors, "c.every_ms", 1, 2..=1500);
+        assert_eq!(
+            errors,
+            [
+                "a.lease_ms: must be from 1 ms to 2592000000 ms (30 days); it is 0",
+                "b.timeout_ms: must be from 0 ms to 3600000 ms (1 hour); it is \
+                 18446744073709551615",
+                "c.every_ms: must be from 2 ms to 1500 ms; it is 1",
+            ]
         );
     }
 
