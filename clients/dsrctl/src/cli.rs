@@ -258,6 +258,9 @@ pub enum DeliveriesCommand {
         /// At most this many, 1..=500 [default: the registry's, 100]
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=500))]
         limit: Option<u32>,
+        /// Continue after an earlier page (the token it printed)
+        #[arg(long, value_name = "TOKEN")]
+        page_token: Option<String>,
     },
     /// Send a request's dead-lettered deliveries to one processor again, with a fresh refusal
     /// count; prints the request as it is afterwards.

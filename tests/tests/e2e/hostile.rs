@@ -308,7 +308,10 @@ fn rows(open: &str, other: &str) -> Vec<Row> {
             R,
             "dsrelay.v1.RequestService/ListDeadLetteredDeliveries",
             "operator",
-            ListDeadLetteredDeliveriesRequest { page_size: 10 },
+            ListDeadLetteredDeliveriesRequest {
+                page_size: 10,
+                page_token: String::new(),
+            },
         ),
         row(
             R,

@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use crate::harness::dsrctl::dsrctl;
 use crate::harness::{
-    erasure, spawn_pair, wait_until, Backend, Holder, PairOptions, Role, TestPair, PROCESSOR,
+    count, erasure, spawn_pair, wait_until, Backend, Holder, PairOptions, Role, TestPair, PROCESSOR,
 };
 
 /// What the registry allows in `Acknowledgement.reason`.
@@ -583,4 +583,111 @@ async fn refused_delivery_is_dead_lettered_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_delivery_is_dead_lettered_postgres() {
     refused_delivery_is_dead_lettered(Backend::Postgres).await;
+}
+
+/// More dead-lettered deliveries than a page holds: `dsrctl deliveries dead-letters` pages
+/// through all of them with the token each page prints, each row once and oldest first; a
+/// token the registry did not give is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_lettered_deliveries_page_through_all_of_them() {
+    let pair = spawn_pair(PairOptions {
+        down: vec![Role::Processor],
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
+    let mut crm = pair.client("partner-crm");
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            crm.submit(erasure(&format!("parked.{i}@example.fi")))
+                .await
+                .expect("submit")
+                .into_inner()
+                .request_id,
+        );
+    }
+    // Parked as repeated refusals would park them, two at the same instant. An attempt
+    // under way when they are parked records its failure over the parking, so they are
+    // parked again until none is left under way.
+    let db = dsrelay_runtime::store::Db::connect(pair.registry.database_url())
+        .await
+        .expect("registry db");
+    let parked = "SELECT COUNT(*) FROM deliveries WHERE dead_lettered_at IS NOT NULL";
+    for _ in 0..50 {
+        for (i, id) in ids.iter().enumerate() {
+            sqlx::query(
+                "UPDATE deliveries SET dead_lettered_at = $1, refusals = 5, \
+                 last_error = 'InvalidArgument: test' WHERE request_id = $2",
+            )
+            .bind(1_000_000 + (i as i64).min(3))
+            .bind(id)
+            .execute(&db.pool)
+            .await
+            .expect("dead-letter");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if count(pair.registry.database_url(), parked).await == 5 {
+            break;
+        }
+    }
+    assert_eq!(count(pair.registry.database_url(), parked).await, 5);
+    let mut listed: Vec<String> = Vec::new();
+    let mut token: Option<String> = None;
+    for page in 0.. {
+        assert!(page < 5, "more pages than rows: {listed:?}");
+        let mut args = vec![
+            "--output",
+            "json",
+            "deliveries",
+            "dead-letters",
+            "--limit",
+            "2",
+        ];
+        if let Some(t) = &token {
+            args.extend(["--page-token", t.as_str()]);
+        }
+        let doc = dsrctl(&pair, "operator", &args).await.json();
+        for d in doc["dead_lettered"].as_array().expect("rows") {
+            listed.push(d["request_id"].as_str().expect("id").to_string());
+        }
+        if doc["truncated"] != true {
+            assert!(doc.get("next_page_token").is_none(), "{doc:#}");
+            break;
+        }
+        token = Some(
+            doc["next_page_token"]
+                .as_str()
+                .expect("a token with a truncated page")
+                .to_string(),
+        );
+    }
+    let mut by_time = ids.clone();
+    // Ordered by when (then by request id among those parked at the same instant).
+    by_time[3..].sort();
+    assert_eq!(listed, by_time);
+    let table = dsrctl(
+        &pair,
+        "operator",
+        &["deliveries", "dead-letters", "--limit", "2"],
+    )
+    .await;
+    assert!(
+        table.ok().contains("see the next ones with --page-token "),
+        "{}",
+        table.stdout
+    );
+    let refused = dsrctl(
+        &pair,
+        "operator",
+        &["deliveries", "dead-letters", "--page-token", "not-a-token"],
+    )
+    .await;
+    refused.expect_code(2);
+    assert!(
+        refused.stderr.contains("INVALID_ARGUMENT") && refused.stderr.contains("page_token"),
+        "{}",
+        refused.stderr
+    );
+    pair.stop().await;
 }

@@ -42,6 +42,9 @@ struct DeadLetteredListView {
     dead_lettered: Vec<DeadLetteredView>,
     /// More are dead-lettered than were listed.
     truncated: bool,
+    /// When `truncated`: what `--page-token` takes to list the next ones.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    next_page_token: String,
 }
 
 impl Render for DeadLetteredListView {
@@ -73,7 +76,10 @@ impl Render for DeadLetteredListView {
         }
         let mut text = t.render();
         if self.truncated {
-            text.push_str("(more are dead-lettered; raise --limit to see them)\n");
+            text.push_str(&format!(
+                "(more are dead-lettered; see the next ones with --page-token {})\n",
+                self.next_page_token
+            ));
         }
         text
     }
@@ -86,12 +92,13 @@ pub(crate) async fn run(
     io: &mut Io<'_>,
 ) -> Result<u8, Failure> {
     match cmd {
-        DeliveriesCommand::DeadLetters { limit } => {
+        DeliveriesCommand::DeadLetters { limit, page_token } => {
             let list = registry
                 .client
                 .raw()
                 .list_dead_lettered_deliveries(ListDeadLetteredDeliveriesRequest {
                     page_size: limit.unwrap_or(0),
+                    page_token: page_token.clone().unwrap_or_default(),
                 })
                 .await
                 .map_err(|s| registry.failed(s))?
@@ -99,6 +106,7 @@ pub(crate) async fn run(
             let view = DeadLetteredListView {
                 dead_lettered: list.deliveries.iter().map(DeadLetteredView::from).collect(),
                 truncated: list.truncated,
+                next_page_token: list.next_page_token,
             };
             emit(io.out, io.format, &view, false)?;
         }

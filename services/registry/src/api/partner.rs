@@ -14,7 +14,7 @@ use dsrelay_proto::v1::{
     WatchRequest,
 };
 use dsrelay_runtime::grpc::CallerTrace;
-use dsrelay_runtime::identity::{keyed_digest, keyed_hash, FieldViolation};
+use dsrelay_runtime::identity::{keyed_digest, keyed_hash, request_id_violation, FieldViolation};
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
 use dsrelay_runtime::trace_context;
 use tonic::{Response, Status};
@@ -22,7 +22,9 @@ use tonic::{Response, Status};
 use crate::auth::Party;
 use crate::deadline::{due_at, MAX_EXTENSION_MONTHS};
 use crate::error::ApiError;
-use crate::store::{CancelOutcome, Inserted, ListFilter, NewRequest, RequestRow, RequeueOutcome};
+use crate::store::{
+    CancelOutcome, DeadLetterCursor, Inserted, ListFilter, NewRequest, RequestRow, RequeueOutcome,
+};
 use crate::validate::{list_arguments, text_violation, validate_submit, ListArguments};
 
 use super::{check_text, not_found, views, watch, Api};
@@ -453,14 +455,32 @@ impl RequestService for Api {
                 .into())
             }
         };
+        let after = match req.get_ref().page_token.as_str() {
+            "" => None,
+            token => Some(dead_letter_cursor(token).ok_or_else(|| {
+                ApiError::invalid([FieldViolation::new(
+                    "page_token",
+                    "is not a next_page_token this registry gave",
+                )])
+            })?),
+        };
         let mut rows = self
             .shared
             .store
-            .dead_lettered_deliveries(i64::from(page_size) + 1)
+            .dead_lettered_deliveries(i64::from(page_size) + 1, after.as_ref())
             .await
             .map_err(ApiError::from)?;
         let truncated = rows.len() > page_size as usize;
         rows.truncate(page_size as usize);
+        let next_page_token = match rows.last() {
+            Some(last) if truncated => dead_letter_token(&DeadLetterCursor {
+                dead_lettered_at: last.dead_lettered_at,
+                request_id: last.request_id.clone(),
+                processor: last.processor.clone(),
+                op: last.op.clone(),
+            }),
+            _ => String::new(),
+        };
         let deliveries = rows
             .into_iter()
             .map(|r| DeadLetteredDelivery {
@@ -476,6 +496,7 @@ impl RequestService for Api {
         Ok(Response::new(DeadLetteredDeliveries {
             deliveries,
             truncated,
+            next_page_token,
         }))
     }
 
@@ -596,5 +617,62 @@ impl Api {
         }
         let answer = self.deduplicated(row).await?;
         Ok(Some(submitted(answer, body.kind)))
+    }
+}
+
+/// The page token continuing after `c`: `<dead_lettered_at>:<op>:<request_id>:<processor>`
+/// (request ids, ours, hold no `:`; the processor's name comes last, whatever it holds).
+fn dead_letter_token(c: &DeadLetterCursor) -> String {
+    format!(
+        "{}:{}:{}:{}",
+        c.dead_lettered_at, c.op, c.request_id, c.processor
+    )
+}
+
+/// The cursor `token` ([`dead_letter_token`]) names; `None` for anything else.
+fn dead_letter_cursor(token: &str) -> Option<DeadLetterCursor> {
+    let mut parts = token.splitn(4, ':');
+    let dead_lettered_at = parts.next()?.parse().ok()?;
+    let op = parts.next()?;
+    let request_id = parts.next()?;
+    let processor = parts.next()?;
+    let printable = |s: &str| !s.is_empty() && !s.chars().any(char::is_control);
+    (printable(op)
+        && request_id_violation("page_token", request_id).is_none()
+        && printable(processor))
+    .then(|| DeadLetterCursor {
+        dead_lettered_at,
+        request_id: request_id.to_string(),
+        processor: processor.to_string(),
+        op: op.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod dead_letter_token_tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_letter_page_token_names_the_row_it_follows() {
+        let c = DeadLetterCursor {
+            dead_lettered_at: 1_800_000_000_123,
+            request_id: "0190a0b0-0000-7000-8000-000000000001".into(),
+            processor: "payroll:eu".into(),
+            op: "deliver".into(),
+        };
+        assert_eq!(dead_letter_cursor(&dead_letter_token(&c)), Some(c));
+        for garbage in [
+            "",
+            "x",
+            "12",
+            "12:deliver",
+            "12:deliver:id",
+            "abc:deliver:id:p",
+            "12::id:p",
+            "12:deliver:id:",
+            "12:deliver:i d\u{1}:p",
+        ] {
+            assert_eq!(dead_letter_cursor(garbage), None, "{garbage:?}");
+        }
     }
 }

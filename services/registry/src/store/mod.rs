@@ -65,7 +65,7 @@ pub use certificates::{CertificateRow, ReceivedCertificate};
 pub use chain::ChainReport;
 pub use contracts::{ContractChange, ContractRow};
 pub use intake::{Inserted, Intaken, NewContract, NewRequest};
-pub use outbox::{DeadLetteredRow, FailureRecorded, RequeueOutcome};
+pub use outbox::{DeadLetterCursor, DeadLetteredRow, FailureRecorded, RequeueOutcome};
 pub use packages::{FileBegin, PackageFile, PackageRecord, PartOutcome, UploadTarget};
 pub use queries::ListFilter;
 pub use requests::CancelOutcome;

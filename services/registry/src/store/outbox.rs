@@ -268,14 +268,34 @@ impl Store {
     }
 
     /// Dead-lettered outbox rows, the oldest dead-lettered first, at most `limit`.
-    pub async fn dead_lettered_deliveries(&self, limit: i64) -> Result<Vec<DeadLetteredRow>> {
+    pub async fn dead_lettered_deliveries(
+        &self,
+        limit: i64,
+        after: Option<&DeadLetterCursor>,
+    ) -> Result<Vec<DeadLetteredRow>> {
+        // Row values compared in the order listed: a page continues exactly after the last
+        // row of the one before, whatever was requeued or dead-lettered meanwhile.
+        let (at, request_id, processor, op) = match after {
+            Some(c) => (
+                c.dead_lettered_at,
+                c.request_id.as_str(),
+                c.processor.as_str(),
+                c.op.as_str(),
+            ),
+            None => (i64::MIN, "", "", ""),
+        };
         Ok(sqlx::query_as(
             "SELECT request_id, processor, op, CAST(attempts AS BIGINT) AS attempts, \
              CAST(refusals AS BIGINT) AS refusals, last_error, dead_lettered_at \
              FROM deliveries WHERE dead_lettered_at IS NOT NULL AND done_at IS NULL \
+             AND (dead_lettered_at, request_id, processor, op) > ($2, $3, $4, $5) \
              ORDER BY dead_lettered_at, request_id, processor, op LIMIT $1",
         )
         .bind(limit)
+        .bind(at)
+        .bind(request_id)
+        .bind(processor)
+        .bind(op)
         .fetch_all(&self.db.reader)
         .await?)
     }
@@ -376,6 +396,19 @@ impl Store {
             .await?;
         Ok(())
     }
+}
+
+/// Where a page of dead-lettered rows ends: the last row's sort key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterCursor {
+    /// When it was dead-lettered (ms).
+    pub dead_lettered_at: i64,
+    /// Its request.
+    pub request_id: String,
+    /// Its processor.
+    pub processor: String,
+    /// Its operation, as stored.
+    pub op: String,
 }
 
 /// A dead-lettered outbox row, for operators.
