@@ -231,7 +231,7 @@ pub enum TasksCommand {
         #[arg(long)]
         reason: String,
     },
-    /// List acknowledgements the registry kept rejecting, parked after `acks.max_rejections`
+    /// List every acknowledgement the registry kept rejecting, parked after `acks.max_rejections`
     /// rejections (dead letters), oldest first, each with its registry's last answer.
     DeadLetters {
         /// Where the processor is.

@@ -487,7 +487,8 @@ impl ProcessorOperatorService for OperatorApi {
         req: Request<ListDeadLettersRequest>,
     ) -> Result<Response<DeadLetterList>, Status> {
         self.operator(&req)?;
-        let limit = match req.into_inner().limit {
+        let r = req.into_inner();
+        let limit = match r.limit {
             0 => 100,
             n @ 1..=500 => n,
             _ => {
@@ -498,13 +499,23 @@ impl ProcessorOperatorService for OperatorApi {
                 .into())
             }
         };
-        let rows = self
+        if r.after_id < 0 {
+            return Err(ApiError::invalid([FieldViolation::new(
+                "after_id",
+                "must be 0 (from the oldest) or the last id of the page before",
+            )])
+            .into());
+        }
+        let mut rows = self
             .shared
             .store
-            .dead_letters(i64::from(limit))
+            .dead_letters(i64::from(limit) + 1, r.after_id)
             .await
             .map_err(ApiError::from)?;
+        let truncated = rows.len() > limit as usize;
+        rows.truncate(limit as usize);
         Ok(Response::new(DeadLetterList {
+            truncated,
             dead_letters: rows
                 .into_iter()
                 .map(|d| DeadLetter {

@@ -506,7 +506,10 @@ fn rows(open: &str, other: &str) -> Vec<Row> {
             P,
             "dsrelay.v1.ProcessorOperatorService/ListDeadLetters",
             "operator",
-            ListDeadLettersRequest { limit: 10 },
+            ListDeadLettersRequest {
+                limit: 10,
+                after_id: 0,
+            },
         ),
         row(
             P,

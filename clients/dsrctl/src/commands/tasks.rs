@@ -313,14 +313,25 @@ pub(crate) async fn run(
         }
         TasksCommand::DeadLetters { processor } => {
             let mut client = ProcessorOperatorServiceClient::new(connect(processor, settings)?);
-            let list = client
-                .list_dead_letters(ListDeadLettersRequest { limit: 500 })
-                .await
-                .map_err(|s| failed(s, &processor.processor))?
-                .into_inner();
-            let view = DeadLetterListView {
-                dead_letters: list.dead_letters.iter().map(DeadLetterView::from).collect(),
-            };
+            // Every dead letter, a page at a time.
+            let mut dead_letters = Vec::new();
+            let mut after_id = 0;
+            loop {
+                let page = client
+                    .list_dead_letters(ListDeadLettersRequest {
+                        limit: 500,
+                        after_id,
+                    })
+                    .await
+                    .map_err(|s| failed(s, &processor.processor))?
+                    .into_inner();
+                dead_letters.extend(page.dead_letters.iter().map(DeadLetterView::from));
+                match page.dead_letters.last() {
+                    Some(last) if page.truncated => after_id = last.id,
+                    _ => break,
+                }
+            }
+            let view = DeadLetterListView { dead_letters };
             emit(io.out, io.format, &view, false)?;
         }
         TasksCommand::Requeue { processor, id } => {

@@ -247,15 +247,18 @@ impl Store {
         Ok(true)
     }
 
-    /// Dead-lettered acknowledgements, oldest first, at most `limit`.
-    pub async fn dead_letters(&self, limit: i64) -> Result<Vec<DeadLetter>> {
+    /// Dead-lettered acknowledgements with an id above `after_id`, oldest first, at most
+    /// `limit`.
+    pub async fn dead_letters(&self, limit: i64, after_id: i64) -> Result<Vec<DeadLetter>> {
         let rows = sqlx::query(
             "SELECT id, controller, request_id, subprocessor, sequence, \
              CAST(rejections AS BIGINT) AS rejections, \
              last_error, rejected_at, dead_lettered_at FROM ack_outbox \
-             WHERE dead_lettered_at IS NOT NULL AND sent_at IS NULL ORDER BY id LIMIT $1",
+             WHERE dead_lettered_at IS NOT NULL AND sent_at IS NULL AND id > $2 \
+             ORDER BY id LIMIT $1",
         )
         .bind(limit)
+        .bind(after_id)
         .fetch_all(&self.db.reader)
         .await?;
         rows.iter()

@@ -386,7 +386,7 @@ mod tests {
         .expect("damage one payload");
         let acks = store.claim_acks(100, 100, 1_000).await.expect("claim");
         assert_eq!(acks.len(), N - 1);
-        let dead = store.dead_letters(10).await.expect("dead letters");
+        let dead = store.dead_letters(10, 0).await.expect("dead letters");
         assert_eq!(dead.len(), 1, "{dead:?}");
         assert!(
             dead[0].last_rejection.contains("does not decode"),
@@ -397,6 +397,45 @@ mod tests {
             "the unreadable one is not sent"
         );
         store.db.pool.close().await;
+    }
+
+    /// Dead letters are listed a page at a time, each once, oldest first.
+    async fn dead_letters_page_by_id(url: &str) {
+        let (store, jobs) = claimed(url).await;
+        for answer in step_all(&store, &jobs, None).await {
+            answer.expect("step");
+        }
+        let acks = store.claim_acks(100, 100, 1_000).await.expect("claim");
+        for a in &acks {
+            assert!(store
+                .ack_rejected(a.id, 5, "INVALID_ARGUMENT: test", 5, 1)
+                .await
+                .expect("rejected"));
+        }
+        let mut listed = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = store.dead_letters(3, after).await.expect("page");
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            listed.extend(page.iter().map(|d| d.id));
+        }
+        let mut ids: Vec<i64> = acks.iter().map(|a| a.id).collect();
+        ids.sort();
+        assert_eq!(listed, ids);
+        store.db.pool.close().await;
+    }
+
+    #[tokio::test]
+    async fn dead_letters_page_by_id_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        dead_letters_page_by_id(&format!("sqlite://{}/p.db", dir.path().display())).await;
+    }
+
+    #[tokio::test]
+    async fn dead_letters_page_by_id_on_postgres() {
+        crate::test_postgres::on_postgres(|u, _| async move { dead_letters_page_by_id(&u).await })
+            .await;
     }
 
     #[tokio::test]
