@@ -552,7 +552,8 @@ impl ContractService for Api {
             .await
             .map_err(ApiError::from)?
             .ok_or_else(|| not_found(&id))?;
-        let info = super::packages::package_info(&self.shared, &request).await?;
+        let (info, unreturned) =
+            super::packages::package_info_and_unreturned(&self.shared, &request).await?;
         if !info.complete {
             let waiting = if info.missing.is_empty() {
                 "no subprocessor's part is stored yet".to_string()
@@ -572,13 +573,6 @@ impl ContractService for Api {
         // A holder whose return failed has no part, yet the package is complete (nothing is
         // to come): confirming would have the others' data deleted while the controller
         // never got that holder's, so it is refused as for a transfer without a receipt.
-        let unreturned = self
-            .shared
-            .store
-            .package(&id)
-            .await
-            .map_err(ApiError::from)?
-            .unreturned;
         if !unreturned.is_empty() {
             let named: Vec<String> = unreturned
                 .iter()

@@ -16,7 +16,7 @@ use dsrelay_proto::v1::package_service_server::PackageService;
 use dsrelay_proto::v1::{
     CompletePartRequest, CompletePartResponse, ContractEndChoice, DownloadPackageRequest,
     ExportFileHeader, FileEnd, GetPackageRequest, GetUploadStateRequest, PackageChunk,
-    PackageFileChunk, PackageInfo, RequestKind, UploadFileChunk, UploadState,
+    PackageFileChunk, PackageInfo, RequestKind, TaskState, UploadFileChunk, UploadState,
 };
 use dsrelay_runtime::export_files::{
     file_name_violation, is_sha256, part_files_violations, MAX_CATEGORIES, MAX_LABEL,
@@ -385,6 +385,15 @@ pub(super) async fn package_info(
     shared: &Shared,
     row: &RequestRow,
 ) -> Result<PackageInfo, ApiError> {
+    Ok(package_info_and_unreturned(shared, row).await?.0)
+}
+
+/// [`package_info`], with the tasks that ended FAILED or REFUSED without a part
+/// ([`PackageRecord::unreturned`](crate::store::PackageRecord::unreturned)), read with it.
+pub(super) async fn package_info_and_unreturned(
+    shared: &Shared,
+    row: &RequestRow,
+) -> Result<(PackageInfo, Vec<(String, String, TaskState)>), ApiError> {
     if let Some(why) = no_package(shared, &row.id, row.kind as i32).await? {
         return Err(ApiError::failed_precondition(why));
     }
@@ -403,7 +412,7 @@ pub(super) async fn package_info(
     } else {
         record.finished_at.is_some() && record.missing.is_empty()
     };
-    Ok(PackageInfo {
+    let info = PackageInfo {
         request_id: row.id.clone(),
         complete,
         files,
@@ -414,7 +423,8 @@ pub(super) async fn package_info(
             .collect(),
         expires_at: expires_at.map(timestamp_from_millis),
         manifest_json,
-    })
+    };
+    Ok((info, record.unreturned))
 }
 
 #[tonic::async_trait]
