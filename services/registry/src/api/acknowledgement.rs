@@ -3,8 +3,9 @@
 //! the recipient's receipt (`evidence.transfer_receipt`), and a COMPLETED RETURN_OF_DATA task
 //! must have its part stored here: without them nothing proves the data arrived, so that
 //! acknowledgement is rejected. The same rules hold for the task reports in processors'
-//! answers to calls and status checks ([`well_formed_reports`], and the store). Each acknowledgement of a batch is judged on
-//! its own: the valid ones are applied and the others listed in the answer's `rejected`.
+//! answers to calls and status checks ([`well_formed_reports`], and the store). Each
+//! acknowledgement of a batch is judged on its own: the valid ones are applied and the
+//! others listed in the answer's `rejected`.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -234,7 +235,7 @@ impl Api {
         } else {
             self.shared
                 .store
-                .parts_stored(processor, &returns)
+                .parts_stored(&returns)
                 .await
                 .map_err(ApiError::from)?
         };
@@ -245,7 +246,11 @@ impl Api {
             }
             let kind = kinds.get(a.request_id.as_str()).copied();
             if kind == Some(RequestKind::ReturnOfData)
-                && !parts.contains(&(a.request_id.clone(), a.subprocessor.clone()))
+                && !parts.contains(&(
+                    a.request_id.clone(),
+                    processor.to_string(),
+                    a.subprocessor.clone(),
+                ))
             {
                 violations.push((
                     i,

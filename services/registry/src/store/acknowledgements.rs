@@ -586,20 +586,8 @@ async fn unproven_completions(
         .copied()
         .filter(|id| is(id, RequestKind::ReturnOfData))
         .collect();
-    let mut parts: BTreeSet<(String, String, String)> = BTreeSet::new();
-    for chunk in returns.chunks(500) {
-        let sql = format!(
-            "SELECT request_id, processor, subprocessor FROM package_parts \
-             WHERE request_id IN ({})",
-            placeholders(1, chunk.len())
-        );
-        let sql = tx.backend.numbered(&sql);
-        let mut q = sqlx::query_as::<_, (String, String, String)>(&sql);
-        for id in chunk {
-            q = q.bind(*id);
-        }
-        parts.extend(q.fetch_all(tx.conn()).await?);
-    }
+    let backend = tx.backend;
+    let parts = super::packages::parts_of(tx.conn(), backend, &returns).await?;
     let mut unproven = BTreeSet::new();
     for (processor, u) in completed {
         let key = u.key_at(processor);

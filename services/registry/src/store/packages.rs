@@ -2,6 +2,8 @@
 //! stored, the parts they declared complete, and packages deleted at expiry. The bytes live
 //! in the package store ([`crate::packages::PackageStore`]); these rows say what they are.
 
+use std::collections::BTreeSet;
+
 use anyhow::Result;
 use dsrelay_proto::v1::{EventType, TaskState};
 
@@ -107,7 +109,38 @@ pub struct PackageRecord {
     pub parts: i64,
 }
 
+/// The parts stored for the requests `ids`, as (request id, processor, subprocessor): one
+/// query per 500 requests. What proves a RETURN_OF_DATA task's COMPLETED, to Acknowledge and
+/// to the processors' other reports alike.
+pub(super) async fn parts_of(
+    conn: &mut sqlx::AnyConnection,
+    backend: dsrelay_runtime::store::Backend,
+    ids: &[&str],
+) -> Result<BTreeSet<(String, String, String)>> {
+    let mut parts = BTreeSet::new();
+    for chunk in ids.chunks(500) {
+        let sql = format!(
+            "SELECT request_id, processor, subprocessor FROM package_parts \
+             WHERE request_id IN ({})",
+            super::placeholders(1, chunk.len())
+        );
+        let sql = backend.numbered(&sql);
+        let mut q = sqlx::query_as::<_, (String, String, String)>(&sql);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        parts.extend(q.fetch_all(&mut *conn).await?);
+    }
+    Ok(parts)
+}
+
 impl Store {
+    /// The parts stored for the requests `ids` ([`parts_of`]), read beside the writer.
+    pub async fn parts_stored(&self, ids: &[&str]) -> Result<BTreeSet<(String, String, String)>> {
+        let mut conn = self.db.reader.acquire().await?;
+        parts_of(&mut conn, self.db.backend, ids).await
+    }
+
     /// Whether `processor` may upload parts of request `request_id`, and its kind.
     pub async fn upload_target(&self, request_id: &str, processor: &str) -> Result<UploadTarget> {
         let kind: Option<i32> = sqlx::query_scalar("SELECT kind FROM requests WHERE id = $1")

@@ -120,30 +120,6 @@ impl Store {
         Ok(out)
     }
 
-    /// The (request id, subprocessor) of the parts of `processor` stored for `ids`: one query
-    /// per 500 requests.
-    pub async fn parts_stored(
-        &self,
-        processor: &str,
-        ids: &[&str],
-    ) -> Result<std::collections::BTreeSet<(String, String)>> {
-        let mut out = std::collections::BTreeSet::new();
-        for chunk in ids.chunks(500) {
-            let sql = format!(
-                "SELECT request_id, subprocessor FROM package_parts WHERE processor = $1 \
-                 AND request_id IN ({})",
-                placeholders(2, chunk.len())
-            );
-            let sql = self.db.backend.numbered(&sql);
-            let mut q = sqlx::query_as::<_, (String, String)>(&sql).bind(processor);
-            for id in chunk {
-                q = q.bind(*id);
-            }
-            out.extend(q.fetch_all(&self.db.reader).await?);
-        }
-        Ok(out)
-    }
-
     /// A request's deliveries (not cancellations), by processor name.
     pub async fn deliveries(&self, id: &str) -> Result<Vec<DeliveryRow>> {
         read_deliveries(&self.db.reader, id).await
