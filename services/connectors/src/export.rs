@@ -491,15 +491,7 @@ impl ExportWriter {
         // (`exports/<controller>/<request>/<subprocessor>`) are synced as well.
         tokio::task::spawn_blocking(move || {
             file.sync_all()?;
-            for folder in dir.ancestors().take(5) {
-                if folder.as_os_str().is_empty() {
-                    // A relative path's last folder is the working directory.
-                    std::fs::File::open(".")?.sync_all()?;
-                    break;
-                }
-                std::fs::File::open(folder)?.sync_all()?;
-            }
-            Ok::<(), std::io::Error>(())
+            dsrelay_runtime::direct_io::sync_folders(dir.ancestors().take(5))
         })
         .await
         .map_err(|e| io_error(&context, &std::io::Error::other(e)))?

@@ -5,6 +5,9 @@
 //! the device's logical block size; [`ALIGN`] is a multiple of every size Linux uses.
 //! [`AlignedBuf`] gives a buffer whose address is aligned; the callers keep lengths and
 //! offsets aligned, and write what is not through the page cache.
+//!
+//! A synced file is not yet durable under its name: [`sync_folders`] makes the entries of the
+//! folders that hold it durable too.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -54,8 +57,34 @@ impl AlignedBuf {
     }
 }
 
+/// Syncs each of `folders` (blocking), so that the entries created in them (a file's name, a
+/// folder made for it) survive a power loss; an empty path, the last ancestor of a relative
+/// one, is the working directory.
+pub fn sync_folders<'a>(folders: impl IntoIterator<Item = &'a Path>) -> io::Result<()> {
+    for folder in folders {
+        let folder = if folder.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            folder
+        };
+        File::open(folder)?.sync_all()?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn folders_of_absolute_and_relative_paths_are_synced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let deep = dir.path().join("a").join("b");
+        std::fs::create_dir_all(&deep).expect("folders");
+        sync_folders(deep.ancestors().take(3)).expect("absolute");
+        sync_folders(Path::new("src").ancestors())
+            .expect("relative, ending at the working directory");
+        assert!(sync_folders([dir.path().join("missing").as_path()]).is_err());
+    }
     use super::*;
 
     #[test]

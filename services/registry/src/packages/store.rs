@@ -151,18 +151,11 @@ impl PackageStore for FolderStore {
             let Some(file_dir) = file_dir else {
                 return Ok(());
             };
-            for folder in file_dir.ancestors() {
-                if folder.as_os_str().is_empty() {
-                    // A relative path's last folder is the working directory.
-                    std::fs::File::open(".")?.sync_all()?;
-                    break;
-                }
-                std::fs::File::open(folder)?.sync_all()?;
-                if Some(folder) == root_parent.as_deref() {
-                    break;
-                }
-            }
-            Ok::<(), io::Error>(())
+            let up_to_root_parent = file_dir
+                .ancestors()
+                .position(|a| Some(a) == root_parent.as_deref())
+                .map_or(usize::MAX, |i| i + 1);
+            dsrelay_runtime::direct_io::sync_folders(file_dir.ancestors().take(up_to_root_parent))
         })
         .await
         .map_err(io::Error::other)??;
