@@ -797,94 +797,39 @@ mod tests {
 
     /// Every duration key with the largest value it accepts, as environment variable name
     /// suffixes.
-    const DURATIONS: &[(&str, &str, u64)] = &[
-        (
-            "forget_sweep_interval_ms",
-            "FORGET_SWEEP_INTERVAL_MS",
-            MAX_DURATION_MS,
-        ),
-        (
-            "tasks.poll_interval_ms",
-            "TASKS__POLL_INTERVAL_MS",
-            MAX_DURATION_MS,
-        ),
-        ("tasks.lease_ms", "TASKS__LEASE_MS", MAX_DURATION_MS),
-        (
-            "tasks.confirm_interval_ms",
-            "TASKS__CONFIRM_INTERVAL_MS",
-            MAX_DURATION_MS,
-        ),
-        (
-            "tasks.backoff.initial_ms",
-            "TASKS__BACKOFF__INITIAL_MS",
-            MAX_DURATION_MS,
-        ),
-        (
-            "tasks.backoff.max_ms",
-            "TASKS__BACKOFF__MAX_MS",
-            MAX_DURATION_MS,
-        ),
-        (
-            "acks.poll_interval_ms",
-            "ACKS__POLL_INTERVAL_MS",
-            MAX_DURATION_MS,
-        ),
-        ("acks.lease_ms", "ACKS__LEASE_MS", MAX_DURATION_MS),
-        (
-            "acks.call_timeout_ms",
-            "ACKS__CALL_TIMEOUT_MS",
-            MAX_CALL_TIMEOUT_MS,
-        ),
-        (
-            "acks.backoff.initial_ms",
-            "ACKS__BACKOFF__INITIAL_MS",
-            MAX_DURATION_MS,
-        ),
-        (
-            "acks.backoff.max_ms",
-            "ACKS__BACKOFF__MAX_MS",
-            MAX_DURATION_MS,
-        ),
-        (
-            "uploads.poll_interval_ms",
-            "UPLOADS__POLL_INTERVAL_MS",
-            MAX_DURATION_MS,
-        ),
-        ("uploads.lease_ms", "UPLOADS__LEASE_MS", MAX_DURATION_MS),
-        (
-            "uploads.call_timeout_ms",
-            "UPLOADS__CALL_TIMEOUT_MS",
-            MAX_CALL_TIMEOUT_MS,
-        ),
-        (
-            "uploads.backoff.initial_ms",
-            "UPLOADS__BACKOFF__INITIAL_MS",
-            MAX_DURATION_MS,
-        ),
-        (
-            "uploads.backoff.max_ms",
-            "UPLOADS__BACKOFF__MAX_MS",
-            MAX_DURATION_MS,
-        ),
-        (
-            "contracts.progress_interval_ms",
-            "CONTRACTS__PROGRESS_INTERVAL_MS",
-            MAX_DURATION_MS,
-        ),
-        ("shutdown_grace_ms", "SHUTDOWN_GRACE_MS", MAX_DURATION_MS),
-        ("call_limit_ms", "CALL_LIMIT_MS", MAX_DURATION_MS),
-        (
-            "audit.checkpoint_interval_ms",
-            "AUDIT__CHECKPOINT_INTERVAL_MS",
-            MAX_DURATION_MS,
-        ),
+    const DURATIONS: &[(&str, u64)] = &[
+        ("forget_sweep_interval_ms", MAX_DURATION_MS),
+        ("tasks.poll_interval_ms", MAX_DURATION_MS),
+        ("tasks.lease_ms", MAX_DURATION_MS),
+        ("tasks.confirm_interval_ms", MAX_DURATION_MS),
+        ("tasks.backoff.initial_ms", MAX_DURATION_MS),
+        ("tasks.backoff.max_ms", MAX_DURATION_MS),
+        ("acks.poll_interval_ms", MAX_DURATION_MS),
+        ("acks.lease_ms", MAX_DURATION_MS),
+        ("acks.call_timeout_ms", MAX_CALL_TIMEOUT_MS),
+        ("acks.backoff.initial_ms", MAX_DURATION_MS),
+        ("acks.backoff.max_ms", MAX_DURATION_MS),
+        ("uploads.poll_interval_ms", MAX_DURATION_MS),
+        ("uploads.lease_ms", MAX_DURATION_MS),
+        ("uploads.call_timeout_ms", MAX_CALL_TIMEOUT_MS),
+        ("uploads.backoff.initial_ms", MAX_DURATION_MS),
+        ("uploads.backoff.max_ms", MAX_DURATION_MS),
+        ("contracts.progress_interval_ms", MAX_DURATION_MS),
+        ("shutdown_grace_ms", MAX_DURATION_MS),
+        ("call_limit_ms", MAX_DURATION_MS),
+        ("audit.checkpoint_interval_ms", MAX_DURATION_MS),
     ];
+
+    /// The environment variable that sets `key` (`a.b_ms` → `<prefix>__A__B_MS`).
+    fn env_var(key: &str) -> String {
+        format!("{ENV_PREFIX}__{}", key.to_uppercase().replace('.', "__"))
+    }
 
     /// Every duration key set to `value(its maximum)` through the environment.
     fn every_duration(value: impl Fn(u64) -> u64) -> Vec<(String, String)> {
         DURATIONS
             .iter()
-            .map(|(_, var, max)| (format!("{ENV_PREFIX}__{var}"), value(*max).to_string()))
+            .map(|(key, max)| (env_var(key), value(*max).to_string()))
             .collect()
     }
 
@@ -924,7 +869,7 @@ mod tests {
     fn every_duration_of_zero_is_refused_naming_its_key() {
         let (_dir, file) = folder("");
         let err = Config::load_from(Some(&file), every_duration(|_| 0)).unwrap_err();
-        for (key, _, _) in DURATIONS {
+        for (key, _) in DURATIONS {
             let named: Vec<_> = err
                 .0
                 .iter()
@@ -948,7 +893,7 @@ mod tests {
         let (_dir, file) = folder("");
         let err = Config::load_from(Some(&file), every_duration(|max| max + 1)).unwrap_err();
         assert_eq!(err.0.len(), DURATIONS.len(), "{err}");
-        for (key, _, max) in DURATIONS {
+        for (key, max) in DURATIONS {
             let want = format!("{key}: must be from 1 ms to {max} ms");
             assert!(err.0.iter().any(|e| e.starts_with(&want)), "{want}: {err}");
         }

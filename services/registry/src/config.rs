@@ -730,123 +730,38 @@ mod tests {
 
     /// Every duration key with the smallest and largest values it accepts, as environment
     /// variable name suffixes.
-    const DURATIONS: &[(&str, &str, u64, u64)] = &[
-        (
-            "forget_sweep_interval_ms",
-            "FORGET_SWEEP_INTERVAL_MS",
-            1,
-            MAX_DURATION_MS,
-        ),
-        (
-            "package_sweep_interval_ms",
-            "PACKAGE_SWEEP_INTERVAL_MS",
-            1,
-            MAX_DURATION_MS,
-        ),
-        (
-            "delivery.poll_interval_ms",
-            "DELIVERY__POLL_INTERVAL_MS",
-            1,
-            MAX_DURATION_MS,
-        ),
-        (
-            "delivery.lease_ms",
-            "DELIVERY__LEASE_MS",
-            1,
-            MAX_DURATION_MS,
-        ),
-        (
-            "delivery.call_timeout_ms",
-            "DELIVERY__CALL_TIMEOUT_MS",
-            1,
-            MAX_CALL_TIMEOUT_MS,
-        ),
-        (
-            "delivery.backoff.initial_ms",
-            "DELIVERY__BACKOFF__INITIAL_MS",
-            1,
-            MAX_DURATION_MS,
-        ),
-        (
-            "delivery.backoff.max_ms",
-            "DELIVERY__BACKOFF__MAX_MS",
-            1,
-            MAX_DURATION_MS,
-        ),
-        (
-            "reconcile.interval_ms",
-            "RECONCILE__INTERVAL_MS",
-            1,
-            MAX_DURATION_MS,
-        ),
-        (
-            "reconcile.ack_timeout_ms",
-            "RECONCILE__ACK_TIMEOUT_MS",
-            1,
-            MAX_DURATION_MS,
-        ),
-        (
-            "reconcile.chain_interval_ms",
-            "RECONCILE__CHAIN_INTERVAL_MS",
-            1,
-            MAX_DURATION_MS,
-        ),
-        (
-            "reconcile.max_backoff_ms",
-            "RECONCILE__MAX_BACKOFF_MS",
-            0,
-            MAX_DURATION_MS,
-        ),
-        (
-            "watch.poll_interval_ms",
-            "WATCH__POLL_INTERVAL_MS",
-            1,
-            MAX_DURATION_MS,
-        ),
-        (
-            "watch.max_stream_ms",
-            "WATCH__MAX_STREAM_MS",
-            1,
-            MAX_WATCH_STREAM_MS,
-        ),
-        ("shutdown_grace_ms", "SHUTDOWN_GRACE_MS", 1, MAX_DURATION_MS),
-        ("call_limit_ms", "CALL_LIMIT_MS", 1, MAX_DURATION_MS),
-        (
-            "audit.checkpoint_interval_ms",
-            "AUDIT__CHECKPOINT_INTERVAL_MS",
-            1,
-            MAX_DURATION_MS,
-        ),
-        (
-            "tls.reload_interval_ms",
-            "TLS__RELOAD_INTERVAL_MS",
-            0,
-            MAX_DURATION_MS,
-        ),
-        (
-            "forget_after_days",
-            "FORGET_AFTER_DAYS",
-            0,
-            MAX_RETENTION_DAYS as u64,
-        ),
-        (
-            "package_ttl_days",
-            "PACKAGE_TTL_DAYS",
-            1,
-            MAX_RETENTION_DAYS as u64,
-        ),
+    const DURATIONS: &[(&str, u64, u64)] = &[
+        ("forget_sweep_interval_ms", 1, MAX_DURATION_MS),
+        ("package_sweep_interval_ms", 1, MAX_DURATION_MS),
+        ("delivery.poll_interval_ms", 1, MAX_DURATION_MS),
+        ("delivery.lease_ms", 1, MAX_DURATION_MS),
+        ("delivery.call_timeout_ms", 1, MAX_CALL_TIMEOUT_MS),
+        ("delivery.backoff.initial_ms", 1, MAX_DURATION_MS),
+        ("delivery.backoff.max_ms", 1, MAX_DURATION_MS),
+        ("reconcile.interval_ms", 1, MAX_DURATION_MS),
+        ("reconcile.ack_timeout_ms", 1, MAX_DURATION_MS),
+        ("reconcile.chain_interval_ms", 1, MAX_DURATION_MS),
+        ("reconcile.max_backoff_ms", 0, MAX_DURATION_MS),
+        ("watch.poll_interval_ms", 1, MAX_DURATION_MS),
+        ("watch.max_stream_ms", 1, MAX_WATCH_STREAM_MS),
+        ("shutdown_grace_ms", 1, MAX_DURATION_MS),
+        ("call_limit_ms", 1, MAX_DURATION_MS),
+        ("audit.checkpoint_interval_ms", 1, MAX_DURATION_MS),
+        ("tls.reload_interval_ms", 0, MAX_DURATION_MS),
+        ("forget_after_days", 0, MAX_RETENTION_DAYS as u64),
+        ("package_ttl_days", 1, MAX_RETENTION_DAYS as u64),
     ];
+
+    /// The environment variable that sets `key` (`a.b_ms` → `<prefix>__A__B_MS`).
+    fn env_var(key: &str) -> String {
+        format!("{ENV_PREFIX}__{}", key.to_uppercase().replace('.', "__"))
+    }
 
     /// Every duration key set to `value(its minimum, its maximum)` through the environment.
     fn every_duration(value: impl Fn(u64, u64) -> u64) -> Vec<(String, String)> {
         DURATIONS
             .iter()
-            .map(|(_, var, min, max)| {
-                (
-                    format!("{ENV_PREFIX}__{var}"),
-                    value(*min, *max).to_string(),
-                )
-            })
+            .map(|(key, min, max)| (env_var(key), value(*min, *max).to_string()))
             .collect()
     }
 
@@ -875,8 +790,8 @@ mod tests {
     fn every_duration_below_its_minimum_is_refused_naming_its_key() {
         let (_dir, file) = folder("");
         let err = Config::load_from(Some(&file), every_duration(|_, _| 0)).unwrap_err();
-        let refused: Vec<_> = DURATIONS.iter().filter(|(_, _, min, _)| *min > 0).collect();
-        for (key, _, _, _) in &refused {
+        let refused: Vec<_> = DURATIONS.iter().filter(|(_, min, _)| *min > 0).collect();
+        for (key, _, _) in &refused {
             let named = err.0.iter().filter(|e| e.starts_with(&format!("{key}:")));
             // The shared keys' own checks report their 0 (once); the others name the range.
             assert_eq!(named.count(), 1, "{key}: {err}");
@@ -896,7 +811,7 @@ mod tests {
         let (_dir, file) = folder("");
         let err = Config::load_from(Some(&file), every_duration(|_, max| max + 1)).unwrap_err();
         assert_eq!(err.0.len(), DURATIONS.len(), "{err}");
-        for (key, _, min, max) in DURATIONS {
+        for (key, min, max) in DURATIONS {
             let unit = if key.ends_with("_days") { "" } else { " ms" };
             let want = format!("{key}: must be from {min}{unit} to {max}{unit}");
             assert!(err.0.iter().any(|e| e.starts_with(&want)), "{want}: {err}");
