@@ -7,8 +7,8 @@ use std::sync::Arc;
 use dsrelay_proto::timestamp_from_millis;
 use dsrelay_proto::v1::processor_operator_service_server::ProcessorOperatorService;
 use dsrelay_proto::v1::{
-    CompleteManualTaskRequest, ContractEndList, ContractPhase, DeadLetter, DeadLetterList,
-    Evidence, ListContractEndsRequest, ListDeadLettersRequest, ListManualTasksRequest,
+    CompleteManualTaskRequest, ContractEndList, DeadLetter, DeadLetterList, Evidence,
+    ListContractEndsRequest, ListDeadLettersRequest, ListManualTasksRequest,
     ListProcessorAuditCheckpointsRequest, ListProcessorAuditEntriesRequest, ManualTask,
     ManualTaskList, ProcessorAuditCheckpoint, ProcessorAuditCheckpoints, ProcessorAuditEntries,
     ProcessorAuditEntry, ProcessorContractEnd, RefuseManualTaskRequest, RequeueDeadLetterRequest,
@@ -161,7 +161,7 @@ impl OperatorApi {
                 },
                 phase,
                 TaskState::WaitingForOperator,
-            ) if phase == ContractPhase::Returning || (exports && !*not_found) => Some(
+            ) if crate::task_machine::returned_by_hand(phase, exports, *not_found) => Some(
                 self.write_return_record(&key, *records_affected, note, by, now)
                     .await?,
             ),

@@ -543,36 +543,47 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
                 task.state.as_str_name().trim_start_matches("TASK_STATE_")
             ))
         }
-        // A return done by hand is delivered as a record of it, like any part (to the
-        // registry, or to the contract end's transfer recipient): the controller confirms
-        // once every subprocessor's part has arrived.
+        // A return done by hand is delivered as a record of it, like any part: a contract
+        // end's (to the registry, or to its transfer recipient; the controller confirms once
+        // every subprocessor's part has arrived), or a return of data's or a transfer's, whose
+        // data must reach the registry or the recipient before the task is COMPLETED.
         Event::OperatorComplete {
+            not_found,
+            exports,
             records_affected,
             note,
             by,
             record,
-            ..
-        } if task.phase == ContractPhase::Returning => match record {
-            Some(file) => Decision::Move(Transition {
-                state: InProgress,
-                records_affected,
-                confirmed: true,
-                note: format!(
-                    "{note} (returned by {by}); the record of the return is delivered as this \
-                     subprocessor's part ({}, {})",
-                    file.name,
-                    size_label(file.size)
+        } if returned_by_hand(task.phase, exports, not_found) => {
+            let returning = task.phase == ContractPhase::Returning;
+            match record {
+                Some(file) => Decision::Move(Transition {
+                    state: InProgress,
+                    records_affected,
+                    confirmed: true,
+                    note: format!(
+                        "{note} ({} {by}); the record of {} is delivered as this \
+                         subprocessor's part ({}, {})",
+                        if returning {
+                            "returned by"
+                        } else {
+                            "done by hand by"
+                        },
+                        if returning { "the return" } else { "it" },
+                        file.name,
+                        size_label(file.size)
+                    ),
+                    next_attempt_at: Some(NEVER),
+                    export_files: Some(vec![file.clone()]),
+                    upload: true,
+                    contract: returning.then(|| ContractStep::keep(ContractPhase::Returning)),
+                    ..Default::default()
+                }),
+                None => Decision::Reject(
+                    "a return done by hand needs the record of it that the processor writes".into(),
                 ),
-                next_attempt_at: Some(NEVER),
-                export_files: Some(vec![file.clone()]),
-                upload: true,
-                contract: Some(ContractStep::keep(ContractPhase::Returning)),
-                ..Default::default()
-            }),
-            None => Decision::Reject(
-                "a return done by hand needs the record of it that the processor writes".into(),
-            ),
-        },
+            }
+        }
         // A contract end's erasure that found nothing has still left nothing behind.
         Event::OperatorComplete {
             records_affected,
@@ -587,38 +598,6 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
             contract: Some(ContractStep::keep(ContractPhase::Done)),
             ..Default::default()
         }),
-        // The data of a return of data or a transfer must reach the registry or the
-        // recipient before the task is COMPLETED; done by hand, what travels is the record of
-        // it, which the registry keeps as the part (or the recipient confirms).
-        Event::OperatorComplete {
-            not_found: false,
-            exports: true,
-            records_affected,
-            note,
-            by,
-            record,
-        } => match record {
-            Some(file) => Decision::Move(Transition {
-                state: InProgress,
-                records_affected,
-                confirmed: true,
-                note: format!(
-                    "{note} (done by hand by {by}); the record of it is delivered as this \
-                     subprocessor's part ({}, {})",
-                    file.name,
-                    size_label(file.size)
-                ),
-                next_attempt_at: Some(NEVER),
-                export_files: Some(vec![file.clone()]),
-                upload: true,
-                ..Default::default()
-            }),
-            None => Decision::Reject(
-                "a return of data or transfer done by hand needs the record of it that the \
-                 processor writes"
-                    .into(),
-            ),
-        },
         Event::OperatorComplete {
             not_found,
             records_affected,
@@ -963,6 +942,14 @@ fn claimed(
         _ => return Decision::Ignore,
     };
     Decision::Run { start, phase }
+}
+
+/// Whether an operator's confirmation of a task in `phase` (of a request that `exports` its
+/// data, the subject `not_found` or not) is a return done by hand, delivered as the record of
+/// it the processor writes: a contract end's return, or a return of data or transfer that
+/// found the subject.
+pub(crate) fn returned_by_hand(phase: ContractPhase, exports: bool, not_found: bool) -> bool {
+    phase == ContractPhase::Returning || (exports && !not_found)
 }
 
 fn ran(
