@@ -38,3 +38,15 @@ pub fn millis_from_timestamp(ts: &prost_types::Timestamp) -> i64 {
         .saturating_mul(1000)
         .saturating_add(i64::from(ts.nanos.clamp(0, 999_999_999) / 1_000_000))
 }
+
+/// The first second of the year 2000, in seconds since the Unix epoch.
+pub const EARLIEST_INSTANT_SECONDS: i64 = 946_684_800;
+
+/// The last second of the year 9999, in seconds since the Unix epoch.
+pub const LATEST_INSTANT_SECONDS: i64 = 253_402_300_799;
+
+/// Whether `ts` falls within the years 2000 to 9999: a task's time, or a retention's end,
+/// outside them is no real date (and far enough out its milliseconds saturate).
+pub fn is_real_instant(ts: &prost_types::Timestamp) -> bool {
+    (EARLIEST_INSTANT_SECONDS..=LATEST_INSTANT_SECONDS).contains(&ts.seconds)
+}

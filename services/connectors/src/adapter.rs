@@ -662,7 +662,7 @@ fn outcome_from_response(
             };
             // Within the years 2000 to 9999, as the registry takes it: a date beyond would
             // wake the task never, or shows in a certificate as no date at all.
-            if !(946_684_800..=253_402_300_799).contains(&until.seconds) {
+            if !dsrelay_proto::is_real_instant(until) {
                 return Err(ConnectorError::Permanent(format!(
                     "the adapter answered RETAINED until {} seconds since the epoch, which is \
                      not a date between the years 2000 and 9999",

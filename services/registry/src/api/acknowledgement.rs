@@ -439,11 +439,6 @@ fn violations(i: usize, a: &Acknowledgement) -> Vec<FieldViolation> {
     violations
 }
 
-/// 2000-01-01T00:00:00Z, in seconds since the Unix epoch.
-const EARLIEST_SECONDS: i64 = 946_684_800;
-/// 9999-12-31T23:59:59Z, in seconds since the Unix epoch.
-const LATEST_SECONDS: i64 = 253_402_300_799;
-
 /// What is wrong with `t` as the instant in `field`: outside the years 2000 to 9999 it is no
 /// real task's time, and far enough out its milliseconds saturate into a meaningless
 /// acknowledgement latency.
@@ -451,7 +446,7 @@ fn timestamp_violation(
     field: &str,
     t: &dsrelay_proto::prost_types::Timestamp,
 ) -> Option<FieldViolation> {
-    (!(EARLIEST_SECONDS..=LATEST_SECONDS).contains(&t.seconds)).then(|| {
+    (!dsrelay_proto::is_real_instant(t)).then(|| {
         FieldViolation::new(
             field,
             format!(
@@ -465,6 +460,9 @@ fn timestamp_violation(
 #[cfg(test)]
 mod tests {
     use dsrelay_proto::prost_types::Timestamp;
+    use dsrelay_proto::{
+        EARLIEST_INSTANT_SECONDS as EARLIEST_SECONDS, LATEST_INSTANT_SECONDS as LATEST_SECONDS,
+    };
 
     use super::*;
 
