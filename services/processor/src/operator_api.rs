@@ -35,6 +35,12 @@ pub(crate) struct OperatorApi {
     /// The controllers, who may fetch the audit checkpoints (hashes only) and nothing else
     /// here: the entries name every controller's requests.
     controllers: Arc<Authorizer<()>>,
+    /// Held while an operator's confirmation or refusal runs, so that two operators acting on
+    /// the same task at once cannot both write its return record: the second would replace
+    /// the file the first one's transition recorded (its size and SHA-256), and the upload of
+    /// a record that no longer matches would fail a return that was done. Operators' calls
+    /// are rare, so one lock for all tasks costs nothing.
+    confirming: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl OperatorApi {
@@ -60,6 +66,7 @@ impl OperatorApi {
             shared,
             operators: Arc::new(operators),
             controllers: Arc::new(controllers),
+            confirming: Arc::default(),
         }
     }
 
@@ -134,6 +141,9 @@ impl OperatorApi {
         by: &str,
     ) -> Result<ManualTask, ApiError> {
         let key = task_key(task)?;
+        // Until the transition is committed: the task is read, and its record written, only
+        // after another operator's call on it has finished.
+        let _confirming = self.confirming.lock().await;
         let store = &self.shared.store;
         let row = store.manual_task(&key).await?.ok_or_else(|| {
             ApiError::not_found(format!(

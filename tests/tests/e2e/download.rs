@@ -2,7 +2,8 @@
 //! from two subprocessors (the SQL connector and the example adapter) travels to the
 //! registry, and the submitting partner downloads it into a folder and a zip, every file
 //! checked against the manifest; another partner gets NOT_FOUND; a package with parts
-//! missing is refused naming them.
+//! missing is refused naming them; two operators confirming one return by hand at once
+//! leave the record of the one who won, intact.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -315,6 +316,105 @@ async fn download_of_a_package_with_parts_missing_names_them() {
         record["note"], "posted folder 2019/14 to the subject by registered mail",
         "{record}"
     );
+
+    pair.stop().await;
+}
+
+/// The answer of the operator who came second: told the task changed or is no longer
+/// waiting, nothing worse.
+fn assert_late(round: usize, refused: &tonic::Status) {
+    assert!(
+        matches!(
+            refused.code(),
+            tonic::Code::Aborted | tonic::Code::FailedPrecondition
+        ),
+        "round {round}: {refused:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_operators_confirming_one_return_by_hand_leave_one_true_record() {
+    let Some(pair) = spawn_pair(PairOptions {
+        holders: vec![Holder::Accounting, Holder::PaperArchive],
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let mut crm = pair.client("partner-crm");
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(submit_return_of_data(&pair).await);
+    }
+    for id in &ids {
+        wait_until(&mut crm, id, Duration::from_secs(60), |r| {
+            r.tasks.iter().any(|t| {
+                t.subprocessor == "paper-archive" && t.state == TaskState::WaitingForOperator as i32
+            })
+        })
+        .await;
+    }
+    let confirm = |id: &str, records: i64, note: &str| {
+        let mut operator = pair.processor_operator();
+        let request = CompleteManualTaskRequest {
+            task: Some(TaskRef {
+                controller: CONTROLLER.into(),
+                request_id: id.into(),
+                subprocessor: "paper-archive".into(),
+            }),
+            not_found: false,
+            records_affected: records,
+            evidence_note: note.into(),
+        };
+        async move { operator.complete_manual_task(request).await }
+    };
+    for (round, id) in ids.iter().enumerate() {
+        // Two operators confirm the same return at once; one of them is told it was too late,
+        // and the record that travels is the other's, as its transition recorded it.
+        let (first, second) = tokio::join!(
+            confirm(id, 2, "posted folder 2019/14 by registered mail"),
+            confirm(id, 3, "handed folder 2019/14 over at the office"),
+        );
+        let (note, records) = match (&first, &second) {
+            (Ok(_), Err(refused)) => {
+                assert_late(round, refused);
+                ("posted folder 2019/14 by registered mail", 2)
+            }
+            (Err(refused), Ok(_)) => {
+                assert_late(round, refused);
+                ("handed folder 2019/14 over at the office", 3)
+            }
+            other => panic!("round {round}: one confirmation must win, not {other:?}"),
+        };
+        let done = wait_until(&mut crm, id, Duration::from_secs(60), |r| {
+            r.state != RequestState::InProgress as i32 && r.state != RequestState::Dispatched as i32
+        })
+        .await;
+        assert_eq!(
+            done.state,
+            RequestState::Completed as i32,
+            "round {round}: {done:#?}"
+        );
+        let out = pair.dir().join(format!("race-{round}"));
+        let run = dsrctl(
+            &pair,
+            "partner-crm",
+            &["download", id, "--out", out.to_str().unwrap()],
+        )
+        .await;
+        run.ok();
+        let record: Value = serde_json::from_slice(
+            &std::fs::read(
+                out.join(format!("{PROCESSOR}/paper-archive"))
+                    .join("returned-by-hand.json"),
+            )
+            .unwrap_or_else(|e| panic!("the archive's record: {e}\n{}", run.stdout)),
+        )
+        .expect("json record");
+        assert_eq!(record["note"], note, "round {round}: {record}");
+        assert_eq!(record["records"], records, "round {round}: {record}");
+    }
 
     pair.stop().await;
 }
