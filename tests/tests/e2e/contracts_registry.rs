@@ -314,6 +314,8 @@ struct Calls {
     updates: Vec<UpdateContractEndRequest>,
     /// Updates still to refuse with UNAVAILABLE before one is taken.
     refuse_updates: usize,
+    /// Refuse every update as the real processor does once it has started deleting.
+    deleting: bool,
 }
 
 /// A processor that records what the registry sends and answers with one PENDING task,
@@ -382,6 +384,13 @@ impl ProcessorService for RecordingProcessor {
             calls.refuse_updates -= 1;
             calls.updates.push(req);
             return Err(Status::unavailable("busy"));
+        }
+        if calls.deleting {
+            calls.updates.push(req);
+            return Err(Status::failed_precondition(
+                "the contract end can no longer change: deleting the controller's data has \
+                 started",
+            ));
         }
         let id = req.request_id.clone();
         calls.updates.push(req);
@@ -995,5 +1004,123 @@ async fn contractreg_dsrctl_contract_commands() {
         "{}",
         confirm.stderr
     );
+    pair.stop().await;
+}
+
+/// The processor's clock ends the grace period, not the registry's. A choice made once the
+/// processor has reported deleting is refused at once, naming the subprocessors; one the
+/// registry accepts before it knows is refused by the processor, and the contract end then
+/// says so beside the terms, instead of showing a choice nobody carries out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contractreg_a_choice_too_late_for_the_processor_is_shown_refused() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let pair = spawn_pair(PairOptions {
+        down: vec![Role::Processor],
+        processor_endpoint: Some(listener.local_addr().expect("addr")),
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
+    let processor = RecordingProcessor::default();
+    serve(processor.clone(), listener, pair.pki());
+    let calls = processor.calls.clone();
+    let mut ops = contracts(&pair, "operator");
+    let choose = |id: &str| ChooseContractEndRequest {
+        contract_id: id.into(),
+        choice: ContractEndChoice::ReturnThenDelete as i32,
+        transfer_recipient: String::new(),
+    };
+
+    // The processor reports deleting: the registry refuses the choice itself.
+    let reported = ops
+        .end_contract(end(ContractEndChoice::None, "deleting-reported"))
+        .await
+        .expect("end")
+        .into_inner()
+        .contract_id;
+    eventually("the delivery", || {
+        (calls.lock().unwrap().delivered.len() == 1).then_some(())
+    })
+    .await;
+    let deleting = ContractProgress {
+        phase: ContractPhase::Deleting as i32,
+        subjects_total: 10,
+        records_total: 40,
+        ..Default::default()
+    };
+    acknowledge(&pair, &reported, 2, TaskState::InProgress, deleting).await;
+    refused(
+        ops.choose_contract_end(choose(&reported)).await,
+        Code::FailedPrecondition,
+        &[&reported, "started deleting (accounting)"],
+    );
+    assert_eq!(
+        get(&pair, &reported).await.contract_end.map(|t| t.choice),
+        Some(ContractEndChoice::None as i32)
+    );
+    // It finishes: one contract end per processor is open at a time.
+    let done = ContractProgress {
+        phase: ContractPhase::Done as i32,
+        subjects_done: 10,
+        subjects_total: 10,
+        records_done: 40,
+        records_total: 40,
+        ..Default::default()
+    };
+    acknowledge(&pair, &reported, 3, TaskState::Completed, done).await;
+
+    // The processor has started deleting but not yet said so: the registry accepts the
+    // choice, the processor refuses it, and the contract end shows the refusal.
+    calls.lock().unwrap().deleting = true;
+    let unreported = ops
+        .end_contract(end(ContractEndChoice::None, "deleting-unreported"))
+        .await
+        .expect("end")
+        .into_inner()
+        .contract_id;
+    eventually("the second delivery", || {
+        (calls.lock().unwrap().delivered.len() == 2).then_some(())
+    })
+    .await;
+    let chosen = ops
+        .choose_contract_end(choose(&unreported))
+        .await
+        .expect("a choice the registry cannot yet know is too late")
+        .into_inner();
+    assert_eq!(chosen.terms_refused, "", "{chosen:?}");
+    eventually("the update", || {
+        (!calls.lock().unwrap().updates.is_empty()).then_some(())
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let shown = loop {
+        let c = get(&pair, &unreported).await;
+        if !c.terms_refused.is_empty() {
+            break c;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no refusal shown: {c:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        shown
+            .terms_refused
+            .contains("deleting the controller's data has started"),
+        "{shown:#?}"
+    );
+    let table = dsrctl(&pair, "operator", &["contracts", "show", &unreported]).await;
+    assert!(
+        table
+            .ok()
+            .lines()
+            .any(|l| l.starts_with("refused by the processor")
+                && l.contains("deleting the controller's data has started")),
+        "{}",
+        table.stdout
+    );
+    // The other contract end, whose terms the processor took, shows no refusal.
+    assert_eq!(get(&pair, &reported).await.terms_refused, "");
     pair.stop().await;
 }

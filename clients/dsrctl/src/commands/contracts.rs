@@ -169,6 +169,9 @@ struct ContractView {
     updated_at: Option<Time>,
     trace_id: String,
     deduplicated: bool,
+    /// The processor's answer when it refused the terms as they stand.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    terms_refused: String,
     /// The key dsrctl chose, shown so a retry can reuse it.
     #[serde(skip_serializing_if = "Option::is_none")]
     idempotency_key: Option<String>,
@@ -186,6 +189,7 @@ impl From<&Contract> for ContractView {
             updated_at: Time::from_proto(c.updated_at.as_ref()),
             trace_id: c.trace_id.clone(),
             deduplicated: c.deduplicated,
+            terms_refused: c.terms_refused.clone(),
             idempotency_key: None,
             tasks: c.tasks.iter().map(PartView::from).collect(),
         }
@@ -208,6 +212,9 @@ impl Render for ContractView {
             t.row(["returned to", &clean(&self.terms.transfer_recipient)]);
         }
         t.row(["return confirmed", &self.terms.return_confirmed.to_string()]);
+        if !self.terms_refused.is_empty() {
+            t.row(["refused by the processor", &clean(&self.terms_refused)]);
+        }
         t.row(["state", &self.state]);
         t.row(["created", &cell(self.created_at)]);
         t.row(["trace", &clean(&self.trace_id)]);

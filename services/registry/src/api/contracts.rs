@@ -13,8 +13,8 @@ use dsrelay_proto::prost::Message;
 use dsrelay_proto::v1::contract_service_server::ContractService;
 use dsrelay_proto::v1::{
     ChooseContractEndRequest, ConfirmReturnRequest, Contract, ContractEnd, ContractEndChoice,
-    ContractList, EndContractRequest, GetContractRequest, ListContractsRequest, RequestKind,
-    RequestParameters, SubmitRequest, TaskStatus,
+    ContractList, ContractPhase, EndContractRequest, GetContractRequest, ListContractsRequest,
+    RequestKind, RequestParameters, SubmitRequest, TaskStatus,
 };
 use dsrelay_proto::{millis_from_timestamp, timestamp_from_millis};
 use dsrelay_runtime::grpc::CallerTrace;
@@ -162,6 +162,7 @@ fn view(row: ContractRow, tasks: Vec<TaskStatus>, deduplicated: bool) -> Contrac
         )),
         trace_id: row.trace_id,
         deduplicated,
+        terms_refused: row.terms_refused.unwrap_or_default(),
     }
 }
 
@@ -466,7 +467,14 @@ impl ContractService for Api {
             &r.transfer_recipient,
             &self.shared.config.known_recipients(),
         ))?;
-        let row = self.contract_row(&r.contract_id).await?;
+        ApiError::ensure_valid(request_id_violation("contract_id", &r.contract_id))?;
+        let (row, tasks) = self
+            .shared
+            .store
+            .contract_with_tasks(&r.contract_id)
+            .await
+            .map_err(ApiError::from)?
+            .ok_or_else(|| not_found(&r.contract_id))?;
         Self::ensure_open(&row)?;
         if row.choice() != ContractEndChoice::None {
             return Err(ApiError::failed_precondition(format!(
@@ -482,6 +490,26 @@ impl ContractService for Api {
                  data, and no choice can be made any more",
                 row.request_id,
                 when(row.grace_ends_at)
+            ))
+            .into());
+        }
+        // The processor's clock decides when its grace period ends; once it reported deleting,
+        // a choice would be accepted here and refused there.
+        let deleting: Vec<&str> = (tasks.iter())
+            .filter(|t| {
+                t.progress.as_ref().is_some_and(|p| {
+                    p.phase == ContractPhase::Deleting as i32
+                        || p.phase == ContractPhase::Done as i32
+                })
+            })
+            .map(|t| t.subprocessor.as_str())
+            .collect();
+        if !deleting.is_empty() {
+            return Err(ApiError::failed_precondition(format!(
+                "the processor of contract end {} has started deleting ({}): the grace period \
+                 ended there, and no choice can be made any more",
+                row.request_id,
+                deleting.join(", ")
             ))
             .into());
         }

@@ -18,7 +18,10 @@ const CONTRACT_COLUMNS: &str = "c.request_id, c.processor, \
     CAST(c.return_confirmed AS BIGINT) AS return_confirmed, c.manifest_sha256, c.version, \
     c.transfer_recipient, \
     c.updated_at, CAST(r.state AS BIGINT) AS state, r.received_at, \
-    r.updated_at AS request_updated_at, r.trace_id";
+    r.updated_at AS request_updated_at, r.trace_id, \
+    (SELECT d.last_error FROM deliveries d WHERE d.request_id = c.request_id \
+     AND d.processor = c.processor AND d.op = 'update' AND d.done_at IS NULL \
+     AND d.refusals > 0) AS terms_refused";
 
 /// A contract end with what its view needs of its request.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -51,6 +54,9 @@ pub struct ContractRow {
     pub request_updated_at: i64,
     /// W3C trace id.
     pub trace_id: String,
+    /// The processor's last answer to the terms as they stand, once it refused them (the
+    /// update row is re-armed, its refusals cleared, at every change).
+    pub terms_refused: Option<String>,
 }
 
 impl ContractRow {
