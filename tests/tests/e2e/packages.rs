@@ -804,3 +804,45 @@ async fn packages_a_changed_export_fails_its_task() {
     assert!(info.complete && info.missing.is_empty(), "{info:?}");
     pair.stop().await;
 }
+
+/// A file of no bytes (an export of a table with nothing in it, from an adapter) is stored,
+/// whether announced with its size or streamed while written, and downloaded as the empty
+/// file it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packages_empty_files_are_stored_and_downloaded() {
+    let (pair, id) = a_delivered_return_of_data(PairOptions::default()).await;
+    let mut client = uploads(&pair);
+    let announced = header(&id, "announced.json", b"");
+    let s = state(&mut client, &announced).await;
+    assert_eq!((s.offset, s.complete), (0, true));
+    let streamed = growing(&id, "streamed.csv");
+    let done = upload(&mut client, grown(&streamed, b"", 10, 0, &sha256(b"")))
+        .await
+        .expect("an empty file streamed while written");
+    assert_eq!((done.offset, done.complete), (0, true));
+    client
+        .complete_part(CompletePartRequest {
+            request_id: id.clone(),
+            subprocessor: "test-holder".into(),
+            files: vec![announced, header(&id, "streamed.csv", b"")],
+        })
+        .await
+        .expect("the part of two empty files");
+    let mut crm = pair.client("partner-crm");
+    wait_until(&mut crm, &id, Duration::from_secs(30), |r| {
+        r.state == dsrelay_proto::v1::RequestState::Completed as i32
+    })
+    .await;
+    let (info, files) = download(&mut packages(&pair, "partner-crm"), &id)
+        .await
+        .expect("download");
+    for name in ["announced.json", "streamed.csv"] {
+        let path = format!("{PROCESSOR}/test-holder/{name}");
+        assert!(
+            info.files.iter().any(|f| f.path == path && f.size == 0),
+            "{path} in {info:?}"
+        );
+        assert_eq!(files.get(&path).map(Vec::len).unwrap_or(0), 0, "{path}");
+    }
+    pair.stop().await;
+}

@@ -196,6 +196,9 @@ impl Api {
                 end.size, end.sha256, up.state.offset
             )));
         }
+        if end.size == 0 {
+            self.store_empty(&key).await?;
+        }
         let mut file = up.file.clone();
         file.size = i64::try_from(end.size).unwrap_or(i64::MAX);
         file.sha256.clone_from(&end.sha256);
@@ -235,6 +238,9 @@ impl Api {
         digest: Option<String>,
     ) -> Result<UploadState, ApiError> {
         let key = file_key(file);
+        if file.size == 0 {
+            self.store_empty(&key).await?;
+        }
         let digest = match digest {
             Some(d) => d,
             None => self.shared.packages.stored_sha256(&key).await?,
@@ -257,6 +263,20 @@ impl Api {
             offset: u64::try_from(file.size).unwrap_or(0),
             complete: true,
         })
+    }
+
+    /// Creates the empty file `key`, durably: a file of no bytes gets no chunk, and the chunk
+    /// is what creates a file, so without this its digest could not be read nor the package
+    /// downloaded.
+    async fn store_empty(&self, key: &str) -> Result<(), ApiError> {
+        let mut appender = self
+            .shared
+            .packages
+            .store
+            .appender(key)
+            .await
+            .map_err(io_error)?;
+        appender.sync().await.map_err(io_error)
     }
 
     /// Stores one chunk after checking its offset, size and CRC-32; a refused chunk leaves
