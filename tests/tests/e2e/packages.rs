@@ -503,6 +503,46 @@ async fn packages_refuse_bad_chunks_and_resume_uploads() {
     .unwrap_err();
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
     assert!(refused.message().contains("header.name"), "{refused:?}");
+    // The subprocessor names a folder too: one that could not be a folder of the package
+    // on disk (too long once escaped) or in a download (a separator) is refused.
+    for subprocessor in ["crm:eu".to_string(), "a/..".into(), "会計".repeat(15)] {
+        let refused = upload(
+            &mut client,
+            vec![chunk(
+                Some(ExportFileHeader {
+                    subprocessor: subprocessor.clone(),
+                    ..h.clone()
+                }),
+                0,
+                data,
+            )],
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Code::InvalidArgument,
+            "{subprocessor}: {refused:?}"
+        );
+        assert!(
+            refused.message().contains("header.subprocessor"),
+            "{refused:?}"
+        );
+        let refused = client
+            .complete_part(CompletePartRequest {
+                request_id: id.clone(),
+                subprocessor: subprocessor.clone(),
+                files: Vec::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Code::InvalidArgument,
+            "{subprocessor}: {refused:?}"
+        );
+        assert!(refused.message().contains("subprocessor"), "{refused:?}");
+    }
 
     // The test holder's part is in the package beside the newsletter's.
     let info = packages(&pair, "operator")

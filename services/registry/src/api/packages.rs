@@ -820,7 +820,8 @@ fn described_violations(prefix: &str, h: &ExportFileHeader) -> Vec<FieldViolatio
         &format!("{prefix}.request_id"),
         &h.request_id,
     ));
-    out.extend(label_violation(
+    // The subprocessor names a folder of the package, on disk and in the download.
+    out.extend(file_name_violation(
         &format!("{prefix}.subprocessor"),
         &h.subprocessor,
     ));
@@ -864,7 +865,7 @@ fn growing_header_violations(prefix: &str, h: &ExportFileHeader) -> Vec<FieldVio
 fn part_violations(p: &CompletePartRequest) -> Vec<FieldViolation> {
     let mut out = Vec::new();
     out.extend(request_id_violation("request_id", &p.request_id));
-    out.extend(label_violation("subprocessor", &p.subprocessor));
+    out.extend(file_name_violation("subprocessor", &p.subprocessor));
     out.extend(part_files_violations(
         &p.request_id,
         &p.subprocessor,
@@ -874,7 +875,7 @@ fn part_violations(p: &CompletePartRequest) -> Vec<FieldViolation> {
     out
 }
 
-/// A required short label (subprocessor, media type, category).
+/// A required short label (media type, category).
 fn label_violation(field: &str, value: &str) -> Option<FieldViolation> {
     text_violation(field, value, MAX_LABEL, true)
 }
