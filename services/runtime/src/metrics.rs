@@ -11,8 +11,9 @@
 //!
 //! [`serve`] answers `GET /metrics` and `GET /healthz` on a listener the caller bound. The
 //! admin port has no TLS and carries no personal data (labels are kinds, states and
-//! configured names). With an `admin_token` every request must carry `Authorization: Bearer
-//! <token>`; a non-loopback address requires one. Bind it to loopback or a private network.
+//! configured names). With an `admin_token` every `/metrics` request must carry
+//! `Authorization: Bearer <token>` (`/healthz` says only whether the service is up, for
+//! probes that carry no secret); a non-loopback address requires one. Bind it to loopback or a private network.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -251,7 +251,7 @@ impl Scoped<'_> {
                 }
             }
             notes.push(format!(
-                "{} and the tables found through it: {batches} batch(es) of at most \
+                "{} and the tables found through it: {batches} batch(es) of about \
                  {batch_subjects} rows",
                 top.table
             ));

@@ -1568,7 +1568,7 @@ async fn scopes_controllers_by_condition(url: String) {
             legal_basis: format!("{VOUCHERS}; {BOOKS}"),
             until_ms: ms(2031, 1, 1),
             records_affected: 7,
-            note: "customers and the tables found through it: 1 batch(es) of at most 10000 \
+            note: "customers and the tables found through it: 1 batch(es) of about 10000 \
                    rows; contacts: deleted 1, invoices: deleted 0, invoices: anonymized 3, \
                    ledger_entries: anonymized 0, customers: deleted 0, customers: anonymized 3; \
                    invoices: kept 5 until the end of 2031-12-31; \
@@ -1705,7 +1705,7 @@ async fn bulk_erasure_runs_in_few_batches(url: String) {
     // 20,006 customers: 10,000 + 10,000 + 6.
     assert!(
         note.starts_with(
-            "customers and the tables found through it: 3 batch(es) of at most 10000 rows; "
+            "customers and the tables found through it: 3 batch(es) of about 10000 rows; "
         ),
         "{note}"
     );
@@ -1743,7 +1743,7 @@ async fn bulk_batches_of_a_text_key_cover_every_row(url: String) {
         out,
         Outcome::Completed {
             records_affected: 6,
-            note: "customers and the tables found through it: 3 batch(es) of at most 2 rows; \
+            note: "customers and the tables found through it: 3 batch(es) of about 2 rows; \
                    customers: deleted 6"
                 .into(),
             files: Vec::new(),
