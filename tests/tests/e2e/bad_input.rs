@@ -7,14 +7,18 @@ use std::fmt::Debug;
 
 use dsrelay_proto::prost::bytes::{Buf, BufMut};
 use dsrelay_proto::prost::Message;
+use dsrelay_proto::prost_types::Timestamp;
 use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceClient;
+use dsrelay_proto::v1::contract_service_client::ContractServiceClient;
 use dsrelay_proto::v1::request_service_client::RequestServiceClient;
 use dsrelay_proto::v1::{
-    AcknowledgeRequest, AcknowledgeResponse, Acknowledgement, CancelRequest, Evidence,
-    ExtendDeadlineRequest, FieldCorrection, GetRequest, IdentityEncoding, IdentityType,
-    ListRequestsRequest, RequestKind, RequestParameters, RequestState, Scope, SubjectIdentity,
-    SubmitRequest, SubmitResponse, TaskState, WatchRequest,
+    AcknowledgeRequest, AcknowledgeResponse, Acknowledgement, CancelRequest, ContractEndChoice,
+    DeletionCertificate, EndContractRequest, Evidence, ExtendDeadlineRequest, FieldCorrection,
+    GetRequest, IdentityEncoding, IdentityType, ListRequestsRequest, RequestKind,
+    RequestParameters, RequestState, Scope, SubjectIdentity, SubmitRequest, SubmitResponse,
+    TaskState, WatchRequest,
 };
+use dsrelay_proto::LATEST_INSTANT_SECONDS;
 use dsrelay_runtime::identity::digest;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
@@ -25,7 +29,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_types::StatusExt;
 
-use crate::harness::{email, erasure, spawn_pair, Backend, PairOptions, TestPair};
+use crate::harness::{email, erasure, spawn_pair, Backend, PairOptions, TestPair, PROCESSOR};
 
 /// The seed of the garbage generators; override with DSRELAY_FUZZ_SEED to explore.
 const DEFAULT_SEED: u64 = 0x000d_5e1a_7bad_1e55;
@@ -1512,6 +1516,115 @@ async fn control_characters_in_free_text_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_characters_in_free_text_on_postgres() {
     control_characters_in_free_text(Backend::Postgres).await;
+}
+
+/// A certificate whose id the store cannot hold (PostgreSQL refuses NUL in text) or that is
+/// far too long is refused with its acknowledgement alone, naming the id inside the body; the
+/// acknowledgement batched beside it is applied. Answered INTERNAL instead, the whole call
+/// would be resent by the processor forever, with everything batched in it.
+async fn an_unstorable_certificate_id_refuses_only_its_acknowledgement(backend: Backend) {
+    let Some(pair) = start(backend).await else {
+        return;
+    };
+    let id = pair
+        .client("partner-crm")
+        .submit(erasure("certified@example.fi"))
+        .await
+        .expect("submit")
+        .into_inner()
+        .request_id;
+    let mut acks = AcknowledgementServiceClient::new(pair.channel_to_registry("processor"));
+    let certified = |sequence: u64, certificate_id: &str| Acknowledgement {
+        request_id: id.clone(),
+        subprocessor: "accounting".into(),
+        sequence,
+        state: TaskState::InProgress as i32,
+        certificate: Some(DeletionCertificate {
+            body: serde_json::to_vec(&serde_json::json!({ "certificate_id": certificate_id }))
+                .expect("json"),
+            signature: vec![0; 64],
+            key_id: "k".into(),
+        }),
+        ..Default::default()
+    };
+    let field = "acknowledgements[0].certificate.body.certificate_id";
+    for (n, (what, bad, rule)) in [
+        ("NUL", "a\0".to_string(), "control characters"),
+        ("ESC", "a\u{1b}b".to_string(), "control characters"),
+        ("60 KB", "c".repeat(60_000), "1 to 128 bytes"),
+        ("blank", " ".to_string(), "is required"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let sequence = 1_000 + 2 * n as u64;
+        let r = acks
+            .acknowledge(AcknowledgeRequest {
+                acknowledgements: vec![
+                    certified(sequence, &bad),
+                    certified(sequence + 1, &format!("c-{n}")),
+                ],
+            })
+            .await
+            .unwrap_or_else(|s| panic!("{what}: expected a per-entry rejection, got {s:?}"))
+            .into_inner();
+        assert_eq!(r.applied, 1, "{what}: {r:?}");
+        assert_eq!(r.rejected.len(), 1, "{what}: {r:?}");
+        let x = &r.rejected[0];
+        assert_eq!(
+            (x.index, x.code),
+            (0, Code::InvalidArgument as i32),
+            "{what}: {r:?}"
+        );
+        let fields: Vec<&str> = x.violations.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, [field], "{what}: {r:?}");
+        assert!(x.violations[0].rule.contains(rule), "{what}: {x:?}");
+    }
+    pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unstorable_certificate_id_refuses_only_its_acknowledgement_on_sqlite() {
+    an_unstorable_certificate_id_refuses_only_its_acknowledgement(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unstorable_certificate_id_refuses_only_its_acknowledgement_on_postgres() {
+    an_unstorable_certificate_id_refuses_only_its_acknowledgement(Backend::Postgres).await;
+}
+
+/// A contract end dated outside the years 2000 to 9999 (typically milliseconds sent as
+/// seconds) is refused naming `effective_at`, and does not stand in the way of a real one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contract_end_in_no_real_year_is_refused() {
+    let pair = start(Backend::Sqlite).await.expect("sqlite pair");
+    let mut ops = ContractServiceClient::new(pair.channel_to_registry("operator"));
+    let end = |effective_at: Option<Timestamp>, key: &str| EndContractRequest {
+        processor: PROCESSOR.into(),
+        choice: ContractEndChoice::Delete as i32,
+        effective_now: effective_at.is_none(),
+        effective_at,
+        idempotency_key: key.into(),
+        transfer_recipient: String::new(),
+    };
+    for (n, seconds) in [1_800_000_000_000, LATEST_INSTANT_SECONDS + 1, i64::MAX]
+        .into_iter()
+        .enumerate()
+    {
+        expect_invalid(
+            &format!("effective_at {seconds} seconds"),
+            ops.end_contract(end(
+                Some(Timestamp { seconds, nanos: 0 }),
+                &format!("far-{n}"),
+            ))
+            .await,
+            &[("effective_at", &["2000 and 9999", &seconds.to_string()])],
+        );
+    }
+    ops.end_contract(end(None, "now"))
+        .await
+        .expect("a real contract end after the refused ones");
+    pair.stop().await;
 }
 
 /// `str::floor_char_boundary` is unstable; this is the stable equivalent for truncating

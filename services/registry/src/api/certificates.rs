@@ -62,10 +62,7 @@ pub(crate) fn check(
         key_id: c.key_id.clone(),
     };
     // The id is shown even for a rejected certificate, when the body has one.
-    let certificate_id = serde_json::from_slice::<serde_json::Value>(&c.body)
-        .ok()
-        .and_then(|v| v.get("certificate_id")?.as_str().map(str::to_string))
-        .unwrap_or_default();
+    let certificate_id = claimed_id(&c.body).unwrap_or_default();
     let rejection = match key {
         None => Some("no public_key is configured for this processor".to_string()),
         Some(key) => match key.verify(&doc) {
@@ -84,6 +81,15 @@ pub(crate) fn check(
         verified: rejection.is_none(),
         rejection: rejection.unwrap_or_default(),
     }
+}
+
+/// The `certificate_id` `body` carries, read without checking the signature.
+fn claimed_id(body: &[u8]) -> Option<String> {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()?
+        .get("certificate_id")?
+        .as_str()
+        .map(str::to_string)
 }
 
 /// The first way `claims` disagree with the acknowledgement, if any.
@@ -187,6 +193,21 @@ pub(super) fn violations(i: usize, c: &DeletionCertificate) -> Vec<FieldViolatio
         ));
     }
     out.extend(text_violation(&field("key_id"), &c.key_id, 128, false));
+    // The id is stored in a text column even when the certificate is rejected, so one the
+    // store cannot hold (PostgreSQL refuses NUL) would fail the whole call, and the processor
+    // would resend it, with everything batched beside it, forever. A body without an id is
+    // left to be stored as rejected, for an operator to see; an oversized one is refused
+    // above already and not worth reading.
+    if c.body.len() <= MAX_BODY {
+        if let Some(id) = claimed_id(&c.body) {
+            out.extend(text_violation(
+                &field("body.certificate_id"),
+                &id,
+                128,
+                true,
+            ));
+        }
+    }
     out
 }
 

@@ -128,6 +128,15 @@ pub(crate) fn end_contract_violations(
             "effective_at",
             "is required: give the date the contract ends, or effective_now to end it now",
         )),
+        // Milliseconds sent as seconds land tens of millennia out; stored, such an end would
+        // stand in the way of every later contract end with this processor.
+        (Some(t), false) if !dsrelay_proto::is_real_instant(t) => out.push(FieldViolation::new(
+            "effective_at",
+            format!(
+                "must be between the years 2000 and 9999 (got {} seconds since the epoch)",
+                t.seconds
+            ),
+        )),
         (Some(t), false) if millis_from_timestamp(t) < now => out.push(FieldViolation::new(
             "effective_at",
             format!(
