@@ -7,11 +7,12 @@
 
 use std::sync::Arc;
 
+use dsrelay_proto::prost_types::Timestamp;
 use dsrelay_proto::v1::processor_service_server::ProcessorService;
 use dsrelay_proto::v1::{
     CancelDeliveryRequest, ContractEnd, ContractEndChoice, DeliverRequest, DeliverResponse,
     GetStatusRequest, ListSubprocessorsRequest, RequestKind, Subprocessor, SubprocessorList,
-    TaskList, UpdateContractEndRequest,
+    TaskList, TransferRecipient, UpdateContractEndRequest,
 };
 use dsrelay_runtime::grpc::{self, Authorizer, CallerTrace, ServiceName};
 use dsrelay_runtime::identity::{
@@ -75,14 +76,7 @@ impl ProcessorService for Api {
         let controller = self.controller(&req)?;
         tracing::Span::current().record("controller", controller.as_str());
         let r = req.into_inner();
-        let mut violations: Vec<FieldViolation> = request_id_violation("request_id", &r.request_id)
-            .into_iter()
-            .collect();
-        match &r.contract_end {
-            None => violations.push(FieldViolation::new("contract_end", "required")),
-            Some(c) => violations.extend(terms_violations("contract_end", c, false)),
-        }
-        ApiError::ensure_valid(violations)?;
+        ApiError::ensure_valid(update_violations(&r))?;
         let wanted = r.contract_end.unwrap_or_default();
         let updated = self
             .shared
@@ -328,6 +322,18 @@ fn delivery_violations(r: &DeliverRequest) -> Vec<FieldViolation> {
         _ => out.extend(validate_identities(&r.identities)),
     }
     out.extend(misplaced_parameters(kind, r));
+    for (field, t) in [("received_at", &r.received_at), ("due_at", &r.due_at)] {
+        out.extend(t.as_ref().and_then(|t| instant_violation(field, t)));
+    }
+    // With nothing to change, the connector would refuse it only after the registry was told
+    // it was taken; the registry's Submit asks for the same.
+    let corrections = r.parameters.as_ref().map_or(0, |p| p.corrections.len());
+    if kind == RequestKind::Rectification && corrections == 0 {
+        out.push(FieldViolation::new(
+            "parameters.corrections",
+            format!("a rectification needs 1 to {MAX_CORRECTIONS} corrections"),
+        ));
+    }
     if let Some(scope) = &r.scope {
         if scope.data_categories.len() > MAX_CATEGORIES {
             out.push(FieldViolation::new(
@@ -376,21 +382,51 @@ fn delivery_violations(r: &DeliverRequest) -> Vec<FieldViolation> {
         ));
     }
     if let Some(to) = &r.recipient {
-        out.extend(text_violation("recipient.name", &to.name, MAX_NAME, true));
-        out.extend(text_violation(
-            "recipient.endpoint",
-            &to.endpoint,
-            MAX_NAME,
-            true,
-        ));
-        out.extend(text_violation(
-            "recipient.identity",
-            &to.identity,
-            MAX_NAME,
-            true,
-        ));
+        out.extend(recipient_violations(to));
     }
     out
+}
+
+/// Every rule an update of contract end terms breaks.
+fn update_violations(r: &UpdateContractEndRequest) -> Vec<FieldViolation> {
+    let mut out: Vec<FieldViolation> = request_id_violation("request_id", &r.request_id)
+        .into_iter()
+        .collect();
+    match &r.contract_end {
+        None => out.push(FieldViolation::new("contract_end", "required")),
+        Some(c) => out.extend(terms_violations("contract_end", c, false)),
+    }
+    if let Some(to) = &r.recipient {
+        out.extend(recipient_violations(to));
+    }
+    out
+}
+
+/// What is wrong with the `recipient` of a delivery or of an update: either is stored as the
+/// place a transfer goes, so both are held to the same rules.
+fn recipient_violations(to: &TransferRecipient) -> Vec<FieldViolation> {
+    [
+        ("recipient.name", &to.name),
+        ("recipient.endpoint", &to.endpoint),
+        ("recipient.identity", &to.identity),
+    ]
+    .into_iter()
+    .filter_map(|(field, value)| text_violation(field, value, MAX_NAME, true))
+    .collect()
+}
+
+/// What is wrong with `t` as the instant in `field`: milliseconds sent as seconds land tens
+/// of millennia out, where a due date or grace period never ends and milliseconds saturate.
+fn instant_violation(field: &str, t: &Timestamp) -> Option<FieldViolation> {
+    (!dsrelay_proto::is_real_instant(t)).then(|| {
+        FieldViolation::new(
+            field,
+            format!(
+                "must be between the years 2000 and 9999 (got {} seconds since the epoch)",
+                t.seconds
+            ),
+        )
+    })
 }
 
 /// Parameters of another kind than `kind`: a registry that sends them has mistaken
@@ -438,26 +474,23 @@ fn terms_violations(at: &str, c: &ContractEnd, delivered: bool) -> Vec<FieldViol
             "must be NONE, DELETE or RETURN_THEN_DELETE",
         ));
     }
-    let millis = |t: Option<&dsrelay_proto::prost_types::Timestamp>| {
-        t.map(dsrelay_proto::millis_from_timestamp)
+    for (name, t) in [
+        ("effective_at", &c.effective_at),
+        ("grace_ends_at", &c.grace_ends_at),
+    ] {
+        match t {
+            None if delivered => out.push(FieldViolation::new(format!("{at}.{name}"), "required")),
+            None => {}
+            Some(t) => out.extend(instant_violation(&format!("{at}.{name}"), t)),
+        }
+    }
+    // An instant outside the years is reported above; comparing it would only say it again.
+    let real = |t: &Option<Timestamp>| {
+        t.as_ref()
+            .filter(|t| dsrelay_proto::is_real_instant(t))
+            .map(dsrelay_proto::millis_from_timestamp)
     };
-    let (effective, grace) = (
-        millis(c.effective_at.as_ref()),
-        millis(c.grace_ends_at.as_ref()),
-    );
-    if delivered && effective.is_none() {
-        out.push(FieldViolation::new(
-            format!("{at}.effective_at"),
-            "required",
-        ));
-    }
-    if delivered && grace.is_none() {
-        out.push(FieldViolation::new(
-            format!("{at}.grace_ends_at"),
-            "required",
-        ));
-    }
-    if let (Some(e), Some(g)) = (effective, grace) {
+    if let (Some(e), Some(g)) = (real(&c.effective_at), real(&c.grace_ends_at)) {
         if g < e {
             out.push(FieldViolation::new(
                 format!("{at}.grace_ends_at"),
@@ -485,11 +518,19 @@ mod tests {
     use dsrelay_proto::prost::Message;
     use dsrelay_proto::v1::{
         FieldCorrection, IdentityEncoding, IdentityType, RequestParameters, Scope, SubjectIdentity,
-        TransferRecipient,
     };
+    use dsrelay_proto::{EARLIEST_INSTANT_SECONDS, LATEST_INSTANT_SECONDS};
     use dsrelay_runtime::identity::{MAX_IDENTITIES, MAX_IDENTITY_LABEL, MAX_IDENTITY_VALUE};
 
     use super::*;
+
+    /// The last instant of the year 9999, the longest to encode of those accepted.
+    fn latest() -> Timestamp {
+        Timestamp {
+            seconds: LATEST_INSTANT_SECONDS,
+            nanos: 999_999_999,
+        }
+    }
 
     /// The largest delivery the registry sends: its largest valid Submit (a rectification)
     /// with the request id, dates and a recipient.
@@ -518,8 +559,8 @@ mod tests {
                     .collect(),
                 ..Default::default()
             }),
-            received_at: Some(dsrelay_proto::timestamp_from_millis(i64::MAX / 4)),
-            due_at: Some(dsrelay_proto::timestamp_from_millis(i64::MAX / 4)),
+            received_at: Some(latest()),
+            due_at: Some(latest()),
             recipient: None,
         }
     }
@@ -632,6 +673,120 @@ mod tests {
             .map(|v| v.field)
             .collect();
         assert_eq!(fields, ["scope.data_categories", "parameters.corrections"]);
+    }
+
+    /// Valid contract end terms, dated from the first to the last accepted instant.
+    fn terms() -> ContractEnd {
+        ContractEnd {
+            choice: ContractEndChoice::Delete as i32,
+            effective_at: Some(Timestamp {
+                seconds: EARLIEST_INSTANT_SECONDS,
+                nanos: 0,
+            }),
+            grace_ends_at: Some(latest()),
+            ..Default::default()
+        }
+    }
+
+    fn fields(violations: Vec<FieldViolation>) -> Vec<String> {
+        violations.into_iter().map(|v| v.field).collect()
+    }
+
+    #[test]
+    fn an_update_s_recipient_is_checked_as_a_delivery_s_is() {
+        let mut r = UpdateContractEndRequest {
+            request_id: "ce-1".into(),
+            contract_end: Some(terms()),
+            recipient: transfer().recipient,
+        };
+        assert_eq!(update_violations(&r), []);
+        r.recipient = Some(TransferRecipient {
+            name: "archive".into(),
+            endpoint: String::new(),
+            identity: "x\u{0}".into(),
+        });
+        let v = update_violations(&r);
+        assert_eq!(
+            fields(v.clone()),
+            ["recipient.endpoint", "recipient.identity"]
+        );
+        assert_eq!(v[0].rule, "is required (1 to 256 bytes of text)");
+        r.recipient = Some(TransferRecipient {
+            name: "n".repeat(MAX_NAME + 1),
+            ..transfer().recipient.unwrap()
+        });
+        assert_eq!(fields(update_violations(&r)), ["recipient.name"]);
+    }
+
+    #[test]
+    fn a_rectification_without_corrections_is_refused() {
+        let mut r = largest_delivery();
+        r.parameters.as_mut().unwrap().corrections.clear();
+        let v = delivery_violations(&r);
+        assert_eq!(fields(v.clone()), ["parameters.corrections"]);
+        assert_eq!(v[0].rule, "a rectification needs 1 to 32 corrections");
+        r.parameters = None;
+        assert_eq!(fields(delivery_violations(&r)), ["parameters.corrections"]);
+        // Other kinds carry none.
+        r.kind = RequestKind::Erasure as i32;
+        assert_eq!(delivery_violations(&r), []);
+    }
+
+    #[test]
+    fn instants_outside_the_years_2000_to_9999_are_refused_naming_the_field() {
+        let at = |seconds: i64| Some(Timestamp { seconds, nanos: 0 });
+        let mut r = largest_delivery();
+        r.received_at = at(1_800_000_000_000);
+        r.due_at = at(LATEST_INSTANT_SECONDS + 1);
+        let v = delivery_violations(&r);
+        assert_eq!(fields(v.clone()), ["received_at", "due_at"]);
+        assert!(v[0].rule.contains("2000 and 9999"), "{v:?}");
+        assert!(v[0].rule.contains("1800000000000"), "{v:?}");
+        r.received_at = at(EARLIEST_INSTANT_SECONDS - 1);
+        r.due_at = at(i64::MIN);
+        assert_eq!(fields(delivery_violations(&r)), ["received_at", "due_at"]);
+
+        let mut end = DeliverRequest {
+            request_id: "ce-1".into(),
+            kind: RequestKind::ContractEnd as i32,
+            parameters: Some(RequestParameters {
+                contract_end: Some(terms()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(delivery_violations(&end), []);
+        let c = end
+            .parameters
+            .as_mut()
+            .unwrap()
+            .contract_end
+            .as_mut()
+            .unwrap();
+        c.effective_at = at(1_800_000_000_000);
+        c.grace_ends_at = at(i64::MAX);
+        assert_eq!(
+            fields(delivery_violations(&end)),
+            [
+                "parameters.contract_end.effective_at",
+                "parameters.contract_end.grace_ends_at",
+            ]
+        );
+
+        let mut update = UpdateContractEndRequest {
+            request_id: "ce-1".into(),
+            contract_end: Some(ContractEnd {
+                effective_at: None,
+                ..terms()
+            }),
+            recipient: None,
+        };
+        assert_eq!(update_violations(&update), []);
+        update.contract_end.as_mut().unwrap().grace_ends_at = at(1_800_000_000_000);
+        assert_eq!(
+            fields(update_violations(&update)),
+            ["contract_end.grace_ends_at"]
+        );
     }
 
     mod properties {

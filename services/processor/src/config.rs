@@ -18,6 +18,10 @@ use serde::{Deserialize, Deserializer, Serialize};
 /// Prefix of environment variables that override the file (`DSRELAY_PROCESSOR__LISTEN=...`).
 pub const ENV_PREFIX: &str = "DSRELAY_PROCESSOR";
 
+/// Longest subprocessor name (bytes): escaped byte by byte (three bytes each at most) it
+/// still fits a file name.
+pub const MAX_SUBPROCESSOR_NAME: usize = 64;
+
 /// Everything the processor needs to start.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -118,7 +122,8 @@ pub struct ControllerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubprocessorConfig {
-    /// Its name; acknowledgements name tasks by it.
+    /// Its name; acknowledgements name tasks by it. 1 to [`MAX_SUBPROCESSOR_NAME`] ASCII
+    /// letters, digits, `-`, `_` and `.`, not starting with `.`.
     pub name: String,
     /// The data categories it holds; a request whose scope names none of them gets no task
     /// here.
@@ -383,8 +388,12 @@ impl Config {
         }
         let mut names = BTreeSet::new();
         for (i, s) in self.subprocessors.iter().enumerate() {
-            if s.name.is_empty() || s.name.len() > 128 {
-                errors.push(format!("subprocessors[{i}].name: must be 1 to 128 bytes"));
+            if !is_subprocessor_name(&s.name) {
+                errors.push(format!(
+                    "subprocessors[{i}].name: {:?} must be 1 to {MAX_SUBPROCESSOR_NAME} ASCII \
+                     letters, digits, '-', '_' and '.', not starting with '.'",
+                    s.name
+                ));
             }
             if !names.insert(&s.name) {
                 errors.push(format!("subprocessors[{i}]: name {} is used twice", s.name));
@@ -453,6 +462,17 @@ impl Config {
             Err(ConfigErrors(errors))
         }
     }
+}
+
+/// Whether `name` can name a subprocessor. It becomes the name of each task's export folder
+/// and a path segment of the registry's package (`<processor>/<subprocessor>/<file>`), where
+/// the registry and dsrctl refuse `/`, `:` and the like, and a leading `.` would hide it.
+fn is_subprocessor_name(name: &str) -> bool {
+    (1..=MAX_SUBPROCESSOR_NAME).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 impl Config {
@@ -777,6 +797,48 @@ mod tests {
             .any(|e| e.contains("subprocessor crm") && e.contains("controller acme")));
         let both = |_: &str| Some(vec!["acme".to_string(), "globex".to_string()]);
         assert!(c.scoping_errors(both).is_empty());
+    }
+
+    #[test]
+    fn a_subprocessor_name_must_fit_a_folder_and_a_package_path() {
+        let load = |name: &str| {
+            let (_dir, file) = folder(&format!(
+                "[[subprocessors]]\nname = {name:?}\ncategories = [\"contact\"]\n\
+                 connector = {{ type = \"noop\" }}\n"
+            ));
+            Config::load_from(Some(&file), env(&[]))
+        };
+        for good in [
+            "a",
+            "mail-marketing",
+            "accounting_2.eu",
+            "A9",
+            &"x".repeat(MAX_SUBPROCESSOR_NAME),
+        ] {
+            if let Err(e) = load(good) {
+                panic!("{good:?} refused: {e}");
+            }
+        }
+        for bad in [
+            String::new(),
+            "x".repeat(MAX_SUBPROCESSOR_NAME + 1),
+            "€".repeat(10),
+            ".hidden".into(),
+            "..".into(),
+            "a/b".into(),
+            "crm:eu".into(),
+            "mail marketing".into(),
+        ] {
+            let err = load(&bad).expect_err(&bad);
+            assert_eq!(err.0.len(), 1, "{bad:?}: {err}");
+            assert_eq!(
+                err.0[0],
+                format!(
+                    "subprocessors[0].name: {bad:?} must be 1 to 64 ASCII letters, digits, \
+                     '-', '_' and '.', not starting with '.'"
+                ),
+            );
+        }
     }
 
     #[test]
