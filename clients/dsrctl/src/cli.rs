@@ -26,8 +26,9 @@ Connection settings: each is taken from the first of
 Exit status: 0 on success; 1 for a configuration or connection problem, from `watch`
 when the request ended other than COMPLETED, from `audit verify` when the trail is
 broken, from `download` when a file does not match the manifest or cannot be
-written, and from `certificate verify` when the certificate does not verify (`certificate
-get`: when the registry rejected it); 2 for a usage error or an error answer from the registry (printed as
+written, from `certificate verify` when the certificate does not verify (`certificate
+get`: when the registry rejected it), and when a server answers something that cannot be
+right (a listing whose pages do not advance); 2 for a usage error or an error answer from the registry (printed as
 `error: <CODE>: <message>`).";
 
 /// Command-line client for the dsrelay registry: submit and follow data-subject requests.
@@ -103,9 +104,16 @@ pub enum Command {
     Get(GetArgs),
     /// List requests, newest first.
     List(ListArgs),
-    /// Print a request's events until it finishes; exits 0 only if it ended COMPLETED.
+    /// Print a request's events until it ends COMPLETED, FAILED or CANCELLED (a
+    /// PARTIALLY_COMPLETED request is followed until its retained tasks complete); exits 0
+    /// only if it ended COMPLETED.
+    ///
+    /// The registry ends every watch after its `watch.max_stream_ms` (default one hour) and
+    /// when it shuts down, with UNAVAILABLE; then, and when the connection drops, dsrctl
+    /// watches again after the last event printed, 1 s later, and gives up once 30 attempts
+    /// in a row fail to open the stream.
     Watch(WatchArgs),
-    /// Cancel a request that has not finished.
+    /// Cancel a request that is still open (RECEIVED, DISPATCHED, IN_PROGRESS or FAILED).
     Cancel(CancelArgs),
     /// Extend a request's due date (operators only).
     Extend(ExtendArgs),

@@ -14,9 +14,10 @@
 //!
 //! Exit status: 0 on success; 1 for configuration and connection problems, when `watch`
 //! sees the request end other than COMPLETED, when `audit verify` finds the trail broken
-//! when `download` finds a file that does not match the manifest or cannot write it, and
+//! when `download` finds a file that does not match the manifest or cannot write it,
 //! when `certificate verify` finds a certificate that does not verify (or `certificate get`
-//! one the registry rejected);
+//! one the registry rejected), and when a server answers something that cannot be right (a
+//! listing whose pages do not advance);
 //! 2 for usage errors (clap's own included) and error answers from the registry.
 
 use std::io::Write;
@@ -63,6 +64,9 @@ pub enum Failure {
     /// A deletion certificate that does not verify, was rejected by the registry, or
     /// cannot be read or written.
     Certificate(anyhow::Error),
+    /// A server answered something that cannot be right, such as a listing whose next page
+    /// does not start past the one before.
+    BadAnswer(String),
 }
 
 impl From<std::io::Error> for Failure {
@@ -81,7 +85,8 @@ impl Failure {
             | Self::Setup(_)
             | Self::Output(_)
             | Self::Package(_)
-            | Self::Certificate(_) => EXIT_FAILURE,
+            | Self::Certificate(_)
+            | Self::BadAnswer(_) => EXIT_FAILURE,
         }
     }
 
@@ -112,6 +117,7 @@ impl Failure {
             }
             Self::Output(err) => format!("error: writing the output: {err}"),
             Self::Package(err) | Self::Certificate(err) => format!("error: {err:#}"),
+            Self::BadAnswer(msg) => format!("error: {msg}"),
         };
         table::clean(&text)
     }

@@ -1,5 +1,6 @@
 //! Connecting to the registry and calling its partner API.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -21,8 +22,9 @@ use tonic::Status;
 /// How long a unary call may take unless [`RegistryClient::with_timeout`] says otherwise.
 ///
 /// Sent to the server as `grpc-timeout` too, so it stops working on an answer nobody waits
-/// for. Streams ([`RegistryClient::watch`], [`RegistryClient::download_package`]) have no deadline:
-/// they last as long as the request or the download.
+/// for. Streams ([`RegistryClient::watch`], [`RegistryClient::download_package`]) have no deadline
+/// of ours: a download lasts as long as it takes, a watch until the request ends or the
+/// registry ends the stream (see [`RegistryClient::watch`]).
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where the registry is and how to prove who we are to it.
@@ -158,45 +160,27 @@ impl RegistryClient {
     }
 
     /// Every page of a listing, starting at `request.page_token`, ending after the page
-    /// without a `next_page_token` or at the first error.
+    /// without a `next_page_token` or at the first error. A `next_page_token` already seen
+    /// in this listing ends it with INTERNAL, since following it would page forever.
     pub fn list_pages(
         &self,
         request: ListRequestsRequest,
     ) -> impl Stream<Item = Result<ListRequestsResponse, Status>> + Send + 'static {
         let client = self.clone();
-        futures::stream::unfold(Some(request), move |state| {
+        pages(request, move |request| {
             let client = client.clone();
-            async move {
-                let request = state?;
-                let token = request.page_token.clone();
-                match client.list(request.clone()).await {
-                    Err(status) => Some((Err(status), None)),
-                    // A server handing back the token it was given would page forever.
-                    Ok(page)
-                        if !page.next_page_token.is_empty() && page.next_page_token == token =>
-                    {
-                        Some((
-                            Err(Status::internal(format!(
-                                "the registry returned page token {token:?} again; stopping"
-                            ))),
-                            None,
-                        ))
-                    }
-                    Ok(page) => {
-                        let next =
-                            (!page.next_page_token.is_empty()).then(|| ListRequestsRequest {
-                                page_token: page.next_page_token.clone(),
-                                ..request
-                            });
-                        Some((Ok(page), next))
-                    }
-                }
-            }
+            async move { client.list(request).await }
         })
     }
 
     /// Streams a request's events after `after_event_id` (0 for all), then live ones, ending
-    /// after the event that puts the request in a terminal state.
+    /// after the event that puts the request in a terminal state (COMPLETED, FAILED or
+    /// CANCELLED; a PARTIALLY_COMPLETED request goes on until its retained tasks complete).
+    ///
+    /// The registry also ends every stream after its `watch.max_stream_ms` (default one
+    /// hour), and when it shuts down, with an UNAVAILABLE error item. To follow on, call
+    /// `watch` again with `after_event_id` the largest `event_id` received (the error's
+    /// message names it too), after a short pause; events are not repeated.
     ///
     /// A failure to open the stream arrives as its first (and only) item.
     pub fn watch(
@@ -225,7 +209,8 @@ impl RegistryClient {
             .flatten()
     }
 
-    /// Cancels a request that has not finished; returns it as it is afterwards.
+    /// Cancels a request that is still open (RECEIVED, DISPATCHED, IN_PROGRESS or FAILED);
+    /// returns it as it is afterwards.
     pub async fn cancel(
         &self,
         request_id: impl Into<String>,
@@ -257,6 +242,48 @@ impl RegistryClient {
             .await?
             .into_inner())
     }
+}
+
+/// The pages [`RegistryClient::list_pages`] yields, each asked for with `list`.
+fn pages<F, Fut>(
+    request: ListRequestsRequest,
+    list: F,
+) -> impl Stream<Item = Result<ListRequestsResponse, Status>> + Send + 'static
+where
+    F: Fn(ListRequestsRequest) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<ListRequestsResponse, Status>> + Send + 'static,
+{
+    // Every token given so far: a server handing back any of them (not only the last, as in
+    // A, B, A) would page forever.
+    let mut seen = HashSet::new();
+    if !request.page_token.is_empty() {
+        seen.insert(request.page_token.clone());
+    }
+    futures::stream::unfold(Some((request, seen)), move |state| {
+        let call = state.map(|(request, seen)| (list(request.clone()), request, seen));
+        async move {
+            let (page, request, mut seen) = call?;
+            match page.await {
+                Err(status) => Some((Err(status), None)),
+                Ok(page) if page.next_page_token.is_empty() => Some((Ok(page), None)),
+                Ok(page) if !seen.insert(page.next_page_token.clone()) => Some((
+                    Err(Status::internal(format!(
+                        "the registry returned page token {:?}, which this listing had \
+                         already followed; stopping, as following it again would page forever",
+                        page.next_page_token
+                    ))),
+                    None,
+                )),
+                Ok(page) => {
+                    let next = ListRequestsRequest {
+                        page_token: page.next_page_token.clone(),
+                        ..request
+                    };
+                    Some((Ok(page), Some((next, seen))))
+                }
+            }
+        }
+    })
 }
 
 #[cfg(test)]
@@ -291,6 +318,73 @@ mod tests {
             .await;
         assert_eq!(pages.len(), 1);
         assert!(pages[0].is_err());
+    }
+
+    /// The pages a server yields that answers token `t` with `next(t)` as the next token;
+    /// at most 6, so a listing that would not end does not hang the test.
+    async fn pages_from(
+        start: &str,
+        next: fn(&str) -> &'static str,
+    ) -> Vec<Result<ListRequestsResponse, Status>> {
+        let request = ListRequestsRequest {
+            page_token: start.into(),
+            ..Default::default()
+        };
+        pages(request, move |r| {
+            std::future::ready(Ok(ListRequestsResponse {
+                next_page_token: next(&r.page_token).into(),
+                ..Default::default()
+            }))
+        })
+        .take(6)
+        .collect()
+        .await
+    }
+
+    fn tokens(pages: &[Result<ListRequestsResponse, Status>]) -> Vec<Result<&str, String>> {
+        pages
+            .iter()
+            .map(|p| match p {
+                Ok(page) => Ok(page.next_page_token.as_str()),
+                Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn list_pages_follows_tokens_to_the_end() {
+        let pages = pages_from("", |t| match t {
+            "" => "A",
+            "A" => "B",
+            _ => "",
+        })
+        .await;
+        assert_eq!(tokens(&pages), [Ok("A"), Ok("B"), Ok("")]);
+    }
+
+    #[tokio::test]
+    async fn list_pages_refuses_any_token_seen_before() {
+        // A cycle A, B, A.
+        let pages = pages_from("", |t| match t {
+            "" | "B" => "A",
+            _ => "B",
+        })
+        .await;
+        let tokens = tokens(&pages);
+        assert_eq!(tokens.len(), 3, "{tokens:?}");
+        assert_eq!(tokens[..2], [Ok("A"), Ok("B")]);
+        let err = tokens[2].as_ref().unwrap_err();
+        assert!(
+            err.starts_with("Internal: ") && err.contains("\"A\"") && err.contains("already"),
+            "{err}"
+        );
+        // The same token again, and a return to the token the listing started at.
+        let again = pages_from("", |_| "A").await;
+        assert_eq!(again.len(), 2);
+        assert!(again[1].is_err());
+        let back = pages_from("S", |t| if t == "S" { "A" } else { "S" }).await;
+        assert_eq!(back.len(), 2);
+        assert!(back[1].is_err());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use dsrelay_proto::v1::{
     GetTaskStatusRequest, IdentityEncoding, IdentityType, RequestKind, SubjectIdentity,
 };
 use dsrelay_runtime::grpc::{self, Authorizer, ServiceName};
-use dsrelay_runtime::identity::{validate_identities, FieldViolation};
+use dsrelay_runtime::identity::{text_violation, validate_identities, FieldViolation};
 use tonic::{Request, Response, Status};
 
 use crate::export::{DEFAULT_PAGE_BYTES, MAX_PAGE_BYTES, MIN_PAGE_BYTES};
@@ -27,6 +27,8 @@ pub(crate) const MAX_CATEGORIES: usize = 32;
 pub(crate) const MAX_CATEGORY: usize = 64;
 /// At most this many corrections per RECTIFICATION.
 pub(crate) const MAX_CORRECTIONS: usize = 32;
+/// At most this many bytes in the name of a corrected field.
+pub(crate) const MAX_FIELD: usize = 64;
 /// At most this many bytes in a corrected value.
 pub(crate) const MAX_NEW_VALUE: usize = 1024;
 /// At most this many bytes in a transfer recipient.
@@ -192,12 +194,12 @@ pub(crate) fn validate_execute(r: &ExecuteRequest) -> Vec<FieldViolation> {
             ));
         }
         for (i, c) in scope.data_categories.iter().enumerate() {
-            if c.is_empty() || c.len() > MAX_CATEGORY {
-                out.push(FieldViolation::new(
-                    format!("scope.data_categories[{i}]"),
-                    format!("must be 1 to {MAX_CATEGORY} bytes"),
-                ));
-            }
+            out.extend(text_violation(
+                &format!("scope.data_categories[{i}]"),
+                c,
+                MAX_CATEGORY,
+                true,
+            ));
         }
     }
     let params = r.parameters.clone().unwrap_or_default();
@@ -211,14 +213,13 @@ pub(crate) fn validate_execute(r: &ExecuteRequest) -> Vec<FieldViolation> {
             }
             for (i, c) in params.corrections.iter().enumerate() {
                 let f = |name: &str| format!("parameters.corrections[{i}].{name}");
-                if c.field.trim().is_empty() || c.field.len() > 64 {
-                    out.push(FieldViolation::new(f("field"), "must be 1 to 64 bytes"));
-                }
-                if c.new_value.len() > MAX_NEW_VALUE {
-                    out.push(FieldViolation::new(
-                        f("new_value"),
-                        format!("must be at most {MAX_NEW_VALUE} bytes"),
-                    ));
+                // Both are stored (a field not held here is named in the answer's note): a
+                // control character would be kept, or fail the write on PostgreSQL (NUL)
+                // after the request was accepted.
+                out.extend(text_violation(&f("field"), &c.field, MAX_FIELD, true));
+                if let Some(v) = text_violation(&f("new_value"), &c.new_value, MAX_NEW_VALUE, false)
+                {
+                    out.push(v);
                     continue;
                 }
                 let rule = match c.field.trim().to_ascii_lowercase().as_str() {
@@ -238,6 +239,14 @@ pub(crate) fn validate_execute(r: &ExecuteRequest) -> Vec<FieldViolation> {
                 out.push(FieldViolation::new(
                     "parameters.transfer_recipient",
                     format!("TRANSFER needs a recipient of 1 to {MAX_RECIPIENT} bytes"),
+                ));
+            } else {
+                // Named in the stored note, like a correction.
+                out.extend(text_violation(
+                    "parameters.transfer_recipient",
+                    recipient,
+                    MAX_RECIPIENT,
+                    true,
                 ));
             }
         }
@@ -466,6 +475,73 @@ mod tests {
             ]
         );
         r.kind = RequestKind::Transfer as i32;
+        assert_eq!(fields(&r), vec!["parameters.transfer_recipient"]);
+    }
+
+    /// Every text that is stored or compared is checked for control characters, each named
+    /// by its field: a NUL would be kept on SQLite and fail the write on PostgreSQL.
+    #[test]
+    fn control_characters_in_corrections_categories_and_recipients_are_refused() {
+        let correction = |field: &str, new_value: &str| FieldCorrection {
+            field: field.into(),
+            new_value: new_value.into(),
+        };
+        let r = ExecuteRequest {
+            task_id: "t".into(),
+            request_id: "r".into(),
+            kind: RequestKind::Rectification as i32,
+            identities: vec![email("a@b.fi")],
+            scope: Some(Scope {
+                data_categories: vec!["contact".into(), "contact\u{0}".into(), "\u{1b}[2J".into()],
+            }),
+            parameters: Some(RequestParameters {
+                corrections: vec![
+                    correction("name", "Bob\u{0}"),
+                    correction("name", "Bob\u{7}Smith"),
+                    correction("address\u{0}", "Anywhere 1"),
+                    // Tab and line breaks are text; trimmed away for a name.
+                    correction("name", "Bob Smith\n"),
+                ],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let violations = validate_execute(&r);
+        let named: Vec<&str> = violations.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(
+            named,
+            vec![
+                "scope.data_categories[1]",
+                "scope.data_categories[2]",
+                "parameters.corrections[0].new_value",
+                "parameters.corrections[1].new_value",
+                "parameters.corrections[2].field",
+            ]
+        );
+        assert!(
+            violations
+                .iter()
+                .all(|v| v.rule.contains("control characters")),
+            "{violations:?}"
+        );
+        let status = Status::from(ApiError::ensure_valid(violations).unwrap_err());
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status
+                .message()
+                .contains("parameters.corrections[0].new_value"),
+            "{status:?}"
+        );
+
+        let r = ExecuteRequest {
+            kind: RequestKind::Transfer as i32,
+            scope: None,
+            parameters: Some(RequestParameters {
+                transfer_recipient: "other\u{0}".into(),
+                ..Default::default()
+            }),
+            ..r
+        };
         assert_eq!(fields(&r), vec!["parameters.transfer_recipient"]);
     }
 }

@@ -706,6 +706,74 @@ async fn cancel_ends_a_watch_and_only_operators_extend() {
     pair.stop().await;
 }
 
+/// The registry ends every Watch stream after `watch.max_stream_ms` with UNAVAILABLE;
+/// `dsrctl watch` watches again after the last event it printed, so a request that outlives
+/// several streams is still followed to its end, each event printed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_follows_a_request_across_the_ends_of_its_streams() {
+    const LIFETIME_MS: u64 = 400;
+    // The mail system takes 4 s: the request outlives several streams.
+    let pair = spawn_pair(PairOptions {
+        mail_delay_ms: 4000,
+        watch: Some(dsrelay_registry::config::WatchConfig {
+            max_stream_ms: LIFETIME_MS,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("pair");
+    let s = &pair;
+    let doc = dsrctl(
+        s,
+        "partner-crm",
+        &[
+            "submit",
+            "--kind",
+            "erasure",
+            "--email",
+            "watch.resumes@example.fi",
+            "--output",
+            "json",
+        ],
+    )
+    .await
+    .json();
+    let id = doc["request_id"].as_str().expect("request_id").to_string();
+    let started = std::time::Instant::now();
+    let live = dsrctl(s, "partner-crm", &["watch", &id, "--output", "json"]).await;
+    let took = started.elapsed();
+    live.expect_code(0);
+    assert_eq!(live.stderr, format!("request {id} ended COMPLETED\n"));
+    assert!(
+        took > Duration::from_millis(3 * LIFETIME_MS),
+        "the watch outlived several streams: {took:?}"
+    );
+    let ids = |stdout: &str| -> Vec<u64> {
+        stdout
+            .lines()
+            .map(|l| {
+                let e: Value = serde_json::from_str(l).expect("one JSON document per line");
+                e["event_id"].as_u64().expect("event_id")
+            })
+            .collect()
+    };
+    let printed = ids(&live.stdout);
+    let mut unique = printed.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), printed.len(), "no event twice: {printed:?}");
+    // Nothing missed either: a replay of the finished request (one stream) has the same.
+    let replay = dsrctl(s, "partner-crm", &["watch", &id, "--output", "json"]).await;
+    let mut replayed = ids(replay.ok());
+    replayed.sort_unstable();
+    assert_eq!(unique, replayed, "\n{}\n{}", live.stdout, replay.stdout);
+    let last: Value =
+        serde_json::from_str(live.stdout.lines().last().expect("events")).expect("JSON line");
+    assert_eq!(last["request_state"], "COMPLETED", "{}", live.stdout);
+    pair.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_answers_exit_2() {
     let pair = spawn_pair(PairOptions::default()).await.expect("pair");

@@ -63,6 +63,18 @@ fn package_digest(info: &PackageInfo) -> Option<String> {
     (!info.manifest_json.is_empty()).then(|| hex::encode(Sha256::digest(&info.manifest_json)))
 }
 
+/// The sum of file sizes from a manifest. The registry's numbers are not trusted to add up
+/// within a u64: saturating, a nonsensical manifest shows an impossible total (its files
+/// then fail their checks) instead of panicking or wrapping to a small one.
+fn total_bytes(sizes: impl Iterator<Item = u64>) -> u64 {
+    sizes.fold(0, u64::saturating_add)
+}
+
+/// The bytes `info`'s manifest announces, in all.
+fn manifest_bytes(info: &PackageInfo) -> u64 {
+    total_bytes(info.files.iter().map(|f| f.size))
+}
+
 /// One file as `package` shows it.
 #[derive(Debug, Serialize)]
 struct ManifestFileView {
@@ -208,7 +220,7 @@ impl DownloadView {
             zip,
             package_sha256: package_digest(info),
             file_count: outcomes.len(),
-            bytes: outcomes.iter().map(|o| o.size).sum(),
+            bytes: total_bytes(outcomes.iter().map(|o| o.size)),
             digests_verified,
             verified: digests_verified == outcomes.len(),
             files: outcomes
@@ -336,7 +348,7 @@ pub(crate) async fn run(
         )));
     }
     let mut unpacker = Unpacker::new(&info, target.open()?).map_err(Failure::Package)?;
-    let progress = progress_bar(info.files.iter().map(|f| f.size).sum());
+    let progress = progress_bar(manifest_bytes(&info));
     while let Some(event) = events.next().await {
         let step = match event {
             Ok(DownloadEvent::Chunk(chunk)) => unpacker
@@ -376,4 +388,46 @@ pub(crate) async fn run(
         writeln!(io.err, "{}", clean(&note))?;
     }
     Ok(EXIT_FAILURE)
+}
+
+#[cfg(test)]
+mod tests {
+    use dsrelay_sdk::proto::ManifestFile;
+
+    use super::*;
+
+    fn outcome(path: &str, size: u64) -> FileOutcome {
+        FileOutcome {
+            path: path.into(),
+            size,
+            sha256: String::new(),
+            error: Some("ended at 0 bytes".into()),
+        }
+    }
+
+    #[test]
+    fn sizes_beyond_a_u64_saturate_instead_of_overflowing() {
+        let info = PackageInfo {
+            request_id: "r-1".into(),
+            files: [u64::MAX, 1, 2]
+                .into_iter()
+                .map(|size| ManifestFile {
+                    size,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        assert_eq!(manifest_bytes(&info), u64::MAX);
+        let outcomes = vec![outcome("a", u64::MAX), outcome("b", 1)];
+        let view = DownloadView::new(&info, &Target::Dir("out".into()), outcomes);
+        assert_eq!(view.bytes, u64::MAX);
+        assert!(!view.verified);
+    }
+
+    #[test]
+    fn sizes_add_up() {
+        assert_eq!(total_bytes([1, 2, 3].into_iter()), 6);
+        assert_eq!(total_bytes(std::iter::empty()), 0);
+    }
 }

@@ -3,8 +3,8 @@
 
 use dsrelay_sdk::proto::processor_operator_service_client::ProcessorOperatorServiceClient;
 use dsrelay_sdk::proto::{
-    CompleteManualTaskRequest, DeadLetter, ListDeadLettersRequest, ListManualTasksRequest,
-    ManualTask, RefuseManualTaskRequest, RequeueDeadLetterRequest, TaskRef,
+    CompleteManualTaskRequest, DeadLetter, DeadLetterList, ListDeadLettersRequest,
+    ListManualTasksRequest, ManualTask, RefuseManualTaskRequest, RequeueDeadLetterRequest, TaskRef,
 };
 use dsrelay_sdk::ConnectionSettings;
 use serde::Serialize;
@@ -233,6 +233,46 @@ fn failed(status: tonic::Status, endpoint: &str) -> Failure {
     }
 }
 
+/// Every dead letter at the processor at `endpoint`, a page at a time: `page(after_id)` asks
+/// for the page after `after_id`.
+///
+/// Each page must end past the one before: a processor that answered `truncated` with a page
+/// that does not (or with no dead letters at all) would have us ask the same thing forever,
+/// growing the list each time.
+async fn all_dead_letters<F, Fut>(endpoint: &str, mut page: F) -> Result<Vec<DeadLetter>, Failure>
+where
+    F: FnMut(i64) -> Fut,
+    Fut: std::future::Future<Output = Result<DeadLetterList, tonic::Status>>,
+{
+    let mut dead_letters = Vec::new();
+    let mut after_id = 0;
+    loop {
+        let answer = page(after_id).await.map_err(|s| failed(s, endpoint))?;
+        let last = answer.dead_letters.last().map(|d| d.id);
+        dead_letters.extend(answer.dead_letters);
+        if !answer.truncated {
+            return Ok(dead_letters);
+        }
+        match last {
+            Some(last) if last > after_id => after_id = last,
+            Some(last) => {
+                return Err(Failure::BadAnswer(format!(
+                    "the processor at {endpoint} answered the page after dead letter {after_id} \
+                     with one ending at id {last}, not past it, and said more follow; \
+                     stopping, as asking again would never end"
+                )))
+            }
+            None => {
+                return Err(Failure::BadAnswer(format!(
+                    "the processor at {endpoint} answered the page after dead letter {after_id} \
+                     with no dead letters, and said more follow; stopping, as asking again \
+                     would never end"
+                )))
+            }
+        }
+    }
+}
+
 /// Runs a `tasks` subcommand.
 pub(crate) async fn run(
     cmd: &TasksCommand,
@@ -312,26 +352,23 @@ pub(crate) async fn run(
             emit(io.out, io.format, &TaskView::from(&done), false)?;
         }
         TasksCommand::DeadLetters { processor } => {
-            let mut client = ProcessorOperatorServiceClient::new(connect(processor, settings)?);
-            // Every dead letter, a page at a time.
-            let mut dead_letters = Vec::new();
-            let mut after_id = 0;
-            loop {
-                let page = client
-                    .list_dead_letters(ListDeadLettersRequest {
-                        limit: 500,
-                        after_id,
-                    })
-                    .await
-                    .map_err(|s| failed(s, &processor.processor))?
-                    .into_inner();
-                dead_letters.extend(page.dead_letters.iter().map(DeadLetterView::from));
-                match page.dead_letters.last() {
-                    Some(last) if page.truncated => after_id = last.id,
-                    _ => break,
+            let client = ProcessorOperatorServiceClient::new(connect(processor, settings)?);
+            let dead_letters = all_dead_letters(&processor.processor, |after_id| {
+                let mut client = client.clone();
+                async move {
+                    client
+                        .list_dead_letters(ListDeadLettersRequest {
+                            limit: 500,
+                            after_id,
+                        })
+                        .await
+                        .map(tonic::Response::into_inner)
                 }
-            }
-            let view = DeadLetterListView { dead_letters };
+            })
+            .await?;
+            let view = DeadLetterListView {
+                dead_letters: dead_letters.iter().map(DeadLetterView::from).collect(),
+            };
             emit(io.out, io.format, &view, false)?;
         }
         TasksCommand::Requeue { processor, id } => {
@@ -344,4 +381,91 @@ pub(crate) async fn run(
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+
+    fn page(ids: &[i64], truncated: bool) -> DeadLetterList {
+        DeadLetterList {
+            dead_letters: ids
+                .iter()
+                .map(|&id| DeadLetter {
+                    id,
+                    ..Default::default()
+                })
+                .collect(),
+            truncated,
+        }
+    }
+
+    /// Lists with a processor that answers `answer(after_id)`, recording what was asked;
+    /// past 10 calls it answers ABORTED, so a listing that never ends fails instead of
+    /// hanging the test.
+    async fn list(
+        answer: impl Fn(i64) -> DeadLetterList,
+    ) -> (Result<Vec<DeadLetter>, Failure>, Vec<i64>) {
+        let asked = RefCell::new(Vec::new());
+        let result = all_dead_letters("https://processor:50052", |after_id| {
+            asked.borrow_mut().push(after_id);
+            let calls = asked.borrow().len();
+            let answer = if calls > 10 {
+                Err(tonic::Status::aborted("asked more than 10 times"))
+            } else {
+                Ok(answer(after_id))
+            };
+            std::future::ready(answer)
+        })
+        .await;
+        (result, asked.into_inner())
+    }
+
+    #[tokio::test]
+    async fn dead_letter_pages_are_read_until_not_truncated() {
+        let (result, asked) = list(|after_id| match after_id {
+            0 => page(&[1, 2], true),
+            _ => page(&[5], false),
+        })
+        .await;
+        let ids: Vec<i64> = result.unwrap().iter().map(|d| d.id).collect();
+        assert_eq!(ids, [1, 2, 5]);
+        assert_eq!(asked, [0, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_truncated_page_that_does_not_advance_is_an_error() {
+        for repeat in [2, 1] {
+            let (result, asked) = list(|after_id| match after_id {
+                0 => page(&[1, 2], true),
+                _ => page(&[repeat], true),
+            })
+            .await;
+            let failure = result.unwrap_err();
+            assert!(matches!(failure, Failure::BadAnswer(_)), "{failure:?}");
+            assert_eq!(failure.exit_code(), crate::EXIT_FAILURE);
+            let message = failure.message();
+            assert!(
+                message.contains("https://processor:50052")
+                    && message.contains(&format!(
+                        "after dead letter 2 with one ending at id {repeat}"
+                    )),
+                "{message}"
+            );
+            assert_eq!(asked, [0, 2]);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_empty_truncated_page_is_an_error() {
+        let (result, asked) = list(|_| page(&[], true)).await;
+        let message = result.unwrap_err().message();
+        assert!(
+            message.contains("after dead letter 0 with no dead letters"),
+            "{message}"
+        );
+        assert_eq!(asked, [0]);
+    }
 }

@@ -57,6 +57,13 @@ fn ms(e: &RequestEvent) -> i64 {
         .unwrap_or(0)
 }
 
+/// Milliseconds from `start` to `at`. Both come from the registry's timestamps, which may be
+/// anywhere in the i64 range: saturating, absurd times show absurd durations instead of
+/// panicking (debug builds) or wrapping to plausible ones (release builds).
+fn since(at: i64, start: i64) -> i64 {
+    at.saturating_sub(start)
+}
+
 fn secs(ms: i64) -> String {
     format!("{:.3} s", ms as f64 / 1000.0)
 }
@@ -108,18 +115,18 @@ impl TraceView {
             };
             match EventType::try_from(e.r#type) {
                 Ok(EventType::Delivered) if hop.delivered_after_ms.is_none() => {
-                    hop.delivered_after_ms = Some(ms(e) - start);
+                    hop.delivered_after_ms = Some(since(ms(e), start));
                 }
                 Ok(EventType::DeliveryFailed | EventType::DeliveryDeadLettered) => {
                     hop.failures
-                        .push(format!("+{}: {}", secs(ms(e) - start), e.message));
+                        .push(format!("+{}: {}", secs(since(ms(e), start)), e.message));
                 }
                 Ok(EventType::TaskUpdated) => {
                     if let Some(t) = &e.task {
                         steps
                             .entry((e.processor.clone(), t.subprocessor.clone()))
                             .or_default()
-                            .push((ms(e) - start, task_state_name(t.state)));
+                            .push((since(ms(e), start), task_state_name(t.state)));
                     }
                 }
                 // A task's export reaching the registry is a step of its own, between the
@@ -129,7 +136,7 @@ impl TraceView {
                         steps
                             .entry((e.processor.clone(), t.subprocessor.clone()))
                             .or_default()
-                            .push((ms(e) - start, "PART_STORED".to_string()));
+                            .push((since(ms(e), start), "PART_STORED".to_string()));
                     }
                 }
                 // A deletion certificate arriving with the acknowledgement is the proof of
@@ -139,7 +146,7 @@ impl TraceView {
                         steps
                             .entry((e.processor.clone(), t.subprocessor.clone()))
                             .or_default()
-                            .push((ms(e) - start, "CERTIFICATE_STORED".to_string()));
+                            .push((since(ms(e), start), "CERTIFICATE_STORED".to_string()));
                     }
                 }
                 Ok(EventType::CertificateRejected) => {
@@ -148,7 +155,7 @@ impl TraceView {
                             .entry((e.processor.clone(), t.subprocessor.clone()))
                             .or_default()
                             .push((
-                                ms(e) - start,
+                                since(ms(e), start),
                                 format!("CERTIFICATE_REJECTED ({})", e.message),
                             ));
                     }
@@ -164,7 +171,7 @@ impl TraceView {
                 .remove(&(t.processor.clone(), t.subprocessor.clone()))
                 .unwrap_or_default();
             let duration_ms = match (s.first(), s.last()) {
-                (Some(a), Some(b)) => b.0 - a.0,
+                (Some(a), Some(b)) => since(b.0, a.0),
                 _ => 0,
             };
             let detail = match TaskState::try_from(t.state) {
@@ -199,7 +206,7 @@ impl TraceView {
             state: state_name(request.state),
             trace_id: request.trace_id.clone(),
             received_at: Time::from_proto(request.received_at.as_ref()),
-            elapsed_ms: last - start,
+            elapsed_ms: since(last, start),
             processors: hops.into_values().collect(),
         }
     }
@@ -281,4 +288,72 @@ pub(crate) async fn run(
         .into_inner();
     emit(io.out, io.format, &TraceView::build(&list), false)?;
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use dsrelay_proto::prost_types::Timestamp;
+    use dsrelay_sdk::proto::{Delivery, EventList, Request, TaskStatus};
+
+    use super::*;
+
+    fn event(r#type: EventType, seconds: i64, task: bool) -> RequestEvent {
+        RequestEvent {
+            r#type: r#type as i32,
+            occurred_at: Some(Timestamp { seconds, nanos: 0 }),
+            processor: "payroll-bureau".into(),
+            task: task.then(|| TaskStatus {
+                processor: "payroll-bureau".into(),
+                subprocessor: "accounting".into(),
+                state: TaskState::Completed as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Timestamps at both ends of the i64 range: every difference the tree takes would
+    /// overflow.
+    #[test]
+    fn extreme_timestamps_saturate_instead_of_overflowing() {
+        let list = EventList {
+            request: Some(Request {
+                request_id: "r-1".into(),
+                deliveries: vec![Delivery {
+                    processor: "payroll-bureau".into(),
+                    delivered_at: Some(Timestamp::default()),
+                    ..Default::default()
+                }],
+                tasks: vec![TaskStatus {
+                    processor: "payroll-bureau".into(),
+                    subprocessor: "accounting".into(),
+                    state: TaskState::Completed as i32,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            events: vec![
+                event(EventType::Submitted, i64::MIN, false),
+                event(EventType::TaskUpdated, i64::MIN, true),
+                event(EventType::DeliveryFailed, i64::MAX, false),
+                event(EventType::Delivered, i64::MAX, false),
+                event(EventType::TaskUpdated, i64::MAX, true),
+            ],
+        };
+        let view = TraceView::build(&list);
+        assert_eq!(view.elapsed_ms, i64::MAX);
+        let hop = &view.processors[0];
+        assert_eq!(hop.delivered_after_ms, Some(i64::MAX));
+        assert_eq!(hop.tasks[0].steps[0].0, 0);
+        assert_eq!(hop.tasks[0].steps[1].0, i64::MAX);
+        assert_eq!(hop.tasks[0].duration_ms, i64::MAX);
+        // And the other way round: a submission after everything else.
+        let mut backwards = list.clone();
+        backwards.events[0] = event(EventType::Submitted, i64::MAX, false);
+        backwards.events[2] = event(EventType::DeliveryFailed, i64::MIN, false);
+        backwards.events[3] = event(EventType::Delivered, i64::MIN, false);
+        let view = TraceView::build(&backwards);
+        assert_eq!(view.processors[0].delivered_after_ms, Some(i64::MIN));
+        assert!(view.to_table().contains("payroll-bureau"));
+    }
 }

@@ -1,14 +1,34 @@
 //! `dsrctl watch`.
+//!
+//! The registry ends every Watch stream after `watch.max_stream_ms` (default one hour) and
+//! when it shuts down, with UNAVAILABLE; a request can take far longer than that (an operator
+//! to act, a PARTIALLY_COMPLETED request's retained tasks to come due). So `watch` watches
+//! again after the last event it printed, until the registry ends a stream because the
+//! request ended.
 
-use dsrelay_sdk::proto::RequestState;
-use tokio_stream::StreamExt;
+use std::future::Future;
+use std::pin::pin;
+use std::time::Duration;
+
+use dsrelay_sdk::is_connection_error;
+use dsrelay_sdk::proto::{RequestEvent, RequestState, WatchRequest};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Code, Status};
 
 use crate::cli::WatchArgs;
 use crate::commands::{Io, Registry};
 use crate::output::{emit, state_name, EventView};
 use crate::Failure;
 
-/// The states after which the registry ends a watch.
+/// How long to wait before watching again: a registry that is restarting needs a moment,
+/// and one that ends every stream at once must not be called in a tight loop.
+const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
+
+/// How many attempts in a row to watch again may fail before `watch` gives up: with
+/// [`RECONNECT_PAUSE`], a registry restart of about half a minute is waited out.
+const MAX_FAILED_RECONNECTS: u32 = 30;
+
+/// The states after which the registry ends a watch (its `request_is_terminal`).
 fn is_terminal(state: i32) -> bool {
     matches!(
         RequestState::try_from(state),
@@ -16,19 +36,152 @@ fn is_terminal(state: i32) -> bool {
     )
 }
 
-/// Prints events until the stream ends; 0 if the request ended COMPLETED, 1 otherwise.
+/// A stream that ended with this was cut short (its lifetime, a shutdown, a lost
+/// connection), not refused: watching again can go on.
+fn worth_resuming(status: &Status) -> bool {
+    status.code() == Code::Unavailable || is_connection_error(status)
+}
+
+/// When to watch again.
+struct Retry {
+    /// The wait before each new attempt.
+    pause: Duration,
+    /// Attempts in a row whose stream could not be opened, after which [`follow`] gives up.
+    max_failed: u32,
+}
+
+/// Why [`follow`] stopped other than at the end of a stream.
+#[derive(Debug)]
+enum Stop {
+    /// An error not worth retrying, or the first stream not opening.
+    Status(Status),
+    /// The last `attempts` attempts to watch again after event `after` failed, the last with
+    /// `status`.
+    GaveUp {
+        status: Status,
+        after: u64,
+        attempts: u32,
+    },
+    /// Printing an event failed.
+    Output(Failure),
+}
+
+/// Follows a request's events after event `after`, opening each stream with
+/// `open(after_event_id)` and handing each event to `print`, once; returns the request state
+/// of the last event printed when a stream ends without error.
+///
+/// A stream that ends with UNAVAILABLE (or a lost connection) is opened again after the
+/// last event printed, after [`Retry::pause`]; [`Retry::max_failed`] failures in a row to
+/// open it end the watch.
+async fn follow<O, F, S>(
+    mut open: O,
+    mut after: u64,
+    retry: &Retry,
+    mut print: impl FnMut(&RequestEvent) -> Result<(), Failure>,
+) -> Result<Option<i32>, Stop>
+where
+    O: FnMut(u64) -> F,
+    F: Future<Output = Result<S, Status>>,
+    S: Stream<Item = Result<RequestEvent, Status>>,
+{
+    let mut last_state = None;
+    let mut failed = 0;
+    let mut resuming = false;
+    loop {
+        let events = match open(after).await {
+            Ok(events) => events,
+            // Not at the first attempt: a registry that cannot be reached at all should say
+            // so at once.
+            Err(status) if resuming && worth_resuming(&status) => {
+                failed += 1;
+                if failed >= retry.max_failed {
+                    return Err(Stop::GaveUp {
+                        status,
+                        after,
+                        attempts: failed,
+                    });
+                }
+                tokio::time::sleep(retry.pause).await;
+                continue;
+            }
+            Err(status) => return Err(Stop::Status(status)),
+        };
+        failed = 0;
+        let asked_after = after;
+        let mut events = pin!(events);
+        loop {
+            match events.next().await {
+                None => return Ok(last_state),
+                Some(Ok(event)) => {
+                    // The registry sends only events after the one asked for; one sent
+                    // again anyway (by a registry in error) has been printed already.
+                    if event.event_id <= asked_after {
+                        continue;
+                    }
+                    // Ids may arrive out of order (they are not committed in order); the
+                    // registry resumes after the largest one it sent.
+                    after = after.max(event.event_id);
+                    last_state = Some(event.request_state);
+                    print(&event).map_err(Stop::Output)?;
+                }
+                Some(Err(status)) if worth_resuming(&status) => break,
+                Some(Err(status)) => return Err(Stop::Status(status)),
+            }
+        }
+        // Cut short right after the request ended: nothing is left to wait for.
+        if last_state.is_some_and(is_terminal) {
+            return Ok(last_state);
+        }
+        resuming = true;
+        tokio::time::sleep(retry.pause).await;
+    }
+}
+
+/// Prints events until the registry ends the watch because the request ended (or, for a
+/// request that ends without its final event reaching us, until a stream ends without
+/// error); 0 if the request ended COMPLETED, 1 otherwise.
 pub(crate) async fn run(
     registry: &Registry,
     args: &WatchArgs,
     io: &mut Io<'_>,
 ) -> Result<u8, Failure> {
-    let mut events = std::pin::pin!(registry.client.watch(args.id.as_str(), args.after));
-    let mut last_state = None;
-    while let Some(event) = events.next().await {
-        let event = event.map_err(|s| registry.failed(s))?;
-        last_state = Some(event.request_state);
-        emit(io.out, io.format, &EventView::from(&event), true)?;
-    }
+    let retry = Retry {
+        pause: RECONNECT_PAUSE,
+        max_failed: MAX_FAILED_RECONNECTS,
+    };
+    let client = registry.client.raw();
+    let open = |after_event_id| {
+        let mut client = client.clone();
+        let request = WatchRequest {
+            request_id: args.id.clone(),
+            after_event_id,
+            follow_after_terminal: false,
+        };
+        async move { client.watch(request).await.map(tonic::Response::into_inner) }
+    };
+    let (out, format) = (&mut *io.out, io.format);
+    let print = |event: &RequestEvent| Ok(emit(&mut *out, format, &EventView::from(event), true)?);
+    let last_state = match follow(open, args.after, &retry, print).await {
+        Ok(state) => state,
+        Err(Stop::Status(status)) => return Err(registry.failed(status)),
+        Err(Stop::Output(failure)) => return Err(failure),
+        Err(Stop::GaveUp {
+            status,
+            after,
+            attempts,
+        }) => {
+            writeln!(
+                io.err,
+                "gave up watching request {}: the registry ended the stream, and {attempts} \
+                 attempts in a row to watch again, {} s apart, failed; `dsrctl watch {} \
+                 --after {after}` continues after the last event printed",
+                args.id,
+                retry.pause.as_secs(),
+                args.id
+            )?;
+            return Err(registry.failed(status));
+        }
+    };
     // With --after past the final event, or a stream the server closed early, the events do
     // not tell how the request stands; ask.
     let state = match last_state {
@@ -57,4 +210,192 @@ pub(crate) async fn run(
     } else {
         1
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::collections::VecDeque;
+
+    use super::*;
+
+    fn event(event_id: u64, state: RequestState) -> Result<RequestEvent, Status> {
+        Ok(RequestEvent {
+            event_id,
+            request_state: state as i32,
+            ..Default::default()
+        })
+    }
+
+    fn lifetime_over(last: u64) -> Result<RequestEvent, Status> {
+        Err(Status::unavailable(format!(
+            "this watch stream reached its maximum lifetime (watch.max_stream_ms = 1000); \
+             watch again with after_event_id {last} to continue where this stream ended"
+        )))
+    }
+
+    const NO_PAUSE: Retry = Retry {
+        pause: Duration::ZERO,
+        max_failed: 3,
+    };
+
+    /// Follows with a registry that answers the n-th attempt with `attempts[n]` (a stream of
+    /// these items, or a status when opening); returns the outcome, the event ids printed
+    /// and the `after_event_id` of each attempt.
+    async fn run_follow(
+        after: u64,
+        attempts: Vec<Result<Vec<Result<RequestEvent, Status>>, Status>>,
+    ) -> (Result<Option<i32>, Stop>, Vec<u64>, Vec<u64>) {
+        let attempts = RefCell::new(VecDeque::from(attempts));
+        let asked = RefCell::new(Vec::new());
+        let mut printed = Vec::new();
+        let outcome = follow(
+            |after| {
+                asked.borrow_mut().push(after);
+                let next = attempts
+                    .borrow_mut()
+                    .pop_front()
+                    .unwrap_or_else(|| Err(Status::aborted("no more attempts in this test")));
+                std::future::ready(next.map(tokio_stream::iter))
+            },
+            after,
+            &NO_PAUSE,
+            |e| {
+                printed.push(e.event_id);
+                Ok(())
+            },
+        )
+        .await;
+        (outcome, printed, asked.into_inner())
+    }
+
+    #[tokio::test]
+    async fn a_stream_cut_short_is_resumed_after_the_last_event_printed() {
+        let (outcome, printed, asked) = run_follow(
+            0,
+            vec![
+                // Out of order, as uncommitted ids can be: the resume point is the largest.
+                Ok(vec![
+                    event(1, RequestState::Received),
+                    event(3, RequestState::InProgress),
+                    event(2, RequestState::Dispatched),
+                    lifetime_over(3),
+                ]),
+                // A stream with nothing new, ended by a shutdown.
+                Ok(vec![Err(Status::unavailable(
+                    "the registry is shutting down",
+                ))]),
+                // The registry restarting.
+                Err(Status::unavailable("connection refused")),
+                // A registry that sends an event printed already.
+                Ok(vec![
+                    event(3, RequestState::InProgress),
+                    event(4, RequestState::Completed),
+                ]),
+            ],
+        )
+        .await;
+        assert_eq!(outcome.unwrap(), Some(RequestState::Completed as i32));
+        assert_eq!(printed, [1, 3, 2, 4]);
+        assert_eq!(asked, [0, 3, 3, 3]);
+    }
+
+    #[tokio::test]
+    async fn gives_up_after_the_most_failed_attempts_in_a_row() {
+        let refused = || Err(Status::unavailable("connection refused"));
+        let (outcome, printed, asked) = run_follow(
+            5,
+            vec![
+                Ok(vec![event(6, RequestState::InProgress), lifetime_over(6)]),
+                refused(),
+                refused(),
+                // A stream that opens starts the count again.
+                Ok(vec![lifetime_over(6)]),
+                refused(),
+                refused(),
+                refused(),
+                Ok(vec![event(7, RequestState::Completed)]),
+            ],
+        )
+        .await;
+        match outcome {
+            Err(Stop::GaveUp {
+                status,
+                after,
+                attempts,
+            }) => {
+                assert_eq!(status.code(), Code::Unavailable);
+                assert_eq!((after, attempts), (6, 3));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(printed, [6]);
+        assert_eq!(asked, [5, 6, 6, 6, 6, 6, 6]);
+    }
+
+    #[tokio::test]
+    async fn other_errors_and_a_first_stream_that_cannot_open_end_at_once() {
+        let (outcome, _, asked) =
+            run_follow(0, vec![Err(Status::unavailable("connection refused"))]).await;
+        assert!(
+            matches!(&outcome, Err(Stop::Status(s)) if s.code() == Code::Unavailable),
+            "{outcome:?}"
+        );
+        assert_eq!(asked, [0]);
+        let (outcome, printed, asked) = run_follow(
+            0,
+            vec![
+                Ok(vec![event(1, RequestState::Received), lifetime_over(1)]),
+                Err(Status::not_found("request r-1 not found")),
+            ],
+        )
+        .await;
+        assert!(
+            matches!(&outcome, Err(Stop::Status(s)) if s.code() == Code::NotFound),
+            "{outcome:?}"
+        );
+        assert_eq!((printed, asked), (vec![1], vec![0, 1]));
+        let (outcome, _, asked) = run_follow(
+            0,
+            vec![Ok(vec![
+                event(1, RequestState::Received),
+                Err(Status::permission_denied("not yours")),
+            ])],
+        )
+        .await;
+        assert!(
+            matches!(&outcome, Err(Stop::Status(s)) if s.code() == Code::PermissionDenied),
+            "{outcome:?}"
+        );
+        assert_eq!(asked, [0]);
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_ends_is_not_watched_again() {
+        // The registry ends the stream after the final event; a stream that ends early
+        // leaves the state to a Get.
+        for (events, state) in [
+            (
+                vec![event(1, RequestState::Cancelled)],
+                Some(RequestState::Cancelled as i32),
+            ),
+            (
+                vec![event(1, RequestState::InProgress)],
+                Some(RequestState::InProgress as i32),
+            ),
+            (vec![], None),
+        ] {
+            let (outcome, _, asked) = run_follow(0, vec![Ok(events)]).await;
+            assert_eq!(outcome.unwrap(), state);
+            assert_eq!(asked, [0]);
+        }
+        // Cut short right after the final event: nothing more to wait for.
+        let (outcome, _, asked) = run_follow(
+            0,
+            vec![Ok(vec![event(2, RequestState::Failed), lifetime_over(2)])],
+        )
+        .await;
+        assert_eq!(outcome.unwrap(), Some(RequestState::Failed as i32));
+        assert_eq!(asked, [0]);
+    }
 }
