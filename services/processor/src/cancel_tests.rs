@@ -343,6 +343,68 @@ async fn started_work_is_followed_to_its_end(database_url: &str, dir: &std::path
     assert_eq!(jobs[0].task.key.request_id, "r-2");
 }
 
+/// An export on its way (its upload claimed by a sender) holds a cancellation off as a
+/// working holder does: the task stays IN_PROGRESS, marked, and its sender reports what
+/// arrived. An export waiting for its next attempt is cancelled at once.
+async fn an_export_on_its_way(database_url: &str, dir: &std::path::Path) {
+    let Setup { app, .. } = setup(database_url, dir).await;
+    let shared = app.shared();
+    let db = &shared.store.db().pool;
+    let now = shared.clock.now_ms();
+    // The task as its export step leaves it (IN_PROGRESS, no lease of its own), with its
+    // upload claimed by a sender (`Store::claim_uploads` sets the lease the same way).
+    sqlx::query("UPDATE tasks SET state = $1 WHERE request_id = 'r-1'")
+        .bind(TaskState::InProgress as i32)
+        .execute(db)
+        .await
+        .expect("in progress");
+    sqlx::query(
+        "INSERT INTO uploads (controller, request_id, subprocessor, next_attempt_at, \
+         lease_until) VALUES ('acme', 'r-1', 'crm', $1, $2)",
+    )
+    .bind(now)
+    .bind(now + 60_000)
+    .execute(db)
+    .await
+    .expect("an upload on its way");
+    let tasks = cancel(&shared).await;
+    assert_eq!(tasks[0].state, TaskState::InProgress, "{tasks:?}");
+    assert!(tasks[0].cancel_requested_at.is_some(), "{tasks:?}");
+    assert!(tasks[0].reason.contains("too late to stop it"), "{tasks:?}");
+
+    // Between attempts nothing is on its way: cancelled.
+    let req = DeliverRequest {
+        request_id: "r-2".into(),
+        kind: RequestKind::ReturnOfData as i32,
+        due_at: Some(timestamp_from_millis(now + 600_000)),
+        ..Default::default()
+    };
+    shared
+        .store
+        .accept("acme", &req, &["crm".to_string()], None, now)
+        .await
+        .expect("accept");
+    sqlx::query("UPDATE tasks SET state = $1 WHERE request_id = 'r-2'")
+        .bind(TaskState::InProgress as i32)
+        .execute(db)
+        .await
+        .expect("in progress");
+    sqlx::query(
+        "INSERT INTO uploads (controller, request_id, subprocessor, next_attempt_at, \
+         lease_until) VALUES ('acme', 'r-2', 'crm', $1, 0)",
+    )
+    .bind(now + 60_000)
+    .execute(db)
+    .await
+    .expect("an upload waiting");
+    let tasks = shared
+        .store
+        .cancel("acme", "r-2", "withdrawn", now)
+        .await
+        .expect("cancel");
+    assert_eq!(tasks[0].state, TaskState::Cancelled, "{tasks:?}");
+}
+
 async fn on_sqlite<F, Fut>(test: F)
 where
     F: FnOnce(String, std::path::PathBuf) -> Fut,
@@ -390,4 +452,15 @@ async fn cancel_started_work_is_followed_to_its_end_on_postgres() {
         started_work_is_followed_to_its_end(&u, &d).await
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_waits_for_an_export_on_its_way_on_sqlite() {
+    on_sqlite(|u, d| async move { an_export_on_its_way(&u, &d).await }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_waits_for_an_export_on_its_way_on_postgres() {
+    crate::test_postgres::on_postgres(|u, d| async move { an_export_on_its_way(&u, &d).await })
+        .await;
 }

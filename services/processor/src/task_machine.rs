@@ -622,6 +622,39 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
         {
             Decision::Ignore
         }
+        // A cancellation that came while the export was on its way: what did not arrive is
+        // not sent again, and what arrived is reported, too late to stop.
+        Event::Undeliverable { to, .. } | Event::DeliveryFailed { to, .. }
+            if task.cancel_requested && task.phase == ContractPhase::Unspecified =>
+        {
+            Decision::Move(Transition {
+                state: Cancelled,
+                records_affected: task.records_affected,
+                reason: format!(
+                    "cancelled: the holder's export was written at the processor and is not \
+                     delivered to {to}"
+                ),
+                ..Default::default()
+            })
+        }
+        Event::Delivered {
+            to,
+            files,
+            bytes,
+            receipt,
+        } if task.cancel_requested && task.phase == ContractPhase::Unspecified => {
+            match delivered(task, to, files, bytes, receipt) {
+                Decision::Move(t) => Decision::Move(Transition {
+                    note: format!(
+                        "{} (the cancellation came while it was being delivered: too late to \
+                         stop it)",
+                        t.note
+                    ),
+                    ..t
+                }),
+                other => other,
+            }
+        }
         // A contract end's returned data is still at the holder: it waits for the controller.
         // Returned to a transfer recipient, the recipient's receipt is the proof the
         // controller confirms with, so the acknowledgement carries it.
@@ -665,24 +698,7 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
             files,
             bytes,
             receipt,
-        } => Decision::Move(Transition {
-            state: Completed,
-            records_affected: task.records_affected,
-            confirmed: true,
-            note: match (&to, &receipt) {
-                (Destination::Recipient(_), Some(r)) => format!(
-                    "export received by {to} ({files} file(s), {bytes} bytes), receipt over \
-                     manifest SHA-256 {}",
-                    r.manifest_sha256
-                ),
-                _ => format!(
-                    "export stored at {to} as this subprocessor's part of the package \
-                     ({files} file(s), {bytes} bytes)"
-                ),
-            },
-            transfer_receipt: receipt,
-            ..Default::default()
-        }),
+        } => delivered(task, to, files, bytes, receipt),
         Event::Undeliverable { to, reason } => Decision::Move(failed(format!(
             "the export could not be delivered to {to}: {}",
             clip(reason)
@@ -726,6 +742,34 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
             })
         }
     }
+}
+
+/// A return of data's or transfer's export arrived: the task is COMPLETED with the proof.
+fn delivered(
+    task: &Current<'_>,
+    to: Destination<'_>,
+    files: usize,
+    bytes: u64,
+    receipt: Option<TransferReceipt>,
+) -> Decision {
+    Decision::Move(Transition {
+        state: TaskState::Completed,
+        records_affected: task.records_affected,
+        confirmed: true,
+        note: match (&to, &receipt) {
+            (Destination::Recipient(_), Some(r)) => format!(
+                "export received by {to} ({files} file(s), {bytes} bytes), receipt over \
+                 manifest SHA-256 {}",
+                r.manifest_sha256
+            ),
+            _ => format!(
+                "export stored at {to} as this subprocessor's part of the package \
+                 ({files} file(s), {bytes} bytes)"
+            ),
+        },
+        transfer_receipt: receipt,
+        ..Default::default()
+    })
 }
 
 /// Whether the note of failed delivery attempt `attempt` is sent to the controller: the
@@ -1780,6 +1824,48 @@ mod tests {
                 decide(&task(state), delivered(), &Context::at(NOW)),
                 Decision::Ignore
             );
+        }
+    }
+
+    #[test]
+    fn a_cancellation_that_came_while_the_export_travelled_stops_what_did_not_arrive() {
+        let marked = Current {
+            cancel_requested: true,
+            ..task(InProgress)
+        };
+        // Arrived anyway: COMPLETED, saying the cancellation came too late.
+        let arrived = Event::Delivered {
+            to: Destination::Recipient("new-bookkeeper"),
+            files: 2,
+            bytes: 300,
+            receipt: None,
+        };
+        let t = moved(decide(&marked, arrived, &ctx()));
+        assert_eq!((t.state, t.confirmed), (Completed, true));
+        assert!(t.note.contains("new-bookkeeper"), "{}", t.note);
+        assert!(t.note.contains("too late to stop it"), "{}", t.note);
+        // Not arrived: not sent again, whatever the time left.
+        for event in [
+            Event::DeliveryFailed {
+                to: Destination::Registry,
+                files: 2,
+                bytes: 300,
+                attempt: 1,
+                error: "unavailable",
+            },
+            Event::Undeliverable {
+                to: Destination::Registry,
+                reason: "refused",
+            },
+        ] {
+            let t = moved(decide(&marked, event, &ctx()));
+            assert_eq!(t.state, Cancelled);
+            assert!(
+                t.reason.contains("not delivered to the registry"),
+                "{}",
+                t.reason
+            );
+            assert_eq!(t.records_affected, 3);
         }
     }
 

@@ -290,6 +290,21 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
     };
     let to = sink.destination();
     let bytes: u64 = job.files.iter().map(|f| f.size).sum();
+    if task.cancel_requested_at.is_some() {
+        // Cancelled while an earlier attempt was on its way (which made the cancellation wait
+        // for it): nothing more is sent.
+        let event = Event::DeliveryFailed {
+            to,
+            files: job.files.len(),
+            bytes,
+            attempt: job.attempts,
+            error: "the request was cancelled",
+        };
+        let decision = decide(&task.current(), event, &Context::at(shared.clock.now_ms()));
+        return record(shared, job, decision, None, task.sequence, task.attempts)
+            .await
+            .map(drop);
+    }
     match send_export(shared, job, &sink).await {
         Ok(receipt) => {
             tracing::info!(files = job.files.len(), %to, "export delivered");

@@ -281,10 +281,15 @@ impl Store {
         }
         // Locked: a runner's start or outcome committing meanwhile is read, not overwritten
         // (on SQLite the transaction's first write already holds every other writer off).
+        // A task whose export is on its way (its upload claimed) is as busy as one whose
+        // holder works: the destination may hold the data by the time the sender records it.
         let leases: Vec<(String, i64)> = sqlx::query_as(&format!(
-            "SELECT subprocessor, CAST(CASE WHEN lease_until > {db_now} THEN 1 ELSE 0 END \
-             AS BIGINT) AS leased FROM tasks WHERE controller = $1 AND request_id = $2 \
-             ORDER BY subprocessor{}{}",
+            "SELECT t.subprocessor, CAST(CASE WHEN t.lease_until > {db_now} OR EXISTS \
+             (SELECT 1 FROM uploads u WHERE u.controller = t.controller \
+             AND u.request_id = t.request_id AND u.subprocessor = t.subprocessor \
+             AND u.done_at IS NULL AND u.lease_until > {db_now}) THEN 1 ELSE 0 END \
+             AS BIGINT) AS leased FROM tasks t WHERE t.controller = $1 AND t.request_id = $2 \
+             ORDER BY t.subprocessor{}{}",
             self.db.backend.bytewise(),
             self.db.backend.lock_rows()
         ))
