@@ -16,7 +16,7 @@ use dsrelay_proto::v1::{
 };
 use dsrelay_runtime::grpc::{self, Authorizer, CallerTrace, ServiceName};
 use dsrelay_runtime::identity::{
-    request_id_violation, text_violation, validate_identities, FieldViolation,
+    instant_violation, request_id_violation, text_violation, validate_identities, FieldViolation,
 };
 use dsrelay_runtime::trace_context;
 use tonic::{Request, Response, Status};
@@ -413,20 +413,6 @@ fn recipient_violations(to: &TransferRecipient) -> Vec<FieldViolation> {
     .into_iter()
     .filter_map(|(field, value)| text_violation(field, value, MAX_NAME, true))
     .collect()
-}
-
-/// What is wrong with `t` as the instant in `field`: milliseconds sent as seconds land tens
-/// of millennia out, where a due date or grace period never ends and milliseconds saturate.
-fn instant_violation(field: &str, t: &Timestamp) -> Option<FieldViolation> {
-    (!dsrelay_proto::is_real_instant(t)).then(|| {
-        FieldViolation::new(
-            field,
-            format!(
-                "must be between the years 2000 and 9999 (got {} seconds since the epoch)",
-                t.seconds
-            ),
-        )
-    })
 }
 
 /// Parameters of another kind than `kind`: a registry that sends them has mistaken

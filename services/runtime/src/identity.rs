@@ -36,6 +36,24 @@ impl FieldViolation {
     }
 }
 
+/// Checks an instant: outside the years 2000 to 9999 ([`dsrelay_proto::is_real_instant`])
+/// it is no real request's, task's or contract's time (milliseconds sent as seconds land
+/// tens of millennia out, where a due date never comes and milliseconds saturate).
+pub fn instant_violation(
+    field: &str,
+    t: &dsrelay_proto::prost_types::Timestamp,
+) -> Option<FieldViolation> {
+    (!dsrelay_proto::is_real_instant(t)).then(|| {
+        FieldViolation::new(
+            field,
+            format!(
+                "must be between the years 2000 and 9999 (got {} seconds since the epoch)",
+                t.seconds
+            ),
+        )
+    })
+}
+
 /// Checks a free-text field: its length, and no control characters other than tab and line
 /// breaks (NUL cannot be stored in PostgreSQL text, and the others only hide things from
 /// the people who read these texts).

@@ -14,7 +14,7 @@ use dsrelay_proto::v1::{
     AcknowledgeRequest, AcknowledgeResponse, Acknowledgement, ContractPhase,
     RejectedAcknowledgement, RejectedField, RequestKind, TaskState, TaskStatus, TransferReceipt,
 };
-use dsrelay_runtime::identity::{request_id_violation, FieldViolation};
+use dsrelay_runtime::identity::{instant_violation, request_id_violation, FieldViolation};
 use dsrelay_runtime::trace_context;
 use tonic::{Response, Status};
 
@@ -421,7 +421,7 @@ fn violations(i: usize, a: &Acknowledgement) -> Vec<FieldViolation> {
         ("retain_until", &a.retain_until),
     ] {
         if let Some(t) = at {
-            violations.extend(timestamp_violation(
+            violations.extend(instant_violation(
                 &format!("acknowledgements[{i}].{name}"),
                 t,
             ));
@@ -437,24 +437,6 @@ fn violations(i: usize, a: &Acknowledgement) -> Vec<FieldViolation> {
         }
     }
     violations
-}
-
-/// What is wrong with `t` as the instant in `field`: outside the years 2000 to 9999 it is no
-/// real task's time, and far enough out its milliseconds saturate into a meaningless
-/// acknowledgement latency.
-fn timestamp_violation(
-    field: &str,
-    t: &dsrelay_proto::prost_types::Timestamp,
-) -> Option<FieldViolation> {
-    (!dsrelay_proto::is_real_instant(t)).then(|| {
-        FieldViolation::new(
-            field,
-            format!(
-                "must be between the years 2000 and 9999 (got {} seconds since the epoch)",
-                t.seconds
-            ),
-        )
-    })
 }
 
 #[cfg(test)]

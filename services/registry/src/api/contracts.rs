@@ -19,7 +19,7 @@ use dsrelay_proto::v1::{
 use dsrelay_proto::{millis_from_timestamp, timestamp_from_millis};
 use dsrelay_runtime::grpc::CallerTrace;
 use dsrelay_runtime::identity::{
-    keyed_digest, request_id_violation, text_violation, FieldViolation,
+    instant_violation, keyed_digest, request_id_violation, text_violation, FieldViolation,
 };
 use dsrelay_runtime::trace_context;
 use sha2::{Digest, Sha256};
@@ -128,15 +128,11 @@ pub(crate) fn end_contract_violations(
             "effective_at",
             "is required: give the date the contract ends, or effective_now to end it now",
         )),
-        // Milliseconds sent as seconds land tens of millennia out; stored, such an end would
-        // stand in the way of every later contract end with this processor.
-        (Some(t), false) if !dsrelay_proto::is_real_instant(t) => out.push(FieldViolation::new(
-            "effective_at",
-            format!(
-                "must be between the years 2000 and 9999 (got {} seconds since the epoch)",
-                t.seconds
-            ),
-        )),
+        // Stored, an end in no real year would stand in the way of every later contract end
+        // with this processor.
+        (Some(t), false) if !dsrelay_proto::is_real_instant(t) => {
+            out.extend(instant_violation("effective_at", t))
+        }
         (Some(t), false) if millis_from_timestamp(t) < now => out.push(FieldViolation::new(
             "effective_at",
             format!(
