@@ -886,3 +886,75 @@ async fn packages_empty_files_are_stored_and_downloaded() {
     }
     pair.stop().await;
 }
+
+/// An upload whose header came before its package expired, and whose bytes come after the
+/// expiry deleted the package, is refused, and brings back no file: the record says the
+/// package is gone, and so it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packages_an_upload_begun_before_the_expiry_does_not_outlive_it() {
+    let (pair, id) = a_delivered_return_of_data(PairOptions::default()).await;
+    let folder = pair.package_dir().join(&id);
+    download(&mut packages(&pair, "partner-crm"), &id)
+        .await
+        .expect("within retention");
+    let data = br#"[{"late": true}]"#;
+    let h = header(&id, "late.json", data);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(UploadFileChunk {
+        header: Some(h.clone()),
+        ..Default::default()
+    })
+    .await
+    .expect("the header");
+    let mut client = uploads(&pair);
+    let call = tokio::spawn(async move {
+        client
+            .upload_file(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    // The header is registered before the package expires.
+    let db = Db::connect(pair.registry.database_url())
+        .await
+        .expect("the registry's store");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let files: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM package_files WHERE request_id = $1 AND name = 'late.json'",
+        )
+        .bind(&id)
+        .fetch_one(&db.pool)
+        .await
+        .expect("package files");
+        if files == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never registered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pair.registry
+        .clock()
+        .expect("in process")
+        .advance(31 * 86_400_000);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !event_types(&pair, &id)
+        .await
+        .iter()
+        .any(|e| e.0 == EventType::PackageExpired as i32)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!folder.exists(), "{folder:?}");
+
+    tx.send(chunk(None, 0, data)).await.expect("the bytes");
+    drop(tx);
+    let refused = call.await.expect("the call").unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("expired"), "{refused:?}");
+    assert!(
+        !folder.exists(),
+        "the expired package came back: {folder:?}"
+    );
+    db.pool.close().await;
+    pair.stop().await;
+}

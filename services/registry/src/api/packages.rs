@@ -31,7 +31,7 @@ use tonic::{Response, Status, Streaming};
 use crate::app::Shared;
 use crate::auth::Party;
 use crate::error::ApiError;
-use crate::packages::{file_key, manifest, Appender, MAX_CHUNK};
+use crate::packages::{file_key, manifest, package_key, Appender, MAX_CHUNK};
 use crate::store::{FileBegin, PackageFile, PartOutcome, RequestRow, UploadTarget};
 use crate::validate::text_violation;
 
@@ -197,7 +197,7 @@ impl Api {
             )));
         }
         if end.size == 0 {
-            self.store_empty(&key).await?;
+            self.store_empty(&up.file).await?;
         }
         let mut file = up.file.clone();
         file.size = i64::try_from(end.size).unwrap_or(i64::MAX);
@@ -239,7 +239,7 @@ impl Api {
     ) -> Result<UploadState, ApiError> {
         let key = file_key(file);
         if file.size == 0 {
-            self.store_empty(&key).await?;
+            self.store_empty(file).await?;
         }
         let digest = match digest {
             Some(d) => d,
@@ -268,15 +268,33 @@ impl Api {
     /// Creates the empty file `key`, durably: a file of no bytes gets no chunk, and the chunk
     /// is what creates a file, so without this its digest could not be read nor the package
     /// downloaded.
-    async fn store_empty(&self, key: &str) -> Result<(), ApiError> {
-        let mut appender = self
-            .shared
-            .packages
-            .store
-            .appender(key)
-            .await
-            .map_err(io_error)?;
+    async fn store_empty(&self, file: &PackageFile) -> Result<(), ApiError> {
+        let mut appender = self.open_file(file).await?;
         appender.sync().await.map_err(io_error)
+    }
+
+    /// Opens `file` for appending, creating it (and its folders). An upload registered before
+    /// its package expired may come here after the expiry deleted the package: the package
+    /// is then deleted again and the upload refused, so that no file outlives the record
+    /// that says it is gone. The check follows the creation, and the sweep deletes once more
+    /// after recording the expiry, so whichever comes last removes what the other left.
+    async fn open_file(&self, file: &PackageFile) -> Result<Box<dyn Appender>, ApiError> {
+        let store = &self.shared.packages.store;
+        let appender = store.appender(&file_key(file)).await.map_err(io_error)?;
+        if let Some(at) = self
+            .shared
+            .store
+            .package_expired_at(&file.request_id)
+            .await?
+        {
+            drop(appender);
+            store
+                .remove_all(&package_key(&file.request_id))
+                .await
+                .map_err(io_error)?;
+            return Err(expired(&file.request_id, at));
+        }
+        Ok(appender)
     }
 
     /// Stores one chunk after checking its offset, size and CRC-32; a refused chunk leaves
@@ -330,14 +348,7 @@ impl Api {
         }
         let appender = match &mut up.appender {
             Some(a) => a,
-            None => up.appender.insert(
-                self.shared
-                    .packages
-                    .store
-                    .appender(&file_key(file))
-                    .await
-                    .map_err(io_error)?,
-            ),
+            None => up.appender.insert(self.open_file(file).await?),
         };
         appender.append(&chunk.data).await.map_err(io_error)?;
         if let Some(h) = &mut up.hasher {

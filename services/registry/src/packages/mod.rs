@@ -161,7 +161,9 @@ async fn expire_due(shared: &Shared) -> Result<()> {
 }
 
 /// Deletes one package's files, then records it expired: a crash in between deletes them
-/// again at the next sweep, and the record never says deleted while bytes remain.
+/// again at the next sweep, and the record never says deleted while bytes remain. Then
+/// deletes once more: an upload registered before the expiry may have created a file since
+/// the first deletion (one that comes after the record refuses itself and deletes it).
 async fn expire_one(shared: &Shared, request_id: &str, now: i64) -> Result<()> {
     let packages = &shared.packages;
     packages
@@ -177,7 +179,12 @@ async fn expire_one(shared: &Shared, request_id: &str, now: i64) -> Result<()> {
             now,
             &format!("package deleted {days} day(s) after the request finished"),
         )
+        .await?;
+    packages
+        .store
+        .remove_all(&package_key(request_id))
         .await
+        .with_context(|| format!("deleting the package of request {request_id} again"))
 }
 
 #[cfg(test)]

@@ -417,6 +417,16 @@ impl Store {
         })
     }
 
+    /// When the package of `request_id` expired, if it did.
+    pub async fn package_expired_at(&self, request_id: &str) -> Result<Option<i64>> {
+        let at: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT expired_at FROM packages WHERE request_id = $1")
+                .bind(request_id)
+                .fetch_optional(&self.db.reader)
+                .await?;
+        Ok(at.flatten())
+    }
+
     /// What the registry knows of a request's package.
     pub async fn package(&self, request_id: &str) -> Result<PackageRecord> {
         let pool = &self.db.reader;
