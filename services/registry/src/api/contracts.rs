@@ -193,15 +193,22 @@ impl Api {
             .ok_or_else(|| not_found(id))
     }
 
-    /// The contract end `id` as shown.
-    async fn contract_view(&self, id: &str, deduplicated: bool) -> Result<Contract, ApiError> {
+    /// The contract end `id` with its tasks, read together, or NOT_FOUND.
+    async fn contract_and_tasks(
+        &self,
+        id: &str,
+    ) -> Result<(ContractRow, Vec<TaskStatus>), ApiError> {
         ApiError::ensure_valid(request_id_violation("contract_id", id))?;
-        let (row, tasks) = self
-            .shared
+        self.shared
             .store
             .contract_with_tasks(id)
             .await?
-            .ok_or_else(|| not_found(id))?;
+            .ok_or_else(|| not_found(id))
+    }
+
+    /// The contract end `id` as shown.
+    async fn contract_view(&self, id: &str, deduplicated: bool) -> Result<Contract, ApiError> {
+        let (row, tasks) = self.contract_and_tasks(id).await?;
         Ok(view(row, tasks, deduplicated))
     }
 
@@ -227,12 +234,7 @@ impl Api {
         row: &ContractRow,
     ) -> Result<Contract, ApiError> {
         let id = &row.request_id;
-        let (_, tasks) = self
-            .shared
-            .store
-            .contract_with_tasks(id)
-            .await?
-            .ok_or_else(|| not_found(id))?;
+        let (_, tasks) = self.contract_and_tasks(id).await?;
         let without: Vec<&str> = tasks
             .iter()
             .filter(|t| {
@@ -472,14 +474,7 @@ impl ContractService for Api {
             &r.transfer_recipient,
             &self.shared.config.known_recipients(),
         ))?;
-        ApiError::ensure_valid(request_id_violation("contract_id", &r.contract_id))?;
-        let (row, tasks) = self
-            .shared
-            .store
-            .contract_with_tasks(&r.contract_id)
-            .await
-            .map_err(ApiError::from)?
-            .ok_or_else(|| not_found(&r.contract_id))?;
+        let (row, tasks) = self.contract_and_tasks(&r.contract_id).await?;
         Self::ensure_open(&row)?;
         if row.choice() != ContractEndChoice::None {
             return Err(ApiError::failed_precondition(format!(

@@ -265,8 +265,8 @@ impl Api {
         })
     }
 
-    /// Creates the empty file `key`, durably: a file of no bytes gets no chunk, and the chunk
-    /// is what creates a file, so without this its digest could not be read nor the package
+    /// Creates `file`, of no bytes, durably: such a file gets no chunk, and a chunk is what
+    /// creates a file, so without this its digest could not be read nor the package
     /// downloaded.
     async fn store_empty(&self, file: &PackageFile) -> Result<(), ApiError> {
         let mut appender = self.open_file(file).await?;
