@@ -54,8 +54,8 @@ pub struct ContractRow {
     pub request_updated_at: i64,
     /// W3C trace id.
     pub trace_id: String,
-    /// The processor's last answer to the terms as they stand, once it refused them (the
-    /// update row is re-armed, its refusals cleared, at every change).
+    /// The last error of the update's delivery, once the processor refused the terms as they
+    /// stand (the update row is re-armed, its refusals cleared, at every change).
     pub terms_refused: Option<String>,
 }
 
