@@ -1,5 +1,5 @@
 //! The processor's gRPC handlers for configured controllers: Deliver, Cancel, GetStatus,
-//! ListSubprocessors and UpdateContractEnd.
+//! ListSubprocessors, UpdateContractEnd and ExtendDueDate.
 //!
 //! Callers are mapped by [`dsrelay_runtime::grpc::Authorizer`], errors become statuses by
 //! the rules of [`dsrelay_runtime::grpc::error`], and the registry's trace is continued by
@@ -11,8 +11,8 @@ use dsrelay_proto::prost_types::Timestamp;
 use dsrelay_proto::v1::processor_service_server::ProcessorService;
 use dsrelay_proto::v1::{
     CancelDeliveryRequest, ContractEnd, ContractEndChoice, DeliverRequest, DeliverResponse,
-    GetStatusRequest, ListSubprocessorsRequest, RequestKind, Subprocessor, SubprocessorList,
-    TaskList, TransferRecipient, UpdateContractEndRequest,
+    ExtendDueDateRequest, GetStatusRequest, ListSubprocessorsRequest, RequestKind, Subprocessor,
+    SubprocessorList, TaskList, TransferRecipient, UpdateContractEndRequest,
 };
 use dsrelay_runtime::grpc::{self, Authorizer, CallerTrace, ServiceName};
 use dsrelay_runtime::identity::{
@@ -22,7 +22,7 @@ use dsrelay_runtime::trace_context;
 use tonic::{Request, Response, Status};
 
 use crate::app::Shared;
-use crate::store::{Accepted, Refusal, Updated};
+use crate::store::{Accepted, DueDateExtended, Refusal, Updated};
 
 /// Names the processor in its answers.
 #[derive(Debug)]
@@ -206,6 +206,67 @@ impl ProcessorService for Api {
             .map_err(ApiError::from)?;
         self.shared.ack_wakeup.notify_one();
         tracing::info!("request cancelled");
+        Ok(Response::new(TaskList {
+            request_id: r.request_id,
+            tasks: tasks.iter().map(|t| t.to_status()).collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(controller, request_id = %req.get_ref().request_id))]
+    async fn extend_due_date(
+        &self,
+        req: Request<ExtendDueDateRequest>,
+    ) -> Result<Response<TaskList>, Status> {
+        let controller = self.controller(&req)?;
+        tracing::Span::current().record("controller", controller.as_str());
+        let r = req.into_inner();
+        let mut violations: Vec<FieldViolation> = request_id_violation("request_id", &r.request_id)
+            .into_iter()
+            .collect();
+        match &r.due_at {
+            None => violations.push(FieldViolation::new("due_at", "required")),
+            Some(t) => violations.extend(instant_violation("due_at", t)),
+        }
+        ApiError::ensure_valid(violations)?;
+        let due_at = r
+            .due_at
+            .as_ref()
+            .map(dsrelay_proto::millis_from_timestamp)
+            .unwrap_or_default();
+        let extended = self
+            .shared
+            .store
+            .extend_due_date(
+                &controller,
+                &r.request_id,
+                due_at,
+                self.shared.clock.now_ms(),
+            )
+            .await
+            .map_err(ApiError::from)?;
+        let tasks = match extended {
+            DueDateExtended::NotFound => {
+                return Err(ApiError::not_found(format!(
+                    "request {} was not delivered here",
+                    r.request_id
+                ))
+                .into())
+            }
+            DueDateExtended::ContractEnd => {
+                return Err(ApiError::failed_precondition(format!(
+                    "request {} is a contract end: its due date follows its grace period and \
+                     cannot be extended",
+                    r.request_id
+                ))
+                .into())
+            }
+            DueDateExtended::Tasks { moved, tasks } => {
+                if moved {
+                    tracing::info!(due_at, "due date extended");
+                }
+                tasks
+            }
+        };
         Ok(Response::new(TaskList {
             request_id: r.request_id,
             tasks: tasks.iter().map(|t| t.to_status()).collect(),

@@ -8,8 +8,8 @@
 //!   folder.
 //! - [`app`]: [`App::build`] (store, connectors, registry clients) and [`App::run`], which
 //!   hands the services, metrics and workers to the runtime's host.
-//! - [`api`]: Deliver, Cancel, GetStatus, ListSubprocessors and UpdateContractEnd, for
-//!   controllers; the processor's error type, which both APIs use.
+//! - [`api`]: Deliver, Cancel, GetStatus, ListSubprocessors, UpdateContractEnd and
+//!   ExtendDueDate, for controllers; the processor's error type, which both APIs use.
 //! - [`metrics`]: Prometheus metrics on the admin port (`admin_listen`).
 //! - [`operator_api`]: operators list, confirm and refuse manual tasks, requeue dead-lettered
 //!   acknowledgements, list contract ends, and read the audit trail and its checkpoints.

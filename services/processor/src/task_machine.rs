@@ -824,7 +824,7 @@ fn size_label(bytes: u64) -> String {
 }
 
 /// A time (ms) as an RFC 3339 UTC date and time, to the second.
-fn date_label(ms: i64) -> String {
+pub(crate) fn date_label(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
         .unwrap_or_else(|| format!("{ms} ms"))

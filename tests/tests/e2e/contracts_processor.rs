@@ -21,9 +21,9 @@ use dsrelay_proto::v1::processor_service_client::ProcessorServiceClient;
 use dsrelay_proto::v1::{
     AcknowledgeRequest, AcknowledgeResponse, Acknowledgement, CancelDeliveryRequest,
     CompleteManualTaskRequest, CompletePartRequest, CompletePartResponse, ContractEnd,
-    ContractEndChoice, ContractPhase, DeliverRequest, GetStatusRequest, GetUploadStateRequest,
-    ListContractEndsRequest, ListManualTasksRequest, RequestKind, RequestParameters, TaskState,
-    UpdateContractEndRequest, UploadFileChunk, UploadState,
+    ContractEndChoice, ContractPhase, DeliverRequest, ExtendDueDateRequest, GetStatusRequest,
+    GetUploadStateRequest, ListContractEndsRequest, ListManualTasksRequest, RequestKind,
+    RequestParameters, TaskState, UpdateContractEndRequest, UploadFileChunk, UploadState,
 };
 use dsrelay_runtime::signing::SigningKey;
 use serde_json::Value;
@@ -457,6 +457,34 @@ async fn contractproc_a_choice_during_the_grace_period_runs_at_once() {
         .expect_err("moved date");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("effective_at"), "{err:?}");
+    // A contract end's due date follows its grace period; an unknown request is not found;
+    // a due date is required.
+    for (id, due_at, code, words) in [
+        (
+            "ce-choose",
+            Some(timestamp_from_millis(now + 400 * DAY_MS)),
+            Code::FailedPrecondition,
+            "grace period",
+        ),
+        (
+            "ce-unknown",
+            Some(timestamp_from_millis(now + 400 * DAY_MS)),
+            Code::NotFound,
+            "ce-unknown",
+        ),
+        ("ce-choose", None, Code::InvalidArgument, "due_at"),
+    ] {
+        let err = s
+            .processor
+            .extend_due_date(ExtendDueDateRequest {
+                request_id: id.into(),
+                due_at,
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(err.code(), code, "{err:?}");
+        assert!(err.message().contains(words), "{err:?}");
+    }
     let mut confirmed = terms(ContractEndChoice::Delete, now);
     confirmed.return_confirmed = true;
     let err = s

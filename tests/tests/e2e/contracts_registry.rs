@@ -17,10 +17,10 @@ use dsrelay_proto::v1::{
     AcknowledgeRequest, Acknowledgement, CancelDeliveryRequest, ChooseContractEndRequest,
     CompletePartRequest, ConfirmReturnRequest, Contract, ContractEndChoice, ContractPhase,
     ContractProgress, DeletionCertificate, DeliverRequest, DeliverResponse, EndContractRequest,
-    EventType, ExportFileHeader, GetContractRequest, GetPackageRequest, GetRequest,
-    GetStatusRequest, GetUploadStateRequest, ListCertificatesRequest, ListContractsRequest,
-    ListEventsRequest, ListSubprocessorsRequest, RequestKind, RequestState, SubprocessorList,
-    TaskList, TaskState, TaskStatus, UpdateContractEndRequest, UploadFileChunk,
+    EventType, ExportFileHeader, ExtendDueDateRequest, GetContractRequest, GetPackageRequest,
+    GetRequest, GetStatusRequest, GetUploadStateRequest, ListCertificatesRequest,
+    ListContractsRequest, ListEventsRequest, ListSubprocessorsRequest, RequestKind, RequestState,
+    SubprocessorList, TaskList, TaskState, TaskStatus, UpdateContractEndRequest, UploadFileChunk,
 };
 use dsrelay_proto::{millis_from_timestamp, timestamp_from_millis};
 use dsrelay_runtime::pki::{dev_identity, DevPki};
@@ -398,6 +398,13 @@ impl ProcessorService for RecordingProcessor {
             request_id: id,
             tasks: Vec::new(),
         }))
+    }
+
+    async fn extend_due_date(
+        &self,
+        _req: Request<ExtendDueDateRequest>,
+    ) -> Result<Response<TaskList>, Status> {
+        Err(Status::unimplemented("not in this test"))
     }
 }
 

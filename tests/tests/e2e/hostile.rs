@@ -25,8 +25,8 @@ use dsrelay_proto::v1::{
     AcknowledgeRequest, AcknowledgeResponse, Acknowledgement, CancelDeliveryRequest, CancelRequest,
     ChooseContractEndRequest, CompleteManualTaskRequest, CompletePartRequest, ConfirmReturnRequest,
     ContractEnd, ContractEndChoice, DeliverRequest, DownloadPackageRequest, EndContractRequest,
-    ExportFileHeader, ExtendDeadlineRequest, GetChainRequest, GetContractRequest,
-    GetPackageRequest, GetRequest, GetStatusRequest, GetUploadStateRequest,
+    ExportFileHeader, ExtendDeadlineRequest, ExtendDueDateRequest, GetChainRequest,
+    GetContractRequest, GetPackageRequest, GetRequest, GetStatusRequest, GetUploadStateRequest,
     ListAuditCheckpointsRequest, ListAuditEntriesRequest, ListCertificatesRequest,
     ListContractEndsRequest, ListContractsRequest, ListDeadLetteredDeliveriesRequest,
     ListDeadLettersRequest, ListEventsRequest, ListManualTasksRequest,
@@ -470,6 +470,15 @@ fn rows(open: &str, other: &str) -> Vec<Row> {
                 request_id: open.into(),
                 contract_end: Some(terms),
                 recipient: None,
+            },
+        ),
+        row(
+            P,
+            "dsrelay.v1.ProcessorService/ExtendDueDate",
+            "registry",
+            ExtendDueDateRequest {
+                request_id: open.into(),
+                due_at: timestamp(now + 60 * 86_400_000),
             },
         ),
         row(

@@ -17,8 +17,9 @@ use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceCli
 use dsrelay_proto::v1::processor_service_server::{ProcessorService, ProcessorServiceServer};
 use dsrelay_proto::v1::{
     AcknowledgeRequest, Acknowledgement, CancelDeliveryRequest, DeliverRequest, DeliverResponse,
-    Evidence, GetRequest, GetStatusRequest, ListSubprocessorsRequest, RequestKind, RequestState,
-    SubmitRequest, SubprocessorList, TaskList, TaskState, TaskStatus, UpdateContractEndRequest,
+    Evidence, ExtendDueDateRequest, GetRequest, GetStatusRequest, ListSubprocessorsRequest,
+    RequestKind, RequestState, SubmitRequest, SubprocessorList, TaskList, TaskState, TaskStatus,
+    UpdateContractEndRequest,
 };
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
@@ -88,6 +89,13 @@ impl ProcessorService for ReportingProcessor {
     async fn update_contract_end(
         &self,
         _req: Request<UpdateContractEndRequest>,
+    ) -> Result<Response<TaskList>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
+    async fn extend_due_date(
+        &self,
+        _req: Request<ExtendDueDateRequest>,
     ) -> Result<Response<TaskList>, Status> {
         Err(Status::unimplemented("not in this test"))
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use dsrelay_proto::v1::processor_service_server::{ProcessorService, ProcessorServiceServer};
 use dsrelay_proto::v1::{
-    CancelDeliveryRequest, DeliverRequest, DeliverResponse, GetStatusRequest,
+    CancelDeliveryRequest, DeliverRequest, DeliverResponse, ExtendDueDateRequest, GetStatusRequest,
     ListSubprocessorsRequest, RequestState, Scope, SubprocessorList, TaskList, TaskState,
     TaskStatus, UpdateContractEndRequest,
 };
@@ -92,6 +92,13 @@ impl ProcessorService for HeldProcessor {
     async fn update_contract_end(
         &self,
         _req: Request<UpdateContractEndRequest>,
+    ) -> Result<Response<TaskList>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
+    async fn extend_due_date(
+        &self,
+        _req: Request<ExtendDueDateRequest>,
     ) -> Result<Response<TaskList>, Status> {
         Err(Status::unimplemented("not in this test"))
     }

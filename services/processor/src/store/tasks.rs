@@ -29,6 +29,22 @@ use crate::task_machine::{decide, Context, Decision, Event, Transition};
 /// limits.
 const TASKS_PER_INSERT: usize = 200;
 
+/// What [`Store::extend_due_date`] found.
+#[derive(Debug)]
+pub enum DueDateExtended {
+    /// The caller delivered no such request.
+    NotFound,
+    /// The request is a contract end, whose due date follows its grace period.
+    ContractEnd,
+    /// The request's tasks as they now stand.
+    Tasks {
+        /// Whether the due date moved (a date not later than the stored one changes nothing).
+        moved: bool,
+        /// Every task of the request.
+        tasks: Vec<TaskRow>,
+    },
+}
+
 /// What Deliver found.
 #[derive(Debug)]
 pub enum Accepted {
@@ -209,6 +225,63 @@ impl Store {
     /// A request's tasks.
     pub async fn tasks(&self, controller: &str, request_id: &str) -> Result<Vec<TaskRow>> {
         read_tasks(&self.db.reader, controller, request_id).await
+    }
+
+    /// Moves the request's due date to `due_at` if that is later than the stored one (never
+    /// earlier), with an audit entry when it moved; tasks and uploads read the due date from
+    /// the request at each step, so their next retry already sees it. Answers the tasks as
+    /// they now stand.
+    pub async fn extend_due_date(
+        &self,
+        controller: &str,
+        request_id: &str,
+        due_at: i64,
+        now: i64,
+    ) -> Result<DueDateExtended> {
+        let mut tx = self.begin_audited().await?;
+        // Read under the write that follows: on PostgreSQL the row is locked, on SQLite
+        // the transaction's first write holds every other writer off.
+        let stored: Option<(i64, i64)> = sqlx::query_as(&format!(
+            "SELECT kind, due_at FROM requests WHERE controller = $1 AND request_id = $2{}",
+            self.db.backend.lock_rows()
+        ))
+        .bind(controller)
+        .bind(request_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((kind, old)) = stored else {
+            return Ok(DueDateExtended::NotFound);
+        };
+        if kind == RequestKind::ContractEnd as i64 {
+            return Ok(DueDateExtended::ContractEnd);
+        }
+        if due_at > old {
+            sqlx::query(
+                "UPDATE requests SET due_at = $1 WHERE controller = $2 AND request_id = $3",
+            )
+            .bind(due_at)
+            .bind(controller)
+            .bind(request_id)
+            .execute(&mut *tx)
+            .await?;
+            let record = Record {
+                controller,
+                request_id,
+                actor: controller,
+                detail: format!(
+                    "due date moved from {} to {}",
+                    crate::task_machine::date_label(old),
+                    crate::task_machine::date_label(due_at)
+                ),
+            };
+            audit::append(&mut tx, ProcessorAuditEvent::DueDateExtended, now, record).await?;
+        }
+        let tasks = read_tasks(&mut *tx, controller, request_id).await?;
+        tx.commit().await?;
+        Ok(DueDateExtended::Tasks {
+            moved: due_at > old,
+            tasks,
+        })
     }
 
     /// Cancels a request's tasks as the state machine says: those not started, or between
