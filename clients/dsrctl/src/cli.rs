@@ -115,7 +115,8 @@ pub enum Command {
     Watch(WatchArgs),
     /// Cancel a request that is still open (RECEIVED, DISPATCHED, IN_PROGRESS or FAILED).
     Cancel(CancelArgs),
-    /// Extend a request's due date (operators only).
+    /// Extend a request's due date (operators only); the registry sends the new date to the
+    /// processors, whose tasks then retry until it.
     Extend(ExtendArgs),
     /// Show what a return-of-data request's package holds: its files, and the parts still
     /// missing.

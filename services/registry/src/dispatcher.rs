@@ -30,8 +30,8 @@ use std::time::Duration;
 
 use dsrelay_proto::v1::TaskStatus;
 use dsrelay_proto::v1::{
-    CancelDeliveryRequest, DeliverRequest, RequestKind, SubmitRequest, TransferRecipient,
-    UpdateContractEndRequest,
+    CancelDeliveryRequest, DeliverRequest, ExtendDueDateRequest, RequestKind, SubmitRequest,
+    TransferRecipient, UpdateContractEndRequest,
 };
 use dsrelay_proto::{prost::Message, timestamp_from_millis};
 use dsrelay_runtime::trace_context;
@@ -394,6 +394,18 @@ async fn call(shared: &Shared, job: &DeliveryJob) -> Call {
             req.set_timeout(timeout);
             propagate(req.metadata_mut(), &job.trace_id);
             client.cancel(req).await.map(|r| r.into_inner().tasks)
+        }
+        Operation::Extend => {
+            let mut req = tonic::Request::new(ExtendDueDateRequest {
+                request_id: job.request_id.clone(),
+                due_at: Some(timestamp_from_millis(job.due_at)),
+            });
+            req.set_timeout(timeout);
+            propagate(req.metadata_mut(), &job.trace_id);
+            client
+                .extend_due_date(req)
+                .await
+                .map(|r| r.into_inner().tasks)
         }
         Operation::Update => {
             let Some(terms) = job.terms.contract_end() else {

@@ -25,7 +25,7 @@ use sqlx::Row;
 use crate::app::Shared;
 use crate::config::Config;
 use crate::fold::OPEN_STATES;
-use crate::store::{OP_CANCEL, OP_DELIVER, OP_UPDATE};
+use crate::store::{OP_CANCEL, OP_DELIVER, OP_EXTEND, OP_UPDATE};
 
 /// The counters and histograms the handlers and the dispatcher update.
 #[derive(Debug)]
@@ -240,7 +240,9 @@ pub(crate) async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
     .set(&[], overdue as f64);
 
     // A delivery row is queued with its request; a cancellation when the request is
-    // cancelled (its finished_at); a contract end's update when its terms last changed.
+    // cancelled (its finished_at); a contract end's update when its terms last changed; a
+    // due date's extension when the request last changed (its updated_at), no later than
+    // the extension.
     let rows = sqlx::query(
         "SELECT d.op, CAST(COUNT(*) AS BIGINT) AS n, \
          MIN(CASE WHEN d.op = $1 THEN r.received_at \
@@ -257,12 +259,12 @@ pub(crate) async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
     let depth = GaugeFamily::register(
         &mut gauges,
         "dsrelay_outbox_depth",
-        "Deliveries, cancellations and contract-end updates queued for their processor (dead-lettered ones apart).",
+        "Deliveries, cancellations, contract-end updates and due-date extensions queued for their processor (dead-lettered ones apart).",
     );
     let age = GaugeFamily::register(
         &mut gauges,
         "dsrelay_outbox_oldest_age_seconds",
-        "Age of the oldest queued delivery, cancellation or contract-end update (dead-lettered ones apart); 0 when none waits.",
+        "Age of the oldest queued delivery, cancellation, contract-end update or due-date extension (dead-lettered ones apart); 0 when none waits.",
     );
     // Dead-lettered rows wait for an operator, not for the dispatcher: counted apart, so
     // that one of them does not hold the age gauge rising until it is requeued.
@@ -275,9 +277,9 @@ pub(crate) async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
     let dead = GaugeFamily::register(
         &mut gauges,
         "dsrelay_outbox_dead_lettered",
-        "Deliveries, cancellations and contract-end updates dead-lettered and not requeued.",
+        "Deliveries, cancellations, contract-end updates and due-date extensions dead-lettered and not requeued.",
     );
-    for op in [OP_DELIVER, OP_CANCEL, OP_UPDATE] {
+    for op in [OP_DELIVER, OP_CANCEL, OP_UPDATE, OP_EXTEND] {
         depth.set(&[("op", op)], 0.0);
         age.set(&[("op", op)], 0.0);
         dead.set(&[("op", op)], 0.0);

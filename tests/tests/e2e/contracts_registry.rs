@@ -17,10 +17,11 @@ use dsrelay_proto::v1::{
     AcknowledgeRequest, Acknowledgement, CancelDeliveryRequest, ChooseContractEndRequest,
     CompletePartRequest, ConfirmReturnRequest, Contract, ContractEndChoice, ContractPhase,
     ContractProgress, DeletionCertificate, DeliverRequest, DeliverResponse, EndContractRequest,
-    EventType, ExportFileHeader, ExtendDueDateRequest, GetContractRequest, GetPackageRequest,
-    GetRequest, GetStatusRequest, GetUploadStateRequest, ListCertificatesRequest,
-    ListContractsRequest, ListEventsRequest, ListSubprocessorsRequest, RequestKind, RequestState,
-    SubprocessorList, TaskList, TaskState, TaskStatus, UpdateContractEndRequest, UploadFileChunk,
+    EventType, ExportFileHeader, ExtendDeadlineRequest, ExtendDueDateRequest, GetContractRequest,
+    GetPackageRequest, GetRequest, GetStatusRequest, GetUploadStateRequest,
+    ListCertificatesRequest, ListContractsRequest, ListEventsRequest, ListSubprocessorsRequest,
+    RequestKind, RequestState, SubprocessorList, TaskList, TaskState, TaskStatus,
+    UpdateContractEndRequest, UploadFileChunk,
 };
 use dsrelay_proto::{millis_from_timestamp, timestamp_from_millis};
 use dsrelay_runtime::pki::{dev_identity, DevPki};
@@ -175,6 +176,18 @@ async fn contractreg_statuses_and_idempotency() {
     assert_eq!(
         millis_from_timestamp(&request.due_at.expect("due")),
         grace + 30 * DAY_MS
+    );
+    // Its due date follows the grace period: no art. 12(3) extension.
+    refused(
+        pair.operator()
+            .extend_deadline(ExtendDeadlineRequest {
+                request_id: first.contract_id.clone(),
+                months: 1,
+                reason: "more time".into(),
+            })
+            .await,
+        Code::FailedPrecondition,
+        &[&first.contract_id, "contract end", "grace period"],
     );
     // A partner does not see it.
     refused(

@@ -5,15 +5,16 @@ use std::time::Duration;
 use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceClient;
 use dsrelay_proto::v1::processor_service_client::ProcessorServiceClient;
 use dsrelay_proto::v1::{
-    AcknowledgeRequest, Acknowledgement, CancelRequest, DeliverRequest, Evidence,
-    ExtendDeadlineRequest, GetRequest, ListRequestsRequest, Request, RequestKind, RequestState,
-    Scope, SubmitRequest, TaskState,
+    AcknowledgeRequest, Acknowledgement, CancelRequest, DeliverRequest, EventType, Evidence,
+    ExtendDeadlineRequest, ExtendDueDateRequest, GetRequest, ListEventsRequest,
+    ListRequestsRequest, Request, RequestKind, RequestState, Scope, SubmitRequest, TaskState,
 };
 use dsrelay_registry::deadline::due_at;
 use tonic::Code;
 
 use crate::harness::{
-    count, email, erasure, in_state, spawn_pair, wait_until, PairOptions, PROCESSOR,
+    count, email, erasure, in_state, spawn_pair, wait_until, Backend, Holder, PairOptions,
+    PROCESSOR,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -478,4 +479,149 @@ async fn a_quiet_request_is_asked_about_less_and_less_often() {
         .await
         .is_some());
     pair.stop().await;
+}
+
+/// An operator's extension reaches the processor: a holder that stays unreachable is
+/// retried past the original due date, until the extended one, and only then given up.
+/// Before the processor was told, its tasks failed at the date they were delivered with
+/// while the registry showed the request extended.
+async fn an_extended_due_date_reaches_the_processor(backend: Backend) {
+    // The newsletter's port is bound and never listened on: every call is refused at once.
+    let nowhere = tokio::net::TcpSocket::new_v4().expect("socket");
+    nowhere.bind("127.0.0.1:0".parse().unwrap()).expect("bind");
+    let Some(pair) = spawn_pair(PairOptions {
+        backend,
+        holders: vec![Holder::Newsletter],
+        newsletter_endpoint: Some(nowhere.local_addr().expect("addr")),
+        newsletter_kinds: Some(vec!["erasure".into()]),
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let mut crm = pair.crm();
+    let mut operator = pair.operator();
+    let mut req = erasure("extended@example.fi");
+    req.scope = Some(Scope {
+        data_categories: vec!["marketing".into()],
+    });
+    let r = crm.submit(req).await.expect("submit").into_inner();
+    let view = wait_until(&mut crm, &r.request_id, Duration::from_secs(20), |v| {
+        v.tasks.len() == 1
+    })
+    .await;
+    let received = dsrelay_proto::millis_from_timestamp(&view.received_at.expect("received"));
+
+    let extended = operator
+        .extend_deadline(ExtendDeadlineRequest {
+            request_id: r.request_id.clone(),
+            months: 2,
+            reason: "the holder is being migrated".into(),
+        })
+        .await
+        .expect("extend")
+        .into_inner();
+    let new_due = due_at(received, 2);
+    assert_eq!(
+        extended
+            .due_at
+            .map(|t| dsrelay_proto::millis_from_timestamp(&t)),
+        Some(new_due)
+    );
+    // The registry records the processor's acceptance of the new date as an event.
+    let label = dsrelay_registry::deadline::date_label(new_due);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let events = operator
+            .list_events(ListEventsRequest {
+                request_id: r.request_id.clone(),
+            })
+            .await
+            .expect("events")
+            .into_inner()
+            .events;
+        let taken = events.iter().any(|e| {
+            e.r#type == EventType::Delivered as i32
+                && e.message == format!("due date {label} accepted by {PROCESSOR}")
+        });
+        if taken {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{events:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stored = count(
+        pair.processor.database_url(),
+        &format!(
+            "SELECT due_at FROM requests WHERE request_id = '{}'",
+            r.request_id
+        ),
+    )
+    .await;
+    assert_eq!(stored, new_due);
+    // An older date (a late retry of an earlier extension, say) never moves it back.
+    let tasks = ProcessorServiceClient::new(pair.channel_to_processor("registry"))
+        .extend_due_date(ExtendDueDateRequest {
+            request_id: r.request_id.clone(),
+            due_at: Some(dsrelay_proto::timestamp_from_millis(due_at(received, 1))),
+        })
+        .await
+        .expect("an older date")
+        .into_inner()
+        .tasks;
+    assert_eq!(tasks.len(), 1);
+    let processor_db = pair.processor.database_url();
+    let due_query = format!(
+        "SELECT due_at FROM requests WHERE request_id = '{}'",
+        r.request_id
+    );
+    assert_eq!(count(processor_db, &due_query).await, new_due);
+
+    // Past the original due date (one month), before the new one: still retried.
+    let clock = pair.processor.clock().expect("an in-process processor");
+    clock.advance(due_at(received, 0) - clock.now_ms() + 5 * 24 * 3600 * 1000);
+    let moved_on = clock.now_ms();
+    let task = |column: &str| {
+        format!(
+            "SELECT {column} FROM tasks WHERE request_id = '{}'",
+            r.request_id
+        )
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    // The runner tried again after the clock moved, and set its next attempt after it.
+    while count(pair.processor.database_url(), &task("next_attempt_at")).await <= moved_on {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no attempt after the move"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        count(pair.processor.database_url(), &task("state")).await,
+        TaskState::InProgress as i64,
+        "the task gave up before its extended due date"
+    );
+
+    // Past the new due date: given up, saying so.
+    clock.advance(new_due - clock.now_ms() + 1000);
+    let view = wait_until(
+        &mut crm,
+        &r.request_id,
+        Duration::from_secs(20),
+        in_state(RequestState::Failed),
+    )
+    .await;
+    assert_eq!(view.tasks[0].state, TaskState::Failed as i32, "{view:#?}");
+    pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extended_due_date_reaches_the_processor_on_sqlite() {
+    an_extended_due_date_reaches_the_processor(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extended_due_date_reaches_the_processor_on_postgres() {
+    an_extended_due_date_reaches_the_processor(Backend::Postgres).await;
 }

@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 use tonic::{Response, Status};
 
 use crate::auth::{Caller, Party};
-use crate::deadline::{contract_end_due_at, grace_ends_at};
+use crate::deadline::{contract_end_due_at, date_label, grace_ends_at};
 use crate::error::ApiError;
 use crate::fold::request_is_terminal;
 use crate::store::{ContractChange, ContractRow, Inserted, NewContract, NewRequest};
@@ -42,13 +42,6 @@ fn body_hash(key: &[u8], encoded: &[u8]) -> String {
 /// A choice's name without its prefix (`DELETE`).
 pub(super) fn choice_name(c: ContractEndChoice) -> &'static str {
     c.as_str_name().trim_start_matches("CONTRACT_END_CHOICE_")
-}
-
-/// An instant for messages.
-fn when(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// What is wrong with returning the data to `recipient` under `choice` (an integer from the
@@ -137,7 +130,7 @@ pub(crate) fn end_contract_violations(
             "effective_at",
             format!(
                 "{} is in the past; pass effective_now to end the contract now",
-                when(millis_from_timestamp(t))
+                date_label(millis_from_timestamp(t))
             ),
         )),
         _ => {}
@@ -489,7 +482,7 @@ impl ContractService for Api {
                 "the grace period of contract end {} ended at {}: the processor deletes the \
                  data, and no choice can be made any more",
                 row.request_id,
-                when(row.grace_ends_at)
+                date_label(row.grace_ends_at)
             ))
             .into());
         }

@@ -363,6 +363,14 @@ impl RequestService for Api {
             };
             return Err(ApiError::invalid([FieldViolation::new("months", rule)]).into());
         }
+        if row.kind == RequestKind::ContractEnd {
+            return Err(ApiError::failed_precondition(format!(
+                "request {} is a contract end: its due date follows its grace period \
+                 (GDPR art. 12(3) extends a data subject's request), so it cannot be extended",
+                row.id
+            ))
+            .into());
+        }
         if !crate::fold::request_is_open(row.state) {
             return Err(ApiError::failed_precondition(format!(
                 "request {} is {}: only a request still open (RECEIVED, DISPATCHED, \
@@ -387,6 +395,8 @@ impl RequestService for Api {
             .into());
         }
         self.shared.publish(&row.id);
+        // The new date goes to the processors now, not at the next poll.
+        self.shared.dispatch_wakeup.notify_one();
         let row = self.visible(&caller, &row.id).await?;
         Ok(Response::new(self.view(row).await?))
     }

@@ -89,6 +89,18 @@ impl Store {
         .bind(Operation::Deliver.as_str())
         .execute(tx.conn())
         .await?;
+        // A due date still to be sent for a request that is over (its processor down since
+        // the extension) has nothing left to extend.
+        sqlx::query(
+            "UPDATE deliveries SET done_at = $1, withdrawn_at = $1, \
+             last_error = 'not sent: the request was over and forgotten' \
+             WHERE request_id = $2 AND op = $3 AND done_at IS NULL",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(Operation::Extend.as_str())
+        .execute(tx.conn())
+        .await?;
         // These events' messages repeat reasons, notes and errors; the others are the
         // registry's own words. The audit trail holds such text only as its keyed hash
         // (`detail`) and is not touched here, so the chain still verifies.

@@ -85,6 +85,8 @@ pub const OP_DELIVER: &str = Operation::Deliver.as_str();
 pub const OP_CANCEL: &str = Operation::Cancel.as_str();
 /// [`Operation::Update`] as stored, for SQL written outside the store (metrics).
 pub const OP_UPDATE: &str = Operation::Update.as_str();
+/// [`Operation::Extend`] as stored, for SQL written outside the store (metrics).
+pub const OP_EXTEND: &str = Operation::Extend.as_str();
 
 /// The registry store.
 #[derive(Clone)]

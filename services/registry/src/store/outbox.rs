@@ -45,8 +45,8 @@ impl Store {
              FROM deliveries d JOIN requests r ON r.id = d.request_id \
              WHERE d.done_at IS NULL AND d.dead_lettered_at IS NULL \
              AND d.next_attempt_at <= $1 AND d.lease_until <= {db_now} \
-             AND d.op IN ($6, $7, $8) \
-             AND (d.op <> $3 OR EXISTS (SELECT 1 FROM deliveries x \
+             AND d.op IN ($6, $7, $8, $9) \
+             AND (d.op NOT IN ($3, $9) OR EXISTS (SELECT 1 FROM deliveries x \
              WHERE x.request_id = d.request_id AND x.processor = d.processor \
              AND x.op = $4 AND x.done_at IS NOT NULL)) \
              ORDER BY d.next_attempt_at LIMIT $2{lock}) \
@@ -88,7 +88,8 @@ impl Store {
         .bind(now)
         .bind(limit)
         // An update waits for its contract end's delivery, which carries the terms as they
-        // stand when it is sent: the processor cannot take an update before.
+        // stand when it is sent: the processor cannot take an update before. So does an
+        // extension ($9) for its request's delivery, which carries the due date likewise.
         .bind(Operation::Update.as_str())
         .bind(Operation::Deliver.as_str())
         .bind(lease_ms)
@@ -98,6 +99,7 @@ impl Store {
         .bind(Operation::Deliver.as_str())
         .bind(Operation::Cancel.as_str())
         .bind(Operation::Update.as_str())
+        .bind(Operation::Extend.as_str())
         .fetch_all(&self.db.pool)
         .await?;
         // The most overdue first, as picked.
@@ -478,12 +480,15 @@ async fn mark_delivered(tx: &mut Tx, jobs: &[&DeliveryJob], now: i64) -> Result<
     let changed = execute_each(
         tx.conn(),
         backend,
-        "UPDATE deliveries SET done_at = CASE WHEN $5 = 0 OR EXISTS (SELECT 1 FROM \
-         contracts c WHERE c.request_id = $2 AND c.version = $6) THEN $1 ELSE NULL END, \
+        "UPDATE deliveries SET done_at = CASE WHEN $5 = 0 \
+         OR ($5 = 1 AND EXISTS (SELECT 1 FROM contracts c \
+         WHERE c.request_id = $2 AND c.version = $6)) \
+         OR ($5 = 2 AND EXISTS (SELECT 1 FROM requests r \
+         WHERE r.id = $2 AND r.due_at = $8)) THEN $1 ELSE NULL END, \
          attempts = attempts + 1, lease_until = 0, lease_owner = NULL, last_error = NULL \
          WHERE request_id = $2 AND processor = $3 AND op = $4 AND done_at IS NULL \
          AND lease_owner = $7",
-        7,
+        8,
         jobs,
         |query, job| {
             query
@@ -491,9 +496,14 @@ async fn mark_delivered(tx: &mut Tx, jobs: &[&DeliveryJob], now: i64) -> Result<
                 .bind(&job.request_id)
                 .bind(&job.processor)
                 .bind(job.op.as_str())
-                .bind(i64::from(job.op == Operation::Update))
+                .bind(match job.op {
+                    Operation::Update => 1_i64,
+                    Operation::Extend => 2,
+                    Operation::Deliver | Operation::Cancel => 0,
+                })
                 .bind(job.terms.contract_version.unwrap_or_default())
                 .bind(&job.lease_owner)
+                .bind(job.due_at)
         },
     )
     .await?;
@@ -505,6 +515,11 @@ fn delivered_detail(job: &DeliveryJob, tasks: usize) -> EventDetail {
     let message = match job.op {
         Operation::Deliver => format!("accepted by {} with {tasks} task(s)", job.processor),
         Operation::Cancel => format!("cancellation accepted by {}", job.processor),
+        Operation::Extend => format!(
+            "due date {} accepted by {}",
+            crate::deadline::date_label(job.due_at),
+            job.processor
+        ),
         Operation::Update => format!(
             "contract terms accepted by {}{}",
             job.processor,

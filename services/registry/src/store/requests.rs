@@ -44,16 +44,18 @@ impl Store {
         .await?;
         // Undelivered requests are not sent any more; every processor (even one whose
         // delivery may be in flight right now) is told to cancel, and keeps a tombstone. Nor
-        // are a contract end's changed terms sent to a processor told to cancel.
+        // are a contract end's changed terms, or an extended due date, sent to a processor
+        // told to cancel.
         sqlx::query(
             "UPDATE deliveries SET done_at = $1, withdrawn_at = $1, \
              last_error = 'cancelled before delivery' \
-             WHERE request_id = $2 AND op IN ($3, $4) AND done_at IS NULL",
+             WHERE request_id = $2 AND op IN ($3, $4, $5) AND done_at IS NULL",
         )
         .bind(now)
         .bind(id)
         .bind(Operation::Deliver.as_str())
         .bind(Operation::Update.as_str())
+        .bind(Operation::Extend.as_str())
         .execute(tx.conn())
         .await?;
         sqlx::query(
@@ -85,7 +87,8 @@ impl Store {
     }
 
     /// Extends the due date by `months`, keeping the reason, if the request is as `row` read
-    /// it (no extension made since, still open: [`OPEN_STATES`]); answers whether it did.
+    /// it (no extension made since, still open: [`OPEN_STATES`]), and queues the new date for
+    /// every processor the request is delivered to; answers whether it did.
     /// Nothing is written otherwise, so a concurrent extension is never lost under an answer
     /// of success. An error, with nothing written, when the stored count cannot grow by
     /// `months` without leaving the u32 range.
@@ -133,6 +136,25 @@ impl Store {
         if updated == 0 {
             return Ok(false);
         }
+        // Every processor the request goes to is sent the new date (its tasks give up at the
+        // due date they know): one row each, re-armed by a later extension. A row waits for
+        // its processor's delivery ([`Store::claim_deliveries`]), and the date it sends is
+        // read when it is claimed, so it is the latest whenever it goes.
+        sqlx::query(
+            "INSERT INTO deliveries (request_id, processor, op, next_attempt_at) \
+             SELECT request_id, processor, $1, $2 FROM deliveries \
+             WHERE request_id = $3 AND op = $4 \
+             ON CONFLICT (request_id, processor, op) DO UPDATE SET \
+             done_at = NULL, withdrawn_at = NULL, attempts = 0, \
+             next_attempt_at = excluded.next_attempt_at, last_error = NULL, refusals = 0, \
+             dead_lettered_at = NULL",
+        )
+        .bind(Operation::Extend.as_str())
+        .bind(now)
+        .bind(&row.id)
+        .bind(Operation::Deliver.as_str())
+        .execute(tx.conn())
+        .await?;
         insert_event(
             &mut tx,
             &row.id,
@@ -222,5 +244,52 @@ mod tests {
             assert_eq!(after.extension_months, months);
             assert_eq!(after.due_at, crate::deadline::due_at(RECEIVED, 0));
         }
+    }
+
+    /// An extension goes to each processor after its delivery, carrying the due date as it
+    /// stands when it is sent; one sent with a date a later extension replaced stays armed.
+    #[tokio::test]
+    async fn an_extension_follows_the_delivery_and_sends_the_latest_date() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path()).await;
+        const RECEIVED: i64 = 1_800_000_000_000;
+        let now = RECEIVED + 1000;
+        let row = request(&store, "r1", RECEIVED, 0).await;
+        assert!(store.extend(&row, 1, "archives", now).await.unwrap());
+        let ops =
+            |jobs: &[crate::store::DeliveryJob]| jobs.iter().map(|j| j.op).collect::<Vec<_>>();
+
+        // Not before the delivery has been accepted.
+        let jobs = store.claim_deliveries(now, 10, 60_000).await.unwrap();
+        assert_eq!(ops(&jobs), [Operation::Deliver]);
+        // Its processor took it as one task, still pending (so the request stays open).
+        let pending = dsrelay_proto::v1::TaskStatus {
+            processor: "p1".into(),
+            subprocessor: "s1".into(),
+            state: dsrelay_proto::v1::TaskState::Pending as i32,
+            sequence: 1,
+            ..Default::default()
+        };
+        assert!(store
+            .delivery_succeeded(&jobs[0], &[pending], now)
+            .await
+            .unwrap());
+        let jobs = store.claim_deliveries(now, 10, 60_000).await.unwrap();
+        assert_eq!(ops(&jobs), [Operation::Extend]);
+        assert_eq!(jobs[0].due_at, crate::deadline::due_at(RECEIVED, 1));
+
+        // Extended again while that one is on its way: its answer does not end the row.
+        let row = store.request("r1").await.unwrap().unwrap();
+        assert!(store.extend(&row, 1, "more archives", now).await.unwrap());
+        assert!(store.delivery_succeeded(&jobs[0], &[], now).await.unwrap());
+        let again = store.claim_deliveries(now, 10, 60_000).await.unwrap();
+        assert_eq!(ops(&again), [Operation::Extend]);
+        assert_eq!(again[0].due_at, crate::deadline::due_at(RECEIVED, 2));
+        assert!(store.delivery_succeeded(&again[0], &[], now).await.unwrap());
+        assert!(store
+            .claim_deliveries(now, 10, 60_000)
+            .await
+            .unwrap()
+            .is_empty());
     }
 }

@@ -12,7 +12,8 @@ use dsrelay_proto::v1::{RequestKind, RequestState, TaskState, TaskStatus};
 
 use crate::fold::request_is_open;
 
-/// What an outbox row asks of a processor. Stored as text (`deliver`, `cancel`, `update`).
+/// What an outbox row asks of a processor. Stored as text (`deliver`, `cancel`, `update`,
+/// `extend`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Operation {
     /// Deliver the request.
@@ -22,6 +23,9 @@ pub enum Operation {
     /// Send a contract end's terms as they stand (`ProcessorService.UpdateContractEnd`):
     /// one row per contract end, re-armed by every change of its terms.
     Update,
+    /// Send the request's due date as it stands (`ProcessorService.ExtendDueDate`): one row
+    /// per processor the request is delivered to, re-armed by every extension.
+    Extend,
 }
 
 impl Operation {
@@ -31,6 +35,7 @@ impl Operation {
             Self::Deliver => "deliver",
             Self::Cancel => "cancel",
             Self::Update => "update",
+            Self::Extend => "extend",
         }
     }
 }
@@ -54,6 +59,7 @@ impl FromStr for Operation {
             "deliver" => Ok(Self::Deliver),
             "cancel" => Ok(Self::Cancel),
             "update" => Ok(Self::Update),
+            "extend" => Ok(Self::Extend),
             other => Err(UnknownOperation(other.to_string())),
         }
     }
@@ -325,7 +331,12 @@ mod tests {
 
     #[test]
     fn operations_read_back_as_stored() {
-        for op in [Operation::Deliver, Operation::Cancel, Operation::Update] {
+        for op in [
+            Operation::Deliver,
+            Operation::Cancel,
+            Operation::Update,
+            Operation::Extend,
+        ] {
             assert_eq!(op.as_str().parse::<Operation>().unwrap(), op);
             assert_eq!(op.to_string(), op.as_str());
         }
