@@ -47,7 +47,9 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::app::Shared;
-use crate::store::{Delivered, NextAttempt, TaskKey, TaskRow, UploadFinish, UploadJob};
+use crate::store::{
+    Delivered, NextAttempt, TaskKey, TaskRow, UploadClaim, UploadFinish, UploadJob,
+};
 use crate::task_machine::{
     decide, delivery_retry_at, Context, Decision, Destination, Event, Transition,
 };
@@ -85,7 +87,10 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             }
         };
         let full = jobs.len() == cfg.concurrency as usize;
-        let keys: Vec<TaskKey> = jobs.iter().map(|j| j.key.clone()).collect();
+        let claims: Vec<(TaskKey, String)> = jobs
+            .iter()
+            .map(|j| (j.key.clone(), j.lease_owner.clone()))
+            .collect();
         let sending = futures::future::join_all(jobs.into_iter().map(|j| upload(&shared, j)));
         let grace = Duration::from_millis(shared.config.service.shutdown_grace_ms);
         let mut watching = stop.clone();
@@ -99,8 +104,9 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         tokio::select! {
             _ = sending => {}
             () = overdue => {
-                for key in &keys {
-                    if let Err(e) = shared.store.release_upload(key).await {
+                for (key, lease_owner) in &claims {
+                    let claim = UploadClaim { key, lease_owner };
+                    if let Err(e) = shared.store.release_upload(claim).await {
                         tracing::warn!(
                             error = format!("{e:#}"),
                             "releasing an abandoned upload failed; its lease runs out instead"
@@ -108,7 +114,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     }
                 }
                 tracing::warn!(
-                    released = keys.len(),
+                    released = claims.len(),
                     "shutting down: uploads still sending abandoned and released"
                 );
                 return;
@@ -358,7 +364,7 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
                     let moved = shared
                         .store
                         .upload_failed(
-                            key,
+                            job.claim(),
                             task.sequence,
                             &t,
                             NextAttempt {
@@ -379,7 +385,7 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
                     tracing::warn!(%error, %to, retry_in_ms = at - ctx.now, "delivering an export failed; will retry");
                     shared
                         .store
-                        .upload_retry_later(key, NextAttempt { at, error: &error })
+                        .upload_retry_later(job.claim(), NextAttempt { at, error: &error })
                         .await
                 }
                 decision => {
@@ -470,7 +476,7 @@ async fn retire(
     let now = shared.clock.now_ms();
     match shared
         .store
-        .upload_finished(&job.key, sequence, t, delivered, now, attempts)
+        .upload_finished(job.claim(), sequence, t, delivered, now, attempts)
         .await?
     {
         UploadFinish::Retired { sequence } => {
@@ -488,7 +494,7 @@ async fn retire(
             shared
                 .store
                 .upload_retry_later(
-                    &job.key,
+                    job.claim(),
                     NextAttempt {
                         at: now,
                         error: "the task changed while its export was sent; decided again",
@@ -568,15 +574,26 @@ async fn deliver_file(
             f.size.saturating_sub(state.offset),
         );
     }
-    if let Err(e) = shared
+    match shared
         .store
-        .extend_upload_lease(&job.key, cfg.lease_ms as i64)
+        .extend_upload_lease(job.claim(), cfg.lease_ms as i64)
         .await
     {
-        tracing::warn!(
+        Ok(true) => {}
+        // Its lease ran out while the file was sent, and another claim took the upload:
+        // that sender goes on, and what this one would record (it is not the holder)
+        // changes nothing.
+        Ok(false) => {
+            return Err(Failure::Retry(
+                "another sender took this export over (this one's lease ran out while it \
+                 sent a file)"
+                    .into(),
+            ))
+        }
+        Err(e) => tracing::warn!(
             error = format!("{e:#}"),
             "extending an upload's lease failed"
-        );
+        ),
     }
     Ok(())
 }

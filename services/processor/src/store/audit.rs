@@ -274,13 +274,27 @@ mod tests {
             .expect("queue the upload");
         drop(conn);
         store
-            .upload_finished(&key, 2, None, Some(&to), 8, 1)
+            .upload_finished(
+                crate::store::uploads::tests::sender(&key, "a sender"),
+                2,
+                None,
+                Some(&to),
+                8,
+                1,
+            )
             .await
             .expect("upload");
         // Finished again by a second uploader (the first one's lease ran out while it was
         // sending): no second entry.
         store
-            .upload_finished(&key, 2, None, Some(&to), 8, 1)
+            .upload_finished(
+                crate::store::uploads::tests::sender(&key, "a sender"),
+                2,
+                None,
+                Some(&to),
+                8,
+                1,
+            )
             .await
             .expect("upload again");
         let due = store.requests_to_forget(100, 10).await.expect("due");

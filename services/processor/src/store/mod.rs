@@ -47,7 +47,7 @@ pub use contracts::{ContractEndRow, Updated};
 pub use forget::Forgettable;
 pub use rows::{AckJob, ManualRow, TaskJob, TaskKey, TaskRow};
 pub use tasks::{Accepted, DueDateExtended};
-pub use uploads::{Delivered, NextAttempt, UploadFinish, UploadJob};
+pub use uploads::{Delivered, NextAttempt, UploadClaim, UploadFinish, UploadJob};
 
 /// The migrations for each backend, embedded at build time.
 pub static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");

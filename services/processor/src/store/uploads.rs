@@ -19,6 +19,9 @@ use crate::task_machine::Transition;
 pub struct UploadJob {
     /// The task whose export it is.
     pub key: TaskKey,
+    /// The claim's lease token: this sender's failures, retries, renewals and release
+    /// match it, so once another claim took the upload they change nothing.
+    pub lease_owner: String,
     /// Attempts so far, this one included.
     pub attempts: i64,
     /// The export's files as the connector wrote them.
@@ -46,6 +49,25 @@ impl UploadJob {
     }
 }
 
+/// A claim on an upload: the upload, and the lease token the claim wrote.
+#[derive(Debug, Clone, Copy)]
+pub struct UploadClaim<'a> {
+    /// The task whose export it is.
+    pub key: &'a TaskKey,
+    /// [`UploadJob::lease_owner`].
+    pub lease_owner: &'a str,
+}
+
+impl UploadJob {
+    /// This job's claim.
+    pub fn claim(&self) -> UploadClaim<'_> {
+        UploadClaim {
+            key: &self.key,
+            lease_owner: &self.lease_owner,
+        }
+    }
+}
+
 /// Where an export went, for the audit trail.
 #[derive(Debug, Clone, Copy)]
 pub struct Delivered<'a> {
@@ -65,7 +87,8 @@ pub enum UploadFinish {
         /// The task's new sequence.
         sequence: Option<i64>,
     },
-    /// Another uploader retired it first; nothing was written.
+    /// Another uploader retired it first, or (for an outcome other than a delivery) another
+    /// claim holds it now; nothing was written.
     RetiredAlready,
     /// The task is no longer at the sequence the move was decided on; nothing was written.
     TaskChanged,
@@ -87,6 +110,7 @@ struct UploadRecord {
     subprocessor: String,
     attempts: i64,
     next_attempt_at: i64,
+    lease_owner: String,
     export_files: Option<String>,
     kind: i64,
     due_at: i64,
@@ -113,7 +137,8 @@ pub(super) async fn queue(tx: &mut AnyConnection, key: &TaskKey, now: i64) -> Re
 
 impl Store {
     /// Reserves up to `limit` uploads due at `now` (the processor's clock) for `lease_ms`,
-    /// counting the attempt each starts, in one statement, the most overdue first. The lease
+    /// each under a new lease token of its own ([`UploadJob::lease_owner`]), counting the
+    /// attempt each starts, in one statement, the most overdue first. The lease
     /// is set and compared on the database's clock
     /// ([`Backend::now_ms`](dsrelay_runtime::store::Backend::now_ms)), so replicas agree on
     /// when it ends.
@@ -133,12 +158,14 @@ impl Store {
              JOIN requests r ON r.controller = u.controller AND r.request_id = u.request_id \
              WHERE u.done_at IS NULL AND u.next_attempt_at <= $1 AND u.lease_until <= {db_now} \
              ORDER BY u.next_attempt_at LIMIT $2{lock}) \
-             UPDATE uploads SET lease_until = {db_now} + $3, attempts = attempts + 1 \
+             UPDATE uploads SET lease_until = {db_now} + $3, attempts = attempts + 1, \
+             lease_owner = {token} \
              WHERE (controller, request_id, subprocessor) IN \
              (SELECT controller, request_id, subprocessor FROM picked) \
              RETURNING controller, request_id, subprocessor, attempts, next_attempt_at, \
-             {task}, {request}, {contract}",
+             lease_owner, {task}, {request}, {contract}",
             lock = backend.skip_locked_of("u"),
+            token = backend.random_token(),
             task = lookups(
                 "tasks t",
                 "t.controller = uploads.controller AND t.request_id = uploads.request_id \
@@ -189,6 +216,7 @@ impl Store {
                     request_id: r.request_id,
                     subprocessor: r.subprocessor,
                 },
+                lease_owner: r.lease_owner,
                 // As written by the claim: this attempt is counted.
                 attempts: r.attempts,
                 files,
@@ -225,16 +253,20 @@ impl Store {
     /// anything, so the trail says once that the export was delivered. When `t` finds the
     /// task moved on (another uploader's failed attempt counted meanwhile), nothing is
     /// written: the upload stays, to be decided again on the task as it stands, rather than
-    /// retired with its task left IN_PROGRESS for good.
+    /// retired with its task left IN_PROGRESS for good. An outcome other than a delivery
+    /// (the export undeliverable, or given up at the due date) is recorded only by the
+    /// claim `lease_owner` still holding the upload: a sender whose lease ran out does not
+    /// fail what the current holder may still deliver. A delivery is a fact whoever made it.
     pub async fn upload_finished(
         &self,
-        key: &TaskKey,
+        claim: UploadClaim<'_>,
         expected_sequence: i64,
         t: Option<&Transition>,
         delivered: Option<&Delivered<'_>>,
         now: i64,
         attempts: i64,
     ) -> Result<UploadFinish> {
+        let UploadClaim { key, lease_owner } = claim;
         let mut tx = self.begin_audited().await?;
         if let Some(d) = delivered {
             let record = super::audit::Record {
@@ -265,13 +297,16 @@ impl Store {
             None => None,
         };
         let retired = sqlx::query(
-            "UPDATE uploads SET done_at = $1, lease_until = 0 WHERE controller = $2 \
-             AND request_id = $3 AND subprocessor = $4 AND done_at IS NULL",
+            "UPDATE uploads SET done_at = $1, lease_until = 0, lease_owner = NULL \
+             WHERE controller = $2 AND request_id = $3 AND subprocessor = $4 \
+             AND done_at IS NULL AND ($5 = 1 OR lease_owner = $6)",
         )
         .bind(now)
         .bind(&key.controller)
         .bind(&key.request_id)
         .bind(&key.subprocessor)
+        .bind(i64::from(delivered.is_some()))
+        .bind(lease_owner)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -283,95 +318,125 @@ impl Store {
         Ok(UploadFinish::Retired { sequence: moved })
     }
 
-    /// Tries an upload again at `next.at`, keeping why it failed for operators, and in the
-    /// same transaction records `t` (the task's note saying what is missing) if the task is
-    /// still at `expected_sequence`. Returns the task's new sequence, or `None` when it
-    /// changed meanwhile.
+    /// Tries an upload of the claim `lease_owner` again at `next.at`, keeping why it failed
+    /// for operators, and in the same transaction records `t` (the task's note saying what
+    /// is missing) if the task is still at `expected_sequence`. Returns the task's new
+    /// sequence, or `None` when it changed meanwhile. Nothing at all is written once another
+    /// claim holds the upload: that sender's attempt is the one that counts.
     pub async fn upload_failed(
         &self,
-        key: &TaskKey,
+        claim: UploadClaim<'_>,
         expected_sequence: i64,
         t: &Transition,
         next: NextAttempt<'_>,
         now: i64,
         attempts: i64,
     ) -> Result<Option<i64>> {
+        let UploadClaim { key, lease_owner } = claim;
         let mut tx = self.begin_audited().await?;
+        // The task before the upload, as `upload_finished` locks them.
         let moved =
             super::tasks::transition(&mut tx, key, expected_sequence, t, now, attempts).await?;
-        schedule_retry(&mut *tx, key, next).await?;
+        if !schedule_retry(&mut *tx, key, lease_owner, next).await? {
+            tx.rollback().await?;
+            return Ok(None);
+        }
         tx.commit().await?;
         Ok(moved)
     }
 
-    /// Schedules the next attempt of an upload whose failure the controller is not told of.
-    pub async fn upload_retry_later(&self, key: &TaskKey, next: NextAttempt<'_>) -> Result<()> {
-        schedule_retry(&self.db.pool, key, next).await
+    /// Schedules the next attempt of an upload of the claim `lease_owner` whose failure the
+    /// controller is not told of; nothing once another claim holds it.
+    pub async fn upload_retry_later(
+        &self,
+        claim: UploadClaim<'_>,
+        next: NextAttempt<'_>,
+    ) -> Result<()> {
+        schedule_retry(&self.db.pool, claim.key, claim.lease_owner, next).await?;
+        Ok(())
     }
 
-    /// Keeps a claimed upload reserved for `lease_ms` more from now (the database's clock)
-    /// while its files are still being sent.
-    pub async fn extend_upload_lease(&self, key: &TaskKey, lease_ms: i64) -> Result<()> {
+    /// Keeps an upload of the claim `lease_owner` reserved for `lease_ms` more from now (the
+    /// database's clock) while its files are still being sent. Answers whether the claim
+    /// still held it: once another claim took it, this sender should stop.
+    pub async fn extend_upload_lease(&self, claim: UploadClaim<'_>, lease_ms: i64) -> Result<bool> {
+        let UploadClaim { key, lease_owner } = claim;
         let db_now = self.db.backend.now_ms();
-        sqlx::query(&format!(
+        let held = sqlx::query(&format!(
             "UPDATE uploads SET lease_until = {db_now} + $1 WHERE controller = $2 \
-             AND request_id = $3 AND subprocessor = $4 AND done_at IS NULL"
+             AND request_id = $3 AND subprocessor = $4 AND done_at IS NULL \
+             AND lease_owner = $5"
         ))
         .bind(lease_ms)
         .bind(&key.controller)
         .bind(&key.request_id)
         .bind(&key.subprocessor)
+        .bind(lease_owner)
         .execute(&self.db.pool)
-        .await?;
-        Ok(())
+        .await?
+        .rows_affected();
+        Ok(held > 0)
     }
 }
 
 impl Store {
-    /// Ends the lease of a claimed upload whose sending was abandoned (the service is
-    /// stopping), so another replica or the next start resumes it at once; the attempt it
-    /// started stays counted.
-    pub async fn release_upload(&self, key: &TaskKey) -> Result<()> {
+    /// Ends the lease of the claim `lease_owner` on an upload whose sending was abandoned
+    /// (the service is stopping), so another replica or the next start resumes it at once;
+    /// the attempt it started stays counted. Nothing once another claim holds it.
+    pub async fn release_upload(&self, claim: UploadClaim<'_>) -> Result<()> {
+        let UploadClaim { key, lease_owner } = claim;
         sqlx::query(
-            "UPDATE uploads SET lease_until = 0 WHERE controller = $1 AND request_id = $2 \
-             AND subprocessor = $3 AND done_at IS NULL",
+            "UPDATE uploads SET lease_until = 0, lease_owner = NULL WHERE controller = $1 \
+             AND request_id = $2 AND subprocessor = $3 AND done_at IS NULL \
+             AND lease_owner = $4",
         )
         .bind(&key.controller)
         .bind(&key.request_id)
         .bind(&key.subprocessor)
+        .bind(lease_owner)
         .execute(&self.db.pool)
         .await?;
         Ok(())
     }
 }
 
-/// Releases a claimed upload until `next.at`, keeping why it failed.
+/// Releases an upload of the claim `lease_owner` until `next.at`, keeping why it failed;
+/// answers whether the claim still held it (nothing is written otherwise).
 async fn schedule_retry<'e>(
     db: impl sqlx::Executor<'e, Database = sqlx::Any>,
     key: &TaskKey,
+    lease_owner: &str,
     next: NextAttempt<'_>,
-) -> Result<()> {
-    sqlx::query(
-        "UPDATE uploads SET next_attempt_at = $1, lease_until = 0, last_error = $2 \
-         WHERE controller = $3 AND request_id = $4 AND subprocessor = $5",
+) -> Result<bool> {
+    let held = sqlx::query(
+        "UPDATE uploads SET next_attempt_at = $1, lease_until = 0, lease_owner = NULL, \
+         last_error = $2 WHERE controller = $3 AND request_id = $4 AND subprocessor = $5 \
+         AND done_at IS NULL AND lease_owner = $6",
     )
     .bind(next.at)
     .bind(next.error)
     .bind(&key.controller)
     .bind(&key.request_id)
     .bind(&key.subprocessor)
+    .bind(lease_owner)
     .execute(db)
-    .await?;
-    Ok(())
+    .await?
+    .rows_affected();
+    Ok(held > 0)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use dsrelay_proto::v1::{DeliverRequest, RequestKind, TaskState};
     use dsrelay_runtime::store::Db;
 
     use super::*;
     use crate::store::{POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+
+    /// The claim `lease_owner` on `key`'s upload.
+    pub(crate) fn sender<'a>(key: &'a TaskKey, lease_owner: &'a str) -> UploadClaim<'a> {
+        UploadClaim { key, lease_owner }
+    }
 
     /// An upload delivered by one uploader while another's failed attempt moved the task
     /// (the first's lease ran out while it was still sending) retires nothing, so the task is
@@ -433,7 +498,14 @@ mod tests {
         };
         assert_eq!(
             store
-                .upload_finished(&key, s, Some(&delivered), Some(&to), 4, 1)
+                .upload_finished(
+                    sender(&key, "a sender"),
+                    s,
+                    Some(&delivered),
+                    Some(&to),
+                    4,
+                    1
+                )
                 .await
                 .expect("finish"),
             UploadFinish::TaskChanged
@@ -445,7 +517,14 @@ mod tests {
         assert_eq!(pending.0, None, "the upload stays to be decided again");
         assert_eq!(
             store
-                .upload_finished(&key, now_at, Some(&delivered), Some(&to), 5, 1)
+                .upload_finished(
+                    sender(&key, "a sender"),
+                    now_at,
+                    Some(&delivered),
+                    Some(&to),
+                    5,
+                    1
+                )
                 .await
                 .expect("finish"),
             UploadFinish::Retired {
@@ -471,6 +550,143 @@ mod tests {
     async fn a_delivery_decided_on_a_stale_task_is_decided_again_on_postgres() {
         crate::test_postgres::on_postgres(|u, _| async move {
             a_delivery_decided_on_a_stale_task_is_decided_again(&u).await
+        })
+        .await;
+    }
+
+    /// A sender whose lease ran out while it sent, and whose upload another claim took,
+    /// records nothing: not its failed attempt over the task, not a retry that would free
+    /// the upload while the new holder sends, not a failure at the due date, and its renewal
+    /// and release leave the new holder's lease alone. The new holder's own failure counts.
+    async fn a_sender_that_lost_its_lease_records_nothing(url: &str) {
+        let db = Db::connect(url).await.expect("connect");
+        db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+            .await
+            .expect("migrate");
+        let store = Store::new(db, b"test key");
+        let req = DeliverRequest {
+            request_id: "r-2".into(),
+            kind: RequestKind::ReturnOfData as i32,
+            due_at: Some(dsrelay_proto::timestamp_from_millis(i64::MAX / 2)),
+            ..Default::default()
+        };
+        store
+            .accept("acme", &req, &["crm".into()], None, 1)
+            .await
+            .expect("accept");
+        let key = TaskKey {
+            controller: "acme".into(),
+            request_id: "r-2".into(),
+            subprocessor: "crm".into(),
+        };
+        let exported = Transition {
+            state: TaskState::InProgress,
+            note: "exported; uploading".into(),
+            ..Default::default()
+        };
+        let s = store
+            .transition(&key, 1, &exported, 2, 1)
+            .await
+            .expect("step")
+            .expect("moved");
+        let mut conn = store.db.pool.acquire().await.expect("connection");
+        queue(&mut conn, &key, 2).await.expect("queue the upload");
+        drop(conn);
+
+        // The first sender's lease runs out at once; the second claim takes the upload.
+        let first = store.claim_uploads(10, 1, -1).await.expect("claim");
+        assert_eq!(first.len(), 1);
+        let second = store.claim_uploads(10, 1, 600_000).await.expect("claim");
+        assert_eq!(second.len(), 1, "the expired lease is claimed again");
+        let (stale, holder) = (&first[0].lease_owner, &second[0].lease_owner);
+        assert_ne!(stale, holder);
+
+        let failed = Transition {
+            state: TaskState::InProgress,
+            note: "sending: attempt 1 failed".into(),
+            ..Default::default()
+        };
+        let next = NextAttempt {
+            at: 20,
+            error: "unreachable",
+        };
+        assert_eq!(
+            store
+                .upload_failed(sender(&key, stale), s, &failed, next, 3, 1)
+                .await
+                .expect("failed"),
+            None
+        );
+        store
+            .upload_retry_later(sender(&key, stale), next)
+            .await
+            .expect("retry later");
+        assert!(!store
+            .extend_upload_lease(sender(&key, stale), 600_000)
+            .await
+            .expect("extend"));
+        store
+            .release_upload(sender(&key, stale))
+            .await
+            .expect("release");
+        let gave_up = Transition {
+            state: TaskState::Failed,
+            reason: "gave up at the due date".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            store
+                .upload_finished(sender(&key, stale), s, Some(&gave_up), None, 4, 1)
+                .await
+                .expect("finish"),
+            UploadFinish::RetiredAlready
+        );
+        let task = store.task(&key).await.expect("task").expect("row");
+        assert_eq!((task.state, task.sequence), (TaskState::InProgress, s));
+        let row: (Option<String>, Option<i64>, Option<String>) =
+            sqlx::query_as("SELECT lease_owner, done_at, last_error FROM uploads")
+                .fetch_one(&store.db.pool)
+                .await
+                .expect("upload");
+        assert_eq!(row, (Some(holder.clone()), None, None));
+        assert!(
+            store
+                .claim_uploads(30, 1, 600_000)
+                .await
+                .expect("claim")
+                .is_empty(),
+            "the holder's lease still stands"
+        );
+
+        // The holder's own failure is recorded, and frees the upload for its retry.
+        assert!(store
+            .extend_upload_lease(sender(&key, holder), 600_000)
+            .await
+            .expect("extend"));
+        assert_eq!(
+            store
+                .upload_failed(sender(&key, holder), s, &failed, next, 5, 1)
+                .await
+                .expect("failed"),
+            Some(s + 1)
+        );
+        store.db.pool.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_sender_that_lost_its_lease_records_nothing_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        a_sender_that_lost_its_lease_records_nothing(&format!(
+            "sqlite://{}/p.db",
+            dir.path().display()
+        ))
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_sender_that_lost_its_lease_records_nothing_on_postgres() {
+        crate::test_postgres::on_postgres(|u, _| async move {
+            a_sender_that_lost_its_lease_records_nothing(&u).await
         })
         .await;
     }
