@@ -35,13 +35,11 @@ pub(crate) struct OperatorApi {
     /// The controllers, who may fetch the audit checkpoints (hashes only) and nothing else
     /// here: the entries name every controller's requests.
     controllers: Arc<Authorizer<()>>,
-    /// Held while an operator's confirmation or refusal runs, so that two operators acting on
-    /// the same task at once cannot both write its return record: the second would replace
-    /// the file the first one's transition recorded (its size and SHA-256), and the upload of
-    /// a record that no longer matches would fail a return that was done. Operators' calls
-    /// are rare, so one lock for all tasks costs nothing.
-    confirming: Arc<tokio::sync::Mutex<()>>,
 }
+
+/// How long an operator's confirmation or refusal holds its task at most (it writes one
+/// small record and one transition); a replica that died holding one frees it after this.
+const OPERATOR_HOLD_MS: i64 = 60_000;
 
 impl OperatorApi {
     /// Handlers over `shared`.
@@ -66,7 +64,6 @@ impl OperatorApi {
             shared,
             operators: Arc::new(operators),
             controllers: Arc::new(controllers),
-            confirming: Arc::default(),
         }
     }
 
@@ -141,9 +138,42 @@ impl OperatorApi {
         by: &str,
     ) -> Result<ManualTask, ApiError> {
         let key = task_key(task)?;
-        // Until the transition is committed: the task is read, and its record written, only
-        // after another operator's call on it has finished.
-        let _confirming = self.confirming.lock().await;
+        // Until the transition is committed the task is held, in the store, so that two
+        // operators acting on it at once (on this replica or on another sharing the store and
+        // the data folder) cannot both write its return record: the second would replace the
+        // file whose size and SHA-256 the first one's transition recorded, and the upload of
+        // a record that no longer matches would fail a return that was done.
+        let store = &self.shared.store;
+        let Some(hold) = store.hold_for_operator(&key, OPERATOR_HOLD_MS).await? else {
+            return Err(match store.manual_task(&key).await? {
+                None => ApiError::not_found(format!(
+                    "no task {}/{}/{}",
+                    key.controller, key.request_id, key.subprocessor
+                )),
+                Some(_) => ApiError::aborted(
+                    "another operator is confirming or refusing this task right now; list \
+                     again in a moment",
+                ),
+            });
+        };
+        let finished = self.finish_held(&key, event, by).await;
+        if let Err(e) = store.release_operator_hold(&key, &hold).await {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "releasing an operator's hold on a task failed; it runs out by itself"
+            );
+        }
+        finished
+    }
+
+    /// [`OperatorApi::finish`] once the task is held.
+    async fn finish_held(
+        &self,
+        key: &TaskKey,
+        event: Event<'_>,
+        by: &str,
+    ) -> Result<ManualTask, ApiError> {
+        let key = key.clone();
         let store = &self.shared.store;
         let row = store.manual_task(&key).await?.ok_or_else(|| {
             ApiError::not_found(format!(

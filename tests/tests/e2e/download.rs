@@ -10,13 +10,14 @@ use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
+use dsrelay_proto::v1::processor_operator_service_client::ProcessorOperatorServiceClient;
 use dsrelay_proto::v1::{CompleteManualTaskRequest, RequestState, TaskRef, TaskState};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::harness::dsrctl::dsrctl;
 use crate::harness::{
-    in_state, spawn_pair, wait_until, Holder, PairOptions, CONTROLLER, PROCESSOR,
+    in_state, spawn_pair, wait_until, Backend, Holder, PairOptions, CONTROLLER, PROCESSOR,
 };
 
 /// The sample accounting database's customer 1, also known to the example adapter.
@@ -334,13 +335,58 @@ fn assert_late(round: usize, refused: &tonic::Status) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_operators_confirming_one_return_by_hand_leave_one_true_record() {
+    two_operators_confirming_one_return_by_hand(Backend::Sqlite, false).await;
+}
+
+/// The same on two processor replicas sharing PostgreSQL and the data folder, each operator
+/// calling one of them: a lock inside one process would not stop the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_operators_on_two_processor_replicas_leave_one_true_record() {
+    two_operators_confirming_one_return_by_hand(Backend::Postgres, true).await;
+}
+
+async fn two_operators_confirming_one_return_by_hand(backend: Backend, replicas: bool) {
     let Some(pair) = spawn_pair(PairOptions {
+        backend,
         holders: vec![Holder::Accounting, Holder::PaperArchive],
         ..Default::default()
     })
     .await
     else {
         return;
+    };
+    // The second operator's processor: the pair's own, or a replica of it.
+    let (second_operator, replica) = if replicas {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding processor B");
+        let port = listener.local_addr().expect("B's address").port();
+        let b = dsrelay_processor::App::build(
+            pair.processor_replica_config(listener.local_addr().unwrap(), 1),
+        )
+        .await
+        .expect("building processor B");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(b.run(listener, async {
+            let _ = stopped.await;
+        }));
+        let tls = pair
+            .pki()
+            .files("operator")
+            .client_config()
+            .expect("client tls");
+        let channel = dsrelay_runtime::tls::channel(
+            &format!("https://localhost:{port}"),
+            Some(dsrelay_runtime::pki::dev_identity("processor", PROCESSOR)),
+            &tls,
+        )
+        .expect("a channel to B");
+        (
+            ProcessorOperatorServiceClient::new(channel),
+            Some((stop, task)),
+        )
+    } else {
+        (pair.processor_operator(), None)
     };
     let mut crm = pair.client("partner-crm");
     let mut ids = Vec::new();
@@ -355,8 +401,12 @@ async fn two_operators_confirming_one_return_by_hand_leave_one_true_record() {
         })
         .await;
     }
-    let confirm = |id: &str, records: i64, note: &str| {
-        let mut operator = pair.processor_operator();
+    let confirm = |id: &str, records: i64, note: &str, second: bool| {
+        let mut operator = if second {
+            second_operator.clone()
+        } else {
+            pair.processor_operator()
+        };
         let request = CompleteManualTaskRequest {
             task: Some(TaskRef {
                 controller: CONTROLLER.into(),
@@ -373,8 +423,8 @@ async fn two_operators_confirming_one_return_by_hand_leave_one_true_record() {
         // Two operators confirm the same return at once; one of them is told it was too late,
         // and the record that travels is the other's, as its transition recorded it.
         let (first, second) = tokio::join!(
-            confirm(id, 2, "posted folder 2019/14 by registered mail"),
-            confirm(id, 3, "handed folder 2019/14 over at the office"),
+            confirm(id, 2, "posted folder 2019/14 by registered mail", false),
+            confirm(id, 3, "handed folder 2019/14 over at the office", true),
         );
         let (note, records) = match (&first, &second) {
             (Ok(_), Err(refused)) => {
@@ -416,5 +466,11 @@ async fn two_operators_confirming_one_return_by_hand_leave_one_true_record() {
         assert_eq!(record["records"], records, "round {round}: {record}");
     }
 
+    if let Some((stop, task)) = replica {
+        let _ = stop.send(());
+        task.await
+            .expect("processor B")
+            .expect("processor B stopped cleanly");
+    }
     pair.stop().await;
 }

@@ -741,6 +741,21 @@ mod configs {
         config.validate().expect("registry replica config");
         config
     }
+
+    /// Another replica of the processor `processor`: the same database and data folder,
+    /// serving at `listen`, without an admin port, with a checkpoint file of its own.
+    pub(super) fn processor_replica(
+        processor: &dsrelay_processor::Config,
+        listen: std::net::SocketAddr,
+        checkpoints: std::path::PathBuf,
+    ) -> dsrelay_processor::Config {
+        let mut config = processor.clone();
+        config.service.listen = listen.to_string();
+        config.service.admin_listen = None;
+        config.audit.checkpoint_file = Some(checkpoints);
+        config.validate().expect("processor replica config");
+        config
+    }
 }
 
 /// One service's configuration.
@@ -1338,6 +1353,23 @@ impl TestPair {
             registry,
             listen,
             self.dir().join(format!("registry-{n}-checkpoints.jsonl")),
+        )
+    }
+
+    /// The configuration of another replica of the processor on its database and data
+    /// folder, serving at `listen`, with checkpoint file number `n` of its own.
+    pub fn processor_replica_config(
+        &self,
+        listen: SocketAddr,
+        n: u32,
+    ) -> dsrelay_processor::Config {
+        let ServiceConfig::Processor(processor) = &self.processor.config else {
+            unreachable!("the pair's processor has a processor configuration")
+        };
+        configs::processor_replica(
+            processor,
+            listen,
+            self.dir().join(format!("processor-{n}-checkpoints.jsonl")),
         )
     }
 

@@ -605,6 +605,45 @@ impl Store {
         Ok(done > 0)
     }
 
+    /// Holds `key`'s task for an operator's confirmation or refusal for `hold_ms` of the
+    /// database's clock, under a new random token, unless another operator's call holds it
+    /// now (on this replica or another). Answers the token, or `None` when the task is held
+    /// already or does not exist.
+    pub async fn hold_for_operator(&self, key: &TaskKey, hold_ms: i64) -> Result<Option<String>> {
+        let backend = self.db.backend;
+        let db_now = backend.now_ms();
+        let held: Option<String> = sqlx::query_scalar(&format!(
+            "UPDATE tasks SET operator_hold_until = {db_now} + $1, \
+             operator_hold_by = {token} WHERE controller = $2 AND request_id = $3 \
+             AND subprocessor = $4 AND operator_hold_until <= {db_now} \
+             RETURNING operator_hold_by",
+            token = backend.random_token(),
+        ))
+        .bind(hold_ms)
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .fetch_optional(&self.db.pool)
+        .await?;
+        Ok(held)
+    }
+
+    /// Ends the operator's hold `token` on `key`'s task (another's is left alone).
+    pub async fn release_operator_hold(&self, key: &TaskKey, token: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE tasks SET operator_hold_until = 0, operator_hold_by = NULL \
+             WHERE controller = $1 AND request_id = $2 AND subprocessor = $3 \
+             AND operator_hold_by = $4",
+        )
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .bind(token)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
     /// How many tasks a runner could claim now or later (pending, in progress, retained),
     /// leased or not: what a stopping processor leaves queued.
     pub async fn runnable_count(&self) -> Result<i64> {
