@@ -4,6 +4,9 @@
 //! are removed. Keyed hashes of the identities (HMAC-SHA256 under the processor's
 //! `identity_hash_key`) stay, so an operator holding the key and an address can still show
 //! what was done for that subject.
+//!
+//! The same worker removes, at every sweep, the export files a retired upload left behind
+//! (see `remove_retired_exports`): an export is kept only until its upload is retired.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +51,12 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         if *stop.borrow() {
             return;
         }
+        if let Err(e) = remove_retired_exports(&shared).await {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "removing the files of retired exports failed; trying again at the next sweep"
+            );
+        }
         match sweep(&shared).await {
             Ok(forgotten) => log_dirty |= forgotten > 0,
             Err(e) => {
@@ -68,6 +77,41 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         tokio::select! {
             _ = stop.changed() => {}
             _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// Removes what retired uploads left in the data folder: an export is kept only until its
+/// upload is retired (delivered, undeliverable, given up, or its task ended otherwise). The
+/// uploader removes a delivered export's files at once; this catches a crash between the
+/// retirement and the removal, and the retirements that delivered nothing, at the latest one
+/// sweep interval after a start.
+async fn remove_retired_exports(shared: &Shared) -> Result<()> {
+    loop {
+        let keys = shared.store.retired_exports_left(BATCH).await?;
+        let mut removed = 0;
+        for key in &keys {
+            let dir = crate::exports::task_dir(&shared.config.data_dir, key);
+            match tokio::fs::remove_dir_all(&dir).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, dir = %dir.display(), "removing a retired export's files failed");
+                    continue;
+                }
+            }
+            shared
+                .store
+                .export_files_removed(key, shared.clock.now_ms())
+                .await?;
+            removed += 1;
+        }
+        if removed > 0 {
+            tracing::debug!(removed, "retired exports' files removed");
+        }
+        // A batch in which some could not be removed is left for the next sweep.
+        if keys.len() < BATCH as usize || removed < keys.len() {
+            return Ok(());
         }
     }
 }

@@ -418,6 +418,22 @@ async fn call_bulk(
         }
         Some(sink)
     } else {
+        // What the contract end exported for its return goes before the erasure that will
+        // certify the data gone: the uploader removes it once delivered, but a crash right
+        // after the delivery was recorded can have left it (the forget worker's sweep would
+        // remove it later, possibly after the certificate).
+        let dir = exports::task_dir(&shared.config.data_dir, key);
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                let error = ConnectorError::Transient(format!(
+                    "removing the returned export {} before the erasure: {e}",
+                    dir.display()
+                ));
+                return Ok((Err(error), BulkProgress::default()));
+            }
+        }
         None
     };
     let (export, head_start) = head_start::attach(shared, key, export, to_registry);

@@ -474,3 +474,63 @@ async fn two_operators_confirming_one_return_by_hand(backend: Backend, replicas:
     }
     pair.stop().await;
 }
+
+/// An export is kept only until its upload is retired. A crash between recording the
+/// delivery and removing the files left them in the processor's data folder until the
+/// request was forgotten (30 days after it ended, by default); the forget worker's sweep now
+/// removes what any retired upload left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_a_retired_upload_left_behind_are_removed() {
+    let Some(pair) = spawn_pair(PairOptions {
+        holders: vec![Holder::Accounting],
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let mut crm = pair.client("partner-crm");
+    let id = submit_return_of_data(&pair).await;
+    wait_until(
+        &mut crm,
+        &id,
+        Duration::from_secs(60),
+        in_state(RequestState::Completed),
+    )
+    .await;
+    let dir = pair.export_dir(&id, "accounting");
+    let url = pair.processor.database_url();
+    let recorded = "SELECT COUNT(*) FROM uploads WHERE files_removed_at IS NOT NULL";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while crate::harness::count(url, recorded).await != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "removal never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!dir.exists(), "a delivered export's files stayed");
+
+    // As a crash right after the delivery was recorded leaves it: the files still there,
+    // their removal not recorded.
+    std::fs::create_dir_all(&dir).expect("export folder");
+    std::fs::write(dir.join("customers.json"), br#"[{"name":"Maija"}]"#).expect("file");
+    let db = dsrelay_runtime::store::Db::connect(url)
+        .await
+        .expect("processor store");
+    sqlx::query("UPDATE uploads SET files_removed_at = NULL")
+        .execute(&db.pool)
+        .await
+        .expect("unrecord the removal");
+    db.pool.close().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while dir.exists() || crate::harness::count(url, recorded).await != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the files a retired upload left stayed in {}",
+            dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pair.stop().await;
+}

@@ -380,6 +380,41 @@ impl Store {
 }
 
 impl Store {
+    /// Up to `limit` retired uploads whose export files have not been recorded removed,
+    /// the longest retired first.
+    pub async fn retired_exports_left(&self, limit: i64) -> Result<Vec<TaskKey>> {
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT controller, request_id, subprocessor FROM uploads \
+             WHERE done_at IS NOT NULL AND files_removed_at IS NULL ORDER BY done_at LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.db.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(controller, request_id, subprocessor)| TaskKey {
+                controller,
+                request_id,
+                subprocessor,
+            })
+            .collect())
+    }
+
+    /// Records that `key`'s retired upload left no files behind.
+    pub async fn export_files_removed(&self, key: &TaskKey, now: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE uploads SET files_removed_at = $1 WHERE controller = $2 \
+             AND request_id = $3 AND subprocessor = $4 AND done_at IS NOT NULL",
+        )
+        .bind(now)
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Ends the lease of the claim `lease_owner` on an upload whose sending was abandoned
     /// (the service is stopping), so another replica or the next start resumes it at once;
     /// the attempt it started stays counted. Nothing once another claim holds it.
