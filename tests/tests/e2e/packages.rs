@@ -299,6 +299,32 @@ async fn packages_expire_after_their_retention() {
         assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
         assert!(status.message().contains("expired at"), "{status:?}");
     }
+
+    // As a crash between recording the expiry and its last deletion leaves it, when an
+    // upload registered before the expiry created a file after the first deletion: the
+    // next sweep deletes it.
+    let url = pair.registry.database_url().to_string();
+    let removed = "SELECT COUNT(*) FROM packages WHERE files_removed_at IS NOT NULL";
+    assert_eq!(crate::harness::count(&url, removed).await, 1);
+    let late = folder.join(PROCESSOR).join("accounting");
+    std::fs::create_dir_all(&late).expect("a part's folder");
+    std::fs::write(late.join("customers.json"), br#"[{"name":"Maija"}]"#).expect("file");
+    let db = dsrelay_runtime::store::Db::connect(&url)
+        .await
+        .expect("registry store");
+    sqlx::query("UPDATE packages SET files_removed_at = NULL")
+        .execute(&db.pool)
+        .await
+        .expect("unrecord the last deletion");
+    db.pool.close().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while folder.exists() || crate::harness::count(&url, removed).await != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a file under the expired package stayed: {folder:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     pair.stop().await;
 }
 

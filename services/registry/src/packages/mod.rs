@@ -162,8 +162,9 @@ async fn expire_due(shared: &Shared) -> Result<()> {
 
 /// Deletes one package's files, then records it expired: a crash in between deletes them
 /// again at the next sweep, and the record never says deleted while bytes remain. Then
-/// deletes once more: an upload registered before the expiry may have created a file since
-/// the first deletion (one that comes after the record refuses itself and deletes it).
+/// deletes once more, and records that: an upload registered before the expiry may have
+/// created a file since the first deletion (one that comes after the record refuses itself
+/// and deletes it), and a crash before the last deletion has the next sweep run it again.
 async fn expire_one(shared: &Shared, request_id: &str, now: i64) -> Result<()> {
     let packages = &shared.packages;
     packages
@@ -184,7 +185,8 @@ async fn expire_one(shared: &Shared, request_id: &str, now: i64) -> Result<()> {
         .store
         .remove_all(&package_key(request_id))
         .await
-        .with_context(|| format!("deleting the package of request {request_id} again"))
+        .with_context(|| format!("deleting the package of request {request_id} again"))?;
+    shared.store.package_files_removed(request_id, now).await
 }
 
 #[cfg(test)]

@@ -488,12 +488,14 @@ impl Store {
         })
     }
 
-    /// Packages not deleted yet whose request finished at or before `cutoff` (ms).
+    /// Packages whose request finished at or before `cutoff` (ms) and whose expiry has not
+    /// run to its end: not recorded expired yet, or recorded without the last deletion of
+    /// their files recorded after it (a crash in between).
     pub async fn packages_to_expire(&self, cutoff: i64, limit: i64) -> Result<Vec<String>> {
         Ok(sqlx::query_scalar(
             "SELECT p.request_id FROM packages p JOIN requests r ON r.id = p.request_id \
-             WHERE p.expired_at IS NULL AND r.finished_at IS NOT NULL AND r.finished_at <= $1 \
-             ORDER BY r.finished_at LIMIT $2",
+             WHERE p.files_removed_at IS NULL AND r.finished_at IS NOT NULL \
+             AND r.finished_at <= $1 ORDER BY r.finished_at LIMIT $2",
         )
         .bind(cutoff)
         .bind(limit)
@@ -501,7 +503,21 @@ impl Store {
         .await?)
     }
 
-    /// Records a package deleted at expiry, with a PACKAGE_EXPIRED event.
+    /// Records that the expiry's last deletion of `request_id`'s package files ran.
+    pub async fn package_files_removed(&self, request_id: &str, now: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE packages SET files_removed_at = $1 WHERE request_id = $2 \
+             AND expired_at IS NOT NULL",
+        )
+        .bind(now)
+        .bind(request_id)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records a package deleted at expiry, with a PACKAGE_EXPIRED event (once: a package
+    /// recorded expired already is left as it is).
     pub async fn package_expired(&self, request_id: &str, now: i64, message: &str) -> Result<()> {
         let mut tx = self.begin().await?;
         let changed = sqlx::query(
