@@ -583,6 +583,19 @@ impl ExportUploadService for Api {
             .map(|h| package_file(&processor, h))
             .collect();
         let now = self.shared.clock.now_ms();
+        let bytes = &self.shared.packages.store;
+        let remove_bytes = |name: String| {
+            let mut f = package_file(&processor, &ExportFileHeader::default());
+            f.request_id.clone_from(&part.request_id);
+            f.subprocessor.clone_from(&part.subprocessor);
+            f.name = name;
+            async move {
+                bytes
+                    .remove(&file_key(&f))
+                    .await
+                    .map_err(|e| anyhow::Error::new(e).context("package store"))
+            }
+        };
         let outcome = self
             .shared
             .store
@@ -592,25 +605,14 @@ impl ExportUploadService for Api {
                 &part.subprocessor,
                 &files,
                 now,
+                remove_bytes,
             )
             .await
             .map_err(ApiError::from)?;
         match outcome {
             PartOutcome::Stored { stored_at, dropped } => {
-                for name in dropped {
-                    let mut f = package_file(&processor, &ExportFileHeader::default());
-                    f.request_id.clone_from(&part.request_id);
-                    f.subprocessor.clone_from(&part.subprocessor);
-                    f.name = name;
-                    self.shared
-                        .packages
-                        .store
-                        .remove(&file_key(&f))
-                        .await
-                        .map_err(io_error)?;
-                }
                 self.shared.publish(&part.request_id);
-                tracing::info!(files = files.len(), "part stored");
+                tracing::info!(files = files.len(), dropped = dropped.len(), "part stored");
                 Ok(Response::new(CompletePartResponse {
                     stored_at: Some(timestamp_from_millis(stored_at)),
                 }))

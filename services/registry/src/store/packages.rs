@@ -76,7 +76,7 @@ pub enum FileBegin {
 #[derive(Debug, PartialEq, Eq)]
 pub enum PartOutcome {
     /// Stored now (or before) at this time (ms); `dropped` are files registered for the part
-    /// but not listed in it, whose rows are gone and whose bytes the caller removes.
+    /// but not listed in it, whose bytes and rows are gone.
     Stored {
         /// When the part was stored (ms).
         stored_at: i64,
@@ -300,15 +300,24 @@ impl Store {
     }
 
     /// Records a part complete when every file it lists is stored with the digest given,
-    /// with a PART_STORED event; the same part again answers when it was stored.
-    pub async fn complete_part(
+    /// with a PART_STORED event; the same part again answers when it was stored. Files
+    /// registered under the part but not listed in it (an earlier export's) are dropped:
+    /// `remove_bytes` deletes each one's bytes before the transaction that deletes its row
+    /// commits, so a crash in between leaves the row, and the retried completion drops it
+    /// again, rather than bytes no row lists.
+    pub async fn complete_part<F, Fut>(
         &self,
         request_id: &str,
         processor: &str,
         subprocessor: &str,
         files: &[PackageFile],
         now: i64,
-    ) -> Result<PartOutcome> {
+        remove_bytes: F,
+    ) -> Result<PartOutcome>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
         let mut tx = self.begin().await?;
         // Locked: the package's expiry (which deletes its files) and another completion of
         // the same part wait for this one, and this one for them.
@@ -368,6 +377,7 @@ impl Store {
             .map(|s| s.name.clone())
             .collect();
         for name in &dropped {
+            remove_bytes(name.clone()).await?;
             sqlx::query(
                 "DELETE FROM package_files WHERE request_id = $1 AND processor = $2 \
                  AND subprocessor = $3 AND name = $4",
