@@ -261,8 +261,8 @@ pub enum TasksCommand {
 /// `dsrctl deliveries ...`.
 #[derive(Debug, Subcommand)]
 pub enum DeliveriesCommand {
-    /// List dead-lettered deliveries, cancellations and contract-end updates, oldest first,
-    /// each with the processor's last answer.
+    /// List dead-lettered deliveries, cancellations, contract-end updates and due-date
+    /// extensions, oldest first, each with the processor's last answer.
     DeadLetters {
         /// At most this many, 1..=500 [default: the registry's, 100]
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=500))]
@@ -802,9 +802,9 @@ pub struct PkiInitArgs {
     pub dns_names: Vec<String>,
 
     /// Also copy into DIR only what party STEM (registry, processor, operator, ...) needs:
-    /// the CA certificate (never the CA key), its certificate and key, a processor's signing
-    /// key, a registry's processors' public signing keys (repeatable). For containers that
-    /// should each mount their own credentials only.
+    /// the CA certificate (never the CA key), its certificate and key, a processor's or a
+    /// registry's signing key (and its public key), a registry's processors' public signing
+    /// keys (repeatable). For containers that should each mount their own credentials only.
     #[arg(long = "install", value_name = "STEM=DIR", value_parser = parse_assignment)]
     pub install: Vec<(String, String)>,
 }

@@ -24,8 +24,12 @@
 //! ```
 //!
 //! # Layout
-//! - [`client`]: [`ConnectionSettings`] and [`RegistryClient`], one typed method per RPC;
-//!   every call fails with the server's [`tonic::Status`] so callers can show code and message.
+//! - [`client`]: [`ConnectionSettings`] and [`RegistryClient`], with typed methods for
+//!   Submit, Get, List, Watch, Cancel, ExtendDeadline and ListCertificates (and, below, the
+//!   contract ends and packages); the other `RequestService` calls (GetChain, ListEvents,
+//!   ListAuditEntries, ListAuditCheckpoints, ListDeadLetteredDeliveries, RequeueDelivery) go
+//!   through the generated client that [`RegistryClient::raw`] returns. Every typed call
+//!   fails with the server's [`tonic::Status`] so callers can show code and message.
 //! - [`contracts`]: contract ends (operators only): [`RegistryClient::end_contract`] and the
 //!   calls that follow one ([`EffectiveAt`] says when it ends).
 //! - [`package`]: return-of-data packages: [`RegistryClient::get_package`] and

@@ -16,8 +16,9 @@
 //! - [`store`]: requests (with a transfer's recipient, a contract end's terms), tasks (with a
 //!   transfer's receipt, a contract end's progress), the acknowledgement outbox, the
 //!   upload outbox, and the hash-chained audit trail each change an auditor asks about
-//!   appends to in its own transaction (`store/audit.rs` lists them; its head is signed
-//!   into the checkpoint file by `dsrelay_runtime::audit::signer`, `[audit]`).
+//!   appends to in its own transaction (the `ProcessorAuditEvent` enum in
+//!   `proto/dsrelay/v1/processor.proto` lists them; its head is signed into the checkpoint
+//!   file by `dsrelay_runtime::audit::signer`, `[audit]`).
 //! - [`task_machine`]: every rule of a task's life, as one pure function.
 //! - [`runner`]: claims runnable tasks (leased on the database's clock) and takes each one
 //!   step by running its subprocessor's connector (`dsrelay-connectors`), as the task

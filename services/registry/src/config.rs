@@ -186,13 +186,13 @@ pub struct DeliveryConfig {
     pub batch_size: u32,
     /// Deliveries in flight at once.
     pub concurrency: usize,
-    /// Deadline of one call to a processor (ms): Deliver, Cancel and UpdateContractEnd, and
-    /// the reconciler's GetStatus and ListSubprocessors. 1 to [`MAX_CALL_TIMEOUT_MS`] (one
-    /// hour).
+    /// Deadline of one call to a processor (ms): Deliver, Cancel, UpdateContractEnd and
+    /// ExtendDueDate, and the reconciler's GetStatus and ListSubprocessors. 1 to
+    /// [`MAX_CALL_TIMEOUT_MS`] (one hour).
     pub call_timeout_ms: u64,
-    /// Refusals after which an outbox row (a delivery, a cancellation or a contract end's
-    /// update) is dead-lettered: no longer sent,
-    /// shown in Get and the request's events. A refusal is an answer retrying cannot change
+    /// Refusals after which an outbox row (a delivery, a cancellation, a contract end's
+    /// update or a due date's extension) is dead-lettered: no longer sent, shown in Get and
+    /// the request's events. A refusal is an answer retrying cannot change
     /// (INVALID_ARGUMENT, PERMISSION_DENIED, UNIMPLEMENTED, FAILED_PRECONDITION); each is
     /// still retried with `backoff` until then, in case the processor is fixed meanwhile.
     pub max_refusals: u32,

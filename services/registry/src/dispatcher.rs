@@ -1,10 +1,11 @@
-//! Delivers the outbox: each due row is sent to its processor (Deliver, Cancel, or a contract
-//! end's UpdateContractEnd with its terms as they stand) until the
-//! processor durably accepts it, with exponential backoff and jitter between attempts. A row
-//! the processor refuses with an answer retrying cannot change ([`is_refusal`]) is
-//! dead-lettered after `delivery.max_refusals` refusals: no longer sent, shown in Get and the
-//! request's events, counted in `dsrelay_deliveries_dead_lettered_total`, until an operator
-//! requeues it (`RequestService.RequeueDelivery`, which also wakes this loop).
+//! Delivers the outbox: each due row is sent to its processor (Deliver, Cancel, a contract
+//! end's UpdateContractEnd with its terms as they stand, or ExtendDueDate with the request's
+//! due date as it stands) until the processor durably accepts it, with exponential backoff
+//! and jitter between attempts. A row the processor refuses with an answer retrying cannot
+//! change ([`is_refusal`]) is dead-lettered after `delivery.max_refusals` refusals: no longer
+//! sent, shown in Get and the request's events, counted in
+//! `dsrelay_deliveries_dead_lettered_total`, until an operator requeues it
+//! (`RequestService.RequeueDelivery`, which also wakes this loop).
 //!
 //! Acceptances are written by one recorder ([`Recorder`]): a call that ends while others are
 //! being written waits with the rest of the queue, and the next transaction records them all,

@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `dsrelay_requests` | gauge | `kind`, `state` |
 //! | `dsrelay_requests_overdue` | gauge | |
-//! | `dsrelay_outbox_depth` | gauge | `op` (`deliver`, `cancel`, `update`) |
+//! | `dsrelay_outbox_depth` | gauge | `op` (`deliver`, `cancel`, `update`, `extend`) |
 //! | `dsrelay_outbox_oldest_age_seconds` | gauge | `op` |
 //! | `dsrelay_outbox_dead_lettered` | gauge | `op` |
 //! | `dsrelay_delivery_attempts_total` | counter | `processor` |
@@ -32,12 +32,12 @@ use crate::store::{OP_CANCEL, OP_DELIVER, OP_EXTEND, OP_UPDATE};
 pub(crate) struct Metrics {
     /// The families below, for the exposition.
     registry: Registry,
-    /// Deliver, Cancel and UpdateContractEnd calls made, by processor.
+    /// Deliver, Cancel, UpdateContractEnd and ExtendDueDate calls made, by processor.
     pub delivery_attempts: CounterVec,
     /// Of those, the ones that failed (or could not be made).
     pub delivery_failures: CounterVec,
-    /// Outbox rows (deliveries, cancellations, contract end updates) dead-lettered after
-    /// repeated refusal.
+    /// Outbox rows (deliveries, cancellations, contract end updates, due date extensions)
+    /// dead-lettered after repeated refusal.
     pub deliveries_dead_lettered: CounterVec,
     /// From a task's state change at the processor to the registry applying it.
     pub ack_latency: HistogramVec,
@@ -56,20 +56,20 @@ impl Metrics {
             delivery_attempts: CounterVec::register(
                 &mut registry,
                 "dsrelay_delivery_attempts",
-                "Deliver, Cancel and UpdateContractEnd calls made to processors.",
+                "Deliver, Cancel, UpdateContractEnd and ExtendDueDate calls made to processors.",
                 &["processor"],
             ),
             delivery_failures: CounterVec::register(
                 &mut registry,
                 "dsrelay_delivery_failures",
-                "Deliver, Cancel and UpdateContractEnd calls that failed; the outbox retries \
-                 them with backoff.",
+                "Deliver, Cancel, UpdateContractEnd and ExtendDueDate calls that failed; the \
+                 outbox retries them with backoff.",
                 &["processor"],
             ),
             deliveries_dead_lettered: CounterVec::register(
                 &mut registry,
                 "dsrelay_deliveries_dead_lettered",
-                "Deliver, Cancel and UpdateContractEnd rows dead-lettered after \
+                "Deliver, Cancel, UpdateContractEnd and ExtendDueDate rows dead-lettered after \
                  delivery.max_refusals refusals by the processor; they are no longer sent.",
                 &["processor"],
             ),

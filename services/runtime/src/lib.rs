@@ -13,8 +13,8 @@
 //! - [`tls`]: mutual TLS with rustls, with certificate revocation lists; peer identities from
 //!   certificate SANs; client channels that check the server's identity; [`tls::live`], the
 //!   configuration a service uses now, reloaded without a restart.
-//! - [`pki`]: the generated development PKI, with each processor's signing key and the CA's
-//!   revocation list.
+//! - [`pki`]: the generated development PKI, with each processor's and registry's signing
+//!   key and the CA's revocation list.
 //! - [`signing`]: canonical JSON signed with Ed25519 (deletion certificates); key files.
 //! - [`store`]: one sqlx handle over SQLite or PostgreSQL, with per-backend migrations.
 //! - [`backoff`]: retry spacing for the outboxes.

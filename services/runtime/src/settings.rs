@@ -99,7 +99,9 @@ pub struct ServiceSettings {
     /// The longest a unary call may run at this service (ms; default
     /// [`DEFAULT_CALL_LIMIT_MS`]): then it is ended with DEADLINE_EXCEEDED naming this limit,
     /// so that a stuck handler cannot hold the service's resources. A caller's shorter
-    /// deadline still ends it first. Streaming calls are not limited by it.
+    /// deadline still ends it first. Streaming calls are not limited by it as a whole, but an
+    /// upload or download stream that stays idle this long (no message from the sender, or
+    /// nothing taken by the reader) is ended.
     pub call_limit_ms: u64,
     /// How many threads run the service's asynchronous work (calls, workers, encoding,
     /// TLS): 1 (the default, [`DEFAULT_WORKER_THREADS`]) runs all of it on the main thread

@@ -302,11 +302,12 @@ fn receipt_problems(i: usize, a: &Acknowledgement, r: &TransferReceipt) -> Vec<F
     violations
 }
 
-/// The task reports of a processor's answer (to a Deliver, a cancellation, an update of terms
-/// or a status check) about `request_id` that keep the rules an acknowledgement keeps; each
-/// one that does not is left out and logged with what is wrong, so a report is never stored
-/// on looser terms than the same change acknowledged. (Whether a COMPLETED report has its
-/// proof, a receipt or a stored part, the store checks when it applies them.)
+/// The task reports of a processor's answer (to a Deliver, a cancellation, an update of terms,
+/// a due date's extension or a status check) about `request_id` that keep the rules an
+/// acknowledgement keeps; each one that does not is left out and logged with what is wrong,
+/// so a report is never stored on looser terms than the same change acknowledged. (Whether
+/// a COMPLETED report has its proof, a receipt or a stored part, the store checks when it
+/// applies them.)
 pub(crate) fn well_formed_reports(
     processor: &str,
     request_id: &str,

@@ -107,10 +107,11 @@ impl Store {
         Ok(rows.into_iter().map(|r| r.job).collect())
     }
 
-    /// Records that a processor durably accepted a delivery (or cancellation, or a contract
-    /// end's update), with the tasks it reported, and refolds the request. An update is
-    /// marked sent only when the terms it carried are still the latest; otherwise the row
-    /// stays armed and is sent again with the new ones. Answers whether `job`'s claim still
+    /// Records that a processor durably accepted a delivery (or cancellation, a contract
+    /// end's update or a due date's extension), with the tasks it reported, and refolds the
+    /// request. An update is marked sent only when the terms it carried are still the latest,
+    /// an extension only when the due date it carried still is; otherwise the row stays
+    /// armed and is sent again with the new ones. Answers whether `job`'s claim still
     /// held the row: when another claim took it, nothing is recorded.
     pub async fn delivery_succeeded(
         &self,
@@ -420,7 +421,7 @@ pub struct DeadLetteredRow {
     pub request_id: String,
     /// The processor that kept refusing it.
     pub processor: String,
-    /// `deliver`, `cancel` or `update`, as stored.
+    /// `deliver`, `cancel`, `update` or `extend`, as stored.
     pub op: String,
     /// Calls made, refused or not.
     pub attempts: i64,
