@@ -372,6 +372,9 @@ async fn contract_end_returns_the_data_and_deletes_only_after_confirmation() {
             Holder::PaperArchive,
         ],
         admin: true,
+        // Only the sweep at start: what the erasure must remove itself is not removed by
+        // the forget worker first.
+        processor_forget_sweep_ms: Some(3_600_000),
         ..Default::default()
     })
     .await
@@ -465,6 +468,20 @@ async fn contract_end_returns_the_data_and_deletes_only_after_confirmation() {
         record["note"], "handed the customer folders back to the controller",
         "{record}"
     );
+    // The returned export's copy as a crash right after its delivery was recorded leaves it
+    // (the uploader removed it once delivered): the erasure removes it before it runs, so
+    // no certificate says the data gone while a copy stays at the processor.
+    let exported = pair.export_dir(&id, "accounting");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while exported.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a delivered export stayed: {exported:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::create_dir_all(&exported).expect("export folder");
+    std::fs::write(exported.join("customers.json"), br#"[{"name":"C-1001"}]"#).expect("file");
     dsrctl(
         &pair,
         "operator",
@@ -481,6 +498,10 @@ async fn contract_end_returns_the_data_and_deletes_only_after_confirmation() {
     let done =
         delete_by_hand_then_finish(&pair, &id, "shredded the copies kept in cabinet B2").await;
     assert_eq!(state(&done), RequestState::PartiallyCompleted, "{done:#?}");
+    assert!(
+        !exported.exists(),
+        "the returned export's copy outlived the erasure: {exported:?}"
+    );
     assert!(customers(&pair.accounting_url).await < 6);
     pair.stop().await;
 }

@@ -206,6 +206,9 @@ pub struct PairOptions {
     pub worker_threads: Option<usize>,
     /// The registry's `[watch]` table (`None`: its defaults).
     pub watch: Option<dsrelay_registry::config::WatchConfig>,
+    /// The processor's `forget_sweep_interval_ms` (`None`: 200 ms, so tests see forgetting
+    /// and the removal of retired exports' files soon).
+    pub processor_forget_sweep_ms: Option<u64>,
 }
 
 impl Default for PairOptions {
@@ -239,6 +242,7 @@ impl Default for PairOptions {
             call_limit_ms: None,
             worker_threads: None,
             watch: None,
+            processor_forget_sweep_ms: None,
         }
     }
 }
@@ -669,7 +673,7 @@ mod configs {
             },
             identity_hash_key: "test processor key".into(),
             forget_after_days: plan.opts.forget_after_days,
-            forget_sweep_interval_ms: 200,
+            forget_sweep_interval_ms: plan.opts.processor_forget_sweep_ms.unwrap_or(200),
             // Signed often, so tests see the head checkpointed soon after it moves.
             audit: dsrelay_processor::config::AuditConfig {
                 checkpoints: true,
