@@ -241,19 +241,25 @@ pub(crate) async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
 
     // A delivery row is queued with its request; a cancellation when the request is
     // cancelled (its finished_at); a contract end's update when its terms last changed; a
-    // due date's extension when the request last changed (its updated_at), no later than
-    // the extension.
+    // due date's extension when the operator extended it (armed_at). An update or extension
+    // waiting behind a dead-lettered delivery to the same processor is as stuck as that
+    // delivery, which the dead-letter gauge counts: it is left out here.
     let rows = sqlx::query(
         "SELECT d.op, CAST(COUNT(*) AS BIGINT) AS n, \
          MIN(CASE WHEN d.op = $1 THEN r.received_at \
          WHEN d.op = $2 THEN (SELECT c.updated_at FROM contracts c \
          WHERE c.request_id = d.request_id) \
+         WHEN d.op = $3 THEN COALESCE(d.armed_at, r.updated_at) \
          ELSE COALESCE(r.finished_at, r.updated_at) END) AS oldest \
          FROM deliveries d JOIN requests r ON r.id = d.request_id \
-         WHERE d.done_at IS NULL AND d.dead_lettered_at IS NULL GROUP BY d.op",
+         WHERE d.done_at IS NULL AND d.dead_lettered_at IS NULL \
+         AND NOT (d.op IN ($2, $3) AND EXISTS (SELECT 1 FROM deliveries x \
+         WHERE x.request_id = d.request_id AND x.processor = d.processor AND x.op = $1 \
+         AND x.done_at IS NULL AND x.dead_lettered_at IS NOT NULL)) GROUP BY d.op",
     )
     .bind(OP_DELIVER)
     .bind(OP_UPDATE)
+    .bind(OP_EXTEND)
     .fetch_all(pool)
     .await?;
     let depth = GaugeFamily::register(

@@ -459,6 +459,24 @@ async fn refused_delivery_is_dead_lettered(backend: Backend) {
         ),
         0.0
     );
+    // An extension of the due date waits behind the dead letter (it goes after the
+    // delivery): as stuck as the delivery, which is counted already, so not counted as
+    // queued, with an age rising for ever.
+    pair.client("operator")
+        .extend_deadline(dsrelay_proto::v1::ExtendDeadlineRequest {
+            request_id: id.clone(),
+            months: 1,
+            reason: "the processor refuses the delivery".into(),
+        })
+        .await
+        .expect("extend");
+    let metrics = scrape(&admin).await;
+    for name in [
+        r#"dsrelay_outbox_depth{op="extend"}"#,
+        r#"dsrelay_outbox_oldest_age_seconds{op="extend"}"#,
+    ] {
+        assert_eq!(gauge(&metrics, name), 0.0, "{name}");
+    }
 
     // Only operators list and requeue dead-lettered deliveries.
     let requeue = RequeueDeliveryRequest {

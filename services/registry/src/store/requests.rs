@@ -141,13 +141,13 @@ impl Store {
         // its processor's delivery ([`Store::claim_deliveries`]), and the date it sends is
         // read when it is claimed, so it is the latest whenever it goes.
         sqlx::query(
-            "INSERT INTO deliveries (request_id, processor, op, next_attempt_at) \
-             SELECT request_id, processor, $1, $2 FROM deliveries \
+            "INSERT INTO deliveries (request_id, processor, op, next_attempt_at, armed_at) \
+             SELECT request_id, processor, $1, $2, $2 FROM deliveries \
              WHERE request_id = $3 AND op = $4 \
              ON CONFLICT (request_id, processor, op) DO UPDATE SET \
              done_at = NULL, withdrawn_at = NULL, attempts = 0, \
-             next_attempt_at = excluded.next_attempt_at, last_error = NULL, refusals = 0, \
-             dead_lettered_at = NULL",
+             next_attempt_at = excluded.next_attempt_at, armed_at = excluded.armed_at, \
+             last_error = NULL, refusals = 0, dead_lettered_at = NULL",
         )
         .bind(Operation::Extend.as_str())
         .bind(now)
