@@ -4,3 +4,6 @@
 -- the sweep looked only at packages not yet recorded expired. It now also takes those whose
 -- last deletion is not recorded.
 ALTER TABLE packages ADD COLUMN files_removed_at BIGINT;
+-- Packages expired before this column existed count as done: the sweep would otherwise run
+-- them all again, a hundred a sweep, ahead of the packages due now.
+UPDATE packages SET files_removed_at = expired_at WHERE expired_at IS NOT NULL;
