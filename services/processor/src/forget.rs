@@ -87,8 +87,11 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 /// retirement and the removal, and the retirements that delivered nothing, at the latest one
 /// sweep interval after a start.
 async fn remove_retired_exports(shared: &Shared) -> Result<()> {
+    // Those that could not be removed stay first in the order; skipped, so that they do not
+    // hold back the ones behind them.
+    let mut failed: i64 = 0;
     loop {
-        let keys = shared.store.retired_exports_left(BATCH).await?;
+        let keys = shared.store.retired_exports_left(BATCH, failed).await?;
         let mut removed = 0;
         for key in &keys {
             let dir = crate::exports::task_dir(&shared.config.data_dir, key);
@@ -97,6 +100,7 @@ async fn remove_retired_exports(shared: &Shared) -> Result<()> {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
                     tracing::warn!(error = %e, dir = %dir.display(), "removing a retired export's files failed");
+                    failed += 1;
                     continue;
                 }
             }
@@ -109,8 +113,7 @@ async fn remove_retired_exports(shared: &Shared) -> Result<()> {
         if removed > 0 {
             tracing::debug!(removed, "retired exports' files removed");
         }
-        // A batch in which some could not be removed is left for the next sweep.
-        if keys.len() < BATCH as usize || removed < keys.len() {
+        if keys.len() < BATCH as usize {
             return Ok(());
         }
     }

@@ -37,9 +37,42 @@ pub(crate) struct OperatorApi {
     controllers: Arc<Authorizer<()>>,
 }
 
-/// How long an operator's confirmation or refusal holds its task at most (it writes one
-/// small record and one transition); a replica that died holding one frees it after this.
-const OPERATOR_HOLD_MS: i64 = 60_000;
+/// How much longer than the service's `call_limit_ms` an operator's confirmation or refusal
+/// holds its task: the call is ended at its limit, so its hold never runs out while it can
+/// still record; one that a dead replica or a dropped call left runs out after this.
+const OPERATOR_HOLD_MARGIN_MS: i64 = 10_000;
+
+/// An operator's hold on a task: released when the call ends, or, if the call is dropped
+/// before it could release it, by a task of its own.
+struct OperatorHold {
+    store: crate::store::Store,
+    key: TaskKey,
+    token: Option<String>,
+}
+
+impl OperatorHold {
+    async fn release(mut self) {
+        if let Some(token) = self.token.take() {
+            if let Err(e) = self.store.release_operator_hold(&self.key, &token).await {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "releasing an operator's hold on a task failed; it runs out by itself"
+                );
+            }
+        }
+    }
+}
+
+impl Drop for OperatorHold {
+    fn drop(&mut self) {
+        if let Some(token) = self.token.take() {
+            let (store, key) = (self.store.clone(), self.key.clone());
+            tokio::spawn(async move {
+                let _ = store.release_operator_hold(&key, &token).await;
+            });
+        }
+    }
+}
 
 impl OperatorApi {
     /// Handlers over `shared`.
@@ -144,7 +177,10 @@ impl OperatorApi {
         // file whose size and SHA-256 the first one's transition recorded, and the upload of
         // a record that no longer matches would fail a return that was done.
         let store = &self.shared.store;
-        let Some(hold) = store.hold_for_operator(&key, OPERATOR_HOLD_MS).await? else {
+        let hold_ms = i64::try_from(self.shared.config.service.call_limit_ms)
+            .unwrap_or(i64::MAX)
+            .saturating_add(OPERATOR_HOLD_MARGIN_MS);
+        let Some(token) = store.hold_for_operator(&key, hold_ms).await? else {
             return Err(match store.manual_task(&key).await? {
                 None => ApiError::not_found(format!(
                     "no task {}/{}/{}",
@@ -156,13 +192,13 @@ impl OperatorApi {
                 ),
             });
         };
+        let hold = OperatorHold {
+            store: store.clone(),
+            key: key.clone(),
+            token: Some(token),
+        };
         let finished = self.finish_held(&key, event, by).await;
-        if let Err(e) = store.release_operator_hold(&key, &hold).await {
-            tracing::warn!(
-                error = format!("{e:#}"),
-                "releasing an operator's hold on a task failed; it runs out by itself"
-            );
-        }
+        hold.release().await;
         finished
     }
 

@@ -381,13 +381,15 @@ impl Store {
 
 impl Store {
     /// Up to `limit` retired uploads whose export files have not been recorded removed,
-    /// the longest retired first.
-    pub async fn retired_exports_left(&self, limit: i64) -> Result<Vec<TaskKey>> {
+    /// the longest retired first, after the first `skip` of them.
+    pub async fn retired_exports_left(&self, limit: i64, skip: i64) -> Result<Vec<TaskKey>> {
         let rows: Vec<(String, String, String)> = sqlx::query_as(
             "SELECT controller, request_id, subprocessor FROM uploads \
-             WHERE done_at IS NOT NULL AND files_removed_at IS NULL ORDER BY done_at LIMIT $1",
+             WHERE done_at IS NOT NULL AND files_removed_at IS NULL \
+             ORDER BY done_at, controller, request_id, subprocessor LIMIT $1 OFFSET $2",
         )
         .bind(limit)
+        .bind(skip)
         .fetch_all(&self.db.pool)
         .await?;
         Ok(rows
