@@ -265,12 +265,12 @@ pub(crate) async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
     let depth = GaugeFamily::register(
         &mut gauges,
         "dsrelay_outbox_depth",
-        "Deliveries, cancellations, contract-end updates and due-date extensions queued for their processor (dead-lettered ones apart).",
+        "Deliveries, cancellations, contract-end updates and due-date extensions queued for their processor (dead-lettered ones apart, and those waiting behind a dead-lettered delivery).",
     );
     let age = GaugeFamily::register(
         &mut gauges,
         "dsrelay_outbox_oldest_age_seconds",
-        "Age of the oldest queued delivery, cancellation, contract-end update or due-date extension (dead-lettered ones apart); 0 when none waits.",
+        "Age of the oldest queued delivery, cancellation, contract-end update or due-date extension (dead-lettered ones apart, and those waiting behind a dead-lettered delivery); 0 when none waits.",
     );
     // Dead-lettered rows wait for an operator, not for the dispatcher: counted apart, so
     // that one of them does not hold the age gauge rising until it is requeued.
