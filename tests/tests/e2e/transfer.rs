@@ -440,8 +440,17 @@ async fn transfer_to_a_recipient_that_is_down_fails_at_the_due_date() {
             && reason.contains("to deliver the export to recipient new-bookkeeper: "),
         "{reason}"
     );
-    // Not delivered: the processor still holds the export.
-    assert!(pair.export_dir(&id, "accounting").exists());
+    // Nothing will send it any more: the processor does not keep the copy (the forget
+    // worker's sweep removes what a retired upload left).
+    let exported = pair.export_dir(&id, "accounting");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while exported.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a failed transfer's export stayed: {exported:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     pair.stop().await;
 }
 
