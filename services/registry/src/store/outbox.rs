@@ -326,22 +326,22 @@ impl Store {
         .await?
         .rows_affected();
         if requeued == 0 {
-            let rows: Vec<(Option<i64>, Option<i64>)> = sqlx::query_as(
+            // The state named is the delivery's own: a cancellation, update or extension
+            // on its way after it is not what the operator asked about.
+            let delivery: Option<(Option<i64>, Option<i64>)> = sqlx::query_as(
                 "SELECT done_at, withdrawn_at FROM deliveries \
-                 WHERE request_id = $1 AND processor = $2",
+                 WHERE request_id = $1 AND processor = $2 AND op = $3",
             )
             .bind(request_id)
             .bind(processor)
-            .fetch_all(tx.conn())
+            .bind(Operation::Deliver.as_str())
+            .fetch_optional(tx.conn())
             .await?;
-            return Ok(if rows.is_empty() {
-                RequeueOutcome::NoDelivery
-            } else if rows.iter().any(|(done, _)| done.is_none()) {
-                RequeueOutcome::NotDeadLettered("PENDING")
-            } else if rows.iter().all(|(_, withdrawn)| withdrawn.is_some()) {
-                RequeueOutcome::NotDeadLettered("CANCELLED")
-            } else {
-                RequeueOutcome::NotDeadLettered("DELIVERED")
+            return Ok(match delivery {
+                None => RequeueOutcome::NoDelivery,
+                Some((None, _)) => RequeueOutcome::NotDeadLettered("PENDING"),
+                Some((Some(_), Some(_))) => RequeueOutcome::NotDeadLettered("CANCELLED"),
+                Some((Some(_), None)) => RequeueOutcome::NotDeadLettered("DELIVERED"),
             });
         }
         let state = tx.current_state(request_id).await?;
