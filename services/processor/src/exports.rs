@@ -34,6 +34,15 @@ pub fn request_dir(data_dir: &Path, controller: &str, request_id: &str) -> PathB
         .join(component(request_id))
 }
 
+/// Removes an export folder (`task_dir` or `request_dir`) and everything in it; one that
+/// is not there is already gone.
+pub async fn remove(dir: &Path) -> std::io::Result<()> {
+    match tokio::fs::remove_dir_all(dir).await {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
 /// The sink of `key`'s export, labelling files with the categories the subprocessor holds
 /// that the request concerns (all it holds when the request names none).
 pub fn sink(data_dir: &Path, key: &TaskKey, held: &[String], requested: &[String]) -> ExportSink {

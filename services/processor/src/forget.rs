@@ -95,14 +95,10 @@ async fn remove_retired_exports(shared: &Shared) -> Result<()> {
         let mut removed = 0;
         for key in &keys {
             let dir = crate::exports::task_dir(&shared.config.data_dir, key);
-            match tokio::fs::remove_dir_all(&dir).await {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, dir = %dir.display(), "removing a retired export's files failed");
-                    failed += 1;
-                    continue;
-                }
+            if let Err(e) = crate::exports::remove(&dir).await {
+                tracing::warn!(error = %e, dir = %dir.display(), "removing a retired export's files failed");
+                failed += 1;
+                continue;
             }
             shared
                 .store
@@ -158,11 +154,9 @@ async fn sweep(shared: &Shared) -> Result<usize> {
 /// the next sweep, and the store never says forgotten while files remain), then its rows.
 async fn forget(shared: &Shared, r: &Forgettable, cutoff: i64, now: i64) -> Result<bool> {
     let dir = crate::exports::request_dir(&shared.config.data_dir, &r.controller, &r.request_id);
-    match tokio::fs::remove_dir_all(&dir).await {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("deleting exports in {}", dir.display())),
-    }
+    crate::exports::remove(&dir)
+        .await
+        .with_context(|| format!("deleting exports in {}", dir.display()))?;
     let key = shared.config.identity_hash_key.as_bytes();
     let hashes = identity_hashes(key, r.body.as_deref())?;
     let done = shared.store.forget_request(r, &hashes, cutoff, now).await?;

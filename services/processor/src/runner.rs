@@ -423,16 +423,12 @@ async fn call_bulk(
         // after the delivery was recorded can have left it (the forget worker's sweep would
         // remove it later, possibly after the certificate).
         let dir = exports::task_dir(&shared.config.data_dir, key);
-        match tokio::fs::remove_dir_all(&dir).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                let error = ConnectorError::Transient(format!(
-                    "removing the returned export {} before the erasure: {e}",
-                    dir.display()
-                ));
-                return Ok((Err(error), BulkProgress::default()));
-            }
+        if let Err(e) = exports::remove(&dir).await {
+            let error = ConnectorError::Transient(format!(
+                "removing the returned export {} before the erasure: {e}",
+                dir.display()
+            ));
+            return Ok((Err(error), BulkProgress::default()));
         }
         None
     };

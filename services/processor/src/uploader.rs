@@ -334,10 +334,8 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
             }
             // The destination holds the files now; the processor kept them only until then.
             let dir = crate::exports::task_dir(&shared.config.data_dir, key);
-            if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(error = %e, dir = %dir.display(), "deleting a delivered export failed");
-                }
+            if let Err(e) = crate::exports::remove(&dir).await {
+                tracing::warn!(error = %e, dir = %dir.display(), "deleting a delivered export failed");
             }
             Ok(())
         }
