@@ -75,6 +75,7 @@ use dsrelay_connectors::{
 use dsrelay_proto::v1::{
     ContractEndChoice, ContractPhase, ContractProgress, RequestKind, TaskState, TransferReceipt,
 };
+use dsrelay_runtime::clock::date_label;
 
 /// Never: for tasks only an operator moves on.
 pub(crate) const NEVER: i64 = i64::MAX;
@@ -821,13 +822,6 @@ fn size_label(bytes: u64) -> String {
     } else {
         format!("{:.1} GB", b / (KB * KB * KB))
     }
-}
-
-/// A time (ms) as an RFC 3339 UTC date and time, to the second.
-pub(crate) fn date_label(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-        .unwrap_or_else(|| format!("{ms} ms"))
 }
 
 /// When a task that failed with `error` is tried again: after the backoff drawn, or after the

@@ -36,13 +36,6 @@ pub fn contract_end_due_at(grace_ends_ms: i64) -> i64 {
     grace_ends_ms.saturating_add(CONTRACT_END_DUE_DAYS * 24 * 3600 * 1000)
 }
 
-/// An instant for messages and events, to the second in UTC (`2027-01-04T10:00:00Z`).
-pub fn date_label(ms: i64) -> String {
-    DateTime::from_timestamp_millis(ms)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-        .unwrap_or_else(|| format!("{ms} ms"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

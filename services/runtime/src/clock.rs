@@ -4,6 +4,14 @@
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
+/// An instant (ms since the Unix epoch) for messages, events and notes: RFC 3339 in UTC, to
+/// the second (`2027-01-04T10:00:00Z`); one chrono cannot represent as itself in ms.
+pub fn date_label(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| format!("{ms} ms"))
+}
+
 /// Milliseconds since the Unix epoch, shifted by an adjustable offset. Clones share the
 /// offset.
 #[derive(Debug, Clone, Default)]

@@ -20,7 +20,7 @@
 //! - [`backoff`]: retry spacing for the outboxes.
 //! - [`group_commit`]: the queue behind a group commit: concurrent callers' writes share
 //!   one transaction, and a failed batch is written again item by item.
-//! - [`clock`]: the system clock with a test offset.
+//! - [`clock`]: the system clock with a test offset, and instants as messages say them.
 //! - [`direct_io`]: `O_DIRECT` files and the aligned buffers they need.
 //! - [`export_files`]: the rules both receivers of export files apply (limits, file names,
 //!   digests and chunk checksums, the list of files that closes a part).

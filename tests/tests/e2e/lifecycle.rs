@@ -530,7 +530,7 @@ async fn an_extended_due_date_reaches_the_processor(backend: Backend) {
         Some(new_due)
     );
     // The registry records the processor's acceptance of the new date as an event.
-    let label = dsrelay_registry::deadline::date_label(new_due);
+    let label = dsrelay_runtime::clock::date_label(new_due);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let events = operator

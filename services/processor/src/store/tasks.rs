@@ -12,6 +12,7 @@ use dsrelay_proto::v1::{
     Acknowledgement, ContractPhase, DeliverRequest, Evidence, ProcessorAuditEvent, RequestKind,
     TaskState,
 };
+use dsrelay_runtime::clock::date_label;
 use dsrelay_runtime::store::{lookups, run_each, Backend};
 use dsrelay_runtime::trace_context;
 use sha2::{Digest, Sha256};
@@ -270,8 +271,8 @@ impl Store {
                 actor: controller,
                 detail: format!(
                     "due date moved from {} to {}",
-                    crate::task_machine::date_label(old),
-                    crate::task_machine::date_label(due_at)
+                    date_label(old),
+                    date_label(due_at)
                 ),
             };
             audit::append(&mut tx, ProcessorAuditEvent::DueDateExtended, now, record).await?;

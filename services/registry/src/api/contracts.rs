@@ -17,6 +17,7 @@ use dsrelay_proto::v1::{
     RequestKind, RequestParameters, SubmitRequest, TaskStatus,
 };
 use dsrelay_proto::{millis_from_timestamp, timestamp_from_millis};
+use dsrelay_runtime::clock::date_label;
 use dsrelay_runtime::grpc::CallerTrace;
 use dsrelay_runtime::identity::{
     instant_violation, keyed_digest, request_id_violation, text_violation, FieldViolation,
@@ -26,7 +27,7 @@ use sha2::{Digest, Sha256};
 use tonic::{Response, Status};
 
 use crate::auth::{Caller, Party};
-use crate::deadline::{contract_end_due_at, date_label, grace_ends_at};
+use crate::deadline::{contract_end_due_at, grace_ends_at};
 use crate::error::ApiError;
 use crate::fold::request_is_terminal;
 use crate::store::{ContractChange, ContractRow, Inserted, NewContract, NewRequest};

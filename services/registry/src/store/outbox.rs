@@ -518,7 +518,7 @@ fn delivered_detail(job: &DeliveryJob, tasks: usize) -> EventDetail {
         Operation::Cancel => format!("cancellation accepted by {}", job.processor),
         Operation::Extend => format!(
             "due date {} accepted by {}",
-            crate::deadline::date_label(job.due_at),
+            dsrelay_runtime::clock::date_label(job.due_at),
             job.processor
         ),
         Operation::Update => format!(
