@@ -209,9 +209,8 @@ impl OperatorApi {
         event: Event<'_>,
         by: &str,
     ) -> Result<ManualTask, ApiError> {
-        let key = key.clone();
         let store = &self.shared.store;
-        let row = store.manual_task(&key).await?.ok_or_else(|| {
+        let row = store.manual_task(key).await?.ok_or_else(|| {
             ApiError::not_found(format!(
                 "no task {}/{}/{}",
                 key.controller, key.request_id, key.subprocessor
@@ -238,7 +237,7 @@ impl OperatorApi {
                 phase,
                 TaskState::WaitingForOperator,
             ) if crate::task_machine::returned_by_hand(phase, exports, *not_found) => Some(
-                self.write_return_record(&key, *records_affected, note, by, now)
+                self.write_return_record(key, *records_affected, note, by, now)
                     .await?,
             ),
             _ => None,
@@ -271,7 +270,7 @@ impl OperatorApi {
         };
         let (sequence, attempts) = (row.task.sequence, row.task.attempts);
         let moved = store
-            .operator_transition(&key, sequence, &transition, now, attempts, by)
+            .operator_transition(key, sequence, &transition, now, attempts, by)
             .await?;
         if moved.is_none() {
             return Err(ApiError::aborted(
@@ -286,7 +285,7 @@ impl OperatorApi {
             "manual task confirmed by an operator"
         );
         self.shared.ack_wakeup.notify_one();
-        let row = store.manual_task(&key).await?.ok_or_else(|| {
+        let row = store.manual_task(key).await?.ok_or_else(|| {
             ApiError::unexpected(anyhow::anyhow!(
                 "task {}/{}/{} vanished after its transition",
                 key.controller,

@@ -256,7 +256,8 @@ impl Store {
         if kind == RequestKind::ContractEnd as i64 {
             return Ok(DueDateExtended::ContractEnd);
         }
-        if due_at > old {
+        let moved = due_at > old;
+        if moved {
             sqlx::query(
                 "UPDATE requests SET due_at = $1 WHERE controller = $2 AND request_id = $3",
             )
@@ -279,10 +280,7 @@ impl Store {
         }
         let tasks = read_tasks(&mut *tx, controller, request_id).await?;
         tx.commit().await?;
-        Ok(DueDateExtended::Tasks {
-            moved: due_at > old,
-            tasks,
-        })
+        Ok(DueDateExtended::Tasks { moved, tasks })
     }
 
     /// Cancels a request's tasks as the state machine says: those not started, or between

@@ -47,6 +47,14 @@ impl UploadJob {
         }
         (!self.contract_recipient.is_empty()).then_some(self.contract_recipient.as_str())
     }
+
+    /// This job's claim.
+    pub fn claim(&self) -> UploadClaim<'_> {
+        UploadClaim {
+            key: &self.key,
+            lease_owner: &self.lease_owner,
+        }
+    }
 }
 
 /// A claim on an upload: the upload, and the lease token the claim wrote.
@@ -56,16 +64,6 @@ pub struct UploadClaim<'a> {
     pub key: &'a TaskKey,
     /// [`UploadJob::lease_owner`].
     pub lease_owner: &'a str,
-}
-
-impl UploadJob {
-    /// This job's claim.
-    pub fn claim(&self) -> UploadClaim<'_> {
-        UploadClaim {
-            key: &self.key,
-            lease_owner: &self.lease_owner,
-        }
-    }
 }
 
 /// Where an export went, for the audit trail.
