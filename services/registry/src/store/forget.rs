@@ -79,25 +79,18 @@ impl Store {
             .bind(id)
             .execute(tx.conn())
             .await?;
+        // An undelivered request was cancelled; a due date still to be sent belongs to a
+        // request that is over (its processor down since the extension), with nothing left
+        // to extend.
         sqlx::query(
-            "UPDATE deliveries SET done_at = $1, withdrawn_at = $1, \
-             last_error = 'not delivered: the request was cancelled and forgotten' \
-             WHERE request_id = $2 AND op = $3 AND done_at IS NULL",
+            "UPDATE deliveries SET done_at = $1, withdrawn_at = $1, last_error = CASE \
+             WHEN op = $3 THEN 'not delivered: the request was cancelled and forgotten' \
+             ELSE 'not sent: the request was over and forgotten' END \
+             WHERE request_id = $2 AND op IN ($3, $4) AND done_at IS NULL",
         )
         .bind(now)
         .bind(id)
         .bind(Operation::Deliver.as_str())
-        .execute(tx.conn())
-        .await?;
-        // A due date still to be sent for a request that is over (its processor down since
-        // the extension) has nothing left to extend.
-        sqlx::query(
-            "UPDATE deliveries SET done_at = $1, withdrawn_at = $1, \
-             last_error = 'not sent: the request was over and forgotten' \
-             WHERE request_id = $2 AND op = $3 AND done_at IS NULL",
-        )
-        .bind(now)
-        .bind(id)
         .bind(Operation::Extend.as_str())
         .execute(tx.conn())
         .await?;
