@@ -481,15 +481,20 @@ async fn mark_delivered(tx: &mut Tx, jobs: &[&DeliveryJob], now: i64) -> Result<
     let changed = execute_each(
         tx.conn(),
         backend,
-        "UPDATE deliveries SET done_at = CASE WHEN $5 = 0 \
-         OR ($5 = 1 AND EXISTS (SELECT 1 FROM contracts c \
-         WHERE c.request_id = $2 AND c.version = $6)) \
-         OR ($5 = 2 AND EXISTS (SELECT 1 FROM requests r \
-         WHERE r.id = $2 AND r.due_at = $8)) THEN $1 ELSE NULL END, \
-         attempts = attempts + 1, lease_until = 0, lease_owner = NULL, last_error = NULL \
-         WHERE request_id = $2 AND processor = $3 AND op = $4 AND done_at IS NULL \
-         AND lease_owner = $7",
-        8,
+        // An update or extension is done only if what it carried is still current.
+        &format!(
+            "UPDATE deliveries SET done_at = CASE \
+             WHEN op = '{update}' AND NOT EXISTS (SELECT 1 FROM contracts c \
+             WHERE c.request_id = $2 AND c.version = $5) THEN NULL \
+             WHEN op = '{extend}' AND NOT EXISTS (SELECT 1 FROM requests r \
+             WHERE r.id = $2 AND r.due_at = $7) THEN NULL ELSE $1 END, \
+             attempts = attempts + 1, lease_until = 0, lease_owner = NULL, last_error = NULL \
+             WHERE request_id = $2 AND processor = $3 AND op = $4 AND done_at IS NULL \
+             AND lease_owner = $6",
+            update = Operation::Update.as_str(),
+            extend = Operation::Extend.as_str(),
+        ),
+        7,
         jobs,
         |query, job| {
             query
@@ -497,11 +502,6 @@ async fn mark_delivered(tx: &mut Tx, jobs: &[&DeliveryJob], now: i64) -> Result<
                 .bind(&job.request_id)
                 .bind(&job.processor)
                 .bind(job.op.as_str())
-                .bind(match job.op {
-                    Operation::Update => 1_i64,
-                    Operation::Extend => 2,
-                    Operation::Deliver | Operation::Cancel => 0,
-                })
                 .bind(job.terms.contract_version.unwrap_or_default())
                 .bind(&job.lease_owner)
                 .bind(job.due_at)
