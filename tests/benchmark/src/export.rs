@@ -292,10 +292,11 @@ pub(crate) fn processor_toml(
 ) -> Result<String> {
     let mut s = format!(
         "listen = {}\ndatabase_url = {}\ndata_dir = {}\n\
-         identity_hash_key = \"benchmark processor key\"\n\n",
+         identity_hash_key = \"benchmark processor key\"\n{}\n",
         q(format!("127.0.0.1:{port}")),
         q(db),
-        q(data_dir.to_string_lossy())
+        q(data_dir.to_string_lossy()),
+        crate::relay::processor_signing_toml(pki)
     );
     s.push_str(&tls_toml(&pki.files("processor")));
     s.push_str(&crate::relay::processor_audit_toml(pki, "processor"));

@@ -182,10 +182,12 @@ pub(crate) fn registry_toml(
     }
     for (name, port) in processors {
         s.push_str(&format!(
-            "\n[[processors]]\nname = {}\nendpoint = {}\nidentity = {}\ncategories = [{categories}]\n",
+            "\n[[processors]]\nname = {}\nendpoint = {}\nidentity = {}\ncategories = [{categories}]\n\
+             public_key = {}\n",
             q(name),
             q(format!("https://localhost:{port}")),
-            q(dev_identity("processor", name))
+            q(dev_identity("processor", name)),
+            q(pki.signing_public_key("processor").to_string_lossy())
         ));
     }
     // Audit checkpoints, as every registry signs them: the key from the development PKI,
@@ -201,6 +203,18 @@ pub(crate) fn registry_toml(
     // Last, so that a caller can add keys to [delivery] (the chaos run does).
     s.push_str(&format!("\n[delivery]\npoll_interval_ms = {POLL_MS}\n"));
     s
+}
+
+/// A processor's `signing_key` line, a top-level key: every benchmark processor signs the
+/// deletion certificates of its erasures, as a production one should, so the figures include
+/// that work (the statements in its step writer, the registry's check and storage of each).
+/// All of them sign with the development PKI's processor key, which [`registry_toml`] names
+/// as every processor's `public_key`.
+pub(crate) fn processor_signing_toml(pki: &DevPki) -> String {
+    format!(
+        "signing_key = {}\n",
+        q(pki.signing_key("processor").to_string_lossy())
+    )
 }
 
 /// A processor's `[audit]` table, as every processor signs checkpoints of its audit trail:
@@ -219,12 +233,20 @@ pub(crate) fn processor_audit_toml(pki: &DevPki, name: &str) -> String {
 
 /// A processor's configuration file, its `[audit]` table `audit`
 /// ([`processor_audit_toml`]).
-fn processor_toml(port: u16, tls: &TlsFiles, db: &str, registry_port: u16, audit: &str) -> String {
+fn processor_toml(
+    pki: &DevPki,
+    port: u16,
+    tls: &TlsFiles,
+    db: &str,
+    registry_port: u16,
+    audit: &str,
+) -> String {
     let categories = CATEGORIES.map(q).join(", ");
     let mut s = format!(
-        "listen = {}\ndatabase_url = {}\nidentity_hash_key = \"benchmark processor key\"\n\n",
+        "listen = {}\ndatabase_url = {}\nidentity_hash_key = \"benchmark processor key\"\n{}\n",
         q(format!("127.0.0.1:{port}")),
-        q(db)
+        q(db),
+        processor_signing_toml(pki)
     );
     s.push_str(&tls_toml(tls));
     s.push_str(audit);
@@ -269,6 +291,7 @@ impl Relay {
         registry.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         let processor_texts = [
             processor_toml(
+                pki,
                 ports[0],
                 &pki.files("processor"),
                 &dbs.processor_a,
@@ -276,6 +299,7 @@ impl Relay {
                 &processor_audit_toml(pki, names[0]),
             ),
             processor_toml(
+                pki,
                 ports[1],
                 &processor_b_tls,
                 &dbs.processor_b,
