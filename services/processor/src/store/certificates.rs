@@ -1,101 +1,188 @@
 //! The deletion certificates the processor issued: written in the transaction of the task
-//! step they certify, and the earlier one of a task named by a follow-up.
+//! steps they certify, and the earlier one of a task named by a follow-up.
+
+use std::collections::BTreeMap;
 
 use anyhow::Result;
 use dsrelay_proto::v1::TaskState;
 use dsrelay_runtime::signing::Signed;
+use dsrelay_runtime::store::{values_row, Backend};
 use sqlx::AnyConnection;
 
 use super::rows::{state_value, TaskKey};
 use crate::certificates::{certifies, rfc3339, Facts, Issuer, Retained};
 use crate::task_machine::Transition;
 
-/// Whether a step writing `t` may issue a certificate ([`issue_for`]), whatever its kind.
+/// Whether a step writing `t` may issue a certificate ([`issue_all`]), whatever its kind.
 pub(super) fn may_issue(issuer: Option<&Issuer>, t: &Transition) -> bool {
     issuer.is_some() && matches!(t.state, TaskState::Completed | TaskState::Retained)
 }
 
-/// Issues and stores the certificate of `t` when it certifies an erasure or contract end step; returns it
-/// for the acknowledgement.
-pub(super) async fn issue_for(
+/// A step whose task row is written, and which [`issue_all`] may certify.
+pub(super) struct Certifying<'a> {
+    pub(super) key: &'a TaskKey,
+    /// The task's new sequence.
+    pub(super) sequence: i64,
+    pub(super) t: &'a Transition,
+    pub(super) now: i64,
+}
+
+/// Issues and stores the certificate of each step that certifies an erasure or contract end
+/// step (see [`certifies`]); answers them in `steps`' order, `None` for the others, for the
+/// acknowledgements. Every step's task row must be written already: each certificate lists
+/// the request's retained data as all of them leave it.
+///
+/// Two statements whatever the number of steps (each call is a hand-off to the connection's
+/// thread on SQLite): one read of the requests' kinds and tasks, one INSERT of the
+/// certificates.
+pub(super) async fn issue_all(
     tx: &mut AnyConnection,
-    issuer: &Issuer,
-    key: &TaskKey,
-    sequence: i64,
-    t: &Transition,
-    now: i64,
-) -> Result<Option<Signed>> {
+    issuer: Option<&Issuer>,
+    steps: &[Certifying<'_>],
+) -> Result<Vec<Option<Signed>>> {
+    let mut issued: Vec<Option<Signed>> = steps.iter().map(|_| None).collect();
+    let Some(issuer) = issuer else {
+        return Ok(issued);
+    };
     // Most steps certify nothing: spare them the look-up of the request's kind.
-    if !matches!(t.state, TaskState::Completed | TaskState::Retained) {
-        return Ok(None);
+    let candidates: Vec<usize> = (0..steps.len())
+        .filter(|&i| may_issue(Some(issuer), steps[i].t))
+        .collect();
+    if candidates.is_empty() {
+        return Ok(issued);
     }
-    // What the certificate states besides the step, in one statement (each call is a
-    // hand-off to the connection's thread on SQLite): the request's kind, the certificate
-    // this one follows (the task's last), and the request's retained data as of this step,
-    // this task's included (one row each; one row of NULLs when none).
-    type Read = (
+    let facts = read_facts(tx, candidates.iter().map(|&i| steps[i].key)).await?;
+    let mut rows = Vec::new();
+    for i in candidates {
+        let Certifying {
+            key,
+            sequence,
+            t,
+            now,
+        } = &steps[i];
+        let request = (key.controller.clone(), key.request_id.clone());
+        let Some(request) = facts.get(&request) else {
+            continue;
+        };
+        let Some(kind) = certifies(request.kind, t.state) else {
+            continue;
+        };
+        let (id, doc) = issuer.issue(Facts {
+            kind,
+            controller: &key.controller,
+            request_id: &key.request_id,
+            subprocessor: &key.subprocessor,
+            state: t.state,
+            records_affected: t.records_affected,
+            erased: &t.erased,
+            retained: request.retained.clone(),
+            follows: request.last_certificate.get(&key.subprocessor).cloned(),
+            now: *now,
+        })?;
+        rows.push((id, i, *sequence, *now));
+        issued[i] = Some(doc);
+    }
+    const PARAMS: usize = 9;
+    let backend = Backend::of_connection(tx);
+    for chunk in rows.chunks(backend.rows_per_statement(PARAMS)) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|r| values_row(PARAMS * r + 1..=PARAMS * r + PARAMS))
+            .collect();
+        let sql = format!(
+            "INSERT INTO certificates (id, controller, request_id, subprocessor, sequence, \
+             body, signature, key_id, issued_at) VALUES {}",
+            values.join(", ")
+        );
+        let sql = backend.numbered(&sql);
+        let mut q = sqlx::query(&sql);
+        for (id, i, sequence, now) in chunk {
+            let key = steps[*i].key;
+            let doc = issued[*i].as_ref().expect("issued above");
+            q = q
+                .bind(id.as_str())
+                .bind(key.controller.as_str())
+                .bind(key.request_id.as_str())
+                .bind(key.subprocessor.as_str())
+                .bind(*sequence)
+                .bind(doc.body.clone())
+                .bind(doc.signature.clone())
+                .bind(doc.key_id.as_str())
+                .bind(*now);
+        }
+        q.execute(&mut *tx).await?;
+    }
+    Ok(issued)
+}
+
+/// What a request's certificates state besides their steps.
+#[derive(Debug, Default)]
+struct RequestFacts {
+    /// The request's kind.
+    kind: i64,
+    /// Its tasks keeping data under an obligation, by subprocessor.
+    retained: Vec<Retained>,
+    /// The last certificate of each of its tasks that has one, by subprocessor.
+    last_certificate: BTreeMap<String, String>,
+}
+
+/// The facts of the requests of `keys`, by (controller, request id), in one statement: each
+/// request's kind and every task of it, with the task's state, legal basis, retention and
+/// last certificate.
+async fn read_facts<'a>(
+    tx: &mut AnyConnection,
+    keys: impl Iterator<Item = &'a TaskKey>,
+) -> Result<BTreeMap<(String, String), RequestFacts>> {
+    let mut requests: Vec<(&str, &str)> = keys
+        .map(|k| (k.controller.as_str(), k.request_id.as_str()))
+        .collect();
+    requests.sort_unstable();
+    requests.dedup();
+    let rows_sql: Vec<String> = (0..requests.len())
+        .map(|i| values_row([2 * i + 1, 2 * i + 2]))
+        .collect();
+    let sql = format!(
+        "SELECT t.controller, t.request_id, r.kind, t.subprocessor, t.state, t.legal_basis, \
+         t.retain_until, (SELECT c.id FROM certificates c WHERE c.controller = t.controller \
+         AND c.request_id = t.request_id AND c.subprocessor = t.subprocessor \
+         ORDER BY c.sequence DESC LIMIT 1) AS follows \
+         FROM requests r JOIN tasks t ON t.controller = r.controller \
+         AND t.request_id = r.request_id \
+         WHERE (r.controller, r.request_id) IN ({}) \
+         ORDER BY t.controller, t.request_id, t.subprocessor",
+        rows_sql.join(", ")
+    );
+    type Row = (
+        String,
+        String,
+        i64,
+        String,
         i64,
         Option<String>,
-        Option<String>,
-        Option<String>,
         Option<i64>,
+        Option<String>,
     );
-    let rows: Vec<Read> = sqlx::query_as(
-        "SELECT r.kind, (SELECT c.id FROM certificates c WHERE c.controller = $1 \
-         AND c.request_id = $2 AND c.subprocessor = $3 ORDER BY c.sequence DESC LIMIT 1), \
-         t.subprocessor, t.legal_basis, t.retain_until FROM requests r LEFT JOIN tasks t \
-         ON t.controller = r.controller AND t.request_id = r.request_id AND t.state = $4 \
-         WHERE r.controller = $1 AND r.request_id = $2 ORDER BY t.subprocessor",
-    )
-    .bind(&key.controller)
-    .bind(&key.request_id)
-    .bind(&key.subprocessor)
-    .bind(state_value(TaskState::Retained))
-    .fetch_all(&mut *tx)
-    .await?;
-    let Some(certificate_kind) = rows.first().and_then(|r| certifies(r.0, t.state)) else {
-        return Ok(None);
-    };
-    let follows = rows.first().and_then(|r| r.1.clone());
-    let kept: Vec<(String, String, Option<i64>)> = rows
-        .into_iter()
-        .filter_map(|(_, _, subprocessor, legal_basis, until)| {
-            Some((subprocessor?, legal_basis.unwrap_or_default(), until))
-        })
-        .collect();
-    let (id, doc) = issuer.issue(Facts {
-        kind: certificate_kind,
-        controller: &key.controller,
-        request_id: &key.request_id,
-        subprocessor: &key.subprocessor,
-        state: t.state,
-        records_affected: t.records_affected,
-        erased: &t.erased,
-        retained: kept
-            .into_iter()
-            .map(|(subprocessor, legal_basis, until)| Retained {
+    let mut q = sqlx::query_as::<_, Row>(&sql);
+    for (controller, request_id) in &requests {
+        q = q.bind(*controller).bind(*request_id);
+    }
+    let rows = q.fetch_all(&mut *tx).await?;
+    let retained = state_value(TaskState::Retained);
+    let mut facts: BTreeMap<(String, String), RequestFacts> = BTreeMap::new();
+    for (controller, request_id, kind, subprocessor, state, legal_basis, until, follows) in rows {
+        let request = facts.entry((controller, request_id)).or_default();
+        request.kind = kind;
+        if let Some(follows) = follows {
+            request
+                .last_certificate
+                .insert(subprocessor.clone(), follows);
+        }
+        if state == retained {
+            request.retained.push(Retained {
                 subprocessor,
-                legal_basis,
+                legal_basis: legal_basis.unwrap_or_default(),
                 until: until.map(rfc3339).unwrap_or_default(),
-            })
-            .collect(),
-        follows,
-        now,
-    })?;
-    sqlx::query(
-        "INSERT INTO certificates (id, controller, request_id, subprocessor, sequence, body, \
-         signature, key_id, issued_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-    )
-    .bind(&id)
-    .bind(&key.controller)
-    .bind(&key.request_id)
-    .bind(&key.subprocessor)
-    .bind(sequence)
-    .bind(doc.body.clone())
-    .bind(doc.signature.clone())
-    .bind(&doc.key_id)
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
-    Ok(Some(doc))
+            });
+        }
+    }
+    Ok(facts)
 }

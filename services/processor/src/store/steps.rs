@@ -18,6 +18,7 @@ use dsrelay_runtime::store::{run_each, Backend};
 use dsrelay_runtime::trace_context;
 use tokio::sync::oneshot;
 
+use super::certificates::Certifying;
 use super::rows::TaskKey;
 use super::tasks::{finish_step, PreparedStep, Step, StepWrite};
 use super::{acks, audit, certificates, Store};
@@ -118,11 +119,11 @@ impl Store {
     }
 
     /// Records `steps` in one transaction: their task rows (one UPDATE each, all in one call
-    /// on SQLite), then each step's certificate and upload, then all their acknowledgements
-    /// in one INSERT and their audit entries, in the steps' order. A certificate therefore
-    /// lists the retained data of the request as the whole batch leaves it. Answers each
-    /// step's new sequence, `None` for a step whose task moved on or whose claim was lost (it
-    /// records nothing).
+    /// on SQLite), then their certificates (one read and one INSERT for all), each step's
+    /// upload, then all their acknowledgements in one INSERT and their audit entries, in the
+    /// steps' order. A certificate therefore lists the retained data of the request as the
+    /// whole batch leaves it. Answers each step's new sequence, `None` for a step whose task
+    /// moved on or whose claim was lost (it records nothing).
     pub(super) async fn record_steps(&self, steps: &[QueuedStep]) -> Result<Vec<Option<i64>>> {
         let mut tx = self.begin_audited().await?;
         let issuer = self.issuer.as_deref();
@@ -131,12 +132,12 @@ impl Store {
         // (see `super::lock_requests`), then the tasks' rows in key order (as a
         // cancellation or an update of terms locks a request's tasks); the acknowledgements
         // and entries still follow the callers' order.
-        let certifying: Vec<(&str, &str)> = steps
+        let may_certify: Vec<(&str, &str)> = steps
             .iter()
             .filter(|s| certificates::may_issue(issuer, &s.t))
             .map(|s| (s.key.controller.as_str(), s.key.request_id.as_str()))
             .collect();
-        super::lock_requests(&mut tx, &certifying).await?;
+        super::lock_requests(&mut tx, &may_certify).await?;
         let mut order: Vec<usize> = (0..steps.len()).collect();
         order.sort_by(|a, b| {
             let key = |i: usize| {
@@ -155,8 +156,7 @@ impl Store {
                 unless_cancelled: s.unless_cancelled,
             })
             .collect();
-        // The task rows first, all in one call on SQLite; then each step's certificate,
-        // upload and acknowledgement, in the same order.
+        // The task rows first, all in one call on SQLite.
         let writes = order
             .iter()
             .map(|&i| {
@@ -166,20 +166,35 @@ impl Store {
             .collect::<Result<Vec<_>>>()?;
         let backend = Backend::of_connection(&tx);
         let ran = run_each(&mut tx, backend, &writes, StepWrite::sql, StepWrite::bind).await?;
+        // The steps whose rows moved, with what their UPDATEs returned; then their
+        // certificates, all together once every row is written.
+        let moved: Vec<(usize, &StepWrite, sqlx::any::AnyRow)> = order
+            .into_iter()
+            .zip(&writes)
+            .zip(ran)
+            .filter_map(|((i, write), ran)| Some((i, write, ran.rows.into_iter().next()?)))
+            .collect();
+        let certifying: Vec<Certifying<'_>> = moved
+            .iter()
+            .map(|(i, write, _)| write.certifying(&steps[*i].key))
+            .collect();
+        let issued = certificates::issue_all(&mut tx, issuer, &certifying).await?;
         let mut prepared_steps: Vec<Option<PreparedStep>> =
             std::iter::repeat_with(|| None).take(steps.len()).collect();
-        for ((i, write), ran) in order.into_iter().zip(&writes).zip(ran) {
+        for ((i, write, row), certificate) in moved.into_iter().zip(issued) {
             let s = &steps[i];
-            prepared_steps[i] = finish_step(
-                &mut tx,
-                issuer,
-                &s.key,
-                &claimed[i],
-                write,
-                ran.rows.into_iter().next(),
-                s.traceparent.clone(),
-            )
-            .await?;
+            prepared_steps[i] = Some(
+                finish_step(
+                    &mut tx,
+                    &s.key,
+                    &claimed[i],
+                    write,
+                    row,
+                    certificate,
+                    s.traceparent.clone(),
+                )
+                .await?,
+            );
         }
         let mut sequences = Vec::with_capacity(steps.len());
         let (mut queued, mut entries) = (Vec::new(), Vec::new());
@@ -424,6 +439,151 @@ mod tests {
         ids.sort();
         assert_eq!(listed, ids);
         store.db.pool.close().await;
+    }
+
+    /// Certificates of steps committed together are issued together (one read, one
+    /// INSERT): each lists the retained data of its own request as the whole batch leaves
+    /// it, not another request's, and each is stored and sent with its acknowledgement.
+    async fn certificates_of_a_batch_list_their_own_requests_retained_data(url: &str) {
+        let db = Db::connect(url).await.expect("connect");
+        db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+            .await
+            .expect("migrate");
+        let key = dsrelay_runtime::signing::SigningKey::generate();
+        let public = key.public_key();
+        let issuer = crate::certificates::Issuer::new(key, "spiffe://test/processor".into());
+        let store = Store::new(db, b"test key").with_issuer(Some(std::sync::Arc::new(issuer)));
+        let subprocessors: Vec<String> = (0..4).map(|i| format!("s{i}")).collect();
+        for id in ["r-1", "r-2"] {
+            let req = DeliverRequest {
+                request_id: id.into(),
+                kind: RequestKind::Erasure as i32,
+                ..Default::default()
+            };
+            store
+                .accept("acme", &req, &subprocessors, None, 1)
+                .await
+                .expect("accept");
+        }
+        let mut jobs = store.claim_tasks(2, 8, 60_000).await.expect("claim");
+        jobs.sort_by(|a, b| {
+            let k = |j: &crate::store::TaskJob| {
+                (
+                    j.task.key.request_id.clone(),
+                    j.task.key.subprocessor.clone(),
+                )
+            };
+            k(a).cmp(&k(b))
+        });
+        assert_eq!(jobs.len(), 8);
+        // r-1's s0 keeps its data first, alone.
+        let retained = Transition {
+            state: TaskState::Retained,
+            records_affected: 1,
+            legal_basis: "bookkeeping act".into(),
+            retain_until: Some(1_900_000_000_000),
+            ..Default::default()
+        };
+        let first = &jobs[0];
+        assert_eq!(
+            store
+                .transition_leased(
+                    &first.task.key,
+                    first.task.sequence,
+                    &first.lease_owner,
+                    &retained,
+                    10,
+                    1,
+                    None,
+                    false
+                )
+                .await
+                .expect("retained"),
+            Some(first.task.sequence + 1)
+        );
+        // Then the seven others complete in one commit.
+        let before = store.steps.commits.load(Ordering::Relaxed);
+        let completed = Transition {
+            state: TaskState::Completed,
+            records_affected: 2,
+            ..Default::default()
+        };
+        let store = &store;
+        let steps = jobs[1..].iter().map(|j| {
+            let t = completed.clone();
+            async move {
+                store
+                    .transition_leased(
+                        &j.task.key,
+                        j.task.sequence,
+                        &j.lease_owner,
+                        &t,
+                        20,
+                        1,
+                        None,
+                        false,
+                    )
+                    .await
+            }
+        });
+        for answer in futures::future::join_all(steps).await {
+            assert!(answer.expect("step").is_some());
+        }
+        assert_eq!(store.steps.commits.load(Ordering::Relaxed) - before, 1);
+        let acks = store.claim_acks(100, 100, 1_000).await.expect("acks");
+        assert_eq!(acks.len(), 8);
+        let mut ids = std::collections::BTreeSet::new();
+        for a in &acks {
+            let c = a.ack.certificate.as_ref().expect("every step certified");
+            let doc = dsrelay_runtime::signing::Signed {
+                body: c.body.clone(),
+                signature: c.signature.clone(),
+                key_id: c.key_id.clone(),
+            };
+            let body = public.verify(&doc).expect("signed by the processor's key");
+            assert_eq!(body["request_id"], a.ack.request_id.as_str());
+            assert_eq!(body["subprocessor"], a.ack.subprocessor.as_str());
+            let kept: Vec<&str> = body["retained"]
+                .as_array()
+                .expect("a list")
+                .iter()
+                .map(|r| r["subprocessor"].as_str().expect("named"))
+                .collect();
+            // r-1's tasks leave its s0 retained (its own certificate too); r-2 keeps nothing.
+            let wanted: &[&str] = match a.ack.request_id.as_str() {
+                "r-1" => &["s0"],
+                _ => &[],
+            };
+            assert_eq!(kept, wanted, "{}", a.ack.request_id);
+            assert!(body.get("follows").is_none());
+            ids.insert(body["certificate_id"].as_str().expect("id").to_string());
+        }
+        let stored: Vec<(String,)> = sqlx::query_as("SELECT id FROM certificates ORDER BY id")
+            .fetch_all(&store.db.pool)
+            .await
+            .expect("stored");
+        let stored: std::collections::BTreeSet<String> =
+            stored.into_iter().map(|(id,)| id).collect();
+        assert_eq!(stored, ids);
+        store.db.pool.close().await;
+    }
+
+    #[tokio::test]
+    async fn certificates_of_a_batch_list_their_own_requests_retained_data_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        certificates_of_a_batch_list_their_own_requests_retained_data(&format!(
+            "sqlite://{}/p.db",
+            dir.path().display()
+        ))
+        .await;
+    }
+
+    #[tokio::test]
+    async fn certificates_of_a_batch_list_their_own_requests_retained_data_on_postgres() {
+        crate::test_postgres::on_postgres(|u, _| async move {
+            certificates_of_a_batch_list_their_own_requests_retained_data(&u).await
+        })
+        .await;
     }
 
     #[tokio::test]

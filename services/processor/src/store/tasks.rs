@@ -13,11 +13,13 @@ use dsrelay_proto::v1::{
     TaskState,
 };
 use dsrelay_runtime::clock::date_label;
+use dsrelay_runtime::signing::Signed;
 use dsrelay_runtime::store::{lookups, run_each, Backend};
 use dsrelay_runtime::trace_context;
 use sha2::{Digest, Sha256};
 
 use super::audit::{self, AuditTx, NewEntry, Record};
+use super::certificates::Certifying;
 use super::rows::{
     state_value, stored_count, ClaimedRecord, JoinedRecord, ManualRow, TaskJob, TaskKey,
     TaskRecord, TaskRow, JOINED_SELECT, TASK_COLUMNS,
@@ -860,11 +862,20 @@ pub(super) async fn prepare_step(
         StepWrite::bind,
     )
     .await?;
-    let row = ran
+    let Some(row) = ran
         .into_iter()
         .next()
-        .and_then(|r| r.rows.into_iter().next());
-    finish_step(tx, issuer, key, &step, &write, row, traceparent).await
+        .and_then(|r| r.rows.into_iter().next())
+    else {
+        return Ok(None);
+    };
+    let certificate = super::certificates::issue_all(tx, issuer, &[write.certifying(key)])
+        .await?
+        .pop()
+        .flatten();
+    finish_step(tx, key, &step, &write, row, certificate, traceparent)
+        .await
+        .map(Some)
 }
 
 /// A step's UPDATE of its task row, with every value it binds, so that several steps' can go
@@ -967,6 +978,16 @@ impl StepWrite {
         })
     }
 
+    /// What [`super::certificates::issue_all`] needs of it, for `key`'s task.
+    pub(super) fn certifying<'a>(&'a self, key: &'a TaskKey) -> Certifying<'a> {
+        Certifying {
+            key,
+            sequence: self.next,
+            t: &self.t,
+            now: self.now,
+        }
+    }
+
     /// Its text and how many parameters it binds.
     pub(super) fn sql(&self) -> (&str, usize) {
         (&self.sql, self.params)
@@ -1012,21 +1033,18 @@ impl StepWrite {
     }
 }
 
-/// The rest of a step whose row `write` wrote: the certificate it issues, the upload it
-/// queues, its acknowledgement and audit entry. `row` is what the UPDATE returned; `None`
-/// (the task moved on, or the claim was lost) ends the step with nothing recorded.
+/// The rest of a step whose row `write` wrote: the upload it queues, its acknowledgement
+/// (with `certificate`, issued by [`super::certificates::issue_all`] once every step of the
+/// transaction is written) and audit entry. `row` is what the UPDATE returned.
 pub(super) async fn finish_step(
     tx: &mut AuditTx,
-    issuer: Option<&Issuer>,
     key: &TaskKey,
     step: &Step<'_>,
     write: &StepWrite,
-    row: Option<sqlx::any::AnyRow>,
+    row: sqlx::any::AnyRow,
+    certificate: Option<Signed>,
     traceparent: String,
-) -> Result<Option<PreparedStep>> {
-    let Some(row) = row else {
-        return Ok(None);
-    };
+) -> Result<PreparedStep> {
     let (phase, subjects_done, subjects_total, records_done, records_total, scheduled_at): (
         i64,
         i64,
@@ -1054,10 +1072,6 @@ pub(super) async fn finish_step(
                 scheduled_at,
             )
         });
-    let certificate = match issuer {
-        Some(issuer) => super::certificates::issue_for(tx, issuer, key, next, t, now).await?,
-        None => None,
-    };
     let ack = Acknowledgement {
         request_id: key.request_id.clone(),
         subprocessor: key.subprocessor.clone(),
@@ -1088,7 +1102,7 @@ pub(super) async fn finish_step(
         actor: by,
         detail,
     };
-    Ok(Some(PreparedStep {
+    Ok(PreparedStep {
         sequence: next,
         ack: acks::NewAck {
             key: key.clone(),
@@ -1097,7 +1111,7 @@ pub(super) async fn finish_step(
             at: now,
         },
         entry: audit::entry(ProcessorAuditEvent::TaskRecorded, now, record),
-    }))
+    })
 }
 
 /// A step's audit detail: the subprocessor, the change number, the state, the counts, the

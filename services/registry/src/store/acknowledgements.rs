@@ -358,6 +358,8 @@ impl Store {
         let mut events = Vec::new();
         // The last update of each task that moved, per processor, by (request, subprocessor).
         let mut moved: BTreeMap<&str, BTreeMap<(String, String), TaskUpdate>> = BTreeMap::new();
+        // The certificates that came with them, stored together.
+        let mut certificates = Vec::new();
         for &(processor, ack) in &fresh {
             let key = (
                 ack.request_id.clone(),
@@ -406,13 +408,14 @@ impl Store {
                 moved.insert(slot, update);
             }
             if let Some(c) = &ack.certificate {
-                events.push(super::certificates::record(&mut tx, processor, ack, c, now).await?);
+                let mut event = super::certificates::recorded_event(processor, ack, c, now);
                 // Its request state is the one before the fold, as for the task's event.
-                if let Some(e) = events.last_mut() {
-                    e.request_state = view.state_of(&ack.request_id);
-                }
+                event.request_state = view.state_of(&ack.request_id);
+                events.push(event);
+                certificates.push((processor, ack, c));
             }
         }
+        super::certificates::record_all(&mut tx, &certificates, now).await?;
         for (processor, updates) in &moved {
             upsert_tasks(&mut tx, processor, updates.values(), now).await?;
         }

@@ -3,6 +3,7 @@
 
 use anyhow::Result;
 use dsrelay_proto::v1::{EventType, RequestState};
+use dsrelay_runtime::store::values_row;
 
 use super::acknowledgements::TaskUpdate;
 use super::events::{EventDetail, NewEvent};
@@ -48,34 +49,57 @@ pub struct CertificateRow {
     pub rejection: String,
 }
 
-/// Stores the certificate that came with `ack`; returns the event that records whether it
-/// was verified, for the caller to write with its batch's events (its request state is left
-/// UNSPECIFIED for the caller to set).
-pub(super) async fn record(
+/// Stores the certificates that came with acknowledgements, each `(processor, ack,
+/// certificate)`, in one statement per [`rows_per_statement`] of them (a certificate already
+/// stored for the same acknowledgement stays as it was).
+///
+/// [`rows_per_statement`]: dsrelay_runtime::store::Backend::rows_per_statement
+pub(super) async fn record_all(
     tx: &mut Tx,
+    received: &[(&str, &TaskUpdate, &ReceivedCertificate)],
+    now: i64,
+) -> Result<()> {
+    const PARAMS: usize = 11;
+    for chunk in received.chunks(tx.backend.rows_per_statement(PARAMS)) {
+        let rows: Vec<String> = (0..chunk.len())
+            .map(|r| values_row(PARAMS * r + 1..=PARAMS * r + PARAMS))
+            .collect();
+        let sql = format!(
+            "INSERT INTO certificates (request_id, processor, subprocessor, sequence, \
+             certificate_id, body, signature, key_id, verified, rejection, received_at) \
+             VALUES {} ON CONFLICT DO NOTHING",
+            rows.join(", ")
+        );
+        let sql = tx.backend.numbered(&sql);
+        let mut q = sqlx::query(&sql);
+        for (processor, ack, c) in chunk {
+            q = q
+                .bind(ack.request_id.as_str())
+                .bind(*processor)
+                .bind(ack.subprocessor.as_str())
+                .bind(ack.sequence)
+                .bind(c.certificate_id.as_str())
+                .bind(c.body.clone())
+                .bind(c.signature.clone())
+                .bind(c.key_id.as_str())
+                .bind(i64::from(c.verified))
+                .bind(c.rejection.as_str())
+                .bind(now);
+        }
+        q.execute(tx.conn()).await?;
+    }
+    Ok(())
+}
+
+/// The event that records whether the certificate `c` that came with `ack` was verified,
+/// for the caller to write with its batch's events (its request state is left UNSPECIFIED
+/// for the caller to set).
+pub(super) fn recorded_event(
     processor: &str,
     ack: &TaskUpdate,
     c: &ReceivedCertificate,
     now: i64,
-) -> Result<NewEvent> {
-    sqlx::query(
-        "INSERT INTO certificates (request_id, processor, subprocessor, sequence, \
-         certificate_id, body, signature, key_id, verified, rejection, received_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
-    )
-    .bind(&ack.request_id)
-    .bind(processor)
-    .bind(&ack.subprocessor)
-    .bind(ack.sequence)
-    .bind(&c.certificate_id)
-    .bind(c.body.clone())
-    .bind(c.signature.clone())
-    .bind(&c.key_id)
-    .bind(i64::from(c.verified))
-    .bind(&c.rejection)
-    .bind(now)
-    .execute(tx.conn())
-    .await?;
+) -> NewEvent {
     let (event, message) = if c.verified {
         (
             EventType::CertificateStored,
@@ -93,7 +117,7 @@ pub(super) async fn record(
             ),
         )
     };
-    Ok(NewEvent {
+    NewEvent {
         request_id: ack.request_id.clone(),
         event_type: event,
         at: now,
@@ -106,7 +130,7 @@ pub(super) async fn record(
             message,
             ..Default::default()
         },
-    })
+    }
 }
 
 impl Store {
