@@ -62,7 +62,7 @@ impl Connector for Barrier {
     }
 }
 
-fn config(dir: &std::path::Path, database_url: &str) -> Config {
+pub(super) fn config(dir: &std::path::Path, database_url: &str) -> Config {
     let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
     let tls = pki.files("processor");
     let checkpoint_key = pki.signing_key("processor");
@@ -405,7 +405,7 @@ async fn an_export_on_its_way(database_url: &str, dir: &std::path::Path) {
     assert_eq!(tasks[0].state, TaskState::Cancelled, "{tasks:?}");
 }
 
-async fn on_sqlite<F, Fut>(test: F)
+pub(super) async fn on_sqlite<F, Fut>(test: F)
 where
     F: FnOnce(String, std::path::PathBuf) -> Fut,
     Fut: std::future::Future<Output = ()>,

@@ -245,7 +245,12 @@ pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()
     if current.cancel_requested {
         return record(shared, &job, seq, decided(true)).await;
     }
-    let written = write(shared, &job, seq, decided(false), true).await?;
+    let decision = decided(false);
+    let gave_up = match &decision {
+        Decision::Move(t) => t.due_by.is_some(),
+        _ => false,
+    };
+    let written = write(shared, &job, seq, decision, true).await?;
     if written == Some(true) {
         return Ok(());
     }
@@ -255,6 +260,23 @@ pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()
     };
     if marked {
         return record(shared, &job, seq, decided(true)).await;
+    }
+    if gave_up {
+        // Given up at the due date the task was claimed with, but not written: an extension
+        // may have moved the date past now meanwhile. The task is tried again at once, so
+        // that the next claim decides under the request's date as it stands (where nothing
+        // moved, the lease was lost and this writes nothing either).
+        let again = Decision::Later {
+            at: ctx.now,
+            error: match &result {
+                Err(e) => Some(e.to_string()),
+                Ok(_) => None,
+            },
+        };
+        if write(shared, &job, seq, again, true).await? == Some(true) {
+            tracing::info!("the due date moved while the holder worked; trying again under it");
+            return Ok(());
+        }
     }
     if written == Some(false) {
         tracing::warn!(
@@ -871,3 +893,7 @@ mod cancel_tests;
 #[cfg(test)]
 #[path = "shutdown_tests.rs"]
 mod shutdown_tests;
+
+#[cfg(test)]
+#[path = "due_date_tests.rs"]
+mod due_date_tests;

@@ -32,7 +32,9 @@
 //! - REFUSED by the holder → REFUSED with its reason
 //! - transient error → retry after the backoff (or the holder's Retry-After, if longer),
 //!   until the due date; retained data past its date is erased however late
-//! - transient error past the due date, or a permanent error → FAILED with the reason
+//! - transient error past the due date, or a permanent error → FAILED with the reason; a
+//!   give-up at the due date holds only while the request's date has not moved past it
+//!   ([`Transition::due_by`]): an extension that came during the attempt takes it back
 //! - cancelled while PENDING (claimed or not: its start then matches nothing, so the holder
 //!   is never called), IN_PROGRESS between attempts, or WAITING_FOR_OPERATOR → CANCELLED;
 //!   later states stay as they are
@@ -411,6 +413,11 @@ pub struct Transition {
     pub transfer_receipt: Option<TransferReceipt>,
     /// A contract end task's phase and progress; `None` keeps what is recorded.
     pub contract: Option<ContractStep>,
+    /// Recorded only while the request's due date is at most this (ms): a give-up at the due
+    /// date, decided with the date the task was claimed with, which an extension arriving
+    /// meanwhile (`ExtendDueDate`) takes back. The step then writes nothing, and the caller
+    /// tries the task again under the new date.
+    pub due_by: Option<i64>,
 }
 
 /// What to do about an event.
@@ -713,10 +720,13 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
         } => {
             let error = clip(error);
             if ctx.now >= ctx.due_at {
-                return Decision::Move(failed(format!(
-                    "gave up at the due date after {attempt} attempt(s) to deliver the export \
-                     to {to}: {error}"
-                )));
+                return Decision::Move(gave_up(
+                    format!(
+                        "gave up at the due date after {attempt} attempt(s) to deliver the \
+                         export to {to}: {error}"
+                    ),
+                    ctx,
+                ));
             }
             if !worth_acknowledging(attempt) {
                 return Decision::Later {
@@ -848,10 +858,13 @@ fn outcome_or_retry(
                 error: Some(e.to_string()),
             })
         }
-        Err(e) if e.is_transient() => ControlFlow::Break(Decision::Move(failed(format!(
-            "gave up at the due date after {} attempt(s): {e}",
-            task.attempts
-        )))),
+        Err(e) if e.is_transient() => ControlFlow::Break(Decision::Move(gave_up(
+            format!(
+                "gave up at the due date after {} attempt(s): {e}",
+                task.attempts
+            ),
+            ctx,
+        ))),
         Err(e) => ControlFlow::Break(Decision::Move(failed(e.to_string()))),
     }
 }
@@ -867,6 +880,15 @@ fn failed(reason: String) -> Transition {
         state: TaskState::Failed,
         reason,
         ..Default::default()
+    }
+}
+
+/// FAILED because the due date came (`ctx.due_at`, as claimed): recorded only while the
+/// request's due date has not moved past now ([`Transition::due_by`]).
+fn gave_up(reason: String, ctx: &Context) -> Transition {
+    Transition {
+        due_by: Some(ctx.now),
+        ..failed(reason)
     }
 }
 

@@ -930,6 +930,17 @@ impl StepWrite {
         } else {
             ""
         };
+        let mut params = if step.lease_owner.is_some() { 27 } else { 26 };
+        // A give-up at the due date holds only while no extension moved that date past it.
+        let due = if t.due_by.is_some() {
+            params += 1;
+            format!(
+                " AND (SELECT r.due_at FROM requests r WHERE r.controller = $11 \
+                 AND r.request_id = $12) <= ${params}"
+            )
+        } else {
+            String::new()
+        };
         let db_now = super::db_now_in(conn);
         let sql = format!(
             "UPDATE tasks SET state = $1, sequence = $2, records_affected = $3, confirmed = $4, \
@@ -945,12 +956,12 @@ impl StepWrite {
              records_total = COALESCE($24, records_total), \
              scheduled_at = COALESCE($25, scheduled_at), call_started_at = $26 \
              WHERE controller = $11 AND request_id = $12 AND subprocessor = $13 AND sequence = $14\
-             {held}{unmarked} RETURNING contract_phase, subjects_done, subjects_total, records_done, \
+             {held}{unmarked}{due} RETURNING contract_phase, subjects_done, subjects_total, records_done, \
              records_total, scheduled_at",
         );
         Ok(Self {
             sql,
-            params: if step.lease_owner.is_some() { 27 } else { 26 },
+            params,
             next: step.expected_sequence + 1,
             now,
             attempts,
@@ -1026,8 +1037,12 @@ impl StepWrite {
             .bind(w.counts[3])
             .bind(w.scheduled_at)
             .bind(w.call_started_at);
-        match &w.lease_owner {
+        let query = match &w.lease_owner {
             Some(owner) => query.bind(owner.as_str()),
+            None => query,
+        };
+        match t.due_by {
+            Some(by) => query.bind(by),
             None => query,
         }
     }
