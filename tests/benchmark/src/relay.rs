@@ -70,7 +70,8 @@ pub(crate) fn settings_description(
         format!(
             "relay: one registry, two processors, each with {SUBPROCESSORS} `noop` \
              subprocessors (delay 0 ms) holding every category; every request goes to both \
-             processors ({} tasks)",
+             processors ({} tasks); every benchmark processor signs the deletion certificate \
+             of each erasure task it completes, and the registry checks and stores each",
             2 * SUBPROCESSORS
         ),
         format!(
