@@ -79,8 +79,7 @@ pub(super) async fn issue_all(
             follows: request.last_certificate.get(&key.subprocessor).cloned(),
             now: *now,
         })?;
-        rows.push((id, i, *sequence, *now));
-        issued[i] = Some(doc);
+        rows.push((id, i, *sequence, *now, doc));
     }
     const PARAMS: usize = 9;
     let backend = Backend::of_connection(tx);
@@ -95,9 +94,8 @@ pub(super) async fn issue_all(
         );
         let sql = backend.numbered(&sql);
         let mut q = sqlx::query(&sql);
-        for (id, i, sequence, now) in chunk {
+        for (id, i, sequence, now, doc) in chunk {
             let key = steps[*i].key;
-            let doc = issued[*i].as_ref().expect("issued above");
             q = q
                 .bind(id.as_str())
                 .bind(key.controller.as_str())
@@ -110,6 +108,9 @@ pub(super) async fn issue_all(
                 .bind(*now);
         }
         q.execute(&mut *tx).await?;
+    }
+    for (_, i, _, _, doc) in rows {
+        issued[i] = Some(doc);
     }
     Ok(issued)
 }
