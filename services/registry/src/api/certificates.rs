@@ -61,18 +61,28 @@ pub(crate) fn check(
         signature: c.signature.clone(),
         key_id: c.key_id.clone(),
     };
-    // The id is shown even for a rejected certificate, when the body has one.
-    let certificate_id = claimed_id(&c.body).unwrap_or_default();
+    // The id is shown even for a rejected certificate, when the body has one: read from the
+    // body verification parsed, or else (the signature did not hold) parsed for it alone.
+    let mut certificate_id = None;
     let rejection = match key {
         None => Some("no public_key is configured for this processor".to_string()),
         Some(key) => match key.verify(&doc) {
             Err(e) => Some(e.to_string()),
-            Ok(value) => match serde_json::from_value::<Claims>(value) {
-                Err(e) => Some(format!("the body is not a deletion certificate: {e}")),
-                Ok(claims) => mismatch(&claims, identity, kind, ack),
-            },
+            Ok(value) => {
+                certificate_id = value
+                    .get("certificate_id")
+                    .and_then(|id| id.as_str())
+                    .map(str::to_string);
+                match serde_json::from_value::<Claims>(value) {
+                    Err(e) => Some(format!("the body is not a deletion certificate: {e}")),
+                    Ok(claims) => mismatch(&claims, identity, kind, ack),
+                }
+            }
         },
     };
+    let certificate_id = certificate_id
+        .or_else(|| claimed_id(&doc.body))
+        .unwrap_or_default();
     ReceivedCertificate {
         body: doc.body,
         signature: doc.signature,
