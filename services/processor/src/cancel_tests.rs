@@ -22,11 +22,26 @@ use crate::app::Shared;
 use crate::store::{TaskJob, Transition};
 use crate::{App, Config};
 
-/// An erasure held until the test lets it go: each call reports itself on `entered` with
-/// the sender that lets it finish, then erases two rows.
-struct Barrier {
+/// A holder held until the test lets it go: each call reports itself on `entered` with the
+/// sender that lets it finish, then gives `answer` (for [`setup`], an erasure of two rows).
+pub(super) struct Barrier {
     entered: mpsc::UnboundedSender<oneshot::Sender<()>>,
     calls: AtomicUsize,
+    answer: fn() -> Result<Outcome, ConnectorError>,
+}
+
+/// What [`setup`]'s holder answers: two rows erased.
+fn erased_two_rows() -> Result<Outcome, ConnectorError> {
+    Ok(Outcome::Completed {
+        records_affected: 2,
+        note: "deleted 2 rows".into(),
+        files: Vec::new(),
+        erased: vec![ErasedCount {
+            target: "customers".into(),
+            action: "deleted".into(),
+            count: 2,
+        }],
+    })
 }
 
 impl Connector for Barrier {
@@ -48,21 +63,12 @@ impl Connector for Barrier {
             released
                 .await
                 .map_err(|_| ConnectorError::Permanent("test ended".into()))?;
-            Ok(Outcome::Completed {
-                records_affected: 2,
-                note: "deleted 2 rows".into(),
-                files: Vec::new(),
-                erased: vec![ErasedCount {
-                    target: "customers".into(),
-                    action: "deleted".into(),
-                    count: 2,
-                }],
-            })
+            (self.answer)()
         })
     }
 }
 
-pub(super) fn config(dir: &std::path::Path, database_url: &str) -> Config {
+fn config(dir: &std::path::Path, database_url: &str) -> Config {
     let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
     let tls = pki.files("processor");
     let checkpoint_key = pki.signing_key("processor");
@@ -86,18 +92,28 @@ pub(super) fn config(dir: &std::path::Path, database_url: &str) -> Config {
     Config::load_from(Some(&file), Vec::new()).expect("config")
 }
 
-struct Setup {
-    app: App,
-    entered: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
-    barrier: Arc<Barrier>,
+pub(super) struct Setup {
+    pub(super) app: App,
+    pub(super) entered: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+    pub(super) barrier: Arc<Barrier>,
 }
 
-/// A processor with one delivered ERASURE (`r-1`), its task PENDING.
+/// A processor with one delivered ERASURE (`r-1`, due in 10 minutes), its task PENDING.
 async fn setup(database_url: &str, dir: &std::path::Path) -> Setup {
+    setup_answering(database_url, dir, erased_two_rows).await
+}
+
+/// [`setup`], its holder giving `answer` once let go.
+pub(super) async fn setup_answering(
+    database_url: &str,
+    dir: &std::path::Path,
+    answer: fn() -> Result<Outcome, ConnectorError>,
+) -> Setup {
     let (tx, entered) = mpsc::unbounded_channel();
     let barrier = Arc::new(Barrier {
         entered: tx,
         calls: AtomicUsize::new(0),
+        answer,
     });
     let connectors = HashMap::from([("crm".to_string(), barrier.clone() as Arc<dyn Connector>)]);
     let app = App::with_connectors(config(dir, database_url), connectors)

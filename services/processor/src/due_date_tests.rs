@@ -5,48 +5,15 @@
 //! task; the step is not written, and the task is tried again under the new date instead.
 //! Where no extension came, the same attempt fails the task.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use dsrelay_connectors::{ConnectorError, Outcome};
+use dsrelay_proto::v1::TaskState;
 
-use dsrelay_connectors::{BoxFuture, Connector, ConnectorError, Outcome, Task};
-use dsrelay_proto::timestamp_from_millis;
-use dsrelay_proto::v1::{DeliverRequest, RequestKind, TaskState};
-use tokio::sync::{mpsc, oneshot};
-
-use super::cancel_tests::{config, on_sqlite};
+use super::cancel_tests::{on_sqlite, setup_answering, Setup};
 use crate::store::DueDateExtended;
-use crate::App;
 
-/// A holder that is down: each call reports itself on `entered` with the sender that lets
-/// it answer, then fails as a refused connection does.
-struct Unreachable {
-    entered: mpsc::UnboundedSender<oneshot::Sender<()>>,
-    calls: AtomicUsize,
-}
-
-impl Connector for Unreachable {
-    fn kind_name(&self) -> &'static str {
-        "unreachable"
-    }
-
-    fn supports(&self, _kind: RequestKind) -> bool {
-        true
-    }
-
-    fn run<'a>(&'a self, _task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
-        Box::pin(async move {
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            let (release, released) = oneshot::channel();
-            self.entered
-                .send(release)
-                .map_err(|_| ConnectorError::Permanent("test ended".into()))?;
-            released
-                .await
-                .map_err(|_| ConnectorError::Permanent("test ended".into()))?;
-            Err(ConnectorError::Transient("connection refused".into()))
-        })
-    }
+/// A holder that is down: its call fails as a refused connection does.
+fn refused() -> Result<Outcome, ConnectorError> {
+    Err(ConnectorError::Transient("connection refused".into()))
 }
 
 /// How far past its due date the processor's clock is moved while the holder works.
@@ -55,29 +22,11 @@ const PAST_DUE_MS: i64 = 60_000;
 /// One erasure due in 10 minutes, claimed; its holder's call fails once the clock has moved
 /// past the due date, `extended` (by a day) while the call was under way or not.
 async fn last_attempt(database_url: &str, dir: &std::path::Path, extended: bool) {
-    let (tx, mut entered) = mpsc::unbounded_channel();
-    let holder = Arc::new(Unreachable {
-        entered: tx,
-        calls: AtomicUsize::new(0),
-    });
-    let connectors = HashMap::from([("crm".to_string(), holder.clone() as Arc<dyn Connector>)]);
-    let app = App::with_connectors(config(dir, database_url), connectors)
-        .await
-        .expect("app");
+    let Setup {
+        app, mut entered, ..
+    } = setup_answering(database_url, dir, refused).await;
     let shared = app.shared();
     let now = shared.clock.now_ms();
-    let due = now + 600_000;
-    let req = DeliverRequest {
-        request_id: "r-1".into(),
-        kind: RequestKind::Erasure as i32,
-        due_at: Some(timestamp_from_millis(due)),
-        ..Default::default()
-    };
-    shared
-        .store
-        .accept("acme", &req, &["crm".to_string()], None, now)
-        .await
-        .expect("accept");
     let lease_ms = shared.config.tasks.lease_ms as i64;
     let mut jobs = shared
         .store
@@ -85,7 +34,7 @@ async fn last_attempt(database_url: &str, dir: &std::path::Path, extended: bool)
         .await
         .expect("claim");
     let job = jobs.pop().expect("one task");
-    assert_eq!(job.due_at, due);
+    let due = job.due_at;
     let runner = {
         let shared = shared.clone();
         tokio::spawn(async move { crate::runner::run_task(&shared, job).await })
