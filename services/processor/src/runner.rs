@@ -268,10 +268,7 @@ pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()
         // moved, the lease was lost and this writes nothing either).
         let again = Decision::Later {
             at: ctx.now,
-            error: match &result {
-                Err(e) => Some(e.to_string()),
-                Ok(_) => None,
-            },
+            error: result.as_ref().err().map(ToString::to_string),
         };
         if write(shared, &job, seq, again, true).await? == Some(true) {
             tracing::info!("the due date moved while the holder worked; trying again under it");

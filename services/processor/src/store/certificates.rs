@@ -133,14 +133,10 @@ async fn read_facts<'a>(
     tx: &mut AnyConnection,
     keys: impl Iterator<Item = &'a TaskKey>,
 ) -> Result<BTreeMap<(String, String), RequestFacts>> {
-    let mut requests: Vec<(&str, &str)> = keys
+    let requests: Vec<(&str, &str)> = keys
         .map(|k| (k.controller.as_str(), k.request_id.as_str()))
         .collect();
-    requests.sort_unstable();
-    requests.dedup();
-    let rows_sql: Vec<String> = (0..requests.len())
-        .map(|i| values_row([2 * i + 1, 2 * i + 2]))
-        .collect();
+    let (requests, pairs) = super::request_pairs(&requests);
     let sql = format!(
         "SELECT t.controller, t.request_id, r.kind, t.subprocessor, t.state, t.legal_basis, \
          t.retain_until, (SELECT c.id FROM certificates c WHERE c.controller = t.controller \
@@ -148,9 +144,8 @@ async fn read_facts<'a>(
          ORDER BY c.sequence DESC LIMIT 1) AS follows \
          FROM requests r JOIN tasks t ON t.controller = r.controller \
          AND t.request_id = r.request_id \
-         WHERE (r.controller, r.request_id) IN ({}) \
-         ORDER BY t.controller, t.request_id, t.subprocessor",
-        rows_sql.join(", ")
+         WHERE (r.controller, r.request_id) IN ({pairs}) \
+         ORDER BY t.controller, t.request_id, t.subprocessor"
     );
     type Row = (
         String,

@@ -122,16 +122,10 @@ async fn lock_requests(
     if lock.is_empty() || requests.is_empty() {
         return Ok(());
     }
-    let mut requests = requests.to_vec();
-    requests.sort_unstable();
-    requests.dedup();
-    let rows: Vec<String> = (0..requests.len())
-        .map(|i| dsrelay_runtime::store::values_row([2 * i + 1, 2 * i + 2]))
-        .collect();
+    let (requests, pairs) = request_pairs(requests);
     let sql = format!(
-        "SELECT 1 AS one FROM requests WHERE (controller, request_id) IN ({}) \
-         ORDER BY controller{bytes}, request_id{bytes}{lock}",
-        rows.join(", ")
+        "SELECT 1 AS one FROM requests WHERE (controller, request_id) IN ({pairs}) \
+         ORDER BY controller{bytes}, request_id{bytes}{lock}"
     );
     let mut q = sqlx::query(&sql);
     for (controller, request_id) in requests {
@@ -139,4 +133,16 @@ async fn lock_requests(
     }
     q.fetch_all(&mut *tx).await?;
     Ok(())
+}
+
+/// `requests` (controller, request id) sorted and each once, and the `IN` list that binds
+/// them in that order, two parameters each from `$1`: `($1, $2), ($3, $4), ...`.
+fn request_pairs<'a>(requests: &[(&'a str, &'a str)]) -> (Vec<(&'a str, &'a str)>, String) {
+    let mut requests = requests.to_vec();
+    requests.sort_unstable();
+    requests.dedup();
+    let rows: Vec<String> = (0..requests.len())
+        .map(|i| dsrelay_runtime::store::values_row([2 * i + 1, 2 * i + 2]))
+        .collect();
+    (requests, rows.join(", "))
 }
