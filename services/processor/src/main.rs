@@ -15,12 +15,6 @@ struct Args {
     config: Option<PathBuf>,
 }
 
-/// mimalloc rather than the system allocator: under the benchmark's load glibc's malloc and
-/// free took a seventh of the service's CPU, and with mimalloc the one hop completes about
-/// 6 % more erasures a second for 5 % less CPU (docs/benchmarks.md, "Session 26").
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let args = Args::parse();
     dsrelay_runtime::host::main(
