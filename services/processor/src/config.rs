@@ -194,7 +194,9 @@ pub struct TaskConfig {
     pub batch_size: u32,
     /// Tasks run at once. Most steps wait on a commit or a holder's answer, so more in
     /// flight share more commits: 32 completed 40–55 % more one-hop erasures than 8
-    /// (`docs/benchmarks.md`, session 19).
+    /// (`docs/benchmarks.md`, session 19), and 128, with the registry's 64 deliveries in
+    /// flight, about 45 % more than 32 with 16 (session 27). A holder with limits of its own
+    /// keeps them in its connector (Mailchimp's calls per account).
     pub concurrency: usize,
     /// Of those, how many may be exports (the holder call of a return of data, a transfer,
     /// or a contract end that returns the data) at once; the others wait for a slot, their
@@ -214,7 +216,7 @@ impl Default for TaskConfig {
             poll_interval_ms: 1000,
             lease_ms: 30_000,
             batch_size: 64,
-            concurrency: 32,
+            concurrency: 128,
             export_concurrency: 4,
             confirm_interval_ms: 60_000,
         }
