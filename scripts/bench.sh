@@ -23,7 +23,8 @@
 #      of real work: erasures of existing customers through a registry and one
 #      processor with one SQL subprocessor on the sample accounting schema
 #      (--onehop-customers, default 10000; a batch of --onehop-erasures, default
-#      3000, 0 skips it), completed erasures/s against a target of 1500/s, the
+#      3000, 0 skips it, by --onehop-concurrency callers, default 64), completed
+#      erasures/s against a target of 1500/s, the
 #      holder's rows checked afterwards; then the
 #      export: a return of data of --export-mib MiB (default 1024, 0 skips it)
 #      through a registry and one processor, against a bare mTLS gRPC stream

@@ -16,7 +16,7 @@
 //! - one hop of real work (`onehop`): erasures of existing customers through a registry and
 //!   one processor whose only subprocessor is the `sql` connector on the sample accounting
 //!   schema filled with `--onehop-customers` customers: completed erasures per second (a batch
-//!   of `--onehop-erasures`), latency p50/p99 at half that rate, CPU per erasure, against a
+//!   of `--onehop-erasures` by `--onehop-concurrency` callers), latency p50/p99 at half that rate, CPU per erasure, against a
 //!   target of 1,500/s; afterwards every row of the holder's database is checked (erased
 //!   customers' rows gone or anonymized, nobody else's touched) and any difference fails the
 //!   run;
@@ -114,6 +114,12 @@ struct Args {
     /// Erasures in the one-hop scenario's completed-erasures batch; 0 skips the scenario.
     #[arg(long, default_value_t = 3000)]
     onehop_erasures: u64,
+    /// Concurrent callers of the one-hop scenario's warm-up and batch. More than
+    /// --concurrency: each caller waits for its Submit's commit before the next, and at 16
+    /// those round trips, not the relay, set the batch's pace once the relay completed more
+    /// than about 1,200 erasures/s (docs/benchmarks.md, session 27).
+    #[arg(long, default_value_t = 64)]
+    onehop_concurrency: usize,
     /// Erasures of the statement count: the relay again, on a PostgreSQL server of the run's
     /// own with `pg_stat_statements`, counting the statements and commits one erasure costs
     /// at each service (needs the PostgreSQL server binaries; 0 skips it).
@@ -313,8 +319,14 @@ async fn run(args: &Args) -> Result<()> {
         (None, false) => None,
     };
     let is_pg = postgres_url.is_some();
-    if args.concurrency == 0 || args.duration_secs == 0 || args.batch == 0 {
-        bail!("--concurrency, --duration-secs and --batch must be at least 1");
+    if args.concurrency == 0
+        || args.onehop_concurrency == 0
+        || args.duration_secs == 0
+        || args.batch == 0
+    {
+        bail!(
+            "--concurrency, --onehop-concurrency, --duration-secs and --batch must be at least 1"
+        );
     }
     let duration = Duration::from_secs(args.duration_secs);
     let c = args.concurrency;
@@ -465,7 +477,7 @@ async fn measure(
             &onehop::OnehopLoad {
                 customers: args.onehop_customers,
                 erasures: args.onehop_erasures,
-                concurrency: c,
+                concurrency: args.onehop_concurrency,
                 channels: args.channels,
                 latency_secs: args.latency_secs,
             },
@@ -767,22 +779,24 @@ async fn measure(
     settings.extend(relay_settings);
     if args.onehop_erasures > 0 {
         settings.push(format!(
-            "one hop: --onehop-customers {} --onehop-erasures {}: one registry and one \
-             processor (the release binaries, the relay's poll settings) with one `sql` \
-             subprocessor (the sample rules) on the sample accounting schema ({}) holding that \
-             many customers, each with a contact, a paid invoice and a ledger entry from 2010; \
-             each erasure names a different existing customer by customer number; a warm-up of \
-             {}, then the batch by the same callers, then an open loop at half the completed \
-             rate for the latency duration; afterwards every row of the holder's database \
-             checked against the requests",
+            "one hop: --onehop-customers {} --onehop-erasures {} --onehop-concurrency {}: one \
+             registry and one processor (the release binaries, the relay's poll settings) with \
+             one `sql` subprocessor (the sample rules) on the sample accounting schema ({}) \
+             holding that many customers, each with a contact, a paid invoice and a ledger \
+             entry from 2010; each erasure names a different existing customer by customer \
+             number; a warm-up of {}, then the batch by that many callers (closed loop, over \
+             the same channels), then an open loop at half the completed rate for the latency \
+             duration; afterwards every row of the holder's database checked against the \
+             requests",
             args.onehop_customers,
             args.onehop_erasures,
+            args.onehop_concurrency,
             if is_pg {
                 "a database of its own on the services' PostgreSQL server"
             } else {
                 "a SQLite file, WAL, synchronous=FULL"
             },
-            onehop::warm_up_count(c)
+            onehop::warm_up_count(args.onehop_concurrency)
         ));
     }
     if args.export_mib > 0 {

@@ -259,9 +259,10 @@ async fn measure(
     let last = relay.last_finished_at("batch-").await?.unwrap_or(t0);
     let completed_rate = w.completed as f64 / ((last - t0).max(1) as f64 / 1000.0);
     crate::progress(format!(
-        "  {completed_rate:.1} completed erasures/s ({} in {:.1} s)",
+        "  {completed_rate:.1} completed erasures/s ({} in {:.1} s; the Submits took {:.1} s)",
         w.completed,
-        (last - t0) as f64 / 1000.0
+        (last - t0) as f64 / 1000.0,
+        batch.elapsed.as_secs_f64()
     ));
 
     let first = warm + load.erasures + 1;

@@ -384,8 +384,9 @@ retention period); the holder's database is a SQLite file, or on PostgreSQL a fr
 on the same server as the services' stores. Each erasure names one existing customer by \
 customer number (matched through the schema's UNIQUE index on `customer_no`) and no customer \
 twice, so each one deletes a customer, a contact and an invoice and anonymizes a ledger \
-entry at the holder. After a warm-up, a batch of `--onehop-erasures` is submitted by the same \
-callers; completed erasures/s is the batch over the time from the first Submit to the last \
+entry at the holder. After a warm-up, a batch of `--onehop-erasures` is submitted by \
+`--onehop-concurrency` callers (default 64, more than the relay's 16: at 16 each caller's wait \
+for its Submit's commit, not the relay, set the batch's pace); completed erasures/s is the batch over the time from the first Submit to the last \
 request COMPLETED at the registry; latency is `finished_at - received_at` of an open loop at \
 half that rate for the latency duration (fewer when the customers run out; p50/p99 by \
 nearest rank); CPU per completed erasure is each service's CPU time over the batch divided by \

@@ -39,6 +39,8 @@ async fn short_bench_run(extra: &[&str]) -> String {
             "200",
             "--onehop-erasures",
             "50",
+            "--onehop-concurrency",
+            "4",
             "--out",
         ])
         .arg(&out)
