@@ -37,7 +37,9 @@
 #      erasures, default 500, 0 skips it; needs /usr/lib/postgresql/*/bin),
 #      printing the statements, writes, rows written and commits one erasure
 #      costs at each service, and listing every statement. It prints a table
-#      and writes it, with a description of the machine, to docs/.
+#      and writes it, with a description of the machine, to docs/, keeping
+#      the sections written by hand (headings that say "(written by hand") of
+#      the file it replaces.
 #   To see where the CPU goes, scripts/profile.sh records the services with perf
 #   under the relay part of this benchmark.
 #   With --postgres the run is wrapped in `DSRELAY_TEST_SH_ONLY_PG=1

@@ -405,7 +405,13 @@ async fn run(args: &Args) -> Result<()> {
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    std::fs::write(&out, doc.render()).with_context(|| format!("writing {}", out.display()))?;
+    let previous = match std::fs::read_to_string(&out) {
+        Ok(text) => Some(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", out.display())),
+    };
+    let text = report::keep_hand_written(&doc.render(), previous.as_deref());
+    std::fs::write(&out, text).with_context(|| format!("writing {}", out.display()))?;
     progress(format!("wrote {}", out.display()));
     Ok(())
 }

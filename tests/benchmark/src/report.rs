@@ -289,6 +289,32 @@ pub(crate) struct Document {
     pub(crate) statements: Vec<String>,
 }
 
+/// What the heading of a section written by hand says; [`keep_hand_written`] keeps such
+/// sections when a run rewrites the file.
+pub(crate) const HAND_WRITTEN: &str = "(written by hand";
+
+/// `rendered` followed by the sections written by hand of `previous` (the file the run
+/// replaces): everything from the first `## ` heading that says [`HAND_WRITTEN`] on. Those
+/// sections hold each session's measurements and explanations, which a run cannot
+/// regenerate.
+pub(crate) fn keep_hand_written(rendered: &str, previous: Option<&str>) -> String {
+    let mut out = rendered.trim_end().to_string();
+    out.push('\n');
+    let Some(previous) = previous else {
+        return out;
+    };
+    let mut at = 0;
+    for line in previous.split_inclusive('\n') {
+        if line.starts_with("## ") && line.contains(HAND_WRITTEN) {
+            out.push('\n');
+            out.push_str(&previous[at..]);
+            return out;
+        }
+        at += line.len();
+    }
+    out
+}
+
 impl Document {
     /// The Markdown text.
     pub(crate) fn render(&self) -> String {
@@ -297,8 +323,10 @@ impl Document {
         let _ = writeln!(
             s,
             "Written by `{}` (the `dsrelay-bench` binary of `tests/benchmark`); running it again \
-             replaces this file. Figures from a shared or busy machine are noisy: compare ratios \
-             to the baselines, which were taken in the same run, rather than absolute figures.\n",
+             replaces everything above the first section written by hand (its heading says \
+             \"{HAND_WRITTEN}\"), which it keeps. Figures from a shared or busy machine are \
+             noisy: compare ratios to the baselines, which were taken in the same run, rather \
+             than absolute figures.\n",
             self.command
         );
         let _ = writeln!(s, "## Machine\n");
@@ -418,6 +446,39 @@ pending rows, INSERT, DELETE); SQLite chains them in the transaction.
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_keeps_the_sections_written_by_hand() {
+        let previous = "# Benchmarks\n\n## Figures\n\n| old | 1 |\n\n## Notes\n\n- old note\n\n\
+                        ## Session 9: a cut (written by hand)\n\nkept text\n\n\
+                        ## Figures again\n\nalso kept\n";
+        let rendered = "# Benchmarks\n\n## Figures\n\n| new | 2 |\n\n";
+        assert_eq!(
+            keep_hand_written(rendered, Some(previous)),
+            "# Benchmarks\n\n## Figures\n\n| new | 2 |\n\n\
+             ## Session 9: a cut (written by hand)\n\nkept text\n\n## Figures again\n\nalso kept\n"
+        );
+        // Nothing by hand, or no file yet: the run's text alone.
+        assert_eq!(
+            keep_hand_written(
+                rendered,
+                Some("# Benchmarks\n\n## Figures\n\n| old | 1 |\n")
+            ),
+            "# Benchmarks\n\n## Figures\n\n| new | 2 |\n"
+        );
+        assert_eq!(
+            keep_hand_written(rendered, None),
+            "# Benchmarks\n\n## Figures\n\n| new | 2 |\n"
+        );
+        // A mention in the text is no heading.
+        assert_eq!(
+            keep_hand_written(
+                rendered,
+                Some("## Notes\n\n- see (written by hand) below\n")
+            ),
+            "# Benchmarks\n\n## Figures\n\n| new | 2 |\n"
+        );
+    }
 
     #[test]
     fn nearest_rank_percentiles() {
