@@ -418,16 +418,6 @@ impl Scoped<'_> {
             subject_filter(self.config, rule, self.everything(), &mut b).unwrap_or_default();
         let table = quote(&rule.table);
         let dated = format!("CAST({table}.{} AS TEXT)", quote(&retain.from_column));
-        let numbers = |from: u32, to: u32| {
-            (from..=to)
-                .map(|n| format!("'{n:02}'"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let digits = (0..=9)
-            .map(|n| format!("'{n}'"))
-            .collect::<Vec<_>>()
-            .join(", ");
         let shape = match self.db.backend {
             // Past the GLOB, month and day are two ASCII digits each, which compare as
             // bytes (SQLite's BINARY collation for a function's result).
@@ -438,6 +428,16 @@ impl Scoped<'_> {
                  OR SUBSTR({dated}, 9, 2) NOT BETWEEN '01' AND '31'"
             ),
             Backend::Postgres => {
+                let numbers = |from: u32, to: u32| {
+                    (from..=to)
+                        .map(|n| format!("'{n:02}'"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                let digits = (0..=9)
+                    .map(|n| format!("'{n}'"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 let year = (1..=4)
                     .map(|i| format!(" OR SUBSTR({dated}, {i}, 1) NOT IN ({digits})"))
                     .collect::<String>();
