@@ -69,10 +69,7 @@ pub(crate) fn check(
         Some(key) => match key.verify(&doc) {
             Err(e) => Some(e.to_string()),
             Ok(value) => {
-                certificate_id = value
-                    .get("certificate_id")
-                    .and_then(|id| id.as_str())
-                    .map(str::to_string);
+                certificate_id = id_in(&value);
                 match serde_json::from_value::<Claims>(value) {
                     Err(e) => Some(format!("the body is not a deletion certificate: {e}")),
                     Ok(claims) => mismatch(&claims, identity, kind, ack),
@@ -95,11 +92,12 @@ pub(crate) fn check(
 
 /// The `certificate_id` `body` carries, read without checking the signature.
 fn claimed_id(body: &[u8]) -> Option<String> {
-    serde_json::from_slice::<serde_json::Value>(body)
-        .ok()?
-        .get("certificate_id")?
-        .as_str()
-        .map(str::to_string)
+    id_in(&serde_json::from_slice::<serde_json::Value>(body).ok()?)
+}
+
+/// The `certificate_id` of a certificate's parsed body.
+fn id_in(body: &serde_json::Value) -> Option<String> {
+    body.get("certificate_id")?.as_str().map(str::to_string)
 }
 
 /// The first way `claims` disagree with the acknowledgement, if any.
