@@ -136,7 +136,7 @@ async fn read_facts<'a>(
     let requests: Vec<(&str, &str)> = keys
         .map(|k| (k.controller.as_str(), k.request_id.as_str()))
         .collect();
-    let (requests, pairs) = super::request_pairs(&requests);
+    let (params, matching) = super::requests_matching(&requests, "r.");
     let sql = format!(
         "SELECT t.controller, t.request_id, r.kind, t.subprocessor, t.state, t.legal_basis, \
          t.retain_until, (SELECT c.id FROM certificates c WHERE c.controller = t.controller \
@@ -144,7 +144,7 @@ async fn read_facts<'a>(
          ORDER BY c.sequence DESC LIMIT 1) AS follows \
          FROM requests r JOIN tasks t ON t.controller = r.controller \
          AND t.request_id = r.request_id \
-         WHERE (r.controller, r.request_id) IN ({pairs}) \
+         WHERE {matching} \
          ORDER BY t.controller, t.request_id, t.subprocessor"
     );
     type Row = (
@@ -158,8 +158,8 @@ async fn read_facts<'a>(
         Option<String>,
     );
     let mut q = sqlx::query_as::<_, Row>(&sql);
-    for (controller, request_id) in &requests {
-        q = q.bind(*controller).bind(*request_id);
+    for param in params {
+        q = q.bind(param);
     }
     let rows = q.fetch_all(&mut *tx).await?;
     let retained = state_value(TaskState::Retained);

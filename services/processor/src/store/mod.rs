@@ -122,27 +122,67 @@ async fn lock_requests(
     if lock.is_empty() || requests.is_empty() {
         return Ok(());
     }
-    let (requests, pairs) = request_pairs(requests);
+    let (params, matching) = requests_matching(requests, "");
     let sql = format!(
-        "SELECT 1 AS one FROM requests WHERE (controller, request_id) IN ({pairs}) \
+        "SELECT 1 AS one FROM requests WHERE {matching} \
          ORDER BY controller{bytes}, request_id{bytes}{lock}"
     );
     let mut q = sqlx::query(&sql);
-    for (controller, request_id) in requests {
-        q = q.bind(controller).bind(request_id);
+    for param in params {
+        q = q.bind(param);
     }
     q.fetch_all(&mut *tx).await?;
     Ok(())
 }
 
-/// `requests` (controller, request id) sorted and each once, and the `IN` list that binds
-/// them in that order, two parameters each from `$1`: `($1, $2), ($3, $4), ...`.
-fn request_pairs<'a>(requests: &[(&'a str, &'a str)]) -> (Vec<(&'a str, &'a str)>, String) {
+/// A condition that holds for exactly the rows of `requests` (controller, request id), on
+/// the columns `controller` and `request_id` prefixed with `alias` (`""` or `"r."`), with
+/// the parameters it binds from `$1`, in order: `(controller = $1 AND request_id IN ($2,
+/// $3)) OR ...`, one group per controller. Not a row-value `IN` of pairs: when every pair
+/// names one controller, PostgreSQL factors it out, looks up only the key's first column
+/// and tests every request id of the batch against every request of that controller, which
+/// on tables not yet analyzed cost milliseconds per statement and grows with the table. An
+/// `IN` list on the key's second column is one index lookup per request id.
+fn requests_matching<'a>(requests: &[(&'a str, &'a str)], alias: &str) -> (Vec<&'a str>, String) {
     let mut requests = requests.to_vec();
     requests.sort_unstable();
     requests.dedup();
-    let rows: Vec<String> = (0..requests.len())
-        .map(|i| dsrelay_runtime::store::values_row([2 * i + 1, 2 * i + 2]))
-        .collect();
-    (requests, rows.join(", "))
+    let mut params: Vec<&'a str> = Vec::with_capacity(requests.len() + 1);
+    let mut groups: Vec<String> = Vec::new();
+    for chunk in requests.chunk_by(|a, b| a.0 == b.0) {
+        params.push(chunk[0].0);
+        let controller = params.len();
+        let ids: Vec<String> = chunk
+            .iter()
+            .map(|(_, request_id)| {
+                params.push(request_id);
+                format!("${}", params.len())
+            })
+            .collect();
+        groups.push(format!(
+            "({alias}controller = ${controller} AND {alias}request_id IN ({}))",
+            ids.join(", ")
+        ));
+    }
+    (params, groups.join(" OR "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::requests_matching;
+
+    #[test]
+    fn requests_are_matched_by_one_id_list_per_controller() {
+        let (params, matching) =
+            requests_matching(&[("b", "r2"), ("a", "r1"), ("b", "r1"), ("a", "r1")], "r.");
+        assert_eq!(params, ["a", "r1", "b", "r1", "r2"]);
+        assert_eq!(
+            matching,
+            "(r.controller = $1 AND r.request_id IN ($2)) OR \
+             (r.controller = $3 AND r.request_id IN ($4, $5))"
+        );
+        let (params, matching) = requests_matching(&[("c", "x")], "");
+        assert_eq!(params, ["c", "x"]);
+        assert_eq!(matching, "(controller = $1 AND request_id IN ($2))");
+    }
 }

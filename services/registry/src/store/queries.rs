@@ -95,11 +95,14 @@ impl Store {
         ids: &[&str],
     ) -> Result<std::collections::HashMap<String, RequestKind>> {
         let mut out = std::collections::HashMap::new();
+        // Driven by the deliveries' key (request, processor, operation), one lookup per id.
+        // The form `requests WHERE id IN (...) AND EXISTS (deliveries ...)` let PostgreSQL,
+        // on tables not yet analyzed, scan every delivery and test each against the whole
+        // list (0.8 s for 170 ids among 3,400 requests).
         for chunk in ids.chunks(500) {
             let sql = format!(
-                "SELECT r.id, r.kind FROM requests r WHERE r.id IN ({}) AND EXISTS \
-                 (SELECT 1 FROM deliveries d WHERE d.request_id = r.id AND d.processor = $1 \
-                 AND d.op = $2)",
+                "SELECT r.id, r.kind FROM deliveries d JOIN requests r ON r.id = d.request_id \
+                 WHERE d.request_id IN ({}) AND d.processor = $1 AND d.op = $2",
                 placeholders(3, chunk.len())
             );
             let sql = self.db.backend.numbered(&sql);
