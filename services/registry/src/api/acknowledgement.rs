@@ -7,7 +7,7 @@
 //! acknowledgement of a batch is judged on its own: the valid ones are applied and the
 //! others listed in the answer's `rejected`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use dsrelay_proto::v1::acknowledgement_service_server::AcknowledgementService;
 use dsrelay_proto::v1::{
@@ -66,7 +66,8 @@ impl AcknowledgementService for Api {
                 problems.insert(i, v);
             }
         }
-        for (i, v) in self.receipt_violations(&processor, &all).await? {
+        let kinds = self.kinds_concerned(&processor, &all).await?;
+        for (i, v) in self.receipt_violations(&processor, &all, &kinds).await? {
             problems.entry(i).or_default().push(v);
         }
         let mut rejected: Vec<RejectedAcknowledgement> = problems
@@ -90,8 +91,7 @@ impl AcknowledgementService for Api {
             .collect();
         let acks: Vec<Acknowledgement> = positions.iter().map(|&i| all[i].clone()).collect();
         let mut updates: Vec<TaskUpdate> = acks.iter().map(TaskUpdate::from).collect();
-        self.check_certificates(&processor, &acks, &mut updates)
-            .await?;
+        self.check_certificates(&processor, &acks, &mut updates, &kinds);
         let AckOutcome {
             applied,
             duplicates,
@@ -188,43 +188,53 @@ impl AcknowledgementService for Api {
 }
 
 impl Api {
+    /// The kinds of the requests `acks` concern that need one, among those delivered to
+    /// `processor`, in one query for the whole call: a COMPLETED report without a receipt
+    /// ([`Self::receipt_violations`]) and a certificate (whose claims name the kind) each need
+    /// their request's. A request not delivered to `processor` is left out, whatever its kind.
+    async fn kinds_concerned(
+        &self,
+        processor: &str,
+        acks: &[Acknowledgement],
+    ) -> Result<HashMap<String, RequestKind>, ApiError> {
+        let ids: Vec<&str> = acks
+            .iter()
+            .take(MAX_ACKS_PER_CALL)
+            .filter(|a| unreceipted(a) || a.certificate.is_some())
+            .map(|a| a.request_id.as_str())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        self.shared
+            .store
+            .kinds_delivered_to(processor, &ids)
+            .await
+            .map_err(ApiError::from)
+    }
+
     /// COMPLETED reports that lack their proof: a TRANSFER task's without the recipient's
     /// receipt, a RETURN_OF_DATA task's whose part the registry does not hold (the processor
-    /// reports COMPLETED only once CompletePart was answered). Only requests with a COMPLETED
-    /// report without a receipt are looked up, and only among those delivered to
-    /// `processor`: an acknowledgement of any other request is refused as not routed
-    /// (PERMISSION_DENIED), whatever its kind, so a processor cannot learn that another's
-    /// request exists.
+    /// reports COMPLETED only once CompletePart was answered). `kinds` are the kinds of the
+    /// requests delivered to `processor` ([`Self::kinds_concerned`]): an acknowledgement of
+    /// any other request is refused as not routed (PERMISSION_DENIED), whatever its kind, so
+    /// a processor cannot learn that another's request exists.
     async fn receipt_violations(
         &self,
         processor: &str,
         acks: &[Acknowledgement],
+        kinds: &HashMap<String, RequestKind>,
     ) -> Result<Vec<(usize, FieldViolation)>, ApiError> {
-        let unreceipted = |a: &&Acknowledgement| {
-            a.state == TaskState::Completed as i32
-                && a.evidence
-                    .as_ref()
-                    .and_then(|e| e.transfer_receipt.as_ref())
-                    .is_none()
-        };
         let ids: Vec<&str> = acks
             .iter()
             .take(MAX_ACKS_PER_CALL)
-            .filter(unreceipted)
+            .filter(|a| unreceipted(a))
             .map(|a| a.request_id.as_str())
-            .collect::<std::collections::BTreeSet<_>>()
+            .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        // One query for every request concerned, not one per acknowledgement.
-        let kinds = self
-            .shared
-            .store
-            .kinds_delivered_to(processor, &ids)
-            .await
-            .map_err(ApiError::from)?;
         let returns: Vec<&str> = ids
             .iter()
             .copied()
@@ -241,7 +251,7 @@ impl Api {
         };
         let mut violations = Vec::new();
         for (i, a) in acks.iter().enumerate().take(MAX_ACKS_PER_CALL) {
-            if !unreceipted(&a) {
+            if !unreceipted(a) {
                 continue;
             }
             let kind = kinds.get(a.request_id.as_str()).copied();
@@ -274,6 +284,16 @@ impl Api {
         }
         Ok(violations)
     }
+}
+
+/// A COMPLETED report without a transfer receipt: what only a request of a kind that needs
+/// no receipt may send, and a RETURN_OF_DATA only once its part is stored.
+fn unreceipted(a: &Acknowledgement) -> bool {
+    a.state == TaskState::Completed as i32
+        && a.evidence
+            .as_ref()
+            .and_then(|e| e.transfer_receipt.as_ref())
+            .is_none()
 }
 
 /// What is wrong with the receipt of the acknowledgement at `i`, each naming its field.

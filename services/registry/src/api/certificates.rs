@@ -10,7 +10,7 @@
 //! processor's work happened whatever its certificate says.
 
 use dsrelay_proto::v1::certificate_service_server::CertificateService;
-use std::collections::BTreeSet;
+use std::collections::HashMap;
 
 use dsrelay_proto::v1::{
     Acknowledgement, CertificateList, DeletionCertificate, ListCertificatesRequest, RequestKind,
@@ -130,29 +130,16 @@ fn mismatch(claims: &Claims, identity: &str, kind: &str, ack: &Acknowledgement) 
 
 impl Api {
     /// Checks the certificate each acknowledgement of `processor` carries and attaches the
-    /// verdict to its update. Only the requests of acknowledgements with a certificate are
-    /// looked up, for their kind, in one query.
-    pub(super) async fn check_certificates(
+    /// verdict to its update. `kinds` holds the kinds of the requests delivered to
+    /// `processor` that acknowledgements with a certificate concern (looked up once per call
+    /// with those of the receipts' check).
+    pub(super) fn check_certificates(
         &self,
         processor: &str,
         acks: &[Acknowledgement],
         updates: &mut [crate::store::TaskUpdate],
-    ) -> Result<(), ApiError> {
-        let certified: Vec<&str> = acks
-            .iter()
-            .filter(|a| a.certificate.is_some())
-            .map(|a| a.request_id.as_str())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let kinds = if certified.is_empty() {
-            Default::default()
-        } else {
-            self.shared
-                .store
-                .kinds_delivered_to(processor, &certified)
-                .await?
-        };
+        kinds: &HashMap<String, RequestKind>,
+    ) {
         let identity = self
             .shared
             .config
@@ -177,7 +164,6 @@ impl Api {
                 u.certificate = Some(checked);
             }
         }
-        Ok(())
     }
 }
 
