@@ -8,10 +8,19 @@
 //! one that arrives later (after a requeue) without moving the task back, so a later sequence
 //! overtaking a parked one leaves the task where the processor has it.
 //!
+//! The runner's steps queue their acknowledgements already leased to this sender and hand
+//! them over in memory once committed (`Store::with_ack_handoff`), so the sender sends them
+//! without claiming them first: one statement and one commit fewer between a task's step and
+//! the registry hearing of it. It still claims from the outbox once a poll interval, and
+//! whenever nothing was handed over, for retries and for what other paths queued. Should the
+//! process stop without sending a handed acknowledgement (a crash), the row is claimed by a
+//! sender once its lease (`acks.lease_ms`) ends, as a claimed one would be.
+//!
 //! When the service stops, the sender flushes: it keeps sending what is due until the task
 //! runner has returned (its last steps queue acknowledgements too) and nothing due is left,
 //! within the shutdown grace plus half of [`SHUTDOWN_MARGIN`]. A batch still unanswered then
-//! is released (its lease ended), so another replica or the next start sends it at once.
+//! is released (its lease ended), and so is what was handed over and not taken, so another
+//! replica or the next start sends it at once.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,12 +38,25 @@ use crate::store::AckJob;
 /// Runs until `stop` turns true, then flushes.
 pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let cfg = shared.config.acks.clone();
+    let poll = Duration::from_millis(cfg.poll_interval_ms);
+    let batch = cfg.batch_size as usize;
+    // When the outbox was last claimed from. Acknowledgements the runner's steps hand over
+    // are sent without a claim; the outbox is still claimed from once a poll interval (for
+    // retries, and for what other paths or other processes queued) and whenever nothing was
+    // handed over.
+    let mut claimed_at: Option<Instant> = None;
     loop {
         if *stop.borrow() {
             break;
         }
-        let jobs = claim(&shared).await;
-        let full = jobs.len() == cfg.batch_size as usize;
+        let (mut jobs, more) = shared.store.take_handed_acks(batch);
+        if jobs.is_empty() || claimed_at.is_none_or(|at| at.elapsed() >= poll) {
+            if jobs.len() < batch {
+                jobs.extend(claim(&shared, batch - jobs.len()).await);
+            }
+            claimed_at = Some(Instant::now());
+        }
+        let full = more || jobs.len() == batch;
         send_all(&shared, jobs).await;
         if full {
             continue;
@@ -60,9 +82,16 @@ async fn flush(shared: &Shared) {
         // Read before claiming: acknowledgements the runner queued before it stopped are
         // then claimed by this round or a later one.
         let runner_done = *runner_stopped.borrow_and_update();
-        let Ok(jobs) = tokio::time::timeout_at(deadline, claim(shared)).await else {
-            break;
-        };
+        let batch = shared.config.acks.batch_size as usize;
+        let (mut jobs, _) = shared.store.take_handed_acks(batch);
+        if jobs.len() < batch {
+            let Ok(claimed) =
+                tokio::time::timeout_at(deadline, claim(shared, batch - jobs.len())).await
+            else {
+                break;
+            };
+            jobs.extend(claimed);
+        }
         if jobs.is_empty() {
             if runner_done {
                 break;
@@ -90,6 +119,17 @@ async fn flush(shared: &Shared) {
         }
         sent += ids.len();
     }
+    // What the runner handed over and this flush did not take keeps its lease otherwise.
+    let (unsent, _) = shared.store.take_handed_acks(usize::MAX);
+    if !unsent.is_empty() {
+        let ids: Vec<i64> = unsent.iter().map(|j| j.id).collect();
+        if let Err(e) = shared.store.release_acks(&ids).await {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "releasing handed-over acknowledgements failed; their lease runs out instead"
+            );
+        }
+    }
     let left = shared.store.unsent_ack_count().await.unwrap_or_else(|e| {
         tracing::warn!(
             error = format!("{e:#}"),
@@ -104,14 +144,14 @@ async fn flush(shared: &Shared) {
     );
 }
 
-/// Claims the due acknowledgements, a batch at most.
-async fn claim(shared: &Shared) -> Vec<AckJob> {
+/// Claims the due acknowledgements, `limit` at most.
+async fn claim(shared: &Shared, limit: usize) -> Vec<AckJob> {
     let cfg = &shared.config.acks;
     shared
         .store
         .claim_acks(
             shared.clock.now_ms(),
-            i64::from(cfg.batch_size),
+            i64::try_from(limit).unwrap_or(i64::MAX),
             cfg.lease_ms as i64,
         )
         .await

@@ -184,7 +184,8 @@ impl App {
             shared: Arc::new(Shared {
                 metrics: crate::metrics::Metrics::new(&config),
                 store: Store::new(db, config.identity_hash_key.as_bytes())
-                    .with_issuer(issuer(&config, own_identity)?),
+                    .with_issuer(issuer(&config, own_identity)?)
+                    .with_ack_handoff(config.acks.lease_ms),
                 config,
                 connectors,
                 clock: Clock::system(),

@@ -7,7 +7,7 @@
 use anyhow::Result;
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::v1::{Acknowledgement, ProcessorAuditEvent};
-use dsrelay_runtime::store::{placeholders, values_row};
+use dsrelay_runtime::store::placeholders;
 use sqlx::AnyConnection;
 
 use super::audit::{self, Record};
@@ -25,19 +25,44 @@ pub(super) struct NewAck {
 
 /// Queues `acks` inside the transaction that makes their changes: one multi-row INSERT
 /// per [`Backend::rows_per_statement`](dsrelay_runtime::store::Backend::rows_per_statement)
-/// rows, in order, so the outbox ids follow the changes.
-pub(super) async fn queue_all(tx: &mut AnyConnection, acks: &[NewAck]) -> Result<()> {
-    let rows = dsrelay_runtime::store::Backend::of_connection(tx).rows_per_statement(6);
+/// rows, in order, so the outbox ids follow the changes. With `leased_ms`, each row is
+/// written already leased for that long (on the database's clock, as a claim leases) and
+/// returned as a job to hand to this process's sender ([`Handoff`]); without, the rows wait
+/// for a claim and nothing is returned.
+pub(super) async fn queue_all(
+    tx: &mut AnyConnection,
+    acks: &[NewAck],
+    leased_ms: Option<i64>,
+) -> Result<Vec<AckJob>> {
+    let backend = dsrelay_runtime::store::Backend::of_connection(tx);
+    let rows = backend.rows_per_statement(6);
+    let mut jobs = Vec::new();
     for chunk in acks.chunks(rows) {
+        let (lease, returning) = match leased_ms {
+            Some(ms) => (
+                format!(", {} + {ms}", super::db_now_in(tx)),
+                " RETURNING id, controller, request_id, subprocessor, sequence",
+            ),
+            None => (String::new(), ""),
+        };
         let rows: Vec<String> = (0..chunk.len())
-            .map(|i| values_row(6 * i + 1..=6 * i + 6))
+            .map(|i| {
+                let params: Vec<String> =
+                    (6 * i + 1..=6 * i + 6).map(|n| format!("${n}")).collect();
+                format!("({}{lease})", params.join(", "))
+            })
             .collect();
         let sql = format!(
             "INSERT INTO ack_outbox (controller, request_id, subprocessor, sequence, payload, \
-             next_attempt_at) VALUES {}",
-            rows.join(", ")
+             next_attempt_at{lease_column}) VALUES {}{returning}",
+            rows.join(", "),
+            lease_column = if leased_ms.is_some() {
+                ", lease_until"
+            } else {
+                ""
+            },
         );
-        let sql = dsrelay_runtime::store::Backend::of_connection(tx).numbered(&sql);
+        let sql = backend.numbered(&sql);
         let mut q = sqlx::query(&sql);
         for a in chunk {
             q = q
@@ -48,9 +73,87 @@ pub(super) async fn queue_all(tx: &mut AnyConnection, acks: &[NewAck]) -> Result
                 .bind(a.ack.encode_to_vec())
                 .bind(a.at);
         }
-        q.execute(&mut *tx).await?;
+        if leased_ms.is_none() {
+            q.execute(&mut *tx).await?;
+            continue;
+        }
+        // Matched by key, not by position: the order of RETURNING rows is not promised.
+        let mut by_key: std::collections::HashMap<(String, String, String, i64), &NewAck> = chunk
+            .iter()
+            .map(|a| {
+                let k = &a.key;
+                let key = (
+                    k.controller.clone(),
+                    k.request_id.clone(),
+                    k.subprocessor.clone(),
+                    a.sequence,
+                );
+                (key, a)
+            })
+            .collect();
+        for row in q.fetch_all(&mut *tx).await? {
+            let id: i64 = row.try_get(0)?;
+            let key = (
+                row.try_get(1)?,
+                row.try_get(2)?,
+                row.try_get(3)?,
+                row.try_get(4)?,
+            );
+            // A row left unmatched stays leased and is claimed once its lease ends.
+            if let Some(a) = by_key.remove(&key) {
+                jobs.push(AckJob {
+                    id,
+                    controller: a.key.controller.clone(),
+                    attempts: 0,
+                    ack: a.ack.clone(),
+                });
+            }
+        }
     }
-    Ok(())
+    jobs.sort_by_key(|j| j.id);
+    Ok(jobs)
+}
+
+/// Acknowledgements the runner's steps queued already leased to this process, for its
+/// sender to send at once, without a claim (a statement and a commit) between the step's
+/// commit and the call to the registry. A row handed here is an outbox row like any other:
+/// should this process stop before sending it, any sender claims it once its lease ends.
+#[derive(Debug)]
+pub(super) struct Handoff {
+    /// How long a handed row stays leased (`acks.lease_ms`).
+    pub(super) lease_ms: i64,
+    jobs: std::sync::Mutex<std::collections::VecDeque<AckJob>>,
+}
+
+impl Handoff {
+    pub(super) fn new(lease_ms: i64) -> Self {
+        Self {
+            lease_ms,
+            jobs: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Adds the jobs of a committed transaction.
+    pub(super) fn push(&self, jobs: Vec<AckJob>) {
+        if jobs.is_empty() {
+            return;
+        }
+        self.jobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(jobs);
+    }
+
+    /// Up to `limit` jobs, oldest first, and whether more are left.
+    pub(super) fn take(&self, limit: usize) -> (Vec<AckJob>, bool) {
+        let mut jobs = self
+            .jobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = limit.min(jobs.len());
+        let taken: Vec<AckJob> = jobs.drain(..n).collect();
+        (taken, !jobs.is_empty())
+    }
 }
 
 /// Outbox ids per statement of [`Store::acks_sent`] and [`Store::release_acks`]: a batch of

@@ -373,7 +373,7 @@ impl Store {
             ack,
             at: now,
         };
-        acks::queue_all(&mut tx, &[queued]).await?;
+        acks::queue_all(&mut tx, &[queued], None).await?;
         tx.commit().await?;
         Ok(Some(row.sequence))
     }

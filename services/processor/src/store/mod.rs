@@ -79,6 +79,9 @@ pub struct Store {
     steps: Arc<steps::StepQueue>,
     /// Deliver calls waiting to share a commit ([`accepts`]).
     accepts: Arc<accepts::AcceptQueue>,
+    /// The acknowledgements of the runner's steps, queued already leased and handed to this
+    /// process's sender ([`Store::with_ack_handoff`]); `None` leaves them all to its claims.
+    handoff: Option<Arc<acks::Handoff>>,
 }
 
 impl Store {
@@ -91,7 +94,28 @@ impl Store {
             text_key: text_key.into(),
             steps: Arc::default(),
             accepts: Arc::default(),
+            handoff: None,
         }
+    }
+
+    /// The store, queueing the acknowledgements of the runner's steps leased for `lease_ms`
+    /// to this process's sender, which takes them with [`Store::take_handed_acks`] instead of
+    /// claiming them: the service's sender does; a store whose handed acknowledgements no one
+    /// takes leaves them to any sender's claim once their lease ends.
+    pub fn with_ack_handoff(self, lease_ms: u64) -> Self {
+        let lease_ms = i64::try_from(lease_ms).unwrap_or(i64::MAX);
+        Self {
+            handoff: Some(Arc::new(acks::Handoff::new(lease_ms))),
+            ..self
+        }
+    }
+
+    /// Up to `limit` acknowledgements handed to this process's sender, oldest first, and
+    /// whether more are left; none without [`Store::with_ack_handoff`].
+    pub fn take_handed_acks(&self, limit: usize) -> (Vec<AckJob>, bool) {
+        self.handoff
+            .as_ref()
+            .map_or((Vec::new(), false), |h| h.take(limit))
     }
 
     /// The store, issuing a certificate with every COMPLETED or RETAINED erasure step (of an

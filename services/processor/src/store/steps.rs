@@ -205,10 +205,14 @@ impl Store {
                 entries.push(entry);
             }
         }
-        acks::queue_all(&mut tx, &queued).await?;
+        let leased = self.handoff.as_ref().map(|h| h.lease_ms);
+        let handed = acks::queue_all(&mut tx, &queued, leased).await?;
         audit::append_all(&mut tx, entries).await?;
         tx.commit().await?;
         self.steps.commits.fetch_add(1, Ordering::Relaxed);
+        if let Some(h) = &self.handoff {
+            h.push(handed);
+        }
         Ok(sequences)
     }
 }
@@ -281,6 +285,54 @@ mod tests {
             }
         });
         futures::future::join_all(steps).await
+    }
+
+    /// With the handoff, the acknowledgements of a batch of steps are handed over once
+    /// committed, each with its outbox id and its step's acknowledgement, and leased: no claim
+    /// takes them until they are released (as a stopping sender releases what it did not
+    /// send) or their lease ends. A step that recorded nothing hands nothing over.
+    async fn steps_hand_their_acknowledgements_over_leased(url: &str) {
+        let (store, jobs) = claimed(url).await;
+        let store = store.with_ack_handoff(60_000);
+        let answers = step_all(&store, &jobs, Some("another claim")).await;
+        let (handed, more) = store.take_handed_acks(100);
+        assert!(!more);
+        assert_eq!(handed.len(), N - 1, "{handed:?}");
+        for (i, (job, answer)) in jobs.iter().zip(answers).enumerate() {
+            let sequence = answer.expect("step");
+            let found = handed
+                .iter()
+                .find(|h| h.ack.subprocessor == job.task.key.subprocessor);
+            if i == ODD {
+                assert!(sequence.is_none() && found.is_none(), "{found:?}");
+                continue;
+            }
+            let found = found.expect("handed over");
+            assert_eq!(found.controller, "acme");
+            assert_eq!(found.ack.request_id, "r-1");
+            assert_eq!(
+                sequence.and_then(|s| u64::try_from(s).ok()),
+                Some(found.ack.sequence)
+            );
+            assert_eq!(found.ack.state, TaskState::Completed as i32);
+            let records = found.ack.evidence.as_ref().map(|e| e.records_affected);
+            assert_eq!(records, Some(i as i64));
+        }
+        assert!(handed.windows(2).all(|w| w[0].id < w[1].id));
+        assert!(store.take_handed_acks(100).0.is_empty());
+        let claimed = store
+            .claim_acks(i64::MAX / 2, 100, 60_000)
+            .await
+            .expect("claim");
+        assert!(claimed.is_empty(), "claimed while leased: {claimed:?}");
+        let ids: Vec<i64> = handed.iter().map(|h| h.id).collect();
+        store.release_acks(&ids).await.expect("release");
+        let mut claimed = store
+            .claim_acks(i64::MAX / 2, 100, 60_000)
+            .await
+            .expect("claim");
+        claimed.sort_by_key(|j| j.id);
+        assert_eq!(format!("{claimed:?}"), format!("{handed:?}"));
     }
 
     /// The subprocessors whose steps the trail records, in its order; the chain is valid.
@@ -612,6 +664,24 @@ mod tests {
     async fn an_unreadable_acknowledgement_is_dead_lettered_alone_on_postgres() {
         crate::test_postgres::on_postgres(|u, _| async move {
             an_unreadable_acknowledgement_is_dead_lettered_alone(&u).await
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn steps_hand_their_acknowledgements_over_leased_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        steps_hand_their_acknowledgements_over_leased(&format!(
+            "sqlite://{}/p.db",
+            dir.path().display()
+        ))
+        .await;
+    }
+
+    #[tokio::test]
+    async fn steps_hand_their_acknowledgements_over_leased_on_postgres() {
+        crate::test_postgres::on_postgres(|u, _| async move {
+            steps_hand_their_acknowledgements_over_leased(&u).await
         })
         .await;
     }

@@ -820,7 +820,7 @@ async fn step_transition(
         return Ok(None);
     };
     let next = prepared.sequence;
-    acks::queue_all(tx, std::slice::from_ref(&prepared.ack)).await?;
+    acks::queue_all(tx, std::slice::from_ref(&prepared.ack), None).await?;
     audit::append_all(tx, vec![prepared.entry]).await?;
     Ok(Some(next))
 }
