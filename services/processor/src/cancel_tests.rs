@@ -299,13 +299,19 @@ async fn started_work_is_followed_to_its_end(database_url: &str, dir: &std::path
         .await
         .expect("start")
         .expect("started");
-    // Claimed by a runner that never comes back.
-    let gone = shared.store.claim_tasks(now, 10, 100).await.expect("claim");
+    // Claimed by a runner that never comes back. Its lease outlasts the cancellation below
+    // even on a loaded machine (at 100 ms it once ran out first, and the cancellation then
+    // found no runner to wait for).
+    let gone = shared
+        .store
+        .claim_tasks(now, 10, 1_000)
+        .await
+        .expect("claim");
     assert_eq!(gone.len(), 1);
     let marked = cancel(&shared).await;
     assert!(marked[0].cancel_requested_at.is_some(), "{marked:?}");
     assert!(claim(&shared).await.is_empty(), "still leased");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
     let job = claim(&shared).await.pop().expect("claimed again");
     let runner = {
         let shared = shared.clone();
