@@ -118,10 +118,13 @@ pub(super) async fn queue_all(
 /// sender to send at once, without a claim (a statement and a commit) between the step's
 /// commit and the call to the registry. A row handed here is an outbox row like any other:
 /// should this process stop before sending it, any sender claims it once its lease ends.
+/// Most acknowledgements waiting in a [`Handoff`] before further ones are left to claims.
+const MAX_HANDED: usize = 2_000;
+
 #[derive(Debug)]
 pub(super) struct Handoff {
     /// How long a handed row stays leased (`acks.lease_ms`).
-    pub(super) lease_ms: i64,
+    lease_ms: i64,
     jobs: std::sync::Mutex<std::collections::VecDeque<AckJob>>,
 }
 
@@ -131,6 +134,18 @@ impl Handoff {
             lease_ms,
             jobs: std::sync::Mutex::default(),
         }
+    }
+
+    /// The lease to write a transaction's acknowledgements with, or `None` (left to a claim)
+    /// while the sender has [`MAX_HANDED`] or more waiting: a sender held up by a registry
+    /// that does not answer keeps the rest in the outbox, not in memory.
+    pub(super) fn lease_for_next(&self) -> Option<i64> {
+        let waiting = self
+            .jobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len();
+        (waiting < MAX_HANDED).then_some(self.lease_ms)
     }
 
     /// Adds the jobs of a committed transaction.
@@ -447,4 +462,38 @@ pub struct DeadLetter {
     pub rejected_at: i64,
     /// When it was parked (ms).
     pub dead_lettered_at: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{AckJob, Handoff, MAX_HANDED};
+
+    fn job(id: i64) -> AckJob {
+        AckJob {
+            id,
+            controller: "acme".into(),
+            attempts: 0,
+            ack: Default::default(),
+        }
+    }
+
+    /// Handed jobs come out oldest first, a batch at a time; once [`MAX_HANDED`] wait, the
+    /// next transaction's acknowledgements are left to claims until the sender takes some.
+    #[test]
+    fn a_handoff_is_bounded_and_keeps_its_order() {
+        let h = Handoff::new(30_000);
+        assert_eq!(h.lease_for_next(), Some(30_000));
+        h.push((0..MAX_HANDED as i64 - 1).map(job).collect());
+        assert_eq!(h.lease_for_next(), Some(30_000));
+        h.push(vec![job(MAX_HANDED as i64 - 1)]);
+        assert_eq!(h.lease_for_next(), None);
+        let (first, more) = h.take(3);
+        assert!(more);
+        assert_eq!(first.iter().map(|j| j.id).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(h.lease_for_next(), Some(30_000));
+        let (rest, more) = h.take(usize::MAX);
+        assert!(!more);
+        assert_eq!(rest.len(), MAX_HANDED - 3);
+        assert_eq!(rest.first().map(|j| j.id), Some(3));
+    }
 }

@@ -205,7 +205,7 @@ impl Store {
                 entries.push(entry);
             }
         }
-        let leased = self.handoff.as_ref().map(|h| h.lease_ms);
+        let leased = self.handoff.as_ref().and_then(|h| h.lease_for_next());
         let handed = acks::queue_all(&mut tx, &queued, leased).await?;
         audit::append_all(&mut tx, entries).await?;
         tx.commit().await?;
