@@ -66,7 +66,15 @@ impl AcknowledgementService for Api {
                 problems.insert(i, v);
             }
         }
-        let kinds = self.kinds_concerned(&processor, &all).await?;
+        // Only the well-formed ones are looked up: an id the rules refuse (a NUL byte, say)
+        // goes nowhere near the database.
+        let well_formed: Vec<&Acknowledgement> = all
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !problems.contains_key(i))
+            .map(|(_, a)| a)
+            .collect();
+        let kinds = self.kinds_concerned(&processor, &well_formed).await?;
         for (i, v) in self.receipt_violations(&processor, &all, &kinds).await? {
             problems.entry(i).or_default().push(v);
         }
@@ -99,7 +107,12 @@ impl AcknowledgementService for Api {
         } = self
             .shared
             .store
-            .apply_acks(&processor, &updates, self.shared.clock.now_ms())
+            .apply_routed_acks(
+                &processor,
+                &updates,
+                kinds.into_keys().collect(),
+                self.shared.clock.now_ms(),
+            )
             .await
             .map_err(ApiError::from)?;
         for &j in &not_routed {
@@ -188,19 +201,20 @@ impl AcknowledgementService for Api {
 }
 
 impl Api {
-    /// The kinds of the requests `acks` concern that need one, among those delivered to
-    /// `processor`, in one query for the whole call: a COMPLETED report without a receipt
-    /// ([`Self::receipt_violations`]) and a certificate (whose claims name the kind) each need
-    /// their request's. A request not delivered to `processor` is left out, whatever its kind.
+    /// The kinds of the requests `acks` concern, among those delivered to `processor`, in
+    /// one query for the whole call. A COMPLETED report without a receipt
+    /// ([`Self::receipt_violations`]) and a certificate (whose claims name the kind) need
+    /// their request's kind, and the store needs to know which requests were delivered to
+    /// `processor` (the map's keys). A request not delivered to `processor` is left out,
+    /// whatever its kind.
     async fn kinds_concerned(
         &self,
         processor: &str,
-        acks: &[Acknowledgement],
+        acks: &[&Acknowledgement],
     ) -> Result<HashMap<String, RequestKind>, ApiError> {
         let ids: Vec<&str> = acks
             .iter()
             .take(MAX_ACKS_PER_CALL)
-            .filter(|a| unreceipted(a) || a.certificate.is_some())
             .map(|a| a.request_id.as_str())
             .collect::<BTreeSet<_>>()
             .into_iter()

@@ -217,6 +217,9 @@ pub(crate) const MAX_ACK_CALLS: usize = 32;
 pub(crate) struct QueuedAcks {
     processor: String,
     acks: Vec<TaskUpdate>,
+    /// Which of the requests `acks` concern were delivered to `processor`, when the caller
+    /// read that already ([`Store::apply_routed_acks`]); `None` has the transaction read it.
+    routed: Option<BTreeSet<String>>,
     now: i64,
     answer: oneshot::Sender<Result<AckOutcome>>,
 }
@@ -256,10 +259,35 @@ impl Store {
         acks: &[TaskUpdate],
         now: i64,
     ) -> Result<AckOutcome> {
+        self.queue_acks(processor, acks, None, now).await
+    }
+
+    /// [`Store::apply_acks`] with the requests of `acks` that were delivered to `processor`
+    /// read by the caller beforehand (with their kinds, [`Store::kinds_delivered_to`]), so
+    /// that the transaction need not read them: a delivery is never removed, so what was
+    /// delivered then still is.
+    pub async fn apply_routed_acks(
+        &self,
+        processor: &str,
+        acks: &[TaskUpdate],
+        routed: BTreeSet<String>,
+        now: i64,
+    ) -> Result<AckOutcome> {
+        self.queue_acks(processor, acks, Some(routed), now).await
+    }
+
+    async fn queue_acks(
+        &self,
+        processor: &str,
+        acks: &[TaskUpdate],
+        routed: Option<BTreeSet<String>>,
+        now: i64,
+    ) -> Result<AckOutcome> {
         let (answer, answered) = oneshot::channel();
         let queued = QueuedAcks {
             processor: processor.to_string(),
             acks: acks.to_vec(),
+            routed,
             now,
             answer,
         };
@@ -287,7 +315,8 @@ impl Store {
     /// outcome, in order.
     ///
     /// The transaction costs a fixed number of statements, whatever the number of calls and
-    /// acknowledgements: per processor one read of its routing; one multi-row INSERT of all
+    /// acknowledgements: per processor one read of its routing, unless every call of it
+    /// brought its own (the Acknowledge API's do); one multi-row INSERT of all
     /// the acknowledgements (which tells the new from the duplicates); one read each of the
     /// touched requests (locked), their tasks and their deliveries; then, decided in memory,
     /// per processor one multi-row upsert of its tasks that moved (the last state of each),
@@ -297,16 +326,25 @@ impl Store {
     async fn record_ack_calls(&self, calls: &[QueuedAcks]) -> Result<Vec<AckOutcome>> {
         let now = calls.iter().map(|c| c.now).max().unwrap_or_default();
         let mut tx = self.begin().await?;
-        // Which requests each processor may acknowledge: one read per processor.
+        // Which requests each processor may acknowledge: what the calls brought, and one
+        // read per processor for the calls that brought nothing.
+        let mut routed: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
         let mut ids_of: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
         for c in calls {
-            let ids = ids_of.entry(c.processor.as_str()).or_default();
-            ids.extend(c.acks.iter().map(|a| a.request_id.as_str()));
+            let processor = c.processor.as_str();
+            let known = routed.entry(processor).or_default();
+            match &c.routed {
+                Some(r) => known.extend(r.iter().cloned()),
+                None => ids_of
+                    .entry(processor)
+                    .or_default()
+                    .extend(c.acks.iter().map(|a| a.request_id.as_str())),
+            }
         }
-        let mut routed: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
         for (processor, ids) in &ids_of {
             let ids: Vec<&str> = ids.iter().copied().collect();
-            routed.insert(processor, routed_requests(&mut tx, processor, &ids).await?);
+            let read = routed_requests(&mut tx, processor, &ids).await?;
+            routed.entry(processor).or_default().extend(read);
         }
         let mut outcomes: Vec<AckOutcome> = Vec::with_capacity(calls.len());
         // Each routed acknowledgement with the position of its call.
