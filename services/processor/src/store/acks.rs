@@ -13,7 +13,7 @@ use sqlx::AnyConnection;
 use super::audit::{self, Record};
 use super::rows::{AckJob, AckRecord, TaskKey};
 use super::Store;
-use sqlx::Row;
+use sqlx::{FromRow, Row};
 
 /// An acknowledgement to queue: `ack`, of `key`'s change number `sequence`, due at `at`.
 pub(super) struct NewAck {
@@ -36,15 +36,17 @@ pub(super) async fn queue_all(
 ) -> Result<Vec<AckJob>> {
     let backend = dsrelay_runtime::store::Backend::of_connection(tx);
     let rows = backend.rows_per_statement(6);
+    // A leased row's lease column and value, and what comes back to hand over.
+    let (lease_column, lease, returning) = match leased_ms {
+        Some(ms) => (
+            ", lease_until",
+            format!(", {} + {ms}", super::db_now_in(tx)),
+            " RETURNING id, controller, attempts, payload",
+        ),
+        None => ("", String::new(), ""),
+    };
     let mut jobs = Vec::new();
     for chunk in acks.chunks(rows) {
-        let (lease, returning) = match leased_ms {
-            Some(ms) => (
-                format!(", {} + {ms}", super::db_now_in(tx)),
-                " RETURNING id, controller, request_id, subprocessor, sequence",
-            ),
-            None => (String::new(), ""),
-        };
         let rows: Vec<String> = (0..chunk.len())
             .map(|i| {
                 let params: Vec<String> =
@@ -56,11 +58,6 @@ pub(super) async fn queue_all(
             "INSERT INTO ack_outbox (controller, request_id, subprocessor, sequence, payload, \
              next_attempt_at{lease_column}) VALUES {}{returning}",
             rows.join(", "),
-            lease_column = if leased_ms.is_some() {
-                ", lease_until"
-            } else {
-                ""
-            },
         );
         let sql = backend.numbered(&sql);
         let mut q = sqlx::query(&sql);
@@ -77,50 +74,22 @@ pub(super) async fn queue_all(
             q.execute(&mut *tx).await?;
             continue;
         }
-        // Matched by key, not by position: the order of RETURNING rows is not promised.
-        let mut by_key: std::collections::HashMap<(String, String, String, i64), &NewAck> = chunk
-            .iter()
-            .map(|a| {
-                let k = &a.key;
-                let key = (
-                    k.controller.clone(),
-                    k.request_id.clone(),
-                    k.subprocessor.clone(),
-                    a.sequence,
-                );
-                (key, a)
-            })
-            .collect();
+        // The rows as a claim returns them (the payload decodes: it was encoded just now).
         for row in q.fetch_all(&mut *tx).await? {
-            let id: i64 = row.try_get(0)?;
-            let key = (
-                row.try_get(1)?,
-                row.try_get(2)?,
-                row.try_get(3)?,
-                row.try_get(4)?,
-            );
-            // A row left unmatched stays leased and is claimed once its lease ends.
-            if let Some(a) = by_key.remove(&key) {
-                jobs.push(AckJob {
-                    id,
-                    controller: a.key.controller.clone(),
-                    attempts: 0,
-                    ack: a.ack.clone(),
-                });
-            }
+            jobs.push(AckJob::try_from(AckRecord::from_row(&row)?)?);
         }
     }
     jobs.sort_by_key(|j| j.id);
     Ok(jobs)
 }
 
+/// Most acknowledgements waiting in a [`Handoff`] before further ones are left to claims.
+const MAX_HANDED: usize = 2_000;
+
 /// Acknowledgements the runner's steps queued already leased to this process, for its
 /// sender to send at once, without a claim (a statement and a commit) between the step's
 /// commit and the call to the registry. A row handed here is an outbox row like any other:
 /// should this process stop before sending it, any sender claims it once its lease ends.
-/// Most acknowledgements waiting in a [`Handoff`] before further ones are left to claims.
-const MAX_HANDED: usize = 2_000;
-
 #[derive(Debug)]
 pub(super) struct Handoff {
     /// How long a handed row stays leased (`acks.lease_ms`).
