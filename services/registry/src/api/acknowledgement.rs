@@ -214,14 +214,10 @@ impl Api {
     ) -> Result<HashMap<String, RequestKind>, ApiError> {
         let ids: Vec<&str> = acks
             .iter()
-            .take(MAX_ACKS_PER_CALL)
             .map(|a| a.request_id.as_str())
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        if ids.is_empty() {
-            return Ok(HashMap::new());
-        }
         self.shared
             .store
             .kinds_delivered_to(processor, &ids)
