@@ -30,6 +30,14 @@
 //! at the claim). SQLite's `RETURNING` may name only the updated table, so
 //! a joined table's columns come from scalar subqueries ([`lookups`]). `RETURNING` gives
 //! rows in no particular order: callers sort them as the picking `ORDER BY` did.
+//!
+//! On PostgreSQL claims go through [`Db::claimer`], connections on which the planner may use
+//! neither a bitmap nor a sequential scan. A claim is meant to walk its queue's partial index
+//! in the order it picks and stop at its limit. Left to its estimates, which on a table
+//! never analyzed (a new deployment before autovacuum's first pass, or a queue analyzed
+//! while empty) say a row or two, PostgreSQL picked a bitmap scan of the whole index, then
+//! a sort: every claim read every due row and every dead index entry the queue's updates
+//! had left, 12–17 ms a claim once 1,800 deliveries waited (session 29).
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -38,6 +46,30 @@ use anyhow::{bail, Context, Result};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, ConnectOptions, Executor};
+
+/// How long a pooled connection may sit idle before it is checked (pinged) again when taken.
+const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
+
+/// Pool settings every pool shares. sqlx pings a connection when it goes back to the pool,
+/// and by default again when it is taken: on PostgreSQL a round trip before every statement
+/// or transaction, on SQLite a hop to the connection's thread and back; an idle request
+/// takes about ten connections one after the other on its way to COMPLETED. Only a connection
+/// that sat idle longer than [`CHECK_IDLE_AFTER`] since its last ping is checked when taken:
+/// one that broke meanwhile (a server restarted) is replaced instead of failing its caller.
+/// One that breaks in the moment between fails its statement, which every caller already
+/// meets as a database error (retried by the workers, UNAVAILABLE at the API).
+fn pool_options() -> AnyPoolOptions {
+    AnyPoolOptions::new()
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > CHECK_IDLE_AFTER {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+}
 
 /// Which database a [`Db`] talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,6 +245,10 @@ const POSTGRES_PARAMS_PER_STATEMENT: usize = 8_000;
 /// How many read-only connections a SQLite file gets beside its one writer.
 const SQLITE_READERS: u32 = 4;
 
+/// Connections of the claims' own pool on PostgreSQL: each service has a few workers that
+/// claim (tasks, acknowledgements and uploads at a processor, deliveries at a registry).
+const CLAIMERS: u32 = 4;
+
 /// A connection pool and the backend behind it.
 #[derive(Debug, Clone)]
 pub struct Db {
@@ -224,6 +260,11 @@ pub struct Db {
     /// sees every transaction committed before it began. On PostgreSQL, and on an in-memory
     /// SQLite database (which another connection would not see), it is `pool` itself.
     pub reader: AnyPool,
+    /// The pool every claim of queued work goes through (see "Claims" above). On PostgreSQL
+    /// it is [`CLAIMERS`] connections of their own on which the planner may not use a bitmap
+    /// or sequential scan, so a claim always walks its queue's index in the order it picks
+    /// and stops at its limit; elsewhere it is `pool` itself.
+    pub claimer: AnyPool,
     /// The backend, for the few dialect differences.
     pub backend: Backend,
     /// The file of a SQLite database, for a reader that opens a connection of its own
@@ -252,7 +293,7 @@ impl Db {
             // (nothing accepted is ever lost, even on power loss). secure_delete zeroes what a
             // change frees, so forgotten identities do not linger in free space of the file.
             Backend::Sqlite => {
-                AnyPoolOptions::new()
+                pool_options()
                     .max_connections(1)
                     .acquire_timeout(Duration::from_secs(30))
                     .idle_timeout(None)
@@ -275,7 +316,7 @@ impl Db {
             // loop over `num_idle()` was seen to spin without yielding (a CI run hung in
             // it at a test's runtime shutdown). A server connection needs no recycling here.
             Backend::Postgres => {
-                AnyPoolOptions::new()
+                pool_options()
                     .max_connections(16)
                     .acquire_timeout(Duration::from_secs(30))
                     .idle_timeout(None)
@@ -289,7 +330,7 @@ impl Db {
             // Opened after the writer, which has put the file in WAL mode (a setting the file
             // keeps), so these never block it nor it them. `query_only` makes a write sent
             // here by mistake fail instead of competing with the writer for the lock.
-            AnyPoolOptions::new()
+            pool_options()
                 .max_connections(SQLITE_READERS)
                 .acquire_timeout(Duration::from_secs(30))
                 .idle_timeout(None)
@@ -301,18 +342,47 @@ impl Db {
                         Ok(())
                     })
                 })
-                .connect_with(options)
+                .connect_with(options.clone())
                 .await
                 .with_context(|| format!("connecting readers to {}", redact(&url)))?
         } else {
             pool.clone()
         };
+        let claimer = match backend {
+            Backend::Postgres => {
+                // Set in the connection's start-up message, so no statement runs for it.
+                let separator = if url.contains('?') { '&' } else { '?' };
+                let url = format!(
+                    "{url}{separator}options[enable_bitmapscan]=off&options[enable_seqscan]=off"
+                );
+                let options = AnyConnectOptions::from_str(&url)
+                    .with_context(|| format!("parsing database url {}", redact(&url)))?
+                    .log_statements(tracing::log::LevelFilter::Trace)
+                    .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
+                pool_options()
+                    .max_connections(CLAIMERS)
+                    .acquire_timeout(Duration::from_secs(30))
+                    .idle_timeout(None)
+                    .max_lifetime(None)
+                    // Lazily: a database never claimed from (a connector's) opens none.
+                    .connect_lazy_with(options)
+            }
+            Backend::Sqlite => pool.clone(),
+        };
         Ok(Self {
             pool,
             reader,
+            claimer,
             backend,
             sqlite_file: sqlite_file.then(|| sqlite_path(&url).into()),
         })
+    }
+
+    /// Closes every pool of this handle (waiting for their connections to go back).
+    pub async fn close(&self) {
+        self.pool.close().await;
+        self.reader.close().await;
+        self.claimer.close().await;
     }
 
     /// Applies the migrations for this backend. On PostgreSQL sqlx holds an advisory lock while

@@ -154,7 +154,7 @@ pub async fn create_sample_accounting_db(url: &str) -> anyhow::Result<()> {
     let result = create_sample_in(&db).await;
     // Closing explicitly lets SQLite checkpoint and PostgreSQL drop the sessions now rather
     // than whenever the pool happens to be dropped.
-    db.pool.close().await;
+    db.close().await;
     result
 }
 

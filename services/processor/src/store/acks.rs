@@ -165,7 +165,7 @@ impl Store {
         .bind(now)
         .bind(limit)
         .bind(lease_ms)
-        .fetch_all(&self.db.pool)
+        .fetch_all(&self.db.claimer)
         .await?;
         rows.sort_by_key(|r| r.id);
         let mut jobs = Vec::with_capacity(rows.len());

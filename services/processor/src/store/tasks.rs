@@ -212,6 +212,42 @@ async fn read_tasks<'e>(
     Ok(rows.into_iter().map(TaskRow::from).collect())
 }
 
+/// The claim of due tasks: `$1` the processor's clock, `$2` how many, `$3` the lease (ms).
+fn claim_tasks_sql(backend: Backend) -> String {
+    let db_now = backend.now_ms();
+    format!(
+        "WITH picked AS MATERIALIZED (SELECT t.controller, t.request_id, t.subprocessor \
+             FROM tasks t JOIN requests r ON r.controller = t.controller \
+             AND r.request_id = t.request_id \
+             WHERE t.state IN ({pending}, {in_progress}, {retained}) \
+             AND t.next_attempt_at <= $1 AND t.lease_until <= {db_now} \
+             AND (r.cancelled_at IS NULL OR t.cancel_requested_at IS NOT NULL \
+             OR t.state = {retained}) \
+             ORDER BY t.next_attempt_at LIMIT $2{lock}) \
+             UPDATE tasks SET lease_until = {db_now} + $3, attempts = attempts + 1, \
+             lease_owner = {token} \
+             WHERE (controller, request_id, subprocessor) IN \
+             (SELECT controller, request_id, subprocessor FROM picked) \
+             RETURNING {TASK_COLUMNS}, next_attempt_at, lease_owner, {request}",
+        // Literals, not parameters: only then can the planner use the partial index
+        // `tasks_runnable` (WHERE state IN (1, 2, 5)) instead of scanning every task.
+        pending = state_value(TaskState::Pending),
+        in_progress = state_value(TaskState::InProgress),
+        retained = state_value(TaskState::Retained),
+        lock = backend.skip_locked_of("t"),
+        token = backend.random_token(),
+        request = lookups(
+            "requests r",
+            "r.controller = tasks.controller AND r.request_id = tasks.request_id",
+            &[
+                ("r.body", "body"),
+                ("r.due_at", "due_at"),
+                ("r.traceparent", "traceparent"),
+            ],
+        ),
+    )
+}
+
 impl Store {
     /// Whether the controller delivered (or cancelled) this request.
     pub async fn request_exists(&self, controller: &str, request_id: &str) -> Result<bool> {
@@ -436,45 +472,13 @@ impl Store {
     /// ([`Store::extend_lease`]) are, so replicas agree on when a lease ends whatever their
     /// own clocks say.
     pub async fn claim_tasks(&self, now: i64, limit: i64, lease_ms: i64) -> Result<Vec<TaskJob>> {
-        let backend = self.db.backend;
-        let db_now = backend.now_ms();
         // One statement whatever `limit` is (see dsrelay_runtime::store's "Claims").
-        let mut rows: Vec<ClaimedRecord> = sqlx::query_as(&format!(
-            "WITH picked AS MATERIALIZED (SELECT t.controller, t.request_id, t.subprocessor \
-             FROM tasks t JOIN requests r ON r.controller = t.controller \
-             AND r.request_id = t.request_id \
-             WHERE t.state IN ({pending}, {in_progress}, {retained}) \
-             AND t.next_attempt_at <= $1 AND t.lease_until <= {db_now} \
-             AND (r.cancelled_at IS NULL OR t.cancel_requested_at IS NOT NULL \
-             OR t.state = {retained}) \
-             ORDER BY t.next_attempt_at LIMIT $2{lock}) \
-             UPDATE tasks SET lease_until = {db_now} + $3, attempts = attempts + 1, \
-             lease_owner = {token} \
-             WHERE (controller, request_id, subprocessor) IN \
-             (SELECT controller, request_id, subprocessor FROM picked) \
-             RETURNING {TASK_COLUMNS}, next_attempt_at, lease_owner, {request}",
-            // Literals, not parameters: only then can the planner use the partial index
-            // `tasks_runnable` (WHERE state IN (1, 2, 5)) instead of scanning every task.
-            pending = state_value(TaskState::Pending),
-            in_progress = state_value(TaskState::InProgress),
-            retained = state_value(TaskState::Retained),
-            lock = backend.skip_locked_of("t"),
-            token = backend.random_token(),
-            request = lookups(
-                "requests r",
-                "r.controller = tasks.controller AND r.request_id = tasks.request_id",
-                &[
-                    ("r.body", "body"),
-                    ("r.due_at", "due_at"),
-                    ("r.traceparent", "traceparent"),
-                ],
-            ),
-        ))
-        .bind(now)
-        .bind(limit)
-        .bind(lease_ms)
-        .fetch_all(&self.db.pool)
-        .await?;
+        let mut rows: Vec<ClaimedRecord> = sqlx::query_as(&claim_tasks_sql(self.db.backend))
+            .bind(now)
+            .bind(limit)
+            .bind(lease_ms)
+            .fetch_all(&self.db.claimer)
+            .await?;
         // Claiming starts an attempt (`attempts` as returned counts it): a run cut off by a
         // crash still counts. The most overdue first, as picked.
         rows.sort_by_key(|r| r.next_attempt_at);
@@ -1192,6 +1196,81 @@ mod tests {
     use dsrelay_runtime::store::Db;
 
     use crate::store::{Store, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+
+    /// A claim walks the queue's partial index in the order it picks and stops at its
+    /// limit, whatever the planner knows of the table: on a database never analyzed (a new
+    /// deployment before autovacuum's first pass) PostgreSQL otherwise picked a bitmap scan
+    /// of every index entry then a sort, so that each claim read the whole backlog, and
+    /// every dead entry the backlog's updates had left.
+    #[tokio::test]
+    async fn a_claim_walks_the_runnable_index_on_postgres() {
+        crate::test_postgres::on_postgres(|url, _| async move {
+            let db = Db::connect(&url).await.expect("connect");
+            db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+                .await
+                .expect("migrate");
+            let setting = |pool: sqlx::AnyPool| async move {
+                sqlx::query_scalar::<_, String>("SHOW enable_bitmapscan")
+                    .fetch_one(&pool)
+                    .await
+                    .expect("show")
+            };
+            assert_eq!(setting(db.claimer.clone()).await, "off");
+            assert_eq!(
+                setting(db.pool.clone()).await,
+                "on",
+                "only claims are steered"
+            );
+            let plan: Vec<String> =
+                sqlx::query_scalar(&format!("EXPLAIN {}", super::claim_tasks_sql(db.backend)))
+                    .bind(1_i64)
+                    .bind(64_i64)
+                    .bind(30_000_i64)
+                    .fetch_all(&db.claimer)
+                    .await
+                    .expect("explain");
+            let plan = plan.join("\n");
+            assert!(
+                plan.contains("Index Scan using tasks_runnable on tasks t"),
+                "{plan}"
+            );
+            assert!(
+                !plan.contains("Bitmap") && !plan.contains("Seq Scan"),
+                "{plan}"
+            );
+            db.close().await;
+        })
+        .await;
+    }
+
+    /// A pooled connection is not pinged each time it is taken, only after it sat idle a
+    /// while: one the server ended meanwhile is then replaced, not handed to its caller.
+    #[tokio::test]
+    async fn a_connection_ended_while_idle_is_replaced_on_postgres() {
+        crate::test_postgres::on_postgres(|url, _| async move {
+            let db = Db::connect(&url).await.expect("connect");
+            let pid = || async {
+                sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
+                    .fetch_one(&db.pool)
+                    .await
+            };
+            let first = pid().await.expect("pid");
+            let other = Db::connect(&url).await.expect("connect");
+            let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+                .bind(first)
+                .fetch_one(&other.pool)
+                .await
+                .expect("terminate");
+            assert!(ended);
+            other.close().await;
+            // Past the idle time after which a connection is checked when taken.
+            tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+            let second = pid().await.expect("a fresh connection answers");
+            assert_ne!(first, second);
+            db.close().await;
+        })
+        .await;
+    }
 
     /// On a database whose collation does not sort by bytes (ICU's root locale puts
     /// `a-mail` before `B-crm`; bytes put `B` first), a cancellation still locks a request's

@@ -190,7 +190,7 @@ impl Store {
         .bind(now)
         .bind(limit)
         .bind(lease_ms)
-        .fetch_all(&self.db.pool)
+        .fetch_all(&self.db.claimer)
         .await?;
         // The most overdue first, as picked.
         rows.sort_by_key(|r| r.next_attempt_at);

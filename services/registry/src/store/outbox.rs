@@ -100,7 +100,7 @@ impl Store {
         .bind(Operation::Cancel.as_str())
         .bind(Operation::Update.as_str())
         .bind(Operation::Extend.as_str())
-        .fetch_all(&self.db.pool)
+        .fetch_all(&self.db.claimer)
         .await?;
         // The most overdue first, as picked.
         rows.sort_by_key(|r| r.next_attempt_at);
