@@ -286,7 +286,7 @@ async fn describe_store(url: &str, postgres: bool) -> String {
     .await
     .unwrap_or_else(|e| format!("version unknown: {e}"));
     if postgres {
-        format!("{version}; a pool of 16 connections per service")
+        format!("{version}; a pool of 16 connections per service, and one of 4 for its claims")
     } else {
         format!(
             "SQLite {version}, WAL, synchronous=FULL, one writer connection (and four \
