@@ -317,8 +317,9 @@ impl Store {
     /// The transaction costs a fixed number of statements, whatever the number of calls and
     /// acknowledgements: per processor one read of its routing, unless every call of it
     /// brought its own (the Acknowledge API's do); one multi-row INSERT of all
-    /// the acknowledgements (which tells the new from the duplicates); one read each of the
-    /// touched requests (locked), their tasks and their deliveries; then, decided in memory,
+    /// the acknowledgements (which tells the new from the duplicates); one read of the
+    /// touched requests (locked), then one of their tasks and deliveries together; then,
+    /// decided in memory,
     /// per processor one multi-row upsert of its tasks that moved (the last state of each),
     /// one UPDATE per state the touched requests move to (most batches move them to one or
     /// two) and one for the requests that stay, and the events and audit entries written
@@ -737,65 +738,60 @@ struct FoldView {
 }
 
 impl FoldView {
+    /// Locks the requests of `ids` (sorted, distinct) and reads them with their tasks and
+    /// deliveries: two statements.
     async fn read(tx: &mut Tx, ids: &[&str]) -> Result<Self> {
-        // Two processors' acknowledgements for one request may be applied by concurrent
-        // transactions; each must fold with the other's tasks in view, so the request rows
-        // are locked before the tasks are read.
+        let requests = lock_states(tx, ids).await?;
+        Self::read_with(tx, ids, requests).await
+    }
+
+    /// The tasks and deliveries of `ids`, whose request rows `requests` holds (read under
+    /// their lock in this transaction), in one statement.
+    async fn read_with(
+        tx: &mut Tx,
+        ids: &[&str],
+        requests: BTreeMap<String, RequestState>,
+    ) -> Result<Self> {
+        // Both in one statement, each row saying which it is: a delivery's processor and
+        // subprocessor are empty, its state 0, and whether it is done stands in the
+        // sequence's column.
+        let n = ids.len();
         let sql = format!(
-            "SELECT id, state FROM requests WHERE id IN ({}) ORDER BY id{}{}",
-            placeholders(1, ids.len()),
-            tx.backend.bytewise(),
-            tx.backend.lock_rows()
+            "SELECT 't', request_id, processor, subprocessor, state, sequence, progress \
+             FROM tasks WHERE request_id IN ({}) \
+             UNION ALL \
+             SELECT 'd', request_id, '', '', 0, \
+             CASE WHEN done_at IS NULL THEN 0 ELSE 1 END, NULL \
+             FROM deliveries WHERE op = ${} AND request_id IN ({})",
+            placeholders(1, n),
+            n + 1,
+            placeholders(n + 2, n)
         );
         let sql = tx.backend.numbered(&sql);
-        let mut q = sqlx::query_as::<_, (String, i32)>(&sql);
+        let mut q =
+            sqlx::query_as::<_, (String, String, String, String, i32, i64, Option<Vec<u8>>)>(&sql);
         for id in ids {
             q = q.bind(*id);
         }
-        let requests = q
-            .fetch_all(tx.conn())
-            .await?
-            .into_iter()
-            .map(|(id, s)| (id, super::rows::request_state(s)))
-            .collect();
-        let sql = format!(
-            "SELECT request_id, processor, subprocessor, state, sequence, progress FROM tasks \
-             WHERE request_id IN ({})",
-            placeholders(1, ids.len())
-        );
-        let sql = tx.backend.numbered(&sql);
-        let mut q = sqlx::query_as::<_, (String, String, String, i32, i64, Option<Vec<u8>>)>(&sql);
+        q = q.bind(Operation::Deliver.as_str());
         for id in ids {
             q = q.bind(*id);
         }
-        let tasks = q
-            .fetch_all(tx.conn())
-            .await?
-            .into_iter()
-            .map(|(r, p, s, state, sequence, progress)| {
-                (
+        let mut tasks = BTreeMap::new();
+        let mut delivered: BTreeMap<String, Vec<bool>> = BTreeMap::new();
+        for (src, r, p, s, state, sequence, progress) in q.fetch_all(tx.conn()).await? {
+            if src == "d" {
+                delivered.entry(r).or_default().push(sequence != 0);
+            } else {
+                tasks.insert(
                     (r, p, s),
                     TaskNow {
                         state,
                         sequence,
                         progress,
                     },
-                )
-            })
-            .collect();
-        let sql = format!(
-            "SELECT request_id, done_at FROM deliveries WHERE op = $1 AND request_id IN ({})",
-            placeholders(2, ids.len())
-        );
-        let sql = tx.backend.numbered(&sql);
-        let mut q =
-            sqlx::query_as::<_, (String, Option<i64>)>(&sql).bind(Operation::Deliver.as_str());
-        for id in ids {
-            q = q.bind(*id);
-        }
-        let mut delivered: BTreeMap<String, Vec<bool>> = BTreeMap::new();
-        for (id, done) in q.fetch_all(tx.conn()).await? {
-            delivered.entry(id).or_default().push(done.is_some());
+                );
+            }
         }
         Ok(Self {
             requests,
@@ -825,6 +821,35 @@ impl FoldView {
     }
 }
 
+/// Locks the request rows of `ids` (sorted, distinct) and reads their states, in one
+/// statement. Two processors' acknowledgements for one request may be applied by concurrent
+/// transactions; each must fold with the other's tasks in view, so the request rows are
+/// locked before the tasks are read. A request that does not exist is not in the map.
+pub(super) async fn lock_states(
+    tx: &mut Tx,
+    ids: &[&str],
+) -> Result<BTreeMap<String, RequestState>> {
+    if ids.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let sql = format!(
+        "SELECT id, state FROM requests WHERE id IN ({}) ORDER BY id{}{}",
+        placeholders(1, ids.len()),
+        tx.backend.bytewise(),
+        tx.backend.lock_rows()
+    );
+    let sql = tx.backend.numbered(&sql);
+    let mut q = sqlx::query_as::<_, (String, i32)>(&sql);
+    for id in ids {
+        q = q.bind(*id);
+    }
+    Ok(q.fetch_all(tx.conn())
+        .await?
+        .into_iter()
+        .map(|(id, s)| (id, super::rows::request_state(s)))
+        .collect())
+}
+
 /// One processor's answer to a delivery the registry records as accepted: the tasks it
 /// reported, and the words of its DELIVERED event.
 pub(super) struct Accepted<'a> {
@@ -835,8 +860,9 @@ pub(super) struct Accepted<'a> {
 }
 
 /// Records what accepted deliveries reported, in a fixed number of statements whatever their
-/// number: the touched requests locked and read with their tasks and deliveries (whose rows
-/// the caller has already marked), the reported tasks applied like acknowledgements (a
+/// number: the touched requests' tasks and deliveries read in one statement (the caller
+/// locked the requests and read their states, `locked`, then marked the deliveries' rows),
+/// the reported tasks applied like acknowledgements (a
 /// report older than what the registry has moves nothing; the answer to a Deliver sent again
 /// reports the tasks as they stand), one multi-row upsert per processor of the tasks that
 /// moved, one UPDATE per state the requests move to, and the events written together. Per
@@ -844,7 +870,12 @@ pub(super) struct Accepted<'a> {
 /// TASK_UPDATED for each task its report moved past its first state (so a step learned from
 /// a delivery's answer is in the request's events as an acknowledgement's would be; the
 /// acknowledgement that follows is then not new), and the STATE_CHANGED comes last.
-pub(super) async fn apply_accepted(tx: &mut Tx, accepted: &[Accepted<'_>], now: i64) -> Result<()> {
+pub(super) async fn apply_accepted(
+    tx: &mut Tx,
+    accepted: &[Accepted<'_>],
+    locked: BTreeMap<String, RequestState>,
+    now: i64,
+) -> Result<()> {
     if accepted.is_empty() {
         return Ok(());
     }
@@ -854,7 +885,7 @@ pub(super) async fn apply_accepted(tx: &mut Tx, accepted: &[Accepted<'_>], now: 
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    let mut view = FoldView::read(tx, &touched).await?;
+    let mut view = FoldView::read_with(tx, &touched, locked).await?;
     let reported: Vec<Vec<TaskUpdate>> = accepted
         .iter()
         .map(|a| {

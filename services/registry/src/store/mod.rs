@@ -30,7 +30,7 @@
 //! the intake writer, the dispatcher's recorder, the reconciler and the API's handlers each
 //! write. (Recording events takes no common lock: see [`dsrelay_runtime::audit::table`].) A
 //! write that depends on what the transaction read is guarded by the database, never by
-//! taking turns: the request row is locked first (`Tx::lock_requests`, or
+//! taking turns: the request row is locked first (`Tx::lock_requests`, `lock_states`, or
 //! `Tx::request_state` with its lock) by every transaction that decides on a request's state
 //! and also changes its deliveries or tasks, so all lock in the same order; several rows are
 //! locked in byte order of their keys (`Backend::bytewise`, whatever the database's

@@ -9,11 +9,13 @@
 //! match the token: a dispatcher whose lease ran out and was taken by another claim records
 //! nothing over the new holder's. Due dates (`next_attempt_at`) stay on the registry's clock.
 
+use std::collections::BTreeSet;
+
 use anyhow::Result;
 use dsrelay_proto::v1::{EventType, RequestState, TaskStatus};
 use dsrelay_runtime::store::{execute_each, lookups};
 
-use super::acknowledgements::{apply_accepted, Accepted};
+use super::acknowledgements::{apply_accepted, lock_states, Accepted};
 use super::events::{insert_event, EventDetail};
 use super::{DeliveryJob, Operation, Store, Tx};
 
@@ -134,12 +136,15 @@ impl Store {
         now: i64,
     ) -> Result<Vec<bool>> {
         let mut tx = self.begin().await?;
-        // The requests first, as a cancellation (which then ends their deliveries) locks them.
+        // The requests first, as a cancellation (which then ends their deliveries) locks them;
+        // their states read with the lock serve the fold below.
         let ids: Vec<&str> = done
             .iter()
             .map(|(job, _)| job.request_id.as_str())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
             .collect();
-        tx.lock_requests(&ids).await?;
+        let locked = lock_states(&mut tx, &ids).await?;
         let jobs: Vec<&DeliveryJob> = done.iter().map(|(job, _)| *job).collect();
         let held = mark_delivered(&mut tx, &jobs, now).await?;
         let accepted: Vec<Accepted<'_>> = done
@@ -153,7 +158,7 @@ impl Store {
                 delivered: delivered_detail(job, tasks.len()),
             })
             .collect();
-        apply_accepted(&mut tx, &accepted, now).await?;
+        apply_accepted(&mut tx, &accepted, locked, now).await?;
         tx.commit().await?;
         Ok(held)
     }
