@@ -38,9 +38,7 @@ impl NoopConnector {
             controllers: config.controllers.clone(),
         }
     }
-}
 
-impl NoopConnector {
     /// Waits the configured delay. A zero delay does not go through the timer: tokio rounds
     /// every deadline up to its next millisecond tick, so `sleep(0)` would still take up to a
     /// millisecond, which a benchmark of the relay would count as the relay's.

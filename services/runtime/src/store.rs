@@ -58,8 +58,16 @@ const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
 /// one that broke meanwhile (a server restarted) is replaced instead of failing its caller.
 /// One that breaks in the moment between fails its statement, which every caller already
 /// meets as a database error (retried by the workers, UNAVAILABLE at the API).
+///
+/// Every pool also waits up to 30 s for a connection, and has no idle timeout or lifetime:
+/// those start sqlx's pool maintenance task, whose loop over `num_idle()` was seen to spin
+/// without yielding (a CI run hung in it at a test's runtime shutdown). A connection needs
+/// no recycling here.
 fn pool_options() -> AnyPoolOptions {
     AnyPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(30))
+        .idle_timeout(None)
+        .max_lifetime(None)
         .test_before_acquire(false)
         .before_acquire(|conn, meta| {
             Box::pin(async move {
@@ -69,6 +77,15 @@ fn pool_options() -> AnyPoolOptions {
                 Ok(true)
             })
         })
+}
+
+/// How every connection to `url` is opened: its statements logged at TRACE, those slower
+/// than a second at WARN.
+fn connect_options(url: &str) -> Result<AnyConnectOptions> {
+    Ok(AnyConnectOptions::from_str(url)
+        .with_context(|| format!("parsing database url {}", redact(url)))?
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1)))
 }
 
 /// Which database a [`Db`] talks to.
@@ -282,10 +299,7 @@ impl Db {
             Backend::Sqlite => prepare_sqlite_url(url)?,
             Backend::Postgres => url.to_string(),
         };
-        let options = AnyConnectOptions::from_str(&url)
-            .with_context(|| format!("parsing database url {}", redact(&url)))?
-            .log_statements(tracing::log::LevelFilter::Trace)
-            .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
+        let options = connect_options(&url)?;
         let sqlite_file = backend == Backend::Sqlite && !url.contains(":memory:");
         let pool = match backend {
             // SQLite allows one writer; a single connection avoids SQLITE_BUSY on lock
@@ -295,9 +309,6 @@ impl Db {
             Backend::Sqlite => {
                 pool_options()
                     .max_connections(1)
-                    .acquire_timeout(Duration::from_secs(30))
-                    .idle_timeout(None)
-                    .max_lifetime(None)
                     .after_connect(|conn, _| {
                         Box::pin(async move {
                             conn.execute(
@@ -312,15 +323,9 @@ impl Db {
                     .connect_with(options.clone())
                     .await
             }
-            // No idle timeout or lifetime: they start sqlx's pool maintenance task, whose
-            // loop over `num_idle()` was seen to spin without yielding (a CI run hung in
-            // it at a test's runtime shutdown). A server connection needs no recycling here.
             Backend::Postgres => {
                 pool_options()
                     .max_connections(16)
-                    .acquire_timeout(Duration::from_secs(30))
-                    .idle_timeout(None)
-                    .max_lifetime(None)
                     .connect_with(options.clone())
                     .await
             }
@@ -332,9 +337,6 @@ impl Db {
             // here by mistake fail instead of competing with the writer for the lock.
             pool_options()
                 .max_connections(SQLITE_READERS)
-                .acquire_timeout(Duration::from_secs(30))
-                .idle_timeout(None)
-                .max_lifetime(None)
                 .after_connect(|conn, _| {
                     Box::pin(async move {
                         conn.execute("PRAGMA busy_timeout=5000; PRAGMA query_only=ON;")
@@ -355,17 +357,10 @@ impl Db {
                 let url = format!(
                     "{url}{separator}options[enable_bitmapscan]=off&options[enable_seqscan]=off"
                 );
-                let options = AnyConnectOptions::from_str(&url)
-                    .with_context(|| format!("parsing database url {}", redact(&url)))?
-                    .log_statements(tracing::log::LevelFilter::Trace)
-                    .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
                 pool_options()
                     .max_connections(CLAIMERS)
-                    .acquire_timeout(Duration::from_secs(30))
-                    .idle_timeout(None)
-                    .max_lifetime(None)
                     // Lazily: a database never claimed from (a connector's) opens none.
-                    .connect_lazy_with(options)
+                    .connect_lazy_with(connect_options(&url)?)
             }
             Backend::Sqlite => pool.clone(),
         };

@@ -319,11 +319,10 @@ impl Store {
     /// brought its own (the Acknowledge API's do); one multi-row INSERT of all
     /// the acknowledgements (which tells the new from the duplicates); one read of the
     /// touched requests (locked), then one of their tasks and deliveries together; then,
-    /// decided in memory,
-    /// per processor one multi-row upsert of its tasks that moved (the last state of each),
-    /// one UPDATE per state the touched requests move to (most batches move them to one or
-    /// two) and one for the requests that stay, and the events and audit entries written
-    /// together. A deletion certificate adds its INSERT.
+    /// decided in memory, per processor one multi-row upsert of its tasks that moved (the
+    /// last state of each), one UPDATE per state the touched requests move to (most batches
+    /// move them to one or two) and one for the requests that stay, and the events and audit
+    /// entries written together. A deletion certificate adds its INSERT.
     async fn record_ack_calls(&self, calls: &[QueuedAcks]) -> Result<Vec<AckOutcome>> {
         let now = calls.iter().map(|c| c.now).max().unwrap_or_default();
         let mut tx = self.begin().await?;
