@@ -486,3 +486,58 @@ async fn cancel_waits_for_an_export_on_its_way_on_postgres() {
     crate::test_postgres::on_postgres(|u, d| async move { an_export_on_its_way(&u, &d).await })
         .await;
 }
+
+/// On PostgreSQL, a sender's claim that commits while a cancellation reads the request's
+/// tasks is waited for, not missed: the cancellation then sees the export on its way and
+/// marks the task rather than cancelling it, so a sender that goes on to deliver cannot
+/// leave a task CANCELLED whose data arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_waits_for_a_claim_committing_meanwhile_on_postgres() {
+    crate::test_postgres::on_postgres(|url, dir| async move {
+        let Setup { app, .. } = setup(&url, &dir).await;
+        let shared = app.shared();
+        let db = shared.store.db().pool.clone();
+        let now = shared.clock.now_ms();
+        sqlx::query("UPDATE tasks SET state = $1 WHERE request_id = 'r-1'")
+            .bind(TaskState::InProgress as i32)
+            .execute(&db)
+            .await
+            .expect("in progress");
+        sqlx::query(
+            "INSERT INTO uploads (controller, request_id, subprocessor, next_attempt_at, \
+             lease_until) VALUES ('acme', 'r-1', 'crm', $1, 0)",
+        )
+        .bind(now)
+        .execute(&db)
+        .await
+        .expect("an upload due");
+        // A claim under way: its UPDATE done (as `Store::claim_uploads` writes it), its
+        // commit still to come.
+        let mut claim = db.begin().await.expect("begin");
+        sqlx::query(
+            "UPDATE uploads SET lease_until = $1, lease_owner = 'sender', \
+             attempts = attempts + 1 WHERE request_id = 'r-1'",
+        )
+        .bind(now + 600_000)
+        .execute(&mut *claim)
+        .await
+        .expect("claim");
+        let cancelling = {
+            let shared = app.shared();
+            tokio::spawn(async move {
+                shared
+                    .store
+                    .cancel("acme", "r-1", "withdrawn", now)
+                    .await
+                    .expect("cancel")
+            })
+        };
+        crate::test_postgres::until_waiting_for_a_lock(&db).await;
+        claim.commit().await.expect("commit the claim");
+        let tasks = cancelling.await.expect("cancel task");
+        assert_eq!(tasks[0].state, TaskState::InProgress, "{tasks:?}");
+        assert!(tasks[0].cancel_requested_at.is_some(), "{tasks:?}");
+        assert!(tasks[0].reason.contains("too late to stop it"), "{tasks:?}");
+    })
+    .await;
+}

@@ -391,15 +391,29 @@ impl Store {
         }
         // Locked: a runner's start or outcome committing meanwhile is read, not overwritten
         // (on SQLite the transaction's first write already holds every other writer off).
+        let leases: Vec<(String, i64)> = sqlx::query_as(&format!(
+            "SELECT subprocessor, CAST(CASE WHEN lease_until > {db_now} THEN 1 ELSE 0 END \
+             AS BIGINT) AS leased FROM tasks WHERE controller = $1 AND request_id = $2 \
+             ORDER BY subprocessor{}{}",
+            self.db.backend.bytewise(),
+            self.db.backend.lock_rows()
+        ))
+        .bind(controller)
+        .bind(request_id)
+        .fetch_all(&mut *tx)
+        .await?;
         // A task whose export is on its way (its upload claimed) is as busy as one whose
         // holder works: the destination may hold the data by the time the sender records it.
-        let leases: Vec<(String, i64)> = sqlx::query_as(&format!(
-            "SELECT t.subprocessor, CAST(CASE WHEN t.lease_until > {db_now} OR EXISTS \
-             (SELECT 1 FROM uploads u WHERE u.controller = t.controller \
-             AND u.request_id = t.request_id AND u.subprocessor = t.subprocessor \
-             AND u.done_at IS NULL AND u.lease_until > {db_now}) THEN 1 ELSE 0 END \
-             AS BIGINT) AS leased FROM tasks t WHERE t.controller = $1 AND t.request_id = $2 \
-             ORDER BY t.subprocessor{}{}",
+        // The uploads are locked too, after their tasks (the order an upload's outcome
+        // takes them in), and every one not retired, not only those leased: on PostgreSQL a
+        // claim committing meanwhile is then waited for and its lease read, where a plain
+        // read would miss it and cancel a task whose sender goes on to deliver. A claim
+        // coming after this lock skips the rows, and once it gets them it finds the task
+        // cancelled and sends nothing.
+        let sending: Vec<(String, i64)> = sqlx::query_as(&format!(
+            "SELECT subprocessor, CAST(CASE WHEN lease_until > {db_now} THEN 1 ELSE 0 END \
+             AS BIGINT) AS leased FROM uploads WHERE controller = $1 AND request_id = $2 \
+             AND done_at IS NULL ORDER BY subprocessor{}{}",
             self.db.backend.bytewise(),
             self.db.backend.lock_rows()
         ))
@@ -417,6 +431,7 @@ impl Store {
         for task in rows.into_iter().map(TaskRow::from) {
             let leased = leases
                 .iter()
+                .chain(&sending)
                 .any(|(s, l)| *s == task.key.subprocessor && *l != 0);
             let event = Event::Cancel { reason, leased };
             match decide(&task.current(), event, &Context::at(now)) {
