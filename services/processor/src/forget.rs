@@ -1,7 +1,7 @@
 //! The processor forgets: `forget_after_days` after the last task of a request reached a
 //! final state (COMPLETED, NOT_FOUND, REFUSED, FAILED or CANCELLED; none RETAINED), with
-//! every acknowledgement and upload sent, its raw identities, body, notes and export files
-//! are removed. Keyed hashes of the identities (HMAC-SHA256 under the processor's
+//! every acknowledgement and upload sent (or the acknowledgement dead-lettered, waiting for
+//! an operator), its raw identities, body, notes and export files are removed. Keyed hashes of the identities (HMAC-SHA256 under the processor's
 //! `identity_hash_key`) stay, so an operator holding the key and an address can still show
 //! what was done for that subject.
 //!

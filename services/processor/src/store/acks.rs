@@ -2,7 +2,8 @@
 //! the same transaction, and the sender claims, sends and retires them. One the registry
 //! rejects is retried with backoff (the registry may be fixed) and, after
 //! `acks.max_rejections` rejections, dead-lettered: kept, never sent again until an operator
-//! requeues it.
+//! requeues it. A dead letter does not stop its request from being forgotten; forgetting
+//! removes its free text (see `store::forget`).
 
 use anyhow::Result;
 use dsrelay_proto::prost::Message;

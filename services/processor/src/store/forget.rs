@@ -1,9 +1,11 @@
 //! Forgetting a finished request: its raw identities, body, the free text kept with it and
-//! its tasks, and the acknowledgements already sent, once every task reached a final state
-//! and `forget_after_days` have passed; keyed identity hashes stay.
+//! its tasks, and the acknowledgements already sent (and the free text of those
+//! dead-lettered), once every task reached a final state and `forget_after_days` have
+//! passed; keyed identity hashes stay.
 
 use anyhow::Result;
-use dsrelay_proto::v1::TaskState;
+use dsrelay_proto::prost::Message;
+use dsrelay_proto::v1::{Acknowledgement, TaskState};
 
 use super::rows::state_value;
 use super::Store;
@@ -31,7 +33,9 @@ pub struct Forgettable {
 
 /// The condition, on `requests r`, under which a request may be forgotten with `$1` the
 /// cutoff (ms): accepted (or cancelled) by then, every task final since by then, nothing
-/// left to send (acknowledgements, uploads).
+/// left to send (acknowledgements, uploads). A dead-lettered acknowledgement does not hold
+/// the request back: nothing sends it until an operator requeues it, which may be never,
+/// and the raw identities are not needed to send it.
 fn forgettable_where() -> String {
     let finals = FINAL
         .iter()
@@ -43,10 +47,62 @@ fn forgettable_where() -> String {
          AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.controller = r.controller \
            AND t.request_id = r.request_id AND (t.state NOT IN ({finals}) OR t.updated_at > $1)) \
          AND NOT EXISTS (SELECT 1 FROM ack_outbox a WHERE a.controller = r.controller \
-           AND a.request_id = r.request_id AND a.sent_at IS NULL) \
+           AND a.request_id = r.request_id AND a.sent_at IS NULL \
+           AND a.dead_lettered_at IS NULL) \
          AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.controller = r.controller \
            AND u.request_id = r.request_id AND u.done_at IS NULL)"
     )
+}
+
+/// What a dead-lettered acknowledgement of a forgotten request says instead of the holder's
+/// free text, which may name the subject.
+pub(crate) const FORGOTTEN_TEXT: &str = "(removed when the processor forgot the request)";
+
+/// Removes the free text (the holder's note, the reason) from `r`'s dead-lettered
+/// acknowledgements, inside the forgetting transaction `tx`, keeping what a requeue still
+/// sends: the state, sequence, counts, certificate, receipt. Locks the request's unsent
+/// acknowledgements first (PostgreSQL), so a requeue committing meanwhile is seen: returns
+/// false when one of them is no longer dead-lettered, and the request is not forgotten yet.
+async fn strip_dead_letters(
+    tx: &mut sqlx::AnyConnection,
+    r: &Forgettable,
+    backend: dsrelay_runtime::store::Backend,
+) -> Result<bool> {
+    let unsent: Vec<(i64, Vec<u8>, Option<i64>)> = sqlx::query_as(&format!(
+        "SELECT id, payload, dead_lettered_at FROM ack_outbox WHERE controller = $1 \
+         AND request_id = $2 AND sent_at IS NULL ORDER BY id{}",
+        backend.lock_rows()
+    ))
+    .bind(&r.controller)
+    .bind(&r.request_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    if unsent.iter().any(|(_, _, dead)| dead.is_none()) {
+        return Ok(false);
+    }
+    for (id, payload, _) in unsent {
+        // A payload that does not decode was never sendable; nothing of it is kept.
+        let stripped = match Acknowledgement::decode(payload.as_slice()) {
+            Ok(mut ack) => {
+                if let Some(evidence) = ack.evidence.as_mut() {
+                    if !evidence.note.is_empty() {
+                        evidence.note = FORGOTTEN_TEXT.into();
+                    }
+                }
+                if !ack.reason.is_empty() {
+                    ack.reason = FORGOTTEN_TEXT.into();
+                }
+                ack.encode_to_vec()
+            }
+            Err(_) => Vec::new(),
+        };
+        sqlx::query("UPDATE ack_outbox SET payload = $1, last_error = NULL WHERE id = $2")
+            .bind(stripped)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(true)
 }
 
 impl Store {
@@ -66,7 +122,8 @@ impl Store {
 
     /// Removes the request's body and cancel reason, keeping `identity_hashes` (a JSON
     /// array), and its tasks' notes, reasons, errors, connector handles and export file
-    /// lists, and the payloads of its sent acknowledgements (they repeat the notes). Returns
+    /// lists, the payloads of its sent acknowledgements (they repeat the notes), and the
+    /// note and reason in its dead-lettered ones (the rest stays, for a requeue). Returns
     /// false, changing nothing, when the request no longer qualifies (a task moved, or it
     /// was forgotten already).
     pub async fn forget_request(
@@ -109,6 +166,10 @@ impl Store {
         .bind(&r.request_id)
         .execute(&mut *tx)
         .await?;
+        if !strip_dead_letters(&mut tx, r, self.db.backend).await? {
+            tx.rollback().await?;
+            return Ok(false);
+        }
         sqlx::query(
             "UPDATE ack_outbox SET payload = $1, last_error = NULL \
              WHERE controller = $2 AND request_id = $3 AND sent_at IS NOT NULL",
@@ -356,6 +417,148 @@ mod tests {
                     .await
                     .unwrap();
             assert_eq!(at, Some(800));
+            store.db.pool.close().await;
+        })
+        .await;
+    }
+
+    /// An acknowledgement the registry kept rejecting, parked for an operator, as the
+    /// rejection that dead-lettered it leaves it, its note and reason naming the subject.
+    async fn dead_letter(store: &Store, id: &str) {
+        let ack = Acknowledgement {
+            request_id: id.into(),
+            subprocessor: "a".into(),
+            sequence: 2,
+            state: TaskState::Refused as i32,
+            reason: "subject@x is a party to a dispute".into(),
+            evidence: Some(dsrelay_proto::v1::Evidence {
+                records_affected: 3,
+                note: "found subject@x in 3 rows".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        sqlx::query(
+            "INSERT INTO ack_outbox (controller, request_id, subprocessor, sequence, payload, \
+             next_attempt_at, last_error, dead_lettered_at) \
+             VALUES ('c', $1, 'a', 2, $2, 0, 'rejected: subject@x', 300)",
+        )
+        .bind(id)
+        .bind(ack.encode_to_vec())
+        .execute(&store.db.pool)
+        .await
+        .unwrap();
+    }
+
+    async fn payload(store: &Store, id: &str) -> Vec<u8> {
+        sqlx::query_scalar("SELECT payload FROM ack_outbox WHERE request_id = $1")
+            .bind(id)
+            .fetch_one(&store.db.pool)
+            .await
+            .unwrap()
+    }
+
+    /// A dead-lettered acknowledgement, which nothing sends until an operator requeues it,
+    /// does not keep the request's raw identities: the request is forgotten at its time,
+    /// and the acknowledgement keeps what it reports without the holder's free text, so a
+    /// requeue after that still tells the registry the outcome.
+    async fn a_dead_letter_does_not_hold_forgetting_back(url: &str) {
+        let store = store_at(url).await;
+        request(&store, "parked", &[("a", TaskState::Refused, 100)]).await;
+        dead_letter(&store, "parked").await;
+        let due = store.requests_to_forget(500, 10).await.unwrap();
+        assert_eq!(ids(&due), ["parked"]);
+        assert!(store.forget_request(&due[0], "[]", 500, 900).await.unwrap());
+        let body: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT body FROM requests WHERE request_id = 'parked'")
+                .fetch_one(&store.db.pool)
+                .await
+                .unwrap();
+        assert_eq!(body, None);
+        let kept = payload(&store, "parked").await;
+        assert!(
+            !String::from_utf8_lossy(&kept).contains("subject@x"),
+            "{kept:?}"
+        );
+        let ack = Acknowledgement::decode(kept.as_slice()).unwrap();
+        assert_eq!(
+            (ack.state, ack.sequence, ack.reason.as_str()),
+            (TaskState::Refused as i32, 2, FORGOTTEN_TEXT)
+        );
+        let evidence = ack.evidence.unwrap();
+        assert_eq!(
+            (evidence.records_affected, evidence.note.as_str()),
+            (3, FORGOTTEN_TEXT)
+        );
+        let error: Option<String> =
+            sqlx::query_scalar("SELECT last_error FROM ack_outbox WHERE request_id = 'parked'")
+                .fetch_one(&store.db.pool)
+                .await
+                .unwrap();
+        assert_eq!(error, None);
+        // Still the operator's to requeue.
+        let letters = store.dead_letters(10, 0).await.unwrap();
+        assert_eq!(letters.len(), 1);
+        assert!(store
+            .requeue_dead_letter(letters[0].id, "op", 1000)
+            .await
+            .unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_does_not_hold_forgetting_back_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/processor.db", dir.path().display());
+        a_dead_letter_does_not_hold_forgetting_back(&url).await;
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_does_not_hold_forgetting_back_on_postgres() {
+        crate::test_postgres::on_postgres(|url, _| async move {
+            a_dead_letter_does_not_hold_forgetting_back(&url).await;
+        })
+        .await;
+    }
+
+    /// An operator's requeue committing while the request is forgotten (replicas, or the
+    /// operator API beside the forget worker) is waited for: the acknowledgement is to be
+    /// sent again, so the request is not forgotten yet and the acknowledgement is sent as
+    /// it was.
+    #[tokio::test]
+    async fn a_requeue_committing_meanwhile_stops_the_forgetting_on_postgres() {
+        crate::test_postgres::on_postgres(|url, _| async move {
+            let store = store_at(&url).await;
+            request(&store, "parked", &[("a", TaskState::Refused, 100)]).await;
+            dead_letter(&store, "parked").await;
+            let before = payload(&store, "parked").await;
+            let due = store.requests_to_forget(500, 10).await.unwrap();
+            assert_eq!(ids(&due), ["parked"]);
+            let mut requeue = store.db.pool.begin().await.unwrap();
+            sqlx::query(
+                "UPDATE ack_outbox SET dead_lettered_at = NULL WHERE request_id = 'parked'",
+            )
+            .execute(&mut *requeue)
+            .await
+            .unwrap();
+            let forgetting = {
+                let store = store.clone();
+                let r = Forgettable {
+                    controller: "c".into(),
+                    request_id: "parked".into(),
+                    body: None,
+                };
+                tokio::spawn(async move { store.forget_request(&r, "[]", 500, 900).await })
+            };
+            crate::test_postgres::until_waiting_for_a_lock(&store.db.pool).await;
+            requeue.commit().await.unwrap();
+            assert!(!forgetting.await.unwrap().unwrap());
+            let at: Option<i64> =
+                sqlx::query_scalar("SELECT forgotten_at FROM requests WHERE request_id = 'parked'")
+                    .fetch_one(&store.db.pool)
+                    .await
+                    .unwrap();
+            assert_eq!(at, None);
+            assert_eq!(payload(&store, "parked").await, before);
             store.db.pool.close().await;
         })
         .await;
