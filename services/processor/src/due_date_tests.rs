@@ -3,10 +3,13 @@
 //! holder's last attempt before the due date fails while `ExtendDueDate` moves that date
 //! later. The runner decided with the date the task was claimed with, so it would fail the
 //! task; the step is not written, and the task is tried again under the new date instead.
-//! Where no extension came, the same attempt fails the task.
+//! Where no extension came, the same attempt fails the task. The same holds for an export's
+//! last delivery attempt: an extension that came after its upload was claimed keeps the task
+//! IN_PROGRESS, tried again under the new date.
 
 use dsrelay_connectors::{ConnectorError, Outcome};
-use dsrelay_proto::v1::TaskState;
+use dsrelay_proto::timestamp_from_millis;
+use dsrelay_proto::v1::{DeliverRequest, RequestKind, TaskState};
 
 use super::cancel_tests::{on_sqlite, setup_answering, Setup};
 use crate::store::DueDateExtended;
@@ -115,4 +118,131 @@ async fn without_an_extension_the_last_attempt_fails_the_task_on_sqlite() {
 async fn without_an_extension_the_last_attempt_fails_the_task_on_postgres() {
     crate::test_postgres::on_postgres(|u, d| async move { last_attempt(&u, &d, false).await })
         .await;
+}
+
+/// A RETURN_OF_DATA (`r-2`) due in 10 minutes whose export waits to go to the controller's
+/// registry, which is down (the test config names a port nothing listens on). Its upload
+/// is claimed; then the clock moves past the due date and, when `extended`, the due date
+/// moves a day later before the claimed attempt runs (the claim read the old date).
+async fn last_upload_attempt(database_url: &str, dir: &std::path::Path, extended: bool) {
+    let Setup { app, .. } = setup_answering(database_url, dir, refused).await;
+    let shared = app.shared();
+    let now = shared.clock.now_ms();
+    let due = now + 600_000;
+    let req = DeliverRequest {
+        request_id: "r-2".into(),
+        kind: RequestKind::ReturnOfData as i32,
+        due_at: Some(timestamp_from_millis(due)),
+        ..Default::default()
+    };
+    shared
+        .store
+        .accept("acme", &req, &["crm".to_string()], None, now)
+        .await
+        .expect("accept");
+    // As the export step leaves it: IN_PROGRESS, its (empty) export waiting to be sent.
+    let db = &shared.store.db().pool;
+    sqlx::query("UPDATE tasks SET state = $1, export_files = '[]' WHERE request_id = 'r-2'")
+        .bind(TaskState::InProgress as i32)
+        .execute(db)
+        .await
+        .expect("in progress");
+    sqlx::query(
+        "INSERT INTO uploads (controller, request_id, subprocessor, next_attempt_at) \
+         VALUES ('acme', 'r-2', 'crm', $1)",
+    )
+    .bind(now)
+    .execute(db)
+    .await
+    .expect("an upload due");
+    let lease_ms = shared.config.uploads.lease_ms as i64;
+    let mut jobs = shared
+        .store
+        .claim_uploads(now, 10, lease_ms)
+        .await
+        .expect("claim");
+    let job = jobs.pop().expect("the upload");
+    assert_eq!(job.due_at, due);
+    shared.clock.advance(due - now + PAST_DUE_MS);
+    let later = due + 86_400_000;
+    if extended {
+        shared
+            .store
+            .extend_due_date("acme", "r-2", later, shared.clock.now_ms())
+            .await
+            .expect("extend");
+    }
+    crate::uploader::upload(&shared, job).await;
+
+    let task = shared
+        .store
+        .tasks("acme", "r-2")
+        .await
+        .expect("tasks")
+        .pop()
+        .expect("the task");
+    let done: Option<i64> =
+        sqlx::query_scalar("SELECT done_at FROM uploads WHERE request_id = 'r-2'")
+            .fetch_one(db)
+            .await
+            .expect("upload");
+    if !extended {
+        assert_eq!(task.state, TaskState::Failed, "{task:?}");
+        assert!(
+            task.reason
+                .starts_with("gave up at the due date after 1 attempt(s) to deliver the export"),
+            "{task:?}"
+        );
+        assert!(done.is_some(), "the upload is retired with its task");
+        return;
+    }
+    assert_eq!(
+        task.state,
+        TaskState::InProgress,
+        "the export gave up at a due date the extension had moved: {task:?}"
+    );
+    assert_eq!(done, None, "the upload stays, to be tried again");
+    // Tried again at once, under the new date: the registry still down only postpones it.
+    let mut jobs = shared
+        .store
+        .claim_uploads(shared.clock.now_ms(), 10, lease_ms)
+        .await
+        .expect("claim again");
+    let job = jobs.pop().expect("the upload is due again at once");
+    assert_eq!(job.due_at, later);
+    crate::uploader::upload(&shared, job).await;
+    let task = shared
+        .store
+        .tasks("acme", "r-2")
+        .await
+        .expect("tasks")
+        .pop()
+        .expect("the task");
+    assert_eq!(task.state, TaskState::InProgress, "{task:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extension_after_an_upload_was_claimed_keeps_the_task_on_sqlite() {
+    on_sqlite(|u, d| async move { last_upload_attempt(&u, &d, true).await }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extension_after_an_upload_was_claimed_keeps_the_task_on_postgres() {
+    crate::test_postgres::on_postgres(
+        |u, d| async move { last_upload_attempt(&u, &d, true).await },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_failing_past_the_due_date_fails_the_task_on_sqlite() {
+    on_sqlite(|u, d| async move { last_upload_attempt(&u, &d, false).await }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_failing_past_the_due_date_fails_the_task_on_postgres() {
+    crate::test_postgres::on_postgres(
+        |u, d| async move { last_upload_attempt(&u, &d, false).await },
+    )
+    .await;
 }

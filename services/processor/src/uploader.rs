@@ -264,7 +264,7 @@ impl Sink<'_> {
 }
 
 #[tracing::instrument(skip_all, fields(request_id = %job.key.request_id, subprocessor = %job.key.subprocessor))]
-async fn upload(shared: &Shared, job: UploadJob) {
+pub(crate) async fn upload(shared: &Shared, job: UploadJob) {
     if let Err(e) = try_upload(shared, &job).await {
         // The lease runs out and the upload is claimed again.
         tracing::error!(error = format!("{e:#}"), "recording an upload failed");
@@ -485,17 +485,21 @@ async fn retire(
         }
         UploadFinish::RetiredAlready => Ok(true),
         UploadFinish::TaskChanged => {
-            // Another uploader's attempt moved the task while this one sent: the upload is
-            // taken again at once, and what it finds (the destination holding every file,
-            // say) decided on the task as it stands.
-            tracing::info!("the task changed while its export was sent; deciding again");
+            // Another uploader's attempt moved the task while this one sent, or an extension
+            // moved the due date past this give-up: the upload is taken again at once, and
+            // what it finds (the destination holding every file, say) decided on the task
+            // and the due date as they stand.
+            tracing::info!(
+                "the task or its due date changed while its export was sent; deciding again"
+            );
             shared
                 .store
                 .upload_retry_later(
                     job.claim(),
                     NextAttempt {
                         at: now,
-                        error: "the task changed while its export was sent; decided again",
+                        error: "the task or its due date changed while its export was sent; \
+                                decided again",
                     },
                 )
                 .await?;

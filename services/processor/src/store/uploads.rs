@@ -249,7 +249,8 @@ impl Store {
     /// `delivered`, an audit entry saying where. Two uploaders may finish the same upload
     /// (the first one's lease ran out while it was still sending): only the first records
     /// anything, so the trail says once that the export was delivered. When `t` finds the
-    /// task moved on (another uploader's failed attempt counted meanwhile), nothing is
+    /// task moved on (another uploader's failed attempt counted meanwhile), or is a give-up
+    /// at a due date an extension has moved since ([`Transition::due_by`]), nothing is
     /// written: the upload stays, to be decided again on the task as it stands, rather than
     /// retired with its task left IN_PROGRESS for good. An outcome other than a delivery
     /// (the export undeliverable, or given up at the due date) is recorded only by the
