@@ -104,12 +104,13 @@ async fn flush(shared: &Shared) {
             }
             continue;
         }
-        let ids: Vec<i64> = jobs.iter().map(|j| j.id).collect();
+        let claims: Vec<(i64, String)> =
+            jobs.iter().map(|j| (j.id, j.lease_owner.clone())).collect();
         if tokio::time::timeout_at(deadline, send_all(shared, jobs))
             .await
             .is_err()
         {
-            if let Err(e) = shared.store.release_acks(&ids).await {
+            if let Err(e) = shared.store.release_acks(&as_refs(&claims)).await {
                 tracing::warn!(
                     error = format!("{e:#}"),
                     "releasing unanswered acknowledgements failed; their lease runs out instead"
@@ -117,13 +118,16 @@ async fn flush(shared: &Shared) {
             }
             break;
         }
-        sent += ids.len();
+        sent += claims.len();
     }
     // What the runner handed over and this flush did not take keeps its lease otherwise.
     let (unsent, _) = shared.store.take_handed_acks(usize::MAX);
     if !unsent.is_empty() {
-        let ids: Vec<i64> = unsent.iter().map(|j| j.id).collect();
-        if let Err(e) = shared.store.release_acks(&ids).await {
+        let claims: Vec<(i64, &str)> = unsent
+            .iter()
+            .map(|j| (j.id, j.lease_owner.as_str()))
+            .collect();
+        if let Err(e) = shared.store.release_acks(&claims).await {
             tracing::warn!(
                 error = format!("{e:#}"),
                 "releasing handed-over acknowledgements failed; their lease runs out instead"
@@ -261,7 +265,13 @@ async fn send(shared: &Shared, controller: String, jobs: Vec<AckJob>) {
                 let next_at = now + cfg.backoff.delay(attempt).as_millis() as i64;
                 match shared
                     .store
-                    .ack_rejected(j.id, next_at, error, now, cfg.max_rejections)
+                    .ack_rejected(
+                        (j.id, &j.lease_owner),
+                        next_at,
+                        error,
+                        now,
+                        cfg.max_rejections,
+                    )
                     .await
                 {
                     Ok(true) => tracing::error!(
@@ -294,11 +304,12 @@ async fn send(shared: &Shared, controller: String, jobs: Vec<AckJob>) {
         }
         Err(error) => {
             let now = shared.clock.now_ms();
-            let retries: Vec<(i64, i64)> = jobs
+            let retries: Vec<(i64, &str, i64)> = jobs
                 .iter()
                 .map(|j| {
                     let attempt = u32::try_from(j.attempts + 1).unwrap_or(u32::MAX);
-                    (j.id, now + cfg.backoff.delay(attempt).as_millis() as i64)
+                    let next_at = now + cfg.backoff.delay(attempt).as_millis() as i64;
+                    (j.id, j.lease_owner.as_str(), next_at)
                 })
                 .collect();
             tracing::warn!(%error, "sending acknowledgements failed; will retry");
@@ -310,6 +321,12 @@ async fn send(shared: &Shared, controller: String, jobs: Vec<AckJob>) {
             }
         }
     }
+}
+
+/// `(id, lease token)` pairs as [`Store::release_acks`](crate::store::Store::release_acks)
+/// takes them.
+fn as_refs(claims: &[(i64, String)]) -> Vec<(i64, &str)> {
+    claims.iter().map(|(id, o)| (*id, o.as_str())).collect()
 }
 
 /// A rejection as one line for the outbox and the logs: the code, the message and each field

@@ -25,9 +25,8 @@
 //! token; SQLite ≥ 3.35). `MATERIALIZED`
 //! makes the picking `SELECT` run once, so a re-scan can never lock other rows than those
 //! it picked; the lock clause comes from [`Backend::skip_locked_of`], the clock from
-//! [`Backend::now_ms`] and the per-row token from [`Backend::random_token`] (the
-//! acknowledgement outbox keeps no owner, and only tasks and uploads count their attempts
-//! at the claim). SQLite's `RETURNING` may name only the updated table, so
+//! [`Backend::now_ms`] and the per-row token from [`Backend::random_token`] (only tasks
+//! and uploads count their attempts at the claim). SQLite's `RETURNING` may name only the updated table, so
 //! a joined table's columns come from scalar subqueries ([`lookups`]). `RETURNING` gives
 //! rows in no particular order: callers sort them as the picking `ORDER BY` did.
 //!

@@ -996,7 +996,10 @@ async fn processor_tasks_and_ack_outbox(backend: Backend) {
     );
     let (first, rest) = acks.split_first().unwrap();
     store.acks_sent(&[first.id], 3_100).await.unwrap();
-    let retry: Vec<(i64, i64)> = rest.iter().map(|a| (a.id, 4_000)).collect();
+    let retry: Vec<(i64, &str, i64)> = rest
+        .iter()
+        .map(|a| (a.id, a.lease_owner.as_str(), 4_000))
+        .collect();
     store.acks_failed(&retry, "UNAVAILABLE").await.unwrap();
     assert!(store
         .claim_acks(3_999, 100, 5_000)
@@ -1070,8 +1073,11 @@ async fn processor_released_leases_are_claimed_at_once(backend: Backend) {
     assert_eq!(acks.len(), 1);
     assert!(store.claim_acks(3_000, 100, hour).await.unwrap().is_empty());
     assert_eq!(store.unsent_ack_count().await.unwrap(), acks.len() as i64);
-    let ids: Vec<i64> = acks.iter().map(|a| a.id).collect();
-    store.release_acks(&ids).await.unwrap();
+    let claims: Vec<(i64, &str)> = acks
+        .iter()
+        .map(|a| (a.id, a.lease_owner.as_str()))
+        .collect();
+    store.release_acks(&claims).await.unwrap();
     assert_eq!(
         store.claim_acks(3_000, 100, hour).await.unwrap().len(),
         acks.len()

@@ -40,9 +40,13 @@ pub(super) async fn queue_all(
     // A leased row's lease column and value, and what comes back to hand over.
     let (lease_column, lease, returning) = match leased_ms {
         Some(ms) => (
-            ", lease_until",
-            format!(", {} + {ms}", super::db_now_in(tx)),
-            " RETURNING id, controller, attempts, payload",
+            ", lease_until, lease_owner",
+            format!(
+                ", {} + {ms}, {}",
+                super::db_now_in(tx),
+                backend.random_token()
+            ),
+            " RETURNING id, controller, attempts, payload, lease_owner",
         ),
         None => ("", String::new(), ""),
     };
@@ -148,9 +152,10 @@ const IDS_PER_STATEMENT: usize = 1000;
 
 impl Store {
     /// Reserves up to `limit` queued acknowledgements due at `now` (the processor's clock)
-    /// for `lease_ms`, oldest first, in one statement. The lease is set and compared on the
-    /// database's clock ([`Backend::now_ms`](dsrelay_runtime::store::Backend::now_ms)), so
-    /// replicas agree on when it ends whatever their own clocks say.
+    /// for `lease_ms`, oldest first, in one statement, each under a new lease token of its
+    /// own ([`AckJob::lease_owner`]). The lease is set and compared on the database's clock
+    /// ([`Backend::now_ms`](dsrelay_runtime::store::Backend::now_ms)), so replicas agree on
+    /// when it ends whatever their own clocks say.
     pub async fn claim_acks(&self, now: i64, limit: i64, lease_ms: i64) -> Result<Vec<AckJob>> {
         let db_now = self.db.backend.now_ms();
         // One statement whatever `limit` is (see dsrelay_runtime::store's "Claims").
@@ -158,10 +163,11 @@ impl Store {
             "WITH picked AS MATERIALIZED (SELECT id FROM ack_outbox WHERE sent_at IS NULL \
              AND dead_lettered_at IS NULL AND next_attempt_at <= $1 \
              AND lease_until <= {db_now} ORDER BY id LIMIT $2{lock}) \
-             UPDATE ack_outbox SET lease_until = {db_now} + $3 \
+             UPDATE ack_outbox SET lease_until = {db_now} + $3, lease_owner = {token} \
              WHERE id IN (SELECT id FROM picked) \
-             RETURNING id, controller, attempts, payload",
-            lock = self.db.skip_locked()
+             RETURNING id, controller, attempts, payload, lease_owner",
+            lock = self.db.skip_locked(),
+            token = self.db.backend.random_token(),
         ))
         .bind(now)
         .bind(limit)
@@ -171,7 +177,7 @@ impl Store {
         rows.sort_by_key(|r| r.id);
         let mut jobs = Vec::with_capacity(rows.len());
         for r in rows {
-            let id = r.id;
+            let (id, owner) = (r.id, r.lease_owner.clone().unwrap_or_default());
             match AckJob::try_from(r) {
                 Ok(job) => jobs.push(job),
                 // A payload this build cannot read (written by a newer one, or damaged) can
@@ -180,7 +186,7 @@ impl Store {
                 Err(e) => {
                     let why = format!("the stored acknowledgement does not decode: {e}");
                     tracing::error!(outbox_id = id, error = %why, "acknowledgement dead-lettered");
-                    self.ack_rejected(id, now, &why, now, 1).await?;
+                    self.ack_rejected((id, &owner), now, &why, now, 1).await?;
                 }
             }
         }
@@ -234,16 +240,22 @@ impl Store {
     }
 
     /// Ends the lease of claimed acknowledgements not yet answered (the service is
-    /// stopping), so they are sent again at once, by another replica or the next start.
-    pub async fn release_acks(&self, ids: &[i64]) -> Result<()> {
-        for chunk in ids.chunks(IDS_PER_STATEMENT) {
+    /// stopping), so they are sent again at once, by another replica or the next start:
+    /// each `(id, lease token)` only while its token still holds the row.
+    pub async fn release_acks(&self, claims: &[(i64, &str)]) -> Result<()> {
+        for chunk in claims.chunks(IDS_PER_STATEMENT / 2) {
+            let pairs: Vec<String> = (0..chunk.len())
+                .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+                .collect();
             let sql = format!(
-                "UPDATE ack_outbox SET lease_until = 0 WHERE id IN ({}) AND sent_at IS NULL",
-                placeholders(1, chunk.len())
+                "UPDATE ack_outbox SET lease_until = 0, lease_owner = NULL \
+                 WHERE (id, lease_owner) IN (VALUES {}) AND sent_at IS NULL",
+                pairs.join(", ")
             );
+            let sql = self.db.backend.numbered(&sql);
             let mut q = sqlx::query(&sql);
-            for id in chunk {
-                q = q.bind(id);
+            for (id, owner) in chunk {
+                q = q.bind(id).bind(*owner);
             }
             q.execute(&self.db.pool).await?;
         }
@@ -260,17 +272,21 @@ impl Store {
         .await?)
     }
 
-    /// Records a failed send; each acknowledgement is retried at its own backoff.
-    pub async fn acks_failed(&self, jobs: &[(i64, i64)], error: &str) -> Result<()> {
+    /// Records a failed send of `(id, lease token, next attempt at)`; each acknowledgement
+    /// is retried at its own backoff. One another claim took since (this sender's lease ran
+    /// out) is left to that claim's sender.
+    pub async fn acks_failed(&self, jobs: &[(i64, &str, i64)], error: &str) -> Result<()> {
         let mut tx = self.db.pool.begin().await?;
-        for (id, next_at) in jobs {
+        for (id, owner, next_at) in jobs {
             sqlx::query(
                 "UPDATE ack_outbox SET attempts = attempts + 1, next_attempt_at = $1, \
-                 lease_until = 0, last_error = $2 WHERE id = $3 AND sent_at IS NULL",
+                 lease_until = 0, lease_owner = NULL, last_error = $2 \
+                 WHERE id = $3 AND lease_owner = $4 AND sent_at IS NULL",
             )
             .bind(next_at)
             .bind(error)
             .bind(id)
+            .bind(*owner)
             .execute(&mut *tx)
             .await?;
         }
@@ -278,14 +294,15 @@ impl Store {
         Ok(())
     }
 
-    /// Records the registry's rejection of acknowledgement `id`: retried at `next_at`, or
-    /// dead-lettered now when this is rejection number `max_rejections`. Returns whether it
-    /// was dead-lettered by this call: a rejection of one already dead-lettered, or already
-    /// accepted by the registry (answers to a second sender whose lease ran out, say),
-    /// changes nothing and records no entry.
+    /// Records the registry's rejection of acknowledgement `id` sent under the lease token
+    /// `owner`: retried at `next_at`, or dead-lettered now when this is rejection number
+    /// `max_rejections`. Returns whether it was dead-lettered by this call: a rejection of
+    /// one already dead-lettered, already accepted by the registry, or taken by another
+    /// claim since (this sender's lease ran out, and the new holder's answer is the one
+    /// that counts) changes nothing and records no entry.
     pub async fn ack_rejected(
         &self,
-        id: i64,
+        (id, owner): (i64, &str),
         next_at: i64,
         rejection: &str,
         now: i64,
@@ -294,9 +311,11 @@ impl Store {
         let mut tx = self.begin_audited().await?;
         let row = sqlx::query(
             "UPDATE ack_outbox SET attempts = attempts + 1, rejections = rejections + 1, \
-             next_attempt_at = $1, lease_until = 0, last_error = $2, rejected_at = $3, \
+             next_attempt_at = $1, lease_until = 0, lease_owner = NULL, last_error = $2, \
+             rejected_at = $3, \
              dead_lettered_at = CASE WHEN rejections + 1 >= $4 THEN $3 ELSE NULL END \
-             WHERE id = $5 AND dead_lettered_at IS NULL AND sent_at IS NULL \
+             WHERE id = $5 AND lease_owner = $6 AND dead_lettered_at IS NULL \
+             AND sent_at IS NULL \
              RETURNING dead_lettered_at, controller, request_id, subprocessor, \
              sequence, CAST(rejections AS BIGINT) AS rejections",
         )
@@ -305,6 +324,7 @@ impl Store {
         .bind(now)
         .bind(i64::from(max_rejections))
         .bind(id)
+        .bind(owner)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(r) = row else {
@@ -444,6 +464,7 @@ mod tests {
             controller: "acme".into(),
             attempts: 0,
             ack: Default::default(),
+            lease_owner: String::new(),
         }
     }
 

@@ -229,13 +229,13 @@ mod tests {
             .remove(0);
         let rejection = format!("INVALID_ARGUMENT: note names {MAIL}");
         assert!(store
-            .ack_rejected(ack.id, 4, &rejection, 4, 1)
+            .ack_rejected((ack.id, &ack.lease_owner), 4, &rejection, 4, 1)
             .await
             .expect("rejected"));
         // Rejected again once dead-lettered (another sender whose lease ran out): no second
         // entry.
         assert!(!store
-            .ack_rejected(ack.id, 4, &rejection, 4, 1)
+            .ack_rejected((ack.id, &ack.lease_owner), 4, &rejection, 4, 1)
             .await
             .expect("rejected again"));
         assert!(store
@@ -248,11 +248,11 @@ mod tests {
         // A late rejection or failure of a copy another sender had out changes nothing: the
         // registry has it.
         assert!(!store
-            .ack_rejected(ack.id, 8, &rejection, 8, 1)
+            .ack_rejected((ack.id, &ack.lease_owner), 8, &rejection, 8, 1)
             .await
             .expect("rejected late"));
         store
-            .acks_failed(&[(ack.id, 8)], "UNAVAILABLE: late")
+            .acks_failed(&[(ack.id, &ack.lease_owner, 8)], "UNAVAILABLE: late")
             .await
             .expect("failed late");
         let row: (Option<i64>, Option<String>) =

@@ -146,6 +146,10 @@ pub struct AckJob {
     pub attempts: i64,
     /// The acknowledgement.
     pub ack: Acknowledgement,
+    /// The lease token its claim (or the step that handed it over) wrote: what this
+    /// sender's failure, rejection and release match, so that once its lease ran out and
+    /// another claim took the row, they leave the new holder's attempt alone.
+    pub lease_owner: String,
 }
 
 /// The value a task state is stored as.
@@ -309,6 +313,7 @@ pub(super) struct AckRecord {
     controller: String,
     attempts: i64,
     payload: Vec<u8>,
+    pub(super) lease_owner: Option<String>,
 }
 
 impl TryFrom<AckRecord> for AckJob {
@@ -320,6 +325,7 @@ impl TryFrom<AckRecord> for AckJob {
             id: r.id,
             controller: r.controller,
             attempts: r.attempts,
+            lease_owner: r.lease_owner.unwrap_or_default(),
         })
     }
 }

@@ -325,14 +325,34 @@ mod tests {
             .await
             .expect("claim");
         assert!(claimed.is_empty(), "claimed while leased: {claimed:?}");
-        let ids: Vec<i64> = handed.iter().map(|h| h.id).collect();
-        store.release_acks(&ids).await.expect("release");
+        assert!(handed.iter().all(|h| !h.lease_owner.is_empty()));
+        let claims: Vec<(i64, &str)> = handed
+            .iter()
+            .map(|h| (h.id, h.lease_owner.as_str()))
+            .collect();
+        store.release_acks(&claims).await.expect("release");
         let mut claimed = store
             .claim_acks(i64::MAX / 2, 100, 60_000)
             .await
             .expect("claim");
         claimed.sort_by_key(|j| j.id);
-        assert_eq!(format!("{claimed:?}"), format!("{handed:?}"));
+        // The same rows, each under the new claim's token.
+        let unowned = |jobs: &[crate::store::AckJob]| -> Vec<crate::store::AckJob> {
+            jobs.iter()
+                .map(|j| crate::store::AckJob {
+                    lease_owner: String::new(),
+                    ..j.clone()
+                })
+                .collect()
+        };
+        assert_eq!(
+            format!("{:?}", unowned(&claimed)),
+            format!("{:?}", unowned(&handed))
+        );
+        assert!(claimed
+            .iter()
+            .zip(&handed)
+            .all(|(c, h)| c.lease_owner != h.lease_owner));
     }
 
     /// The subprocessors whose steps the trail records, in its order; the chain is valid.
@@ -475,7 +495,7 @@ mod tests {
         let acks = store.claim_acks(100, 100, 1_000).await.expect("claim");
         for a in &acks {
             assert!(store
-                .ack_rejected(a.id, 5, "INVALID_ARGUMENT: test", 5, 1)
+                .ack_rejected((a.id, &a.lease_owner), 5, "INVALID_ARGUMENT: test", 5, 1)
                 .await
                 .expect("rejected"));
         }
@@ -634,6 +654,96 @@ mod tests {
     async fn certificates_of_a_batch_list_their_own_requests_retained_data_on_postgres() {
         crate::test_postgres::on_postgres(|u, _| async move {
             certificates_of_a_batch_list_their_own_requests_retained_data(&u).await
+        })
+        .await;
+    }
+
+    /// A sender whose lease ran out while the registry was slow to answer, and whose rows
+    /// another claim took, records nothing over the new holder: its rejection counts no
+    /// second time toward the dead letter, its failure does not free the rows, and its
+    /// release at shutdown leaves the new lease alone. The new holder's own answers count.
+    async fn an_ack_sender_that_lost_its_lease_records_nothing(url: &str) {
+        let (store, jobs) = claimed(url).await;
+        for answer in step_all(&store, &jobs, None).await {
+            answer.expect("step");
+        }
+        // The first sender's lease runs out at once; the second's holds.
+        let first = store.claim_acks(100, 100, 0).await.expect("claim");
+        assert_eq!(first.len(), N);
+        let second = store
+            .claim_acks(100, 100, 60_000)
+            .await
+            .expect("claim again");
+        assert_eq!(second.len(), N);
+        let (late, current) = (&first[0], &second[0]);
+        assert_eq!(late.id, current.id);
+        assert_ne!(late.lease_owner, current.lease_owner);
+        let rejection = "INVALID_ARGUMENT: test";
+        assert!(!store
+            .ack_rejected((late.id, &late.lease_owner), 5, rejection, 5, 1)
+            .await
+            .expect("late rejection"));
+        store
+            .acks_failed(&[(late.id, &late.lease_owner, 5)], "UNAVAILABLE: late")
+            .await
+            .expect("late failure");
+        store
+            .release_acks(&[(late.id, &late.lease_owner)])
+            .await
+            .expect("late release");
+        let row: (i64, Option<String>, i64) = sqlx::query_as(
+            "SELECT CAST(rejections AS BIGINT), last_error, CAST(attempts AS BIGINT) \
+             FROM ack_outbox WHERE id = $1",
+        )
+        .bind(late.id)
+        .fetch_one(&store.db.pool)
+        .await
+        .expect("row");
+        assert_eq!(row, (0, None, 0), "the late sender's answers were recorded");
+        assert!(
+            store
+                .claim_acks(100, 100, 60_000)
+                .await
+                .expect("claim")
+                .is_empty(),
+            "the late release freed rows the second sender holds"
+        );
+        // The current holder's rejection counts, and dead-letters at the limit of one.
+        assert!(store
+            .ack_rejected((current.id, &current.lease_owner), 5, rejection, 5, 1)
+            .await
+            .expect("rejection"));
+        // Its failure and release count too.
+        let (next, rest) = second[1..].split_first().expect("more");
+        store
+            .acks_failed(&[(next.id, &next.lease_owner, 50)], "UNAVAILABLE")
+            .await
+            .expect("failure");
+        let claims: Vec<(i64, &str)> = rest
+            .iter()
+            .map(|a| (a.id, a.lease_owner.as_str()))
+            .collect();
+        store.release_acks(&claims).await.expect("release");
+        let again = store.claim_acks(100, 100, 60_000).await.expect("claim");
+        let ids: Vec<i64> = again.iter().map(|a| a.id).collect();
+        let expected: Vec<i64> = second[1..].iter().map(|a| a.id).collect();
+        assert_eq!(ids, expected);
+    }
+
+    #[tokio::test]
+    async fn an_ack_sender_that_lost_its_lease_records_nothing_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        an_ack_sender_that_lost_its_lease_records_nothing(&format!(
+            "sqlite://{}/p.db",
+            dir.path().display()
+        ))
+        .await;
+    }
+
+    #[tokio::test]
+    async fn an_ack_sender_that_lost_its_lease_records_nothing_on_postgres() {
+        crate::test_postgres::on_postgres(|u, _| async move {
+            an_ack_sender_that_lost_its_lease_records_nothing(&u).await
         })
         .await;
     }
