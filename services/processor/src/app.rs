@@ -120,6 +120,17 @@ impl App {
             let c = dsrelay_connectors::build(&s.connector)
                 .await
                 .with_context(|| format!("connecting subprocessor {}", s.name))?;
+            if c.kind_name() == "noop" {
+                // Its COMPLETED means only that it holds nothing: an operator who configured
+                // it in place of a real holder should learn that from the log, not from an
+                // audit.
+                tracing::warn!(
+                    subprocessor = %s.name,
+                    "this subprocessor uses the noop connector: it holds nothing and confirms \
+                     every task without reaching any system (for benchmarks, tests and \
+                     stand-ins)"
+                );
+            }
             connectors.insert(s.name.clone(), c);
         }
         Self::with_connectors(config, connectors).await

@@ -98,4 +98,15 @@ async fn json_logs_name_the_request_and_never_the_subject() {
             "{service} logged nothing about the request:\n{log}"
         );
     }
+    // The pair's mail-marketing holder is the noop connector, whose COMPLETED only means it
+    // holds nothing: the processor says so when it starts.
+    let processor = pair.processor.log();
+    let warned = lines(&processor).into_iter().any(|l| {
+        l["level"] == "WARN"
+            && l["fields"]["subprocessor"] == "mail-marketing"
+            && l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("noop connector"))
+    });
+    assert!(warned, "no warning about the noop holder:\n{processor}");
 }
