@@ -86,6 +86,7 @@ impl Store {
             match insert_one(&mut tx, r, contract).await? {
                 Some(outcome) => {
                     tx.commit().await?;
+                    self.remember_routes([(r, &outcome)]);
                     return Ok(outcome);
                 }
                 // A concurrent Submit with the same key won the race: look again.
@@ -142,7 +143,25 @@ impl Store {
             return Ok(one_by_one);
         };
         tx.commit().await?;
+        self.remember_routes(rs.iter().map(|(r, _)| r).zip(&out));
         Ok(out.into_iter().map(Ok).collect())
+    }
+
+    /// Remembers the routes of the requests stored as new by a committed transaction.
+    fn remember_routes<'a>(
+        &self,
+        stored: impl IntoIterator<Item = (&'a NewRequest, &'a Inserted)>,
+    ) {
+        self.routes.remember(
+            stored
+                .into_iter()
+                .filter(|(_, outcome)| matches!(outcome, Inserted::New))
+                .flat_map(|(r, _)| {
+                    r.processors
+                        .iter()
+                        .map(move |p| (p.as_str(), r.id.as_str(), r.kind))
+                }),
+        );
     }
 }
 

@@ -58,6 +58,7 @@ mod outbox;
 mod packages;
 mod queries;
 mod requests;
+mod routes;
 mod rows;
 
 pub use acknowledgements::{AckOutcome, TaskUpdate};
@@ -97,6 +98,8 @@ pub struct Store {
     text_key: Arc<[u8]>,
     /// Acknowledge calls waiting to share a commit (`acknowledgements`).
     acks: Arc<acknowledgements::AckQueue>,
+    /// Routes known without a read (`routes`).
+    routes: Arc<routes::Routes>,
 }
 
 impl std::fmt::Debug for Store {
@@ -116,6 +119,7 @@ impl Store {
             db,
             text_key: text_key.into(),
             acks: Arc::default(),
+            routes: Arc::default(),
         }
     }
 

@@ -85,7 +85,8 @@ impl Store {
         Ok(tx)
     }
 
-    /// The kinds of those of `ids` that were delivered to `processor`, in one query. The
+    /// The kinds of those of `ids` that were delivered to `processor`: those this registry
+    /// remembers ([`routes`](super::routes)) without a read, the rest in one query. The
     /// others are left out whether they exist or not, so that what a processor is told
     /// about a request never depends on whether another processor's request of that id
     /// exists.
@@ -94,7 +95,17 @@ impl Store {
         processor: &str,
         ids: &[&str],
     ) -> Result<std::collections::HashMap<String, RequestKind>> {
-        let mut out = std::collections::HashMap::new();
+        let kind_of = |kind: i64| {
+            i32::try_from(kind)
+                .ok()
+                .and_then(|k| RequestKind::try_from(k).ok())
+                .unwrap_or(RequestKind::Unspecified)
+        };
+        let (known, ids) = self.routes.lookup(processor, ids);
+        let mut out: std::collections::HashMap<String, RequestKind> = known
+            .into_iter()
+            .map(|(id, kind)| (id, kind_of(i64::from(kind))))
+            .collect();
         // Driven by the deliveries' key (request, processor, operation), one lookup per id.
         // The form `requests WHERE id IN (...) AND EXISTS (deliveries ...)` let PostgreSQL,
         // on tables not yet analyzed, scan every delivery and test each against the whole
@@ -112,12 +123,12 @@ impl Store {
             for id in chunk {
                 q = q.bind(*id);
             }
-            for (id, kind) in q.fetch_all(&self.db.reader).await? {
-                let kind = i32::try_from(kind)
-                    .ok()
-                    .and_then(|k| RequestKind::try_from(k).ok())
-                    .unwrap_or(RequestKind::Unspecified);
-                out.insert(id, kind);
+            let read = q.fetch_all(&self.db.reader).await?;
+            self.routes.remember(read.iter().filter_map(|(id, kind)| {
+                Some((processor, id.as_str(), i32::try_from(*kind).ok()?))
+            }));
+            for (id, kind) in read {
+                out.insert(id, kind_of(kind));
             }
         }
         Ok(out)
