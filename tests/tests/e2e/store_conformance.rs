@@ -1282,6 +1282,74 @@ macro_rules! on_both_backends {
     };
 }
 
+/// The routes intake stores are remembered: the Acknowledge API's routing check
+/// (`kinds_delivered_to`) answers them without a read, for the processors each request
+/// went to and no other, whether the request came alone or in a batch. A store that did not
+/// take them (another replica) reads them from the database. The Deliver rows are deleted
+/// behind the stores' backs here only to tell the two answers apart.
+async fn registry_routes_are_remembered_from_intake(backend: Backend) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(store) = registry_store(backend, dir.path()).await else {
+        return;
+    };
+    store
+        .insert_request(&new_request("r1", "k1", 1_000, &["p1", "p2"]))
+        .await
+        .unwrap();
+    store
+        .insert_requests(&[
+            new_request("r2", "k2", 1_000, &["p1"]),
+            new_request("r3", "k3", 1_000, &["p2"]),
+        ])
+        .await
+        .unwrap();
+    let other = RegistryStore::new(store.db().clone(), b"test key");
+    let kinds = |ids: &[&str]| -> std::collections::HashMap<String, RequestKind> {
+        ids.iter()
+            .map(|id| (id.to_string(), RequestKind::Erasure))
+            .collect()
+    };
+    assert_eq!(
+        other
+            .kinds_delivered_to("p1", &["r1", "r2", "r3", "r9"])
+            .await
+            .unwrap(),
+        kinds(&["r1", "r2"]),
+        "read from the database"
+    );
+    sqlx::query("DELETE FROM deliveries")
+        .execute(&store.db().pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .kinds_delivered_to("p1", &["r1", "r2", "r3", "r9"])
+            .await
+            .unwrap(),
+        kinds(&["r1", "r2"]),
+        "remembered from intake"
+    );
+    assert_eq!(
+        store.kinds_delivered_to("p2", &["r1", "r3"]).await.unwrap(),
+        kinds(&["r1", "r3"])
+    );
+    assert!(store
+        .kinds_delivered_to("p3", &["r1"])
+        .await
+        .unwrap()
+        .is_empty());
+    // What the other store read is remembered too; it never took r3 for p2.
+    assert_eq!(
+        other.kinds_delivered_to("p1", &["r1", "r2"]).await.unwrap(),
+        kinds(&["r1", "r2"])
+    );
+    assert!(other
+        .kinds_delivered_to("p2", &["r3"])
+        .await
+        .unwrap()
+        .is_empty());
+}
+
 on_both_backends!(
     registry_intake_and_idempotency,
     registry_batched_intake_shares_one_commit,
@@ -1292,6 +1360,7 @@ on_both_backends!(
     registry_acknowledgements_fold,
     registry_acknowledgement_batch,
     registry_concurrent_acknowledge_calls_share_one_commit,
+    registry_routes_are_remembered_from_intake,
     registry_list_cancel_extend,
     processor_tasks_and_ack_outbox,
     processor_released_leases_are_claimed_at_once,
