@@ -110,7 +110,7 @@ async fn flush(shared: &Shared) {
             .await
             .is_err()
         {
-            if let Err(e) = shared.store.release_acks(&as_refs(&claims)).await {
+            if let Err(e) = shared.store.release_acks(&claims).await {
                 tracing::warn!(
                     error = format!("{e:#}"),
                     "releasing unanswered acknowledgements failed; their lease runs out instead"
@@ -321,12 +321,6 @@ async fn send(shared: &Shared, controller: String, jobs: Vec<AckJob>) {
             }
         }
     }
-}
-
-/// `(id, lease token)` pairs as [`Store::release_acks`](crate::store::Store::release_acks)
-/// takes them.
-fn as_refs(claims: &[(i64, String)]) -> Vec<(i64, &str)> {
-    claims.iter().map(|(id, o)| (*id, o.as_str())).collect()
 }
 
 /// A rejection as one line for the outbox and the logs: the code, the message and each field

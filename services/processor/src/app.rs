@@ -120,7 +120,7 @@ impl App {
             let c = dsrelay_connectors::build(&s.connector)
                 .await
                 .with_context(|| format!("connecting subprocessor {}", s.name))?;
-            if c.kind_name() == "noop" {
+            if matches!(s.connector, dsrelay_connectors::ConnectorConfig::Noop(_)) {
                 // Its COMPLETED means only that it holds nothing: an operator who configured
                 // it in place of a real holder should learn that from the log, not from an
                 // audit.

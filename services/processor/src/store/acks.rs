@@ -242,7 +242,7 @@ impl Store {
     /// Ends the lease of claimed acknowledgements not yet answered (the service is
     /// stopping), so they are sent again at once, by another replica or the next start:
     /// each `(id, lease token)` only while its token still holds the row.
-    pub async fn release_acks(&self, claims: &[(i64, &str)]) -> Result<()> {
+    pub async fn release_acks<S: AsRef<str>>(&self, claims: &[(i64, S)]) -> Result<()> {
         for chunk in claims.chunks(IDS_PER_STATEMENT / 2) {
             let pairs: Vec<String> = (0..chunk.len())
                 .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
@@ -255,7 +255,7 @@ impl Store {
             let sql = self.db.backend.numbered(&sql);
             let mut q = sqlx::query(&sql);
             for (id, owner) in chunk {
-                q = q.bind(id).bind(*owner);
+                q = q.bind(id).bind(owner.as_ref());
             }
             q.execute(&self.db.pool).await?;
         }

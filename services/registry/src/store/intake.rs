@@ -3,7 +3,7 @@
 //! (and its commit) when concurrent Submits are stored together.
 
 use anyhow::Result;
-use dsrelay_proto::v1::{EventType, RequestState};
+use dsrelay_proto::v1::{EventType, RequestKind, RequestState};
 
 use super::events::{insert_events, EventDetail, NewEvent};
 use super::{values_row, Operation, Store, Tx};
@@ -157,9 +157,10 @@ impl Store {
                 .into_iter()
                 .filter(|(_, outcome)| matches!(outcome, Inserted::New))
                 .flat_map(|(r, _)| {
+                    let kind = RequestKind::try_from(r.kind).unwrap_or(RequestKind::Unspecified);
                     r.processors
                         .iter()
-                        .map(move |p| (p.as_str(), r.id.as_str(), r.kind))
+                        .map(move |p| (p.as_str(), r.id.as_str(), kind))
                 }),
         );
     }

@@ -95,17 +95,7 @@ impl Store {
         processor: &str,
         ids: &[&str],
     ) -> Result<std::collections::HashMap<String, RequestKind>> {
-        let kind_of = |kind: i64| {
-            i32::try_from(kind)
-                .ok()
-                .and_then(|k| RequestKind::try_from(k).ok())
-                .unwrap_or(RequestKind::Unspecified)
-        };
-        let (known, ids) = self.routes.lookup(processor, ids);
-        let mut out: std::collections::HashMap<String, RequestKind> = known
-            .into_iter()
-            .map(|(id, kind)| (id, kind_of(i64::from(kind))))
-            .collect();
+        let (mut out, ids) = self.routes.lookup(processor, ids);
         // Driven by the deliveries' key (request, processor, operation), one lookup per id.
         // The form `requests WHERE id IN (...) AND EXISTS (deliveries ...)` let PostgreSQL,
         // on tables not yet analyzed, scan every delivery and test each against the whole
@@ -123,13 +113,23 @@ impl Store {
             for id in chunk {
                 q = q.bind(*id);
             }
-            let read = q.fetch_all(&self.db.reader).await?;
-            self.routes.remember(read.iter().filter_map(|(id, kind)| {
-                Some((processor, id.as_str(), i32::try_from(*kind).ok()?))
-            }));
-            for (id, kind) in read {
-                out.insert(id, kind_of(kind));
-            }
+            let read: Vec<(String, RequestKind)> = q
+                .fetch_all(&self.db.reader)
+                .await?
+                .into_iter()
+                .map(|(id, kind)| {
+                    let kind = i32::try_from(kind)
+                        .ok()
+                        .and_then(|k| RequestKind::try_from(k).ok())
+                        .unwrap_or(RequestKind::Unspecified);
+                    (id, kind)
+                })
+                .collect();
+            self.routes.remember(
+                read.iter()
+                    .map(|(id, kind)| (processor, id.as_str(), *kind)),
+            );
+            out.extend(read);
         }
         Ok(out)
     }

@@ -14,6 +14,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
+use dsrelay_proto::v1::RequestKind;
+
 /// Most routes remembered (about 150 bytes each).
 pub(crate) const CAPACITY: usize = 16_384;
 
@@ -26,14 +28,17 @@ pub(crate) struct Routes {
 #[derive(Debug, Default)]
 struct Known {
     /// (processor, request id) → the request's kind.
-    kinds: HashMap<(String, String), i32>,
+    kinds: HashMap<(String, String), RequestKind>,
     /// The keys of `kinds`, oldest first.
     order: VecDeque<(String, String)>,
 }
 
 impl Routes {
     /// Remembers `(processor, request id, kind)` routes, each known to be stored.
-    pub(crate) fn remember<'a>(&self, routes: impl IntoIterator<Item = (&'a str, &'a str, i32)>) {
+    pub(crate) fn remember<'a>(
+        &self,
+        routes: impl IntoIterator<Item = (&'a str, &'a str, RequestKind)>,
+    ) {
         let mut known = self
             .known
             .lock()
@@ -57,7 +62,7 @@ impl Routes {
         &self,
         processor: &str,
         ids: &[&'a str],
-    ) -> (HashMap<String, i32>, Vec<&'a str>) {
+    ) -> (HashMap<String, RequestKind>, Vec<&'a str>) {
         let known = self
             .known
             .lock()
@@ -83,17 +88,22 @@ mod tests {
     #[test]
     fn remembers_routes_per_processor_and_forgets_the_oldest_past_capacity() {
         let routes = Routes::default();
-        routes.remember([("p1", "r1", 1), ("p2", "r1", 1), ("p1", "r2", 3)]);
+        use RequestKind::{Erasure, Transfer};
+        routes.remember([
+            ("p1", "r1", Erasure),
+            ("p2", "r1", Erasure),
+            ("p1", "r2", Transfer),
+        ]);
         let (found, missing) = routes.lookup("p1", &["r1", "r2", "r3"]);
         assert_eq!(
             found,
-            HashMap::from([("r1".to_string(), 1), ("r2".to_string(), 3)])
+            HashMap::from([("r1".to_string(), Erasure), ("r2".to_string(), Transfer)])
         );
         assert_eq!(missing, ["r3"]);
         // Routed to p2, not to p3.
         assert_eq!(routes.lookup("p3", &["r1"]).1, ["r1"]);
         let ids: Vec<String> = (0..CAPACITY).map(|i| format!("x{i}")).collect();
-        routes.remember(ids.iter().map(|id| ("p1", id.as_str(), 1)));
+        routes.remember(ids.iter().map(|id| ("p1", id.as_str(), Erasure)));
         // The three first ones made way.
         assert_eq!(routes.lookup("p1", &["r1", "r2"]).1, ["r1", "r2"]);
         assert_eq!(routes.lookup("p2", &["r1"]).1, ["r1"]);
