@@ -11,11 +11,11 @@ use sqlx::{Any, FromRow as _, Row, Transaction, ValueRef as _};
 
 use super::plan::{
     check_corrections, plan_erasure, plan_export, plan_flag, plan_rectify, usable_identities,
-    Identity, Scope, Statement,
+    ErasureStep, Identity, Scope, Statement,
 };
 use super::receipt;
 use super::retention::{assess, day_of, DatedRow};
-use super::rules::{Action, TableRule};
+use super::rules::{Action, Retention, TableRule};
 use super::Scoped;
 use crate::export::{push_json_str, CsvWriter, ExportSink, JsonArrayWriter, CSV, JSON};
 use crate::{ConnectorError, ErasedCount, ExportedFile};
@@ -139,27 +139,15 @@ impl<'a> Scoped<'a> {
                 return Ok((earlier, true));
             }
         }
-        // Every statement of the plan, in order, with what it does for error messages; their
-        // results come back in the same order.
-        let mut statements: Vec<(String, &Statement)> = Vec::new();
-        for step in &plan {
-            let (table, Some(work)) = (step.rule.table.as_str(), &step.work) else {
-                continue;
-            };
-            if let (Some(probe), Some(_)) = (&work.probe, &step.rule.retain) {
-                statements.push((format!("reading the dates of {table}"), probe));
-            }
-            if let Some(count) = &work.count_kept {
-                statements.push((format!("counting the kept rows of {table}"), count));
-            }
-            if let Some(update) = &work.anonymize_kept {
-                statements.push((format!("anonymizing {table}"), update));
-            }
-            statements.push((format!("{} {table}", step.rule.action.doing()), &work.main));
-        }
-        let ran = run_in_order(tx, self.db.backend, &statements).await?;
+        let statements = erasure_statements(&plan);
+        let (ran, sent) = run_erasure(tx, self.db.backend, &statements, now_ms).await?;
+        tracing::debug!(
+            sent,
+            planned = statements.len(),
+            "sql erasure statements run"
+        );
         // Each statement's result with its label, for what reading the result may report.
-        let mut results = statements.iter().map(|(label, _)| label.as_str()).zip(ran);
+        let mut results = statements.iter().map(|s| s.label.as_str()).zip(ran);
         let mut total: i64 = 0;
         let mut found = false;
         let mut notes = Vec::with_capacity(plan.len());
@@ -650,6 +638,134 @@ fn rows_changed(ran: &Ran) -> i64 {
 }
 
 /// Runs `s`; the rows it changed.
+/// One statement of a subject's erasure, in the order they run.
+pub(super) struct PlannedStatement<'p> {
+    /// What it does, for error messages.
+    pub(super) label: String,
+    pub(super) statement: &'p Statement,
+    /// For a `retain` table's probe: the table and its rule, to tell from the rows it read
+    /// whether any of them is kept.
+    probe: Option<(&'p str, &'p Retention)>,
+    /// For a statement that only counts or anonymizes kept rows: the probes (indices into
+    /// the statements) that read every row it could find kept. When none of them found a
+    /// kept row, it would count 0 and change nothing.
+    about_kept: Option<Vec<usize>>,
+}
+
+/// The statements of `plan`, in order: per table its probe, the count and anonymization of
+/// its kept rows, then its action.
+pub(super) fn erasure_statements<'p>(plan: &'p [ErasureStep<'_>]) -> Vec<PlannedStatement<'p>> {
+    let mut statements: Vec<PlannedStatement<'p>> = Vec::new();
+    // The probe of each table handled so far: children come first, so a parent finds its
+    // retained children's here.
+    let mut probes: Vec<(&str, usize)> = Vec::new();
+    for step in plan {
+        let (table, Some(work)) = (step.rule.table.as_str(), &step.work) else {
+            continue;
+        };
+        let mut own = None;
+        if let (Some(probe), Some(retain)) = (&work.probe, &step.rule.retain) {
+            own = Some(statements.len());
+            probes.push((table, statements.len()));
+            statements.push(PlannedStatement {
+                label: format!("reading the dates of {table}"),
+                statement: probe,
+                probe: Some((table, retain)),
+                about_kept: None,
+            });
+        }
+        // A row is kept by the table's own rule or through a kept child row; each needs its
+        // probe for the kept statements to be known idle. A child without one (none is
+        // expected) keeps them running.
+        let children: Option<Vec<usize>> = work
+            .held_for
+            .iter()
+            .map(|child| probes.iter().find(|(t, _)| t == child).map(|(_, i)| *i))
+            .collect();
+        let about_kept = match (step.rule.retain.is_some(), own, children) {
+            (true, None, _) | (_, _, None) => None,
+            (_, own, Some(children)) => Some(own.into_iter().chain(children).collect()),
+        };
+        if let Some(count) = &work.count_kept {
+            statements.push(PlannedStatement {
+                label: format!("counting the kept rows of {table}"),
+                statement: count,
+                probe: None,
+                about_kept: about_kept.clone(),
+            });
+        }
+        if let Some(update) = &work.anonymize_kept {
+            statements.push(PlannedStatement {
+                label: format!("anonymizing {table}"),
+                statement: update,
+                probe: None,
+                about_kept: about_kept.clone(),
+            });
+        }
+        statements.push(PlannedStatement {
+            label: format!("{} {table}", step.rule.action.doing()),
+            statement: &work.main,
+            probe: None,
+            about_kept: None,
+        });
+    }
+    statements
+}
+
+/// Runs an erasure's `statements` in `tx` and answers each one's rows and changed rows, in
+/// order, with how many were sent to the database.
+///
+/// On SQLite they all go as one text ([`run_each`]), as one more statement there costs less
+/// than a second call. On PostgreSQL each is a round trip and a share of the server's CPU,
+/// so they go one by one, and a statement about kept rows is left out when the probes
+/// before it found every row past its period with no `while` holding (the common case of
+/// an old customer): it would count 0 and change nothing, and its answer is that. The
+/// probes and the kept statements read the same rows in the same transaction; a row a
+/// concurrent transaction adds for the subject meanwhile is one the erasure was not asked
+/// about, as it would be a moment after the commit.
+pub(super) async fn run_erasure(
+    tx: &mut Transaction<'static, Any>,
+    backend: Backend,
+    statements: &[PlannedStatement<'_>],
+    now_ms: i64,
+) -> Result<(Vec<Ran>, usize), ConnectorError> {
+    if backend == Backend::Sqlite {
+        let all: Vec<(String, &Statement)> = statements
+            .iter()
+            .map(|s| (s.label.clone(), s.statement))
+            .collect();
+        return Ok((run_in_order(tx, backend, &all).await?, statements.len()));
+    }
+    let mut ran: Vec<Ran> = Vec::with_capacity(statements.len());
+    // Per statement: whether it is a probe that found no kept row.
+    let mut nothing_kept = vec![false; statements.len()];
+    let mut sent = 0;
+    for (i, s) in statements.iter().enumerate() {
+        if s.about_kept
+            .as_ref()
+            .is_some_and(|probes| probes.iter().all(|p| nothing_kept[*p]))
+        {
+            ran.push(Ran::default());
+            continue;
+        }
+        let mut one = run_in_order(tx, backend, &[(s.label.clone(), s.statement)]).await?;
+        sent += 1;
+        let result = one.pop().unwrap_or_default();
+        if let Some((table, retain)) = s.probe {
+            // An unreadable row (no date, no YYYY-MM-DD) leaves the kept statements to
+            // run; reading the results stops the erasure on it.
+            let rows: Result<Vec<DatedRow>, _> =
+                result.rows.iter().map(DatedRow::from_row).collect();
+            nothing_kept[i] = rows
+                .ok()
+                .and_then(|rows| assess(table, retain, &rows, now_ms).ok())
+                .is_some_and(|kept| kept.rows == 0);
+        }
+        ran.push(result);
+    }
+    Ok((ran, sent))
+}
+
 async fn execute(tx: &mut Transaction<'static, Any>, s: &Statement) -> Result<i64, sqlx::Error> {
     let done = s.query().execute(&mut **tx).await?;
     Ok(i64::try_from(done.rows_affected()).unwrap_or(i64::MAX))
