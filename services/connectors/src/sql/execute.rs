@@ -97,11 +97,12 @@ impl<'a> Scoped<'a> {
         Ok(self.erase_once(identities, now_ms, None).await?.0)
     }
 
-    /// [`Scoped::erase`] under the receipt of `task_key`, when given: the erasure claims
-    /// the key in the receipt table and stores its report there in the same transaction.
-    /// When an earlier call committed under the key, nothing is erased and its report is
-    /// returned, with `true`. On SQLite the erasure shares a transaction with those queued
-    /// beside it ([`super::writer`]); on PostgreSQL it has one of its own.
+    /// [`Scoped::erase`] under the receipt of `task_key`, when given: the erasure stores its
+    /// report under the key in the receipt table, in its own transaction. When an earlier
+    /// call committed under the key, this call's work is rolled back and the earlier report
+    /// is returned, with `true`. On SQLite the erasure shares a transaction with those
+    /// queued beside it ([`super::writer`]), in a savepoint of its own; on PostgreSQL it has
+    /// a transaction of its own.
     pub(crate) async fn erase_once(
         &self,
         identities: &[SubjectIdentity],
@@ -115,15 +116,22 @@ impl<'a> Scoped<'a> {
         }
         let mut tx = self.begin().await?;
         let erased = self.erase_in(&mut tx, identities, now_ms, task_key).await?;
-        tx.commit()
-            .await
-            .map_err(|e| classify("committing the erasure", &e))?;
+        if erased.1 {
+            // An earlier call did the work: this one's is undone, its answer is that call's.
+            tx.rollback()
+                .await
+                .map_err(|e| classify("undoing a repeated erasure", &e))?;
+        } else {
+            tx.commit()
+                .await
+                .map_err(|e| classify("committing the erasure", &e))?;
+        }
         Ok(erased)
     }
 
     /// The work of [`Scoped::erase_once`] in `tx`, which the caller commits (or rolls back
-    /// when this fails). When the receipt says an earlier call did the work, nothing is
-    /// written.
+    /// when this fails). When the receipt says an earlier call did the work, it answers that
+    /// call's report with `true`, and the caller must roll back what this call wrote.
     pub(super) async fn erase_in(
         &self,
         tx: &mut Transaction<'static, Any>,
@@ -133,12 +141,6 @@ impl<'a> Scoped<'a> {
     ) -> Result<(ErasureReport, bool), ConnectorError> {
         let raw = usable_identities(self.config, identities)?;
         let plan = plan_erasure(self.config, self.subject(&raw), now_ms);
-        let receipts = self.config.receipts_table();
-        if let Some(key) = task_key {
-            if let Some(earlier) = receipt::claim(tx, receipts, key, now_ms).await? {
-                return Ok((earlier, true));
-            }
-        }
         let statements = erasure_statements(&plan);
         let (ran, sent) = run_erasure(tx, self.db.backend, &statements, now_ms).await?;
         tracing::debug!(
@@ -268,7 +270,10 @@ impl<'a> Scoped<'a> {
             }),
         };
         if let Some(key) = task_key {
-            receipt::record(tx, receipts, key, &report).await?;
+            let receipts = self.config.receipts_table();
+            if let Some(earlier) = receipt::store(tx, receipts, key, &report, now_ms).await? {
+                return Ok((earlier, true));
+            }
         }
         Ok((report, false))
     }

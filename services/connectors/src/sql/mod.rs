@@ -72,16 +72,17 @@
 //!
 //! # Receipts
 //!
-//! A subject's erasure ([`Phase::Start`]) claims its task's key ([`Task::task_id`]:
+//! A subject's erasure ([`Phase::Start`]) stores its report (the counts, the note, what is
+//! kept and until when; no identity values) under its task's key ([`Task::task_id`]:
 //! controller, request and subprocessor) in the connector's receipt table
-//! (`receipts_table`, default [`DEFAULT_RECEIPTS_TABLE`]) and stores its report there (the
-//! counts, the note, what is kept and until when; no identity values), in the transaction of
+//! (`receipts_table`, default [`DEFAULT_RECEIPTS_TABLE`]), at the end of the transaction of
 //! the erasure. A later call of the same task, when the processor never recorded the first
-//! one's answer, finds the receipt, erases nothing and answers with the stored report
+//! one's answer, finds the key taken: it rolls back what it did (which, the work being done,
+//! is at most what changed since) and answers with the stored report
 //! ([`Outcome::Completed`] or [`Outcome::Retained`], the note saying that an earlier attempt
 //! did the work), where reading the holder could not tell "erased by me" from "never there"
 //! and would answer [`Outcome::NotFound`]. A concurrent call of the same task waits on the
-//! key and then sees the receipt. The table is created with `CREATE TABLE IF NOT EXISTS`
+//! key and then finds the receipt, or stores its own if the other rolled back. The table is created with `CREATE TABLE IF NOT EXISTS`
 //! when the connector connects, in every database it erases in, unless it can already be
 //! read; a database user without the right to create it gets an error at connect naming the
 //! table and the grant. A [`Phase::RetentionExpired`] run needs no receipt (it reads finding
@@ -131,7 +132,7 @@
 //! - `writer`: on SQLite, erasures queued together erased in one transaction (group commit).
 //! - `direct`: an export's read of a SQLite file, on a connection of its own (rusqlite) on
 //!   the blocking pool; PostgreSQL and in-memory SQLite are read through sqlx.
-//! - `receipt`: the erasure receipts: the table, claiming a task's key, storing its report.
+//! - `receipt`: the erasure receipts: the table, storing a task's report under its key.
 //! - `bulk`: contract ends: counting, the export, the erasure in batches, what is kept.
 //! - `sample`: the sample accounting database and its rules ([`sample_config`],
 //!   [`create_sample_accounting_db`]).

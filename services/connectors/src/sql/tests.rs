@@ -233,6 +233,8 @@ on_both_backends!(
     a_lost_answer_is_answered_from_the_receipt,
     a_boolean_column_is_exported_as_stored,
     kept_statements_run_only_where_a_row_is_kept,
+    a_repeated_erasure_undoes_its_own_work,
+    concurrent_calls_of_one_task_erase_once,
 );
 
 /// On PostgreSQL an erasure leaves out its statements about kept rows when the probes before
@@ -1969,6 +1971,96 @@ async fn everything(db: &Db) -> Vec<Vec<Vec<serde_json::Value>>> {
 }
 
 const LOST: &str = "erased by an earlier attempt of this task whose answer was lost: ";
+
+/// A call of a task whose earlier call committed finds the receipt only when it stores its
+/// own, after its statements ran: what they changed is rolled back, so a row added since
+/// the first call stays.
+async fn a_repeated_erasure_undoes_its_own_work(url: String) {
+    let (connector, db) = sample(&url).await;
+    let scope = connector.scope("acme").unwrap();
+    let first = scope
+        .erase_once(&[email(MAIJA)], now(), Some("t-1"))
+        .await
+        .unwrap();
+    assert!(!first.1 && first.0.found, "{first:?}");
+    // Her customer row is kept for her invoices; a contact is added to it meanwhile.
+    sqlx::query(
+        "INSERT INTO contacts (id, customer_id, name, email) VALUES (901, 1, 'New', 'n@example.fi')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let again = scope
+        .erase_once(&[email(MAIJA)], now(), Some("t-1"))
+        .await
+        .unwrap();
+    assert_eq!(again, (first.0, true));
+    assert_eq!(
+        count(&db, &format!("{C} FROM contacts WHERE id = 901")).await,
+        1,
+        "the repeated call's delete is rolled back"
+    );
+    let receipts = format!("{C} FROM {}", connector.config.receipts_table());
+    assert_eq!(count(&db, &receipts).await, 1);
+}
+
+/// Two calls of one task at once: one erases and stores the receipt, the other answers
+/// from it. On PostgreSQL both are held at Maija's customer row (locked by this test)
+/// until both wait there, so that they overlap; SQLite's writer runs them one after the
+/// other in its transaction.
+async fn concurrent_calls_of_one_task_erase_once(url: String) {
+    let (connector, db) = sample(&url).await;
+    let postgres = db.backend == dsrelay_runtime::store::Backend::Postgres;
+    let mut lock = db.pool.begin().await.unwrap();
+    if postgres {
+        sqlx::query("SELECT id FROM customers WHERE id = 1 FOR UPDATE")
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+    }
+    let call = || {
+        let connector = connector.clone();
+        tokio::spawn(async move {
+            let scope = connector.scope("acme").unwrap();
+            scope.erase_once(&[email(MAIJA)], now(), Some("t-1")).await
+        })
+    };
+    let (a, b) = (call(), call());
+    if postgres {
+        // Both calls reach the customer row (or the first one's rows) and wait for a lock.
+        for attempt in 0.. {
+            assert!(
+                attempt < 20_000,
+                "the two calls never both waited for a lock"
+            );
+            let waiting = count(
+                &db,
+                "SELECT CAST(COUNT(*) AS BIGINT) FROM pg_stat_activity WHERE \
+                 datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .await;
+            if waiting == 2 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+    lock.rollback().await.unwrap();
+    let (a, b) = (a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
+    assert_eq!(a.0, b.0, "both answer the erasure that committed");
+    assert!(
+        a.1 != b.1,
+        "one erased, one answered from its receipt: {a:?} {b:?}"
+    );
+    assert_eq!(a.0.records_affected, 7, "{a:?}");
+    let receipts = format!("{C} FROM {}", connector.config.receipts_table());
+    assert_eq!(count(&db, &receipts).await, 1);
+    assert_eq!(
+        count(&db, &format!("{C} FROM invoices WHERE customer_id = 1")).await,
+        2,
+        "the 2015 invoice erased, the two kept ones there"
+    );
+}
 
 async fn a_lost_answer_is_answered_from_the_receipt(url: String) {
     let (connector, db) = sample(&url).await;

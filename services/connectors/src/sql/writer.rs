@@ -6,9 +6,10 @@
 //! takes what is queued and erases it in one transaction, each erasure inside a savepoint of
 //! its own, so that one that fails is rolled back alone and answered with its error while
 //! the others commit. A transaction that fails as a whole is run again one erasure at a time
-//! (see [`dsrelay_runtime::group_commit`]). Each erasure still claims its task's receipt in
+//! (see [`dsrelay_runtime::group_commit`]). Each erasure still stores its task's receipt in
 //! the same transaction as its work, so a caller that went away before its answer finds the
-//! committed report on its retry.
+//! committed report on its retry (and that retry's own work is rolled back to its
+//! savepoint).
 //!
 //! PostgreSQL runs erasures on connections of their own, side by side; they are not grouped.
 
@@ -142,6 +143,10 @@ impl ErasureWriter {
                 .await
             {
                 Ok(erased) => {
+                    if erased.1 {
+                        // An earlier call did the work; this one's is undone.
+                        savepoint(&mut tx, "ROLLBACK TO erasure").await?;
+                    }
                     savepoint(&mut tx, "RELEASE erasure").await?;
                     answers.push(Ok(erased));
                 }
