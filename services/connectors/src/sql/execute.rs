@@ -642,7 +642,6 @@ fn rows_changed(ran: &Ran) -> i64 {
     i64::try_from(ran.changed).unwrap_or(i64::MAX)
 }
 
-/// Runs `s`; the rows it changed.
 /// One statement of a subject's erasure, in the order they run.
 pub(super) struct PlannedStatement<'p> {
     /// What it does, for error messages.
@@ -689,8 +688,10 @@ pub(super) fn erasure_statements<'p>(plan: &'p [ErasureStep<'_>]) -> Vec<Planned
             .collect();
         let about_kept = match (step.rule.retain.is_some(), own, children) {
             (true, None, _) | (_, _, None) => None,
-            (_, own, Some(children)) => Some(own.into_iter().chain(children).collect()),
-        };
+            (_, own, Some(children)) => Some(own.into_iter().chain(children).collect::<Vec<_>>()),
+        }
+        // No probe at all proves nothing.
+        .filter(|probes| !probes.is_empty());
         if let Some(count) = &work.count_kept {
             statements.push(PlannedStatement {
                 label: format!("counting the kept rows of {table}"),
@@ -771,6 +772,7 @@ pub(super) async fn run_erasure(
     Ok((ran, sent))
 }
 
+/// Runs `s`; the rows it changed.
 async fn execute(tx: &mut Transaction<'static, Any>, s: &Statement) -> Result<i64, sqlx::Error> {
     let done = s.query().execute(&mut **tx).await?;
     Ok(i64::try_from(done.rows_affected()).unwrap_or(i64::MAX))
