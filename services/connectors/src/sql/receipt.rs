@@ -37,13 +37,13 @@ pub(super) async fn ensure_table(db: &Db, table: &str) -> anyhow::Result<()> {
             "creating the erasure receipt table {table:?} in the holder database: {e}; the \
              connector's database user needs the right to create it (on PostgreSQL: GRANT \
              CREATE ON SCHEMA <schema> TO <user>), or create it beforehand with `{create}` and \
-             GRANT SELECT, INSERT, UPDATE ON {t} TO <user>"
+             GRANT SELECT, INSERT ON {t} TO <user>"
         );
     }
     if let Err(e) = sqlx::query(&probe).execute(&db.pool).await {
         anyhow::bail!(
             "reading the erasure receipt table {table:?} in the holder database: {e}; GRANT \
-             SELECT, INSERT, UPDATE ON {t} TO the connector's database user"
+             SELECT, INSERT ON {t} TO the connector's database user"
         );
     }
     Ok(())
