@@ -115,7 +115,13 @@ impl<'a> Scoped<'a> {
                 .await;
         }
         let mut tx = self.begin().await?;
-        let erased = self.erase_in(&mut tx, identities, now_ms, task_key).await?;
+        let erased = match self.erase_in(&mut tx, identities, now_ms, task_key).await {
+            Ok(erased) => erased,
+            Err(e) => {
+                drop(tx);
+                return self.answered_earlier(task_key, e).await;
+            }
+        };
         if erased.1 {
             // An earlier call did the work: this one's is undone, its answer is that call's.
             tx.rollback()
@@ -127,6 +133,25 @@ impl<'a> Scoped<'a> {
                 .map_err(|e| classify("committing the erasure", &e))?;
         }
         Ok(erased)
+    }
+
+    /// What a call of `task_key` that failed with `failed` answers: the report of an earlier
+    /// call that committed under the key, when there is one (this call's work is rolled
+    /// back, and the task was done), else `failed`. Without it, a retry of a committed
+    /// erasure could fail on data changed since (a row added without a date), where the
+    /// erasure it repeats was carried out.
+    pub(super) async fn answered_earlier(
+        &self,
+        task_key: Option<&str>,
+        failed: ConnectorError,
+    ) -> Result<(ErasureReport, bool), ConnectorError> {
+        let Some(key) = task_key else {
+            return Err(failed);
+        };
+        match receipt::find(&self.db.pool, self.config.receipts_table(), key).await {
+            Ok(Some(earlier)) => Ok((earlier, true)),
+            Ok(None) | Err(_) => Err(failed),
+        }
     }
 
     /// The work of [`Scoped::erase_once`] in `tx`, which the caller commits (or rolls back

@@ -77,8 +77,9 @@
 //! controller, request and subprocessor) in the connector's receipt table
 //! (`receipts_table`, default [`DEFAULT_RECEIPTS_TABLE`]), at the end of the transaction of
 //! the erasure. A later call of the same task, when the processor never recorded the first
-//! one's answer, finds the key taken: it rolls back what it did (which, the work being done,
-//! is at most what changed since) and answers with the stored report
+//! one's answer, finds the key taken (or, when its own run fails on data changed since,
+//! looks the key up): it rolls back what it did (which, the work being done, is at most
+//! what changed since) and answers with the stored report
 //! ([`Outcome::Completed`] or [`Outcome::Retained`], the note saying that an earlier attempt
 //! did the work), where reading the holder could not tell "erased by me" from "never there"
 //! and would answer [`Outcome::NotFound`]. A concurrent call of the same task waits on the

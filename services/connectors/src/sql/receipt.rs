@@ -81,14 +81,36 @@ pub(super) async fn store(
     if inserted.rows_affected() > 0 {
         return Ok(None);
     }
-    let stored: String = sqlx::query_scalar(&format!("SELECT report FROM {t} WHERE task_key = $1"))
-        .bind(key)
-        .fetch_one(&mut **tx)
-        .await
-        .map_err(|e| classify("reading the erasure receipt", &e))?;
-    serde_json::from_str(&stored).map(Some).map_err(|e| {
-        ConnectorError::Permanent(format!(
-            "the erasure receipt of this task in {table:?} is unreadable: {e}"
-        ))
-    })
+    match find(&mut **tx, table, key).await? {
+        Some(earlier) => Ok(Some(earlier)),
+        None => Err(ConnectorError::Transient(format!(
+            "the erasure receipt of this task in {table:?} was taken and is gone"
+        ))),
+    }
+}
+
+/// The report stored under `key`, if an erasure committed under it (or stored it earlier
+/// in the same transaction).
+pub(super) async fn find<'c>(
+    on: impl sqlx::Executor<'c, Database = Any>,
+    table: &str,
+    key: &str,
+) -> Result<Option<ErasureReport>, ConnectorError> {
+    let stored: Option<String> = sqlx::query_scalar(&format!(
+        "SELECT report FROM {} WHERE task_key = $1",
+        quote(table)
+    ))
+    .bind(key)
+    .fetch_optional(on)
+    .await
+    .map_err(|e| classify("reading the erasure receipt", &e))?;
+    stored
+        .map(|stored| {
+            serde_json::from_str(&stored).map_err(|e| {
+                ConnectorError::Permanent(format!(
+                    "the erasure receipt of this task in {table:?} is unreadable: {e}"
+                ))
+            })
+        })
+        .transpose()
 }

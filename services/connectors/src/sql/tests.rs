@@ -234,6 +234,7 @@ on_both_backends!(
     a_boolean_column_is_exported_as_stored,
     kept_statements_run_only_where_a_row_is_kept,
     a_repeated_erasure_undoes_its_own_work,
+    a_repeated_erasure_that_fails_answers_from_the_receipt,
     concurrent_calls_of_one_task_erase_once,
 );
 
@@ -1999,6 +2000,41 @@ async fn a_repeated_erasure_undoes_its_own_work(url: String) {
         count(&db, &format!("{C} FROM contacts WHERE id = 901")).await,
         1,
         "the repeated call's delete is rolled back"
+    );
+    let receipts = format!("{C} FROM {}", connector.config.receipts_table());
+    assert_eq!(count(&db, &receipts).await, 1);
+}
+
+/// A call of a task whose earlier call committed answers that call's report even when its
+/// own run fails on data changed since (here an invoice added without a date); another
+/// task of the same subject fails on it.
+async fn a_repeated_erasure_that_fails_answers_from_the_receipt(url: String) {
+    let (connector, db) = sample(&url).await;
+    let scope = connector.scope("acme").unwrap();
+    let first = scope
+        .erase_once(&[email(MAIJA)], now(), Some("t-1"))
+        .await
+        .unwrap();
+    assert!(!first.1, "{first:?}");
+    sqlx::query(
+        "INSERT INTO invoices (id, customer_id, amount_cents, issued_on, status) \
+         VALUES (901, 1, 100, 'someday', 'paid')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let again = scope
+        .erase_once(&[email(MAIJA)], now(), Some("t-1"))
+        .await
+        .unwrap();
+    assert_eq!(again, (first.0, true));
+    let other = scope
+        .erase_once(&[email(MAIJA)], now(), Some("t-2"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&other, ConnectorError::Permanent(m) if m.contains("no date")),
+        "{other:?}"
     );
     let receipts = format!("{C} FROM {}", connector.config.receipts_table());
     assert_eq!(count(&db, &receipts).await, 1);

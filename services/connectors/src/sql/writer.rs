@@ -21,6 +21,7 @@ use dsrelay_runtime::store::Db;
 use tokio::sync::oneshot;
 
 use super::execute::{classify, ErasureReport};
+use super::receipt;
 use super::{Scoped, SqlConnectorConfig};
 use crate::ConnectorError;
 
@@ -158,7 +159,17 @@ impl ErasureWriter {
                     if undone.is_err() || savepoint(&mut tx, "RELEASE erasure").await.is_err() {
                         return Err(e.into());
                     }
-                    answers.push(Err(e));
+                    // A task an earlier call committed is answered from its receipt, as
+                    // `Scoped::answered_earlier` does on PostgreSQL.
+                    let receipts = self.config.receipts_table();
+                    let earlier = match q.task_key.as_deref() {
+                        Some(key) => receipt::find(&mut *tx, receipts, key).await.ok().flatten(),
+                        None => None,
+                    };
+                    answers.push(match earlier {
+                        Some(earlier) => Ok((earlier, true)),
+                        None => Err(e),
+                    });
                 }
             }
         }
