@@ -6,8 +6,8 @@
 //! "erased by that call" from "never there", so a retry would answer NOT_FOUND for work its
 //! own task did. The receipt answers instead: an erasure stores its report under its task's
 //! key; when the key is already there, the earlier call committed, this call's work is
-//! rolled back, and the stored report is the answer. A receipt holds the task key and the report (counts, the note, what is kept and
-//! until when): no identity values.
+//! rolled back, and the stored report is the answer. A receipt holds the task key and the
+//! report (counts, the note, what is kept and until when): no identity values.
 
 use dsrelay_runtime::store::Db;
 use sqlx::{Any, Transaction};
