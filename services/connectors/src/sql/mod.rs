@@ -83,12 +83,12 @@
 //! ([`Outcome::Completed`] or [`Outcome::Retained`], the note saying that an earlier attempt
 //! did the work), where reading the holder could not tell "erased by me" from "never there"
 //! and would answer [`Outcome::NotFound`]. A concurrent call of the same task waits on the
-//! key and then finds the receipt, or stores its own if the other rolled back. The table is created with `CREATE TABLE IF NOT EXISTS`
-//! when the connector connects, in every database it erases in, unless it can already be
-//! read; a database user without the right to create it gets an error at connect naming the
-//! table and the grant. A [`Phase::RetentionExpired`] run needs no receipt (it reads finding
-//! nothing as nothing left), and contract ends' bulk steps write none: their retry reports
-//! the counts of what it finds left.
+//! key and then finds the receipt, or stores its own if the other rolled back. The table is
+//! created with `CREATE TABLE IF NOT EXISTS` when the connector connects, in every database
+//! it erases in, unless it can already be read; a database user without the right to create
+//! it gets an error at connect naming the table and the grant. A [`Phase::RetentionExpired`]
+//! run needs no receipt (it reads finding nothing as nothing left), and contract ends' bulk
+//! steps write none: their retry reports the counts of what it finds left.
 //!
 //! # Legal retention
 //!

@@ -1986,7 +1986,8 @@ async fn a_repeated_erasure_undoes_its_own_work(url: String) {
     assert!(!first.1 && first.0.found, "{first:?}");
     // Her customer row is kept for her invoices; a contact is added to it meanwhile.
     sqlx::query(
-        "INSERT INTO contacts (id, customer_id, name, email) VALUES (901, 1, 'New', 'n@example.fi')",
+        "INSERT INTO contacts (id, customer_id, name, email) \
+         VALUES (901, 1, 'New', 'n@example.fi')",
     )
     .execute(&db.pool)
     .await
