@@ -119,7 +119,8 @@ impl<'a> Scoped<'a> {
             Ok(erased) => erased,
             Err(e) => {
                 drop(tx);
-                return self.answered_earlier(task_key, e).await;
+                let receipts = self.config.receipts_table();
+                return receipt::or_earlier(&self.db.pool, receipts, task_key, e).await;
             }
         };
         if erased.1 {
@@ -133,25 +134,6 @@ impl<'a> Scoped<'a> {
                 .map_err(|e| classify("committing the erasure", &e))?;
         }
         Ok(erased)
-    }
-
-    /// What a call of `task_key` that failed with `failed` answers: the report of an earlier
-    /// call that committed under the key, when there is one (this call's work is rolled
-    /// back, and the task was done), else `failed`. Without it, a retry of a committed
-    /// erasure could fail on data changed since (a row added without a date), where the
-    /// erasure it repeats was carried out.
-    pub(super) async fn answered_earlier(
-        &self,
-        task_key: Option<&str>,
-        failed: ConnectorError,
-    ) -> Result<(ErasureReport, bool), ConnectorError> {
-        let Some(key) = task_key else {
-            return Err(failed);
-        };
-        match receipt::find(&self.db.pool, self.config.receipts_table(), key).await {
-            Ok(Some(earlier)) => Ok((earlier, true)),
-            Ok(None) | Err(_) => Err(failed),
-        }
     }
 
     /// The work of [`Scoped::erase_once`] in `tx`, which the caller commits (or rolls back
@@ -761,11 +743,10 @@ pub(super) async fn run_erasure(
     now_ms: i64,
 ) -> Result<(Vec<Ran>, usize), ConnectorError> {
     if backend == Backend::Sqlite {
-        let all: Vec<(String, &Statement)> = statements
-            .iter()
-            .map(|s| (s.label.clone(), s.statement))
-            .collect();
-        return Ok((run_in_order(tx, backend, &all).await?, statements.len()));
+        return Ok((
+            run_in_order(tx, backend, statements).await?,
+            statements.len(),
+        ));
     }
     let mut ran: Vec<Ran> = Vec::with_capacity(statements.len());
     // Per statement: whether it is a probe that found no kept row.
@@ -779,7 +760,7 @@ pub(super) async fn run_erasure(
             ran.push(Ran::default());
             continue;
         }
-        let mut one = run_in_order(tx, backend, &[(s.label.clone(), s.statement)]).await?;
+        let mut one = run_in_order(tx, backend, std::slice::from_ref(s)).await?;
         sent += 1;
         let result = one.pop().unwrap_or_default();
         if let Some((table, retain)) = s.probe {
@@ -811,20 +792,25 @@ async fn execute(tx: &mut Transaction<'static, Any>, s: &Statement) -> Result<i6
 async fn run_in_order(
     tx: &mut Transaction<'static, Any>,
     backend: Backend,
-    statements: &[(String, &Statement)],
+    statements: &[PlannedStatement<'_>],
 ) -> Result<Vec<Ran>, ConnectorError> {
     run_each(
         tx,
         backend,
         statements,
-        |(_, s)| (s.sql.as_str(), s.binds.len()),
-        |query, (_, s)| s.binds.iter().fold(query, |q, v| q.bind(v.as_str())),
+        |s| (s.statement.sql.as_str(), s.statement.binds.len()),
+        |query, s| {
+            s.statement
+                .binds
+                .iter()
+                .fold(query, |q, v| q.bind(v.as_str()))
+        },
     )
     .await
     .map_err(|failed| {
         let label = statements
             .get(failed.run)
-            .map_or("running the erasure", |(l, _)| l.as_str());
+            .map_or("running the erasure", |s| s.label.as_str());
         classify(label, &failed.error)
     })
 }

@@ -89,6 +89,26 @@ pub(super) async fn store(
     }
 }
 
+/// What a call of `task_key` that failed with `failed` answers: the report of an earlier
+/// call that committed under the key, when there is one (this call's work is rolled back,
+/// and the task was done), else `failed`. Without it, a retry of a committed erasure could
+/// fail on data changed since (a row added without a date), where the erasure it repeats
+/// was carried out. A receipt that cannot be read leaves `failed` as the answer.
+pub(super) async fn or_earlier<'c>(
+    on: impl sqlx::Executor<'c, Database = Any>,
+    table: &str,
+    task_key: Option<&str>,
+    failed: ConnectorError,
+) -> Result<(ErasureReport, bool), ConnectorError> {
+    let Some(key) = task_key else {
+        return Err(failed);
+    };
+    match find(on, table, key).await {
+        Ok(Some(earlier)) => Ok((earlier, true)),
+        Ok(None) | Err(_) => Err(failed),
+    }
+}
+
 /// The report stored under `key`, if an erasure committed under it (or stored it earlier
 /// in the same transaction).
 pub(super) async fn find<'c>(

@@ -159,17 +159,9 @@ impl ErasureWriter {
                     if undone.is_err() || savepoint(&mut tx, "RELEASE erasure").await.is_err() {
                         return Err(e.into());
                     }
-                    // A task an earlier call committed is answered from its receipt, as
-                    // `Scoped::answered_earlier` does on PostgreSQL.
                     let receipts = self.config.receipts_table();
-                    let earlier = match q.task_key.as_deref() {
-                        Some(key) => receipt::find(&mut *tx, receipts, key).await.ok().flatten(),
-                        None => None,
-                    };
-                    answers.push(match earlier {
-                        Some(earlier) => Ok((earlier, true)),
-                        None => Err(e),
-                    });
+                    let key = q.task_key.as_deref();
+                    answers.push(receipt::or_earlier(&mut *tx, receipts, key, e).await);
                 }
             }
         }
