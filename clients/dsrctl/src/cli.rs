@@ -522,12 +522,16 @@ pub struct DevUpArgs {
     /// Folder for certificates, configurations and databases.
     #[arg(long, default_value = ".dsrelay")]
     pub dir: PathBuf,
-    /// Port of the registry (partner API).
-    #[arg(long, default_value_t = 50051)]
-    pub registry_port: u16,
-    /// Port of the processor.
-    #[arg(long, default_value_t = 50061)]
-    pub processor_port: u16,
+    /// Port of the registry (partner API). A new folder's files get 50051 without it; on a
+    /// later start it replaces the port of the folder's registry.toml, and the registry
+    /// endpoint of its processor.toml, for this start (the files stay as they are).
+    #[arg(long)]
+    pub registry_port: Option<u16>,
+    /// Port of the processor. A new folder's files get 50061 without it; on a later start it
+    /// replaces the port of the folder's processor.toml, and the processor's endpoint in its
+    /// registry.toml, for this start.
+    #[arg(long)]
+    pub processor_port: Option<u16>,
 }
 
 /// What a data subject asked for.

@@ -173,6 +173,52 @@ fn random_key() -> String {
     )
 }
 
+/// The ports of a new folder's files when `dev up` is given none.
+const DEFAULT_REGISTRY_PORT: u16 = 50051;
+const DEFAULT_PROCESSOR_PORT: u16 = 50061;
+
+/// The port of a listen address such as `127.0.0.1:50051`.
+fn port_of(listen: &str) -> Option<u16> {
+    listen.rsplit_once(':')?.1.parse().ok()
+}
+
+/// `listen` with its port replaced by `port`.
+fn with_port(listen: &str, port: u16) -> String {
+    let host = listen
+        .rsplit_once(':')
+        .map_or("127.0.0.1", |(host, _)| host);
+    format!("{host}:{port}")
+}
+
+/// Applies the ports given on the command line to the configurations read from the folder,
+/// which may have been written with other ports by an earlier start: each service's listen
+/// address, and the other service's endpoint for it where that is the one `dev up` wrote
+/// (`https://localhost:` and the old port; an endpoint edited to point elsewhere stays).
+fn apply_ports(
+    args: &DevUpArgs,
+    registry: &mut dsrelay_registry::Config,
+    processor: &mut dsrelay_processor::Config,
+) {
+    if let Some(port) = args.registry_port {
+        let old = port_of(&registry.service.listen).map(|p| format!("https://localhost:{p}"));
+        registry.service.listen = with_port(&registry.service.listen, port);
+        for c in &mut processor.controllers {
+            if Some(&c.registry_endpoint) == old.as_ref() {
+                c.registry_endpoint = format!("https://localhost:{port}");
+            }
+        }
+    }
+    if let Some(port) = args.processor_port {
+        let old = port_of(&processor.service.listen).map(|p| format!("https://localhost:{p}"));
+        processor.service.listen = with_port(&processor.service.listen, port);
+        for p in &mut registry.processors {
+            if Some(&p.endpoint) == old.as_ref() {
+                p.endpoint = format!("https://localhost:{port}");
+            }
+        }
+    }
+}
+
 fn write_if_missing<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     if !path.exists() {
         let text = toml::to_string(value).context("encoding a configuration")?;
@@ -198,16 +244,19 @@ pub(crate) async fn up(
         create_sample_accounting_db(&format!("sqlite://{}/accounting.db", dir.display())).await?;
         let registry_file = dir.join("registry.toml");
         let processor_file = dir.join("processor.toml");
+        let registry_port = args.registry_port.unwrap_or(DEFAULT_REGISTRY_PORT);
+        let processor_port = args.processor_port.unwrap_or(DEFAULT_PROCESSOR_PORT);
         write_if_missing(
             &registry_file,
-            &registry_config(&dir, args.registry_port, args.processor_port),
+            &registry_config(&dir, registry_port, processor_port),
         )?;
         write_if_missing(
             &processor_file,
-            &processor_config(&dir, args.processor_port, args.registry_port),
+            &processor_config(&dir, processor_port, registry_port),
         )?;
-        let registry = dsrelay_registry::Config::load(Some(&registry_file))?;
-        let processor = dsrelay_processor::Config::load(Some(&processor_file))?;
+        let mut registry = dsrelay_registry::Config::load(Some(&registry_file))?;
+        let mut processor = dsrelay_processor::Config::load(Some(&processor_file))?;
+        apply_ports(args, &mut registry, &mut processor);
         anyhow::Ok((registry, processor))
     };
     let (registry, processor) = prepare.await.map_err(Failure::Setup)?;
@@ -234,7 +283,15 @@ pub(crate) async fn up(
     }
     let processor_admin = admin.pop().flatten();
     let registry_admin = admin.pop().flatten();
-    let registry_endpoint = format!("https://localhost:{}", args.registry_port);
+    // What is bound, which the folder's files (or the command line) decided.
+    let port = |listener: &tokio::net::TcpListener| {
+        listener
+            .local_addr()
+            .map(|a| a.port().to_string())
+            .unwrap_or_else(|_| "?".into())
+    };
+    let registry_endpoint = format!("https://localhost:{}", port(&registry_listener));
+    let processor_endpoint = format!("https://localhost:{}", port(&processor_listener));
     let registry_app = dsrelay_registry::App::build(registry)
         .await
         .map_err(Failure::Setup)?;
@@ -262,7 +319,7 @@ pub(crate) async fn up(
         io.err,
         "dsrelay is running on the embedded default (SQLite, development certificates) in {d}\n\
          \x20 registry   {registry_endpoint}   partners: crm, webform; operator: ops\n\
-         \x20 processor  https://localhost:{}   {PROCESSOR}: subprocessors accounting (sample database {d}/accounting.db) and mail-marketing\n\
+         \x20 processor  {processor_endpoint}   {PROCESSOR}: subprocessors accounting (sample database {d}/accounting.db) and mail-marketing\n\
          \n\
          Try, in another terminal from this folder (dsrctl uses {d}/pki/operator.pem by default):\n\
          \x20 cargo run -q -p dsrctl -- submit --kind erasure --email maija.meikalainen@example.fi\n\
@@ -270,8 +327,7 @@ pub(crate) async fn up(
          \x20 cargo run -q -p dsrctl -- get <request id>\n\
          \x20 cargo run -q -p dsrctl -- list --overdue\n\
          As a partner: add --cert {d}/pki/partner-crm.pem --key {d}/pki/partner-crm.key\n\
-         Stop with Ctrl-C.",
-        args.processor_port
+         Stop with Ctrl-C."
     )?;
     // Either service failing ends the session too, rather than leaving half a pair running.
     let mut registry_task = registry_task;
@@ -321,5 +377,49 @@ mod tests {
         let config: dsrelay_registry::Config = toml::from_str(&text).unwrap();
         config.validate().unwrap();
         assert_eq!(config.known_recipients(), [RECIPIENT].into());
+    }
+
+    fn args(registry_port: Option<u16>, processor_port: Option<u16>) -> DevUpArgs {
+        DevUpArgs {
+            dir: ".dsrelay".into(),
+            registry_port,
+            processor_port,
+        }
+    }
+
+    #[test]
+    fn ports_given_on_a_later_start_replace_those_of_the_files() {
+        let dir = Path::new("/tmp/dsrelay-dev");
+        // The files of an earlier start with the default ports.
+        let mut registry = registry_config(dir, 50051, 50061);
+        let mut processor = processor_config(dir, 50061, 50051);
+        apply_ports(&args(Some(6000), Some(6001)), &mut registry, &mut processor);
+        assert_eq!(registry.service.listen, "127.0.0.1:6000");
+        assert_eq!(processor.service.listen, "127.0.0.1:6001");
+        assert_eq!(registry.processors[0].endpoint, "https://localhost:6001");
+        assert_eq!(
+            processor.controllers[0].registry_endpoint,
+            "https://localhost:6000"
+        );
+        // The recipient's endpoint is not one of the pair's.
+        assert_eq!(registry.recipients[0].endpoint, "https://localhost:50081");
+    }
+
+    #[test]
+    fn without_ports_the_files_decide_and_edited_endpoints_stay() {
+        let dir = Path::new("/tmp/dsrelay-dev");
+        let mut registry = registry_config(dir, 7000, 7001);
+        let mut processor = processor_config(dir, 7001, 7000);
+        apply_ports(&args(None, None), &mut registry, &mut processor);
+        assert_eq!(registry.service.listen, "127.0.0.1:7000");
+        assert_eq!(processor.service.listen, "127.0.0.1:7001");
+        // An endpoint edited to point elsewhere is left alone when the port changes.
+        processor.controllers[0].registry_endpoint = "https://controller.example:443".into();
+        apply_ports(&args(Some(6000), None), &mut registry, &mut processor);
+        assert_eq!(registry.service.listen, "127.0.0.1:6000");
+        assert_eq!(
+            processor.controllers[0].registry_endpoint,
+            "https://controller.example:443"
+        );
     }
 }
