@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 use tonic::{Response, Status};
 
 use crate::auth::{Caller, Party};
-use crate::deadline::{contract_end_due_at, grace_ends_at};
+use crate::deadline::{contract_end_due_at, grace_ends_at, CONTRACT_END_DUE_DAYS};
 use crate::error::ApiError;
 use crate::fold::request_is_terminal;
 use crate::store::{ContractChange, ContractRow, Inserted, NewContract, NewRequest};
@@ -79,12 +79,22 @@ pub(crate) fn recipient_violation(
     None
 }
 
-/// Every rule an EndContract body breaks, given the configured processors and recipients and
-/// the time now.
+/// The latest effective date whose contract end is still due within the years a timestamp
+/// may name (up to 9999): `grace_months` and [`CONTRACT_END_DUE_DAYS`] before that end.
+fn latest_effective_at(grace_months: u32) -> i64 {
+    let latest = dsrelay_proto::LATEST_INSTANT_SECONDS * 1000;
+    chrono::DateTime::from_timestamp_millis(latest - CONTRACT_END_DUE_DAYS * 24 * 3600 * 1000)
+        .and_then(|t| t.checked_sub_months(chrono::Months::new(grace_months)))
+        .map_or(i64::MIN, |t| t.timestamp_millis())
+}
+
+/// Every rule an EndContract body breaks, given the configured processors and recipients,
+/// the grace period and the time now.
 pub(crate) fn end_contract_violations(
     r: &EndContractRequest,
     processors: &BTreeSet<&str>,
     recipients: &BTreeSet<&str>,
+    grace_months: u32,
     now: i64,
 ) -> Vec<FieldViolation> {
     let mut out = Vec::new();
@@ -134,6 +144,18 @@ pub(crate) fn end_contract_violations(
                 date_label(millis_from_timestamp(t))
             ),
         )),
+        // Its due date would be no real date either, and the processor refuses the terms.
+        (Some(t), false) if millis_from_timestamp(t) > latest_effective_at(grace_months) => out
+            .push(FieldViolation::new(
+                "effective_at",
+                format!(
+                    "{} is too late: with the grace period of {grace_months} months and the \
+                     {CONTRACT_END_DUE_DAYS} days after it, the contract end would be due \
+                     after the year 9999; the latest effective date is {}",
+                    date_label(millis_from_timestamp(t)),
+                    date_label(latest_effective_at(grace_months))
+                ),
+            )),
         _ => {}
     }
     out.extend(recipient_violation(
@@ -301,8 +323,13 @@ impl ContractService for Api {
         let processors: BTreeSet<&str> =
             config.processors.iter().map(|p| p.name.as_str()).collect();
         let hash = body_hash(&self.shared.identity_hash_key, &body.encode_to_vec());
-        let violations =
-            end_contract_violations(&body, &processors, &config.known_recipients(), now);
+        let violations = end_contract_violations(
+            &body,
+            &processors,
+            &config.known_recipients(),
+            config.contracts.grace_months,
+            now,
+        );
         if !violations.is_empty() {
             // A retry of a contract end already made answers it (its effective date may have
             // passed meanwhile, say).
@@ -634,6 +661,7 @@ mod tests {
     use crate::validate::MAX_IDEMPOTENCY_KEY;
 
     const NOW: i64 = 1_800_000_000_000;
+    const GRACE: u32 = 6;
 
     fn good() -> EndContractRequest {
         EndContractRequest {
@@ -652,7 +680,7 @@ mod tests {
 
     fn fields(r: &EndContractRequest) -> Vec<String> {
         let known: BTreeSet<&str> = ["payroll", "web"].into();
-        end_contract_violations(r, &known, &recipients(), NOW)
+        end_contract_violations(r, &known, &recipients(), GRACE, NOW)
             .into_iter()
             .map(|v| v.field)
             .collect()
@@ -664,7 +692,7 @@ mod tests {
         let mut r = good();
         r.processor = "nobody".into();
         let known: BTreeSet<&str> = ["payroll", "web"].into();
-        let v = end_contract_violations(&r, &known, &recipients(), NOW);
+        let v = end_contract_violations(&r, &known, &recipients(), GRACE, NOW);
         assert_eq!(v[0].field, "processor");
         assert!(v[0].rule.contains("payroll, web"), "{}", v[0].rule);
 
@@ -679,7 +707,7 @@ mod tests {
 
         let mut r = good();
         r.effective_at = Some(timestamp_from_millis(NOW - 1));
-        let v = end_contract_violations(&r, &known, &recipients(), NOW);
+        let v = end_contract_violations(&r, &known, &recipients(), GRACE, NOW);
         assert_eq!(v.len(), 1);
         assert!(v[0].rule.contains("effective_now"), "{}", v[0].rule);
 
@@ -690,6 +718,26 @@ mod tests {
         assert!(fields(&r).is_empty());
         r.effective_now = false;
         assert_eq!(fields(&r), ["effective_at"]);
+
+        // The latest date whose contract end is due by the end of 9999, and a day later.
+        let latest = latest_effective_at(GRACE);
+        assert_eq!(date_label(latest), "9999-06-01T23:59:59Z");
+        assert_eq!(
+            contract_end_due_at(grace_ends_at(latest, GRACE)),
+            dsrelay_proto::LATEST_INSTANT_SECONDS * 1000
+        );
+        let mut r = good();
+        r.effective_at = Some(timestamp_from_millis(latest));
+        assert!(fields(&r).is_empty());
+        r.effective_at = Some(timestamp_from_millis(latest + 24 * 3600 * 1000));
+        let v = end_contract_violations(&r, &known, &recipients(), GRACE, NOW);
+        assert_eq!(v.len(), 1);
+        assert!(
+            v[0].rule
+                .contains("latest effective date is 9999-06-01T23:59:59Z"),
+            "{}",
+            v[0].rule
+        );
 
         let mut r = good();
         r.idempotency_key = String::new();
@@ -707,7 +755,7 @@ mod tests {
 
         r.transfer_recipient = "stranger".into();
         let known: BTreeSet<&str> = ["payroll", "web"].into();
-        let v = end_contract_violations(&r, &known, &recipients(), NOW);
+        let v = end_contract_violations(&r, &known, &recipients(), GRACE, NOW);
         assert_eq!(v.len(), 1);
         assert_eq!(v[0].field, "transfer_recipient");
         assert!(
@@ -722,7 +770,7 @@ mod tests {
             let mut r = good();
             r.choice = c as i32;
             r.transfer_recipient = "successor".into();
-            let v = end_contract_violations(&r, &known, &recipients(), NOW);
+            let v = end_contract_violations(&r, &known, &recipients(), GRACE, NOW);
             assert_eq!(v.len(), 1, "{c:?}");
             assert!(v[0].rule.contains("RETURN_THEN_DELETE"), "{}", v[0].rule);
         }
