@@ -890,12 +890,18 @@ async fn acknowledgements_are_checked() {
     expect_rejected(
         "sequence 0",
         acks.acknowledge(one(&|a| a.sequence = 0)).await,
-        &[("acknowledgements[0].sequence", &["must start at 1"])],
+        &[(
+            "acknowledgements[0].sequence",
+            &["from 1 to 9223372036854775807", "got 0"],
+        )],
     );
     expect_rejected(
         "sequence beyond i64",
         acks.acknowledge(one(&|a| a.sequence = u64::MAX)).await,
-        &[("acknowledgements[0].sequence", &["must start at 1"])],
+        &[(
+            "acknowledgements[0].sequence",
+            &["from 1 to 9223372036854775807", "got 18446744073709551615"],
+        )],
     );
     expect_rejected(
         "state UNSPECIFIED",
@@ -948,9 +954,15 @@ async fn acknowledgements_are_checked() {
         })
         .await,
         &[
-            ("acknowledgements[1].sequence", &["must start at 1"]),
+            (
+                "acknowledgements[1].sequence",
+                &["from 1 to 9223372036854775807"],
+            ),
             ("acknowledgements[1].state", &["must be a task state"]),
-            ("acknowledgements[2].sequence", &["must start at 1"]),
+            (
+                "acknowledgements[2].sequence",
+                &["from 1 to 9223372036854775807"],
+            ),
             ("acknowledgements[2].state", &["must be a task state"]),
         ],
     );
@@ -1621,6 +1633,22 @@ async fn a_contract_end_in_no_real_year_is_refused() {
             &[("effective_at", &["2000 and 9999", &seconds.to_string()])],
         );
     }
+    // A real year, but the contract end would be due after 9999 (the default grace period
+    // of 6 months and the 30 days after it): refused at once, not accepted and then refused
+    // by the processor at every delivery.
+    let december_9999 = LATEST_INSTANT_SECONDS - 30 * 24 * 3600;
+    expect_invalid(
+        "effective_at in December 9999",
+        ops.end_contract(end(
+            Some(Timestamp {
+                seconds: december_9999,
+                nanos: 0,
+            }),
+            "late",
+        ))
+        .await,
+        &[("effective_at", &["year 9999", "latest effective date"])],
+    );
     ops.end_contract(end(None, "now"))
         .await
         .expect("a real contract end after the refused ones");
