@@ -308,14 +308,15 @@ async fn contractreg_statuses_and_idempotency() {
         Code::FailedPrecondition,
         &["RETURN_THEN_DELETE"],
     );
+    // The choice is what is wrong, whatever the digest looks like.
     refused(
         ops.confirm_return(ConfirmReturnRequest {
             contract_id: id.clone(),
             manifest_sha256: "not hex".into(),
         })
         .await,
-        Code::InvalidArgument,
-        &["manifest_sha256"],
+        Code::FailedPrecondition,
+        &["RETURN_THEN_DELETE"],
     );
     pair.stop().await;
 }
@@ -714,6 +715,15 @@ async fn delivery_update_and_progress(backend: Backend) {
         serde_json::from_slice(&info.manifest_json).expect("manifest json");
     assert_eq!(manifest["kind"], "CONTRACT_END");
 
+    refused(
+        ops.confirm_return(ConfirmReturnRequest {
+            contract_id: id.clone(),
+            manifest_sha256: "not hex".into(),
+        })
+        .await,
+        Code::InvalidArgument,
+        &["manifest_sha256", "64 hex digits"],
+    );
     refused(
         ops.confirm_return(ConfirmReturnRequest {
             contract_id: id.clone(),

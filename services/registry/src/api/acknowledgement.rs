@@ -400,7 +400,11 @@ fn violations(i: usize, a: &Acknowledgement) -> Vec<FieldViolation> {
     if a.sequence == 0 || a.sequence > i64::MAX as u64 {
         violations.push(FieldViolation::new(
             format!("acknowledgements[{i}].sequence"),
-            "must start at 1",
+            format!(
+                "must be from 1 to {}, the task's change number (got {})",
+                i64::MAX,
+                a.sequence
+            ),
         ));
     }
     if TaskState::try_from(a.state).unwrap_or_default() == TaskState::Unspecified {

@@ -553,6 +553,14 @@ impl ContractService for Api {
         let digest = r.manifest_sha256.to_ascii_lowercase();
         let row = self.contract_row(&r.contract_id).await?;
         let id = row.request_id.clone();
+        // The choice first: a digest's form matters only where there is something to confirm.
+        if row.choice() != ContractEndChoice::ReturnThenDelete {
+            return Err(ApiError::failed_precondition(format!(
+                "contract end {id} is {}; only RETURN_THEN_DELETE returns a package to confirm",
+                choice_name(row.choice())
+            ))
+            .into());
+        }
         let transfer = !row.transfer_recipient.is_empty();
         if transfer && !digest.is_empty() {
             return Err(ApiError::invalid([FieldViolation::new(
@@ -570,13 +578,6 @@ impl ContractService for Api {
                 "manifest_sha256",
                 "must be 64 hex digits: the SHA-256 of the package's manifest.json",
             )])
-            .into());
-        }
-        if row.choice() != ContractEndChoice::ReturnThenDelete {
-            return Err(ApiError::failed_precondition(format!(
-                "contract end {id} is {}; only RETURN_THEN_DELETE returns a package to confirm",
-                choice_name(row.choice())
-            ))
             .into());
         }
         if row.return_confirmed != 0 {
