@@ -182,14 +182,14 @@ impl<S: ServiceName> From<ApiError<S>> for Status {
     fn from(e: ApiError<S>) -> Self {
         match e.failure {
             Failure::Invalid(violations) => invalid_argument(&violations),
-            Failure::NotFound(m) => Status::not_found(m),
-            Failure::PermissionDenied(m) => Status::permission_denied(m),
-            Failure::AlreadyExists(m) => Status::already_exists(m),
-            Failure::FailedPrecondition(m) => Status::failed_precondition(m),
-            Failure::Aborted(m) => Status::aborted(m),
-            Failure::Unavailable(m) => Status::unavailable(m),
-            Failure::ResourceExhausted(m) => Status::resource_exhausted(m),
-            Failure::DataLoss(m) => Status::data_loss(m),
+            Failure::NotFound(m) => Status::not_found(clip_message(m)),
+            Failure::PermissionDenied(m) => Status::permission_denied(clip_message(m)),
+            Failure::AlreadyExists(m) => Status::already_exists(clip_message(m)),
+            Failure::FailedPrecondition(m) => Status::failed_precondition(clip_message(m)),
+            Failure::Aborted(m) => Status::aborted(clip_message(m)),
+            Failure::Unavailable(m) => Status::unavailable(clip_message(m)),
+            Failure::ResourceExhausted(m) => Status::resource_exhausted(clip_message(m)),
+            Failure::DataLoss(m) => Status::data_loss(clip_message(m)),
             Failure::Unexpected(err) if store_out_of_reach(&err) => {
                 tracing::warn!(error = format!("{err:#}"), "store unavailable");
                 Status::unavailable(format!(
@@ -225,6 +225,23 @@ fn invalid_argument(violations: &[FieldViolation]) -> Status {
         format!("invalid request: {}", joined(violations)),
         details,
     )
+}
+
+/// Longest message of any other status. It travels in an HTTP/2 header too, percent-encoded
+/// where it is not plain ASCII (up to three bytes for one), so 4 KiB stays under hyper's
+/// 16 KiB however it is written.
+const MAX_MESSAGE_TEXT: usize = 4096;
+
+/// `m` cut at [`MAX_MESSAGE_TEXT`] bytes (on a character boundary), saying how much was cut.
+fn clip_message(m: String) -> String {
+    if m.len() <= MAX_MESSAGE_TEXT {
+        return m;
+    }
+    let mut end = MAX_MESSAGE_TEXT;
+    while !m.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… [{} more bytes cut]", &m[..end], m.len() - end)
 }
 
 fn clip(s: &str) -> String {
@@ -310,6 +327,21 @@ mod tests {
     }
 
     type Error = ApiError<Test>;
+
+    #[test]
+    fn long_messages_are_cut_to_fit_a_header() {
+        // Non-ASCII text grows when percent-encoded for the header; cut on a boundary.
+        let long = "ä".repeat(10_000);
+        let status = Status::from(Error::failed_precondition(long.clone()));
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        let m = status.message();
+        assert!(m.len() < MAX_MESSAGE_TEXT + 40, "{}", m.len());
+        assert!(m.starts_with("ää"), "{m}");
+        assert!(m.ends_with("… [15904 more bytes cut]"), "{m}");
+        // One that fits is left whole.
+        let status = Status::from(Error::not_found("x".repeat(MAX_MESSAGE_TEXT)));
+        assert_eq!(status.message().len(), MAX_MESSAGE_TEXT);
+    }
 
     #[test]
     fn violations_are_reported_with_details_and_clipped() {
