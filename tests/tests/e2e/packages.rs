@@ -419,6 +419,54 @@ async fn packages_a_stalled_upload_stream_is_ended_and_the_file_freed() {
     pair.stop().await;
 }
 
+/// A part whose files would make the package's description (GetPackage's answer, the first
+/// message of DownloadPackage) larger than a message may be is refused as invalid, so the
+/// processor's task fails saying why instead of completing a package nobody could read;
+/// parts of thousands of files are still taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packages_refuse_a_part_too_large_to_describe() {
+    let (pair, id) = a_delivered_return_of_data(PairOptions::default()).await;
+    let mut client = uploads(&pair);
+    let part = |n: usize| CompletePartRequest {
+        request_id: id.clone(),
+        subprocessor: "test-holder".into(),
+        files: (0..n)
+            .map(|i| header(&id, &format!("export-{i:06}.json"), b"{}"))
+            .collect(),
+    };
+    let refused = client.complete_part(part(9_900)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    for words in ["description", "9900 files", "fewer files"] {
+        assert!(
+            refused.message().contains(words),
+            "{words:?} in {refused:?}"
+        );
+    }
+    // 2,000 files describe well within the limit: the part is judged on its files, which
+    // were never uploaded. The answer names a few of them and counts the rest (all 2,000
+    // names would not fit in a status, which then reached the caller as a protocol error).
+    let waiting = client.complete_part(part(2_000)).await.unwrap_err();
+    assert_eq!(waiting.code(), Code::FailedPrecondition, "{waiting:?}");
+    for words in ["upload export-000000.json", "and 1995 more first"] {
+        assert!(
+            waiting.message().contains(words),
+            "{words:?} in {waiting:?}"
+        );
+    }
+    // Nothing of either was stored (the package holds only the processor's own export of
+    // its newsletter subprocessor), and the package still reads.
+    let info = packages(&pair, "operator")
+        .get_package(GetPackageRequest {
+            request_id: id.clone(),
+        })
+        .await
+        .expect("the package reads")
+        .into_inner();
+    let holders: Vec<&str> = info.files.iter().map(|f| f.subprocessor.as_str()).collect();
+    assert_eq!(holders, ["newsletter"]);
+    pair.stop().await;
+}
+
 /// Chunks sent with the processor's certificate: a damaged or out-of-order chunk, and a file
 /// whose bytes disagree with its header, are refused and leave nothing stored; an upload cut
 /// short resumes where GetUploadState says; a part lists only files stored whole.

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat};
+use dsrelay_proto::prost::Message;
 use dsrelay_proto::timestamp_from_millis;
 use dsrelay_proto::v1::export_upload_service_server::ExportUploadService;
 use dsrelay_proto::v1::package_chunk::Item;
@@ -23,7 +24,7 @@ use dsrelay_runtime::export_files::{
 };
 use dsrelay_runtime::grpc::feed;
 use dsrelay_runtime::identity::{request_id_violation, FieldViolation};
-use dsrelay_runtime::server::next_message_within;
+use dsrelay_runtime::server::{next_message_within, MAX_MESSAGE_BYTES};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tonic::{Response, Status, Streaming};
@@ -36,6 +37,10 @@ use crate::store::{FileBegin, PackageFile, PartOutcome, RequestRow, UploadTarget
 use crate::validate::text_violation;
 
 use super::Api;
+
+/// The most a package's description ([`PackageInfo`]) may take: the message limit less a
+/// margin (see [`Api::ensure_describable`]).
+const MAX_DESCRIPTION_BYTES: usize = MAX_MESSAGE_BYTES - 256 * 1024;
 
 /// Files being uploaded to this registry right now, by store key: two streams appending to
 /// one file would interleave their bytes, so the second is turned away until the first ends.
@@ -96,6 +101,61 @@ impl Api {
                 Some(why) => Err(ApiError::failed_precondition(why)),
             },
         }
+    }
+
+    /// Refuses a part that would make its package's description too large to send:
+    /// GetPackage answers the [`PackageInfo`], and DownloadPackage's first message carries
+    /// it, each in one message of at most [`MAX_MESSAGE_BYTES`], and it lists every file
+    /// twice (as a [`ManifestFile`](dsrelay_proto::v1::ManifestFile), and in
+    /// `manifest.json`). Stored, such a part would complete a package nobody could read.
+    /// Measured on the package as the part would leave it (its earlier files of this part
+    /// replaced), so parts completing at the same moment could still pass together; the
+    /// margin below the limit is for that and for the list of missing parts growing.
+    async fn ensure_describable(
+        &self,
+        request_id: &str,
+        processor: &str,
+        subprocessor: &str,
+        files: &[PackageFile],
+    ) -> Result<(), ApiError> {
+        let Some(row) = self.shared.store.request(request_id).await? else {
+            return Ok(());
+        };
+        let record = self.shared.store.package(request_id).await?;
+        let mut all: Vec<PackageFile> = record
+            .files
+            .into_iter()
+            .filter(|f| f.processor != processor || f.subprocessor != subprocessor)
+            .collect();
+        all.extend_from_slice(files);
+        let created_at = record.created_at.unwrap_or(row.received_at);
+        let (listed, manifest_json) = manifest::build(request_id, row.kind, created_at, &all);
+        let info = PackageInfo {
+            request_id: request_id.to_string(),
+            complete: true,
+            files: listed,
+            missing: record
+                .missing
+                .iter()
+                .map(|(p, s)| format!("{p}/{s}"))
+                .collect(),
+            expires_at: Some(timestamp_from_millis(created_at)),
+            manifest_json,
+        };
+        let size = info.encoded_len();
+        if size > MAX_DESCRIPTION_BYTES {
+            return Err(ApiError::invalid([FieldViolation::new(
+                "files",
+                format!(
+                    "this part's {} files would make the package's description {size} bytes \
+                     ({} files in all, each listed and in manifest.json), where at most \
+                     {MAX_DESCRIPTION_BYTES} can be sent: put the part's data in fewer files",
+                    files.len(),
+                    all.len()
+                ),
+            )]));
+        }
+        Ok(())
     }
 
     /// Registers the file `header` describes and answers where its upload stands; a partial
@@ -582,6 +642,8 @@ impl ExportUploadService for Api {
             .iter()
             .map(|h| package_file(&processor, h))
             .collect();
+        self.ensure_describable(&part.request_id, &processor, &part.subprocessor, &files)
+            .await?;
         let now = self.shared.clock.now_ms();
         let bytes = &self.shared.packages.store;
         let remove_bytes = |name: String| {
@@ -617,12 +679,20 @@ impl ExportUploadService for Api {
                     stored_at: Some(timestamp_from_millis(stored_at)),
                 }))
             }
-            PartOutcome::Missing(names) => Err(ApiError::failed_precondition(format!(
-                "part of {} is not stored complete: upload {} first",
-                part.subprocessor,
-                names.join(", ")
-            ))
-            .into()),
+            PartOutcome::Missing(names) => {
+                // A few names say what is meant; thousands would not fit in a status.
+                const NAMED: usize = 5;
+                let more = match names.len().saturating_sub(NAMED) {
+                    0 => String::new(),
+                    n => format!(" and {n} more"),
+                };
+                Err(ApiError::failed_precondition(format!(
+                    "part of {} is not stored complete: upload {}{more} first",
+                    part.subprocessor,
+                    names[..names.len().min(NAMED)].join(", ")
+                ))
+                .into())
+            }
             PartOutcome::Expired(at) => Err(expired(&part.request_id, at).into()),
         }
     }
