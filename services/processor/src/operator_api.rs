@@ -23,7 +23,7 @@ use crate::api::ApiError;
 use crate::app::Shared;
 use dsrelay_connectors::ExportedFile;
 
-use crate::store::{ManualRow, TaskKey};
+use crate::store::{ManualCursor, ManualRow, TaskKey};
 use crate::task_machine::{decide, Context, Decision, Event};
 
 /// The ProcessorOperatorService implementation.
@@ -320,6 +320,71 @@ fn note_violation(field: &str, value: &str) -> Option<FieldViolation> {
     text_violation(field, value, 4096, true)
 }
 
+/// The most one page of ListManualTasks takes, well below the 4 MiB a client decodes by
+/// default: a task can carry 32 corrections of 1 KiB, notes and a reason.
+const MAX_MANUAL_PAGE_BYTES: usize = 3 << 20;
+
+/// The first `limit` of `rows` that fit in `max_bytes` (at least one), and where the page
+/// ended when more follow.
+fn manual_page(
+    rows: Vec<ManualRow>,
+    limit: usize,
+    max_bytes: usize,
+) -> (Vec<ManualTask>, Option<ManualCursor>) {
+    use dsrelay_proto::prost::Message;
+    let mut tasks = Vec::new();
+    let mut bytes = 0;
+    let mut last = None;
+    let total = rows.len();
+    for row in rows {
+        if tasks.len() == limit {
+            break;
+        }
+        let cursor = ManualCursor {
+            updated_at: row.task.updated_at,
+            key: row.task.key.clone(),
+        };
+        let task = to_proto(row);
+        // A field's tag and length come on top of the task's own bytes.
+        let size = task.encoded_len() + 8;
+        if !tasks.is_empty() && bytes + size > max_bytes {
+            break;
+        }
+        bytes += size;
+        tasks.push(task);
+        last = Some(cursor);
+    }
+    let more = tasks.len() < total;
+    (tasks, last.filter(|_| more))
+}
+
+/// A page's end as a token: the change time, then the key's parts as hex (so no separator
+/// can appear inside one).
+fn page_token(c: &ManualCursor) -> String {
+    format!(
+        "{}.{}.{}.{}",
+        c.updated_at,
+        hex::encode(&c.key.controller),
+        hex::encode(&c.key.request_id),
+        hex::encode(&c.key.subprocessor)
+    )
+}
+
+fn parse_page_token(token: &str) -> Option<ManualCursor> {
+    let mut parts = token.split('.');
+    let updated_at = parts.next()?.parse().ok()?;
+    let mut text = || String::from_utf8(hex::decode(parts.next()?).ok()?).ok();
+    let key = TaskKey {
+        controller: text()?,
+        request_id: text()?,
+        subprocessor: text()?,
+    };
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(ManualCursor { updated_at, key })
+}
+
 fn to_proto(r: ManualRow) -> ManualTask {
     let body = r.request.unwrap_or_default();
     ManualTask {
@@ -502,19 +567,37 @@ impl ProcessorOperatorService for OperatorApi {
                 Ok(_) => {}
             }
         }
+        let after = match r.page_token.as_str() {
+            "" => None,
+            token => match parse_page_token(token) {
+                Some(c) => Some(c),
+                None => {
+                    violations.push(FieldViolation::new(
+                        "page_token",
+                        "is not a token this processor gave: pass the next_page_token of the \
+                         page before, or nothing for the first page",
+                    ));
+                    None
+                }
+            },
+        };
         ApiError::ensure_valid(violations)?;
+        // One more than the page, to know whether another follows.
         let rows = self
             .shared
             .store
             .manual_tasks(
                 (!r.subprocessor.is_empty()).then_some(r.subprocessor.as_str()),
                 &states,
-                i64::from(limit),
+                after.as_ref(),
+                i64::from(limit) + 1,
             )
             .await
             .map_err(ApiError::from)?;
+        let (tasks, last) = manual_page(rows, limit as usize, MAX_MANUAL_PAGE_BYTES);
         Ok(Response::new(ManualTaskList {
-            tasks: rows.into_iter().map(to_proto).collect(),
+            tasks,
+            next_page_token: last.map(|c| page_token(&c)).unwrap_or_default(),
         }))
     }
 
@@ -635,5 +718,96 @@ impl ProcessorOperatorService for OperatorApi {
         tracing::info!(id, operator = by, "dead-lettered acknowledgement requeued");
         self.shared.ack_wakeup.notify_one();
         Ok(Response::new(RequeueDeadLetterResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dsrelay_connectors::BulkProgress;
+    use dsrelay_proto::v1::ContractPhase;
+
+    use super::*;
+    use crate::store::TaskRow;
+
+    fn row(i: usize, note_bytes: usize) -> ManualRow {
+        ManualRow {
+            task: TaskRow {
+                key: TaskKey {
+                    controller: "controller".into(),
+                    request_id: format!("r-{i}"),
+                    subprocessor: "archive.é".into(),
+                },
+                state: TaskState::WaitingForOperator,
+                sequence: 1,
+                attempts: 1,
+                records_affected: 0,
+                confirmed: false,
+                note: "n".repeat(note_bytes),
+                reason: String::new(),
+                legal_basis: String::new(),
+                retain_until: None,
+                updated_at: 1_000 + i as i64,
+                handle: None,
+                transfer_receipt: None,
+                phase: ContractPhase::Unspecified,
+                counts: BulkProgress::default(),
+                scheduled_at: None,
+                cancel_requested_at: None,
+                call_started_at: None,
+            },
+            request: None,
+            due_at: 0,
+        }
+    }
+
+    fn ids(tasks: &[ManualTask]) -> Vec<String> {
+        tasks
+            .iter()
+            .map(|t| t.task.as_ref().unwrap().request_id.clone())
+            .collect()
+    }
+
+    #[test]
+    fn a_page_ends_at_its_limit_or_its_bytes_and_says_where() {
+        // Limit 2 of 3 rows: two tasks, and the second is where the next page starts.
+        let (tasks, last) = manual_page((0..3).map(|i| row(i, 10)).collect(), 2, 1 << 20);
+        assert_eq!(ids(&tasks), ["r-0", "r-1"]);
+        assert_eq!(last.unwrap().key.request_id, "r-1");
+        // All rows there are: no next page.
+        let (tasks, last) = manual_page((0..2).map(|i| row(i, 10)).collect(), 2, 1 << 20);
+        assert_eq!(tasks.len(), 2);
+        assert!(last.is_none());
+        // Large tasks end the page before the limit, within the bytes (each about 8 KB:
+        // the note goes out as the instructions and as the evidence).
+        let rows: Vec<ManualRow> = (0..10).map(|i| row(i, 4000)).collect();
+        let (tasks, last) = manual_page(rows, 100, 20_000);
+        assert_eq!(ids(&tasks), ["r-0", "r-1"]);
+        assert_eq!(last.unwrap().key.request_id, "r-1");
+        // One task larger than the bytes still goes alone, so paging never stalls.
+        let (tasks, last) = manual_page(vec![row(0, 20_000), row(1, 10)], 100, 10_000);
+        assert_eq!(ids(&tasks), ["r-0"]);
+        assert_eq!(last.unwrap().key.request_id, "r-0");
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_others_are_refused() {
+        let cursor = ManualCursor {
+            updated_at: 1_234,
+            key: row(7, 0).task.key,
+        };
+        let token = page_token(&cursor);
+        assert_eq!(parse_page_token(&token), Some(cursor));
+        for bad in [
+            "",
+            "x",
+            "1.2.3",
+            "1.zz.00.00",
+            "1.00.00.00.00",
+            "a.00.00.00",
+        ] {
+            assert_eq!(parse_page_token(bad), None, "{bad:?}");
+        }
+        // Hex of bytes that are not UTF-8.
+        assert_eq!(parse_page_token("1.ff.00.00"), None);
     }
 }

@@ -17,7 +17,8 @@ use dsrelay_proto::v1::{
 use tonic::Code;
 
 use crate::harness::{
-    count, erasure, in_state, spawn_pair, wait_until, Holder, PairOptions, NEWSLETTER, PROCESSOR,
+    count, erasure, in_state, spawn_pair, wait_until, Backend, Holder, PairOptions, NEWSLETTER,
+    PROCESSOR,
 };
 
 /// A holder's port that accepts every connection and drops it at once, counting them: to
@@ -57,6 +58,84 @@ impl Drop for CountingHolder {
     fn drop(&mut self) {
         self.accepting.abort();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_tasks_are_listed_a_page_at_a_time_on_sqlite() {
+    manual_tasks_are_listed_a_page_at_a_time(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_tasks_are_listed_a_page_at_a_time_on_postgres() {
+    manual_tasks_are_listed_a_page_at_a_time(Backend::Postgres).await;
+}
+
+/// The waiting tasks come a page at a time, oldest first, each page going on where the one
+/// before ended, none twice and none left out; a made-up token is refused.
+async fn manual_tasks_are_listed_a_page_at_a_time(backend: Backend) {
+    let Some(pair) = spawn_pair(PairOptions {
+        backend,
+        holders: vec![Holder::PaperArchive],
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let mut crm = pair.client("partner-crm");
+    let mut submitted = Vec::new();
+    for i in 0..5 {
+        let mut req = erasure(&format!("subject-{i}@example.fi"));
+        req.scope = Some(Scope {
+            data_categories: vec!["archive".into()],
+        });
+        let r = crm.submit(req).await.expect("submit").into_inner();
+        wait_until(&mut crm, &r.request_id, Duration::from_secs(20), |v| {
+            v.tasks
+                .iter()
+                .any(|t| t.state == TaskState::WaitingForOperator as i32)
+        })
+        .await;
+        submitted.push(r.request_id);
+    }
+    let mut ops = ProcessorOperatorServiceClient::new(pair.channel_to_processor("operator"));
+    let mut listed = Vec::new();
+    let mut sizes = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = ops
+            .list_manual_tasks(ListManualTasksRequest {
+                limit: 2,
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        sizes.push(page.tasks.len());
+        listed.extend(
+            page.tasks
+                .into_iter()
+                .map(|t| t.task.expect("task").request_id),
+        );
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(sizes, [2, 2, 1]);
+    // Each waited before the next was submitted, so the oldest change is the first.
+    assert_eq!(listed, submitted);
+    let refused = ops
+        .list_manual_tasks(ListManualTasksRequest {
+            page_token: "not.a.token".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a made-up token");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("page_token"), "{refused:?}");
+    pair.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

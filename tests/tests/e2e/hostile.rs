@@ -489,6 +489,7 @@ fn rows(open: &str, other: &str) -> Vec<Row> {
                 subprocessor: "accounting".into(),
                 limit: 10,
                 states: vec![TaskState::WaitingForOperator as i32],
+                page_token: String::new(),
             },
         ),
         row(

@@ -301,18 +301,27 @@ pub(crate) async fn run(
                 }
             }
             let mut client = ProcessorOperatorServiceClient::new(connect(processor, settings)?);
-            let list = client
-                .list_manual_tasks(ListManualTasksRequest {
-                    subprocessor: subprocessor.clone().unwrap_or_default(),
-                    limit: 0,
-                    states: wanted,
-                })
-                .await
-                .map_err(|s| failed(s, &processor.processor))?
-                .into_inner();
-            let view = TaskListView {
-                tasks: list.tasks.iter().map(TaskView::from).collect(),
-            };
+            // Every page: the processor ends one at 100 tasks or fewer when they are large.
+            let mut tasks = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = client
+                    .list_manual_tasks(ListManualTasksRequest {
+                        subprocessor: subprocessor.clone().unwrap_or_default(),
+                        limit: 0,
+                        states: wanted.clone(),
+                        page_token,
+                    })
+                    .await
+                    .map_err(|s| failed(s, &processor.processor))?
+                    .into_inner();
+                tasks.extend(page.tasks.iter().map(TaskView::from));
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            let view = TaskListView { tasks };
             emit(io.out, io.format, &view, false)?;
         }
         TasksCommand::Complete {

@@ -46,7 +46,7 @@ pub(crate) use contracts::to_proto as terms_to_proto;
 pub use contracts::{ContractEndRow, Updated};
 pub use forget::Forgettable;
 pub use rows::{AckJob, ManualRow, TaskJob, TaskKey, TaskRow};
-pub use tasks::{Accepted, DueDateExtended};
+pub use tasks::{Accepted, DueDateExtended, ManualCursor};
 pub use uploads::{Delivered, NextAttempt, UploadClaim, UploadFinish, UploadJob};
 
 /// The migrations for each backend, embedded at build time.

@@ -61,12 +61,23 @@ pub enum Accepted {
 enum OperatorFilter<'a> {
     /// One task.
     One(&'a TaskKey),
-    /// Tasks in `states` (of one subprocessor, or all), oldest change first.
+    /// Tasks in `states` (of one subprocessor, or all), oldest change first, after `after`.
     InStates {
         subprocessor: Option<&'a str>,
         states: &'a [TaskState],
+        after: Option<&'a ManualCursor>,
         limit: i64,
     },
+}
+
+/// Where a page of [`Store::manual_tasks`] ended: the last task's change time and key, the
+/// order the tasks come in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManualCursor {
+    /// The task's `updated_at` (ms).
+    pub updated_at: i64,
+    /// The task.
+    pub key: TaskKey,
 }
 
 /// Stores, in `tx`, a delivered request and one PENDING task per subprocessor, or reports
@@ -705,16 +716,19 @@ impl Store {
         Ok(done > 0)
     }
 
-    /// Tasks in `states` (WAITING_FOR_OPERATOR when empty), oldest change first.
+    /// Tasks in `states` (WAITING_FOR_OPERATOR when empty), oldest change first (ties in
+    /// key order), those after `after` only.
     pub async fn manual_tasks(
         &self,
         subprocessor: Option<&str>,
         states: &[TaskState],
+        after: Option<&ManualCursor>,
         limit: i64,
     ) -> Result<Vec<ManualRow>> {
         self.for_operators(OperatorFilter::InStates {
             subprocessor,
             states,
+            after,
             limit,
         })
         .await
@@ -741,6 +755,7 @@ impl Store {
             OperatorFilter::InStates {
                 subprocessor,
                 states,
+                after,
                 limit,
             } => {
                 // Task states are our own enum values, so they are written into the SQL (and
@@ -750,15 +765,33 @@ impl Store {
                 } else {
                     states.iter().map(|s| state_value(*s).to_string()).collect()
                 };
-                sqlx::query_as(&format!(
+                // Keyed on the order itself, so a page goes on where the last one ended
+                // whatever changed meanwhile.
+                let after_clause = match after {
+                    Some(_) => {
+                        "AND (t.updated_at, t.controller, t.request_id, t.subprocessor) \
+                         > ($3, $4, $5, $6) "
+                    }
+                    None => "",
+                };
+                let sql = format!(
                     "{JOINED_SELECT} WHERE t.state IN ({}) \
-                     AND ($1 = '' OR t.subprocessor = $1) ORDER BY t.updated_at LIMIT $2",
+                     AND ($1 = '' OR t.subprocessor = $1) {after_clause}\
+                     ORDER BY t.updated_at, t.controller, t.request_id, t.subprocessor \
+                     LIMIT $2",
                     wanted.join(", ")
-                ))
-                .bind(subprocessor.unwrap_or(""))
-                .bind(limit)
-                .fetch_all(&self.db.reader)
-                .await?
+                );
+                let mut q = sqlx::query_as(&sql)
+                    .bind(subprocessor.unwrap_or(""))
+                    .bind(limit);
+                if let Some(c) = after {
+                    q = q
+                        .bind(c.updated_at)
+                        .bind(&c.key.controller)
+                        .bind(&c.key.request_id)
+                        .bind(&c.key.subprocessor);
+                }
+                q.fetch_all(&self.db.reader).await?
             }
         };
         Ok(rows.into_iter().map(ManualRow::from).collect())
