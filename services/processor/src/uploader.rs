@@ -536,6 +536,11 @@ async fn send_export(
     while let Some(sent) = sending.next().await {
         sent?;
     }
+    // The part is closed only under a lease held now: a cancellation reads a leased upload
+    // as busy and lets the delivery be recorded, but it cancels the task of one whose lease
+    // ran out (the renewals after each file may have failed, or one file took longer than
+    // the lease), and this sender must then not deliver.
+    hold_lease(shared, job).await?;
     let receipt = sink
         .complete(key, headers.clone(), timeout)
         .await
@@ -582,9 +587,9 @@ async fn deliver_file(
         .await
     {
         Ok(true) => {}
-        // Its lease ran out while the file was sent, and another claim took the upload:
-        // that sender goes on, and what this one would record (it is not the holder)
-        // changes nothing.
+        // Its lease ran out while the file was sent. Another claim may have taken the
+        // upload (that sender goes on, and what this one would record changes nothing), or a
+        // cancellation may have read it as idle: either way this sender stops.
         Ok(false) => {
             return Err(Failure::Retry(
                 "another sender took this export over (this one's lease ran out while it \
@@ -598,6 +603,25 @@ async fn deliver_file(
         ),
     }
     Ok(())
+}
+
+/// Renews the upload's lease, or fails the attempt (to be retried) when the lease is no
+/// longer this sender's or cannot be renewed.
+async fn hold_lease(shared: &Shared, job: &UploadJob) -> Result<(), Failure> {
+    let lease_ms = shared.config.uploads.lease_ms as i64;
+    match shared
+        .store
+        .extend_upload_lease(job.claim(), lease_ms)
+        .await
+    {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Failure::Retry(
+            "this sender's lease on the export ran out before the part was closed".into(),
+        )),
+        Err(e) => Err(Failure::Retry(format!(
+            "renewing the export's lease before closing the part: {e:#}"
+        ))),
+    }
 }
 
 /// Whether `r` is the receipt for exactly the part `headers` describe: same request and

@@ -357,14 +357,17 @@ impl Store {
 
     /// Keeps an upload of the claim `lease_owner` reserved for `lease_ms` more from now (the
     /// database's clock) while its files are still being sent. Answers whether the claim
-    /// still held it: once another claim took it, this sender should stop.
+    /// still held it: once another claim took it, or its lease ran out, this sender should
+    /// stop. A lease that ran out is not taken back even where no claim took the upload
+    /// since: a cancellation meanwhile read the upload as idle and cancelled its task, and
+    /// this sender must not go on to deliver.
     pub async fn extend_upload_lease(&self, claim: UploadClaim<'_>, lease_ms: i64) -> Result<bool> {
         let UploadClaim { key, lease_owner } = claim;
         let db_now = self.db.backend.now_ms();
         let held = sqlx::query(&format!(
             "UPDATE uploads SET lease_until = {db_now} + $1 WHERE controller = $2 \
              AND request_id = $3 AND subprocessor = $4 AND done_at IS NULL \
-             AND lease_owner = $5"
+             AND lease_owner = $5 AND lease_until > {db_now}"
         ))
         .bind(lease_ms)
         .bind(&key.controller)
@@ -629,9 +632,15 @@ pub(crate) mod tests {
         queue(&mut conn, &key, 2).await.expect("queue the upload");
         drop(conn);
 
-        // The first sender's lease runs out at once; the second claim takes the upload.
+        // The first sender's lease runs out at once, and it cannot take it back even before
+        // another claim comes (a cancellation may have read the upload as idle meanwhile);
+        // the second claim takes the upload.
         let first = store.claim_uploads(10, 1, -1).await.expect("claim");
         assert_eq!(first.len(), 1);
+        assert!(!store
+            .extend_upload_lease(sender(&key, &first[0].lease_owner), 600_000)
+            .await
+            .expect("extend"));
         let second = store.claim_uploads(10, 1, 600_000).await.expect("claim");
         assert_eq!(second.len(), 1, "the expired lease is claimed again");
         let (stale, holder) = (&first[0].lease_owner, &second[0].lease_owner);
