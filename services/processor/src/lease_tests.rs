@@ -455,6 +455,39 @@ impl Connector for BulkBarrier {
     }
 }
 
+/// A contract end cancelled once it is deleting keeps its state (the erasure reports what it
+/// did) and is still claimed, so its erasure goes on after a failed attempt, a lost lease or
+/// a restart; it used to be left IN_PROGRESS for good, its data partly erased.
+async fn a_cancelled_contract_end_that_is_deleting_is_still_claimed(
+    database_url: &str,
+    dir: &std::path::Path,
+) {
+    let (tx, _entered) = mpsc::unbounded_channel();
+    let connectors = HashMap::from([(
+        "crm".to_string(),
+        Arc::new(BulkBarrier { entered: tx }) as Arc<dyn Connector>,
+    )]);
+    let app = App::with_connectors(config(dir, database_url, 60_000), connectors)
+        .await
+        .expect("app");
+    let shared = app.shared();
+    accept_contract_end(&shared, ContractEndChoice::Delete, ContractPhase::Deleting).await;
+    let now = shared.clock.now_ms();
+    shared
+        .store
+        .cancel("acme", "r-1", "the controller changed its mind", now)
+        .await
+        .expect("cancel");
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(
+        (task.state, task.phase, task.cancel_requested_at),
+        (TaskState::InProgress, ContractPhase::Deleting, None),
+        "{task:?}"
+    );
+    let job = claim_one(&shared, 60_000).await;
+    assert_eq!(job.task.phase, ContractPhase::Deleting);
+}
+
 /// A bulk step whose lease was taken by another claim reports progress before it learns of
 /// the loss (its renewals are far off): the progress is not recorded, so the sequence stays
 /// where the new holder's step expects it and its erasure is the one acknowledged.
@@ -683,6 +716,22 @@ async fn leases_the_store_matches_the_lease_token_on_sqlite() {
 async fn leases_the_store_matches_the_lease_token_on_postgres() {
     crate::test_postgres::on_postgres(|u, d| async move {
         the_store_matches_the_lease_token(&u, &d).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_a_cancelled_contract_end_that_is_deleting_is_still_claimed_on_sqlite() {
+    on_sqlite(|u, d| async move {
+        a_cancelled_contract_end_that_is_deleting_is_still_claimed(&u, &d).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_a_cancelled_contract_end_that_is_deleting_is_still_claimed_on_postgres() {
+    crate::test_postgres::on_postgres(|u, d| async move {
+        a_cancelled_contract_end_that_is_deleting_is_still_claimed(&u, &d).await
     })
     .await;
 }

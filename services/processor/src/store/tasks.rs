@@ -233,7 +233,7 @@ fn claim_tasks_sql(backend: Backend) -> String {
              WHERE t.state IN ({pending}, {in_progress}, {retained}) \
              AND t.next_attempt_at <= $1 AND t.lease_until <= {db_now} \
              AND (r.cancelled_at IS NULL OR t.cancel_requested_at IS NOT NULL \
-             OR t.state = {retained}) \
+             OR t.state = {retained} OR t.contract_phase = {deleting}) \
              ORDER BY t.next_attempt_at LIMIT $2{lock}) \
              UPDATE tasks SET lease_until = {db_now} + $3, attempts = attempts + 1, \
              lease_owner = {token} \
@@ -245,6 +245,7 @@ fn claim_tasks_sql(backend: Backend) -> String {
         pending = state_value(TaskState::Pending),
         in_progress = state_value(TaskState::InProgress),
         retained = state_value(TaskState::Retained),
+        deleting = ContractPhase::Deleting as i32,
         lock = backend.skip_locked_of("t"),
         token = backend.random_token(),
         request = lookups(
@@ -486,8 +487,10 @@ impl Store {
     /// Reserves runnable tasks (PENDING; IN_PROGRESS waiting for a retry or a confirmation;
     /// RETAINED whose date has come) for `lease_ms` and counts the attempt each claim starts.
     /// Of a cancelled request, only tasks whose holder was working when the cancellation came
-    /// are taken (to learn what it did), and RETAINED ones at their date (the erasure was
-    /// done but for what the law kept, which goes when it may); the others are never started.
+    /// are taken (to learn what it did), a contract end's tasks that were deleting (their
+    /// erasure goes on and reports what it did), and RETAINED ones at their date (the erasure
+    /// was done but for what the law kept, which goes when it may); the others are never
+    /// started.
     /// Each claim writes a new random lease token into every task it takes, one per task
     /// ([`TaskJob::lease_owner`]), so a runner whose lease ran out no longer matches once
     /// another claim took the task. The claim is one statement however many tasks it takes;
