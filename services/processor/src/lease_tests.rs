@@ -384,7 +384,7 @@ async fn the_store_matches_the_lease_token(database_url: &str, dir: &std::path::
         None
     );
     assert!(!store
-        .postpone(key, seq, mine, now + 5_000, Some("late"), false)
+        .postpone(key, seq, mine, 0, now + 5_000, Some("late"), false)
         .await
         .expect("postpone"));
     let task = &store.tasks("acme", "r-1").await.expect("tasks")[0];
@@ -486,6 +486,55 @@ async fn a_cancelled_contract_end_that_is_deleting_is_still_claimed(
     );
     let job = claim_one(&shared, 60_000).await;
     assert_eq!(job.task.phase, ContractPhase::Deleting);
+}
+
+/// New terms that wake a task while a claim of it decides without them are not overwritten
+/// by that claim's postponement: a return confirmed just after the runner found it
+/// unconfirmed used to leave the task asleep until its due date, its data never deleted.
+async fn a_wake_up_during_a_claim_is_kept(database_url: &str, dir: &std::path::Path) {
+    let (tx, _entered) = mpsc::unbounded_channel();
+    let connectors = HashMap::from([(
+        "crm".to_string(),
+        Arc::new(BulkBarrier { entered: tx }) as Arc<dyn Connector>,
+    )]);
+    let app = App::with_connectors(config(dir, database_url, 60_000), connectors)
+        .await
+        .expect("app");
+    let shared = app.shared();
+    let choice = ContractEndChoice::ReturnThenDelete;
+    let seq = accept_contract_end(&shared, choice, ContractPhase::AwaitingConfirmation).await;
+    let job = claim_one(&shared, 60_000).await;
+    // The controller confirms the return while the claim decides on the terms it read.
+    let mut terms = job
+        .request
+        .as_ref()
+        .and_then(|r| r.parameters.as_ref())
+        .and_then(|p| p.contract_end.clone())
+        .expect("the delivered terms");
+    terms.return_confirmed = true;
+    let later = shared.clock.now_ms() + 1;
+    shared
+        .store
+        .update_contract_end("acme", "r-1", &terms, None, later)
+        .await
+        .expect("confirm");
+    // The claim's own decision: wait for a confirmation, for ever.
+    let key = &job.task.key;
+    assert!(shared
+        .store
+        .postpone(
+            key,
+            seq,
+            &job.lease_owner,
+            job.next_attempt_at,
+            i64::MAX,
+            None,
+            false
+        )
+        .await
+        .expect("postpone"));
+    let job = claim_one(&shared, 60_000).await;
+    assert_eq!(job.task.phase, ContractPhase::AwaitingConfirmation);
 }
 
 /// A bulk step whose lease was taken by another claim reports progress before it learns of
@@ -732,6 +781,19 @@ async fn leases_a_cancelled_contract_end_that_is_deleting_is_still_claimed_on_sq
 async fn leases_a_cancelled_contract_end_that_is_deleting_is_still_claimed_on_postgres() {
     crate::test_postgres::on_postgres(|u, d| async move {
         a_cancelled_contract_end_that_is_deleting_is_still_claimed(&u, &d).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_a_wake_up_during_a_claim_is_kept_on_sqlite() {
+    on_sqlite(|u, d| async move { a_wake_up_during_a_claim_is_kept(&u, &d).await }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_a_wake_up_during_a_claim_is_kept_on_postgres() {
+    crate::test_postgres::on_postgres(|u, d| async move {
+        a_wake_up_during_a_claim_is_kept(&u, &d).await
     })
     .await;
 }

@@ -807,6 +807,7 @@ async fn write(
                     key,
                     seq,
                     &job.lease_owner,
+                    job.next_attempt_at,
                     at,
                     error.as_deref(),
                     unless_cancelled,

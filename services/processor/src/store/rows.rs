@@ -122,6 +122,9 @@ pub struct TaskJob {
     /// The token of this claim's lease: renewals, transitions and postponements of the task
     /// made for this claim match it, and fail once another claim took the task.
     pub lease_owner: String,
+    /// When the task was due as the claim found it (ms): a postponement for this claim
+    /// leaves a new time set meanwhile alone ([`Store::postpone`](super::Store::postpone)).
+    pub next_attempt_at: i64,
 }
 
 /// A task with its request, as the operator API shows it.
@@ -292,6 +295,7 @@ impl From<ClaimedRecord> for TaskJob {
             traceparent: r.joined.traceparent,
             task: r.joined.task.into(),
             lease_owner: r.lease_owner,
+            next_attempt_at: r.next_attempt_at,
         }
     }
 }

@@ -558,11 +558,17 @@ impl Store {
     /// transient failure, an unreachable holder) is kept for operators; `None` keeps the last
     /// one. Answers whether the claim still held the task (another claim's lease is left
     /// alone) and, when `unless_cancelled`, no cancellation had marked it.
+    ///
+    /// `claimed_at` is when the task was due as the claim found it. A time set since (new
+    /// contract terms waking a task that waits for them, a due date extended) stays: the
+    /// claim decided without what came, and the task is looked at again when that says.
+    #[allow(clippy::too_many_arguments)]
     pub async fn postpone(
         &self,
         key: &TaskKey,
         expected_sequence: i64,
         lease_owner: &str,
+        claimed_at: i64,
         next_at: i64,
         error: Option<&str>,
         unless_cancelled: bool,
@@ -573,7 +579,8 @@ impl Store {
             ""
         };
         let done = sqlx::query(&format!(
-            "UPDATE tasks SET next_attempt_at = $1, lease_until = 0, call_started_at = NULL, \
+            "UPDATE tasks SET next_attempt_at = CASE WHEN next_attempt_at = $8 THEN $1 \
+             ELSE next_attempt_at END, lease_until = 0, call_started_at = NULL, \
              last_error = COALESCE($2, last_error) WHERE controller = $3 AND request_id = $4 \
              AND subprocessor = $5 AND sequence = $6 AND lease_owner = $7{unmarked}"
         ))
@@ -584,6 +591,7 @@ impl Store {
         .bind(&key.subprocessor)
         .bind(expected_sequence)
         .bind(lease_owner)
+        .bind(claimed_at)
         .execute(&self.db.pool)
         .await?
         .rows_affected();
