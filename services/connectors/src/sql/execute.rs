@@ -918,12 +918,14 @@ fn is_transient(err: &sqlx::Error) -> bool {
             // SQLITE_BUSY (5) and SQLITE_LOCKED (6) mean another writer holds the database.
             let sqlite_busy = code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6));
             // PostgreSQL: connection exceptions (08), serialization failures and deadlocks,
-            // insufficient resources (53), shutdown or start-up (57P0x), lock not available.
+            // insufficient resources (53), shutdown or start-up (57P0x), lock not available,
+            // and a cancelled statement (57014): statement_timeout raises it on a busy
+            // server, and the same statement may well finish on a later try.
             let postgres_transient = code.starts_with("08")
                 || code.starts_with("53")
                 || matches!(
                     code.as_str(),
-                    "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03"
+                    "40001" | "40P01" | "55P03" | "57014" | "57P01" | "57P02" | "57P03"
                 );
             sqlite_busy
                 || postgres_transient
@@ -944,7 +946,7 @@ mod tests {
     use dsrelay_runtime::store::Db;
 
     use super::*;
-    use crate::sql::tests::{email, now, sample, MAIJA};
+    use crate::sql::tests::{email, fresh_postgres_database, now, sample, MAIJA};
 
     /// Every kind of value reads the same in both files as it did when values were copied
     /// into JSON first: numbers and booleans as in JSON, bytes as lowercase hex, NULL as
@@ -1016,5 +1018,32 @@ mod tests {
         assert!(err.is_transient(), "{err:?}");
         assert!(err.to_string().contains("database is locked"), "{err}");
         sqlx::query("ROLLBACK").execute(&mut *writer).await.unwrap();
+    }
+
+    /// A statement cut off by `statement_timeout` (SQLSTATE 57014) is worth retrying: the
+    /// timeout says the server was slow, not that the statement is wrong.
+    #[tokio::test]
+    async fn postgres_statement_timeout_is_transient() {
+        let Some(db) = fresh_postgres_database("postgres_statement_timeout_is_transient").await
+        else {
+            return;
+        };
+        let conn = Db::connect(&db.url).await.unwrap();
+        let mut one = conn.pool.acquire().await.unwrap();
+        sqlx::query("SET statement_timeout = '50ms'")
+            .execute(&mut *one)
+            .await
+            .unwrap();
+        let raw = sqlx::query("SELECT pg_sleep(5)")
+            .execute(&mut *one)
+            .await
+            .unwrap_err();
+        drop(one);
+        conn.pool.close().await;
+        db.drop_database().await;
+        let code = raw.as_database_error().and_then(|e| e.code());
+        assert_eq!(code.as_deref(), Some("57014"), "{raw}");
+        let err = classify("reading the kept rows of invoices", &raw);
+        assert!(err.is_transient(), "{err:?}");
     }
 }

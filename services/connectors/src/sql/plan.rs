@@ -71,7 +71,8 @@ impl Binds {
     }
 }
 
-/// A RAW identity of a type some table matches, normalized.
+/// A RAW identity of a type some table matches, normalized (an e-mail only trimmed: the
+/// database lowers it).
 pub(super) type Identity = (IdentityType, String);
 
 /// Whose rows the statements select.
@@ -429,8 +430,8 @@ pub(super) fn plan_flag(
     )))
 }
 
-/// The RAW identities of a type some table matches, normalized; a permanent error when
-/// there are none.
+/// The RAW identities of a type some table matches, normalized ([`Identity`]); a permanent
+/// error when there are none.
 pub(super) fn usable_identities(
     config: &SqlConnectorConfig,
     identities: &[SubjectIdentity],
@@ -442,7 +443,12 @@ pub(super) fn usable_identities(
         .filter_map(|id| {
             let ty = IdentityType::try_from(id.r#type).ok()?;
             let key = match_key(ty)?;
-            let value = normalize(ty, &id.value);
+            // An e-mail is lowered in SQL, on both sides of the match (see match_clause),
+            // not by normalize()'s Unicode lowercasing.
+            let value = match ty {
+                IdentityType::Email => id.value.trim().to_string(),
+                _ => normalize(ty, &id.value),
+            };
             (usable_keys.contains(key) && !value.is_empty()).then_some((ty, value))
         })
         .collect();
@@ -560,10 +566,13 @@ fn match_clause(
             continue;
         };
         let p = binds.add(value.clone());
-        // Stored addresses keep whatever case they were typed in; the value is already
-        // lowercased by normalize().
+        // Stored addresses keep whatever case they were typed in. Both sides go through the
+        // database's lower(), which on SQLite (and PostgreSQL under the C collation) changes
+        // only ASCII: lowering the value in Rust would lower 'Ä' too, and then no address
+        // stored with a non-ASCII capital would match even itself. lower(column) is left as
+        // it was, so that an index on that expression still serves the match.
         terms.push(if *ty == IdentityType::Email {
-            format!("lower({}) = {p}", quote(column))
+            format!("lower({}) = lower({p})", quote(column))
         } else {
             format!("{} = {p}", quote(column))
         });
@@ -613,13 +622,13 @@ mod tests {
             ["contacts", "invoices", "ledger_entries", "customers"]
         );
         let work = |i: usize| plan[i].work.as_ref().unwrap();
-        let customers_of = "IN (SELECT \"id\" FROM \"customers\" WHERE (lower(\"email\") = $1 \
-                            OR \"customer_no\" = $2))";
+        let customers_of = "IN (SELECT \"id\" FROM \"customers\" WHERE \
+                            (lower(\"email\") = lower($1) OR \"customer_no\" = $2))";
         assert_eq!(
             work(0).main,
             Statement {
                 sql: format!("DELETE FROM \"contacts\" WHERE \"customer_id\" {customers_of}"),
-                binds: vec!["maija@example.fi".into(), "C-1001".into()],
+                binds: vec!["Maija@Example.fi".into(), "C-1001".into()],
             }
         );
         assert!(work(0).probe.is_none() && work(0).count_kept.is_none());
@@ -633,7 +642,7 @@ mod tests {
                      {invoices_kept} = 0"
                 ),
                 binds: vec![
-                    "maija@example.fi".into(),
+                    "Maija@Example.fi".into(),
                     "C-1001".into(),
                     "2020-01-01".into()
                 ],
@@ -661,7 +670,7 @@ mod tests {
             format!(
                 "UPDATE \"ledger_entries\" SET \"customer_id\" = NULL, \"description\" = $1 \
                  WHERE \"customer_id\" IN (SELECT \"id\" FROM \"customers\" WHERE \
-                 (lower(\"email\") = $2 OR \"customer_no\" = $3)) AND (CASE WHEN \
+                 (lower(\"email\") = lower($2) OR \"customer_no\" = $3)) AND (CASE WHEN \
                  (CAST(\"ledger_entries\".\"booked_on\" AS TEXT) >= $4) THEN 1 ELSE 0 END) = 0 \
                  AND (\"customer_id\" IS NOT NULL OR (\"description\" IS NULL OR \
                  \"description\" <> $1))"
@@ -669,16 +678,17 @@ mod tests {
         );
         assert_eq!(
             work(2).main.binds,
-            [REDACTED, "maija@example.fi", "C-1001", "2016-01-01"]
+            [REDACTED, "Maija@Example.fi", "C-1001", "2016-01-01"]
         );
         // The customer row is kept while a child row is; the e-mail that found it stays.
         let customers = work(3).anonymize_kept.as_ref().unwrap();
         assert_eq!(
             customers.sql,
             "UPDATE \"customers\" SET \"address\" = NULL, \"name\" = $1, \"national_id\" = \
-             NULL, \"phone\" = NULL WHERE (lower(\"email\") = $2 OR \"customer_no\" = $3) AND \
-             (CASE WHEN EXISTS (SELECT 1 FROM \"invoices\" WHERE \"invoices\".\"customer_id\" \
-             = \"customers\".\"id\" AND (CAST(\"invoices\".\"issued_on\" AS TEXT) >= $4 OR \
+             NULL, \"phone\" = NULL WHERE (lower(\"email\") = lower($2) OR \
+             \"customer_no\" = $3) AND (CASE WHEN EXISTS (SELECT 1 FROM \"invoices\" WHERE \
+             \"invoices\".\"customer_id\" = \"customers\".\"id\" AND \
+             (CAST(\"invoices\".\"issued_on\" AS TEXT) >= $4 OR \
              (status IN ('open', 'collection')))) OR EXISTS (SELECT 1 FROM \"ledger_entries\" \
              WHERE \"ledger_entries\".\"customer_id\" = \"customers\".\"id\" AND \
              (CAST(\"ledger_entries\".\"booked_on\" AS TEXT) >= $5)) THEN 1 ELSE 0 END) = 1 \
@@ -689,7 +699,7 @@ mod tests {
             customers.binds,
             [
                 REDACTED,
-                "maija@example.fi",
+                "Maija@Example.fi",
                 "C-1001",
                 "2020-01-01",
                 "2016-01-01"
@@ -747,11 +757,11 @@ mod tests {
             plan_flag(&config, customers, scope, "marketing_opt_out", 1).unwrap(),
             Statement {
                 sql: "UPDATE \"customers\" SET \"marketing_opt_out\" = 1 WHERE \
-                      (lower(\"email\") = $1) AND (tenant = 'a') AND \
+                      (lower(\"email\") = lower($1)) AND (tenant = 'a') AND \
                       CAST(\"customers\".\"id\" AS TEXT) > $2 AND \
                       CAST(\"customers\".\"id\" AS TEXT) <= $3"
                     .into(),
-                binds: vec!["maija@example.fi".into(), "10".into(), "20".into()],
+                binds: vec!["Maija@Example.fi".into(), "10".into(), "20".into()],
             }
         );
     }
