@@ -14,6 +14,9 @@
 //!   with the same `request_id`. If it answers RETAINED with a date that has already passed
 //!   (it keeps data past its own date, or replayed its first answer), the task fails for an
 //!   operator instead of being re-run in a loop.
+//!   NOT_FOUND there means nothing was left to erase: the task COMPLETES with no records,
+//!   as the SQL connector's does, rather than ending NOT_FOUND after its first run found
+//!   the subject.
 //!
 //! # Supported kinds
 //! `supported_kinds` in the configuration wins. Without it the adapter's `Describe` is asked
@@ -558,6 +561,16 @@ impl Connector for AdapterConnector {
                                  ({until_ms} ms since the epoch); an operator must check it"
                             )))
                         }
+                        // The first run found the subject, so finding nothing now means
+                        // nothing was left at the retention date (as the SQL connector reads
+                        // it). NOT_FOUND would end the task as if the subject had never been
+                        // there, losing the evidence of the first run.
+                        Outcome::NotFound { note } => Ok(Outcome::Completed {
+                            records_affected: 0,
+                            note: clip(format!("nothing left to erase: {note}")),
+                            files: Vec::new(),
+                            erased: Vec::new(),
+                        }),
                         other => Ok(other),
                     }
                 }
@@ -1003,6 +1016,8 @@ mod tests {
     /// (task id, token) fails UNAVAILABLE the first time it is asked.
     #[derive(Default)]
     struct ScriptedPages {
+        /// Execute answers NOT_FOUND instead of a paged COMPLETED.
+        not_found: bool,
         pages: std::collections::HashMap<(String, String), Result<ExportPage, Code>>,
         fail_once: std::sync::Mutex<BTreeSet<(String, String)>>,
         asked: std::sync::atomic::AtomicUsize,
@@ -1024,6 +1039,15 @@ mod tests {
             &self,
             _: tonic::Request<ExecuteRequest>,
         ) -> Result<tonic::Response<ExecuteResponse>, Status> {
+            if self.0.not_found {
+                return Ok(tonic::Response::new(ExecuteResponse {
+                    evidence: Some(Evidence {
+                        note: "no such subscriber".into(),
+                        ..Default::default()
+                    }),
+                    ..response(ExecuteOutcome::NotFound)
+                }));
+            }
             Ok(tonic::Response::new(ExecuteResponse {
                 export_paged: true,
                 // Ignored: the paged form wins.
@@ -1080,6 +1104,68 @@ mod tests {
         })
     }
 
+    /// Serves `script` over mutual TLS on a free port; send on the sender to stop it.
+    async fn serve_scripted(
+        pki: &dsrelay_runtime::pki::DevPki,
+        script: std::sync::Arc<ScriptedPages>,
+    ) -> (
+        u16,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<(), anyhow::Error>>,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let router =
+            dsrelay_runtime::server::builder(pki.files("adapter").server_config().unwrap())
+                .unwrap()
+                .add_service(
+                    dsrelay_proto::v1::subprocessor_adapter_server::SubprocessorAdapterServer::new(
+                        Scripted(script),
+                    ),
+                );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(dsrelay_runtime::server::serve(router, listener, async {
+            let _ = stopped.await;
+        }));
+        (port, stop, server)
+    }
+
+    /// At its retention date the first run's subject may be gone from the adapter entirely:
+    /// that completes the task (nothing left), where a first run ends NOT_FOUND.
+    #[tokio::test]
+    async fn nothing_left_at_the_retention_date_completes() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dsrelay_runtime::pki::DevPki::ensure(&dir.path().join("pki")).unwrap();
+        let script = std::sync::Arc::new(ScriptedPages {
+            not_found: true,
+            ..ScriptedPages::default()
+        });
+        let (port, stop, server) = serve_scripted(&pki, script).await;
+        let mut c = config(pki.files("processor"));
+        c.endpoint = format!("https://localhost:{port}");
+        c.supported_kinds = Some(vec!["erasure".into()]);
+        let connector = AdapterConnector::connect(&c).unwrap();
+
+        assert_eq!(
+            connector.run(&task(Phase::Start)).await.unwrap(),
+            Outcome::NotFound {
+                note: "no such subscriber".into()
+            }
+        );
+        assert_eq!(
+            connector.run(&task(Phase::RetentionExpired)).await.unwrap(),
+            Outcome::Completed {
+                records_affected: 0,
+                note: "nothing left to erase: no such subscriber".into(),
+                files: Vec::new(),
+                erased: Vec::new(),
+            }
+        );
+
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+
     #[tokio::test]
     async fn fetches_paged_exports_page_by_page() {
         let dir = tempfile::tempdir().unwrap();
@@ -1104,21 +1190,7 @@ mod tests {
             .unwrap()
             .insert(("ok".into(), "a".into()));
         let script = std::sync::Arc::new(script);
-
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let router =
-            dsrelay_runtime::server::builder(pki.files("adapter").server_config().unwrap())
-                .unwrap()
-                .add_service(
-                    dsrelay_proto::v1::subprocessor_adapter_server::SubprocessorAdapterServer::new(
-                        Scripted(script.clone()),
-                    ),
-                );
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(dsrelay_runtime::server::serve(router, listener, async {
-            let _ = stopped.await;
-        }));
+        let (port, stop, server) = serve_scripted(&pki, script.clone()).await;
         let mut c = config(pki.files("processor"));
         c.endpoint = format!("https://localhost:{port}");
         c.supported_kinds = Some(vec!["return_of_data".into()]);
