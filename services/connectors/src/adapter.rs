@@ -7,10 +7,11 @@
 //!   retry after a lost answer does the work once.
 //! - [`Phase::Confirm`]: `GetTaskStatus` with the handle, which is the `task_id` that the
 //!   accepted `Execute` carried.
-//! - [`Phase::RetentionExpired`]: `Execute` again under the key `<task_id>#retention-expired`
-//!   (`RETENTION_EXPIRED_SUFFIX`). A new key is needed because the adapter answers a repeated
-//!   key with the first outcome (RETAINED); the suffix keeps the key stable across retries of
-//!   this phase, so the erasure of the rest is still done once. The adapter sees a new task
+//! - [`Phase::RetentionExpired`]: `Execute` again under the key
+//!   `<task_id>#retention-expired-<retain-until ms>` (`RETENTION_EXPIRED_SUFFIX`). A new key
+//!   is needed because the adapter answers a repeated key with the first outcome (RETAINED);
+//!   the suffix keeps the key stable across retries of this run, so the erasure of the rest
+//!   is still done once, and the date gives a later stage of kept data a run of its own. The adapter sees a new task
 //!   with the same `request_id`. If it answers RETAINED with a date that has already passed
 //!   (it keeps data past its own date, or replayed its first answer), the task fails for an
 //!   operator instead of being re-run in a loop.
@@ -48,7 +49,8 @@
 //!
 //! # Contract ends
 //! [`Connector::run_bulk`] calls `ExecuteBulk` (see `bulk`): under the job's id at
-//! [`Phase::Start`], under `<job_id>#retention-expired` at [`Phase::RetentionExpired`], and
+//! [`Phase::Start`], under `<job_id>#retention-expired-<retain-until ms>` at
+//! [`Phase::RetentionExpired`], and
 //! `GetBulkStatus` with the handle at [`Phase::Confirm`]. Each answer's `progress` is
 //! reported to the processor; an adapter whose step takes longer than `timeout_ms` answers
 //! ACCEPTED and is asked again later. A completed export is fetched with `GetExportPage`
@@ -551,8 +553,8 @@ impl Connector for AdapterConnector {
                     let response = self.task_status(handle).await?;
                     self.complete(task, handle, response).await
                 }
-                Phase::RetentionExpired => {
-                    let key = retention_expired_key(&task.task_id);
+                Phase::RetentionExpired { until_ms } => {
+                    let key = retention_expired_key(&task.task_id, *until_ms);
                     let response = self.execute(task, &key).await?;
                     match outcome_from_response(&key, response)? {
                         Outcome::Retained { until_ms, .. } if until_ms <= task.now_ms => {
@@ -589,9 +591,12 @@ impl Connector for AdapterConnector {
     }
 }
 
-/// The idempotency key of the [`Phase::RetentionExpired`] call for `task_id`.
-fn retention_expired_key(task_id: &str) -> String {
-    format!("{task_id}{RETENTION_EXPIRED_SUFFIX}")
+/// The idempotency key of the [`Phase::RetentionExpired`] call for `task_id` at the
+/// retain-until date `until_ms`: the same for every retry of that run, another for the run
+/// at a later date when data was kept in stages (the adapter would answer a repeated key
+/// with its first answer, RETAINED until a date already past).
+fn retention_expired_key(task_id: &str, until_ms: i64) -> String {
+    format!("{task_id}{RETENTION_EXPIRED_SUFFIX}-{until_ms}")
 }
 
 /// The body of an `Execute` call for `task` under the idempotency key `task_id`.
@@ -1153,7 +1158,10 @@ mod tests {
             }
         );
         assert_eq!(
-            connector.run(&task(Phase::RetentionExpired)).await.unwrap(),
+            connector
+                .run(&task(Phase::RetentionExpired { until_ms: 0 }))
+                .await
+                .unwrap(),
             Outcome::Completed {
                 records_affected: 0,
                 note: "nothing left to erase: no such subscriber".into(),
@@ -1264,8 +1272,17 @@ mod tests {
     #[test]
     fn builds_the_execute_body() {
         let t = task(Phase::Start);
-        let body = execute_request(&t, &retention_expired_key(&t.task_id));
-        assert_eq!(body.task_id, "controller/r1/newsletter#retention-expired");
+        let body = execute_request(&t, &retention_expired_key(&t.task_id, 1_700_000_000_000));
+        assert_eq!(
+            body.task_id,
+            "controller/r1/newsletter#retention-expired-1700000000000"
+        );
+        // Data kept in stages: the run at a later date is a new task to the adapter, which
+        // would otherwise answer with the first run's RETAINED.
+        assert_ne!(
+            retention_expired_key(&t.task_id, 1_700_000_000_000),
+            retention_expired_key(&t.task_id, 1_800_000_000_000)
+        );
         assert_eq!(body.request_id, "r1");
         assert_eq!(body.kind, RequestKind::Erasure as i32);
         assert_eq!(
@@ -1343,7 +1360,7 @@ mod tests {
             Phase::Confirm {
                 handle: "controller/r1/newsletter".into(),
             },
-            Phase::RetentionExpired,
+            Phase::RetentionExpired { until_ms: 0 },
         ] {
             let e = built.run(&task(phase)).await.unwrap_err();
             assert!(e.is_transient(), "{e}");

@@ -103,7 +103,19 @@ pub enum Phase {
         handle: String,
     },
     /// Data kept under a legal obligation has reached its retain-until date: erase the rest.
-    RetentionExpired,
+    RetentionExpired {
+        /// The retain-until date (ms since the epoch) this run is for. Data kept in stages
+        /// (RETAINED again until a later date) has a run per date; a holder that answers a
+        /// repeated call with its first answer tells the runs apart by it.
+        until_ms: i64,
+    },
+}
+
+impl Phase {
+    /// Whether this is a run at a retain-until date ([`Phase::RetentionExpired`]).
+    pub fn is_retention_expired(&self) -> bool {
+        matches!(self, Self::RetentionExpired { .. })
+    }
 }
 
 /// One task: one request at one holder.

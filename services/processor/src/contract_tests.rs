@@ -233,7 +233,7 @@ impl Connector for Keeper {
                 }]
             };
             Ok(match job.phase {
-                Phase::RetentionExpired => Outcome::Completed {
+                Phase::RetentionExpired { .. } => Outcome::Completed {
                     records_affected: 3,
                     note: "invoices erased".into(),
                     files: Vec::new(),

@@ -101,6 +101,8 @@ pub struct Current<'a> {
     /// The request was cancelled while the holder worked on this task: its outcome is
     /// recorded as what the holder did, saying the cancellation came too late.
     pub cancel_requested: bool,
+    /// Until when a RETAINED task's data is kept (ms): its retention run is for that date.
+    pub retain_until: Option<i64>,
 }
 
 /// The terms of a contract end as the processor holds them (times in ms).
@@ -489,7 +491,7 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
             if !may_retry(&phase, ctx) {
                 return Decision::Run { start: None, phase };
             }
-            let at = if phase == Phase::RetentionExpired {
+            let at = if phase.is_retention_expired() {
                 until
             } else {
                 until.min(ctx.due_at)
@@ -869,10 +871,18 @@ fn outcome_or_retry(
     }
 }
 
+/// The run at the date a RETAINED task's data is kept until (0 for none, which a RETAINED
+/// task always has).
+fn retention_run(task: &Current<'_>) -> Phase {
+    Phase::RetentionExpired {
+        until_ms: task.retain_until.unwrap_or(0),
+    }
+}
+
 /// A request's due date bounds its retries; retained data past its date is erased however
 /// long the holder takes to come back.
 fn may_retry(phase: &Phase, ctx: &Context) -> bool {
-    ctx.now < ctx.due_at || *phase == Phase::RetentionExpired
+    ctx.now < ctx.due_at || phase.is_retention_expired()
 }
 
 fn failed(reason: String) -> Transition {
@@ -998,7 +1008,7 @@ fn claimed(
             },
         ),
         (TaskState::InProgress, None) => (None, Phase::Start),
-        (TaskState::Retained, _) => (None, Phase::RetentionExpired),
+        (TaskState::Retained, _) => (None, retention_run(task)),
         _ => return Decision::Ignore,
     };
     Decision::Run { start, phase }
@@ -1020,7 +1030,7 @@ fn ran(
     ctx: &Context,
 ) -> Decision {
     // A retained task's evidence counts every run, not only the last.
-    let earlier = if phase == Phase::RetentionExpired {
+    let earlier = if phase.is_retention_expired() {
         task.records_affected
     } else {
         0
@@ -1225,7 +1235,7 @@ fn contract_claimed(
         (TaskState::Retained, _) => Decision::RunBulk {
             start: None,
             op: BulkOp::Erase,
-            phase: Phase::RetentionExpired,
+            phase: retention_run(task),
         },
         _ => Decision::Ignore,
     }
@@ -1239,7 +1249,7 @@ fn bulk_ran(
     progress: BulkProgress,
     ctx: &Context,
 ) -> Decision {
-    let earlier = if phase == Phase::RetentionExpired {
+    let earlier = if phase.is_retention_expired() {
         task.records_affected
     } else {
         0
@@ -1471,6 +1481,7 @@ mod tests {
             attempts: 4,
             phase: ContractPhase::Unspecified,
             cancel_requested: false,
+            retain_until: None,
         }
     }
 
@@ -1560,9 +1571,16 @@ mod tests {
                 handle: "h-1".into()
             })
         );
+        // The run is for the date the data was kept until: a later stage has a run of its own.
+        let kept = Current {
+            retain_until: Some(1_900_000_000_000),
+            ..task(Retained)
+        };
         assert_eq!(
-            claimed(&task(Retained), sql()),
-            run(Phase::RetentionExpired)
+            claimed(&kept, sql()),
+            run(Phase::RetentionExpired {
+                until_ms: 1_900_000_000_000
+            })
         );
         assert_eq!(claimed(&task(Completed), sql()), Decision::Ignore);
     }
@@ -1630,7 +1648,11 @@ mod tests {
         );
         // Retained data is erased however late: it waits the whole mark.
         assert_eq!(
-            down(Phase::RetentionExpired, DUE + 5_000, &past_due()),
+            down(
+                Phase::RetentionExpired { until_ms: 0 },
+                DUE + 5_000,
+                &past_due()
+            ),
             Decision::Later {
                 at: DUE + 5_000,
                 error: note
@@ -1702,7 +1724,7 @@ mod tests {
         // When the date has come, the rest is erased; earlier records still count.
         let t = moved(ran(
             &task(Retained),
-            Phase::RetentionExpired,
+            Phase::RetentionExpired { until_ms: 0 },
             Ok(Outcome::Completed {
                 records_affected: 2,
                 note: "erased the rest".into(),
@@ -1711,12 +1733,20 @@ mod tests {
             }),
         ));
         assert_eq!((t.state, t.records_affected), (Completed, 5));
-        let t = moved(ran(&task(Retained), Phase::RetentionExpired, retained()));
+        let t = moved(ran(
+            &task(Retained),
+            Phase::RetentionExpired { until_ms: 0 },
+            retained(),
+        ));
         assert_eq!((t.state, t.records_affected), (Retained, 4));
         // A count a holder gives at the very top does not wrap when the runs are added up.
         let mut top = task(Retained);
         top.records_affected = i64::MAX;
-        let t = moved(ran(&top, Phase::RetentionExpired, retained()));
+        let t = moved(ran(
+            &top,
+            Phase::RetentionExpired { until_ms: 0 },
+            retained(),
+        ));
         assert_eq!(t.records_affected, i64::MAX);
     }
 
@@ -2145,7 +2175,7 @@ mod tests {
             &task(Retained),
             Event::Ran {
                 kind: RequestKind::Erasure,
-                phase: Phase::RetentionExpired,
+                phase: Phase::RetentionExpired { until_ms: 0 },
                 result: down(),
             },
             &past_due(),
@@ -2687,13 +2717,13 @@ mod tests {
             Decision::RunBulk {
                 start: None,
                 op: BulkOp::Erase,
-                phase: Phase::RetentionExpired
+                phase: Phase::RetentionExpired { until_ms: 0 }
             }
         );
         let t = moved(bulk(
             &retained,
             BulkOp::Erase,
-            Phase::RetentionExpired,
+            Phase::RetentionExpired { until_ms: 0 },
             Ok(completed(2)),
         ));
         assert_eq!((t.state, t.records_affected), (Completed, 5));

@@ -22,13 +22,13 @@ impl AdapterConnector {
                 job.job_id.clone(),
                 self.execute_bulk(job, &job.job_id, false).await?,
             ),
-            Phase::RetentionExpired => {
+            Phase::RetentionExpired { until_ms } => {
                 if job.op != BulkOp::Erase {
                     return Err(ConnectorError::Permanent(
                         "only an erasure has data retained until a date".into(),
                     ));
                 }
-                let key = retention_expired_key(&job.job_id);
+                let key = retention_expired_key(&job.job_id, *until_ms);
                 let response = self.execute_bulk(job, &key, true).await?;
                 (key, response)
             }
@@ -63,7 +63,7 @@ impl AdapterConnector {
                 *files = vec![file];
             }
             Outcome::Retained { until_ms, .. }
-                if job.phase == Phase::RetentionExpired && *until_ms <= job.now_ms =>
+                if job.phase.is_retention_expired() && *until_ms <= job.now_ms =>
             {
                 return Err(ConnectorError::Permanent(format!(
                     "the adapter still retains data after its retain-until date ({until_ms} ms \
@@ -361,7 +361,9 @@ mod tests {
 
         // Retained data past its date: sent under its own key, and an operator must look.
         let expired = BulkJob {
-            phase: Phase::RetentionExpired,
+            phase: Phase::RetentionExpired {
+                until_ms: 1_700_000_000_000,
+            },
             ..job.clone()
         };
         let err = connector.run_bulk(&expired).await.unwrap_err();
@@ -370,7 +372,10 @@ mod tests {
             "{err}"
         );
         let sent = adapter.0.lock().unwrap()[1].clone();
-        assert_eq!(sent.job_id, "ce1/newsletter#retention-expired");
+        assert_eq!(
+            sent.job_id,
+            "ce1/newsletter#retention-expired-1700000000000"
+        );
         assert!(sent.retention_expired);
         let _ = stop.send(());
         server.await.unwrap().unwrap();

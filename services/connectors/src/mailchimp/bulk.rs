@@ -46,7 +46,7 @@ impl MailchimpConnector {
                 let count = parse_handle(handle, api.list_id())?;
                 confirm_deleted(api, count, job, &scrub).await
             }
-            (BulkOp::Erase, Phase::Start | Phase::RetentionExpired) => {
+            (BulkOp::Erase, Phase::Start | Phase::RetentionExpired { .. }) => {
                 erase_audience(api, job, &scrub).await
             }
             (BulkOp::Export, Phase::Start) => self.export_audience(api, job, &scrub).await,

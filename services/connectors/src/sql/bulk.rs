@@ -63,11 +63,11 @@ impl Scoped<'_> {
                 "the sql connector finishes its work in one run; there is nothing to confirm"
                     .into(),
             )),
-            (Phase::RetentionExpired, BulkOp::Export) => Err(ConnectorError::Permanent(
+            (Phase::RetentionExpired { .. }, BulkOp::Export) => Err(ConnectorError::Permanent(
                 "only erasures keep data under retention, not exports".into(),
             )),
             (Phase::Start, BulkOp::Export) => self.bulk_export(job).await,
-            (Phase::Start | Phase::RetentionExpired, BulkOp::Erase) => {
+            (Phase::Start | Phase::RetentionExpired { .. }, BulkOp::Erase) => {
                 if !self
                     .config
                     .supports(dsrelay_proto::v1::RequestKind::ContractEnd)

@@ -320,7 +320,7 @@ impl Connector for SqlConnector {
                     "the sql connector finishes its work in one run; there is nothing to confirm"
                         .into(),
                 )),
-                (Phase::Start | Phase::RetentionExpired, RequestKind::Erasure) => {
+                (Phase::Start | Phase::RetentionExpired { .. }, RequestKind::Erasure) => {
                     // Only the first phase needs a receipt: a later phase already reads
                     // finding nothing as nothing left (see `erasure_outcome`).
                     let key = (task.phase == Phase::Start).then_some(task.task_id.as_str());
@@ -333,7 +333,7 @@ impl Connector for SqlConnector {
                     }
                     Ok(erasure_outcome(report, &task.phase))
                 }
-                (Phase::RetentionExpired, _) => Err(ConnectorError::Permanent(format!(
+                (Phase::RetentionExpired { .. }, _) => Err(ConnectorError::Permanent(format!(
                     "only erasures keep data under retention, not {}",
                     crate::kind_label(kind)
                 ))),
@@ -386,7 +386,7 @@ fn erasure_outcome(report: ErasureReport, phase: &Phase) -> Outcome {
             erased: report.counts,
         },
         // The first run found the subject; finding nothing later means nothing is left.
-        None if report.found || *phase == Phase::RetentionExpired => Outcome::Completed {
+        None if report.found || phase.is_retention_expired() => Outcome::Completed {
             records_affected: report.records_affected,
             note: if report.found {
                 report.note

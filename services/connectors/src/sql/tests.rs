@@ -708,7 +708,8 @@ async fn retention_expires_in_stages(url: String) {
     assert_eq!((until, affected), (ms(2031, 1, 1), 7));
 
     // A moment before, the processor would not wake up; nothing is released yet.
-    let (_, until, affected, _) = retained(run(until - 1, Phase::RetentionExpired).await);
+    let (_, until, affected, _) =
+        retained(run(until - 1, Phase::RetentionExpired { until_ms: 0 }).await);
     assert_eq!((until, affected), (ms(2031, 1, 1), 0));
     assert_eq!(
         count(&db, &format!("{C} FROM invoices WHERE id = 102")).await,
@@ -717,7 +718,7 @@ async fn retention_expires_in_stages(url: String) {
 
     // 2031: the 2024 invoice goes; the 2025 one is kept to the end of 2031.
     let (basis, until, affected, note) =
-        retained(run(ms(2031, 1, 1), Phase::RetentionExpired).await);
+        retained(run(ms(2031, 1, 1), Phase::RetentionExpired { until_ms: 0 }).await);
     assert_eq!(basis, format!("{VOUCHERS}; {BOOKS}"));
     assert_eq!((until, affected), (ms(2032, 1, 1), 1));
     assert!(
@@ -734,7 +735,7 @@ async fn retention_expires_in_stages(url: String) {
     // 2032: the invoice is past its six years but still open: kept, checked again in 30
     // days, under the basis of the condition.
     let (basis, until, affected, note) =
-        retained(run(ms(2032, 1, 1), Phase::RetentionExpired).await);
+        retained(run(ms(2032, 1, 1), Phase::RetentionExpired { until_ms: 0 }).await);
     assert_eq!(basis, format!("{OPEN}; {BOOKS}"));
     assert_eq!((until, affected), (ms(2032, 1, 31), 0));
     assert!(
@@ -744,7 +745,8 @@ async fn retention_expires_in_stages(url: String) {
         ),
         "{note}"
     );
-    let (_, until, _, _) = retained(run(ms(2032, 1, 31), Phase::RetentionExpired).await);
+    let (_, until, _, _) =
+        retained(run(ms(2032, 1, 31), Phase::RetentionExpired { until_ms: 0 }).await);
     assert_eq!(until, ms(2032, 3, 1));
     assert_eq!(
         count(&db, &format!("{C} FROM invoices WHERE id = 103")).await,
@@ -756,7 +758,8 @@ async fn retention_expires_in_stages(url: String) {
         .execute(&db.pool)
         .await
         .unwrap();
-    let (basis, until, affected, _) = retained(run(ms(2032, 3, 1), Phase::RetentionExpired).await);
+    let (basis, until, affected, _) =
+        retained(run(ms(2032, 3, 1), Phase::RetentionExpired { until_ms: 0 }).await);
     assert_eq!(basis, BOOKS);
     assert_eq!((until, affected), (ms(2035, 1, 1), 1));
     assert_eq!(
@@ -770,7 +773,7 @@ async fn retention_expires_in_stages(url: String) {
 
     // 2035: the books are released, and with nothing kept the customer row goes too.
     assert_eq!(
-        run(ms(2035, 1, 1), Phase::RetentionExpired).await,
+        run(ms(2035, 1, 1), Phase::RetentionExpired { until_ms: 0 }).await,
         Outcome::Completed {
             records_affected: 2,
             note: "contacts: deleted 0; invoices: deleted 0; ledger_entries: anonymized 1; \
@@ -819,7 +822,7 @@ async fn retention_expires_in_stages(url: String) {
         records_affected: 0,
         note,
         ..
-    } = run(ms(2035, 1, 2), Phase::RetentionExpired).await
+    } = run(ms(2035, 1, 2), Phase::RetentionExpired { until_ms: 0 }).await
     else {
         panic!("expected COMPLETED");
     };
@@ -1209,7 +1212,7 @@ async fn restricts_lifts_and_suppresses(url: String) {
     );
     // Only erasures are kept under retention.
     let mut expired = object.clone();
-    expired.phase = Phase::RetentionExpired;
+    expired.phase = Phase::RetentionExpired { until_ms: 0 };
     assert!(matches!(
         connector.run(&expired).await,
         Err(ConnectorError::Permanent(_))
@@ -1723,7 +1726,7 @@ async fn scopes_controllers_by_condition(url: String) {
     let (job, rx) = bulk_job(
         "a",
         crate::BulkOp::Erase,
-        Phase::RetentionExpired,
+        Phase::RetentionExpired { until_ms: 0 },
         ms(2040, 1, 1),
         None,
     );
@@ -1757,7 +1760,7 @@ async fn scopes_controllers_by_condition(url: String) {
     let (job, rx) = bulk_job(
         "a",
         crate::BulkOp::Erase,
-        Phase::RetentionExpired,
+        Phase::RetentionExpired { until_ms: 0 },
         ms(2040, 2, 1),
         None,
     );

@@ -77,6 +77,7 @@ impl TaskRow {
             attempts: self.attempts,
             phase: self.phase,
             cancel_requested: self.cancel_requested_at.is_some(),
+            retain_until: self.retain_until,
         }
     }
 
