@@ -15,7 +15,7 @@ use dsrelay_runtime::group_commit::{GroupQueue, Queued};
 
 use tokio::sync::oneshot;
 
-use super::events::{insert_event, insert_events, EventDetail, NewEvent};
+use super::events::{audit_text, insert_event, insert_events, EventDetail, NewEvent};
 use super::rows::task_state;
 use super::{placeholders, values_row, Operation, Store, Tx};
 use crate::fold::{fold, request_is_terminal};
@@ -65,9 +65,10 @@ impl TaskUpdate {
         )
     }
 
-    /// The update in the registry's words; the processor's `reason` (free text) goes in
-    /// the event's `free_text`.
-    fn describe(&self) -> String {
+    /// The update in the registry's words, with the processor's texts they quote (a legal
+    /// basis, the recipient's name in a receipt) as `quote` gives them; the processor's
+    /// `reason` goes in the event's `free_text`.
+    fn describe(&self, quote: impl Fn(&str) -> String) -> String {
         let state = TaskState::try_from(self.state)
             .map(|s| {
                 s.as_str_name()
@@ -80,18 +81,44 @@ impl TaskUpdate {
             s.push_str(&format!(", {} record(s)", self.records_affected));
         }
         if !self.legal_basis.is_empty() {
-            s.push_str(&format!(", retained under {}", self.legal_basis));
+            s.push_str(&format!(", retained under {}", quote(&self.legal_basis)));
         }
         if let Some(r) = &self.transfer_receipt {
             s.push_str(&format!(
                 ", received by {} ({} file(s), {} bytes)",
-                r.recipient, r.files, r.bytes
+                quote(&r.recipient),
+                r.files,
+                r.bytes
             ));
         }
         if let Some(p) = &self.progress {
             s.push_str(&format!(", {}", phase_name(p.phase)));
         }
         s
+    }
+
+    /// The TASK_UPDATED event of this update at `processor`, its words followed by `after`.
+    /// The event quotes the processor's texts until the request is forgotten; the audit
+    /// entry, which is never changed, holds them only as their keyed hash under `text_key`.
+    fn event_detail(
+        &self,
+        processor: &str,
+        attempt: i64,
+        after: &str,
+        text_key: &[u8],
+    ) -> EventDetail {
+        EventDetail {
+            actor: String::new(),
+            processor: processor.to_string(),
+            subprocessor: self.subprocessor.clone(),
+            task_state: self.state,
+            sequence: self.sequence,
+            attempt,
+            message: format!("{}{after}", self.describe(str::to_string)),
+            audit_message: format!("{}{after}", self.describe(|t| audit_text(text_key, t))),
+            free_text: self.reason.clone(),
+            progress: self.progress,
+        }
     }
 }
 
@@ -413,17 +440,7 @@ impl Store {
                         event_type: EventType::TaskUpdated,
                         at: now,
                         request_state: view.state_of(&ack.request_id),
-                        detail: EventDetail {
-                            actor: String::new(),
-                            processor: processor.to_string(),
-                            subprocessor: ack.subprocessor.clone(),
-                            task_state: ack.state,
-                            sequence: ack.sequence,
-                            attempt: ack.attempt,
-                            message: ack.describe(),
-                            free_text: ack.reason.clone(),
-                            progress: ack.progress,
-                        },
+                        detail: ack.event_detail(processor, ack.attempt, "", &tx.text_key),
                     });
                 }
                 view.tasks.insert(
@@ -543,23 +560,14 @@ impl Store {
             {
                 changed += 1;
                 let state = tx.current_state(request_id).await?;
+                let detail = update.event_detail(processor, 0, " (reconciled)", &tx.text_key);
                 insert_event(
                     &mut tx,
                     request_id,
                     EventType::TaskUpdated,
                     now,
                     state,
-                    EventDetail {
-                        actor: String::new(),
-                        processor: processor.to_string(),
-                        subprocessor: update.subprocessor.clone(),
-                        task_state: update.state,
-                        sequence: update.sequence,
-                        attempt: 0,
-                        message: format!("{} (reconciled)", update.describe()),
-                        free_text: update.reason.clone(),
-                        progress: update.progress,
-                    },
+                    detail,
                 )
                 .await?;
             }
@@ -937,17 +945,12 @@ pub(super) async fn apply_accepted(
                     event_type: EventType::TaskUpdated,
                     at: now,
                     request_state: view.state_of(a.request_id),
-                    detail: EventDetail {
-                        actor: String::new(),
-                        processor: a.processor.to_string(),
-                        subprocessor: update.subprocessor.clone(),
-                        task_state: update.state,
-                        sequence: update.sequence,
-                        attempt: 0,
-                        message: format!("{} (reported on delivery)", update.describe()),
-                        free_text: update.reason.clone(),
-                        progress: update.progress,
-                    },
+                    detail: update.event_detail(
+                        a.processor,
+                        0,
+                        " (reported on delivery)",
+                        &tx.text_key,
+                    ),
                 });
             }
             view.tasks.insert(
@@ -1217,5 +1220,125 @@ mod tests {
             Some(&(InProgress as i32, None)),
             &update(InProgress, None)
         ));
+    }
+
+    async fn store(dir: &std::path::Path) -> Store {
+        let db =
+            dsrelay_runtime::store::Db::connect(&format!("sqlite://{}/registry.db", dir.display()))
+                .await
+                .unwrap();
+        db.migrate(
+            &super::super::SQLITE_MIGRATIONS,
+            &super::super::POSTGRES_MIGRATIONS,
+        )
+        .await
+        .unwrap();
+        Store::new(db, b"test key")
+    }
+
+    /// The texts a processor sends that a TASK_UPDATED event quotes (a legal basis, the
+    /// recipient's name in a receipt) may name the subject: the event shows them until the
+    /// request is forgotten, the audit trail, which is never changed, only their keyed hash.
+    #[tokio::test]
+    async fn quoted_processor_texts_reach_the_audit_trail_only_as_keyed_hashes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path()).await;
+        store
+            .insert_request(&super::super::NewRequest {
+                id: "r1".into(),
+                partner: "crm".into(),
+                idempotency_key: "key-r1".into(),
+                body_hash: "hash-r1".into(),
+                body: b"{}".to_vec(),
+                identity_hashes: "[\"h\"]".into(),
+                kind: RequestKind::Transfer as i32,
+                received_at: 0,
+                due_at: 1_000_000,
+                trace_id: "0".repeat(32),
+                traceparent: None,
+                processors: vec!["p1".into()],
+            })
+            .await
+            .unwrap();
+        let basis = "tax law, as agreed with jane.doe@example.org";
+        let recipient = "the bookkeeper of jane.doe@example.org";
+        let retained = TaskUpdate {
+            request_id: "r1".into(),
+            subprocessor: "accounting".into(),
+            sequence: 2,
+            state: TaskState::Retained as i32,
+            legal_basis: basis.into(),
+            retain_until: Some(2_000_000),
+            ..Default::default()
+        };
+        let routed = BTreeSet::from(["r1".to_string()]);
+        let outcome = store
+            .apply_routed_acks("p1", &[retained], routed, 1000)
+            .await
+            .unwrap();
+        assert_eq!(outcome.applied, 1);
+        let received = TaskStatus {
+            subprocessor: "crm".into(),
+            state: TaskState::Completed as i32,
+            sequence: 2,
+            evidence: Some(dsrelay_proto::v1::Evidence {
+                transfer_receipt: Some(TransferReceipt {
+                    request_id: "r1".into(),
+                    subprocessor: "crm".into(),
+                    files: 1,
+                    bytes: 3,
+                    recipient: recipient.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        store
+            .reconcile("r1", "p1", &[received], 2000, 60_000)
+            .await
+            .unwrap();
+
+        let updated = EventType::TaskUpdated as i32;
+        let messages: Vec<String> = sqlx::query_scalar(
+            "SELECT message FROM events WHERE request_id = 'r1' AND type = $1 ORDER BY id",
+        )
+        .bind(updated)
+        .fetch_all(&store.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            messages,
+            [
+                format!("accounting #2: RETAINED, retained under {basis}"),
+                format!(
+                    "crm #2: COMPLETED, received by {recipient} (1 file(s), 3 bytes) (reconciled)"
+                ),
+            ]
+        );
+        store.chain_audit().await.unwrap();
+        let details: Vec<String> = sqlx::query_scalar(
+            "SELECT detail FROM audit_log WHERE request_id = 'r1' AND event_type = $1 \
+             ORDER BY seq",
+        )
+        .bind(updated)
+        .fetch_all(&store.db.pool)
+        .await
+        .unwrap();
+        let hashed = |t: &str| audit_text(b"test key", t);
+        assert_eq!(
+            details,
+            [
+                format!("accounting #2: RETAINED, retained under {}", hashed(basis)),
+                format!(
+                    "crm #2: COMPLETED, received by {} (1 file(s), 3 bytes) (reconciled)",
+                    hashed(recipient)
+                ),
+            ]
+        );
+        assert!(
+            details.iter().all(|d| !d.contains("jane.doe")),
+            "{details:?}"
+        );
     }
 }

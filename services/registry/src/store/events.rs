@@ -23,6 +23,11 @@ pub(super) struct EventDetail {
     pub(super) attempt: i64,
     /// The registry's own words about what happened.
     pub(super) message: String,
+    /// `message` as the audit trail holds it, when `message` quotes text from outside the
+    /// registry word for word (a legal basis, the recipient's name in a receipt): the same
+    /// words with each such text as [`audit_text`] gives it. Empty when `message` quotes
+    /// none, and the entry holds `message` itself.
+    pub(super) audit_message: String,
     /// Text from outside the registry that may name the subject (a processor's reason, a
     /// partner's cancel reason, an operator's extension reason, a delivery error). The
     /// event's message shows it after `message` until the request is forgotten; the
@@ -47,9 +52,18 @@ pub(super) struct NewEvent {
     pub(super) detail: EventDetail,
 }
 
+/// How text from outside the registry stands in an audit entry: `text hmac-sha256:<hex>`,
+/// its keyed hash under `key` (the registry's `identity_hash_key`).
+pub(super) fn audit_text(key: &[u8], text: &str) -> String {
+    format!(
+        "text hmac-sha256:{}",
+        keyed_digest(key, AUDIT_TEXT_DOMAIN, text.as_bytes())
+    )
+}
+
 /// Records an event of a request, and its audit entry: the same words, except that free
-/// text stands in the entry as `text hmac-sha256:<hex>`, its keyed hash (see
-/// [`EventDetail::free_text`]).
+/// text stands in the entry only as its keyed hash (see [`EventDetail::free_text`],
+/// [`EventDetail::audit_message`]).
 pub(super) async fn insert_event(
     tx: &mut Tx,
     request_id: &str,
@@ -86,13 +100,17 @@ pub(super) async fn insert_events(tx: &mut Tx, events: Vec<NewEvent>) -> Result<
         } else {
             d.actor
         };
-        let (message, detail) = if d.free_text.is_empty() {
-            (d.message.clone(), d.message)
+        let audited = if d.audit_message.is_empty() {
+            d.message.clone()
         } else {
-            let hash = keyed_digest(&tx.text_key, AUDIT_TEXT_DOMAIN, d.free_text.as_bytes());
+            d.audit_message
+        };
+        let (message, detail) = if d.free_text.is_empty() {
+            (d.message, audited)
+        } else {
             (
                 format!("{}: {}", d.message, d.free_text),
-                format!("{}: text hmac-sha256:{hash}", d.message),
+                format!("{audited}: {}", audit_text(&tx.text_key, &d.free_text)),
             )
         };
         entries.push(audit::table::NewEntry {
