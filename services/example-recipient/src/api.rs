@@ -2,6 +2,7 @@
 //! `proto/dsrelay/v1/transfer.proto`, and the recipient's errors as statuses.
 
 use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -57,9 +58,10 @@ pub(crate) struct Api {
     name: String,
     /// The senders allowed, by certificate identity.
     allowed: Arc<Authorizer<()>>,
-    /// Files being received right now: two streams appending to one file would interleave
-    /// their bytes, so the second is turned away until the first ends.
-    receiving: Arc<Mutex<HashSet<String>>>,
+    /// Files being received right now, by where they are stored: two streams appending to
+    /// one file would interleave their bytes, so the second is turned away until the first
+    /// ends. Two senders' files of the same name are stored apart and go side by side.
+    receiving: Arc<Mutex<HashSet<PathBuf>>>,
     chunk_delay: Duration,
     /// How long a transfer stream may send nothing before it is ended (`call_limit_ms`).
     idle: Duration,
@@ -67,8 +69,8 @@ pub(crate) struct Api {
 
 /// Holds a file's key in [`Api::receiving`] until dropped.
 struct Receiving {
-    set: Arc<Mutex<HashSet<String>>>,
-    key: String,
+    set: Arc<Mutex<HashSet<PathBuf>>>,
+    key: PathBuf,
 }
 
 impl Drop for Receiving {
@@ -106,8 +108,8 @@ impl Api {
         Ok(self.allowed.caller(req)?.name)
     }
 
-    fn claim(&self, h: &ExportFileHeader) -> Option<Receiving> {
-        let key = format!("{}/{}/{}", h.request_id, h.subprocessor, h.name);
+    fn claim(&self, sender: &str, h: &ExportFileHeader) -> Option<Receiving> {
+        let key = self.folder.file_path(sender, h);
         let mut set = self.receiving.lock().unwrap_or_else(|e| e.into_inner());
         set.insert(key.clone()).then(|| Receiving {
             set: self.receiving.clone(),
@@ -119,6 +121,7 @@ impl Api {
     /// nothing behind. The bytes are not synced yet (see [`Folder::sync_partial`]).
     async fn store_chunk(
         &self,
+        sender: &str,
         h: &ExportFileHeader,
         state: FileState,
         chunk: &UploadFileChunk,
@@ -160,13 +163,13 @@ impl Api {
                 chunk.offset, h.name
             )));
         }
-        self.folder.append(h, &chunk.data).await?;
+        self.folder.append(sender, h, &chunk.data).await?;
         if !self.chunk_delay.is_zero() {
             tokio::time::sleep(self.chunk_delay).await;
         }
         let offset = state.offset + len;
         if offset == h.size {
-            return Ok(self.folder.finish(h).await?);
+            return Ok(self.folder.finish(sender, h).await?);
         }
         Ok(FileState {
             offset,
@@ -207,7 +210,11 @@ impl TransferReceiver for Api {
         tracing::Span::current()
             .record("sender", sender.as_str())
             .record("request_id", header.request_id.as_str());
-        let s = self.folder.begin(&header).await.map_err(ApiError::from)?;
+        let s = self
+            .folder
+            .begin(&sender, &header)
+            .await
+            .map_err(ApiError::from)?;
         Ok(Response::new(state(s)))
     }
 
@@ -232,14 +239,18 @@ impl TransferReceiver for Api {
             .record("sender", sender.as_str())
             .record("request_id", header.request_id.as_str())
             .record("file", header.name.as_str());
-        let Some(_guard) = self.claim(&header) else {
+        let Some(_guard) = self.claim(&sender, &header) else {
             return Err(ApiError::aborted(format!(
                 "another transfer of file {} is in progress; ask GetTransferState and resume",
                 header.name
             ))
             .into());
         };
-        let mut s = self.folder.begin(&header).await.map_err(ApiError::from)?;
+        let mut s = self
+            .folder
+            .begin(&sender, &header)
+            .await
+            .map_err(ApiError::from)?;
         // An operator (and the tests) see from this line whether a sender resumed a file.
         tracing::info!(
             from_offset = first.offset,
@@ -252,7 +263,7 @@ impl TransferReceiver for Api {
         let received = async {
             while let Some(chunk) = next {
                 refuse_growing(&chunk)?;
-                s = self.store_chunk(&header, s, &chunk).await?;
+                s = self.store_chunk(&sender, &header, s, &chunk).await?;
                 next = next_message_within(&mut stream, self.idle).await?;
             }
             Ok::<(), Status>(())
@@ -263,7 +274,7 @@ impl TransferReceiver for Api {
         // synced when it got its name).
         if s.offset > from && !s.complete {
             self.folder
-                .sync_partial(&header)
+                .sync_partial(&sender, &header)
                 .await
                 .map_err(ApiError::from)?;
         }
@@ -291,6 +302,7 @@ impl TransferReceiver for Api {
         let r = self
             .folder
             .complete_part(
+                &sender,
                 &part.request_id,
                 &part.subprocessor,
                 &part.files,

@@ -1,8 +1,10 @@
-//! The data folder: each task's part in `<root>/<request_id>/<subprocessor>/`, a file as
-//! `<name>.partial` until its SHA-256 matched and `<name>` after, the header it was announced
-//! with in `.header.<name>.json` (file names never start with '.', so these never collide),
-//! and a closed part's `.manifest.json` and `.receipt.json`. Files are hashed in chunks,
-//! never read whole.
+//! The data folder: each task's part in `<root>/<sender>/<request_id>/<subprocessor>/`, a
+//! file as `<name>.partial` until its SHA-256 matched and `<name>` after, the header it was
+//! announced with in `.header.<name>.json` (file names never start with '.', so these never
+//! collide), and a closed part's `.manifest.json` and `.receipt.json`. Files are hashed in
+//! chunks, never read whole. `<sender>` is the sending processor's certificate identity as
+//! one path component ([`sender_component`]): subprocessor names are unique only within a
+//! processor, so two processors transferring for the same request must not share a part.
 //!
 //! The sender deletes its copy once it holds the receipt and resumes a file from the offset
 //! it is told, so nothing is answered before what it confirms is on disk: a partial file's
@@ -68,6 +70,9 @@ impl From<&ExportFileHeader> for StoredHeader {
 /// A closed part's receipt as written to `.receipt.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Receipt {
+    /// The certificate identity of the processor that sent the part (not in the
+    /// `TransferReceipt` answered, which has no field for it; the sender knows itself).
+    pub sender: String,
     /// The registry's request id.
     pub request_id: String,
     /// The subprocessor whose part it is.
@@ -96,14 +101,22 @@ impl Folder {
         Self { root }
     }
 
-    /// The folder of one task's part. Callers have checked that both names are safe path
-    /// components.
-    pub fn part_dir(&self, request_id: &str, subprocessor: &str) -> PathBuf {
-        self.root.join(request_id).join(subprocessor)
+    /// The folder of one task's part as `sender` sent it. Callers have checked that
+    /// `request_id` and `subprocessor` are safe path components; `sender` is made one.
+    pub fn part_dir(&self, sender: &str, request_id: &str, subprocessor: &str) -> PathBuf {
+        self.root
+            .join(sender_component(sender))
+            .join(request_id)
+            .join(subprocessor)
     }
 
-    fn paths(&self, h: &ExportFileHeader) -> (PathBuf, PathBuf, PathBuf) {
-        let dir = self.part_dir(&h.request_id, &h.subprocessor);
+    /// Where the file `h` announces, as `sender` sends it, is stored once complete.
+    pub fn file_path(&self, sender: &str, h: &ExportFileHeader) -> PathBuf {
+        self.paths(sender, h).0
+    }
+
+    fn paths(&self, sender: &str, h: &ExportFileHeader) -> (PathBuf, PathBuf, PathBuf) {
+        let dir = self.part_dir(sender, &h.request_id, &h.subprocessor);
         (
             dir.join(&h.name),
             dir.join(format!("{}.partial", h.name)),
@@ -114,8 +127,12 @@ impl Folder {
     /// Registers the file `h` announces and answers where it stands: a file announced with
     /// another header restarts (or, once complete, is a conflict); a partial file holding
     /// every byte is checked now.
-    pub async fn begin(&self, h: &ExportFileHeader) -> Result<FileState, FolderError> {
-        let (done, partial, meta) = self.paths(h);
+    pub async fn begin(
+        &self,
+        sender: &str,
+        h: &ExportFileHeader,
+    ) -> Result<FileState, FolderError> {
+        let (done, partial, meta) = self.paths(sender, h);
         let announced = StoredHeader::from(h);
         let stored: Option<StoredHeader> = match tokio::fs::read(&meta).await {
             Ok(b) => serde_json::from_slice(&b).ok(),
@@ -136,7 +153,7 @@ impl Folder {
         }
         if stored.as_ref() != Some(&announced) {
             remove(&partial).await?;
-            create_part_dir(&self.part_dir(&h.request_id, &h.subprocessor)).await?;
+            create_part_dir(&self.part_dir(sender, &h.request_id, &h.subprocessor)).await?;
             write_durably(&meta, &serde_json::to_vec(&announced).unwrap_or_default()).await?;
         }
         let offset = match tokio::fs::metadata(&partial).await {
@@ -153,12 +170,12 @@ impl Folder {
             });
         }
         if offset == h.size {
-            return self.finish(h).await;
+            return self.finish(sender, h).await;
         }
         if offset > 0 {
             // A run that ended before syncing may have left bytes only in the page cache, and
             // the sender resumes after what is answered here.
-            self.sync_partial(h).await?;
+            self.sync_partial(sender, h).await?;
         }
         Ok(FileState {
             offset,
@@ -168,8 +185,13 @@ impl Folder {
 
     /// Appends checked bytes to the file's partial form. They are not synced here: the caller
     /// calls [`Folder::sync_partial`] before it answers the offset they reach.
-    pub async fn append(&self, h: &ExportFileHeader, data: &[u8]) -> Result<(), FolderError> {
-        let (_, partial, _) = self.paths(h);
+    pub async fn append(
+        &self,
+        sender: &str,
+        h: &ExportFileHeader,
+        data: &[u8],
+    ) -> Result<(), FolderError> {
+        let (_, partial, _) = self.paths(sender, h);
         let mut f = tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -181,24 +203,32 @@ impl Folder {
     }
 
     /// Syncs the bytes and the name of the file's partial form, if there is one.
-    pub async fn sync_partial(&self, h: &ExportFileHeader) -> Result<(), FolderError> {
-        let (_, partial, _) = self.paths(h);
+    pub async fn sync_partial(
+        &self,
+        sender: &str,
+        h: &ExportFileHeader,
+    ) -> Result<(), FolderError> {
+        let (_, partial, _) = self.paths(sender, h);
         match tokio::fs::File::open(&partial).await {
             Ok(f) => f.sync_data().await?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e.into()),
         }
-        sync_dir(&self.part_dir(&h.request_id, &h.subprocessor)).await?;
+        sync_dir(&self.part_dir(sender, &h.request_id, &h.subprocessor)).await?;
         Ok(())
     }
 
     /// Checks a file holding every byte against its SHA-256: a match gives it its name; a
     /// mismatch drops it so the sender starts it again.
-    pub async fn finish(&self, h: &ExportFileHeader) -> Result<FileState, FolderError> {
-        let (done, partial, _) = self.paths(h);
+    pub async fn finish(
+        &self,
+        sender: &str,
+        h: &ExportFileHeader,
+    ) -> Result<FileState, FolderError> {
+        let (done, partial, _) = self.paths(sender, h);
         if h.size == 0 {
             // A file of no bytes gets no chunk, and a chunk is what creates the partial form.
-            self.append(h, &[]).await?;
+            self.append(sender, h, &[]).await?;
         }
         let digest = sha256_of(&partial).await?;
         if digest != h.sha256 {
@@ -213,7 +243,7 @@ impl Folder {
         // counted in the receipt), so its bytes reach the disk first.
         tokio::fs::File::open(&partial).await?.sync_all().await?;
         tokio::fs::rename(&partial, &done).await?;
-        sync_dir(&self.part_dir(&h.request_id, &h.subprocessor)).await?;
+        sync_dir(&self.part_dir(sender, &h.request_id, &h.subprocessor)).await?;
         Ok(FileState {
             offset: h.size,
             complete: true,
@@ -225,6 +255,7 @@ impl Folder {
     /// same part is closed again.
     pub async fn complete_part(
         &self,
+        sender: &str,
         request_id: &str,
         subprocessor: &str,
         files: &[ExportFileHeader],
@@ -233,7 +264,7 @@ impl Folder {
     ) -> Result<Receipt, FolderError> {
         let manifest_sha256 =
             dsrelay_runtime::transfer_manifest::sha256(request_id, subprocessor, files);
-        let dir = self.part_dir(request_id, subprocessor);
+        let dir = self.part_dir(sender, request_id, subprocessor);
         let receipt_path = dir.join(".receipt.json");
         if let Ok(b) = tokio::fs::read(&receipt_path).await {
             if let Ok(r) = serde_json::from_slice::<Receipt>(&b) {
@@ -251,7 +282,7 @@ impl Folder {
         }
         let mut missing = Vec::new();
         for h in files {
-            let (done, _, meta) = self.paths(h);
+            let (done, _, meta) = self.paths(sender, h);
             let stored: Option<StoredHeader> = tokio::fs::read(&meta)
                 .await
                 .ok()
@@ -265,6 +296,7 @@ impl Folder {
         }
         create_part_dir(&dir).await?;
         let receipt = Receipt {
+            sender: sender.to_string(),
             request_id: request_id.to_string(),
             subprocessor: subprocessor.to_string(),
             manifest_sha256,
@@ -289,15 +321,44 @@ impl Folder {
     }
 }
 
+/// The longest name of a folder entry most file systems take (bytes).
+const MAX_COMPONENT: usize = 255;
+
+/// `sender`, a certificate identity (`spiffe://example.org/processor/p`), as one path
+/// component: ASCII letters, digits, `-`, `_` and a `.` that does not lead stay, every other
+/// byte becomes `%XX`, so distinct senders never share a folder and none can climb out (`/`,
+/// `..`) or hide (a leading `.`). An escape is `%` and two uppercase hex digits, so the forms
+/// taken when escaping cannot work (`%empty`; `%sha256-<hex>` for a name too long for the
+/// file system) never equal an escaped identity.
+pub fn sender_component(sender: &str) -> String {
+    let mut out = String::with_capacity(sender.len());
+    for (i, b) in sender.bytes().enumerate() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || (b == b'.' && i > 0) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if out.is_empty() {
+        // An empty component would merge the root with the request folders.
+        return "%empty".into();
+    }
+    if out.len() > MAX_COMPONENT {
+        return format!("%sha256-{}", hex::encode(Sha256::digest(sender.as_bytes())));
+    }
+    out
+}
+
 async fn exists(p: &Path) -> std::io::Result<bool> {
     tokio::fs::try_exists(p).await
 }
 
-/// Creates a part's folder `<root>/<request_id>/<subprocessor>` and syncs the two folders
-/// above it, so its name and its request's survive a crash with the files in it.
+/// Creates a part's folder `<root>/<sender>/<request_id>/<subprocessor>` and syncs the three
+/// folders above it, so its name, its request's and its sender's survive a crash with the
+/// files in it.
 async fn create_part_dir(dir: &Path) -> std::io::Result<()> {
     tokio::fs::create_dir_all(dir).await?;
-    for above in dir.ancestors().skip(1).take(2) {
+    for above in dir.ancestors().skip(1).take(3) {
         sync_dir(above).await?;
     }
     Ok(())
@@ -348,6 +409,23 @@ mod tests {
 
     use super::*;
 
+    const SENDER: &str = "spiffe://dsrelay.dev/processor/payroll-bureau";
+
+    #[test]
+    fn senders_are_safe_and_distinct_path_components() {
+        assert_eq!(
+            sender_component(SENDER),
+            "spiffe%3A%2F%2Fdsrelay.dev%2Fprocessor%2Fpayroll-bureau"
+        );
+        assert_eq!(sender_component(".."), "%2E.");
+        assert_eq!(sender_component(""), "%empty");
+        assert_ne!(sender_component("a b"), sender_component("a%20b"));
+        let long = format!("spiffe://example.org/{}", "p".repeat(300));
+        let hashed = sender_component(&long);
+        assert!(hashed.starts_with("%sha256-") && hashed.len() <= MAX_COMPONENT);
+        assert_ne!(hashed, sender_component(&format!("{long}q")));
+    }
+
     #[tokio::test]
     async fn an_empty_file_is_received_whole_at_once() {
         let root = tempfile::tempdir().expect("tempdir");
@@ -361,11 +439,13 @@ mod tests {
             size: 0,
             sha256: hex::encode(sha2::Sha256::digest(b"")),
         };
-        let state = folder.begin(&h).await.expect("an empty file");
+        let state = folder.begin(SENDER, &h).await.expect("an empty file");
         assert_eq!((state.offset, state.complete), (0, true));
-        let stored = folder.part_dir("0190-r", "accounting").join("empty.csv");
+        let stored = folder
+            .part_dir(SENDER, "0190-r", "accounting")
+            .join("empty.csv");
         assert_eq!(std::fs::read(stored).expect("stored under its name"), b"");
-        let again = folder.begin(&h).await.expect("announced again");
+        let again = folder.begin(SENDER, &h).await.expect("announced again");
         assert!(again.complete);
     }
 }

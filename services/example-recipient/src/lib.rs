@@ -5,12 +5,15 @@
 //! Behaviour:
 //! - Only the certificate identities in `allowed_identities` (processors) may call it
 //!   (PERMISSION_DENIED otherwise).
-//! - Files land in `<data_dir>/<request_id>/<subprocessor>/<name>`; while incomplete they are
-//!   `<name>.partial`, and a file is renamed to its name only once its SHA-256 matched. Every
-//!   chunk is checked (offset, CRC-32) before a byte of it is written.
+//! - Files land in `<data_dir>/<sender>/<request_id>/<subprocessor>/<name>`, `<sender>` being
+//!   the calling processor's identity made a safe folder name
+//!   ([`folder::sender_component`]): each processor names its own subprocessors, so two
+//!   processors' parts of one request are kept apart even when their names are the same.
+//!   A file is `<name>.partial` while incomplete and is renamed to its name only once its
+//!   SHA-256 matched. Every chunk is checked (offset, CRC-32) before a byte of it is written.
 //! - Closing a part writes `.manifest.json` (the canonical manifest, see
-//!   [`dsrelay_runtime::transfer_manifest`]) and
-//!   `.receipt.json` next to the files, and answers the receipt.
+//!   [`dsrelay_runtime::transfer_manifest`]) and `.receipt.json` (which also names the
+//!   sender) next to the files, and answers the receipt.
 //! - Nothing is answered before what it confirms is on disk (the sender resumes from the
 //!   offsets it is told and deletes its copy on the receipt): see [`folder`].
 //! - With `chunk_delay_ms > 0` it pauses after every stored chunk, so tests can interrupt a

@@ -1,17 +1,20 @@
 //! The example recipient's API over real mutual TLS: the dev PKI's "recipient" party serves,
-//! its "processor" party sends.
+//! its "processor" party sends (and, where two processors send, a second one the dev CA
+//! issues).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use dsrelay_example_recipient::folder::sender_component;
 use dsrelay_example_recipient::{App, Config};
 use dsrelay_proto::v1::transfer_receiver_client::TransferReceiverClient;
 use dsrelay_proto::v1::{
     CompleteTransferRequest, ExportFileHeader, FileEnd, GetUploadStateRequest, UploadFileChunk,
     UploadState,
 };
-use dsrelay_runtime::pki::{dev_identity, DevPki};
+use dsrelay_runtime::pki::{dev_identity, DevCa, DevPki};
 use dsrelay_runtime::settings::ServiceSettings;
+use dsrelay_runtime::tls::TlsFiles;
 use dsrelay_runtime::transfer_manifest as manifest;
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
@@ -22,6 +25,11 @@ use tonic::Code;
 const MIB: usize = 1024 * 1024;
 const REQUEST: &str = "0190-transfer";
 
+/// The dev PKI's processor, the sender unless a test says otherwise.
+fn processor() -> String {
+    dev_identity("processor", "payroll-bureau")
+}
+
 struct Running {
     pki: DevPki,
     data_dir: PathBuf,
@@ -30,8 +38,14 @@ struct Running {
 }
 
 impl Running {
-    /// A recipient writing to `dir/data`, with its PKI in `dir/pki`.
+    /// A recipient writing to `dir/data`, with its PKI in `dir/pki`, taking transfers from
+    /// the dev PKI's processor.
     async fn start(dir: &Path, chunk_delay_ms: u64) -> Self {
+        Self::start_allowing(dir, chunk_delay_ms, vec![processor()]).await
+    }
+
+    /// [`Running::start`] taking transfers from the identities `allowed`.
+    async fn start_allowing(dir: &Path, chunk_delay_ms: u64, allowed: Vec<String>) -> Self {
         let pki = DevPki::ensure(&dir.join("pki")).unwrap();
         let data_dir = dir.join("data");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -40,7 +54,7 @@ impl Running {
             service: ServiceSettings::new(format!("127.0.0.1:{port}"), "", pki.files("recipient")),
             name: "new-bookkeeper".into(),
             data_dir: data_dir.clone(),
-            allowed_identities: vec![dev_identity("processor", "payroll-bureau")],
+            allowed_identities: allowed,
             chunk_delay_ms,
         };
         config.validate().unwrap();
@@ -57,7 +71,13 @@ impl Running {
     /// A client presenting party `stem`'s certificate, expecting the recipient to be
     /// `expected`.
     fn client_expecting(&self, stem: &str, expected: &str) -> TransferReceiverClient<Channel> {
-        let tls = self.pki.files(stem).client_config().unwrap();
+        self.client_with(&self.pki.files(stem), expected)
+    }
+
+    /// A client presenting the certificate in `files`, expecting the recipient to be
+    /// `expected`.
+    fn client_with(&self, files: &TlsFiles, expected: &str) -> TransferReceiverClient<Channel> {
+        let tls = files.client_config().unwrap();
         let channel = dsrelay_runtime::tls::channel(
             &format!("https://localhost:{}", self.port),
             Some(expected.to_string()),
@@ -70,6 +90,14 @@ impl Running {
     /// The processor's client, expecting the recipient's own identity.
     fn client(&self) -> TransferReceiverClient<Channel> {
         self.client_expecting("processor", &dev_identity("recipient", "example"))
+    }
+
+    /// The folder of the test request's accounting part as `sender` sent it.
+    fn part_dir(&self, sender: &str) -> PathBuf {
+        self.data_dir
+            .join(sender_component(sender))
+            .join(REQUEST)
+            .join("accounting")
     }
 }
 
@@ -156,11 +184,7 @@ async fn a_file_arrives_verified_and_the_part_answers_a_receipt() {
         .unwrap();
     assert!(done.complete);
     assert_eq!(done.offset, data.len() as u64);
-    let stored = r
-        .data_dir
-        .join(REQUEST)
-        .join("accounting")
-        .join("export.json");
+    let stored = r.part_dir(&processor()).join("export.json");
     assert_eq!(std::fs::read(&stored).unwrap(), data);
 
     let receipt = c
@@ -216,7 +240,7 @@ async fn an_interrupted_file_resumes_at_the_stored_offset() {
     assert!(skipped.message().contains(&format!("{MIB}")), "{skipped:?}");
     let done = send(&mut c, chunks(&h, &data, MIB, 3 * MIB)).await.unwrap();
     assert!(done.complete);
-    let stored = r.data_dir.join(REQUEST).join("accounting").join("big.csv");
+    let stored = r.part_dir(&processor()).join("big.csv");
     assert_eq!(std::fs::read(stored).unwrap(), data);
 }
 
@@ -244,12 +268,7 @@ async fn a_corrupted_chunk_or_file_is_refused_and_never_stored() {
         .unwrap_err();
     assert_eq!(dropped.code(), Code::DataLoss, "{dropped:?}");
     assert_eq!(state(&mut c, &lying).await, UploadState::default());
-    assert!(!r
-        .data_dir
-        .join(REQUEST)
-        .join("accounting")
-        .join("export.json")
-        .exists());
+    assert!(!r.part_dir(&processor()).join("export.json").exists());
 }
 
 #[tokio::test]
@@ -273,7 +292,8 @@ async fn only_configured_senders_reach_it_and_senders_check_its_identity() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(!r.data_dir.join(REQUEST).exists());
+    let entries = std::fs::read_dir(&r.data_dir).unwrap().count();
+    assert_eq!(entries, 0, "nothing stored for a refused caller");
 }
 
 #[tokio::test]
@@ -338,11 +358,7 @@ async fn a_transfer_cut_mid_stream_resumes_after_the_recipient_restarts() {
         let msgs = chunks(&h, &data, 0, data.len());
         async move { send(&mut c, msgs).await }
     });
-    let partial = r
-        .data_dir
-        .join(REQUEST)
-        .join("accounting")
-        .join("export.json.partial");
+    let partial = r.part_dir(&processor()).join("export.json.partial");
     // Stop it once some chunks are stored, long before the last.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) < 2 * MIB as u64 {
@@ -380,10 +396,121 @@ async fn a_transfer_cut_mid_stream_resumes_after_the_recipient_restarts() {
     assert!(done.complete);
     let receipt = c.complete_transfer(part(&[h])).await.unwrap().into_inner();
     assert_eq!(receipt.bytes, data.len() as u64);
-    let stored = r
-        .data_dir
-        .join(REQUEST)
-        .join("accounting")
-        .join("export.json");
+    let stored = r.part_dir(&processor()).join("export.json");
     assert_eq!(std::fs::read(stored).unwrap(), data);
+}
+
+/// The size of the largest `.partial` file anywhere under `dir` (0 if none).
+fn largest_partial(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut largest = 0;
+    for e in entries.flatten() {
+        let path = e.path();
+        let size = if path.is_dir() {
+            largest_partial(&path)
+        } else if path.extension().is_some_and(|x| x == "partial") {
+            e.metadata().map(|m| m.len()).unwrap_or(0)
+        } else {
+            0
+        };
+        largest = largest.max(size);
+    }
+    largest
+}
+
+/// A second processor's certificate, issued by the dev CA in `dir/pki` into `dir`.
+fn second_processor(dir: &Path, identity: &str) -> TlsFiles {
+    let pki = dir.join("pki");
+    let read = |name: &str| std::fs::read_to_string(pki.join(name)).unwrap();
+    let ca = DevCa::load(&read("ca.pem"), &read("ca.key")).unwrap();
+    let leaf = ca
+        .issue("dsrelay processor other-bureau", identity)
+        .unwrap();
+    let (cert, key) = (dir.join("other-bureau.pem"), dir.join("other-bureau.key"));
+    std::fs::write(&cert, leaf.cert_pem).unwrap();
+    std::fs::write(&key, leaf.key_pem).unwrap();
+    TlsFiles::new(pki.join("ca.pem"), cert, key)
+}
+
+/// Subprocessor names are unique only within a processor: two processors transferring the
+/// same request, each with an "accounting" sending an "export.json", neither see nor block
+/// nor overwrite each other's part, and each record names its sender.
+#[tokio::test]
+async fn two_senders_parts_of_the_same_name_are_stored_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = dev_identity("processor", "other-bureau");
+    let r = Running::start_allowing(dir.path(), 0, vec![processor(), other.clone()]).await;
+    let other_tls = second_processor(dir.path(), &other);
+    let mut a = r.client();
+    let mut b = r.client_with(&other_tls, &dev_identity("recipient", "example"));
+    let data_a = content(2 * MIB);
+    let data_b: Vec<u8> = content(MIB + 77).into_iter().rev().collect();
+    let (ha, hb) = (
+        header("export.json", &data_a),
+        header("export.json", &data_b),
+    );
+
+    // The first sender's stream stays open after its first chunk, holding its file.
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    let mut msgs = chunks(&ha, &data_a, 0, data_a.len()).into_iter();
+    tx.unbounded_send(msgs.next().unwrap()).unwrap();
+    let sending_a = tokio::spawn({
+        let mut a = a.clone();
+        async move { a.send_file(rx).await.map(|r| r.into_inner()) }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while largest_partial(&r.data_dir) < MIB as u64 {
+        assert!(tokio::time::Instant::now() < deadline, "no chunk arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The second sender's file of the same name goes meanwhile, and starts from nothing.
+    assert_eq!(state(&mut b, &hb).await, UploadState::default());
+    let done_b = send(&mut b, chunks(&hb, &data_b, 0, data_b.len()))
+        .await
+        .unwrap();
+    assert!(done_b.complete);
+    let receipt_b = b
+        .complete_transfer(part(std::slice::from_ref(&hb)))
+        .await
+        .unwrap()
+        .into_inner();
+    // The first sender's half-sent file is untouched.
+    assert_eq!(
+        state(&mut a, &ha).await,
+        UploadState {
+            offset: MIB as u64,
+            complete: false
+        }
+    );
+    for m in msgs {
+        tx.unbounded_send(m).unwrap();
+    }
+    drop(tx);
+    assert!(sending_a.await.unwrap().unwrap().complete);
+    let receipt_a = a
+        .complete_transfer(part(std::slice::from_ref(&ha)))
+        .await
+        .unwrap()
+        .into_inner();
+
+    for (sender, h, data, receipt) in [
+        (processor(), &ha, &data_a, &receipt_a),
+        (other.clone(), &hb, &data_b, &receipt_b),
+    ] {
+        let folder = r.part_dir(&sender);
+        assert_eq!(&std::fs::read(folder.join("export.json")).unwrap(), data);
+        assert_eq!(receipt.bytes, data.len() as u64);
+        assert_eq!(
+            receipt.manifest_sha256,
+            manifest::sha256(REQUEST, "accounting", std::slice::from_ref(h))
+        );
+        let written: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(folder.join(".receipt.json")).unwrap()).unwrap();
+        assert_eq!(written["sender"], sender.as_str());
+        assert_eq!(written["manifest_sha256"], receipt.manifest_sha256.as_str());
+    }
+    assert_ne!(receipt_a.manifest_sha256, receipt_b.manifest_sha256);
 }

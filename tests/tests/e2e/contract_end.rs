@@ -767,7 +767,7 @@ async fn contract_end_cetransfer_returns_the_data_to_a_recipient() {
     }
     let record: serde_json::Value = serde_json::from_slice(
         &std::fs::read(
-            pair.recipient_dir()
+            pair.received_from_processor()
                 .join(&id)
                 .join("paper-archive")
                 .join("returned-by-hand.json"),
@@ -789,7 +789,7 @@ async fn contract_end_cetransfer_returns_the_data_to_a_recipient() {
     assert_eq!(receipt.recipient, RECIPIENT);
     assert_eq!(receipt.request_id, id);
     // The files are at the recipient, and its own record of the part is the receipt's.
-    let folder = pair.recipient_dir().join(&id).join("accounting");
+    let folder = pair.received_from_processor().join(&id).join("accounting");
     let customers_json = std::fs::read_to_string(folder.join("customers.json"))
         .unwrap_or_else(|e| panic!("customers.json at the recipient: {e}"));
     for name in ["C-1001", "C-1002", "C-1006"] {

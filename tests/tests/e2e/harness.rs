@@ -1394,9 +1394,19 @@ impl TestPair {
             .expect("a recipient: set PairOptions::recipient")
     }
 
-    /// The example recipient's folder: `<request_id>/<subprocessor>/<name>` per file received.
+    /// The example recipient's folder: `<sender>/<request_id>/<subprocessor>/<name>` per file
+    /// received.
     pub fn recipient_dir(&self) -> PathBuf {
         self.dir().join(RECIPIENT_DATA_DIR)
+    }
+
+    /// Where the example recipient keeps what this pair's processor sent it:
+    /// `<request_id>/<subprocessor>/<name>` per file.
+    pub fn received_from_processor(&self) -> PathBuf {
+        self.recipient_dir()
+            .join(dsrelay_example_recipient::folder::sender_component(
+                &dev_identity("processor", PROCESSOR),
+            ))
     }
 
     /// The adapter (panics unless the newsletter is a holder).

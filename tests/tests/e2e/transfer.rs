@@ -105,7 +105,7 @@ async fn check_received(pair: &TestPair, view: &Request, subprocessor: &str) -> 
     let id = &view.request_id;
     let files = recorded_files(pair.processor.database_url(), id, subprocessor).await;
     assert!(!files.is_empty(), "{subprocessor} exported nothing");
-    let folder = pair.recipient_dir().join(id).join(subprocessor);
+    let folder = pair.received_from_processor().join(id).join(subprocessor);
     for f in &files {
         let data = std::fs::read(folder.join(&f.name))
             .unwrap_or_else(|e| panic!("{subprocessor}/{} at the recipient: {e}", f.name));
@@ -270,7 +270,7 @@ async fn transfer_resumes_after_the_recipient_is_killed_mid_stream() {
     .expect("sqlite pair");
     make_the_export_big(&pair.accounting_url).await;
     let id = submit(&pair).await;
-    let folder = pair.recipient_dir().join(&id);
+    let folder = pair.received_from_processor().join(&id);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while largest_partial(&folder) < 1024 * 1024 {
         assert!(
@@ -323,7 +323,7 @@ async fn transfer_of_a_file_changed_while_others_are_sent_fails_naming_it() {
     .expect("sqlite pair");
     make_the_export_big(&pair.accounting_url).await;
     let id = submit(&pair).await;
-    let folder = pair.recipient_dir().join(&id);
+    let folder = pair.received_from_processor().join(&id);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while largest_partial(&folder) < 1024 * 1024 {
         assert!(
