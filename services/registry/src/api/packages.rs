@@ -92,10 +92,11 @@ impl Api {
             .upload_target(request_id, processor)
             .await?
         {
-            UploadTarget::Unknown => Err(super::not_found(request_id)),
-            UploadTarget::NotDelivered => Err(ApiError::permission_denied(format!(
-                "request {request_id} was not delivered to processor {processor}"
-            ))),
+            // One answer for both, as Acknowledge gives: a processor cannot learn from it
+            // whether a request it was not sent exists.
+            UploadTarget::Unknown | UploadTarget::NotDelivered => Err(ApiError::permission_denied(
+                format!("request {request_id} was not delivered to processor {processor}"),
+            )),
             UploadTarget::Kind(k) => match no_package(&self.shared, request_id, k).await? {
                 None => Ok(()),
                 Some(why) => Err(ApiError::failed_precondition(why)),
