@@ -118,10 +118,12 @@
 //! through their parent's rows, then the matched tables (a contract end's erasure: one
 //! transaction per batch, see above). On SQLite, erasures that arrive together share a
 //! transaction, each in a savepoint of its own that a failure rolls back alone (`writer`).
-//! Identifiers come only from the validated configuration and are quoted; identity values,
-//! corrected values, dates and batch bounds are always bound as parameters. The only SQL text
-//! taken from the configuration is `retain.while` and a controller's `condition`, spliced as
-//! written: trusted operator configuration, never user input.
+//! Identifiers come only from the validated configuration and are quoted; the connector
+//! refuses to start, naming them, when a database lacks a table or column they name (SQLite
+//! would read a misspelt quoted column as a string and silently match nothing). Identity
+//! values, corrected values, dates and batch bounds are always bound as parameters. The only
+//! SQL text taken from the configuration is `retain.while` and a controller's `condition`,
+//! spliced as written: trusted operator configuration, never user input.
 //!
 //! # Layout
 //! - `rules`: the configuration ([`SqlConnectorConfig`], [`TableRule`], [`Action`],
@@ -134,6 +136,8 @@
 //! - `direct`: an export's read of a SQLite file, on a connection of its own (rusqlite) on
 //!   the blocking pool; PostgreSQL and in-memory SQLite are read through sqlx.
 //! - `receipt`: the erasure receipts: the table, storing a task's report under its key.
+//! - `schema`: the check at connect that the database has every table and column the rules
+//!   name (SQLite would read a misspelt quoted column as a string and match nothing).
 //! - `bulk`: contract ends: counting, the export, the erasure in batches, what is kept.
 //! - `sample`: the sample accounting database and its rules ([`sample_config`],
 //!   [`create_sample_accounting_db`]).
@@ -157,6 +161,7 @@ mod receipt;
 mod retention;
 mod rules;
 mod sample;
+mod schema;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -229,6 +234,14 @@ impl SqlConnector {
                 })?;
                 own.insert(name.clone(), db);
             }
+        }
+        if let Some(db) = &db {
+            schema::check_columns(db, &config).await?;
+        }
+        for (name, db) in &own {
+            schema::check_columns(db, &config)
+                .await
+                .map_err(|e| e.context(format!("checking the database of controller {name:?}")))?;
         }
         // Only a connector that erases writes receipts; a read-only holder gets no table.
         if config.supports(RequestKind::Erasure) {

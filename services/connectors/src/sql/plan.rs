@@ -571,13 +571,30 @@ fn match_clause(
         // only ASCII: lowering the value in Rust would lower 'Ä' too, and then no address
         // stored with a non-ASCII capital would match even itself. lower(column) is left as
         // it was, so that an index on that expression still serves the match.
-        terms.push(if *ty == IdentityType::Email {
-            format!("lower({}) = lower({p})", quote(column))
-        } else {
-            format!("{} = {p}", quote(column))
+        terms.push(match ty {
+            IdentityType::Email => format!("lower({}) = lower({p})", quote(column)),
+            IdentityType::Phone => format!("{} = {p}", phone_digits(column)),
+            _ => format!("{} = {p}", quote(column)),
         });
     }
     (!terms.is_empty()).then(|| format!("({})", terms.join(" OR ")))
+}
+
+/// The separators people write phone numbers with.
+const PHONE_SEPARATORS: [&str; 6] = [" ", "-", "(", ")", ".", "/"];
+
+/// `column` without the separators of [`PHONE_SEPARATORS`]. The request's phone number is
+/// normalized in Rust to its digits and '+' ('+358 40 123 4567' to '+358401234567'), but a
+/// holder stores numbers as they were typed, so the column must lose its separators too or
+/// a stored '+358 40 123 4567' would never match, not even the same text. SQL has no
+/// "keep only these characters", so the separators the identity validation admits (space,
+/// '-', '(' and ')') and those common in stored numbers ('.' and '/') are removed one by
+/// one; the same REPLACE works on both backends. An index on the bare column no longer
+/// serves this match; one on this expression would.
+fn phone_digits(column: &str) -> String {
+    PHONE_SEPARATORS.iter().fold(quote(column), |inner, sep| {
+        format!("REPLACE({inner}, '{sep}', '')")
+    })
 }
 
 fn match_key(ty: IdentityType) -> Option<&'static str> {
@@ -706,6 +723,26 @@ mod tests {
             ]
         );
         assert_eq!(work(3).held_for, ["invoices", "ledger_entries"]);
+    }
+
+    #[test]
+    fn a_phone_column_loses_its_separators_before_the_match() {
+        let config = sample_config("sqlite::memory:");
+        let spaced = ident(
+            IdentityType::Phone,
+            IdentityEncoding::Raw,
+            "+358 40 123 4567",
+        );
+        let raw = usable_identities(&config, &[spaced]).unwrap();
+        assert_eq!(raw, [(IdentityType::Phone, "+358401234567".to_string())]);
+        let columns = [("phone".to_string(), "tel".to_string())].into();
+        let mut binds = Binds::default();
+        assert_eq!(
+            match_clause(&columns, &raw, &mut binds).unwrap(),
+            "(REPLACE(REPLACE(REPLACE(REPLACE(REPLACE(REPLACE(\"tel\", ' ', ''), '-', ''), \
+             '(', ''), ')', ''), '.', ''), '/', '') = $1)"
+        );
+        assert_eq!(binds.0, ["+358401234567"]);
     }
 
     #[test]

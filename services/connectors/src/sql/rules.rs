@@ -414,34 +414,53 @@ fn validate_identifiers(at: &str, rule: &TableRule, out: &mut Vec<String>) {
         }
     };
     ident("table", &rule.table);
-    for column in rule.match_columns.values() {
-        ident("match column", column);
-    }
-    for column in rule.anonymize.keys() {
-        ident("anonymize column", column);
-    }
     if let Some(parent) = &rule.parent {
         ident("parent table", &parent.table);
-        ident("parent column", &parent.column);
-        ident("parent parent_column", &parent.parent_column);
     }
-    for column in &rule.export {
-        ident("export column", column);
+    for (what, _, column) in rule.columns() {
+        ident(what, column);
     }
-    for column in rule.rectify.values() {
-        ident("rectify column", column);
-    }
-    if let Some(column) = &rule.restrict_column {
-        ident("restrict_column", column);
-    }
-    if let Some(column) = &rule.suppress_column {
-        ident("suppress_column", column);
-    }
-    if let Some(retain) = &rule.retain {
-        ident("retain from_column", &retain.from_column);
-        for column in &retain.keep_columns {
-            ident("retain keep column", column);
+}
+
+impl TableRule {
+    /// Every column the rule names, as (what it is in the rule, its table, the column). One
+    /// list for the identifier check and the connect-time check that the columns exist, so
+    /// that a column added to the rules cannot escape either.
+    pub(super) fn columns(&self) -> Vec<(&'static str, &str, &str)> {
+        fn of<'a>(
+            what: &'static str,
+            table: &'a str,
+            columns: impl IntoIterator<Item = &'a String>,
+        ) -> impl Iterator<Item = (&'static str, &'a str, &'a str)> {
+            columns.into_iter().map(move |c| (what, table, c.as_str()))
         }
+        let t = self.table.as_str();
+        let retain = self.retain.as_ref();
+        let mut out: Vec<_> = of("match column", t, self.match_columns.values()).collect();
+        out.extend(of("anonymize column", t, self.anonymize.keys()));
+        out.extend(of(
+            "parent column",
+            t,
+            self.parent.iter().map(|p| &p.column),
+        ));
+        out.extend(of("export column", t, &self.export));
+        out.extend(of("rectify column", t, self.rectify.values()));
+        out.extend(of("restrict_column", t, &self.restrict_column));
+        out.extend(of("suppress_column", t, &self.suppress_column));
+        out.extend(of("retain from_column", t, retain.map(|r| &r.from_column)));
+        out.extend(of(
+            "retain keep column",
+            t,
+            retain.into_iter().flat_map(|r| &r.keep_columns),
+        ));
+        if let Some(parent) = &self.parent {
+            out.push((
+                "parent parent_column",
+                parent.table.as_str(),
+                &parent.parent_column,
+            ));
+        }
+        out
     }
 }
 

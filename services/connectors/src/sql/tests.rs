@@ -237,7 +237,161 @@ on_both_backends!(
     a_repeated_erasure_undoes_its_own_work,
     a_repeated_erasure_that_fails_answers_from_the_receipt,
     concurrent_calls_of_one_task_erase_once,
+    a_misspelt_table_or_column_fails_at_connect,
+    matches_a_phone_stored_with_separators,
 );
+
+/// SQLite reads a quoted name that is no column as a string literal, so a misspelt column
+/// matched nothing, exported its own name or linked no children, all without an error;
+/// PostgreSQL failed each request instead. Both now refuse to start, naming the rule, the
+/// table and the column.
+async fn a_misspelt_table_or_column_fails_at_connect(url: String) {
+    let (_, db) = sample(&url).await;
+    let postgres = db.backend == dsrelay_runtime::store::Backend::Postgres;
+    fn rule<'a>(config: &'a mut SqlConnectorConfig, table: &str) -> &'a mut TableRule {
+        config.tables.iter_mut().find(|t| t.table == table).unwrap()
+    }
+    type Edit = fn(&mut SqlConnectorConfig);
+    let cases: [(Edit, &str); 6] = [
+        (
+            |c| *rule(c, "customers").match_columns.get_mut("email").unwrap() = "emial".into(),
+            "tables[3] (customers): match column \"emial\" is not a column of table \
+             \"customers\"",
+        ),
+        (
+            |c| rule(c, "customers").export[5] = "adress".into(),
+            "tables[3] (customers): export column \"adress\" is not a column of table \
+             \"customers\"",
+        ),
+        (
+            |c| rule(c, "contacts").parent.as_mut().unwrap().column = "customer".into(),
+            "tables[0] (contacts): parent column \"customer\" is not a column of table \
+             \"contacts\"",
+        ),
+        (
+            |c| rule(c, "contacts").parent.as_mut().unwrap().parent_column = "idd".into(),
+            "tables[0] (contacts): parent parent_column \"idd\" is not a column of table \
+             \"customers\"",
+        ),
+        (
+            |c| rule(c, "invoices").retain.as_mut().unwrap().from_column = "issued".into(),
+            "tables[1] (invoices): retain from_column \"issued\" is not a column of table \
+             \"invoices\"",
+        ),
+        (
+            |c| rule(c, "contacts").table = "contact".into(),
+            "table \"contact\" is not in the database",
+        ),
+    ];
+    for (edit, expected) in cases {
+        let mut config = sample_config(&url);
+        edit(&mut config);
+        let err = SqlConnector::connect(config.clone()).await.unwrap_err();
+        assert!(format!("{err:#}").contains(expected), "{err:#}");
+        // A controller's own database is checked as well.
+        config.controllers.insert(
+            "acme".into(),
+            ControllerScope {
+                condition: None,
+                url: Some(url.clone()),
+            },
+        );
+        let err = format!("{:#}", SqlConnector::connect(config).await.unwrap_err());
+        assert!(
+            err.contains("checking the database of controller \"acme\"") && err.contains(expected),
+            "{err}"
+        );
+    }
+
+    // Names as each backend resolves them: SQLite ignores ASCII case and has the row id,
+    // PostgreSQL keeps the case of a quoted name and has no rowid.
+    let mut config = sample_config(&url);
+    *rule(&mut config, "customers")
+        .match_columns
+        .get_mut("email")
+        .unwrap() = "EMAIL".into();
+    rule(&mut config, "contacts")
+        .parent
+        .as_mut()
+        .unwrap()
+        .parent_column = "rowid".into();
+    match (postgres, SqlConnector::connect(config).await) {
+        (false, connected) => assert!(connected.is_ok(), "{:#}", connected.unwrap_err()),
+        (true, connected) => {
+            let err = format!("{:#}", connected.unwrap_err());
+            assert!(
+                err.contains("match column \"EMAIL\" is not a column of table \"customers\"")
+                    && err.contains(
+                        "parent_column \"rowid\" is not a column of table \
+                                     \"customers\""
+                    ),
+                "{err}"
+            );
+        }
+    }
+}
+
+/// A holder stores phone numbers as they were typed, and the request's number is normalized
+/// to its digits and '+': the column must lose its separators in SQL too, or a number stored
+/// with spaces would never match, not even when given exactly as stored.
+async fn matches_a_phone_stored_with_separators(url: String) {
+    let (connector, db) = sample(&url).await;
+    exec(
+        &db,
+        "INSERT INTO customers (id, customer_no, name, email, phone, address) VALUES \
+         (7, 'C-1007', 'Pekka Puhelin', 'pekka@example.fi', '+358 40 765 4321', 'Kauppatori 1'), \
+         (8, 'C-1008', 'Liisa Linja', 'liisa@example.fi', '(09) 765-43.21', 'Rantatie 2')",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let phone = |v: &str| ident(IdentityType::Phone, IdentityEncoding::Raw, v);
+    for (given, stored, customer_no) in [
+        ("+358407654321", "+358 40 765 4321", "C-1007"),
+        ("+358 40 765 4321", "+358 40 765 4321", "C-1007"),
+        ("+358-40-765-4321", "+358 40 765 4321", "C-1007"),
+        ("097654321", "(09) 765-43.21", "C-1008"),
+        ("(09) 765 4321", "(09) 765-43.21", "C-1008"),
+    ] {
+        let task = Task {
+            identities: vec![phone(given)],
+            ..export_task(RequestKind::ReturnOfData, "", dir.path()).await
+        };
+        let out = connector.run(&task).await.unwrap();
+        let Outcome::Completed { note, files, .. } = out else {
+            panic!("{given}: expected COMPLETED, got {out:?}");
+        };
+        assert_eq!(
+            note, "invoices: exported 0; customers: exported 1",
+            "{given}"
+        );
+        let customers: serde_json::Value =
+            serde_json::from_slice(&written(&task, &files, "customers.json")).unwrap();
+        assert_eq!(
+            (&customers[0]["customer_no"], &customers[0]["phone"]),
+            (&json!(customer_no), &json!(stored)),
+            "{given}"
+        );
+    }
+
+    let out = connector
+        .scope("acme")
+        .unwrap()
+        .erase(&[phone("+358 40 765 4321")], now())
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.found, out.note.as_str()),
+        (
+            true,
+            "contacts: deleted 0; invoices: deleted 0; ledger_entries: anonymized 0; \
+             customers: deleted 1"
+        )
+    );
+    assert_eq!(
+        count(&db, &format!("{C} FROM customers WHERE id IN (7, 8)")).await,
+        1
+    );
+}
 
 /// On PostgreSQL an erasure leaves out its statements about kept rows when the probes before
 /// them found none kept (a round trip each); on SQLite the plan goes as one text. The answer
@@ -665,7 +819,10 @@ async fn sql_errors_roll_back_every_table(url: String) {
     config.tables[1]
         .anonymize
         .insert("no_such_column".into(), AnonymizeWith::Redacted);
+    // Dropped after the connector connected, which checks that the rules' columns exist.
+    exec(&db, "ALTER TABLE invoices ADD COLUMN no_such_column TEXT").await;
     let connector = SqlConnector::connect(config).await.unwrap();
+    exec(&db, "ALTER TABLE invoices DROP COLUMN no_such_column").await;
     let err = connector
         .scope("acme")
         .unwrap()
@@ -1236,7 +1393,9 @@ async fn supports_follows_the_configuration() {
 
     // Erasure only.
     let dir = tempfile::tempdir().unwrap();
-    let mut config = sample_config(&format!("sqlite://{}/a.db", dir.path().display()));
+    let url = format!("sqlite://{}/a.db", dir.path().display());
+    create_sample_accounting_db(&url).await.unwrap();
+    let mut config = sample_config(&url);
     config.tables.retain(|t| t.table == "customers");
     let customers = &mut config.tables[0];
     customers.anonymize.clear();
