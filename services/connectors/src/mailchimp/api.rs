@@ -3,6 +3,11 @@
 //! with Retry-After) say when to come back, a 503 "Compliance Related" (the account is under
 //! review) and the rest are permanent with Mailchimp's problem+json detail, scrubbed.
 //!
+//! The deletes ([`Api::delete_permanent`], [`Api::delete_list`]) answer
+//! [`Deletion::Unanswered`] instead of an error when the call may have taken effect: its
+//! answer never came (timed out, connection cut after sending), or a 5xx came, which a
+//! gateway or a busy backend also sends after the work was done.
+//!
 //! Mailchimp allows 10 simultaneous connections per account and answers 429 past that, so
 //! every audience of one API key in this process shares [`MAX_CONNECTIONS_PER_ACCOUNT`]
 //! permits for calls in flight.
@@ -42,13 +47,14 @@ pub(super) enum Reply {
 /// What a `delete-permanent` call came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Deletion {
-    /// 2xx: the member is deleted.
+    /// 2xx: the member (or the audience) is deleted.
     Deleted,
-    /// 404: no such member (now).
+    /// 404: no such member or audience (now).
     Missing,
     /// The call went out but its answer never came back (timed out, or the connection was
-    /// cut after sending): Mailchimp may have deleted the member. Only reading it tells, and
-    /// a second delete would answer 404 if the first one took effect. Why, for notes.
+    /// cut after sending), or came as a 5xx: Mailchimp may have deleted the member (or the
+    /// audience). Only reading it tells, and a second delete would answer 404 if the first
+    /// one took effect. Why, for notes.
     Unanswered(String),
 }
 
@@ -207,11 +213,15 @@ impl Api {
         self.call(Method::GET, &url, None, &what, scrub).await
     }
 
-    /// `DELETE /lists/{list}`: the audience with all its members, for good.
-    pub(super) async fn delete_list(&self, scrub: &Scrubber) -> Result<Reply, ConnectorError> {
+    /// `DELETE /lists/{list}`: the audience with all its members, for good. A call whose
+    /// answer was lost is [`Deletion::Unanswered`]: deleting a large audience can outlast the
+    /// call's timeout, and a retry's 404 must not read as a wrong `list_id`.
+    pub(super) async fn delete_list(&self, scrub: &Scrubber) -> Result<Deletion, ConnectorError> {
         let url = self.list_url();
-        self.call(Method::DELETE, &url, None, "deleting the audience", scrub)
-            .await
+        deletion(
+            self.send(Method::DELETE, &url, None, "deleting the audience", scrub)
+                .await,
+        )
     }
 
     /// `GET /lists/{list}/members/{hash}`: the member document.
@@ -265,12 +275,7 @@ impl Api {
     ) -> Result<Deletion, ConnectorError> {
         let url = format!("{}/actions/delete-permanent", self.member_url(hash));
         let what = format!("deleting member {hash}");
-        match self.send(Method::POST, &url, None, &what, scrub).await {
-            Ok(Reply::Done(_)) => Ok(Deletion::Deleted),
-            Ok(Reply::Missing) => Ok(Deletion::Missing),
-            Err(Failure::Unanswered(e)) => Ok(Deletion::Unanswered(e.to_string())),
-            Err(Failure::Refused(e)) => Err(e),
-        }
+        deletion(self.send(Method::POST, &url, None, &what, scrub).await)
     }
 
     /// `PATCH /lists/{list}/members/{hash}` with `body`: the changed member document.
@@ -304,7 +309,7 @@ impl Api {
         self.send(method, url, body, what, scrub)
             .await
             .map_err(|f| match f {
-                Failure::Unanswered(e) | Failure::Refused(e) => e,
+                Failure::Unanswered(e) | Failure::ServerError(e) | Failure::Refused(e) => e,
             })
     }
 
@@ -353,6 +358,8 @@ impl Api {
             // The status came: a success is the answer even if its body was cut short.
             if status.is_success() {
                 Failure::Unanswered(transport_error(what, e))
+            } else if status.is_server_error() {
+                Failure::ServerError(transport_error(what, e))
             } else {
                 Failure::Refused(transport_error(what, e))
             }
@@ -369,20 +376,35 @@ impl Api {
                     )))
                 });
         }
-        Err(Failure::Refused(status_error(
-            what,
-            status,
-            retry_after.as_deref(),
-            &bytes,
-            scrub,
-        )))
+        let error = status_error(what, status, retry_after.as_deref(), &bytes, scrub);
+        // A compliance review refuses every call up front; other 5xx say nothing of whether
+        // the work was done.
+        if status.is_server_error() && !matches!(error, ConnectorError::Permanent(_)) {
+            return Err(Failure::ServerError(error));
+        }
+        Err(Failure::Refused(error))
+    }
+}
+
+/// What a delete's [`Api::send`] came to.
+fn deletion(sent: Result<Reply, Failure>) -> Result<Deletion, ConnectorError> {
+    match sent {
+        Ok(Reply::Done(_)) => Ok(Deletion::Deleted),
+        Ok(Reply::Missing) => Ok(Deletion::Missing),
+        Err(Failure::Unanswered(e) | Failure::ServerError(e)) => {
+            Ok(Deletion::Unanswered(e.to_string()))
+        }
+        Err(Failure::Refused(e)) => Err(e),
     }
 }
 
 /// Why a call has no [`Reply`].
 enum Failure {
-    /// Mailchimp answered with an error status, or the call never reached it.
+    /// Mailchimp answered with an error status other than [`Failure::ServerError`], or the
+    /// call never reached it.
     Refused(ConnectorError),
+    /// A 5xx that is not a permanent refusal: the call may have taken effect all the same.
+    ServerError(ConnectorError),
     /// The call went out and no answer came back: it may have taken effect.
     Unanswered(ConnectorError),
 }

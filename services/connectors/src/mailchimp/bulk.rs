@@ -14,14 +14,18 @@
 //!   members for good, then `GET /lists/{list}`: COMPLETED once it answers 404, otherwise
 //!   ACCEPTED under a handle and checked again ([`Phase::Confirm`]). The answer of the delete
 //!   alone is never taken as proof.
+//! - A delete whose answer was lost (a large audience can take longer than `timeout_ms`, or
+//!   the connection is cut, or a 5xx comes) may have taken effect: the step goes on to the
+//!   reading as after an answer, and when that fails too, it is ACCEPTED under a handle marked
+//!   `?` (`audience:?{list}:{count}`) instead of an error whose retry would count a missing
+//!   audience. Its confirmation reads: 404 → COMPLETED, deleted by this job; the audience still
+//!   there → the delete is sent again, since the first may never have arrived.
 //! - An audience that is already missing when a step starts is a permanent error, not an
-//!   erasure: Mailchimp's 404 cannot tell a deleted audience from a wrong `list_id`. (If an
-//!   earlier run's delete went through but its answer was lost, an operator sees this error
-//!   and can check the audience.)
+//!   erasure: Mailchimp's 404 cannot tell a deleted audience from a wrong `list_id`.
 
 use serde_json::Value;
 
-use super::api::{Api, Reply};
+use super::api::{Api, Deletion, Reply};
 use super::scrub::Scrubber;
 use super::MailchimpConnector;
 use crate::export::{JsonArrayWriter, JSON};
@@ -30,7 +34,8 @@ use crate::{BulkJob, BulkOp, BulkProgress, ConnectorError, ErasedCount, Outcome,
 /// The file a bulk export writes.
 const MEMBERS_FILE: &str = "members.json";
 
-/// Starts the handle of an audience deletion waiting for its check: `audience:{list}:{count}`.
+/// Starts the handle of an audience deletion waiting for its check: `audience:{list}:{count}`,
+/// or `audience:?{list}:{count}` when the delete's answer was lost.
 const HANDLE_PREFIX: &str = "audience:";
 
 impl MailchimpConnector {
@@ -43,8 +48,8 @@ impl MailchimpConnector {
         let scrub = Scrubber::for_key(&self.config.api_key);
         match (job.op, &job.phase) {
             (BulkOp::Erase, Phase::Confirm { handle }) => {
-                let count = parse_handle(handle, api.list_id())?;
-                confirm_deleted(api, count, job, &scrub).await
+                let (count, unanswered) = parse_handle(handle, api.list_id())?;
+                confirm_deleted(api, count, unanswered, job, &scrub).await
             }
             (BulkOp::Erase, Phase::Start | Phase::RetentionExpired { .. }) => {
                 erase_audience(api, job, &scrub).await
@@ -151,42 +156,73 @@ async fn erase_audience(
     let count = count_members(api, scrub).await?;
     job.progress.report(progress(0, count));
     // Missing here means it went between the count and now; the check below decides.
-    api.delete_list(scrub).await?;
-    match confirm_deleted(api, count, job, scrub).await {
+    let lost = match api.delete_list(scrub).await? {
+        Deletion::Deleted | Deletion::Missing => None,
+        Deletion::Unanswered(why) => Some(why),
+    };
+    match confirm_deleted(api, count, lost.is_some(), job, scrub).await {
         Ok(outcome) => Ok(outcome),
-        // The audience is deleted; a retry from the start would find it missing and fail.
-        // Keep the handle and ask again instead.
-        Err(e) => Ok(Outcome::Accepted {
-            handle: handle(api.list_id(), count),
-            note: format!(
-                "mailchimp: deleted audience {}; checking that it is gone failed ({e})",
-                api.list_id()
-            ),
-        }),
+        // The audience is deleted (or may be); a retry from the start would find it missing
+        // and fail. Keep the handle and ask again instead.
+        Err(e) => {
+            let list = api.list_id();
+            let note = match &lost {
+                None => format!(
+                    "mailchimp: deleted audience {list}; checking that it is gone \
+                     failed ({e})"
+                ),
+                Some(why) => format!(
+                    "mailchimp: the deletion of audience {list} was sent but its answer was \
+                     lost ({why}); reading whether it is gone failed too ({e})"
+                ),
+            };
+            Ok(Outcome::Accepted {
+                handle: handle(list, count, lost.is_some()),
+                note,
+            })
+        }
     }
 }
 
-/// COMPLETED when the audience answers 404, otherwise ACCEPTED under the same handle.
+/// COMPLETED when the audience answers 404, otherwise ACCEPTED under a handle of the same
+/// count. `unanswered`: the delete's answer was lost, so an audience still there may never
+/// have got it, and it is sent again.
 async fn confirm_deleted(
     api: &Api,
     count: u64,
+    unanswered: bool,
     job: &BulkJob,
     scrub: &Scrubber,
 ) -> Result<Outcome, ConnectorError> {
     let list = api.list_id();
     if let Reply::Done(_) = api.get_list(scrub).await? {
+        if !unanswered {
+            return Ok(Outcome::Accepted {
+                handle: handle(list, count, false),
+                note: format!("mailchimp: deleted audience {list}; the API still returns it"),
+            });
+        }
+        let again = api.delete_list(scrub).await?;
         return Ok(Outcome::Accepted {
-            handle: handle(list, count),
-            note: format!("mailchimp: deleted audience {list}; the API still returns it"),
+            handle: handle(list, count, matches!(again, Deletion::Unanswered(_))),
+            note: format!(
+                "mailchimp: the answer to deleting audience {list} was lost and the API still \
+                 returned it; the deletion was sent again"
+            ),
         });
     }
     job.progress.report(progress(count, count));
     let records = i64::try_from(count).unwrap_or(i64::MAX);
+    let lost = if unanswered {
+        " (the answer to this job's deletion was lost, and reading the audience answers 404)"
+    } else {
+        ""
+    };
     Ok(Outcome::Completed {
         records_affected: records,
         note: format!(
             "mailchimp: deleted audience {list} with its {count} members; the API no longer \
-             returns it"
+             returns it{lost}"
         ),
         files: Vec::new(),
         erased: vec![ErasedCount {
@@ -197,17 +233,23 @@ async fn confirm_deleted(
     })
 }
 
-fn handle(list: &str, count: u64) -> String {
-    format!("{HANDLE_PREFIX}{list}:{count}")
+fn handle(list: &str, count: u64, unanswered: bool) -> String {
+    let lost = if unanswered { "?" } else { "" };
+    format!("{HANDLE_PREFIX}{lost}{list}:{count}")
 }
 
-/// The member count of a handle made by [`handle`] for audience `list`.
-fn parse_handle(handle: &str, list: &str) -> Result<u64, ConnectorError> {
+/// The member count of a handle made by [`handle`] for audience `list`, and whether the
+/// delete's answer was lost.
+fn parse_handle(handle: &str, list: &str) -> Result<(u64, bool), ConnectorError> {
     handle
         .strip_prefix(HANDLE_PREFIX)
-        .and_then(|rest| rest.split_once(':'))
-        .filter(|(l, _)| *l == list)
-        .and_then(|(_, n)| n.parse().ok())
+        .map(|rest| match rest.strip_prefix('?') {
+            Some(rest) => (rest, true),
+            None => (rest, false),
+        })
+        .and_then(|(rest, unanswered)| Some((rest.split_once(':')?, unanswered)))
+        .filter(|((l, _), _)| *l == list)
+        .and_then(|((_, n), unanswered)| Some((n.parse().ok()?, unanswered)))
         .ok_or_else(|| {
             ConnectorError::Permanent(format!(
                 "mailchimp: the confirmation handle {handle:?} is not a deletion of audience \

@@ -2,9 +2,9 @@
 //! problem+json errors, audience and member documents, the audience's paged members and the
 //! member's paged notes, activity feed and events (`count`/`offset`, `total_items`), and the
 //! deletion of a whole audience, of the subset the connector uses, over in-memory audiences of
-//! one account (a primary one and any number more), with knobs for the failures the connector must survive (rate limits,
-//! outages, slow answers, answers lost after the call took effect, members that linger after
-//! deletion).
+//! one account (a primary one and any number more), with knobs for the failures the connector
+//! must survive (rate limits, outages, slow answers, answers lost or turned into a 5xx after
+//! the call took effect, members that linger after deletion), now or after a few calls.
 //!
 //! Compiled for this crate's tests, and for other crates' with the `fake-mailchimp` feature:
 //! start it with [`FakeMailchimp::start`] and point a
@@ -72,6 +72,15 @@ pub struct Audience {
     pub late_answers: u32,
     /// How late a late answer comes (ms).
     pub late_answer_ms: u64,
+    /// The next this many calls take effect, then answer `gateway_error` instead, as a
+    /// gateway that gave up waiting on a backend that finished the work.
+    pub gateway_errors: u32,
+    /// The status of those answers (500, 502, 504, ...).
+    pub gateway_error: u16,
+    /// The next this many calls pass by the knobs above (rate limits, compliance review,
+    /// outages, late answers, gateway errors), which then apply to the calls after them: a
+    /// failure in mid-task.
+    pub healthy_calls: u32,
     /// Calls being answered right now.
     pub in_flight: u32,
     /// The most calls there ever were in flight at once.
@@ -474,11 +483,15 @@ async fn gate(
     request: Request,
     next: Next,
 ) -> Response {
-    let (delay_ms, late_ms, early) = {
+    let (delay_ms, late_ms, gateway_error, early) = {
         let mut a = audience.lock().unwrap();
         a.calls
             .push(format!("{} {}", request.method(), request.uri().path()));
-        let early = if a.rate_limited > 0 {
+        let healthy = a.healthy_calls > 0;
+        a.healthy_calls = a.healthy_calls.saturating_sub(1);
+        let early = if healthy {
+            authorize(request.headers(), &a.api_key)
+        } else if a.rate_limited > 0 {
             a.rate_limited -= 1;
             let mut r = problem(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -513,21 +526,35 @@ async fn gate(
         };
         a.in_flight += 1;
         a.max_in_flight = a.max_in_flight.max(a.in_flight);
-        let late_ms = if a.late_answers > 0 && early.is_none() {
+        let late_ms = if a.late_answers > 0 && early.is_none() && !healthy {
             a.late_answers -= 1;
             a.late_answer_ms
         } else {
             0
         };
-        (a.delay_ms, late_ms, early)
+        let gateway_error = if a.gateway_errors > 0 && early.is_none() && !healthy {
+            a.gateway_errors -= 1;
+            StatusCode::from_u16(a.gateway_error).ok()
+        } else {
+            None
+        };
+        (a.delay_ms, late_ms, gateway_error, early)
     };
     if delay_ms > 0 {
         tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
     }
-    let response = match early {
+    let mut response = match early {
         Some(response) => response,
         None => next.run(request).await,
     };
+    if let Some(status) = gateway_error {
+        let title = status.canonical_reason().unwrap_or("Server Error");
+        response = problem(
+            status,
+            title,
+            "An unexpected error occurred while processing the request.",
+        );
+    }
     if late_ms > 0 {
         tokio::time::sleep(std::time::Duration::from_millis(late_ms)).await;
     }

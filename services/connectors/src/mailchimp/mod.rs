@@ -30,16 +30,21 @@
 //! is reached and written as each page arrives.
 //!
 //! A delete whose answer was lost (the call timed out or its connection was cut after it went
-//! out) may have taken effect, and a second delete would then answer 404, which must not read
-//! as "never there". Such a member is kept in the ACCEPTED handle marked `?` (`?{hash}`), so
-//! the task's next step is a confirmation by reading: `GET` answers 404 → COMPLETED, erased
-//! by this task (its note says the answer was lost); the member still there → the delete is
-//! sent again. The reading is tried at once, so a lost answer usually costs one `GET` more.
+//! out, or it answered a 5xx) may have taken effect, and a second delete would then answer
+//! 404, which must not read as "never there". Such a member is kept in the ACCEPTED handle
+//! marked `?` (`?{hash}`), so the task's next step is a confirmation by reading: `GET`
+//! answers 404 → COMPLETED, erased by this task (its note says the answer was lost); the
+//! member still there → the delete is sent again. The reading is tried at once, so a lost
+//! answer usually costs one `GET` more.
 //! The same holds for a task whose earlier call was cut off (`Task::interrupted`: the
 //! processor stopped or lost the lease while Mailchimp worked): a 404 to its delete is
 //! confirmed by reading as this task's erasure.
 //! A lost 404 cannot be told from a lost 204, so a member that was never there reads the
 //! same way then; with every answer received, a member never there stays NOT_FOUND.
+//! Nor is an error returned that stops an erasure of several members after a delete was sent
+//! (its retry would meet 404s): the task is ACCEPTED with the members sent and those still to
+//! delete, marked `!` (`!{hash}`); the next step deletes these first (a 404 there is "never
+//! there" again), then confirms all by reading.
 //!
 //! A member the API does not know is NOT_FOUND, but only after the audience itself was found:
 //! Mailchimp answers 404 for a wrong `list_id` too, and reporting "holds no data" because of a
@@ -381,10 +386,61 @@ impl MailchimpConnector {
     ) -> Result<Outcome, ConnectorError> {
         let mut sent = Vec::new();
         let mut lost = Vec::new();
-        for hash in hashes {
-            // An error here after an earlier member was deleted loses that count on the
-            // retry (the member then answers 404); the erasure itself is not lost.
-            match api.delete_permanent(hash, scrub).await? {
+        let deleting = self.delete_each(api, hashes, interrupted, scrub, &mut sent, &mut lost);
+        if let Err((at, e)) = deleting.await {
+            // With nothing sent, a retry from the start meets the same members.
+            if sent.is_empty() {
+                return Err(e);
+            }
+            return Ok(stopped(api, &sent, &hashes[at..], &e));
+        }
+        if sent.is_empty() {
+            return self.not_found(api, hashes, scrub).await;
+        }
+        match self
+            .confirm_erasure(api, &sent, &[], interrupted, scrub)
+            .await
+        {
+            Ok(outcome) => Ok(outcome),
+            // The members are deleted (or may be); if the check fails now, a retry from the
+            // start would find nothing and answer NOT_FOUND. Keep the handle and ask again.
+            Err(e) if lost.is_empty() => Ok(Outcome::Accepted {
+                handle: handle_of(&sent, &[]),
+                note: format!(
+                    "mailchimp: permanently deleted {}; checking that it is gone failed ({e})",
+                    hashes_of(&sent)
+                ),
+            }),
+            Err(e) => Ok(Outcome::Accepted {
+                handle: handle_of(&sent, &[]),
+                note: format!(
+                    "mailchimp: the permanent deletion of {} was sent but its answer was lost \
+                     ({}); reading whether it is gone failed too ({e})",
+                    hashes_of(&sent),
+                    lost.join("; ")
+                ),
+            }),
+        }
+    }
+
+    /// Sends the permanent deletion of each of `hashes` in turn, adding the members it may
+    /// have deleted to `sent` and why answers were lost to `lost`. An error stops it: the
+    /// error and the index of the member it stopped at.
+    async fn delete_each(
+        &self,
+        api: &Api,
+        hashes: &[String],
+        interrupted: bool,
+        scrub: &Scrubber,
+        sent: &mut Vec<Sent>,
+        lost: &mut Vec<String>,
+    ) -> Result<(), (usize, ConnectorError)> {
+        for (at, hash) in hashes.iter().enumerate() {
+            match api
+                .delete_permanent(hash, scrub)
+                .await
+                .map_err(|e| (at, e))?
+            {
                 Deletion::Deleted => sent.push(Sent::answered(hash)),
                 Deletion::Missing if interrupted => {
                     sent.push(Sent::unanswered(hash));
@@ -400,42 +456,36 @@ impl MailchimpConnector {
                 }
             }
         }
-        if sent.is_empty() {
-            return self.not_found(api, hashes, scrub).await;
-        }
-        match self.confirm_erasure(api, &sent, scrub).await {
-            Ok(outcome) => Ok(outcome),
-            // The members are deleted (or may be); if the check fails now, a retry from the
-            // start would find nothing and answer NOT_FOUND. Keep the handle and ask again.
-            Err(e) if lost.is_empty() => Ok(Outcome::Accepted {
-                handle: handle_of(&sent),
-                note: format!(
-                    "mailchimp: permanently deleted {}; checking that it is gone failed ({e})",
-                    hashes_of(&sent)
-                ),
-            }),
-            Err(e) => Ok(Outcome::Accepted {
-                handle: handle_of(&sent),
-                note: format!(
-                    "mailchimp: the permanent deletion of {} was sent but its answer was lost \
-                     ({}); reading whether it is gone failed too ({e})",
-                    hashes_of(&sent),
-                    lost.join("; ")
-                ),
-            }),
-        }
+        Ok(())
     }
 
-    /// COMPLETED when every member in `sent` answers 404, otherwise ACCEPTED under the
-    /// handle of what is left, so that the processor just asks again later. A member whose
-    /// delete went unanswered and that is still there is deleted again: the first delete
-    /// may never have arrived.
+    /// Deletes the members still `pending`, then: COMPLETED when every member in `sent`
+    /// answers 404, otherwise ACCEPTED under the handle of what is left, so that the
+    /// processor just asks again later. A member whose delete went unanswered and that is
+    /// still there is deleted again: the first delete may never have arrived.
     async fn confirm_erasure(
         &self,
         api: &Api,
         sent: &[Sent],
+        pending: &[String],
+        interrupted: bool,
         scrub: &Scrubber,
     ) -> Result<Outcome, ConnectorError> {
+        let mut sent = sent.to_vec();
+        // Lost answers show in the handle (`?`); the notes say so from there.
+        let mut lost = Vec::new();
+        let deleting = self.delete_each(api, pending, interrupted, scrub, &mut sent, &mut lost);
+        if let Err((at, e)) = deleting.await {
+            // Stopped at the first: the handle stays as it was, and so does the retry.
+            if at == 0 {
+                return Err(e);
+            }
+            return Ok(stopped(api, &sent, &pending[at..], &e));
+        }
+        if sent.is_empty() {
+            return self.not_found(api, pending, scrub).await;
+        }
+        let sent = sent.as_slice();
         let mut lingering = Vec::new();
         for s in sent {
             if let Reply::Missing = api.check_member(&s.hash, scrub).await? {
@@ -494,6 +544,7 @@ impl MailchimpConnector {
                             .clone()
                     })
                     .collect::<Vec<_>>(),
+                &[],
             );
             Ok(Outcome::Accepted {
                 handle,
@@ -686,13 +737,15 @@ impl MailchimpConnector {
         };
         let scrub = Scrubber::for_task(task, &self.config.api_key);
         if let (RequestKind::Erasure, Phase::Confirm { handle }) = (task.kind, &task.phase) {
-            let Some(sent) = sent_of(handle) else {
+            let Some((sent, pending)) = sent_of(handle) else {
                 return Err(ConnectorError::Permanent(format!(
                     "mailchimp: the confirmation handle {handle:?} is not a list of subscriber \
                      hashes"
                 )));
             };
-            return self.confirm_erasure(api, &sent, &scrub).await;
+            return self
+                .confirm_erasure(api, &sent, &pending, task.interrupted, &scrub)
+                .await;
         }
         let hashes = subscriber_hashes(&task.identities)?;
         match task.kind {
@@ -790,9 +843,25 @@ impl Sent {
     }
 }
 
+/// ACCEPTED for an erasure that error `e` stopped after some deletes were sent: a retry from
+/// the start would take their 404 for members never there, so the handle keeps them (to be
+/// confirmed by reading) and the members still to delete (deleted by the next step).
+fn stopped(api: &Api, sent: &[Sent], pending: &[String], e: &ConnectorError) -> Outcome {
+    Outcome::Accepted {
+        handle: handle_of(sent, pending),
+        note: format!(
+            "mailchimp: sent the permanent deletion of {} in audience {}; deleting {} failed \
+             ({e}) and is tried again when the erasure is confirmed",
+            hashes_of(sent),
+            api.list_id(),
+            pending.join(", ")
+        ),
+    }
+}
+
 /// The handle of an erasure's sent deletes: their hashes, comma-separated, each `?`-prefixed
-/// when its delete went unanswered.
-fn handle_of(sent: &[Sent]) -> String {
+/// when its delete went unanswered, then the members still to delete, each `!`-prefixed.
+fn handle_of(sent: &[Sent], pending: &[String]) -> String {
     sent.iter()
         .map(|s| {
             if s.unanswered {
@@ -801,6 +870,7 @@ fn handle_of(sent: &[Sent]) -> String {
                 s.hash.clone()
             }
         })
+        .chain(pending.iter().map(|hash| format!("!{hash}")))
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -813,15 +883,21 @@ fn hashes_of(sent: &[Sent]) -> String {
         .join(", ")
 }
 
-/// The sent deletes a handle of [`handle_of`] names; `None` when it names something else.
-fn sent_of(handle: &str) -> Option<Vec<Sent>> {
-    handle
-        .split(',')
-        .map(|item| match item.strip_prefix('?') {
-            Some(hash) => is_subscriber_hash(hash).then(|| Sent::unanswered(hash)),
-            None => is_subscriber_hash(item).then(|| Sent::answered(item)),
-        })
-        .collect()
+/// The sent deletes and the members still to delete that a handle of [`handle_of`] names;
+/// `None` when it names something else.
+fn sent_of(handle: &str) -> Option<(Vec<Sent>, Vec<String>)> {
+    let mut sent = Vec::new();
+    let mut pending = Vec::new();
+    for item in handle.split(',') {
+        if let Some(hash) = item.strip_prefix('!') {
+            pending.push(is_subscriber_hash(hash).then(|| hash.to_string())?);
+        } else if let Some(hash) = item.strip_prefix('?') {
+            sent.push(is_subscriber_hash(hash).then(|| Sent::unanswered(hash))?);
+        } else {
+            sent.push(is_subscriber_hash(item).then(|| Sent::answered(item))?);
+        }
+    }
+    Some((sent, pending))
 }
 
 /// The subscriber hashes of the subject's e-mail identities (raw ones hashed, MD5 ones as

@@ -379,3 +379,97 @@ async fn an_audience_still_returned_after_its_deletion_is_accepted_then_confirme
     assert_eq!(seen.borrow().subjects_done, 3);
     assert_eq!(fake.members_of(GLOBEX_LIST).unwrap(), globex_members());
 }
+
+#[tokio::test]
+async fn a_lost_answer_to_an_audience_delete_is_confirmed_by_reading() {
+    let (fake, _) = two_audiences().await;
+    let connector = MailchimpConnector::new(MailchimpConfig {
+        timeout_ms: 200,
+        ..scoped_config(&fake.base_url)
+    })
+    .unwrap();
+    // The count passes; the delete takes effect and answers after the timeout.
+    let lose_the_delete = |reading_fails: bool| {
+        let mut a = fake.audience();
+        a.healthy_calls = 1;
+        a.late_answers = 1;
+        a.late_answer_ms = 1_000;
+        a.unavailable_gets = u32::from(reading_fails);
+    };
+    lose_the_delete(false);
+    let (j, _) = job("acme", BulkOp::Erase, None);
+    let out = connector.run_bulk(&j).await.unwrap();
+    let Outcome::Completed {
+        records_affected: 3,
+        note,
+        erased,
+        ..
+    } = &out
+    else {
+        panic!("{out:?}");
+    };
+    assert!(
+        note.contains("answer to this job's deletion was lost"),
+        "{note}"
+    );
+    assert_eq!(erased[0].count, 3);
+    assert_eq!(fake.members_of(ACME_LIST), None);
+
+    // The reading right after fails too: ACCEPTED with the handle, not an error whose retry
+    // would count a missing audience and fail for good.
+    lose_the_delete(true);
+    let (j, _) = job("globex", BulkOp::Erase, None);
+    let out = connector.run_bulk(&j).await.unwrap();
+    let Outcome::Accepted { handle, note } = out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(handle, format!("audience:?{GLOBEX_LIST}:2"));
+    assert!(note.contains("its answer was lost"), "{note}");
+    assert_clean(&note);
+    let confirm = BulkJob {
+        phase: Phase::Confirm { handle },
+        ..j.clone()
+    };
+    let out = connector.run_bulk(&confirm).await.unwrap();
+    let Outcome::Completed { erased, .. } = &out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(erased[0].count, 2);
+    assert_eq!(fake.members_of(GLOBEX_LIST), None);
+    let deletes = fake
+        .audience()
+        .calls
+        .iter()
+        .filter(|c| c.starts_with("DELETE"))
+        .count();
+    assert_eq!(deletes, 2, "one per audience; confirming only reads");
+}
+
+#[tokio::test]
+async fn an_audience_delete_that_went_unanswered_and_did_not_land_is_sent_again() {
+    let (fake, connector) = two_audiences().await;
+    let (j, _) = job("globex", BulkOp::Erase, None);
+    let confirm = BulkJob {
+        phase: Phase::Confirm {
+            handle: format!("audience:?{GLOBEX_LIST}:2"),
+        },
+        ..j.clone()
+    };
+    let out = connector.run_bulk(&confirm).await.unwrap();
+    let Outcome::Accepted { handle, .. } = out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(
+        handle,
+        format!("audience:{GLOBEX_LIST}:2"),
+        "sent again, and answered"
+    );
+    assert_eq!(fake.members_of(GLOBEX_LIST), None);
+    let confirm = BulkJob {
+        phase: Phase::Confirm { handle },
+        ..j.clone()
+    };
+    let out = connector.run_bulk(&confirm).await.unwrap();
+    assert!(matches!(out, Outcome::Completed { .. }), "{out:?}");
+    assert_eq!(fake.members_of(ACME_LIST).unwrap().len(), 3);
+}

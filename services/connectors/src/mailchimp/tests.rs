@@ -863,6 +863,155 @@ async fn a_subject_never_there_stays_not_found_and_a_bad_handle_is_permanent() {
     assert_eq!(fake.audience().members.len(), 2);
 }
 
+/// The POSTs and GETs the fake saw, as `POST {hash}` or `GET {hash}`.
+fn member_calls(fake: &FakeMailchimp) -> Vec<String> {
+    let members = format!("/3.0/lists/{LIST}/members/");
+    fake.audience()
+        .calls
+        .iter()
+        .map(|c| {
+            c.replace(&members, "")
+                .replace("/actions/delete-permanent", "")
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_error_after_a_delete_keeps_it_in_the_handle_so_the_retry_is_not_not_found() {
+    let (fake, connector, hash) = setup().await;
+    let absent = subscriber_hash("nobody@example.fi");
+    assert!(hash < absent, "the member there is deleted first");
+    // Deleting the member there answers 204, then the absent one's delete is rate-limited.
+    fake.audience().healthy_calls = 1;
+    fake.audience().rate_limited = 1;
+    let mut t = task(
+        RequestKind::Erasure,
+        vec![email(MAIJA), email("nobody@example.fi")],
+    );
+    let out = connector.run(&t).await.unwrap();
+    let Outcome::Accepted { handle, note } = out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(handle, format!("{hash},!{absent}"));
+    assert!(note.contains("429") && note.contains(&hash), "{note}");
+    assert_clean(&note);
+    assert!(fake.member(&hash).is_none());
+    // Started afresh, both deletes would answer 404 and the task NOT_FOUND.
+    t.phase = Phase::Confirm { handle };
+    let done = connector.run(&t).await.unwrap();
+    let Outcome::Completed {
+        records_affected: 1,
+        erased,
+        ..
+    } = done
+    else {
+        panic!("{done:?}");
+    };
+    assert_eq!(erased[0].count, 1, "the absent member is not counted");
+    assert_eq!(
+        member_calls(&fake),
+        [
+            format!("POST {hash}"),
+            format!("POST {absent}"),
+            format!("POST {absent}"),
+            format!("GET {hash}"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn an_error_while_confirming_after_a_further_delete_keeps_that_delete_too() {
+    let (fake, connector, maija) = setup().await;
+    let matti = subscriber_hash("someone.else@example.fi");
+    let absent = subscriber_hash("nobody@example.fi");
+    let mut t = task(
+        RequestKind::Erasure,
+        vec![
+            email(MAIJA),
+            email("someone.else@example.fi"),
+            email("nobody@example.fi"),
+        ],
+    );
+    // Each step gets one delete through before it is rate-limited.
+    fake.audience().healthy_calls = 1;
+    fake.audience().rate_limited = 1;
+    let out = connector.run(&t).await.unwrap();
+    let Outcome::Accepted { handle, .. } = out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(handle, format!("{maija},!{matti},!{absent}"));
+    t.phase = Phase::Confirm { handle };
+    fake.audience().healthy_calls = 1;
+    fake.audience().rate_limited = 1;
+    let out = connector.run(&t).await.unwrap();
+    let Outcome::Accepted { handle, .. } = out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(handle, format!("{maija},{matti},!{absent}"));
+    assert!(fake.audience().members.is_empty());
+    // Stopped at its first delete, a confirmation changes nothing and may just be retried.
+    fake.audience().rate_limited = 1;
+    t.phase = Phase::Confirm { handle };
+    let err = connector.run(&t).await.unwrap_err();
+    assert_eq!(err.retry_after_ms(), Some(1_000), "{err:?}");
+    let done = connector.run(&t).await.unwrap();
+    assert!(
+        matches!(
+            done,
+            Outcome::Completed {
+                records_affected: 2,
+                ..
+            }
+        ),
+        "{done:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_server_error_to_the_delete_is_confirmed_by_reading() {
+    for status in [500, 502, 504] {
+        let (fake, connector, hash) = setup().await;
+        // The delete takes effect and a gateway answers the 5xx.
+        fake.audience().gateway_errors = 1;
+        fake.audience().gateway_error = status;
+        let t = task(RequestKind::Erasure, vec![email(MAIJA)]);
+        let out = connector.run(&t).await.unwrap();
+        let Outcome::Completed {
+            records_affected: 1,
+            note,
+            ..
+        } = out
+        else {
+            panic!("{status}: {out:?}");
+        };
+        assert!(note.contains("answer to this task's deletion"), "{note}");
+        assert!(fake.member(&hash).is_none());
+    }
+    // A 5xx from a delete that did not take effect: the reading finds the member, and the
+    // delete is sent again.
+    let (fake, connector, hash) = setup().await;
+    fake.audience().unavailable = 1;
+    let mut t = task(RequestKind::Erasure, vec![email(MAIJA)]);
+    let out = connector.run(&t).await.unwrap();
+    let Outcome::Accepted { handle, .. } = out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(handle, hash);
+    assert!(fake.member(&hash).is_none());
+    t.phase = Phase::Confirm { handle };
+    let done = connector.run(&t).await.unwrap();
+    assert!(matches!(done, Outcome::Completed { .. }), "{done:?}");
+    assert_eq!(
+        member_calls(&fake),
+        [
+            format!("POST {hash}"),
+            format!("GET {hash}"),
+            format!("POST {hash}"),
+            format!("GET {hash}"),
+        ]
+    );
+}
+
 #[test]
 fn configuration_parses_with_defaults_and_validates() {
     let toml = format!(
