@@ -563,17 +563,7 @@ impl Connector for AdapterConnector {
                                  ({until_ms} ms since the epoch); an operator must check it"
                             )))
                         }
-                        // The first run found the subject, so finding nothing now means
-                        // nothing was left at the retention date (as the SQL connector reads
-                        // it). NOT_FOUND would end the task as if the subject had never been
-                        // there, losing the evidence of the first run.
-                        Outcome::NotFound { note } => Ok(Outcome::Completed {
-                            records_affected: 0,
-                            note: clip(format!("nothing left to erase: {note}")),
-                            files: Vec::new(),
-                            erased: Vec::new(),
-                        }),
-                        other => Ok(other),
+                        other => Ok(nothing_left(other)),
                     }
                 }
             }
@@ -588,6 +578,22 @@ impl Connector for AdapterConnector {
 
     fn run_bulk<'a>(&'a self, job: &'a BulkJob) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
         Box::pin(self.bulk(job))
+    }
+}
+
+/// What an answer at a retention date means: NOT_FOUND there says nothing was left to erase
+/// (as the SQL connector reads it), since the first run found data and kept some. Passed on
+/// as NOT_FOUND, it would end the task as if the holder had never had any, losing the
+/// evidence of the first run; it is COMPLETED with no records instead.
+fn nothing_left(outcome: Outcome) -> Outcome {
+    match outcome {
+        Outcome::NotFound { note } => Outcome::Completed {
+            records_affected: 0,
+            note: clip(format!("nothing left to erase: {note}")),
+            files: Vec::new(),
+            erased: Vec::new(),
+        },
+        other => other,
     }
 }
 
@@ -1137,6 +1143,26 @@ mod tests {
 
     /// At its retention date the first run's subject may be gone from the adapter entirely:
     /// that completes the task (nothing left), where a first run ends NOT_FOUND.
+    #[test]
+    fn at_a_retention_date_not_found_is_nothing_left_and_other_answers_pass() {
+        assert_eq!(
+            nothing_left(Outcome::NotFound {
+                note: "no such subscriber".into()
+            }),
+            Outcome::Completed {
+                records_affected: 0,
+                note: "nothing left to erase: no such subscriber".into(),
+                files: Vec::new(),
+                erased: Vec::new(),
+            }
+        );
+        let accepted = Outcome::Accepted {
+            handle: "job-1".into(),
+            note: "working".into(),
+        };
+        assert_eq!(nothing_left(accepted.clone()), accepted);
+    }
+
     #[tokio::test]
     async fn nothing_left_at_the_retention_date_completes() {
         let dir = tempfile::tempdir().unwrap();

@@ -72,6 +72,9 @@ impl AdapterConnector {
             }
             _ => {}
         }
+        if job.phase.is_retention_expired() {
+            return Ok(super::nothing_left(outcome));
+        }
         Ok(outcome)
     }
 
