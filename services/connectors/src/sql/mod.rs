@@ -3,7 +3,9 @@
 //!
 //! Each rule names a table and says, for that table:
 //! - how the subject's rows are found: directly, by matching identity values against columns
-//!   (`match`), or through a parent table's matched rows (`parent`);
+//!   (`match`), or through a parent table's matched rows (`parent`). Only raw values of a
+//!   matched type are searched by; the outcome's note names the identities left out (a
+//!   hashed e-mail, a type no table matches), never their values;
 //! - what erasure does with them (`action`): delete them, anonymize some columns
 //!   (`anonymize`), or `keep` them untouched;
 //! - whether a legal obligation keeps them for a while (`retain`, see below);
@@ -328,7 +330,7 @@ impl Connector for SqlConnector {
                 Err(reason) => return Ok(Outcome::Refused { reason }),
             };
             let ids = &task.identities;
-            match (&task.phase, kind) {
+            let outcome = match (&task.phase, kind) {
                 (Phase::Confirm { .. }, _) => Err(ConnectorError::Permanent(
                     "the sql connector finishes its work in one run; there is nothing to confirm"
                         .into(),
@@ -370,7 +372,8 @@ impl Connector for SqlConnector {
                 (Phase::Start, RequestKind::Unspecified) => Ok(Outcome::Refused {
                     reason: "the request kind is unspecified".into(),
                 }),
-            }
+            };
+            Ok(with_note(outcome?, plan::unsearched(&self.config, ids)))
         })
     }
 
@@ -386,6 +389,49 @@ impl Connector for SqlConnector {
                 Err(reason) => Ok(Outcome::Refused { reason }),
             }
         })
+    }
+}
+
+/// `outcome` with `extra` added to its note, where it has one: an answer about the subject
+/// says what it did not search by.
+fn with_note(outcome: Outcome, extra: Option<String>) -> Outcome {
+    let Some(extra) = extra else {
+        return outcome;
+    };
+    let add = |note: String| {
+        if note.is_empty() {
+            extra.clone()
+        } else {
+            format!("{note}; {extra}")
+        }
+    };
+    match outcome {
+        Outcome::Completed {
+            records_affected,
+            note,
+            files,
+            erased,
+        } => Outcome::Completed {
+            records_affected,
+            note: add(note),
+            files,
+            erased,
+        },
+        Outcome::NotFound { note } => Outcome::NotFound { note: add(note) },
+        Outcome::Retained {
+            legal_basis,
+            until_ms,
+            records_affected,
+            note,
+            erased,
+        } => Outcome::Retained {
+            legal_basis,
+            until_ms,
+            records_affected,
+            note: add(note),
+            erased,
+        },
+        other => other,
     }
 }
 

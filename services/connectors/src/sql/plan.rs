@@ -463,6 +463,46 @@ pub(super) fn usable_identities(
     Ok(raw)
 }
 
+/// The identities [`usable_identities`] leaves out, described without their values, for the
+/// outcome's note: an answer about the subject must say what it did not search by. `None`
+/// when every identity was used.
+pub(super) fn unsearched(
+    config: &SqlConnectorConfig,
+    identities: &[SubjectIdentity],
+) -> Option<String> {
+    let usable_keys = config.usable_keys();
+    let left_out: Vec<String> = identities
+        .iter()
+        .filter_map(|id| {
+            let ty = IdentityType::try_from(id.r#type).unwrap_or(IdentityType::Unspecified);
+            let name = ty
+                .as_str_name()
+                .trim_start_matches("IDENTITY_TYPE_")
+                .to_ascii_lowercase()
+                .replace('_', " ");
+            let raw = IdentityEncoding::try_from(id.encoding) == Ok(IdentityEncoding::Raw);
+            let key = match_key(ty).filter(|k| usable_keys.contains(k));
+            match (raw, key) {
+                (false, _) => {
+                    let encoding = IdentityEncoding::try_from(id.encoding)
+                        .map_or("an unknown encoding", |e| {
+                            e.as_str_name().trim_start_matches("IDENTITY_ENCODING_")
+                        });
+                    Some(format!(
+                        "{name} given as {encoding} (SQL matches raw values only)"
+                    ))
+                }
+                (true, None) => Some(format!("{name} (no table here matches it)")),
+                (true, Some(_)) if normalize(ty, &id.value).is_empty() => {
+                    Some(format!("{name} (empty once normalized)"))
+                }
+                (true, Some(_)) => None,
+            }
+        })
+        .collect();
+    (!left_out.is_empty()).then(|| format!("not searched: {}", left_out.join("; ")))
+}
+
 /// The corrections as (field, value), lowercased fields; every field must be mapped by some
 /// table and appear once.
 pub(super) fn check_corrections<'a>(

@@ -1088,6 +1088,52 @@ async fn exports_configured_columns_per_table(url: String) {
     assert!(!err.is_transient(), "{err}");
 }
 
+/// An answer about the subject says which of its identities were not searched (a hashed
+/// e-mail, a type no table matches), without their values; with none left out it says
+/// nothing more.
+#[tokio::test]
+async fn an_outcome_names_the_identities_it_did_not_search() {
+    let dir = tempfile::tempdir().unwrap();
+    let (connector, _db) = sample(&format!("sqlite://{}/a.db", dir.path().display())).await;
+    let hashed = ident(
+        IdentityType::Email,
+        IdentityEncoding::Sha256,
+        &"a".repeat(64),
+    );
+    let other = ident(IdentityType::Other, IdentityEncoding::Raw, "membership 77");
+    let left_out = "not searched: email given as SHA256 (SQL matches raw values only); \
+                    other (no table here matches it)";
+    let erasure = |ids| task(RequestKind::Erasure, ids, now(), Phase::Start);
+    let note_of = |o: &Outcome| match o {
+        Outcome::Completed { note, .. }
+        | Outcome::NotFound { note }
+        | Outcome::Retained { note, .. } => note.clone(),
+        other => panic!("{other:?}"),
+    };
+    let nobody = connector
+        .run(&erasure(vec![
+            email("nobody@example.fi"),
+            hashed.clone(),
+            other.clone(),
+        ]))
+        .await
+        .unwrap();
+    assert!(matches!(nobody, Outcome::NotFound { .. }), "{nobody:?}");
+    assert!(note_of(&nobody).ends_with(left_out), "{nobody:?}");
+    let maija = connector
+        .run(&erasure(vec![email(MAIJA), hashed, other]))
+        .await
+        .unwrap();
+    let note = note_of(&maija);
+    assert!(note.ends_with(left_out), "{maija:?}");
+    assert!(!note.contains("membership"), "no value in the note: {note}");
+    let teemu = connector
+        .run(&erasure(vec![email("teemu.testaaja@example.fi")]))
+        .await
+        .unwrap();
+    assert!(!note_of(&teemu).contains("not searched"), "{teemu:?}");
+}
+
 /// A rule for `table`, a child of customers linked as invoices are (`customer_id`), kept by
 /// erasures and exporting `export`.
 fn kept_child_of_customers(
