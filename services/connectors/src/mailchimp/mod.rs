@@ -50,6 +50,10 @@
 //! Mailchimp answers 404 for a wrong `list_id` too, and reporting "holds no data" because of a
 //! typo in the configuration would be a false confirmation.
 //!
+//! Identities that cannot address a member (an e-mail as SHA-256 or SHA-1, a phone number, a
+//! customer number, ...) are not searched: with none usable the task fails, otherwise the
+//! outcome's note counts them by kind, so that it is not read as covering the whole subject.
+//!
 //! Messages never carry the API key, e-mail addresses or corrected values (Mailchimp echoes
 //! addresses in some error details, so those are scrubbed); subscriber hashes are fine, they
 //! are what the controller may send anyway.
@@ -736,6 +740,19 @@ impl MailchimpConnector {
             Err(reason) => return Ok(Outcome::Refused { reason }),
         };
         let scrub = Scrubber::for_task(task, &self.config.api_key);
+        let outcome = self.run_searched(api, task, &scrub).await?;
+        // The subject's identities are not all searchable here; an outcome read as covering
+        // them all would claim more than was checked.
+        Ok(with_unsearched(outcome, &task.identities))
+    }
+
+    /// Carries out `task` with the identities that can address a member.
+    async fn run_searched(
+        &self,
+        api: &Api,
+        task: &Task,
+        scrub: &Scrubber,
+    ) -> Result<Outcome, ConnectorError> {
         if let (RequestKind::Erasure, Phase::Confirm { handle }) = (task.kind, &task.phase) {
             let Some((sent, pending)) = sent_of(handle) else {
                 return Err(ConnectorError::Permanent(format!(
@@ -744,19 +761,18 @@ impl MailchimpConnector {
                 )));
             };
             return self
-                .confirm_erasure(api, &sent, &pending, task.interrupted, &scrub)
+                .confirm_erasure(api, &sent, &pending, task.interrupted, scrub)
                 .await;
         }
         let hashes = subscriber_hashes(&task.identities)?;
         match task.kind {
-            RequestKind::Erasure => self.erase(api, &hashes, task.interrupted, &scrub).await,
+            RequestKind::Erasure => self.erase(api, &hashes, task.interrupted, scrub).await,
             RequestKind::Objection => {
                 let body = json!({ "status": "unsubscribed" });
-                self.patch(api, &hashes, &body, "unsubscribed", &scrub)
-                    .await
+                self.patch(api, &hashes, &body, "unsubscribed", scrub).await
             }
             RequestKind::ReturnOfData | RequestKind::Transfer => {
-                self.export(api, &hashes, task.export_sink()?, &scrub).await
+                self.export(api, &hashes, task.export_sink()?, scrub).await
             }
             RequestKind::Rectification => {
                 let body = self.rectification_body(task)?;
@@ -772,7 +788,7 @@ impl MailchimpConnector {
                     )
                     .collect();
                 let done = format!("corrected {} of", fields.join(", "));
-                self.patch(api, &hashes, &body, &done, &scrub).await
+                self.patch(api, &hashes, &body, &done, scrub).await
             }
             other => Ok(Outcome::Refused {
                 reason: format!(
@@ -900,29 +916,168 @@ fn sent_of(handle: &str) -> Option<(Vec<Sent>, Vec<String>)> {
     Some((sent, pending))
 }
 
-/// The subscriber hashes of the subject's e-mail identities (raw ones hashed, MD5 ones as
-/// given), without duplicates; other identities cannot address a member.
-fn subscriber_hashes(identities: &[SubjectIdentity]) -> Result<Vec<String>, ConnectorError> {
-    let mut out = BTreeSet::new();
-    for id in identities {
-        if IdentityType::try_from(id.r#type) != Ok(IdentityType::Email) {
-            continue;
-        }
-        let hash = match IdentityEncoding::try_from(id.encoding) {
-            Ok(IdentityEncoding::Raw) => {
-                let email = normalize(IdentityType::Email, &id.value);
-                if email.is_empty() {
-                    continue;
-                }
-                digest(IdentityEncoding::Md5, &email)
-            }
-            Ok(IdentityEncoding::Md5) => Some(id.value.trim().to_ascii_lowercase()),
-            _ => None,
-        };
-        if let Some(hash) = hash.filter(|h| is_subscriber_hash(h)) {
-            out.insert(hash);
+/// Why an identity cannot address a member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Unusable {
+    EmailSha256,
+    EmailSha1,
+    EmailBadMd5,
+    EmailEmpty,
+    EmailUnknownEncoding,
+    Phone,
+    CustomerNumber,
+    NationalId,
+    OtherType,
+}
+
+impl Unusable {
+    /// How notes name such identities: one, several, and the reason.
+    fn words(self) -> (&'static str, &'static str, &'static str) {
+        const BY_MD5: &str = "Mailchimp keys members by the MD5 of the address";
+        const BY_EMAIL: &str = "Mailchimp finds members only by e-mail address";
+        match self {
+            Self::EmailSha256 => (
+                "e-mail given as SHA-256",
+                "e-mails given as SHA-256",
+                BY_MD5,
+            ),
+            Self::EmailSha1 => ("e-mail given as SHA-1", "e-mails given as SHA-1", BY_MD5),
+            Self::EmailBadMd5 => (
+                "e-mail given as MD5",
+                "e-mails given as MD5",
+                "not 32 lowercase hex digits, so not a subscriber hash",
+            ),
+            Self::EmailEmpty => ("e-mail", "e-mails", "empty"),
+            Self::EmailUnknownEncoding => (
+                "e-mail in an unknown encoding",
+                "e-mails in an unknown encoding",
+                BY_MD5,
+            ),
+            Self::Phone => ("phone number", "phone numbers", BY_EMAIL),
+            Self::CustomerNumber => ("customer number", "customer numbers", BY_EMAIL),
+            Self::NationalId => ("national id", "national ids", BY_EMAIL),
+            Self::OtherType => (
+                "identity of another type",
+                "identities of other types",
+                BY_EMAIL,
+            ),
         }
     }
+}
+
+/// The subscriber hash `id` addresses (a raw e-mail hashed, an MD5 one as given), or why it
+/// addresses none.
+fn subscriber_hash_of(id: &SubjectIdentity) -> Result<String, Unusable> {
+    match IdentityType::try_from(id.r#type) {
+        Ok(IdentityType::Email) => {}
+        Ok(IdentityType::Phone) => return Err(Unusable::Phone),
+        Ok(IdentityType::CustomerNumber) => return Err(Unusable::CustomerNumber),
+        Ok(IdentityType::NationalId) => return Err(Unusable::NationalId),
+        _ => return Err(Unusable::OtherType),
+    }
+    match IdentityEncoding::try_from(id.encoding) {
+        Ok(IdentityEncoding::Raw) => {
+            let email = normalize(IdentityType::Email, &id.value);
+            if email.is_empty() {
+                return Err(Unusable::EmailEmpty);
+            }
+            digest(IdentityEncoding::Md5, &email).ok_or(Unusable::EmailUnknownEncoding)
+        }
+        Ok(IdentityEncoding::Md5) => {
+            let hash = id.value.trim().to_ascii_lowercase();
+            if is_subscriber_hash(&hash) {
+                Ok(hash)
+            } else {
+                Err(Unusable::EmailBadMd5)
+            }
+        }
+        Ok(IdentityEncoding::Sha256) => Err(Unusable::EmailSha256),
+        Ok(IdentityEncoding::Sha1) => Err(Unusable::EmailSha1),
+        _ => Err(Unusable::EmailUnknownEncoding),
+    }
+}
+
+/// What the note of an outcome adds about the subject's identities that were not searched,
+/// counted per kind and never quoted; empty when every one was.
+fn unsearched(identities: &[SubjectIdentity]) -> String {
+    // A SHA-256 or SHA-1 of an address also given raw was searched through the raw one.
+    let mut covered = BTreeSet::new();
+    for id in identities {
+        let raw = IdentityType::try_from(id.r#type) == Ok(IdentityType::Email)
+            && IdentityEncoding::try_from(id.encoding) == Ok(IdentityEncoding::Raw);
+        let email = normalize(IdentityType::Email, &id.value);
+        if raw && !email.is_empty() {
+            for enc in [IdentityEncoding::Sha256, IdentityEncoding::Sha1] {
+                covered.extend(digest(enc, &email));
+            }
+        }
+    }
+    // Distinct values only, as the searched identities are.
+    let mut seen = BTreeSet::new();
+    for id in identities {
+        let Err(why) = subscriber_hash_of(id) else {
+            continue;
+        };
+        let value = id.value.trim().to_lowercase();
+        let hashed = matches!(why, Unusable::EmailSha256 | Unusable::EmailSha1);
+        if !(hashed && covered.contains(&value)) {
+            seen.insert((why, id.r#type, value));
+        }
+    }
+    let mut counts: BTreeMap<Unusable, usize> = BTreeMap::new();
+    for (why, _, _) in &seen {
+        *counts.entry(*why).or_default() += 1;
+    }
+    let parts: Vec<String> = counts
+        .into_iter()
+        .map(|(why, n)| {
+            let (one, many, reason) = why.words();
+            format!("{n} {} ({reason})", if n == 1 { one } else { many })
+        })
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("not searched: {}", parts.join("; "))
+    }
+}
+
+/// `outcome` with its note saying which of `identities` were not searched.
+fn with_unsearched(outcome: Outcome, identities: &[SubjectIdentity]) -> Outcome {
+    let extra = unsearched(identities);
+    if extra.is_empty() {
+        return outcome;
+    }
+    let add = |note: String| format!("{note}; {extra}");
+    match outcome {
+        Outcome::Completed {
+            records_affected,
+            note,
+            files,
+            erased,
+        } => Outcome::Completed {
+            records_affected,
+            note: add(note),
+            files,
+            erased,
+        },
+        Outcome::NotFound { note } => Outcome::NotFound { note: add(note) },
+        Outcome::Accepted { handle, note } => Outcome::Accepted {
+            handle,
+            note: add(note),
+        },
+        other => other,
+    }
+}
+
+/// The subscriber hashes of the subject's e-mail identities (raw ones hashed, MD5 ones as
+/// given), without duplicates; other identities cannot address a member, and
+/// [`with_unsearched`] names them in the outcome.
+fn subscriber_hashes(identities: &[SubjectIdentity]) -> Result<Vec<String>, ConnectorError> {
+    let out: BTreeSet<String> = identities
+        .iter()
+        .filter_map(|id| subscriber_hash_of(id).ok())
+        .collect();
     if out.is_empty() {
         return Err(ConnectorError::Permanent(
             "the mailchimp connector needs an e-mail address (raw or MD5) to find the audience \

@@ -224,6 +224,121 @@ async fn without_an_email_identity_the_task_fails_permanently() {
     );
 }
 
+fn sha256_email(address: &str) -> SubjectIdentity {
+    let hash = digest(
+        IdentityEncoding::Sha256,
+        &normalize(IdentityType::Email, address),
+    );
+    SubjectIdentity {
+        encoding: IdentityEncoding::Sha256 as i32,
+        ..email(&hash.unwrap())
+    }
+}
+
+const NOT_SEARCHED_SHA256: &str = "not searched: 1 e-mail given as SHA-256 (Mailchimp keys \
+                                   members by the MD5 of the address)";
+
+#[tokio::test]
+async fn an_unsearched_sha256_identity_is_named_in_the_completed_note() {
+    let (fake, connector, hash) = setup().await;
+    let other = sha256_email("someone.else@example.fi");
+    let ids = vec![email(MAIJA), other.clone()];
+    let out = connector
+        .run(&task(RequestKind::Erasure, ids))
+        .await
+        .unwrap();
+    let Outcome::Completed {
+        records_affected: 1,
+        note,
+        ..
+    } = out
+    else {
+        panic!("{out:?}");
+    };
+    assert!(note.contains(&hash), "{note}");
+    assert!(note.contains(NOT_SEARCHED_SHA256), "{note}");
+    assert!(!note.contains(&other.value), "{note}");
+    assert_clean(&note);
+    // Only the raw address was searched: the other member is untouched.
+    assert_eq!(fake.audience().members.len(), 1);
+
+    // The same holds for the kinds that change a member rather than delete it.
+    let ids = vec![email("someone.else@example.fi"), sha256_email(MAIJA)];
+    let out = connector
+        .run(&task(RequestKind::Objection, ids))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&out, Outcome::Completed { note, .. } if note.contains(NOT_SEARCHED_SHA256)),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_unsearched_sha256_identity_is_named_in_the_not_found_note() {
+    let (fake, connector, _) = setup().await;
+    let other = sha256_email(MAIJA);
+    let ids = vec![email("nobody@example.fi"), other.clone()];
+    let out = connector
+        .run(&task(RequestKind::Erasure, ids))
+        .await
+        .unwrap();
+    let Outcome::NotFound { note } = out else {
+        panic!("{out:?}");
+    };
+    assert!(
+        note.contains(&subscriber_hash("nobody@example.fi")),
+        "{note}"
+    );
+    assert!(note.contains(NOT_SEARCHED_SHA256), "{note}");
+    assert!(!note.contains(&other.value), "{note}");
+    assert_clean(&note);
+    assert_eq!(fake.audience().members.len(), 2);
+}
+
+#[tokio::test]
+async fn only_identities_not_searched_in_any_form_are_named() {
+    let (fake, connector, _) = setup().await;
+    // The first GET after the delete still sees the member, so the note of an ACCEPTED shows.
+    fake.audience().forget_after_gets = 1;
+    // The SHA-256 of the raw address is covered by it; the phone and customer number are not.
+    let ids = vec![
+        email(MAIJA),
+        sha256_email(MAIJA),
+        SubjectIdentity {
+            r#type: IdentityType::Phone as i32,
+            ..email("+358401234567")
+        },
+        SubjectIdentity {
+            r#type: IdentityType::CustomerNumber as i32,
+            ..email("C-1001")
+        },
+    ];
+    let mut t = task(RequestKind::Erasure, ids);
+    let out = connector.run(&t).await.unwrap();
+    let Outcome::Accepted { handle, note } = out else {
+        panic!("{out:?}");
+    };
+    assert!(
+        note.ends_with(
+            "not searched: 1 phone number (Mailchimp finds members only by e-mail address); \
+             1 customer number (Mailchimp finds members only by e-mail address)"
+        ),
+        "{note}"
+    );
+    assert!(
+        !note.contains("SHA-256") && !note.contains("C-1001"),
+        "{note}"
+    );
+    assert!(!note.contains("358401234567"), "{note}");
+    t.phase = Phase::Confirm { handle };
+    let done = connector.run(&t).await.unwrap();
+    assert!(
+        matches!(&done, Outcome::Completed { note, .. } if note.contains("1 phone number")),
+        "{done:?}"
+    );
+}
+
 #[tokio::test]
 async fn slow_forgetting_is_accepted_then_confirmed() {
     let (fake, connector, hash) = setup().await;
