@@ -232,27 +232,29 @@ fn invalid_argument(violations: &[FieldViolation]) -> Status {
 /// 16 KiB however it is written.
 const MAX_MESSAGE_TEXT: usize = 4096;
 
-/// `m` cut at [`MAX_MESSAGE_TEXT`] bytes (on a character boundary), saying how much was cut.
+/// The longest start of `s` of at most `max` bytes that ends on a character boundary.
+fn head(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// `m` cut at [`MAX_MESSAGE_TEXT`] bytes, saying how much was cut.
 fn clip_message(m: String) -> String {
     if m.len() <= MAX_MESSAGE_TEXT {
         return m;
     }
-    let mut end = MAX_MESSAGE_TEXT;
-    while !m.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… [{} more bytes cut]", &m[..end], m.len() - end)
+    let kept = head(&m, MAX_MESSAGE_TEXT);
+    format!("{kept}… [{} more bytes cut]", m.len() - kept.len())
 }
 
 fn clip(s: &str) -> String {
     if s.len() <= MAX_VIOLATION_TEXT {
         return s.to_string();
     }
-    let mut end = MAX_VIOLATION_TEXT;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
+    format!("{}…", head(s, MAX_VIOLATION_TEXT))
 }
 
 /// The violations to report: the first few, clipped, and a note of how many more there were.
