@@ -130,19 +130,14 @@ impl Api {
             .collect();
         all.extend_from_slice(files);
         let created_at = record.created_at.unwrap_or(row.received_at);
-        let (listed, manifest_json) = manifest::build(request_id, row.kind, created_at, &all);
-        let info = PackageInfo {
-            request_id: request_id.to_string(),
-            complete: true,
-            files: listed,
-            missing: record
-                .missing
-                .iter()
-                .map(|(p, s)| format!("{p}/{s}"))
-                .collect(),
-            expires_at: Some(timestamp_from_millis(created_at)),
-            manifest_json,
-        };
+        let info = describe(
+            &row,
+            created_at,
+            &all,
+            &record.missing,
+            true,
+            Some(created_at),
+        );
         let size = info.encoded_len();
         if size > MAX_DESCRIPTION_BYTES {
             return Err(ApiError::invalid([FieldViolation::new(
@@ -498,25 +493,41 @@ pub(super) async fn package_info_and_unreturned(
         return Err(expired(&row.id, at));
     }
     let created_at = record.created_at.unwrap_or(row.received_at);
-    let (files, manifest_json) = manifest::build(&row.id, row.kind, created_at, &record.files);
     let complete = if row.kind == RequestKind::ContractEnd {
         record.parts > 0 && record.missing.is_empty()
     } else {
         record.finished_at.is_some() && record.missing.is_empty()
     };
-    let info = PackageInfo {
+    let info = describe(
+        row,
+        created_at,
+        &record.files,
+        &record.missing,
+        complete,
+        expires_at,
+    );
+    Ok((info, record.unreturned))
+}
+
+/// The description of `row`'s package created at `created_at` and holding `files`, with the
+/// parts still `missing` (as `(processor, subprocessor)`).
+fn describe(
+    row: &RequestRow,
+    created_at: i64,
+    files: &[PackageFile],
+    missing: &[(String, String)],
+    complete: bool,
+    expires_at: Option<i64>,
+) -> PackageInfo {
+    let (files, manifest_json) = manifest::build(&row.id, row.kind, created_at, files);
+    PackageInfo {
         request_id: row.id.clone(),
         complete,
         files,
-        missing: record
-            .missing
-            .iter()
-            .map(|(p, s)| format!("{p}/{s}"))
-            .collect(),
+        missing: missing.iter().map(|(p, s)| format!("{p}/{s}")).collect(),
         expires_at: expires_at.map(timestamp_from_millis),
         manifest_json,
-    };
-    Ok((info, record.unreturned))
+    }
 }
 
 #[tonic::async_trait]
