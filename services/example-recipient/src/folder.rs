@@ -325,24 +325,18 @@ impl Folder {
 const MAX_COMPONENT: usize = 255;
 
 /// `sender`, a certificate identity (`spiffe://example.org/processor/p`), as one path
-/// component: ASCII letters, digits, `-`, `_` and a `.` that does not lead stay, every other
-/// byte becomes `%XX`, so distinct senders never share a folder and none can climb out (`/`,
-/// `..`) or hide (a leading `.`). An escape is `%` and two uppercase hex digits, so the forms
-/// taken when escaping cannot work (`%empty`; `%sha256-<hex>` for a name too long for the
-/// file system) never equal an escaped identity.
+/// component, escaped as the registry escapes its package keys
+/// ([`path_component`](dsrelay_runtime::export_files::path_component)), so distinct senders
+/// never share a folder and none can climb out (`/`, `..`) or hide (a leading `.`). An
+/// escape is `%` and two uppercase hex digits, so the forms taken when escaping cannot work
+/// (`%empty`; `%sha256-<hex>` for a name too long for the file system) never equal an
+/// escaped identity.
 pub fn sender_component(sender: &str) -> String {
-    let mut out = String::with_capacity(sender.len());
-    for (i, b) in sender.bytes().enumerate() {
-        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || (b == b'.' && i > 0) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    if out.is_empty() {
+    if sender.is_empty() {
         // An empty component would merge the root with the request folders.
         return "%empty".into();
     }
+    let out = dsrelay_runtime::export_files::path_component(sender);
     if out.len() > MAX_COMPONENT {
         return format!("%sha256-{}", hex::encode(Sha256::digest(sender.as_bytes())));
     }

@@ -16,6 +16,25 @@ pub const MAX_CATEGORIES: usize = 64;
 /// At most this many files per part.
 pub const MAX_FILES_PER_PART: usize = 10_000;
 
+/// `value` as one safe path or key component: ASCII letters, digits, `-`, `_` and a `.`
+/// that does not lead stay; every other byte becomes `%XX`, so distinct names never share a
+/// component and no name can climb out (`..`, `/`) or hide (a leading `.`). An empty name
+/// becomes `%00`, which no name escapes to.
+pub fn path_component(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for (i, b) in value.bytes().enumerate() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || (b == b'.' && i > 0) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if out.is_empty() {
+        out.push_str("%00");
+    }
+    out
+}
+
 /// A name used as a folder or file name: 1 to [`MAX_LABEL`] ASCII letters, digits, '.', '-'
 /// and '_', not starting with '.' (so it is never `..`, nor a folder's own dot-file).
 pub fn file_name_violation(field: &str, value: &str) -> Option<FieldViolation> {

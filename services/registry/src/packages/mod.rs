@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use dsrelay_runtime::export_files::path_component;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
@@ -84,7 +85,7 @@ impl Packages {
 
 /// The store key of a request's package folder.
 pub(crate) fn package_key(request_id: &str) -> String {
-    component(request_id)
+    path_component(request_id)
 }
 
 /// The store key of one file of a package.
@@ -92,28 +93,10 @@ pub(crate) fn file_key(f: &PackageFile) -> String {
     format!(
         "{}/{}/{}/{}",
         package_key(&f.request_id),
-        component(&f.processor),
-        component(&f.subprocessor),
-        component(&f.name)
+        path_component(&f.processor),
+        path_component(&f.subprocessor),
+        path_component(&f.name)
     )
-}
-
-/// `value` as one safe key component: ASCII letters, digits, `-`, `_` and a `.` that does
-/// not lead stay; every other byte becomes `%XX`, so distinct names never share a key and no
-/// name can climb out of the package (`..`, `/`).
-fn component(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for (i, b) in value.bytes().enumerate() {
-        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || (b == b'.' && i > 0) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    if out.is_empty() {
-        out.push_str("%00");
-    }
-    out
 }
 
 /// Deletes packages `package_ttl_days` after their request finished, recording an event for
@@ -206,8 +189,8 @@ mod tests {
             sha256: String::new(),
         };
         assert_eq!(file_key(&f), "0190-ab/%2E.%2Fp/a%2Fb/customers.csv");
-        assert_eq!(component(".hidden"), "%2Ehidden");
-        assert_eq!(component(""), "%00");
-        assert_ne!(component("a b"), component("a%20b"));
+        assert_eq!(path_component(".hidden"), "%2Ehidden");
+        assert_eq!(path_component(""), "%00");
+        assert_ne!(path_component("a b"), path_component("a%20b"));
     }
 }
