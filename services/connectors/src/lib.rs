@@ -292,6 +292,49 @@ pub enum Outcome {
     },
 }
 
+impl Outcome {
+    /// The outcome with `extra` added to its evidence note (COMPLETED, NOT_FOUND, RETAINED,
+    /// ACCEPTED); the others carry no such note and stay as they are.
+    pub fn with_note_added(self, extra: &str) -> Self {
+        let add = |note: String| match note.is_empty() {
+            true => extra.to_string(),
+            false => format!("{note}; {extra}"),
+        };
+        match self {
+            Self::Completed {
+                records_affected,
+                note,
+                files,
+                erased,
+            } => Self::Completed {
+                records_affected,
+                note: add(note),
+                files,
+                erased,
+            },
+            Self::NotFound { note } => Self::NotFound { note: add(note) },
+            Self::Retained {
+                legal_basis,
+                until_ms,
+                records_affected,
+                note,
+                erased,
+            } => Self::Retained {
+                legal_basis,
+                until_ms,
+                records_affected,
+                note: add(note),
+                erased,
+            },
+            Self::Accepted { handle, note } => Self::Accepted {
+                handle,
+                note: add(note),
+            },
+            other => other,
+        }
+    }
+}
+
 /// How many records an erasure removed in one place of a holder.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ErasedCount {

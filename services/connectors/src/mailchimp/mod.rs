@@ -1044,29 +1044,9 @@ fn unsearched(identities: &[SubjectIdentity]) -> String {
 
 /// `outcome` with its note saying which of `identities` were not searched.
 fn with_unsearched(outcome: Outcome, identities: &[SubjectIdentity]) -> Outcome {
-    let extra = unsearched(identities);
-    if extra.is_empty() {
-        return outcome;
-    }
-    let add = |note: String| format!("{note}; {extra}");
-    match outcome {
-        Outcome::Completed {
-            records_affected,
-            note,
-            files,
-            erased,
-        } => Outcome::Completed {
-            records_affected,
-            note: add(note),
-            files,
-            erased,
-        },
-        Outcome::NotFound { note } => Outcome::NotFound { note: add(note) },
-        Outcome::Accepted { handle, note } => Outcome::Accepted {
-            handle,
-            note: add(note),
-        },
-        other => other,
+    match unsearched(identities) {
+        extra if extra.is_empty() => outcome,
+        extra => outcome.with_note_added(&extra),
     }
 }
 

@@ -373,7 +373,11 @@ impl Connector for SqlConnector {
                     reason: "the request kind is unspecified".into(),
                 }),
             };
-            Ok(with_note(outcome?, plan::unsearched(&self.config, ids)))
+            // An answer about the subject says what it did not search by.
+            Ok(match plan::unsearched(&self.config, ids) {
+                Some(extra) => outcome?.with_note_added(&extra),
+                None => outcome?,
+            })
         })
     }
 
@@ -389,49 +393,6 @@ impl Connector for SqlConnector {
                 Err(reason) => Ok(Outcome::Refused { reason }),
             }
         })
-    }
-}
-
-/// `outcome` with `extra` added to its note, where it has one: an answer about the subject
-/// says what it did not search by.
-fn with_note(outcome: Outcome, extra: Option<String>) -> Outcome {
-    let Some(extra) = extra else {
-        return outcome;
-    };
-    let add = |note: String| {
-        if note.is_empty() {
-            extra.clone()
-        } else {
-            format!("{note}; {extra}")
-        }
-    };
-    match outcome {
-        Outcome::Completed {
-            records_affected,
-            note,
-            files,
-            erased,
-        } => Outcome::Completed {
-            records_affected,
-            note: add(note),
-            files,
-            erased,
-        },
-        Outcome::NotFound { note } => Outcome::NotFound { note: add(note) },
-        Outcome::Retained {
-            legal_basis,
-            until_ms,
-            records_affected,
-            note,
-            erased,
-        } => Outcome::Retained {
-            legal_basis,
-            until_ms,
-            records_affected,
-            note: add(note),
-            erased,
-        },
-        other => other,
     }
 }
 
