@@ -115,7 +115,12 @@ impl TaskUpdate {
             sequence: self.sequence,
             attempt,
             message: format!("{}{after}", self.describe(str::to_string)),
-            audit_message: format!("{}{after}", self.describe(|t| audit_text(text_key, t))),
+            // Written out only when the words quote something; an empty one is `message`.
+            audit_message: if self.legal_basis.is_empty() && self.transfer_receipt.is_none() {
+                String::new()
+            } else {
+                format!("{}{after}", self.describe(|t| audit_text(text_key, t)))
+            },
             free_text: self.reason.clone(),
             progress: self.progress,
         }
