@@ -439,18 +439,7 @@ pub(super) fn usable_identities(
     let usable_keys = config.usable_keys();
     let raw: Vec<Identity> = identities
         .iter()
-        .filter(|id| IdentityEncoding::try_from(id.encoding) == Ok(IdentityEncoding::Raw))
-        .filter_map(|id| {
-            let ty = IdentityType::try_from(id.r#type).ok()?;
-            let key = match_key(ty)?;
-            // An e-mail is lowered in SQL, on both sides of the match (see match_clause),
-            // not by normalize()'s Unicode lowercasing.
-            let value = match ty {
-                IdentityType::Email => id.value.trim().to_string(),
-                _ => normalize(ty, &id.value),
-            };
-            (usable_keys.contains(key) && !value.is_empty()).then_some((ty, value))
-        })
+        .filter_map(|id| searchable(&usable_keys, id).ok())
         .collect();
     if raw.is_empty() {
         let wanted: Vec<&str> = usable_keys.into_iter().collect();
@@ -473,34 +462,44 @@ pub(super) fn unsearched(
     let usable_keys = config.usable_keys();
     let left_out: Vec<String> = identities
         .iter()
-        .filter_map(|id| {
-            let ty = IdentityType::try_from(id.r#type).unwrap_or(IdentityType::Unspecified);
-            let name = ty
-                .as_str_name()
-                .trim_start_matches("IDENTITY_TYPE_")
-                .to_ascii_lowercase()
-                .replace('_', " ");
-            let raw = IdentityEncoding::try_from(id.encoding) == Ok(IdentityEncoding::Raw);
-            let key = match_key(ty).filter(|k| usable_keys.contains(k));
-            match (raw, key) {
-                (false, _) => {
-                    let encoding = IdentityEncoding::try_from(id.encoding)
-                        .map_or("an unknown encoding", |e| {
-                            e.as_str_name().trim_start_matches("IDENTITY_ENCODING_")
-                        });
-                    Some(format!(
-                        "{name} given as {encoding} (SQL matches raw values only)"
-                    ))
-                }
-                (true, None) => Some(format!("{name} (no table here matches it)")),
-                (true, Some(_)) if normalize(ty, &id.value).is_empty() => {
-                    Some(format!("{name} (empty once normalized)"))
-                }
-                (true, Some(_)) => None,
-            }
-        })
+        .filter_map(|id| searchable(&usable_keys, id).err())
         .collect();
     (!left_out.is_empty()).then(|| format!("not searched: {}", left_out.join("; ")))
+}
+
+/// `id` as the match uses it (a RAW value of a type some table matches, normalized; see
+/// [`Identity`]), or why it is left out, in words that do not carry its value. One decision
+/// for both [`usable_identities`] and [`unsearched`], so the search and the note agree.
+fn searchable(usable_keys: &BTreeSet<&str>, id: &SubjectIdentity) -> Result<Identity, String> {
+    let ty = IdentityType::try_from(id.r#type).unwrap_or(IdentityType::Unspecified);
+    let name = || {
+        ty.as_str_name()
+            .trim_start_matches("IDENTITY_TYPE_")
+            .to_ascii_lowercase()
+            .replace('_', " ")
+    };
+    if IdentityEncoding::try_from(id.encoding) != Ok(IdentityEncoding::Raw) {
+        let encoding = IdentityEncoding::try_from(id.encoding).map_or("an unknown encoding", |e| {
+            e.as_str_name().trim_start_matches("IDENTITY_ENCODING_")
+        });
+        return Err(format!(
+            "{} given as {encoding} (SQL matches raw values only)",
+            name()
+        ));
+    }
+    if match_key(ty).filter(|k| usable_keys.contains(k)).is_none() {
+        return Err(format!("{} (no table here matches it)", name()));
+    }
+    // An e-mail is lowered in SQL, on both sides of the match (see match_clause), not by
+    // normalize()'s Unicode lowercasing.
+    let value = match ty {
+        IdentityType::Email => id.value.trim().to_string(),
+        _ => normalize(ty, &id.value),
+    };
+    if value.is_empty() {
+        return Err(format!("{} (empty once normalized)", name()));
+    }
+    Ok((ty, value))
 }
 
 /// The corrections as (field, value), lowercased fields; every field must be mapped by some
