@@ -168,14 +168,22 @@ impl<'a> Scoped<'a> {
             let rule = step.rule;
             let table = rule.table.as_str();
             let Some(work) = &step.work else {
-                notes.push(if rule.action == Action::Keep {
-                    format!("{table}: kept (action keep)")
-                } else {
-                    format!("{table}: skipped (no identity of a type it matches)")
-                });
+                notes.push(format!(
+                    "{table}: skipped (no identity of a type it matches)"
+                ));
                 continue;
             };
             let mut next = || results.next().unwrap_or_default();
+            if rule.action == Action::Keep {
+                let (label, ran) = next();
+                let rows = match ran.rows.first() {
+                    Some(row) => row.try_get::<i64, _>(0).map_err(|e| classify(label, &e))?,
+                    None => 0,
+                };
+                found |= rows > 0;
+                notes.push(format!("{table}: kept {rows} (action keep)"));
+                continue;
+            }
             let retained = match (&work.probe, &rule.retain) {
                 (Some(_), Some(retain)) => {
                     let (label, ran) = next();
@@ -716,7 +724,10 @@ pub(super) fn erasure_statements<'p>(plan: &'p [ErasureStep<'_>]) -> Vec<Planned
             });
         }
         statements.push(PlannedStatement {
-            label: format!("{} {table}", step.rule.action.doing()),
+            label: match step.rule.action {
+                Action::Keep => format!("counting the subject's rows of {table}"),
+                action => format!("{} {table}", action.doing()),
+            },
             statement: &work.main,
             probe: None,
             about_kept: None,

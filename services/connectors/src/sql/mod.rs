@@ -7,7 +7,9 @@
 //!   matched type are searched by; the outcome's note names the identities left out (a
 //!   hashed e-mail, a type no table matches), never their values;
 //! - what erasure does with them (`action`): delete them, anonymize some columns
-//!   (`anonymize`), or `keep` them untouched;
+//!   (`anonymize`), or `keep` them untouched. Kept rows are counted in the note (`kept 2
+//!   (action keep)`) and are the subject's data all the same: a subject found only in `keep`
+//!   tables is [`Outcome::Completed`] with nothing erased, never [`Outcome::NotFound`];
 //! - whether a legal obligation keeps them for a while (`retain`, see below);
 //! - which columns a RETURN_OF_DATA or TRANSFER export contains (`export`): the subject's
 //!   rows of each such table are written, as a cursor yields them (unsorted: in the order

@@ -153,7 +153,8 @@ impl Batch {
 #[derive(Debug)]
 pub(super) struct ErasureStep<'a> {
     pub(super) rule: &'a TableRule,
-    /// `None` for `keep` tables and tables no identity of the request applies to.
+    /// `None` for tables no identity of the request applies to. For a `keep` table, `main`
+    /// only counts the subject's rows.
     pub(super) work: Option<ErasureWork>,
 }
 
@@ -167,7 +168,8 @@ pub(super) struct ErasureWork {
     pub(super) count_kept: Option<Statement>,
     /// Anonymizes in the kept rows what the obligation does not need.
     pub(super) anonymize_kept: Option<Statement>,
-    /// The table's action on the rows that are not kept.
+    /// The table's action on the rows that are not kept; for a `keep` table, the count of the
+    /// subject's rows (answered as one row), which the erasure leaves as they are.
     pub(super) main: Statement,
     /// The child tables whose kept rows keep this table's rows.
     pub(super) held_for: Vec<String>,
@@ -184,13 +186,36 @@ pub(super) fn plan_erasure<'a>(
         .map(|rule| ErasureStep {
             rule,
             work: match rule.action {
-                Action::Keep => None,
+                Action::Keep => plan_keep_count(config, rule, scope),
                 Action::Delete | Action::Anonymize => {
                     plan_table_erasure(config, rule, scope, now_ms)
                 }
             },
         })
         .collect()
+}
+
+/// A `keep` table's part of an erasure: counting the subject's rows there, which stay as they
+/// are but are the subject's data all the same (a subject found only there is no NOT_FOUND);
+/// `None` when no identity of the subject applies to the table.
+fn plan_keep_count(
+    config: &SqlConnectorConfig,
+    rule: &TableRule,
+    scope: Scope<'_>,
+) -> Option<ErasureWork> {
+    let mut b = Binds::default();
+    let filter = subject_filter(config, rule, scope, &mut b)?;
+    let main = b.finish(format!(
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM {} WHERE {filter}",
+        quote(&rule.table)
+    ));
+    Some(ErasureWork {
+        probe: None,
+        count_kept: None,
+        anonymize_kept: None,
+        main,
+        held_for: Vec::new(),
+    })
 }
 
 /// One table's part of an erasure of the rows of `scope`; `None` when no identity of the

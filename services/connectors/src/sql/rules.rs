@@ -132,7 +132,8 @@ pub enum Action {
     /// Keep the rows but overwrite the columns listed in `anonymize`.
     Anonymize,
     /// Never touch the rows in an erasure (the table is listed for export, rectification,
-    /// restriction or objection, or to find child rows through it).
+    /// restriction or objection, or to find child rows through it); the erasure counts the
+    /// subject's rows there, so that finding them is not answered as holding no data.
     Keep,
 }
 

@@ -239,7 +239,91 @@ on_both_backends!(
     concurrent_calls_of_one_task_erase_once,
     a_misspelt_table_or_column_fails_at_connect,
     matches_a_phone_stored_with_separators,
+    rows_of_a_keep_table_are_found_and_left,
 );
+
+/// A `keep` table's rows are the subject's data even though erasure leaves them: a subject
+/// found only there is COMPLETED with nothing erased and the kept rows counted, never
+/// NOT_FOUND ("holds no data on the subject"), and the count shows beside what was erased.
+async fn rows_of_a_keep_table_are_found_and_left(url: String) {
+    let (_, db) = sample(&url).await;
+    exec(
+        &db,
+        "CREATE TABLE consents (id BIGINT PRIMARY KEY, email TEXT NOT NULL, given_on TEXT)",
+    )
+    .await;
+    exec(
+        &db,
+        "INSERT INTO consents (id, email, given_on) VALUES \
+         (1, 'kalle.kuluttaja@example.fi', '2024-05-01'), \
+         (2, 'maija.meikalainen@example.fi', '2023-01-10'), \
+         (3, 'maija.meikalainen@example.fi', '2023-02-11')",
+    )
+    .await;
+    let mut config = sample_config(&url);
+    config.tables.push(TableRule {
+        table: "consents".into(),
+        action: Action::Keep,
+        parent: None,
+        match_columns: [("email".to_string(), "email".to_string())]
+            .into_iter()
+            .collect(),
+        anonymize: Default::default(),
+        export: Vec::new(),
+        rectify: Default::default(),
+        restrict_column: None,
+        suppress_column: None,
+        retain: None,
+    });
+    let connector = SqlConnector::connect(config).await.unwrap();
+
+    let kalle = task(
+        RequestKind::Erasure,
+        vec![email("kalle.kuluttaja@example.fi")],
+        now(),
+        Phase::Start,
+    );
+    let out = connector.run(&kalle).await.unwrap();
+    let Outcome::Completed {
+        records_affected,
+        note,
+        erased,
+        ..
+    } = out
+    else {
+        panic!("expected COMPLETED, got {out:?}");
+    };
+    assert_eq!(records_affected, 0);
+    assert!(note.contains("consents: kept 1 (action keep)"), "{note}");
+    assert!(erased.iter().all(|c| c.count == 0), "{erased:?}");
+
+    // Beside what is erased, the kept rows are counted too, and stay.
+    let maija = connector
+        .scope("acme")
+        .unwrap()
+        .erase(&[email("maija.meikalainen@example.fi")], now())
+        .await
+        .unwrap();
+    assert!(maija.found, "{maija:?}");
+    assert!(
+        maija.note.contains("consents: kept 2 (action keep)"),
+        "{}",
+        maija.note
+    );
+    assert_eq!(count(&db, &format!("{C} FROM consents")).await, 3);
+
+    // Nobody's rows anywhere is still NOT_FOUND.
+    let mut nobody = task(
+        RequestKind::Erasure,
+        vec![email("ei.ketaan@example.fi")],
+        now(),
+        Phase::Start,
+    );
+    // A task of its own: under Kalle's key the receipt would answer.
+    nobody.task_id = "controller/r-2/accounting".into();
+    let out = connector.run(&nobody).await.unwrap();
+    assert!(matches!(out, Outcome::NotFound { .. }), "{out:?}");
+}
 
 /// SQLite reads a quoted name that is no column as a string literal, so a misspelt column
 /// matched nothing, exported its own name or linked no children, all without an error;
