@@ -183,13 +183,12 @@ impl Api {
             .await
     }
 
-    /// `GET /lists/{list}?fields=...`: the audience's member counts (`stats.member_count`,
-    /// `stats.unsubscribe_count`, `stats.cleaned_count`).
-    pub(super) async fn list_stats(&self, scrub: &Scrubber) -> Result<Reply, ConnectorError> {
-        let url = format!(
-            "{}?fields=id,stats.member_count,stats.unsubscribe_count,stats.cleaned_count",
-            self.list_url()
-        );
+    /// `GET /lists/{list}/members?count=1&fields=total_items`: `total_items`, the number of
+    /// the audience's members of every status. The audience's `stats` are no substitute:
+    /// they leave out pending and transactional members.
+    pub(super) async fn member_total(&self, scrub: &Scrubber) -> Result<Reply, ConnectorError> {
+        // One member at most, and `fields` drops even that: only the count comes back.
+        let url = format!("{}/members?count=1&fields=total_items", self.list_url());
         self.call(
             Method::GET,
             &url,

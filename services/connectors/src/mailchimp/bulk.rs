@@ -1,8 +1,11 @@
 //! A contract end in Mailchimp: a whole audience, the controller's, exported or deleted with a
 //! handful of calls however many members it has.
 //!
-//! - Both steps first count the audience (`GET /lists/{list}`: `stats.member_count` +
-//!   `stats.unsubscribe_count` + `stats.cleaned_count`) and report it as the total.
+//! - Both steps first count the audience's members of every status (`GET
+//!   /lists/{list}/members?count=1&fields=total_items`: `total_items`) and report it as the
+//!   total. The audience's own statistics (`GET /lists/{list}`: `stats.member_count` and the
+//!   rest) are not used: they leave out pending and transactional members, which a deletion
+//!   removes all the same.
 //! - [`BulkOp::Export`]: `GET /lists/{list}/members`, `page_size` members per page
 //!   (`count`/`offset`) until `total_items` is reached, into one `members.json`: a JSON array
 //!   of the member documents as the single export writes them (without hypermedia links),
@@ -104,8 +107,8 @@ impl MailchimpConnector {
                 out.push(&member).await?;
             }
             offset += members.len() as u64;
-            // The page's own count is the exact one (the statistics leave out pending and
-            // transactional members).
+            // Members can join or leave while the export runs: the latest page's count is
+            // the current one.
             if let Some(items) = page.get("total_items").and_then(Value::as_u64) {
                 total = items;
             }
@@ -131,21 +134,25 @@ impl MailchimpConnector {
     }
 }
 
-/// The audience's members by its statistics: subscribed, unsubscribed and cleaned.
+/// The audience's members, every status: the total of its members' pages.
 async fn count_members(api: &Api, scrub: &Scrubber) -> Result<u64, ConnectorError> {
     let list = api.list_id();
-    let Reply::Done(doc) = api.list_stats(scrub).await? else {
+    let Reply::Done(doc) = api.member_total(scrub).await? else {
         return Err(ConnectorError::Permanent(format!(
             "mailchimp: audience {list} was not found at {}; nothing was done (check list_id \
              and base_url, or whether an earlier run already deleted it)",
             api.base()
         )));
     };
-    let stat = |key: &str| doc["stats"][key].as_u64().unwrap_or(0);
-    // Counts from outside: added without wrapping.
-    Ok(stat("member_count")
-        .saturating_add(stat("unsubscribe_count"))
-        .saturating_add(stat("cleaned_count")))
+    // The count becomes the erased count of a deletion certificate: without one, nothing is
+    // deleted rather than a guess certified.
+    let Some(total) = doc.get("total_items").and_then(Value::as_u64) else {
+        return Err(ConnectorError::Permanent(format!(
+            "mailchimp: counting audience {list}'s members: the answer has no \"total_items\"; \
+             nothing was done"
+        )));
+    };
+    Ok(total)
 }
 
 async fn erase_audience(

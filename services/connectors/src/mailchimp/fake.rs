@@ -1,10 +1,11 @@
 //! A local stand-in for the Mailchimp Marketing API v3: the paths, methods, status codes,
 //! problem+json errors, audience and member documents, the audience's paged members and the
-//! member's paged notes, activity feed and events (`count`/`offset`, `total_items`), and the
-//! deletion of a whole audience, of the subset the connector uses, over in-memory audiences of
-//! one account (a primary one and any number more), with knobs for the failures the connector
-//! must survive (rate limits, outages, slow answers, answers lost or turned into a 5xx after
-//! the call took effect, members that linger after deletion), now or after a few calls.
+//! member's paged notes, activity feed and events (`count`/`offset`, `total_items`), partial
+//! responses of the audience and its members (`fields`), and the deletion of a whole
+//! audience, of the subset the connector uses, over in-memory audiences of one account (a
+//! primary one and any number more), with knobs for the failures the connector must survive
+//! (rate limits, outages, slow answers, answers lost or turned into a 5xx after the call took
+//! effect, members that linger after deletion), now or after a few calls.
 //!
 //! Compiled for this crate's tests, and for other crates' with the `fake-mailchimp` feature:
 //! start it with [`FakeMailchimp::start`] and point a
@@ -709,11 +710,12 @@ async fn delete_list(
 }
 
 /// `GET /lists/{list_id}/members`: one page of the audience's members, every status, in a
-/// stable order.
+/// stable order, with `total_items` counting every status too, honouring `fields`.
 async fn list_members(
     State(audience): State<Arc<Mutex<Audience>>>,
     Path(list_id): Path<String>,
     Query(paging): Query<Paging>,
+    Query(fields): Query<Fields>,
 ) -> Response {
     let a = audience.lock().unwrap();
     let Some(members) = a.members_of(&list_id) else {
@@ -729,14 +731,14 @@ async fn list_members(
         .take(count)
         .cloned()
         .collect();
-    axum::Json(json!({
+    let doc = json!({
         "members": page,
         "list_id": list_id,
         "total_items": members.len(),
         "_links": [{ "rel": "self", "method": "GET",
             "href": format!("https://us21.api.mailchimp.com/3.0/lists/{list_id}/members") }],
-    }))
-    .into_response()
+    });
+    axum::Json(only_fields(doc, fields.fields.as_deref())).into_response()
 }
 
 async fn get_member(

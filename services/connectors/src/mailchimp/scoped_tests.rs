@@ -231,12 +231,13 @@ async fn a_bulk_export_has_all_of_the_controllers_members_and_none_of_the_others
             records_total: 3,
         }
     );
-    // Counted first, then pages of 2 (the test configuration): two pages for three members.
+    // Counted first (a page of the members without them), then pages of 2 (the test
+    // configuration): two pages for three members.
     let calls = fake.audience().calls.clone();
     assert_eq!(
         calls,
         [
-            format!("GET /3.0/lists/{ACME_LIST}"),
+            format!("GET /3.0/lists/{ACME_LIST}/members"),
             format!("GET /3.0/lists/{ACME_LIST}/members"),
             format!("GET /3.0/lists/{ACME_LIST}/members"),
         ]
@@ -275,7 +276,7 @@ async fn a_bulk_erasure_deletes_the_controllers_audience_and_leaves_the_others()
     assert_eq!(
         fake.audience().calls,
         [
-            format!("GET /3.0/lists/{ACME_LIST}"),
+            format!("GET /3.0/lists/{ACME_LIST}/members"),
             format!("DELETE /3.0/lists/{ACME_LIST}"),
             format!("GET /3.0/lists/{ACME_LIST}"),
         ]
@@ -317,6 +318,116 @@ async fn a_bulk_erasure_deletes_the_controllers_audience_and_leaves_the_others()
     assert_eq!(fake.members_of(GLOBEX_LIST).unwrap(), globex_members());
 }
 
+/// Both totals of a bulk step's progress at `done` of `total` members.
+fn members_progress(done: u64, total: u64) -> BulkProgress {
+    BulkProgress {
+        subjects_done: done,
+        subjects_total: total,
+        records_done: done,
+        records_total: total,
+    }
+}
+
+#[tokio::test]
+async fn a_contract_end_counts_the_members_of_every_status() {
+    let (fake, connector) = two_audiences().await;
+    // Acme's audience gets a member of each status its statistics leave out (pending:
+    // signed up, not yet confirmed; transactional: never subscribed to marketing), and a
+    // cleaned one: six members, four of them in the statistics.
+    for (address, first, last, status) in [
+        ("aino.laine@example.fi", "Aino", "Laine", "pending"),
+        ("eero.salo@example.fi", "Eero", "Salo", "transactional"),
+        ("veera.makinen@example.fi", "Veera", "Mäkinen", "cleaned"),
+    ] {
+        let hash = fake.subscribe(address, first, last);
+        fake.set_status(ACME_LIST, &hash, status);
+    }
+
+    // The export reports its total before the first page: here the count passes and the
+    // first page fails, so the total is what is left to see.
+    {
+        let mut a = fake.audience();
+        a.healthy_calls = 1;
+        a.unavailable_gets = 1;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sink = ExportSink::new(dir.path().join("ce"), vec![]);
+    sink.reset().await.unwrap();
+    let (j, seen) = job("acme", BulkOp::Export, Some(sink.clone()));
+    let err = connector.run_bulk(&j).await.unwrap_err();
+    assert!(err.is_transient(), "{err:?}");
+    assert_eq!(*seen.borrow(), members_progress(0, 6));
+    sink.reset().await.unwrap();
+    let out = connector.run_bulk(&j).await.unwrap();
+    assert!(
+        matches!(
+            out,
+            Outcome::Completed {
+                records_affected: 6,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    assert_eq!(*seen.borrow(), members_progress(6, 6));
+    let bytes = std::fs::read(dir.path().join("ce/members.json")).unwrap();
+    let members: Vec<Value> = serde_json::from_slice(&bytes).unwrap();
+    let mut statuses: Vec<&str> = members
+        .iter()
+        .map(|m| m["status"].as_str().unwrap())
+        .collect();
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [
+            "cleaned",
+            "pending",
+            "subscribed",
+            "subscribed",
+            "transactional",
+            "unsubscribed"
+        ]
+    );
+
+    // The erasure's count goes into its handle, its progress and the erased count that
+    // deletion certificates list. The first check still sees the audience, so the count is
+    // also carried through a confirmation.
+    fake.audience().list_forget_after_gets = 1;
+    let (j, seen) = job("acme", BulkOp::Erase, None);
+    let out = connector.run_bulk(&j).await.unwrap();
+    let Outcome::Accepted { handle, .. } = out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(handle, format!("audience:{ACME_LIST}:6"));
+    assert_eq!(*seen.borrow(), members_progress(0, 6));
+    let confirm = BulkJob {
+        phase: Phase::Confirm { handle },
+        ..j.clone()
+    };
+    let out = connector.run_bulk(&confirm).await.unwrap();
+    let Outcome::Completed {
+        records_affected: 6,
+        erased,
+        note,
+        ..
+    } = &out
+    else {
+        panic!("{out:?}");
+    };
+    assert!(note.contains("with its 6 members"), "{note}");
+    assert_eq!(
+        erased,
+        &[ErasedCount {
+            target: format!("audience {ACME_LIST}"),
+            action: "deleted".into(),
+            count: 6,
+        }]
+    );
+    assert_eq!(*seen.borrow(), members_progress(6, 6));
+    assert_eq!(fake.members_of(ACME_LIST), None);
+    assert_eq!(fake.members_of(GLOBEX_LIST).unwrap(), globex_members());
+}
+
 #[tokio::test]
 async fn a_compliance_review_during_a_bulk_step_is_permanent_and_deletes_nothing() {
     let (fake, connector) = two_audiences().await;
@@ -336,7 +447,7 @@ async fn a_compliance_review_during_a_bulk_step_is_permanent_and_deletes_nothing
     // Each step stopped at its first call, the count.
     assert_eq!(
         fake.audience().calls,
-        vec![format!("GET /3.0/lists/{GLOBEX_LIST}"); 2]
+        vec![format!("GET /3.0/lists/{GLOBEX_LIST}/members"); 2]
     );
     fake.audience().compliance_review = false;
     assert_eq!(fake.members_of(GLOBEX_LIST).unwrap(), globex_members());
