@@ -17,10 +17,11 @@
 #      runs as the current user.
 #   2. cargo build --workspace --bins (end-to-end tests spawn the real
 #      target/debug/dsrelay-registry and target/debug/dsrelay-processor).
-#   3. cargo nextest run --workspace --no-fail-fast "$@" (or cargo test when
-#      cargo-nextest is missing), then cargo test --workspace --doc (nextest
-#      does not run doctests), then scripts/interop.sh (Python grpcio against
-#      both services; both skipped when extra arguments were given).
+#   3. cargo nextest run --workspace --no-fail-fast "$@", then cargo test
+#      --workspace --doc (nextest does not run doctests); or, when
+#      cargo-nextest is missing, cargo test, doctests included. Then
+#      scripts/interop.sh (Python grpcio against both services). The doctests
+#      and interop.sh are skipped when extra arguments were given.
 #   The exit status is the first failing runner's status, else 0.
 #
 # Environment:
@@ -258,6 +259,15 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     log "cargo-nextest not found; running tests: cargo test --workspace --no-fail-fast${*:+ $*}"
     run cargo test --workspace --no-fail-fast "$@" || status=$?
+    # cargo test runs the doctests itself; the interoperability test is ours to run.
+    if [ $# -eq 0 ]; then
+        log "running the Python gRPC interoperability test: scripts/interop.sh"
+        interop_status=0
+        run bash scripts/interop.sh || interop_status=$?
+        [ "$status" -eq 0 ] && status=$interop_status
+    else
+        log "extra arguments given; skipping scripts/interop.sh"
+    fi
 fi
 
 if [ "$status" -eq 0 ]; then
