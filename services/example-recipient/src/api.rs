@@ -45,7 +45,9 @@ impl From<FolderError> for ApiError {
                 "the part is not stored complete: send {} first",
                 names.join(", ")
             )),
-            FolderError::Io(e) => Self::unexpected(anyhow::Error::new(e).context("data folder")),
+            // The step and the local path go to the log only: the sender is another
+            // organisation, and the shared mapping tells it just that the recipient failed.
+            e @ FolderError::Io { .. } => Self::unexpected(e),
         }
     }
 }

@@ -33,9 +33,35 @@ pub enum FolderError {
     /// A part lists files that are not stored complete.
     #[error("not stored complete: {}", .0.join(", "))]
     Missing(Vec<String>),
-    /// The file system failed.
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
+    /// The file system failed. No `From<std::io::Error>`: an error without the step and the
+    /// path leaves an operator guessing which file of which part to look at.
+    #[error("{doing}")]
+    Io {
+        /// The step that failed and the path it failed on ("appending to <path>").
+        doing: String,
+        /// What the file system answered.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `source`, met while taking `step` on `path`.
+fn failed(step: &str, path: &Path, source: std::io::Error) -> FolderError {
+    FolderError::Io {
+        doing: format!("{step} {}", path.display()),
+        source,
+    }
+}
+
+/// Names the step and the path of a file-system call's error ([`FolderError::Io`]).
+trait Doing<T> {
+    fn doing(self, step: &str, path: &Path) -> Result<T, FolderError>;
+}
+
+impl<T> Doing<T> for std::io::Result<T> {
+    fn doing(self, step: &str, path: &Path) -> Result<T, FolderError> {
+        self.map_err(|e| failed(step, path, e))
+    }
 }
 
 /// Where the transfer of one file stands.
@@ -137,7 +163,7 @@ impl Folder {
         let stored: Option<StoredHeader> = match tokio::fs::read(&meta).await {
             Ok(b) => serde_json::from_slice(&b).ok(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(failed("reading the header", &meta, e)),
         };
         if exists(&done).await? {
             if stored.as_ref() == Some(&announced) {
@@ -159,7 +185,7 @@ impl Folder {
         let offset = match tokio::fs::metadata(&partial).await {
             Ok(m) => m.len(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(failed("reading the size of", &partial, e)),
         };
         if offset > h.size {
             // More bytes than announced cannot be the file: start it again.
@@ -196,9 +222,11 @@ impl Folder {
             .create(true)
             .append(true)
             .open(&partial)
-            .await?;
-        f.write_all(data).await?;
-        f.flush().await?;
+            .await
+            .doing("appending to", &partial)?;
+        f.write_all(data).await.doing("appending to", &partial)?;
+        // tokio writes in the background: a write that failed shows only here.
+        f.flush().await.doing("appending to", &partial)?;
         Ok(())
     }
 
@@ -210,9 +238,9 @@ impl Folder {
     ) -> Result<(), FolderError> {
         let (_, partial, _) = self.paths(sender, h);
         match tokio::fs::File::open(&partial).await {
-            Ok(f) => f.sync_data().await?,
+            Ok(f) => f.sync_data().await.doing("syncing", &partial)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(failed("syncing", &partial, e)),
         }
         sync_dir(&self.part_dir(sender, &h.request_id, &h.subprocessor)).await?;
         Ok(())
@@ -230,7 +258,7 @@ impl Folder {
             // A file of no bytes gets no chunk, and a chunk is what creates the partial form.
             self.append(sender, h, &[]).await?;
         }
-        let digest = sha256_of(&partial).await?;
+        let digest = sha256_of(&partial).await.doing("hashing", &partial)?;
         if digest != h.sha256 {
             remove(&partial).await?;
             return Err(FolderError::DigestMismatch(format!(
@@ -241,8 +269,15 @@ impl Folder {
         }
         // A file under its final name is taken as received whole by every later call (and
         // counted in the receipt), so its bytes reach the disk first.
-        tokio::fs::File::open(&partial).await?.sync_all().await?;
-        tokio::fs::rename(&partial, &done).await?;
+        tokio::fs::File::open(&partial)
+            .await
+            .doing("syncing", &partial)?
+            .sync_all()
+            .await
+            .doing("syncing", &partial)?;
+        tokio::fs::rename(&partial, &done)
+            .await
+            .doing(&format!("renaming {} to", partial.display()), &done)?;
         sync_dir(&self.part_dir(sender, &h.request_id, &h.subprocessor)).await?;
         Ok(FileState {
             offset: h.size,
@@ -343,15 +378,17 @@ pub fn sender_component(sender: &str) -> String {
     out
 }
 
-async fn exists(p: &Path) -> std::io::Result<bool> {
-    tokio::fs::try_exists(p).await
+async fn exists(p: &Path) -> Result<bool, FolderError> {
+    tokio::fs::try_exists(p).await.doing("looking for", p)
 }
 
 /// Creates a part's folder `<root>/<sender>/<request_id>/<subprocessor>` and syncs the three
 /// folders above it, so its name, its request's and its sender's survive a crash with the
 /// files in it.
-async fn create_part_dir(dir: &Path) -> std::io::Result<()> {
-    tokio::fs::create_dir_all(dir).await?;
+async fn create_part_dir(dir: &Path) -> Result<(), FolderError> {
+    tokio::fs::create_dir_all(dir)
+        .await
+        .doing("creating the folder", dir)?;
     for above in dir.ancestors().skip(1).take(3) {
         sync_dir(above).await?;
     }
@@ -360,24 +397,32 @@ async fn create_part_dir(dir: &Path) -> std::io::Result<()> {
 
 /// Replaces the file at `p` with `bytes`, durably: a crash leaves the old file or the new one
 /// whole (a temporary `<p>.tmp` synced, then renamed), and the folder is synced after.
-async fn write_durably(p: &Path, bytes: &[u8]) -> std::io::Result<()> {
+async fn write_durably(p: &Path, bytes: &[u8]) -> Result<(), FolderError> {
     let mut tmp = p.as_os_str().to_owned();
     tmp.push(".tmp");
-    let mut f = tokio::fs::File::create(&tmp).await?;
-    f.write_all(bytes).await?;
-    f.sync_all().await?;
-    tokio::fs::rename(&tmp, p).await?;
+    let tmp = PathBuf::from(tmp);
+    let mut f = tokio::fs::File::create(&tmp).await.doing("writing", &tmp)?;
+    f.write_all(bytes).await.doing("writing", &tmp)?;
+    f.sync_all().await.doing("syncing", &tmp)?;
+    tokio::fs::rename(&tmp, p)
+        .await
+        .doing(&format!("renaming {} to", tmp.display()), p)?;
     sync_dir(p.parent().unwrap_or(Path::new("."))).await
 }
 
 /// Syncs the folder `dir`, making the entries created, renamed or removed in it durable.
-async fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    tokio::fs::File::open(dir).await?.sync_all().await
+async fn sync_dir(dir: &Path) -> Result<(), FolderError> {
+    tokio::fs::File::open(dir)
+        .await
+        .doing("syncing the folder", dir)?
+        .sync_all()
+        .await
+        .doing("syncing the folder", dir)
 }
 
-async fn remove(p: &Path) -> std::io::Result<()> {
+async fn remove(p: &Path) -> Result<(), FolderError> {
     match tokio::fs::remove_file(p).await {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(failed("removing", p, e)),
         _ => Ok(()),
     }
 }
@@ -441,5 +486,30 @@ mod tests {
         assert_eq!(std::fs::read(stored).expect("stored under its name"), b"");
         let again = folder.begin(SENDER, &h).await.expect("announced again");
         assert!(again.complete);
+    }
+
+    /// Writing a JSON file whole fails at one of several steps, on one of two paths: the
+    /// error says which.
+    #[tokio::test]
+    async fn a_failed_write_names_its_step_and_its_paths() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let folder = Folder::new(root.path().to_path_buf());
+        let dir = folder.part_dir(SENDER, "0190-r", "accounting");
+        // Folders where files belong: root is not stopped by permission bits.
+        let tmp = dir.join(".receipt.json.tmp");
+        std::fs::create_dir_all(&tmp).expect("a folder in the way");
+        let close = || folder.complete_part(SENDER, "0190-r", "accounting", &[], "r", 0);
+        let err = close().await.expect_err("the temporary file is a folder");
+        assert!(matches!(err, FolderError::Io { .. }), "{err:?}");
+        assert_eq!(err.to_string(), format!("writing {}", tmp.display()));
+
+        std::fs::remove_dir(&tmp).expect("clear the way");
+        let receipt = dir.join(".receipt.json");
+        std::fs::create_dir_all(receipt.join("taken")).expect("a folder in the way");
+        let err = close().await.expect_err("the receipt is a folder");
+        assert_eq!(
+            err.to_string(),
+            format!("renaming {} to {}", tmp.display(), receipt.display())
+        );
     }
 }

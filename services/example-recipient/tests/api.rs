@@ -514,3 +514,125 @@ async fn two_senders_parts_of_the_same_name_are_stored_apart() {
     }
     assert_ne!(receipt_a.manifest_sha256, receipt_b.manifest_sha256);
 }
+
+/// The error events logged on this thread while it is recorded: a `#[tokio::test]` runs the
+/// in-process server's tasks on the test's own thread, so a thread's recorder sees the
+/// server's log without changing what other tests running alongside log.
+mod errors {
+    use std::fmt::{self, Write};
+    use std::sync::{Arc, Mutex};
+
+    use tracing::field::{Field, Visit};
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::{Event, Level, Metadata};
+
+    /// Collects the WARN and ERROR events, each as its `name=value` fields.
+    #[derive(Clone, Default)]
+    pub(crate) struct Recorder(Arc<Mutex<Vec<String>>>);
+
+    struct Line(String);
+
+    impl Visit for Line {
+        fn record_str(&mut self, field: &Field, value: &str) {
+            let _ = write!(self.0, "{}={value} ", field.name());
+        }
+
+        fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+            let _ = write!(self.0, "{}={value:?} ", field.name());
+        }
+    }
+
+    impl tracing::Subscriber for Recorder {
+        fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+            metadata.is_event() && *metadata.level() <= Level::WARN
+        }
+
+        fn new_span(&self, _: &Attributes<'_>) -> Id {
+            Id::from_u64(1)
+        }
+
+        fn record(&self, _: &Id, _: &Record<'_>) {}
+
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+
+        fn event(&self, event: &Event<'_>) {
+            let mut line = Line(String::new());
+            event.record(&mut line);
+            self.0.lock().expect("log").push(line.0);
+        }
+
+        fn enter(&self, _: &Id) {}
+
+        fn exit(&self, _: &Id) {}
+    }
+
+    impl Recorder {
+        /// The events recorded so far.
+        pub(crate) fn lines(&self) -> Vec<String> {
+            self.0.lock().expect("log").clone()
+        }
+    }
+}
+
+/// A file-system failure is logged with the step that failed and the path it failed on, so
+/// an operator can tell which file of which part to look at; the sender, another
+/// organisation, is told only that the recipient failed and logged why, never a local path.
+/// Tests run as root, whom permission bits do not stop, so the failures are staged with
+/// entries of the wrong kind: a file where the part's folder belongs, and a partial file
+/// that is a link to `/dev/full` (every write to it fails: the disk is full).
+#[tokio::test]
+async fn file_system_failures_are_logged_with_the_step_and_the_path() {
+    let recorder = errors::Recorder::default();
+    let _recording = tracing::subscriber::set_default(recorder.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let r = Running::start(dir.path(), 0).await;
+    let mut c = r.client();
+    let data = content(1000);
+    let refused = |s: &tonic::Status| {
+        assert_eq!(s.code(), Code::Internal, "{s:?}");
+        assert_eq!(
+            s.message(),
+            "internal error; the recipient logged the details"
+        );
+        assert!(
+            !s.message().contains(&*r.data_dir.to_string_lossy()),
+            "{s:?}"
+        );
+    };
+    let logged = |step: &str, path: &Path| {
+        let wanted = format!("{step} {}: ", path.display());
+        let lines = recorder.lines();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("internal error") && l.contains(&wanted)),
+            "no error logged naming {wanted:?}: {lines:#?}"
+        );
+    };
+
+    // The part's folder is a file: its files' headers cannot even be looked for.
+    let blocked = header("blocked.json", &data);
+    let part = r.part_dir(&processor());
+    std::fs::create_dir_all(part.parent().unwrap()).unwrap();
+    std::fs::write(&part, b"not a folder").unwrap();
+    let err = send(&mut c, chunks(&blocked, &data, 0, data.len()))
+        .await
+        .unwrap_err();
+    refused(&err);
+    logged(
+        "reading the header",
+        &part.join(".header.blocked.json.json"),
+    );
+    std::fs::remove_file(&part).unwrap();
+
+    // The disk fills up under a file's partial form: the chunk cannot be appended.
+    let h = header("export.json", &data);
+    assert_eq!(state(&mut c, &h).await, UploadState::default());
+    let partial = part.join("export.json.partial");
+    std::os::unix::fs::symlink("/dev/full", &partial).unwrap();
+    let err = send(&mut c, chunks(&h, &data, 0, data.len()))
+        .await
+        .unwrap_err();
+    refused(&err);
+    logged("appending to", &partial);
+}
