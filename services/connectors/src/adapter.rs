@@ -81,6 +81,7 @@ use dsrelay_proto::v1::{
     GetExportPageRequest, GetTaskStatusRequest, RequestKind, Scope,
 };
 use dsrelay_proto::{millis_from_timestamp, timestamp_from_millis};
+use dsrelay_runtime::config::check_ms;
 use dsrelay_runtime::tls::TlsFiles;
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
@@ -100,9 +101,9 @@ const RETENTION_EXPIRED_SUFFIX: &str = "#retention-expired";
 /// The default deadline of one call (ms).
 const DEFAULT_TIMEOUT_MS: u64 = 10_000;
 
-/// The longest deadline accepted (ms): a call must end well within the processor's task
-/// lease.
-const MAX_TIMEOUT_MS: u64 = 300_000;
+/// The longest deadline accepted (ms) of one call to a holder, here and at Mailchimp: a call
+/// must end well within the processor's task lease.
+pub(crate) const MAX_TIMEOUT_MS: u64 = 300_000;
 
 /// Largest answer accepted: a 16 MiB inline export plus room for the rest of the answer.
 const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024 + 64 * 1024;
@@ -187,12 +188,7 @@ impl AdapterConfig {
                     .to_string(),
             );
         }
-        if !(1..=MAX_TIMEOUT_MS).contains(&self.timeout_ms) {
-            out.push(format!(
-                "timeout_ms: must be 1 to {MAX_TIMEOUT_MS}, got {}",
-                self.timeout_ms
-            ));
-        }
+        check_ms(&mut out, "timeout_ms", self.timeout_ms, 1..=MAX_TIMEOUT_MS);
         if let Some(controllers) = &self.controllers {
             if controllers.is_empty() {
                 out.push(
@@ -836,6 +832,13 @@ mod tests {
         assert!(problems[1].starts_with("identity"));
         assert!(problems[2].starts_with("timeout_ms"));
         assert!(problems[3].starts_with("supported_kinds[1]"));
+        c.timeout_ms = 300_001;
+        c.supported_kinds = None;
+        assert_eq!(
+            c.validate()[2],
+            "timeout_ms: must be from 1 ms to 300000 ms; it is 300001"
+        );
+        c.timeout_ms = 2000;
         c.supported_kinds = Some(vec![]);
         assert!(c
             .validate()

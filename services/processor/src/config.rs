@@ -9,8 +9,7 @@ pub use dsrelay_connectors::ConnectorConfig;
 pub use dsrelay_runtime::audit::signer::AuditConfig;
 use dsrelay_runtime::backoff::Backoff;
 use dsrelay_runtime::config::{
-    check_backoff, check_ms, check_shared_durations, ConfigErrors, MAX_CALL_TIMEOUT_MS,
-    MAX_DURATION_MS, MAX_RETENTION_DAYS,
+    check_backoff, check_ms, ConfigErrors, MAX_CALL_TIMEOUT_MS, MAX_DURATION_MS, MAX_RETENTION_DAYS,
 };
 use dsrelay_runtime::settings::{Defaults, ServiceConfig, ServiceSettings};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -518,7 +517,6 @@ impl Config {
         check_backoff(errors, "tasks", &t.backoff);
         check_backoff(errors, "acks", &a.backoff);
         check_backoff(errors, "uploads", &u.backoff);
-        check_shared_durations(errors, &self.service, &self.audit);
     }
 
     /// Every configured caller whose identity is outside the processor's trust domain

@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 pub use dsrelay_runtime::audit::signer::AuditConfig;
 use dsrelay_runtime::backoff::Backoff;
 use dsrelay_runtime::config::{
-    check_backoff, check_ms, check_shared_durations, ConfigErrors, MAX_CALL_TIMEOUT_MS,
-    MAX_DURATION_MS, MAX_RETENTION_DAYS,
+    check_backoff, check_ms, ConfigErrors, MAX_CALL_TIMEOUT_MS, MAX_DURATION_MS, MAX_RETENTION_DAYS,
 };
 use dsrelay_runtime::settings::{Defaults, ServiceConfig, ServiceSettings};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -551,7 +550,6 @@ impl Config {
             check_ms(errors, key, value, range);
         }
         check_backoff(errors, "delivery", &d.backoff);
-        check_shared_durations(errors, &self.service, &self.audit);
     }
 
     /// Every data category some processor holds.

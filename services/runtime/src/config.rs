@@ -26,9 +26,7 @@ use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider, Source};
 use serde::de::DeserializeOwned;
 
-use crate::audit::signer::AuditConfig;
 use crate::backoff::Backoff;
-use crate::settings::ServiceSettings;
 
 /// Exit status for a bad configuration or bad command line (EX_USAGE).
 pub const EXIT_USAGE: i32 = 64;
@@ -86,39 +84,6 @@ pub fn check_backoff(errors: &mut Vec<String>, table: &str, backoff: &Backoff) {
         &format!("{table}.backoff.max_ms"),
         backoff.max_ms,
         range,
-    );
-}
-
-/// The upper bounds on the durations among the keys every service shares, which their own
-/// checks ([`ServiceSettings::validate`], [`AuditConfig::errors`]) leave out:
-/// `shutdown_grace_ms`, `call_limit_ms` and, while checkpoints are on,
-/// `audit.checkpoint_interval_ms` up to [`MAX_DURATION_MS`] (0 is refused by those checks,
-/// and not reported twice); `tls.reload_interval_ms` from 0 (only on SIGHUP) to
-/// [`MAX_DURATION_MS`].
-pub fn check_shared_durations(
-    errors: &mut Vec<String>,
-    service: &ServiceSettings,
-    audit: &AuditConfig,
-) {
-    let positive = [
-        ("shutdown_grace_ms", service.shutdown_grace_ms, true),
-        ("call_limit_ms", service.call_limit_ms, true),
-        (
-            "audit.checkpoint_interval_ms",
-            audit.checkpoint_interval_ms,
-            audit.checkpoints,
-        ),
-    ];
-    for (key, value, used) in positive {
-        if used && value != 0 {
-            check_ms(errors, key, value, 1..=MAX_DURATION_MS);
-        }
-    }
-    check_ms(
-        errors,
-        "tls.reload_interval_ms",
-        service.tls.reload_interval_ms,
-        0..=MAX_DURATION_MS,
     );
 }
 

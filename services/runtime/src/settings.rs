@@ -33,7 +33,7 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::config::ConfigErrors;
+use crate::config::{check_ms, ConfigErrors, MAX_DURATION_MS};
 use crate::tls::TlsFiles;
 
 /// A service's whole configuration: the shared settings plus its own keys. [`load`] reads
@@ -229,12 +229,20 @@ impl ServiceSettings {
                 ));
             }
         }
-        if self.shutdown_grace_ms == 0 {
-            errors.push("shutdown_grace_ms: must be at least 1".to_string());
+        // Here rather than in each service, so that every service built on these settings
+        // (the example adapter and recipient too) bounds them alike.
+        for (key, value) in [
+            ("shutdown_grace_ms", self.shutdown_grace_ms),
+            ("call_limit_ms", self.call_limit_ms),
+        ] {
+            check_ms(&mut errors, key, value, 1..=MAX_DURATION_MS);
         }
-        if self.call_limit_ms == 0 {
-            errors.push("call_limit_ms: must be at least 1".to_string());
-        }
+        check_ms(
+            &mut errors,
+            "tls.reload_interval_ms",
+            self.tls.reload_interval_ms,
+            0..=MAX_DURATION_MS,
+        );
         if !(1..=MAX_WORKER_THREADS).contains(&self.worker_threads) {
             errors.push(format!(
                 "worker_threads: must be from 1 to {MAX_WORKER_THREADS} (it is {})",
@@ -308,10 +316,9 @@ mod tests {
         let s = parse(&format!("shutdown_grace_ms = 2500\n{TLS}")).unwrap();
         assert_eq!(s.service.shutdown_grace_ms, 2500);
         let s = parse(&format!("shutdown_grace_ms = 0\n{TLS}")).unwrap();
-        assert!(s
-            .service
-            .validate()
-            .contains(&"shutdown_grace_ms: must be at least 1".to_string()));
+        assert!(s.service.validate().contains(
+            &"shutdown_grace_ms: must be from 1 ms to 2592000000 ms (30 days); it is 0".to_string()
+        ));
         assert_eq!(s.service.call_limit_ms, DEFAULT_CALL_LIMIT_MS);
         let s = parse(&format!(
             "call_limit_ms = 1500
@@ -324,10 +331,22 @@ mod tests {
 {TLS}"
         ))
         .unwrap();
-        assert!(s
-            .service
-            .validate()
-            .contains(&"call_limit_ms: must be at least 1".to_string()));
+        assert!(s.service.validate().contains(
+            &"call_limit_ms: must be from 1 ms to 2592000000 ms (30 days); it is 0".to_string()
+        ));
+        // Bounded above here, so that every service on these settings refuses 31 days.
+        let s = parse(&format!(
+            "shutdown_grace_ms = 2678400000\ncall_limit_ms = 2678400000\n{TLS}"
+        ))
+        .unwrap();
+        assert_eq!(
+            s.service.validate(),
+            [
+                "shutdown_grace_ms: must be from 1 ms to 2592000000 ms (30 days); it is \
+                 2678400000",
+                "call_limit_ms: must be from 1 ms to 2592000000 ms (30 days); it is 2678400000",
+            ]
+        );
         assert_eq!(s.service.worker_threads, DEFAULT_WORKER_THREADS);
         let s = parse(&format!("worker_threads = 3\n{TLS}")).unwrap();
         assert_eq!(s.service.worker_threads, 3);

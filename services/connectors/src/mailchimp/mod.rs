@@ -245,9 +245,8 @@ impl MailchimpConfig {
                 ));
             }
         }
-        if self.timeout_ms == 0 {
-            out.push("timeout_ms: must be greater than 0".to_string());
-        }
+        let longest = crate::adapter::MAX_TIMEOUT_MS;
+        dsrelay_runtime::config::check_ms(&mut out, "timeout_ms", self.timeout_ms, 1..=longest);
         if !(1..=MAX_PAGE_SIZE).contains(&self.page_size) {
             out.push(format!("page_size: must be 1 to {MAX_PAGE_SIZE}"));
         }

@@ -1174,6 +1174,16 @@ fn configuration_parses_with_defaults_and_validates() {
     ] {
         assert!(problems.contains(expected), "{expected}: {problems}");
     }
+    // A call's limit is bounded above too, as the adapter's is: a day-long call outlives
+    // the task's lease.
+    let day_long = MailchimpConfig {
+        timeout_ms: 86_400_000,
+        ..c.clone()
+    };
+    assert_eq!(
+        day_long.validate(),
+        vec!["timeout_ms: must be from 1 ms to 300000 ms; it is 86400000".to_string()]
+    );
     let creds = MailchimpConfig {
         base_url: "https://user:pw@us21.api.mailchimp.com/3.0".into(),
         ..c.clone()

@@ -81,9 +81,12 @@ impl AuditConfig {
                     .into(),
             );
         }
-        if self.checkpoint_interval_ms == 0 {
-            errors.push("audit.checkpoint_interval_ms: must be at least 1".into());
-        }
+        crate::config::check_ms(
+            &mut errors,
+            "audit.checkpoint_interval_ms",
+            self.checkpoint_interval_ms,
+            1..=crate::config::MAX_DURATION_MS,
+        );
         errors
     }
 
