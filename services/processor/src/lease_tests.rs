@@ -526,7 +526,7 @@ async fn a_wake_up_during_a_claim_is_kept(database_url: &str, dir: &std::path::P
             key,
             seq,
             &job.lease_owner,
-            job.next_attempt_at,
+            job.due_as_known(),
             i64::MAX,
             None,
             false
@@ -535,6 +535,68 @@ async fn a_wake_up_during_a_claim_is_kept(database_url: &str, dir: &std::path::P
         .expect("postpone"));
     let job = claim_one(&shared, 60_000).await;
     assert_eq!(job.task.phase, ContractPhase::AwaitingConfirmation);
+}
+
+/// Fails every call as a holder that is down does.
+struct Down;
+
+impl Connector for Down {
+    fn kind_name(&self) -> &'static str {
+        "down"
+    }
+
+    fn supports(&self, _kind: RequestKind) -> bool {
+        true
+    }
+
+    fn run<'a>(&'a self, _task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async { Err(ConnectorError::Transient("the holder is down".into())) })
+    }
+}
+
+/// A claim's own start step is no time set by someone else: the retry after a transient
+/// failure of a PENDING task's first call waits its backoff. The postponement used to take
+/// the start's due time ("now") for a wake-up and keep it, so the task was claimed again at
+/// once, the holder called again with no backoff.
+async fn a_retry_after_the_first_call_waits_its_backoff(database_url: &str, dir: &std::path::Path) {
+    let connectors = HashMap::from([("crm".to_string(), Arc::new(Down) as Arc<dyn Connector>)]);
+    let app = App::with_connectors(config(dir, database_url, 60_000), connectors)
+        .await
+        .expect("app");
+    let shared = app.shared();
+    let now = shared.clock.now_ms();
+    let req = DeliverRequest {
+        request_id: "r-1".into(),
+        kind: RequestKind::Erasure as i32,
+        due_at: Some(timestamp_from_millis(now + 600_000)),
+        ..Default::default()
+    };
+    shared
+        .store
+        .accept("acme", &req, &["crm".to_string()], None, now)
+        .await
+        .expect("accept");
+    let job = claim_one(&shared, 60_000).await;
+    assert_eq!(job.task.state, TaskState::Pending);
+    crate::runner::run_task(&shared, job).await.expect("run");
+    let after = shared.clock.now_ms();
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(task.state, TaskState::InProgress, "{task:?}");
+    let due: i64 = sqlx::query_scalar("SELECT next_attempt_at FROM tasks WHERE request_id = $1")
+        .bind("r-1")
+        .fetch_one(&shared.store.db().pool)
+        .await
+        .expect("due");
+    assert!(
+        due > after,
+        "the retry is due at {due}, not after the failure at {after}"
+    );
+    let again = shared
+        .store
+        .claim_tasks(after, 10, 60_000)
+        .await
+        .expect("claim");
+    assert!(again.is_empty(), "claimed again at once: {again:?}");
 }
 
 /// A bulk step whose lease was taken by another claim reports progress before it learns of
@@ -808,5 +870,19 @@ async fn leases_lost_progress_is_not_recorded_on_postgres() {
     crate::test_postgres::on_postgres(
         |u, d| async move { lost_progress_is_not_recorded(&u, &d).await },
     )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_a_retry_after_the_first_call_waits_its_backoff_on_sqlite() {
+    on_sqlite(|u, d| async move { a_retry_after_the_first_call_waits_its_backoff(&u, &d).await })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_a_retry_after_the_first_call_waits_its_backoff_on_postgres() {
+    crate::test_postgres::on_postgres(|u, d| async move {
+        a_retry_after_the_first_call_waits_its_backoff(&u, &d).await
+    })
     .await;
 }

@@ -807,7 +807,7 @@ async fn write(
                     key,
                     seq,
                     &job.lease_owner,
-                    job.next_attempt_at,
+                    job.due_as_known(),
                     at,
                     error.as_deref(),
                     unless_cancelled,
@@ -859,6 +859,8 @@ async fn record_move(
         )
         .await?;
     if moved.is_some() {
+        // As the step writer writes it (see `Store::transition`).
+        job.moved(t.next_attempt_at.unwrap_or(now));
         tracing::info!(
             state = t.state.as_str_name(),
             records = t.records_affected,

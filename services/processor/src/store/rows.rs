@@ -1,6 +1,8 @@
 //! What the store hands out, and the raw rows they are read from: numbers in the database
 //! become enums and flags here, at the row boundary, and nowhere else.
 
+use std::sync::atomic::{AtomicI64, Ordering};
+
 use dsrelay_connectors::BulkProgress;
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::timestamp_from_millis;
@@ -110,7 +112,7 @@ impl TaskRow {
 }
 
 /// A claimed task with its request.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct TaskJob {
     /// The task.
     pub task: TaskRow,
@@ -123,9 +125,27 @@ pub struct TaskJob {
     /// The token of this claim's lease: renewals, transitions and postponements of the task
     /// made for this claim match it, and fail once another claim took the task.
     pub lease_owner: String,
-    /// When the task was due as the claim found it (ms): a postponement for this claim
-    /// leaves a new time set meanwhile alone ([`Store::postpone`](super::Store::postpone)).
-    pub next_attempt_at: i64,
+    /// When the task is due as this claim last knew it (ms): as the claim found it, then as
+    /// each step of the claim wrote it ([`TaskJob::moved`]). A postponement for this claim
+    /// leaves a time set by anyone else meanwhile alone
+    /// ([`Store::postpone`](super::Store::postpone)). Atomic because the runner holds the job
+    /// by shared reference across its steps.
+    pub next_attempt_at: AtomicI64,
+}
+
+impl TaskJob {
+    /// When the task is due as this claim last wrote or found it (ms).
+    pub fn due_as_known(&self) -> i64 {
+        self.next_attempt_at.load(Ordering::Relaxed)
+    }
+
+    /// Notes that a step of this claim wrote `next_attempt_at`: its own later postponement
+    /// must not take that for a time set by someone else (it would leave the step's time,
+    /// often "now", and the retry would come with no backoff).
+    pub fn moved(&self, next_attempt_at: i64) {
+        self.next_attempt_at
+            .store(next_attempt_at, Ordering::Relaxed);
+    }
 }
 
 /// A task with its request, as the operator API shows it.
@@ -296,7 +316,7 @@ impl From<ClaimedRecord> for TaskJob {
             traceparent: r.joined.traceparent,
             task: r.joined.task.into(),
             lease_owner: r.lease_owner,
-            next_attempt_at: r.next_attempt_at,
+            next_attempt_at: AtomicI64::new(r.next_attempt_at),
         }
     }
 }

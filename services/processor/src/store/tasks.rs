@@ -559,9 +559,11 @@ impl Store {
     /// one. Answers whether the claim still held the task (another claim's lease is left
     /// alone) and, when `unless_cancelled`, no cancellation had marked it.
     ///
-    /// `claimed_at` is when the task was due as the claim found it. A time set since (new
-    /// contract terms waking a task that waits for them, a due date extended) stays: the
-    /// claim decided without what came, and the task is looked at again when that says.
+    /// `claimed_at` is when the task was due as the claim last knew it: as the claim found
+    /// it, or as the claim's own last step wrote it ([`TaskJob::due_as_known`]). A time set
+    /// since by someone else (new contract terms waking a task that waits for them, a due
+    /// date extended) stays: the claim decided without what came, and the task is looked at
+    /// again when that says.
     #[allow(clippy::too_many_arguments)]
     pub async fn postpone(
         &self,
