@@ -373,7 +373,13 @@ fn page_token(c: &ManualCursor) -> String {
 fn parse_page_token(token: &str) -> Option<ManualCursor> {
     let mut parts = token.split('.');
     let updated_at = parts.next()?.parse().ok()?;
-    let mut text = || String::from_utf8(hex::decode(parts.next()?).ok()?).ok();
+    // No key this service gives holds a control character; PostgreSQL refuses a NUL in text
+    // (22021), which must be the caller's INVALID_ARGUMENT, not a database failure.
+    let mut text = || {
+        String::from_utf8(hex::decode(parts.next()?).ok()?)
+            .ok()
+            .filter(|t| !t.chars().any(char::is_control))
+    };
     let key = TaskKey {
         controller: text()?,
         request_id: text()?,
@@ -809,5 +815,9 @@ mod tests {
         }
         // Hex of bytes that are not UTF-8.
         assert_eq!(parse_page_token("1.ff.00.00"), None);
+        // A NUL (or any control character) in a part: no key has one.
+        for bad in ["1.00.6162.6162", "1.6162.610a.6162", "1.6162.6162.7f"] {
+            assert_eq!(parse_page_token(bad), None, "{bad:?}");
+        }
     }
 }

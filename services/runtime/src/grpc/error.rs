@@ -301,7 +301,10 @@ fn sqlx_out_of_reach(e: &sqlx::Error) -> bool {
         | sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| lost_connection(&code)),
+        sqlx::Error::Database(db) => {
+            let sqlite = db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some();
+            db.code().is_some_and(|code| lost_connection(&code, sqlite))
+        }
         _ => false,
     }
 }
@@ -309,13 +312,16 @@ fn sqlx_out_of_reach(e: &sqlx::Error) -> bool {
 /// Database error codes that mean the connection is gone or the database cannot take work
 /// now: PostgreSQL's connection exceptions (class 08), shutdowns and start-ups (57P01 to
 /// 57P03) and too many connections (53300); SQLite's BUSY and LOCKED (primary codes 5 and
-/// 6, whatever the extended code) once its busy timeout ran out.
-fn lost_connection(code: &str) -> bool {
-    if code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300") {
-        return true;
+/// 6, whatever the extended code) once its busy timeout ran out. Which backend spoke
+/// matters: a SQLSTATE such as 22021 (a NUL byte in text) or 42501 (permission denied) is a
+/// number too, whose low byte may read as BUSY, and must not tell the caller to try again.
+fn lost_connection(code: &str, sqlite: bool) -> bool {
+    if sqlite {
+        return code
+            .parse::<u32>()
+            .is_ok_and(|extended| matches!(extended & 0xff, 5 | 6));
     }
-    code.parse::<u32>()
-        .is_ok_and(|extended| matches!(extended & 0xff, 5 | 6))
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
 }
 
 #[cfg(test)]
@@ -397,11 +403,18 @@ mod tests {
 
     #[test]
     fn lost_connection_codes() {
-        for code in ["08006", "08003", "57P01", "53300", "5", "517", "6"] {
-            assert!(lost_connection(code), "{code}");
+        for code in ["08006", "08003", "57P01", "53300"] {
+            assert!(lost_connection(code, false), "{code}");
         }
-        for code in ["23505", "42P01", "19", "2067", "1"] {
-            assert!(!lost_connection(code), "{code}");
+        for code in ["5", "517", "6", "262"] {
+            assert!(lost_connection(code, true), "{code}");
+        }
+        // 22021 & 0xff is 5 and 42501 & 0xff is 5: PostgreSQL's, not SQLite's BUSY.
+        for code in ["23505", "42P01", "22021", "42501", "5"] {
+            assert!(!lost_connection(code, false), "{code}");
+        }
+        for code in ["19", "2067", "1", "08006"] {
+            assert!(!lost_connection(code, true), "{code}");
         }
     }
 
