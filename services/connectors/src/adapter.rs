@@ -11,13 +11,14 @@
 //!   `<task_id>#retention-expired-<retain-until ms>` (`RETENTION_EXPIRED_SUFFIX`). A new key
 //!   is needed because the adapter answers a repeated key with the first outcome (RETAINED);
 //!   the suffix keeps the key stable across retries of this run, so the erasure of the rest
-//!   is still done once, and the date gives a later stage of kept data a run of its own. The adapter sees a new task
-//!   with the same `request_id`. If it answers RETAINED with a date that has already passed
-//!   (it keeps data past its own date, or replayed its first answer), the task fails for an
-//!   operator instead of being re-run in a loop.
+//!   is still done once, and the date gives a later stage of kept data a run of its own.
+//!   The adapter sees a new task with the same `request_id`. If it answers RETAINED with a
+//!   date that has already passed (it keeps data past its own date, or replayed its first
+//!   answer), the task fails for an operator instead of being re-run in a loop.
 //!   NOT_FOUND there means nothing was left to erase: the task COMPLETES with no records,
 //!   as the SQL connector's does, rather than ending NOT_FOUND after its first run found
-//!   the subject.
+//!   the subject. The same holds when the run was ACCEPTED and NOT_FOUND comes at
+//!   [`Phase::Confirm`], which knows the run only by its handle, this key.
 //!
 //! # Supported kinds
 //! `supported_kinds` in the configuration wins. Without it the adapter's `Describe` is asked
@@ -55,7 +56,9 @@
 //! reported to the processor; an adapter whose step takes longer than `timeout_ms` answers
 //! ACCEPTED and is asked again later. A completed export is fetched with `GetExportPage`
 //! under the key it was answered for, exactly as a paged RETURN_OF_DATA export, into
-//! `export.json` (an empty array when the answer has no `export_paged`).
+//! `export.json` (an empty array when the answer has no `export_paged`). A retention run's
+//! NOT_FOUND, at once or at the confirmation of its key, completes the step with no records,
+//! as a single task's does.
 //!
 //! # Outcomes and errors
 //! COMPLETED, NOT_FOUND, RETAINED, ACCEPTED and REFUSED map to the [`Outcome`] of the same
@@ -367,7 +370,12 @@ impl AdapterConnector {
             match self.finish("GetExportPage", result) {
                 Err(e) if e.is_transient() && retries < PAGE_RETRIES => {
                     retries += 1;
-                    tracing::debug!(endpoint = %self.endpoint, error = %e, retries, "export page asked again");
+                    tracing::debug!(
+                        endpoint = %self.endpoint,
+                        error = %e,
+                        retries,
+                        "export page asked again"
+                    );
                     tokio::time::sleep(PAGE_RETRY_DELAY * retries).await;
                 }
                 other => return other,
@@ -431,7 +439,12 @@ impl AdapterConnector {
             }
             token = page.next_page_token;
         }
-        tracing::debug!(endpoint = %self.endpoint, pages, records = array.count(), "paged export written");
+        tracing::debug!(
+            endpoint = %self.endpoint,
+            pages,
+            records = array.count(),
+            "paged export written"
+        );
         array.finish().await
     }
 
@@ -503,7 +516,11 @@ impl AdapterConnector {
             Ok(Some(kinds)) => !kinds.contains(&(kind as i32)),
             Ok(None) => false,
             Err(e) => {
-                tracing::debug!(endpoint = %self.endpoint, error = %e, "adapter Describe unavailable");
+                tracing::debug!(
+                    endpoint = %self.endpoint,
+                    error = %e,
+                    "adapter Describe unavailable"
+                );
                 false
             }
         }
@@ -547,7 +564,11 @@ impl Connector for AdapterConnector {
                 }
                 Phase::Confirm { handle } => {
                     let response = self.task_status(handle).await?;
-                    self.complete(task, handle, response).await
+                    let outcome = self.complete(task, handle, response).await?;
+                    if is_retention_expired_key(&task.task_id, handle) {
+                        return Ok(nothing_left(outcome));
+                    }
+                    Ok(outcome)
                 }
                 Phase::RetentionExpired { until_ms } => {
                     let key = retention_expired_key(&task.task_id, *until_ms);
@@ -599,6 +620,27 @@ fn nothing_left(outcome: Outcome) -> Outcome {
 /// with its first answer, RETAINED until a date already past).
 fn retention_expired_key(task_id: &str, until_ms: i64) -> String {
     format!("{task_id}{RETENTION_EXPIRED_SUFFIX}-{until_ms}")
+}
+
+/// Whether `handle` is the key of a [`Phase::RetentionExpired`] call for `task_id`. A run
+/// the adapter ACCEPTED is confirmed by [`Phase::Confirm`], which carries only the handle:
+/// the key is all that tells its answer apart from a first run's. The whole key is rebuilt
+/// and compared, so a handle that merely contains the suffix, or that of another task, is no
+/// retention run.
+fn is_retention_expired_key(task_id: &str, handle: &str) -> bool {
+    let Some(rest) = handle
+        .strip_prefix(task_id)
+        .and_then(|r| r.strip_prefix(RETENTION_EXPIRED_SUFFIX))
+    else {
+        return false;
+    };
+    // A handle stored before the key carried the date ends at the suffix; its task may
+    // still be awaiting confirmation after an upgrade.
+    rest.is_empty()
+        || rest
+            .strip_prefix('-')
+            .and_then(|ms| ms.parse::<i64>().ok())
+            .is_some_and(|ms| retention_expired_key(task_id, ms) == handle)
 }
 
 /// The body of an `Execute` call for `task` under the idempotency key `task_id`.
@@ -1032,6 +1074,10 @@ mod tests {
     struct ScriptedPages {
         /// Execute answers NOT_FOUND instead of a paged COMPLETED.
         not_found: bool,
+        /// Execute answers ACCEPTED, and GetTaskStatus what Execute would have answered.
+        accepted: bool,
+        /// The task ids GetTaskStatus was asked about.
+        statuses: std::sync::Mutex<Vec<String>>,
         pages: std::collections::HashMap<(String, String), Result<ExportPage, Code>>,
         fail_once: std::sync::Mutex<BTreeSet<(String, String)>>,
         asked: std::sync::atomic::AtomicUsize,
@@ -1040,19 +1086,9 @@ mod tests {
     /// The served side of a [`ScriptedPages`] the test keeps a handle on.
     struct Scripted(std::sync::Arc<ScriptedPages>);
 
-    #[tonic::async_trait]
-    impl dsrelay_proto::v1::subprocessor_adapter_server::SubprocessorAdapter for Scripted {
-        async fn describe(
-            &self,
-            _: tonic::Request<DescribeRequest>,
-        ) -> Result<tonic::Response<dsrelay_proto::v1::DescribeResponse>, Status> {
-            Err(Status::unimplemented("not scripted"))
-        }
-
-        async fn execute(
-            &self,
-            _: tonic::Request<ExecuteRequest>,
-        ) -> Result<tonic::Response<ExecuteResponse>, Status> {
+    impl Scripted {
+        /// The task's outcome, whether answered by Execute or by GetTaskStatus.
+        fn answer(&self) -> Result<tonic::Response<ExecuteResponse>, Status> {
             if self.0.not_found {
                 return Ok(tonic::Response::new(ExecuteResponse {
                     evidence: Some(Evidence {
@@ -1069,12 +1105,37 @@ mod tests {
                 ..response(ExecuteOutcome::Completed)
             }))
         }
+    }
+
+    #[tonic::async_trait]
+    impl dsrelay_proto::v1::subprocessor_adapter_server::SubprocessorAdapter for Scripted {
+        async fn describe(
+            &self,
+            _: tonic::Request<DescribeRequest>,
+        ) -> Result<tonic::Response<dsrelay_proto::v1::DescribeResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+
+        async fn execute(
+            &self,
+            _: tonic::Request<ExecuteRequest>,
+        ) -> Result<tonic::Response<ExecuteResponse>, Status> {
+            if self.0.accepted {
+                return Ok(tonic::Response::new(response(ExecuteOutcome::Accepted)));
+            }
+            self.answer()
+        }
 
         async fn get_task_status(
             &self,
-            _: tonic::Request<GetTaskStatusRequest>,
+            req: tonic::Request<GetTaskStatusRequest>,
         ) -> Result<tonic::Response<ExecuteResponse>, Status> {
-            Err(Status::unimplemented("not scripted"))
+            let task_id = req.into_inner().task_id;
+            self.0.statuses.lock().unwrap().push(task_id);
+            if !self.0.accepted {
+                return Err(Status::unimplemented("not scripted"));
+            }
+            self.answer()
         }
 
         async fn execute_bulk(
@@ -1201,6 +1262,94 @@ mod tests {
 
         let _ = stop.send(());
         server.await.unwrap().unwrap();
+    }
+
+    /// A retention run the adapter ACCEPTED is answered at its confirmation, which carries
+    /// only the handle: NOT_FOUND there is nothing left too, not a subject never held.
+    #[tokio::test]
+    async fn nothing_left_confirmed_after_the_retention_date_completes() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dsrelay_runtime::pki::DevPki::ensure(&dir.path().join("pki")).unwrap();
+        let script = std::sync::Arc::new(ScriptedPages {
+            not_found: true,
+            accepted: true,
+            ..ScriptedPages::default()
+        });
+        let (port, stop, server) = serve_scripted(&pki, script.clone()).await;
+        let mut c = config(pki.files("processor"));
+        c.endpoint = format!("https://localhost:{port}");
+        c.supported_kinds = Some(vec!["erasure".into()]);
+        let connector = &AdapterConnector::connect(&c).unwrap();
+        let confirm = |phase| async move {
+            let Outcome::Accepted { handle, .. } = connector.run(&task(phase)).await.unwrap()
+            else {
+                panic!("not accepted");
+            };
+            connector
+                .run(&task(Phase::Confirm { handle }))
+                .await
+                .unwrap()
+        };
+
+        // A first run's NOT_FOUND stands: the adapter never held the subject.
+        assert_eq!(
+            confirm(Phase::Start).await,
+            Outcome::NotFound {
+                note: "no such subscriber".into()
+            }
+        );
+        assert_eq!(
+            confirm(Phase::RetentionExpired {
+                until_ms: 1_700_000_000_000
+            })
+            .await,
+            Outcome::Completed {
+                records_affected: 0,
+                note: "nothing left to erase: no such subscriber".into(),
+                files: Vec::new(),
+                erased: Vec::new(),
+            }
+        );
+        assert_eq!(
+            *script.statuses.lock().unwrap(),
+            [
+                "controller/r1/newsletter",
+                "controller/r1/newsletter#retention-expired-1700000000000"
+            ]
+        );
+
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+
+    /// Only a key this connector built for a retention run of the same task counts as one.
+    #[test]
+    fn recognises_the_keys_of_retention_runs() {
+        let id = "controller/r1/newsletter";
+        for until_ms in [0, 1_700_000_000_000, -1, i64::MAX] {
+            let key = retention_expired_key(id, until_ms);
+            assert!(is_retention_expired_key(id, &key), "{key}");
+            assert!(
+                !is_retention_expired_key("controller/r1/other", &key),
+                "{key}"
+            );
+        }
+        // Stored as the handle of a run accepted before the key carried its date.
+        assert!(is_retention_expired_key(
+            id,
+            &format!("{id}#retention-expired")
+        ));
+        for not_one in [
+            id.to_string(),
+            format!("{id}#retention-expired-"),
+            format!("{id}#retention-expired-x"),
+            format!("{id}#retention-expired-+5"),
+            format!("{id}#retention-expired-05"),
+            format!("{id}#retention-expired-5#retention-expired-5"),
+            format!("other{id}#retention-expired-5"),
+        ] {
+            assert!(!is_retention_expired_key(id, &not_one), "{not_one}");
+        }
     }
 
     #[tokio::test]

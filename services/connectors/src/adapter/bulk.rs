@@ -7,7 +7,7 @@ use dsrelay_proto::v1::{
     BulkOperation, ExecuteBulkRequest, ExecuteBulkResponse, ExecuteOutcome, GetBulkStatusRequest,
 };
 
-use super::{clip, retention_expired_key, AdapterConnector};
+use super::{clip, is_retention_expired_key, retention_expired_key, AdapterConnector};
 use crate::export::{JsonArrayWriter, JSON};
 use crate::{BulkJob, BulkOp, BulkProgress, ConnectorError, ErasedCount, Outcome, Phase};
 
@@ -72,7 +72,14 @@ impl AdapterConnector {
             }
             _ => {}
         }
-        if job.phase.is_retention_expired() {
+        // An ACCEPTED retention run is confirmed under its key, the only trace of the run
+        // that Confirm carries.
+        let retention_run = match &job.phase {
+            Phase::Start => false,
+            Phase::RetentionExpired { .. } => true,
+            Phase::Confirm { handle } => is_retention_expired_key(&job.job_id, handle),
+        };
+        if retention_run {
             return Ok(super::nothing_left(outcome));
         }
         Ok(outcome)
@@ -298,17 +305,24 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn an_accepted_bulk_step_is_confirmed_with_its_progress() {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = dsrelay_runtime::pki::DevPki::ensure(&dir.path().join("pki")).unwrap();
-        let adapter = SlowBulk::default();
+    /// A server stopped by sending on its sender, and a connector to it.
+    type Served = (
+        AdapterConnector,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<(), anyhow::Error>>,
+    );
+
+    /// Serves `adapter` over mutual TLS on a free port.
+    async fn serve<A: SubprocessorAdapter>(
+        pki: &dsrelay_runtime::pki::DevPki,
+        adapter: A,
+    ) -> Served {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let router =
             dsrelay_runtime::server::builder(pki.files("adapter").server_config().unwrap())
                 .unwrap()
-                .add_service(SubprocessorAdapterServer::new(adapter.clone()));
+                .add_service(SubprocessorAdapterServer::new(adapter));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(dsrelay_runtime::server::serve(router, listener, async {
             let _ = stopped.await;
@@ -322,9 +336,11 @@ mod tests {
             controllers: None,
         })
         .unwrap();
-        assert!(connector.supports(dsrelay_proto::v1::RequestKind::ContractEnd));
-        let (reporter, seen) = ProgressReporter::new();
-        let job = BulkJob {
+        (connector, stop, server)
+    }
+
+    fn erase_job(progress: ProgressReporter) -> BulkJob {
+        BulkJob {
             job_id: "ce1/newsletter".into(),
             request_id: "ce1".into(),
             controller: "acme".into(),
@@ -333,8 +349,19 @@ mod tests {
             due_at_ms: 2_000_000_000_000,
             now_ms: 1_700_000_000_000,
             export: None,
-            progress: reporter,
-        };
+            progress,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_accepted_bulk_step_is_confirmed_with_its_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dsrelay_runtime::pki::DevPki::ensure(&dir.path().join("pki")).unwrap();
+        let adapter = SlowBulk::default();
+        let (connector, stop, server) = serve(&pki, adapter.clone()).await;
+        assert!(connector.supports(dsrelay_proto::v1::RequestKind::ContractEnd));
+        let (reporter, seen) = ProgressReporter::new();
+        let job = erase_job(reporter);
         let out = connector.run_bulk(&job).await.unwrap();
         let Outcome::Accepted { handle, .. } = out else {
             panic!("{out:?}");
@@ -380,6 +407,123 @@ mod tests {
             "ce1/newsletter#retention-expired-1700000000000"
         );
         assert!(sent.retention_expired);
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+
+    /// An adapter whose controller's data is gone by the time a step is confirmed:
+    /// ExecuteBulk answers ACCEPTED, GetBulkStatus NOT_FOUND. It records the job ids asked.
+    #[derive(Clone, Default)]
+    struct GoneBulk(Arc<Mutex<Vec<String>>>);
+
+    #[tonic::async_trait]
+    impl SubprocessorAdapter for GoneBulk {
+        async fn describe(
+            &self,
+            _: Request<DescribeRequest>,
+        ) -> Result<Response<DescribeResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+
+        async fn execute(
+            &self,
+            _: Request<ExecuteRequest>,
+        ) -> Result<Response<ExecuteResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+
+        async fn get_task_status(
+            &self,
+            _: Request<GetTaskStatusRequest>,
+        ) -> Result<Response<ExecuteResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+
+        async fn get_export_page(
+            &self,
+            _: Request<GetExportPageRequest>,
+        ) -> Result<Response<ExportPage>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+
+        async fn execute_bulk(
+            &self,
+            _: Request<ExecuteBulkRequest>,
+        ) -> Result<Response<ExecuteBulkResponse>, Status> {
+            Ok(Response::new(ExecuteBulkResponse {
+                outcome: ExecuteOutcome::Accepted as i32,
+                ..Default::default()
+            }))
+        }
+
+        async fn get_bulk_status(
+            &self,
+            req: Request<GetBulkStatusRequest>,
+        ) -> Result<Response<ExecuteBulkResponse>, Status> {
+            self.0.lock().unwrap().push(req.into_inner().job_id);
+            Ok(Response::new(ExecuteBulkResponse {
+                outcome: ExecuteOutcome::NotFound as i32,
+                note: "no such list".into(),
+                ..Default::default()
+            }))
+        }
+    }
+
+    /// A retention run the adapter ACCEPTED is answered at its confirmation, which carries
+    /// only the handle: NOT_FOUND there is nothing left too, as when answered at once.
+    #[tokio::test]
+    async fn nothing_left_confirmed_after_the_retention_date_completes_the_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dsrelay_runtime::pki::DevPki::ensure(&dir.path().join("pki")).unwrap();
+        let adapter = GoneBulk::default();
+        let (connector, stop, server) = serve(&pki, adapter.clone()).await;
+        let (reporter, _) = ProgressReporter::new();
+        let job = erase_job(reporter);
+        let confirm = |phase| {
+            let job = BulkJob {
+                phase,
+                ..job.clone()
+            };
+            let connector = &connector;
+            async move {
+                let out = connector.run_bulk(&job).await.unwrap();
+                let Outcome::Accepted { handle, .. } = out else {
+                    panic!("{out:?}");
+                };
+                let confirm = BulkJob {
+                    phase: Phase::Confirm { handle },
+                    ..job
+                };
+                connector.run_bulk(&confirm).await.unwrap()
+            }
+        };
+
+        // A first step's NOT_FOUND stands: the adapter never held the controller's data.
+        assert_eq!(
+            confirm(Phase::Start).await,
+            Outcome::NotFound {
+                note: "no such list".into()
+            }
+        );
+        assert_eq!(
+            confirm(Phase::RetentionExpired {
+                until_ms: 1_700_000_000_000
+            })
+            .await,
+            Outcome::Completed {
+                records_affected: 0,
+                note: "nothing left to erase: no such list".into(),
+                files: Vec::new(),
+                erased: Vec::new(),
+            }
+        );
+        assert_eq!(
+            *adapter.0.lock().unwrap(),
+            [
+                "ce1/newsletter",
+                "ce1/newsletter#retention-expired-1700000000000"
+            ]
+        );
         let _ = stop.send(());
         server.await.unwrap().unwrap();
     }
