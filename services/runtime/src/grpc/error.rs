@@ -214,6 +214,12 @@ impl<S: ServiceName> From<ApiError<S>> for Status {
 pub const MAX_REPORTED_VIOLATIONS: usize = 20;
 /// Longest field path or rule text reported.
 const MAX_VIOLATION_TEXT: usize = 300;
+/// The most text (fields and rules, in bytes) the reported violations carry together. It
+/// goes three times: in the message (percent-encoded: up to three bytes for one), and in
+/// the details, which repeat the message beside the violations (base64: four bytes for
+/// three). 1.5 KiB of non-ASCII text makes about 9.5 KiB of headers, under hyper's 16 KiB;
+/// 20 violations of 300-byte texts made 46 KiB.
+const MAX_VIOLATIONS_TEXT: usize = 1536;
 
 fn invalid_argument(violations: &[FieldViolation]) -> Status {
     let mut details = ErrorDetails::new();
@@ -257,20 +263,24 @@ fn clip(s: &str) -> String {
     format!("{}…", head(s, MAX_VIOLATION_TEXT))
 }
 
-/// The violations to report: the first few, clipped, and a note of how many more there were.
+/// The violations to report: the first few, clipped, as many as fit
+/// [`MAX_VIOLATIONS_TEXT`] (the first always), and a note of how many more there were.
 fn reported(v: &[FieldViolation]) -> Vec<FieldViolation> {
-    let mut out: Vec<FieldViolation> = v
-        .iter()
-        .take(MAX_REPORTED_VIOLATIONS)
-        .map(|v| FieldViolation::new(clip(&v.field), clip(&v.rule)))
-        .collect();
-    if let Some(next) = v.get(MAX_REPORTED_VIOLATIONS) {
+    let mut out: Vec<FieldViolation> = Vec::new();
+    let mut text = 0;
+    for one in v.iter().take(MAX_REPORTED_VIOLATIONS) {
+        let one = FieldViolation::new(clip(&one.field), clip(&one.rule));
+        let size = one.field.len() + one.rule.len();
+        if !out.is_empty() && text + size > MAX_VIOLATIONS_TEXT {
+            break;
+        }
+        text += size;
+        out.push(one);
+    }
+    if let Some(next) = v.get(out.len()) {
         out.push(FieldViolation::new(
             clip(&next.field),
-            format!(
-                "and {} more violations, not listed",
-                v.len() - MAX_REPORTED_VIOLATIONS
-            ),
+            format!("and {} more violations, not listed", v.len() - out.len()),
         ));
     }
     out
@@ -361,12 +371,43 @@ mod tests {
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().starts_with("invalid request: f0: xxx"));
         let bad = status.get_details_bad_request().expect("details");
-        assert_eq!(bad.field_violations.len(), MAX_REPORTED_VIOLATIONS + 1);
+        // Five texts of about 300 bytes fit 1.5 KiB; the rest is counted.
+        assert_eq!(bad.field_violations.len(), 6);
         assert!(bad.field_violations[0].description.len() < 310);
+        assert_eq!(
+            bad.field_violations[5].description,
+            "and 20 more violations, not listed"
+        );
+        // Short ones go up to the count.
+        let short: Vec<_> = (0..25)
+            .map(|i| FieldViolation::new(format!("f{i}"), "must be set"))
+            .collect();
+        let bad = Status::from(Error::invalid(short))
+            .get_details_bad_request()
+            .expect("details");
+        assert_eq!(bad.field_violations.len(), MAX_REPORTED_VIOLATIONS + 1);
         assert_eq!(
             bad.field_violations[MAX_REPORTED_VIOLATIONS].description,
             "and 5 more violations, not listed"
         );
+    }
+
+    /// The status of the most a caller can get wrong still fits hyper's 16 KiB of headers,
+    /// non-ASCII text included (percent-encoded in the message, base64 in the details).
+    #[test]
+    fn the_largest_invalid_argument_fits_its_headers() {
+        let long = "ä".repeat(1000);
+        let violations: Vec<_> = (0..25)
+            .map(|i| FieldViolation::new(format!("{long}{i}"), long.clone()))
+            .collect();
+        let status = Status::from(Error::invalid(violations));
+        let mut headers = http::HeaderMap::new();
+        status.add_header(&mut headers).expect("headers");
+        let size: usize = headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len())
+            .sum();
+        assert!(size < 10 * 1024, "{size} bytes of headers");
     }
 
     #[test]
