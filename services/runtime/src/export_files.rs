@@ -19,7 +19,9 @@ pub const MAX_FILES_PER_PART: usize = 10_000;
 /// `value` as one safe path or key component: ASCII letters, digits, `-`, `_` and a `.`
 /// that does not lead stay; every other byte becomes `%XX`, so distinct names never share a
 /// component and no name can climb out (`..`, `/`) or hide (a leading `.`). An empty name
-/// becomes `%00`, which no name escapes to.
+/// becomes `%00`, as a name of one NUL byte does: the two share a component, which the
+/// callers' names (validated request ids, subprocessor and certificate names, never empty
+/// nor holding a NUL) never meet.
 pub fn path_component(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for (i, b) in value.bytes().enumerate() {
