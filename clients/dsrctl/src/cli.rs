@@ -25,11 +25,13 @@ Connection settings: each is taken from the first of
 
 Exit status: 0 on success; 1 for a configuration or connection problem, from `watch`
 when the request ended other than COMPLETED, from `audit verify` when the trail is
-broken, from `download` when a file does not match the manifest or cannot be
-written, from `certificate verify` when the certificate does not verify (`certificate
-get`: when the registry rejected it), and when a server answers something that cannot be
-right (a listing whose pages do not advance); 2 for a usage error or an error answer from the registry (printed as
-`error: <CODE>: <message>`).";
+broken or the signed checkpoints asked for do not verify or are none, from `download`
+when a file does not match the manifest or cannot be written, from `contracts confirm
+--package` when a file of the folder is missing or not as its manifest lists it, from
+`certificate verify` when the certificate does not verify (`certificate get`: when the
+registry rejected it), and when a server answers something that cannot be right (a
+listing whose pages do not advance), also when nothing reads the output any more; 2 for a
+usage error or an error answer from the registry (printed as `error: <CODE>: <message>`).";
 
 /// Command-line client for the dsrelay registry: submit and follow data-subject requests.
 #[derive(Debug, Parser)]
@@ -123,7 +125,8 @@ pub enum Command {
     Package(PackageArgs),
     /// Download a return-of-data package into a folder (--out) or a zip file (--zip),
     /// checking every file's size and SHA-256 against the manifest; exits 1 naming any
-    /// file that fails (deleted from the folder; no zip is kept).
+    /// file that fails (deleted from the folder, which then gets no manifest.json; no zip
+    /// is kept).
     Download(DownloadArgs),
     /// Development PKI.
     #[command(subcommand)]
@@ -317,7 +320,7 @@ pub enum ContractsCommand {
         #[arg(long)]
         now: bool,
         /// The key that makes retrying safe [default: a new random key, printed].
-        #[arg(long)]
+        #[arg(long, value_parser = parse_idempotency_key)]
         idempotency_key: Option<String>,
         /// Return the data to this transfer recipient (a name in the registry's
         /// `[[recipients]]`, e.g. the successor processor) instead of to the registry as a
@@ -362,8 +365,9 @@ pub enum ContractsCommand {
         /// Leave out, with --package, for a return to a transfer recipient.
         #[arg(long, value_name = "HEX", conflicts_with = "package")]
         manifest_sha256: Option<String>,
-        /// A folder `dsrctl download --out` wrote and verified: its manifest.json's SHA-256 is
-        /// sent.
+        /// A folder `dsrctl download --out` wrote and verified: every file its manifest.json
+        /// lists is checked again (there, with its size and SHA-256), then the manifest's
+        /// SHA-256 is sent; exits 1 naming any file that is missing or differs.
         #[arg(long, value_name = "DIR")]
         package: Option<PathBuf>,
     },
@@ -429,7 +433,8 @@ pub enum AuditCommand {
     /// trail rewritten up to that entry. With the registry's signed checkpoints
     /// (--checkpoints FILE or --fetch-checkpoints, and --checkpoint-key), it also checks
     /// every checkpoint's signature and that the trail still holds every checkpointed
-    /// entry, naming the checkpoint a rewritten or cut trail no longer matches. With
+    /// entry, naming the checkpoint a rewritten or cut trail no longer matches; with none
+    /// there to check against, it exits 1 without judging the trail. With
     /// --processor, the same for that processor's own trail and checkpoints (operators of
     /// the processor only).
     Verify(AuditVerifyArgs),
@@ -639,7 +644,7 @@ pub struct SubmitArgs {
 
     /// Idempotency key; resubmitting with the same key does not create a second request
     /// [default: a fresh UUID v4, printed with the result]
-    #[arg(long, value_name = "KEY")]
+    #[arg(long, value_name = "KEY", value_parser = parse_idempotency_key)]
     pub idempotency_key: Option<String>,
 
     /// Free text kept with the request (e.g. a ticket number); no identities in it.
@@ -685,7 +690,8 @@ pub struct DownloadArgs {
     /// The request id.
     pub id: String,
 
-    /// Write manifest.json and every file under this folder, which must be new or empty.
+    /// Write every file under this folder, which must be new or empty, and manifest.json
+    /// once every file verified.
     #[arg(long, value_name = "DIR", group = "destination")]
     pub out: Option<PathBuf>,
 
@@ -823,6 +829,19 @@ fn parse_assignment(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// A key given on purpose: an empty one would be replaced by a random key nobody sees, and a
+/// retry after a lost answer would then make a second request.
+fn parse_idempotency_key(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Err(
+            "must not be empty; leave the flag out for a fresh key, printed with the \
+                    result"
+                .into(),
+        );
+    }
+    Ok(s.to_string())
+}
+
 fn parse_sha256(s: &str) -> Result<String, String> {
     parse_hex_digest(s, 64)
 }
@@ -914,6 +933,39 @@ mod tests {
         assert!(parse_anchor(&format!("0:{hash}")).is_err());
         assert!(parse_anchor(&hash).is_err());
         assert!(parse_anchor("3:abc").is_err());
+    }
+
+    #[test]
+    fn an_idempotency_key_given_must_not_be_empty() {
+        for key in ["", " ", "\t "] {
+            for args in [
+                &["submit", "--kind", "erasure", "--email", "a@b.fi"][..],
+                &[
+                    "contracts",
+                    "end",
+                    "--processor",
+                    "p",
+                    "--choice",
+                    "delete",
+                    "--now",
+                ],
+            ] {
+                let argv = [&["dsrctl"][..], args, &["--idempotency-key", key]].concat();
+                let err = Cli::try_parse_from(argv).unwrap_err();
+                assert_eq!(
+                    err.kind(),
+                    clap::error::ErrorKind::ValueValidation,
+                    "{args:?}"
+                );
+                assert!(err.to_string().contains("must not be empty"), "{err}");
+            }
+        }
+        let argv = ["dsrctl", "submit", "--kind", "erasure", "--email", "a@b.fi"];
+        let cli = Cli::try_parse_from([&argv[..], &["--idempotency-key", "k-1"]].concat());
+        let Command::Submit(args) = cli.unwrap().command else {
+            panic!("not a submit");
+        };
+        assert_eq!(args.idempotency_key.as_deref(), Some("k-1"));
     }
 
     #[test]

@@ -14,10 +14,13 @@
 //!
 //! Exit status: 0 on success; 1 for configuration and connection problems, when `watch`
 //! sees the request end other than COMPLETED, when `audit verify` finds the trail broken
+//! or, asked to check signed checkpoints, finds any that does not verify or none at all,
 //! when `download` finds a file that does not match the manifest or cannot write it,
-//! when `certificate verify` finds a certificate that does not verify (or `certificate get`
-//! one the registry rejected), and when a server answers something that cannot be right (a
-//! listing whose pages do not advance);
+//! when `contracts confirm --package` finds a file of the folder missing or not as its
+//! manifest lists it, when `certificate verify` finds a certificate that does not verify
+//! (or `certificate get` one the registry rejected), and when a server answers something
+//! that cannot be right (a listing whose pages do not advance); each of these verdicts
+//! holds even when whatever reads the output has gone (`dsrctl audit verify | true`);
 //! 2 for usage errors (clap's own included) and error answers from the registry.
 
 use std::io::Write;
@@ -58,8 +61,9 @@ pub enum Failure {
     },
     /// Writing the output failed.
     Output(std::io::Error),
-    /// A downloaded package could not be written, or the registry sent one that cannot be
-    /// unpacked (an unsafe path, chunks out of manifest order).
+    /// A downloaded package could not be written, the registry sent one that cannot be
+    /// unpacked (an unsafe path, chunks out of manifest order), or a folder given as a
+    /// downloaded package does not hold the files its manifest lists.
     Package(anyhow::Error),
     /// A deletion certificate that does not verify, was rejected by the registry, or
     /// cannot be read or written.
@@ -143,7 +147,8 @@ pub fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         // The reader went away (`dsrctl list | head`): not worth a message. Only `watch`
-        // reports it, since it never learned how the request ended.
+        // reports it, since it never learned how the request ended; the commands whose
+        // output carries a failure verdict return that verdict themselves.
         Err(Failure::Output(err)) if err.kind() == std::io::ErrorKind::BrokenPipe => {
             if matches!(cli.command, cli::Command::Watch(_)) {
                 ExitCode::from(EXIT_FAILURE)

@@ -4,14 +4,20 @@
 //! [`Unpacker`] is the state machine (which file a chunk belongs to, what each file's check
 //! says); a [`Sink`] is where the bytes go ([`DirSink`], [`ZipSink`]). Nothing holds more than
 //! one chunk: each is hashed and written, then dropped.
+//!
+//! A folder with `manifest.json` vouches for the package (`dsrctl contracts confirm --package`
+//! has the source delete the data on its word), so [`DirSink`] writes the manifest only once
+//! every file verified, and both sinks make what they wrote durable before reporting success.
+//! [`check_folder`] checks such a folder again.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use dsrelay_sdk::proto::{ManifestFile, PackageFileChunk, PackageInfo};
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use zip::write::SimpleFileOptions;
 use zip::{CompressionMethod, ZipWriter};
@@ -111,10 +117,105 @@ impl FileCheck {
     }
 }
 
+/// What `check_folder` reads of `manifest.json`.
+#[derive(Deserialize)]
+struct Listing {
+    files: Vec<Listed>,
+}
+
+/// One file as `manifest.json` lists it.
+#[derive(Deserialize)]
+struct Listed {
+    path: String,
+    size: u64,
+    sha256: String,
+}
+
+/// Checks a folder that `manifest_json` (its `manifest.json`) describes: every file the
+/// manifest lists must be at its path with its size and SHA-256, as `download --out` left
+/// them. `Err` names each file that is missing or differs, or why the manifest lists none.
+pub(crate) fn check_folder(root: &Path, manifest_json: &[u8]) -> Result<(), String> {
+    let listing: Listing = serde_json::from_slice(manifest_json)
+        .map_err(|e| format!("its {MANIFEST_NAME} is not a package's manifest ({e})"))?;
+    let problems: Vec<String> = listing
+        .files
+        .iter()
+        .filter_map(|f| {
+            let verdict = check_path(&f.path)
+                .map_err(|reason| format!("the path {reason}"))
+                .and_then(|()| check_file(&root.join(&f.path), f));
+            verdict.err().map(|reason| format!("{}: {reason}", f.path))
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+/// Checks the file at `path` against its listing.
+fn check_file(path: &Path, listed: &Listed) -> Result<(), String> {
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err("missing".into()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let mut check = FileCheck::new(&ManifestFile {
+        path: listed.path.clone(),
+        size: listed.size,
+        sha256: listed.sha256.clone(),
+        ..Default::default()
+    });
+    let mut buf = vec![0; 64 * 1024];
+    let mut offset = 0;
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.to_string()),
+        };
+        if n == 0 {
+            return check.finish();
+        }
+        check.push(offset, &buf[..n])?;
+        offset += n as u64;
+    }
+}
+
+/// Makes `file`, written at `path`, durable.
+fn sync_file(file: &File, path: &Path) -> anyhow::Result<()> {
+    file.sync_all()
+        .with_context(|| format!("syncing {}", path.display()))?;
+    #[cfg(test)]
+    tests::synced(path);
+    Ok(())
+}
+
+/// Makes the entries of each of `folders` durable (a file's name, a folder made for it).
+fn sync_folders<'a>(folders: impl IntoIterator<Item = &'a Path>) -> anyhow::Result<()> {
+    for folder in folders {
+        dsrelay_runtime::direct_io::sync_folders([folder])
+            .with_context(|| format!("syncing the folder {}", folder.display()))?;
+        #[cfg(test)]
+        tests::synced(folder);
+    }
+    Ok(())
+}
+
+/// Flushes `writer` and makes its file, written at `path`, durable.
+fn close_durably(writer: BufWriter<File>, path: &Path) -> anyhow::Result<()> {
+    let file = writer
+        .into_inner()
+        .map_err(std::io::IntoInnerError::into_error)
+        .with_context(|| format!("writing {}", path.display()))?;
+    sync_file(&file, path)
+}
+
 /// Where a package's bytes go. Calls come in order: `manifest`, then `begin`, `write`s and
 /// `end` per file, then `finish` or `abort`.
 pub(crate) trait Sink {
-    /// Stores `manifest.json`.
+    /// Takes `manifest.json`, to store with the files.
     fn manifest(&mut self, json: &[u8]) -> anyhow::Result<()>;
     /// Starts the file at `path` (already checked by [`check_path`]), of `size` bytes.
     fn begin(&mut self, path: &str, size: u64) -> anyhow::Result<()>;
@@ -123,16 +224,21 @@ pub(crate) trait Sink {
     /// Ends the current file; `verified` false when it failed its check.
     fn end(&mut self, verified: bool) -> anyhow::Result<()>;
     /// Ends the package; `verified` false when some file failed. Returns what was done
-    /// with the failures, for the user.
+    /// with the failures, for the user. With `verified`, what was written is durable once
+    /// this returns `Ok`.
     fn finish(self: Box<Self>, verified: bool) -> anyhow::Result<Option<String>>;
     /// Gives up after an error: removes what cannot be trusted.
     fn abort(self: Box<Self>);
 }
 
 /// Writes a package into a folder, each file at its manifest path; a file that fails its
-/// check is deleted.
+/// check is deleted. `manifest.json` is written last, only when every file verified.
 pub(crate) struct DirSink {
     root: PathBuf,
+    /// `manifest.json`, kept back until every file verified.
+    manifest: Option<Vec<u8>>,
+    /// Every folder whose entries the download changed: each is synced before success.
+    folders: BTreeSet<PathBuf>,
     current: Option<(PathBuf, BufWriter<File>)>,
 }
 
@@ -151,18 +257,31 @@ impl DirSink {
 
     /// Creates the folder (and its parents).
     pub(crate) fn create(root: &Path) -> anyhow::Result<Self> {
+        // The folders made here, and the one that was there, gain entries.
+        let mut folders = BTreeSet::new();
+        for folder in root.ancestors() {
+            folders.insert(folder.to_path_buf());
+            if folder.exists() {
+                break;
+            }
+        }
         std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
         Ok(Self {
             root: root.to_path_buf(),
+            manifest: None,
+            folders,
             current: None,
         })
     }
 
-    fn create_file(&self, path: &str) -> anyhow::Result<(PathBuf, BufWriter<File>)> {
+    fn create_file(&mut self, path: &str) -> anyhow::Result<(PathBuf, BufWriter<File>)> {
         let full = self.root.join(path);
         if let Some(parent) = full.parent() {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating {}", parent.display()))?;
+            for folder in parent.ancestors().take_while(|f| *f != self.root) {
+                self.folders.insert(folder.to_path_buf());
+            }
         }
         // create_new: a path given twice must not silently replace the first file.
         let file = File::options()
@@ -172,14 +291,30 @@ impl DirSink {
             .with_context(|| format!("creating {}", full.display()))?;
         Ok((full, BufWriter::with_capacity(64 * 1024, file)))
     }
+
+    /// Writes `manifest.json` and makes the whole folder durable.
+    fn seal(&mut self) -> anyhow::Result<()> {
+        if let Some(json) = self.manifest.take() {
+            let (full, mut file) = self.create_file(MANIFEST_NAME)?;
+            let written = file
+                .write_all(json.as_slice())
+                .with_context(|| format!("writing {}", full.display()))
+                .and_then(|()| close_durably(file, &full))
+                .and_then(|()| sync_folders(self.folders.iter().rev().map(PathBuf::as_path)));
+            if written.is_err() {
+                // Not durable, so it must not vouch for the folder.
+                let _ = std::fs::remove_file(&full);
+            }
+            return written;
+        }
+        sync_folders(self.folders.iter().rev().map(PathBuf::as_path))
+    }
 }
 
 impl Sink for DirSink {
     fn manifest(&mut self, json: &[u8]) -> anyhow::Result<()> {
-        let (full, mut file) = self.create_file(MANIFEST_NAME)?;
-        file.write_all(json)
-            .and_then(|()| file.flush())
-            .with_context(|| format!("writing {}", full.display()))
+        self.manifest = Some(json.to_vec());
+        Ok(())
     }
 
     fn begin(&mut self, path: &str, _size: u64) -> anyhow::Result<()> {
@@ -196,29 +331,34 @@ impl Sink for DirSink {
     }
 
     fn end(&mut self, verified: bool) -> anyhow::Result<()> {
-        let Some((full, mut file)) = self.current.take() else {
+        let Some((full, file)) = self.current.take() else {
             bail!("end outside a file");
         };
-        file.flush()
-            .with_context(|| format!("writing {}", full.display()))?;
-        drop(file);
-        if !verified {
-            std::fs::remove_file(&full).with_context(|| format!("deleting {}", full.display()))?;
+        if verified {
+            return close_durably(file, &full);
         }
-        Ok(())
+        drop(file);
+        std::fs::remove_file(&full).with_context(|| format!("deleting {}", full.display()))
     }
 
-    fn finish(self: Box<Self>, verified: bool) -> anyhow::Result<Option<String>> {
-        Ok((!verified).then(|| {
-            format!(
-                "the files that failed were deleted from {}; the others are verified",
-                self.root.display()
-            )
-        }))
+    fn finish(mut self: Box<Self>, verified: bool) -> anyhow::Result<Option<String>> {
+        if verified {
+            self.seal()?;
+            return Ok(None);
+        }
+        // The verified files are kept (and durable); without the others, no manifest.
+        self.manifest = None;
+        self.seal()?;
+        Ok(Some(format!(
+            "the files that failed were deleted from {}; the others are verified, and the \
+             folder has no {MANIFEST_NAME}, as it is not the whole package",
+            self.root.display()
+        )))
     }
 
     fn abort(mut self: Box<Self>) {
         // The file being written is incomplete; the finished ones were verified and stay.
+        // The manifest was never written.
         if let Some((full, file)) = self.current.take() {
             drop(file);
             let _ = std::fs::remove_file(full);
@@ -299,9 +439,18 @@ impl Sink for ZipSink {
             self.abort();
             return Ok(Some(format!("{} was not kept", path.display())));
         }
-        let context = self.context();
-        let mut out = self.zip.finish().context(context.clone())?;
-        out.flush().context(context)?;
+        let path = self.path.clone();
+        let written = self
+            .zip
+            .finish()
+            .with_context(|| format!("writing {}", path.display()))
+            .and_then(|out| close_durably(out, &path))
+            .and_then(|()| sync_folders(path.parent()));
+        if let Err(err) = written {
+            // Not known to be whole and durable: no zip, as for a failed file.
+            let _ = std::fs::remove_file(&path);
+            return Err(err);
+        }
         Ok(None)
     }
 
@@ -477,7 +626,21 @@ impl Unpacker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
+    use std::cell::RefCell;
+
+    thread_local! {
+        /// What this test's thread synced, in order.
+        static SYNCED: RefCell<Vec<PathBuf>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Notes that `path` was synced.
+    pub(super) fn synced(path: &Path) {
+        SYNCED.with(|s| s.borrow_mut().push(path.to_path_buf()));
+    }
+
+    fn take_synced() -> Vec<PathBuf> {
+        SYNCED.with(RefCell::take)
+    }
 
     fn sha(data: &[u8]) -> String {
         hex::encode(Sha256::digest(data))
@@ -603,6 +766,58 @@ mod tests {
     }
 
     #[test]
+    fn a_folder_is_durable_before_it_is_reported_verified() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Two folders to create above the package's own.
+        let out = tmp.path().join("a/b/pkg");
+        let (info, chunks) = package(FILES, 7);
+        take_synced();
+        let sink = Box::new(DirSink::create(&out).unwrap());
+        let (_, note) = unpack(&info, &chunks, sink);
+        assert_eq!(note, None);
+        let synced = take_synced();
+        let at = |path: &Path| {
+            synced
+                .iter()
+                .position(|p| p == path)
+                .unwrap_or_else(|| panic!("{} not synced: {synced:?}", path.display()))
+        };
+        let manifest = at(&out.join(MANIFEST_NAME));
+        for (path, _) in FILES {
+            assert!(at(&out.join(path)) < manifest, "{path} before the manifest");
+        }
+        // Every folder that gained an entry, after the manifest was written into its own.
+        for folder in [
+            out.join("p/accounting"),
+            out.join("p/adapter"),
+            out.join("p"),
+            out.clone(),
+            tmp.path().join("a/b"),
+            tmp.path().join("a"),
+            tmp.path().to_path_buf(),
+        ] {
+            assert!(at(&folder) > manifest, "{}", folder.display());
+        }
+        assert_eq!(
+            synced.len(),
+            FILES.len() + 1 + 7,
+            "nothing else: {synced:?}"
+        );
+    }
+
+    #[test]
+    fn a_zip_is_durable_before_it_is_reported_verified() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("pkg.zip");
+        let (info, chunks) = package(FILES, 4);
+        take_synced();
+        let sink = Box::new(ZipSink::create(&path).unwrap());
+        let (_, note) = unpack(&info, &chunks, sink);
+        assert_eq!(note, None);
+        assert_eq!(take_synced(), [path, tmp.path().to_path_buf()]);
+    }
+
+    #[test]
     fn a_corrupted_file_is_caught_and_deleted() {
         let tmp = tempfile::tempdir().unwrap();
         let (info, mut chunks) = package(FILES, 7);
@@ -618,6 +833,8 @@ mod tests {
         assert!(note.unwrap().contains("deleted"));
         assert!(!tmp.path().join("p/adapter/orders.csv").exists());
         assert!(tmp.path().join("p/accounting/customer.json").exists());
+        // Without every file, the folder is no package: nothing to confirm a return with.
+        assert!(!tmp.path().join(MANIFEST_NAME).exists());
     }
 
     #[test]
@@ -662,6 +879,7 @@ mod tests {
         // The partial file is gone; the empty one before it was complete and stays.
         assert!(!tmp.path().join("p/adapter/orders.csv").exists());
         assert!(tmp.path().join("p/accounting/empty.csv").exists());
+        assert!(!tmp.path().join(MANIFEST_NAME).exists());
     }
 
     #[test]

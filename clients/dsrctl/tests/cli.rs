@@ -237,6 +237,24 @@ fn usage_errors_exit_2() {
         &["package"],
         &["download", "r-1"],
         &["download", "r-1", "--out", "d", "--zip", "p.zip"],
+        &[
+            "submit",
+            "--kind",
+            "erasure",
+            "--email",
+            "a@b.fi",
+            "--idempotency-key",
+            "",
+        ],
+        &[
+            "submit",
+            "--kind",
+            "erasure",
+            "--email",
+            "a@b.fi",
+            "--idempotency-key",
+            "  ",
+        ],
     ] {
         let out = dsrctl(tmp.path(), &[], args);
         assert_eq!(

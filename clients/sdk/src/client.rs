@@ -161,7 +161,8 @@ impl RegistryClient {
 
     /// Every page of a listing, starting at `request.page_token`, ending after the page
     /// without a `next_page_token` or at the first error. A `next_page_token` already seen
-    /// in this listing ends it with INTERNAL, since following it would page forever.
+    /// in this listing ends it, since following it would page forever, with an error made
+    /// here, not by the registry: INTERNAL, which [`crate::is_bad_answer`] recognises.
     pub fn list_pages(
         &self,
         request: ListRequestsRequest,
@@ -267,7 +268,7 @@ where
                 Err(status) => Some((Err(status), None)),
                 Ok(page) if page.next_page_token.is_empty() => Some((Ok(page), None)),
                 Ok(page) if !seen.insert(page.next_page_token.clone()) => Some((
-                    Err(Status::internal(format!(
+                    Err(crate::status::bad_answer(format!(
                         "the registry returned page token {:?}, which this listing had \
                          already followed; stopping, as following it again would page forever",
                         page.next_page_token
@@ -378,6 +379,8 @@ mod tests {
             err.starts_with("Internal: ") && err.contains("\"A\"") && err.contains("already"),
             "{err}"
         );
+        let made_here = pages[2].as_ref().unwrap_err();
+        assert!(crate::is_bad_answer(made_here), "{made_here:?}");
         // The same token again, and a return to the token the listing started at.
         let again = pages_from("", |_| "A").await;
         assert_eq!(again.len(), 2);

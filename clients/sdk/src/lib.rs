@@ -29,7 +29,9 @@
 //!   contract ends and packages); the other `RequestService` calls (GetChain, ListEvents,
 //!   ListAuditEntries, ListAuditCheckpoints, ListDeadLetteredDeliveries, RequeueDelivery) go
 //!   through the generated client that [`RegistryClient::raw`] returns. Every typed call
-//!   fails with the server's [`tonic::Status`] so callers can show code and message.
+//!   fails with the server's [`tonic::Status`] so callers can show code and message, except
+//!   for answers that cannot be right, which fail with a status made here
+//!   ([`is_bad_answer`]).
 //! - [`contracts`]: contract ends (operators only): [`RegistryClient::end_contract`] and the
 //!   calls that follow one ([`EffectiveAt`] says when it ends).
 //! - [`package`]: return-of-data packages: [`RegistryClient::get_package`] and
@@ -37,7 +39,8 @@
 //! - [`submit`]: [`SubmitBuilder`] and the identity helpers ([`identity`], [`hashed_identity`],
 //!   [`other_identity`]) that assemble a [`proto::SubmitRequest`].
 //! - [`status`]: presenting a [`tonic::Status`] ([`code_name`]) and telling a connection
-//!   failure from an answer of the server ([`is_connection_error`]).
+//!   failure ([`is_connection_error`]), or answers this client found cannot be right
+//!   ([`is_bad_answer`]), from an answer of the server.
 //! - [`proto`]: the generated `dsrelay.v1` types, re-exported so callers need no direct
 //!   dependency on `dsrelay-proto`; [`runtime`] likewise for `TlsFiles` and the dev PKI.
 
@@ -50,7 +53,7 @@ pub mod submit;
 pub use client::{ConnectionSettings, RegistryClient, DEFAULT_CALL_TIMEOUT};
 pub use contracts::EffectiveAt;
 pub use package::DownloadEvent;
-pub use status::{code_name, is_connection_error};
+pub use status::{code_name, is_bad_answer, is_connection_error};
 pub use submit::{hashed_identity, identity, other_identity, SubmitBuilder};
 
 /// The generated `dsrelay.v1` messages, enums and clients.

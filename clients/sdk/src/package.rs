@@ -12,6 +12,7 @@ use dsrelay_proto::v1::{
 use futures::{Stream, StreamExt};
 use tonic::Status;
 
+use crate::status::bad_answer;
 use crate::RegistryClient;
 
 /// One item of a package download, in the order the registry sends them.
@@ -45,8 +46,10 @@ impl RegistryClient {
     /// every file in manifest order. The stream ends after the last chunk, or after its
     /// first error (a failure to open it included, as for [`Self::watch`]).
     ///
-    /// FAILED_PRECONDITION while parts are missing ([`Self::get_package`] says which). No
-    /// deadline: a large package takes as long as it takes.
+    /// FAILED_PRECONDITION while parts are missing ([`Self::get_package`] says which). A
+    /// stream out of order (a chunk before the manifest, a second manifest) ends with a
+    /// status made here ([`crate::is_bad_answer`]). No deadline: a large package takes as long
+    /// as it takes.
     pub fn download_package(
         &self,
         request_id: impl Into<String>,
@@ -73,8 +76,9 @@ struct Order {
     ended: bool,
 }
 
-/// Turns the registry's messages into events, refusing a stream out of order: a receiver
-/// that cannot tell which file a chunk belongs to must not write it anywhere.
+/// Turns the registry's messages into events, refusing a stream out of order (with a status
+/// [`crate::is_bad_answer`] recognises): a receiver that cannot tell which file a chunk
+/// belongs to must not write it anywhere.
 fn events(
     raw: impl Stream<Item = Result<PackageChunk, Status>> + Send + 'static,
 ) -> impl Stream<Item = Result<DownloadEvent, Status>> + Send + 'static {
@@ -88,17 +92,17 @@ fn events(
                     order.manifest_seen = true;
                     Ok(DownloadEvent::Manifest(info))
                 }
-                Ok(Some(Item::Info(_))) => Err(Status::internal(
+                Ok(Some(Item::Info(_))) => Err(bad_answer(
                     "the registry sent a second manifest in one download",
                 )),
                 Ok(Some(Item::File(chunk))) if order.manifest_seen => {
                     Ok(DownloadEvent::Chunk(chunk))
                 }
-                Ok(Some(Item::File(chunk))) => Err(Status::internal(format!(
+                Ok(Some(Item::File(chunk))) => Err(bad_answer(format!(
                     "the registry sent a chunk of {:?} before the manifest",
                     chunk.path
                 ))),
-                Ok(None) => Err(Status::internal(
+                Ok(None) => Err(bad_answer(
                     "the registry sent a package message with neither manifest nor chunk",
                 )),
             };
@@ -156,6 +160,7 @@ mod tests {
             status.message().contains("before the manifest"),
             "{status:?}"
         );
+        assert!(crate::is_bad_answer(status), "{status:?}");
     }
 
     #[tokio::test]

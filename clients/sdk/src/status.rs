@@ -1,6 +1,7 @@
 //! Presenting call failures.
 
 use std::error::Error as _;
+use std::sync::Arc;
 
 use tonic::{Code, Status};
 
@@ -44,6 +45,35 @@ pub fn is_connection_error(status: &Status) -> bool {
     false
 }
 
+/// Why this client stopped on answers that cannot be right; the source of the status that
+/// says so.
+#[derive(Debug)]
+struct BadAnswer;
+
+impl std::fmt::Display for BadAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the server's answers cannot be right")
+    }
+}
+
+impl std::error::Error for BadAnswer {}
+
+/// A status made here, not sent by the server, for answers that cannot be right (a listing
+/// handing back a page token it already followed, a package stream out of order): INTERNAL
+/// with `message`, which [`is_bad_answer`] recognises.
+pub(crate) fn bad_answer(message: impl Into<String>) -> Status {
+    let mut status = Status::internal(message);
+    status.set_source(Arc::new(BadAnswer));
+    status
+}
+
+/// True when the status was made on our side because the server's answers cannot be right
+/// (a listing handing back a page token it already followed, a package stream out of
+/// order), rather than sent by the server: its code, INTERNAL, is then not the server's.
+pub fn is_bad_answer(status: &Status) -> bool {
+    status.source().is_some_and(|err| err.is::<BadAnswer>())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,5 +89,15 @@ mod tests {
     fn a_server_status_is_not_a_connection_error() {
         assert!(!is_connection_error(&Status::not_found("no such request")));
         assert!(!is_connection_error(&Status::unavailable("draining")));
+    }
+
+    #[test]
+    fn a_bad_answer_is_told_from_the_server_s_internal() {
+        let made_here = bad_answer("page token \"A\" again");
+        assert!(is_bad_answer(&made_here));
+        assert!(is_bad_answer(&made_here.clone()));
+        assert!(!is_connection_error(&made_here));
+        assert_eq!(made_here.message(), "page token \"A\" again");
+        assert!(!is_bad_answer(&Status::internal("page token \"A\" again")));
     }
 }

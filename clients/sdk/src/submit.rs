@@ -169,7 +169,8 @@ impl SubmitBuilder {
         self
     }
 
-    /// Sets the idempotency key; without one, [`Self::build`] picks a fresh UUID.
+    /// Sets the idempotency key; without one (an empty key counts as none), [`Self::build`]
+    /// picks a fresh UUID, which only the built request holds.
     pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
         self.request.idempotency_key = key.into();
         self

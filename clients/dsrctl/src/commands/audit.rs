@@ -69,6 +69,35 @@ impl Trail {
         }
     }
 
+    /// Where the trail is read.
+    fn endpoint(&self) -> &str {
+        match self {
+            Self::Registry(r) => &r.endpoint,
+            Self::Processor { endpoint, .. } => endpoint,
+        }
+    }
+
+    /// A page of `what` after `after_seq` that named `next_after_seq` as the next: anything
+    /// but 0 (the end) must advance, or asking again would never end, and stopping there
+    /// would judge only part of the trail.
+    fn check_advance(
+        &self,
+        what: &str,
+        after_seq: u64,
+        next_after_seq: u64,
+    ) -> Result<(), Failure> {
+        if next_after_seq == 0 || next_after_seq > after_seq {
+            return Ok(());
+        }
+        Err(Failure::BadAnswer(format!(
+            "the {} at {} answered the page of {what} after seq {after_seq} with \
+             next_after_seq {next_after_seq}, which does not advance past it; stopping, as \
+             asking again would never end",
+            self.owner(),
+            self.endpoint()
+        )))
+    }
+
     fn failed(&self, status: tonic::Status) -> Failure {
         match self {
             Self::Registry(r) => r.failed(status),
@@ -191,8 +220,8 @@ pub(crate) struct VerifyView {
     /// When broken: where and how.
     #[serde(rename = "break", skip_serializing_if = "Option::is_none")]
     broken: Option<BreakView>,
-    /// When the checkpoints themselves do not check out: which one and why. The trail is
-    /// then not judged.
+    /// When the checkpoints themselves do not check out (which one and why), or none were
+    /// there to check against. The trail is then not judged.
     #[serde(skip_serializing_if = "Option::is_none")]
     checkpoint_error: Option<String>,
 }
@@ -239,7 +268,8 @@ impl Render for VerifyView {
     }
 }
 
-/// Verifies the whole trail; 0 when intact, 1 when broken.
+/// Verifies the whole trail; 0 when intact, 1 when broken or when the checkpoints asked for
+/// do not check out or are none.
 pub(crate) async fn verify(
     trail: &mut Trail,
     args: &AuditVerifyArgs,
@@ -260,10 +290,9 @@ pub(crate) async fn verify(
                 last_hash: None,
                 checkpoints: None,
                 broken: None,
-                checkpoint_error: Some(e.to_string()),
+                checkpoint_error: Some(e),
             };
-            emit(io.out, io.format, &view, false)?;
-            return Ok(crate::EXIT_FAILURE);
+            return super::verdict(emit(io.out, io.format, &view, false), crate::EXIT_FAILURE);
         }
     };
     if let Some(list) = &checkpoints {
@@ -277,10 +306,10 @@ pub(crate) async fn verify(
                 break 'pages Err(b);
             }
         }
-        // 0 at the end; a token that does not advance would loop forever.
-        if next_after_seq <= after_seq {
+        if next_after_seq == 0 {
             break 'pages verifier.finish();
         }
+        trail.check_advance("audit entries", after_seq, next_after_seq)?;
         after_seq = next_after_seq;
     };
     let view = match outcome {
@@ -303,28 +332,31 @@ pub(crate) async fn verify(
             checkpoint_error: None,
         },
     };
-    emit(io.out, io.format, &view, false)?;
-    Ok(if view.intact { 0 } else { crate::EXIT_FAILURE })
+    let code = if view.intact { 0 } else { crate::EXIT_FAILURE };
+    super::verdict(emit(io.out, io.format, &view, false), code)
 }
 
 /// The checkpoints `args` name, their signatures checked: `None` when none were asked for,
-/// `Some(Err)` naming the first that does not check out.
+/// `Some(Err)` naming the first that does not check out, or saying there are none.
 async fn checkpoints_to_check(
     trail: &mut Trail,
     args: &AuditVerifyArgs,
-) -> Result<Option<Result<Vec<Checkpoint>, checkpoint::CheckpointError>>, Failure> {
-    let signed = match (&args.checkpoints, args.fetch_checkpoints) {
+) -> Result<Option<Result<Vec<Checkpoint>, String>>, Failure> {
+    let (signed, source) = match (&args.checkpoints, args.fetch_checkpoints) {
         (None, false) => return Ok(None),
         (Some(file), _) => {
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("reading {}", file.display()))
                 .map_err(Failure::Setup)?;
             match checkpoint::parse_lines(&text) {
-                Ok(signed) => signed,
-                Err(e) => return Ok(Some(Err(e))),
+                Ok(signed) => (signed, format!("{} holds", file.display())),
+                Err(e) => return Ok(Some(Err(e.to_string()))),
             }
         }
-        (None, true) => fetch_checkpoints(trail, 0).await?.0,
+        (None, true) => (
+            fetch_checkpoints(trail, 0).await?.0,
+            format!("the {} at {} served", trail.owner(), trail.endpoint()),
+        ),
     };
     // clap requires the key with either source.
     let key = args.checkpoint_key.as_deref().ok_or_else(|| {
@@ -336,7 +368,15 @@ async fn checkpoints_to_check(
     let key = PublicKey::from_config(key)
         .context("--checkpoint-key")
         .map_err(Failure::Setup)?;
-    Ok(Some(checkpoint::check(&signed, &key)))
+    // Checked against none, any trail would pass: a service under audit could serve none.
+    if signed.is_empty() {
+        return Ok(Some(Err(format!(
+            "none to check against: {source} no signed checkpoint"
+        ))));
+    }
+    Ok(Some(
+        checkpoint::check(&signed, &key).map_err(|e| e.to_string()),
+    ))
 }
 
 /// Every checkpoint over a seq after `after_seq`, page by page, with the key id the
@@ -349,10 +389,10 @@ async fn fetch_checkpoints(
     loop {
         let (signed, next_after_seq, key_id) = trail.checkpoints(after_seq).await?;
         all.extend(signed);
-        // 0 at the end; a token that does not advance would loop forever.
-        if next_after_seq <= after_seq {
+        if next_after_seq == 0 {
             return Ok((all, key_id));
         }
+        trail.check_advance("checkpoints", after_seq, next_after_seq)?;
         after_seq = next_after_seq;
     }
 }

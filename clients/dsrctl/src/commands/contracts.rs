@@ -376,15 +376,26 @@ impl Render for ScheduledListView {
     }
 }
 
-/// The SHA-256 of `dir/manifest.json`.
+/// The SHA-256 of `dir/manifest.json`, once every file it lists is checked again: the
+/// processor deletes the data on this confirmation, so a folder missing a file, or holding
+/// one changed since, must not give it.
 fn manifest_digest(dir: &Path) -> Result<String, Failure> {
     let path = dir.join(crate::unpack::MANIFEST_NAME);
     let bytes = std::fs::read(&path).map_err(|e| {
         Failure::Usage(format!(
-            "--package {}: cannot read {} ({e}); download the package there first \
-             (dsrctl download ID --out DIR)",
+            "--package {}: cannot read {} ({e}), which dsrctl download --out writes once \
+             every file verified; download the package there first (dsrctl download ID --out \
+             DIR)",
             dir.display(),
             path.display()
+        ))
+    })?;
+    crate::unpack::check_folder(dir, &bytes).map_err(|problems| {
+        Failure::Package(anyhow::anyhow!(
+            "--package {} is not the package its manifest lists, so the return is not \
+             confirmed: {problems}; download the package again into a new folder \
+             (dsrctl download ID --out DIR)",
+            dir.display()
         ))
     })?;
     Ok(hex::encode(Sha256::digest(&bytes)))
@@ -608,12 +619,15 @@ async fn watch(registry: &Registry, id: &str, io: &mut Io<'_>) -> Result<u8, Fai
         }
     };
     bars.finish();
-    emit(io.out, io.format, &ContractView::from(&last), false)?;
-    Ok(if last.state == RequestState::Completed as i32 {
+    let code = if last.state == RequestState::Completed as i32 {
         0
     } else {
-        1
-    })
+        crate::EXIT_FAILURE
+    };
+    super::verdict(
+        emit(io.out, io.format, &ContractView::from(&last), false),
+        code,
+    )
 }
 
 #[cfg(test)]
@@ -629,11 +643,70 @@ mod tests {
             manifest_digest(dir.path()),
             Err(Failure::Usage(m)) if m.contains("dsrctl download")
         ));
-        std::fs::write(dir.path().join("manifest.json"), b"{}\n").unwrap();
+        let data = b"id,name\n1,Maija\n";
+        let file = serde_json::json!({
+            "path": "p/s/a.csv",
+            "size": data.len(),
+            "sha256": hex::encode(Sha256::digest(data)),
+        });
+        let manifest =
+            serde_json::to_vec(&serde_json::json!({"request_id": "c-1", "files": [file]})).unwrap();
+        std::fs::write(dir.path().join("manifest.json"), &manifest).unwrap();
+        std::fs::create_dir_all(dir.path().join("p/s")).unwrap();
+        std::fs::write(dir.path().join("p/s/a.csv"), data).unwrap();
         assert_eq!(
             manifest_digest(dir.path()).unwrap(),
-            hex::encode(Sha256::digest(b"{}\n"))
+            hex::encode(Sha256::digest(&manifest))
         );
+    }
+
+    #[test]
+    fn a_folder_that_is_not_what_its_manifest_lists_gives_no_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let listed = |path: &str, data: &[u8]| {
+            serde_json::json!({
+                "path": path,
+                "size": data.len(),
+                "sha256": hex::encode(Sha256::digest(data)),
+            })
+        };
+        let manifest = serde_json::json!({"files": [
+            listed("same.csv", b"a,b\n"),
+            listed("gone.csv", b"x"),
+            listed("changed.csv", b"hello"),
+            listed("longer.csv", b"hi"),
+            listed("../outside.csv", b""),
+        ]});
+        std::fs::write(
+            dir.path().join("manifest.json"),
+            serde_json::to_vec(&manifest).unwrap(),
+        )
+        .unwrap();
+        for (path, data) in [
+            ("same.csv", &b"a,b\n"[..]),
+            ("changed.csv", b"HELLO"),
+            ("longer.csv", b"hi there"),
+        ] {
+            std::fs::write(dir.path().join(path), data).unwrap();
+        }
+        let Err(failure) = manifest_digest(dir.path()) else {
+            panic!("a digest for a folder that differs from its manifest");
+        };
+        assert_eq!(failure.exit_code(), crate::EXIT_FAILURE);
+        let message = failure.message();
+        for expected in [
+            "gone.csv: missing",
+            "changed.csv: SHA-256 is ",
+            "longer.csv: more than the 2 bytes in the manifest",
+            "../outside.csv: the path has a \"..\" component",
+        ] {
+            assert!(message.contains(expected), "{expected:?} in {message}");
+        }
+        assert!(!message.contains("same.csv"), "{message}");
+
+        std::fs::write(dir.path().join("manifest.json"), b"{}").unwrap();
+        let message = manifest_digest(dir.path()).unwrap_err().message();
+        assert!(message.contains("not a package's manifest"), "{message}");
     }
 
     #[test]

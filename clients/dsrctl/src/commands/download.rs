@@ -372,22 +372,23 @@ pub(crate) async fn run(
     progress.finish_and_clear();
     let (outcomes, note) = unpacker.finish().map_err(Failure::Package)?;
     let view = DownloadView::new(&info, &target, outcomes);
-    emit(io.out, io.format, &view, false)?;
+    let printed = emit(io.out, io.format, &view, false);
     if view.verified {
-        return Ok(0);
+        return super::verdict(printed, 0);
     }
+    // The verdict stands whatever becomes of these notes: failing to write them exits 1 too.
     for file in view.files.iter().filter(|f| !f.verified) {
-        writeln!(
+        let _ = writeln!(
             io.err,
             "error: {}: {}",
             clean(&file.path),
             clean(file.error.as_deref().unwrap_or_default())
-        )?;
+        );
     }
     if let Some(note) = note {
-        writeln!(io.err, "{}", clean(&note))?;
+        let _ = writeln!(io.err, "{}", clean(&note));
     }
-    Ok(EXIT_FAILURE)
+    super::verdict(printed, EXIT_FAILURE)
 }
 
 #[cfg(test)]

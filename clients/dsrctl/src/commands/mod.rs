@@ -54,12 +54,30 @@ impl Registry {
         })
     }
 
-    /// Wraps a failed call's status.
+    /// Wraps a failed call's status. One the SDK made because the registry's answers cannot
+    /// be right is not the registry's error answer, whatever its code says.
     pub(crate) fn failed(&self, status: tonic::Status) -> Failure {
+        if dsrelay_sdk::is_bad_answer(&status) {
+            return Failure::BadAnswer(format!(
+                "{} (the registry at {})",
+                status.message(),
+                self.endpoint
+            ));
+        }
         Failure::Rpc {
             status,
             endpoint: self.endpoint.clone(),
         }
+    }
+}
+
+/// The exit status `code` of a command whose printed result carries it, once `printed`:
+/// a reader that went away (`dsrctl audit verify | true`) makes the print moot, but must
+/// not turn a failure into success, as a broken pipe otherwise does.
+pub(crate) fn verdict(printed: std::io::Result<()>, code: u8) -> Result<u8, Failure> {
+    match printed {
+        Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => Err(Failure::Output(err)),
+        _ => Ok(code),
     }
 }
 

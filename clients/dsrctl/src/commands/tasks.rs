@@ -1,10 +1,13 @@
 //! `dsrctl tasks`: operators at a processor list, confirm and refuse manual tasks, and list
 //! and requeue dead-lettered acknowledgements.
 
+use std::collections::HashSet;
+
 use dsrelay_sdk::proto::processor_operator_service_client::ProcessorOperatorServiceClient;
 use dsrelay_sdk::proto::{
     CompleteManualTaskRequest, DeadLetter, DeadLetterList, ListDeadLettersRequest,
-    ListManualTasksRequest, ManualTask, RefuseManualTaskRequest, RequeueDeadLetterRequest, TaskRef,
+    ListManualTasksRequest, ManualTask, ManualTaskList, RefuseManualTaskRequest,
+    RequeueDeadLetterRequest, TaskRef,
 };
 use dsrelay_sdk::ConnectionSettings;
 use serde::Serialize;
@@ -273,6 +276,36 @@ where
     }
 }
 
+/// Every manual task at the processor at `endpoint`, a page at a time: `page(token)` asks
+/// for the page `token` names (empty: the first).
+///
+/// A processor that names a page this listing followed already (not only the last, as in
+/// A, B, A) would have us ask forever, growing the list each time.
+async fn all_tasks<F, Fut>(endpoint: &str, mut page: F) -> Result<Vec<ManualTask>, Failure>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<ManualTaskList, tonic::Status>>,
+{
+    let mut tasks = Vec::new();
+    let mut seen = HashSet::new();
+    let mut token = String::new();
+    loop {
+        let answer = page(token).await.map_err(|s| failed(s, endpoint))?;
+        tasks.extend(answer.tasks);
+        if answer.next_page_token.is_empty() {
+            return Ok(tasks);
+        }
+        if !seen.insert(answer.next_page_token.clone()) {
+            return Err(Failure::BadAnswer(format!(
+                "the processor at {endpoint} named page token {:?} as the next page, which \
+                 this listing had already followed; stopping, as asking again would never end",
+                answer.next_page_token
+            )));
+        }
+        token = answer.next_page_token;
+    }
+}
+
 /// Runs a `tasks` subcommand.
 pub(crate) async fn run(
     cmd: &TasksCommand,
@@ -300,28 +333,27 @@ pub(crate) async fn run(
                     }
                 }
             }
-            let mut client = ProcessorOperatorServiceClient::new(connect(processor, settings)?);
+            let client = ProcessorOperatorServiceClient::new(connect(processor, settings)?);
             // Every page: the processor ends one at 100 tasks or fewer when they are large.
-            let mut tasks = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = client
-                    .list_manual_tasks(ListManualTasksRequest {
-                        subprocessor: subprocessor.clone().unwrap_or_default(),
-                        limit: 0,
-                        states: wanted.clone(),
-                        page_token,
-                    })
-                    .await
-                    .map_err(|s| failed(s, &processor.processor))?
-                    .into_inner();
-                tasks.extend(page.tasks.iter().map(TaskView::from));
-                if page.next_page_token.is_empty() {
-                    break;
+            let tasks = all_tasks(&processor.processor, |page_token| {
+                let mut client = client.clone();
+                let request = ListManualTasksRequest {
+                    subprocessor: subprocessor.clone().unwrap_or_default(),
+                    limit: 0,
+                    states: wanted.clone(),
+                    page_token,
+                };
+                async move {
+                    client
+                        .list_manual_tasks(request)
+                        .await
+                        .map(tonic::Response::into_inner)
                 }
-                page_token = page.next_page_token;
-            }
-            let view = TaskListView { tasks };
+            })
+            .await?;
+            let view = TaskListView {
+                tasks: tasks.iter().map(TaskView::from).collect(),
+            };
             emit(io.out, io.format, &view, false)?;
         }
         TasksCommand::Complete {
@@ -464,6 +496,66 @@ mod tests {
                 "{message}"
             );
             assert_eq!(asked, [0, 2]);
+        }
+    }
+
+    /// Lists tasks with a processor that names `next(token)` as the page after `token`;
+    /// returns the outcome and the tokens asked for. Past 10 calls it answers ABORTED, so a
+    /// listing that never ends fails instead of hanging the test.
+    async fn list_tasks(
+        next: impl Fn(&str) -> &'static str,
+    ) -> (Result<Vec<ManualTask>, Failure>, Vec<String>) {
+        let asked = RefCell::new(Vec::new());
+        let result = all_tasks("https://processor:50052", |token| {
+            asked.borrow_mut().push(token.clone());
+            let answer = if asked.borrow().len() > 10 {
+                Err(tonic::Status::aborted("asked more than 10 times"))
+            } else {
+                Ok(ManualTaskList {
+                    tasks: vec![ManualTask {
+                        instructions: format!("task after {token:?}"),
+                        ..Default::default()
+                    }],
+                    next_page_token: next(&token).into(),
+                })
+            };
+            std::future::ready(answer)
+        })
+        .await;
+        (result, asked.into_inner())
+    }
+
+    #[tokio::test]
+    async fn task_pages_are_read_until_no_token_follows() {
+        let (result, asked) = list_tasks(|t| match t {
+            "" => "A",
+            "A" => "B",
+            _ => "",
+        })
+        .await;
+        assert_eq!(result.unwrap().len(), 3);
+        assert_eq!(asked, ["", "A", "B"]);
+    }
+
+    #[tokio::test]
+    async fn a_task_page_token_followed_before_is_a_bad_answer() {
+        // The same token again, and a cycle A, B, A.
+        for (next, pages) in [
+            (&(|_: &str| "A") as &dyn Fn(&str) -> &'static str, 1),
+            (&|t: &str| if t == "A" { "B" } else { "A" }, 2),
+        ] {
+            let (result, asked) = list_tasks(next).await;
+            let failure = result.unwrap_err();
+            assert!(matches!(failure, Failure::BadAnswer(_)), "{failure:?}");
+            assert_eq!(failure.exit_code(), crate::EXIT_FAILURE);
+            let message = failure.message();
+            assert!(
+                message.contains("https://processor:50052")
+                    && message.contains("page token \"A\"")
+                    && message.contains("already followed"),
+                "{message}"
+            );
+            assert_eq!(asked.len(), pages + 1, "{asked:?}");
         }
     }
 

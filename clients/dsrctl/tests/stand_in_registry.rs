@@ -1,0 +1,663 @@
+//! Runs the `dsrctl` binary against a stand-in registry served in this process on
+//! 127.0.0.1, over mutual TLS with a development PKI, whose answers each test sets: what a
+//! real registry does not do on demand (a package with a corrupted file, pages that do not
+//! advance, no signed checkpoints), to check the verdict dsrctl gives on it.
+//!
+//! The real registry and processor are in the workspace's end-to-end suite (`tests/`).
+
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use dsrelay_proto::v1::contract_service_server::{ContractService, ContractServiceServer};
+use dsrelay_proto::v1::package_chunk::Item;
+use dsrelay_proto::v1::package_service_server::{PackageService, PackageServiceServer};
+use dsrelay_proto::v1::request_service_server::{RequestService, RequestServiceServer};
+use dsrelay_proto::v1::{
+    AuditCheckpoint, AuditCheckpoints, AuditEntries, AuditEntry, CancelRequest, Chain,
+    ChooseContractEndRequest, ConfirmReturnRequest, Contract, ContractEnd, ContractList,
+    DeadLetteredDeliveries, DownloadPackageRequest, EndContractRequest, EventList,
+    ExtendDeadlineRequest, GetChainRequest, GetContractRequest, GetPackageRequest, GetRequest,
+    ListAuditCheckpointsRequest, ListAuditEntriesRequest, ListContractsRequest,
+    ListDeadLetteredDeliveriesRequest, ListEventsRequest, ListRequestsRequest,
+    ListRequestsResponse, ManifestFile, PackageChunk, PackageFileChunk, PackageInfo, Request,
+    RequestEvent, RequestState, RequeueDeliveryRequest, SubmitRequest, SubmitResponse,
+    WatchRequest,
+};
+use dsrelay_runtime::audit::checkpoint::Checkpoint;
+use dsrelay_runtime::audit::{Entry, GENESIS_HASH};
+use dsrelay_runtime::pki::DevPki;
+use dsrelay_runtime::signing::SigningKey;
+use sha2::{Digest, Sha256};
+use tonic::{Request as Call, Response, Status};
+
+/// Entries per page of the stand-in's trail and checkpoints, so that a short trail spans
+/// several pages.
+const PAGE: usize = 2;
+
+/// What the stand-in answers, and what it was asked.
+#[derive(Default)]
+struct Answers {
+    /// The audit trail.
+    entries: Vec<AuditEntry>,
+    /// Answer every page after the first with `next_after_seq` equal to the `after_seq`
+    /// asked for: pages that do not advance.
+    entries_stuck: bool,
+    /// The signed checkpoints.
+    checkpoints: Vec<AuditCheckpoint>,
+    /// As `entries_stuck`, for the checkpoints.
+    checkpoints_stuck: bool,
+    /// The package every request has: its manifest, then these chunks.
+    package: Option<(PackageInfo, Vec<PackageFileChunk>)>,
+    /// The state GetContract answers.
+    contract_state: RequestState,
+    /// The digest of every ConfirmReturn received.
+    confirmed: Vec<String>,
+}
+
+#[derive(Clone, Default)]
+struct StandIn(Arc<Mutex<Answers>>);
+
+impl StandIn {
+    fn answers(&self) -> MutexGuard<'_, Answers> {
+        self.0.lock().expect("answers")
+    }
+}
+
+/// Up to [`PAGE`] of `items` with a seq above `after`, and the seq to ask after next: the
+/// last one given while more follow, else 0 (or, `stuck`, past the first page, `after`).
+fn page<T: Clone>(items: &[T], seq: impl Fn(&T) -> u64, after: u64, stuck: bool) -> (Vec<T>, u64) {
+    if stuck && after > 0 {
+        return (vec![], after);
+    }
+    let rest: Vec<T> = items.iter().filter(|i| seq(i) > after).cloned().collect();
+    let page: Vec<T> = rest.iter().take(PAGE).cloned().collect();
+    let next = if rest.len() > PAGE {
+        page.last().map_or(0, &seq)
+    } else {
+        0
+    };
+    (page, next)
+}
+
+fn unanswered<T>() -> Result<Response<T>, Status> {
+    Err(Status::unimplemented("not in this stand-in"))
+}
+
+type Chunks<T> = tokio_stream::Iter<std::vec::IntoIter<Result<T, Status>>>;
+
+#[tonic::async_trait]
+impl RequestService for StandIn {
+    async fn submit(&self, _: Call<SubmitRequest>) -> Result<Response<SubmitResponse>, Status> {
+        unanswered()
+    }
+    async fn get(&self, _: Call<GetRequest>) -> Result<Response<Request>, Status> {
+        unanswered()
+    }
+    /// Every page names the same next page: a registry that would page forever.
+    async fn list(
+        &self,
+        _: Call<ListRequestsRequest>,
+    ) -> Result<Response<ListRequestsResponse>, Status> {
+        Ok(Response::new(ListRequestsResponse {
+            requests: vec![],
+            next_page_token: "p-1".into(),
+        }))
+    }
+    type WatchStream = Chunks<RequestEvent>;
+    async fn watch(&self, _: Call<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        unanswered()
+    }
+    async fn cancel(&self, _: Call<CancelRequest>) -> Result<Response<Request>, Status> {
+        unanswered()
+    }
+    async fn extend_deadline(
+        &self,
+        _: Call<ExtendDeadlineRequest>,
+    ) -> Result<Response<Request>, Status> {
+        unanswered()
+    }
+    async fn get_chain(&self, _: Call<GetChainRequest>) -> Result<Response<Chain>, Status> {
+        unanswered()
+    }
+    async fn list_events(&self, _: Call<ListEventsRequest>) -> Result<Response<EventList>, Status> {
+        unanswered()
+    }
+    async fn list_audit_entries(
+        &self,
+        call: Call<ListAuditEntriesRequest>,
+    ) -> Result<Response<AuditEntries>, Status> {
+        let answers = self.answers();
+        let after = call.into_inner().after_seq;
+        let (entries, next_after_seq) =
+            page(&answers.entries, |e| e.seq, after, answers.entries_stuck);
+        Ok(Response::new(AuditEntries {
+            entries,
+            next_after_seq,
+        }))
+    }
+    async fn list_audit_checkpoints(
+        &self,
+        call: Call<ListAuditCheckpointsRequest>,
+    ) -> Result<Response<AuditCheckpoints>, Status> {
+        let answers = self.answers();
+        let after = call.into_inner().after_seq;
+        let seq =
+            |c: &AuditCheckpoint| serde_json::from_str::<Checkpoint>(&c.body).map_or(0, |c| c.seq);
+        let (checkpoints, next_after_seq) =
+            page(&answers.checkpoints, seq, after, answers.checkpoints_stuck);
+        Ok(Response::new(AuditCheckpoints {
+            checkpoints,
+            next_after_seq,
+            ..Default::default()
+        }))
+    }
+    async fn list_dead_lettered_deliveries(
+        &self,
+        _: Call<ListDeadLetteredDeliveriesRequest>,
+    ) -> Result<Response<DeadLetteredDeliveries>, Status> {
+        unanswered()
+    }
+    async fn requeue_delivery(
+        &self,
+        _: Call<RequeueDeliveryRequest>,
+    ) -> Result<Response<Request>, Status> {
+        unanswered()
+    }
+}
+
+#[tonic::async_trait]
+impl PackageService for StandIn {
+    async fn get_package(
+        &self,
+        _: Call<GetPackageRequest>,
+    ) -> Result<Response<PackageInfo>, Status> {
+        match &self.answers().package {
+            Some((info, _)) => Ok(Response::new(info.clone())),
+            None => Err(Status::not_found("no package")),
+        }
+    }
+    type DownloadPackageStream = Chunks<PackageChunk>;
+    async fn download_package(
+        &self,
+        _: Call<DownloadPackageRequest>,
+    ) -> Result<Response<Self::DownloadPackageStream>, Status> {
+        let Some((info, chunks)) = self.answers().package.clone() else {
+            return Err(Status::not_found("no package"));
+        };
+        let items = std::iter::once(Item::Info(info))
+            .chain(chunks.into_iter().map(Item::File))
+            .map(|item| Ok(PackageChunk { item: Some(item) }));
+        Ok(Response::new(tokio_stream::iter(items.collect::<Vec<_>>())))
+    }
+}
+
+#[tonic::async_trait]
+impl ContractService for StandIn {
+    async fn end_contract(
+        &self,
+        _: Call<EndContractRequest>,
+    ) -> Result<Response<Contract>, Status> {
+        unanswered()
+    }
+    async fn get_contract(
+        &self,
+        call: Call<GetContractRequest>,
+    ) -> Result<Response<Contract>, Status> {
+        Ok(Response::new(Contract {
+            contract_id: call.into_inner().contract_id,
+            state: self.answers().contract_state as i32,
+            ..Default::default()
+        }))
+    }
+    async fn list_contracts(
+        &self,
+        _: Call<ListContractsRequest>,
+    ) -> Result<Response<ContractList>, Status> {
+        unanswered()
+    }
+    async fn choose_contract_end(
+        &self,
+        _: Call<ChooseContractEndRequest>,
+    ) -> Result<Response<Contract>, Status> {
+        unanswered()
+    }
+    async fn confirm_return(
+        &self,
+        call: Call<ConfirmReturnRequest>,
+    ) -> Result<Response<Contract>, Status> {
+        let call = call.into_inner();
+        self.answers().confirmed.push(call.manifest_sha256);
+        Ok(Response::new(Contract {
+            contract_id: call.contract_id,
+            state: RequestState::InProgress as i32,
+            contract_end: Some(ContractEnd {
+                return_confirmed: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+    }
+}
+
+/// The stand-in, serving until dropped, and a folder holding the development PKI dsrctl
+/// finds in its working directory (as the operator).
+struct Registry {
+    dir: tempfile::TempDir,
+    endpoint: String,
+    stand_in: StandIn,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// How a run of dsrctl ended.
+#[derive(Debug)]
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Registry {
+    async fn start(answers: Answers) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = DevPki::ensure(&dir.path().join(".dsrelay/pki")).expect("dev pki");
+        let tls = pki.files("registry").server_config().expect("registry tls");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let answers = StandIn(Arc::new(Mutex::new(answers)));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = dsrelay_runtime::server::builder(tls)
+            .expect("server")
+            .add_service(RequestServiceServer::new(answers.clone()))
+            .add_service(PackageServiceServer::new(answers.clone()))
+            .add_service(ContractServiceServer::new(answers.clone()))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                async {
+                    let _ = stopped.await;
+                },
+            );
+        tokio::spawn(server);
+        Self {
+            dir,
+            endpoint: format!("https://localhost:{port}"),
+            stand_in: answers,
+            _stop: stop,
+        }
+    }
+
+    fn answers(&self) -> MutexGuard<'_, Answers> {
+        self.stand_in.answers()
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_dsrctl"));
+        cmd.current_dir(self.dir.path())
+            .args(args)
+            .args(["--endpoint", &self.endpoint])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (name, _) in std::env::vars() {
+            if name.starts_with("DSRCTL_") {
+                cmd.env_remove(name);
+            }
+        }
+        cmd
+    }
+
+    /// Runs dsrctl with `args` against the stand-in.
+    async fn dsrctl(&self, args: &[&str]) -> Run {
+        let out = self.command(args).output().await.expect("running dsrctl");
+        Run {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs dsrctl with `args` as `dsrctl ARGS | true` does: whatever reads its output has
+    /// gone by the time it prints.
+    async fn dsrctl_unread(&self, args: &[&str]) -> Run {
+        let mut child = self.command(args).spawn().expect("running dsrctl");
+        drop(child.stdout.take());
+        let out = child.wait_with_output().await.expect("dsrctl ends");
+        Run {
+            code: out.status.code(),
+            stdout: String::new(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+/// A trail of `n` entries, chained as the registry chains them.
+fn trail(n: u64) -> Vec<AuditEntry> {
+    let mut prev = GENESIS_HASH.to_string();
+    (1..=n)
+        .map(|seq| {
+            let mut e = Entry {
+                seq,
+                occurred_at: 1_800_000_000_000 + seq as i64 * 1000,
+                request_id: format!("r-{seq}"),
+                event_type: 1,
+                actor: "partner-crm".into(),
+                detail: format!("event {seq}"),
+                prev_hash: prev.clone(),
+                hash: String::new(),
+            };
+            e.hash = e.compute_hash();
+            prev = e.hash.clone();
+            AuditEntry {
+                seq,
+                occurred_at: Some(dsrelay_proto::timestamp_from_millis(e.occurred_at)),
+                request_id: e.request_id,
+                event_type: e.event_type,
+                actor: e.actor,
+                detail: e.detail,
+                prev_hash: e.prev_hash,
+                hash: e.hash,
+            }
+        })
+        .collect()
+}
+
+/// Checkpoints over entries `seqs` of `entries`, signed with `key`.
+fn checkpoints(entries: &[AuditEntry], seqs: &[u64], key: &SigningKey) -> Vec<AuditCheckpoint> {
+    seqs.iter()
+        .map(|&seq| {
+            let entry = &entries[seq as usize - 1];
+            let (_, signed) =
+                Checkpoint::sign("registry", seq, &entry.hash, 1_800_000_100_000, key)
+                    .expect("signing");
+            AuditCheckpoint {
+                body: String::from_utf8(signed.body).expect("utf-8"),
+                signature: signed.signature,
+                key_id: signed.key_id,
+            }
+        })
+        .collect()
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// The files of the stand-in's package: path and content.
+const FILES: &[(&str, &[u8])] = &[
+    (
+        "payroll-bureau/accounting/customers.csv",
+        b"id,name\n1,Maija\n",
+    ),
+    (
+        "payroll-bureau/accounting/invoices.json",
+        b"[{\"id\":7,\"total\":\"12.50\"}]",
+    ),
+    (
+        "payroll-bureau/newsletter/export.json",
+        b"{\"subscribed\":true}",
+    ),
+];
+
+/// A package of [`FILES`] whose manifest says what they hold, and the chunks that send them:
+/// `corrupt` names a file whose bytes are sent with one changed, as a package store
+/// with a damaged file sends them.
+fn package(id: &str, corrupt: Option<&str>) -> (PackageInfo, Vec<PackageFileChunk>) {
+    let files: Vec<ManifestFile> = FILES
+        .iter()
+        .map(|(path, data)| ManifestFile {
+            path: path.to_string(),
+            size: data.len() as u64,
+            sha256: sha256_hex(data),
+            ..Default::default()
+        })
+        .collect();
+    let listed: Vec<serde_json::Value> = files
+        .iter()
+        .map(|f| serde_json::json!({"path": f.path, "size": f.size, "sha256": f.sha256}))
+        .collect();
+    let manifest = serde_json::json!({"request_id": id, "kind": "CONTRACT_END", "files": listed});
+    let info = PackageInfo {
+        request_id: id.into(),
+        complete: true,
+        files,
+        manifest_json: serde_json::to_vec_pretty(&manifest).expect("json"),
+        ..Default::default()
+    };
+    let chunks = FILES
+        .iter()
+        .map(|(path, data)| {
+            let mut data = data.to_vec();
+            if corrupt == Some(*path) {
+                data[0] ^= 0x20;
+            }
+            PackageFileChunk {
+                path: path.to_string(),
+                offset: 0,
+                data,
+            }
+        })
+        .collect();
+    (info, chunks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_that_failed_its_checks_cannot_confirm_a_return() {
+    let bad = FILES[1].0;
+    let registry = Registry::start(Answers {
+        package: Some(package("c-1", Some(bad))),
+        ..Default::default()
+    })
+    .await;
+
+    let run = registry.dsrctl(&["download", "c-1", "--out", "pkg"]).await;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains(bad), "{run:?}");
+    let pkg = registry.dir.path().join("pkg");
+    assert!(!pkg.join(bad).exists(), "the bad file is deleted");
+    assert!(pkg.join(FILES[0].0).is_file(), "the verified ones stay");
+
+    let run = registry
+        .dsrctl(&["contracts", "confirm", "c-1", "--package", "pkg"])
+        .await;
+    assert_ne!(run.code, Some(0), "{run:?}");
+    assert!(run.stderr.contains("--package pkg"), "{run:?}");
+    assert!(registry.answers().confirmed.is_empty(), "{run:?}");
+    // Only a folder whose every file verified holds a manifest.
+    assert!(!pkg.join("manifest.json").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirm_checks_every_file_of_the_package_folder_again() {
+    let registry = Registry::start(Answers {
+        package: Some(package("c-1", None)),
+        ..Default::default()
+    })
+    .await;
+    let run = registry.dsrctl(&["download", "c-1", "--out", "pkg"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let pkg = registry.dir.path().join("pkg");
+
+    // Changed after the download, or gone: named, and nothing is confirmed.
+    let (changed, gone) = (FILES[0].0, FILES[2].0);
+    std::fs::write(pkg.join(changed), b"id,name\n").expect("changing a file");
+    std::fs::remove_file(pkg.join(gone)).expect("removing a file");
+    let run = registry
+        .dsrctl(&["contracts", "confirm", "c-1", "--package", "pkg"])
+        .await;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    for (path, why) in [(changed, "ended at 8 of 16 bytes"), (gone, "missing")] {
+        assert!(
+            run.stderr.contains(&format!("{path}: {why}")),
+            "{path} in {run:?}"
+        );
+    }
+    assert!(!run.stderr.contains(FILES[1].0), "{run:?}");
+    assert!(registry.answers().confirmed.is_empty(), "{run:?}");
+
+    // Put back as downloaded, the folder confirms the return with its manifest's digest.
+    std::fs::write(pkg.join(changed), FILES[0].1).expect("restoring");
+    std::fs::write(pkg.join(gone), FILES[2].1).expect("restoring");
+    let run = registry
+        .dsrctl(&["contracts", "confirm", "c-1", "--package", "pkg"])
+        .await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let manifest = std::fs::read(pkg.join("manifest.json")).expect("manifest.json");
+    assert_eq!(registry.answers().confirmed, [sha256_hex(&manifest)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_verdict_stays_failed_when_nobody_reads_the_output() {
+    let mut entries = trail(5);
+    entries[2].detail = "event 3, changed".into();
+    let registry = Registry::start(Answers {
+        entries,
+        package: Some(package("c-1", Some(FILES[0].0))),
+        contract_state: RequestState::Failed,
+        ..Default::default()
+    })
+    .await;
+
+    let run = registry.dsrctl(&["audit", "verify"]).await;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stdout.contains("broken at entry 3"), "{run:?}");
+    let cases = [
+        &["audit", "verify"][..],
+        &["audit", "verify", "--output", "json"],
+        &["download", "c-1", "--out", "unread"],
+        &["contracts", "show", "c-1", "--watch"],
+    ];
+    let mut runs = Vec::new();
+    for args in cases {
+        runs.push((args, registry.dsrctl_unread(args).await));
+    }
+    assert!(runs.iter().all(|(_, run)| run.code == Some(1)), "{runs:#?}");
+    // The notes on stderr still name the file that failed.
+    assert!(runs[2].1.stderr.contains(FILES[0].0), "{runs:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_asked_for_and_none_there_fail_the_verification() {
+    let key = SigningKey::generate();
+    let public = key.public_key().to_base64();
+    let registry = Registry::start(Answers {
+        entries: trail(5),
+        ..Default::default()
+    })
+    .await;
+    std::fs::write(registry.path("kept.jsonl"), "").expect("an empty file");
+    let mut runs = Vec::new();
+    for source in [
+        &["--fetch-checkpoints"][..],
+        &["--checkpoints", "kept.jsonl"],
+    ] {
+        let args = [
+            &["audit", "verify", "--checkpoint-key", &public][..],
+            source,
+        ]
+        .concat();
+        runs.push((source, registry.dsrctl(&args).await));
+        let json = registry
+            .dsrctl(&[&args[..], &["--output", "json"]].concat())
+            .await;
+        runs.push((source, json));
+    }
+    for (source, run) in &runs {
+        assert_eq!(run.code, Some(1), "{source:?}: {runs:#?}");
+        assert!(
+            run.stdout.contains("no signed checkpoint"),
+            "{source:?}: {run:?}"
+        );
+    }
+    let doc: serde_json::Value = serde_json::from_str(&runs[1].1.stdout).expect("json");
+    assert_eq!(doc["intact"], false, "{doc}");
+
+    // With some, the same trail passes.
+    let entries = trail(5);
+    registry.answers().checkpoints = checkpoints(&entries, &[2, 4], &key);
+    let run = registry
+        .dsrctl(&[
+            "audit",
+            "verify",
+            "--fetch-checkpoints",
+            "--checkpoint-key",
+            &public,
+        ])
+        .await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(run.stdout.contains("2 signed checkpoints kept"), "{run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_entry_pages_that_do_not_advance_are_a_bad_answer() {
+    let registry = Registry::start(Answers {
+        entries: trail(7),
+        entries_stuck: true,
+        ..Default::default()
+    })
+    .await;
+    let run = registry.dsrctl(&["audit", "verify"]).await;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stderr.contains("entries after seq 2") && !run.stdout.contains("intact"),
+        "{run:?}"
+    );
+    // Pages that advance, then end with 0: the whole trail.
+    registry.answers().entries_stuck = false;
+    let run = registry.dsrctl(&["audit", "verify"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(run.stdout.contains("intact: 7 entries"), "{run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_pages_that_do_not_advance_are_a_bad_answer() {
+    let key = SigningKey::generate();
+    let public = key.public_key().to_base64();
+    let entries = trail(7);
+    let registry = Registry::start(Answers {
+        checkpoints: checkpoints(&entries, &[1, 3, 5, 7], &key),
+        entries,
+        checkpoints_stuck: true,
+        ..Default::default()
+    })
+    .await;
+    let verify = [
+        "audit",
+        "verify",
+        "--fetch-checkpoints",
+        "--checkpoint-key",
+        &public,
+    ];
+    let mut runs = Vec::new();
+    for args in [&verify[..], &["audit", "checkpoints"]] {
+        runs.push((args, registry.dsrctl(args).await));
+    }
+    for (args, run) in &runs {
+        assert_eq!(run.code, Some(1), "{args:?}: {runs:#?}");
+        assert!(
+            run.stderr.contains("checkpoints after seq 3"),
+            "{args:?}: {run:?}"
+        );
+    }
+    registry.answers().checkpoints_stuck = false;
+    let run = registry.dsrctl(&verify).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(run.stdout.contains("4 signed checkpoints kept"), "{run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_listing_that_names_a_page_again_is_a_bad_answer() {
+    let registry = Registry::start(Answers::default()).await;
+    let run = registry.dsrctl(&["list", "--all"]).await;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stderr.contains("\"p-1\"")
+            && run.stderr.contains("already followed")
+            && !run.stderr.contains("INTERNAL"),
+        "{run:?}"
+    );
+}
