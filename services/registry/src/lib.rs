@@ -29,6 +29,8 @@
 mod api;
 mod app;
 mod auth;
+#[cfg(test)]
+mod complete_part_tests;
 pub mod config;
 pub mod deadline;
 mod dispatcher;
@@ -40,6 +42,8 @@ mod metrics;
 pub mod packages;
 mod reconciler;
 pub mod store;
+#[cfg(test)]
+mod test_postgres;
 mod validate;
 
 pub use app::{App, MAX_API_MESSAGE_BYTES};

@@ -654,8 +654,29 @@ impl ExportUploadService for Api {
             .iter()
             .map(|h| package_file(&processor, h))
             .collect();
-        self.ensure_describable(&part.request_id, &processor, &part.subprocessor, &files)
-            .await?;
+        if let Err(refused) = self
+            .ensure_describable(&part.request_id, &processor, &part.subprocessor, &files)
+            .await
+        {
+            // The size rule is for completing a new part. One already stored (the processor
+            // retrying after a lost answer, or a completion of it committed meanwhile) is
+            // answered as stored below, whatever other parts completing at the same moment
+            // grew the package to: refusing it would fail a task whose part the registry has.
+            let key = (
+                part.request_id.clone(),
+                processor.clone(),
+                part.subprocessor.clone(),
+            );
+            let stored = self
+                .shared
+                .store
+                .parts_stored(&[part.request_id.as_str()])
+                .await
+                .map_err(ApiError::from)?;
+            if !stored.contains(&key) {
+                return Err(refused.into());
+            }
+        }
         let now = self.shared.clock.now_ms();
         let bytes = &self.shared.packages.store;
         let remove_bytes = |name: String| {

@@ -2,11 +2,12 @@
 //! are removed once its dispute window has passed; the keyed identity hashes stay.
 
 use anyhow::Result;
-use dsrelay_proto::v1::{EventType, RequestState};
+use dsrelay_proto::prost::Message;
+use dsrelay_proto::v1::{EventType, RequestState, TransferReceipt};
 
-use super::events::{insert_event, EventDetail};
+use super::events::{audit_text, insert_event, EventDetail};
 use super::rows::Operation;
-use super::Store;
+use super::{Store, Tx};
 use crate::fold::request_is_terminal;
 
 /// The request states after which a request may be forgotten: the terminal ones.
@@ -17,6 +18,52 @@ const FORGETTABLE: [RequestState; 3] = [
     RequestState::Failed,
     RequestState::Cancelled,
 ];
+
+/// Replaces, in the tasks of request `id`, the processor's texts that the registry's words
+/// quote (a legal basis, the recipient's name in a transfer receipt) with their keyed hash,
+/// as the audit trail already holds them ([`audit_text`]). Hashed, not emptied like a note:
+/// a FAILED or CANCELLED request is forgotten even with a task still RETAINED, whose data a
+/// holder may keep for years, and the hash still shows that it is kept under a stated basis,
+/// one that whoever holds the key can match against the processor's text (kept there until
+/// the task is final). A receipt keeps its proof (digest, counts, time) and a recipient.
+async fn hash_quoted_texts(tx: &mut Tx, id: &str) -> Result<()> {
+    let quoted: Vec<(String, String, String, Option<Vec<u8>>)> = sqlx::query_as(
+        "SELECT processor, subprocessor, legal_basis, transfer_receipt FROM tasks \
+         WHERE request_id = $1 AND (legal_basis <> '' OR transfer_receipt IS NOT NULL)",
+    )
+    .bind(id)
+    .fetch_all(tx.conn())
+    .await?;
+    for (processor, subprocessor, basis, receipt) in quoted {
+        let basis = if basis.is_empty() {
+            basis
+        } else {
+            audit_text(&tx.text_key, &basis)
+        };
+        // Written by this registry from a decoded message, so it decodes again; one that did
+        // not could hold anything, and goes.
+        let receipt = receipt
+            .and_then(|b| TransferReceipt::decode(b.as_slice()).ok())
+            .map(|mut r| {
+                if !r.recipient.is_empty() {
+                    r.recipient = audit_text(&tx.text_key, &r.recipient);
+                }
+                r.encode_to_vec()
+            });
+        sqlx::query(
+            "UPDATE tasks SET legal_basis = $1, transfer_receipt = $2 WHERE request_id = $3 \
+             AND processor = $4 AND subprocessor = $5",
+        )
+        .bind(basis)
+        .bind(receipt)
+        .bind(id)
+        .bind(processor)
+        .bind(subprocessor)
+        .execute(tx.conn())
+        .await?;
+    }
+    Ok(())
+}
 
 impl Store {
     /// Requests not forgotten yet that finished (a terminal state) at or before `cutoff`
@@ -39,8 +86,10 @@ impl Store {
 
     /// Removes the request's raw identities and body, the free text that may name its
     /// subject (task notes and reasons, cancel and extension reasons, delivery errors, event
-    /// messages), and records an IDENTITIES_FORGOTTEN event. A Deliver still pending (only
-    /// possible for a cancelled request) is given up: it could carry no identities any more.
+    /// messages; a task's legal basis and its receipt's recipient name are left only as their
+    /// keyed hash, see [`hash_quoted_texts`]), and records an IDENTITIES_FORGOTTEN event. A
+    /// Deliver still pending (only possible for a cancelled request) is given up: it could
+    /// carry no identities any more.
     /// Returns false, changing nothing, when the request is not terminal, finished after
     /// `cutoff`, or was forgotten already.
     pub async fn forget_request(
@@ -75,6 +124,7 @@ impl Store {
             .bind(id)
             .execute(tx.conn())
             .await?;
+        hash_quoted_texts(&mut tx, id).await?;
         sqlx::query("UPDATE deliveries SET last_error = NULL WHERE request_id = $1")
             .bind(id)
             .execute(tx.conn())
@@ -151,20 +201,25 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use dsrelay_proto::v1::RequestKind;
+    use std::collections::BTreeSet;
+
+    use dsrelay_proto::v1::{RequestKind, TaskState, TaskStatus};
     use dsrelay_runtime::store::Db;
 
     use super::*;
-    use crate::store::{NewRequest, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+    use crate::store::{NewRequest, TaskUpdate, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+    use crate::test_postgres::on_postgres;
 
-    async fn store(dir: &std::path::Path) -> Store {
-        let db = Db::connect(&format!("sqlite://{}/registry.db", dir.display()))
-            .await
-            .unwrap();
+    async fn store_at(url: &str) -> Store {
+        let db = Db::connect(url).await.unwrap();
         db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
             .await
             .unwrap();
         Store::new(db, b"test key")
+    }
+
+    async fn store(dir: &std::path::Path) -> Store {
+        store_at(&format!("sqlite://{}/registry.db", dir.display())).await
     }
 
     /// A request in `state`, finished at `finished_at`, with a body naming its subject.
@@ -280,5 +335,176 @@ mod tests {
             Some(&(EventType::IdentitiesForgotten as i32))
         );
         assert!(store.scrub_log().await.unwrap());
+    }
+
+    const SUBJECT: &str = "jane.doe@example.org";
+
+    /// A TRANSFER request to `p1`, delivered, whose tasks end FAILED (`mail`), RETAINED
+    /// under a basis naming the subject (`accounting`) and COMPLETED with a receipt whose
+    /// recipient names her (`crm`): the request is FAILED, so forgotten, while `accounting`
+    /// still keeps data.
+    async fn failed_with_a_retained_task(store: &Store) {
+        store
+            .insert_request(&NewRequest {
+                id: "r1".into(),
+                partner: "crm".into(),
+                idempotency_key: "key-r1".into(),
+                body_hash: "hash-r1".into(),
+                body: SUBJECT.as_bytes().to_vec(),
+                identity_hashes: "[\"h\"]".into(),
+                kind: RequestKind::Transfer as i32,
+                received_at: 0,
+                due_at: 1_000_000,
+                trace_id: "0".repeat(32),
+                traceparent: None,
+                processors: vec!["p1".into()],
+            })
+            .await
+            .unwrap();
+        sqlx::query("UPDATE deliveries SET done_at = 500 WHERE request_id = 'r1' AND op = $1")
+            .bind(Operation::Deliver.as_str())
+            .execute(&store.db.pool)
+            .await
+            .unwrap();
+        let update = |subprocessor: &str, state: TaskState| TaskUpdate {
+            request_id: "r1".into(),
+            subprocessor: subprocessor.into(),
+            sequence: 2,
+            state: state as i32,
+            ..Default::default()
+        };
+        let acks = [
+            TaskUpdate {
+                reason: format!("the mail server does not know {SUBJECT}"),
+                ..update("mail", TaskState::Failed)
+            },
+            TaskUpdate {
+                legal_basis: format!("tax law, as agreed with {SUBJECT}"),
+                retain_until: Some(2_000_000),
+                ..update("accounting", TaskState::Retained)
+            },
+            TaskUpdate {
+                transfer_receipt: Some(TransferReceipt {
+                    request_id: "r1".into(),
+                    subprocessor: "crm".into(),
+                    manifest_sha256: "ab".repeat(32),
+                    files: 1,
+                    bytes: 3,
+                    recipient: format!("the bookkeeper of {SUBJECT}"),
+                    ..Default::default()
+                }),
+                ..update("crm", TaskState::Completed)
+            },
+        ];
+        let routed = BTreeSet::from(["r1".to_string()]);
+        let outcome = store
+            .apply_routed_acks("p1", &acks, routed, 1000)
+            .await
+            .unwrap();
+        assert_eq!(outcome.applied, 3);
+    }
+
+    /// The task columns that hold what processors wrote, each task's as text (the receipt's
+    /// bytes lossily, where the recipient's name stands as UTF-8).
+    async fn task_texts(store: &Store) -> Vec<String> {
+        let rows: Vec<(String, String, String, Option<Vec<u8>>)> = sqlx::query_as(
+            "SELECT note, reason, legal_basis, transfer_receipt FROM tasks \
+             WHERE request_id = 'r1' ORDER BY subprocessor",
+        )
+        .fetch_all(&store.db.pool)
+        .await
+        .unwrap();
+        rows.into_iter()
+            .map(|(note, reason, basis, receipt)| {
+                let receipt = String::from_utf8_lossy(&receipt.unwrap_or_default()).into_owned();
+                format!("{note} | {reason} | {basis} | {receipt}")
+            })
+            .collect()
+    }
+
+    /// A task's legal basis and its receipt's recipient name are the processor's words and
+    /// may name the subject: forgetting leaves each only as the keyed hash the audit trail
+    /// holds, also on a task still RETAINED, whose state, date and the rest of the receipt
+    /// stay; the view Get, List and Watch give shows them so.
+    async fn forgetting_leaves_quoted_texts_only_as_their_keyed_hash(store: Store) {
+        failed_with_a_retained_task(&store).await;
+        let state: i32 = sqlx::query_scalar("SELECT state FROM requests WHERE id = 'r1'")
+            .fetch_one(&store.db.pool)
+            .await
+            .unwrap();
+        assert_eq!(state, RequestState::Failed as i32);
+        let before = task_texts(&store).await;
+        assert_eq!(
+            before.iter().filter(|t| t.contains(SUBJECT)).count(),
+            3,
+            "{before:?}"
+        );
+
+        assert!(store.forget_request("r1", 1000, 5000, "m").await.unwrap());
+        let after = task_texts(&store).await;
+        assert!(after.iter().all(|t| !t.contains(SUBJECT)), "{after:?}");
+        let hashed = |t: &str| audit_text(b"test key", t);
+        let basis = hashed(&format!("tax law, as agreed with {SUBJECT}"));
+        let recipient = hashed(&format!("the bookkeeper of {SUBJECT}"));
+        let tasks = store.tasks("r1").await.unwrap();
+        let task =
+            |name: &str| -> &TaskStatus { tasks.iter().find(|t| t.subprocessor == name).unwrap() };
+        let retained = task("accounting");
+        assert_eq!(retained.state, TaskState::Retained as i32);
+        assert_eq!(retained.legal_basis, basis);
+        assert_eq!(
+            retained.retain_until,
+            Some(dsrelay_proto::timestamp_from_millis(2_000_000))
+        );
+        let receipt = task("crm")
+            .evidence
+            .as_ref()
+            .and_then(|e| e.transfer_receipt.as_ref())
+            .unwrap();
+        assert_eq!(receipt.recipient, recipient);
+        assert_eq!(
+            (
+                receipt.manifest_sha256.as_str(),
+                receipt.files,
+                receipt.bytes
+            ),
+            ("ab".repeat(32).as_str(), 1, 3)
+        );
+        let failed = task("mail");
+        assert_eq!(
+            (failed.reason.as_str(), failed.legal_basis.as_str()),
+            ("", "")
+        );
+        assert!(failed.evidence.as_ref().unwrap().transfer_receipt.is_none());
+
+        // The same hashes as the audit trail's entries, so one is found from the other.
+        store.chain_audit().await.unwrap();
+        let details: Vec<String> = sqlx::query_scalar(
+            "SELECT detail FROM audit_log WHERE request_id = 'r1' AND event_type = $1",
+        )
+        .bind(EventType::TaskUpdated as i32)
+        .fetch_all(&store.db.pool)
+        .await
+        .unwrap();
+        for hash in [&basis, &recipient] {
+            assert!(
+                details.iter().any(|d| d.contains(hash.as_str())),
+                "{details:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn forgetting_leaves_quoted_texts_only_as_their_keyed_hash_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        forgetting_leaves_quoted_texts_only_as_their_keyed_hash(store(dir.path()).await).await;
+    }
+
+    #[tokio::test]
+    async fn forgetting_leaves_quoted_texts_only_as_their_keyed_hash_on_postgres() {
+        on_postgres(|url, _| async move {
+            forgetting_leaves_quoted_texts_only_as_their_keyed_hash(store_at(&url).await).await;
+        })
+        .await;
     }
 }
