@@ -971,11 +971,12 @@ mod tests {
         assert_eq!(
             err.0,
             [
+                // The shared settings' own check comes first.
+                "tls.reload_interval_ms: must be from 0 ms to 2592000000 ms (30 days); it is \
+                 2592000001",
                 "forget_after_days: must be from 0 to 3650 days; it is 3651",
                 "tasks.confirm_interval_ms: must be from 1 ms to 2592000000 ms (30 days); it \
                  is 9223372036854775807",
-                "tls.reload_interval_ms: must be from 0 ms to 2592000000 ms (30 days); it is \
-                 2592000001",
             ]
         );
     }
