@@ -271,8 +271,9 @@ pub struct UploadConfig {
     /// How often the worker looks for due uploads when nothing wakes it (ms); 1 to
     /// [`MAX_DURATION_MS`] (30 days).
     pub poll_interval_ms: u64,
-    /// How long a claimed upload is reserved (ms); renewed after every file, and the
-    /// deadline of sending one file. 1 to [`MAX_DURATION_MS`] (30 days).
+    /// How long a claimed upload is reserved (ms), renewed every third of it while the files
+    /// are sent; also how long sending one file may go without the destination taking a
+    /// chunk of it (or answering after the last). 1 to [`MAX_DURATION_MS`] (30 days).
     pub lease_ms: u64,
     /// Exports uploaded at once.
     pub concurrency: u32,

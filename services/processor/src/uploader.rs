@@ -24,11 +24,19 @@
 //! the last reason. An export that no longer matches what the connector wrote (a file
 //! vanished or changed), or that the destination refuses for good, fails the task at once.
 //! Files are read in chunks, never whole.
+//!
+//! An attempt holds its upload under the claim's lease (`uploads.lease_ms`, on the database's
+//! clock), renewed every third of it while the files are sent, however long one of them
+//! takes. The attempt stops at once, mid-file, when a renewal finds the lease no longer the
+//! claim's (another claim took the upload, or a cancellation found it idle; what the attempt
+//! records then matches the claim's token and changes nothing of the new holder's), or when
+//! renewals failed until the lease may have run out. A file the destination takes no chunk
+//! of for `lease_ms` ends the attempt too, and the next resumes where the destination stands.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dsrelay_connectors::ExportedFile;
 use dsrelay_proto::v1::export_upload_service_client::ExportUploadServiceClient;
@@ -215,14 +223,13 @@ impl Sink<'_> {
         .into_inner())
     }
 
-    /// Sends `chunks` of one file.
+    /// Sends `chunks` of one file. No deadline for the whole call: a large file on a slow
+    /// link takes as long as it takes, and [`send_file`] ends a send that stops moving.
     async fn send(
         &self,
         chunks: impl futures::Stream<Item = UploadFileChunk> + Send + 'static,
-        timeout: Duration,
     ) -> Result<UploadState, tonic::Status> {
-        let mut req = tonic::Request::new(chunks);
-        req.set_timeout(timeout);
+        let req = tonic::Request::new(chunks);
         Ok(match self {
             Sink::Registry(c) => c.clone().upload_file(req).await?,
             Sink::Recipient { client, .. } => client.clone().send_file(req).await?,
@@ -532,14 +539,24 @@ async fn send_export(
         .zip(&headers)
         .map(|(f, header)| deliver_file(shared, job, sink, &dir, f, header, timeout))
         .collect();
-    let mut sending = futures::stream::iter(files).buffer_unordered(FILES_AT_ONCE);
-    while let Some(sent) = sending.next().await {
-        sent?;
+    let sending = async {
+        let mut sending = futures::stream::iter(files).buffer_unordered(FILES_AT_ONCE);
+        while let Some(sent) = sending.next().await {
+            sent?;
+        }
+        Ok(())
+    };
+    // The lease is renewed while the files go, however long one of them takes: a file
+    // that outlasted it used to lose the upload to another claim mid-file, every attempt.
+    let mut lease = UploadLease::new(shared, job);
+    tokio::select! {
+        sent = sending => sent?,
+        lost = lease.keep() => return Err(lost),
     }
     // The part is closed only under a lease held now: a cancellation reads a leased upload
     // as busy and lets the delivery be recorded, but it cancels the task of one whose lease
-    // ran out (the renewals after each file may have failed, or one file took longer than
-    // the lease), and this sender must then not deliver.
+    // ran out (renewals that failed while the files were sent leave the lease running down,
+    // and it may end before this point), and this sender must then not deliver.
     hold_lease(shared, job).await?;
     let receipt = sink
         .complete(key, headers.clone(), timeout)
@@ -556,7 +573,7 @@ async fn send_export(
 }
 
 /// Sends one file of `job`'s export unless the destination holds it whole already (asking
-/// with `timeout`), and extends the upload's lease.
+/// with `timeout`); the caller keeps the upload's lease meanwhile.
 async fn deliver_file(
     shared: &Shared,
     job: &UploadJob,
@@ -581,28 +598,85 @@ async fn deliver_file(
             f.size.saturating_sub(state.offset),
         );
     }
-    match shared
-        .store
-        .extend_upload_lease(job.claim(), cfg.lease_ms as i64)
-        .await
-    {
-        Ok(true) => {}
-        // Its lease ran out while the file was sent. Another claim may have taken the
-        // upload (that sender goes on, and what this one would record changes nothing), or a
-        // cancellation may have read it as idle: either way this sender stops.
-        Ok(false) => {
-            return Err(Failure::Retry(
-                "another sender took this export over (this one's lease ran out while it \
-                 sent a file)"
-                    .into(),
-            ))
-        }
-        Err(e) => tracing::warn!(
-            error = format!("{e:#}"),
-            "extending an upload's lease failed"
-        ),
-    }
     Ok(())
+}
+
+/// This sender's lease on its upload while the files are sent ([`UploadLease::keep`]).
+struct UploadLease<'a> {
+    shared: &'a Shared,
+    job: &'a UploadJob,
+    lease_ms: u64,
+    /// Until when the claim or the last renewal that held extends it, as far as this sender
+    /// can tell: the database's clock decides, but the time elapsed since is measured here,
+    /// from before each statement was sent, so never past the lease's real end.
+    held_until: Instant,
+}
+
+impl<'a> UploadLease<'a> {
+    fn new(shared: &'a Shared, job: &'a UploadJob) -> Self {
+        let lease_ms = shared.config.uploads.lease_ms;
+        Self {
+            shared,
+            job,
+            lease_ms,
+            held_until: job.claimed_at + Duration::from_millis(lease_ms),
+        }
+    }
+
+    /// How often the lease is renewed: three tries before it runs out.
+    fn every(&self) -> Duration {
+        Duration::from_millis((self.lease_ms / 3).max(1))
+    }
+
+    /// Renews the lease every third of `uploads.lease_ms` for as long as it is awaited;
+    /// resolves only when the lease is lost, with the attempt's failure.
+    async fn keep(&mut self) -> Failure {
+        loop {
+            tokio::time::sleep(self.every()).await;
+            if let Err(lost) = self.renew().await {
+                return lost;
+            }
+        }
+    }
+
+    /// Extends the lease by `lease_ms` from now (the database's clock). A renewal that
+    /// finds the lease no longer this claim's loses it at once: another claim took the
+    /// upload (that sender goes on, and what this one would record changes nothing), or
+    /// the lease ran out and a cancellation may have read the upload as idle; the store
+    /// revives no ended lease. A renewal that fails (the database unreachable) is tried
+    /// again at the next one while the lease lasts, as the runner keeps a task's: a
+    /// moment's outage should not throw away a large file half sent. Once the failures
+    /// would outlast the lease the sender cannot tell it still holds the upload, so it
+    /// stops as if it knew it did not.
+    async fn renew(&mut self) -> Result<(), Failure> {
+        let asked = Instant::now();
+        match self
+            .shared
+            .store
+            .extend_upload_lease(self.job.claim(), self.lease_ms as i64)
+            .await
+        {
+            Ok(true) => {
+                self.held_until = asked + Duration::from_millis(self.lease_ms);
+                Ok(())
+            }
+            Ok(false) => Err(Failure::Retry(
+                "another sender took this export over, or a cancellation found it idle: this \
+                 sender's lease ran out while it sent"
+                    .into(),
+            )),
+            Err(e) if Instant::now() + self.every() >= self.held_until => Err(Failure::Retry(
+                format!("renewing the export's lease failed until it ran out: {e:#}"),
+            )),
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "renewing an upload's lease failed; tried again while the lease lasts"
+                );
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Renews the upload's lease, or fails the attempt (to be retried) when the lease is no
@@ -684,6 +758,8 @@ struct Reading {
     to_end: bool,
     /// Reading failed: the check cannot be made this time.
     failed: bool,
+    /// When the transport last asked for a message of the file (`None`: not yet).
+    moved_at: Option<Instant>,
 }
 
 impl Reading {
@@ -720,13 +796,16 @@ async fn open(path: &Path, f: &ExportedFile) -> Result<tokio::fs::File, Failure>
 /// Streams the file at `path` from `offset` to its end, in chunks of [`CHUNK`] bytes with
 /// their checksums; the first message carries the header. The whole file is hashed on the way
 /// (the part before `offset` first), so a file that changed since the connector wrote it
-/// fails the task instead of being retried: it is read once per attempt, not twice.
+/// fails the task instead of being retried: it is read once per attempt, not twice. The send
+/// fails when the destination takes no chunk, or does not answer after the last, for
+/// `idle_ms`: a slow link's file goes on for as long as it moves, a stuck one holds the
+/// upload no longer.
 async fn send_file(
     sink: &Sink<'_>,
     path: &Path,
     header: &ExportFileHeader,
     offset: u64,
-    timeout_ms: u64,
+    idle_ms: u64,
 ) -> Result<(), Failure> {
     let meta = ExportedFile {
         name: header.name.clone(),
@@ -766,6 +845,8 @@ async fn send_file(
     let chunks = futures::stream::unfold(
         (file, offset, first, false, reading.clone()),
         |(mut file, offset, header, done, reading)| async move {
+            // Asked for the next message: the transport has room, the destination moves.
+            reading.lock().unwrap_or_else(|p| p.into_inner()).moved_at = Some(Instant::now());
             if done {
                 return None;
             }
@@ -809,7 +890,29 @@ async fn send_file(
         },
     );
     let to = sink.destination();
-    let sent = sink.send(chunks, Duration::from_millis(timeout_ms)).await;
+    let idle = Duration::from_millis(idle_ms);
+    let started = Instant::now();
+    let moved_at = || {
+        reading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .moved_at
+            .unwrap_or(started)
+    };
+    let send = sink.send(chunks);
+    tokio::pin!(send);
+    let sent = loop {
+        let moved = moved_at();
+        tokio::select! {
+            sent = &mut send => break Some(sent),
+            () = tokio::time::sleep_until((moved + idle).into()) => {
+                if moved_at() == moved {
+                    // Dropping the call ends the stream; the destination keeps what it took.
+                    break None;
+                }
+            }
+        }
+    };
     // A file that changed is the reason, whatever the destination made of it.
     let changed = reading
         .lock()
@@ -818,6 +921,13 @@ async fn send_file(
     if let Some(changed) = changed {
         return Err(changed);
     }
+    let Some(sent) = sent else {
+        return Err(Failure::Retry(format!(
+            "{to} took no more of {} for {idle_ms} ms (uploads.lease_ms); the next attempt \
+             resumes where it stands",
+            header.name
+        )));
+    };
     let state = sent.map_err(|s| {
         refused(
             to,
@@ -922,3 +1032,7 @@ mod tests {
         assert_eq!(why, "it is for request r1 at newsletter");
     }
 }
+
+#[cfg(test)]
+#[path = "upload_lease_tests.rs"]
+mod lease_tests;

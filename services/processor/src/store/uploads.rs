@@ -36,6 +36,10 @@ pub struct UploadJob {
     /// A CONTRACT_END whose terms return the data to a transfer recipient: its name (empty
     /// for a return to the registry and on every other kind).
     pub contract_recipient: String,
+    /// When the claim was asked for, on this process's monotonic clock: the lease the claim
+    /// set runs `lease_ms` from a moment no earlier, so a sender counting from here never
+    /// believes it holds the upload longer than it does.
+    pub claimed_at: std::time::Instant,
 }
 
 impl UploadJob {
@@ -148,6 +152,7 @@ impl Store {
     ) -> Result<Vec<UploadJob>> {
         let backend = self.db.backend;
         let db_now = backend.now_ms();
+        let claimed_at = std::time::Instant::now();
         // One statement whatever `limit` is (see dsrelay_runtime::store's "Claims").
         let mut rows: Vec<UploadRecord> = sqlx::query_as(&format!(
             "WITH picked AS MATERIALIZED (SELECT u.controller, u.request_id, u.subprocessor \
@@ -225,6 +230,7 @@ impl Store {
                 due_at: r.due_at,
                 recipient,
                 contract_recipient: r.contract_recipient.unwrap_or_default(),
+                claimed_at,
             });
         }
         Ok(jobs)
