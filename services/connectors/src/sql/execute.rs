@@ -35,6 +35,19 @@ pub(crate) struct ErasureReport {
     /// Rows erased per table and action, in the order the tables were handled; rows kept
     /// under an obligation and stripped of what it does not need count as `anonymized`.
     pub(crate) counts: Vec<ErasedCount>,
+    /// When the subject's rows are only in `keep` tables (nothing deleted, anonymized or
+    /// kept under `retain`): those tables with their rows. Nothing was erased, and the
+    /// answer must say so, on a replay from the receipt too. Receipts stored before it
+    /// existed lack it and read as empty, their answer as it was then.
+    #[serde(default)]
+    pub(crate) only_kept: Vec<KeptRows>,
+}
+
+/// The subject's rows in one `keep` table.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct KeptRows {
+    pub(crate) table: String,
+    pub(crate) rows: i64,
 }
 
 /// What an erasure keeps under `retain` rules.
@@ -164,6 +177,9 @@ impl<'a> Scoped<'a> {
         let mut next_release: Option<i64> = None;
         let mut bases: Vec<&str> = Vec::new();
         let mut counts = Vec::new();
+        let mut in_keep_tables = Vec::new();
+        // Whether any rule but `keep` found the subject's rows, erasing or retaining them.
+        let mut handled = false;
         for step in &plan {
             let rule = step.rule;
             let table = rule.table.as_str();
@@ -181,6 +197,12 @@ impl<'a> Scoped<'a> {
                     None => 0,
                 };
                 found |= rows > 0;
+                if rows > 0 {
+                    in_keep_tables.push(KeptRows {
+                        table: table.to_string(),
+                        rows,
+                    });
+                }
                 notes.push(format!("{table}: kept {rows} (action keep)"));
                 continue;
             }
@@ -214,6 +236,7 @@ impl<'a> Scoped<'a> {
             let done = rows_changed(&next().1);
             total = total.saturating_add(done).saturating_add(anonymized);
             found |= done > 0 || kept > 0;
+            handled |= done > 0 || kept > 0 || anonymized > 0;
             counts.push(ErasedCount {
                 target: table.to_string(),
                 action: rule.action.done().to_string(),
@@ -283,6 +306,10 @@ impl<'a> Scoped<'a> {
                 until_ms: next_release.unwrap_or(now_ms),
                 rows: kept_rows,
             }),
+            only_kept: match handled {
+                true => Vec::new(),
+                false => in_keep_tables,
+            },
         };
         if let Some(key) = task_key {
             let receipts = self.config.receipts_table();

@@ -3,13 +3,16 @@
 //!
 //! Each rule names a table and says, for that table:
 //! - how the subject's rows are found: directly, by matching identity values against columns
-//!   (`match`), or through a parent table's matched rows (`parent`). Only raw values of a
-//!   matched type are searched by; the outcome's note names the identities left out (a
-//!   hashed e-mail, a type no table matches), never their values;
+//!   (`match`, see Matching below), or through a parent table's matched rows (`parent`). Only
+//!   raw values of a matched type are searched by; the outcome's note names the identities
+//!   left out (a hashed e-mail, a type no table matches), never their values;
 //! - what erasure does with them (`action`): delete them, anonymize some columns
 //!   (`anonymize`), or `keep` them untouched. Kept rows are counted in the note (`kept 2
-//!   (action keep)`) and are the subject's data all the same: a subject found only in `keep`
-//!   tables is [`Outcome::Completed`] with nothing erased, never [`Outcome::NotFound`];
+//!   (action keep)`) beside what is erased. An erasure that finds the subject's rows only in
+//!   `keep` tables erases nothing, so it is [`Outcome::Refused`], the reason saying so with
+//!   the rows per table: neither [`Outcome::Completed`], which promises erasure, nor
+//!   [`Outcome::NotFound`], since the data is there (a [`Phase::RetentionExpired`] run,
+//!   whose first run erased, still completes with nothing left to erase);
 //! - whether a legal obligation keeps them for a while (`retain`, see below);
 //! - which columns a RETURN_OF_DATA or TRANSFER export contains (`export`): the subject's
 //!   rows of each such table are written, as a cursor yields them (unsorted: in the order
@@ -26,6 +29,45 @@
 //! The connector supports a request kind when some table is configured for it (ERASURE and
 //! CONTRACT_END when some table is not `keep`; a contract end's return exports the tables
 //! with `export` and writes no files when there are none).
+//!
+//! # Matching
+//!
+//! A matched table's rows are those whose `match` columns equal one of the request's raw
+//! identity values (bound as parameters; one term per identity, ORed):
+//! - a customer number or national id: the column as it is, `"customer_no" = $1`;
+//! - an e-mail: stored addresses keep the case they were typed in, and `lower()` lowers only
+//!   ASCII letters on SQLite and on PostgreSQL under the C collation. `lower("email")` is
+//!   compared with the request's address through the same `lower()` and, when the address
+//!   has a non-ASCII letter, also with its non-ASCII letters in lower case and in capitals
+//!   (each through `lower()` too: `lower("email") IN (lower($1), lower($2), lower($3))`).
+//!   A stored address that differs from the request's in letter case is found when its
+//!   non-ASCII letters are all in lower case, all capitals, or cased as in the request's
+//!   ('äiti@x.fi', 'ÄITI@X.FI', 'Äiti@X.FI' for 'Äiti@x.fi'); one that mixes them otherwise
+//!   ('Äiti.öljy@x.fi' for 'äiti.Öljy@x.fi') is found only where `lower()` is Unicode-aware
+//!   (PostgreSQL under a libc or ICU locale other than C). An index on the expression
+//!   serves the match: `CREATE INDEX customers_email_lower ON customers (lower("email"))`;
+//! - a phone number: the request's number is reduced to its digits and '+', and the column
+//!   loses in SQL the separators people type (space, '-', '(', ')', '.', '/'), so that a
+//!   stored '+358 40 123 4567' is found. An index on the bare column cannot serve that, and
+//!   the phone term, ORed with the other identities', makes every statement of the request
+//!   read the whole table (on PostgreSQL a full scan where a BitmapOr of indexes was): the
+//!   probe, the counts, the anonymization and the deletion, and the child tables'
+//!   subqueries. No form of the match is served by an index on the column: the stored
+//!   separators are known only once the row is read.
+//!
+//! On a large table, index the exact expression the match uses, here for the match column
+//! `phone` of `customers` (for another, the same with its names, the column double-quoted):
+//!
+//! ```sql
+//! CREATE INDEX customers_phone_digits ON customers ((
+//!     REPLACE(REPLACE(REPLACE(REPLACE(REPLACE(REPLACE("phone",
+//!     ' ', ''), '-', ''), '(', ''), ')', ''), '.', ''), '/', '')
+//! ));
+//! ```
+//!
+//! Both databases use an index on an expression only for a query with the same expression
+//! (a test holds this text to the code's). With it and an index on each other match column,
+//! a request's statements read by index again.
 //!
 //! # Controllers
 //!
@@ -85,8 +127,9 @@
 //! looks the key up): it rolls back what it did (which, the work being done, is at most
 //! what changed since) and answers with the stored report
 //! ([`Outcome::Completed`] or [`Outcome::Retained`], the note saying that an earlier attempt
-//! did the work), where reading the holder could not tell "erased by me" from "never there"
-//! and would answer [`Outcome::NotFound`]. A concurrent call of the same task waits on the
+//! did the work; the refusal of one that found rows only in `keep` tables), where reading
+//! the holder could not tell "erased by me" from "never there" and would answer
+//! [`Outcome::NotFound`]. A concurrent call of the same task waits on the
 //! key and then finds the receipt, or stores its own if the other rolled back. The table is
 //! created with `CREATE TABLE IF NOT EXISTS` when the connector connects, in every database
 //! it erases in, unless it can already be read; a database user without the right to create
@@ -375,10 +418,16 @@ impl Connector for SqlConnector {
                     reason: "the request kind is unspecified".into(),
                 }),
             };
-            // An answer about the subject says what it did not search by.
-            Ok(match plan::unsearched(&self.config, ids) {
-                Some(extra) => outcome?.with_note_added(&extra),
-                None => outcome?,
+            // An answer about the subject says what it did not search by; an erasure's
+            // refusal (rows only in `keep` tables) is one.
+            Ok(match (plan::unsearched(&self.config, ids), outcome?) {
+                (Some(extra), Outcome::Refused { reason }) if kind == RequestKind::Erasure => {
+                    Outcome::Refused {
+                        reason: format!("{reason}; {extra}"),
+                    }
+                }
+                (Some(extra), outcome) => outcome.with_note_added(&extra),
+                (None, outcome) => outcome,
             })
         })
     }
@@ -400,6 +449,22 @@ impl Connector for SqlConnector {
 
 fn erasure_outcome(report: ErasureReport, phase: &Phase) -> Outcome {
     match report.retained {
+        // COMPLETED would promise an erasure that did not happen; NOT_FOUND would deny data
+        // that is there. A later phase's first run erased, so there it is only what is left.
+        None if !report.only_kept.is_empty() && !phase.is_retention_expired() => {
+            let tables: Vec<String> = report
+                .only_kept
+                .iter()
+                .map(|k| format!("{}: {}", k.table, k.rows))
+                .collect();
+            Outcome::Refused {
+                reason: format!(
+                    "nothing erased: the subject's rows are only in tables this connector \
+                     keeps on erasure (action keep): {}",
+                    tables.join(", ")
+                ),
+            }
+        }
         Some(kept) => Outcome::Retained {
             legal_basis: kept.legal_basis,
             until_ms: kept.until_ms,
@@ -410,7 +475,7 @@ fn erasure_outcome(report: ErasureReport, phase: &Phase) -> Outcome {
         // The first run found the subject; finding nothing later means nothing is left.
         None if report.found || phase.is_retention_expired() => Outcome::Completed {
             records_affected: report.records_affected,
-            note: if report.found {
+            note: if report.found && report.only_kept.is_empty() {
                 report.note
             } else {
                 format!("nothing left to erase: {}", report.note)

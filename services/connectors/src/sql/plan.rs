@@ -71,8 +71,8 @@ impl Binds {
     }
 }
 
-/// A RAW identity of a type some table matches, normalized (an e-mail only trimmed: the
-/// database lowers it).
+/// A RAW identity of a type some table matches, normalized (an e-mail only trimmed: its case
+/// forms are made where it is matched, see [`email_match`]).
 pub(super) type Identity = (IdentityType, String);
 
 /// Whose rows the statements select.
@@ -196,8 +196,8 @@ pub(super) fn plan_erasure<'a>(
 }
 
 /// A `keep` table's part of an erasure: counting the subject's rows there, which stay as they
-/// are but are the subject's data all the same (a subject found only there is no NOT_FOUND);
-/// `None` when no identity of the subject applies to the table.
+/// are but are the subject's data all the same (an erasure that finds only them is refused,
+/// not NOT_FOUND); `None` when no identity of the subject applies to the table.
 fn plan_keep_count(
     config: &SqlConnectorConfig,
     rule: &TableRule,
@@ -515,8 +515,8 @@ fn searchable(usable_keys: &BTreeSet<&str>, id: &SubjectIdentity) -> Result<Iden
     if match_key(ty).filter(|k| usable_keys.contains(k)).is_none() {
         return Err(format!("{} (no table here matches it)", name()));
     }
-    // An e-mail is lowered in SQL, on both sides of the match (see match_clause), not by
-    // normalize()'s Unicode lowercasing.
+    // An e-mail keeps its case here: normalize()'s Unicode lowercasing alone would miss an
+    // address stored with a non-ASCII capital (see email_match).
     let value = match ty {
         IdentityType::Email => id.value.trim().to_string(),
         _ => normalize(ty, &id.value),
@@ -629,19 +629,65 @@ fn match_clause(
         let Some(column) = match_key(*ty).and_then(|k| columns.get(k)) else {
             continue;
         };
-        let p = binds.add(value.clone());
-        // Stored addresses keep whatever case they were typed in. Both sides go through the
-        // database's lower(), which on SQLite (and PostgreSQL under the C collation) changes
-        // only ASCII: lowering the value in Rust would lower 'Ä' too, and then no address
-        // stored with a non-ASCII capital would match even itself. lower(column) is left as
-        // it was, so that an index on that expression still serves the match.
         terms.push(match ty {
-            IdentityType::Email => format!("lower({}) = lower({p})", quote(column)),
-            IdentityType::Phone => format!("{} = {p}", phone_digits(column)),
-            _ => format!("{} = {p}", quote(column)),
+            IdentityType::Email => email_match(column, value, binds),
+            IdentityType::Phone => format!("{} = {}", phone_digits(column), binds.add(value)),
+            _ => format!("{} = {}", quote(column), binds.add(value)),
         });
     }
     (!terms.is_empty()).then(|| format!("({})", terms.join(" OR ")))
+}
+
+/// The match of an e-mail `column` with the request's address `value`.
+///
+/// Stored addresses keep whatever case they were typed in, and the database's lower() changes
+/// only ASCII letters on SQLite (and on PostgreSQL under the C collation): a stored
+/// 'ÄNNI@X.FI' lowers to 'Änni@x.fi'. No one form of the request's address meets every
+/// stored form, so lower(column) is compared with up to three, each through the same lower():
+/// the address as given (a stored address whose non-ASCII letters are cased as the
+/// request's), with its non-ASCII letters in lower case, and with them in capitals. Where
+/// lower() is Unicode-aware the first alone meets every case. Only letters with a one-letter
+/// non-ASCII counterpart change ([`non_ascii_case`]), so that no form names another mailbox
+/// ('ß' is no "SS"). lower(column) stays as it is on the left, so that an index on that
+/// expression serves `=` and `IN` alike.
+fn email_match(column: &str, value: &str, binds: &mut Binds) -> String {
+    let mut forms = vec![value.to_string()];
+    for form in [
+        non_ascii_case(value, |c| c.to_lowercase()),
+        non_ascii_case(value, |c| c.to_uppercase()),
+    ] {
+        if !forms.contains(&form) {
+            forms.push(form);
+        }
+    }
+    let lowered: Vec<String> = forms
+        .into_iter()
+        .map(|form| format!("lower({})", binds.add(form)))
+        .collect();
+    let stored = format!("lower({})", quote(column));
+    match lowered.as_slice() {
+        [one] => format!("{stored} = {one}"),
+        many => format!("{stored} IN ({})", many.join(", ")),
+    }
+}
+
+/// `value` with each non-ASCII letter that `map` turns into one other non-ASCII letter so
+/// turned; ASCII (which lower() handles) and letters whose counterpart is longer or ASCII
+/// ('ß' and "SS", 'ſ' and 'S') stay as they are.
+fn non_ascii_case<I: Iterator<Item = char>>(value: &str, map: impl Fn(char) -> I) -> String {
+    value
+        .chars()
+        .map(|c| {
+            if c.is_ascii() {
+                return c;
+            }
+            let mut mapped = map(c);
+            match (mapped.next(), mapped.next()) {
+                (Some(m), None) if !m.is_ascii() => m,
+                _ => c,
+            }
+        })
+        .collect()
 }
 
 /// The separators people write phone numbers with.
@@ -653,12 +699,24 @@ const PHONE_SEPARATORS: [&str; 6] = [" ", "-", "(", ")", ".", "/"];
 /// a stored '+358 40 123 4567' would never match, not even the same text. SQL has no
 /// "keep only these characters", so the separators the identity validation admits (space,
 /// '-', '(' and ')') and those common in stored numbers ('.' and '/') are removed one by
-/// one; the same REPLACE works on both backends. An index on the bare column no longer
-/// serves this match; one on this expression would.
+/// one; the same REPLACE works on both backends. An index on the bare column does not serve
+/// this match, and ORed with the other identities' terms it makes every statement of the
+/// request read the whole table; an index on this very expression does serve it. The module
+/// documentation gives that index, and a test checks it against this function.
 fn phone_digits(column: &str) -> String {
     PHONE_SEPARATORS.iter().fold(quote(column), |inner, sep| {
         format!("REPLACE({inner}, '{sep}', '')")
     })
+}
+
+/// The index the module documentation tells operators to create for a phone match column
+/// `phone` of `customers`.
+#[cfg(test)]
+pub(super) fn documented_phone_index() -> String {
+    format!(
+        "CREATE INDEX customers_phone_digits ON customers (({}))",
+        phone_digits("phone")
+    )
 }
 
 fn match_key(ty: IdentityType) -> Option<&'static str> {
@@ -807,6 +865,103 @@ mod tests {
              '(', ''), ')', ''), '.', ''), '/', '') = $1)"
         );
         assert_eq!(binds.0, ["+358401234567"]);
+    }
+
+    #[test]
+    fn an_email_with_non_ascii_letters_is_matched_in_its_case_forms() {
+        let columns = [("email".to_string(), "email".to_string())].into();
+        let clause = |value: &str| {
+            let mut binds = Binds::default();
+            let raw = [(IdentityType::Email, value.to_string())];
+            (match_clause(&columns, &raw, &mut binds).unwrap(), binds.0)
+        };
+        // As given, its non-ASCII letters lowered, and in capitals; each lowered by SQL.
+        assert_eq!(
+            clause("äiti.Öljy@X.fi"),
+            (
+                "(lower(\"email\") IN (lower($1), lower($2), lower($3)))".to_string(),
+                vec![
+                    "äiti.Öljy@X.fi".to_string(),
+                    "äiti.öljy@X.fi".to_string(),
+                    "Äiti.Öljy@X.fi".to_string(),
+                ]
+            )
+        );
+        // A form equal to another is bound once.
+        assert_eq!(
+            clause("Äiti@x.fi"),
+            (
+                "(lower(\"email\") IN (lower($1), lower($2)))".to_string(),
+                vec!["Äiti@x.fi".to_string(), "äiti@x.fi".to_string()]
+            )
+        );
+        // ASCII, and letters whose other case is no single non-ASCII letter ('ß', "SS";
+        // 'ſ', 'S'), have one form: no form may name another mailbox.
+        for value in ["Maija@Example.fi", "straße@x.de", "ſam@x.fi"] {
+            assert_eq!(
+                clause(value),
+                (
+                    "(lower(\"email\") = lower($1))".to_string(),
+                    vec![value.to_string()]
+                )
+            );
+        }
+    }
+
+    /// The statement of each ```sql block of `text` (`//!` lines or Markdown), compacted.
+    fn sql_blocks(text: &str) -> Vec<String> {
+        let mut blocks = Vec::new();
+        let mut block: Option<String> = None;
+        for line in text.lines() {
+            let line = line.trim_start().trim_start_matches("//!").trim();
+            if let Some(sql) = block.as_mut() {
+                if line == "```" {
+                    blocks.push(compact(sql));
+                    block = None;
+                } else {
+                    sql.push_str(line);
+                    sql.push('\n');
+                }
+            } else if line == "```sql" {
+                block = Some(String::new());
+            }
+        }
+        blocks
+    }
+
+    /// `sql` without whitespace outside quotes and its closing ';': how a statement is laid
+    /// out across lines does not change it.
+    fn compact(sql: &str) -> String {
+        let mut out = String::new();
+        let mut quoted = false;
+        for c in sql.chars() {
+            quoted ^= c == '\'';
+            if quoted || c == '\'' || !c.is_whitespace() {
+                out.push(c);
+            }
+        }
+        out.trim_end_matches(';').to_string()
+    }
+
+    /// An expression index serves only the expression it was created on, so the one the
+    /// documentation gives must be the one the match uses, character for character
+    /// (whitespace aside).
+    #[test]
+    fn the_documented_phone_index_is_on_the_expression_the_match_uses() {
+        let index = compact(&documented_phone_index());
+        for (doc, text) in [
+            ("sql/mod.rs", include_str!("mod.rs")),
+            ("README.md", include_str!("../../../../README.md")),
+        ] {
+            let blocks = sql_blocks(text);
+            assert!(blocks.contains(&index), "{doc}: {index} not in {blocks:?}");
+        }
+        // And the match compares exactly that expression.
+        let columns = [("phone".to_string(), "phone".to_string())].into();
+        let raw = [(IdentityType::Phone, "+358401234567".to_string())];
+        let clause = match_clause(&columns, &raw, &mut Binds::default()).unwrap();
+        assert_eq!(clause, format!("({} = $1)", phone_digits("phone")));
+        assert!(index.contains(&compact(&phone_digits("phone"))));
     }
 
     #[test]

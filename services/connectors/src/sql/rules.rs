@@ -132,8 +132,10 @@ pub enum Action {
     /// Keep the rows but overwrite the columns listed in `anonymize`.
     Anonymize,
     /// Never touch the rows in an erasure (the table is listed for export, rectification,
-    /// restriction or objection, or to find child rows through it); the erasure counts the
-    /// subject's rows there, so that finding them is not answered as holding no data.
+    /// restriction or objection, or to find child rows through it). The erasure counts the
+    /// subject's rows there: beside rows it erases, in its note; when they are the only rows
+    /// it finds, it erased nothing and is refused, the reason naming the tables and counts
+    /// (not COMPLETED, which promises erasure, nor NOT_FOUND, which denies the data).
     Keep,
 }
 
