@@ -235,7 +235,8 @@ pub struct AckConfig {
     /// How long claimed acknowledgements are reserved (ms); 1 to [`MAX_DURATION_MS`] (30
     /// days).
     pub lease_ms: u64,
-    /// Acknowledgements per call.
+    /// Acknowledgements claimed per round; each controller's share goes in calls of at most
+    /// 500 and 3 MiB.
     pub batch_size: u32,
     /// Deadline of one Acknowledge call (ms); 1 to [`MAX_CALL_TIMEOUT_MS`] (one hour).
     pub call_timeout_ms: u64,

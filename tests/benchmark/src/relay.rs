@@ -88,7 +88,7 @@ pub(crate) fn settings_description(
         format!(
             "processor tasks: poll {} ms (a Deliver also wakes the runner), batch {}, {} at once; \
              acknowledgements: poll {} ms (a task step also wakes the sender, but for the one \
-             starting a holder's call), up to {} per call; \
+             starting a holder's call), up to {} claimed per round; \
              everything else at its default",
             t.poll_interval_ms, t.batch_size, t.concurrency, a.poll_interval_ms, a.batch_size
         ),
