@@ -5,12 +5,13 @@
 //! base64; `key_id`). `verify` checks such a file offline against the processor's public
 //! key and prints what it certifies.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{anyhow, Context};
 use dsrelay_processor::certificates::CertificateBody;
+use dsrelay_proto::v1::StoredCertificate;
 use dsrelay_runtime::signing::{PublicKey, Signed};
 
 use crate::cli::{CertificateGetArgs, CertificateVerifyArgs, OutputFormat};
@@ -45,8 +46,7 @@ pub(crate) async fn get(
             names.join(", ")
         )));
     }
-    // The latest: a follow-up names the one before it.
-    let Some(stored) = list.last() else {
+    let Some(stored) = latest(&list) else {
         return Err(Failure::Certificate(anyhow!(
             "the registry sent no certificate"
         )));
@@ -91,6 +91,25 @@ pub(crate) async fn get(
         )?,
     }
     Ok(0)
+}
+
+/// The latest of one task's certificates: the one no other follows up. The registry lists
+/// them in the processor's order, but an older registry lists them as they arrived, where a
+/// retried stale certificate comes after its follow-up. When several qualify (a body the
+/// registry could not read names nothing and is named by nothing) the last listed wins.
+fn latest(list: &[StoredCertificate]) -> Option<&StoredCertificate> {
+    let followed: HashSet<String> = list
+        .iter()
+        .filter_map(|c| {
+            let body = &c.certificate.as_ref()?.body;
+            let value = serde_json::from_slice::<serde_json::Value>(body).ok()?;
+            Some(value.get("follows")?.as_str()?.to_string())
+        })
+        .collect();
+    list.iter()
+        .rev()
+        .find(|c| !followed.contains(&c.certificate_id))
+        .or(list.last())
 }
 
 /// Checks a certificate file against a public key, with no server; exit 1 when it fails.
@@ -173,4 +192,55 @@ fn describe(b: &CertificateBody) -> String {
     }
     let _ = writeln!(s, "issued at     {}", b.issued_at);
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use dsrelay_proto::v1::DeletionCertificate;
+
+    use super::*;
+
+    fn stored(id: &str, body: &str) -> StoredCertificate {
+        StoredCertificate {
+            processor: "p".into(),
+            subprocessor: "accounting".into(),
+            certificate: Some(DeletionCertificate {
+                body: body.as_bytes().to_vec(),
+                ..Default::default()
+            }),
+            verified: true,
+            certificate_id: id.into(),
+            ..Default::default()
+        }
+    }
+
+    fn latest_id(list: &[StoredCertificate]) -> Option<&str> {
+        latest(list).map(|c| c.certificate_id.as_str())
+    }
+
+    #[test]
+    fn the_latest_is_the_one_no_other_follows_up_wherever_it_is_listed() {
+        let retained = stored("c1", r#"{"certificate_id":"c1","task_state":"RETAINED"}"#);
+        let completed = stored(
+            "c2",
+            r#"{"certificate_id":"c2","follows":"c1","task_state":"COMPLETED"}"#,
+        );
+        assert_eq!(
+            latest_id(&[retained.clone(), completed.clone()]),
+            Some("c2")
+        );
+        // In arrival order, as an older registry lists them: the RETAINED step's
+        // acknowledgement was retried after its follow-up had arrived.
+        assert_eq!(latest_id(&[completed, retained]), Some("c2"));
+    }
+
+    #[test]
+    fn certificates_that_say_nothing_of_each_other_leave_the_choice_to_the_list_order() {
+        let unreadable = stored("", "not json");
+        let first = stored("c1", r#"{"certificate_id":"c1"}"#);
+        assert_eq!(latest_id(&[first.clone(), unreadable.clone()]), Some(""));
+        assert_eq!(latest_id(&[unreadable, first.clone()]), Some("c1"));
+        assert_eq!(latest_id(&[first]), Some("c1"));
+        assert_eq!(latest_id(&[]), None);
+    }
 }

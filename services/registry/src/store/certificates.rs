@@ -134,8 +134,15 @@ pub(super) fn recorded_event(
 }
 
 impl Store {
-    /// A request's certificates, oldest first; `processor` and `subprocessor` narrow them
-    /// when not empty.
+    /// A request's certificates, each task's together and oldest first by its processor's
+    /// sequence, the tasks in the order their first certificate arrived; `processor` and
+    /// `subprocessor` narrow them when not empty.
+    ///
+    /// Not in arrival order: an acknowledgement whose send failed is retried after its
+    /// follow-up may have arrived, and its certificate is stored all the same, so the last to
+    /// arrive need not be the latest. (The sequence is unique per task, so `id` never decides
+    /// within one; tasks are ordered by arrival rather than by name, whose order would depend
+    /// on the database's collation.)
     pub async fn certificates(
         &self,
         request_id: &str,
@@ -145,12 +152,115 @@ impl Store {
         Ok(sqlx::query_as(
             "SELECT processor, subprocessor, sequence, certificate_id, body, signature, key_id, \
              verified, rejection FROM certificates WHERE request_id = $1 \
-             AND ($2 = '' OR processor = $2) AND ($3 = '' OR subprocessor = $3) ORDER BY id",
+             AND ($2 = '' OR processor = $2) AND ($3 = '' OR subprocessor = $3) \
+             ORDER BY MIN(id) OVER (PARTITION BY processor, subprocessor), sequence, id",
         )
         .bind(request_id)
         .bind(processor)
         .bind(subprocessor)
         .fetch_all(&self.db.reader)
         .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dsrelay_proto::v1::{RequestKind, TaskState};
+    use dsrelay_runtime::store::Db;
+
+    use super::*;
+    use crate::store::{NewRequest, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+    use crate::test_postgres::on_postgres;
+
+    async fn store_at(url: &str) -> Store {
+        let db = Db::connect(url).await.unwrap();
+        db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+            .await
+            .unwrap();
+        Store::new(db, b"test key")
+    }
+
+    /// Acknowledgement `sequence` of `subprocessor`'s task of r1, with certificate `id`.
+    fn ack(subprocessor: &str, sequence: i64, state: TaskState, id: &str) -> TaskUpdate {
+        TaskUpdate {
+            request_id: "r1".into(),
+            subprocessor: subprocessor.into(),
+            sequence,
+            state: state as i32,
+            certificate: Some(ReceivedCertificate {
+                body: format!("{{\"certificate_id\":\"{id}\"}}").into_bytes(),
+                signature: vec![0; 64],
+                key_id: "sha256:00".into(),
+                certificate_id: id.into(),
+                verified: true,
+                rejection: String::new(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A RETAINED step's acknowledgement waits for its retry while the COMPLETED follow-up
+    /// arrives first: listed by arrival, the stale RETAINED certificate would come last and
+    /// `dsrctl certificate get` would hand it out as the latest.
+    async fn a_retried_stale_certificate_is_listed_before_its_follow_up(store: Store) {
+        store
+            .insert_request(&NewRequest {
+                id: "r1".into(),
+                partner: "crm".into(),
+                idempotency_key: "key-r1".into(),
+                body_hash: "hash-r1".into(),
+                body: b"{}".to_vec(),
+                identity_hashes: "[\"h\"]".into(),
+                kind: RequestKind::Erasure as i32,
+                received_at: 0,
+                due_at: 1_000_000,
+                trace_id: "0".repeat(32),
+                traceparent: None,
+                processors: vec!["p1".into()],
+            })
+            .await
+            .unwrap();
+        let arrivals = [
+            ack("accounting", 3, TaskState::Completed, "c2"),
+            ack("mail", 2, TaskState::Completed, "m1"),
+            ack("accounting", 2, TaskState::Retained, "c1"),
+        ];
+        for (at, a) in (1000..).zip(&arrivals) {
+            let outcome = store.apply_acks("p1", std::slice::from_ref(a), at).await;
+            assert_eq!(outcome.unwrap().applied, 1);
+        }
+        let ids = |rows: Vec<CertificateRow>| -> Vec<(String, i64, String)> {
+            rows.into_iter()
+                .map(|r| (r.subprocessor, r.sequence, r.certificate_id))
+                .collect()
+        };
+        let task = ids(store.certificates("r1", "p1", "accounting").await.unwrap());
+        assert_eq!(
+            task,
+            [
+                ("accounting".to_string(), 2, "c1".to_string()),
+                ("accounting".to_string(), 3, "c2".to_string()),
+            ]
+        );
+        // Across tasks, each task's certificates stay together, the tasks in the order their
+        // first certificate arrived.
+        let all = ids(store.certificates("r1", "", "").await.unwrap());
+        let all: Vec<&str> = all.iter().map(|(_, _, id)| id.as_str()).collect();
+        assert_eq!(all, ["c1", "c2", "m1"]);
+    }
+
+    #[tokio::test]
+    async fn certificates_are_listed_in_their_processor_s_order_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        a_retried_stale_certificate_is_listed_before_its_follow_up(store_at(&url).await).await;
+    }
+
+    #[tokio::test]
+    async fn certificates_are_listed_in_their_processor_s_order_on_postgres() {
+        on_postgres(|url, _dir| async move {
+            a_retried_stale_certificate_is_listed_before_its_follow_up(store_at(&url).await).await;
+        })
+        .await;
     }
 }
