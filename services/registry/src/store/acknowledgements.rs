@@ -16,6 +16,7 @@ use dsrelay_runtime::group_commit::{GroupQueue, Queued};
 use tokio::sync::oneshot;
 
 use super::events::{audit_text, insert_event, insert_events, EventDetail, NewEvent};
+use super::forget::forgotten_quote;
 use super::rows::task_state;
 use super::{placeholders, values_row, Operation, Store, Tx};
 use crate::fold::{fold, request_is_terminal};
@@ -98,14 +99,16 @@ impl TaskUpdate {
     }
 
     /// The TASK_UPDATED event of this update at `processor`, its words followed by `after`.
-    /// The event quotes the processor's texts until the request is forgotten; the audit
-    /// entry, which is never changed, holds them only as their keyed hash under `text_key`.
+    /// The event quotes the processor's texts until the request is forgotten (`forgotten`:
+    /// already, and it holds them as the audit entry does); the audit entry, which is never
+    /// changed, holds them only as their keyed hash under `text_key`.
     fn event_detail(
         &self,
         processor: &str,
         attempt: i64,
         after: &str,
         text_key: &[u8],
+        forgotten: bool,
     ) -> EventDetail {
         EventDetail {
             actor: String::new(),
@@ -122,8 +125,25 @@ impl TaskUpdate {
                 format!("{}{after}", self.describe(|t| audit_text(text_key, t)))
             },
             free_text: self.reason.clone(),
+            forgotten,
             progress: self.progress,
         }
+    }
+
+    /// This update as forgetting leaves a task ([`super::forget`]), for a request forgotten
+    /// already: a RETAINED task of a FAILED or CANCELLED one is still reported on (erased at
+    /// its date, or in a status answer), and what is written then is never forgotten again.
+    /// No note or reason; the legal basis and the receipt's recipient as their keyed hash
+    /// under `text_key`; the state, counts, date and the rest of the receipt as reported.
+    fn as_forgotten(&self, text_key: &[u8]) -> Self {
+        let mut update = self.clone();
+        update.note.clear();
+        update.reason.clear();
+        update.legal_basis = forgotten_quote(text_key, &self.legal_basis);
+        if let Some(r) = &mut update.transfer_receipt {
+            r.recipient = forgotten_quote(text_key, &r.recipient);
+        }
+        update
     }
 }
 
@@ -438,14 +458,17 @@ impl Store {
             );
             let before = view.tasks.get(&key);
             if before.is_none_or(|t| t.sequence < ack.sequence) {
+                let forgotten = view.forgotten.contains(&ack.request_id);
                 let previous = before.map(|t| (t.state, t.progress.clone()));
                 if says_something_new(previous.as_ref(), ack) {
+                    let detail =
+                        ack.event_detail(processor, ack.attempt, "", &tx.text_key, forgotten);
                     events.push(NewEvent {
                         request_id: ack.request_id.clone(),
                         event_type: EventType::TaskUpdated,
                         at: now,
                         request_state: view.state_of(&ack.request_id),
-                        detail: ack.event_detail(processor, ack.attempt, "", &tx.text_key),
+                        detail,
                     });
                 }
                 view.tasks.insert(
@@ -458,7 +481,11 @@ impl Store {
                 );
                 let slot = (ack.request_id.clone(), ack.subprocessor.clone());
                 let moved = moved.entry(processor).or_default();
-                let mut update = ack.clone();
+                let mut update = if forgotten {
+                    ack.as_forgotten(&tx.text_key)
+                } else {
+                    ack.clone()
+                };
                 // A receipt an earlier update of this transaction carried stays with the
                 // task, as it would have had each update been written on its own.
                 if update.transfer_receipt.is_none() {
@@ -537,7 +564,10 @@ impl Store {
         let mut tx = self.begin().await?;
         // Locked first, as acknowledgements lock it before the tasks they fold: a concurrent
         // acknowledgement's step is waited for and seen.
-        tx.lock_requests(&[request_id]).await?;
+        let forgotten = lock_states(&mut tx, &[request_id])
+            .await?
+            .forgotten
+            .contains(request_id);
         let mut changed = 0;
         let updates: Vec<TaskUpdate> = tasks
             .iter()
@@ -560,12 +590,18 @@ impl Store {
                 continue;
             }
             let before = previous(&mut tx, request_id, processor, &update.subprocessor).await?;
-            if upsert_task(&mut tx, request_id, processor, &update, now).await?
+            let written = if forgotten {
+                update.as_forgotten(&tx.text_key)
+            } else {
+                update.clone()
+            };
+            if upsert_task(&mut tx, request_id, processor, &written, now).await?
                 && says_something_new(before.as_ref(), &update)
             {
                 changed += 1;
                 let state = tx.current_state(request_id).await?;
-                let detail = update.event_detail(processor, 0, " (reconciled)", &tx.text_key);
+                let detail =
+                    update.event_detail(processor, 0, " (reconciled)", &tx.text_key, forgotten);
                 insert_event(
                     &mut tx,
                     request_id,
@@ -742,9 +778,11 @@ struct TaskNow {
 }
 
 /// What folding the touched requests needs, read once: their states (locked), every task
-/// of theirs (by request, processor, subprocessor) and whether each delivery is done.
+/// of theirs (by request, processor, subprocessor) and whether each delivery is done; and
+/// which of them are forgotten, whose reports are written as forgetting leaves them.
 struct FoldView {
     requests: BTreeMap<String, RequestState>,
+    forgotten: BTreeSet<String>,
     tasks: BTreeMap<(String, String, String), TaskNow>,
     delivered: BTreeMap<String, Vec<bool>>,
 }
@@ -757,13 +795,9 @@ impl FoldView {
         Self::read_with(tx, ids, requests).await
     }
 
-    /// The tasks and deliveries of `ids`, whose request rows `requests` holds (read under
+    /// The tasks and deliveries of `ids`, whose request rows `locked` holds (read under
     /// their lock in this transaction), in one statement.
-    async fn read_with(
-        tx: &mut Tx,
-        ids: &[&str],
-        requests: BTreeMap<String, RequestState>,
-    ) -> Result<Self> {
+    async fn read_with(tx: &mut Tx, ids: &[&str], locked: Locked) -> Result<Self> {
         // Both in one statement, each row saying which it is: a delivery's processor and
         // subprocessor are empty, its state 0, and whether it is done stands in the
         // sequence's column.
@@ -806,7 +840,8 @@ impl FoldView {
             }
         }
         Ok(Self {
-            requests,
+            requests: locked.states,
+            forgotten: locked.forgotten,
             tasks,
             delivered,
         })
@@ -833,33 +868,42 @@ impl FoldView {
     }
 }
 
-/// Locks the request rows of `ids` (sorted, distinct) and reads their states, in one
-/// statement. Two processors' acknowledgements for one request may be applied by concurrent
-/// transactions; each must fold with the other's tasks in view, so the request rows are
-/// locked before the tasks are read. A request that does not exist is not in the map.
-pub(super) async fn lock_states(
-    tx: &mut Tx,
-    ids: &[&str],
-) -> Result<BTreeMap<String, RequestState>> {
+/// Request rows a transaction locked, as it read them: their states, and which of them are
+/// forgotten already (read with the lock, so no forgetting is under way on them).
+#[derive(Default)]
+pub(super) struct Locked {
+    states: BTreeMap<String, RequestState>,
+    forgotten: BTreeSet<String>,
+}
+
+/// Locks the request rows of `ids` (sorted, distinct) and reads their states and whether
+/// each is forgotten, in one statement. Two processors' acknowledgements for one request
+/// may be applied by concurrent transactions; each must fold with the other's tasks in
+/// view, so the request rows are locked before the tasks are read. A request that does not
+/// exist is not in what it answers.
+pub(super) async fn lock_states(tx: &mut Tx, ids: &[&str]) -> Result<Locked> {
     if ids.is_empty() {
-        return Ok(BTreeMap::new());
+        return Ok(Locked::default());
     }
     let sql = format!(
-        "SELECT id, state FROM requests WHERE id IN ({}) ORDER BY id{}{}",
+        "SELECT id, state, forgotten_at FROM requests WHERE id IN ({}) ORDER BY id{}{}",
         placeholders(1, ids.len()),
         tx.backend.bytewise(),
         tx.backend.lock_rows()
     );
     let sql = tx.backend.numbered(&sql);
-    let mut q = sqlx::query_as::<_, (String, i32)>(&sql);
+    let mut q = sqlx::query_as::<_, (String, i32, Option<i64>)>(&sql);
     for id in ids {
         q = q.bind(*id);
     }
-    Ok(q.fetch_all(tx.conn())
-        .await?
-        .into_iter()
-        .map(|(id, s)| (id, super::rows::request_state(s)))
-        .collect())
+    let mut locked = Locked::default();
+    for (id, state, forgotten_at) in q.fetch_all(tx.conn()).await? {
+        if forgotten_at.is_some() {
+            locked.forgotten.insert(id.clone());
+        }
+        locked.states.insert(id, super::rows::request_state(state));
+    }
+    Ok(locked)
 }
 
 /// One processor's answer to a delivery the registry records as accepted: the tasks it
@@ -885,7 +929,7 @@ pub(super) struct Accepted<'a> {
 pub(super) async fn apply_accepted(
     tx: &mut Tx,
     accepted: &[Accepted<'_>],
-    locked: BTreeMap<String, RequestState>,
+    locked: Locked,
     now: i64,
 ) -> Result<()> {
     if accepted.is_empty() {
@@ -943,6 +987,7 @@ pub(super) async fn apply_accepted(
             if before.is_some_and(|t| t.sequence >= update.sequence) {
                 continue;
             }
+            let forgotten = view.forgotten.contains(a.request_id);
             let previous = before.map(|t| (t.state, t.progress.clone()));
             if update.sequence > 1 && says_something_new(previous.as_ref(), &update) {
                 events.push(NewEvent {
@@ -955,6 +1000,7 @@ pub(super) async fn apply_accepted(
                         0,
                         " (reported on delivery)",
                         &tx.text_key,
+                        forgotten,
                     ),
                 });
             }
@@ -966,6 +1012,11 @@ pub(super) async fn apply_accepted(
                     progress: update.progress.as_ref().map(Message::encode_to_vec),
                 },
             );
+            let update = if forgotten {
+                update.as_forgotten(&tx.text_key)
+            } else {
+                update
+            };
             moved.entry(a.processor).or_default().insert(
                 (a.request_id.to_string(), update.subprocessor.clone()),
                 update,

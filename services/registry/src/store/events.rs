@@ -34,6 +34,10 @@ pub(super) struct EventDetail {
     /// immutable audit trail holds only its keyed hash, so no raw text that may hold
     /// personal data is ever written where it cannot be removed.
     pub(super) free_text: String,
+    /// The request is forgotten already: the event shows the words as the audit entry holds
+    /// them (`audit_message`, else `message`) and not `free_text`, so that it holds nothing
+    /// forgetting removes; the entry is the same either way.
+    pub(super) forgotten: bool,
     /// A CONTRACT_END task's progress, shown with the event's task.
     pub(super) progress: Option<dsrelay_proto::v1::ContractProgress>,
 }
@@ -105,13 +109,17 @@ pub(super) async fn insert_events(tx: &mut Tx, events: Vec<NewEvent>) -> Result<
         } else {
             d.audit_message
         };
-        let (message, detail) = if d.free_text.is_empty() {
-            (d.message, audited)
+        let message = if d.forgotten {
+            audited.clone()
+        } else if d.free_text.is_empty() {
+            d.message
         } else {
-            (
-                format!("{}: {}", d.message, d.free_text),
-                format!("{audited}: {}", audit_text(&tx.text_key, &d.free_text)),
-            )
+            format!("{}: {}", d.message, d.free_text)
+        };
+        let detail = if d.free_text.is_empty() {
+            audited
+        } else {
+            format!("{audited}: {}", audit_text(&tx.text_key, &d.free_text))
         };
         entries.push(audit::table::NewEntry {
             occurred_at: e.at,

@@ -19,6 +19,18 @@ const FORGETTABLE: [RequestState; 3] = [
     RequestState::Cancelled,
 ];
 
+/// A processor's text that the registry's words quote (a legal basis, the recipient's name
+/// in a receipt) as forgetting leaves it: its keyed hash, as the audit trail holds it; an
+/// empty one stays empty, as nothing was said. Also how a report applied to a request
+/// already forgotten is written (`acknowledgements`), so that it leaves nothing to forget.
+pub(super) fn forgotten_quote(key: &[u8], text: &str) -> String {
+    if text.is_empty() {
+        String::new()
+    } else {
+        audit_text(key, text)
+    }
+}
+
 /// Replaces, in the tasks of request `id`, the processor's texts that the registry's words
 /// quote (a legal basis, the recipient's name in a transfer receipt) with their keyed hash,
 /// as the audit trail already holds them ([`audit_text`]). Hashed, not emptied like a note:
@@ -35,19 +47,13 @@ async fn hash_quoted_texts(tx: &mut Tx, id: &str) -> Result<()> {
     .fetch_all(tx.conn())
     .await?;
     for (processor, subprocessor, basis, receipt) in quoted {
-        let basis = if basis.is_empty() {
-            basis
-        } else {
-            audit_text(&tx.text_key, &basis)
-        };
+        let basis = forgotten_quote(&tx.text_key, &basis);
         // Written by this registry from a decoded message, so it decodes again; one that did
         // not could hold anything, and goes.
         let receipt = receipt
             .and_then(|b| TransferReceipt::decode(b.as_slice()).ok())
             .map(|mut r| {
-                if !r.recipient.is_empty() {
-                    r.recipient = audit_text(&tx.text_key, &r.recipient);
-                }
+                r.recipient = forgotten_quote(&tx.text_key, &r.recipient);
                 r.encode_to_vec()
             });
         sqlx::query(
@@ -89,7 +95,9 @@ impl Store {
     /// messages; a task's legal basis and its receipt's recipient name are left only as their
     /// keyed hash, see [`hash_quoted_texts`]), and records an IDENTITIES_FORGOTTEN event. A
     /// Deliver still pending (only possible for a cancelled request) is given up: it could
-    /// carry no identities any more.
+    /// carry no identities any more. A processor may still report afterwards (on a task still
+    /// RETAINED, or answering a pending Cancel): the report is written as this leaves a task
+    /// (`acknowledgements`), since nothing forgets the request again.
     /// Returns false, changing nothing, when the request is not terminal, finished after
     /// `cutoff`, or was forgotten already.
     pub async fn forget_request(
@@ -207,7 +215,9 @@ mod tests {
     use dsrelay_runtime::store::Db;
 
     use super::*;
-    use crate::store::{NewRequest, TaskUpdate, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+    use crate::store::{
+        CancelOutcome, NewRequest, TaskUpdate, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS,
+    };
     use crate::test_postgres::on_postgres;
 
     async fn store_at(url: &str) -> Store {
@@ -344,6 +354,11 @@ mod tests {
     /// recipient names her (`crm`): the request is FAILED, so forgotten, while `accounting`
     /// still keeps data.
     async fn failed_with_a_retained_task(store: &Store) {
+        with_a_retained_task(store, TaskState::Failed).await;
+    }
+
+    /// [`failed_with_a_retained_task`] with `mail` reported in `mail` instead of FAILED.
+    async fn with_a_retained_task(store: &Store, mail: TaskState) {
         store
             .insert_request(&NewRequest {
                 id: "r1".into(),
@@ -376,7 +391,7 @@ mod tests {
         let acks = [
             TaskUpdate {
                 reason: format!("the mail server does not know {SUBJECT}"),
-                ..update("mail", TaskState::Failed)
+                ..update("mail", mail)
             },
             TaskUpdate {
                 legal_basis: format!("tax law, as agreed with {SUBJECT}"),
@@ -504,6 +519,252 @@ mod tests {
     async fn forgetting_leaves_quoted_texts_only_as_their_keyed_hash_on_postgres() {
         on_postgres(|url, _| async move {
             forgetting_leaves_quoted_texts_only_as_their_keyed_hash(store_at(&url).await).await;
+        })
+        .await;
+    }
+
+    /// What the registry keeps as text about `r1` besides its body: its tasks' columns (as
+    /// [`task_texts`] gives them), its events' messages and its audit entries.
+    async fn texts_kept(store: &Store) -> Vec<String> {
+        let mut texts = task_texts(store).await;
+        let messages: Vec<String> =
+            sqlx::query_scalar("SELECT message FROM events WHERE request_id = 'r1'")
+                .fetch_all(&store.db.pool)
+                .await
+                .unwrap();
+        store.chain_audit().await.unwrap();
+        let details: Vec<String> =
+            sqlx::query_scalar("SELECT detail FROM audit_log WHERE request_id = 'r1'")
+                .fetch_all(&store.db.pool)
+                .await
+                .unwrap();
+        texts.extend(messages);
+        texts.extend(details);
+        texts
+    }
+
+    /// The TASK_UPDATED events of `r1` from `since` (ms) on, each as (event message, audit
+    /// entry), in order.
+    async fn task_updates_since(store: &Store, since: i64) -> Vec<(String, String)> {
+        let messages: Vec<String> = sqlx::query_scalar(
+            "SELECT message FROM events WHERE request_id = 'r1' AND type = $1 \
+             AND occurred_at >= $2 ORDER BY id",
+        )
+        .bind(EventType::TaskUpdated as i32)
+        .bind(since)
+        .fetch_all(&store.db.pool)
+        .await
+        .unwrap();
+        store.chain_audit().await.unwrap();
+        let details: Vec<String> = sqlx::query_scalar(
+            "SELECT detail FROM audit_log WHERE request_id = 'r1' AND event_type = $1 \
+             AND occurred_at >= $2 ORDER BY seq",
+        )
+        .bind(EventType::TaskUpdated as i32)
+        .bind(since)
+        .fetch_all(&store.db.pool)
+        .await
+        .unwrap();
+        messages.into_iter().zip(details).collect()
+    }
+
+    /// A FAILED request is forgotten with a task still RETAINED, and its processor reports
+    /// afterwards: the retained task erased at its date (through the Acknowledge API's entry
+    /// point), then a status answer (reconciliation). Each report is written as forgetting
+    /// leaves a task, and its event shows the registry's words with the quoted texts as
+    /// their keyed hash; the state, sequence, counts and the receipt's proof are recorded.
+    async fn reports_after_forgetting_are_written_as_forgetting_leaves_them(store: Store) {
+        failed_with_a_retained_task(&store).await;
+        assert!(store.forget_request("r1", 1000, 5000, "m").await.unwrap());
+        let basis = format!("tax law, as agreed with {SUBJECT}");
+        let recipient = format!("the archive of {SUBJECT}");
+        let erased = TaskUpdate {
+            request_id: "r1".into(),
+            subprocessor: "accounting".into(),
+            sequence: 3,
+            state: TaskState::Completed as i32,
+            records_affected: 4,
+            confirmed: true,
+            note: format!("erased the invoices of {SUBJECT}"),
+            reason: format!("retention for {SUBJECT} ended"),
+            legal_basis: basis.clone(),
+            transfer_receipt: Some(TransferReceipt {
+                request_id: "r1".into(),
+                subprocessor: "accounting".into(),
+                manifest_sha256: "cd".repeat(32),
+                files: 1,
+                bytes: 3,
+                recipient: recipient.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let reason = erased.reason.clone();
+        let routed = BTreeSet::from(["r1".to_string()]);
+        let outcome = store
+            .apply_routed_acks("p1", &[erased], routed, 6000)
+            .await
+            .unwrap();
+        assert_eq!(outcome.applied, 1);
+        let status = TaskStatus {
+            subprocessor: "mail".into(),
+            state: TaskState::Failed as i32,
+            sequence: 3,
+            reason: format!("the mail server still does not know {SUBJECT}"),
+            evidence: Some(dsrelay_proto::v1::Evidence {
+                note: format!("asked again about {SUBJECT}"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let changed = store
+            .reconcile("r1", "p1", &[status], 7000, 60_000)
+            .await
+            .unwrap();
+        assert_eq!(changed, 1);
+
+        let kept = texts_kept(&store).await;
+        assert!(kept.iter().all(|t| !t.contains(SUBJECT)), "{kept:?}");
+        let hashed = |t: &str| audit_text(b"test key", t);
+        let tasks = store.tasks("r1").await.unwrap();
+        let task =
+            |name: &str| -> &TaskStatus { tasks.iter().find(|t| t.subprocessor == name).unwrap() };
+        let accounting = task("accounting");
+        assert_eq!(
+            (
+                accounting.state,
+                accounting.sequence,
+                accounting.retain_until
+            ),
+            (TaskState::Completed as i32, 3, None)
+        );
+        assert_eq!(accounting.legal_basis, hashed(&basis));
+        let evidence = accounting.evidence.as_ref().unwrap();
+        assert_eq!((evidence.note.as_str(), evidence.records_affected), ("", 4));
+        let receipt = evidence.transfer_receipt.as_ref().unwrap();
+        assert_eq!(receipt.recipient, hashed(&recipient));
+        assert_eq!(
+            (
+                receipt.manifest_sha256.as_str(),
+                receipt.files,
+                receipt.bytes
+            ),
+            ("cd".repeat(32).as_str(), 1, 3)
+        );
+        let mail = task("mail");
+        assert_eq!(
+            (mail.state, mail.sequence, mail.reason.as_str()),
+            (TaskState::Failed as i32, 3, "")
+        );
+        assert_eq!(mail.evidence.as_ref().unwrap().note, "");
+        let state: i32 = sqlx::query_scalar("SELECT state FROM requests WHERE id = 'r1'")
+            .fetch_one(&store.db.pool)
+            .await
+            .unwrap();
+        assert_eq!(state, RequestState::Failed as i32);
+
+        // The event holds the audit entry's words; the reason only the entry, as its hash.
+        let words = format!(
+            "accounting #3: COMPLETED, 4 record(s), retained under {}, received by {} \
+             (1 file(s), 3 bytes)",
+            hashed(&basis),
+            hashed(&recipient)
+        );
+        let mail_reason = format!("the mail server still does not know {SUBJECT}");
+        assert_eq!(
+            task_updates_since(&store, 6000).await,
+            [
+                (words.clone(), format!("{words}: {}", hashed(&reason))),
+                (
+                    "mail #3: FAILED (reconciled)".to_string(),
+                    format!("mail #3: FAILED (reconciled): {}", hashed(&mail_reason))
+                ),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn reports_after_forgetting_are_written_as_forgetting_leaves_them_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        reports_after_forgetting_are_written_as_forgetting_leaves_them(store(dir.path()).await)
+            .await;
+    }
+
+    #[tokio::test]
+    async fn reports_after_forgetting_are_written_as_forgetting_leaves_them_on_postgres() {
+        on_postgres(|url, _| async move {
+            reports_after_forgetting_are_written_as_forgetting_leaves_them(store_at(&url).await)
+                .await;
+        })
+        .await;
+    }
+
+    /// A cancellation still to be sent when its request is forgotten is sent afterwards, and
+    /// the processor's answer reports the task it keeps: written as forgetting leaves it.
+    async fn an_answer_after_forgetting_is_written_as_forgetting_leaves_it(store: Store) {
+        // Cancelled while `mail` still runs, so the cancellation stops something.
+        with_a_retained_task(&store, TaskState::InProgress).await;
+        let cancelled = store.cancel("r1", "asked by the partner", 1500).await;
+        assert_eq!(cancelled.unwrap(), CancelOutcome::Cancelled);
+        assert!(store.forget_request("r1", 1500, 5000, "m").await.unwrap());
+        let jobs = store.claim_deliveries(6000, 10, 60_000).await.unwrap();
+        assert_eq!(jobs.len(), 1, "{jobs:?}");
+        assert_eq!(jobs[0].op, Operation::Cancel);
+        let basis = format!("tax law, as agreed again with {SUBJECT}");
+        let kept = TaskStatus {
+            subprocessor: "accounting".into(),
+            state: TaskState::Retained as i32,
+            sequence: 3,
+            legal_basis: basis.clone(),
+            retain_until: Some(dsrelay_proto::timestamp_from_millis(3_000_000)),
+            evidence: Some(dsrelay_proto::v1::Evidence {
+                note: format!("the invoices of {SUBJECT} stay"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(store
+            .delivery_succeeded(&jobs[0], &[kept], 6000)
+            .await
+            .unwrap());
+
+        let texts = texts_kept(&store).await;
+        assert!(texts.iter().all(|t| !t.contains(SUBJECT)), "{texts:?}");
+        let hashed = audit_text(b"test key", &basis);
+        let tasks = store.tasks("r1").await.unwrap();
+        let accounting = tasks
+            .iter()
+            .find(|t| t.subprocessor == "accounting")
+            .unwrap();
+        assert_eq!(
+            (accounting.state, accounting.sequence),
+            (TaskState::Retained as i32, 3)
+        );
+        assert_eq!(accounting.legal_basis, hashed);
+        assert_eq!(
+            accounting.retain_until,
+            Some(dsrelay_proto::timestamp_from_millis(3_000_000))
+        );
+        let words =
+            format!("accounting #3: RETAINED, retained under {hashed} (reported on delivery)");
+        assert_eq!(
+            task_updates_since(&store, 6000).await,
+            [(words.clone(), words)]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_after_forgetting_is_written_as_forgetting_leaves_it_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        an_answer_after_forgetting_is_written_as_forgetting_leaves_it(store(dir.path()).await)
+            .await;
+    }
+
+    #[tokio::test]
+    async fn an_answer_after_forgetting_is_written_as_forgetting_leaves_it_on_postgres() {
+        on_postgres(|url, _| async move {
+            an_answer_after_forgetting_is_written_as_forgetting_leaves_it(store_at(&url).await)
+                .await;
         })
         .await;
     }

@@ -30,15 +30,15 @@
 //! the intake writer, the dispatcher's recorder, the reconciler and the API's handlers each
 //! write. (Recording events takes no common lock: see [`dsrelay_runtime::audit::table`].) A
 //! write that depends on what the transaction read is guarded by the database, never by
-//! taking turns: the request row is locked first (`Tx::lock_requests`, `lock_states`, or
-//! `Tx::request_state` with its lock) by every transaction that decides on a request's state
-//! and also changes its deliveries or tasks, so all lock in the same order; several rows are
-//! locked in byte order of their keys (`Backend::bytewise`, whatever the database's
-//! collation) and an acknowledgement batch records its keys sorted, so two transactions
-//! never wait for each other in a cycle; outbox rows are claimed with SKIP LOCKED and
-//! written back only while their lease token still matches; idempotency keys and
-//! acknowledgement keys are unique, and a lost race on one is retried. On SQLite the one
-//! writer connection holds every transaction apart.
+//! taking turns: the request row is locked first (`lock_states`, or `Tx::request_state` with
+//! its lock) by every transaction that decides on a request's state and also changes its
+//! deliveries or tasks, so all lock in the same order; several rows are locked in byte order
+//! of their keys (`Backend::bytewise`, whatever the database's collation) and an
+//! acknowledgement batch records its keys sorted, so two transactions never wait for each
+//! other in a cycle; outbox rows are claimed with SKIP LOCKED and written back only while
+//! their lease token still matches; idempotency keys and acknowledgement keys are unique,
+//! and a lost race on one is retried. On SQLite the one writer connection holds every
+//! transaction apart.
 
 use std::sync::Arc;
 
@@ -173,35 +173,6 @@ impl Tx {
                 .fetch_optional(self.conn())
                 .await?;
         Ok(state.map(rows::request_state))
-    }
-
-    /// Locks the rows of `ids` (sorted, as every multi-request lock is) until the transaction
-    /// ends: what a transaction that changes requests and also their deliveries or tasks
-    /// takes first, so that every such transaction locks a request before its other rows
-    /// and none waits for another in a cycle. Nothing to do on SQLite, whose one writer holds
-    /// transactions apart.
-    async fn lock_requests(&mut self, ids: &[&str]) -> Result<()> {
-        let lock = self.backend.lock_rows();
-        if lock.is_empty() || ids.is_empty() {
-            return Ok(());
-        }
-        let mut ids = ids.to_vec();
-        ids.sort_unstable();
-        ids.dedup();
-        for chunk in ids.chunks(self.backend.rows_per_statement(1)) {
-            let sql = format!(
-                "SELECT id FROM requests WHERE id IN ({}) ORDER BY id{}{lock}",
-                placeholders(1, chunk.len()),
-                self.backend.bytewise()
-            );
-            let sql = self.backend.numbered(&sql);
-            let mut q = sqlx::query_scalar::<_, String>(&sql);
-            for id in chunk {
-                q = q.bind(*id);
-            }
-            q.fetch_all(self.conn()).await?;
-        }
-        Ok(())
     }
 
     /// A request's state, `UNSPECIFIED` if it does not exist, for the events that record it.

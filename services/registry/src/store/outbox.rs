@@ -137,7 +137,8 @@ impl Store {
     ) -> Result<Vec<bool>> {
         let mut tx = self.begin().await?;
         // The requests first, as a cancellation (which then ends their deliveries) locks them;
-        // their states read with the lock serve the fold below.
+        // their states read with the lock serve the fold below, and whether each is forgotten
+        // how the reported tasks are written.
         let ids: Vec<&str> = done
             .iter()
             .map(|(job, _)| job.request_id.as_str())
