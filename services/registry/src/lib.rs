@@ -41,6 +41,8 @@ mod intake;
 mod metrics;
 pub mod packages;
 mod reconciler;
+#[cfg(test)]
+mod returned_data_tests;
 pub mod store;
 #[cfg(test)]
 mod test_postgres;

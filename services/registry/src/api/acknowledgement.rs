@@ -1,8 +1,9 @@
 //! The acknowledgement API (`AcknowledgementService`): processors report the state of the
 //! tasks of requests delivered to them, in batches. A COMPLETED TRANSFER task must come with
 //! the recipient's receipt (`evidence.transfer_receipt`), and a COMPLETED RETURN_OF_DATA task
-//! must have its part stored here: without them nothing proves the data arrived, so that
-//! acknowledgement is rejected. The same rules hold for the task reports in processors'
+//! must have its part stored here, whatever else it carries: without them nothing proves the
+//! data arrived, so that acknowledgement is rejected, as is a receipt on a request that
+//! transfers nothing. The same proof rules hold for the task reports in processors'
 //! answers to calls and status checks ([`well_formed_reports`], and the store). Each
 //! acknowledgement of a batch is judged on its own: the valid ones are applied and the
 //! others listed in the answer's `rejected`.
@@ -11,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use dsrelay_proto::v1::acknowledgement_service_server::AcknowledgementService;
 use dsrelay_proto::v1::{
-    AcknowledgeRequest, AcknowledgeResponse, Acknowledgement, ContractPhase,
+    AcknowledgeRequest, AcknowledgeResponse, Acknowledgement, ContractEndChoice, ContractPhase,
     RejectedAcknowledgement, RejectedField, RequestKind, TaskState, TaskStatus, TransferReceipt,
 };
 use dsrelay_runtime::identity::{instant_violation, request_id_violation, FieldViolation};
@@ -202,8 +203,8 @@ impl AcknowledgementService for Api {
 
 impl Api {
     /// The kinds of the requests `acks` concern, among those delivered to `processor`, in
-    /// one query for the whole call. A COMPLETED report without a receipt
-    /// ([`Self::receipt_violations`]) and a certificate (whose claims name the kind) need
+    /// one query for the whole call. COMPLETED reports and receipts
+    /// ([`Self::receipt_violations`]) and certificates (whose claims name the kind) need
     /// their request's kind, and the store needs to know which requests were delivered to
     /// `processor` (the map's keys). A request not delivered to `processor` is left out,
     /// whatever its kind.
@@ -225,30 +226,31 @@ impl Api {
             .map_err(ApiError::from)
     }
 
-    /// COMPLETED reports that lack their proof: a TRANSFER task's without the recipient's
-    /// receipt, a RETURN_OF_DATA task's whose part the registry does not hold (the processor
-    /// reports COMPLETED only once CompletePart was answered). `kinds` are the kinds of the
-    /// requests delivered to `processor` ([`Self::kinds_concerned`]): an acknowledgement of
-    /// any other request is refused as not routed (PERMISSION_DENIED), whatever its kind, so
-    /// a processor cannot learn that another's request exists.
+    /// COMPLETED reports that lack their proof, and receipts where nothing was transferred.
+    /// A TRANSFER task's COMPLETED needs the recipient's receipt; a RETURN_OF_DATA task's
+    /// needs its part stored here (the processor reports COMPLETED only once CompletePart was
+    /// answered), whatever else it carries, as the store requires of the reports in
+    /// processors' answers too. A receipt is refused on a request that transfers nothing
+    /// (any kind but TRANSFER, and a contract end whose terms name no transfer recipient):
+    /// nothing checks it there, and shown with the task it would read as proof that the data
+    /// arrived. `kinds` are the kinds of the requests delivered to `processor`
+    /// ([`Self::kinds_concerned`]): an acknowledgement of any other request is refused as not
+    /// routed (PERMISSION_DENIED), whatever its kind, so a processor cannot learn that
+    /// another's request exists.
     async fn receipt_violations(
         &self,
         processor: &str,
         acks: &[Acknowledgement],
         kinds: &HashMap<String, RequestKind>,
     ) -> Result<Vec<(usize, FieldViolation)>, ApiError> {
-        let ids: Vec<&str> = acks
+        let acks = &acks[..acks.len().min(MAX_ACKS_PER_CALL)];
+        let kind_of = |a: &Acknowledgement| kinds.get(a.request_id.as_str()).copied();
+        let returns: Vec<&str> = acks
             .iter()
-            .take(MAX_ACKS_PER_CALL)
-            .filter(|a| unreceipted(a))
+            .filter(|a| completed(a) && kind_of(a) == Some(RequestKind::ReturnOfData))
             .map(|a| a.request_id.as_str())
             .collect::<BTreeSet<_>>()
             .into_iter()
-            .collect();
-        let returns: Vec<&str> = ids
-            .iter()
-            .copied()
-            .filter(|id| kinds.get(*id) == Some(&RequestKind::ReturnOfData))
             .collect();
         let parts = if returns.is_empty() {
             Default::default()
@@ -259,13 +261,38 @@ impl Api {
                 .await
                 .map_err(ApiError::from)?
         };
-        let mut violations = Vec::new();
-        for (i, a) in acks.iter().enumerate().take(MAX_ACKS_PER_CALL) {
-            if !unreceipted(a) {
+        // Whether a contract end transfers depends on its terms: read only for those whose
+        // acknowledgements carry a receipt, which a contract end to the registry never sends.
+        let mut contract_transfers: HashMap<&str, bool> = HashMap::new();
+        for a in acks {
+            let id = a.request_id.as_str();
+            if receipt(a).is_none()
+                || kind_of(a) != Some(RequestKind::ContractEnd)
+                || contract_transfers.contains_key(id)
+            {
                 continue;
             }
-            let kind = kinds.get(a.request_id.as_str()).copied();
-            if kind == Some(RequestKind::ReturnOfData)
+            let terms = self
+                .shared
+                .store
+                .contract(id)
+                .await
+                .map_err(ApiError::from)?;
+            contract_transfers.insert(
+                id,
+                terms.is_some_and(|c| {
+                    c.choice() == ContractEndChoice::ReturnThenDelete
+                        && !c.transfer_recipient.is_empty()
+                }),
+            );
+        }
+        let mut violations = Vec::new();
+        for (i, a) in acks.iter().enumerate() {
+            let Some(kind) = kind_of(a) else {
+                continue;
+            };
+            if kind == RequestKind::ReturnOfData
+                && completed(a)
                 && !parts.contains(&(
                     a.request_id.clone(),
                     processor.to_string(),
@@ -277,17 +304,43 @@ impl Api {
                     FieldViolation::new(
                         format!("acknowledgements[{i}].state"),
                         "may be COMPLETED for a RETURN_OF_DATA task only once its part of the \
-                         package is stored at the registry (UploadFile, then CompletePart)",
+                         package is stored at the registry (UploadFile, then CompletePart), \
+                         whatever the acknowledgement carries",
                     ),
                 ));
             }
-            if kind == Some(RequestKind::Transfer) {
+            if kind == RequestKind::Transfer && completed(a) && receipt(a).is_none() {
                 violations.push((
                     i,
                     FieldViolation::new(
                         format!("acknowledgements[{i}].evidence.transfer_receipt"),
                         "is required when a TRANSFER task is COMPLETED: the recipient's receipt \
-                     proves the data arrived",
+                         proves the data arrived",
+                    ),
+                ));
+            }
+            let transfers = match kind {
+                RequestKind::Transfer => true,
+                RequestKind::ContractEnd => {
+                    contract_transfers.get(a.request_id.as_str()) == Some(&true)
+                }
+                _ => false,
+            };
+            if receipt(a).is_some() && !transfers {
+                let what = if kind == RequestKind::ContractEnd {
+                    "a contract end whose terms name no transfer recipient".to_string()
+                } else {
+                    format!("a {} request", kind_label(kind))
+                };
+                violations.push((
+                    i,
+                    FieldViolation::new(
+                        format!("acknowledgements[{i}].evidence.transfer_receipt"),
+                        format!(
+                            "must be empty: {what} transfers nothing to a recipient; only a \
+                             TRANSFER and a contract end returning the data to a transfer \
+                             recipient carry the recipient's receipt"
+                        ),
                     ),
                 ));
             }
@@ -296,14 +349,21 @@ impl Api {
     }
 }
 
-/// A COMPLETED report without a transfer receipt: what only a request of a kind that needs
-/// no receipt may send, and a RETURN_OF_DATA only once its part is stored.
-fn unreceipted(a: &Acknowledgement) -> bool {
+/// A COMPLETED report.
+fn completed(a: &Acknowledgement) -> bool {
     a.state == TaskState::Completed as i32
-        && a.evidence
-            .as_ref()
-            .and_then(|e| e.transfer_receipt.as_ref())
-            .is_none()
+}
+
+/// The transfer receipt an acknowledgement carries.
+fn receipt(a: &Acknowledgement) -> Option<&TransferReceipt> {
+    a.evidence
+        .as_ref()
+        .and_then(|e| e.transfer_receipt.as_ref())
+}
+
+/// A kind's name without its prefix (`RETURN_OF_DATA`).
+fn kind_label(kind: RequestKind) -> &'static str {
+    kind.as_str_name().trim_start_matches("REQUEST_KIND_")
 }
 
 /// What is wrong with the receipt of the acknowledgement at `i`, each naming its field.

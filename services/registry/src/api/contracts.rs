@@ -242,14 +242,19 @@ impl Api {
         Ok(())
     }
 
-    /// Confirms a return to a transfer recipient once every task carries the recipient's
-    /// receipt: the receipts, not a package, prove the data arrived.
+    /// Confirms a return to a transfer recipient once the processor accepted the contract
+    /// end (until then the registry does not know all its tasks: receipts of some of them
+    /// could come first) and every task carries the recipient's receipt: the receipts, not a
+    /// package, prove the data arrived.
     async fn confirm_transfer(
         &self,
         caller: &Caller,
         row: &ContractRow,
     ) -> Result<Contract, ApiError> {
         let id = &row.request_id;
+        // Before the tasks, as `Store::package` reads them: an acceptance commits with the
+        // tasks its answer lists.
+        let undelivered = self.shared.store.undelivered(id).await?;
         let (_, tasks) = self.contract_and_tasks(id).await?;
         let without: Vec<&str> = tasks
             .iter()
@@ -261,12 +266,21 @@ impl Api {
             })
             .map(|t| t.subprocessor.as_str())
             .collect();
-        if tasks.is_empty() || !without.is_empty() {
-            let waiting = if tasks.is_empty() {
-                "no subprocessor has reported yet".to_string()
-            } else {
-                format!("no receipt yet for {}", without.join(", "))
-            };
+        if !undelivered.is_empty() || tasks.is_empty() || !without.is_empty() {
+            let mut waiting = Vec::new();
+            if !undelivered.is_empty() {
+                waiting.push(format!(
+                    "processor {} has not accepted the contract end's delivery yet, so not \
+                     all of its subprocessors' tasks are known",
+                    undelivered.join(", ")
+                ));
+            }
+            if tasks.is_empty() {
+                waiting.push("no subprocessor has reported yet".to_string());
+            } else if !without.is_empty() {
+                waiting.push(format!("no receipt yet for {}", without.join(", ")));
+            }
+            let waiting = waiting.join("; ");
             return Err(ApiError::failed_precondition(format!(
                 "the return of contract end {id} to {} is not complete: {waiting}; confirm \
                  once every subprocessor's export was received",
@@ -602,16 +616,11 @@ impl ContractService for Api {
             .await
             .map_err(ApiError::from)?
             .ok_or_else(|| not_found(&id))?;
-        let (info, unreturned) =
-            super::packages::package_info_and_unreturned(&self.shared, &request).await?;
-        if !info.complete {
-            let waiting = if info.missing.is_empty() {
-                "no subprocessor's part is stored yet".to_string()
-            } else {
-                format!(
-                    "the parts of {} are not stored yet",
-                    info.missing.join(", ")
-                )
+        let standing = super::packages::package_standing(&self.shared, &request).await?;
+        if !standing.info.complete {
+            let waiting = match standing.waiting_for() {
+                w if w.is_empty() => "no subprocessor's part is stored yet".to_string(),
+                w => w,
             };
             return Err(ApiError::failed_precondition(format!(
                 "the package of contract end {id} is not complete: {waiting}; confirm once \
@@ -623,8 +632,9 @@ impl ContractService for Api {
         // A holder whose return failed has no part, yet the package is complete (nothing is
         // to come): confirming would have the others' data deleted while the controller
         // never got that holder's, so it is refused as for a transfer without a receipt.
-        if !unreturned.is_empty() {
-            let named: Vec<String> = unreturned
+        if !standing.unreturned.is_empty() {
+            let named: Vec<String> = standing
+                .unreturned
                 .iter()
                 .map(|(p, s, state)| {
                     format!(
@@ -641,7 +651,7 @@ impl ContractService for Api {
             ))
             .into());
         }
-        let actual = hex::encode(Sha256::digest(&info.manifest_json));
+        let actual = hex::encode(Sha256::digest(&standing.info.manifest_json));
         if actual != digest {
             return Err(ApiError::failed_precondition(format!(
                 "manifest_sha256 {digest} differs from the SHA-256 of the package's \

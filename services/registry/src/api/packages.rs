@@ -420,14 +420,14 @@ impl Api {
     }
 
     /// The package of a request the caller may see, checked to have one that has not expired.
-    async fn package_info(
+    async fn package_standing(
         &self,
         caller_req: &tonic::Request<impl Sized>,
         request_id: &str,
-    ) -> Result<PackageInfo, ApiError> {
+    ) -> Result<PackageStanding, ApiError> {
         let caller = self.partner_api_caller(caller_req)?;
         let row = self.visible(&caller, request_id).await?;
-        package_info(&self.shared, &row).await
+        package_standing(&self.shared, &row).await
     }
 }
 
@@ -462,25 +462,58 @@ async fn no_package(shared: &Shared, id: &str, kind: i32) -> Result<Option<Strin
     })
 }
 
-/// A request's package as PackageInfo, or why it has none. A contract end's package is
-/// complete once every subprocessor's part is stored, before the request finishes: the
-/// controller downloads and verifies it, then confirms (ContractService.ConfirmReturn), and
-/// only then does the processor delete the data and the request finish. Its expiry, like any
-/// package's, counts from when the request finished, so it never expires while the
-/// contract end waits for the confirmation.
-pub(super) async fn package_info(
-    shared: &Shared,
-    row: &RequestRow,
-) -> Result<PackageInfo, ApiError> {
-    Ok(package_info_and_unreturned(shared, row).await?.0)
+/// A request's package as [`package_standing`] reads it.
+pub(super) struct PackageStanding {
+    /// What GetPackage answers.
+    pub(super) info: PackageInfo,
+    /// The tasks that ended FAILED or REFUSED without a part
+    /// ([`PackageRecord::unreturned`](crate::store::PackageRecord::unreturned)).
+    pub(super) unreturned: Vec<(String, String, TaskState)>,
+    /// The processors that have not accepted the request's delivery
+    /// ([`PackageRecord::undelivered`](crate::store::PackageRecord::undelivered)).
+    pub(super) undelivered: Vec<String>,
 }
 
-/// [`package_info`], with the tasks that ended FAILED or REFUSED without a part
-/// ([`PackageRecord::unreturned`](crate::store::PackageRecord::unreturned)), read with it.
-pub(super) async fn package_info_and_unreturned(
+impl PackageStanding {
+    /// What an incomplete package waits for, for people; empty when nothing is named (a
+    /// return of data whose request is still open, a contract end with no part stored).
+    pub(super) fn waiting_for(&self) -> String {
+        let mut waiting = Vec::new();
+        if !self.undelivered.is_empty() {
+            waiting.push(format!(
+                "processor(s) {} have not accepted the request's delivery yet, so not all \
+                 of their tasks are known",
+                self.undelivered.join(", ")
+            ));
+        }
+        if !self.info.missing.is_empty() {
+            waiting.push(format!(
+                "the parts of {} are not stored yet",
+                self.info.missing.join(", ")
+            ));
+        }
+        waiting.join("; ")
+    }
+}
+
+/// A request's package as PackageInfo, with what its completeness was judged on, or why it
+/// has none. A contract end's package is complete once every subprocessor's part is stored,
+/// before the request finishes: the controller downloads and verifies it, then confirms
+/// (ContractService.ConfirmReturn), and only then does the processor delete the data and the
+/// request finish. Its expiry, like any package's, counts from when the request finished, so
+/// it never expires while the contract end waits for the confirmation.
+///
+/// No package is complete while a processor has not accepted the request's delivery: its
+/// tasks are known only from its answer, so parts and acknowledgements that came in before
+/// it (the answer lost, the delivery waiting for a retry) may be a few of its tasks, with
+/// none missing among those known. A contract end confirmed then would have the processor
+/// delete the others' data, never returned. (A return of data is complete only once its
+/// request finished, which needs every delivery accepted; the rule holds for it all the
+/// same.)
+pub(super) async fn package_standing(
     shared: &Shared,
     row: &RequestRow,
-) -> Result<(PackageInfo, Vec<(String, String, TaskState)>), ApiError> {
+) -> Result<PackageStanding, ApiError> {
     if let Some(why) = no_package(shared, &row.id, row.kind as i32).await? {
         return Err(ApiError::failed_precondition(why));
     }
@@ -493,11 +526,13 @@ pub(super) async fn package_info_and_unreturned(
         return Err(expired(&row.id, at));
     }
     let created_at = record.created_at.unwrap_or(row.received_at);
-    let complete = if row.kind == RequestKind::ContractEnd {
-        record.parts > 0 && record.missing.is_empty()
-    } else {
-        record.finished_at.is_some() && record.missing.is_empty()
-    };
+    let all_known = record.undelivered.is_empty() && record.missing.is_empty();
+    let complete = all_known
+        && if row.kind == RequestKind::ContractEnd {
+            record.parts > 0
+        } else {
+            record.finished_at.is_some()
+        };
     let info = describe(
         row,
         created_at,
@@ -506,7 +541,11 @@ pub(super) async fn package_info_and_unreturned(
         complete,
         expires_at,
     );
-    Ok((info, record.unreturned))
+    Ok(PackageStanding {
+        info,
+        unreturned: record.unreturned,
+        undelivered: record.undelivered,
+    })
 }
 
 /// The description of `row`'s package created at `created_at` and holding `files`, with the
@@ -744,7 +783,7 @@ impl PackageService for Api {
     ) -> Result<Response<PackageInfo>, Status> {
         let id = req.get_ref().request_id.clone();
         tracing::Span::current().record("request_id", id.as_str());
-        Ok(Response::new(self.package_info(&req, &id).await?))
+        Ok(Response::new(self.package_standing(&req, &id).await?.info))
     }
 
     type DownloadPackageStream = ChunkStream;
@@ -756,18 +795,18 @@ impl PackageService for Api {
     ) -> Result<Response<Self::DownloadPackageStream>, Status> {
         let id = req.get_ref().request_id.clone();
         tracing::Span::current().record("request_id", id.as_str());
-        let info = self.package_info(&req, &id).await?;
-        if !info.complete {
-            let waiting = if info.missing.is_empty() {
-                "the request is still open".to_string()
-            } else {
-                format!("waiting for the parts of {}", info.missing.join(", "))
+        let standing = self.package_standing(&req, &id).await?;
+        if !standing.info.complete {
+            let waiting = match standing.waiting_for() {
+                w if w.is_empty() => "the request is still open".to_string(),
+                w => w,
             };
             return Err(ApiError::failed_precondition(format!(
                 "the package of request {id} is not complete: {waiting}"
             ))
             .into());
         }
+        let info = standing.info;
         let record = self
             .shared
             .store

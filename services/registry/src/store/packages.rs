@@ -107,6 +107,10 @@ pub struct PackageRecord {
     pub unreturned: Vec<(String, String, TaskState)>,
     /// Parts stored.
     pub parts: i64,
+    /// Processors the request was routed to that have not accepted its delivery
+    /// ([`Store::undelivered`]): the registry does not know all of their tasks yet, so
+    /// `missing` cannot name what they still owe.
+    pub undelivered: Vec<String>,
 }
 
 /// The parts stored for the requests `ids`, as (request id, processor, subprocessor): one
@@ -135,6 +139,24 @@ pub(super) async fn parts_of(
 }
 
 impl Store {
+    /// The processors whose delivery of request `request_id` has not been accepted (its
+    /// Deliver row is not done: waiting for a retry, or dead-lettered), by name. A Deliver's
+    /// answer lists every task the processor made of the request, and is recorded in the
+    /// transaction that marks the row done (withdrawn rows are done too: a cancelled request's
+    /// processor that never got it makes no task). Until then a processor's acknowledgements
+    /// and parts may come in (its answer lost, say), and the tasks they name are not all of its
+    /// tasks: a list of what is owed read before this is not final.
+    pub async fn undelivered(&self, request_id: &str) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT processor FROM deliveries WHERE request_id = $1 AND op = $2 \
+             AND done_at IS NULL ORDER BY processor",
+        )
+        .bind(request_id)
+        .bind(Operation::Deliver.as_str())
+        .fetch_all(&self.db.reader)
+        .await?)
+    }
+
     /// The parts stored for the requests `ids` ([`parts_of`]), read beside the writer.
     pub async fn parts_stored(&self, ids: &[&str]) -> Result<BTreeSet<(String, String, String)>> {
         let mut conn = self.db.reader.acquire().await?;
@@ -440,6 +462,10 @@ impl Store {
     /// What the registry knows of a request's package.
     pub async fn package(&self, request_id: &str) -> Result<PackageRecord> {
         let pool = &self.db.reader;
+        // Before the tasks: a delivery's acceptance commits with the tasks its answer lists,
+        // so a delivery read done here has them in the reads below. Read after them, it
+        // could be done with a task the reads missed, and the package would look complete.
+        let undelivered = self.undelivered(request_id).await?;
         let dates: Option<(i64, Option<i64>)> =
             sqlx::query_as("SELECT created_at, expired_at FROM packages WHERE request_id = $1")
                 .bind(request_id)
@@ -495,6 +521,7 @@ impl Store {
             missing,
             unreturned,
             parts,
+            undelivered,
         })
     }
 

@@ -1,0 +1,752 @@
+//! What proves data returned, through the real registry: its server over mutual TLS with the
+//! development PKI's certificates, its store (SQLite, and PostgreSQL when
+//! `DSRELAY_TEST_POSTGRES_URL` names a server) and its package folder. The processor is a
+//! test double served here over TLS with the processor's certificate, so that the test
+//! decides when a Deliver's answer reaches the registry; the registry's own dispatcher calls
+//! it. Its uploads and acknowledgements are made as the real processor makes them.
+//!
+//! - A package is not complete, nor is a return confirmed, while the processor has not
+//!   accepted the delivery: until its answer is recorded the registry knows only the tasks
+//!   whose parts or acknowledgements came first, and a confirmation then would have the
+//!   processor delete the others' data without returning it.
+//! - A RETURN_OF_DATA task is COMPLETED only with its part stored, whatever its
+//!   acknowledgement carries; a transfer receipt is refused where nothing is transferred.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceClient;
+use dsrelay_proto::v1::contract_service_client::ContractServiceClient;
+use dsrelay_proto::v1::export_upload_service_client::ExportUploadServiceClient;
+use dsrelay_proto::v1::package_service_client::PackageServiceClient;
+use dsrelay_proto::v1::processor_service_server::{ProcessorService, ProcessorServiceServer};
+use dsrelay_proto::v1::request_service_client::RequestServiceClient;
+use dsrelay_proto::v1::{
+    AcknowledgeRequest, AcknowledgeResponse, Acknowledgement, CancelDeliveryRequest,
+    CompletePartRequest, ConfirmReturnRequest, Contract, ContractEndChoice, ContractPhase,
+    ContractProgress, DeliverRequest, DeliverResponse, DownloadPackageRequest, EndContractRequest,
+    Evidence, ExportFileHeader, ExtendDueDateRequest, GetContractRequest, GetPackageRequest,
+    GetRequest, GetStatusRequest, GetUploadStateRequest, IdentityEncoding, IdentityType,
+    ListSubprocessorsRequest, PackageInfo, RequestKind, RequestState, SubjectIdentity,
+    SubmitRequest, SubprocessorList, TaskList, TaskState, TaskStatus, TransferReceipt,
+    UpdateContractEndRequest,
+};
+use dsrelay_runtime::pki::{dev_identity, DevPki};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+
+use crate::test_postgres::on_postgres;
+use crate::{App, Config};
+
+const PROCESSOR: &str = "payroll-bureau";
+const RECIPIENT: &str = "new-bookkeeper";
+
+/// A processor whose answers to Deliver are lost (UNAVAILABLE, as a connection cut after the
+/// processor committed looks to the registry) until [`Processor::answer`] lets them through
+/// with the tasks it was given.
+#[derive(Clone, Default)]
+struct Processor {
+    answering: Arc<AtomicBool>,
+    delivers: Arc<AtomicUsize>,
+    tasks: Arc<Mutex<Vec<TaskStatus>>>,
+}
+
+impl Processor {
+    /// From now on, Deliver is answered with `tasks`, as the retry of an accepted one is.
+    fn answer(&self, tasks: Vec<TaskStatus>) {
+        *self.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
+        self.answering.store(true, Ordering::SeqCst);
+    }
+
+    fn delivers(&self) -> usize {
+        self.delivers.load(Ordering::SeqCst)
+    }
+}
+
+#[tonic::async_trait]
+impl ProcessorService for Processor {
+    async fn deliver(
+        &self,
+        _req: Request<DeliverRequest>,
+    ) -> Result<Response<DeliverResponse>, Status> {
+        self.delivers.fetch_add(1, Ordering::SeqCst);
+        if !self.answering.load(Ordering::SeqCst) {
+            return Err(Status::unavailable("the answer was lost on its way"));
+        }
+        Ok(Response::new(DeliverResponse {
+            tasks: self.tasks.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            duplicate: true,
+        }))
+    }
+
+    async fn cancel(
+        &self,
+        _req: Request<CancelDeliveryRequest>,
+    ) -> Result<Response<TaskList>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
+    async fn get_status(
+        &self,
+        _req: Request<GetStatusRequest>,
+    ) -> Result<Response<TaskList>, Status> {
+        Err(Status::unavailable("not in this test"))
+    }
+
+    async fn list_subprocessors(
+        &self,
+        _req: Request<ListSubprocessorsRequest>,
+    ) -> Result<Response<SubprocessorList>, Status> {
+        Ok(Response::new(SubprocessorList::default()))
+    }
+
+    async fn update_contract_end(
+        &self,
+        req: Request<UpdateContractEndRequest>,
+    ) -> Result<Response<TaskList>, Status> {
+        Ok(Response::new(TaskList {
+            request_id: req.into_inner().request_id,
+            tasks: Vec::new(),
+        }))
+    }
+
+    async fn extend_due_date(
+        &self,
+        _req: Request<ExtendDueDateRequest>,
+    ) -> Result<Response<TaskList>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+}
+
+/// A running registry and its processor, stopped by [`Registry::stop`].
+struct Registry {
+    port: u16,
+    pki: DevPki,
+    processor: Processor,
+    stop: oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<anyhow::Result<()>>,
+    stop_processor: oneshot::Sender<()>,
+}
+
+impl Registry {
+    /// Serves a registry on `database_url`, its files under `dir`, whose one processor is a
+    /// [`Processor`] served here; deliveries are retried within a few tens of milliseconds.
+    async fn start(dir: &std::path::Path, database_url: &str) -> Self {
+        let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
+        let processor = Processor::default();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let processor_port = listener.local_addr().expect("addr").port();
+        let router = dsrelay_runtime::server::builder(
+            pki.files("processor").server_config().expect("server tls"),
+        )
+        .expect("server")
+        .add_service(ProcessorServiceServer::new(processor.clone()));
+        let (stop_processor, processor_stopped) = oneshot::channel::<()>();
+        tokio::spawn(dsrelay_runtime::server::serve(router, listener, async {
+            let _ = processor_stopped.await;
+        }));
+
+        let tls = pki.files("registry");
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\ndatabase_url = {database_url:?}\n\
+             identity_hash_key = \"k\"\npackage_dir = {:?}\n\
+             [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
+             [audit]\ncheckpoint_key = {:?}\ncheckpoint_file = {:?}\n\
+             [delivery]\npoll_interval_ms = 20\nbackoff = {{ initial_ms = 20, max_ms = 100 }}\n\
+             [[identities]]\nidentity = {:?}\nrole = \"partner\"\nname = \"crm\"\n\
+             [[identities]]\nidentity = {:?}\nrole = \"operator\"\nname = \"ops\"\n\
+             [[processors]]\nname = \"{PROCESSOR}\"\n\
+             endpoint = \"https://localhost:{processor_port}\"\n\
+             identity = {:?}\ncategories = [\"contact\"]\n\
+             [[recipients]]\nname = \"{RECIPIENT}\"\nendpoint = \"https://localhost:1\"\n\
+             identity = {:?}\n",
+            dir.join("packages"),
+            tls.ca,
+            tls.cert,
+            tls.key,
+            pki.signing_key("registry"),
+            dir.join("audit/checkpoints.jsonl"),
+            dev_identity("partner", "crm"),
+            dev_identity("operator", "ops"),
+            dev_identity("processor", PROCESSOR),
+            dev_identity("recipient", "example"),
+        );
+        let file = dir.join("registry.toml");
+        std::fs::write(&file, text).expect("config file");
+        let config = Config::load_from(Some(&file), Vec::new()).expect("config");
+        let app = App::build(config).await.expect("app");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let served = tokio::spawn(app.run(listener, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            port,
+            pki,
+            processor,
+            stop,
+            served,
+            stop_processor,
+        }
+    }
+
+    /// A channel to the registry with the certificate of the PKI's party `stem`.
+    fn channel(&self, stem: &str) -> Channel {
+        let tls = self.pki.files(stem).client_config().expect("client tls");
+        dsrelay_runtime::tls::channel(
+            &format!("https://localhost:{}", self.port),
+            Some(dev_identity("registry", "controller")),
+            &tls,
+        )
+        .expect("channel")
+    }
+
+    fn contracts(&self) -> ContractServiceClient<Channel> {
+        ContractServiceClient::new(self.channel("operator"))
+    }
+
+    async fn contract(&self, id: &str) -> Contract {
+        self.contracts()
+            .get_contract(GetContractRequest {
+                contract_id: id.into(),
+            })
+            .await
+            .expect("get contract")
+            .into_inner()
+    }
+
+    /// The package of `id`, read as `stem` (the partner that asked, or an operator).
+    async fn package(&self, stem: &str, id: &str) -> PackageInfo {
+        PackageServiceClient::new(self.channel(stem))
+            .get_package(GetPackageRequest {
+                request_id: id.into(),
+            })
+            .await
+            .expect("get package")
+            .into_inner()
+    }
+
+    /// DownloadPackage's refusal, as `stem`.
+    async fn download_refused(&self, stem: &str, id: &str) -> Status {
+        match PackageServiceClient::new(self.channel(stem))
+            .download_package(DownloadPackageRequest {
+                request_id: id.into(),
+            })
+            .await
+        {
+            Ok(_) => panic!("the package of {id} was sent"),
+            Err(status) => status,
+        }
+    }
+
+    async fn acknowledge(&self, acks: Vec<Acknowledgement>) -> AcknowledgeResponse {
+        AcknowledgementServiceClient::new(self.channel("processor"))
+            .acknowledge(AcknowledgeRequest {
+                acknowledgements: acks,
+            })
+            .await
+            .expect("acknowledge")
+            .into_inner()
+    }
+
+    /// Stores `subprocessor`'s part of `id`, of one empty file (stored whole as soon as it
+    /// is announced, so no upload stream is needed).
+    async fn store_part(&self, id: &str, subprocessor: &str) {
+        let mut uploads = ExportUploadServiceClient::new(self.channel("processor"));
+        let file = ExportFileHeader {
+            request_id: id.into(),
+            subprocessor: subprocessor.into(),
+            name: "export.json".into(),
+            media_type: "application/json".into(),
+            categories: vec!["contact".into()],
+            size: 0,
+            sha256: hex::encode(Sha256::digest(b"")),
+        };
+        let state = uploads
+            .get_upload_state(GetUploadStateRequest {
+                header: Some(file.clone()),
+            })
+            .await
+            .expect("upload state")
+            .into_inner();
+        assert!(state.complete, "{state:?}");
+        uploads
+            .complete_part(CompletePartRequest {
+                request_id: id.into(),
+                subprocessor: subprocessor.into(),
+                files: vec![file],
+            })
+            .await
+            .expect("part stored");
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.served.await.expect("joined").expect("served");
+        let _ = self.stop_processor.send(());
+    }
+}
+
+/// Waits up to 20 s for `check` to hold.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A recipient's receipt of `subprocessor`'s part of `id`, well-formed.
+fn receipt(id: &str, subprocessor: &str, recipient: &str) -> TransferReceipt {
+    TransferReceipt {
+        request_id: id.into(),
+        subprocessor: subprocessor.into(),
+        manifest_sha256: "ab".repeat(32),
+        bytes: 0,
+        files: 1,
+        received_at: None,
+        recipient: recipient.into(),
+    }
+}
+
+/// A contract end's task at `sequence`, its part returned and waiting for the confirmation,
+/// with `receipt` if any.
+fn awaiting(
+    id: &str,
+    subprocessor: &str,
+    sequence: u64,
+    receipt: Option<TransferReceipt>,
+) -> Acknowledgement {
+    Acknowledgement {
+        request_id: id.into(),
+        subprocessor: subprocessor.into(),
+        sequence,
+        state: TaskState::InProgress as i32,
+        evidence: Some(Evidence {
+            confirmed: true,
+            transfer_receipt: receipt,
+            ..Default::default()
+        }),
+        progress: Some(ContractProgress {
+            phase: ContractPhase::AwaitingConfirmation as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The processor's report of a task, as a Deliver's answer carries it.
+fn report(subprocessor: &str, sequence: u64, state: TaskState, phase: ContractPhase) -> TaskStatus {
+    TaskStatus {
+        processor: PROCESSOR.into(),
+        subprocessor: subprocessor.into(),
+        state: state as i32,
+        sequence,
+        progress: Some(ContractProgress {
+            phase: phase as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Ends the contract with the processor, RETURN_THEN_DELETE now, to `recipient` (empty: as
+/// a package), and waits until its Deliver was tried and its answer lost.
+async fn end_contract(registry: &Registry, key: &str, recipient: &str) -> String {
+    let id = registry
+        .contracts()
+        .end_contract(EndContractRequest {
+            processor: PROCESSOR.into(),
+            choice: ContractEndChoice::ReturnThenDelete as i32,
+            effective_now: true,
+            idempotency_key: key.into(),
+            transfer_recipient: recipient.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("end contract")
+        .into_inner()
+        .contract_id;
+    eventually("the Deliver tried", || async {
+        registry.processor.delivers() > 0
+    })
+    .await;
+    id
+}
+
+/// The SHA-256 of a package's manifest, as ConfirmReturn takes it.
+fn digest(info: &PackageInfo) -> String {
+    hex::encode(Sha256::digest(&info.manifest_json))
+}
+
+async fn confirm(registry: &Registry, id: &str, digest: &str) -> Result<Contract, Status> {
+    registry
+        .contracts()
+        .confirm_return(ConfirmReturnRequest {
+            contract_id: id.into(),
+            manifest_sha256: digest.into(),
+        })
+        .await
+        .map(Response::into_inner)
+}
+
+/// The processor accepted the contract end, but its answer was lost, and the delivery waits
+/// for a retry. Its subprocessor `accounting` exported, stored its part and reported
+/// AWAITING_CONFIRMATION; `mail`, still PENDING there, has sent nothing. The registry knows
+/// one task, with its part: the package is not complete for all that, nor is the return
+/// confirmed, until the retried Deliver's answer brings `mail` and `mail` returns its part.
+/// Measured before, GetPackage said complete and ConfirmReturn was accepted, and the
+/// processor, finding the return confirmed, would have deleted `mail`'s data unreturned.
+async fn a_contract_end_package_waits_for_the_processors_delivery(
+    database_url: &str,
+    dir: &std::path::Path,
+) {
+    let registry = Registry::start(dir, database_url).await;
+    let id = end_contract(&registry, "package-before-delivery", "").await;
+
+    registry.store_part(&id, "accounting").await;
+    // A receipt proves nothing here: the data comes to the registry, not to a recipient.
+    let answer = registry
+        .acknowledge(vec![awaiting(
+            &id,
+            "accounting",
+            2,
+            Some(receipt(&id, "accounting", "nobody")),
+        )])
+        .await;
+    assert_eq!(answer.applied, 0, "{answer:?}");
+    assert_eq!(answer.rejected.len(), 1, "{answer:?}");
+    let rejected = &answer.rejected[0];
+    assert_eq!(rejected.code, Code::InvalidArgument as i32, "{rejected:?}");
+    assert_eq!(
+        rejected.violations[0].field, "acknowledgements[0].evidence.transfer_receipt",
+        "{rejected:?}"
+    );
+    assert!(
+        rejected.violations[0]
+            .rule
+            .contains("terms name no transfer recipient"),
+        "{rejected:?}"
+    );
+    let answer = registry
+        .acknowledge(vec![awaiting(&id, "accounting", 2, None)])
+        .await;
+    assert_eq!(answer.applied, 1, "{answer:?}");
+
+    // One part stored, none missing among the tasks known: not complete all the same.
+    let info = registry.package("operator", &id).await;
+    assert_eq!(info.files.len(), 1, "{info:?}");
+    assert!(info.missing.is_empty(), "{info:?}");
+    assert!(
+        !info.complete,
+        "complete before the processor's delivery: {info:?}"
+    );
+    let refused = registry.download_refused("operator", &id).await;
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains(PROCESSOR)
+            && refused
+                .message()
+                .contains("not accepted the request's delivery"),
+        "{refused:?}"
+    );
+    let refused = confirm(&registry, &id, &digest(&info))
+        .await
+        .expect_err("confirmed before the processor's delivery");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains(PROCESSOR)
+            && refused
+                .message()
+                .contains("not accepted the request's delivery"),
+        "{refused:?}"
+    );
+    let terms = registry.contract(&id).await.contract_end.expect("terms");
+    assert!(!terms.return_confirmed, "{terms:?}");
+
+    // The retried Deliver is answered: the processor's tasks, `mail`'s among them.
+    registry.processor.answer(vec![
+        report(
+            "accounting",
+            2,
+            TaskState::InProgress,
+            ContractPhase::AwaitingConfirmation,
+        ),
+        report("mail", 1, TaskState::Pending, ContractPhase::Returning),
+    ]);
+    eventually("the Deliver's answer recorded", || async {
+        registry.contract(&id).await.tasks.len() == 2
+    })
+    .await;
+    let info = registry.package("operator", &id).await;
+    assert!(!info.complete, "{info:?}");
+    assert_eq!(info.missing, [format!("{PROCESSOR}/mail")], "{info:?}");
+    let refused = confirm(&registry, &id, &digest(&info))
+        .await
+        .expect_err("confirmed without mail's part");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains(&format!("{PROCESSOR}/mail")),
+        "{refused:?}"
+    );
+    assert!(
+        !refused.message().contains("not accepted"),
+        "the delivery is accepted now: {refused:?}"
+    );
+
+    // `mail` returns its part: now the package is all of the data, and is confirmed.
+    registry.store_part(&id, "mail").await;
+    let answer = registry
+        .acknowledge(vec![awaiting(&id, "mail", 2, None)])
+        .await;
+    assert_eq!(answer.applied, 1, "{answer:?}");
+    let info = registry.package("operator", &id).await;
+    assert!(info.complete, "{info:?}");
+    assert_eq!(info.files.len(), 2, "{info:?}");
+    let confirmed = confirm(&registry, &id, &digest(&info))
+        .await
+        .expect("confirmed");
+    assert!(
+        confirmed.contract_end.is_some_and(|t| t.return_confirmed),
+        "not confirmed"
+    );
+    registry.stop().await;
+}
+
+/// The same for a return to a transfer recipient, proven by receipts: the receipt of every
+/// task the registry knows does not confirm the return while the processor's delivery, and
+/// so the list of its tasks, is still to come.
+async fn a_transfer_waits_for_the_processors_delivery(database_url: &str, dir: &std::path::Path) {
+    let registry = Registry::start(dir, database_url).await;
+    let id = end_contract(&registry, "transfer-before-delivery", RECIPIENT).await;
+
+    // Here a receipt is the proof, and is taken.
+    let answer = registry
+        .acknowledge(vec![awaiting(
+            &id,
+            "accounting",
+            2,
+            Some(receipt(&id, "accounting", RECIPIENT)),
+        )])
+        .await;
+    assert_eq!(answer.applied, 1, "{answer:?}");
+    let refused = confirm(&registry, &id, "")
+        .await
+        .expect_err("confirmed before the processor's delivery");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains(PROCESSOR)
+            && refused
+                .message()
+                .contains("not accepted the contract end's delivery"),
+        "{refused:?}"
+    );
+
+    registry.processor.answer(vec![
+        report(
+            "accounting",
+            2,
+            TaskState::InProgress,
+            ContractPhase::AwaitingConfirmation,
+        ),
+        report("mail", 1, TaskState::Pending, ContractPhase::Returning),
+    ]);
+    eventually("the Deliver's answer recorded", || async {
+        registry.contract(&id).await.tasks.len() == 2
+    })
+    .await;
+    let refused = confirm(&registry, &id, "")
+        .await
+        .expect_err("confirmed without mail's receipt");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("no receipt yet for mail")
+            && !refused.message().contains("not accepted"),
+        "{refused:?}"
+    );
+
+    let answer = registry
+        .acknowledge(vec![awaiting(
+            &id,
+            "mail",
+            2,
+            Some(receipt(&id, "mail", RECIPIENT)),
+        )])
+        .await;
+    assert_eq!(answer.applied, 1, "{answer:?}");
+    let confirmed = confirm(&registry, &id, "").await.expect("confirmed");
+    assert!(
+        confirmed.contract_end.is_some_and(|t| t.return_confirmed),
+        "not confirmed"
+    );
+    registry.stop().await;
+}
+
+/// A return of data's COMPLETED without its part stored is refused whether or not the
+/// acknowledgement carries a transfer receipt, and a receipt on a return of data is refused
+/// as such. Measured before, the same COMPLETED with any well-formed receipt was applied: the
+/// request read COMPLETED and its package complete with no file.
+async fn a_return_of_data_is_completed_only_with_its_part(
+    database_url: &str,
+    dir: &std::path::Path,
+) {
+    let registry = Registry::start(dir, database_url).await;
+    registry.processor.answer(vec![TaskStatus {
+        processor: PROCESSOR.into(),
+        subprocessor: "crm".into(),
+        state: TaskState::Pending as i32,
+        sequence: 1,
+        ..Default::default()
+    }]);
+    let mut requests = RequestServiceClient::new(registry.channel("partner-crm"));
+    let id = requests
+        .submit(SubmitRequest {
+            kind: RequestKind::ReturnOfData as i32,
+            identities: vec![SubjectIdentity {
+                r#type: IdentityType::Email as i32,
+                encoding: IdentityEncoding::Raw as i32,
+                value: "maija@example.fi".into(),
+                label: String::new(),
+            }],
+            idempotency_key: "return-with-a-receipt".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("submit")
+        .into_inner()
+        .request_id;
+    let get = || {
+        let mut requests = requests.clone();
+        let id = id.clone();
+        async move {
+            requests
+                .get(GetRequest { request_id: id })
+                .await
+                .expect("get")
+                .into_inner()
+        }
+    };
+    eventually("the Deliver's answer recorded", || async {
+        get().await.tasks.len() == 1
+    })
+    .await;
+    let completed = |receipt: Option<TransferReceipt>| Acknowledgement {
+        request_id: id.clone(),
+        subprocessor: "crm".into(),
+        sequence: 2,
+        state: TaskState::Completed as i32,
+        evidence: Some(Evidence {
+            records_affected: 1,
+            confirmed: true,
+            transfer_receipt: receipt,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let fields = |answer: &AcknowledgeResponse| -> Vec<String> {
+        assert_eq!(answer.applied, 0, "{answer:?}");
+        assert_eq!(answer.rejected.len(), 1, "{answer:?}");
+        assert_eq!(
+            answer.rejected[0].code,
+            Code::InvalidArgument as i32,
+            "{answer:?}"
+        );
+        (answer.rejected[0].violations.iter())
+            .map(|v| v.field.clone())
+            .collect()
+    };
+
+    let answer = registry.acknowledge(vec![completed(None)]).await;
+    assert_eq!(fields(&answer), ["acknowledgements[0].state"]);
+    let answer = registry
+        .acknowledge(vec![completed(Some(receipt(&id, "crm", "nobody")))])
+        .await;
+    assert_eq!(
+        fields(&answer),
+        [
+            "acknowledgements[0].state",
+            "acknowledgements[0].evidence.transfer_receipt"
+        ]
+    );
+    let rule = &answer.rejected[0].violations[1].rule;
+    assert!(
+        rule.contains("a RETURN_OF_DATA request transfers nothing"),
+        "{rule}"
+    );
+    let shown = get().await;
+    assert_ne!(shown.state(), RequestState::Completed, "{shown:?}");
+    assert_eq!(shown.tasks[0].state(), TaskState::Pending, "{shown:?}");
+    let info = registry.package("partner-crm", &id).await;
+    assert!(!info.complete, "{info:?}");
+    assert_eq!(info.missing, [format!("{PROCESSOR}/crm")], "{info:?}");
+
+    // With the part stored, the receipt alone is wrong; without it, COMPLETED is applied.
+    registry.store_part(&id, "crm").await;
+    let answer = registry
+        .acknowledge(vec![completed(Some(receipt(&id, "crm", "nobody")))])
+        .await;
+    assert_eq!(
+        fields(&answer),
+        ["acknowledgements[0].evidence.transfer_receipt"]
+    );
+    let answer = registry.acknowledge(vec![completed(None)]).await;
+    assert_eq!(answer.applied, 1, "{answer:?}");
+    assert_eq!(get().await.state(), RequestState::Completed);
+    let info = registry.package("partner-crm", &id).await;
+    assert!(info.complete && info.files.len() == 1, "{info:?}");
+    registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contract_end_package_waits_for_the_processors_delivery_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/registry.db", dir.path().display());
+    a_contract_end_package_waits_for_the_processors_delivery(&url, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contract_end_package_waits_for_the_processors_delivery_on_postgres() {
+    on_postgres(|url, dir| async move {
+        a_contract_end_package_waits_for_the_processors_delivery(&url, &dir).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_waits_for_the_processors_delivery_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/registry.db", dir.path().display());
+    a_transfer_waits_for_the_processors_delivery(&url, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_waits_for_the_processors_delivery_on_postgres() {
+    on_postgres(|url, dir| async move {
+        a_transfer_waits_for_the_processors_delivery(&url, &dir).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_return_of_data_is_completed_only_with_its_part_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/registry.db", dir.path().display());
+    a_return_of_data_is_completed_only_with_its_part(&url, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_return_of_data_is_completed_only_with_its_part_on_postgres() {
+    on_postgres(|url, dir| async move {
+        a_return_of_data_is_completed_only_with_its_part(&url, &dir).await;
+    })
+    .await;
+}
