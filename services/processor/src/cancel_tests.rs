@@ -4,7 +4,8 @@
 //! cancelled while the holder works (held at a barrier), the task reports what the holder
 //! did: the erasure COMPLETED with its evidence and certificate, saying the cancellation came
 //! too late. Work started before the cancellation is followed to its end even when its
-//! runner went away, and retained data still goes at its date.
+//! runner went away (also a call cut off by a shutdown, made again), and retained data still
+//! goes at its date.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,6 +29,8 @@ pub(super) struct Barrier {
     entered: mpsc::UnboundedSender<oneshot::Sender<()>>,
     calls: AtomicUsize,
     answer: fn() -> Result<Outcome, ConnectorError>,
+    /// Each call's [`Task::interrupted`], in order.
+    interrupted: std::sync::Mutex<Vec<bool>>,
 }
 
 /// What [`setup`]'s holder answers: two rows erased.
@@ -53,9 +56,13 @@ impl Connector for Barrier {
         true
     }
 
-    fn run<'a>(&'a self, _task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+    fn run<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
         Box::pin(async move {
             self.calls.fetch_add(1, Ordering::SeqCst);
+            self.interrupted
+                .lock()
+                .expect("interrupted")
+                .push(task.interrupted);
             let (release, released) = oneshot::channel();
             self.entered
                 .send(release)
@@ -114,6 +121,7 @@ pub(super) async fn setup_answering(
         entered: tx,
         calls: AtomicUsize::new(0),
         answer,
+        interrupted: Default::default(),
     });
     let connectors = HashMap::from([("crm".to_string(), barrier.clone() as Arc<dyn Connector>)]);
     let app = App::with_connectors(config(dir, database_url), connectors)
@@ -365,6 +373,94 @@ async fn started_work_is_followed_to_its_end(database_url: &str, dir: &std::path
     assert_eq!(jobs[0].task.key.request_id, "r-2");
 }
 
+/// A call cut off before its answer was recorded (the processor stopped mid-call and
+/// released the lease, as a shutdown does; a crash lets it run out) may have erased the
+/// data: a cancellation that comes before the call is made again (here after a claim that
+/// only waited for the holder, marked unreachable) marks the task instead of cancelling it,
+/// the next claim makes the call again, told it was interrupted, and the task reports what
+/// the holder did: COMPLETED with its certificate, never CANCELLED.
+async fn a_cut_off_call_is_resumed_not_cancelled(database_url: &str, dir: &std::path::Path) {
+    let Setup {
+        app,
+        mut entered,
+        barrier,
+    } = setup(database_url, dir).await;
+    let shared = app.shared();
+    let job = claim(&shared).await.pop().expect("a job");
+    let (key, lease_owner) = (job.task.key.clone(), job.lease_owner.clone());
+    let runner = {
+        let shared = shared.clone();
+        tokio::spawn(async move { crate::runner::run_task(&shared, job).await })
+    };
+    let release = tokio::time::timeout(Duration::from_secs(10), entered.recv())
+        .await
+        .expect("the holder is called")
+        .expect("a call");
+    // The service stops: the step is dropped mid-call, its lease released.
+    runner.abort();
+    assert!(runner.await.is_err(), "the step was dropped");
+    drop(release);
+    assert!(shared
+        .store
+        .release_lease(&key, &lease_owner)
+        .await
+        .expect("release"));
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert!(task.call_started_at.is_some(), "{task:?}");
+    // The next claim finds the holder marked unreachable and waits without calling it:
+    // the cut-off call is still on record.
+    let now = shared.clock.now_ms();
+    shared.unavailable_until.unreachable("crm", now + 1_000);
+    let job = claim(&shared).await.pop().expect("claimed again");
+    crate::runner::run_task(&shared, job).await.expect("wait");
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(task.state, TaskState::InProgress, "{task:?}");
+    assert!(task.call_started_at.is_some(), "{task:?}");
+    shared.unavailable_until.answered("crm");
+    shared.clock.advance(1_000);
+
+    let answered = cancel(&shared).await;
+    let task = &answered[0];
+    assert_eq!(task.state, TaskState::InProgress, "{task:?}");
+    assert!(task.cancel_requested_at.is_some(), "{task:?}");
+
+    let job = claim(&shared)
+        .await
+        .pop()
+        .expect("the cut-off call is made again");
+    let runner = {
+        let shared = shared.clone();
+        tokio::spawn(async move { crate::runner::run_task(&shared, job).await })
+    };
+    let release = tokio::time::timeout(Duration::from_secs(10), entered.recv())
+        .await
+        .expect("the holder is asked again")
+        .expect("a call");
+    release.send(()).expect("the call waits");
+    runner.await.expect("runner").expect("step");
+    assert_eq!(
+        *barrier.interrupted.lock().expect("interrupted"),
+        [false, true],
+        "the second call is told the first was cut off"
+    );
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(
+        (task.state, task.records_affected),
+        (TaskState::Completed, 2),
+        "{task:?}"
+    );
+    assert!(task.reason.contains("too late"), "{}", task.reason);
+    let acks = acks(&shared).await;
+    assert!(
+        acks.iter().all(|a| a.state() != TaskState::Cancelled),
+        "{acks:#?}"
+    );
+    let done = acks.last().expect("acks");
+    assert_eq!(done.state(), TaskState::Completed);
+    assert!(done.certificate.is_some(), "the erasure is certified");
+    assert!(claim(&shared).await.is_empty());
+}
+
 /// An export on its way (its upload claimed by a sender) holds a cancellation off as a
 /// working holder does: the task stays IN_PROGRESS, marked, and its sender reports what
 /// arrived. An export waiting for its next attempt is cancelled at once.
@@ -472,6 +568,19 @@ async fn cancel_started_work_is_followed_to_its_end_on_sqlite() {
 async fn cancel_started_work_is_followed_to_its_end_on_postgres() {
     crate::test_postgres::on_postgres(|u, d| async move {
         started_work_is_followed_to_its_end(&u, &d).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_after_a_cut_off_call_resumes_it_on_sqlite() {
+    on_sqlite(|u, d| async move { a_cut_off_call_is_resumed_not_cancelled(&u, &d).await }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_after_a_cut_off_call_resumes_it_on_postgres() {
+    crate::test_postgres::on_postgres(|u, d| async move {
+        a_cut_off_call_is_resumed_not_cancelled(&u, &d).await
     })
     .await;
 }

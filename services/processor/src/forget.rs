@@ -18,7 +18,7 @@ use dsrelay_runtime::identity::keyed_hash;
 use tokio::sync::watch;
 
 use crate::app::Shared;
-use crate::store::Forgettable;
+use crate::store::{ForgetCursor, Forgettable};
 
 /// One day in milliseconds.
 const DAY_MS: i64 = 86_400_000;
@@ -81,11 +81,35 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// Removes the folder of `key`'s export, which a step just ended without a delivery
+/// ([`crate::task_machine::Transition::discard_export`]), and records it removed. A failure
+/// is logged: the step recorded the export as an upload retired unsent, so the next sweep
+/// ([`remove_retired_exports`]) tries again.
+pub(crate) async fn remove_discarded_export(shared: &Shared, key: &crate::store::TaskKey) {
+    let dir = crate::exports::task_dir(&shared.config.data_dir, key);
+    if let Err(e) = crate::exports::remove(&dir).await {
+        tracing::warn!(
+            error = %e,
+            dir = %dir.display(),
+            "removing an undelivered export failed; the next sweep tries again"
+        );
+        return;
+    }
+    let now = shared.clock.now_ms();
+    if let Err(e) = shared.store.export_files_removed(key, now).await {
+        tracing::warn!(
+            error = format!("{e:#}"),
+            "recording an undelivered export removed failed; the next sweep does"
+        );
+    }
+}
+
 /// Removes what retired uploads left in the data folder: an export is kept only until its
-/// upload is retired (delivered, undeliverable, given up, or its task ended otherwise). The
-/// uploader removes a delivered export's files at once; this catches a crash between the
-/// retirement and the removal, and the retirements that delivered nothing, at the latest one
-/// sweep interval after a start.
+/// upload is retired (delivered, undeliverable, given up, or its task ended otherwise; an
+/// export task that ended without a delivery is recorded as an upload retired unsent). The
+/// uploader removes a delivered export's files at once, and the runner an undelivered one's;
+/// this catches a crash between the retirement and the removal, and the retirements that
+/// delivered nothing, at the latest one sweep interval after a start.
 async fn remove_retired_exports(shared: &Shared) -> Result<()> {
     // Those that could not be removed stay first in the order; skipped, so that they do not
     // hold back the ones behind them.
@@ -118,22 +142,22 @@ async fn remove_retired_exports(shared: &Shared) -> Result<()> {
 /// One sweep: every request past its window is forgotten; returns how many.
 async fn sweep(shared: &Shared) -> Result<usize> {
     let mut forgotten = 0usize;
+    // Each batch goes on after the last request of the one before, in the order they are
+    // listed in, whatever became of it: one that could not be forgotten is still listed,
+    // and would otherwise fill every batch.
+    let mut after: Option<ForgetCursor> = None;
     loop {
         let now = shared.clock.now_ms();
         let cutoff = cutoff(now, shared.config.forget_after_days);
-        let due = shared.store.requests_to_forget(cutoff, BATCH).await?;
-        if due.is_empty() {
-            break;
-        }
-        let mut progressed = false;
+        let due = shared
+            .store
+            .requests_to_forget(cutoff, after.as_ref(), BATCH)
+            .await?;
         for r in &due {
             // One request that cannot be forgotten (a folder that will not go) is logged and
             // tried again at the next sweep; it does not hold back the ones behind it.
             match forget(shared, r, cutoff, now).await {
-                Ok(true) => {
-                    progressed = true;
-                    forgotten += 1;
-                }
+                Ok(true) => forgotten += 1,
                 Ok(false) => {}
                 Err(e) => tracing::error!(
                     request_id = %r.request_id,
@@ -143,8 +167,9 @@ async fn sweep(shared: &Shared) -> Result<usize> {
                 ),
             }
         }
-        if !progressed || due.len() < BATCH as usize {
-            break;
+        match due.last() {
+            Some(last) if due.len() == BATCH as usize => after = Some(last.cursor()),
+            _ => break,
         }
     }
     Ok(forgotten)
@@ -165,6 +190,10 @@ async fn forget(shared: &Shared, r: &Forgettable, cutoff: i64, now: i64) -> Resu
     }
     Ok(done)
 }
+
+#[cfg(test)]
+#[path = "forget_tests.rs"]
+mod forget_tests;
 
 #[cfg(test)]
 mod tests {

@@ -384,7 +384,7 @@ async fn the_store_matches_the_lease_token(database_url: &str, dir: &std::path::
         None
     );
     assert!(!store
-        .postpone(key, seq, mine, 0, now + 5_000, Some("late"), false)
+        .postpone(key, seq, mine, 0, now + 5_000, Some("late"), false, false)
         .await
         .expect("postpone"));
     let task = &store.tasks("acme", "r-1").await.expect("tasks")[0];
@@ -529,7 +529,8 @@ async fn a_wake_up_during_a_claim_is_kept(database_url: &str, dir: &std::path::P
             job.due_as_known(),
             i64::MAX,
             None,
-            false
+            false,
+            false,
         )
         .await
         .expect("postpone"));

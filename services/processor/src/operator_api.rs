@@ -257,6 +257,11 @@ impl OperatorApi {
                 exports,
                 record: record.as_ref(),
             },
+            Event::OperatorRefuse { reason, by, .. } => Event::OperatorRefuse {
+                reason,
+                by,
+                exports,
+            },
             other => other,
         };
         let transition = match decide(&row.task.current(), event, &Context::at(now)) {
@@ -285,6 +290,9 @@ impl OperatorApi {
             "manual task confirmed by an operator"
         );
         self.shared.ack_wakeup.notify_one();
+        if transition.discard_export {
+            crate::forget::remove_discarded_export(&self.shared, key).await;
+        }
         let row = store.manual_task(key).await?.ok_or_else(|| {
             ApiError::unexpected(anyhow::anyhow!(
                 "task {}/{}/{} vanished after its transition",
@@ -642,6 +650,8 @@ impl ProcessorOperatorService for OperatorApi {
         let event = Event::OperatorRefuse {
             reason: &r.reason,
             by: &by,
+            // Filled in by `finish`, which reads the request.
+            exports: false,
         };
         Ok(Response::new(self.finish(r.task, event, &by).await?))
     }

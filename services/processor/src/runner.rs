@@ -317,6 +317,29 @@ async fn before_call(
         let event = Event::HolderDown { phase, until };
         match decide(&job.task.current(), event, &context(shared, job, 0)) {
             Decision::Run { phase: p, .. } => phase = p,
+            // No call in this claim: unless its start noted one, a note of a call cut off
+            // earlier stays for the call that follows (see `Store::postpone`).
+            Decision::Later { at, error } => {
+                let held = shared
+                    .store
+                    .postpone(
+                        &job.task.key,
+                        seq,
+                        &job.lease_owner,
+                        job.due_as_known(),
+                        at,
+                        error.as_deref(),
+                        false,
+                        !noted,
+                    )
+                    .await?;
+                if !held {
+                    tracing::warn!(
+                        "task lease lost or task changed; the wait is left to its holder"
+                    );
+                }
+                return Ok(None);
+            }
             other => {
                 record(shared, job, seq, other).await?;
                 return Ok(None);
@@ -811,6 +834,7 @@ async fn write(
                     at,
                     error.as_deref(),
                     unless_cancelled,
+                    false,
                 )
                 .await?;
             if !held && !unless_cancelled {
@@ -829,7 +853,8 @@ async fn write(
 /// Records a transition (noting the holder's call at `call_at` with it, when the call follows
 /// directly; only while no cancellation marked the task when `unless_cancelled`) and wakes
 /// the acknowledgement sender; the new sequence, or `None` when the task changed meanwhile
-/// (a cancellation wins) or another claim took it.
+/// (a cancellation wins) or another claim took it. An export the transition ends without a
+/// delivery has its folder removed once the step is committed.
 ///
 /// A transition the holder's call directly follows does not wake the sender: its
 /// acknowledgement (IN_PROGRESS, mostly) goes with the outcome's, which the call's step
@@ -872,6 +897,9 @@ async fn record_move(
         if t.upload {
             shared.upload_wakeup.notify_one();
         }
+        if t.discard_export {
+            crate::forget::remove_discarded_export(shared, &job.task.key).await;
+        }
     } else if !unless_cancelled {
         tracing::warn!(
             state = t.state.as_str_name(),
@@ -897,3 +925,11 @@ mod shutdown_tests;
 #[cfg(test)]
 #[path = "due_date_tests.rs"]
 mod due_date_tests;
+
+#[cfg(test)]
+#[path = "retention_tests.rs"]
+mod retention_tests;
+
+#[cfg(test)]
+#[path = "discard_tests.rs"]
+mod discard_tests;

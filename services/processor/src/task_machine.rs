@@ -27,7 +27,12 @@
 //! - COMPLETED, NOT_FOUND → final and confirmed; RETAINED → sleeps until its date, then runs
 //!   again to erase the rest; after a retention run the records count is cumulative
 //! - ACCEPTED → IN_PROGRESS awaiting confirmation, asked again every confirm interval; the
-//!   same handle again changes nothing and is not acknowledged
+//!   same handle again changes nothing and is not acknowledged. The records counted so far
+//!   stay; accepted in a retention run, the task also keeps its legal basis and date (the
+//!   data is there until the holder confirms), and the confirmation counts as that run:
+//!   its count adds to the earlier ones, and it is asked for however late
+//! - a step that ends an export task without delivering it (cancelled, failed, refused, not
+//!   found) has its folder removed ([`Transition::discard_export`])
 //! - WAITING_FOR_OPERATOR → sleeps until an operator completes or refuses it
 //! - REFUSED by the holder → REFUSED with its reason
 //! - transient error → retry after the backoff (or the holder's Retry-After, if longer),
@@ -38,13 +43,15 @@
 //! - cancelled while PENDING (claimed or not: its start then matches nothing, so the holder
 //!   is never called), IN_PROGRESS between attempts, or WAITING_FOR_OPERATOR → CANCELLED;
 //!   later states stay as they are
-//! - cancelled while the holder works (IN_PROGRESS under a runner's lease, or accepted work
-//!   awaiting the holder's confirmation) → cancellation requested ([`Decision::Mark`]): the
-//!   state stays, and what the holder did is recorded when it answers ([`too_late`]): a
-//!   final outcome (COMPLETED with its evidence, NOT_FOUND, RETAINED, REFUSED, FAILED) as
-//!   it is, saying the cancellation came too late; accepted work goes on being confirmed; an
-//!   export written is not delivered (CANCELLED); a transient failure or an operator's turn
-//!   → CANCELLED, saying what is known
+//! - cancelled while the holder works (IN_PROGRESS under a runner's lease, accepted work
+//!   awaiting the holder's confirmation, or a call to the holder whose answer was never
+//!   recorded, cut off by a shutdown or a crash: the next claim makes it again, as
+//!   interrupted) → cancellation requested ([`Decision::Mark`]): the state stays, and what
+//!   the holder did is recorded when it answers ([`too_late`]): a final outcome (COMPLETED
+//!   with its evidence, NOT_FOUND, RETAINED, REFUSED, FAILED) as it is, saying the
+//!   cancellation came too late; accepted work goes on being confirmed; an export written is
+//!   not delivered (CANCELLED, its files removed); a transient failure or an operator's
+//!   turn → CANCELLED, saying what is known
 //! - an operator completes (or finds nothing) or refuses only a task WAITING_FOR_OPERATOR
 //!
 //! # Contract ends (one task per subprocessor over all of a controller's data)
@@ -102,7 +109,16 @@ pub struct Current<'a> {
     /// recorded as what the holder did, saying the cancellation came too late.
     pub cancel_requested: bool,
     /// Until when a RETAINED task's data is kept (ms): its retention run is for that date.
+    /// Still set on an IN_PROGRESS task whose retention run awaits the holder's confirmation
+    /// (the data is kept until the holder confirms the erasure).
     pub retain_until: Option<i64>,
+    /// The legal basis a RETAINED task's data is kept under, kept with it like
+    /// `retain_until` while its retention run awaits the holder's confirmation.
+    pub legal_basis: &'a str,
+    /// The runner called the holder and recorded no answer yet (`TaskRow::call_started_at`):
+    /// the call is under way, or was cut off (a shutdown, a crash, a lost lease) after the
+    /// holder may have done the work.
+    pub call_started: bool,
 }
 
 /// The terms of a contract end as the processor holds them (times in ms).
@@ -295,6 +311,9 @@ pub(crate) enum Event<'a> {
         reason: &'a str,
         /// A runner holds the task's lease: its holder may be working on it right now.
         leased: bool,
+        /// The request asks for the data itself (RETURN_OF_DATA, TRANSFER): the task's
+        /// folder may hold what an attempt wrote.
+        exports: bool,
     },
     /// An operator did the work of a manual task.
     OperatorComplete {
@@ -320,6 +339,9 @@ pub(crate) enum Event<'a> {
         reason: &'a str,
         /// The operator's identity.
         by: &'a str,
+        /// The request asks for the data itself (RETURN_OF_DATA, TRANSFER): the task's
+        /// folder may hold what the holder wrote before it turned to an operator.
+        exports: bool,
     },
     /// The destination holds the task's part: the registry answered CompletePart, or the
     /// recipient answered CompleteTransfer with a receipt that matches what was sent.
@@ -420,6 +442,12 @@ pub struct Transition {
     /// meanwhile (`ExtendDueDate`) takes back. The step then writes nothing, and the caller
     /// tries the task again under the new date.
     pub due_by: Option<i64>,
+    /// The step ends an export task without a delivery (cancelled, failed, refused...): what
+    /// the connector wrote into the task's folder goes nowhere, so the folder is removed
+    /// rather than kept until the request is forgotten. The store records it with the step
+    /// (as an upload retired unsent, which the forget worker's sweep of retired exports
+    /// removes should the caller not get to it).
+    pub discard_export: bool,
 }
 
 /// What to do about an event.
@@ -469,6 +497,46 @@ pub(crate) enum Decision {
 
 /// The next step of `task` after `event`.
 pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Decision {
+    let export = exporting(task, &event);
+    match decide_event(task, event, ctx) {
+        Decision::Move(t) if export && !t.upload && is_final(t.state) => {
+            Decision::Move(Transition {
+                discard_export: true,
+                ..t
+            })
+        }
+        other => other,
+    }
+}
+
+/// Whether `event` concerns an export of `task`, whose folder under the data folder may hold
+/// files (whole or partly written). A delivery's outcome does not count: its upload is
+/// retired with it, and the folder of a retired upload is removed already.
+fn exporting(task: &Current<'_>, event: &Event<'_>) -> bool {
+    let kind_exports = match event {
+        Event::Claimed { kind, .. } | Event::Ran { kind, .. } => crate::exports::exports(*kind),
+        Event::BulkRan { op, .. } => *op == BulkOp::Export,
+        Event::Cancel { exports, .. }
+        | Event::OperatorRefuse { exports, .. }
+        | Event::OperatorComplete { exports, .. } => *exports,
+        Event::Delivered { .. } | Event::Undeliverable { .. } | Event::DeliveryFailed { .. } => {
+            return false
+        }
+        Event::HolderDown { .. } | Event::ContractClaimed { .. } | Event::TermsChanged { .. } => {
+            false
+        }
+    };
+    kind_exports || task.phase == ContractPhase::Returning
+}
+
+/// States a task never leaves.
+fn is_final(state: TaskState) -> bool {
+    use TaskState::*;
+    matches!(state, Completed | NotFound | Refused | Failed | Cancelled)
+}
+
+/// [`decide`], before an ended export is marked for removal.
+fn decide_event(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Decision {
     use TaskState::*;
     match event {
         Event::Claimed {
@@ -488,10 +556,10 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
             scheduled_at,
         } => terms_changed(task, terms, scheduled_at, ctx),
         Event::HolderDown { phase, until } => {
-            if !may_retry(&phase, ctx) {
+            if !may_retry(task, &phase, ctx) {
                 return Decision::Run { start: None, phase };
             }
-            let at = if phase.is_retention_expired() {
+            let at = if in_retention_run(task, &phase) {
                 until
             } else {
                 until.min(ctx.due_at)
@@ -521,12 +589,14 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
             Decision::Ignore
         }
         Event::Cancel { .. } if task.cancel_requested => Decision::Ignore,
-        // The holder is working (or accepted the work): it cannot be called back, so what
-        // it does is what the task reports.
-        Event::Cancel { reason, leased }
+        // The holder is working (or accepted the work, or was called and no answer was
+        // recorded: a call cut off by a shutdown or a crash may have done the work): it
+        // cannot be called back, so what it did is what the task reports. A cut-off call is
+        // made again by the next claim, told it was interrupted.
+        Event::Cancel { reason, leased, .. }
             if task.state == InProgress
                 && task.phase == ContractPhase::Unspecified
-                && (leased || task.handle.is_some()) =>
+                && (leased || task.handle.is_some() || task.call_started) =>
         {
             Decision::Mark {
                 reason: format!(
@@ -621,7 +691,7 @@ pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Dec
             note: format!("{note} (confirmed by {by})"),
             ..Default::default()
         }),
-        Event::OperatorRefuse { reason, by } => Decision::Move(Transition {
+        Event::OperatorRefuse { reason, by, .. } => Decision::Move(Transition {
             state: Refused,
             reason: format!("{reason} (refused by {by})"),
             ..Default::default()
@@ -854,7 +924,7 @@ fn outcome_or_retry(
 ) -> ControlFlow<Decision, Outcome> {
     match result {
         Ok(outcome) => ControlFlow::Continue(outcome),
-        Err(e) if e.is_transient() && may_retry(phase, ctx) => {
+        Err(e) if e.is_transient() && may_retry(task, phase, ctx) => {
             ControlFlow::Break(Decision::Later {
                 at: retry_at(ctx, &e),
                 error: Some(e.to_string()),
@@ -879,10 +949,29 @@ fn retention_run(task: &Current<'_>) -> Phase {
     }
 }
 
+/// Whether `phase` belongs to a retention run: the run itself, or the confirmation of work
+/// the holder accepted in it (the task, IN_PROGRESS, still holds the date it ran for).
+fn in_retention_run(task: &Current<'_>, phase: &Phase) -> bool {
+    phase.is_retention_expired()
+        || (matches!(phase, Phase::Confirm { .. }) && task.retain_until.is_some())
+}
+
+/// The retention a retention run's accepted work keeps until the holder confirms it: the
+/// data is still there under it, so certificates issued meanwhile list it, and the
+/// confirmation is known as part of the run. `(legal_basis, retain_until)`, empty outside a
+/// retention run.
+fn kept_while_accepted(task: &Current<'_>, phase: &Phase) -> (String, Option<i64>) {
+    if in_retention_run(task, phase) {
+        (task.legal_basis.to_string(), task.retain_until)
+    } else {
+        (String::new(), None)
+    }
+}
+
 /// A request's due date bounds its retries; retained data past its date is erased however
-/// long the holder takes to come back.
-fn may_retry(phase: &Phase, ctx: &Context) -> bool {
-    ctx.now < ctx.due_at || phase.is_retention_expired()
+/// long the holder takes to come back (or to confirm the erasure it accepted).
+fn may_retry(task: &Current<'_>, phase: &Phase, ctx: &Context) -> bool {
+    ctx.now < ctx.due_at || in_retention_run(task, phase)
 }
 
 fn failed(reason: String) -> Transition {
@@ -1029,8 +1118,9 @@ fn ran(
     result: Result<Outcome, ConnectorError>,
     ctx: &Context,
 ) -> Decision {
-    // A retained task's evidence counts every run, not only the last.
-    let earlier = if phase.is_retention_expired() {
+    // A retained task's evidence counts every run, not only the last (a run's accepted
+    // work carries the count to its confirmation).
+    let earlier = if in_retention_run(task, &phase) {
         task.records_affected
     } else {
         0
@@ -1128,10 +1218,14 @@ fn ran(
                     error: None,
                 };
             }
+            let (legal_basis, retain_until) = kept_while_accepted(task, &phase);
             Transition {
                 state: TaskState::InProgress,
+                records_affected: task.records_affected,
                 confirmed: false,
                 note: format!("accepted by the holder, awaiting its confirmation: {note}"),
+                legal_basis,
+                retain_until,
                 next_attempt_at: Some(next),
                 handle: Some(handle),
                 ..Default::default()
@@ -1249,7 +1343,7 @@ fn bulk_ran(
     progress: BulkProgress,
     ctx: &Context,
 ) -> Decision {
-    let earlier = if phase.is_retention_expired() {
+    let earlier = if in_retention_run(task, &phase) {
         task.records_affected
     } else {
         0
@@ -1349,10 +1443,13 @@ fn bulk_ran(
                     error: None,
                 };
             }
+            let (legal_basis, retain_until) = kept_while_accepted(task, &phase);
             Transition {
                 state: TaskState::InProgress,
                 records_affected: task.records_affected,
                 note: format!("accepted by the holder, awaiting its confirmation: {note}"),
+                legal_basis,
+                retain_until,
                 next_attempt_at: Some(next),
                 handle: Some(handle),
                 contract: Some(step),
@@ -1482,6 +1579,8 @@ mod tests {
             phase: ContractPhase::Unspecified,
             cancel_requested: false,
             retain_until: None,
+            legal_basis: "",
+            call_started: false,
         }
     }
 
@@ -2103,6 +2202,78 @@ mod tests {
         );
     }
 
+    /// A retention run the holder accepts keeps the count of the earlier runs and the
+    /// retention itself (the data is still there) until the holder confirms; the confirmed
+    /// count adds to the earlier ones, as the retention run's own answer would, and the
+    /// confirmation is asked for however late, like the run.
+    #[test]
+    fn a_retention_run_accepted_counts_every_run_once_confirmed() {
+        let retained = Current {
+            records_affected: 5,
+            retain_until: Some(NOW - 10),
+            legal_basis: "Kirjanpitolaki 2:10",
+            ..task(Retained)
+        };
+        let run = Phase::RetentionExpired { until_ms: NOW - 10 };
+        let accepted = Ok(Outcome::Accepted {
+            handle: "h-1".into(),
+            note: "queued".into(),
+        });
+        let t = moved(ran(&retained, run, accepted));
+        assert_eq!(
+            (t.state, t.records_affected, t.handle.as_deref()),
+            (InProgress, 5, Some("h-1"))
+        );
+        assert_eq!(
+            (t.legal_basis.as_str(), t.retain_until),
+            ("Kirjanpitolaki 2:10", Some(NOW - 10))
+        );
+        let waiting = Current {
+            handle: Some("h-1"),
+            ..Current {
+                state: InProgress,
+                ..retained
+            }
+        };
+        let confirm = || Phase::Confirm {
+            handle: "h-1".into(),
+        };
+        let done = Ok(Outcome::Completed {
+            records_affected: 2,
+            note: "erased the rest".into(),
+            files: Vec::new(),
+            erased: Vec::new(),
+        });
+        let t = moved(ran(&waiting, confirm(), done.clone()));
+        assert_eq!((t.state, t.records_affected), (Completed, 7));
+        assert_eq!((t.legal_basis.as_str(), t.retain_until), ("", None));
+        // Past the request's due date, a transient failure of the confirmation is retried.
+        let down = Err(ConnectorError::Transient("connection reset".into()));
+        let d = decide(
+            &waiting,
+            Event::Ran {
+                kind: RequestKind::Erasure,
+                phase: confirm(),
+                result: down,
+            },
+            &past_due(),
+        );
+        assert!(matches!(d, Decision::Later { .. }), "{d:?}");
+        // Outside a retention run, a confirmation's count is the holder's alone.
+        let plain = Current {
+            handle: Some("h-1"),
+            ..task(InProgress)
+        };
+        let t = moved(ran(&plain, confirm(), done));
+        assert_eq!((t.state, t.records_affected), (Completed, 2));
+        let accepted = Ok(Outcome::Accepted {
+            handle: "h-2".into(),
+            note: "queued".into(),
+        });
+        let t = moved(ran(&task(InProgress), Phase::Start, accepted));
+        assert_eq!((t.legal_basis.as_str(), t.retain_until), ("", None));
+    }
+
     #[test]
     fn manual_work_waits_for_an_operator_and_a_refusal_is_final() {
         let t = moved(ran(
@@ -2207,6 +2378,7 @@ mod tests {
                 Event::Cancel {
                     reason: "withdrawn",
                     leased: false,
+                    exports: false,
                 },
                 &Context::at(NOW),
             )
@@ -2231,6 +2403,7 @@ mod tests {
                 Event::Cancel {
                     reason: "withdrawn",
                     leased,
+                    exports: false,
                 },
                 &Context::at(NOW),
             )
@@ -2255,6 +2428,27 @@ mod tests {
             ..task(InProgress)
         };
         assert_eq!(cancel(&marked, true), Decision::Ignore);
+    }
+
+    /// A call whose answer was never recorded (its runner stopped, or crashed, and the lease
+    /// was released or ran out) may have done the work: a cancellation before the next claim
+    /// marks the task, so that the claim makes the call again and reports what the holder
+    /// did, rather than CANCELLED over an erasure that may have happened.
+    #[test]
+    fn cancelling_after_a_cut_off_call_marks_the_task() {
+        let cut_off = Current {
+            call_started: true,
+            ..task(InProgress)
+        };
+        let event = Event::Cancel {
+            reason: "withdrawn",
+            leased: false,
+            exports: false,
+        };
+        match decide(&cut_off, event, &Context::at(NOW)) {
+            Decision::Mark { reason } => assert!(reason.contains("withdrawn"), "{reason}"),
+            other => panic!("expected a mark, got {other:?}"),
+        }
     }
 
     #[test]
@@ -2353,6 +2547,7 @@ mod tests {
                 Event::OperatorRefuse {
                     reason: "no folder",
                     by: "ops",
+                    exports: false,
                 },
                 &Context::at(NOW),
             )
@@ -2729,6 +2924,114 @@ mod tests {
         assert_eq!((t.state, t.records_affected), (Completed, 5));
     }
 
+    /// A contract end's retention run that the holder accepts keeps the earlier count and
+    /// the retention until it confirms; the confirmed count adds to it.
+    #[test]
+    fn a_contract_end_retention_run_accepted_counts_every_run_once_confirmed() {
+        let retained = Current {
+            records_affected: 5,
+            retain_until: Some(DUE),
+            legal_basis: "Kirjanpitolaki 2:10 §",
+            ..contract_task(Retained, ContractPhase::Done)
+        };
+        let accepted = Ok(Outcome::Accepted {
+            handle: "h-1".into(),
+            note: "queued".into(),
+        });
+        let run = Phase::RetentionExpired { until_ms: DUE };
+        let t = moved(bulk(&retained, BulkOp::Erase, run, accepted));
+        assert_eq!((t.state, t.records_affected), (InProgress, 5));
+        assert_eq!(
+            (t.legal_basis.as_str(), t.retain_until),
+            ("Kirjanpitolaki 2:10 §", Some(DUE))
+        );
+        let waiting = Current {
+            state: InProgress,
+            phase: ContractPhase::Deleting,
+            handle: Some("h-1"),
+            ..retained
+        };
+        let confirm = Phase::Confirm {
+            handle: "h-1".into(),
+        };
+        let t = moved(bulk(&waiting, BulkOp::Erase, confirm, Ok(completed(2))));
+        assert_eq!((t.state, t.records_affected), (Completed, 7));
+        // A deletion's confirmation outside a retention run counts the holder's alone.
+        let deleting = Current {
+            handle: Some("h-1"),
+            ..contract_task(InProgress, ContractPhase::Deleting)
+        };
+        let confirm = Phase::Confirm {
+            handle: "h-1".into(),
+        };
+        let t = moved(bulk(&deleting, BulkOp::Erase, confirm, Ok(completed(2))));
+        assert_eq!((t.state, t.records_affected), (Completed, 2));
+    }
+
+    /// A step that ends an export task without a delivery marks its folder for removal;
+    /// one that queues the delivery, or ends a task that exports nothing, does not.
+    #[test]
+    fn an_export_ended_without_a_delivery_is_discarded() {
+        let run = |t: &Current<'_>, kind, result| {
+            decide(
+                t,
+                Event::Ran {
+                    kind,
+                    phase: Phase::Start,
+                    result,
+                },
+                &ctx(),
+            )
+        };
+        let exported = || {
+            Ok(Outcome::Completed {
+                records_affected: 1,
+                note: "exported".into(),
+                files: Vec::new(),
+                erased: Vec::new(),
+            })
+        };
+        let export = RequestKind::ReturnOfData;
+        let t = moved(run(&task(InProgress), export, exported()));
+        assert_eq!((t.upload, t.discard_export), (true, false));
+        // Written, then cancelled: not delivered, and not kept.
+        let marked = Current {
+            cancel_requested: true,
+            ..task(InProgress)
+        };
+        let t = moved(run(&marked, export, exported()));
+        assert_eq!((t.state, t.discard_export), (Cancelled, true));
+        let broken = || Err(ConnectorError::Permanent("disk full".into()));
+        let t = moved(run(&task(InProgress), RequestKind::Transfer, broken()));
+        assert_eq!((t.state, t.discard_export), (Failed, true));
+        let t = moved(run(&task(InProgress), RequestKind::Erasure, broken()));
+        assert_eq!((t.state, t.discard_export), (Failed, false));
+        // Cancelled between attempts, or refused by an operator, what an attempt wrote goes.
+        for exports in [true, false] {
+            let event = Event::Cancel {
+                reason: "withdrawn",
+                leased: false,
+                exports,
+            };
+            let t = moved(decide(&task(InProgress), event, &ctx()));
+            assert_eq!((t.state, t.discard_export), (Cancelled, exports));
+            let event = Event::OperatorRefuse {
+                reason: "no",
+                by: "ops",
+                exports,
+            };
+            let t = moved(decide(&task(WaitingForOperator), event, &ctx()));
+            assert_eq!((t.state, t.discard_export), (Refused, exports));
+        }
+        // A contract end's return fails; its deletion does not export.
+        let returning = contract_task(InProgress, ContractPhase::Returning);
+        let t = moved(bulk(&returning, BulkOp::Export, Phase::Start, broken()));
+        assert_eq!((t.state, t.discard_export), (Failed, true));
+        let deleting = contract_task(InProgress, ContractPhase::Deleting);
+        let t = moved(bulk(&deleting, BulkOp::Erase, Phase::Start, broken()));
+        assert_eq!((t.state, t.discard_export), (Failed, false));
+    }
+
     #[test]
     fn a_refusal_or_permanent_error_fails_a_contract_end_and_transient_ones_retry() {
         let deleting = contract_task(InProgress, ContractPhase::Deleting);
@@ -2849,6 +3152,7 @@ mod tests {
         let event = || Event::Cancel {
             reason: "oops",
             leased: true,
+            exports: false,
         };
         for phase in [
             ContractPhase::Scheduled,

@@ -297,7 +297,7 @@ mod tests {
             )
             .await
             .expect("upload again");
-        let due = store.requests_to_forget(100, 10).await.expect("due");
+        let due = store.requests_to_forget(100, None, 10).await.expect("due");
         assert_eq!(due.len(), 1);
         assert!(store
             .forget_request(&due[0], "[]", 100, 9)

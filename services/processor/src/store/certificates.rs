@@ -30,7 +30,8 @@ pub(super) struct Certifying<'a> {
 /// Issues and stores the certificate of each step that certifies an erasure or contract end
 /// step (see [`certifies`]); answers them in `steps`' order, `None` for the others, for the
 /// acknowledgements. Every step's task row must be written already: each certificate lists
-/// the request's retained data as all of them leave it.
+/// the request's retained data as all of them leave it (RETAINED tasks, and retention runs
+/// whose erasure awaits the holder's confirmation).
 ///
 /// Two statements whatever the number of steps (each call is a hand-off to the connection's
 /// thread on SQLite): one read of the requests' kinds and tasks, one INSERT of the
@@ -163,6 +164,7 @@ async fn read_facts<'a>(
     }
     let rows = q.fetch_all(&mut *tx).await?;
     let retained = state_value(TaskState::Retained);
+    let in_progress = state_value(TaskState::InProgress);
     let mut facts: BTreeMap<(String, String), RequestFacts> = BTreeMap::new();
     for (controller, request_id, kind, subprocessor, state, legal_basis, until, follows) in rows {
         let request = facts.entry((controller, request_id)).or_default();
@@ -172,7 +174,9 @@ async fn read_facts<'a>(
                 .last_certificate
                 .insert(subprocessor.clone(), follows);
         }
-        if state == retained {
+        // A retention run whose erasure the holder accepted but has not confirmed is
+        // IN_PROGRESS with its retention kept: the data is still there under it.
+        if state == retained || (state == in_progress && until.is_some()) {
             request.retained.push(Retained {
                 subprocessor,
                 legal_basis: legal_basis.unwrap_or_default(),

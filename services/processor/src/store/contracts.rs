@@ -11,7 +11,7 @@ use dsrelay_proto::v1::{
 use dsrelay_runtime::trace_context;
 use sqlx::AnyConnection;
 
-use super::rows::{stored_count, TaskKey, TaskRecord, TaskRow, TASK_COLUMNS};
+use super::rows::{retained_only, stored_count, TaskKey, TaskRecord, TaskRow, TASK_COLUMNS};
 use super::{acks, tasks, Store};
 use crate::task_machine::{amend, decide, Context, Decision, Event, Refusal, Terms};
 
@@ -358,8 +358,8 @@ impl Store {
                 transfer_receipt: None,
             }),
             reason: row.reason.clone(),
-            legal_basis: row.legal_basis.clone(),
-            retain_until: row.retain_until.map(timestamp_from_millis),
+            legal_basis: retained_only(row.state, &row.legal_basis),
+            retain_until: retained_only(row.state, &row.retain_until).map(timestamp_from_millis),
             occurred_at: Some(timestamp_from_millis(now)),
             attempt: row.attempts.clamp(0, i64::from(u32::MAX)) as u32,
             traceparent: trace_context::traceparent_of(&tracing::Span::current())

@@ -1,12 +1,13 @@
 //! Forgetting a finished request: its raw identities, body, the free text kept with it and
 //! its tasks, and the acknowledgements already sent (and the free text of those
 //! dead-lettered), once every task reached a final state and `forget_after_days` have
-//! passed; keyed identity hashes stay.
+//! passed; keyed identity hashes stay, and a legal basis stays only as its keyed hash.
 
 use anyhow::Result;
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::v1::{Acknowledgement, TaskState};
 
+use super::audit::AuditTx;
 use super::rows::state_value;
 use super::Store;
 
@@ -29,6 +30,31 @@ pub struct Forgettable {
     pub request_id: String,
     /// The encoded DeliverRequest (the raw identities), if still there.
     pub body: Option<Vec<u8>>,
+    /// When it was accepted (ms): the order [`Store::requests_to_forget`] lists them in.
+    pub accepted_at: i64,
+}
+
+impl Forgettable {
+    /// Where a list of requests to forget that ends with this one goes on.
+    pub fn cursor(&self) -> ForgetCursor {
+        ForgetCursor {
+            accepted_at: self.accepted_at,
+            controller: self.controller.clone(),
+            request_id: self.request_id.clone(),
+        }
+    }
+}
+
+/// Where a batch of [`Store::requests_to_forget`] ended: its last request's place in the
+/// order they come in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForgetCursor {
+    /// The request's `accepted_at` (ms).
+    pub accepted_at: i64,
+    /// Its controller.
+    pub controller: String,
+    /// Its id.
+    pub request_id: String,
 }
 
 /// The condition, on `requests r`, under which a request may be forgotten with `$1` the
@@ -59,12 +85,14 @@ fn forgettable_where() -> String {
 pub(crate) const FORGOTTEN_TEXT: &str = "(removed when the processor forgot the request)";
 
 /// Removes the free text (the holder's note, the reason) from `r`'s dead-lettered
-/// acknowledgements, inside the forgetting transaction `tx`, keeping what a requeue still
-/// sends: the state, sequence, counts, certificate, receipt. Locks the request's unsent
-/// acknowledgements first (PostgreSQL), so a requeue committing meanwhile is seen: returns
-/// false when one of them is no longer dead-lettered, and the request is not forgotten yet.
+/// acknowledgements, inside the forgetting transaction `tx`, and replaces a legal basis with
+/// its keyed hash as the audit trail holds it (so a requeue still says a basis was given),
+/// keeping what a requeue still sends: the state, sequence, counts, retain-until,
+/// certificate, receipt. Locks the request's unsent acknowledgements first (PostgreSQL), so
+/// a requeue committing meanwhile is seen: returns false when one of them is no longer
+/// dead-lettered, and the request is not forgotten yet.
 async fn strip_dead_letters(
-    tx: &mut sqlx::AnyConnection,
+    tx: &mut AuditTx,
     r: &Forgettable,
     backend: dsrelay_runtime::store::Backend,
 ) -> Result<bool> {
@@ -75,7 +103,7 @@ async fn strip_dead_letters(
     ))
     .bind(&r.controller)
     .bind(&r.request_id)
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut **tx)
     .await?;
     if unsent.iter().any(|(_, _, dead)| dead.is_none()) {
         return Ok(false);
@@ -92,6 +120,7 @@ async fn strip_dead_letters(
                 if !ack.reason.is_empty() {
                     ack.reason = FORGOTTEN_TEXT.into();
                 }
+                ack.legal_basis = tx.text(&ack.legal_basis);
                 ack.encode_to_vec()
             }
             Err(_) => Vec::new(),
@@ -99,33 +128,52 @@ async fn strip_dead_letters(
         sqlx::query("UPDATE ack_outbox SET payload = $1, last_error = NULL WHERE id = $2")
             .bind(stripped)
             .bind(id)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
     }
     Ok(true)
 }
 
 impl Store {
-    /// Requests not forgotten yet whose tasks all reached a final state at or before
-    /// `cutoff` (ms) and have nothing left to send.
-    pub async fn requests_to_forget(&self, cutoff: i64, limit: i64) -> Result<Vec<Forgettable>> {
-        Ok(sqlx::query_as(&format!(
-            "SELECT r.controller, r.request_id, r.body FROM requests r WHERE {} \
-             ORDER BY r.accepted_at LIMIT $2",
+    /// Up to `limit` requests not forgotten yet whose tasks all reached a final state at or
+    /// before `cutoff` (ms) and have nothing left to send, the longest accepted first (ties
+    /// in key order), those after `after` only.
+    pub async fn requests_to_forget(
+        &self,
+        cutoff: i64,
+        after: Option<&ForgetCursor>,
+        limit: i64,
+    ) -> Result<Vec<Forgettable>> {
+        // Keyed on the order itself, so a batch goes on after the last one's end whether or
+        // not its requests could be forgotten.
+        let after_clause = match after {
+            Some(_) => "AND (r.accepted_at, r.controller, r.request_id) > ($3, $4, $5) ",
+            None => "",
+        };
+        let sql = format!(
+            "SELECT r.controller, r.request_id, r.body, r.accepted_at FROM requests r \
+             WHERE {} {after_clause}\
+             ORDER BY r.accepted_at, r.controller, r.request_id LIMIT $2",
             forgettable_where()
-        ))
-        .bind(cutoff)
-        .bind(limit)
-        .fetch_all(&self.db.pool)
-        .await?)
+        );
+        let mut q = sqlx::query_as(&sql).bind(cutoff).bind(limit);
+        if let Some(c) = after {
+            q = q
+                .bind(c.accepted_at)
+                .bind(&c.controller)
+                .bind(&c.request_id);
+        }
+        Ok(q.fetch_all(&self.db.pool).await?)
     }
 
     /// Removes the request's body and cancel reason, keeping `identity_hashes` (a JSON
     /// array), and its tasks' notes, reasons, errors, connector handles and export file
     /// lists, the payloads of its sent acknowledgements (they repeat the notes), and the
-    /// note and reason in its dead-lettered ones (the rest stays, for a requeue). Returns
-    /// false, changing nothing, when the request no longer qualifies (a task moved, or it
-    /// was forgotten already).
+    /// note and reason in its dead-lettered ones (the rest stays, for a requeue). A legal
+    /// basis, of a task or a dead-lettered acknowledgement, is replaced by its keyed hash
+    /// (`text hmac-sha256:<hex>`, as the audit trail holds it): it may name the subject, and
+    /// the hash still shows that one was given. Returns false, changing nothing, when the
+    /// request no longer qualifies (a task moved, or it was forgotten already).
     pub async fn forget_request(
         &self,
         r: &Forgettable,
@@ -166,6 +214,26 @@ impl Store {
         .bind(&r.request_id)
         .execute(&mut *tx)
         .await?;
+        let bases: Vec<(String, String)> = sqlx::query_as(
+            "SELECT subprocessor, legal_basis FROM tasks WHERE controller = $1 \
+             AND request_id = $2 AND legal_basis <> ''",
+        )
+        .bind(&r.controller)
+        .bind(&r.request_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (subprocessor, basis) in bases {
+            sqlx::query(
+                "UPDATE tasks SET legal_basis = $1 WHERE controller = $2 AND request_id = $3 \
+                 AND subprocessor = $4",
+            )
+            .bind(tx.text(&basis))
+            .bind(&r.controller)
+            .bind(&r.request_id)
+            .bind(&subprocessor)
+            .execute(&mut *tx)
+            .await?;
+        }
         if !strip_dead_letters(&mut tx, r, self.db.backend).await? {
             tx.rollback().await?;
             return Ok(false);
@@ -269,7 +337,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store(dir.path()).await;
         request(&store, "done", &[("a", TaskState::Completed, 100)]).await;
-        let due = store.requests_to_forget(500, 10).await.unwrap();
+        let due = store.requests_to_forget(500, None, 10).await.unwrap();
         assert!(store.forget_request(&due[0], "[]", 500, 900).await.unwrap());
         store
             .cancel("c", "done", "asked by subject@x", 950)
@@ -326,7 +394,7 @@ mod tests {
         .execute(&store.db.pool)
         .await
         .unwrap();
-        let due = store.requests_to_forget(500, 10).await.unwrap();
+        let due = store.requests_to_forget(500, None, 10).await.unwrap();
         assert_eq!(ids(&due), ["done", "failed"]);
         assert!(due[0].body.is_some());
 
@@ -363,7 +431,7 @@ mod tests {
         .await
         .unwrap();
         assert!(!store.forget_request(&due[1], "[]", 500, 900).await.unwrap());
-        assert!(ids(&store.requests_to_forget(500, 10).await.unwrap()).is_empty());
+        assert!(ids(&store.requests_to_forget(500, None, 10).await.unwrap()).is_empty());
         // The retained one is forgotten once its task is erased (COMPLETED) and the window
         // passed since.
         sqlx::query("UPDATE tasks SET state = $1, updated_at = 600 WHERE request_id = 'retained'")
@@ -371,10 +439,11 @@ mod tests {
             .execute(&store.db.pool)
             .await
             .unwrap();
-        assert!(ids(&store.requests_to_forget(500, 10).await.unwrap()).is_empty());
+        assert!(ids(&store.requests_to_forget(500, None, 10).await.unwrap()).is_empty());
+        // All accepted at 0: in key order.
         assert_eq!(
-            ids(&store.requests_to_forget(600, 10).await.unwrap()),
-            ["retained", "recent"]
+            ids(&store.requests_to_forget(600, None, 10).await.unwrap()),
+            ["recent", "retained"]
         );
     }
 
@@ -386,7 +455,7 @@ mod tests {
             use TaskState::*;
             let store = store_at(&url).await;
             request(&store, "done", &[("a", Completed, 100)]).await;
-            let due = store.requests_to_forget(500, 10).await.unwrap();
+            let due = store.requests_to_forget(500, None, 10).await.unwrap();
             assert_eq!(ids(&due), ["done"]);
             // The other replica's forgetting, not committed yet.
             let mut other = store.db.pool.begin().await.unwrap();
@@ -401,6 +470,7 @@ mod tests {
                         controller: "c".into(),
                         request_id: "done".into(),
                         body: None,
+                        accepted_at: 0,
                     };
                     store.forget_request(&r, "[]", 500, 900).await.unwrap()
                 })
@@ -466,7 +536,7 @@ mod tests {
         let store = store_at(url).await;
         request(&store, "parked", &[("a", TaskState::Refused, 100)]).await;
         dead_letter(&store, "parked").await;
-        let due = store.requests_to_forget(500, 10).await.unwrap();
+        let due = store.requests_to_forget(500, None, 10).await.unwrap();
         assert_eq!(ids(&due), ["parked"]);
         assert!(store.forget_request(&due[0], "[]", 500, 900).await.unwrap());
         let body: Option<Vec<u8>> =
@@ -520,6 +590,125 @@ mod tests {
         .await;
     }
 
+    /// A legal basis may name the subject (a dispute they are party to): forgetting replaces
+    /// it with its keyed hash, the very one the audit trail holds for the step that reported
+    /// it, in a dead-lettered acknowledgement (the RETAINED report the registry kept
+    /// rejecting, the task COMPLETED since) and in a task row, so both still show that a basis
+    /// was given. The state, counts and date a requeue reports stay.
+    async fn a_legal_basis_is_kept_as_its_keyed_hash(url: &str) {
+        let store = store_at(url).await;
+        request(&store, "kept", &[("a", TaskState::Pending, 0)]).await;
+        let key = crate::store::TaskKey {
+            controller: "c".into(),
+            request_id: "kept".into(),
+            subprocessor: "a".into(),
+        };
+        let basis = "accounting law; subject@x disputes invoice 7";
+        let retained = crate::store::Transition {
+            state: TaskState::Retained,
+            records_affected: 3,
+            confirmed: true,
+            legal_basis: basis.into(),
+            retain_until: Some(400),
+            next_attempt_at: Some(400),
+            ..Default::default()
+        };
+        let seq = store
+            .transition(&key, 1, &retained, 100, 1)
+            .await
+            .unwrap()
+            .unwrap();
+        sqlx::query("UPDATE ack_outbox SET dead_lettered_at = 150 WHERE sequence = $1")
+            .bind(seq)
+            .execute(&store.db.pool)
+            .await
+            .unwrap();
+        let completed = crate::store::Transition {
+            state: TaskState::Completed,
+            records_affected: 5,
+            confirmed: true,
+            ..Default::default()
+        };
+        let seq = store
+            .transition(&key, seq, &completed, 200, 2)
+            .await
+            .unwrap()
+            .unwrap();
+        sqlx::query("UPDATE ack_outbox SET sent_at = 250 WHERE sequence = $1")
+            .bind(seq)
+            .execute(&store.db.pool)
+            .await
+            .unwrap();
+        // A second task whose row still holds a basis in its final state.
+        request(&store, "kept-too", &[("b", TaskState::Refused, 100)]).await;
+        sqlx::query("UPDATE tasks SET legal_basis = $1 WHERE request_id = 'kept-too'")
+            .bind(basis)
+            .execute(&store.db.pool)
+            .await
+            .unwrap();
+
+        let hash = {
+            let tx = store.begin_audited().await.unwrap();
+            let hash = tx.text(basis);
+            tx.rollback().await.unwrap();
+            hash
+        };
+        assert!(hash.starts_with("text hmac-sha256:"), "{hash}");
+        let entries = store.audit_entries(0, 100).await.unwrap();
+        assert!(
+            entries.iter().any(|e| e.detail.contains(&hash)),
+            "the audit trail holds the basis as {hash}: {entries:?}"
+        );
+
+        let due = store.requests_to_forget(500, None, 10).await.unwrap();
+        assert_eq!(ids(&due), ["kept", "kept-too"]);
+        for r in &due {
+            assert!(store.forget_request(r, "[]", 500, 900).await.unwrap());
+        }
+        let parked: Vec<u8> = sqlx::query_scalar(
+            "SELECT payload FROM ack_outbox WHERE request_id = 'kept' \
+             AND dead_lettered_at IS NOT NULL",
+        )
+        .fetch_one(&store.db.pool)
+        .await
+        .unwrap();
+        let ack = Acknowledgement::decode(parked.as_slice()).unwrap();
+        assert_eq!(ack.legal_basis, hash);
+        assert_eq!(
+            (ack.state(), ack.retain_until.map(|t| t.seconds)),
+            (TaskState::Retained, Some(0))
+        );
+        assert_eq!(ack.evidence.map(|e| e.records_affected), Some(3));
+        let bases: Vec<String> =
+            sqlx::query_scalar("SELECT legal_basis FROM tasks ORDER BY request_id")
+                .fetch_all(&store.db.pool)
+                .await
+                .unwrap();
+        assert_eq!(bases, ["", hash.as_str()]);
+        let raw: i64 = sqlx::query_scalar(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM tasks WHERE legal_basis LIKE '%subject@x%'",
+        )
+        .fetch_one(&store.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(raw, 0);
+    }
+
+    #[tokio::test]
+    async fn a_legal_basis_is_kept_as_its_keyed_hash_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/processor.db", dir.path().display());
+        a_legal_basis_is_kept_as_its_keyed_hash(&url).await;
+    }
+
+    #[tokio::test]
+    async fn a_legal_basis_is_kept_as_its_keyed_hash_on_postgres() {
+        crate::test_postgres::on_postgres(|url, _| async move {
+            a_legal_basis_is_kept_as_its_keyed_hash(&url).await;
+        })
+        .await;
+    }
+
     /// An operator's requeue committing while the request is forgotten (replicas, or the
     /// operator API beside the forget worker) is waited for: the acknowledgement is to be
     /// sent again, so the request is not forgotten yet and the acknowledgement is sent as
@@ -531,7 +720,7 @@ mod tests {
             request(&store, "parked", &[("a", TaskState::Refused, 100)]).await;
             dead_letter(&store, "parked").await;
             let before = payload(&store, "parked").await;
-            let due = store.requests_to_forget(500, 10).await.unwrap();
+            let due = store.requests_to_forget(500, None, 10).await.unwrap();
             assert_eq!(ids(&due), ["parked"]);
             let mut requeue = store.db.pool.begin().await.unwrap();
             sqlx::query(
@@ -546,6 +735,7 @@ mod tests {
                     controller: "c".into(),
                     request_id: "parked".into(),
                     body: None,
+                    accepted_at: 0,
                 };
                 tokio::spawn(async move { store.forget_request(&r, "[]", 500, 900).await })
             };

@@ -80,6 +80,8 @@ impl TaskRow {
             phase: self.phase,
             cancel_requested: self.cancel_requested_at.is_some(),
             retain_until: self.retain_until,
+            legal_basis: &self.legal_basis,
+            call_started: self.call_started_at.is_some(),
         }
     }
 
@@ -103,11 +105,22 @@ impl TaskRow {
                 transfer_receipt: self.transfer_receipt.clone(),
             }),
             reason: self.reason.clone(),
-            legal_basis: self.legal_basis.clone(),
-            retain_until: self.retain_until.map(timestamp_from_millis),
+            legal_basis: retained_only(self.state, &self.legal_basis),
+            retain_until: retained_only(self.state, &self.retain_until).map(timestamp_from_millis),
             updated_at: Some(timestamp_from_millis(self.updated_at)),
             progress: self.progress(),
         }
+    }
+}
+
+/// `value` (a task's legal basis or retain-until) as reported for a task in `state`: the
+/// protocol carries them for RETAINED only. A retention run awaiting the holder's
+/// confirmation keeps them in its row (IN_PROGRESS) without reporting them.
+pub(super) fn retained_only<T: Clone + Default>(state: TaskState, value: &T) -> T {
+    if state == TaskState::Retained {
+        value.clone()
+    } else {
+        T::default()
     }
 }
 

@@ -21,8 +21,8 @@ use sha2::{Digest, Sha256};
 use super::audit::{self, AuditTx, NewEntry, Record};
 use super::certificates::Certifying;
 use super::rows::{
-    state_value, stored_count, ClaimedRecord, JoinedRecord, ManualRow, TaskJob, TaskKey,
-    TaskRecord, TaskRow, JOINED_SELECT, TASK_COLUMNS,
+    retained_only, state_value, stored_count, ClaimedRecord, JoinedRecord, ManualRow, TaskJob,
+    TaskKey, TaskRecord, TaskRow, JOINED_SELECT, TASK_COLUMNS,
 };
 use super::{acks, Store};
 use crate::certificates::Issuer;
@@ -233,7 +233,8 @@ fn claim_tasks_sql(backend: Backend) -> String {
              WHERE t.state IN ({pending}, {in_progress}, {retained}) \
              AND t.next_attempt_at <= $1 AND t.lease_until <= {db_now} \
              AND (r.cancelled_at IS NULL OR t.cancel_requested_at IS NOT NULL \
-             OR t.state = {retained} OR t.contract_phase = {deleting}) \
+             OR t.state = {retained} OR t.retain_until IS NOT NULL \
+             OR t.contract_phase = {deleting}) \
              ORDER BY t.next_attempt_at LIMIT $2{lock}) \
              UPDATE tasks SET lease_until = {db_now} + $3, attempts = attempts + 1, \
              lease_owner = {token} \
@@ -334,11 +335,14 @@ impl Store {
     }
 
     /// Cancels a request's tasks as the state machine says: those not started, or between
-    /// attempts, become CANCELLED; those whose holder is working (under a runner's lease, or
-    /// with accepted work awaiting confirmation) keep their state and are marked
-    /// (`cancel_requested_at` and a reason saying so), so that what the holder did is what
-    /// they report. Writes a tombstone when the request is unknown, so a delivery that
-    /// arrives later creates no tasks. Answers the tasks as they now stand.
+    /// attempts, become CANCELLED (an export task's folder recorded for removal,
+    /// [`Transition::discard_export`]); those whose holder is working (under a runner's
+    /// lease, with accepted work awaiting confirmation, or called with no answer recorded:
+    /// a call cut off by a shutdown or a crash, which the next claim makes again) keep their
+    /// state and are marked (`cancel_requested_at` and a reason saying so), so that what
+    /// the holder did is what they report. Writes a tombstone when the request is unknown,
+    /// so a delivery that arrives later creates no tasks. Answers the tasks as they now
+    /// stand.
     pub async fn cancel(
         &self,
         controller: &str,
@@ -440,12 +444,28 @@ impl Store {
         .bind(request_id)
         .fetch_all(&mut *tx)
         .await?;
+        // An export task's folder may hold what an attempt wrote: cancelled, it goes.
+        let kind: Option<i64> = sqlx::query_scalar(
+            "SELECT kind FROM requests WHERE controller = $1 AND request_id = $2",
+        )
+        .bind(controller)
+        .bind(request_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let exports = kind
+            .and_then(|k| i32::try_from(k).ok())
+            .and_then(|k| RequestKind::try_from(k).ok())
+            .is_some_and(crate::exports::exports);
         for task in rows.into_iter().map(TaskRow::from) {
             let leased = leases
                 .iter()
                 .chain(&sending)
                 .any(|(s, l)| *s == task.key.subprocessor && *l != 0);
-            let event = Event::Cancel { reason, leased };
+            let event = Event::Cancel {
+                reason,
+                leased,
+                exports,
+            };
             match decide(&task.current(), event, &Context::at(now)) {
                 Decision::Move(t) => {
                     let issuer = self.issuer.as_deref();
@@ -487,10 +507,11 @@ impl Store {
     /// Reserves runnable tasks (PENDING; IN_PROGRESS waiting for a retry or a confirmation;
     /// RETAINED whose date has come) for `lease_ms` and counts the attempt each claim starts.
     /// Of a cancelled request, only tasks whose holder was working when the cancellation came
-    /// are taken (to learn what it did), a contract end's tasks that were deleting (their
-    /// erasure goes on and reports what it did), and RETAINED ones at their date (the erasure
-    /// was done but for what the law kept, which goes when it may); the others are never
-    /// started.
+    /// are taken (marked: to learn what it did, a cut-off call made again), a contract end's
+    /// tasks that were deleting (their erasure goes on and reports what it did), and
+    /// RETAINED ones at their date, or whose retention run awaits the holder's confirmation
+    /// (the erasure was done but for what the law kept, which goes when it may); the others
+    /// are never started.
     /// Each claim writes a new random lease token into every task it takes, one per task
     /// ([`TaskJob::lease_owner`]), so a runner whose lease ran out no longer matches once
     /// another claim took the task. The claim is one statement however many tasks it takes;
@@ -564,6 +585,11 @@ impl Store {
     /// since by someone else (new contract terms waking a task that waits for them, a due
     /// date extended) stays: the claim decided without what came, and the task is looked at
     /// again when that says.
+    ///
+    /// `keep_call_note`: the claim called no holder (it waits for one marked unreachable),
+    /// so a note of an earlier call cut off ([`TaskRow::call_started_at`]) stays: the call
+    /// that follows is still made as interrupted, and a cancellation meanwhile still waits
+    /// for what the cut-off call did. Otherwise the note is cleared: the call answered.
     #[allow(clippy::too_many_arguments)]
     pub async fn postpone(
         &self,
@@ -574,6 +600,7 @@ impl Store {
         next_at: i64,
         error: Option<&str>,
         unless_cancelled: bool,
+        keep_call_note: bool,
     ) -> Result<bool> {
         let unmarked = if unless_cancelled {
             " AND cancel_requested_at IS NULL"
@@ -582,7 +609,8 @@ impl Store {
         };
         let done = sqlx::query(&format!(
             "UPDATE tasks SET next_attempt_at = CASE WHEN next_attempt_at = $8 THEN $1 \
-             ELSE next_attempt_at END, lease_until = 0, call_started_at = NULL, \
+             ELSE next_attempt_at END, lease_until = 0, \
+             call_started_at = CASE WHEN $9 = 1 THEN call_started_at END, \
              last_error = COALESCE($2, last_error) WHERE controller = $3 AND request_id = $4 \
              AND subprocessor = $5 AND sequence = $6 AND lease_owner = $7{unmarked}"
         ))
@@ -594,6 +622,7 @@ impl Store {
         .bind(expected_sequence)
         .bind(lease_owner)
         .bind(claimed_at)
+        .bind(i64::from(keep_call_note))
         .execute(&self.db.pool)
         .await?
         .rows_affected();
@@ -1164,8 +1193,8 @@ pub(super) async fn finish_step(
             transfer_receipt: t.transfer_receipt.clone(),
         }),
         reason: t.reason.clone(),
-        legal_basis: t.legal_basis.clone(),
-        retain_until: t.retain_until.map(timestamp_from_millis),
+        legal_basis: retained_only(t.state, &t.legal_basis),
+        retain_until: retained_only(t.state, &t.retain_until).map(timestamp_from_millis),
         occurred_at: Some(timestamp_from_millis(now)),
         attempt: attempts.clamp(0, i64::from(u32::MAX)) as u32,
         traceparent,
@@ -1174,6 +1203,9 @@ pub(super) async fn finish_step(
     };
     if t.upload {
         super::uploads::queue(tx, key, now).await?;
+    }
+    if t.discard_export {
+        super::uploads::retire_unsent(tx, key, now).await?;
     }
     let detail = step_detail(tx, key, next, t, progress.as_ref(), certificate.as_ref());
     let record = Record {

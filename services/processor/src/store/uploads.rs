@@ -2,7 +2,8 @@
 //! task whose export is written queues one delivery, in the transaction that records the
 //! export; the upload worker claims it, sends the files to the registry or the recipient
 //! and, in one transaction, retires it and moves the task on (or records the failed attempt
-//! and when the next one comes).
+//! and when the next one comes). An export task that ends without a delivery gets an upload
+//! retired unsent (`retire_unsent`), so that its folder is swept like a retired one's.
 
 use anyhow::Result;
 use dsrelay_connectors::ExportedFile;
@@ -127,6 +128,27 @@ pub(super) async fn queue(tx: &mut AnyConnection, key: &TaskKey, now: i64) -> Re
     sqlx::query(
         "INSERT INTO uploads (controller, request_id, subprocessor, next_attempt_at) \
          VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+    )
+    .bind(&key.controller)
+    .bind(&key.request_id)
+    .bind(&key.subprocessor)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Records, inside the transaction of the step that ends `key`'s export task without a
+/// delivery (its export written but cancelled, or failed, refused, found nothing), an upload
+/// retired unsent: the sweep of retired exports (`Store::retired_exports_left`) then removes
+/// whatever the connector wrote into the task's folder, should the caller's own removal
+/// not happen (a crash right after the commit). An upload the task already has is left as
+/// it is: a retired one is swept already, and one still to be sent is retired by its sender,
+/// which finds the task finished.
+pub(super) async fn retire_unsent(tx: &mut AnyConnection, key: &TaskKey, now: i64) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO uploads (controller, request_id, subprocessor, next_attempt_at, done_at) \
+         VALUES ($1, $2, $3, $4, $4) ON CONFLICT DO NOTHING",
     )
     .bind(&key.controller)
     .bind(&key.request_id)
