@@ -61,15 +61,21 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 async fn sweep(shared: &Shared) -> Result<usize> {
     let days = shared.config.forget_after_days;
     let mut forgotten = 0usize;
+    // Each page starts after the last one, so requests that cannot be forgotten (logged
+    // below) do not come back first at every page and hold back those behind them.
+    let mut after = None;
     loop {
         let now = shared.clock.now_ms();
         let cutoff = cutoff(now, days);
-        let due = shared.store.requests_to_forget(cutoff, BATCH).await?;
-        if due.is_empty() {
+        let due = shared
+            .store
+            .requests_to_forget(cutoff, after.as_ref(), BATCH)
+            .await?;
+        let Some(last) = due.last().cloned() else {
             break;
-        }
-        let mut progressed = false;
-        for request_id in &due {
+        };
+        for position in &due {
+            let request_id = &position.id;
             let message = format!("identities forgotten {days} day(s) after the request finished");
             // One request that cannot be forgotten is logged and tried again at the next
             // sweep; it does not hold back the ones behind it.
@@ -79,7 +85,6 @@ async fn sweep(shared: &Shared) -> Result<usize> {
                 .await
             {
                 Ok(true) => {
-                    progressed = true;
                     forgotten += 1;
                     tracing::info!(%request_id, "identities forgotten");
                     shared.publish(request_id);
@@ -92,9 +97,10 @@ async fn sweep(shared: &Shared) -> Result<usize> {
                 ),
             }
         }
-        if !progressed || due.len() < BATCH as usize {
+        if due.len() < BATCH as usize {
             break;
         }
+        after = Some(last);
     }
     Ok(forgotten)
 }

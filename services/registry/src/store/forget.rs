@@ -71,23 +71,47 @@ async fn hash_quoted_texts(tx: &mut Tx, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// A request's place in the order forgetting takes them (finished, then id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForgetPosition {
+    /// The request id.
+    pub id: String,
+    /// When it finished (ms).
+    pub finished_at: i64,
+}
+
 impl Store {
     /// Requests not forgotten yet that finished (a terminal state) at or before `cutoff`
-    /// (ms), oldest first.
-    pub async fn requests_to_forget(&self, cutoff: i64, limit: i64) -> Result<Vec<String>> {
+    /// (ms), oldest first, after `after`: a sweep goes on past requests it could not forget
+    /// instead of reading them again.
+    pub async fn requests_to_forget(
+        &self,
+        cutoff: i64,
+        after: Option<&ForgetPosition>,
+        limit: i64,
+    ) -> Result<Vec<ForgetPosition>> {
         let states = FORGETTABLE
             .iter()
             .map(|s| (*s as i32).to_string())
             .collect::<Vec<_>>()
             .join(", ");
-        Ok(sqlx::query_scalar(&format!(
-            "SELECT id FROM requests WHERE forgotten_at IS NULL AND finished_at IS NOT NULL \
-             AND finished_at <= $1 AND state IN ({states}) ORDER BY finished_at LIMIT $2"
+        let (after_at, after_id) = after.map_or((i64::MIN, ""), |p| (p.finished_at, &p.id));
+        let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
+            "SELECT id, finished_at FROM requests WHERE forgotten_at IS NULL \
+             AND finished_at IS NOT NULL AND finished_at <= $1 AND state IN ({states}) \
+             AND (finished_at > $2 OR (finished_at = $2 AND id > $3)) \
+             ORDER BY finished_at, id LIMIT $4"
         ))
         .bind(cutoff)
+        .bind(after_at)
+        .bind(after_id)
         .bind(limit)
         .fetch_all(&self.db.pool)
-        .await?)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, finished_at)| ForgetPosition { id, finished_at })
+            .collect())
     }
 
     /// Removes the request's raw identities and body, the free text that may name its
@@ -285,9 +309,24 @@ mod tests {
         )
         .await;
         request(&store, "open", RequestState::InProgress, None).await;
-        let due = store.requests_to_forget(500, 10).await.unwrap();
-        assert_eq!(due, ["completed-old", "failed-old", "cancelled-at-cutoff"]);
-        assert_eq!(store.requests_to_forget(500, 1).await.unwrap().len(), 1);
+        let ids = |due: Vec<ForgetPosition>| due.into_iter().map(|p| p.id).collect::<Vec<_>>();
+        let due = store.requests_to_forget(500, None, 10).await.unwrap();
+        assert_eq!(
+            ids(due.clone()),
+            ["completed-old", "failed-old", "cancelled-at-cutoff"]
+        );
+        assert_eq!(
+            store.requests_to_forget(500, None, 1).await.unwrap().len(),
+            1
+        );
+        // Pages go on after a position, so requests that cannot be forgotten are passed.
+        assert_eq!(
+            ids(store
+                .requests_to_forget(500, Some(&due[0]), 10)
+                .await
+                .unwrap()),
+            ["failed-old", "cancelled-at-cutoff"]
+        );
 
         // The cutoff is checked again when forgetting, and so is the state.
         assert!(!store
@@ -331,7 +370,7 @@ mod tests {
                 .unwrap();
         assert!(kept.is_some());
         assert_eq!(
-            store.requests_to_forget(500, 10).await.unwrap(),
+            ids(store.requests_to_forget(500, None, 10).await.unwrap()),
             ["completed-old", "cancelled-at-cutoff"]
         );
         let events: Vec<i32> = sqlx::query_scalar(

@@ -65,6 +65,7 @@ pub use acknowledgements::{AckOutcome, TaskUpdate};
 pub use certificates::{CertificateRow, ReceivedCertificate};
 pub use chain::ChainReport;
 pub use contracts::{ContractChange, ContractRow};
+pub use forget::ForgetPosition;
 pub use intake::{Inserted, Intaken, NewContract, NewRequest};
 pub use outbox::{DeadLetterCursor, DeadLetteredRow, FailureRecorded, RequeueOutcome};
 pub use packages::{FileBegin, PackageFile, PackageRecord, PartOutcome, UploadTarget};
