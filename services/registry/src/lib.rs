@@ -42,6 +42,8 @@ mod metrics;
 pub mod packages;
 mod reconciler;
 #[cfg(test)]
+mod request_state_tests;
+#[cfg(test)]
 mod returned_data_tests;
 pub mod store;
 #[cfg(test)]

@@ -542,9 +542,11 @@ async fn list_filters_and_pages() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_ends_a_watch_and_only_operators_extend() {
-    // The mail system takes 5 s, so requests stay open long enough to cancel and extend.
+    // The mail system takes a minute, longer than the test: requests stay open to cancel
+    // and extend, and the cancelled one stays CANCELLED (a cancellation that turns out to
+    // have stopped nothing gives way to what the holders did, once the last one reports).
     let pair = spawn_pair(PairOptions {
-        mail_delay_ms: 5000,
+        mail_delay_ms: 60_000,
         ..Default::default()
     })
     .await

@@ -137,7 +137,7 @@ async fn receivers_deduplicate_deliveries_and_acknowledgements() {
 /// A cancellation that comes while a holder works cannot call it back: the mail holder's
 /// erasure (five seconds long) goes on, and the task reports what it did, COMPLETED and
 /// saying the cancellation came too late, never CANCELLED over work that was done. The
-/// request is CANCELLED.
+/// cancellation stopped nothing, so the request ends COMPLETED, its cancel reason kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_while_a_holder_works_reports_what_it_did() {
     let pair = spawn_pair(PairOptions {
@@ -202,7 +202,8 @@ async fn cancel_while_a_holder_works_reports_what_it_did() {
         .tasks
         .iter()
         .all(|t| t.state != TaskState::Cancelled as i32));
-    assert_eq!(view.state, RequestState::Cancelled as i32);
+    assert_eq!(view.state, RequestState::Completed as i32);
+    assert_eq!(view.cancel_reason, "subject withdrew the request");
     let err = crm
         .cancel(CancelRequest {
             request_id: r.request_id.clone(),

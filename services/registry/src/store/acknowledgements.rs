@@ -19,7 +19,7 @@ use super::events::{audit_text, insert_event, insert_events, EventDetail, NewEve
 use super::forget::forgotten_quote;
 use super::rows::task_state;
 use super::{placeholders, values_row, Operation, Store, Tx};
-use crate::fold::{fold, request_is_terminal};
+use crate::fold::{fold_request, request_is_terminal, Delivery};
 
 /// A task state change, from an acknowledgement or a status report.
 #[derive(Debug, Clone, Default)]
@@ -778,13 +778,13 @@ struct TaskNow {
 }
 
 /// What folding the touched requests needs, read once: their states (locked), every task
-/// of theirs (by request, processor, subprocessor) and whether each delivery is done; and
+/// of theirs (by request, processor, subprocessor) and where each delivery stands; and
 /// which of them are forgotten, whose reports are written as forgetting leaves them.
 struct FoldView {
     requests: BTreeMap<String, RequestState>,
     forgotten: BTreeSet<String>,
     tasks: BTreeMap<(String, String, String), TaskNow>,
-    delivered: BTreeMap<String, Vec<bool>>,
+    delivered: BTreeMap<String, Vec<Delivery>>,
 }
 
 impl FoldView {
@@ -799,14 +799,15 @@ impl FoldView {
     /// their lock in this transaction), in one statement.
     async fn read_with(tx: &mut Tx, ids: &[&str], locked: Locked) -> Result<Self> {
         // Both in one statement, each row saying which it is: a delivery's processor and
-        // subprocessor are empty, its state 0, and whether it is done stands in the
-        // sequence's column.
+        // subprocessor are empty, whether it was withdrawn stands in the state's column and
+        // whether it is done in the sequence's.
         let n = ids.len();
         let sql = format!(
             "SELECT 't', request_id, processor, subprocessor, state, sequence, progress \
              FROM tasks WHERE request_id IN ({}) \
              UNION ALL \
-             SELECT 'd', request_id, '', '', 0, \
+             SELECT 'd', request_id, '', '', \
+             CASE WHEN withdrawn_at IS NULL THEN 0 ELSE 1 END, \
              CASE WHEN done_at IS NULL THEN 0 ELSE 1 END, NULL \
              FROM deliveries WHERE op = ${} AND request_id IN ({})",
             placeholders(1, n),
@@ -824,10 +825,11 @@ impl FoldView {
             q = q.bind(*id);
         }
         let mut tasks = BTreeMap::new();
-        let mut delivered: BTreeMap<String, Vec<bool>> = BTreeMap::new();
+        let mut delivered: BTreeMap<String, Vec<Delivery>> = BTreeMap::new();
         for (src, r, p, s, state, sequence, progress) in q.fetch_all(tx.conn()).await? {
             if src == "d" {
-                delivered.entry(r).or_default().push(sequence != 0);
+                let delivery = Delivery::of(sequence != 0, state != 0);
+                delivered.entry(r).or_default().push(delivery);
             } else {
                 tasks.insert(
                     (r, p, s),
@@ -855,7 +857,8 @@ impl FoldView {
             .unwrap_or(RequestState::Unspecified)
     }
 
-    /// The request's state folded from its deliveries and tasks as they now stand.
+    /// The request's state folded from its deliveries and tasks as they now stand, and
+    /// from `old`, the state it had: a cancellation or an answer is kept as the fold says.
     fn fold(&self, id: &str, old: RequestState) -> RequestState {
         let delivered = self.delivered.get(id).map(Vec::as_slice).unwrap_or(&[]);
         let tasks: Vec<TaskState> = self
@@ -864,7 +867,7 @@ impl FoldView {
             .take_while(|((r, _, _), _)| r == id)
             .map(|(_, t)| task_state(t.state))
             .collect();
-        fold(old == RequestState::Cancelled, delivered, &tasks)
+        fold_request(old, delivered, &tasks)
     }
 }
 
@@ -1202,19 +1205,23 @@ pub(super) async fn refold(tx: &mut Tx, id: &str, now: i64) -> Result<()> {
     let Some(old) = tx.request_state(id, true).await? else {
         return Ok(());
     };
-    let delivered: Vec<Option<i64>> =
-        sqlx::query_scalar("SELECT done_at FROM deliveries WHERE request_id = $1 AND op = $2")
-            .bind(id)
-            .bind(Operation::Deliver.as_str())
-            .fetch_all(tx.conn())
-            .await?;
-    let delivered: Vec<bool> = delivered.iter().map(Option::is_some).collect();
+    let delivered: Vec<(Option<i64>, Option<i64>)> = sqlx::query_as(
+        "SELECT done_at, withdrawn_at FROM deliveries WHERE request_id = $1 AND op = $2",
+    )
+    .bind(id)
+    .bind(Operation::Deliver.as_str())
+    .fetch_all(tx.conn())
+    .await?;
+    let delivered: Vec<Delivery> = delivered
+        .iter()
+        .map(|(done, withdrawn)| Delivery::of(done.is_some(), withdrawn.is_some()))
+        .collect();
     let tasks: Vec<i32> = sqlx::query_scalar("SELECT state FROM tasks WHERE request_id = $1")
         .bind(id)
         .fetch_all(tx.conn())
         .await?;
     let tasks: Vec<TaskState> = tasks.into_iter().map(task_state).collect();
-    let new = fold(old == RequestState::Cancelled, &delivered, &tasks);
+    let new = fold_request(old, &delivered, &tasks);
     if new == old {
         return Ok(());
     }

@@ -5,8 +5,9 @@ use anyhow::{Context, Result};
 use dsrelay_proto::v1::{EventType, RequestState};
 
 use super::events::{insert_event, EventDetail};
-use super::{Operation, RequestRow, Store};
-use crate::fold::OPEN_STATES;
+use super::rows::task_state;
+use super::{Operation, RequestRow, Store, Tx};
+use crate::fold::{cancel_stops_nothing, Delivery, OPEN_STATES};
 
 /// What [`Store::cancel`] found.
 #[derive(Debug, PartialEq, Eq)]
@@ -15,13 +16,17 @@ pub enum CancelOutcome {
     Cancelled,
     /// No such request.
     NotFound,
-    /// Its state does not allow cancelling.
+    /// Its state does not allow cancelling, or nothing is left to stop (a FAILED request
+    /// whose tasks have all ended or are retained); the state it is in.
     NotCancellable(RequestState),
 }
 
 impl Store {
     /// Cancels a request: no further deliveries, and a cancellation queued for every
-    /// processor.
+    /// processor. Refused ([`CancelOutcome::NotCancellable`]) unless the request is open and
+    /// the cancellation can stop something: a delivery not yet accepted, or a task not
+    /// settled ([`cancel_stops_nothing`]). A cancellation that turns out to have stopped
+    /// nothing gives way to the state the tasks report ([`crate::fold::fold_request`]).
     pub async fn cancel(&self, id: &str, reason: &str, now: i64) -> Result<CancelOutcome> {
         let mut tx = self.begin().await?;
         // Locked: an acknowledgement that finishes the request meanwhile is waited for and
@@ -30,6 +35,12 @@ impl Store {
             return Ok(CancelOutcome::NotFound);
         };
         if !crate::fold::request_is_open(state) {
+            return Ok(CancelOutcome::NotCancellable(state));
+        }
+        // A FAILED request whose tasks have all ended (or are retained, which no processor's
+        // Cancel touches) has nothing left to stop: CANCELLED would claim it stopped before
+        // it finished, and no report would come to correct it.
+        if cancel_stops_nothing(&deliveries(&mut tx, id).await?, &tasks(&mut tx, id).await?) {
             return Ok(CancelOutcome::NotCancellable(state));
         }
         sqlx::query(
@@ -171,6 +182,30 @@ impl Store {
         tx.commit().await?;
         Ok(true)
     }
+}
+
+/// Where each of the request's deliveries stands, read in `tx`.
+async fn deliveries(tx: &mut Tx, id: &str) -> Result<Vec<Delivery>> {
+    let rows: Vec<(Option<i64>, Option<i64>)> = sqlx::query_as(
+        "SELECT done_at, withdrawn_at FROM deliveries WHERE request_id = $1 AND op = $2",
+    )
+    .bind(id)
+    .bind(Operation::Deliver.as_str())
+    .fetch_all(tx.conn())
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(done, withdrawn)| Delivery::of(done.is_some(), withdrawn.is_some()))
+        .collect())
+}
+
+/// The states of the request's tasks, read in `tx`.
+async fn tasks(tx: &mut Tx, id: &str) -> Result<Vec<dsrelay_proto::v1::TaskState>> {
+    let states: Vec<i32> = sqlx::query_scalar("SELECT state FROM tasks WHERE request_id = $1")
+        .bind(id)
+        .fetch_all(tx.conn())
+        .await?;
+    Ok(states.into_iter().map(task_state).collect())
 }
 
 #[cfg(test)]

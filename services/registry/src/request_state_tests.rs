@@ -1,0 +1,345 @@
+//! A request's state through the store, on SQLite and PostgreSQL: what a cancellation does to
+//! it, and how what processors report after a cancellation or an answer is folded in.
+
+use dsrelay_proto::v1::{RequestKind, RequestState, TaskState, TaskStatus};
+use dsrelay_runtime::store::Db;
+
+use crate::store::{
+    CancelOutcome, NewRequest, Operation, Store, TaskUpdate, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS,
+};
+use crate::test_postgres::on_postgres;
+
+use RequestState as R;
+use TaskState::*;
+
+/// When every request here is due.
+const DUE: i64 = 1_000_000;
+/// Until when a RETAINED task keeps its data.
+const RETAIN_UNTIL: i64 = 2_000_000;
+/// After both.
+const LATER: i64 = 3_000_000;
+
+async fn store_at(url: &str) -> Store {
+    let db = Db::connect(url).await.unwrap();
+    db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+        .await
+        .unwrap();
+    Store::new(db, b"test key")
+}
+
+/// Runs `test` on a fresh SQLite store.
+async fn on_sqlite<F, Fut>(test: F)
+where
+    F: FnOnce(Store) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/registry.db", dir.path().display());
+    test(store_at(&url).await).await;
+}
+
+/// An erasure request `id` routed to `processors`.
+async fn request(store: &Store, id: &str, processors: &[&str]) {
+    store
+        .insert_request(&NewRequest {
+            id: id.into(),
+            partner: "crm".into(),
+            idempotency_key: format!("key-{id}"),
+            body_hash: format!("hash-{id}"),
+            body: b"{}".to_vec(),
+            identity_hashes: "[\"h\"]".into(),
+            kind: RequestKind::Erasure as i32,
+            received_at: 0,
+            due_at: DUE,
+            trace_id: "0".repeat(32),
+            traceparent: None,
+            processors: processors.iter().map(|p| p.to_string()).collect(),
+        })
+        .await
+        .unwrap();
+}
+
+/// A task report of `subprocessor` at `sequence`.
+fn status(subprocessor: &str, sequence: u64, state: TaskState) -> TaskStatus {
+    TaskStatus {
+        processor: "p1".into(),
+        subprocessor: subprocessor.into(),
+        state: state as i32,
+        sequence,
+        ..Default::default()
+    }
+}
+
+/// Has `processor` accept the `op` of `id` waiting for it, reporting `tasks`. (The claim
+/// takes every row then due, and the others stay leased: accept a Cancel before the next
+/// request's delivery.)
+async fn accept(store: &Store, id: &str, processor: &str, op: Operation, tasks: &[TaskStatus]) {
+    let jobs = store.claim_deliveries(LATER, 100, 60_000).await.unwrap();
+    let job = jobs
+        .iter()
+        .find(|j| j.request_id == id && j.processor == processor && j.op == op)
+        .unwrap_or_else(|| panic!("no {op:?} of {id} to {processor} in {jobs:?}"));
+    assert!(store.delivery_succeeded(job, tasks, 1_000).await.unwrap());
+}
+
+/// `p1` acknowledges `subprocessor`'s task of `id` at `sequence` in `state`, at `now`.
+async fn ack(
+    store: &Store,
+    id: &str,
+    subprocessor: &str,
+    sequence: i64,
+    state: TaskState,
+    now: i64,
+) {
+    let retained = state == Retained;
+    let update = TaskUpdate {
+        request_id: id.into(),
+        subprocessor: subprocessor.into(),
+        sequence,
+        state: state as i32,
+        legal_basis: if retained {
+            "bookkeeping law".into()
+        } else {
+            String::new()
+        },
+        retain_until: retained.then_some(RETAIN_UNTIL),
+        ..Default::default()
+    };
+    let outcome = store.apply_acks("p1", &[update], now).await.unwrap();
+    assert_eq!(outcome.applied, 1, "{outcome:?}");
+}
+
+/// `id`'s state as stored.
+async fn state(store: &Store, id: &str) -> RequestState {
+    store.request(id).await.unwrap().unwrap().state
+}
+
+/// `id` delivered to `p1`, with tasks `a` and `b` in the states given (at sequence 2).
+async fn with_tasks(store: &Store, id: &str, a: TaskState, b: TaskState) {
+    request(store, id, &["p1"]).await;
+    accept(
+        store,
+        id,
+        "p1",
+        Operation::Deliver,
+        &[status("a", 1, Pending), status("b", 1, Pending)],
+    )
+    .await;
+    ack(store, id, "a", 2, a, 2_000).await;
+    ack(store, id, "b", 2, b, 2_000).await;
+}
+
+/// A PARTIALLY_COMPLETED request was answered: when a retained task's date passes and its
+/// holder works on the erasure (IN_PROGRESS, or WAITING_FOR_OPERATOR), the request stays
+/// answered (not overdue, not to be cancelled or extended), then ends COMPLETED.
+async fn a_retention_run_keeps_an_answered_request_answered(store: Store) {
+    with_tasks(&store, "r1", Completed, Retained).await;
+    assert_eq!(state(&store, "r1").await, R::PartiallyCompleted);
+    let refused = CancelOutcome::NotCancellable(R::PartiallyCompleted);
+    assert_eq!(
+        store.cancel("r1", "too late", 3_000).await.unwrap(),
+        refused
+    );
+
+    // Past its date (and the request's due date), the holder accepted the erasure.
+    ack(&store, "r1", "b", 3, InProgress, LATER).await;
+    let row = store.request("r1").await.unwrap().unwrap();
+    assert_eq!(row.state, R::PartiallyCompleted);
+    assert!(!row.overdue(LATER));
+    assert_eq!(
+        store.cancel("r1", "too late", LATER).await.unwrap(),
+        refused
+    );
+    assert!(!store.extend(&row, 1, "too late", LATER).await.unwrap());
+    // So through a status check, which folds on its own path.
+    let waiting = status("b", 4, WaitingForOperator);
+    store
+        .reconcile("r1", "p1", &[waiting], LATER, 60_000)
+        .await
+        .unwrap();
+    assert_eq!(state(&store, "r1").await, R::PartiallyCompleted);
+
+    ack(&store, "r1", "b", 5, Completed, LATER).await;
+    let row = store.request("r1").await.unwrap().unwrap();
+    assert_eq!((row.state, row.cancel_reason), (R::Completed, None));
+}
+
+#[tokio::test]
+async fn a_retention_run_keeps_an_answered_request_answered_on_sqlite() {
+    on_sqlite(a_retention_run_keeps_an_answered_request_answered).await;
+}
+
+#[tokio::test]
+async fn a_retention_run_keeps_an_answered_request_answered_on_postgres() {
+    on_postgres(|url, _| async move {
+        a_retention_run_keeps_an_answered_request_answered(store_at(&url).await).await;
+    })
+    .await;
+}
+
+/// A retention run that fails makes the request FAILED at once, even while another one is
+/// still under way: an operator must act.
+async fn a_failed_retention_run_fails_the_request(store: Store) {
+    with_tasks(&store, "r1", Retained, Retained).await;
+    assert_eq!(state(&store, "r1").await, R::PartiallyCompleted);
+    ack(&store, "r1", "a", 3, InProgress, LATER).await;
+    ack(&store, "r1", "b", 3, InProgress, LATER).await;
+    assert_eq!(state(&store, "r1").await, R::PartiallyCompleted);
+    ack(&store, "r1", "b", 4, Failed, LATER).await;
+    assert_eq!(state(&store, "r1").await, R::Failed);
+    ack(&store, "r1", "a", 4, Completed, LATER).await;
+    assert_eq!(state(&store, "r1").await, R::Failed);
+}
+
+#[tokio::test]
+async fn a_failed_retention_run_fails_the_request_on_sqlite() {
+    on_sqlite(a_failed_retention_run_fails_the_request).await;
+}
+
+#[tokio::test]
+async fn a_failed_retention_run_fails_the_request_on_postgres() {
+    on_postgres(|url, _| async move {
+        a_failed_retention_run_fails_the_request(store_at(&url).await).await;
+    })
+    .await;
+}
+
+/// A cancellation that came too late for every task (the last one had finished, and its
+/// acknowledgement was on its way) stopped nothing: once the tasks have all reported, the
+/// request says what happened, however the reports come (an acknowledgement, the answer to
+/// the Cancel, a status check). The Cancel is still sent to the processor.
+async fn a_cancellation_too_late_for_every_task_gives_way(store: Store) {
+    // The acknowledgement in flight.
+    with_tasks(&store, "r1", Completed, InProgress).await;
+    assert_eq!(state(&store, "r1").await, R::InProgress);
+    assert_eq!(
+        store.cancel("r1", "withdrawn", 3_000).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    assert_eq!(state(&store, "r1").await, R::Cancelled);
+    ack(&store, "r1", "b", 3, Completed, 4_000).await;
+    let row = store.request("r1").await.unwrap().unwrap();
+    assert_eq!(row.state, R::Completed);
+    // What was asked stays on record, and the processor is still told.
+    assert_eq!(row.cancel_reason.as_deref(), Some("withdrawn"));
+    let answer = [status("a", 2, Completed), status("b", 3, Completed)];
+    accept(&store, "r1", "p1", Operation::Cancel, &answer).await;
+    assert_eq!(state(&store, "r1").await, R::Completed);
+
+    // The answer to the Cancel reports what the holder did.
+    with_tasks(&store, "r2", Completed, InProgress).await;
+    store.cancel("r2", "withdrawn", 3_000).await.unwrap();
+    let answer = [status("a", 2, Completed), status("b", 3, NotFound)];
+    accept(&store, "r2", "p1", Operation::Cancel, &answer).await;
+    assert_eq!(state(&store, "r2").await, R::Completed);
+
+    // A status check does; the holder had failed.
+    with_tasks(&store, "r3", Completed, InProgress).await;
+    store.cancel("r3", "withdrawn", 3_000).await.unwrap();
+    let failed = [status("b", 3, Failed)];
+    store
+        .reconcile("r3", "p1", &failed, 4_000, 60_000)
+        .await
+        .unwrap();
+    assert_eq!(state(&store, "r3").await, R::Failed);
+
+    // A holder that retains by law: the rest is erased at its date, cancelled or not.
+    with_tasks(&store, "r4", Completed, InProgress).await;
+    store.cancel("r4", "withdrawn", 3_000).await.unwrap();
+    ack(&store, "r4", "b", 3, Retained, 4_000).await;
+    assert_eq!(state(&store, "r4").await, R::PartiallyCompleted);
+}
+
+#[tokio::test]
+async fn a_cancellation_too_late_for_every_task_gives_way_on_sqlite() {
+    on_sqlite(a_cancellation_too_late_for_every_task_gives_way).await;
+}
+
+#[tokio::test]
+async fn a_cancellation_too_late_for_every_task_gives_way_on_postgres() {
+    on_postgres(|url, _| async move {
+        a_cancellation_too_late_for_every_task_gives_way(store_at(&url).await).await;
+    })
+    .await;
+}
+
+/// A cancellation that stopped a task, or a delivery, stands whatever the others report.
+async fn a_cancellation_that_stopped_something_stands(store: Store) {
+    with_tasks(&store, "r1", Completed, Pending).await;
+    assert_eq!(
+        store.cancel("r1", "withdrawn", 3_000).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    let answer = [status("a", 2, Completed), status("b", 2, Cancelled)];
+    accept(&store, "r1", "p1", Operation::Cancel, &answer).await;
+    assert_eq!(state(&store, "r1").await, R::Cancelled);
+
+    // p2 never had the request: its delivery is withdrawn, and p1 finishing changes nothing.
+    request(&store, "r2", &["p1", "p2"]).await;
+    accept(
+        &store,
+        "r2",
+        "p1",
+        Operation::Deliver,
+        &[status("a", 1, Pending)],
+    )
+    .await;
+    ack(&store, "r2", "a", 2, InProgress, 2_000).await;
+    assert_eq!(
+        store.cancel("r2", "withdrawn", 3_000).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    ack(&store, "r2", "a", 3, Completed, 4_000).await;
+    assert_eq!(state(&store, "r2").await, R::Cancelled);
+}
+
+#[tokio::test]
+async fn a_cancellation_that_stopped_something_stands_on_sqlite() {
+    on_sqlite(a_cancellation_that_stopped_something_stands).await;
+}
+
+#[tokio::test]
+async fn a_cancellation_that_stopped_something_stands_on_postgres() {
+    on_postgres(|url, _| async move {
+        a_cancellation_that_stopped_something_stands(store_at(&url).await).await;
+    })
+    .await;
+}
+
+/// A FAILED request whose every task has ended (or is retained, which no Cancel stops) has
+/// nothing left to stop: its cancellation is refused and writes nothing, so it never reads
+/// CANCELLED. One with a task still to stop is cancelled.
+async fn a_cancellation_with_nothing_to_stop_is_refused(store: Store) {
+    for (id, a, b) in [("r1", Completed, Failed), ("r2", Retained, Refused)] {
+        with_tasks(&store, id, a, b).await;
+        assert_eq!(state(&store, id).await, R::Failed);
+        assert_eq!(
+            store.cancel(id, "withdrawn", 3_000).await.unwrap(),
+            CancelOutcome::NotCancellable(R::Failed)
+        );
+        let row = store.request(id).await.unwrap().unwrap();
+        assert_eq!((row.state, row.cancel_reason), (R::Failed, None));
+    }
+    let queued = store.claim_deliveries(3_000, 100, 60_000).await.unwrap();
+    assert!(queued.is_empty(), "{queued:?}");
+
+    with_tasks(&store, "r3", Failed, WaitingForOperator).await;
+    assert_eq!(
+        store.cancel("r3", "withdrawn", 3_000).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    assert_eq!(state(&store, "r3").await, R::Cancelled);
+}
+
+#[tokio::test]
+async fn a_cancellation_with_nothing_to_stop_is_refused_on_sqlite() {
+    on_sqlite(a_cancellation_with_nothing_to_stop_is_refused).await;
+}
+
+#[tokio::test]
+async fn a_cancellation_with_nothing_to_stop_is_refused_on_postgres() {
+    on_postgres(|url, _| async move {
+        a_cancellation_with_nothing_to_stop_is_refused(store_at(&url).await).await;
+    })
+    .await;
+}
