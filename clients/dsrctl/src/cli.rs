@@ -115,7 +115,8 @@ pub enum Command {
     /// watches again after the last event printed, 1 s later, and gives up once 30 attempts
     /// in a row fail to open the stream.
     Watch(WatchArgs),
-    /// Cancel a request that is still open (RECEIVED, DISPATCHED, IN_PROGRESS or FAILED).
+    /// Cancel a request that is still open (RECEIVED, DISPATCHED, IN_PROGRESS or FAILED)
+    /// while a cancellation can stop something (a delivery or a task not yet ended).
     Cancel(CancelArgs),
     /// Extend a request's due date (operators only); the registry sends the new date to the
     /// processors, whose tasks then retry until it.

@@ -210,8 +210,9 @@ impl RegistryClient {
             .flatten()
     }
 
-    /// Cancels a request that is still open (RECEIVED, DISPATCHED, IN_PROGRESS or FAILED);
-    /// returns it as it is afterwards.
+    /// Cancels a request that is still open (RECEIVED, DISPATCHED, IN_PROGRESS or FAILED)
+    /// while a cancellation can stop something (a delivery or a task not yet ended; else
+    /// FAILED_PRECONDITION); returns it as it is afterwards.
     pub async fn cancel(
         &self,
         request_id: impl Into<String>,

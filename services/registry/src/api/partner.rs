@@ -265,7 +265,8 @@ impl RequestService for Api {
             CancelOutcome::NotFound => return Err(not_found(&row.id).into()),
             CancelOutcome::NotCancellable(state) => {
                 return Err(ApiError::failed_precondition(format!(
-                    "request {} is {} and can no longer be cancelled",
+                    "request {} is {} and can no longer be cancelled (a request is cancelled \
+                     only while a delivery or a task can still be stopped)",
                     row.id,
                     state.as_str_name().trim_start_matches("REQUEST_STATE_")
                 ))
