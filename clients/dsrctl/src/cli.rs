@@ -108,15 +108,16 @@ pub enum Command {
     List(ListArgs),
     /// Print a request's events until it ends COMPLETED, FAILED or CANCELLED (a
     /// PARTIALLY_COMPLETED request is followed until its retained tasks complete); exits 0
-    /// only if it ended COMPLETED.
+    /// only if it ended COMPLETED. A cancellation that turns out to have stopped nothing
+    /// later gives way to what the holders did: watch again, or `get`, to see it.
     ///
     /// The registry ends every watch after its `watch.max_stream_ms` (default one hour) and
     /// when it shuts down, with UNAVAILABLE; then, and when the connection drops, dsrctl
     /// watches again after the last event printed, 1 s later, and gives up once 30 attempts
     /// in a row fail to open the stream.
     Watch(WatchArgs),
-    /// Cancel a request that is still open (RECEIVED, DISPATCHED, IN_PROGRESS or FAILED)
-    /// while a cancellation can stop something (a delivery or a task not yet ended).
+    /// Cancel a request that is still open (RECEIVED, DISPATCHED or IN_PROGRESS) while a
+    /// cancellation can stop something (a delivery or a task not yet ended).
     Cancel(CancelArgs),
     /// Extend a request's due date (operators only); the registry sends the new date to the
     /// processors, whose tasks then retry until it.

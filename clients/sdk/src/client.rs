@@ -177,6 +177,9 @@ impl RegistryClient {
     /// Streams a request's events after `after_event_id` (0 for all), then live ones, ending
     /// after the event that puts the request in a terminal state (COMPLETED, FAILED or
     /// CANCELLED; a PARTIALLY_COMPLETED request goes on until its retained tasks complete).
+    /// A cancellation that turns out to have stopped nothing later gives way to the state
+    /// the holders' reports give; [`Self::watch_with`] and `follow_after_terminal` follow on
+    /// to see it.
     ///
     /// The registry also ends every stream after its `watch.max_stream_ms` (default one
     /// hour), and when it shuts down, with an UNAVAILABLE error item. To follow on, call
@@ -210,8 +213,8 @@ impl RegistryClient {
             .flatten()
     }
 
-    /// Cancels a request that is still open (RECEIVED, DISPATCHED, IN_PROGRESS or FAILED)
-    /// while a cancellation can stop something (a delivery or a task not yet ended; else
+    /// Cancels a request that is still open (RECEIVED, DISPATCHED or IN_PROGRESS) while a
+    /// cancellation can stop something (a delivery or a task not yet ended; else
     /// FAILED_PRECONDITION); returns it as it is afterwards.
     pub async fn cancel(
         &self,

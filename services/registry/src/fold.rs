@@ -93,7 +93,8 @@ pub(crate) fn cancel_stops_nothing(deliveries: &[Delivery], tasks: &[TaskState])
 ///   erasure at its date (IN_PROGRESS, or WAITING_FOR_OPERATOR for a manual holder): the
 ///   subject was answered, and erasing retained data is not a new request to cancel or to be
 ///   overdue with. Once every task has ended the request is COMPLETED, and FAILED as soon as
-///   one of them failed or was refused.
+///   one of them failed or was refused. A FAILED request stays FAILED likewise (its tasks had
+///   all ended but RETAINED ones) while its retained data is erased.
 pub(crate) fn fold_request(
     prior: RequestState,
     deliveries: &[Delivery],
@@ -109,12 +110,15 @@ pub(crate) fn fold_request(
         }
     }
     let folded = fold_tasks(deliveries, tasks);
-    if prior == RequestState::PartiallyCompleted
-        && matches!(folded, RequestState::Dispatched | RequestState::InProgress)
+    if matches!(
+        prior,
+        RequestState::PartiallyCompleted | RequestState::Failed
+    ) && matches!(folded, RequestState::Dispatched | RequestState::InProgress)
     {
-        // Only a RETAINED task can move after the request was answered: every other one had
-        // ended, and an ended task does not move again.
-        return if tasks.iter().copied().any(failed) {
+        // Only a RETAINED task can move after the request was answered, or had failed:
+        // every other one had ended, and an ended task does not move again. A FAILED request
+        // stays FAILED (for an operator) while its retained data is erased.
+        return if prior == RequestState::Failed || tasks.iter().copied().any(failed) {
             RequestState::Failed
         } else {
             RequestState::PartiallyCompleted

@@ -189,6 +189,20 @@ async fn a_failed_retention_run_fails_the_request(store: Store) {
     assert_eq!(state(&store, "r1").await, R::Failed);
     ack(&store, "r1", "a", 4, Completed, LATER).await;
     assert_eq!(state(&store, "r1").await, R::Failed);
+
+    // The other order: one run failed before the other's holder accepted it. The request
+    // stays FAILED, not open, overdue or cancellable again.
+    with_tasks(&store, "r2", Retained, Retained).await;
+    ack(&store, "r2", "b", 3, Failed, LATER).await;
+    assert_eq!(state(&store, "r2").await, R::Failed);
+    ack(&store, "r2", "a", 3, InProgress, LATER).await;
+    assert_eq!(state(&store, "r2").await, R::Failed);
+    assert_eq!(
+        store.cancel("r2", "withdrawn", LATER).await.unwrap(),
+        CancelOutcome::NotCancellable(R::Failed)
+    );
+    ack(&store, "r2", "a", 4, Completed, LATER).await;
+    assert_eq!(state(&store, "r2").await, R::Failed);
 }
 
 #[tokio::test]

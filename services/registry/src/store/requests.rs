@@ -37,10 +37,15 @@ impl Store {
         if !crate::fold::request_is_open(state) {
             return Ok(CancelOutcome::NotCancellable(state));
         }
-        // A FAILED request whose tasks have all ended (or are retained, which no processor's
-        // Cancel touches) has nothing left to stop: CANCELLED would claim it stopped before
-        // it finished, and no report would come to correct it.
-        if cancel_stops_nothing(&deliveries(&mut tx, id).await?, &tasks(&mut tx, id).await?) {
+        // A request whose tasks have all ended (or are retained, which no processor's Cancel
+        // touches) has nothing left to stop: CANCELLED would claim it stopped before it
+        // finished, and no report would come to correct it. A FAILED one is always so: the
+        // fold gives FAILED only once every delivery was accepted and every task settled,
+        // and what moves after is a retained task's erasure at its date, which a Cancel
+        // does not stop either.
+        if state == RequestState::Failed
+            || cancel_stops_nothing(&deliveries(&mut tx, id).await?, &tasks(&mut tx, id).await?)
+        {
             return Ok(CancelOutcome::NotCancellable(state));
         }
         sqlx::query(
