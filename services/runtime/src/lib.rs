@@ -60,6 +60,8 @@ pub mod settings;
 pub mod signing;
 pub mod store;
 pub mod telemetry;
+#[cfg(feature = "test-support")]
+pub mod testing;
 pub mod tls;
 pub mod trace_context;
 pub mod transfer_manifest;
