@@ -952,9 +952,13 @@ fn is_transient(err: &sqlx::Error) -> bool {
         sqlx::Error::Database(db) => {
             let message = db.message().to_ascii_lowercase();
             let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            // Which backend spoke decides how its code reads: a SQLSTATE such as 22021 or
+            // 42501 is a number too, whose low byte reads as SQLITE_BUSY.
+            let sqlite = db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some();
             // SQLite reports extended result codes; the low byte is the primary one, and
             // SQLITE_BUSY (5) and SQLITE_LOCKED (6) mean another writer holds the database.
-            let sqlite_busy = code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6));
+            let sqlite_busy =
+                sqlite && code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6));
             // PostgreSQL: connection exceptions (08), serialization failures and deadlocks,
             // insufficient resources (53), shutdown or start-up (57P0x), lock not available,
             // and a cancelled statement (57014): statement_timeout raises it on a busy
@@ -1083,5 +1087,27 @@ mod tests {
         assert_eq!(code.as_deref(), Some("57014"), "{raw}");
         let err = classify("reading the kept rows of invoices", &raw);
         assert!(err.is_transient(), "{err:?}");
+    }
+
+    /// A PostgreSQL error whose SQLSTATE's low byte reads as SQLITE_BUSY (22021: a NUL in
+    /// text, 22021 & 0xff = 5) is permanent: retrying sends the same bytes again.
+    #[tokio::test]
+    async fn postgres_codes_are_not_read_as_sqlite_busy() {
+        let Some(db) = fresh_postgres_database("postgres_codes_are_not_read_as_sqlite_busy").await
+        else {
+            return;
+        };
+        let conn = Db::connect(&db.url).await.unwrap();
+        let raw = sqlx::query("SELECT CAST($1 AS TEXT)")
+            .bind("a\0b")
+            .execute(&conn.pool)
+            .await
+            .unwrap_err();
+        conn.pool.close().await;
+        db.drop_database().await;
+        let code = raw.as_database_error().and_then(|e| e.code());
+        assert_eq!(code.as_deref(), Some("22021"), "{raw}");
+        let err = classify("matching customers", &raw);
+        assert!(!err.is_transient(), "{err:?}");
     }
 }
