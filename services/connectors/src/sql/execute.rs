@@ -751,10 +751,7 @@ pub(super) fn erasure_statements<'p>(plan: &'p [ErasureStep<'_>]) -> Vec<Planned
             });
         }
         statements.push(PlannedStatement {
-            label: match step.rule.action {
-                Action::Keep => format!("counting the subject's rows of {table}"),
-                action => format!("{} {table}", action.doing()),
-            },
+            label: format!("{} {table}", step.rule.action.doing()),
             statement: &work.main,
             probe: None,
             about_kept: None,

@@ -149,12 +149,13 @@ impl Action {
         }
     }
 
-    /// The progressive, for error contexts ("deleting from invoices: ...").
+    /// The progressive, for error contexts ("deleting from invoices: ..."); an erasure only
+    /// counts the subject's rows of a `keep` table.
     pub(super) fn doing(self) -> &'static str {
         match self {
             Action::Delete => "deleting from",
             Action::Anonymize => "anonymizing",
-            Action::Keep => "keeping",
+            Action::Keep => "counting the subject's rows of",
         }
     }
 }
