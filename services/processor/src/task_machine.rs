@@ -531,8 +531,7 @@ fn exporting(task: &Current<'_>, event: &Event<'_>) -> bool {
 
 /// States a task never leaves.
 fn is_final(state: TaskState) -> bool {
-    use TaskState::*;
-    matches!(state, Completed | NotFound | Refused | Failed | Cancelled)
+    crate::store::FINAL.contains(&state)
 }
 
 /// [`decide`], before an ended export is marked for removal.

@@ -13,7 +13,7 @@ use super::Store;
 
 /// Task states that never change again. RETAINED is not among them: the holder still keeps
 /// data, and the processor needs the identities to erase it when the retention ends.
-const FINAL: [TaskState; 5] = [
+pub(crate) const FINAL: [TaskState; 5] = [
     TaskState::Completed,
     TaskState::NotFound,
     TaskState::Refused,

@@ -44,6 +44,7 @@ pub use crate::task_machine::{Refusal, Terms, Transition};
 pub use acks::DeadLetter;
 pub(crate) use contracts::to_proto as terms_to_proto;
 pub use contracts::{ContractEndRow, Updated};
+pub(crate) use forget::FINAL;
 pub use forget::{ForgetCursor, Forgettable};
 pub use rows::{AckJob, ManualRow, TaskJob, TaskKey, TaskRow};
 pub use tasks::{Accepted, DueDateExtended, ManualCursor};
