@@ -330,7 +330,7 @@ impl Api {
                 let what = if kind == RequestKind::ContractEnd {
                     "a contract end whose terms name no transfer recipient".to_string()
                 } else {
-                    format!("a {} request", kind_label(kind))
+                    format!("a {} request", super::packages::kind_name(kind as i32))
                 };
                 violations.push((
                     i,
@@ -359,11 +359,6 @@ fn receipt(a: &Acknowledgement) -> Option<&TransferReceipt> {
     a.evidence
         .as_ref()
         .and_then(|e| e.transfer_receipt.as_ref())
-}
-
-/// A kind's name without its prefix (`RETURN_OF_DATA`).
-fn kind_label(kind: RequestKind) -> &'static str {
-    kind.as_str_name().trim_start_matches("REQUEST_KIND_")
 }
 
 /// What is wrong with the receipt of the acknowledgement at `i`, each naming its field.

@@ -935,7 +935,8 @@ fn io_error(e: std::io::Error) -> ApiError {
     ApiError::unexpected(anyhow::Error::new(e).context("package store"))
 }
 
-fn kind_name(kind: i32) -> &'static str {
+/// A kind's name without its prefix (`RETURN_OF_DATA`).
+pub(super) fn kind_name(kind: i32) -> &'static str {
     RequestKind::try_from(kind)
         .unwrap_or_default()
         .as_str_name()

@@ -1205,22 +1205,8 @@ pub(super) async fn refold(tx: &mut Tx, id: &str, now: i64) -> Result<()> {
     let Some(old) = tx.request_state(id, true).await? else {
         return Ok(());
     };
-    let delivered: Vec<(Option<i64>, Option<i64>)> = sqlx::query_as(
-        "SELECT done_at, withdrawn_at FROM deliveries WHERE request_id = $1 AND op = $2",
-    )
-    .bind(id)
-    .bind(Operation::Deliver.as_str())
-    .fetch_all(tx.conn())
-    .await?;
-    let delivered: Vec<Delivery> = delivered
-        .iter()
-        .map(|(done, withdrawn)| Delivery::of(done.is_some(), withdrawn.is_some()))
-        .collect();
-    let tasks: Vec<i32> = sqlx::query_scalar("SELECT state FROM tasks WHERE request_id = $1")
-        .bind(id)
-        .fetch_all(tx.conn())
-        .await?;
-    let tasks: Vec<TaskState> = tasks.into_iter().map(task_state).collect();
+    let delivered = super::requests::deliveries(tx, id).await?;
+    let tasks = super::requests::tasks(tx, id).await?;
     let new = fold_request(old, &delivered, &tasks);
     if new == old {
         return Ok(());

@@ -190,7 +190,7 @@ impl Store {
 }
 
 /// Where each of the request's deliveries stands, read in `tx`.
-async fn deliveries(tx: &mut Tx, id: &str) -> Result<Vec<Delivery>> {
+pub(super) async fn deliveries(tx: &mut Tx, id: &str) -> Result<Vec<Delivery>> {
     let rows: Vec<(Option<i64>, Option<i64>)> = sqlx::query_as(
         "SELECT done_at, withdrawn_at FROM deliveries WHERE request_id = $1 AND op = $2",
     )
@@ -205,7 +205,7 @@ async fn deliveries(tx: &mut Tx, id: &str) -> Result<Vec<Delivery>> {
 }
 
 /// The states of the request's tasks, read in `tx`.
-async fn tasks(tx: &mut Tx, id: &str) -> Result<Vec<dsrelay_proto::v1::TaskState>> {
+pub(super) async fn tasks(tx: &mut Tx, id: &str) -> Result<Vec<dsrelay_proto::v1::TaskState>> {
     let states: Vec<i32> = sqlx::query_scalar("SELECT state FROM tasks WHERE request_id = $1")
         .bind(id)
         .fetch_all(tx.conn())
