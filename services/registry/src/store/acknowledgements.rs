@@ -145,6 +145,15 @@ impl TaskUpdate {
         }
         update
     }
+
+    /// The update as it is written: as reported, or [`Self::as_forgotten`] when its request
+    /// is `forgotten`.
+    fn written(&self, text_key: &[u8], forgotten: bool) -> Self {
+        match forgotten {
+            true => self.as_forgotten(text_key),
+            false => self.clone(),
+        }
+    }
 }
 
 /// A contract phase in the registry's words (`DELETING`).
@@ -481,11 +490,7 @@ impl Store {
                 );
                 let slot = (ack.request_id.clone(), ack.subprocessor.clone());
                 let moved = moved.entry(processor).or_default();
-                let mut update = if forgotten {
-                    ack.as_forgotten(&tx.text_key)
-                } else {
-                    ack.clone()
-                };
+                let mut update = ack.written(&tx.text_key, forgotten);
                 // A receipt an earlier update of this transaction carried stays with the
                 // task, as it would have had each update been written on its own.
                 if update.transfer_receipt.is_none() {
@@ -590,11 +595,7 @@ impl Store {
                 continue;
             }
             let before = previous(&mut tx, request_id, processor, &update.subprocessor).await?;
-            let written = if forgotten {
-                update.as_forgotten(&tx.text_key)
-            } else {
-                update.clone()
-            };
+            let written = update.written(&tx.text_key, forgotten);
             if upsert_task(&mut tx, request_id, processor, &written, now).await?
                 && says_something_new(before.as_ref(), &update)
             {
@@ -1015,11 +1016,7 @@ pub(super) async fn apply_accepted(
                     progress: update.progress.as_ref().map(Message::encode_to_vec),
                 },
             );
-            let update = if forgotten {
-                update.as_forgotten(&tx.text_key)
-            } else {
-                update
-            };
+            let update = update.written(&tx.text_key, forgotten);
             moved.entry(a.processor).or_default().insert(
                 (a.request_id.to_string(), update.subprocessor.clone()),
                 update,
