@@ -18,7 +18,7 @@ use dsrelay_runtime::identity::keyed_hash;
 use tokio::sync::watch;
 
 use crate::app::Shared;
-use crate::store::{ForgetCursor, Forgettable};
+use crate::store::Forgettable;
 
 /// One day in milliseconds.
 const DAY_MS: i64 = 86_400_000;
@@ -145,11 +145,11 @@ async fn sweep(shared: &Shared) -> Result<usize> {
     // Each batch goes on after the last request of the one before, in the order they are
     // listed in, whatever became of it: one that could not be forgotten is still listed,
     // and would otherwise fill every batch.
-    let mut after: Option<ForgetCursor> = None;
+    let mut after: Option<Forgettable> = None;
     loop {
         let now = shared.clock.now_ms();
         let cutoff = cutoff(now, shared.config.forget_after_days);
-        let due = shared
+        let mut due = shared
             .store
             .requests_to_forget(cutoff, after.as_ref(), BATCH)
             .await?;
@@ -167,10 +167,10 @@ async fn sweep(shared: &Shared) -> Result<usize> {
                 ),
             }
         }
-        match due.last() {
-            Some(last) if due.len() == BATCH as usize => after = Some(last.cursor()),
-            _ => break,
+        if due.len() < BATCH as usize {
+            break;
         }
+        after = due.pop();
     }
     Ok(forgotten)
 }

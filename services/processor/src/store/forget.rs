@@ -34,29 +34,6 @@ pub struct Forgettable {
     pub accepted_at: i64,
 }
 
-impl Forgettable {
-    /// Where a list of requests to forget that ends with this one goes on.
-    pub fn cursor(&self) -> ForgetCursor {
-        ForgetCursor {
-            accepted_at: self.accepted_at,
-            controller: self.controller.clone(),
-            request_id: self.request_id.clone(),
-        }
-    }
-}
-
-/// Where a batch of [`Store::requests_to_forget`] ended: its last request's place in the
-/// order they come in.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ForgetCursor {
-    /// The request's `accepted_at` (ms).
-    pub accepted_at: i64,
-    /// Its controller.
-    pub controller: String,
-    /// Its id.
-    pub request_id: String,
-}
-
 /// The condition, on `requests r`, under which a request may be forgotten with `$1` the
 /// cutoff (ms): accepted (or cancelled) by then, every task final since by then, nothing
 /// left to send (acknowledgements, uploads). A dead-lettered acknowledgement does not hold
@@ -141,7 +118,7 @@ impl Store {
     pub async fn requests_to_forget(
         &self,
         cutoff: i64,
-        after: Option<&ForgetCursor>,
+        after: Option<&Forgettable>,
         limit: i64,
     ) -> Result<Vec<Forgettable>> {
         // Keyed on the order itself, so a batch goes on after the last one's end whether or
