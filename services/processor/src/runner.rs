@@ -320,24 +320,7 @@ async fn before_call(
             // No call in this claim: unless its start noted one, a note of a call cut off
             // earlier stays for the call that follows (see `Store::postpone`).
             Decision::Later { at, error } => {
-                let held = shared
-                    .store
-                    .postpone(
-                        &job.task.key,
-                        seq,
-                        &job.lease_owner,
-                        job.due_as_known(),
-                        at,
-                        error.as_deref(),
-                        false,
-                        !noted,
-                    )
-                    .await?;
-                if !held {
-                    tracing::warn!(
-                        "task lease lost or task changed; the wait is left to its holder"
-                    );
-                }
+                postpone(shared, job, seq, at, error.as_deref(), false, !noted).await?;
                 return Ok(None);
             }
             other => {
@@ -823,23 +806,16 @@ async fn write(
             Ok(Some(moved.is_some()))
         }
         Decision::Later { at, error } => {
-            let key = &job.task.key;
-            let held = shared
-                .store
-                .postpone(
-                    key,
-                    seq,
-                    &job.lease_owner,
-                    job.due_as_known(),
-                    at,
-                    error.as_deref(),
-                    unless_cancelled,
-                    false,
-                )
-                .await?;
-            if !held && !unless_cancelled {
-                tracing::warn!("task lease lost or task changed; the retry is left to its holder");
-            }
+            let held = postpone(
+                shared,
+                job,
+                seq,
+                at,
+                error.as_deref(),
+                unless_cancelled,
+                false,
+            )
+            .await?;
             Ok(Some(held))
         }
         Decision::Run { .. }
@@ -848,6 +824,37 @@ async fn write(
         | Decision::Ignore
         | Decision::Reject(_) => Ok(None),
     }
+}
+
+/// Puts the claimed task off until `at` ([`crate::store::Store::postpone`], against the due
+/// time as this claim knows it); answers whether it was. A postponement that matched
+/// nothing is logged unless `unless_cancelled` (the caller finds out why).
+async fn postpone(
+    shared: &Shared,
+    job: &TaskJob,
+    seq: i64,
+    at: i64,
+    error: Option<&str>,
+    unless_cancelled: bool,
+    keep_call_note: bool,
+) -> anyhow::Result<bool> {
+    let held = shared
+        .store
+        .postpone(
+            &job.task.key,
+            seq,
+            &job.lease_owner,
+            job.due_as_known(),
+            at,
+            error,
+            unless_cancelled,
+            keep_call_note,
+        )
+        .await?;
+    if !held && !unless_cancelled {
+        tracing::warn!("task lease lost or task changed; the retry is left to its holder");
+    }
+    Ok(held)
 }
 
 /// Records a transition (noting the holder's call at `call_at` with it, when the call follows
