@@ -54,6 +54,7 @@ mod contract_tests;
 pub mod exports;
 mod forget;
 mod head_start;
+mod lease;
 mod metrics;
 mod operator_api;
 mod runner;

@@ -46,6 +46,7 @@ use tracing::Instrument;
 use crate::app::Shared;
 use crate::exports;
 use crate::head_start;
+use crate::lease::{LeaseClock, Renewal};
 use crate::store::TaskJob;
 use crate::task_machine::{decide, phase_of, retry_at, Context, Decision, Event, Holder};
 
@@ -720,9 +721,7 @@ struct Lease<'a> {
     shared: &'a Shared,
     job: &'a TaskJob,
     lease_ms: i64,
-    /// Until when the claim or the last successful renewal holds it, as far as this runner
-    /// can tell: the database's clock decides, but the time elapsed since is measured here.
-    held_until: Instant,
+    clock: LeaseClock,
 }
 
 impl<'a> Lease<'a> {
@@ -732,7 +731,7 @@ impl<'a> Lease<'a> {
             shared,
             job,
             lease_ms,
-            held_until: Instant::now() + millis(lease_ms),
+            clock: LeaseClock::new(Instant::now(), u64::try_from(lease_ms).unwrap_or(0)),
         }
     }
 
@@ -740,27 +739,22 @@ impl<'a> Lease<'a> {
     /// retried at the next one, as long as the lease lasts; the lease is lost when a renewal
     /// matches nothing or the failures outlast it.
     async fn renew(&mut self, seq: i64) -> Result<(), LeaseLost> {
-        let asked = Instant::now();
         let key = &self.job.task.key;
         let owner = &self.job.lease_owner;
-        match self
+        let extend = self
             .shared
             .store
-            .extend_lease(key, seq, owner, self.lease_ms)
-            .await
-        {
-            Ok(true) => {
-                self.held_until = asked + millis(self.lease_ms);
-                Ok(())
-            }
-            Ok(false) => {
+            .extend_lease(key, seq, owner, self.lease_ms);
+        match self.clock.renew(extend).await {
+            Renewal::Held => Ok(()),
+            Renewal::Lost => {
                 tracing::warn!(
                     "task lease lost: another claim took the task or it changed; \
                      the step is abandoned and its outcome not recorded"
                 );
                 Err(LeaseLost)
             }
-            Err(e) if Instant::now() + millis(self.lease_ms / 3) >= self.held_until => {
+            Renewal::RanOut(e) => {
                 tracing::warn!(
                     error = format!("{e:#}"),
                     "task lease lost: renewals failed until it ran out; \
@@ -768,16 +762,12 @@ impl<'a> Lease<'a> {
                 );
                 Err(LeaseLost)
             }
-            Err(e) => {
+            Renewal::Failed(e) => {
                 tracing::warn!(error = format!("{e:#}"), "renewing a task lease failed");
                 Ok(())
             }
         }
     }
-}
-
-fn millis(ms: i64) -> Duration {
-    Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
 
 /// Stores what the state machine decided.

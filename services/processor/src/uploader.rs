@@ -55,6 +55,7 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::app::Shared;
+use crate::lease::{LeaseClock, Renewal};
 use crate::store::{
     Delivered, NextAttempt, TaskKey, TaskRow, UploadClaim, UploadFinish, UploadJob,
 };
@@ -605,42 +606,31 @@ async fn deliver_file(
 struct UploadLease<'a> {
     shared: &'a Shared,
     job: &'a UploadJob,
-    lease_ms: u64,
-    /// Until when the claim or the last renewal that held extends it, as far as this sender
-    /// can tell: the database's clock decides, but the time elapsed since is measured here,
-    /// from before each statement was sent, so never past the lease's real end.
-    held_until: Instant,
+    clock: LeaseClock,
 }
 
 impl<'a> UploadLease<'a> {
     fn new(shared: &'a Shared, job: &'a UploadJob) -> Self {
-        let lease_ms = shared.config.uploads.lease_ms;
         Self {
             shared,
             job,
-            lease_ms,
-            held_until: job.claimed_at + Duration::from_millis(lease_ms),
+            clock: LeaseClock::new(job.claimed_at, shared.config.uploads.lease_ms),
         }
-    }
-
-    /// How often the lease is renewed: three tries before it runs out.
-    fn every(&self) -> Duration {
-        Duration::from_millis((self.lease_ms / 3).max(1))
     }
 
     /// Renews the lease every third of `uploads.lease_ms` for as long as it is awaited;
     /// resolves only when the lease is lost, with the attempt's failure.
     async fn keep(&mut self) -> Failure {
         loop {
-            tokio::time::sleep(self.every()).await;
+            tokio::time::sleep(self.clock.every()).await;
             if let Err(lost) = self.renew().await {
                 return lost;
             }
         }
     }
 
-    /// Extends the lease by `lease_ms` from now (the database's clock). A renewal that
-    /// finds the lease no longer this claim's loses it at once: another claim took the
+    /// Extends the lease by `uploads.lease_ms` from now (the database's clock). A renewal
+    /// that finds the lease no longer this claim's loses it at once: another claim took the
     /// upload (that sender goes on, and what this one would record changes nothing), or
     /// the lease ran out and a cancellation may have read the upload as idle; the store
     /// revives no ended lease. A renewal that fails (the database unreachable) is tried
@@ -649,26 +639,22 @@ impl<'a> UploadLease<'a> {
     /// would outlast the lease the sender cannot tell it still holds the upload, so it
     /// stops as if it knew it did not.
     async fn renew(&mut self) -> Result<(), Failure> {
-        let asked = Instant::now();
-        match self
+        let lease_ms = self.shared.config.uploads.lease_ms as i64;
+        let extend = self
             .shared
             .store
-            .extend_upload_lease(self.job.claim(), self.lease_ms as i64)
-            .await
-        {
-            Ok(true) => {
-                self.held_until = asked + Duration::from_millis(self.lease_ms);
-                Ok(())
-            }
-            Ok(false) => Err(Failure::Retry(
+            .extend_upload_lease(self.job.claim(), lease_ms);
+        match self.clock.renew(extend).await {
+            Renewal::Held => Ok(()),
+            Renewal::Lost => Err(Failure::Retry(
                 "another sender took this export over, or a cancellation found it idle: this \
                  sender's lease ran out while it sent"
                     .into(),
             )),
-            Err(e) if Instant::now() + self.every() >= self.held_until => Err(Failure::Retry(
-                format!("renewing the export's lease failed until it ran out: {e:#}"),
-            )),
-            Err(e) => {
+            Renewal::RanOut(e) => Err(Failure::Retry(format!(
+                "renewing the export's lease failed until it ran out: {e:#}"
+            ))),
+            Renewal::Failed(e) => {
                 tracing::warn!(
                     error = format!("{e:#}"),
                     "renewing an upload's lease failed; tried again while the lease lasts"
