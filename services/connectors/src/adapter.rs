@@ -565,7 +565,7 @@ impl Connector for AdapterConnector {
                 Phase::Confirm { handle } => {
                     let response = self.task_status(handle).await?;
                     let outcome = self.complete(task, handle, response).await?;
-                    if is_retention_expired_key(&task.task_id, handle) {
+                    if is_retention_run(&task.phase, &task.task_id) {
                         return Ok(nothing_left(outcome));
                     }
                     Ok(outcome)
@@ -620,6 +620,16 @@ fn nothing_left(outcome: Outcome) -> Outcome {
 /// with its first answer, RETAINED until a date already past).
 fn retention_expired_key(task_id: &str, until_ms: i64) -> String {
     format!("{task_id}{RETENTION_EXPIRED_SUFFIX}-{until_ms}")
+}
+
+/// Whether a call in `phase` for `id` (a task's or a bulk job's) belongs to a retention
+/// run: the run itself, or the confirmation of one the adapter ACCEPTED.
+fn is_retention_run(phase: &Phase, id: &str) -> bool {
+    match phase {
+        Phase::Start => false,
+        Phase::RetentionExpired { .. } => true,
+        Phase::Confirm { handle } => is_retention_expired_key(id, handle),
+    }
 }
 
 /// Whether `handle` is the key of a [`Phase::RetentionExpired`] call for `task_id`. A run

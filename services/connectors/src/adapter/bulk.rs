@@ -7,7 +7,7 @@ use dsrelay_proto::v1::{
     BulkOperation, ExecuteBulkRequest, ExecuteBulkResponse, ExecuteOutcome, GetBulkStatusRequest,
 };
 
-use super::{clip, is_retention_expired_key, retention_expired_key, AdapterConnector};
+use super::{clip, is_retention_run, retention_expired_key, AdapterConnector};
 use crate::export::{JsonArrayWriter, JSON};
 use crate::{BulkJob, BulkOp, BulkProgress, ConnectorError, ErasedCount, Outcome, Phase};
 
@@ -74,12 +74,7 @@ impl AdapterConnector {
         }
         // An ACCEPTED retention run is confirmed under its key, the only trace of the run
         // that Confirm carries.
-        let retention_run = match &job.phase {
-            Phase::Start => false,
-            Phase::RetentionExpired { .. } => true,
-            Phase::Confirm { handle } => is_retention_expired_key(&job.job_id, handle),
-        };
-        if retention_run {
+        if is_retention_run(&job.phase, &job.job_id) {
             return Ok(super::nothing_left(outcome));
         }
         Ok(outcome)
