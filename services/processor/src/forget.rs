@@ -1,9 +1,10 @@
 //! The processor forgets: `forget_after_days` after the last task of a request reached a
 //! final state (COMPLETED, NOT_FOUND, REFUSED, FAILED or CANCELLED; none RETAINED), with
 //! every acknowledgement and upload sent (or the acknowledgement dead-lettered, waiting for
-//! an operator), its raw identities, body, notes and export files are removed. Keyed hashes of the identities (HMAC-SHA256 under the processor's
-//! `identity_hash_key`) stay, so an operator holding the key and an address can still show
-//! what was done for that subject.
+//! an operator), its raw identities, body, notes and export files are removed, and a legal
+//! basis and a TRANSFER's recipient are left only as their keyed hash. Keyed hashes of the
+//! identities (HMAC-SHA256 under the processor's `identity_hash_key`) stay, so an operator
+//! holding the key and an address can still show what was done for that subject.
 //!
 //! The same worker removes, at every sweep, the export files a retired upload left behind
 //! (see `remove_retired_exports`): an export is kept only until its upload is retired.

@@ -1,11 +1,12 @@
 //! Forgetting a finished request: its raw identities, body, the free text kept with it and
 //! its tasks, and the acknowledgements already sent (and the free text of those
 //! dead-lettered), once every task reached a final state and `forget_after_days` have
-//! passed; keyed identity hashes stay, and a legal basis stays only as its keyed hash.
+//! passed; keyed identity hashes stay, and a legal basis, and where a TRANSFER's data went,
+//! stay only as their keyed hash.
 
 use anyhow::Result;
 use dsrelay_proto::prost::Message;
-use dsrelay_proto::v1::{Acknowledgement, TaskState};
+use dsrelay_proto::v1::{Acknowledgement, RequestKind, TaskState, TransferReceipt};
 
 use super::audit::AuditTx;
 use super::rows::state_value;
@@ -64,13 +65,15 @@ pub(crate) const FORGOTTEN_TEXT: &str = "(removed when the processor forgot the 
 /// Removes the free text (the holder's note, the reason) from `r`'s dead-lettered
 /// acknowledgements, inside the forgetting transaction `tx`, and replaces a legal basis with
 /// its keyed hash as the audit trail holds it (so a requeue still says a basis was given),
-/// keeping what a requeue still sends: the state, sequence, counts, retain-until,
-/// certificate, receipt. Locks the request's unsent acknowledgements first (PostgreSQL), so
-/// a requeue committing meanwhile is seen: returns false when one of them is no longer
+/// and so the recipient's name in a `transfer`'s receipt ([`hash_recipient`]), keeping what
+/// a requeue still sends: the state, sequence, counts, retain-until, certificate, the rest
+/// of the receipt. Locks the request's unsent acknowledgements first (PostgreSQL), so a
+/// requeue committing meanwhile is seen: returns false when one of them is no longer
 /// dead-lettered, and the request is not forgotten yet.
 async fn strip_dead_letters(
     tx: &mut AuditTx,
     r: &Forgettable,
+    transfer: bool,
     backend: dsrelay_runtime::store::Backend,
 ) -> Result<bool> {
     let unsent: Vec<(i64, Vec<u8>, Option<i64>)> = sqlx::query_as(&format!(
@@ -98,6 +101,13 @@ async fn strip_dead_letters(
                     ack.reason = FORGOTTEN_TEXT.into();
                 }
                 ack.legal_basis = tx.text(&ack.legal_basis);
+                let receipt = ack
+                    .evidence
+                    .as_mut()
+                    .and_then(|e| e.transfer_receipt.as_mut());
+                if let Some(receipt) = receipt.filter(|_| transfer) {
+                    hash_recipient(tx, receipt);
+                }
                 ack.encode_to_vec()
             }
             Err(_) => Vec::new(),
@@ -107,6 +117,79 @@ async fn strip_dead_letters(
             .bind(id)
             .execute(&mut **tx)
             .await?;
+    }
+    Ok(true)
+}
+
+/// Replaces the recipient's name in a TRANSFER's `receipt` with its keyed hash, as
+/// [`hash_transfer_recipient`] leaves the request's: the registry requires a name there but
+/// matches it against nothing, so a receipt sent after forgetting (a requeued dead letter,
+/// a status answer) is still taken as the proof that the data arrived.
+fn hash_recipient(tx: &AuditTx, receipt: &mut TransferReceipt) {
+    receipt.recipient = tx.text(&receipt.recipient);
+}
+
+/// Replaces where `r`'s data went, when it is a TRANSFER, with its keyed hash (as
+/// [`AuditTx::text`] writes it), inside the forgetting transaction `tx`: the recipient the
+/// registry named (name, endpoint, certificate identity) and the recipient's name in its
+/// tasks' receipts. They tell where the subject moved their data, and nothing still needs
+/// them: the upload that used them is retired (or the request would not be forgotten) and a
+/// final task is never claimed again. Hashed, not emptied, so the request still shows that
+/// a recipient was named, one whoever holds the key can match against a name. A contract
+/// end's recipient stays: the controller's successor, not a subject's choice, and an update
+/// of the terms is still checked against it. Answers whether `r` is a TRANSFER.
+async fn hash_transfer_recipient(tx: &mut AuditTx, r: &Forgettable) -> Result<bool> {
+    type Recipient = (i64, Option<String>, Option<String>, Option<String>);
+    let (kind, name, endpoint, identity): Recipient = sqlx::query_as(
+        "SELECT kind, recipient_name, recipient_endpoint, recipient_identity FROM requests \
+         WHERE controller = $1 AND request_id = $2",
+    )
+    .bind(&r.controller)
+    .bind(&r.request_id)
+    .fetch_one(&mut **tx)
+    .await?;
+    if kind != i64::from(RequestKind::Transfer as i32) {
+        return Ok(false);
+    }
+    let [name, endpoint, identity] = [name, endpoint, identity].map(|t| t.map(|t| tx.text(&t)));
+    sqlx::query(
+        "UPDATE requests SET recipient_name = $1, recipient_endpoint = $2, \
+         recipient_identity = $3 WHERE controller = $4 AND request_id = $5",
+    )
+    .bind(name)
+    .bind(endpoint)
+    .bind(identity)
+    .bind(&r.controller)
+    .bind(&r.request_id)
+    .execute(&mut **tx)
+    .await?;
+    let receipts: Vec<(String, Vec<u8>)> = sqlx::query_as(
+        "SELECT subprocessor, transfer_receipt FROM tasks WHERE controller = $1 \
+         AND request_id = $2 AND transfer_receipt IS NOT NULL",
+    )
+    .bind(&r.controller)
+    .bind(&r.request_id)
+    .fetch_all(&mut **tx)
+    .await?;
+    for (subprocessor, bytes) in receipts {
+        // Written from a decoded message, so it decodes again; one that did not could hold
+        // anything, and goes (a read shows it as no receipt either way).
+        let receipt = TransferReceipt::decode(bytes.as_slice())
+            .ok()
+            .map(|mut receipt| {
+                hash_recipient(tx, &mut receipt);
+                receipt.encode_to_vec()
+            });
+        sqlx::query(
+            "UPDATE tasks SET transfer_receipt = $1 WHERE controller = $2 AND request_id = $3 \
+             AND subprocessor = $4",
+        )
+        .bind(receipt)
+        .bind(&r.controller)
+        .bind(&r.request_id)
+        .bind(&subprocessor)
+        .execute(&mut **tx)
+        .await?;
     }
     Ok(true)
 }
@@ -149,8 +232,9 @@ impl Store {
     /// note and reason in its dead-lettered ones (the rest stays, for a requeue). A legal
     /// basis, of a task or a dead-lettered acknowledgement, is replaced by its keyed hash
     /// (`text hmac-sha256:<hex>`, as the audit trail holds it): it may name the subject, and
-    /// the hash still shows that one was given. Returns false, changing nothing, when the
-    /// request no longer qualifies (a task moved, or it was forgotten already).
+    /// the hash still shows that one was given. So is a TRANSFER's recipient, in the request
+    /// and in its receipts ([`hash_transfer_recipient`]). Returns false, changing nothing,
+    /// when the request no longer qualifies (a task moved, or it was forgotten already).
     pub async fn forget_request(
         &self,
         r: &Forgettable,
@@ -211,7 +295,8 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        if !strip_dead_letters(&mut tx, r, self.db.backend).await? {
+        let transfer = hash_transfer_recipient(&mut tx, r).await?;
+        if !strip_dead_letters(&mut tx, r, transfer, self.db.backend).await? {
             tx.rollback().await?;
             return Ok(false);
         }
@@ -682,6 +767,222 @@ mod tests {
     async fn a_legal_basis_is_kept_as_its_keyed_hash_on_postgres() {
         crate::test_postgres::on_postgres(|url, _| async move {
             a_legal_basis_is_kept_as_its_keyed_hash(&url).await;
+        })
+        .await;
+    }
+
+    /// Where a TRANSFER's data went says where the subject moved it: forgetting leaves the
+    /// recipient the registry named (name, endpoint, identity) and the name in each receipt,
+    /// in a task and in a dead-lettered acknowledgement, only as its keyed hash. Not before:
+    /// while the export is still to go, the request is not forgotten and the upload reaches
+    /// the recipient as named. Afterwards the receipts keep their proof, a requeue is still
+    /// sent, and the audit trail, which names the recipient and is never changed, verifies.
+    async fn a_transfer_recipient_is_kept_as_its_keyed_hash(url: &str) {
+        use std::collections::HashMap;
+
+        use dsrelay_proto::v1::TransferRecipient;
+        let store = store_at(url).await;
+        let name = "new-bookkeeper";
+        let recipient = TransferRecipient {
+            name: name.into(),
+            endpoint: "https://transfers.new-bookkeeper.example:443".into(),
+            identity: "spiffe://new-bookkeeper.example/receiver".into(),
+        };
+        let req = DeliverRequest {
+            request_id: "moved".into(),
+            kind: RequestKind::Transfer as i32,
+            recipient: Some(recipient.clone()),
+            ..Default::default()
+        };
+        let subprocessors = ["a".to_string(), "b".to_string()];
+        store
+            .accept("c", &req, &subprocessors, None, 0)
+            .await
+            .unwrap();
+        let key = |s: &str| crate::store::TaskKey {
+            controller: "c".into(),
+            request_id: "moved".into(),
+            subprocessor: s.into(),
+        };
+        let receipt = |s: &str| TransferReceipt {
+            request_id: "moved".into(),
+            subprocessor: s.into(),
+            manifest_sha256: "ab".repeat(32),
+            bytes: 300,
+            files: 2,
+            recipient: name.into(),
+            ..Default::default()
+        };
+        let exported = crate::store::Transition {
+            state: TaskState::InProgress,
+            export_files: Some(Vec::new()),
+            upload: true,
+            ..Default::default()
+        };
+        let seq = store
+            .transition(&key("a"), 1, &exported, 50, 1)
+            .await
+            .unwrap()
+            .unwrap();
+        // `b`'s part arrived; its report is the one the registry kept rejecting.
+        let arrived = |s: &str| crate::store::Transition {
+            state: TaskState::Completed,
+            confirmed: true,
+            transfer_receipt: Some(receipt(s)),
+            ..Default::default()
+        };
+        let parked = store
+            .transition(&key("b"), 1, &arrived("b"), 60, 1)
+            .await
+            .unwrap()
+            .unwrap();
+        sqlx::query("UPDATE ack_outbox SET dead_lettered_at = 70 WHERE subprocessor = 'b'")
+            .execute(&store.db.pool)
+            .await
+            .unwrap();
+
+        // `a`'s export still has to reach the recipient, as named: nothing may forget it yet.
+        assert!(ids(&store.requests_to_forget(500, None, 10).await.unwrap()).is_empty());
+        let jobs = store.claim_uploads(100, 10, 60_000).await.unwrap();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].recipient.as_ref(), Some(&recipient));
+        let to = format!("recipient {name}");
+        let delivered = crate::store::Delivered {
+            to: &to,
+            files: 2,
+            bytes: 300,
+        };
+        let finished = store
+            .upload_finished(
+                jobs[0].claim(),
+                seq,
+                Some(&arrived("a")),
+                Some(&delivered),
+                200,
+                1,
+            )
+            .await
+            .unwrap();
+        assert!(
+            matches!(finished, crate::store::UploadFinish::Retired { .. }),
+            "{finished:?}"
+        );
+        sqlx::query("UPDATE ack_outbox SET sent_at = 300 WHERE dead_lettered_at IS NULL")
+            .execute(&store.db.pool)
+            .await
+            .unwrap();
+
+        let due = store.requests_to_forget(500, None, 10).await.unwrap();
+        assert_eq!(ids(&due), ["moved"]);
+        assert!(store.forget_request(&due[0], "[]", 500, 900).await.unwrap());
+
+        let hashes = {
+            let tx = store.begin_audited().await.unwrap();
+            let hashes: HashMap<String, String> = [name, &recipient.endpoint, &recipient.identity]
+                .map(|t| (t.to_string(), tx.text(t)))
+                .into();
+            tx.rollback().await.unwrap();
+            hashes
+        };
+        let hashed = |text: &str| {
+            let hash = hashes[text].clone();
+            assert!(hash.starts_with("text hmac-sha256:"), "{hash}");
+            hash
+        };
+        let kept: (Option<String>, Option<String>, Option<String>) = sqlx::query_as(
+            "SELECT recipient_name, recipient_endpoint, recipient_identity FROM requests \
+             WHERE request_id = 'moved'",
+        )
+        .fetch_one(&store.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            kept,
+            (
+                Some(hashed(name)),
+                Some(hashed(&recipient.endpoint)),
+                Some(hashed(&recipient.identity))
+            )
+        );
+        for s in ["a", "b"] {
+            let task = store.task(&key(s)).await.unwrap().unwrap();
+            let kept = task.transfer_receipt.expect("the proof stays");
+            assert_eq!(
+                kept,
+                TransferReceipt {
+                    recipient: hashed(name),
+                    ..receipt(s)
+                }
+            );
+        }
+        let parked_payload: Vec<u8> =
+            sqlx::query_scalar("SELECT payload FROM ack_outbox WHERE dead_lettered_at IS NOT NULL")
+                .fetch_one(&store.db.pool)
+                .await
+                .unwrap();
+        let ack = Acknowledgement::decode(parked_payload.as_slice()).unwrap();
+        assert_eq!(ack.sequence, u64::try_from(parked).unwrap());
+        let sent = ack.evidence.and_then(|e| e.transfer_receipt);
+        assert_eq!(sent.map(|r| r.recipient), Some(hashed(name)));
+
+        // Nowhere in what forgetting leaves, in any column, in any form.
+        for (table, columns) in [
+            (
+                "requests",
+                "recipient_name, recipient_endpoint, recipient_identity, body",
+            ),
+            ("tasks", "note, reason, last_error, transfer_receipt"),
+            ("ack_outbox", "payload, last_error"),
+            ("uploads", "last_error"),
+        ] {
+            let rows: Vec<sqlx::any::AnyRow> =
+                sqlx::query(&format!("SELECT {columns} FROM {table}"))
+                    .fetch_all(&store.db.pool)
+                    .await
+                    .unwrap();
+            for row in &rows {
+                use sqlx::Row;
+                for i in 0..row.len() {
+                    let text = row
+                        .try_get::<Option<String>, _>(i)
+                        .ok()
+                        .flatten()
+                        .or_else(|| {
+                            let bytes = row.try_get::<Option<Vec<u8>>, _>(i).ok().flatten();
+                            bytes.map(|b| String::from_utf8_lossy(&b).into_owned())
+                        })
+                        .unwrap_or_default();
+                    assert!(
+                        !text.contains("bookkeeper"),
+                        "{table} column {i} keeps the recipient: {text:?}"
+                    );
+                }
+            }
+        }
+
+        let letters = store.dead_letters(10, 0).await.unwrap();
+        assert!(store
+            .requeue_dead_letter(letters[0].id, "op", 1000)
+            .await
+            .unwrap());
+        let entries = store.audit_entries(0, 100).await.unwrap();
+        assert!(
+            dsrelay_runtime::audit::verify(&entries).is_ok(),
+            "{entries:#?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_transfer_recipient_is_kept_as_its_keyed_hash_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/processor.db", dir.path().display());
+        a_transfer_recipient_is_kept_as_its_keyed_hash(&url).await;
+    }
+
+    #[tokio::test]
+    async fn a_transfer_recipient_is_kept_as_its_keyed_hash_on_postgres() {
+        crate::test_postgres::on_postgres(|url, _| async move {
+            a_transfer_recipient_is_kept_as_its_keyed_hash(&url).await;
         })
         .await;
     }
