@@ -19,6 +19,12 @@ const FORGETTABLE: [RequestState; 3] = [
     RequestState::Cancelled,
 ];
 
+/// A delivery's last error when the attempt failed after its request was forgotten: the
+/// processor's answer may quote what was forgotten, so the row keeps the registry's words
+/// instead (the audit entry holds the answer's keyed hash).
+pub(super) const FORGOTTEN_ERROR: &str =
+    "failed: the answer is not kept, the request was forgotten";
+
 /// A processor's text that the registry's words quote (a legal basis, the recipient's name
 /// in a receipt) as forgetting leaves it: its keyed hash, as the audit trail holds it; an
 /// empty one stays empty, as nothing was said. Also how a report applied to a request
@@ -121,7 +127,9 @@ impl Store {
     /// Deliver still pending (only possible for a cancelled request) is given up: it could
     /// carry no identities any more. A processor may still report afterwards (on a task still
     /// RETAINED, or answering a pending Cancel): the report is written as this leaves a task
-    /// (`acknowledgements`), since nothing forgets the request again.
+    /// (`acknowledgements`), since nothing forgets the request again. So is a failed attempt
+    /// to send that Cancel ([`Store::delivery_failed`]), and an extension of a FAILED
+    /// request, which is still open ([`Store::extend`]): no error or reason in clear.
     /// Returns false, changing nothing, when the request is not terminal, finished after
     /// `cutoff`, or was forgotten already.
     pub async fn forget_request(
@@ -240,7 +248,8 @@ mod tests {
 
     use super::*;
     use crate::store::{
-        CancelOutcome, NewRequest, TaskUpdate, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS,
+        CancelOutcome, FailureRecorded, NewRequest, TaskUpdate, POSTGRES_MIGRATIONS,
+        SQLITE_MIGRATIONS,
     };
     use crate::test_postgres::on_postgres;
 
@@ -582,14 +591,23 @@ mod tests {
         texts
     }
 
-    /// The TASK_UPDATED events of `r1` from `since` (ms) on, each as (event message, audit
-    /// entry), in order.
+    /// The TASK_UPDATED events of `r1` from `since` (ms) on, as [`events_since`] gives them.
     async fn task_updates_since(store: &Store, since: i64) -> Vec<(String, String)> {
+        events_since(store, EventType::TaskUpdated, since).await
+    }
+
+    /// The `event_type` events of `r1` from `since` (ms) on, each as (event message, audit
+    /// entry), in order.
+    async fn events_since(
+        store: &Store,
+        event_type: EventType,
+        since: i64,
+    ) -> Vec<(String, String)> {
         let messages: Vec<String> = sqlx::query_scalar(
             "SELECT message FROM events WHERE request_id = 'r1' AND type = $1 \
              AND occurred_at >= $2 ORDER BY id",
         )
-        .bind(EventType::TaskUpdated as i32)
+        .bind(event_type as i32)
         .bind(since)
         .fetch_all(&store.db.pool)
         .await
@@ -599,7 +617,7 @@ mod tests {
             "SELECT detail FROM audit_log WHERE request_id = 'r1' AND event_type = $1 \
              AND occurred_at >= $2 ORDER BY seq",
         )
-        .bind(EventType::TaskUpdated as i32)
+        .bind(event_type as i32)
         .bind(since)
         .fetch_all(&store.db.pool)
         .await
@@ -804,6 +822,129 @@ mod tests {
         on_postgres(|url, _| async move {
             an_answer_after_forgetting_is_written_as_forgetting_leaves_it(store_at(&url).await)
                 .await;
+        })
+        .await;
+    }
+
+    /// A FAILED request is still open, so its due date may be extended after it was
+    /// forgotten, also from a row read before (the forgetting came between the read and the
+    /// write): the extension counts and the date moves, but the reason is kept only as the
+    /// audit entry's hash, and the earlier reason forgetting removed does not come back.
+    async fn an_extension_after_forgetting_keeps_no_reason_in_clear(store: Store) {
+        failed_with_a_retained_task(&store).await;
+        let row = store.request("r1").await.unwrap().unwrap();
+        let first = format!("the archives of {SUBJECT} are offline");
+        assert!(store.extend(&row, 1, &first, 2000).await.unwrap());
+        let read = store.request("r1").await.unwrap().unwrap();
+        assert!(read.extension_reasons.contains(SUBJECT));
+        assert!(store.forget_request("r1", 1000, 5000, "m").await.unwrap());
+
+        let reason = format!("the backups of {SUBJECT} are offline too");
+        assert!(store.extend(&read, 1, &reason, 6000).await.unwrap());
+        let after = store.request("r1").await.unwrap().unwrap();
+        assert_eq!(
+            (after.extension_months, after.due_at, after.state),
+            (2, crate::deadline::due_at(0, 2), RequestState::Failed)
+        );
+        assert_eq!(after.extension_reasons, "[]");
+        let texts = texts_kept(&store).await;
+        assert!(texts.iter().all(|t| !t.contains(SUBJECT)), "{texts:?}");
+        let words = "due date extended by 1 month(s)".to_string();
+        assert_eq!(
+            events_since(&store, EventType::DeadlineExtended, 6000).await,
+            [(
+                words.clone(),
+                format!("{words}: {}", audit_text(b"test key", &reason))
+            )]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_extension_after_forgetting_keeps_no_reason_in_clear_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        an_extension_after_forgetting_keeps_no_reason_in_clear(store(dir.path()).await).await;
+    }
+
+    #[tokio::test]
+    async fn an_extension_after_forgetting_keeps_no_reason_in_clear_on_postgres() {
+        on_postgres(|url, _| async move {
+            an_extension_after_forgetting_keeps_no_reason_in_clear(store_at(&url).await).await;
+        })
+        .await;
+    }
+
+    /// A cancellation still to be sent when its request is forgotten fails afterwards, then
+    /// is dead-lettered: the row and the events hold the registry's words, the processor's
+    /// answer only its hash in the audit entries; before the forgetting, the answer shows.
+    async fn a_failed_cancel_after_forgetting_keeps_no_error_in_clear(store: Store) {
+        with_a_retained_task(&store, TaskState::InProgress).await;
+        let cancelled = store.cancel("r1", "asked by the partner", 1500).await;
+        assert_eq!(cancelled.unwrap(), CancelOutcome::Cancelled);
+        let last_error = || async {
+            let errors: Vec<Option<String>> = sqlx::query_scalar(
+                "SELECT last_error FROM deliveries WHERE request_id = 'r1' AND op = $1",
+            )
+            .bind(Operation::Cancel.as_str())
+            .fetch_all(&store.db.pool)
+            .await
+            .unwrap();
+            errors
+        };
+        let claim = |now| store.claim_deliveries(now, 10, 60_000);
+        let jobs = claim(1500).await.unwrap();
+        assert_eq!(jobs.len(), 1, "{jobs:?}");
+        assert_eq!(jobs[0].op, Operation::Cancel);
+        let early = format!("no such subject: {SUBJECT}");
+        let recorded = store.delivery_failed(&jobs[0], &early, 2000, 1500, None);
+        assert_eq!(recorded.await.unwrap(), FailureRecorded::Retrying);
+        assert_eq!(last_error().await, [Some(early.clone())]);
+        assert!(store.forget_request("r1", 1500, 5000, "m").await.unwrap());
+        assert_eq!(last_error().await, [None]);
+
+        let jobs = claim(6000).await.unwrap();
+        assert_eq!(jobs.len(), 1, "{jobs:?}");
+        let late = format!("still no such subject: {SUBJECT}");
+        let recorded = store.delivery_failed(&jobs[0], &late, 7000, 6000, None);
+        assert_eq!(recorded.await.unwrap(), FailureRecorded::Retrying);
+        assert_eq!(last_error().await, [Some(FORGOTTEN_ERROR.to_string())]);
+        let jobs = claim(7000).await.unwrap();
+        assert_eq!(jobs.len(), 1, "{jobs:?}");
+        let refused = format!("refused: {SUBJECT} is unknown");
+        let recorded = store.delivery_failed(&jobs[0], &refused, 8000, 7000, Some(1));
+        assert_eq!(recorded.await.unwrap(), FailureRecorded::DeadLettered);
+
+        assert_eq!(last_error().await, [Some(FORGOTTEN_ERROR.to_string())]);
+        let parked = store.dead_lettered_deliveries(10, None).await.unwrap();
+        assert_eq!(parked.len(), 1);
+        assert_eq!(parked[0].last_error.as_deref(), Some(FORGOTTEN_ERROR));
+        let texts = texts_kept(&store).await;
+        assert!(texts.iter().all(|t| !t.contains(SUBJECT)), "{texts:?}");
+        let hashed = |t: &str| audit_text(b"test key", t);
+        let failed = "cancel to p1 failed".to_string();
+        assert_eq!(
+            events_since(&store, EventType::DeliveryFailed, 6000).await,
+            [
+                (failed.clone(), format!("{failed}: {}", hashed(&late))),
+                (failed.clone(), format!("{failed}: {}", hashed(&refused))),
+            ]
+        );
+        let dead = "cancel to p1 dead-lettered after 1 refusals, no longer sent".to_string();
+        assert_eq!(
+            events_since(&store, EventType::DeliveryDeadLettered, 6000).await,
+            [(dead.clone(), format!("{dead}: {}", hashed(&refused)))]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_cancel_after_forgetting_keeps_no_error_in_clear_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        a_failed_cancel_after_forgetting_keeps_no_error_in_clear(store(dir.path()).await).await;
+    }
+
+    #[tokio::test]
+    async fn a_failed_cancel_after_forgetting_keeps_no_error_in_clear_on_postgres() {
+        on_postgres(|url, _| async move {
+            a_failed_cancel_after_forgetting_keeps_no_error_in_clear(store_at(&url).await).await;
         })
         .await;
     }

@@ -17,6 +17,7 @@ use dsrelay_runtime::store::{execute_each, lookups};
 
 use super::acknowledgements::{apply_accepted, lock_states, Accepted};
 use super::events::{insert_event, EventDetail};
+use super::forget::FORGOTTEN_ERROR;
 use super::{DeliveryJob, Operation, Store, Tx};
 
 /// A delivery row as a claim wrote it (lease token set), with its request and terms.
@@ -168,7 +169,9 @@ impl Store {
     /// `delivery.max_refusals` when the processor refused the call with an answer retrying
     /// cannot change: that refusal is counted, and the one that reaches the limit
     /// dead-letters the row (no longer claimed) and tells the request's events. Nothing is
-    /// recorded when another claim took the row.
+    /// recorded when another claim took the row. For a request forgotten already (a Cancel
+    /// still sent after it) the error is written as forgetting leaves it: the row says
+    /// [`FORGOTTEN_ERROR`] and the events show the registry's words without the error.
     pub async fn delivery_failed(
         &self,
         job: &DeliveryJob,
@@ -178,6 +181,13 @@ impl Store {
         refused: Option<u32>,
     ) -> Result<FailureRecorded> {
         let mut tx = self.begin().await?;
+        // Locked first, as forgetting locks it before it clears the deliveries' errors: a
+        // forgetting under way is waited for and seen here, and one that comes later finds
+        // this attempt's error and events to clear.
+        let (state, forgotten) = state_and_forgotten(&mut tx, &job.request_id).await?;
+        // The processor's answer may name the subject: once the request is forgotten, the
+        // row keeps the registry's words and the answer stays only as the audit's hash.
+        let kept_error = if forgotten { FORGOTTEN_ERROR } else { error };
         let dead: Option<Option<i64>> = sqlx::query_scalar(
             "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = $1, \
              lease_until = 0, lease_owner = NULL, last_error = $2, refusals = refusals + $6, \
@@ -186,7 +196,7 @@ impl Store {
              AND lease_owner = $9 RETURNING dead_lettered_at",
         )
         .bind(next_attempt_at)
-        .bind(error)
+        .bind(kept_error)
         .bind(&job.request_id)
         .bind(&job.processor)
         .bind(job.op.as_str())
@@ -200,7 +210,6 @@ impl Store {
             return Ok(FailureRecorded::LeaseLost);
         };
         let dead_lettered = dead.is_some();
-        let state = tx.current_state(&job.request_id).await?;
         insert_event(
             &mut tx,
             &job.request_id,
@@ -212,6 +221,7 @@ impl Store {
                 attempt: job.attempts + 1,
                 message: format!("{} to {} failed", job.op, job.processor),
                 free_text: error.to_string(),
+                forgotten,
                 ..Default::default()
             },
         )
@@ -235,6 +245,7 @@ impl Store {
                         refused.unwrap_or_default()
                     ),
                     free_text: error.to_string(),
+                    forgotten,
                     ..Default::default()
                 },
             )
@@ -476,6 +487,22 @@ pub(crate) fn describe_terms(t: &dsrelay_proto::v1::ContractEnd) -> String {
     } else {
         format!(": {choice}{to}")
     }
+}
+
+/// Locks the request row of `id` and reads its state (`UNSPECIFIED` if it does not exist,
+/// for the events that record it) and whether it is forgotten.
+async fn state_and_forgotten(tx: &mut Tx, id: &str) -> Result<(RequestState, bool)> {
+    let row: Option<(i32, Option<i64>)> = sqlx::query_as(&format!(
+        "SELECT state, forgotten_at FROM requests WHERE id = $1{}",
+        tx.backend.lock_rows()
+    ))
+    .bind(id)
+    .fetch_optional(tx.conn())
+    .await?;
+    let Some((state, forgotten_at)) = row else {
+        return Ok((RequestState::Unspecified, false));
+    };
+    Ok((super::rows::request_state(state), forgotten_at.is_some()))
 }
 
 /// Marks each of `jobs`' rows accepted, if its claim still holds it (see

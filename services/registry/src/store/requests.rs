@@ -104,7 +104,10 @@ impl Store {
 
     /// Extends the due date by `months`, keeping the reason, if the request is as `row` read
     /// it (no extension made since, still open: [`OPEN_STATES`]), and queues the new date for
-    /// every processor the request is delivered to; answers whether it did.
+    /// every processor the request is delivered to; answers whether it did. A request
+    /// forgotten already (FAILED) is extended as forgetting leaves it: the reason is not
+    /// kept, and the event shows the registry's words without it; the audit entry holds its
+    /// keyed hash either way.
     /// Nothing is written otherwise, so a concurrent extension is never lost under an answer
     /// of success. An error, with nothing written, when the stored count cannot grow by
     /// `months` without leaving the u32 range.
@@ -131,10 +134,14 @@ impl Store {
         reasons.push(reason.to_string());
         let due = crate::deadline::due_at(row.received_at, total);
         let mut tx = self.begin().await?;
-        let updated = sqlx::query(
-            "UPDATE requests SET extension_months = $1, extension_reasons = $2, due_at = $3, \
+        // A FAILED request is open and may be forgotten: its reason is then not kept (as
+        // forgetting leaves reasons), only the audit trail's hash of it. Decided on the row
+        // as the UPDATE finds it, so a forgetting that came after `row` was read counts.
+        let updated: Option<Option<i64>> = sqlx::query_scalar(
+            "UPDATE requests SET extension_months = $1, extension_reasons = CASE \
+             WHEN forgotten_at IS NULL THEN $2 ELSE extension_reasons END, due_at = $3, \
              updated_at = $4 WHERE id = $5 AND extension_months = $6 \
-             AND state IN ($7, $8, $9, $10)",
+             AND state IN ($7, $8, $9, $10) RETURNING forgotten_at",
         )
         .bind(i64::from(total))
         .bind(serde_json::to_string(&reasons).context("encoding reasons")?)
@@ -146,12 +153,11 @@ impl Store {
         .bind(OPEN_STATES[1] as i64)
         .bind(OPEN_STATES[2] as i64)
         .bind(OPEN_STATES[3] as i64)
-        .execute(tx.conn())
-        .await?
-        .rows_affected();
-        if updated == 0 {
+        .fetch_optional(tx.conn())
+        .await?;
+        let Some(forgotten_at) = updated else {
             return Ok(false);
-        }
+        };
         // Every processor the request goes to is sent the new date (its tasks give up at the
         // due date they know): one row each, re-armed by a later extension. A row waits for
         // its processor's delivery ([`Store::claim_deliveries`]), and the date it sends is
@@ -180,6 +186,7 @@ impl Store {
             EventDetail {
                 message: format!("due date extended by {months} month(s)"),
                 free_text: reason.to_string(),
+                forgotten: forgotten_at.is_some(),
                 ..Default::default()
             },
         )
