@@ -108,8 +108,9 @@ pub enum Command {
     List(ListArgs),
     /// Print a request's events until it ends COMPLETED, FAILED or CANCELLED (a
     /// PARTIALLY_COMPLETED request is followed until its retained tasks complete); exits 0
-    /// only if it ended COMPLETED. A cancellation that turns out to have stopped nothing
-    /// later gives way to what the holders did: watch again, or `get`, to see it.
+    /// only if it ended COMPLETED. A CANCELLED request is followed until nothing can change
+    /// it any more (its tasks settled, no withdrawn delivery in flight): a cancellation that
+    /// turns out to have stopped nothing gives way to what the holders did.
     ///
     /// The registry ends every watch after its `watch.max_stream_ms` (default one hour) and
     /// when it shuts down, with UNAVAILABLE; then, and when the connection drops, dsrctl

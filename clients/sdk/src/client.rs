@@ -177,9 +177,10 @@ impl RegistryClient {
     /// Streams a request's events after `after_event_id` (0 for all), then live ones, ending
     /// after the event that puts the request in a terminal state (COMPLETED, FAILED or
     /// CANCELLED; a PARTIALLY_COMPLETED request goes on until its retained tasks complete).
-    /// A cancellation that turns out to have stopped nothing later gives way to the state
-    /// the holders' reports give; [`Self::watch_with`] and `follow_after_terminal` follow on
-    /// to see it.
+    /// A CANCELLED request's stream goes on until nothing can change its state any more
+    /// (its tasks settled, no delivery the cancellation withdrew in flight): a cancellation
+    /// that turns out to have stopped nothing gives way to the state the holders' reports
+    /// give, and the stream shows it.
     ///
     /// The registry also ends every stream after its `watch.max_stream_ms` (default one
     /// hour), and when it shuts down, with an UNAVAILABLE error item. To follow on, call

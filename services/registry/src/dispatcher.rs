@@ -537,6 +537,9 @@ async fn record_failure(shared: &Shared, job: &DeliveryJob, error: &str, refused
         Ok(FailureRecorded::LeaseLost) => {
             tracing::warn!("lease lost to another claim; the failed attempt is not recorded")
         }
+        Ok(FailureRecorded::Withdrawn) => {
+            tracing::info!("the request was cancelled during the attempt; it is not sent again")
+        }
         Err(e) => tracing::error!(
             error = format!("{e:#}"),
             "recording a delivery failure failed"

@@ -5,7 +5,8 @@ use dsrelay_proto::v1::{RequestKind, RequestState, TaskState, TaskStatus};
 use dsrelay_runtime::store::Db;
 
 use crate::store::{
-    CancelOutcome, NewRequest, Operation, Store, TaskUpdate, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS,
+    CancelOutcome, FailureRecorded, NewRequest, Operation, Store, TaskUpdate, POSTGRES_MIGRATIONS,
+    SQLITE_MIGRATIONS,
 };
 use crate::test_postgres::on_postgres;
 
@@ -316,6 +317,196 @@ async fn a_cancellation_that_stopped_something_stands_on_sqlite() {
 async fn a_cancellation_that_stopped_something_stands_on_postgres() {
     on_postgres(|url, _| async move {
         a_cancellation_that_stopped_something_stands(store_at(&url).await).await;
+    })
+    .await;
+}
+
+/// A Deliver in flight when the request is cancelled is withdrawn. If its processor
+/// accepted it all the same, its answer counts when it comes; and if the answer is lost,
+/// what the processor then reports (an acknowledgement, its answer to the Cancel, a status
+/// check) shows it had the request: the delivery reads accepted, with a DELIVERED event, and
+/// a cancellation too late for its tasks gives way as for any other. A processor that
+/// reports no task (it never had the request) keeps it withdrawn. Until the in-flight call
+/// ends, the cancellation is not settled (a Watch goes on).
+async fn a_delivery_in_flight_at_the_cancellation_counts_once_reported(store: Store) {
+    // r1: the Deliver's answer comes after the cancellation. r2: the answer is lost, the
+    // processor acknowledges, then answers the Cancel. r3: the answer is lost, a status check
+    // reports the task.
+    let ids = ["r1", "r2", "r3"];
+    for id in ids {
+        request(&store, id, &["p1"]).await;
+    }
+    let in_flight = store.claim_deliveries(LATER, 100, 60_000).await.unwrap();
+    for id in ids {
+        assert_eq!(
+            store.cancel(id, "withdrawn", 3_000).await.unwrap(),
+            CancelOutcome::Cancelled
+        );
+        assert!(!store.cancellation_settled(id).await.unwrap());
+    }
+    for job in &in_flight {
+        if job.request_id == "r1" {
+            let answer = [status("a", 1, Pending)];
+            assert!(store.delivery_succeeded(job, &answer, 3_500).await.unwrap());
+        } else {
+            let recorded = store
+                .delivery_failed(job, "deadline exceeded", LATER, 3_500, None)
+                .await
+                .unwrap();
+            assert_eq!(recorded, FailureRecorded::Withdrawn);
+            assert!(store.cancellation_settled(&job.request_id).await.unwrap());
+        }
+    }
+    assert_eq!(state(&store, "r1").await, R::Cancelled);
+    assert!(!store.cancellation_settled("r1").await.unwrap());
+    let events = store.events("r1").await.unwrap();
+    assert!(
+        events.iter().any(|e| e
+            .message
+            .contains("its answer arriving after the cancellation")),
+        "{events:#?}"
+    );
+    ack(&store, "r2", "a", 2, InProgress, 4_000).await;
+    assert_eq!(state(&store, "r2").await, R::Cancelled);
+    let events = store.events("r2").await.unwrap();
+    assert!(
+        events.iter().any(|e| e.processor == "p1"
+            && e.message
+                .contains("accepted by p1 before the cancellation reached it")),
+        "{events:#?}"
+    );
+    let cancels = store.claim_deliveries(LATER, 100, 60_000).await.unwrap();
+    let answer_cancel = |id: &str, tasks: Vec<TaskStatus>| {
+        let job = cancels
+            .iter()
+            .find(|j| j.request_id == id && j.op == Operation::Cancel)
+            .unwrap_or_else(|| panic!("no Cancel of {id} in {cancels:?}"));
+        let store = &store;
+        async move { assert!(store.delivery_succeeded(job, &tasks, 5_000).await.unwrap()) }
+    };
+    answer_cancel("r1", vec![status("a", 2, Completed)]).await;
+    assert_eq!(state(&store, "r1").await, R::Completed);
+    answer_cancel("r2", vec![status("a", 3, Completed)]).await;
+    assert_eq!(state(&store, "r2").await, R::Completed);
+
+    let reported = [status("a", 2, Completed)];
+    store
+        .reconcile("r3", "p1", &reported, 4_000, 60_000)
+        .await
+        .unwrap();
+    assert_eq!(state(&store, "r3").await, R::Completed);
+    let delivered = store.deliveries_of(&["r3".to_string()]).await.unwrap();
+    assert!(delivered["r3"][0].withdrawn_at.is_none(), "{delivered:#?}");
+
+    // r4: p1 stopped its task; r5: p2 never had the request and says so with no task.
+    for id in ["r4", "r5"] {
+        request(&store, id, &["p1", "p2"]).await;
+    }
+    let delivering = store.claim_deliveries(LATER, 100, 60_000).await.unwrap();
+    for job in delivering.iter().filter(|j| j.processor == "p1") {
+        assert!(store.delivery_succeeded(job, &[], 2_000).await.unwrap());
+    }
+    for id in ["r4", "r5"] {
+        assert_eq!(
+            store.cancel(id, "withdrawn", 3_000).await.unwrap(),
+            CancelOutcome::Cancelled
+        );
+    }
+    let cancels = store.claim_deliveries(LATER, 100, 60_000).await.unwrap();
+    for (id, processor, tasks) in [
+        ("r4", "p1", vec![status("a", 2, Cancelled)]),
+        ("r4", "p2", vec![]),
+        ("r5", "p1", vec![status("a", 2, Completed)]),
+        ("r5", "p2", vec![]),
+    ] {
+        let job = cancels
+            .iter()
+            .find(|j| j.request_id == id && j.processor == processor)
+            .unwrap_or_else(|| panic!("no Cancel of {id} to {processor} in {cancels:?}"));
+        assert!(store.delivery_succeeded(job, &tasks, 5_000).await.unwrap());
+    }
+    assert_eq!(state(&store, "r4").await, R::Cancelled);
+    assert_eq!(state(&store, "r5").await, R::Cancelled);
+}
+
+#[tokio::test]
+async fn a_delivery_in_flight_at_the_cancellation_counts_once_reported_on_sqlite() {
+    on_sqlite(a_delivery_in_flight_at_the_cancellation_counts_once_reported).await;
+}
+
+#[tokio::test]
+async fn a_delivery_in_flight_at_the_cancellation_counts_once_reported_on_postgres() {
+    on_postgres(|url, _| async move {
+        a_delivery_in_flight_at_the_cancellation_counts_once_reported(store_at(&url).await).await;
+    })
+    .await;
+}
+
+/// A transfer receipt in a processor's answer to a request that transfers nothing is left
+/// out with the report that carries it, as Acknowledge refuses it: shown with the task, it
+/// would read as proof that the data arrived somewhere. A report without one is taken.
+async fn a_receipt_where_nothing_is_transferred_is_left_out(store: Store) {
+    let with_receipt = |sequence: u64, state: TaskState| TaskStatus {
+        evidence: Some(dsrelay_proto::v1::Evidence {
+            transfer_receipt: Some(dsrelay_proto::v1::TransferReceipt {
+                request_id: "r1".into(),
+                subprocessor: "a".into(),
+                manifest_sha256: "ab".repeat(32),
+                files: 1,
+                recipient: "nobody".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..status("a", sequence, state)
+    };
+    request(&store, "r1", &["p1"]).await;
+    accept(
+        &store,
+        "r1",
+        "p1",
+        Operation::Deliver,
+        &[with_receipt(2, Completed)],
+    )
+    .await;
+    // The task is still known, and holds the request open.
+    let pending = |tasks: Vec<TaskStatus>| {
+        tasks.len() == 1 && tasks[0].state == Pending as i32 && tasks[0].sequence == 0
+    };
+    assert!(pending(store.tasks("r1").await.unwrap()));
+    assert_eq!(state(&store, "r1").await, R::Dispatched);
+    let reported = [with_receipt(3, InProgress)];
+    store
+        .reconcile("r1", "p1", &reported, 4_000, 60_000)
+        .await
+        .unwrap();
+    assert!(pending(store.tasks("r1").await.unwrap()));
+    // A task first heard of in a status check that is left out is kept open too.
+    request(&store, "r2", &["p1"]).await;
+    accept(&store, "r2", "p1", Operation::Deliver, &[]).await;
+    let reported = [with_receipt(2, Completed)];
+    store
+        .reconcile("r2", "p1", &reported, 4_000, 60_000)
+        .await
+        .unwrap();
+    assert!(pending(store.tasks("r2").await.unwrap()));
+    let reported = [status("a", 4, Completed)];
+    store
+        .reconcile("r1", "p1", &reported, 5_000, 60_000)
+        .await
+        .unwrap();
+    assert_eq!(state(&store, "r1").await, R::Completed);
+}
+
+#[tokio::test]
+async fn a_receipt_where_nothing_is_transferred_is_left_out_on_sqlite() {
+    on_sqlite(a_receipt_where_nothing_is_transferred_is_left_out).await;
+}
+
+#[tokio::test]
+async fn a_receipt_where_nothing_is_transferred_is_left_out_on_postgres() {
+    on_postgres(|url, _| async move {
+        a_receipt_where_nothing_is_transferred_is_left_out(store_at(&url).await).await;
     })
     .await;
 }

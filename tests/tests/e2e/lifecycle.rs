@@ -8,6 +8,7 @@ use dsrelay_proto::v1::{
     AcknowledgeRequest, Acknowledgement, CancelRequest, DeliverRequest, EventType, Evidence,
     ExtendDeadlineRequest, ExtendDueDateRequest, GetRequest, ListEventsRequest,
     ListRequestsRequest, Request, RequestKind, RequestState, Scope, SubmitRequest, TaskState,
+    WatchRequest,
 };
 use dsrelay_registry::deadline::due_at;
 use tonic::Code;
@@ -179,6 +180,24 @@ async fn cancel_while_a_holder_works_reports_what_it_did() {
         .into_inner();
     assert_eq!(cancelled.state, RequestState::Cancelled as i32);
     assert_eq!(cancelled.cancel_reason, "subject withdrew the request");
+    // A watch does not end at CANCELLED while the mail holder works: it follows on to what
+    // the holder did.
+    let mut events = crm
+        .watch(WatchRequest {
+            request_id: r.request_id.clone(),
+            after_event_id: 0,
+            follow_after_terminal: false,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let watched = tokio::spawn(async move {
+        let mut states = Vec::new();
+        while let Some(event) = events.message().await.expect("watching") {
+            states.push(event.request_state);
+        }
+        states
+    });
     let view = wait_until(
         &mut crm,
         &r.request_id,
@@ -204,6 +223,19 @@ async fn cancel_while_a_holder_works_reports_what_it_did() {
         .all(|t| t.state != TaskState::Cancelled as i32));
     assert_eq!(view.state, RequestState::Completed as i32);
     assert_eq!(view.cancel_reason, "subject withdrew the request");
+    let states = tokio::time::timeout(Duration::from_secs(20), watched)
+        .await
+        .expect("the watch ended once the request was COMPLETED")
+        .expect("the watch task");
+    assert!(
+        states.contains(&(RequestState::Cancelled as i32)),
+        "{states:?}"
+    );
+    assert_eq!(
+        states.last(),
+        Some(&(RequestState::Completed as i32)),
+        "{states:?}"
+    );
     let err = crm
         .cancel(CancelRequest {
             request_id: r.request_id.clone(),

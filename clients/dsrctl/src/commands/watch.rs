@@ -4,7 +4,7 @@
 //! when it shuts down, with UNAVAILABLE; a request can take far longer than that (an operator
 //! to act, a PARTIALLY_COMPLETED request's retained tasks to come due). So `watch` watches
 //! again after the last event it printed, until the registry ends a stream because the
-//! request ended.
+//! request ended (a cancelled one once nothing can change its state any more).
 
 use std::future::Future;
 use std::pin::pin;
@@ -128,8 +128,10 @@ where
                 Some(Err(status)) => return Err(Stop::Status(status)),
             }
         }
-        // Cut short right after the request ended: nothing is left to wait for.
-        if last_state.is_some_and(is_terminal) {
+        // Cut short right after the request ended: nothing is left to wait for. Not so
+        // after CANCELLED: the registry goes on while what the processors report may still
+        // show the cancellation stopped nothing, and ends the stream itself once not.
+        if last_state.is_some_and(|s| is_terminal(s) && s != RequestState::Cancelled as i32) {
             return Ok(last_state);
         }
         resuming = true;
@@ -397,5 +399,17 @@ mod tests {
         .await;
         assert_eq!(outcome.unwrap(), Some(RequestState::Failed as i32));
         assert_eq!(asked, [0]);
+        // Not after CANCELLED: the registry ends that stream itself once nothing can change
+        // the state, which may yet give way to what the holders did.
+        let (outcome, printed, asked) = run_follow(
+            0,
+            vec![
+                Ok(vec![event(2, RequestState::Cancelled), lifetime_over(2)]),
+                Ok(vec![event(3, RequestState::Completed)]),
+            ],
+        )
+        .await;
+        assert_eq!(outcome.unwrap(), Some(RequestState::Completed as i32));
+        assert_eq!((printed, asked), (vec![2, 3], vec![0, 2]));
     }
 }

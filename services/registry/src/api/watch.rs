@@ -1,5 +1,7 @@
 //! The event stream behind Watch: a request's events as they are recorded, until the request
-//! is finished (or for as long as the caller listens, if it asks to follow on).
+//! is finished (or for as long as the caller listens, if it asks to follow on). A cancelled
+//! request is finished once its tasks are settled and no Deliver it withdrew is in flight:
+//! until then what its processors report may still show the cancellation stopped nothing.
 //!
 //! Each open stream holds a task and reads the store whenever its request changes in this
 //! process, and at least every `watch.poll_interval_ms`: a change written through another
@@ -143,13 +145,26 @@ pub(crate) fn events(
                     }
                 }
             }
-            let terminal = events.last().is_some_and(|last| {
-                request_is_terminal(
-                    RequestState::try_from(last.request_state).unwrap_or(RequestState::Unspecified),
-                )
+            let last_state = events.last().map(|last| {
+                RequestState::try_from(last.request_state).unwrap_or(RequestState::Unspecified)
             });
-            if terminal && !watch.follow_after_terminal {
-                return;
+            if !watch.follow_after_terminal && last_state.is_some_and(request_is_terminal) {
+                // A cancelled request may still give way to what its tasks report: the
+                // stream ends once nothing can change it any more.
+                let settled = if last_state == Some(RequestState::Cancelled) {
+                    match shared.store.cancellation_settled(&id).await {
+                        Ok(settled) => settled,
+                        Err(e) => {
+                            let _ = tx.send(Err(ApiError::from(e).into())).await;
+                            return;
+                        }
+                    }
+                } else {
+                    true
+                };
+                if settled {
+                    return;
+                }
             }
             // Other requests' changes are not ours to read the store for; a lagged receiver
             // may have missed ours, so it reads.

@@ -8,8 +8,8 @@ use std::sync::atomic::Ordering;
 use anyhow::{anyhow, Result};
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::v1::{
-    Acknowledgement, ContractPhase, ContractProgress, EventType, RequestKind, RequestState,
-    TaskState, TaskStatus, TransferReceipt,
+    Acknowledgement, ContractEndChoice, ContractPhase, ContractProgress, EventType, RequestKind,
+    RequestState, TaskState, TaskStatus, TransferReceipt,
 };
 use dsrelay_runtime::group_commit::{GroupQueue, Queued};
 
@@ -57,6 +57,27 @@ pub struct TaskUpdate {
 }
 
 impl TaskUpdate {
+    /// A PENDING task at sequence 0, before any report a processor makes: what the registry
+    /// records of a task whose only report so far was left out (`unproven_completions`).
+    fn placeholder(request_id: &str, subprocessor: &str) -> Self {
+        Self {
+            request_id: request_id.to_string(),
+            subprocessor: subprocessor.to_string(),
+            sequence: 0,
+            state: TaskState::Pending as i32,
+            ..Default::default()
+        }
+    }
+
+    /// This update as the fold sees a task.
+    fn now(&self) -> TaskNow {
+        TaskNow {
+            state: self.state,
+            sequence: self.sequence,
+            progress: self.progress.as_ref().map(Message::encode_to_vec),
+        }
+    }
+
     /// The task this update is about, at `processor`: (request id, processor, subprocessor).
     fn key_at(&self, processor: &str) -> (String, String, String) {
         (
@@ -453,8 +474,8 @@ impl Store {
             .into_iter()
             .collect();
         let mut view = FoldView::read(&mut tx, &touched).await?;
-
-        let mut events = Vec::new();
+        let reporters = fresh.iter().map(|(p, a)| (a.request_id.as_str(), *p));
+        let mut events = view.accept_withdrawn(&mut tx, reporters, now).await?;
         // The last update of each task that moved, per processor, by (request, subprocessor).
         let mut moved: BTreeMap<&str, BTreeMap<(String, String), TaskUpdate>> = BTreeMap::new();
         // The certificates that came with them, stored together.
@@ -569,11 +590,16 @@ impl Store {
         let mut tx = self.begin().await?;
         // Locked first, as acknowledgements lock it before the tasks they fold: a concurrent
         // acknowledgement's step is waited for and seen.
-        let forgotten = lock_states(&mut tx, &[request_id])
-            .await?
-            .forgotten
-            .contains(request_id);
+        let locked = lock_states(&mut tx, &[request_id]).await?;
+        let forgotten = locked.forgotten.contains(request_id);
         let mut changed = 0;
+        if !tasks.is_empty() && locked.states.get(request_id) == Some(&RequestState::Cancelled) {
+            // See `FoldView::accept_withdrawn`.
+            if accept_withdrawn_delivery(&mut tx, request_id, processor).await? {
+                let event = withdrawn_accepted_event(request_id, processor, now);
+                insert_events(&mut tx, vec![event]).await?;
+            }
+        }
         let updates: Vec<TaskUpdate> = tasks
             .iter()
             .map(|t| TaskUpdate {
@@ -591,10 +617,15 @@ impl Store {
         )
         .await?;
         for update in updates {
+            let before = previous(&mut tx, request_id, processor, &update.subprocessor).await?;
             if unproven.contains(&update.key_at(processor)) {
+                // As in `apply_accepted`: a task first heard of here is kept open.
+                if before.is_none() {
+                    let placeholder = TaskUpdate::placeholder(request_id, &update.subprocessor);
+                    upsert_task(&mut tx, request_id, processor, &placeholder, now).await?;
+                }
                 continue;
             }
-            let before = previous(&mut tx, request_id, processor, &update.subprocessor).await?;
             let written = update.written(&tx.text_key, forgotten);
             if upsert_task(&mut tx, request_id, processor, &written, now).await?
                 && says_something_new(before.as_ref(), &update)
@@ -634,25 +665,28 @@ impl Store {
     }
 }
 
-/// The (request id, processor, subprocessor) of the COMPLETED reports among `reports` (each
-/// with the processor that made it) whose proof the registry does not have: a TRANSFER task's
-/// without the recipient's receipt, a RETURN_OF_DATA task's without its part stored here.
-/// Acknowledge refuses those by name (see `api::acknowledgement`); a report in a processor's
-/// answer to a call or a status check that lacks it is left out, logged, so the task stays
-/// where it was. No statement when no report is COMPLETED; else two per 500 requests at most.
+/// The (request id, processor, subprocessor) of the reports among `reports` (each with the
+/// processor that made it) that claim what the registry has no proof of: a COMPLETED TRANSFER
+/// task without the recipient's receipt, a COMPLETED RETURN_OF_DATA task without its part
+/// stored here, and a receipt on a request that transfers nothing (any kind but TRANSFER,
+/// and a contract end whose terms name no transfer recipient), which shown with the task
+/// would read as proof that data arrived somewhere. Acknowledge refuses those by name (see
+/// `api::acknowledgement`); a report in a processor's answer to a call or a status check
+/// is left out, logged, so the task stays where it was. No statement when no report is
+/// COMPLETED or carries a receipt; else at most three per 500 requests.
 async fn unproven_completions(
     tx: &mut Tx,
     reports: &[(&str, &TaskUpdate)],
 ) -> Result<BTreeSet<(String, String, String)>> {
-    let completed: Vec<(&str, &TaskUpdate)> = reports
+    let checked: Vec<(&str, &TaskUpdate)> = reports
         .iter()
         .copied()
-        .filter(|(_, u)| u.state == TaskState::Completed as i32)
+        .filter(|(_, u)| u.state == TaskState::Completed as i32 || u.transfer_receipt.is_some())
         .collect();
-    if completed.is_empty() {
+    if checked.is_empty() {
         return Ok(BTreeSet::new());
     }
-    let ids: Vec<&str> = completed
+    let ids: Vec<&str> = checked
         .iter()
         .map(|(_, u)| u.request_id.as_str())
         .collect::<BTreeSet<_>>()
@@ -679,13 +713,44 @@ async fn unproven_completions(
         .collect();
     let backend = tx.backend;
     let parts = super::packages::parts_of(tx.conn(), backend, &returns).await?;
+    // The contract ends whose terms return the data to a transfer recipient, read only for
+    // those whose reports carry a receipt.
+    let contract_ends: Vec<&str> = checked
+        .iter()
+        .filter(|(_, u)| {
+            u.transfer_receipt.is_some() && is(&u.request_id, RequestKind::ContractEnd)
+        })
+        .map(|(_, u)| u.request_id.as_str())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut transferring_contract_ends = BTreeSet::new();
+    for chunk in contract_ends.chunks(500) {
+        let sql = format!(
+            "SELECT request_id FROM contracts WHERE choice = $1 AND transfer_recipient <> '' \
+             AND request_id IN ({})",
+            placeholders(2, chunk.len())
+        );
+        let sql = tx.backend.numbered(&sql);
+        let mut q =
+            sqlx::query_scalar::<_, String>(&sql).bind(ContractEndChoice::ReturnThenDelete as i64);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        transferring_contract_ends.extend(q.fetch_all(tx.conn()).await?);
+    }
     let mut unproven = BTreeSet::new();
-    for (processor, u) in completed {
+    for (processor, u) in checked {
         let key = u.key_at(processor);
-        let lacking = if is(&u.request_id, RequestKind::Transfer) && u.transfer_receipt.is_none() {
-            "the recipient's receipt"
-        } else if is(&u.request_id, RequestKind::ReturnOfData) && !parts.contains(&key) {
-            "its part of the package stored at the registry"
+        let id = u.request_id.as_str();
+        let completed = u.state == TaskState::Completed as i32;
+        let transfers = is(id, RequestKind::Transfer) || transferring_contract_ends.contains(id);
+        let lacking = if u.transfer_receipt.is_some() && !transfers {
+            "a transfer receipt on a request that transfers nothing to a recipient"
+        } else if completed && is(id, RequestKind::Transfer) && u.transfer_receipt.is_none() {
+            "a COMPLETED state without the recipient's receipt"
+        } else if completed && is(id, RequestKind::ReturnOfData) && !parts.contains(&key) {
+            "a COMPLETED state without its part of the package stored at the registry"
         } else {
             continue;
         };
@@ -694,7 +759,7 @@ async fn unproven_completions(
             %processor,
             subprocessor = %u.subprocessor,
             sequence = u.sequence,
-            "a processor reported a task COMPLETED without {lacking}; the report is left out"
+            "a processor reported {lacking}; the report is left out"
         );
         unproven.insert(key);
     }
@@ -785,7 +850,8 @@ struct FoldView {
     requests: BTreeMap<String, RequestState>,
     forgotten: BTreeSet<String>,
     tasks: BTreeMap<(String, String, String), TaskNow>,
-    delivered: BTreeMap<String, Vec<Delivery>>,
+    /// Where each delivery stands, by (request, processor).
+    delivered: BTreeMap<(String, String), Delivery>,
 }
 
 impl FoldView {
@@ -799,15 +865,15 @@ impl FoldView {
     /// The tasks and deliveries of `ids`, whose request rows `locked` holds (read under
     /// their lock in this transaction), in one statement.
     async fn read_with(tx: &mut Tx, ids: &[&str], locked: Locked) -> Result<Self> {
-        // Both in one statement, each row saying which it is: a delivery's processor and
-        // subprocessor are empty, whether it was withdrawn stands in the state's column and
-        // whether it is done in the sequence's.
+        // Both in one statement, each row saying which it is: a delivery's subprocessor is
+        // empty, whether it was withdrawn stands in the state's column and whether it is
+        // done in the sequence's.
         let n = ids.len();
         let sql = format!(
             "SELECT 't', request_id, processor, subprocessor, state, sequence, progress \
              FROM tasks WHERE request_id IN ({}) \
              UNION ALL \
-             SELECT 'd', request_id, '', '', \
+             SELECT 'd', request_id, processor, '', \
              CASE WHEN withdrawn_at IS NULL THEN 0 ELSE 1 END, \
              CASE WHEN done_at IS NULL THEN 0 ELSE 1 END, NULL \
              FROM deliveries WHERE op = ${} AND request_id IN ({})",
@@ -826,11 +892,10 @@ impl FoldView {
             q = q.bind(*id);
         }
         let mut tasks = BTreeMap::new();
-        let mut delivered: BTreeMap<String, Vec<Delivery>> = BTreeMap::new();
+        let mut delivered = BTreeMap::new();
         for (src, r, p, s, state, sequence, progress) in q.fetch_all(tx.conn()).await? {
             if src == "d" {
-                let delivery = Delivery::of(sequence != 0, state != 0);
-                delivered.entry(r).or_default().push(delivery);
+                delivered.insert((r, p), Delivery::of(sequence != 0, state != 0));
             } else {
                 tasks.insert(
                     (r, p, s),
@@ -861,14 +926,85 @@ impl FoldView {
     /// The request's state folded from its deliveries and tasks as they now stand, and
     /// from `old`, the state it had: a cancellation or an answer is kept as the fold says.
     fn fold(&self, id: &str, old: RequestState) -> RequestState {
-        let delivered = self.delivered.get(id).map(Vec::as_slice).unwrap_or(&[]);
+        let delivered: Vec<Delivery> = self
+            .delivered
+            .range((id.to_string(), String::new())..)
+            .take_while(|((r, _), _)| r == id)
+            .map(|(_, d)| *d)
+            .collect();
         let tasks: Vec<TaskState> = self
             .tasks
             .range((id.to_string(), String::new(), String::new())..)
             .take_while(|((r, _, _), _)| r == id)
             .map(|(_, t)| task_state(t.state))
             .collect();
-        fold_request(old, delivered, &tasks)
+        fold_request(old, &delivered, &tasks)
+    }
+
+    /// Records as accepted the deliveries a cancellation withdrew whose processor has now
+    /// reported tasks of the request (`reporters`: request, processor): its Deliver was in
+    /// flight when the request was cancelled, and the processor accepted it. Left withdrawn,
+    /// the request would say CANCELLED for good though that processor's holders did the
+    /// work. Only a cancelled request has withdrawn deliveries (forgetting withdraws only a
+    /// cancelled one's), so others cost no statement. Answers the DELIVERED events to write,
+    /// each showing the request's state before the fold.
+    async fn accept_withdrawn<'a>(
+        &mut self,
+        tx: &mut Tx,
+        reporters: impl IntoIterator<Item = (&'a str, &'a str)>,
+        now: i64,
+    ) -> Result<Vec<NewEvent>> {
+        let mut events = Vec::new();
+        for (request_id, processor) in reporters.into_iter().collect::<BTreeSet<_>>() {
+            let key = (request_id.to_string(), processor.to_string());
+            if self.state_of(request_id) != RequestState::Cancelled
+                || self.delivered.get(&key) != Some(&Delivery::Withdrawn)
+            {
+                continue;
+            }
+            if !accept_withdrawn_delivery(tx, request_id, processor).await? {
+                continue;
+            }
+            self.delivered.insert(key, Delivery::Accepted);
+            events.push(withdrawn_accepted_event(request_id, processor, now));
+        }
+        Ok(events)
+    }
+}
+
+/// Clears the withdrawal of `processor`'s Deliver of `request_id` (see
+/// [`FoldView::accept_withdrawn`]); answers whether it was withdrawn. Its `done_at` stays the
+/// cancellation's time: the processor's answer never reached the registry.
+async fn accept_withdrawn_delivery(tx: &mut Tx, request_id: &str, processor: &str) -> Result<bool> {
+    Ok(sqlx::query(
+        "UPDATE deliveries SET withdrawn_at = NULL, last_error = NULL \
+         WHERE request_id = $1 AND processor = $2 AND op = $3 AND withdrawn_at IS NOT NULL",
+    )
+    .bind(request_id)
+    .bind(processor)
+    .bind(Operation::Deliver.as_str())
+    .execute(tx.conn())
+    .await?
+    .rows_affected()
+        > 0)
+}
+
+/// The DELIVERED event of a withdrawn delivery found accepted (see
+/// [`FoldView::accept_withdrawn`]).
+fn withdrawn_accepted_event(request_id: &str, processor: &str, now: i64) -> NewEvent {
+    NewEvent {
+        request_id: request_id.to_string(),
+        event_type: EventType::Delivered,
+        at: now,
+        request_state: RequestState::Cancelled,
+        detail: EventDetail {
+            processor: processor.to_string(),
+            message: format!(
+                "accepted by {processor} before the cancellation reached it: it reported \
+                 tasks of the request"
+            ),
+            ..Default::default()
+        },
     }
 }
 
@@ -946,6 +1082,17 @@ pub(super) async fn apply_accepted(
         .into_iter()
         .collect();
     let mut view = FoldView::read_with(tx, &touched, locked).await?;
+    let reporters = accepted
+        .iter()
+        .filter(|a| !a.tasks.is_empty())
+        .map(|a| (a.request_id, a.processor));
+    // Each right after the DELIVERED event of the answer that showed it.
+    let mut found_accepted: BTreeMap<(String, String), NewEvent> = view
+        .accept_withdrawn(tx, reporters, now)
+        .await?
+        .into_iter()
+        .map(|e| ((e.request_id.clone(), e.detail.processor.clone()), e))
+        .collect();
     let reported: Vec<Vec<TaskUpdate>> = accepted
         .iter()
         .map(|a| {
@@ -978,15 +1125,28 @@ pub(super) async fn apply_accepted(
             request_state: view.state_of(a.request_id),
             detail: a.delivered.clone(),
         });
+        let key = (a.request_id.to_string(), a.processor.to_string());
+        events.extend(found_accepted.remove(&key));
         for update in updates {
-            if unproven.contains(&update.key_at(a.processor)) {
-                continue;
-            }
             let key = (
                 a.request_id.to_string(),
                 a.processor.to_string(),
                 update.subprocessor.clone(),
             );
+            if unproven.contains(&update.key_at(a.processor)) {
+                // A task first heard of here is still one of the request's: left unknown, it
+                // would not hold the request open, and a fold over the others could say
+                // COMPLETED.
+                if let std::collections::btree_map::Entry::Vacant(slot) = view.tasks.entry(key) {
+                    let placeholder = TaskUpdate::placeholder(a.request_id, &update.subprocessor);
+                    slot.insert(placeholder.now());
+                    moved.entry(a.processor).or_default().insert(
+                        (a.request_id.to_string(), update.subprocessor.clone()),
+                        placeholder,
+                    );
+                }
+                continue;
+            }
             let before = view.tasks.get(&key);
             if before.is_some_and(|t| t.sequence >= update.sequence) {
                 continue;

@@ -148,16 +148,35 @@ impl Store {
             .collect();
         let locked = lock_states(&mut tx, &ids).await?;
         let jobs: Vec<&DeliveryJob> = done.iter().map(|(job, _)| *job).collect();
-        let held = mark_delivered(&mut tx, &jobs, now).await?;
+        let mut held = mark_delivered(&mut tx, &jobs, now).await?;
+        // A Deliver a cancellation withdrew while this call was in flight: the processor
+        // accepted it all the same, so it counts, and its tasks are folded in (the request
+        // stays CANCELLED unless the cancellation turns out to have stopped nothing).
+        let mut late = BTreeSet::new();
+        for (i, job) in jobs.iter().enumerate() {
+            if !held[i] && job.op == Operation::Deliver && accept_in_flight(&mut tx, job).await? {
+                held[i] = true;
+                late.insert(i);
+            }
+        }
         let accepted: Vec<Accepted<'_>> = done
             .iter()
+            .enumerate()
             .zip(&held)
             .filter(|(_, held)| **held)
-            .map(|((job, tasks), _)| Accepted {
-                request_id: &job.request_id,
-                processor: &job.processor,
-                tasks,
-                delivered: delivered_detail(job, tasks.len()),
+            .map(|((i, (job, tasks)), _)| {
+                let mut delivered = delivered_detail(job, tasks.len());
+                if late.contains(&i) {
+                    delivered
+                        .message
+                        .push_str(", its answer arriving after the cancellation");
+                }
+                Accepted {
+                    request_id: &job.request_id,
+                    processor: &job.processor,
+                    tasks,
+                    delivered,
+                }
             })
             .collect();
         apply_accepted(&mut tx, &accepted, locked, now).await?;
@@ -207,6 +226,12 @@ impl Store {
         .fetch_optional(tx.conn())
         .await?;
         let Some(dead) = dead else {
+            // A Deliver a cancellation withdrew while this call was in flight: it is no
+            // longer in flight (see `Store::cancellation_settled`).
+            if job.op == Operation::Deliver && release_withdrawn(&mut tx, job).await? {
+                tx.commit().await?;
+                return Ok(FailureRecorded::Withdrawn);
+            }
             return Ok(FailureRecorded::LeaseLost);
         };
         let dead_lettered = dead.is_some();
@@ -459,6 +484,8 @@ pub enum FailureRecorded {
     DeadLettered,
     /// Another claim took the row: nothing was recorded.
     LeaseLost,
+    /// A cancellation withdrew the Deliver while it was in flight: the attempt ended it.
+    Withdrawn,
 }
 
 /// What [`Store::requeue_deliveries`] found.
@@ -542,6 +569,43 @@ async fn mark_delivered(tx: &mut Tx, jobs: &[&DeliveryJob], now: i64) -> Result<
     )
     .await?;
     Ok(changed.into_iter().map(|n| n > 0).collect())
+}
+
+/// Marks accepted `job`'s Deliver row that a cancellation withdrew while `job`'s claim was
+/// in flight (still holding it); answers whether it did.
+async fn accept_in_flight(tx: &mut Tx, job: &DeliveryJob) -> Result<bool> {
+    Ok(sqlx::query(
+        "UPDATE deliveries SET withdrawn_at = NULL, last_error = NULL, \
+         attempts = attempts + 1, lease_until = 0, lease_owner = NULL \
+         WHERE request_id = $1 AND processor = $2 AND op = $3 AND withdrawn_at IS NOT NULL \
+         AND lease_owner = $4",
+    )
+    .bind(&job.request_id)
+    .bind(&job.processor)
+    .bind(Operation::Deliver.as_str())
+    .bind(&job.lease_owner)
+    .execute(tx.conn())
+    .await?
+    .rows_affected()
+        > 0)
+}
+
+/// Ends the in-flight claim of `job`'s Deliver row that a cancellation withdrew, its call
+/// having failed; answers whether it did.
+async fn release_withdrawn(tx: &mut Tx, job: &DeliveryJob) -> Result<bool> {
+    Ok(sqlx::query(
+        "UPDATE deliveries SET attempts = attempts + 1, lease_until = 0, lease_owner = NULL \
+         WHERE request_id = $1 AND processor = $2 AND op = $3 AND withdrawn_at IS NOT NULL \
+         AND lease_owner = $4",
+    )
+    .bind(&job.request_id)
+    .bind(&job.processor)
+    .bind(Operation::Deliver.as_str())
+    .bind(&job.lease_owner)
+    .execute(tx.conn())
+    .await?
+    .rows_affected()
+        > 0)
 }
 
 /// The DELIVERED event's words for an accepted `job` whose answer reported `tasks` tasks.

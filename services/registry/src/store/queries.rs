@@ -2,7 +2,7 @@
 //! tasks and events, and pages of the audit trail.
 
 use anyhow::Result;
-use dsrelay_proto::v1::{RequestKind, RequestState, TaskStatus};
+use dsrelay_proto::v1::{RequestKind, RequestState, TaskState, TaskStatus};
 use dsrelay_runtime::audit;
 
 use super::rows::{TaskRow, REQUEST_COLUMNS, TASK_COLUMNS};
@@ -253,6 +253,41 @@ impl Store {
         .bind(id)
         .fetch_all(&self.db.reader)
         .await?)
+    }
+
+    /// Whether a cancelled request's state can no longer change by itself: no task
+    /// is unsettled (a holder already called may still finish, and a cancellation that
+    /// stopped nothing gives way to what the tasks report, see
+    /// [`crate::fold::fold_request`]), and no Deliver the cancellation withdrew is still in
+    /// flight (claimed, its lease running: its processor may yet accept it, and its answer
+    /// then counts, see [`Store::deliveries_succeeded`]).
+    pub async fn cancellation_settled(&self, id: &str) -> Result<bool> {
+        // Leases are set and read on the database's clock.
+        let db_now = self.db.backend.now_ms();
+        let settled = [
+            TaskState::Completed,
+            TaskState::NotFound,
+            TaskState::Refused,
+            TaskState::Failed,
+            TaskState::Cancelled,
+            TaskState::Retained,
+        ];
+        debug_assert!(settled.iter().all(|s| crate::fold::task_is_settled(*s)));
+        let settled = settled
+            .iter()
+            .map(|s| (*s as i32).to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let open: i64 = sqlx::query_scalar(&format!(
+            "SELECT (SELECT COUNT(*) FROM deliveries WHERE request_id = $1 AND op = $2 \
+             AND withdrawn_at IS NOT NULL AND lease_until > {db_now}) + \
+             (SELECT COUNT(*) FROM tasks WHERE request_id = $1 AND state NOT IN ({settled}))"
+        ))
+        .bind(id)
+        .bind(Operation::Deliver.as_str())
+        .fetch_one(&self.db.reader)
+        .await?;
+        Ok(open == 0)
     }
 
     /// Up to `limit` audit trail entries after `after_seq`, oldest first, once the entries
