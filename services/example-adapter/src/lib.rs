@@ -11,25 +11,42 @@
 //!   ALREADY_EXISTS.
 //! - Inputs are validated; violations are INVALID_ARGUMENT naming their fields.
 //! - With `confirm_delay_ms > 0` an erasure is answered ACCEPTED and carried out and confirmed
-//!   (COMPLETED in GetTaskStatus) once the delay has passed, like systems that accept a
-//!   deletion and finish it later.
+//!   (COMPLETED, or RETAINED as below, in GetTaskStatus) once the delay has passed, like
+//!   systems that accept a deletion and finish it later.
+//! - Subscribers of the paid edition have billing records that the law keeps after an erasure:
+//!   invoices six years after the year they were booked in (Kirjanpitolaki 2:10 §), and
+//!   sales to consumers in other member states ten years after the year of the sale (VAT
+//!   One-Stop Shop, Directive 2006/112/EC art. 369(2)). An erasure deletes everything else
+//!   and answers RETAINED until the first record is released, naming the bases of all it
+//!   keeps. The processor's run at that date (a new task id, `<task id>#retention-expired-<date
+//!   in ms>`) deletes, among the records that answer kept, the released ones and answers
+//!   RETAINED until the next date, or COMPLETED once nothing is kept. Such a run is done at
+//!   once, whatever `confirm_delay_ms`, and judges "released" by the later of the adapter's
+//!   clock and the date it names, provided the adapter gave that date for the same request;
+//!   any other key is an erasure like the first, judged by the clock alone. The seed bills
+//!   nobody; tests and tools add records with `Store::add_billing_record`.
 //! - Exports (RETURN_OF_DATA, TRANSFER) are answered COMPLETED with `export_paged`, and read
 //!   with GetExportPage page by page from the live rows (subscribers, then their deliveries);
-//!   the task keeps only which subscribers it covers, never the data.
+//!   the task keeps only which subscribers it covers, never the data. Billing records are
+//!   not exported.
 //! - Every subscriber belongs to one controller (the processor's name for it). Execute looks
 //!   only among the subscribers of the controller the request names; a request naming none
 //!   (older processors) means `default_controller`, which also owns the subscribers stored
 //!   without a controller (given to it at start).
 //! - ExecuteBulk ends a contract with one controller: EXPORT answers COMPLETED with
 //!   `export_paged` and the pages read all of the controller's subscribers and deliveries;
-//!   ERASE deletes them with two statements and reports the counts. Both answer at once
-//!   (never ACCEPTED), idempotently per `job_id`; GetBulkStatus repeats the answer.
+//!   ERASE deletes them and the controller's released billing records with set-based
+//!   statements, reports the counts, and keeps and releases the other billing records in
+//!   stages as an erasure does (RETAINED). Both answer at once (never ACCEPTED),
+//!   idempotently per `job_id`; GetBulkStatus repeats the answer.
 //!
 //! # Layout
 //! - [`config`]: the TOML file plus `DSRELAY_ADAPTER__*` environment overrides.
-//! - [`store`]: subscribers and task outcomes in SQLite or PostgreSQL; idempotency and delayed
-//!   confirmation.
+//! - [`store`]: subscribers and task outcomes in SQLite or PostgreSQL; idempotency, delayed
+//!   confirmation, and the answer a retention run follows.
 //! - [`newsletter`]: what each request kind does to the subscribers.
+//! - [`retention`]: the billing records the law keeps after an erasure, their periods and
+//!   legal bases, their release in stages, and how a retention run's key is read.
 //! - [`export`]: paged exports: page tokens and the keyset reads behind GetExportPage.
 //! - [`api`]: the gRPC handlers: caller check, input validation, errors to statuses.
 //! - [`app`]: [`App::build`] and [`App::run`] (the service and its confirmation sweeper on the
@@ -40,6 +57,7 @@ mod app;
 pub mod config;
 mod export;
 mod newsletter;
+pub mod retention;
 pub mod store;
 
 pub use app::App;

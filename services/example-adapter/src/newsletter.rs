@@ -4,15 +4,19 @@
 //! Subscribers are found by e-mail address or phone number, raw or hashed (SHA-256, SHA-1,
 //! MD5 of the normalised value); other identity types are not held here. A scope that names
 //! none of [`DATA_CATEGORIES`] finds nothing. One subscriber row is one record (its
-//! deliveries go with it: exported after it, erased with it).
+//! deliveries go with it: exported after it, erased with it). Its billing records are records
+//! of their own, which an erasure deletes or, while the law keeps them, detaches and keeps
+//! (see [`crate::retention`]); a retention run touches only those an earlier answer kept.
 //!
 //! Every subscriber belongs to one controller (`subscribers.controller`, the processor's name
 //! for it): a request finds only the subscribers of the controller it names, and a contract
 //! end ([`erase_controller`]) deletes all of one controller's subscribers and their
-//! deliveries with two statements, whatever their number.
+//! deliveries with two statements, whatever their number, and its billing records as far as
+//! the law lets it (two more).
 
 use std::collections::BTreeMap;
 
+use dsrelay_proto::timestamp_from_millis;
 use dsrelay_proto::v1::{
     BulkErasedCount, BulkJobProgress, BulkOperation, Evidence, ExecuteBulkRequest,
     ExecuteBulkResponse, ExecuteOutcome, ExecuteRequest, ExecuteResponse, IdentityEncoding,
@@ -22,6 +26,8 @@ use dsrelay_runtime::identity::{digest, normalize};
 use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
+
+use crate::retention::{self, Kept};
 
 /// The adapter's name in Describe and in exports.
 pub(crate) const NAME: &str = "example newsletter";
@@ -75,12 +81,14 @@ impl Subscriber {
 }
 
 /// The result of running a request: the answer, for an accepted erasure the subscriber
-/// ids still to delete, and for a completed export the subscriber ids its pages read.
+/// ids still to delete, for a completed export the subscriber ids its pages read, and for a
+/// retained erasure the billing record ids kept (the retention run's work).
 #[derive(Debug, Clone)]
 pub(crate) struct Work {
     pub(crate) response: ExecuteResponse,
     pub(crate) pending: Option<Vec<i64>>,
     pub(crate) exported: Option<Vec<i64>>,
+    pub(crate) retained: Option<Vec<i64>>,
 }
 
 impl From<ExecuteResponse> for Work {
@@ -89,6 +97,7 @@ impl From<ExecuteResponse> for Work {
             response,
             pending: None,
             exported: None,
+            retained: None,
         }
     }
 }
@@ -120,6 +129,15 @@ fn not_found(note: String) -> ExecuteResponse {
     respond(ExecuteOutcome::NotFound, 0, note, true)
 }
 
+/// RETAINED: `records` records erased, `kept` kept.
+fn retained(records: i64, note: String, kept: &Kept) -> ExecuteResponse {
+    ExecuteResponse {
+        legal_basis: kept.legal_basis(),
+        retain_until: Some(timestamp_from_millis(kept.until_ms)),
+        ..respond(ExecuteOutcome::Retained, records, note, true)
+    }
+}
+
 fn with_reason(outcome: ExecuteOutcome, reason: String) -> ExecuteResponse {
     ExecuteResponse {
         reason: reason.clone(),
@@ -129,11 +147,14 @@ fn with_reason(outcome: ExecuteOutcome, reason: String) -> ExecuteResponse {
 
 /// Carries out `req` in `tx` among the subscribers of `req.controller` (which the caller has
 /// filled in). With `confirm_delay_ms > 0` an erasure only records what to delete and answers
-/// ACCEPTED.
+/// ACCEPTED. An erasure releases the billing records due by `cutoff_ms`; `follows` makes it a
+/// retention run, over the billing record ids the answer it follows kept, done at once.
 pub(crate) async fn execute(
     tx: &mut Transaction<'_, Any>,
     req: &ExecuteRequest,
     confirm_delay_ms: u64,
+    cutoff_ms: i64,
+    follows: Option<&[i64]>,
 ) -> sqlx::Result<Work> {
     let kind = RequestKind::try_from(req.kind).unwrap_or(RequestKind::Unspecified);
     let categories = req
@@ -167,6 +188,10 @@ pub(crate) async fn execute(
         )
         .into());
     }
+    if let (RequestKind::Erasure, Some(kept)) = (kind, follows) {
+        // The subject's subscriber rows went at the first run; only what it kept is left.
+        return retention_run(tx, kept, cutoff_ms).await;
+    }
     let subscribers = find(tx, req).await?;
     if subscribers.is_empty() {
         return Ok(not_found("no subscriber matches the given identities".into()).into());
@@ -185,11 +210,9 @@ pub(crate) async fn execute(
             ),
             pending: Some(ids),
             exported: None,
+            retained: None,
         },
-        RequestKind::Erasure => {
-            let deleted = delete(tx, &ids).await?;
-            completed(deleted, format!("deleted {deleted} subscriber(s)")).into()
-        }
+        RequestKind::Erasure => erase(tx, &ids, cutoff_ms).await?,
         RequestKind::ReturnOfData | RequestKind::Transfer => {
             // The data is not read here: GetExportPage reads it page by page (see
             // `crate::export`), so no export is ever held whole.
@@ -212,6 +235,7 @@ pub(crate) async fn execute(
                 },
                 pending: None,
                 exported: Some(ids),
+                retained: None,
             }
         }
         RequestKind::Rectification => rectify(tx, req, &subscribers).await?.into(),
@@ -314,8 +338,61 @@ async fn count_deliveries(tx: &mut Transaction<'_, Any>, ids: &[i64]) -> sqlx::R
     Ok(total)
 }
 
+/// Erases the subscribers `ids`: their billing records released by `cutoff_ms` are deleted,
+/// the others kept (RETAINED until the first is released), the rest of their data deleted.
+pub(crate) async fn erase(
+    tx: &mut Transaction<'_, Any>,
+    ids: &[i64],
+    cutoff_ms: i64,
+) -> sqlx::Result<Work> {
+    let (released, kept) = retention::release_of_subscribers(tx, ids, cutoff_ms).await?;
+    let deleted = delete(tx, ids).await?;
+    let mut note = format!("deleted {deleted} subscriber(s)");
+    if released > 0 {
+        note.push_str(&format!(
+            " and {released} billing record(s) past their retention"
+        ));
+    }
+    conclude(tx, deleted + released, note, kept).await
+}
+
+/// A retention run: deletes the billing records `kept` released by `cutoff_ms`.
+async fn retention_run(
+    tx: &mut Transaction<'_, Any>,
+    kept: &[i64],
+    cutoff_ms: i64,
+) -> sqlx::Result<Work> {
+    let (released, kept) = retention::release_ids(tx, kept, cutoff_ms).await?;
+    let note = format!("deleted {released} billing record(s) whose retention ended");
+    conclude(tx, released, note, kept).await
+}
+
+/// The answer of an erasure that erased `records` records and keeps the billing records
+/// `kept`: COMPLETED when it keeps none.
+async fn conclude(
+    tx: &mut Transaction<'_, Any>,
+    records: i64,
+    mut note: String,
+    kept: Vec<i64>,
+) -> sqlx::Result<Work> {
+    let Some(what) = retention::kept_of_ids(tx, &kept).await? else {
+        return Ok(completed(records, note).into());
+    };
+    note.push_str(&format!(
+        "; kept {} billing record(s) under a legal obligation",
+        what.records
+    ));
+    Ok(Work {
+        response: retained(records, note, &what),
+        pending: None,
+        exported: None,
+        retained: Some(kept),
+    })
+}
+
 /// Deletes the subscribers `ids` and their deliveries; returns how many subscribers went.
-pub(crate) async fn delete(tx: &mut Transaction<'_, Any>, ids: &[i64]) -> sqlx::Result<i64> {
+/// Their billing records must be released or detached first.
+async fn delete(tx: &mut Transaction<'_, Any>, ids: &[i64]) -> sqlx::Result<i64> {
     let mut deleted = 0;
     for id in ids {
         sqlx::query("DELETE FROM deliveries WHERE subscriber_id = $1")
@@ -482,11 +559,13 @@ pub(crate) async fn erase_controller(
 
 /// Carries out the bulk job `req` (validated) in `tx`: counts the controller's subscribers and
 /// deliveries, then either leaves them to be read with GetExportPage (EXPORT) or deletes them
-/// (ERASE; the newsletter keeps nothing under a legal obligation, so a retention-expired
-/// erasure is the same). Answers COMPLETED with the counts.
+/// with the billing records released by `cutoff_ms` (ERASE). Answers COMPLETED with the
+/// counts, or RETAINED when billing records are kept; a retention-expired erasure is the
+/// same at its `cutoff_ms`, and finds only kept billing records left.
 pub(crate) async fn bulk(
     tx: &mut Transaction<'_, Any>,
     req: &ExecuteBulkRequest,
+    cutoff_ms: i64,
 ) -> sqlx::Result<ExecuteBulkResponse> {
     let controller = req.controller.as_str();
     let (subscribers, deliveries) = count_controller(tx, controller).await?;
@@ -513,21 +592,44 @@ pub(crate) async fn bulk(
                 ))
             },
             BulkOperation::Erase => {
+                let billing = retention::release_controller(tx, controller, cutoff_ms).await?;
                 let (subscribers, deliveries) = erase_controller(tx, controller).await?;
+                let kept = retention::kept_of_controller(tx, controller).await?;
                 let erased = |target: &str, count: i64| BulkErasedCount {
                     target: target.into(),
                     action: "deleted".into(),
                     count,
                 };
+                let mut counts = vec![
+                    erased("subscribers", subscribers),
+                    erased("deliveries", deliveries),
+                ];
+                let mut note = format!(
+                    "deleted {subscribers} subscriber(s) and {deliveries} delivery record(s)"
+                );
+                // Listed only where the controller has billing records, so that a
+                // controller without any reads as before.
+                if billing > 0 || kept.is_some() {
+                    counts.push(erased("billing records", billing));
+                    note.push_str(&format!(" and {billing} billing record(s)"));
+                }
+                note.push_str(&format!(" of controller {controller}"));
+                let Some(kept) = kept else {
+                    return Ok(ExecuteBulkResponse {
+                        erased: counts,
+                        ..completed(note)
+                    });
+                };
+                note.push_str(&format!(
+                    "; kept {} billing record(s) under a legal obligation",
+                    kept.records
+                ));
                 ExecuteBulkResponse {
-                    erased: vec![
-                        erased("subscribers", subscribers),
-                        erased("deliveries", deliveries),
-                    ],
-                    ..completed(format!(
-                        "deleted {subscribers} subscriber(s) and {deliveries} delivery \
-                         record(s) of controller {controller}"
-                    ))
+                    outcome: ExecuteOutcome::Retained as i32,
+                    legal_basis: kept.legal_basis(),
+                    retain_until: Some(timestamp_from_millis(kept.until_ms)),
+                    erased: counts,
+                    ..completed(note)
                 }
             }
             BulkOperation::Unspecified => ExecuteBulkResponse {

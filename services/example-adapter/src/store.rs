@@ -12,8 +12,14 @@
 //! CONTRACT_END, with their controller and operation, claimed the same way: the set-based
 //! work and the stored answer commit together. A completed bulk export keeps only its
 //! controller; its pages read that controller's subscribers live.
+//!
+//! An erasure (or bulk erasure) answered RETAINED keeps its date in `retain_until` and, for
+//! Execute's, the billing record ids kept in `retained_ids`. A retention run is a new task
+//! whose key names that date (see [`crate::retention`]); [`Store::execute`] looks up the
+//! answer it follows before doing the work, in the claiming transaction.
 
 use anyhow::{anyhow, Context};
+use dsrelay_proto::millis_from_timestamp;
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::v1::{
     BulkOperation, ExecuteBulkRequest, ExecuteBulkResponse, ExecuteOutcome, ExecuteRequest,
@@ -25,6 +31,7 @@ use sqlx::Row;
 
 use crate::export::{self, is_export, Covered, Page, Position, RecordTooLarge};
 use crate::newsletter::{self, Subscriber, SUBSCRIBER_COLUMNS};
+use crate::retention::{BillingKind, BillingRecord, RetentionRun, BILLING_COLUMNS};
 
 /// The migrations for each backend, embedded at build time (the second seeds subscribers).
 pub static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -246,7 +253,20 @@ impl Store {
             tx.rollback().await?;
             return self.replay(caller, req, now).await;
         }
-        let work = newsletter::execute(&mut tx, req, confirm_delay_ms).await?;
+        let followed = if req.kind == RequestKind::Erasure as i32 {
+            let lineage = Lineage {
+                caller,
+                request_id: &req.request_id,
+                kind: RequestKind::Erasure,
+                controller: &req.controller,
+            };
+            followed(&mut tx, &req.task_id, lineage).await?
+        } else {
+            None
+        };
+        let cutoff = followed.as_ref().map_or(now, |f| now.max(f.until_ms));
+        let kept = followed.as_ref().map(|f| f.kept.as_slice());
+        let work = newsletter::execute(&mut tx, req, confirm_delay_ms, cutoff, kept).await?;
         let pending = work.pending.as_deref().map(join_ids);
         let exported = work.exported.as_deref().map(join_ids);
         let confirm_at = work
@@ -255,7 +275,8 @@ impl Store {
             .map(|_| now.saturating_add(i64::try_from(confirm_delay_ms).unwrap_or(i64::MAX)));
         sqlx::query(
             "UPDATE adapter_tasks SET outcome = $1, response = $2, pending_ids = $3, \
-             confirm_at = $4, updated_at = $5, export_ids = $7 WHERE task_id = $6",
+             confirm_at = $4, updated_at = $5, export_ids = $7, retained_ids = $8, \
+             retain_until = $9 WHERE task_id = $6",
         )
         .bind(i64::from(work.response.outcome))
         .bind(work.response.encode_to_vec())
@@ -264,6 +285,13 @@ impl Store {
         .bind(now)
         .bind(&req.task_id)
         .bind(exported)
+        .bind(work.retained.as_deref().map(join_ids))
+        .bind(
+            work.response
+                .retain_until
+                .as_ref()
+                .map(millis_from_timestamp),
+        )
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -396,15 +424,26 @@ impl Store {
             }
             return row.decode_bulk();
         }
-        let response = newsletter::bulk(&mut tx, req).await?;
+        let lineage = Lineage {
+            caller,
+            request_id: &req.request_id,
+            kind: RequestKind::ContractEnd,
+            controller: &req.controller,
+        };
+        let cutoff = match followed(&mut tx, &req.job_id, lineage).await? {
+            Some(f) if req.operation == BulkOperation::Erase as i32 => now.max(f.until_ms),
+            _ => now,
+        };
+        let response = newsletter::bulk(&mut tx, req, cutoff).await?;
         sqlx::query(
-            "UPDATE adapter_tasks SET outcome = $1, response = $2, updated_at = $3 \
-             WHERE task_id = $4",
+            "UPDATE adapter_tasks SET outcome = $1, response = $2, updated_at = $3, \
+             retain_until = $5 WHERE task_id = $4",
         )
         .bind(i64::from(response.outcome))
         .bind(response.encode_to_vec())
         .bind(now)
         .bind(&req.job_id)
+        .bind(response.retain_until.as_ref().map(millis_from_timestamp))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -425,7 +464,8 @@ impl Store {
     }
 
     /// Carries out the accepted erasure `task_id` if its time has come and nobody else did:
-    /// deletes the subscribers and stores COMPLETED. `None` when there was nothing to do.
+    /// deletes the subscribers and stores COMPLETED (RETAINED when billing records released
+    /// after `now` are kept). `None` when there was nothing to do.
     pub async fn finish(
         &self,
         task_id: &str,
@@ -455,21 +495,30 @@ impl Store {
                 .await?;
         let ids: Vec<i64> = split_ids(&pending.unwrap_or_default())
             .with_context(|| format!("reading the pending ids of task {task_id}"))?;
-        let deleted = newsletter::delete(&mut tx, &ids).await?;
-        let response = newsletter::completed(
-            deleted,
-            format!("deleted {deleted} subscriber(s) (accepted earlier, carried out now)"),
-        );
+        let mut work = newsletter::erase(&mut tx, &ids, now).await?;
+        if let Some(evidence) = work.response.evidence.as_mut() {
+            evidence
+                .note
+                .push_str(" (accepted earlier, carried out now)");
+        }
+        let response = work.response;
         sqlx::query(
-            "UPDATE adapter_tasks SET response = $1, pending_ids = NULL, confirm_at = NULL \
-             WHERE task_id = $2",
+            "UPDATE adapter_tasks SET outcome = $1, response = $2, pending_ids = NULL, \
+             confirm_at = NULL, retained_ids = $3, retain_until = $4 WHERE task_id = $5",
         )
+        .bind(i64::from(response.outcome))
         .bind(response.encode_to_vec())
+        .bind(work.retained.as_deref().map(join_ids))
+        .bind(response.retain_until.as_ref().map(millis_from_timestamp))
         .bind(task_id)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        tracing::info!(task_id, deleted, "delayed erasure carried out");
+        tracing::info!(
+            task_id,
+            outcome = response.outcome,
+            "delayed erasure carried out"
+        );
         Ok(Some(response))
     }
 
@@ -572,6 +621,54 @@ impl Store {
         Ok(done)
     }
 
+    /// Bills the subscriber with `email` (the first, as [`Store::subscriber`] finds it): a
+    /// record of `kind` numbered `reference` for `amount_cents`, booked at `booked_at_ms`,
+    /// kept as the law says. Returns its id. For tests and tools: the newsletter's own
+    /// billing is not part of the example.
+    pub async fn add_billing_record(
+        &self,
+        email: &str,
+        kind: BillingKind,
+        reference: &str,
+        amount_cents: i64,
+        booked_at_ms: i64,
+    ) -> anyhow::Result<i64> {
+        let subscriber = self
+            .subscriber(email)
+            .await?
+            .with_context(|| format!("no subscriber {email} to bill"))?;
+        let kept_until = kind
+            .kept_until(booked_at_ms)
+            .with_context(|| format!("{booked_at_ms} ms is no booking date"))?;
+        Ok(sqlx::query_scalar(
+            "INSERT INTO billing_records (controller, subscriber_id, kind, reference, buyer, \
+             amount_cents, booked_at, kept_until) \
+             SELECT controller, id, $1, $2, name || ' <' || email || '>', $3, $4, $5 \
+             FROM subscribers WHERE id = $6 RETURNING id",
+        )
+        .bind(kind.as_str())
+        .bind(reference)
+        .bind(amount_cents)
+        .bind(booked_at_ms)
+        .bind(kept_until)
+        .bind(subscriber.id)
+        .fetch_one(&self.db.pool)
+        .await?)
+    }
+
+    /// Every billing record, by id.
+    pub async fn billing_records(&self) -> anyhow::Result<Vec<BillingRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {BILLING_COLUMNS} FROM billing_records ORDER BY id"
+        ))
+        .fetch_all(&self.db.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(BillingRecord::from_row)
+            .collect::<sqlx::Result<_>>()?)
+    }
+
     /// Finishes every accepted erasure whose time has come; returns how many.
     pub async fn finish_due(&self, now: i64) -> Result<usize, StoreError> {
         let due: Vec<String> = sqlx::query_scalar(
@@ -589,6 +686,64 @@ impl Store {
         }
         Ok(done)
     }
+}
+
+/// What a retention run shares with the answer it follows: the caller, request, kind and
+/// controller.
+#[derive(Debug, Clone, Copy)]
+struct Lineage<'a> {
+    caller: &'a str,
+    request_id: &'a str,
+    kind: RequestKind,
+    controller: &'a str,
+}
+
+/// The earlier answer a retention run follows.
+#[derive(Debug)]
+struct Followed {
+    /// The date that answer gave, which the run's key names.
+    until_ms: i64,
+    /// The billing record ids it kept (none for a bulk job, which keeps its controller's).
+    kept: Vec<i64>,
+}
+
+/// The answer the task or job `key` follows, when `key` is a retention run's: a RETAINED
+/// answer of the same `lineage` until the date the key names, under a key of the same task.
+/// `None` for any other key, and for a date this adapter never answered.
+async fn followed(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    key: &str,
+    lineage: Lineage<'_>,
+) -> Result<Option<Followed>, StoreError> {
+    let Some(run) = RetentionRun::parse(key) else {
+        return Ok(None);
+    };
+    let rows = sqlx::query(
+        "SELECT task_id, retained_ids FROM adapter_tasks WHERE caller = $1 AND request_id = $2 \
+         AND kind = $3 AND controller = $4 AND outcome = $5 AND retain_until = $6",
+    )
+    .bind(lineage.caller)
+    .bind(lineage.request_id)
+    .bind(lineage.kind as i64)
+    .bind(lineage.controller)
+    .bind(ExecuteOutcome::Retained as i64)
+    .bind(run.until_ms)
+    .fetch_all(&mut **tx)
+    .await?;
+    for row in &rows {
+        let task_id: String = row.try_get("task_id")?;
+        if !run.follows(&task_id) {
+            continue;
+        }
+        let kept: Option<String> = row.try_get("retained_ids")?;
+        let kept = split_ids(&kept.unwrap_or_default())
+            .with_context(|| format!("reading the retained ids of task {task_id}"))?;
+        return Ok(Some(Followed {
+            until_ms: run.until_ms,
+            kept,
+        }));
+    }
+    Ok(None)
 }
 
 /// Subscriber ids as stored in a text column.

@@ -3,12 +3,13 @@
 
 use std::time::Duration;
 
+use dsrelay_example_adapter::retention::BillingKind;
 use dsrelay_example_adapter::store::Store;
 use dsrelay_example_adapter::{App, Config};
 use dsrelay_proto::v1::subprocessor_adapter_client::SubprocessorAdapterClient;
 use dsrelay_proto::v1::{
-    BulkOperation, DescribeRequest, ExecuteBulkRequest, ExecuteOutcome, ExecuteRequest,
-    ExecuteResponse, FieldCorrection, GetBulkStatusRequest, GetExportPageRequest,
+    BulkOperation, DescribeRequest, ExecuteBulkRequest, ExecuteBulkResponse, ExecuteOutcome,
+    ExecuteRequest, ExecuteResponse, FieldCorrection, GetBulkStatusRequest, GetExportPageRequest,
     GetTaskStatusRequest, IdentityEncoding, IdentityType, RequestKind, RequestParameters, Scope,
     SubjectIdentity,
 };
@@ -1134,4 +1135,371 @@ async fn subscribers_from_before_controllers_keep_their_deliveries_on_sqlite() {
 #[tokio::test]
 async fn subscribers_from_before_controllers_keep_their_deliveries_on_postgres() {
     subscribers_from_before_controllers_keep_their_deliveries(Backend::Postgres).await;
+}
+
+const ERIK: &str = "erik.lindqvist@example.se";
+
+/// Erik's paid edition: an invoice of 2015, released long ago, and this year's invoice and
+/// OSS record of a sale to Sweden. Returns the ids of this year's two and their release
+/// dates (the invoice's first).
+async fn bill_erik(store: &Store) -> ([i64; 2], [i64; 2]) {
+    let now = dsrelay_runtime::store::now_ms();
+    // 2015-03-01: kept through 2021.
+    let old = 1_425_168_000_000;
+    store
+        .add_billing_record(ERIK, BillingKind::Invoice, "INV-2015-7", 990, old)
+        .await
+        .unwrap();
+    let invoice = store
+        .add_billing_record(ERIK, BillingKind::Invoice, "INV-NOW-1", 1290, now)
+        .await
+        .unwrap();
+    let oss = store
+        .add_billing_record(ERIK, BillingKind::OssSale, "INV-NOW-1", 1290, now)
+        .await
+        .unwrap();
+    let dates = [
+        BillingKind::Invoice.kept_until(now).unwrap(),
+        BillingKind::OssSale.kept_until(now).unwrap(),
+    ];
+    assert!(dates[0] > now && dates[0] < dates[1], "{dates:?}");
+    ([invoice, oss], dates)
+}
+
+fn retain_until(r: &ExecuteResponse) -> i64 {
+    dsrelay_proto::millis_from_timestamp(r.retain_until.as_ref().expect("retain_until"))
+}
+
+/// The billing records left: (id, still attached to a subscriber).
+async fn billing_left(store: &Store) -> Vec<(i64, bool)> {
+    store
+        .billing_records()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.id, r.subscriber_id.is_some()))
+        .collect()
+}
+
+async fn staged_retention_releases_billing_records_at_their_dates(backend: Backend) {
+    let Some(a) = Running::start_on(backend, 0).await else {
+        return;
+    };
+    let mut c = a.client("processor");
+    assert_eq!(a.store.add_deliveries(ERIK, 2).await.unwrap(), 2);
+    let ([invoice, oss], [date1, date2]) = bill_erik(&a.store).await;
+    let erase = |task_id: &str| ExecuteRequest {
+        request_id: "req-erik".into(),
+        ..request(task_id, RequestKind::Erasure, email(ERIK))
+    };
+
+    // Everything but this year's records goes: the subscriber, his deliveries and the 2015
+    // invoice. The two records stay, detached, until the invoice's date.
+    let first = c.execute(erase("t-erik")).await.unwrap().into_inner();
+    assert_eq!(outcome(&first), ExecuteOutcome::Retained, "{first:?}");
+    assert_eq!(retain_until(&first), date1);
+    assert!(first.legal_basis.contains("Kirjanpitolaki"), "{first:?}");
+    assert!(first.legal_basis.contains("2006/112/EC"), "{first:?}");
+    assert_eq!(records(&first), 2, "{first:?}");
+    assert!(first.evidence.as_ref().unwrap().confirmed);
+    assert!(a.store.subscriber(ERIK).await.unwrap().is_none());
+    assert_eq!(
+        billing_left(&a.store).await,
+        [(invoice, false), (oss, false)]
+    );
+    let deliveries: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM deliveries")
+        .fetch_one(&a.store.db().pool)
+        .await
+        .unwrap();
+    assert_eq!(deliveries, 0);
+    assert_eq!(
+        c.execute(erase("t-erik")).await.unwrap().into_inner(),
+        first
+    );
+
+    // The processor's run at the invoice's date (its own clock, long before the adapter's):
+    // the invoice goes, the OSS record stays until its date.
+    let at1 = format!("t-erik#retention-expired-{date1}");
+    let second = c.execute(erase(&at1)).await.unwrap().into_inner();
+    assert_eq!(outcome(&second), ExecuteOutcome::Retained, "{second:?}");
+    assert_eq!(retain_until(&second), date2);
+    assert!(!second.legal_basis.contains("Kirjanpitolaki"), "{second:?}");
+    assert!(second.legal_basis.contains("2006/112/EC"), "{second:?}");
+    assert_eq!(records(&second), 1);
+    assert_eq!(billing_left(&a.store).await, [(oss, false)]);
+    assert_eq!(c.execute(erase(&at1)).await.unwrap().into_inner(), second);
+
+    // A date the adapter never gave, or another task's run, is no retention run of this
+    // erasure: judged by the adapter's clock, it finds nothing, and the record stays.
+    for task_id in [
+        format!("t-erik#retention-expired-{}", date2 + 1),
+        format!("t-other#retention-expired-{date2}"),
+    ] {
+        let r = c.execute(erase(&task_id)).await.unwrap().into_inner();
+        assert_eq!(outcome(&r), ExecuteOutcome::NotFound, "{task_id}: {r:?}");
+    }
+    assert_eq!(billing_left(&a.store).await, [(oss, false)]);
+
+    // At the OSS record's date nothing is kept any more.
+    let last = c
+        .execute(erase(&format!("t-erik#retention-expired-{date2}")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&last), ExecuteOutcome::Completed, "{last:?}");
+    assert_eq!(records(&last), 1);
+    assert!(last.evidence.as_ref().unwrap().confirmed);
+    assert!(billing_left(&a.store).await.is_empty());
+    // Earlier answers are kept as given; the other subscribers are untouched.
+    assert_eq!(c.execute(erase(&at1)).await.unwrap().into_inner(), second);
+    assert_eq!(a.store.subscribers().await.unwrap().len(), 3);
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn staged_retention_releases_billing_records_at_their_dates_on_sqlite() {
+    staged_retention_releases_billing_records_at_their_dates(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn staged_retention_releases_billing_records_at_their_dates_on_postgres() {
+    staged_retention_releases_billing_records_at_their_dates(Backend::Postgres).await;
+}
+
+/// Polls GetTaskStatus (10 s at most) until `task_id` is no longer ACCEPTED.
+async fn settled(c: &mut SubprocessorAdapterClient<Channel>, task_id: &str) -> ExecuteResponse {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = c
+            .get_task_status(GetTaskStatusRequest {
+                task_id: task_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if outcome(&r) != ExecuteOutcome::Accepted {
+            return r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still accepted: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// With a confirmation delay the erasure is accepted and RETAINED once carried out; the
+/// retention run at its date is answered at once.
+async fn a_delayed_erasure_retains_and_its_retention_run_answers_at_once(backend: Backend) {
+    let Some(a) = Running::start_on(backend, 200).await else {
+        return;
+    };
+    let mut c = a.client("processor");
+    let ([_, oss], [date1, date2]) = bill_erik(&a.store).await;
+    let accepted = c
+        .execute(request("t-late", RequestKind::Erasure, email(ERIK)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&accepted), ExecuteOutcome::Accepted);
+    let done = settled(&mut c, "t-late").await;
+    assert_eq!(outcome(&done), ExecuteOutcome::Retained, "{done:?}");
+    assert_eq!(retain_until(&done), date1);
+    assert!(
+        done.evidence
+            .as_ref()
+            .unwrap()
+            .note
+            .contains("accepted earlier"),
+        "{done:?}"
+    );
+    assert!(a.store.subscriber(ERIK).await.unwrap().is_none());
+
+    let run = c
+        .execute(ExecuteRequest {
+            request_id: "req-t-late".into(),
+            ..request(
+                &format!("t-late#retention-expired-{date1}"),
+                RequestKind::Erasure,
+                email(ERIK),
+            )
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&run), ExecuteOutcome::Retained, "{run:?}");
+    assert_eq!(retain_until(&run), date2);
+    assert_eq!(billing_left(&a.store).await, [(oss, false)]);
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_delayed_erasure_retains_and_its_retention_run_answers_at_once_on_sqlite() {
+    a_delayed_erasure_retains_and_its_retention_run_answers_at_once(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn a_delayed_erasure_retains_and_its_retention_run_answers_at_once_on_postgres() {
+    a_delayed_erasure_retains_and_its_retention_run_answers_at_once(Backend::Postgres).await;
+}
+
+/// A contract end's erasure keeps the controller's billing records the same way, and its
+/// retention runs release them in stages.
+async fn a_contract_end_retains_billing_records_in_stages(backend: Backend) {
+    let Some(a) = Running::start_on(backend, 0).await else {
+        return;
+    };
+    two_controllers(&a).await;
+    let now = dsrelay_runtime::store::now_ms();
+    let mut pekka = Vec::new();
+    for kind in [BillingKind::Invoice, BillingKind::OssSale] {
+        let id = a
+            .store
+            .add_billing_record(PEKKA, kind, "INV-G-1", 1290, now)
+            .await
+            .unwrap();
+        pekka.push((id, kind.kept_until(now).unwrap()));
+    }
+    let [(invoice, date1), (oss, date2)] = pekka[..] else {
+        unreachable!()
+    };
+    // The default controller's billing is not the contract's.
+    let erik = a
+        .store
+        .add_billing_record(ERIK, BillingKind::Invoice, "INV-C-1", 990, now)
+        .await
+        .unwrap();
+    let mut c = a.client("processor");
+
+    let r = c
+        .execute_bulk(bulk("ce-g", GLOBEX, BulkOperation::Erase))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome_of(r.outcome), ExecuteOutcome::Retained, "{r:?}");
+    let until = |r: &ExecuteBulkResponse| {
+        dsrelay_proto::millis_from_timestamp(r.retain_until.as_ref().expect("retain_until"))
+    };
+    assert_eq!(until(&r), date1);
+    assert!(r.legal_basis.contains("Kirjanpitolaki"), "{r:?}");
+    let erased = |r: &ExecuteBulkResponse| -> Vec<(String, i64)> {
+        r.erased
+            .iter()
+            .map(|e| (e.target.clone(), e.count))
+            .collect()
+    };
+    assert_eq!(
+        erased(&r),
+        [
+            ("subscribers".to_string(), 2),
+            ("deliveries".into(), 0),
+            ("billing records".into(), 0)
+        ]
+    );
+    assert!(a.store.emails_of(GLOBEX).await.unwrap().is_empty());
+    assert_eq!(
+        billing_left(&a.store).await,
+        [(invoice, false), (oss, false), (erik, true)]
+    );
+
+    let run = |date: i64| ExecuteBulkRequest {
+        retention_expired: true,
+        ..bulk(
+            &format!("ce-g#retention-expired-{date}"),
+            GLOBEX,
+            BulkOperation::Erase,
+        )
+    };
+    let r = c.execute_bulk(run(date1)).await.unwrap().into_inner();
+    assert_eq!(outcome_of(r.outcome), ExecuteOutcome::Retained, "{r:?}");
+    assert_eq!(until(&r), date2);
+    assert!(!r.legal_basis.contains("Kirjanpitolaki"), "{r:?}");
+    assert_eq!(erased(&r)[2], ("billing records".to_string(), 1));
+    assert_eq!(billing_left(&a.store).await, [(oss, false), (erik, true)]);
+    let r = c.execute_bulk(run(date2)).await.unwrap().into_inner();
+    assert_eq!(outcome_of(r.outcome), ExecuteOutcome::Completed, "{r:?}");
+    assert_eq!(erased(&r)[2], ("billing records".to_string(), 1));
+    assert_eq!(billing_left(&a.store).await, [(erik, true)]);
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_contract_end_retains_billing_records_in_stages_on_sqlite() {
+    a_contract_end_retains_billing_records_in_stages(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn a_contract_end_retains_billing_records_in_stages_on_postgres() {
+    a_contract_end_retains_billing_records_in_stages(Backend::Postgres).await;
+}
+
+/// The processor's adapter connector runs the stages under its own keys, with its clock at
+/// each date (far ahead of the adapter's), and never finds a date already past.
+#[tokio::test]
+async fn the_adapter_connector_runs_each_stage_at_its_date() {
+    use dsrelay_connectors::adapter::AdapterConfig;
+    use dsrelay_connectors::{ConnectorConfig, Outcome, Phase, Task};
+    let a = Running::start(0).await;
+    let ([_, oss], [date1, date2]) = bill_erik(&a.store).await;
+    let connector = dsrelay_connectors::build(&ConnectorConfig::Adapter(AdapterConfig {
+        endpoint: format!("https://localhost:{}", a.port),
+        identity: dev_identity("adapter", "example"),
+        tls: a.pki.files("processor"),
+        timeout_ms: 5_000,
+        supported_kinds: None,
+        controllers: None,
+    }))
+    .await
+    .unwrap();
+    let task = |phase: Phase, now_ms: i64| Task {
+        task_id: format!("{CONTROLLER}/r1/newsletter"),
+        request_id: "r1".into(),
+        controller: CONTROLLER.into(),
+        kind: RequestKind::Erasure,
+        identities: vec![email(ERIK)],
+        categories: Vec::new(),
+        parameters: RequestParameters::default(),
+        due_at_ms: dsrelay_runtime::store::now_ms() + 30 * 86_400_000,
+        now_ms,
+        phase,
+        interrupted: false,
+        export: None,
+    };
+    let now = dsrelay_runtime::store::now_ms();
+    let out = connector.run(&task(Phase::Start, now)).await.unwrap();
+    assert!(
+        matches!(out, Outcome::Retained { until_ms, .. } if until_ms == date1),
+        "{out:?}"
+    );
+    let out = connector
+        .run(&task(
+            Phase::RetentionExpired { until_ms: date1 },
+            date1 + 1000,
+        ))
+        .await
+        .unwrap();
+    assert!(
+        matches!(out, Outcome::Retained { until_ms, .. } if until_ms == date2),
+        "{out:?}"
+    );
+    assert_eq!(billing_left(&a.store).await, [(oss, false)]);
+    let out = connector
+        .run(&task(
+            Phase::RetentionExpired { until_ms: date2 },
+            date2 + 1000,
+        ))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            out,
+            Outcome::Completed {
+                records_affected: 1,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    assert!(billing_left(&a.store).await.is_empty());
+    a.stop().await;
 }

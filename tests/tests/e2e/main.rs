@@ -39,6 +39,7 @@ mod reports;
 mod retention;
 mod rotation;
 mod shutdown;
+mod staged_retention;
 mod store_conformance;
 mod tracing;
 mod transfer;
