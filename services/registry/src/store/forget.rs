@@ -171,7 +171,8 @@ impl Store {
             .await?;
         // An undelivered request was cancelled; a due date still to be sent belongs to a
         // request that is over (its processor down since the extension), with nothing left
-        // to extend.
+        // to extend. A FAILED request is still open: extending it after this re-arms the
+        // row, and the new date goes out, since its processors may still be retrying.
         sqlx::query(
             "UPDATE deliveries SET done_at = $1, withdrawn_at = $1, last_error = CASE \
              WHEN op = $3 THEN 'not delivered: the request was cancelled and forgotten' \
