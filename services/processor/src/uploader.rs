@@ -329,9 +329,11 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
                 receipt,
             };
             let decision = decide(&task.current(), event, &Context::at(shared.clock.now_ms()));
-            let to = to.to_string();
             let delivered = Delivered {
-                to: &to,
+                recipient: match to {
+                    Destination::Registry => None,
+                    Destination::Recipient(name) => Some(name),
+                },
                 files: job.files.len(),
                 bytes,
             };

@@ -264,7 +264,7 @@ mod tests {
         assert_eq!(row.0, None, "not dead-lettered once accepted");
         assert!(!row.1.as_deref().unwrap_or("").contains("late"), "{row:?}");
         let to = Delivered {
-            to: "registry",
+            recipient: None,
             files: 2,
             bytes: 10,
         };
@@ -366,7 +366,7 @@ mod tests {
                     8,
                     "",
                     "controller acme: subprocessor crm, export of 2 files, 10 bytes, delivered \
-                     to registry"
+                     to the registry"
                         .into()
                 ),
                 (

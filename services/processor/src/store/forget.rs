@@ -846,9 +846,8 @@ mod tests {
         let jobs = store.claim_uploads(100, 10, 60_000).await.unwrap();
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[0].recipient.as_ref(), Some(&recipient));
-        let to = format!("recipient {name}");
         let delivered = crate::store::Delivered {
-            to: &to,
+            recipient: Some(name),
             files: 2,
             bytes: 300,
         };
@@ -934,6 +933,7 @@ mod tests {
             ("tasks", "note, reason, last_error, transfer_receipt"),
             ("ack_outbox", "payload, last_error"),
             ("uploads", "last_error"),
+            ("audit_log", "detail"),
         ] {
             let rows: Vec<sqlx::any::AnyRow> =
                 sqlx::query(&format!("SELECT {columns} FROM {table}"))

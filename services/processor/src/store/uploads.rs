@@ -74,8 +74,8 @@ pub struct UploadClaim<'a> {
 /// Where an export went, for the audit trail.
 #[derive(Debug, Clone, Copy)]
 pub struct Delivered<'a> {
-    /// The registry or the recipient, in words.
-    pub to: &'a str,
+    /// The transfer recipient, by the registry's name for it; `None` for the registry.
+    pub recipient: Option<&'a str>,
     /// How many files.
     pub files: usize,
     /// How many bytes in all.
@@ -296,13 +296,19 @@ impl Store {
         let UploadClaim { key, lease_owner } = claim;
         let mut tx = self.begin_audited().await?;
         if let Some(d) = delivered {
+            // Where a subject had their data transferred is theirs to tell: the entry, which
+            // forgetting never changes, names the recipient only by its keyed hash.
+            let to = match d.recipient {
+                Some(name) => format!("recipient {}", tx.text(name)),
+                None => "the registry".to_string(),
+            };
             let record = super::audit::Record {
                 controller: &key.controller,
                 request_id: &key.request_id,
                 actor: "",
                 detail: format!(
-                    "subprocessor {}, export of {} files, {} bytes, delivered to {}",
-                    key.subprocessor, d.files, d.bytes, d.to
+                    "subprocessor {}, export of {} files, {} bytes, delivered to {to}",
+                    key.subprocessor, d.files, d.bytes
                 ),
             };
             super::audit::append(&mut tx, ProcessorAuditEvent::ExportDelivered, now, record)
@@ -559,7 +565,7 @@ pub(crate) mod tests {
             ..Default::default()
         };
         let to = Delivered {
-            to: "registry",
+            recipient: None,
             files: 1,
             bytes: 10,
         };
