@@ -512,12 +512,27 @@ async fn a_contract_end_package_waits_for_the_processors_delivery(
     let info = registry.package("operator", &id).await;
     assert!(info.complete, "{info:?}");
     assert_eq!(info.files.len(), 2, "{info:?}");
+    // The package's time runs from the confirmation: the contract end may stay unfinished
+    // for years (PARTIALLY_COMPLETED while holders retain data by law).
+    let store = crate::store::Store::new(
+        dsrelay_runtime::store::Db::connect(database_url)
+            .await
+            .unwrap(),
+        b"test key",
+    );
+    let far = i64::MAX / 2;
+    assert!(store.packages_to_expire(far, 10).await.unwrap().is_empty());
     let confirmed = confirm(&registry, &id, &digest(&info))
         .await
         .expect("confirmed");
+    assert_ne!(confirmed.state, RequestState::Completed as i32);
     assert!(
         confirmed.contract_end.is_some_and(|t| t.return_confirmed),
         "not confirmed"
+    );
+    assert_eq!(
+        store.packages_to_expire(far, 10).await.unwrap(),
+        vec![id.clone()]
     );
     registry.stop().await;
 }

@@ -357,6 +357,15 @@ async fn insert_one(
         }));
     }
     if let (Some(_), [processor]) = (contract, r.processors.as_slice()) {
+        // Replicas on PostgreSQL: two contract ends with one processor arriving at once would
+        // each find none running under READ COMMITTED. Held until the transaction ends, so
+        // the second waits, then sees the first. (SQLite's one writer keeps them apart.)
+        if let Some(lock) = tx.backend.transaction_lock() {
+            sqlx::query(lock)
+                .bind(contract_lock_key(processor))
+                .fetch_one(tx.conn())
+                .await?;
+        }
         if let Some(running) = running_contract(tx, processor).await? {
             return Ok(Some(Inserted::Running(running)));
         }
@@ -387,23 +396,125 @@ async fn insert_one(
     Ok(Some(Inserted::New))
 }
 
-/// The contract end with `processor` that has not finished, if any.
+/// The advisory lock key of contract ends with `processor`: FNV-1a of its name, in a domain
+/// of its own so that it does not meet the audit chain's key.
+fn contract_lock_key(processor: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in b"dsrelay contract end\0".iter().chain(processor.as_bytes()) {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    i64::from_ne_bytes(hash.to_ne_bytes())
+}
+
+/// The contract end with `processor` that has not finished, if any. One PARTIALLY_COMPLETED
+/// has: its holders did all they may until their retained data's dates, which can be ten
+/// years on, and a new contract with that processor may end before then.
 async fn running_contract(tx: &mut Tx, processor: &str) -> Result<Option<String>> {
-    let terminal = [
+    let over = [
         RequestState::Completed,
         RequestState::Failed,
         RequestState::Cancelled,
+        RequestState::PartiallyCompleted,
     ];
-    debug_assert!(terminal.iter().all(|s| request_is_terminal(*s)));
+    debug_assert!(over[..3].iter().all(|s| request_is_terminal(*s)));
     Ok(sqlx::query_scalar(
         "SELECT c.request_id FROM contracts c JOIN requests r ON r.id = c.request_id \
-         WHERE c.processor = $1 AND r.state NOT IN ($2, $3, $4) \
+         WHERE c.processor = $1 AND r.state NOT IN ($2, $3, $4, $5) \
          ORDER BY r.received_at DESC LIMIT 1",
     )
     .bind(processor)
-    .bind(terminal[0] as i64)
-    .bind(terminal[1] as i64)
-    .bind(terminal[2] as i64)
+    .bind(over[0] as i64)
+    .bind(over[1] as i64)
+    .bind(over[2] as i64)
+    .bind(over[3] as i64)
     .fetch_optional(tx.conn())
     .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use dsrelay_proto::v1::{ContractEndChoice, RequestKind};
+    use dsrelay_runtime::store::Db;
+
+    use super::*;
+    use crate::store::{POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+    use crate::test_postgres::on_postgres;
+
+    fn contract_end(id: &str) -> NewRequest {
+        NewRequest {
+            id: id.into(),
+            partner: "operator".into(),
+            idempotency_key: format!("key-{id}"),
+            body_hash: format!("hash-{id}"),
+            body: b"{}".to_vec(),
+            identity_hashes: "[]".into(),
+            kind: RequestKind::ContractEnd as i32,
+            received_at: 0,
+            due_at: 1_000,
+            trace_id: "0".repeat(32),
+            traceparent: None,
+            processors: vec!["p1".into()],
+        }
+    }
+
+    /// Two replicas ending the contract with one processor at once: the second waits for the
+    /// first's transaction, then finds its contract end running, where both used to find
+    /// none and both were stored.
+    #[tokio::test]
+    async fn one_contract_end_per_processor_across_replicas_on_postgres() {
+        on_postgres(|url, _| async move {
+            let db = Db::connect(&url).await.unwrap();
+            db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+                .await
+                .unwrap();
+            let first = Store::new(db, b"test key");
+            let second = Store::new(Db::connect(&url).await.unwrap(), b"test key");
+            let terms = NewContract {
+                choice: ContractEndChoice::Delete as i32,
+                effective_at: 0,
+                grace_ends_at: 0,
+                transfer_recipient: String::new(),
+            };
+            let mut tx = first.begin().await.unwrap();
+            let stored = insert_one(&mut tx, &contract_end("c1"), Some(&terms))
+                .await
+                .unwrap();
+            assert!(matches!(stored, Some(Inserted::New)), "{stored:?}");
+            let other = {
+                let terms = terms.clone();
+                tokio::spawn(async move {
+                    let mut tx = second.begin().await.unwrap();
+                    let outcome = insert_one(&mut tx, &contract_end("c2"), Some(&terms))
+                        .await
+                        .unwrap();
+                    tx.commit().await.unwrap();
+                    outcome
+                })
+            };
+            // Given time to get past its check, it would have stored a second one.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            tx.commit().await.unwrap();
+            let outcome = other.await.unwrap();
+            assert!(
+                matches!(&outcome, Some(Inserted::Running(id)) if id == "c1"),
+                "{outcome:?}"
+            );
+            // Ended PARTIALLY_COMPLETED (retained data waits for its dates): a new contract
+            // end with the processor may be made.
+            sqlx::query("UPDATE requests SET state = $1 WHERE id = 'c1'")
+                .bind(dsrelay_proto::v1::RequestState::PartiallyCompleted as i64)
+                .execute(&first.db.pool)
+                .await
+                .unwrap();
+            let mut tx = first.begin().await.unwrap();
+            let outcome = insert_one(&mut tx, &contract_end("c3"), Some(&terms))
+                .await
+                .unwrap();
+            assert!(matches!(outcome, Some(Inserted::New)), "{outcome:?}");
+        })
+        .await;
+    }
 }

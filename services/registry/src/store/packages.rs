@@ -525,14 +525,20 @@ impl Store {
         })
     }
 
-    /// Packages whose request finished at or before `cutoff` (ms) and whose expiry has not
-    /// run to its end: not recorded expired yet, or recorded without the last deletion of
-    /// their files recorded after it (a crash in between).
+    /// Packages whose request finished at or before `cutoff` (ms), or whose contract end's
+    /// return the controller confirmed by then, and whose expiry has not run to its end: not
+    /// recorded expired yet, or recorded without the last deletion of their files recorded
+    /// after it (a crash in between). A contract end whose holders retain data by law ends
+    /// PARTIALLY_COMPLETED and finishes only when the last of it is erased, years on; the
+    /// controller has its data from the confirmation, and a copy of all of it must not wait
+    /// here that long.
     pub async fn packages_to_expire(&self, cutoff: i64, limit: i64) -> Result<Vec<String>> {
         Ok(sqlx::query_scalar(
             "SELECT p.request_id FROM packages p JOIN requests r ON r.id = p.request_id \
-             WHERE p.files_removed_at IS NULL AND r.finished_at IS NOT NULL \
-             AND r.finished_at <= $1 ORDER BY r.finished_at LIMIT $2",
+             LEFT JOIN contracts c ON c.request_id = p.request_id AND c.return_confirmed = 1 \
+             WHERE p.files_removed_at IS NULL \
+             AND COALESCE(r.finished_at, c.updated_at) <= $1 \
+             ORDER BY COALESCE(r.finished_at, c.updated_at) LIMIT $2",
         )
         .bind(cutoff)
         .bind(limit)
