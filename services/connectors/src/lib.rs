@@ -169,7 +169,8 @@ impl Task {
 /// One step of a contract end at one holder: all of one controller's data, not one subject's.
 #[derive(Debug, Clone)]
 pub struct BulkJob {
-    /// Unique per contract-end task and stable across retries: the holder's idempotency key.
+    /// Unique per contract-end task and step (an erasure's differs from the export before
+    /// it) and stable across retries: the holder's idempotency key.
     pub job_id: String,
     /// The registry's request id of the CONTRACT_END.
     pub request_id: String,

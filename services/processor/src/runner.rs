@@ -461,7 +461,7 @@ async fn call_bulk(
     let (export, head_start) = head_start::attach(shared, key, export, to_registry);
     let (reporter, _seen) = ProgressReporter::new();
     let bulk = BulkJob {
-        job_id: format!("{}/{}/{}", key.controller, key.request_id, key.subprocessor),
+        job_id: bulk_job_id(key, op),
         request_id: key.request_id.clone(),
         controller: key.controller.clone(),
         op,
@@ -905,6 +905,20 @@ async fn record_move(
         );
     }
     Ok(moved)
+}
+
+/// A contract-end step's key at its holder. The export keeps the task's id (its pages are
+/// read under it), and the erasure that follows a return adds `#erase`: a holder answers a
+/// repeated key with its first outcome, or refuses it for another operation
+/// (`adapter.proto`), so an erasure under the export's key would be refused, or answered
+/// with the export's COMPLETED and certified with nothing erased. A retention run appends
+/// its own suffix to the erasure's key.
+fn bulk_job_id(key: &crate::store::TaskKey, op: BulkOp) -> String {
+    let task = format!("{}/{}/{}", key.controller, key.request_id, key.subprocessor);
+    match op {
+        BulkOp::Export => task,
+        BulkOp::Erase => format!("{task}#erase"),
+    }
 }
 
 #[cfg(test)]

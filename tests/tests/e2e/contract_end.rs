@@ -17,7 +17,7 @@ use dsrelay_runtime::signing::PublicKey;
 
 use crate::harness::dsrctl::dsrctl;
 use crate::harness::{
-    spawn_pair, Backend, Holder, PairOptions, RecipientOptions, TestPair, CONTROLLER,
+    spawn_pair, Backend, Holder, PairOptions, RecipientOptions, TestPair, CONTROLLER, NEWSLETTER,
     OTHER_CONTROLLER, PROCESSOR, RECIPIENT,
 };
 use crate::metrics::{scrape, value};
@@ -365,11 +365,12 @@ fn waits_for_an_operator(c: &Contract) -> bool {
 /// nothing is deleted until the operator confirms that package; then it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contract_end_returns_the_data_and_deletes_only_after_confirmation() {
-    let pair = spawn_pair(PairOptions {
+    let mut pair = spawn_pair(PairOptions {
         holders: vec![
             Holder::Accounting,
             Holder::MailMarketing,
             Holder::PaperArchive,
+            Holder::Newsletter,
         ],
         admin: true,
         // Only the sweep at start: what the erasure must remove itself is not removed by
@@ -380,6 +381,13 @@ async fn contract_end_returns_the_data_and_deletes_only_after_confirmation() {
     .await
     .expect("sqlite pair");
     let before = dump(&pair.accounting_url).await;
+    // The newsletter's subscribers go through the adapter, whose export and erasure are two
+    // bulk jobs under two keys.
+    let newsletter = dsrelay_example_adapter::store::Store::open(pair.adapter().database_url())
+        .await
+        .expect("the adapter's database");
+    let subscribers = newsletter.subscribers().await.expect("subscribers").len();
+    assert!(subscribers > 0, "the adapter's seed has subscribers");
     let id = end_contract(&pair, "return-then-delete").await;
     until(
         &pair,
@@ -408,6 +416,10 @@ async fn contract_end_returns_the_data_and_deletes_only_after_confirmation() {
     // Returned, not deleted: the state is a promise.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(dump(&pair.accounting_url).await, before);
+    assert_eq!(
+        newsletter.subscribers().await.expect("subscribers").len(),
+        subscribers
+    );
 
     let out = pair.dir().join("returned");
     let run = dsrctl(
@@ -503,6 +515,21 @@ async fn contract_end_returns_the_data_and_deletes_only_after_confirmation() {
         "the returned export's copy outlived the erasure: {exported:?}"
     );
     assert!(customers(&pair.accounting_url).await < 6);
+    assert!(
+        out.join(PROCESSOR).join(NEWSLETTER).is_dir(),
+        "the newsletter's part was returned: {listing:?}"
+    );
+    let newsletter_task = done.tasks.iter().find(|t| t.subprocessor == NEWSLETTER);
+    assert_eq!(
+        newsletter_task.map(|t| t.state),
+        Some(TaskState::Completed as i32),
+        "{done:#?}"
+    );
+    assert_eq!(
+        newsletter.subscribers().await.expect("subscribers").len(),
+        0,
+        "the newsletter's subscribers are erased after the confirmation"
+    );
     pair.stop().await;
 }
 
