@@ -3,11 +3,21 @@
 //! each page reads their rows live, by keyset (`id > last id sent`, in id order), and never
 //! holds more than one page.
 //!
-//! The export is every subscriber record, then every delivery record of those subscribers.
+//! The export is every subscriber record, then every delivery record of those subscribers,
+//! then every billing record: for a subject's export those linked to the subscribers
+//! (`subscriber_id`), for a contract end's all of the controller's, the ones detached from
+//! an erased subscriber included. A detached record is still the controller's data, which
+//! the newsletter holds for it until the law releases it, so a contract end returns it; a
+//! subject's export cannot name it, since nothing links it to the subject any more.
+//!
 //! A page token names the position (the section and the last id sent) and is bound to its
 //! task by a digest of the task id, so a token of another task is refused. Tokens do not
 //! expire: a position stays meaningful as rows come and go (a deleted row is simply not
-//! sent, and rows added after the position are).
+//! sent, and rows added after the position are). The billing section came after the first
+//! tokens were issued, as a new section letter in the same format (`p1`): a token issued
+//! before it names a position in the subscribers or deliveries, still decodes, and its
+//! export goes on into the billing records, so exports under way across an upgrade end
+//! complete. Only a rollback to an adapter without the section refuses a token naming it.
 
 use dsrelay_proto::v1::{IdentityEncoding, RequestKind};
 use dsrelay_runtime::identity::digest;
@@ -47,6 +57,28 @@ pub(crate) enum Position {
     Subscribers(i64),
     /// Deliveries with an id above this.
     Deliveries(i64),
+    /// Billing records with an id above this.
+    Billing(i64),
+}
+
+impl Position {
+    /// The start of the section after this one; `None` after the last.
+    fn next_section(self) -> Option<Self> {
+        match self {
+            Self::Subscribers(_) => Some(Self::Deliveries(0)),
+            Self::Deliveries(_) => Some(Self::Billing(0)),
+            Self::Billing(_) => None,
+        }
+    }
+
+    /// The position just after the row `id` of this section.
+    fn past(self, id: i64) -> Self {
+        match self {
+            Self::Subscribers(_) => Self::Subscribers(id),
+            Self::Deliveries(_) => Self::Deliveries(id),
+            Self::Billing(_) => Self::Billing(id),
+        }
+    }
 }
 
 /// Binds tokens to their task without putting the task id in them.
@@ -61,6 +93,7 @@ pub(crate) fn encode_token(task_id: &str, position: Position) -> String {
     let (section, after) = match position {
         Position::Subscribers(after) => ("s", after),
         Position::Deliveries(after) => ("d", after),
+        Position::Billing(after) => ("b", after),
     };
     format!("{TOKEN_VERSION}.{}.{section}.{after}", task_tag(task_id))
 }
@@ -96,6 +129,7 @@ pub(crate) fn decode_token(task_id: &str, token: &str) -> Result<Position, Token
     let position = match section {
         "s" => Position::Subscribers(after),
         "d" => Position::Deliveries(after),
+        "b" => Position::Billing(after),
         _ => return Err(TokenError::Malformed),
     };
     if tag != task_tag(task_id) {
@@ -126,6 +160,22 @@ enum Record<'a> {
         sent_at_ms: i64,
         opened: bool,
     },
+    /// An invoice or VAT OSS sale record of the paid edition.
+    #[serde(rename = "billing_record")]
+    Billing {
+        /// The billed subscriber's address now; `None` once the subscriber was erased and
+        /// the record kept (a contract end's export only).
+        email: Option<String>,
+        kind: String,
+        reference: String,
+        /// The buyer as billed, which the record keeps whatever happens to the subscriber.
+        buyer: String,
+        amount_cents: i64,
+        booked_at_ms: i64,
+        /// When the law releases it and it is deleted: the storage period (GDPR art.
+        /// 15(1)(d)).
+        kept_until_ms: i64,
+    },
 }
 
 /// One page: the encoded records and where the next page starts (`None`: this is the last).
@@ -152,12 +202,12 @@ pub(crate) async fn read_page(
     loop {
         let rows = batch(conn, covered, position).await?;
         if rows.is_empty() {
-            match position {
-                Position::Subscribers(_) => {
-                    position = Position::Deliveries(0);
+            match position.next_section() {
+                Some(next) => {
+                    position = next;
                     continue;
                 }
-                Position::Deliveries(_) => {
+                None => {
                     return Ok(Ok(Page {
                         records,
                         next: None,
@@ -178,10 +228,7 @@ pub(crate) async fn read_page(
             }
             used += record.len();
             records.push(record);
-            position = match position {
-                Position::Subscribers(_) => Position::Subscribers(id),
-                Position::Deliveries(_) => Position::Deliveries(id),
-            };
+            position = position.past(id);
         }
     }
 }
@@ -192,14 +239,19 @@ async fn batch(
     covered: &Covered,
     position: Position,
 ) -> sqlx::Result<Vec<AnyRow>> {
-    // The condition on the subscriber row `s` that selects the covered subscribers.
+    // Subscriber rows and deliveries are selected through the subscriber row `s`; billing
+    // records through their own columns, since a detached one has no subscriber row.
+    let (subscriber_id, controller) = match position {
+        Position::Billing(_) => ("b.subscriber_id", "b.controller"),
+        _ => ("s.id", "s.controller"),
+    };
     let filter = match covered {
         Covered::Ids(ids) if ids.is_empty() => return Ok(Vec::new()),
         Covered::Ids(ids) => {
             let list: Vec<String> = (0..ids.len()).map(|i| format!("${}", i + 2)).collect();
-            format!("s.id IN ({})", list.join(", "))
+            format!("{subscriber_id} IN ({})", list.join(", "))
         }
-        Covered::Controller(_) => "s.controller = $2".to_string(),
+        Covered::Controller(_) => format!("{controller} = $2"),
     };
     let (sql, after) = match position {
         Position::Subscribers(after) => (
@@ -214,6 +266,15 @@ async fn batch(
                 "SELECT d.id, s.email, d.issue, d.sent_at, d.opened FROM deliveries d \
                  JOIN subscribers s ON s.id = d.subscriber_id \
                  WHERE d.id > $1 AND {filter} ORDER BY d.id LIMIT {BATCH}"
+            ),
+            after,
+        ),
+        Position::Billing(after) => (
+            format!(
+                "SELECT b.id, s.email, b.kind, b.reference, b.buyer, b.amount_cents, \
+                 b.booked_at, b.kept_until FROM billing_records b \
+                 LEFT JOIN subscribers s ON s.id = b.subscriber_id \
+                 WHERE b.id > $1 AND {filter} ORDER BY b.id LIMIT {BATCH}"
             ),
             after,
         ),
@@ -251,6 +312,19 @@ fn encode(row: &AnyRow, position: Position) -> anyhow::Result<(i64, Vec<u8>)> {
             })?;
             (id, record)
         }
+        Position::Billing(_) => {
+            let id: i64 = row.try_get("id")?;
+            let record = serde_json::to_vec(&Record::Billing {
+                email: row.try_get("email")?,
+                kind: row.try_get("kind")?,
+                reference: row.try_get("reference")?,
+                buyer: row.try_get("buyer")?,
+                amount_cents: row.try_get("amount_cents")?,
+                booked_at_ms: row.try_get("booked_at")?,
+                kept_until_ms: row.try_get("kept_until")?,
+            })?;
+            (id, record)
+        }
     })
 }
 
@@ -260,7 +334,11 @@ mod tests {
 
     #[test]
     fn tokens_round_trip_and_are_bound_to_their_task() {
-        for p in [Position::Subscribers(7), Position::Deliveries(0)] {
+        for p in [
+            Position::Subscribers(7),
+            Position::Deliveries(0),
+            Position::Billing(12),
+        ] {
             let t = encode_token("c/r/newsletter", p);
             assert_eq!(decode_token("c/r/newsletter", &t), Ok(p));
             assert_eq!(
@@ -269,6 +347,16 @@ mod tests {
             );
         }
         assert_eq!(decode_token("t", ""), Ok(Position::Subscribers(0)));
+        // Tokens issued before the billing section still name their positions.
+        let tag = task_tag("t");
+        assert_eq!(
+            decode_token("t", &format!("p1.{tag}.s.4")),
+            Ok(Position::Subscribers(4))
+        );
+        assert_eq!(
+            decode_token("t", &format!("p1.{tag}.d.9")),
+            Ok(Position::Deliveries(9))
+        );
         let good = encode_token("t", Position::Deliveries(3));
         for bad in [
             "x",

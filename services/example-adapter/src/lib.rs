@@ -26,18 +26,19 @@
 //!   any other key is an erasure like the first, judged by the clock alone. The seed bills
 //!   nobody; tests and tools add records with `Store::add_billing_record`.
 //! - Exports (RETURN_OF_DATA, TRANSFER) are answered COMPLETED with `export_paged`, and read
-//!   with GetExportPage page by page from the live rows (subscribers, then their deliveries);
-//!   the task keeps only which subscribers it covers, never the data. Billing records are
-//!   not exported.
+//!   with GetExportPage page by page from the live rows (subscribers, then their deliveries,
+//!   then the billing records linked to them); the task keeps only which subscribers it
+//!   covers, never the data.
 //! - Every subscriber belongs to one controller (the processor's name for it). Execute looks
 //!   only among the subscribers of the controller the request names; a request naming none
 //!   (older processors) means `default_controller`, which also owns the subscribers stored
 //!   without a controller (given to it at start).
 //! - ExecuteBulk ends a contract with one controller: EXPORT answers COMPLETED with
-//!   `export_paged` and the pages read all of the controller's subscribers and deliveries;
-//!   ERASE deletes them and the controller's released billing records with set-based
-//!   statements, reports the counts, and keeps and releases the other billing records in
-//!   stages as an erasure does (RETAINED). Both answer at once (never ACCEPTED),
+//!   `export_paged` and the pages read all of the controller's subscribers, deliveries and
+//!   billing records (those an erasure kept included); ERASE deletes the subscribers, their
+//!   deliveries and the controller's released billing records with set-based statements,
+//!   reports the counts, and keeps and releases the other billing records in stages as an
+//!   erasure does (RETAINED). Both answer at once (never ACCEPTED),
 //!   idempotently per `job_id`; GetBulkStatus repeats the answer.
 //!
 //! # Layout

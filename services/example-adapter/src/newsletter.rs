@@ -5,8 +5,9 @@
 //! MD5 of the normalised value); other identity types are not held here. A scope that names
 //! none of [`DATA_CATEGORIES`] finds nothing. One subscriber row is one record (its
 //! deliveries go with it: exported after it, erased with it). Its billing records are records
-//! of their own, which an erasure deletes or, while the law keeps them, detaches and keeps
-//! (see [`crate::retention`]); a retention run touches only those an earlier answer kept.
+//! of their own, exported with it while they are linked to it, which an erasure deletes or,
+//! while the law keeps them, detaches and keeps (see [`crate::retention`]); a retention run
+//! touches only those an earlier answer kept.
 //!
 //! Every subscriber belongs to one controller (`subscribers.controller`, the processor's name
 //! for it): a request finds only the subscribers of the controller it names, and a contract
@@ -217,7 +218,8 @@ pub(crate) async fn execute(
             // The data is not read here: GetExportPage reads it page by page (see
             // `crate::export`), so no export is ever held whole.
             let deliveries = count_deliveries(tx, &ids).await?;
-            let what = format!("{n} subscriber record(s) and {deliveries} delivery record(s)");
+            let billing = count_billing(tx, &ids).await?;
+            let what = exported(n, deliveries, billing);
             let note = match kind {
                 RequestKind::Transfer => format!(
                     "exported {what} for transfer to {}",
@@ -336,6 +338,32 @@ async fn count_deliveries(tx: &mut Transaction<'_, Any>, ids: &[i64]) -> sqlx::R
         total += n;
     }
     Ok(total)
+}
+
+/// How many billing records are linked to the subscribers `ids`.
+async fn count_billing(tx: &mut Transaction<'_, Any>, ids: &[i64]) -> sqlx::Result<i64> {
+    let mut total = 0;
+    for id in ids {
+        let n: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM billing_records WHERE subscriber_id = $1")
+                .bind(id)
+                .fetch_one(&mut **tx)
+                .await?;
+        total += n;
+    }
+    Ok(total)
+}
+
+/// What an export holds, for its note. Billing records are named only where there are some,
+/// so that an export without any reads as before they were exported.
+fn exported(subscribers: i64, deliveries: i64, billing: i64) -> String {
+    if billing == 0 {
+        return format!("{subscribers} subscriber record(s) and {deliveries} delivery record(s)");
+    }
+    format!(
+        "{subscribers} subscriber record(s), {deliveries} delivery record(s) and {billing} \
+         billing record(s)"
+    )
 }
 
 /// Erases the subscribers `ids`: their billing records released by `cutoff_ms` are deleted,
@@ -514,11 +542,12 @@ async fn rectify(
     Ok(completed(records, note))
 }
 
-/// How many subscribers and deliveries `controller` has.
-pub(crate) async fn count_controller(
+/// How many subscribers, deliveries and billing records (detached ones included)
+/// `controller` has.
+async fn count_controller(
     tx: &mut Transaction<'_, Any>,
     controller: &str,
-) -> sqlx::Result<(i64, i64)> {
+) -> sqlx::Result<(i64, i64, i64)> {
     let subscribers: i64 =
         sqlx::query_scalar("SELECT COUNT(*) FROM subscribers WHERE controller = $1")
             .bind(controller)
@@ -531,7 +560,12 @@ pub(crate) async fn count_controller(
     .bind(controller)
     .fetch_one(&mut **tx)
     .await?;
-    Ok((subscribers, deliveries))
+    let billing: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM billing_records WHERE controller = $1")
+            .bind(controller)
+            .fetch_one(&mut **tx)
+            .await?;
+    Ok((subscribers, deliveries, billing))
 }
 
 /// Deletes every subscriber of `controller` and their deliveries, in two statements; returns
@@ -557,24 +591,33 @@ pub(crate) async fn erase_controller(
     Ok((n(subscribers), n(deliveries)))
 }
 
-/// Carries out the bulk job `req` (validated) in `tx`: counts the controller's subscribers and
-/// deliveries, then either leaves them to be read with GetExportPage (EXPORT) or deletes them
-/// with the billing records released by `cutoff_ms` (ERASE). Answers COMPLETED with the
-/// counts, or RETAINED when billing records are kept; a retention-expired erasure is the
-/// same at its `cutoff_ms`, and finds only kept billing records left.
+/// Carries out the bulk job `req` (validated) in `tx`: counts the controller's subscribers,
+/// deliveries and billing records, then either leaves them to be read with GetExportPage
+/// (EXPORT) or deletes the subscribers and deliveries with the billing records released by
+/// `cutoff_ms` (ERASE). Answers COMPLETED with the counts, or RETAINED when billing records
+/// are kept; a retention-expired erasure is the same at its `cutoff_ms`, and finds only kept
+/// billing records left.
 pub(crate) async fn bulk(
     tx: &mut Transaction<'_, Any>,
     req: &ExecuteBulkRequest,
     cutoff_ms: i64,
 ) -> sqlx::Result<ExecuteBulkResponse> {
     let controller = req.controller.as_str();
-    let (subscribers, deliveries) = count_controller(tx, controller).await?;
+    let (subscribers, deliveries, billing) = count_controller(tx, controller).await?;
     let to_u64 = |n: i64| u64::try_from(n).unwrap_or(0);
+    // An export's are the records its pages hold, which the connector reports as the
+    // export's count; an erasure's stay the rows it deletes outright (its `erased` counts
+    // say what became of the billing records).
+    let records = if req.operation == BulkOperation::Export as i32 {
+        to_u64(subscribers + deliveries + billing)
+    } else {
+        to_u64(subscribers + deliveries)
+    };
     let progress = Some(BulkJobProgress {
         subjects_done: to_u64(subscribers),
         subjects_total: to_u64(subscribers),
-        records_done: to_u64(subscribers + deliveries),
-        records_total: to_u64(subscribers + deliveries),
+        records_done: records,
+        records_total: records,
     });
     let completed = |note: String| ExecuteBulkResponse {
         outcome: ExecuteOutcome::Completed as i32,
@@ -587,8 +630,8 @@ pub(crate) async fn bulk(
             BulkOperation::Export => ExecuteBulkResponse {
                 export_paged: true,
                 ..completed(format!(
-                    "exported {subscribers} subscriber record(s) and {deliveries} delivery \
-                     record(s) of controller {controller}"
+                    "exported {} of controller {controller}",
+                    exported(subscribers, deliveries, billing)
                 ))
             },
             BulkOperation::Erase => {

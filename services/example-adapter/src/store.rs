@@ -11,7 +11,8 @@
 //! Bulk jobs (ExecuteBulk, a contract end's steps) are rows of the same table, kind
 //! CONTRACT_END, with their controller and operation, claimed the same way: the set-based
 //! work and the stored answer commit together. A completed bulk export keeps only its
-//! controller; its pages read that controller's subscribers live.
+//! controller; its pages read that controller's subscribers, deliveries and billing records
+//! live.
 //!
 //! An erasure (or bulk erasure) answered RETAINED keeps its date in `retain_until` and, for
 //! Execute's, the billing record ids kept in `retained_ids`. A retention run is a new task

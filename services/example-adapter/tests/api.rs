@@ -388,6 +388,7 @@ async fn all_pages(
             .unwrap()
             .into_inner();
         pages += 1;
+        assert!(pages <= 1000, "the export of {task_id} does not end");
         let size: usize = page.records.iter().map(Vec::len).sum();
         assert!(max_bytes == 0 || size <= max_bytes as usize, "{size}");
         for r in &page.records {
@@ -1011,6 +1012,8 @@ async fn the_adapter_connector_scopes_tasks_and_ends_a_contract() {
             phase: Phase::Start,
             due_at_ms: 2_000_000_000_000,
             now_ms: 1_700_000_000_000,
+            interrupted: false,
+            recorded_progress: Default::default(),
             export: Some(sink),
             progress,
         };
@@ -1502,4 +1505,298 @@ async fn the_adapter_connector_runs_each_stage_at_its_date() {
     );
     assert!(billing_left(&a.store).await.is_empty());
     a.stop().await;
+}
+
+/// The processor's adapter connector for `a`, unscoped.
+async fn connector_for(a: &Running) -> std::sync::Arc<dyn dsrelay_connectors::Connector> {
+    use dsrelay_connectors::adapter::AdapterConfig;
+    dsrelay_connectors::build(&dsrelay_connectors::ConnectorConfig::Adapter(
+        AdapterConfig {
+            endpoint: format!("https://localhost:{}", a.port),
+            identity: dev_identity("adapter", "example"),
+            tls: a.pki.files("processor"),
+            timeout_ms: 5_000,
+            supported_kinds: None,
+            controllers: None,
+        },
+    ))
+    .await
+    .unwrap()
+}
+
+/// The billing records of an export, in its order.
+fn billing_in(json: &[serde_json::Value]) -> Vec<&serde_json::Value> {
+    json.iter()
+        .filter(|r| r["record"] == "billing_record")
+        .collect()
+}
+
+/// (kind, reference, the subscriber's address or null) of each billing record of an export.
+fn billing_keys(json: &[serde_json::Value]) -> Vec<(String, String, serde_json::Value)> {
+    billing_in(json)
+        .iter()
+        .map(|r| {
+            let text = |k: &str| r[k].as_str().unwrap().to_string();
+            (text("kind"), text("reference"), r["email"].clone())
+        })
+        .collect()
+}
+
+/// A subject's export holds the billing records linked to them, after their deliveries, and
+/// no other subscriber's; with a small page size pages break inside the billing records.
+async fn a_subjects_export_holds_their_billing_records(backend: Backend) {
+    use dsrelay_connectors::{ExportSink, Outcome, Phase, Task};
+    let Some(a) = Running::start_on(backend, 0).await else {
+        return;
+    };
+    assert_eq!(a.store.add_deliveries(ERIK, 2).await.unwrap(), 2);
+    let now = dsrelay_runtime::store::now_ms();
+    let old = 1_425_168_000_000;
+    bill_erik(&a.store).await;
+    // Maija's record lies between Erik's by id, so the keyset reads pass over it.
+    a.store
+        .add_billing_record(MAIJA, BillingKind::Invoice, "INV-M-1", 500, now)
+        .await
+        .unwrap();
+    let mut expected = vec![
+        (BillingKind::Invoice, "INV-2015-7".to_string(), old),
+        (BillingKind::Invoice, "INV-NOW-1".into(), now),
+        (BillingKind::OssSale, "INV-NOW-1".into(), now),
+    ];
+    for i in 2..=7 {
+        let reference = format!("INV-NOW-{i}");
+        a.store
+            .add_billing_record(ERIK, BillingKind::Invoice, &reference, 1290, now)
+            .await
+            .unwrap();
+        expected.push((BillingKind::Invoice, reference, now));
+    }
+    let mut c = a.client("processor");
+    let r = c
+        .execute(request("t-erik", RequestKind::ReturnOfData, email(ERIK)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&r), ExecuteOutcome::Completed, "{r:?}");
+    let note = &r.evidence.as_ref().unwrap().note;
+    assert!(
+        note.contains("2 delivery record(s) and 9 billing record(s)"),
+        "{note}"
+    );
+
+    let (json, pages) = all_pages(&mut c, "t-erik", 1024).await;
+    assert_eq!(json[0]["record"], "subscriber");
+    assert_eq!(json[0]["email"], ERIK);
+    assert!(
+        json[1..3].iter().all(|r| r["record"] == "delivery"),
+        "{json:?}"
+    );
+    let billing = billing_in(&json);
+    assert_eq!(json.len(), 3 + billing.len(), "billing records come last");
+    let got: Vec<(&str, &str, i64)> = billing
+        .iter()
+        .map(|r| {
+            (
+                r["kind"].as_str().unwrap(),
+                r["reference"].as_str().unwrap(),
+                r["booked_at_ms"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let want: Vec<(&str, &str, i64)> = expected
+        .iter()
+        .map(|(k, reference, at)| (k.as_str(), reference.as_str(), *at))
+        .collect();
+    assert_eq!(got, want, "exactly Erik's records, in order, none twice");
+    for (r, (kind, _, at)) in billing.iter().zip(&expected) {
+        assert_eq!(r["email"], ERIK);
+        assert_eq!(r["buyer"], format!("Erik Lindqvist <{ERIK}>"));
+        assert_eq!(r["kept_until_ms"], kind.kept_until(*at).unwrap());
+        assert!(r["amount_cents"].as_i64().unwrap() > 0, "{r}");
+    }
+    // The billing records alone fill more than a page: a page boundary lies among them.
+    let billing_bytes: usize = billing
+        .iter()
+        .map(|r| serde_json::to_vec(r).unwrap().len())
+        .sum();
+    assert!(billing_bytes > 1024, "{billing_bytes} bytes");
+    assert!(pages >= 3, "{pages} pages");
+    // One page holds them all the same.
+    assert_eq!(all_pages(&mut c, "t-erik", 0).await.0, json);
+    assert!(
+        !json.iter().any(|r| r["reference"] == "INV-M-1"),
+        "{json:?}"
+    );
+
+    // Maija's export has her record only; a transfer of Erik's data the same as his return.
+    c.execute(request("t-maija", RequestKind::ReturnOfData, email(MAIJA)))
+        .await
+        .unwrap();
+    let (maija, _) = all_pages(&mut c, "t-maija", 1024).await;
+    assert_eq!(
+        billing_keys(&maija),
+        [("invoice".into(), "INV-M-1".into(), MAIJA.into())]
+    );
+    let mut transfer = request("t-erik-transfer", RequestKind::Transfer, email(ERIK));
+    transfer.parameters = Some(RequestParameters {
+        transfer_recipient: "spiffe://dsrelay.dev/partner/crm".into(),
+        ..Default::default()
+    });
+    c.execute(transfer).await.unwrap();
+    assert_eq!(all_pages(&mut c, "t-erik-transfer", 1024).await.0, json);
+
+    // The processor's connector writes them into the task's export.json as they are.
+    let connector = connector_for(&a).await;
+    let dir = tempfile::tempdir().unwrap();
+    let task = Task {
+        task_id: format!("{CONTROLLER}/r1/newsletter"),
+        request_id: "r1".into(),
+        controller: CONTROLLER.into(),
+        kind: RequestKind::ReturnOfData,
+        identities: vec![email(ERIK)],
+        categories: Vec::new(),
+        parameters: RequestParameters::default(),
+        due_at_ms: now + 30 * 86_400_000,
+        now_ms: now,
+        phase: Phase::Start,
+        interrupted: false,
+        export: Some(ExportSink::new(dir.path().join("erik"), Vec::new())),
+    };
+    task.export.as_ref().unwrap().reset().await.unwrap();
+    let out = connector.run(&task).await.unwrap();
+    let Outcome::Completed { files, .. } = &out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(files.len(), 1);
+    let bytes = std::fs::read(dir.path().join("erik").join("export.json")).unwrap();
+    let written: Vec<serde_json::Value> = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(written, json);
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_subjects_export_holds_their_billing_records_on_sqlite() {
+    a_subjects_export_holds_their_billing_records(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn a_subjects_export_holds_their_billing_records_on_postgres() {
+    a_subjects_export_holds_their_billing_records(Backend::Postgres).await;
+}
+
+/// A contract end's export holds all of the controller's billing records, those an erasure
+/// detached and kept included (still the controller's data, held for it), and none of
+/// another controller's; the connector's file and count hold them too.
+async fn a_contract_end_export_holds_the_controllers_billing_records(backend: Backend) {
+    use dsrelay_connectors::{BulkJob, BulkOp, ExportSink, Outcome, Phase, ProgressReporter};
+    let Some(a) = Running::start_on(backend, 0).await else {
+        return;
+    };
+    two_controllers(&a).await;
+    let now = dsrelay_runtime::store::now_ms();
+    bill_erik(&a.store).await;
+    a.store
+        .add_billing_record(MAIJA, BillingKind::Invoice, "INV-M-1", 500, now)
+        .await
+        .unwrap();
+    a.store
+        .add_billing_record(PEKKA, BillingKind::OssSale, "INV-G-1", 1290, now)
+        .await
+        .unwrap();
+    let mut c = a.client("processor");
+    // Erik's erasure deletes his 2015 invoice and keeps this year's two, detached.
+    let r = c
+        .execute(request("t-erik", RequestKind::Erasure, email(ERIK)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&r), ExecuteOutcome::Retained, "{r:?}");
+
+    let r = c
+        .execute_bulk(bulk("ce-export", CONTROLLER, BulkOperation::Export))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome_of(r.outcome), ExecuteOutcome::Completed, "{r:?}");
+    assert!(r.note.contains("and 3 billing record(s)"), "{}", r.note);
+    // Three subscribers, five deliveries, three billing records.
+    let p = r.progress.unwrap();
+    assert_eq!((p.records_done, p.records_total), (11, 11));
+    let (json, pages) = all_pages(&mut c, "ce-export", 1024).await;
+    assert!(pages >= 2, "{pages} pages");
+    assert_eq!(json.len(), 11);
+    let null = serde_json::Value::Null;
+    assert_eq!(
+        billing_keys(&json),
+        [
+            ("invoice".into(), "INV-NOW-1".into(), null.clone()),
+            ("vat-oss-sale".into(), "INV-NOW-1".into(), null),
+            ("invoice".into(), "INV-M-1".into(), MAIJA.into()),
+        ]
+    );
+    // A detached record still names the buyer as billed.
+    assert_eq!(
+        billing_in(&json)[0]["buyer"],
+        format!("Erik Lindqvist <{ERIK}>")
+    );
+    assert!(
+        !json.iter().any(|r| r["reference"] == "INV-G-1"),
+        "{json:?}"
+    );
+
+    let r = c
+        .execute_bulk(bulk("ce-export-g", GLOBEX, BulkOperation::Export))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.progress.unwrap().records_done, 3);
+    let (globex, _) = all_pages(&mut c, "ce-export-g", 0).await;
+    assert_eq!(
+        billing_keys(&globex),
+        [("vat-oss-sale".into(), "INV-G-1".into(), PEKKA.into())]
+    );
+
+    // Through the connector: one export.json of every record, its count the same.
+    let connector = connector_for(&a).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sink = ExportSink::new(dir.path().join(CONTROLLER), Vec::new());
+    sink.reset().await.unwrap();
+    let (progress, _) = ProgressReporter::new();
+    let job = BulkJob {
+        job_id: format!("{CONTROLLER}/ce1/newsletter/export"),
+        request_id: "ce1".into(),
+        controller: CONTROLLER.into(),
+        op: BulkOp::Export,
+        phase: Phase::Start,
+        due_at_ms: now + 30 * 86_400_000,
+        now_ms: now,
+        interrupted: false,
+        recorded_progress: Default::default(),
+        export: Some(sink),
+        progress,
+    };
+    let out = connector.run_bulk(&job).await.unwrap();
+    let Outcome::Completed {
+        files,
+        records_affected,
+        ..
+    } = &out
+    else {
+        panic!("{out:?}");
+    };
+    assert_eq!((files.len(), *records_affected), (1, 11));
+    let bytes = std::fs::read(dir.path().join(CONTROLLER).join("export.json")).unwrap();
+    let written: Vec<serde_json::Value> = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(written, json);
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_contract_end_export_holds_the_controllers_billing_records_on_sqlite() {
+    a_contract_end_export_holds_the_controllers_billing_records(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn a_contract_end_export_holds_the_controllers_billing_records_on_postgres() {
+    a_contract_end_export_holds_the_controllers_billing_records(Backend::Postgres).await;
 }
