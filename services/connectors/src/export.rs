@@ -570,7 +570,9 @@ impl JsonArrayWriter {
 }
 
 /// Writes CSV (RFC 4180: quoted where needed, CRLF line ends) one record at a time: the
-/// `csv` crate encodes each record into a buffer that is then appended to the file.
+/// `csv` crate encodes each record into a buffer that is then appended to the file. Fields
+/// go as given: a text a spreadsheet could read as a formula goes through [`csv_text`]
+/// first (the writer cannot tell a number's `-` from a text's).
 #[derive(Debug)]
 pub struct CsvWriter {
     out: ExportWriter,
@@ -654,6 +656,44 @@ impl CsvWriter {
     pub async fn finish(self) -> Result<ExportedFile, ConnectorError> {
         self.out.finish().await
     }
+}
+
+/// The first characters that make a spreadsheet read a cell as a formula (OWASP's CSV
+/// injection guidance): `=`, `+`, `-`, `@`, a tab and a carriage return.
+const FORMULA_STARTS: [u8; 6] = [b'=', b'+', b'-', b'@', b'\t', b'\r'];
+
+/// `text` as a CSV field, with a `'` before it when it begins with one of
+/// [`FORMULA_STARTS`]: a package's CSV files are meant to be opened in a spreadsheet, which
+/// would otherwise run `=HYPERLINK(...)` typed into a name field by whoever filled it in. The
+/// spreadsheet shows the text without the quote; a program reading the file sees it. A
+/// signed plain number (`-12.50`, `+358401234567`) is left as it is: a spreadsheet reads it
+/// as the number it is and nothing more, and a negative amount stays a number. Only CSV:
+/// the JSON files carry the text as stored.
+pub fn csv_text(text: &str) -> std::borrow::Cow<'_, [u8]> {
+    let bytes = text.as_bytes();
+    let formula = bytes
+        .first()
+        .is_some_and(|first| FORMULA_STARTS.contains(first));
+    if !formula || signed_number(bytes) {
+        return std::borrow::Cow::Borrowed(bytes);
+    }
+    let mut field = Vec::with_capacity(bytes.len() + 1);
+    field.push(b'\'');
+    field.extend_from_slice(bytes);
+    std::borrow::Cow::Owned(field)
+}
+
+/// Whether `bytes` is `+` or `-`, digits, and at most one `.` with digits after it.
+fn signed_number(bytes: &[u8]) -> bool {
+    let Some((b'+' | b'-', rest)) = bytes.split_first() else {
+        return false;
+    };
+    let (whole, fraction) = match rest.iter().position(|&b| b == b'.') {
+        Some(dot) => (&rest[..dot], Some(&rest[dot + 1..])),
+        None => (rest, None),
+    };
+    let digits = |d: &[u8]| !d.is_empty() && d.iter().all(u8::is_ascii_digit);
+    digits(whole) && fraction.is_none_or(digits)
 }
 
 /// Whether any byte of `bytes` is `special`. Checked 32 bytes at a time with no early exit
@@ -788,6 +828,33 @@ mod tests {
             texts.push(c.to_string());
         }
         texts
+    }
+
+    /// A text a spreadsheet would run as a formula gets a `'` in front in CSV (OWASP's CSV
+    /// injection guidance); other text, and a signed plain number, goes as it is.
+    #[test]
+    fn csv_text_defuses_formulas() {
+        for (text, field) in [
+            (
+                "=HYPERLINK(\"http://x.example\",\"x\")",
+                "'=HYPERLINK(\"http://x.example\",\"x\")",
+            ),
+            ("+cmd|' /C calc'!A0", "'+cmd|' /C calc'!A0"),
+            ("-2+3", "'-2+3"),
+            ("@SUM(A1:A2)", "'@SUM(A1:A2)"),
+            ("\t=1", "'\t=1"),
+            ("\r=1", "'\r=1"),
+            ("-", "'-"),
+            ("+1.", "'+1."),
+            ("-1e5", "'-1e5"),
+            ("-12.50", "-12.50"),
+            ("+358401234567", "+358401234567"),
+            ("Maija = M", "Maija = M"),
+            ("'quoted", "'quoted"),
+            ("", ""),
+        ] {
+            assert_eq!(&*csv_text(text), field.as_bytes(), "{text:?}");
+        }
     }
 
     /// The quick paths write exactly what serde_json and the `csv` crate write: a file's

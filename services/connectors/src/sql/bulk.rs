@@ -49,6 +49,7 @@ impl Scoped<'_> {
             subject: None,
             condition: self.condition,
             batch: None,
+            types: Some(self.types),
         }
     }
 
@@ -197,7 +198,9 @@ impl Scoped<'_> {
                 continue;
             }
             let key = batch_key(self.config, top);
-            let integer = self.integer_key(top, &key).await?;
+            // By the declared type: a value read to judge it may be of a type sqlx's Any
+            // driver cannot decode (a UUID).
+            let integer = self.types.of(&top.table, &key).integer;
             let mut after: Option<String> = None;
             let mut batches = 0u64;
             loop {
@@ -344,29 +347,6 @@ impl Scoped<'_> {
                 erased: counts,
             },
         })
-    }
-
-    /// Whether `top`'s batch key holds integers, judged by one of its values.
-    async fn integer_key(&self, top: &TableRule, key: &str) -> Result<bool, ConnectorError> {
-        use sqlx::any::AnyTypeInfoKind as Kind;
-        use sqlx::{Row as _, ValueRef as _};
-        let column = quote(key);
-        let sql = format!(
-            "SELECT {column} FROM {} WHERE {column} IS NOT NULL LIMIT 1",
-            quote(&top.table)
-        );
-        let row = sqlx::query(&sql)
-            .fetch_optional(&self.db.pool)
-            .await
-            .map_err(|e| classify(&format!("reading the batch key of {}", top.table), &e))?;
-        Ok(row.is_some_and(|row| {
-            row.try_get_raw(0).is_ok_and(|raw| {
-                matches!(
-                    raw.type_info().kind(),
-                    Kind::SmallInt | Kind::Integer | Kind::BigInt
-                )
-            })
-        }))
     }
 
     /// The last key of `batch`: the `size`-th key after its `after`, or `None` when at most

@@ -15,9 +15,10 @@ use super::plan::{
 };
 use super::receipt;
 use super::retention::{assess, day_of, DatedRow};
-use super::rules::{Action, Retention, TableRule};
+use super::rules::{Action, Retention, TableRule, MATCH_KEYS};
+use super::schema::Compare;
 use super::Scoped;
-use crate::export::{push_json_str, CsvWriter, ExportSink, JsonArrayWriter, CSV, JSON};
+use crate::export::{csv_text, push_json_str, CsvWriter, ExportSink, JsonArrayWriter, CSV, JSON};
 use crate::{ConnectorError, ErasedCount, ExportedFile};
 
 /// What an erasure did in one database; stored as JSON in the task's erasure receipt.
@@ -83,6 +84,7 @@ impl<'a> Scoped<'a> {
             subject: Some(raw),
             condition: self.condition,
             batch: None,
+            types: Some(self.types),
         }
     }
 
@@ -375,7 +377,10 @@ impl<'a> Scoped<'a> {
 
     /// Writes the corrected values into the columns the `rectify` maps name, in every table
     /// that maps the field, in one transaction. A field no table maps is a permanent error,
-    /// and nothing is changed.
+    /// and nothing is changed; so is a value the column's type cannot hold (PostgreSQL),
+    /// the error naming the field and the type, not the value. The value of an identity
+    /// (a field named by a match key, or written into a match column) is trimmed, as the
+    /// request's identities are.
     pub(crate) async fn rectify(
         &self,
         identities: &[SubjectIdentity],
@@ -397,12 +402,16 @@ impl<'a> Scoped<'a> {
             let fields: Vec<&str> = applicable.iter().map(|(f, _, _)| *f).collect();
             let columns: Vec<(&String, &str)> = applicable
                 .iter()
-                .map(|(_, column, value)| (*column, *value))
+                .map(|(field, column, value)| (*column, corrected(rule, field, column, value)))
                 .collect();
             let Some(update) = plan_rectify(self.config, rule, self.subject(&raw), &columns) else {
                 notes.push(skipped(rule));
                 continue;
             };
+            for ((field, _, _), (column, value)) in applicable.iter().zip(&columns) {
+                self.check_value(&mut tx, rule, field, column, value)
+                    .await?;
+            }
             let done = execute(&mut tx, &update)
                 .await
                 .map_err(|e| classify(&format!("rectifying {}", rule.table), &e))?;
@@ -421,6 +430,41 @@ impl<'a> Scoped<'a> {
             note: notes.join("; "),
             files: Vec::new(),
         })
+    }
+
+    /// Fails with a permanent error naming `field` when `value` is not one of the type of
+    /// `rule`'s `column`, which a rectification casts it to ([`ColumnType::written`]). Checked
+    /// alone, so that the error says which field it was and never carries the value, as the
+    /// database's own message would.
+    async fn check_value(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        rule: &TableRule,
+        field: &str,
+        column: &str,
+        value: &str,
+    ) -> Result<(), ConnectorError> {
+        let ty = self.types.of(&rule.table, column);
+        if ty.compare == Compare::AsIs {
+            return Ok(());
+        }
+        let cast = Statement {
+            sql: format!("SELECT {} IS NULL", ty.written("$1")),
+            binds: vec![value.to_string()],
+        };
+        match execute(tx, &cast).await {
+            Ok(_) => Ok(()),
+            // Class 22 (data exception: invalid text, out of range) and 23 (a domain's
+            // constraint): the value, not the database, is at fault.
+            Err(e) if sqlstate(&e).is_some_and(|c| c.starts_with("22") || c.starts_with("23")) => {
+                Err(ConnectorError::Permanent(format!(
+                    "the corrected value of field {field:?} is not a valid {} for {}.{column}; \
+                     nothing was changed",
+                    ty.declared, rule.table
+                )))
+            }
+            Err(e) => Err(classify(&format!("checking the corrected {field}"), &e)),
+        }
     }
 
     /// Sets (`lift: false`) or lifts a restriction of processing: the `restrict_column` of the
@@ -674,6 +718,24 @@ impl<'a> TableFiles<'a> {
     }
 }
 
+/// The value written for `field` into `rule`'s `column`: trimmed when it is an identity the
+/// subject is found by, which the request's own identities are too.
+fn corrected<'v>(rule: &TableRule, field: &str, column: &str, value: &'v str) -> &'v str {
+    let identity = MATCH_KEYS.iter().any(|(key, _)| *key == field)
+        || rule.match_columns.values().any(|c| c == column);
+    match identity {
+        true => value.trim(),
+        false => value,
+    }
+}
+
+/// The SQLSTATE of a database error.
+fn sqlstate(err: &sqlx::Error) -> Option<String> {
+    err.as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.into_owned())
+}
+
 /// The note of a table no identity of the request applies to.
 fn skipped(rule: &TableRule) -> String {
     format!("{}: skipped (no identity of a type it matches)", rule.table)
@@ -909,11 +971,12 @@ impl serde::Serialize for Cell<'_> {
     }
 }
 
-/// A value as a CSV field: NULL is empty, text as it is, numbers and booleans as in JSON.
+/// A value as a CSV field: NULL is empty, text as it is but for a formula's first character
+/// ([`csv_text`]), numbers and booleans as in JSON.
 fn csv_field<'a>(value: &Cell<'a>) -> Cow<'a, [u8]> {
     match *value {
         Cell::Null => Cow::Borrowed(b""),
-        Cell::Text(t) => Cow::Borrowed(t.as_bytes()),
+        Cell::Text(t) => csv_text(t),
         Cell::Blob(b) => Cow::Owned(hex::encode(b).into_bytes()),
         other => Cow::Owned(serde_json::to_vec(&other).unwrap_or_default()),
     }
@@ -989,7 +1052,8 @@ mod tests {
 
     /// Every kind of value reads the same in both files as it did when values were copied
     /// into JSON first: numbers and booleans as in JSON, bytes as lowercase hex, NULL as
-    /// null in JSON and an empty CSV field, text as it is (escaped only in JSON).
+    /// null in JSON and an empty CSV field, text as it is (escaped only in JSON; in CSV a
+    /// formula gets a `'` in front).
     #[test]
     fn cells_encode_as_json_values_did() {
         let cells = [
@@ -1008,6 +1072,9 @@ mod tests {
                 serde_json::json!("00ab10"),
                 "00ab10",
             ),
+            // A formula is defused in CSV only; a number's sign is no formula.
+            (Cell::Text("=1+1"), serde_json::json!("=1+1"), "'=1+1"),
+            (Cell::Int(-7), serde_json::json!(-7), "-7"),
         ];
         for (cell, json, csv) in cells {
             assert_eq!(serde_json::to_value(cell).unwrap(), json, "{cell:?}");

@@ -20,9 +20,18 @@
 //!   folder. Values go as the database gives them: numbers as numbers (a non-finite real
 //!   as null), text as text, blobs as lowercase hex, NULL as null (an empty CSV field).
 //!   SQLite has no boolean type, so a column declared BOOLEAN there exports its 0 and 1;
-//!   PostgreSQL's exports `true` and `false`;
+//!   PostgreSQL's exports `true` and `false`. A PostgreSQL column of any type but boolean,
+//!   the integers, real, double precision, text, varchar and bytea (DATE, TIMESTAMPTZ,
+//!   NUMERIC, UUID, CHAR(n), JSONB, a domain, ...) is exported as the database writes it as
+//!   text (`CAST(col AS TEXT)`: `2024-03-02`, `12.50`, a TIMESTAMPTZ in the connection's
+//!   time zone). In the CSV file only, a text beginning with `=`, `+`, `-`, `@`, a tab or a
+//!   carriage return gets a `'` in front, so that a spreadsheet shows it instead of running
+//!   it as a formula; the JSON file has it as stored;
 //! - which column a RECTIFICATION of a logical field (`email`, `name`, ...) changes
-//!   (`rectify`);
+//!   (`rectify`). The corrected value of an identity (a field named like a match key, or
+//!   one written into a match column) is trimmed first. On PostgreSQL a value for a column
+//!   of another type than text is cast to it (`CAST($1 AS date)`); one the type cannot hold
+//!   fails the request with a permanent error naming the field, and nothing is changed;
 //! - which 0/1 column a RESTRICTION sets or lifts (`restrict_column`) and which one an
 //!   OBJECTION to direct marketing sets (`suppress_column`).
 //!
@@ -34,18 +43,28 @@
 //!
 //! A matched table's rows are those whose `match` columns equal one of the request's raw
 //! identity values (bound as parameters; one term per identity, ORed):
-//! - a customer number or national id: the column as it is, `"customer_no" = $1`;
+//! - a customer number or national id: the column as it is, `"customer_no" = $1`. On
+//!   PostgreSQL, whose columns the connector learns the types of when it connects, a column
+//!   of an integer type is compared with the value cast, `"customer_no" = CAST($1 AS
+//!   BIGINT)`, which its index serves; a value that is no integer is left out of that
+//!   table's match (the note names it, as it names unsearched identities), since its cast
+//!   would fail the request's other identities too. A column of another type than text
+//!   (UUID, NUMERIC, ...) is compared as text, `CAST("ref" AS TEXT) = $1`, which only an
+//!   index on that expression serves. An e-mail or phone column not of a text type is cast
+//!   to text the same way in the forms below;
 //! - an e-mail: stored addresses keep the case they were typed in, and `lower()` lowers only
-//!   ASCII letters on SQLite and on PostgreSQL under the C collation. `lower("email")` is
-//!   compared with the request's address through the same `lower()` and, when the address
-//!   has a non-ASCII letter, also with its non-ASCII letters in lower case and in capitals
-//!   (each through `lower()` too: `lower("email") IN (lower($1), lower($2), lower($3))`).
+//!   ASCII letters on SQLite and on PostgreSQL under the C collation. The stored address is
+//!   trimmed of spaces, as the request's is, and `lower(trim("email"))` is compared with
+//!   the request's address through the same `lower()` and, when the address has a
+//!   non-ASCII letter, also with its non-ASCII letters in lower case and in capitals (each
+//!   through `lower()` too: `lower(trim("email")) IN (lower($1), lower($2), lower($3))`).
 //!   A stored address that differs from the request's in letter case is found when its
 //!   non-ASCII letters are all in lower case, all capitals, or cased as in the request's
 //!   ('äiti@x.fi', 'ÄITI@X.FI', 'Äiti@X.FI' for 'Äiti@x.fi'); one that mixes them otherwise
 //!   ('Äiti.öljy@x.fi' for 'äiti.Öljy@x.fi') is found only where `lower()` is Unicode-aware
 //!   (PostgreSQL under a libc or ICU locale other than C). An index on the expression
-//!   serves the match: `CREATE INDEX customers_email_lower ON customers (lower("email"))`;
+//!   serves the match: `CREATE INDEX customers_email_lower ON customers
+//!   (lower(trim("email")))`; one on `lower("email")` does not;
 //! - a phone number: the request's number is reduced to its digits and '+', and the column
 //!   loses in SQL the separators people type (space, '-', '(', ')', '.', '/'), so that a
 //!   stored '+358 40 123 4567' is found. An index on the bare column cannot serve that, and
@@ -97,8 +116,9 @@
 //! - Erase: each top-level table with the tables found through it, in batches of about
 //!   10,000 of its rows (more where rows share a batch key, and the last batch also takes
 //!   the rows without one; ranges of the column the children link to, or of a match column
-//!   for a table without children; an integer key is compared as it is, so that a batch
-//!   reads its range from the key's index, any other as text), one transaction per batch,
+//!   for a table without children; a key of an integer type is compared as it is, so that
+//!   a batch reads its range from the key's index, any other (text, a UUID) as text; the
+//!   type is the one declared), one transaction per batch,
 //!   children first. A batch runs the statements of a single erasure over all of its rows
 //!   (a few per table, never one per subject), so retention applies exactly as for one
 //!   subject: released rows get the table's action, kept rows lose what the obligation does
@@ -184,7 +204,8 @@
 //!   the blocking pool; PostgreSQL and in-memory SQLite are read through sqlx.
 //! - `receipt`: the erasure receipts: the table, storing a task's report under its key.
 //! - `schema`: the check at connect that the database has every table and column the rules
-//!   name (SQLite would read a misspelt quoted column as a string and match nothing).
+//!   name (SQLite would read a misspelt quoted column as a string and match nothing), and
+//!   their types, by which statements compare, read and write them.
 //! - `bulk`: contract ends: counting, the export, the erasure in batches, what is kept.
 //! - `sample`: the sample accounting database and its rules ([`sample_config`],
 //!   [`create_sample_accounting_db`]).
@@ -222,6 +243,7 @@ pub use rules::{
 pub use sample::{
     create_sample_accounting_db, sample_config, SAMPLE_ACCOUNTING_RULES, SAMPLE_ACCOUNTING_SQL,
 };
+use schema::ColumnTypes;
 
 /// Carries out data-subject requests in one SQL database according to a
 /// [`SqlConnectorConfig`].
@@ -243,6 +265,8 @@ pub(crate) struct SqlConnector {
 struct Database {
     db: Db,
     writer: Option<Arc<ErasureWriter>>,
+    /// The types of the columns the rules name, learned when it was connected.
+    types: Arc<ColumnTypes>,
 }
 
 /// One controller's part of the holder: the database its rows are in and the condition that
@@ -254,6 +278,8 @@ pub(crate) struct Scoped<'a> {
     condition: Option<&'a str>,
     /// Where its erasures queue to share a transaction (SQLite); `None`: each has its own.
     writer: Option<&'a Arc<ErasureWriter>>,
+    /// The types of the columns the rules name in `db`.
+    types: &'a ColumnTypes,
 }
 
 impl SqlConnector {
@@ -282,31 +308,44 @@ impl SqlConnector {
                 own.insert(name.clone(), db);
             }
         }
-        if let Some(db) = &db {
-            schema::check_columns(db, &config).await?;
-        }
+        let db = match db {
+            Some(db) => {
+                let types = schema::check_columns(&db, &config).await?;
+                Some((db, types))
+            }
+            None => None,
+        };
+        let mut own_types = BTreeMap::new();
         for (name, db) in &own {
-            schema::check_columns(db, &config)
+            let types = schema::check_columns(db, &config)
                 .await
                 .map_err(|e| e.context(format!("checking the database of controller {name:?}")))?;
+            own_types.insert(name.clone(), types);
         }
         // Only a connector that erases writes receipts; a read-only holder gets no table.
         if config.supports(RequestKind::Erasure) {
             let table = config.receipts_table();
-            for db in db.iter().chain(own.values()) {
+            for db in db.iter().map(|(db, _)| db).chain(own.values()) {
                 receipt::ensure_table(db, table).await?;
             }
         }
         let config = Arc::new(config);
-        let database = |db: Db| Database {
-            writer: (db.backend == Backend::Sqlite)
-                .then(|| ErasureWriter::new(config.clone(), db.clone())),
-            db,
+        let database = |db: Db, types: ColumnTypes| {
+            let types = Arc::new(types);
+            Database {
+                writer: (db.backend == Backend::Sqlite)
+                    .then(|| ErasureWriter::new(config.clone(), db.clone(), types.clone())),
+                db,
+                types,
+            }
         };
-        let db = db.map(database);
+        let db = db.map(|(db, types)| database(db, types));
         let own = own
             .into_iter()
-            .map(|(name, db)| (name, database(db)))
+            .map(|(name, db)| {
+                let types = own_types.remove(&name).unwrap_or_default();
+                (name, database(db, types))
+            })
             .collect();
         Ok(Self {
             config,
@@ -326,6 +365,7 @@ impl SqlConnector {
                     db: &d.db,
                     condition,
                     writer: d.writer.as_ref(),
+                    types: &d.types,
                 })
                 .ok_or_else(|| format!("no database is connected for controller {controller:?}"))
         };
@@ -420,15 +460,17 @@ impl Connector for SqlConnector {
             };
             // An answer about the subject says what it did not search by; an erasure's
             // refusal (rows only in `keep` tables) is one.
-            Ok(match (plan::unsearched(&self.config, ids), outcome?) {
-                (Some(extra), Outcome::Refused { reason }) if kind == RequestKind::Erasure => {
-                    Outcome::Refused {
-                        reason: format!("{reason}; {extra}"),
+            Ok(
+                match (plan::unsearched(&self.config, scope.types, ids), outcome?) {
+                    (Some(extra), Outcome::Refused { reason }) if kind == RequestKind::Erasure => {
+                        Outcome::Refused {
+                            reason: format!("{reason}; {extra}"),
+                        }
                     }
-                }
-                (Some(extra), outcome) => outcome.with_note_added(&extra),
-                (None, outcome) => outcome,
-            })
+                    (Some(extra), outcome) => outcome.with_note_added(&extra),
+                    (None, outcome) => outcome,
+                },
+            )
         })
     }
 

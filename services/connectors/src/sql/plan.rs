@@ -17,6 +17,7 @@ use sqlx::Any;
 use super::rules::{
     Action, AnonymizeWith, Retention, SqlConnectorConfig, TableRule, MATCH_KEYS, REDACTED,
 };
+use super::schema::{ColumnType, ColumnTypes, Compare};
 use crate::ConnectorError;
 
 /// One SQL statement and the values of its `$1`, `$2`, ... parameters.
@@ -87,6 +88,16 @@ pub(super) struct Scope<'a> {
     /// One batch of a bulk job: the rows of one top-level table in a range of its batch key,
     /// and the child rows found through them.
     pub(super) batch: Option<&'a Batch>,
+    /// The holder's column types, which decide how a column is compared, read and written
+    /// ([`ColumnTypes`]); `None`: every column as it is.
+    pub(super) types: Option<&'a ColumnTypes>,
+}
+
+impl Scope<'_> {
+    /// The type of `table`'s `column`.
+    fn column(&self, table: &str, column: &str) -> ColumnType {
+        self.types.map(|t| t.of(table, column)).unwrap_or_default()
+    }
 }
 
 /// A range of a top-level table's batch key, `(after, through]`, where the last batch
@@ -407,7 +418,14 @@ pub(super) fn plan_export(
 ) -> Option<Statement> {
     let mut binds = Binds::default();
     let filter = subject_filter(config, rule, scope, &mut binds)?;
-    let columns: Vec<String> = rule.export.iter().map(|c| quote(c)).collect();
+    // A type sqlx's Any driver cannot decode (DATE, NUMERIC, UUID, ...) is read as the
+    // database writes it as text.
+    let columns: Vec<String> = (rule.export.iter())
+        .map(|c| match scope.column(&rule.table, c).native {
+            true => quote(c),
+            false => format!("CAST({} AS TEXT)", quote(c)),
+        })
+        .collect();
     Some(binds.finish(format!(
         "SELECT {} FROM {} WHERE {filter}",
         columns.join(", "),
@@ -426,7 +444,11 @@ pub(super) fn plan_rectify(
     let mut binds = Binds::default();
     let set: Vec<String> = corrections
         .iter()
-        .map(|(column, value)| format!("{} = {}", quote(column), binds.add(*value)))
+        .map(|(column, value)| {
+            let p = binds.add(*value);
+            let value = scope.column(&rule.table, column).written(&p);
+            format!("{} = {value}", quote(column))
+        })
         .collect();
     let filter = subject_filter(config, rule, scope, &mut binds)?;
     Some(binds.finish(format!(
@@ -477,19 +499,56 @@ pub(super) fn usable_identities(
     Ok(raw)
 }
 
-/// The identities [`usable_identities`] leaves out, described without their values, for the
-/// outcome's note: an answer about the subject must say what it did not search by. `None`
-/// when every identity was used.
+/// The identities [`usable_identities`] leaves out, and those a match column of an integer
+/// type (`types`) cannot be compared with ([`match_clause`]), described without their
+/// values, for the outcome's note: an answer about the subject must say what it did not
+/// search by. `None` when every identity was used.
 pub(super) fn unsearched(
     config: &SqlConnectorConfig,
+    types: &ColumnTypes,
     identities: &[SubjectIdentity],
 ) -> Option<String> {
     let usable_keys = config.usable_keys();
-    let left_out: Vec<String> = identities
-        .iter()
-        .filter_map(|id| searchable(&usable_keys, id).err())
-        .collect();
+    let mut left_out = Vec::new();
+    for id in identities {
+        let (ty, value) = match searchable(&usable_keys, id) {
+            Ok(usable) => usable,
+            Err(why) => {
+                left_out.push(why);
+                continue;
+            }
+        };
+        for rule in &config.tables {
+            let Some(column) = match_key(ty).and_then(|k| rule.match_columns.get(k)) else {
+                continue;
+            };
+            if not_comparable(ty, types.of(&rule.table, column).compare, &value) {
+                left_out.push(format!(
+                    "{} in {}.{column} (not an integer, which the column holds)",
+                    type_name(ty),
+                    rule.table
+                ));
+            }
+        }
+    }
     (!left_out.is_empty()).then(|| format!("not searched: {}", left_out.join("; ")))
+}
+
+/// Whether the identity `value` of type `ty` is left out of the match of a column compared
+/// as `compare`: a value that is no integer, for an integer column (its cast would fail the
+/// statement, and with it the request's other identities). E-mails and phone numbers are
+/// compared as text.
+fn not_comparable(ty: IdentityType, compare: Compare, value: &str) -> bool {
+    let text = matches!(ty, IdentityType::Email | IdentityType::Phone);
+    compare == Compare::Integer && !text && value.parse::<i64>().is_err()
+}
+
+/// `ty` in words: "customer number".
+fn type_name(ty: IdentityType) -> String {
+    ty.as_str_name()
+        .trim_start_matches("IDENTITY_TYPE_")
+        .to_ascii_lowercase()
+        .replace('_', " ")
 }
 
 /// `id` as the match uses it (a RAW value of a type some table matches, normalized; see
@@ -497,12 +556,7 @@ pub(super) fn unsearched(
 /// for both [`usable_identities`] and [`unsearched`], so the search and the note agree.
 fn searchable(usable_keys: &BTreeSet<&str>, id: &SubjectIdentity) -> Result<Identity, String> {
     let ty = IdentityType::try_from(id.r#type).unwrap_or(IdentityType::Unspecified);
-    let name = || {
-        ty.as_str_name()
-            .trim_start_matches("IDENTITY_TYPE_")
-            .to_ascii_lowercase()
-            .replace('_', " ")
-    };
+    let name = || type_name(ty);
     if IdentityEncoding::try_from(id.encoding) != Ok(IdentityEncoding::Raw) {
         let encoding = IdentityEncoding::try_from(id.encoding).map_or("an unknown encoding", |e| {
             e.as_str_name().trim_start_matches("IDENTITY_ENCODING_")
@@ -602,7 +656,13 @@ pub(super) fn subject_filter(
 fn top_level_filter(rule: &TableRule, scope: Scope<'_>, binds: &mut Binds) -> Option<String> {
     let mut terms = Vec::new();
     if let Some(identities) = scope.subject {
-        terms.push(match_clause(&rule.match_columns, identities, binds)?);
+        let types = |column: &str| scope.column(&rule.table, column);
+        terms.push(match_clause(
+            &rule.match_columns,
+            identities,
+            &types,
+            binds,
+        )?);
     }
     if let Some(condition) = scope.condition {
         terms.push(format!("({condition})"));
@@ -618,10 +678,13 @@ fn top_level_filter(rule: &TableRule, scope: Scope<'_>, binds: &mut Binds) -> Op
 }
 
 /// `(a = $n OR b = $m ...)` over every identity whose type the table matches, with the values
-/// bound; `None` when no identity applies.
+/// bound, each column compared as its type (`types`) allows ([`Compare`]); `None` when no
+/// identity applies. A value an integer column cannot hold is left out ([`unsearched`] says
+/// so).
 fn match_clause(
     columns: &BTreeMap<String, String>,
     identities: &[Identity],
+    types: &dyn Fn(&str) -> ColumnType,
     binds: &mut Binds,
 ) -> Option<String> {
     let mut terms = Vec::new();
@@ -629,17 +692,34 @@ fn match_clause(
         let Some(column) = match_key(*ty).and_then(|k| columns.get(k)) else {
             continue;
         };
-        terms.push(match ty {
-            IdentityType::Email => email_match(column, value, binds),
-            IdentityType::Phone => format!("{} = {}", phone_digits(column), binds.add(value)),
-            _ => format!("{} = {}", quote(column), binds.add(value)),
+        let compare = types(column).compare;
+        if not_comparable(*ty, compare, value) {
+            continue;
+        }
+        // E-mails and phone numbers are text functions' arguments whatever the column holds.
+        let text = match compare {
+            Compare::AsIs => quote(column),
+            Compare::Integer | Compare::AsText => format!("CAST({} AS TEXT)", quote(column)),
+        };
+        terms.push(match (ty, compare) {
+            (IdentityType::Email, _) => email_match(&text, value, binds),
+            (IdentityType::Phone, _) => {
+                format!("{} = {}", without_separators(&text), binds.add(value))
+            }
+            (_, Compare::Integer) => {
+                format!("{} = CAST({} AS BIGINT)", quote(column), binds.add(value))
+            }
+            (_, Compare::AsIs | Compare::AsText) => format!("{text} = {}", binds.add(value)),
         });
     }
     (!terms.is_empty()).then(|| format!("({})", terms.join(" OR ")))
 }
 
-/// The match of an e-mail `column` with the request's address `value`.
+/// The match of an e-mail column (`stored`, quoted, or cast to text) with the request's
+/// address `value`.
 ///
+/// The request's address is trimmed, and a stored one may carry the spaces it was typed or
+/// pasted with, so the column is trimmed too (`trim()` drops spaces only, on both backends).
 /// Stored addresses keep whatever case they were typed in, and the database's lower() changes
 /// only ASCII letters on SQLite (and on PostgreSQL under the C collation): a stored
 /// 'ÄNNI@X.FI' lowers to 'Änni@x.fi'. No one form of the request's address meets every
@@ -648,9 +728,9 @@ fn match_clause(
 /// request's), with its non-ASCII letters in lower case, and with them in capitals. Where
 /// lower() is Unicode-aware the first alone meets every case. Only letters with a one-letter
 /// non-ASCII counterpart change ([`non_ascii_case`]), so that no form names another mailbox
-/// ('ß' is no "SS"). lower(column) stays as it is on the left, so that an index on that
-/// expression serves `=` and `IN` alike.
-fn email_match(column: &str, value: &str, binds: &mut Binds) -> String {
+/// ('ß' is no "SS"). lower(trim(column)) stays as it is on the left, so that an index on that
+/// expression serves `=` and `IN` alike (one on lower(column) does not).
+fn email_match(stored: &str, value: &str, binds: &mut Binds) -> String {
     let mut forms = vec![value.to_string()];
     for form in [
         non_ascii_case(value, |c| c.to_lowercase()),
@@ -664,7 +744,7 @@ fn email_match(column: &str, value: &str, binds: &mut Binds) -> String {
         .into_iter()
         .map(|form| format!("lower({})", binds.add(form)))
         .collect();
-    let stored = format!("lower({})", quote(column));
+    let stored = format!("lower(trim({stored}))");
     match lowered.as_slice() {
         [one] => format!("{stored} = {one}"),
         many => format!("{stored} IN ({})", many.join(", ")),
@@ -693,20 +773,29 @@ fn non_ascii_case<I: Iterator<Item = char>>(value: &str, map: impl Fn(char) -> I
 /// The separators people write phone numbers with.
 const PHONE_SEPARATORS: [&str; 6] = [" ", "-", "(", ")", ".", "/"];
 
-/// `column` without the separators of [`PHONE_SEPARATORS`]. The request's phone number is
-/// normalized in Rust to its digits and '+' ('+358 40 123 4567' to '+358401234567'), but a
-/// holder stores numbers as they were typed, so the column must lose its separators too or
-/// a stored '+358 40 123 4567' would never match, not even the same text. SQL has no
+/// The text expression `text` (a quoted phone column, or one cast to text) without the
+/// separators of [`PHONE_SEPARATORS`]. The request's phone number is normalized in Rust to
+/// its digits and '+' ('+358 40 123 4567' to '+358401234567'), but a holder stores numbers
+/// as they were typed, so the column must lose its separators too or a stored
+/// '+358 40 123 4567' would never match, not even the same text. SQL has no
 /// "keep only these characters", so the separators the identity validation admits (space,
 /// '-', '(' and ')') and those common in stored numbers ('.' and '/') are removed one by
 /// one; the same REPLACE works on both backends. An index on the bare column does not serve
 /// this match, and ORed with the other identities' terms it makes every statement of the
 /// request read the whole table; an index on this very expression does serve it. The module
 /// documentation gives that index, and a test checks it against this function.
+fn without_separators(text: &str) -> String {
+    PHONE_SEPARATORS
+        .iter()
+        .fold(text.to_string(), |inner, sep| {
+            format!("REPLACE({inner}, '{sep}', '')")
+        })
+}
+
+/// The match expression of the text column `column` holding phone numbers.
+#[cfg(test)]
 fn phone_digits(column: &str) -> String {
-    PHONE_SEPARATORS.iter().fold(quote(column), |inner, sep| {
-        format!("REPLACE({inner}, '{sep}', '')")
-    })
+    without_separators(&quote(column))
 }
 
 /// The index the module documentation tells operators to create for a phone match column
@@ -735,6 +824,11 @@ mod tests {
     use crate::sql::sample_config;
     use crate::sql::tests::{email, ident, now};
 
+    /// Every column used as it is, as on SQLite.
+    fn as_is(_: &str) -> ColumnType {
+        ColumnType::default()
+    }
+
     #[test]
     fn plans_bind_values_and_quote_identifiers() {
         let config = sample_config("sqlite::memory:");
@@ -762,7 +856,7 @@ mod tests {
         );
         let work = |i: usize| plan[i].work.as_ref().unwrap();
         let customers_of = "IN (SELECT \"id\" FROM \"customers\" WHERE \
-                            (lower(\"email\") = lower($1) OR \"customer_no\" = $2))";
+                            (lower(trim(\"email\")) = lower($1) OR \"customer_no\" = $2))";
         assert_eq!(
             work(0).main,
             Statement {
@@ -809,7 +903,7 @@ mod tests {
             format!(
                 "UPDATE \"ledger_entries\" SET \"customer_id\" = NULL, \"description\" = $1 \
                  WHERE \"customer_id\" IN (SELECT \"id\" FROM \"customers\" WHERE \
-                 (lower(\"email\") = lower($2) OR \"customer_no\" = $3)) AND (CASE WHEN \
+                 (lower(trim(\"email\")) = lower($2) OR \"customer_no\" = $3)) AND (CASE WHEN \
                  (CAST(\"ledger_entries\".\"booked_on\" AS TEXT) >= $4) THEN 1 ELSE 0 END) = 0 \
                  AND (\"customer_id\" IS NOT NULL OR (\"description\" IS NULL OR \
                  \"description\" <> $1))"
@@ -824,7 +918,7 @@ mod tests {
         assert_eq!(
             customers.sql,
             "UPDATE \"customers\" SET \"address\" = NULL, \"name\" = $1, \"national_id\" = \
-             NULL, \"phone\" = NULL WHERE (lower(\"email\") = lower($2) OR \
+             NULL, \"phone\" = NULL WHERE (lower(trim(\"email\")) = lower($2) OR \
              \"customer_no\" = $3) AND (CASE WHEN EXISTS (SELECT 1 FROM \"invoices\" WHERE \
              \"invoices\".\"customer_id\" = \"customers\".\"id\" AND \
              (CAST(\"invoices\".\"issued_on\" AS TEXT) >= $4 OR \
@@ -847,6 +941,127 @@ mod tests {
         assert_eq!(work(3).held_for, ["invoices", "ledger_entries"]);
     }
 
+    /// On PostgreSQL an integer match column is compared with the value cast (its index
+    /// serves that), a value that is no integer is left out; another non-text column is
+    /// compared as text; an export reads a type the driver cannot decode as text; a
+    /// rectification casts the value to a non-text column's type.
+    #[test]
+    fn postgres_columns_are_compared_read_and_written_by_their_types() {
+        let typed = |declared: &str, own: &str, base: &str| {
+            ColumnType::postgres(declared.into(), own, base)
+        };
+        let types = ColumnTypes::of_columns([
+            (
+                "customers",
+                "customer_no",
+                typed("bigint", "bigint", "bigint"),
+            ),
+            ("customers", "national_id", typed("uuid", "uuid", "uuid")),
+            ("customers", "phone", typed("bigint", "bigint", "bigint")),
+            ("customers", "name", typed("text", "text", "text")),
+            ("customers", "address", typed("date", "date", "date")),
+        ]);
+        let columns: BTreeMap<String, String> = [
+            ("customer_number", "customer_no"),
+            ("national_id", "national_id"),
+            ("phone", "phone"),
+            ("email", "email"),
+        ]
+        .map(|(k, c)| (k.to_string(), c.to_string()))
+        .into();
+        let of = |column: &str| types.of("customers", column);
+        let clause = |raw: &[Identity]| {
+            let mut binds = Binds::default();
+            (match_clause(&columns, raw, &of, &mut binds), binds.0)
+        };
+        let raw = |ty, value: &str| (ty, value.to_string());
+        assert_eq!(
+            clause(&[
+                raw(IdentityType::CustomerNumber, "1001"),
+                raw(
+                    IdentityType::NationalId,
+                    "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
+                ),
+                raw(IdentityType::Phone, "+358401234567"),
+            ]),
+            (
+                Some(
+                    "(\"customer_no\" = CAST($1 AS BIGINT) OR CAST(\"national_id\" AS TEXT) = $2 \
+                     OR REPLACE(REPLACE(REPLACE(REPLACE(REPLACE(REPLACE(CAST(\"phone\" AS TEXT), \
+                     ' ', ''), '-', ''), '(', ''), ')', ''), '.', ''), '/', '') = $3)"
+                        .to_string()
+                ),
+                vec![
+                    "1001".to_string(),
+                    "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11".to_string(),
+                    "+358401234567".to_string(),
+                ]
+            )
+        );
+        // No integer: left out, and the other identities still match.
+        assert_eq!(
+            clause(&[
+                raw(IdentityType::CustomerNumber, "C-1001"),
+                raw(IdentityType::Email, "Maija@Example.fi"),
+            ]),
+            (
+                Some("(lower(trim(\"email\")) = lower($1))".to_string()),
+                vec!["Maija@Example.fi".to_string()]
+            )
+        );
+        assert_eq!(
+            clause(&[raw(IdentityType::CustomerNumber, "C-1001")]),
+            (None, vec![])
+        );
+        let mut config = sample_config("postgres://h/db");
+        config.tables.retain(|t| t.table == "customers");
+        let customers = &mut config.tables[0];
+        customers.match_columns =
+            [("customer_number".to_string(), "customer_no".to_string())].into();
+        customers.export = vec!["customer_no".into(), "name".into(), "address".into()];
+        let given = [ident(
+            IdentityType::CustomerNumber,
+            IdentityEncoding::Raw,
+            "C-1001",
+        )];
+        let note = unsearched(&config, &types, &given);
+        assert_eq!(
+            note.as_deref(),
+            Some(
+                "not searched: customer number in customers.customer_no (not an integer, \
+                 which the column holds)"
+            )
+        );
+        let raw = [raw(IdentityType::CustomerNumber, "1001")];
+        let scope = Scope {
+            subject: Some(&raw),
+            types: Some(&types),
+            ..Scope::default()
+        };
+        let rule = &config.tables[0];
+        assert_eq!(
+            plan_export(&config, rule, scope).unwrap().sql,
+            "SELECT \"customer_no\", \"name\", CAST(\"address\" AS TEXT) FROM \"customers\" \
+             WHERE (\"customer_no\" = CAST($1 AS BIGINT))"
+        );
+        let (name, address) = ("name".to_string(), "address".to_string());
+        assert_eq!(
+            plan_rectify(
+                &config,
+                rule,
+                scope,
+                &[(&name, "Maija"), (&address, "2024-03-02")]
+            )
+            .unwrap(),
+            Statement {
+                sql: "UPDATE \"customers\" SET \"name\" = $1, \"address\" = \
+                      CAST($2 AS date) WHERE (\"customer_no\" = CAST($3 AS BIGINT))"
+                    .into(),
+                binds: vec!["Maija".into(), "2024-03-02".into(), "1001".into()],
+            }
+        );
+    }
+
     #[test]
     fn a_phone_column_loses_its_separators_before_the_match() {
         let config = sample_config("sqlite::memory:");
@@ -860,7 +1075,7 @@ mod tests {
         let columns = [("phone".to_string(), "tel".to_string())].into();
         let mut binds = Binds::default();
         assert_eq!(
-            match_clause(&columns, &raw, &mut binds).unwrap(),
+            match_clause(&columns, &raw, &as_is, &mut binds).unwrap(),
             "(REPLACE(REPLACE(REPLACE(REPLACE(REPLACE(REPLACE(\"tel\", ' ', ''), '-', ''), \
              '(', ''), ')', ''), '.', ''), '/', '') = $1)"
         );
@@ -873,13 +1088,16 @@ mod tests {
         let clause = |value: &str| {
             let mut binds = Binds::default();
             let raw = [(IdentityType::Email, value.to_string())];
-            (match_clause(&columns, &raw, &mut binds).unwrap(), binds.0)
+            (
+                match_clause(&columns, &raw, &as_is, &mut binds).unwrap(),
+                binds.0,
+            )
         };
         // As given, its non-ASCII letters lowered, and in capitals; each lowered by SQL.
         assert_eq!(
             clause("äiti.Öljy@X.fi"),
             (
-                "(lower(\"email\") IN (lower($1), lower($2), lower($3)))".to_string(),
+                "(lower(trim(\"email\")) IN (lower($1), lower($2), lower($3)))".to_string(),
                 vec![
                     "äiti.Öljy@X.fi".to_string(),
                     "äiti.öljy@X.fi".to_string(),
@@ -891,7 +1109,7 @@ mod tests {
         assert_eq!(
             clause("Äiti@x.fi"),
             (
-                "(lower(\"email\") IN (lower($1), lower($2)))".to_string(),
+                "(lower(trim(\"email\")) IN (lower($1), lower($2)))".to_string(),
                 vec!["Äiti@x.fi".to_string(), "äiti@x.fi".to_string()]
             )
         );
@@ -901,7 +1119,7 @@ mod tests {
             assert_eq!(
                 clause(value),
                 (
-                    "(lower(\"email\") = lower($1))".to_string(),
+                    "(lower(trim(\"email\")) = lower($1))".to_string(),
                     vec![value.to_string()]
                 )
             );
@@ -959,7 +1177,7 @@ mod tests {
         // And the match compares exactly that expression.
         let columns = [("phone".to_string(), "phone".to_string())].into();
         let raw = [(IdentityType::Phone, "+358401234567".to_string())];
-        let clause = match_clause(&columns, &raw, &mut Binds::default()).unwrap();
+        let clause = match_clause(&columns, &raw, &as_is, &mut Binds::default()).unwrap();
         assert_eq!(clause, format!("({} = $1)", phone_digits("phone")));
         assert!(index.contains(&compact(&phone_digits("phone"))));
     }
@@ -978,6 +1196,7 @@ mod tests {
             subject: None,
             condition: Some("tenant = 'a'"),
             batch: Some(&batch),
+            types: None,
         };
         let plan = plan_erasure(&config, scope, now());
         // A child: through the parent's rows in the condition and the batch, which, being the
@@ -1003,6 +1222,7 @@ mod tests {
             subject: Some(&raw),
             condition: Some("tenant = 'a'"),
             batch: Some(&batch),
+            types: None,
         };
         let customers = config
             .tables
@@ -1013,7 +1233,7 @@ mod tests {
             plan_flag(&config, customers, scope, "marketing_opt_out", 1).unwrap(),
             Statement {
                 sql: "UPDATE \"customers\" SET \"marketing_opt_out\" = 1 WHERE \
-                      (lower(\"email\") = lower($1)) AND (tenant = 'a') AND \
+                      (lower(trim(\"email\")) = lower($1)) AND (tenant = 'a') AND \
                       CAST(\"customers\".\"id\" AS TEXT) > $2 AND \
                       CAST(\"customers\".\"id\" AS TEXT) <= $3"
                     .into(),

@@ -22,6 +22,7 @@ use tokio::sync::oneshot;
 
 use super::execute::{classify, ErasureReport};
 use super::receipt;
+use super::schema::ColumnTypes;
 use super::{Scoped, SqlConnectorConfig};
 use crate::ConnectorError;
 
@@ -51,6 +52,7 @@ impl Queued for QueuedErasure {
 pub(super) struct ErasureWriter {
     config: Arc<SqlConnectorConfig>,
     db: Db,
+    types: Arc<ColumnTypes>,
     queue: GroupQueue<QueuedErasure>,
 }
 
@@ -63,10 +65,15 @@ impl std::fmt::Debug for ErasureWriter {
 }
 
 impl ErasureWriter {
-    pub(super) fn new(config: Arc<SqlConnectorConfig>, db: Db) -> Arc<Self> {
+    pub(super) fn new(
+        config: Arc<SqlConnectorConfig>,
+        db: Db,
+        types: Arc<ColumnTypes>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             config,
             db,
+            types,
             queue: GroupQueue::default(),
         })
     }
@@ -137,6 +144,7 @@ impl ErasureWriter {
                 db: &self.db,
                 condition: q.condition.as_deref(),
                 writer: None,
+                types: &self.types,
             };
             savepoint(&mut tx, "SAVEPOINT erasure").await?;
             match scoped
