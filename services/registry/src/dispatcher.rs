@@ -35,6 +35,7 @@ use dsrelay_proto::v1::{
     TransferRecipient, UpdateContractEndRequest,
 };
 use dsrelay_proto::{prost::Message, timestamp_from_millis};
+use dsrelay_runtime::log_text::Said;
 use dsrelay_runtime::trace_context;
 use dsrelay_runtime::worker::{run_pool, PoolSettings};
 use tokio::sync::{mpsc, watch};
@@ -220,10 +221,12 @@ async fn attempt(
             recorder.queue(shared, job, tasks).await;
         }
         Call::Answered(Err(status)) => {
-            let message = format!("{:?}: {}", status.code(), status.message());
-            record_failure(shared, &job, &message, is_refusal(status.code())).await;
+            let said = Said::status(&status);
+            record_failure(shared, &job, &said, is_refusal(status.code())).await;
         }
-        Call::NotMade { error, refused } => record_failure(shared, &job, error, refused).await,
+        Call::NotMade { error, refused } => {
+            record_failure(shared, &job, &Said::ours(error), refused).await
+        }
     }
     Attempt::Ended
 }
@@ -504,22 +507,28 @@ pub(crate) fn is_refusal(code: tonic::Code) -> bool {
     )
 }
 
-async fn record_failure(shared: &Shared, job: &DeliveryJob, error: &str, refused: bool) {
+/// Records a failed attempt: the delivery's `last_error` and the request's DELIVERY_FAILED
+/// event hold all that was `said` (until the request is forgotten); the log line holds the
+/// code and only a keyed hash of the processor's message, which may quote the subject (a
+/// holder's answer naming an address), and says where to read it.
+async fn record_failure(shared: &Shared, job: &DeliveryJob, said: &Said, refused: bool) {
     shared.metrics.delivery_failures.inc(&[&job.processor]);
     let attempt = u32::try_from(job.attempts + 1).unwrap_or(u32::MAX);
     let delay = shared.config.delivery.backoff.delay(attempt);
     let now = shared.clock.now_ms();
+    let logged = said.logged(&shared.identity_hash_key);
     tracing::warn!(
-        error,
+        error = %logged,
         retry_in_ms = delay.as_millis() as u64,
-        "delivery failed"
+        "delivery failed; `dsrctl get` shows the whole error until the request is forgotten"
     );
     let max_refusals = refused.then_some(shared.config.delivery.max_refusals);
+    let error = said.full();
     match shared
         .store
         .delivery_failed(
             job,
-            error,
+            &error,
             now + delay.as_millis() as i64,
             now,
             max_refusals,
@@ -531,7 +540,11 @@ async fn record_failure(shared: &Shared, job: &DeliveryJob, error: &str, refused
                 .metrics
                 .deliveries_dead_lettered
                 .inc(&[&job.processor]);
-            tracing::error!(error, "delivery dead-lettered after repeated refusal");
+            tracing::error!(
+                error = %logged,
+                "delivery dead-lettered after repeated refusal; `dsrctl get` shows the whole \
+                 error until the request is forgotten"
+            );
         }
         Ok(FailureRecorded::Retrying) => {}
         Ok(FailureRecorded::LeaseLost) => {

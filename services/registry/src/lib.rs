@@ -38,6 +38,8 @@ mod error;
 mod fold;
 mod forget;
 mod intake;
+#[cfg(test)]
+mod log_tests;
 mod metrics;
 pub mod packages;
 mod reconciler;

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::v1::{GetStatusRequest, ListSubprocessorsRequest};
+use dsrelay_runtime::log_text::{withheld, Said};
 use tokio::sync::watch;
 
 use crate::app::Shared;
@@ -35,9 +36,13 @@ pub(crate) async fn refresh_chain(shared: Arc<Shared>, mut stop: watch::Receiver
             let report = match answer {
                 Ok(r) => ChainReport::Listed(r.into_inner().encode_to_vec()),
                 Err(s) => {
-                    let e = format!("{:?}: {}", s.code(), s.message());
-                    tracing::warn!(processor = %name, error = %e, "asking for subprocessors failed");
-                    ChainReport::Unanswered(e)
+                    let said = Said::status(&s);
+                    tracing::warn!(
+                        processor = %name,
+                        error = %said.logged(&shared.identity_hash_key),
+                        "asking for subprocessors failed; `dsrctl chain` shows its answer"
+                    );
+                    ChainReport::Unanswered(said.full())
                 }
             };
             if let Err(e) = shared
@@ -129,7 +134,14 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     }
                 }
                 Err(status) => {
-                    tracing::warn!(%request_id, %processor, code = ?status.code(), message = status.message(), "status check failed");
+                    // The message is not kept anywhere: the code is what decides what follows.
+                    tracing::warn!(
+                        %request_id,
+                        %processor,
+                        code = ?status.code(),
+                        message = %withheld(&shared.identity_hash_key, status.message()),
+                        "status check failed"
+                    );
                     // Down or too slow, not an answer about this request alone.
                     if matches!(
                         status.code(),

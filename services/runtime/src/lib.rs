@@ -25,6 +25,8 @@
 //! - [`export_files`]: the rules both receivers of export files apply (limits, file names,
 //!   digests and chunk checksums, the list of files that closes a part).
 //! - [`identity`]: subject identity validation, normalisation and hashing.
+//! - [`log_text`]: what log lines show of text from outside a service (another party's
+//!   status message, a holder's error): its length and a keyed hash, never its words.
 //! - [`listen`]: TCP listeners handed down by whoever started the process (`LISTEN_FDS`),
 //!   or bound here when none was.
 //! - [`metrics`]: Prometheus text-format metrics (prometheus-client) on a plain-HTTP admin
@@ -53,6 +55,7 @@ pub mod grpc;
 pub mod host;
 pub mod identity;
 pub mod listen;
+pub mod log_text;
 pub mod metrics;
 pub mod pki;
 pub mod server;

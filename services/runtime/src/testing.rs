@@ -47,3 +47,71 @@ where
     let dir = tempfile::tempdir().expect("tempdir");
     test(format!("{base}/{name}{query}"), dir.path().to_path_buf()).await;
 }
+
+/// Every log line of this process from the first [`captured_logs`] on, as the services write
+/// them with `log_json = true` (the crates of dsrelay at DEBUG, others at INFO, the chatty
+/// transport crates at WARN), for tests that check what logs hold. Nextest runs each test in
+/// a process of its own; under `cargo test` the lines of the other tests of the binary are
+/// among them, so a test looks for what only it logs (its request id, an address only it
+/// uses).
+#[derive(Clone)]
+pub struct CapturedLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    /// The lines so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+}
+
+/// One sink per process: each added line goes at its end.
+struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Starts capturing (on the first call; later calls share it) as the process's subscriber:
+/// global, so that lines of every runtime thread are caught, not only the test's own.
+///
+/// # Panics
+/// When another subscriber is the process's already, since its lines would not be caught.
+pub fn captured_logs() -> CapturedLogs {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
+
+    static LOGS: std::sync::OnceLock<CapturedLogs> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buffer = std::sync::Arc::default();
+        let sink = std::sync::Arc::clone(&buffer);
+        let filter = Targets::new()
+            .with_default(LevelFilter::INFO)
+            .with_target("dsrelay", LevelFilter::DEBUG)
+            .with_target("sqlx", LevelFilter::WARN)
+            .with_target("h2", LevelFilter::WARN)
+            .with_target("hyper", LevelFilter::WARN)
+            .with_target("tower", LevelFilter::WARN);
+        let layer = tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .with_writer(move || Sink(std::sync::Arc::clone(&sink)));
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(layer)
+            .try_init()
+            .expect("no other subscriber is this process's: its lines would not be captured");
+        CapturedLogs(buffer)
+    })
+    .clone()
+}

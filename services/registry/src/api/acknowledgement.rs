@@ -140,10 +140,15 @@ impl AcknowledgementService for Api {
                 .acknowledgements_rejected
                 .inc(&[&processor, reason]);
         }
-        if !rejected.is_empty() {
+        if let Some(first) = rejected.first() {
+            // Not the first one's message: it names the request id the processor sent, which
+            // for an acknowledgement not routed here is whatever text the processor put
+            // there. The processor gets every rejection whole in its answer.
             tracing::warn!(
                 rejected = rejected.len(),
-                first = %rejected[0].message,
+                first_index = first.index,
+                first_code = ?tonic::Code::from_i32(first.code),
+                first_violations = first.violations.len(),
                 "acknowledgements rejected"
             );
         }
@@ -427,6 +432,8 @@ pub(crate) fn well_formed_reports(
                     )
                 })
                 .collect();
+            // The rules name fields and limits in the registry's own words and never quote a
+            // value (see `violations`), so the processor's texts stay out of the line.
             tracing::warn!(
                 %processor,
                 %request_id,

@@ -153,6 +153,10 @@ impl Api {
                 let kind = certificate_kind(kinds.get(a.request_id.as_str()).copied());
                 let checked = check(key, identity, kind, a, c);
                 if !checked.verified {
+                    // The rejection is the registry's words; what it quotes of the body is a
+                    // value of one of the claims checked (kind, processor, request_id,
+                    // subprocessor, task_state, version): identifiers, as the acknowledgement's
+                    // own logged here, never a text about the subject.
                     tracing::warn!(
                         processor,
                         request_id = %a.request_id,

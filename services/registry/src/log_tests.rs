@@ -1,0 +1,322 @@
+//! Logs never hold a processor's words, which may quote the subject: through the real registry
+//! (its server over mutual TLS with the development PKI's certificates, its store on SQLite,
+//! and PostgreSQL when `DSRELAY_TEST_POSTGRES_URL` names a server, its dispatcher and chain
+//! refresher) and a processor served here with the processor's certificate, whose every
+//! answer is an error quoting the subject's address, as a holder's message passed on might.
+//! The logs show each failure by its code and a keyed hash; the request's delivery (Get) and
+//! the operators' chain still show the whole answer.
+
+use std::time::Duration;
+
+use dsrelay_proto::v1::processor_service_server::{ProcessorService, ProcessorServiceServer};
+use dsrelay_proto::v1::request_service_client::RequestServiceClient;
+use dsrelay_proto::v1::{
+    CancelDeliveryRequest, DeliverRequest, DeliverResponse, DeliveryState, ExtendDueDateRequest,
+    GetChainRequest, GetRequest, GetStatusRequest, IdentityEncoding, IdentityType,
+    ListSubprocessorsRequest, RequestKind, SubjectIdentity, SubmitRequest, SubprocessorList,
+    TaskList, UpdateContractEndRequest,
+};
+use dsrelay_runtime::pki::{dev_identity, DevPki};
+use dsrelay_runtime::testing::{captured_logs, CapturedLogs};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::test_postgres::on_postgres;
+use crate::{App, Config};
+
+const PROCESSOR: &str = "payroll-bureau";
+
+/// The subject's address, which the processor's answers quote; no other test uses it.
+const ADDRESS: &str = "liisa.lokitesti@example.fi";
+/// What of it no log line may hold.
+const LOCAL_PART: &str = "liisa.lokitesti";
+
+/// A processor whose answers quote the subject's address: Deliver is refused as a holder
+/// refuses it, ListSubprocessors fails.
+struct Quoting;
+
+#[tonic::async_trait]
+impl ProcessorService for Quoting {
+    async fn deliver(
+        &self,
+        _req: Request<DeliverRequest>,
+    ) -> Result<Response<DeliverResponse>, Status> {
+        Err(Status::failed_precondition(format!(
+            "payroll holds no employee {ADDRESS}"
+        )))
+    }
+
+    async fn cancel(
+        &self,
+        _req: Request<CancelDeliveryRequest>,
+    ) -> Result<Response<TaskList>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
+    async fn get_status(
+        &self,
+        _req: Request<GetStatusRequest>,
+    ) -> Result<Response<TaskList>, Status> {
+        Err(Status::unavailable(format!("no status for {ADDRESS}")))
+    }
+
+    async fn list_subprocessors(
+        &self,
+        _req: Request<ListSubprocessorsRequest>,
+    ) -> Result<Response<SubprocessorList>, Status> {
+        Err(Status::internal(format!("the list broke at {ADDRESS}")))
+    }
+
+    async fn update_contract_end(
+        &self,
+        _req: Request<UpdateContractEndRequest>,
+    ) -> Result<Response<TaskList>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
+    async fn extend_due_date(
+        &self,
+        _req: Request<ExtendDueDateRequest>,
+    ) -> Result<Response<TaskList>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+}
+
+/// A running registry whose one processor is [`Quoting`].
+struct Registry {
+    port: u16,
+    pki: DevPki,
+    stop: oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<anyhow::Result<()>>,
+    stop_processor: oneshot::Sender<()>,
+}
+
+impl Registry {
+    /// Serves a registry on `database_url`, its files under `dir`; a refused delivery is sent
+    /// again within tens of milliseconds and dead-lettered at its second refusal.
+    async fn start(dir: &std::path::Path, database_url: &str) -> Self {
+        let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let processor_port = listener.local_addr().expect("addr").port();
+        let router = dsrelay_runtime::server::builder(
+            pki.files("processor").server_config().expect("server tls"),
+        )
+        .expect("server")
+        .add_service(ProcessorServiceServer::new(Quoting));
+        let (stop_processor, processor_stopped) = oneshot::channel::<()>();
+        tokio::spawn(dsrelay_runtime::server::serve(router, listener, async {
+            let _ = processor_stopped.await;
+        }));
+
+        let tls = pki.files("registry");
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\ndatabase_url = {database_url:?}\n\
+             identity_hash_key = \"k\"\npackage_dir = {:?}\n\
+             [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
+             [audit]\ncheckpoint_key = {:?}\ncheckpoint_file = {:?}\n\
+             [delivery]\npoll_interval_ms = 20\nmax_refusals = 2\n\
+             backoff = {{ initial_ms = 20, max_ms = 100 }}\n\
+             [[identities]]\nidentity = {:?}\nrole = \"partner\"\nname = \"crm\"\n\
+             [[identities]]\nidentity = {:?}\nrole = \"operator\"\nname = \"ops\"\n\
+             [[processors]]\nname = \"{PROCESSOR}\"\n\
+             endpoint = \"https://localhost:{processor_port}\"\n\
+             identity = {:?}\ncategories = [\"contact\"]\n",
+            dir.join("packages"),
+            tls.ca,
+            tls.cert,
+            tls.key,
+            pki.signing_key("registry"),
+            dir.join("audit/checkpoints.jsonl"),
+            dev_identity("partner", "crm"),
+            dev_identity("operator", "ops"),
+            dev_identity("processor", PROCESSOR),
+        );
+        let file = dir.join("registry.toml");
+        std::fs::write(&file, text).expect("config file");
+        let config = Config::load_from(Some(&file), Vec::new()).expect("config");
+        let app = App::build(config).await.expect("app");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let served = tokio::spawn(app.run(listener, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            port,
+            pki,
+            stop,
+            served,
+            stop_processor,
+        }
+    }
+
+    /// A channel to the registry with the certificate of the PKI's party `stem`.
+    fn channel(&self, stem: &str) -> Channel {
+        let tls = self.pki.files(stem).client_config().expect("client tls");
+        dsrelay_runtime::tls::channel(
+            &format!("https://localhost:{}", self.port),
+            Some(dev_identity("registry", "controller")),
+            &tls,
+        )
+        .expect("channel")
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.served.await.expect("joined").expect("served");
+        let _ = self.stop_processor.send(());
+    }
+}
+
+/// The captured lines, parsed.
+fn lines(logs: &CapturedLogs) -> Vec<Value> {
+    logs.text()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// The captured lines whose message starts with `message` and, when `request_id` is given,
+/// that were logged about that request.
+fn logged(logs: &CapturedLogs, message: &str, request_id: Option<&str>) -> Vec<Value> {
+    lines(logs)
+        .into_iter()
+        .filter(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(message))
+        })
+        .filter(|l| {
+            request_id.is_none_or(|id| {
+                l["spans"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|s| s["request_id"] == id))
+            })
+        })
+        .collect()
+}
+
+/// Waits up to 20 s for `check` to hold.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A processor's refusal quoting the subject's address, sent until it is dead-lettered, and
+/// its failed ListSubprocessors: the delivery and the chain show the answers whole, the log
+/// lines their code and keyed hash. Before the log lines withheld the answers, "delivery
+/// failed" and "delivery dead-lettered" carried `FailedPrecondition: payroll holds no
+/// employee liisa.lokitesti@example.fi`, and "asking for subprocessors failed" the address
+/// too.
+async fn a_processors_answer_stays_out_of_the_logs(database_url: &str, dir: &std::path::Path) {
+    let logs = captured_logs();
+    let registry = Registry::start(dir, database_url).await;
+    let mut requests = RequestServiceClient::new(registry.channel("partner-crm"));
+    let id = requests
+        .submit(SubmitRequest {
+            kind: RequestKind::Erasure as i32,
+            identities: vec![SubjectIdentity {
+                r#type: IdentityType::Email as i32,
+                encoding: IdentityEncoding::Raw as i32,
+                value: ADDRESS.into(),
+                label: String::new(),
+            }],
+            idempotency_key: format!("logs-{}", fastrand::u64(..)),
+            ..Default::default()
+        })
+        .await
+        .expect("submit")
+        .into_inner()
+        .request_id;
+    eventually("the delivery dead-lettered", || {
+        let mut requests = requests.clone();
+        let id = id.clone();
+        async move {
+            let r = requests
+                .get(GetRequest { request_id: id })
+                .await
+                .expect("get")
+                .into_inner();
+            r.deliveries
+                .first()
+                .is_some_and(|d| d.state() == DeliveryState::DeadLettered)
+        }
+    })
+    .await;
+    eventually("the dead letter logged", || async {
+        !logged(&logs, "delivery dead-lettered", Some(&id)).is_empty()
+    })
+    .await;
+    eventually("the chain's failure logged", || async {
+        !logged(&logs, "asking for subprocessors failed", None).is_empty()
+    })
+    .await;
+
+    // Where the log lines point, the answers are whole.
+    let request = requests
+        .get(GetRequest {
+            request_id: id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(
+        request.deliveries[0].last_error,
+        format!("FailedPrecondition: payroll holds no employee {ADDRESS}")
+    );
+    let chain = RequestServiceClient::new(registry.channel("operator"))
+        .get_chain(GetChainRequest {})
+        .await
+        .expect("chain")
+        .into_inner();
+    assert!(
+        chain.processors[0].last_error.contains(ADDRESS),
+        "{chain:?}"
+    );
+
+    let text = logs.text();
+    let leak = text.lines().find(|l| l.contains(LOCAL_PART));
+    assert!(leak.is_none(), "a log line quotes the processor: {leak:?}");
+    let failed = logged(&logs, "delivery failed", Some(&id));
+    assert_eq!(failed.len(), 2, "{failed:#?}");
+    let dead = logged(&logs, "delivery dead-lettered", Some(&id));
+    for line in failed.iter().chain(&dead) {
+        let error = line["fields"]["error"].as_str().unwrap_or_default();
+        assert!(
+            error.starts_with("FailedPrecondition: 52 bytes withheld, keyed hash "),
+            "{line}"
+        );
+    }
+    // One text, one hash: the lines of one answer can be matched.
+    assert_eq!(failed[0]["fields"]["error"], dead[0]["fields"]["error"]);
+    let chain_line = &logged(&logs, "asking for subprocessors failed", None)[0];
+    let error = chain_line["fields"]["error"].as_str().unwrap_or_default();
+    assert!(error.starts_with("Internal: "), "{chain_line}");
+    assert_eq!(chain_line["fields"]["processor"], PROCESSOR);
+    registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_processors_answer_stays_out_of_the_logs_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/registry.db", dir.path().display());
+    a_processors_answer_stays_out_of_the_logs(&url, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_processors_answer_stays_out_of_the_logs_on_postgres() {
+    on_postgres(|url, dir| async move {
+        a_processors_answer_stays_out_of_the_logs(&url, &dir).await;
+    })
+    .await;
+}

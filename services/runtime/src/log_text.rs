@@ -1,0 +1,193 @@
+//! Text from outside a service in its log lines. Another party's words (a processor's, a
+//! registry's or a recipient's status message, a holder's error, a reason or a note) may name
+//! the data subject, and a log line is never forgotten with its request, so log lines never
+//! show them: [`Withheld`] stands for such a text with its length and a keyed hash, and
+//! [`Said`] keeps a failure's own words apart from the words it quotes, so that the record an
+//! operator reads (a delivery's or a task's last error, the request's events; all removed
+//! when the request is forgotten) holds both and a log line only the service's own.
+
+use std::fmt;
+
+use crate::identity::keyed_digest;
+
+/// The context of the keyed hashes in log lines: none equals a hash made for another purpose
+/// (an audit entry's of the same text, say), so a log line links to no other record.
+const LOG_TEXT_DOMAIN: &[u8] = b"dsrelay.log-text.v1";
+
+/// Hex digits of the keyed hash a log line shows: 64 bits tell texts apart, and the whole
+/// hash would only make every such line longer.
+const SHOWN_DIGITS: usize = 16;
+
+/// A text from outside the service as a log line shows it (`57 bytes withheld, keyed hash
+/// 3f2a9c0e1b7d4a55`; `none` for an empty one): lines about the same text can be told from
+/// lines about another, and, the hash being keyed with the service's `identity_hash_key`,
+/// nobody without the key can test it against a guessed address.
+#[derive(Clone, Copy)]
+pub struct Withheld<'a> {
+    key: &'a [u8],
+    text: &'a str,
+}
+
+/// `text` as a log line may show it, hashed under `key`.
+pub fn withheld<'a>(key: &'a [u8], text: &'a str) -> Withheld<'a> {
+    Withheld { key, text }
+}
+
+impl fmt::Display for Withheld<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.text.is_empty() {
+            return f.write_str("none");
+        }
+        let hash = keyed_digest(self.key, LOG_TEXT_DOMAIN, self.text.as_bytes());
+        write!(
+            f,
+            "{} bytes withheld, keyed hash {}",
+            self.text.len(),
+            &hash[..SHOWN_DIGITS]
+        )
+    }
+}
+
+// A log call's `?field` formats with Debug, which must withhold as much as Display.
+impl fmt::Debug for Withheld<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A failure in words: the service's own (what it was doing, the gRPC code) and, kept apart,
+/// what another party said (a status's message). It has no `Display`, so that it cannot be
+/// logged whole by mistake: [`Said::full`] is for records, [`Said::logged`] for log lines.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Said {
+    ours: String,
+    theirs: Option<String>,
+}
+
+impl Said {
+    /// Only the service's own words.
+    pub fn ours(words: impl Into<String>) -> Self {
+        Self {
+            ours: words.into(),
+            theirs: None,
+        }
+    }
+
+    /// `ours`, quoting `theirs`: recorded as `<ours>: <theirs>`.
+    pub fn quoting(ours: impl Into<String>, theirs: impl Into<String>) -> Self {
+        Self {
+            ours: ours.into(),
+            theirs: Some(theirs.into()),
+        }
+    }
+
+    /// Another service's answer: its code, quoting its message (`Unavailable: <message>`).
+    pub fn status(status: &tonic::Status) -> Self {
+        Self::quoting(format!("{:?}", status.code()), status.message())
+    }
+
+    /// The whole text, for a record an operator reads and forgetting removes (never a log).
+    pub fn full(&self) -> String {
+        match &self.theirs {
+            Some(theirs) => format!("{}: {theirs}", self.ours),
+            None => self.ours.clone(),
+        }
+    }
+
+    /// What a log line shows: the service's own words, and what they quote [`Withheld`]
+    /// under `key`.
+    pub fn logged<'a>(&'a self, key: &'a [u8]) -> Logged<'a> {
+        Logged { said: self, key }
+    }
+}
+
+// Derived, it would print what another party said wherever a containing type is logged with
+// `?`; the length tells a reader enough.
+impl fmt::Debug for Said {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Said")
+            .field("ours", &self.ours)
+            .field("theirs_bytes", &self.theirs.as_ref().map(String::len))
+            .finish()
+    }
+}
+
+/// A [`Said`] as a log line shows it ([`Said::logged`]).
+#[derive(Clone, Copy)]
+pub struct Logged<'a> {
+    said: &'a Said,
+    key: &'a [u8],
+}
+
+impl fmt::Display for Logged<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.said.theirs {
+            Some(theirs) => write!(f, "{}: {}", self.said.ours, withheld(self.key, theirs)),
+            None => f.write_str(&self.said.ours),
+        }
+    }
+}
+
+impl fmt::Debug for Logged<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ADDRESS: &str = "maija.meikalainen@example.fi";
+
+    #[test]
+    fn a_withheld_text_shows_its_length_and_a_keyed_hash_only() {
+        let text = format!("no employee {ADDRESS}");
+        let shown = withheld(b"k", &text).to_string();
+        assert!(!shown.contains("maija"), "{shown}");
+        assert!(
+            shown.starts_with("40 bytes withheld, keyed hash "),
+            "{shown}"
+        );
+        assert_eq!(format!("{:?}", withheld(b"k", &text)), shown);
+        // The same text under the same key reads the same; another key or text does not.
+        assert_eq!(withheld(b"k", &text).to_string(), shown);
+        assert_ne!(withheld(b"other", &text).to_string(), shown);
+        assert_ne!(withheld(b"k", ADDRESS).to_string(), shown);
+        assert_eq!(withheld(b"k", "").to_string(), "none");
+    }
+
+    #[test]
+    fn a_log_line_hash_is_not_an_audit_hash() {
+        let audit = keyed_digest(b"k", b"dsrelay.audit-text.v1", ADDRESS.as_bytes());
+        let shown = withheld(b"k", ADDRESS).to_string();
+        assert!(!shown.contains(&audit[..SHOWN_DIGITS]), "{shown}");
+    }
+
+    #[test]
+    fn a_record_holds_everything_said_and_a_log_line_only_our_words() {
+        let status = tonic::Status::failed_precondition(format!("no employee {ADDRESS}"));
+        let said = Said::status(&status);
+        assert_eq!(
+            said.full(),
+            format!("FailedPrecondition: no employee {ADDRESS}")
+        );
+        let logged = said.logged(b"k").to_string();
+        assert!(
+            logged.starts_with("FailedPrecondition: 40 bytes withheld"),
+            "{logged}"
+        );
+        assert!(!logged.contains("maija"), "{logged}");
+        assert!(!format!("{said:?}").contains("maija"));
+        // An empty message is still quoted in the record, as statuses always were.
+        let empty = Said::status(&tonic::Status::unavailable(""));
+        assert_eq!(empty.full(), "Unavailable: ");
+        assert_eq!(empty.logged(b"k").to_string(), "Unavailable: none");
+        let ours = Said::ours("processor is no longer configured");
+        assert_eq!(ours.full(), "processor is no longer configured");
+        assert_eq!(
+            ours.logged(b"k").to_string(),
+            "processor is no longer configured"
+        );
+    }
+}
