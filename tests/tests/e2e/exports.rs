@@ -137,8 +137,12 @@ async fn return_of_data_is_written_to_files(backend: Backend) {
     assert_eq!(
         names,
         [
+            "contacts.json",
+            "contacts.csv",
             "invoices.json",
             "invoices.csv",
+            "ledger_entries.json",
+            "ledger_entries.csv",
             "customers.json",
             "customers.csv"
         ]
@@ -147,7 +151,13 @@ async fn return_of_data_is_written_to_files(backend: Backend) {
         .iter()
         .all(|f| f.categories == ["contact", "invoicing"]));
     let dir = stored("accounting");
-    for (table, filter) in [("customers", "id = 1"), ("invoices", "customer_id = 1")] {
+    // Her own contact row only (201), not the other contact persons of her customer.
+    for (table, filter) in [
+        ("customers", "id = 1"),
+        ("invoices", "customer_id = 1"),
+        ("contacts", "id = 201"),
+        ("ledger_entries", "customer_id = 1"),
+    ] {
         let (columns, rows) = expected(&pair.accounting_url, table, filter).await;
         assert!(!rows.is_empty(), "{table}");
         let json: Vec<serde_json::Map<String, serde_json::Value>> =

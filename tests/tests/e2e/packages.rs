@@ -156,7 +156,7 @@ async fn a_return_of_data_travels_to_the_partner(backend: Backend) {
         .map(|f| (f.path.clone(), f.size, f.sha256.clone()))
         .collect();
     assert_eq!(listed, expected);
-    assert_eq!(listed.len(), 5, "four accounting files and the adapter's");
+    assert_eq!(listed.len(), 9, "eight accounting files and the adapter's");
     // Every byte went to the registry while the connectors wrote it; the uploader only
     // closed the parts.
     let metrics = scrape(&pair.processor.admin_addr().expect("admin").to_string()).await;
@@ -180,7 +180,7 @@ async fn a_return_of_data_travels_to_the_partner(backend: Backend) {
     let manifest: serde_json::Value = serde_json::from_slice(&info.manifest_json).unwrap();
     assert_eq!(manifest["request_id"], id.as_str());
     assert_eq!(manifest["kind"], "RETURN_OF_DATA");
-    assert_eq!(manifest["files"].as_array().unwrap().len(), 5);
+    assert_eq!(manifest["files"].as_array().unwrap().len(), 9);
     assert_eq!(manifest["files"][0]["processor"], PROCESSOR);
 
     // The download streams every file; each matches the manifest.
@@ -188,7 +188,7 @@ async fn a_return_of_data_travels_to_the_partner(backend: Backend) {
         .await
         .expect("download");
     assert_eq!(downloaded.manifest_json, info.manifest_json);
-    assert_eq!(files.len(), 5);
+    assert_eq!(files.len(), 9);
     for f in &info.files {
         let data = &files[&f.path];
         assert_eq!(

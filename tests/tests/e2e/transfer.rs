@@ -304,7 +304,7 @@ async fn transfer_resumes_after_the_recipient_is_killed_mid_stream() {
 }
 
 /// A part's files go two at a time, and a file changed at the processor is still found: the
-/// recipient is killed while the big export is being sent, the last of the four accounting
+/// recipient is killed while the big export is being sent, the last of the eight accounting
 /// files gets one byte changed meanwhile, and once the recipient is back the attempt that
 /// resumes the files finds the change while another file is in flight. The task fails naming
 /// that file, and no receipt is taken.
@@ -334,8 +334,8 @@ async fn transfer_of_a_file_changed_while_others_are_sent_fails_naming_it() {
     }
     pair.recipient().kill().await;
     let written = recorded_files(pair.processor.database_url(), &id, "accounting").await;
-    assert_eq!(written.len(), 4, "{written:?}");
-    let last = written[3].name.clone();
+    assert_eq!(written.len(), 8, "{written:?}");
+    let last = written[7].name.clone();
     let path = pair.export_dir(&id, "accounting").join(&last);
     let mut bytes = std::fs::read(&path).expect("the export file, not delivered yet");
     bytes[0] ^= 0x20;
@@ -416,7 +416,7 @@ async fn transfer_to_a_recipient_that_is_down_fails_at_the_due_date() {
     )
     .await;
     let reason = &view.tasks[0].reason;
-    assert!(reason.starts_with("sending 4 file(s) ("), "{reason}");
+    assert!(reason.starts_with("sending 8 file(s) ("), "{reason}");
     assert!(reason.contains("; retrying until "), "{reason}");
     assert_eq!(view.state, RequestState::InProgress as i32);
     // `dsrctl get` shows the operator why.

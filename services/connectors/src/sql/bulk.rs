@@ -117,18 +117,33 @@ impl Scoped<'_> {
         }
     }
 
-    /// Writes every row of the controller in the tables with `export` columns to
-    /// `<table>.json` and `<table>.csv`, in one read transaction with a cursor per table.
+    /// Writes every row of the controller in the tables with `export` columns, and in every
+    /// table the erasure deletes or anonymizes, to `<table>.json` and `<table>.csv`, in one
+    /// read transaction with a cursor per table. The erasure that follows a return removes
+    /// what it returned, never more: a table without `export` columns that it erases is
+    /// returned with all of its columns.
     async fn bulk_export(&self, job: &BulkJob) -> Result<Outcome, ConnectorError> {
         let sink = job.export.as_ref().ok_or_else(|| {
             ConnectorError::Permanent("no export folder was given for a contract end".into())
         })?;
-        let tables: Vec<&TableRule> = self
-            .config
-            .tables
-            .iter()
-            .filter(|t| !t.export.is_empty())
+        let tables: Vec<TableRule> = (self.config.tables.iter())
+            .filter(|t| !t.export.is_empty() || t.action != Action::Keep)
+            .map(|t| match t.export.is_empty() {
+                true => TableRule {
+                    export: self.types.all_columns(&t.table).to_vec(),
+                    ..t.clone()
+                },
+                false => t.clone(),
+            })
             .collect();
+        if let Some(t) = tables.iter().find(|t| t.export.is_empty()) {
+            return Err(ConnectorError::Permanent(format!(
+                "{}: its columns were not read when the connector connected, so the contract \
+                 end cannot return what its erasure removes",
+                t.table
+            )));
+        }
+        let tables: Vec<&TableRule> = tables.iter().collect();
         let export = BulkExport {
             totals: self.totals(&tables),
             tables: (tables.iter())
@@ -325,6 +340,25 @@ impl Scoped<'_> {
                 ));
             }
             kept_rows += kept.by_date + kept.by_condition;
+        }
+        // `keep` tables are never erased: the controller's rows there stay, and the answer
+        // and its certificate must say so rather than pass the erasure off as everything.
+        for rule in self
+            .config
+            .tables
+            .iter()
+            .filter(|t| t.action == Action::Keep)
+        {
+            let rows = self.count_rows(&mut tx, rule, self.everything()).await?;
+            if rows == 0 {
+                continue;
+            }
+            let rows = i64::try_from(rows).unwrap_or(i64::MAX);
+            add_count(&mut counts, &rule.table, rule.action.done(), rows);
+            notes.push(format!(
+                "{}: kept {rows} (action keep: the rules never erase this table)",
+                rule.table
+            ));
         }
         tx.commit()
             .await

@@ -11,7 +11,7 @@ use sqlx::{Any, FromRow as _, Row, Transaction, ValueRef as _};
 
 use super::plan::{
     check_corrections, plan_erasure, plan_export, plan_flag, plan_rectify, usable_identities,
-    ErasureStep, Identity, Scope, Statement,
+    Corrections, ErasureStep, Identity, Scope, Statement,
 };
 use super::receipt;
 use super::retention::{assess, day_of, DatedRow};
@@ -63,14 +63,17 @@ pub(crate) struct RetentionReport {
     pub(crate) rows: i64,
 }
 
-/// What an export, rectification, restriction or objection did.
-#[derive(Debug, Clone, PartialEq)]
+/// What an export, rectification, restriction or objection did; a rectification's is
+/// stored as JSON in its task's receipt.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct WorkReport {
     /// Rows exported or changed; 0 means the subject was not found.
     pub(crate) records_affected: i64,
     /// A human-readable account of the work, without identity or corrected values.
     pub(crate) note: String,
-    /// For exports: the files written, two per table with the subject's rows.
+    /// For exports: the files written, two per table with the subject's rows. Never in a
+    /// receipt: only rectifications store one, and they write no files.
+    #[serde(skip)]
     pub(crate) files: Vec<ExportedFile>,
 }
 
@@ -376,19 +379,65 @@ impl<'a> Scoped<'a> {
     }
 
     /// Writes the corrected values into the columns the `rectify` maps name, in every table
-    /// that maps the field, in one transaction. A field no table maps is a permanent error,
-    /// and nothing is changed; so is a value the column's type cannot hold (PostgreSQL),
-    /// the error naming the field and the type, not the value. The value of an identity
-    /// (a field named by a match key, or written into a match column) is trimmed, as the
-    /// request's identities are.
+    /// that maps the field, in one transaction. A field no table maps is left out and named
+    /// in the note; when no field is mapped, that is a permanent error and nothing is
+    /// changed. So is a value the column's type cannot hold (PostgreSQL), the error naming
+    /// the field and the type, not the value. The value of an identity (a field named by a
+    /// match key, or written into a match column) is trimmed, as the request's identities
+    /// are.
+    ///
+    /// With `task_key`, the report is stored under it in the receipt table, in the same
+    /// transaction: a correction of the column the subject is matched by (the e-mail)
+    /// leaves a repeated call nothing to find, so when an earlier call committed under the
+    /// key, this call's work is rolled back and the earlier report is returned, with
+    /// `true`.
     pub(crate) async fn rectify(
         &self,
         identities: &[SubjectIdentity],
         corrections: &[FieldCorrection],
-    ) -> Result<WorkReport, ConnectorError> {
-        let corrections = check_corrections(self.config, corrections)?;
-        let raw = usable_identities(self.config, identities)?;
+        now_ms: i64,
+        task_key: Option<&str>,
+    ) -> Result<(WorkReport, bool), ConnectorError> {
         let mut tx = self.begin().await?;
+        let rectified = self
+            .rectify_in(&mut tx, identities, corrections, now_ms, task_key)
+            .await;
+        let rectified = match rectified {
+            Ok(rectified) => rectified,
+            Err(e) => {
+                drop(tx);
+                let receipts = self.config.receipts_table();
+                return receipt::or_earlier(&self.db.pool, receipts, task_key, e).await;
+            }
+        };
+        if rectified.1 {
+            // An earlier call did the work: this one's is undone, its answer is that call's.
+            tx.rollback()
+                .await
+                .map_err(|e| classify("undoing a repeated rectification", &e))?;
+        } else {
+            tx.commit()
+                .await
+                .map_err(|e| classify("committing the rectification", &e))?;
+        }
+        Ok(rectified)
+    }
+
+    /// The work of [`Scoped::rectify`] in `tx`, which the caller commits, or rolls back when
+    /// this fails or answers `true` (an earlier call's report, from the receipt).
+    async fn rectify_in(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        identities: &[SubjectIdentity],
+        corrections: &[FieldCorrection],
+        now_ms: i64,
+        task_key: Option<&str>,
+    ) -> Result<(WorkReport, bool), ConnectorError> {
+        let Corrections {
+            mapped: corrections,
+            unmapped,
+        } = check_corrections(self.config, corrections)?;
+        let raw = usable_identities(self.config, identities)?;
         let mut total: i64 = 0;
         let mut notes = Vec::new();
         for rule in self.config.children_first() {
@@ -409,10 +458,9 @@ impl<'a> Scoped<'a> {
                 continue;
             };
             for ((field, _, _), (column, value)) in applicable.iter().zip(&columns) {
-                self.check_value(&mut tx, rule, field, column, value)
-                    .await?;
+                self.check_value(tx, rule, field, column, value).await?;
             }
-            let done = execute(&mut tx, &update)
+            let done = execute(tx, &update)
                 .await
                 .map_err(|e| classify(&format!("rectifying {}", rule.table), &e))?;
             total = total.saturating_add(done);
@@ -422,14 +470,19 @@ impl<'a> Scoped<'a> {
                 fields.join(", ")
             ));
         }
-        tx.commit()
-            .await
-            .map_err(|e| classify("committing the rectification", &e))?;
-        Ok(WorkReport {
+        notes.extend(unmapped);
+        let report = WorkReport {
             records_affected: total,
             note: notes.join("; "),
             files: Vec::new(),
-        })
+        };
+        if let Some(key) = task_key {
+            let receipts = self.config.receipts_table();
+            if let Some(earlier) = receipt::store(tx, receipts, key, &report, now_ms).await? {
+                return Ok((earlier, true));
+            }
+        }
+        Ok((report, false))
     }
 
     /// Fails with a permanent error naming `field` when `value` is not one of the type of

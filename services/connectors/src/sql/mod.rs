@@ -28,10 +28,13 @@
 //!   carriage return gets a `'` in front, so that a spreadsheet shows it instead of running
 //!   it as a formula; the JSON file has it as stored;
 //! - which column a RECTIFICATION of a logical field (`email`, `name`, ...) changes
-//!   (`rectify`). The corrected value of an identity (a field named like a match key, or
-//!   one written into a match column) is trimmed first. On PostgreSQL a value for a column
-//!   of another type than text is cast to it (`CAST($1 AS date)`); one the type cannot hold
-//!   fails the request with a permanent error naming the field, and nothing is changed;
+//!   (`rectify`). A field no table maps is left out and named in the note (`not corrected:
+//!   "last_name" (...)`), the others corrected; a request none of whose fields is mapped
+//!   fails with a permanent error naming them. The corrected value of an identity (a field
+//!   named like a match key, or one written into a match column) is trimmed first. On
+//!   PostgreSQL a value for a column of another type than text is cast to it (`CAST($1 AS
+//!   date)`); one the type cannot hold fails the request with a permanent error naming the
+//!   field, and nothing is changed;
 //! - which 0/1 column a RESTRICTION sets or lifts (`restrict_column`) and which one an
 //!   OBJECTION to direct marketing sets (`suppress_column`).
 //!
@@ -140,7 +143,8 @@
 //!
 //! A subject's erasure ([`Phase::Start`]) stores its report (the counts, the note, what is
 //! kept and until when; no identity values) under its task's key ([`Task::task_id`]:
-//! controller, request and subprocessor) in the connector's receipt table
+//! controller, request and subprocessor), each of its [`Phase::RetentionExpired`] runs under
+//! the key and the run's `until_ms`, in the connector's receipt table
 //! (`receipts_table`, default [`DEFAULT_RECEIPTS_TABLE`]), at the end of the transaction of
 //! the erasure. A later call of the same task, when the processor never recorded the first
 //! one's answer, finds the key taken (or, when its own run fails on data changed since,
@@ -152,10 +156,15 @@
 //! [`Outcome::NotFound`]. A concurrent call of the same task waits on the
 //! key and then finds the receipt, or stores its own if the other rolled back. The table is
 //! created with `CREATE TABLE IF NOT EXISTS` when the connector connects, in every database
-//! it erases in, unless it can already be read; a database user without the right to create
-//! it gets an error at connect naming the table and the grant. A [`Phase::RetentionExpired`]
-//! run needs no receipt (it reads finding nothing as nothing left), and contract ends' bulk
-//! steps write none: their retry reports the counts of what it finds left.
+//! it erases or rectifies in, unless it can already be read; a database user without the
+//! right to create it gets an error at connect naming the table and the grant. Without its
+//! own receipt a retention run's retry would report 0 records for rows it deleted, and the
+//! processor adds up the records of every run. A rectification stores its report (counts
+//! and the note: fields, never values) under its task's key the same way, at the end of its
+//! transaction: a correction of the column the subject is matched by (the e-mail) leaves a
+//! repeated call nothing to find, and the stored report answers it instead, the note saying
+//! that an earlier attempt corrected. Contract ends' bulk steps write no receipts: their
+//! retry reports the counts of what it finds left.
 //!
 //! # Legal retention
 //!
@@ -202,7 +211,8 @@
 //! - `writer`: on SQLite, erasures queued together erased in one transaction (group commit).
 //! - `direct`: an export's read of a SQLite file, on a connection of its own (rusqlite) on
 //!   the blocking pool; PostgreSQL and in-memory SQLite are read through sqlx.
-//! - `receipt`: the erasure receipts: the table, storing a task's report under its key.
+//! - `receipt`: the receipts of erasures, retention runs and rectifications: the table,
+//!   storing a task's report under its key.
 //! - `schema`: the check at connect that the database has every table and column the rules
 //!   name (SQLite would read a misspelt quoted column as a string and match nothing), and
 //!   their types, by which statements compare, read and write them.
@@ -322,8 +332,9 @@ impl SqlConnector {
                 .map_err(|e| e.context(format!("checking the database of controller {name:?}")))?;
             own_types.insert(name.clone(), types);
         }
-        // Only a connector that erases writes receipts; a read-only holder gets no table.
-        if config.supports(RequestKind::Erasure) {
+        // Only a connector that erases or rectifies writes receipts; a read-only holder gets
+        // no table.
+        if config.supports(RequestKind::Erasure) || config.supports(RequestKind::Rectification) {
             let table = config.receipts_table();
             for db in db.iter().map(|(db, _)| db).chain(own.values()) {
                 receipt::ensure_table(db, table).await?;
@@ -421,10 +432,17 @@ impl Connector for SqlConnector {
                         .into(),
                 )),
                 (Phase::Start | Phase::RetentionExpired { .. }, RequestKind::Erasure) => {
-                    // Only the first phase needs a receipt: a later phase already reads
-                    // finding nothing as nothing left (see `erasure_outcome`).
-                    let key = (task.phase == Phase::Start).then_some(task.task_id.as_str());
-                    let (mut report, earlier) = scope.erase_once(ids, task.now_ms, key).await?;
+                    // Each run at a retain-until date erases what that date released; its
+                    // retry would find it gone and report 0 records for the run, which the
+                    // processor adds to the task's count.
+                    let key = match task.phase {
+                        Phase::RetentionExpired { until_ms } => {
+                            receipt::retention_key(&task.task_id, until_ms)
+                        }
+                        _ => task.task_id.clone(),
+                    };
+                    let (mut report, earlier) =
+                        scope.erase_once(ids, task.now_ms, Some(&key)).await?;
                     if earlier {
                         report.note = format!(
                             "erased by an earlier attempt of this task whose answer was lost: {}",
@@ -440,9 +458,20 @@ impl Connector for SqlConnector {
                 (Phase::Start, RequestKind::ReturnOfData | RequestKind::Transfer) => {
                     Ok(work_outcome(scope.export(ids, task.export_sink()?).await?))
                 }
-                (Phase::Start, RequestKind::Rectification) => Ok(work_outcome(
-                    scope.rectify(ids, &task.parameters.corrections).await?,
-                )),
+                (Phase::Start, RequestKind::Rectification) => {
+                    let corrections = &task.parameters.corrections;
+                    let (mut report, earlier) = scope
+                        .rectify(ids, corrections, task.now_ms, Some(&task.task_id))
+                        .await?;
+                    if earlier {
+                        report.note = format!(
+                            "corrected by an earlier attempt of this task whose answer was \
+                             lost: {}",
+                            report.note
+                        );
+                    }
+                    Ok(work_outcome(report))
+                }
                 (Phase::Start, RequestKind::Restriction) => Ok(work_outcome(
                     scope
                         .restrict(ids, task.parameters.lift_restriction)

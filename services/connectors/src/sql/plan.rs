@@ -417,7 +417,19 @@ pub(super) fn plan_export(
     scope: Scope<'_>,
 ) -> Option<Statement> {
     let mut binds = Binds::default();
-    let filter = subject_filter(config, rule, scope, &mut binds)?;
+    let own_only =
+        scope.subject.is_some() && rule.parent.as_ref().is_some_and(|l| l.export_matched_only);
+    let filter = match own_only {
+        // The parent's other child rows describe other people.
+        true => {
+            let parent = config
+                .tables
+                .iter()
+                .find(|t| Some(&t.table) == rule.parent.as_ref().map(|l| &l.table))?;
+            own_match_filter(rule, parent, scope, &mut binds)?
+        }
+        false => subject_filter(config, rule, scope, &mut binds)?,
+    };
     // A type sqlx's Any driver cannot decode (DATE, NUMERIC, UUID, ...) is read as the
     // database writes it as text.
     let columns: Vec<String> = (rule.export.iter())
@@ -581,12 +593,23 @@ fn searchable(usable_keys: &BTreeSet<&str>, id: &SubjectIdentity) -> Result<Iden
     Ok((ty, value))
 }
 
-/// The corrections as (field, value), lowercased fields; every field must be mapped by some
-/// table and appear once.
+/// A rectification's corrections as the tables map them ([`check_corrections`]).
+pub(super) struct Corrections<'a> {
+    /// (field, value) with the configuration's lowercase field, each field once.
+    pub(super) mapped: Vec<(&'a str, &'a str)>,
+    /// What the outcome's note adds about the fields no table maps (their names, never
+    /// their values); `None` when every field is mapped.
+    pub(super) unmapped: Option<String>,
+}
+
+/// The corrections some table maps, and a note naming those none maps. Those left out do
+/// not stop the rest: the holder corrects what it holds, and the operator has nothing to
+/// fix for a field it never had. A permanent error when none is mapped, as there is then
+/// nothing to do.
 pub(super) fn check_corrections<'a>(
     config: &'a SqlConnectorConfig,
     corrections: &'a [FieldCorrection],
-) -> Result<Vec<(&'a str, &'a str)>, ConnectorError> {
+) -> Result<Corrections<'a>, ConnectorError> {
     if corrections.is_empty() {
         return Err(ConnectorError::Permanent(
             "the rectification carries no corrections".into(),
@@ -613,8 +636,8 @@ pub(super) fn check_corrections<'a>(
         }
         out.push((known, c.new_value.as_str()));
     }
-    if !unknown.is_empty() {
-        let known: Vec<&str> = mapped.into_iter().collect();
+    let known: Vec<&str> = mapped.into_iter().collect();
+    if out.is_empty() {
         return Err(ConnectorError::Permanent(format!(
             "no table maps the corrected field(s) {}; this database can correct {}",
             unknown.join(", "),
@@ -625,30 +648,78 @@ pub(super) fn check_corrections<'a>(
             }
         )));
     }
-    Ok(out)
+    let unmapped = (!unknown.is_empty()).then(|| {
+        format!(
+            "not corrected: {} (no table of this database maps it; map it in a table's \
+             rectify of the connector configuration; mapped: {})",
+            unknown.join(", "),
+            known.join(", ")
+        )
+    });
+    Ok(Corrections {
+        mapped: out,
+        unmapped,
+    })
 }
 
-/// The condition selecting the rows of `scope` in `rule`'s table: its own, or its parent's
-/// through the link; `None` when no identity of the subject applies.
+/// The condition selecting the rows of `scope` in `rule`'s table: its own; for a child
+/// table, those its own match finds or its parent's through the link. `None` when no
+/// identity of the subject applies.
 pub(super) fn subject_filter(
     config: &SqlConnectorConfig,
     rule: &TableRule,
     scope: Scope<'_>,
     binds: &mut Binds,
 ) -> Option<String> {
-    match &rule.parent {
-        None => top_level_filter(rule, scope, binds),
-        Some(link) => {
-            let parent = config.tables.iter().find(|t| t.table == link.table)?;
-            let parent_filter = top_level_filter(parent, scope, binds)?;
-            Some(format!(
-                "{} IN (SELECT {} FROM {} WHERE {parent_filter})",
-                quote(&link.column),
-                quote(&link.parent_column),
-                quote(&link.table)
-            ))
-        }
+    let Some(link) = &rule.parent else {
+        return top_level_filter(rule, scope, binds);
+    };
+    let parent = config.tables.iter().find(|t| t.table == link.table)?;
+    let own = own_match_filter(rule, parent, scope, binds);
+    let through_parent = top_level_filter(parent, scope, binds).map(|parent_filter| {
+        format!(
+            "{} IN (SELECT {} FROM {} WHERE {parent_filter})",
+            quote(&link.column),
+            quote(&link.parent_column),
+            quote(&link.table)
+        )
+    });
+    match (own, through_parent) {
+        (Some(own), Some(through)) => Some(format!("({own} OR {through})")),
+        (own, through) => own.or(through),
     }
+}
+
+/// The rows of a child table that its own match finds for the subject of `scope`, confined
+/// to the parent rows of the controller's condition and the batch (which are stated over the
+/// top-level tables); `None` without a subject or when no identity applies to the table.
+fn own_match_filter(
+    rule: &TableRule,
+    parent: &TableRule,
+    scope: Scope<'_>,
+    binds: &mut Binds,
+) -> Option<String> {
+    let link = rule.parent.as_ref()?;
+    let identities = scope.subject?;
+    let types = |column: &str| scope.column(&rule.table, column);
+    let matched = match_clause(&rule.match_columns, identities, &types, binds)?;
+    let mut confined = Vec::new();
+    if let Some(condition) = scope.condition {
+        confined.push(format!("({condition})"));
+    }
+    if let Some(batch) = scope.batch.filter(|b| b.table == parent.table) {
+        confined.push(batch.condition(binds));
+    }
+    if confined.is_empty() {
+        return Some(matched);
+    }
+    Some(format!(
+        "({matched} AND {} IN (SELECT {} FROM {} WHERE {}))",
+        quote(&link.column),
+        quote(&link.parent_column),
+        quote(&link.table),
+        confined.join(" AND ")
+    ))
 }
 
 /// The rows of `scope` in a matched (top-level) table: the subject's match, the controller's
@@ -857,11 +928,19 @@ mod tests {
         let work = |i: usize| plan[i].work.as_ref().unwrap();
         let customers_of = "IN (SELECT \"id\" FROM \"customers\" WHERE \
                             (lower(trim(\"email\")) = lower($1) OR \"customer_no\" = $2))";
+        // A contact is found by its own e-mail too, or through the customer.
         assert_eq!(
             work(0).main,
             Statement {
-                sql: format!("DELETE FROM \"contacts\" WHERE \"customer_id\" {customers_of}"),
-                binds: vec!["Maija@Example.fi".into(), "C-1001".into()],
+                sql: "DELETE FROM \"contacts\" WHERE ((lower(trim(\"email\")) = lower($1)) OR \
+                      \"customer_id\" IN (SELECT \"id\" FROM \"customers\" WHERE \
+                      (lower(trim(\"email\")) = lower($2) OR \"customer_no\" = $3)))"
+                    .into(),
+                binds: vec![
+                    "Maija@Example.fi".into(),
+                    "Maija@Example.fi".into(),
+                    "C-1001".into()
+                ],
             }
         );
         assert!(work(0).probe.is_none() && work(0).count_kept.is_none());

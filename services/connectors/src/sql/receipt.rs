@@ -1,23 +1,35 @@
-//! Erasure receipts: the connector's own table in the holder's database, one row per
-//! erasure task, written in the transaction of the erasure itself.
+//! Receipts: the connector's own table in the holder's database, one row per erasure task,
+//! per retention run of one ([`retention_key`]) and per rectification task, written in the
+//! transaction of the work itself.
 //!
 //! The processor runs a task again when an earlier call's answer was never recorded (it or
 //! its database stopped while the holder worked). Reading the holder afterwards cannot tell
-//! "erased by that call" from "never there", so a retry would answer NOT_FOUND for work its
-//! own task did. The receipt answers instead: an erasure stores its report under its task's
-//! key; when the key is already there, the earlier call committed, this call's work is
-//! rolled back, and the stored report is the answer. A receipt holds the task key and the
-//! report (counts, the note, what is kept and until when): no identity values.
+//! "erased by that call" from "never there", nor find a subject whose matched e-mail that
+//! call corrected, so a retry would answer NOT_FOUND (or 0 records) for work its own task
+//! did. The receipt answers instead: the work stores its report under its task's key; when
+//! the key is already there, the earlier call committed, this call's work is rolled back,
+//! and the stored report is the answer. A receipt holds the task key and the report
+//! (counts, the note, what is kept and until when): no identity or corrected values.
 
 use dsrelay_runtime::store::Db;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use sqlx::{Any, Transaction};
 
-use super::execute::{classify, ErasureReport};
+use super::execute::classify;
 use super::plan::quote;
 use crate::ConnectorError;
 
 /// The receipt table's name when the configuration names none.
 pub const DEFAULT_RECEIPTS_TABLE: &str = "dsrelay_erasure_receipts";
+
+/// The receipt key of the run of `task_id` at the retain-until date `until_ms`: each run
+/// erases what its date released, so each needs a receipt of its own, apart from the first
+/// run's (keyed by the task id alone). Request ids are printable ASCII without spaces, so
+/// the suffix cannot be read as part of another task's id.
+pub(super) fn retention_key(task_id: &str, until_ms: i64) -> String {
+    format!("{task_id} retention {until_ms}")
+}
 
 /// Makes sure `table` exists in `db` and that the connector can use it: read first, so that
 /// a table the database administrator created beforehand needs no CREATE grant, then
@@ -58,13 +70,13 @@ pub(super) async fn ensure_table(db: &Db, table: &str) -> anyhow::Result<()> {
 /// Storing at the end, not claiming the key first, costs one statement (on PostgreSQL a
 /// round trip) instead of two on every erasure; the price, redoing the work and rolling it
 /// back, is paid only by a retry whose first call committed.
-pub(super) async fn store(
+pub(super) async fn store<R: Serialize + DeserializeOwned>(
     tx: &mut Transaction<'static, Any>,
     table: &str,
     key: &str,
-    report: &ErasureReport,
+    report: &R,
     now_ms: i64,
-) -> Result<Option<ErasureReport>, ConnectorError> {
+) -> Result<Option<R>, ConnectorError> {
     let t = quote(table);
     let json = serde_json::to_string(report)
         .map_err(|e| ConnectorError::Permanent(format!("encoding the erasure receipt: {e}")))?;
@@ -94,12 +106,12 @@ pub(super) async fn store(
 /// and the task was done), else `failed`. Without it, a retry of a committed erasure could
 /// fail on data changed since (a row added without a date), where the erasure it repeats
 /// was carried out. A receipt that cannot be read leaves `failed` as the answer.
-pub(super) async fn or_earlier<'c>(
+pub(super) async fn or_earlier<'c, R: DeserializeOwned>(
     on: impl sqlx::Executor<'c, Database = Any>,
     table: &str,
     task_key: Option<&str>,
     failed: ConnectorError,
-) -> Result<(ErasureReport, bool), ConnectorError> {
+) -> Result<(R, bool), ConnectorError> {
     let Some(key) = task_key else {
         return Err(failed);
     };
@@ -109,13 +121,13 @@ pub(super) async fn or_earlier<'c>(
     }
 }
 
-/// The report stored under `key`, if an erasure committed under it (or stored it earlier
+/// The report stored under `key`, if the work committed under it (or stored it earlier
 /// in the same transaction).
-pub(super) async fn find<'c>(
+pub(super) async fn find<'c, R: DeserializeOwned>(
     on: impl sqlx::Executor<'c, Database = Any>,
     table: &str,
     key: &str,
-) -> Result<Option<ErasureReport>, ConnectorError> {
+) -> Result<Option<R>, ConnectorError> {
     let stored: Option<String> = sqlx::query_scalar(&format!(
         "SELECT report FROM {} WHERE task_key = $1",
         quote(table)

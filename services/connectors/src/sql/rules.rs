@@ -76,12 +76,15 @@ pub struct TableRule {
     pub table: String,
     /// What erasure does: delete the rows, anonymize them, or keep them.
     pub action: Action,
-    /// For a table without identity columns of its own: find its rows through the rows the
-    /// parent table matches.
+    /// A table whose rows hang off a matched table's: its rows are also found through the
+    /// rows the parent table matches, and handled before the parent's.
     #[serde(default)]
     pub parent: Option<ParentLink>,
     /// Identity type (`email`, `phone`, `customer_number`, `national_id`) to the column that
-    /// holds it, for tables that identify the subject themselves.
+    /// holds it, for tables that identify the subject themselves. A child table (`parent`)
+    /// may have them too: its rows are then those its own match finds or those of the
+    /// parent's matched rows, so that a contact person or an address copied into an invoice
+    /// is found even when the parent row is someone else's or no longer carries it.
     #[serde(default, rename = "match")]
     pub match_columns: BTreeMap<String, String>,
     /// The columns to overwrite and with what: for `anonymize`, what erasure overwrites; for
@@ -91,8 +94,10 @@ pub struct TableRule {
     #[serde(default)]
     pub anonymize: BTreeMap<String, AnonymizeWith>,
     /// The columns a RETURN_OF_DATA or TRANSFER export contains; a table without them is not
-    /// exported. Columns of integer, floating-point, boolean and text types are exported as
-    /// they are, blobs as hex.
+    /// exported there. A contract end's export also includes every table its erasure deletes
+    /// or anonymizes, with all of its columns when it has no `export`, so that nothing is
+    /// erased that was not returned. Columns of integer, floating-point, boolean and text
+    /// types are exported as they are, blobs as hex.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub export: Vec<String>,
     /// Logical field of a RECTIFICATION (`email`, `phone`, `name`, `address`, ...) to the
@@ -121,6 +126,12 @@ pub struct ParentLink {
     pub column: String,
     /// The parent's column that `column` refers to, usually its primary key.
     pub parent_column: String,
+    /// Whether a subject's export includes only the rows this table's own `match` finds, not
+    /// every row of the subject's parent rows: for child rows that describe other people
+    /// (a customer company's contact persons), who are not the subject. Erasure still takes
+    /// every child row of an erased parent row.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub export_matched_only: bool,
 }
 
 /// What erasure does with the rows a rule finds.
@@ -309,30 +320,34 @@ impl SqlConnectorConfig {
         out
     }
 
-    /// How the rule finds the subject's rows: by its own `match` or through a listed,
-    /// matched parent, never both.
+    /// How the rule finds the subject's rows: by its own `match`, through a listed, matched
+    /// top-level parent, or both.
     fn validate_lookup(&self, at: &str, rule: &TableRule, out: &mut Vec<String>) {
-        match (&rule.parent, rule.match_columns.is_empty()) {
-            (Some(_), false) => out.push(format!(
-                "{at}: has both match and parent; give it one way to find the subject's rows"
+        let Some(parent) = &rule.parent else {
+            if rule.match_columns.is_empty() {
+                out.push(format!(
+                    "{at}: needs either match (identity columns) or parent (a listed table it \
+                     hangs off)"
+                ));
+            }
+            return;
+        };
+        if parent.export_matched_only && rule.match_columns.is_empty() {
+            out.push(format!(
+                "{at}: parent export_matched_only needs match columns of the table's own"
+            ));
+        }
+        match self.tables.iter().find(|t| t.table == parent.table) {
+            None => out.push(format!(
+                "{at}: parent table {:?} is not listed in tables",
+                parent.table
             )),
-            (None, true) => out.push(format!(
-                "{at}: needs either match (identity columns) or parent (a listed table it \
-                 hangs off)"
+            Some(p) if p.match_columns.is_empty() || p.parent.is_some() => out.push(format!(
+                "{at}: parent table {:?} must have match and no parent of its own (parents \
+                 of parents are not supported)",
+                parent.table
             )),
-            (Some(parent), true) => match self.tables.iter().find(|t| t.table == parent.table) {
-                None => out.push(format!(
-                    "{at}: parent table {:?} is not listed in tables",
-                    parent.table
-                )),
-                Some(p) if p.match_columns.is_empty() => out.push(format!(
-                    "{at}: parent table {:?} must have match (parents of parents are \
-                     not supported)",
-                    parent.table
-                )),
-                Some(_) => {}
-            },
-            (None, false) => {}
+            Some(p) => validate_staying_child(at, rule, parent, p, out),
         }
     }
 
@@ -405,6 +420,36 @@ impl SqlConnectorConfig {
             .filter(|t| t.parent.is_some())
             .chain(self.tables.iter().filter(|t| t.parent.is_none()))
     }
+}
+
+/// A child table whose rows stay after an erasure (`keep`, or `anonymize` without clearing
+/// its link) while the parent's delete removes the rows they refer to: a foreign key would
+/// fail every erasure of such a parent row, and without one the rows would stay unreachable
+/// through their parent. Rows kept under `retain` keep their parent row instead
+/// ([`SqlConnectorConfig::retained_children`]).
+fn validate_staying_child(
+    at: &str,
+    rule: &TableRule,
+    link: &ParentLink,
+    parent: &TableRule,
+    out: &mut Vec<String>,
+) {
+    if parent.action != Action::Delete {
+        return;
+    }
+    let why = match rule.action {
+        Action::Keep => "its action is keep",
+        Action::Anonymize if !rule.anonymize.contains_key(&link.column) => {
+            "its anonymize leaves the link column"
+        }
+        _ => return,
+    };
+    out.push(format!(
+        "{at}: {why}, so its rows would keep referring to the {:?} rows its parent's delete \
+         removes (a foreign key fails the erasure); clear {:?} in anonymize, choose delete, \
+         or give {:?} action anonymize or keep",
+        link.table, link.column, link.table
+    ));
 }
 
 /// Every name the rule splices into SQL must be a plain identifier.
@@ -645,6 +690,7 @@ mod tests {
 
         let mut config = sample_config("sqlite::memory:");
         config.tables[0].parent = None;
+        config.tables[0].match_columns.clear();
         config.tables[2].anonymize.clear();
         config.tables[2].retain = None;
         config.tables[2]
@@ -658,6 +704,7 @@ mod tests {
                 table: "invoices".into(),
                 column: "invoice_id".into(),
                 parent_column: "id".into(),
+                export_matched_only: false,
             }),
             ..config.tables[0].clone()
         });
@@ -665,6 +712,8 @@ mod tests {
         let expect = [
             "tables[0] (contacts): needs either match",
             "tables[2] (ledger_entries): anonymize column \"x\\\"y\" is not a plain identifier",
+            "tables[2] (ledger_entries): its anonymize leaves the link column, so its rows \
+             would keep referring to the \"customers\" rows its parent's delete removes",
             "tables[3] (customers): match key \"loyalty\" is not an identity type",
             "tables[4] (contacts): the table is listed twice",
             "tables[4] (contacts): parent table \"invoices\" must have match",
@@ -765,10 +814,48 @@ mod tests {
         assert_eq!(
             config.validate(),
             [
+                "tables[2] (ledger_entries): its action is keep, so its rows would keep \
+                 referring to the \"customers\" rows its parent's delete removes (a foreign key \
+                 fails the erasure); clear \"customer_id\" in anonymize, choose delete, or give \
+                 \"customers\" action anonymize or keep",
                 "tables[2] (ledger_entries): retain is given but the action is keep, which never \
               erases; remove it or choose delete or anonymize"
             ]
         );
+    }
+
+    /// A child may match the subject itself; a child that stays after its parent's delete
+    /// (keep, or anonymize keeping its link) is refused, not left to fail every erasure on
+    /// the foreign key.
+    #[test]
+    fn children_may_match_and_must_not_outlive_a_deleted_parent() {
+        let config = sample_config("sqlite::memory:");
+        assert!(config.tables[0].parent.is_some() && !config.tables[0].match_columns.is_empty());
+        assert_eq!(config.validate(), Vec::<String>::new());
+
+        let mut config = sample_config("sqlite::memory:");
+        config.tables[0].match_columns.clear();
+        config.tables[0].action = Action::Keep;
+        config.tables[2].anonymize.remove("customer_id");
+        let problems = config.validate();
+        let expect = [
+            "tables[0] (contacts): parent export_matched_only needs match columns",
+            "tables[0] (contacts): its action is keep, so its rows would keep referring",
+            "tables[2] (ledger_entries): its anonymize leaves the link column",
+        ];
+        for e in expect {
+            assert!(
+                problems.iter().any(|p| p.starts_with(e)),
+                "{e} in {problems:#?}"
+            );
+        }
+        assert_eq!(problems.len(), expect.len(), "{problems:#?}");
+
+        // Under a parent that is never deleted, a child may stay.
+        let mut config = sample_config("sqlite::memory:");
+        config.tables[0].action = Action::Keep;
+        config.tables[3].action = Action::Anonymize;
+        assert_eq!(config.validate(), Vec::<String>::new());
     }
 
     #[test]

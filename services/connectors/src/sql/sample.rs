@@ -31,6 +31,7 @@ pub fn sample_config(url: &str) -> SqlConnectorConfig {
             table: s("customers"),
             column: s("customer_id"),
             parent_column: s("id"),
+            export_matched_only: false,
         }),
         match_columns: BTreeMap::new(),
         anonymize: BTreeMap::new(),
@@ -53,7 +54,19 @@ pub fn sample_config(url: &str) -> SqlConnectorConfig {
     SqlConnectorConfig {
         url: s(url),
         tables: vec![
-            rule("contacts", Action::Delete),
+            TableRule {
+                parent: Some(ParentLink {
+                    table: s("customers"),
+                    column: s("customer_id"),
+                    parent_column: s("id"),
+                    export_matched_only: true,
+                }),
+                match_columns: [(s("email"), s("email")), (s("phone"), s("phone"))]
+                    .into_iter()
+                    .collect(),
+                export: strings(&["name", "email", "phone"]),
+                ..rule("contacts", Action::Delete)
+            },
             TableRule {
                 anonymize: [(s("customer_email"), AnonymizeWith::Null)]
                     .into_iter()
@@ -88,6 +101,7 @@ pub fn sample_config(url: &str) -> SqlConnectorConfig {
                 ]
                 .into_iter()
                 .collect(),
+                export: strings(&["booked_on", "amount_cents", "description"]),
                 retain: Some(Retention {
                     keep_columns: strings(&["description"]),
                     ..books(

@@ -18,7 +18,7 @@ use super::rules::SqlConnectorConfig;
 const SQLITE_ROWID: [&str; 3] = ["rowid", "oid", "_rowid_"];
 
 /// The types, as the catalog declares them, of the columns the rules name, keyed by the
-/// rules' spelling of table and column.
+/// rules' spelling of table and column, and of every other column of their tables.
 ///
 /// On PostgreSQL a statement cannot treat every column as text: sqlx's `Any` driver decodes
 /// only booleans, integers, floats, text and bytes (a DATE, NUMERIC or UUID fails the row),
@@ -27,7 +27,13 @@ const SQLITE_ROWID: [&str; 3] = ["rowid", "oid", "_rowid_"];
 /// affinity and reads every value by its own storage class, so there only the batch keys
 /// use what is learned here.
 #[derive(Debug, Default)]
-pub(super) struct ColumnTypes(BTreeMap<(String, String), ColumnType>);
+pub(super) struct ColumnTypes(
+    BTreeMap<(String, String), ColumnType>,
+    /// Every column of each table the rules name, in the catalog's order: what a contract
+    /// end returns of a table without `export` columns, so that what its erasure removes
+    /// was returned.
+    BTreeMap<String, Vec<String>>,
+);
 
 /// What the statements need to know of one column's type.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,7 +136,13 @@ impl ColumnTypes {
                 .into_iter()
                 .map(|(t, c, ty)| ((t.to_string(), c.to_string()), ty))
                 .collect(),
+            BTreeMap::new(),
         )
+    }
+
+    /// Every column of `table` as the catalog listed it when the connector connected.
+    pub(super) fn all_columns(&self, table: &str) -> &[String] {
+        self.1.get(table).map_or(&[], Vec::as_slice)
     }
 
     /// `column` of `table`, as the rules spell them; the default for one not described.
@@ -170,6 +182,16 @@ pub(super) async fn check_columns(
             ));
             continue;
         }
+        let mut all = Vec::with_capacity(present.len());
+        for p in &present {
+            if let Some(ty) = find_column(db, table, &present, &p.name).await {
+                types
+                    .0
+                    .insert((table.to_string(), p.name.clone()), ty.clone());
+                all.push(p.name.clone());
+            }
+        }
+        types.1.insert(table.to_string(), all);
         for (at, what, column) in named {
             match find_column(db, table, &present, column).await {
                 Some(ty) => {
