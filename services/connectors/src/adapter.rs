@@ -14,7 +14,8 @@
 //!   is still done once, and the date gives a later stage of kept data a run of its own.
 //!   The adapter sees a new task with the same `request_id`. If it answers RETAINED with a
 //!   date that has already passed (it keeps data past its own date, or replayed its first
-//!   answer), the task fails for an operator instead of being re-run in a loop.
+//!   answer), at once or when the run it ACCEPTED is confirmed ([`Phase::Confirm`] with this
+//!   key), the task fails for an operator instead of being re-run in a loop.
 //!   NOT_FOUND there means nothing was left to erase: the task COMPLETES with no records,
 //!   as the SQL connector's does, rather than ending NOT_FOUND after its first run found
 //!   the subject. The same holds when the run was ACCEPTED and NOT_FOUND comes at
@@ -58,7 +59,8 @@
 //! under the key it was answered for, exactly as a paged RETURN_OF_DATA export, into
 //! `export.json` (an empty array when the answer has no `export_paged`). A retention run's
 //! NOT_FOUND, at once or at the confirmation of its key, completes the step with no records,
-//! as a single task's does.
+//! and its RETAINED with a date already past fails the step for an operator, as a single
+//! task's do. A RETAINED date must lie between the years 2000 and 9999 here too.
 //!
 //! # Outcomes and errors
 //! COMPLETED, NOT_FOUND, RETAINED, ACCEPTED and REFUSED map to the [`Outcome`] of the same
@@ -367,12 +369,14 @@ impl AdapterConnector {
                 max_bytes: self.page_bytes,
             });
             let result = tokio::time::timeout(self.timeout, client.get_export_page(request)).await;
+            let code = code_of(&result);
             match self.finish("GetExportPage", result) {
                 Err(e) if e.is_transient() && retries < PAGE_RETRIES => {
                     retries += 1;
                     tracing::debug!(
                         endpoint = %self.endpoint,
-                        error = %e,
+                        ?code,
+                        error = %e.logged(),
                         retries,
                         "export page asked again"
                     );
@@ -480,6 +484,7 @@ impl AdapterConnector {
         let mut client = self.client.clone();
         let request = self.outgoing(DescribeRequest {});
         let result = tokio::time::timeout(self.timeout, client.describe(request)).await;
+        let code = code_of(&result);
         match self.finish("Describe", result) {
             Ok(d) => {
                 let kinds: BTreeSet<i32> = d
@@ -487,6 +492,8 @@ impl AdapterConnector {
                     .into_iter()
                     .filter(|k| *k != RequestKind::Unspecified as i32)
                     .collect();
+                // The adapter's name for itself, from a call about no request: it cannot be
+                // about a subject.
                 tracing::info!(
                     endpoint = %self.endpoint,
                     adapter = %d.name,
@@ -499,7 +506,8 @@ impl AdapterConnector {
             Err(e) => {
                 tracing::warn!(
                     endpoint = %self.endpoint,
-                    error = %e,
+                    ?code,
+                    error = %e.logged(),
                     "adapter Describe failed; every kind is passed on to Execute"
                 );
                 Ok(None)
@@ -518,7 +526,7 @@ impl AdapterConnector {
             Err(e) => {
                 tracing::debug!(
                     endpoint = %self.endpoint,
-                    error = %e,
+                    error = %e.logged(),
                     "adapter Describe unavailable"
                 );
                 false
@@ -566,22 +574,15 @@ impl Connector for AdapterConnector {
                     let response = self.task_status(handle).await?;
                     let outcome = self.complete(task, handle, response).await?;
                     if is_retention_run(&task.phase, &task.task_id) {
-                        return Ok(nothing_left(outcome));
+                        return Ok(nothing_left(not_past_its_date(outcome, task.now_ms)?));
                     }
                     Ok(outcome)
                 }
                 Phase::RetentionExpired { until_ms } => {
                     let key = retention_expired_key(&task.task_id, *until_ms);
                     let response = self.execute(task, &key).await?;
-                    match outcome_from_response(&key, response)? {
-                        Outcome::Retained { until_ms, .. } if until_ms <= task.now_ms => {
-                            Err(ConnectorError::Permanent(format!(
-                                "the adapter still retains data after its retain-until date \
-                                 ({until_ms} ms since the epoch); an operator must check it"
-                            )))
-                        }
-                        other => Ok(nothing_left(other)),
-                    }
+                    let outcome = outcome_from_response(&key, response)?;
+                    Ok(nothing_left(not_past_its_date(outcome, task.now_ms)?))
                 }
             }
         })
@@ -611,6 +612,21 @@ fn nothing_left(outcome: Outcome) -> Outcome {
             erased: Vec::new(),
         },
         other => other,
+    }
+}
+
+/// `outcome` of a retention run (at once or at the confirmation of its key), unless it is
+/// RETAINED until a date already past at `now_ms`: the processor would wake the task at once
+/// and replay the run, whose key the adapter answers with the same date, for ever.
+fn not_past_its_date(outcome: Outcome, now_ms: i64) -> Result<Outcome, ConnectorError> {
+    match outcome {
+        Outcome::Retained { until_ms, .. } if until_ms <= now_ms => {
+            Err(ConnectorError::Permanent(format!(
+                "the adapter still retains data after its retain-until date ({until_ms} ms \
+                 since the epoch); an operator must check it"
+            )))
+        }
+        other => Ok(other),
     }
 }
 
@@ -722,28 +738,10 @@ fn outcome_from_response(
             },
         }),
         ExecuteOutcome::Retained => {
-            if response.legal_basis.trim().is_empty() {
-                return Err(ConnectorError::Permanent(
-                    "the adapter answered RETAINED without a legal_basis".into(),
-                ));
-            }
-            let Some(until) = response.retain_until.as_ref() else {
-                return Err(ConnectorError::Permanent(
-                    "the adapter answered RETAINED without retain_until".into(),
-                ));
-            };
-            // Within the years 2000 to 9999, as the registry takes it: a date beyond would
-            // wake the task never, or shows in a certificate as no date at all.
-            if !dsrelay_proto::is_real_instant(until) {
-                return Err(ConnectorError::Permanent(format!(
-                    "the adapter answered RETAINED until {} seconds since the epoch, which is \
-                     not a date between the years 2000 and 9999",
-                    until.seconds
-                )));
-            }
+            let until_ms = retained_until(&response.legal_basis, response.retain_until.as_ref())?;
             Ok(Outcome::Retained {
                 legal_basis: clip(response.legal_basis),
-                until_ms: millis_from_timestamp(until),
+                until_ms,
                 records_affected: evidence.records_affected.max(0),
                 note,
                 erased: Vec::new(),
@@ -776,6 +774,46 @@ fn outcome_from_response(
             "the adapter answered without a valid outcome ({})",
             response.outcome
         ))),
+    }
+}
+
+/// The retain-until date (ms since the epoch) of a RETAINED answer, task or bulk step, or
+/// why the answer is malformed: it needs a legal basis and a date within the years 2000 to
+/// 9999, as the registry takes it (a date beyond would wake the task never, or shows in a
+/// certificate as no date at all).
+fn retained_until(
+    legal_basis: &str,
+    until: Option<&dsrelay_proto::prost_types::Timestamp>,
+) -> Result<i64, ConnectorError> {
+    if legal_basis.trim().is_empty() {
+        return Err(ConnectorError::Permanent(
+            "the adapter answered RETAINED without a legal_basis".into(),
+        ));
+    }
+    let Some(until) = until else {
+        return Err(ConnectorError::Permanent(
+            "the adapter answered RETAINED without retain_until".into(),
+        ));
+    };
+    if !dsrelay_proto::is_real_instant(until) {
+        return Err(ConnectorError::Permanent(format!(
+            "the adapter answered RETAINED until {} seconds since the epoch, which is not a \
+             date between the years 2000 and 9999",
+            until.seconds
+        )));
+    }
+    Ok(millis_from_timestamp(until))
+}
+
+/// The code an adapter's call ended with, for a log line that shows no message:
+/// DEADLINE_EXCEEDED when no answer came in time, OK for an answer.
+fn code_of<R>(
+    result: &Result<Result<tonic::Response<R>, Status>, tokio::time::error::Elapsed>,
+) -> Code {
+    match result {
+        Ok(Ok(_)) => Code::Ok,
+        Ok(Err(status)) => status.code(),
+        Err(_) => Code::DeadlineExceeded,
     }
 }
 
@@ -1086,6 +1124,8 @@ mod tests {
         not_found: bool,
         /// Execute answers ACCEPTED, and GetTaskStatus what Execute would have answered.
         accepted: bool,
+        /// The answer is RETAINED until this date (ms), instead of a paged COMPLETED.
+        retained_until_ms: Option<i64>,
         /// The task ids GetTaskStatus was asked about.
         statuses: std::sync::Mutex<Vec<String>>,
         pages: std::collections::HashMap<(String, String), Result<ExportPage, Code>>,
@@ -1106,6 +1146,13 @@ mod tests {
                         ..Default::default()
                     }),
                     ..response(ExecuteOutcome::NotFound)
+                }));
+            }
+            if let Some(until_ms) = self.0.retained_until_ms {
+                return Ok(tonic::Response::new(ExecuteResponse {
+                    legal_basis: "Kirjanpitolaki 2:10 §".into(),
+                    retain_until: Some(timestamp_from_millis(until_ms)),
+                    ..response(ExecuteOutcome::Retained)
                 }));
             }
             Ok(tonic::Response::new(ExecuteResponse {
@@ -1332,6 +1379,57 @@ mod tests {
         server.await.unwrap().unwrap();
     }
 
+    /// A retention run the adapter ACCEPTED and then confirms RETAINED with a date already
+    /// past would wake at once and be confirmed again, with the same answer, for ever: it
+    /// fails for an operator, as it does when answered at once.
+    #[tokio::test]
+    async fn retained_past_its_date_at_a_retention_runs_confirmation_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dsrelay_runtime::pki::DevPki::ensure(&dir.path().join("pki")).unwrap();
+        let past = 1_500_000_000_000;
+        let script = std::sync::Arc::new(ScriptedPages {
+            accepted: true,
+            retained_until_ms: Some(past),
+            ..ScriptedPages::default()
+        });
+        let (port, stop, server) = serve_scripted(&pki, script.clone()).await;
+        let mut c = config(pki.files("processor"));
+        c.endpoint = format!("https://localhost:{port}");
+        c.supported_kinds = Some(vec!["erasure".into()]);
+        let connector = &AdapterConnector::connect(&c).unwrap();
+        let confirm = |phase| async move {
+            let Outcome::Accepted { handle, .. } = connector.run(&task(phase)).await.unwrap()
+            else {
+                panic!("not accepted");
+            };
+            connector.run(&task(Phase::Confirm { handle })).await
+        };
+
+        // A first run's RETAINED passes, past date or not: the retention run comes next.
+        let first = confirm(Phase::Start).await.unwrap();
+        assert!(
+            matches!(first, Outcome::Retained { until_ms, .. } if until_ms == past),
+            "{first:?}"
+        );
+        let err = confirm(Phase::RetentionExpired { until_ms: past })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ConnectorError::Permanent(m) if m.contains("after its retain-until")),
+            "{err:?}"
+        );
+        assert_eq!(
+            *script.statuses.lock().unwrap(),
+            [
+                "controller/r1/newsletter",
+                "controller/r1/newsletter#retention-expired-1500000000000"
+            ]
+        );
+
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+
     /// Only a key this connector built for a retention run of the same task counts as one.
     #[test]
     fn recognises_the_keys_of_retention_runs() {
@@ -1512,6 +1610,8 @@ mod tests {
             phase: Phase::Start,
             due_at_ms: 2_000_000_000_000,
             now_ms: 1_700_000_000_000,
+            interrupted: false,
+            recorded_progress: Default::default(),
             export: None,
             progress,
         };

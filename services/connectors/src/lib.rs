@@ -90,6 +90,39 @@ impl ConnectorError {
             _ => None,
         }
     }
+
+    /// This error as a log line shows it: its kind and length, never its words, which may
+    /// quote the holder (an adapter's status message, an API's error body, a database's
+    /// error quoting a value) and so name the subject. The processor keeps the words in the
+    /// task's last error or reason, which forgetting the request removes.
+    pub fn logged(&self) -> LoggedError<'_> {
+        LoggedError(self)
+    }
+}
+
+/// A [`ConnectorError`] as a log line shows it ([`ConnectorError::logged`]).
+#[derive(Clone, Copy)]
+pub struct LoggedError<'a>(&'a ConnectorError);
+
+impl std::fmt::Display for LoggedError<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            ConnectorError::Transient(m) => write!(f, "transient, {} bytes withheld", m.len()),
+            ConnectorError::RetryAfter { message, after_ms } => write!(
+                f,
+                "transient (retry after {after_ms} ms), {} bytes withheld",
+                message.len()
+            ),
+            ConnectorError::Permanent(m) => write!(f, "permanent, {} bytes withheld", m.len()),
+        }
+    }
+}
+
+// A log call's `?field` formats with Debug, which must withhold as much as Display.
+impl std::fmt::Debug for LoggedError<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 /// Which step of a task's life the connector is asked to take.
@@ -115,6 +148,16 @@ impl Phase {
     /// Whether this is a run at a retain-until date ([`Phase::RetentionExpired`]).
     pub fn is_retention_expired(&self) -> bool {
         matches!(self, Self::RetentionExpired { .. })
+    }
+
+    /// The phase's name, for log lines and spans. Not its `Debug`: a confirmation's handle
+    /// is the holder's text (an adapter's own words, Mailchimp members' hashed addresses).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Start => "start",
+            Self::Confirm { .. } => "confirm",
+            Self::RetentionExpired { .. } => "retention_expired",
+        }
     }
 }
 
@@ -187,6 +230,17 @@ pub struct BulkJob {
     pub due_at_ms: i64,
     /// The processor's clock (ms since the epoch), as in [`Task::now_ms`].
     pub now_ms: i64,
+    /// An earlier call of this erasure was cut off before its answer was recorded (the
+    /// processor stopped, crashed or lost the task's lease while the holder worked), as in
+    /// [`Task::interrupted`]: the holder may have done the work already. A connector whose
+    /// repeated erasure answers differently once the data is gone (Mailchimp's audience
+    /// answers 404) takes that answer as the earlier call's work. Exports are run again
+    /// whole, so the processor never sets it for them.
+    pub interrupted: bool,
+    /// The progress the processor recorded for this step before this call: the last an
+    /// earlier call reported (cut off or not), all zero when none was. A connector answering
+    /// for an earlier call's work (`interrupted`) counts it from here, or says it cannot.
+    pub recorded_progress: BulkProgress,
     /// For [`BulkOp::Export`]: the task's export folder, emptied before every run.
     pub export: Option<ExportSink>,
     /// Where the connector reports how far it has got while it runs.
@@ -379,4 +433,47 @@ pub trait Connector: Send + Sync {
 /// The kind's name without the enum prefix, for messages (`ERASURE`).
 pub fn kind_label(kind: RequestKind) -> &'static str {
     kind.as_str_name().trim_start_matches("REQUEST_KIND_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_logged_error_shows_its_kind_and_length_only() {
+        let quoted = "exporting payments: invalid input syntax: \"maija@example.fi\"";
+        for (e, shown) in [
+            (
+                ConnectorError::Transient(quoted.into()),
+                "transient, 60 bytes withheld",
+            ),
+            (
+                ConnectorError::RetryAfter {
+                    message: quoted.into(),
+                    after_ms: 1000,
+                },
+                "transient (retry after 1000 ms), 60 bytes withheld",
+            ),
+            (
+                ConnectorError::Permanent(quoted.into()),
+                "permanent, 60 bytes withheld",
+            ),
+        ] {
+            assert_eq!(e.logged().to_string(), shown);
+            assert_eq!(format!("{:?}", e.logged()), shown);
+        }
+    }
+
+    #[test]
+    fn a_phase_is_named_without_the_holders_handle() {
+        let confirm = Phase::Confirm {
+            handle: "job for maija@example.fi".into(),
+        };
+        assert_eq!(confirm.name(), "confirm");
+        assert_eq!(Phase::Start.name(), "start");
+        assert_eq!(
+            Phase::RetentionExpired { until_ms: 1 }.name(),
+            "retention_expired"
+        );
+    }
 }

@@ -104,6 +104,8 @@ mod tests {
             phase: Phase::Start,
             due_at_ms: 0,
             now_ms: 0,
+            interrupted: false,
+            recorded_progress: Default::default(),
             export: None,
             progress: ProgressReporter::new().0,
         }

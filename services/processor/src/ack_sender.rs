@@ -29,6 +29,7 @@ use std::time::Duration;
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::v1::{AcknowledgeRequest, RejectedAcknowledgement};
 use dsrelay_runtime::host::SHUTDOWN_MARGIN;
+use dsrelay_runtime::log_text::Said;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -234,9 +235,11 @@ async fn send(shared: &Shared, controller: String, jobs: Vec<AckJob>) {
                 .clone()
                 .acknowledge(req)
                 .await
-                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+                .map_err(|s| Said::status(&s))
         }
-        None => Err(format!("controller {controller} is no longer configured")),
+        None => Err(Said::ours(format!(
+            "controller {controller} is no longer configured"
+        ))),
     };
     match result {
         Ok(resp) => {
@@ -259,16 +262,17 @@ async fn send(shared: &Shared, controller: String, jobs: Vec<AckJob>) {
                 .filter(|(i, _)| !rejected.contains_key(i))
                 .map(|(_, j)| j.id)
                 .collect();
-            for (i, error) in &rejected {
+            for (i, said) in &rejected {
                 let Some(j) = jobs.get(*i) else { continue };
                 let attempt = u32::try_from(j.attempts + 1).unwrap_or(u32::MAX);
                 let next_at = now + cfg.backoff.delay(attempt).as_millis() as i64;
+                let error = said.logged(shared.log_key());
                 match shared
                     .store
                     .ack_rejected(
                         (j.id, &j.lease_owner),
                         next_at,
-                        error,
+                        &said.full(),
                         now,
                         cfg.max_rejections,
                     )
@@ -279,14 +283,16 @@ async fn send(shared: &Shared, controller: String, jobs: Vec<AckJob>) {
                         subprocessor = %j.ack.subprocessor,
                         sequence = j.ack.sequence,
                         %error,
-                        "acknowledgement dead-lettered after repeated rejection"
+                        "acknowledgement dead-lettered after repeated rejection; `dsrctl tasks \
+                         dead-letters` shows the registry's answer"
                     ),
                     Ok(false) => tracing::warn!(
                         request_id = %j.ack.request_id,
                         subprocessor = %j.ack.subprocessor,
                         sequence = j.ack.sequence,
                         %error,
-                        "acknowledgement rejected; will retry"
+                        "acknowledgement rejected; will retry (its outbox row's last_error holds \
+                         the registry's answer)"
                     ),
                     Err(e) => tracing::error!(
                         error = format!("{e:#}"),
@@ -312,8 +318,12 @@ async fn send(shared: &Shared, controller: String, jobs: Vec<AckJob>) {
                     (j.id, j.lease_owner.as_str(), next_at)
                 })
                 .collect();
-            tracing::warn!(%error, "sending acknowledgements failed; will retry");
-            if let Err(e) = shared.store.acks_failed(&retries, &error).await {
+            tracing::warn!(
+                error = %error.logged(shared.log_key()),
+                "sending acknowledgements failed; will retry (their outbox rows' last_error \
+                 holds the answer)"
+            );
+            if let Err(e) = shared.store.acks_failed(&retries, &error.full()).await {
                 tracing::error!(
                     error = format!("{e:#}"),
                     "recording an acknowledgement failure failed"
@@ -323,15 +333,15 @@ async fn send(shared: &Shared, controller: String, jobs: Vec<AckJob>) {
     }
 }
 
-/// A rejection as one line for the outbox and the logs: the code, the message and each field
-/// with its rule.
-fn describe_rejection(x: &RejectedAcknowledgement) -> String {
+/// A rejection as one line for the outbox: the code, quoting the registry's message and each
+/// field with its rule (the registry's words, which a log line shows only as their hash).
+fn describe_rejection(x: &RejectedAcknowledgement) -> Said {
     let code = tonic::Code::from_i32(x.code);
-    let mut s = format!("{code:?}: {}", x.message);
+    let mut s = x.message.clone();
     for v in &x.violations {
         s.push_str(&format!("; {}: {}", v.field, v.rule));
     }
-    s
+    Said::quoting(format!("{code:?}"), s)
 }
 
 #[cfg(test)]

@@ -83,6 +83,15 @@ pub(crate) struct Shared {
     pub checkpoints: Option<Arc<Checkpointer>>,
 }
 
+impl Shared {
+    /// The key of the hashes that stand in log lines for text from outside the processor (a
+    /// holder's error, a registry's or recipient's status message), which may name the
+    /// subject: [`dsrelay_runtime::log_text`].
+    pub(crate) fn log_key(&self) -> &[u8] {
+        self.config.identity_hash_key.as_bytes()
+    }
+}
+
 /// The signer of deletion certificates, when the configuration names a key; `identity`
 /// (the processor's own certificate identity) names the processor in its certificates.
 fn issuer(config: &Config, identity: String) -> Result<Option<Arc<Issuer>>> {

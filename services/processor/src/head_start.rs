@@ -25,13 +25,13 @@ use dsrelay_connectors::export::BLOCKS_AHEAD;
 use dsrelay_connectors::{Block, ExportSink, GrowingFile, Growth};
 use dsrelay_proto::v1::export_upload_service_client::ExportUploadServiceClient;
 use dsrelay_proto::v1::{ExportFileHeader, FileEnd, UploadFileChunk};
+use dsrelay_runtime::log_text::Said;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
 use crate::app::Shared;
-use crate::metrics::Metrics;
 use crate::store::TaskKey;
 use crate::uploader::{header, CHUNK};
 
@@ -91,7 +91,7 @@ pub(crate) async fn beside<T>(
             let _ = done.await;
         },
         tail,
-        &shared.metrics,
+        shared,
     );
     tokio::join!(connector, head).0
 }
@@ -120,8 +120,9 @@ impl HeadStart {
         mut self,
         connector_done: impl std::future::Future<Output = ()>,
         tail: Duration,
-        metrics: &Metrics,
+        shared: &Shared,
     ) {
+        let metrics = &shared.metrics;
         let mut sending = JoinSet::new();
         let mut start = |file: GrowingFile| {
             // The file's size and digest are not known yet: the header leaves them empty.
@@ -147,9 +148,12 @@ impl HeadStart {
                         metrics.export_sent(subprocessor, true, bytes);
                         tracing::debug!(file = %name, bytes, "export file sent while written");
                     }
-                    Ok(Err(why)) => {
-                        tracing::info!(%why, "an export file's head start failed; the uploader sends it");
-                    }
+                    // Nothing records why: the uploader sends the file again, and what the
+                    // registry says then is kept.
+                    Ok(Err(why)) => tracing::info!(
+                        why = %why.logged(shared.log_key()),
+                        "an export file's head start failed; the uploader sends it"
+                    ),
                     Err(e) => tracing::warn!(error = %e, "an export file's head start panicked"),
                 }
             }
@@ -167,12 +171,12 @@ impl HeadStart {
 }
 
 /// Streams `file` to the registry as it grows; answers its name and size once the registry
-/// holds it whole, or why not.
+/// holds it whole, or why not (quoting the registry's answer apart from the processor's words).
 async fn send(
     mut client: ExportUploadServiceClient<Channel>,
     header: ExportFileHeader,
     file: GrowingFile,
-) -> Result<(String, u64), String> {
+) -> Result<(String, u64), Said> {
     let name = header.name.clone();
     let outcome = Arc::new(Mutex::new(None::<String>));
     let chunks = futures::stream::unfold(
@@ -194,18 +198,18 @@ async fn send(
     );
     let state = client.upload_file(chunks).await;
     if let Some(why) = outcome.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        return Err(format!("{name}: {why}"));
+        return Err(Said::ours(format!("{name}: {why}")));
     }
     let state = state
-        .map_err(|s| format!("sending {name}: {:?}: {}", s.code(), s.message()))?
+        .map_err(|s| Said::quoting(format!("sending {name}: {:?}", s.code()), s.message()))?
         .into_inner();
     if state.complete {
         Ok((name, state.offset))
     } else {
-        Err(format!(
+        Err(Said::ours(format!(
             "the registry holds {} bytes of {name}, not all of it",
             state.offset
-        ))
+        )))
     }
 }
 

@@ -4,15 +4,16 @@
 //! never recorded over the second's, whichever way the first learns of the loss. Leases are
 //! on the database's clock, so they run out by waiting, never by moving the processor's
 //! clock: the first claim takes a short lease and the test waits it out. The second call is
-//! told the first was cut off before its answer was recorded (`Task::interrupted`).
+//! told the first was cut off before its answer was recorded (`Task::interrupted`), and so is
+//! a contract end's erasure resumed after a cut-off call (`BulkJob::interrupted`).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use dsrelay_connectors::{
-    BoxFuture, BulkJob, BulkProgress, Connector, ConnectorError, Outcome, Task,
+    BoxFuture, BulkJob, BulkProgress, Connector, ConnectorError, ErasedCount, Outcome, Task,
 };
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::timestamp_from_millis;
@@ -166,6 +167,28 @@ async fn accept_contract_end(
     phase: ContractPhase,
 ) -> i64 {
     let now = shared.clock.now_ms();
+    deliver_contract_end(shared, choice).await;
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    let moved = Transition {
+        state: TaskState::InProgress,
+        contract: Some(ContractStep {
+            phase,
+            progress: None,
+            scheduled_at: None,
+        }),
+        ..Default::default()
+    };
+    shared
+        .store
+        .transition(&task.key, task.sequence, &moved, now, 0)
+        .await
+        .expect("move")
+        .expect("moved")
+}
+
+/// Accepts `r-1`, a contract end of `choice` effective now, for `crm`: its task is PENDING.
+async fn deliver_contract_end(shared: &Shared, choice: ContractEndChoice) {
+    let now = shared.clock.now_ms();
     let req = DeliverRequest {
         request_id: "r-1".into(),
         kind: RequestKind::ContractEnd as i32,
@@ -187,22 +210,6 @@ async fn accept_contract_end(
         .accept("acme", &req, &["crm".to_string()], None, now)
         .await
         .expect("accept");
-    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
-    let moved = Transition {
-        state: TaskState::InProgress,
-        contract: Some(ContractStep {
-            phase,
-            progress: None,
-            scheduled_at: None,
-        }),
-        ..Default::default()
-    };
-    shared
-        .store
-        .transition(&task.key, task.sequence, &moved, now, 0)
-        .await
-        .expect("move")
-        .expect("moved")
 }
 
 /// Claims the task for `lease_ms` (the runner renews it on `tasks.lease_ms`).
@@ -655,6 +662,184 @@ async fn lost_progress_is_not_recorded(database_url: &str, dir: &std::path::Path
     first.abort();
 }
 
+/// A holder whose erasure, like Mailchimp's deletion of an audience, answers differently once
+/// the data is gone: the first call reports its count (3 members), deletes and never answers
+/// (the test cuts it off); a later call finds nothing, and fails for good ("nothing was done")
+/// unless told an earlier call was cut off, when it answers with the count recorded.
+struct Vanishing {
+    entered: mpsc::UnboundedSender<()>,
+    deleted: AtomicBool,
+    /// Each call's [`BulkJob::interrupted`] and [`BulkJob::recorded_progress`], in order.
+    calls: std::sync::Mutex<Vec<(bool, BulkProgress)>>,
+}
+
+/// `done` of `total` members, as subjects and records alike.
+fn members(done: u64, total: u64) -> BulkProgress {
+    BulkProgress {
+        subjects_done: done,
+        subjects_total: total,
+        records_done: done,
+        records_total: total,
+    }
+}
+
+impl Connector for Vanishing {
+    fn kind_name(&self) -> &'static str {
+        "vanishing"
+    }
+
+    fn supports(&self, _kind: RequestKind) -> bool {
+        true
+    }
+
+    fn run<'a>(&'a self, _task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async { Err(ConnectorError::Permanent("bulk only".into())) })
+    }
+
+    fn run_bulk<'a>(&'a self, job: &'a BulkJob) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async move {
+            self.calls
+                .lock()
+                .expect("calls")
+                .push((job.interrupted, job.recorded_progress));
+            if !self.deleted.swap(true, Ordering::SeqCst) {
+                job.progress.report(members(0, 3));
+                let _ = self.entered.send(());
+                std::future::pending::<()>().await;
+            }
+            if !job.interrupted {
+                return Err(ConnectorError::Permanent(
+                    "the audience was not found; nothing was done".into(),
+                ));
+            }
+            let n = job.recorded_progress.subjects_total;
+            job.progress.report(members(n, n));
+            Ok(Outcome::Completed {
+                records_affected: n as i64,
+                note: "deleted by the call that was cut off".into(),
+                files: Vec::new(),
+                erased: vec![ErasedCount {
+                    target: "audience".into(),
+                    action: "deleted".into(),
+                    count: n as i64,
+                }],
+            })
+        })
+    }
+}
+
+/// How the first call of an erasure is cut off before its answer is recorded.
+#[derive(Debug, Clone, Copy)]
+enum Cut {
+    /// The process dies (SIGKILL): the step stops where it is, and its lease runs out.
+    Crash,
+    /// The shutdown grace ends: the step is abandoned and its lease released.
+    Shutdown,
+}
+
+/// A contract end's erasure cut off after its holder did the work is resumed with care: the
+/// call was noted, so the next claim's is told so ([`BulkJob::interrupted`]) with the count
+/// the first reported, and the task is COMPLETED with it. Unnoted, the resumed call met a
+/// holder that no longer found the data and the task was FAILED, "nothing was done".
+async fn a_cut_off_bulk_erasure_is_resumed_with_care(
+    database_url: &str,
+    dir: &std::path::Path,
+    cut: Cut,
+) {
+    let (tx, mut entered) = mpsc::unbounded_channel();
+    let holder = Arc::new(Vanishing {
+        entered: tx,
+        deleted: AtomicBool::new(false),
+        calls: Default::default(),
+    });
+    let connectors = HashMap::from([("crm".to_string(), holder.clone() as Arc<dyn Connector>)]);
+    // Leases of 300 ms, renewed every 100 ms while the runner lives.
+    let app = App::with_connectors(config(dir, database_url, 300), connectors)
+        .await
+        .expect("app");
+    let shared = app.shared();
+    deliver_contract_end(&shared, ContractEndChoice::Delete).await;
+
+    let first = start(&shared, claim_one(&shared, 300).await);
+    tokio::time::timeout(Duration::from_secs(10), entered.recv())
+        .await
+        .expect("the erasure is called")
+        .expect("a call");
+    // The count the holder reported is recorded while it works (every 10 ms here).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+        if task.counts == members(0, 3) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{task:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    match cut {
+        Cut::Crash => {
+            first.abort();
+            let _ = first.await;
+            // Past the lease, on the database's clock.
+            tokio::time::sleep(Duration::from_millis(600)).await;
+        }
+        Cut::Shutdown => {
+            shared.abandon.send_replace(true);
+            first.await.expect("first runner").expect("first step");
+            shared.abandon.send_replace(false);
+        }
+    }
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(
+        (task.state, task.phase),
+        (TaskState::InProgress, ContractPhase::Deleting),
+        "{task:?}"
+    );
+    assert!(
+        task.call_started_at.is_some(),
+        "the cut-off call stays noted"
+    );
+
+    // A claim between whose step fails before the holder is called (what the return left
+    // cannot be removed: a file stands where its folder goes) keeps the note.
+    let in_the_way = crate::exports::task_dir(&shared.config.data_dir, &task.key);
+    std::fs::create_dir_all(in_the_way.parent().expect("parent")).expect("folder");
+    std::fs::write(&in_the_way, b"not a folder").expect("file");
+    let job = claim_one(&shared, 60_000).await;
+    crate::runner::run_task(&shared, job).await.expect("step");
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(task.state, TaskState::InProgress, "{task:?}");
+    assert!(task.call_started_at.is_some(), "{task:?}");
+    assert_eq!(holder.calls.lock().expect("calls").len(), 1, "not called");
+    std::fs::remove_file(&in_the_way).expect("out of the way");
+    // Past the retry's backoff and the holder's marked unavailability.
+    shared.clock.advance(10_000);
+
+    let job = claim_one(&shared, 60_000).await;
+    crate::runner::run_task(&shared, job).await.expect("step");
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(
+        (task.state, task.records_affected, task.phase),
+        (TaskState::Completed, 3, ContractPhase::Done),
+        "{task:?}"
+    );
+    assert_eq!(task.call_started_at, None, "the answer clears the note");
+    assert_eq!(
+        *holder.calls.lock().expect("calls"),
+        [(false, BulkProgress::default()), (true, members(0, 3))]
+    );
+    let acks = acks(&shared).await;
+    let done = completed(&acks);
+    assert_eq!(done.len(), 1, "{acks:#?}");
+    assert_eq!(
+        done[0]
+            .evidence
+            .as_ref()
+            .expect("evidence")
+            .records_affected,
+        3
+    );
+}
+
 /// Exports beyond `tasks.export_concurrency` (1 here) wait for a slot, and their leases are
 /// renewed while they wait; work that exports nothing does not wait for one.
 async fn exports_wait_for_a_slot_holding_their_leases(database_url: &str, dir: &std::path::Path) {
@@ -884,6 +1069,38 @@ async fn leases_a_retry_after_the_first_call_waits_its_backoff_on_sqlite() {
 async fn leases_a_retry_after_the_first_call_waits_its_backoff_on_postgres() {
     crate::test_postgres::on_postgres(|u, d| async move {
         a_retry_after_the_first_call_waits_its_backoff(&u, &d).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_a_crashed_bulk_erasure_is_resumed_with_care_on_sqlite() {
+    on_sqlite(|u, d| async move {
+        a_cut_off_bulk_erasure_is_resumed_with_care(&u, &d, Cut::Crash).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_a_crashed_bulk_erasure_is_resumed_with_care_on_postgres() {
+    crate::test_postgres::on_postgres(|u, d| async move {
+        a_cut_off_bulk_erasure_is_resumed_with_care(&u, &d, Cut::Crash).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_a_bulk_erasure_abandoned_at_shutdown_is_resumed_with_care_on_sqlite() {
+    on_sqlite(|u, d| async move {
+        a_cut_off_bulk_erasure_is_resumed_with_care(&u, &d, Cut::Shutdown).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_a_bulk_erasure_abandoned_at_shutdown_is_resumed_with_care_on_postgres() {
+    crate::test_postgres::on_postgres(|u, d| async move {
+        a_cut_off_bulk_erasure_is_resumed_with_care(&u, &d, Cut::Shutdown).await
     })
     .await;
 }

@@ -55,6 +55,8 @@ pub mod exports;
 mod forget;
 mod head_start;
 mod lease;
+#[cfg(test)]
+mod log_tests;
 mod metrics;
 mod operator_api;
 mod runner;

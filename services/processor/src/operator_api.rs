@@ -269,7 +269,8 @@ impl OperatorApi {
             Decision::Reject(why) => return Err(ApiError::failed_precondition(why)),
             other => {
                 return Err(ApiError::unexpected(anyhow::anyhow!(
-                    "unexpected decision {other:?}"
+                    "unexpected decision {}",
+                    other.name()
                 )))
             }
         };

@@ -27,7 +27,10 @@
 //!
 //! A CONTRACT_END task runs its connector's bulk step ([`Connector::run_bulk`]) over all of
 //! the controller's data instead; while it runs, the runner reads the connector's progress
-//! every `contracts.progress_interval_ms` and acknowledges it when it moved.
+//! every `contracts.progress_interval_ms` and acknowledges it when it moved. A bulk erasure
+//! is noted as a call too, so the claim after one cut off resumes it with care
+//! ([`BulkJob::interrupted`], with the progress recorded so far); an export is run again
+//! whole and is not noted.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -38,6 +41,7 @@ use dsrelay_connectors::{
     Task,
 };
 use dsrelay_proto::v1::{DeliverRequest, RequestKind};
+use dsrelay_runtime::log_text::withheld;
 use dsrelay_runtime::trace_context;
 use dsrelay_runtime::worker::{run_pool, PoolSettings};
 use tokio::sync::watch;
@@ -235,10 +239,11 @@ pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()
         } = &decision
         {
             tracing::warn!(
-                %error,
+                error = %withheld(shared.log_key(), error),
                 attempts = job.task.attempts,
                 retry_in_ms = at - ctx.now,
-                "connector failed; will retry"
+                "connector failed; will retry (the task's last_error holds the holder's words \
+                 until the request is forgotten)"
             );
         }
         decision
@@ -361,13 +366,15 @@ async fn run_contract_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> 
     let Some(connector) = connector else {
         return Ok(());
     };
-    // A bulk step is not noted as a call: it resumes from its progress, not with care.
+    // Not noted with the start: `call_bulk` notes an erasure's call right before the holder
+    // is called, so that a step failing before it (what the return left not removed) leaves
+    // no note of a call never made, which would tell the next call that one was cut off.
     let Some((mut seq, phase, _)) = before_call(shared, &job, seq, start, phase, false).await?
     else {
         return Ok(());
     };
     let cfg = &shared.config.tasks;
-    let Ok((result, progress)) = call_bulk(
+    let Ok((result, progress, called)) = call_bulk(
         shared,
         connector.as_ref(),
         &job,
@@ -402,20 +409,32 @@ async fn run_contract_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> 
     } = &decision
     {
         tracing::warn!(
-            %error,
+            error = %withheld(shared.log_key(), error),
             attempts = job.task.attempts,
             retry_in_ms = at - ctx.now,
-            "connector failed a contract end step; will retry"
+            "connector failed a contract end step; will retry (the task's last_error holds \
+             the holder's words)"
         );
     }
-    record(shared, &job, seq, decision).await
+    match decision {
+        // The holder was not called (what the return left could not be removed): a note of
+        // an erasure cut off earlier stays for the call that follows, as while it waits.
+        Decision::Later { at, error } if !called => {
+            let error = error.as_deref();
+            postpone(shared, &job, seq, at, error, false, true)
+                .await
+                .map(drop)
+        }
+        decision => record(shared, &job, seq, decision).await,
+    }
 }
 
 /// Runs the connector's bulk step `op`, renewing the task's lease and acknowledging the
 /// connector's progress at most every `contracts.progress_interval_ms` when it moved;
 /// `seq` follows the acknowledgements. An export the registry is to receive
-/// (`to_registry`) gets a head start. Answers the outcome and the last progress reported,
-/// or [`LeaseLost`] when the step was abandoned.
+/// (`to_registry`) gets a head start. Answers the outcome, the last progress reported and
+/// whether the holder was called, or [`LeaseLost`] when the step was abandoned (or an
+/// erasure's call could not be noted).
 async fn call_bulk(
     shared: &Shared,
     connector: &dyn Connector,
@@ -424,7 +443,7 @@ async fn call_bulk(
     to_registry: bool,
     phase: &Phase,
     seq: &mut i64,
-) -> Result<(Result<Outcome, ConnectorError>, BulkProgress), LeaseLost> {
+) -> Result<(Result<Outcome, ConnectorError>, BulkProgress, bool), LeaseLost> {
     let key = &job.task.key;
     let export = if op == BulkOp::Export {
         let held = shared
@@ -440,7 +459,7 @@ async fn call_bulk(
                 "preparing the export folder {}: {e}",
                 sink.dir().display()
             ));
-            return Ok((Err(error), BulkProgress::default()));
+            return Ok((Err(error), BulkProgress::default(), false));
         }
         Some(sink)
     } else {
@@ -454,8 +473,11 @@ async fn call_bulk(
                 "removing the returned export {} before the erasure: {e}",
                 dir.display()
             ));
-            return Ok((Err(error), BulkProgress::default()));
+            return Ok((Err(error), BulkProgress::default(), false));
         }
+        // Noted before the call, so that if it is cut off the next claim tells the holder,
+        // whose repeated erasure may answer differently once the data is gone.
+        note_bulk_call(shared, job, *seq).await?;
         None
     };
     let (export, head_start) = head_start::attach(shared, key, export, to_registry);
@@ -468,6 +490,14 @@ async fn call_bulk(
         phase: phase.clone(),
         due_at_ms: job.due_at,
         now_ms: shared.clock.now_ms(),
+        interrupted: op == BulkOp::Erase && job.task.call_started_at.is_some(),
+        // What the task holds is another step's (a return's, a finished erasure's) until
+        // this step records its own.
+        recorded_progress: if job.task.phase == phase_of(op) {
+            job.task.counts
+        } else {
+            BulkProgress::default()
+        },
         export,
         progress: reporter.clone(),
     };
@@ -484,7 +514,7 @@ async fn call_bulk(
         subprocessor = %key.subprocessor,
         connector = connector.kind_name(),
         op = ?op,
-        phase = ?phase,
+        phase = phase.name(),
     );
     let run = async {
         // Renewed by the loop below while it waits for an export slot.
@@ -537,7 +567,33 @@ async fn call_bulk(
             .metrics
             .connector_error(&key.subprocessor, e.is_transient());
     }
-    Ok((result, reporter.latest()))
+    Ok((result, reporter.latest(), true))
+}
+
+/// Notes that a bulk erasure's holder is being called, as [`call`] notes a single task's
+/// ([`Store::call_started`](crate::store::Store::call_started)); [`LeaseLost`] when the
+/// claim no longer holds the task or the note failed: the holder is not called unnoted.
+async fn note_bulk_call(shared: &Shared, job: &TaskJob, seq: i64) -> Result<(), LeaseLost> {
+    let now = shared.clock.now_ms();
+    match shared
+        .store
+        .call_started(&job.task.key, seq, &job.lease_owner, now)
+        .await
+    {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            tracing::warn!("task lease lost before its holder was called; the step is abandoned");
+            Err(LeaseLost)
+        }
+        Err(e) => {
+            // The lease runs out and a later claim takes the step.
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "noting a holder call failed; the step is abandoned"
+            );
+            Err(LeaseLost)
+        }
+    }
 }
 
 /// What the state machine needs of the runner's settings and the clock; `backoff_ms` is the
@@ -648,7 +704,7 @@ async fn call(
         "connector",
         subprocessor = %key.subprocessor,
         connector = connector.kind_name(),
-        phase = ?phase,
+        phase = phase.name(),
     );
     let m = &shared.metrics;
     let run = async {

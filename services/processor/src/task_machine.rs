@@ -495,6 +495,22 @@ pub(crate) enum Decision {
     Reject(String),
 }
 
+impl Decision {
+    /// The decision's name, for an error that is logged: its `Debug` holds the texts it
+    /// carries (a holder's error, a reason), which may name the subject.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Self::Move(_) => "Move",
+            Self::RunBulk { .. } => "RunBulk",
+            Self::Run { .. } => "Run",
+            Self::Mark { .. } => "Mark",
+            Self::Later { .. } => "Later",
+            Self::Ignore => "Ignore",
+            Self::Reject(_) => "Reject",
+        }
+    }
+}
+
 /// The next step of `task` after `event`.
 pub(crate) fn decide(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Decision {
     let export = exporting(task, &event);

@@ -45,6 +45,7 @@ use dsrelay_proto::v1::{
     CompletePartRequest, CompleteTransferRequest, ExportFileHeader, GetUploadStateRequest,
     RequestKind, TaskState, TransferReceipt, TransferRecipient, UploadFileChunk, UploadState,
 };
+use dsrelay_runtime::log_text::Said;
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
 use dsrelay_runtime::tls::ClientTls;
 use futures::StreamExt;
@@ -140,14 +141,16 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// Why a delivery did not finish.
+/// Why a delivery did not finish: the processor's words, and apart what the destination
+/// said (its status's message, its receipt), which the upload's last error and the task's
+/// note or reason hold and log lines only as a keyed hash.
 #[derive(Debug)]
 enum Failure {
     /// Try again later (until the due date): the destination was unreachable, presented
     /// another identity, or refused a chunk or answered a receipt it may get right next time.
-    Retry(String),
+    Retry(Said),
     /// The export cannot be delivered as written; the task fails with this reason.
-    Undeliverable(String),
+    Undeliverable(Said),
 }
 
 /// Channels to transfer recipients, made on first use with the processor's client TLS and
@@ -299,7 +302,7 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
                 Some(name) => Destination::Recipient(name),
                 None => Destination::Registry,
             };
-            return undeliverable(shared, job, &task, to, &reason).await;
+            return undeliverable(shared, job, &task, to, &Said::ours(reason)).await;
         }
     };
     let to = sink.destination();
@@ -350,7 +353,9 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
             Ok(())
         }
         Err(Failure::Undeliverable(reason)) => undeliverable(shared, job, &task, to, &reason).await,
-        Err(Failure::Retry(error)) => {
+        Err(Failure::Retry(said)) => {
+            let error = said.full();
+            let logged = said.logged(shared.log_key());
             let cfg = &shared.config.uploads;
             let attempt = u32::try_from(job.attempts).unwrap_or(u32::MAX);
             let ctx = Context {
@@ -368,7 +373,13 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
             match decide(&task.current(), event, &ctx) {
                 Decision::Move(t) if t.state == TaskState::InProgress => {
                     let next = delivery_retry_at(&ctx);
-                    tracing::warn!(%error, %to, retry_in_ms = next - ctx.now, "delivering an export failed; will retry");
+                    tracing::warn!(
+                        error = %logged,
+                        %to,
+                        retry_in_ms = next - ctx.now,
+                        "delivering an export failed; will retry (the task's note holds the \
+                         destination's words)"
+                    );
                     let moved = shared
                         .store
                         .upload_failed(
@@ -390,14 +401,25 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
                 }
                 Decision::Later { at, .. } => {
                     // Nothing new for the controller: only the next attempt is scheduled.
-                    tracing::warn!(%error, %to, retry_in_ms = at - ctx.now, "delivering an export failed; will retry");
+                    tracing::warn!(
+                        error = %logged,
+                        %to,
+                        retry_in_ms = at - ctx.now,
+                        "delivering an export failed; will retry (the upload's last_error holds \
+                         the destination's words)"
+                    );
                     shared
                         .store
                         .upload_retry_later(job.claim(), NextAttempt { at, error: &error })
                         .await
                 }
                 decision => {
-                    tracing::warn!(%error, %to, "delivering an export failed at the due date; giving up");
+                    tracing::warn!(
+                        error = %logged,
+                        %to,
+                        "delivering an export failed at the due date; giving up (the task's \
+                         reason holds the destination's words)"
+                    );
                     record(shared, job, decision, None, task.sequence, task.attempts)
                         .await
                         .map(drop)
@@ -443,12 +465,20 @@ async fn undeliverable(
     job: &UploadJob,
     task: &TaskRow,
     to: Destination<'_>,
-    reason: &str,
+    reason: &Said,
 ) -> anyhow::Result<()> {
-    tracing::warn!(%reason, %to, "export cannot be delivered");
+    tracing::warn!(
+        reason = %reason.logged(shared.log_key()),
+        %to,
+        "export cannot be delivered; the task fails with the reason in full"
+    );
+    let reason = reason.full();
     let decision = decide(
         &task.current(),
-        Event::Undeliverable { to, reason },
+        Event::Undeliverable {
+            to,
+            reason: &reason,
+        },
         &Context::at(shared.clock.now_ms()),
     );
     record(shared, job, decision, None, task.sequence, task.attempts)
@@ -566,9 +596,11 @@ async fn send_export(
         .await
         .map_err(|s| refused(to, "closing the part", &s))?;
     if let Some(r) = &receipt {
+        // `why` quotes the receipt's fields, the recipient's words.
         check_receipt(key, &headers, r).map_err(|why| {
-            Failure::Retry(format!(
-                "the receipt of {to} does not match what was sent: {why}"
+            Failure::Retry(Said::quoting(
+                format!("the receipt of {to} does not match what was sent"),
+                why,
             ))
         })?;
     }
@@ -648,14 +680,13 @@ impl<'a> UploadLease<'a> {
             .extend_upload_lease(self.job.claim(), lease_ms);
         match self.clock.renew(extend).await {
             Renewal::Held => Ok(()),
-            Renewal::Lost => Err(Failure::Retry(
+            Renewal::Lost => Err(Failure::Retry(Said::ours(
                 "another sender took this export over, or a cancellation found it idle: this \
-                 sender's lease ran out while it sent"
-                    .into(),
-            )),
-            Renewal::RanOut(e) => Err(Failure::Retry(format!(
-                "renewing the export's lease failed until it ran out: {e:#}"
+                 sender's lease ran out while it sent",
             ))),
+            Renewal::RanOut(e) => Err(Failure::Retry(Said::ours(format!(
+                "renewing the export's lease failed until it ran out: {e:#}"
+            )))),
             Renewal::Failed(e) => {
                 tracing::warn!(
                     error = format!("{e:#}"),
@@ -677,12 +708,12 @@ async fn hold_lease(shared: &Shared, job: &UploadJob) -> Result<(), Failure> {
         .await
     {
         Ok(true) => Ok(()),
-        Ok(false) => Err(Failure::Retry(
-            "this sender's lease on the export ran out before the part was closed".into(),
-        )),
-        Err(e) => Err(Failure::Retry(format!(
-            "renewing the export's lease before closing the part: {e:#}"
+        Ok(false) => Err(Failure::Retry(Said::ours(
+            "this sender's lease on the export ran out before the part was closed",
         ))),
+        Err(e) => Err(Failure::Retry(Said::ours(format!(
+            "renewing the export's lease before closing the part: {e:#}"
+        )))),
     }
 }
 
@@ -759,11 +790,11 @@ impl Reading {
         }
         let digest = hex::encode(self.hasher.clone().finalize());
         (self.bytes != f.size || digest != f.sha256).then(|| {
-            Failure::Undeliverable(format!(
+            Failure::Undeliverable(Said::ours(format!(
                 "export file {} changed at the processor: {} bytes with SHA-256 {digest}, \
                  written as {} bytes with SHA-256 {}",
                 f.name, self.bytes, f.size, f.sha256
-            ))
+            )))
         })
     }
 }
@@ -771,12 +802,12 @@ impl Reading {
 async fn open(path: &Path, f: &ExportedFile) -> Result<tokio::fs::File, Failure> {
     tokio::fs::File::open(path).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            Failure::Undeliverable(format!(
+            Failure::Undeliverable(Said::ours(format!(
                 "export file {} vanished from the processor's data folder",
                 f.name
-            ))
+            )))
         } else {
-            Failure::Retry(format!("opening export file {}: {e}", f.name))
+            Failure::Retry(Said::ours(format!("opening export file {}: {e}", f.name)))
         }
     })
 }
@@ -802,8 +833,12 @@ async fn send_file(
         size: header.size,
         sha256: header.sha256.clone(),
     };
-    let read_error =
-        |e: std::io::Error| Failure::Retry(format!("reading export file {}: {e}", header.name));
+    let read_error = |e: std::io::Error| {
+        Failure::Retry(Said::ours(format!(
+            "reading export file {}: {e}",
+            header.name
+        )))
+    };
     let mut file = open(path, &meta).await?;
     let mut reading = Reading::default();
     // The part the destination holds already is hashed, not sent.
@@ -821,10 +856,10 @@ async fn send_file(
         // Shorter than what the destination holds: it changed.
         reading.to_end = true;
         return Err(reading.changed(&meta).unwrap_or_else(|| {
-            Failure::Undeliverable(format!(
+            Failure::Undeliverable(Said::ours(format!(
                 "export file {} shrank at the processor",
                 header.name
-            ))
+            )))
         }));
     }
     drop(buf);
@@ -910,11 +945,11 @@ async fn send_file(
         return Err(changed);
     }
     let Some(sent) = sent else {
-        return Err(Failure::Retry(format!(
+        return Err(Failure::Retry(Said::ours(format!(
             "{to} took no more of {} for {idle_ms} ms (uploads.lease_ms); the next attempt \
              resumes where it stands",
             header.name
-        )));
+        ))));
     };
     let state = sent.map_err(|s| {
         refused(
@@ -924,10 +959,10 @@ async fn send_file(
         )
     })?;
     if !state.complete {
-        return Err(Failure::Retry(format!(
+        return Err(Failure::Retry(Said::ours(format!(
             "{to} holds {} of {} bytes of {} after sending it",
             state.offset, header.size, header.name
-        )));
+        ))));
     }
     Ok(())
 }
@@ -936,7 +971,7 @@ async fn send_file(
 /// request it does not know us for, fails the task; anything else (FAILED_PRECONDITION
 /// included) is tried again, until the due date.
 fn refused(to: Destination<'_>, doing: &str, s: &tonic::Status) -> Failure {
-    let error = format!("{doing} at {to}: {:?}: {}", s.code(), status_text(s));
+    let error = Said::quoting(format!("{doing} at {to}: {:?}", s.code()), status_text(s));
     match s.code() {
         Code::InvalidArgument | Code::NotFound | Code::PermissionDenied => {
             Failure::Undeliverable(error)

@@ -1,13 +1,15 @@
 //! A contract end through the adapter: `ExecuteBulk` and `GetBulkStatus` (see the parent
 //! module's documentation).
 
-use dsrelay_proto::millis_from_timestamp;
 use dsrelay_proto::timestamp_from_millis;
 use dsrelay_proto::v1::{
     BulkOperation, ExecuteBulkRequest, ExecuteBulkResponse, ExecuteOutcome, GetBulkStatusRequest,
 };
 
-use super::{clip, is_retention_run, retention_expired_key, AdapterConnector};
+use super::{
+    clip, is_retention_run, not_past_its_date, retained_until, retention_expired_key,
+    AdapterConnector,
+};
 use crate::export::{JsonArrayWriter, JSON};
 use crate::{BulkJob, BulkOp, BulkProgress, ConnectorError, ErasedCount, Outcome, Phase};
 
@@ -18,6 +20,9 @@ impl AdapterConnector {
             return Ok(refusal);
         }
         let (key, response) = match &job.phase {
+            // A call resumed after one cut off (`job.interrupted`) needs no care here: the
+            // adapter answers a repeated job_id with the first call's outcome or progress and
+            // does the work once (`adapter.proto`), so it never meets its own erasure's result.
             Phase::Start => (
                 job.job_id.clone(),
                 self.execute_bulk(job, &job.job_id, false).await?,
@@ -62,20 +67,12 @@ impl AdapterConnector {
                 };
                 *files = vec![file];
             }
-            Outcome::Retained { until_ms, .. }
-                if job.phase.is_retention_expired() && *until_ms <= job.now_ms =>
-            {
-                return Err(ConnectorError::Permanent(format!(
-                    "the adapter still retains data after its retain-until date ({until_ms} ms \
-                     since the epoch); an operator must check it"
-                )));
-            }
             _ => {}
         }
         // An ACCEPTED retention run is confirmed under its key, the only trace of the run
         // that Confirm carries.
         if is_retention_run(&job.phase, &job.job_id) {
-            return Ok(super::nothing_left(outcome));
+            return Ok(super::nothing_left(not_past_its_date(outcome, job.now_ms)?));
         }
         Ok(outcome)
     }
@@ -152,19 +149,10 @@ fn bulk_outcome(handle: &str, r: ExecuteBulkResponse) -> Result<Outcome, Connect
             },
         }),
         ExecuteOutcome::Retained => {
-            if r.legal_basis.trim().is_empty() {
-                return Err(ConnectorError::Permanent(
-                    "the adapter answered RETAINED without a legal_basis".into(),
-                ));
-            }
-            let Some(until) = r.retain_until.as_ref() else {
-                return Err(ConnectorError::Permanent(
-                    "the adapter answered RETAINED without retain_until".into(),
-                ));
-            };
+            let until_ms = retained_until(&r.legal_basis, r.retain_until.as_ref())?;
             Ok(Outcome::Retained {
                 legal_basis: clip(r.legal_basis),
-                until_ms: millis_from_timestamp(until),
+                until_ms,
                 records_affected: records,
                 note,
                 erased,
@@ -272,7 +260,7 @@ mod tests {
                 return Ok(Response::new(ExecuteBulkResponse {
                     outcome: ExecuteOutcome::Retained as i32,
                     legal_basis: "bookkeeping act".into(),
-                    retain_until: Some(timestamp_from_millis(1_000)),
+                    retain_until: Some(timestamp_from_millis(1_650_000_000_000)),
                     ..Default::default()
                 }));
             }
@@ -343,6 +331,8 @@ mod tests {
             phase: Phase::Start,
             due_at_ms: 2_000_000_000_000,
             now_ms: 1_700_000_000_000,
+            interrupted: false,
+            recorded_progress: Default::default(),
             export: None,
             progress,
         }
@@ -523,6 +513,121 @@ mod tests {
         server.await.unwrap().unwrap();
     }
 
+    /// An adapter that accepts every bulk step and confirms it RETAINED until a date that
+    /// has passed, as one replaying its first answer would. It records the job ids asked.
+    #[derive(Clone, Default)]
+    struct ReplayedBulk(Arc<Mutex<Vec<String>>>);
+
+    /// ReplayedBulk's date: before the jobs' clock.
+    const PAST_MS: i64 = 1_650_000_000_000;
+
+    #[tonic::async_trait]
+    impl SubprocessorAdapter for ReplayedBulk {
+        async fn describe(
+            &self,
+            _: Request<DescribeRequest>,
+        ) -> Result<Response<DescribeResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+
+        async fn execute(
+            &self,
+            _: Request<ExecuteRequest>,
+        ) -> Result<Response<ExecuteResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+
+        async fn get_task_status(
+            &self,
+            _: Request<GetTaskStatusRequest>,
+        ) -> Result<Response<ExecuteResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+
+        async fn get_export_page(
+            &self,
+            _: Request<GetExportPageRequest>,
+        ) -> Result<Response<ExportPage>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+
+        async fn execute_bulk(
+            &self,
+            _: Request<ExecuteBulkRequest>,
+        ) -> Result<Response<ExecuteBulkResponse>, Status> {
+            Ok(Response::new(ExecuteBulkResponse {
+                outcome: ExecuteOutcome::Accepted as i32,
+                ..Default::default()
+            }))
+        }
+
+        async fn get_bulk_status(
+            &self,
+            req: Request<GetBulkStatusRequest>,
+        ) -> Result<Response<ExecuteBulkResponse>, Status> {
+            self.0.lock().unwrap().push(req.into_inner().job_id);
+            Ok(Response::new(ExecuteBulkResponse {
+                outcome: ExecuteOutcome::Retained as i32,
+                legal_basis: "bookkeeping act".into(),
+                retain_until: Some(timestamp_from_millis(PAST_MS)),
+                ..Default::default()
+            }))
+        }
+    }
+
+    /// A retention run the adapter ACCEPTED and confirms RETAINED until a date already past
+    /// would wake at once and be confirmed again, for ever: it fails for an operator, as
+    /// when answered at once. A first step's RETAINED passes: the retention run follows it.
+    #[tokio::test]
+    async fn retained_past_its_date_at_a_retention_runs_confirmation_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dsrelay_runtime::pki::DevPki::ensure(&dir.path().join("pki")).unwrap();
+        let adapter = ReplayedBulk::default();
+        let (connector, stop, server) = serve(&pki, adapter.clone()).await;
+        let (reporter, _) = ProgressReporter::new();
+        let job = erase_job(reporter);
+        let confirm = |phase| {
+            let job = BulkJob {
+                phase,
+                ..job.clone()
+            };
+            let connector = &connector;
+            async move {
+                let out = connector.run_bulk(&job).await.unwrap();
+                let Outcome::Accepted { handle, .. } = out else {
+                    panic!("{out:?}");
+                };
+                let confirm = BulkJob {
+                    phase: Phase::Confirm { handle },
+                    ..job
+                };
+                connector.run_bulk(&confirm).await
+            }
+        };
+
+        let first = confirm(Phase::Start).await.unwrap();
+        assert!(
+            matches!(first, Outcome::Retained { until_ms, .. } if until_ms == PAST_MS),
+            "{first:?}"
+        );
+        let err = confirm(Phase::RetentionExpired { until_ms: PAST_MS })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ConnectorError::Permanent(m) if m.contains("after its retain-until")),
+            "{err:?}"
+        );
+        assert_eq!(
+            *adapter.0.lock().unwrap(),
+            [
+                "ce1/newsletter",
+                "ce1/newsletter#retention-expired-1650000000000"
+            ]
+        );
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+
     #[test]
     fn maps_bulk_answers() {
         let r = ExecuteBulkResponse {
@@ -570,8 +675,20 @@ mod tests {
             legal_basis: "bookkeeping act".into(),
             ..Default::default()
         };
-        let e = bulk_outcome("j", retained).unwrap_err();
+        let e = bulk_outcome("j", retained.clone()).unwrap_err();
         assert!(e.to_string().contains("retain_until"), "{e}");
+        // A date outside the years 2000 to 9999 would wake the step never, or at once.
+        for ms in [1_000, 253_402_300_800_000] {
+            let r = ExecuteBulkResponse {
+                retain_until: Some(timestamp_from_millis(ms)),
+                ..retained.clone()
+            };
+            let e = bulk_outcome("j", r).unwrap_err();
+            assert!(
+                e.to_string().contains("between the years 2000 and 9999"),
+                "{e}"
+            );
+        }
         for (outcome, permanent) in [
             (ExecuteOutcome::Failed, true),
             (ExecuteOutcome::Unspecified, true),

@@ -58,6 +58,19 @@ pub(super) enum Deletion {
     Unanswered(String),
 }
 
+/// What an add-or-update (`PUT`) of a member came to.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Upsert {
+    /// 2xx: the member as it now is, added or updated.
+    Done(Value),
+    /// 404: the audience does not exist (an upsert never misses its member).
+    Missing,
+    /// 400 "Forgotten Email Not Subscribed": the address was permanently deleted from the
+    /// audience, and Mailchimp refuses to add it again through the API or an import; only the
+    /// subject's own sign-up brings it back.
+    Forgotten,
+}
+
 /// The lists under a member that an access request covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum MemberList {
@@ -295,6 +308,24 @@ impl Api {
         .await
     }
 
+    /// `PUT /lists/{list}/members/{hash}` with `body`: adds the member, or updates it when the
+    /// audience has it (Mailchimp's add-or-update).
+    pub(super) async fn put_member(
+        &self,
+        hash: &str,
+        body: &Value,
+        scrub: &Scrubber,
+    ) -> Result<Upsert, ConnectorError> {
+        let what = format!("adding or updating member {hash}");
+        let url = self.member_url(hash);
+        match self.send(Method::PUT, &url, Some(body), &what, scrub).await {
+            Ok(Reply::Done(member)) => Ok(Upsert::Done(member)),
+            Ok(Reply::Missing) => Ok(Upsert::Missing),
+            Err(Failure::Forgotten(_)) => Ok(Upsert::Forgotten),
+            Err(Failure::Unanswered(e) | Failure::ServerError(e) | Failure::Refused(e)) => Err(e),
+        }
+    }
+
     /// Makes one API call. 404 is an answer ([`Reply::Missing`]), every other non-2xx status
     /// an error sorted into transient or permanent.
     async fn call(
@@ -308,7 +339,10 @@ impl Api {
         self.send(method, url, body, what, scrub)
             .await
             .map_err(|f| match f {
-                Failure::Unanswered(e) | Failure::ServerError(e) | Failure::Refused(e) => e,
+                Failure::Unanswered(e)
+                | Failure::ServerError(e)
+                | Failure::Refused(e)
+                | Failure::Forgotten(e) => e,
             })
     }
 
@@ -331,7 +365,7 @@ impl Api {
         })?;
         let mut request = self
             .client
-            .request(method, url)
+            .request(method.clone(), url)
             .basic_auth("dsrelay", Some(&self.api_key.0));
         if let Some(body) = body {
             request = request.json(body);
@@ -345,7 +379,9 @@ impl Api {
             }
         })?;
         let status = response.status();
-        tracing::debug!(status = status.as_u16(), what, "mailchimp call");
+        // Not `what`: it names the member by its subscriber hash, an unkeyed MD5 of the
+        // address that anyone can test a guessed address against.
+        tracing::debug!(status = status.as_u16(), %method, "mailchimp call");
         if status == StatusCode::NOT_FOUND {
             return Ok(Reply::Missing);
         }
@@ -376,6 +412,11 @@ impl Api {
                 });
         }
         let error = status_error(what, status, retry_after.as_deref(), &bytes, scrub);
+        if status == StatusCode::BAD_REQUEST
+            && problem_title_is(&bytes, "forgottenemailnotsubscribed")
+        {
+            return Err(Failure::Forgotten(error));
+        }
         // A compliance review refuses every call up front; other 5xx say nothing of whether
         // the work was done.
         if status.is_server_error() && !matches!(error, ConnectorError::Permanent(_)) {
@@ -393,7 +434,7 @@ fn deletion(sent: Result<Reply, Failure>) -> Result<Deletion, ConnectorError> {
         Err(Failure::Unanswered(e) | Failure::ServerError(e)) => {
             Ok(Deletion::Unanswered(e.to_string()))
         }
-        Err(Failure::Refused(e)) => Err(e),
+        Err(Failure::Refused(e) | Failure::Forgotten(e)) => Err(e),
     }
 }
 
@@ -406,6 +447,9 @@ enum Failure {
     ServerError(ConnectorError),
     /// The call went out and no answer came back: it may have taken effect.
     Unanswered(ConnectorError),
+    /// 400 "Forgotten Email Not Subscribed" ([`Upsert::Forgotten`]); an error to callers
+    /// that do not add members.
+    Forgotten(ConnectorError),
 }
 
 /// A transport failure (nothing or no complete answer came back).
@@ -477,8 +521,14 @@ fn status_error(
 }
 
 /// Whether a problem+json body is Mailchimp's "ComplianceRelated" error (title "Compliance
-/// Related"), compared without case, spaces or punctuation.
+/// Related").
 fn is_compliance_review(body: &[u8]) -> bool {
+    problem_title_is(body, "compliancerelated")
+}
+
+/// Whether a problem+json body's title is `squeezed` when compared without case, spaces or
+/// punctuation: Mailchimp's error glossary and its answers spell titles differently.
+fn problem_title_is(body: &[u8], squeezed: &str) -> bool {
     let Ok(problem) = serde_json::from_slice::<Value>(body) else {
         return false;
     };
@@ -486,12 +536,11 @@ fn is_compliance_review(body: &[u8]) -> bool {
         .get("title")
         .and_then(Value::as_str)
         .unwrap_or_default();
-    let squeezed: String = title
+    title
         .chars()
         .filter(char::is_ascii_alphanumeric)
         .map(|c| c.to_ascii_lowercase())
-        .collect();
-    squeezed == "compliancerelated"
+        .eq(squeezed.chars())
 }
 
 /// The wait a Retry-After header asks for: seconds, capped at an hour; a minute when the

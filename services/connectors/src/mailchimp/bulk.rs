@@ -24,7 +24,12 @@
 //!   audience. Its confirmation reads: 404 → COMPLETED, deleted by this job; the audience still
 //!   there → the delete is sent again, since the first may never have arrived.
 //! - An audience that is already missing when a step starts is a permanent error, not an
-//!   erasure: Mailchimp's 404 cannot tell a deleted audience from a wrong `list_id`.
+//!   erasure: Mailchimp's 404 cannot tell a deleted audience from a wrong `list_id`. Except
+//!   when an earlier call of the erasure was cut off before its answer was recorded
+//!   ([`BulkJob::interrupted`]: the processor stopped or lost the task while Mailchimp
+//!   worked): its delete may have gone through, so the 404 is taken as its work, COMPLETED
+//!   with the members that call counted as the processor recorded them
+//!   ([`BulkJob::recorded_progress`]), or saying the count is unknown when none was.
 
 use serde_json::Value;
 
@@ -134,15 +139,29 @@ impl MailchimpConnector {
     }
 }
 
-/// The audience's members, every status: the total of its members' pages.
+/// [`member_count`], where a missing audience is a permanent error.
 async fn count_members(api: &Api, scrub: &Scrubber) -> Result<u64, ConnectorError> {
+    member_count(api, scrub)
+        .await?
+        .ok_or_else(|| missing_audience(api))
+}
+
+/// The audience answered 404 before a step did anything.
+fn missing_audience(api: &Api) -> ConnectorError {
+    ConnectorError::Permanent(format!(
+        "mailchimp: audience {} was not found at {}; nothing was done (check list_id and \
+         base_url, or whether an earlier run already deleted it)",
+        api.list_id(),
+        api.base()
+    ))
+}
+
+/// The audience's members, every status: the total of its members' pages; `None` when the
+/// audience answers 404.
+async fn member_count(api: &Api, scrub: &Scrubber) -> Result<Option<u64>, ConnectorError> {
     let list = api.list_id();
     let Reply::Done(doc) = api.member_total(scrub).await? else {
-        return Err(ConnectorError::Permanent(format!(
-            "mailchimp: audience {list} was not found at {}; nothing was done (check list_id \
-             and base_url, or whether an earlier run already deleted it)",
-            api.base()
-        )));
+        return Ok(None);
     };
     // The count becomes the erased count of a deletion certificate: without one, nothing is
     // deleted rather than a guess certified.
@@ -152,7 +171,7 @@ async fn count_members(api: &Api, scrub: &Scrubber) -> Result<u64, ConnectorErro
              nothing was done"
         )));
     };
-    Ok(total)
+    Ok(Some(total))
 }
 
 async fn erase_audience(
@@ -160,7 +179,13 @@ async fn erase_audience(
     job: &BulkJob,
     scrub: &Scrubber,
 ) -> Result<Outcome, ConnectorError> {
-    let count = count_members(api, scrub).await?;
+    let count = match member_count(api, scrub).await? {
+        Some(count) => count,
+        // This 404 reads the audience as the check below does: after a cut-off call, it is
+        // that call's deletion, and failing here would leave the data gone uncertified.
+        None if job.interrupted => return Ok(deleted_by_cut_off_call(api.list_id(), job)),
+        None => return Err(missing_audience(api)),
+    };
     job.progress.report(progress(0, count));
     // Missing here means it went between the count and now; the check below decides.
     let lost = match api.delete_list(scrub).await? {
@@ -238,6 +263,39 @@ async fn confirm_deleted(
             count: records,
         }],
     })
+}
+
+/// COMPLETED for the audience an erasure's cut-off call deleted (it answers 404 now), with
+/// the members that call counted as the processor recorded them; without a recorded count,
+/// none is certified and the note says so.
+fn deleted_by_cut_off_call(list: &str, job: &BulkJob) -> Outcome {
+    let head = format!(
+        "mailchimp: audience {list} answers 404 after an earlier call of this erasure was cut \
+         off before its answer was recorded; taken as deleted by that call"
+    );
+    let counted = job.recorded_progress.subjects_total;
+    if counted == 0 {
+        return Outcome::Completed {
+            records_affected: 0,
+            note: format!(
+                "{head}; how many members it had is unknown (no count of it was recorded)"
+            ),
+            files: Vec::new(),
+            erased: Vec::new(),
+        };
+    }
+    job.progress.report(progress(counted, counted));
+    let records = i64::try_from(counted).unwrap_or(i64::MAX);
+    Outcome::Completed {
+        records_affected: records,
+        note: format!("{head}, with its {counted} members as an earlier call counted them"),
+        files: Vec::new(),
+        erased: vec![ErasedCount {
+            target: format!("audience {list}"),
+            action: "deleted".into(),
+            count: records,
+        }],
+    }
 }
 
 fn handle(list: &str, count: u64, unanswered: bool) -> String {

@@ -1,11 +1,13 @@
 //! A local stand-in for the Mailchimp Marketing API v3: the paths, methods, status codes,
 //! problem+json errors, audience and member documents, the audience's paged members and the
 //! member's paged notes, activity feed and events (`count`/`offset`, `total_items`), partial
-//! responses of the audience and its members (`fields`), and the deletion of a whole
-//! audience, of the subset the connector uses, over in-memory audiences of one account (a
-//! primary one and any number more), with knobs for the failures the connector must survive
-//! (rate limits, outages, slow answers, answers lost or turned into a 5xx after the call took
-//! effect, members that linger after deletion), now or after a few calls.
+//! responses of the audience and its members (`fields`), a member's update (`PATCH`) and
+//! add-or-update (`PUT`, which refuses an address deleted permanently, as Mailchimp does),
+//! and the deletion of a whole audience, of the subset the connector uses, over in-memory
+//! audiences of one account (a primary one and any number more), with knobs for the failures
+//! the connector must survive (rate limits, outages, slow answers, answers lost or turned into
+//! a 5xx after the call took effect, members that linger after deletion), now or after a few
+//! calls.
 //!
 //! Compiled for this crate's tests, and for other crates' with the `fake-mailchimp` feature:
 //! start it with [`FakeMailchimp::start`] and point a
@@ -50,6 +52,9 @@ pub struct Audience {
     /// Deleted members the API keeps returning, by audience and subscriber hash: (document,
     /// GETs left).
     ghosts: BTreeMap<(String, String), (Value, u32)>,
+    /// Members deleted permanently, by audience and subscriber hash: Mailchimp adds them
+    /// again only when the subject signs up again ([`FakeMailchimp::subscribe_to`]).
+    forgotten: std::collections::BTreeSet<(String, String)>,
     /// How many GETs a member deleted from now on keeps being returned for.
     pub forget_after_gets: u32,
     /// How many GETs of the audience document an audience deleted from now on keeps being
@@ -125,7 +130,7 @@ impl FakeMailchimp {
             .route("/3.0/lists/{list_id}/members", get(list_members))
             .route(
                 "/3.0/lists/{list_id}/members/{hash}",
-                get(get_member).patch(patch_member),
+                get(get_member).patch(patch_member).put(put_member),
             )
             .route(
                 "/3.0/lists/{list_id}/members/{hash}/actions/delete-permanent",
@@ -191,6 +196,7 @@ impl FakeMailchimp {
         let web_id = a.next_web_id;
         a.next_web_id += 1;
         let doc = member_document(list_id, &hash, email, first, last, web_id);
+        a.forgotten.remove(&(list_id.to_string(), hash.clone()));
         if a.members_of(list_id).is_none() {
             a.other_audiences
                 .insert(list_id.to_string(), BTreeMap::new());
@@ -772,6 +778,7 @@ async fn delete_permanent(
     match members.remove(&hash) {
         Some(doc) => {
             a.lists.retain(|(l, h, _), _| *l != list_id || *h != hash);
+            a.forgotten.insert((list_id.clone(), hash.clone()));
             let lag = a.forget_after_gets;
             if lag > 0 {
                 a.ghosts.insert((list_id, hash), (doc, lag));
@@ -782,6 +789,32 @@ async fn delete_permanent(
     }
 }
 
+/// The body of a member's `PATCH` or `PUT`, when it is a JSON object.
+fn member_body(body: &Bytes) -> Option<serde_json::Map<String, Value>> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(fields)) => Some(fields),
+        _ => None,
+    }
+}
+
+fn json_parse_error() -> Response {
+    problem(
+        StatusCode::BAD_REQUEST,
+        "JSON Parse Error",
+        "We encountered an unspecified JSON parsing error.",
+    )
+}
+
+/// Mailchimp's statuses of a member.
+const STATUSES: [&str; 5] = [
+    "subscribed",
+    "unsubscribed",
+    "cleaned",
+    "pending",
+    "transactional",
+];
+
+/// `PATCH /lists/{list_id}/members/{hash}`: changes the fields given of a member there is.
 async fn patch_member(
     State(audience): State<Arc<Mutex<Audience>>>,
     Path((list_id, hash)): Path<(String, String)>,
@@ -791,29 +824,109 @@ async fn patch_member(
     if let Some(r) = wrong_list(&a, &list_id) {
         return r;
     }
-    let Ok(Value::Object(patch)) = serde_json::from_slice::<Value>(&body) else {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "JSON Parse Error",
-            "We encountered an unspecified JSON parsing error.",
-        );
+    let Some(patch) = member_body(&body) else {
+        return json_parse_error();
     };
     let Some(members) = a.members_of_mut(&list_id) else {
         return member_not_found();
     };
-    let Some(mut member) = members.get(&hash).cloned() else {
+    if !members.contains_key(&hash) {
+        return member_not_found();
+    }
+    update_member(members, &hash, &patch)
+}
+
+/// `PUT /lists/{list_id}/members/{hash}`: Mailchimp's add-or-update. A member there is
+/// changed as by a `PATCH` (`status` applies, `status_if_new` does not); otherwise one is
+/// added with `status_if_new`, unless its address was deleted permanently (400 "Forgotten
+/// Email Not Subscribed"). `email_address` is required either way; 200 with the member.
+async fn put_member(
+    State(audience): State<Arc<Mutex<Audience>>>,
+    Path((list_id, hash)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let mut a = audience.lock().unwrap();
+    if let Some(r) = wrong_list(&a, &list_id) {
+        return r;
+    }
+    let Some(put) = member_body(&body) else {
+        return json_parse_error();
+    };
+    let Some(email) = put.get("email_address").and_then(Value::as_str) else {
+        return invalid_resource("", "Required fields were not provided: email_address");
+    };
+    let email = email.to_string();
+    let forgotten = a.forgotten.contains(&(list_id.clone(), hash.clone()));
+    let web_id = a.next_web_id;
+    let Some(members) = a.members_of_mut(&list_id) else {
+        return member_not_found();
+    };
+    if members.contains_key(&hash) {
+        return update_member(members, &hash, &put);
+    }
+    if !is_valid_email(&email) {
+        return invalid_resource("email_address", "Please provide a valid email address.");
+    }
+    // The hash names the member to add; Mailchimp derives it from the address.
+    if subscriber_hash(&email) != hash {
+        return invalid_resource(
+            "email_address",
+            "The email address does not match the subscriber hash in the URL.",
+        );
+    }
+    if forgotten {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "Forgotten Email Not Subscribed",
+            &format!(
+                "{email} was permanently deleted and cannot be re-imported. The contact must \
+                 re-subscribe to get back on the list."
+            ),
+        );
+    }
+    let status = match put.get("status_if_new").map(Value::as_str) {
+        Some(Some(s)) if STATUSES.contains(&s) => s,
+        Some(_) => {
+            return invalid_resource("status_if_new", "Value is not one of the enumerated values")
+        }
+        None => return invalid_resource("", "Required fields were not provided: status_if_new"),
+    };
+    let mut member = member_document(&list_id, &hash, &email, "", "", web_id);
+    member["status"] = json!(status);
+    member["full_name"] = json!("");
+    member["ip_opt"] = json!("");
+    member["timestamp_opt"] = json!("");
+    member["last_changed"] = json!("2025-05-20T12:00:00+00:00");
+    member["tags_count"] = json!(0);
+    member["tags"] = json!([]);
+    members.insert(hash.clone(), member);
+    // The other fields given apply to the new member as to one there was.
+    let mut rest = put.clone();
+    rest.remove("status");
+    rest.remove("status_if_new");
+    let response = update_member(members, &hash, &rest);
+    a.next_web_id += 1;
+    response
+}
+
+fn is_valid_email(email: &str) -> bool {
+    email.contains('@') && email.contains('.')
+}
+
+/// Changes member `hash` of `members` (which must have it) by the fields of a `PATCH` or
+/// `PUT`: `status`, `merge_fields` and `email_address` (which moves it to the address's
+/// hash); 200 with the member, or Mailchimp's 400.
+fn update_member(
+    members: &mut BTreeMap<String, Value>,
+    hash: &str,
+    patch: &serde_json::Map<String, Value>,
+) -> Response {
+    let Some(mut member) = members.get(hash).cloned() else {
         return member_not_found();
     };
     if let Some(status) = patch.get("status") {
-        let valid = [
-            "subscribed",
-            "unsubscribed",
-            "cleaned",
-            "pending",
-            "transactional",
-        ];
         match status.as_str() {
-            Some(s) if valid.contains(&s) => member["status"] = json!(s),
+            Some(s) if STATUSES.contains(&s) => member["status"] = json!(s),
             _ => return invalid_resource("status", "Value is not one of the enumerated values"),
         }
     }
@@ -832,12 +945,9 @@ async fn patch_member(
         };
         member["full_name"] = json!(format!("{} {}", name("FNAME"), name("LNAME")));
     }
-    let mut new_hash = hash.clone();
+    let mut new_hash = hash.to_string();
     if let Some(email) = patch.get("email_address") {
-        let Some(email) = email
-            .as_str()
-            .filter(|e| e.contains('@') && e.contains('.'))
-        else {
+        let Some(email) = email.as_str().filter(|e| is_valid_email(e)) else {
             return invalid_resource("email_address", "Please provide a valid email address.");
         };
         new_hash = subscriber_hash(email);
@@ -855,7 +965,7 @@ async fn patch_member(
         member["id"] = json!(new_hash);
     }
     member["last_changed"] = json!("2025-05-20T12:00:00+00:00");
-    members.remove(&hash);
+    members.remove(hash);
     members.insert(new_hash, member.clone());
     axum::Json(member).into_response()
 }

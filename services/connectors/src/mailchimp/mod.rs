@@ -9,7 +9,7 @@
 //! | kind | call | outcome |
 //! |---|---|---|
 //! | ERASURE | `POST /lists/{list}/members/{hash}/actions/delete-permanent`, then `GET` the member | COMPLETED once the `GET` answers 404, otherwise ACCEPTED and asked again (see below when the delete's answer is lost) |
-//! | OBJECTION | `PATCH /lists/{list}/members/{hash}` `{"status":"unsubscribed"}` | COMPLETED |
+//! | OBJECTION | `PATCH /lists/{list}/members/{hash}` (`PUT` if absent): unsubscribed | COMPLETED |
 //! | RETURN_OF_DATA, TRANSFER | `GET /lists/{list}/members/{hash}`, then its `/notes`, `/activity-feed` and `/events`, page by page | COMPLETED with the export files |
 //! | RECTIFICATION | `PATCH` with `email_address` and mapped `merge_fields` | COMPLETED |
 //! | RESTRICTION | none: Mailchimp has no way to restrict processing of one member | REFUSED |
@@ -45,6 +45,30 @@
 //! (its retry would meet 404s): the task is ACCEPTED with the members sent and those still to
 //! delete, marked `!` (`!{hash}`); the next step deletes these first (a 404 there is "never
 //! there" again), then confirms all by reading.
+//!
+//! An objection must keep the address from being mailed. Unsubscribing a member does that;
+//! an address the audience does not have is added as unsubscribed, with Mailchimp's
+//! add-or-update `PUT /lists/{list}/members/{hash}` `{"email_address": ..., "status_if_new":
+//! "unsubscribed", "status": "unsubscribed"}`: otherwise the controller's next import would
+//! subscribe it, where an import leaves an unsubscribed member unsubscribed. The `PATCH`
+//! comes first so that a member's status is all that changes (a `PUT` would also rewrite its
+//! address the way the request spells it). A subject given only as the MD5 of an address the
+//! audience does not have cannot be added (Mailchimp needs the address): NOT_FOUND, saying
+//! that no suppression was possible. An address deleted permanently Mailchimp refuses to add
+//! again ("Forgotten Email Not Subscribed"), by the API or an import alike, until the subject
+//! signs up again: NOT_FOUND, saying so.
+//!
+//! A rectification corrects the fields `email` and `merge_fields` map and names the others in
+//! the outcome's note (never their values); with none mapped the task fails, as it does when
+//! no identity can address a member. Correcting the address moves the member to the hash of
+//! the new one, so a repeated `PATCH` answers 404 once the first took effect: after a lost
+//! answer (a timeout, or a 5xx Mailchimp sent after applying it) the processor runs the task
+//! again from the start, and after a cut-off call (`Task::interrupted`) too. Before such a
+//! 404 reads as NOT_FOUND, the member at the new address is read, and when it carries every
+//! corrected value the task is COMPLETED, its note saying it was confirmed by reading. A
+//! retry after a transient error is not marked as one, so this is done after every 404 to a
+//! change of the address; a subject whose member already carries the corrected values for
+//! another reason reads the same, and the audience then holds what the correction asks for.
 //!
 //! A member the API does not know is NOT_FOUND, but only after the audience itself was found:
 //! Mailchimp answers 404 for a wrong `list_id` too, and reporting "holds no data" because of a
@@ -92,7 +116,7 @@ mod scrub;
 #[cfg(test)]
 mod tests;
 
-use api::{Api, Deletion, MemberList, Reply};
+use api::{Api, Deletion, MemberList, Reply, Upsert};
 use scrub::Scrubber;
 
 /// The configuration of a Mailchimp account's audience, or of one audience per controller
@@ -353,11 +377,7 @@ impl MailchimpConnector {
     async fn ensure_audience(&self, api: &Api, scrub: &Scrubber) -> Result<(), ConnectorError> {
         match api.get_list(scrub).await? {
             Reply::Done(_) => Ok(()),
-            Reply::Missing => Err(ConnectorError::Permanent(format!(
-                "mailchimp: audience {} was not found at {}; check list_id and base_url",
-                api.list_id(),
-                api.base()
-            ))),
+            Reply::Missing => Err(audience_missing(api)),
         }
     }
 
@@ -560,36 +580,147 @@ impl MailchimpConnector {
         }
     }
 
-    /// PATCHes every member with `body`; NOT_FOUND when none exists.
-    async fn patch(
+    /// PATCHes every member with `correction`; NOT_FOUND when none exists. A 404 to a change
+    /// of the address is confirmed by reading the member at the corrected address first (see
+    /// the module documentation).
+    async fn rectify(
         &self,
         api: &Api,
         hashes: &[String],
-        body: &Value,
-        done: &str,
+        correction: &Correction,
         scrub: &Scrubber,
     ) -> Result<Outcome, ConnectorError> {
         let mut notes = Vec::new();
+        let mut missing = Vec::new();
+        let mut now_at = BTreeSet::new();
         for hash in hashes {
-            let Reply::Done(member) = api.patch_member(hash, body, scrub).await? else {
+            let Reply::Done(member) = api.patch_member(hash, &correction.body, scrub).await? else {
+                missing.push(hash.as_str());
                 continue;
             };
             // Changing the address changes the member's id (the hash of the new address).
-            match member.get("id").and_then(Value::as_str) {
-                Some(id) if id != hash => notes.push(format!("{hash} (now {id})")),
-                _ => notes.push(hash.clone()),
+            let id = member.get("id").and_then(Value::as_str).unwrap_or(hash);
+            now_at.insert(id.to_string());
+            notes.push(match id == hash {
+                true => hash.clone(),
+                false => format!("{hash} (now {id})"),
+            });
+        }
+        // A member this run moved there, or one the request names itself, was PATCHed already.
+        let unread = |moved: &String| {
+            !missing.is_empty() && !now_at.contains(moved) && !hashes.contains(moved)
+        };
+        if let Some(moved) = correction.moved_to().filter(unread) {
+            if let Reply::Done(member) = api.get_member(&moved, scrub).await? {
+                if correction.is_carried_by(&member) {
+                    notes.push(format!(
+                        "{} (now {moved}, confirmed by reading: the PATCH answers 404 and member \
+                         {moved} carries the corrected values)",
+                        missing.join(", ")
+                    ));
+                }
             }
         }
+        let unmapped = self.unmapped_note(correction);
         if notes.is_empty() {
-            return self.not_found(api, hashes, scrub).await;
+            let outcome = self.not_found(api, hashes, scrub).await?;
+            return Ok(match unmapped {
+                Some(extra) => outcome.with_note_added(&extra),
+                None => outcome,
+            });
+        }
+        let mut note = format!(
+            "mailchimp: corrected {} of member {} in audience {}",
+            correction.fields().join(", "),
+            notes.join(", "),
+            api.list_id()
+        );
+        if let Some(extra) = unmapped {
+            note = format!("{note}; {extra}");
         }
         Ok(Outcome::Completed {
             records_affected: notes.len() as i64,
-            note: format!(
-                "mailchimp: {done} member {} in audience {}",
-                notes.join(", "),
-                api.list_id()
-            ),
+            note,
+            files: Vec::new(),
+            erased: Vec::new(),
+        })
+    }
+
+    /// Unsubscribes each member, and adds each address given raw that the audience does not
+    /// have as unsubscribed (see the module documentation).
+    async fn object(
+        &self,
+        api: &Api,
+        targets: &[(String, Option<String>)],
+        scrub: &Scrubber,
+    ) -> Result<Outcome, ConnectorError> {
+        let unsubscribe = json!({ "status": "unsubscribed" });
+        let mut unsubscribed = Vec::new();
+        let mut added = Vec::new();
+        let mut forgotten = Vec::new();
+        let mut unaddable = Vec::new();
+        for (hash, address) in targets {
+            // A member's status is all an objection changes: a PUT would also rewrite its
+            // address the way the request spells it.
+            if let Reply::Done(_) = api.patch_member(hash, &unsubscribe, scrub).await? {
+                unsubscribed.push(hash.as_str());
+                continue;
+            }
+            let Some(address) = address else {
+                unaddable.push(hash.as_str());
+                continue;
+            };
+            // `status` too: a member added since the PATCH is updated, not only a new one.
+            let body = json!({
+                "email_address": address,
+                "status_if_new": "unsubscribed",
+                "status": "unsubscribed",
+            });
+            match api.put_member(hash, &body, scrub).await? {
+                Upsert::Done(_) => added.push(hash.as_str()),
+                Upsert::Forgotten => forgotten.push(hash.as_str()),
+                Upsert::Missing => return Err(audience_missing(api)),
+            }
+        }
+        let list = api.list_id();
+        let mut notes = Vec::new();
+        if !unsubscribed.is_empty() {
+            notes.push(format!(
+                "unsubscribed member {} in audience {list}",
+                unsubscribed.join(", ")
+            ));
+        }
+        if !added.is_empty() {
+            notes.push(format!(
+                "suppressed {} in audience {list}: not a member, so added as unsubscribed, \
+                 which keeps an import from subscribing it",
+                added.join(", ")
+            ));
+        }
+        if !forgotten.is_empty() {
+            notes.push(format!(
+                "audience {list} has no member {}: it was permanently deleted, and Mailchimp \
+                 adds it again only by the subject's own sign-up, never by the API or an import",
+                forgotten.join(", ")
+            ));
+        }
+        if !unaddable.is_empty() {
+            notes.push(format!(
+                "audience {list} has no member {}, and no suppression was possible: given only \
+                 as MD5, it cannot be added as unsubscribed (Mailchimp needs the address)",
+                unaddable.join(", ")
+            ));
+        }
+        let note = format!("mailchimp: {}", notes.join("; "));
+        let done = unsubscribed.len() + added.len();
+        if done == 0 {
+            // A 404 to the PATCH does not say whether the member or the audience is missing.
+            self.ensure_audience(api, scrub).await?;
+            return Ok(Outcome::NotFound { note });
+        }
+        Ok(Outcome::Completed {
+            records_affected: done as i64,
+            note,
             files: Vec::new(),
             erased: Vec::new(),
         })
@@ -689,8 +820,9 @@ impl MailchimpConnector {
         Ok((out.finish().await?, n))
     }
 
-    /// The PATCH body for `task`'s corrections; every field must be `email` or mapped.
-    fn rectification_body(&self, task: &Task) -> Result<Value, ConnectorError> {
+    /// The PATCH for `task`'s corrections, leaving out the fields no merge field maps; a
+    /// permanent error when that leaves nothing, as when no identity can address a member.
+    fn correction(&self, task: &Task) -> Result<Correction, ConnectorError> {
         let corrections = &task.parameters.corrections;
         if corrections.is_empty() {
             return Err(ConnectorError::Permanent(
@@ -699,13 +831,14 @@ impl MailchimpConnector {
         }
         let mut body = serde_json::Map::new();
         let mut merge = serde_json::Map::new();
+        let mut email = None;
+        let mut unmapped = Vec::new();
         for c in corrections {
             let field = c.field.trim();
             if field.eq_ignore_ascii_case("email") {
-                body.insert(
-                    "email_address".into(),
-                    Value::String(c.new_value.trim().into()),
-                );
+                let address = c.new_value.trim().to_string();
+                body.insert("email_address".into(), Value::String(address.clone()));
+                email = Some(address);
                 continue;
             }
             let tag = self
@@ -714,23 +847,49 @@ impl MailchimpConnector {
                 .iter()
                 .find(|(k, _)| k.trim().eq_ignore_ascii_case(field))
                 .map(|(_, tag)| tag);
-            let Some(tag) = tag else {
-                let mapped: Vec<&str> = std::iter::once("email")
-                    .chain(self.config.merge_fields.keys().map(String::as_str))
-                    .collect();
-                return Err(ConnectorError::Permanent(format!(
-                    "mailchimp: the correction of field {field:?} has no merge field in this \
-                     audience; map it in merge_fields of the connector configuration (mapped: \
-                     {})",
-                    mapped.join(", ")
-                )));
-            };
-            merge.insert(tag.clone(), Value::String(c.new_value.clone()));
+            match tag {
+                Some(tag) => {
+                    merge.insert(tag.clone(), Value::String(c.new_value.clone()));
+                }
+                None => unmapped.push(format!("{field:?}")),
+            }
         }
         if !merge.is_empty() {
             body.insert("merge_fields".into(), Value::Object(merge));
         }
-        Ok(Value::Object(body))
+        if body.is_empty() {
+            return Err(ConnectorError::Permanent(format!(
+                "mailchimp: no merge field of this audience maps the corrected field {}; map it \
+                 in merge_fields of the connector configuration (mapped: {})",
+                unmapped.join(", "),
+                self.mapped_fields()
+            )));
+        }
+        Ok(Correction {
+            body: Value::Object(body),
+            email,
+            unmapped,
+        })
+    }
+
+    /// The fields a correction can name here, for messages.
+    fn mapped_fields(&self) -> String {
+        std::iter::once("email")
+            .chain(self.config.merge_fields.keys().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// What the outcome's note adds about the corrections left out; `None` without any.
+    fn unmapped_note(&self, correction: &Correction) -> Option<String> {
+        (!correction.unmapped.is_empty()).then(|| {
+            format!(
+                "not corrected: {} (no merge field of this audience maps it; map it in \
+                 merge_fields of the connector configuration; mapped: {})",
+                correction.unmapped.join(", "),
+                self.mapped_fields()
+            )
+        })
     }
 
     async fn run_task(&self, task: &Task) -> Result<Outcome, ConnectorError> {
@@ -767,27 +926,15 @@ impl MailchimpConnector {
         match task.kind {
             RequestKind::Erasure => self.erase(api, &hashes, task.interrupted, scrub).await,
             RequestKind::Objection => {
-                let body = json!({ "status": "unsubscribed" });
-                self.patch(api, &hashes, &body, "unsubscribed", scrub).await
+                let targets = objection_targets(&task.identities);
+                self.object(api, &targets, scrub).await
             }
             RequestKind::ReturnOfData | RequestKind::Transfer => {
                 self.export(api, &hashes, task.export_sink()?, scrub).await
             }
             RequestKind::Rectification => {
-                let body = self.rectification_body(task)?;
-                let fields: Vec<&str> = body
-                    .get("email_address")
-                    .map(|_| "email_address")
-                    .into_iter()
-                    .chain(
-                        body.get("merge_fields")
-                            .and_then(Value::as_object)
-                            .into_iter()
-                            .flat_map(|m| m.keys().map(String::as_str)),
-                    )
-                    .collect();
-                let done = format!("corrected {} of", fields.join(", "));
-                self.patch(api, &hashes, &body, &done, scrub).await
+                let correction = self.correction(task)?;
+                self.rectify(api, &hashes, &correction, scrub).await
             }
             other => Ok(Outcome::Refused {
                 reason: format!(
@@ -831,6 +978,75 @@ impl Connector for MailchimpConnector {
     fn run_bulk<'a>(&'a self, job: &'a BulkJob) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
         Box::pin(self.run_bulk_job(job))
     }
+}
+
+/// The error for an audience that is not there: Mailchimp answers 404 for a wrong `list_id`.
+fn audience_missing(api: &Api) -> ConnectorError {
+    ConnectorError::Permanent(format!(
+        "mailchimp: audience {} was not found at {}; check list_id and base_url",
+        api.list_id(),
+        api.base()
+    ))
+}
+
+/// A rectification's PATCH, and the corrections it leaves out.
+#[derive(Debug, Clone)]
+struct Correction {
+    /// The PATCH body: `email_address` and the mapped `merge_fields`.
+    body: Value,
+    /// The corrected address, when the e-mail is corrected.
+    email: Option<String>,
+    /// The fields no merge field maps, quoted as the request names them (never their values).
+    unmapped: Vec<String>,
+}
+
+impl Correction {
+    /// The member fields the PATCH changes: `email_address` and merge tags, for notes.
+    fn fields(&self) -> Vec<&str> {
+        let email = self.body.get("email_address").map(|_| "email_address");
+        let merge = self.body.get("merge_fields").and_then(Value::as_object);
+        email
+            .into_iter()
+            .chain(merge.into_iter().flat_map(|m| m.keys().map(String::as_str)))
+            .collect()
+    }
+
+    /// The subscriber hash of the corrected address, when the e-mail is corrected.
+    fn moved_to(&self) -> Option<String> {
+        let email = normalize(IdentityType::Email, self.email.as_deref()?);
+        digest(IdentityEncoding::Md5, &email)
+    }
+
+    /// Whether `member` already carries every corrected value.
+    fn is_carried_by(&self, member: &Value) -> bool {
+        let address = |v: &Value| v.as_str().map(|a| normalize(IdentityType::Email, a));
+        let email_done = match self.body.get("email_address") {
+            Some(wanted) => address(wanted) == member.get("email_address").and_then(address),
+            None => true,
+        };
+        let merge = self.body.get("merge_fields").and_then(Value::as_object);
+        email_done
+            && merge.into_iter().flatten().all(|(tag, value)| {
+                member.get("merge_fields").and_then(|m| m.get(tag)) == Some(value)
+            })
+    }
+}
+
+/// The members an objection addresses: each subscriber hash of the subject, with the address
+/// when the request gives it raw (only then can an address the audience lacks be added).
+fn objection_targets(identities: &[SubjectIdentity]) -> Vec<(String, Option<String>)> {
+    let mut out: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for id in identities {
+        let Ok(hash) = subscriber_hash_of(id) else {
+            continue;
+        };
+        let raw = IdentityEncoding::try_from(id.encoding) == Ok(IdentityEncoding::Raw);
+        let slot = out.entry(hash).or_default();
+        if raw && slot.is_none() {
+            *slot = Some(id.value.trim().to_string());
+        }
+    }
+    out.into_iter().collect()
 }
 
 /// A member whose permanent deletion this task sent, as an erasure's handle keeps it.

@@ -66,6 +66,8 @@ fn job(
         phase: Phase::Start,
         due_at_ms: 2_000_000_000_000,
         now_ms: 1_700_000_000_000,
+        interrupted: false,
+        recorded_progress: Default::default(),
         export,
         progress,
     };
@@ -316,6 +318,101 @@ async fn a_bulk_erasure_deletes_the_controllers_audience_and_leaves_the_others()
         "{err:?}"
     );
     assert_eq!(fake.members_of(GLOBEX_LIST).unwrap(), globex_members());
+}
+
+/// An erasure whose call deleted the audience but was cut off before the processor recorded
+/// its answer (SIGKILL, a lost lease, a shutdown dropping it) is called again from the start,
+/// marked interrupted: the count's 404 is that call's work, COMPLETED with the members it
+/// counted as the processor recorded them, not a permanent "nothing was done".
+#[tokio::test]
+async fn a_resumed_bulk_erasure_takes_the_missing_audience_as_the_cut_off_calls_work() {
+    let (fake, connector) = two_audiences().await;
+    let (j, _) = job("acme", BulkOp::Erase, None);
+    // The cut-off call: Mailchimp did the work; its answer is lost with the processor.
+    connector.run_bulk(&j).await.unwrap();
+    assert_eq!(fake.members_of(ACME_LIST), None);
+    fake.audience().calls.clear();
+
+    // What the processor recorded of that call: the count it reported before the delete.
+    let (resumed, seen) = job("acme", BulkOp::Erase, None);
+    let resumed = BulkJob {
+        interrupted: true,
+        recorded_progress: members_progress(0, 3),
+        ..resumed
+    };
+    let out = connector.run_bulk(&resumed).await.unwrap();
+    let Outcome::Completed {
+        records_affected: 3,
+        erased,
+        note,
+        ..
+    } = &out
+    else {
+        panic!("{out:?}");
+    };
+    assert_clean(note);
+    assert!(
+        note.contains("cut off") && note.contains("3 members"),
+        "{note}"
+    );
+    assert_eq!(
+        erased,
+        &[ErasedCount {
+            target: format!("audience {ACME_LIST}"),
+            action: "deleted".into(),
+            count: 3,
+        }]
+    );
+    assert_eq!(*seen.borrow(), members_progress(3, 3));
+
+    // No count was recorded: none is certified, and the note says it is unknown.
+    let unknown = BulkJob {
+        recorded_progress: BulkProgress::default(),
+        ..resumed.clone()
+    };
+    let out = connector.run_bulk(&unknown).await.unwrap();
+    let Outcome::Completed {
+        records_affected: 0,
+        erased,
+        note,
+        ..
+    } = &out
+    else {
+        panic!("{out:?}");
+    };
+    assert!(erased.is_empty(), "{erased:?}");
+    assert!(note.contains("unknown"), "{note}");
+    // Each resumed call only read the audience; nothing was sent again.
+    assert_eq!(
+        fake.audience().calls,
+        vec![format!("GET /3.0/lists/{ACME_LIST}/members"); 2]
+    );
+
+    // Without a cut-off call the same 404 is still never an erasure.
+    let err = connector.run_bulk(&j).await.unwrap_err();
+    assert!(
+        matches!(&err, ConnectorError::Permanent(m) if m.contains("was not found")),
+        "{err:?}"
+    );
+
+    // A call cut off before its delete left the audience: the resumed one deletes it.
+    let (globex, _) = job("globex", BulkOp::Erase, None);
+    let globex = BulkJob {
+        interrupted: true,
+        ..globex
+    };
+    let out = connector.run_bulk(&globex).await.unwrap();
+    assert!(
+        matches!(
+            out,
+            Outcome::Completed {
+                records_affected: 2,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    assert_eq!(fake.members_of(GLOBEX_LIST), None);
 }
 
 /// Both totals of a bulk step's progress at `done` of `total` members.

@@ -537,16 +537,159 @@ async fn objection_unsubscribes_the_member() {
     );
     let member = fake.member(&hash).unwrap();
     assert_eq!(member["status"], "unsubscribed");
-    // Unsubscribing keeps the member (that is what suppresses future mail).
+    // Unsubscribing keeps the member (that is what suppresses future mail), and changes its
+    // status only: the address keeps its spelling, although the request spells it otherwise.
     assert_eq!(member["merge_fields"]["FNAME"], "Maija");
+    assert_eq!(member["email_address"], MAIJA);
+    assert_eq!(
+        fake.audience().calls,
+        [format!("PATCH /3.0/lists/{LIST}/members/{hash}")]
+    );
+}
+
+/// What the controller's import of `address` does through the API: an add-or-update that
+/// would subscribe a new member.
+async fn import(fake: &FakeMailchimp, address: &str) -> Value {
+    let url = format!(
+        "{}/lists/{LIST}/members/{}",
+        fake.base_url,
+        subscriber_hash(address)
+    );
+    let body = json!({
+        "email_address": address,
+        "status_if_new": "subscribed",
+        "merge_fields": { "FNAME": "Imported" },
+    });
+    let response = reqwest::Client::new()
+        .put(url)
+        .basic_auth("import", Some(KEY))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn objection_for_an_address_not_in_the_audience_suppresses_it() {
+    let (fake, connector, _) = setup().await;
+    let nobody = "Nobody@Example.fi";
+    let hash = subscriber_hash(nobody);
+    let t = task(RequestKind::Objection, vec![email(nobody)]);
+    let out = connector.run(&t).await.unwrap();
+    let Outcome::Completed {
+        records_affected: 1,
+        note,
+        ..
+    } = out
+    else {
+        panic!("{out:?}");
+    };
+    assert!(note.contains(&format!("suppressed {hash}")), "{note}");
+    assert_clean(&note);
+    let member = fake.member(&hash).unwrap();
+    assert_eq!(member["status"], "unsubscribed");
+    assert_eq!(member["email_address"], nobody);
+    let member_path = format!("/3.0/lists/{LIST}/members/{hash}");
+    assert_eq!(
+        fake.audience().calls,
+        [format!("PATCH {member_path}"), format!("PUT {member_path}")]
+    );
+    // The controller's next import leaves it unsubscribed.
+    let imported = import(&fake, nobody).await;
+    assert_eq!(imported["status"], "unsubscribed");
+    // Asked again, the suppressed address is a member to unsubscribe.
+    let again = connector.run(&t).await.unwrap();
+    assert!(
+        matches!(&again, Outcome::Completed { note, .. } if note.contains("unsubscribed member")),
+        "{again:?}"
+    );
+    assert_eq!(fake.audience().members.len(), 3);
+}
+
+#[tokio::test]
+async fn objection_by_md5_alone_cannot_suppress_an_address_not_in_the_audience() {
+    let (fake, connector, _) = setup().await;
+    let hash = subscriber_hash("nobody@example.fi");
     let out = connector
+        .run(&task(RequestKind::Objection, vec![md5_email(&hash)]))
+        .await
+        .unwrap();
+    let Outcome::NotFound { note } = out else {
+        panic!("{out:?}");
+    };
+    assert!(note.contains(&format!("no member {hash}")), "{note}");
+    assert!(note.contains("no suppression was possible"), "{note}");
+    let calls = fake.audience().calls.clone();
+    assert!(calls.iter().all(|c| !c.starts_with("PUT")), "{calls:?}");
+    assert_eq!(fake.audience().members.len(), 2);
+
+    // With the address too, the member there is unsubscribed and the absent one suppressed.
+    let maija = subscriber_hash(MAIJA);
+    let ids = vec![
+        md5_email(&maija),
+        md5_email(&hash),
+        email("nobody@example.fi"),
+    ];
+    let out = connector
+        .run(&task(RequestKind::Objection, ids))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            out,
+            Outcome::Completed {
+                records_affected: 2,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    assert_eq!(fake.member(&maija).unwrap()["status"], "unsubscribed");
+    assert_eq!(fake.member(&hash).unwrap()["status"], "unsubscribed");
+}
+
+#[tokio::test]
+async fn objection_after_a_permanent_deletion_is_not_found_and_adds_nothing() {
+    let (fake, connector, hash) = setup().await;
+    let erased = connector
+        .run(&task(RequestKind::Erasure, vec![email(MAIJA)]))
+        .await
+        .unwrap();
+    assert!(matches!(erased, Outcome::Completed { .. }), "{erased:?}");
+    let out = connector
+        .run(&task(RequestKind::Objection, vec![email(MAIJA)]))
+        .await
+        .unwrap();
+    let Outcome::NotFound { note } = out else {
+        panic!("{out:?}");
+    };
+    assert!(note.contains("permanently deleted"), "{note}");
+    assert_clean(&note);
+    assert!(fake.member(&hash).is_none());
+}
+
+#[tokio::test]
+async fn objection_in_a_wrong_audience_is_permanent_and_adds_nothing() {
+    let (fake, _, _) = setup().await;
+    let connector = MailchimpConnector::new(MailchimpConfig {
+        list_id: "ffffffffff".into(),
+        ..config(&fake.base_url)
+    })
+    .unwrap();
+    let err = connector
         .run(&task(
             RequestKind::Objection,
             vec![email("nobody@example.fi")],
         ))
         .await
-        .unwrap();
-    assert!(matches!(out, Outcome::NotFound { .. }), "{out:?}");
+        .unwrap_err();
+    assert!(
+        matches!(&err, ConnectorError::Permanent(m) if m.contains("audience ffffffffff was not")),
+        "{err:?}"
+    );
+    assert_eq!(fake.audience().members.len(), 2);
 }
 
 /// An export task whose files go to a fresh folder under `dir`.
@@ -716,18 +859,55 @@ async fn rectification_changes_the_email_and_merge_fields() {
 }
 
 #[tokio::test]
+async fn corrections_without_a_merge_field_are_left_out_and_named() {
+    let (fake, connector, old_hash) = setup().await;
+    let new_email = "maija.virtanen@example.fi";
+    let mut t = task(RequestKind::Rectification, vec![email(MAIJA)]);
+    t.parameters = corrections(&[("email", new_email), ("address", "Mannerheimintie 1")]);
+    let out = connector.run(&t).await.unwrap();
+    let Outcome::Completed {
+        records_affected: 1,
+        note,
+        ..
+    } = out
+    else {
+        panic!("{out:?}");
+    };
+    let new_hash = subscriber_hash(new_email);
+    assert!(
+        note.contains(&format!(
+            "corrected email_address of member {old_hash} (now {new_hash})"
+        )),
+        "{note}"
+    );
+    assert!(note.contains("not corrected: \"address\""), "{note}");
+    assert!(note.contains("merge_fields"), "{note}");
+    assert!(!note.contains("Mannerheimintie"), "{note}");
+    assert_clean(&note);
+    let member = fake.member(&new_hash).unwrap();
+    assert_eq!(member["email_address"], new_email);
+    assert_eq!(member["merge_fields"]["ADDRESS"], "");
+
+    // A subject not in the audience: NOT_FOUND, still naming what could not be corrected.
+    let mut t = task(RequestKind::Rectification, vec![email("nobody@example.fi")]);
+    t.parameters = corrections(&[("first_name", "N"), ("address", "Mannerheimintie 1")]);
+    let out = connector.run(&t).await.unwrap();
+    assert!(
+        matches!(&out, Outcome::NotFound { note } if note.contains("not corrected: \"address\"")),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
 async fn an_unmapped_correction_is_permanent_and_changes_nothing() {
     let (fake, connector, hash) = setup().await;
     let mut t = task(RequestKind::Rectification, vec![email(MAIJA)]);
-    t.parameters = corrections(&[
-        ("first_name", "Maija-Liisa"),
-        ("address", "Mannerheimintie 1"),
-    ]);
+    t.parameters = corrections(&[("address", "Mannerheimintie 1"), ("shoe_size", "38")]);
     let err = connector.run(&t).await.unwrap_err();
     let ConnectorError::Permanent(message) = &err else {
         panic!("{err:?}");
     };
-    assert!(message.contains("\"address\""), "{message}");
+    assert!(message.contains("\"address\", \"shoe_size\""), "{message}");
     assert!(message.contains("merge_fields"), "{message}");
     assert!(!message.contains("Mannerheimintie"), "{message}");
     assert!(fake.audience().calls.is_empty());
@@ -735,6 +915,80 @@ async fn an_unmapped_correction_is_permanent_and_changes_nothing() {
         fake.member(&hash).unwrap()["merge_fields"]["FNAME"],
         "Maija"
     );
+}
+
+#[tokio::test]
+async fn a_lost_answer_to_an_address_correction_is_confirmed_by_reading() {
+    let new_email = "maija.virtanen@example.fi";
+    let new_hash = subscriber_hash(new_email);
+    // The PATCH takes effect, and its answer comes too late or as a gateway's 502.
+    for gateway in [false, true] {
+        let (fake, connector, old_hash) = setup().await;
+        let connector = if gateway {
+            fake.audience().gateway_errors = 1;
+            fake.audience().gateway_error = 502;
+            connector
+        } else {
+            losing_the_next_answer(&fake)
+        };
+        let mut t = task(RequestKind::Rectification, vec![email(MAIJA)]);
+        t.parameters = corrections(&[("email", new_email), ("first_name", "Maija-Liisa")]);
+        let err = connector.run(&t).await.unwrap_err();
+        assert!(err.is_transient(), "{err:?}");
+        assert!(
+            fake.member(&old_hash).is_none(),
+            "the correction took effect"
+        );
+        // The processor's retry: the old address answers 404, which is not NOT_FOUND.
+        let out = connector.run(&t).await.unwrap();
+        let Outcome::Completed {
+            records_affected: 1,
+            note,
+            ..
+        } = out
+        else {
+            panic!("gateway {gateway}: {out:?}");
+        };
+        assert!(note.contains("confirmed by reading"), "{note}");
+        assert!(
+            note.contains(&format!("{old_hash} (now {new_hash}")),
+            "{note}"
+        );
+        assert_clean(&note);
+        let calls = member_calls(&fake);
+        assert_eq!(
+            calls,
+            [
+                format!("PATCH {old_hash}"),
+                format!("PATCH {old_hash}"),
+                format!("GET {new_hash}"),
+            ]
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_member_at_the_new_address_without_the_corrected_values_is_not_confirmed() {
+    let (fake, connector, _) = setup().await;
+    let other = "someone.else@example.fi";
+    let mut t = task(RequestKind::Rectification, vec![email("nobody@example.fi")]);
+    // Someone else is there, with another first name; nobody was never in the audience.
+    t.parameters = corrections(&[("email", other), ("first_name", "Maija")]);
+    let out = connector.run(&t).await.unwrap();
+    assert!(matches!(out, Outcome::NotFound { .. }), "{out:?}");
+    // No member at the new address either.
+    t.parameters = corrections(&[("email", "elsewhere@example.fi")]);
+    let out = connector.run(&t).await.unwrap();
+    assert!(matches!(out, Outcome::NotFound { .. }), "{out:?}");
+    assert_eq!(
+        fake.member(&subscriber_hash(other)).unwrap()["merge_fields"]["FNAME"],
+        "Matti"
+    );
+    let calls = member_calls(&fake);
+    for read in [other, "elsewhere@example.fi"] {
+        let get = format!("GET {}", subscriber_hash(read));
+        assert!(calls.contains(&get), "{calls:?}");
+    }
 }
 
 #[tokio::test]

@@ -282,6 +282,17 @@ impl Scoped<'_> {
                 .collect::<Vec<_>>()
                 .join(", "),
         );
+        // A resumed erasure needs no other care: it erases what a cut-off call left, and the
+        // rows that call erased no longer match, so it cannot fail or conclude wrongly on
+        // them. Its counts are its own, though, which the certificate must not pass off as
+        // everything.
+        if job.interrupted {
+            notes.push(
+                "an earlier call of this erasure was cut off before its answer was recorded; \
+                 what it erased is not counted here"
+                    .into(),
+            );
+        }
 
         // What is kept, over all of the controller's rows now that the batches are done.
         let mut tx = self.begin().await?;
