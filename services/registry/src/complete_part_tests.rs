@@ -225,3 +225,83 @@ async fn a_replayed_part_is_answered_as_stored_past_the_size_limit_on_postgres()
     })
     .await;
 }
+
+/// A stored part is closed: a file it does not list cannot join it afterwards (before, it was
+/// taken and shown in the package, whose manifest then changed after a partner downloaded it
+/// or a controller confirmed its digest), and CompletePart with another list is refused; the
+/// same declaration again is answered as stored.
+async fn a_stored_part_does_not_change(database_url: &str, dir: &std::path::Path) {
+    let registry = Registry::start(dir, database_url).await;
+    let id = RequestServiceClient::new(registry.channel("partner-crm"))
+        .submit(SubmitRequest {
+            kind: RequestKind::ReturnOfData as i32,
+            identities: vec![SubjectIdentity {
+                r#type: IdentityType::Email as i32,
+                encoding: IdentityEncoding::Raw as i32,
+                value: "maija@example.fi".into(),
+                label: String::new(),
+            }],
+            idempotency_key: "a-closed-part".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("submit")
+        .into_inner()
+        .request_id;
+    let mut uploads = ExportUploadServiceClient::new(registry.channel("processor"));
+    let file = empty_file(&id, "crm", "contacts.json");
+    let stored_at = complete(&mut uploads, &file).await.expect("part stored");
+
+    let late = empty_file(&id, "crm", "orders.csv");
+    let refused = uploads
+        .get_upload_state(GetUploadStateRequest {
+            header: Some(late.clone()),
+        })
+        .await
+        .expect_err("a file joining a stored part");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("does not change"), "{refused:?}");
+
+    let refused = uploads
+        .complete_part(CompletePartRequest {
+            request_id: id.clone(),
+            subprocessor: "crm".into(),
+            files: vec![file.clone(), late],
+        })
+        .await
+        .expect_err("another declaration of a stored part");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("contacts.json"), "{refused:?}");
+
+    let again = uploads
+        .complete_part(CompletePartRequest {
+            request_id: id.clone(),
+            subprocessor: "crm".into(),
+            files: vec![file],
+        })
+        .await
+        .expect("the same declaration")
+        .into_inner();
+    assert_eq!(
+        again
+            .stored_at
+            .map(|t| dsrelay_proto::millis_from_timestamp(&t)),
+        Some(stored_at)
+    );
+    registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_part_does_not_change_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/registry.db", dir.path().display());
+    a_stored_part_does_not_change(&url, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_part_does_not_change_on_postgres() {
+    on_postgres(|url, dir| async move {
+        a_stored_part_does_not_change(&url, &dir).await;
+    })
+    .await;
+}

@@ -532,7 +532,6 @@ async fn packages_refuse_bad_chunks_and_resume_uploads() {
         .expect("the rest");
     assert_eq!((rest.offset, rest.complete), (data.len() as u64, true));
     assert_eq!(std::fs::read(&stored).unwrap(), data);
-    client.complete_part(part).await.expect("part stored");
 
     // Every chunk intact, but the whole disagrees with the header: dropped, start again.
     let liar = ExportFileHeader {
@@ -545,6 +544,15 @@ async fn packages_refuse_bad_chunks_and_resume_uploads() {
     assert_eq!(refused.code(), Code::DataLoss, "{refused:?}");
     assert!(refused.message().contains("SHA-256"), "{refused:?}");
     assert_eq!(state(&mut client, &liar).await.offset, 0);
+    client.complete_part(part).await.expect("part stored");
+
+    // The stored part is closed: a file it does not list cannot join it.
+    let late = header(&id, "late.json", data);
+    let refused = upload(&mut client, vec![chunk(Some(late), 0, data)])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("does not change"), "{refused:?}");
 
     // Only processors upload, and only to requests delivered to them.
     let refused = ExportUploadServiceClient::new(pair.channel_to_registry("partner-crm"))

@@ -170,7 +170,8 @@ impl Api {
             FileBegin::Expired(at) => return Err(expired(&file.request_id, at)),
             FileBegin::Conflict => {
                 return Err(ApiError::failed_precondition(format!(
-                    "file {} is already stored with another size or digest",
+                    "file {} does not belong to its part as stored (another size or digest, \
+                     or a file the stored part does not list); a stored part does not change",
                     manifest::path(&file)
                 )))
             }
@@ -760,6 +761,20 @@ impl ExportUploadService for Api {
                 };
                 Err(ApiError::failed_precondition(format!(
                     "part of {} is not stored complete: upload {}{more} first",
+                    part.subprocessor,
+                    names[..names.len().min(NAMED)].join(", ")
+                ))
+                .into())
+            }
+            PartOutcome::Closed(names) => {
+                const NAMED: usize = 5;
+                let more = match names.len().saturating_sub(NAMED) {
+                    0 => String::new(),
+                    n => format!(" and {n} more"),
+                };
+                Err(ApiError::failed_precondition(format!(
+                    "part of {} was stored already with other files ({}{more}); a stored \
+                     part does not change",
                     part.subprocessor,
                     names[..names.len().min(NAMED)].join(", ")
                 ))

@@ -66,7 +66,8 @@ pub enum FileBegin {
     /// one. (A file stored whole is replaced too: the processor exported again, after a
     /// crash or a retry, before it declared the part.)
     Restarted,
-    /// The file's part is stored, with different content for this file.
+    /// The file's part is stored, and this file is not one of it as declared (another name,
+    /// or other content).
     Conflict,
     /// The package was deleted at expiry (ms).
     Expired(i64),
@@ -85,6 +86,8 @@ pub enum PartOutcome {
     },
     /// These listed files are not stored complete with the digest given.
     Missing(Vec<String>),
+    /// The part was stored before with other files (these): it is closed.
+    Closed(Vec<String>),
     /// The package was deleted at expiry (ms).
     Expired(i64),
 }
@@ -224,7 +227,24 @@ impl Store {
         .fetch_optional(tx.conn())
         .await?
         .map(|r| (r.file(), r.stored_at));
+        // A stored part is closed: its files stay as they were declared (a package's
+        // manifest, which a partner may have downloaded or a controller confirmed by digest,
+        // does not change after), so only the same file again is taken.
+        let part_stored = sqlx::query(
+            "SELECT 1 AS one FROM package_parts WHERE request_id = $1 AND processor = $2 \
+             AND subprocessor = $3",
+        )
+        .bind(&f.request_id)
+        .bind(&f.processor)
+        .bind(&f.subprocessor)
+        .fetch_optional(tx.conn())
+        .await?
+        .is_some();
         let outcome = match existing {
+            Some((old, stored_at)) if old.same_content(f) => FileBegin::Registered {
+                complete: stored_at.is_some(),
+            },
+            _ if part_stored => FileBegin::Conflict,
             None => {
                 sqlx::query(
                     "INSERT INTO package_files (request_id, processor, subprocessor, name, \
@@ -241,23 +261,6 @@ impl Store {
                 .execute(tx.conn())
                 .await?;
                 FileBegin::Registered { complete: false }
-            }
-            Some((old, stored_at)) if old.same_content(f) => FileBegin::Registered {
-                complete: stored_at.is_some(),
-            },
-            Some((_, Some(_)))
-                if sqlx::query(
-                    "SELECT 1 AS one FROM package_parts WHERE request_id = $1 AND processor = $2 \
-                     AND subprocessor = $3",
-                )
-                .bind(&f.request_id)
-                .bind(&f.processor)
-                .bind(&f.subprocessor)
-                .fetch_optional(tx.conn())
-                .await?
-                .is_some() =>
-            {
-                FileBegin::Conflict
             }
             Some(_) => {
                 sqlx::query(
@@ -363,13 +366,6 @@ impl Store {
         .bind(subprocessor)
         .fetch_optional(tx.conn())
         .await?;
-        if let Some(stored_at) = before {
-            tx.rollback().await?;
-            return Ok(PartOutcome::Stored {
-                stored_at,
-                dropped: Vec::new(),
-            });
-        }
         let stored: Vec<FileWithState> = sqlx::query_as(
             "SELECT request_id, processor, subprocessor, name, media_type, categories, size, \
              sha256, stored_at FROM package_files WHERE request_id = $1 AND processor = $2 \
@@ -380,6 +376,25 @@ impl Store {
         .bind(subprocessor)
         .fetch_all(tx.conn())
         .await?;
+        if let Some(stored_at) = before {
+            tx.rollback().await?;
+            // The same declaration again (a lost answer) is answered as the first; another
+            // one would change a closed part.
+            let same = files.len() == stored.len()
+                && files.iter().all(|f| {
+                    stored
+                        .iter()
+                        .any(|s| s.name == f.name && s.file().same_content(f))
+                });
+            return Ok(if same {
+                PartOutcome::Stored {
+                    stored_at,
+                    dropped: Vec::new(),
+                }
+            } else {
+                PartOutcome::Closed(stored.into_iter().map(|s| s.name).collect())
+            });
+        }
         let missing: Vec<String> = files
             .iter()
             .filter(|f| {
