@@ -419,6 +419,11 @@ impl Config {
             if !names.insert(p.name.clone()) {
                 errors.push(format!("processors[{i}]: name {} is used twice", p.name));
             }
+            // A processor's name is the top folder of its parts in a package and its download.
+            let field = format!("processors[{i}].name");
+            if let Some(v) = dsrelay_runtime::export_files::file_name_violation(&field, &p.name) {
+                errors.push(format!("{}: {:?} {}", v.field, p.name, v.rule));
+            }
             if !seen_ids.insert(p.identity.clone()) {
                 errors.push(format!(
                     "processors[{i}]: identity {} is already given another role",
@@ -949,6 +954,24 @@ mod tests {
                 .any(|e| e.starts_with("identities[1]: name crm is used twice")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_processor_name_must_do_as_a_folder_name() {
+        // It is the top folder of the processor's parts in a package and in its download,
+        // where dsrctl would refuse the whole package over it.
+        for bad in ["", "pay/roll", "..", "c:bureau", "pay roll"] {
+            let text = format!(
+                "[[processors]]\nname = {bad:?}\nendpoint = \"https://p.example:443\"\n\
+                 identity = \"spiffe://dsrelay.dev/processor/p\"\ncategories = [\"contact\"]\n"
+            );
+            let (_dir, file) = folder(&text);
+            let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+            assert!(
+                err.0.iter().any(|e| e.starts_with("processors[0].name: ")),
+                "{bad:?}: {err}"
+            );
+        }
     }
 
     #[test]

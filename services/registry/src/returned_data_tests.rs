@@ -765,3 +765,72 @@ async fn a_return_of_data_is_completed_only_with_its_part_on_postgres() {
     })
     .await;
 }
+
+/// A contract end whose every return ended without its part (both holders FAILED): nothing
+/// will come, and the package is never complete. A download names the failed returns;
+/// before, it said "the request is still open", which tells the operator nothing to act on.
+/// (ConfirmReturn is refused as the contract end has finished FAILED.)
+async fn a_contract_end_whose_returns_all_failed_says_so(
+    database_url: &str,
+    dir: &std::path::Path,
+) {
+    let registry = Registry::start(dir, database_url).await;
+    let id = end_contract(&registry, "all-returns-failed", "").await;
+    registry.processor.answer(vec![
+        report(
+            "accounting",
+            1,
+            TaskState::Pending,
+            ContractPhase::Returning,
+        ),
+        report("mail", 1, TaskState::Pending, ContractPhase::Returning),
+    ]);
+    eventually("the Deliver's answer recorded", || async {
+        registry.contract(&id).await.tasks.len() == 2
+    })
+    .await;
+    let failed = |subprocessor: &str| Acknowledgement {
+        request_id: id.clone(),
+        subprocessor: subprocessor.into(),
+        sequence: 2,
+        state: TaskState::Failed as i32,
+        reason: "the holder is gone".into(),
+        progress: Some(ContractProgress {
+            phase: ContractPhase::Returning as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let answer = registry
+        .acknowledge(vec![failed("accounting"), failed("mail")])
+        .await;
+    assert_eq!(answer.applied, 2, "{answer:?}");
+    let info = registry.package("operator", &id).await;
+    assert!(!info.complete, "{info:?}");
+    let refused = registry.download_refused("operator", &id).await;
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    for sub in ["accounting", "mail"] {
+        let named = format!("{PROCESSOR}/{sub} (FAILED)");
+        assert!(refused.message().contains(&named), "{refused:?}");
+    }
+    assert!(
+        refused.message().contains("ended without their parts"),
+        "{refused:?}"
+    );
+    registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contract_end_whose_returns_all_failed_says_so_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/registry.db", dir.path().display());
+    a_contract_end_whose_returns_all_failed_says_so(&url, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contract_end_whose_returns_all_failed_says_so_on_postgres() {
+    on_postgres(|url, dir| async move {
+        a_contract_end_whose_returns_all_failed_says_so(&url, &dir).await;
+    })
+    .await;
+}

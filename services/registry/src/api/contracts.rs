@@ -617,21 +617,10 @@ impl ContractService for Api {
             .map_err(ApiError::from)?
             .ok_or_else(|| not_found(&id))?;
         let standing = super::packages::package_standing(&self.shared, &request).await?;
-        if !standing.info.complete {
-            let waiting = match standing.waiting_for() {
-                w if w.is_empty() => "no subprocessor's part is stored yet".to_string(),
-                w => w,
-            };
-            return Err(ApiError::failed_precondition(format!(
-                "the package of contract end {id} is not complete: {waiting}; confirm once \
-                 every subprocessor's part is stored and the package was downloaded and \
-                 verified"
-            ))
-            .into());
-        }
-        // A holder whose return failed has no part, yet the package is complete (nothing is
-        // to come): confirming would have the others' data deleted while the controller
-        // never got that holder's, so it is refused as for a transfer without a receipt.
+        // A holder whose return failed has no part, and none is to come: confirming would
+        // have the others' data deleted while the controller never got that holder's, so it
+        // is refused as for a transfer without a receipt. Named first: when every return
+        // failed the package is never complete, and only this says why.
         if !standing.unreturned.is_empty() {
             let named: Vec<String> = standing
                 .unreturned
@@ -648,6 +637,18 @@ impl ContractService for Api {
                  deleted, so the package is not all of the data; see why with dsrctl contracts \
                  show {id}",
                 named.join(", ")
+            ))
+            .into());
+        }
+        if !standing.info.complete {
+            let waiting = match standing.waiting_for() {
+                w if w.is_empty() => "no subprocessor's part is stored yet".to_string(),
+                w => w,
+            };
+            return Err(ApiError::failed_precondition(format!(
+                "the package of contract end {id} is not complete: {waiting}; confirm once \
+                 every subprocessor's part is stored and the package was downloaded and \
+                 verified"
             ))
             .into());
         }

@@ -493,6 +493,28 @@ impl PackageStanding {
                 self.info.missing.join(", ")
             ));
         }
+        if !self.unreturned.is_empty() {
+            let named: Vec<String> = self
+                .unreturned
+                .iter()
+                .map(|(p, s, state)| {
+                    format!(
+                        "{p}/{s} ({})",
+                        state.as_str_name().trim_start_matches("TASK_STATE_")
+                    )
+                })
+                .collect();
+            let its = if named.len() == 1 {
+                "its part"
+            } else {
+                "their parts"
+            };
+            waiting.push(format!(
+                "the return of {} ended without {its}, and none will come (see why with dsrctl \
+                 contracts show)",
+                named.join(", ")
+            ));
+        }
         waiting.join("; ")
     }
 }
