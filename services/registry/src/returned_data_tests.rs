@@ -522,6 +522,7 @@ async fn a_contract_end_package_waits_for_the_processors_delivery(
     );
     let far = i64::MAX / 2;
     assert!(store.packages_to_expire(far, 10).await.unwrap().is_empty());
+    assert!(info.expires_at.is_none(), "{info:?}");
     let confirmed = confirm(&registry, &id, &digest(&info))
         .await
         .expect("confirmed");
@@ -534,6 +535,9 @@ async fn a_contract_end_package_waits_for_the_processors_delivery(
         store.packages_to_expire(far, 10).await.unwrap(),
         vec![id.clone()]
     );
+    // And GetPackage says when.
+    let info = registry.package("operator", &id).await;
+    assert!(info.expires_at.is_some(), "{info:?}");
     registry.stop().await;
 }
 

@@ -544,7 +544,7 @@ pub(super) async fn package_standing(
     if let Some(at) = record.expired_at {
         return Err(expired(&row.id, at));
     }
-    let expires_at = record.finished_at.map(|f| shared.packages.expires_at(f));
+    let expires_at = record.expiry_from.map(|f| shared.packages.expires_at(f));
     if let Some(at) = expires_at.filter(|at| *at <= shared.clock.now_ms()) {
         return Err(expired(&row.id, at));
     }

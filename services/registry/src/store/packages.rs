@@ -101,6 +101,10 @@ pub struct PackageRecord {
     pub expired_at: Option<i64>,
     /// When its request finished (ms): no part is to come after that.
     pub finished_at: Option<i64>,
+    /// When its time to expiry began (ms): its request finished, or, for a contract end,
+    /// the controller confirmed the return, whichever came first (see
+    /// [`Store::packages_to_expire`]).
+    pub expiry_from: Option<i64>,
     /// Files of stored parts, stored complete.
     pub files: Vec<PackageFile>,
     /// Tasks still open with no part stored, as `(processor, subprocessor)`.
@@ -486,12 +490,15 @@ impl Store {
                 .bind(request_id)
                 .fetch_optional(pool)
                 .await?;
-        let finished_at: Option<i64> =
-            sqlx::query_scalar("SELECT finished_at FROM requests WHERE id = $1")
-                .bind(request_id)
-                .fetch_optional(pool)
-                .await?
-                .flatten();
+        let (finished_at, expiry_from): (Option<i64>, Option<i64>) = sqlx::query_as(
+            "SELECT r.finished_at, COALESCE(r.finished_at, c.updated_at) FROM requests r \
+             LEFT JOIN contracts c ON c.request_id = r.id AND c.return_confirmed = 1 \
+             WHERE r.id = $1",
+        )
+        .bind(request_id)
+        .fetch_optional(pool)
+        .await?
+        .unwrap_or_default();
         let files: Vec<PackageFile> = sqlx::query_as(
             "SELECT f.request_id, f.processor, f.subprocessor, f.name, f.media_type, \
              f.categories, f.size, f.sha256 FROM package_files f JOIN package_parts p \
@@ -532,6 +539,7 @@ impl Store {
             created_at: dates.map(|d| d.0),
             expired_at: dates.and_then(|d| d.1),
             finished_at,
+            expiry_from,
             files,
             missing,
             unreturned,
