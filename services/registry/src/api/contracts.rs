@@ -622,21 +622,11 @@ impl ContractService for Api {
         // is refused as for a transfer without a receipt. Named first: when every return
         // failed the package is never complete, and only this says why.
         if !standing.unreturned.is_empty() {
-            let named: Vec<String> = standing
-                .unreturned
-                .iter()
-                .map(|(p, s, state)| {
-                    format!(
-                        "{p}/{s} ({})",
-                        state.as_str_name().trim_start_matches("TASK_STATE_")
-                    )
-                })
-                .collect();
             return Err(ApiError::failed_precondition(format!(
                 "the return of {} ended without its part: that data was neither returned nor \
                  deleted, so the package is not all of the data; see why with dsrctl contracts \
                  show {id}",
-                named.join(", ")
+                standing.unreturned_named()
             ))
             .into());
         }

@@ -476,6 +476,19 @@ pub(super) struct PackageStanding {
 }
 
 impl PackageStanding {
+    /// The returns that ended without their part, for people: `processor/subprocessor
+    /// (STATE)`, comma-separated.
+    pub(super) fn unreturned_named(&self) -> String {
+        self.unreturned
+            .iter()
+            .map(|(p, s, state)| {
+                let state = state.as_str_name().trim_start_matches("TASK_STATE_");
+                format!("{p}/{s} ({state})")
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// What an incomplete package waits for, for people; empty when nothing is named (a
     /// return of data whose request is still open, a contract end with no part stored).
     pub(super) fn waiting_for(&self) -> String {
@@ -494,25 +507,15 @@ impl PackageStanding {
             ));
         }
         if !self.unreturned.is_empty() {
-            let named: Vec<String> = self
-                .unreturned
-                .iter()
-                .map(|(p, s, state)| {
-                    format!(
-                        "{p}/{s} ({})",
-                        state.as_str_name().trim_start_matches("TASK_STATE_")
-                    )
-                })
-                .collect();
-            let its = if named.len() == 1 {
+            let named = self.unreturned_named();
+            let its = if self.unreturned.len() == 1 {
                 "its part"
             } else {
                 "their parts"
             };
             waiting.push(format!(
-                "the return of {} ended without {its}, and none will come (see why with dsrctl \
-                 contracts show)",
-                named.join(", ")
+                "the return of {named} ended without {its}, and none will come (see why with \
+                 dsrctl contracts show)"
             ));
         }
         waiting.join("; ")
@@ -774,36 +777,32 @@ impl ExportUploadService for Api {
                     stored_at: Some(timestamp_from_millis(stored_at)),
                 }))
             }
-            PartOutcome::Missing(names) => {
-                // A few names say what is meant; thousands would not fit in a status.
-                const NAMED: usize = 5;
-                let more = match names.len().saturating_sub(NAMED) {
-                    0 => String::new(),
-                    n => format!(" and {n} more"),
-                };
-                Err(ApiError::failed_precondition(format!(
-                    "part of {} is not stored complete: upload {}{more} first",
-                    part.subprocessor,
-                    names[..names.len().min(NAMED)].join(", ")
-                ))
-                .into())
-            }
-            PartOutcome::Closed(names) => {
-                const NAMED: usize = 5;
-                let more = match names.len().saturating_sub(NAMED) {
-                    0 => String::new(),
-                    n => format!(" and {n} more"),
-                };
-                Err(ApiError::failed_precondition(format!(
-                    "part of {} was stored already with other files ({}{more}); a stored \
-                     part does not change",
-                    part.subprocessor,
-                    names[..names.len().min(NAMED)].join(", ")
-                ))
-                .into())
-            }
+            PartOutcome::Missing(names) => Err(ApiError::failed_precondition(format!(
+                "part of {} is not stored complete: upload {} first",
+                part.subprocessor,
+                a_few(&names)
+            ))
+            .into()),
+            PartOutcome::Closed(names) => Err(ApiError::failed_precondition(format!(
+                "part of {} was stored already with other files ({}); a stored part does not \
+                 change",
+                part.subprocessor,
+                a_few(&names)
+            ))
+            .into()),
             PartOutcome::Expired(at) => Err(expired(&part.request_id, at).into()),
         }
+    }
+}
+
+/// The first few of `names` and how many more: a few names say what is meant; thousands
+/// would not fit in a status.
+fn a_few(names: &[String]) -> String {
+    const NAMED: usize = 5;
+    let shown = names[..names.len().min(NAMED)].join(", ");
+    match names.len().saturating_sub(NAMED) {
+        0 => shown,
+        n => format!("{shown} and {n} more"),
     }
 }
 

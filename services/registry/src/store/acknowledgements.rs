@@ -501,14 +501,7 @@ impl Store {
                         detail,
                     });
                 }
-                view.tasks.insert(
-                    key,
-                    TaskNow {
-                        state: ack.state,
-                        sequence: ack.sequence,
-                        progress: ack.progress.as_ref().map(Message::encode_to_vec),
-                    },
-                );
+                view.tasks.insert(key, ack.now());
                 let slot = (ack.request_id.clone(), ack.subprocessor.clone());
                 let moved = moved.entry(processor).or_default();
                 let mut update = ack.written(&tx.text_key, forgotten);
@@ -590,13 +583,13 @@ impl Store {
         let mut tx = self.begin().await?;
         // Locked first, as acknowledgements lock it before the tasks they fold: a concurrent
         // acknowledgement's step is waited for and seen.
-        let locked = lock_states(&mut tx, &[request_id]).await?;
-        let forgotten = locked.forgotten.contains(request_id);
+        let (state, forgotten) = lock_states(&mut tx, &[request_id]).await?.of(request_id);
         let mut changed = 0;
-        if !tasks.is_empty() && locked.states.get(request_id) == Some(&RequestState::Cancelled) {
+        if !tasks.is_empty() && state == RequestState::Cancelled {
             // See `FoldView::accept_withdrawn`.
-            if accept_withdrawn_delivery(&mut tx, request_id, processor).await? {
-                let event = withdrawn_accepted_event(request_id, processor, now);
+            if let Some(event) =
+                accept_withdrawn_delivery(&mut tx, request_id, processor, now).await?
+            {
                 insert_events(&mut tx, vec![event]).await?;
             }
         }
@@ -962,21 +955,28 @@ impl FoldView {
             {
                 continue;
             }
-            if !accept_withdrawn_delivery(tx, request_id, processor).await? {
+            let Some(event) = accept_withdrawn_delivery(tx, request_id, processor, now).await?
+            else {
                 continue;
-            }
+            };
             self.delivered.insert(key, Delivery::Accepted);
-            events.push(withdrawn_accepted_event(request_id, processor, now));
+            events.push(event);
         }
         Ok(events)
     }
 }
 
 /// Clears the withdrawal of `processor`'s Deliver of `request_id` (see
-/// [`FoldView::accept_withdrawn`]); answers whether it was withdrawn. Its `done_at` stays the
-/// cancellation's time: the processor's answer never reached the registry.
-async fn accept_withdrawn_delivery(tx: &mut Tx, request_id: &str, processor: &str) -> Result<bool> {
-    Ok(sqlx::query(
+/// [`FoldView::accept_withdrawn`]); answers its DELIVERED event if it was withdrawn (showing
+/// the request CANCELLED, as it is before the fold). Its `done_at` stays the cancellation's
+/// time: the processor's answer never reached the registry.
+async fn accept_withdrawn_delivery(
+    tx: &mut Tx,
+    request_id: &str,
+    processor: &str,
+    now: i64,
+) -> Result<Option<NewEvent>> {
+    let cleared = sqlx::query(
         "UPDATE deliveries SET withdrawn_at = NULL, last_error = NULL \
          WHERE request_id = $1 AND processor = $2 AND op = $3 AND withdrawn_at IS NOT NULL",
     )
@@ -985,14 +985,8 @@ async fn accept_withdrawn_delivery(tx: &mut Tx, request_id: &str, processor: &st
     .bind(Operation::Deliver.as_str())
     .execute(tx.conn())
     .await?
-    .rows_affected()
-        > 0)
-}
-
-/// The DELIVERED event of a withdrawn delivery found accepted (see
-/// [`FoldView::accept_withdrawn`]).
-fn withdrawn_accepted_event(request_id: &str, processor: &str, now: i64) -> NewEvent {
-    NewEvent {
+    .rows_affected();
+    Ok((cleared > 0).then(|| NewEvent {
         request_id: request_id.to_string(),
         event_type: EventType::Delivered,
         at: now,
@@ -1005,7 +999,7 @@ fn withdrawn_accepted_event(request_id: &str, processor: &str, now: i64) -> NewE
             ),
             ..Default::default()
         },
-    }
+    }))
 }
 
 /// Request rows a transaction locked, as it read them: their states, and which of them are
@@ -1014,6 +1008,17 @@ fn withdrawn_accepted_event(request_id: &str, processor: &str, now: i64) -> NewE
 pub(super) struct Locked {
     states: BTreeMap<String, RequestState>,
     forgotten: BTreeSet<String>,
+}
+
+impl Locked {
+    /// Request `id`'s state (UNSPECIFIED if it does not exist) and whether it is forgotten.
+    pub(super) fn of(&self, id: &str) -> (RequestState, bool) {
+        let state = self.states.get(id).copied();
+        (
+            state.unwrap_or(RequestState::Unspecified),
+            self.forgotten.contains(id),
+        )
+    }
 }
 
 /// Locks the request rows of `ids` (sorted, distinct) and reads their states and whether
@@ -1168,14 +1173,7 @@ pub(super) async fn apply_accepted(
                     ),
                 });
             }
-            view.tasks.insert(
-                key,
-                TaskNow {
-                    state: update.state,
-                    sequence: update.sequence,
-                    progress: update.progress.as_ref().map(Message::encode_to_vec),
-                },
-            );
+            view.tasks.insert(key, update.now());
             let update = update.written(&tx.text_key, forgotten);
             moved.entry(a.processor).or_default().insert(
                 (a.request_id.to_string(), update.subprocessor.clone()),

@@ -154,7 +154,10 @@ impl Store {
         // stays CANCELLED unless the cancellation turns out to have stopped nothing).
         let mut late = BTreeSet::new();
         for (i, job) in jobs.iter().enumerate() {
-            if !held[i] && job.op == Operation::Deliver && accept_in_flight(&mut tx, job).await? {
+            if !held[i]
+                && job.op == Operation::Deliver
+                && end_withdrawn_claim(&mut tx, job, true).await?
+            {
                 held[i] = true;
                 late.insert(i);
             }
@@ -203,7 +206,9 @@ impl Store {
         // Locked first, as forgetting locks it before it clears the deliveries' errors: a
         // forgetting under way is waited for and seen here, and one that comes later finds
         // this attempt's error and events to clear.
-        let (state, forgotten) = state_and_forgotten(&mut tx, &job.request_id).await?;
+        let (state, forgotten) = lock_states(&mut tx, &[job.request_id.as_str()])
+            .await?
+            .of(&job.request_id);
         // The processor's answer may name the subject: once the request is forgotten, the
         // row keeps the registry's words and the answer stays only as the audit's hash.
         let kept_error = if forgotten { FORGOTTEN_ERROR } else { error };
@@ -228,7 +233,7 @@ impl Store {
         let Some(dead) = dead else {
             // A Deliver a cancellation withdrew while this call was in flight: it is no
             // longer in flight (see `Store::cancellation_settled`).
-            if job.op == Operation::Deliver && release_withdrawn(&mut tx, job).await? {
+            if job.op == Operation::Deliver && end_withdrawn_claim(&mut tx, job, false).await? {
                 tx.commit().await?;
                 return Ok(FailureRecorded::Withdrawn);
             }
@@ -516,22 +521,6 @@ pub(crate) fn describe_terms(t: &dsrelay_proto::v1::ContractEnd) -> String {
     }
 }
 
-/// Locks the request row of `id` and reads its state (`UNSPECIFIED` if it does not exist,
-/// for the events that record it) and whether it is forgotten.
-async fn state_and_forgotten(tx: &mut Tx, id: &str) -> Result<(RequestState, bool)> {
-    let row: Option<(i32, Option<i64>)> = sqlx::query_as(&format!(
-        "SELECT state, forgotten_at FROM requests WHERE id = $1{}",
-        tx.backend.lock_rows()
-    ))
-    .bind(id)
-    .fetch_optional(tx.conn())
-    .await?;
-    let Some((state, forgotten_at)) = row else {
-        return Ok((RequestState::Unspecified, false));
-    };
-    Ok((super::rows::request_state(state), forgotten_at.is_some()))
-}
-
 /// Marks each of `jobs`' rows accepted, if its claim still holds it (see
 /// [`Store::delivery_succeeded`]); answers, in order, whether it did. A row's own UPDATE
 /// each (a multi-row UPDATE ... FROM (VALUES ...) measured slower on SQLite, see
@@ -571,33 +560,21 @@ async fn mark_delivered(tx: &mut Tx, jobs: &[&DeliveryJob], now: i64) -> Result<
     Ok(changed.into_iter().map(|n| n > 0).collect())
 }
 
-/// Marks accepted `job`'s Deliver row that a cancellation withdrew while `job`'s claim was
-/// in flight (still holding it); answers whether it did.
-async fn accept_in_flight(tx: &mut Tx, job: &DeliveryJob) -> Result<bool> {
-    Ok(sqlx::query(
-        "UPDATE deliveries SET withdrawn_at = NULL, last_error = NULL, \
-         attempts = attempts + 1, lease_until = 0, lease_owner = NULL \
-         WHERE request_id = $1 AND processor = $2 AND op = $3 AND withdrawn_at IS NOT NULL \
-         AND lease_owner = $4",
-    )
-    .bind(&job.request_id)
-    .bind(&job.processor)
-    .bind(Operation::Deliver.as_str())
-    .bind(&job.lease_owner)
-    .execute(tx.conn())
-    .await?
-    .rows_affected()
-        > 0)
-}
-
-/// Ends the in-flight claim of `job`'s Deliver row that a cancellation withdrew, its call
-/// having failed; answers whether it did.
-async fn release_withdrawn(tx: &mut Tx, job: &DeliveryJob) -> Result<bool> {
-    Ok(sqlx::query(
-        "UPDATE deliveries SET attempts = attempts + 1, lease_until = 0, lease_owner = NULL \
-         WHERE request_id = $1 AND processor = $2 AND op = $3 AND withdrawn_at IS NOT NULL \
-         AND lease_owner = $4",
-    )
+/// Ends `job`'s in-flight claim of its Deliver row, which a cancellation withdrew while the
+/// call was on its way (the claim still holds it): the attempt is counted, and with
+/// `accepted` (the processor accepted it all the same) the row reads accepted. Answers
+/// whether the claim still held a withdrawn row.
+async fn end_withdrawn_claim(tx: &mut Tx, job: &DeliveryJob, accepted: bool) -> Result<bool> {
+    let accept = if accepted {
+        "withdrawn_at = NULL, last_error = NULL, "
+    } else {
+        ""
+    };
+    Ok(sqlx::query(&format!(
+        "UPDATE deliveries SET {accept}attempts = attempts + 1, lease_until = 0, \
+         lease_owner = NULL WHERE request_id = $1 AND processor = $2 AND op = $3 \
+         AND withdrawn_at IS NOT NULL AND lease_owner = $4"
+    ))
     .bind(&job.request_id)
     .bind(&job.processor)
     .bind(Operation::Deliver.as_str())
