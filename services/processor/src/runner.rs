@@ -477,7 +477,7 @@ async fn call_bulk(
         }
         // Noted before the call, so that if it is cut off the next claim tells the holder,
         // whose repeated erasure may answer differently once the data is gone.
-        note_bulk_call(shared, job, *seq).await?;
+        note_call(shared, job, *seq).await?;
         None
     };
     let (export, head_start) = head_start::attach(shared, key, export, to_registry);
@@ -570,10 +570,10 @@ async fn call_bulk(
     Ok((result, reporter.latest(), true))
 }
 
-/// Notes that a bulk erasure's holder is being called, as [`call`] notes a single task's
+/// Notes that a task's holder is being called, a single task's or a bulk erasure's
 /// ([`Store::call_started`](crate::store::Store::call_started)); [`LeaseLost`] when the
 /// claim no longer holds the task or the note failed: the holder is not called unnoted.
-async fn note_bulk_call(shared: &Shared, job: &TaskJob, seq: i64) -> Result<(), LeaseLost> {
+async fn note_call(shared: &Shared, job: &TaskJob, seq: i64) -> Result<(), LeaseLost> {
     let now = shared.clock.now_ms();
     match shared
         .store
@@ -667,28 +667,8 @@ async fn call(
         export,
     };
     // Noted before the call, so that if it is cut off the next claim makes a resumed one.
-    let noted = if noted {
-        Ok(true)
-    } else {
-        shared
-            .store
-            .call_started(key, seq, &job.lease_owner, shared.clock.now_ms())
-            .await
-    };
-    match noted {
-        Ok(true) => {}
-        Ok(false) => {
-            tracing::warn!("task lease lost before its holder was called; the step is abandoned");
-            return Err(LeaseLost);
-        }
-        Err(e) => {
-            // Not called unnoted: the lease runs out and a later claim takes the step.
-            tracing::warn!(
-                error = format!("{e:#}"),
-                "noting a holder call failed; the step is abandoned"
-            );
-            return Err(LeaseLost);
-        }
+    if !noted {
+        note_call(shared, job, seq).await?;
     }
     let lease_ms = shared.config.tasks.lease_ms as i64;
     let renew = async {
