@@ -243,26 +243,33 @@ async fn confirm_deleted(
             ),
         });
     }
-    job.progress.report(progress(count, count));
-    let records = i64::try_from(count).unwrap_or(i64::MAX);
     let lost = if unanswered {
         " (the answer to this job's deletion was lost, and reading the audience answers 404)"
     } else {
         ""
     };
-    Ok(Outcome::Completed {
+    let note = format!(
+        "mailchimp: deleted audience {list} with its {count} members; the API no longer \
+         returns it{lost}"
+    );
+    Ok(audience_deleted(list, count, note, job))
+}
+
+/// COMPLETED for audience `list` deleted with its `count` members, reported as the job's
+/// progress and certified.
+fn audience_deleted(list: &str, count: u64, note: String, job: &BulkJob) -> Outcome {
+    job.progress.report(progress(count, count));
+    let records = i64::try_from(count).unwrap_or(i64::MAX);
+    Outcome::Completed {
         records_affected: records,
-        note: format!(
-            "mailchimp: deleted audience {list} with its {count} members; the API no longer \
-             returns it{lost}"
-        ),
+        note,
         files: Vec::new(),
         erased: vec![ErasedCount {
             target: format!("audience {list}"),
             action: "deleted".into(),
             count: records,
         }],
-    })
+    }
 }
 
 /// COMPLETED for the audience an erasure's cut-off call deleted (it answers 404 now), with
@@ -284,18 +291,8 @@ fn deleted_by_cut_off_call(list: &str, job: &BulkJob) -> Outcome {
             erased: Vec::new(),
         };
     }
-    job.progress.report(progress(counted, counted));
-    let records = i64::try_from(counted).unwrap_or(i64::MAX);
-    Outcome::Completed {
-        records_affected: records,
-        note: format!("{head}, with its {counted} members as an earlier call counted them"),
-        files: Vec::new(),
-        erased: vec![ErasedCount {
-            target: format!("audience {list}"),
-            action: "deleted".into(),
-            count: records,
-        }],
-    }
+    let note = format!("{head}, with its {counted} members as an earlier call counted them");
+    audience_deleted(list, counted, note, job)
 }
 
 fn handle(list: &str, count: u64, unanswered: bool) -> String {

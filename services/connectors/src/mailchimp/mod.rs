@@ -621,28 +621,24 @@ impl MailchimpConnector {
                 }
             }
         }
-        let unmapped = self.unmapped_note(correction);
-        if notes.is_empty() {
-            let outcome = self.not_found(api, hashes, scrub).await?;
-            return Ok(match unmapped {
-                Some(extra) => outcome.with_note_added(&extra),
-                None => outcome,
-            });
-        }
-        let mut note = format!(
-            "mailchimp: corrected {} of member {} in audience {}",
-            correction.fields().join(", "),
-            notes.join(", "),
-            api.list_id()
-        );
-        if let Some(extra) = unmapped {
-            note = format!("{note}; {extra}");
-        }
-        Ok(Outcome::Completed {
-            records_affected: notes.len() as i64,
-            note,
-            files: Vec::new(),
-            erased: Vec::new(),
+        let outcome = if notes.is_empty() {
+            self.not_found(api, hashes, scrub).await?
+        } else {
+            Outcome::Completed {
+                records_affected: notes.len() as i64,
+                note: format!(
+                    "mailchimp: corrected {} of member {} in audience {}",
+                    correction.fields().join(", "),
+                    notes.join(", "),
+                    api.list_id()
+                ),
+                files: Vec::new(),
+                erased: Vec::new(),
+            }
+        };
+        Ok(match self.unmapped_note(correction) {
+            Some(extra) => outcome.with_note_added(&extra),
+            None => outcome,
         })
     }
 
