@@ -325,18 +325,19 @@ impl SqlConnector {
             }
             None => None,
         };
-        let mut own_types = BTreeMap::new();
-        for (name, db) in &own {
-            let types = schema::check_columns(db, &config)
+        let mut checked = BTreeMap::new();
+        for (name, db) in own {
+            let types = schema::check_columns(&db, &config)
                 .await
                 .map_err(|e| e.context(format!("checking the database of controller {name:?}")))?;
-            own_types.insert(name.clone(), types);
+            checked.insert(name, (db, types));
         }
+        let own = checked;
         // Only a connector that erases or rectifies writes receipts; a read-only holder gets
         // no table.
         if config.supports(RequestKind::Erasure) || config.supports(RequestKind::Rectification) {
             let table = config.receipts_table();
-            for db in db.iter().map(|(db, _)| db).chain(own.values()) {
+            for (db, _) in db.iter().chain(own.values()) {
                 receipt::ensure_table(db, table).await?;
             }
         }
@@ -353,10 +354,7 @@ impl SqlConnector {
         let db = db.map(|(db, types)| database(db, types));
         let own = own
             .into_iter()
-            .map(|(name, db)| {
-                let types = own_types.remove(&name).unwrap_or_default();
-                (name, database(db, types))
-            })
+            .map(|(name, (db, types))| (name, database(db, types)))
             .collect();
         Ok(Self {
             config,

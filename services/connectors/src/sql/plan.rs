@@ -421,13 +421,7 @@ pub(super) fn plan_export(
         scope.subject.is_some() && rule.parent.as_ref().is_some_and(|l| l.export_matched_only);
     let filter = match own_only {
         // The parent's other child rows describe other people.
-        true => {
-            let parent = config
-                .tables
-                .iter()
-                .find(|t| Some(&t.table) == rule.parent.as_ref().map(|l| &l.table))?;
-            own_match_filter(rule, parent, scope, &mut binds)?
-        }
+        true => own_match_filter(rule, scope, &mut binds)?,
         false => subject_filter(config, rule, scope, &mut binds)?,
     };
     // A type sqlx's Any driver cannot decode (DATE, NUMERIC, UUID, ...) is read as the
@@ -675,7 +669,7 @@ pub(super) fn subject_filter(
         return top_level_filter(rule, scope, binds);
     };
     let parent = config.tables.iter().find(|t| t.table == link.table)?;
-    let own = own_match_filter(rule, parent, scope, binds);
+    let own = own_match_filter(rule, scope, binds);
     let through_parent = top_level_filter(parent, scope, binds).map(|parent_filter| {
         format!(
             "{} IN (SELECT {} FROM {} WHERE {parent_filter})",
@@ -693,12 +687,7 @@ pub(super) fn subject_filter(
 /// The rows of a child table that its own match finds for the subject of `scope`, confined
 /// to the parent rows of the controller's condition and the batch (which are stated over the
 /// top-level tables); `None` without a subject or when no identity applies to the table.
-fn own_match_filter(
-    rule: &TableRule,
-    parent: &TableRule,
-    scope: Scope<'_>,
-    binds: &mut Binds,
-) -> Option<String> {
+fn own_match_filter(rule: &TableRule, scope: Scope<'_>, binds: &mut Binds) -> Option<String> {
     let link = rule.parent.as_ref()?;
     let identities = scope.subject?;
     let types = |column: &str| scope.column(&rule.table, column);
@@ -707,7 +696,7 @@ fn own_match_filter(
     if let Some(condition) = scope.condition {
         confined.push(format!("({condition})"));
     }
-    if let Some(batch) = scope.batch.filter(|b| b.table == parent.table) {
+    if let Some(batch) = scope.batch.filter(|b| b.table == link.table) {
         confined.push(batch.condition(binds));
     }
     if confined.is_empty() {
