@@ -133,25 +133,41 @@ impl<'a> Scoped<'a> {
                 .await;
         }
         let mut tx = self.begin().await?;
-        let erased = match self.erase_in(&mut tx, identities, now_ms, task_key).await {
-            Ok(erased) => erased,
+        let erased = self.erase_in(&mut tx, identities, now_ms, task_key).await;
+        self.settle(tx, erased, task_key, "erasure").await
+    }
+
+    /// Ends the transaction of a receipted piece of work (`what`: "erasure",
+    /// "rectification"): committed when it did the work; rolled back when its receipt says
+    /// an earlier call did (`true`: the answer is that call's); rolled back when it failed,
+    /// and then the receipt of an earlier call that committed under `task_key` is the
+    /// answer, if there is one.
+    async fn settle<R: serde::de::DeserializeOwned>(
+        &self,
+        tx: Transaction<'static, Any>,
+        done: Result<(R, bool), ConnectorError>,
+        task_key: Option<&str>,
+        what: &str,
+    ) -> Result<(R, bool), ConnectorError> {
+        let done = match done {
+            Ok(done) => done,
             Err(e) => {
                 drop(tx);
                 let receipts = self.config.receipts_table();
                 return receipt::or_earlier(&self.db.pool, receipts, task_key, e).await;
             }
         };
-        if erased.1 {
+        if done.1 {
             // An earlier call did the work: this one's is undone, its answer is that call's.
             tx.rollback()
                 .await
-                .map_err(|e| classify("undoing a repeated erasure", &e))?;
+                .map_err(|e| classify(&format!("undoing a repeated {what}"), &e))?;
         } else {
             tx.commit()
                 .await
-                .map_err(|e| classify("committing the erasure", &e))?;
+                .map_err(|e| classify(&format!("committing the {what}"), &e))?;
         }
-        Ok(erased)
+        Ok(done)
     }
 
     /// The work of [`Scoped::erase_once`] in `tx`, which the caller commits (or rolls back
@@ -402,25 +418,7 @@ impl<'a> Scoped<'a> {
         let rectified = self
             .rectify_in(&mut tx, identities, corrections, now_ms, task_key)
             .await;
-        let rectified = match rectified {
-            Ok(rectified) => rectified,
-            Err(e) => {
-                drop(tx);
-                let receipts = self.config.receipts_table();
-                return receipt::or_earlier(&self.db.pool, receipts, task_key, e).await;
-            }
-        };
-        if rectified.1 {
-            // An earlier call did the work: this one's is undone, its answer is that call's.
-            tx.rollback()
-                .await
-                .map_err(|e| classify("undoing a repeated rectification", &e))?;
-        } else {
-            tx.commit()
-                .await
-                .map_err(|e| classify("committing the rectification", &e))?;
-        }
-        Ok(rectified)
+        self.settle(tx, rectified, task_key, "rectification").await
     }
 
     /// The work of [`Scoped::rectify`] in `tx`, which the caller commits, or rolls back when
