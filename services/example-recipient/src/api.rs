@@ -1,7 +1,7 @@
 //! The TransferReceiver handlers: who may call, what a valid header is, the chunk rules of
 //! `proto/dsrelay/v1/transfer.proto`, and the recipient's errors as statuses.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -60,25 +60,66 @@ pub(crate) struct Api {
     name: String,
     /// The senders allowed, by certificate identity.
     allowed: Arc<Authorizer<()>>,
-    /// Files being received right now, by where they are stored: two streams appending to
-    /// one file would interleave their bytes, so the second is turned away until the first
-    /// ends. Two senders' files of the same name are stored apart and go side by side.
-    receiving: Arc<Mutex<HashSet<PathBuf>>>,
+    /// The calls writing to the folder right now ([`InProgress`]).
+    in_progress: Arc<Mutex<InProgress>>,
     chunk_delay: Duration,
     /// How long a transfer stream may send nothing before it is ended (`call_limit_ms`).
     idle: Duration,
 }
 
-/// Holds a file's key in [`Api::receiving`] until dropped.
-struct Receiving {
-    set: Arc<Mutex<HashSet<PathBuf>>>,
-    key: PathBuf,
+/// What is being written right now, by where it is stored. Two streams appending to one
+/// file would interleave their bytes, so the second is turned away until the first ends (two
+/// senders' files of the same name are stored apart and go side by side). A part closed
+/// while one of its files is received or restarted would come to hold a file its receipt
+/// does not cover, and two closings of one part would each clear the other's files, so a
+/// part is closed only while no other call is on it, and no call goes on it while it is.
+#[derive(Debug, Default)]
+struct InProgress {
+    /// Files being received (SendFile).
+    files: HashSet<PathBuf>,
+    /// The names of the files asked about or received in each part (GetTransferState,
+    /// SendFile), by the part's folder; a name once per call.
+    parts: HashMap<PathBuf, Vec<String>>,
+    /// Parts being closed (CompleteTransfer), by folder.
+    closing: HashSet<PathBuf>,
 }
 
-impl Drop for Receiving {
+/// Holds a call's entries in [`InProgress`] until dropped.
+struct Claim {
+    in_progress: Arc<Mutex<InProgress>>,
+    part: PathBuf,
+    on: ClaimOn,
+}
+
+/// What a [`Claim`] holds of its part.
+enum ClaimOn {
+    /// The part, to close it.
+    Closing,
+    /// One file of it by name, with where it is stored when the call receives it.
+    File {
+        name: String,
+        received: Option<PathBuf>,
+    },
+}
+
+impl Drop for Claim {
     fn drop(&mut self) {
-        let mut set = self.set.lock().unwrap_or_else(|e| e.into_inner());
-        set.remove(&self.key);
+        let mut now = self.in_progress.lock().unwrap_or_else(|e| e.into_inner());
+        let ClaimOn::File { name, received } = &self.on else {
+            now.closing.remove(&self.part);
+            return;
+        };
+        if let Some(key) = received {
+            now.files.remove(key);
+        }
+        if let Some(names) = now.parts.get_mut(&self.part) {
+            if let Some(i) = names.iter().position(|n| n == name) {
+                names.swap_remove(i);
+            }
+            if names.is_empty() {
+                now.parts.remove(&self.part);
+            }
+        }
     }
 }
 
@@ -99,7 +140,7 @@ impl Api {
             folder,
             name,
             allowed: Arc::new(allowed),
-            receiving: Arc::default(),
+            in_progress: Arc::default(),
             chunk_delay: Duration::from_millis(chunk_delay_ms),
             idle,
         }
@@ -110,12 +151,81 @@ impl Api {
         Ok(self.allowed.caller(req)?.name)
     }
 
-    fn claim(&self, sender: &str, h: &ExportFileHeader) -> Option<Receiving> {
-        let key = self.folder.file_path(sender, h);
-        let mut set = self.receiving.lock().unwrap_or_else(|e| e.into_inner());
-        set.insert(key.clone()).then(|| Receiving {
-            set: self.receiving.clone(),
-            key,
+    /// Claims the file `h` announces, to receive it (`receive`) or to answer its state;
+    /// ABORTED while its part is being closed, or while the file is received by another call
+    /// and `receive`.
+    fn claim_file(
+        &self,
+        sender: &str,
+        h: &ExportFileHeader,
+        receive: bool,
+    ) -> Result<Claim, ApiError> {
+        let part = self.folder.part_dir(sender, &h.request_id, &h.subprocessor);
+        let mut now = self.in_progress.lock().unwrap_or_else(|e| e.into_inner());
+        if now.closing.contains(&part) {
+            return Err(ApiError::aborted(format!(
+                "the part of {} is being closed; ask GetTransferState for file {} again once \
+                 CompleteTransfer has answered",
+                h.subprocessor, h.name
+            )));
+        }
+        let received = if receive {
+            let key = self.folder.file_path(sender, h);
+            if !now.files.insert(key.clone()) {
+                return Err(ApiError::aborted(format!(
+                    "another transfer of file {} is in progress; ask GetTransferState and \
+                     resume",
+                    h.name
+                )));
+            }
+            Some(key)
+        } else {
+            None
+        };
+        now.parts
+            .entry(part.clone())
+            .or_default()
+            .push(h.name.clone());
+        Ok(Claim {
+            in_progress: self.in_progress.clone(),
+            part,
+            on: ClaimOn::File {
+                name: h.name.clone(),
+                received,
+            },
+        })
+    }
+
+    /// Claims a part to close it; ABORTED while a call is on one of its files or another
+    /// closes it.
+    fn claim_part(
+        &self,
+        sender: &str,
+        request_id: &str,
+        subprocessor: &str,
+    ) -> Result<Claim, ApiError> {
+        let part = self.folder.part_dir(sender, request_id, subprocessor);
+        let mut now = self.in_progress.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(names) = now.parts.get(&part) {
+            let mut names = names.clone();
+            names.sort();
+            names.dedup();
+            return Err(ApiError::aborted(format!(
+                "the part of {subprocessor} cannot be closed while files of it are received or \
+                 asked about ({}); close it once those calls have answered",
+                names.join(", ")
+            )));
+        }
+        if !now.closing.insert(part.clone()) {
+            return Err(ApiError::aborted(format!(
+                "the part of {subprocessor} is being closed by another call; close it again \
+                 once that call has answered"
+            )));
+        }
+        Ok(Claim {
+            in_progress: self.in_progress.clone(),
+            part,
+            on: ClaimOn::Closing,
         })
     }
 
@@ -212,6 +322,7 @@ impl TransferReceiver for Api {
         tracing::Span::current()
             .record("sender", sender.as_str())
             .record("request_id", header.request_id.as_str());
+        let _claim = self.claim_file(&sender, &header, false)?;
         let s = self
             .folder
             .begin(&sender, &header)
@@ -241,13 +352,7 @@ impl TransferReceiver for Api {
             .record("sender", sender.as_str())
             .record("request_id", header.request_id.as_str())
             .record("file", header.name.as_str());
-        let Some(_guard) = self.claim(&sender, &header) else {
-            return Err(ApiError::aborted(format!(
-                "another transfer of file {} is in progress; ask GetTransferState and resume",
-                header.name
-            ))
-            .into());
-        };
+        let _claim = self.claim_file(&sender, &header, true)?;
         let mut s = self
             .folder
             .begin(&sender, &header)
@@ -301,6 +406,7 @@ impl TransferReceiver for Api {
             .record("sender", sender.as_str())
             .record("request_id", part.request_id.as_str())
             .record("subprocessor", part.subprocessor.as_str());
+        let _claim = self.claim_part(&sender, &part.request_id, &part.subprocessor)?;
         let r = self
             .folder
             .complete_part(

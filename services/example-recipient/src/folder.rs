@@ -13,6 +13,7 @@
 //! written whole as `<name>.tmp`, synced and renamed, and a folder in which an entry was
 //! created or renamed is synced before the answer that counts on it.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use dsrelay_proto::v1::ExportFileHeader;
@@ -152,7 +153,8 @@ impl Folder {
 
     /// Registers the file `h` announces and answers where it stands: a file announced with
     /// another header restarts (or, once complete, is a conflict); a partial file holding
-    /// every byte is checked now.
+    /// every byte is checked now. In a closed part nothing changes: a file its manifest lists
+    /// as announced is complete, any other is a conflict.
     pub async fn begin(
         &self,
         sender: &str,
@@ -165,6 +167,25 @@ impl Folder {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(failed("reading the header", &meta, e)),
         };
+        let dir = self.part_dir(sender, &h.request_id, &h.subprocessor);
+        if let Some(r) = read_receipt(&dir).await? {
+            // The receipt says the part is what its manifest lists: restarting or adding a
+            // file would make the folder hold what the receipt does not cover.
+            if manifest_lists(&dir, h).await? {
+                return Ok(FileState {
+                    offset: h.size,
+                    complete: true,
+                });
+            }
+            return Err(closed(
+                &r,
+                &format!(
+                    "file {} with this size, digest, media type and categories is not one of \
+                     its files",
+                    h.name
+                ),
+            ));
+        }
         if exists(&done).await? {
             if stored.as_ref() == Some(&announced) {
                 return Ok(FileState {
@@ -285,9 +306,11 @@ impl Folder {
         })
     }
 
-    /// Closes a part: every file listed must be stored complete as announced. Writes the
-    /// canonical manifest and the receipt the first time; answers the stored receipt when the
-    /// same part is closed again.
+    /// Closes a part: every file listed must be stored complete as announced. The first time
+    /// it removes every other file of the part (an earlier attempt's files, partial files and
+    /// headers), then writes the canonical manifest and the receipt; it answers the stored
+    /// receipt when the same part is closed again. The caller keeps every other call off the
+    /// part meanwhile.
     pub async fn complete_part(
         &self,
         sender: &str,
@@ -300,20 +323,18 @@ impl Folder {
         let manifest_sha256 =
             dsrelay_runtime::transfer_manifest::sha256(request_id, subprocessor, files);
         let dir = self.part_dir(sender, request_id, subprocessor);
-        let receipt_path = dir.join(".receipt.json");
-        if let Ok(b) = tokio::fs::read(&receipt_path).await {
-            if let Ok(r) = serde_json::from_slice::<Receipt>(&b) {
-                if r.manifest_sha256 == manifest_sha256 {
-                    // A run that renamed it may have ended before syncing the folder.
-                    sync_dir(&dir).await?;
-                    return Ok(r);
-                }
-                return Err(FolderError::Conflict(format!(
-                    "the part of {subprocessor} was closed with other files (manifest \
-                     SHA-256 {})",
-                    r.manifest_sha256
-                )));
+        let receipt_path = dir.join(RECEIPT);
+        if let Some(r) = read_receipt(&dir).await? {
+            if r.manifest_sha256 == manifest_sha256 {
+                // A run that renamed it may have ended before syncing the folder.
+                sync_dir(&dir).await?;
+                return Ok(r);
             }
+            return Err(closed(
+                &r,
+                "the files given are not the ones it was closed with; give those for its \
+                 receipt",
+            ));
         }
         let mut missing = Vec::new();
         for h in files {
@@ -330,6 +351,7 @@ impl Folder {
             return Err(FolderError::Missing(missing));
         }
         create_part_dir(&dir).await?;
+        remove_unlisted(&dir, files).await?;
         let receipt = Receipt {
             sender: sender.to_string(),
             request_id: request_id.to_string(),
@@ -341,7 +363,7 @@ impl Folder {
             recipient: recipient.to_string(),
         };
         write_durably(
-            &dir.join(".manifest.json"),
+            &dir.join(MANIFEST),
             &dsrelay_runtime::transfer_manifest::canonical_json(request_id, subprocessor, files),
         )
         .await?;
@@ -354,6 +376,94 @@ impl Folder {
         .await?;
         Ok(receipt)
     }
+}
+
+/// A closed part's receipt, written last: its presence means the part is closed.
+const RECEIPT: &str = ".receipt.json";
+
+/// A closed part's canonical manifest.
+const MANIFEST: &str = ".manifest.json";
+
+/// The receipt of the part in `dir` if the part is closed. A receipt that does not parse is
+/// an error, not an open part: it was written whole, so it was changed since, and the part
+/// must take no changes until an operator looks.
+async fn read_receipt(dir: &Path) -> Result<Option<Receipt>, FolderError> {
+    let path = dir.join(RECEIPT);
+    let bytes = match tokio::fs::read(&path).await {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(failed("reading the receipt", &path, e)),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| failed("reading the receipt", &path, e.into()))
+}
+
+/// A file as the canonical manifest lists it.
+#[derive(Deserialize)]
+struct Listed {
+    name: String,
+    #[serde(flatten)]
+    header: StoredHeader,
+}
+
+/// The canonical manifest's files (the other keys name the part, which its folder does).
+#[derive(Deserialize)]
+struct StoredManifest {
+    files: Vec<Listed>,
+}
+
+/// Whether the manifest of the closed part in `dir` lists the file `h` as `h` announces it.
+async fn manifest_lists(dir: &Path, h: &ExportFileHeader) -> Result<bool, FolderError> {
+    let path = dir.join(MANIFEST);
+    let bytes = tokio::fs::read(&path)
+        .await
+        .doing("reading the manifest", &path)?;
+    let m: StoredManifest = serde_json::from_slice(&bytes)
+        .map_err(|e| failed("reading the manifest", &path, e.into()))?;
+    let announced = StoredHeader::from(h);
+    Ok(m.files
+        .iter()
+        .any(|f| f.name == h.name && f.header == announced))
+}
+
+/// The refusal of a change to the part closed with `r`, `why` saying what was asked.
+fn closed(r: &Receipt, why: &str) -> FolderError {
+    FolderError::Conflict(format!(
+        "the part of {} in request {} was closed with manifest SHA-256 {} and takes no \
+         changes: {why}",
+        r.subprocessor, r.request_id, r.manifest_sha256
+    ))
+}
+
+/// Removes, durably, every file in the part's folder `dir` but the ones `files` lists and
+/// their headers (and the manifest, which closing replaces), so that the closed part holds
+/// exactly what its receipt covers. Folders are left: none is ever made in a part's folder,
+/// so one there is not a file of any attempt.
+async fn remove_unlisted(dir: &Path, files: &[ExportFileHeader]) -> Result<(), FolderError> {
+    let keep: HashSet<String> = files
+        .iter()
+        .flat_map(|h| [h.name.clone(), format!(".header.{}.json", h.name)])
+        .chain([MANIFEST.to_string()])
+        .collect();
+    let mut entries = tokio::fs::read_dir(dir).await.doing("listing", dir)?;
+    let mut removed = false;
+    while let Some(e) = entries.next_entry().await.doing("listing", dir)? {
+        if e.file_name().to_str().is_some_and(|n| keep.contains(n)) {
+            continue;
+        }
+        let path = e.path();
+        if e.file_type().await.doing("looking at", &path)?.is_dir() {
+            continue;
+        }
+        remove(&path).await?;
+        removed = true;
+    }
+    if removed {
+        // The receipt written next must not survive a crash that brings these back.
+        sync_dir(dir).await?;
+    }
+    Ok(())
 }
 
 /// The longest name of a folder entry most file systems take (bytes).
@@ -488,8 +598,8 @@ mod tests {
         assert!(again.complete);
     }
 
-    /// Writing a JSON file whole fails at one of several steps, on one of two paths: the
-    /// error says which.
+    /// Writing a JSON file whole fails at one of several steps, on one of two paths, and a
+    /// receipt that cannot be read stops a closing: the error says which.
     #[tokio::test]
     async fn a_failed_write_names_its_step_and_its_paths() {
         let root = tempfile::tempdir().expect("tempdir");
@@ -504,12 +614,24 @@ mod tests {
         assert_eq!(err.to_string(), format!("writing {}", tmp.display()));
 
         std::fs::remove_dir(&tmp).expect("clear the way");
+        let manifest = dir.join(".manifest.json");
+        let tmp = dir.join(".manifest.json.tmp");
+        // The first try wrote the manifest before it failed on the receipt.
+        std::fs::remove_file(&manifest).expect("the first try's manifest");
+        std::fs::create_dir_all(manifest.join("taken")).expect("a folder in the way");
+        let err = close().await.expect_err("the manifest is a folder");
+        assert_eq!(
+            err.to_string(),
+            format!("renaming {} to {}", tmp.display(), manifest.display())
+        );
+
+        std::fs::remove_dir_all(&manifest).expect("clear the way");
         let receipt = dir.join(".receipt.json");
-        std::fs::create_dir_all(receipt.join("taken")).expect("a folder in the way");
+        std::fs::create_dir_all(&receipt).expect("a folder in the way");
         let err = close().await.expect_err("the receipt is a folder");
         assert_eq!(
             err.to_string(),
-            format!("renaming {} to {}", tmp.display(), receipt.display())
+            format!("reading the receipt {}", receipt.display())
         );
     }
 }

@@ -636,3 +636,184 @@ async fn file_system_failures_are_logged_with_the_step_and_the_path() {
     refused(&err);
     logged("appending to", &partial);
 }
+
+/// The names in the folder `dir`, sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    out.sort();
+    out
+}
+
+/// A closed part's folder holding exactly `names` (and their headers).
+fn closed_with(names: &[&str]) -> Vec<String> {
+    let mut out: Vec<String> = names
+        .iter()
+        .flat_map(|n| [n.to_string(), format!(".header.{n}.json")])
+        .chain([".manifest.json".into(), ".receipt.json".into()])
+        .collect();
+    out.sort();
+    out
+}
+
+/// Once a part's receipt is written the part takes no changes: the receipt's files answer
+/// complete, any other file (or one of its files announced differently) is refused naming
+/// the receipt's manifest, and closing it again with the same files answers the same receipt.
+#[tokio::test]
+async fn a_closed_part_takes_no_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Running::start(dir.path(), 0).await;
+    let mut c = r.client();
+    let data = content(MIB + 5);
+    let h = header("export.json", &data);
+    assert!(
+        send(&mut c, chunks(&h, &data, 0, data.len()))
+            .await
+            .unwrap()
+            .complete
+    );
+    let receipt = c
+        .complete_transfer(part(std::slice::from_ref(&h)))
+        .await
+        .unwrap()
+        .into_inner();
+    let refused = |s: tonic::Status, name: &str| {
+        assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+        let wanted = format!(
+            "the part of accounting in request {REQUEST} was closed with manifest SHA-256 {}",
+            receipt.manifest_sha256
+        );
+        assert!(s.message().contains(&wanted), "{s:?}");
+        assert!(s.message().contains(name), "{s:?}");
+    };
+
+    assert_eq!(
+        state(&mut c, &h).await,
+        UploadState {
+            offset: data.len() as u64,
+            complete: true
+        }
+    );
+    let late_data = content(100);
+    let late = header("late.json", &late_data);
+    let asked = c
+        .get_transfer_state(GetUploadStateRequest {
+            header: Some(late.clone()),
+        })
+        .await
+        .unwrap_err();
+    refused(asked, "late.json");
+    let sent = send(&mut c, chunks(&late, &late_data, 0, late_data.len()))
+        .await
+        .unwrap_err();
+    refused(sent, "late.json");
+    // One of its files announced with other bytes does not restart it.
+    let other_data = content(MIB + 6);
+    let other = header("export.json", &other_data);
+    let restarted = send(&mut c, chunks(&other, &other_data, 0, other_data.len()))
+        .await
+        .unwrap_err();
+    refused(restarted, "export.json");
+
+    let again = c
+        .complete_transfer(part(std::slice::from_ref(&h)))
+        .await
+        .unwrap();
+    assert_eq!(again.into_inner(), receipt);
+    let folder = r.part_dir(&processor());
+    assert_eq!(entries(&folder), closed_with(&["export.json"]));
+    assert_eq!(std::fs::read(folder.join("export.json")).unwrap(), data);
+}
+
+/// An earlier attempt's files the final list does not name (a whole file, a partial one, one
+/// only announced) are removed when the part is closed: the folder holds what the receipt
+/// covers.
+#[tokio::test]
+async fn closing_a_part_removes_the_files_it_does_not_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Running::start(dir.path(), 0).await;
+    let mut c = r.client();
+    let (old_data, half_data, kept_data) = (content(1000), content(2 * MIB), content(3000));
+    let old = header("old.json", &old_data);
+    assert!(
+        send(&mut c, chunks(&old, &old_data, 0, old_data.len()))
+            .await
+            .unwrap()
+            .complete
+    );
+    let half = header("half.json", &half_data);
+    assert_eq!(
+        send(&mut c, chunks(&half, &half_data, 0, MIB))
+            .await
+            .unwrap()
+            .offset,
+        MIB as u64
+    );
+    let announced = header("announced.json", b"never sent");
+    assert_eq!(state(&mut c, &announced).await, UploadState::default());
+    let kept = header("kept.json", &kept_data);
+    assert!(
+        send(&mut c, chunks(&kept, &kept_data, 0, kept_data.len()))
+            .await
+            .unwrap()
+            .complete
+    );
+    let folder = r.part_dir(&processor());
+    assert!(folder.join("half.json.partial").exists());
+
+    let receipt = c
+        .complete_transfer(part(std::slice::from_ref(&kept)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((receipt.files, receipt.bytes), (1, kept_data.len() as u64));
+    assert_eq!(entries(&folder), closed_with(&["kept.json"]));
+    assert_eq!(std::fs::read(folder.join("kept.json")).unwrap(), kept_data);
+}
+
+/// A part is not closed while one of its files is being received: the file would land in
+/// the closed part after its receipt. The closing is turned away, naming the file, and goes
+/// once the file's stream has ended.
+#[tokio::test]
+async fn a_part_is_not_closed_while_a_file_of_it_is_received() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Running::start(dir.path(), 0).await;
+    let mut c = r.client();
+    let data = content(2 * MIB);
+    let h = header("export.json", &data);
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    let mut msgs = chunks(&h, &data, 0, data.len()).into_iter();
+    tx.unbounded_send(msgs.next().unwrap()).unwrap();
+    let sending = tokio::spawn({
+        let mut c = c.clone();
+        async move { c.send_file(rx).await.map(|r| r.into_inner()) }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while largest_partial(&r.data_dir) < MIB as u64 {
+        assert!(tokio::time::Instant::now() < deadline, "no chunk arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let busy = c.complete_transfer(part(&[])).await.unwrap_err();
+    assert_eq!(busy.code(), Code::Aborted, "{busy:?}");
+    assert!(busy.message().contains("export.json"), "{busy:?}");
+    assert!(!r.part_dir(&processor()).join(".receipt.json").exists());
+
+    for m in msgs {
+        tx.unbounded_send(m).unwrap();
+    }
+    drop(tx);
+    assert!(sending.await.unwrap().unwrap().complete);
+    let receipt = c
+        .complete_transfer(part(std::slice::from_ref(&h)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(receipt.bytes, data.len() as u64);
+    assert_eq!(
+        entries(&r.part_dir(&processor())),
+        closed_with(&["export.json"])
+    );
+}
