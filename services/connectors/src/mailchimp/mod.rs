@@ -642,12 +642,14 @@ impl MailchimpConnector {
         })
     }
 
-    /// Unsubscribes each member, and adds each address given raw that the audience does not
-    /// have as unsubscribed (see the module documentation).
+    /// Unsubscribes each member of `hashes`, and adds each that the audience does not have
+    /// as unsubscribed where `addresses` (beside it) has its address, given raw (see the
+    /// module documentation).
     async fn object(
         &self,
         api: &Api,
-        targets: &[(String, Option<String>)],
+        hashes: &[String],
+        addresses: &[Option<&str>],
         scrub: &Scrubber,
     ) -> Result<Outcome, ConnectorError> {
         let unsubscribe = json!({ "status": "unsubscribed" });
@@ -655,7 +657,7 @@ impl MailchimpConnector {
         let mut added = Vec::new();
         let mut forgotten = Vec::new();
         let mut unaddable = Vec::new();
-        for (hash, address) in targets {
+        for (hash, address) in hashes.iter().zip(addresses) {
             // A member's status is all an objection changes: a PUT would also rewrite its
             // address the way the request spells it.
             if let Reply::Done(_) = api.patch_member(hash, &unsubscribe, scrub).await? {
@@ -918,13 +920,10 @@ impl MailchimpConnector {
                 .confirm_erasure(api, &sent, &pending, task.interrupted, scrub)
                 .await;
         }
-        let hashes = subscriber_hashes(&task.identities)?;
+        let (hashes, addresses) = subscriber_hashes(&task.identities)?;
         match task.kind {
             RequestKind::Erasure => self.erase(api, &hashes, task.interrupted, scrub).await,
-            RequestKind::Objection => {
-                let targets = objection_targets(&task.identities);
-                self.object(api, &targets, scrub).await
-            }
+            RequestKind::Objection => self.object(api, &hashes, &addresses, scrub).await,
             RequestKind::ReturnOfData | RequestKind::Transfer => {
                 self.export(api, &hashes, task.export_sink()?, scrub).await
             }
@@ -1026,23 +1025,6 @@ impl Correction {
                 member.get("merge_fields").and_then(|m| m.get(tag)) == Some(value)
             })
     }
-}
-
-/// The members an objection addresses: each subscriber hash of the subject, with the address
-/// when the request gives it raw (only then can an address the audience lacks be added).
-fn objection_targets(identities: &[SubjectIdentity]) -> Vec<(String, Option<String>)> {
-    let mut out: BTreeMap<String, Option<String>> = BTreeMap::new();
-    for id in identities {
-        let Ok(hash) = subscriber_hash_of(id) else {
-            continue;
-        };
-        let raw = IdentityEncoding::try_from(id.encoding) == Ok(IdentityEncoding::Raw);
-        let slot = out.entry(hash).or_default();
-        if raw && slot.is_none() {
-            *slot = Some(id.value.trim().to_string());
-        }
-    }
-    out.into_iter().collect()
 }
 
 /// A member whose permanent deletion this task sent, as an erasure's handle keeps it.
@@ -1262,13 +1244,23 @@ fn with_unsearched(outcome: Outcome, identities: &[SubjectIdentity]) -> Outcome 
 }
 
 /// The subscriber hashes of the subject's e-mail identities (raw ones hashed, MD5 ones as
-/// given), without duplicates; other identities cannot address a member, and
-/// [`with_unsearched`] names them in the outcome.
-fn subscriber_hashes(identities: &[SubjectIdentity]) -> Result<Vec<String>, ConnectorError> {
-    let out: BTreeSet<String> = identities
-        .iter()
-        .filter_map(|id| subscriber_hash_of(id).ok())
-        .collect();
+/// given), without duplicates, and beside them each one's address where the request gives
+/// it raw (only then can an objection add an address the audience lacks); other identities
+/// cannot address a member, and [`with_unsearched`] names them in the outcome.
+fn subscriber_hashes(
+    identities: &[SubjectIdentity],
+) -> Result<(Vec<String>, Vec<Option<&str>>), ConnectorError> {
+    let mut out: BTreeMap<String, Option<&str>> = BTreeMap::new();
+    for id in identities {
+        let Ok(hash) = subscriber_hash_of(id) else {
+            continue;
+        };
+        let raw = IdentityEncoding::try_from(id.encoding) == Ok(IdentityEncoding::Raw);
+        let slot = out.entry(hash).or_default();
+        if raw && slot.is_none() {
+            *slot = Some(id.value.trim());
+        }
+    }
     if out.is_empty() {
         return Err(ConnectorError::Permanent(
             "the mailchimp connector needs an e-mail address (raw or MD5) to find the audience \
@@ -1277,5 +1269,5 @@ fn subscriber_hashes(identities: &[SubjectIdentity]) -> Result<Vec<String>, Conn
                 .to_string(),
         ));
     }
-    Ok(out.into_iter().collect())
+    Ok(out.into_iter().unzip())
 }

@@ -126,32 +126,30 @@ impl Scoped<'_> {
         let sink = job.export.as_ref().ok_or_else(|| {
             ConnectorError::Permanent("no export folder was given for a contract end".into())
         })?;
-        let tables: Vec<TableRule> = (self.config.tables.iter())
+        let tables: Vec<&TableRule> = (self.config.tables.iter())
             .filter(|t| !t.export.is_empty() || t.action != Action::Keep)
-            .map(|t| match t.export.is_empty() {
-                true => TableRule {
-                    export: self.types.all_columns(&t.table).to_vec(),
-                    ..t.clone()
-                },
-                false => t.clone(),
-            })
             .collect();
-        if let Some(t) = tables.iter().find(|t| t.export.is_empty()) {
-            return Err(ConnectorError::Permanent(format!(
-                "{}: its columns were not read when the connector connected, so the contract \
-                 end cannot return what its erasure removes",
-                t.table
-            )));
+        // The export's own copy of each rule: the job outlives this borrow of the rules.
+        let mut exported = Vec::with_capacity(tables.len());
+        for t in &tables {
+            let mut rule = (*t).clone();
+            if rule.export.is_empty() {
+                rule.export = self.types.all_columns(&t.table).to_vec();
+            }
+            if rule.export.is_empty() {
+                return Err(ConnectorError::Permanent(format!(
+                    "{}: its columns were not read when the connector connected, so the \
+                     contract end cannot return what its erasure removes",
+                    t.table
+                )));
+            }
+            let select = plan_export(self.config, &rule, self.everything());
+            exported.push((rule, select));
         }
-        let tables: Vec<&TableRule> = tables.iter().collect();
         let export = BulkExport {
+            // The counts read no export columns, so the configured rules serve.
             totals: self.totals(&tables),
-            tables: (tables.iter())
-                .map(|rule| {
-                    let select = plan_export(self.config, rule, self.everything());
-                    ((*rule).clone(), select)
-                })
-                .collect(),
+            tables: exported,
             progress: job.progress.clone(),
         };
         self.read_export(sink, export).await
@@ -215,7 +213,7 @@ impl Scoped<'_> {
             let key = batch_key(self.config, top);
             // By the declared type: a value read to judge it may be of a type sqlx's Any
             // driver cannot decode (a UUID).
-            let integer = self.types.of(&top.table, &key).integer;
+            let key_type = self.types.of(&top.table, &key);
             let mut after: Option<String> = None;
             let mut batches = 0u64;
             loop {
@@ -224,7 +222,7 @@ impl Scoped<'_> {
                     key: key.clone(),
                     after: after.clone(),
                     through: None,
-                    integer,
+                    key_type: key_type.clone(),
                 };
                 batch.through = self.batch_end(&batch, batch_subjects).await?;
                 let through = batch.through.clone();
@@ -397,6 +395,17 @@ impl Scoped<'_> {
     /// The last key of `batch`: the `size`-th key after its `after`, or `None` when at most
     /// `size` rows are left (the last batch, which also takes the rows without a key).
     async fn batch_end(&self, batch: &Batch, size: u64) -> Result<Option<String>, ConnectorError> {
+        let keys: Vec<String> = self
+            .batch_end_query(batch, size)
+            .query_scalar()
+            .fetch_all(&self.db.pool)
+            .await
+            .map_err(|e| classify(&format!("dividing {} into batches", batch.table), &e))?;
+        Ok((keys.len() == 2).then(|| keys[0].clone()))
+    }
+
+    /// The query of [`Self::batch_end`]: it orders by the expression the batches compare.
+    pub(super) fn batch_end_query(&self, batch: &Batch, size: u64) -> Statement {
         let key = batch.key_expr();
         let mut b = Binds::default();
         let mut terms = vec![format!("{key} IS NOT NULL")];
@@ -407,21 +416,17 @@ impl Scoped<'_> {
             terms.push(format!("{key} > {}", batch.bound(after, &mut b)));
         }
         // Two keys: the batch's last, and whether another follows it. The numbers are
-        // constants of the code, not request data.
-        let select = b.finish(format!(
+        // constants of the code, not request data. The key is ordered by its qualified
+        // name: PostgreSQL reads a bare `ORDER BY "id"` as the selected text, which has the
+        // column's name, and would order the batches as text while they compare as UUIDs.
+        b.finish(format!(
             "SELECT CAST({}.{} AS TEXT) FROM {} WHERE {} ORDER BY {key} LIMIT 2 OFFSET {}",
             quote(&batch.table),
             quote(&batch.key),
             quote(&batch.table),
             terms.join(" AND "),
             size.saturating_sub(1)
-        ));
-        let keys: Vec<String> = select
-            .query_scalar()
-            .fetch_all(&self.db.pool)
-            .await
-            .map_err(|e| classify(&format!("dividing {} into batches", batch.table), &e))?;
-        Ok((keys.len() == 2).then(|| keys[0].clone()))
+        ))
     }
 
     /// Counts the controller's rows of `rule` whose date is missing or not `YYYY-MM-DD...`

@@ -119,13 +119,17 @@
 //! - Erase: each top-level table with the tables found through it, in batches of about
 //!   10,000 of its rows (more where rows share a batch key, and the last batch also takes
 //!   the rows without one; ranges of the column the children link to, or of a match column
-//!   for a table without children; a key of an integer type is compared as it is, so that
-//!   a batch reads its range from the key's index, any other (text, a UUID) as text; the
-//!   type is the one declared), one transaction per batch,
-//!   children first. A batch runs the statements of a single erasure over all of its rows
-//!   (a few per table, never one per subject), so retention applies exactly as for one
-//!   subject: released rows get the table's action, kept rows lose what the obligation does
-//!   not need, a parent row stays while a child kept through it does. Then one aggregate
+//!   for a table without children; the key is compared in its own type and order, its
+//!   collation included, so that a batch reads its range from the key's index: the bounds
+//!   are bound as text and cast to the declared type on PostgreSQL (`"id" > CAST($1 AS
+//!   uuid)`, for text, integer, NUMERIC, UUID, DATE and TIMESTAMP keys) and converted by the
+//!   column's affinity on SQLite; a PostgreSQL key of another type, and a SQLite column
+//!   without affinity, are compared as text, which no index on the column serves), one
+//!   transaction per batch, children first. A batch runs the statements of a single
+//!   erasure over all of its rows (a few per table, never one per subject), so retention
+//!   applies exactly as for one subject: released rows get the table's action, kept rows
+//!   lose what the obligation does not need, a parent row stays while a child kept through
+//!   it does. Then one aggregate
 //!   per `retain` table finds what is kept and the next release, and the step answers
 //!   [`Outcome::Retained`] (the processor runs it again with [`Phase::RetentionExpired`]) or
 //!   [`Outcome::Completed`]. Progress ends at the totals: every counted row was erased or

@@ -17,7 +17,7 @@ use sqlx::Any;
 use super::rules::{
     Action, AnonymizeWith, Retention, SqlConnectorConfig, TableRule, MATCH_KEYS, REDACTED,
 };
-use super::schema::{ColumnType, ColumnTypes, Compare};
+use super::schema::{ColumnType, ColumnTypes, Compare, KeyOrder};
 use crate::ConnectorError;
 
 /// One SQL statement and the values of its `$1`, `$2`, ... parameters.
@@ -102,9 +102,9 @@ impl Scope<'_> {
 
 /// A range of a top-level table's batch key, `(after, through]`, where the last batch
 /// (`through` None) also takes the rows whose key is NULL, so that the batches of a run
-/// partition the rows. An integer key is compared as it is (the bounds, bound as text, are
-/// cast), so that a batch reads its range from the key's index; any other key is compared
-/// as text.
+/// partition the rows. The key is compared in its own type where its type allows
+/// ([`KeyOrder`]: the bounds, bound as text, converted or cast to it), so that a batch reads
+/// its range from the key's index; otherwise as text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Batch {
     /// The top-level table.
@@ -115,26 +115,26 @@ pub(super) struct Batch {
     pub(super) after: Option<String>,
     /// The last key of this batch; `None` for the last.
     pub(super) through: Option<String>,
-    /// Whether the key holds integers.
-    pub(super) integer: bool,
+    /// The key's type, by which it is compared with the bounds.
+    pub(super) key_type: ColumnType,
 }
 
 impl Batch {
     /// The key as the batch conditions and the boundary queries compare it.
     pub(super) fn key_expr(&self) -> String {
         let column = format!("{}.{}", quote(&self.table), quote(&self.key));
-        match self.integer {
-            true => column,
-            false => format!("CAST({column} AS TEXT)"),
+        match self.key_type.key_order {
+            KeyOrder::AsIs | KeyOrder::Cast => column,
+            KeyOrder::AsText => format!("CAST({column} AS TEXT)"),
         }
     }
 
     /// A bound as the key is compared with it.
     pub(super) fn bound(&self, value: &str, b: &mut Binds) -> String {
         let p = b.add(value);
-        match self.integer {
-            true => format!("CAST({p} AS BIGINT)"),
-            false => p,
+        match self.key_type.key_order {
+            KeyOrder::Cast => format!("CAST({p} AS {})", self.key_type.declared),
+            KeyOrder::AsIs | KeyOrder::AsText => p,
         }
     }
 
@@ -1258,7 +1258,7 @@ mod tests {
             key: "id".into(),
             after: Some("10".into()),
             through: None,
-            integer: true,
+            key_type: ColumnType::postgres("bigint".into(), "bigint", "bigint"),
         };
         let scope = Scope {
             subject: None,
@@ -1274,7 +1274,7 @@ mod tests {
             Statement {
                 sql: "DELETE FROM \"contacts\" WHERE \"customer_id\" IN (SELECT \"id\" FROM \
                       \"customers\" WHERE (tenant = 'a') AND (\"customers\".\"id\" IS NULL OR \
-                      \"customers\".\"id\" > CAST($1 AS BIGINT)))"
+                      \"customers\".\"id\" > CAST($1 AS bigint)))"
                     .into(),
                 binds: vec!["10".into()],
             }
@@ -1283,7 +1283,7 @@ mod tests {
         let raw = usable_identities(&config, &[email("Maija@Example.fi")]).unwrap();
         let batch = Batch {
             through: Some("20".into()),
-            integer: false,
+            key_type: ColumnType::default(),
             ..batch
         };
         let scope = Scope {

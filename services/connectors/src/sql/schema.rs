@@ -8,6 +8,7 @@
 //! instead, one by one. Either way the operator learns it best before the first request.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use dsrelay_runtime::store::{Backend, Db};
 
@@ -28,7 +29,8 @@ const SQLITE_ROWID: [&str; 3] = ["rowid", "oid", "_rowid_"];
 /// use what is learned here.
 #[derive(Debug, Default)]
 pub(super) struct ColumnTypes(
-    BTreeMap<(String, String), ColumnType>,
+    /// By table, then column: a lookup by borrowed names allocates nothing.
+    BTreeMap<String, BTreeMap<String, ColumnType>>,
     /// Every column of each table the rules name, in the catalog's order: what a contract
     /// end returns of a table without `export` columns, so that what its erasure removes
     /// was returned.
@@ -39,14 +41,14 @@ pub(super) struct ColumnTypes(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct ColumnType {
     /// The type as the database declares it (`numeric(12,2)`, `uuid`): what a written value
-    /// is cast to.
-    pub(super) declared: String,
+    /// is cast to. Shared, so that a lookup's copy allocates nothing.
+    pub(super) declared: Arc<str>,
     /// How a bound identity value is compared with it.
     pub(super) compare: Compare,
     /// Whether sqlx's `Any` driver decodes its values; the others are read as text.
     pub(super) native: bool,
-    /// Whether it holds integers: a batch key compared as one reads its range from an index.
-    pub(super) integer: bool,
+    /// How a batch key of this type is compared with its batches' bounds.
+    pub(super) key_order: KeyOrder,
 }
 
 /// How a bound text is compared with (and written into) a column.
@@ -62,14 +64,35 @@ pub(super) enum Compare {
     AsText,
 }
 
+/// How a batch key is compared with the bounds of its batches, which are read from it as
+/// text. The boundary query orders by the same expression the batches compare, so that
+/// both follow one order (the column's collation included) and the batches partition the
+/// rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum KeyOrder {
+    /// The column as it is, the bound as bound: SQLite converts a bound compared with a
+    /// column of INTEGER, REAL, NUMERIC or TEXT affinity as it converts a value stored
+    /// there, so the comparison is the column's own and its index serves it.
+    AsIs,
+    /// The column as it is, the bound cast to the declared type (PostgreSQL, `"id" >
+    /// CAST($1 AS uuid)`), so that the column's index serves it: the types whose text
+    /// reads back as the same value and that have an ordering.
+    Cast,
+    /// Both as text, which no index on the bare column serves: a SQLite column without
+    /// affinity, whose values keep the storage class they were written with (an integer
+    /// sorts before every text, so a bound read as text would skip the integers after
+    /// it), and a PostgreSQL type of another kind than those above.
+    AsText,
+}
+
 impl Default for ColumnType {
     /// A column the catalog did not describe: used as it is.
     fn default() -> Self {
         Self {
-            declared: String::new(),
+            declared: Arc::from(""),
             compare: Compare::AsIs,
             native: true,
-            integer: false,
+            key_order: KeyOrder::AsText,
         }
     }
 }
@@ -77,7 +100,7 @@ impl Default for ColumnType {
 impl ColumnType {
     /// PostgreSQL's `declared` type, named by `format_type` with and without its modifier
     /// (`own`), and the type a domain is over (`base`; the type itself otherwise).
-    pub(super) fn postgres(declared: String, own: &str, base: &str) -> Self {
+    pub(super) fn postgres(declared: Arc<str>, own: &str, base: &str) -> Self {
         let compare = match base {
             "text" | "character varying" | "character" => Compare::AsIs,
             "smallint" | "integer" | "bigint" => Compare::Integer,
@@ -97,20 +120,42 @@ impl ColumnType {
                 | "text"
                 | "character varying"
         );
+        let key_order = match base {
+            "text"
+            | "character varying"
+            | "character"
+            | "smallint"
+            | "integer"
+            | "bigint"
+            | "numeric"
+            | "uuid"
+            | "date"
+            | "timestamp without time zone"
+            | "timestamp with time zone" => KeyOrder::Cast,
+            _ => KeyOrder::AsText,
+        };
         Self {
             declared,
             compare,
             native,
-            integer: compare == Compare::Integer,
+            key_order,
         }
     }
 
-    /// SQLite's declared type: integers where its affinity is INTEGER (the name contains
-    /// "INT").
-    fn sqlite(declared: String) -> Self {
+    /// SQLite's declared type, whose affinity decides how a batch key is compared: by the
+    /// rules of SQLite's "Determination Of Column Affinity", a name that contains none of
+    /// INT, CHAR, CLOB and TEXT, and BLOB or nothing at all, gives none.
+    fn sqlite(declared: &str) -> Self {
+        let name = declared.to_ascii_uppercase();
+        let has = |part: &str| name.contains(part);
+        let typed = ["INT", "CHAR", "CLOB", "TEXT"].into_iter().any(has);
+        let untyped = !typed && (has("BLOB") || name.trim().is_empty());
         Self {
-            integer: declared.to_ascii_uppercase().contains("INT"),
-            declared,
+            declared: Arc::from(declared),
+            key_order: match untyped {
+                true => KeyOrder::AsText,
+                false => KeyOrder::AsIs,
+            },
             ..Self::default()
         }
     }
@@ -131,13 +176,15 @@ impl ColumnTypes {
     pub(super) fn of_columns<'a>(
         columns: impl IntoIterator<Item = (&'a str, &'a str, ColumnType)>,
     ) -> Self {
-        Self(
-            columns
-                .into_iter()
-                .map(|(t, c, ty)| ((t.to_string(), c.to_string()), ty))
-                .collect(),
-            BTreeMap::new(),
-        )
+        let mut types = Self::default();
+        for (t, c, ty) in columns {
+            types
+                .0
+                .entry(t.to_string())
+                .or_default()
+                .insert(c.to_string(), ty);
+        }
+        types
     }
 
     /// Every column of `table` as the catalog listed it when the connector connected.
@@ -147,8 +194,8 @@ impl ColumnTypes {
 
     /// `column` of `table`, as the rules spell them; the default for one not described.
     pub(super) fn of(&self, table: &str, column: &str) -> ColumnType {
-        self.0
-            .get(&(table.to_string(), column.to_string()))
+        (self.0.get(table))
+            .and_then(|columns| columns.get(column))
             .cloned()
             .unwrap_or_default()
     }
@@ -182,26 +229,27 @@ pub(super) async fn check_columns(
             ));
             continue;
         }
-        let mut all = Vec::with_capacity(present.len());
+        let mut columns = BTreeMap::new();
+        let mut by_name = BTreeMap::new();
         for p in &present {
-            if let Some(ty) = find_column(db, table, &present, &p.name).await {
-                types
-                    .0
-                    .insert((table.to_string(), p.name.clone()), ty.clone());
-                all.push(p.name.clone());
-            }
+            columns.insert(p.name.clone(), p.column_type(db.backend));
+            by_name.entry(lookup_name(db.backend, &p.name)).or_insert(p);
         }
-        types.1.insert(table.to_string(), all);
+        types.1.insert(
+            table.to_string(),
+            present.iter().map(|p| p.name.clone()).collect(),
+        );
         for (at, what, column) in named {
-            match find_column(db, table, &present, column).await {
+            match find_column(db, table, &by_name, column).await {
                 Some(ty) => {
-                    types.0.insert((table.to_string(), column.to_string()), ty);
+                    columns.insert(column.to_string(), ty);
                 }
                 None => problems.push(format!(
                     "{at}: {what} {column:?} is not a column of table {table:?}"
                 )),
             }
         }
+        types.0.insert(table.to_string(), columns);
     }
     if !problems.is_empty() {
         anyhow::bail!(
@@ -222,6 +270,27 @@ struct Present {
     own: String,
     /// PostgreSQL: the type a domain is over, else `own`; SQLite: empty.
     base: String,
+}
+
+impl Present {
+    /// Its type, as the statements use it on `backend`.
+    fn column_type(&self, backend: Backend) -> ColumnType {
+        match backend {
+            Backend::Postgres => {
+                ColumnType::postgres(self.declared.as_str().into(), &self.own, &self.base)
+            }
+            Backend::Sqlite => ColumnType::sqlite(&self.declared),
+        }
+    }
+}
+
+/// How `backend` finds a column by `name`: PostgreSQL keeps the case of the quoted names
+/// the statements use; SQLite compares identifiers ignoring ASCII case, quoted or not.
+fn lookup_name(backend: Backend, name: &str) -> String {
+    match backend {
+        Backend::Postgres => name.to_string(),
+        Backend::Sqlite => name.to_ascii_lowercase(),
+    }
 }
 
 /// The columns of `table` as the statements' unquoted-then-quoted name finds it.
@@ -253,37 +322,30 @@ async fn columns_of(db: &Db, table: &str) -> anyhow::Result<Vec<Present>> {
         .map_err(|e| anyhow::anyhow!("reading the columns of table {table:?}: {e}"))
 }
 
-/// The type of `column` of `table`, whose declared columns are `present`; `None` when the
-/// table has no such column.
+/// The type of `column` of `table`, whose declared columns are `by_name` (keyed by
+/// [`lookup_name`]); `None` when the table has no such column.
 async fn find_column(
     db: &Db,
     table: &str,
-    present: &[Present],
+    by_name: &BTreeMap<String, &Present>,
     column: &str,
 ) -> Option<ColumnType> {
-    match db.backend {
-        // PostgreSQL keeps the case of the quoted names the statements use.
-        Backend::Postgres => present
-            .iter()
-            .find(|p| p.name == column)
-            .map(|p| ColumnType::postgres(p.declared.clone(), &p.own, &p.base)),
-        // SQLite compares identifiers ignoring ASCII case, quoted or not.
-        Backend::Sqlite => match present.iter().find(|p| p.name.eq_ignore_ascii_case(column)) {
-            Some(p) => Some(ColumnType::sqlite(p.declared.clone())),
-            // The row id is no declared column, and a WITHOUT ROWID table has none: a
-            // qualified name, never read as a string, tells.
-            None if SQLITE_ROWID.iter().any(|r| r.eq_ignore_ascii_case(column)) => {
-                let probe = format!(
-                    "SELECT {t}.{c} FROM {t} WHERE 1 = 0",
-                    t = quote(table),
-                    c = quote(column)
-                );
-                let found = sqlx::query(&probe).execute(&db.pool).await.is_ok();
-                found.then(|| ColumnType::sqlite("INTEGER".into()))
-            }
-            None => None,
-        },
+    if let Some(p) = by_name.get(&lookup_name(db.backend, column)) {
+        return Some(p.column_type(db.backend));
     }
+    // SQLite's row id is no declared column, and a WITHOUT ROWID table has none: a
+    // qualified name, never read as a string, tells.
+    let rowid = SQLITE_ROWID.iter().any(|r| r.eq_ignore_ascii_case(column));
+    if db.backend != Backend::Sqlite || !rowid {
+        return None;
+    }
+    let probe = format!(
+        "SELECT {t}.{c} FROM {t} WHERE 1 = 0",
+        t = quote(table),
+        c = quote(column)
+    );
+    let found = sqlx::query(&probe).execute(&db.pool).await.is_ok();
+    found.then(|| ColumnType::sqlite("INTEGER"))
 }
 
 #[cfg(test)]
@@ -295,42 +357,43 @@ mod tests {
     fn postgres_types_decide_compare_read_and_write() {
         let ty = |declared: &str, own: &str, base: &str| {
             let t = ColumnType::postgres(declared.into(), own, base);
-            (t.compare, t.native, t.integer, t.written("$1"))
+            (t.compare, t.native, t.key_order, t.written("$1"))
         };
         let same = |p: &str| p.to_string();
         use Compare::*;
+        use KeyOrder::{AsText as Text, Cast};
         for (declared, own, base, expected) in [
-            ("text", "text", "text", (AsIs, true, false, same("$1"))),
+            ("text", "text", "text", (AsIs, true, Cast, same("$1"))),
             (
                 "character varying(40)",
                 "character varying",
                 "character varying",
-                (AsIs, true, false, same("$1")),
+                (AsIs, true, Cast, same("$1")),
             ),
             // CHAR(n) compares with text, but the driver does not decode it.
             (
                 "character(6)",
                 "character",
                 "character",
-                (AsIs, false, false, same("$1")),
+                (AsIs, false, Cast, same("$1")),
             ),
             (
                 "bigint",
                 "bigint",
                 "bigint",
-                (Integer, true, true, same("CAST($1 AS bigint)")),
+                (Integer, true, Cast, same("CAST($1 AS bigint)")),
             ),
             (
                 "integer",
                 "integer",
                 "integer",
-                (Integer, true, true, same("CAST($1 AS integer)")),
+                (Integer, true, Cast, same("CAST($1 AS integer)")),
             ),
             (
                 "date",
                 "date",
                 "date",
-                (AsText, false, false, same("CAST($1 AS date)")),
+                (AsText, false, Cast, same("CAST($1 AS date)")),
             ),
             (
                 "timestamp with time zone",
@@ -339,7 +402,7 @@ mod tests {
                 (
                     AsText,
                     false,
-                    false,
+                    Cast,
                     same("CAST($1 AS timestamp with time zone)"),
                 ),
             ),
@@ -347,29 +410,52 @@ mod tests {
                 "numeric(12,2)",
                 "numeric",
                 "numeric",
-                (AsText, false, false, same("CAST($1 AS numeric(12,2))")),
+                (AsText, false, Cast, same("CAST($1 AS numeric(12,2))")),
             ),
             (
                 "uuid",
                 "uuid",
                 "uuid",
-                (AsText, false, false, same("CAST($1 AS uuid)")),
+                (AsText, false, Cast, same("CAST($1 AS uuid)")),
             ),
             (
                 "boolean",
                 "boolean",
                 "boolean",
-                (AsText, true, false, same("CAST($1 AS boolean)")),
+                (AsText, true, Text, same("CAST($1 AS boolean)")),
             ),
             // A domain is compared as its base type, read as text, written as itself.
             (
                 "member_number",
                 "member_number",
                 "bigint",
-                (Integer, false, true, same("CAST($1 AS member_number)")),
+                (Integer, false, Cast, same("CAST($1 AS member_number)")),
             ),
         ] {
             assert_eq!(ty(declared, own, base), expected, "{declared}");
+        }
+    }
+
+    /// A SQLite batch key is compared as it is wherever the column has an affinity, which
+    /// converts a bound as it converts a stored value; without one, as text.
+    #[test]
+    fn sqlite_affinity_decides_how_a_batch_key_is_compared() {
+        for (declared, expected) in [
+            ("INTEGER", KeyOrder::AsIs),
+            ("bigint", KeyOrder::AsIs),
+            ("TEXT", KeyOrder::AsIs),
+            ("varchar(36)", KeyOrder::AsIs),
+            ("UUID", KeyOrder::AsIs),
+            ("NUMERIC(12,2)", KeyOrder::AsIs),
+            ("DOUBLE", KeyOrder::AsIs),
+            ("BLOB", KeyOrder::AsText),
+            ("", KeyOrder::AsText),
+        ] {
+            assert_eq!(
+                ColumnType::sqlite(declared).key_order,
+                expected,
+                "{declared:?}"
+            );
         }
     }
 }

@@ -3914,3 +3914,161 @@ async fn a_typed_holder_is_read_compared_and_written_by_its_types(url: String) {
     assert_eq!(count(&db, &format!("{C} FROM members")).await, 0);
     assert_eq!(count(&db, &format!("{C} FROM payments")).await, 0);
 }
+
+on_both_backends!(bulk_batches_of_text_and_uuid_keys_read_the_keys_index);
+
+/// A contract end's batches compared a key that is no integer (TEXT, UUID, NUMERIC) as text,
+/// through a cast no index on the key serves, so each batch read the whole table: quadratic
+/// in its rows (a million rows keyed by UUID never finished). Each batch's boundary query and
+/// statements now find their range through the key's index, and the batches still erase
+/// every row once: text keys differing in case under a collation that orders them otherwise
+/// than their bytes (NOCASE on SQLite, ICU's on PostgreSQL), UUIDs (in mixed case on
+/// SQLite, which keeps them as written) and NUMERIC keys, whose text sorts otherwise than
+/// their values.
+async fn bulk_batches_of_text_and_uuid_keys_read_the_keys_index(url: String) {
+    const ROWS: usize = 600;
+    let db = Db::connect(&url).await.unwrap();
+    let collation = match db.backend {
+        dsrelay_runtime::store::Backend::Postgres => "\"und-x-icu\"",
+        dsrelay_runtime::store::Backend::Sqlite => "NOCASE",
+    };
+    let mut rng = fastrand::Rng::with_seed(7);
+    let words = ["apple", "Apple", "APPLE", "banana", "Banana"];
+    let handles: Vec<String> = (0..ROWS)
+        .map(|i| format!("{}-{i}", words[i % words.len()]))
+        .collect();
+    let uuids: Vec<String> = (0..ROWS)
+        .map(|i| {
+            let hex = format!("{:032x}", rng.u128(..));
+            let uuid = format!(
+                "{}-{}-{}-{}-{}",
+                &hex[..8],
+                &hex[8..12],
+                &hex[12..16],
+                &hex[16..20],
+                &hex[20..]
+            );
+            match i % 3 {
+                0 => uuid.to_uppercase(),
+                _ => uuid,
+            }
+        })
+        .collect();
+    // 1009 is prime: the integer parts are distinct, and 10 sorts before 9 as text.
+    let numbers: Vec<String> = (0..ROWS)
+        .map(|i| format!("{}.{:02}", i * 37 % 1009, i % 100))
+        .collect();
+    let tables = [
+        (
+            "accounts",
+            "handle",
+            format!("TEXT COLLATE {collation}"),
+            &handles,
+        ),
+        ("members", "id", "UUID".to_string(), &uuids),
+        (
+            "ledgers",
+            "ledger_no",
+            "NUMERIC(12,2)".to_string(),
+            &numbers,
+        ),
+    ];
+    let mut rules = format!("url = \"{url}\"\n");
+    for (table, key, ty, keys) in &tables {
+        exec(
+            &db,
+            &format!("CREATE TABLE {table} ({key} {ty} PRIMARY KEY, note TEXT)"),
+        )
+        .await;
+        let values: Vec<String> = keys.iter().map(|k| format!("('{k}', 'x')")).collect();
+        exec(
+            &db,
+            &format!("INSERT INTO {table} VALUES {}", values.join(", ")),
+        )
+        .await;
+        rules.push_str(&format!(
+            "[[tables]]\ntable = \"{table}\"\naction = \"delete\"\n\
+             match = {{ customer_number = \"{key}\" }}\n"
+        ));
+    }
+    let config: SqlConnectorConfig = toml::from_str(&rules).unwrap();
+    let mut connector = SqlConnector::connect(config).await.unwrap();
+    connector.batch_subjects = 50;
+
+    // A batch in the middle of each table: its boundary query and its deletion.
+    let scope = connector.scope("acme").unwrap();
+    for (table, key, _, keys) in &tables {
+        let rule = scope
+            .config
+            .tables
+            .iter()
+            .find(|t| t.table == *table)
+            .unwrap();
+        let batch = plan::Batch {
+            table: table.to_string(),
+            key: key.to_string(),
+            after: Some(keys[100].clone()),
+            through: None,
+            key_type: scope.types.of(table, key),
+        };
+        let boundary = scope.batch_end_query(&batch, 50);
+        let batch = plan::Batch {
+            through: Some(keys[150].clone()),
+            ..batch
+        };
+        let in_batch = plan::Scope {
+            subject: None,
+            condition: None,
+            batch: Some(&batch),
+            types: Some(scope.types),
+        };
+        let delete = plan::plan_table_erasure(scope.config, rule, in_batch, now())
+            .unwrap()
+            .main;
+        for (sql, plan) in explain(&db, &[boundary, delete]).await {
+            let found_by_key = match db.backend {
+                dsrelay_runtime::store::Backend::Postgres => {
+                    !plan.contains("Seq Scan")
+                        && plan
+                            .lines()
+                            .any(|l| l.contains("Index Cond") && l.contains(&format!("{key} >")))
+                }
+                dsrelay_runtime::store::Backend::Sqlite => {
+                    !plan.lines().any(|l| l.starts_with("SCAN"))
+                        && plan.lines().any(|l| {
+                            l.starts_with(&format!("SEARCH {table} USING"))
+                                && l.contains(&format!("({key}>?"))
+                        })
+                }
+            };
+            assert!(found_by_key, "{sql}\n{plan}");
+        }
+    }
+
+    let (job, rx) = bulk_job("acme", crate::BulkOp::Erase, Phase::Start, now(), None);
+    let (out, progress) = run_bulk_watched(&connector, job, rx).await;
+    assert_eq!(
+        (progress.subjects_total, progress.records_total),
+        (1800, 1800)
+    );
+    assert_eq!(
+        out,
+        Outcome::Completed {
+            records_affected: 1800,
+            note: "accounts and the tables found through it: 12 batch(es) of about 50 rows; \
+                   members and the tables found through it: 12 batch(es) of about 50 rows; \
+                   ledgers and the tables found through it: 12 batch(es) of about 50 rows; \
+                   accounts: deleted 600, members: deleted 600, ledgers: deleted 600"
+                .into(),
+            files: Vec::new(),
+            erased: erased_counts(&[
+                ("accounts", "deleted", 600),
+                ("members", "deleted", 600),
+                ("ledgers", "deleted", 600),
+            ]),
+        }
+    );
+    for (table, ..) in &tables {
+        assert_eq!(count(&db, &format!("{C} FROM {table}")).await, 0, "{table}");
+    }
+}
