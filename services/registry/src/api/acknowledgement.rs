@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use dsrelay_proto::v1::acknowledgement_service_server::AcknowledgementService;
 use dsrelay_proto::v1::{
-    AcknowledgeRequest, AcknowledgeResponse, Acknowledgement, ContractEndChoice, ContractPhase,
+    AcknowledgeRequest, AcknowledgeResponse, Acknowledgement, ContractPhase,
     RejectedAcknowledgement, RejectedField, RequestKind, TaskState, TaskStatus, TransferReceipt,
 };
 use dsrelay_runtime::identity::{instant_violation, request_id_violation, FieldViolation};
@@ -266,31 +266,22 @@ impl Api {
                 .await
                 .map_err(ApiError::from)?
         };
-        // Whether a contract end transfers depends on its terms: read only for those whose
-        // acknowledgements carry a receipt, which a contract end to the registry never sends.
-        let mut contract_transfers: HashMap<&str, bool> = HashMap::new();
-        for a in acks {
-            let id = a.request_id.as_str();
-            if receipt(a).is_none()
-                || kind_of(a) != Some(RequestKind::ContractEnd)
-                || contract_transfers.contains_key(id)
-            {
-                continue;
-            }
-            let terms = self
-                .shared
-                .store
-                .contract(id)
-                .await
-                .map_err(ApiError::from)?;
-            contract_transfers.insert(
-                id,
-                terms.is_some_and(|c| {
-                    c.choice() == ContractEndChoice::ReturnThenDelete
-                        && !c.transfer_recipient.is_empty()
-                }),
-            );
-        }
+        // Whether a contract end transfers depends on its terms, decided as the store decides
+        // it for processors' answers: read only for those whose acknowledgements carry a
+        // receipt, which a contract end to the registry never sends.
+        let receipted_contract_ends: Vec<&str> = acks
+            .iter()
+            .filter(|a| receipt(a).is_some() && kind_of(a) == Some(RequestKind::ContractEnd))
+            .map(|a| a.request_id.as_str())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let contract_transfers = self
+            .shared
+            .store
+            .contract_ends_transferring(&receipted_contract_ends)
+            .await
+            .map_err(ApiError::from)?;
         let mut violations = Vec::new();
         for (i, a) in acks.iter().enumerate() {
             let Some(kind) = kind_of(a) else {
@@ -326,9 +317,7 @@ impl Api {
             }
             let transfers = match kind {
                 RequestKind::Transfer => true,
-                RequestKind::ContractEnd => {
-                    contract_transfers.get(a.request_id.as_str()) == Some(&true)
-                }
+                RequestKind::ContractEnd => contract_transfers.contains(&a.request_id),
                 _ => false,
             };
             if receipt(a).is_some() && !transfers {

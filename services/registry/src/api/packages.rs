@@ -467,6 +467,8 @@ async fn no_package(shared: &Shared, id: &str, kind: i32) -> Result<Option<Strin
 pub(super) struct PackageStanding {
     /// What GetPackage answers.
     pub(super) info: PackageInfo,
+    /// The files `info` lists, as stored: what DownloadPackage streams.
+    pub(super) files: Vec<PackageFile>,
     /// The tasks that ended FAILED or REFUSED without a part
     /// ([`PackageRecord::unreturned`](crate::store::PackageRecord::unreturned)).
     pub(super) unreturned: Vec<(String, String, TaskState)>,
@@ -569,6 +571,7 @@ pub(super) async fn package_standing(
     );
     Ok(PackageStanding {
         info,
+        files: record.files,
         unreturned: record.unreturned,
         undelivered: record.undelivered,
     })
@@ -843,13 +846,9 @@ impl PackageService for Api {
             .into());
         }
         let info = standing.info;
-        let record = self
-            .shared
-            .store
-            .package(&id)
-            .await
-            .map_err(ApiError::from)?;
-        let mut files = record.files;
+        // From the read the description came from, so the files streamed are the ones the
+        // description (the first message) lists.
+        let mut files = standing.files;
         files.sort_by_key(manifest::path);
         // A reader that stops reading stops the reading of the files after call_limit_ms.
         let idle = Duration::from_millis(self.shared.config.service.call_limit_ms);

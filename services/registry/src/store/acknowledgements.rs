@@ -8,8 +8,8 @@ use std::sync::atomic::Ordering;
 use anyhow::{anyhow, Result};
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::v1::{
-    Acknowledgement, ContractEndChoice, ContractPhase, ContractProgress, EventType, RequestKind,
-    RequestState, TaskState, TaskStatus, TransferReceipt,
+    Acknowledgement, ContractPhase, ContractProgress, EventType, RequestKind, RequestState,
+    TaskState, TaskStatus, TransferReceipt,
 };
 use dsrelay_runtime::group_commit::{GroupQueue, Queued};
 
@@ -717,21 +717,8 @@ async fn unproven_completions(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    let mut transferring_contract_ends = BTreeSet::new();
-    for chunk in contract_ends.chunks(500) {
-        let sql = format!(
-            "SELECT request_id FROM contracts WHERE choice = $1 AND transfer_recipient <> '' \
-             AND request_id IN ({})",
-            placeholders(2, chunk.len())
-        );
-        let sql = tx.backend.numbered(&sql);
-        let mut q =
-            sqlx::query_scalar::<_, String>(&sql).bind(ContractEndChoice::ReturnThenDelete as i64);
-        for id in chunk {
-            q = q.bind(*id);
-        }
-        transferring_contract_ends.extend(q.fetch_all(tx.conn()).await?);
-    }
+    let transferring_contract_ends =
+        super::contracts::transferring_of(tx.conn(), backend, &contract_ends).await?;
     let mut unproven = BTreeSet::new();
     for (processor, u) in checked {
         let key = u.key_at(processor);

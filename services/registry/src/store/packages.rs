@@ -145,6 +145,22 @@ pub(super) async fn parts_of(
     Ok(parts)
 }
 
+/// The processors whose delivery of request `request_id` has not been accepted, through `db`
+/// (a pool, or a snapshot's transaction): see [`Store::undelivered`].
+async fn read_undelivered<'e>(
+    db: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    request_id: &str,
+) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT processor FROM deliveries WHERE request_id = $1 AND op = $2 \
+         AND done_at IS NULL ORDER BY processor",
+    )
+    .bind(request_id)
+    .bind(Operation::Deliver.as_str())
+    .fetch_all(db)
+    .await?)
+}
+
 impl Store {
     /// The processors whose delivery of request `request_id` has not been accepted (its
     /// Deliver row is not done: waiting for a retry, or dead-lettered), by name. A Deliver's
@@ -154,14 +170,7 @@ impl Store {
     /// and parts may come in (its answer lost, say), and the tasks they name are not all of its
     /// tasks: a list of what is owed read before this is not final.
     pub async fn undelivered(&self, request_id: &str) -> Result<Vec<String>> {
-        Ok(sqlx::query_scalar(
-            "SELECT processor FROM deliveries WHERE request_id = $1 AND op = $2 \
-             AND done_at IS NULL ORDER BY processor",
-        )
-        .bind(request_id)
-        .bind(Operation::Deliver.as_str())
-        .fetch_all(&self.db.reader)
-        .await?)
+        read_undelivered(&self.db.reader, request_id).await
     }
 
     /// The parts stored for the requests `ids` ([`parts_of`]), read beside the writer.
@@ -478,27 +487,49 @@ impl Store {
         Ok(at.flatten())
     }
 
-    /// What the registry knows of a request's package.
+    /// What the registry knows of a request's package, read from one snapshot of the store
+    /// (one transaction, at REPEATABLE READ on PostgreSQL), so that its parts agree: read one
+    /// statement after the other, a part stored in between could be counted stored (and so
+    /// not missing) while its files were left out, and the package answered complete with a
+    /// manifest that lacks them.
     pub async fn package(&self, request_id: &str) -> Result<PackageRecord> {
-        let pool = &self.db.reader;
-        // Before the tasks: a delivery's acceptance commits with the tasks its answer lists,
-        // so a delivery read done here has them in the reads below. Read after them, it
-        // could be done with a task the reads missed, and the package would look complete.
-        let undelivered = self.undelivered(request_id).await?;
+        self.package_between(request_id, |_| std::future::ready(()))
+            .await
+    }
+
+    /// [`Store::package`], calling `between(n)` after its `n`th statement (from 1), so a
+    /// test can commit a change between two of them and check that the later ones do not
+    /// see it.
+    async fn package_between<F, Fut>(
+        &self,
+        request_id: &str,
+        mut between: F,
+    ) -> Result<PackageRecord>
+    where
+        F: FnMut(usize) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let mut tx = self.snapshot().await?;
+        // Its deliveries with its tasks: a delivery's acceptance commits with the tasks its
+        // answer lists, so a processor not in `undelivered` has all of its tasks below.
+        let undelivered = read_undelivered(&mut *tx, request_id).await?;
+        between(1).await;
         let dates: Option<(i64, Option<i64>)> =
             sqlx::query_as("SELECT created_at, expired_at FROM packages WHERE request_id = $1")
                 .bind(request_id)
-                .fetch_optional(pool)
+                .fetch_optional(&mut *tx)
                 .await?;
+        between(2).await;
         let (finished_at, expiry_from): (Option<i64>, Option<i64>) = sqlx::query_as(
             "SELECT r.finished_at, COALESCE(r.finished_at, c.updated_at) FROM requests r \
              LEFT JOIN contracts c ON c.request_id = r.id AND c.return_confirmed = 1 \
              WHERE r.id = $1",
         )
         .bind(request_id)
-        .fetch_optional(pool)
+        .fetch_optional(&mut *tx)
         .await?
         .unwrap_or_default();
+        between(3).await;
         let files: Vec<PackageFile> = sqlx::query_as(
             "SELECT f.request_id, f.processor, f.subprocessor, f.name, f.media_type, \
              f.categories, f.size, f.sha256 FROM package_files f JOIN package_parts p \
@@ -507,8 +538,9 @@ impl Store {
              WHERE f.request_id = $1 AND f.stored_at IS NOT NULL",
         )
         .bind(request_id)
-        .fetch_all(pool)
+        .fetch_all(&mut *tx)
         .await?;
+        between(4).await;
         let open: Vec<(String, String, i32)> = sqlx::query_as(
             "SELECT t.processor, t.subprocessor, t.state FROM tasks t WHERE t.request_id = $1 \
              AND NOT EXISTS (SELECT 1 FROM package_parts p WHERE p.request_id = t.request_id \
@@ -516,14 +548,16 @@ impl Store {
              ORDER BY t.processor, t.subprocessor",
         )
         .bind(request_id)
-        .fetch_all(pool)
+        .fetch_all(&mut *tx)
         .await?;
+        between(5).await;
         let parts: i64 = sqlx::query_scalar(
             "SELECT CAST(COUNT(*) AS BIGINT) FROM package_parts WHERE request_id = $1",
         )
         .bind(request_id)
-        .fetch_one(pool)
+        .fetch_one(&mut *tx)
         .await?;
+        tx.commit().await?;
         let mut missing = Vec::new();
         let mut unreturned = Vec::new();
         for (p, s, state) in open {
@@ -641,5 +675,151 @@ impl FileWithState {
             size: self.size,
             sha256: self.sha256.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dsrelay_proto::v1::RequestKind;
+    use dsrelay_runtime::store::Db;
+
+    use super::super::{TaskUpdate, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+    use super::*;
+
+    async fn store(url: &str) -> Store {
+        let db = Db::connect(url).await.expect("database");
+        db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+            .await
+            .expect("migrations");
+        Store::new(db, b"test key")
+    }
+
+    /// The one file of `subprocessor`'s part of request `id`, from processor `p1`.
+    fn file(id: &str, subprocessor: &str) -> PackageFile {
+        PackageFile {
+            request_id: id.into(),
+            processor: "p1".into(),
+            subprocessor: subprocessor.into(),
+            name: format!("{subprocessor}.json"),
+            media_type: "application/json".into(),
+            categories: "[\"contact\"]".into(),
+            size: 3,
+            sha256: "a".repeat(64),
+        }
+    }
+
+    /// Registers `subprocessor`'s file of request `id` and marks it stored whole.
+    async fn store_file(store: &Store, id: &str, subprocessor: &str) {
+        let f = file(id, subprocessor);
+        let begun = store.begin_file(&f, 10).await.expect("begin file");
+        assert_eq!(begun, FileBegin::Registered { complete: false });
+        store.file_stored(&f, 11).await.expect("file stored");
+    }
+
+    /// Completes `subprocessor`'s part of request `id`, its file stored before.
+    async fn complete(store: &Store, id: &str, subprocessor: &str) {
+        let outcome = store
+            .complete_part(
+                id,
+                "p1",
+                subprocessor,
+                &[file(id, subprocessor)],
+                12,
+                |_| async { Ok(()) },
+            )
+            .await
+            .expect("complete part");
+        assert!(matches!(outcome, PartOutcome::Stored { .. }), "{outcome:?}");
+    }
+
+    /// A return of data to processor `p1` whose tasks `a` and `b` are open, `a`'s part
+    /// stored and `b`'s file stored whole, its part not completed yet.
+    async fn half_returned(store: &Store, id: &str) {
+        store
+            .insert_request(&super::super::NewRequest {
+                id: id.into(),
+                partner: "crm".into(),
+                idempotency_key: format!("key-{id}"),
+                body_hash: format!("hash-{id}"),
+                body: b"{}".to_vec(),
+                identity_hashes: "[\"h\"]".into(),
+                kind: RequestKind::ReturnOfData as i32,
+                received_at: 0,
+                due_at: 1_000_000,
+                trace_id: "0".repeat(32),
+                traceparent: None,
+                processors: vec!["p1".into()],
+            })
+            .await
+            .expect("request");
+        let open = |subprocessor: &str| TaskUpdate {
+            request_id: id.into(),
+            subprocessor: subprocessor.into(),
+            sequence: 1,
+            state: TaskState::InProgress as i32,
+            ..Default::default()
+        };
+        let routed = BTreeSet::from([id.to_string()]);
+        let outcome = store
+            .apply_routed_acks("p1", &[open("a"), open("b")], routed, 5)
+            .await
+            .expect("tasks");
+        assert_eq!(outcome.applied, 2);
+        store_file(store, id, "a").await;
+        complete(store, id, "a").await;
+        store_file(store, id, "b").await;
+    }
+
+    /// `b`'s part completed between any two statements of the package's read: the package
+    /// is read as it stood before, `b` missing with none of its files, never `b` counted
+    /// stored (and so not missing) while its files are left out.
+    async fn a_package_is_read_from_one_snapshot(url: &str) {
+        let store = store(url).await;
+        for step in 1..=5 {
+            let id = format!("r{step}");
+            half_returned(&store, &id).await;
+            let record = store
+                .package_between(&id, |n| {
+                    let (store, id) = (store.clone(), id.clone());
+                    async move {
+                        if n == step {
+                            complete(&store, &id, "b").await;
+                        }
+                    }
+                })
+                .await
+                .expect("package");
+            let subprocessors: Vec<&str> = record
+                .files
+                .iter()
+                .map(|f| f.subprocessor.as_str())
+                .collect();
+            assert_eq!(subprocessors, ["a"], "completed after statement {step}");
+            assert_eq!(
+                record.missing,
+                [("p1".to_string(), "b".to_string())],
+                "completed after statement {step}"
+            );
+            assert_eq!(record.parts, 1, "completed after statement {step}");
+            let after = store.package(&id).await.expect("package");
+            assert_eq!(after.files.len(), 2, "{:?}", after.files);
+            assert!(after.missing.is_empty(), "{:?}", after.missing);
+            assert_eq!(after.parts, 2);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_package_is_read_from_one_snapshot_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        a_package_is_read_from_one_snapshot(&url).await;
+    }
+
+    #[tokio::test]
+    async fn a_package_is_read_from_one_snapshot_on_postgres() {
+        crate::test_postgres::on_postgres(|url, _| async move {
+            a_package_is_read_from_one_snapshot(&url).await;
+        })
+        .await;
     }
 }
