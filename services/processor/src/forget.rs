@@ -19,7 +19,7 @@ use dsrelay_runtime::identity::keyed_hash;
 use tokio::sync::watch;
 
 use crate::app::Shared;
-use crate::store::Forgettable;
+use crate::store::{Forgettable, TaskKey};
 
 /// One day in milliseconds.
 const DAY_MS: i64 = 86_400_000;
@@ -86,23 +86,30 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 /// ([`crate::task_machine::Transition::discard_export`]), and records it removed. A failure
 /// is logged: the step recorded the export as an upload retired unsent, so the next sweep
 /// ([`remove_retired_exports`]) tries again.
-pub(crate) async fn remove_discarded_export(shared: &Shared, key: &crate::store::TaskKey) {
-    let dir = crate::exports::task_dir(&shared.config.data_dir, key);
-    if let Err(e) = crate::exports::remove(&dir).await {
-        tracing::warn!(
-            error = %e,
-            dir = %dir.display(),
-            "removing an undelivered export failed; the next sweep tries again"
-        );
-        return;
-    }
-    let now = shared.clock.now_ms();
-    if let Err(e) = shared.store.export_files_removed(key, now).await {
+pub(crate) async fn remove_discarded_export(shared: &Shared, key: &TaskKey) {
+    let failed = "removing an undelivered export failed; the next sweep tries again";
+    if let Err(e) = remove_export(shared, key, failed).await {
         tracing::warn!(
             error = format!("{e:#}"),
             "recording an undelivered export removed failed; the next sweep does"
         );
     }
+}
+
+/// Removes the folder of `key`'s export and records it removed: `Ok(true)`. `Ok(false)`:
+/// the folder would not go, which is logged with `failed` and left unrecorded, so that the
+/// sweep of retired exports comes back to it; an error: recording the removal failed.
+async fn remove_export(shared: &Shared, key: &TaskKey, failed: &str) -> Result<bool> {
+    let dir = crate::exports::task_dir(&shared.config.data_dir, key);
+    if let Err(e) = crate::exports::remove(&dir).await {
+        tracing::warn!(error = %e, dir = %dir.display(), "{failed}");
+        return Ok(false);
+    }
+    shared
+        .store
+        .export_files_removed(key, shared.clock.now_ms())
+        .await?;
+    Ok(true)
 }
 
 /// Removes what retired uploads left in the data folder: an export is kept only until its
@@ -119,17 +126,11 @@ async fn remove_retired_exports(shared: &Shared) -> Result<()> {
         let keys = shared.store.retired_exports_left(BATCH, failed).await?;
         let mut removed = 0;
         for key in &keys {
-            let dir = crate::exports::task_dir(&shared.config.data_dir, key);
-            if let Err(e) = crate::exports::remove(&dir).await {
-                tracing::warn!(error = %e, dir = %dir.display(), "removing a retired export's files failed");
+            if remove_export(shared, key, "removing a retired export's files failed").await? {
+                removed += 1;
+            } else {
                 failed += 1;
-                continue;
             }
-            shared
-                .store
-                .export_files_removed(key, shared.clock.now_ms())
-                .await?;
-            removed += 1;
         }
         if removed > 0 {
             tracing::debug!(removed, "retired exports' files removed");

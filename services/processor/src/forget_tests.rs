@@ -175,6 +175,64 @@ async fn undelivered_exports_are_swept(url: &str, dir: &std::path::Path) {
     assert_eq!(left, 0);
 }
 
+/// Two exports ended without a delivery, the first in the sweep's order one whose folder
+/// will not go (a file stands in its place): the sweep removes the other and records it
+/// removed, and leaves the first unrecorded, for the next sweep to try again.
+async fn an_export_that_will_not_go_is_left_for_the_next_sweep(url: &str, dir: &std::path::Path) {
+    let app = app(url, dir).await;
+    let shared = app.shared();
+    let now = shared.clock.now_ms();
+    let failed = Transition {
+        state: TaskState::Failed,
+        reason: "the export broke off".into(),
+        discard_export: true,
+        ..Default::default()
+    };
+    let mut folders = Vec::new();
+    for id in ["a-stuck", "b-removable"] {
+        let key = deliver(&shared, id, RequestKind::ReturnOfData, now).await;
+        let folder = crate::exports::task_dir(&shared.config.data_dir, &key);
+        std::fs::create_dir_all(folder.parent().expect("a parent")).expect("exports folder");
+        shared
+            .store
+            .transition(&key, 1, &failed, now, 1)
+            .await
+            .expect("step")
+            .expect("recorded");
+        folders.push(folder);
+    }
+    std::fs::write(&folders[0], b"not a folder").expect("a file in the folder's place");
+    std::fs::create_dir_all(&folders[1]).expect("export folder");
+    std::fs::write(folders[1].join("customers.json"), b"{}").expect("an export file");
+
+    super::remove_retired_exports(&shared).await.expect("sweep");
+    assert!(folders[0].exists(), "nothing removed it");
+    assert!(!folders[1].exists(), "the one behind is removed");
+    let left: Vec<String> = sqlx::query_scalar(
+        "SELECT request_id FROM uploads WHERE files_removed_at IS NULL ORDER BY request_id",
+    )
+    .fetch_all(&shared.store.db().pool)
+    .await
+    .expect("uploads");
+    assert_eq!(left, ["a-stuck"]);
+}
+
+#[tokio::test]
+async fn an_export_that_will_not_go_is_left_for_the_next_sweep_on_sqlite() {
+    on_sqlite(
+        |u, d| async move { an_export_that_will_not_go_is_left_for_the_next_sweep(&u, &d).await },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_export_that_will_not_go_is_left_for_the_next_sweep_on_postgres() {
+    crate::test_postgres::on_postgres(|u, d| async move {
+        an_export_that_will_not_go_is_left_for_the_next_sweep(&u, &d).await
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn unforgettable_requests_do_not_hold_back_the_rest_on_sqlite() {
     on_sqlite(|u, d| async move { unforgettable_requests_do_not_hold_back_the_rest(&u, &d).await })

@@ -9,7 +9,7 @@ use dsrelay_proto::prost::Message;
 use dsrelay_proto::v1::{Acknowledgement, RequestKind, TaskState, TransferReceipt};
 
 use super::audit::AuditTx;
-use super::rows::state_value;
+use super::rows::{request_kind, state_value};
 use super::Store;
 
 /// Task states that never change again. RETAINED is not among them: the holder still keeps
@@ -121,6 +121,17 @@ async fn strip_dead_letters(
     Ok(true)
 }
 
+/// The texts of a task that forgetting replaces with their keyed hash: read once, before
+/// the replacing starts.
+#[derive(sqlx::FromRow)]
+struct TaskTexts {
+    subprocessor: String,
+    /// Hashed when not empty.
+    legal_basis: String,
+    /// Its recipient's name hashed when the request is a TRANSFER.
+    transfer_receipt: Option<Vec<u8>>,
+}
+
 /// Replaces the recipient's name in a TRANSFER's `receipt` with its keyed hash, as
 /// [`hash_transfer_recipient`] leaves the request's: the registry requires a name there but
 /// matches it against nothing, so a receipt sent after forgetting (a requeued dead letter,
@@ -131,14 +142,19 @@ fn hash_recipient(tx: &AuditTx, receipt: &mut TransferReceipt) {
 
 /// Replaces where `r`'s data went, when it is a TRANSFER, with its keyed hash (as
 /// [`AuditTx::text`] writes it), inside the forgetting transaction `tx`: the recipient the
-/// registry named (name, endpoint, certificate identity) and the recipient's name in its
-/// tasks' receipts. They tell where the subject moved their data, and nothing still needs
-/// them: the upload that used them is retired (or the request would not be forgotten) and a
-/// final task is never claimed again. Hashed, not emptied, so the request still shows that
-/// a recipient was named, one whoever holds the key can match against a name. A contract
-/// end's recipient stays: the controller's successor, not a subject's choice, and an update
-/// of the terms is still checked against it. Answers whether `r` is a TRANSFER.
-async fn hash_transfer_recipient(tx: &mut AuditTx, r: &Forgettable) -> Result<bool> {
+/// registry named (name, endpoint, certificate identity) and the recipient's name in the
+/// receipts of its `tasks` (as read before). They tell where the subject moved their data,
+/// and nothing still needs them: the upload that used them is retired (or the request would
+/// not be forgotten) and a final task is never claimed again. Hashed, not emptied, so the
+/// request still shows that a recipient was named, one whoever holds the key can match
+/// against a name. A contract end's recipient stays: the controller's successor, not a
+/// subject's choice, and an update of the terms is still checked against it. Answers
+/// whether `r` is a TRANSFER.
+async fn hash_transfer_recipient(
+    tx: &mut AuditTx,
+    r: &Forgettable,
+    tasks: &[TaskTexts],
+) -> Result<bool> {
     type Recipient = (i64, Option<String>, Option<String>, Option<String>);
     let (kind, name, endpoint, identity): Recipient = sqlx::query_as(
         "SELECT kind, recipient_name, recipient_endpoint, recipient_identity FROM requests \
@@ -148,7 +164,7 @@ async fn hash_transfer_recipient(tx: &mut AuditTx, r: &Forgettable) -> Result<bo
     .bind(&r.request_id)
     .fetch_one(&mut **tx)
     .await?;
-    if kind != i64::from(RequestKind::Transfer as i32) {
+    if request_kind(kind) != RequestKind::Transfer {
         return Ok(false);
     }
     let [name, endpoint, identity] = [name, endpoint, identity].map(|t| t.map(|t| tx.text(&t)));
@@ -163,15 +179,10 @@ async fn hash_transfer_recipient(tx: &mut AuditTx, r: &Forgettable) -> Result<bo
     .bind(&r.request_id)
     .execute(&mut **tx)
     .await?;
-    let receipts: Vec<(String, Vec<u8>)> = sqlx::query_as(
-        "SELECT subprocessor, transfer_receipt FROM tasks WHERE controller = $1 \
-         AND request_id = $2 AND transfer_receipt IS NOT NULL",
-    )
-    .bind(&r.controller)
-    .bind(&r.request_id)
-    .fetch_all(&mut **tx)
-    .await?;
-    for (subprocessor, bytes) in receipts {
+    for t in tasks {
+        let Some(bytes) = &t.transfer_receipt else {
+            continue;
+        };
         // Written from a decoded message, so it decodes again; one that did not could hold
         // anything, and goes (a read shows it as no receipt either way).
         let receipt = TransferReceipt::decode(bytes.as_slice())
@@ -187,7 +198,7 @@ async fn hash_transfer_recipient(tx: &mut AuditTx, r: &Forgettable) -> Result<bo
         .bind(receipt)
         .bind(&r.controller)
         .bind(&r.request_id)
-        .bind(&subprocessor)
+        .bind(&t.subprocessor)
         .execute(&mut **tx)
         .await?;
     }
@@ -275,27 +286,27 @@ impl Store {
         .bind(&r.request_id)
         .execute(&mut *tx)
         .await?;
-        let bases: Vec<(String, String)> = sqlx::query_as(
-            "SELECT subprocessor, legal_basis FROM tasks WHERE controller = $1 \
-             AND request_id = $2 AND legal_basis <> ''",
+        let tasks: Vec<TaskTexts> = sqlx::query_as(
+            "SELECT subprocessor, legal_basis, transfer_receipt FROM tasks WHERE controller = $1 \
+             AND request_id = $2 AND (legal_basis <> '' OR transfer_receipt IS NOT NULL)",
         )
         .bind(&r.controller)
         .bind(&r.request_id)
         .fetch_all(&mut *tx)
         .await?;
-        for (subprocessor, basis) in bases {
+        for t in tasks.iter().filter(|t| !t.legal_basis.is_empty()) {
             sqlx::query(
                 "UPDATE tasks SET legal_basis = $1 WHERE controller = $2 AND request_id = $3 \
                  AND subprocessor = $4",
             )
-            .bind(tx.text(&basis))
+            .bind(tx.text(&t.legal_basis))
             .bind(&r.controller)
             .bind(&r.request_id)
-            .bind(&subprocessor)
+            .bind(&t.subprocessor)
             .execute(&mut *tx)
             .await?;
         }
-        let transfer = hash_transfer_recipient(&mut tx, r).await?;
+        let transfer = hash_transfer_recipient(&mut tx, r, &tasks).await?;
         if !strip_dead_letters(&mut tx, r, transfer, self.db.backend).await? {
             tx.rollback().await?;
             return Ok(false);

@@ -7,8 +7,8 @@ use dsrelay_connectors::BulkProgress;
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::timestamp_from_millis;
 use dsrelay_proto::v1::{
-    Acknowledgement, ContractPhase, ContractProgress, DeliverRequest, Evidence, TaskState,
-    TaskStatus, TransferReceipt,
+    Acknowledgement, ContractPhase, ContractProgress, DeliverRequest, Evidence, RequestKind,
+    TaskState, TaskStatus, TransferReceipt,
 };
 
 use crate::task_machine::{progress_proto, Current};
@@ -268,6 +268,30 @@ impl From<TaskRecord> for TaskRow {
             cancel_requested_at: r.cancel_requested_at,
             call_started_at: r.call_started_at,
         }
+    }
+}
+
+/// The request kind a stored number stands for; UNSPECIFIED for one that names none.
+pub(super) fn request_kind(v: i64) -> RequestKind {
+    i32::try_from(v)
+        .ok()
+        .and_then(|k| RequestKind::try_from(k).ok())
+        .unwrap_or(RequestKind::Unspecified)
+}
+
+/// A task row with its request's kind: the columns of [`TaskRecord`] and `kind`.
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct KindedRecord {
+    #[sqlx(flatten)]
+    pub(super) task: TaskRecord,
+    /// `None` when the request has no row.
+    kind: Option<i64>,
+}
+
+impl KindedRecord {
+    /// The request's kind; UNSPECIFIED when it has no row.
+    pub(super) fn kind(&self) -> RequestKind {
+        self.kind.map_or(RequestKind::Unspecified, request_kind)
     }
 }
 

@@ -21,8 +21,8 @@ use sha2::{Digest, Sha256};
 use super::audit::{self, AuditTx, NewEntry, Record};
 use super::certificates::Certifying;
 use super::rows::{
-    retained_only, state_value, stored_count, ClaimedRecord, JoinedRecord, ManualRow, TaskJob,
-    TaskKey, TaskRecord, TaskRow, JOINED_SELECT, TASK_COLUMNS,
+    retained_only, state_value, stored_count, ClaimedRecord, JoinedRecord, KindedRecord, ManualRow,
+    TaskJob, TaskKey, TaskRecord, TaskRow, JOINED_SELECT, TASK_COLUMNS,
 };
 use super::{acks, Store};
 use crate::certificates::Issuer;
@@ -437,26 +437,22 @@ impl Store {
         .bind(request_id)
         .fetch_all(&mut *tx)
         .await?;
-        let rows: Vec<TaskRecord> = sqlx::query_as(&format!(
-            "SELECT {TASK_COLUMNS} FROM tasks WHERE controller = $1 AND request_id = $2"
+        let rows: Vec<KindedRecord> = sqlx::query_as(&format!(
+            "SELECT {TASK_COLUMNS}, {kind} FROM tasks WHERE controller = $1 AND request_id = $2",
+            kind = lookups(
+                "requests r",
+                "r.controller = tasks.controller AND r.request_id = tasks.request_id",
+                &[("r.kind", "kind")],
+            ),
         ))
         .bind(controller)
         .bind(request_id)
         .fetch_all(&mut *tx)
         .await?;
-        // An export task's folder may hold what an attempt wrote: cancelled, it goes.
-        let kind: Option<i64> = sqlx::query_scalar(
-            "SELECT kind FROM requests WHERE controller = $1 AND request_id = $2",
-        )
-        .bind(controller)
-        .bind(request_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let exports = kind
-            .and_then(|k| i32::try_from(k).ok())
-            .and_then(|k| RequestKind::try_from(k).ok())
-            .is_some_and(crate::exports::exports);
-        for task in rows.into_iter().map(TaskRow::from) {
+        for row in rows {
+            // An export task's folder may hold what an attempt wrote: cancelled, it goes.
+            let exports = crate::exports::exports(row.kind());
+            let task = TaskRow::from(row.task);
             let leased = leases
                 .iter()
                 .chain(&sending)

@@ -11,7 +11,7 @@ use dsrelay_proto::v1::{ProcessorAuditEvent, RequestKind, TransferRecipient};
 use dsrelay_runtime::store::lookups;
 use sqlx::AnyConnection;
 
-use super::rows::{TaskKey, TaskRecord, TaskRow, TASK_COLUMNS};
+use super::rows::{request_kind, TaskKey, TaskRecord, TaskRow, TASK_COLUMNS};
 use super::Store;
 use crate::task_machine::Transition;
 
@@ -125,17 +125,7 @@ struct UploadRecord {
 
 /// Queues the upload of `key`'s export inside the transaction that records it.
 pub(super) async fn queue(tx: &mut AnyConnection, key: &TaskKey, now: i64) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO uploads (controller, request_id, subprocessor, next_attempt_at) \
-         VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-    )
-    .bind(&key.controller)
-    .bind(&key.request_id)
-    .bind(&key.subprocessor)
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
+    insert(tx, key, now, None).await
 }
 
 /// Records, inside the transaction of the step that ends `key`'s export task without a
@@ -146,14 +136,26 @@ pub(super) async fn queue(tx: &mut AnyConnection, key: &TaskKey, now: i64) -> Re
 /// it is: a retired one is swept already, and one still to be sent is retired by its sender,
 /// which finds the task finished.
 pub(super) async fn retire_unsent(tx: &mut AnyConnection, key: &TaskKey, now: i64) -> Result<()> {
+    insert(tx, key, now, Some(now)).await
+}
+
+/// Gives `key`'s export an upload due at `now`, retired at `done_at` (`None`: still to be
+/// sent), unless it has one already.
+async fn insert(
+    tx: &mut AnyConnection,
+    key: &TaskKey,
+    now: i64,
+    done_at: Option<i64>,
+) -> Result<()> {
     sqlx::query(
         "INSERT INTO uploads (controller, request_id, subprocessor, next_attempt_at, done_at) \
-         VALUES ($1, $2, $3, $4, $4) ON CONFLICT DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
     )
     .bind(&key.controller)
     .bind(&key.request_id)
     .bind(&key.subprocessor)
     .bind(now)
+    .bind(done_at)
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -245,10 +247,7 @@ impl Store {
                 // As written by the claim: this attempt is counted.
                 attempts: r.attempts,
                 files,
-                kind: i32::try_from(r.kind)
-                    .ok()
-                    .and_then(|k| RequestKind::try_from(k).ok())
-                    .unwrap_or(RequestKind::Unspecified),
+                kind: request_kind(r.kind),
                 due_at: r.due_at,
                 recipient,
                 contract_recipient: r.contract_recipient.unwrap_or_default(),
