@@ -60,7 +60,10 @@
 //! `export.json` (an empty array when the answer has no `export_paged`). A retention run's
 //! NOT_FOUND, at once or at the confirmation of its key, completes the step with no records,
 //! and its RETAINED with a date already past fails the step for an operator, as a single
-//! task's do. A RETAINED date must lie between the years 2000 and 9999 here too.
+//! task's do. A RETAINED date must lie between the years 2000 and 9999 here too. The
+//! erasure that follows a return carries the export's progress (`returned`,
+//! [`crate::BulkJob::returned`]): the adapter checks it before erasing and answers
+//! FAILED_PRECONDITION, a permanent error here, when data arrived after the export.
 //!
 //! # Outcomes and errors
 //! COMPLETED, NOT_FOUND, RETAINED, ACCEPTED and REFUSED map to the [`Outcome`] of the same
@@ -1614,6 +1617,7 @@ mod tests {
             recorded_progress: Default::default(),
             export: None,
             progress,
+            returned: None,
         };
         let out = connector.run_bulk(&job).await.unwrap();
         assert!(matches!(out, Outcome::Refused { .. }), "{out:?}");

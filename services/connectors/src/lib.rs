@@ -245,6 +245,46 @@ pub struct BulkJob {
     pub export: Option<ExportSink>,
     /// Where the connector reports how far it has got while it runs.
     pub progress: ProgressReporter,
+    /// For the erasure that follows a return (RETURN_THEN_DELETE, also to a transfer
+    /// recipient), at [`Phase::Start`]: the export's last progress as the processor recorded
+    /// it, its done counts being what was returned (all zero for a return done by hand).
+    /// Before erasing anything the connector counts what it holds of the controller now, as
+    /// its export counts ([`check_returned`]): holding more subjects or records than were
+    /// returned, it erases nothing and answers a permanent error saying how many arrived
+    /// after the return; holding as many or fewer, it records that it passed the check
+    /// ([`ProgressReporter::record_now`]) and erases. `None` means no check: a DELETE or a
+    /// contract end without a choice (nothing was returned), a retention run, a
+    /// confirmation, or an erasure an earlier call of which passed the check (the processor
+    /// holds progress of this erasure: it may have erased part already, so fewer records now
+    /// say nothing, and it is not stopped half done).
+    pub returned: Option<BulkProgress>,
+}
+
+/// The check of an erasure that follows a return ([`BulkJob::returned`]): `held` is what
+/// `holder` holds of `controller` now, counted as its export counts (subjects and records
+/// in `subjects_total` and `records_total`); `returned` the export's last progress, whose
+/// done counts were returned. A permanent error when more subjects or records are held
+/// than were returned: they arrived after the export and would be erased unreturned.
+/// Fewer are fine: what went in between was not lost to the controller by the erasure.
+pub fn check_returned(
+    returned: &BulkProgress,
+    held: &BulkProgress,
+    holder: &str,
+    controller: &str,
+) -> Result<(), ConnectorError> {
+    let records = held.records_total.saturating_sub(returned.records_done);
+    let subjects = held.subjects_total.saturating_sub(returned.subjects_done);
+    if records == 0 && subjects == 0 {
+        return Ok(());
+    }
+    Err(ConnectorError::Permanent(format!(
+        "{holder}: {records} record(s) ({subjects} subject(s)) of controller {controller} \
+         arrived after the contract end's export and were never returned (held now: {} \
+         record(s) of {} subject(s); returned: {} of {}); nothing was erased there. To have \
+         them returned before they are deleted, the controller ends the contract again with \
+         RETURN_THEN_DELETE; ending it with DELETE erases them without a return",
+        held.records_total, held.subjects_total, returned.records_done, returned.subjects_done,
+    )))
 }
 
 /// What a contract end does with the controller's data at one holder.
@@ -272,23 +312,85 @@ pub struct BulkProgress {
 /// The sending side of a bulk job's progress: the connector reports, the processor reads the
 /// latest value whenever it wants to tell the registry. Reporting never blocks.
 #[derive(Debug, Clone)]
-pub struct ProgressReporter(std::sync::Arc<tokio::sync::watch::Sender<BulkProgress>>);
+pub struct ProgressReporter {
+    latest: std::sync::Arc<tokio::sync::watch::Sender<BulkProgress>>,
+    /// Where [`ProgressReporter::record_now`] asks for a report to be recorded; `None`
+    /// when nobody records (a connector's own tests).
+    recorder: Option<tokio::sync::mpsc::UnboundedSender<RecordNow>>,
+}
+
+/// A connector's request that its latest report be recorded before it goes on
+/// ([`ProgressReporter::record_now`]): the recorder answers on `done`, with why not when it
+/// could not.
+#[derive(Debug)]
+pub struct RecordNow {
+    /// The progress to record.
+    pub progress: BulkProgress,
+    /// Where the answer goes.
+    pub done: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
 
 impl ProgressReporter {
     /// A reporter and the receiver that sees its latest report.
     pub fn new() -> (Self, tokio::sync::watch::Receiver<BulkProgress>) {
         let (tx, rx) = tokio::sync::watch::channel(BulkProgress::default());
-        (Self(std::sync::Arc::new(tx)), rx)
+        let reporter = Self {
+            latest: std::sync::Arc::new(tx),
+            recorder: None,
+        };
+        (reporter, rx)
+    }
+
+    /// A reporter whose [`ProgressReporter::record_now`] waits for the answer to a
+    /// [`RecordNow`] sent to the returned receiver, and the receiver of its latest report.
+    pub fn recorded() -> (
+        Self,
+        tokio::sync::watch::Receiver<BulkProgress>,
+        tokio::sync::mpsc::UnboundedReceiver<RecordNow>,
+    ) {
+        let (reporter, seen) = Self::new();
+        let (tx, asked) = tokio::sync::mpsc::unbounded_channel();
+        let reporter = Self {
+            recorder: Some(tx),
+            ..reporter
+        };
+        (reporter, seen, asked)
     }
 
     /// Replaces the progress with `progress`.
     pub fn report(&self, progress: BulkProgress) {
-        self.0.send_replace(progress);
+        self.latest.send_replace(progress);
+    }
+
+    /// Reports `progress` and waits until the processor has recorded it with the task, so
+    /// that what comes next (an erasure past its check) is known to have started should the
+    /// call be cut off. Returns at once when nobody records. A transient error, before the
+    /// connector does anything more, when it could not be recorded.
+    pub async fn record_now(&self, progress: BulkProgress) -> Result<(), ConnectorError> {
+        self.report(progress);
+        let Some(recorder) = &self.recorder else {
+            return Ok(());
+        };
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let not_recorded = |why: &str| {
+            ConnectorError::Transient(format!(
+                "the processor did not record the bulk step's progress ({why}); nothing more \
+                 was done"
+            ))
+        };
+        recorder
+            .send(RecordNow { progress, done })
+            .map_err(|_| not_recorded("nobody records it any more"))?;
+        match answer.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(not_recorded(&why)),
+            Err(_) => Err(not_recorded("no answer came")),
+        }
     }
 
     /// The latest progress reported.
     pub fn latest(&self) -> BulkProgress {
-        *self.0.borrow()
+        *self.latest.borrow()
     }
 }
 

@@ -1,7 +1,9 @@
 //! A connector for holders without an API (paper archives, a legacy system someone must
 //! open by hand): the task waits for an operator, who confirms it with evidence or refuses
 //! it through the processor's operator API (`dsrctl tasks`). A contract end's bulk step waits
-//! for an operator the same way, with instructions naming the controller.
+//! for an operator the same way, with instructions naming the controller. It counts nothing,
+//! so the erasure that follows a return ([`crate::BulkJob::returned`]) is not checked here:
+//! its instructions tell the operator to delete only what was returned.
 
 use dsrelay_proto::v1::RequestKind;
 use serde::{Deserialize, Serialize};
@@ -80,6 +82,15 @@ impl Connector for ManualConnector {
                     job.controller
                 ),
             };
+            // No count to check here: the person who deletes is told what to check.
+            let what = match (job.op, job.returned) {
+                (BulkOp::Erase, Some(_)) => format!(
+                    "{what}. It was returned first: delete only what was returned; if data \
+                     came here after the return, delete nothing and refuse the task saying \
+                     so, and the controller can end the contract again to have it returned"
+                ),
+                _ => what,
+            };
             let note = if self.instructions.is_empty() {
                 what
             } else {
@@ -108,6 +119,7 @@ mod tests {
             recorded_progress: Default::default(),
             export: None,
             progress: ProgressReporter::new().0,
+            returned: None,
         }
     }
 
@@ -127,6 +139,25 @@ mod tests {
                     assert!(note.contains("controller acme"), "{note}");
                     assert!(note.ends_with("; cabinet B2"), "{note}");
                 }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_erasure_after_a_return_tells_the_operator_to_delete_only_what_was_returned() {
+        let c = ManualConnector::new(&ManualConfig::default());
+        let after_return = BulkJob {
+            returned: Some(Default::default()),
+            ..job(BulkOp::Erase)
+        };
+        for (job, told) in [(after_return, true), (job(BulkOp::Erase), false)] {
+            match c.run_bulk(&job).await.unwrap() {
+                Outcome::WaitingForOperator { note } => assert_eq!(
+                    note.contains("delete only what was returned"),
+                    told,
+                    "{note}"
+                ),
                 other => panic!("{other:?}"),
             }
         }

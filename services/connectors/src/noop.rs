@@ -1,6 +1,8 @@
 //! A connector that holds nothing and confirms every task after a fixed delay: for benchmarks
 //! that measure the relay itself, and for tests that need a task to stay in progress. A
-//! contract end's bulk step likewise confirms after the delay, with nothing counted.
+//! contract end's bulk step likewise confirms after the delay, with nothing counted; holding
+//! nothing, it has nothing that could arrive after a return, so the erasure that follows one
+//! is not checked ([`crate::BulkJob::returned`]).
 
 use std::time::Duration;
 
@@ -145,6 +147,7 @@ mod tests {
             recorded_progress: Default::default(),
             export: None,
             progress,
+            returned: None,
         };
         let c = NoopConnector::new(&NoopConfig {
             delay_ms: 1,

@@ -39,7 +39,9 @@
 //!   deliveries and the controller's released billing records with set-based statements,
 //!   reports the counts, and keeps and releases the other billing records in stages as an
 //!   erasure does (RETAINED). Both answer at once (never ACCEPTED),
-//!   idempotently per `job_id`; GetBulkStatus repeats the answer.
+//!   idempotently per `job_id`; GetBulkStatus repeats the answer. An ERASE that follows a
+//!   return (`returned`) first counts as the export does: more subscribers or records than
+//!   were returned are FAILED_PRECONDITION, nothing erased or stored under the job id.
 //!
 //! # Layout
 //! - [`config`]: the TOML file plus `DSRELAY_ADAPTER__*` environment overrides.

@@ -568,6 +568,42 @@ async fn count_controller(
     Ok((subscribers, deliveries, billing))
 }
 
+/// The check of an ERASE that follows a return (`ExecuteBulkRequest.returned`), before it
+/// erases anything: the controller's data counted as its export counts it (subscribers as
+/// subjects; subscribers, deliveries and billing records as records) against the export's
+/// done counts. The refusal's text when more is held now than was returned; `None` when
+/// not, or when the request has no `returned` or is no first erasure.
+pub(crate) async fn unreturned(
+    tx: &mut Transaction<'_, Any>,
+    req: &ExecuteBulkRequest,
+) -> sqlx::Result<Option<String>> {
+    let Some(returned) = req.returned.as_ref() else {
+        return Ok(None);
+    };
+    if req.operation != BulkOperation::Erase as i32 || req.retention_expired {
+        return Ok(None);
+    }
+    let controller = req.controller.as_str();
+    let (subscribers, deliveries, billing) = count_controller(tx, controller).await?;
+    let to_u64 = |n: i64| u64::try_from(n).unwrap_or(0);
+    let (subjects, records) = (
+        to_u64(subscribers),
+        to_u64(subscribers + deliveries + billing),
+    );
+    let more_subjects = subjects.saturating_sub(returned.subjects_done);
+    let more_records = records.saturating_sub(returned.records_done);
+    if more_subjects == 0 && more_records == 0 {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "{more_records} record(s) ({more_subjects} subscriber(s)) of controller {controller} \
+         arrived after the contract end's export and were never returned (held now: \
+         {records} record(s) of {subjects} subscriber(s); returned: {} of {}); nothing was \
+         erased. The controller can end the contract again to have them returned",
+        returned.records_done, returned.subjects_done
+    )))
+}
+
 /// Deletes every subscriber of `controller` and their deliveries, in two statements; returns
 /// how many subscribers and deliveries went.
 pub(crate) async fn erase_controller(

@@ -381,7 +381,8 @@ impl Store {
 
     /// Runs the bulk job `req` (validated) for `caller` once per job id; a repeated call gets
     /// the first answer. The work is set-based and done in the claiming transaction, so the
-    /// answer is final (never ACCEPTED).
+    /// answer is final (never ACCEPTED). An ERASE holding more than its `returned` says is
+    /// refused (FailedPrecondition) with nothing done or stored.
     pub async fn execute_bulk(
         &self,
         caller: &str,
@@ -424,6 +425,11 @@ impl Store {
                 )));
             }
             return row.decode_bulk();
+        }
+        // Refused unstored: nothing was done under the job id.
+        if let Some(refusal) = newsletter::unreturned(&mut tx, req).await? {
+            tx.rollback().await?;
+            return Err(StoreError::FailedPrecondition(refusal));
         }
         let lineage = Lineage {
             caller,

@@ -1016,6 +1016,7 @@ async fn the_adapter_connector_scopes_tasks_and_ends_a_contract() {
             recorded_progress: Default::default(),
             export: Some(sink),
             progress,
+            returned: None,
         };
         (job, seen)
     };
@@ -1774,6 +1775,7 @@ async fn a_contract_end_export_holds_the_controllers_billing_records(backend: Ba
         recorded_progress: Default::default(),
         export: Some(sink),
         progress,
+        returned: None,
     };
     let out = connector.run_bulk(&job).await.unwrap();
     let Outcome::Completed {
@@ -1799,4 +1801,111 @@ async fn a_contract_end_export_holds_the_controllers_billing_records_on_sqlite()
 #[tokio::test]
 async fn a_contract_end_export_holds_the_controllers_billing_records_on_postgres() {
     a_contract_end_export_holds_the_controllers_billing_records(Backend::Postgres).await;
+}
+
+/// The erasure after a return, through the processor's adapter connector: a subscriber who
+/// signed up after the export makes it FAILED_PRECONDITION (a permanent error naming how
+/// many arrived), with nothing erased and nothing stored under its job id; once only what
+/// was returned is held (the newcomer gone again), the same job id erases as before.
+async fn an_erasure_after_a_return_refuses_what_arrived_since(backend: Backend) {
+    use dsrelay_connectors::{BulkJob, BulkOp, ExportSink, Outcome, Phase, ProgressReporter};
+    let Some(a) = Running::start_on(backend, 0).await else {
+        return;
+    };
+    assert_eq!(a.store.add_deliveries(MAIJA, 2).await.unwrap(), 2);
+    let connector = connector_for(&a).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = |op: BulkOp| {
+        let (progress, seen) = ProgressReporter::new();
+        let job = BulkJob {
+            job_id: format!(
+                "{CONTROLLER}/ce1/newsletter{}",
+                match op {
+                    BulkOp::Export => "",
+                    BulkOp::Erase => "#erase",
+                }
+            ),
+            request_id: "ce1".into(),
+            controller: CONTROLLER.into(),
+            op,
+            phase: Phase::Start,
+            due_at_ms: 2_000_000_000_000,
+            now_ms: 1_700_000_000_000,
+            interrupted: false,
+            recorded_progress: Default::default(),
+            export: Some(ExportSink::new(dir.path().join("export"), Vec::new())),
+            progress,
+            returned: None,
+        };
+        (job, seen)
+    };
+    let (export, seen) = job(BulkOp::Export);
+    export.export.as_ref().unwrap().reset().await.unwrap();
+    let out = connector.run_bulk(&export).await.unwrap();
+    assert!(matches!(out, Outcome::Completed { .. }), "{out:?}");
+    let returned = *seen.borrow();
+    let seeded = a.store.emails_of(CONTROLLER).await.unwrap();
+    assert_eq!(returned.subjects_done, seeded.len() as u64);
+
+    a.store
+        .add_subscriber(CONTROLLER, PEKKA, "Pekka Nieminen")
+        .await
+        .unwrap();
+    let (erase, _) = job(BulkOp::Erase);
+    let erase = BulkJob {
+        returned: Some(returned),
+        export: None,
+        ..erase
+    };
+    let err = connector.run_bulk(&erase).await.unwrap_err();
+    let text = err.to_string();
+    assert!(!err.is_transient(), "{text}");
+    assert!(text.contains("FailedPrecondition"), "{text}");
+    assert!(
+        text.contains("1 record(s) (1 subscriber(s)) of controller payroll arrived after"),
+        "{text}"
+    );
+    assert!(text.contains("nothing was erased"), "{text}");
+    let mut held = seeded.clone();
+    held.push(PEKKA.to_string());
+    held.sort();
+    let mut now_held = a.store.emails_of(CONTROLLER).await.unwrap();
+    now_held.sort();
+    assert_eq!(now_held, held);
+    assert_eq!(
+        a.client("processor")
+            .get_bulk_status(GetBulkStatusRequest {
+                job_id: erase.job_id.clone(),
+            })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+
+    // Without the newcomer, what is held is what was returned: erased as before.
+    let mut tx = a.store.db().pool.begin().await.unwrap();
+    sqlx::query("DELETE FROM subscribers WHERE email = $1")
+        .bind(PEKKA)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let out = connector.run_bulk(&erase).await.unwrap();
+    let Outcome::Completed { erased, .. } = &out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(erased[0].count, seeded.len() as i64, "{out:?}");
+    assert!(a.store.emails_of(CONTROLLER).await.unwrap().is_empty());
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_after_a_return_refuses_what_arrived_since_on_sqlite() {
+    an_erasure_after_a_return_refuses_what_arrived_since(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_after_a_return_refuses_what_arrived_since_on_postgres() {
+    an_erasure_after_a_return_refuses_what_arrived_since(Backend::Postgres).await;
 }

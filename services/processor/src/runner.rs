@@ -31,6 +31,14 @@
 //! is noted as a call too, so the claim after one cut off resumes it with care
 //! ([`BulkJob::interrupted`], with the progress recorded so far); an export is run again
 //! whole and is not noted.
+//!
+//! The erasure that follows a return is handed what the return counted
+//! ([`BulkJob::returned`], kept with the task by [`Store::record_returned`] when the
+//! confirmation releases it), until a call of it has recorded progress of its own: the
+//! connector checks the holder against it and records that it passed
+//! ([`ProgressReporter::record_now`], answered here at once) before it erases anything.
+//!
+//! [`Store::record_returned`]: crate::store::Store::record_returned
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -40,7 +48,7 @@ use dsrelay_connectors::{
     BulkJob, BulkOp, BulkProgress, Connector, ConnectorError, Outcome, Phase, ProgressReporter,
     Task,
 };
-use dsrelay_proto::v1::{DeliverRequest, RequestKind};
+use dsrelay_proto::v1::{ContractPhase, DeliverRequest, RequestKind};
 use dsrelay_runtime::log_text::withheld;
 use dsrelay_runtime::trace_context;
 use dsrelay_runtime::worker::{run_pool, PoolSettings};
@@ -366,6 +374,21 @@ async fn run_contract_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> 
     let Some(connector) = connector else {
         return Ok(());
     };
+    // The confirmation releases the erasure, whose start gives the task's counts (the
+    // export's, until now) to the erasure: what was returned is kept for its check first.
+    if op == BulkOp::Erase && job.task.phase == ContractPhase::AwaitingConfirmation {
+        let counts = job.task.counts;
+        if !(shared.store)
+            .record_returned(key, seq, &job.lease_owner, counts)
+            .await?
+        {
+            tracing::warn!(
+                "what the return counted was not recorded: the task changed meanwhile or its \
+                 lease was lost to another claim"
+            );
+            return Ok(());
+        }
+    }
     // Not noted with the start: `call_bulk` notes an erasure's call right before the holder
     // is called, so that a step failing before it (what the return left not removed) leaves
     // no note of a call never made, which would tell the next call that one was cut off.
@@ -480,8 +503,25 @@ async fn call_bulk(
         note_call(shared, job, *seq).await?;
         None
     };
+    // An erasure that recorded progress of its own passed its check in an earlier call
+    // (connectors record it before erasing anything): it may have erased part, so it is
+    // not checked again.
+    let passed =
+        job.task.phase == ContractPhase::Deleting && job.task.counts != BulkProgress::default();
+    let returned = match (op, phase) {
+        (BulkOp::Erase, Phase::Start) if !passed => match shared.store.returned(key).await {
+            Ok(r) => r,
+            Err(e) => {
+                let error = ConnectorError::Transient(format!(
+                    "reading what the contract end returned, for the erasure's check: {e:#}"
+                ));
+                return Ok((Err(error), BulkProgress::default(), false));
+            }
+        },
+        _ => None,
+    };
     let (export, head_start) = head_start::attach(shared, key, export, to_registry);
-    let (reporter, _seen) = ProgressReporter::new();
+    let (reporter, _seen, mut asked) = ProgressReporter::recorded();
     let bulk = BulkJob {
         job_id: bulk_job_id(key, op),
         request_id: key.request_id.clone(),
@@ -500,6 +540,7 @@ async fn call_bulk(
         },
         export,
         progress: reporter.clone(),
+        returned,
     };
     let lease_ms = shared.config.tasks.lease_ms as i64;
     let every = Duration::from_millis(shared.config.contracts.progress_interval_ms);
@@ -536,21 +577,26 @@ async fn call_bulk(
             r = &mut run => break r,
             _ = tick.tick() => {}
             () = abandoned(shared) => return Err(release(shared, job).await),
+            Some(ask) = asked.recv() => {
+                let answer = if ask.progress == reported {
+                    Ok(())
+                } else {
+                    match record_bulk_progress(shared, job, op, *seq, ask.progress).await {
+                        Ok(Some(s)) => {
+                            (*seq, reported, reported_at) = (s, ask.progress, Instant::now());
+                            Ok(())
+                        }
+                        Ok(None) => Err("the task changed meanwhile or its lease was lost".into()),
+                        Err(e) => Err(format!("{e:#}")),
+                    }
+                };
+                let _ = ask.done.send(answer);
+            }
         }
         let latest = reporter.latest();
         if latest != reported && reported_at.elapsed() >= every {
-            let now = shared.clock.now_ms();
-            match shared
-                .store
-                .record_progress(key, *seq, &job.lease_owner, phase_of(op), latest, now)
-                .await
-            {
-                Ok(Some(s)) => {
-                    *seq = s;
-                    reported = latest;
-                    reported_at = Instant::now();
-                    shared.ack_wakeup.notify_one();
-                }
+            match record_bulk_progress(shared, job, op, *seq, latest).await {
+                Ok(Some(s)) => (*seq, reported, reported_at) = (s, latest, Instant::now()),
                 // The task changed meanwhile (cancelled) or another claim took it: the
                 // step's end, or the next renewal, finds out.
                 Ok(None) => {}
@@ -568,6 +614,27 @@ async fn call_bulk(
             .connector_error(&key.subprocessor, e.is_transient());
     }
     Ok((result, reporter.latest(), true))
+}
+
+/// Records `progress` as the running bulk step `op`'s and queues its acknowledgement
+/// ([`Store::record_progress`](crate::store::Store::record_progress)): the new sequence,
+/// `None` when the task changed or another claim took it.
+async fn record_bulk_progress(
+    shared: &Shared,
+    job: &TaskJob,
+    op: BulkOp,
+    seq: i64,
+    progress: BulkProgress,
+) -> anyhow::Result<Option<i64>> {
+    let now = shared.clock.now_ms();
+    let (key, owner) = (&job.task.key, &job.lease_owner);
+    let recorded = (shared.store)
+        .record_progress(key, seq, owner, phase_of(op), progress, now)
+        .await?;
+    if recorded.is_some() {
+        shared.ack_wakeup.notify_one();
+    }
+    Ok(recorded)
 }
 
 /// Notes that a task's holder is being called, a single task's or a bulk erasure's
@@ -980,3 +1047,7 @@ mod retention_tests;
 #[cfg(test)]
 #[path = "discard_tests.rs"]
 mod discard_tests;
+
+#[cfg(test)]
+#[path = "returned_tests.rs"]
+mod returned_tests;

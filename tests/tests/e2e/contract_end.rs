@@ -861,3 +861,92 @@ async fn contract_end_cetransfer_returns_the_data_to_a_recipient() {
     assert!(customers(&pair.accounting_url).await < 6);
     pair.stop().await;
 }
+
+/// RETURN_THEN_DELETE where a customer reaches the accounting database after its export:
+/// the erasure the confirmation releases finds more than was returned, erases nothing
+/// there, and its task FAILS (never COMPLETED) with a reason the operator reads, saying how
+/// many records arrived and what can be done; every row stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contract_end_erases_nothing_that_arrived_after_the_return() {
+    let pair = spawn_pair(PairOptions {
+        holders: vec![Holder::Accounting],
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
+    let id = end_contract(&pair, "return-then-delete").await;
+    until(&pair, &id, 60, "every part returned", |c| {
+        !c.tasks.is_empty()
+            && phases(c)
+                .iter()
+                .all(|(_, p)| *p == ContractPhase::AwaitingConfirmation)
+    })
+    .await;
+    let db = dsrelay_runtime::store::Db::connect(&pair.accounting_url)
+        .await
+        .expect("connect");
+    sqlx::query(
+        "INSERT INTO customers (id, customer_no, name, email) \
+         VALUES (9001, 'C-9001', 'Uusi Asiakas', 'uusi.asiakas@example.fi')",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("a customer after the export");
+    db.pool.close().await;
+    let before = dump(&pair.accounting_url).await;
+
+    let out = pair.dir().join("returned");
+    dsrctl(
+        &pair,
+        "operator",
+        &["download", &id, "--out", out.to_str().expect("path")],
+    )
+    .await
+    .ok();
+    dsrctl(
+        &pair,
+        "operator",
+        &[
+            "contracts",
+            "confirm",
+            &id,
+            "--package",
+            out.to_str().expect("path"),
+        ],
+    )
+    .await
+    .ok();
+    let done = until(&pair, &id, 60, "the erasure refused", |c| {
+        c.tasks
+            .iter()
+            .any(|t| t.subprocessor == "accounting" && t.state == TaskState::Failed as i32)
+    })
+    .await;
+    let task = done
+        .tasks
+        .iter()
+        .find(|t| t.subprocessor == "accounting")
+        .expect("the accounting task");
+    assert_eq!(
+        task.progress.as_ref().map(|p| p.phase),
+        Some(ContractPhase::Deleting as i32),
+        "{task:?}"
+    );
+    for said in [
+        "1 record(s) (1 subject(s)) of controller",
+        "arrived after the contract end's export and were never returned",
+        "nothing was erased there",
+        "the controller ends the contract again with RETURN_THEN_DELETE",
+    ] {
+        assert!(task.reason.contains(said), "{said}: {}", task.reason);
+    }
+    assert_ne!(state(&done), RequestState::Completed, "{done:#?}");
+    assert_eq!(dump(&pair.accounting_url).await, before, "rows were erased");
+    let shown = dsrctl(&pair, "operator", &["get", &id]).await;
+    let shown = shown.ok();
+    assert!(
+        shown.contains("FAILED") && shown.contains("nothing was erased there"),
+        "{shown}"
+    );
+    pair.stop().await;
+}

@@ -3,7 +3,8 @@
 
 use dsrelay_proto::timestamp_from_millis;
 use dsrelay_proto::v1::{
-    BulkOperation, ExecuteBulkRequest, ExecuteBulkResponse, ExecuteOutcome, GetBulkStatusRequest,
+    BulkJobProgress, BulkOperation, ExecuteBulkRequest, ExecuteBulkResponse, ExecuteOutcome,
+    GetBulkStatusRequest,
 };
 
 use super::{
@@ -94,6 +95,17 @@ impl AdapterConnector {
             operation: operation as i32,
             retention_expired,
             due_at: Some(timestamp_from_millis(job.due_at_ms)),
+            // The adapter checks it when the erasure starts (`adapter.proto`); a retention
+            // run follows the erasure, which was checked.
+            returned: job
+                .returned
+                .filter(|_| job.op == BulkOp::Erase && !retention_expired)
+                .map(|p| BulkJobProgress {
+                    subjects_done: p.subjects_done,
+                    subjects_total: p.subjects_total,
+                    records_done: p.records_done,
+                    records_total: p.records_total,
+                }),
         });
         let mut client = self.client.clone();
         let result = tokio::time::timeout(self.timeout, client.execute_bulk(request)).await;
@@ -335,6 +347,7 @@ mod tests {
             recorded_progress: Default::default(),
             export: None,
             progress,
+            returned: None,
         }
     }
 

@@ -30,6 +30,11 @@
 //!   worked): its delete may have gone through, so the 404 is taken as its work, COMPLETED
 //!   with the members that call counted as the processor recorded them
 //!   ([`BulkJob::recorded_progress`]), or saying the count is unknown when none was.
+//! - The erasure that follows a return ([`BulkJob::returned`]) compares the count with the
+//!   members the export wrote: more members now (sign-ups since the export) stop it with a
+//!   permanent error before the delete, which removes the audience whole; otherwise the
+//!   count is recorded with the processor ([`crate::ProgressReporter::record_now`]) before
+//!   the delete is sent.
 
 use serde_json::Value;
 
@@ -186,7 +191,17 @@ async fn erase_audience(
         None if job.interrupted => return Ok(deleted_by_cut_off_call(api.list_id(), job)),
         None => return Err(missing_audience(api)),
     };
-    job.progress.report(progress(0, count));
+    match &job.returned {
+        // Past the check: recorded before the delete, so that a retry or a resumed call is
+        // not checked again.
+        Some(returned) => {
+            let held = progress(0, count);
+            let holder = format!("mailchimp audience {}", api.list_id());
+            crate::check_returned(returned, &held, &holder, &job.controller)?;
+            job.progress.record_now(held).await?;
+        }
+        None => job.progress.report(progress(0, count)),
+    }
     // Missing here means it went between the count and now; the check below decides.
     let lost = match api.delete_list(scrub).await? {
         Deletion::Deleted | Deletion::Missing => None,

@@ -70,6 +70,7 @@ fn job(
         recorded_progress: Default::default(),
         export,
         progress,
+        returned: None,
     };
     (job, seen)
 }
@@ -680,4 +681,78 @@ async fn an_audience_delete_that_went_unanswered_and_did_not_land_is_sent_again(
     let out = connector.run_bulk(&confirm).await.unwrap();
     assert!(matches!(out, Outcome::Completed { .. }), "{out:?}");
     assert_eq!(fake.members_of(ACME_LIST).unwrap().len(), 3);
+}
+
+/// The erasure after a return: a member who signed up after the export stops it before the
+/// delete, the audience whole, with a permanent error saying how many arrived; holding only
+/// what was returned, it records its count with the processor, then deletes as before.
+#[tokio::test]
+async fn a_bulk_erasure_after_a_return_refuses_sign_ups_since_the_export() {
+    let (fake, connector) = two_audiences().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sink = ExportSink::new(dir.path().join("ce"), vec![]);
+    sink.reset().await.unwrap();
+    let (export, seen) = job("acme", BulkOp::Export, Some(sink));
+    connector.run_bulk(&export).await.unwrap();
+    let returned = *seen.borrow();
+    assert_eq!(returned, members_progress(3, 3));
+
+    let newcomer = fake.subscribe(PEKKA, "Pekka", "Nieminen");
+    fake.audience().calls.clear();
+    let (erase, _) = job("acme", BulkOp::Erase, None);
+    let erase = BulkJob {
+        returned: Some(returned),
+        ..erase
+    };
+    let err = connector.run_bulk(&erase).await.unwrap_err();
+    let ConnectorError::Permanent(m) = &err else {
+        panic!("{err:?}");
+    };
+    assert!(
+        m.starts_with(&format!(
+            "mailchimp audience {ACME_LIST}: 1 record(s) (1 subject(s)) of controller acme \
+             arrived after the contract end's export"
+        )),
+        "{m}"
+    );
+    assert!(m.contains("nothing was erased there"), "{m}");
+    assert!(m.contains("ends the contract again"), "{m}");
+    assert_eq!(fake.members_of(ACME_LIST).unwrap().len(), 4);
+    assert_eq!(
+        fake.audience().calls,
+        [format!("GET /3.0/lists/{ACME_LIST}/members")]
+    );
+
+    // Only what was returned is held again: the count is recorded before the delete, and a
+    // recorder that cannot record it stops the erasure there.
+    fake.audience().members.remove(&newcomer);
+    assert_eq!(fake.members_of(ACME_LIST).unwrap().len(), 3);
+    for (answer, deleted) in [(Err("lease lost".to_string()), false), (Ok(()), true)] {
+        fake.audience().calls.clear();
+        let (progress, _seen, mut asked) = ProgressReporter::recorded();
+        let erase = BulkJob {
+            progress,
+            ..erase.clone()
+        };
+        let record = async {
+            let r = asked.recv().await.expect("asked to record");
+            let calls = fake.audience().calls.clone();
+            let _ = r.done.send(answer.clone());
+            (r.progress, calls)
+        };
+        let (out, (recorded, calls_then)) = tokio::join!(connector.run_bulk(&erase), record);
+        assert_eq!(recorded, members_progress(0, 3));
+        assert_eq!(
+            calls_then,
+            [format!("GET /3.0/lists/{ACME_LIST}/members")],
+            "recorded before the delete"
+        );
+        match (out, deleted) {
+            (Ok(Outcome::Completed { erased, .. }), true) => assert_eq!(erased[0].count, 3),
+            (Err(e), false) => assert!(e.is_transient(), "{e:?}"),
+            (out, _) => panic!("{out:?}"),
+        }
+        assert_eq!(fake.members_of(ACME_LIST).is_none(), deleted);
+    }
+    assert_eq!(fake.members_of(GLOBEX_LIST).unwrap(), globex_members());
 }

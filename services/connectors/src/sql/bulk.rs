@@ -169,6 +169,7 @@ impl Scoped<'_> {
             .filter(|t| t.action != Action::Keep)
             .collect();
         let mut tx = self.begin().await?;
+        self.check_returned(&mut tx, job).await?;
         let mut progress = self.totals(&erased_tables).count(&mut tx).await?;
         // As a subject's erasure refuses a subject with an undated row, before erasing
         // anything: without its date a row's retention cannot be known.
@@ -193,7 +194,12 @@ impl Scoped<'_> {
         tx.commit()
             .await
             .map_err(|e| classify("finishing the count", &e))?;
-        job.progress.report(progress);
+        match job.returned {
+            // Past the check: recorded before a row goes, so that a retry or a resumed call
+            // is not checked again against what this one erases.
+            Some(_) => job.progress.record_now(progress).await?,
+            None => job.progress.report(progress),
+        }
 
         let mut counts: Vec<ErasedCount> = Vec::new();
         let mut notes = Vec::new();
@@ -522,6 +528,37 @@ impl Scoped<'_> {
              AS BIGINT) AS by_condition FROM {table} WHERE {filter}"
         ))
     }
+}
+
+impl Scoped<'_> {
+    /// The check of an erasure that follows a return ([`BulkJob::returned`]): the
+    /// controller's rows now, counted by the export's statements (over the tables
+    /// [`Self::bulk_export`] returns, `keep` tables with `export` columns among them, and
+    /// every top-level table's rows as subjects), against what it returned. A `keep` table's
+    /// rows thus count on both sides: counted on the erasure's side alone, the rows a
+    /// returned `keep` table holds would hide as many that arrived in an erased table.
+    async fn check_returned(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        job: &BulkJob,
+    ) -> Result<(), ConnectorError> {
+        let Some(returned) = &job.returned else {
+            return Ok(());
+        };
+        let tables: Vec<&TableRule> = (self.config.tables.iter())
+            .filter(|t| returned_by_export(t))
+            .collect();
+        let held = self.totals(&tables).count(tx).await?;
+        let names: Vec<&str> = tables.iter().map(|t| t.table.as_str()).collect();
+        let holder = format!("sql tables {}", names.join(", "));
+        crate::check_returned(returned, &held, &holder, &job.controller)
+    }
+}
+
+/// Whether a contract end's export returns `rule`'s table, as [`Scoped::bulk_export`]
+/// selects them: it has `export` columns, or the erasure deletes or anonymizes it.
+fn returned_by_export(rule: &TableRule) -> bool {
+    !rule.export.is_empty() || rule.action != Action::Keep
 }
 
 /// The column a top-level table's batches are ranges of: the column its children link to

@@ -137,6 +137,11 @@
 //!   date is missing or not `YYYY-MM-DD` (month 01–12, day 01–31) stops the step with a
 //!   permanent error, as it stops a subject's erasure. A value that passes and is still no
 //!   date (`2024-02-31`) is found when the batches are done, and stops the step then.
+//! - Erase after a return ([`crate::BulkJob::returned`]): first the export's own counts are
+//!   taken again (its tables, `keep` ones with `export` columns included); more subjects or
+//!   records than were returned stop the step with a permanent error before anything is
+//!   erased. Otherwise the erasure's totals are recorded with the processor
+//!   ([`crate::ProgressReporter::record_now`]) before the first batch.
 //!
 //! A crash or error between batches leaves the committed batches done and the rest
 //! untouched; the processor's retry runs the step again, which finds only what is left

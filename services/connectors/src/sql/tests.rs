@@ -2225,6 +2225,7 @@ fn bulk_job(
         recorded_progress: Default::default(),
         export,
         progress,
+        returned: None,
     };
     (job, rx)
 }
@@ -4071,4 +4072,88 @@ async fn bulk_batches_of_text_and_uuid_keys_read_the_keys_index(url: String) {
     for (table, ..) in &tables {
         assert_eq!(count(&db, &format!("{C} FROM {table}")).await, 0, "{table}");
     }
+}
+
+on_both_backends!(bulk_erasure_after_a_return_refuses_rows_added_since);
+
+/// The erasure after a return: rows added since the export (a contact of a returned
+/// customer, then a new customer) stop it before anything is erased, with a permanent error
+/// saying how many arrived; holding no more than was returned (one returned contact gone
+/// meanwhile), it records its totals with the processor, then erases as before.
+async fn bulk_erasure_after_a_return_refuses_rows_added_since(url: String) {
+    let (connector, db) = sample(&url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sink = ExportSink::new(dir.path().join("ce"), vec!["billing".into()]);
+    sink.reset().await.unwrap();
+    let (job, rx) = bulk_job(
+        "acme",
+        crate::BulkOp::Export,
+        Phase::Start,
+        now(),
+        Some(sink),
+    );
+    let (_, returned) = run_bulk_watched(&connector, job, rx).await;
+    let erase = |reporter: crate::ProgressReporter| crate::BulkJob {
+        returned: Some(returned),
+        progress: reporter,
+        ..bulk_job("acme", crate::BulkOp::Erase, Phase::Start, now(), None).0
+    };
+
+    exec(
+        &db,
+        "INSERT INTO contacts (id, customer_id, name) VALUES (9001, 1, 'Uusi Yhteys')",
+    )
+    .await;
+    let refused = |more: &str| {
+        format!(
+            "sql tables contacts, invoices, ledger_entries, customers: {more} of controller \
+             acme arrived after the contract end's export and were never returned"
+        )
+    };
+    for (added, more) in [
+        (None, "1 record(s) (0 subject(s))"),
+        (
+            Some("INSERT INTO customers (id, customer_no, name) VALUES (9002, 'C-9002', 'Uusi')"),
+            "2 record(s) (1 subject(s))",
+        ),
+    ] {
+        if let Some(sql) = added {
+            exec(&db, sql).await;
+        }
+        let before = dump(&db, "1 = 1").await;
+        let err = crate::Connector::run_bulk(&connector, &erase(crate::ProgressReporter::new().0))
+            .await
+            .unwrap_err();
+        let crate::ConnectorError::Permanent(m) = &err else {
+            panic!("{err:?}");
+        };
+        assert!(m.starts_with(&refused(more)), "{m}");
+        assert!(m.contains("nothing was erased there"), "{m}");
+        assert_eq!(
+            dump(&db, "1 = 1").await,
+            before,
+            "erased despite the refusal"
+        );
+    }
+
+    // Fewer than returned is fine: only what was returned is there, and less of it.
+    exec(&db, "DELETE FROM contacts WHERE id IN (9001, 201)").await;
+    exec(&db, "DELETE FROM customers WHERE id = 9002").await;
+    let (reporter, _seen, mut asked) = crate::ProgressReporter::recorded();
+    let job = erase(reporter);
+    let record = async {
+        let r = asked.recv().await.expect("asked to record");
+        let customers = count(&db, &format!("{C} FROM customers")).await;
+        let _ = r.done.send(Ok(()));
+        (r.progress, customers)
+    };
+    let (out, (recorded, customers_then)) =
+        tokio::join!(crate::Connector::run_bulk(&connector, &job), record);
+    assert_eq!(customers_then, 6, "recorded before the first batch");
+    assert_eq!(
+        (recorded.subjects_total, recorded.records_total),
+        (returned.subjects_total, returned.records_total - 1)
+    );
+    assert!(matches!(out, Ok(Outcome::Retained { .. })), "{out:?}");
+    assert_eq!(count(&db, &format!("{C} FROM contacts")).await, 0);
 }

@@ -378,6 +378,61 @@ impl Store {
         Ok(Some(row.sequence))
     }
 
+    /// Records what the return of `key`'s task counted (`returned`'s done counts), for the
+    /// erasure's check ([`dsrelay_connectors::BulkJob::returned`]), if the task still awaits
+    /// the controller's confirmation at `expected_sequence` under the claim `lease_owner`.
+    /// Written before the erasure's start, which gives the task's counts to the erasure; a
+    /// claim cut off between the two writes it again. False when the task changed.
+    pub async fn record_returned(
+        &self,
+        key: &TaskKey,
+        expected_sequence: i64,
+        lease_owner: &str,
+        returned: BulkProgress,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tasks SET returned_subjects = $1, returned_records = $2 \
+             WHERE controller = $3 AND request_id = $4 AND subprocessor = $5 \
+             AND sequence = $6 AND contract_phase = $7 AND lease_owner = $8",
+        )
+        .bind(stored_count(returned.subjects_done))
+        .bind(stored_count(returned.records_done))
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .bind(expected_sequence)
+        .bind(i64::from(ContractPhase::AwaitingConfirmation as i32))
+        .bind(lease_owner)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// What the return of `key`'s task counted ([`Store::record_returned`]), as the export's
+    /// done counts (its totals the same); `None` when nothing was returned before its
+    /// erasure.
+    pub async fn returned(&self, key: &TaskKey) -> Result<Option<BulkProgress>> {
+        let row: Option<(Option<i64>, Option<i64>)> = sqlx::query_as(
+            "SELECT returned_subjects, returned_records FROM tasks \
+             WHERE controller = $1 AND request_id = $2 AND subprocessor = $3",
+        )
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .fetch_optional(&self.db.pool)
+        .await?;
+        let count = |v: i64| u64::try_from(v).unwrap_or(0);
+        Ok(match row {
+            Some((Some(subjects), Some(records))) => Some(BulkProgress {
+                subjects_done: count(subjects),
+                subjects_total: count(subjects),
+                records_done: count(records),
+                records_total: count(records),
+            }),
+            _ => None,
+        })
+    }
+
     /// The contract ends delivered here (only `controller`'s unless empty), newest first.
     pub async fn contract_ends(&self, controller: &str) -> Result<Vec<ContractEndRow>> {
         let rows: Vec<TermsRecord> = sqlx::query_as(&format!(

@@ -1,0 +1,310 @@
+//! The erasure that follows a return is checked against what the return counted, through
+//! the processor's real store (SQLite, and PostgreSQL when `DSRELAY_TEST_POSTGRES_URL`
+//! names a server) and runner: the counts go with the task when the confirmation releases
+//! the erasure, every call gets them until one records that it passed the check, a holder
+//! holding more fails the task with its reason, and a DELETE is never checked.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use dsrelay_connectors::{
+    check_returned, BoxFuture, BulkJob, BulkProgress, Connector, ConnectorError, Outcome, Task,
+};
+use dsrelay_proto::timestamp_from_millis;
+use dsrelay_proto::v1::{
+    ContractEnd, ContractEndChoice, ContractPhase, DeliverRequest, RequestKind, RequestParameters,
+    TaskState,
+};
+use dsrelay_runtime::pki::DevPki;
+
+use crate::app::Shared;
+use crate::store::Transition;
+use crate::task_machine::ContractStep;
+use crate::{App, Config};
+
+/// What the return counted in these tests: 3 subjects, 7 records.
+const RETURNED: BulkProgress = BulkProgress {
+    subjects_done: 3,
+    subjects_total: 3,
+    records_done: 7,
+    records_total: 7,
+};
+
+/// What a call of [`Holder`] does.
+#[derive(Debug, Clone, Copy)]
+enum Call {
+    /// Fails transiently before its check.
+    FailBeforeCheck,
+    /// Passes its check, records that, then fails transiently (part erased, say).
+    PassThenFail,
+    /// Checks, records, erases: COMPLETED.
+    Finish,
+}
+
+/// A holder of `held` (as its export counts), taking its calls from `script` in order and
+/// noting each call's [`BulkJob::returned`].
+struct Holder {
+    held: BulkProgress,
+    script: Mutex<Vec<Call>>,
+    seen: Mutex<Vec<Option<BulkProgress>>>,
+}
+
+impl Holder {
+    fn new(held: BulkProgress, script: &[Call]) -> Arc<Self> {
+        Arc::new(Self {
+            held,
+            script: Mutex::new(script.iter().rev().copied().collect()),
+            seen: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn seen(&self) -> Vec<Option<BulkProgress>> {
+        self.seen.lock().expect("seen").clone()
+    }
+}
+
+impl Connector for Holder {
+    fn kind_name(&self) -> &'static str {
+        "holder"
+    }
+
+    fn supports(&self, _kind: RequestKind) -> bool {
+        true
+    }
+
+    fn run<'a>(&'a self, _task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async { Err(ConnectorError::Permanent("bulk only".into())) })
+    }
+
+    fn run_bulk<'a>(&'a self, job: &'a BulkJob) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async move {
+            self.seen.lock().expect("seen").push(job.returned);
+            let call = self.script.lock().expect("script").pop();
+            let call = call.ok_or_else(|| ConnectorError::Permanent("unscripted".into()))?;
+            let transient = || Err(ConnectorError::Transient("the holder went away".into()));
+            if let Call::FailBeforeCheck = call {
+                return transient();
+            }
+            if let Some(returned) = &job.returned {
+                check_returned(returned, &self.held, "holder crm", &job.controller)?;
+            }
+            job.progress.record_now(self.held).await?;
+            match call {
+                Call::PassThenFail => transient(),
+                _ => Ok(Outcome::Completed {
+                    records_affected: 7,
+                    note: "erased".into(),
+                    files: Vec::new(),
+                    erased: Vec::new(),
+                }),
+            }
+        })
+    }
+}
+
+fn config(dir: &std::path::Path, database_url: &str) -> Config {
+    let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
+    let checkpoint_key = pki.signing_key("processor");
+    let checkpoint_file = dir.join("audit/checkpoints.jsonl");
+    let tls = pki.files("processor");
+    let text = format!(
+        "database_url = {database_url:?}\ndata_dir = {:?}\nidentity_hash_key = \"k\"\n\
+         signing_key = {:?}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
+         [audit]\ncheckpoint_key = {checkpoint_key:?}\ncheckpoint_file = {checkpoint_file:?}\n\
+         [[subprocessors]]\nname = \"crm\"\ncategories = [\"contact\"]\n\
+         connector = {{ type = \"noop\" }}\n\
+         [[controllers]]\nname = \"acme\"\nidentity = \"spiffe://dsrelay.dev/registry/0\"\n\
+         registry_endpoint = \"https://localhost:1\"\n",
+        dir.join("data"),
+        pki.signing_key("processor"),
+        tls.ca,
+        tls.cert,
+        tls.key,
+    );
+    let file = dir.join("processor.toml");
+    std::fs::write(&file, text).expect("config file");
+    Config::load_from(Some(&file), Vec::new()).expect("config")
+}
+
+fn terms(choice: ContractEndChoice, now: i64, return_confirmed: bool) -> ContractEnd {
+    ContractEnd {
+        choice: choice as i32,
+        effective_at: Some(timestamp_from_millis(now)),
+        grace_ends_at: Some(timestamp_from_millis(now + 1_000)),
+        return_confirmed,
+        transfer_recipient: String::new(),
+    }
+}
+
+/// A processor whose subprocessor `crm` is `holder`, with contract end `r-1` of `choice`
+/// accepted; for RETURN_THEN_DELETE its task is moved to AWAITING_CONFIRMATION with
+/// [`RETURNED`] as the export's counts, and the return confirmed.
+async fn contract_end(
+    database_url: &str,
+    dir: &std::path::Path,
+    holder: Arc<Holder>,
+    choice: ContractEndChoice,
+) -> (App, Arc<Shared>) {
+    let connectors = HashMap::from([("crm".to_string(), holder as Arc<dyn Connector>)]);
+    let app = App::with_connectors(config(dir, database_url), connectors)
+        .await
+        .expect("app");
+    let shared = app.shared();
+    let now = shared.clock.now_ms();
+    let req = DeliverRequest {
+        request_id: "r-1".into(),
+        kind: RequestKind::ContractEnd as i32,
+        parameters: Some(RequestParameters {
+            contract_end: Some(terms(choice, now, false)),
+            ..Default::default()
+        }),
+        due_at: Some(timestamp_from_millis(now + 30 * 86_400_000)),
+        ..Default::default()
+    };
+    shared
+        .store
+        .accept("acme", &req, &["crm".to_string()], None, now)
+        .await
+        .expect("accept");
+    if choice == ContractEndChoice::ReturnThenDelete {
+        let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+        let returned = Transition {
+            state: TaskState::InProgress,
+            contract: Some(ContractStep {
+                phase: ContractPhase::AwaitingConfirmation,
+                progress: Some(RETURNED),
+                scheduled_at: None,
+            }),
+            ..Default::default()
+        };
+        shared
+            .store
+            .transition(&task.key, task.sequence, &returned, now, 0)
+            .await
+            .expect("move")
+            .expect("moved");
+        shared
+            .store
+            .update_contract_end("acme", "r-1", &terms(choice, now, true), None, now + 1)
+            .await
+            .expect("confirm");
+    }
+    (app, shared)
+}
+
+/// Claims what is due by `at` and runs it; how many tasks ran.
+async fn step(shared: &Arc<Shared>, at: i64) -> usize {
+    let jobs = shared
+        .store
+        .claim_tasks(at, 10, 30_000)
+        .await
+        .expect("claim");
+    let n = jobs.len();
+    for job in jobs {
+        crate::runner::run_task(shared, job).await.expect("step");
+    }
+    n
+}
+
+/// Retries get what was returned until a call records that it passed the check; the call
+/// after that (a retry, or a resumed call, of an erasure that may have erased part) is not
+/// checked again, even though fewer records are held than were returned.
+async fn checked_until_a_call_passed(database_url: &str, dir: &std::path::Path) {
+    let held = BulkProgress {
+        subjects_done: 0,
+        subjects_total: 3,
+        records_done: 0,
+        records_total: 6,
+    };
+    let script = [Call::FailBeforeCheck, Call::PassThenFail, Call::Finish];
+    let holder = Holder::new(held, &script);
+    let choice = ContractEndChoice::ReturnThenDelete;
+    let (_app, shared) = contract_end(database_url, dir, holder.clone(), choice).await;
+    for _ in script {
+        assert_eq!(step(&shared, shared.clock.now_ms() + 10).await, 1);
+        // Past the backoff, and past the mark of the holder as unreachable.
+        shared.clock.advance(3_600_000);
+    }
+    assert_eq!(holder.seen(), [Some(RETURNED), Some(RETURNED), None]);
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(task.state, TaskState::Completed, "{task:?}");
+}
+
+/// A holder holding more than was returned: the task FAILS with its reason (the data is
+/// still there), in phase DELETING, never COMPLETED; its acknowledgement says so.
+async fn more_held_than_returned_fails_the_task(database_url: &str, dir: &std::path::Path) {
+    let held = BulkProgress {
+        subjects_done: 0,
+        subjects_total: 3,
+        records_done: 0,
+        records_total: 8,
+    };
+    let holder = Holder::new(held, &[Call::Finish]);
+    let choice = ContractEndChoice::ReturnThenDelete;
+    let (_app, shared) = contract_end(database_url, dir, holder.clone(), choice).await;
+    assert_eq!(step(&shared, shared.clock.now_ms() + 10).await, 1);
+    assert_eq!(holder.seen(), [Some(RETURNED)]);
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(task.state, TaskState::Failed, "{task:?}");
+    assert_eq!(task.phase, ContractPhase::Deleting, "{task:?}");
+    assert!(
+        task.reason.starts_with(
+            "holder crm: 1 record(s) (0 subject(s)) of controller acme arrived after the \
+             contract end's export"
+        ),
+        "{}",
+        task.reason
+    );
+    assert!(
+        task.reason.contains("nothing was erased there"),
+        "{}",
+        task.reason
+    );
+    let status = task.to_status();
+    assert_eq!(status.state, TaskState::Failed as i32);
+    assert_eq!(status.reason, task.reason);
+}
+
+/// A DELETE returned nothing: its erasure is not checked, whatever the holder holds.
+async fn a_delete_is_not_checked(database_url: &str, dir: &std::path::Path) {
+    let held = BulkProgress {
+        subjects_done: 0,
+        subjects_total: 30,
+        records_done: 0,
+        records_total: 80,
+    };
+    let holder = Holder::new(held, &[Call::Finish]);
+    let choice = ContractEndChoice::Delete;
+    let (_app, shared) = contract_end(database_url, dir, holder.clone(), choice).await;
+    assert_eq!(step(&shared, shared.clock.now_ms() + 10).await, 1);
+    assert_eq!(holder.seen(), [None]);
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(task.state, TaskState::Completed, "{task:?}");
+}
+
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let url = format!("sqlite://{}/processor.db", dir.path().display());
+                super::$name(&url, dir.path()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                crate::test_postgres::on_postgres(|url, dir| async move {
+                    super::$name(&url, &dir).await
+                })
+                .await;
+            }
+        }
+    )*};
+}
+
+on_both!(
+    checked_until_a_call_passed,
+    more_held_than_returned_fails_the_task,
+    a_delete_is_not_checked,
+);
