@@ -128,8 +128,9 @@ pub enum Command {
     Package(PackageArgs),
     /// Download a return-of-data package into a folder (--out) or a zip file (--zip),
     /// checking every file's size and SHA-256 against the manifest; exits 1 naming any
-    /// file that fails (deleted from the folder, which then gets no manifest.json; no zip
-    /// is kept).
+    /// file that fails (not written to the folder, which then gets no manifest.json; no zip
+    /// is kept). Nothing takes its name before it verified; cut short, the same command
+    /// run again finishes the download.
     Download(DownloadArgs),
     /// Development PKI.
     #[command(subcommand)]
@@ -693,12 +694,15 @@ pub struct DownloadArgs {
     /// The request id.
     pub id: String,
 
-    /// Write every file under this folder, which must be new or empty, and manifest.json
-    /// once every file verified.
+    /// Write every file under this folder, and manifest.json once every file verified. The
+    /// folder must be new or empty, or hold only what a run of this same download cut short
+    /// left (files that match the manifest, and its hidden .dsrctl-download folder, where
+    /// each file is written until it verifies).
     #[arg(long, value_name = "DIR", group = "destination")]
     pub out: Option<PathBuf>,
 
     /// Write a zip file (deflate) holding manifest.json and every file; it must not exist.
+    /// The zip is written beside it as .FILE.dsrctl-partial until whole and verified.
     #[arg(long, value_name = "FILE", group = "destination")]
     pub zip: Option<PathBuf>,
 }

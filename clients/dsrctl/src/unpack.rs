@@ -8,14 +8,16 @@
 //! A folder with `manifest.json` vouches for the package (`dsrctl contracts confirm --package`
 //! has the source delete the data on its word), so [`DirSink`] writes the manifest only once
 //! every file verified, and both sinks make what they wrote durable before reporting success.
-//! [`check_folder`] checks such a folder again.
+//! Neither gives a file its real name before it is whole and verified (a file is written in
+//! the folder's staging folder, a zip under a hidden name beside it), so a download cut short
+//! can be run again into the same place. [`check_folder`] checks such a folder again.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use dsrelay_sdk::proto::{ManifestFile, PackageFileChunk, PackageInfo};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -143,7 +145,7 @@ pub(crate) fn check_folder(root: &Path, manifest_json: &[u8]) -> Result<(), Stri
         .filter_map(|f| {
             let verdict = check_path(&f.path)
                 .map_err(|reason| format!("the path {reason}"))
-                .and_then(|()| check_file(&root.join(&f.path), f));
+                .and_then(|()| check_file(&root.join(&f.path), f.size, &f.sha256));
             verdict.err().map(|reason| format!("{}: {reason}", f.path))
         })
         .collect();
@@ -154,17 +156,16 @@ pub(crate) fn check_folder(root: &Path, manifest_json: &[u8]) -> Result<(), Stri
     }
 }
 
-/// Checks the file at `path` against its listing.
-fn check_file(path: &Path, listed: &Listed) -> Result<(), String> {
+/// Checks the file at `path` against its manifest entry's size and SHA-256.
+fn check_file(path: &Path, size: u64, sha256: &str) -> Result<(), String> {
     let mut file = match File::open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err("missing".into()),
         Err(e) => return Err(e.to_string()),
     };
     let mut check = FileCheck::new(&ManifestFile {
-        path: listed.path.clone(),
-        size: listed.size,
-        sha256: listed.sha256.clone(),
+        size,
+        sha256: sha256.to_string(),
         ..Default::default()
     });
     let mut buf = vec![0; 64 * 1024];
@@ -225,38 +226,311 @@ pub(crate) trait Sink {
     fn end(&mut self, verified: bool) -> anyhow::Result<()>;
     /// Ends the package; `verified` false when some file failed. Returns what was done
     /// with the failures, for the user. With `verified`, what was written is durable once
-    /// this returns `Ok`.
+    /// this returns `Ok`; on `Err`, the error says what was left.
     fn finish(self: Box<Self>, verified: bool) -> anyhow::Result<Option<String>>;
-    /// Gives up after an error: removes what cannot be trusted.
-    fn abort(self: Box<Self>);
+    /// Gives up after an error: removes what cannot be trusted, and says what is left.
+    fn abort(self: Box<Self>) -> String;
 }
 
-/// Writes a package into a folder, each file at its manifest path; a file that fails its
-/// check is deleted. `manifest.json` is written last, only when every file verified.
+/// The hidden folder inside `--out` where [`DirSink`] writes each file until it verifies,
+/// so that nothing partial ever carries a manifest path.
+pub(crate) const STAGING_NAME: &str = ".dsrctl-download";
+/// In the staging folder: the id of the request whose package is written there, so a later
+/// run of the same download knows the folder for its own. It stays until the package is
+/// whole, also when a run stops early.
+const OWNER_NAME: &str = "request";
+/// The ending of every file written in the staging folder.
+const PARTIAL_SUFFIX: &str = ".partial";
+
+/// The files and folders of an `--out` folder, outside the staging folder: paths relative
+/// to it, `/`-separated.
+#[derive(Debug, Default)]
+struct Survey {
+    files: Vec<String>,
+    folders: Vec<String>,
+    /// The folder has the staging folder of a run of the same download.
+    ours: bool,
+}
+
+/// Why `what`, found in the `--out` folder `root`, stops the download.
+fn in_the_way(root: &Path, what: &str, why: &str) -> String {
+    format!(
+        "--out {} holds {what}, {why}: give a new or empty folder, or move that away",
+        root.display()
+    )
+}
+
+/// Lists what the folder `root` holds, refusing what no download of `request_id` leaves:
+/// a symbolic link (a write through one could land outside the folder), anything but files
+/// and folders, a name that is not UTF-8, or a staging folder of another request.
+fn survey(root: &Path, request_id: &str) -> Result<Survey, String> {
+    let mut found = Survey::default();
+    let mut pending = vec![String::new()];
+    while let Some(rel) = pending.pop() {
+        let folder = root.join(&rel);
+        let unreadable = |e: std::io::Error| format!("--out: reading {}: {e}", folder.display());
+        for entry in std::fs::read_dir(&folder).map_err(unreadable)? {
+            let entry = entry.map_err(unreadable)?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else {
+                let shown = folder.join(&name).display().to_string();
+                return Err(in_the_way(root, &shown, "a name no package file has"));
+            };
+            let path = if rel.is_empty() {
+                name.to_string()
+            } else {
+                format!("{rel}/{name}")
+            };
+            // file_type does not follow a symbolic link: it is seen as one.
+            let kind = entry.file_type().map_err(unreadable)?;
+            if path == STAGING_NAME {
+                found.ours = check_staging(root, request_id)?;
+                continue;
+            }
+            if kind.is_dir() {
+                pending.push(path.clone());
+                found.folders.push(path);
+            } else if kind.is_file() {
+                found.files.push(path);
+            } else {
+                return Err(in_the_way(
+                    root,
+                    &path,
+                    "which is neither a file nor a folder (dsrctl writes through no \
+                     symbolic link)",
+                ));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Accepts the staging folder in `root` when a run of the download of `request_id` left it
+/// (`Ok(true)`), or when it is empty (`Ok(false)`: made by a run stopped right then).
+fn check_staging(root: &Path, request_id: &str) -> Result<bool, String> {
+    let staging = root.join(STAGING_NAME);
+    let not_ours = || {
+        in_the_way(
+            root,
+            STAGING_NAME,
+            "which is not what an interrupted dsrctl download leaves",
+        )
+    };
+    let is_folder = std::fs::symlink_metadata(&staging).map(|m| m.is_dir());
+    if !matches!(is_folder, Ok(true)) {
+        return Err(not_ours());
+    }
+    let unreadable = |e: std::io::Error| format!("--out: reading {}: {e}", staging.display());
+    let mut owner = None;
+    let mut partials = 0;
+    for entry in std::fs::read_dir(&staging).map_err(unreadable)? {
+        let entry = entry.map_err(unreadable)?;
+        if !entry.file_type().map_err(unreadable)?.is_file() {
+            return Err(not_ours());
+        }
+        let name = entry.file_name();
+        match name.to_str() {
+            Some(OWNER_NAME) => {
+                let mut id = Vec::new();
+                File::open(entry.path())
+                    .and_then(|f| f.take(1024).read_to_end(&mut id))
+                    .map_err(unreadable)?;
+                owner = Some(String::from_utf8_lossy(&id).into_owned());
+            }
+            Some(name) if name.ends_with(PARTIAL_SUFFIX) => partials += 1,
+            _ => return Err(not_ours()),
+        }
+    }
+    match owner {
+        Some(id) if id == request_id => Ok(true),
+        None if partials == 0 => Ok(false),
+        Some(id) => Err(in_the_way(
+            root,
+            STAGING_NAME,
+            &format!(
+                "what an interrupted download of request {id:?} left (run that download \
+                 again to finish it)"
+            ),
+        )),
+        None => Err(not_ours()),
+    }
+}
+
+/// Removes every file in the staging folder (only files: [`check_staging`] accepted no
+/// other) but, with `keep_owner`, the one naming the request; leaves the folder.
+fn empty_staging(staging: &Path, keep_owner: bool) -> anyhow::Result<()> {
+    let context = || format!("emptying {}", staging.display());
+    for entry in std::fs::read_dir(staging).with_context(context)? {
+        let entry = entry.with_context(context)?;
+        if !entry.file_type().with_context(context)?.is_file() {
+            bail!("{} is not dsrctl's: remove it", entry.path().display());
+        }
+        if keep_owner && entry.file_name() == OWNER_NAME {
+            continue;
+        }
+        // Removes a name, never what a link points to.
+        std::fs::remove_file(entry.path())
+            .with_context(|| format!("deleting {}", entry.path().display()))?;
+    }
+    Ok(())
+}
+
+/// What an earlier, interrupted run of the same download left in the `--out` folder: the
+/// files at their manifest paths, each matching the manifest's size and SHA-256.
+#[derive(Debug, Default)]
+pub(crate) struct Leftovers {
+    in_place: HashSet<String>,
+}
+
+/// Writes a package into a folder. Each file is written in the staging folder, synced, and
+/// renamed to its manifest path only once it verified; a file that fails its check is
+/// deleted. `manifest.json` is written last, only when every file verified, and the staging
+/// folder is then removed.
+///
+/// A folder an interrupted run of the same download left (verified files at their paths,
+/// a staging folder of the same request) is taken up again: the protocol has every file
+/// sent again, but those already in place are only checked as they stream, not rewritten.
 pub(crate) struct DirSink {
     root: PathBuf,
+    staging: PathBuf,
     /// `manifest.json`, kept back until every file verified.
     manifest: Option<Vec<u8>>,
+    /// Files an earlier run left verified at their paths.
+    in_place: HashSet<String>,
     /// Every folder whose entries the download changed: each is synced before success.
     folders: BTreeSet<PathBuf>,
-    current: Option<(PathBuf, BufWriter<File>)>,
+    current: Option<Writing>,
+    /// Files begun in the staging folder, for their names there.
+    staged: usize,
+    /// Files verified at their paths: renamed there by this run, or left by an earlier one.
+    verified: usize,
+    /// Files left in place by an earlier run whose bytes failed their check in this one.
+    kept_despite: Vec<String>,
+}
+
+/// The file being received by a [`DirSink`].
+enum Writing {
+    /// Written at `staged`, to be renamed to `target` once it verifies.
+    Staged {
+        target: String,
+        staged: PathBuf,
+        file: BufWriter<File>,
+    },
+    /// Already verified at `target`: its bytes only go through the check.
+    InPlace { target: String },
 }
 
 impl DirSink {
-    /// Refuses a folder that exists and is not empty: a package written over other files
-    /// could mix with them, and an existing symbolic link inside could redirect a write
-    /// outside the folder.
-    pub(crate) fn check_target(root: &Path) -> Result<(), String> {
-        match std::fs::read_dir(root).map(|mut entries| entries.next().is_none()) {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(format!("--out {} is not empty", root.display())),
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(err) => Err(format!("--out {}: {err}", root.display())),
+    /// Refuses, before anything is asked of the registry, a folder that is not empty and
+    /// not one a run of the download of `request_id` left (it has that run's staging
+    /// folder), one that holds what no download leaves (see [`survey`]), or a whole package
+    /// already (its `manifest.json`). A folder that passes is checked file by file against
+    /// the manifest by [`Self::check_leftovers`].
+    pub(crate) fn check_target(root: &Path, request_id: &str) -> Result<(), String> {
+        let entries = match std::fs::read_dir(root) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(err) => return Err(format!("--out {}: {err}", root.display())),
+        };
+        let (mut staging, mut others) = (false, false);
+        for entry in entries {
+            let entry = entry.map_err(|err| format!("--out {}: {err}", root.display()))?;
+            if entry.file_name() == STAGING_NAME {
+                staging = true;
+            } else {
+                others = true;
+            }
         }
+        let ours = staging && check_staging(root, request_id)?;
+        if others && !ours {
+            return Err(format!("--out {} is not empty", root.display()));
+        }
+        let found = survey(root, request_id)?;
+        if found.files.iter().any(|f| f == MANIFEST_NAME) {
+            return Err(in_the_way(
+                root,
+                MANIFEST_NAME,
+                "so a package whose download finished",
+            ));
+        }
+        Ok(())
     }
 
-    /// Creates the folder (and its parents).
-    pub(crate) fn create(root: &Path) -> anyhow::Result<Self> {
+    /// Accepts the folder for `info`'s package when it holds nothing but what an interrupted
+    /// run of the same download left: folders on the way to manifest paths, files at
+    /// manifest paths that match the manifest's size and SHA-256, and the staging folder.
+    /// Refuses a package with a path inside the staging folder.
+    pub(crate) fn check_leftovers(root: &Path, info: &PackageInfo) -> Result<Leftovers, String> {
+        if let Some(file) = info
+            .files
+            .iter()
+            .find(|f| f.path.split('/').next() == Some(STAGING_NAME))
+        {
+            return Err(format!(
+                "the package holds {:?}, inside the folder where dsrctl writes files until \
+                 they verify: download it with --zip instead",
+                file.path
+            ));
+        }
+        let mut leftovers = Leftovers::default();
+        if !root.exists() {
+            return Ok(leftovers);
+        }
+        let found = survey(root, &info.request_id)?;
+        // check_target looked, but the folder may have changed while the registry answered.
+        let empty = found.files.is_empty() && found.folders.is_empty();
+        if !found.ours && !empty {
+            return Err(format!("--out {} is not empty", root.display()));
+        }
+        let listed: HashMap<&str, &ManifestFile> =
+            info.files.iter().map(|f| (f.path.as_str(), f)).collect();
+        let on_the_way: HashSet<&str> = info
+            .files
+            .iter()
+            .flat_map(|f| f.path.match_indices('/').map(|(at, _)| &f.path[..at]))
+            .collect();
+        if let Some(folder) = found
+            .folders
+            .iter()
+            .find(|f| !on_the_way.contains(f.as_str()))
+        {
+            return Err(in_the_way(
+                root,
+                folder,
+                "a folder no file of this package is in",
+            ));
+        }
+        for path in found.files {
+            let Some(file) = listed.get(path.as_str()) else {
+                let why = if path == MANIFEST_NAME {
+                    "so a package whose download finished"
+                } else {
+                    "which is not a file of this package"
+                };
+                return Err(in_the_way(root, &path, why));
+            };
+            if let Err(reason) = check_file(&root.join(&path), file.size, &file.sha256) {
+                return Err(in_the_way(
+                    root,
+                    &path,
+                    &format!(
+                        "which does not match the manifest ({reason}), so no earlier run of \
+                         this download wrote it"
+                    ),
+                ));
+            }
+            leftovers.in_place.insert(path);
+        }
+        Ok(leftovers)
+    }
+
+    /// Creates the folder (and its parents) and its staging folder, emptied of an earlier
+    /// run's partial files, and makes durable what an earlier run left verified.
+    pub(crate) fn create(
+        root: &Path,
+        request_id: &str,
+        leftovers: Leftovers,
+    ) -> anyhow::Result<Self> {
         // The folders made here, and the one that was there, gain entries.
         let mut folders = BTreeSet::new();
         for folder in root.ancestors() {
@@ -266,16 +540,66 @@ impl DirSink {
             }
         }
         std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        let staging = root.join(STAGING_NAME);
+        match std::fs::create_dir(&staging) {
+            Ok(()) => {}
+            // An interrupted run's, of this request: check_target looked.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                empty_staging(&staging, false)?;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("creating {}", staging.display()));
+            }
+        }
+        folders.insert(staging.clone());
+        let owner = staging.join(OWNER_NAME);
+        let mut file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&owner)
+            .with_context(|| format!("creating {}", owner.display()))?;
+        file.write_all(request_id.as_bytes())
+            .with_context(|| format!("writing {}", owner.display()))?;
+        sync_file(&file, &owner)?;
+        for path in &leftovers.in_place {
+            // An earlier run synced the file before naming it; not necessarily its folders.
+            let full = root.join(path);
+            let file = File::open(&full).with_context(|| format!("opening {}", full.display()))?;
+            sync_file(&file, &full)?;
+            for folder in full.ancestors().skip(1).take_while(|f| *f != root) {
+                folders.insert(folder.to_path_buf());
+            }
+        }
         Ok(Self {
             root: root.to_path_buf(),
+            staging,
             manifest: None,
+            verified: leftovers.in_place.len(),
+            in_place: leftovers.in_place,
             folders,
             current: None,
+            staged: 0,
+            kept_despite: Vec::new(),
         })
     }
 
-    fn create_file(&mut self, path: &str) -> anyhow::Result<(PathBuf, BufWriter<File>)> {
-        let full = self.root.join(path);
+    /// A new file in the staging folder.
+    fn stage(&mut self) -> anyhow::Result<(PathBuf, BufWriter<File>)> {
+        let staged = self
+            .staging
+            .join(format!("{}{PARTIAL_SUFFIX}", self.staged));
+        self.staged += 1;
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&staged)
+            .with_context(|| format!("creating {}", staged.display()))?;
+        Ok((staged, BufWriter::with_capacity(64 * 1024, file)))
+    }
+
+    /// Gives the verified, durable file at `staged` its name `target` in the folder.
+    fn place(&mut self, staged: &Path, target: &str) -> anyhow::Result<()> {
+        let full = self.root.join(target);
         if let Some(parent) = full.parent() {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating {}", parent.display()))?;
@@ -283,31 +607,83 @@ impl DirSink {
                 self.folders.insert(folder.to_path_buf());
             }
         }
-        // create_new: a path given twice must not silently replace the first file.
-        let file = File::options()
-            .write(true)
-            .create_new(true)
-            .open(&full)
-            .with_context(|| format!("creating {}", full.display()))?;
-        Ok((full, BufWriter::with_capacity(64 * 1024, file)))
+        // Paths are unique in the manifest and the folder was surveyed: whatever is there
+        // now came from elsewhere during the download, and is not replaced.
+        match std::fs::symlink_metadata(&full) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Ok(_) => bail!(
+                "{} appeared while the download ran; it was left as it is",
+                full.display()
+            ),
+            Err(e) => return Err(e).with_context(|| format!("checking {}", full.display())),
+        }
+        std::fs::rename(staged, &full)
+            .with_context(|| format!("renaming {} to {}", staged.display(), full.display()))
     }
 
-    /// Writes `manifest.json` and makes the whole folder durable.
-    fn seal(&mut self) -> anyhow::Result<()> {
-        if let Some(json) = self.manifest.take() {
-            let (full, mut file) = self.create_file(MANIFEST_NAME)?;
-            let written = file
-                .write_all(json.as_slice())
-                .with_context(|| format!("writing {}", full.display()))
-                .and_then(|()| close_durably(file, &full))
-                .and_then(|()| sync_folders(self.folders.iter().rev().map(PathBuf::as_path)));
-            if written.is_err() {
-                // Not durable, so it must not vouch for the folder.
-                let _ = std::fs::remove_file(&full);
-            }
-            return written;
-        }
+    fn sync_all_folders(&self) -> anyhow::Result<()> {
         sync_folders(self.folders.iter().rev().map(PathBuf::as_path))
+    }
+
+    /// Makes every file's name durable, then writes `manifest.json`, removes the staging
+    /// folder and makes that durable.
+    fn seal(&mut self) -> anyhow::Result<()> {
+        // The manifest vouches for the files: their names must outlast a crash first.
+        self.sync_all_folders()?;
+        let Some(json) = self.manifest.take() else {
+            bail!("no {MANIFEST_NAME} to write");
+        };
+        let (staged, mut file) = self.stage()?;
+        file.write_all(&json)
+            .with_context(|| format!("writing {}", staged.display()))?;
+        close_durably(file, &staged)?;
+        self.place(&staged, MANIFEST_NAME)?;
+        let sealed = self
+            .remove_staging()
+            .and_then(|()| sync_folders([self.root.as_path()]));
+        if sealed.is_err() {
+            // Not durable, so it must not vouch for the folder.
+            let _ = std::fs::remove_file(self.root.join(MANIFEST_NAME));
+        }
+        sealed
+    }
+
+    /// Removes the staging folder, emptied.
+    fn remove_staging(&mut self) -> anyhow::Result<()> {
+        if let Some(Writing::Staged { file, .. }) = self.current.take() {
+            drop(file);
+        }
+        empty_staging(&self.staging, false)?;
+        std::fs::remove_dir(&self.staging)
+            .with_context(|| format!("deleting {}", self.staging.display()))
+    }
+
+    /// Removes the partial files from the staging folder, keeping the file that names the
+    /// request: by it the same command run again knows the folder for its own.
+    fn remove_partials(&mut self) -> anyhow::Result<()> {
+        if let Some(Writing::Staged { file, .. }) = self.current.take() {
+            drop(file);
+        }
+        empty_staging(&self.staging, true)
+    }
+
+    /// After an error: removes the partial files and says what the folder holds.
+    fn give_up(&mut self) -> String {
+        let staging = match self.remove_partials() {
+            Ok(()) => "nothing partial was left".to_string(),
+            Err(err) => format!(
+                "partial files stay in {} ({err:#}); the next run of the same command \
+                 removes them",
+                self.staging.display()
+            ),
+        };
+        format!(
+            "{staging}; {} keeps the files verified so far ({}), has no {MANIFEST_NAME}, and \
+             has {} naming the request: run the same command again to finish",
+            self.root.display(),
+            self.verified,
+            self.staging.join(OWNER_NAME).display()
+        )
     }
 }
 
@@ -318,79 +694,149 @@ impl Sink for DirSink {
     }
 
     fn begin(&mut self, path: &str, _size: u64) -> anyhow::Result<()> {
-        self.current = Some(self.create_file(path)?);
+        self.current = Some(if self.in_place.contains(path) {
+            Writing::InPlace {
+                target: path.to_string(),
+            }
+        } else {
+            let (staged, file) = self.stage()?;
+            Writing::Staged {
+                target: path.to_string(),
+                staged,
+                file,
+            }
+        });
         Ok(())
     }
 
     fn write(&mut self, data: &[u8]) -> anyhow::Result<()> {
-        let Some((full, file)) = &mut self.current else {
-            bail!("write outside a file");
-        };
-        file.write_all(data)
-            .with_context(|| format!("writing {}", full.display()))
+        match &mut self.current {
+            Some(Writing::Staged { staged, file, .. }) => file
+                .write_all(data)
+                .with_context(|| format!("writing {}", staged.display())),
+            Some(Writing::InPlace { .. }) => Ok(()),
+            None => bail!("write outside a file"),
+        }
     }
 
     fn end(&mut self, verified: bool) -> anyhow::Result<()> {
-        let Some((full, file)) = self.current.take() else {
-            bail!("end outside a file");
-        };
-        if verified {
-            return close_durably(file, &full);
+        match self.current.take() {
+            Some(Writing::Staged {
+                target,
+                staged,
+                file,
+            }) => {
+                if verified {
+                    close_durably(file, &staged)?;
+                    self.place(&staged, &target)?;
+                    self.verified += 1;
+                    return Ok(());
+                }
+                drop(file);
+                std::fs::remove_file(&staged)
+                    .with_context(|| format!("deleting {}", staged.display()))
+            }
+            Some(Writing::InPlace { target }) => {
+                // The copy in place matched the manifest; this run's bytes did not.
+                if !verified {
+                    self.kept_despite.push(target);
+                }
+                Ok(())
+            }
+            None => bail!("end outside a file"),
         }
-        drop(file);
-        std::fs::remove_file(&full).with_context(|| format!("deleting {}", full.display()))
     }
 
     fn finish(mut self: Box<Self>, verified: bool) -> anyhow::Result<Option<String>> {
+        let done = if verified {
+            self.seal()
+        } else {
+            // The verified files are kept (and durable); without the others, no manifest.
+            self.remove_partials()
+                .and_then(|()| self.sync_all_folders())
+        };
+        if let Err(err) = done {
+            return Err(anyhow!("{err:#}; {}", self.give_up()));
+        }
         if verified {
-            self.seal()?;
             return Ok(None);
         }
-        // The verified files are kept (and durable); without the others, no manifest.
-        self.manifest = None;
-        self.seal()?;
-        Ok(Some(format!(
-            "the files that failed were deleted from {}; the others are verified, and the \
-             folder has no {MANIFEST_NAME}, as it is not the whole package",
-            self.root.display()
-        )))
+        let mut note = format!(
+            "the files that failed were not written to {}; the {} others are verified \
+             there, and the folder has no {MANIFEST_NAME}, as it is not the whole package \
+             (the same command run again takes it up)",
+            self.root.display(),
+            self.verified - self.kept_despite.len(),
+        );
+        if !self.kept_despite.is_empty() {
+            note.push_str(&format!(
+                " ({} failed in this run but stay as an earlier run wrote them, matching \
+                 the manifest)",
+                self.kept_despite.join(", ")
+            ));
+        }
+        Ok(Some(note))
     }
 
-    fn abort(mut self: Box<Self>) {
-        // The file being written is incomplete; the finished ones were verified and stay.
-        // The manifest was never written.
-        if let Some((full, file)) = self.current.take() {
-            drop(file);
-            let _ = std::fs::remove_file(full);
-        }
+    fn abort(mut self: Box<Self>) -> String {
+        self.give_up()
     }
 }
 
-/// Writes a package into a zip file (deflate), `manifest.json` first. A zip entry cannot be
-/// taken back, so a package with any failed file leaves no zip at all.
+/// Writes a package into a zip file (deflate), `manifest.json` first. The zip is written
+/// beside its place under a hidden name, and renamed to it only once every file verified
+/// and the zip is durable: a zip cut short, or with a failed file, never takes the name.
 pub(crate) struct ZipSink {
     path: PathBuf,
+    /// Where the zip is written until it is whole.
+    partial: PathBuf,
     zip: ZipWriter<BufWriter<File>>,
 }
 
 impl ZipSink {
-    /// Refuses to replace an existing file.
+    /// The hidden name beside `path` the zip is written under.
+    fn partial_path(path: &Path) -> Result<PathBuf, String> {
+        let Some(name) = path.file_name() else {
+            return Err(format!("--zip {} names no file", path.display()));
+        };
+        let mut partial = std::ffi::OsString::from(".");
+        partial.push(name);
+        partial.push(".dsrctl-partial");
+        Ok(path.with_file_name(partial))
+    }
+
+    /// Refuses to replace an existing file, or anything but a file (an interrupted run's
+    /// partial zip) in the place of the partial zip.
     pub(crate) fn check_target(path: &Path) -> Result<(), String> {
-        match std::fs::symlink_metadata(path) {
-            Ok(_) => Err(format!("--zip {} already exists", path.display())),
-            Err(_) => Ok(()),
+        if std::fs::symlink_metadata(path).is_ok() {
+            return Err(format!("--zip {} already exists", path.display()));
+        }
+        let partial = Self::partial_path(path)?;
+        match std::fs::symlink_metadata(&partial) {
+            Ok(meta) if !meta.is_file() => Err(format!(
+                "--zip {}: {} is in the way of the zip being written: move it away",
+                path.display(),
+                partial.display()
+            )),
+            _ => Ok(()),
         }
     }
 
-    /// Creates the zip file.
+    /// Creates the partial zip, replacing one an interrupted run left.
     pub(crate) fn create(path: &Path) -> anyhow::Result<Self> {
+        let partial = Self::partial_path(path).map_err(|e| anyhow!(e))?;
+        if std::fs::symlink_metadata(&partial).is_ok_and(|m| m.is_file()) {
+            std::fs::remove_file(&partial)
+                .with_context(|| format!("deleting {}", partial.display()))?;
+        }
         let file = File::options()
             .write(true)
             .create_new(true)
-            .open(path)
-            .with_context(|| format!("creating {}", path.display()))?;
+            .open(&partial)
+            .with_context(|| format!("creating {}", partial.display()))?;
         Ok(Self {
             path: path.to_path_buf(),
+            partial,
             zip: ZipWriter::new(BufWriter::with_capacity(64 * 1024, file)),
         })
     }
@@ -403,7 +849,20 @@ impl ZipSink {
     }
 
     fn context(&self) -> String {
-        format!("writing {}", self.path.display())
+        format!("writing {}", self.partial.display())
+    }
+
+    /// Removes the partial zip and says so.
+    fn remove_partial(partial: &Path) -> String {
+        match std::fs::remove_file(partial) {
+            Ok(()) => format!("its partial copy {} was removed", partial.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => "nothing was left".into(),
+            Err(e) => format!(
+                "its partial copy {} stays ({e}); the next run of the same command \
+                 replaces it",
+                partial.display()
+            ),
+        }
     }
 }
 
@@ -434,30 +893,53 @@ impl Sink for ZipSink {
     }
 
     fn finish(self: Box<Self>, verified: bool) -> anyhow::Result<Option<String>> {
+        let Self { path, partial, zip } = *self;
         if !verified {
-            let path = self.path.clone();
-            self.abort();
-            return Ok(Some(format!("{} was not kept", path.display())));
+            drop(zip);
+            let removed = Self::remove_partial(&partial);
+            return Ok(Some(format!("{} was not kept; {removed}", path.display())));
         }
-        let path = self.path.clone();
-        let written = self
-            .zip
+        let mut renamed = false;
+        let written = zip
             .finish()
-            .with_context(|| format!("writing {}", path.display()))
-            .and_then(|out| close_durably(out, &path))
-            .and_then(|()| sync_folders(path.parent()));
+            .with_context(|| format!("writing {}", partial.display()))
+            .and_then(|out| close_durably(out, &partial))
+            .and_then(|()| {
+                // Nothing was there when the download began; something that came since is
+                // not replaced.
+                if std::fs::symlink_metadata(&path).is_ok() {
+                    bail!("{} appeared while the download ran", path.display());
+                }
+                std::fs::rename(&partial, &path).with_context(|| {
+                    format!("renaming {} to {}", partial.display(), path.display())
+                })?;
+                renamed = true;
+                sync_folders(path.parent())
+            });
         if let Err(err) = written {
             // Not known to be whole and durable: no zip, as for a failed file.
-            let _ = std::fs::remove_file(&path);
-            return Err(err);
+            let removed = if renamed {
+                let _ = std::fs::remove_file(&path);
+                "it was removed".to_string()
+            } else {
+                Self::remove_partial(&partial)
+            };
+            return Err(anyhow!(
+                "{err:#}; {} was not written, {removed}",
+                path.display()
+            ));
         }
         Ok(None)
     }
 
-    fn abort(self: Box<Self>) {
-        let Self { path, zip } = *self;
+    fn abort(self: Box<Self>) -> String {
+        let Self { path, partial, zip } = *self;
         drop(zip);
-        let _ = std::fs::remove_file(path);
+        format!(
+            "{} was not written, {}: run the same command again",
+            path.display(),
+            Self::remove_partial(&partial)
+        )
     }
 }
 
@@ -494,25 +976,29 @@ pub(crate) struct Unpacker {
 }
 
 impl Unpacker {
-    /// Checks the manifest (every path safe, none twice) and stores `manifest.json`.
-    pub(crate) fn new(info: &PackageInfo, mut sink: Box<dyn Sink>) -> anyhow::Result<Self> {
+    /// Refuses a manifest with a path that is not safe ([`check_path`]) or listed twice.
+    pub(crate) fn check_manifest(info: &PackageInfo) -> anyhow::Result<()> {
         let mut seen = HashSet::new();
         for file in &info.files {
             if let Err(reason) = check_path(&file.path) {
-                sink.abort();
                 bail!(
                     "refusing the package: manifest path {:?} {reason}",
                     file.path
                 );
             }
             if !seen.insert(file.path.as_str()) {
-                sink.abort();
                 bail!("refusing the package: manifest lists {:?} twice", file.path);
             }
         }
-        if let Err(err) = sink.manifest(&info.manifest_json) {
-            sink.abort();
-            return Err(err);
+        Ok(())
+    }
+
+    /// Checks the manifest ([`Self::check_manifest`]) and stores `manifest.json`.
+    pub(crate) fn new(info: &PackageInfo, mut sink: Box<dyn Sink>) -> anyhow::Result<Self> {
+        let stored = Self::check_manifest(info).and_then(|()| sink.manifest(&info.manifest_json));
+        if let Err(err) = stored {
+            let left = sink.abort();
+            return Err(anyhow!("{err:#}; {left}"));
         }
         Ok(Self {
             sink,
@@ -534,7 +1020,8 @@ impl Unpacker {
                 .position(|f| f.path == chunk.path)
             else {
                 bail!(
-                    "the registry sent a chunk of {:?}, which is not a file still to come in the manifest",
+                    "the registry sent a chunk of {:?}, which is not a file still to come in \
+                     the manifest",
                     chunk.path
                 );
             };
@@ -557,6 +1044,12 @@ impl Unpacker {
             }
         }
         Ok(())
+    }
+
+    /// The manifest path of the file being received, if any.
+    pub(crate) fn receiving(&self) -> Option<&str> {
+        let current = self.current.as_ref()?;
+        Some(self.files[current.index].path.as_str())
     }
 
     /// Bytes of the current file accepted so far (for tests and progress).
@@ -609,17 +1102,18 @@ impl Unpacker {
             Ok::<_, anyhow::Error>(())
         })();
         if let Err(err) = result {
-            self.sink.abort();
-            return Err(err);
+            let left = self.sink.abort();
+            return Err(anyhow!("{err:#}; {left}"));
         }
         let verified = self.outcomes.iter().all(|o| o.error.is_none());
         let note = self.sink.finish(verified)?;
         Ok((self.outcomes, note))
     }
 
-    /// Gives up after an error: the sink removes what cannot be trusted.
-    pub(crate) fn abort(self) {
-        self.sink.abort();
+    /// Gives up after an error: the sink removes what cannot be trusted, and the answer
+    /// says what is left.
+    pub(crate) fn abort(self) -> String {
+        self.sink.abort()
     }
 }
 
@@ -701,6 +1195,90 @@ mod tests {
         unpacker.finish().unwrap()
     }
 
+    /// The folder sink as `download` opens it for `info`: the folder checked before and
+    /// after the manifest arrived.
+    fn dir_sink(root: &Path, info: &PackageInfo) -> Box<dyn Sink> {
+        DirSink::check_target(root, &info.request_id).unwrap();
+        let leftovers = DirSink::check_leftovers(root, info).unwrap();
+        Box::new(DirSink::create(root, &info.request_id, leftovers).unwrap())
+    }
+
+    /// Takes the first `n` chunks, then stops as a killed process does: nothing cleaned up.
+    fn killed_after(
+        info: &PackageInfo,
+        chunks: &[PackageFileChunk],
+        n: usize,
+        sink: Box<dyn Sink>,
+    ) {
+        let mut unpacker = Unpacker::new(info, sink).unwrap();
+        for c in &chunks[..n] {
+            unpacker.chunk(c).unwrap();
+        }
+        drop(unpacker);
+    }
+
+    /// Asserts that every file in `root` outside the staging folder (`manifest.json` aside)
+    /// is a file of `info`'s package, whole and as its manifest lists it; returns how many
+    /// there are.
+    fn assert_nothing_partial_is_named(root: &Path, info: &PackageInfo) -> usize {
+        let mut found = survey(root, &info.request_id).unwrap();
+        found.files.retain(|f| f != MANIFEST_NAME);
+        for path in &found.files {
+            let file = info
+                .files
+                .iter()
+                .find(|f| &f.path == path)
+                .unwrap_or_else(|| panic!("{path} is not in the package"));
+            assert_eq!(
+                check_file(&root.join(path), file.size, &file.sha256),
+                Ok(()),
+                "{path}"
+            );
+        }
+        found.files.len()
+    }
+
+    /// The names in `root`'s staging folder, sorted.
+    fn staged_names(root: &Path) -> Vec<String> {
+        let mut names: Vec<_> = std::fs::read_dir(root.join(STAGING_NAME))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// A sink whose disk fills up at its `writes_left + 1`th write.
+    struct FailingDisk {
+        inner: Box<dyn Sink>,
+        writes_left: usize,
+    }
+
+    impl Sink for FailingDisk {
+        fn manifest(&mut self, json: &[u8]) -> anyhow::Result<()> {
+            self.inner.manifest(json)
+        }
+        fn begin(&mut self, path: &str, size: u64) -> anyhow::Result<()> {
+            self.inner.begin(path, size)
+        }
+        fn write(&mut self, data: &[u8]) -> anyhow::Result<()> {
+            if self.writes_left == 0 {
+                bail!("No space left on device");
+            }
+            self.writes_left -= 1;
+            self.inner.write(data)
+        }
+        fn end(&mut self, verified: bool) -> anyhow::Result<()> {
+            self.inner.end(verified)
+        }
+        fn finish(self: Box<Self>, verified: bool) -> anyhow::Result<Option<String>> {
+            self.inner.finish(verified)
+        }
+        fn abort(self: Box<Self>) -> String {
+            self.inner.abort()
+        }
+    }
+
     #[test]
     fn paths_that_would_escape_are_refused() {
         for ok in ["p/s/file.json", "a", "p/s/.hidden", "p/s/a..b"] {
@@ -754,8 +1332,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("pkg");
         let (info, chunks) = package(FILES, 7);
-        let sink = Box::new(DirSink::create(&out).unwrap());
-        let (outcomes, note) = unpack(&info, &chunks, sink);
+        let (outcomes, note) = unpack(&info, &chunks, dir_sink(&out, &info));
         assert_eq!(note, None);
         assert_eq!(outcomes.len(), 3);
         assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
@@ -763,6 +1340,10 @@ mod tests {
         for (path, content) in FILES {
             assert_eq!(&std::fs::read(out.join(path)).unwrap(), content, "{path}");
         }
+        assert!(
+            !out.join(STAGING_NAME).exists(),
+            "the staging folder is removed"
+        );
     }
 
     #[test]
@@ -770,38 +1351,34 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         // Two folders to create above the package's own.
         let out = tmp.path().join("a/b/pkg");
+        let staging = out.join(STAGING_NAME);
         let (info, chunks) = package(FILES, 7);
         take_synced();
-        let sink = Box::new(DirSink::create(&out).unwrap());
-        let (_, note) = unpack(&info, &chunks, sink);
+        let (_, note) = unpack(&info, &chunks, dir_sink(&out, &info));
         assert_eq!(note, None);
-        let synced = take_synced();
-        let at = |path: &Path| {
-            synced
-                .iter()
-                .position(|p| p == path)
-                .unwrap_or_else(|| panic!("{} not synced: {synced:?}", path.display()))
-        };
-        let manifest = at(&out.join(MANIFEST_NAME));
-        for (path, _) in FILES {
-            assert!(at(&out.join(path)) < manifest, "{path} before the manifest");
-        }
-        // Every folder that gained an entry, after the manifest was written into its own.
-        for folder in [
-            out.join("p/accounting"),
-            out.join("p/adapter"),
-            out.join("p"),
-            out.clone(),
-            tmp.path().join("a/b"),
-            tmp.path().join("a"),
-            tmp.path().to_path_buf(),
-        ] {
-            assert!(at(&folder) > manifest, "{}", folder.display());
-        }
+        let staged = |n: usize| staging.join(format!("{n}{PARTIAL_SUFFIX}"));
         assert_eq!(
-            synced.len(),
-            FILES.len() + 1 + 7,
-            "nothing else: {synced:?}"
+            take_synced(),
+            [
+                staging.join(OWNER_NAME),
+                // Each file before it is renamed to its path.
+                staged(0),
+                staged(1),
+                staged(2),
+                // Every folder that gained an entry, deepest first, before the manifest
+                // vouches for the files in them.
+                out.join("p/adapter"),
+                out.join("p/accounting"),
+                out.join("p"),
+                staging.clone(),
+                out.clone(),
+                tmp.path().join("a/b"),
+                tmp.path().join("a"),
+                tmp.path().to_path_buf(),
+                // The manifest, then the folder it was renamed into.
+                staged(3),
+                out.clone(),
+            ]
         );
     }
 
@@ -814,7 +1391,10 @@ mod tests {
         let sink = Box::new(ZipSink::create(&path).unwrap());
         let (_, note) = unpack(&info, &chunks, sink);
         assert_eq!(note, None);
-        assert_eq!(take_synced(), [path, tmp.path().to_path_buf()]);
+        // The zip under its partial name, then the folder it was renamed in.
+        let partial = tmp.path().join(".pkg.zip.dsrctl-partial");
+        assert_eq!(take_synced(), [partial.clone(), tmp.path().to_path_buf()]);
+        assert!(path.exists() && !partial.exists());
     }
 
     #[test]
@@ -824,17 +1404,30 @@ mod tests {
         // One byte flipped in the last file: same size, other digest.
         let last = chunks.last_mut().unwrap();
         last.data[0] ^= 0x20;
-        let sink = Box::new(DirSink::create(tmp.path()).unwrap());
-        let (outcomes, note) = unpack(&info, &chunks, sink);
+        let (outcomes, note) = unpack(&info, &chunks, dir_sink(tmp.path(), &info));
         let bad: Vec<_> = outcomes.iter().filter(|o| o.error.is_some()).collect();
         assert_eq!(bad.len(), 1);
         assert_eq!(bad[0].path, "p/adapter/orders.csv");
         assert!(bad[0].error.as_ref().unwrap().starts_with("SHA-256 is "));
-        assert!(note.unwrap().contains("deleted"));
+        let note = note.unwrap();
+        assert!(
+            note.contains("were not written") && note.contains("the 2 others"),
+            "{note}"
+        );
         assert!(!tmp.path().join("p/adapter/orders.csv").exists());
         assert!(tmp.path().join("p/accounting/customer.json").exists());
+        assert_eq!(staged_names(tmp.path()), [OWNER_NAME]);
         // Without every file, the folder is no package: nothing to confirm a return with.
         assert!(!tmp.path().join(MANIFEST_NAME).exists());
+        assert_eq!(assert_nothing_partial_is_named(tmp.path(), &info), 2);
+
+        // Sent right the next time, the same command finishes the package in that folder.
+        let (info, chunks) = package(FILES, 7);
+        let (outcomes, note) = unpack(&info, &chunks, dir_sink(tmp.path(), &info));
+        assert_eq!(note, None);
+        assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
+        assert_eq!(assert_nothing_partial_is_named(tmp.path(), &info), 3);
+        assert!(tmp.path().join(MANIFEST_NAME).exists());
     }
 
     #[test]
@@ -845,8 +1438,7 @@ mod tests {
         chunks.remove(1);
         // The last file never arrives.
         chunks.retain(|c| c.path != "p/adapter/orders.csv");
-        let sink = Box::new(DirSink::create(tmp.path()).unwrap());
-        let (outcomes, _) = unpack(&info, &chunks, sink);
+        let (outcomes, _) = unpack(&info, &chunks, dir_sink(tmp.path(), &info));
         let errors: Vec<_> = outcomes.iter().map(|o| o.error.clone()).collect();
         assert_eq!(
             errors,
@@ -862,8 +1454,7 @@ mod tests {
     fn a_chunk_out_of_manifest_order_aborts() {
         let tmp = tempfile::tempdir().unwrap();
         let (info, chunks) = package(FILES, 7);
-        let sink = Box::new(DirSink::create(tmp.path()).unwrap());
-        let mut unpacker = Unpacker::new(&info, sink).unwrap();
+        let mut unpacker = Unpacker::new(&info, dir_sink(tmp.path(), &info)).unwrap();
         let orders = chunks
             .iter()
             .find(|c| c.path == "p/adapter/orders.csv" && c.offset == 0)
@@ -875,11 +1466,13 @@ mod tests {
             err.to_string().contains("not a file still to come"),
             "{err}"
         );
-        unpacker.abort();
+        let left = unpacker.abort();
+        assert!(left.contains("nothing partial was left"), "{left}");
         // The partial file is gone; the empty one before it was complete and stays.
         assert!(!tmp.path().join("p/adapter/orders.csv").exists());
         assert!(tmp.path().join("p/accounting/empty.csv").exists());
         assert!(!tmp.path().join(MANIFEST_NAME).exists());
+        assert_eq!(staged_names(tmp.path()), [OWNER_NAME]);
     }
 
     #[test]
@@ -887,29 +1480,196 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (mut info, _) = package(FILES, 7);
         info.files[1].path = "../outside".into();
-        let sink = Box::new(DirSink::create(tmp.path()).unwrap());
+        let sink = dir_sink(tmp.path(), &info);
         let err = Unpacker::new(&info, sink).err().unwrap();
         assert!(err.to_string().contains("\"../outside\""), "{err}");
 
         let (mut info, _) = package(FILES, 7);
         info.files[2].path = info.files[0].path.clone();
-        let sink = Box::new(DirSink::create(tmp.path()).unwrap());
+        let sink = dir_sink(tmp.path(), &info);
         let err = Unpacker::new(&info, sink).err().unwrap();
         assert!(err.to_string().contains("twice"), "{err}");
     }
 
     #[test]
-    fn a_target_folder_must_be_new_or_empty() {
+    fn a_target_folder_must_be_new_empty_or_this_downloads_leftovers() {
         let tmp = tempfile::tempdir().unwrap();
-        assert_eq!(DirSink::check_target(&tmp.path().join("new")), Ok(()));
-        assert_eq!(DirSink::check_target(tmp.path()), Ok(()));
+        assert_eq!(
+            DirSink::check_target(&tmp.path().join("new"), "r-1"),
+            Ok(())
+        );
+        assert_eq!(DirSink::check_target(tmp.path(), "r-1"), Ok(()));
         std::fs::write(tmp.path().join("x"), b"").unwrap();
-        assert!(DirSink::check_target(tmp.path())
-            .unwrap_err()
-            .contains("is not empty"));
         assert!(ZipSink::check_target(&tmp.path().join("x"))
             .unwrap_err()
             .contains("already exists"));
+        // Without the staging folder of a run of this download, before connecting.
+        assert_eq!(
+            DirSink::check_target(tmp.path(), "r-1").unwrap_err(),
+            format!("--out {} is not empty", tmp.path().display())
+        );
+
+        // With it, what else the folder holds must be what that run left.
+        let (info, _) = package(FILES, 7);
+        let refused = |setup: &dyn Fn(&Path), expected: &str| {
+            let tmp = tempfile::tempdir().unwrap();
+            let root = tmp.path();
+            std::fs::create_dir(root.join(STAGING_NAME)).unwrap();
+            std::fs::write(root.join(STAGING_NAME).join(OWNER_NAME), b"r-1").unwrap();
+            setup(root);
+            let err = DirSink::check_target(root, "r-1")
+                .and_then(|()| DirSink::check_leftovers(root, &info).map(drop))
+                .unwrap_err();
+            assert!(err.contains(expected), "{expected:?} in {err:?}");
+            assert!(err.contains("give a new or empty folder"), "{err}");
+        };
+        let mkdir = |path: PathBuf| std::fs::create_dir_all(path).unwrap();
+        let write = |path: PathBuf, data: &[u8]| std::fs::write(path, data).unwrap();
+        refused(
+            &|root| write(root.join("notes.txt"), b"mine"),
+            "holds notes.txt, which is not a file of this package",
+        );
+        refused(
+            &|root| mkdir(root.join("p/old")),
+            "holds p/old, a folder no file of this package is in",
+        );
+        // A file at a package path that is not whole: not what this download leaves.
+        refused(
+            &|root| {
+                mkdir(root.join("p/accounting"));
+                write(root.join("p/accounting/customer.json"), b"{\"name\":");
+            },
+            "holds p/accounting/customer.json, which does not match the manifest (ended at \
+             8 of 16 bytes)",
+        );
+        refused(
+            &|root| write(root.join(MANIFEST_NAME), MANIFEST),
+            "so a package whose download finished",
+        );
+        #[cfg(unix)]
+        refused(
+            &|root| std::os::unix::fs::symlink("/tmp", root.join("p")).unwrap(),
+            "holds p, which is neither a file nor a folder",
+        );
+        refused(
+            &|root| {
+                write(root.join(STAGING_NAME).join(OWNER_NAME), b"r-2");
+                write(root.join(STAGING_NAME).join("0.partial"), b"{");
+            },
+            "what an interrupted download of request \"r-2\" left",
+        );
+        refused(
+            &|root| write(root.join(STAGING_NAME).join("notes.txt"), b""),
+            "which is not what an interrupted dsrctl download leaves",
+        );
+
+        // A package with a file where the staging folder is cannot go into a folder.
+        let (mut info, _) = package(FILES, 7);
+        info.files[0].path = format!("{STAGING_NAME}/x");
+        let err = DirSink::check_leftovers(tmp.path(), &info)
+            .map(drop)
+            .unwrap_err();
+        assert!(err.contains("download it with --zip"), "{err}");
+    }
+
+    #[test]
+    fn a_killed_folder_download_names_nothing_partial_and_runs_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("pkg");
+        let (info, chunks) = package(FILES, 7);
+        // Killed after the first two chunks of orders.csv: customer.json and empty.csv are
+        // verified, orders.csv is half written.
+        killed_after(&info, &chunks, 5, dir_sink(&out, &info));
+        assert!(!out.join("p/adapter/orders.csv").exists());
+        assert!(!out.join(MANIFEST_NAME).exists());
+        assert_eq!(assert_nothing_partial_is_named(&out, &info), 2);
+        // The file naming the request, and orders.csv's part.
+        assert_eq!(
+            staged_names(&out),
+            [format!("2{PARTIAL_SUFFIX}").as_str(), OWNER_NAME]
+        );
+
+        // The same command again takes the folder up and finishes it.
+        let leftovers = DirSink::check_leftovers(&out, &info).unwrap();
+        assert_eq!(leftovers.in_place.len(), 2, "{leftovers:?}");
+        let (outcomes, note) = unpack(&info, &chunks, dir_sink(&out, &info));
+        assert_eq!(note, None);
+        assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
+        assert_eq!(std::fs::read(out.join(MANIFEST_NAME)).unwrap(), MANIFEST);
+        assert_eq!(assert_nothing_partial_is_named(&out, &info), 3);
+        assert!(!out.join(STAGING_NAME).exists());
+        // A folder with a finished package is not written again.
+        let err = DirSink::check_target(&out, "r-1").unwrap_err();
+        assert!(err.contains("is not empty"), "{err}");
+    }
+
+    #[test]
+    fn a_disk_failing_mid_file_names_the_file_and_removes_the_part() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("pkg");
+        let (info, chunks) = package(FILES, 7);
+        let sink = Box::new(FailingDisk {
+            inner: dir_sink(&out, &info),
+            writes_left: 4,
+        });
+        let mut unpacker = Unpacker::new(&info, sink).unwrap();
+        let failed = chunks.iter().find_map(|c| unpacker.chunk(c).err()).unwrap();
+        assert!(failed.to_string().contains("No space left"), "{failed}");
+        assert_eq!(unpacker.receiving(), Some("p/adapter/orders.csv"));
+        let left = unpacker.abort();
+        assert!(
+            left.contains("nothing partial was left")
+                && left.contains("the files verified so far (2)"),
+            "{left}"
+        );
+        assert_eq!(staged_names(&out), [OWNER_NAME]);
+        assert_eq!(assert_nothing_partial_is_named(&out, &info), 2);
+
+        let (outcomes, note) = unpack(&info, &chunks, dir_sink(&out, &info));
+        assert_eq!(note, None);
+        assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
+        assert_eq!(assert_nothing_partial_is_named(&out, &info), 3);
+        assert!(out.join(MANIFEST_NAME).exists());
+    }
+
+    #[test]
+    fn a_killed_or_failed_zip_download_never_takes_the_name_and_runs_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("pkg.zip");
+        let partial = tmp.path().join(".pkg.zip.dsrctl-partial");
+        let (info, chunks) = package(FILES, 4);
+        killed_after(&info, &chunks, 5, Box::new(ZipSink::create(&path).unwrap()));
+        assert!(!path.exists());
+        assert!(partial.exists());
+
+        // The disk fills up in the next run: the partial zip is removed.
+        ZipSink::check_target(&path).unwrap();
+        let sink = Box::new(FailingDisk {
+            inner: Box::new(ZipSink::create(&path).unwrap()),
+            writes_left: 4,
+        });
+        let mut unpacker = Unpacker::new(&info, sink).unwrap();
+        assert!(chunks
+            .iter()
+            .find_map(|c| unpacker.chunk(c).err())
+            .is_some());
+        let left = unpacker.abort();
+        assert!(left.contains("was not written, its partial copy"), "{left}");
+        assert!(!path.exists() && !partial.exists());
+
+        ZipSink::check_target(&path).unwrap();
+        let sink = Box::new(ZipSink::create(&path).unwrap());
+        let (outcomes, note) = unpack(&info, &chunks, sink);
+        assert_eq!(note, None);
+        assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
+        let zip = zip::ZipArchive::new(File::open(&path).unwrap()).unwrap();
+        assert_eq!(zip.len(), FILES.len() + 1);
+        assert!(!partial.exists());
+
+        // Only a file may stand where the partial zip goes.
+        std::fs::create_dir(tmp.path().join(".other.zip.dsrctl-partial")).unwrap();
+        let err = ZipSink::check_target(&tmp.path().join("other.zip")).unwrap_err();
+        assert!(err.contains("is in the way"), "{err}");
     }
 
     #[test]
@@ -953,5 +1713,6 @@ mod tests {
         assert!(outcomes[0].error.is_some());
         assert!(note.unwrap().contains("was not kept"));
         assert!(!path.exists());
+        assert!(!tmp.path().join(".pkg.zip.dsrctl-partial").exists());
     }
 }

@@ -534,3 +534,471 @@ async fn files_a_retired_upload_left_behind_are_removed() {
     }
     pair.stop().await;
 }
+
+/// What the relay does once it passed on its share of the registry's answers.
+#[derive(Clone, Copy)]
+enum AtLimit {
+    /// Closes every connection, as a network that went down.
+    Cut,
+    /// Passes nothing more, holding the connections open, as a network that hangs.
+    Hold,
+}
+
+/// A TCP relay between dsrctl and the registry (TLS goes through it untouched): it passes
+/// on everything dsrctl sends and, of the registry's answers, the first `limit` bytes
+/// counted over every connection.
+struct Relay {
+    port: u16,
+    answered: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(pair: &crate::harness::TestPair, limit: u64, at_limit: AtLimit) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding the relay");
+        let port = listener.local_addr().expect("the relay's address").port();
+        let upstream = pair.registry.addr();
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = answered.clone();
+        let task = tokio::spawn(async move {
+            // Dropped with this task: every connection ends with the relay.
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                connections.spawn(relay(client, server, counted.clone(), limit, at_limit));
+            }
+        });
+        Self {
+            port,
+            answered,
+            task,
+        }
+    }
+
+    /// The registry's bytes seen so far, passed on or not.
+    fn answered(&self) -> u64 {
+        self.answered.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// dsrctl as `partner-crm`, connecting through the relay.
+    fn dsrctl(&self, pair: &crate::harness::TestPair, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = crate::harness::dsrctl::command(pair.dir());
+        cmd.arg("--endpoint")
+            .arg(format!("https://localhost:{}", self.port))
+            .args(crate::harness::dsrctl::tls_flags(pair, "partner-crm"))
+            .args(args);
+        cmd
+    }
+
+    fn stop(self) {
+        self.task.abort();
+    }
+}
+
+/// One connection through a [`Relay`].
+async fn relay(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    answered: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    limit: u64,
+    at_limit: AtLimit,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let asked = async move {
+        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+    };
+    let answers = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match server_read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let before = answered.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+            let pass = limit.saturating_sub(before).min(n as u64) as usize;
+            if client_write.write_all(&buf[..pass]).await.is_err() {
+                return;
+            }
+            if pass < n {
+                match at_limit {
+                    AtLimit::Cut => return,
+                    AtLimit::Hold => std::future::pending::<()>().await,
+                }
+            }
+        }
+    };
+    // Either side ending drops both sockets: the other sees the connection closed.
+    tokio::select! {
+        () = asked => {}
+        () = answers => {}
+    }
+}
+
+/// Asserts that every file in `dir` (the staging folder aside) is a file of the package,
+/// whole and as `files` lists it, and that the folder has no manifest.json; returns how
+/// many there are.
+fn assert_only_whole_files(dir: &Path, files: &BTreeMap<String, (u64, String)>) -> usize {
+    assert!(
+        !dir.join("manifest.json").exists(),
+        "a download cut short wrote manifest.json"
+    );
+    let mut named = 0;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(folder) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&folder) else {
+            continue;
+        };
+        for entry in entries {
+            let entry = entry.expect("a folder entry");
+            let path = entry.path();
+            if path == dir.join(".dsrctl-download") {
+                continue;
+            }
+            if entry.file_type().expect("a file type").is_dir() {
+                pending.push(path);
+                continue;
+            }
+            let rel = path
+                .strip_prefix(dir)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string();
+            let (size, sha256) = files
+                .get(&rel)
+                .unwrap_or_else(|| panic!("{rel} is not a file of the package"));
+            let data = std::fs::read(&path).unwrap();
+            assert_eq!(
+                data.len() as u64,
+                *size,
+                "{rel} is under its name, not whole"
+            );
+            assert_eq!(&sha256_hex(&data), sha256, "{rel}");
+            named += 1;
+        }
+    }
+    named
+}
+
+/// Asserts that a download into `dir` that stopped early left no partial file in its
+/// staging folder: at most the file naming the request, for the next run.
+fn assert_nothing_staged(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir.join(".dsrctl-download")) else {
+        return;
+    };
+    let names: Vec<_> = entries.map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, ["request"], "staged files stayed");
+}
+
+/// Asserts that `dir` holds the whole package: manifest.json and every file it lists.
+fn assert_whole_package(dir: &Path, files: &BTreeMap<String, (u64, String)>) {
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("manifest.json"))
+            .expect("a JSON manifest");
+    assert_eq!(&manifest_files(&manifest), files);
+    for (path, (size, sha256)) in files {
+        let data = std::fs::read(dir.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(data.len() as u64, *size, "{path}");
+        assert_eq!(&sha256_hex(&data), sha256, "{path}");
+    }
+    assert!(
+        !dir.join(".dsrctl-download").exists(),
+        "the staging folder stayed"
+    );
+}
+
+/// A completed return of data for MAIJA from two holders, and its files as `package` lists
+/// them.
+async fn completed_return(
+    pair: &crate::harness::TestPair,
+) -> (String, BTreeMap<String, (u64, String)>) {
+    let id = submit_return_of_data(pair).await;
+    let mut crm = pair.client("partner-crm");
+    wait_until(
+        &mut crm,
+        &id,
+        Duration::from_secs(60),
+        in_state(RequestState::Completed),
+    )
+    .await;
+    let info = dsrctl(pair, "partner-crm", &["package", &id, "--output", "json"])
+        .await
+        .json();
+    (id, manifest_files(&info))
+}
+
+/// The bytes the registry answers a whole download with, as a relay counts them.
+async fn bytes_of_a_whole_download(pair: &crate::harness::TestPair, id: &str) -> u64 {
+    let relay = Relay::start(pair, u64::MAX, AtLimit::Cut).await;
+    let out = pair.dir().join("measured");
+    let run: Run = crate::harness::dsrctl::output(
+        relay.dsrctl(pair, &["download", id, "--out", out.to_str().unwrap()]),
+    )
+    .await;
+    run.ok();
+    let total = relay.answered();
+    relay.stop();
+    total
+}
+
+use crate::harness::dsrctl::Run;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_cut_short_finishes_when_run_again_and_refuses_foreign_files() {
+    let Some(pair) = spawn_pair(PairOptions {
+        holders: vec![Holder::Accounting, Holder::Newsletter],
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let (id, files) = completed_return(&pair).await;
+    let total = bytes_of_a_whole_download(&pair, &id).await;
+
+    // The connection cut at ever later points, each run into the folder the last one left.
+    // The files come last, after the handshake and the manifest: only the later cuts fall
+    // amid them.
+    let out = pair.dir().join("cut");
+    let out_arg = out.to_str().unwrap();
+    let (mut most_named, mut stopped_in_a_file) = (0, false);
+    for step in 1..32 {
+        let relay = Relay::start(&pair, total * step / 32, AtLimit::Cut).await;
+        let run = crate::harness::dsrctl::output(
+            relay.dsrctl(&pair, &["download", &id, "--out", out_arg]),
+        )
+        .await;
+        relay.stop();
+        // Shown when the test fails.
+        eprintln!("cut at {step}/32: exit {:?}\n{}", run.code, run.stderr);
+        assert_ne!(run.code, Some(0), "cut at {step}/32: {}", run.stdout);
+        // Every refusal of the folder names --out.
+        assert!(
+            !run.stderr.contains("--out "),
+            "cut at {step}/32: the folder a cut run left is taken up again: {}",
+            run.stderr
+        );
+        stopped_in_a_file |= run.stderr.contains("the download stopped while receiving ");
+        assert_nothing_staged(&out);
+        most_named = most_named.max(assert_only_whole_files(&out, &files));
+    }
+    assert!(stopped_in_a_file, "some cut came amid the files");
+    assert!(
+        most_named > 0,
+        "some cut left verified files for the next run"
+    );
+
+    // What else the folder holds must be what those runs left.
+    let refused = |run: Run, what: &str| {
+        run.expect_code(2);
+        assert!(
+            run.stderr.contains(what) && run.stderr.contains("give a new or empty folder"),
+            "{}",
+            run.stderr
+        );
+    };
+    std::fs::write(out.join("notes.txt"), b"mine").unwrap();
+    refused(
+        dsrctl(&pair, "partner-crm", &["download", &id, "--out", out_arg]).await,
+        "holds notes.txt, which is not a file of this package",
+    );
+    std::fs::remove_file(out.join("notes.txt")).unwrap();
+    // A file of the package under its name but not whole (what an older dsrctl left when
+    // cut short) is not taken for a verified one.
+    let (path, (size, _)) = files.iter().find(|(_, (size, _))| *size > 1).unwrap();
+    let whole = std::fs::read(pair.dir().join("measured").join(path)).unwrap();
+    std::fs::create_dir_all(out.join(path).parent().unwrap()).unwrap();
+    std::fs::write(out.join(path), &whole[..whole.len() / 2]).unwrap();
+    refused(
+        dsrctl(&pair, "partner-crm", &["download", &id, "--out", out_arg]).await,
+        &format!(
+            "holds {path}, which does not match the manifest (ended at {} of {size} bytes)",
+            whole.len() / 2
+        ),
+    );
+    std::fs::remove_file(out.join(path)).unwrap();
+    let run = dsrctl(&pair, "partner-crm", &["download", &id, "--out", out_arg]).await;
+    assert!(
+        run.ok()
+            .contains(&format!("{n} of {n} verified", n = files.len())),
+        "{}",
+        run.stdout
+    );
+    assert_whole_package(&out, &files);
+
+    // The same for a zip: never under its name until whole, then written by the next run.
+    let zip_path = pair.dir().join("cut.zip");
+    let partial = pair.dir().join(".cut.zip.dsrctl-partial");
+    for quarter in 1..4 {
+        let relay = Relay::start(&pair, total * quarter / 4, AtLimit::Cut).await;
+        let run = crate::harness::dsrctl::output(relay.dsrctl(
+            &pair,
+            &["download", &id, "--zip", zip_path.to_str().unwrap()],
+        ))
+        .await;
+        relay.stop();
+        assert_ne!(run.code, Some(0), "cut at {quarter}/4: {}", run.stdout);
+        assert!(
+            !zip_path.exists(),
+            "cut at {quarter}/4: a zip cut short took the name"
+        );
+        assert!(!partial.exists(), "cut at {quarter}/4: {}", run.stderr);
+    }
+    dsrctl(
+        &pair,
+        "partner-crm",
+        &["download", &id, "--zip", zip_path.to_str().unwrap()],
+    )
+    .await
+    .ok();
+    let zip = zip::ZipArchive::new(std::fs::File::open(&zip_path).unwrap()).unwrap();
+    assert_eq!(zip.len(), files.len() + 1);
+
+    // A folder without this download's staging folder is refused before connecting, and
+    // left as it was.
+    let foreign = pair.dir().join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::write(foreign.join("notes.txt"), b"mine").unwrap();
+    let run = dsrctl(
+        &pair,
+        "partner-crm",
+        &["download", &id, "--out", foreign.to_str().unwrap()],
+    )
+    .await;
+    run.expect_code(2);
+    assert_eq!(
+        run.stderr,
+        format!("error: --out {} is not empty\n", foreign.display())
+    );
+    let left: Vec<_> = std::fs::read_dir(&foreign)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["notes.txt"]);
+
+    pair.stop().await;
+}
+
+/// Waits until `done` holds, for at most 30 s.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_killed_or_interrupted_names_nothing_partial_and_runs_again() {
+    let Some(pair) = spawn_pair(PairOptions {
+        holders: vec![Holder::Accounting, Holder::Newsletter],
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let (id, files) = completed_return(&pair).await;
+    let total = bytes_of_a_whole_download(&pair, &id).await;
+    // The network hangs amid the files: dsrctl has the manifest and waits for the rest.
+    let hang_at = total * 7 / 8;
+
+    // Killed: nothing cleans up.
+    let killed = pair.dir().join("killed");
+    let relay = Relay::start(&pair, hang_at, AtLimit::Hold).await;
+    let mut child = relay
+        .dsrctl(&pair, &["download", &id, "--out", killed.to_str().unwrap()])
+        .spawn()
+        .expect("starting dsrctl");
+    until("dsrctl began writing", || killed.exists()).await;
+    child.start_kill().expect("SIGKILL");
+    child.wait().await.expect("dsrctl ended");
+    relay.stop();
+    assert_only_whole_files(&killed, &files);
+
+    // Ctrl-C: dsrctl removes what it staged and says what is left.
+    let interrupted = pair.dir().join("interrupted");
+    let relay = Relay::start(&pair, hang_at, AtLimit::Hold).await;
+    let child = relay
+        .dsrctl(
+            &pair,
+            &["download", &id, "--out", interrupted.to_str().unwrap()],
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting dsrctl");
+    until("dsrctl began writing", || interrupted.exists()).await;
+    let pid = child.id().expect("dsrctl's pid").to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .expect("kill -INT");
+    assert!(sent.success());
+    let run: Run = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("dsrctl ended after Ctrl-C")
+        .expect("dsrctl's output")
+        .into();
+    relay.stop();
+    run.expect_code(1);
+    assert!(
+        run.stderr.contains("the download stopped")
+            && run.stderr.contains("nothing partial was left")
+            && run.stderr.contains("error: interrupted (Ctrl-C)"),
+        "{}",
+        run.stderr
+    );
+    assert_nothing_staged(&interrupted);
+    assert_only_whole_files(&interrupted, &files);
+
+    // A zip killed before it was whole: not under its name.
+    let zip_path = pair.dir().join("killed.zip");
+    let partial = pair.dir().join(".killed.zip.dsrctl-partial");
+    let relay = Relay::start(&pair, hang_at, AtLimit::Hold).await;
+    let mut child = relay
+        .dsrctl(
+            &pair,
+            &["download", &id, "--zip", zip_path.to_str().unwrap()],
+        )
+        .spawn()
+        .expect("starting dsrctl");
+    until("dsrctl began writing", || {
+        zip_path.exists() || partial.exists()
+    })
+    .await;
+    child.start_kill().expect("SIGKILL");
+    child.wait().await.expect("dsrctl ended");
+    relay.stop();
+    assert!(!zip_path.exists(), "a zip cut short took the name");
+
+    // The same commands again finish each download where the last one stopped.
+    for out in [&killed, &interrupted] {
+        dsrctl(
+            &pair,
+            "partner-crm",
+            &["download", &id, "--out", out.to_str().unwrap()],
+        )
+        .await
+        .ok();
+        assert_whole_package(out, &files);
+    }
+    dsrctl(
+        &pair,
+        "partner-crm",
+        &["download", &id, "--zip", zip_path.to_str().unwrap()],
+    )
+    .await
+    .ok();
+    assert!(!partial.exists());
+    let zip = zip::ZipArchive::new(std::fs::File::open(&zip_path).unwrap()).unwrap();
+    assert_eq!(zip.len(), files.len() + 1);
+
+    pair.stop().await;
+}

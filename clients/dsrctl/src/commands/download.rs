@@ -24,7 +24,7 @@ const PROGRESS_FROM_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Where `download` writes.
 pub(crate) enum Target {
-    /// A folder, new or empty.
+    /// A folder, new or empty, or holding what an interrupted run of the same download left.
     Dir(PathBuf),
     /// A zip file that does not exist yet.
     Zip(PathBuf),
@@ -36,7 +36,7 @@ impl Target {
     pub(crate) fn check(args: &DownloadArgs) -> Result<Self, Failure> {
         match (&args.out, &args.zip) {
             (Some(dir), None) => {
-                DirSink::check_target(dir).map_err(Failure::Usage)?;
+                DirSink::check_target(dir, &args.id).map_err(Failure::Usage)?;
                 Ok(Self::Dir(dir.clone()))
             }
             (None, Some(zip)) => {
@@ -50,9 +50,15 @@ impl Target {
         }
     }
 
-    fn open(&self) -> Result<Box<dyn Sink>, Failure> {
+    /// Opens the destination for `info`'s package (its manifest paths already checked).
+    fn open(&self, info: &PackageInfo) -> Result<Box<dyn Sink>, Failure> {
         Ok(match self {
-            Self::Dir(dir) => Box::new(DirSink::create(dir).map_err(Failure::Package)?),
+            Self::Dir(dir) => {
+                let leftovers = DirSink::check_leftovers(dir, info).map_err(Failure::Usage)?;
+                Box::new(
+                    DirSink::create(dir, &info.request_id, leftovers).map_err(Failure::Package)?,
+                )
+            }
             Self::Zip(zip) => Box::new(ZipSink::create(zip).map_err(Failure::Package)?),
         })
     }
@@ -321,8 +327,15 @@ async fn explain_refusal(registry: &Registry, id: &str, status: tonic::Status) -
     ))
 }
 
+/// The failure of a download cut short by Ctrl-C.
+fn interrupted() -> Failure {
+    Failure::Package(anyhow!("interrupted (Ctrl-C)"))
+}
+
 /// `dsrctl download ID (--out DIR | --zip FILE)`: 0 when every file matched the manifest,
-/// 1 naming each file that did not.
+/// 1 naming each file that did not. Cut short (an error, the connection lost, Ctrl-C), it
+/// removes what it had not verified and says on stderr which file it was receiving and what
+/// is left; the same command run again then finishes the download.
 pub(crate) async fn run(
     registry: &Registry,
     args: &DownloadArgs,
@@ -330,7 +343,21 @@ pub(crate) async fn run(
     io: &mut Io<'_>,
 ) -> Result<u8, Failure> {
     let mut events = pin!(registry.client.download_package(args.id.as_str()));
-    let info = match events.next().await {
+    // Polled from the start, so Ctrl-C is caught (not fatal) before anything is written.
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut ctrl_c = pin!(ctrl_c);
+    // Cleared when no handler could be installed: Ctrl-C then ends the process as usual.
+    let mut catching = true;
+    let first = loop {
+        tokio::select! {
+            event = events.next() => break event,
+            caught = &mut ctrl_c, if catching => match caught {
+                Ok(()) => return Err(interrupted()),
+                Err(_) => catching = false,
+            },
+        }
+    };
+    let info = match first {
         Some(Ok(DownloadEvent::Manifest(info))) => info,
         Some(Err(status)) => return Err(explain_refusal(registry, &args.id, status).await),
         Some(Ok(DownloadEvent::Chunk(_))) | None => {
@@ -347,24 +374,44 @@ pub(crate) async fn run(
             info.request_id
         )));
     }
-    let mut unpacker = Unpacker::new(&info, target.open()?).map_err(Failure::Package)?;
+    Unpacker::check_manifest(&info).map_err(Failure::Package)?;
+    let mut unpacker = Unpacker::new(&info, target.open(&info)?).map_err(Failure::Package)?;
     let progress = progress_bar(manifest_bytes(&info));
-    while let Some(event) = events.next().await {
+    loop {
+        // Err(None): Ctrl-C.
+        let event = tokio::select! {
+            event = events.next() => event.map(|e| e.map_err(Some)),
+            caught = &mut ctrl_c, if catching => match caught {
+                Ok(()) => Some(Err(None)),
+                Err(_) => {
+                    catching = false;
+                    continue;
+                }
+            },
+        };
         let step = match event {
-            Ok(DownloadEvent::Chunk(chunk)) => unpacker
+            None => break,
+            Some(Ok(DownloadEvent::Chunk(chunk))) => unpacker
                 .chunk(&chunk)
                 .map(|()| chunk.data.len() as u64)
                 .map_err(Failure::Package),
-            Ok(DownloadEvent::Manifest(_)) => Err(Failure::Package(anyhow!(
+            Some(Ok(DownloadEvent::Manifest(_))) => Err(Failure::Package(anyhow!(
                 "the registry sent a second manifest"
             ))),
-            Err(status) => Err(registry.failed(status)),
+            Some(Err(Some(status))) => Err(registry.failed(status)),
+            Some(Err(None)) => Err(interrupted()),
         };
         match step {
             Ok(bytes) => progress.inc(bytes),
             Err(failure) => {
                 progress.finish_and_clear();
-                unpacker.abort();
+                let stopped = match unpacker.receiving() {
+                    Some(path) => format!("the download stopped while receiving {path}"),
+                    None => "the download stopped".to_string(),
+                };
+                let left = unpacker.abort();
+                // The failure follows on the next line; this note must not replace it.
+                let _ = writeln!(io.err, "{}", clean(&format!("{stopped}: {left}")));
                 return Err(failure);
             }
         }
