@@ -1,10 +1,12 @@
 //! The data folder: each task's part in `<root>/<sender>/<request_id>/<subprocessor>/`, a
 //! file as `<name>.partial` until its SHA-256 matched and `<name>` after, the header it was
 //! announced with in `.header.<name>.json` (file names never start with '.', so these never
-//! collide), and a closed part's `.manifest.json` and `.receipt.json`. Files are hashed in
-//! chunks, never read whole. `<sender>` is the sending processor's certificate identity as
-//! one path component ([`sender_component`]): subprocessor names are unique only within a
-//! processor, so two processors transferring for the same request must not share a part.
+//! collide), the checkpoint of a partial file's digest in `.hashed.<name>.json`, and a closed
+//! part's `.manifest.json` and `.receipt.json`. Files are hashed in chunks, never read whole,
+//! and a file's check reads only what follows its checkpoint. `<sender>` is the sending
+//! processor's certificate identity as one path component ([`sender_component`]):
+//! subprocessor names are unique only within a processor, so two processors transferring
+//! for the same request must not share a part.
 //!
 //! The sender deletes its copy once it holds the receipt and resumes a file from the offset
 //! it is told, so nothing is answered before what it confirms is on disk: a partial file's
@@ -17,9 +19,10 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use dsrelay_proto::v1::ExportFileHeader;
+use dsrelay_runtime::resumable_hash::ResumableSha256;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 /// Why the folder refused something.
 #[derive(Debug, thiserror::Error)]
@@ -120,12 +123,18 @@ pub struct Receipt {
 #[derive(Debug, Clone)]
 pub struct Folder {
     root: PathBuf,
+    /// Bytes appended between two checkpoints of a partial file's digest
+    /// ([`CHECKPOINT_EVERY`]; tests set less).
+    checkpoint_every: u64,
 }
 
 impl Folder {
     /// The folder at `root` (which must exist).
     pub fn new(root: PathBuf) -> Self {
-        Self { root }
+        Self {
+            root,
+            checkpoint_every: CHECKPOINT_EVERY,
+        }
     }
 
     /// The folder of one task's part as `sender` sent it. Callers have checked that
@@ -230,8 +239,10 @@ impl Folder {
         })
     }
 
-    /// Appends checked bytes to the file's partial form. They are not synced here: the caller
-    /// calls [`Folder::sync_partial`] before it answers the offset they reach.
+    /// Appends checked bytes to the file's partial form. They are not synced here (the caller
+    /// calls [`Folder::sync_partial`] before it answers the offset they reach), but for a
+    /// checkpoint of the file's digest they complete ([`Folder::advance_checkpoint`]), so
+    /// that no more than [`Folder::max_unchecked`] bytes ever follow the last one.
     pub async fn append(
         &self,
         sender: &str,
@@ -245,10 +256,80 @@ impl Folder {
             .open(&partial)
             .await
             .doing("appending to", &partial)?;
+        let before = f.metadata().await.doing("appending to", &partial)?.len();
+        let checkpoint = self.checkpoint_path(sender, h);
+        let from = if before == 0 {
+            // The file is written anew: a checkpoint left from bytes since dropped (another
+            // header restarted the file) must not be taken for these.
+            forget_checkpoint(&checkpoint).await?;
+            Some(ResumableSha256::new())
+        } else {
+            match self.resume_point(&checkpoint, before).await? {
+                // A run that stopped between an append and its checkpoint left up to an
+                // interval and a chunk past it: caught up before more are added.
+                Some(from) => Some(self.advance_checkpoint(sender, h, from, before).await?),
+                None => None,
+            }
+        };
         f.write_all(data).await.doing("appending to", &partial)?;
         // tokio writes in the background: a write that failed shows only here.
         f.flush().await.doing("appending to", &partial)?;
+        if let Some(from) = from {
+            self.advance_checkpoint(sender, h, from, before + data.len() as u64)
+                .await?;
+        }
         Ok(())
+    }
+
+    /// Where the checkpoint of the file `h` announces is kept while it is partial.
+    fn checkpoint_path(&self, sender: &str, h: &ExportFileHeader) -> PathBuf {
+        self.part_dir(sender, &h.request_id, &h.subprocessor)
+            .join(format!(".hashed.{}.json", h.name))
+    }
+
+    /// The most bytes past its checkpoint a partial file's check reads: one checkpoint
+    /// interval, and the chunk that took it past it.
+    fn max_unchecked(&self) -> u64 {
+        self.checkpoint_every + crate::api::MAX_CHUNK as u64
+    }
+
+    /// Where the check of the partial file at `partial`, `len` bytes long, takes up: its
+    /// checkpoint, or its first byte when it has none that fits; `None` when more than
+    /// [`Folder::max_unchecked`] bytes would have to be read (a partial file from before
+    /// checkpoints were written).
+    async fn resume_point(
+        &self,
+        checkpoint: &Path,
+        len: u64,
+    ) -> Result<Option<ResumableSha256>, FolderError> {
+        let from = read_checkpoint(checkpoint)
+            .await?
+            .filter(|c| c.len() <= len)
+            .unwrap_or_default();
+        Ok((len - from.len() <= self.max_unchecked()).then_some(from))
+    }
+
+    /// The checkpoint `from` of the partial file of `h`, moved to its end once the file, now
+    /// `len` bytes long, holds a checkpoint interval past it: the file is synced, what follows
+    /// `from` hashed (read back: at most an interval and a chunk) and the new checkpoint
+    /// written durably, so that a checkpoint never counts a byte a crash could take back.
+    async fn advance_checkpoint(
+        &self,
+        sender: &str,
+        h: &ExportFileHeader,
+        from: ResumableSha256,
+        len: u64,
+    ) -> Result<ResumableSha256, FolderError> {
+        if len.saturating_sub(from.len()) < self.checkpoint_every {
+            return Ok(from);
+        }
+        let (_, partial, _) = self.paths(sender, h);
+        self.sync_partial(sender, h).await?;
+        let hashed = hash_range(&partial, from, len)
+            .await
+            .doing("hashing", &partial)?;
+        write_durably(&self.checkpoint_path(sender, h), &checkpoint_json(&hashed)).await?;
+        Ok(hashed)
     }
 
     /// Syncs the bytes and the name of the file's partial form, if there is one.
@@ -267,21 +348,41 @@ impl Folder {
         Ok(())
     }
 
-    /// Checks a file holding every byte against its SHA-256: a match gives it its name; a
-    /// mismatch drops it so the sender starts it again.
+    /// Checks a file holding every byte against its SHA-256, hashing only what follows its
+    /// checkpoint (at most [`Folder::max_unchecked`] bytes, whatever its size): a match gives
+    /// it its name; a mismatch drops it so the sender starts it again. A partial file with
+    /// more than that past its checkpoint (written before checkpoints were) is dropped too,
+    /// and answered as not started: hashing it whole could outlast the call.
     pub async fn finish(
         &self,
         sender: &str,
         h: &ExportFileHeader,
     ) -> Result<FileState, FolderError> {
         let (done, partial, _) = self.paths(sender, h);
+        let checkpoint = self.checkpoint_path(sender, h);
         if h.size == 0 {
             // A file of no bytes gets no chunk, and a chunk is what creates the partial form.
             self.append(sender, h, &[]).await?;
         }
-        let digest = sha256_of(&partial).await.doing("hashing", &partial)?;
+        let len = tokio::fs::metadata(&partial)
+            .await
+            .doing("reading the size of", &partial)?
+            .len();
+        let Some(from) = self.resume_point(&checkpoint, len).await? else {
+            remove(&partial).await?;
+            remove(&checkpoint).await?;
+            return Ok(FileState {
+                offset: 0,
+                complete: false,
+            });
+        };
+        let hashed = hash_range(&partial, from, len)
+            .await
+            .doing("hashing", &partial)?;
+        let digest = hex::encode(hashed.finalize());
         if digest != h.sha256 {
             remove(&partial).await?;
+            remove(&checkpoint).await?;
             return Err(FolderError::DigestMismatch(format!(
                 "file {}: the {} bytes received have SHA-256 {digest}, not {} as the header \
                  says; they were dropped, send the file again",
@@ -299,6 +400,8 @@ impl Folder {
         tokio::fs::rename(&partial, &done)
             .await
             .doing(&format!("renaming {} to", partial.display()), &done)?;
+        // After the renaming: a crash before it must find the checkpoint of the partial file.
+        remove(&checkpoint).await?;
         sync_dir(&self.part_dir(sender, &h.request_id, &h.subprocessor)).await?;
         Ok(FileState {
             offset: h.size,
@@ -552,6 +655,80 @@ pub async fn sha256_of(p: &Path) -> std::io::Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
+/// Bytes appended between two checkpoints of a partial file's digest (64 MiB): with a chunk,
+/// the most a resumed file's check reads again, within the call that checks it.
+const CHECKPOINT_EVERY: u64 = 64 * 1024 * 1024;
+
+/// A partial file's checkpoint as `.hashed.<name>.json` holds it: the file's first `bytes`
+/// bytes were synced before it was written, and `midstate` is their SHA-256 midstate
+/// ([`ResumableSha256::midstate`], hex).
+#[derive(Serialize, Deserialize)]
+struct Checkpoint {
+    bytes: u64,
+    midstate: String,
+}
+
+fn checkpoint_json(hashed: &ResumableSha256) -> Vec<u8> {
+    serde_json::to_vec(&Checkpoint {
+        bytes: hashed.len(),
+        midstate: hex::encode(hashed.midstate()),
+    })
+    .unwrap_or_default()
+}
+
+/// The digest so far that the checkpoint at `p` holds; `None` when there is none, or none
+/// that reads whole (the check then takes up at the first byte).
+async fn read_checkpoint(p: &Path) -> Result<Option<ResumableSha256>, FolderError> {
+    let bytes = match tokio::fs::read(p).await {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(failed("reading the checkpoint", p, e)),
+    };
+    Ok(serde_json::from_slice::<Checkpoint>(&bytes)
+        .ok()
+        .and_then(|c| {
+            let midstate = hex::decode(&c.midstate).ok()?;
+            ResumableSha256::resume(&midstate).filter(|h| h.len() == c.bytes)
+        }))
+}
+
+/// Removes the checkpoint at `p`, durably: a crash must not bring back one of bytes that
+/// were dropped.
+async fn forget_checkpoint(p: &Path) -> Result<(), FolderError> {
+    match tokio::fs::remove_file(p).await {
+        Ok(()) => sync_dir(p.parent().unwrap_or(Path::new("."))).await,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(failed("removing", p, e)),
+    }
+}
+
+/// `from`, having hashed the bytes of the file at `p` from its length up to `to`, reading
+/// only those.
+async fn hash_range(
+    p: &Path,
+    mut from: ResumableSha256,
+    to: u64,
+) -> std::io::Result<ResumableSha256> {
+    let mut f = tokio::fs::File::open(p).await?;
+    f.seek(std::io::SeekFrom::Start(from.len())).await?;
+    let mut f = f.take(to.saturating_sub(from.len()));
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        from.update(&buf[..n]);
+    }
+    if from.len() != to {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("the file ended at byte {} of {to}", from.len()),
+        ));
+    }
+    Ok(from)
+}
+
 #[cfg(test)]
 mod tests {
     use sha2::Digest;
@@ -633,5 +810,212 @@ mod tests {
             err.to_string(),
             format!("reading the receipt {}", receipt.display())
         );
+    }
+
+    /// The checkpoint interval of the tests below, and the chunk they append.
+    const EVERY: u64 = 64 * 1024;
+    const PIECE: usize = 16 * 1024;
+    const NOT_STARTED: FileState = FileState {
+        offset: 0,
+        complete: false,
+    };
+
+    /// A folder at `root` checkpointing every [`EVERY`] bytes.
+    fn checkpointed(root: &Path) -> Folder {
+        Folder {
+            root: root.to_path_buf(),
+            checkpoint_every: EVERY,
+        }
+    }
+
+    fn file_bytes(len: usize, seed: u64) -> Vec<u8> {
+        (0..len as u64)
+            .map(|i| {
+                (i.wrapping_add(seed << 32)
+                    .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                    >> 56) as u8
+            })
+            .collect()
+    }
+
+    fn announced(name: &str, data: &[u8]) -> ExportFileHeader {
+        ExportFileHeader {
+            request_id: "0190-r".into(),
+            subprocessor: "accounting".into(),
+            name: name.into(),
+            media_type: "application/octet-stream".into(),
+            categories: vec!["contact".into()],
+            size: data.len() as u64,
+            sha256: hex::encode(sha2::Sha256::digest(data)),
+        }
+    }
+
+    /// One stream as the API runs it: `begin`, then `data[from..to]` appended in chunks of
+    /// [`PIECE`], the last byte of the file checked, and a stream that ends short synced.
+    async fn stream(
+        folder: &Folder,
+        h: &ExportFileHeader,
+        data: &[u8],
+        from: usize,
+        to: usize,
+    ) -> Result<FileState, FolderError> {
+        let begun = folder.begin(SENDER, h).await?;
+        assert_eq!(begun.offset, from as u64, "{}", h.name);
+        let mut at = from;
+        while at < to {
+            let end = (at + PIECE).min(to);
+            folder.append(SENDER, h, &data[at..end]).await?;
+            at = end;
+            if at == data.len() {
+                return folder.finish(SENDER, h).await;
+            }
+        }
+        folder.sync_partial(SENDER, h).await?;
+        Ok(FileState {
+            offset: to as u64,
+            complete: false,
+        })
+    }
+
+    /// The bytes the checkpoint of `h` covers.
+    fn checkpoint_of(folder: &Folder, h: &ExportFileHeader) -> u64 {
+        let stored = std::fs::read(folder.checkpoint_path(SENDER, h)).expect("a checkpoint");
+        serde_json::from_slice::<Checkpoint>(&stored)
+            .expect("a checkpoint")
+            .bytes
+    }
+
+    fn partial_of(folder: &Folder, h: &ExportFileHeader) -> PathBuf {
+        folder.paths(SENDER, h).1
+    }
+
+    /// Appends `data` to the partial form of `h` behind the folder's back, durably: bytes
+    /// a run appended and synced before it stopped short of its next checkpoint.
+    fn append_behind(folder: &Folder, h: &ExportFileHeader, data: &[u8]) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(partial_of(folder, h))
+            .expect("the partial file");
+        f.write_all(data).expect("appended");
+        f.sync_all().expect("synced");
+    }
+
+    /// A file of 40 intervals, received in three streams by three runs of the recipient, is
+    /// checked from its checkpoint: the bytes before it are not read again (damaged after
+    /// it was written, as only a disk fault could, they go unnoticed), and at most an
+    /// interval and a chunk follow it. Before, the whole file was read at its last byte.
+    #[tokio::test]
+    async fn a_file_is_checked_from_its_checkpoint() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let data = file_bytes(40 * EVERY as usize + 999, 1);
+        let h = announced("large.bin", &data);
+        let last = data.len() - 100;
+        for (from, to) in [(0, 300_001), (300_001, last)] {
+            let state = stream(&checkpointed(root.path()), &h, &data, from, to)
+                .await
+                .expect("received");
+            assert_eq!((state.offset, state.complete), (to as u64, false));
+        }
+        let folder = checkpointed(root.path());
+        let checked = checkpoint_of(&folder, &h);
+        assert!(checked > 0 && last as u64 - checked <= folder.max_unchecked());
+        let partial = partial_of(&folder, &h);
+        let mut stored = std::fs::read(&partial).expect("partial");
+        stored[..checked as usize].fill(0);
+        std::fs::write(&partial, &stored).expect("damaged before the checkpoint");
+        let state = stream(&folder, &h, &data, last, data.len())
+            .await
+            .expect("checked from its checkpoint");
+        assert!(state.complete);
+        let done = folder.file_path(SENDER, &h);
+        assert!(
+            std::fs::read(done).expect("stored")[checked as usize..] == data[checked as usize..]
+        );
+        assert!(
+            !folder.checkpoint_path(SENDER, &h).exists(),
+            "its checkpoint went"
+        );
+    }
+
+    /// Bytes a run appended after the last checkpoint (synced, but the run stopped before
+    /// its next checkpoint: up to an interval and a chunk of them) are hashed again before
+    /// more are appended: right ones pass the check, a damaged one is DigestMismatch, and
+    /// the file and its checkpoint are dropped.
+    #[tokio::test]
+    async fn bytes_past_the_checkpoint_are_hashed_again() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let folder = checkpointed(root.path());
+        let data = file_bytes(40 * EVERY as usize + 5, 2);
+        let cut = 5 * EVERY as usize + 3;
+        let behind = cut + EVERY as usize + crate::api::MAX_CHUNK - 100;
+        for damage in [false, true] {
+            let h = announced(if damage { "torn.bin" } else { "cut.bin" }, &data);
+            stream(&folder, &h, &data, 0, cut).await.expect("received");
+            let mut tail = data[cut..behind].to_vec();
+            if damage {
+                tail[7] ^= 1;
+            }
+            append_behind(&folder, &h, &tail);
+            assert!(checkpoint_of(&folder, &h) <= cut as u64);
+            let checked = stream(&folder, &h, &data, behind, data.len()).await;
+            if !damage {
+                assert!(checked.expect("checked").complete);
+                continue;
+            }
+            let err = checked.expect_err("a damaged byte");
+            assert!(matches!(err, FolderError::DigestMismatch(_)), "{err:?}");
+            assert!(!partial_of(&folder, &h).exists(), "the file was dropped");
+            assert!(!folder.checkpoint_path(SENDER, &h).exists());
+        }
+    }
+
+    /// A partial file without a checkpoint (one from before they were written) is hashed from
+    /// its first byte while that is no more than a check reads; a larger one, announced
+    /// whole or not, is dropped at its check and answered as not started, to be sent again.
+    #[tokio::test]
+    async fn a_partial_file_without_a_checkpoint() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let folder = checkpointed(root.path());
+        let small = file_bytes(300_000, 3);
+        let h = announced("small.bin", &small);
+        assert_eq!(folder.begin(SENDER, &h).await.expect("begun").offset, 0);
+        append_behind(&folder, &h, &small[..100_000]);
+        let state = stream(&folder, &h, &small, 100_000, small.len()).await;
+        assert!(state.expect("checked").complete);
+
+        let large = file_bytes(folder.max_unchecked() as usize + PIECE + 1, 4);
+        let h = announced("large.bin", &large);
+        assert_eq!(folder.begin(SENDER, &h).await.expect("begun").offset, 0);
+        let stored = folder.max_unchecked() as usize + 1;
+        append_behind(&folder, &h, &large[..stored]);
+        let state = stream(&folder, &h, &large, stored, large.len()).await;
+        assert_eq!(state.expect("dropped"), NOT_STARTED);
+        assert!(!partial_of(&folder, &h).exists(), "the file was dropped");
+        append_behind(&folder, &h, &large);
+        let state = folder.begin(SENDER, &h).await.expect("dropped");
+        assert_eq!(state, NOT_STARTED);
+        let state = stream(&folder, &h, &large, 0, large.len()).await;
+        assert!(state.expect("sent again").complete);
+    }
+
+    /// A file restarted under another header forgets the checkpoint of the bytes it dropped
+    /// before it takes new ones: kept, it was taken for the new bytes at the next checkpoint
+    /// and the file failed its check.
+    #[tokio::test]
+    async fn a_restarted_file_forgets_its_checkpoint() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let folder = checkpointed(root.path());
+        let first = file_bytes(200_000, 5);
+        let before = announced("again.bin", &first);
+        stream(&folder, &before, &first, 0, EVERY as usize + PIECE)
+            .await
+            .expect("received");
+        assert_eq!(checkpoint_of(&folder, &before), EVERY);
+        let data = file_bytes(200_000, 6);
+        let h = announced("again.bin", &data);
+        let state = stream(&folder, &h, &data, 0, data.len()).await;
+        assert!(state.expect("checked").complete);
     }
 }

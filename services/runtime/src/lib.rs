@@ -24,6 +24,8 @@
 //! - [`direct_io`]: `O_DIRECT` files and the aligned buffers they need.
 //! - [`export_files`]: the rules both receivers of export files apply (limits, file names,
 //!   digests and chunk checksums, the list of files that closes a part).
+//! - [`resumable_hash`]: SHA-256 whose progress is saved and taken up again, so a receiver
+//!   that resumes a file hashes only what came after.
 //! - [`identity`]: subject identity validation, normalisation and hashing.
 //! - [`log_text`]: what log lines show of text from outside a service (another party's
 //!   status message, a holder's error): its length and a keyed hash, never its words.
@@ -58,6 +60,7 @@ pub mod listen;
 pub mod log_text;
 pub mod metrics;
 pub mod pki;
+pub mod resumable_hash;
 pub mod server;
 pub mod settings;
 pub mod signing;

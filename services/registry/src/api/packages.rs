@@ -24,8 +24,8 @@ use dsrelay_runtime::export_files::{
 };
 use dsrelay_runtime::grpc::feed;
 use dsrelay_runtime::identity::{request_id_violation, FieldViolation};
+use dsrelay_runtime::resumable_hash::ResumableSha256;
 use dsrelay_runtime::server::{next_message_within, MAX_MESSAGE_BYTES};
-use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tonic::{Response, Status, Streaming};
 
@@ -154,19 +154,23 @@ impl Api {
         Ok(())
     }
 
-    /// Registers the file `header` describes and answers where its upload stands; a partial
-    /// file stored whole but not checked yet (the sender stopped after its last chunk) is
-    /// checked now.
+    /// Registers the file `header` describes and answers where its upload stands, with,
+    /// for a file partly stored, where the check of its digest takes up (its checkpoint, not
+    /// yet caught up with the bytes stored after it). A partial file stored whole but not
+    /// checked yet (the sender stopped after its last chunk) is checked now. Either way at
+    /// most [`Packages::max_unchecked`](crate::packages::Packages::max_unchecked) bytes are
+    /// read; a file with more stored past its checkpoint is dropped and sent again.
     async fn register(
         &self,
         processor: &str,
         header: &ExportFileHeader,
-    ) -> Result<(PackageFile, UploadState), ApiError> {
+    ) -> Result<(PackageFile, UploadState, Option<ResumableSha256>), ApiError> {
         let file = package_file(processor, header);
         let key = file_key(&file);
         let now = self.shared.clock.now_ms();
-        let store = &self.shared.packages.store;
-        let offset = match self.shared.store.begin_file(&file, now).await? {
+        let packages = &self.shared.packages;
+        let store = &packages.store;
+        let (offset, checkpoint) = match self.shared.store.begin_file(&file, now).await? {
             FileBegin::Expired(at) => return Err(expired(&file.request_id, at)),
             FileBegin::Conflict => {
                 return Err(ApiError::failed_precondition(format!(
@@ -176,36 +180,74 @@ impl Api {
                 )))
             }
             FileBegin::Registered { complete: true } => {
-                return Ok((
-                    file,
-                    UploadState {
-                        offset: header.size,
-                        complete: true,
-                    },
-                ))
+                let state = UploadState {
+                    offset: header.size,
+                    complete: true,
+                };
+                return Ok((file, state, None));
             }
             FileBegin::Restarted => {
-                store.remove(&key).await.map_err(io_error)?;
-                0
+                self.drop_stored(&file).await?;
+                (0, None)
             }
             FileBegin::Registered { complete: false } => {
-                store.stored_len(&key).await.map_err(io_error)?
+                // Read before the length: a checkpoint counts only bytes durable when it was
+                // recorded, so it never passes the length read after it; read after, it
+                // could count bytes an upload stream running meanwhile appended since.
+                let checkpoint = self.shared.store.file_checkpoint(&file).await?;
+                (store.stored_len(&key).await.map_err(io_error)?, checkpoint)
             }
         };
         if offset > header.size {
             // More bytes than the header announces cannot be the file: start it again.
-            store.remove(&key).await.map_err(io_error)?;
-            return Ok((file, UploadState::default()));
+            self.drop_stored(&file).await?;
+            return Ok((file, UploadState::default(), None));
         }
-        let state = if offset == header.size {
-            self.finish(&file, None).await?
-        } else {
-            UploadState {
-                offset,
-                complete: false,
+        if offset == 0 {
+            if checkpoint.is_some() {
+                // Left by bytes dropped since (a crash came between the two): the bytes sent
+                // now must not be taken up from it.
+                self.shared.store.clear_file_checkpoint(&file).await?;
             }
+            let state = if header.size == 0 {
+                self.finish(&file, hex::encode(ResumableSha256::new().finalize()))
+                    .await?
+            } else {
+                UploadState::default()
+            };
+            return Ok((file, state, None));
+        }
+        let Some(from) = packages.resume_point(checkpoint, offset) else {
+            tracing::info!(
+                file = manifest::path(&file),
+                stored = offset,
+                "a partial file without a checkpoint near its end is dropped and sent again"
+            );
+            self.drop_stored(&file).await?;
+            return Ok((file, UploadState::default(), None));
         };
-        Ok((file, state))
+        if offset == header.size {
+            let hasher = packages
+                .hash_tail(&key, from, offset)
+                .await
+                .map_err(ApiError::unexpected)?;
+            let state = self.finish(&file, hex::encode(hasher.finalize())).await?;
+            return Ok((file, state, None));
+        }
+        let state = UploadState {
+            offset,
+            complete: false,
+        };
+        Ok((file, state, Some(from)))
+    }
+
+    /// Drops the bytes stored of `file`, then its checkpoint, which describes them. The
+    /// other way round, a crash in between would leave the bytes without their checkpoint
+    /// (hashed again from the first, or dropped if many); this way it leaves a checkpoint
+    /// without bytes, which the next registration forgets.
+    async fn drop_stored(&self, file: &PackageFile) -> Result<(), ApiError> {
+        self.drop_file(&file_key(file)).await?;
+        Ok(self.shared.store.clear_file_checkpoint(file).await?)
     }
 
     /// Registers a file about to be streamed while it is written (`size_follows`): its
@@ -287,23 +329,15 @@ impl Api {
 
     /// Checks a file whose every byte is stored (and durable) against its SHA-256: a match
     /// marks it stored; a mismatch drops it, so the sender starts it again. `digest` is the
-    /// SHA-256 of the whole file when one stream saw all of it; otherwise the stored file is
-    /// read again for it.
-    async fn finish(
-        &self,
-        file: &PackageFile,
-        digest: Option<String>,
-    ) -> Result<UploadState, ApiError> {
-        let key = file_key(file);
+    /// SHA-256 of the stored bytes, hashed as they streamed and, for an upload that resumed,
+    /// taken up from the file's checkpoint (the bytes stored past it read again): never by
+    /// reading the whole file again.
+    async fn finish(&self, file: &PackageFile, digest: String) -> Result<UploadState, ApiError> {
         if file.size == 0 {
             self.store_empty(file).await?;
         }
-        let digest = match digest {
-            Some(d) => d,
-            None => self.shared.packages.stored_sha256(&key).await?,
-        };
         if digest != file.sha256 {
-            self.drop_file(&key).await?;
+            self.drop_stored(file).await?;
             return Err(ApiError::data_loss(format!(
                 "file {}: the {} bytes received have SHA-256 {digest}, not {} as the header \
                  says; they were dropped, send the file again",
@@ -356,7 +390,9 @@ impl Api {
 
     /// Stores one chunk after checking its offset, size and CRC-32; a refused chunk leaves
     /// nothing behind. The chunk is durable only once [`FileUpload::sync`] has run, which
-    /// happens before the file is checked and before any answer.
+    /// happens before the file is checked, before any answer, and before a checkpoint counts
+    /// it ([`Api::checkpoint`]): one is recorded before any chunk that would take the file
+    /// more than the checkpoint interval past the last one.
     async fn store_chunk(
         &self,
         up: &mut FileUpload,
@@ -403,9 +439,15 @@ impl Api {
                 chunk.offset
             )));
         }
+        if !up.growing
+            && up.state.offset > up.checkpointed
+            && up.state.offset + len - up.checkpointed > self.shared.packages.checkpoint_every
+        {
+            self.checkpoint(up).await?;
+        }
         let appender = match &mut up.appender {
             Some(a) => a,
-            None => up.appender.insert(self.open_file(file).await?),
+            None => up.appender.insert(self.open_file(&up.file).await?),
         };
         appender.append(&chunk.data).await.map_err(io_error)?;
         if let Some(h) = &mut up.hasher {
@@ -414,9 +456,34 @@ impl Api {
         up.state.offset += len;
         if !up.growing && up.state.offset == size {
             up.sync().await?;
-            let digest = up.hasher.take().map(|h| hex::encode(h.finalize()));
-            up.state = self.finish(&up.file, digest).await?;
+            let Some(hasher) = up.hasher.take() else {
+                return Err(ApiError::unexpected(anyhow::anyhow!(
+                    "file {path}: its upload ended without a digest of its bytes"
+                )));
+            };
+            up.state = self
+                .finish(&up.file, hex::encode(hasher.finalize()))
+                .await?;
         }
+        Ok(())
+    }
+
+    /// Makes what `up` appended durable, then records how far its digest went (unless the
+    /// file is stored whole, or streams while written: such an upload never resumes), so that
+    /// a resumed upload's check reads only what follows.
+    async fn checkpoint(&self, up: &mut FileUpload) -> Result<(), ApiError> {
+        up.sync().await?;
+        if up.growing || up.state.complete || up.state.offset <= up.checkpointed {
+            return Ok(());
+        }
+        let Some(hasher) = &up.hasher else {
+            return Ok(());
+        };
+        self.shared
+            .store
+            .record_file_checkpoint(&up.file, hasher.len(), &hasher.midstate())
+            .await?;
+        up.checkpointed = hasher.len();
         Ok(())
     }
 
@@ -612,7 +679,7 @@ impl ExportUploadService for Api {
             .record("processor", processor.as_str())
             .record("request_id", header.request_id.as_str());
         self.check_target(&header.request_id, &processor).await?;
-        let (_, state) = self.register(&processor, &header).await?;
+        let (_, state, _) = self.register(&processor, &header).await?;
         Ok(Response::new(state))
     }
 
@@ -651,14 +718,31 @@ impl ExportUploadService for Api {
             ))
             .into());
         };
-        let (file, state) = if growing {
-            self.register_growing(&processor, &header).await?
+        let (file, state, resumed) = if growing {
+            let (file, state) = self.register_growing(&processor, &header).await?;
+            (file, state, None)
         } else {
             self.register(&processor, &header).await?
         };
-        let mut up = FileUpload {
+        let (hasher, checkpointed) = match resumed {
+            // A resumed stream hashes the bytes stored after the checkpoint (at most one
+            // interval of them), then its own as they come.
+            Some(from) => {
+                let checkpointed = from.len();
+                let caught_up = self
+                    .shared
+                    .packages
+                    .hash_tail(&file_key(&file), from, state.offset)
+                    .await
+                    .map_err(ApiError::unexpected)?;
+                (Some(caught_up), checkpointed)
+            }
             // A stream that starts the file sees all of it and hashes it as it goes.
-            hasher: (state.offset == 0).then(Sha256::new),
+            None => ((state.offset == 0).then(ResumableSha256::new), 0),
+        };
+        let mut up = FileUpload {
+            hasher,
+            checkpointed,
             file,
             state,
             appender: None,
@@ -693,8 +777,8 @@ impl ExportUploadService for Api {
         }
         .await;
         // However the stream ended, what it appended is made durable before any answer (this
-        // one, or a later GetUploadState) counts it as stored.
-        up.sync().await?;
+        // one, or a later GetUploadState) counts it as stored, and then checkpointed.
+        self.checkpoint(&mut up).await?;
         streamed?;
         tracing::debug!(
             offset = up.state.offset,
@@ -909,8 +993,11 @@ struct FileUpload {
     state: UploadState,
     /// Opened at the first chunk stored.
     appender: Option<Box<dyn Appender>>,
-    /// The SHA-256 of the file so far, when this stream started it at offset 0.
-    hasher: Option<Sha256>,
+    /// The SHA-256 of the file's bytes so far: from the first when this stream started the
+    /// file, from its checkpoint when it resumed; `None` once the file is checked.
+    hasher: Option<ResumableSha256>,
+    /// Bytes the file's recorded checkpoint covers.
+    checkpointed: u64,
     /// Streamed while it is written: its size and digest come at the end.
     growing: bool,
 }

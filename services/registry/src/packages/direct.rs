@@ -146,18 +146,21 @@ impl Appender for DirectAppender {
     }
 }
 
-/// Reads `path` from the start with `O_DIRECT`, [`READ_AHEAD`] blocks ahead of the consumer;
-/// `None` when the filesystem refuses `O_DIRECT`. The consumer reads straight from the aligned
-/// buffers the disk filled and hands each back once it has read it, so a file's reading
-/// reuses a few buffers and copies nothing on the way.
-pub(super) fn reader(path: &Path) -> io::Result<Option<DirectReader>> {
+/// Reads `path` from byte `offset` on with `O_DIRECT`, [`READ_AHEAD`] blocks ahead of the
+/// consumer; `None` when the filesystem refuses `O_DIRECT`. The consumer reads straight from
+/// the aligned buffers the disk filled and hands each back once it has read it, so a file's
+/// reading reuses a few buffers and copies nothing on the way. The reading starts at the
+/// block boundary below `offset` (direct reads are aligned) and skips the bytes before it.
+pub(super) fn reader(path: &Path, offset: u64) -> io::Result<Option<DirectReader>> {
     let Some(file) = open_direct(path, OpenOptions::new().read(true))? else {
         return Ok(None);
     };
     let (tx, rx) = mpsc::channel(READ_AHEAD);
     let (spare_tx, spare_rx) = std::sync::mpsc::channel::<AlignedBuf>();
+    let start = offset / ALIGN as u64 * ALIGN as u64;
+    let skip = (offset - start) as usize;
     tokio::task::spawn_blocking(move || {
-        let mut at = 0u64;
+        let mut at = start;
         loop {
             let mut buf = spare_rx
                 .try_recv()
@@ -179,6 +182,7 @@ pub(super) fn reader(path: &Path) -> io::Result<Option<DirectReader>> {
         block: None,
         len: 0,
         pos: 0,
+        skip,
         spares: spare_tx,
     }))
 }
@@ -190,6 +194,8 @@ pub(super) struct DirectReader {
     block: Option<AlignedBuf>,
     len: usize,
     pos: usize,
+    /// Bytes of the first block before the offset asked for.
+    skip: usize,
     /// Where read blocks go back to the reading thread.
     spares: std::sync::mpsc::Sender<AlignedBuf>,
 }
@@ -217,7 +223,7 @@ impl AsyncRead for DirectReader {
                 Some(Ok((block, len))) => {
                     self.block = Some(block);
                     self.len = len;
-                    self.pos = 0;
+                    self.pos = std::mem::take(&mut self.skip).min(len);
                 }
                 Some(Err(e)) => return Poll::Ready(Err(e)),
                 // The reading ended after the file's last block.

@@ -6,8 +6,8 @@
 //!   [`Appender`], durable once synced), and [`FolderStore`].
 //! - `direct`: the folder store's files written and read with `O_DIRECT`.
 //! - `manifest`: the manifest's deterministic JSON.
-//! - this module: [`Packages`] (the store and the retention), file keys, the whole-file
-//!   digest check, and the expiry worker.
+//! - this module: [`Packages`] (the store, the retention and the checkpoint interval), file
+//!   keys, the digest check of a resumed file, and the expiry worker.
 //!
 //! The gRPC handlers are `crate::api::packages`; what was stored is recorded by
 //! `crate::store` (`packages`).
@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use dsrelay_runtime::export_files::path_component;
-use sha2::{Digest, Sha256};
+use dsrelay_runtime::resumable_hash::ResumableSha256;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
@@ -26,6 +26,8 @@ use crate::store::PackageFile;
 
 mod direct;
 pub(crate) mod manifest;
+#[cfg(test)]
+mod resume_tests;
 mod store;
 
 pub use store::{Appender, FolderStore, PackageStore};
@@ -36,6 +38,10 @@ pub const MAX_CHUNK: usize = 1024 * 1024;
 /// One day in milliseconds.
 const DAY_MS: i64 = 86_400_000;
 
+/// Bytes an upload appends between two checkpoints of its digest (64 MiB): the most a
+/// resumed file's check reads, within the call that resumes it.
+pub(crate) const CHECKPOINT_EVERY: u64 = 64 * 1024 * 1024;
+
 /// The package store and how long packages are kept.
 #[derive(Clone)]
 pub(crate) struct Packages {
@@ -43,6 +49,16 @@ pub(crate) struct Packages {
     pub store: Arc<dyn PackageStore>,
     /// How long a package is kept after its request finished (ms).
     pub ttl_ms: i64,
+    /// Bytes an upload appends between two checkpoints ([`CHECKPOINT_EVERY`]; tests set less
+    /// through [`BUILD_HOOK`]).
+    pub checkpoint_every: u64,
+}
+
+#[cfg(test)]
+tokio::task_local! {
+    /// Test hook: what a registry built within its scope does to its [`Packages`] (wrap the
+    /// store to count what is read, shorten the checkpoint interval).
+    pub(crate) static BUILD_HOOK: Arc<dyn Fn(Packages) -> Packages + Send + Sync>;
 }
 
 impl Packages {
@@ -51,23 +67,60 @@ impl Packages {
         Self {
             store,
             ttl_ms: i64::from(ttl_days) * DAY_MS,
+            checkpoint_every: CHECKPOINT_EVERY,
         }
+        .hooked()
     }
 
-    /// When a package whose request finished at `finished_at` expires (ms).
-    pub(crate) fn expires_at(&self, finished_at: i64) -> i64 {
-        finished_at.saturating_add(self.ttl_ms)
+    /// These packages as [`BUILD_HOOK`] makes them, in a test within its scope.
+    fn hooked(self) -> Self {
+        #[cfg(test)]
+        if let Ok(hooked) = BUILD_HOOK.try_with(|hook| hook(self.clone())) {
+            return hooked;
+        }
+        self
     }
 
-    /// The SHA-256 of what is stored under `key`, read in chunks: for a file whose upload
-    /// resumed, so that no one stream saw all of it.
-    pub(crate) async fn stored_sha256(&self, key: &str) -> Result<String> {
+    /// The most bytes of a file stored past its checkpoint that its check reads: an upload
+    /// checkpoints before a chunk that would take it past the interval, and a chunk may be
+    /// longer than an interval set short.
+    pub(crate) fn max_unchecked(&self) -> u64 {
+        self.checkpoint_every.max(MAX_CHUNK as u64)
+    }
+
+    /// Where the check of a file with `stored` bytes stored takes up, given its recorded
+    /// checkpoint (bytes, midstate): there, or at the start when it has none that fits
+    /// (none recorded, not readable, or past what is stored, its bytes since dropped).
+    /// `None` when more than [`Packages::max_unchecked`] bytes would be read: a file stored
+    /// before checkpoints were recorded, which is sent again rather than read whole within a
+    /// call's time limit.
+    pub(crate) fn resume_point(
+        &self,
+        checkpoint: Option<(u64, Vec<u8>)>,
+        stored: u64,
+    ) -> Option<ResumableSha256> {
+        let from = checkpoint
+            .filter(|(bytes, _)| *bytes <= stored)
+            .and_then(|(bytes, state)| ResumableSha256::resume(&state).filter(|h| h.len() == bytes))
+            .unwrap_or_default();
+        (stored - from.len() <= self.max_unchecked()).then_some(from)
+    }
+
+    /// `from`, having hashed the stored bytes of `key` from its length up to `stored`: reads
+    /// only those ([`PackageStore::open_at`]).
+    pub(crate) async fn hash_tail(
+        &self,
+        key: &str,
+        mut from: ResumableSha256,
+        stored: u64,
+    ) -> Result<ResumableSha256> {
+        let start = from.len();
         let mut reader = self
             .store
-            .open(key)
+            .open_at(key, start)
             .await
-            .context("opening a stored file")?;
-        let mut hasher = Sha256::new();
+            .context("opening a stored file")?
+            .take(stored.saturating_sub(start));
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = reader
@@ -77,9 +130,19 @@ impl Packages {
             if n == 0 {
                 break;
             }
-            hasher.update(&buf[..n]);
+            from.update(&buf[..n]);
         }
-        Ok(hex::encode(hasher.finalize()))
+        anyhow::ensure!(
+            from.len() == stored,
+            "the stored file {key} ended at byte {} of the {stored} counted",
+            from.len()
+        );
+        Ok(from)
+    }
+
+    /// When a package whose request finished at `finished_at` expires (ms).
+    pub(crate) fn expires_at(&self, finished_at: i64) -> i64 {
+        finished_at.saturating_add(self.ttl_ms)
     }
 }
 
@@ -192,5 +255,37 @@ mod tests {
         assert_eq!(path_component(".hidden"), "%2Ehidden");
         assert_eq!(path_component(""), "%00");
         assert_ne!(path_component("a b"), path_component("a%20b"));
+    }
+
+    /// A check takes up at a checkpoint that fits what is stored, else at the start; never
+    /// with more than [`Packages::max_unchecked`] bytes to read.
+    #[test]
+    fn a_check_resumes_where_little_is_left_to_read() {
+        let packages = Packages {
+            store: Arc::new(FolderStore::new("/nowhere")),
+            ttl_ms: 0,
+            checkpoint_every: 1000,
+        };
+        let max = packages.max_unchecked();
+        assert_eq!(
+            max, MAX_CHUNK as u64,
+            "a chunk may be longer than the interval"
+        );
+        let mut h = ResumableSha256::new();
+        h.update(&[7; 5000]);
+        let at = |checkpoint: Option<(u64, Vec<u8>)>, stored| {
+            packages.resume_point(checkpoint, stored).map(|h| h.len())
+        };
+        let good = Some((5000, h.midstate()));
+        assert_eq!(at(None, max), Some(0));
+        assert_eq!(at(None, max + 1), None);
+        assert_eq!(at(good.clone(), 5000), Some(5000));
+        assert_eq!(at(good.clone(), 5000 + max), Some(5000));
+        assert_eq!(at(good.clone(), 5001 + max), None);
+        // Past what is stored: its bytes were dropped since.
+        assert_eq!(at(good, 4999), Some(0));
+        // Not a midstate, or one of another length.
+        assert_eq!(at(Some((5000, vec![1, 2, 3])), 6000), Some(0));
+        assert_eq!(at(Some((4000, h.midstate())), 6000), Some(0));
     }
 }

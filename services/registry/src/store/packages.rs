@@ -337,6 +337,71 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// How far the upload of `f` was hashed, if a checkpoint was recorded
+    /// ([`Store::record_file_checkpoint`]): the number of its first bytes, durable when it was
+    /// written, and the SHA-256 midstate after them.
+    pub async fn file_checkpoint(&self, f: &PackageFile) -> Result<Option<(u64, Vec<u8>)>> {
+        let row: Option<(Option<i64>, Option<Vec<u8>>)> = sqlx::query_as(
+            "SELECT checkpoint_bytes, checkpoint_state FROM package_files WHERE \
+             request_id = $1 AND processor = $2 AND subprocessor = $3 AND name = $4",
+        )
+        .bind(&f.request_id)
+        .bind(&f.processor)
+        .bind(&f.subprocessor)
+        .bind(&f.name)
+        .fetch_optional(&self.db.pool)
+        .await?;
+        Ok(match row {
+            Some((Some(bytes), Some(state))) => u64::try_from(bytes).ok().map(|b| (b, state)),
+            _ => None,
+        })
+    }
+
+    /// Records that the first `bytes` bytes of `f` are stored durably and that `midstate`
+    /// is their SHA-256 midstate; only while `f` is registered with this size and digest and
+    /// not stored whole (a header registered since belongs to other bytes). The caller syncs
+    /// the bytes first: a checkpoint never counts a byte a crash could take back.
+    pub async fn record_file_checkpoint(
+        &self,
+        f: &PackageFile,
+        bytes: u64,
+        midstate: &[u8],
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE package_files SET checkpoint_bytes = $1, checkpoint_state = $2 WHERE \
+             request_id = $3 AND processor = $4 AND subprocessor = $5 AND name = $6 \
+             AND size = $7 AND sha256 = $8 AND stored_at IS NULL",
+        )
+        .bind(i64::try_from(bytes)?)
+        .bind(midstate)
+        .bind(&f.request_id)
+        .bind(&f.processor)
+        .bind(&f.subprocessor)
+        .bind(&f.name)
+        .bind(f.size)
+        .bind(&f.sha256)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets the checkpoint of `f`, whose bytes are about to be written anew from the
+    /// first: one left from bytes since dropped would describe other bytes.
+    pub async fn clear_file_checkpoint(&self, f: &PackageFile) -> Result<()> {
+        sqlx::query(
+            "UPDATE package_files SET checkpoint_bytes = NULL, checkpoint_state = NULL WHERE \
+             request_id = $1 AND processor = $2 AND subprocessor = $3 AND name = $4 \
+             AND checkpoint_bytes IS NOT NULL",
+        )
+        .bind(&f.request_id)
+        .bind(&f.processor)
+        .bind(&f.subprocessor)
+        .bind(&f.name)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Records a part complete when every file it lists is stored with the digest given,
     /// with a PART_STORED event; the same part again answers when it was stored. Files
     /// registered under the part but not listed in it (an earlier export's) are dropped:
