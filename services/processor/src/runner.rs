@@ -45,8 +45,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dsrelay_connectors::{
-    BulkJob, BulkOp, BulkProgress, Connector, ConnectorError, Outcome, Phase, ProgressReporter,
-    Task,
+    BulkJob, BulkOp, BulkProgress, Connector, ConnectorError, ExportSink, Outcome, Phase,
+    ProgressReporter, Task,
 };
 use dsrelay_proto::v1::{ContractPhase, DeliverRequest, RequestKind};
 use dsrelay_runtime::log_text::withheld;
@@ -201,8 +201,6 @@ pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()
     else {
         return Ok(());
     };
-    let cfg = &shared.config.tasks;
-
     let call = call(
         shared,
         connector.as_ref(),
@@ -215,16 +213,7 @@ pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()
     let Ok(result) = call.await else {
         return Ok(());
     };
-    let attempt = u32::try_from(job.task.attempts).unwrap_or(u32::MAX);
-    let backoff = cfg.backoff.delay(attempt).as_millis() as i64;
-    let ctx = context(shared, &job, backoff);
-    match &result {
-        // One timeout per holder, not one per task: the others wait as long as this one.
-        Err(e) if e.is_transient() => shared
-            .unavailable_until
-            .unreachable(&key.subprocessor, retry_at(&ctx, e)),
-        _ => shared.unavailable_until.answered(&key.subprocessor),
-    }
+    let ctx = after_call(shared, &job, &result);
     // A cancellation that came while the holder worked makes the outcome say it came too
     // late. Unless the claim found the task marked already, the outcome is decided as if none
     // came and written only while the task is still unmarked; when a mark stopped the write,
@@ -396,7 +385,6 @@ async fn run_contract_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> 
     else {
         return Ok(());
     };
-    let cfg = &shared.config.tasks;
     let Ok((result, progress, called)) = call_bulk(
         shared,
         connector.as_ref(),
@@ -410,15 +398,7 @@ async fn run_contract_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> 
     else {
         return Ok(());
     };
-    let attempt = u32::try_from(job.task.attempts).unwrap_or(u32::MAX);
-    let backoff = cfg.backoff.delay(attempt).as_millis() as i64;
-    let ctx = context(shared, &job, backoff);
-    match &result {
-        Err(e) if e.is_transient() => shared
-            .unavailable_until
-            .unreachable(&key.subprocessor, retry_at(&ctx, e)),
-        _ => shared.unavailable_until.answered(&key.subprocessor),
-    }
+    let ctx = after_call(shared, &job, &result);
     let event = Event::BulkRan {
         op,
         phase,
@@ -469,22 +449,11 @@ async fn call_bulk(
 ) -> Result<(Result<Outcome, ConnectorError>, BulkProgress, bool), LeaseLost> {
     let key = &job.task.key;
     let export = if op == BulkOp::Export {
-        let held = shared
-            .config
-            .subprocessors
-            .iter()
-            .find(|s| s.name == key.subprocessor)
-            .map_or(&[][..], |s| &s.categories[..]);
         // All of the controller's data: every category the subprocessor holds.
-        let sink = exports::sink(&shared.config.data_dir, key, held, &[]);
-        if let Err(e) = sink.reset().await {
-            let error = ConnectorError::Permanent(format!(
-                "preparing the export folder {}: {e}",
-                sink.dir().display()
-            ));
-            return Ok((Err(error), BulkProgress::default(), false));
+        match export_sink(shared, key, &[]).await {
+            Ok(sink) => Some(sink),
+            Err(error) => return Ok((Err(error), BulkProgress::default(), false)),
         }
-        Some(sink)
     } else {
         // What the contract end exported for its return goes before the erasure that will
         // certify the data gone: the uploader removes it once delivered, but a crash right
@@ -542,14 +511,12 @@ async fn call_bulk(
         progress: reporter.clone(),
         returned,
     };
-    let lease_ms = shared.config.tasks.lease_ms as i64;
+    let mut lease = Lease::new(shared, job);
     let every = Duration::from_millis(shared.config.contracts.progress_interval_ms);
-    let renew_every = Duration::from_millis((lease_ms / 3).max(1) as u64);
-    let mut tick = tokio::time::interval(every.min(renew_every));
+    let mut tick = tokio::time::interval(every.min(lease.every()));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut reported, mut reported_at, mut renewed_at) =
         (BulkProgress::default(), Instant::now(), Instant::now());
-    let mut lease = Lease::new(shared, job, lease_ms);
     let span = tracing::info_span!(
         "connector",
         subprocessor = %key.subprocessor,
@@ -603,7 +570,7 @@ async fn call_bulk(
                 Err(e) => tracing::warn!(error = format!("{e:#}"), "recording progress failed"),
             }
         }
-        if renewed_at.elapsed() >= renew_every {
+        if renewed_at.elapsed() >= lease.every() {
             renewed_at = Instant::now();
             lease.renew(*seq).await?;
         }
@@ -663,6 +630,24 @@ async fn note_call(shared: &Shared, job: &TaskJob, seq: i64) -> Result<(), Lease
     }
 }
 
+/// Marks `job`'s holder unreachable after a transient failure, or answering after any other
+/// outcome of its call, and gives the context to decide on `result` with: the backoff is
+/// drawn for this attempt's retry.
+fn after_call(shared: &Shared, job: &TaskJob, result: &Result<Outcome, ConnectorError>) -> Context {
+    let holder = &job.task.key.subprocessor;
+    let attempt = u32::try_from(job.task.attempts).unwrap_or(u32::MAX);
+    let backoff = shared.config.tasks.backoff.delay(attempt).as_millis() as i64;
+    let ctx = context(shared, job, backoff);
+    match result {
+        // One timeout per holder, not one per task: the others wait as long as this one.
+        Err(e) if e.is_transient() => shared
+            .unavailable_until
+            .unreachable(holder, retry_at(&ctx, e)),
+        _ => shared.unavailable_until.answered(holder),
+    }
+    ctx
+}
+
 /// What the state machine needs of the runner's settings and the clock; `backoff_ms` is the
 /// delay drawn for a retry of this attempt.
 fn context(shared: &Shared, job: &TaskJob, backoff_ms: i64) -> Context {
@@ -697,22 +682,10 @@ async fn call(
         .map(|s| s.data_categories.clone())
         .unwrap_or_default();
     let export = if exports::exports(kind) {
-        let held = shared
-            .config
-            .subprocessors
-            .iter()
-            .find(|s| s.name == key.subprocessor)
-            .map_or(&[][..], |s| &s.categories[..]);
-        let sink = exports::sink(&shared.config.data_dir, key, held, &categories);
-        // Whatever an earlier run of this task left goes: its files are replaced, never
-        // added to.
-        if let Err(e) = sink.reset().await {
-            return Ok(Err(ConnectorError::Permanent(format!(
-                "preparing the export folder {}: {e}",
-                sink.dir().display()
-            ))));
+        match export_sink(shared, key, &categories).await {
+            Ok(sink) => Some(sink),
+            Err(error) => return Ok(Err(error)),
         }
-        Some(sink)
     } else {
         None
     };
@@ -737,11 +710,10 @@ async fn call(
     if !noted {
         note_call(shared, job, seq).await?;
     }
-    let lease_ms = shared.config.tasks.lease_ms as i64;
     let renew = async {
-        let mut lease = Lease::new(shared, job, lease_ms);
+        let mut lease = Lease::new(shared, job);
         loop {
-            tokio::time::sleep(Duration::from_millis((lease_ms / 3).max(1) as u64)).await;
+            tokio::time::sleep(lease.every()).await;
             if let Err(lost) = lease.renew(seq).await {
                 break lost;
             }
@@ -776,6 +748,30 @@ async fn call(
         m.connector_error(&key.subprocessor, e.is_transient());
     }
     Ok(result)
+}
+
+/// The task's export folder, for the categories its holder holds of those `requested` (of
+/// all, when none are), emptied first: whatever an earlier run of the task left goes, its
+/// files are replaced, never added to.
+async fn export_sink(
+    shared: &Shared,
+    key: &crate::store::TaskKey,
+    requested: &[String],
+) -> Result<ExportSink, ConnectorError> {
+    let held = shared
+        .config
+        .subprocessors
+        .iter()
+        .find(|s| s.name == key.subprocessor)
+        .map_or(&[][..], |s| &s.categories[..]);
+    let sink = exports::sink(&shared.config.data_dir, key, held, requested);
+    if let Err(e) = sink.reset().await {
+        return Err(ConnectorError::Permanent(format!(
+            "preparing the export folder {}: {e}",
+            sink.dir().display()
+        )));
+    }
+    Ok(sink)
 }
 
 /// One of the `tasks.export_concurrency` slots when the step `exports`, once one is free;
@@ -828,7 +824,9 @@ struct Lease<'a> {
 }
 
 impl<'a> Lease<'a> {
-    fn new(shared: &'a Shared, job: &'a TaskJob, lease_ms: i64) -> Self {
+    /// The lease of `tasks.lease_ms` that `job`'s claim took.
+    fn new(shared: &'a Shared, job: &'a TaskJob) -> Self {
+        let lease_ms = shared.config.tasks.lease_ms as i64;
         // The claim was made at most a moment ago; counting from now errs by that moment.
         Self {
             shared,
@@ -836,6 +834,11 @@ impl<'a> Lease<'a> {
             lease_ms,
             clock: LeaseClock::new(Instant::now(), u64::try_from(lease_ms).unwrap_or(0)),
         }
+    }
+
+    /// How often the lease is renewed ([`LeaseClock::every`]).
+    fn every(&self) -> Duration {
+        self.clock.every()
     }
 
     /// Extends the lease by `lease_ms` from now (the database's clock). A failed renewal is
