@@ -28,20 +28,22 @@ pub struct App {
 
 impl App {
     /// Connects and migrates the store (seeding subscribers on first start) and gives the
-    /// subscribers stored without a controller to `default_controller`. Nothing listens yet.
+    /// subscribers stored without a controller to `default_controller` (and their billing
+    /// records with them). Nothing listens yet.
     pub async fn build(config: Config) -> Result<Self> {
         let store = Store::open(&config.service.database_url)
             .await
             .context("opening the newsletter database")?;
-        let assigned = store
+        let (subscribers, billing_records) = store
             .assign_unowned(&config.default_controller)
             .await
-            .context("assigning subscribers without a controller")?;
-        if assigned > 0 {
+            .context("assigning subscribers and billing records without a controller")?;
+        if subscribers + billing_records > 0 {
             tracing::info!(
-                assigned,
+                subscribers,
+                billing_records,
                 controller = %config.default_controller,
-                "subscribers without a controller assigned to the default controller"
+                "subscribers and billing records without a controller assigned"
             );
         }
         Ok(Self { config, store })

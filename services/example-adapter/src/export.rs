@@ -1,14 +1,13 @@
 //! Paged exports (`GetExportPage`): a completed RETURN_OF_DATA or TRANSFER task keeps only
-//! the ids of the subscribers it covers, a completed contract-end export only its controller;
-//! each page reads their rows live, by keyset (`id > last id sent`, in id order), and never
-//! holds more than one page.
+//! the ids of the subscribers and of the kept billing records it covers, a completed
+//! contract-end export only its controller; each page reads their rows live, by keyset
+//! (`id > last id sent`, in id order), and never holds more than one page.
 //!
 //! The export is every subscriber record, then every delivery record of those subscribers,
 //! then every billing record: for a subject's export those linked to the subscribers
-//! (`subscriber_id`), for a contract end's all of the controller's, the ones detached from
-//! an erased subscriber included. A detached record is still the controller's data, which
-//! the newsletter holds for it until the law releases it, so a contract end returns it; a
-//! subject's export cannot name it, since nothing links it to the subject any more.
+//! (`subscriber_id`) and those an earlier erasure of the subject kept (detached from the
+//! erased subscriber, found by the buyer's address as billed when the request was
+//! executed), for a contract end's all of the controller's, the detached ones included.
 //!
 //! A page token names the position (the section and the last id sent) and is bound to its
 //! task by a digest of the task id, so a token of another task is refused. Tokens do not
@@ -41,11 +40,15 @@ const BATCH: i64 = 256;
 /// Version prefix of the page tokens this adapter issues.
 const TOKEN_VERSION: &str = "p1";
 
-/// Which subscribers an export covers.
+/// What an export covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Covered {
-    /// These subscribers (a data subject's export).
-    Ids(Vec<i64>),
+    /// A data subject's export: these subscribers (with their deliveries and linked billing
+    /// records) and these billing records kept after an earlier erasure of the subject.
+    Subject {
+        subscribers: Vec<i64>,
+        kept: Vec<i64>,
+    },
     /// Every subscriber of this controller (a contract end's export).
     Controller(String),
 }
@@ -164,7 +167,7 @@ enum Record<'a> {
     #[serde(rename = "billing_record")]
     Billing {
         /// The billed subscriber's address now; `None` once the subscriber was erased and
-        /// the record kept (a contract end's export only).
+        /// the record kept (`buyer` still names who was billed).
         email: Option<String>,
         kind: String,
         reference: String,
@@ -245,11 +248,25 @@ async fn batch(
         Position::Billing(_) => ("b.subscriber_id", "b.controller"),
         _ => ("s.id", "s.controller"),
     };
+    // Placeholders `$2` on, one per id bound; `$1` is the position.
+    let list = |from: usize, n: usize| -> String {
+        (from..from + n)
+            .map(|i| format!("${i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let filter = match covered {
-        Covered::Ids(ids) if ids.is_empty() => return Ok(Vec::new()),
-        Covered::Ids(ids) => {
-            let list: Vec<String> = (0..ids.len()).map(|i| format!("${}", i + 2)).collect();
-            format!("{subscriber_id} IN ({})", list.join(", "))
+        Covered::Subject { subscribers, kept } => {
+            let kept = kept_in(position, kept);
+            let linked = (!subscribers.is_empty())
+                .then(|| format!("{subscriber_id} IN ({})", list(2, subscribers.len())));
+            let detached = (!kept.is_empty())
+                .then(|| format!("b.id IN ({})", list(2 + subscribers.len(), kept.len())));
+            match (linked, detached) {
+                (None, None) => return Ok(Vec::new()),
+                (Some(one), None) | (None, Some(one)) => one,
+                (Some(linked), Some(detached)) => format!("({linked} OR {detached})"),
+            }
         }
         Covered::Controller(_) => format!("{controller} = $2"),
     };
@@ -281,14 +298,23 @@ async fn batch(
     };
     let mut query = sqlx::query(&sql).bind(after);
     match covered {
-        Covered::Ids(ids) => {
-            for id in ids {
+        Covered::Subject { subscribers, kept } => {
+            for id in subscribers.iter().chain(kept_in(position, kept)) {
                 query = query.bind(*id);
             }
         }
         Covered::Controller(controller) => query = query.bind(controller.as_str()),
     }
     query.fetch_all(&mut *conn).await
+}
+
+/// The kept billing records a subject's export reads at `position`: only the billing
+/// section has them.
+fn kept_in(position: Position, kept: &[i64]) -> &[i64] {
+    match position {
+        Position::Billing(_) => kept,
+        _ => &[],
+    }
 }
 
 /// The row's id and its record as JSON.

@@ -24,15 +24,22 @@
 //!   once, whatever `confirm_delay_ms`, and judges "released" by the later of the adapter's
 //!   clock and the date it names, provided the adapter gave that date for the same request;
 //!   any other key is an erasure like the first, judged by the clock alone. The seed bills
-//!   nobody; tests and tools add records with `Store::add_billing_record`.
+//!   nobody; `dsrelay-example-adapter --demo-billing` bills the seeded Erik Lindqvist at
+//!   start, and tests and tools add records with `Store::add_billing_record`.
+//! - A kept record is still data on the subject. A later request finds it by the buyer's
+//!   e-mail address as billed, which the record keeps (given raw or hashed): an export
+//!   returns it, a later erasure answers RETAINED for it (releasing it when due; at once,
+//!   whatever `confirm_delay_ms`, when it is all that is left), and rectification,
+//!   restriction and objection leave it as billed (COMPLETED, no record changed, when it is
+//!   all the newsletter holds on the subject).
 //! - Exports (RETURN_OF_DATA, TRANSFER) are answered COMPLETED with `export_paged`, and read
 //!   with GetExportPage page by page from the live rows (subscribers, then their deliveries,
-//!   then the billing records linked to them); the task keeps only which subscribers it
-//!   covers, never the data.
+//!   then the billing records linked to them or kept after the subject's erasure); the task
+//!   keeps only which subscribers and kept records it covers, never the data.
 //! - Every subscriber belongs to one controller (the processor's name for it). Execute looks
 //!   only among the subscribers of the controller the request names; a request naming none
 //!   (older processors) means `default_controller`, which also owns the subscribers stored
-//!   without a controller (given to it at start).
+//!   without a controller (given to it at start, with their billing records).
 //! - ExecuteBulk ends a contract with one controller: EXPORT answers COMPLETED with
 //!   `export_paged` and the pages read all of the controller's subscribers, deliveries and
 //!   billing records (those an erasure kept included); ERASE deletes the subscribers, their

@@ -14,6 +14,11 @@ struct Args {
     /// Configuration file (TOML); `DSRELAY_ADAPTER__*` variables override it.
     #[arg(long, short, env = "DSRELAY_ADAPTER_CONFIG")]
     config: Option<PathBuf>,
+    /// Bill the seeded subscriber Erik Lindqvist an invoice and a VAT One-Stop Shop record
+    /// at start (unless he has billing records or is gone), so that erasing him shows data
+    /// kept in stages. For trying the adapter out: the seed itself bills nobody.
+    #[arg(long)]
+    demo_billing: bool,
 }
 
 fn main() -> ExitCode {
@@ -23,7 +28,15 @@ fn main() -> ExitCode {
         args.config.as_deref(),
         Config::load,
         |config, listener, shutdown| async move {
-            App::build(config).await?.run(listener, shutdown).await
+            let app = App::build(config).await?;
+            if args.demo_billing {
+                let added = app
+                    .store()
+                    .bill_seeded_subscriber(dsrelay_runtime::store::now_ms())
+                    .await?;
+                tracing::info!(added, "billing records of the seeded paid subscriber");
+            }
+            app.run(listener, shutdown).await
         },
     )
 }

@@ -9,6 +9,13 @@
 //! while the law keeps them, detaches and keeps (see [`crate::retention`]); a retention run
 //! touches only those an earlier answer kept.
 //!
+//! A kept record is still data on the subject: a later request finds it by the buyer's
+//! e-mail address as billed, which the record keeps (raw, or hashed as subscribers are; a
+//! phone number finds none, since the record holds none). An export returns it; a later
+//! erasure answers RETAINED for it (releasing it when due), as the first did; rectification,
+//! restriction and objection leave it as billed, answering COMPLETED with no record changed
+//! when it is all the newsletter holds on the subject.
+//!
 //! Every subscriber belongs to one controller (`subscribers.controller`, the processor's name
 //! for it): a request finds only the subscribers of the controller it names, and a contract
 //! end ([`erase_controller`]) deletes all of one controller's subscribers and their
@@ -82,13 +89,15 @@ impl Subscriber {
 }
 
 /// The result of running a request: the answer, for an accepted erasure the subscriber
-/// ids still to delete, for a completed export the subscriber ids its pages read, and for a
-/// retained erasure the billing record ids kept (the retention run's work).
+/// ids still to delete, for a completed export the subscriber ids and kept billing record ids
+/// its pages read, and for a retained erasure the billing record ids kept (the retention
+/// run's work; for an accepted one, those an earlier erasure kept).
 #[derive(Debug, Clone)]
 pub(crate) struct Work {
     pub(crate) response: ExecuteResponse,
     pub(crate) pending: Option<Vec<i64>>,
     pub(crate) exported: Option<Vec<i64>>,
+    pub(crate) exported_kept: Option<Vec<i64>>,
     pub(crate) retained: Option<Vec<i64>>,
 }
 
@@ -98,6 +107,7 @@ impl From<ExecuteResponse> for Work {
             response,
             pending: None,
             exported: None,
+            exported_kept: None,
             retained: None,
         }
     }
@@ -194,31 +204,58 @@ pub(crate) async fn execute(
         return retention_run(tx, kept, cutoff_ms).await;
     }
     let subscribers = find(tx, req).await?;
-    if subscribers.is_empty() {
+    let kept = find_kept(tx, req).await?;
+    if subscribers.is_empty() && kept.is_empty() {
         return Ok(not_found("no subscriber matches the given identities".into()).into());
     }
     let ids: Vec<i64> = subscribers.iter().map(|s| s.id).collect();
     let n = subscribers.len() as i64;
+    let only_kept = |done: &str| {
+        completed(
+            0,
+            format!(
+                "{done}: the newsletter holds only {} billing record(s) of the subject, kept \
+                 as billed under a legal obligation and used for nothing else",
+                kept.len()
+            ),
+        )
+        .into()
+    };
     Ok(match kind {
+        // What an earlier erasure kept is all there is: released when due, as its
+        // retention runs release it.
+        RequestKind::Erasure if subscribers.is_empty() => {
+            let mut work = retention_run(tx, &kept, cutoff_ms).await?;
+            if let Some(evidence) = work.response.evidence.as_mut() {
+                evidence.note.insert_str(
+                    0,
+                    "no subscriber matches; an earlier erasure kept the subject's billing \
+                     records: ",
+                );
+            }
+            work
+        }
         RequestKind::Erasure if confirm_delay_ms > 0 => Work {
             response: respond(
                 ExecuteOutcome::Accepted,
                 n,
                 format!(
-                    "erasure of {n} subscriber(s) accepted; carried out within {confirm_delay_ms} ms"
+                    "erasure of {n} subscriber(s) accepted; carried out within \
+                     {confirm_delay_ms} ms"
                 ),
                 false,
             ),
             pending: Some(ids),
             exported: None,
-            retained: None,
+            exported_kept: None,
+            retained: (!kept.is_empty()).then_some(kept),
         },
-        RequestKind::Erasure => erase(tx, &ids, cutoff_ms).await?,
+        RequestKind::Erasure => erase(tx, &ids, &kept, cutoff_ms).await?,
         RequestKind::ReturnOfData | RequestKind::Transfer => {
             // The data is not read here: GetExportPage reads it page by page (see
             // `crate::export`), so no export is ever held whole.
             let deliveries = count_deliveries(tx, &ids).await?;
-            let billing = count_billing(tx, &ids).await?;
+            let billing = count_billing(tx, &ids).await? + kept.len() as i64;
             let what = exported(n, deliveries, billing);
             let note = match kind {
                 RequestKind::Transfer => format!(
@@ -233,18 +270,31 @@ pub(crate) async fn execute(
             Work {
                 response: ExecuteResponse {
                     export_paged: true,
-                    ..completed(n, note)
+                    // The kept records are records of their own, with no subscriber row.
+                    ..completed(n + kept.len() as i64, note)
                 },
                 pending: None,
                 exported: Some(ids),
+                exported_kept: Some(kept),
                 retained: None,
             }
+        }
+        // A booked record is not rewritten: it stays as billed until the law releases it.
+        RequestKind::Rectification if subscribers.is_empty() => only_kept("nothing corrected"),
+        // Kept records are already used for the obligation alone, and an objection (GDPR
+        // art. 21) does not reach processing the law requires.
+        RequestKind::Restriction | RequestKind::Objection if subscribers.is_empty() => {
+            only_kept("nothing changed")
         }
         RequestKind::Rectification => rectify(tx, req, &subscribers).await?.into(),
         RequestKind::Restriction => {
             let lift = req.parameters.as_ref().is_some_and(|p| p.lift_restriction);
             let changed = set_flag(tx, "restricted", i64::from(!lift), &ids).await?;
-            let what = if lift { "lifted the restriction of" } else { "restricted" };
+            let what = if lift {
+                "lifted the restriction of"
+            } else {
+                "restricted"
+            };
             completed(changed, format!("{what} {changed} subscriber(s)")).into()
         }
         RequestKind::Objection => {
@@ -327,6 +377,52 @@ async fn find(
     Ok(found.into_values().collect())
 }
 
+/// The billing records of the request's controller that an erasure kept (detached from
+/// their subscriber) and whose buyer's address as billed any e-mail identity of the request
+/// names, by id.
+async fn find_kept(tx: &mut Transaction<'_, Any>, req: &ExecuteRequest) -> sqlx::Result<Vec<i64>> {
+    let mut found = std::collections::BTreeSet::new();
+    let mut all: Option<Vec<(i64, String)>> = None;
+    for identity in &req.identities {
+        if IdentityType::try_from(identity.r#type) != Ok(IdentityType::Email) {
+            continue;
+        }
+        let encoding =
+            IdentityEncoding::try_from(identity.encoding).unwrap_or(IdentityEncoding::Unspecified);
+        if encoding == IdentityEncoding::Raw {
+            let ids: Vec<i64> = sqlx::query_scalar(
+                "SELECT id FROM billing_records WHERE controller = $1 \
+                 AND subscriber_id IS NULL AND buyer_email = $2",
+            )
+            .bind(&req.controller)
+            .bind(normalize(IdentityType::Email, &identity.value))
+            .fetch_all(&mut **tx)
+            .await?;
+            found.extend(ids);
+            continue;
+        }
+        // As for subscribers: a hash can only be compared with the hash of each address.
+        if all.is_none() {
+            all = Some(
+                sqlx::query_as(
+                    "SELECT id, buyer_email FROM billing_records WHERE controller = $1 \
+                     AND subscriber_id IS NULL AND buyer_email IS NOT NULL",
+                )
+                .bind(&req.controller)
+                .fetch_all(&mut **tx)
+                .await?,
+            );
+        }
+        for (id, address) in all.iter().flatten() {
+            let hashed = digest(encoding, &normalize(IdentityType::Email, address));
+            if hashed.as_deref() == Some(identity.value.as_str()) {
+                found.insert(*id);
+            }
+        }
+    }
+    Ok(found.into_iter().collect())
+}
+
 /// How many deliveries the subscribers `ids` have.
 async fn count_deliveries(tx: &mut Transaction<'_, Any>, ids: &[i64]) -> sqlx::Result<i64> {
     let mut total = 0;
@@ -368,12 +464,20 @@ fn exported(subscribers: i64, deliveries: i64, billing: i64) -> String {
 
 /// Erases the subscribers `ids`: their billing records released by `cutoff_ms` are deleted,
 /// the others kept (RETAINED until the first is released), the rest of their data deleted.
+/// The records `earlier` (those an earlier erasure of the subject kept) are released by
+/// `cutoff_ms` the same way, and the answer covers those still kept too.
 pub(crate) async fn erase(
     tx: &mut Transaction<'_, Any>,
     ids: &[i64],
+    earlier: &[i64],
     cutoff_ms: i64,
 ) -> sqlx::Result<Work> {
-    let (released, kept) = retention::release_of_subscribers(tx, ids, cutoff_ms).await?;
+    let (mut released, mut kept) = retention::release_of_subscribers(tx, ids, cutoff_ms).await?;
+    let (released_earlier, still_kept) = retention::release_ids(tx, earlier, cutoff_ms).await?;
+    released += released_earlier;
+    kept.extend(still_kept);
+    kept.sort_unstable();
+    kept.dedup();
     let deleted = delete(tx, ids).await?;
     let mut note = format!("deleted {deleted} subscriber(s)");
     if released > 0 {
@@ -414,6 +518,7 @@ async fn conclude(
         response: retained(records, note, &what),
         pending: None,
         exported: None,
+        exported_kept: None,
         retained: Some(kept),
     })
 }

@@ -6,7 +6,8 @@
 //! waits for the claim to commit, finds the row and replays the answer, so the work is done
 //! once. Delayed erasures are finished by [`Store::finish`], which claims the ACCEPTED →
 //! COMPLETED change with a conditional update before deleting anything. A completed export
-//! keeps only the subscriber ids it covers, for [`Store::export_page`].
+//! keeps only the ids of the subscribers and kept billing records it covers, for
+//! [`Store::export_page`].
 //!
 //! Bulk jobs (ExecuteBulk, a contract end's steps) are rows of the same table, kind
 //! CONTRACT_END, with their controller and operation, claimed the same way: the set-based
@@ -202,15 +203,28 @@ impl Store {
     }
 
     /// Gives the subscribers stored without a controller (from before subscribers had one,
-    /// and the seed) to `controller`; returns how many.
-    pub async fn assign_unowned(&self, controller: &str) -> anyhow::Result<u64> {
-        Ok(
+    /// and the seed) to `controller`, and the billing records stored without one (written for
+    /// such a subscriber) to their subscriber's controller, or to `controller` when detached;
+    /// returns how many subscribers and how many billing records, in one transaction.
+    pub async fn assign_unowned(&self, controller: &str) -> anyhow::Result<(u64, u64)> {
+        let mut tx = self.db.pool.begin().await?;
+        let subscribers =
             sqlx::query("UPDATE subscribers SET controller = $1 WHERE controller = ''")
                 .bind(controller)
-                .execute(&self.db.pool)
+                .execute(&mut *tx)
                 .await?
-                .rows_affected(),
+                .rows_affected();
+        let billing = sqlx::query(
+            "UPDATE billing_records SET controller = COALESCE((SELECT s.controller FROM \
+             subscribers s WHERE s.id = billing_records.subscriber_id AND s.controller <> ''), \
+             $1) WHERE controller = ''",
         )
+        .bind(controller)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok((subscribers, billing))
     }
 
     async fn load(&self, task_id: &str) -> Result<Option<TaskRow>, StoreError> {
@@ -270,6 +284,7 @@ impl Store {
         let work = newsletter::execute(&mut tx, req, confirm_delay_ms, cutoff, kept).await?;
         let pending = work.pending.as_deref().map(join_ids);
         let exported = work.exported.as_deref().map(join_ids);
+        let exported_kept = work.exported_kept.as_deref().map(join_ids);
         let confirm_at = work
             .pending
             .as_ref()
@@ -277,7 +292,7 @@ impl Store {
         sqlx::query(
             "UPDATE adapter_tasks SET outcome = $1, response = $2, pending_ids = $3, \
              confirm_at = $4, updated_at = $5, export_ids = $7, retained_ids = $8, \
-             retain_until = $9 WHERE task_id = $6",
+             retain_until = $9, export_billing_ids = $10 WHERE task_id = $6",
         )
         .bind(i64::from(work.response.outcome))
         .bind(work.response.encode_to_vec())
@@ -293,6 +308,7 @@ impl Store {
                 .as_ref()
                 .map(millis_from_timestamp),
         )
+        .bind(exported_kept)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -495,14 +511,19 @@ impl Store {
             tx.rollback().await?;
             return Ok(None);
         }
-        let pending: Option<String> =
-            sqlx::query_scalar("SELECT pending_ids FROM adapter_tasks WHERE task_id = $1")
+        let row =
+            sqlx::query("SELECT pending_ids, retained_ids FROM adapter_tasks WHERE task_id = $1")
                 .bind(task_id)
                 .fetch_one(&mut *tx)
                 .await?;
+        let pending: Option<String> = row.try_get("pending_ids")?;
         let ids: Vec<i64> = split_ids(&pending.unwrap_or_default())
             .with_context(|| format!("reading the pending ids of task {task_id}"))?;
-        let mut work = newsletter::erase(&mut tx, &ids, now).await?;
+        // Those an earlier erasure of the subject kept, found when this one was accepted.
+        let earlier: Option<String> = row.try_get("retained_ids")?;
+        let earlier: Vec<i64> = split_ids(&earlier.unwrap_or_default())
+            .with_context(|| format!("reading the earlier kept ids of task {task_id}"))?;
+        let mut work = newsletter::erase(&mut tx, &ids, &earlier, now).await?;
         if let Some(evidence) = work.response.evidence.as_mut() {
             evidence
                 .note
@@ -539,8 +560,8 @@ impl Store {
         max_bytes: usize,
     ) -> Result<(Vec<Vec<u8>>, String), StoreError> {
         let row = sqlx::query(
-            "SELECT caller, kind, outcome, export_ids, controller, operation FROM adapter_tasks \
-             WHERE task_id = $1",
+            "SELECT caller, kind, outcome, export_ids, export_billing_ids, controller, operation \
+             FROM adapter_tasks WHERE task_id = $1",
         )
         .bind(task_id)
         .fetch_optional(&self.db.pool)
@@ -550,13 +571,18 @@ impl Store {
         let kind: i64 = row.try_get("kind")?;
         let outcome: i64 = row.try_get("outcome")?;
         let ids: Option<String> = row.try_get("export_ids")?;
+        let kept: Option<String> = row.try_get("export_billing_ids")?;
         let controller: Option<String> = row.try_get("controller")?;
         let operation: Option<i64> = row.try_get("operation")?;
         let completed = outcome == ExecuteOutcome::Completed as i64;
         let covered = match (ids, controller) {
-            (Some(ids), _) if is_export(kind) && completed => Covered::Ids(
-                split_ids(&ids).with_context(|| format!("reading the export ids of {task_id}"))?,
-            ),
+            (Some(ids), _) if is_export(kind) && completed => Covered::Subject {
+                subscribers: split_ids(&ids)
+                    .with_context(|| format!("reading the export ids of {task_id}"))?,
+                // None for exports from before kept records were exported.
+                kept: split_ids(&kept.unwrap_or_default())
+                    .with_context(|| format!("reading the export billing ids of {task_id}"))?,
+            },
             (_, Some(controller))
                 if kind == RequestKind::ContractEnd as i64
                     && operation == Some(BulkOperation::Export as i64)
@@ -649,8 +675,8 @@ impl Store {
             .with_context(|| format!("{booked_at_ms} ms is no booking date"))?;
         Ok(sqlx::query_scalar(
             "INSERT INTO billing_records (controller, subscriber_id, kind, reference, buyer, \
-             amount_cents, booked_at, kept_until) \
-             SELECT controller, id, $1, $2, name || ' <' || email || '>', $3, $4, $5 \
+             buyer_email, amount_cents, booked_at, kept_until) \
+             SELECT controller, id, $1, $2, name || ' <' || email || '>', email, $3, $4, $5 \
              FROM subscribers WHERE id = $6 RETURNING id",
         )
         .bind(kind.as_str())
@@ -661,6 +687,31 @@ impl Store {
         .bind(subscriber.id)
         .fetch_one(&self.db.pool)
         .await?)
+    }
+
+    /// Bills the seeded subscriber Erik Lindqvist (in Sweden) the paid edition at `now_ms`: an
+    /// invoice and the sale's VAT One-Stop Shop record, so that erasing him shows data kept
+    /// in stages. Returns how many records were added: none when he has billing records
+    /// already or is no subscriber any more, so a restart bills nobody twice.
+    pub async fn bill_seeded_subscriber(&self, now_ms: i64) -> anyhow::Result<usize> {
+        const ERIK: &str = "erik.lindqvist@example.se";
+        let Some(erik) = self.subscriber(ERIK).await? else {
+            return Ok(0);
+        };
+        let billed: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM billing_records WHERE subscriber_id = $1")
+                .bind(erik.id)
+                .fetch_one(&self.db.pool)
+                .await?;
+        if billed > 0 {
+            return Ok(0);
+        }
+        let reference = format!("INV-DEMO-{now_ms}");
+        for kind in [BillingKind::Invoice, BillingKind::OssSale] {
+            self.add_billing_record(ERIK, kind, &reference, 1290, now_ms)
+                .await?;
+        }
+        Ok(2)
     }
 
     /// Every billing record, by id.
@@ -753,7 +804,7 @@ async fn followed(
     Ok(None)
 }
 
-/// Subscriber ids as stored in a text column.
+/// Row ids (of subscribers or billing records) as stored in a text column.
 fn join_ids(ids: &[i64]) -> String {
     ids.iter()
         .map(ToString::to_string)

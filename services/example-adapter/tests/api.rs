@@ -77,6 +77,15 @@ async fn fresh_postgres_database() -> Option<String> {
     Some(format!("{base}/{name}{query}"))
 }
 
+/// A fresh database of `backend`: a file in `dir`, or a new database on the test server
+/// (`None` when there is none).
+async fn fresh_database(backend: Backend, dir: &TempDir) -> Option<String> {
+    match backend {
+        Backend::Sqlite => Some(format!("sqlite://{}/newsletter.db", dir.path().display())),
+        Backend::Postgres => fresh_postgres_database().await,
+    }
+}
+
 impl Running {
     async fn start(confirm_delay_ms: u64) -> Self {
         Self::start_on(Backend::Sqlite, confirm_delay_ms)
@@ -86,10 +95,13 @@ impl Running {
 
     async fn start_on(backend: Backend, confirm_delay_ms: u64) -> Option<Self> {
         let dir = tempfile::tempdir().unwrap();
-        let database_url = match backend {
-            Backend::Sqlite => format!("sqlite://{}/newsletter.db", dir.path().display()),
-            Backend::Postgres => fresh_postgres_database().await?,
-        };
+        let database_url = fresh_database(backend, &dir).await?;
+        Some(Self::start_at(dir, database_url, confirm_delay_ms).await)
+    }
+
+    /// An adapter on the database at `database_url` (which may hold data already), with its
+    /// PKI in `dir`.
+    async fn start_at(dir: TempDir, database_url: String, confirm_delay_ms: u64) -> Self {
         let pki = DevPki::ensure(&dir.path().join("pki")).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -110,14 +122,14 @@ impl Running {
         let handle = tokio::spawn(app.run(listener, async {
             let _ = rx.await;
         }));
-        Some(Self {
+        Self {
             _dir: dir,
             pki,
             port,
             store,
             stop: Some(tx),
             handle,
-        })
+        }
     }
 
     /// A client presenting the dev PKI party `stem`'s certificate.
@@ -1101,8 +1113,8 @@ async fn subscribers_from_before_controllers_keep_their_deliveries(backend: Back
     db.pool.close().await;
 
     let store = Store::open(&url).await.unwrap();
-    assert_eq!(store.assign_unowned(CONTROLLER).await.unwrap(), 4);
-    assert_eq!(store.assign_unowned(CONTROLLER).await.unwrap(), 0);
+    assert_eq!(store.assign_unowned(CONTROLLER).await.unwrap(), (4, 0));
+    assert_eq!(store.assign_unowned(CONTROLLER).await.unwrap(), (0, 0));
     let emails = store.emails_of(CONTROLLER).await.unwrap();
     assert_eq!(emails.len(), 4);
     assert_eq!(emails[0], MAIJA);
@@ -1234,13 +1246,19 @@ async fn staged_retention_releases_billing_records_at_their_dates(backend: Backe
     assert_eq!(c.execute(erase(&at1)).await.unwrap().into_inner(), second);
 
     // A date the adapter never gave, or another task's run, is no retention run of this
-    // erasure: judged by the adapter's clock, it finds nothing, and the record stays.
+    // erasure but an erasure like the first, judged by the adapter's clock: it finds the
+    // record kept for Erik, releases nothing, and answers RETAINED until the record's date.
     for task_id in [
         format!("t-erik#retention-expired-{}", date2 + 1),
         format!("t-other#retention-expired-{date2}"),
     ] {
         let r = c.execute(erase(&task_id)).await.unwrap().into_inner();
-        assert_eq!(outcome(&r), ExecuteOutcome::NotFound, "{task_id}: {r:?}");
+        assert_eq!(outcome(&r), ExecuteOutcome::Retained, "{task_id}: {r:?}");
+        assert_eq!(
+            (retain_until(&r), records(&r)),
+            (date2, 0),
+            "{task_id}: {r:?}"
+        );
     }
     assert_eq!(billing_left(&a.store).await, [(oss, false)]);
 
@@ -1908,4 +1926,444 @@ async fn an_erasure_after_a_return_refuses_what_arrived_since_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_erasure_after_a_return_refuses_what_arrived_since_on_postgres() {
     an_erasure_after_a_return_refuses_what_arrived_since(Backend::Postgres).await;
+}
+
+fn sha256_email(v: &str) -> SubjectIdentity {
+    SubjectIdentity {
+        encoding: IdentityEncoding::Sha256 as i32,
+        value: digest(IdentityEncoding::Sha256, &normalize(IdentityType::Email, v)).unwrap(),
+        ..email(v)
+    }
+}
+
+fn for_controller(controller: &str, req: ExecuteRequest) -> ExecuteRequest {
+    ExecuteRequest {
+        controller: controller.into(),
+        ..req
+    }
+}
+
+/// After an erasure kept Erik's billing records, his later access request returns them
+/// (found by his address as billed, given raw or hashed) and nothing of anyone else's: not
+/// Maija's record, not the record another controller kept of Pekka. Pekka's own request
+/// finds his only under that controller.
+async fn a_later_export_returns_what_an_erasure_kept(backend: Backend) {
+    let Some(a) = Running::start_on(backend, 0).await else {
+        return;
+    };
+    two_controllers(&a).await;
+    let now = dsrelay_runtime::store::now_ms();
+    let (_, [date1, date2]) = bill_erik(&a.store).await;
+    a.store
+        .add_billing_record(MAIJA, BillingKind::Invoice, "INV-M-1", 500, now)
+        .await
+        .unwrap();
+    a.store
+        .add_billing_record(PEKKA, BillingKind::OssSale, "INV-G-1", 1290, now)
+        .await
+        .unwrap();
+    let mut c = a.client("processor");
+    for (task_id, controller, who) in [
+        ("t-erase-e", CONTROLLER, ERIK),
+        ("t-erase-p", GLOBEX, PEKKA),
+    ] {
+        let r = c
+            .execute(for_controller(
+                controller,
+                request(task_id, RequestKind::Erasure, email(who)),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(outcome(&r), ExecuteOutcome::Retained, "{r:?}");
+    }
+
+    let r = c
+        .execute(request("t-access", RequestKind::ReturnOfData, email(ERIK)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&r), ExecuteOutcome::Completed, "{r:?}");
+    assert!(r.export_paged, "{r:?}");
+    assert_eq!(records(&r), 2, "{r:?}");
+    let note = &r.evidence.as_ref().unwrap().note;
+    assert!(
+        note.contains("0 subscriber record(s), 0 delivery record(s) and 2 billing record(s)"),
+        "{note}"
+    );
+    let (json, _) = all_pages(&mut c, "t-access", 1024).await;
+    let null = serde_json::Value::Null;
+    assert_eq!(
+        billing_keys(&json),
+        [
+            ("invoice".into(), "INV-NOW-1".into(), null.clone()),
+            ("vat-oss-sale".into(), "INV-NOW-1".into(), null)
+        ]
+    );
+    assert_eq!(json.len(), 2, "{json:?}");
+    for (r, date) in json.iter().zip([date1, date2]) {
+        assert_eq!(r["buyer"], format!("Erik Lindqvist <{ERIK}>"));
+        assert_eq!(r["kept_until_ms"], date);
+    }
+    // A hashed address finds the same; a transfer carries the same.
+    let r = c
+        .execute(request(
+            "t-access-h",
+            RequestKind::ReturnOfData,
+            sha256_email(ERIK),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&r), ExecuteOutcome::Completed, "{r:?}");
+    assert_eq!(all_pages(&mut c, "t-access-h", 0).await.0, json);
+    let mut transfer = request("t-move", RequestKind::Transfer, email(ERIK));
+    transfer.parameters = Some(RequestParameters {
+        transfer_recipient: "spiffe://dsrelay.dev/partner/crm".into(),
+        ..Default::default()
+    });
+    c.execute(transfer).await.unwrap();
+    assert_eq!(all_pages(&mut c, "t-move", 0).await.0, json);
+
+    // What globex kept of Pekka is globex's: not found for the default controller.
+    let r = c
+        .execute(request("t-pekka", RequestKind::ReturnOfData, email(PEKKA)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&r), ExecuteOutcome::NotFound, "{r:?}");
+    c.execute(for_controller(
+        GLOBEX,
+        request("t-pekka-g", RequestKind::ReturnOfData, email(PEKKA)),
+    ))
+    .await
+    .unwrap();
+    let (pekka, _) = all_pages(&mut c, "t-pekka-g", 0).await;
+    assert_eq!(
+        billing_keys(&pekka),
+        [(
+            "vat-oss-sale".into(),
+            "INV-G-1".into(),
+            serde_json::Value::Null
+        )]
+    );
+    assert_eq!(pekka.len(), 1, "{pekka:?}");
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_later_export_returns_what_an_erasure_kept_on_sqlite() {
+    a_later_export_returns_what_an_erasure_kept(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn a_later_export_returns_what_an_erasure_kept_on_postgres() {
+    a_later_export_returns_what_an_erasure_kept(Backend::Postgres).await;
+}
+
+/// The other kinds see the kept records too: a later erasure answers RETAINED for them (not
+/// NOT_FOUND, which would say nothing is held) and its own retention run releases them in
+/// stages; rectification, restriction and objection change nothing of them and say so. Erik
+/// subscribing again and erasing again is answered for the kept records as well, at once or
+/// after a delay.
+async fn later_requests_see_what_an_erasure_kept(backend: Backend) {
+    let Some(a) = Running::start_on(backend, 0).await else {
+        return;
+    };
+    let ([invoice, oss], [date1, date2]) = bill_erik(&a.store).await;
+    let mut c = a.client("processor");
+    c.execute(request("t-first", RequestKind::Erasure, email(ERIK)))
+        .await
+        .unwrap();
+    assert_eq!(
+        billing_left(&a.store).await,
+        [(invoice, false), (oss, false)]
+    );
+
+    let again = |task_id: &str| ExecuteRequest {
+        request_id: "req-again".into(),
+        ..request(task_id, RequestKind::Erasure, sha256_email(ERIK))
+    };
+    let r = c.execute(again("t-again")).await.unwrap().into_inner();
+    assert_eq!(outcome(&r), ExecuteOutcome::Retained, "{r:?}");
+    assert_eq!((retain_until(&r), records(&r)), (date1, 0));
+    assert!(r.legal_basis.contains("Kirjanpitolaki"), "{r:?}");
+    assert!(
+        r.evidence
+            .as_ref()
+            .unwrap()
+            .note
+            .starts_with("no subscriber matches"),
+        "{r:?}"
+    );
+    let r = c
+        .execute(again(&format!("t-again#retention-expired-{date1}")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&r), ExecuteOutcome::Retained, "{r:?}");
+    assert_eq!((retain_until(&r), records(&r)), (date2, 1));
+    assert_eq!(billing_left(&a.store).await, [(oss, false)]);
+
+    let mut fix = request("t-fix", RequestKind::Rectification, email(ERIK));
+    fix.parameters = Some(RequestParameters {
+        corrections: vec![FieldCorrection {
+            field: "name".into(),
+            new_value: "Erik Lind".into(),
+        }],
+        ..Default::default()
+    });
+    let restrict = request("t-restrict", RequestKind::Restriction, email(ERIK));
+    let object = request("t-object", RequestKind::Objection, email(ERIK));
+    for req in [fix, restrict, object] {
+        let r = c.execute(req).await.unwrap().into_inner();
+        assert_eq!(outcome(&r), ExecuteOutcome::Completed, "{r:?}");
+        assert_eq!(records(&r), 0, "{r:?}");
+        let note = &r.evidence.as_ref().unwrap().note;
+        assert!(note.contains("holds only 1 billing record(s)"), "{note}");
+    }
+    c.execute(request("t-look", RequestKind::ReturnOfData, email(ERIK)))
+        .await
+        .unwrap();
+    let (json, _) = all_pages(&mut c, "t-look", 0).await;
+    assert_eq!(json.len(), 1, "{json:?}");
+    assert_eq!(json[0]["buyer"], format!("Erik Lindqvist <{ERIK}>"));
+
+    // Subscribed again and erased again: the new subscriber goes, the old record is named.
+    a.store
+        .add_subscriber(CONTROLLER, ERIK, "Erik Lindqvist")
+        .await
+        .unwrap();
+    let r = c
+        .execute(request("t-third", RequestKind::Erasure, email(ERIK)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&r), ExecuteOutcome::Retained, "{r:?}");
+    assert_eq!((retain_until(&r), records(&r)), (date2, 1));
+    assert!(a.store.subscriber(ERIK).await.unwrap().is_none());
+    assert_eq!(billing_left(&a.store).await, [(oss, false)]);
+    a.stop().await;
+
+    // The same after a confirmation delay: the kept record is answered for once carried out.
+    let Some(a) = Running::start_on(backend, 200).await else {
+        return;
+    };
+    let (_, [date1, _]) = bill_erik(&a.store).await;
+    let mut c = a.client("processor");
+    c.execute(request("t-first", RequestKind::Erasure, email(ERIK)))
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome(&settled(&mut c, "t-first").await),
+        ExecuteOutcome::Retained
+    );
+    a.store
+        .add_subscriber(CONTROLLER, ERIK, "Erik Lindqvist")
+        .await
+        .unwrap();
+    let r = c
+        .execute(request("t-second", RequestKind::Erasure, email(ERIK)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&r), ExecuteOutcome::Accepted, "{r:?}");
+    let done = settled(&mut c, "t-second").await;
+    assert_eq!(outcome(&done), ExecuteOutcome::Retained, "{done:?}");
+    assert_eq!(retain_until(&done), date1);
+    assert!(a.store.subscriber(ERIK).await.unwrap().is_none());
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn later_requests_see_what_an_erasure_kept_on_sqlite() {
+    later_requests_see_what_an_erasure_kept(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn later_requests_see_what_an_erasure_kept_on_postgres() {
+    later_requests_see_what_an_erasure_kept(Backend::Postgres).await;
+}
+
+/// Billing records written while their subscriber had no controller yet (a tool billing a
+/// seeded subscriber before the adapter first started) get one at start: their
+/// subscriber's, or, once detached by an erasure, the default controller. A contract end's
+/// export and erasure then reach them.
+async fn billing_records_without_a_controller_get_their_subscribers(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(url) = fresh_database(backend, &dir).await else {
+        return;
+    };
+    let store = Store::open(&url).await.unwrap();
+    let now = dsrelay_runtime::store::now_ms();
+    let erik = store
+        .add_billing_record(ERIK, BillingKind::Invoice, "INV-E-1", 990, now)
+        .await
+        .unwrap();
+    let maija = store
+        .add_billing_record(MAIJA, BillingKind::Invoice, "INV-M-1", 500, now)
+        .await
+        .unwrap();
+    // Maija's was kept after an erasure; an adapter of the previous version then gave the
+    // subscribers to its default controller, then globex, and left the records without one.
+    let db = &store.db().pool;
+    sqlx::query("UPDATE billing_records SET subscriber_id = NULL WHERE id = $1")
+        .bind(maija)
+        .execute(db)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE subscribers SET controller = $1 WHERE controller = ''")
+        .bind(GLOBEX)
+        .execute(db)
+        .await
+        .unwrap();
+    db.close().await;
+
+    let a = Running::start_at(dir, url, 0).await;
+    let owners: Vec<(i64, String)> =
+        sqlx::query_as("SELECT id, controller FROM billing_records ORDER BY id")
+            .fetch_all(&a.store.db().pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        owners,
+        [(erik, GLOBEX.to_string()), (maija, CONTROLLER.into())]
+    );
+    let mut c = a.client("processor");
+    let r = c
+        .execute_bulk(bulk("ce-export", CONTROLLER, BulkOperation::Export))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.note.contains("and 1 billing record(s)"), "{}", r.note);
+    let (json, _) = all_pages(&mut c, "ce-export", 0).await;
+    assert_eq!(
+        billing_keys(&json),
+        [("invoice".into(), "INV-M-1".into(), serde_json::Value::Null)]
+    );
+    let r = c
+        .execute_bulk(bulk("ce-erase", GLOBEX, BulkOperation::Erase))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome_of(r.outcome), ExecuteOutcome::Retained, "{r:?}");
+    assert_eq!(
+        billing_left(&a.store).await,
+        [(erik, false), (maija, false)]
+    );
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn billing_records_without_a_controller_get_their_subscribers_on_sqlite() {
+    billing_records_without_a_controller_get_their_subscribers(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn billing_records_without_a_controller_get_their_subscribers_on_postgres() {
+    billing_records_without_a_controller_get_their_subscribers(Backend::Postgres).await;
+}
+
+/// `--demo-billing`: the seeded Erik gets an invoice and an OSS record once, and erasing him
+/// keeps them in stages.
+#[tokio::test]
+async fn the_demo_bills_the_seeded_subscriber_once() {
+    let a = Running::start(0).await;
+    let now = dsrelay_runtime::store::now_ms();
+    assert_eq!(a.store.bill_seeded_subscriber(now).await.unwrap(), 2);
+    assert_eq!(a.store.bill_seeded_subscriber(now).await.unwrap(), 0);
+    let kinds: Vec<BillingKind> = a
+        .store
+        .billing_records()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.kind)
+        .collect();
+    assert_eq!(kinds, [BillingKind::Invoice, BillingKind::OssSale]);
+    let mut c = a.client("processor");
+    let r = c
+        .execute(request("t-demo", RequestKind::Erasure, email(ERIK)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&r), ExecuteOutcome::Retained, "{r:?}");
+    assert_eq!(
+        retain_until(&r),
+        BillingKind::Invoice.kept_until(now).unwrap()
+    );
+    // Gone, he is billed no more.
+    assert_eq!(a.store.bill_seeded_subscriber(now).await.unwrap(), 0);
+    a.stop().await;
+}
+
+/// A record kept before kept records could be found (migration 0006) is found by the address
+/// its `buyer` names, whatever its case.
+async fn records_kept_before_the_lookup_are_found(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(url) = fresh_database(backend, &dir).await else {
+        return;
+    };
+    let db = dsrelay_runtime::store::Db::connect(&url).await.unwrap();
+    let all = match backend {
+        Backend::Sqlite => &dsrelay_example_adapter::store::SQLITE_MIGRATIONS,
+        Backend::Postgres => &dsrelay_example_adapter::store::POSTGRES_MIGRATIONS,
+    };
+    let before = sqlx::migrate::Migrator {
+        migrations: std::borrow::Cow::Owned(all.migrations[..5].to_vec()),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    before.run(&db.pool).await.unwrap();
+    let now = dsrelay_runtime::store::now_ms();
+    let until = BillingKind::Invoice.kept_until(now).unwrap();
+    sqlx::query(
+        "INSERT INTO billing_records (controller, subscriber_id, kind, reference, buyer, \
+         amount_cents, booked_at, kept_until) VALUES \
+         ($1, NULL, 'invoice', 'INV-OLD-1', 'Anna <Korhonen> <Anna.Korhonen@Example.com>', \
+         990, $2, $3), ($1, NULL, 'invoice', 'INV-OLD-2', 'no address', 990, $2, $3)",
+    )
+    .bind(CONTROLLER)
+    .bind(now)
+    .bind(until)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM subscribers WHERE email = 'anna.korhonen@example.com'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    db.pool.close().await;
+
+    let a = Running::start_at(dir, url, 0).await;
+    let mut c = a.client("processor");
+    let r = c
+        .execute(request(
+            "t-anna",
+            RequestKind::ReturnOfData,
+            email("anna.korhonen@example.com"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&r), ExecuteOutcome::Completed, "{r:?}");
+    let (json, _) = all_pages(&mut c, "t-anna", 0).await;
+    assert_eq!(
+        billing_keys(&json),
+        [(
+            "invoice".into(),
+            "INV-OLD-1".into(),
+            serde_json::Value::Null
+        )]
+    );
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn records_kept_before_the_lookup_are_found_on_sqlite() {
+    records_kept_before_the_lookup_are_found(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn records_kept_before_the_lookup_are_found_on_postgres() {
+    records_kept_before_the_lookup_are_found(Backend::Postgres).await;
 }
