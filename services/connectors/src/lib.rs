@@ -250,9 +250,13 @@ pub struct BulkJob {
     /// it, its done counts being what was returned (all zero for a return done by hand).
     /// Before erasing anything the connector counts what it holds of the controller now, as
     /// its export counts ([`check_returned`]): holding more subjects or records than were
-    /// returned, it erases nothing and answers a permanent error saying how many arrived
-    /// after the return; holding as many or fewer, it records that it passed the check
-    /// ([`ProgressReporter::record_now`]) and erases. `None` means no check: a DELETE or a
+    /// returned, it erases nothing and answers a permanent error saying how many more it
+    /// holds; holding as many or fewer, it records that it passed the check
+    /// ([`ProgressReporter::record_now`]) and erases. The check compares totals, not which
+    /// records are held: records that arrived after the export pass it when as many were
+    /// deleted meanwhile (one subject erased, another signed up), and records that arrive
+    /// after the check, while the erasure runs, are erased too; neither was returned.
+    /// `None` means no check: a DELETE or a
     /// contract end without a choice (nothing was returned), a retention run, a
     /// confirmation, or an erasure an earlier call of which passed the check (the processor
     /// holds progress of this erasure: it may have erased part already, so fewer records now
@@ -264,8 +268,10 @@ pub struct BulkJob {
 /// `holder` holds of `controller` now, counted as its export counts (subjects and records
 /// in `subjects_total` and `records_total`); `returned` the export's last progress, whose
 /// done counts were returned. A permanent error when more subjects or records are held
-/// than were returned: they arrived after the export and would be erased unreturned.
-/// Fewer are fine: what went in between was not lost to the controller by the erasure.
+/// than were returned: at least that many arrived after the export and would be erased
+/// unreturned. As many or fewer pass: what went in between was not lost to the controller
+/// by the erasure. Totals do not say which records are held, so arrivals offset by as many
+/// deletions pass too.
 pub fn check_returned(
     returned: &BulkProgress,
     held: &BulkProgress,
@@ -279,10 +285,12 @@ pub fn check_returned(
     }
     Err(ConnectorError::Permanent(format!(
         "{holder}: {records} record(s) ({subjects} subject(s)) of controller {controller} \
-         arrived after the contract end's export and were never returned (held now: {} \
-         record(s) of {} subject(s); returned: {} of {}); nothing was erased there. To have \
-         them returned before they are deleted, the controller ends the contract again with \
-         RETURN_THEN_DELETE; ending it with DELETE erases them without a return",
+         arrived after the contract end's export and were never returned, if not more: \
+         that many more are held now than were returned (held now: {} record(s) of {} \
+         subject(s); returned: {} of {}), and an arrival offset by a deletion does not show \
+         in these counts; nothing was erased there. To have them returned before they are \
+         deleted, the controller ends the contract again with RETURN_THEN_DELETE; ending it \
+         with DELETE erases them without a return",
         held.records_total, held.subjects_total, returned.records_done, returned.subjects_done,
     )))
 }

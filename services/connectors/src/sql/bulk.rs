@@ -15,6 +15,7 @@ use super::plan::{
 };
 use super::retention::{day_of, parse_iso_date, DAY_MS};
 use super::rules::{Action, Retention, TableRule};
+use super::schema::KeyOrder;
 use super::Scoped;
 use crate::export::ExportSink;
 use crate::{
@@ -104,17 +105,34 @@ impl Scoped<'_> {
         Ok(u64::try_from(tx.count(&count, &doing).await?).unwrap_or(0))
     }
 
-    /// The statements counting a job's totals over `tables`: subjects are the rows of the
-    /// matched tables, records the rows of `tables`.
-    fn totals(&self, tables: &[&TableRule]) -> Totals {
+    /// The statements counting a job's totals: subjects are the rows of the top-level
+    /// tables among `subjects`, records the rows of `records`.
+    fn totals<'r>(
+        &self,
+        subjects: impl IntoIterator<Item = &'r TableRule>,
+        records: &[&TableRule],
+    ) -> Totals {
         let count = |rule: &TableRule| self.count_statement(rule, self.everything());
         Totals {
-            subjects: (self.config.tables.iter())
+            subjects: (subjects.into_iter())
                 .filter(|t| t.parent.is_none())
                 .map(count)
                 .collect(),
-            records: tables.iter().map(|rule| count(rule)).collect(),
+            records: records.iter().map(|rule| count(rule)).collect(),
         }
+    }
+
+    /// The tables a contract end's export returns ([`returned_by_export`]), and the
+    /// statements counting them as the export and the check of the erasure after a return
+    /// both count them: subjects the rows of the returned top-level tables, records the rows
+    /// of every returned table. A table the export does not return counts on neither side,
+    /// so a row arriving there (an audit log's) never stops the erasure, which leaves it.
+    fn returned_totals(&self) -> (Vec<&TableRule>, Totals) {
+        let tables: Vec<&TableRule> = (self.config.tables.iter())
+            .filter(|t| returned_by_export(t))
+            .collect();
+        let totals = self.totals(tables.iter().copied(), &tables);
+        (tables, totals)
     }
 
     /// Writes every row of the controller in the tables with `export` columns, and in every
@@ -126,9 +144,7 @@ impl Scoped<'_> {
         let sink = job.export.as_ref().ok_or_else(|| {
             ConnectorError::Permanent("no export folder was given for a contract end".into())
         })?;
-        let tables: Vec<&TableRule> = (self.config.tables.iter())
-            .filter(|t| !t.export.is_empty() || t.action != Action::Keep)
-            .collect();
+        let (tables, totals) = self.returned_totals();
         // The export's own copy of each rule: the job outlives this borrow of the rules.
         let mut exported = Vec::with_capacity(tables.len());
         for t in &tables {
@@ -148,7 +164,7 @@ impl Scoped<'_> {
         }
         let export = BulkExport {
             // The counts read no export columns, so the configured rules serve.
-            totals: self.totals(&tables),
+            totals,
             tables: exported,
             progress: job.progress.clone(),
         };
@@ -170,7 +186,9 @@ impl Scoped<'_> {
             .collect();
         let mut tx = self.begin().await?;
         self.check_returned(&mut tx, job).await?;
-        let mut progress = self.totals(&erased_tables).count(&mut tx).await?;
+        let mut progress = (self.totals(&self.config.tables, &erased_tables))
+            .count(&mut tx)
+            .await?;
         // As a subject's erasure refuses a subject with an undated row, before erasing
         // anything: without its date a row's retention cannot be known.
         for rule in &erased_tables {
@@ -219,7 +237,10 @@ impl Scoped<'_> {
             let key = batch_key(self.config, top);
             // By the declared type: a value read to judge it may be of a type sqlx's Any
             // driver cannot decode (a UUID).
-            let key_type = self.types.of(&top.table, &key);
+            let mut key_type = self.types.of(&top.table, &key);
+            if self.holds_blobs(&top.table, &key).await? {
+                key_type.key_order = KeyOrder::Hex;
+            }
             let mut after: Option<String> = None;
             let mut batches = 0u64;
             loop {
@@ -231,6 +252,17 @@ impl Scoped<'_> {
                     key_type: key_type.clone(),
                 };
                 batch.through = self.batch_end(&batch, batch_subjects).await?;
+                // The next batch would start after the same bound and end there again, for
+                // ever: the key's text read back does not compare as the key does.
+                if batch.through.is_some() && batch.through == batch.after {
+                    return Err(ConnectorError::Permanent(format!(
+                        "{t}: the contract end's batches do not move past a value of \
+                         {t}.{key}: its text form does not compare as the values do, so \
+                         the rows cannot be divided into batches; {batches} batch(es) ran \
+                         before, the rest is untouched. Store the keys as text or integers",
+                        t = top.table,
+                    )));
+                }
                 let through = batch.through.clone();
                 let scope = Scope {
                     batch: Some(&batch),
@@ -410,9 +442,39 @@ impl Scoped<'_> {
         Ok((keys.len() == 2).then(|| keys[0].clone()))
     }
 
+    /// Whether SQLite's `table` holds a BLOB in `key`, whose batches then compare it by its
+    /// bytes' hex ([`KeyOrder::Hex`]). `>= X''` holds for blobs only, whatever the column's
+    /// affinity (it converts text and numbers, never a blob), and an index on the key
+    /// finds it. A PostgreSQL column holds one type.
+    async fn holds_blobs(&self, table: &str, key: &str) -> Result<bool, ConnectorError> {
+        if self.db.backend != Backend::Sqlite {
+            return Ok(false);
+        }
+        let probe = format!(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM (SELECT 1 FROM {t} WHERE {t}.{k} >= X'' \
+             LIMIT 1)",
+            t = quote(table),
+            k = quote(key)
+        );
+        let found: i64 = sqlx::query_scalar(&probe)
+            .fetch_one(&self.db.pool)
+            .await
+            .map_err(|e| classify(&format!("reading the keys of {table}"), &e))?;
+        Ok(found > 0)
+    }
+
     /// The query of [`Self::batch_end`]: it orders by the expression the batches compare.
     pub(super) fn batch_end_query(&self, batch: &Batch, size: u64) -> Statement {
         let key = batch.key_expr();
+        // The bound as the batches read it back: a blob's hex is its key expression.
+        let text = match batch.key_type.key_order {
+            KeyOrder::Hex => key.clone(),
+            _ => format!(
+                "CAST({}.{} AS TEXT)",
+                quote(&batch.table),
+                quote(&batch.key)
+            ),
+        };
         let mut b = Binds::default();
         let mut terms = vec![format!("{key} IS NOT NULL")];
         if let Some(condition) = self.condition {
@@ -426,9 +488,7 @@ impl Scoped<'_> {
         // name: PostgreSQL reads a bare `ORDER BY "id"` as the selected text, which has the
         // column's name, and would order the batches as text while they compare as UUIDs.
         b.finish(format!(
-            "SELECT CAST({}.{} AS TEXT) FROM {} WHERE {} ORDER BY {key} LIMIT 2 OFFSET {}",
-            quote(&batch.table),
-            quote(&batch.key),
+            "SELECT {text} FROM {} WHERE {} ORDER BY {key} LIMIT 2 OFFSET {}",
             quote(&batch.table),
             terms.join(" AND "),
             size.saturating_sub(1)
@@ -532,11 +592,14 @@ impl Scoped<'_> {
 
 impl Scoped<'_> {
     /// The check of an erasure that follows a return ([`BulkJob::returned`]): the
-    /// controller's rows now, counted by the export's statements (over the tables
-    /// [`Self::bulk_export`] returns, `keep` tables with `export` columns among them, and
-    /// every top-level table's rows as subjects), against what it returned. A `keep` table's
-    /// rows thus count on both sides: counted on the erasure's side alone, the rows a
-    /// returned `keep` table holds would hide as many that arrived in an erased table.
+    /// controller's rows now, counted by the export's own statements
+    /// ([`Self::returned_totals`]: the returned tables, `keep` tables with `export` columns
+    /// among them), against what the export wrote. A returned `keep` table's rows thus count
+    /// on both sides: counted on the erasure's side alone, they would hide as many rows
+    /// that arrived in an erased table. It compares totals only: it sees that more is held
+    /// than was returned, not which rows arrived, so arrivals offset by as many deletions
+    /// since the export (one customer erased, another signed up) pass it, and so do rows
+    /// that arrive after it, while the batches run: the erasure removes those unreturned.
     async fn check_returned(
         &self,
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
@@ -545,18 +608,17 @@ impl Scoped<'_> {
         let Some(returned) = &job.returned else {
             return Ok(());
         };
-        let tables: Vec<&TableRule> = (self.config.tables.iter())
-            .filter(|t| returned_by_export(t))
-            .collect();
-        let held = self.totals(&tables).count(tx).await?;
+        let (tables, totals) = self.returned_totals();
+        let held = totals.count(tx).await?;
         let names: Vec<&str> = tables.iter().map(|t| t.table.as_str()).collect();
         let holder = format!("sql tables {}", names.join(", "));
         crate::check_returned(returned, &held, &holder, &job.controller)
     }
 }
 
-/// Whether a contract end's export returns `rule`'s table, as [`Scoped::bulk_export`]
-/// selects them: it has `export` columns, or the erasure deletes or anonymizes it.
+/// Whether a contract end's export returns `rule`'s table: it has `export` columns, or the
+/// erasure deletes or anonymizes it. The one definition of the returned tables, which the
+/// export and the check of the erasure after a return both use ([`Scoped::returned_totals`]).
 fn returned_by_export(rule: &TableRule) -> bool {
     !rule.export.is_empty() || rule.action != Action::Keep
 }
@@ -643,6 +705,7 @@ impl ExportJob for BulkExport {
         let mut files = Vec::new();
         let mut notes = Vec::new();
         let mut total: u64 = 0;
+        let mut subjects_written: u64 = 0;
         for (rule, select) in &self.tables {
             let Some(select) = select else {
                 continue;
@@ -662,8 +725,17 @@ impl ExportJob for BulkExport {
             files.extend(written);
             notes.push(format!("{}: exported {exported}", rule.table));
             total += exported;
+            subjects_written += subjects(exported);
         }
-        self.progress.report(finished(progress));
+        // Done is what was written, not what was counted: the erasure after a return is
+        // checked against it ([`crate::BulkJob::returned`]). Both are read in one snapshot
+        // ([`Scoped::read_export`]), so they agree; the totals grow to match should they not.
+        self.progress.report(BulkProgress {
+            subjects_done: subjects_written,
+            subjects_total: progress.subjects_total.max(subjects_written),
+            records_done: total,
+            records_total: progress.records_total.max(total),
+        });
         if self.tables.is_empty() {
             notes.push("no table has export columns".into());
         }

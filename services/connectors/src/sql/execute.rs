@@ -367,8 +367,12 @@ impl<'a> Scoped<'a> {
         self.read_export(sink, SubjectExport { tables }).await
     }
 
-    /// Runs `job` in one read transaction: on a SQLite file on a connection of its own, on
-    /// the blocking pool ([`super::direct`]); otherwise in a transaction of the pool.
+    /// Runs `job` in one read transaction, so that every table and count it reads comes
+    /// from one snapshot: on a SQLite file on a connection of its own, on the blocking pool
+    /// ([`super::direct`]); otherwise in a transaction of the pool, on PostgreSQL at
+    /// REPEATABLE READ (READ COMMITTED, its default, gives each statement a snapshot of its
+    /// own: a row deleted between a contract end's count and its read would be counted and
+    /// never returned). A SQLite transaction sees one snapshot at any level.
     pub(super) async fn read_export<J: ExportJob>(
         &self,
         sink: &ExportSink,
@@ -385,6 +389,12 @@ impl<'a> Scoped<'a> {
             }
             None => {
                 let mut tx = self.begin().await?;
+                if self.db.backend == Backend::Postgres {
+                    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| classify("starting the export's read", &e))?;
+                }
                 let out = job.run(&mut tx, sink).await?;
                 tx.commit()
                     .await

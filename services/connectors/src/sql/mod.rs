@@ -7,9 +7,12 @@
 //!   raw values of a matched type are searched by; the outcome's note names the identities
 //!   left out (a hashed e-mail, a type no table matches), never their values;
 //! - what erasure does with them (`action`): delete them, anonymize some columns
-//!   (`anonymize`), or `keep` them untouched. Kept rows are counted in the note (`kept 2
-//!   (action keep)`) beside what is erased. An erasure that finds the subject's rows only in
-//!   `keep` tables erases nothing, so it is [`Outcome::Refused`], the reason saying so with
+//!   (`anonymize`: `null`, or `redacted`, the text `[erased]`, which only a column holding
+//!   text takes; the connector refuses at connect `redacted` on any other column and `null`
+//!   on a NOT NULL one, on SQLite as on PostgreSQL, see `schema`), or `keep` them
+//!   untouched. Kept rows are counted in the note (`kept 2 (action keep)`) beside what is
+//!   erased. An erasure that finds the subject's rows only in `keep` tables erases
+//!   nothing, so it is [`Outcome::Refused`], the reason saying so with
 //!   the rows per table: neither [`Outcome::Completed`], which promises erasure, nor
 //!   [`Outcome::NotFound`], since the data is there (a [`Phase::RetentionExpired`] run,
 //!   whose first run erased, still completes with nothing left to erase);
@@ -36,7 +39,9 @@
 //!   date)`); one the type cannot hold fails the request with a permanent error naming the
 //!   field, and nothing is changed;
 //! - which 0/1 column a RESTRICTION sets or lifts (`restrict_column`) and which one an
-//!   OBJECTION to direct marketing sets (`suppress_column`).
+//!   OBJECTION to direct marketing sets (`suppress_column`): 1 or 0, TRUE or FALSE into a
+//!   PostgreSQL boolean; a PostgreSQL column of another type than boolean, number or text
+//!   is refused at connect.
 //!
 //! The connector supports a request kind when some table is configured for it (ERASURE and
 //! CONTRACT_END when some table is not `keep`; a contract end's return exports the tables
@@ -114,8 +119,12 @@
 //! to no subject, as in a single request). It counts first (subjects: top-level rows;
 //! records: rows of the tables the step handles) and reports [`crate::BulkProgress`] as it
 //! goes.
-//! - Export: each table with `export` columns is read with a cursor, in one read
-//!   transaction, into `<table>.json` and `<table>.csv`, as a subject's export is.
+//! - Export: each table with `export` columns, and each table the erasure deletes or
+//!   anonymizes (with all of its columns when it has no `export` columns), is read with a
+//!   cursor into `<table>.json` and `<table>.csv`, as a subject's export is. The counts and
+//!   the reads are one read transaction, one snapshot (REPEATABLE READ on PostgreSQL);
+//!   subjects are the rows of the returned top-level tables, and the step's done counts are
+//!   the rows it wrote.
 //! - Erase: each top-level table with the tables found through it, in batches of about
 //!   10,000 of its rows (more where rows share a batch key, and the last batch also takes
 //!   the rows without one; ranges of the column the children link to, or of a match column
@@ -124,7 +133,10 @@
 //!   are bound as text and cast to the declared type on PostgreSQL (`"id" > CAST($1 AS
 //!   uuid)`, for text, integer, NUMERIC, UUID, DATE and TIMESTAMP keys) and converted by the
 //!   column's affinity on SQLite; a PostgreSQL key of another type, and a SQLite column
-//!   without affinity, are compared as text, which no index on the column serves), one
+//!   without affinity, are compared as text, which no index on the column serves; a SQLite
+//!   key column found holding a BLOB when the step starts is compared by the hex of its
+//!   bytes, which no index serves either; a batch whose end does not move past its start
+//!   stops the step with a permanent error naming the table and key), one
 //!   transaction per batch, children first. A batch runs the statements of a single
 //!   erasure over all of its rows (a few per table, never one per subject), so retention
 //!   applies exactly as for one subject: released rows get the table's action, kept rows
@@ -138,10 +150,14 @@
 //!   permanent error, as it stops a subject's erasure. A value that passes and is still no
 //!   date (`2024-02-31`) is found when the batches are done, and stops the step then.
 //! - Erase after a return ([`crate::BulkJob::returned`]): first the export's own counts are
-//!   taken again (its tables, `keep` ones with `export` columns included); more subjects or
-//!   records than were returned stop the step with a permanent error before anything is
-//!   erased. Otherwise the erasure's totals are recorded with the processor
-//!   ([`crate::ProgressReporter::record_now`]) before the first batch.
+//!   taken again (the tables it returns, `keep` ones with `export` columns included; a table
+//!   it does not return counts on neither side); more subjects or records than were
+//!   returned stop the step with a permanent error before anything is erased. Otherwise the
+//!   erasure's totals are recorded with the processor
+//!   ([`crate::ProgressReporter::record_now`]) before the first batch. The check compares
+//!   totals only: rows that arrived after the export pass it when as many were deleted
+//!   meanwhile, and rows that arrive after it, while the batches run, are erased though
+//!   never returned.
 //!
 //! A crash or error between batches leaves the committed batches done and the rest
 //! untouched; the processor's retry runs the step again, which finds only what is left
@@ -183,7 +199,9 @@
 //! invoice, a debt in collection). An erasure then:
 //! - applies the table's action at once to the rows whose period is over;
 //! - anonymizes in the kept rows the `anonymize` columns the obligation does not need (all
-//!   but `keep_columns`, and never the columns the rows are found by);
+//!   but `keep_columns`, and never the columns the rows are found by: a child table's own
+//!   match columns only in the rows its parent's matched rows also reach, which the parent
+//!   row finds again);
 //! - keeps a matched (parent) row as long as a child row found through it is kept, so that the
 //!   rest can be found again; meanwhile its `anonymize` columns are cleared too, except the
 //!   match columns the request's identities use;
@@ -223,8 +241,9 @@
 //! - `receipt`: the receipts of erasures, retention runs and rectifications: the table,
 //!   storing a task's report under its key.
 //! - `schema`: the check at connect that the database has every table and column the rules
-//!   name (SQLite would read a misspelt quoted column as a string and match nothing), and
-//!   their types, by which statements compare, read and write them.
+//!   name (SQLite would read a misspelt quoted column as a string and match nothing) and
+//!   that each takes what the rules write into it, and their types, by which statements
+//!   compare, read and write them.
 //! - `bulk`: contract ends: counting, the export, the erasure in batches, what is kept.
 //! - `sample`: the sample accounting database and its rules ([`sample_config`],
 //!   [`create_sample_accounting_db`]).
@@ -251,6 +270,8 @@ mod sample;
 mod schema;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod typed_tests;
 mod writer;
 
 use execute::{ErasureReport, WorkReport};

@@ -126,6 +126,7 @@ impl Batch {
         match self.key_type.key_order {
             KeyOrder::AsIs | KeyOrder::Cast => column,
             KeyOrder::AsText => format!("CAST({column} AS TEXT)"),
+            KeyOrder::Hex => format!("hex({column})"),
         }
     }
 
@@ -134,7 +135,7 @@ impl Batch {
         let p = b.add(value);
         match self.key_type.key_order {
             KeyOrder::Cast => format!("CAST({p} AS {})", self.key_type.declared),
-            KeyOrder::AsIs | KeyOrder::AsText => p,
+            KeyOrder::AsIs | KeyOrder::AsText | KeyOrder::Hex => p,
         }
     }
 
@@ -274,9 +275,11 @@ pub(super) fn plan_table_erasure(
     if let Some(link) = &rule.parent {
         findable.insert(&link.column);
     }
+    let mut matched: BTreeSet<&str> = BTreeSet::new();
     for (ty, _) in scope.subject.unwrap_or_default() {
         if let Some(column) = match_key(*ty).and_then(|k| rule.match_columns.get(k)) {
             findable.insert(column);
+            matched.insert(column);
         }
     }
     let needed: BTreeSet<&str> = rule
@@ -290,13 +293,40 @@ pub(super) fn plan_table_erasure(
         .map(|(c, w)| (c.as_str(), *w))
         .filter(|(c, _)| !findable.contains(c) && !needed.contains(c))
         .collect();
-    let anonymize_kept = (keeps && !anonymize_now.is_empty()).then(|| {
+    // A child row that its parent's matched rows also reach is found again through them (the
+    // parent row stays for it, keeping the columns the request matched it by), so it needs
+    // its own match columns no longer; a row only its own match finds (an invoice sent to an
+    // address the customer row no longer has) keeps them until it is released.
+    let through = |b: &mut Binds| through_parent_filter(config, rule, scope, b);
+    let by_parent: Vec<(&str, AnonymizeWith)> = match through(&mut Binds::default()) {
+        Some(_) => (rule.anonymize.iter())
+            .map(|(c, w)| (c.as_str(), *w))
+            .filter(|(c, _)| matched.contains(c) && !needed.contains(c))
+            .filter(|(c, _)| rule.parent.as_ref().is_none_or(|l| l.column != *c))
+            .collect(),
+        None => Vec::new(),
+    };
+    let anonymize = keeps && !(anonymize_now.is_empty() && by_parent.is_empty());
+    let anonymize_kept = anonymize.then(|| {
         let mut b = Binds::default();
-        let (set, pending) = anonymize_clauses(anonymize_now.into_iter(), &mut b);
+        let (at_once, mut pending) = anonymize_parts(anonymize_now.into_iter(), &mut b);
+        let mut set: Vec<String> = at_once.iter().map(|(q, v)| format!("{q} = {v}")).collect();
+        if !by_parent.is_empty() {
+            let reached = through(&mut b).unwrap_or_default();
+            let (values, cleared) = anonymize_parts(by_parent.into_iter(), &mut b);
+            for (q, value) in values {
+                set.push(format!(
+                    "{q} = CASE WHEN {reached} THEN {value} ELSE {q} END"
+                ));
+            }
+            pending.push(format!("({reached} AND ({}))", cleared.join(" OR ")));
+        }
         let f = filter(&mut b);
         let kept = keep(&mut b).unwrap_or_default();
         b.finish(format!(
-            "UPDATE {table} SET {set} WHERE {f} AND {kept} = 1 AND {pending}"
+            "UPDATE {table} SET {} WHERE {f} AND {kept} = 1 AND ({})",
+            set.join(", "),
+            pending.join(" OR ")
         ))
     });
     let count_kept = keeps.then(|| {
@@ -383,23 +413,38 @@ fn anonymize_clauses<'c>(
     columns: impl Iterator<Item = (&'c str, AnonymizeWith)>,
     b: &mut Binds,
 ) -> (String, String) {
+    let (set, pending) = anonymize_parts(columns, b);
+    let set: Vec<String> = set
+        .iter()
+        .map(|(q, value)| format!("{q} = {value}"))
+        .collect();
+    (set.join(", "), format!("({})", pending.join(" OR ")))
+}
+
+/// Each of `columns`, quoted, with the value it gets, and its "not yet anonymized"
+/// condition. The text of `redacted` goes only into columns that take it: the connector
+/// refuses the rule for any other when it connects ([`super::schema`]).
+fn anonymize_parts<'c>(
+    columns: impl Iterator<Item = (&'c str, AnonymizeWith)>,
+    b: &mut Binds,
+) -> (Vec<(String, String)>, Vec<String>) {
     let mut set = Vec::new();
     let mut pending = Vec::new();
     for (column, with) in columns {
         let q = quote(column);
         match with {
             AnonymizeWith::Null => {
-                set.push(format!("{q} = NULL"));
                 pending.push(format!("{q} IS NOT NULL"));
+                set.push((q, "NULL".to_string()));
             }
             AnonymizeWith::Redacted => {
                 let p = b.add(REDACTED);
-                set.push(format!("{q} = {p}"));
                 pending.push(format!("({q} IS NULL OR {q} <> {p})"));
+                set.push((q, p));
             }
         }
     }
-    (set.join(", "), format!("({})", pending.join(" OR ")))
+    (set, pending)
 }
 
 /// The export of `rule`'s rows of `scope`, its `export` columns in order; `None` when no
@@ -464,8 +509,9 @@ pub(super) fn plan_rectify(
     )))
 }
 
-/// The update setting the 0/1 `column` of `rule`'s rows of the subject to `value`; `None`
-/// when no identity applies to the table.
+/// The update setting the flag `column` of `rule`'s rows of the subject to `value` (0 or 1),
+/// written in the column's type (TRUE or FALSE into a PostgreSQL boolean); `None` when no
+/// identity applies to the table.
 pub(super) fn plan_flag(
     config: &SqlConnectorConfig,
     rule: &TableRule,
@@ -476,6 +522,7 @@ pub(super) fn plan_flag(
     let mut binds = Binds::default();
     let filter = subject_filter(config, rule, scope, &mut binds)?;
     // The value is a constant of the code, not request data.
+    let value = scope.column(&rule.table, column).flag_value(value);
     Some(binds.finish(format!(
         "UPDATE {} SET {} = {value} WHERE {filter}",
         quote(&rule.table),
@@ -665,23 +712,34 @@ pub(super) fn subject_filter(
     scope: Scope<'_>,
     binds: &mut Binds,
 ) -> Option<String> {
-    let Some(link) = &rule.parent else {
+    if rule.parent.is_none() {
         return top_level_filter(rule, scope, binds);
-    };
-    let parent = config.tables.iter().find(|t| t.table == link.table)?;
+    }
     let own = own_match_filter(rule, scope, binds);
-    let through_parent = top_level_filter(parent, scope, binds).map(|parent_filter| {
-        format!(
-            "{} IN (SELECT {} FROM {} WHERE {parent_filter})",
-            quote(&link.column),
-            quote(&link.parent_column),
-            quote(&link.table)
-        )
-    });
+    let through_parent = through_parent_filter(config, rule, scope, binds);
     match (own, through_parent) {
         (Some(own), Some(through)) => Some(format!("({own} OR {through})")),
         (own, through) => own.or(through),
     }
+}
+
+/// The rows of a child table that hang off its parent's rows of `scope`; `None` for a
+/// top-level table and when no identity of the subject applies to the parent.
+fn through_parent_filter(
+    config: &SqlConnectorConfig,
+    rule: &TableRule,
+    scope: Scope<'_>,
+    binds: &mut Binds,
+) -> Option<String> {
+    let link = rule.parent.as_ref()?;
+    let parent = config.tables.iter().find(|t| t.table == link.table)?;
+    let parent_filter = top_level_filter(parent, scope, binds)?;
+    Some(format!(
+        "{} IN (SELECT {} FROM {} WHERE {parent_filter})",
+        quote(&link.column),
+        quote(&link.parent_column),
+        quote(&link.table)
+    ))
 }
 
 /// The rows of a child table that its own match finds for the subject of `scope`, confined
@@ -915,8 +973,6 @@ mod tests {
             ["contacts", "invoices", "ledger_entries", "customers"]
         );
         let work = |i: usize| plan[i].work.as_ref().unwrap();
-        let customers_of = "IN (SELECT \"id\" FROM \"customers\" WHERE \
-                            (lower(trim(\"email\")) = lower($1) OR \"customer_no\" = $2))";
         // A contact is found by its own e-mail too, or through the customer.
         assert_eq!(
             work(0).main,
@@ -933,35 +989,74 @@ mod tests {
             }
         );
         assert!(work(0).probe.is_none() && work(0).count_kept.is_none());
-        let invoices_kept = "(CASE WHEN (CAST(\"invoices\".\"issued_on\" AS TEXT) >= $3 OR \
-                             (status IN ('open', 'collection'))) THEN 1 ELSE 0 END)";
+        // An invoice likewise, by the address it was sent to.
+        let customers_at = |e: usize| {
+            format!(
+                "\"customer_id\" IN (SELECT \"id\" FROM \"customers\" WHERE \
+                 (lower(trim(\"email\")) = lower(${e}) OR \"customer_no\" = ${}))",
+                e + 1
+            )
+        };
+        let invoices_of = |e: usize| {
+            format!(
+                "((lower(trim(\"customer_email\")) = lower(${e})) OR {})",
+                customers_at(e + 1)
+            )
+        };
+        let invoices_kept = |d: usize| {
+            format!(
+                "(CASE WHEN (CAST(\"invoices\".\"issued_on\" AS TEXT) >= ${d} OR \
+                 (status IN ('open', 'collection'))) THEN 1 ELSE 0 END)"
+            )
+        };
         assert_eq!(
             work(1).main,
             Statement {
                 sql: format!(
-                    "DELETE FROM \"invoices\" WHERE \"customer_id\" {customers_of} AND \
-                     {invoices_kept} = 0"
+                    "DELETE FROM \"invoices\" WHERE {} AND {} = 0",
+                    invoices_of(1),
+                    invoices_kept(4)
                 ),
                 binds: vec![
+                    "Maija@Example.fi".into(),
                     "Maija@Example.fi".into(),
                     "C-1001".into(),
                     "2020-01-01".into()
                 ],
             }
         );
+        // Kept, it loses the address only where the customer row reaches it, as the kept
+        // customer row finds it again; elsewhere the address is what finds it.
+        let anonymize_kept = work(1).anonymize_kept.as_ref().unwrap();
         assert_eq!(
-            work(1).anonymize_kept.as_ref().unwrap().sql,
+            anonymize_kept.sql,
             format!(
-                "UPDATE \"invoices\" SET \"customer_email\" = NULL WHERE \"customer_id\" \
-                 {customers_of} AND {invoices_kept} = 1 AND (\"customer_email\" IS NOT NULL)"
+                "UPDATE \"invoices\" SET \"customer_email\" = CASE WHEN {reached} THEN NULL \
+                 ELSE \"customer_email\" END WHERE {} AND {} = 1 AND (({reached} AND \
+                 (\"customer_email\" IS NOT NULL)))",
+                invoices_of(3),
+                invoices_kept(6),
+                reached = customers_at(1)
             )
+        );
+        assert_eq!(
+            anonymize_kept.binds,
+            [
+                "Maija@Example.fi",
+                "C-1001",
+                "Maija@Example.fi",
+                "Maija@Example.fi",
+                "C-1001",
+                "2020-01-01"
+            ]
         );
         assert_eq!(
             work(1).probe.as_ref().unwrap().sql,
             format!(
                 "SELECT CAST(\"invoices\".\"issued_on\" AS TEXT) AS dated, CASE WHEN (status \
                  IN ('open', 'collection')) THEN 1 ELSE 0 END AS held FROM \"invoices\" WHERE \
-                 \"customer_id\" {customers_of}"
+                 {}",
+                invoices_of(1)
             )
         );
         // The ledger keeps the description and its link while kept: nothing to do now.

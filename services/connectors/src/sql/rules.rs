@@ -104,10 +104,13 @@ pub struct TableRule {
     /// column holding it here. Only tables listing a field are changed by its correction.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub rectify: BTreeMap<String, String>,
-    /// An integer column that RESTRICTION sets to 1 and a lift sets back to 0.
+    /// A flag column that RESTRICTION sets to 1 and a lift sets back to 0 (TRUE and FALSE in a
+    /// PostgreSQL boolean). A column of another type than boolean, number or text is refused
+    /// when the connector connects.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restrict_column: Option<String>,
-    /// An integer column that an OBJECTION to direct marketing sets to 1.
+    /// A flag column that an OBJECTION to direct marketing sets to 1 (TRUE in a PostgreSQL
+    /// boolean), refused at connect as `restrict_column` is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suppress_column: Option<String>,
     /// A legal obligation to keep the rows for a while (see the module documentation).
@@ -175,9 +178,15 @@ impl Action {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AnonymizeWith {
-    /// SQL `NULL`, for nullable columns.
+    /// SQL `NULL`, for nullable columns of any type (one declared NOT NULL is refused when
+    /// the connector connects).
     Null,
     /// The text `[erased]`, for `NOT NULL` text columns and to show a reader what happened.
+    /// Only for columns that hold text: the connector refuses it when it connects for any
+    /// other (a number, date, boolean or UUID column; on SQLite one of INTEGER, REAL or
+    /// NUMERIC affinity or declared BLOB, where the text would be stored as it is; on
+    /// PostgreSQL also a `varchar(n)` or `char(n)` shorter than the text), naming the column
+    /// and its type: use `null` there, or leave the column out.
     Redacted,
 }
 

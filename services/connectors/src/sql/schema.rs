@@ -1,11 +1,19 @@
 //! The check, when the connector connects, that every table and column the rules name is in
-//! the holder's database, and the types of those columns ([`ColumnTypes`]).
+//! the holder's database and can take what the rules write into it, and the types of those
+//! columns ([`ColumnTypes`]).
 //!
 //! SQLite reads a double-quoted identifier that names no column as a string literal, so a
 //! misspelt column fails nothing there: `lower("emial") = lower($1)` is never true (every
 //! erasure answers NOT_FOUND), a misspelt export column exports its own name as the value,
 //! and a misspelt child link finds no children to delete. PostgreSQL would fail the requests
 //! instead, one by one. Either way the operator learns it best before the first request.
+//!
+//! The same goes for a value the rules write that the column cannot take ([`unwritable`]):
+//! `redacted`'s text into a column that holds no text, `null` into a NOT NULL column, a flag
+//! into a column no flag fits. PostgreSQL fails each such request on the type or the
+//! constraint; SQLite fails the NOT NULL alike and stores the text in a number or date
+//! column, where the holder's own software reading it does not expect one, and where the
+//! same rules would fail once the holder moved to PostgreSQL. Both refuse them at connect.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,7 +21,7 @@ use std::sync::Arc;
 use dsrelay_runtime::store::{Backend, Db};
 
 use super::plan::quote;
-use super::rules::SqlConnectorConfig;
+use super::rules::{AnonymizeWith, SqlConnectorConfig, REDACTED};
 
 /// Names SQLite accepts for a rowid table's row id without a declared column of that name.
 const SQLITE_ROWID: [&str; 3] = ["rowid", "oid", "_rowid_"];
@@ -49,6 +57,41 @@ pub(super) struct ColumnType {
     pub(super) native: bool,
     /// How a batch key of this type is compared with its batches' bounds.
     pub(super) key_order: KeyOrder,
+    /// Whether `redacted`'s text ([`REDACTED`]) can be written into it.
+    pub(super) text: TextFit,
+    /// How a restriction's or objection's flag is written into it.
+    pub(super) flag: Flag,
+    /// Whether it may hold NULL, as its column's declaration says (a NOT NULL of a domain
+    /// is not seen).
+    pub(super) nullable: bool,
+    /// SQLite: the column's affinity, which decides what it stores a written text as.
+    pub(super) affinity: Option<&'static str>,
+}
+
+/// Whether a column takes the text `redacted` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TextFit {
+    /// A text type (PostgreSQL), a column of TEXT affinity or one declared without a type
+    /// (SQLite).
+    Text,
+    /// A PostgreSQL `character varying(n)` or `character(n)` shorter than the text: its
+    /// length.
+    Short(u32),
+    /// Any other type: PostgreSQL fails the statement, SQLite stores the text in a column of
+    /// INTEGER, REAL or NUMERIC affinity (a DATE, a BOOLEAN) or one declared BLOB.
+    NotText,
+}
+
+/// How a restriction's or objection's 0/1 flag is written into a column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Flag {
+    /// As the number 1 or 0: integer and other numeric columns, text (PostgreSQL assigns the
+    /// number's text), and every SQLite column.
+    Number,
+    /// As TRUE or FALSE: a PostgreSQL boolean, which takes no number.
+    Boolean,
+    /// A PostgreSQL type that takes neither (DATE, UUID, ...).
+    Unusable,
 }
 
 /// How a bound text is compared with (and written into) a column.
@@ -83,6 +126,12 @@ pub(super) enum KeyOrder {
     /// sorts before every text, so a bound read as text would skip the integers after
     /// it), and a PostgreSQL type of another kind than those above.
     AsText,
+    /// Both as the hex of their bytes (`hex("id") > $1`), which no index serves: a SQLite
+    /// column found holding a BLOB when an erasure starts (the contract end's batches
+    /// choose it, not the schema). A blob sorts after every text whatever the column's
+    /// affinity, so a bound read back as text would never pass it, and its text form need
+    /// not be UTF-8; its hex is text that sorts as its bytes do.
+    Hex,
 }
 
 impl Default for ColumnType {
@@ -93,6 +142,10 @@ impl Default for ColumnType {
             compare: Compare::AsIs,
             native: true,
             key_order: KeyOrder::AsText,
+            text: TextFit::Text,
+            flag: Flag::Number,
+            nullable: true,
+            affinity: None,
         }
     }
 }
@@ -134,29 +187,85 @@ impl ColumnType {
             | "timestamp with time zone" => KeyOrder::Cast,
             _ => KeyOrder::AsText,
         };
+        let text = match base {
+            "text" => TextFit::Text,
+            // A domain's declared name carries no length.
+            "character varying" | "character" if own == base => match length(&declared) {
+                Some(n) if n < REDACTED.chars().count() as u32 => TextFit::Short(n),
+                _ => TextFit::Text,
+            },
+            "character varying" | "character" => TextFit::Text,
+            _ => TextFit::NotText,
+        };
+        let flag = match base {
+            "boolean" => Flag::Boolean,
+            "smallint" | "integer" | "bigint" | "numeric" | "real" | "double precision"
+            | "text" | "character varying" | "character" => Flag::Number,
+            _ => Flag::Unusable,
+        };
         Self {
             declared,
             compare,
             native,
             key_order,
+            text,
+            flag,
+            nullable: true,
+            affinity: None,
         }
     }
 
-    /// SQLite's declared type, whose affinity decides how a batch key is compared: by the
-    /// rules of SQLite's "Determination Of Column Affinity", a name that contains none of
-    /// INT, CHAR, CLOB and TEXT, and BLOB or nothing at all, gives none.
+    /// SQLite's declared type, whose affinity decides how a batch key is compared and
+    /// whether the column takes `redacted`'s text: by the rules of SQLite's "Determination
+    /// Of Column Affinity", INT gives INTEGER; else CHAR, CLOB or TEXT gives TEXT; else
+    /// BLOB or no type at all gives none (BLOB); else REAL, FLOA or DOUB gives REAL; else
+    /// NUMERIC (a DATE, a BOOLEAN, a DECIMAL).
     fn sqlite(declared: &str) -> Self {
         let name = declared.to_ascii_uppercase();
         let has = |part: &str| name.contains(part);
-        let typed = ["INT", "CHAR", "CLOB", "TEXT"].into_iter().any(has);
-        let untyped = !typed && (has("BLOB") || name.trim().is_empty());
+        let affinity = if has("INT") {
+            "INTEGER"
+        } else if ["CHAR", "CLOB", "TEXT"].into_iter().any(has) {
+            "TEXT"
+        } else if has("BLOB") || name.trim().is_empty() {
+            "BLOB"
+        } else if ["REAL", "FLOA", "DOUB"].into_iter().any(has) {
+            "REAL"
+        } else {
+            "NUMERIC"
+        };
         Self {
             declared: Arc::from(declared),
-            key_order: match untyped {
-                true => KeyOrder::AsText,
-                false => KeyOrder::AsIs,
+            key_order: match affinity {
+                "BLOB" => KeyOrder::AsText,
+                _ => KeyOrder::AsIs,
             },
+            // A column declared without a type holds whatever is written, as it is.
+            text: match affinity {
+                "TEXT" => TextFit::Text,
+                "BLOB" if name.trim().is_empty() => TextFit::Text,
+                _ => TextFit::NotText,
+            },
+            affinity: Some(affinity),
             ..Self::default()
+        }
+    }
+
+    /// The type in a message: as declared, and on SQLite with its affinity.
+    fn described(&self) -> String {
+        match self.affinity {
+            Some(affinity) => format!("{} ({affinity} affinity)", self.declared),
+            None => self.declared.to_string(),
+        }
+    }
+
+    /// The flag `value` (0 or 1) as written into the column ([`Flag`]).
+    pub(super) fn flag_value(&self, value: u8) -> &'static str {
+        match (self.flag, value) {
+            (Flag::Boolean, 0) => "FALSE",
+            (Flag::Boolean, _) => "TRUE",
+            (_, 0) => "0",
+            (_, _) => "1",
         }
     }
 
@@ -251,6 +360,7 @@ pub(super) async fn check_columns(
         }
         types.0.insert(table.to_string(), columns);
     }
+    problems.extend(unwritable(config, &types));
     if !problems.is_empty() {
         anyhow::bail!(
             "the holder database does not match the sql connector's rules: {}",
@@ -258,6 +368,73 @@ pub(super) async fn check_columns(
         );
     }
     Ok(types)
+}
+
+/// What the rules write that a column of theirs cannot take, each naming the rule, the
+/// column, its type and what to write instead: `redacted`'s text into a column that holds no
+/// text or too little of it, `null` into a NOT NULL column, a restriction's or objection's
+/// flag into a column no flag fits. Columns the database lacks are reported before.
+fn unwritable(config: &SqlConnectorConfig, types: &ColumnTypes) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, rule) in config.tables.iter().enumerate() {
+        let at = format!("tables[{i}] ({})", rule.table);
+        for (column, with) in &rule.anonymize {
+            let ty = types.of(&rule.table, column);
+            let instead = match ty.nullable {
+                true => "use \"null\" instead, or leave the column out of anonymize",
+                false => {
+                    "the column is NOT NULL, so \"null\" would fail as well: leave it out of \
+                     anonymize"
+                }
+            };
+            let text = format!("\"redacted\", which writes the text {REDACTED:?}");
+            match (with, ty.text) {
+                (AnonymizeWith::Redacted, TextFit::Text) => {}
+                (AnonymizeWith::Redacted, TextFit::Short(_)) => out.push(format!(
+                    "{at}: anonymize column {column:?} is {text}, but the column is of type \
+                     {}, too short for its {} characters; {instead}",
+                    ty.described(),
+                    REDACTED.chars().count()
+                )),
+                (AnonymizeWith::Redacted, TextFit::NotText) => out.push(format!(
+                    "{at}: anonymize column {column:?} is {text}, but the column is of type \
+                     {}; {instead}",
+                    ty.described()
+                )),
+                (AnonymizeWith::Null, _) if ty.nullable => {}
+                (AnonymizeWith::Null, fit) => out.push(format!(
+                    "{at}: anonymize column {column:?} is \"null\", but the column is NOT NULL; \
+                     {}leave the column out of anonymize, or allow NULL in it",
+                    match fit {
+                        TextFit::Text => "use \"redacted\" (it holds text), ",
+                        TextFit::Short(_) | TextFit::NotText => "",
+                    }
+                )),
+            }
+        }
+        let flags = [
+            ("restrict_column", &rule.restrict_column),
+            ("suppress_column", &rule.suppress_column),
+        ];
+        for (what, column) in flags {
+            let Some(column) = column else { continue };
+            let ty = types.of(&rule.table, column);
+            if ty.flag == Flag::Unusable {
+                out.push(format!(
+                    "{at}: {what} {column:?} is of type {}, which no flag can be written into; \
+                     use a boolean, integer or text column",
+                    ty.described()
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// The length `n` of a declared `character varying(n)` or `character(n)`.
+fn length(declared: &str) -> Option<u32> {
+    let (_, rest) = declared.split_once('(')?;
+    rest.strip_suffix(')')?.trim().parse().ok()
 }
 
 /// One column of a table as the catalog describes it.
@@ -270,16 +447,22 @@ struct Present {
     own: String,
     /// PostgreSQL: the type a domain is over, else `own`; SQLite: empty.
     base: String,
+    /// 1 when the column is declared NOT NULL, else 0.
+    notnull: i64,
 }
 
 impl Present {
     /// Its type, as the statements use it on `backend`.
     fn column_type(&self, backend: Backend) -> ColumnType {
-        match backend {
+        let ty = match backend {
             Backend::Postgres => {
                 ColumnType::postgres(self.declared.as_str().into(), &self.own, &self.base)
             }
             Backend::Sqlite => ColumnType::sqlite(&self.declared),
+        };
+        ColumnType {
+            nullable: self.notnull == 0,
+            ..ty
         }
     }
 }
@@ -298,8 +481,8 @@ async fn columns_of(db: &Db, table: &str) -> anyhow::Result<Vec<Present>> {
     let (sql, name) = match db.backend {
         // table_xinfo, unlike table_info, also lists generated columns.
         Backend::Sqlite => (
-            "SELECT name, type AS declared, '' AS own, '' AS base \
-             FROM pragma_table_xinfo($1)",
+            "SELECT name, type AS declared, '' AS own, '' AS base, \
+             CAST(\"notnull\" AS BIGINT) AS \"notnull\" FROM pragma_table_xinfo($1)",
             table.to_string(),
         ),
         // The statements name tables unqualified, so they find them through the search path;
@@ -309,7 +492,8 @@ async fn columns_of(db: &Db, table: &str) -> anyhow::Result<Vec<Present>> {
             "SELECT CAST(a.attname AS TEXT) AS name, \
              format_type(a.atttypid, a.atttypmod) AS declared, \
              format_type(a.atttypid, NULL) AS own, \
-             format_type(COALESCE(NULLIF(t.typbasetype, 0), a.atttypid), NULL) AS base \
+             format_type(COALESCE(NULLIF(t.typbasetype, 0), a.atttypid), NULL) AS base, \
+             CAST(CASE WHEN a.attnotnull THEN 1 ELSE 0 END AS BIGINT) AS \"notnull\" \
              FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
             quote(table),
@@ -455,6 +639,87 @@ mod tests {
                 ColumnType::sqlite(declared).key_order,
                 expected,
                 "{declared:?}"
+            );
+        }
+    }
+
+    /// `redacted`'s text goes into text columns long enough for it (any length on SQLite,
+    /// which keeps none) and a SQLite column without a type; a flag is TRUE or FALSE in a
+    /// PostgreSQL boolean, 1 or 0 where a number or its text is taken, and nowhere else.
+    #[test]
+    fn types_decide_what_redacted_and_a_flag_write() {
+        use Flag::{Boolean, Number, Unusable};
+        use TextFit::{NotText, Short, Text};
+        for (declared, own, base, expected) in [
+            ("text", "text", "text", (Text, Number)),
+            (
+                "character varying(8)",
+                "character varying",
+                "character varying",
+                (Text, Number),
+            ),
+            (
+                "character varying",
+                "character varying",
+                "character varying",
+                (Text, Number),
+            ),
+            (
+                "character varying(7)",
+                "character varying",
+                "character varying",
+                (Short(7), Number),
+            ),
+            ("character(1)", "character", "character", (Short(1), Number)),
+            // A domain's declared name tells no length.
+            (
+                "short_code",
+                "short_code",
+                "character varying",
+                (Text, Number),
+            ),
+            ("integer", "integer", "integer", (NotText, Number)),
+            ("numeric(12,2)", "numeric", "numeric", (NotText, Number)),
+            (
+                "double precision",
+                "double precision",
+                "double precision",
+                (NotText, Number),
+            ),
+            ("boolean", "boolean", "boolean", (NotText, Boolean)),
+            ("opt_out", "opt_out", "boolean", (NotText, Boolean)),
+            ("date", "date", "date", (NotText, Unusable)),
+            ("uuid", "uuid", "uuid", (NotText, Unusable)),
+            ("jsonb", "jsonb", "jsonb", (NotText, Unusable)),
+        ] {
+            let t = ColumnType::postgres(declared.into(), own, base);
+            assert_eq!((t.text, t.flag), expected, "{declared}");
+        }
+        for (flag, value, written) in [(Boolean, 1, "TRUE"), (Boolean, 0, "FALSE")] {
+            let t = ColumnType {
+                flag,
+                ..ColumnType::default()
+            };
+            assert_eq!(t.flag_value(value), written);
+        }
+        assert_eq!(ColumnType::default().flag_value(1), "1");
+        assert_eq!(ColumnType::default().flag_value(0), "0");
+        for (declared, expected, affinity) in [
+            ("TEXT", Text, "TEXT"),
+            ("VARCHAR(5)", Text, "TEXT"),
+            ("CLOB", Text, "TEXT"),
+            ("", Text, "BLOB"),
+            ("BLOB", NotText, "BLOB"),
+            ("INTEGER", NotText, "INTEGER"),
+            ("CHARINT", NotText, "INTEGER"),
+            ("DOUBLE", NotText, "REAL"),
+            ("DATE", NotText, "NUMERIC"),
+            ("BOOLEAN", NotText, "NUMERIC"),
+        ] {
+            let t = ColumnType::sqlite(declared);
+            assert_eq!(
+                (t.text, t.flag, t.affinity),
+                (expected, Number, Some(affinity))
             );
         }
     }

@@ -1606,6 +1606,7 @@ fn child_of_customers(config: &SqlConnectorConfig, table: &str, export: Vec<Stri
         .clone();
     rule.table = table.into();
     rule.action = Action::Delete;
+    rule.match_columns.clear();
     rule.anonymize.clear();
     rule.rectify.clear();
     rule.retain = None;
@@ -4078,7 +4079,7 @@ on_both_backends!(bulk_erasure_after_a_return_refuses_rows_added_since);
 
 /// The erasure after a return: rows added since the export (a contact of a returned
 /// customer, then a new customer) stop it before anything is erased, with a permanent error
-/// saying how many arrived; holding no more than was returned (one returned contact gone
+/// saying how many more it holds; holding no more than was returned (one returned contact gone
 /// meanwhile), it records its totals with the processor, then erases as before.
 async fn bulk_erasure_after_a_return_refuses_rows_added_since(url: String) {
     let (connector, db) = sample(&url).await;
@@ -4156,4 +4157,198 @@ async fn bulk_erasure_after_a_return_refuses_rows_added_since(url: String) {
     );
     assert!(matches!(out, Ok(Outcome::Retained { .. })), "{out:?}");
     assert_eq!(count(&db, &format!("{C} FROM contacts")).await, 0);
+}
+
+on_both_backends!(bulk_erasure_after_a_return_counts_only_the_returned_tables);
+
+/// The check of the erasure after a return counts the tables the export returned, no
+/// others: a row arriving in a top-level `keep` table without `export` columns (an audit
+/// log, which the export never returns and the erasure never touches) was counted as a
+/// subject and refused the erasure for good. A row arriving in an erased table still
+/// refuses it.
+async fn bulk_erasure_after_a_return_counts_only_the_returned_tables(url: String) {
+    let (_, db) = sample(&url).await;
+    exec(
+        &db,
+        "CREATE TABLE audit_log (id BIGINT PRIMARY KEY, customer_no TEXT, event TEXT)",
+    )
+    .await;
+    exec(
+        &db,
+        "INSERT INTO audit_log VALUES (1, 'C-1001', 'signed in')",
+    )
+    .await;
+    let mut config = sample_config(&url);
+    let mut audit = config.tables[0].clone();
+    audit.table = "audit_log".into();
+    audit.action = Action::Keep;
+    audit.parent = None;
+    audit.match_columns = [("customer_number".into(), "customer_no".into())]
+        .into_iter()
+        .collect();
+    audit.anonymize.clear();
+    audit.rectify.clear();
+    audit.export.clear();
+    audit.retain = None;
+    config.tables.push(audit);
+    let connector = SqlConnector::connect(config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sink = ExportSink::new(dir.path().join("ce"), vec!["billing".into()]);
+    sink.reset().await.unwrap();
+    let (job, rx) = bulk_job(
+        "acme",
+        crate::BulkOp::Export,
+        Phase::Start,
+        now(),
+        Some(sink),
+    );
+    let (_, returned) = run_bulk_watched(&connector, job, rx).await;
+    let erase = || crate::BulkJob {
+        returned: Some(returned),
+        ..bulk_job("acme", crate::BulkOp::Erase, Phase::Start, now(), None).0
+    };
+
+    exec(
+        &db,
+        "INSERT INTO audit_log VALUES (2, 'C-1002', 'signed in')",
+    )
+    .await;
+    exec(
+        &db,
+        "INSERT INTO contacts (id, customer_id, name) VALUES (9001, 1, 'Uusi Yhteys')",
+    )
+    .await;
+    let err = crate::Connector::run_bulk(&connector, &erase())
+        .await
+        .unwrap_err();
+    let crate::ConnectorError::Permanent(m) = &err else {
+        panic!("{err:?}");
+    };
+    assert!(
+        m.starts_with(
+            "sql tables contacts, invoices, ledger_entries, customers: 1 record(s) (0 \
+             subject(s)) of controller acme"
+        ),
+        "{m}"
+    );
+
+    exec(&db, "DELETE FROM contacts WHERE id = 9001").await;
+    let out = crate::Connector::run_bulk(&connector, &erase()).await;
+    assert!(matches!(out, Ok(Outcome::Retained { .. })), "{out:?}");
+    assert_eq!(count(&db, &format!("{C} FROM contacts")).await, 0);
+    assert_eq!(count(&db, &format!("{C} FROM audit_log")).await, 2);
+}
+
+/// A contract end's export on PostgreSQL read each table at READ COMMITTED, after counting
+/// them all: a row deleted between the count and the read was counted as returned and never
+/// written, and as many arrivals later passed the erasure's check. The export now reads one
+/// snapshot, and its done counts are what it wrote. The count of `ledger_entries` is held up
+/// by a lock while a contact, counted already, is deleted.
+#[tokio::test]
+async fn bulk_export_reads_one_snapshot_and_reports_what_it_wrote() {
+    let Some(pg) = fresh_postgres_database("bulk_export_reads_one_snapshot").await else {
+        return;
+    };
+    let (connector, db) = sample(&pg.url).await;
+    let contacts = count(&db, &format!("{C} FROM contacts")).await;
+    let mut lock = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE ledger_entries IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sink = ExportSink::new(dir.path().join("ce"), vec!["billing".into()]);
+    sink.reset().await.unwrap();
+    let (job, rx) = bulk_job(
+        "acme",
+        crate::BulkOp::Export,
+        Phase::Start,
+        now(),
+        Some(sink),
+    );
+    let meanwhile = async {
+        // Until the export waits for the lock: it has counted the contacts by then.
+        let waiting = "SELECT CAST(COUNT(*) AS BIGINT) FROM pg_locks \
+                       WHERE NOT granted AND relation = 'ledger_entries'::regclass";
+        while count(&db, waiting).await == 0 {
+            tokio::task::yield_now().await;
+        }
+        exec(&db, "DELETE FROM contacts WHERE id = 201").await;
+        lock.commit().await.unwrap();
+    };
+    let ((out, progress), ()) = tokio::join!(run_bulk_watched(&connector, job, rx), meanwhile);
+    assert_eq!(
+        count(&db, &format!("{C} FROM contacts")).await,
+        contacts - 1
+    );
+    let Outcome::Completed {
+        note,
+        records_affected,
+        ..
+    } = &out
+    else {
+        panic!("{out:?}");
+    };
+    assert!(
+        note.contains(&format!("contacts: exported {contacts};")),
+        "{note}"
+    );
+    assert_eq!(
+        progress.records_done,
+        u64::try_from(*records_affected).unwrap()
+    );
+    drop(connector);
+    pg.drop_database().await;
+}
+
+/// SQLite keeps a BLOB as it is whatever the column's affinity, and a blob sorts after
+/// every text: the batches' bounds, read back as text, never passed a blob key of a `UUID`
+/// column, so each batch erased nothing and the next started after the same bound, for
+/// ever (or, for a blob that is no UTF-8, the bound could not be read). Keys held as blobs
+/// (beside text and integer keys) are now compared by their bytes' hex, and every row is
+/// erased in batches.
+#[tokio::test]
+async fn bulk_batches_of_sqlite_blob_keys_cover_every_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/blobs.db", dir.path().display());
+    let db = Db::connect(&url).await.unwrap();
+    exec(&db, "CREATE TABLE members (id UUID PRIMARY KEY, note TEXT)").await;
+    // Blobs that are UTF-8 (read back as text, the bound never passed them) and blobs
+    // that are not (their text form cannot be read back at all).
+    exec(
+        &db,
+        "INSERT INTO members (id, note) WITH RECURSIVE n(i) AS \
+         (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 120) \
+         SELECT CASE i % 2 WHEN 0 THEN CAST(lower(hex(randomblob(8))) AS BLOB) \
+         ELSE randomblob(16) END, 'x' FROM n",
+    )
+    .await;
+    exec(
+        &db,
+        "INSERT INTO members (id, note) VALUES ('b-text', 'x'), ('A-text', 'x'), (7, 'x'), \
+         (x'00', 'x'), (x'', 'x')",
+    )
+    .await;
+    let rules = format!(
+        "url = \"{url}\"\n[[tables]]\ntable = \"members\"\naction = \"delete\"\n\
+         match = {{ customer_number = \"id\" }}\n"
+    );
+    let config: SqlConnectorConfig = toml::from_str(&rules).unwrap();
+    let mut connector = SqlConnector::connect(config).await.unwrap();
+    connector.batch_subjects = 50;
+    let (job, rx) = bulk_job("acme", crate::BulkOp::Erase, Phase::Start, now(), None);
+    let (out, progress) = run_bulk_watched(&connector, job, rx).await;
+    assert_eq!(progress.records_total, 125);
+    assert_eq!(
+        out,
+        Outcome::Completed {
+            records_affected: 125,
+            note: "members and the tables found through it: 3 batch(es) of about 50 rows; \
+                   members: deleted 125"
+                .into(),
+            files: Vec::new(),
+            erased: erased_counts(&[("members", "deleted", 125)]),
+        }
+    );
+    assert_eq!(count(&db, &format!("{C} FROM members")).await, 0);
 }

@@ -1,0 +1,473 @@
+//! Values written in the column's type: `redacted` only where the column holds text, a
+//! restriction's or objection's flag as a boolean where the column is one; and the sample's
+//! invoices, found by the address they were sent to. Each scenario on SQLite and PostgreSQL.
+
+use dsrelay_proto::v1::{FieldCorrection, RequestKind, RequestParameters, SubjectIdentity};
+use dsrelay_runtime::store::{Backend, Db};
+use serde_json::{json, Value};
+
+use super::execute::json_value;
+use super::retention::DAY_MS;
+use super::tests::{email, fresh_postgres_database, ms, now, sample, MAIJA};
+use super::*;
+
+/// Runs each named scenario as two tests, `<name>::sqlite` and `<name>::postgres`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                let dir = tempfile::tempdir().unwrap();
+                let url = format!("sqlite://{}/accounting.db", dir.path().display());
+                super::$name(url).await;
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                let Some(db) = super::fresh_postgres_database(stringify!($name)).await else {
+                    return;
+                };
+                super::$name(db.url.clone()).await;
+                db.drop_database().await;
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    redacted_is_refused_where_the_column_holds_no_text,
+    a_flag_is_written_in_the_columns_type,
+    an_invoice_is_found_by_the_address_it_was_sent_to,
+);
+
+/// A task of a request of its own for each kind and first identity: the receipts of a
+/// subject's rectification and erasure, or of two subjects' erasures, must not meet.
+fn task(kind: RequestKind, identities: Vec<SubjectIdentity>, now_ms: i64, phase: Phase) -> Task {
+    let request = format!("{kind:?}-{}", identities[0].value);
+    Task {
+        task_id: format!("controller/{request}/accounting"),
+        request_id: request,
+        controller: "acme".into(),
+        kind,
+        identities,
+        categories: Vec::new(),
+        parameters: RequestParameters::default(),
+        due_at_ms: now_ms + 30 * DAY_MS,
+        now_ms,
+        phase,
+        interrupted: false,
+        export: None,
+    }
+}
+
+async fn exec(db: &Db, sql: &str) {
+    sqlx::query(sql)
+        .execute(&db.pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// Every row `sql` returns, every column as JSON.
+async fn rows(db: &Db, sql: &str) -> Vec<Vec<Value>> {
+    let fetched = sqlx::query(sql)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    use sqlx::Row as _;
+    fetched
+        .iter()
+        .map(|row| {
+            (0..row.len())
+                .map(|i| json_value(row, i).unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+fn rule<'a>(config: &'a mut SqlConnectorConfig, table: &str) -> &'a mut TableRule {
+    config.tables.iter_mut().find(|t| t.table == table).unwrap()
+}
+
+/// `redacted` writes the text `[erased]`: a PostgreSQL column of another type fails every
+/// erasure of its table on the type, and SQLite would store the text in a number or date
+/// column. Both refuse the rule when the connector connects, naming the table, the column
+/// and its type and saying what to write instead; `null` on a NOT NULL column likewise.
+async fn redacted_is_refused_where_the_column_holds_no_text(url: String) {
+    let (_, db) = sample(&url).await;
+    let postgres = db.backend == Backend::Postgres;
+    exec(
+        &db,
+        "CREATE TABLE subscriptions (id BIGINT PRIMARY KEY, customer_id BIGINT, \
+         note TEXT NOT NULL, memo TEXT NOT NULL, code VARCHAR(5), seats INTEGER NOT NULL, \
+         renews_on DATE, price NUMERIC(12,2), active BOOLEAN, token UUID)",
+    )
+    .await;
+    exec(
+        &db,
+        "INSERT INTO subscriptions VALUES (1, 1, 'Maija''s plan', 'call before noon', 'M1', \
+         3, '2026-01-01', 12.50, TRUE, 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11')",
+    )
+    .await;
+    let with = |columns: &[(&str, AnonymizeWith)]| {
+        let mut config = sample_config(&url);
+        let mut subscriptions = rule(&mut config, "invoices").clone();
+        subscriptions.table = "subscriptions".into();
+        subscriptions.action = Action::Anonymize;
+        subscriptions.retain = None;
+        subscriptions.match_columns.clear();
+        subscriptions.export = Vec::new();
+        subscriptions.anonymize = columns.iter().map(|(c, w)| (c.to_string(), *w)).collect();
+        config.tables.insert(0, subscriptions);
+        config
+    };
+    use AnonymizeWith::{Null, Redacted};
+    let bad = with(&[
+        ("customer_id", Null),
+        ("note", Redacted),
+        ("memo", Null),
+        ("code", Redacted),
+        ("seats", Redacted),
+        ("renews_on", Redacted),
+        ("price", Redacted),
+        ("active", Redacted),
+        ("token", Redacted),
+    ]);
+    let err = format!("{:#}", SqlConnector::connect(bad).await.unwrap_err());
+    let at = "tables[0] (subscriptions): anonymize column";
+    let not_text = |column: &str, ty: &str, nullable: bool| {
+        format!(
+            "{at} \"{column}\" is \"redacted\", which writes the text \"[erased]\", but the \
+             column is of type {ty}; {}",
+            match nullable {
+                true => "use \"null\" instead, or leave the column out of anonymize",
+                false =>
+                    "the column is NOT NULL, so \"null\" would fail as well: leave it \
+                          out of anonymize",
+            }
+        )
+    };
+    // SQLite's with its affinity, which decides what it stores the text as.
+    let ty = |postgres_type: &str, sqlite_type: &str| match postgres {
+        true => postgres_type.to_string(),
+        false => format!("{sqlite_type} affinity)"),
+    };
+    let mut expected = vec![
+        format!(
+            "{at} \"memo\" is \"null\", but the column is NOT NULL; use \"redacted\" (it holds \
+             text), leave the column out of anonymize, or allow NULL in it"
+        ),
+        not_text("active", &ty("boolean", "BOOLEAN (NUMERIC"), true),
+        not_text(
+            "price",
+            &ty("numeric(12,2)", "NUMERIC(12,2) (NUMERIC"),
+            true,
+        ),
+        not_text("renews_on", &ty("date", "DATE (NUMERIC"), true),
+        not_text("seats", &ty("integer", "INTEGER (INTEGER"), false),
+        not_text("token", &ty("uuid", "UUID (NUMERIC"), true),
+    ];
+    // SQLite does not hold a VARCHAR to its length.
+    if postgres {
+        expected.push(format!(
+            "{at} \"code\" is \"redacted\", which writes the text \"[erased]\", but the column \
+             is of type character varying(5), too short for its 8 characters; use \"null\" \
+             instead, or leave the column out of anonymize"
+        ));
+    }
+    for e in &expected {
+        assert!(err.contains(e.as_str()), "{e}\nin {err}");
+    }
+    assert_eq!(err.matches("tables[").count(), expected.len(), "{err}");
+
+    // What the messages ask for: the text column redacted, the others cleared or left.
+    let good = with(&[
+        ("customer_id", Null),
+        ("note", Redacted),
+        ("memo", Redacted),
+        ("code", Null),
+        ("renews_on", Null),
+        ("price", Null),
+        ("active", Null),
+        ("token", Null),
+    ]);
+    let connector = SqlConnector::connect(good).await.unwrap();
+    let out = connector
+        .run(&task(
+            RequestKind::Erasure,
+            vec![email(MAIJA)],
+            now(),
+            Phase::Start,
+        ))
+        .await
+        .unwrap();
+    assert!(matches!(out, Outcome::Retained { .. }), "{out:?}");
+    assert_eq!(
+        rows(
+            &db,
+            "SELECT note, memo, seats FROM subscriptions WHERE customer_id IS NULL \
+             AND code IS NULL AND renews_on IS NULL AND price IS NULL AND active IS NULL \
+             AND token IS NULL"
+        )
+        .await,
+        [[json!(REDACTED), json!(REDACTED), json!(3)]]
+    );
+}
+
+/// RESTRICTION and OBJECTION set a flag column: a PostgreSQL BOOLEAN gets TRUE and FALSE
+/// (the integers 1 and 0 fail there on the type), SQLite's BOOLEAN its 1 and 0. A column no
+/// flag can be written into (a DATE) is refused on PostgreSQL when the connector connects.
+async fn a_flag_is_written_in_the_columns_type(url: String) {
+    let (_, db) = sample(&url).await;
+    let postgres = db.backend == Backend::Postgres;
+    exec(
+        &db,
+        "ALTER TABLE customers ADD COLUMN restricted BOOLEAN NOT NULL DEFAULT FALSE",
+    )
+    .await;
+    exec(&db, "ALTER TABLE customers ADD COLUMN no_marketing BOOLEAN").await;
+    exec(&db, "ALTER TABLE customers ADD COLUMN restricted_on DATE").await;
+    let mut config = sample_config(&url);
+    let customers = rule(&mut config, "customers");
+    customers.restrict_column = Some("restricted".into());
+    customers.suppress_column = Some("no_marketing".into());
+    let connector = SqlConnector::connect(config.clone()).await.unwrap();
+    let (yes, no) = match postgres {
+        true => (json!(true), json!(false)),
+        false => (json!(1), json!(0)),
+    };
+    // The Any driver reads no SQLite BOOLEAN; the cast shows the integer stored.
+    let flags = match postgres {
+        true => "SELECT restricted, no_marketing FROM customers ORDER BY id",
+        false => {
+            "SELECT CAST(restricted AS INTEGER), CAST(no_marketing AS INTEGER) \
+                  FROM customers ORDER BY id"
+        }
+    };
+    let maija_only = |maija: [Value; 2]| {
+        let mut all = vec![vec![no.clone(), Value::Null]; 6];
+        all[0] = maija.to_vec();
+        all
+    };
+    let mut restrict = task(
+        RequestKind::Restriction,
+        vec![email(MAIJA)],
+        now(),
+        Phase::Start,
+    );
+    let completed = |note: &str| Outcome::Completed {
+        records_affected: 1,
+        note: note.into(),
+        files: Vec::new(),
+        erased: Vec::new(),
+    };
+    assert_eq!(
+        connector.run(&restrict).await.unwrap(),
+        completed("customers: restricted 1")
+    );
+    assert_eq!(
+        rows(&db, flags).await,
+        maija_only([yes.clone(), Value::Null])
+    );
+    restrict.parameters.lift_restriction = true;
+    assert_eq!(
+        connector.run(&restrict).await.unwrap(),
+        completed("customers: restriction lifted 1")
+    );
+    assert_eq!(
+        rows(&db, flags).await,
+        maija_only([no.clone(), Value::Null])
+    );
+    let object = task(
+        RequestKind::Objection,
+        vec![email(MAIJA)],
+        now(),
+        Phase::Start,
+    );
+    assert_eq!(
+        connector.run(&object).await.unwrap(),
+        completed("customers: opted out 1")
+    );
+    assert_eq!(
+        rows(&db, flags).await,
+        maija_only([no.clone(), yes.clone()])
+    );
+
+    rule(&mut config, "customers").restrict_column = Some("restricted_on".into());
+    let connected = SqlConnector::connect(config).await;
+    match postgres {
+        true => {
+            let err = format!("{:#}", connected.unwrap_err());
+            assert!(
+                err.contains(
+                    "tables[3] (customers): restrict_column \"restricted_on\" is of type date, \
+                     which no flag can be written into; use a boolean, integer or text column"
+                ),
+                "{err}"
+            );
+        }
+        // SQLite stores the 1 as it is, in any column.
+        false => assert!(connected.is_ok(), "{:#}", connected.unwrap_err()),
+    }
+}
+
+/// The sample's invoices copy the customer's e-mail, and it is a match column of theirs: an
+/// invoice sent to an address the customer has since corrected, or one without a customer
+/// row, is found by that address, not only through a customer row that no longer has it.
+/// While such an invoice is kept under the Accounting Act it keeps the address, the only way
+/// the retention run finds it again; an invoice found through the customer row loses it at
+/// once, as the customer row keeps the address the request matched it by.
+async fn an_invoice_is_found_by_the_address_it_was_sent_to(url: String) {
+    const NEW: &str = "maija@uusi.example.fi";
+    const OLD: &str = "Maija.Meikalainen@Example.fi";
+    let (connector, db) = sample(&url).await;
+    let mut correct = task(
+        RequestKind::Rectification,
+        vec![email(MAIJA)],
+        now(),
+        Phase::Start,
+    );
+    correct.parameters.corrections = vec![FieldCorrection {
+        field: "email".into(),
+        new_value: NEW.into(),
+    }];
+    assert!(matches!(
+        connector.run(&correct).await.unwrap(),
+        Outcome::Completed { .. }
+    ));
+    // A counter sale: an invoice with the buyer's address and no customer row.
+    exec(
+        &db,
+        "INSERT INTO invoices (id, customer_id, customer_name, customer_email, amount_cents, \
+         issued_on, status) VALUES (120, NULL, 'Kalle Kassa', 'kalle@example.fi', 1500, \
+         '2015-05-05', 'paid')",
+    )
+    .await;
+    let erase = |address: &str, now_ms: i64, phase: Phase| {
+        let task = task(RequestKind::Erasure, vec![email(address)], now_ms, phase);
+        let connector = &connector;
+        async move { connector.run(&task).await.unwrap() }
+    };
+    let invoices = "SELECT id, customer_id, customer_email FROM invoices \
+                    WHERE id IN (101, 102, 103, 120) ORDER BY id";
+
+    // By the old address: the contact row and the invoices that carry it. The paid 2015
+    // invoice goes at once; the others are kept, with the address they are found by.
+    let Outcome::Retained {
+        until_ms,
+        records_affected,
+        note,
+        ..
+    } = erase(MAIJA, now(), Phase::Start).await
+    else {
+        panic!("expected RETAINED");
+    };
+    assert_eq!((until_ms, records_affected), (ms(2031, 1, 1), 2));
+    assert_eq!(
+        note,
+        "contacts: deleted 1; invoices: deleted 1, kept 2 until the end of 2031-12-31 \
+         (anonymized 0); ledger_entries: anonymized 0; customers: deleted 0"
+    );
+    assert_eq!(
+        rows(&db, invoices).await,
+        [
+            [json!(102), json!(1), json!(OLD)],
+            [json!(103), json!(1), json!(OLD)],
+            [json!(120), Value::Null, json!("kalle@example.fi")],
+        ]
+    );
+    // The customer row has the new address and was not found by the old one.
+    assert_eq!(
+        rows(&db, "SELECT name, email FROM customers WHERE id = 1").await,
+        [[json!("Maija Meikäläinen"), json!(NEW)]]
+    );
+
+    // When their periods are over (the open invoice paid), the retention run finds them by
+    // the same address and deletes them.
+    exec(&db, "UPDATE invoices SET status = 'paid' WHERE id = 103").await;
+    let later = ms(2032, 1, 2);
+    let out = erase(MAIJA, later, Phase::RetentionExpired { until_ms: later }).await;
+    let Outcome::Completed {
+        records_affected, ..
+    } = out
+    else {
+        panic!("expected COMPLETED, got {out:?}");
+    };
+    assert_eq!(records_affected, 2);
+    assert_eq!(
+        rows(&db, invoices).await,
+        [[json!(120), Value::Null, json!("kalle@example.fi")]]
+    );
+
+    // The buyer without a customer row.
+    let out = erase("kalle@example.fi", now(), Phase::Start).await;
+    let Outcome::Completed { note, .. } = out else {
+        panic!("expected COMPLETED, got {out:?}");
+    };
+    assert_eq!(
+        note,
+        "contacts: deleted 0; invoices: deleted 1; ledger_entries: anonymized 0; \
+         customers: deleted 0"
+    );
+    assert!(rows(&db, invoices).await.is_empty());
+}
+
+/// A request with both addresses finds Maija's invoices by their own copy and through her
+/// customer row: kept under retention, they lose the copy, since the customer row, kept for
+/// them with the address the request matched it by, finds them again.
+#[tokio::test]
+async fn invoices_found_through_the_customer_lose_the_address_while_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/accounting.db", dir.path().display());
+    let (connector, db) = sample(&url).await;
+    exec(
+        &db,
+        "UPDATE customers SET email = 'maija@uusi.example.fi' WHERE id = 1",
+    )
+    .await;
+    let both = vec![email(MAIJA), email("maija@uusi.example.fi")];
+    let out = connector
+        .run(&task(
+            RequestKind::Erasure,
+            both.clone(),
+            now(),
+            Phase::Start,
+        ))
+        .await
+        .unwrap();
+    let Outcome::Retained { note, .. } = out else {
+        panic!("expected RETAINED, got {out:?}");
+    };
+    assert!(
+        note.contains("invoices: deleted 1, kept 2 until the end of 2031-12-31 (anonymized 2)"),
+        "{note}"
+    );
+    assert_eq!(
+        rows(
+            &db,
+            "SELECT id, customer_email FROM invoices WHERE customer_id = 1 ORDER BY id"
+        )
+        .await,
+        [[json!(102), Value::Null], [json!(103), Value::Null]]
+    );
+    assert_eq!(
+        rows(&db, "SELECT email FROM customers WHERE id = 1").await,
+        [[json!("maija@uusi.example.fi")]]
+    );
+    // Found again through the customer row when they are released.
+    exec(&db, "UPDATE invoices SET status = 'paid' WHERE id = 103").await;
+    let later = ms(2032, 1, 2);
+    let out = connector
+        .run(&task(
+            RequestKind::Erasure,
+            both,
+            later,
+            Phase::RetentionExpired { until_ms: later },
+        ))
+        .await
+        .unwrap();
+    assert!(matches!(out, Outcome::Retained { .. }), "{out:?}");
+    assert_eq!(
+        rows(&db, "SELECT id FROM invoices WHERE customer_id = 1").await,
+        Vec::<Vec<Value>>::new()
+    );
+}
