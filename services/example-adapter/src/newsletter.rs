@@ -702,9 +702,11 @@ pub(crate) async fn unreturned(
     }
     Ok(Some(format!(
         "{more_records} record(s) ({more_subjects} subscriber(s)) of controller {controller} \
-         arrived after the contract end's export and were never returned (held now: \
-         {records} record(s) of {subjects} subscriber(s); returned: {} of {}); nothing was \
-         erased. The controller can end the contract again to have them returned",
+         arrived after the contract end's export and were never returned, if not more: that \
+         many more are held now than were returned (held now: {records} record(s) of \
+         {subjects} subscriber(s); returned: {} of {}), and an arrival offset by a deletion \
+         does not show in these counts; nothing was erased. The controller can end the \
+         contract again to have them returned",
         returned.records_done, returned.subjects_done
     )))
 }
