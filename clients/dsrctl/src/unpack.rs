@@ -16,6 +16,8 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
 use dsrelay_sdk::proto::{ManifestFile, PackageFileChunk, PackageInfo};
@@ -119,6 +121,34 @@ impl FileCheck {
     }
 }
 
+/// Set on Ctrl-C while work that can take long (hashing files an earlier run left, syncing,
+/// sealing the package) runs on a blocking thread: the work checks it between steps and
+/// stops at the first check after it was set, leaving nothing partial under a real name.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Stop(Arc<AtomicBool>);
+
+/// How work stopped by [`Stop`] says so.
+pub(crate) const STOPPED: &str = "stopped by Ctrl-C";
+
+impl Stop {
+    /// Asks the work to stop.
+    pub(crate) fn set(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn is_set(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// `Err` once the work was asked to stop.
+    fn check(&self) -> anyhow::Result<()> {
+        if self.is_set() {
+            bail!(STOPPED);
+        }
+        Ok(())
+    }
+}
+
 /// What `check_folder` reads of `manifest.json`.
 #[derive(Deserialize)]
 struct Listing {
@@ -145,7 +175,9 @@ pub(crate) fn check_folder(root: &Path, manifest_json: &[u8]) -> Result<(), Stri
         .filter_map(|f| {
             let verdict = check_path(&f.path)
                 .map_err(|reason| format!("the path {reason}"))
-                .and_then(|()| check_file(&root.join(&f.path), f.size, &f.sha256));
+                .and_then(|()| {
+                    check_file(&root.join(&f.path), f.size, &f.sha256, &Stop::default())
+                });
             verdict.err().map(|reason| format!("{}: {reason}", f.path))
         })
         .collect();
@@ -156,8 +188,9 @@ pub(crate) fn check_folder(root: &Path, manifest_json: &[u8]) -> Result<(), Stri
     }
 }
 
-/// Checks the file at `path` against its manifest entry's size and SHA-256.
-fn check_file(path: &Path, size: u64, sha256: &str) -> Result<(), String> {
+/// Checks the file at `path` against its manifest entry's size and SHA-256; gives up,
+/// saying [`STOPPED`], once `stop` is set.
+fn check_file(path: &Path, size: u64, sha256: &str, stop: &Stop) -> Result<(), String> {
     let mut file = match File::open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err("missing".into()),
@@ -171,6 +204,9 @@ fn check_file(path: &Path, size: u64, sha256: &str) -> Result<(), String> {
     let mut buf = vec![0; 64 * 1024];
     let mut offset = 0;
     loop {
+        if stop.is_set() {
+            return Err(STOPPED.into());
+        }
         let n = match file.read(&mut buf) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -214,8 +250,8 @@ fn close_durably(writer: BufWriter<File>, path: &Path) -> anyhow::Result<()> {
 }
 
 /// Where a package's bytes go. Calls come in order: `manifest`, then `begin`, `write`s and
-/// `end` per file, then `finish` or `abort`.
-pub(crate) trait Sink {
+/// `end` per file, then `finish` or `abort`. `Send`: `finish` runs on a blocking thread.
+pub(crate) trait Sink: Send {
     /// Takes `manifest.json`, to store with the files.
     fn manifest(&mut self, json: &[u8]) -> anyhow::Result<()>;
     /// Starts the file at `path` (already checked by [`check_path`]), of `size` bytes.
@@ -239,6 +275,9 @@ pub(crate) const STAGING_NAME: &str = ".dsrctl-download";
 /// run of the same download knows the folder for its own. It stays until the package is
 /// whole, also when a run stops early.
 const OWNER_NAME: &str = "request";
+/// In the staging folder: a new owner file while it is written, renamed to [`OWNER_NAME`]
+/// once durable, so the owner file is never half written.
+const OWNER_TEMP_NAME: &str = "request.new";
 /// The ending of every file written in the staging folder.
 const PARTIAL_SUFFIX: &str = ".partial";
 
@@ -338,6 +377,8 @@ fn check_staging(root: &Path, request_id: &str) -> Result<bool, String> {
                 owner = Some(String::from_utf8_lossy(&id).into_owned());
             }
             Some(name) if name.ends_with(PARTIAL_SUFFIX) => partials += 1,
+            // An owner file a killed run had not renamed yet: the next run replaces it.
+            Some(OWNER_TEMP_NAME) => {}
             _ => return Err(not_ours()),
         }
     }
@@ -375,6 +416,26 @@ fn empty_staging(staging: &Path, keep_owner: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Makes the owner file in `staging` name `request_id`, unless it does already. A new one
+/// is written under a temporary name, synced, then renamed: a kill leaves the old owner
+/// file or the new one, never half of one.
+fn write_owner(staging: &Path, request_id: &str) -> anyhow::Result<()> {
+    let owner = staging.join(OWNER_NAME);
+    let mut id = Vec::new();
+    let read = File::open(&owner).and_then(|f| f.take(1024).read_to_end(&mut id));
+    if read.is_ok() && id == request_id.as_bytes() {
+        return Ok(());
+    }
+    let temp = staging.join(OWNER_TEMP_NAME);
+    let mut file = File::create(&temp).with_context(|| format!("creating {}", temp.display()))?;
+    file.write_all(request_id.as_bytes())
+        .with_context(|| format!("writing {}", temp.display()))?;
+    sync_file(&file, &temp)?;
+    std::fs::rename(&temp, &owner)
+        .with_context(|| format!("renaming {} to {}", temp.display(), owner.display()))?;
+    sync_folders([staging])
+}
+
 /// What an earlier, interrupted run of the same download left in the `--out` folder: the
 /// files at their manifest paths, each matching the manifest's size and SHA-256.
 #[derive(Debug, Default)]
@@ -406,6 +467,7 @@ pub(crate) struct DirSink {
     verified: usize,
     /// Files left in place by an earlier run whose bytes failed their check in this one.
     kept_despite: Vec<String>,
+    stop: Stop,
 }
 
 /// The file being received by a [`DirSink`].
@@ -459,8 +521,13 @@ impl DirSink {
     /// Accepts the folder for `info`'s package when it holds nothing but what an interrupted
     /// run of the same download left: folders on the way to manifest paths, files at
     /// manifest paths that match the manifest's size and SHA-256, and the staging folder.
-    /// Refuses a package with a path inside the staging folder.
-    pub(crate) fn check_leftovers(root: &Path, info: &PackageInfo) -> Result<Leftovers, String> {
+    /// Refuses a package with a path inside the staging folder. Says [`STOPPED`] once `stop`
+    /// is set.
+    pub(crate) fn check_leftovers(
+        root: &Path,
+        info: &PackageInfo,
+        stop: &Stop,
+    ) -> Result<Leftovers, String> {
         if let Some(file) = info
             .files
             .iter()
@@ -509,7 +576,10 @@ impl DirSink {
                 };
                 return Err(in_the_way(root, &path, why));
             };
-            if let Err(reason) = check_file(&root.join(&path), file.size, &file.sha256) {
+            if let Err(reason) = check_file(&root.join(&path), file.size, &file.sha256, stop) {
+                if stop.is_set() {
+                    return Err(STOPPED.into());
+                }
                 return Err(in_the_way(
                     root,
                     &path,
@@ -525,11 +595,14 @@ impl DirSink {
     }
 
     /// Creates the folder (and its parents) and its staging folder, emptied of an earlier
-    /// run's partial files, and makes durable what an earlier run left verified.
+    /// run's partial files, and makes durable what an earlier run left verified. Stops
+    /// between files once `stop` is set, and the finished package's `manifest.json` is not
+    /// written after that.
     pub(crate) fn create(
         root: &Path,
         request_id: &str,
         leftovers: Leftovers,
+        stop: &Stop,
     ) -> anyhow::Result<Self> {
         // The folders made here, and the one that was there, gain entries.
         let mut folders = BTreeSet::new();
@@ -543,25 +616,19 @@ impl DirSink {
         let staging = root.join(STAGING_NAME);
         match std::fs::create_dir(&staging) {
             Ok(()) => {}
-            // An interrupted run's, of this request: check_target looked.
+            // An interrupted run's, of this request: check_target looked. Its owner file
+            // stays: killed before a new one is written, the folder must still be ours.
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                empty_staging(&staging, false)?;
+                empty_staging(&staging, true)?;
             }
             Err(e) => {
                 return Err(e).with_context(|| format!("creating {}", staging.display()));
             }
         }
         folders.insert(staging.clone());
-        let owner = staging.join(OWNER_NAME);
-        let mut file = File::options()
-            .write(true)
-            .create_new(true)
-            .open(&owner)
-            .with_context(|| format!("creating {}", owner.display()))?;
-        file.write_all(request_id.as_bytes())
-            .with_context(|| format!("writing {}", owner.display()))?;
-        sync_file(&file, &owner)?;
+        write_owner(&staging, request_id)?;
         for path in &leftovers.in_place {
+            stop.check()?;
             // An earlier run synced the file before naming it; not necessarily its folders.
             let full = root.join(path);
             let file = File::open(&full).with_context(|| format!("opening {}", full.display()))?;
@@ -580,6 +647,7 @@ impl DirSink {
             current: None,
             staged: 0,
             kept_despite: Vec::new(),
+            stop: stop.clone(),
         })
     }
 
@@ -630,6 +698,7 @@ impl DirSink {
     fn seal(&mut self) -> anyhow::Result<()> {
         // The manifest vouches for the files: their names must outlast a crash first.
         self.sync_all_folders()?;
+        self.stop.check()?;
         let Some(json) = self.manifest.take() else {
             bail!("no {MANIFEST_NAME} to write");
         };
@@ -728,6 +797,7 @@ impl Sink for DirSink {
             }) => {
                 if verified {
                     close_durably(file, &staged)?;
+                    self.stop.check()?;
                     self.place(&staged, &target)?;
                     self.verified += 1;
                     return Ok(());
@@ -786,11 +856,14 @@ impl Sink for DirSink {
 /// Writes a package into a zip file (deflate), `manifest.json` first. The zip is written
 /// beside its place under a hidden name, and renamed to it only once every file verified
 /// and the zip is durable: a zip cut short, or with a failed file, never takes the name.
+/// Beside the partial zip, a file named like it with `.request` added holds the request's
+/// id: by it a later run knows the partial zip for one it may replace.
 pub(crate) struct ZipSink {
     path: PathBuf,
     /// Where the zip is written until it is whole.
     partial: PathBuf,
     zip: ZipWriter<BufWriter<File>>,
+    stop: Stop,
 }
 
 impl ZipSink {
@@ -805,30 +878,79 @@ impl ZipSink {
         Ok(path.with_file_name(partial))
     }
 
-    /// Refuses to replace an existing file, or anything but a file (an interrupted run's
-    /// partial zip) in the place of the partial zip.
-    pub(crate) fn check_target(path: &Path) -> Result<(), String> {
+    /// The file beside the partial zip `partial` naming the request it holds.
+    fn owner_path(partial: &Path) -> PathBuf {
+        let mut owner = partial.as_os_str().to_owned();
+        owner.push(".request");
+        PathBuf::from(owner)
+    }
+
+    /// The folder the zip `path` is written in.
+    fn folder(path: &Path) -> &Path {
+        match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        }
+    }
+
+    /// Refuses to replace an existing file, or, in the place of the partial zip, anything
+    /// but what an interrupted download of `request_id` left (a file, with the file beside
+    /// it naming the request).
+    pub(crate) fn check_target(path: &Path, request_id: &str) -> Result<(), String> {
         if std::fs::symlink_metadata(path).is_ok() {
             return Err(format!("--zip {} already exists", path.display()));
         }
         let partial = Self::partial_path(path)?;
-        match std::fs::symlink_metadata(&partial) {
-            Ok(meta) if !meta.is_file() => Err(format!(
-                "--zip {}: {} is in the way of the zip being written: move it away",
+        let in_the_way = |why: &str| {
+            format!(
+                "--zip {}: {} is in the way of the zip being written, {why}: move it away",
                 path.display(),
                 partial.display()
-            )),
-            _ => Ok(()),
+            )
+        };
+        match std::fs::symlink_metadata(&partial) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(format!("--zip {}: {e}", partial.display())),
+            Ok(meta) if !meta.is_file() => return Err(in_the_way("and is not a file")),
+            Ok(_) => {}
+        }
+        let owner = Self::owner_path(&partial);
+        let mut id = Vec::new();
+        let read = File::open(&owner).and_then(|f| f.take(1024).read_to_end(&mut id));
+        match read {
+            Ok(_) if id == request_id.as_bytes() => Ok(()),
+            Ok(_) => Err(in_the_way(&format!(
+                "what an interrupted download of request {:?} left (run that download again \
+                 to finish it)",
+                String::from_utf8_lossy(&id)
+            ))),
+            Err(_) => Err(in_the_way(&format!(
+                "and no {} says a dsrctl download left it",
+                owner.display()
+            ))),
         }
     }
 
-    /// Creates the partial zip, replacing one an interrupted run left.
-    pub(crate) fn create(path: &Path) -> anyhow::Result<Self> {
+    /// Creates the partial zip of `request_id`'s package, replacing one an interrupted run
+    /// of the same download left ([`Self::check_target`] again: the folder may have changed
+    /// since); its owner file is durable before the partial zip exists.
+    pub(crate) fn create(path: &Path, request_id: &str, stop: &Stop) -> anyhow::Result<Self> {
+        Self::check_target(path, request_id).map_err(|e| anyhow!(e))?;
         let partial = Self::partial_path(path).map_err(|e| anyhow!(e))?;
-        if std::fs::symlink_metadata(&partial).is_ok_and(|m| m.is_file()) {
-            std::fs::remove_file(&partial)
-                .with_context(|| format!("deleting {}", partial.display()))?;
+        match std::fs::remove_file(&partial) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("deleting {}", partial.display()));
+            }
+            _ => {}
         }
+        let owner = Self::owner_path(&partial);
+        // No partial zip is there now: a kill amid this write leaves nothing that counts.
+        let mut file =
+            File::create(&owner).with_context(|| format!("creating {}", owner.display()))?;
+        file.write_all(request_id.as_bytes())
+            .with_context(|| format!("writing {}", owner.display()))?;
+        sync_file(&file, &owner)?;
+        sync_folders([Self::folder(path)])?;
         let file = File::options()
             .write(true)
             .create_new(true)
@@ -838,6 +960,7 @@ impl ZipSink {
             path: path.to_path_buf(),
             partial,
             zip: ZipWriter::new(BufWriter::with_capacity(64 * 1024, file)),
+            stop: stop.clone(),
         })
     }
 
@@ -852,10 +975,14 @@ impl ZipSink {
         format!("writing {}", self.partial.display())
     }
 
-    /// Removes the partial zip and says so.
+    /// Removes the partial zip (its owner file after it) and says so.
     fn remove_partial(partial: &Path) -> String {
         match std::fs::remove_file(partial) {
-            Ok(()) => format!("its partial copy {} was removed", partial.display()),
+            Ok(()) => {
+                // Alone, it is replaced by the next run.
+                let _ = std::fs::remove_file(Self::owner_path(partial));
+                format!("its partial copy {} was removed", partial.display())
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => "nothing was left".into(),
             Err(e) => format!(
                 "its partial copy {} stays ({e}); the next run of the same command \
@@ -893,7 +1020,12 @@ impl Sink for ZipSink {
     }
 
     fn finish(self: Box<Self>, verified: bool) -> anyhow::Result<Option<String>> {
-        let Self { path, partial, zip } = *self;
+        let Self {
+            path,
+            partial,
+            zip,
+            stop,
+        } = *self;
         if !verified {
             drop(zip);
             let removed = Self::remove_partial(&partial);
@@ -904,6 +1036,7 @@ impl Sink for ZipSink {
             .finish()
             .with_context(|| format!("writing {}", partial.display()))
             .and_then(|out| close_durably(out, &partial))
+            .and_then(|()| stop.check())
             .and_then(|()| {
                 // Nothing was there when the download began; something that came since is
                 // not replaced.
@@ -914,7 +1047,7 @@ impl Sink for ZipSink {
                     format!("renaming {} to {}", partial.display(), path.display())
                 })?;
                 renamed = true;
-                sync_folders(path.parent())
+                sync_folders([Self::folder(&path)])
             });
         if let Err(err) = written {
             // Not known to be whole and durable: no zip, as for a failed file.
@@ -929,11 +1062,15 @@ impl Sink for ZipSink {
                 path.display()
             ));
         }
+        // Alone, it is replaced by the next run.
+        let _ = std::fs::remove_file(Self::owner_path(&partial));
         Ok(None)
     }
 
     fn abort(self: Box<Self>) -> String {
-        let Self { path, partial, zip } = *self;
+        let Self {
+            path, partial, zip, ..
+        } = *self;
         drop(zip);
         format!(
             "{} was not written, {}: run the same command again",
@@ -1198,9 +1335,14 @@ mod tests {
     /// The folder sink as `download` opens it for `info`: the folder checked before and
     /// after the manifest arrived.
     fn dir_sink(root: &Path, info: &PackageInfo) -> Box<dyn Sink> {
+        stoppable_dir_sink(root, info, &Stop::default())
+    }
+
+    /// [`dir_sink`], stopping once `stop` is set.
+    fn stoppable_dir_sink(root: &Path, info: &PackageInfo, stop: &Stop) -> Box<dyn Sink> {
         DirSink::check_target(root, &info.request_id).unwrap();
-        let leftovers = DirSink::check_leftovers(root, info).unwrap();
-        Box::new(DirSink::create(root, &info.request_id, leftovers).unwrap())
+        let leftovers = DirSink::check_leftovers(root, info, stop).unwrap();
+        Box::new(DirSink::create(root, &info.request_id, leftovers, stop).unwrap())
     }
 
     /// Takes the first `n` chunks, then stops as a killed process does: nothing cleaned up.
@@ -1230,7 +1372,7 @@ mod tests {
                 .find(|f| &f.path == path)
                 .unwrap_or_else(|| panic!("{path} is not in the package"));
             assert_eq!(
-                check_file(&root.join(path), file.size, &file.sha256),
+                check_file(&root.join(path), file.size, &file.sha256, &Stop::default()),
                 Ok(()),
                 "{path}"
             );
@@ -1360,7 +1502,9 @@ mod tests {
         assert_eq!(
             take_synced(),
             [
-                staging.join(OWNER_NAME),
+                // The file naming the request, then the folder it was renamed in.
+                staging.join(OWNER_TEMP_NAME),
+                staging.clone(),
                 // Each file before it is renamed to its path.
                 staged(0),
                 staged(1),
@@ -1388,13 +1532,23 @@ mod tests {
         let path = tmp.path().join("pkg.zip");
         let (info, chunks) = package(FILES, 4);
         take_synced();
-        let sink = Box::new(ZipSink::create(&path).unwrap());
+        let sink = Box::new(ZipSink::create(&path, "r-1", &Stop::default()).unwrap());
         let (_, note) = unpack(&info, &chunks, sink);
         assert_eq!(note, None);
-        // The zip under its partial name, then the folder it was renamed in.
+        // The file naming the request, and its folder, before the partial zip exists; the
+        // zip under its partial name, then the folder it was renamed in.
         let partial = tmp.path().join(".pkg.zip.dsrctl-partial");
-        assert_eq!(take_synced(), [partial.clone(), tmp.path().to_path_buf()]);
-        assert!(path.exists() && !partial.exists());
+        let owner = tmp.path().join(".pkg.zip.dsrctl-partial.request");
+        assert_eq!(
+            take_synced(),
+            [
+                owner.clone(),
+                tmp.path().to_path_buf(),
+                partial.clone(),
+                tmp.path().to_path_buf()
+            ]
+        );
+        assert!(path.exists() && !partial.exists() && !owner.exists());
     }
 
     #[test]
@@ -1500,7 +1654,7 @@ mod tests {
         );
         assert_eq!(DirSink::check_target(tmp.path(), "r-1"), Ok(()));
         std::fs::write(tmp.path().join("x"), b"").unwrap();
-        assert!(ZipSink::check_target(&tmp.path().join("x"))
+        assert!(ZipSink::check_target(&tmp.path().join("x"), "r-1")
             .unwrap_err()
             .contains("already exists"));
         // Without the staging folder of a run of this download, before connecting.
@@ -1518,7 +1672,7 @@ mod tests {
             std::fs::write(root.join(STAGING_NAME).join(OWNER_NAME), b"r-1").unwrap();
             setup(root);
             let err = DirSink::check_target(root, "r-1")
-                .and_then(|()| DirSink::check_leftovers(root, &info).map(drop))
+                .and_then(|()| DirSink::check_leftovers(root, &info, &Stop::default()).map(drop))
                 .unwrap_err();
             assert!(err.contains(expected), "{expected:?} in {err:?}");
             assert!(err.contains("give a new or empty folder"), "{err}");
@@ -1566,7 +1720,7 @@ mod tests {
         // A package with a file where the staging folder is cannot go into a folder.
         let (mut info, _) = package(FILES, 7);
         info.files[0].path = format!("{STAGING_NAME}/x");
-        let err = DirSink::check_leftovers(tmp.path(), &info)
+        let err = DirSink::check_leftovers(tmp.path(), &info, &Stop::default())
             .map(drop)
             .unwrap_err();
         assert!(err.contains("download it with --zip"), "{err}");
@@ -1590,7 +1744,7 @@ mod tests {
         );
 
         // The same command again takes the folder up and finishes it.
-        let leftovers = DirSink::check_leftovers(&out, &info).unwrap();
+        let leftovers = DirSink::check_leftovers(&out, &info, &Stop::default()).unwrap();
         assert_eq!(leftovers.in_place.len(), 2, "{leftovers:?}");
         let (outcomes, note) = unpack(&info, &chunks, dir_sink(&out, &info));
         assert_eq!(note, None);
@@ -1638,14 +1792,19 @@ mod tests {
         let path = tmp.path().join("pkg.zip");
         let partial = tmp.path().join(".pkg.zip.dsrctl-partial");
         let (info, chunks) = package(FILES, 4);
-        killed_after(&info, &chunks, 5, Box::new(ZipSink::create(&path).unwrap()));
+        killed_after(
+            &info,
+            &chunks,
+            5,
+            Box::new(ZipSink::create(&path, "r-1", &Stop::default()).unwrap()),
+        );
         assert!(!path.exists());
         assert!(partial.exists());
 
         // The disk fills up in the next run: the partial zip is removed.
-        ZipSink::check_target(&path).unwrap();
+        ZipSink::check_target(&path, "r-1").unwrap();
         let sink = Box::new(FailingDisk {
-            inner: Box::new(ZipSink::create(&path).unwrap()),
+            inner: Box::new(ZipSink::create(&path, "r-1", &Stop::default()).unwrap()),
             writes_left: 4,
         });
         let mut unpacker = Unpacker::new(&info, sink).unwrap();
@@ -1657,8 +1816,8 @@ mod tests {
         assert!(left.contains("was not written, its partial copy"), "{left}");
         assert!(!path.exists() && !partial.exists());
 
-        ZipSink::check_target(&path).unwrap();
-        let sink = Box::new(ZipSink::create(&path).unwrap());
+        ZipSink::check_target(&path, "r-1").unwrap();
+        let sink = Box::new(ZipSink::create(&path, "r-1", &Stop::default()).unwrap());
         let (outcomes, note) = unpack(&info, &chunks, sink);
         assert_eq!(note, None);
         assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
@@ -1668,7 +1827,7 @@ mod tests {
 
         // Only a file may stand where the partial zip goes.
         std::fs::create_dir(tmp.path().join(".other.zip.dsrctl-partial")).unwrap();
-        let err = ZipSink::check_target(&tmp.path().join("other.zip")).unwrap_err();
+        let err = ZipSink::check_target(&tmp.path().join("other.zip"), "r-1").unwrap_err();
         assert!(err.contains("is in the way"), "{err}");
     }
 
@@ -1677,7 +1836,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("pkg.zip");
         let (info, chunks) = package(FILES, 4);
-        let sink = Box::new(ZipSink::create(&path).unwrap());
+        let sink = Box::new(ZipSink::create(&path, "r-1", &Stop::default()).unwrap());
         let (outcomes, note) = unpack(&info, &chunks, sink);
         assert_eq!(note, None);
         assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
@@ -1708,10 +1867,142 @@ mod tests {
         let path = tmp.path().join("pkg.zip");
         let (mut info, chunks) = package(FILES, 4);
         info.files[0].sha256 = sha(b"something else");
-        let sink = Box::new(ZipSink::create(&path).unwrap());
+        let sink = Box::new(ZipSink::create(&path, "r-1", &Stop::default()).unwrap());
         let (outcomes, note) = unpack(&info, &chunks, sink);
         assert!(outcomes[0].error.is_some());
         assert!(note.unwrap().contains("was not kept"));
+        assert!(!path.exists());
+        assert!(!tmp.path().join(".pkg.zip.dsrctl-partial").exists());
+    }
+
+    #[test]
+    fn a_run_taking_a_folder_up_keeps_the_file_naming_the_request() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("pkg");
+        let staging = out.join(STAGING_NAME);
+        let (info, chunks) = package(FILES, 7);
+        killed_after(&info, &chunks, 5, dir_sink(&out, &info));
+        #[cfg(unix)]
+        let inode = |path: &Path| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(path).unwrap().ino()
+        };
+        #[cfg(unix)]
+        let before = inode(&staging.join(OWNER_NAME));
+
+        // The next run empties the staging folder but for the file naming the request,
+        // which it does not write again: killed at any moment, the folder stays its own.
+        take_synced();
+        let sink = dir_sink(&out, &info);
+        let synced = take_synced();
+        for name in [OWNER_NAME, OWNER_TEMP_NAME] {
+            assert!(!synced.contains(&staging.join(name)), "{synced:?}");
+        }
+        #[cfg(unix)]
+        assert_eq!(inode(&staging.join(OWNER_NAME)), before);
+        assert_eq!(staged_names(&out), [OWNER_NAME]);
+        drop(sink);
+        DirSink::check_target(&out, "r-1").unwrap();
+
+        // Killed while a new file naming the request was written: only its temporary name
+        // can be half written, and the next run replaces it.
+        for leftover in [&[][..], b"r-"] {
+            let tmp = tempfile::tempdir().unwrap();
+            let out = tmp.path().join("pkg");
+            std::fs::create_dir_all(out.join(STAGING_NAME)).unwrap();
+            std::fs::write(out.join(STAGING_NAME).join(OWNER_TEMP_NAME), leftover).unwrap();
+            let (outcomes, note) = unpack(&info, &chunks, dir_sink(&out, &info));
+            assert_eq!(note, None);
+            assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
+            assert!(!out.join(STAGING_NAME).exists());
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("pkg");
+        killed_after(&info, &chunks, 5, dir_sink(&out, &info));
+        std::fs::write(out.join(STAGING_NAME).join(OWNER_TEMP_NAME), b"r-").unwrap();
+        let sink = dir_sink(&out, &info);
+        assert_eq!(staged_names(&out), [OWNER_NAME]);
+        assert_eq!(
+            std::fs::read(out.join(STAGING_NAME).join(OWNER_NAME)).unwrap(),
+            b"r-1"
+        );
+        drop(sink);
+    }
+
+    #[test]
+    fn a_partial_zip_no_run_of_this_download_left_is_not_deleted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("pkg.zip");
+        let partial = tmp.path().join(".pkg.zip.dsrctl-partial");
+        let owner = tmp.path().join(".pkg.zip.dsrctl-partial.request");
+        std::fs::write(&partial, b"mine").unwrap();
+        let refused = |expected: &str| {
+            let err = ZipSink::check_target(&path, "r-1").unwrap_err();
+            assert!(
+                err.contains(expected) && err.contains("move it away"),
+                "{err}"
+            );
+            let err = ZipSink::create(&path, "r-1", &Stop::default())
+                .err()
+                .unwrap();
+            assert!(err.to_string().contains(expected), "{err}");
+            assert_eq!(std::fs::read(&partial).unwrap(), b"mine");
+        };
+        refused("says a dsrctl download left it");
+        std::fs::write(&owner, b"r-2").unwrap();
+        refused("what an interrupted download of request \"r-2\" left");
+
+        // One of this download's is replaced, and its owner file goes with it.
+        std::fs::write(&owner, b"r-1").unwrap();
+        ZipSink::check_target(&path, "r-1").unwrap();
+        let (info, chunks) = package(FILES, 4);
+        let sink = Box::new(ZipSink::create(&path, "r-1", &Stop::default()).unwrap());
+        let (outcomes, _) = unpack(&info, &chunks, sink);
+        assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
+        assert!(path.exists() && !partial.exists() && !owner.exists());
+    }
+
+    #[test]
+    fn ctrl_c_stops_the_check_of_leftovers_and_the_sealing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("pkg");
+        let (info, chunks) = package(FILES, 7);
+        killed_after(&info, &chunks, 5, dir_sink(&out, &info));
+        let stop = Stop::default();
+        stop.set();
+        let err = DirSink::check_leftovers(&out, &info, &stop).unwrap_err();
+        assert_eq!(err, STOPPED);
+
+        // Every chunk in, then Ctrl-C: no manifest.json, nothing partial named.
+        let stop = Stop::default();
+        let mut unpacker = Unpacker::new(&info, stoppable_dir_sink(&out, &info, &stop)).unwrap();
+        for c in &chunks {
+            unpacker.chunk(c).unwrap();
+        }
+        stop.set();
+        let err = unpacker.finish().err().unwrap().to_string();
+        assert!(
+            err.contains(STOPPED) && err.contains("nothing partial was left"),
+            "{err}"
+        );
+        assert!(!out.join(MANIFEST_NAME).exists());
+        assert_eq!(staged_names(&out), [OWNER_NAME]);
+        assert_eq!(assert_nothing_partial_is_named(&out, &info), 2);
+        let (outcomes, note) = unpack(&info, &chunks, dir_sink(&out, &info));
+        assert_eq!(note, None);
+        assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
+
+        // A zip stopped before it was renamed is not kept.
+        let path = tmp.path().join("pkg.zip");
+        let stop = Stop::default();
+        let sink = Box::new(ZipSink::create(&path, "r-1", &stop).unwrap());
+        let mut unpacker = Unpacker::new(&info, sink).unwrap();
+        for c in &chunks {
+            unpacker.chunk(c).unwrap();
+        }
+        stop.set();
+        let err = unpacker.finish().err().unwrap().to_string();
+        assert!(err.contains(STOPPED), "{err}");
         assert!(!path.exists());
         assert!(!tmp.path().join(".pkg.zip.dsrctl-partial").exists());
     }

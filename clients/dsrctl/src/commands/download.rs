@@ -1,8 +1,9 @@
 //! `dsrctl package` and `dsrctl download`: return-of-data packages.
 
+use std::future::Future;
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::pin::pin;
+use std::pin::Pin;
 
 use anyhow::anyhow;
 use dsrelay_sdk::proto::PackageInfo;
@@ -10,19 +11,20 @@ use dsrelay_sdk::DownloadEvent;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tokio_stream::StreamExt;
+use tokio_stream::{Stream, StreamExt};
 
 use crate::cli::{DownloadArgs, PackageArgs};
 use crate::commands::{Io, Registry};
 use crate::output::{emit, Render, Time};
 use crate::table::{clean, Table};
-use crate::unpack::{DirSink, FileOutcome, Sink, Unpacker, ZipSink};
+use crate::unpack::{DirSink, FileOutcome, Sink, Stop, Unpacker, ZipSink};
 use crate::{Failure, EXIT_FAILURE};
 
 /// Packages at least this large get a progress bar (when stderr is a terminal).
 const PROGRESS_FROM_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Where `download` writes.
+#[derive(Clone)]
 pub(crate) enum Target {
     /// A folder, new or empty, or holding what an interrupted run of the same download left.
     Dir(PathBuf),
@@ -40,7 +42,7 @@ impl Target {
                 Ok(Self::Dir(dir.clone()))
             }
             (None, Some(zip)) => {
-                ZipSink::check_target(zip).map_err(Failure::Usage)?;
+                ZipSink::check_target(zip, &args.id).map_err(Failure::Usage)?;
                 Ok(Self::Zip(zip.clone()))
             }
             // clap's group makes them exclusive and one required.
@@ -50,16 +52,22 @@ impl Target {
         }
     }
 
-    /// Opens the destination for `info`'s package (its manifest paths already checked).
-    fn open(&self, info: &PackageInfo) -> Result<Box<dyn Sink>, Failure> {
+    /// Opens the destination for `info`'s package (its manifest paths already checked):
+    /// hashes the files an interrupted run left, so it can take long (stopping once `stop`
+    /// is set).
+    fn open(&self, info: &PackageInfo, stop: &Stop) -> Result<Box<dyn Sink>, Failure> {
         Ok(match self {
             Self::Dir(dir) => {
-                let leftovers = DirSink::check_leftovers(dir, info).map_err(Failure::Usage)?;
+                let leftovers =
+                    DirSink::check_leftovers(dir, info, stop).map_err(Failure::Usage)?;
                 Box::new(
-                    DirSink::create(dir, &info.request_id, leftovers).map_err(Failure::Package)?,
+                    DirSink::create(dir, &info.request_id, leftovers, stop)
+                        .map_err(Failure::Package)?,
                 )
             }
-            Self::Zip(zip) => Box::new(ZipSink::create(zip).map_err(Failure::Package)?),
+            Self::Zip(zip) => {
+                Box::new(ZipSink::create(zip, &info.request_id, stop).map_err(Failure::Package)?)
+            }
         })
     }
 }
@@ -332,6 +340,194 @@ fn interrupted() -> Failure {
     Failure::Package(anyhow!("interrupted (Ctrl-C)"))
 }
 
+/// The events of a package download.
+type Events = Pin<Box<dyn Stream<Item = Result<DownloadEvent, tonic::Status>>>>;
+
+/// What `download` asks of the registry: [`Registry`], or a stand-in in the tests of the
+/// order of the asking.
+trait Source {
+    /// GetPackage.
+    async fn package(&self, id: &str) -> Result<PackageInfo, Failure>;
+    /// DownloadPackage, opened when the stream is first polled.
+    fn download(&self, id: &str) -> Events;
+    /// The failure for DownloadPackage's refusal `status`.
+    async fn refused(&self, id: &str, status: tonic::Status) -> Failure;
+    /// The failure for `status`, which ended a download under way.
+    fn broke(&self, status: tonic::Status) -> Failure;
+}
+
+impl Source for Registry {
+    async fn package(&self, id: &str) -> Result<PackageInfo, Failure> {
+        self.client
+            .get_package(id)
+            .await
+            .map_err(|s| Registry::failed(self, s))
+    }
+
+    fn download(&self, id: &str) -> Events {
+        Box::pin(self.client.download_package(id))
+    }
+
+    async fn refused(&self, id: &str, status: tonic::Status) -> Failure {
+        explain_refusal(self, id, status).await
+    }
+
+    fn broke(&self, status: tonic::Status) -> Failure {
+        Registry::failed(self, status)
+    }
+}
+
+/// Ctrl-C, caught while `download` runs so that it ends the download cleanly.
+struct CtrlC<F> {
+    signal: Pin<Box<F>>,
+    /// Cleared once Ctrl-C was caught (the signal is then spent), or when no handler could
+    /// be installed (Ctrl-C then ends the process as usual).
+    catching: bool,
+}
+
+impl<F: Future<Output = std::io::Result<()>>> CtrlC<F> {
+    fn new(signal: F) -> Self {
+        Self {
+            signal: Box::pin(signal),
+            catching: true,
+        }
+    }
+
+    /// Resolves when Ctrl-C is caught; never once it was, or when it cannot be. Dropped
+    /// unresolved, it loses nothing: the signal is kept here.
+    async fn caught(&mut self) {
+        if self.catching {
+            let caught = self.signal.as_mut().await;
+            // Spent either way: the signal must not be polled again.
+            self.catching = false;
+            if caught.is_ok() {
+                return;
+            }
+        }
+        std::future::pending().await
+    }
+}
+
+/// Runs `work` on a blocking thread so that Ctrl-C is caught meanwhile: it sets `stop`,
+/// which the work checks between its steps, and then waits for the work to end. Returns
+/// the work's outcome and whether Ctrl-C came.
+async fn blocking<T, F>(
+    ctrl_c: &mut CtrlC<F>,
+    stop: &Stop,
+    work: impl FnOnce() -> Result<T, Failure> + Send + 'static,
+) -> (Result<T, Failure>, bool)
+where
+    T: Send + 'static,
+    F: Future<Output = std::io::Result<()>>,
+{
+    let mut task = tokio::task::spawn_blocking(work);
+    let (joined, caught) = tokio::select! {
+        biased;
+        () = ctrl_c.caught() => {
+            stop.set();
+            ((&mut task).await, true)
+        }
+        joined = &mut task => (joined, false),
+    };
+    let outcome = joined.unwrap_or_else(|e| {
+        Err(Failure::Package(anyhow!(
+            "the download's work on its own thread failed: {e}"
+        )))
+    });
+    (outcome, caught)
+}
+
+/// Says on stderr what a download that stopped early left.
+fn note_left(io: &mut Io<'_>, stopped: &str, left: &str) {
+    // The failure follows on the next line; this note must not replace it.
+    let _ = writeln!(io.err, "{}", clean(&format!("{stopped}: {left}")));
+}
+
+/// Whether DownloadPackage's manifest `sent` is the one `checked` that GetPackage gave.
+fn same_package(sent: &PackageInfo, checked: &PackageInfo) -> bool {
+    sent.request_id == checked.request_id
+        && sent.complete == checked.complete
+        && sent.files == checked.files
+        && sent.manifest_json == checked.manifest_json
+}
+
+/// A download's start: the manifest from GetPackage, the destination opened for it (the
+/// files an interrupted run left hashed, on a blocking thread), and only then
+/// DownloadPackage, whose manifest must be the one checked. The registry stops a download
+/// that reads nothing for its call limit, which hashing many gigabytes outlasts. Returns
+/// the manifest, the unpacker and the rest of the stream.
+async fn start<S: Source, F: Future<Output = std::io::Result<()>>>(
+    source: &S,
+    id: &str,
+    target: &Target,
+    stop: &Stop,
+    ctrl_c: &mut CtrlC<F>,
+    io: &mut Io<'_>,
+) -> Result<(PackageInfo, Unpacker, Events), Failure> {
+    // Polled from the start, so Ctrl-C is caught (not fatal) before anything is written.
+    let checked = tokio::select! {
+        biased;
+        () = ctrl_c.caught() => return Err(interrupted()),
+        info = source.package(id) => info?,
+    };
+    if checked.request_id != id {
+        return Err(Failure::Package(anyhow!(
+            "asked for the package of {id}, the registry sent that of {}",
+            checked.request_id
+        )));
+    }
+    // With parts missing, nothing is opened: DownloadPackage refuses, naming them.
+    let mut sink = None;
+    if checked.complete {
+        Unpacker::check_manifest(&checked).map_err(Failure::Package)?;
+        let (target, info, stopping) = (target.clone(), checked.clone(), stop.clone());
+        let (opened, caught) = blocking(ctrl_c, stop, move || target.open(&info, &stopping)).await;
+        if caught {
+            if let Ok(sink) = opened {
+                note_left(io, "the download stopped", &sink.abort());
+            }
+            return Err(interrupted());
+        }
+        sink = Some(opened?);
+    }
+    let mut events = source.download(id);
+    let first = tokio::select! {
+        biased;
+        () = ctrl_c.caught() => Err(interrupted()),
+        event = events.next() => Ok(event),
+    };
+    let info = match first {
+        Ok(Some(Ok(DownloadEvent::Manifest(info)))) if same_package(&info, &checked) => Ok(info),
+        Ok(Some(Ok(DownloadEvent::Manifest(_)))) => Err(Failure::Package(anyhow!(
+            "the package of {id} changed between the registry's two answers (the files in \
+             the folder were checked against the first): run the same command again"
+        ))),
+        Ok(Some(Err(status))) => Err(source.refused(id, status).await),
+        Ok(Some(Ok(DownloadEvent::Chunk(_))) | None) => Err(Failure::Package(anyhow!(
+            "the registry sent no manifest for {id}"
+        ))),
+        Err(failure) => Err(failure),
+    };
+    match (info, sink) {
+        (Ok(info), Some(sink)) => {
+            let unpacker = Unpacker::new(&info, sink).map_err(Failure::Package)?;
+            Ok((info, unpacker, events))
+        }
+        (info, sink) => {
+            if let Some(sink) = sink {
+                note_left(io, "the download stopped", &sink.abort());
+            }
+            // Ok without a sink: the package was not complete when GetPackage answered.
+            Err(info.err().unwrap_or_else(|| {
+                Failure::Package(anyhow!(
+                    "the package of {id} was completed between the registry's two answers: \
+                     run the same command again"
+                ))
+            }))
+        }
+    }
+}
+
 /// `dsrctl download ID (--out DIR | --zip FILE)`: 0 when every file matched the manifest,
 /// 1 naming each file that did not. Cut short (an error, the connection lost, Ctrl-C), it
 /// removes what it had not verified and says on stderr which file it was receiving and what
@@ -342,52 +538,16 @@ pub(crate) async fn run(
     target: Target,
     io: &mut Io<'_>,
 ) -> Result<u8, Failure> {
-    let mut events = pin!(registry.client.download_package(args.id.as_str()));
-    // Polled from the start, so Ctrl-C is caught (not fatal) before anything is written.
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut ctrl_c = pin!(ctrl_c);
-    // Cleared when no handler could be installed: Ctrl-C then ends the process as usual.
-    let mut catching = true;
-    let first = loop {
-        tokio::select! {
-            event = events.next() => break event,
-            caught = &mut ctrl_c, if catching => match caught {
-                Ok(()) => return Err(interrupted()),
-                Err(_) => catching = false,
-            },
-        }
-    };
-    let info = match first {
-        Some(Ok(DownloadEvent::Manifest(info))) => info,
-        Some(Err(status)) => return Err(explain_refusal(registry, &args.id, status).await),
-        Some(Ok(DownloadEvent::Chunk(_))) | None => {
-            return Err(Failure::Package(anyhow!(
-                "the registry sent no manifest for {}",
-                args.id
-            )))
-        }
-    };
-    if info.request_id != args.id {
-        return Err(Failure::Package(anyhow!(
-            "asked for the package of {}, the registry sent that of {}",
-            args.id,
-            info.request_id
-        )));
-    }
-    Unpacker::check_manifest(&info).map_err(Failure::Package)?;
-    let mut unpacker = Unpacker::new(&info, target.open(&info)?).map_err(Failure::Package)?;
+    let mut ctrl_c = CtrlC::new(tokio::signal::ctrl_c());
+    let stop = Stop::default();
+    let (info, mut unpacker, mut events) =
+        start(registry, &args.id, &target, &stop, &mut ctrl_c, io).await?;
     let progress = progress_bar(manifest_bytes(&info));
     loop {
         // Err(None): Ctrl-C.
         let event = tokio::select! {
             event = events.next() => event.map(|e| e.map_err(Some)),
-            caught = &mut ctrl_c, if catching => match caught {
-                Ok(()) => Some(Err(None)),
-                Err(_) => {
-                    catching = false;
-                    continue;
-                }
-            },
+            () = ctrl_c.caught() => Some(Err(None)),
         };
         let step = match event {
             None => break,
@@ -398,7 +558,7 @@ pub(crate) async fn run(
             Some(Ok(DownloadEvent::Manifest(_))) => Err(Failure::Package(anyhow!(
                 "the registry sent a second manifest"
             ))),
-            Some(Err(Some(status))) => Err(registry.failed(status)),
+            Some(Err(Some(status))) => Err(registry.broke(status)),
             Some(Err(None)) => Err(interrupted()),
         };
         match step {
@@ -410,14 +570,27 @@ pub(crate) async fn run(
                     None => "the download stopped".to_string(),
                 };
                 let left = unpacker.abort();
-                // The failure follows on the next line; this note must not replace it.
-                let _ = writeln!(io.err, "{}", clean(&format!("{stopped}: {left}")));
+                note_left(io, &stopped, &left);
                 return Err(failure);
             }
         }
     }
     progress.finish_and_clear();
-    let (outcomes, note) = unpacker.finish().map_err(Failure::Package)?;
+    // Syncing and sealing can take long: on a blocking thread, so Ctrl-C stops them.
+    let (finished, caught) = blocking(&mut ctrl_c, &stop, move || Ok(unpacker.finish())).await;
+    let (outcomes, note) = match finished? {
+        // Ctrl-C that came too late to stop the work: the outcome is what it is.
+        Ok(done) => done,
+        Err(err) if caught => {
+            note_left(
+                io,
+                "the download stopped while finishing",
+                &format!("{err:#}"),
+            );
+            return Err(interrupted());
+        }
+        Err(err) => return Err(Failure::Package(err)),
+    };
     let view = DownloadView::new(&info, &target, outcomes);
     let printed = emit(io.out, io.format, &view, false);
     if view.verified {
@@ -440,9 +613,184 @@ pub(crate) async fn run(
 
 #[cfg(test)]
 mod tests {
+    use std::cell::{Cell, RefCell};
+    use std::path::Path;
+
     use dsrelay_sdk::proto::ManifestFile;
 
     use super::*;
+    use crate::cli::OutputFormat;
+
+    /// A registry holding one package, noting when DownloadPackage is opened.
+    struct Stand {
+        /// What GetPackage answers.
+        checked: PackageInfo,
+        /// The manifest DownloadPackage sends (no chunks follow).
+        sent: PackageInfo,
+        /// The folder downloaded into.
+        out: PathBuf,
+        /// Set when DownloadPackage opened: whether the folder's staging folder was there.
+        staged_at_open: Cell<Option<bool>>,
+        /// Fired when GetPackage is asked.
+        asked: RefCell<Option<tokio::sync::oneshot::Sender<()>>>,
+    }
+
+    impl Stand {
+        fn new(out: &Path, sent: PackageInfo) -> Self {
+            Self {
+                checked: package_info(),
+                sent,
+                out: out.to_path_buf(),
+                staged_at_open: Cell::new(None),
+                asked: RefCell::new(None),
+            }
+        }
+    }
+
+    impl Source for Stand {
+        async fn package(&self, _id: &str) -> Result<PackageInfo, Failure> {
+            if let Some(asked) = self.asked.borrow_mut().take() {
+                let _ = asked.send(());
+            }
+            Ok(self.checked.clone())
+        }
+
+        fn download(&self, _id: &str) -> Events {
+            let staged = self.out.join(crate::unpack::STAGING_NAME).exists();
+            self.staged_at_open.set(Some(staged));
+            Box::pin(tokio_stream::iter([Ok(DownloadEvent::Manifest(
+                self.sent.clone(),
+            ))]))
+        }
+
+        async fn refused(&self, _id: &str, status: tonic::Status) -> Failure {
+            Failure::Package(anyhow!("{}", status.message()))
+        }
+
+        fn broke(&self, status: tonic::Status) -> Failure {
+            Failure::Package(anyhow!("{}", status.message()))
+        }
+    }
+
+    const CONTENT: &[u8] = b"hello";
+
+    fn package_info() -> PackageInfo {
+        PackageInfo {
+            request_id: "r-1".into(),
+            complete: true,
+            files: vec![ManifestFile {
+                path: "p/a.json".into(),
+                size: CONTENT.len() as u64,
+                sha256: hex::encode(Sha256::digest(CONTENT)),
+                ..Default::default()
+            }],
+            manifest_json: b"{}".to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn message(failure: &Failure) -> String {
+        match failure {
+            Failure::Usage(m) => m.clone(),
+            Failure::Package(e) => format!("{e:#}"),
+            _ => "another failure".into(),
+        }
+    }
+
+    /// `start` against `stand` into its folder, with `ctrl_c` as Ctrl-C; the failure's
+    /// message and stderr.
+    async fn started<F: Future<Output = std::io::Result<()>>>(
+        stand: &Stand,
+        ctrl_c: F,
+    ) -> (Result<(), String>, String) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let mut io = Io {
+            out: &mut out,
+            err: &mut err,
+            format: OutputFormat::Table,
+        };
+        let target = Target::Dir(stand.out.clone());
+        let mut ctrl_c = CtrlC::new(ctrl_c);
+        let result = start(
+            stand,
+            "r-1",
+            &target,
+            &Stop::default(),
+            &mut ctrl_c,
+            &mut io,
+        )
+        .await;
+        let result = result.map(drop).map_err(|f| message(&f));
+        (result, String::from_utf8(err).unwrap())
+    }
+
+    #[tokio::test]
+    async fn leftovers_are_checked_before_the_download_stream_opens() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("pkg");
+        let stand = Stand::new(&out, package_info());
+        let (result, _) = started(&stand, std::future::pending()).await;
+        assert_eq!(result, Ok(()));
+        assert_eq!(stand.staged_at_open.get(), Some(true));
+
+        // A leftover that does not match is refused without asking for the download.
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("pkg");
+        std::fs::create_dir_all(out.join("p")).unwrap();
+        std::fs::create_dir(out.join(crate::unpack::STAGING_NAME)).unwrap();
+        std::fs::write(out.join(crate::unpack::STAGING_NAME).join("request"), "r-1").unwrap();
+        std::fs::write(out.join("p/a.json"), b"hellx").unwrap();
+        let stand = Stand::new(&out, package_info());
+        let (result, _) = started(&stand, std::future::pending()).await;
+        let err = result.unwrap_err();
+        assert!(err.contains("does not match the manifest"), "{err}");
+        assert_eq!(stand.staged_at_open.get(), None);
+    }
+
+    #[tokio::test]
+    async fn a_package_that_changed_between_the_answers_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("pkg");
+        let mut sent = package_info();
+        sent.files[0].sha256 = hex::encode(Sha256::digest(b"other"));
+        let stand = Stand::new(&out, sent);
+        let (result, stderr) = started(&stand, std::future::pending()).await;
+        let err = result.unwrap_err();
+        assert!(
+            err.contains("changed between the registry's two answers"),
+            "{err}"
+        );
+        assert!(stderr.contains("nothing partial was left"), "{stderr}");
+        assert!(!out.join("p").exists());
+    }
+
+    #[tokio::test]
+    async fn ctrl_c_while_the_leftovers_are_checked_stops_before_the_download() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("pkg");
+        let stand = Stand::new(&out, package_info());
+        // Ctrl-C once GetPackage answered: while the folder is looked at.
+        let (asked, ctrl_c) = tokio::sync::oneshot::channel();
+        *stand.asked.borrow_mut() = Some(asked);
+        let (result, _) = started(&stand, async move {
+            let _ = ctrl_c.await;
+            Ok(())
+        })
+        .await;
+        assert_eq!(result.unwrap_err(), "interrupted (Ctrl-C)");
+        assert_eq!(stand.staged_at_open.get(), None);
+        assert!(!out.join("p").exists());
+    }
+
+    #[tokio::test]
+    async fn ctrl_c_during_blocking_work_asks_it_to_stop() {
+        let stop = Stop::default();
+        let mut ctrl_c = CtrlC::new(std::future::ready(Ok(())));
+        let seen = stop.clone();
+        let (outcome, caught) = blocking(&mut ctrl_c, &stop, move || Ok(seen.is_set())).await;
+        assert!(caught && stop.is_set());
+        assert!(outcome.is_ok());
+    }
 
     fn outcome(path: &str, size: u64) -> FileOutcome {
         FileOutcome {
