@@ -69,13 +69,14 @@ pub(crate) struct Api {
 
 /// What is being written right now, by where it is stored. Two streams appending to one
 /// file would interleave their bytes, so the second is turned away until the first ends (two
-/// senders' files of the same name are stored apart and go side by side). A part closed
+/// senders' files of the same name are stored apart and go side by side); so is a state call
+/// on the file, which may check it or drop it under the stream. A part closed
 /// while one of its files is received or restarted would come to hold a file its receipt
 /// does not cover, and two closings of one part would each clear the other's files, so a
 /// part is closed only while no other call is on it, and no call goes on it while it is.
 #[derive(Debug, Default)]
 struct InProgress {
-    /// Files being received (SendFile).
+    /// Files being received or asked about (SendFile, GetTransferState).
     files: HashSet<PathBuf>,
     /// The names of the files asked about or received in each part (GetTransferState,
     /// SendFile), by the part's folder; a name once per call.
@@ -95,23 +96,18 @@ struct Claim {
 enum ClaimOn {
     /// The part, to close it.
     Closing,
-    /// One file of it by name, with where it is stored when the call receives it.
-    File {
-        name: String,
-        received: Option<PathBuf>,
-    },
+    /// One file of it by name, with where it is stored.
+    File { name: String, stored: PathBuf },
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
         let mut now = self.in_progress.lock().unwrap_or_else(|e| e.into_inner());
-        let ClaimOn::File { name, received } = &self.on else {
+        let ClaimOn::File { name, stored } = &self.on else {
             now.closing.remove(&self.part);
             return;
         };
-        if let Some(key) = received {
-            now.files.remove(key);
-        }
+        now.files.remove(stored);
         if let Some(names) = now.parts.get_mut(&self.part) {
             if let Some(i) = names.iter().position(|n| n == name) {
                 names.swap_remove(i);
@@ -152,8 +148,8 @@ impl Api {
     }
 
     /// Claims the file `h` announces, to receive it (`receive`) or to answer its state;
-    /// ABORTED while its part is being closed, or while the file is received by another call
-    /// and `receive`.
+    /// ABORTED while its part is being closed, or while another call receives the file or
+    /// answers its state.
     fn claim_file(
         &self,
         sender: &str,
@@ -169,19 +165,19 @@ impl Api {
                 h.subprocessor, h.name
             )));
         }
-        let received = if receive {
-            let key = self.folder.file_path(sender, h);
-            if !now.files.insert(key.clone()) {
-                return Err(ApiError::aborted(format!(
-                    "another transfer of file {} is in progress; ask GetTransferState and \
-                     resume",
-                    h.name
-                )));
-            }
-            Some(key)
-        } else {
-            None
-        };
+        let stored = self.folder.file_path(sender, h);
+        if !now.files.insert(stored.clone()) {
+            let then = if receive {
+                "once it has answered, ask GetTransferState and resume"
+            } else {
+                "ask again once it has answered"
+            };
+            return Err(ApiError::aborted(format!(
+                "another call on file {} is in progress (a transfer of it, or GetTransferState); \
+                 {then}",
+                h.name
+            )));
+        }
         now.parts
             .entry(part.clone())
             .or_default()
@@ -191,7 +187,7 @@ impl Api {
             part,
             on: ClaimOn::File {
                 name: h.name.clone(),
-                received,
+                stored,
             },
         })
     }
@@ -568,5 +564,36 @@ mod tests {
         };
         let fields: Vec<String> = part_violations(&p).into_iter().map(|v| v.field).collect();
         assert_eq!(fields, ["files[1].name", "files[2]"]);
+    }
+
+    /// GetTransferState (`receive` false) and SendFile (true) keep each other off one file,
+    /// either of which may check or drop it: the second call is ABORTED, naming the file,
+    /// while other files and the file once the first call ended are free. Before, a state
+    /// call went beside a transfer of its file, and could drop the partial file under it.
+    #[test]
+    fn a_file_takes_one_call_at_a_time() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let folder = Folder::new(root.path().to_path_buf());
+        let api = Api::new(folder, "r".into(), &[], 0, Duration::from_secs(1));
+        let h = header();
+        let other = ExportFileHeader {
+            name: "other.json".into(),
+            ..header()
+        };
+        for (first, second) in [(true, false), (false, true), (false, false), (true, true)] {
+            let held = api.claim_file("p", &h, first).map_err(Status::from);
+            let Ok(held) = held else {
+                panic!("{first}: {held:?}", held = held.err());
+            };
+            let busy = match api.claim_file("p", &h, second) {
+                Ok(_) => panic!("a second call on the file ({first}, {second}) was let in"),
+                Err(e) => Status::from(e),
+            };
+            assert_eq!(busy.code(), tonic::Code::Aborted, "{busy:?}");
+            assert!(busy.message().contains("export.json"), "{busy:?}");
+            assert!(api.claim_file("p", &other, second).is_ok(), "another file");
+            drop(held);
+            assert!(api.claim_file("p", &h, second).is_ok(), "free again");
+        }
     }
 }

@@ -162,8 +162,10 @@ impl Folder {
 
     /// Registers the file `h` announces and answers where it stands: a file announced with
     /// another header restarts (or, once complete, is a conflict); a partial file holding
-    /// every byte is checked now. In a closed part nothing changes: a file its manifest lists
-    /// as announced is complete, any other is a conflict.
+    /// every byte is checked now, and one whose check would read more than
+    /// [`Folder::max_unchecked`] bytes is dropped and answered as not started. In a closed
+    /// part nothing changes: a file its manifest lists as announced is complete, any other is
+    /// a conflict.
     pub async fn begin(
         &self,
         sender: &str,
@@ -229,6 +231,19 @@ impl Folder {
             return self.finish(sender, h).await;
         }
         if offset > 0 {
+            let checkpoint = self.checkpoint_path(sender, h);
+            if self.resume_point(&checkpoint, offset).await?.is_none() {
+                // Its check would read more than a call may (a partial file from before
+                // checkpoints, or one whose checkpoint does not read): taken up, it would be
+                // dropped only at its last byte, after the sender sent the rest. Dropped now
+                // and answered as not started, as the registry does.
+                remove(&partial).await?;
+                forget_checkpoint(&checkpoint).await?;
+                return Ok(FileState {
+                    offset: 0,
+                    complete: false,
+                });
+            }
             // A run that ended before syncing may have left bytes only in the page cache, and
             // the sender resumes after what is answered here.
             self.sync_partial(sender, h).await?;
@@ -640,21 +655,6 @@ async fn remove(p: &Path) -> Result<(), FolderError> {
     }
 }
 
-/// SHA-256 of the file at `p`, read in chunks.
-pub async fn sha256_of(p: &Path) -> std::io::Result<String> {
-    let mut f = tokio::fs::File::open(p).await?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = f.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
-}
-
 /// Bytes appended between two checkpoints of a partial file's digest (64 MiB): with a chunk,
 /// the most a resumed file's check reads again, within the call that checks it.
 const CHECKPOINT_EVERY: u64 = 64 * 1024 * 1024;
@@ -972,8 +972,10 @@ mod tests {
     }
 
     /// A partial file without a checkpoint (one from before they were written) is hashed from
-    /// its first byte while that is no more than a check reads; a larger one, announced
-    /// whole or not, is dropped at its check and answered as not started, to be sent again.
+    /// its first byte while that is no more than a check reads; a larger one, or one whose
+    /// checkpoint does not read, is dropped when it is announced (partial; before, it was
+    /// taken up and dropped only at its last byte, sent twice) or checked (whole) and
+    /// answered as not started, to be sent again.
     #[tokio::test]
     async fn a_partial_file_without_a_checkpoint() {
         let root = tempfile::tempdir().expect("tempdir");
@@ -990,9 +992,19 @@ mod tests {
         assert_eq!(folder.begin(SENDER, &h).await.expect("begun").offset, 0);
         let stored = folder.max_unchecked() as usize + 1;
         append_behind(&folder, &h, &large[..stored]);
-        let state = stream(&folder, &h, &large, stored, large.len()).await;
-        assert_eq!(state.expect("dropped"), NOT_STARTED);
+        assert_eq!(
+            folder.begin(SENDER, &h).await.expect("dropped"),
+            NOT_STARTED
+        );
         assert!(!partial_of(&folder, &h).exists(), "the file was dropped");
+        append_behind(&folder, &h, &large[..stored]);
+        let checkpoint = folder.checkpoint_path(SENDER, &h);
+        std::fs::write(&checkpoint, b"{\"bytes\": 3").expect("a checkpoint that does not read");
+        assert_eq!(
+            folder.begin(SENDER, &h).await.expect("dropped"),
+            NOT_STARTED
+        );
+        assert!(!partial_of(&folder, &h).exists() && !checkpoint.exists());
         append_behind(&folder, &h, &large);
         let state = folder.begin(SENDER, &h).await.expect("dropped");
         assert_eq!(state, NOT_STARTED);

@@ -477,14 +477,16 @@ async fn two_senders_parts_of_the_same_name_are_stored_apart() {
         .await
         .unwrap()
         .into_inner();
-    // The first sender's half-sent file is untouched.
-    assert_eq!(
-        state(&mut a, &ha).await,
-        UploadState {
-            offset: MIB as u64,
-            complete: false
-        }
-    );
+    // The first sender's half-sent file is untouched (and its state waits for its stream).
+    let partial = r.part_dir(&processor()).join("export.json.partial");
+    assert_eq!(std::fs::metadata(partial).unwrap().len(), MIB as u64);
+    let busy = a
+        .get_transfer_state(GetUploadStateRequest {
+            header: Some(ha.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(busy.code(), Code::Aborted, "{busy:?}");
     for m in msgs {
         tx.unbounded_send(m).unwrap();
     }

@@ -43,8 +43,10 @@ use super::Api;
 const MAX_DESCRIPTION_BYTES: usize = MAX_MESSAGE_BYTES - 256 * 1024;
 
 /// Files being uploaded to this registry right now, by store key: two streams appending to
-/// one file would interleave their bytes, so the second is turned away until the first ends.
-/// (Across replicas, the processor's upload lease keeps one sender per export.)
+/// one file would interleave their bytes, so the second is turned away until the first ends,
+/// and so is GetUploadState, which may drop the file's bytes or store it. (Across replicas,
+/// the processor's upload lease keeps one sender per export, and a stream checks the stored
+/// length when it opens the file and before it records the file stored.)
 #[derive(Debug, Default)]
 pub(crate) struct Uploading(Mutex<HashSet<String>>);
 
@@ -298,6 +300,7 @@ impl Api {
         if end.size == 0 {
             self.store_empty(&up.file).await?;
         }
+        self.ensure_stored_whole(&up.file, end.size).await?;
         let mut file = up.file.clone();
         file.size = i64::try_from(end.size).unwrap_or(i64::MAX);
         file.sha256.clone_from(&end.sha256);
@@ -346,6 +349,8 @@ impl Api {
                 file.sha256
             )));
         }
+        self.ensure_stored_whole(file, u64::try_from(file.size).unwrap_or(0))
+            .await?;
         self.shared
             .store
             .file_stored(file, self.shared.clock.now_ms())
@@ -354,6 +359,29 @@ impl Api {
             offset: u64::try_from(file.size).unwrap_or(0),
             complete: true,
         })
+    }
+
+    /// Refuses to record `file` stored unless the store holds its `size` bytes: `digest`
+    /// was hashed from what a stream counted, and a call it was not kept apart from (on
+    /// another replica) may have dropped or restarted the file since, leaving those bytes
+    /// unlinked or at other offsets. The file is then dropped, to be sent again.
+    async fn ensure_stored_whole(&self, file: &PackageFile, size: u64) -> Result<(), ApiError> {
+        let stored = self
+            .shared
+            .packages
+            .store
+            .stored_len(&file_key(file))
+            .await
+            .map_err(io_error)?;
+        if stored == size {
+            return Ok(());
+        }
+        self.drop_stored(file).await?;
+        Err(ApiError::data_loss(format!(
+            "file {}: {size} bytes were received, but the store holds {stored} (another call \
+             dropped or restarted the file meanwhile); it was dropped, send the file again",
+            manifest::path(file)
+        )))
     }
 
     /// Creates `file`, of no bytes, durably: such a file gets no chunk, and a chunk is what
@@ -447,7 +475,31 @@ impl Api {
         }
         let appender = match &mut up.appender {
             Some(a) => a,
-            None => up.appender.insert(self.open_file(&up.file).await?),
+            None => {
+                let opened = self.open_file(&up.file).await?;
+                // The stream counts from the length registered; a call it was not kept apart
+                // from (on another replica) may have dropped or restarted the file since, and
+                // its bytes would land at other offsets than counted.
+                let stored = self
+                    .shared
+                    .packages
+                    .store
+                    .stored_len(&file_key(&up.file))
+                    .await
+                    .map_err(io_error)?;
+                if stored != up.state.offset {
+                    // Its digest describes bytes no longer stored: no checkpoint from it.
+                    up.hasher = None;
+                    return Err(ApiError::failed_precondition(format!(
+                        "chunk at offset {} of {path} refused: this upload expected {} bytes \
+                         stored, but {stored} are (another call dropped or restarted the file \
+                         meanwhile); nothing was appended: ask GetUploadState and send from \
+                         the offset it answers",
+                        chunk.offset, up.state.offset
+                    )));
+                }
+                up.appender.insert(opened)
+            }
         };
         appender.append(&chunk.data).await.map_err(io_error)?;
         if let Some(h) = &mut up.hasher {
@@ -679,6 +731,17 @@ impl ExportUploadService for Api {
             .record("processor", processor.as_str())
             .record("request_id", header.request_id.as_str());
         self.check_target(&header.request_id, &processor).await?;
+        // The answer may drop the stored bytes or check and store the file: under a live
+        // upload stream of the file that would unlink what it appends to, or store the file
+        // while the stream still writes it, so it waits for the stream to end.
+        let key = file_key(&package_file(&processor, &header));
+        let Some(_guard) = self.shared.uploading.claim(&key) else {
+            return Err(ApiError::aborted(format!(
+                "an upload of file {} is in progress; ask again when it ends",
+                header.name
+            ))
+            .into());
+        };
         let (_, state, _) = self.register(&processor, &header).await?;
         Ok(Response::new(state))
     }
@@ -713,7 +776,8 @@ impl ExportUploadService for Api {
         let key = file_key(&package_file(&processor, &header));
         let Some(_guard) = self.shared.uploading.claim(&key) else {
             return Err(ApiError::aborted(format!(
-                "another upload of file {} is in progress; ask GetUploadState and resume",
+                "another upload of file {} is in progress; once it ends, ask GetUploadState \
+                 and resume",
                 header.name
             ))
             .into());

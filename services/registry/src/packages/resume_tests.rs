@@ -3,11 +3,13 @@
 //! `DSRELAY_TEST_POSTGRES_URL` names a server), with a checkpoint interval of [`EVERY`] set
 //! through [`BUILD_HOOK`] and a package store that counts the bytes read from it: a resumed
 //! file's check reads at most what was stored past its checkpoint, however large the file.
+//! And a stream's bytes are stored as it counted them, whatever another call does to the
+//! file meanwhile, on this registry or on another replica of it.
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use dsrelay_proto::v1::export_upload_service_client::ExportUploadServiceClient;
@@ -41,6 +43,30 @@ struct Watched {
     inner: Arc<dyn PackageStore>,
     read: Arc<AtomicU64>,
     syncs_left: Arc<AtomicU64>,
+    signals: Arc<Signals>,
+}
+
+/// What a test waits for the registry to have done, each told once when asked for.
+#[derive(Default)]
+struct Signals {
+    /// A stored file opened to be read: a resumed upload hashing its tail.
+    opened_at: Mutex<Option<oneshot::Sender<()>>>,
+    /// An append done: the stream has opened its file, and checked it.
+    appended: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+impl Signals {
+    fn tell(slot: &Mutex<Option<oneshot::Sender<()>>>) {
+        if let Some(tx) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = tx.send(());
+        }
+    }
+
+    fn ask(slot: &Mutex<Option<oneshot::Sender<()>>>) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        rx
+    }
 }
 
 #[tonic::async_trait]
@@ -53,6 +79,7 @@ impl PackageStore for Watched {
         Ok(Box::new(FailingAppender {
             inner: self.inner.appender(key).await?,
             syncs_left: self.syncs_left.clone(),
+            signals: self.signals.clone(),
         }))
     }
 
@@ -65,10 +92,12 @@ impl PackageStore for Watched {
         key: &str,
         offset: u64,
     ) -> std::io::Result<Box<dyn AsyncRead + Send + Unpin>> {
-        Ok(Box::new(Counted {
+        let opened = Counted {
             inner: self.inner.open_at(key, offset).await?,
             read: self.read.clone(),
-        }))
+        };
+        Signals::tell(&self.signals.opened_at);
+        Ok(Box::new(opened))
     }
 
     async fn remove(&self, key: &str) -> std::io::Result<()> {
@@ -83,12 +112,15 @@ impl PackageStore for Watched {
 struct FailingAppender {
     inner: Box<dyn Appender>,
     syncs_left: Arc<AtomicU64>,
+    signals: Arc<Signals>,
 }
 
 #[tonic::async_trait]
 impl Appender for FailingAppender {
     async fn append(&mut self, data: &[u8]) -> std::io::Result<()> {
-        self.inner.append(data).await
+        self.inner.append(data).await?;
+        Signals::tell(&self.signals.appended);
+        Ok(())
     }
 
     async fn sync(&mut self) -> std::io::Result<()> {
@@ -127,6 +159,7 @@ struct Registry {
     read: Arc<AtomicU64>,
     /// Syncs that succeed before the next fails ([`Watched`]); `u64::MAX` at the start.
     syncs_left: Arc<AtomicU64>,
+    signals: Arc<Signals>,
     stop: oneshot::Sender<()>,
     served: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -135,6 +168,12 @@ impl Registry {
     /// Serves a registry on `database_url`, its files under `dir`, with one processor
     /// (whose endpoint nobody answers: its deliveries wait, and it may still upload).
     async fn start(dir: &Path, database_url: &str) -> Self {
+        Self::replica(dir, database_url, "registry").await
+    }
+
+    /// [`Registry::start`] as the replica `name`: replicas started on the same `dir` and
+    /// database share the package folder and the records, as a deployment's do.
+    async fn replica(dir: &Path, database_url: &str, name: &str) -> Self {
         let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
         let tls = pki.files("registry");
         let packages = dir.join("packages");
@@ -150,21 +189,23 @@ impl Registry {
             tls.cert,
             tls.key,
             pki.signing_key("registry"),
-            dir.join("audit/checkpoints.jsonl"),
+            dir.join(format!("audit-{name}/checkpoints.jsonl")),
             dev_identity("partner", "crm"),
             dev_identity("processor", PROCESSOR),
         );
-        let file = dir.join("registry.toml");
+        let file = dir.join(format!("{name}.toml"));
         std::fs::write(&file, text).expect("config file");
         let config = Config::load_from(Some(&file), Vec::new()).expect("config");
         let read = Arc::new(AtomicU64::new(0));
         let syncs_left = Arc::new(AtomicU64::new(u64::MAX));
-        let (r, f) = (read.clone(), syncs_left.clone());
+        let signals = Arc::new(Signals::default());
+        let (r, f, s) = (read.clone(), syncs_left.clone(), signals.clone());
         let hook: Arc<dyn Fn(Packages) -> Packages + Send + Sync> = Arc::new(move |p| Packages {
             store: Arc::new(Watched {
                 inner: p.store,
                 read: r.clone(),
                 syncs_left: f.clone(),
+                signals: s.clone(),
             }),
             checkpoint_every: EVERY,
             ..p
@@ -185,6 +226,7 @@ impl Registry {
             packages,
             read,
             syncs_left,
+            signals,
             stop,
             served,
         }
@@ -286,14 +328,9 @@ fn header(id: &str, name: &str, data: &[u8]) -> ExportFileHeader {
     }
 }
 
-/// Sends `data[from..to]` of the file `h` announces in one stream, in chunks of [`PIECE`].
-async fn send(
-    uploads: &mut ExportUploadServiceClient<Channel>,
-    h: &ExportFileHeader,
-    data: &[u8],
-    from: usize,
-    to: usize,
-) -> Result<UploadState, tonic::Status> {
+/// The messages sending `data[from..to]` of the file `h` announces, in chunks of [`PIECE`],
+/// the header in the first.
+fn chunks(h: &ExportFileHeader, data: &[u8], from: usize, to: usize) -> Vec<UploadFileChunk> {
     let mut chunks = Vec::new();
     let mut at = from;
     while at < to || chunks.is_empty() {
@@ -307,10 +344,72 @@ async fn send(
         });
         at = end;
     }
+    chunks
+}
+
+/// Sends `data[from..to]` of the file `h` announces in one stream, in chunks of [`PIECE`].
+async fn send(
+    uploads: &mut ExportUploadServiceClient<Channel>,
+    h: &ExportFileHeader,
+    data: &[u8],
+    from: usize,
+    to: usize,
+) -> Result<UploadState, tonic::Status> {
     Ok(uploads
-        .upload_file(tokio_stream::iter(chunks))
+        .upload_file(tokio_stream::iter(chunks(h, data, from, to)))
         .await?
         .into_inner())
+}
+
+/// An upload stream sending what is put in the sender answered, until it is dropped.
+type Live = (
+    futures::channel::mpsc::UnboundedSender<UploadFileChunk>,
+    tokio::task::JoinHandle<Result<UploadState, tonic::Status>>,
+);
+
+fn live(uploads: &ExportUploadServiceClient<Channel>) -> Live {
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    let mut uploads = uploads.clone();
+    let answer = tokio::spawn(async move { Ok(uploads.upload_file(rx).await?.into_inner()) });
+    (tx, answer)
+}
+
+/// `h` with another media type: the same file restarted under another header.
+fn restarted(h: &ExportFileHeader) -> ExportFileHeader {
+    ExportFileHeader {
+        media_type: "application/octet-stream".into(),
+        ..h.clone()
+    }
+}
+
+/// Registers `again` (a file of `a` restarted under another header) as another replica of
+/// `a` does, which `a` does not keep apart from its own streams: through a second replica on
+/// PostgreSQL; on SQLite, which one process writes (it has no replicas: a second one's
+/// transactions fail as busy), by leaving the records and the folder as that registration
+/// leaves them.
+async fn restart_elsewhere(a: &Registry, dir: &Path, database_url: &str, again: &ExportFileHeader) {
+    if database_url.starts_with("sqlite") {
+        let db = dsrelay_runtime::store::Db::connect(database_url)
+            .await
+            .expect("connect");
+        sqlx::query(
+            "UPDATE package_files SET media_type = $1, stored_at = NULL, \
+             checkpoint_bytes = NULL, checkpoint_state = NULL WHERE request_id = $2 AND name = $3",
+        )
+        .bind(&again.media_type)
+        .bind(&again.request_id)
+        .bind(&again.name)
+        .execute(&db.pool)
+        .await
+        .expect("the header restarted");
+        db.pool.close().await;
+        std::fs::remove_file(a.path(again)).expect("the bytes dropped");
+        return;
+    }
+    let b = Registry::replica(dir, database_url, "replica-b").await;
+    let mut on_b = ExportUploadServiceClient::new(b.channel("processor"));
+    assert_eq!(state(&mut on_b, again).await.expect("restarted").offset, 0);
+    b.stop().await;
 }
 
 async fn state(
@@ -590,4 +689,146 @@ on_both_backends!(
     a_restarted_file_forgets_its_checkpoint,
     a_restarted_file_forgets_its_checkpoint_on_sqlite,
     a_restarted_file_forgets_its_checkpoint_on_postgres
+);
+
+/// GetUploadState waits for a live upload of the file (ABORTED, saying to ask again), since
+/// its answer may drop or check the bytes the stream appends to; the upload goes on and
+/// stores the file whole. Before, it answered, and could unlink the file under the stream.
+async fn the_state_waits_for_a_live_upload(database_url: &str, dir: &Path) {
+    let registry = Registry::start(dir, database_url).await;
+    let id = registry.return_of_data("live").await;
+    let mut uploads = ExportUploadServiceClient::new(registry.channel("processor"));
+    let data = bytes(6 * EVERY as usize + 321, 8);
+    let h = header(&id, "live.bin", &data);
+    let mut messages = chunks(&h, &data, 0, data.len()).into_iter();
+    let appended = Signals::ask(&registry.signals.appended);
+    let (tx, answer) = live(&uploads);
+    tx.unbounded_send(messages.next().expect("a chunk"))
+        .expect("sent");
+    appended.await.expect("the first chunk appended");
+    let busy = state(&mut uploads, &h)
+        .await
+        .expect_err("an upload is live");
+    assert_eq!(busy.code(), Code::Aborted, "{busy:?}");
+    assert!(
+        busy.message().contains("live.bin") && busy.message().contains("ask again"),
+        "{busy:?}"
+    );
+    for m in messages {
+        tx.unbounded_send(m).expect("sent");
+    }
+    drop(tx);
+    let sent = answer.await.expect("joined").expect("stored");
+    assert!(sent.complete);
+    assert!(std::fs::read(registry.path(&h)).expect("stored") == data);
+    assert!(state(&mut uploads, &h).await.expect("state").complete);
+    registry.stop().await;
+}
+
+/// Another replica restarts a file (another header, same size and digest) while an upload
+/// resumed at its checkpoint has not appended yet: the upload's first chunk is refused,
+/// naming the offset it expected, nothing appended, and the file is sent again whole.
+/// Before, the upload wrote its bytes from the first of the new file while counting from the
+/// offset it resumed at, its digest matched, and the file was stored with shifted bytes.
+async fn a_file_restarted_under_a_resumed_upload_is_not_stored_shifted(
+    database_url: &str,
+    dir: &Path,
+) {
+    let a = Registry::start(dir, database_url).await;
+    let id = a.return_of_data("shifted").await;
+    let mut on_a = ExportUploadServiceClient::new(a.channel("processor"));
+    let data = bytes(4 * EVERY as usize + 999, 9);
+    let h = header(&id, "shifted.bin", &data);
+    let cut = 2 * EVERY as usize + 4_321;
+    send(&mut on_a, &h, &data, 0, cut).await.expect("sent");
+    let opened = Signals::ask(&a.signals.opened_at);
+    let (tx, answer) = live(&on_a);
+    let mut messages = chunks(&h, &data, cut, data.len());
+    let first = UploadFileChunk {
+        header: Some(h.clone()),
+        offset: cut as u64,
+        ..Default::default()
+    };
+    messages[0].header = None;
+    tx.unbounded_send(first).expect("sent");
+    opened
+        .await
+        .expect("the upload resumed, hashing from its checkpoint");
+    let again = restarted(&h);
+    restart_elsewhere(&a, dir, database_url, &again).await;
+    for m in messages {
+        tx.unbounded_send(m).expect("sent");
+    }
+    drop(tx);
+    let refused = answer
+        .await
+        .expect("joined")
+        .expect_err("the file was restarted");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains(&format!("expected {cut} bytes stored")),
+        "{refused:?}"
+    );
+    let asked = state(&mut on_a, &again).await.expect("state");
+    assert_eq!((asked.offset, asked.complete), (0, false));
+    let sent = send(&mut on_a, &again, &data, 0, data.len())
+        .await
+        .expect("sent whole");
+    assert!(sent.complete);
+    assert!(std::fs::read(a.path(&h)).expect("stored") == data);
+    a.stop().await;
+}
+
+/// Another replica restarts a file while an upload streams it, dropping the bytes stored:
+/// the upload, whose own bytes match the digest, finds the store not holding them and
+/// answers DATA_LOSS instead of recording the file stored. Before, the file was recorded
+/// stored with no bytes behind it, for good.
+async fn a_file_dropped_under_a_live_upload_is_not_recorded_stored(database_url: &str, dir: &Path) {
+    let a = Registry::start(dir, database_url).await;
+    let id = a.return_of_data("dropped").await;
+    let mut on_a = ExportUploadServiceClient::new(a.channel("processor"));
+    let data = bytes(3 * EVERY as usize + 77, 10);
+    let h = header(&id, "dropped.bin", &data);
+    let mut messages = chunks(&h, &data, 0, data.len()).into_iter();
+    let appended = Signals::ask(&a.signals.appended);
+    let (tx, answer) = live(&on_a);
+    tx.unbounded_send(messages.next().expect("a chunk"))
+        .expect("sent");
+    appended.await.expect("the first chunk appended");
+    let again = restarted(&h);
+    restart_elsewhere(&a, dir, database_url, &again).await;
+    for m in messages {
+        tx.unbounded_send(m).expect("sent");
+    }
+    drop(tx);
+    let refused = answer
+        .await
+        .expect("joined")
+        .expect_err("its bytes are gone");
+    assert_eq!(refused.code(), Code::DataLoss, "{refused:?}");
+    assert!(
+        refused.message().contains("the store holds 0"),
+        "{refused:?}"
+    );
+    let asked = state(&mut on_a, &again).await.expect("state");
+    assert_eq!((asked.offset, asked.complete), (0, false));
+    a.stop().await;
+}
+
+on_both_backends!(
+    the_state_waits_for_a_live_upload,
+    the_state_waits_for_a_live_upload_on_sqlite,
+    the_state_waits_for_a_live_upload_on_postgres
+);
+on_both_backends!(
+    a_file_restarted_under_a_resumed_upload_is_not_stored_shifted,
+    a_file_restarted_under_a_resumed_upload_is_not_stored_shifted_on_sqlite,
+    a_file_restarted_under_a_resumed_upload_is_not_stored_shifted_on_postgres
+);
+on_both_backends!(
+    a_file_dropped_under_a_live_upload_is_not_recorded_stored,
+    a_file_dropped_under_a_live_upload_is_not_recorded_stored_on_sqlite,
+    a_file_dropped_under_a_live_upload_is_not_recorded_stored_on_postgres
 );
