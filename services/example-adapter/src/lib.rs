@@ -31,7 +31,10 @@
 //!   returns it, a later erasure answers RETAINED for it (releasing it when due; at once,
 //!   whatever `confirm_delay_ms`, when it is all that is left), and rectification,
 //!   restriction and objection leave it as billed (COMPLETED, no record changed, when it is
-//!   all the newsletter holds on the subject).
+//!   all the newsletter holds on the subject). Only while that address can name no one
+//!   else (see `newsletter`): not a record billed at an address its subscriber had changed
+//!   by the erasure, nor one whose address a later subscriber holds or held, nor one that a
+//!   contract end or a version before migration 0006 detached.
 //! - Exports (RETURN_OF_DATA, TRANSFER) are answered COMPLETED with `export_paged`, and read
 //!   with GetExportPage page by page from the live rows (subscribers, then their deliveries,
 //!   then the billing records linked to them or kept after the subject's erasure); the task

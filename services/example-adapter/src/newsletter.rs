@@ -16,6 +16,17 @@
 //! restriction and objection leave it as billed, answering COMPLETED with no record changed
 //! when it is all the newsletter holds on the subject.
 //!
+//! An address names whoever holds it, and one may pass to someone else, so a kept record is
+//! found only while its address can name no one but the erased subscriber: the erasure
+//! keeps the key only when it is the subscriber's address then, no subscriber of the
+//! controller may hold it now, and an erasure of a later holder clears it (see
+//! [`retention::release_of_subscribers`]). This errs towards not finding: the subject's
+//! request by the address they corrected to, or by their address once they subscribed with
+//! it again, leaves their kept records out (as does any request after a contract end); those
+//! records are still released by the retention runs and returned by a contract end's export.
+//! What it cannot tell is who asks: once an erased subscriber's mailbox passes to someone
+//! who never subscribes here, a request by that address finds what the subscriber left.
+//!
 //! Every subscriber belongs to one controller (`subscribers.controller`, the processor's name
 //! for it): a request finds only the subscribers of the controller it names, and a contract
 //! end ([`erase_controller`]) deletes all of one controller's subscribers and their
@@ -378,8 +389,10 @@ async fn find(
 }
 
 /// The billing records of the request's controller that an erasure kept (detached from
-/// their subscriber) and whose buyer's address as billed any e-mail identity of the request
-/// names, by id.
+/// their subscriber) and whose lookup key any e-mail identity of the request names, by id.
+/// None whose address a subscriber of the controller holds now: uniqueness per controller
+/// means that row took the address after the record's subscriber was erased (a new sign-up
+/// or a correction), and may be someone else.
 async fn find_kept(tx: &mut Transaction<'_, Any>, req: &ExecuteRequest) -> sqlx::Result<Vec<i64>> {
     let mut found = std::collections::BTreeSet::new();
     let mut all: Option<Vec<(i64, String)>> = None;
@@ -390,10 +403,9 @@ async fn find_kept(tx: &mut Transaction<'_, Any>, req: &ExecuteRequest) -> sqlx:
         let encoding =
             IdentityEncoding::try_from(identity.encoding).unwrap_or(IdentityEncoding::Unspecified);
         if encoding == IdentityEncoding::Raw {
-            let ids: Vec<i64> = sqlx::query_scalar(
-                "SELECT id FROM billing_records WHERE controller = $1 \
-                 AND subscriber_id IS NULL AND buyer_email = $2",
-            )
+            let ids: Vec<i64> = sqlx::query_scalar(&format!(
+                "SELECT b.id FROM billing_records b WHERE {KEPT} AND b.buyer_email = $2"
+            ))
             .bind(&req.controller)
             .bind(normalize(IdentityType::Email, &identity.value))
             .fetch_all(&mut **tx)
@@ -404,10 +416,10 @@ async fn find_kept(tx: &mut Transaction<'_, Any>, req: &ExecuteRequest) -> sqlx:
         // As for subscribers: a hash can only be compared with the hash of each address.
         if all.is_none() {
             all = Some(
-                sqlx::query_as(
-                    "SELECT id, buyer_email FROM billing_records WHERE controller = $1 \
-                     AND subscriber_id IS NULL AND buyer_email IS NOT NULL",
-                )
+                sqlx::query_as(&format!(
+                    "SELECT b.id, b.buyer_email FROM billing_records b WHERE {KEPT} \
+                     AND b.buyer_email IS NOT NULL"
+                ))
                 .bind(&req.controller)
                 .fetch_all(&mut **tx)
                 .await?,
@@ -422,6 +434,10 @@ async fn find_kept(tx: &mut Transaction<'_, Any>, req: &ExecuteRequest) -> sqlx:
     }
     Ok(found.into_iter().collect())
 }
+
+/// The filter of [`find_kept`] on `billing_records b`, `$1` the controller.
+const KEPT: &str = "b.controller = $1 AND b.subscriber_id IS NULL AND NOT EXISTS \
+     (SELECT 1 FROM subscribers s WHERE s.controller = b.controller AND s.email = b.buyer_email)";
 
 /// How many deliveries the subscribers `ids` have.
 async fn count_deliveries(tx: &mut Transaction<'_, Any>, ids: &[i64]) -> sqlx::Result<i64> {

@@ -192,6 +192,13 @@ fn count(n: u64) -> i64 {
 
 /// Before the subscribers `ids` are deleted: deletes their billing records released by
 /// `cutoff_ms` and detaches the others from them. Returns how many went and the ids kept.
+///
+/// A kept record stays findable by a later request (`buyer_email`, see
+/// `crate::newsletter`) only while its address can name no one but the subscriber it was
+/// detached from: the key is cleared when the address billed is not the subscriber's
+/// address at the erasure (corrected since, perhaps now someone else's), and, when an
+/// earlier erasure kept records under the subscriber's address, on both those and this
+/// subscriber's (the address served two subscriber rows, which may be two people).
 pub(crate) async fn release_of_subscribers(
     tx: &mut Transaction<'_, Any>,
     ids: &[i64],
@@ -200,6 +207,7 @@ pub(crate) async fn release_of_subscribers(
     let mut released = 0;
     let mut kept = Vec::new();
     for id in ids {
+        forget_ambiguous_keys(tx, *id).await?;
         released += sqlx::query(
             "DELETE FROM billing_records WHERE subscriber_id = $1 AND kept_until <= $2",
         )
@@ -222,6 +230,43 @@ pub(crate) async fn release_of_subscribers(
             .await?;
     }
     Ok((count(released), kept))
+}
+
+/// Clears the lookup key of the subscriber `id`'s billing records unless it is the
+/// subscriber's address, and, where kept records of an earlier erasure have that address
+/// as their key, clears theirs and all of the subscriber's.
+async fn forget_ambiguous_keys(tx: &mut Transaction<'_, Any>, id: i64) -> sqlx::Result<()> {
+    let Some((controller, email)): Option<(String, String)> =
+        sqlx::query_as("SELECT controller, email FROM subscribers WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?
+    else {
+        return Ok(());
+    };
+    // Addresses are unique per controller, so these were detached from an earlier row.
+    let reused = sqlx::query(
+        "UPDATE billing_records SET buyer_email = NULL WHERE controller = $1 \
+         AND subscriber_id IS NULL AND buyer_email = $2",
+    )
+    .bind(&controller)
+    .bind(&email)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    let clear = if reused > 0 {
+        sqlx::query("UPDATE billing_records SET buyer_email = NULL WHERE subscriber_id = $1")
+            .bind(id)
+    } else {
+        sqlx::query(
+            "UPDATE billing_records SET buyer_email = NULL WHERE subscriber_id = $1 \
+             AND (buyer_email IS NULL OR buyer_email <> $2)",
+        )
+        .bind(id)
+        .bind(&email)
+    };
+    clear.execute(&mut **tx).await?;
+    Ok(())
 }
 
 /// A retention run: deletes the records `ids` (those an earlier answer kept) released by
@@ -274,8 +319,10 @@ pub(crate) async fn kept_of_ids(
 }
 
 /// A contract end's erasure, before the controller's subscribers are deleted: deletes every
-/// billing record of `controller` released by `cutoff_ms` and detaches the others, in two
-/// statements. Returns how many went.
+/// billing record of `controller` released by `cutoff_ms` and detaches the others, clearing
+/// the lookup key of every record of the controller, in two statements. Returns how many
+/// went. With every subscriber gone at once, the simplest sound rule is that no later
+/// request of a subject finds them by address; a contract end's export still holds them.
 pub(crate) async fn release_controller(
     tx: &mut Transaction<'_, Any>,
     controller: &str,
@@ -288,10 +335,13 @@ pub(crate) async fn release_controller(
             .execute(&mut **tx)
             .await?
             .rows_affected();
-    sqlx::query("UPDATE billing_records SET subscriber_id = NULL WHERE controller = $1")
-        .bind(controller)
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query(
+        "UPDATE billing_records SET subscriber_id = NULL, buyer_email = NULL \
+         WHERE controller = $1",
+    )
+    .bind(controller)
+    .execute(&mut **tx)
+    .await?;
     Ok(count(released))
 }
 

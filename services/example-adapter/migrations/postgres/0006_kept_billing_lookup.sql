@@ -1,12 +1,14 @@
--- A subject's later requests find the billing records an erasure kept, by the buyer's e-mail
--- address as billed. The address is part of the record the law keeps (it is in `buyer`);
--- this column holds it apart, lowercased, so that it can be compared and hashed. Records
--- written before this migration take it from `buyer` (`name <address>`): what the last '<'
--- and the closing '>' enclose (a name may hold a '<' too).
+-- A subject's later requests find the billing records an erasure kept by this key: the
+-- buyer's e-mail address as billed, lowercased, held apart from `buyer` (which keeps it as
+-- the law does) so that it can be compared and hashed. An erasure clears it where it could
+-- name someone else (see src/retention.rs), so only records still linked to a subscriber
+-- take it from `buyer` here: a record detached before cannot be told apart from one billed
+-- at an address its subscriber gave up. `buyer` is `name <address>`; the key is what the
+-- last '<' and the closing '>' enclose (a name may hold a '<' too).
 ALTER TABLE billing_records ADD COLUMN buyer_email TEXT;
 UPDATE billing_records
     SET buyer_email = lower(substring(buyer from '<([^<>]*)>$'))
-    WHERE buyer ~ '<[^<>]*>$';
+    WHERE buyer ~ '<[^<>]*>$' AND subscriber_id IS NOT NULL;
 CREATE INDEX billing_records_buyer_email ON billing_records (controller, buyer_email);
 
 -- For a completed export of a subject: the ids of the kept billing records it covers
