@@ -7,9 +7,10 @@
 //!   raw values of a matched type are searched by; the outcome's note names the identities
 //!   left out (a hashed e-mail, a type no table matches), never their values;
 //! - what erasure does with them (`action`): delete them, anonymize some columns
-//!   (`anonymize`: `null`, or `redacted`, the text `[erased]`, which only a column holding
-//!   text takes; the connector refuses at connect `redacted` on any other column and `null`
-//!   on a NOT NULL one, on SQLite as on PostgreSQL, see `schema`), or `keep` them
+//!   (`anonymize`: `null`, or `redacted`, the text `[erased]`; the connector refuses at
+//!   connect `redacted` on a column whose declared type takes no text, PostgreSQL's not of
+//!   the string category or too short, SQLite's only in a STRICT table, and `null` on a NOT
+//!   NULL one, counting only the columns the erasure writes, see `schema`), or `keep` them
 //!   untouched. Kept rows are counted in the note (`kept 2 (action keep)`) beside what is
 //!   erased. An erasure that finds the subject's rows only in `keep` tables erases
 //!   nothing, so it is [`Outcome::Refused`], the reason saying so with

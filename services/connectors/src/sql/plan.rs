@@ -271,38 +271,28 @@ pub(super) fn plan_table_erasure(
 
     // Kept rows must stay findable: through the link to the parent, or by the columns the
     // request's identities match.
-    let mut findable: BTreeSet<&str> = BTreeSet::new();
-    if let Some(link) = &rule.parent {
-        findable.insert(&link.column);
-    }
+    let left = left_in_kept_rows(rule);
     let mut matched: BTreeSet<&str> = BTreeSet::new();
     for (ty, _) in scope.subject.unwrap_or_default() {
         if let Some(column) = match_key(*ty).and_then(|k| rule.match_columns.get(k)) {
-            findable.insert(column);
             matched.insert(column);
         }
     }
-    let needed: BTreeSet<&str> = rule
-        .retain
-        .iter()
-        .flat_map(|r| r.keep_columns.iter().map(String::as_str))
-        .collect();
     let anonymize_now: Vec<(&str, AnonymizeWith)> = rule
         .anonymize
         .iter()
         .map(|(c, w)| (c.as_str(), *w))
-        .filter(|(c, _)| !findable.contains(c) && !needed.contains(c))
+        .filter(|(c, _)| !left.contains(c) && !matched.contains(c))
         .collect();
     // A child row that its parent's matched rows also reach is found again through them (the
     // parent row stays for it, keeping the columns the request matched it by), so it needs
-    // its own match columns no longer; a row only its own match finds (an invoice sent to an
-    // address the customer row no longer has) keeps them until it is released.
+    // its own match columns no longer; a row only its own match finds (a row carrying an
+    // address the parent row no longer has) keeps them until it is released.
     let through = |b: &mut Binds| through_parent_filter(config, rule, scope, b);
     let by_parent: Vec<(&str, AnonymizeWith)> = match through(&mut Binds::default()) {
         Some(_) => (rule.anonymize.iter())
             .map(|(c, w)| (c.as_str(), *w))
-            .filter(|(c, _)| matched.contains(c) && !needed.contains(c))
-            .filter(|(c, _)| rule.parent.as_ref().is_none_or(|l| l.column != *c))
+            .filter(|(c, _)| matched.contains(c) && !left.contains(c))
             .collect(),
         None => Vec::new(),
     };
@@ -361,6 +351,30 @@ pub(super) fn plan_table_erasure(
             .map(|(child, _)| child.table.clone())
             .collect(),
     })
+}
+
+/// The columns an erasure never writes in the rows of `rule` it keeps, whatever the request:
+/// the link to the parent, through which they are found again, and those the obligation
+/// needs (`retain.keep_columns`).
+fn left_in_kept_rows(rule: &TableRule) -> BTreeSet<&str> {
+    let link = rule.parent.iter().map(|l| l.column.as_str());
+    let needed = rule.retain.iter().flat_map(|r| &r.keep_columns);
+    link.chain(needed.map(String::as_str)).collect()
+}
+
+/// The `anonymize` columns of `rule` that some erasure writes, with what: all of them where
+/// the action is anonymize (its released rows get them all); where it is delete, only kept
+/// rows are written, and never their [`left_in_kept_rows`] columns; none where it is keep.
+pub(super) fn anonymize_written(rule: &TableRule) -> Vec<(&str, AnonymizeWith)> {
+    let left = match rule.action {
+        Action::Anonymize => BTreeSet::new(),
+        Action::Delete => left_in_kept_rows(rule),
+        Action::Keep => return Vec::new(),
+    };
+    (rule.anonymize.iter())
+        .map(|(c, w)| (c.as_str(), *w))
+        .filter(|(c, _)| !left.contains(c))
+        .collect()
 }
 
 /// `(CASE WHEN <kept> THEN 1 ELSE 0 END)` for a table whose rows can be kept: by its own
@@ -947,9 +961,13 @@ mod tests {
         ColumnType::default()
     }
 
+    /// The sample's rules, with its invoices (a child table kept under retention) also
+    /// matched by their own copy of the e-mail, as a child table may be.
     #[test]
     fn plans_bind_values_and_quote_identifiers() {
-        let config = sample_config("sqlite::memory:");
+        let mut config = sample_config("sqlite::memory:");
+        assert_eq!(config.tables[1].table, "invoices");
+        (config.tables[1].match_columns).insert("email".into(), "customer_email".into());
         let raw = usable_identities(
             &config,
             &[
@@ -989,7 +1007,7 @@ mod tests {
             }
         );
         assert!(work(0).probe.is_none() && work(0).count_kept.is_none());
-        // An invoice likewise, by the address it was sent to.
+        // An invoice likewise, by its own copy of the address.
         let customers_at = |e: usize| {
             format!(
                 "\"customer_id\" IN (SELECT \"id\" FROM \"customers\" WHERE \
@@ -1111,7 +1129,7 @@ mod tests {
     #[test]
     fn postgres_columns_are_compared_read_and_written_by_their_types() {
         let typed = |declared: &str, own: &str, base: &str| {
-            ColumnType::postgres(declared.into(), own, base)
+            ColumnType::postgres(declared.into(), own, base, false)
         };
         let types = ColumnTypes::of_columns([
             (
@@ -1353,7 +1371,7 @@ mod tests {
             key: "id".into(),
             after: Some("10".into()),
             through: None,
-            key_type: ColumnType::postgres("bigint".into(), "bigint", "bigint"),
+            key_type: ColumnType::postgres("bigint".into(), "bigint", "bigint", false),
         };
         let scope = Scope {
             subject: None,

@@ -182,11 +182,13 @@ pub enum AnonymizeWith {
     /// the connector connects).
     Null,
     /// The text `[erased]`, for `NOT NULL` text columns and to show a reader what happened.
-    /// Only for columns that hold text: the connector refuses it when it connects for any
-    /// other (a number, date, boolean or UUID column; on SQLite one of INTEGER, REAL or
-    /// NUMERIC affinity or declared BLOB, where the text would be stored as it is; on
-    /// PostgreSQL also a `varchar(n)` or `char(n)` shorter than the text), naming the column
-    /// and its type: use `null` there, or leave the column out.
+    /// Only for columns that take text: the connector refuses it when it connects for a
+    /// PostgreSQL column whose declared type is not of the string category (a number, date,
+    /// boolean or UUID) or is a `varchar(n)` or `char(n)` shorter than the text, and for a
+    /// SQLite STRICT table's INT, INTEGER, REAL or BLOB column (any other SQLite column
+    /// stores the text as it is), naming the column and its type: use `null` there, or leave
+    /// the column out. A delete table's `keep_columns` and link, never written, are not
+    /// checked.
     Redacted,
 }
 

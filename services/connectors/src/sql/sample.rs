@@ -68,7 +68,6 @@ pub fn sample_config(url: &str) -> SqlConnectorConfig {
                 ..rule("contacts", Action::Delete)
             },
             TableRule {
-                match_columns: [(s("email"), s("customer_email"))].into_iter().collect(),
                 anonymize: [(s("customer_email"), AnonymizeWith::Null)]
                     .into_iter()
                     .collect(),

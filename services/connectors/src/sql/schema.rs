@@ -9,18 +9,19 @@
 //! instead, one by one. Either way the operator learns it best before the first request.
 //!
 //! The same goes for a value the rules write that the column cannot take ([`unwritable`]):
-//! `redacted`'s text into a column that holds no text, `null` into a NOT NULL column, a flag
-//! into a column no flag fits. PostgreSQL fails each such request on the type or the
-//! constraint; SQLite fails the NOT NULL alike and stores the text in a number or date
-//! column, where the holder's own software reading it does not expect one, and where the
-//! same rules would fail once the holder moved to PostgreSQL. Both refuse them at connect.
+//! `redacted`'s text into a column whose declared type holds no text, `null` into a NOT NULL
+//! column, a flag into a column no flag fits. PostgreSQL fails each such request on the type
+//! or the constraint, SQLite the NOT NULL alike and the text in a STRICT table's INTEGER,
+//! REAL or BLOB column (any other SQLite column stores the text). Both refuse them at
+//! connect. Only the declared type is checked: a domain's or a column's CHECK constraint is
+//! not, nor a domain's NOT NULL.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use dsrelay_runtime::store::{Backend, Db};
 
-use super::plan::quote;
+use super::plan::{self, quote};
 use super::rules::{AnonymizeWith, SqlConnectorConfig, REDACTED};
 
 /// Names SQLite accepts for a rowid table's row id without a declared column of that name.
@@ -66,27 +67,31 @@ pub(super) struct ColumnType {
     pub(super) nullable: bool,
     /// SQLite: the column's affinity, which decides what it stores a written text as.
     pub(super) affinity: Option<&'static str>,
+    /// SQLite: whether its table is STRICT, where a column stores only values of its type.
+    pub(super) strict: bool,
 }
 
 /// Whether a column takes the text `redacted` writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum TextFit {
-    /// A text type (PostgreSQL), a column of TEXT affinity or one declared without a type
-    /// (SQLite).
+    /// A PostgreSQL type of the string category (`text`, `varchar`, `citext`, a domain over
+    /// one), and every SQLite column but those below: SQLite stores the text as it is in a
+    /// column of any affinity.
     Text,
     /// A PostgreSQL `character varying(n)` or `character(n)` shorter than the text: its
     /// length.
     Short(u32),
-    /// Any other type: PostgreSQL fails the statement, SQLite stores the text in a column of
-    /// INTEGER, REAL or NUMERIC affinity (a DATE, a BOOLEAN) or one declared BLOB.
+    /// Any other PostgreSQL type, which fails the statement, and an INTEGER, REAL or BLOB
+    /// column of a SQLite STRICT table, which fails it as well.
     NotText,
 }
 
 /// How a restriction's or objection's 0/1 flag is written into a column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Flag {
-    /// As the number 1 or 0: integer and other numeric columns, text (PostgreSQL assigns the
-    /// number's text), and every SQLite column.
+    /// As the number 1 or 0: integer and other numeric columns, a string type (PostgreSQL
+    /// assigns the number's text to any type of the string category), and every SQLite
+    /// column.
     Number,
     /// As TRUE or FALSE: a PostgreSQL boolean, which takes no number.
     Boolean,
@@ -146,14 +151,17 @@ impl Default for ColumnType {
             flag: Flag::Number,
             nullable: true,
             affinity: None,
+            strict: false,
         }
     }
 }
 
 impl ColumnType {
     /// PostgreSQL's `declared` type, named by `format_type` with and without its modifier
-    /// (`own`), and the type a domain is over (`base`; the type itself otherwise).
-    pub(super) fn postgres(declared: Arc<str>, own: &str, base: &str) -> Self {
+    /// (`own`), the type a domain is over (`base`; the type itself otherwise), and whether
+    /// `base` is of the string category (`pg_type.typcategory` 'S': text, varchar, char,
+    /// name, and an extension's such as citext), which takes a text and a number's text.
+    pub(super) fn postgres(declared: Arc<str>, own: &str, base: &str, string: bool) -> Self {
         let compare = match base {
             "text" | "character varying" | "character" => Compare::AsIs,
             "smallint" | "integer" | "bigint" => Compare::Integer,
@@ -188,19 +196,20 @@ impl ColumnType {
             _ => KeyOrder::AsText,
         };
         let text = match base {
-            "text" => TextFit::Text,
+            _ if !string => TextFit::NotText,
             // A domain's declared name carries no length.
             "character varying" | "character" if own == base => match length(&declared) {
                 Some(n) if n < REDACTED.chars().count() as u32 => TextFit::Short(n),
                 _ => TextFit::Text,
             },
-            "character varying" | "character" => TextFit::Text,
-            _ => TextFit::NotText,
+            _ => TextFit::Text,
         };
         let flag = match base {
             "boolean" => Flag::Boolean,
-            "smallint" | "integer" | "bigint" | "numeric" | "real" | "double precision"
-            | "text" | "character varying" | "character" => Flag::Number,
+            _ if string => Flag::Number,
+            "smallint" | "integer" | "bigint" | "numeric" | "real" | "double precision" => {
+                Flag::Number
+            }
             _ => Flag::Unusable,
         };
         Self {
@@ -212,15 +221,18 @@ impl ColumnType {
             flag,
             nullable: true,
             affinity: None,
+            strict: false,
         }
     }
 
-    /// SQLite's declared type, whose affinity decides how a batch key is compared and
-    /// whether the column takes `redacted`'s text: by the rules of SQLite's "Determination
-    /// Of Column Affinity", INT gives INTEGER; else CHAR, CLOB or TEXT gives TEXT; else
-    /// BLOB or no type at all gives none (BLOB); else REAL, FLOA or DOUB gives REAL; else
-    /// NUMERIC (a DATE, a BOOLEAN, a DECIMAL).
-    fn sqlite(declared: &str) -> Self {
+    /// SQLite's declared type, whose affinity decides how a batch key is compared: by the
+    /// rules of SQLite's "Determination Of Column Affinity", INT gives INTEGER; else CHAR,
+    /// CLOB or TEXT gives TEXT; else BLOB or no type at all gives none (BLOB); else REAL,
+    /// FLOA or DOUB gives REAL; else NUMERIC (a DATE, a BOOLEAN, a DECIMAL, a UUID). A
+    /// column of any affinity stores `redacted`'s text as it is (a `STRING`, `JSON` or
+    /// `DATETIME` column often holds text anyway); only a `strict` table's columns, whose
+    /// declared type is INT, INTEGER, REAL, TEXT, BLOB or ANY, refuse it unless TEXT or ANY.
+    fn sqlite(declared: &str, strict: bool) -> Self {
         let name = declared.to_ascii_uppercase();
         let has = |part: &str| name.contains(part);
         let affinity = if has("INT") {
@@ -240,20 +252,20 @@ impl ColumnType {
                 "BLOB" => KeyOrder::AsText,
                 _ => KeyOrder::AsIs,
             },
-            // A column declared without a type holds whatever is written, as it is.
-            text: match affinity {
-                "TEXT" => TextFit::Text,
-                "BLOB" if name.trim().is_empty() => TextFit::Text,
-                _ => TextFit::NotText,
+            text: match (strict, name.trim()) {
+                (true, "INT" | "INTEGER" | "REAL" | "BLOB") => TextFit::NotText,
+                _ => TextFit::Text,
             },
             affinity: Some(affinity),
+            strict,
             ..Self::default()
         }
     }
 
-    /// The type in a message: as declared, and on SQLite with its affinity.
+    /// The type in a message: as declared, and on SQLite with its affinity or STRICT table.
     fn described(&self) -> String {
         match self.affinity {
+            Some(_) if self.strict => format!("{} (in a STRICT table)", self.declared),
             Some(affinity) => format!("{} ({affinity} affinity)", self.declared),
             None => self.declared.to_string(),
         }
@@ -373,12 +385,14 @@ pub(super) async fn check_columns(
 /// What the rules write that a column of theirs cannot take, each naming the rule, the
 /// column, its type and what to write instead: `redacted`'s text into a column that holds no
 /// text or too little of it, `null` into a NOT NULL column, a restriction's or objection's
-/// flag into a column no flag fits. Columns the database lacks are reported before.
+/// flag into a column no flag fits. Only what the erasure writes counts: a delete table's
+/// `keep_columns` and link stay as they are in its kept rows ([`plan::anonymize_written`]).
+/// Columns the database lacks are reported before.
 fn unwritable(config: &SqlConnectorConfig, types: &ColumnTypes) -> Vec<String> {
     let mut out = Vec::new();
     for (i, rule) in config.tables.iter().enumerate() {
         let at = format!("tables[{i}] ({})", rule.table);
-        for (column, with) in &rule.anonymize {
+        for (column, with) in plan::anonymize_written(rule) {
             let ty = types.of(&rule.table, column);
             let instead = match ty.nullable {
                 true => "use \"null\" instead, or leave the column out of anonymize",
@@ -405,9 +419,13 @@ fn unwritable(config: &SqlConnectorConfig, types: &ColumnTypes) -> Vec<String> {
                 (AnonymizeWith::Null, fit) => out.push(format!(
                     "{at}: anonymize column {column:?} is \"null\", but the column is NOT NULL; \
                      {}leave the column out of anonymize, or allow NULL in it",
+                    // Not on SQLite unless of TEXT affinity, though any non-STRICT column
+                    // takes the text: a number column is better left out.
                     match fit {
-                        TextFit::Text => "use \"redacted\" (it holds text), ",
-                        TextFit::Short(_) | TextFit::NotText => "",
+                        TextFit::Text if ty.affinity.is_none_or(|a| a == "TEXT") => {
+                            "use \"redacted\" (it holds text), "
+                        }
+                        TextFit::Text | TextFit::Short(_) | TextFit::NotText => "",
                     }
                 )),
             }
@@ -447,18 +465,26 @@ struct Present {
     own: String,
     /// PostgreSQL: the type a domain is over, else `own`; SQLite: empty.
     base: String,
+    /// PostgreSQL: `base`'s `pg_type.typcategory` ('S' for a string type); SQLite: empty.
+    category: String,
     /// 1 when the column is declared NOT NULL, else 0.
     notnull: i64,
+    /// SQLite: whether its table is STRICT (read apart, see [`columns_of`]).
+    #[sqlx(default)]
+    strict: bool,
 }
 
 impl Present {
     /// Its type, as the statements use it on `backend`.
     fn column_type(&self, backend: Backend) -> ColumnType {
         let ty = match backend {
-            Backend::Postgres => {
-                ColumnType::postgres(self.declared.as_str().into(), &self.own, &self.base)
-            }
-            Backend::Sqlite => ColumnType::sqlite(&self.declared),
+            Backend::Postgres => ColumnType::postgres(
+                self.declared.as_str().into(),
+                &self.own,
+                &self.base,
+                self.category == "S",
+            ),
+            Backend::Sqlite => ColumnType::sqlite(&self.declared, self.strict),
         };
         ColumnType {
             nullable: self.notnull == 0,
@@ -481,7 +507,7 @@ async fn columns_of(db: &Db, table: &str) -> anyhow::Result<Vec<Present>> {
     let (sql, name) = match db.backend {
         // table_xinfo, unlike table_info, also lists generated columns.
         Backend::Sqlite => (
-            "SELECT name, type AS declared, '' AS own, '' AS base, \
+            "SELECT name, type AS declared, '' AS own, '' AS base, '' AS category, \
              CAST(\"notnull\" AS BIGINT) AS \"notnull\" FROM pragma_table_xinfo($1)",
             table.to_string(),
         ),
@@ -492,18 +518,38 @@ async fn columns_of(db: &Db, table: &str) -> anyhow::Result<Vec<Present>> {
             "SELECT CAST(a.attname AS TEXT) AS name, \
              format_type(a.atttypid, a.atttypmod) AS declared, \
              format_type(a.atttypid, NULL) AS own, \
-             format_type(COALESCE(NULLIF(t.typbasetype, 0), a.atttypid), NULL) AS base, \
+             format_type(b.oid, NULL) AS base, CAST(b.typcategory AS TEXT) AS category, \
              CAST(CASE WHEN a.attnotnull THEN 1 ELSE 0 END AS BIGINT) AS \"notnull\" \
              FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
-             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+             JOIN pg_catalog.pg_type b ON b.oid = COALESCE(NULLIF(t.typbasetype, 0), a.atttypid) \
+             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped \
+             ORDER BY a.attnum",
             quote(table),
         ),
     };
-    sqlx::query_as::<_, Present>(sql)
-        .bind(name)
+    let mut present = sqlx::query_as::<_, Present>(sql)
+        .bind(name.clone())
         .fetch_all(&db.pool)
         .await
-        .map_err(|e| anyhow::anyhow!("reading the columns of table {table:?}: {e}"))
+        .map_err(|e| anyhow::anyhow!("reading the columns of table {table:?}: {e}"))?;
+    if db.backend == Backend::Sqlite && !present.is_empty() {
+        // table_list came with SQLite 3.37, as STRICT tables did: where it fails there are
+        // none. A temporary table of the name is found before the main one, as the
+        // statements find it.
+        let strict: Option<i64> = sqlx::query_scalar(
+            "SELECT CAST(\"strict\" AS BIGINT) FROM pragma_table_list($1) \
+             ORDER BY schema = 'temp' DESC, schema = 'main' DESC LIMIT 1",
+        )
+        .bind(name)
+        .fetch_optional(&db.pool)
+        .await
+        .ok()
+        .flatten();
+        for p in &mut present {
+            p.strict = strict == Some(1);
+        }
+    }
+    Ok(present)
 }
 
 /// The type of `column` of `table`, whose declared columns are `by_name` (keyed by
@@ -529,18 +575,26 @@ async fn find_column(
         c = quote(column)
     );
     let found = sqlx::query(&probe).execute(&db.pool).await.is_ok();
-    found.then(|| ColumnType::sqlite("INTEGER"))
+    found.then(|| ColumnType::sqlite("INTEGER", false))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The built-in types of PostgreSQL's string category among those the tests name.
+    fn string(base: &str) -> bool {
+        matches!(
+            base,
+            "text" | "character varying" | "character" | "name" | "citext"
+        )
+    }
+
     /// How each PostgreSQL type is compared, read and written, as `format_type` names it.
     #[test]
     fn postgres_types_decide_compare_read_and_write() {
         let ty = |declared: &str, own: &str, base: &str| {
-            let t = ColumnType::postgres(declared.into(), own, base);
+            let t = ColumnType::postgres(declared.into(), own, base, string(base));
             (t.compare, t.native, t.key_order, t.written("$1"))
         };
         let same = |p: &str| p.to_string();
@@ -636,16 +690,17 @@ mod tests {
             ("", KeyOrder::AsText),
         ] {
             assert_eq!(
-                ColumnType::sqlite(declared).key_order,
+                ColumnType::sqlite(declared, false).key_order,
                 expected,
                 "{declared:?}"
             );
         }
     }
 
-    /// `redacted`'s text goes into text columns long enough for it (any length on SQLite,
-    /// which keeps none) and a SQLite column without a type; a flag is TRUE or FALSE in a
-    /// PostgreSQL boolean, 1 or 0 where a number or its text is taken, and nowhere else.
+    /// `redacted`'s text goes into PostgreSQL string types long enough for it (whatever their
+    /// name: `citext`, `name`, a domain over one) and into any SQLite column but a STRICT
+    /// table's INTEGER, REAL or BLOB one; a flag is TRUE or FALSE in a PostgreSQL boolean, 1
+    /// or 0 where a number or its text is taken, and nowhere else.
     #[test]
     fn types_decide_what_redacted_and_a_flag_write() {
         use Flag::{Boolean, Number, Unusable};
@@ -691,8 +746,12 @@ mod tests {
             ("date", "date", "date", (NotText, Unusable)),
             ("uuid", "uuid", "uuid", (NotText, Unusable)),
             ("jsonb", "jsonb", "jsonb", (NotText, Unusable)),
+            // Named by neither format_type nor a list of ours, but of the string category.
+            ("citext", "citext", "citext", (Text, Number)),
+            ("email_address", "email_address", "citext", (Text, Number)),
+            ("name", "name", "name", (Text, Number)),
         ] {
-            let t = ColumnType::postgres(declared.into(), own, base);
+            let t = ColumnType::postgres(declared.into(), own, base, string(base));
             assert_eq!((t.text, t.flag), expected, "{declared}");
         }
         for (flag, value, written) in [(Boolean, 1, "TRUE"), (Boolean, 0, "FALSE")] {
@@ -704,23 +763,34 @@ mod tests {
         }
         assert_eq!(ColumnType::default().flag_value(1), "1");
         assert_eq!(ColumnType::default().flag_value(0), "0");
-        for (declared, expected, affinity) in [
-            ("TEXT", Text, "TEXT"),
-            ("VARCHAR(5)", Text, "TEXT"),
-            ("CLOB", Text, "TEXT"),
-            ("", Text, "BLOB"),
-            ("BLOB", NotText, "BLOB"),
-            ("INTEGER", NotText, "INTEGER"),
-            ("CHARINT", NotText, "INTEGER"),
-            ("DOUBLE", NotText, "REAL"),
-            ("DATE", NotText, "NUMERIC"),
-            ("BOOLEAN", NotText, "NUMERIC"),
+        // SQLite stores the text in a column of any affinity, but for a STRICT table's.
+        for (declared, affinity, in_strict) in [
+            ("TEXT", "TEXT", Text),
+            ("VARCHAR(5)", "TEXT", Text),
+            ("CLOB", "TEXT", Text),
+            ("", "BLOB", Text),
+            ("ANY", "NUMERIC", Text),
+            ("BLOB", "BLOB", NotText),
+            ("INTEGER", "INTEGER", NotText),
+            ("int", "INTEGER", NotText),
+            ("CHARINT", "INTEGER", Text),
+            ("REAL", "REAL", NotText),
+            ("DOUBLE", "REAL", Text),
+            ("DATE", "NUMERIC", Text),
+            ("BOOLEAN", "NUMERIC", Text),
+            ("STRING", "NUMERIC", Text),
+            ("JSON", "NUMERIC", Text),
+            ("UUID", "NUMERIC", Text),
+            ("DATETIME", "NUMERIC", Text),
         ] {
-            let t = ColumnType::sqlite(declared);
-            assert_eq!(
-                (t.text, t.flag, t.affinity),
-                (expected, Number, Some(affinity))
-            );
+            for (strict, expected) in [(false, Text), (true, in_strict)] {
+                let t = ColumnType::sqlite(declared, strict);
+                assert_eq!(
+                    (t.text, t.flag, t.affinity),
+                    (expected, Number, Some(affinity)),
+                    "{declared:?} strict {strict}"
+                );
+            }
         }
     }
 }
