@@ -69,7 +69,7 @@ fn task(kind: RequestKind, identities: Vec<SubjectIdentity>, now_ms: i64, phase:
 }
 
 /// An export task whose files go to a fresh folder under `dir`.
-async fn export_task(kind: RequestKind, who: &str, dir: &std::path::Path) -> Task {
+pub(super) async fn export_task(kind: RequestKind, who: &str, dir: &std::path::Path) -> Task {
     let sink = ExportSink::new(dir.join(format!("{kind:?}")), vec!["billing".into()]);
     sink.reset().await.unwrap();
     Task {
@@ -79,7 +79,7 @@ async fn export_task(kind: RequestKind, who: &str, dir: &std::path::Path) -> Tas
 }
 
 /// The file `name` written by `task`, checked against what the connector reported of it.
-fn written(task: &Task, files: &[ExportedFile], name: &str) -> Vec<u8> {
+pub(super) fn written(task: &Task, files: &[ExportedFile], name: &str) -> Vec<u8> {
     use sha2::Digest as _;
     let bytes = std::fs::read(task.export.as_ref().unwrap().dir().join(name)).unwrap();
     let meta = files.iter().find(|f| f.name == name).expect(name);
@@ -126,7 +126,7 @@ async fn expected_rows(
 }
 
 /// `rows` in the order of their JSON text.
-fn by_content(mut rows: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
+pub(super) fn by_content(mut rows: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
     rows.sort_by_cached_key(|row| row.to_string());
     rows
 }
@@ -1661,7 +1661,7 @@ async fn exports_many_rows(url: String) {
 }
 
 /// A rectification task of a request of its own: a task's receipt answers its repeated calls.
-fn rectification(identities: Vec<SubjectIdentity>, fields: &[(&str, &str)]) -> Task {
+pub(super) fn rectification(identities: Vec<SubjectIdentity>, fields: &[(&str, &str)]) -> Task {
     static REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut task = Task {
@@ -2203,7 +2203,7 @@ on_both_backends!(
 );
 
 /// A contract-end job for `controller`, and the receiver of its progress.
-fn bulk_job(
+pub(super) fn bulk_job(
     controller: &str,
     op: crate::BulkOp,
     phase: Phase,
@@ -2233,7 +2233,7 @@ fn bulk_job(
 
 /// Runs `job` while recording every progress report seen, and checks that the reports only
 /// move forward and end at the totals; the outcome and the last report.
-async fn run_bulk_watched(
+pub(super) async fn run_bulk_watched(
     connector: &SqlConnector,
     job: crate::BulkJob,
     mut rx: tokio::sync::watch::Receiver<crate::BulkProgress>,
@@ -2583,7 +2583,8 @@ async fn scopes_controllers_by_condition(url: String) {
     // A's contract end erases what no obligation keeps, and only A's.
     let (job, rx) = bulk_job("a", crate::BulkOp::Erase, Phase::Start, now(), None);
     let (out, progress) = run_bulk_watched(&connector, job, rx).await;
-    // contacts 1 (Matti's), invoices 5, ledger 2 (Maija's 2015 entry is no longer linked), customers 3.
+    // contacts 1 (Matti's), invoices 5, ledger 2 (Maija's 2015 entry is no longer linked),
+    // customers 3.
     assert_eq!((progress.subjects_total, progress.records_total), (3, 11));
     assert_eq!(
         out,

@@ -1,7 +1,8 @@
 //! Values written in the column's type: `redacted` only where the column takes text, a
 //! restriction's or objection's flag as a boolean where the column is one, and only what the
 //! erasure writes checked; and a child table kept under retention that is also matched by
-//! its own column. Each scenario on SQLite and PostgreSQL where both apply.
+//! its own column; and a SQLite table of the declared types sqlx's `Any` driver refuses,
+//! through every path that reads it. Each scenario on SQLite and PostgreSQL where both apply.
 
 use dsrelay_proto::v1::{FieldCorrection, RequestKind, RequestParameters, SubjectIdentity};
 use dsrelay_runtime::store::{Backend, Db};
@@ -9,7 +10,10 @@ use serde_json::{json, Value};
 
 use super::execute::json_value;
 use super::retention::DAY_MS;
-use super::tests::{email, fresh_postgres_database, ms, now, sample, MAIJA};
+use super::tests::{
+    bulk_job, by_content, email, export_task, fresh_postgres_database, ms, now, rectification,
+    run_bulk_watched, sample, written, MAIJA,
+};
 use super::*;
 
 /// Runs each named scenario as two tests, `<name>::sqlite` and `<name>::postgres`.
@@ -765,5 +769,247 @@ async fn another_customers_invoice_sent_to_the_subjects_address_is_left_alone(ur
         )
         .await,
         [[json!(4), json!("Maija.Meikalainen@Example.fi")]]
+    );
+}
+
+/// A SQLite holder declares dates `DATETIME`, `DATE` or `TIMESTAMP`, flags `BOOLEAN`, amounts
+/// `DECIMAL(10,2)` and text `JSON` or `STRING`: sqlx's `Any` driver refuses a row whose column
+/// is declared one of the first four, whatever it holds (its decoder knows no such type). No
+/// statement of the connector returns such a column bare through it: an export is read by
+/// the file's own reader ([`super::direct`]), which reads each value by its storage class,
+/// and the erasure, retention, rectification and receipts read counts, flags computed in
+/// the statement and dates cast to text. Each path on one table of those types: a subject's
+/// export, a match on a STRING column, a restriction's and objection's flags in BOOLEAN
+/// columns, a rectification of a DATE, an erasure kept by a DATETIME (and its receipt), and
+/// a contract end's export and erasure.
+#[tokio::test]
+async fn sqlite_declared_types_are_read_by_every_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/accounting.db", dir.path().display());
+    let (_, db) = sample(&url).await;
+    exec(
+        &db,
+        "CREATE TABLE visits (id INTEGER PRIMARY KEY, customer_id BIGINT, contact STRING, \
+         seen DATETIME NOT NULL, day DATE, at TIMESTAMP, member BOOLEAN, \
+         restricted BOOLEAN NOT NULL DEFAULT 0, opted_out BOOLEAN NOT NULL DEFAULT 0, \
+         price DECIMAL(10,2), data JSON)",
+    )
+    .await;
+    exec(
+        &db,
+        "INSERT INTO visits (id, customer_id, contact, seen, day, at, member, price, data) \
+         VALUES (1, 1, 'Maija.Meikalainen@Example.fi', '2015-01-31 10:00:00', '2015-01-31', \
+         '2015-01-31 10:00:00', 1, '12.50', '{\"a\": 1}'), \
+         (2, NULL, 'maija.meikalainen@example.fi', '2024-01-31 10:00:00', '2024-01-31', \
+         '2024-01-31 10:00:00', 0, 12.5, '[1, 2]'), \
+         (3, 2, 'matti.virtanen@example.fi', '2024-02-29 08:30:00', '2024-02-29', \
+         '2024-02-29 08:30:00', 1, 7, 'null')",
+    )
+    .await;
+    let mut config = sample_config(&url);
+    let mut visits = rule(&mut config, "invoices").clone();
+    visits.table = "visits".into();
+    // Row 2 has no customer: only its own STRING column finds it.
+    visits.match_columns = [("email".to_string(), "contact".to_string())].into();
+    visits.anonymize = [("contact".to_string(), AnonymizeWith::Null)].into();
+    visits.export = [
+        "id", "contact", "seen", "day", "at", "member", "price", "data",
+    ]
+    .map(String::from)
+    .into();
+    visits.rectify = [("visit_day".to_string(), "day".to_string())].into();
+    visits.restrict_column = Some("restricted".into());
+    visits.suppress_column = Some("opted_out".into());
+    let retain = visits.retain.as_mut().unwrap();
+    retain.from_column = "seen".into();
+    retain.while_condition = None;
+    retain.while_basis = None;
+    config.tables.insert(0, visits);
+    let connector = SqlConnector::connect(config).await.unwrap();
+    let visit = |id: i64, contact: &str, date: &str, time: &str, member: i64, data: &str| {
+        json!({
+            "id": id, "contact": contact, "seen": format!("{date} {time}"), "day": date,
+            "at": format!("{date} {time}"), "member": member, "price": 12.5, "data": data
+        })
+    };
+    let maija = [
+        visit(
+            1,
+            "Maija.Meikalainen@Example.fi",
+            "2015-01-31",
+            "10:00:00",
+            1,
+            "{\"a\": 1}",
+        ),
+        visit(
+            2,
+            "maija.meikalainen@example.fi",
+            "2024-01-31",
+            "10:00:00",
+            0,
+            "[1, 2]",
+        ),
+    ];
+
+    // A subject's export.
+    let export = export_task(RequestKind::ReturnOfData, MAIJA, dir.path()).await;
+    let out = connector.run(&export).await.unwrap();
+    let Outcome::Completed { note, files, .. } = out else {
+        panic!("expected COMPLETED, got {out:?}");
+    };
+    assert!(note.starts_with("visits: exported 2; "), "{note}");
+    let json: Vec<Value> =
+        serde_json::from_slice(&written(&export, &files, "visits.json")).unwrap();
+    assert_eq!(by_content(json), by_content(maija.to_vec()));
+
+    // Flags written into BOOLEAN columns, a DATE rectified.
+    for kind in [RequestKind::Restriction, RequestKind::Objection] {
+        let out = connector
+            .run(&task(kind, vec![email(MAIJA)], now(), Phase::Start))
+            .await
+            .unwrap();
+        assert!(matches!(out, Outcome::Completed { .. }), "{out:?}");
+    }
+    let out = connector
+        .run(&rectification(
+            vec![email(MAIJA)],
+            &[("visit_day", "2024-02-01")],
+        ))
+        .await
+        .unwrap();
+    let Outcome::Completed { note, .. } = out else {
+        panic!("expected COMPLETED, got {out:?}");
+    };
+    assert_eq!(note, "visits: updated 2 (visit_day)");
+    let state = "SELECT id, CAST(day AS TEXT), typeof(day), CAST(restricted AS INTEGER), \
+                 CAST(opted_out AS INTEGER) FROM visits ORDER BY id";
+    assert_eq!(
+        rows(&db, state).await,
+        [
+            [
+                json!(1),
+                json!("2024-02-01"),
+                json!("text"),
+                json!(1),
+                json!(1)
+            ],
+            [
+                json!(2),
+                json!("2024-02-01"),
+                json!("text"),
+                json!(1),
+                json!(1)
+            ],
+            [
+                json!(3),
+                json!("2024-02-29"),
+                json!("text"),
+                json!(0),
+                json!(0)
+            ],
+        ]
+    );
+
+    // An erasure: the 2015 visit is past its six years, the 2024 one kept until the end of
+    // 2030 by its DATETIME, with the address only its own match finds it by. A repeated call
+    // answers from the receipt.
+    let erasure = task(
+        RequestKind::Erasure,
+        vec![email(MAIJA)],
+        now(),
+        Phase::Start,
+    );
+    let out = connector.run(&erasure).await.unwrap();
+    let Outcome::Retained {
+        ref note,
+        records_affected,
+        ..
+    } = out
+    else {
+        panic!("expected RETAINED, got {out:?}");
+    };
+    assert!(
+        note.starts_with("visits: deleted 1, kept 1 until the end of 2030-12-31 (anonymized 0)"),
+        "{note}"
+    );
+    assert!(records_affected > 1, "{out:?}");
+    let Outcome::Retained { note: again, .. } = connector.run(&erasure).await.unwrap() else {
+        panic!("expected RETAINED");
+    };
+    assert_eq!(
+        again,
+        format!("erased by an earlier attempt of this task whose answer was lost: {note}")
+    );
+    let kept = "SELECT id, contact, CAST(seen AS TEXT) FROM visits ORDER BY id";
+    assert_eq!(
+        rows(&db, kept).await,
+        [
+            [json!(2), json!(MAIJA), json!("2024-01-31 10:00:00")],
+            [
+                json!(3),
+                json!("matti.virtanen@example.fi"),
+                json!("2024-02-29 08:30:00")
+            ],
+        ]
+    );
+
+    // A contract end of the customers' rows: its export, and its erasure, which keeps the
+    // 2024 visit by its date.
+    exec(
+        &db,
+        "INSERT INTO visits (id, customer_id, contact, seen, member, price) \
+         VALUES (4, 2, 'matti.virtanen@example.fi', '2015-06-30 12:00:00', 0, 12.50)",
+    )
+    .await;
+    let sink = crate::ExportSink::new(dir.path().join("ce"), vec!["billing".into()]);
+    sink.reset().await.unwrap();
+    let (job, rx) = bulk_job(
+        "acme",
+        crate::BulkOp::Export,
+        Phase::Start,
+        now(),
+        Some(sink),
+    );
+    let (out, _) = run_bulk_watched(&connector, job, rx).await;
+    let Outcome::Completed { note, .. } = out else {
+        panic!("expected COMPLETED, got {out:?}");
+    };
+    assert!(note.starts_with("visits: exported 2; "), "{note}");
+    let json: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("ce/visits.json")).unwrap()).unwrap();
+    let mut matti = visit(
+        3,
+        "matti.virtanen@example.fi",
+        "2024-02-29",
+        "08:30:00",
+        1,
+        "null",
+    );
+    matti["price"] = json!(7);
+    let four = json!({
+        "id": 4, "contact": "matti.virtanen@example.fi", "seen": "2015-06-30 12:00:00",
+        "day": null, "at": null, "member": 0, "price": 12.5, "data": null
+    });
+    assert_eq!(
+        by_content(json.as_array().unwrap().clone()),
+        by_content(vec![matti, four])
+    );
+    let (job, rx) = bulk_job("acme", crate::BulkOp::Erase, Phase::Start, now(), None);
+    let (out, _) = run_bulk_watched(&connector, job, rx).await;
+    let Outcome::Retained { note, until_ms, .. } = out else {
+        panic!("expected RETAINED, got {out:?}");
+    };
+    assert!(
+        note.contains("visits: deleted 1, visits: anonymized 1, ")
+            && note.contains("; visits: kept 1 until the end of 2030-12-31; "),
+        "{note}"
+    );
+    assert!(until_ms >= ms(2031, 1, 1), "{until_ms}");
+    assert_eq!(
+        rows(&db, kept).await,
+        [
+            [json!(2), json!(MAIJA), json!("2024-01-31 10:00:00")],
+            [json!(3), Value::Null, json!("2024-02-29 08:30:00")],
+        ]
     );
 }
