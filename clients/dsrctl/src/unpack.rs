@@ -229,6 +229,22 @@ fn sync_file(file: &File, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Renames `from` to `to` unless `to` exists (an `AlreadyExists` error then, `to` untouched).
+/// A hard link fails on an existing name atomically, where a check followed by a rename would
+/// replace a file created between the two; the staged name then goes. A file system without
+/// hard links gets the check and the rename, with their gap.
+fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
+    match std::fs::hard_link(from, to) {
+        Ok(()) => std::fs::remove_file(from),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(e),
+        Err(_) => match std::fs::symlink_metadata(to) {
+            Ok(_) => Err(std::io::ErrorKind::AlreadyExists.into()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::rename(from, to),
+            Err(e) => Err(e),
+        },
+    }
+}
+
 /// Makes the entries of each of `folders` durable (a file's name, a folder made for it).
 fn sync_folders<'a>(folders: impl IntoIterator<Item = &'a Path>) -> anyhow::Result<()> {
     for folder in folders {
@@ -677,16 +693,15 @@ impl DirSink {
         }
         // Paths are unique in the manifest and the folder was surveyed: whatever is there
         // now came from elsewhere during the download, and is not replaced.
-        match std::fs::symlink_metadata(&full) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Ok(_) => bail!(
+        match rename_no_replace(staged, &full) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
                 "{} appeared while the download ran; it was left as it is",
                 full.display()
             ),
-            Err(e) => return Err(e).with_context(|| format!("checking {}", full.display())),
+            Err(e) => Err(e)
+                .with_context(|| format!("renaming {} to {}", staged.display(), full.display())),
         }
-        std::fs::rename(staged, &full)
-            .with_context(|| format!("renaming {} to {}", staged.display(), full.display()))
     }
 
     fn sync_all_folders(&self) -> anyhow::Result<()> {
@@ -1040,12 +1055,17 @@ impl Sink for ZipSink {
             .and_then(|()| {
                 // Nothing was there when the download began; something that came since is
                 // not replaced.
-                if std::fs::symlink_metadata(&path).is_ok() {
-                    bail!("{} appeared while the download ran", path.display());
+                match rename_no_replace(&partial, &path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        bail!("{} appeared while the download ran", path.display())
+                    }
+                    Err(e) => {
+                        return Err(e).with_context(|| {
+                            format!("renaming {} to {}", partial.display(), path.display())
+                        })
+                    }
                 }
-                std::fs::rename(&partial, &path).with_context(|| {
-                    format!("renaming {} to {}", partial.display(), path.display())
-                })?;
                 renamed = true;
                 sync_folders([Self::folder(&path)])
             });
@@ -2005,5 +2025,32 @@ mod tests {
         assert!(err.contains(STOPPED), "{err}");
         assert!(!path.exists());
         assert!(!tmp.path().join(".pkg.zip.dsrctl-partial").exists());
+    }
+
+    /// A name taken, even by a dangling symbolic link, is never replaced and the staged file
+    /// stays; a free name gets the file and the staged name goes.
+    #[test]
+    fn a_rename_never_replaces_what_is_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("staged");
+        let to = dir.path().join("taken");
+        std::fs::write(&from, b"new").unwrap();
+        std::fs::write(&to, b"theirs").unwrap();
+        let err = rename_no_replace(&from, &to).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&to).unwrap(), b"theirs");
+        assert_eq!(std::fs::read(&from).unwrap(), b"new");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &link).unwrap();
+        let err = rename_no_replace(&from, &link).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        let free = dir.path().join("free");
+        rename_no_replace(&from, &free).unwrap();
+        assert_eq!(std::fs::read(&free).unwrap(), b"new");
+        assert!(!from.exists());
     }
 }
