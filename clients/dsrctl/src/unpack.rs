@@ -386,10 +386,7 @@ fn check_staging(root: &Path, request_id: &str) -> Result<bool, String> {
         let name = entry.file_name();
         match name.to_str() {
             Some(OWNER_NAME) => {
-                let mut id = Vec::new();
-                File::open(entry.path())
-                    .and_then(|f| f.take(1024).read_to_end(&mut id))
-                    .map_err(unreadable)?;
+                let id = read_owner(&entry.path()).map_err(unreadable)?;
                 owner = Some(String::from_utf8_lossy(&id).into_owned());
             }
             Some(name) if name.ends_with(PARTIAL_SUFFIX) => partials += 1,
@@ -432,14 +429,20 @@ fn empty_staging(staging: &Path, keep_owner: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The request id an owner file holds (its first 1024 bytes: an id is far shorter, and a
+/// file that is not one must not be read whole).
+fn read_owner(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut id = Vec::new();
+    File::open(path)?.take(1024).read_to_end(&mut id)?;
+    Ok(id)
+}
+
 /// Makes the owner file in `staging` name `request_id`, unless it does already. A new one
 /// is written under a temporary name, synced, then renamed: a kill leaves the old owner
 /// file or the new one, never half of one.
 fn write_owner(staging: &Path, request_id: &str) -> anyhow::Result<()> {
     let owner = staging.join(OWNER_NAME);
-    let mut id = Vec::new();
-    let read = File::open(&owner).and_then(|f| f.take(1024).read_to_end(&mut id));
-    if read.is_ok() && id == request_id.as_bytes() {
+    if read_owner(&owner).is_ok_and(|id| id == request_id.as_bytes()) {
         return Ok(());
     }
     let temp = staging.join(OWNER_TEMP_NAME);
@@ -930,11 +933,9 @@ impl ZipSink {
             Ok(_) => {}
         }
         let owner = Self::owner_path(&partial);
-        let mut id = Vec::new();
-        let read = File::open(&owner).and_then(|f| f.take(1024).read_to_end(&mut id));
-        match read {
-            Ok(_) if id == request_id.as_bytes() => Ok(()),
-            Ok(_) => Err(in_the_way(&format!(
+        match read_owner(&owner) {
+            Ok(id) if id == request_id.as_bytes() => Ok(()),
+            Ok(id) => Err(in_the_way(&format!(
                 "what an interrupted download of request {:?} left (run that download again \
                  to finish it)",
                 String::from_utf8_lossy(&id)

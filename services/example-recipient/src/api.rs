@@ -1,7 +1,7 @@
 //! The TransferReceiver handlers: who may call, what a valid header is, the chunk rules of
 //! `proto/dsrelay/v1/transfer.proto`, and the recipient's errors as statuses.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,6 +17,7 @@ use dsrelay_runtime::export_files::{
 };
 use dsrelay_runtime::grpc::{self, Authorizer, ServiceName};
 use dsrelay_runtime::identity::{request_id_violation, FieldViolation};
+use dsrelay_runtime::resumable_hash::ResumableSha256;
 use dsrelay_runtime::server::next_message_within;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -76,11 +77,10 @@ pub(crate) struct Api {
 /// part is closed only while no other call is on it, and no call goes on it while it is.
 #[derive(Debug, Default)]
 struct InProgress {
-    /// Files being received or asked about (SendFile, GetTransferState).
-    files: HashSet<PathBuf>,
-    /// The names of the files asked about or received in each part (GetTransferState,
-    /// SendFile), by the part's folder; a name once per call.
-    parts: HashMap<PathBuf, Vec<String>>,
+    /// The names of the files being received or asked about (SendFile, GetTransferState),
+    /// by the folder of their part (a file is stored as `<part's folder>/<name>`); a part
+    /// with none is not listed.
+    parts: HashMap<PathBuf, BTreeSet<String>>,
     /// Parts being closed (CompleteTransfer), by folder.
     closing: HashSet<PathBuf>,
 }
@@ -96,22 +96,19 @@ struct Claim {
 enum ClaimOn {
     /// The part, to close it.
     Closing,
-    /// One file of it by name, with where it is stored.
-    File { name: String, stored: PathBuf },
+    /// One file of it, by name.
+    File(String),
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
         let mut now = self.in_progress.lock().unwrap_or_else(|e| e.into_inner());
-        let ClaimOn::File { name, stored } = &self.on else {
+        let ClaimOn::File(name) = &self.on else {
             now.closing.remove(&self.part);
             return;
         };
-        now.files.remove(stored);
         if let Some(names) = now.parts.get_mut(&self.part) {
-            if let Some(i) = names.iter().position(|n| n == name) {
-                names.swap_remove(i);
-            }
+            names.remove(name);
             if names.is_empty() {
                 now.parts.remove(&self.part);
             }
@@ -165,8 +162,12 @@ impl Api {
                 h.subprocessor, h.name
             )));
         }
-        let stored = self.folder.file_path(sender, h);
-        if !now.files.insert(stored.clone()) {
+        if !now
+            .parts
+            .entry(part.clone())
+            .or_default()
+            .insert(h.name.clone())
+        {
             let then = if receive {
                 "once it has answered, ask GetTransferState and resume"
             } else {
@@ -178,17 +179,10 @@ impl Api {
                 h.name
             )));
         }
-        now.parts
-            .entry(part.clone())
-            .or_default()
-            .push(h.name.clone());
         Ok(Claim {
             in_progress: self.in_progress.clone(),
             part,
-            on: ClaimOn::File {
-                name: h.name.clone(),
-                stored,
-            },
+            on: ClaimOn::File(h.name.clone()),
         })
     }
 
@@ -203,9 +197,7 @@ impl Api {
         let part = self.folder.part_dir(sender, request_id, subprocessor);
         let mut now = self.in_progress.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(names) = now.parts.get(&part) {
-            let mut names = names.clone();
-            names.sort();
-            names.dedup();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
             return Err(ApiError::aborted(format!(
                 "the part of {subprocessor} cannot be closed while files of it are received or \
                  asked about ({}); close it once those calls have answered",
@@ -227,11 +219,14 @@ impl Api {
 
     /// Stores one chunk after checking its offset, size and CRC-32; a refused chunk leaves
     /// nothing behind. The bytes are not synced yet (see [`Folder::sync_partial`]).
+    /// `checkpoint` is the file's checkpoint as the stream's last chunk left it
+    /// ([`Folder::append`]; `None` before its first).
     async fn store_chunk(
         &self,
         sender: &str,
         h: &ExportFileHeader,
         state: FileState,
+        checkpoint: &mut Option<ResumableSha256>,
         chunk: &UploadFileChunk,
     ) -> Result<FileState, ApiError> {
         if chunk.data.is_empty() {
@@ -271,7 +266,10 @@ impl Api {
                 chunk.offset, h.name
             )));
         }
-        self.folder.append(sender, h, &chunk.data).await?;
+        *checkpoint = self
+            .folder
+            .append(sender, h, &chunk.data, checkpoint.take())
+            .await?;
         if !self.chunk_delay.is_zero() {
             tokio::time::sleep(self.chunk_delay).await;
         }
@@ -363,10 +361,13 @@ impl TransferReceiver for Api {
         );
         let from = s.offset;
         let mut next = Some(first);
+        let mut checkpoint = None;
         let received = async {
             while let Some(chunk) = next {
                 refuse_growing(&chunk)?;
-                s = self.store_chunk(&sender, &header, s, &chunk).await?;
+                s = self
+                    .store_chunk(&sender, &header, s, &mut checkpoint, &chunk)
+                    .await?;
                 next = next_message_within(&mut stream, self.idle).await?;
             }
             Ok::<(), Status>(())
@@ -595,5 +596,41 @@ mod tests {
             drop(held);
             assert!(api.claim_file("p", &h, second).is_ok(), "free again");
         }
+    }
+
+    /// A part is not closed while a call is on one of its files (the answer names them, in
+    /// order), and no call goes on a file of it while it is being closed.
+    #[test]
+    fn a_part_is_closed_only_while_no_call_is_on_it() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let folder = Folder::new(root.path().to_path_buf());
+        let api = Api::new(folder, "r".into(), &[], 0, Duration::from_secs(1));
+        let h = header();
+        let other = ExportFileHeader {
+            name: "a.json".into(),
+            ..header()
+        };
+        let close = || api.claim_part("p", &h.request_id, &h.subprocessor);
+        let first = api.claim_file("p", &h, true).map_err(Status::from);
+        let second = api.claim_file("p", &other, false).map_err(Status::from);
+        let (Ok(first), Ok(second)) = (first, second) else {
+            panic!("two files of a part are claimed side by side");
+        };
+        let busy = Status::from(close().err().expect("files of the part are claimed"));
+        assert_eq!(busy.code(), tonic::Code::Aborted, "{busy:?}");
+        assert!(busy.message().contains("(a.json, export.json)"), "{busy:?}");
+        drop(second);
+        let busy = Status::from(close().err().expect("a file of the part is claimed"));
+        assert!(busy.message().contains("(export.json);"), "{busy:?}");
+        drop(first);
+        let closing = close()
+            .map_err(Status::from)
+            .expect("no call is on the part");
+        let busy = Status::from(close().err().expect("the part is being closed"));
+        assert!(busy.message().contains("by another call"), "{busy:?}");
+        let busy = Status::from(api.claim_file("p", &h, true).err().expect("closing"));
+        assert!(busy.message().contains("is being closed"), "{busy:?}");
+        drop(closing);
+        assert!(api.claim_file("p", &h, true).is_ok(), "free again");
     }
 }

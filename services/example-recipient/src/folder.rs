@@ -258,12 +258,20 @@ impl Folder {
     /// calls [`Folder::sync_partial`] before it answers the offset they reach), but for a
     /// checkpoint of the file's digest they complete ([`Folder::advance_checkpoint`]), so
     /// that no more than [`Folder::max_unchecked`] bytes ever follow the last one.
+    ///
+    /// Answers the file's checkpoint as it now stands, for the caller to pass as `checkpoint`
+    /// with its next chunk of the file; `None` passed (a stream's first append) reads it from
+    /// disk and catches up with bytes a stopped run appended past it. The caller keeps every
+    /// other call off the file meanwhile, so what it passes is what the disk holds. `None`
+    /// answered means the file has no checkpoint that a check could take up from (see
+    /// [`Folder::resume_point`]) and none is written.
     pub async fn append(
         &self,
         sender: &str,
         h: &ExportFileHeader,
         data: &[u8],
-    ) -> Result<(), FolderError> {
+        checkpoint: Option<ResumableSha256>,
+    ) -> Result<Option<ResumableSha256>, FolderError> {
         let (_, partial, _) = self.paths(sender, h);
         let mut f = tokio::fs::OpenOptions::new()
             .create(true)
@@ -272,14 +280,20 @@ impl Folder {
             .await
             .doing("appending to", &partial)?;
         let before = f.metadata().await.doing("appending to", &partial)?.len();
-        let checkpoint = self.checkpoint_path(sender, h);
-        let from = if before == 0 {
+        let from = if checkpoint.is_some() {
+            // Passed on from this stream's previous append, which left it less than an
+            // interval behind: nothing to catch up.
+            checkpoint
+        } else if before == 0 {
             // The file is written anew: a checkpoint left from bytes since dropped (another
             // header restarted the file) must not be taken for these.
-            forget_checkpoint(&checkpoint).await?;
+            forget_checkpoint(&self.checkpoint_path(sender, h)).await?;
             Some(ResumableSha256::new())
         } else {
-            match self.resume_point(&checkpoint, before).await? {
+            match self
+                .resume_point(&self.checkpoint_path(sender, h), before)
+                .await?
+            {
                 // A run that stopped between an append and its checkpoint left up to an
                 // interval and a chunk past it: caught up before more are added.
                 Some(from) => Some(self.advance_checkpoint(sender, h, from, before).await?),
@@ -289,11 +303,13 @@ impl Folder {
         f.write_all(data).await.doing("appending to", &partial)?;
         // tokio writes in the background: a write that failed shows only here.
         f.flush().await.doing("appending to", &partial)?;
-        if let Some(from) = from {
-            self.advance_checkpoint(sender, h, from, before + data.len() as u64)
-                .await?;
+        match from {
+            Some(from) => Ok(Some(
+                self.advance_checkpoint(sender, h, from, before + data.len() as u64)
+                    .await?,
+            )),
+            None => Ok(None),
         }
-        Ok(())
     }
 
     /// Where the checkpoint of the file `h` announces is kept while it is partial.
@@ -377,7 +393,7 @@ impl Folder {
         let checkpoint = self.checkpoint_path(sender, h);
         if h.size == 0 {
             // A file of no bytes gets no chunk, and a chunk is what creates the partial form.
-            self.append(sender, h, &[]).await?;
+            self.append(sender, h, &[], None).await?;
         }
         let len = tokio::fs::metadata(&partial)
             .await
@@ -862,9 +878,10 @@ mod tests {
         let begun = folder.begin(SENDER, h).await?;
         assert_eq!(begun.offset, from as u64, "{}", h.name);
         let mut at = from;
+        let mut checkpoint = None;
         while at < to {
             let end = (at + PIECE).min(to);
-            folder.append(SENDER, h, &data[at..end]).await?;
+            checkpoint = folder.append(SENDER, h, &data[at..end], checkpoint).await?;
             at = end;
             if at == data.len() {
                 return folder.finish(SENDER, h).await;
@@ -1010,6 +1027,32 @@ mod tests {
         assert_eq!(state, NOT_STARTED);
         let state = stream(&folder, &h, &large, 0, large.len()).await;
         assert!(state.expect("sent again").complete);
+    }
+
+    /// Within one stream the checkpoint is read from disk at the first chunk only, and
+    /// passed on: a checkpoint path that could not be read (a folder in its place) is not
+    /// met by the chunks after it. Before, every chunk read and decoded it again.
+    #[tokio::test]
+    async fn a_stream_reads_its_checkpoint_once() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let folder = checkpointed(root.path());
+        let data = file_bytes(3 * PIECE, 7);
+        let h = announced("once.bin", &data);
+        assert_eq!(folder.begin(SENDER, &h).await.expect("begun"), NOT_STARTED);
+        let mut checkpoint = folder
+            .append(SENDER, &h, &data[..PIECE], None)
+            .await
+            .expect("the first chunk");
+        std::fs::create_dir(folder.checkpoint_path(SENDER, &h)).expect("a folder in the way");
+        for piece in data[PIECE..].chunks(PIECE) {
+            checkpoint = folder
+                .append(SENDER, &h, piece, checkpoint)
+                .await
+                .expect("the checkpoint is not read again");
+        }
+        std::fs::remove_dir(folder.checkpoint_path(SENDER, &h)).expect("clear the way");
+        let state = folder.finish(SENDER, &h).await.expect("checked");
+        assert!(state.complete);
     }
 
     /// A file restarted under another header forgets the checkpoint of the bytes it dropped
