@@ -181,7 +181,7 @@ impl Api {
                     manifest::path(&file)
                 )))
             }
-            FileBegin::Registered { complete: true } => {
+            FileBegin::Registered { complete: true, .. } => {
                 let state = UploadState {
                     offset: header.size,
                     complete: true,
@@ -192,11 +192,14 @@ impl Api {
                 self.drop_stored(&file).await?;
                 (0, None)
             }
-            FileBegin::Registered { complete: false } => {
-                // Read before the length: a checkpoint counts only bytes durable when it was
-                // recorded, so it never passes the length read after it; read after, it
-                // could count bytes an upload stream running meanwhile appended since.
-                let checkpoint = self.shared.store.file_checkpoint(&file).await?;
+            FileBegin::Registered {
+                complete: false,
+                checkpoint,
+            } => {
+                // The checkpoint was read (by begin_file) before the length: a checkpoint
+                // counts only bytes durable when it was recorded, so it never passes the
+                // length read after it; read after, it could count bytes an upload stream
+                // running meanwhile appended since.
                 (store.stored_len(&key).await.map_err(io_error)?, checkpoint)
             }
         };

@@ -83,10 +83,6 @@ impl PackageStore for Watched {
         }))
     }
 
-    async fn open(&self, key: &str) -> std::io::Result<Box<dyn AsyncRead + Send + Unpin>> {
-        self.open_at(key, 0).await
-    }
-
     async fn open_at(
         &self,
         key: &str,

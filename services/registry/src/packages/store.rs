@@ -34,7 +34,9 @@ pub trait PackageStore: Send + Sync + 'static {
     /// Opens `key` for appending after what is stored (created when absent).
     async fn appender(&self, key: &str) -> io::Result<Box<dyn Appender>>;
     /// Reads what is stored under `key`, from the start, as a stream of bytes.
-    async fn open(&self, key: &str) -> io::Result<Box<dyn AsyncRead + Send + Unpin>>;
+    async fn open(&self, key: &str) -> io::Result<Box<dyn AsyncRead + Send + Unpin>> {
+        self.open_at(key, 0).await
+    }
     /// Reads what is stored under `key` from byte `offset` on (nothing when it holds no
     /// more), without reading the bytes before it: a resumed upload hashes only its tail.
     async fn open_at(
@@ -168,10 +170,6 @@ impl PackageStore for FolderStore {
         .await
         .map_err(io::Error::other)??;
         Ok(appender)
-    }
-
-    async fn open(&self, key: &str) -> io::Result<Box<dyn AsyncRead + Send + Unpin>> {
-        self.open_at(key, 0).await
     }
 
     async fn open_at(

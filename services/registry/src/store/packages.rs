@@ -60,6 +60,11 @@ pub enum FileBegin {
     Registered {
         /// Stored whole already.
         complete: bool,
+        /// How far its upload was hashed, if a checkpoint was recorded
+        /// ([`Store::record_file_checkpoint`]): the number of its first bytes, durable when
+        /// it was written, and the SHA-256 midstate after them. Read in the registration's
+        /// transaction.
+        checkpoint: Option<(u64, Vec<u8>)>,
     },
     /// The header differs from the one registered before for a file whose part is not
     /// stored yet: the new header replaces it, and the bytes stored so far belong to the old
@@ -228,18 +233,25 @@ impl Store {
             tx.rollback().await?;
             return Ok(FileBegin::Expired(at));
         }
-        let existing: Option<(PackageFile, Option<i64>)> = sqlx::query_as::<_, FileWithState>(
+        let existing: Option<FileWithCheckpoint> = sqlx::query_as(
             "SELECT request_id, processor, subprocessor, name, media_type, categories, size, \
-             sha256, stored_at FROM package_files WHERE request_id = $1 AND processor = $2 \
-             AND subprocessor = $3 AND name = $4",
+             sha256, stored_at, checkpoint_bytes, checkpoint_state FROM package_files \
+             WHERE request_id = $1 AND processor = $2 AND subprocessor = $3 AND name = $4",
         )
         .bind(&f.request_id)
         .bind(&f.processor)
         .bind(&f.subprocessor)
         .bind(&f.name)
         .fetch_optional(tx.conn())
-        .await?
-        .map(|r| (r.file(), r.stored_at));
+        .await?;
+        if let Some(old) = existing.as_ref().filter(|r| r.row.file().same_content(f)) {
+            let outcome = FileBegin::Registered {
+                complete: old.row.stored_at.is_some(),
+                checkpoint: old.checkpoint(),
+            };
+            tx.commit().await?;
+            return Ok(outcome);
+        }
         // A stored part is closed: its files stay as they were declared (a package's
         // manifest, which a partner may have downloaded or a controller confirmed by digest,
         // does not change after), so only the same file again is taken.
@@ -254,9 +266,6 @@ impl Store {
         .await?
         .is_some();
         let outcome = match existing {
-            Some((old, stored_at)) if old.same_content(f) => FileBegin::Registered {
-                complete: stored_at.is_some(),
-            },
             _ if part_stored => FileBegin::Conflict,
             None => {
                 sqlx::query(
@@ -273,7 +282,10 @@ impl Store {
                 .bind(&f.sha256)
                 .execute(tx.conn())
                 .await?;
-                FileBegin::Registered { complete: false }
+                FileBegin::Registered {
+                    complete: false,
+                    checkpoint: None,
+                }
             }
             Some(_) => {
                 sqlx::query(
@@ -335,26 +347,6 @@ impl Store {
         .execute(&self.db.pool)
         .await?;
         Ok(done.rows_affected() == 1)
-    }
-
-    /// How far the upload of `f` was hashed, if a checkpoint was recorded
-    /// ([`Store::record_file_checkpoint`]): the number of its first bytes, durable when it was
-    /// written, and the SHA-256 midstate after them.
-    pub async fn file_checkpoint(&self, f: &PackageFile) -> Result<Option<(u64, Vec<u8>)>> {
-        let row: Option<(Option<i64>, Option<Vec<u8>>)> = sqlx::query_as(
-            "SELECT checkpoint_bytes, checkpoint_state FROM package_files WHERE \
-             request_id = $1 AND processor = $2 AND subprocessor = $3 AND name = $4",
-        )
-        .bind(&f.request_id)
-        .bind(&f.processor)
-        .bind(&f.subprocessor)
-        .bind(&f.name)
-        .fetch_optional(&self.db.pool)
-        .await?;
-        Ok(match row {
-            Some((Some(bytes), Some(state))) => u64::try_from(bytes).ok().map(|b| (b, state)),
-            _ => None,
-        })
     }
 
     /// Records that the first `bytes` bytes of `f` are stored durably and that `midstate`
@@ -728,6 +720,25 @@ struct FileWithState {
     stored_at: Option<i64>,
 }
 
+/// A file row, whether it is stored whole, and its checkpoint's columns.
+#[derive(sqlx::FromRow)]
+struct FileWithCheckpoint {
+    #[sqlx(flatten)]
+    row: FileWithState,
+    checkpoint_bytes: Option<i64>,
+    checkpoint_state: Option<Vec<u8>>,
+}
+
+impl FileWithCheckpoint {
+    /// The checkpoint recorded, if both its columns are set.
+    fn checkpoint(&self) -> Option<(u64, Vec<u8>)> {
+        match (self.checkpoint_bytes, &self.checkpoint_state) {
+            (Some(bytes), Some(state)) => u64::try_from(bytes).ok().map(|b| (b, state.clone())),
+            _ => None,
+        }
+    }
+}
+
 impl FileWithState {
     fn file(&self) -> PackageFile {
         PackageFile {
@@ -777,7 +788,13 @@ mod tests {
     async fn store_file(store: &Store, id: &str, subprocessor: &str) {
         let f = file(id, subprocessor);
         let begun = store.begin_file(&f, 10).await.expect("begin file");
-        assert_eq!(begun, FileBegin::Registered { complete: false });
+        assert_eq!(
+            begun,
+            FileBegin::Registered {
+                complete: false,
+                checkpoint: None
+            }
+        );
         store.file_stored(&f, 11).await.expect("file stored");
     }
 
