@@ -40,7 +40,7 @@ use serde_json::Value;
 
 use super::api::{Api, Deletion, Reply};
 use super::scrub::Scrubber;
-use super::MailchimpConnector;
+use super::{audience_missing, MailchimpConnector};
 use crate::export::{JsonArrayWriter, JSON};
 use crate::{BulkJob, BulkOp, BulkProgress, ConnectorError, ErasedCount, Outcome, Phase};
 
@@ -148,18 +148,12 @@ impl MailchimpConnector {
 async fn count_members(api: &Api, scrub: &Scrubber) -> Result<u64, ConnectorError> {
     member_count(api, scrub)
         .await?
-        .ok_or_else(|| missing_audience(api))
+        .ok_or_else(|| audience_missing(api, NOTHING_DONE))
 }
 
-/// The audience answered 404 before a step did anything.
-fn missing_audience(api: &Api) -> ConnectorError {
-    ConnectorError::Permanent(format!(
-        "mailchimp: audience {} was not found at {}; nothing was done (check list_id and \
-         base_url, or whether an earlier run already deleted it)",
-        api.list_id(),
-        api.base()
-    ))
-}
+/// The [`audience_missing`] tail when the audience answered 404 before a step did anything.
+const NOTHING_DONE: &str = "nothing was done (check list_id and base_url, or whether an \
+                            earlier run already deleted it)";
 
 /// The audience's members, every status: the total of its members' pages; `None` when the
 /// audience answers 404.
@@ -189,7 +183,7 @@ async fn erase_audience(
         // This 404 reads the audience as the check below does: after a cut-off call, it is
         // that call's deletion, and failing here would leave the data gone uncertified.
         None if job.interrupted => return Ok(deleted_by_cut_off_call(api.list_id(), job)),
-        None => return Err(missing_audience(api)),
+        None => return Err(audience_missing(api, NOTHING_DONE)),
     };
     match &job.returned {
         // Past the check: recorded before the delete, so that a retry or a resumed call is

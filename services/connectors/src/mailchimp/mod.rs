@@ -377,7 +377,7 @@ impl MailchimpConnector {
     async fn ensure_audience(&self, api: &Api, scrub: &Scrubber) -> Result<(), ConnectorError> {
         match api.get_list(scrub).await? {
             Reply::Done(_) => Ok(()),
-            Reply::Missing => Err(audience_missing(api)),
+            Reply::Missing => Err(audience_missing(api, CHECK_LIST)),
         }
     }
 
@@ -677,7 +677,7 @@ impl MailchimpConnector {
             match api.put_member(hash, &body, scrub).await? {
                 Upsert::Done(_) => added.push(hash.as_str()),
                 Upsert::Forgotten => forgotten.push(hash.as_str()),
-                Upsert::Missing => return Err(audience_missing(api)),
+                Upsert::Missing => return Err(audience_missing(api, CHECK_LIST)),
             }
         }
         let list = api.list_id();
@@ -975,10 +975,14 @@ impl Connector for MailchimpConnector {
     }
 }
 
+/// The [`audience_missing`] tail of the steps that act on one data subject.
+const CHECK_LIST: &str = "check list_id and base_url";
+
 /// The error for an audience that is not there: Mailchimp answers 404 for a wrong `list_id`.
-fn audience_missing(api: &Api) -> ConnectorError {
+/// `tail` follows the "; " and tells the caller what to check.
+fn audience_missing(api: &Api, tail: &str) -> ConnectorError {
     ConnectorError::Permanent(format!(
-        "mailchimp: audience {} was not found at {}; check list_id and base_url",
+        "mailchimp: audience {} was not found at {}; {tail}",
         api.list_id(),
         api.base()
     ))

@@ -924,19 +924,13 @@ fn without_separators(text: &str) -> String {
         })
 }
 
-/// The match expression of the text column `column` holding phone numbers.
-#[cfg(test)]
-fn phone_digits(column: &str) -> String {
-    without_separators(&quote(column))
-}
-
 /// The index the module documentation tells operators to create for a phone match column
 /// `phone` of `customers`.
 #[cfg(test)]
 pub(super) fn documented_phone_index() -> String {
     format!(
         "CREATE INDEX customers_phone_digits ON customers (({}))",
-        phone_digits("phone")
+        without_separators(&quote("phone"))
     )
 }
 
@@ -1359,8 +1353,11 @@ mod tests {
         let columns = [("phone".to_string(), "phone".to_string())].into();
         let raw = [(IdentityType::Phone, "+358401234567".to_string())];
         let clause = match_clause(&columns, &raw, &as_is, &mut Binds::default()).unwrap();
-        assert_eq!(clause, format!("({} = $1)", phone_digits("phone")));
-        assert!(index.contains(&compact(&phone_digits("phone"))));
+        assert_eq!(
+            clause,
+            format!("({} = $1)", without_separators(&quote("phone")))
+        );
+        assert!(index.contains(&compact(&without_separators(&quote("phone")))));
     }
 
     #[test]

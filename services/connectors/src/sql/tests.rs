@@ -156,7 +156,7 @@ async fn count(db: &Db, sql: &str) -> i64 {
 }
 
 /// Every row `sql` returns, every column as JSON.
-async fn rows(db: &Db, sql: &str) -> Vec<Vec<serde_json::Value>> {
+pub(super) async fn rows(db: &Db, sql: &str) -> Vec<Vec<serde_json::Value>> {
     let fetched = sqlx::query(sql)
         .fetch_all(&db.pool)
         .await
@@ -218,6 +218,7 @@ macro_rules! on_both_backends {
         }
     )*};
 }
+pub(super) use on_both_backends;
 
 on_both_backends!(
     erases_subject_by_email,
@@ -674,6 +675,11 @@ async fn the_documented_phone_index_serves_every_statement(url: String) {
     }
 }
 
+/// The rule of `table` in `config`.
+pub(super) fn rule<'a>(config: &'a mut SqlConnectorConfig, table: &str) -> &'a mut TableRule {
+    config.tables.iter_mut().find(|t| t.table == table).unwrap()
+}
+
 /// SQLite reads a quoted name that is no column as a string literal, so a misspelt column
 /// matched nothing, exported its own name or linked no children, all without an error;
 /// PostgreSQL failed each request instead. Both now refuse to start, naming the rule, the
@@ -681,9 +687,6 @@ async fn the_documented_phone_index_serves_every_statement(url: String) {
 async fn a_misspelt_table_or_column_fails_at_connect(url: String) {
     let (_, db) = sample(&url).await;
     let postgres = db.backend == dsrelay_runtime::store::Backend::Postgres;
-    fn rule<'a>(config: &'a mut SqlConnectorConfig, table: &str) -> &'a mut TableRule {
-        config.tables.iter_mut().find(|t| t.table == table).unwrap()
-    }
     type Edit = fn(&mut SqlConnectorConfig);
     let cases: [(Edit, &str); 6] = [
         (
@@ -2295,7 +2298,7 @@ async fn dump(db: &Db, customers: &str) -> Vec<Vec<Vec<serde_json::Value>>> {
     out
 }
 
-async fn exec(db: &Db, sql: &str) {
+pub(super) async fn exec(db: &Db, sql: &str) {
     sqlx::query(sql)
         .execute(&db.pool)
         .await

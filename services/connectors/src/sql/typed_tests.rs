@@ -8,36 +8,12 @@ use dsrelay_proto::v1::{FieldCorrection, RequestKind, RequestParameters, Subject
 use dsrelay_runtime::store::{Backend, Db};
 use serde_json::{json, Value};
 
-use super::execute::json_value;
 use super::retention::DAY_MS;
 use super::tests::{
-    bulk_job, by_content, email, export_task, fresh_postgres_database, ms, now, rectification,
-    run_bulk_watched, sample, written, MAIJA,
+    bulk_job, by_content, email, exec, export_task, fresh_postgres_database, ms, now,
+    on_both_backends, rectification, rows, rule, run_bulk_watched, sample, written, MAIJA,
 };
 use super::*;
-
-/// Runs each named scenario as two tests, `<name>::sqlite` and `<name>::postgres`.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test]
-            async fn sqlite() {
-                let dir = tempfile::tempdir().unwrap();
-                let url = format!("sqlite://{}/accounting.db", dir.path().display());
-                super::$name(url).await;
-            }
-
-            #[tokio::test]
-            async fn postgres() {
-                let Some(db) = super::fresh_postgres_database(stringify!($name)).await else {
-                    return;
-                };
-                super::$name(db.url.clone()).await;
-                db.drop_database().await;
-            }
-        }
-    )*};
-}
 
 on_both_backends!(
     redacted_is_refused_where_the_column_holds_no_text,
@@ -65,34 +41,6 @@ fn task(kind: RequestKind, identities: Vec<SubjectIdentity>, now_ms: i64, phase:
         interrupted: false,
         export: None,
     }
-}
-
-async fn exec(db: &Db, sql: &str) {
-    sqlx::query(sql)
-        .execute(&db.pool)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-}
-
-/// Every row `sql` returns, every column as JSON.
-async fn rows(db: &Db, sql: &str) -> Vec<Vec<Value>> {
-    let fetched = sqlx::query(sql)
-        .fetch_all(&db.pool)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    use sqlx::Row as _;
-    fetched
-        .iter()
-        .map(|row| {
-            (0..row.len())
-                .map(|i| json_value(row, i).unwrap())
-                .collect()
-        })
-        .collect()
-}
-
-fn rule<'a>(config: &'a mut SqlConnectorConfig, table: &str) -> &'a mut TableRule {
-    config.tables.iter_mut().find(|t| t.table == table).unwrap()
 }
 
 /// The sample database, and a connector whose invoices are also matched by their own copy of
