@@ -265,8 +265,8 @@ pub(crate) async fn execute(
         RequestKind::ReturnOfData | RequestKind::Transfer => {
             // The data is not read here: GetExportPage reads it page by page (see
             // `crate::export`), so no export is ever held whole.
-            let deliveries = count_deliveries(tx, &ids).await?;
-            let billing = count_billing(tx, &ids).await? + kept.len() as i64;
+            let deliveries = count_linked(tx, "deliveries", &ids).await?;
+            let billing = count_linked(tx, "billing_records", &ids).await? + kept.len() as i64;
             let what = exported(n, deliveries, billing);
             let note = match kind {
                 RequestKind::Transfer => format!(
@@ -439,28 +439,21 @@ async fn find_kept(tx: &mut Transaction<'_, Any>, req: &ExecuteRequest) -> sqlx:
 const KEPT: &str = "b.controller = $1 AND b.subscriber_id IS NULL AND NOT EXISTS \
      (SELECT 1 FROM subscribers s WHERE s.controller = b.controller AND s.email = b.buyer_email)";
 
-/// How many deliveries the subscribers `ids` have.
-async fn count_deliveries(tx: &mut Transaction<'_, Any>, ids: &[i64]) -> sqlx::Result<i64> {
+/// How many rows of `table` (deliveries or billing records) are linked to the subscribers
+/// `ids`.
+async fn count_linked(
+    tx: &mut Transaction<'_, Any>,
+    table: &'static str,
+    ids: &[i64],
+) -> sqlx::Result<i64> {
     let mut total = 0;
     for id in ids {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM deliveries WHERE subscriber_id = $1")
-            .bind(id)
-            .fetch_one(&mut **tx)
-            .await?;
-        total += n;
-    }
-    Ok(total)
-}
-
-/// How many billing records are linked to the subscribers `ids`.
-async fn count_billing(tx: &mut Transaction<'_, Any>, ids: &[i64]) -> sqlx::Result<i64> {
-    let mut total = 0;
-    for id in ids {
-        let n: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM billing_records WHERE subscriber_id = $1")
-                .bind(id)
-                .fetch_one(&mut **tx)
-                .await?;
+        let n: i64 = sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) FROM {table} WHERE subscriber_id = $1"
+        ))
+        .bind(id)
+        .fetch_one(&mut **tx)
+        .await?;
         total += n;
     }
     Ok(total)
@@ -689,34 +682,54 @@ async fn count_controller(
     Ok((subscribers, deliveries, billing))
 }
 
-/// The check of an ERASE that follows a return (`ExecuteBulkRequest.returned`), before it
-/// erases anything: the controller's data counted as its export counts it (subscribers as
-/// subjects; subscribers, deliveries and billing records as records) against the export's
-/// done counts. The refusal's text when more is held now than was returned; `None` when
-/// not, or when the request has no `returned` or is no first erasure.
-pub(crate) async fn unreturned(
+/// What [`count_bulk`] counted of a bulk job's controller, for [`bulk`].
+pub(crate) struct Held {
+    subscribers: i64,
+    deliveries: i64,
+    billing: i64,
+}
+
+/// Counts the controller of the bulk job `req` (validated) once, for [`bulk`], and checks an
+/// ERASE that follows a return against those counts ([`unreturned`]) before anything is
+/// erased: `Err` with the refusal's text when more is held now than was returned.
+pub(crate) async fn count_bulk(
     tx: &mut Transaction<'_, Any>,
     req: &ExecuteBulkRequest,
-) -> sqlx::Result<Option<String>> {
-    let Some(returned) = req.returned.as_ref() else {
-        return Ok(None);
+) -> sqlx::Result<Result<Held, String>> {
+    let (subscribers, deliveries, billing) = count_controller(tx, &req.controller).await?;
+    let held = Held {
+        subscribers,
+        deliveries,
+        billing,
     };
+    Ok(match unreturned(req, &held) {
+        Some(refusal) => Err(refusal),
+        None => Ok(held),
+    })
+}
+
+/// The check of an ERASE that follows a return (`ExecuteBulkRequest.returned`): the
+/// controller's data `held` counted as its export counts it (subscribers as subjects;
+/// subscribers, deliveries and billing records as records) against the export's done
+/// counts. The refusal's text when more is held now than was returned; `None` when not, or
+/// when the request has no `returned` or is no first erasure.
+fn unreturned(req: &ExecuteBulkRequest, held: &Held) -> Option<String> {
+    let returned = req.returned.as_ref()?;
     if req.operation != BulkOperation::Erase as i32 || req.retention_expired {
-        return Ok(None);
+        return None;
     }
     let controller = req.controller.as_str();
-    let (subscribers, deliveries, billing) = count_controller(tx, controller).await?;
     let to_u64 = |n: i64| u64::try_from(n).unwrap_or(0);
     let (subjects, records) = (
-        to_u64(subscribers),
-        to_u64(subscribers + deliveries + billing),
+        to_u64(held.subscribers),
+        to_u64(held.subscribers + held.deliveries + held.billing),
     );
     let more_subjects = subjects.saturating_sub(returned.subjects_done);
     let more_records = records.saturating_sub(returned.records_done);
     if more_subjects == 0 && more_records == 0 {
-        return Ok(None);
+        return None;
     }
-    Ok(Some(format!(
+    Some(format!(
         "{more_records} record(s) ({more_subjects} subscriber(s)) of controller {controller} \
          arrived after the contract end's export and were never returned, if not more: that \
          many more are held now than were returned (held now: {records} record(s) of \
@@ -724,7 +737,7 @@ pub(crate) async fn unreturned(
          does not show in these counts; nothing was erased. The controller can end the \
          contract again to have them returned",
         returned.records_done, returned.subjects_done
-    )))
+    ))
 }
 
 /// Deletes every subscriber of `controller` and their deliveries, in two statements; returns
@@ -750,19 +763,24 @@ pub(crate) async fn erase_controller(
     Ok((n(subscribers), n(deliveries)))
 }
 
-/// Carries out the bulk job `req` (validated) in `tx`: counts the controller's subscribers,
-/// deliveries and billing records, then either leaves them to be read with GetExportPage
-/// (EXPORT) or deletes the subscribers and deliveries with the billing records released by
-/// `cutoff_ms` (ERASE). Answers COMPLETED with the counts, or RETAINED when billing records
-/// are kept; a retention-expired erasure is the same at its `cutoff_ms`, and finds only kept
-/// billing records left.
+/// Carries out the bulk job `req` (validated) in `tx` with its controller's subscribers,
+/// deliveries and billing records as [`count_bulk`] counted them (`held`): either leaves
+/// them to be read with GetExportPage (EXPORT) or deletes the subscribers and deliveries
+/// with the billing records released by `cutoff_ms` (ERASE). Answers COMPLETED with the
+/// counts, or RETAINED when billing records are kept; a retention-expired erasure is the
+/// same at its `cutoff_ms`, and finds only kept billing records left.
 pub(crate) async fn bulk(
     tx: &mut Transaction<'_, Any>,
     req: &ExecuteBulkRequest,
+    held: Held,
     cutoff_ms: i64,
 ) -> sqlx::Result<ExecuteBulkResponse> {
     let controller = req.controller.as_str();
-    let (subscribers, deliveries, billing) = count_controller(tx, controller).await?;
+    let Held {
+        subscribers,
+        deliveries,
+        billing,
+    } = held;
     let to_u64 = |n: i64| u64::try_from(n).unwrap_or(0);
     // An export's are the records its pages hold, which the connector reports as the
     // export's count; an erasure's stay the rows it deletes outright (its `erased` counts

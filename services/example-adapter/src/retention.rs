@@ -254,18 +254,15 @@ async fn forget_ambiguous_keys(tx: &mut Transaction<'_, Any>, id: i64) -> sqlx::
     .execute(&mut **tx)
     .await?
     .rows_affected();
-    let clear = if reused > 0 {
-        sqlx::query("UPDATE billing_records SET buyer_email = NULL WHERE subscriber_id = $1")
-            .bind(id)
-    } else {
-        sqlx::query(
-            "UPDATE billing_records SET buyer_email = NULL WHERE subscriber_id = $1 \
-             AND (buyer_email IS NULL OR buyer_email <> $2)",
-        )
-        .bind(id)
-        .bind(&email)
-    };
-    clear.execute(&mut **tx).await?;
+    sqlx::query(
+        "UPDATE billing_records SET buyer_email = NULL WHERE subscriber_id = $1 \
+         AND ($3 OR buyer_email IS NULL OR buyer_email <> $2)",
+    )
+    .bind(id)
+    .bind(&email)
+    .bind(reused > 0)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 

@@ -443,10 +443,13 @@ impl Store {
             return row.decode_bulk();
         }
         // Refused unstored: nothing was done under the job id.
-        if let Some(refusal) = newsletter::unreturned(&mut tx, req).await? {
-            tx.rollback().await?;
-            return Err(StoreError::FailedPrecondition(refusal));
-        }
+        let held = match newsletter::count_bulk(&mut tx, req).await? {
+            Ok(held) => held,
+            Err(refusal) => {
+                tx.rollback().await?;
+                return Err(StoreError::FailedPrecondition(refusal));
+            }
+        };
         let lineage = Lineage {
             caller,
             request_id: &req.request_id,
@@ -457,7 +460,7 @@ impl Store {
             Some(f) if req.operation == BulkOperation::Erase as i32 => now.max(f.until_ms),
             _ => now,
         };
-        let response = newsletter::bulk(&mut tx, req, cutoff).await?;
+        let response = newsletter::bulk(&mut tx, req, held, cutoff).await?;
         sqlx::query(
             "UPDATE adapter_tasks SET outcome = $1, response = $2, updated_at = $3, \
              retain_until = $5 WHERE task_id = $4",

@@ -472,11 +472,17 @@ async fn call_bulk(
         note_call(shared, job, *seq).await?;
         None
     };
+    // What the task holds is another step's (a return's, a finished erasure's) until this
+    // step records its own.
+    let recorded = if job.task.phase == phase_of(op) {
+        job.task.counts
+    } else {
+        BulkProgress::default()
+    };
     // An erasure that recorded progress of its own passed its check in an earlier call
     // (connectors record it before erasing anything): it may have erased part, so it is
     // not checked again.
-    let passed =
-        job.task.phase == ContractPhase::Deleting && job.task.counts != BulkProgress::default();
+    let passed = recorded != BulkProgress::default();
     let returned = match (op, phase) {
         (BulkOp::Erase, Phase::Start) if !passed => match shared.store.returned(key).await {
             Ok(r) => r,
@@ -500,13 +506,7 @@ async fn call_bulk(
         due_at_ms: job.due_at,
         now_ms: shared.clock.now_ms(),
         interrupted: op == BulkOp::Erase && job.task.call_started_at.is_some(),
-        // What the task holds is another step's (a return's, a finished erasure's) until
-        // this step records its own.
-        recorded_progress: if job.task.phase == phase_of(op) {
-            job.task.counts
-        } else {
-            BulkProgress::default()
-        },
+        recorded_progress: recorded,
         export,
         progress: reporter.clone(),
         returned,

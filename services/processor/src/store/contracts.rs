@@ -11,7 +11,7 @@ use dsrelay_proto::v1::{
 use dsrelay_runtime::trace_context;
 use sqlx::AnyConnection;
 
-use super::rows::{retained_only, stored_count, TaskKey, TaskRecord, TaskRow, TASK_COLUMNS};
+use super::rows::{count, retained_only, stored_count, TaskKey, TaskRecord, TaskRow, TASK_COLUMNS};
 use super::{acks, tasks, Store};
 use crate::task_machine::{amend, decide, Context, Decision, Event, Refusal, Terms};
 
@@ -421,7 +421,6 @@ impl Store {
         .bind(&key.subprocessor)
         .fetch_optional(&self.db.pool)
         .await?;
-        let count = |v: i64| u64::try_from(v).unwrap_or(0);
         Ok(match row {
             Some((Some(subjects), Some(records))) => Some(BulkProgress {
                 subjects_done: count(subjects),

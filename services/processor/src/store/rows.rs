@@ -296,7 +296,7 @@ impl KindedRecord {
 }
 
 /// A stored count (BIGINT) as the wire's unsigned count.
-fn count(v: i64) -> u64 {
+pub(super) fn count(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 

@@ -21,8 +21,8 @@ use sha2::{Digest, Sha256};
 use super::audit::{self, AuditTx, NewEntry, Record};
 use super::certificates::Certifying;
 use super::rows::{
-    retained_only, state_value, stored_count, ClaimedRecord, JoinedRecord, KindedRecord, ManualRow,
-    TaskJob, TaskKey, TaskRecord, TaskRow, JOINED_SELECT, TASK_COLUMNS,
+    count, retained_only, state_value, stored_count, ClaimedRecord, JoinedRecord, KindedRecord,
+    ManualRow, TaskJob, TaskKey, TaskRecord, TaskRow, JOINED_SELECT, TASK_COLUMNS,
 };
 use super::{acks, Store};
 use crate::certificates::Issuer;
@@ -1160,7 +1160,6 @@ pub(super) async fn finish_step(
     ) = sqlx::FromRow::from_row(&row)?;
     let (t, next, now, attempts, by) = (&write.t, write.next, write.now, write.attempts, step.by);
     // Every acknowledgement of a contract end task carries its progress as recorded now.
-    let count = |v: i64| u64::try_from(v).unwrap_or(0);
     let progress = i32::try_from(phase)
         .ok()
         .and_then(|p| ContractPhase::try_from(p).ok())
