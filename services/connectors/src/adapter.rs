@@ -1619,6 +1619,7 @@ mod tests {
             export: None,
             progress,
             returned: None,
+            returned_since_ms: None,
         };
         let out = connector.run_bulk(&job).await.unwrap();
         assert!(matches!(out, Outcome::Refused { .. }), "{out:?}");

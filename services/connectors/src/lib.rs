@@ -255,13 +255,19 @@ pub struct BulkJob {
     /// ([`ProgressReporter::record_now`]) and erases. The check compares totals, not which
     /// records are held: records that arrived after the export pass it when as many were
     /// deleted meanwhile (one subject erased, another signed up), and records that arrive
-    /// after the check, while the erasure runs, are erased too; neither was returned.
+    /// after the check, while the erasure runs, are erased too; neither was returned. A
+    /// connector that can ask its holder what changed since a time also checks arrivals
+    /// since [`BulkJob::returned_since_ms`] (Mailchimp does), which the totals miss.
     /// `None` means no check: a DELETE or a
     /// contract end without a choice (nothing was returned), a retention run, a
     /// confirmation, or an erasure an earlier call of which passed the check (the processor
     /// holds progress of this erasure: it may have erased part already, so fewer records now
     /// say nothing, and it is not stopped half done).
     pub returned: Option<BulkProgress>,
+    /// When the export whose counts [`BulkJob::returned`] holds started (its last call, by
+    /// the processor's clock, ms since the epoch): what changed at the holder after it was
+    /// not returned. `None` when `returned` is `None` or the start was not recorded.
+    pub returned_since_ms: Option<i64>,
 }
 
 /// The check of an erasure that follows a return ([`BulkJob::returned`]): `held` is what

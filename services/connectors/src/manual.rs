@@ -120,6 +120,7 @@ mod tests {
             export: None,
             progress: ProgressReporter::new().0,
             returned: None,
+            returned_since_ms: None,
         }
     }
 

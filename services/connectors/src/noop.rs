@@ -148,6 +148,7 @@ mod tests {
             export: None,
             progress,
             returned: None,
+            returned_since_ms: None,
         };
         let c = NoopConnector::new(&NoopConfig {
             delay_ms: 1,

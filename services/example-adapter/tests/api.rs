@@ -1029,6 +1029,7 @@ async fn the_adapter_connector_scopes_tasks_and_ends_a_contract() {
             export: Some(sink),
             progress,
             returned: None,
+            returned_since_ms: None,
         };
         (job, seen)
     };
@@ -1794,6 +1795,7 @@ async fn a_contract_end_export_holds_the_controllers_billing_records(backend: Ba
         export: Some(sink),
         progress,
         returned: None,
+        returned_since_ms: None,
     };
     let out = connector.run_bulk(&job).await.unwrap();
     let Outcome::Completed {
@@ -1854,6 +1856,7 @@ async fn an_erasure_after_a_return_refuses_what_arrived_since(backend: Backend) 
             export: Some(ExportSink::new(dir.path().join("export"), Vec::new())),
             progress,
             returned: None,
+            returned_since_ms: None,
         };
         (job, seen)
     };

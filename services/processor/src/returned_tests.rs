@@ -1,11 +1,12 @@
 //! The erasure that follows a return is checked against what the return counted, through
 //! the processor's real store (SQLite, and PostgreSQL when `DSRELAY_TEST_POSTGRES_URL`
 //! names a server) and runner: the counts go with the task when the confirmation releases
-//! the erasure, every call gets them until one records that it passed the check, a holder
-//! holding more fails the task with its reason, and a DELETE is never checked.
+//! the erasure, with when the export's call started, every call gets them until one records
+//! that it passed the check, a holder holding more fails the task with its reason, and a
+//! DELETE is never checked.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use dsrelay_connectors::{
     check_returned, BoxFuture, BulkJob, BulkProgress, Connector, ConnectorError, Outcome, Task,
@@ -15,6 +16,7 @@ use dsrelay_proto::v1::{
     ContractEnd, ContractEndChoice, ContractPhase, DeliverRequest, RequestKind, RequestParameters,
     TaskState,
 };
+use dsrelay_runtime::clock::Clock;
 use dsrelay_runtime::pki::DevPki;
 
 use crate::app::Shared;
@@ -39,14 +41,21 @@ enum Call {
     PassThenFail,
     /// Checks, records, erases: COMPLETED.
     Finish,
+    /// Exports nothing (no files): COMPLETED.
+    Export,
 }
 
 /// A holder of `held` (as its export counts), taking its calls from `script` in order and
-/// noting each call's [`BulkJob::returned`].
+/// noting each call's [`BulkJob::returned`] and [`BulkJob::returned_since_ms`].
 struct Holder {
     held: BulkProgress,
     script: Mutex<Vec<Call>>,
     seen: Mutex<Vec<Option<BulkProgress>>>,
+    since_seen: Mutex<Vec<Option<i64>>>,
+    /// The processor's clock, when the test gave it: each call notes its time by it.
+    clock: OnceLock<Clock>,
+    /// Per call: the job's `now_ms` and the processor's clock when the holder was called.
+    called: Mutex<Vec<(i64, Option<i64>)>>,
 }
 
 impl Holder {
@@ -55,6 +64,9 @@ impl Holder {
             held,
             script: Mutex::new(script.iter().rev().copied().collect()),
             seen: Mutex::new(Vec::new()),
+            since_seen: Mutex::new(Vec::new()),
+            clock: OnceLock::new(),
+            called: Mutex::new(Vec::new()),
         })
     }
 
@@ -79,8 +91,20 @@ impl Connector for Holder {
     fn run_bulk<'a>(&'a self, job: &'a BulkJob) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
         Box::pin(async move {
             self.seen.lock().expect("seen").push(job.returned);
+            let since = job.returned_since_ms;
+            self.since_seen.lock().expect("since").push(since);
+            let now = self.clock.get().map(Clock::now_ms);
+            self.called.lock().expect("called").push((job.now_ms, now));
             let call = self.script.lock().expect("script").pop();
             let call = call.ok_or_else(|| ConnectorError::Permanent("unscripted".into()))?;
+            if let Call::Export = call {
+                return Ok(Outcome::Completed {
+                    records_affected: 0,
+                    note: "exported".into(),
+                    files: Vec::new(),
+                    erased: Vec::new(),
+                });
+            }
             let transient = || Err(ConnectorError::Transient("the holder went away".into()));
             if let Call::FailBeforeCheck = call {
                 return transient();
@@ -138,18 +162,35 @@ fn terms(choice: ContractEndChoice, now: i64, return_confirmed: bool) -> Contrac
 
 /// A processor whose subprocessor `crm` is `holder`, with contract end `r-1` of `choice`
 /// accepted; for RETURN_THEN_DELETE its task is moved to AWAITING_CONFIRMATION with
-/// [`RETURNED`] as the export's counts, and the return confirmed.
+/// [`RETURNED`] as the export's counts, and the return confirmed ([`return_confirmed`]).
 async fn contract_end(
     database_url: &str,
     dir: &std::path::Path,
     holder: Arc<Holder>,
     choice: ContractEndChoice,
 ) -> (App, Arc<Shared>) {
+    let (app, shared, accepted_at) = accepted(database_url, dir, holder, choice).await;
+    if choice == ContractEndChoice::ReturnThenDelete {
+        return_confirmed(&shared, accepted_at).await;
+    }
+    (app, shared)
+}
+
+/// A processor whose subprocessor `crm` is `holder`, with contract end `r-1` of `choice`
+/// accepted; `holder` is given its clock. The third is when it was accepted.
+async fn accepted(
+    database_url: &str,
+    dir: &std::path::Path,
+    holder: Arc<Holder>,
+    choice: ContractEndChoice,
+) -> (App, Arc<Shared>, i64) {
+    let clock = holder.clone();
     let connectors = HashMap::from([("crm".to_string(), holder as Arc<dyn Connector>)]);
     let app = App::with_connectors(config(dir, database_url), connectors)
         .await
         .expect("app");
     let shared = app.shared();
+    let _ = clock.clock.set(shared.clock.clone());
     let now = shared.clock.now_ms();
     let req = DeliverRequest {
         request_id: "r-1".into(),
@@ -166,7 +207,15 @@ async fn contract_end(
         .accept("acme", &req, &["crm".to_string()], None, now)
         .await
         .expect("accept");
-    if choice == ContractEndChoice::ReturnThenDelete {
+    (app, shared, now)
+}
+
+/// Moves contract end `r-1`'s RETURN_THEN_DELETE task to AWAITING_CONFIRMATION with
+/// [`RETURNED`] as the export's counts, and confirms the return of the terms it was
+/// accepted with at `now`.
+async fn return_confirmed(shared: &Arc<Shared>, now: i64) {
+    let choice = ContractEndChoice::ReturnThenDelete;
+    {
         let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
         let returned = Transition {
             state: TaskState::InProgress,
@@ -189,7 +238,6 @@ async fn contract_end(
             .await
             .expect("confirm");
     }
-    (app, shared)
 }
 
 /// Claims what is due by `at` and runs it; how many tasks ran.
@@ -282,6 +330,40 @@ async fn a_delete_is_not_checked(database_url: &str, dir: &std::path::Path) {
     assert_eq!(task.state, TaskState::Completed, "{task:?}");
 }
 
+/// The erasure after a confirmed return is handed when the export's call started, by the
+/// processor's clock: after the job was built, no later than the holder was called; not
+/// the confirmation's time or the erasure's, an hour later.
+async fn the_erasure_gets_the_export_start(database_url: &str, dir: &std::path::Path) {
+    let held = BulkProgress {
+        subjects_done: 0,
+        ..RETURNED
+    };
+    let holder = Holder::new(held, &[Call::Export, Call::Finish]);
+    let choice = ContractEndChoice::ReturnThenDelete;
+    let (_app, shared, accepted_at) = accepted(database_url, dir, holder.clone(), choice).await;
+    assert_eq!(step(&shared, shared.clock.now_ms() + 10).await, 1);
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(task.phase, ContractPhase::Returning, "{task:?}");
+    shared.clock.advance(3_600_000);
+    return_confirmed(&shared, accepted_at).await;
+    assert_eq!(step(&shared, shared.clock.now_ms() + 10).await, 1);
+    assert_eq!(holder.seen(), [None, Some(RETURNED)]);
+    let since = holder.since_seen.lock().expect("since").clone();
+    let called = holder.called.lock().expect("called").clone();
+    let [(export_job_now, Some(export_called)), _] = called[..] else {
+        panic!("{called:?}");
+    };
+    let [None, Some(started)] = since[..] else {
+        panic!("{since:?}");
+    };
+    assert!(
+        (export_job_now..=export_called).contains(&started),
+        "{started} not within the export call's start {export_job_now}..={export_called}"
+    );
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(task.state, TaskState::Completed, "{task:?}");
+}
+
 macro_rules! on_both {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
@@ -307,4 +389,5 @@ on_both!(
     checked_until_a_call_passed,
     more_held_than_returned_fails_the_task,
     a_delete_is_not_checked,
+    the_erasure_gets_the_export_start,
 );

@@ -34,11 +34,14 @@
 //!
 //! The erasure that follows a return is handed what the return counted
 //! ([`BulkJob::returned`], kept with the task by [`Store::record_returned`] when the
-//! confirmation releases it), until a call of it has recorded progress of its own: the
-//! connector checks the holder against it and records that it passed
+//! confirmation releases it) and when the export's last call started
+//! ([`BulkJob::returned_since_ms`], written by [`Store::record_export_started`] right before
+//! each export call), until a call of it has recorded progress of its own: the connector
+//! checks the holder against them and records that it passed
 //! ([`ProgressReporter::record_now`], answered here at once) before it erases anything.
 //!
 //! [`Store::record_returned`]: crate::store::Store::record_returned
+//! [`Store::record_export_started`]: crate::store::Store::record_export_started
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -437,7 +440,7 @@ async fn run_contract_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> 
 /// `seq` follows the acknowledgements. An export the registry is to receive
 /// (`to_registry`) gets a head start. Answers the outcome, the last progress reported and
 /// whether the holder was called, or [`LeaseLost`] when the step was abandoned (or an
-/// erasure's call could not be noted).
+/// erasure's call or an export's start could not be noted).
 async fn call_bulk(
     shared: &Shared,
     connector: &dyn Connector,
@@ -483,9 +486,10 @@ async fn call_bulk(
     // (connectors record it before erasing anything): it may have erased part, so it is
     // not checked again.
     let passed = recorded != BulkProgress::default();
-    let returned = match (op, phase) {
+    let (returned, returned_since_ms) = match (op, phase) {
         (BulkOp::Erase, Phase::Start) if !passed => match shared.store.returned(key).await {
-            Ok(r) => r,
+            Ok(Some((returned, since))) => (Some(returned), since),
+            Ok(None) => (None, None),
             Err(e) => {
                 let error = ConnectorError::Transient(format!(
                     "reading what the contract end returned, for the erasure's check: {e:#}"
@@ -493,7 +497,7 @@ async fn call_bulk(
                 return Ok((Err(error), BulkProgress::default(), false));
             }
         },
-        _ => None,
+        _ => (None, None),
     };
     let (export, head_start) = head_start::attach(shared, key, export, to_registry);
     let (reporter, _seen, mut asked) = ProgressReporter::recorded();
@@ -510,6 +514,7 @@ async fn call_bulk(
         export,
         progress: reporter.clone(),
         returned,
+        returned_since_ms,
     };
     let mut lease = Lease::new(shared, job);
     let every = Duration::from_millis(shared.config.contracts.progress_interval_ms);
@@ -524,11 +529,16 @@ async fn call_bulk(
         op = ?op,
         phase = phase.name(),
     );
+    // Nothing is recorded before the holder is called, so the sequence is still this one.
+    let seq_at_call = *seq;
     let run = async {
         // Renewed by the loop below while it waits for an export slot.
         let _slot = export_slot(shared, op == BulkOp::Export).await;
+        if op == BulkOp::Export {
+            note_export_start(shared, job, seq_at_call).await?;
+        }
         let started = Instant::now();
-        head_start::beside(shared, head_start, async {
+        let result = head_start::beside(shared, head_start, async {
             let result = connector.run_bulk(&bulk).instrument(span).await;
             shared
                 .metrics
@@ -536,12 +546,13 @@ async fn call_bulk(
                 .observe(&[&key.subprocessor], started.elapsed().as_secs_f64());
             result
         })
-        .await
+        .await;
+        Ok::<_, LeaseLost>(result)
     };
     tokio::pin!(run);
     let result = loop {
         tokio::select! {
-            r = &mut run => break r,
+            r = &mut run => break r?,
             _ = tick.tick() => {}
             () = abandoned(shared) => return Err(release(shared, job).await),
             Some(ask) = asked.recv() => {
@@ -624,6 +635,36 @@ async fn note_call(shared: &Shared, job: &TaskJob, seq: i64) -> Result<(), Lease
             tracing::warn!(
                 error = format!("{e:#}"),
                 "noting a holder call failed; the step is abandoned"
+            );
+            Err(LeaseLost)
+        }
+    }
+}
+
+/// Records that `job`'s contract end export calls its holder now
+/// ([`Store::record_export_started`](crate::store::Store::record_export_started)): the
+/// erasure after the return asks the holder what changed since. [`LeaseLost`] when the claim
+/// no longer holds the task or the write failed: the holder is not called, as after a lost
+/// lease, and a later claim runs the export again.
+async fn note_export_start(shared: &Shared, job: &TaskJob, seq: i64) -> Result<(), LeaseLost> {
+    let now = shared.clock.now_ms();
+    let (key, owner) = (&job.task.key, &job.lease_owner);
+    match (shared.store)
+        .record_export_started(key, seq, owner, now)
+        .await
+    {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            tracing::warn!(
+                "the export's start was not recorded: the task changed meanwhile or its lease \
+                 was lost to another claim; the step is abandoned"
+            );
+            Err(LeaseLost)
+        }
+        Err(e) => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "recording the export's start failed; the step is abandoned"
             );
             Err(LeaseLost)
         }
@@ -811,7 +852,8 @@ async fn release(shared: &Shared, job: &TaskJob) -> LeaseLost {
 }
 
 /// The step was abandoned because its task's lease was lost (or, before the holder was
-/// called, the call could not be noted, or the shutdown grace ended); the cause is logged.
+/// called, the call or the export's start could not be noted, or the shutdown grace ended);
+/// the cause is logged.
 #[derive(Debug)]
 pub(crate) struct LeaseLost;
 

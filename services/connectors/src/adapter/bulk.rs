@@ -348,6 +348,7 @@ mod tests {
             export: None,
             progress,
             returned: None,
+            returned_since_ms: None,
         }
     }
 

@@ -17,6 +17,7 @@ use std::fmt;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
@@ -210,6 +211,25 @@ impl Api {
             scrub,
         )
         .await
+    }
+
+    /// `GET /lists/{list}/members?since_last_changed=&count=1&fields=total_items`:
+    /// `total_items`, the number of the audience's members of every status whose information
+    /// changed after `since` (whole seconds; an added member's changed when it was added).
+    pub(super) async fn member_total_since(
+        &self,
+        since: DateTime<Utc>,
+        scrub: &Scrubber,
+    ) -> Result<Reply, ConnectorError> {
+        // Mailchimp's ISO 8601 form (`2015-10-21T15:41:36+00:00`), its `+` escaped: a bare
+        // one reads as a space in a query, which the API refuses.
+        let since = since.format("%Y-%m-%dT%H:%M:%S%%2B00:00");
+        let url = format!(
+            "{}/members?since_last_changed={since}&count=1&fields=total_items",
+            self.list_url()
+        );
+        let what = "counting the audience's members changed since the contract end's export";
+        self.call(Method::GET, &url, None, what, scrub).await
     }
 
     /// `GET /lists/{list}/members?count=&offset=`: one page of the audience's members, every

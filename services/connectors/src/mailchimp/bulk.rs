@@ -30,12 +30,23 @@
 //!   worked): its delete may have gone through, so the 404 is taken as its work, COMPLETED
 //!   with the members that call counted as the processor recorded them
 //!   ([`BulkJob::recorded_progress`]), or saying the count is unknown when none was.
-//! - The erasure that follows a return ([`BulkJob::returned`]) compares the count with the
-//!   members the export wrote: more members now (sign-ups since the export) stop it with a
-//!   permanent error before the delete, which removes the audience whole; otherwise the
-//!   count is recorded with the processor ([`crate::ProgressReporter::record_now`]) before
-//!   the delete is sent.
+//! - The erasure that follows a return ([`BulkJob::returned`]) is checked before the delete,
+//!   which removes the audience whole; a check that fails is a permanent error and nothing
+//!   is deleted. First the count against the members the export wrote: more members now
+//!   (sign-ups since the export) stop it. Totals miss a sign-up offset by a deletion, so when
+//!   the processor recorded when the export started ([`BulkJob::returned_since_ms`]), the
+//!   members changed since are counted too (the count above with `since_last_changed`; an
+//!   added member counts as changed when it was added), and any stops it: their data as it
+//!   is now was never returned. The time asked for is a minute before the export's start
+//!   ([`CLOCK_MARGIN_MS`]), so that a difference between the processor's clock and
+//!   Mailchimp's cannot hide a change; a member changed in that minute before the export is
+//!   refused too, the safe side. Members deleted meanwhile are
+//!   not in the list and do not count. Past the checks the count is recorded with the
+//!   processor ([`crate::ProgressReporter::record_now`]) before the delete is sent. A member
+//!   who signs up between the checks and the delete is deleted with the audience, never
+//!   returned: no check can see it.
 
+use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::Value;
 
 use super::api::{Api, Deletion, Reply};
@@ -43,6 +54,11 @@ use super::scrub::Scrubber;
 use super::{audience_missing, MailchimpConnector};
 use crate::export::{JsonArrayWriter, JSON};
 use crate::{BulkJob, BulkOp, BulkProgress, ConnectorError, ErasedCount, Outcome, Phase};
+
+/// How much earlier than the export's start (by the processor's clock) the erasure's check
+/// asks Mailchimp for members changed since: the clocks of the two may differ, and a change
+/// seen as before the export that came after it would be deleted unreturned.
+const CLOCK_MARGIN_MS: i64 = 60_000;
 
 /// The file a bulk export writes.
 const MEMBERS_FILE: &str = "members.json";
@@ -192,6 +208,9 @@ async fn erase_audience(
             let held = progress(0, count);
             let holder = format!("mailchimp audience {}", api.list_id());
             crate::check_returned(returned, &held, &holder, &job.controller)?;
+            if let Some(since_ms) = job.returned_since_ms {
+                refuse_changes_since(api, since_ms, &job.controller, scrub).await?;
+            }
             job.progress.record_now(held).await?;
         }
         None => job.progress.report(progress(0, count)),
@@ -223,6 +242,50 @@ async fn erase_audience(
             })
         }
     }
+}
+
+/// A permanent error when members of the audience changed or signed up after the export
+/// that started at `export_ms` (less [`CLOCK_MARGIN_MS`]): what they hold now was never
+/// returned to `controller`.
+async fn refuse_changes_since(
+    api: &Api,
+    export_ms: i64,
+    controller: &str,
+    scrub: &Scrubber,
+) -> Result<(), ConnectorError> {
+    let list = api.list_id();
+    let at = |ms: i64| DateTime::<Utc>::from_timestamp_millis(ms);
+    let (Some(export), Some(since)) =
+        (at(export_ms), at(export_ms.saturating_sub(CLOCK_MARGIN_MS)))
+    else {
+        return Err(ConnectorError::Permanent(format!(
+            "mailchimp audience {list}: the contract end's export start the processor \
+             recorded ({export_ms} ms since the epoch) is not a time this check can ask \
+             about; nothing was erased there. The controller ends the contract again with \
+             RETURN_THEN_DELETE to have the data returned and erased"
+        )));
+    };
+    let Reply::Done(doc) = api.member_total_since(since, scrub).await? else {
+        return Err(audience_missing(api, NOTHING_DONE));
+    };
+    let Some(changed) = doc.get("total_items").and_then(Value::as_u64) else {
+        return Err(ConnectorError::Permanent(format!(
+            "mailchimp: counting audience {list}'s members changed since the contract end's \
+             export: the answer has no \"total_items\"; nothing was done"
+        )));
+    };
+    if changed == 0 {
+        return Ok(());
+    }
+    let export = export.to_rfc3339_opts(SecondsFormat::Secs, true);
+    Err(ConnectorError::Permanent(format!(
+        "mailchimp audience {list}: {changed} member(s) of controller {controller} signed up \
+         or changed since the contract end's export at {export} (or in the minute before it, \
+         counted for the difference between the processor's clock and Mailchimp's), so what \
+         they hold now was never returned; nothing was erased there. To have them returned \
+         before they are deleted, the controller ends the contract again with \
+         RETURN_THEN_DELETE; ending it with DELETE erases them without a return"
+    )))
 }
 
 /// COMPLETED when the audience answers 404, otherwise ACCEPTED under a handle of the same

@@ -1,8 +1,11 @@
 //! A local stand-in for the Mailchimp Marketing API v3: the paths, methods, status codes,
 //! problem+json errors, audience and member documents, the audience's paged members and the
-//! member's paged notes, activity feed and events (`count`/`offset`, `total_items`), partial
-//! responses of the audience and its members (`fields`), a member's update (`PATCH`) and
-//! add-or-update (`PUT`, which refuses an address deleted permanently, as Mailchimp does),
+//! member's paged notes, activity feed and events (`count`/`offset`, `total_items`), the
+//! members changed after a time (`since_last_changed`, by each member's `last_changed`: when
+//! it was added or last changed through the API; members arranged by the test helpers keep
+//! an old fixed date), partial responses of the audience and its members (`fields`), a
+//! member's update (`PATCH`) and add-or-update (`PUT`, which refuses an address deleted
+//! permanently, as Mailchimp does),
 //! and the deletion of a whole audience, of the subset the connector uses, over in-memory
 //! audiences of one account (a primary one and any number more), with knobs for the failures
 //! the connector must survive (rate limits, outages, slow answers, answers lost or turned into
@@ -715,13 +718,22 @@ async fn delete_list(
     StatusCode::NO_CONTENT.into_response()
 }
 
+/// `since_last_changed` of a members listing: ISO 8601.
+#[derive(serde::Deserialize)]
+struct Since {
+    since_last_changed: Option<String>,
+}
+
 /// `GET /lists/{list_id}/members`: one page of the audience's members, every status, in a
-/// stable order, with `total_items` counting every status too, honouring `fields`.
+/// stable order, with `total_items` counting every status too, honouring `fields`. With
+/// `since_last_changed`, only the members whose `last_changed` is after it, paged and counted
+/// alike; a value that is not an ISO 8601 time answers 400.
 async fn list_members(
     State(audience): State<Arc<Mutex<Audience>>>,
     Path(list_id): Path<String>,
     Query(paging): Query<Paging>,
     Query(fields): Query<Fields>,
+    Query(since): Query<Since>,
 ) -> Response {
     let a = audience.lock().unwrap();
     let Some(members) = a.members_of(&list_id) else {
@@ -731,11 +743,31 @@ async fn list_members(
     if count > 1000 {
         return invalid_resource("count", "Must be less than or equal to 1000");
     }
-    let page: Vec<Value> = members
+    let since = match since.since_last_changed.as_deref().map(time_of) {
+        None => None,
+        Some(Some(since)) => Some(since),
+        Some(None) => {
+            return invalid_resource(
+                "since_last_changed",
+                "This value should be a valid ISO 8601 date, e.g. 2015-10-21T15:41:36+00:00.",
+            )
+        }
+    };
+    let members: Vec<&Value> = members
         .values()
+        .filter(|m| match since {
+            None => true,
+            Some(since) => m["last_changed"]
+                .as_str()
+                .and_then(time_of)
+                .is_some_and(|changed| changed > since),
+        })
+        .collect();
+    let page: Vec<Value> = members
+        .iter()
         .skip(paging.offset.unwrap_or(0))
         .take(count)
-        .cloned()
+        .map(|m| (*m).clone())
         .collect();
     let doc = json!({
         "members": page,
@@ -745,6 +777,11 @@ async fn list_members(
             "href": format!("https://us21.api.mailchimp.com/3.0/lists/{list_id}/members") }],
     });
     axum::Json(only_fields(doc, fields.fields.as_deref())).into_response()
+}
+
+/// `text` as a time, when it is one in ISO 8601 (RFC 3339) form.
+fn time_of(text: &str) -> Option<chrono::DateTime<chrono::FixedOffset>> {
+    chrono::DateTime::parse_from_rfc3339(text).ok()
 }
 
 async fn get_member(
@@ -896,7 +933,7 @@ async fn put_member(
     member["full_name"] = json!("");
     member["ip_opt"] = json!("");
     member["timestamp_opt"] = json!("");
-    member["last_changed"] = json!("2025-05-20T12:00:00+00:00");
+    member["last_changed"] = json!(now_stamp());
     member["tags_count"] = json!(0);
     member["tags"] = json!([]);
     members.insert(hash.clone(), member);
@@ -907,6 +944,11 @@ async fn put_member(
     let response = update_member(members, &hash, &rest);
     a.next_web_id += 1;
     response
+}
+
+/// Now, as Mailchimp writes a member's `last_changed`: `2015-10-21T15:41:36+00:00`.
+fn now_stamp() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, false)
 }
 
 fn is_valid_email(email: &str) -> bool {
@@ -964,7 +1006,7 @@ fn update_member(
         member["email_address"] = json!(email);
         member["id"] = json!(new_hash);
     }
-    member["last_changed"] = json!("2025-05-20T12:00:00+00:00");
+    member["last_changed"] = json!(now_stamp());
     members.remove(hash);
     members.insert(new_hash, member.clone());
     axum::Json(member).into_response()

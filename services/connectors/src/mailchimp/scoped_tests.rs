@@ -71,6 +71,7 @@ fn job(
         export,
         progress,
         returned: None,
+        returned_since_ms: None,
     };
     (job, seen)
 }
@@ -755,4 +756,150 @@ async fn a_bulk_erasure_after_a_return_refuses_sign_ups_since_the_export() {
         assert_eq!(fake.members_of(ACME_LIST).is_none(), deleted);
     }
     assert_eq!(fake.members_of(GLOBEX_LIST).unwrap(), globex_members());
+}
+
+/// Calls the fake API as the audience's sign-up form or its staff would: `method` on the
+/// `path` under acme's member `email` (empty for the member itself), with a JSON `body`.
+async fn call_as_staff(fake: &FakeMailchimp, method: &str, email: &str, path: &str, body: &str) {
+    let hash = subscriber_hash(email);
+    let url = format!("{}/lists/{ACME_LIST}/members/{hash}{path}", fake.base_url);
+    let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let answer = reqwest::Client::new()
+        .request(method, url)
+        .basic_auth("staff", Some(KEY))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = answer.status();
+    assert!(
+        status.is_success(),
+        "{status}: {}",
+        answer.text().await.unwrap()
+    );
+}
+
+/// Exports acme's audience as a contract end's return does; the erasure that follows it,
+/// handed the export's counts and its start.
+async fn returned_erasure(connector: &MailchimpConnector) -> (BulkJob, i64) {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = ExportSink::new(dir.path().join("ce"), vec![]);
+    sink.reset().await.unwrap();
+    let started = chrono::Utc::now().timestamp_millis();
+    let (export, seen) = job("acme", BulkOp::Export, Some(sink));
+    connector.run_bulk(&export).await.unwrap();
+    let returned = *seen.borrow();
+    assert_eq!(returned, members_progress(3, 3));
+    let (erase, _) = job("acme", BulkOp::Erase, None);
+    let erase = BulkJob {
+        returned: Some(returned),
+        returned_since_ms: Some(started),
+        ..erase
+    };
+    (erase, started)
+}
+
+/// The erasure after a return that knows when the export started: members who signed up or
+/// changed since stop it before the delete even when the totals match (a sign-up offset by a
+/// deletion), with a permanent error saying how many; nothing is deleted.
+#[tokio::test]
+async fn a_bulk_erasure_after_a_return_refuses_members_changed_since_the_export() {
+    for change in ["sign-up offset by a deletion", "a member changed"] {
+        let (fake, connector) = two_audiences().await;
+        let (erase, started) = returned_erasure(&connector).await;
+        if change == "a member changed" {
+            let body = r#"{"merge_fields":{"LNAME":"Virtanen"}}"#;
+            call_as_staff(&fake, "PATCH", MAIJA, "", body).await;
+        } else {
+            let body = format!(r#"{{"email_address":"{PEKKA}","status_if_new":"subscribed"}}"#);
+            call_as_staff(&fake, "PUT", PEKKA, "", &body).await;
+            call_as_staff(&fake, "POST", LIISA, "/actions/delete-permanent", "").await;
+        }
+        assert_eq!(fake.members_of(ACME_LIST).unwrap().len(), 3, "{change}");
+        fake.audience().calls.clear();
+        let err = connector.run_bulk(&erase).await.unwrap_err();
+        let ConnectorError::Permanent(m) = &err else {
+            panic!("{change}: {err:?}");
+        };
+        let at = chrono::DateTime::from_timestamp_millis(started).unwrap();
+        let at = at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        assert!(
+            m.starts_with(&format!(
+                "mailchimp audience {ACME_LIST}: 1 member(s) of controller acme signed up or \
+                 changed since the contract end's export at {at} "
+            )),
+            "{change}: {m}"
+        );
+        assert!(
+            m.contains("never returned; nothing was erased there"),
+            "{m}"
+        );
+        assert!(
+            m.contains("ends the contract again with RETURN_THEN_DELETE"),
+            "{m}"
+        );
+        assert_eq!(fake.members_of(ACME_LIST).unwrap().len(), 3, "{change}");
+        let members = format!("GET /3.0/lists/{ACME_LIST}/members");
+        assert_eq!(
+            fake.audience().calls,
+            [members.clone(), members],
+            "{change}"
+        );
+        assert_eq!(fake.members_of(GLOBEX_LIST).unwrap(), globex_members());
+    }
+}
+
+/// Nothing changed since the export, only a member deleted (not in the list, so not counted):
+/// the erasure passes its checks and deletes the audience.
+#[tokio::test]
+async fn a_bulk_erasure_after_a_return_with_no_change_since_deletes() {
+    let (fake, connector) = two_audiences().await;
+    let (erase, _) = returned_erasure(&connector).await;
+    call_as_staff(&fake, "POST", LIISA, "/actions/delete-permanent", "").await;
+    let out = connector.run_bulk(&erase).await.unwrap();
+    let Outcome::Completed { erased, .. } = &out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(erased[0].count, 2);
+    assert_eq!(fake.members_of(ACME_LIST), None);
+    assert_eq!(fake.members_of(GLOBEX_LIST).unwrap(), globex_members());
+}
+
+/// The fake's `since_last_changed`: members added or changed through the API after the time
+/// are listed and counted, arranged ones (an old date) are not, and a value that is not a
+/// time answers 400 as Mailchimp does.
+#[tokio::test]
+async fn the_fake_mailchimp_lists_members_changed_since_a_time() {
+    let (fake, _) = two_audiences().await;
+    let body = format!(r#"{{"email_address":"{PEKKA}","status_if_new":"pending"}}"#);
+    call_as_staff(&fake, "PUT", PEKKA, "", &body).await;
+    let get = |since: &str| {
+        let url = format!(
+            "{}/lists/{ACME_LIST}/members?since_last_changed={since}",
+            fake.base_url
+        );
+        async move {
+            let r = reqwest::Client::new()
+                .get(url)
+                .basic_auth("staff", Some(KEY))
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    let (status, doc) = get("2025-01-01T00:00:00%2B00:00").await;
+    assert_eq!(status, 200, "{doc}");
+    assert_eq!(doc["total_items"], 1, "{doc}");
+    assert_eq!(doc["members"][0]["email_address"], PEKKA, "{doc}");
+    let (_, doc) = get("2024-01-01T00:00:00Z").await;
+    assert_eq!(doc["total_items"], 4, "{doc}");
+    for bad in ["yesterday", "2025-01-01T00:00:00+00:00"] {
+        let (status, doc) = get(bad).await;
+        assert_eq!(status, 400, "{bad}: {doc}");
+        assert_eq!(doc["errors"][0]["field"], "since_last_changed", "{doc}");
+    }
 }

@@ -2230,6 +2230,7 @@ pub(super) fn bulk_job(
         export,
         progress,
         returned: None,
+        returned_since_ms: None,
     };
     (job, rx)
 }

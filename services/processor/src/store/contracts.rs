@@ -408,12 +408,40 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Records that a call of `key`'s contract end export starts now (`at`, ms since the
+    /// epoch), for the erasure's check ([`dsrelay_connectors::BulkJob::returned_since_ms`]),
+    /// if the task is still at `expected_sequence` under the claim `lease_owner`. Every call
+    /// overwrites it: the return is the last call's. False when the task changed.
+    pub async fn record_export_started(
+        &self,
+        key: &TaskKey,
+        expected_sequence: i64,
+        lease_owner: &str,
+        at: i64,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tasks SET export_started_at = $1 \
+             WHERE controller = $2 AND request_id = $3 AND subprocessor = $4 \
+             AND sequence = $5 AND lease_owner = $6",
+        )
+        .bind(at)
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .bind(expected_sequence)
+        .bind(lease_owner)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// What the return of `key`'s task counted ([`Store::record_returned`]), as the export's
-    /// done counts (its totals the same); `None` when nothing was returned before its
-    /// erasure.
-    pub async fn returned(&self, key: &TaskKey) -> Result<Option<BulkProgress>> {
-        let row: Option<(Option<i64>, Option<i64>)> = sqlx::query_as(
-            "SELECT returned_subjects, returned_records FROM tasks \
+    /// done counts (its totals the same), with when the export's last call started
+    /// ([`Store::record_export_started`], `None` when that was not recorded); `None` when
+    /// nothing was returned before its erasure.
+    pub async fn returned(&self, key: &TaskKey) -> Result<Option<(BulkProgress, Option<i64>)>> {
+        let row: Option<(Option<i64>, Option<i64>, Option<i64>)> = sqlx::query_as(
+            "SELECT returned_subjects, returned_records, export_started_at FROM tasks \
              WHERE controller = $1 AND request_id = $2 AND subprocessor = $3",
         )
         .bind(&key.controller)
@@ -422,12 +450,15 @@ impl Store {
         .fetch_optional(&self.db.pool)
         .await?;
         Ok(match row {
-            Some((Some(subjects), Some(records))) => Some(BulkProgress {
-                subjects_done: count(subjects),
-                subjects_total: count(subjects),
-                records_done: count(records),
-                records_total: count(records),
-            }),
+            Some((Some(subjects), Some(records), started)) => Some((
+                BulkProgress {
+                    subjects_done: count(subjects),
+                    subjects_total: count(subjects),
+                    records_done: count(records),
+                    records_total: count(records),
+                },
+                started,
+            )),
             _ => None,
         })
     }
