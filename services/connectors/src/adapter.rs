@@ -63,8 +63,9 @@
 //! task's do. A RETAINED date must lie between the years 2000 and 9999 here too. The
 //! erasure that follows a return carries the export's progress (`returned`,
 //! [`crate::BulkJob::returned`]): the adapter checks it before erasing and answers
-//! FAILED_PRECONDITION, a permanent error here, when it holds more than was returned (data
-//! arrived after the export; totals are compared, so an arrival offset by a deletion passes).
+//! FAILED_PRECONDITION, a permanent error here, when data arrived after the export: an
+//! adapter comparing totals lets an arrival offset by a deletion pass, one keeping a snapshot
+//! with its export (the example adapter) refuses it.
 //!
 //! # Outcomes and errors
 //! COMPLETED, NOT_FOUND, RETAINED, ACCEPTED and REFUSED map to the [`Outcome`] of the same

@@ -1,7 +1,8 @@
 //! Paged exports (`GetExportPage`): a completed RETURN_OF_DATA or TRANSFER task keeps only
 //! the ids of the subscribers and of the kept billing records it covers, a completed
-//! contract-end export only its controller; each page reads their rows live, by keyset
-//! (`id > last id sent`, in id order), and never holds more than one page.
+//! contract-end export only its controller and the arrival clock it counted at (see
+//! migration 0007), reading no row that arrived after; each page reads their rows live, by
+//! keyset (`id > last id sent`, in id order), and never holds more than one page.
 //!
 //! The export is every subscriber record, then every delivery record of those subscribers,
 //! then every billing record: for a subject's export those linked to the subscribers
@@ -12,11 +13,12 @@
 //! A page token names the position (the section and the last id sent) and is bound to its
 //! task by a digest of the task id, so a token of another task is refused. Tokens do not
 //! expire: a position stays meaningful as rows come and go (a deleted row is simply not
-//! sent, and rows added after the position are). The billing section came after the first
-//! tokens were issued, as a new section letter in the same format (`p1`): a token issued
-//! before it names a position in the subscribers or deliveries, still decodes, and its
-//! export goes on into the billing records, so exports under way across an upgrade end
-//! complete. Only a rollback to an adapter without the section refuses a token naming it.
+//! sent, and rows added after the position are, except a contract end's arrivals). The
+//! billing section came after the first tokens were issued, as a new section letter in the
+//! same format (`p1`): a token issued before it names a position in the subscribers or
+//! deliveries, still decodes, and its export goes on into the billing records, so exports
+//! under way across an upgrade end complete. Only a rollback to an adapter without the
+//! section refuses a token naming it.
 
 use dsrelay_proto::v1::{IdentityEncoding, RequestKind};
 use dsrelay_runtime::identity::digest;
@@ -49,8 +51,14 @@ pub(crate) enum Covered {
         subscribers: Vec<i64>,
         kept: Vec<i64>,
     },
-    /// Every subscriber of this controller (a contract end's export).
-    Controller(String),
+    /// Every subscriber of this controller, with their deliveries and the controller's
+    /// billing records (a contract end's export): those whose arrival marker is at most
+    /// `arrived_upto`, the arrival clock when the export counted, so that the pages hold
+    /// what it counted (`None` for an export from before migration 0007: all, live).
+    Controller {
+        controller: String,
+        arrived_upto: Option<i64>,
+    },
 }
 
 /// Where a page starts.
@@ -244,9 +252,10 @@ async fn batch(
 ) -> sqlx::Result<Vec<AnyRow>> {
     // Subscriber rows and deliveries are selected through the subscriber row `s`; billing
     // records through their own columns, since a detached one has no subscriber row.
-    let (subscriber_id, controller) = match position {
-        Position::Billing(_) => ("b.subscriber_id", "b.controller"),
-        _ => ("s.id", "s.controller"),
+    let (subscriber_id, controller, arrival) = match position {
+        Position::Subscribers(_) => ("s.id", "s.controller", "s.arrival"),
+        Position::Deliveries(_) => ("s.id", "s.controller", "d.arrival"),
+        Position::Billing(_) => ("b.subscriber_id", "b.controller", "b.arrival"),
     };
     // Placeholders `$2` on, one per id bound; `$1` is the position.
     let list = |from: usize, n: usize| -> String {
@@ -268,7 +277,7 @@ async fn batch(
                 (Some(linked), Some(detached)) => format!("({linked} OR {detached})"),
             }
         }
-        Covered::Controller(_) => format!("{controller} = $2"),
+        Covered::Controller { .. } => format!("{controller} = $2 AND {arrival} <= $3"),
     };
     let (sql, after) = match position {
         Position::Subscribers(after) => (
@@ -303,7 +312,14 @@ async fn batch(
                 query = query.bind(*id);
             }
         }
-        Covered::Controller(controller) => query = query.bind(controller.as_str()),
+        Covered::Controller {
+            controller,
+            arrived_upto,
+        } => {
+            query = query
+                .bind(controller.as_str())
+                .bind(arrived_upto.unwrap_or(i64::MAX))
+        }
     }
     query.fetch_all(&mut *conn).await
 }

@@ -45,13 +45,21 @@
 //!   without a controller (given to it at start, with their billing records).
 //! - ExecuteBulk ends a contract with one controller: EXPORT answers COMPLETED with
 //!   `export_paged` and the pages read all of the controller's subscribers, deliveries and
-//!   billing records (those an erasure kept included); ERASE deletes the subscribers, their
+//!   billing records (those an erasure kept included) that it counted: every row gets an
+//!   arrival marker when inserted (migration 0007), and the export keeps the marker it
+//!   counted up to; ERASE deletes the subscribers, their
 //!   deliveries and the controller's released billing records with set-based statements,
 //!   reports the counts, and keeps and releases the other billing records in stages as an
 //!   erasure does (RETAINED). Both answer at once (never ACCEPTED),
 //!   idempotently per `job_id`; GetBulkStatus repeats the answer. An ERASE that follows a
-//!   return (`returned`) first counts as the export does: more subscribers or records than
-//!   were returned are FAILED_PRECONDITION, nothing erased or stored under the job id.
+//!   return (`returned`) first looks up the export under its key less `#erase`: any of the
+//!   controller's rows inserted after that export counted (a sign-up, a delivery, a billing
+//!   record; a row changed since is no arrival) is FAILED_PRECONDITION, naming how many of
+//!   each, nothing erased or stored under the job id; the check holds off inserts until the
+//!   erasure commits, so it erases exactly what was returned, less what was deleted since.
+//!   Without that export here (one from before migration 0007, or a return made another
+//!   way) it counts as the export does: more subscribers or records than were returned are
+//!   refused the same way, and an arrival offset by a deletion passes.
 //!
 //! # Layout
 //! - [`config`]: the TOML file plus `DSRELAY_ADAPTER__*` environment overrides.

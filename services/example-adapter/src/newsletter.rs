@@ -657,29 +657,45 @@ async fn rectify(
 }
 
 /// How many subscribers, deliveries and billing records (detached ones included)
-/// `controller` has.
+/// `controller` has whose arrival marker (see migration 0007) `arrived` admits: `"<= $2"`
+/// with `i64::MAX` for all of them.
 async fn count_controller(
     tx: &mut Transaction<'_, Any>,
     controller: &str,
+    arrived: &'static str,
+    marker: i64,
 ) -> sqlx::Result<(i64, i64, i64)> {
-    let subscribers: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM subscribers WHERE controller = $1")
-            .bind(controller)
-            .fetch_one(&mut **tx)
-            .await?;
-    let deliveries: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM deliveries WHERE subscriber_id IN \
-         (SELECT id FROM subscribers WHERE controller = $1)",
-    )
+    let subscribers: i64 = sqlx::query_scalar(&format!(
+        "SELECT COUNT(*) FROM subscribers WHERE controller = $1 AND arrival {arrived}"
+    ))
     .bind(controller)
+    .bind(marker)
     .fetch_one(&mut **tx)
     .await?;
-    let billing: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM billing_records WHERE controller = $1")
-            .bind(controller)
-            .fetch_one(&mut **tx)
-            .await?;
+    let deliveries: i64 = sqlx::query_scalar(&format!(
+        "SELECT COUNT(*) FROM deliveries WHERE arrival {arrived} AND subscriber_id IN \
+         (SELECT id FROM subscribers WHERE controller = $1)"
+    ))
+    .bind(controller)
+    .bind(marker)
+    .fetch_one(&mut **tx)
+    .await?;
+    let billing: i64 = sqlx::query_scalar(&format!(
+        "SELECT COUNT(*) FROM billing_records WHERE controller = $1 AND arrival {arrived}"
+    ))
+    .bind(controller)
+    .bind(marker)
+    .fetch_one(&mut **tx)
+    .await?;
     Ok((subscribers, deliveries, billing))
+}
+
+/// The arrival clock's value: every row marked up to it is committed, and any row inserted
+/// later is marked past it (see migration 0007).
+async fn arrival_clock(tx: &mut Transaction<'_, Any>) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT last FROM arrival_clock WHERE id = 1")
+        .fetch_one(&mut **tx)
+        .await
 }
 
 /// What [`count_bulk`] counted of a bulk job's controller, for [`bulk`].
@@ -687,37 +703,99 @@ pub(crate) struct Held {
     subscribers: i64,
     deliveries: i64,
     billing: i64,
+    /// For an EXPORT: the arrival clock's value its counts and pages stop at, which the
+    /// task keeps for its pages and for the erasure that follows it.
+    pub(crate) arrived_upto: Option<i64>,
 }
 
 /// Counts the controller of the bulk job `req` (validated) once, for [`bulk`], and checks an
-/// ERASE that follows a return against those counts ([`unreturned`]) before anything is
-/// erased: `Err` with the refusal's text when more is held now than was returned.
+/// ERASE that follows a return before anything is erased: `Err` with the refusal's text
+/// when it would erase what was never returned. `export_upto` is the `arrived_upto` of the
+/// export that ERASE follows, when the adapter has it (see [`arrivals`]); without it the
+/// check compares totals ([`unreturned`]).
 pub(crate) async fn count_bulk(
     tx: &mut Transaction<'_, Any>,
     req: &ExecuteBulkRequest,
+    export_upto: Option<i64>,
 ) -> sqlx::Result<Result<Held, String>> {
-    let (subscribers, deliveries, billing) = count_controller(tx, &req.controller).await?;
+    let controller = req.controller.as_str();
+    let export = req.operation == BulkOperation::Export as i32;
+    // An export counts only what its pages will read: rows up to the clock read here.
+    let arrived_upto = if export {
+        Some(arrival_clock(tx).await?)
+    } else {
+        None
+    };
+    if let (Some(upto), true) = (export_upto, follows_return(req)) {
+        if let Some(refusal) = arrivals(tx, controller, upto).await? {
+            return Ok(Err(refusal));
+        }
+    }
+    let (subscribers, deliveries, billing) =
+        count_controller(tx, controller, "<= $2", arrived_upto.unwrap_or(i64::MAX)).await?;
     let held = Held {
         subscribers,
         deliveries,
         billing,
+        arrived_upto,
     };
+    if export_upto.is_some() {
+        return Ok(Ok(held));
+    }
     Ok(match unreturned(req, &held) {
         Some(refusal) => Err(refusal),
         None => Ok(held),
     })
 }
 
-/// The check of an ERASE that follows a return (`ExecuteBulkRequest.returned`): the
-/// controller's data `held` counted as its export counts it (subscribers as subjects;
-/// subscribers, deliveries and billing records as records) against the export's done
-/// counts. The refusal's text when more is held now than was returned; `None` when not, or
-/// when the request has no `returned` or is no first erasure.
+/// Whether `req` is an ERASE that follows a return (`ExecuteBulkRequest.returned`) and is
+/// no retention run: the erasure that is checked against what was returned.
+pub(crate) fn follows_return(req: &ExecuteBulkRequest) -> bool {
+    req.returned.is_some() && req.operation == BulkOperation::Erase as i32 && !req.retention_expired
+}
+
+/// The check of an ERASE that follows an export which kept its arrival clock `upto`: the
+/// refusal's text when `controller` holds any row marked past it (a subscriber, delivery or
+/// billing record inserted after the export counted, which its pages did not return), with
+/// how many of each; `None` when it holds none. A row changed since the export (rectified,
+/// detached) keeps its marker: it was returned as it was then, and is no arrival.
+///
+/// It first takes the clock's lock, which an insert into those tables needs (see migration
+/// 0007): an insert under way is waited for and counted, and none can follow until the
+/// erasure commits, so what the erasure then deletes of the controller is exactly what the
+/// export returned, less what was deleted since.
+async fn arrivals(
+    tx: &mut Transaction<'_, Any>,
+    controller: &str,
+    upto: i64,
+) -> sqlx::Result<Option<String>> {
+    sqlx::query("UPDATE arrival_clock SET last = last WHERE id = 1")
+        .execute(&mut **tx)
+        .await?;
+    let (subscribers, deliveries, billing) = count_controller(tx, controller, "> $2", upto).await?;
+    let records = subscribers + deliveries + billing;
+    if records == 0 {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "{records} record(s) of controller {controller} arrived after the contract end's \
+         export and were never returned: {subscribers} subscriber(s), {deliveries} delivery \
+         record(s) and {billing} billing record(s); nothing was erased. The controller can \
+         end the contract again to have them returned"
+    )))
+}
+
+/// The check of an ERASE that follows a return (`ExecuteBulkRequest.returned`) whose export
+/// kept no arrival clock here (one from before migration 0007, or a return made another
+/// way): the controller's data `held` counted as its export counts it (subscribers as
+/// subjects; subscribers, deliveries and billing records as records) against the export's
+/// done counts. The refusal's text when more is held now than was returned; `None` when
+/// not, or when the request is no such erasure.
 fn unreturned(req: &ExecuteBulkRequest, held: &Held) -> Option<String> {
-    let returned = req.returned.as_ref()?;
-    if req.operation != BulkOperation::Erase as i32 || req.retention_expired {
+    if !follows_return(req) {
         return None;
     }
+    let returned = req.returned.as_ref()?;
     let controller = req.controller.as_str();
     let to_u64 = |n: i64| u64::try_from(n).unwrap_or(0);
     let (subjects, records) = (
@@ -780,6 +858,7 @@ pub(crate) async fn bulk(
         subscribers,
         deliveries,
         billing,
+        ..
     } = held;
     let to_u64 = |n: i64| u64::try_from(n).unwrap_or(0);
     // An export's are the records its pages hold, which the connector reports as the

@@ -12,8 +12,9 @@
 //! Bulk jobs (ExecuteBulk, a contract end's steps) are rows of the same table, kind
 //! CONTRACT_END, with their controller and operation, claimed the same way: the set-based
 //! work and the stored answer commit together. A completed bulk export keeps only its
-//! controller; its pages read that controller's subscribers, deliveries and billing records
-//! live.
+//! controller and the arrival clock it counted at (`arrived_upto`, see migration 0007); its
+//! pages read that controller's subscribers, deliveries and billing records live, up to
+//! that clock, and the erasure after its return ([`Store::execute_bulk`]) finds it by key.
 //!
 //! An erasure (or bulk erasure) answered RETAINED keeps its date in `retain_until` and, for
 //! Execute's, the billing record ids kept in `retained_ids`. A retention run is a new task
@@ -397,8 +398,9 @@ impl Store {
 
     /// Runs the bulk job `req` (validated) for `caller` once per job id; a repeated call gets
     /// the first answer. The work is set-based and done in the claiming transaction, so the
-    /// answer is final (never ACCEPTED). An ERASE holding more than its `returned` says is
-    /// refused (FailedPrecondition) with nothing done or stored.
+    /// answer is final (never ACCEPTED). An ERASE that follows a return and would erase what
+    /// was never returned (see [`newsletter::count_bulk`]) is refused (FailedPrecondition)
+    /// with nothing done or stored.
     pub async fn execute_bulk(
         &self,
         caller: &str,
@@ -442,8 +444,9 @@ impl Store {
             }
             return row.decode_bulk();
         }
+        let export_upto = export_upto(&mut tx, caller, req).await?;
         // Refused unstored: nothing was done under the job id.
-        let held = match newsletter::count_bulk(&mut tx, req).await? {
+        let held = match newsletter::count_bulk(&mut tx, req, export_upto).await? {
             Ok(held) => held,
             Err(refusal) => {
                 tx.rollback().await?;
@@ -460,16 +463,18 @@ impl Store {
             Some(f) if req.operation == BulkOperation::Erase as i32 => now.max(f.until_ms),
             _ => now,
         };
+        let arrived_upto = held.arrived_upto;
         let response = newsletter::bulk(&mut tx, req, held, cutoff).await?;
         sqlx::query(
             "UPDATE adapter_tasks SET outcome = $1, response = $2, updated_at = $3, \
-             retain_until = $5 WHERE task_id = $4",
+             retain_until = $5, arrived_upto = $6 WHERE task_id = $4",
         )
         .bind(i64::from(response.outcome))
         .bind(response.encode_to_vec())
         .bind(now)
         .bind(&req.job_id)
         .bind(response.retain_until.as_ref().map(millis_from_timestamp))
+        .bind(arrived_upto)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -563,8 +568,8 @@ impl Store {
         max_bytes: usize,
     ) -> Result<(Vec<Vec<u8>>, String), StoreError> {
         let row = sqlx::query(
-            "SELECT caller, kind, outcome, export_ids, export_billing_ids, controller, operation \
-             FROM adapter_tasks WHERE task_id = $1",
+            "SELECT caller, kind, outcome, export_ids, export_billing_ids, controller, operation, \
+             arrived_upto FROM adapter_tasks WHERE task_id = $1",
         )
         .bind(task_id)
         .fetch_optional(&self.db.pool)
@@ -577,6 +582,7 @@ impl Store {
         let kept: Option<String> = row.try_get("export_billing_ids")?;
         let controller: Option<String> = row.try_get("controller")?;
         let operation: Option<i64> = row.try_get("operation")?;
+        let arrived_upto: Option<i64> = row.try_get("arrived_upto")?;
         let completed = outcome == ExecuteOutcome::Completed as i64;
         let covered = match (ids, controller) {
             (Some(ids), _) if is_export(kind) && completed => Covered::Subject {
@@ -591,7 +597,10 @@ impl Store {
                     && operation == Some(BulkOperation::Export as i64)
                     && completed =>
             {
-                Covered::Controller(controller)
+                Covered::Controller {
+                    controller,
+                    arrived_upto,
+                }
             }
             _ => {
                 return Err(StoreError::FailedPrecondition(format!(
@@ -805,6 +814,39 @@ async fn followed(
         }));
     }
     Ok(None)
+}
+
+/// The `arrived_upto` of the contract end's export that the ERASE `req` follows, when `req`
+/// follows a return ([`newsletter::follows_return`]) and the export is a completed EXPORT
+/// job of the same caller, request and controller under the key the erasure's names (the
+/// erasure's key is the export's with the suffix `#erase`, see `ExecuteBulkRequest.job_id`).
+/// `None` otherwise, and for an export from before migration 0007.
+async fn export_upto(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    caller: &str,
+    req: &ExecuteBulkRequest,
+) -> Result<Option<i64>, StoreError> {
+    let Some(export_key) = req.job_id.strip_suffix("#erase") else {
+        return Ok(None);
+    };
+    if !newsletter::follows_return(req) {
+        return Ok(None);
+    }
+    let upto: Option<Option<i64>> = sqlx::query_scalar(
+        "SELECT arrived_upto FROM adapter_tasks WHERE task_id = $1 AND caller = $2 \
+         AND request_id = $3 AND kind = $4 AND controller = $5 AND operation = $6 \
+         AND outcome = $7",
+    )
+    .bind(export_key)
+    .bind(caller)
+    .bind(&req.request_id)
+    .bind(RequestKind::ContractEnd as i64)
+    .bind(&req.controller)
+    .bind(BulkOperation::Export as i64)
+    .bind(ExecuteOutcome::Completed as i64)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(upto.flatten())
 }
 
 /// Row ids (of subscribers or billing records) as stored in a text column.

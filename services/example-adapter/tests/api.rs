@@ -1883,7 +1883,10 @@ async fn an_erasure_after_a_return_refuses_what_arrived_since(backend: Backend) 
     assert!(!err.is_transient(), "{text}");
     assert!(text.contains("FailedPrecondition"), "{text}");
     assert!(
-        text.contains("1 record(s) (1 subscriber(s)) of controller payroll arrived after"),
+        text.contains(
+            "1 record(s) of controller payroll arrived after the contract end's export and \
+             were never returned: 1 subscriber(s), 0 delivery record(s)"
+        ),
         "{text}"
     );
     assert!(text.contains("nothing was erased"), "{text}");
@@ -1929,6 +1932,291 @@ async fn an_erasure_after_a_return_refuses_what_arrived_since_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_erasure_after_a_return_refuses_what_arrived_since_on_postgres() {
     an_erasure_after_a_return_refuses_what_arrived_since(Backend::Postgres).await;
+}
+
+const MATTI: &str = "matti.virtanen@example.fi";
+const ANNA: &str = "anna.korhonen@example.com";
+
+/// The contract end's EXPORT under `key` for [`CONTROLLER`], answered COMPLETED; its progress
+/// (what the processor sends back as `returned`).
+async fn bulk_export(
+    c: &mut SubprocessorAdapterClient<Channel>,
+    key: &str,
+) -> dsrelay_proto::v1::BulkJobProgress {
+    let r = c
+        .execute_bulk(bulk(key, CONTROLLER, BulkOperation::Export))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome_of(r.outcome), ExecuteOutcome::Completed, "{r:?}");
+    r.progress.expect("progress")
+}
+
+/// The ERASE that follows the return of the export `key`, under `<key>#erase`.
+async fn erase_after_return(
+    c: &mut SubprocessorAdapterClient<Channel>,
+    key: &str,
+    returned: dsrelay_proto::v1::BulkJobProgress,
+) -> Result<ExecuteBulkResponse, tonic::Status> {
+    c.execute_bulk(ExecuteBulkRequest {
+        returned: Some(returned),
+        ..bulk(&format!("{key}#erase"), CONTROLLER, BulkOperation::Erase)
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// Runs `sql` (binding `email`) on the adapter's database, as the newsletter's own code
+/// would change its rows.
+async fn exec(store: &Store, sql: &str, email: &str) {
+    sqlx::query(sql)
+        .bind(email)
+        .execute(&store.db().pool)
+        .await
+        .unwrap();
+}
+
+/// An arrival since the export offset by a deletion, in each table (a subscriber erased and
+/// another signed up, two deliveries deleted and one sent, one billing record added): the
+/// totals are those returned, yet the erasure is refused with how many arrived where, and
+/// nothing is erased.
+async fn an_arrival_offset_by_a_deletion_is_refused(backend: Backend) {
+    let Some(a) = Running::start_on(backend, 0).await else {
+        return;
+    };
+    assert_eq!(a.store.add_deliveries(MAIJA, 2).await.unwrap(), 2);
+    let mut c = a.client("processor");
+    let returned = bulk_export(&mut c, "ce1/newsletter").await;
+    assert_eq!((returned.subjects_done, returned.records_done), (4, 6));
+
+    let r = c
+        .execute(request("t-anna", RequestKind::Erasure, email(ANNA)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&r), ExecuteOutcome::Completed, "{r:?}");
+    a.store
+        .add_subscriber(CONTROLLER, PEKKA, "Pekka Nieminen")
+        .await
+        .unwrap();
+    exec(
+        &a.store,
+        "DELETE FROM deliveries WHERE subscriber_id = \
+         (SELECT id FROM subscribers WHERE email = $1)",
+        MAIJA,
+    )
+    .await;
+    assert_eq!(a.store.add_deliveries(MATTI, 1).await.unwrap(), 1);
+    let now = dsrelay_runtime::store::now_ms();
+    a.store
+        .add_billing_record(MATTI, BillingKind::Invoice, "INV-T-1", 100, now)
+        .await
+        .unwrap();
+    let before = (
+        a.store.emails_of(CONTROLLER).await.unwrap(),
+        a.store.billing_records().await.unwrap().len(),
+    );
+    assert_eq!(before.0.len(), 4);
+
+    let err = erase_after_return(&mut c, "ce1/newsletter", returned)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains(
+            "3 record(s) of controller payroll arrived after the contract end's export and \
+             were never returned: 1 subscriber(s), 1 delivery record(s) and 1 billing \
+             record(s); nothing was erased"
+        ),
+        "{}",
+        err.message()
+    );
+    let after = (
+        a.store.emails_of(CONTROLLER).await.unwrap(),
+        a.store.billing_records().await.unwrap().len(),
+    );
+    assert_eq!(after, before);
+    let status = c
+        .get_bulk_status(GetBulkStatusRequest {
+            job_id: "ce1/newsletter#erase".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn an_arrival_offset_by_a_deletion_is_refused_on_sqlite() {
+    an_arrival_offset_by_a_deletion_is_refused(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn an_arrival_offset_by_a_deletion_is_refused_on_postgres() {
+    an_arrival_offset_by_a_deletion_is_refused(Backend::Postgres).await;
+}
+
+/// Rows added after the export was counted but before its pages are read are not in the
+/// pages, which hold exactly what the export counted; so the erasure refuses them and only
+/// them (never a row that was returned), and erases once they are gone.
+async fn a_contract_end_export_returns_what_it_counted(backend: Backend) {
+    let Some(a) = Running::start_on(backend, 0).await else {
+        return;
+    };
+    assert_eq!(a.store.add_deliveries(MAIJA, 2).await.unwrap(), 2);
+    let mut c = a.client("processor");
+    let returned = bulk_export(&mut c, "ce1/newsletter").await;
+    assert_eq!((returned.subjects_done, returned.records_done), (4, 6));
+    a.store
+        .add_subscriber(CONTROLLER, PEKKA, "Pekka Nieminen")
+        .await
+        .unwrap();
+    assert_eq!(a.store.add_deliveries(MAIJA, 1).await.unwrap(), 1);
+
+    let (json, _) = all_pages(&mut c, "ce1/newsletter", 1024).await;
+    assert_eq!(json.len() as u64, returned.records_done, "{json:?}");
+    assert!(!json.iter().any(|r| r["email"] == PEKKA), "{json:?}");
+    // Maija's deliveries were issues 1 and 2; the one sent after the count is issue 1 again.
+    let issue_1 = json
+        .iter()
+        .filter(|r| r["issue"] == "Issue 1" && r["email"] == MAIJA)
+        .count();
+    assert_eq!(issue_1, 1, "{json:?}");
+
+    let err = erase_after_return(&mut c, "ce1/newsletter", returned)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains(
+            "2 record(s) of controller payroll arrived after the contract end's export and \
+             were never returned: 1 subscriber(s), 1 delivery record(s) and 0 billing \
+             record(s)"
+        ),
+        "{}",
+        err.message()
+    );
+    assert_eq!(a.store.emails_of(CONTROLLER).await.unwrap().len(), 5);
+
+    exec(&a.store, "DELETE FROM subscribers WHERE email = $1", PEKKA).await;
+    exec(
+        &a.store,
+        "DELETE FROM deliveries WHERE id = (SELECT MAX(d.id) FROM deliveries d \
+         JOIN subscribers s ON s.id = d.subscriber_id WHERE s.email = $1)",
+        MAIJA,
+    )
+    .await;
+    let r = erase_after_return(&mut c, "ce1/newsletter", returned)
+        .await
+        .unwrap();
+    assert_eq!(outcome_of(r.outcome), ExecuteOutcome::Completed, "{r:?}");
+    assert!(a.store.emails_of(CONTROLLER).await.unwrap().is_empty());
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_contract_end_export_returns_what_it_counted_on_sqlite() {
+    a_contract_end_export_returns_what_it_counted(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn a_contract_end_export_returns_what_it_counted_on_postgres() {
+    a_contract_end_export_returns_what_it_counted(Backend::Postgres).await;
+}
+
+/// With no arrival since the export the erasure erases everything returned, less what was
+/// deleted since: a row changed since (a corrected name) and another controller's new
+/// subscriber are no arrivals of this one, and the other controller keeps its data.
+async fn without_arrivals_the_erasure_erases_what_was_returned(backend: Backend) {
+    let Some(a) = Running::start_on(backend, 0).await else {
+        return;
+    };
+    assert_eq!(a.store.add_deliveries(MAIJA, 2).await.unwrap(), 2);
+    let mut c = a.client("processor");
+    let returned = bulk_export(&mut c, "ce1/newsletter").await;
+    assert_eq!((returned.subjects_done, returned.records_done), (4, 6));
+
+    let r = c
+        .execute(request("t-anna", RequestKind::Erasure, email(ANNA)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&r), ExecuteOutcome::Completed, "{r:?}");
+    let mut rectify = request("t-matti", RequestKind::Rectification, email(MATTI));
+    rectify.parameters = Some(RequestParameters {
+        corrections: vec![FieldCorrection {
+            field: "name".into(),
+            new_value: "Matti V.".into(),
+        }],
+        ..Default::default()
+    });
+    let r = c.execute(rectify).await.unwrap().into_inner();
+    assert_eq!(outcome(&r), ExecuteOutcome::Completed, "{r:?}");
+    a.store
+        .add_subscriber(GLOBEX, PEKKA, "Pekka Nieminen")
+        .await
+        .unwrap();
+
+    let r = erase_after_return(&mut c, "ce1/newsletter", returned)
+        .await
+        .unwrap();
+    assert_eq!(outcome_of(r.outcome), ExecuteOutcome::Completed, "{r:?}");
+    let erased: Vec<(&str, i64)> = r
+        .erased
+        .iter()
+        .map(|e| (e.target.as_str(), e.count))
+        .collect();
+    assert_eq!(erased, [("subscribers", 3), ("deliveries", 2)], "{r:?}");
+    assert!(
+        r.note
+            .contains("deleted 3 subscriber(s) and 2 delivery record(s) of controller payroll"),
+        "{}",
+        r.note
+    );
+    assert!(a.store.emails_of(CONTROLLER).await.unwrap().is_empty());
+    assert_eq!(a.store.emails_of(GLOBEX).await.unwrap(), [PEKKA]);
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn without_arrivals_the_erasure_erases_what_was_returned_on_sqlite() {
+    without_arrivals_the_erasure_erases_what_was_returned(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn without_arrivals_the_erasure_erases_what_was_returned_on_postgres() {
+    without_arrivals_the_erasure_erases_what_was_returned(Backend::Postgres).await;
+}
+
+/// An export the adapter kept no arrival clock for (one from before migration 0007) leaves
+/// the erasure after it to compare totals, as before: more held than returned is refused.
+#[tokio::test]
+async fn an_erasure_after_an_older_export_compares_totals() {
+    let a = Running::start(0).await;
+    let mut c = a.client("processor");
+    let returned = bulk_export(&mut c, "ce1/newsletter").await;
+    exec(
+        &a.store,
+        "UPDATE adapter_tasks SET arrived_upto = NULL WHERE task_id = $1",
+        "ce1/newsletter",
+    )
+    .await;
+    a.store
+        .add_subscriber(CONTROLLER, PEKKA, "Pekka Nieminen")
+        .await
+        .unwrap();
+    let err = erase_after_return(&mut c, "ce1/newsletter", returned)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message()
+            .contains("1 record(s) (1 subscriber(s)) of controller payroll arrived after"),
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains("if not more"), "{}", err.message());
+    a.stop().await;
 }
 
 fn sha256_email(v: &str) -> SubjectIdentity {
