@@ -419,11 +419,12 @@ impl Api {
         Ok(appender)
     }
 
-    /// Stores one chunk after checking its offset, size and CRC-32; a refused chunk leaves
-    /// nothing behind. The chunk is durable only once [`FileUpload::sync`] has run, which
-    /// happens before the file is checked, before any answer, and before a checkpoint counts
-    /// it ([`Api::checkpoint`]): one is recorded before any chunk that would take the file
-    /// more than the checkpoint interval past the last one.
+    /// Stores one chunk after checking its offset, size and CRC-32; a refused chunk appends
+    /// nothing (a stream refused when it opens the file may leave it created empty, which
+    /// counts as no bytes stored, as a missing file does). The chunk is durable only once
+    /// [`FileUpload::sync`] has run, which happens before the file is checked, before any
+    /// answer, and before a checkpoint counts it ([`Api::checkpoint`]): one is recorded before
+    /// any chunk that would take the file more than the checkpoint interval past the last one.
     async fn store_chunk(
         &self,
         up: &mut FileUpload,
@@ -470,39 +471,43 @@ impl Api {
                 chunk.offset
             )));
         }
+        if up.appender.is_none() {
+            let opened = self.open_file(&up.file).await?;
+            // The stream counts from the length registered; a call it was not kept apart from
+            // (on another replica) may have dropped or restarted the file since, and its
+            // bytes would land at other offsets than counted. Read after the open, so that
+            // the length is of the file appended to; and before any checkpoint, which would
+            // record the stream's digest for the file as it is now.
+            let stored = self
+                .shared
+                .packages
+                .store
+                .stored_len(&file_key(&up.file))
+                .await
+                .map_err(io_error)?;
+            if stored != up.state.offset {
+                // Its digest describes bytes no longer stored: no checkpoint from it.
+                up.hasher = None;
+                return Err(ApiError::failed_precondition(format!(
+                    "chunk at offset {} of {path} refused: this upload expected {} bytes \
+                     stored, but {stored} are (another call dropped or restarted the file \
+                     meanwhile); nothing was appended: ask GetUploadState and send from the \
+                     offset it answers",
+                    chunk.offset, up.state.offset
+                )));
+            }
+            up.appender = Some(opened);
+        }
         if !up.growing
             && up.state.offset > up.checkpointed
             && up.state.offset + len - up.checkpointed > self.shared.packages.checkpoint_every
         {
             self.checkpoint(up).await?;
         }
-        let appender = match &mut up.appender {
-            Some(a) => a,
-            None => {
-                let opened = self.open_file(&up.file).await?;
-                // The stream counts from the length registered; a call it was not kept apart
-                // from (on another replica) may have dropped or restarted the file since, and
-                // its bytes would land at other offsets than counted.
-                let stored = self
-                    .shared
-                    .packages
-                    .store
-                    .stored_len(&file_key(&up.file))
-                    .await
-                    .map_err(io_error)?;
-                if stored != up.state.offset {
-                    // Its digest describes bytes no longer stored: no checkpoint from it.
-                    up.hasher = None;
-                    return Err(ApiError::failed_precondition(format!(
-                        "chunk at offset {} of {path} refused: this upload expected {} bytes \
-                         stored, but {stored} are (another call dropped or restarted the file \
-                         meanwhile); nothing was appended: ask GetUploadState and send from \
-                         the offset it answers",
-                        chunk.offset, up.state.offset
-                    )));
-                }
-                up.appender.insert(opened)
-            }
+        let Some(appender) = up.appender.as_mut() else {
+            return Err(ApiError::unexpected(anyhow::anyhow!(
+                "file {path}: its upload has no file open to append to"
+            )));
         };
         appender.append(&chunk.data).await.map_err(io_error)?;
         if let Some(h) = &mut up.hasher {
@@ -540,6 +545,23 @@ impl Api {
             .await?;
         up.checkpointed = hasher.len();
         Ok(())
+    }
+
+    /// Claims the file `header` announces in [`Uploading`] for one call, or ABORTED while
+    /// another call holds it, `then` telling the caller when to come back.
+    fn claim_file(
+        &self,
+        processor: &str,
+        header: &ExportFileHeader,
+        then: &str,
+    ) -> Result<UploadGuard<'_>, ApiError> {
+        let key = file_key(&package_file(processor, header));
+        self.shared.uploading.claim(&key).ok_or_else(|| {
+            ApiError::aborted(format!(
+                "an upload or an upload-state call of file {} is in progress; {then}",
+                header.name
+            ))
+        })
     }
 
     /// The package of a request the caller may see, checked to have one that has not expired.
@@ -737,14 +759,7 @@ impl ExportUploadService for Api {
         // The answer may drop the stored bytes or check and store the file: under a live
         // upload stream of the file that would unlink what it appends to, or store the file
         // while the stream still writes it, so it waits for the stream to end.
-        let key = file_key(&package_file(&processor, &header));
-        let Some(_guard) = self.shared.uploading.claim(&key) else {
-            return Err(ApiError::aborted(format!(
-                "an upload of file {} is in progress; ask again when it ends",
-                header.name
-            ))
-            .into());
-        };
+        let _guard = self.claim_file(&processor, &header, "ask again when it ends")?;
         let (_, state, _) = self.register(&processor, &header).await?;
         Ok(Response::new(state))
     }
@@ -776,15 +791,11 @@ impl ExportUploadService for Api {
             .record("request_id", header.request_id.as_str())
             .record("file", header.name.as_str());
         self.check_target(&header.request_id, &processor).await?;
-        let key = file_key(&package_file(&processor, &header));
-        let Some(_guard) = self.shared.uploading.claim(&key) else {
-            return Err(ApiError::aborted(format!(
-                "another upload of file {} is in progress; once it ends, ask GetUploadState \
-                 and resume",
-                header.name
-            ))
-            .into());
-        };
+        let _guard = self.claim_file(
+            &processor,
+            &header,
+            "once it ends, ask GetUploadState and resume",
+        )?;
         let (file, state, resumed) = if growing {
             let (file, state) = self.register_growing(&processor, &header).await?;
             (file, state, None)

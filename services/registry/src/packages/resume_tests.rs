@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use dsrelay_proto::v1::export_upload_service_client::ExportUploadServiceClient;
 use dsrelay_proto::v1::request_service_client::RequestServiceClient;
 use dsrelay_proto::v1::{
-    ExportFileHeader, GetUploadStateRequest, IdentityEncoding, IdentityType, RequestKind,
+    ExportFileHeader, FileEnd, GetUploadStateRequest, IdentityEncoding, IdentityType, RequestKind,
     SubjectIdentity, SubmitRequest, UploadFileChunk, UploadState,
 };
 use dsrelay_runtime::pki::{dev_identity, DevPki};
@@ -408,6 +408,35 @@ async fn restart_elsewhere(a: &Registry, dir: &Path, database_url: &str, again: 
     b.stop().await;
 }
 
+/// Registers the file `grow` announces (streamed while written) again as another replica of
+/// `a` does, and stores `theirs` of it: through a second replica's upload stream on
+/// PostgreSQL; on SQLite (see [`restart_elsewhere`]) by leaving the folder as that upload
+/// leaves it (the records stand as they were: the header is the same).
+async fn regrow_elsewhere(
+    a: &Registry,
+    dir: &Path,
+    database_url: &str,
+    grow: &ExportFileHeader,
+    theirs: &[u8],
+) {
+    if database_url.starts_with("sqlite") {
+        std::fs::remove_file(a.path(grow)).expect("the bytes dropped");
+        a.append_behind(grow, theirs);
+        return;
+    }
+    let b = Registry::replica(dir, database_url, "replica-b").await;
+    let mut on_b = ExportUploadServiceClient::new(b.channel("processor"));
+    let mut messages = chunks(grow, theirs, 0, theirs.len());
+    messages[0].size_follows = true;
+    let sent = on_b
+        .upload_file(tokio_stream::iter(messages))
+        .await
+        .expect("registered again")
+        .into_inner();
+    assert_eq!((sent.offset, sent.complete), (theirs.len() as u64, false));
+    b.stop().await;
+}
+
 async fn state(
     uploads: &mut ExportUploadServiceClient<Channel>,
     h: &ExportFileHeader,
@@ -688,8 +717,9 @@ on_both_backends!(
 );
 
 /// GetUploadState waits for a live upload of the file (ABORTED, saying to ask again), since
-/// its answer may drop or check the bytes the stream appends to; the upload goes on and
-/// stores the file whole. Before, it answered, and could unlink the file under the stream.
+/// its answer may drop or check the bytes the stream appends to: asked with a restarted
+/// header, which would drop them, it drops nothing, and the upload goes on and stores the
+/// file whole. Before, it answered, and could unlink the file under the stream.
 async fn the_state_waits_for_a_live_upload(database_url: &str, dir: &Path) {
     let registry = Registry::start(dir, database_url).await;
     let id = registry.return_of_data("live").await;
@@ -702,7 +732,7 @@ async fn the_state_waits_for_a_live_upload(database_url: &str, dir: &Path) {
     tx.unbounded_send(messages.next().expect("a chunk"))
         .expect("sent");
     appended.await.expect("the first chunk appended");
-    let busy = state(&mut uploads, &h)
+    let busy = state(&mut uploads, &restarted(&h))
         .await
         .expect_err("an upload is live");
     assert_eq!(busy.code(), Code::Aborted, "{busy:?}");
@@ -813,6 +843,120 @@ async fn a_file_dropped_under_a_live_upload_is_not_recorded_stored(database_url:
     a.stop().await;
 }
 
+/// Another replica registers a file streamed while written (`size_follows`) again while an
+/// upload of it streams here, dropping the bytes stored, and stores some of its own: the
+/// upload, whose own bytes match its end, finds the store holding some bytes but not its
+/// size and answers DATA_LOSS, the file dropped and not recorded stored. Before, the file
+/// was recorded stored, with the other stream's bytes behind it.
+async fn a_growing_file_dropped_under_its_upload_is_not_recorded_stored(
+    database_url: &str,
+    dir: &Path,
+) {
+    let a = Registry::start(dir, database_url).await;
+    let id = a.return_of_data("growing").await;
+    let mut on_a = ExportUploadServiceClient::new(a.channel("processor"));
+    let data = bytes(3 * EVERY as usize + 55, 11);
+    let whole = header(&id, "growing.bin", &data);
+    let grow = ExportFileHeader {
+        size: 0,
+        sha256: String::new(),
+        ..whole.clone()
+    };
+    let mut messages = chunks(&grow, &data, 0, data.len());
+    messages[0].size_follows = true;
+    messages.push(UploadFileChunk {
+        offset: data.len() as u64,
+        end: Some(FileEnd {
+            size: data.len() as u64,
+            sha256: whole.sha256.clone(),
+        }),
+        ..Default::default()
+    });
+    let mut messages = messages.into_iter();
+    let appended = Signals::ask(&a.signals.appended);
+    let (tx, answer) = live(&on_a);
+    tx.unbounded_send(messages.next().expect("a chunk"))
+        .expect("sent");
+    appended.await.expect("the first chunk appended");
+    let theirs = bytes(5_000, 12);
+    regrow_elsewhere(&a, dir, database_url, &grow, &theirs).await;
+    for m in messages {
+        tx.unbounded_send(m).expect("sent");
+    }
+    drop(tx);
+    let refused = answer
+        .await
+        .expect("joined")
+        .expect_err("its bytes are gone");
+    assert_eq!(refused.code(), Code::DataLoss, "{refused:?}");
+    let expected = format!(
+        "{} bytes were received, but the store holds 5000",
+        data.len()
+    );
+    assert!(refused.message().contains(&expected), "{refused:?}");
+    assert!(!a.path(&whole).exists(), "the file was dropped");
+    let asked = state(&mut on_a, &whole).await.expect("state");
+    assert_eq!((asked.offset, asked.complete), (0, false));
+    a.stop().await;
+}
+
+/// A resumed upload whose store holds bytes past its checkpoint (appended by a stream that
+/// stopped before recording them) checkpoints before its first chunk. When another replica
+/// restarted the file meanwhile, that chunk is refused before any checkpoint: one recorded
+/// would vouch, with the digest this stream hashed, for the bytes the restarted file holds,
+/// which no check would read again, so a byte damaged among them would be stored. Bytes
+/// appended behind the registry's back stand for them here. Before, that checkpoint was
+/// recorded and the damaged file stored.
+async fn a_refused_resumed_upload_records_no_checkpoint(database_url: &str, dir: &Path) {
+    let a = Registry::start(dir, database_url).await;
+    let id = a.return_of_data("stale").await;
+    let mut on_a = ExportUploadServiceClient::new(a.channel("processor"));
+    let data = bytes(4 * EVERY as usize + 999, 13);
+    let h = header(&id, "stale.bin", &data);
+    let cut = 2 * EVERY as usize + 4_321;
+    let past = cut + EVERY as usize;
+    send(&mut on_a, &h, &data, 0, cut).await.expect("sent");
+    a.append_behind(&h, &data[cut..past]);
+    let opened = Signals::ask(&a.signals.opened_at);
+    let (tx, answer) = live(&on_a);
+    let mut messages = chunks(&h, &data, past, data.len());
+    messages[0].header = None;
+    tx.unbounded_send(UploadFileChunk {
+        header: Some(h.clone()),
+        offset: past as u64,
+        ..Default::default()
+    })
+    .expect("sent");
+    opened
+        .await
+        .expect("the upload resumed, hashing from its checkpoint");
+    let again = restarted(&h);
+    restart_elsewhere(&a, dir, database_url, &again).await;
+    let stored = past + 1_000;
+    let mut damaged = data[..stored].to_vec();
+    damaged[cut] ^= 0x40;
+    a.append_behind(&again, &damaged);
+    for m in messages {
+        tx.unbounded_send(m).expect("sent");
+    }
+    drop(tx);
+    let refused = answer
+        .await
+        .expect("joined")
+        .expect_err("the file was restarted");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    let expected = format!("expected {past} bytes stored, but {stored} are");
+    assert!(refused.message().contains(&expected), "{refused:?}");
+    let asked = state(&mut on_a, &again).await.expect("state");
+    assert_eq!((asked.offset, asked.complete), (stored as u64, false));
+    let checked = send(&mut on_a, &again, &data, stored, data.len())
+        .await
+        .expect_err("a stored byte is damaged");
+    assert_eq!(checked.code(), Code::DataLoss, "{checked:?}");
+    assert!(checked.message().contains("SHA-256"), "{checked:?}");
+    a.stop().await;
+}
+
 on_both_backends!(
     the_state_waits_for_a_live_upload,
     the_state_waits_for_a_live_upload_on_sqlite,
@@ -827,4 +971,14 @@ on_both_backends!(
     a_file_dropped_under_a_live_upload_is_not_recorded_stored,
     a_file_dropped_under_a_live_upload_is_not_recorded_stored_on_sqlite,
     a_file_dropped_under_a_live_upload_is_not_recorded_stored_on_postgres
+);
+on_both_backends!(
+    a_growing_file_dropped_under_its_upload_is_not_recorded_stored,
+    a_growing_file_dropped_under_its_upload_is_not_recorded_stored_on_sqlite,
+    a_growing_file_dropped_under_its_upload_is_not_recorded_stored_on_postgres
+);
+on_both_backends!(
+    a_refused_resumed_upload_records_no_checkpoint,
+    a_refused_resumed_upload_records_no_checkpoint_on_sqlite,
+    a_refused_resumed_upload_records_no_checkpoint_on_postgres
 );
