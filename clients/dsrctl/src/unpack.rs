@@ -152,6 +152,8 @@ impl Stop {
 /// What `check_folder` reads of `manifest.json`.
 #[derive(Deserialize)]
 struct Listing {
+    #[serde(default)]
+    request_id: String,
     files: Vec<Listed>,
 }
 
@@ -229,20 +231,74 @@ fn sync_file(file: &File, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How [`rename_no_replace`] failed.
+#[derive(Debug)]
+enum RenameFailure {
+    /// `to` did not get the file (`AlreadyExists`: `to` was taken, and is untouched).
+    NotRenamed(std::io::Error),
+    /// `to` got the file, but `from` could not be removed: the file has both names.
+    FromKept(std::io::Error),
+}
+
+impl RenameFailure {
+    fn kind(&self) -> std::io::ErrorKind {
+        match self {
+            Self::NotRenamed(e) | Self::FromKept(e) => e.kind(),
+        }
+    }
+}
+
+impl std::fmt::Display for RenameFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotRenamed(e) => e.fmt(f),
+            Self::FromKept(e) => write!(f, "the new name was made, the old one stays ({e})"),
+        }
+    }
+}
+
+impl std::error::Error for RenameFailure {}
+
 /// Renames `from` to `to` unless `to` exists (an `AlreadyExists` error then, `to` untouched).
 /// A hard link fails on an existing name atomically, where a check followed by a rename would
 /// replace a file created between the two; the staged name then goes. A file system without
 /// hard links gets the check and the rename, with their gap.
-fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
+fn rename_no_replace(from: &Path, to: &Path) -> Result<(), RenameFailure> {
     match std::fs::hard_link(from, to) {
-        Ok(()) => std::fs::remove_file(from),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(e),
+        Ok(()) => {
+            #[cfg(test)]
+            tests::linked(from);
+            std::fs::remove_file(from).map_err(RenameFailure::FromKept)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(RenameFailure::NotRenamed(e))
+        }
         Err(_) => match std::fs::symlink_metadata(to) {
-            Ok(_) => Err(std::io::ErrorKind::AlreadyExists.into()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::rename(from, to),
-            Err(e) => Err(e),
+            Ok(_) => Err(RenameFailure::NotRenamed(
+                std::io::ErrorKind::AlreadyExists.into(),
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::rename(from, to).map_err(RenameFailure::NotRenamed)
+            }
+            Err(e) => Err(RenameFailure::NotRenamed(e)),
         },
     }
+}
+
+/// Creates the file `path` for writing, removing whatever name was there first: a new file,
+/// never one reached through a symbolic link planted at `path`.
+fn create_replacing(path: &Path) -> anyhow::Result<File> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("deleting {}", path.display()));
+        }
+        _ => {}
+    }
+    File::options()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))
 }
 
 /// Makes the entries of each of `folders` durable (a file's name, a folder made for it).
@@ -411,7 +467,8 @@ fn check_staging(root: &Path, request_id: &str) -> Result<bool, String> {
 }
 
 /// Removes every file in the staging folder (only files: [`check_staging`] accepted no
-/// other) but, with `keep_owner`, the one naming the request; leaves the folder.
+/// other) but the one naming the request, and then, unless `keep_owner`, that one: while
+/// anything else is left, the folder stays known as this download's. Leaves the folder.
 fn empty_staging(staging: &Path, keep_owner: bool) -> anyhow::Result<()> {
     let context = || format!("emptying {}", staging.display());
     for entry in std::fs::read_dir(staging).with_context(context)? {
@@ -419,14 +476,23 @@ fn empty_staging(staging: &Path, keep_owner: bool) -> anyhow::Result<()> {
         if !entry.file_type().with_context(context)?.is_file() {
             bail!("{} is not dsrctl's: remove it", entry.path().display());
         }
-        if keep_owner && entry.file_name() == OWNER_NAME {
+        if entry.file_name() == OWNER_NAME {
             continue;
         }
         // Removes a name, never what a link points to.
         std::fs::remove_file(entry.path())
             .with_context(|| format!("deleting {}", entry.path().display()))?;
     }
-    Ok(())
+    if keep_owner {
+        return Ok(());
+    }
+    let owner = staging.join(OWNER_NAME);
+    match std::fs::remove_file(&owner) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("deleting {}", owner.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The request id an owner file holds (its first 1024 bytes: an id is far shorter, and a
@@ -446,7 +512,7 @@ fn write_owner(staging: &Path, request_id: &str) -> anyhow::Result<()> {
         return Ok(());
     }
     let temp = staging.join(OWNER_TEMP_NAME);
-    let mut file = File::create(&temp).with_context(|| format!("creating {}", temp.display()))?;
+    let mut file = create_replacing(&temp)?;
     file.write_all(request_id.as_bytes())
         .with_context(|| format!("writing {}", temp.display()))?;
     sync_file(&file, &temp)?;
@@ -455,11 +521,55 @@ fn write_owner(staging: &Path, request_id: &str) -> anyhow::Result<()> {
     sync_folders([staging])
 }
 
+/// Whether `root` holds the finished download of `request_id`: its `manifest.json` names
+/// the request, every file it lists is there and verifies, and the staging folder is gone,
+/// empty or holds only the file naming the request (a run stopped while removing it).
+fn finished_download(root: &Path, request_id: &str) -> bool {
+    let manifest = root.join(MANIFEST_NAME);
+    if !std::fs::symlink_metadata(&manifest).is_ok_and(|m| m.is_file()) {
+        return false;
+    }
+    let Ok(json) = std::fs::read(&manifest) else {
+        return false;
+    };
+    if !serde_json::from_slice::<Listing>(&json).is_ok_and(|l| l.request_id == request_id) {
+        return false;
+    }
+    let staging = root.join(STAGING_NAME);
+    match std::fs::symlink_metadata(&staging) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Ok(meta) if meta.is_dir() => {
+            let Ok(entries) = std::fs::read_dir(&staging) else {
+                return false;
+            };
+            for entry in entries {
+                let owner = entry.is_ok_and(|e| {
+                    e.file_name() == OWNER_NAME
+                        && e.file_type().is_ok_and(|t| t.is_file())
+                        && read_owner(&e.path()).is_ok_and(|id| id == request_id.as_bytes())
+                });
+                if !owner {
+                    return false;
+                }
+            }
+        }
+        _ => return false,
+    }
+    check_folder(root, &json).is_ok()
+}
+
 /// What an earlier, interrupted run of the same download left in the `--out` folder: the
 /// files at their manifest paths, each matching the manifest's size and SHA-256.
 #[derive(Debug, Default)]
 pub(crate) struct Leftovers {
     in_place: HashSet<String>,
+}
+
+impl Leftovers {
+    /// How many files an earlier run left.
+    pub(crate) fn count(&self) -> usize {
+        self.in_place.len()
+    }
 }
 
 /// Writes a package into a folder. Each file is written in the staging folder, synced, and
@@ -473,6 +583,7 @@ pub(crate) struct Leftovers {
 pub(crate) struct DirSink {
     root: PathBuf,
     staging: PathBuf,
+    request_id: String,
     /// `manifest.json`, kept back until every file verified.
     manifest: Option<Vec<u8>>,
     /// Files an earlier run left verified at their paths.
@@ -505,22 +616,40 @@ impl DirSink {
     /// Refuses, before anything is asked of the registry, a folder that is not empty and
     /// not one a run of the download of `request_id` left (it has that run's staging
     /// folder), one that holds what no download leaves (see [`survey`]), or a whole package
-    /// already (its `manifest.json`). A folder that passes is checked file by file against
-    /// the manifest by [`Self::check_leftovers`].
+    /// already (its `manifest.json`; saying so when it is this download's, finished). A
+    /// folder that passes is checked file by file against the manifest by
+    /// [`Self::check_leftovers`].
     pub(crate) fn check_target(root: &Path, request_id: &str) -> Result<(), String> {
         let entries = match std::fs::read_dir(root) {
             Ok(entries) => entries,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(err) => return Err(format!("--out {}: {err}", root.display())),
         };
-        let (mut staging, mut others) = (false, false);
+        let (mut staging, mut others, mut manifest) = (false, false, false);
         for entry in entries {
             let entry = entry.map_err(|err| format!("--out {}: {err}", root.display()))?;
             if entry.file_name() == STAGING_NAME {
                 staging = true;
             } else {
                 others = true;
+                manifest |= entry.file_name() == MANIFEST_NAME;
             }
+        }
+        if manifest && finished_download(root, request_id) {
+            let left = if staging {
+                format!(
+                    "; {} is left over from it and can be deleted",
+                    root.join(STAGING_NAME).display()
+                )
+            } else {
+                String::new()
+            };
+            return Err(format!(
+                "--out {} holds the finished download of request {request_id} (its \
+                 {MANIFEST_NAME} and every file it lists, verified): download finished \
+                 already{left}",
+                root.display()
+            ));
         }
         let ours = staging && check_staging(root, request_id)?;
         if others && !ours {
@@ -603,8 +732,8 @@ impl DirSink {
                     root,
                     &path,
                     &format!(
-                        "which does not match the manifest ({reason}), so no earlier run of \
-                         this download wrote it"
+                        "which does not match the manifest ({reason}), so it is no file of \
+                         this package as the registry has it now"
                     ),
                 ));
             }
@@ -659,6 +788,7 @@ impl DirSink {
         Ok(Self {
             root: root.to_path_buf(),
             staging,
+            request_id: request_id.to_string(),
             manifest: None,
             verified: leftovers.in_place.len(),
             in_place: leftovers.in_place,
@@ -731,8 +861,23 @@ impl DirSink {
         if sealed.is_err() {
             // Not durable, so it must not vouch for the folder.
             let _ = std::fs::remove_file(self.root.join(MANIFEST_NAME));
+            // The file naming the request may be gone already: without it, the same
+            // command run again would refuse the folder. give_up says if this fails.
+            let _ = self.restore_owner();
         }
         sealed
+    }
+
+    /// Makes the staging folder, and the file in it naming the request, again.
+    fn restore_owner(&self) -> anyhow::Result<()> {
+        match std::fs::create_dir(&self.staging) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(e).with_context(|| format!("creating {}", self.staging.display()));
+            }
+            _ => {}
+        }
+        write_owner(&self.staging, &self.request_id)?;
+        sync_folders([self.root.as_path()])
     }
 
     /// Removes the staging folder, emptied.
@@ -741,6 +886,8 @@ impl DirSink {
             drop(file);
         }
         empty_staging(&self.staging, false)?;
+        #[cfg(test)]
+        tests::emptied(&self.staging);
         std::fs::remove_dir(&self.staging)
             .with_context(|| format!("deleting {}", self.staging.display()))
     }
@@ -764,12 +911,24 @@ impl DirSink {
                 self.staging.display()
             ),
         };
+        let owner = self.staging.join(OWNER_NAME);
+        let next = if read_owner(&owner).is_ok_and(|id| id == self.request_id.as_bytes()) {
+            format!(
+                "has {} naming the request: run the same command again to finish",
+                owner.display()
+            )
+        } else {
+            format!(
+                "lacks {} naming the request, so the same command run again refuses it: \
+                 download into a new folder",
+                owner.display()
+            )
+        };
         format!(
             "{staging}; {} keeps the files verified so far ({}), has no {MANIFEST_NAME}, and \
-             has {} naming the request: run the same command again to finish",
+             {next}",
             self.root.display(),
             self.verified,
-            self.staging.join(OWNER_NAME).display()
         )
     }
 }
@@ -961,8 +1120,7 @@ impl ZipSink {
         }
         let owner = Self::owner_path(&partial);
         // No partial zip is there now: a kill amid this write leaves nothing that counts.
-        let mut file =
-            File::create(&owner).with_context(|| format!("creating {}", owner.display()))?;
+        let mut file = create_replacing(&owner)?;
         file.write_all(request_id.as_bytes())
             .with_context(|| format!("writing {}", owner.display()))?;
         sync_file(&file, &owner)?;
@@ -1062,9 +1220,10 @@ impl Sink for ZipSink {
                         bail!("{} appeared while the download ran", path.display())
                     }
                     Err(e) => {
+                        renamed = matches!(e, RenameFailure::FromKept(_));
                         return Err(e).with_context(|| {
                             format!("renaming {} to {}", partial.display(), path.display())
-                        })
+                        });
                     }
                 }
                 renamed = true;
@@ -1072,16 +1231,30 @@ impl Sink for ZipSink {
             });
         if let Err(err) = written {
             // Not known to be whole and durable: no zip, as for a failed file.
-            let removed = if renamed {
-                let _ = std::fs::remove_file(&path);
-                "it was removed".to_string()
-            } else {
-                Self::remove_partial(&partial)
+            if !renamed {
+                return Err(anyhow!(
+                    "{err:#}; {} was not written, {}",
+                    path.display(),
+                    Self::remove_partial(&partial)
+                ));
+            }
+            let mut left = match std::fs::remove_file(&path) {
+                Ok(()) => format!("{} was not kept: it was removed", path.display()),
+                Err(e) => format!(
+                    "{} is there but not known to be durable, and removing it failed ({e}): \
+                     delete it",
+                    path.display()
+                ),
             };
-            return Err(anyhow!(
-                "{err:#}; {} was not written, {removed}",
-                path.display()
-            ));
+            // The owner file stays with it: the next run knows it for its own.
+            if std::fs::symlink_metadata(&partial).is_ok() {
+                left.push_str(&format!(
+                    "; its partial copy {} stays, and the next run of the same command \
+                     replaces it",
+                    partial.display()
+                ));
+            }
+            return Err(anyhow!("{err:#}; {left}"));
         }
         // Alone, it is replaced by the next run.
         let _ = std::fs::remove_file(Self::owner_path(&partial));
@@ -1292,6 +1465,30 @@ mod tests {
 
     fn take_synced() -> Vec<PathBuf> {
         SYNCED.with(RefCell::take)
+    }
+
+    thread_local! {
+        /// Set by a test: the staging folder emptied next gets this stray file before it is
+        /// removed, as if something wrote there meanwhile.
+        static STRAY: RefCell<Option<&'static str>> = const { RefCell::new(None) };
+        /// Set by a test: the next file given a second name loses its first one to a folder,
+        /// so that removing that name fails.
+        static KEEP_FROM: RefCell<bool> = const { RefCell::new(false) };
+    }
+
+    /// Called once `staging` was emptied, before it is removed.
+    pub(super) fn emptied(staging: &Path) {
+        if let Some(name) = STRAY.with(RefCell::take) {
+            std::fs::write(staging.join(name), b"stray").unwrap();
+        }
+    }
+
+    /// Called once `from` got its second name, before `from` is removed.
+    pub(super) fn linked(from: &Path) {
+        if KEEP_FROM.with(RefCell::take) {
+            std::fs::remove_file(from).unwrap();
+            std::fs::create_dir(from).unwrap();
+        }
     }
 
     fn sha(data: &[u8]) -> String {
@@ -2026,6 +2223,115 @@ mod tests {
         assert!(err.contains(STOPPED), "{err}");
         assert!(!path.exists());
         assert!(!tmp.path().join(".pkg.zip.dsrctl-partial").exists());
+    }
+
+    /// `info` with a `manifest.json` as the registry writes it: naming the request, listing
+    /// the files.
+    fn with_real_manifest(mut info: PackageInfo) -> PackageInfo {
+        let files: Vec<_> = info
+            .files
+            .iter()
+            .map(|f| serde_json::json!({"path": f.path, "size": f.size, "sha256": f.sha256}))
+            .collect();
+        let manifest = serde_json::json!({"request_id": info.request_id, "files": files});
+        info.manifest_json = serde_json::to_vec(&manifest).unwrap();
+        info
+    }
+
+    #[test]
+    fn a_sealing_that_fails_keeps_the_folder_this_downloads() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("pkg");
+        let (info, chunks) = package(FILES, 7);
+        let info = with_real_manifest(info);
+        // Something writes into the staging folder as it is removed: removing it fails
+        // after the file naming the request is gone.
+        STRAY.with(|s| *s.borrow_mut() = Some("stray"));
+        let mut unpacker = Unpacker::new(&info, dir_sink(&out, &info)).unwrap();
+        for c in &chunks {
+            unpacker.chunk(c).unwrap();
+        }
+        let err = unpacker.finish().err().unwrap().to_string();
+        assert!(
+            err.contains(&format!(
+                "has {}",
+                out.join(STAGING_NAME).join(OWNER_NAME).display()
+            )) && err.contains("run the same command again"),
+            "{err}"
+        );
+        assert!(!out.join(MANIFEST_NAME).exists());
+        // Giving up emptied the staging folder but for that file, written again: the same
+        // command takes the folder up.
+        assert_eq!(staged_names(&out), [OWNER_NAME]);
+        let (outcomes, note) = unpack(&info, &chunks, dir_sink(&out, &info));
+        assert_eq!(note, None);
+        assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
+        assert!(out.join(MANIFEST_NAME).exists() && !out.join(STAGING_NAME).exists());
+    }
+
+    #[test]
+    fn a_finished_download_is_named_so() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("pkg");
+        let (info, chunks) = package(FILES, 7);
+        let info = with_real_manifest(info);
+        unpack(&info, &chunks, dir_sink(&out, &info));
+        let finished = |out: &Path| {
+            let err = DirSink::check_target(out, "r-1").unwrap_err();
+            assert!(err.contains("download finished already"), "{err}");
+            err
+        };
+        assert!(!finished(&out).contains("left over"));
+        // Killed while the staging folder was removed: with the file naming the request
+        // still in it, or without.
+        let staging = out.join(STAGING_NAME);
+        std::fs::create_dir(&staging).unwrap();
+        assert!(finished(&out).contains("can be deleted"));
+        std::fs::write(staging.join(OWNER_NAME), b"r-1").unwrap();
+        assert!(finished(&out).contains("can be deleted"));
+        // Another request's folder, or one whose files no longer match, is not finished.
+        assert!(DirSink::check_target(&out, "r-2").is_err_and(|e| !e.contains("finished")));
+        std::fs::write(out.join(&info.files[0].path), b"changed").unwrap();
+        let err = DirSink::check_target(&out, "r-1").unwrap_err();
+        assert!(!err.contains("finished already"), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_link_where_the_zips_owner_file_goes_is_replaced_not_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("pkg.zip");
+        let victim = tmp.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let owner = tmp.path().join(".pkg.zip.dsrctl-partial.request");
+        std::os::unix::fs::symlink(&victim, &owner).unwrap();
+        let sink = ZipSink::create(&path, "r-1", &Stop::default()).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(!std::fs::symlink_metadata(&owner).unwrap().is_symlink());
+        assert_eq!(std::fs::read(&owner).unwrap(), b"r-1");
+        drop(sink);
+    }
+
+    #[test]
+    fn a_zip_named_whose_partial_name_stays_is_said_so() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("pkg.zip");
+        let partial = tmp.path().join(".pkg.zip.dsrctl-partial");
+        let (info, chunks) = package(FILES, 4);
+        let sink = Box::new(ZipSink::create(&path, "r-1", &Stop::default()).unwrap());
+        let mut unpacker = Unpacker::new(&info, sink).unwrap();
+        for c in &chunks {
+            unpacker.chunk(c).unwrap();
+        }
+        KEEP_FROM.with(|k| *k.borrow_mut() = true);
+        let err = unpacker.finish().err().unwrap().to_string();
+        assert!(
+            err.contains("was not kept: it was removed")
+                && err.contains(&format!("its partial copy {} stays", partial.display())),
+            "{err}"
+        );
+        assert!(!err.contains("was not written"), "{err}");
+        assert!(!path.exists());
     }
 
     /// A name taken, even by a dangling symbolic link, is never replaced and the staged file

@@ -831,6 +831,15 @@ async fn download_cut_short_finishes_when_run_again_and_refuses_foreign_files() 
         run.stdout
     );
     assert_whole_package(&out, &files);
+    // Run once more, it says the download finished, not merely that the folder is not empty.
+    let run = dsrctl(&pair, "partner-crm", &["download", &id, "--out", out_arg]).await;
+    run.expect_code(2);
+    assert!(
+        run.stderr.contains("download finished already"),
+        "{}",
+        run.stderr
+    );
+    assert_whole_package(&out, &files);
 
     // The same for a zip: never under its name until whole, then written by the next run.
     let zip_path = pair.dir().join("cut.zip");

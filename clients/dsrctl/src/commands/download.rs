@@ -17,7 +17,7 @@ use crate::cli::{DownloadArgs, PackageArgs};
 use crate::commands::{Io, Registry};
 use crate::output::{emit, Render, Time};
 use crate::table::{clean, Table};
-use crate::unpack::{DirSink, FileOutcome, Sink, Stop, Unpacker, ZipSink};
+use crate::unpack::{DirSink, FileOutcome, Leftovers, Sink, Stop, Unpacker, ZipSink, STOPPED};
 use crate::{Failure, EXIT_FAILURE};
 
 /// Packages at least this large get a progress bar (when stderr is a terminal).
@@ -52,19 +52,30 @@ impl Target {
         }
     }
 
-    /// Opens the destination for `info`'s package (its manifest paths already checked):
-    /// hashes the files an interrupted run left, so it can take long (stopping once `stop`
-    /// is set).
-    fn open(&self, info: &PackageInfo, stop: &Stop) -> Result<Box<dyn Sink>, Failure> {
+    /// Checks the destination for `info`'s package (its manifest paths already checked),
+    /// writing nothing: hashes the files an interrupted run left, so it can take long
+    /// (stopping once `stop` is set).
+    fn prepare(&self, info: &PackageInfo, stop: &Stop) -> Result<Leftovers, Failure> {
+        match self {
+            Self::Dir(dir) => DirSink::check_leftovers(dir, info, stop).map_err(Failure::Usage),
+            Self::Zip(zip) => ZipSink::check_target(zip, &info.request_id)
+                .map(|()| Leftovers::default())
+                .map_err(Failure::Usage),
+        }
+    }
+
+    /// Opens the destination [`Self::prepare`] checked, creating it.
+    fn open(
+        &self,
+        info: &PackageInfo,
+        leftovers: Leftovers,
+        stop: &Stop,
+    ) -> Result<Box<dyn Sink>, Failure> {
         Ok(match self {
-            Self::Dir(dir) => {
-                let leftovers =
-                    DirSink::check_leftovers(dir, info, stop).map_err(Failure::Usage)?;
-                Box::new(
-                    DirSink::create(dir, &info.request_id, leftovers, stop)
-                        .map_err(Failure::Package)?,
-                )
-            }
+            Self::Dir(dir) => Box::new(
+                DirSink::create(dir, &info.request_id, leftovers, stop)
+                    .map_err(Failure::Package)?,
+            ),
             Self::Zip(zip) => {
                 Box::new(ZipSink::create(zip, &info.request_id, stop).map_err(Failure::Package)?)
             }
@@ -340,6 +351,25 @@ fn interrupted() -> Failure {
     Failure::Package(anyhow!("interrupted (Ctrl-C)"))
 }
 
+/// Whether `failure` is work saying it stopped for Ctrl-C, rather than failing of itself.
+fn stopped(failure: &Failure) -> bool {
+    match failure {
+        Failure::Usage(message) => message == STOPPED,
+        Failure::Package(err) => err.root_cause().to_string() == STOPPED,
+        _ => false,
+    }
+}
+
+/// The failure for work that ended with `failure` after Ctrl-C was `caught`: its own,
+/// unless it only says it stopped.
+fn failed_after(failure: Failure, caught: bool) -> Failure {
+    if caught && stopped(&failure) {
+        interrupted()
+    } else {
+        failure
+    }
+}
+
 /// The events of a package download.
 type Events = Pin<Box<dyn Stream<Item = Result<DownloadEvent, tonic::Status>>>>;
 
@@ -350,9 +380,10 @@ trait Source {
     async fn package(&self, id: &str) -> Result<PackageInfo, Failure>;
     /// DownloadPackage, opened when the stream is first polled.
     fn download(&self, id: &str) -> Events;
-    /// The failure for DownloadPackage's refusal `status`.
+    /// The failure for DownloadPackage's refusal `status`, explained (which can ask more).
     async fn refused(&self, id: &str, status: tonic::Status) -> Failure;
-    /// The failure for `status`, which ended a download under way.
+    /// The failure for `status`, which ended a download under way, or refused one whose
+    /// explanation Ctrl-C cut short.
     fn broke(&self, status: tonic::Status) -> Failure;
 }
 
@@ -451,11 +482,31 @@ fn same_package(sent: &PackageInfo, checked: &PackageInfo) -> bool {
         && sent.manifest_json == checked.manifest_json
 }
 
-/// A download's start: the manifest from GetPackage, the destination opened for it (the
-/// files an interrupted run left hashed, on a blocking thread), and only then
-/// DownloadPackage, whose manifest must be the one checked. The registry stops a download
-/// that reads nothing for its call limit, which hashing many gigabytes outlasts. Returns
-/// the manifest, the unpacker and the rest of the stream.
+/// What to do when the package changed between GetPackage and DownloadPackage, nothing
+/// having been written; `leftovers`, what an earlier run left in the folder.
+fn changed(id: &str, target: &Target, leftovers: Option<&Leftovers>) -> Failure {
+    let mut message = format!(
+        "the package of {id} changed between the registry's two answers, and nothing was \
+         written: run the same command again"
+    );
+    let earlier = leftovers.map_or(0, Leftovers::count);
+    if let (Target::Dir(dir), 1..) = (target, earlier) {
+        message.push_str(&format!(
+            " (it checks the {earlier} files an earlier run left in {} against the package \
+             as it is then, and refuses any that no longer match: download into a new \
+             folder then)",
+            dir.display()
+        ));
+    }
+    Failure::Package(anyhow!(message))
+}
+
+/// A download's start: the manifest from GetPackage, the destination checked for it (the
+/// files an interrupted run left hashed, on a blocking thread), then DownloadPackage, whose
+/// manifest must be the one checked, and only then the destination created. The registry
+/// stops a download that reads nothing for its call limit, which hashing many gigabytes
+/// outlasts; a refused download writes nothing. Returns the manifest, the unpacker and the
+/// rest of the stream.
 async fn start<S: Source, F: Future<Output = std::io::Result<()>>>(
     source: &S,
     id: &str,
@@ -476,56 +527,67 @@ async fn start<S: Source, F: Future<Output = std::io::Result<()>>>(
             checked.request_id
         )));
     }
-    // With parts missing, nothing is opened: DownloadPackage refuses, naming them.
-    let mut sink = None;
+    // With parts missing, nothing is checked: DownloadPackage refuses, naming them.
+    let mut leftovers = None;
     if checked.complete {
         Unpacker::check_manifest(&checked).map_err(Failure::Package)?;
         let (target, info, stopping) = (target.clone(), checked.clone(), stop.clone());
-        let (opened, caught) = blocking(ctrl_c, stop, move || target.open(&info, &stopping)).await;
-        if caught {
-            if let Ok(sink) = opened {
-                note_left(io, "the download stopped", &sink.abort());
-            }
-            return Err(interrupted());
+        let (found, caught) =
+            blocking(ctrl_c, stop, move || target.prepare(&info, &stopping)).await;
+        match found {
+            Ok(_) if caught => return Err(interrupted()),
+            Ok(found) => leftovers = Some(found),
+            Err(failure) => return Err(failed_after(failure, caught)),
         }
-        sink = Some(opened?);
     }
     let mut events = source.download(id);
     let first = tokio::select! {
         biased;
-        () = ctrl_c.caught() => Err(interrupted()),
-        event = events.next() => Ok(event),
+        () = ctrl_c.caught() => return Err(interrupted()),
+        event = events.next() => event,
     };
     let info = match first {
-        Ok(Some(Ok(DownloadEvent::Manifest(info)))) if same_package(&info, &checked) => Ok(info),
-        Ok(Some(Ok(DownloadEvent::Manifest(_)))) => Err(Failure::Package(anyhow!(
-            "the package of {id} changed between the registry's two answers (the files in \
-             the folder were checked against the first): run the same command again"
-        ))),
-        Ok(Some(Err(status))) => Err(source.refused(id, status).await),
-        Ok(Some(Ok(DownloadEvent::Chunk(_))) | None) => Err(Failure::Package(anyhow!(
-            "the registry sent no manifest for {id}"
-        ))),
-        Err(failure) => Err(failure),
+        Some(Ok(DownloadEvent::Manifest(info))) if same_package(&info, &checked) => info,
+        Some(Ok(DownloadEvent::Manifest(_))) => {
+            return Err(changed(id, target, leftovers.as_ref()))
+        }
+        Some(Err(status)) => {
+            // Explaining asks the registry again: Ctrl-C gives the refusal as it came.
+            let plain = status.clone();
+            return Err(tokio::select! {
+                biased;
+                () = ctrl_c.caught() => source.broke(plain),
+                failure = source.refused(id, status) => failure,
+            });
+        }
+        Some(Ok(DownloadEvent::Chunk(_))) | None => {
+            return Err(Failure::Package(anyhow!(
+                "the registry sent no manifest for {id}"
+            )))
+        }
     };
-    match (info, sink) {
-        (Ok(info), Some(sink)) => {
-            let unpacker = Unpacker::new(&info, sink).map_err(Failure::Package)?;
-            Ok((info, unpacker, events))
+    let Some(leftovers) = leftovers else {
+        // Not complete when GetPackage answered, so nothing was checked.
+        return Err(Failure::Package(anyhow!(
+            "the package of {id} was completed between the registry's two answers, and \
+             nothing was written: run the same command again"
+        )));
+    };
+    let (dest, opening, stopping) = (target.clone(), info.clone(), stop.clone());
+    let (opened, caught) = blocking(ctrl_c, stop, move || {
+        dest.open(&opening, leftovers, &stopping)
+    })
+    .await;
+    let sink = match opened {
+        Ok(sink) if caught => {
+            note_left(io, "the download stopped", &sink.abort());
+            return Err(interrupted());
         }
-        (info, sink) => {
-            if let Some(sink) = sink {
-                note_left(io, "the download stopped", &sink.abort());
-            }
-            // Ok without a sink: the package was not complete when GetPackage answered.
-            Err(info.err().unwrap_or_else(|| {
-                Failure::Package(anyhow!(
-                    "the package of {id} was completed between the registry's two answers: \
-                     run the same command again"
-                ))
-            }))
-        }
-    }
+        Ok(sink) => sink,
+        Err(failure) => return Err(failed_after(failure, caught)),
+    };
+    let unpacker = Unpacker::new(&info, sink).map_err(Failure::Package)?;
+    Ok((info, unpacker, events))
 }
 
 /// `dsrctl download ID (--out DIR | --zip FILE)`: 0 when every file matched the manifest,
@@ -625,24 +687,27 @@ mod tests {
     struct Stand {
         /// What GetPackage answers.
         checked: PackageInfo,
-        /// The manifest DownloadPackage sends (no chunks follow).
-        sent: PackageInfo,
+        /// The manifest DownloadPackage sends (no chunks follow), or its refusal.
+        sent: Result<PackageInfo, tonic::Status>,
         /// The folder downloaded into.
         out: PathBuf,
         /// Set when DownloadPackage opened: whether the folder's staging folder was there.
         staged_at_open: Cell<Option<bool>>,
         /// Fired when GetPackage is asked.
         asked: RefCell<Option<tokio::sync::oneshot::Sender<()>>>,
+        /// Fired when DownloadPackage's first answer is taken.
+        answered: RefCell<Option<tokio::sync::oneshot::Sender<()>>>,
     }
 
     impl Stand {
         fn new(out: &Path, sent: PackageInfo) -> Self {
             Self {
                 checked: package_info(),
-                sent,
+                sent: Ok(sent),
                 out: out.to_path_buf(),
                 staged_at_open: Cell::new(None),
                 asked: RefCell::new(None),
+                answered: RefCell::new(None),
             }
         }
     }
@@ -658,9 +723,14 @@ mod tests {
         fn download(&self, _id: &str) -> Events {
             let staged = self.out.join(crate::unpack::STAGING_NAME).exists();
             self.staged_at_open.set(Some(staged));
-            Box::pin(tokio_stream::iter([Ok(DownloadEvent::Manifest(
-                self.sent.clone(),
-            ))]))
+            let mut answered = self.answered.borrow_mut().take();
+            let sent = self.sent.clone().map(DownloadEvent::Manifest);
+            Box::pin(tokio_stream::iter([sent]).map(move |event| {
+                if let Some(answered) = answered.take() {
+                    let _ = answered.send(());
+                }
+                event
+            }))
         }
 
         async fn refused(&self, _id: &str, status: tonic::Status) -> Failure {
@@ -668,7 +738,7 @@ mod tests {
         }
 
         fn broke(&self, status: tonic::Status) -> Failure {
-            Failure::Package(anyhow!("{}", status.message()))
+            Failure::Package(anyhow!("broke: {}", status.message()))
         }
     }
 
@@ -703,23 +773,23 @@ mod tests {
         stand: &Stand,
         ctrl_c: F,
     ) -> (Result<(), String>, String) {
+        started_into(stand, &Target::Dir(stand.out.clone()), ctrl_c).await
+    }
+
+    /// [`started`] into `target`.
+    async fn started_into<F: Future<Output = std::io::Result<()>>>(
+        stand: &Stand,
+        target: &Target,
+        ctrl_c: F,
+    ) -> (Result<(), String>, String) {
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let mut io = Io {
             out: &mut out,
             err: &mut err,
             format: OutputFormat::Table,
         };
-        let target = Target::Dir(stand.out.clone());
         let mut ctrl_c = CtrlC::new(ctrl_c);
-        let result = start(
-            stand,
-            "r-1",
-            &target,
-            &Stop::default(),
-            &mut ctrl_c,
-            &mut io,
-        )
-        .await;
+        let result = start(stand, "r-1", target, &Stop::default(), &mut ctrl_c, &mut io).await;
         let result = result.map(drop).map_err(|f| message(&f));
         (result, String::from_utf8(err).unwrap())
     }
@@ -731,7 +801,9 @@ mod tests {
         let stand = Stand::new(&out, package_info());
         let (result, _) = started(&stand, std::future::pending()).await;
         assert_eq!(result, Ok(()));
-        assert_eq!(stand.staged_at_open.get(), Some(true));
+        // Created only once the registry agreed to the download.
+        assert_eq!(stand.staged_at_open.get(), Some(false));
+        assert!(out.join(crate::unpack::STAGING_NAME).exists());
 
         // A leftover that does not match is refused without asking for the download.
         let tmp = tempfile::tempdir().unwrap();
@@ -757,11 +829,81 @@ mod tests {
         let (result, stderr) = started(&stand, std::future::pending()).await;
         let err = result.unwrap_err();
         assert!(
-            err.contains("changed between the registry's two answers"),
+            err.contains("changed between the registry's two answers, and nothing was written"),
             "{err}"
         );
-        assert!(stderr.contains("nothing partial was left"), "{stderr}");
-        assert!(!out.join("p").exists());
+        assert!(!err.contains("checked"), "{err}");
+        assert_eq!(stderr, "");
+        assert!(!out.exists());
+
+        // With files an earlier run left, it says what the run again does with them.
+        std::fs::create_dir_all(out.join("p")).unwrap();
+        std::fs::create_dir(out.join(crate::unpack::STAGING_NAME)).unwrap();
+        std::fs::write(out.join(crate::unpack::STAGING_NAME).join("request"), "r-1").unwrap();
+        std::fs::write(out.join("p/a.json"), CONTENT).unwrap();
+        let (result, _) = started(&stand, std::future::pending()).await;
+        let err = result.unwrap_err();
+        assert!(
+            err.contains("checks the 1 files an earlier run left") && err.contains("new folder"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_download_writes_nothing_and_suggests_no_run_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("pkg");
+        let mut stand = Stand::new(&out, package_info());
+        stand.sent = Err(tonic::Status::failed_precondition("the package expired"));
+        let (result, stderr) = started(&stand, std::future::pending()).await;
+        assert_eq!(result.unwrap_err(), "the package expired");
+        assert_eq!(stderr, "");
+        assert!(!out.exists());
+
+        let zip = tmp.path().join("pkg.zip");
+        let (result, stderr) =
+            started_into(&stand, &Target::Zip(zip.clone()), std::future::pending()).await;
+        assert_eq!(result.unwrap_err(), "the package expired");
+        assert_eq!(stderr, "");
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn ctrl_c_while_the_explanation_of_a_refusal_is_asked_gives_the_refusal() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("pkg");
+        let mut stand = Stand::new(&out, package_info());
+        stand.sent = Err(tonic::Status::failed_precondition("the package expired"));
+        let (answered, ctrl_c) = tokio::sync::oneshot::channel();
+        *stand.answered.borrow_mut() = Some(answered);
+        let (result, _) = started(&stand, async move {
+            let _ = ctrl_c.await;
+            Ok(())
+        })
+        .await;
+        assert_eq!(result.unwrap_err(), "broke: the package expired");
+    }
+
+    #[tokio::test]
+    async fn ctrl_c_while_leftovers_are_checked_keeps_the_real_failure() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("pkg");
+        std::fs::create_dir_all(out.join(crate::unpack::STAGING_NAME)).unwrap();
+        std::fs::write(out.join(crate::unpack::STAGING_NAME).join("notes.txt"), "").unwrap();
+        let stand = Stand::new(&out, package_info());
+        let (asked, ctrl_c) = tokio::sync::oneshot::channel();
+        *stand.asked.borrow_mut() = Some(asked);
+        let (result, _) = started(&stand, async move {
+            let _ = ctrl_c.await;
+            Ok(())
+        })
+        .await;
+        let err = result.unwrap_err();
+        assert!(
+            err.contains("not what an interrupted dsrctl download"),
+            "{err}"
+        );
+        assert_eq!(stand.staged_at_open.get(), None);
     }
 
     #[tokio::test]
