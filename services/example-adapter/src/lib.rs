@@ -54,9 +54,10 @@
 //!   idempotently per `job_id`; GetBulkStatus repeats the answer. An ERASE that follows a
 //!   return (`returned`) first looks up the export under its key less `#erase`: any of the
 //!   controller's rows inserted after that export counted (a sign-up, a delivery, a billing
-//!   record; a row changed since is no arrival) is FAILED_PRECONDITION, naming how many of
+//!   record, or a row given to it at start) is FAILED_PRECONDITION, naming how many of
 //!   each, nothing erased or stored under the job id; the check holds off inserts until the
-//!   erasure commits, so it erases exactly what was returned, less what was deleted since.
+//!   erasure commits, so it erases only rows the export returned, in their current form (a
+//!   row changed since, such as a corrected name, is no arrival).
 //!   Without that export here (one from before migration 0007, or a return made another
 //!   way) it counts as the export does: more subscribers or records than were returned are
 //!   refused the same way, and an arrival offset by a deletion passes.

@@ -756,14 +756,15 @@ pub(crate) fn follows_return(req: &ExecuteBulkRequest) -> bool {
 
 /// The check of an ERASE that follows an export which kept its arrival clock `upto`: the
 /// refusal's text when `controller` holds any row marked past it (a subscriber, delivery or
-/// billing record inserted after the export counted, which its pages did not return), with
-/// how many of each; `None` when it holds none. A row changed since the export (rectified,
-/// detached) keeps its marker: it was returned as it was then, and is no arrival.
+/// billing record inserted after the export counted, which its pages did not return, or one
+/// given to the controller at start since), with how many of each; `None` when it holds
+/// none. A row changed otherwise since the export (rectified, detached) keeps its marker: it
+/// was returned as it was then, is no arrival, and is erased as it is now.
 ///
 /// It first takes the clock's lock, which an insert into those tables needs (see migration
 /// 0007): an insert under way is waited for and counted, and none can follow until the
-/// erasure commits, so what the erasure then deletes of the controller is exactly what the
-/// export returned, less what was deleted since.
+/// erasure commits, so the erasure then deletes of the controller only rows the export
+/// returned, in their current form.
 async fn arrivals(
     tx: &mut Transaction<'_, Any>,
     controller: &str,

@@ -207,24 +207,50 @@ impl Store {
     /// and the seed) to `controller`, and the billing records stored without one (written for
     /// such a subscriber) to their subscriber's controller, or to `controller` when detached;
     /// returns how many subscribers and how many billing records, in one transaction.
+    ///
+    /// The rows moved, and the deliveries of the subscribers moved, get a new arrival marker
+    /// (see migration 0007): to the controller they are new, and an export of it made before
+    /// did not return them, so the erasure after that export's return must refuse them. The
+    /// marker is taken as an insert takes it, holding the clock's lock until the commit, and
+    /// before any row is touched, in the order an erasure locks.
     pub async fn assign_unowned(&self, controller: &str) -> anyhow::Result<(u64, u64)> {
         let mut tx = self.db.pool.begin().await?;
-        let subscribers =
-            sqlx::query("UPDATE subscribers SET controller = $1 WHERE controller = ''")
-                .bind(controller)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        let billing = sqlx::query(
-            "UPDATE billing_records SET controller = COALESCE((SELECT s.controller FROM \
-             subscribers s WHERE s.id = billing_records.subscriber_id AND s.controller <> ''), \
-             $1) WHERE controller = ''",
+        let marker: i64 = sqlx::query_scalar(
+            "UPDATE arrival_clock SET last = last + 1 WHERE id = 1 RETURNING last",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE deliveries SET arrival = $1 WHERE subscriber_id IN \
+             (SELECT id FROM subscribers WHERE controller = '')",
+        )
+        .bind(marker)
+        .execute(&mut *tx)
+        .await?;
+        let subscribers = sqlx::query(
+            "UPDATE subscribers SET controller = $1, arrival = $2 WHERE controller = ''",
         )
         .bind(controller)
+        .bind(marker)
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        tx.commit().await?;
+        let billing = sqlx::query(
+            "UPDATE billing_records SET controller = COALESCE((SELECT s.controller FROM \
+             subscribers s WHERE s.id = billing_records.subscriber_id AND s.controller <> ''), \
+             $1), arrival = $2 WHERE controller = ''",
+        )
+        .bind(controller)
+        .bind(marker)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if subscribers + billing == 0 {
+            // Nothing moved: the clock keeps its value.
+            tx.rollback().await?;
+        } else {
+            tx.commit().await?;
+        }
         Ok((subscribers, billing))
     }
 
@@ -846,6 +872,14 @@ async fn export_upto(
     .bind(ExecuteOutcome::Completed as i64)
     .fetch_optional(&mut **tx)
     .await?;
+    if upto.is_none() {
+        tracing::warn!(
+            job_id = %req.job_id,
+            export_job_id = export_key,
+            "no completed export of this contract end under the erasure's key less #erase: \
+             the erasure's return check compares totals"
+        );
+    }
     Ok(upto.flatten())
 }
 

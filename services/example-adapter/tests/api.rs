@@ -1936,6 +1936,7 @@ async fn an_erasure_after_a_return_refuses_what_arrived_since_on_postgres() {
 
 const MATTI: &str = "matti.virtanen@example.fi";
 const ANNA: &str = "anna.korhonen@example.com";
+const LIISA: &str = "liisa.laine@example.fi";
 
 /// The contract end's EXPORT under `key` for [`CONTROLLER`], answered COMPLETED; its progress
 /// (what the processor sends back as `returned`).
@@ -2216,6 +2217,165 @@ async fn an_erasure_after_an_older_export_compares_totals() {
         err.message()
     );
     assert!(err.message().contains("if not more"), "{}", err.message());
+    a.stop().await;
+}
+
+/// A subscriber stored without a controller before the contract end's export is not the
+/// controller's then and is not returned; given to it at a later start, it is new to the
+/// controller (with its delivery and billing record) and the erasure refuses it.
+async fn a_row_given_to_the_controller_after_the_export_is_an_arrival(backend: Backend) {
+    let Some(a) = Running::start_on(backend, 0).await else {
+        return;
+    };
+    a.store
+        .add_subscriber("", PEKKA, "Pekka Nieminen")
+        .await
+        .unwrap();
+    assert_eq!(a.store.add_deliveries(PEKKA, 1).await.unwrap(), 1);
+    let now = dsrelay_runtime::store::now_ms();
+    a.store
+        .add_billing_record(PEKKA, BillingKind::Invoice, "INV-U-1", 100, now)
+        .await
+        .unwrap();
+    let mut c = a.client("processor");
+    let returned = bulk_export(&mut c, "ce1/newsletter").await;
+    assert_eq!(returned.subjects_done, 4, "{returned:?}");
+    let (json, _) = all_pages(&mut c, "ce1/newsletter", 1024).await;
+    assert!(!json.iter().any(|r| r["email"] == PEKKA), "{json:?}");
+
+    // What the adapter's next start does.
+    assert_eq!(a.store.assign_unowned(CONTROLLER).await.unwrap(), (1, 1));
+    let err = erase_after_return(&mut c, "ce1/newsletter", returned)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains(
+            "3 record(s) of controller payroll arrived after the contract end's export and \
+             were never returned: 1 subscriber(s), 1 delivery record(s) and 1 billing \
+             record(s); nothing was erased"
+        ),
+        "{}",
+        err.message()
+    );
+    assert_eq!(a.store.emails_of(CONTROLLER).await.unwrap().len(), 5);
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_row_given_to_the_controller_after_the_export_is_an_arrival_on_sqlite() {
+    a_row_given_to_the_controller_after_the_export_is_an_arrival(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn a_row_given_to_the_controller_after_the_export_is_an_arrival_on_postgres() {
+    a_row_given_to_the_controller_after_the_export_is_an_arrival(Backend::Postgres).await;
+}
+
+/// The pid of the one backend of this database, other than `conn`'s, that waits for a lock
+/// while running a statement starting with `statement`, once there is one.
+async fn waiting_backend(conn: &mut sqlx::AnyConnection, statement: &str) -> i32 {
+    for _ in 0..2000 {
+        let pids: Vec<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+             AND pid <> pg_backend_pid() AND wait_event_type = 'Lock' \
+             AND query LIKE $1 || '%'",
+        )
+        .bind(statement)
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+        assert!(pids.len() <= 1, "{pids:?}");
+        if let Some(pid) = pids.first() {
+            return *pid;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no backend waits for a lock in {statement}");
+}
+
+/// Whether the backend `pid` waits for a lock that `blocker` holds.
+async fn blocked_by(conn: &mut sqlx::AnyConnection, pid: i32, blocker: i32) -> bool {
+    sqlx::query_scalar("SELECT $2 = ANY(pg_blocking_pids($1))")
+        .bind(pid)
+        .bind(blocker)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap()
+}
+
+/// PostgreSQL, where row ids are not commit-ordered: a subscriber inserted by a transaction
+/// still open while the export counts is not counted, and once committed is still not in the
+/// pages; the erasure after the return refuses it. And an erasure that holds the arrival
+/// clock (here while it waits for a row another transaction locks) makes an insert wait
+/// until it commits, so the row inserted then is not erased.
+#[tokio::test]
+async fn an_insert_under_way_at_the_export_is_an_arrival_on_postgres() {
+    let Some(a) = Running::start_on(Backend::Postgres, 0).await else {
+        return;
+    };
+    let pool = a.store.db().pool.clone();
+    let mut inserting = pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO subscribers (controller, email, name) VALUES ($1, $2, $3)")
+        .bind(CONTROLLER)
+        .bind(PEKKA)
+        .bind("Pekka Nieminen")
+        .execute(&mut *inserting)
+        .await
+        .unwrap();
+    let mut c = a.client("processor");
+    let returned = bulk_export(&mut c, "ce1/newsletter").await;
+    assert_eq!(returned.subjects_done, 4, "{returned:?}");
+    inserting.commit().await.unwrap();
+    let (json, _) = all_pages(&mut c, "ce1/newsletter", 1024).await;
+    assert_eq!(json.len() as u64, returned.records_done, "{json:?}");
+    assert!(!json.iter().any(|r| r["email"] == PEKKA), "{json:?}");
+    let err = erase_after_return(&mut c, "ce1/newsletter", returned)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains(
+            "1 record(s) of controller payroll arrived after the contract end's export and \
+             were never returned: 1 subscriber(s), 0 delivery record(s)"
+        ),
+        "{}",
+        err.message()
+    );
+    assert_eq!(a.store.emails_of(CONTROLLER).await.unwrap().len(), 5);
+    exec(&a.store, "DELETE FROM subscribers WHERE email = $1", PEKKA).await;
+
+    // Another transaction locks a returned row, so the erasure waits there holding the clock.
+    let mut locking = pool.begin().await.unwrap();
+    let locker: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *locking)
+        .await
+        .unwrap();
+    sqlx::query("SELECT id FROM subscribers WHERE email = $1 FOR UPDATE")
+        .bind(MAIJA)
+        .execute(&mut *locking)
+        .await
+        .unwrap();
+    let mut erasing = c.clone();
+    let erasure =
+        tokio::spawn(
+            async move { erase_after_return(&mut erasing, "ce1/newsletter", returned).await },
+        );
+    let mut watch = pool.acquire().await.unwrap();
+    let eraser = waiting_backend(&mut watch, "").await;
+    assert!(blocked_by(&mut watch, eraser, locker).await);
+    let store = a.store.clone();
+    let insert =
+        tokio::spawn(async move { store.add_subscriber(CONTROLLER, LIISA, "Liisa Laine").await });
+    let inserter = waiting_backend(&mut watch, "INSERT INTO subscribers").await;
+    assert!(blocked_by(&mut watch, inserter, eraser).await);
+    drop(watch);
+
+    locking.rollback().await.unwrap();
+    let r = erasure.await.unwrap().unwrap();
+    assert_eq!(outcome_of(r.outcome), ExecuteOutcome::Completed, "{r:?}");
+    insert.await.unwrap().unwrap();
+    assert_eq!(a.store.emails_of(CONTROLLER).await.unwrap(), [LIISA]);
     a.stop().await;
 }
 

@@ -2,8 +2,10 @@
 -- what the export returned, so each subscriber, delivery and billing record gets an arrival
 -- marker when it is inserted, and a bulk export keeps the marker it read (its pages read
 -- and its counts count only rows up to it). A row whose marker is past the export's is an
--- arrival. The marker is set on insert only: a row changed after the export (rectified,
--- restricted, detached) keeps its marker and is no arrival.
+-- arrival. The marker is set on insert, and again when the adapter's start gives a row
+-- without a controller to the default one (`Store::assign_unowned`): a row changed otherwise
+-- after the export (rectified, restricted, detached) keeps its marker and is no arrival, and
+-- the erasure deletes it in its current form.
 --
 -- Row ids will not do: identity columns take sequence values when a row is inserted, not
 -- when it commits, so a row with a lower id can commit after a snapshot that read a higher
@@ -15,6 +17,13 @@
 -- that inserting transactions run one after another, which the newsletter, whose requests
 -- only change and delete rows, does not feel. Rows from before this migration get 0: older
 -- than any snapshot.
+--
+-- Lock order: the erasure after a return takes the clock's lock first and then locks the
+-- controller's rows as it deletes them; an insert takes the clock's lock at its first row. A
+-- transaction that locks a row of these tables (an UPDATE, DELETE or SELECT ... FOR UPDATE)
+-- and then inserts into them takes the two the other way round and can deadlock with such
+-- an erasure (PostgreSQL then aborts one of them): insert first, or take the clock's lock
+-- first (UPDATE arrival_clock SET last = last WHERE id = 1), as the erasure does.
 CREATE TABLE arrival_clock (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     last BIGINT NOT NULL,
