@@ -1,15 +1,16 @@
 //! The erasure that follows a return is checked against what the return counted, through
 //! the processor's real store (SQLite, and PostgreSQL when `DSRELAY_TEST_POSTGRES_URL`
 //! names a server) and runner: the counts go with the task when the confirmation releases
-//! the erasure, with when the export's call started, every call gets them until one records
-//! that it passed the check, a holder holding more fails the task with its reason, and a
-//! DELETE is never checked.
+//! the erasure, with when the export's first start call began (later calls do not move it),
+//! every call gets them until one records that it passed the check, a holder holding more
+//! fails the task with its reason, and a DELETE is never checked.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use dsrelay_connectors::{
-    check_returned, BoxFuture, BulkJob, BulkProgress, Connector, ConnectorError, Outcome, Task,
+    check_returned, BoxFuture, BulkJob, BulkProgress, Connector, ConnectorError, Outcome, Phase,
+    Task,
 };
 use dsrelay_proto::timestamp_from_millis;
 use dsrelay_proto::v1::{
@@ -43,6 +44,10 @@ enum Call {
     Finish,
     /// Exports nothing (no files): COMPLETED.
     Export,
+    /// Fails transiently, as an export whose holder went away.
+    ExportFail,
+    /// Accepts the export under handle `job-1`, to be asked again.
+    ExportAccepted,
 }
 
 /// A holder of `held` (as its export counts), taking its calls from `script` in order and
@@ -56,6 +61,8 @@ struct Holder {
     clock: OnceLock<Clock>,
     /// Per call: the job's `now_ms` and the processor's clock when the holder was called.
     called: Mutex<Vec<(i64, Option<i64>)>>,
+    /// Per call: its phase.
+    phases: Mutex<Vec<Phase>>,
 }
 
 impl Holder {
@@ -67,6 +74,7 @@ impl Holder {
             since_seen: Mutex::new(Vec::new()),
             clock: OnceLock::new(),
             called: Mutex::new(Vec::new()),
+            phases: Mutex::new(Vec::new()),
         })
     }
 
@@ -95,6 +103,7 @@ impl Connector for Holder {
             self.since_seen.lock().expect("since").push(since);
             let now = self.clock.get().map(Clock::now_ms);
             self.called.lock().expect("called").push((job.now_ms, now));
+            self.phases.lock().expect("phases").push(job.phase.clone());
             let call = self.script.lock().expect("script").pop();
             let call = call.ok_or_else(|| ConnectorError::Permanent("unscripted".into()))?;
             if let Call::Export = call {
@@ -106,8 +115,15 @@ impl Connector for Holder {
                 });
             }
             let transient = || Err(ConnectorError::Transient("the holder went away".into()));
-            if let Call::FailBeforeCheck = call {
-                return transient();
+            match call {
+                Call::FailBeforeCheck | Call::ExportFail => return transient(),
+                Call::ExportAccepted => {
+                    return Ok(Outcome::Accepted {
+                        handle: "job-1".into(),
+                        note: "exporting".into(),
+                    })
+                }
+                _ => {}
             }
             if let Some(returned) = &job.returned {
                 check_returned(returned, &self.held, "holder crm", &job.controller)?;
@@ -364,6 +380,58 @@ async fn the_erasure_gets_the_export_start(database_url: &str, dir: &std::path::
     assert_eq!(task.state, TaskState::Completed, "{task:?}");
 }
 
+/// A second start of the export (a retry after a transient failure) and a confirmation poll
+/// do not move the export's recorded start: a holder answering a repeated job with its first
+/// answer returns the snapshot of the first start, so the erasure is handed that one's time.
+async fn later_export_calls_keep_the_first_start(database_url: &str, dir: &std::path::Path) {
+    let held = BulkProgress {
+        subjects_done: 0,
+        ..RETURNED
+    };
+    let script = [
+        Call::ExportFail,
+        Call::ExportAccepted,
+        Call::Export,
+        Call::Finish,
+    ];
+    let holder = Holder::new(held, &script);
+    let choice = ContractEndChoice::ReturnThenDelete;
+    let (_app, shared, accepted_at) = accepted(database_url, dir, holder.clone(), choice).await;
+    for _ in 0..3 {
+        assert_eq!(step(&shared, shared.clock.now_ms() + 10).await, 1);
+        // Past the backoff, the mark of the holder as unreachable and the poll interval.
+        shared.clock.advance(3_600_000);
+    }
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(task.phase, ContractPhase::Returning, "{task:?}");
+    return_confirmed(&shared, accepted_at).await;
+    assert_eq!(step(&shared, shared.clock.now_ms() + 10).await, 1);
+    let phases = holder.phases.lock().expect("phases").clone();
+    let confirm = Phase::Confirm {
+        handle: "job-1".into(),
+    };
+    assert_eq!(
+        phases,
+        [Phase::Start, Phase::Start, confirm, Phase::Start],
+        "the export's calls, then the erasure's"
+    );
+    let since = holder.since_seen.lock().expect("since").clone();
+    let called = holder.called.lock().expect("called").clone();
+    let [(first_now, Some(first_called)), ..] = called[..] else {
+        panic!("{called:?}");
+    };
+    let [None, None, None, Some(started)] = since[..] else {
+        panic!("{since:?}");
+    };
+    assert!(
+        (first_now..=first_called).contains(&started),
+        "{started} not within the first export call's start {first_now}..={first_called} \
+         (calls: {called:?})"
+    );
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(task.state, TaskState::Completed, "{task:?}");
+}
+
 macro_rules! on_both {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
@@ -390,4 +458,5 @@ on_both!(
     more_held_than_returned_fails_the_task,
     a_delete_is_not_checked,
     the_erasure_gets_the_export_start,
+    later_export_calls_keep_the_first_start,
 );

@@ -34,9 +34,11 @@
 //!
 //! The erasure that follows a return is handed what the return counted
 //! ([`BulkJob::returned`], kept with the task by [`Store::record_returned`] when the
-//! confirmation releases it) and when the export's last call started
+//! confirmation releases it) and when the export's first start call began
 //! ([`BulkJob::returned_since_ms`], written by [`Store::record_export_started`] right before
-//! each export call), until a call of it has recorded progress of its own: the connector
+//! a [`Phase::Start`] call of the export and kept from the first: a holder answering a
+//! repeated start or a confirmation poll with its first snapshot returns nothing newer),
+//! until a call of it has recorded progress of its own: the connector
 //! checks the holder against them and records that it passed
 //! ([`ProgressReporter::record_now`], answered here at once) before it erases anything.
 //!
@@ -534,7 +536,7 @@ async fn call_bulk(
     let run = async {
         // Renewed by the loop below while it waits for an export slot.
         let _slot = export_slot(shared, op == BulkOp::Export).await;
-        if op == BulkOp::Export {
+        if op == BulkOp::Export && matches!(phase, Phase::Start) {
             note_export_start(shared, job, seq_at_call).await?;
         }
         let started = Instant::now();
@@ -641,7 +643,8 @@ async fn note_call(shared: &Shared, job: &TaskJob, seq: i64) -> Result<(), Lease
     }
 }
 
-/// Records that `job`'s contract end export calls its holder now
+/// Records that `job`'s contract end export starts at its holder now, unless an earlier
+/// start was recorded
 /// ([`Store::record_export_started`](crate::store::Store::record_export_started)): the
 /// erasure after the return asks the holder what changed since. [`LeaseLost`] when the claim
 /// no longer holds the task or the write failed: the holder is not called, as after a lost

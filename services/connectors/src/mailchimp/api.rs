@@ -233,7 +233,7 @@ impl Api {
     }
 
     /// `GET /lists/{list}/members?count=&offset=`: one page of the audience's members, every
-    /// status.
+    /// status, with `total_items` (no `fields`, so every field of the listing comes back).
     pub(super) async fn members_page(
         &self,
         count: u32,

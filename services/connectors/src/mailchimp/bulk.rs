@@ -9,9 +9,14 @@
 //! - [`BulkOp::Export`]: `GET /lists/{list}/members`, `page_size` members per page
 //!   (`count`/`offset`) until `total_items` is reached, into one `members.json`: a JSON array
 //!   of the member documents as the single export writes them (without hypermedia links),
-//!   written as each page arrives. Members' notes, activity feed and events are not included:
-//!   Mailchimp lists them only member by member, one call each, which a bulk step must not do.
-//!   The note of the outcome says so.
+//!   written as each page arrives. A page whose `total_items` differs from the count taken
+//!   first, or an end with another number of members written, is a transient error: a member
+//!   left or arrived meanwhile, which can shift later pages past a member never written, and
+//!   the export is run again whole. A leaving offset by an arrival between two pages keeps
+//!   the count and is not seen here; the erasure's check of members changed since the
+//!   export, when the processor recorded its start, refuses the arrival. Members' notes,
+//!   activity feed and events are not included: Mailchimp lists them only member by member,
+//!   one call each, which a bulk step must not do. The note of the outcome says so.
 //! - [`BulkOp::Erase`] (also with [`Phase::RetentionExpired`]: Mailchimp keeps nothing under a
 //!   legal obligation): `DELETE /lists/{list}`, which removes the audience with all its
 //!   members for good, then `GET /lists/{list}`: COMPLETED once it answers 404, otherwise
@@ -101,7 +106,7 @@ impl MailchimpConnector {
                 "mailchimp: no export folder was given for the contract end's export".to_string(),
             )
         })?;
-        let mut total = count_members(api, scrub).await?;
+        let total = count_members(api, scrub).await?;
         job.progress.report(progress(0, total));
         let list = api.list_id();
         let mut out = JsonArrayWriter::new(sink.file(MEMBERS_FILE, JSON).await?).await?;
@@ -133,10 +138,22 @@ impl MailchimpConnector {
                 out.push(&member).await?;
             }
             offset += members.len() as u64;
-            // Members can join or leave while the export runs: the latest page's count is
-            // the current one.
-            if let Some(items) = page.get("total_items").and_then(Value::as_u64) {
-                total = items;
+            // Pages are read by offset: a member who left shifts the later ones forward past
+            // a member never read, one who arrived shifts a member read into the next page
+            // again. Either changes the count, and the export is run again whole.
+            match page.get("total_items").and_then(Value::as_u64) {
+                Some(items) if items == total => {}
+                Some(items) => {
+                    let counts = format!("{total} members when it started, {items} now");
+                    return Err(changed_during_export(list, &counts));
+                }
+                None => {
+                    return Err(ConnectorError::Permanent(format!(
+                        "mailchimp: a page of audience {list}'s members came without \
+                         \"total_items\", so a member leaving or arriving during the export \
+                         cannot be seen; the export was stopped"
+                    )))
+                }
             }
             job.progress
                 .report(progress(out.count(), total.max(out.count())));
@@ -146,6 +163,10 @@ impl MailchimpConnector {
             }
         }
         let n = out.count();
+        if n != total {
+            let counts = format!("{total} members when it started, {n} written");
+            return Err(changed_during_export(list, &counts));
+        }
         let file = out.finish().await?;
         Ok(Outcome::Completed {
             records_affected: n as i64,
@@ -158,6 +179,15 @@ impl MailchimpConnector {
             erased: Vec::new(),
         })
     }
+}
+
+/// The transient error of an export of audience `list` whose member `counts` disagree: a
+/// member left or arrived, and its pages, read by offset, may have skipped one.
+fn changed_during_export(list: &str, counts: &str) -> ConnectorError {
+    ConnectorError::Transient(format!(
+        "mailchimp: audience {list} changed during the export ({counts}): a member left or \
+         arrived, so a page may have skipped one; the export will be run again whole"
+    ))
 }
 
 /// [`member_count`], where a missing audience is a permanent error.

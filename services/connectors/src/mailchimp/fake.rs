@@ -10,7 +10,7 @@
 //! audiences of one account (a primary one and any number more), with knobs for the failures
 //! the connector must survive (rate limits, outages, slow answers, answers lost or turned into
 //! a 5xx after the call took effect, members that linger after deletion), now or after a few
-//! calls.
+//! calls, and a members listing call held while the test acts between pages.
 //!
 //! Compiled for this crate's tests, and for other crates' with the `fake-mailchimp` feature:
 //! start it with [`FakeMailchimp::start`] and point a
@@ -97,6 +97,20 @@ pub struct Audience {
     /// `METHOD /path` of every call, in order.
     pub calls: Vec<String>,
     next_web_id: u64,
+    /// Calls of the members listing so far (counts and pages alike, any audience).
+    members_listings: usize,
+    /// The members listing call to hold ([`FakeMailchimp::hold_members_listing`]).
+    listing_hold: Option<ListingHold>,
+}
+
+/// A members listing call held until the test lets it be answered.
+struct ListingHold {
+    /// Which call of the members listing ([`Audience::members_listings`] before it).
+    call: usize,
+    /// Told when that call has arrived.
+    arrived: oneshot::Sender<()>,
+    /// Answered (or dropped) when the call may be answered.
+    release: oneshot::Receiver<()>,
 }
 
 /// A running fake API; [`FakeMailchimp::stop`] closes it, dropping it leaves it running until
@@ -284,6 +298,25 @@ impl FakeMailchimp {
                 "properties": { "channel": "web" },
             }),
         );
+    }
+
+    /// Holds the members listing call (`GET /lists/{list}/members`, counts and pages alike)
+    /// that comes after the next `after` ones, to act between the pages of a paged read: the
+    /// first receiver is told when that call has arrived; the call is answered once the
+    /// sender is used or dropped, from the audiences as they are then.
+    pub fn hold_members_listing(
+        &self,
+        after: usize,
+    ) -> (oneshot::Receiver<()>, oneshot::Sender<()>) {
+        let (arrived, has_arrived) = oneshot::channel();
+        let (release, released) = oneshot::channel();
+        let mut a = self.audience();
+        a.listing_hold = Some(ListingHold {
+            call: a.members_listings + after,
+            arrived,
+            release: released,
+        });
+        (has_arrived, release)
     }
 
     /// The member document under `hash`, if the audience has it.
@@ -727,7 +760,8 @@ struct Since {
 /// `GET /lists/{list_id}/members`: one page of the audience's members, every status, in a
 /// stable order, with `total_items` counting every status too, honouring `fields`. With
 /// `since_last_changed`, only the members whose `last_changed` is after it, paged and counted
-/// alike; a value that is not an ISO 8601 time answers 400.
+/// alike; a value that is not an ISO 8601 time answers 400. A call the test holds
+/// ([`FakeMailchimp::hold_members_listing`]) waits first.
 async fn list_members(
     State(audience): State<Arc<Mutex<Audience>>>,
     Path(list_id): Path<String>,
@@ -735,6 +769,19 @@ async fn list_members(
     Query(fields): Query<Fields>,
     Query(since): Query<Since>,
 ) -> Response {
+    let hold = {
+        let mut a = audience.lock().unwrap();
+        let call = a.members_listings;
+        a.members_listings += 1;
+        match &a.listing_hold {
+            Some(hold) if hold.call == call => a.listing_hold.take(),
+            _ => None,
+        }
+    };
+    if let Some(hold) = hold {
+        let _ = hold.arrived.send(());
+        let _ = hold.release.await;
+    }
     let a = audience.lock().unwrap();
     let Some(members) = a.members_of(&list_id) else {
         return member_not_found();

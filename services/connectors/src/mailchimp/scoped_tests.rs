@@ -779,6 +779,62 @@ async fn call_as_staff(fake: &FakeMailchimp, method: &str, email: &str, path: &s
     );
 }
 
+/// A member deleted between two pages of an export shifts the later pages forward by one, past
+/// a member never read: the export fails transiently, to be run again whole, instead of
+/// completing without that member; run again, it has every member left.
+#[tokio::test]
+async fn a_member_leaving_during_a_bulk_export_fails_it_transiently() {
+    let (fake, connector) = two_audiences().await;
+    // Pages of 2 in subscriber-hash order: the first member leaves after the first page.
+    let mut acme = [MAIJA, MATTI, LIISA];
+    acme.sort_by_key(|address| subscriber_hash(address));
+    let [leaving, rest @ ..] = acme;
+    let dir = tempfile::tempdir().unwrap();
+    let sink = ExportSink::new(dir.path().join("ce"), vec![]);
+    sink.reset().await.unwrap();
+    let (j, _seen) = job("acme", BulkOp::Export, Some(sink.clone()));
+    // The count and the first page are answered; the second page waits for the deletion.
+    let (arrived, release) = fake.hold_members_listing(2);
+    let leave = async {
+        arrived.await.unwrap();
+        call_as_staff(&fake, "POST", leaving, "/actions/delete-permanent", "").await;
+        release.send(()).unwrap();
+    };
+    let (result, ()) = tokio::join!(connector.run_bulk(&j), leave);
+    let err = result.unwrap_err();
+    assert!(err.is_transient(), "{err:?}");
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!(
+            "audience {ACME_LIST} changed during the export (3 members when it started, 2 now)"
+        )),
+        "{message}"
+    );
+    assert!(message.contains("run again whole"), "{message}");
+    assert_clean(&message);
+    assert_eq!(fake.members_of(ACME_LIST).unwrap().len(), 2);
+
+    sink.reset().await.unwrap();
+    let out = connector.run_bulk(&j).await.unwrap();
+    assert!(
+        matches!(
+            out,
+            Outcome::Completed {
+                records_affected: 2,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    let bytes = std::fs::read(dir.path().join("ce/members.json")).unwrap();
+    let members: Vec<Value> = serde_json::from_slice(&bytes).unwrap();
+    let addresses: Vec<&str> = members
+        .iter()
+        .map(|m| m["email_address"].as_str().unwrap())
+        .collect();
+    assert_eq!(addresses, rest);
+}
+
 /// Exports acme's audience as a contract end's return does; the erasure that follows it,
 /// handed the export's counts and its start.
 async fn returned_erasure(connector: &MailchimpConnector) -> (BulkJob, i64) {

@@ -408,10 +408,11 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Records that a call of `key`'s contract end export starts now (`at`, ms since the
-    /// epoch), for the erasure's check ([`dsrelay_connectors::BulkJob::returned_since_ms`]),
-    /// if the task is still at `expected_sequence` under the claim `lease_owner`. Every call
-    /// overwrites it: the return is the last call's. False when the task changed.
+    /// Records that a start call of `key`'s contract end export begins now (`at`, ms since
+    /// the epoch), for the erasure's check ([`dsrelay_connectors::BulkJob::returned_since_ms`]),
+    /// if the task is still at `expected_sequence` under the claim `lease_owner`. The first
+    /// start recorded is kept: a holder may answer a repeated start with its first snapshot,
+    /// and an earlier time only refuses more. False when the task changed.
     pub async fn record_export_started(
         &self,
         key: &TaskKey,
@@ -420,7 +421,7 @@ impl Store {
         at: i64,
     ) -> Result<bool> {
         let done = sqlx::query(
-            "UPDATE tasks SET export_started_at = $1 \
+            "UPDATE tasks SET export_started_at = COALESCE(export_started_at, $1) \
              WHERE controller = $2 AND request_id = $3 AND subprocessor = $4 \
              AND sequence = $5 AND lease_owner = $6",
         )
@@ -436,7 +437,7 @@ impl Store {
     }
 
     /// What the return of `key`'s task counted ([`Store::record_returned`]), as the export's
-    /// done counts (its totals the same), with when the export's last call started
+    /// done counts (its totals the same), with when the export's first start call began
     /// ([`Store::record_export_started`], `None` when that was not recorded); `None` when
     /// nothing was returned before its erasure.
     pub async fn returned(&self, key: &TaskKey) -> Result<Option<(BulkProgress, Option<i64>)>> {
