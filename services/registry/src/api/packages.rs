@@ -42,11 +42,16 @@ use super::Api;
 /// margin (see [`Api::ensure_describable`]).
 const MAX_DESCRIPTION_BYTES: usize = MAX_MESSAGE_BYTES - 256 * 1024;
 
+/// The generation of a file that has no row (dropped from its part meanwhile): none matches
+/// it, generations counting up from 0.
+const UNREGISTERED: i64 = -1;
+
 /// Files being uploaded to this registry right now, by store key: two streams appending to
 /// one file would interleave their bytes, so the second is turned away until the first ends,
 /// and so is GetUploadState, which may drop the file's bytes or store it. (Across replicas,
 /// the processor's upload lease keeps one sender per export, and a stream checks the stored
-/// length when it opens the file and before it records the file stored.)
+/// length when it opens the file and before it records the file stored, and records nothing
+/// once the file's registration changed: see [`FileUpload::generation`].)
 #[derive(Debug, Default)]
 pub(crate) struct Uploading(Mutex<HashSet<String>>);
 
@@ -161,52 +166,57 @@ impl Api {
     /// yet caught up with the bytes stored after it). A partial file stored whole but not
     /// checked yet (the sender stopped after its last chunk) is checked now. Either way at
     /// most [`Packages::max_unchecked`](crate::packages::Packages::max_unchecked) bytes are
-    /// read; a file with more stored past its checkpoint is dropped and sent again.
+    /// read; a file with more stored past its checkpoint is dropped and sent again. Also
+    /// answers the registration's generation, which a stream's records require.
     async fn register(
         &self,
         processor: &str,
         header: &ExportFileHeader,
-    ) -> Result<(PackageFile, UploadState, Option<ResumableSha256>), ApiError> {
+    ) -> Result<(PackageFile, UploadState, Option<ResumableSha256>, i64), ApiError> {
         let file = package_file(processor, header);
         let key = file_key(&file);
         let now = self.shared.clock.now_ms();
         let packages = &self.shared.packages;
         let store = &packages.store;
-        let (offset, checkpoint) = match self.shared.store.begin_file(&file, now).await? {
-            FileBegin::Expired(at) => return Err(expired(&file.request_id, at)),
-            FileBegin::Conflict => {
-                return Err(ApiError::failed_precondition(format!(
-                    "file {} does not belong to its part as stored (another size or digest, \
+        let (offset, checkpoint, mut generation) =
+            match self.shared.store.begin_file(&file, now).await? {
+                FileBegin::Expired(at) => return Err(expired(&file.request_id, at)),
+                FileBegin::Conflict => {
+                    return Err(ApiError::failed_precondition(format!(
+                        "file {} does not belong to its part as stored (another size or digest, \
                      or a file the stored part does not list); a stored part does not change",
-                    manifest::path(&file)
-                )))
-            }
-            FileBegin::Registered { complete: true, .. } => {
-                let state = UploadState {
-                    offset: header.size,
+                        manifest::path(&file)
+                    )))
+                }
+                FileBegin::Registered {
                     complete: true,
-                };
-                return Ok((file, state, None));
-            }
-            FileBegin::Restarted => {
-                self.drop_stored(&file).await?;
-                (0, None)
-            }
-            FileBegin::Registered {
-                complete: false,
-                checkpoint,
-            } => {
-                // The checkpoint was read (by begin_file) before the length: a checkpoint
-                // counts only bytes durable when it was recorded, so it never passes the
-                // length read after it; read after, it could count bytes an upload stream
-                // running meanwhile appended since.
-                (store.stored_len(&key).await.map_err(io_error)?, checkpoint)
-            }
-        };
+                    generation,
+                    ..
+                } => {
+                    let state = UploadState {
+                        offset: header.size,
+                        complete: true,
+                    };
+                    return Ok((file, state, None, generation));
+                }
+                FileBegin::Restarted => (0, None, self.drop_stored(&file).await?),
+                FileBegin::Registered {
+                    complete: false,
+                    checkpoint,
+                    generation,
+                } => {
+                    // The checkpoint was read (by begin_file) before the length: a checkpoint
+                    // counts only bytes durable when it was recorded, so it never passes the
+                    // length read after it; read after, it could count bytes an upload stream
+                    // running meanwhile appended since.
+                    let stored = store.stored_len(&key).await.map_err(io_error)?;
+                    (stored, checkpoint, generation)
+                }
+            };
         if offset > header.size {
             // More bytes than the header announces cannot be the file: start it again.
-            self.drop_stored(&file).await?;
-            return Ok((file, UploadState::default(), None));
+            let generation = self.drop_stored(&file).await?;
+            return Ok((file, UploadState::default(), None, generation));
         }
         if offset == 0 {
             if checkpoint.is_some() {
@@ -215,12 +225,12 @@ impl Api {
                 self.shared.store.clear_file_checkpoint(&file).await?;
             }
             let state = if header.size == 0 {
-                self.finish(&file, hex::encode(ResumableSha256::new().finalize()))
-                    .await?
+                let digest = hex::encode(ResumableSha256::new().finalize());
+                self.finish(&file, generation, digest).await?
             } else {
                 UploadState::default()
             };
-            return Ok((file, state, None));
+            return Ok((file, state, None, generation));
         }
         let Some(from) = packages.resume_point(checkpoint, offset) else {
             tracing::info!(
@@ -228,31 +238,35 @@ impl Api {
                 stored = offset,
                 "a partial file without a checkpoint near its end is dropped and sent again"
             );
-            self.drop_stored(&file).await?;
-            return Ok((file, UploadState::default(), None));
+            generation = self.drop_stored(&file).await?;
+            return Ok((file, UploadState::default(), None, generation));
         };
         if offset == header.size {
             let hasher = packages
                 .hash_tail(&key, from, offset)
                 .await
                 .map_err(ApiError::unexpected)?;
-            let state = self.finish(&file, hex::encode(hasher.finalize())).await?;
-            return Ok((file, state, None));
+            let digest = hex::encode(hasher.finalize());
+            let state = self.finish(&file, generation, digest).await?;
+            return Ok((file, state, None, generation));
         }
         let state = UploadState {
             offset,
             complete: false,
         };
-        Ok((file, state, Some(from)))
+        Ok((file, state, Some(from), generation))
     }
 
-    /// Drops the bytes stored of `file`, then its checkpoint, which describes them. The
-    /// other way round, a crash in between would leave the bytes without their checkpoint
-    /// (hashed again from the first, or dropped if many); this way it leaves a checkpoint
-    /// without bytes, which the next registration forgets.
-    async fn drop_stored(&self, file: &PackageFile) -> Result<(), ApiError> {
+    /// Drops the bytes stored of `file`, then records the drop (a new generation, its
+    /// checkpoint forgotten: [`Store::file_dropped`](crate::store::Store::file_dropped)),
+    /// and answers that generation ([`UNREGISTERED`] when the file has no row). The other
+    /// way round, a crash in between would leave the bytes without their checkpoint (hashed
+    /// again from the first, or dropped if many); this way it leaves a checkpoint without
+    /// bytes, which the next registration forgets.
+    async fn drop_stored(&self, file: &PackageFile) -> Result<i64, ApiError> {
         self.drop_file(&file_key(file)).await?;
-        Ok(self.shared.store.clear_file_checkpoint(file).await?)
+        let generation = self.shared.store.file_dropped(file).await?;
+        Ok(generation.unwrap_or(UNREGISTERED))
     }
 
     /// Registers a file about to be streamed while it is written (`size_follows`): its
@@ -262,7 +276,7 @@ impl Api {
         &self,
         processor: &str,
         header: &ExportFileHeader,
-    ) -> Result<(PackageFile, UploadState), ApiError> {
+    ) -> Result<(PackageFile, UploadState, i64), ApiError> {
         let file = package_file(processor, header);
         let now = self.shared.clock.now_ms();
         match self.shared.store.begin_file(&file, now).await? {
@@ -275,8 +289,8 @@ impl Api {
             }
             FileBegin::Registered { .. } | FileBegin::Restarted => {}
         }
-        self.drop_file(&file_key(&file)).await?;
-        Ok((file, UploadState::default()))
+        let generation = self.drop_stored(&file).await?;
+        Ok((file, UploadState::default(), generation))
     }
 
     /// Ends a file streamed while it was written: every byte must be stored, and `end`
@@ -291,9 +305,8 @@ impl Api {
             .take()
             .map(|h| hex::encode(h.finalize()))
             .unwrap_or_default();
-        let key = file_key(&up.file);
         if end.size != up.state.offset || digest != end.sha256 {
-            self.drop_file(&key).await?;
+            self.drop_stored(&up.file).await?;
             return Err(ApiError::data_loss(format!(
                 "file {path}: its end gives {} bytes with SHA-256 {}, but {} bytes with SHA-256 \
                  {digest} were received; they were dropped, send the file again",
@@ -310,7 +323,7 @@ impl Api {
         if !self
             .shared
             .store
-            .file_streamed(&file, self.shared.clock.now_ms())
+            .file_streamed(&file, up.generation, self.shared.clock.now_ms())
             .await?
         {
             return Err(ApiError::aborted(format!(
@@ -337,8 +350,14 @@ impl Api {
     /// marks it stored; a mismatch drops it, so the sender starts it again. `digest` is the
     /// SHA-256 of the stored bytes, hashed as they streamed and, for an upload that resumed,
     /// taken up from the file's checkpoint (the bytes stored past it read again): never by
-    /// reading the whole file again.
-    async fn finish(&self, file: &PackageFile, digest: String) -> Result<UploadState, ApiError> {
+    /// reading the whole file again. Only while `file` is registered under `generation`: a
+    /// file restarted or dropped since holds another registration's bytes.
+    async fn finish(
+        &self,
+        file: &PackageFile,
+        generation: i64,
+        digest: String,
+    ) -> Result<UploadState, ApiError> {
         if file.size == 0 {
             self.store_empty(file).await?;
         }
@@ -354,10 +373,19 @@ impl Api {
         }
         self.ensure_stored_whole(file, u64::try_from(file.size).unwrap_or(0))
             .await?;
-        self.shared
+        if !self
+            .shared
             .store
-            .file_stored(file, self.shared.clock.now_ms())
-            .await?;
+            .file_stored(file, generation, self.shared.clock.now_ms())
+            .await?
+        {
+            return Err(ApiError::data_loss(format!(
+                "file {}: its bytes were received, but another call registered the file again \
+                 or dropped it meanwhile, so they were not recorded stored; ask GetUploadState \
+                 and send from the offset it answers",
+                manifest::path(file)
+            )));
+        }
         Ok(UploadState {
             offset: u64::try_from(file.size).unwrap_or(0),
             complete: true,
@@ -472,19 +500,16 @@ impl Api {
             )));
         }
         if up.appender.is_none() {
-            let opened = self.open_file(&up.file).await?;
+            let mut opened = self.open_file(&up.file).await?;
             // The stream counts from the length registered; a call it was not kept apart from
             // (on another replica) may have dropped or restarted the file since, and its
-            // bytes would land at other offsets than counted. Read after the open, so that
-            // the length is of the file appended to; and before any checkpoint, which would
-            // record the stream's digest for the file as it is now.
-            let stored = self
-                .shared
-                .packages
-                .store
-                .stored_len(&file_key(&up.file))
-                .await
-                .map_err(io_error)?;
+            // bytes would land at other offsets than counted. The length is the opened
+            // handle's, so it is of the file appended to (not of one created under its name
+            // since); it is read before any checkpoint, which would record the stream's
+            // digest for the file as it is now. A restart that left exactly this length is
+            // told by the generation, read after the open: one later than that read is
+            // caught when the stream records its progress.
+            let stored = opened.file_len().await.map_err(io_error)?;
             if stored != up.state.offset {
                 // Its digest describes bytes no longer stored: no checkpoint from it.
                 up.hasher = None;
@@ -494,6 +519,16 @@ impl Api {
                      meanwhile); nothing was appended: ask GetUploadState and send from the \
                      offset it answers",
                     chunk.offset, up.state.offset
+                )));
+            }
+            let current = self.shared.store.file_generation(&up.file).await?;
+            if current != Some(up.generation) {
+                up.hasher = None;
+                return Err(ApiError::failed_precondition(format!(
+                    "chunk at offset {} of {path} refused: another call registered the file \
+                     again or dropped it after this upload registered it; nothing was \
+                     appended: ask GetUploadState and send from the offset it answers",
+                    chunk.offset
                 )));
             }
             up.appender = Some(opened);
@@ -521,16 +556,17 @@ impl Api {
                     "file {path}: its upload ended without a digest of its bytes"
                 )));
             };
-            up.state = self
-                .finish(&up.file, hex::encode(hasher.finalize()))
-                .await?;
+            let digest = hex::encode(hasher.finalize());
+            up.state = self.finish(&up.file, up.generation, digest).await?;
         }
         Ok(())
     }
 
     /// Makes what `up` appended durable, then records how far its digest went (unless the
     /// file is stored whole, or streams while written: such an upload never resumes), so that
-    /// a resumed upload's check reads only what follows.
+    /// a resumed upload's check reads only what follows. Refused (FAILED_PRECONDITION, and no
+    /// checkpoint from this stream after) when the file was registered again or dropped
+    /// since the stream registered it: its digest is not of the bytes stored now.
     async fn checkpoint(&self, up: &mut FileUpload) -> Result<(), ApiError> {
         up.sync().await?;
         if up.growing || up.state.complete || up.state.offset <= up.checkpointed {
@@ -539,10 +575,21 @@ impl Api {
         let Some(hasher) = &up.hasher else {
             return Ok(());
         };
-        self.shared
+        let recorded = self
+            .shared
             .store
-            .record_file_checkpoint(&up.file, hasher.len(), &hasher.midstate())
+            .record_file_checkpoint(&up.file, up.generation, hasher.len(), &hasher.midstate())
             .await?;
+        if !recorded {
+            up.hasher = None;
+            return Err(ApiError::failed_precondition(format!(
+                "file {}: another call registered the file again or dropped it after this \
+                 upload registered it, so what this upload sent (up to offset {}) is not counted \
+                 stored; ask GetUploadState and send from the offset it answers",
+                manifest::path(&up.file),
+                up.state.offset
+            )));
+        }
         up.checkpointed = hasher.len();
         Ok(())
     }
@@ -760,7 +807,7 @@ impl ExportUploadService for Api {
         // upload stream of the file that would unlink what it appends to, or store the file
         // while the stream still writes it, so it waits for the stream to end.
         let _guard = self.claim_file(&processor, &header, "ask again when it ends")?;
-        let (_, state, _) = self.register(&processor, &header).await?;
+        let (_, state, _, _) = self.register(&processor, &header).await?;
         Ok(Response::new(state))
     }
 
@@ -796,9 +843,9 @@ impl ExportUploadService for Api {
             &header,
             "once it ends, ask GetUploadState and resume",
         )?;
-        let (file, state, resumed) = if growing {
-            let (file, state) = self.register_growing(&processor, &header).await?;
-            (file, state, None)
+        let (file, state, resumed, generation) = if growing {
+            let (file, state, generation) = self.register_growing(&processor, &header).await?;
+            (file, state, None, generation)
         } else {
             self.register(&processor, &header).await?
         };
@@ -825,6 +872,7 @@ impl ExportUploadService for Api {
             state,
             appender: None,
             growing,
+            generation,
         };
         let mut next = Some(first);
         let mut ended = false;
@@ -1078,6 +1126,9 @@ struct FileUpload {
     checkpointed: u64,
     /// Streamed while it is written: its size and digest come at the end.
     growing: bool,
+    /// The generation of the file's registration this stream counts from: its checkpoints
+    /// and its end are recorded only while the file still has it.
+    generation: i64,
 }
 
 impl FileUpload {

@@ -144,6 +144,17 @@ impl Appender for DirectAppender {
         self.buf = Some(buf);
         Ok(())
     }
+
+    async fn file_len(&mut self) -> io::Result<u64> {
+        // The file holds everything before `base`, and the buffered tail once synced; more
+        // than that only if another writer appended to the same file.
+        let plain = Arc::clone(&self.plain);
+        let on_disk = tokio::task::spawn_blocking(move || plain.metadata())
+            .await
+            .map_err(io::Error::other)??
+            .len();
+        Ok(on_disk.max(self.base + self.len as u64))
+    }
 }
 
 /// Reads `path` from byte `offset` on with `O_DIRECT`, [`READ_AHEAD`] blocks ahead of the

@@ -53,6 +53,10 @@ struct Signals {
     opened_at: Mutex<Option<oneshot::Sender<()>>>,
     /// An append done: the stream has opened its file, and checked it.
     appended: Mutex<Option<oneshot::Sender<()>>>,
+    /// Set: the next appender is opened on the file at this path with these bytes appended
+    /// first, and the file is then replaced under its name by one holding what it held
+    /// before them (a file dropped and created again between the open and any later step).
+    swap_on_open: Mutex<Option<(PathBuf, Vec<u8>)>>,
 }
 
 impl Signals {
@@ -76,8 +80,24 @@ impl PackageStore for Watched {
     }
 
     async fn appender(&self, key: &str) -> std::io::Result<Box<dyn Appender>> {
+        let swap = (self.signals.swap_on_open.lock())
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let mut before = Vec::new();
+        if let Some((path, extra)) = &swap {
+            use std::io::Write;
+            before = std::fs::read(path)?;
+            let mut f = std::fs::OpenOptions::new().append(true).open(path)?;
+            f.write_all(extra)?;
+            f.sync_all()?;
+        }
+        let inner = self.inner.appender(key).await?;
+        if let Some((path, _)) = &swap {
+            std::fs::remove_file(path)?;
+            std::fs::write(path, &before)?;
+        }
         Ok(Box::new(FailingAppender {
-            inner: self.inner.appender(key).await?,
+            inner,
             syncs_left: self.syncs_left.clone(),
             signals: self.signals.clone(),
         }))
@@ -117,6 +137,10 @@ impl Appender for FailingAppender {
         self.inner.append(data).await?;
         Signals::tell(&self.signals.appended);
         Ok(())
+    }
+
+    async fn file_len(&mut self) -> std::io::Result<u64> {
+        self.inner.file_len().await
     }
 
     async fn sync(&mut self) -> std::io::Result<()> {
@@ -390,7 +414,8 @@ async fn restart_elsewhere(a: &Registry, dir: &Path, database_url: &str, again: 
             .expect("connect");
         sqlx::query(
             "UPDATE package_files SET media_type = $1, stored_at = NULL, \
-             checkpoint_bytes = NULL, checkpoint_state = NULL WHERE request_id = $2 AND name = $3",
+             checkpoint_bytes = NULL, checkpoint_state = NULL, generation = generation + 2 \
+             WHERE request_id = $2 AND name = $3",
         )
         .bind(&again.media_type)
         .bind(&again.request_id)
@@ -410,8 +435,9 @@ async fn restart_elsewhere(a: &Registry, dir: &Path, database_url: &str, again: 
 
 /// Registers the file `grow` announces (streamed while written) again as another replica of
 /// `a` does, and stores `theirs` of it: through a second replica's upload stream on
-/// PostgreSQL; on SQLite (see [`restart_elsewhere`]) by leaving the folder as that upload
-/// leaves it (the records stand as they were: the header is the same).
+/// PostgreSQL; on SQLite (see [`restart_elsewhere`]) by leaving the folder and the records
+/// as that upload leaves them (the header is the same; its drop of the bytes is a new
+/// generation).
 async fn regrow_elsewhere(
     a: &Registry,
     dir: &Path,
@@ -420,6 +446,19 @@ async fn regrow_elsewhere(
     theirs: &[u8],
 ) {
     if database_url.starts_with("sqlite") {
+        let db = dsrelay_runtime::store::Db::connect(database_url)
+            .await
+            .expect("connect");
+        sqlx::query(
+            "UPDATE package_files SET generation = generation + 1 WHERE request_id = $1 \
+             AND name = $2",
+        )
+        .bind(&grow.request_id)
+        .bind(&grow.name)
+        .execute(&db.pool)
+        .await
+        .expect("the bytes' drop recorded");
+        db.pool.close().await;
         std::fs::remove_file(a.path(grow)).expect("the bytes dropped");
         a.append_behind(grow, theirs);
         return;
@@ -810,12 +849,13 @@ async fn a_file_restarted_under_a_resumed_upload_is_not_stored_shifted(
 /// Another replica restarts a file while an upload streams it, dropping the bytes stored:
 /// the upload, whose own bytes match the digest, finds the store not holding them and
 /// answers DATA_LOSS instead of recording the file stored. Before, the file was recorded
-/// stored with no bytes behind it, for good.
+/// stored with no bytes behind it, for good. (Shorter than a checkpoint's interval, so the
+/// end's check is what refuses it: a checkpoint would be refused first.)
 async fn a_file_dropped_under_a_live_upload_is_not_recorded_stored(database_url: &str, dir: &Path) {
     let a = Registry::start(dir, database_url).await;
     let id = a.return_of_data("dropped").await;
     let mut on_a = ExportUploadServiceClient::new(a.channel("processor"));
-    let data = bytes(3 * EVERY as usize + 77, 10);
+    let data = bytes(EVERY as usize - 77, 10);
     let h = header(&id, "dropped.bin", &data);
     let mut messages = chunks(&h, &data, 0, data.len()).into_iter();
     let appended = Signals::ask(&a.signals.appended);
@@ -981,4 +1021,165 @@ on_both_backends!(
     a_refused_resumed_upload_records_no_checkpoint,
     a_refused_resumed_upload_records_no_checkpoint_on_sqlite,
     a_refused_resumed_upload_records_no_checkpoint_on_postgres
+);
+
+/// Another replica restarts a file (another media type: same size and digest) after an
+/// upload's first chunk was appended; the upload goes on past a checkpoint's interval and
+/// stops short of the end. Its checkpoint is refused (FAILED_PRECONDITION), so the restarted
+/// file, whose sender stored as many bytes with one damaged, is hashed again from its first
+/// byte when resumed, and refused. Before, the checkpoint was recorded onto the restarted
+/// file, whose resumption hashed only what followed it, and the damaged file was stored.
+async fn a_stream_whose_file_was_restarted_records_no_checkpoint(database_url: &str, dir: &Path) {
+    let a = Registry::start(dir, database_url).await;
+    let id = a.return_of_data("generation").await;
+    let mut on_a = ExportUploadServiceClient::new(a.channel("processor"));
+    let data = bytes(4 * EVERY as usize + 999, 14);
+    let h = header(&id, "generation.bin", &data);
+    let sent = 2 * EVERY as usize + 4_321;
+    let mut messages = chunks(&h, &data, 0, sent).into_iter();
+    let appended = Signals::ask(&a.signals.appended);
+    let (tx, answer) = live(&on_a);
+    tx.unbounded_send(messages.next().expect("a chunk"))
+        .expect("sent");
+    appended.await.expect("the first chunk appended");
+    let again = restarted(&h);
+    restart_elsewhere(&a, dir, database_url, &again).await;
+    for m in messages {
+        tx.unbounded_send(m).expect("sent");
+    }
+    drop(tx);
+    let refused = answer
+        .await
+        .expect("joined")
+        .expect_err("the file was restarted");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("registered the file again or dropped it"),
+        "{refused:?}"
+    );
+    let mut damaged = data[..sent].to_vec();
+    damaged[1_000] ^= 0x40;
+    a.append_behind(&again, &damaged);
+    let asked = state(&mut on_a, &again).await.expect("state");
+    assert_eq!((asked.offset, asked.complete), (sent as u64, false));
+    let checked = send(&mut on_a, &again, &data, sent, data.len())
+        .await
+        .expect_err("a stored byte is damaged");
+    assert_eq!(checked.code(), Code::DataLoss, "{checked:?}");
+    assert!(checked.message().contains("SHA-256"), "{checked:?}");
+    a.stop().await;
+}
+
+/// Another replica restarts a file while an upload resumed at its checkpoint has not
+/// appended yet, and the restarted file's sender stores exactly as many bytes as the upload
+/// expects, one damaged: the length matches, but the registration is not the upload's, so
+/// its first chunk is refused (FAILED_PRECONDITION), nothing appended, and the damaged file
+/// is refused when resumed. Before, the upload appended, its digest (of the bytes it had
+/// hashed before the restart, and its own) matched, and the damaged file was stored.
+async fn a_restart_leaving_the_expected_length_is_refused(database_url: &str, dir: &Path) {
+    let a = Registry::start(dir, database_url).await;
+    let id = a.return_of_data("same-length").await;
+    let mut on_a = ExportUploadServiceClient::new(a.channel("processor"));
+    let data = bytes(4 * EVERY as usize + 999, 15);
+    let h = header(&id, "same-length.bin", &data);
+    let cut = 2 * EVERY as usize + 4_321;
+    send(&mut on_a, &h, &data, 0, cut).await.expect("sent");
+    let opened = Signals::ask(&a.signals.opened_at);
+    let (tx, answer) = live(&on_a);
+    let mut messages = chunks(&h, &data, cut, data.len());
+    messages[0].header = None;
+    tx.unbounded_send(UploadFileChunk {
+        header: Some(h.clone()),
+        offset: cut as u64,
+        ..Default::default()
+    })
+    .expect("sent");
+    opened
+        .await
+        .expect("the upload resumed, hashing from its checkpoint");
+    let again = restarted(&h);
+    restart_elsewhere(&a, dir, database_url, &again).await;
+    let mut damaged = data[..cut].to_vec();
+    damaged[1_000] ^= 0x40;
+    a.append_behind(&again, &damaged);
+    for m in messages {
+        tx.unbounded_send(m).expect("sent");
+    }
+    drop(tx);
+    let refused = answer
+        .await
+        .expect("joined")
+        .expect_err("the file was restarted");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("registered the file again or dropped it"),
+        "{refused:?}"
+    );
+    let asked = state(&mut on_a, &again).await.expect("state");
+    assert_eq!((asked.offset, asked.complete), (cut as u64, false));
+    let checked = send(&mut on_a, &again, &data, cut, data.len())
+        .await
+        .expect_err("a stored byte is damaged");
+    assert_eq!(checked.code(), Code::DataLoss, "{checked:?}");
+    assert!(checked.message().contains("SHA-256"), "{checked:?}");
+    a.stop().await;
+}
+
+on_both_backends!(
+    a_stream_whose_file_was_restarted_records_no_checkpoint,
+    a_stream_whose_file_was_restarted_records_no_checkpoint_on_sqlite,
+    a_stream_whose_file_was_restarted_records_no_checkpoint_on_postgres
+);
+on_both_backends!(
+    a_restart_leaving_the_expected_length_is_refused,
+    a_restart_leaving_the_expected_length_is_refused_on_sqlite,
+    a_restart_leaving_the_expected_length_is_refused_on_postgres
+);
+
+/// The file a resumed upload opens holds more than it counted (bytes appended behind it),
+/// and is dropped and created again under its name, with the length counted, before the
+/// upload checks the length: the length checked is the opened file's, so the upload is
+/// refused (FAILED_PRECONDITION naming both lengths), nothing appended, and resumes from the
+/// file now stored. Before, the new file's length was read by name, it matched, and the
+/// upload appended to the dropped file, to be refused only at its end (DATA_LOSS).
+async fn the_length_checked_is_the_opened_files(database_url: &str, dir: &Path) {
+    let a = Registry::start(dir, database_url).await;
+    let id = a.return_of_data("opened").await;
+    let mut on_a = ExportUploadServiceClient::new(a.channel("processor"));
+    let data = bytes(2 * EVERY as usize + 333, 16);
+    let h = header(&id, "opened.bin", &data);
+    let cut = EVERY as usize + 4_321;
+    send(&mut on_a, &h, &data, 0, cut).await.expect("sent");
+    *a.signals
+        .swap_on_open
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some((a.path(&h), vec![7; 1_000]));
+    let refused = send(&mut on_a, &h, &data, cut, data.len())
+        .await
+        .expect_err("the opened file holds more");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    let expected = format!("expected {cut} bytes stored, but {} are", cut + 1_000);
+    assert!(refused.message().contains(&expected), "{refused:?}");
+    assert_eq!(
+        std::fs::metadata(a.path(&h)).expect("stored").len(),
+        cut as u64
+    );
+    let asked = state(&mut on_a, &h).await.expect("state");
+    assert_eq!(asked.offset, cut as u64);
+    let sent = send(&mut on_a, &h, &data, cut, data.len())
+        .await
+        .expect("the rest");
+    assert!(sent.complete);
+    assert!(std::fs::read(a.path(&h)).expect("stored") == data);
+    a.stop().await;
+}
+
+on_both_backends!(
+    the_length_checked_is_the_opened_files,
+    the_length_checked_is_the_opened_files_on_sqlite,
+    the_length_checked_is_the_opened_files_on_postgres
 );

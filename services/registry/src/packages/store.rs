@@ -57,6 +57,10 @@ pub trait Appender: Send {
     async fn append(&mut self, data: &[u8]) -> io::Result<()>;
     /// Makes everything appended so far durable.
     async fn sync(&mut self) -> io::Result<()>;
+    /// The length of the file this appender writes, read through its own handle (not by
+    /// name, which another call may have given a new file since), counting what it
+    /// appended, durable or not.
+    async fn file_len(&mut self) -> io::Result<u64>;
 }
 
 /// Packages as files in a folder: key `a/b/c` is the file `<root>/a/b/c`.
@@ -253,6 +257,11 @@ impl Appender for FileAppender {
     async fn sync(&mut self) -> io::Result<()> {
         self.wait_for_writeback().await?;
         self.file.sync_data().await
+    }
+
+    async fn file_len(&mut self) -> io::Result<u64> {
+        // `append` flushed every write, so the handle's metadata counts them all.
+        Ok(self.file.metadata().await?.len())
     }
 }
 

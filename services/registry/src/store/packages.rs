@@ -65,6 +65,10 @@ pub enum FileBegin {
         /// it was written, and the SHA-256 midstate after them. Read in the registration's
         /// transaction.
         checkpoint: Option<(u64, Vec<u8>)>,
+        /// The registration's generation: what [`Store::record_file_checkpoint`] and
+        /// [`Store::file_stored`] require, so that a stream records nothing once the file
+        /// was restarted or dropped after it registered.
+        generation: i64,
     },
     /// The header differs from the one registered before for a file whose part is not
     /// stored yet: the new header replaces it, and the bytes stored so far belong to the old
@@ -235,7 +239,8 @@ impl Store {
         }
         let existing: Option<FileWithCheckpoint> = sqlx::query_as(
             "SELECT request_id, processor, subprocessor, name, media_type, categories, size, \
-             sha256, stored_at, checkpoint_bytes, checkpoint_state FROM package_files \
+             sha256, stored_at, checkpoint_bytes, checkpoint_state, generation \
+             FROM package_files \
              WHERE request_id = $1 AND processor = $2 AND subprocessor = $3 AND name = $4",
         )
         .bind(&f.request_id)
@@ -248,6 +253,7 @@ impl Store {
             let outcome = FileBegin::Registered {
                 complete: old.row.stored_at.is_some(),
                 checkpoint: old.checkpoint(),
+                generation: old.generation,
             };
             tx.commit().await?;
             return Ok(outcome);
@@ -285,13 +291,15 @@ impl Store {
                 FileBegin::Registered {
                     complete: false,
                     checkpoint: None,
+                    generation: 0,
                 }
             }
             Some(_) => {
                 sqlx::query(
                     "UPDATE package_files SET media_type = $1, categories = $2, size = $3, \
-                     sha256 = $4, stored_at = NULL WHERE request_id = $5 AND processor = $6 \
-                     AND subprocessor = $7 AND name = $8",
+                     sha256 = $4, stored_at = NULL, generation = generation + 1 \
+                     WHERE request_id = $5 AND processor = $6 AND subprocessor = $7 \
+                     AND name = $8",
                 )
                 .bind(&f.media_type)
                 .bind(&f.categories)
@@ -310,11 +318,14 @@ impl Store {
         Ok(outcome)
     }
 
-    /// Marks a file stored whole, its digest checked.
-    pub async fn file_stored(&self, f: &PackageFile, now: i64) -> Result<()> {
-        sqlx::query(
-            "UPDATE package_files SET stored_at = $1 WHERE request_id = $2 AND processor = $3 \
-             AND subprocessor = $4 AND name = $5 AND sha256 = $6 AND stored_at IS NULL",
+    /// Marks a file stored whole, its digest checked, if it is still registered under
+    /// `generation`: false when it was restarted or dropped since (its bytes are another
+    /// registration's). True when it was marked before.
+    pub async fn file_stored(&self, f: &PackageFile, generation: i64, now: i64) -> Result<bool> {
+        let current: Option<i64> = sqlx::query_scalar(
+            "UPDATE package_files SET stored_at = COALESCE(stored_at, $1) WHERE \
+             request_id = $2 AND processor = $3 AND subprocessor = $4 AND name = $5 \
+             AND sha256 = $6 AND generation = $7 RETURNING generation",
         )
         .bind(now)
         .bind(&f.request_id)
@@ -322,20 +333,21 @@ impl Store {
         .bind(&f.subprocessor)
         .bind(&f.name)
         .bind(&f.sha256)
-        .execute(&self.db.pool)
+        .bind(generation)
+        .fetch_optional(&self.db.pool)
         .await?;
-        Ok(())
+        Ok(current.is_some())
     }
 
     /// Marks a file streamed while it was written (registered with size 0 and an empty
     /// SHA-256, standing for "not known yet") stored whole, with the size and digest its end
-    /// gave and that were checked. False when that registration is gone: another upload of
-    /// the file registered its header meanwhile.
-    pub async fn file_streamed(&self, f: &PackageFile, now: i64) -> Result<bool> {
+    /// gave and that were checked. False when that registration (`generation`) is gone:
+    /// another upload of the file registered its header, or dropped its bytes, meanwhile.
+    pub async fn file_streamed(&self, f: &PackageFile, generation: i64, now: i64) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE package_files SET size = $1, sha256 = $2, stored_at = $3 WHERE \
              request_id = $4 AND processor = $5 AND subprocessor = $6 AND name = $7 \
-             AND sha256 = '' AND stored_at IS NULL",
+             AND sha256 = '' AND stored_at IS NULL AND generation = $8",
         )
         .bind(f.size)
         .bind(&f.sha256)
@@ -344,25 +356,28 @@ impl Store {
         .bind(&f.processor)
         .bind(&f.subprocessor)
         .bind(&f.name)
+        .bind(generation)
         .execute(&self.db.pool)
         .await?;
         Ok(done.rows_affected() == 1)
     }
 
     /// Records that the first `bytes` bytes of `f` are stored durably and that `midstate`
-    /// is their SHA-256 midstate; only while `f` is registered with this size and digest and
-    /// not stored whole (a header registered since belongs to other bytes). The caller syncs
-    /// the bytes first: a checkpoint never counts a byte a crash could take back.
+    /// is their SHA-256 midstate; only while `f` is registered under `generation` and not
+    /// stored whole (a file restarted or dropped since holds other bytes): false otherwise.
+    /// The caller syncs the bytes first: a checkpoint never counts a byte a crash could take
+    /// back.
     pub async fn record_file_checkpoint(
         &self,
         f: &PackageFile,
+        generation: i64,
         bytes: u64,
         midstate: &[u8],
-    ) -> Result<()> {
-        sqlx::query(
+    ) -> Result<bool> {
+        let done = sqlx::query(
             "UPDATE package_files SET checkpoint_bytes = $1, checkpoint_state = $2 WHERE \
              request_id = $3 AND processor = $4 AND subprocessor = $5 AND name = $6 \
-             AND size = $7 AND sha256 = $8 AND stored_at IS NULL",
+             AND generation = $7 AND stored_at IS NULL",
         )
         .bind(i64::try_from(bytes)?)
         .bind(midstate)
@@ -370,11 +385,44 @@ impl Store {
         .bind(&f.processor)
         .bind(&f.subprocessor)
         .bind(&f.name)
-        .bind(f.size)
-        .bind(&f.sha256)
+        .bind(generation)
         .execute(&self.db.pool)
         .await?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// The generation `f` is registered under, if it is.
+    pub async fn file_generation(&self, f: &PackageFile) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT generation FROM package_files WHERE request_id = $1 AND processor = $2 \
+             AND subprocessor = $3 AND name = $4",
+        )
+        .bind(&f.request_id)
+        .bind(&f.processor)
+        .bind(&f.subprocessor)
+        .bind(&f.name)
+        .fetch_optional(&self.db.pool)
+        .await?)
+    }
+
+    /// Records that the bytes of `f` were dropped: a new generation, no checkpoint, not
+    /// stored whole, so that no stream registered before records anything for the bytes
+    /// written after. Answers the new generation (`None` when `f` is not registered). Run
+    /// after the bytes are removed: a stream's checkpoint or completion recorded in between
+    /// is undone here, and a crash in between leaves a checkpoint without bytes, which the
+    /// next registration forgets.
+    pub async fn file_dropped(&self, f: &PackageFile) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar(
+            "UPDATE package_files SET generation = generation + 1, checkpoint_bytes = NULL, \
+             checkpoint_state = NULL, stored_at = NULL WHERE request_id = $1 \
+             AND processor = $2 AND subprocessor = $3 AND name = $4 RETURNING generation",
+        )
+        .bind(&f.request_id)
+        .bind(&f.processor)
+        .bind(&f.subprocessor)
+        .bind(&f.name)
+        .fetch_optional(&self.db.pool)
+        .await?)
     }
 
     /// Forgets the checkpoint of `f`, whose bytes are about to be written anew from the
@@ -727,6 +775,7 @@ struct FileWithCheckpoint {
     row: FileWithState,
     checkpoint_bytes: Option<i64>,
     checkpoint_state: Option<Vec<u8>>,
+    generation: i64,
 }
 
 impl FileWithCheckpoint {
@@ -792,10 +841,11 @@ mod tests {
             begun,
             FileBegin::Registered {
                 complete: false,
-                checkpoint: None
+                checkpoint: None,
+                generation: 0,
             }
         );
-        store.file_stored(&f, 11).await.expect("file stored");
+        assert!(store.file_stored(&f, 0, 11).await.expect("file stored"));
     }
 
     /// Completes `subprocessor`'s part of request `id`, its file stored before.
