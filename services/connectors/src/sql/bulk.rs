@@ -8,10 +8,16 @@
 //! on the rows no obligation keeps, the kept rows stripped of what the obligation does not
 //! need). A batch thus runs a few statements per table, whatever the number of subjects.
 //! What is kept is assessed at the end with one aggregate per `retain` table.
+//!
+//! The export records the keys of the rows it returns, in the transaction of its reads
+//! ([`plan_record_returned`]); the erasure after the return refuses rows it did not record
+//! and confines its statements to those it did ([`Scope::returned`]), see the module
+//! documentation's "Contract ends".
 
 use super::execute::{classify, ExportJob, ReadTx};
 use super::plan::{
-    plan_export, plan_table_erasure, quote, subject_filter, Batch, Binds, Scope, Statement,
+    plan_export, plan_record_returned, plan_table_erasure, quote, subject_filter, Batch, Binds,
+    ReturnedKeys, Scope, Statement,
 };
 use super::retention::{day_of, parse_iso_date, DAY_MS};
 use super::rules::{Action, Retention, TableRule};
@@ -21,6 +27,7 @@ use crate::export::ExportSink;
 use crate::{
     BulkJob, BulkOp, BulkProgress, ConnectorError, ErasedCount, Outcome, Phase, ProgressReporter,
 };
+use dsrelay_proto::v1::RequestKind;
 use dsrelay_runtime::store::Backend;
 
 /// Top-level rows (subjects) per batch of a bulk erasure: large enough that a batch's few
@@ -51,6 +58,7 @@ impl Scoped<'_> {
             condition: self.condition,
             batch: None,
             types: Some(self.types),
+            returned: None,
         }
     }
 
@@ -137,7 +145,8 @@ impl Scoped<'_> {
 
     /// Writes every row of the controller in the tables with `export` columns, and in every
     /// table the erasure deletes or anonymizes, to `<table>.json` and `<table>.csv`, in one
-    /// read transaction with a cursor per table. The erasure that follows a return removes
+    /// transaction with a cursor per table, which first records the keys of those rows when
+    /// the connector erases. The erasure that follows a return removes
     /// what it returned, never more: a table without `export` columns that it erases is
     /// returned with all of its columns.
     async fn bulk_export(&self, job: &BulkJob) -> Result<Outcome, ConnectorError> {
@@ -162,21 +171,110 @@ impl Scoped<'_> {
             let select = plan_export(self.config, &rule, self.everything());
             exported.push((rule, select));
         }
+        // The keys of what it returns, for the erasure after the return (only a connector
+        // that erases has one), recorded anew: an export is run again whole.
+        let mut writes = Vec::new();
+        if self.config.supports(RequestKind::ContractEnd) {
+            let keys_table = self.config.returned_table();
+            let returned = ReturnedKeys {
+                table: &keys_table,
+                job: &job.job_id,
+            };
+            writes.push(self.forget_statement(returned));
+            writes.extend(
+                tables.iter().filter_map(|t| {
+                    plan_record_returned(self.config, t, self.everything(), returned)
+                }),
+            );
+        }
         let export = BulkExport {
             // The counts read no export columns, so the configured rules serve.
             totals,
             tables: exported,
             progress: job.progress.clone(),
         };
-        self.read_export(sink, export).await
+        self.read_export(sink, writes, export).await
+    }
+
+    /// Deletes the keys recorded under `returned`'s job.
+    fn forget_statement(&self, returned: ReturnedKeys<'_>) -> Statement {
+        let mut b = Binds::default();
+        let job = b.add(returned.job);
+        b.finish(format!(
+            "DELETE FROM {} WHERE job = {job}",
+            quote(returned.table)
+        ))
+    }
+
+    /// The export whose recorded keys the erasure `job` follows: its job id, when `job` is
+    /// the erasure after a return (its id is the export's plus `#erase`) and the export
+    /// recorded keys. Looked up only at a first call that has the return's counts, or at a
+    /// call resuming an erasure that recorded progress: a DELETE's erasure (the first call
+    /// of which has no counts and no progress) pays nothing for it.
+    async fn recorded_export<'j>(
+        &self,
+        job: &'j BulkJob,
+        keys_table: &str,
+    ) -> Result<Option<&'j str>, ConnectorError> {
+        let Some(export) = job.job_id.strip_suffix("#erase") else {
+            return Ok(None);
+        };
+        let resumed = job.recorded_progress != BulkProgress::default();
+        if job.phase != Phase::Start || (job.returned.is_none() && !resumed) {
+            return Ok(None);
+        }
+        let probe = format!(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM (SELECT 1 FROM {} WHERE job = $1 LIMIT 1) \
+             AS recorded",
+            quote(keys_table)
+        );
+        let found: i64 = sqlx::query_scalar(&probe)
+            .bind(export)
+            .fetch_one(&self.db.pool)
+            .await
+            .map_err(|e| classify("looking up what the contract end's export returned", &e))?;
+        Ok((found > 0).then_some(export))
     }
 
     /// Erases every row of the controller that no obligation keeps, a batch of top-level
-    /// rows per transaction; then reports what is kept and until when.
+    /// rows per transaction; then reports what is kept and until when. After a return whose
+    /// export recorded its rows, only those: the recorded keys are dropped once the step
+    /// ends, except on a transient error, whose retry needs them.
     async fn bulk_erase(
         &self,
         job: &BulkJob,
         batch_subjects: u64,
+    ) -> Result<Outcome, ConnectorError> {
+        let keys_table = self.config.returned_table();
+        let Some(export) = self.recorded_export(job, &keys_table).await? else {
+            return self.erase_batches(job, batch_subjects, None).await;
+        };
+        let returned = ReturnedKeys {
+            table: &keys_table,
+            job: export,
+        };
+        let out = self
+            .erase_batches(job, batch_subjects, Some(returned))
+            .await;
+        if !out.as_ref().is_err_and(ConnectorError::is_transient) {
+            let forget = self.forget_statement(returned);
+            if let Err(e) = forget.query().execute(&self.db.pool).await {
+                // Harmless but for the space: no later erasure follows that export.
+                tracing::warn!(
+                    error = %e,
+                    "sql bulk: the keys the contract end's export returned were not deleted"
+                );
+            }
+        }
+        out
+    }
+
+    /// [`Self::bulk_erase`], confined to the rows `returned` records when given.
+    async fn erase_batches(
+        &self,
+        job: &BulkJob,
+        batch_subjects: u64,
+        returned: Option<ReturnedKeys<'_>>,
     ) -> Result<Outcome, ConnectorError> {
         let erased_tables: Vec<&TableRule> = self
             .config
@@ -185,7 +283,16 @@ impl Scoped<'_> {
             .filter(|t| t.action != Action::Keep)
             .collect();
         let mut tx = self.begin().await?;
-        self.check_returned(&mut tx, job).await?;
+        match returned {
+            Some(keys) if job.returned.is_some() => {
+                let arrived = self.unrecorded(&mut tx, keys).await?;
+                if !arrived.is_empty() {
+                    return Err(self.arrived_before(&arrived, &job.controller));
+                }
+            }
+            Some(_) => {}
+            None => self.check_returned(&mut tx, job).await?,
+        }
         let mut progress = (self.totals(&self.config.tables, &erased_tables))
             .count(&mut tx)
             .await?;
@@ -266,6 +373,7 @@ impl Scoped<'_> {
                 let through = batch.through.clone();
                 let scope = Scope {
                     batch: Some(&batch),
+                    returned,
                     ..self.everything()
                 };
                 let mut tx = self.begin().await?;
@@ -311,13 +419,20 @@ impl Scoped<'_> {
                 top.table
             ));
         }
-        notes.push(
-            counts
-                .iter()
-                .map(|c| format!("{}: {} {}", c.target, c.action, c.count))
-                .collect::<Vec<_>>()
-                .join(", "),
-        );
+        let done = counts
+            .iter()
+            .map(|c| format!("{}: {} {}", c.target, c.action, c.count))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if let Some(keys) = returned {
+            let arrived = self
+                .arrived_meanwhile(&erased_tables, keys, job.now_ms)
+                .await?;
+            if !arrived.is_empty() {
+                return Err(self.arrived_during(&arrived, &job.controller, &done));
+            }
+        }
+        notes.push(done);
         // A resumed erasure needs no other care: it erases what a cut-off call left, and the
         // rows that call erased no longer match, so it cannot fail or conclude wrongly on
         // them. Its counts are its own, though, which the certificate must not pass off as
@@ -591,15 +706,16 @@ impl Scoped<'_> {
 }
 
 impl Scoped<'_> {
-    /// The check of an erasure that follows a return ([`BulkJob::returned`]): the
-    /// controller's rows now, counted by the export's own statements
-    /// ([`Self::returned_totals`]: the returned tables, `keep` tables with `export` columns
-    /// among them), against what the export wrote. A returned `keep` table's rows thus count
-    /// on both sides: counted on the erasure's side alone, they would hide as many rows
-    /// that arrived in an erased table. It compares totals only: it sees that more is held
-    /// than was returned, not which rows arrived, so arrivals offset by as many deletions
-    /// since the export (one customer erased, another signed up) pass it, and so do rows
-    /// that arrive after it, while the batches run: the erasure removes those unreturned.
+    /// The check of an erasure that follows a return ([`BulkJob::returned`]) whose export
+    /// recorded no keys ([`Self::unrecorded`] checks the others): the controller's rows now,
+    /// counted by the export's own statements ([`Self::returned_totals`]: the returned
+    /// tables, `keep` tables with `export` columns among them), against what the export
+    /// wrote. A returned `keep` table's rows thus count on both sides: counted on the
+    /// erasure's side alone, they would hide as many rows that arrived in an erased table.
+    /// It compares totals only: it sees that more is held than was returned, not which rows
+    /// arrived, so arrivals offset by as many deletions since the export (one customer
+    /// erased, another signed up) pass it, and so do rows that arrive after it, while the
+    /// batches run: the erasure removes those unreturned.
     async fn check_returned(
         &self,
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
@@ -613,6 +729,144 @@ impl Scoped<'_> {
         let names: Vec<&str> = tables.iter().map(|t| t.table.as_str()).collect();
         let holder = format!("sql tables {}", names.join(", "));
         crate::check_returned(returned, &held, &holder, &job.controller)
+    }
+}
+
+impl Scoped<'_> {
+    /// The rows of each table the export returns ([`Self::returned_totals`]) that it did
+    /// not record, `keep` ones with `export` columns among them: those that arrived since.
+    /// Only tables with such rows, each with whether it is a top-level one (its rows are
+    /// subjects).
+    async fn unrecorded(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        keys: ReturnedKeys<'_>,
+    ) -> Result<Vec<Arrived>, ConnectorError> {
+        let scope = Scope {
+            returned: Some(keys),
+            ..self.everything()
+        };
+        let mut arrived = Vec::new();
+        for rule in self.returned_totals().0 {
+            let mut b = Binds::default();
+            let filter = subject_filter(self.config, rule, scope, &mut b).unwrap_or_default();
+            let recorded = scope.recorded(&rule.table, &mut b).unwrap_or_default();
+            let count = b.finish(format!(
+                "SELECT CAST(COUNT(*) AS BIGINT) FROM {} WHERE {filter} AND NOT ({recorded})",
+                quote(&rule.table)
+            ));
+            let doing = format!(
+                "counting the rows of {} the export did not return",
+                rule.table
+            );
+            let rows = u64::try_from(tx.count(&count, &doing).await?).unwrap_or(0);
+            if rows > 0 {
+                arrived.push(Arrived::new(rule, rows));
+            }
+        }
+        Ok(arrived)
+    }
+
+    /// After the batches: the rows of each table the erasure handles that its statements
+    /// would have taken but for their confinement to recorded rows (a row that was already
+    /// anonymized, or that an obligation keeps as it is, is not one): those that arrived
+    /// while it ran.
+    async fn arrived_meanwhile(
+        &self,
+        erased_tables: &[&TableRule],
+        keys: ReturnedKeys<'_>,
+        now_ms: i64,
+    ) -> Result<Vec<Arrived>, ConnectorError> {
+        let scope = Scope {
+            returned: Some(keys),
+            ..self.everything()
+        };
+        let mut arrived = Vec::new();
+        for rule in erased_tables {
+            let Some(count) = plan_table_erasure(self.config, rule, scope, now_ms)
+                .and_then(|work| work.unreturned)
+            else {
+                continue;
+            };
+            let found: i64 = count
+                .query_scalar()
+                .fetch_one(&self.db.pool)
+                .await
+                .map_err(|e| {
+                    let doing = format!("counting the rows that arrived in {}", rule.table);
+                    classify(&doing, &e)
+                })?;
+            let rows = u64::try_from(found).unwrap_or(0);
+            if rows > 0 {
+                arrived.push(Arrived::new(rule, rows));
+            }
+        }
+        Ok(arrived)
+    }
+
+    /// The tables the export returns, as a message names the holder.
+    fn returned_holder(&self) -> String {
+        let (tables, _) = self.returned_totals();
+        let names: Vec<&str> = tables.iter().map(|t| t.table.as_str()).collect();
+        format!("sql tables {}", names.join(", "))
+    }
+
+    /// The refusal of an erasure after a return that finds rows the export did not record.
+    fn arrived_before(&self, arrived: &[Arrived], controller: &str) -> ConnectorError {
+        let (records, subjects, list) = Arrived::sum(arrived);
+        ConnectorError::Permanent(format!(
+            "{}: {records} record(s) ({subjects} subject(s)) of controller {controller} \
+             arrived after the contract end's export and were never returned ({list}); \
+             nothing was erased there. To have them returned before they are deleted, the \
+             controller ends the contract again with RETURN_THEN_DELETE; ending it with \
+             DELETE erases them without a return",
+            self.returned_holder()
+        ))
+    }
+
+    /// The end of an erasure after a return that left rows which arrived while it ran.
+    fn arrived_during(&self, arrived: &[Arrived], controller: &str, done: &str) -> ConnectorError {
+        let (records, subjects, list) = Arrived::sum(arrived);
+        ConnectorError::Permanent(format!(
+            "{}: {records} record(s) ({subjects} subject(s)) of controller {controller} \
+             arrived while the contract end's erasure ran ({list}); they are still held, \
+             never returned, and the erasure left them as they are, with the rows they \
+             belong to. It erased the rest of what was returned ({done}). To have them \
+             returned before they are deleted, the controller ends the contract again with \
+             RETURN_THEN_DELETE; ending it with DELETE erases them without a return",
+            self.returned_holder()
+        ))
+    }
+}
+
+/// Rows of one table that the export after which an erasure runs did not record.
+struct Arrived {
+    table: String,
+    rows: u64,
+    /// A top-level table's: its rows are subjects.
+    top_level: bool,
+}
+
+impl Arrived {
+    fn new(rule: &TableRule, rows: u64) -> Self {
+        Self {
+            table: rule.table.clone(),
+            rows,
+            top_level: rule.parent.is_none(),
+        }
+    }
+
+    /// The records, the subjects and the rows per table, as a message says them.
+    fn sum(arrived: &[Self]) -> (u64, u64, String) {
+        let records = arrived.iter().map(|a| a.rows).sum();
+        let subjects = (arrived.iter().filter(|a| a.top_level))
+            .map(|a| a.rows)
+            .sum();
+        let list = (arrived.iter())
+            .map(|a| format!("{}: {}", a.table, a.rows))
+            .collect::<Vec<_>>()
+            .join(", ");
+        (records, subjects, list)
     }
 }
 

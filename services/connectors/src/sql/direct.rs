@@ -5,10 +5,13 @@
 //! the task reading it; the task took rows more slowly than SQLite yielded them, so every row
 //! woke the parked thread, and waking, parking and copying each row into sqlx's `AnyRow`
 //! cost more than reading and encoding it (docs/benchmarks.md, session 16). Writes and the
-//! reads that decide them stay on sqlx: this reads only, on a connection that refuses writes.
+//! reads that decide them stay on sqlx: this reads, on a connection that refuses writes,
+//! except for a contract end's record of the rows it returns, written first in the
+//! transaction of its reads.
 //!
 //! The read is one transaction, as through sqlx: every table of an export comes from the same
-//! snapshot, which WAL gives a reader without blocking the connector's writer.
+//! snapshot, which WAL gives a reader without blocking the connector's writer. A contract
+//! end's export, which writes its record, holds the write lock until it has read.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,9 +47,15 @@ impl Drop for Abandon {
 }
 
 /// Runs `work` in a read transaction on `path`, on the blocking pool; `work` may block on the
-/// runtime (`Handle::current().block_on`) for the export writer. The transaction ends (it
-/// read nothing to commit) when `work` returns.
-pub(super) async fn read<T, W>(path: &Path, work: W) -> Result<T, ConnectorError>
+/// runtime (`Handle::current().block_on`) for the export writer. `writes` run first in the
+/// transaction, which then takes the write lock at its start; without them the connection
+/// refuses writes. The transaction commits (a read-only one has nothing to) when `work`
+/// returns; when either fails, it is rolled back as the connection closes.
+pub(super) async fn read<T, W>(
+    path: &Path,
+    writes: Vec<Statement>,
+    work: W,
+) -> Result<T, ConnectorError>
 where
     T: Send + 'static,
     W: FnOnce(&mut Reading) -> Result<T, ConnectorError> + Send + 'static,
@@ -56,13 +65,26 @@ where
     let guard = Abandon(abandoned.clone());
     let done = tokio::task::spawn_blocking(move || {
         let mut reading = Reading {
-            conn: open(&path)?,
+            conn: open(&path, writes.is_empty())?,
             abandoned,
+        };
+        // Taken at once, so that waiting for another writer is the busy timeout's, not a
+        // read snapshot that cannot become a write.
+        let begin = match writes.is_empty() {
+            true => "BEGIN",
+            false => "BEGIN IMMEDIATE",
         };
         reading
             .conn
-            .execute_batch("BEGIN")
+            .execute_batch(begin)
             .map_err(|e| classify("starting the export's read", &e))?;
+        for write in &writes {
+            let doing = "recording what the export returns";
+            reading
+                .prepare(write, doing)?
+                .raw_execute()
+                .map_err(|e| classify(doing, &e))?;
+        }
         let out = work(&mut reading)?;
         reading
             .conn
@@ -75,16 +97,19 @@ where
     done.map_err(|e| ConnectorError::Transient(format!("the export's reading thread ended: {e}")))?
 }
 
-/// A connection to `path` that reads only: `query_only` makes a write sent here by mistake
-/// fail instead of competing with the connector's writer.
-fn open(path: &Path) -> Result<Connection, ConnectorError> {
+/// A connection to `path`, which reads only when `read_only`: `query_only` makes a write
+/// sent here by mistake fail instead of competing with the connector's writer.
+fn open(path: &Path, read_only: bool) -> Result<Connection, ConnectorError> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(|e| classify(&format!("opening {} to export", path.display()), &e))?;
     conn.busy_timeout(BUSY_TIMEOUT)
-        .and_then(|()| conn.execute_batch("PRAGMA query_only=ON;"))
+        .and_then(|()| match read_only {
+            true => conn.execute_batch("PRAGMA query_only=ON;"),
+            false => Ok(()),
+        })
         .map_err(|e| classify(&format!("setting up {} to export", path.display()), &e))?;
     Ok(conn)
 }

@@ -88,6 +88,7 @@ impl<'a> Scoped<'a> {
             condition: self.condition,
             batch: None,
             types: Some(self.types),
+            returned: None,
         }
     }
 
@@ -364,7 +365,8 @@ impl<'a> Scoped<'a> {
                 (rule.clone(), select)
             })
             .collect();
-        self.read_export(sink, SubjectExport { tables }).await
+        self.read_export(sink, Vec::new(), SubjectExport { tables })
+            .await
     }
 
     /// Runs `job` in one read transaction, so that every table and count it reads comes
@@ -373,15 +375,25 @@ impl<'a> Scoped<'a> {
     /// REPEATABLE READ (READ COMMITTED, its default, gives each statement a snapshot of its
     /// own: a row deleted between a contract end's count and its read would be counted and
     /// never returned). A SQLite transaction sees one snapshot at any level.
+    ///
+    /// `writes` (a contract end's record of the rows it returns, [`plan_record_returned`])
+    /// run first in the same transaction, so that they see the snapshot the reads see: on
+    /// PostgreSQL it is then REPEATABLE READ READ WRITE, on SQLite it takes the database's
+    /// write lock at its start (`BEGIN IMMEDIATE`) and holds it until the export is read,
+    /// so that other writers wait for it (as long as their busy timeout, 5 s here, then
+    /// fail and are retried).
+    ///
+    /// [`plan_record_returned`]: super::plan::plan_record_returned
     pub(super) async fn read_export<J: ExportJob>(
         &self,
         sink: &ExportSink,
+        writes: Vec<Statement>,
         job: J,
     ) -> Result<J::Output, ConnectorError> {
         match &self.db.sqlite_file {
             Some(path) => {
                 let sink = sink.clone();
-                super::direct::read(path, move |reading| {
+                super::direct::read(path, writes, move |reading| {
                     let handle = tokio::runtime::Handle::current();
                     handle.block_on(job.run(reading, &sink))
                 })
@@ -390,10 +402,21 @@ impl<'a> Scoped<'a> {
             None => {
                 let mut tx = self.begin().await?;
                 if self.db.backend == Backend::Postgres {
-                    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    let level = match writes.is_empty() {
+                        true => "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+                        false => "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ WRITE",
+                    };
+                    sqlx::query(level)
                         .execute(&mut *tx)
                         .await
                         .map_err(|e| classify("starting the export's read", &e))?;
+                }
+                for write in &writes {
+                    write
+                        .query()
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| classify("recording what the export returns", &e))?;
                 }
                 let out = job.run(&mut tx, sink).await?;
                 tx.commit()

@@ -123,9 +123,15 @@
 //! - Export: each table with `export` columns, and each table the erasure deletes or
 //!   anonymizes (with all of its columns when it has no `export` columns), is read with a
 //!   cursor into `<table>.json` and `<table>.csv`, as a subject's export is. The counts and
-//!   the reads are one read transaction, one snapshot (REPEATABLE READ on PostgreSQL);
+//!   the reads are one transaction, one snapshot (REPEATABLE READ on PostgreSQL);
 //!   subjects are the rows of the returned top-level tables, and the step's done counts are
-//!   the rows it wrote.
+//!   the rows it wrote. A connector that erases also records, first in that transaction,
+//!   the key of every row it writes (its primary key as text, see below) under the step's
+//!   job id, in its table beside the receipts (`<receipts_table>_returned`), after deleting
+//!   what an earlier run of the step recorded. On PostgreSQL the transaction is then READ
+//!   WRITE; on SQLite it takes the write lock at its start and holds it until the export is
+//!   read, so other writers of the database wait meanwhile (up to their busy timeout, then
+//!   fail and are retried).
 //! - Erase: each top-level table with the tables found through it, in batches of about
 //!   10,000 of its rows (more where rows share a batch key, and the last batch also takes
 //!   the rows without one; ranges of the column the children link to, or of a match column
@@ -150,15 +156,36 @@
 //!   date is missing or not `YYYY-MM-DD` (month 01–12, day 01–31) stops the step with a
 //!   permanent error, as it stops a subject's erasure. A value that passes and is still no
 //!   date (`2024-02-31`) is found when the batches are done, and stops the step then.
-//! - Erase after a return ([`crate::BulkJob::returned`]): first the export's own counts are
-//!   taken again (the tables it returns, `keep` ones with `export` columns included; a table
-//!   it does not return counts on neither side); more subjects or records than were
-//!   returned stop the step with a permanent error before anything is erased. Otherwise the
-//!   erasure's totals are recorded with the processor
-//!   ([`crate::ProgressReporter::record_now`]) before the first batch. The check compares
-//!   totals only: rows that arrived after the export pass it when as many were deleted
-//!   meanwhile, and rows that arrive after it, while the batches run, are erased though
-//!   never returned.
+//! - Erase after a return ([`crate::BulkJob::returned`]), whose job id is the export's plus
+//!   `#erase`: when the export recorded its rows' keys, the step checks and erases rows,
+//!   not totals. Its first call counts, per table the export returns (`keep` ones with
+//!   `export` columns included; a table it does not return is not looked at), the
+//!   controller's rows whose key was not recorded: any stops the step with a permanent
+//!   error naming how many per table, before anything is erased. Every call (a resumed one
+//!   too) confines each statement of the batches to recorded rows (a correlated `EXISTS` on
+//!   the keys' primary key), and leaves a top-level row as it is while a child row of it
+//!   that was not recorded is there, so that a row arriving while the batches run is
+//!   neither erased nor anonymized, nor orphaned. After the batches, rows the erasure would
+//!   have taken but for that confinement (arrivals) stop the step with a permanent error
+//!   saying how many, where, and what was erased. The keys are deleted when the step ends
+//!   (COMPLETED, RETAINED or a permanent error; a transient error keeps them for the
+//!   retry). Limits: a row changed, not added, after the export keeps its key and is
+//!   erased in its new form; a row whose key is NULL (SQLite allows one in a primary key
+//!   other than INTEGER PRIMARY KEY) is never recorded, so it stops the erasure as an
+//!   arrival; a table without a primary key is keyed by SQLite's `rowid`, which VACUUM may
+//!   renumber (there is no INTEGER PRIMARY KEY), or PostgreSQL's `ctid`, which changes when
+//!   the row is updated, so that such a row counts as an arrival (the safe side); and a
+//!   child inserted while its parent's batch deletes the parent can still be taken by an
+//!   `ON DELETE CASCADE` (or fail the batch on another foreign key). Without recorded keys
+//!   (an export from before they were, a return done by hand), the first call takes the
+//!   export's own counts again instead: more subjects or records than were returned stop
+//!   the step with a permanent error before anything is erased; this compares totals only,
+//!   so rows that arrived after the export pass it when as many were deleted meanwhile,
+//!   and rows that arrive after it, while the batches run, are erased though never
+//!   returned. Either way, past the check the erasure's totals are recorded with the
+//!   processor ([`crate::ProgressReporter::record_now`]) before the first batch. The keys
+//!   are looked up only by a first call with the return's counts or a call resuming an
+//!   erasure that recorded progress, so a DELETE's erasure does no more work than before.
 //!
 //! A crash or error between batches leaves the committed batches done and the rest
 //! untouched; the processor's retry runs the step again, which finds only what is left
@@ -240,11 +267,11 @@
 //! - `direct`: an export's read of a SQLite file, on a connection of its own (rusqlite) on
 //!   the blocking pool; PostgreSQL and in-memory SQLite are read through sqlx.
 //! - `receipt`: the receipts of erasures, retention runs and rectifications: the table,
-//!   storing a task's report under its key.
+//!   storing a task's report under its key; and the table of what contract ends returned.
 //! - `schema`: the check at connect that the database has every table and column the rules
 //!   name (SQLite would read a misspelt quoted column as a string and match nothing) and
 //!   that each takes what the rules write into it, and their types, by which statements
-//!   compare, read and write them.
+//!   compare, read and write them; each table's row key (its primary key as text).
 //! - `bulk`: contract ends: counting, the export, the erasure in batches, what is kept.
 //! - `sample`: the sample accounting database and its rules ([`sample_config`],
 //!   [`create_sample_accounting_db`]).
@@ -370,6 +397,13 @@ impl SqlConnector {
             let table = config.receipts_table();
             for (db, _) in db.iter().chain(own.values()) {
                 receipt::ensure_table(db, table).await?;
+            }
+        }
+        // The erasure after a return erases only rows its export recorded there.
+        if config.supports(RequestKind::ContractEnd) {
+            let table = config.returned_table();
+            for (db, _) in db.iter().chain(own.values()) {
+                receipt::ensure_returned_table(db, &table).await?;
             }
         }
         let config = Arc::new(config);

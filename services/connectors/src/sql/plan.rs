@@ -91,12 +91,47 @@ pub(super) struct Scope<'a> {
     /// The holder's column types, which decide how a column is compared, read and written
     /// ([`ColumnTypes`]); `None`: every column as it is.
     pub(super) types: Option<&'a ColumnTypes>,
+    /// The erasure after a return whose export recorded the rows it returned: its
+    /// statements take only those rows ([`plan_table_erasure`]).
+    pub(super) returned: Option<ReturnedKeys<'a>>,
+}
+
+/// Where a contract end's export recorded the keys of the rows it returned
+/// ([`plan_record_returned`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ReturnedKeys<'a> {
+    /// The connector's table of them ([`SqlConnectorConfig::returned_table`]).
+    pub(super) table: &'a str,
+    /// The export's job id, which they are recorded under.
+    pub(super) job: &'a str,
 }
 
 impl Scope<'_> {
     /// The type of `table`'s `column`.
     fn column(&self, table: &str, column: &str) -> ColumnType {
         self.types.map(|t| t.of(table, column)).unwrap_or_default()
+    }
+
+    /// The row key of `table` ([`ColumnTypes::row_key`]).
+    fn row_key(&self, table: &str) -> Option<&str> {
+        self.types.and_then(|t| t.row_key(table))
+    }
+
+    /// Whether a row of `table` is one the export recorded ([`Scope::returned`]): an EXISTS
+    /// correlated with the row, so that each database probes the keys' primary key index
+    /// per row instead of reading the export's keys for every statement. `None` without
+    /// recorded keys; never true for a table whose row key is unknown.
+    pub(super) fn recorded(&self, table: &str, b: &mut Binds) -> Option<String> {
+        let returned = self.returned?;
+        let Some(key) = self.row_key(table) else {
+            return Some("1 = 0".to_string());
+        };
+        let r = quote(returned.table);
+        Some(format!(
+            "EXISTS (SELECT 1 FROM {r} WHERE {r}.job = {} AND {r}.tbl = {} AND {r}.k = {key})",
+            b.add(returned.job),
+            b.add(table)
+        ))
     }
 }
 
@@ -183,6 +218,10 @@ pub(super) struct ErasureWork {
     /// The table's action on the rows that are not kept; for a `keep` table, the count of the
     /// subject's rows (answered as one row), which the erasure leaves as they are.
     pub(super) main: Statement,
+    /// After a return whose export recorded its rows ([`Scope::returned`]): counts the rows
+    /// `main` and `anonymize_kept` would take but do not, as the export did not record
+    /// them.
+    pub(super) unreturned: Option<Statement>,
     /// The child tables whose kept rows keep this table's rows.
     pub(super) held_for: Vec<String>,
 }
@@ -226,6 +265,7 @@ fn plan_keep_count(
         count_kept: None,
         anonymize_kept: None,
         main,
+        unreturned: None,
         held_for: Vec::new(),
     })
 }
@@ -244,6 +284,16 @@ pub(super) fn plan_table_erasure(
     let filter = |b: &mut Binds| subject_filter(config, rule, scope, b).unwrap_or_default();
     let keep = |b: &mut Binds| keep_condition(config, rule, now_ms, b);
     let keeps = keep(&mut Binds::default()).is_some();
+    // After a return: only rows the export recorded, and a row that a child arrived under
+    // since stays as it is, so that the child stays found through it (and no foreign key
+    // fails the batch, or cascades to the child).
+    let confined = |b: &mut Binds| {
+        let mut terms: Vec<String> = scope.recorded(&rule.table, b).into_iter().collect();
+        if scope.returned.is_some() {
+            terms.extend(arrived_children(config, rule, scope, b));
+        }
+        terms
+    };
 
     let main = {
         let mut b = Binds::default();
@@ -254,6 +304,7 @@ pub(super) fn plan_table_erasure(
         if let Some(kept) = keep(&mut b) {
             conditions.push(format!("{kept} = 0"));
         }
+        conditions.extend(confined(&mut b));
         match set {
             None => b.finish(format!(
                 "DELETE FROM {table} WHERE {}",
@@ -297,13 +348,13 @@ pub(super) fn plan_table_erasure(
         None => Vec::new(),
     };
     let anonymize = keeps && !(anonymize_now.is_empty() && by_parent.is_empty());
-    let anonymize_kept = anonymize.then(|| {
-        let mut b = Binds::default();
-        let (at_once, mut pending) = anonymize_parts(anonymize_now.into_iter(), &mut b);
+    // What the kept rows get, and the condition of a kept row not yet anonymized.
+    let kept_parts = |b: &mut Binds| {
+        let (at_once, mut pending) = anonymize_parts(anonymize_now.iter().copied(), b);
         let mut set: Vec<String> = at_once.iter().map(|(q, v)| format!("{q} = {v}")).collect();
         if !by_parent.is_empty() {
-            let reached = through(&mut b).unwrap_or_default();
-            let (values, cleared) = anonymize_parts(by_parent.into_iter(), &mut b);
+            let reached = through(b).unwrap_or_default();
+            let (values, cleared) = anonymize_parts(by_parent.iter().copied(), b);
             for (q, value) in values {
                 set.push(format!(
                     "{q} = CASE WHEN {reached} THEN {value} ELSE {q} END"
@@ -311,12 +362,48 @@ pub(super) fn plan_table_erasure(
             }
             pending.push(format!("({reached} AND ({}))", cleared.join(" OR ")));
         }
+        (set, pending.join(" OR "))
+    };
+    let anonymize_kept = anonymize.then(|| {
+        let mut b = Binds::default();
+        let (set, pending) = kept_parts(&mut b);
         let f = filter(&mut b);
         let kept = keep(&mut b).unwrap_or_default();
+        let confined: String = (confined(&mut b).iter())
+            .map(|t| format!(" AND {t}"))
+            .collect();
         b.finish(format!(
-            "UPDATE {table} SET {} WHERE {f} AND {kept} = 1 AND ({})",
+            "UPDATE {table} SET {} WHERE {f} AND {kept} = 1 AND ({pending}){confined}",
             set.join(", "),
-            pending.join(" OR ")
+        ))
+    });
+    // The rows of the scope the two statements above would take but for their confinement
+    // to recorded rows: those that arrived since the export.
+    let unreturned = scope.returned.map(|_| {
+        let mut b = Binds::default();
+        let f = filter(&mut b);
+        let recorded = scope.recorded(&rule.table, &mut b).unwrap_or_default();
+        let mut main = Vec::new();
+        if let Some(kept) = keep(&mut b) {
+            main.push(format!("{kept} = 0"));
+        }
+        if rule.action == Action::Anonymize {
+            let columns = rule.anonymize.iter().map(|(c, w)| (c.as_str(), *w));
+            main.push(anonymize_clauses(columns, &mut b).1);
+        }
+        let mut takes = vec![match main.is_empty() {
+            true => "1 = 1".to_string(),
+            false => main.join(" AND "),
+        }];
+        if anonymize {
+            let (_, pending) = kept_parts(&mut b);
+            let kept = keep(&mut b).unwrap_or_default();
+            takes.push(format!("({kept} = 1 AND ({pending}))"));
+        }
+        b.finish(format!(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM {table} WHERE {f} AND NOT ({recorded}) \
+             AND (({}))",
+            takes.join(") OR (")
         ))
     });
     let count_kept = keeps.then(|| {
@@ -345,12 +432,41 @@ pub(super) fn plan_table_erasure(
         count_kept,
         anonymize_kept,
         main,
+        unreturned,
         held_for: config
             .retained_children(rule)
             .into_iter()
             .map(|(child, _)| child.table.clone())
             .collect(),
     })
+}
+
+/// For a top-level table after a return: per child table the erasure handles, that none of
+/// the row's child rows there is one the export did not record (it arrived since).
+fn arrived_children(
+    config: &SqlConnectorConfig,
+    rule: &TableRule,
+    scope: Scope<'_>,
+    b: &mut Binds,
+) -> Vec<String> {
+    if rule.parent.is_some() {
+        return Vec::new();
+    }
+    (config.tables.iter())
+        .filter(|t| t.action != Action::Keep)
+        .filter_map(|t| Some((t, t.parent.as_ref()?)))
+        .filter(|(_, link)| link.table == rule.table)
+        .map(|(child, link)| {
+            let c = quote(&child.table);
+            let recorded = scope.recorded(&child.table, b).unwrap_or_default();
+            format!(
+                "NOT EXISTS (SELECT 1 FROM {c} WHERE {c}.{} = {}.{} AND NOT ({recorded}))",
+                quote(&link.column),
+                quote(&rule.table),
+                quote(&link.parent_column),
+            )
+        })
+        .collect()
 }
 
 /// The columns an erasure never writes in the rows of `rule` it keeps, whatever the request:
@@ -459,6 +575,32 @@ fn anonymize_parts<'c>(
         }
     }
     (set, pending)
+}
+
+/// Records under `returned` the row keys ([`ColumnTypes::row_key`]) of the rows of `rule`
+/// that [`plan_export`] reads for `scope`, as a contract end's export does in the
+/// transaction of its reads; `None` when no identity applies to the table or its row key is
+/// unknown. A row whose key is NULL (SQLite allows one in a primary key that is not an
+/// INTEGER PRIMARY KEY) cannot be told apart, so it is not recorded.
+pub(super) fn plan_record_returned(
+    config: &SqlConnectorConfig,
+    rule: &TableRule,
+    scope: Scope<'_>,
+    returned: ReturnedKeys<'_>,
+) -> Option<Statement> {
+    let key = scope.row_key(&rule.table)?;
+    let mut b = Binds::default();
+    let job = b.add(returned.job);
+    let table = b.add(rule.table.as_str());
+    let filter = subject_filter(config, rule, scope, &mut b)?;
+    // Two rows whose keys read alike (SQLite: 1 and '1' in a key column without affinity)
+    // are one key: both were returned.
+    Some(b.finish(format!(
+        "INSERT INTO {} (job, tbl, k) SELECT {job}, {table}, {key} FROM {} \
+         WHERE {filter} AND {key} IS NOT NULL ON CONFLICT DO NOTHING",
+        quote(returned.table),
+        quote(&rule.table),
+    )))
 }
 
 /// The export of `rule`'s rows of `scope`, its `export` columns in order; `None` when no
@@ -1375,6 +1517,7 @@ mod tests {
             condition: Some("tenant = 'a'"),
             batch: Some(&batch),
             types: None,
+            returned: None,
         };
         let plan = plan_erasure(&config, scope, now());
         // A child: through the parent's rows in the condition and the batch, which, being the
@@ -1401,6 +1544,7 @@ mod tests {
             condition: Some("tenant = 'a'"),
             batch: Some(&batch),
             types: None,
+            returned: None,
         };
         let customers = config
             .tables

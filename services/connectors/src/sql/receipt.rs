@@ -10,8 +10,12 @@
 //! the key is already there, the earlier call committed, this call's work is rolled back,
 //! and the stored report is the answer. A receipt holds the task key and the report
 //! (counts, the note, what is kept and until when): no identity or corrected values.
+//!
+//! Beside it, the table of what contract ends' exports returned ([`ensure_returned_table`]):
+//! the keys of the rows each export wrote, which the erasure after the return checks and
+//! confines itself to (see `bulk`).
 
-use dsrelay_runtime::store::Db;
+use dsrelay_runtime::store::{Backend, Db};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sqlx::{Any, Transaction};
@@ -56,6 +60,46 @@ pub(super) async fn ensure_table(db: &Db, table: &str) -> anyhow::Result<()> {
         anyhow::bail!(
             "reading the erasure receipt table {table:?} in the holder database: {e}; GRANT \
              SELECT, INSERT ON {t} TO the connector's database user"
+        );
+    }
+    Ok(())
+}
+
+/// Makes sure `table`, the keys of the rows contract ends' exports returned (`job`: the
+/// export's job id, `tbl`: the configured table, `k`: the row's key text, see
+/// [`super::schema::ColumnTypes::row_key`]), exists in `db` and can be used, as
+/// [`ensure_table`] does for the receipts. On PostgreSQL `k` compares bytewise (`COLLATE
+/// "C"`, as the keys are written and compared), so that the primary key's index serves the
+/// lookups and no collation takes two keys for one.
+pub(super) async fn ensure_returned_table(db: &Db, table: &str) -> anyhow::Result<()> {
+    let t = quote(table);
+    let probe = format!("SELECT job, tbl, k FROM {t} WHERE 1 = 0");
+    if sqlx::query(&probe).execute(&db.pool).await.is_ok() {
+        return Ok(());
+    }
+    let create = match db.backend {
+        Backend::Postgres => format!(
+            "CREATE TABLE IF NOT EXISTS {t} (job TEXT NOT NULL, tbl TEXT NOT NULL, \
+             k TEXT COLLATE \"C\" NOT NULL, PRIMARY KEY (job, tbl, k))"
+        ),
+        Backend::Sqlite => format!(
+            "CREATE TABLE IF NOT EXISTS {t} (job TEXT NOT NULL, tbl TEXT NOT NULL, \
+             k TEXT NOT NULL, PRIMARY KEY (job, tbl, k)) WITHOUT ROWID"
+        ),
+    };
+    let grant = format!("GRANT SELECT, INSERT, DELETE ON {t} TO <user>");
+    if let Err(e) = sqlx::query(&create).execute(&db.pool).await {
+        anyhow::bail!(
+            "creating the table {table:?} of what contract ends returned in the holder \
+             database: {e}; the connector's database user needs the right to create it (on \
+             PostgreSQL: GRANT CREATE ON SCHEMA <schema> TO <user>), or create it beforehand \
+             with `{create}` and {grant}"
+        );
+    }
+    if let Err(e) = sqlx::query(&probe).execute(&db.pool).await {
+        anyhow::bail!(
+            "reading the table {table:?} of what contract ends returned in the holder \
+             database: {e}; {grant}"
         );
     }
     Ok(())

@@ -43,7 +43,8 @@ pub struct SqlConnectorConfig {
     /// The table the connector keeps its erasure receipts in, in each database it erases in
     /// (default `dsrelay_erasure_receipts`): one row per erasure task, written with the
     /// erasure, so that a retry whose earlier call committed answers with that call's counts
-    /// instead of NOT_FOUND. Created when the connector connects if it is missing.
+    /// instead of NOT_FOUND. Created when the connector connects if it is missing, as is the
+    /// table of what a contract end's export returned, named after it (`<name>_returned`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub receipts_table: Option<String>,
 }
@@ -228,6 +229,9 @@ fn default_fiscal_year_end() -> String {
     "12-31".to_string()
 }
 
+/// What the table of a contract end's returned rows adds to the receipts table's name.
+const RETURNED_SUFFIX: &str = "_returned";
+
 fn default_recheck_days() -> u32 {
     DEFAULT_RECHECK_DAYS
 }
@@ -240,6 +244,12 @@ impl SqlConnectorConfig {
             .unwrap_or(super::receipt::DEFAULT_RECEIPTS_TABLE)
     }
 
+    /// The table of the rows a contract end's export returned, beside the receipts and
+    /// named after them: `<receipts table>_returned`.
+    pub fn returned_table(&self) -> String {
+        format!("{}{RETURNED_SUFFIX}", self.receipts_table())
+    }
+
     /// Every rule the configuration breaks, each naming the table and the rule; empty when
     /// the configuration is usable.
     pub fn validate(&self) -> Vec<String> {
@@ -250,6 +260,15 @@ impl SqlConnectorConfig {
                     "receipts_table: {table:?} must be a plain identifier (a letter or _, then \
                      letters, digits or _, at most 63)"
                 ));
+            } else if table.len() + RETURNED_SUFFIX.len() > 63 {
+                // PostgreSQL would cut the longer name to 63 bytes, onto another table's.
+                out.push(format!(
+                    "receipts_table: {table:?} is too long: the connector names the table of \
+                     what a contract end returned after it ({:?}), which must fit in 63 \
+                     characters, so at most {} are left for it",
+                    self.returned_table(),
+                    63 - RETURNED_SUFFIX.len()
+                ));
             }
             if self.tables.iter().any(|t| &t.table == table) {
                 out.push(format!(
@@ -257,6 +276,13 @@ impl SqlConnectorConfig {
                      table of their own"
                 ));
             }
+        }
+        let returned = self.returned_table();
+        if self.tables.iter().any(|t| t.table == returned) {
+            out.push(format!(
+                "tables: {returned:?} is the connector's own table of what a contract end \
+                 returned (named after receipts_table); rename receipts_table"
+            ));
         }
         if self.url.trim().is_empty() {
             out.push("url: must not be empty (sqlite://path or postgres://...)".to_string());

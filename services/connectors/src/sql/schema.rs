@@ -44,6 +44,8 @@ pub(super) struct ColumnTypes(
     /// end returns of a table without `export` columns, so that what its erasure removes
     /// was returned.
     BTreeMap<String, Vec<String>>,
+    /// Each table's row key ([`ColumnTypes::row_key`]).
+    BTreeMap<String, String>,
 );
 
 /// What the statements need to know of one column's type.
@@ -313,6 +315,21 @@ impl ColumnTypes {
         self.1.get(table).map_or(&[], Vec::as_slice)
     }
 
+    /// The SQL expression, over a row of `table` (named by its quoted name), of the text
+    /// that tells the row apart from the table's others, computed in the holder's database
+    /// the same way when a contract end's export records what it returned and when the
+    /// erasure after it looks a row up: its primary key column cast to text, or for a key of
+    /// several columns each one's text preceded by its length and `:` (a NULL, which SQLite
+    /// allows in a primary key but an INTEGER PRIMARY KEY, as `-`), so that no two keys
+    /// read alike. A table without a primary key has SQLite's `rowid`, which VACUUM may
+    /// renumber (in a table without an INTEGER PRIMARY KEY), or PostgreSQL's `ctid`, which
+    /// changes whenever the row is updated: such a row no longer matches its key and counts
+    /// as one that arrived since. On PostgreSQL the text compares bytewise (`COLLATE "C"`,
+    /// as the table of the keys stores it). `None` for a table not read at connect.
+    pub(super) fn row_key(&self, table: &str) -> Option<&str> {
+        self.2.get(table).map(String::as_str)
+    }
+
     /// `column` of `table`, as the rules spell them; the default for one not described.
     pub(super) fn of(&self, table: &str, column: &str) -> ColumnType {
         (self.0.get(table))
@@ -360,6 +377,10 @@ pub(super) async fn check_columns(
             table.to_string(),
             present.iter().map(|p| p.name.clone()).collect(),
         );
+        let key = primary_key(db, table).await?;
+        types
+            .2
+            .insert(table.to_string(), row_key(db.backend, table, &key));
         for (at, what, column) in named {
             match find_column(db, table, &by_name, column).await {
                 Some(ty) => {
@@ -550,6 +571,54 @@ async fn columns_of(db: &Db, table: &str) -> anyhow::Result<Vec<Present>> {
         }
     }
     Ok(present)
+}
+
+/// The columns of `table`'s primary key, in the key's order; empty when it has none.
+async fn primary_key(db: &Db, table: &str) -> anyhow::Result<Vec<String>> {
+    let (sql, name) = match db.backend {
+        Backend::Sqlite => (
+            "SELECT name FROM pragma_table_info($1) WHERE pk > 0 ORDER BY pk",
+            table.to_string(),
+        ),
+        Backend::Postgres => (
+            "SELECT CAST(a.attname AS TEXT) FROM pg_catalog.pg_index i \
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid \
+             AND a.attnum = ANY (i.indkey) \
+             WHERE i.indrelid = to_regclass($1) AND i.indisprimary \
+             ORDER BY array_position(CAST(i.indkey AS int2[]), a.attnum)",
+            quote(table),
+        ),
+    };
+    sqlx::query_scalar(sql)
+        .bind(name)
+        .fetch_all(&db.pool)
+        .await
+        .map_err(|e| anyhow::anyhow!("reading the primary key of table {table:?}: {e}"))
+}
+
+/// The row key of `table` ([`ColumnTypes::row_key`]) whose primary key is `key`.
+pub(super) fn row_key(backend: Backend, table: &str, key: &[String]) -> String {
+    let t = quote(table);
+    let text = |column: &str| format!("CAST({t}.{} AS TEXT)", quote(column));
+    let expr = match key {
+        [] => match backend {
+            Backend::Sqlite => format!("CAST({t}.rowid AS TEXT)"),
+            Backend::Postgres => format!("CAST({t}.ctid AS TEXT)"),
+        },
+        [column] => text(column),
+        columns => columns
+            .iter()
+            .map(|c| {
+                let v = text(c);
+                format!("COALESCE(LENGTH({v}) || ':' || {v}, '-')")
+            })
+            .collect::<Vec<_>>()
+            .join(" || "),
+    };
+    match backend {
+        Backend::Sqlite => expr,
+        Backend::Postgres => format!("({expr}) COLLATE \"C\""),
+    }
 }
 
 /// The type of `column` of `table`, whose declared columns are `by_name` (keyed by

@@ -3289,6 +3289,32 @@ async fn a_user_who_cannot_create_the_receipt_table_is_told_at_connect() {
         &format!("GRANT SELECT, INSERT ON dsrelay_erasure_receipts TO {role}"),
     )
     .await;
+    // The table of what contract ends returned, beside it, likewise.
+    let err = SqlConnector::connect(sample_config(&user_url))
+        .await
+        .unwrap_err()
+        .to_string();
+    let returned = "dsrelay_erasure_receipts_returned";
+    assert!(
+        err.contains(&format!(
+            "creating the table \"{returned}\" of what contract ends returned"
+        )) && err.contains("GRANT CREATE ON SCHEMA")
+            && err.contains(&format!("GRANT SELECT, INSERT, DELETE ON \"{returned}\"")),
+        "{err}"
+    );
+    exec(
+        &admin,
+        &format!(
+            "CREATE TABLE {returned} (job TEXT NOT NULL, tbl TEXT NOT NULL, \
+             k TEXT COLLATE \"C\" NOT NULL, PRIMARY KEY (job, tbl, k))"
+        ),
+    )
+    .await;
+    exec(
+        &admin,
+        &format!("GRANT SELECT, INSERT, DELETE ON {returned} TO {role}"),
+    )
+    .await;
     let connector = SqlConnector::connect(sample_config(&user_url))
         .await
         .unwrap();
@@ -3326,6 +3352,26 @@ fn receipts_table_must_be_a_table_of_its_own() {
         [
             "receipts_table: \"invoices\" is a configured table; the receipts need a table of \
           their own"
+        ]
+    );
+    // The table of what contract ends returned is named after it, within 63 characters.
+    config.receipts_table = Some("r".repeat(55));
+    assert!(
+        config.validate()[0].contains("is too long: the connector names the table of what"),
+        "{:?}",
+        config.validate()
+    );
+    config.receipts_table = Some("r".repeat(54));
+    assert_eq!(config.validate(), Vec::<String>::new());
+    config.receipts_table = Some("dsr".into());
+    let mut named_alike = config.tables[0].clone();
+    named_alike.table = "dsr_returned".into();
+    config.tables.push(named_alike);
+    assert_eq!(
+        config.validate(),
+        [
+            "tables: \"dsr_returned\" is the connector's own table of what a contract end \
+             returned (named after receipts_table); rename receipts_table"
         ]
     );
 }
@@ -4028,6 +4074,7 @@ async fn bulk_batches_of_text_and_uuid_keys_read_the_keys_index(url: String) {
             condition: None,
             batch: Some(&batch),
             types: Some(scope.types),
+            returned: None,
         };
         let delete = plan::plan_table_erasure(scope.config, rule, in_batch, now())
             .unwrap()
@@ -4242,6 +4289,301 @@ async fn bulk_erasure_after_a_return_counts_only_the_returned_tables(url: String
     assert!(matches!(out, Ok(Outcome::Retained { .. })), "{out:?}");
     assert_eq!(count(&db, &format!("{C} FROM contacts")).await, 0);
     assert_eq!(count(&db, &format!("{C} FROM audit_log")).await, 2);
+}
+
+on_both_backends!(
+    bulk_erasure_after_a_return_refuses_arrivals_by_their_keys,
+    bulk_erasure_after_a_return_leaves_rows_that_arrive_while_it_runs,
+    bulk_erasure_after_a_return_without_arrivals_erases_as_before,
+    bulk_erasure_after_a_return_tells_rows_apart_without_a_single_column_key,
+    bulk_erasure_after_an_export_that_recorded_nothing_checks_totals,
+);
+
+/// Runs a contract end's export of `acme`'s rows; the export's last progress.
+async fn export_for_return(connector: &SqlConnector, dir: &std::path::Path) -> crate::BulkProgress {
+    let sink = ExportSink::new(dir.join("ce"), vec!["billing".into()]);
+    sink.reset().await.unwrap();
+    let (job, rx) = bulk_job(
+        "acme",
+        crate::BulkOp::Export,
+        Phase::Start,
+        now(),
+        Some(sink),
+    );
+    run_bulk_watched(connector, job, rx).await.1
+}
+
+/// The erasure after the return `returned` under the id the processor gives it: the
+/// export's plus `#erase`.
+fn erase_after_return(
+    returned: Option<crate::BulkProgress>,
+    progress: crate::ProgressReporter,
+) -> crate::BulkJob {
+    crate::BulkJob {
+        job_id: "acme/ce-1/accounting#erase".into(),
+        returned,
+        progress,
+        ..bulk_job("acme", crate::BulkOp::Erase, Phase::Start, now(), None).0
+    }
+}
+
+/// The keys recorded in `connector`'s table of what contract ends returned.
+async fn recorded_keys(connector: &SqlConnector, db: &Db) -> i64 {
+    let table = connector.config.returned_table();
+    count(db, &format!("{C} FROM {table}")).await
+}
+
+/// The erasure after a return compared totals: a customer who signed up (with an invoice)
+/// after the export while another (with one) was deleted passed, and was erased
+/// unreturned. The export now records the keys of the rows it writes, and the erasure
+/// refuses every row it did not record, with the rows per table, erasing nothing; a new
+/// invoice of a returned customer is refused alike. The keys are dropped with the refusal.
+async fn bulk_erasure_after_a_return_refuses_arrivals_by_their_keys(url: String) {
+    let (connector, db) = sample(&url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let returned = export_for_return(&connector, dir.path()).await;
+    assert_eq!(
+        recorded_keys(&connector, &db).await,
+        i64::try_from(returned.records_done).unwrap()
+    );
+    exec(&db, "DELETE FROM invoices WHERE id = 106").await;
+    exec(&db, "DELETE FROM customers WHERE id = 3").await;
+    exec(
+        &db,
+        "INSERT INTO customers (id, customer_no, name) VALUES (9002, 'C-9002', 'Uusi')",
+    )
+    .await;
+    exec(
+        &db,
+        "INSERT INTO invoices (id, customer_id, amount_cents, issued_on, status) \
+         VALUES (9003, 9002, 100, '2014-01-01', 'paid')",
+    )
+    .await;
+    let before = dump(&db, "1 = 1").await;
+    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let err = crate::Connector::run_bulk(&connector, &job)
+        .await
+        .unwrap_err();
+    let crate::ConnectorError::Permanent(m) = &err else {
+        panic!("{err:?}");
+    };
+    assert!(
+        m.starts_with(
+            "sql tables contacts, invoices, ledger_entries, customers: 2 record(s) (1 \
+             subject(s)) of controller acme arrived after the contract end's export and were \
+             never returned (invoices: 1, customers: 1); nothing was erased there. To have \
+             them returned before they are deleted, the controller ends the contract again \
+             with RETURN_THEN_DELETE"
+        ),
+        "{m}"
+    );
+    assert_eq!(
+        dump(&db, "1 = 1").await,
+        before,
+        "erased despite the refusal"
+    );
+    assert_eq!(recorded_keys(&connector, &db).await, 0);
+
+    // A new invoice of a returned customer, on a fresh export.
+    exec(&db, "DELETE FROM invoices WHERE id = 9003").await;
+    exec(&db, "DELETE FROM customers WHERE id = 9002").await;
+    let returned = export_for_return(&connector, dir.path()).await;
+    exec(
+        &db,
+        "INSERT INTO invoices (id, customer_id, amount_cents, issued_on, status) \
+         VALUES (9004, 1, 100, '2014-01-01', 'paid')",
+    )
+    .await;
+    let before = dump(&db, "1 = 1").await;
+    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let err = crate::Connector::run_bulk(&connector, &job)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(
+            ": 1 record(s) (0 subject(s)) of controller acme arrived after the contract \
+             end's export and were never returned (invoices: 1); nothing was erased there"
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        dump(&db, "1 = 1").await,
+        before,
+        "erased despite the refusal"
+    );
+}
+
+/// Rows that arrive after the erasure's check, while it runs (here when it asks the
+/// processor to record its totals, before its first batch), were erased though never
+/// returned. The erasure's statements now take only the rows the export recorded: a new
+/// invoice of a returned customer stays, and so does the customer it belongs to (whose
+/// other rows go), and a new customer stays; the step fails for good saying so, and the
+/// keys are dropped.
+async fn bulk_erasure_after_a_return_leaves_rows_that_arrive_while_it_runs(url: String) {
+    let (connector, db) = sample(&url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let returned = export_for_return(&connector, dir.path()).await;
+    let (reporter, _seen, mut asked) = crate::ProgressReporter::recorded();
+    let job = erase_after_return(Some(returned), reporter);
+    let arrive = async {
+        let r = asked.recv().await.expect("asked to record");
+        exec(
+            &db,
+            "INSERT INTO invoices (id, customer_id, amount_cents, issued_on, status) \
+             VALUES (9005, 6, 100, '2014-01-01', 'paid')",
+        )
+        .await;
+        exec(
+            &db,
+            "INSERT INTO customers (id, customer_no, name) VALUES (9006, 'C-9006', 'Uusi')",
+        )
+        .await;
+        let _ = r.done.send(Ok(()));
+    };
+    let (out, ()) = tokio::join!(crate::Connector::run_bulk(&connector, &job), arrive);
+    let err = out.unwrap_err();
+    let crate::ConnectorError::Permanent(m) = &err else {
+        panic!("{err:?}");
+    };
+    assert!(
+        m.starts_with(
+            "sql tables contacts, invoices, ledger_entries, customers: 2 record(s) (1 \
+             subject(s)) of controller acme arrived while the contract end's erasure ran \
+             (invoices: 1, customers: 1); they are still held, never returned, and the \
+             erasure left them as they are, with the rows they belong to. It erased the rest \
+             of what was returned (contacts: deleted 6, invoices: deleted 2"
+        ),
+        "{m}"
+    );
+    assert!(m.contains("the controller ends the contract again"), "{m}");
+    for (rows, expected) in [
+        ("invoices WHERE id = 9005", 1),
+        ("customers WHERE id IN (6, 9006)", 2),
+        ("invoices WHERE id = 109", 0),
+        ("contacts", 0),
+    ] {
+        assert_eq!(
+            count(&db, &format!("{C} FROM {rows}")).await,
+            expected,
+            "{rows}"
+        );
+    }
+    assert_eq!(recorded_keys(&connector, &db).await, 0);
+}
+
+/// Without arrivals, the erasure after a return that recorded its keys erases what an
+/// erasure without them does (compared with one on a second sample database), and drops
+/// the keys.
+async fn bulk_erasure_after_a_return_without_arrivals_erases_as_before(url: String) {
+    let (connector, db) = sample(&url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let returned = export_for_return(&connector, dir.path()).await;
+    assert!(recorded_keys(&connector, &db).await > 0);
+    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let out = crate::Connector::run_bulk(&connector, &job).await.unwrap();
+    assert_eq!(recorded_keys(&connector, &db).await, 0);
+
+    let (twin_url, pg) = match url.strip_prefix("sqlite://") {
+        Some(_) => (format!("sqlite://{}/twin.db", dir.path().display()), None),
+        None => {
+            let pg = fresh_postgres_database("erases_as_before_twin")
+                .await
+                .unwrap();
+            (pg.url.clone(), Some(pg))
+        }
+    };
+    let (twin, twin_db) = sample(&twin_url).await;
+    let plain = erase_after_return(None, crate::ProgressReporter::new().0);
+    let expected = crate::Connector::run_bulk(&twin, &plain).await.unwrap();
+    assert!(matches!(out, Outcome::Retained { .. }), "{out:?}");
+    assert_eq!(out, expected);
+    assert_eq!(dump(&db, "1 = 1").await, dump(&twin_db, "1 = 1").await);
+    drop((twin, twin_db));
+    if let Some(pg) = pg {
+        pg.drop_database().await;
+    }
+}
+
+/// Rows of a table without a primary key (SQLite's rowid, PostgreSQL's ctid) and of one
+/// whose key has two columns are told apart: an arrival in each is refused, and once it is
+/// gone the erasure takes every returned row.
+async fn bulk_erasure_after_a_return_tells_rows_apart_without_a_single_column_key(url: String) {
+    let (_, db) = sample(&url).await;
+    exec(&db, "CREATE TABLE notes (customer_id BIGINT, body TEXT)").await;
+    exec(
+        &db,
+        "CREATE TABLE tags (customer_id BIGINT, tag TEXT, PRIMARY KEY (customer_id, tag))",
+    )
+    .await;
+    exec(&db, "INSERT INTO notes VALUES (1, 'a'), (1, 'a'), (6, 'b')").await;
+    exec(
+        &db,
+        "INSERT INTO tags VALUES (1, 'x:1'), (1, 'x'), (6, '1:x')",
+    )
+    .await;
+    let mut config = sample_config(&url);
+    for (table, column) in [("notes", "body"), ("tags", "tag")] {
+        let mut rule = config.tables[0].clone();
+        rule.table = table.into();
+        rule.match_columns.clear();
+        rule.export = vec![column.into()];
+        rule.parent.as_mut().unwrap().export_matched_only = false;
+        config.tables.insert(0, rule);
+    }
+    let connector = SqlConnector::connect(config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let returned = export_for_return(&connector, dir.path()).await;
+    exec(&db, "INSERT INTO notes VALUES (1, 'a')").await;
+    exec(&db, "INSERT INTO tags VALUES (1, '1:x')").await;
+    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let err = crate::Connector::run_bulk(&connector, &job)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "2 record(s) (0 subject(s)) of controller acme arrived after the contract \
+                       end's export and were never returned (tags: 1, notes: 1)"
+        ),
+        "{err}"
+    );
+
+    let returned = export_for_return(&connector, dir.path()).await;
+    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let out = crate::Connector::run_bulk(&connector, &job).await;
+    assert!(matches!(out, Ok(Outcome::Retained { .. })), "{out:?}");
+    assert_eq!(count(&db, &format!("{C} FROM notes")).await, 0);
+    assert_eq!(count(&db, &format!("{C} FROM tags")).await, 0);
+}
+
+/// An export that recorded no keys (one from before they were recorded) leaves the erasure
+/// after it the check of totals: more than was returned is refused, and an arrival offset
+/// by a deletion passes and is erased.
+async fn bulk_erasure_after_an_export_that_recorded_nothing_checks_totals(url: String) {
+    let (connector, db) = sample(&url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let returned = export_for_return(&connector, dir.path()).await;
+    let table = connector.config.returned_table();
+    exec(&db, &format!("DELETE FROM {table}")).await;
+    exec(
+        &db,
+        "INSERT INTO contacts (id, customer_id, name) VALUES (9001, 1, 'Uusi Yhteys')",
+    )
+    .await;
+    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let err = crate::Connector::run_bulk(&connector, &job)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "1 record(s) (0 subject(s)) of controller acme arrived after the contract \
+                       end's export and were never returned, if not more"
+        ),
+        "{err}"
+    );
+    exec(&db, "DELETE FROM contacts WHERE id = 201").await;
+    let out = crate::Connector::run_bulk(&connector, &job).await;
+    assert!(matches!(out, Ok(Outcome::Retained { .. })), "{out:?}");
+    assert_eq!(count(&db, &format!("{C} FROM contacts")).await, 0);
 }
 
 /// A contract end's export on PostgreSQL read each table at READ COMMITTED, after counting
