@@ -267,7 +267,7 @@ fn rename_no_replace(from: &Path, to: &Path) -> Result<(), RenameFailure> {
     match std::fs::hard_link(from, to) {
         Ok(()) => {
             #[cfg(test)]
-            tests::linked(from);
+            tests::linked(to).map_err(RenameFailure::FromKept)?;
             std::fs::remove_file(from).map_err(RenameFailure::FromKept)
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -299,6 +299,122 @@ fn create_replacing(path: &Path) -> anyhow::Result<File> {
         .create_new(true)
         .open(path)
         .with_context(|| format!("creating {}", path.display()))
+}
+
+/// Why a run is refused `place`, which another run is writing; `other`, what to use instead.
+fn busy(place: &Path, other: &str) -> String {
+    format!(
+        "another dsrctl download is writing {}; wait for it or use another {other}",
+        place.display()
+    )
+}
+
+/// Whether the name `path` is `file` (not a link to it, nor another file since).
+#[cfg(unix)]
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(held), Ok(named)) => held.dev() == named.dev() && held.ino() == named.ino(),
+        _ => false,
+    }
+}
+
+/// Whether the name `path` is `file`: without inode numbers, whether it is a file.
+#[cfg(not(unix))]
+fn same_file(_file: &File, path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file())
+}
+
+/// An exclusive lock on the file at `path`, held while this lives (and by nothing once the
+/// process ends, killed or not): two runs writing into the same place would delete and
+/// rename each other's files.
+#[derive(Debug)]
+struct Lock {
+    file: File,
+    path: PathBuf,
+    /// This run made the file.
+    made: bool,
+}
+
+impl Lock {
+    /// Takes the lock of the file at `path`, making the file when it is not there; `None`
+    /// when another run holds it.
+    fn take(path: &Path) -> anyhow::Result<Option<Self>> {
+        // A run that ends removes the file's name: a lock taken on the file after that is
+        // one no other run can find, so the name is opened again.
+        for _ in 0..3 {
+            let opened = File::options()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(path);
+            let (file, made) = match opened {
+                Ok(file) => (file, true),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let meta = match std::fs::symlink_metadata(path) {
+                        Ok(meta) => meta,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => {
+                            return Err(e).with_context(|| format!("reading {}", path.display()))
+                        }
+                    };
+                    if !meta.is_file() {
+                        bail!("{} is not dsrctl's: remove it", path.display());
+                    }
+                    match File::options().read(true).write(true).open(path) {
+                        Ok(file) => (file, false),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => {
+                            return Err(e).with_context(|| format!("opening {}", path.display()))
+                        }
+                    }
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("creating {}", path.display()));
+                }
+            };
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(e).with_context(|| format!("locking {}", path.display()));
+                }
+            }
+            // Opened through a link swapped in after the check above, or renamed away:
+            // not the file other runs lock.
+            if same_file(&file, path) {
+                return Ok(Some(Self {
+                    file,
+                    path: path.to_path_buf(),
+                    made,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Removes the file's name (while it is still this lock's), then lets go.
+    fn release(self) {
+        // Left, it only costs the next run a lock taken again.
+        if same_file(&self.file, &self.path) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    /// Lets go, removing the file's name only if this run made it: for a run refused after
+    /// it took the lock, leaving what was there.
+    fn give_back(self) {
+        if self.made {
+            self.release();
+        }
+    }
+}
+
+/// Removes `root`'s `manifest.json`.
+fn remove_manifest(root: &Path) -> std::io::Result<()> {
+    #[cfg(test)]
+    tests::removing_manifest()?;
+    std::fs::remove_file(root.join(MANIFEST_NAME))
 }
 
 /// Makes the entries of each of `folders` durable (a file's name, a folder made for it).
@@ -350,6 +466,9 @@ const OWNER_NAME: &str = "request";
 /// In the staging folder: a new owner file while it is written, renamed to [`OWNER_NAME`]
 /// once durable, so the owner file is never half written.
 const OWNER_TEMP_NAME: &str = "request.new";
+/// In the staging folder: the file a run holds an exclusive lock on while it writes there
+/// ([`Lock`]). A run removes it when it ends; a killed run leaves it, unlocked.
+const LOCK_NAME: &str = "lock";
 /// The ending of every file written in the staging folder.
 const PARTIAL_SUFFIX: &str = ".partial";
 
@@ -447,7 +566,8 @@ fn check_staging(root: &Path, request_id: &str) -> Result<bool, String> {
             }
             Some(name) if name.ends_with(PARTIAL_SUFFIX) => partials += 1,
             // An owner file a killed run had not renamed yet: the next run replaces it.
-            Some(OWNER_TEMP_NAME) => {}
+            // A lock file: a live run holds it, which the next run finds out.
+            Some(OWNER_TEMP_NAME | LOCK_NAME) => {}
             _ => return Err(not_ours()),
         }
     }
@@ -467,8 +587,9 @@ fn check_staging(root: &Path, request_id: &str) -> Result<bool, String> {
 }
 
 /// Removes every file in the staging folder (only files: [`check_staging`] accepted no
-/// other) but the one naming the request, and then, unless `keep_owner`, that one: while
-/// anything else is left, the folder stays known as this download's. Leaves the folder.
+/// other) but the one naming the request and the lock file, and then, unless `keep_owner`,
+/// the one naming the request: while anything else is left, the folder stays known as this
+/// download's. Leaves the folder and the lock file ([`Lock::release`] removes that).
 fn empty_staging(staging: &Path, keep_owner: bool) -> anyhow::Result<()> {
     let context = || format!("emptying {}", staging.display());
     for entry in std::fs::read_dir(staging).with_context(context)? {
@@ -476,7 +597,7 @@ fn empty_staging(staging: &Path, keep_owner: bool) -> anyhow::Result<()> {
         if !entry.file_type().with_context(context)?.is_file() {
             bail!("{} is not dsrctl's: remove it", entry.path().display());
         }
-        if entry.file_name() == OWNER_NAME {
+        if entry.file_name() == OWNER_NAME || entry.file_name() == LOCK_NAME {
             continue;
         }
         // Removes a name, never what a link points to.
@@ -522,8 +643,10 @@ fn write_owner(staging: &Path, request_id: &str) -> anyhow::Result<()> {
 }
 
 /// Whether `root` holds the finished download of `request_id`: its `manifest.json` names
-/// the request, every file it lists is there and verifies, and the staging folder is gone,
-/// empty or holds only the file naming the request (a run stopped while removing it).
+/// the request, every file it lists is there as a file of the listed size (not hashed: this
+/// runs before anything else, with no progress shown), and the staging folder is gone,
+/// empty or holds only the file naming the request and the lock file (a run stopped while
+/// removing it).
 fn finished_download(root: &Path, request_id: &str) -> bool {
     let manifest = root.join(MANIFEST_NAME);
     if !std::fs::symlink_metadata(&manifest).is_ok_and(|m| m.is_file()) {
@@ -532,7 +655,10 @@ fn finished_download(root: &Path, request_id: &str) -> bool {
     let Ok(json) = std::fs::read(&manifest) else {
         return false;
     };
-    if !serde_json::from_slice::<Listing>(&json).is_ok_and(|l| l.request_id == request_id) {
+    let Ok(listing) = serde_json::from_slice::<Listing>(&json) else {
+        return false;
+    };
+    if listing.request_id != request_id {
         return false;
     }
     let staging = root.join(STAGING_NAME);
@@ -543,19 +669,25 @@ fn finished_download(root: &Path, request_id: &str) -> bool {
                 return false;
             };
             for entry in entries {
-                let owner = entry.is_ok_and(|e| {
-                    e.file_name() == OWNER_NAME
-                        && e.file_type().is_ok_and(|t| t.is_file())
-                        && read_owner(&e.path()).is_ok_and(|id| id == request_id.as_bytes())
+                let left = entry.is_ok_and(|e| {
+                    e.file_type().is_ok_and(|t| t.is_file())
+                        && (e.file_name() == LOCK_NAME
+                            || e.file_name() == OWNER_NAME
+                                && read_owner(&e.path())
+                                    .is_ok_and(|id| id == request_id.as_bytes()))
                 });
-                if !owner {
+                if !left {
                     return false;
                 }
             }
         }
         _ => return false,
     }
-    check_folder(root, &json).is_ok()
+    listing.files.iter().all(|f| {
+        check_path(&f.path).is_ok()
+            && std::fs::symlink_metadata(root.join(&f.path))
+                .is_ok_and(|m| m.is_file() && m.len() == f.size)
+    })
 }
 
 /// What an earlier, interrupted run of the same download left in the `--out` folder: the
@@ -598,6 +730,8 @@ pub(crate) struct DirSink {
     /// Files left in place by an earlier run whose bytes failed their check in this one.
     kept_despite: Vec<String>,
     stop: Stop,
+    /// Held from before anything in the folder is changed until the run ends.
+    lock: Option<Lock>,
 }
 
 /// The file being received by a [`DirSink`].
@@ -646,8 +780,8 @@ impl DirSink {
             };
             return Err(format!(
                 "--out {} holds the finished download of request {request_id} (its \
-                 {MANIFEST_NAME} and every file it lists, verified): download finished \
-                 already{left}",
+                 {MANIFEST_NAME} and every file it lists, of the listed sizes): download \
+                 finished already{left}",
                 root.display()
             ));
         }
@@ -742,10 +876,13 @@ impl DirSink {
         Ok(leftovers)
     }
 
-    /// Creates the folder (and its parents) and its staging folder, emptied of an earlier
-    /// run's partial files, and makes durable what an earlier run left verified. Stops
-    /// between files once `stop` is set, and the finished package's `manifest.json` is not
-    /// written after that.
+    /// Creates the folder (and its parents) and its staging folder, takes the lock there,
+    /// checks the folder again (names only: nothing but `leftovers` may be at a manifest
+    /// path, and the staging folder must still be this download's), empties it of an
+    /// earlier run's partial files, and makes durable what an earlier run left verified.
+    /// Refuses, changing nothing, a folder another run holds the lock of. Stops between
+    /// files once `stop` is set, and the finished package's `manifest.json` is not written
+    /// after that.
     pub(crate) fn create(
         root: &Path,
         request_id: &str,
@@ -762,16 +899,29 @@ impl DirSink {
         }
         std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
         let staging = root.join(STAGING_NAME);
-        match std::fs::create_dir(&staging) {
-            Ok(()) => {}
-            // An interrupted run's, of this request: check_target looked. Its owner file
-            // stays: killed before a new one is written, the folder must still be ours.
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                empty_staging(&staging, true)?;
-            }
+        let made = match std::fs::create_dir(&staging) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
             Err(e) => {
                 return Err(e).with_context(|| format!("creating {}", staging.display()));
             }
+        };
+        let Some(lock) = Lock::take(&staging.join(LOCK_NAME))? else {
+            bail!(busy(root, "folder"));
+        };
+        // check_target and check_leftovers looked before the registry answered: a run
+        // that held the lock meanwhile may have written here, or finished.
+        if let Err(why) = Self::recheck(root, request_id, &leftovers) {
+            lock.give_back();
+            if made {
+                let _ = std::fs::remove_dir(&staging);
+            }
+            bail!(why);
+        }
+        // An interrupted run's, of this request. Its owner file stays: killed before a new
+        // one is written, the folder must still be ours.
+        if !made {
+            empty_staging(&staging, true)?;
         }
         folders.insert(staging.clone());
         write_owner(&staging, request_id)?;
@@ -797,7 +947,34 @@ impl DirSink {
             staged: 0,
             kept_despite: Vec::new(),
             stop: stop.clone(),
+            lock: Some(lock),
         })
+    }
+
+    /// Checks, with the lock held, that the folder is still as [`Self::check_leftovers`]
+    /// found it for `request_id`, by names only: a staging folder that is this download's
+    /// or empty ([`survey`]), and no file but `leftovers`.
+    fn recheck(root: &Path, request_id: &str, leftovers: &Leftovers) -> Result<(), String> {
+        let found = survey(root, request_id)?;
+        match found
+            .files
+            .iter()
+            .find(|f| !leftovers.in_place.contains(*f))
+        {
+            Some(path) => Err(in_the_way(
+                root,
+                path,
+                "which appeared while the registry answered",
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Lets go of the lock, removing the lock file.
+    fn unlock(&mut self) {
+        if let Some(lock) = self.lock.take() {
+            lock.release();
+        }
     }
 
     /// A new file in the staging folder.
@@ -842,7 +1019,9 @@ impl DirSink {
     }
 
     /// Makes every file's name durable, then writes `manifest.json`, removes the staging
-    /// folder and makes that durable.
+    /// folder and makes that durable. Failing once `manifest.json` may have its name, it
+    /// removes it and writes the file naming the request again; [`Self::give_up`] says what
+    /// of that failed.
     fn seal(&mut self) -> anyhow::Result<()> {
         // The manifest vouches for the files: their names must outlast a crash first.
         self.sync_all_folders()?;
@@ -854,13 +1033,14 @@ impl DirSink {
         file.write_all(&json)
             .with_context(|| format!("writing {}", staged.display()))?;
         close_durably(file, &staged)?;
-        self.place(&staged, MANIFEST_NAME)?;
+        // Placing can fail with the manifest linked under its name already.
         let sealed = self
-            .remove_staging()
+            .place(&staged, MANIFEST_NAME)
+            .and_then(|()| self.remove_staging())
             .and_then(|()| sync_folders([self.root.as_path()]));
         if sealed.is_err() {
-            // Not durable, so it must not vouch for the folder.
-            let _ = std::fs::remove_file(self.root.join(MANIFEST_NAME));
+            // Not durable, so it must not vouch for the folder. give_up says if it stays.
+            let _ = remove_manifest(&self.root);
             // The file naming the request may be gone already: without it, the same
             // command run again would refuse the folder. give_up says if this fails.
             let _ = self.restore_owner();
@@ -880,12 +1060,13 @@ impl DirSink {
         sync_folders([self.root.as_path()])
     }
 
-    /// Removes the staging folder, emptied.
+    /// Removes the staging folder, emptied, the lock file last.
     fn remove_staging(&mut self) -> anyhow::Result<()> {
         if let Some(Writing::Staged { file, .. }) = self.current.take() {
             drop(file);
         }
         empty_staging(&self.staging, false)?;
+        self.unlock();
         #[cfg(test)]
         tests::emptied(&self.staging);
         std::fs::remove_dir(&self.staging)
@@ -901,32 +1082,33 @@ impl DirSink {
         empty_staging(&self.staging, true)
     }
 
-    /// After an error: removes the partial files and says what the folder holds.
+    /// After an error: removes the partial files and says what the folder holds, and what
+    /// the same command run again does with it (the check it starts with, run now).
     fn give_up(&mut self) -> String {
-        let staging = match self.remove_partials() {
+        let partials = match self.remove_partials() {
             Ok(()) => "nothing partial was left".to_string(),
+            // Gone with the staging folder (sealing removed it, and could not make it again).
+            Err(_) if !self.staging.exists() => "nothing partial was left".to_string(),
             Err(err) => format!(
-                "partial files stay in {} ({err:#}); the next run of the same command \
-                 removes them",
+                "removing the partial files from {} failed ({err:#})",
                 self.staging.display()
             ),
         };
-        let owner = self.staging.join(OWNER_NAME);
-        let next = if read_owner(&owner).is_ok_and(|id| id == self.request_id.as_bytes()) {
+        self.unlock();
+        let manifest = if std::fs::symlink_metadata(self.root.join(MANIFEST_NAME)).is_ok() {
             format!(
-                "has {} naming the request: run the same command again to finish",
-                owner.display()
+                "and {MANIFEST_NAME}, though the download failed after writing it and \
+                 removing it failed"
             )
         } else {
-            format!(
-                "lacks {} naming the request, so the same command run again refuses it: \
-                 download into a new folder",
-                owner.display()
-            )
+            format!("and no {MANIFEST_NAME}")
+        };
+        let next = match Self::check_target(&self.root, &self.request_id) {
+            Ok(()) => "run the same command again to finish".to_string(),
+            Err(refusal) => format!("the same command run again refuses it: {refusal}"),
         };
         format!(
-            "{staging}; {} keeps the files verified so far ({}), has no {MANIFEST_NAME}, and \
-             {next}",
+            "{partials}; {} keeps the files verified so far ({}) {manifest}; {next}",
             self.root.display(),
             self.verified,
         )
@@ -1005,6 +1187,7 @@ impl Sink for DirSink {
         if let Err(err) = done {
             return Err(anyhow!("{err:#}; {}", self.give_up()));
         }
+        self.unlock();
         if verified {
             return Ok(None);
         }
@@ -1034,13 +1217,15 @@ impl Sink for DirSink {
 /// beside its place under a hidden name, and renamed to it only once every file verified
 /// and the zip is durable: a zip cut short, or with a failed file, never takes the name.
 /// Beside the partial zip, a file named like it with `.request` added holds the request's
-/// id: by it a later run knows the partial zip for one it may replace.
+/// id: by it a later run knows the partial zip for one it may replace. One with `.lock`
+/// added is the run's [`Lock`], so that no other run replaces the partial zip meanwhile.
 pub(crate) struct ZipSink {
     path: PathBuf,
     /// Where the zip is written until it is whole.
     partial: PathBuf,
     zip: ZipWriter<BufWriter<File>>,
     stop: Stop,
+    lock: Lock,
 }
 
 impl ZipSink {
@@ -1060,6 +1245,13 @@ impl ZipSink {
         let mut owner = partial.as_os_str().to_owned();
         owner.push(".request");
         PathBuf::from(owner)
+    }
+
+    /// The lock file beside the partial zip `partial`.
+    fn lock_path(partial: &Path) -> PathBuf {
+        let mut lock = partial.as_os_str().to_owned();
+        lock.push(".lock");
+        PathBuf::from(lock)
     }
 
     /// The folder the zip `path` is written in.
@@ -1106,12 +1298,20 @@ impl ZipSink {
         }
     }
 
-    /// Creates the partial zip of `request_id`'s package, replacing one an interrupted run
-    /// of the same download left ([`Self::check_target`] again: the folder may have changed
-    /// since); its owner file is durable before the partial zip exists.
+    /// Takes the lock beside the partial zip (refusing, changing nothing, when another run
+    /// holds it) and creates the partial zip of `request_id`'s package, replacing one an
+    /// interrupted run of the same download left ([`Self::check_target`] again, with the
+    /// lock held: the folder may have changed since); its owner file is durable before the
+    /// partial zip exists.
     pub(crate) fn create(path: &Path, request_id: &str, stop: &Stop) -> anyhow::Result<Self> {
-        Self::check_target(path, request_id).map_err(|e| anyhow!(e))?;
         let partial = Self::partial_path(path).map_err(|e| anyhow!(e))?;
+        let Some(lock) = Lock::take(&Self::lock_path(&partial))? else {
+            bail!(busy(path, "--zip file"));
+        };
+        if let Err(why) = Self::check_target(path, request_id) {
+            lock.give_back();
+            bail!(why);
+        }
         match std::fs::remove_file(&partial) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(e).with_context(|| format!("deleting {}", partial.display()));
@@ -1135,6 +1335,7 @@ impl ZipSink {
             partial,
             zip: ZipWriter::new(BufWriter::with_capacity(64 * 1024, file)),
             stop: stop.clone(),
+            lock,
         })
     }
 
@@ -1199,7 +1400,10 @@ impl Sink for ZipSink {
             partial,
             zip,
             stop,
+            lock,
         } = *self;
+        // Every way out below is done with the partial zip.
+        let lock = Released(Some(lock));
         if !verified {
             drop(zip);
             let removed = Self::remove_partial(&partial);
@@ -1258,19 +1462,36 @@ impl Sink for ZipSink {
         }
         // Alone, it is replaced by the next run.
         let _ = std::fs::remove_file(Self::owner_path(&partial));
+        drop(lock);
         Ok(None)
     }
 
     fn abort(self: Box<Self>) -> String {
         let Self {
-            path, partial, zip, ..
+            path,
+            partial,
+            zip,
+            lock,
+            ..
         } = *self;
         drop(zip);
+        let removed = Self::remove_partial(&partial);
+        lock.release();
         format!(
-            "{} was not written, {}: run the same command again",
+            "{} was not written, {removed}: run the same command again",
             path.display(),
-            Self::remove_partial(&partial)
         )
+    }
+}
+
+/// A [`Lock`] released when this is dropped.
+struct Released(Option<Lock>);
+
+impl Drop for Released {
+    fn drop(&mut self) {
+        if let Some(lock) = self.0.take() {
+            lock.release();
+        }
     }
 }
 
@@ -1467,28 +1688,56 @@ mod tests {
         SYNCED.with(RefCell::take)
     }
 
+    /// What a test has put into the staging folder once it was emptied, before it is
+    /// removed, as if something wrote there meanwhile.
+    #[derive(Clone, Copy)]
+    enum Stray {
+        File(&'static str),
+        Folder(&'static str),
+    }
+
     thread_local! {
-        /// Set by a test: the staging folder emptied next gets this stray file before it is
-        /// removed, as if something wrote there meanwhile.
-        static STRAY: RefCell<Option<&'static str>> = const { RefCell::new(None) };
-        /// Set by a test: the next file given a second name loses its first one to a folder,
-        /// so that removing that name fails.
-        static KEEP_FROM: RefCell<bool> = const { RefCell::new(false) };
+        /// Set by a test: what the staging folder emptied next gets.
+        static STRAY: RefCell<Option<Stray>> = const { RefCell::new(None) };
+        /// Set by a test: the next file given this second name (a file name) keeps its
+        /// first one, as when removing that fails.
+        static KEEP_FROM: RefCell<Option<&'static str>> = const { RefCell::new(None) };
+        /// Set by a test: removing `manifest.json` fails.
+        static MANIFEST_STAYS: RefCell<bool> = const { RefCell::new(false) };
     }
 
     /// Called once `staging` was emptied, before it is removed.
     pub(super) fn emptied(staging: &Path) {
-        if let Some(name) = STRAY.with(RefCell::take) {
-            std::fs::write(staging.join(name), b"stray").unwrap();
+        match STRAY.with(RefCell::take) {
+            Some(Stray::File(name)) => std::fs::write(staging.join(name), b"stray").unwrap(),
+            Some(Stray::Folder(name)) => std::fs::create_dir(staging.join(name)).unwrap(),
+            None => {}
         }
     }
 
-    /// Called once `from` got its second name, before `from` is removed.
-    pub(super) fn linked(from: &Path) {
-        if KEEP_FROM.with(RefCell::take) {
-            std::fs::remove_file(from).unwrap();
-            std::fs::create_dir(from).unwrap();
+    /// Called once a file got its second name `to`, before its first one is removed: `Err`
+    /// keeps that.
+    pub(super) fn linked(to: &Path) -> std::io::Result<()> {
+        let kept = KEEP_FROM.with(|k| {
+            let mut k = k.borrow_mut();
+            let hit = k.is_some_and(|name| to.file_name() == Some(name.as_ref()));
+            if hit {
+                *k = None;
+            }
+            hit
+        });
+        if kept {
+            return Err(std::io::Error::other("the test keeps the first name"));
         }
+        Ok(())
+    }
+
+    /// Called before `manifest.json` is removed: `Err` fails that.
+    pub(super) fn removing_manifest() -> std::io::Result<()> {
+        if MANIFEST_STAYS.with(|m| *m.borrow()) {
+            return Err(std::io::Error::other("the test keeps manifest.json"));
+        }
+        Ok(())
     }
 
     fn sha(data: &[u8]) -> String {
@@ -1955,10 +2204,10 @@ mod tests {
         assert!(!out.join("p/adapter/orders.csv").exists());
         assert!(!out.join(MANIFEST_NAME).exists());
         assert_eq!(assert_nothing_partial_is_named(&out, &info), 2);
-        // The file naming the request, and orders.csv's part.
+        // The file naming the request, orders.csv's part, and the lock file, unlocked.
         assert_eq!(
             staged_names(&out),
-            [format!("2{PARTIAL_SUFFIX}").as_str(), OWNER_NAME]
+            [format!("2{PARTIAL_SUFFIX}").as_str(), LOCK_NAME, OWNER_NAME]
         );
 
         // The same command again takes the folder up and finishes it.
@@ -2118,7 +2367,7 @@ mod tests {
         }
         #[cfg(unix)]
         assert_eq!(inode(&staging.join(OWNER_NAME)), before);
-        assert_eq!(staged_names(&out), [OWNER_NAME]);
+        assert_eq!(staged_names(&out), [LOCK_NAME, OWNER_NAME]);
         drop(sink);
         DirSink::check_target(&out, "r-1").unwrap();
 
@@ -2139,7 +2388,7 @@ mod tests {
         killed_after(&info, &chunks, 5, dir_sink(&out, &info));
         std::fs::write(out.join(STAGING_NAME).join(OWNER_TEMP_NAME), b"r-").unwrap();
         let sink = dir_sink(&out, &info);
-        assert_eq!(staged_names(&out), [OWNER_NAME]);
+        assert_eq!(staged_names(&out), [LOCK_NAME, OWNER_NAME]);
         assert_eq!(
             std::fs::read(out.join(STAGING_NAME).join(OWNER_NAME)).unwrap(),
             b"r-1"
@@ -2246,17 +2495,14 @@ mod tests {
         let info = with_real_manifest(info);
         // Something writes into the staging folder as it is removed: removing it fails
         // after the file naming the request is gone.
-        STRAY.with(|s| *s.borrow_mut() = Some("stray"));
+        STRAY.with(|s| *s.borrow_mut() = Some(Stray::File("stray")));
         let mut unpacker = Unpacker::new(&info, dir_sink(&out, &info)).unwrap();
         for c in &chunks {
             unpacker.chunk(c).unwrap();
         }
         let err = unpacker.finish().err().unwrap().to_string();
         assert!(
-            err.contains(&format!(
-                "has {}",
-                out.join(STAGING_NAME).join(OWNER_NAME).display()
-            )) && err.contains("run the same command again"),
+            err.contains("and no manifest.json; run the same command again to finish"),
             "{err}"
         );
         assert!(!out.join(MANIFEST_NAME).exists());
@@ -2289,6 +2535,9 @@ mod tests {
         assert!(finished(&out).contains("can be deleted"));
         std::fs::write(staging.join(OWNER_NAME), b"r-1").unwrap();
         assert!(finished(&out).contains("can be deleted"));
+        // Sizes are checked, not digests: hashing a large package would run unseen.
+        std::fs::write(out.join(&info.files[0].path), b"{\"name\":\"Teemo\"}").unwrap();
+        assert!(finished(&out).contains("of the listed sizes"));
         // Another request's folder, or one whose files no longer match, is not finished.
         assert!(DirSink::check_target(&out, "r-2").is_err_and(|e| !e.contains("finished")));
         std::fs::write(out.join(&info.files[0].path), b"changed").unwrap();
@@ -2323,15 +2572,209 @@ mod tests {
         for c in &chunks {
             unpacker.chunk(c).unwrap();
         }
-        KEEP_FROM.with(|k| *k.borrow_mut() = true);
+        KEEP_FROM.with(|k| *k.borrow_mut() = Some("pkg.zip"));
         let err = unpacker.finish().err().unwrap().to_string();
         assert!(
             err.contains("was not kept: it was removed")
-                && err.contains(&format!("its partial copy {} stays", partial.display())),
+                && err.contains(&format!(
+                    "its partial copy {} stays, and the next run of the same command \
+                     replaces it",
+                    partial.display()
+                )),
             "{err}"
         );
         assert!(!err.contains("was not written"), "{err}");
         assert!(!path.exists());
+        // As said: the partial zip stays a file, with the file naming the request beside
+        // it, and the same command run again replaces it.
+        assert!(std::fs::symlink_metadata(&partial).unwrap().is_file());
+        ZipSink::check_target(&path, "r-1").unwrap();
+        let sink = Box::new(ZipSink::create(&path, "r-1", &Stop::default()).unwrap());
+        let (outcomes, note) = unpack(&info, &chunks, sink);
+        assert_eq!(note, None);
+        assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
+        assert!(path.exists() && !partial.exists());
+    }
+
+    #[test]
+    fn a_second_run_into_the_same_place_is_refused_while_the_first_writes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("pkg");
+        let (info, chunks) = package(FILES, 7);
+        // The first run is writing orders.csv in the staging folder.
+        let mut first = Unpacker::new(&info, dir_sink(&out, &info)).unwrap();
+        for c in &chunks[..5] {
+            first.chunk(c).unwrap();
+        }
+        let staged = out.join(STAGING_NAME).join(format!("2{PARTIAL_SUFFIX}"));
+        let before = std::fs::read(&staged).unwrap();
+        let names = staged_names(&out);
+        // The second passed the checks made before the registry answered.
+        DirSink::check_target(&out, "r-1").unwrap();
+        let leftovers = DirSink::check_leftovers(&out, &info, &Stop::default()).unwrap();
+        let err = DirSink::create(&out, "r-1", leftovers, &Stop::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            err,
+            format!(
+                "another dsrctl download is writing {}; wait for it or use another folder",
+                out.display()
+            )
+        );
+        assert_eq!(staged_names(&out), names);
+        assert_eq!(std::fs::read(&staged).unwrap(), before);
+        for c in &chunks[5..] {
+            first.chunk(c).unwrap();
+        }
+        let (outcomes, note) = first.finish().unwrap();
+        assert_eq!(note, None);
+        assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
+        assert_eq!(assert_nothing_partial_is_named(&out, &info), 3);
+        assert!(!out.join(STAGING_NAME).exists());
+
+        // A zip likewise.
+        let path = tmp.path().join("pkg.zip");
+        let partial = tmp.path().join(".pkg.zip.dsrctl-partial");
+        let sink = Box::new(ZipSink::create(&path, "r-1", &Stop::default()).unwrap());
+        let mut first = Unpacker::new(&info, sink).unwrap();
+        for c in &chunks[..5] {
+            first.chunk(c).unwrap();
+        }
+        let size = std::fs::metadata(&partial).unwrap().len();
+        ZipSink::check_target(&path, "r-1").unwrap();
+        let err = ZipSink::create(&path, "r-1", &Stop::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            err,
+            format!(
+                "another dsrctl download is writing {}; wait for it or use another --zip file",
+                path.display()
+            )
+        );
+        assert_eq!(std::fs::metadata(&partial).unwrap().len(), size);
+        for c in &chunks[5..] {
+            first.chunk(c).unwrap();
+        }
+        let (outcomes, note) = first.finish().unwrap();
+        assert_eq!(note, None);
+        assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
+        let zip = zip::ZipArchive::new(File::open(&path).unwrap()).unwrap();
+        assert_eq!(zip.len(), FILES.len() + 1);
+        // Nothing of the runs stays beside the zip.
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn a_run_taking_the_lock_checks_the_folder_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("pkg");
+        let (info, chunks) = package(FILES, 7);
+        // Checked while the folder was empty; another run finished the download since.
+        DirSink::check_target(&out, "r-1").unwrap();
+        let leftovers = DirSink::check_leftovers(&out, &info, &Stop::default()).unwrap();
+        unpack(&info, &chunks, dir_sink(&out, &info));
+        let err = DirSink::create(&out, "r-1", leftovers, &Stop::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("which appeared while the registry answered"),
+            "{err}"
+        );
+        // What the refused run made is gone again.
+        assert!(!out.join(STAGING_NAME).exists());
+        assert_eq!(std::fs::read(out.join(MANIFEST_NAME)).unwrap(), MANIFEST);
+
+        // A staging folder another request's run took meanwhile is not emptied.
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("pkg");
+        killed_after(&info, &chunks, 5, dir_sink(&out, &info));
+        let leftovers = DirSink::check_leftovers(&out, &info, &Stop::default()).unwrap();
+        std::fs::write(out.join(STAGING_NAME).join(OWNER_NAME), b"r-2").unwrap();
+        let names = staged_names(&out);
+        let err = DirSink::create(&out, "r-1", leftovers, &Stop::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("request \"r-2\""), "{err}");
+        assert_eq!(staged_names(&out), names);
+    }
+
+    #[test]
+    fn a_manifest_named_whose_staged_name_stays_is_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("pkg");
+        let (info, chunks) = package(FILES, 7);
+        let info = with_real_manifest(info);
+        KEEP_FROM.with(|k| *k.borrow_mut() = Some(MANIFEST_NAME));
+        let mut unpacker = Unpacker::new(&info, dir_sink(&out, &info)).unwrap();
+        for c in &chunks {
+            unpacker.chunk(c).unwrap();
+        }
+        let err = unpacker.finish().err().unwrap().to_string();
+        assert!(
+            err.contains("nothing partial was left")
+                && err.contains("and no manifest.json; run the same command again to finish"),
+            "{err}"
+        );
+        assert!(!out.join(MANIFEST_NAME).exists());
+        let (outcomes, note) = unpack(&info, &chunks, dir_sink(&out, &info));
+        assert_eq!(note, None);
+        assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
+        assert!(out.join(MANIFEST_NAME).exists() && !out.join(STAGING_NAME).exists());
+    }
+
+    #[test]
+    fn a_manifest_that_cannot_be_removed_is_said_to_be_there() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("pkg");
+        let (info, chunks) = package(FILES, 7);
+        let info = with_real_manifest(info);
+        STRAY.with(|s| *s.borrow_mut() = Some(Stray::File("stray")));
+        MANIFEST_STAYS.with(|m| *m.borrow_mut() = true);
+        let mut unpacker = Unpacker::new(&info, dir_sink(&out, &info)).unwrap();
+        for c in &chunks {
+            unpacker.chunk(c).unwrap();
+        }
+        let err = unpacker.finish().err().unwrap().to_string();
+        MANIFEST_STAYS.with(|m| *m.borrow_mut() = false);
+        assert!(out.join(MANIFEST_NAME).exists());
+        let next = DirSink::check_target(&out, "r-1").unwrap_err();
+        assert!(
+            err.contains("and manifest.json, though the download failed after writing it")
+                && err.contains(&format!("the same command run again refuses it: {next}")),
+            "{err}"
+        );
+        assert!(!err.contains("no manifest.json"), "{err}");
+    }
+
+    #[test]
+    fn a_staging_folder_left_holding_a_folder_is_said_to_be_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("pkg");
+        let (info, chunks) = package(FILES, 7);
+        let info = with_real_manifest(info);
+        STRAY.with(|s| *s.borrow_mut() = Some(Stray::Folder("stray")));
+        let mut unpacker = Unpacker::new(&info, dir_sink(&out, &info)).unwrap();
+        for c in &chunks {
+            unpacker.chunk(c).unwrap();
+        }
+        let err = unpacker.finish().err().unwrap().to_string();
+        let next = DirSink::check_target(&out, "r-1").unwrap_err();
+        assert!(
+            err.contains("removing the partial files from")
+                && err.contains(&format!("the same command run again refuses it: {next}")),
+            "{err}"
+        );
+        assert!(
+            !err.contains("run the same command again to finish"),
+            "{err}"
+        );
+        assert!(!err.contains("next run"), "{err}");
     }
 
     /// A name taken, even by a dangling symbolic link, is never replaced and the staged file

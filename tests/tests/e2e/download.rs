@@ -925,7 +925,29 @@ async fn download_killed_or_interrupted_names_nothing_partial_and_runs_again() {
         .dsrctl(&pair, &["download", &id, "--out", killed.to_str().unwrap()])
         .spawn()
         .expect("starting dsrctl");
-    until("dsrctl began writing", || killed.exists()).await;
+    // Written once the run holds the folder's lock.
+    let owner = killed.join(".dsrctl-download").join("request");
+    until("dsrctl began writing", || owner.exists()).await;
+    // A second run into the folder meanwhile is refused before it writes anything.
+    let second = dsrctl(
+        &pair,
+        "partner-crm",
+        &["download", &id, "--out", killed.to_str().unwrap()],
+    )
+    .await;
+    second.expect_code(1);
+    assert!(
+        second.stderr.contains(&format!(
+            "another dsrctl download is writing {}; wait for it or use another folder",
+            killed.display()
+        )),
+        "{}",
+        second.stderr
+    );
+    assert_eq!(
+        std::fs::read(&owner).expect("the file naming the request"),
+        id.as_bytes()
+    );
     child.start_kill().expect("SIGKILL");
     child.wait().await.expect("dsrctl ended");
     relay.stop();

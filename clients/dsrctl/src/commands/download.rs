@@ -483,13 +483,12 @@ fn same_package(sent: &PackageInfo, checked: &PackageInfo) -> bool {
 }
 
 /// What to do when the package changed between GetPackage and DownloadPackage, nothing
-/// having been written; `leftovers`, what an earlier run left in the folder.
-fn changed(id: &str, target: &Target, leftovers: Option<&Leftovers>) -> Failure {
+/// having been written; `earlier`, how many files an earlier run left in the folder.
+fn changed(id: &str, target: &Target, earlier: usize) -> Failure {
     let mut message = format!(
         "the package of {id} changed between the registry's two answers, and nothing was \
          written: run the same command again"
     );
-    let earlier = leftovers.map_or(0, Leftovers::count);
     if let (Target::Dir(dir), 1..) = (target, earlier) {
         message.push_str(&format!(
             " (it checks the {earlier} files an earlier run left in {} against the package \
@@ -499,6 +498,43 @@ fn changed(id: &str, target: &Target, leftovers: Option<&Leftovers>) -> Failure 
         ));
     }
     Failure::Package(anyhow!(message))
+}
+
+/// DownloadPackage's manifest, which must be `checked`, the one GetPackage gave; and the rest
+/// of the stream. `earlier`, how many files an earlier run left in the folder, for the
+/// message when the package changed.
+async fn download_manifest<S: Source, F: Future<Output = std::io::Result<()>>>(
+    source: &S,
+    checked: &PackageInfo,
+    target: &Target,
+    earlier: usize,
+    ctrl_c: &mut CtrlC<F>,
+) -> Result<(PackageInfo, Events), Failure> {
+    let id = checked.request_id.as_str();
+    let mut events = source.download(id);
+    let first = tokio::select! {
+        biased;
+        () = ctrl_c.caught() => return Err(interrupted()),
+        event = events.next() => event,
+    };
+    match first {
+        Some(Ok(DownloadEvent::Manifest(info))) if same_package(&info, checked) => {
+            Ok((info, events))
+        }
+        Some(Ok(DownloadEvent::Manifest(_))) => Err(changed(id, target, earlier)),
+        Some(Err(status)) => {
+            // Explaining asks the registry again: Ctrl-C gives the refusal as it came.
+            let plain = status.clone();
+            Err(tokio::select! {
+                biased;
+                () = ctrl_c.caught() => source.broke(plain),
+                failure = source.refused(id, status) => failure,
+            })
+        }
+        Some(Ok(DownloadEvent::Chunk(_))) | None => Err(Failure::Package(anyhow!(
+            "the registry sent no manifest for {id}"
+        ))),
+    }
 }
 
 /// A download's start: the manifest from GetPackage, the destination checked for it (the
@@ -527,52 +563,26 @@ async fn start<S: Source, F: Future<Output = std::io::Result<()>>>(
             checked.request_id
         )));
     }
-    // With parts missing, nothing is checked: DownloadPackage refuses, naming them.
-    let mut leftovers = None;
-    if checked.complete {
-        Unpacker::check_manifest(&checked).map_err(Failure::Package)?;
-        let (target, info, stopping) = (target.clone(), checked.clone(), stop.clone());
-        let (found, caught) =
-            blocking(ctrl_c, stop, move || target.prepare(&info, &stopping)).await;
-        match found {
-            Ok(_) if caught => return Err(interrupted()),
-            Ok(found) => leftovers = Some(found),
-            Err(failure) => return Err(failed_after(failure, caught)),
-        }
-    }
-    let mut events = source.download(id);
-    let first = tokio::select! {
-        biased;
-        () = ctrl_c.caught() => return Err(interrupted()),
-        event = events.next() => event,
-    };
-    let info = match first {
-        Some(Ok(DownloadEvent::Manifest(info))) if same_package(&info, &checked) => info,
-        Some(Ok(DownloadEvent::Manifest(_))) => {
-            return Err(changed(id, target, leftovers.as_ref()))
-        }
-        Some(Err(status)) => {
-            // Explaining asks the registry again: Ctrl-C gives the refusal as it came.
-            let plain = status.clone();
-            return Err(tokio::select! {
-                biased;
-                () = ctrl_c.caught() => source.broke(plain),
-                failure = source.refused(id, status) => failure,
-            });
-        }
-        Some(Ok(DownloadEvent::Chunk(_))) | None => {
-            return Err(Failure::Package(anyhow!(
-                "the registry sent no manifest for {id}"
-            )))
-        }
-    };
-    let Some(leftovers) = leftovers else {
-        // Not complete when GetPackage answered, so nothing was checked.
-        return Err(Failure::Package(anyhow!(
-            "the package of {id} was completed between the registry's two answers, and \
-             nothing was written: run the same command again"
+    if !checked.complete {
+        // Nothing is checked: DownloadPackage refuses, naming the parts missing. A package
+        // completed since is another manifest (refused as changed); the same one, still
+        // incomplete, is nothing to download.
+        let _stream = download_manifest(source, &checked, target, 0, ctrl_c).await?;
+        return Err(Failure::BadAnswer(format!(
+            "the registry sent the package of {id} for download while it is not complete, \
+             and nothing was written"
         )));
+    }
+    Unpacker::check_manifest(&checked).map_err(Failure::Package)?;
+    let (dest, info, stopping) = (target.clone(), checked.clone(), stop.clone());
+    let (found, caught) = blocking(ctrl_c, stop, move || dest.prepare(&info, &stopping)).await;
+    let leftovers = match found {
+        Ok(_) if caught => return Err(interrupted()),
+        Ok(found) => found,
+        Err(failure) => return Err(failed_after(failure, caught)),
     };
+    let (info, events) =
+        download_manifest(source, &checked, target, leftovers.count(), ctrl_c).await?;
     let (dest, opening, stopping) = (target.clone(), info.clone(), stop.clone());
     let (opened, caught) = blocking(ctrl_c, stop, move || {
         dest.open(&opening, leftovers, &stopping)
@@ -763,6 +773,7 @@ mod tests {
         match failure {
             Failure::Usage(m) => m.clone(),
             Failure::Package(e) => format!("{e:#}"),
+            Failure::BadAnswer(m) => format!("bad answer: {m}"),
             _ => "another failure".into(),
         }
     }
@@ -847,6 +858,34 @@ mod tests {
             err.contains("checks the 1 files an earlier run left") && err.contains("new folder"),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn an_incomplete_package_sent_for_download_is_a_bad_answer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("pkg");
+        let mut incomplete = package_info();
+        incomplete.complete = false;
+        let mut stand = Stand::new(&out, incomplete.clone());
+        stand.checked = incomplete;
+        let (result, stderr) = started(&stand, std::future::pending()).await;
+        assert_eq!(
+            result.unwrap_err(),
+            "bad answer: the registry sent the package of r-1 for download while it is not \
+             complete, and nothing was written"
+        );
+        assert_eq!(stderr, "");
+        assert!(!out.exists());
+
+        // Completed between the two answers: another manifest, refused as changed.
+        stand.sent = Ok(package_info());
+        let (result, _) = started(&stand, std::future::pending()).await;
+        let err = result.unwrap_err();
+        assert!(
+            err.contains("changed between the registry's two answers"),
+            "{err}"
+        );
+        assert!(!out.exists());
     }
 
     #[tokio::test]
