@@ -264,10 +264,12 @@ pub struct BulkJob {
     /// holds progress of this erasure: it may have erased part already, so fewer records now
     /// say nothing, and it is not stopped half done).
     pub returned: Option<BulkProgress>,
-    /// When the export whose counts [`BulkJob::returned`] holds started (its first
-    /// [`Phase::Start`] call, by the processor's clock, ms since the epoch; later starts and
-    /// confirmation polls do not move it): what changed at the holder after it was not
-    /// returned. `None` when `returned` is `None` or the start was not recorded.
+    /// When the export whose counts [`BulkJob::returned`] holds started (its last
+    /// [`Phase::Start`] call, by the processor's clock, ms since the epoch; confirmation polls
+    /// do not move it): what changed at the holder after it was not returned. The last start
+    /// is the returned snapshot's because the connectors that read this run their export
+    /// again whole on every start. `None` when `returned` is `None` or the start was not
+    /// recorded.
     pub returned_since_ms: Option<i64>,
 }
 

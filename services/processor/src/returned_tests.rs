@@ -1,9 +1,9 @@
 //! The erasure that follows a return is checked against what the return counted, through
 //! the processor's real store (SQLite, and PostgreSQL when `DSRELAY_TEST_POSTGRES_URL`
 //! names a server) and runner: the counts go with the task when the confirmation releases
-//! the erasure, with when the export's first start call began (later calls do not move it),
-//! every call gets them until one records that it passed the check, a holder holding more
-//! fails the task with its reason, and a DELETE is never checked.
+//! the erasure, with when the export's last start call began (confirmation polls do not
+//! move it), every call gets them until one records that it passed the check, a holder
+//! holding more fails the task with its reason, and a DELETE is never checked.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -380,10 +380,11 @@ async fn the_erasure_gets_the_export_start(database_url: &str, dir: &std::path::
     assert_eq!(task.state, TaskState::Completed, "{task:?}");
 }
 
-/// A second start of the export (a retry after a transient failure) and a confirmation poll
-/// do not move the export's recorded start: a holder answering a repeated job with its first
-/// answer returns the snapshot of the first start, so the erasure is handed that one's time.
-async fn later_export_calls_keep_the_first_start(database_url: &str, dir: &std::path::Path) {
+/// A second start of the export (a retry after a transient failure) moves the export's
+/// recorded start, and the confirmation poll after it does not: the connectors that read it
+/// run the export again whole on every start, so what was returned is the last start's
+/// snapshot, and the erasure is handed that start's time.
+async fn the_erasure_gets_the_last_export_start(database_url: &str, dir: &std::path::Path) {
     let held = BulkProgress {
         subjects_done: 0,
         ..RETURNED
@@ -417,15 +418,17 @@ async fn later_export_calls_keep_the_first_start(database_url: &str, dir: &std::
     );
     let since = holder.since_seen.lock().expect("since").clone();
     let called = holder.called.lock().expect("called").clone();
-    let [(first_now, Some(first_called)), ..] = called[..] else {
+    let [_, (last_now, Some(last_called)), (poll_now, _), _] = called[..] else {
         panic!("{called:?}");
     };
     let [None, None, None, Some(started)] = since[..] else {
         panic!("{since:?}");
     };
+    // The poll comes an hour after the second start, so the two windows do not meet.
+    assert!(last_called < poll_now, "{called:?}");
     assert!(
-        (first_now..=first_called).contains(&started),
-        "{started} not within the first export call's start {first_now}..={first_called} \
+        (last_now..=last_called).contains(&started),
+        "{started} not within the second export start's {last_now}..={last_called} \
          (calls: {called:?})"
     );
     let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
@@ -458,5 +461,5 @@ on_both!(
     more_held_than_returned_fails_the_task,
     a_delete_is_not_checked,
     the_erasure_gets_the_export_start,
-    later_export_calls_keep_the_first_start,
+    the_erasure_gets_the_last_export_start,
 );

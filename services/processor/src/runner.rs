@@ -34,12 +34,12 @@
 //!
 //! The erasure that follows a return is handed what the return counted
 //! ([`BulkJob::returned`], kept with the task by [`Store::record_returned`] when the
-//! confirmation releases it) and when the export's first start call began
+//! confirmation releases it) and when the export's last start call began
 //! ([`BulkJob::returned_since_ms`], written by [`Store::record_export_started`] right before
-//! a [`Phase::Start`] call of the export and kept from the first: a holder answering a
-//! repeated start or a confirmation poll with its first snapshot returns nothing newer),
-//! until a call of it has recorded progress of its own: the connector
-//! checks the holder against them and records that it passed
+//! each [`Phase::Start`] call of the export, not before a confirmation poll: the connectors
+//! that read it run their export again whole on every start, so the snapshot returned is
+//! the last start's; adapters are not sent it), until a call of it has recorded progress of
+//! its own: the connector checks the holder against them and records that it passed
 //! ([`ProgressReporter::record_now`], answered here at once) before it erases anything.
 //!
 //! [`Store::record_returned`]: crate::store::Store::record_returned
@@ -643,9 +643,8 @@ async fn note_call(shared: &Shared, job: &TaskJob, seq: i64) -> Result<(), Lease
     }
 }
 
-/// Records that `job`'s contract end export starts at its holder now, unless an earlier
-/// start was recorded
-/// ([`Store::record_export_started`](crate::store::Store::record_export_started)): the
+/// Records that `job`'s contract end export starts at its holder now, in place of an earlier
+/// start ([`Store::record_export_started`](crate::store::Store::record_export_started)): the
 /// erasure after the return asks the holder what changed since. [`LeaseLost`] when the claim
 /// no longer holds the task or the write failed: the holder is not called, as after a lost
 /// lease, and a later claim runs the export again.

@@ -186,7 +186,8 @@ impl MailchimpConnector {
 fn changed_during_export(list: &str, counts: &str) -> ConnectorError {
     ConnectorError::Transient(format!(
         "mailchimp: audience {list} changed during the export ({counts}): a member left or \
-         arrived, so a page may have skipped one; the export will be run again whole"
+         arrived, so a page may have skipped one; the processor runs the export again, until \
+         the request's due date"
     ))
 }
 

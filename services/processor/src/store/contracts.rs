@@ -410,9 +410,10 @@ impl Store {
 
     /// Records that a start call of `key`'s contract end export begins now (`at`, ms since
     /// the epoch), for the erasure's check ([`dsrelay_connectors::BulkJob::returned_since_ms`]),
-    /// if the task is still at `expected_sequence` under the claim `lease_owner`. The first
-    /// start recorded is kept: a holder may answer a repeated start with its first snapshot,
-    /// and an earlier time only refuses more. False when the task changed.
+    /// if the task is still at `expected_sequence` under the claim `lease_owner`. Each start
+    /// overwrites the one before: the connectors that read the time run their export again
+    /// whole on every start, so the snapshot returned is the last start's, and an earlier
+    /// time would refuse what that run returned. False when the task changed.
     pub async fn record_export_started(
         &self,
         key: &TaskKey,
@@ -421,7 +422,7 @@ impl Store {
         at: i64,
     ) -> Result<bool> {
         let done = sqlx::query(
-            "UPDATE tasks SET export_started_at = COALESCE(export_started_at, $1) \
+            "UPDATE tasks SET export_started_at = $1 \
              WHERE controller = $2 AND request_id = $3 AND subprocessor = $4 \
              AND sequence = $5 AND lease_owner = $6",
         )
@@ -437,7 +438,7 @@ impl Store {
     }
 
     /// What the return of `key`'s task counted ([`Store::record_returned`]), as the export's
-    /// done counts (its totals the same), with when the export's first start call began
+    /// done counts (its totals the same), with when the export's last start call began
     /// ([`Store::record_export_started`], `None` when that was not recorded); `None` when
     /// nothing was returned before its erasure.
     pub async fn returned(&self, key: &TaskKey) -> Result<Option<(BulkProgress, Option<i64>)>> {
