@@ -33,7 +33,7 @@ use crate::app::Shared;
 use crate::auth::Party;
 use crate::error::ApiError;
 use crate::packages::{file_key, manifest, package_key, Appender, MAX_CHUNK};
-use crate::store::{FileBegin, PackageFile, PartOutcome, RequestRow, UploadTarget};
+use crate::store::{FileBegin, FileDrop, PackageFile, PartOutcome, RequestRow, UploadTarget};
 use crate::validate::text_violation;
 
 use super::Api;
@@ -41,10 +41,6 @@ use super::Api;
 /// The most a package's description ([`PackageInfo`]) may take: the message limit less a
 /// margin (see [`Api::ensure_describable`]).
 const MAX_DESCRIPTION_BYTES: usize = MAX_MESSAGE_BYTES - 256 * 1024;
-
-/// The generation of a file that has no row (dropped from its part meanwhile): none matches
-/// it, generations counting up from 0.
-const UNREGISTERED: i64 = -1;
 
 /// Files being uploaded to this registry right now, by store key: two streams appending to
 /// one file would interleave their bytes, so the second is turned away until the first ends,
@@ -199,7 +195,9 @@ impl Api {
                     };
                     return Ok((file, state, None, generation));
                 }
-                FileBegin::Restarted => (0, None, self.drop_stored(&file).await?),
+                FileBegin::Restarted { generation } => {
+                    (0, None, self.drop_registered(&file, generation).await?)
+                }
                 FileBegin::Registered {
                     complete: false,
                     checkpoint,
@@ -215,7 +213,7 @@ impl Api {
             };
         if offset > header.size {
             // More bytes than the header announces cannot be the file: start it again.
-            let generation = self.drop_stored(&file).await?;
+            let generation = self.drop_registered(&file, generation).await?;
             return Ok((file, UploadState::default(), None, generation));
         }
         if offset == 0 {
@@ -238,7 +236,7 @@ impl Api {
                 stored = offset,
                 "a partial file without a checkpoint near its end is dropped and sent again"
             );
-            generation = self.drop_stored(&file).await?;
+            generation = self.drop_registered(&file, generation).await?;
             return Ok((file, UploadState::default(), None, generation));
         };
         if offset == header.size {
@@ -257,16 +255,55 @@ impl Api {
         Ok((file, state, Some(from), generation))
     }
 
-    /// Drops the bytes stored of `file`, then records the drop (a new generation, its
-    /// checkpoint forgotten: [`Store::file_dropped`](crate::store::Store::file_dropped)),
-    /// and answers that generation ([`UNREGISTERED`] when the file has no row). The other
-    /// way round, a crash in between would leave the bytes without their checkpoint (hashed
-    /// again from the first, or dropped if many); this way it leaves a checkpoint without
-    /// bytes, which the next registration forgets.
-    async fn drop_stored(&self, file: &PackageFile) -> Result<i64, ApiError> {
-        self.drop_file(&file_key(file)).await?;
-        let generation = self.shared.store.file_dropped(file).await?;
-        Ok(generation.unwrap_or(UNREGISTERED))
+    /// Drops the bytes stored of `file` if it is still registered under `generation`, not
+    /// stored whole and its part not stored, and answers the new generation; `None` when it
+    /// is not (another call restarted, dropped or stored it since: the bytes are not this
+    /// call's to drop, and nothing is removed). The drop is recorded (a new generation, no
+    /// checkpoint: [`Store::file_dropped`](crate::store::Store::file_dropped)) before the
+    /// bytes are removed, so that no other call records them stored in between. A crash
+    /// between the two leaves the bytes without a checkpoint, which the next registration
+    /// hashes again from the first, or drops if they are many.
+    async fn drop_stored(
+        &self,
+        file: &PackageFile,
+        generation: i64,
+    ) -> Result<Option<i64>, ApiError> {
+        match self.shared.store.file_dropped(file, generation).await? {
+            FileDrop::Expired(at) => Err(expired(&file.request_id, at)),
+            FileDrop::Superseded => Ok(None),
+            FileDrop::Dropped(next) => {
+                self.drop_file(&file_key(file)).await?;
+                Ok(Some(next))
+            }
+        }
+    }
+
+    /// [`Api::drop_stored`] for a registration: one that another call overtook is refused,
+    /// to be asked again.
+    async fn drop_registered(&self, file: &PackageFile, generation: i64) -> Result<i64, ApiError> {
+        self.drop_stored(file, generation).await?.ok_or_else(|| {
+            ApiError::aborted(format!(
+                "file {}: another call registered the file again, dropped or stored it while \
+                 this one registered it; ask again",
+                manifest::path(file)
+            ))
+        })
+    }
+
+    /// The answer for a stream whose file's registration changed before its end: expired
+    /// when the package expired meanwhile (its files deleted), else DATA_LOSS. Nothing of
+    /// the file was dropped by this stream.
+    async fn superseded(&self, file: &PackageFile) -> ApiError {
+        match self.shared.store.package_expired_at(&file.request_id).await {
+            Ok(Some(at)) => expired(&file.request_id, at),
+            Ok(None) => ApiError::data_loss(format!(
+                "file {}: its bytes were received, but another call registered the file again, \
+                 dropped or stored it meanwhile, so they were not recorded stored and nothing \
+                 was dropped; ask GetUploadState and send from the offset it answers",
+                manifest::path(file)
+            )),
+            Err(e) => e.into(),
+        }
     }
 
     /// Registers a file about to be streamed while it is written (`size_follows`): its
@@ -280,22 +317,22 @@ impl Api {
         let file = package_file(processor, header);
         let now = self.shared.clock.now_ms();
         match self.shared.store.begin_file(&file, now).await? {
-            FileBegin::Expired(at) => return Err(expired(&file.request_id, at)),
-            FileBegin::Conflict => {
-                return Err(ApiError::failed_precondition(format!(
-                    "file {} belongs to a part that is stored already",
-                    manifest::path(&file)
-                )))
+            FileBegin::Expired(at) => Err(expired(&file.request_id, at)),
+            FileBegin::Conflict => Err(ApiError::failed_precondition(format!(
+                "file {} belongs to a part that is stored already",
+                manifest::path(&file)
+            ))),
+            FileBegin::Registered { generation, .. } | FileBegin::Restarted { generation } => {
+                let generation = self.drop_registered(&file, generation).await?;
+                Ok((file, UploadState::default(), generation))
             }
-            FileBegin::Registered { .. } | FileBegin::Restarted => {}
         }
-        let generation = self.drop_stored(&file).await?;
-        Ok((file, UploadState::default(), generation))
     }
 
     /// Ends a file streamed while it was written: every byte must be stored, and `end`
     /// must give their number and SHA-256; then the file is stored whole under that size
-    /// and digest. Otherwise the file is dropped, so that the sender starts it again.
+    /// and digest. Otherwise the file is dropped (if still this stream's registration:
+    /// [`Api::drop_stored`]), so that the sender starts it again.
     async fn end_growing(&self, up: &mut FileUpload, end: &FileEnd) -> Result<(), ApiError> {
         let path = manifest::path(&up.file);
         ApiError::ensure_valid(size_and_digest_violations("end", end.size, &end.sha256))?;
@@ -306,7 +343,9 @@ impl Api {
             .map(|h| hex::encode(h.finalize()))
             .unwrap_or_default();
         if end.size != up.state.offset || digest != end.sha256 {
-            self.drop_stored(&up.file).await?;
+            if self.drop_stored(&up.file, up.generation).await?.is_none() {
+                return Err(self.superseded(&up.file).await);
+            }
             return Err(ApiError::data_loss(format!(
                 "file {path}: its end gives {} bytes with SHA-256 {}, but {} bytes with SHA-256 \
                  {digest} were received; they were dropped, send the file again",
@@ -316,7 +355,8 @@ impl Api {
         if end.size == 0 {
             self.store_empty(&up.file).await?;
         }
-        self.ensure_stored_whole(&up.file, end.size).await?;
+        self.ensure_stored_whole(&up.file, up.generation, end.size)
+            .await?;
         let mut file = up.file.clone();
         file.size = i64::try_from(end.size).unwrap_or(i64::MAX);
         file.sha256.clone_from(&end.sha256);
@@ -347,11 +387,12 @@ impl Api {
     }
 
     /// Checks a file whose every byte is stored (and durable) against its SHA-256: a match
-    /// marks it stored; a mismatch drops it, so the sender starts it again. `digest` is the
-    /// SHA-256 of the stored bytes, hashed as they streamed and, for an upload that resumed,
-    /// taken up from the file's checkpoint (the bytes stored past it read again): never by
-    /// reading the whole file again. Only while `file` is registered under `generation`: a
-    /// file restarted or dropped since holds another registration's bytes.
+    /// marks it stored; a mismatch drops it ([`Api::drop_stored`]), so the sender starts it
+    /// again. `digest` is the SHA-256 of the stored bytes, hashed as they streamed and, for
+    /// an upload that resumed, taken up from the file's checkpoint (the bytes stored past it
+    /// read again): never by reading the whole file again. Only while `file` is registered
+    /// under `generation`: a file restarted or dropped since holds another registration's
+    /// bytes, which are neither recorded stored nor dropped.
     async fn finish(
         &self,
         file: &PackageFile,
@@ -362,7 +403,9 @@ impl Api {
             self.store_empty(file).await?;
         }
         if digest != file.sha256 {
-            self.drop_stored(file).await?;
+            if self.drop_stored(file, generation).await?.is_none() {
+                return Err(self.superseded(file).await);
+            }
             return Err(ApiError::data_loss(format!(
                 "file {}: the {} bytes received have SHA-256 {digest}, not {} as the header \
                  says; they were dropped, send the file again",
@@ -371,7 +414,7 @@ impl Api {
                 file.sha256
             )));
         }
-        self.ensure_stored_whole(file, u64::try_from(file.size).unwrap_or(0))
+        self.ensure_stored_whole(file, generation, u64::try_from(file.size).unwrap_or(0))
             .await?;
         if !self
             .shared
@@ -379,12 +422,7 @@ impl Api {
             .file_stored(file, generation, self.shared.clock.now_ms())
             .await?
         {
-            return Err(ApiError::data_loss(format!(
-                "file {}: its bytes were received, but another call registered the file again \
-                 or dropped it meanwhile, so they were not recorded stored; ask GetUploadState \
-                 and send from the offset it answers",
-                manifest::path(file)
-            )));
+            return Err(self.superseded(file).await);
         }
         Ok(UploadState {
             offset: u64::try_from(file.size).unwrap_or(0),
@@ -395,8 +433,14 @@ impl Api {
     /// Refuses to record `file` stored unless the store holds its `size` bytes: `digest`
     /// was hashed from what a stream counted, and a call it was not kept apart from (on
     /// another replica) may have dropped or restarted the file since, leaving those bytes
-    /// unlinked or at other offsets. The file is then dropped, to be sent again.
-    async fn ensure_stored_whole(&self, file: &PackageFile, size: u64) -> Result<(), ApiError> {
+    /// unlinked or at other offsets. The file is then dropped, to be sent again, unless it
+    /// is no longer this registration's ([`Api::drop_stored`]).
+    async fn ensure_stored_whole(
+        &self,
+        file: &PackageFile,
+        generation: i64,
+        size: u64,
+    ) -> Result<(), ApiError> {
         let stored = self
             .shared
             .packages
@@ -407,7 +451,9 @@ impl Api {
         if stored == size {
             return Ok(());
         }
-        self.drop_stored(file).await?;
+        if self.drop_stored(file, generation).await?.is_none() {
+            return Err(self.superseded(file).await);
+        }
         Err(ApiError::data_loss(format!(
             "file {}: {size} bytes were received, but the store holds {stored} (another call \
              dropped or restarted the file meanwhile); it was dropped, send the file again",
@@ -1126,8 +1172,8 @@ struct FileUpload {
     checkpointed: u64,
     /// Streamed while it is written: its size and digest come at the end.
     growing: bool,
-    /// The generation of the file's registration this stream counts from: its checkpoints
-    /// and its end are recorded only while the file still has it.
+    /// The generation of the file's registration this stream counts from: its checkpoints,
+    /// its end and its drops of the file are recorded only while the file still has it.
     generation: i64,
 }
 

@@ -68,7 +68,7 @@ pub use contracts::{ContractChange, ContractRow};
 pub use forget::ForgetPosition;
 pub use intake::{Inserted, Intaken, NewContract, NewRequest};
 pub use outbox::{DeadLetterCursor, DeadLetteredRow, FailureRecorded, RequeueOutcome};
-pub use packages::{FileBegin, PackageFile, PackageRecord, PartOutcome, UploadTarget};
+pub use packages::{FileBegin, FileDrop, PackageFile, PackageRecord, PartOutcome, UploadTarget};
 pub use queries::ListFilter;
 pub use requests::CancelOutcome;
 pub use rows::{

@@ -53,6 +53,18 @@ pub enum UploadTarget {
     Kind(i32),
 }
 
+/// What [`Store::file_dropped`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FileDrop {
+    /// The drop is recorded, under this new generation: the bytes may go.
+    Dropped(i64),
+    /// The package expired at this time (its files are deleted): nothing recorded.
+    Expired(i64),
+    /// The file was restarted, dropped or stored whole since, or its part stored: nothing
+    /// recorded, and the bytes stored are not the caller's to drop.
+    Superseded,
+}
+
 /// What registering a file header found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum FileBegin {
@@ -74,7 +86,11 @@ pub enum FileBegin {
     /// stored yet: the new header replaces it, and the bytes stored so far belong to the old
     /// one. (A file stored whole is replaced too: the processor exported again, after a
     /// crash or a retry, before it declared the part.)
-    Restarted,
+    Restarted {
+        /// The new registration's generation, which its drop of the old bytes requires
+        /// ([`Store::file_dropped`]).
+        generation: i64,
+    },
     /// The file's part is stored, and this file is not one of it as declared (another name,
     /// or other content).
     Conflict,
@@ -295,11 +311,11 @@ impl Store {
                 }
             }
             Some(_) => {
-                sqlx::query(
+                let generation: i64 = sqlx::query_scalar(
                     "UPDATE package_files SET media_type = $1, categories = $2, size = $3, \
                      sha256 = $4, stored_at = NULL, generation = generation + 1 \
                      WHERE request_id = $5 AND processor = $6 AND subprocessor = $7 \
-                     AND name = $8",
+                     AND name = $8 RETURNING generation",
                 )
                 .bind(&f.media_type)
                 .bind(&f.categories)
@@ -309,9 +325,9 @@ impl Store {
                 .bind(&f.processor)
                 .bind(&f.subprocessor)
                 .bind(&f.name)
-                .execute(tx.conn())
+                .fetch_one(tx.conn())
                 .await?;
-                FileBegin::Restarted
+                FileBegin::Restarted { generation }
             }
         };
         tx.commit().await?;
@@ -405,24 +421,49 @@ impl Store {
         .await?)
     }
 
-    /// Records that the bytes of `f` were dropped: a new generation, no checkpoint, not
-    /// stored whole, so that no stream registered before records anything for the bytes
-    /// written after. Answers the new generation (`None` when `f` is not registered). Run
-    /// after the bytes are removed: a stream's checkpoint or completion recorded in between
-    /// is undone here, and a crash in between leaves a checkpoint without bytes, which the
-    /// next registration forgets.
-    pub async fn file_dropped(&self, f: &PackageFile) -> Result<Option<i64>> {
-        Ok(sqlx::query_scalar(
+    /// Records that the bytes of `f` are about to be dropped, if `f` is still registered
+    /// under `expected_generation`, not stored whole, and its part not stored: a new
+    /// generation, no checkpoint, so that no stream registered before records anything for
+    /// the bytes written after. The caller removes the bytes only on [`FileDrop::Dropped`]:
+    /// otherwise they are another registration's (or a stored part's). The package row is
+    /// locked, as [`Store::begin_file`] and [`Store::complete_part`] lock it, so that a
+    /// restart or a completion of the part does not pass between the check and the bump.
+    pub async fn file_dropped(
+        &self,
+        f: &PackageFile,
+        expected_generation: i64,
+    ) -> Result<FileDrop> {
+        let mut tx = self.begin().await?;
+        let expired: Option<Option<i64>> = sqlx::query_scalar(&format!(
+            "SELECT expired_at FROM packages WHERE request_id = $1{}",
+            tx.backend.lock_rows()
+        ))
+        .bind(&f.request_id)
+        .fetch_optional(tx.conn())
+        .await?;
+        if let Some(Some(at)) = expired {
+            tx.rollback().await?;
+            return Ok(FileDrop::Expired(at));
+        }
+        let generation: Option<i64> = sqlx::query_scalar(
             "UPDATE package_files SET generation = generation + 1, checkpoint_bytes = NULL, \
-             checkpoint_state = NULL, stored_at = NULL WHERE request_id = $1 \
-             AND processor = $2 AND subprocessor = $3 AND name = $4 RETURNING generation",
+             checkpoint_state = NULL WHERE request_id = $1 AND processor = $2 \
+             AND subprocessor = $3 AND name = $4 AND generation = $5 AND stored_at IS NULL \
+             AND NOT EXISTS (SELECT 1 FROM package_parts WHERE request_id = $6 \
+             AND processor = $7 AND subprocessor = $8) RETURNING generation",
         )
         .bind(&f.request_id)
         .bind(&f.processor)
         .bind(&f.subprocessor)
         .bind(&f.name)
-        .fetch_optional(&self.db.pool)
-        .await?)
+        .bind(expected_generation)
+        .bind(&f.request_id)
+        .bind(&f.processor)
+        .bind(&f.subprocessor)
+        .fetch_optional(tx.conn())
+        .await?;
+        tx.commit().await?;
+        Ok(generation.map_or(FileDrop::Superseded, FileDrop::Dropped))
     }
 
     /// Forgets the checkpoint of `f`, whose bytes are about to be written anew from the
