@@ -934,7 +934,7 @@ async fn contract_end_erases_nothing_that_arrived_after_the_return() {
     );
     for said in [
         "1 record(s) (1 subject(s)) of controller",
-        "arrived after the contract end's export and were never returned",
+        "are not among the rows the contract end's export returned",
         "nothing was erased there",
         "the controller ends the contract again with RETURN_THEN_DELETE",
     ] {

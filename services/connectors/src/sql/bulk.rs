@@ -16,8 +16,8 @@
 
 use super::execute::{classify, ExportJob, ReadTx};
 use super::plan::{
-    plan_export, plan_record_returned, plan_table_erasure, quote, subject_filter, Batch, Binds,
-    ReturnedKeys, Scope, Statement,
+    anonymize_pending, plan_export, plan_record_marker, plan_record_returned, plan_table_erasure,
+    quote, subject_filter, Batch, Binds, ReturnedKeys, Scope, Statement,
 };
 use super::retention::{day_of, parse_iso_date, DAY_MS};
 use super::rules::{Action, Retention, TableRule};
@@ -171,27 +171,48 @@ impl Scoped<'_> {
             let select = plan_export(self.config, &rule, self.everything());
             exported.push((rule, select));
         }
-        // The keys of what it returns, for the erasure after the return (only a connector
-        // that erases has one), recorded anew: an export is run again whole.
+        // The keys of what the erasure after the return would take (only a connector that
+        // erases has one), recorded anew: an export is run again whole. A table the erasure
+        // touches whose rows have no key (a view) leaves the whole job to the totals check.
         let mut writes = Vec::new();
+        let mut note = None;
         if self.config.supports(RequestKind::ContractEnd) {
-            let keys_table = self.config.returned_table();
-            let returned = ReturnedKeys {
-                table: &keys_table,
-                job: &job.job_id,
-            };
-            writes.push(self.forget_statement(returned));
-            writes.extend(
-                tables.iter().filter_map(|t| {
+            let erased: Vec<&TableRule> = (tables.iter().copied())
+                .filter(|t| t.action != Action::Keep)
+                .collect();
+            let unkeyed: Vec<&str> = (erased.iter())
+                .filter(|t| self.types.row_key(&t.table).is_none())
+                .map(|t| t.table.as_str())
+                .collect();
+            if unkeyed.is_empty() {
+                let keys_table = self.config.returned_table();
+                super::receipt::ensure_returned_table(self.db, &keys_table)
+                    .await
+                    .map_err(|e| ConnectorError::Permanent(format!("{e:#}")))?;
+                let returned = ReturnedKeys {
+                    table: &keys_table,
+                    job: &job.job_id,
+                };
+                writes.push(self.forget_statement(returned));
+                writes.push(plan_record_marker(returned));
+                writes.extend((erased.iter()).filter_map(|t| {
                     plan_record_returned(self.config, t, self.everything(), returned)
-                }),
-            );
+                }));
+            } else {
+                note = Some(format!(
+                    "the keys of the returned rows were not recorded: {} has no primary key \
+                     and no rowid or ctid (a view?), so its rows cannot be told apart and the \
+                     erasure after the return compares totals only",
+                    unkeyed.join(", ")
+                ));
+            }
         }
         let export = BulkExport {
             // The counts read no export columns, so the configured rules serve.
             totals,
             tables: exported,
             progress: job.progress.clone(),
+            note,
         };
         self.read_export(sink, writes, export).await
     }
@@ -228,18 +249,33 @@ impl Scoped<'_> {
              AS recorded",
             quote(keys_table)
         );
-        let found: i64 = sqlx::query_scalar(&probe)
+        let doing = "looking up what the contract end's export returned";
+        let found: i64 = match sqlx::query_scalar(&probe)
             .bind(export)
             .fetch_one(&self.db.pool)
             .await
-            .map_err(|e| classify("looking up what the contract end's export returned", &e))?;
+        {
+            Ok(found) => found,
+            Err(e) => {
+                // The table is created by the first contract end's export: none has run.
+                let exists: i64 = sqlx::query_scalar(self.db.backend.table_exists())
+                    .bind(keys_table)
+                    .fetch_one(&self.db.pool)
+                    .await
+                    .map_err(|e| classify(doing, &e))?;
+                if exists == 0 {
+                    return Ok(None);
+                }
+                return Err(classify(doing, &e));
+            }
+        };
         Ok((found > 0).then_some(export))
     }
 
     /// Erases every row of the controller that no obligation keeps, a batch of top-level
     /// rows per transaction; then reports what is kept and until when. After a return whose
-    /// export recorded its rows, only those: the recorded keys are dropped once the step
-    /// ends, except on a transient error, whose retry needs them.
+    /// export recorded its rows, only those: once the step ends other than transiently, the
+    /// keys of the rows it erased are dropped ([`Self::forget_gone`]).
     async fn bulk_erase(
         &self,
         job: &BulkJob,
@@ -257,16 +293,52 @@ impl Scoped<'_> {
             .erase_batches(job, batch_subjects, Some(returned))
             .await;
         if !out.as_ref().is_err_and(ConnectorError::is_transient) {
-            let forget = self.forget_statement(returned);
-            if let Err(e) = forget.query().execute(&self.db.pool).await {
-                // Harmless but for the space: no later erasure follows that export.
+            if let Err(e) = self.forget_gone(returned).await {
+                // Kept, they still bound a repeated call; only a row given a gone row's key
+                // again would read as returned.
                 tracing::warn!(
                     error = %e,
-                    "sql bulk: the keys the contract end's export returned were not deleted"
+                    "sql bulk: the keys of returned rows since erased were not deleted"
                 );
             }
         }
         out
+    }
+
+    /// Deletes the keys `returned` records of rows no longer held (erased), keeping the
+    /// job's mark and the keys of the rows still held (kept under an obligation, left as
+    /// arrivals' parents, anonymized): what a repeated call of the erasure may still find
+    /// returned.
+    async fn forget_gone(&self, returned: ReturnedKeys<'_>) -> Result<(), ConnectorError> {
+        let r = quote(returned.table);
+        for rule in self
+            .config
+            .tables
+            .iter()
+            .filter(|t| t.action != Action::Keep)
+        {
+            let Some(key) = self.types.row_key(&rule.table) else {
+                continue;
+            };
+            let t = quote(&rule.table);
+            let mut b = Binds::default();
+            let (job, table) = (b.add(returned.job), b.add(rule.table.as_str()));
+            // SQLite reads an uncorrelated IN once into a temporary index; PostgreSQL turns
+            // NOT EXISTS into one anti-join.
+            let gone = match self.db.backend {
+                Backend::Sqlite => {
+                    format!("{r}.k NOT IN (SELECT {key} FROM {t} WHERE {key} IS NOT NULL)")
+                }
+                Backend::Postgres => format!("NOT EXISTS (SELECT 1 FROM {t} WHERE {key} = {r}.k)"),
+            };
+            let forget = b.finish(format!(
+                "DELETE FROM {r} WHERE {r}.job = {job} AND {r}.tbl = {table} AND {gone}"
+            ));
+            forget.query().execute(&self.db.pool).await.map_err(|e| {
+                classify(&format!("forgetting the erased rows of {}", rule.table), &e)
+            })?;
+        }
+        Ok(())
     }
 
     /// [`Self::bulk_erase`], confined to the rows `returned` records when given.
@@ -424,15 +496,14 @@ impl Scoped<'_> {
             .map(|c| format!("{}: {} {}", c.target, c.action, c.count))
             .collect::<Vec<_>>()
             .join(", ");
-        if let Some(keys) = returned {
-            let arrived = self
-                .arrived_meanwhile(&erased_tables, keys, job.now_ms)
-                .await?;
-            if !arrived.is_empty() {
-                return Err(self.arrived_during(&arrived, &job.controller, &done));
+        let arrived = match returned {
+            Some(keys) => {
+                self.arrived_meanwhile(&erased_tables, keys, job.now_ms)
+                    .await?
             }
-        }
-        notes.push(done);
+            None => Vec::new(),
+        };
+        notes.push(done.clone());
         // A resumed erasure needs no other care: it erases what a cut-off call left, and the
         // rows that call erased no longer match, so it cannot fail or conclude wrongly on
         // them. Its counts are its own, though, which the certificate must not pass off as
@@ -446,6 +517,7 @@ impl Scoped<'_> {
         }
 
         // What is kept, over all of the controller's rows now that the batches are done.
+        let kept_from = notes.len();
         let mut tx = self.begin().await?;
         let mut bases: Vec<&str> = Vec::new();
         let mut next_release: Option<i64> = None;
@@ -525,6 +597,13 @@ impl Scoped<'_> {
         tx.commit()
             .await
             .map_err(|e| classify("finishing the erasure", &e))?;
+        if !arrived.is_empty() {
+            let kept = match notes[kept_from..].join("; ") {
+                k if k.is_empty() => "nothing".to_string(),
+                k => k,
+            };
+            return Err(self.arrived_during(&arrived, &job.controller, &done, &kept));
+        }
         // Every row was handled: erased, or kept under an obligation.
         job.progress.report(finished(progress));
         let note = notes.join("; ");
@@ -733,10 +812,10 @@ impl Scoped<'_> {
 }
 
 impl Scoped<'_> {
-    /// The rows of each table the export returns ([`Self::returned_totals`]) that it did
-    /// not record, `keep` ones with `export` columns among them: those that arrived since.
-    /// Only tables with such rows, each with whether it is a top-level one (its rows are
-    /// subjects).
+    /// The rows of each table the erasure deletes or anonymizes that the export did not
+    /// record (an anonymized table's only while not yet anonymized, which its erasure would
+    /// still take): those not among the rows it returned. A `keep` table is not looked at:
+    /// nothing erases a row added there. Only tables with such rows.
     async fn unrecorded(
         &self,
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
@@ -747,12 +826,21 @@ impl Scoped<'_> {
             ..self.everything()
         };
         let mut arrived = Vec::new();
-        for rule in self.returned_totals().0 {
+        for rule in self
+            .config
+            .tables
+            .iter()
+            .filter(|t| t.action != Action::Keep)
+        {
             let mut b = Binds::default();
             let filter = subject_filter(self.config, rule, scope, &mut b).unwrap_or_default();
             let recorded = scope.recorded(&rule.table, &mut b).unwrap_or_default();
+            let pending = anonymize_pending(rule, &mut b)
+                .map(|p| format!(" AND {p}"))
+                .unwrap_or_default();
             let count = b.finish(format!(
-                "SELECT CAST(COUNT(*) AS BIGINT) FROM {} WHERE {filter} AND NOT ({recorded})",
+                "SELECT CAST(COUNT(*) AS BIGINT) FROM {} WHERE {filter} \
+                 AND NOT ({recorded}){pending}",
                 quote(&rule.table)
             ));
             let doing = format!(
@@ -816,24 +904,32 @@ impl Scoped<'_> {
         let (records, subjects, list) = Arrived::sum(arrived);
         ConnectorError::Permanent(format!(
             "{}: {records} record(s) ({subjects} subject(s)) of controller {controller} \
-             arrived after the contract end's export and were never returned ({list}); \
-             nothing was erased there. To have them returned before they are deleted, the \
-             controller ends the contract again with RETURN_THEN_DELETE; ending it with \
-             DELETE erases them without a return",
+             are not among the rows the contract end's export returned (added, or updated in \
+             a table keyed by ctid, or renumbered) ({list}); nothing was erased there. To \
+             have them returned before they are deleted, the controller ends the contract \
+             again with RETURN_THEN_DELETE; ending it with DELETE erases them without a \
+             return",
             self.returned_holder()
         ))
     }
 
     /// The end of an erasure after a return that left rows which arrived while it ran.
-    fn arrived_during(&self, arrived: &[Arrived], controller: &str, done: &str) -> ConnectorError {
+    fn arrived_during(
+        &self,
+        arrived: &[Arrived],
+        controller: &str,
+        done: &str,
+        kept: &str,
+    ) -> ConnectorError {
         let (records, subjects, list) = Arrived::sum(arrived);
         ConnectorError::Permanent(format!(
             "{}: {records} record(s) ({subjects} subject(s)) of controller {controller} \
              arrived while the contract end's erasure ran ({list}); they are still held, \
              never returned, and the erasure left them as they are, with the rows they \
-             belong to. It erased the rest of what was returned ({done}). To have them \
-             returned before they are deleted, the controller ends the contract again with \
-             RETURN_THEN_DELETE; ending it with DELETE erases them without a return",
+             belong to. Of the rest of what was returned it did: {done}; and kept: {kept}. \
+             To have them returned before they are deleted, the controller ends the contract \
+             again with RETURN_THEN_DELETE; ending it with DELETE erases them without a \
+             return",
             self.returned_holder()
         ))
     }
@@ -948,6 +1044,8 @@ struct BulkExport {
     totals: Totals,
     tables: Vec<(TableRule, Option<Statement>)>,
     progress: ProgressReporter,
+    /// Why the keys of the returned rows were not recorded, when they were not.
+    note: Option<String>,
 }
 
 impl ExportJob for BulkExport {
@@ -993,6 +1091,7 @@ impl ExportJob for BulkExport {
         if self.tables.is_empty() {
             notes.push("no table has export columns".into());
         }
+        notes.extend(self.note);
         Ok(Outcome::Completed {
             records_affected: i64::try_from(total).unwrap_or(i64::MAX),
             note: notes.join("; "),

@@ -6,12 +6,12 @@
 //! woke the parked thread, and waking, parking and copying each row into sqlx's `AnyRow`
 //! cost more than reading and encoding it (docs/benchmarks.md, session 16). Writes and the
 //! reads that decide them stay on sqlx: this reads, on a connection that refuses writes,
-//! except for a contract end's record of the rows it returns, written first in the
-//! transaction of its reads.
+//! except for a contract end's record of the rows it returns (see [`read`]).
 //!
 //! The read is one transaction, as through sqlx: every table of an export comes from the same
 //! snapshot, which WAL gives a reader without blocking the connector's writer. A contract
-//! end's export, which writes its record, holds the write lock until it has read.
+//! end's export records the keys of its rows in a TEMP table in that transaction, and
+//! copies them into the file's table in a short write transaction once it has read.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,12 +47,17 @@ impl Drop for Abandon {
 }
 
 /// Runs `work` in a read transaction on `path`, on the blocking pool; `work` may block on the
-/// runtime (`Handle::current().block_on`) for the export writer. `writes` run first in the
-/// transaction, which then takes the write lock at its start; without them the connection
-/// refuses writes. The transaction commits (a read-only one has nothing to) when `work`
-/// returns; when either fails, it is rolled back as the connection closes.
+/// runtime (`Handle::current().block_on`) for the export writer. `writes` (a contract end's
+/// record of the rows it returns, which names the table of the keys `keys_table`) run first
+/// in the transaction, into a TEMP table of that name, which hides the database's own on
+/// this connection: a TEMP table is a database of its own, so writing it takes no lock on
+/// the holder's file and the transaction stays a read of one snapshot, which WAL gives
+/// without blocking the holder's writers. Once `work` is done, one short write transaction
+/// replaces the job's keys in the file's table with them. Without `writes` the connection
+/// refuses writes. When either fails, it is rolled back as the connection closes.
 pub(super) async fn read<T, W>(
     path: &Path,
+    keys_table: &str,
     writes: Vec<Statement>,
     work: W,
 ) -> Result<T, ConnectorError>
@@ -61,6 +66,7 @@ where
     W: FnOnce(&mut Reading) -> Result<T, ConnectorError> + Send + 'static,
 {
     let path: PathBuf = path.to_owned();
+    let keys = super::plan::quote(keys_table);
     let abandoned = Arc::new(AtomicBool::new(false));
     let guard = Abandon(abandoned.clone());
     let done = tokio::task::spawn_blocking(move || {
@@ -68,28 +74,45 @@ where
             conn: open(&path, writes.is_empty())?,
             abandoned,
         };
-        // Taken at once, so that waiting for another writer is the busy timeout's, not a
-        // read snapshot that cannot become a write.
-        let begin = match writes.is_empty() {
-            true => "BEGIN",
-            false => "BEGIN IMMEDIATE",
-        };
         reading
             .conn
-            .execute_batch(begin)
+            .execute_batch("BEGIN")
             .map_err(|e| classify("starting the export's read", &e))?;
-        for write in &writes {
+        if !writes.is_empty() {
+            let create = format!(
+                "CREATE TEMP TABLE {keys} (job TEXT NOT NULL, tbl TEXT NOT NULL, \
+                 k TEXT NOT NULL, PRIMARY KEY (job, tbl, k))"
+            );
             let doing = "recording what the export returns";
             reading
-                .prepare(write, doing)?
-                .raw_execute()
+                .conn
+                .execute_batch(&create)
                 .map_err(|e| classify(doing, &e))?;
+            for write in &writes {
+                reading
+                    .prepare(write, doing)?
+                    .raw_execute()
+                    .map_err(|e| classify(doing, &e))?;
+            }
         }
         let out = work(&mut reading)?;
         reading
             .conn
             .execute_batch("COMMIT")
             .map_err(|e| classify("finishing the export", &e))?;
+        if !writes.is_empty() {
+            // The connector's own table only: the holder's writers wait for this alone.
+            let store = format!(
+                "BEGIN IMMEDIATE; \
+                 DELETE FROM main.{keys} WHERE job IN (SELECT job FROM temp.{keys}); \
+                 INSERT INTO main.{keys} (job, tbl, k) SELECT job, tbl, k FROM temp.{keys}; \
+                 COMMIT"
+            );
+            reading
+                .conn
+                .execute_batch(&store)
+                .map_err(|e| classify("storing what the export returned", &e))?;
+        }
         Ok(out)
     })
     .await;

@@ -378,10 +378,9 @@ impl<'a> Scoped<'a> {
     ///
     /// `writes` (a contract end's record of the rows it returns, [`plan_record_returned`])
     /// run first in the same transaction, so that they see the snapshot the reads see: on
-    /// PostgreSQL it is then REPEATABLE READ READ WRITE, on SQLite it takes the database's
-    /// write lock at its start (`BEGIN IMMEDIATE`) and holds it until the export is read,
-    /// so that other writers wait for it (as long as their busy timeout, 5 s here, then
-    /// fail and are retried).
+    /// PostgreSQL it is then REPEATABLE READ READ WRITE; a SQLite file's export writes them
+    /// into a TEMP table, which takes no lock on the file, and copies them into the file's
+    /// table in a short write transaction after the read ([`super::direct::read`]).
     ///
     /// [`plan_record_returned`]: super::plan::plan_record_returned
     pub(super) async fn read_export<J: ExportJob>(
@@ -393,7 +392,8 @@ impl<'a> Scoped<'a> {
         match &self.db.sqlite_file {
             Some(path) => {
                 let sink = sink.clone();
-                super::direct::read(path, writes, move |reading| {
+                let keys_table = self.config.returned_table();
+                super::direct::read(path, &keys_table, writes, move |reading| {
                     let handle = tokio::runtime::Handle::current();
                     handle.block_on(job.run(reading, &sink))
                 })

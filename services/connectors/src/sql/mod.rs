@@ -126,12 +126,16 @@
 //!   the reads are one transaction, one snapshot (REPEATABLE READ on PostgreSQL);
 //!   subjects are the rows of the returned top-level tables, and the step's done counts are
 //!   the rows it wrote. A connector that erases also records, first in that transaction,
-//!   the key of every row it writes (its primary key as text, see below) under the step's
-//!   job id, in its table beside the receipts (`<receipts_table>_returned`), after deleting
+//!   the key of every row it writes of the tables its erasure deletes or anonymizes (its
+//!   primary key as text, see below) and a mark of the job (even for no rows), under the
+//!   step's job id, in its table beside the receipts (`<receipts_table>_returned`, created
+//!   by the first such export, which fails saying what to grant when it cannot), replacing
 //!   what an earlier run of the step recorded. On PostgreSQL the transaction is then READ
-//!   WRITE; on SQLite it takes the write lock at its start and holds it until the export is
-//!   read, so other writers of the database wait meanwhile (up to their busy timeout, then
-//!   fail and are retried).
+//!   WRITE; a SQLite file's export writes the keys into a TEMP table, which takes no lock on
+//!   the file, and copies them into the file's table in a short write transaction after the
+//!   read. When such a table has no key (a view: no primary key, no `rowid` or `ctid`),
+//!   nothing is recorded, the export's note says why, and the erasure after it compares
+//!   totals.
 //! - Erase: each top-level table with the tables found through it, in batches of about
 //!   10,000 of its rows (more where rows share a batch key, and the last batch also takes
 //!   the rows without one; ranges of the column the children link to, or of a match column
@@ -158,25 +162,32 @@
 //!   date (`2024-02-31`) is found when the batches are done, and stops the step then.
 //! - Erase after a return ([`crate::BulkJob::returned`]), whose job id is the export's plus
 //!   `#erase`: when the export recorded its rows' keys, the step checks and erases rows,
-//!   not totals. Its first call counts, per table the export returns (`keep` ones with
-//!   `export` columns included; a table it does not return is not looked at), the
-//!   controller's rows whose key was not recorded: any stops the step with a permanent
-//!   error naming how many per table, before anything is erased. Every call (a resumed one
+//!   not totals. Its first call counts, per table the erasure deletes or anonymizes (a
+//!   `keep` table is not looked at: nothing erases a row added there), the controller's
+//!   rows whose key was not recorded (in an anonymized table, those not yet anonymized):
+//!   any stops the step with a permanent error naming how many per table, before anything
+//!   is erased. Every call (a resumed one
 //!   too) confines each statement of the batches to recorded rows (a correlated `EXISTS` on
 //!   the keys' primary key), and leaves a top-level row as it is while a child row of it
 //!   that was not recorded is there, so that a row arriving while the batches run is
 //!   neither erased nor anonymized, nor orphaned. After the batches, rows the erasure would
 //!   have taken but for that confinement (arrivals) stop the step with a permanent error
-//!   saying how many, where, and what was erased. The keys are deleted when the step ends
-//!   (COMPLETED, RETAINED or a permanent error; a transient error keeps them for the
-//!   retry). Limits: a row changed, not added, after the export keeps its key and is
-//!   erased in its new form; a row whose key is NULL (SQLite allows one in a primary key
-//!   other than INTEGER PRIMARY KEY) is never recorded, so it stops the erasure as an
-//!   arrival; a table without a primary key is keyed by SQLite's `rowid`, which VACUUM may
-//!   renumber (there is no INTEGER PRIMARY KEY), or PostgreSQL's `ctid`, which changes when
-//!   the row is updated, so that such a row counts as an arrival (the safe side); and a
-//!   child inserted while its parent's batch deletes the parent can still be taken by an
-//!   `ON DELETE CASCADE` (or fail the batch on another foreign key). Without recorded keys
+//!   saying how many, where, what was erased and what was kept. When the step ends other
+//!   than transiently, the keys of the rows it erased are deleted; the job's mark and the
+//!   keys of returned rows still held (kept under an obligation, anonymized, left) stay, so
+//!   that a call repeated after the end (the processor lost the answer) is bounded as the
+//!   first was. A child row the erasure anonymized is never taken for an arrival under its
+//!   parent, though on PostgreSQL a table keyed by `ctid` gives it a new key. Limits: a row
+//!   changed, not added, after the export keeps its key and is erased in its new form; a
+//!   row whose key is NULL (SQLite allows one in a primary key other than INTEGER PRIMARY
+//!   KEY) is never recorded, so it stops the erasure as an arrival; a key used again makes
+//!   a new row read as the returned one it replaced, which is then erased unreturned
+//!   (SQLite's INTEGER PRIMARY KEY without AUTOINCREMENT after the highest row was deleted,
+//!   a natural key given again, a `rowid` or `ctid` freed and reused, VACUUM renumbering
+//!   the `rowid`s of a table without an INTEGER PRIMARY KEY); an update gives a row keyed
+//!   by `ctid` a new key, so it reads as an arrival; and a child inserted while its
+//!   parent's batch deletes the parent can still be taken by an `ON DELETE CASCADE` (or
+//!   fail the batch on another foreign key). Without recorded keys
 //!   (an export from before they were, a return done by hand), the first call takes the
 //!   export's own counts again instead: more subjects or records than were returned stop
 //!   the step with a permanent error before anything is erased; this compares totals only,
@@ -397,13 +408,6 @@ impl SqlConnector {
             let table = config.receipts_table();
             for (db, _) in db.iter().chain(own.values()) {
                 receipt::ensure_table(db, table).await?;
-            }
-        }
-        // The erasure after a return erases only rows its export recorded there.
-        if config.supports(RequestKind::ContractEnd) {
-            let table = config.returned_table();
-            for (db, _) in db.iter().chain(own.values()) {
-                receipt::ensure_returned_table(db, &table).await?;
             }
         }
         let config = Arc::new(config);

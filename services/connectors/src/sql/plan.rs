@@ -290,7 +290,7 @@ pub(super) fn plan_table_erasure(
     let confined = |b: &mut Binds| {
         let mut terms: Vec<String> = scope.recorded(&rule.table, b).into_iter().collect();
         if scope.returned.is_some() {
-            terms.extend(arrived_children(config, rule, scope, b));
+            terms.extend(arrived_children(config, rule, scope, now_ms, b));
         }
         terms
     };
@@ -320,50 +320,11 @@ pub(super) fn plan_table_erasure(
         }
     };
 
-    // Kept rows must stay findable: through the link to the parent, or by the columns the
-    // request's identities match.
-    let left = left_in_kept_rows(rule);
-    let mut matched: BTreeSet<&str> = BTreeSet::new();
-    for (ty, _) in scope.subject.unwrap_or_default() {
-        if let Some(column) = match_key(*ty).and_then(|k| rule.match_columns.get(k)) {
-            matched.insert(column);
-        }
-    }
-    let anonymize_now: Vec<(&str, AnonymizeWith)> = rule
-        .anonymize
-        .iter()
-        .map(|(c, w)| (c.as_str(), *w))
-        .filter(|(c, _)| !left.contains(c) && !matched.contains(c))
-        .collect();
-    // A child row that its parent's matched rows also reach is found again through them (the
-    // parent row stays for it, keeping the columns the request matched it by), so it needs
-    // its own match columns no longer; a row only its own match finds (a row carrying an
-    // address the parent row no longer has) keeps them until it is released.
-    let through = |b: &mut Binds| through_parent_filter(config, rule, scope, b);
-    let by_parent: Vec<(&str, AnonymizeWith)> = match through(&mut Binds::default()) {
-        Some(_) => (rule.anonymize.iter())
-            .map(|(c, w)| (c.as_str(), *w))
-            .filter(|(c, _)| matched.contains(c) && !left.contains(c))
-            .collect(),
-        None => Vec::new(),
-    };
-    let anonymize = keeps && !(anonymize_now.is_empty() && by_parent.is_empty());
-    // What the kept rows get, and the condition of a kept row not yet anonymized.
-    let kept_parts = |b: &mut Binds| {
-        let (at_once, mut pending) = anonymize_parts(anonymize_now.iter().copied(), b);
-        let mut set: Vec<String> = at_once.iter().map(|(q, v)| format!("{q} = {v}")).collect();
-        if !by_parent.is_empty() {
-            let reached = through(b).unwrap_or_default();
-            let (values, cleared) = anonymize_parts(by_parent.iter().copied(), b);
-            for (q, value) in values {
-                set.push(format!(
-                    "{q} = CASE WHEN {reached} THEN {value} ELSE {q} END"
-                ));
-            }
-            pending.push(format!("({reached} AND ({}))", cleared.join(" OR ")));
-        }
-        (set, pending.join(" OR "))
-    };
+    let anonymize = keeps
+        && !kept_anonymization(config, rule, scope, &mut Binds::default())
+            .0
+            .is_empty();
+    let kept_parts = |b: &mut Binds| kept_anonymization(config, rule, scope, b);
     let anonymize_kept = anonymize.then(|| {
         let mut b = Binds::default();
         let (set, pending) = kept_parts(&mut b);
@@ -383,27 +344,10 @@ pub(super) fn plan_table_erasure(
         let mut b = Binds::default();
         let f = filter(&mut b);
         let recorded = scope.recorded(&rule.table, &mut b).unwrap_or_default();
-        let mut main = Vec::new();
-        if let Some(kept) = keep(&mut b) {
-            main.push(format!("{kept} = 0"));
-        }
-        if rule.action == Action::Anonymize {
-            let columns = rule.anonymize.iter().map(|(c, w)| (c.as_str(), *w));
-            main.push(anonymize_clauses(columns, &mut b).1);
-        }
-        let mut takes = vec![match main.is_empty() {
-            true => "1 = 1".to_string(),
-            false => main.join(" AND "),
-        }];
-        if anonymize {
-            let (_, pending) = kept_parts(&mut b);
-            let kept = keep(&mut b).unwrap_or_default();
-            takes.push(format!("({kept} = 1 AND ({pending}))"));
-        }
+        let takes = taken(config, rule, scope, now_ms, &mut b);
         b.finish(format!(
             "SELECT CAST(COUNT(*) AS BIGINT) FROM {table} WHERE {f} AND NOT ({recorded}) \
-             AND (({}))",
-            takes.join(") OR (")
+             AND {takes}"
         ))
     });
     let count_kept = keeps.then(|| {
@@ -441,12 +385,66 @@ pub(super) fn plan_table_erasure(
     })
 }
 
+/// What `rule`'s kept rows get (`SET` terms, none when nothing is written in them) and the
+/// condition of a kept row not yet anonymized. Kept rows must stay findable: through the
+/// link to the parent, or by the columns the request's identities match.
+fn kept_anonymization(
+    config: &SqlConnectorConfig,
+    rule: &TableRule,
+    scope: Scope<'_>,
+    b: &mut Binds,
+) -> (Vec<String>, String) {
+    let left = left_in_kept_rows(rule);
+    let mut matched: BTreeSet<&str> = BTreeSet::new();
+    for (ty, _) in scope.subject.unwrap_or_default() {
+        if let Some(column) = match_key(*ty).and_then(|k| rule.match_columns.get(k)) {
+            matched.insert(column);
+        }
+    }
+    let anonymize_now: Vec<(&str, AnonymizeWith)> = rule
+        .anonymize
+        .iter()
+        .map(|(c, w)| (c.as_str(), *w))
+        .filter(|(c, _)| !left.contains(c) && !matched.contains(c))
+        .collect();
+    // A child row that its parent's matched rows also reach is found again through them (the
+    // parent row stays for it, keeping the columns the request matched it by), so it needs
+    // its own match columns no longer; a row only its own match finds (a row carrying an
+    // address the parent row no longer has) keeps them until it is released.
+    let through = |b: &mut Binds| through_parent_filter(config, rule, scope, b);
+    let by_parent: Vec<(&str, AnonymizeWith)> = match through(&mut Binds::default()) {
+        Some(_) => (rule.anonymize.iter())
+            .map(|(c, w)| (c.as_str(), *w))
+            .filter(|(c, _)| matched.contains(c) && !left.contains(c))
+            .collect(),
+        None => Vec::new(),
+    };
+    // What the kept rows get, and the condition of a kept row not yet anonymized.
+    let (at_once, mut pending) = anonymize_parts(anonymize_now.iter().copied(), b);
+    let mut set: Vec<String> = at_once.iter().map(|(q, v)| format!("{q} = {v}")).collect();
+    if !by_parent.is_empty() {
+        let reached = through(b).unwrap_or_default();
+        let (values, cleared) = anonymize_parts(by_parent.iter().copied(), b);
+        for (q, value) in values {
+            set.push(format!(
+                "{q} = CASE WHEN {reached} THEN {value} ELSE {q} END"
+            ));
+        }
+        pending.push(format!("({reached} AND ({}))", cleared.join(" OR ")));
+    }
+    (set, pending.join(" OR "))
+}
+
 /// For a top-level table after a return: per child table the erasure handles, that none of
-/// the row's child rows there is one the export did not record (it arrived since).
+/// the row's child rows there is one the export did not record (it arrived since) and the
+/// child's statements would take. A child row this erasure already anonymized is not one:
+/// on PostgreSQL a table keyed by `ctid` gives it a new key, which the export did not
+/// record, though it is no arrival.
 fn arrived_children(
     config: &SqlConnectorConfig,
     rule: &TableRule,
     scope: Scope<'_>,
+    now_ms: i64,
     b: &mut Binds,
 ) -> Vec<String> {
     if rule.parent.is_some() {
@@ -459,14 +457,52 @@ fn arrived_children(
         .map(|(child, link)| {
             let c = quote(&child.table);
             let recorded = scope.recorded(&child.table, b).unwrap_or_default();
+            let takes = taken(config, child, scope, now_ms, b);
             format!(
-                "NOT EXISTS (SELECT 1 FROM {c} WHERE {c}.{} = {}.{} AND NOT ({recorded}))",
+                "NOT EXISTS (SELECT 1 FROM {c} WHERE {c}.{} = {}.{} AND NOT ({recorded}) \
+                 AND {takes})",
                 quote(&link.column),
                 quote(&rule.table),
                 quote(&link.parent_column),
             )
         })
         .collect()
+}
+
+/// The rows of `rule`'s table in `scope` that its erasure statements ([`plan_table_erasure`])
+/// would take, as a condition on a row, leaving out the subject filter and the confinement
+/// to recorded rows: for the table's action, the rows no obligation keeps (an anonymized
+/// table's only while not yet anonymized); and the kept rows not yet stripped of what the
+/// obligation does not need.
+fn taken(
+    config: &SqlConnectorConfig,
+    rule: &TableRule,
+    scope: Scope<'_>,
+    now_ms: i64,
+    b: &mut Binds,
+) -> String {
+    let keep = |b: &mut Binds| keep_condition(config, rule, now_ms, b);
+    let keeps = keep(&mut Binds::default()).is_some();
+    let mut main = Vec::new();
+    if let Some(kept) = keep(b) {
+        main.push(format!("{kept} = 0"));
+    }
+    if rule.action == Action::Anonymize {
+        let columns = rule.anonymize.iter().map(|(c, w)| (c.as_str(), *w));
+        main.push(anonymize_clauses(columns, b).1);
+    }
+    let mut takes = vec![match main.is_empty() {
+        true => "1 = 1".to_string(),
+        false => main.join(" AND "),
+    }];
+    if keeps {
+        let (set, pending) = kept_anonymization(config, rule, scope, b);
+        if !set.is_empty() {
+            let kept = keep(b).unwrap_or_default();
+            takes.push(format!("({kept} = 1 AND ({pending}))"));
+        }
+    }
+    format!("(({}))", takes.join(") OR ("))
 }
 
 /// The columns an erasure never writes in the rows of `rule` it keeps, whatever the request:
@@ -575,6 +611,28 @@ fn anonymize_parts<'c>(
         }
     }
     (set, pending)
+}
+
+/// For a table whose action is anonymize, the condition of a row not yet anonymized, which
+/// its erasure would still take; `None` for any other table.
+pub(super) fn anonymize_pending(rule: &TableRule, b: &mut Binds) -> Option<String> {
+    (rule.action == Action::Anonymize).then(|| {
+        let columns = rule.anonymize.iter().map(|(c, w)| (c.as_str(), *w));
+        anonymize_clauses(columns, b).1
+    })
+}
+
+/// Marks `returned`'s job as one whose export recorded the keys of its rows, even none: a
+/// row of no configured table (`tbl` and `k` empty), which stays while the keys of rows still
+/// held do, so that a repeated call of the erasure after the return never takes the job for
+/// one without recorded keys.
+pub(super) fn plan_record_marker(returned: ReturnedKeys<'_>) -> Statement {
+    let mut b = Binds::default();
+    let job = b.add(returned.job);
+    b.finish(format!(
+        "INSERT INTO {} (job, tbl, k) VALUES ({job}, '', '') ON CONFLICT DO NOTHING",
+        quote(returned.table)
+    ))
 }
 
 /// Records under `returned` the row keys ([`ColumnTypes::row_key`]) of the rows of `rule`

@@ -43,8 +43,9 @@ pub struct SqlConnectorConfig {
     /// The table the connector keeps its erasure receipts in, in each database it erases in
     /// (default `dsrelay_erasure_receipts`): one row per erasure task, written with the
     /// erasure, so that a retry whose earlier call committed answers with that call's counts
-    /// instead of NOT_FOUND. Created when the connector connects if it is missing, as is the
-    /// table of what a contract end's export returned, named after it (`<name>_returned`).
+    /// instead of NOT_FOUND. Created when the connector connects if it is missing; the table
+    /// of what a contract end's export returned, named after it (`<name>_returned`), is
+    /// created by the first contract end's export.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub receipts_table: Option<String>,
 }

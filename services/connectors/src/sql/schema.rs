@@ -318,14 +318,19 @@ impl ColumnTypes {
     /// The SQL expression, over a row of `table` (named by its quoted name), of the text
     /// that tells the row apart from the table's others, computed in the holder's database
     /// the same way when a contract end's export records what it returned and when the
-    /// erasure after it looks a row up: its primary key column cast to text, or for a key of
-    /// several columns each one's text preceded by its length and `:` (a NULL, which SQLite
-    /// allows in a primary key but an INTEGER PRIMARY KEY, as `-`), so that no two keys
-    /// read alike. A table without a primary key has SQLite's `rowid`, which VACUUM may
-    /// renumber (in a table without an INTEGER PRIMARY KEY), or PostgreSQL's `ctid`, which
-    /// changes whenever the row is updated: such a row no longer matches its key and counts
-    /// as one that arrived since. On PostgreSQL the text compares bytewise (`COLLATE "C"`,
-    /// as the table of the keys stores it). `None` for a table not read at connect.
+    /// erasure after it looks a row up. On SQLite each primary key column's `quote()`, which
+    /// tags its type and escapes it (1, '1' and X'31' read apart), joined by `,`; on
+    /// PostgreSQL one column cast to text, or for a key of several columns each one's text
+    /// preceded by its length and `:` (a NULL as `-`), compared bytewise (`COLLATE "C"`, as
+    /// the table of the keys stores it). A table without a primary key has SQLite's
+    /// `rowid` or PostgreSQL's `ctid`. A key tells rows apart at one time only: a key used
+    /// again makes a new row read as the returned one it replaced (SQLite's INTEGER PRIMARY
+    /// KEY without AUTOINCREMENT after the highest row was deleted, a natural key given
+    /// again, a `rowid` or `ctid` freed and reused, VACUUM renumbering `rowid`s), and a
+    /// `ctid` changes whenever its row is updated, when the row then reads as an arrival.
+    /// `None` for a table not read at connect, and for one without a primary key that has
+    /// no `rowid` or `ctid` of its own (a view, a partitioned table), whose rows cannot be
+    /// told apart.
     pub(super) fn row_key(&self, table: &str) -> Option<&str> {
         self.2.get(table).map(String::as_str)
     }
@@ -378,9 +383,10 @@ pub(super) async fn check_columns(
             present.iter().map(|p| p.name.clone()).collect(),
         );
         let key = primary_key(db, table).await?;
-        types
-            .2
-            .insert(table.to_string(), row_key(db.backend, table, &key));
+        let addressed = key.is_empty() && has_row_address(db, table).await?;
+        if let Some(k) = row_key(db.backend, table, &key, addressed) {
+            types.2.insert(table.to_string(), k);
+        }
         for (at, what, column) in named {
             match find_column(db, table, &by_name, column).await {
                 Some(ty) => {
@@ -596,29 +602,68 @@ async fn primary_key(db: &Db, table: &str) -> anyhow::Result<Vec<String>> {
         .map_err(|e| anyhow::anyhow!("reading the primary key of table {table:?}: {e}"))
 }
 
-/// The row key of `table` ([`ColumnTypes::row_key`]) whose primary key is `key`.
-pub(super) fn row_key(backend: Backend, table: &str, key: &[String]) -> String {
+/// Whether `table` is a plain table, whose rows have an address of their own (SQLite's
+/// `rowid`, PostgreSQL's `ctid`, unique in a table that is not partitioned): a view has none.
+async fn has_row_address(db: &Db, table: &str) -> anyhow::Result<bool> {
+    let (sql, name) = match db.backend {
+        // A WITHOUT ROWID table has a primary key, so it is never asked about.
+        Backend::Sqlite => (
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM sqlite_master WHERE type = 'table' \
+             AND name = $1",
+            table.to_string(),
+        ),
+        Backend::Postgres => (
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM pg_catalog.pg_class \
+             WHERE oid = to_regclass($1) AND relkind = 'r'",
+            quote(table),
+        ),
+    };
+    let found: i64 = sqlx::query_scalar(sql)
+        .bind(name)
+        .fetch_one(&db.pool)
+        .await
+        .map_err(|e| anyhow::anyhow!("reading what kind of table {table:?} is: {e}"))?;
+    Ok(found > 0)
+}
+
+/// The row key of `table` ([`ColumnTypes::row_key`]) whose primary key is `key`; without
+/// one, its `rowid` or `ctid` when it has one (`addressed`), else `None`.
+pub(super) fn row_key(
+    backend: Backend,
+    table: &str,
+    key: &[String],
+    addressed: bool,
+) -> Option<String> {
     let t = quote(table);
-    let text = |column: &str| format!("CAST({t}.{} AS TEXT)", quote(column));
-    let expr = match key {
-        [] => match backend {
-            Backend::Sqlite => format!("CAST({t}.rowid AS TEXT)"),
-            Backend::Postgres => format!("CAST({t}.ctid AS TEXT)"),
-        },
-        [column] => text(column),
-        columns => columns
+    let expr = match (backend, key) {
+        (_, []) if !addressed => return None,
+        (Backend::Sqlite, []) => format!("CAST({t}.rowid AS TEXT)"),
+        (Backend::Postgres, []) => format!("CAST({t}.ctid AS TEXT)"),
+        // quote() is self-delimiting (a number, X'..' or a '..' string whose quotes are
+        // doubled), so the joined texts of two keys read alike only when their values do. A
+        // NULL makes the key NULL: such a row is never recorded, so it reads as an arrival.
+        (Backend::Sqlite, columns) => columns
             .iter()
             .map(|c| {
-                let v = text(c);
+                let v = format!("{t}.{}", quote(c));
+                format!("(CASE WHEN {v} IS NOT NULL THEN quote({v}) END)")
+            })
+            .collect::<Vec<_>>()
+            .join(" || ',' || "),
+        (Backend::Postgres, [column]) => format!("CAST({t}.{} AS TEXT)", quote(column)),
+        (Backend::Postgres, columns) => columns
+            .iter()
+            .map(|c| {
+                let v = format!("CAST({t}.{} AS TEXT)", quote(c));
                 format!("COALESCE(LENGTH({v}) || ':' || {v}, '-')")
             })
             .collect::<Vec<_>>()
             .join(" || "),
     };
-    match backend {
+    Some(match backend {
         Backend::Sqlite => expr,
         Backend::Postgres => format!("({expr}) COLLATE \"C\""),
-    }
+    })
 }
 
 /// The type of `column` of `table`, whose declared columns are `by_name` (keyed by

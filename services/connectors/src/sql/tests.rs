@@ -3245,7 +3245,10 @@ async fn a_lost_answer_is_answered_from_the_receipt(url: String) {
 
 /// A database user without the right to create the receipt table is told so at connect,
 /// with the table and the grant; once an administrator creates the table and grants its
-/// use, the same user connects and erases.
+/// use, the same user connects and erases. The table of what contract ends returned was
+/// also required at connect, so a deployment that pre-created only the receipts table did
+/// not start: it is now created by the first contract end's export, which alone fails
+/// without it, with the grant.
 #[tokio::test]
 async fn a_user_who_cannot_create_the_receipt_table_is_told_at_connect() {
     let Some(db) = fresh_postgres_database("receipt_grant").await else {
@@ -3289,8 +3292,23 @@ async fn a_user_who_cannot_create_the_receipt_table_is_told_at_connect() {
         &format!("GRANT SELECT, INSERT ON dsrelay_erasure_receipts TO {role}"),
     )
     .await;
-    // The table of what contract ends returned, beside it, likewise.
-    let err = SqlConnector::connect(sample_config(&user_url))
+    // The table of what contract ends returned is needed by a contract end's export only:
+    // the connector starts without it, and that export fails, saying what to grant.
+    let connector = SqlConnector::connect(sample_config(&user_url))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sink = ExportSink::new(dir.path().join("ce"), vec!["billing".into()]);
+    sink.reset().await.unwrap();
+    let export = bulk_job(
+        "acme",
+        crate::BulkOp::Export,
+        Phase::Start,
+        now(),
+        Some(sink),
+    )
+    .0;
+    let err = crate::Connector::run_bulk(&connector, &export)
         .await
         .unwrap_err()
         .to_string();
@@ -3315,9 +3333,9 @@ async fn a_user_who_cannot_create_the_receipt_table_is_told_at_connect() {
         &format!("GRANT SELECT, INSERT, DELETE ON {returned} TO {role}"),
     )
     .await;
-    let connector = SqlConnector::connect(sample_config(&user_url))
+    assert!(crate::Connector::run_bulk(&connector, &export)
         .await
-        .unwrap();
+        .is_ok());
     let erasure = task(
         RequestKind::Erasure,
         vec![email("teemu.testaaja@example.fi")],
@@ -4297,6 +4315,9 @@ on_both_backends!(
     bulk_erasure_after_a_return_without_arrivals_erases_as_before,
     bulk_erasure_after_a_return_tells_rows_apart_without_a_single_column_key,
     bulk_erasure_after_an_export_that_recorded_nothing_checks_totals,
+    bulk_erasure_after_a_return_called_again_after_its_end_stays_bounded,
+    bulk_erasure_after_a_return_takes_the_parents_of_children_it_anonymized,
+    bulk_erasure_after_a_return_leaves_keep_tables_and_views_alone,
 );
 
 /// Runs a contract end's export of `acme`'s rows; the export's last progress.
@@ -4327,17 +4348,33 @@ fn erase_after_return(
     }
 }
 
-/// The keys recorded in `connector`'s table of what contract ends returned.
+/// The row keys recorded in `connector`'s table of what contract ends returned.
 async fn recorded_keys(connector: &SqlConnector, db: &Db) -> i64 {
     let table = connector.config.returned_table();
-    count(db, &format!("{C} FROM {table}")).await
+    count(db, &format!("{C} FROM {table} WHERE tbl <> ''")).await
+}
+
+/// The marks of jobs whose export recorded its keys, in `connector`'s table of them.
+async fn recorded_marks(connector: &SqlConnector, db: &Db) -> i64 {
+    let table = connector.config.returned_table();
+    count(db, &format!("{C} FROM {table} WHERE tbl = ''")).await
+}
+
+/// The rows of the sample's tables, every one of them acme's.
+async fn held_rows(db: &Db) -> i64 {
+    let mut rows = 0;
+    for table in ["contacts", "invoices", "ledger_entries", "customers"] {
+        rows += count(db, &format!("{C} FROM {table}")).await;
+    }
+    rows
 }
 
 /// The erasure after a return compared totals: a customer who signed up (with an invoice)
 /// after the export while another (with one) was deleted passed, and was erased
 /// unreturned. The export now records the keys of the rows it writes, and the erasure
 /// refuses every row it did not record, with the rows per table, erasing nothing; a new
-/// invoice of a returned customer is refused alike. The keys are dropped with the refusal.
+/// invoice of a returned customer is refused alike. The keys of rows gone are dropped with
+/// the refusal; those of returned rows still held stay.
 async fn bulk_erasure_after_a_return_refuses_arrivals_by_their_keys(url: String) {
     let (connector, db) = sample(&url).await;
     let dir = tempfile::tempdir().unwrap();
@@ -4346,6 +4383,7 @@ async fn bulk_erasure_after_a_return_refuses_arrivals_by_their_keys(url: String)
         recorded_keys(&connector, &db).await,
         i64::try_from(returned.records_done).unwrap()
     );
+    assert_eq!(recorded_marks(&connector, &db).await, 1);
     exec(&db, "DELETE FROM invoices WHERE id = 106").await;
     exec(&db, "DELETE FROM customers WHERE id = 3").await;
     exec(
@@ -4370,10 +4408,10 @@ async fn bulk_erasure_after_a_return_refuses_arrivals_by_their_keys(url: String)
     assert!(
         m.starts_with(
             "sql tables contacts, invoices, ledger_entries, customers: 2 record(s) (1 \
-             subject(s)) of controller acme arrived after the contract end's export and were \
-             never returned (invoices: 1, customers: 1); nothing was erased there. To have \
-             them returned before they are deleted, the controller ends the contract again \
-             with RETURN_THEN_DELETE"
+             subject(s)) of controller acme are not among the rows the contract end's export \
+             returned (added, or updated in a table keyed by ctid, or renumbered) (invoices: \
+             1, customers: 1); nothing was erased there. To have them returned before they \
+             are deleted, the controller ends the contract again with RETURN_THEN_DELETE"
         ),
         "{m}"
     );
@@ -4382,7 +4420,10 @@ async fn bulk_erasure_after_a_return_refuses_arrivals_by_their_keys(url: String)
         before,
         "erased despite the refusal"
     );
-    assert_eq!(recorded_keys(&connector, &db).await, 0);
+    assert_eq!(
+        recorded_keys(&connector, &db).await,
+        held_rows(&db).await - 2
+    );
 
     // A new invoice of a returned customer, on a fresh export.
     exec(&db, "DELETE FROM invoices WHERE id = 9003").await;
@@ -4401,8 +4442,9 @@ async fn bulk_erasure_after_a_return_refuses_arrivals_by_their_keys(url: String)
         .unwrap_err();
     assert!(
         err.to_string().contains(
-            ": 1 record(s) (0 subject(s)) of controller acme arrived after the contract \
-             end's export and were never returned (invoices: 1); nothing was erased there"
+            ": 1 record(s) (0 subject(s)) of controller acme are not among the rows the \
+             contract end's export returned (added, or updated in a table keyed by ctid, or \
+             renumbered) (invoices: 1); nothing was erased there"
         ),
         "{err}"
     );
@@ -4417,8 +4459,8 @@ async fn bulk_erasure_after_a_return_refuses_arrivals_by_their_keys(url: String)
 /// processor to record its totals, before its first batch), were erased though never
 /// returned. The erasure's statements now take only the rows the export recorded: a new
 /// invoice of a returned customer stays, and so does the customer it belongs to (whose
-/// other rows go), and a new customer stays; the step fails for good saying so, and the
-/// keys are dropped.
+/// other rows go), and a new customer stays; the step fails for good saying so and naming
+/// what it kept, and the keys of the rows erased are dropped.
 async fn bulk_erasure_after_a_return_leaves_rows_that_arrive_while_it_runs(url: String) {
     let (connector, db) = sample(&url).await;
     let dir = tempfile::tempdir().unwrap();
@@ -4450,9 +4492,13 @@ async fn bulk_erasure_after_a_return_leaves_rows_that_arrive_while_it_runs(url: 
             "sql tables contacts, invoices, ledger_entries, customers: 2 record(s) (1 \
              subject(s)) of controller acme arrived while the contract end's erasure ran \
              (invoices: 1, customers: 1); they are still held, never returned, and the \
-             erasure left them as they are, with the rows they belong to. It erased the rest \
-             of what was returned (contacts: deleted 6, invoices: deleted 2"
+             erasure left them as they are, with the rows they belong to. Of the rest of what \
+             was returned it did: contacts: deleted 6, invoices: deleted 2"
         ),
+        "{m}"
+    );
+    assert!(
+        m.contains("; and kept: invoices: kept 7 until the end of"),
         "{m}"
     );
     assert!(m.contains("the controller ends the contract again"), "{m}");
@@ -4468,12 +4514,15 @@ async fn bulk_erasure_after_a_return_leaves_rows_that_arrive_while_it_runs(url: 
             "{rows}"
         );
     }
-    assert_eq!(recorded_keys(&connector, &db).await, 0);
+    assert_eq!(
+        recorded_keys(&connector, &db).await,
+        held_rows(&db).await - 2
+    );
 }
 
 /// Without arrivals, the erasure after a return that recorded its keys erases what an
 /// erasure without them does (compared with one on a second sample database), and drops
-/// the keys.
+/// the keys of the rows it erased, keeping those of the rows kept and its mark.
 async fn bulk_erasure_after_a_return_without_arrivals_erases_as_before(url: String) {
     let (connector, db) = sample(&url).await;
     let dir = tempfile::tempdir().unwrap();
@@ -4481,7 +4530,8 @@ async fn bulk_erasure_after_a_return_without_arrivals_erases_as_before(url: Stri
     assert!(recorded_keys(&connector, &db).await > 0);
     let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
     let out = crate::Connector::run_bulk(&connector, &job).await.unwrap();
-    assert_eq!(recorded_keys(&connector, &db).await, 0);
+    assert_eq!(recorded_keys(&connector, &db).await, held_rows(&db).await);
+    assert_eq!(recorded_marks(&connector, &db).await, 1);
 
     let (twin_url, pg) = match url.strip_prefix("sqlite://") {
         Some(_) => (format!("sqlite://{}/twin.db", dir.path().display()), None),
@@ -4541,8 +4591,9 @@ async fn bulk_erasure_after_a_return_tells_rows_apart_without_a_single_column_ke
         .unwrap_err();
     assert!(
         err.to_string().contains(
-            "2 record(s) (0 subject(s)) of controller acme arrived after the contract \
-                       end's export and were never returned (tags: 1, notes: 1)"
+            "2 record(s) (0 subject(s)) of controller acme are not among the rows the \
+             contract end's export returned (added, or updated in a table keyed by ctid, or \
+             renumbered) (tags: 1, notes: 1)"
         ),
         "{err}"
     );
@@ -4584,6 +4635,255 @@ async fn bulk_erasure_after_an_export_that_recorded_nothing_checks_totals(url: S
     let out = crate::Connector::run_bulk(&connector, &job).await;
     assert!(matches!(out, Ok(Outcome::Retained { .. })), "{out:?}");
     assert_eq!(count(&db, &format!("{C} FROM contacts")).await, 0);
+}
+
+/// The keys were deleted when the erasure ended, before the processor recorded that end: a
+/// call repeated after it (a crash, a lost lease) found none and fell back to the totals
+/// check (which a new customer passes, fewer rows being held than were returned) or, past
+/// the check, erased unconfined. The job's mark and the keys of the rows still held now
+/// stay: a repeated first call refuses the new customer, and a resumed call leaves it and
+/// says so.
+async fn bulk_erasure_after_a_return_called_again_after_its_end_stays_bounded(url: String) {
+    let (connector, db) = sample(&url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let returned = export_for_return(&connector, dir.path()).await;
+    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let out = crate::Connector::run_bulk(&connector, &job).await;
+    assert!(matches!(out, Ok(Outcome::Retained { .. })), "{out:?}");
+    exec(
+        &db,
+        "INSERT INTO customers (id, customer_no, name) VALUES (9007, 'C-9007', 'Uusi')",
+    )
+    .await;
+    let err = crate::Connector::run_bulk(&connector, &job)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "1 record(s) (1 subject(s)) of controller acme are not among the rows the \
+             contract end's export returned (added, or updated in a table keyed by ctid, or \
+             renumbered) (customers: 1); nothing was erased there"
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        count(&db, &format!("{C} FROM customers WHERE id = 9007")).await,
+        1
+    );
+
+    let resumed = crate::BulkJob {
+        returned: None,
+        interrupted: true,
+        recorded_progress: crate::BulkProgress {
+            subjects_total: 6,
+            records_total: 30,
+            ..Default::default()
+        },
+        ..erase_after_return(None, crate::ProgressReporter::new().0)
+    };
+    let err = crate::Connector::run_bulk(&connector, &resumed)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "1 record(s) (1 subject(s)) of controller acme arrived while the contract end's \
+             erasure ran (customers: 1)"
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        count(&db, &format!("{C} FROM customers WHERE id = 9007")).await,
+        1
+    );
+    assert_eq!(
+        recorded_keys(&connector, &db).await,
+        held_rows(&db).await - 1
+    );
+    assert_eq!(recorded_marks(&connector, &db).await, 1);
+}
+
+/// Gives the sample's customers action anonymize, so that a child may keep its link.
+fn anonymize_customers(config: &mut SqlConnectorConfig) {
+    let customers = (config.tables.iter_mut())
+        .find(|t| t.table == "customers")
+        .unwrap();
+    customers.action = crate::sql::rules::Action::Anonymize;
+}
+
+/// A child table without a primary key (PostgreSQL keys its rows by `ctid`) whose action
+/// anonymizes, keeping the link: its update gave the rows new keys, which the parent's
+/// check for unrecorded children then took for arrivals, so the parent was left while the
+/// step succeeded. A child row the erasure already anonymized is no arrival: the parent is
+/// anonymized too.
+async fn bulk_erasure_after_a_return_takes_the_parents_of_children_it_anonymized(url: String) {
+    let (_, db) = sample(&url).await;
+    exec(&db, "CREATE TABLE notes (customer_id BIGINT, body TEXT)").await;
+    exec(&db, "INSERT INTO notes VALUES (6, 'a'), (6, 'b'), (3, 'c')").await;
+    let mut config = sample_config(&url);
+    let mut rule = config.tables[0].clone();
+    rule.table = "notes".into();
+    rule.action = crate::sql::rules::Action::Anonymize;
+    rule.match_columns.clear();
+    rule.export = vec!["body".into()];
+    rule.anonymize = [(
+        "body".to_string(),
+        crate::sql::rules::AnonymizeWith::Redacted,
+    )]
+    .into_iter()
+    .collect();
+    rule.parent.as_mut().unwrap().export_matched_only = false;
+    config.tables.insert(0, rule);
+    anonymize_customers(&mut config);
+    let connector = SqlConnector::connect(config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let returned = export_for_return(&connector, dir.path()).await;
+    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let out = crate::Connector::run_bulk(&connector, &job).await;
+    assert!(matches!(out, Ok(Outcome::Retained { .. })), "{out:?}");
+    assert_eq!(
+        count(
+            &db,
+            &format!("{C} FROM customers WHERE id = 6 AND email IS NULL")
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(&db, &format!("{C} FROM notes WHERE body <> '{REDACTED}'")).await,
+        0
+    );
+}
+
+/// Only tables the erasure deletes or anonymizes are recorded and checked: a ledger line
+/// added to a `keep` table refused the whole erasure though nothing erases it, and a
+/// configured view (no primary key, no rowid or ctid) failed every contract end's export.
+async fn bulk_erasure_after_a_return_leaves_keep_tables_and_views_alone(url: String) {
+    let (_, db) = sample(&url).await;
+    exec(
+        &db,
+        "CREATE TABLE ledger_lines (customer_id BIGINT, line TEXT)",
+    )
+    .await;
+    exec(&db, "INSERT INTO ledger_lines VALUES (1, 'a')").await;
+    exec(
+        &db,
+        "CREATE VIEW customer_labels AS SELECT id AS customer_id, name AS label FROM customers",
+    )
+    .await;
+    let mut config = sample_config(&url);
+    let mut lines = config.tables[0].clone();
+    lines.table = "ledger_lines".into();
+    lines.action = crate::sql::rules::Action::Keep;
+    lines.match_columns.clear();
+    lines.export = vec!["line".into()];
+    lines.parent.as_mut().unwrap().export_matched_only = false;
+    config.tables.insert(0, lines);
+    let mut view = config.tables[0].clone();
+    view.table = "customer_labels".into();
+    view.action = crate::sql::rules::Action::Keep;
+    view.match_columns.clear();
+    view.export = vec!["label".into()];
+    view.parent.as_mut().unwrap().export_matched_only = false;
+    config.tables.insert(0, view);
+    anonymize_customers(&mut config);
+    let connector = SqlConnector::connect(config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let returned = export_for_return(&connector, dir.path()).await;
+    assert!(returned.records_done > 0, "{returned:?}");
+    assert!(recorded_keys(&connector, &db).await > 0);
+    exec(&db, "INSERT INTO ledger_lines VALUES (1, 'b')").await;
+    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let out = crate::Connector::run_bulk(&connector, &job).await;
+    assert!(
+        matches!(
+            out,
+            Ok(Outcome::Retained { .. } | Outcome::Completed { .. })
+        ),
+        "{out:?}"
+    );
+    assert_eq!(count(&db, &format!("{C} FROM contacts")).await, 0);
+}
+
+/// SQLite's keys were read as text: in a key column without affinity 1, '1' and X'31' read
+/// alike, so a row added with one of them after the export of another was taken for the
+/// returned row and erased. Each is now told apart by its type (`quote()`). A PostgreSQL
+/// column holds one type, so this is SQLite's alone.
+#[tokio::test]
+async fn bulk_erasure_after_a_return_tells_sqlite_key_types_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/accounting.db", dir.path().display());
+    let (_, db) = sample(&url).await;
+    exec(
+        &db,
+        "CREATE TABLE tokens (k PRIMARY KEY, customer_id BIGINT)",
+    )
+    .await;
+    exec(&db, "INSERT INTO tokens VALUES (1, 6)").await;
+    let mut config = sample_config(&url);
+    let mut rule = config.tables[0].clone();
+    rule.table = "tokens".into();
+    rule.match_columns.clear();
+    rule.export = vec!["k".into()];
+    rule.parent.as_mut().unwrap().export_matched_only = false;
+    config.tables.insert(0, rule);
+    let connector = SqlConnector::connect(config).await.unwrap();
+    let returned = export_for_return(&connector, dir.path()).await;
+    exec(&db, "INSERT INTO tokens VALUES ('1', 6), (X'31', 6)").await;
+    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let err = crate::Connector::run_bulk(&connector, &job)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "returned (added, or updated in a table keyed by ctid, or \
+             renumbered) (tokens: 2); nothing was erased there"
+        ),
+        "{err}"
+    );
+    assert_eq!(count(&db, &format!("{C} FROM tokens")).await, 3);
+}
+
+/// A contract end's export of a SQLite file took the write lock for its whole read (BEGIN
+/// IMMEDIATE) to record the keys of its rows: the holder's own writers waited, and failed
+/// after their busy timeout. The keys now go into a TEMP table in the read, and into the
+/// file's table after it: a writer with no busy timeout writes while the export reads, the
+/// export does not see its row, and the keys are stored once it is done.
+#[tokio::test]
+async fn a_sqlite_export_recording_keys_leaves_the_holders_writers_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("accounting.db");
+    let (connector, db) = sample(&format!("sqlite://{}", path.display())).await;
+    let table = connector.config.returned_table();
+    super::receipt::ensure_returned_table(&db, &table)
+        .await
+        .unwrap();
+    let statement = |sql: String| super::plan::Binds::default().finish(sql);
+    let writes = vec![statement(format!(
+        "INSERT INTO {table} (job, tbl, k) SELECT 'j', 'customers', CAST(id AS TEXT) \
+         FROM customers"
+    ))];
+    let holder = path.clone();
+    let read = super::direct::read(&path, &table, writes, move |reading| {
+        let writer = rusqlite::Connection::open(&holder).unwrap();
+        // Fail at once rather than wait for the lock.
+        writer.busy_timeout(std::time::Duration::ZERO).unwrap();
+        writer
+            .execute(
+                "INSERT INTO customers (id, customer_no, name) VALUES (9010, 'C-9010', 'Uusi')",
+                [],
+            )
+            .map_err(|e| crate::ConnectorError::Permanent(format!("the holder's write: {e}")))?;
+        let count = statement(format!("{C} FROM customers"));
+        let counted = super::execute::ReadTx::count(reading, &count, "counting");
+        tokio::runtime::Handle::current().block_on(counted)
+    })
+    .await;
+    assert_eq!(read, Ok(6));
+    assert_eq!(count(&db, &format!("{C} FROM customers")).await, 7);
+    assert_eq!(
+        count(&db, &format!("{C} FROM {table} WHERE job = 'j'")).await,
+        6
+    );
 }
 
 /// A contract end's export on PostgreSQL read each table at READ COMMITTED, after counting
