@@ -16,8 +16,8 @@
 
 use super::execute::{classify, ExportJob, ReadTx};
 use super::plan::{
-    anonymize_pending, plan_export, plan_record_marker, plan_record_returned, plan_table_erasure,
-    quote, subject_filter, Batch, Binds, ReturnedKeys, Scope, Statement,
+    anonymize_pending, holds_parent_back, plan_export, plan_record_marker, plan_record_returned,
+    plan_table_erasure, quote, subject_filter, Batch, Binds, ReturnedKeys, Scope, Statement,
 };
 use super::retention::{day_of, parse_iso_date, DAY_MS};
 use super::rules::{Action, Retention, TableRule};
@@ -186,9 +186,7 @@ impl Scoped<'_> {
                 .collect();
             if unkeyed.is_empty() {
                 let keys_table = self.config.returned_table();
-                super::receipt::ensure_returned_table(self.db, &keys_table)
-                    .await
-                    .map_err(|e| ConnectorError::Permanent(format!("{e:#}")))?;
+                super::receipt::ensure_returned_table(self.db, &keys_table).await?;
                 let returned = ReturnedKeys {
                     table: &keys_table,
                     job: &job.job_id,
@@ -274,8 +272,8 @@ impl Scoped<'_> {
 
     /// Erases every row of the controller that no obligation keeps, a batch of top-level
     /// rows per transaction; then reports what is kept and until when. After a return whose
-    /// export recorded its rows, only those: once the step ends other than transiently, the
-    /// keys of the rows it erased are dropped ([`Self::forget_gone`]).
+    /// export recorded its rows, only those, and each batch deletes the keys of the rows it
+    /// deletes ([`super::plan::ErasureWork::returns_keys`]).
     async fn bulk_erase(
         &self,
         job: &BulkJob,
@@ -289,56 +287,8 @@ impl Scoped<'_> {
             table: &keys_table,
             job: export,
         };
-        let out = self
-            .erase_batches(job, batch_subjects, Some(returned))
-            .await;
-        if !out.as_ref().is_err_and(ConnectorError::is_transient) {
-            if let Err(e) = self.forget_gone(returned).await {
-                // Kept, they still bound a repeated call; only a row given a gone row's key
-                // again would read as returned.
-                tracing::warn!(
-                    error = %e,
-                    "sql bulk: the keys of returned rows since erased were not deleted"
-                );
-            }
-        }
-        out
-    }
-
-    /// Deletes the keys `returned` records of rows no longer held (erased), keeping the
-    /// job's mark and the keys of the rows still held (kept under an obligation, left as
-    /// arrivals' parents, anonymized): what a repeated call of the erasure may still find
-    /// returned.
-    async fn forget_gone(&self, returned: ReturnedKeys<'_>) -> Result<(), ConnectorError> {
-        let r = quote(returned.table);
-        for rule in self
-            .config
-            .tables
-            .iter()
-            .filter(|t| t.action != Action::Keep)
-        {
-            let Some(key) = self.types.row_key(&rule.table) else {
-                continue;
-            };
-            let t = quote(&rule.table);
-            let mut b = Binds::default();
-            let (job, table) = (b.add(returned.job), b.add(rule.table.as_str()));
-            // SQLite reads an uncorrelated IN once into a temporary index; PostgreSQL turns
-            // NOT EXISTS into one anti-join.
-            let gone = match self.db.backend {
-                Backend::Sqlite => {
-                    format!("{r}.k NOT IN (SELECT {key} FROM {t} WHERE {key} IS NOT NULL)")
-                }
-                Backend::Postgres => format!("NOT EXISTS (SELECT 1 FROM {t} WHERE {key} = {r}.k)"),
-            };
-            let forget = b.finish(format!(
-                "DELETE FROM {r} WHERE {r}.job = {job} AND {r}.tbl = {table} AND {gone}"
-            ));
-            forget.query().execute(&self.db.pool).await.map_err(|e| {
-                classify(&format!("forgetting the erased rows of {}", rule.table), &e)
-            })?;
-        }
-        Ok(())
+        self.erase_batches(job, batch_subjects, Some(returned))
+            .await
     }
 
     /// [`Self::bulk_erase`], confined to the rows `returned` records when given.
@@ -463,8 +413,11 @@ impl Scoped<'_> {
                             .map_err(|e| classify(&format!("anonymizing {table}"), &e))?,
                         None => 0,
                     };
-                    let done = run(&mut tx, &work.main)
-                        .await
+                    let done = match returned.filter(|_| work.returns_keys) {
+                        Some(keys) => delete_forgetting(&mut tx, &work.main, table, keys).await,
+                        None => run(&mut tx, &work.main).await,
+                    };
+                    let done = done
                         .map_err(|e| classify(&format!("{} {table}", rule.action.doing()), &e))?;
                     add_count(&mut counts, table, rule.action.done(), done);
                     if anonymized > 0 {
@@ -814,8 +767,9 @@ impl Scoped<'_> {
 impl Scoped<'_> {
     /// The rows of each table the erasure deletes or anonymizes that the export did not
     /// record (an anonymized table's only while not yet anonymized, which its erasure would
-    /// still take): those not among the rows it returned. A `keep` table is not looked at:
-    /// nothing erases a row added there. Only tables with such rows.
+    /// still take, but every one in a child that holds its parent back,
+    /// [`holds_parent_back`]): those not among the rows it returned. A `keep` table is not
+    /// looked at: nothing erases a row added there. Only tables with such rows.
     async fn unrecorded(
         &self,
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
@@ -835,9 +789,11 @@ impl Scoped<'_> {
             let mut b = Binds::default();
             let filter = subject_filter(self.config, rule, scope, &mut b).unwrap_or_default();
             let recorded = scope.recorded(&rule.table, &mut b).unwrap_or_default();
-            let pending = anonymize_pending(rule, &mut b)
-                .map(|p| format!(" AND {p}"))
-                .unwrap_or_default();
+            let pending = match holds_parent_back(self.config, rule, scope) {
+                true => None,
+                false => anonymize_pending(rule, &mut b),
+            };
+            let pending = pending.map(|p| format!(" AND {p}")).unwrap_or_default();
             let count = b.finish(format!(
                 "SELECT CAST(COUNT(*) AS BIGINT) FROM {} WHERE {filter} \
                  AND NOT ({recorded}){pending}",
@@ -857,8 +813,9 @@ impl Scoped<'_> {
 
     /// After the batches: the rows of each table the erasure handles that its statements
     /// would have taken but for their confinement to recorded rows (a row that was already
-    /// anonymized, or that an obligation keeps as it is, is not one): those that arrived
-    /// while it ran.
+    /// anonymized, or that an obligation keeps as it is, is not one, but in a child not
+    /// keyed by `ctid` every unrecorded row is, as it holds its parent back): those that
+    /// arrived while it ran.
     async fn arrived_meanwhile(
         &self,
         erased_tables: &[&TableRule],
@@ -1000,6 +957,38 @@ async fn run(
 ) -> Result<i64, sqlx::Error> {
     let done = s.query().execute(&mut **tx).await?;
     Ok(i64::try_from(done.rows_affected()).unwrap_or(i64::MAX))
+}
+
+/// How many keys one statement of [`delete_forgetting`] deletes: well below the bound
+/// values either backend takes in one statement.
+const FORGET_CHUNK: usize = 500;
+
+/// Runs `delete`, which returns the key of each row it deletes
+/// ([`super::plan::ErasureWork::returns_keys`]), and deletes those keys from what `returned`
+/// records of `table`, in `tx`: the work is bounded by the rows of the batch. The count of
+/// rows deleted.
+async fn delete_forgetting(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    delete: &Statement,
+    table: &str,
+    returned: ReturnedKeys<'_>,
+) -> Result<i64, sqlx::Error> {
+    let keys: Vec<Option<String>> = delete.query_scalar().fetch_all(&mut **tx).await?;
+    let done = i64::try_from(keys.len()).unwrap_or(i64::MAX);
+    // A NULL key was never recorded.
+    let keys: Vec<String> = keys.into_iter().flatten().collect();
+    let r = quote(returned.table);
+    for chunk in keys.chunks(FORGET_CHUNK) {
+        let mut b = Binds::default();
+        let (job, tbl) = (b.add(returned.job), b.add(table));
+        let list: Vec<String> = chunk.iter().map(|k| b.add(k.as_str())).collect();
+        let forget = b.finish(format!(
+            "DELETE FROM {r} WHERE job = {job} AND tbl = {tbl} AND k IN ({})",
+            list.join(", ")
+        ));
+        forget.query().execute(&mut **tx).await?;
+    }
+    Ok(done)
 }
 
 fn add_count(counts: &mut Vec<ErasedCount>, target: &str, action: &str, count: i64) {

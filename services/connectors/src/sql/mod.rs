@@ -164,7 +164,8 @@
 //!   `#erase`: when the export recorded its rows' keys, the step checks and erases rows,
 //!   not totals. Its first call counts, per table the erasure deletes or anonymizes (a
 //!   `keep` table is not looked at: nothing erases a row added there), the controller's
-//!   rows whose key was not recorded (in an anonymized table, those not yet anonymized):
+//!   rows whose key was not recorded (in an anonymized table, those not yet anonymized,
+//!   except in a child that holds its parent back, below, where every one counts):
 //!   any stops the step with a permanent error naming how many per table, before anything
 //!   is erased. Every call (a resumed one
 //!   too) confines each statement of the batches to recorded rows (a correlated `EXISTS` on
@@ -172,12 +173,16 @@
 //!   that was not recorded is there, so that a row arriving while the batches run is
 //!   neither erased nor anonymized, nor orphaned. After the batches, rows the erasure would
 //!   have taken but for that confinement (arrivals) stop the step with a permanent error
-//!   saying how many, where, what was erased and what was kept. When the step ends other
-//!   than transiently, the keys of the rows it erased are deleted; the job's mark and the
-//!   keys of returned rows still held (kept under an obligation, anonymized, left) stay, so
-//!   that a call repeated after the end (the processor lost the answer) is bounded as the
-//!   first was. A child row the erasure anonymized is never taken for an arrival under its
-//!   parent, though on PostgreSQL a table keyed by `ctid` gives it a new key. Limits: a row
+//!   saying how many, where, what was erased and what was kept. Each batch deletes, in its
+//!   transaction, the keys of the rows a table's DELETE took (returned by the DELETE);
+//!   the job's mark and the keys of returned rows still held (kept under an obligation,
+//!   anonymized, left) stay, so that a call repeated after the end (the processor lost the
+//!   answer) is bounded as the first was. Keys of rows deleted otherwise (by hand, by an
+//!   `ON DELETE CASCADE`) stay too. Under a top-level row, an unrecorded child row is an
+//!   arrival that holds the parent back whatever its columns hold (one already anonymized
+//!   too), except in a child keyed by `ctid` (PostgreSQL, no primary key), where the
+//!   erasure's anonymizing update gives rows new keys: there only an unrecorded row its
+//!   statements would take is one. Limits: a row
 //!   changed, not added, after the export keeps its key and is erased in its new form; a
 //!   row whose key is NULL (SQLite allows one in a primary key other than INTEGER PRIMARY
 //!   KEY) is never recorded, so it stops the erasure as an arrival; a key used again makes

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use dsrelay_proto::v1::{FieldCorrection, IdentityEncoding, IdentityType, SubjectIdentity};
 use dsrelay_runtime::identity::normalize;
+use dsrelay_runtime::store::Backend;
 use sqlx::any::AnyArguments;
 use sqlx::query::{Query, QueryAs, QueryScalar};
 use sqlx::Any;
@@ -117,6 +118,15 @@ impl Scope<'_> {
         self.types.and_then(|t| t.row_key(table))
     }
 
+    /// Whether `table`'s rows are keyed by PostgreSQL's `ctid` ([`super::schema::row_key`]),
+    /// which an update changes: the table has no primary key. A primary key and SQLite's
+    /// `rowid` stay when a row is updated.
+    fn key_moves(&self, table: &str) -> bool {
+        let ctid = super::schema::row_key(Backend::Postgres, table, &[], true);
+        self.row_key(table)
+            .is_some_and(|k| Some(k) == ctid.as_deref())
+    }
+
     /// Whether a row of `table` is one the export recorded ([`Scope::returned`]): an EXISTS
     /// correlated with the row, so that each database probes the keys' primary key index
     /// per row instead of reading the export's keys for every statement. `None` without
@@ -220,8 +230,14 @@ pub(super) struct ErasureWork {
     pub(super) main: Statement,
     /// After a return whose export recorded its rows ([`Scope::returned`]): counts the rows
     /// `main` and `anonymize_kept` would take but do not, as the export did not record
-    /// them.
+    /// them; in a child keyed other than by `ctid`, every row it did not record, as such a
+    /// row holds its parent back.
     pub(super) unreturned: Option<Statement>,
+    /// After a return whose export recorded its rows, for a table whose action deletes:
+    /// `main` returns the key of each row it deletes, whose recorded key the caller deletes
+    /// in the same transaction, so that the keys go with their rows and the keys of rows
+    /// still held (kept, left) stay. Not before `main`: its confinement reads them.
+    pub(super) returns_keys: bool,
     /// The child tables whose kept rows keep this table's rows.
     pub(super) held_for: Vec<String>,
 }
@@ -266,6 +282,7 @@ fn plan_keep_count(
         anonymize_kept: None,
         main,
         unreturned: None,
+        returns_keys: false,
         held_for: Vec::new(),
     })
 }
@@ -295,6 +312,10 @@ pub(super) fn plan_table_erasure(
         terms
     };
 
+    let returned_key = match (scope.returned, rule.action) {
+        (Some(_), Action::Delete) => scope.row_key(&rule.table),
+        _ => None,
+    };
     let main = {
         let mut b = Binds::default();
         let set = (rule.action == Action::Anonymize).then(|| {
@@ -305,9 +326,10 @@ pub(super) fn plan_table_erasure(
             conditions.push(format!("{kept} = 0"));
         }
         conditions.extend(confined(&mut b));
+        let returning = returned_key.map_or(String::new(), |k| format!(" RETURNING {k}"));
         match set {
             None => b.finish(format!(
-                "DELETE FROM {table} WHERE {}",
+                "DELETE FROM {table} WHERE {}{returning}",
                 conditions.join(" AND ")
             )),
             Some((set, pending)) => {
@@ -339,12 +361,17 @@ pub(super) fn plan_table_erasure(
         ))
     });
     // The rows of the scope the two statements above would take but for their confinement
-    // to recorded rows: those that arrived since the export.
+    // to recorded rows: those that arrived since the export. In a child that holds its
+    // parent back ([`arrived_children`]), every unrecorded row, taken or not.
+    let holds_parent = holds_parent_back(config, rule, scope);
     let unreturned = scope.returned.map(|_| {
         let mut b = Binds::default();
         let f = filter(&mut b);
         let recorded = scope.recorded(&rule.table, &mut b).unwrap_or_default();
-        let takes = taken(config, rule, scope, now_ms, &mut b);
+        let takes = match holds_parent {
+            true => "1 = 1".to_string(),
+            false => taken(config, rule, scope, now_ms, &mut b),
+        };
         b.finish(format!(
             "SELECT CAST(COUNT(*) AS BIGINT) FROM {table} WHERE {f} AND NOT ({recorded}) \
              AND {takes}"
@@ -377,6 +404,7 @@ pub(super) fn plan_table_erasure(
         anonymize_kept,
         main,
         unreturned,
+        returns_keys: returned_key.is_some(),
         held_for: config
             .retained_children(rule)
             .into_iter()
@@ -436,10 +464,11 @@ fn kept_anonymization(
 }
 
 /// For a top-level table after a return: per child table the erasure handles, that none of
-/// the row's child rows there is one the export did not record (it arrived since) and the
-/// child's statements would take. A child row this erasure already anonymized is not one:
-/// on PostgreSQL a table keyed by `ctid` gives it a new key, which the export did not
-/// record, though it is no arrival.
+/// the row's child rows there is one the export did not record (it arrived since), whatever
+/// its columns hold: erasing the parent would orphan it, or cascade to it, unreturned. Only
+/// in a child keyed by `ctid` must the unrecorded row also be one the child's statements
+/// would take, as this erasure's anonymizing update gives its rows new keys, which the
+/// export did not record, though they are no arrivals.
 fn arrived_children(
     config: &SqlConnectorConfig,
     rule: &TableRule,
@@ -457,7 +486,10 @@ fn arrived_children(
         .map(|(child, link)| {
             let c = quote(&child.table);
             let recorded = scope.recorded(&child.table, b).unwrap_or_default();
-            let takes = taken(config, child, scope, now_ms, b);
+            let takes = match scope.key_moves(&child.table) {
+                true => taken(config, child, scope, now_ms, b),
+                false => "1 = 1".to_string(),
+            };
             format!(
                 "NOT EXISTS (SELECT 1 FROM {c} WHERE {c}.{} = {}.{} AND NOT ({recorded}) \
                  AND {takes})",
@@ -467,6 +499,21 @@ fn arrived_children(
             )
         })
         .collect()
+}
+
+/// Whether every row of `rule`'s table that the export did not record holds its parent row
+/// back ([`arrived_children`]), so that it is an arrival whatever its columns hold: a child
+/// of a top-level table the erasure handles, not keyed by `ctid`.
+pub(super) fn holds_parent_back(
+    config: &SqlConnectorConfig,
+    rule: &TableRule,
+    scope: Scope<'_>,
+) -> bool {
+    rule.parent.as_ref().is_some_and(|link| {
+        !scope.key_moves(&rule.table)
+            && (config.tables.iter())
+                .any(|t| t.table == link.table && t.parent.is_none() && t.action != Action::Keep)
+    })
 }
 
 /// The rows of `rule`'s table in `scope` that its erasure statements ([`plan_table_erasure`])

@@ -71,7 +71,11 @@ pub(super) async fn ensure_table(db: &Db, table: &str) -> anyhow::Result<()> {
 /// [`ensure_table`] does for the receipts. On PostgreSQL `k` compares bytewise (`COLLATE
 /// "C"`, as the keys are written and compared), so that the primary key's index serves the
 /// lookups and no collation takes two keys for one.
-pub(super) async fn ensure_returned_table(db: &Db, table: &str) -> anyhow::Result<()> {
+///
+/// A failure is classified as the statements' errors are ([`classify`]): a busy SQLite file
+/// or a lost PostgreSQL connection is transient, a missing right or a bad definition
+/// permanent.
+pub(super) async fn ensure_returned_table(db: &Db, table: &str) -> Result<(), ConnectorError> {
     let t = quote(table);
     let probe = format!("SELECT job, tbl, k FROM {t} WHERE 1 = 0");
     if sqlx::query(&probe).execute(&db.pool).await.is_ok() {
@@ -89,18 +93,30 @@ pub(super) async fn ensure_returned_table(db: &Db, table: &str) -> anyhow::Resul
     };
     let grant = format!("GRANT SELECT, INSERT, DELETE ON {t} TO <user>");
     if let Err(e) = sqlx::query(&create).execute(&db.pool).await {
-        anyhow::bail!(
+        let doing = format!(
             "creating the table {table:?} of what contract ends returned in the holder \
-             database: {e}; the connector's database user needs the right to create it (on \
-             PostgreSQL: GRANT CREATE ON SCHEMA <schema> TO <user>), or create it beforehand \
-             with `{create}` and {grant}"
+             database"
         );
+        let mut err = classify(&doing, &e);
+        if let ConnectorError::Permanent(m) = &mut err {
+            m.push_str(&format!(
+                "; the connector's database user needs the right to create it (on \
+                 PostgreSQL: GRANT CREATE ON SCHEMA <schema> TO <user>), or create it \
+                 beforehand with `{create}` and {grant}"
+            ));
+        }
+        return Err(err);
     }
     if let Err(e) = sqlx::query(&probe).execute(&db.pool).await {
-        anyhow::bail!(
+        let doing = format!(
             "reading the table {table:?} of what contract ends returned in the holder \
-             database: {e}; {grant}"
+             database"
         );
+        let mut err = classify(&doing, &e);
+        if let ConnectorError::Permanent(m) = &mut err {
+            m.push_str(&format!("; {grant}"));
+        }
+        return Err(err);
     }
     Ok(())
 }

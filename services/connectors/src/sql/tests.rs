@@ -4318,6 +4318,8 @@ on_both_backends!(
     bulk_erasure_after_a_return_called_again_after_its_end_stays_bounded,
     bulk_erasure_after_a_return_takes_the_parents_of_children_it_anonymized,
     bulk_erasure_after_a_return_leaves_keep_tables_and_views_alone,
+    bulk_erasure_after_a_return_holds_a_parent_back_for_an_arrival_already_anonymized,
+    bulk_erasure_after_a_return_forgets_keys_with_each_batch,
 );
 
 /// Runs a contract end's export of `acme`'s rows; the export's last progress.
@@ -4373,8 +4375,8 @@ async fn held_rows(db: &Db) -> i64 {
 /// after the export while another (with one) was deleted passed, and was erased
 /// unreturned. The export now records the keys of the rows it writes, and the erasure
 /// refuses every row it did not record, with the rows per table, erasing nothing; a new
-/// invoice of a returned customer is refused alike. The keys of rows gone are dropped with
-/// the refusal; those of returned rows still held stay.
+/// invoice of a returned customer is refused alike. The refusal keeps the keys: only an
+/// erasure's DELETE drops those of the rows it deletes (not of rows deleted by hand).
 async fn bulk_erasure_after_a_return_refuses_arrivals_by_their_keys(url: String) {
     let (connector, db) = sample(&url).await;
     let dir = tempfile::tempdir().unwrap();
@@ -4422,7 +4424,7 @@ async fn bulk_erasure_after_a_return_refuses_arrivals_by_their_keys(url: String)
     );
     assert_eq!(
         recorded_keys(&connector, &db).await,
-        held_rows(&db).await - 2
+        i64::try_from(returned.records_done).unwrap()
     );
 
     // A new invoice of a returned customer, on a fresh export.
@@ -4754,6 +4756,141 @@ async fn bulk_erasure_after_a_return_takes_the_parents_of_children_it_anonymized
     );
 }
 
+/// A child keyed by its primary key (not by `ctid`) whose action anonymizes: a row that
+/// arrived under a returned customer after the export with its anonymized column already
+/// NULL was neither counted (the erasure's statements would not take it) nor held the
+/// customer back, which was erased (here anonymized) while the step reported no arrival and
+/// the row's body was never returned. Any unrecorded row of such a child is now an
+/// arrival: before the first call it is refused, while the batches run it keeps its
+/// customer as it is.
+async fn bulk_erasure_after_a_return_holds_a_parent_back_for_an_arrival_already_anonymized(
+    url: String,
+) {
+    let (_, db) = sample(&url).await;
+    exec(
+        &db,
+        "CREATE TABLE notes (id BIGINT PRIMARY KEY, customer_id BIGINT, email TEXT, \
+         body TEXT)",
+    )
+    .await;
+    exec(
+        &db,
+        "INSERT INTO notes VALUES (1, 6, 'teemu.testaaja@example.fi', 'a')",
+    )
+    .await;
+    let mut config = sample_config(&url);
+    let mut rule = config.tables[0].clone();
+    rule.table = "notes".into();
+    rule.action = crate::sql::rules::Action::Anonymize;
+    rule.match_columns.clear();
+    rule.export = vec!["email".into(), "body".into()];
+    rule.anonymize = [("email".to_string(), crate::sql::rules::AnonymizeWith::Null)]
+        .into_iter()
+        .collect();
+    rule.parent.as_mut().unwrap().export_matched_only = false;
+    config.tables.insert(0, rule);
+    anonymize_customers(&mut config);
+    let connector = SqlConnector::connect(config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let returned = export_for_return(&connector, dir.path()).await;
+
+    exec(&db, "INSERT INTO notes VALUES (9001, 6, NULL, 'b')").await;
+    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let err = crate::Connector::run_bulk(&connector, &job)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "1 record(s) (0 subject(s)) of controller acme are not among the rows the \
+             contract end's export returned (added, or updated in a table keyed by ctid, or \
+             renumbered) (notes: 1); nothing was erased there"
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        count(
+            &db,
+            &format!("{C} FROM customers WHERE id = 6 AND email IS NOT NULL")
+        )
+        .await,
+        1
+    );
+    exec(&db, "DELETE FROM notes WHERE id = 9001").await;
+
+    let (reporter, _seen, mut asked) = crate::ProgressReporter::recorded();
+    let job = erase_after_return(Some(returned), reporter);
+    let arrive = async {
+        let r = asked.recv().await.expect("asked to record");
+        exec(&db, "INSERT INTO notes VALUES (9002, 6, NULL, 'c')").await;
+        let _ = r.done.send(Ok(()));
+    };
+    let (out, ()) = tokio::join!(crate::Connector::run_bulk(&connector, &job), arrive);
+    let err = out.unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "1 record(s) (0 subject(s)) of controller acme arrived while the contract end's \
+             erasure ran (notes: 1)"
+        ),
+        "{err}"
+    );
+    for (rows, expected) in [
+        ("customers WHERE id = 6 AND email IS NOT NULL", 1),
+        ("customers WHERE id <> 6 AND email IS NOT NULL", 0),
+        ("notes WHERE id = 9002", 1),
+        ("notes WHERE email IS NOT NULL", 0),
+    ] {
+        assert_eq!(
+            count(&db, &format!("{C} FROM {rows}")).await,
+            expected,
+            "{rows}"
+        );
+    }
+}
+
+/// The keys of erased rows were deleted once the step ended, by reading every erased table
+/// whole, and not at all when it ended transiently. Each batch now deletes the keys of the
+/// rows it deletes in its own transaction: a second batch failing transiently (a trigger
+/// raises an error read as transient) leaves the keys of the first batch's contacts gone
+/// with them, and those of the contacts still held.
+async fn bulk_erasure_after_a_return_forgets_keys_with_each_batch(url: String) {
+    let (mut connector, db) = sample(&url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let returned = export_for_return(&connector, dir.path()).await;
+    if url.starts_with("sqlite://") {
+        exec(
+            &db,
+            "CREATE TRIGGER stop BEFORE DELETE ON contacts WHEN OLD.id = 203 \
+             BEGIN SELECT RAISE(ABORT, 'database is locked'); END",
+        )
+        .await;
+    } else {
+        exec(
+            &db,
+            "CREATE FUNCTION stop() RETURNS trigger AS $f$ BEGIN IF OLD.id = 203 THEN \
+             RAISE EXCEPTION 'held' USING ERRCODE = '40001'; END IF; RETURN OLD; END \
+             $f$ LANGUAGE plpgsql",
+        )
+        .await;
+        exec(
+            &db,
+            "CREATE TRIGGER stop BEFORE DELETE ON contacts FOR EACH ROW EXECUTE FUNCTION stop()",
+        )
+        .await;
+    }
+    connector.batch_subjects = 1;
+    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let err = crate::Connector::run_bulk(&connector, &job)
+        .await
+        .unwrap_err();
+    assert!(err.is_transient(), "{err:?}");
+    let table = connector.config.returned_table();
+    assert_eq!(count(&db, &format!("{C} FROM contacts")).await, 4);
+    assert_eq!(
+        count(&db, &format!("{C} FROM {table} WHERE tbl = 'contacts'")).await,
+        4
+    );
+}
+
 /// Only tables the erasure deletes or anonymizes are recorded and checked: a ledger line
 /// added to a `keep` table refused the whole erasure though nothing erases it, and a
 /// configured view (no primary key, no rowid or ctid) failed every contract end's export.
@@ -4841,6 +4978,40 @@ async fn bulk_erasure_after_a_return_tells_sqlite_key_types_apart() {
         "{err}"
     );
     assert_eq!(count(&db, &format!("{C} FROM tokens")).await, 3);
+}
+
+/// Any failure to create the table of what contract ends returned failed the first
+/// contract end's export for good. A SQLite file whose write lock another connection holds
+/// past the busy timeout now fails it transiently, and the export runs once the lock is
+/// gone.
+#[tokio::test]
+async fn a_busy_holder_fails_the_export_creating_the_keys_table_transiently() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("accounting.db");
+    let (connector, _db) = sample(&format!("sqlite://{}", path.display())).await;
+    let locker = rusqlite::Connection::open(&path).unwrap();
+    locker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let sink = ExportSink::new(dir.path().join("ce"), vec!["billing".into()]);
+    sink.reset().await.unwrap();
+    let export = bulk_job(
+        "acme",
+        crate::BulkOp::Export,
+        Phase::Start,
+        now(),
+        Some(sink),
+    )
+    .0;
+    let err = crate::Connector::run_bulk(&connector, &export)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, crate::ConnectorError::Transient(m)
+            if m.starts_with("creating the table \"dsrelay_erasure_receipts_returned\"")),
+        "{err:?}"
+    );
+    locker.execute_batch("COMMIT").unwrap();
+    let out = crate::Connector::run_bulk(&connector, &export).await;
+    assert!(out.is_ok(), "{out:?}");
 }
 
 /// A contract end's export of a SQLite file took the write lock for its whole read (BEGIN
