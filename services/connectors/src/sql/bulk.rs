@@ -407,15 +407,29 @@ impl Scoped<'_> {
                         continue;
                     };
                     let table = rule.table.as_str();
+                    let moves = work.moves_keys.as_ref().zip(returned);
                     let anonymized = match &work.anonymize_kept {
-                        Some(update) => run(&mut tx, update)
-                            .await
-                            .map_err(|e| classify(&format!("anonymizing {table}"), &e))?,
+                        Some(update) => {
+                            let old = moves.and_then(|(m, keys)| m.kept.as_ref().zip(Some(keys)));
+                            match old {
+                                Some((old, keys)) => {
+                                    update_moving(&mut tx, old, update, table, keys).await
+                                }
+                                None => run(&mut tx, update).await,
+                            }
+                            .map_err(|e| classify(&format!("anonymizing {table}"), &e))?
+                        }
                         None => 0,
                     };
-                    let done = match returned.filter(|_| work.returns_keys) {
-                        Some(keys) => delete_forgetting(&mut tx, &work.main, table, keys).await,
-                        None => run(&mut tx, &work.main).await,
+                    let old = moves.and_then(|(m, keys)| m.main.as_ref().zip(Some(keys)));
+                    let done = match (returned.filter(|_| work.returns_keys), old) {
+                        (_, Some((old, keys))) => {
+                            update_moving(&mut tx, old, &work.main, table, keys).await
+                        }
+                        (Some(keys), None) => {
+                            delete_forgetting(&mut tx, &work.main, table, keys).await
+                        }
+                        (None, None) => run(&mut tx, &work.main).await,
                     };
                     let done = done
                         .map_err(|e| classify(&format!("{} {table}", rule.action.doing()), &e))?;
@@ -976,7 +990,17 @@ async fn delete_forgetting(
     let keys: Vec<Option<String>> = delete.query_scalar().fetch_all(&mut **tx).await?;
     let done = i64::try_from(keys.len()).unwrap_or(i64::MAX);
     // A NULL key was never recorded.
-    let keys: Vec<String> = keys.into_iter().flatten().collect();
+    forget(tx, keys.into_iter().flatten().collect(), table, returned).await?;
+    Ok(done)
+}
+
+/// Deletes `keys` from what `returned` records of `table`, in `tx`.
+async fn forget(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    keys: Vec<String>,
+    table: &str,
+    returned: ReturnedKeys<'_>,
+) -> Result<(), sqlx::Error> {
     let r = quote(returned.table);
     for chunk in keys.chunks(FORGET_CHUNK) {
         let mut b = Binds::default();
@@ -987,6 +1011,39 @@ async fn delete_forgetting(
             list.join(", ")
         ));
         forget.query().execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// Runs `update`, which returns the new key of each row it moves, after `old`, which reads
+/// (and locks) the keys of those rows ([`super::plan::ErasureWork::moves_keys`]), and
+/// replaces the old keys with the new in what `returned` records of `table`, in `tx`. The
+/// count of rows updated.
+async fn update_moving(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    old: &Statement,
+    update: &Statement,
+    table: &str,
+    returned: ReturnedKeys<'_>,
+) -> Result<i64, sqlx::Error> {
+    let old: Vec<Option<String>> = old.query_scalar().fetch_all(&mut **tx).await?;
+    let new: Vec<Option<String>> = update.query_scalar().fetch_all(&mut **tx).await?;
+    let done = i64::try_from(new.len()).unwrap_or(i64::MAX);
+    forget(tx, old.into_iter().flatten().collect(), table, returned).await?;
+    let new: Vec<String> = new.into_iter().flatten().collect();
+    let r = quote(returned.table);
+    for chunk in new.chunks(FORGET_CHUNK) {
+        let mut b = Binds::default();
+        let (job, tbl) = (b.add(returned.job), b.add(table));
+        let rows: Vec<String> = (chunk.iter())
+            .map(|k| format!("({job}, {tbl}, {})", b.add(k.as_str())))
+            .collect();
+        // A key recorded of a row removed another way may name a slot a row moved into.
+        let record = b.finish(format!(
+            "INSERT INTO {r} (job, tbl, k) VALUES {} ON CONFLICT DO NOTHING",
+            rows.join(", ")
+        ));
+        record.query().execute(&mut **tx).await?;
     }
     Ok(done)
 }

@@ -177,7 +177,9 @@
 //!   transaction, the keys of the rows a table's DELETE took (returned by the DELETE);
 //!   the job's mark and the keys of returned rows still held (kept under an obligation,
 //!   anonymized, left) stay, so that a call repeated after the end (the processor lost the
-//!   answer) is bounded as the first was. Keys of rows deleted otherwise (by hand, by an
+//!   answer) is bounded as the first was; in a table keyed by `ctid`, an anonymizing
+//!   UPDATE moves its rows, so the batch replaces their keys with the new ones (read
+//!   before it, returned by it). Keys of rows deleted otherwise (by hand, by an
 //!   `ON DELETE CASCADE`) stay too. Under a top-level row, an unrecorded child row is an
 //!   arrival that holds the parent back whatever its columns hold (one already anonymized
 //!   too), except in a child keyed by `ctid` (PostgreSQL, no primary key), where the

@@ -238,8 +238,44 @@ pub(super) struct ErasureWork {
     /// in the same transaction, so that the keys go with their rows and the keys of rows
     /// still held (kept, left) stay. Not before `main`: its confinement reads them.
     pub(super) returns_keys: bool,
+    /// After a return whose export recorded its rows, for a table keyed by `ctid`
+    /// ([`Scope::key_moves`]): per anonymizing statement (`main`, `anonymize_kept`), a
+    /// SELECT of the keys of the rows it will take (locking them), while the statement
+    /// returns their new keys; the caller replaces the first with the second in the same
+    /// transaction, so that a slot freed later does not pass a new row off as returned.
+    pub(super) moves_keys: Option<MovedKeys>,
     /// The child tables whose kept rows keep this table's rows.
     pub(super) held_for: Vec<String>,
+}
+
+/// The old keys' SELECTs of [`ErasureWork::moves_keys`].
+#[derive(Debug)]
+pub(super) struct MovedKeys {
+    /// `main`'s, when it anonymizes.
+    pub(super) main: Option<Statement>,
+    /// `anonymize_kept`'s, when there is one.
+    pub(super) kept: Option<Statement>,
+}
+
+/// `UPDATE table SET set WHERE condition` (bound by `b`) returning `key`, and the SELECT of
+/// `key` in the rows it takes, locked ([`ErasureWork::moves_keys`]); without a key, the
+/// update alone. The SELECT binds the SET's values too, unused.
+fn returning_moved(
+    table: &str,
+    set: &str,
+    condition: &str,
+    key: Option<&str>,
+    b: Binds,
+) -> (Statement, Option<Statement>) {
+    let update = format!("UPDATE {table} SET {set} WHERE {condition}");
+    let Some(key) = key else {
+        return (b.finish(update), None);
+    };
+    let old = Statement {
+        sql: format!("SELECT {key} FROM {table} WHERE {condition} FOR UPDATE"),
+        binds: b.0.clone(),
+    };
+    (b.finish(format!("{update} RETURNING {key}")), Some(old))
 }
 
 /// The statements for erasing the rows of `scope` as of `now_ms`, children first.
@@ -283,6 +319,7 @@ fn plan_keep_count(
         main,
         unreturned: None,
         returns_keys: false,
+        moves_keys: None,
         held_for: Vec::new(),
     })
 }
@@ -316,7 +353,11 @@ pub(super) fn plan_table_erasure(
         (Some(_), Action::Delete) => scope.row_key(&rule.table),
         _ => None,
     };
-    let main = {
+    let moved_key = match scope.returned {
+        Some(_) if scope.key_moves(&rule.table) => scope.row_key(&rule.table),
+        _ => None,
+    };
+    let (main, main_moved) = {
         let mut b = Binds::default();
         let set = (rule.action == Action::Anonymize).then(|| {
             anonymize_clauses(rule.anonymize.iter().map(|(c, w)| (c.as_str(), *w)), &mut b)
@@ -328,16 +369,17 @@ pub(super) fn plan_table_erasure(
         conditions.extend(confined(&mut b));
         let returning = returned_key.map_or(String::new(), |k| format!(" RETURNING {k}"));
         match set {
-            None => b.finish(format!(
-                "DELETE FROM {table} WHERE {}{returning}",
-                conditions.join(" AND ")
-            )),
+            None => (
+                b.finish(format!(
+                    "DELETE FROM {table} WHERE {}{returning}",
+                    conditions.join(" AND ")
+                )),
+                None,
+            ),
             Some((set, pending)) => {
                 conditions.push(pending);
-                b.finish(format!(
-                    "UPDATE {table} SET {set} WHERE {}",
-                    conditions.join(" AND ")
-                ))
+                let condition = conditions.join(" AND ");
+                returning_moved(&table, &set, &condition, moved_key, b)
             }
         }
     };
@@ -347,7 +389,7 @@ pub(super) fn plan_table_erasure(
             .0
             .is_empty();
     let kept_parts = |b: &mut Binds| kept_anonymization(config, rule, scope, b);
-    let anonymize_kept = anonymize.then(|| {
+    let (anonymize_kept, kept_moved) = match anonymize.then(|| {
         let mut b = Binds::default();
         let (set, pending) = kept_parts(&mut b);
         let f = filter(&mut b);
@@ -355,11 +397,12 @@ pub(super) fn plan_table_erasure(
         let confined: String = (confined(&mut b).iter())
             .map(|t| format!(" AND {t}"))
             .collect();
-        b.finish(format!(
-            "UPDATE {table} SET {} WHERE {f} AND {kept} = 1 AND ({pending}){confined}",
-            set.join(", "),
-        ))
-    });
+        let condition = format!("{f} AND {kept} = 1 AND ({pending}){confined}");
+        returning_moved(&table, &set.join(", "), &condition, moved_key, b)
+    }) {
+        Some((update, moved)) => (Some(update), moved),
+        None => (None, None),
+    };
     // The rows of the scope the two statements above would take but for their confinement
     // to recorded rows: those that arrived since the export. In a child that holds its
     // parent back ([`arrived_children`]), every unrecorded row, taken or not.
@@ -405,6 +448,10 @@ pub(super) fn plan_table_erasure(
         main,
         unreturned,
         returns_keys: returned_key.is_some(),
+        moves_keys: moved_key.map(|_| MovedKeys {
+            main: main_moved,
+            kept: kept_moved,
+        }),
         held_for: config
             .retained_children(rule)
             .into_iter()

@@ -92,7 +92,7 @@ pub(super) async fn ensure_returned_table(db: &Db, table: &str) -> Result<(), Co
         ),
     };
     let grant = format!("GRANT SELECT, INSERT, DELETE ON {t} TO <user>");
-    if let Err(e) = sqlx::query(&create).execute(&db.pool).await {
+    if let Err(e) = created_or_found(db, &create, &probe).await {
         let doing = format!(
             "creating the table {table:?} of what contract ends returned in the holder \
              database"
@@ -119,6 +119,23 @@ pub(super) async fn ensure_returned_table(db: &Db, table: &str) -> Result<(), Co
         return Err(err);
     }
     Ok(())
+}
+
+/// Runs `create`; when it fails, `probe` decides: two first exports creating the table at
+/// once can fail one on PostgreSQL (a duplicate in `pg_type`, or the table already there)
+/// although the table is then there to use. `create`'s error when the probe fails too.
+pub(super) async fn created_or_found(
+    db: &Db,
+    create: &str,
+    probe: &str,
+) -> Result<(), sqlx::Error> {
+    let Err(e) = sqlx::query(create).execute(&db.pool).await else {
+        return Ok(());
+    };
+    match sqlx::query(probe).execute(&db.pool).await {
+        Ok(_) => Ok(()),
+        Err(_) => Err(e),
+    }
 }
 
 /// Stores `report` under `key` in `tx`, as the receipt of the erasure that did this work:

@@ -4320,7 +4320,111 @@ on_both_backends!(
     bulk_erasure_after_a_return_leaves_keep_tables_and_views_alone,
     bulk_erasure_after_a_return_holds_a_parent_back_for_an_arrival_already_anonymized,
     bulk_erasure_after_a_return_forgets_keys_with_each_batch,
+    a_keys_table_created_meanwhile_is_used_when_creating_it_fails,
+    bulk_erasure_after_a_return_moves_the_keys_of_rows_it_anonymizes,
 );
+
+/// A table without a primary key (PostgreSQL keys its rows by `ctid`) whose action
+/// anonymizes: the erasure's update moved each row to a new ctid while the old key stayed
+/// recorded, so a slot freed later could pass a new row off as returned to a repeated call.
+/// Each anonymizing statement now replaces the keys of the rows it moves in its batch:
+/// after a later batch fails transiently, the recorded keys of the table are exactly those
+/// of its rows.
+async fn bulk_erasure_after_a_return_moves_the_keys_of_rows_it_anonymizes(url: String) {
+    let (_, db) = sample(&url).await;
+    exec(&db, "CREATE TABLE notes (customer_id BIGINT, body TEXT)").await;
+    exec(&db, "INSERT INTO notes SELECT id, 'x' FROM customers").await;
+    let mut config = sample_config(&url);
+    let mut rule = config.tables[0].clone();
+    rule.table = "notes".into();
+    rule.action = crate::sql::rules::Action::Anonymize;
+    rule.match_columns.clear();
+    rule.export = vec!["body".into()];
+    rule.anonymize = [(
+        "body".to_string(),
+        crate::sql::rules::AnonymizeWith::Redacted,
+    )]
+    .into_iter()
+    .collect();
+    rule.parent.as_mut().unwrap().export_matched_only = false;
+    config.tables.insert(0, rule);
+    anonymize_customers(&mut config);
+    let mut connector = SqlConnector::connect(config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let returned = export_for_return(&connector, dir.path()).await;
+    let key = match url.starts_with("sqlite://") {
+        true => {
+            exec(
+                &db,
+                "CREATE TRIGGER stop BEFORE DELETE ON contacts WHEN OLD.id = 203 \
+                 BEGIN SELECT RAISE(ABORT, 'database is locked'); END",
+            )
+            .await;
+            "CAST(notes.rowid AS TEXT)"
+        }
+        false => {
+            exec(
+                &db,
+                "CREATE FUNCTION stop() RETURNS trigger AS $f$ BEGIN IF OLD.id = 203 THEN \
+                 RAISE EXCEPTION 'held' USING ERRCODE = '40001'; END IF; RETURN OLD; END \
+                 $f$ LANGUAGE plpgsql",
+            )
+            .await;
+            exec(
+                &db,
+                "CREATE TRIGGER stop BEFORE DELETE ON contacts FOR EACH ROW \
+                 EXECUTE FUNCTION stop()",
+            )
+            .await;
+            "CAST(notes.ctid AS TEXT)"
+        }
+    };
+    connector.batch_subjects = 1;
+    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let err = crate::Connector::run_bulk(&connector, &job)
+        .await
+        .unwrap_err();
+    assert!(err.is_transient(), "{err:?}");
+    let table = connector.config.returned_table();
+    let anonymized = format!("{C} FROM notes WHERE body = '{REDACTED}'");
+    assert!(count(&db, &anonymized).await > 0);
+    assert!(count(&db, &format!("{C} FROM notes WHERE body = 'x'")).await > 0);
+    let recorded = format!("SELECT k FROM {table} WHERE tbl = 'notes'");
+    assert!(count(&db, &format!("{C} FROM ({recorded}) r")).await > 0);
+    assert_eq!(
+        count(
+            &db,
+            &format!("{C} FROM ({recorded}) r WHERE k NOT IN (SELECT {key} FROM notes)")
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &db,
+            &format!("{C} FROM notes WHERE {key} NOT IN ({recorded})")
+        )
+        .await,
+        0
+    );
+}
+
+/// Two first exports creating the keys table at once could fail one on PostgreSQL (a
+/// duplicate in pg_type), permanently though the table was there. A CREATE that fails
+/// (here: without IF NOT EXISTS, on a table created beforehand, as the other export would
+/// have) is now followed by the probe, and the table it finds is used.
+async fn a_keys_table_created_meanwhile_is_used_when_creating_it_fails(url: String) {
+    let (_, db) = sample(&url).await;
+    let create = "CREATE TABLE made_meanwhile (job TEXT NOT NULL, tbl TEXT NOT NULL, \
+                  k TEXT NOT NULL, PRIMARY KEY (job, tbl, k))";
+    exec(&db, create).await;
+    let probe = "SELECT job, tbl, k FROM made_meanwhile WHERE 1 = 0";
+    let out = super::receipt::created_or_found(&db, create, probe).await;
+    assert!(out.is_ok(), "{out:?}");
+    let missing = "SELECT job, tbl, k FROM never_made WHERE 1 = 0";
+    let out = super::receipt::created_or_found(&db, create, missing).await;
+    assert!(out.is_err(), "{out:?}");
+}
 
 /// Runs a contract end's export of `acme`'s rows; the export's last progress.
 async fn export_for_return(connector: &SqlConnector, dir: &std::path::Path) -> crate::BulkProgress {
