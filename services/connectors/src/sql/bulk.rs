@@ -9,8 +9,8 @@
 //! need). A batch thus runs a few statements per table, whatever the number of subjects.
 //! What is kept is assessed at the end with one aggregate per `retain` table.
 //!
-//! The export records the keys of the rows it returns, in the transaction of its reads
-//! ([`plan_record_returned`]); the erasure after the return refuses rows it did not record
+//! The export records the keys of the rows it returns, read in the transaction of its reads
+//! ([`plan_record_returned`]; on a SQLite file copied into the table after the read); the erasure after the return refuses rows it did not record
 //! and confines its statements to those it did ([`Scope::returned`]), see the module
 //! documentation's "Contract ends".
 

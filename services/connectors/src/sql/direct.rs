@@ -5,8 +5,9 @@
 //! the task reading it; the task took rows more slowly than SQLite yielded them, so every row
 //! woke the parked thread, and waking, parking and copying each row into sqlx's `AnyRow`
 //! cost more than reading and encoding it (docs/benchmarks.md, session 16). Writes and the
-//! reads that decide them stay on sqlx: this reads, on a connection that refuses writes,
-//! except for a contract end's record of the rows it returns (see [`read`]).
+//! reads that decide them stay on sqlx: this reads, on a connection that refuses writes
+//! (`query_only`), except for a contract end's export, whose connection is left writable for
+//! its record of the rows it returns (see [`read`]).
 //!
 //! The read is one transaction, as through sqlx: every table of an export comes from the same
 //! snapshot, which WAL gives a reader without blocking the connector's writer. A contract

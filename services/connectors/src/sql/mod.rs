@@ -167,8 +167,8 @@
 //!   rows whose key was not recorded (in an anonymized table, those not yet anonymized,
 //!   except in a child that holds its parent back, below, where every one counts):
 //!   any stops the step with a permanent error naming how many per table, before anything
-//!   is erased. Every call (a resumed one
-//!   too) confines each statement of the batches to recorded rows (a correlated `EXISTS` on
+//!   is erased. Every Start call that finds the recorded keys (the first, and one resuming
+//!   an erasure that recorded progress) confines each statement of the batches to recorded rows (a correlated `EXISTS` on
 //!   the keys' primary key), and leaves a top-level row as it is while a child row of it
 //!   that was not recorded is there, so that a row arriving while the batches run is
 //!   neither erased nor anonymized, nor orphaned. After the batches, rows the erasure would
