@@ -633,13 +633,19 @@ fn write_owner(staging: &Path, request_id: &str) -> anyhow::Result<()> {
         return Ok(());
     }
     let temp = staging.join(OWNER_TEMP_NAME);
-    let mut file = create_replacing(&temp)?;
-    file.write_all(request_id.as_bytes())
-        .with_context(|| format!("writing {}", temp.display()))?;
-    sync_file(&file, &temp)?;
+    write_synced(&temp, request_id.as_bytes())?;
     std::fs::rename(&temp, &owner)
         .with_context(|| format!("renaming {} to {}", temp.display(), owner.display()))?;
     sync_folders([staging])
+}
+
+/// Writes `bytes` to a new file at `path` (whatever had that name removed first, never
+/// written through) and syncs it.
+fn write_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut file = create_replacing(path)?;
+    file.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))?;
+    sync_file(&file, path)
 }
 
 /// Whether `root` holds the finished download of `request_id`: its `manifest.json` names
@@ -1242,16 +1248,19 @@ impl ZipSink {
 
     /// The file beside the partial zip `partial` naming the request it holds.
     fn owner_path(partial: &Path) -> PathBuf {
-        let mut owner = partial.as_os_str().to_owned();
-        owner.push(".request");
-        PathBuf::from(owner)
+        Self::beside(partial, ".request")
     }
 
     /// The lock file beside the partial zip `partial`.
     fn lock_path(partial: &Path) -> PathBuf {
-        let mut lock = partial.as_os_str().to_owned();
-        lock.push(".lock");
-        PathBuf::from(lock)
+        Self::beside(partial, ".lock")
+    }
+
+    /// `partial`'s name with `suffix` added.
+    fn beside(partial: &Path, suffix: &str) -> PathBuf {
+        let mut name = partial.as_os_str().to_owned();
+        name.push(suffix);
+        PathBuf::from(name)
     }
 
     /// The folder the zip `path` is written in.
@@ -1320,10 +1329,7 @@ impl ZipSink {
         }
         let owner = Self::owner_path(&partial);
         // No partial zip is there now: a kill amid this write leaves nothing that counts.
-        let mut file = create_replacing(&owner)?;
-        file.write_all(request_id.as_bytes())
-            .with_context(|| format!("writing {}", owner.display()))?;
-        sync_file(&file, &owner)?;
+        write_synced(&owner, request_id.as_bytes())?;
         sync_folders([Self::folder(path)])?;
         let file = File::options()
             .write(true)

@@ -726,7 +726,8 @@ pub(crate) async fn count_bulk(
     } else {
         None
     };
-    if let (Some(upto), true) = (export_upto, follows_return(req)) {
+    // Only an ERASE that follows a return is handed its export's clock (`export_upto`).
+    if let Some(upto) = export_upto {
         if let Some(refusal) = arrivals(tx, controller, upto).await? {
             return Ok(Err(refusal));
         }

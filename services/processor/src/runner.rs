@@ -622,25 +622,14 @@ async fn record_bulk_progress(
 /// claim no longer holds the task or the note failed: the holder is not called unnoted.
 async fn note_call(shared: &Shared, job: &TaskJob, seq: i64) -> Result<(), LeaseLost> {
     let now = shared.clock.now_ms();
-    match shared
-        .store
+    let noted = (shared.store)
         .call_started(&job.task.key, seq, &job.lease_owner, now)
-        .await
-    {
-        Ok(true) => Ok(()),
-        Ok(false) => {
-            tracing::warn!("task lease lost before its holder was called; the step is abandoned");
-            Err(LeaseLost)
-        }
-        Err(e) => {
-            // The lease runs out and a later claim takes the step.
-            tracing::warn!(
-                error = format!("{e:#}"),
-                "noting a holder call failed; the step is abandoned"
-            );
-            Err(LeaseLost)
-        }
-    }
+        .await;
+    noted_or_lost(
+        noted,
+        "task lease lost before its holder was called; the step is abandoned",
+        "noting a holder call failed; the step is abandoned",
+    )
 }
 
 /// Records that `job`'s contract end export starts at its holder now, in place of an earlier
@@ -651,23 +640,29 @@ async fn note_call(shared: &Shared, job: &TaskJob, seq: i64) -> Result<(), Lease
 async fn note_export_start(shared: &Shared, job: &TaskJob, seq: i64) -> Result<(), LeaseLost> {
     let now = shared.clock.now_ms();
     let (key, owner) = (&job.task.key, &job.lease_owner);
-    match (shared.store)
+    let noted = (shared.store)
         .record_export_started(key, seq, owner, now)
-        .await
-    {
+        .await;
+    noted_or_lost(
+        noted,
+        "the export's start was not recorded: the task changed meanwhile or its lease was \
+         lost to another claim; the step is abandoned",
+        "recording the export's start failed; the step is abandoned",
+    )
+}
+
+/// The answer of a guarded write made before a holder is called: [`LeaseLost`], logged with
+/// `lost` when the claim no longer holds the task, or with `failed` when the write failed (the
+/// lease then runs out and a later claim takes the step).
+fn noted_or_lost(noted: anyhow::Result<bool>, lost: &str, failed: &str) -> Result<(), LeaseLost> {
+    match noted {
         Ok(true) => Ok(()),
         Ok(false) => {
-            tracing::warn!(
-                "the export's start was not recorded: the task changed meanwhile or its lease \
-                 was lost to another claim; the step is abandoned"
-            );
+            tracing::warn!("{lost}");
             Err(LeaseLost)
         }
         Err(e) => {
-            tracing::warn!(
-                error = format!("{e:#}"),
-                "recording the export's start failed; the step is abandoned"
-            );
+            tracing::warn!(error = format!("{e:#}"), "{failed}");
             Err(LeaseLost)
         }
     }

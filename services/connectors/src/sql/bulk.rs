@@ -770,11 +770,9 @@ impl Scoped<'_> {
         let Some(returned) = &job.returned else {
             return Ok(());
         };
-        let (tables, totals) = self.returned_totals();
+        let (_, totals) = self.returned_totals();
         let held = totals.count(tx).await?;
-        let names: Vec<&str> = tables.iter().map(|t| t.table.as_str()).collect();
-        let holder = format!("sql tables {}", names.join(", "));
-        crate::check_returned(returned, &held, &holder, &job.controller)
+        crate::check_returned(returned, &held, &self.returned_holder(), &job.controller)
     }
 }
 
@@ -865,8 +863,10 @@ impl Scoped<'_> {
 
     /// The tables the export returns, as a message names the holder.
     fn returned_holder(&self) -> String {
-        let (tables, _) = self.returned_totals();
-        let names: Vec<&str> = tables.iter().map(|t| t.table.as_str()).collect();
+        let names: Vec<&str> = (self.config.tables.iter())
+            .filter(|t| returned_by_export(t))
+            .map(|t| t.table.as_str())
+            .collect();
         format!("sql tables {}", names.join(", "))
     }
 

@@ -581,10 +581,7 @@ fn taken(
     if let Some(kept) = keep(b) {
         main.push(format!("{kept} = 0"));
     }
-    if rule.action == Action::Anonymize {
-        let columns = rule.anonymize.iter().map(|(c, w)| (c.as_str(), *w));
-        main.push(anonymize_clauses(columns, b).1);
-    }
+    main.extend(anonymize_pending(rule, b));
     let mut takes = vec![match main.is_empty() {
         true => "1 = 1".to_string(),
         false => main.join(" AND "),

@@ -290,6 +290,15 @@ impl Api {
         })
     }
 
+    /// [`Api::drop_stored`] for a stream that found its bytes wrong: one whose registration
+    /// another call changed meanwhile drops nothing and is answered [`Api::superseded`].
+    async fn drop_own(&self, file: &PackageFile, generation: i64) -> Result<(), ApiError> {
+        match self.drop_stored(file, generation).await? {
+            Some(_) => Ok(()),
+            None => Err(self.superseded(file).await),
+        }
+    }
+
     /// The answer for a stream whose file's registration changed before its end: expired
     /// when the package expired meanwhile (its files deleted), else DATA_LOSS. Nothing of
     /// the file was dropped by this stream.
@@ -343,9 +352,7 @@ impl Api {
             .map(|h| hex::encode(h.finalize()))
             .unwrap_or_default();
         if end.size != up.state.offset || digest != end.sha256 {
-            if self.drop_stored(&up.file, up.generation).await?.is_none() {
-                return Err(self.superseded(&up.file).await);
-            }
+            self.drop_own(&up.file, up.generation).await?;
             return Err(ApiError::data_loss(format!(
                 "file {path}: its end gives {} bytes with SHA-256 {}, but {} bytes with SHA-256 \
                  {digest} were received; they were dropped, send the file again",
@@ -403,9 +410,7 @@ impl Api {
             self.store_empty(file).await?;
         }
         if digest != file.sha256 {
-            if self.drop_stored(file, generation).await?.is_none() {
-                return Err(self.superseded(file).await);
-            }
+            self.drop_own(file, generation).await?;
             return Err(ApiError::data_loss(format!(
                 "file {}: the {} bytes received have SHA-256 {digest}, not {} as the header \
                  says; they were dropped, send the file again",
@@ -451,9 +456,7 @@ impl Api {
         if stored == size {
             return Ok(());
         }
-        if self.drop_stored(file, generation).await?.is_none() {
-            return Err(self.superseded(file).await);
-        }
+        self.drop_own(file, generation).await?;
         Err(ApiError::data_loss(format!(
             "file {}: {size} bytes were received, but the store holds {stored} (another call \
              dropped or restarted the file meanwhile); it was dropped, send the file again",
