@@ -16,8 +16,9 @@
 
 use super::execute::{classify, ExportJob, ReadTx};
 use super::plan::{
-    anonymize_pending, holds_parent_back, plan_export, plan_record_marker, plan_record_returned,
-    plan_table_erasure, quote, subject_filter, Batch, Binds, ReturnedKeys, Scope, Statement,
+    anonymize_pending, holds_parent_back, plan_export, plan_forget_cascaded, plan_record_marker,
+    plan_record_returned, plan_table_erasure, quote, subject_filter, Batch, Binds, Cascade,
+    ReturnedKeys, Scope, Statement,
 };
 use super::retention::{day_of, parse_iso_date, DAY_MS};
 use super::rules::{Action, Retention, TableRule};
@@ -348,6 +349,11 @@ impl Scoped<'_> {
             None => job.progress.report(progress),
         }
 
+        // Outside a transaction: SQLite's pool may have one connection.
+        let cascades = match returned {
+            Some(_) => self.cascades().await?,
+            None => Vec::new(),
+        };
         let mut counts: Vec<ErasedCount> = Vec::new();
         let mut notes = Vec::new();
         let mut affected: i64 = 0;
@@ -421,6 +427,17 @@ impl Scoped<'_> {
                         }
                         None => 0,
                     };
+                    let deleted = work.deletes_where.as_ref().zip(returned);
+                    if let Some((deleted, keys)) = deleted {
+                        let cascaded = self
+                            .forget_cascaded(&mut tx, deleted, table, &cascades, keys)
+                            .await?;
+                        for (child, rows) in cascaded {
+                            add_count(&mut counts, &child, Action::Delete.done(), rows);
+                            affected = affected.saturating_add(rows);
+                            records += u64::try_from(rows).unwrap_or(0);
+                        }
+                    }
                     let old = moves.and_then(|(m, keys)| m.main.as_ref().zip(Some(keys)));
                     let done = match (returned.filter(|_| work.returns_keys), old) {
                         (_, Some((old, keys))) => {
@@ -589,6 +606,135 @@ impl Scoped<'_> {
                 erased: counts,
             },
         })
+    }
+
+    /// Before a DELETE from `table` of the rows `deleted` selects, in its transaction:
+    /// deletes the recorded keys of the rows of erased tables that its `ON DELETE CASCADE`s
+    /// (`cascades`, directly or through other configured tables) take with them, which no
+    /// statement of the erasure returns, so that a row given one of those keys later does
+    /// not read as returned. Per table, the rows whose keys it deleted: all of them go.
+    async fn forget_cascaded(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        deleted: &Statement,
+        table: &str,
+        cascades: &[Cascade],
+        returned: ReturnedKeys<'_>,
+    ) -> Result<Vec<(String, i64)>, ConnectorError> {
+        let mut forgotten = Vec::new();
+        for path in cascade_paths(cascades, table) {
+            let Some(child) = path.last().map(|c| c.child.as_str()) else {
+                continue;
+            };
+            let erased =
+                (self.config.tables.iter()).any(|t| t.table == child && t.action != Action::Keep);
+            let Some(key) = self.types.row_key(child).filter(|_| erased) else {
+                continue;
+            };
+            let Some(forget) = plan_forget_cascaded(deleted, &path, key, returned) else {
+                continue;
+            };
+            let rows = run(tx, &forget).await.map_err(|e| {
+                let doing = format!(
+                    "forgetting the keys of the rows of {child} that deleting from {table} \
+                     deletes through ON DELETE CASCADE"
+                );
+                classify(&doing, &e)
+            })?;
+            if rows > 0 {
+                forgotten.push((child.to_string(), rows));
+            }
+        }
+        Ok(forgotten)
+    }
+
+    /// The foreign keys between two configured tables whose `ON DELETE CASCADE` deletes a
+    /// child table's rows with its parent's, read from the database's catalog once per
+    /// step of an erasure after a return. A foreign key of a table on itself is left out:
+    /// forgetting its rows' keys before the DELETE would take them out of the DELETE.
+    async fn cascades(&self) -> Result<Vec<Cascade>, ConnectorError> {
+        let sql = match self.db.backend {
+            Backend::Sqlite => {
+                "SELECT CAST(id AS TEXT), CAST(seq AS BIGINT), \"table\", \"from\", \"to\" \
+                 FROM pragma_foreign_key_list($1) WHERE upper(on_delete) = 'CASCADE' \
+                 ORDER BY id, seq"
+            }
+            // The parent as the statements find it: by its name through the search path.
+            Backend::Postgres => {
+                "SELECT CAST(c.conname AS TEXT), CAST(k.ord AS BIGINT), \
+                 CAST(pc.relname AS TEXT), CAST(a.attname AS TEXT), CAST(pa.attname AS TEXT) \
+                 FROM pg_catalog.pg_constraint c \
+                 CROSS JOIN LATERAL unnest(c.conkey, c.confkey) WITH ORDINALITY \
+                 AS k(child_no, parent_no, ord) \
+                 JOIN pg_catalog.pg_class pc ON pc.oid = c.confrelid \
+                 JOIN pg_catalog.pg_attribute a ON a.attrelid = c.conrelid \
+                 AND a.attnum = k.child_no \
+                 JOIN pg_catalog.pg_attribute pa ON pa.attrelid = c.confrelid \
+                 AND pa.attnum = k.parent_no \
+                 WHERE c.contype = 'f' AND c.confdeltype = 'c' \
+                 AND c.conrelid = to_regclass($1) \
+                 AND c.confrelid = to_regclass(quote_ident(pc.relname)) \
+                 ORDER BY 1, 2"
+            }
+        };
+        type Link = (String, i64, String, String, Option<String>);
+        let mut cascades: Vec<Cascade> = Vec::new();
+        for child in &self.config.tables {
+            let name = match self.db.backend {
+                Backend::Sqlite => child.table.clone(),
+                Backend::Postgres => quote(&child.table),
+            };
+            let doing = format!("reading the foreign keys of {}", child.table);
+            let links: Vec<Link> = sqlx::query_as(sql)
+                .bind(name)
+                .fetch_all(&self.db.pool)
+                .await
+                .map_err(|e| classify(&doing, &e))?;
+            let mut last_id = None;
+            for (id, _, parent, column, parent_column) in links {
+                // As the statements name it: SQLite's names ignore ASCII case.
+                let Some(parent) = (self.config.tables.iter())
+                    .map(|t| t.table.as_str())
+                    .find(|t| match self.db.backend {
+                        Backend::Sqlite => t.eq_ignore_ascii_case(&parent),
+                        Backend::Postgres => *t == parent,
+                    })
+                    .filter(|p| *p != child.table)
+                else {
+                    continue;
+                };
+                if last_id.as_ref() != Some(&id) {
+                    last_id = Some(id);
+                    cascades.push(Cascade {
+                        child: child.table.clone(),
+                        columns: Vec::new(),
+                        parent: parent.to_string(),
+                        parent_columns: Vec::new(),
+                    });
+                }
+                if let Some(c) = cascades.last_mut() {
+                    c.columns.push(column);
+                    // SQLite leaves out the columns of a key naming none: the parent's
+                    // primary key, read below.
+                    c.parent_columns.extend(parent_column);
+                }
+            }
+        }
+        for c in &mut cascades {
+            if c.parent_columns.is_empty() {
+                let doing = format!("reading the primary key of {}", c.parent);
+                c.parent_columns = sqlx::query_scalar(
+                    "SELECT name FROM pragma_table_info($1) WHERE pk > 0 ORDER BY pk",
+                )
+                .bind(c.parent.clone())
+                .fetch_all(&self.db.pool)
+                .await
+                .map_err(|e| classify(&doing, &e))?;
+            }
+        }
+        // A key whose columns could not all be paired is not used: its rows cannot be found.
+        cascades.retain(|c| c.columns.len() == c.parent_columns.len());
+        Ok(cascades)
     }
 
     /// The last key of `batch`: the `size`-th key after its `after`, or `None` when at most
@@ -962,6 +1108,26 @@ fn batch_key(config: &super::SqlConnectorConfig, top: &TableRule) -> String {
         })
         .or_else(|| top.match_columns.values().next().cloned())
         .unwrap_or_default()
+}
+
+/// The chains of `cascades` that a DELETE from `table` sets off: each cascade from it, and
+/// each from a table a chain reaches, never through a table twice.
+fn cascade_paths<'c>(cascades: &'c [Cascade], table: &str) -> Vec<Vec<&'c Cascade>> {
+    let mut paths = Vec::new();
+    let mut open: Vec<Vec<&Cascade>> = vec![Vec::new()];
+    while let Some(path) = open.pop() {
+        let from = path.last().map_or(table, |c| c.child.as_str());
+        for c in cascades.iter().filter(|c| c.parent == from) {
+            let seen = c.child == table || path.iter().any(|p| p.child == c.child);
+            if !seen {
+                let mut longer = path.clone();
+                longer.push(c);
+                open.push(longer.clone());
+                paths.push(longer);
+            }
+        }
+    }
+    paths
 }
 
 /// Runs `s`; the rows it changed.

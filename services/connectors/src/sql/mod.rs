@@ -174,17 +174,21 @@
 //!   neither erased nor anonymized, nor orphaned. After the batches, rows the erasure would
 //!   have taken but for that confinement (arrivals) stop the step with a permanent error
 //!   saying how many, where, what was erased and what was kept. Each batch deletes, in its
-//!   transaction, the keys of the rows a table's DELETE took (returned by the DELETE);
-//!   the job's mark and the keys of returned rows still held (kept under an obligation,
-//!   anonymized, left) stay, so that a call repeated after the end (the processor lost the
-//!   answer) is bounded as the first was; in a table keyed by `ctid`, an anonymizing
-//!   UPDATE moves its rows, so the batch replaces their keys with the new ones (read
-//!   before it, returned by it). Keys of rows deleted otherwise (by hand, by an
-//!   `ON DELETE CASCADE`) stay too. Under a top-level row, an unrecorded child row is an
-//!   arrival that holds the parent back whatever its columns hold (one already anonymized
-//!   too), except in a child keyed by `ctid` (PostgreSQL, no primary key), where the
-//!   erasure's anonymizing update gives rows new keys: there only an unrecorded row its
-//!   statements would take is one. Limits: a row
+//!   transaction, the keys of the rows a table's DELETE took (returned by the DELETE), and
+//!   before that DELETE the keys of the rows of erased tables that its `ON DELETE CASCADE`
+//!   takes (found through the rows it deletes, by the foreign keys the catalog lists
+//!   between configured tables, directly or through one another, but not a table's key on
+//!   itself; those rows are counted as deleted in their table); the job's mark and the keys
+//!   of returned rows still held (kept under an obligation, anonymized, left) stay, so that
+//!   a call repeated after the end (the processor lost the answer) is bounded as the first
+//!   was; in a table keyed by `ctid`, an anonymizing UPDATE moves its rows, so the batch
+//!   replaces their keys with the new ones (read before it, returned by it). The keys of
+//!   rows deleted outside the connector (by hand, or by a cascade through a table the rules
+//!   do not list) cannot be seen this way and stay. Under a top-level row, an unrecorded
+//!   child row is an arrival that holds the parent back whatever its columns hold (one
+//!   already anonymized too), except in a child keyed by `ctid` (PostgreSQL, no primary
+//!   key), where the erasure's anonymizing update gives rows new keys: there only an
+//!   unrecorded row its statements would take is one. Limits: a row
 //!   changed, not added, after the export keeps its key and is erased in its new form; a
 //!   row whose key is NULL (SQLite allows one in a primary key other than INTEGER PRIMARY
 //!   KEY) is never recorded, so it stops the erasure as an arrival; a key used again makes

@@ -244,6 +244,10 @@ pub(super) struct ErasureWork {
     /// returns their new keys; the caller replaces the first with the second in the same
     /// transaction, so that a slot freed later does not pass a new row off as returned.
     pub(super) moves_keys: Option<MovedKeys>,
+    /// With [`Self::returns_keys`]: `main`'s WHERE condition (its `sql`) and its values,
+    /// from which [`plan_forget_cascaded`] finds, before `main` runs, the rows its DELETE
+    /// takes through an `ON DELETE CASCADE`.
+    pub(super) deletes_where: Option<Statement>,
     /// The child tables whose kept rows keep this table's rows.
     pub(super) held_for: Vec<String>,
 }
@@ -320,6 +324,7 @@ fn plan_keep_count(
         unreturned: None,
         returns_keys: false,
         moves_keys: None,
+        deletes_where: None,
         held_for: Vec::new(),
     })
 }
@@ -357,6 +362,7 @@ pub(super) fn plan_table_erasure(
         Some(_) if scope.key_moves(&rule.table) => scope.row_key(&rule.table),
         _ => None,
     };
+    let mut deletes_where = None;
     let (main, main_moved) = {
         let mut b = Binds::default();
         let set = (rule.action == Action::Anonymize).then(|| {
@@ -369,13 +375,17 @@ pub(super) fn plan_table_erasure(
         conditions.extend(confined(&mut b));
         let returning = returned_key.map_or(String::new(), |k| format!(" RETURNING {k}"));
         match set {
-            None => (
-                b.finish(format!(
-                    "DELETE FROM {table} WHERE {}{returning}",
-                    conditions.join(" AND ")
-                )),
-                None,
-            ),
+            None => {
+                let condition = conditions.join(" AND ");
+                if returned_key.is_some() {
+                    deletes_where = Some(Statement {
+                        sql: condition.clone(),
+                        binds: b.0.clone(),
+                    });
+                }
+                let delete = format!("DELETE FROM {table} WHERE {condition}{returning}");
+                (b.finish(delete), None)
+            }
             Some((set, pending)) => {
                 conditions.push(pending);
                 let condition = conditions.join(" AND ");
@@ -452,6 +462,7 @@ pub(super) fn plan_table_erasure(
             main: main_moved,
             kept: kept_moved,
         }),
+        deletes_where,
         held_for: config
             .retained_children(rule)
             .into_iter()
@@ -749,6 +760,62 @@ pub(super) fn plan_record_returned(
          WHERE {filter} AND {key} IS NOT NULL ON CONFLICT DO NOTHING",
         quote(returned.table),
         quote(&rule.table),
+    )))
+}
+
+/// A foreign key of `child` whose `ON DELETE CASCADE` deletes the rows whose `columns`
+/// equal the `parent_columns` of a row deleted from `parent`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Cascade {
+    pub(super) child: String,
+    pub(super) columns: Vec<String>,
+    pub(super) parent: String,
+    pub(super) parent_columns: Vec<String>,
+}
+
+/// Deletes from what `returned` records of the last table of `path` the keys (its row key
+/// `key`) of the rows that the cascades of `path`, one after the other, delete with the rows
+/// of the first link's parent that `deleted` selects ([`ErasureWork::deletes_where`]). Run
+/// before that DELETE, in its transaction: after it the rows are gone. The rows are found
+/// through the deleted parents alone (uncorrelated `IN`s, which an index on each foreign
+/// key's columns serves; without one the child table is read whole, as the cascade itself
+/// reads it), and their keys by the keys' primary key, not by reading the job's keys.
+pub(super) fn plan_forget_cascaded(
+    deleted: &Statement,
+    path: &[&Cascade],
+    key: &str,
+    returned: ReturnedKeys<'_>,
+) -> Option<Statement> {
+    let (first, last) = (path.first()?, path.last()?);
+    let columns = |table: &str, columns: &[String]| {
+        (columns.iter())
+            .map(|c| format!("{}.{}", quote(table), quote(c)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut rows = format!(
+        "SELECT {} FROM {} WHERE {}",
+        columns(&first.parent, &first.parent_columns),
+        quote(&first.parent),
+        deleted.sql
+    );
+    for (i, link) in path.iter().enumerate() {
+        let selected = match path.get(i + 1) {
+            Some(next) => columns(&link.child, &next.parent_columns),
+            None => key.to_string(),
+        };
+        rows = format!(
+            "SELECT {selected} FROM {} WHERE ({}) IN ({rows})",
+            quote(&link.child),
+            columns(&link.child, &link.columns)
+        );
+    }
+    // The condition's placeholders are the first: its values come first.
+    let mut b = Binds(deleted.binds.clone());
+    let (job, tbl) = (b.add(returned.job), b.add(last.child.as_str()));
+    Some(b.finish(format!(
+        "DELETE FROM {} WHERE job = {job} AND tbl = {tbl} AND k IN ({rows})",
+        quote(returned.table)
     )))
 }
 
