@@ -14,11 +14,13 @@
 //! and confines its statements to those it did ([`Scope::returned`]), see the module
 //! documentation's "Contract ends".
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use super::execute::{classify, ExportJob, ReadTx};
 use super::plan::{
-    anonymize_pending, holds_parent_back, plan_export, plan_forget_cascaded, plan_record_marker,
-    plan_record_returned, plan_table_erasure, quote, subject_filter, Batch, Binds, Cascade,
-    ReturnedKeys, Scope, Statement,
+    anonymize_pending, cascade_held, cascade_paths, holds_parent_back, plan_cascaded_keys,
+    plan_export, plan_record_marker, plan_record_returned, plan_table_erasure, quote,
+    subject_filter, Batch, Binds, Cascade, ReturnedKeys, Scope, Statement,
 };
 use super::retention::{day_of, parse_iso_date, DAY_MS};
 use super::rules::{Action, Retention, TableRule};
@@ -191,6 +193,7 @@ impl Scoped<'_> {
                 let returned = ReturnedKeys {
                     table: &keys_table,
                     job: &job.job_id,
+                    cascades: &[],
                 };
                 writes.push(self.forget_statement(returned));
                 writes.push(plan_record_marker(returned));
@@ -287,6 +290,7 @@ impl Scoped<'_> {
         let returned = ReturnedKeys {
             table: &keys_table,
             job: export,
+            cascades: &[],
         };
         self.erase_batches(job, batch_subjects, Some(returned))
             .await
@@ -305,10 +309,19 @@ impl Scoped<'_> {
             .iter()
             .filter(|t| t.action != Action::Keep)
             .collect();
+        // Outside a transaction: SQLite's pool may have one connection.
+        let cascades = match returned {
+            Some(_) => self.cascades().await?,
+            None => Vec::new(),
+        };
+        let returned = returned.map(|r| ReturnedKeys {
+            cascades: &cascades,
+            ..r
+        });
         let mut tx = self.begin().await?;
         match returned {
             Some(keys) if job.returned.is_some() => {
-                let arrived = self.unrecorded(&mut tx, keys).await?;
+                let arrived = self.unrecorded(&mut tx, keys, job.now_ms).await?;
                 if !arrived.is_empty() {
                     return Err(self.arrived_before(&arrived, &job.controller));
                 }
@@ -349,11 +362,6 @@ impl Scoped<'_> {
             None => job.progress.report(progress),
         }
 
-        // Outside a transaction: SQLite's pool may have one connection.
-        let cascades = match returned {
-            Some(_) => self.cascades().await?,
-            None => Vec::new(),
-        };
         let mut counts: Vec<ErasedCount> = Vec::new();
         let mut notes = Vec::new();
         let mut affected: i64 = 0;
@@ -427,17 +435,13 @@ impl Scoped<'_> {
                         }
                         None => 0,
                     };
-                    let deleted = work.deletes_where.as_ref().zip(returned);
-                    if let Some((deleted, keys)) = deleted {
-                        let cascaded = self
-                            .forget_cascaded(&mut tx, deleted, table, &cascades, keys)
-                            .await?;
-                        for (child, rows) in cascaded {
-                            add_count(&mut counts, &child, Action::Delete.done(), rows);
-                            affected = affected.saturating_add(rows);
-                            records += u64::try_from(rows).unwrap_or(0);
+                    let cascaded = match work.deletes_where.as_ref().zip(returned) {
+                        Some((deleted, _)) => {
+                            self.cascaded_keys(&mut tx, deleted, table, &cascades)
+                                .await?
                         }
-                    }
+                        None => Vec::new(),
+                    };
                     let old = moves.and_then(|(m, keys)| m.main.as_ref().zip(Some(keys)));
                     let done = match (returned.filter(|_| work.returns_keys), old) {
                         (_, Some((old, keys))) => {
@@ -450,6 +454,21 @@ impl Scoped<'_> {
                     };
                     let done = done
                         .map_err(|e| classify(&format!("{} {table}", rule.action.doing()), &e))?;
+                    for (child, keys) in cascaded {
+                        let rows = i64::try_from(keys.len()).unwrap_or(i64::MAX);
+                        if let Some(returned) = returned {
+                            forget(&mut tx, keys, &child, returned).await.map_err(|e| {
+                                let doing = format!(
+                                    "forgetting the keys of the rows of {child} that deleting \
+                                     from {table} deleted through ON DELETE CASCADE"
+                                );
+                                classify(&doing, &e)
+                            })?;
+                        }
+                        add_count(&mut counts, &child, Action::Delete.done(), rows);
+                        affected = affected.saturating_add(rows);
+                        records += u64::try_from(rows).unwrap_or(0);
+                    }
                     add_count(&mut counts, table, rule.action.done(), done);
                     if anonymized > 0 {
                         add_count(&mut counts, table, "anonymized", anonymized);
@@ -608,21 +627,40 @@ impl Scoped<'_> {
         })
     }
 
-    /// Before a DELETE from `table` of the rows `deleted` selects, in its transaction:
-    /// deletes the recorded keys of the rows of erased tables that its `ON DELETE CASCADE`s
-    /// (`cascades`, directly or through other configured tables) take with them, which no
-    /// statement of the erasure returns, so that a row given one of those keys later does
-    /// not read as returned. Per table, the rows whose keys it deleted: all of them go.
-    async fn forget_cascaded(
+    /// Before a DELETE from `table` of the rows `deleted` selects, in its transaction: per
+    /// erased table, the keys of the rows that its `ON DELETE CASCADE`s (`cascades`,
+    /// directly or through other configured tables) take with them, which no statement of
+    /// the erasure returns; the caller deletes them from what the export recorded after the
+    /// DELETE, so that a row given one of those keys later does not read as returned. On
+    /// PostgreSQL the rows to delete are locked first: a row inserted under one of them
+    /// meanwhile would hold it back ([`super::plan::ErasureWork::deletes_where`]) after its
+    /// rows' keys were read, which would then be forgotten though the rows stay.
+    async fn cascaded_keys(
         &self,
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
         deleted: &Statement,
         table: &str,
         cascades: &[Cascade],
-        returned: ReturnedKeys<'_>,
-    ) -> Result<Vec<(String, i64)>, ConnectorError> {
-        let mut forgotten = Vec::new();
-        for path in cascade_paths(cascades, table) {
+    ) -> Result<Vec<(String, Vec<String>)>, ConnectorError> {
+        let paths = cascade_paths(cascades, table);
+        if paths.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.db.backend == Backend::Postgres {
+            let lock = Statement {
+                sql: format!(
+                    "SELECT 1 FROM {} WHERE {} FOR UPDATE",
+                    quote(table),
+                    deleted.sql
+                ),
+                binds: deleted.binds.clone(),
+            };
+            run(tx, &lock)
+                .await
+                .map_err(|e| classify(&format!("locking the rows to delete from {table}"), &e))?;
+        }
+        let mut cascaded: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for path in paths {
             let Some(child) = path.last().map(|c| c.child.as_str()) else {
                 continue;
             };
@@ -631,21 +669,24 @@ impl Scoped<'_> {
             let Some(key) = self.types.row_key(child).filter(|_| erased) else {
                 continue;
             };
-            let Some(forget) = plan_forget_cascaded(deleted, &path, key, returned) else {
+            let Some(select) = plan_cascaded_keys(deleted, &path, key) else {
                 continue;
             };
-            let rows = run(tx, &forget).await.map_err(|e| {
-                let doing = format!(
-                    "forgetting the keys of the rows of {child} that deleting from {table} \
-                     deletes through ON DELETE CASCADE"
-                );
-                classify(&doing, &e)
-            })?;
-            if rows > 0 {
-                forgotten.push((child.to_string(), rows));
-            }
+            let keys: Vec<Option<String>> = (select.query_scalar().fetch_all(&mut **tx).await)
+                .map_err(|e| {
+                    let doing = format!(
+                        "reading the keys of the rows of {child} that deleting from {table} \
+                         deletes through ON DELETE CASCADE"
+                    );
+                    classify(&doing, &e)
+                })?;
+            // A NULL key was never recorded. A row two chains reach is one row.
+            (cascaded.entry(child.to_string()).or_default()).extend(keys.into_iter().flatten());
         }
-        Ok(forgotten)
+        Ok((cascaded.into_iter())
+            .filter(|(_, keys)| !keys.is_empty())
+            .map(|(child, keys)| (child, keys.into_iter().collect()))
+            .collect())
     }
 
     /// The foreign keys between two configured tables whose `ON DELETE CASCADE` deletes a
@@ -926,12 +967,14 @@ impl Scoped<'_> {
     /// The rows of each table the erasure deletes or anonymizes that the export did not
     /// record (an anonymized table's only while not yet anonymized, which its erasure would
     /// still take, but every one in a child that holds its parent back,
-    /// [`holds_parent_back`]): those not among the rows it returned. A `keep` table is not
+    /// [`holds_parent_back`]), and those a cascade would take with a row the erasure deletes
+    /// ([`cascade_held`]): those not among the rows it returned. A `keep` table is not
     /// looked at: nothing erases a row added there. Only tables with such rows.
     async fn unrecorded(
         &self,
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
         keys: ReturnedKeys<'_>,
+        now_ms: i64,
     ) -> Result<Vec<Arrived>, ConnectorError> {
         let scope = Scope {
             returned: Some(keys),
@@ -952,9 +995,16 @@ impl Scoped<'_> {
                 false => anonymize_pending(rule, &mut b),
             };
             let pending = pending.map(|p| format!(" AND {p}")).unwrap_or_default();
+            let own = format!("{filter} AND NOT ({recorded}){pending}");
+            let held: String = (cascade_held(self.config, rule, scope, now_ms, &mut b).iter())
+                .map(|h| format!(" OR {h}"))
+                .collect();
+            let rows = match held.is_empty() {
+                true => own,
+                false => format!("({own}){held}"),
+            };
             let count = b.finish(format!(
-                "SELECT CAST(COUNT(*) AS BIGINT) FROM {} WHERE {filter} \
-                 AND NOT ({recorded}){pending}",
+                "SELECT CAST(COUNT(*) AS BIGINT) FROM {} WHERE {rows}",
                 quote(&rule.table)
             ));
             let doing = format!(
@@ -972,8 +1022,8 @@ impl Scoped<'_> {
     /// After the batches: the rows of each table the erasure handles that its statements
     /// would have taken but for their confinement to recorded rows (a row that was already
     /// anonymized, or that an obligation keeps as it is, is not one, but in a child not
-    /// keyed by `ctid` every unrecorded row is, as it holds its parent back): those that
-    /// arrived while it ran.
+    /// keyed by `ctid` every unrecorded row is, as it holds its parent back, and so is one
+    /// that a cascade would have taken, [`cascade_held`]): those that arrived while it ran.
     async fn arrived_meanwhile(
         &self,
         erased_tables: &[&TableRule],
@@ -1108,26 +1158,6 @@ fn batch_key(config: &super::SqlConnectorConfig, top: &TableRule) -> String {
         })
         .or_else(|| top.match_columns.values().next().cloned())
         .unwrap_or_default()
-}
-
-/// The chains of `cascades` that a DELETE from `table` sets off: each cascade from it, and
-/// each from a table a chain reaches, never through a table twice.
-fn cascade_paths<'c>(cascades: &'c [Cascade], table: &str) -> Vec<Vec<&'c Cascade>> {
-    let mut paths = Vec::new();
-    let mut open: Vec<Vec<&Cascade>> = vec![Vec::new()];
-    while let Some(path) = open.pop() {
-        let from = path.last().map_or(table, |c| c.child.as_str());
-        for c in cascades.iter().filter(|c| c.parent == from) {
-            let seen = c.child == table || path.iter().any(|p| p.child == c.child);
-            if !seen {
-                let mut longer = path.clone();
-                longer.push(c);
-                open.push(longer.clone());
-                paths.push(longer);
-            }
-        }
-    }
-    paths
 }
 
 /// Runs `s`; the rows it changed.

@@ -175,11 +175,12 @@
 //!   have taken but for that confinement (arrivals) stop the step with a permanent error
 //!   saying how many, where, what was erased and what was kept. Each batch deletes, in its
 //!   transaction, the keys of the rows a table's DELETE took (returned by the DELETE), and
-//!   before that DELETE the keys of the rows of erased tables that its `ON DELETE CASCADE`
-//!   takes (found through the rows it deletes, by the foreign keys the catalog lists
-//!   between configured tables, directly or through one another, but not a table's key on
-//!   itself; those rows are counted as deleted in their table); the job's mark and the keys
-//!   of returned rows still held (kept under an obligation, anonymized, left) stay, so that
+//!   the keys of the rows of erased tables that its `ON DELETE CASCADE` took (read before
+//!   it through the rows it deletes, which PostgreSQL locks first so that no row arrives
+//!   under them in between, by the foreign keys the catalog lists between configured
+//!   tables, directly or through one another, but not a table's key on itself; those rows
+//!   are counted as deleted in their table); the job's mark and the keys of returned rows
+//!   still held (kept under an obligation, anonymized, left) stay, so that
 //!   a call repeated after the end (the processor lost the answer) is bounded as the first
 //!   was; in a table keyed by `ctid`, an anonymizing UPDATE moves its rows, so the batch
 //!   replaces their keys with the new ones (read before it, returned by it). The keys of
@@ -188,7 +189,10 @@
 //!   child row is an arrival that holds the parent back whatever its columns hold (one
 //!   already anonymized too), except in a child keyed by `ctid` (PostgreSQL, no primary
 //!   key), where the erasure's anonymizing update gives rows new keys: there only an
-//!   unrecorded row its statements would take is one. Limits: a row
+//!   unrecorded row its statements would take is one. Alike, a row whose DELETE would take
+//!   through those cascades an unrecorded row of an erased table stays, and so does the
+//!   top-level row it belongs to; that row is an arrival, counted in its table, whether or
+//!   not the table's own statements would take it. Limits: a row
 //!   changed, not added, after the export keeps its key and is erased in its new form; a
 //!   row whose key is NULL (SQLite allows one in a primary key other than INTEGER PRIMARY
 //!   KEY) is never recorded, so it stops the erasure as an arrival; a key used again makes

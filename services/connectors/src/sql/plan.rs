@@ -105,6 +105,10 @@ pub(super) struct ReturnedKeys<'a> {
     pub(super) table: &'a str,
     /// The export's job id, which they are recorded under.
     pub(super) job: &'a str,
+    /// For the erasure: the `ON DELETE CASCADE`s between configured tables, through which a
+    /// DELETE would take unrecorded rows, so that their parent rows are held back
+    /// ([`cascade_holds`]); empty where the catalog was not read.
+    pub(super) cascades: &'a [Cascade],
 }
 
 impl Scope<'_> {
@@ -231,7 +235,8 @@ pub(super) struct ErasureWork {
     /// After a return whose export recorded its rows ([`Scope::returned`]): counts the rows
     /// `main` and `anonymize_kept` would take but do not, as the export did not record
     /// them; in a child keyed other than by `ctid`, every row it did not record, as such a
-    /// row holds its parent back.
+    /// row holds its parent back; and each row a cascade would have taken unrecorded
+    /// ([`cascade_held`]).
     pub(super) unreturned: Option<Statement>,
     /// After a return whose export recorded its rows, for a table whose action deletes:
     /// `main` returns the key of each row it deletes, whose recorded key the caller deletes
@@ -245,7 +250,7 @@ pub(super) struct ErasureWork {
     /// transaction, so that a slot freed later does not pass a new row off as returned.
     pub(super) moves_keys: Option<MovedKeys>,
     /// With [`Self::returns_keys`]: `main`'s WHERE condition (its `sql`) and its values,
-    /// from which [`plan_forget_cascaded`] finds, before `main` runs, the rows its DELETE
+    /// from which [`plan_cascaded_keys`] finds, before `main` runs, the rows its DELETE
     /// takes through an `ON DELETE CASCADE`.
     pub(super) deletes_where: Option<Statement>,
     /// The child tables whose kept rows keep this table's rows.
@@ -376,6 +381,9 @@ pub(super) fn plan_table_erasure(
         let returning = returned_key.map_or(String::new(), |k| format!(" RETURNING {k}"));
         match set {
             None => {
+                if returned_key.is_some() {
+                    conditions.extend(cascade_holds(config, rule, scope, now_ms, &mut b));
+                }
                 let condition = conditions.join(" AND ");
                 if returned_key.is_some() {
                     deletes_where = Some(Statement {
@@ -415,7 +423,8 @@ pub(super) fn plan_table_erasure(
     };
     // The rows of the scope the two statements above would take but for their confinement
     // to recorded rows: those that arrived since the export. In a child that holds its
-    // parent back ([`arrived_children`]), every unrecorded row, taken or not.
+    // parent back ([`arrived_children`]), every unrecorded row, taken or not; and the rows
+    // for which a cascade holds a row back ([`cascade_held`]).
     let holds_parent = holds_parent_back(config, rule, scope);
     let unreturned = scope.returned.map(|_| {
         let mut b = Binds::default();
@@ -425,10 +434,14 @@ pub(super) fn plan_table_erasure(
             true => "1 = 1".to_string(),
             false => taken(config, rule, scope, now_ms, &mut b),
         };
-        b.finish(format!(
-            "SELECT CAST(COUNT(*) AS BIGINT) FROM {table} WHERE {f} AND NOT ({recorded}) \
-             AND {takes}"
-        ))
+        let held: String = (cascade_held(config, rule, scope, now_ms, &mut b).iter())
+            .map(|h| format!(" OR {h}"))
+            .collect();
+        let own = format!("{f} AND NOT ({recorded}) AND {takes}");
+        b.finish(match held.is_empty() {
+            true => format!("SELECT CAST(COUNT(*) AS BIGINT) FROM {table} WHERE {own}"),
+            false => format!("SELECT CAST(COUNT(*) AS BIGINT) FROM {table} WHERE ({own}){held}"),
+        })
     });
     let count_kept = keeps.then(|| {
         let mut b = Binds::default();
@@ -541,22 +554,174 @@ fn arrived_children(
         .filter(|t| t.action != Action::Keep)
         .filter_map(|t| Some((t, t.parent.as_ref()?)))
         .filter(|(_, link)| link.table == rule.table)
-        .map(|(child, link)| {
+        .flat_map(|(child, link)| {
             let c = quote(&child.table);
+            let under = format!(
+                "{c}.{} = {}.{}",
+                quote(&link.column),
+                quote(&rule.table),
+                quote(&link.parent_column),
+            );
             let recorded = scope.recorded(&child.table, b).unwrap_or_default();
             let takes = match scope.key_moves(&child.table) {
                 true => taken(config, child, scope, now_ms, b),
                 false => "1 = 1".to_string(),
             };
-            format!(
-                "NOT EXISTS (SELECT 1 FROM {c} WHERE {c}.{} = {}.{} AND NOT ({recorded}) \
-                 AND {takes})",
-                quote(&link.column),
-                quote(&rule.table),
-                quote(&link.parent_column),
-            )
+            let mut terms = vec![format!(
+                "NOT EXISTS (SELECT 1 FROM {c} WHERE {under} AND NOT ({recorded}) AND {takes})"
+            )];
+            // A child row that a cascade's arrival holds back ([`cascade_holds`]) holds the
+            // row back too, so that it stays found through it.
+            let deletes = child.action == Action::Delete && scope.row_key(&child.table).is_some();
+            let holds = match deletes {
+                true => cascade_holds(config, child, scope, now_ms, b),
+                false => Vec::new(),
+            };
+            if !holds.is_empty() {
+                terms.push(format!(
+                    "NOT EXISTS (SELECT 1 FROM {c} WHERE {under} AND NOT ({}))",
+                    holds.join(" AND ")
+                ));
+            }
+            terms
         })
         .collect()
+}
+
+/// A row of `table` (as the statement names it) that the export did not record and that
+/// holds back a row whose DELETE would take it through an `ON DELETE CASCADE`, judged as
+/// [`arrived_children`] judges a child row: every unrecorded one, but in a table keyed by
+/// `ctid` only one its statements would take. `None` for a table the erasure does not handle
+/// (a `keep` table, or one no rule names): the export records no keys there.
+fn cascade_unrecorded(
+    config: &SqlConnectorConfig,
+    table: &str,
+    scope: Scope<'_>,
+    now_ms: i64,
+    b: &mut Binds,
+) -> Option<String> {
+    let rule = (config.tables.iter()).find(|t| t.table == table && t.action != Action::Keep)?;
+    let recorded = scope.recorded(table, b)?;
+    let takes = match scope.key_moves(table) {
+        true => format!(" AND {}", taken(config, rule, scope, now_ms, b)),
+        false => String::new(),
+    };
+    Some(format!("NOT ({recorded}){takes}"))
+}
+
+/// `link`'s foreign key as a condition joining a row of its child to one of its parent.
+fn cascade_join(link: &Cascade) -> String {
+    let (child, parent) = (quote(&link.child), quote(&link.parent));
+    (link.columns.iter().zip(&link.parent_columns))
+        .map(|(c, p)| format!("{child}.{} = {parent}.{}", quote(c), quote(p)))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// For a table whose DELETE returns keys, after a return ([`ReturnedKeys::cascades`]): per chain
+/// of cascades its DELETE sets off ([`cascade_paths`]), that no row the chain would take is
+/// one the export did not record ([`cascade_unrecorded`]): the DELETE would erase it
+/// unreturned, so the row stays, with the chain's rows, and the unrecorded row is an arrival
+/// ([`cascade_held`]). Each condition is correlated with the row, one EXISTS per link: an
+/// index on each foreign key's columns serves it; without one the child table is read per
+/// row, as the cascade itself reads it.
+fn cascade_holds(
+    config: &SqlConnectorConfig,
+    rule: &TableRule,
+    scope: Scope<'_>,
+    now_ms: i64,
+    b: &mut Binds,
+) -> Vec<String> {
+    let mut holds = Vec::new();
+    let cascades = scope.returned.map(|r| r.cascades).unwrap_or_default();
+    for path in cascade_paths(cascades, &rule.table) {
+        let Some(last) = path.last() else {
+            continue;
+        };
+        // Built inside out: only the innermost condition binds values, and it comes last.
+        let Some(mut rows) = cascade_unrecorded(config, &last.child, scope, now_ms, b) else {
+            continue;
+        };
+        for link in path.iter().rev() {
+            rows = format!(
+                "EXISTS (SELECT 1 FROM {} WHERE {} AND {rows})",
+                quote(&link.child),
+                cascade_join(link)
+            );
+        }
+        holds.push(format!("NOT {rows}"));
+    }
+    holds
+}
+
+/// For `rule`'s table after a return: per chain of cascades ending at it from a table whose
+/// DELETE returns keys, a row of it that [`cascade_holds`] holds a row of that table back
+/// for: unrecorded, under a recorded row of the chain's first table that the erasure would
+/// otherwise delete (the subject's, kept by no obligation). Such a row arrived, whether or
+/// not the table's own statements would take it. The chains are read from the row up, one
+/// EXISTS per link, by the parents' keys.
+pub(super) fn cascade_held(
+    config: &SqlConnectorConfig,
+    rule: &TableRule,
+    scope: Scope<'_>,
+    now_ms: i64,
+    b: &mut Binds,
+) -> Vec<String> {
+    let mut held = Vec::new();
+    let cascades = scope.returned.map(|r| r.cascades).unwrap_or_default();
+    let deleting = (config.tables.iter())
+        .filter(|t| t.action == Action::Delete && scope.row_key(&t.table).is_some());
+    for top in deleting {
+        for path in cascade_paths(cascades, &top.table) {
+            if path.last().map(|l| l.child.as_str()) != Some(rule.table.as_str()) {
+                continue;
+            }
+            // No identity of the request applies to the first table: it deletes nothing.
+            if subject_filter(config, top, scope, &mut Binds::default()).is_none() {
+                continue;
+            }
+            // Text in the order of the values: the row's own condition, then the first
+            // table's, innermost.
+            let Some(own) = cascade_unrecorded(config, &rule.table, scope, now_ms, b) else {
+                continue;
+            };
+            let filter = subject_filter(config, top, scope, b).unwrap_or_default();
+            let recorded = scope.recorded(&top.table, b).unwrap_or_default();
+            let kept = keep_condition(config, top, now_ms, b)
+                .map(|k| format!(" AND {k} = 0"))
+                .unwrap_or_default();
+            let mut rows = format!("{filter} AND {recorded}{kept}");
+            for link in path.iter() {
+                rows = format!(
+                    "EXISTS (SELECT 1 FROM {} WHERE {} AND {rows})",
+                    quote(&link.parent),
+                    cascade_join(link)
+                );
+            }
+            held.push(format!("({own} AND {rows})"));
+        }
+    }
+    held
+}
+
+/// The chains of `cascades` that a DELETE from `table` sets off: each cascade from it, and
+/// each from a table a chain reaches, never through a table twice.
+pub(super) fn cascade_paths<'c>(cascades: &'c [Cascade], table: &str) -> Vec<Vec<&'c Cascade>> {
+    let mut paths = Vec::new();
+    let mut open: Vec<Vec<&Cascade>> = vec![Vec::new()];
+    while let Some(path) = open.pop() {
+        let from = path.last().map_or(table, |c| c.child.as_str());
+        for c in cascades.iter().filter(|c| c.parent == from) {
+            let seen = c.child == table || path.iter().any(|p| p.child == c.child);
+            if !seen {
+                let mut longer = path.clone();
+                longer.push(c);
+                open.push(longer.clone());
+                paths.push(longer);
+            }
+        }
+    }
+    paths
 }
 
 /// Whether every row of `rule`'s table that the export did not record holds its parent row
@@ -773,20 +938,20 @@ pub(super) struct Cascade {
     pub(super) parent_columns: Vec<String>,
 }
 
-/// Deletes from what `returned` records of the last table of `path` the keys (its row key
-/// `key`) of the rows that the cascades of `path`, one after the other, delete with the rows
-/// of the first link's parent that `deleted` selects ([`ErasureWork::deletes_where`]). Run
-/// before that DELETE, in its transaction: after it the rows are gone. The rows are found
-/// through the deleted parents alone (uncorrelated `IN`s, which an index on each foreign
-/// key's columns serves; without one the child table is read whole, as the cascade itself
-/// reads it), and their keys by the keys' primary key, not by reading the job's keys.
-pub(super) fn plan_forget_cascaded(
+/// The keys (its row key `key`) of the rows of the last table of `path` that the cascades of
+/// `path`, one after the other, delete with the rows of the first link's parent that
+/// `deleted` selects ([`ErasureWork::deletes_where`]). Read before that DELETE, in its
+/// transaction (after it the rows are gone), and deleted from what the export recorded
+/// after it: deleted before it, they would make the rows read as arrivals to its
+/// [`cascade_holds`]. The rows are found through the deleted parents alone (uncorrelated
+/// `IN`s, which an index on each foreign key's columns serves; without one the child table is
+/// read whole, as the cascade itself reads it).
+pub(super) fn plan_cascaded_keys(
     deleted: &Statement,
     path: &[&Cascade],
     key: &str,
-    returned: ReturnedKeys<'_>,
 ) -> Option<Statement> {
-    let (first, last) = (path.first()?, path.last()?);
+    let first = path.first()?;
     let columns = |table: &str, columns: &[String]| {
         (columns.iter())
             .map(|c| format!("{}.{}", quote(table), quote(c)))
@@ -810,13 +975,10 @@ pub(super) fn plan_forget_cascaded(
             columns(&link.child, &link.columns)
         );
     }
-    // The condition's placeholders are the first: its values come first.
-    let mut b = Binds(deleted.binds.clone());
-    let (job, tbl) = (b.add(returned.job), b.add(last.child.as_str()));
-    Some(b.finish(format!(
-        "DELETE FROM {} WHERE job = {job} AND tbl = {tbl} AND k IN ({rows})",
-        quote(returned.table)
-    )))
+    Some(Statement {
+        sql: rows,
+        binds: deleted.binds.clone(),
+    })
 }
 
 /// The export of `rule`'s rows of `scope`, its `export` columns in order; `None` when no
