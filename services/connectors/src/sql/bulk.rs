@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::execute::{classify, ExportJob, ReadTx};
 use super::plan::{
-    anonymize_pending, cascade_held, cascade_paths, holds_parent_back, plan_cascaded_keys,
+    anonymize_pending, cascade_held_rows, cascade_paths, holds_parent_back, plan_cascaded_keys,
     plan_export, plan_record_marker, plan_record_returned, plan_table_erasure, quote,
     subject_filter, Batch, Binds, Cascade, ReturnedKeys, Scope, Statement,
 };
@@ -499,12 +499,12 @@ impl Scoped<'_> {
             .map(|c| format!("{}: {} {}", c.target, c.action, c.count))
             .collect::<Vec<_>>()
             .join(", ");
-        let arrived = match returned {
+        let (arrived, cascaded) = match returned {
             Some(keys) => {
                 self.arrived_meanwhile(&erased_tables, keys, job.now_ms)
                     .await?
             }
-            None => Vec::new(),
+            None => (Vec::new(), Vec::new()),
         };
         notes.push(done.clone());
         // A resumed erasure needs no other care: it erases what a cut-off call left, and the
@@ -600,12 +600,16 @@ impl Scoped<'_> {
         tx.commit()
             .await
             .map_err(|e| classify("finishing the erasure", &e))?;
-        if !arrived.is_empty() {
+        if !arrived.is_empty() || !cascaded.is_empty() {
             let kept = match notes[kept_from..].join("; ") {
                 k if k.is_empty() => "nothing".to_string(),
                 k => k,
             };
-            return Err(self.arrived_during(&arrived, &job.controller, &done, &kept));
+            let left = Left {
+                arrived: &arrived,
+                cascaded: &cascaded,
+            };
+            return Err(self.arrived_during(left, &job.controller, &done, &kept));
         }
         // Every row was handled: erased, or kept under an obligation.
         job.progress.report(finished(progress));
@@ -632,9 +636,15 @@ impl Scoped<'_> {
     /// directly or through other configured tables) take with them, which no statement of
     /// the erasure returns; the caller deletes them from what the export recorded after the
     /// DELETE, so that a row given one of those keys later does not read as returned. On
-    /// PostgreSQL the rows to delete are locked first: a row inserted under one of them
-    /// meanwhile would hold it back ([`super::plan::ErasureWork::deletes_where`]) after its
-    /// rows' keys were read, which would then be forgotten though the rows stay.
+    /// PostgreSQL the rows to delete and those every chain reaches are locked first (FOR
+    /// UPDATE, a chain before its longer ones): a row added under one of them meanwhile
+    /// would hold it back ([`super::plan::ErasureWork::deletes_where`]) after the keys of
+    /// the rows the chains reach were read, which would then be forgotten though the rows
+    /// stay. Adding a row under a locked row waits for the lock (the foreign key's check
+    /// locks its parent), and the keys are read after every lock is held, so the reads and
+    /// the DELETE see the same rows under the locked ones. A row the DELETE takes that was
+    /// held back when the rows were locked (its unrecorded row removed meanwhile) was not
+    /// locked, and the keys of the rows its cascades take stay.
     async fn cascaded_keys(
         &self,
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
@@ -658,6 +668,24 @@ impl Scoped<'_> {
             run(tx, &lock)
                 .await
                 .map_err(|e| classify(&format!("locking the rows to delete from {table}"), &e))?;
+            // A `keep` table's rows too: a row of an erased table may be added under them.
+            for path in &paths {
+                let Some(rows) = plan_cascaded_keys(deleted, path, "1") else {
+                    continue;
+                };
+                let lock = Statement {
+                    sql: format!("{} FOR UPDATE", rows.sql),
+                    binds: rows.binds,
+                };
+                run(tx, &lock).await.map_err(|e| {
+                    let child = path.last().map_or(table, |c| c.child.as_str());
+                    let doing = format!(
+                        "locking the rows of {child} that deleting from {table} deletes \
+                         through ON DELETE CASCADE"
+                    );
+                    classify(&doing, &e)
+                })?;
+            }
         }
         let mut cascaded: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for path in paths {
@@ -692,7 +720,9 @@ impl Scoped<'_> {
     /// The foreign keys between two configured tables whose `ON DELETE CASCADE` deletes a
     /// child table's rows with its parent's, read from the database's catalog once per
     /// step of an erasure after a return. A foreign key of a table on itself is left out:
-    /// forgetting its rows' keys before the DELETE would take them out of the DELETE.
+    /// its chain's statements would name the table twice, which they have no alias for. So
+    /// such a cascade is not followed: the rows it takes go even if unrecorded, and their
+    /// keys stay (the module documentation's Limits).
     async fn cascades(&self) -> Result<Vec<Cascade>, ConnectorError> {
         let sql = match self.db.backend {
             Backend::Sqlite => {
@@ -967,9 +997,10 @@ impl Scoped<'_> {
     /// The rows of each table the erasure deletes or anonymizes that the export did not
     /// record (an anonymized table's only while not yet anonymized, which its erasure would
     /// still take, but every one in a child that holds its parent back,
-    /// [`holds_parent_back`]), and those a cascade would take with a row the erasure deletes
-    /// ([`cascade_held`]): those not among the rows it returned. A `keep` table is not
-    /// looked at: nothing erases a row added there. Only tables with such rows.
+    /// [`holds_parent_back`]), and those of them a cascade would take with a row the erasure
+    /// deletes ([`cascade_held_rows`]; not a row only the cascade reaches, which no export
+    /// returns): those not among the rows it returned. A `keep` table is not looked at:
+    /// nothing erases a row added there. Only tables with such rows.
     async fn unrecorded(
         &self,
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
@@ -996,12 +1027,9 @@ impl Scoped<'_> {
             };
             let pending = pending.map(|p| format!(" AND {p}")).unwrap_or_default();
             let own = format!("{filter} AND NOT ({recorded}){pending}");
-            let held: String = (cascade_held(self.config, rule, scope, now_ms, &mut b).iter())
-                .map(|h| format!(" OR {h}"))
-                .collect();
-            let rows = match held.is_empty() {
-                true => own,
-                false => format!("({own}){held}"),
+            let rows = match cascade_held_rows(self.config, rule, scope, now_ms, true, &mut b) {
+                None => own,
+                Some(held) => format!("({own}) OR {held}"),
             };
             let count = b.finish(format!(
                 "SELECT CAST(COUNT(*) AS BIGINT) FROM {} WHERE {rows}",
@@ -1023,38 +1051,49 @@ impl Scoped<'_> {
     /// would have taken but for their confinement to recorded rows (a row that was already
     /// anonymized, or that an obligation keeps as it is, is not one, but in a child not
     /// keyed by `ctid` every unrecorded row is, as it holds its parent back, and so is one
-    /// that a cascade would have taken, [`cascade_held`]): those that arrived while it ran.
+    /// of its rows that a cascade would have taken, [`cascade_held_rows`]): those that
+    /// arrived while it ran. Apart from them, the unrecorded rows that a cascade would have
+    /// taken though the table's own filter does not take them
+    /// ([`super::plan::ErasureWork::cascaded_only`]), which held their parents back.
     async fn arrived_meanwhile(
         &self,
         erased_tables: &[&TableRule],
         keys: ReturnedKeys<'_>,
         now_ms: i64,
-    ) -> Result<Vec<Arrived>, ConnectorError> {
+    ) -> Result<(Vec<Arrived>, Vec<Arrived>), ConnectorError> {
         let scope = Scope {
             returned: Some(keys),
             ..self.everything()
         };
-        let mut arrived = Vec::new();
+        let (mut arrived, mut cascaded) = (Vec::new(), Vec::new());
         for rule in erased_tables {
-            let Some(count) = plan_table_erasure(self.config, rule, scope, now_ms)
-                .and_then(|work| work.unreturned)
-            else {
+            let Some(work) = plan_table_erasure(self.config, rule, scope, now_ms) else {
                 continue;
             };
-            let found: i64 = count
-                .query_scalar()
-                .fetch_one(&self.db.pool)
-                .await
-                .map_err(|e| {
-                    let doing = format!("counting the rows that arrived in {}", rule.table);
-                    classify(&doing, &e)
-                })?;
-            let rows = u64::try_from(found).unwrap_or(0);
-            if rows > 0 {
-                arrived.push(Arrived::new(rule, rows));
+            let counts = [
+                (work.unreturned, &mut arrived, "arrived in"),
+                (
+                    work.cascaded_only,
+                    &mut cascaded,
+                    "only a cascade reaches in",
+                ),
+            ];
+            for (count, found, what) in counts {
+                let Some(count) = count else {
+                    continue;
+                };
+                let rows: i64 =
+                    (count.query_scalar().fetch_one(&self.db.pool).await).map_err(|e| {
+                        let doing = format!("counting the rows that {what} {}", rule.table);
+                        classify(&doing, &e)
+                    })?;
+                let rows = u64::try_from(rows).unwrap_or(0);
+                if rows > 0 {
+                    found.push(Arrived::new(rule, rows));
+                }
             }
         }
-        Ok(arrived)
+        Ok((arrived, cascaded))
     }
 
     /// The tables the export returns, as a message names the holder.
@@ -1080,26 +1119,54 @@ impl Scoped<'_> {
         ))
     }
 
-    /// The end of an erasure after a return that left rows which arrived while it ran.
+    /// The end of an erasure after a return that left rows which arrived while it ran, or
+    /// rows only a cascade reaches, or both.
     fn arrived_during(
         &self,
-        arrived: &[Arrived],
+        left: Left<'_>,
         controller: &str,
         done: &str,
         kept: &str,
     ) -> ConnectorError {
-        let (records, subjects, list) = Arrived::sum(arrived);
+        let mut what = Vec::new();
+        let mut remedies = Vec::new();
+        if !left.arrived.is_empty() {
+            let (records, subjects, list) = Arrived::sum(left.arrived);
+            what.push(format!(
+                "{records} record(s) ({subjects} subject(s)) of controller {controller} \
+                 arrived while the contract end's erasure ran ({list}); they are still held, \
+                 never returned, and the erasure left them as they are, with the rows they \
+                 belong to"
+            ));
+            remedies.push(
+                "To have the arrived records returned before they are deleted, the controller \
+                 ends the contract again with RETURN_THEN_DELETE; ending it with DELETE erases \
+                 them without a return",
+            );
+        }
+        for rows in left.cascaded {
+            what.push(format!(
+                "{} row(s) of {t} belong to the subjects' rows only through ON DELETE CASCADE, \
+                 which the return did not include, so the rows they hang from were kept; \
+                 remove them by hand or end the contract with DELETE",
+                rows.rows,
+                t = rows.table
+            ));
+        }
+        let remedies: String = remedies.iter().map(|r| format!(". {r}")).collect();
         ConnectorError::Permanent(format!(
-            "{}: {records} record(s) ({subjects} subject(s)) of controller {controller} \
-             arrived while the contract end's erasure ran ({list}); they are still held, \
-             never returned, and the erasure left them as they are, with the rows they \
-             belong to. Of the rest of what was returned it did: {done}; and kept: {kept}. \
-             To have them returned before they are deleted, the controller ends the contract \
-             again with RETURN_THEN_DELETE; ending it with DELETE erases them without a \
-             return",
-            self.returned_holder()
+            "{}: {}. Of the rest of what was returned it did: {done}; and kept: {kept}{remedies}",
+            self.returned_holder(),
+            what.join("; "),
         ))
     }
+}
+
+/// What an erasure after a return left that stops it: rows that arrived while it ran, and
+/// rows only a cascade reaches (both per table).
+struct Left<'a> {
+    arrived: &'a [Arrived],
+    cascaded: &'a [Arrived],
 }
 
 /// Rows of one table that the export after which an erasure runs did not record.

@@ -176,10 +176,13 @@
 //!   saying how many, where, what was erased and what was kept. Each batch deletes, in its
 //!   transaction, the keys of the rows a table's DELETE took (returned by the DELETE), and
 //!   the keys of the rows of erased tables that its `ON DELETE CASCADE` took (read before
-//!   it through the rows it deletes, which PostgreSQL locks first so that no row arrives
-//!   under them in between, by the foreign keys the catalog lists between configured
-//!   tables, directly or through one another, but not a table's key on itself; those rows
-//!   are counted as deleted in their table); the job's mark and the keys of returned rows
+//!   it through the rows it deletes, by the foreign keys the catalog lists between
+//!   configured tables, directly or through one another, but not a table's key on itself;
+//!   on PostgreSQL the rows it deletes and those the cascades reach are locked before the
+//!   keys are read, so that no row is added under them until the batch commits (a row held
+//!   back then, whose unrecorded row goes before the DELETE, is deleted without its
+//!   cascaded rows' keys being read: those stay); those rows are counted as deleted in
+//!   their table); the job's mark and the keys of returned rows
 //!   still held (kept under an obligation, anonymized, left) stay, so that
 //!   a call repeated after the end (the processor lost the answer) is bounded as the first
 //!   was; in a table keyed by `ctid`, an anonymizing UPDATE moves its rows, so the batch
@@ -190,9 +193,13 @@
 //!   already anonymized too), except in a child keyed by `ctid` (PostgreSQL, no primary
 //!   key), where the erasure's anonymizing update gives rows new keys: there only an
 //!   unrecorded row its statements would take is one. Alike, a row whose DELETE would take
-//!   through those cascades an unrecorded row of an erased table stays, and so does the
-//!   top-level row it belongs to; that row is an arrival, counted in its table, whether or
-//!   not the table's own statements would take it. Limits: a row
+//!   through those cascades an unrecorded row of an erased table (any, in a table keyed by
+//!   `ctid` too) stays, and so does the top-level row it belongs to; that row is an
+//!   arrival, counted in its table, when the table's own filter takes it. One the filter
+//!   does not take (a NULL in its matched column), which no export returns, does not stop
+//!   the first call: after the batches the step ends with a permanent error naming it apart
+//!   from arrivals, the rows it hangs from kept, to be removed by hand or by ending the
+//!   contract with DELETE. Limits: a row
 //!   changed, not added, after the export keeps its key and is erased in its new form; a
 //!   row whose key is NULL (SQLite allows one in a primary key other than INTEGER PRIMARY
 //!   KEY) is never recorded, so it stops the erasure as an arrival; a key used again makes
@@ -200,7 +207,9 @@
 //!   (SQLite's INTEGER PRIMARY KEY without AUTOINCREMENT after the highest row was deleted,
 //!   a natural key given again, a `rowid` or `ctid` freed and reused, VACUUM renumbering
 //!   the `rowid`s of a table without an INTEGER PRIMARY KEY); an update gives a row keyed
-//!   by `ctid` a new key, so it reads as an arrival; and a child inserted while its
+//!   by `ctid` a new key, so it reads as an arrival; a table's `ON DELETE CASCADE` onto
+//!   itself is not followed, so the rows it takes are erased even if unrecorded, and their
+//!   keys stay; and a child inserted while its
 //!   parent's batch deletes the parent can still be taken by an `ON DELETE CASCADE` (or
 //!   fail the batch on another foreign key). Without recorded keys
 //!   (an export from before they were, a return done by hand), the first call takes the

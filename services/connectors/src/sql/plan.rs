@@ -236,8 +236,13 @@ pub(super) struct ErasureWork {
     /// `main` and `anonymize_kept` would take but do not, as the export did not record
     /// them; in a child keyed other than by `ctid`, every row it did not record, as such a
     /// row holds its parent back; and each row a cascade would have taken unrecorded
-    /// ([`cascade_held`]).
+    /// ([`cascade_held`]) that the table's own filter takes.
     pub(super) unreturned: Option<Statement>,
+    /// After a return whose export recorded its rows, when a chain of cascades ends at the
+    /// table: counts the unrecorded rows a cascade would have taken that the table's own
+    /// filter does not take ([`cascade_held_rows`]). No export returns them, so they are
+    /// not arrivals: the rows they hang from stay until they are removed otherwise.
+    pub(super) cascaded_only: Option<Statement>,
     /// After a return whose export recorded its rows, for a table whose action deletes:
     /// `main` returns the key of each row it deletes, whose recorded key the caller deletes
     /// in the same transaction, so that the keys go with their rows and the keys of rows
@@ -327,6 +332,7 @@ fn plan_keep_count(
         anonymize_kept: None,
         main,
         unreturned: None,
+        cascaded_only: None,
         returns_keys: false,
         moves_keys: None,
         deletes_where: None,
@@ -382,7 +388,7 @@ pub(super) fn plan_table_erasure(
         match set {
             None => {
                 if returned_key.is_some() {
-                    conditions.extend(cascade_holds(config, rule, scope, now_ms, &mut b));
+                    conditions.extend(cascade_holds(config, rule, scope, &mut b));
                 }
                 let condition = conditions.join(" AND ");
                 if returned_key.is_some() {
@@ -424,7 +430,7 @@ pub(super) fn plan_table_erasure(
     // The rows of the scope the two statements above would take but for their confinement
     // to recorded rows: those that arrived since the export. In a child that holds its
     // parent back ([`arrived_children`]), every unrecorded row, taken or not; and the rows
-    // for which a cascade holds a row back ([`cascade_held`]).
+    // its filter takes for which a cascade holds a row back ([`cascade_held_rows`]).
     let holds_parent = holds_parent_back(config, rule, scope);
     let unreturned = scope.returned.map(|_| {
         let mut b = Binds::default();
@@ -434,14 +440,21 @@ pub(super) fn plan_table_erasure(
             true => "1 = 1".to_string(),
             false => taken(config, rule, scope, now_ms, &mut b),
         };
-        let held: String = (cascade_held(config, rule, scope, now_ms, &mut b).iter())
-            .map(|h| format!(" OR {h}"))
-            .collect();
         let own = format!("{f} AND NOT ({recorded}) AND {takes}");
-        b.finish(match held.is_empty() {
-            true => format!("SELECT CAST(COUNT(*) AS BIGINT) FROM {table} WHERE {own}"),
-            false => format!("SELECT CAST(COUNT(*) AS BIGINT) FROM {table} WHERE ({own}){held}"),
-        })
+        let rows = match cascade_held_rows(config, rule, scope, now_ms, true, &mut b) {
+            None => own,
+            Some(held) => format!("({own}) OR {held}"),
+        };
+        b.finish(format!(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM {table} WHERE {rows}"
+        ))
+    });
+    let cascaded_only = scope.returned.and_then(|_| {
+        let mut b = Binds::default();
+        let held = cascade_held_rows(config, rule, scope, now_ms, false, &mut b)?;
+        Some(b.finish(format!(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM {table} WHERE {held}"
+        )))
     });
     let count_kept = keeps.then(|| {
         let mut b = Binds::default();
@@ -470,6 +483,7 @@ pub(super) fn plan_table_erasure(
         anonymize_kept,
         main,
         unreturned,
+        cascaded_only,
         returns_keys: returned_key.is_some(),
         moves_keys: moved_key.map(|_| MovedKeys {
             main: main_moved,
@@ -574,7 +588,7 @@ fn arrived_children(
             // row back too, so that it stays found through it.
             let deletes = child.action == Action::Delete && scope.row_key(&child.table).is_some();
             let holds = match deletes {
-                true => cascade_holds(config, child, scope, now_ms, b),
+                true => cascade_holds(config, child, scope, b),
                 false => Vec::new(),
             };
             if !holds.is_empty() {
@@ -589,24 +603,20 @@ fn arrived_children(
 }
 
 /// A row of `table` (as the statement names it) that the export did not record and that
-/// holds back a row whose DELETE would take it through an `ON DELETE CASCADE`, judged as
-/// [`arrived_children`] judges a child row: every unrecorded one, but in a table keyed by
-/// `ctid` only one its statements would take. `None` for a table the erasure does not handle
-/// (a `keep` table, or one no rule names): the export records no keys there.
+/// holds back a row whose DELETE would take it through an `ON DELETE CASCADE`: every
+/// unrecorded one, in a table keyed by `ctid` too (unlike [`arrived_children`]), as the
+/// cascade deletes a row its table's statements would keep. `None` for a table the
+/// erasure does not handle (a `keep` table, or one no rule names): the export records no
+/// keys there.
 fn cascade_unrecorded(
     config: &SqlConnectorConfig,
     table: &str,
     scope: Scope<'_>,
-    now_ms: i64,
     b: &mut Binds,
 ) -> Option<String> {
-    let rule = (config.tables.iter()).find(|t| t.table == table && t.action != Action::Keep)?;
+    (config.tables.iter()).find(|t| t.table == table && t.action != Action::Keep)?;
     let recorded = scope.recorded(table, b)?;
-    let takes = match scope.key_moves(table) {
-        true => format!(" AND {}", taken(config, rule, scope, now_ms, b)),
-        false => String::new(),
-    };
-    Some(format!("NOT ({recorded}){takes}"))
+    Some(format!("NOT ({recorded})"))
 }
 
 /// `link`'s foreign key as a condition joining a row of its child to one of its parent.
@@ -621,7 +631,7 @@ fn cascade_join(link: &Cascade) -> String {
 /// For a table whose DELETE returns keys, after a return ([`ReturnedKeys::cascades`]): per chain
 /// of cascades its DELETE sets off ([`cascade_paths`]), that no row the chain would take is
 /// one the export did not record ([`cascade_unrecorded`]): the DELETE would erase it
-/// unreturned, so the row stays, with the chain's rows, and the unrecorded row is an arrival
+/// unreturned, so the row stays, with the chain's rows, and the unrecorded row is reported
 /// ([`cascade_held`]). Each condition is correlated with the row, one EXISTS per link: an
 /// index on each foreign key's columns serves it; without one the child table is read per
 /// row, as the cascade itself reads it.
@@ -629,7 +639,6 @@ fn cascade_holds(
     config: &SqlConnectorConfig,
     rule: &TableRule,
     scope: Scope<'_>,
-    now_ms: i64,
     b: &mut Binds,
 ) -> Vec<String> {
     let mut holds = Vec::new();
@@ -639,7 +648,7 @@ fn cascade_holds(
             continue;
         };
         // Built inside out: only the innermost condition binds values, and it comes last.
-        let Some(mut rows) = cascade_unrecorded(config, &last.child, scope, now_ms, b) else {
+        let Some(mut rows) = cascade_unrecorded(config, &last.child, scope, b) else {
             continue;
         };
         for link in path.iter().rev() {
@@ -657,9 +666,9 @@ fn cascade_holds(
 /// For `rule`'s table after a return: per chain of cascades ending at it from a table whose
 /// DELETE returns keys, a row of it that [`cascade_holds`] holds a row of that table back
 /// for: unrecorded, under a recorded row of the chain's first table that the erasure would
-/// otherwise delete (the subject's, kept by no obligation). Such a row arrived, whether or
-/// not the table's own statements would take it. The chains are read from the row up, one
-/// EXISTS per link, by the parents' keys.
+/// otherwise delete (the subject's, kept by no obligation), whether or not the table's own
+/// statements would take it ([`cascade_held_rows`] tells the two apart). The chains are
+/// read from the row up, one EXISTS per link, by the parents' keys.
 pub(super) fn cascade_held(
     config: &SqlConnectorConfig,
     rule: &TableRule,
@@ -682,7 +691,7 @@ pub(super) fn cascade_held(
             }
             // Text in the order of the values: the row's own condition, then the first
             // table's, innermost.
-            let Some(own) = cascade_unrecorded(config, &rule.table, scope, now_ms, b) else {
+            let Some(own) = cascade_unrecorded(config, &rule.table, scope, b) else {
                 continue;
             };
             let filter = subject_filter(config, top, scope, b).unwrap_or_default();
@@ -702,6 +711,32 @@ pub(super) fn cascade_held(
         }
     }
     held
+}
+
+/// [`cascade_held`]'s rows of `rule`'s table that its own filter takes (`by_own`: rows an
+/// export would have returned, so arrivals) or, otherwise, those it does not take (a NULL
+/// in a matched column too), which belong to the subjects' rows only through the cascades:
+/// no return includes them. `None` when no chain of cascades ends at the table.
+pub(super) fn cascade_held_rows(
+    config: &SqlConnectorConfig,
+    rule: &TableRule,
+    scope: Scope<'_>,
+    now_ms: i64,
+    by_own: bool,
+    b: &mut Binds,
+) -> Option<String> {
+    if cascade_held(config, rule, scope, now_ms, &mut Binds::default()).is_empty() {
+        return None;
+    }
+    // Text in the order of the values: the filter, then the chains.
+    let filter = match (subject_filter(config, rule, scope, b), by_own) {
+        (Some(f), true) => f,
+        (Some(f), false) => format!("CASE WHEN {f} THEN 0 ELSE 1 END = 1"),
+        (None, true) => return None,
+        (None, false) => "1 = 1".to_string(),
+    };
+    let held = cascade_held(config, rule, scope, now_ms, b).join(" OR ");
+    Some(format!("({filter} AND ({held}))"))
 }
 
 /// The chains of `cascades` that a DELETE from `table` sets off: each cascade from it, and

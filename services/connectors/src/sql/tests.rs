@@ -4324,6 +4324,7 @@ on_both_backends!(
     bulk_erasure_after_a_return_moves_the_keys_of_rows_it_anonymizes,
     bulk_erasure_after_a_return_forgets_the_keys_of_rows_a_cascade_deletes,
     bulk_erasure_after_a_return_holds_back_a_row_whose_cascade_takes_an_arrival,
+    bulk_erasure_after_a_return_names_rows_only_a_cascade_reaches_apart,
 );
 
 /// A table without a primary key (PostgreSQL keys its rows by `ctid`) whose action
@@ -4416,6 +4417,11 @@ async fn bulk_erasure_after_a_return_moves_the_keys_of_rows_it_anonymizes(url: S
 /// the rules: orders 1 (customer 1: lines 1 and 2, note 1 on line 1) and 2 (customer 6: line
 /// 3, note 2 on it).
 async fn cascade_sample(url: &str) -> (SqlConnector, Db) {
+    cascade_sample_with(url, |_| {}).await
+}
+
+/// [`cascade_sample`] with the order lines' rule changed by `lines`.
+async fn cascade_sample_with(url: &str, lines: fn(&mut TableRule)) -> (SqlConnector, Db) {
     let (_, db) = sample(url).await;
     exec(
         &db,
@@ -4458,6 +4464,7 @@ async fn cascade_sample(url: &str) -> (SqlConnector, Db) {
         rule.parent.as_mut().unwrap().export_matched_only = false;
         config.tables.insert(at, rule);
     }
+    lines(&mut config.tables[1]);
     let connector = SqlConnector::connect(config).await.unwrap();
     (connector, db)
 }
@@ -4580,9 +4587,9 @@ async fn bulk_erasure_after_a_return_forgets_the_keys_of_rows_a_cascade_deletes(
 /// not reported. So was a note without a customer (no rule's own statements take it) that
 /// arrived on a returned line of another order, through the chain of two cascades. Each
 /// order whose DELETE would take such a row now stays, and so do the line the note is on
-/// and the customer (6) of that line and order, through whom they are found; both arrivals
-/// are reported (the note counted in its table though only the cascade takes it), the rest
-/// goes, and a repeated call refuses them, erasing nothing.
+/// and the customer (6) of that line and order, through whom they are found; the line is
+/// reported as an arrival and the note apart, as a row only the cascade reaches, the rest
+/// goes, and a repeated call refuses the line, erasing nothing.
 async fn bulk_erasure_after_a_return_holds_back_a_row_whose_cascade_takes_an_arrival(url: String) {
     let (connector, db) = cascade_sample(&url).await;
     let dir = tempfile::tempdir().unwrap();
@@ -4602,8 +4609,15 @@ async fn bulk_erasure_after_a_return_holds_back_a_row_whose_cascade_takes_an_arr
     };
     assert!(
         m.contains(
-            ": 2 record(s) (0 subject(s)) of controller acme arrived while the contract end's \
-             erasure ran (order_lines: 1, line_notes: 1); they are still held"
+            ": 1 record(s) (0 subject(s)) of controller acme arrived while the contract end's \
+             erasure ran (order_lines: 1); they are still held"
+        ),
+        "{m}"
+    );
+    assert!(
+        m.contains(
+            "; 1 row(s) of line_notes belong to the subjects' rows only through ON DELETE \
+             CASCADE, which the return did not include, so the rows they hang from were kept"
         ),
         "{m}"
     );
@@ -4636,13 +4650,249 @@ async fn bulk_erasure_after_a_return_holds_back_a_row_whose_cascade_takes_an_arr
         .unwrap_err();
     assert!(
         err.to_string().contains(
-            ": 2 record(s) (0 subject(s)) of controller acme are not among the rows the \
+            ": 1 record(s) (0 subject(s)) of controller acme are not among the rows the \
              contract end's export returned (added, or updated in a table keyed by ctid, or \
-             renumbered) (order_lines: 1, line_notes: 1); nothing was erased there"
+             renumbered) (order_lines: 1); nothing was erased there"
         ),
         "{err}"
     );
     assert_eq!(count(&db, &format!("{C} FROM orders")).await, 2);
+}
+
+/// A note without a customer on a returned line (of customer 6's order 2) belongs to the
+/// controller's rows only through the lines' and orders' `ON DELETE CASCADE`s: no export
+/// returns it, so it was never recorded, and every erasure after a return refused it at its
+/// first call's check, telling the controller to end the contract again with
+/// RETURN_THEN_DELETE, whose export leaves it out again. The check now lets it through; it
+/// holds back its line, order and customer, the rest goes, and the step ends naming it
+/// apart from arrivals. Once it is removed by hand, a repeated call erases what it held.
+async fn bulk_erasure_after_a_return_names_rows_only_a_cascade_reaches_apart(url: String) {
+    let (connector, db) = cascade_sample(&url).await;
+    exec(
+        &db,
+        "INSERT INTO line_notes VALUES (9002, NULL, 3, 'orphan')",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let returned = export_for_return(&connector, dir.path()).await;
+    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let err = crate::Connector::run_bulk(&connector, &job)
+        .await
+        .unwrap_err();
+    let crate::ConnectorError::Permanent(m) = &err else {
+        panic!("{err:?}");
+    };
+    assert!(
+        m.contains(
+            ": 1 row(s) of line_notes belong to the subjects' rows only through ON DELETE \
+             CASCADE, which the return did not include, so the rows they hang from were kept; \
+             remove them by hand or end the contract with DELETE. Of the rest of what was \
+             returned it did: "
+        ),
+        "{m}"
+    );
+    assert!(
+        !m.contains("arrived") && !m.contains("RETURN_THEN_DELETE"),
+        "{m}"
+    );
+    for (rows, expected) in [
+        ("orders WHERE id = 2", 1),
+        ("orders", 1),
+        ("order_lines WHERE id = 3", 1),
+        ("order_lines", 1),
+        ("line_notes WHERE id = 9002", 1),
+        ("line_notes", 1),
+        ("customers WHERE id = 6", 1),
+    ] {
+        assert_eq!(
+            count(&db, &format!("{C} FROM {rows}")).await,
+            expected,
+            "{rows}"
+        );
+    }
+
+    exec(&db, "DELETE FROM line_notes WHERE id = 9002").await;
+    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let out = crate::Connector::run_bulk(&connector, &job).await;
+    assert!(matches!(out, Ok(Outcome::Retained { .. })), "{out:?}");
+    for table in ["orders", "order_lines", "line_notes"] {
+        assert_eq!(count(&db, &format!("{C} FROM {table}")).await, 0, "{table}");
+    }
+    assert_eq!(
+        count(&db, &format!("{C} FROM customers WHERE id = 6")).await,
+        0
+    );
+}
+
+/// PostgreSQL keys the rows of a table without a primary key by `ctid`. A note that arrived
+/// there (unrecorded) under a returned line, kept by its retention so that its table's own
+/// statements would not take it, did not hold the line back: the order's DELETE took it
+/// through the chain of `ON DELETE CASCADE`s, kept though it was, never returned. Every
+/// unrecorded row a cascade would take now holds its rows back, and it is an arrival.
+#[tokio::test]
+async fn bulk_erasure_after_a_return_holds_back_a_row_whose_cascade_takes_a_kept_ctid_row() {
+    let Some(pg) = fresh_postgres_database("cascade_takes_a_kept_ctid_row").await else {
+        return;
+    };
+    let (_, db) = sample(&pg.url).await;
+    exec(
+        &db,
+        "CREATE TABLE orders (id INTEGER PRIMARY KEY, customer_id BIGINT, total BIGINT)",
+    )
+    .await;
+    exec(
+        &db,
+        "CREATE TABLE order_lines (id INTEGER PRIMARY KEY, customer_id BIGINT, \
+         order_id INTEGER REFERENCES orders (id) ON DELETE CASCADE, item TEXT)",
+    )
+    .await;
+    exec(
+        &db,
+        "CREATE TABLE line_notes (customer_id BIGINT, \
+         line_id INTEGER REFERENCES order_lines (id) ON DELETE CASCADE, body TEXT, \
+         noted_on TEXT)",
+    )
+    .await;
+    exec(&db, "INSERT INTO orders VALUES (1, 1, 100), (2, 6, 200)").await;
+    exec(
+        &db,
+        "INSERT INTO order_lines VALUES (1, 1, 1, 'a'), (3, 6, 2, 'c')",
+    )
+    .await;
+    exec(
+        &db,
+        "INSERT INTO line_notes VALUES (1, 1, 'x', '2001-01-01'), (6, 3, 'y', '2001-01-01')",
+    )
+    .await;
+    let mut config = sample_config(&pg.url);
+    for (at, table, column) in [
+        (0, "orders", "total"),
+        (1, "order_lines", "item"),
+        (2, "line_notes", "body"),
+    ] {
+        let mut rule = config.tables[0].clone();
+        rule.table = table.into();
+        rule.match_columns.clear();
+        rule.export = vec![column.into()];
+        rule.parent.as_mut().unwrap().export_matched_only = false;
+        config.tables.insert(at, rule);
+    }
+    config.tables[2].retain = Some(Retention {
+        basis: "notes: 6 years".into(),
+        years: 6,
+        from_column: "noted_on".into(),
+        fiscal_year_end: "12-31".into(),
+        while_condition: None,
+        while_basis: None,
+        recheck_days: DEFAULT_RECHECK_DAYS,
+        keep_columns: Vec::new(),
+    });
+    let connector = SqlConnector::connect(config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let returned = export_for_return(&connector, dir.path()).await;
+    let (reporter, _seen, mut asked) = crate::ProgressReporter::recorded();
+    let job = erase_after_return(Some(returned), reporter);
+    let arrive = async {
+        let r = asked.recv().await.expect("asked to record");
+        exec(
+            &db,
+            "INSERT INTO line_notes VALUES (6, 3, 'kept', '2026-11-01')",
+        )
+        .await;
+        let _ = r.done.send(Ok(()));
+    };
+    let (out, ()) = tokio::join!(crate::Connector::run_bulk(&connector, &job), arrive);
+    let err = out.unwrap_err();
+    assert!(
+        err.to_string().contains(
+            ": 1 record(s) (0 subject(s)) of controller acme arrived while the contract \
+             end's erasure ran (line_notes: 1)"
+        ),
+        "{err}"
+    );
+    for (rows, expected) in [
+        ("line_notes WHERE body = 'kept'", 1),
+        ("line_notes", 1),
+        ("order_lines WHERE id = 3", 1),
+        ("orders WHERE id = 2", 1),
+        ("orders", 1),
+        ("customers WHERE id = 6", 1),
+    ] {
+        assert_eq!(
+            count(&db, &format!("{C} FROM {rows}")).await,
+            expected,
+            "{rows}"
+        );
+    }
+    pg.drop_database().await;
+}
+
+/// On PostgreSQL only the rows an order's DELETE takes were locked before the keys of the
+/// rows its cascades reach were read. A note added under a line (which no DELETE of its
+/// own locks) while the batch ran could then be taken by the cascade, never
+/// returned, or hold the order back after its chains' keys were read. Every chain's rows
+/// are now locked first: the note's insert, which holds its line's key lock until it
+/// commits, makes the batch wait (seen in `pg_stat_activity`, then committed), and the
+/// batch then sees the note, holding back order 2 and the rows it hangs from. The lines
+/// are anonymized, not deleted: an UPDATE of other columns than the key does not wait for
+/// the note's lock, as a DELETE of the line would.
+#[tokio::test]
+async fn bulk_erasure_after_a_return_locks_the_rows_its_cascades_reach() {
+    let Some(pg) = fresh_postgres_database("cascade_locks_the_chains").await else {
+        return;
+    };
+    let (connector, db) = cascade_sample_with(&pg.url, |lines| {
+        lines.action = Action::Anonymize;
+        lines.anonymize = [
+            ("customer_id".to_string(), AnonymizeWith::Null),
+            ("item".to_string(), AnonymizeWith::Redacted),
+        ]
+        .into_iter()
+        .collect();
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let returned = export_for_return(&connector, dir.path()).await;
+    let mut adding = db.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO line_notes VALUES (9003, 6, 3, 'late')")
+        .execute(&mut *adding)
+        .await
+        .unwrap();
+    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let commit_once_waited_for = async {
+        let waiting = "SELECT CAST(COUNT(*) AS BIGINT) FROM pg_stat_activity \
+                       WHERE datname = current_database() AND wait_event_type = 'Lock'";
+        while count(&db, waiting).await == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        adding.commit().await.unwrap();
+    };
+    let (out, ()) = tokio::join!(
+        crate::Connector::run_bulk(&connector, &job),
+        commit_once_waited_for
+    );
+    let err = out.unwrap_err();
+    assert!(
+        err.to_string().contains(
+            ": 1 record(s) (0 subject(s)) of controller acme arrived while the contract \
+             end's erasure ran (line_notes: 1)"
+        ),
+        "{err}"
+    );
+    for (rows, expected) in [
+        ("line_notes WHERE id = 9003", 1),
+        ("order_lines WHERE id = 3", 1),
+        ("orders WHERE id = 2", 1),
+        ("orders", 1),
+        ("customers WHERE id = 6", 1),
+    ] {
+        assert_eq!(
+            count(&db, &format!("{C} FROM {rows}")).await,
+            expected,
+            "{rows}"
+        );
+    }
+    pg.drop_database().await;
 }
 
 /// Two first exports creating the keys table at once could fail one on PostgreSQL (a
