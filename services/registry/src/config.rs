@@ -200,6 +200,12 @@ pub struct DeliveryConfig {
     /// (INVALID_ARGUMENT, PERMISSION_DENIED, UNIMPLEMENTED, FAILED_PRECONDITION); each is
     /// still retried with `backoff` until then, in case the processor is fixed meanwhile.
     pub max_refusals: u32,
+    /// While Submits queue for the intake writer (4 or more waiting for their commit), the
+    /// dispatcher claims at most once per this many ms, so that accepting requests (each
+    /// answered once durable) does not share the cores and the store's writer with
+    /// delivering earlier ones; the deliveries wait and catch up when the burst ends
+    /// (`docs/benchmarks.md`, session 37). 0 to [`MAX_DURATION_MS`]; 0 turns the waiting off.
+    pub yield_to_intake_ms: u64,
 }
 
 impl Default for DeliveryConfig {
@@ -212,6 +218,7 @@ impl Default for DeliveryConfig {
             concurrency: 64,
             call_timeout_ms: 10_000,
             max_refusals: 5,
+            yield_to_intake_ms: 250,
         }
     }
 }
@@ -529,6 +536,11 @@ impl Config {
             ("delivery.poll_interval_ms", d.poll_interval_ms, any.clone()),
             ("delivery.lease_ms", d.lease_ms, any.clone()),
             (
+                "delivery.yield_to_intake_ms",
+                d.yield_to_intake_ms,
+                0..=MAX_DURATION_MS,
+            ),
+            (
                 "delivery.call_timeout_ms",
                 d.call_timeout_ms,
                 1..=MAX_CALL_TIMEOUT_MS,
@@ -743,6 +755,7 @@ mod tests {
         ("package_sweep_interval_ms", 1, MAX_DURATION_MS),
         ("delivery.poll_interval_ms", 1, MAX_DURATION_MS),
         ("delivery.lease_ms", 1, MAX_DURATION_MS),
+        ("delivery.yield_to_intake_ms", 0, MAX_DURATION_MS),
         ("delivery.call_timeout_ms", 1, MAX_CALL_TIMEOUT_MS),
         ("delivery.backoff.initial_ms", 1, MAX_DURATION_MS),
         ("delivery.backoff.max_ms", 1, MAX_DURATION_MS),
@@ -1064,6 +1077,7 @@ mod tests {
         "delivery.concurrency",
         "delivery.call_timeout_ms",
         "delivery.max_refusals",
+        "delivery.yield_to_intake_ms",
         "reconcile.interval_ms",
         "reconcile.ack_timeout_ms",
         "reconcile.chain_interval_ms",

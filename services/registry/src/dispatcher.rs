@@ -13,6 +13,10 @@
 //! so the next claim and calls overlap that write; the row's lease keeps it from being
 //! claimed again until the write lands.
 //!
+//! While Submits queue for the intake writer, the dispatcher claims at most once per
+//! `delivery.yield_to_intake_ms` ([`Pressure`](crate::intake::Pressure)): a burst is
+//! accepted first and delivered as it ends.
+//!
 //! Each claim leases its row under a random token on the database's clock
 //! ([`Store::claim_deliveries`](crate::store::Store::claim_deliveries)); the outcome of an
 //! attempt is recorded only while that claim still holds the row, so a dispatcher paused past
@@ -122,6 +126,8 @@ async fn pool(
     };
     let claimer = shared.clone();
     let runner = shared.clone();
+    let give_way_stop = stopping.clone();
+    let give_way = Duration::from_millis(cfg.yield_to_intake_ms);
     run_pool(
         settings,
         &shared.dispatch_wakeup,
@@ -130,7 +136,14 @@ async fn pool(
         grace + dsrelay_runtime::host::SHUTDOWN_MARGIN / 2,
         move |n| {
             let shared = claimer.clone();
+            let give_way_stop = give_way_stop.clone();
             async move {
+                while let Some(pause) = shared.intake.pressure.defer_claim(give_way) {
+                    if *give_way_stop.borrow() {
+                        return Vec::new();
+                    }
+                    tokio::time::sleep(pause).await;
+                }
                 shared
                     .store
                     .claim_deliveries(shared.clock.now_ms(), n as i64, cfg.lease_ms as i64)

@@ -8,7 +8,9 @@
 //! commits the ones already queued and returns; a Submit after that gets
 //! [`IntakeError::Stopped`] at once (UNAVAILABLE to the partner), never a wait.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use dsrelay_runtime::host::Stop;
 use tokio::sync::{mpsc, oneshot};
@@ -39,12 +41,81 @@ pub enum IntakeError {
     },
 }
 
+/// Submits waiting for their commit at which intake counts as busy. A lone caller, or an open
+/// loop the writer keeps up with, has none or one waiting at a time; callers that send the
+/// next Submit as soon as one is answered have nearly all of theirs waiting.
+const BUSY_WAITING: usize = 4;
+
+/// How long the dispatcher sleeps before it looks again while intake is busy (ms).
+const LOOK_AGAIN_MS: u64 = 10;
+
+/// Whether Submits are queueing, so that the dispatcher can give way to them: a Submit is
+/// answered only once its request is durable, and delivering earlier requests takes the same
+/// cores and, on SQLite, the same store writer. While [`BUSY_WAITING`] or more Submits wait
+/// for their commit, the dispatcher claims at most once per `delivery.yield_to_intake_ms`, so
+/// that deliveries go on, more slowly, under any load, and catch up once the burst ends;
+/// their due dates are days away, while a partner waiting on a Submit is waiting now.
+#[derive(Debug)]
+pub(crate) struct Pressure {
+    origin: Instant,
+    /// Submits queued for the writer or in its transaction, until answered.
+    waiting: AtomicUsize,
+    /// Milliseconds since `origin` of the dispatcher's last claim.
+    claimed_at: AtomicU64,
+}
+
+impl Default for Pressure {
+    fn default() -> Self {
+        Self {
+            origin: Instant::now(),
+            waiting: AtomicUsize::new(0),
+            claimed_at: AtomicU64::new(0),
+        }
+    }
+}
+
+/// One Submit counted in [`Pressure::waiting`] until dropped (answered, or its caller gone).
+struct Waiting<'p>(&'p Pressure);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Pressure {
+    fn wait(&self) -> Waiting<'_> {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(self)
+    }
+
+    /// How long the dispatcher should sleep before it asks again: `None` when intake is not
+    /// busy or the last claim is at least `max_wait` ago (0 turns the waiting off), and the
+    /// claim is then counted as made.
+    pub(crate) fn defer_claim(&self, max_wait: Duration) -> Option<Duration> {
+        let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.defer_claim_at(now, self.waiting.load(Ordering::Relaxed), max_wait)
+    }
+
+    fn defer_claim_at(&self, now_ms: u64, waiting: usize, max_wait: Duration) -> Option<Duration> {
+        let wait = u64::try_from(max_wait.as_millis()).unwrap_or(u64::MAX);
+        let turn = self.claimed_at.load(Ordering::Relaxed).saturating_add(wait);
+        if waiting >= BUSY_WAITING && now_ms < turn {
+            return Some(Duration::from_millis(LOOK_AGAIN_MS.min(turn - now_ms)));
+        }
+        self.claimed_at.store(now_ms, Ordering::Relaxed);
+        None
+    }
+}
+
 type Job = (Intaken, oneshot::Sender<Result<Inserted, IntakeError>>);
 
 /// The queue in front of the writer.
 #[derive(Debug, Clone)]
 pub(crate) struct Intake {
     tx: mpsc::Sender<Job>,
+    /// Counted by the Submits, read by the dispatcher.
+    pub(crate) pressure: Arc<Pressure>,
 }
 
 /// The writer's end of the queue: [`Writer::run`] is a worker of the registry's host.
@@ -58,7 +129,8 @@ pub(crate) struct Writer {
 /// the writer runs; Submits queued before that wait for it.
 pub(crate) fn channel(store: Store) -> (Intake, Writer) {
     let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-    (Intake { tx }, Writer { store, rx })
+    let pressure = Arc::new(Pressure::default());
+    (Intake { tx, pressure }, Writer { store, rx })
 }
 
 impl Intake {
@@ -79,6 +151,7 @@ impl Intake {
     }
 
     async fn queue(&self, job: Intaken) -> Result<Inserted, IntakeError> {
+        let _waiting = self.pressure.wait();
         let (done_tx, done_rx) = oneshot::channel();
         self.tx
             .send((job, done_tx))
@@ -286,6 +359,38 @@ mod tests {
         for id in ["r1", "r2"] {
             assert!(store.request(id).await.unwrap().is_some(), "{id}");
         }
+    }
+
+    #[test]
+    fn the_dispatcher_waits_only_while_submits_wait_and_at_most_its_turn() {
+        let max = Duration::from_millis(500);
+        let p = Pressure::default();
+        // A caller or a few at a time: claim at once, each time.
+        for (t, waiting) in [(1_000, 0), (1_001, 1), (1_002, BUSY_WAITING - 1)] {
+            assert_eq!(p.defer_claim_at(t, waiting, max), None, "{waiting} waiting");
+        }
+        // Submits queue: look again soon, until the turn (500 ms after the last claim) comes.
+        let busy = BUSY_WAITING;
+        assert_eq!(
+            p.defer_claim_at(1_100, busy, max),
+            Some(Duration::from_millis(LOOK_AGAIN_MS))
+        );
+        assert_eq!(
+            p.defer_claim_at(1_497, busy, max),
+            Some(Duration::from_millis(5))
+        );
+        assert_eq!(p.defer_claim_at(1_502, busy, max), None);
+        assert!(p.defer_claim_at(1_503, busy, max).is_some());
+        // The queue gone: claim at once.
+        assert_eq!(p.defer_claim_at(1_504, 0, max), None);
+        // Off: 0 never waits, however many wait.
+        assert_eq!(p.defer_claim_at(1_505, 100, Duration::ZERO), None);
+        // A Submit counts while it waits, and stops counting however it ends.
+        let guards: Vec<_> = (0..BUSY_WAITING).map(|_| p.wait()).collect();
+        assert!(p.defer_claim(max).is_some());
+        drop(guards);
+        assert_eq!(p.waiting.load(Ordering::Relaxed), 0);
+        assert_eq!(p.defer_claim(max), None);
     }
 
     /// Answers (Get, List, Watch's events) read through the store's readers: a writer

@@ -54,7 +54,7 @@ mod statements;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -614,6 +614,22 @@ async fn measure(
             "/s",
         )
         .against("bare echo", echo_rate),
+        Row::plain(
+            format!(
+                "accepted Submits: finished when the load ended (of {})",
+                figures.submits.ok
+            ),
+            Value::Num(figures.backlog.finished_at_end as f64),
+            "",
+        ),
+        Row::plain(
+            format!(
+                "accepted Submits: all propagated, after the load ended ({} COMPLETED)",
+                figures.backlog.completed
+            ),
+            Value::Num(figures.backlog.drained_secs),
+            "s",
+        ),
         Row::plain(
             "completed propagations (2 processors × 3 subprocessors)",
             Value::Num(figures.completed_rate),
@@ -1236,6 +1252,7 @@ fn export_explain(f: &export::ExportFigures) -> Option<String> {
 struct RelayFigures {
     submits: LoadResult,
     submit_cpu: CpuUsage,
+    backlog: SubmitBacklog,
     batch_completed: i64,
     batch_cpu: CpuUsage,
     completed_rate: f64,
@@ -1244,6 +1261,16 @@ struct RelayFigures {
     latency_unfinished: usize,
     /// Single requests on the idle pair, one at a time (ms, sorted).
     idle_latencies: Vec<f64>,
+}
+
+/// What was left of the Submit load's propagation when it ended.
+struct SubmitBacklog {
+    /// Its requests in a final state when the load ended.
+    finished_at_end: i64,
+    /// From the end of the load until all of them finished (or the wait gave up).
+    drained_secs: f64,
+    /// Of its requests, COMPLETED when the wait ended.
+    completed: i64,
 }
 
 /// Requests of the single-request latency on an idle pair.
@@ -1387,9 +1414,28 @@ async fn relay_load(
     notes.extend(rate_note("Submits", &submits));
     progress(format!("  {:.0} accepted/s", submits.rate()));
     relay.check_alive()?;
+    // The registry's dispatcher gives way to a burst of Submits (`delivery.yield_to_intake_ms`):
+    // what the load accepted propagates mostly after it. Wait for that backlog, so that the
+    // report says what accepting faster left to do.
+    let load_ended = Instant::now();
+    let done_at_end = relay.count_finished("sub-").await?;
+    progress(format!(
+        "  waiting for the {} accepted requests to finish ({done_at_end} finished)",
+        submits.ok
+    ));
+    let w = relay
+        .wait_finished("sub-", submits.ok, STALL, Duration::from_secs(600), None)
+        .await?;
+    let backlog = SubmitBacklog {
+        finished_at_end: done_at_end,
+        drained_secs: load_ended.elapsed().as_secs_f64(),
+        completed: w.completed,
+    };
+    notes.extend(unfinished_note(relay, "Submit load", "sub-", submits.ok, &w).await);
     Ok(RelayFigures {
         submits,
         submit_cpu,
+        backlog,
         batch_completed,
         batch_cpu,
         completed_rate,
@@ -1477,14 +1523,18 @@ fn explain(
         };
         out.push(format!(
             "accepted Submits below the bare INSERT rate: during the Submit load the cores \
-             were {:.0} % busy and waited for I/O {:.0} % of the time, {bound}the propagation \
-             of what is submitted runs at the same time on the same cores, and {cpu_cost}. \
-             Concurrent Submits share a commit (the registry's intake writer stores all \
-             queued Submits in one transaction), but the registry's one store connection \
-             also carries every delivery record, acknowledgement batch and event of the \
-             propagation; {}",
+             were {:.0} % busy and waited for I/O {:.0} % of the time, {bound}the dispatcher \
+             gave way to the queued Submits ({} of the load's {} requests finished while it \
+             ran; the rest propagated in the {:.1} s after it), and {cpu_cost}. Concurrent \
+             Submits share a commit (the registry's intake writer stores all queued Submits \
+             in one transaction, each with its events, audit entries and deliveries), and \
+             each caller waits for its batch's commit; the registry's one store connection \
+             also carries the acknowledgements of what was delivered; {}",
             100.0 * u.busy,
             100.0 * u.iowait,
+            figures.backlog.finished_at_end,
+            figures.submits.ok,
+            figures.backlog.drained_secs,
             if is_pg {
                 "on PostgreSQL those transactions commit side by side (no lock is shared by \
                  every transaction that records events: the audit chainer links the entries \

@@ -76,12 +76,14 @@ pub(crate) fn settings_description(
         ),
         format!(
             "registry delivery: poll {} ms (a Submit also wakes the dispatcher), batch {}, \
-             {} in flight, lease {} ms; reconcile (defaults): every {} ms, after {} ms without \
+             {} in flight, lease {} ms, while Submits queue one claim per {} ms at most \
+             (`yield_to_intake_ms`); reconcile (defaults): every {} ms, after {} ms without \
              acknowledgement",
             d.poll_interval_ms,
             d.batch_size,
             d.concurrency,
             d.lease_ms,
+            d.yield_to_intake_ms,
             r.interval_ms,
             r.ack_timeout_ms
         ),
@@ -382,6 +384,11 @@ impl Relay {
 
     /// How many requests whose idempotency key starts with `prefix` are in a state at or
     /// past `state` (COMPLETED and every later state are final).
+    /// Requests under `prefix` in a final state.
+    pub(crate) async fn count_finished(&self, prefix: &str) -> Result<i64> {
+        self.count_from_state(prefix, COMPLETED, false).await
+    }
+
     async fn count_from_state(&self, prefix: &str, state: i64, exact: bool) -> Result<i64> {
         let op = if exact { "=" } else { ">=" };
         Ok(sqlx::query_scalar(&format!(

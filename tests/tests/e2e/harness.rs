@@ -490,6 +490,7 @@ mod configs {
                 concurrency: 8,
                 call_timeout_ms: 3000,
                 max_refusals: 5,
+                yield_to_intake_ms: DeliveryConfig::default().yield_to_intake_ms,
             },
             reconcile: ReconcileConfig {
                 interval_ms: 500,
