@@ -128,6 +128,11 @@ async fn pool(
     let runner = shared.clone();
     let give_way_stop = stopping.clone();
     let give_way = Duration::from_millis(cfg.yield_to_intake_ms);
+    // Calls under way, so that a claim made after giving way takes the slots freed meanwhile,
+    // not only those free when the pool asked.
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let in_flight_claim = in_flight.clone();
+    let (batch, concurrency) = (settings.batch, settings.concurrency);
     run_pool(
         settings,
         &shared.dispatch_wakeup,
@@ -137,12 +142,16 @@ async fn pool(
         move |n| {
             let shared = claimer.clone();
             let give_way_stop = give_way_stop.clone();
+            let in_flight = in_flight_claim.clone();
             async move {
+                let mut n = n;
                 while let Some(pause) = shared.intake.pressure.defer_claim(give_way) {
                     if *give_way_stop.borrow() {
                         return Vec::new();
                     }
                     tokio::time::sleep(pause).await;
+                    let busy = in_flight.load(Ordering::SeqCst);
+                    n = n.max(batch.min(concurrency.saturating_sub(busy)));
                 }
                 shared
                     .store
@@ -155,6 +164,8 @@ async fn pool(
             }
         },
         move |job| {
+            in_flight.fetch_add(1, Ordering::SeqCst);
+            let in_flight = in_flight.clone();
             let shared = runner.clone();
             let recorder = recorder.clone();
             let (stopping, abandon, tally) = (stopping.clone(), abandon.clone(), tally.clone());
@@ -172,6 +183,7 @@ async fn pool(
             }
             async move {
                 let outcome = attempt(&shared, &recorder, job, abandon).await;
+                in_flight.fetch_sub(1, Ordering::SeqCst);
                 let stopped = *stopping.borrow();
                 match outcome {
                     Attempt::Ended if stopped => {

@@ -76,14 +76,19 @@ pub(crate) fn settings_description(
         ),
         format!(
             "registry delivery: poll {} ms (a Submit also wakes the dispatcher), batch {}, \
-             {} in flight, lease {} ms, while Submits queue one claim per {} ms at most \
-             (`yield_to_intake_ms`); reconcile (defaults): every {} ms, after {} ms without \
-             acknowledgement",
+             {} in flight, lease {} ms, {}; reconcile (defaults): every {} ms, after {} ms \
+             without acknowledgement",
             d.poll_interval_ms,
             d.batch_size,
             d.concurrency,
             d.lease_ms,
-            d.yield_to_intake_ms,
+            match d.yield_to_intake_ms {
+                0 => "no giving way to queued Submits (`yield_to_intake_ms` 0)".to_string(),
+                ms => format!(
+                    "while Submits queue one claim per {ms} ms at most \
+                               (`yield_to_intake_ms`)"
+                ),
+            },
             r.interval_ms,
             r.ack_timeout_ms
         ),

@@ -379,7 +379,7 @@ but while Submits queue (four or more waiting for their commit) the registry's d
 claims at most once per `delivery.yield_to_intake_ms`, so most of it runs after the load. The two rows after \
 it say how much: the load's requests finished when it ended, and the time from its end until \
 all of them were finished (read every 100 ms; the wait gives up after 10 s without one \
-finishing, or 600 s, and the notes then say how many were left).
+finishing, or 600 s, and the row then says NOT all finished and how many had).
 - **completed propagations/s**: a batch is submitted by the same callers, and the figure is \
 the batch size over the time from the first Submit to the last request reaching COMPLETED \
 (`finished_at` in the registry's `requests` table); requests still unfinished when nothing \
