@@ -13,9 +13,10 @@
 //! so the next claim and calls overlap that write; the row's lease keeps it from being
 //! claimed again until the write lands.
 //!
-//! While Submits queue for the intake writer, the dispatcher claims at most once per
-//! `delivery.yield_to_intake_ms` ([`Pressure`](crate::intake::Pressure)): a burst is
-//! accepted first and delivered as it ends.
+//! With `delivery.yield_to_intake_ms` set (off by default), while Submits queue for the
+//! intake writer the dispatcher claims at most once per that interval
+//! ([`Pressure`](crate::intake::Pressure)): a burst is accepted first and delivered as it
+//! ends.
 //!
 //! Each claim leases its row under a random token on the database's clock
 //! ([`Store::claim_deliveries`](crate::store::Store::claim_deliveries)); the outcome of an

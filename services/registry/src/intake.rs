@@ -51,10 +51,11 @@ const LOOK_AGAIN_MS: u64 = 10;
 
 /// Whether Submits are queueing, so that the dispatcher can give way to them: a Submit is
 /// answered only once its request is durable, and delivering earlier requests takes the same
-/// cores and, on SQLite, the same store writer. While [`BUSY_WAITING`] or more Submits wait
-/// for their commit, the dispatcher claims at most once per `delivery.yield_to_intake_ms`, so
-/// that deliveries go on, more slowly, under any load, and catch up once the burst ends;
-/// their due dates are days away, while a partner waiting on a Submit is waiting now.
+/// cores and, on SQLite, the same store writer. With `delivery.yield_to_intake_ms` set
+/// (it is off by default), while [`BUSY_WAITING`] or more Submits wait for their commit, the
+/// dispatcher claims at most once per that interval, so that deliveries go on, more slowly,
+/// under any load, and catch up once the burst ends; their due dates are days away, while a
+/// partner waiting on a Submit is waiting now.
 #[derive(Debug)]
 pub(crate) struct Pressure {
     origin: Instant,

@@ -1431,9 +1431,9 @@ async fn relay_load(
     notes.extend(rate_note("Submits", &submits));
     progress(format!("  {:.0} accepted/s", submits.rate()));
     relay.check_alive()?;
-    // The registry's dispatcher gives way to a burst of Submits (`delivery.yield_to_intake_ms`):
-    // what the load accepted propagates mostly after it. Wait for that backlog, so that the
-    // report says what accepting faster left to do.
+    // With `delivery.yield_to_intake_ms` set the registry's dispatcher gives way to a burst
+    // of Submits, and what the load accepted propagates mostly after it. Either way, wait for
+    // what is left, so that the report says what accepting at that rate left to do.
     let load_ended = Instant::now();
     let done_at_end = relay.count_finished("sub-").await?;
     progress(format!(
@@ -1542,9 +1542,9 @@ fn explain(
         out.push(format!(
             "accepted Submits below the bare INSERT rate: during the Submit load the cores \
              were {:.0} % busy and waited for I/O {:.0} % of the time, {bound}{} of the load's \
-             {} requests finished while it ran (the registry's dispatcher gives way while \
-             Submits queue, `delivery.yield_to_intake_ms`), the wait for the rest ended {:.1} s \
-             after it, and {cpu_cost}. Concurrent \
+             {} requests finished while it ran (with `delivery.yield_to_intake_ms` set, as \
+             the settings say, the registry's dispatcher gives way while Submits queue), the \
+             wait for the rest ended {:.1} s after it, and {cpu_cost}. Concurrent \
              Submits share a commit (the registry's intake writer stores all queued Submits \
              in one transaction, each with its events, audit entries and deliveries), and \
              each caller waits for its batch's commit; the registry's one store connection \

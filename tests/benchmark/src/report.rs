@@ -374,10 +374,10 @@ folder as the services' files; PostgreSQL: the services' pool of 16, a fresh dat
 same server), by the same number of concurrent callers for the fixed duration.
 - **accepted Submits/s**: closed loop, the same callers send `RequestService.Submit` \
 (an erasure with one e-mail identity, a unique idempotency key) to the registry for the fixed \
-duration; the propagation of what they submit runs at the same time, on the same cores, \
-but while Submits queue (four or more waiting for their commit) the registry's dispatcher \
-claims at most once per `delivery.yield_to_intake_ms`, so most of it runs after the load. The two rows after \
-it say how much: the load's requests finished when it ended, and the time from its end until \
+duration; the propagation of what they submit runs at the same time, on the same cores \
+(with `delivery.yield_to_intake_ms` set, as the settings say, while Submits queue, four or \
+more waiting for their commit, the registry's dispatcher claims at most once per that \
+interval, so most of it runs after the load). The two rows after it say how much: the load's requests finished when it ended, and the time from its end until \
 all of them were finished (read every 100 ms; the wait gives up after 10 s without one \
 finishing, or 600 s, and the row then says NOT all finished and how many had).
 - **completed propagations/s**: a batch is submitted by the same callers, and the figure is \

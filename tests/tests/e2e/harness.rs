@@ -490,7 +490,9 @@ mod configs {
                 concurrency: 8,
                 call_timeout_ms: 3000,
                 max_refusals: 5,
-                yield_to_intake_ms: DeliveryConfig::default().yield_to_intake_ms,
+                // On (it is off by default), so that every end-to-end test runs through the
+                // dispatcher's giving way to queued Submits.
+                yield_to_intake_ms: 250,
             },
             reconcile: ReconcileConfig {
                 interval_ms: 500,
