@@ -42,7 +42,7 @@ use dsrelay_proto::v1::{
 use dsrelay_proto::{prost::Message, timestamp_from_millis};
 use dsrelay_runtime::log_text::Said;
 use dsrelay_runtime::trace_context;
-use dsrelay_runtime::worker::{run_pool, PoolSettings};
+use dsrelay_runtime::worker::{run_pool_gated, PoolSettings};
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
@@ -127,33 +127,30 @@ async fn pool(
     };
     let claimer = shared.clone();
     let runner = shared.clone();
+    let gatekeeper = shared.clone();
     let give_way_stop = stopping.clone();
     let give_way = Duration::from_millis(cfg.yield_to_intake_ms);
-    // Calls under way, so that a claim made after giving way takes the slots freed meanwhile,
-    // not only those free when the pool asked.
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    let in_flight_claim = in_flight.clone();
-    let (batch, concurrency) = (settings.batch, settings.concurrency);
-    run_pool(
+    run_pool_gated(
         settings,
         &shared.dispatch_wakeup,
         stop,
         // Dropped calls release their leases within the margin after the grace.
         grace + dsrelay_runtime::host::SHUTDOWN_MARGIN / 2,
-        move |n| {
-            let shared = claimer.clone();
-            let give_way_stop = give_way_stop.clone();
-            let in_flight = in_flight_claim.clone();
+        move || {
+            let shared = gatekeeper.clone();
+            let stop = give_way_stop.clone();
             async move {
-                let mut n = n;
                 while let Some(pause) = shared.intake.pressure.defer_claim(give_way) {
-                    if *give_way_stop.borrow() {
-                        return Vec::new();
+                    if *stop.borrow() {
+                        return;
                     }
                     tokio::time::sleep(pause).await;
-                    let busy = in_flight.load(Ordering::SeqCst);
-                    n = n.max(batch.min(concurrency.saturating_sub(busy)));
                 }
+            }
+        },
+        move |n| {
+            let shared = claimer.clone();
+            async move {
                 shared
                     .store
                     .claim_deliveries(shared.clock.now_ms(), n as i64, cfg.lease_ms as i64)
@@ -165,8 +162,6 @@ async fn pool(
             }
         },
         move |job| {
-            in_flight.fetch_add(1, Ordering::SeqCst);
-            let in_flight = in_flight.clone();
             let shared = runner.clone();
             let recorder = recorder.clone();
             let (stopping, abandon, tally) = (stopping.clone(), abandon.clone(), tally.clone());
@@ -184,7 +179,6 @@ async fn pool(
             }
             async move {
                 let outcome = attempt(&shared, &recorder, job, abandon).await;
-                in_flight.fetch_sub(1, Ordering::SeqCst);
                 let stopped = *stopping.borrow();
                 match outcome {
                     Attempt::Ended if stopped => {

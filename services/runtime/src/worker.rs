@@ -26,7 +26,7 @@ pub struct PoolSettings {
 pub async fn run_pool<J, C, CF, R, RF>(
     settings: PoolSettings,
     wakeup: &Notify,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     grace: Duration,
     claim: C,
     run: R,
@@ -37,13 +37,42 @@ pub async fn run_pool<J, C, CF, R, RF>(
     R: Fn(J) -> RF,
     RF: Future<Output = ()> + Send + 'static,
 {
+    let ready = || std::future::ready(());
+    run_pool_gated(settings, wakeup, stop, grace, ready, claim, run).await;
+}
+
+/// As [`run_pool`], but before each claim for free slots it awaits `gate()` (which may hold
+/// claims back for a while), and then claims for the slots free once it returns.
+pub async fn run_pool_gated<J, G, GF, C, CF, R, RF>(
+    settings: PoolSettings,
+    wakeup: &Notify,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+    gate: G,
+    claim: C,
+    run: R,
+) where
+    J: Send + 'static,
+    G: Fn() -> GF,
+    GF: Future<Output = ()>,
+    C: Fn(usize) -> CF,
+    CF: Future<Output = Vec<J>>,
+    R: Fn(J) -> RF,
+    RF: Future<Output = ()> + Send + 'static,
+{
     let slots = Arc::new(Semaphore::new(settings.concurrency.max(1)));
+    let free_now = || slots.available_permits().min(settings.batch.max(1));
     loop {
         if *stop.borrow() {
             break;
         }
-        let free = slots.available_permits().min(settings.batch.max(1));
+        let mut free = free_now();
         if free > 0 {
+            gate().await;
+            if *stop.borrow() {
+                break;
+            }
+            free = free_now();
             let jobs = claim(free).await;
             let claimed = jobs.len();
             for job in jobs {

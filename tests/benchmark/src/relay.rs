@@ -387,13 +387,13 @@ impl Relay {
         self.services.iter_mut().try_for_each(Service::check_alive)
     }
 
-    /// How many requests whose idempotency key starts with `prefix` are in a state at or
-    /// past `state` (COMPLETED and every later state are final).
     /// Requests under `prefix` in a final state.
     pub(crate) async fn count_finished(&self, prefix: &str) -> Result<i64> {
         self.count_from_state(prefix, COMPLETED, false).await
     }
 
+    /// How many requests whose idempotency key starts with `prefix` are in a state at or
+    /// past `state` (COMPLETED and every later state are final).
     async fn count_from_state(&self, prefix: &str, state: i64, exact: bool) -> Result<i64> {
         let op = if exact { "=" } else { ">=" };
         Ok(sqlx::query_scalar(&format!(
@@ -421,7 +421,7 @@ impl Relay {
         let mut usage = None;
         let finished = loop {
             self.check_alive()?;
-            let finished = self.count_from_state(prefix, COMPLETED, false).await?;
+            let finished = self.count_finished(prefix).await?;
             let now = Instant::now();
             if finished != last.0 {
                 last = (finished, now);

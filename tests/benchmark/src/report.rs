@@ -377,8 +377,9 @@ same server), by the same number of concurrent callers for the fixed duration.
 duration; the propagation of what they submit runs at the same time, on the same cores \
 (with `delivery.yield_to_intake_ms` set, as the settings say, while Submits queue, four or \
 more waiting for their commit, the registry's dispatcher claims at most once per that \
-interval, so most of it runs after the load). The two rows after it say how much: the load's requests finished when it ended, and the time from its end until \
-all of them were finished (read every 100 ms; the wait gives up after 10 s without one \
+interval, so most of it runs after the load). The two rows after it say how much: the \
+load's requests finished when it ended, and the time from its end until all of them were \
+finished (read every 100 ms; the wait gives up after 10 s without one \
 finishing, or 600 s, and the row then says NOT all finished and how many had).
 - **completed propagations/s**: a batch is submitted by the same callers, and the figure is \
 the batch size over the time from the first Submit to the last request reaching COMPLETED \
