@@ -443,7 +443,7 @@ impl Scoped<'_> {
                         None => Vec::new(),
                     };
                     let old = moves.and_then(|(m, keys)| m.main.as_ref().zip(Some(keys)));
-                    let done = match (returned.filter(|_| work.returns_keys), old) {
+                    let done = match (returned.filter(|_| work.returns_keys()), old) {
                         (_, Some((old, keys))) => {
                             update_moving(&mut tx, old, &work.main, table, keys).await
                         }
@@ -766,9 +766,9 @@ impl Scoped<'_> {
                 // As the statements name it: SQLite's names ignore ASCII case.
                 let Some(parent) = (self.config.tables.iter())
                     .map(|t| t.table.as_str())
-                    .find(|t| match self.db.backend {
-                        Backend::Sqlite => t.eq_ignore_ascii_case(&parent),
-                        Backend::Postgres => *t == parent,
+                    .find(|t| {
+                        let name = |n| super::schema::lookup_name(self.db.backend, n);
+                        name(t) == name(&parent)
                     })
                     .filter(|p| *p != child.table)
                 else {

@@ -243,23 +243,29 @@ pub(super) struct ErasureWork {
     /// filter does not take ([`cascade_held_rows`]). No export returns them, so they are
     /// not arrivals: the rows they hang from stay until they are removed otherwise.
     pub(super) cascaded_only: Option<Statement>,
-    /// After a return whose export recorded its rows, for a table whose action deletes:
-    /// `main` returns the key of each row it deletes, whose recorded key the caller deletes
-    /// in the same transaction, so that the keys go with their rows and the keys of rows
-    /// still held (kept, left) stay. Not before `main`: its confinement reads them.
-    pub(super) returns_keys: bool,
     /// After a return whose export recorded its rows, for a table keyed by `ctid`
     /// ([`Scope::key_moves`]): per anonymizing statement (`main`, `anonymize_kept`), a
     /// SELECT of the keys of the rows it will take (locking them), while the statement
     /// returns their new keys; the caller replaces the first with the second in the same
     /// transaction, so that a slot freed later does not pass a new row off as returned.
     pub(super) moves_keys: Option<MovedKeys>,
-    /// With [`Self::returns_keys`]: `main`'s WHERE condition (its `sql`) and its values,
+    /// With [`Self::returns_keys`] (and only then): `main`'s WHERE condition (its `sql`)
+    /// and its values,
     /// from which [`plan_cascaded_keys`] finds, before `main` runs, the rows its DELETE
     /// takes through an `ON DELETE CASCADE`.
     pub(super) deletes_where: Option<Statement>,
     /// The child tables whose kept rows keep this table's rows.
     pub(super) held_for: Vec<String>,
+}
+
+impl ErasureWork {
+    /// After a return whose export recorded its rows, for a table whose action deletes:
+    /// `main` returns the key of each row it deletes, whose recorded key the caller deletes
+    /// in the same transaction, so that the keys go with their rows and the keys of rows
+    /// still held (kept, left) stay. Not before `main`: its confinement reads them.
+    pub(super) fn returns_keys(&self) -> bool {
+        self.deletes_where.is_some()
+    }
 }
 
 /// The old keys' SELECTs of [`ErasureWork::moves_keys`].
@@ -333,7 +339,6 @@ fn plan_keep_count(
         main,
         unreturned: None,
         cascaded_only: None,
-        returns_keys: false,
         moves_keys: None,
         deletes_where: None,
         held_for: Vec::new(),
@@ -389,14 +394,12 @@ pub(super) fn plan_table_erasure(
             None => {
                 if returned_key.is_some() {
                     conditions.extend(cascade_holds(config, rule, scope, &mut b));
-                }
-                let condition = conditions.join(" AND ");
-                if returned_key.is_some() {
                     deletes_where = Some(Statement {
-                        sql: condition.clone(),
+                        sql: conditions.join(" AND "),
                         binds: b.0.clone(),
                     });
                 }
+                let condition = conditions.join(" AND ");
                 let delete = format!("DELETE FROM {table} WHERE {condition}{returning}");
                 (b.finish(delete), None)
             }
@@ -484,7 +487,6 @@ pub(super) fn plan_table_erasure(
         main,
         unreturned,
         cascaded_only,
-        returns_keys: returned_key.is_some(),
         moves_keys: moved_key.map(|_| MovedKeys {
             main: main_moved,
             kept: kept_moved,

@@ -522,7 +522,7 @@ impl Present {
 
 /// How `backend` finds a column by `name`: PostgreSQL keeps the case of the quoted names
 /// the statements use; SQLite compares identifiers ignoring ASCII case, quoted or not.
-fn lookup_name(backend: Backend, name: &str) -> String {
+pub(super) fn lookup_name(backend: Backend, name: &str) -> String {
     match backend {
         Backend::Postgres => name.to_string(),
         Backend::Sqlite => name.to_ascii_lowercase(),
