@@ -588,11 +588,7 @@ fn arrived_children(
             )];
             // A child row that a cascade's arrival holds back ([`cascade_holds`]) holds the
             // row back too, so that it stays found through it.
-            let deletes = child.action == Action::Delete && scope.row_key(&child.table).is_some();
-            let holds = match deletes {
-                true => cascade_holds(config, child, scope, b),
-                false => Vec::new(),
-            };
+            let holds = cascade_holds(config, child, scope, b);
             if !holds.is_empty() {
                 terms.push(format!(
                     "NOT EXISTS (SELECT 1 FROM {c} WHERE {under} AND NOT ({}))",
@@ -630,6 +626,13 @@ fn cascade_join(link: &Cascade) -> String {
         .join(" AND ")
 }
 
+/// Whether `rule`'s table is one whose DELETE returns keys after a return: it deletes, and
+/// its rows have a key ([`Scope::row_key`]). Only such a DELETE is held back for the rows
+/// its cascades would take ([`cascade_holds`]).
+fn deletes_by_key(rule: &TableRule, scope: Scope<'_>) -> bool {
+    rule.action == Action::Delete && scope.row_key(&rule.table).is_some()
+}
+
 /// For a table whose DELETE returns keys, after a return ([`ReturnedKeys::cascades`]): per chain
 /// of cascades its DELETE sets off ([`cascade_paths`]), that no row the chain would take is
 /// one the export did not record ([`cascade_unrecorded`]): the DELETE would erase it
@@ -644,6 +647,9 @@ fn cascade_holds(
     b: &mut Binds,
 ) -> Vec<String> {
     let mut holds = Vec::new();
+    if !deletes_by_key(rule, scope) {
+        return holds;
+    }
     let cascades = scope.returned.map(|r| r.cascades).unwrap_or_default();
     for path in cascade_paths(cascades, &rule.table) {
         let Some(last) = path.last() else {
@@ -680,8 +686,7 @@ pub(super) fn cascade_held(
 ) -> Vec<String> {
     let mut held = Vec::new();
     let cascades = scope.returned.map(|r| r.cascades).unwrap_or_default();
-    let deleting = (config.tables.iter())
-        .filter(|t| t.action == Action::Delete && scope.row_key(&t.table).is_some());
+    let deleting = (config.tables.iter()).filter(|t| deletes_by_key(t, scope));
     for top in deleting {
         for path in cascade_paths(cascades, &top.table) {
             if path.last().map(|l| l.child.as_str()) != Some(rule.table.as_str()) {
