@@ -677,7 +677,7 @@ fn cascade_holds(
 /// otherwise delete (the subject's, kept by no obligation), whether or not the table's own
 /// statements would take it ([`cascade_held_rows`] tells the two apart). The chains are
 /// read from the row up, one EXISTS per link, by the parents' keys.
-pub(super) fn cascade_held(
+fn cascade_held(
     config: &SqlConnectorConfig,
     rule: &TableRule,
     scope: Scope<'_>,
