@@ -719,93 +719,18 @@ impl Scoped<'_> {
 
     /// The foreign keys between two configured tables whose `ON DELETE CASCADE` deletes a
     /// child table's rows with its parent's, read from the database's catalog once per
-    /// step of an erasure after a return. A foreign key of a table on itself is left out:
-    /// its chain's statements would name the table twice, which they have no alias for. So
-    /// such a cascade is not followed: the rows it takes go even if unrecorded, and their
-    /// keys stay (the module documentation's Limits).
+    /// step of an erasure after a return ([`super::cascades::read`]). A foreign key of a
+    /// table on itself is left out: its chain's statements would name the table twice,
+    /// which they have no alias for. So such a cascade is not followed: the rows it takes
+    /// go even if unrecorded, and their keys stay (the module documentation's Limits).
     async fn cascades(&self) -> Result<Vec<Cascade>, ConnectorError> {
-        let sql = match self.db.backend {
-            Backend::Sqlite => {
-                "SELECT CAST(id AS TEXT), CAST(seq AS BIGINT), \"table\", \"from\", \"to\" \
-                 FROM pragma_foreign_key_list($1) WHERE upper(on_delete) = 'CASCADE' \
-                 ORDER BY id, seq"
-            }
-            // The parent as the statements find it: by its name through the search path.
-            Backend::Postgres => {
-                "SELECT CAST(c.conname AS TEXT), CAST(k.ord AS BIGINT), \
-                 CAST(pc.relname AS TEXT), CAST(a.attname AS TEXT), CAST(pa.attname AS TEXT) \
-                 FROM pg_catalog.pg_constraint c \
-                 CROSS JOIN LATERAL unnest(c.conkey, c.confkey) WITH ORDINALITY \
-                 AS k(child_no, parent_no, ord) \
-                 JOIN pg_catalog.pg_class pc ON pc.oid = c.confrelid \
-                 JOIN pg_catalog.pg_attribute a ON a.attrelid = c.conrelid \
-                 AND a.attnum = k.child_no \
-                 JOIN pg_catalog.pg_attribute pa ON pa.attrelid = c.confrelid \
-                 AND pa.attnum = k.parent_no \
-                 WHERE c.contype = 'f' AND c.confdeltype = 'c' \
-                 AND c.conrelid = to_regclass($1) \
-                 AND c.confrelid = to_regclass(quote_ident(pc.relname)) \
-                 ORDER BY 1, 2"
-            }
-        };
-        type Link = (String, i64, String, String, Option<String>);
-        let mut cascades: Vec<Cascade> = Vec::new();
-        for child in &self.config.tables {
-            let name = match self.db.backend {
-                Backend::Sqlite => child.table.clone(),
-                Backend::Postgres => quote(&child.table),
-            };
-            let doing = format!("reading the foreign keys of {}", child.table);
-            let links: Vec<Link> = sqlx::query_as(sql)
-                .bind(name)
-                .fetch_all(&self.db.pool)
-                .await
-                .map_err(|e| classify(&doing, &e))?;
-            let mut last_id = None;
-            for (id, _, parent, column, parent_column) in links {
-                // As the statements name it: SQLite's names ignore ASCII case.
-                let Some(parent) = (self.config.tables.iter())
-                    .map(|t| t.table.as_str())
-                    .find(|t| {
-                        let name = |n| super::schema::lookup_name(self.db.backend, n);
-                        name(t) == name(&parent)
-                    })
-                    .filter(|p| *p != child.table)
-                else {
-                    continue;
-                };
-                if last_id.as_ref() != Some(&id) {
-                    last_id = Some(id);
-                    cascades.push(Cascade {
-                        child: child.table.clone(),
-                        columns: Vec::new(),
-                        parent: parent.to_string(),
-                        parent_columns: Vec::new(),
-                    });
-                }
-                if let Some(c) = cascades.last_mut() {
-                    c.columns.push(column);
-                    // SQLite leaves out the columns of a key naming none: the parent's
-                    // primary key, read below.
-                    c.parent_columns.extend(parent_column);
-                }
-            }
-        }
-        for c in &mut cascades {
-            if c.parent_columns.is_empty() {
-                let doing = format!("reading the primary key of {}", c.parent);
-                c.parent_columns = sqlx::query_scalar(
-                    "SELECT name FROM pragma_table_info($1) WHERE pk > 0 ORDER BY pk",
-                )
-                .bind(c.parent.clone())
-                .fetch_all(&self.db.pool)
-                .await
-                .map_err(|e| classify(&doing, &e))?;
-            }
-        }
-        // A key whose columns could not all be paired is not used: its rows cannot be found.
-        cascades.retain(|c| c.columns.len() == c.parent_columns.len());
-        Ok(cascades)
+        let all = (super::cascades::read(self.db).await)
+            .map_err(|e| classify("reading the foreign keys of the configured tables", &e))?;
+        Ok(super::cascades::between_configured(
+            self.db.backend,
+            self.config,
+            all,
+        ))
     }
 
     /// The last key of `batch`: the `size`-th key after its `after`, or `None` when at most

@@ -209,9 +209,8 @@
 //!   the `rowid`s of a table without an INTEGER PRIMARY KEY); an update gives a row keyed
 //!   by `ctid` a new key, so it reads as an arrival; a table's `ON DELETE CASCADE` onto
 //!   itself is not followed, so the rows it takes are erased even if unrecorded, and their
-//!   keys stay; a cascade onto rows an obligation keeps (`retain`, a `keep` table) of a
-//!   table that is not the parent's rule child deletes them, in any erasure (README); and a
-//!   child inserted while its
+//!   keys stay (a cascade onto rows the rules keep is refused when the connector
+//!   connects); and a child inserted while its
 //!   parent's batch deletes the parent can still be taken by an `ON DELETE CASCADE` (or
 //!   fail the batch on another foreign key). Without recorded keys
 //!   (an export from before they were, a return done by hand), the first call takes the
@@ -325,6 +324,7 @@ use writer::ErasureWriter;
 use crate::{BoxFuture, BulkJob, Connector, ConnectorError, Outcome, Phase, Task};
 
 mod bulk;
+mod cascades;
 mod direct;
 mod execute;
 mod plan;

@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use dsrelay_runtime::store::{Backend, Db};
 
+use super::cascades;
 use super::plan::{self, quote};
 use super::rules::{AnonymizeWith, SqlConnectorConfig, REDACTED};
 
@@ -344,8 +345,9 @@ impl ColumnTypes {
     }
 }
 
-/// Fails, naming each table and column, when `db` lacks a table or column of the rules;
-/// otherwise answers their types.
+/// Fails, naming each table and column, when `db` lacks a table or column of the rules, and
+/// naming each foreign key, when an `ON DELETE CASCADE` would delete rows the rules keep
+/// ([`cascades::problems`]); otherwise answers their types.
 pub(super) async fn check_columns(
     db: &Db,
     config: &SqlConnectorConfig,
@@ -400,6 +402,9 @@ pub(super) async fn check_columns(
         types.0.insert(table.to_string(), columns);
     }
     problems.extend(unwritable(config, &types));
+    let all = (cascades::read(db).await)
+        .map_err(|e| anyhow::anyhow!("reading the ON DELETE CASCADE foreign keys: {e}"))?;
+    problems.extend(cascades::problems(db.backend, config, &all));
     if !problems.is_empty() {
         anyhow::bail!(
             "the holder database does not match the sql connector's rules: {}",
