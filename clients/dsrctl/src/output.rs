@@ -238,6 +238,20 @@ impl From<&TaskStatus> for TaskView {
     }
 }
 
+/// A retention as every view words it. `next_run` is `retain_until`, the date the holder's
+/// erasure runs again (which may keep part of the data again, with a later date): worded as
+/// an end of retention, it misleads whoever plans by it. Empty parts are left out.
+pub(crate) fn retention_words(legal_basis: &str, next_run: &str) -> String {
+    let mut parts = Vec::new();
+    if !legal_basis.is_empty() {
+        parts.push(format!("kept under {legal_basis}"));
+    }
+    if !next_run.is_empty() {
+        parts.push(format!("next erasure run {next_run}"));
+    }
+    parts.join("; ")
+}
+
 impl TaskView {
     /// Reason, legal basis and retention date in one cell; tasks rarely have more than one.
     /// A task still at work shows its note instead when it has no reason: what it waits for.
@@ -248,11 +262,9 @@ impl TaskView {
         } else if self.state == "IN_PROGRESS" && !self.evidence_note.is_empty() {
             parts.push(self.evidence_note.clone());
         }
-        if !self.legal_basis.is_empty() {
-            parts.push(format!("basis: {}", self.legal_basis));
-        }
-        if let Some(until) = self.retain_until {
-            parts.push(format!("retain until {until}"));
+        let retention = retention_words(&self.legal_basis, &time_cell(self.retain_until));
+        if !retention.is_empty() {
+            parts.push(retention);
         }
         parts.join("; ")
     }
@@ -550,7 +562,8 @@ impl EventView {
             _ => self.processor.clone(),
         };
         let mut message = self.message.clone();
-        if let Some(task) = &self.task {
+        // A PART_STORED event's task only names whose part it is: it has no state to show.
+        if let Some(task) = self.task.as_ref().filter(|t| t.state != "UNSPECIFIED") {
             let detail = task.detail();
             let extra = if detail.is_empty() {
                 format!("task {}", task.state)
@@ -873,9 +886,13 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("netvisor      RETAINED  3    4        basis: Kirjanpitolaki 2:10 §; retain until 2030-03-17T17:46:40Z"),
+            text.contains(
+                "netvisor      RETAINED  3    4        kept under Kirjanpitolaki 2:10 §; \
+                 next erasure run 2030-03-17T17:46:40Z"
+            ),
             "{text}"
         );
+        assert!(!text.contains("until"), "{text}");
     }
 
     #[test]
@@ -912,6 +929,49 @@ mod tests {
             EventView::from(&e).line(),
             "2023-11-14T22:13:20Z  TASK_UPDATED       IN_PROGRESS          \
              payroll-bureau/netvisor         erased [task COMPLETED]"
+        );
+    }
+
+    /// A RETAINED task's date is when the holder's erasure runs again, not when the
+    /// retention ends.
+    #[test]
+    fn a_retained_event_names_the_next_erasure_run() {
+        let e = RequestEvent {
+            r#type: EventType::TaskUpdated as i32,
+            occurred_at: ts(1_700_000_000),
+            request_state: RequestState::InProgress as i32,
+            processor: "payroll-bureau".into(),
+            task: sample().tasks.pop(),
+            ..Default::default()
+        };
+        assert_eq!(
+            EventView::from(&e).line(),
+            "2023-11-14T22:13:20Z  TASK_UPDATED       IN_PROGRESS          \
+             payroll-bureau/netvisor         task RETAINED (kept under Kirjanpitolaki 2:10 §; \
+             next erasure run 2030-03-17T17:46:40Z)"
+        );
+    }
+
+    /// A PART_STORED event names the task whose part was stored, which has no state.
+    #[test]
+    fn a_stored_part_shows_whose_it_is_without_a_task_state() {
+        let e = RequestEvent {
+            r#type: EventType::PartStored as i32,
+            occurred_at: ts(1_700_000_000),
+            request_state: RequestState::InProgress as i32,
+            processor: "payroll-bureau".into(),
+            task: Some(TaskStatus {
+                processor: "payroll-bureau".into(),
+                subprocessor: "netvisor".into(),
+                ..Default::default()
+            }),
+            message: "part of netvisor stored: 2 file(s), 90 bytes".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            EventView::from(&e).line(),
+            "2023-11-14T22:13:20Z  PART_STORED        IN_PROGRESS          \
+             payroll-bureau/netvisor         part of netvisor stored: 2 file(s), 90 bytes"
         );
     }
 }

@@ -48,7 +48,9 @@ struct Answers {
     checkpoints_stuck: bool,
     /// The package every request has: its manifest, then these chunks.
     package: Option<(PackageInfo, Vec<PackageFileChunk>)>,
-    /// The state GetContract answers.
+    /// The states GetContract answers first, one per call.
+    contract_states_first: Vec<RequestState>,
+    /// The state GetContract answers after those.
     contract_state: RequestState,
     /// The digest of every ConfirmReturn received.
     confirmed: Vec<String>,
@@ -203,9 +205,17 @@ impl ContractService for StandIn {
         &self,
         call: Call<GetContractRequest>,
     ) -> Result<Response<Contract>, Status> {
+        let state = {
+            let mut answers = self.answers();
+            if answers.contract_states_first.is_empty() {
+                answers.contract_state
+            } else {
+                answers.contract_states_first.remove(0)
+            }
+        };
         Ok(Response::new(Contract {
             contract_id: call.into_inner().contract_id,
-            state: self.answers().contract_state as i32,
+            state: state as i32,
             ..Default::default()
         }))
     }
@@ -660,4 +670,37 @@ async fn a_request_listing_that_names_a_page_again_is_a_bad_answer() {
             && !run.stderr.contains("INTERNAL"),
         "{run:?}"
     );
+}
+
+/// `contracts show --watch` with no terminal to draw its bars on prints a contract end that
+/// has not finished at once, and again only when it changes: a PARTIALLY_COMPLETED one may
+/// stay so for years, and a watch that prints nothing looks hung.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_without_a_terminal_prints_the_contract_end_at_once() {
+    let registry = Registry::start(Answers {
+        contract_states_first: vec![RequestState::PartiallyCompleted; 2],
+        contract_state: RequestState::Completed,
+        ..Default::default()
+    })
+    .await;
+    let run = registry
+        .dsrctl(&["contracts", "show", "c-1", "--watch", "--output", "json"])
+        .await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let states: Vec<String> = run
+        .stdout
+        .lines()
+        .map(|line| {
+            let view: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+            view["state"].as_str().unwrap_or_default().to_string()
+        })
+        .collect();
+    assert_eq!(states, ["PARTIALLY_COMPLETED", "COMPLETED"], "{run:?}");
+
+    // Its reader gone, a watch of one that does not finish ends, not finished: exit 1.
+    registry.answers().contract_state = RequestState::PartiallyCompleted;
+    let run = registry
+        .dsrctl_unread(&["contracts", "show", "c-1", "--watch"])
+        .await;
+    assert_eq!(run.code, Some(1), "{run:?}");
 }

@@ -135,7 +135,8 @@ pub enum Phase {
         /// What the connector returned in [`Outcome::Accepted`].
         handle: String,
     },
-    /// Data kept under a legal obligation has reached its retain-until date: erase the rest.
+    /// Data kept under a legal obligation has reached its retain-until date: erase what has
+    /// been released since (what is still kept is reported RETAINED with a later date).
     RetentionExpired {
         /// The retain-until date (ms since the epoch) this run is for. Data kept in stages
         /// (RETAINED again until a later date) has a run per date; a holder that answers a
@@ -432,12 +433,14 @@ pub enum Outcome {
         /// What was searched.
         note: String,
     },
-    /// Part of the data is kept under a legal obligation until `until_ms`; what the obligation
-    /// does not need was erased or anonymized now.
+    /// Part of the data is kept under a legal obligation, at least until `until_ms`; what the
+    /// obligation does not need was erased or anonymized now.
     Retained {
         /// The law or contract that requires keeping it.
         legal_basis: String,
-        /// When it may be erased (ms since the epoch).
+        /// The next date at which kept data is due to be erased (ms since the epoch): the
+        /// processor runs the erasure again then ([`Phase::RetentionExpired`]), which may keep
+        /// part again with a later date. Not necessarily the end of the retention.
         until_ms: i64,
         /// Records erased or anonymized now.
         records_affected: i64,

@@ -60,7 +60,9 @@ pub struct Retained {
     pub subprocessor: String,
     /// The law or contract that requires it.
     pub legal_basis: String,
-    /// Until when (RFC 3339, UTC); the processor erases it then by itself.
+    /// The task's `retain_until` (RFC 3339, UTC): when the processor runs its erasure again
+    /// by itself, the holder's next release (what is still kept then gets a later date), or
+    /// for a run the holder accepted and has not confirmed, that run's date.
     pub until: String,
 }
 

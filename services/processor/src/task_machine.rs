@@ -24,8 +24,10 @@
 //!   until when it is retried ([`delivery_retry_at`]: after the backoff, no later than the
 //!   due date), acknowledged on attempts 1, 2, 4, 8... ([`worth_acknowledging`]) and only
 //!   retried in between; past the due date → FAILED with the last reason
-//! - COMPLETED, NOT_FOUND → final and confirmed; RETAINED → sleeps until its date, then runs
-//!   again to erase the rest; after a retention run the records count is cumulative
+//! - COMPLETED, NOT_FOUND → final and confirmed; RETAINED → sleeps until its date (the
+//!   holder's next release, not the end of all retention), then runs again to erase what was
+//!   released, RETAINED again with the next date while anything is kept; after a retention
+//!   run the records count is cumulative
 //! - ACCEPTED → IN_PROGRESS awaiting confirmation, asked again every confirm interval; the
 //!   same handle again changes nothing and is not acknowledged. The records counted so far
 //!   stay; accepted in a retention run, the task also keeps its legal basis and date (the
@@ -108,9 +110,10 @@ pub struct Current<'a> {
     /// The request was cancelled while the holder worked on this task: its outcome is
     /// recorded as what the holder did, saying the cancellation came too late.
     pub cancel_requested: bool,
-    /// Until when a RETAINED task's data is kept (ms): its retention run is for that date.
-    /// Still set on an IN_PROGRESS task whose retention run awaits the holder's confirmation
-    /// (the data is kept until the holder confirms the erasure).
+    /// When a RETAINED task's erasure runs again (ms): the holder's next release date, not
+    /// the end of all retention; its retention run is for that date. Still set on an
+    /// IN_PROGRESS task whose retention run awaits the holder's confirmation (the data is
+    /// kept until the holder confirms the erasure).
     pub retain_until: Option<i64>,
     /// The legal basis a RETAINED task's data is kept under, kept with it like
     /// `retain_until` while its retention run awaits the holder's confirmation.
@@ -194,11 +197,14 @@ pub(crate) fn phase_of(op: BulkOp) -> ContractPhase {
     }
 }
 
-/// The wire form of a task's recorded progress; `scheduled_at` only while it is SCHEDULED.
+/// The wire form of a task's recorded progress, the task being in `state`; `scheduled_at`
+/// only while it is SCHEDULED and has not ended: a task cancelled (or failed, or refused)
+/// before it started keeps the phase and the date in its row, and nothing starts then.
 pub(crate) fn progress_proto(
     phase: ContractPhase,
     p: BulkProgress,
     scheduled_at: Option<i64>,
+    state: TaskState,
 ) -> ContractProgress {
     ContractProgress {
         phase: phase as i32,
@@ -207,7 +213,7 @@ pub(crate) fn progress_proto(
         records_done: p.records_done,
         records_total: p.records_total,
         scheduled_at: scheduled_at
-            .filter(|_| phase == ContractPhase::Scheduled)
+            .filter(|_| phase == ContractPhase::Scheduled && !is_final(state))
             .map(dsrelay_proto::timestamp_from_millis),
     }
 }
@@ -413,7 +419,7 @@ pub struct Transition {
     pub reason: String,
     /// Legal basis for RETAINED.
     pub legal_basis: String,
-    /// Retain-until (ms).
+    /// For RETAINED: when the erasure runs again (ms), the holder's next release date.
     pub retain_until: Option<i64>,
     /// When the runner should look at the task again (ms); `None` means now.
     pub next_attempt_at: Option<i64>,
@@ -956,8 +962,8 @@ fn outcome_or_retry(
     }
 }
 
-/// The run at the date a RETAINED task's data is kept until (0 for none, which a RETAINED
-/// task always has).
+/// The run at a RETAINED task's `retain_until`, the holder's next release date (0 for none,
+/// which a RETAINED task always has).
 fn retention_run(task: &Current<'_>) -> Phase {
     Phase::RetentionExpired {
         until_ms: task.retain_until.unwrap_or(0),
@@ -1220,7 +1226,8 @@ fn ran(
             erased,
             legal_basis,
             retain_until: Some(until_ms),
-            // Wake up when the obligation ends and erase the rest without being asked.
+            // Wake up at the holder's next release and erase what it released without being
+            // asked; what is still kept then comes back RETAINED with its next date.
             next_attempt_at: Some(until_ms),
             ..Default::default()
         },
@@ -1685,7 +1692,7 @@ mod tests {
                 handle: "h-1".into()
             })
         );
-        // The run is for the date the data was kept until: a later stage has a run of its own.
+        // The run is for the task's retain_until: a later stage has a run of its own.
         let kept = Current {
             retain_until: Some(1_900_000_000_000),
             ..task(Retained)
@@ -3160,6 +3167,26 @@ mod tests {
             amend(&none, &odd, false),
             Err(Refusal::Invalid("contract_end.return_confirmed", _))
         ));
+    }
+
+    #[test]
+    fn only_a_scheduled_task_that_has_not_ended_reports_when_it_starts() {
+        let at = Some(GRACE);
+        let start = |phase, state| progress_proto(phase, BulkProgress::default(), at, state);
+        for state in [Pending, InProgress] {
+            let p = start(ContractPhase::Scheduled, state);
+            assert_eq!(p.scheduled_at, at.map(dsrelay_proto::timestamp_from_millis));
+        }
+        // Cancelled (or failed, or refused) before it started: nothing starts at that date.
+        for state in [Cancelled, Failed, Refused] {
+            let p = start(ContractPhase::Scheduled, state);
+            assert_eq!(p.phase, ContractPhase::Scheduled as i32, "{state:?}");
+            assert_eq!(p.scheduled_at, None, "{state:?}");
+        }
+        assert_eq!(
+            start(ContractPhase::Deleting, InProgress).scheduled_at,
+            None
+        );
     }
 
     #[test]

@@ -19,9 +19,9 @@ use dsrelay_proto::v1::{
     ContractProgress, DeletionCertificate, DeliverRequest, DeliverResponse, EndContractRequest,
     EventType, ExportFileHeader, ExtendDeadlineRequest, ExtendDueDateRequest, GetContractRequest,
     GetPackageRequest, GetRequest, GetStatusRequest, GetUploadStateRequest,
-    ListCertificatesRequest, ListContractsRequest, ListEventsRequest, ListSubprocessorsRequest,
-    RequestKind, RequestState, SubprocessorList, TaskList, TaskState, TaskStatus,
-    UpdateContractEndRequest, UploadFileChunk,
+    ListCertificatesRequest, ListContractEndsRequest, ListContractsRequest, ListEventsRequest,
+    ListSubprocessorsRequest, RequestKind, RequestState, SubprocessorList, TaskList, TaskState,
+    TaskStatus, UpdateContractEndRequest, UploadFileChunk,
 };
 use dsrelay_proto::{millis_from_timestamp, timestamp_from_millis};
 use dsrelay_runtime::pki::{dev_identity, DevPki};
@@ -1152,5 +1152,111 @@ async fn contractreg_a_choice_too_late_for_the_processor_is_shown_refused() {
     );
     // The other contract end, whose terms the processor took, shows no refusal.
     assert_eq!(get(&pair, &reported).await.terms_refused, "");
+    pair.stop().await;
+}
+
+/// Polls the contract end `id` (20 s at most) until `done` holds; fails with its last view.
+async fn until(pair: &TestPair, id: &str, what: &str, done: impl Fn(&Contract) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let c = get(pair, id).await;
+        if done(&c) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not reached\n{c:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A contract end cancelled before its effective date: both services, and dsrctl's views of
+/// them, show every subprocessor CANCELLED with nothing scheduled (the processor keeps the
+/// SCHEDULED phase and the date in its rows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contractreg_a_contract_end_cancelled_before_it_started_is_not_shown_scheduled() {
+    let pair = spawn_pair(PairOptions::default())
+        .await
+        .expect("sqlite pair");
+    const EFFECTIVE: &str = "2099-01-01T00:00:00Z";
+    let ended = dsrctl(
+        &pair,
+        "operator",
+        &[
+            "contracts",
+            "end",
+            "--processor",
+            PROCESSOR,
+            "--choice",
+            "delete",
+            "--effective-at",
+            EFFECTIVE,
+            "--output",
+            "json",
+        ],
+    )
+    .await
+    .json();
+    let id = ended["contract_id"].as_str().expect("id").to_string();
+    let scheduled = |t: &TaskStatus| t.progress.is_some_and(|p| p.scheduled_at.is_some());
+    until(&pair, &id, "every part scheduled", |c| {
+        !c.tasks.is_empty() && c.tasks.iter().all(scheduled)
+    })
+    .await;
+    let parts = get(&pair, &id).await.tasks.len();
+
+    dsrctl(&pair, "operator", &["cancel", &id, "--reason", "test"])
+        .await
+        .ok();
+    until(&pair, &id, "every part cancelled", |c| {
+        c.tasks.len() == parts && (c.tasks.iter()).all(|t| t.state == TaskState::Cancelled as i32)
+    })
+    .await;
+    let at_registry = get(&pair, &id).await;
+    assert!(!at_registry.tasks.iter().any(scheduled), "{at_registry:#?}");
+    let at_processor = pair
+        .processor_operator()
+        .list_contract_ends(ListContractEndsRequest::default())
+        .await
+        .expect("ListContractEnds")
+        .into_inner();
+    let ce = (at_processor.contract_ends.iter())
+        .find(|c| c.request_id == id)
+        .expect("the contract end at the processor");
+    assert_eq!(ce.tasks.len(), parts, "{ce:#?}");
+    for t in &ce.tasks {
+        assert_eq!(t.state(), TaskState::Cancelled, "{ce:#?}");
+        assert!(!scheduled(t), "{ce:#?}");
+    }
+
+    let processor = format!("https://localhost:{}", pair.processor.addr().port());
+    let table = dsrctl(
+        &pair,
+        "operator",
+        &["contracts", "scheduled", "--processor", &processor],
+    )
+    .await;
+    let rows: Vec<&str> = table.ok().lines().filter(|l| l.contains(&id)).collect();
+    assert_eq!(rows.len(), parts, "{}", table.stdout);
+    for row in rows {
+        // The effective date, and no date scheduled beside it.
+        assert_eq!(row.matches("2099-01-01").count(), 1, "{row}");
+        assert!(
+            row.contains("CANCELLED") && row.contains("not started"),
+            "{row}"
+        );
+    }
+    let shown = dsrctl(
+        &pair,
+        "operator",
+        &["contracts", "show", &id, "--output", "json"],
+    )
+    .await
+    .json();
+    for t in shown["tasks"].as_array().expect("tasks") {
+        assert_eq!(t["state"], "CANCELLED", "{shown}");
+        assert!(t["scheduled_at"].is_null(), "{shown}");
+    }
     pair.stop().await;
 }

@@ -16,6 +16,7 @@ use dsrelay_runtime::signing::{PublicKey, Signed};
 
 use crate::cli::{CertificateGetArgs, CertificateVerifyArgs, OutputFormat};
 use crate::commands::{Io, Registry};
+use crate::output::retention_words;
 use crate::Failure;
 
 /// Fetches the latest certificate of one task of the request and writes it to `--out`.
@@ -186,8 +187,9 @@ fn describe(b: &CertificateBody) -> String {
         let label = if i == 0 { "retained" } else { "" };
         let _ = writeln!(
             s,
-            "{label:<13} {}: under {} until {}",
-            r.subprocessor, r.legal_basis, r.until
+            "{label:<13} {}: {}",
+            r.subprocessor,
+            retention_words(&r.legal_basis, &r.until)
         );
     }
     let _ = writeln!(s, "issued at     {}", b.issued_at);
@@ -242,5 +244,28 @@ mod tests {
         assert_eq!(latest_id(&[unreadable, first.clone()]), Some("c1"));
         assert_eq!(latest_id(&[first]), Some("c1"));
         assert_eq!(latest_id(&[]), None);
+    }
+
+    /// `until` is when the holder's erasure runs again, not when the retention ends.
+    #[test]
+    fn a_retention_reads_as_its_next_erasure_run() {
+        let body: CertificateBody = serde_json::from_str(
+            r#"{"version":1,"certificate_id":"c1","kind":"erasure","processor":"p",
+            "controller":"acme","request_id":"r-1","subprocessor":"accounting",
+            "task_state":"RETAINED","records_affected":3,"erased":[],
+            "retained":[{"subprocessor":"accounting","legal_basis":"Kirjanpitolaki 2:10 §",
+            "until":"2031-01-01T00:00:00.000Z"}],
+            "completed_at":"2025-01-01T00:00:00.000Z","issued_at":"2025-01-01T00:00:00.000Z"}"#,
+        )
+        .unwrap();
+        let text = describe(&body);
+        assert!(
+            text.contains(
+                "retained      accounting: kept under Kirjanpitolaki 2:10 §; \
+                 next erasure run 2031-01-01T00:00:00.000Z\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("until"), "{text}");
     }
 }

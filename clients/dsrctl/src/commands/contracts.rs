@@ -9,7 +9,7 @@ use std::time::Duration;
 use dsrelay_sdk::proto::processor_operator_service_client::ProcessorOperatorServiceClient;
 use dsrelay_sdk::proto::{
     Contract, ContractEnd, ContractEndChoice, ContractPhase, ListContractEndsRequest,
-    ProcessorContractEnd, RequestState, TaskStatus,
+    ProcessorContractEnd, RequestState, TaskState, TaskStatus,
 };
 use dsrelay_sdk::{ConnectionSettings, EffectiveAt};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -30,6 +30,19 @@ fn choice(c: ContractChoiceArg) -> ContractEndChoice {
         ContractChoiceArg::Delete => ContractEndChoice::Delete,
         ContractChoiceArg::ReturnThenDelete => ContractEndChoice::ReturnThenDelete,
         ContractChoiceArg::None => ContractEndChoice::None,
+    }
+}
+
+/// The choice `contracts choose` sends: DELETE or RETURN_THEN_DELETE, as NONE is what it
+/// replaces (the registry would refuse it).
+fn chosen(c: ContractChoiceArg) -> Result<ContractEndChoice, Failure> {
+    match c {
+        ContractChoiceArg::None => Err(Failure::Usage(
+            "contracts choose --choice none: a contract end made with --choice none already \
+             has that; choose replaces it with --choice delete or --choice return-then-delete"
+                .into(),
+        )),
+        c => Ok(choice(c)),
     }
 }
 
@@ -92,7 +105,11 @@ struct PartView {
     processor: String,
     subprocessor: String,
     state: String,
+    /// For a part that ended before DONE (cancelled, failed, refused), the phase it stopped in.
     phase: Option<String>,
+    /// Whether it ended before DONE: its phase is where it stopped, and nothing is scheduled.
+    #[serde(skip)]
+    stopped: bool,
     subjects_done: u64,
     subjects_total: u64,
     records_done: u64,
@@ -116,16 +133,22 @@ struct ReceiptView {
 impl From<&TaskStatus> for PartView {
     fn from(t: &TaskStatus) -> Self {
         let p = t.progress.unwrap_or_default();
+        let stopped = matches!(
+            TaskState::try_from(t.state),
+            Ok(TaskState::Cancelled | TaskState::Failed | TaskState::Refused)
+        );
         Self {
             processor: t.processor.clone(),
             subprocessor: t.subprocessor.clone(),
             state: task_state_name(t.state),
             phase: t.progress.map(|p| phase_name(p.phase)),
+            stopped,
             subjects_done: p.subjects_done,
             subjects_total: p.subjects_total,
             records_done: p.records_done,
             records_total: p.records_total,
-            scheduled_at: Time::from_proto(p.scheduled_at.as_ref()),
+            // A processor that predates leaving the date out of an ended task still sends it.
+            scheduled_at: Time::from_proto(p.scheduled_at.as_ref()).filter(|_| !stopped),
             retain_until: Time::from_proto(t.retain_until.as_ref()),
             receipt: t
                 .evidence
@@ -142,9 +165,34 @@ impl From<&TaskStatus> for PartView {
 }
 
 impl PartView {
-    /// `accounting DELETING 10/40 subjects`, for a table cell.
+    /// The phase for a table cell: the state for a part without one; for a part that
+    /// ended before DONE, where it stopped (`not started` for one still SCHEDULED).
+    fn phase_cell(&self) -> String {
+        match (&self.phase, self.stopped) {
+            (None, _) => self.state.clone(),
+            (Some(p), true) if p == "SCHEDULED" => "not started".into(),
+            (Some(p), true) => format!("stopped in {p}"),
+            (Some(p), false) => p.clone(),
+        }
+    }
+
+    /// The phase, or for a part that ended before DONE its state and where it stopped
+    /// (`CANCELLED (not started)`).
+    fn status(&self) -> String {
+        if self.stopped {
+            format!("{} ({})", self.state, self.phase_cell())
+        } else {
+            self.phase_cell()
+        }
+    }
+
+    /// `accounting DELETING 10/40 subjects`, for a table cell; `accounting CANCELLED (not
+    /// started)` for a part that ended before DONE.
     fn summary(&self) -> String {
-        let phase = self.phase.clone().unwrap_or_else(|| self.state.clone());
+        if self.stopped {
+            return format!("{} {}", self.subprocessor, self.status());
+        }
+        let phase = self.phase_cell();
         let mut s = format!(
             "{} {phase} {} subjects",
             self.subprocessor,
@@ -233,13 +281,15 @@ impl Render for ContractView {
                 "SUBJECTS",
                 "RECORDS",
                 "SCHEDULED",
-                "RETAINED UNTIL",
+                // The processor erases what was released then and, while anything is still
+                // kept, reports RETAINED again with the following date.
+                "NEXT ERASURE RUN",
             ]);
             for p in &self.tasks {
                 parts.row([
                     clean(&p.subprocessor),
                     p.state.clone(),
-                    p.phase.clone().unwrap_or_default(),
+                    p.phase.as_ref().map(|_| p.phase_cell()).unwrap_or_default(),
                     count(p.subjects_done, p.subjects_total),
                     count(p.records_done, p.records_total),
                     cell(p.scheduled_at),
@@ -351,6 +401,7 @@ impl Render for ScheduledListView {
             "EFFECTIVE",
             "GRACE ENDS",
             "SUBPROCESSOR",
+            "STATE",
             "PHASE",
             "SCHEDULED",
             "SUBJECTS",
@@ -365,7 +416,8 @@ impl Render for ScheduledListView {
                     cell(c.terms.effective_at),
                     cell(c.terms.grace_ends_at),
                     clean(&p.subprocessor),
-                    p.phase.clone().unwrap_or_else(|| p.state.clone()),
+                    p.state.clone(),
+                    p.phase_cell(),
                     cell(p.scheduled_at),
                     count(p.subjects_done, p.subjects_total),
                     count(p.records_done, p.records_total),
@@ -470,7 +522,7 @@ pub(crate) async fn run(
             client
                 .choose_contract_end_to(
                     id.as_str(),
-                    choice(*c),
+                    chosen(*c)?,
                     transfer_recipient.clone().unwrap_or_default(),
                 )
                 .await
@@ -561,6 +613,11 @@ impl Bars {
         }
     }
 
+    /// Whether anyone sees the bars.
+    fn drawn(&self) -> bool {
+        !self.multi.is_hidden()
+    }
+
     /// Moves each subprocessor's bar to what `c` says (subjects done of the total; records
     /// and the phase in its message).
     fn show(&mut self, c: &Contract) {
@@ -585,7 +642,7 @@ impl Bars {
             bar.set_message(format!(
                 "subjects; {} records; {}",
                 count(part.records_done, part.records_total),
-                part.phase.clone().unwrap_or(part.state)
+                part.status()
             ));
         }
     }
@@ -597,10 +654,23 @@ impl Bars {
     }
 }
 
+/// Prints one view of a watch: compact JSON (one line each), or a table after a blank line
+/// when one was printed before.
+fn print_view(io: &mut Io<'_>, c: &Contract, first: bool) -> std::io::Result<()> {
+    if !first && io.format == crate::cli::OutputFormat::Table {
+        io.out.write_all(b"\n")?;
+    }
+    emit(io.out, io.format, &ContractView::from(c), true)
+}
+
 /// `show --watch`: polls GetContract until the contract end finishes or Ctrl-C, drawing
-/// progress; then prints it. Exits 0 only if it ended COMPLETED.
+/// progress; then prints it. Exits 0 only if it ended COMPLETED. Without the bars (stderr
+/// not a terminal) nothing would show until then, which for a PARTIALLY_COMPLETED contract
+/// end may be years away, so the view is printed at once and again each time it changes.
 async fn watch(registry: &Registry, id: &str, io: &mut Io<'_>) -> Result<u8, Failure> {
     let mut bars = Bars::new();
+    let print_changes = !bars.drawn();
+    let mut printed: Option<Contract> = None;
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
     let last = loop {
@@ -613,6 +683,14 @@ async fn watch(registry: &Registry, id: &str, io: &mut Io<'_>) -> Result<u8, Fai
         if finished(c.state) {
             break c;
         }
+        if print_changes && printed.as_ref() != Some(&c) {
+            let shown = print_view(io, &c, printed.is_none());
+            if shown.is_err() {
+                // Nobody reads any more: the contract end did not finish while watched.
+                return super::verdict(shown, crate::EXIT_FAILURE);
+            }
+            printed = Some(c.clone());
+        }
         tokio::select! {
             _ = tokio::time::sleep(WATCH_INTERVAL) => {}
             _ = &mut interrupted => break c,
@@ -624,15 +702,18 @@ async fn watch(registry: &Registry, id: &str, io: &mut Io<'_>) -> Result<u8, Fai
     } else {
         crate::EXIT_FAILURE
     };
-    super::verdict(
-        emit(io.out, io.format, &ContractView::from(&last), false),
-        code,
-    )
+    let shown = match &printed {
+        // Interrupted with this view printed last.
+        Some(p) if *p == last => Ok(()),
+        _ if print_changes => print_view(io, &last, printed.is_none()),
+        _ => emit(io.out, io.format, &ContractView::from(&last), false),
+    };
+    super::verdict(shown, code)
 }
 
 #[cfg(test)]
 mod tests {
-    use dsrelay_sdk::proto::{ContractProgress, TaskState};
+    use dsrelay_sdk::proto::ContractProgress;
 
     use super::*;
 
@@ -748,5 +829,99 @@ mod tests {
         }
         assert!(finished(RequestState::Completed as i32));
         assert!(!finished(RequestState::PartiallyCompleted as i32));
+    }
+
+    /// A part cancelled while SCHEDULED, as a processor that still sent the date reports it.
+    fn cancelled_before_it_started() -> (TaskStatus, String) {
+        let at = dsrelay_proto::timestamp_from_millis(1_798_761_600_000);
+        let date = cell(Time::from_proto(Some(&at)));
+        let task = TaskStatus {
+            subprocessor: "accounting".into(),
+            state: TaskState::Cancelled as i32,
+            progress: Some(ContractProgress {
+                phase: ContractPhase::Scheduled as i32,
+                scheduled_at: Some(at),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        (task, date)
+    }
+
+    #[test]
+    fn a_part_that_ended_is_not_shown_as_scheduled() {
+        let (task, date) = cancelled_before_it_started();
+        assert!(!date.is_empty());
+        let list = ScheduledListView {
+            contract_ends: vec![ScheduledView::from(&ProcessorContractEnd {
+                controller: "controller".into(),
+                request_id: "c1".into(),
+                tasks: vec![task.clone()],
+                ..Default::default()
+            })],
+        };
+        let table = list.to_table();
+        let header = table.lines().next().expect("a header");
+        assert!(header.contains("STATE"), "{table}");
+        let row = table.lines().nth(1).expect("a row");
+        assert!(
+            row.contains("CANCELLED") && row.contains("not started"),
+            "{row}"
+        );
+        assert!(!row.contains("SCHEDULED") && !row.contains(&date), "{row}");
+        let json = serde_json::to_value(&list).expect("json");
+        let part = &json["contract_ends"][0]["tasks"][0];
+        assert_eq!(part["state"], "CANCELLED", "{json}");
+        assert!(part["scheduled_at"].is_null(), "{json}");
+
+        let c = Contract {
+            contract_id: "c1".into(),
+            state: RequestState::Cancelled as i32,
+            tasks: vec![task],
+            ..Default::default()
+        };
+        let view = ContractView::from(&c);
+        assert_eq!(
+            view.tasks[0].summary(),
+            "accounting CANCELLED (not started)"
+        );
+        let table = view.to_table();
+        let row = table
+            .lines()
+            .find(|l| l.starts_with("accounting"))
+            .expect("a row");
+        assert!(!row.contains("SCHEDULED") && !row.contains(&date), "{row}");
+    }
+
+    #[test]
+    fn a_retained_part_shows_its_next_erasure_run() {
+        let c = Contract {
+            contract_id: "c1".into(),
+            state: RequestState::PartiallyCompleted as i32,
+            tasks: vec![TaskStatus {
+                subprocessor: "accounting".into(),
+                state: TaskState::Retained as i32,
+                retain_until: Some(dsrelay_proto::timestamp_from_millis(1_798_761_600_000)),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let table = ContractView::from(&c).to_table();
+        assert!(table.contains("NEXT ERASURE RUN"), "{table}");
+        assert!(!table.contains("RETAINED UNTIL"), "{table}");
+    }
+
+    #[test]
+    fn choose_refuses_none_itself() {
+        let Err(Failure::Usage(message)) = chosen(ContractChoiceArg::None) else {
+            panic!("--choice none accepted by contracts choose");
+        };
+        for words in ["--choice delete", "--choice return-then-delete"] {
+            assert!(message.contains(words), "{words} in {message}");
+        }
+        assert!(matches!(
+            chosen(ContractChoiceArg::Delete),
+            Ok(ContractEndChoice::Delete)
+        ));
     }
 }

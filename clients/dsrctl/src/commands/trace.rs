@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::cli::TraceArgs;
 use crate::commands::{Io, Registry};
-use crate::output::{emit, kind_name, state_name, task_state_name, Render, Time};
+use crate::output::{emit, kind_name, retention_words, state_name, task_state_name, Render, Time};
 use crate::table::clean;
 use crate::Failure;
 
@@ -175,12 +175,11 @@ impl TraceView {
                 _ => 0,
             };
             let detail = match TaskState::try_from(t.state) {
-                Ok(TaskState::Retained) => format!(
-                    "kept under {} until {}",
-                    t.legal_basis,
-                    Time::from_proto(t.retain_until.as_ref())
+                Ok(TaskState::Retained) => retention_words(
+                    &t.legal_basis,
+                    &Time::from_proto(t.retain_until.as_ref())
                         .map(|t| t.to_string())
-                        .unwrap_or_default()
+                        .unwrap_or_default(),
                 ),
                 Ok(TaskState::Refused) | Ok(TaskState::Failed) => t.reason.clone(),
                 _ => t
@@ -355,5 +354,41 @@ mod tests {
         let view = TraceView::build(&backwards);
         assert_eq!(view.processors[0].delivered_after_ms, Some(i64::MIN));
         assert!(view.to_table().contains("payroll-bureau"));
+    }
+
+    /// A RETAINED task's date is when the holder's erasure runs again, not when the
+    /// retention ends.
+    #[test]
+    fn a_retained_task_names_its_next_erasure_run() {
+        let list = EventList {
+            request: Some(Request {
+                request_id: "r-1".into(),
+                deliveries: vec![Delivery {
+                    processor: "payroll-bureau".into(),
+                    ..Default::default()
+                }],
+                tasks: vec![TaskStatus {
+                    processor: "payroll-bureau".into(),
+                    subprocessor: "accounting".into(),
+                    state: TaskState::Retained as i32,
+                    legal_basis: "Kirjanpitolaki 2:10 §".into(),
+                    retain_until: Some(Timestamp {
+                        seconds: 1_924_992_000,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            events: Vec::new(),
+        };
+        let text = TraceView::build(&list).to_table();
+        assert!(
+            text.contains(
+                "kept under Kirjanpitolaki 2:10 §; next erasure run 2031-01-01T00:00:00Z\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("until"), "{text}");
     }
 }

@@ -13,7 +13,7 @@ use super::rows::{request_kind, state_value};
 use super::Store;
 
 /// Task states that never change again. RETAINED is not among them: the holder still keeps
-/// data, and the processor needs the identities to erase it when the retention ends.
+/// data, and the processor needs the identities to erase it at each of its release dates.
 pub(crate) const FINAL: [TaskState; 5] = [
     TaskState::Completed,
     TaskState::NotFound,

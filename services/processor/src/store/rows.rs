@@ -88,7 +88,7 @@ impl TaskRow {
     /// A contract end task's progress; `None` for every other kind.
     pub fn progress(&self) -> Option<ContractProgress> {
         (self.phase != ContractPhase::Unspecified)
-            .then(|| progress_proto(self.phase, self.counts, self.scheduled_at))
+            .then(|| progress_proto(self.phase, self.counts, self.scheduled_at, self.state))
     }
 
     /// The wire view (processor left for the registry to fill in).

@@ -1174,6 +1174,7 @@ pub(super) async fn finish_step(
                     records_total: count(records_total),
                 },
                 scheduled_at,
+                t.state,
             )
         });
     let ack = Acknowledgement {
@@ -1244,7 +1245,7 @@ fn step_detail(
     }
     if let Some(until) = t.retain_until {
         parts.push(format!(
-            "retained until {}",
+            "erasure run due {}",
             crate::certificates::rfc3339(until)
         ));
     }

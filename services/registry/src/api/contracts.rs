@@ -140,7 +140,8 @@ pub(crate) fn end_contract_violations(
         (Some(t), false) if millis_from_timestamp(t) < now => out.push(FieldViolation::new(
             "effective_at",
             format!(
-                "{} is in the past; pass effective_now to end the contract now",
+                "{} is in the past; to end the contract now, set effective_now (dsrctl \
+                 contracts end --now) instead of effective_at",
                 date_label(millis_from_timestamp(t))
             ),
         )),
@@ -167,6 +168,27 @@ pub(crate) fn end_contract_violations(
         &r.idempotency_key,
     ));
     out
+}
+
+/// The choice ChooseContractEnd makes: DELETE or RETURN_THEN_DELETE, named in the refusal of
+/// anything else (`choice` is the number from the wire).
+fn chosen(choice: i32) -> Result<ContractEndChoice, FieldViolation> {
+    match ContractEndChoice::try_from(choice) {
+        Ok(c @ (ContractEndChoice::Delete | ContractEndChoice::ReturnThenDelete)) => Ok(c),
+        Ok(ContractEndChoice::None) => Err(FieldViolation::new(
+            "choice",
+            "cannot be NONE (choose later), which this call replaces: give DELETE or \
+             RETURN_THEN_DELETE (dsrctl: --choice delete or --choice return-then-delete)",
+        )),
+        Ok(ContractEndChoice::Unspecified) => Err(FieldViolation::new(
+            "choice",
+            "must be DELETE or RETURN_THEN_DELETE (got UNSPECIFIED: none was given)",
+        )),
+        Err(_) => Err(FieldViolation::new(
+            "choice",
+            format!("must be DELETE or RETURN_THEN_DELETE (got {choice}, which names no choice)"),
+        )),
+    }
 }
 
 /// The view of a contract end with its tasks.
@@ -494,16 +516,7 @@ impl ContractService for Api {
     ) -> Result<Response<Contract>, Status> {
         let caller = self.contract_caller(&req)?;
         let r = req.into_inner();
-        let choice = match ContractEndChoice::try_from(r.choice) {
-            Ok(c @ (ContractEndChoice::Delete | ContractEndChoice::ReturnThenDelete)) => c,
-            _ => {
-                return Err(ApiError::invalid([FieldViolation::new(
-                    "choice",
-                    format!("must be DELETE or RETURN_THEN_DELETE (got {})", r.choice),
-                )])
-                .into())
-            }
-        };
+        let choice = chosen(r.choice).map_err(|v| ApiError::invalid([v]))?;
         ApiError::ensure_valid(recipient_violation(
             r.choice,
             &r.transfer_recipient,
@@ -711,7 +724,10 @@ mod tests {
         r.effective_at = Some(timestamp_from_millis(NOW - 1));
         let v = end_contract_violations(&r, &known, &recipients(), GRACE, NOW);
         assert_eq!(v.len(), 1);
-        assert!(v[0].rule.contains("effective_now"), "{}", v[0].rule);
+        // gRPC callers set the field; dsrctl's users pass the flag.
+        for words in ["effective_now", "--now"] {
+            assert!(v[0].rule.contains(words), "{words} in {}", v[0].rule);
+        }
 
         let mut r = good();
         r.effective_now = true;
@@ -746,6 +762,30 @@ mod tests {
         assert_eq!(fields(&r), ["idempotency_key"]);
         r.idempotency_key = "k".repeat(MAX_IDEMPOTENCY_KEY + 1);
         assert_eq!(fields(&r), ["idempotency_key"]);
+    }
+
+    #[test]
+    fn a_choice_refused_says_which_and_what_to_give() {
+        for c in [
+            ContractEndChoice::Delete,
+            ContractEndChoice::ReturnThenDelete,
+        ] {
+            assert_eq!(chosen(c as i32).ok(), Some(c));
+        }
+        let none = chosen(ContractEndChoice::None as i32).unwrap_err();
+        assert_eq!(none.field, "choice");
+        for words in ["NONE", "DELETE or RETURN_THEN_DELETE", "--choice delete"] {
+            assert!(none.rule.contains(words), "{words} in {}", none.rule);
+        }
+        assert!(!none.rule.contains("got 1"), "{}", none.rule);
+        let unspecified = chosen(0).unwrap_err();
+        assert!(
+            unspecified.rule.contains("UNSPECIFIED"),
+            "{}",
+            unspecified.rule
+        );
+        let unknown = chosen(99).unwrap_err();
+        assert!(unknown.rule.contains("got 99"), "{}", unknown.rule);
     }
 
     #[test]
