@@ -18,8 +18,8 @@ Connection settings: each is taken from the first of
      in ./.dsrelay/pki is used (ca.pem, operator.pem, operator.key, and crl.pem once
      `dsrctl pki revoke` wrote it) and, unless a server identity is given, the registry
      must present spiffe://dsrelay.dev/registry/controller. The same holds for another
-     party's certificate of that PKI given as cert and key without a ca (for example
-     --cert .dsrelay/pki/partner-crm.pem --key .dsrelay/pki/partner-crm.key, a partner).
+     party's certificate of that PKI given as cert without a ca, its key being the .key
+     beside it unless given (for example --cert .dsrelay/pki/partner-crm.pem, a partner).
      `dsrctl pki init` creates that PKI. With ca, cert and key given, the server identity
      must be given too: the registry is never trusted on its CA alone.
 
@@ -396,9 +396,9 @@ pub enum CertificateCommand {
     /// follow-up gives its latest. Exits 1 without writing when the registry rejected it.
     Get(CertificateGetArgs),
     /// Check a certificate file offline against the processor's public key, given with
-    /// --key PUBKEY (a file holding SPKI PEM or the base64 of the 32 key bytes, or that
-    /// base64 itself: verify connects to nothing, so --key names no TLS key here), and print
-    /// what it certifies; exits 1 when any byte of it was changed or another key signed it.
+    /// --public-key PUBKEY (or --key PUBKEY: verify connects to nothing, so it names no TLS
+    /// key here), and print what it certifies; exits 1 when any byte of it was changed or
+    /// another key signed it.
     Verify(CertificateVerifyArgs),
 }
 
@@ -426,6 +426,19 @@ pub struct CertificateGetArgs {
 pub struct CertificateVerifyArgs {
     /// The certificate file `dsrctl certificate get` wrote.
     pub file: PathBuf,
+
+    /// The processor's public key: a file holding SPKI PEM or the base64 of the 32 key
+    /// bytes, or that base64 itself (DSRCTL_KEY does not apply here)
+    // Same id and type as the global `--key`, which clap then leaves out of this
+    // subcommand: its help here describes this key, and the value still reaches
+    // `ConnectionArgs::key`, which `commands::dispatch` hands to `certificate::verify`.
+    #[arg(
+        id = "key",
+        long = "public-key",
+        visible_alias = "key",
+        value_name = "PUBKEY"
+    )]
+    pub key: Option<PathBuf>,
 }
 
 /// `dsrctl audit ...`.
@@ -527,6 +540,9 @@ pub enum DevCommand {
 
 /// Arguments of `dsrctl dev up`.
 #[derive(Debug, Clone, Args)]
+// The connection flags are global; given the same ids here, clap keeps the global ones out
+// of `dev up`, whose help then lists them nowhere, and `dev::up` refuses them.
+#[command(mut_args(hide_connection))]
 pub struct DevUpArgs {
     /// Folder for certificates, configurations and databases.
     #[arg(long, default_value = ".dsrelay")]
@@ -541,7 +557,27 @@ pub struct DevUpArgs {
     /// registry.toml, for this start.
     #[arg(long)]
     pub processor_port: Option<u16>,
+    /// Connection flags given to `dev up`, which uses none of them.
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
 }
+
+/// `arg` hidden from help when it is one of the connection flags.
+fn hide_connection(arg: clap::Arg) -> clap::Arg {
+    let hide = CONNECTION_IDS.contains(&arg.get_id().as_str());
+    arg.hide(hide)
+}
+
+/// The ids of the connection flags, as [`ConnectionArgs`] defines them.
+const CONNECTION_IDS: [&str; 7] = [
+    "endpoint",
+    "ca",
+    "cert",
+    "key",
+    "crl",
+    "server_identity",
+    "config",
+];
 
 /// What a data subject asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -163,8 +163,8 @@ pub fn resolve(args: &ConnectionArgs, env: &Environment) -> Result<ConnectionSet
         dir: env.cwd.join(DEV_PKI_DIR),
     };
     // A party of the development PKI: the operator when no TLS file is given anywhere, or
-    // another party (a partner, as `dev up` suggests) whose certificate and key come from
-    // the PKI's folder without a CA.
+    // another party (a partner, as `dev up` suggests) whose certificate comes from the PKI's
+    // folder without a CA, with its key (by default the `.key` beside it).
     let dev_party = match (&ca, &cert, &key) {
         (None, None, None) => {
             if !dev.cert(DEV_CLIENT_STEM).exists() {
@@ -176,8 +176,9 @@ pub fn resolve(args: &ConnectionArgs, env: &Environment) -> Result<ConnectionSet
             }
             Some(dev.files(DEV_CLIENT_STEM))
         }
-        (None, Some(cert), Some(key)) if in_folder(cert, &dev.dir) => {
-            Some(TlsFiles::new(dev.ca(), cert.clone(), key.clone()))
+        (None, Some(cert), key) if in_folder(cert, &dev.dir) => {
+            let key = key.clone().unwrap_or_else(|| cert.with_extension("key"));
+            Some(TlsFiles::new(dev.ca(), cert.clone(), key))
         }
         _ => None,
     };
@@ -202,8 +203,9 @@ pub fn resolve(args: &ConnectionArgs, env: &Environment) -> Result<ConnectionSet
             .filter_map(|(name, missing)| missing.then_some(name))
             .collect();
             bail!(
-                "incomplete TLS settings: {} missing (give all of ca, cert and key, or none \
-                 to use the development PKI)",
+                "incomplete TLS settings: {} missing (give all of ca, cert and key; a \
+                 certificate of the development PKI in ./{DEV_PKI_DIR} needs only cert; none \
+                 at all uses that PKI's operator)",
                 missing.join(", ")
             );
         }
@@ -356,6 +358,15 @@ mod tests {
             s.server_identity,
             "spiffe://dsrelay.dev/registry/controller"
         );
+        // Its key is the one beside it unless given (the folder's path as dsrctl's help
+        // spells it).
+        let cert_only = ConnectionArgs {
+            cert: Some(format!("{DEV_PKI_DIR}/partner-crm.pem").into()),
+            ..args()
+        };
+        let s = resolve(&cert_only, &env).unwrap();
+        assert_eq!(s.tls.ca, dir.join("ca.pem"));
+        assert_eq!(s.tls.key, dir.join("partner-crm.key"));
         let elsewhere = ConnectionArgs {
             cert: Some("partner-crm.pem".into()),
             key: Some("partner-crm.key".into()),

@@ -291,7 +291,11 @@ fn download_refuses_a_destination_with_files_before_connecting() {
 
     let out = dsrctl(tmp.path(), &[], &["download", "r-1", "--zip", "old.zip"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stderr), "error: --zip old.zip already exists\n");
+    assert_eq!(
+        text(&out.stderr),
+        "error: --zip old.zip already exists: name a new file, or move that one away and \
+         run the command again\n"
+    );
 
     assert_eq!(
         std::fs::read(tmp.path().join("full/keep.txt")).unwrap(),
@@ -372,4 +376,193 @@ fn settings_that_cannot_work_exit_1() {
         "{}",
         text(&out.stderr)
     );
+}
+
+/// A `dsrctl dev up` this test started, killed when dropped (a failed assertion included).
+struct DevUp(std::process::Child);
+
+impl Drop for DevUp {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `dsrctl dev up` in `cwd` on ports the system picks and returns what it printed up
+/// to its last line, once both services listen.
+fn dev_up(cwd: &Path, args: &[&str]) -> (DevUp, Vec<String>) {
+    use std::io::BufRead;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dsrctl"));
+    cmd.current_dir(cwd)
+        .args(["dev", "up", "--registry-port", "0", "--processor-port", "0"])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for name in ENV_NAMES {
+        cmd.env_remove(name);
+    }
+    let mut child = cmd.spawn().expect("starting dsrctl dev up");
+    let stderr = child.stderr.take().expect("stderr");
+    let guard = DevUp(child);
+    let mut lines = Vec::new();
+    for line in std::io::BufReader::new(stderr).lines() {
+        let line = line.expect("reading dev up's output");
+        let last = line == "Stop with Ctrl-C.";
+        lines.push(line);
+        if last {
+            return (guard, lines);
+        }
+    }
+    panic!("dev up ended before it was ready:\n{}", lines.join("\n"));
+}
+
+/// The dsrctl arguments of every `cargo run -q -p dsrctl -- ...` line printed, with
+/// `<request id>` replaced by `id`.
+fn printed_commands(lines: &[String], id: &str) -> Vec<Vec<String>> {
+    lines
+        .iter()
+        .filter_map(|l| l.trim_start().strip_prefix("cargo run -q -p dsrctl -- "))
+        .map(|rest| {
+            let rest = rest.replace("<request id>", id);
+            rest.split_whitespace().map(String::from).collect()
+        })
+        .collect()
+}
+
+/// Runs the printed commands from `cwd` as printed, `<request id>` being a request the
+/// printed submit made, and the printed partner flags added to one of them.
+fn run_printed_commands(cwd: &Path, lines: &[String]) {
+    let commands = printed_commands(lines, "");
+    assert_eq!(commands.len(), 5, "{lines:#?}");
+    let run = |args: &[String]| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        dsrctl(cwd, &[], &args)
+    };
+    let mut submit = commands[0].clone();
+    submit.extend(["--output".into(), "json".into()]);
+    let out = run(&submit);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{submit:?}: {}",
+        text(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = doc["request_id"].as_str().expect("request id").to_string();
+    // `watch` follows the request until it ends, which the pair on port 0 cannot make
+    // happen (its processor endpoint is port 0): get and list stand for it.
+    for args in &printed_commands(lines, &id)[2..4] {
+        let out = run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    let partner = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("As a partner: add "))
+        .expect("the partner's flags");
+    let mut args = commands[3].clone();
+    args.extend(partner.split_whitespace().map(String::from));
+    let out = run(&args);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{args:?}: {}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn dev_up_prints_commands_that_work_as_printed() {
+    // Its folder elsewhere than ./.dsrelay, and a registry port other than dsrctl's default.
+    let tmp = tempfile::tempdir().unwrap();
+    let (cwd, dir) = (tmp.path().join("work"), tmp.path().join("dev"));
+    std::fs::create_dir(&cwd).unwrap();
+    let (_dev, lines) = dev_up(&cwd, &["--dir", dir.to_str().unwrap()]);
+    let all = lines.join("\n");
+    assert!(!all.contains("by default"), "{all}");
+    run_printed_commands(&cwd, &lines);
+
+    // The recipient's file names this folder's PKI, relative to the file.
+    let recipient = std::fs::read_to_string(dir.join("recipient.toml")).unwrap();
+    let recipient: toml::Value = toml::from_str(&recipient).unwrap();
+    for file in ["ca", "cert", "key"] {
+        let path = dir.join(recipient["tls"][file].as_str().unwrap());
+        assert!(path.is_file(), "{}", path.display());
+    }
+    assert!(
+        all.contains(&format!("--config {}/recipient.toml", dir.display())),
+        "{all}"
+    );
+}
+
+#[test]
+fn dev_up_in_its_default_folder_prints_only_the_endpoint_it_needs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_dev, lines) = dev_up(tmp.path(), &[]);
+    let commands = printed_commands(&lines, "r-1");
+    assert!(
+        commands
+            .iter()
+            .all(|c| !c.contains(&"--config".to_string())),
+        "{lines:#?}"
+    );
+    assert!(
+        commands
+            .iter()
+            .all(|c| c.contains(&"--endpoint".to_string())),
+        "{lines:#?}"
+    );
+    run_printed_commands(tmp.path(), &lines);
+}
+
+#[test]
+fn dev_up_takes_no_connection_flags_and_hides_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A file for its folder: a dev up that went ahead would fail at once, with exit 1.
+    std::fs::write(tmp.path().join("file"), b"").unwrap();
+    let args = ["dev", "up", "--dir", "file", "--endpoint", "https://h:1"];
+    let out = dsrctl(tmp.path(), &[], &args);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).starts_with("error: dev up takes no --endpoint"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = dsrctl(tmp.path(), &[], &["dev", "up", "--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let help = text(&out.stdout);
+    for flag in ["--endpoint", "--ca", "--cert", "--key", "--config"] {
+        assert!(!help.contains(flag), "{flag} in\n{help}");
+    }
+    assert!(help.contains("--registry-port"), "{help}");
+}
+
+#[test]
+fn certificate_verify_s_help_names_a_public_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = dsrctl(tmp.path(), &[], &["certificate", "verify", "--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let help = text(&out.stdout);
+    assert!(help.contains("--public-key <PUBKEY>"), "{help}");
+    assert!(!help.contains("private key"), "{help}");
+    assert!(!help.contains("DSRCTL_KEY]"), "{help}");
+    // Both spellings reach the key: a missing file is read, whichever named it.
+    for flag in ["--public-key", "--key"] {
+        let out = dsrctl(
+            tmp.path(),
+            &[],
+            &["certificate", "verify", "cert.json", flag, "nosuch.pem"],
+        );
+        assert_eq!(out.status.code(), Some(1), "{flag}");
+        assert!(
+            text(&out.stderr).contains("nosuch.pem"),
+            "{flag}: {}",
+            text(&out.stderr)
+        );
+    }
 }

@@ -54,6 +54,8 @@ struct Answers {
     contract_state: RequestState,
     /// The digest of every ConfirmReturn received.
     confirmed: Vec<String>,
+    /// What Submit answers: an error of this code (UNIMPLEMENTED when unset).
+    submit_error: Option<tonic::Code>,
 }
 
 #[derive(Clone, Default)]
@@ -90,7 +92,10 @@ type Chunks<T> = tokio_stream::Iter<std::vec::IntoIter<Result<T, Status>>>;
 #[tonic::async_trait]
 impl RequestService for StandIn {
     async fn submit(&self, _: Call<SubmitRequest>) -> Result<Response<SubmitResponse>, Status> {
-        unanswered()
+        match self.answers().submit_error {
+            Some(code) => Err(Status::new(code, "the stand-in's answer")),
+            None => unanswered(),
+        }
     }
     async fn get(&self, _: Call<GetRequest>) -> Result<Response<Request>, Status> {
         unanswered()
@@ -703,4 +708,86 @@ async fn a_watch_without_a_terminal_prints_the_contract_end_at_once() {
         .dsrctl_unread(&["contracts", "show", "c-1", "--watch"])
         .await;
     assert_eq!(run.code, Some(1), "{run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_download_run_again_says_so_and_succeeds() {
+    let registry = Registry::start(Answers {
+        package: Some(package("c-1", None)),
+        ..Default::default()
+    })
+    .await;
+    let run = registry.dsrctl(&["download", "c-1", "--out", "pkg"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let manifest = std::fs::read(registry.dir.path().join("pkg/manifest.json")).unwrap();
+
+    let run = registry.dsrctl(&["download", "c-1", "--out", "pkg"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(
+        run.stdout
+            .starts_with("download finished already: pkg holds the package of c-1"),
+        "{run:?}"
+    );
+    let run = registry
+        .dsrctl(&["download", "c-1", "--out", "pkg", "--output", "json"])
+        .await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let doc: serde_json::Value = serde_json::from_str(&run.stdout).expect("json");
+    assert_eq!(doc["finished_already"], true, "{run:?}");
+    assert_eq!(doc["package_sha256"], sha256_hex(&manifest), "{run:?}");
+
+    // A file changed since: no longer finished, and said so.
+    std::fs::write(registry.dir.path().join("pkg").join(FILES[1].0), b"[]").unwrap();
+    let run = registry.dsrctl(&["download", "c-1", "--out", "pkg"]).await;
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(run.stderr.contains("no longer matches"), "{run:?}");
+    assert!(run.stderr.contains(FILES[1].0), "{run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incomplete_package_shows_no_package_digest() {
+    let (mut info, chunks) = package("c-1", None);
+    info.complete = false;
+    info.missing = vec!["payroll-bureau/mail-marketing".into()];
+    let registry = Registry::start(Answers {
+        package: Some((info, chunks)),
+        ..Default::default()
+    })
+    .await;
+    let run = registry.dsrctl(&["package", "c-1"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(!run.stdout.contains("package sha256"), "{run:?}");
+    assert!(run.stdout.contains("mail-marketing"), "{run:?}");
+    let run = registry
+        .dsrctl(&["package", "c-1", "--output", "json"])
+        .await;
+    let doc: serde_json::Value = serde_json::from_str(&run.stdout).expect("json");
+    assert_eq!(doc["package_sha256"], serde_json::Value::Null, "{run:?}");
+    assert_eq!(doc["files"].as_array().map(Vec::len), Some(FILES.len()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_note_comes_only_when_the_submit_may_have_been_stored() {
+    let submit = ["submit", "--kind", "erasure", "--email", "a@example.fi"];
+    for (code, note) in [
+        (tonic::Code::InvalidArgument, false),
+        (tonic::Code::PermissionDenied, false),
+        (tonic::Code::AlreadyExists, false),
+        (tonic::Code::Unavailable, true),
+        (tonic::Code::DeadlineExceeded, true),
+    ] {
+        let registry = Registry::start(Answers {
+            submit_error: Some(code),
+            ..Default::default()
+        })
+        .await;
+        let run = registry.dsrctl(&submit).await;
+        assert_ne!(run.code, Some(0), "{run:?}");
+        assert_eq!(
+            run.stderr.contains("note: idempotency key was "),
+            note,
+            "{code:?}: {run:?}"
+        );
+        assert!(run.stderr.contains("the stand-in's answer"), "{run:?}");
+    }
 }

@@ -163,7 +163,7 @@ mod tests {
         let c = Config::load_from(Some(&file), env).unwrap();
         assert_eq!(c.name, "example-recipient");
         assert_eq!(c.chunk_delay_ms, 200);
-        assert_eq!(c.data_dir, dir.path().join(".dsrelay/example-recipient"));
+        assert_eq!(c.data_dir, dir.path().join("example-recipient"));
         assert_eq!(c.service.tls.cert, dir.path().join("pki/recipient.pem"));
     }
 }

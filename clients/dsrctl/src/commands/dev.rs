@@ -1,9 +1,12 @@
 //! `dsrctl dev up`: the whole pair on the embedded default, in this process.
 //!
-//! On first start it writes the development PKI, the sample accounting database and two
-//! configuration files into the folder; later starts reuse them, so edits to
-//! `registry.toml` and `processor.toml` stick. Environment overrides
-//! (`DSRELAY_REGISTRY__*`, `DSRELAY_PROCESSOR__*`) apply as for the service binaries.
+//! On first start it writes the development PKI, the sample accounting database and the
+//! configuration files into the folder: `registry.toml` and `processor.toml`, which it runs;
+//! `recipient.toml`, for `dsrelay-example-recipient --config`; `dsrctl.toml`, for
+//! `dsrctl --config` from anywhere (the operator's certificate). Later starts reuse them, so
+//! edits stick. Environment overrides (`DSRELAY_REGISTRY__*`, `DSRELAY_PROCESSOR__*`) apply as
+//! for the service binaries. Once both services listen it prints commands to try, with the
+//! flags they need to reach this pair from the working directory.
 
 use std::path::Path;
 
@@ -18,7 +21,7 @@ use dsrelay_runtime::settings::ServiceSettings;
 
 use crate::cli::DevUpArgs;
 use crate::commands::Io;
-use crate::settings::Environment;
+use crate::settings::{Environment, DEFAULT_ENDPOINT, DEV_PKI_DIR};
 use crate::Failure;
 
 /// The processor's name at the registry in the development setup.
@@ -227,12 +230,99 @@ fn write_if_missing<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     Ok(())
 }
 
+fn write_text_if_missing(path: &Path, text: &str) -> Result<()> {
+    if !path.exists() {
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The example recipient's file, which names this folder's PKI relative to itself.
+const RECIPIENT_FILE: &str = include_str!("../../../../services/example-recipient/example.toml");
+
+/// dsrctl's settings for this folder's pair as the operator; paths relative to the file, as
+/// `dsrctl --config` reads them. No endpoint: a start's `--registry-port` may change it.
+fn dsrctl_file() -> String {
+    let identity = dev_identity("registry", "controller");
+    format!(
+        "# dsrctl --config FILE: the operator of this folder's development PKI. Written by \
+         `dsrctl dev up`.\n\
+         ca = \"pki/ca.pem\"\ncert = \"pki/operator.pem\"\nkey = \"pki/operator.key\"\n\
+         server_identity = \"{identity}\"\n"
+    )
+}
+
+/// What `up` prints once both services listen: commands that work as printed from `cwd`.
+/// dsrctl finds the development PKI only in `./.dsrelay/pki` and calls
+/// `https://127.0.0.1:50051` unless told otherwise, so each command carries `--config` (the
+/// folder's `dsrctl.toml`) when `dir` is elsewhere and `--endpoint` when the registry's port
+/// is another.
+fn try_text(dir: &Path, cwd: &Path, registry: &str, processor: &str, recipient: &str) -> String {
+    let d = dir.display();
+    let finds_pki = std::fs::canonicalize(cwd.join(DEV_PKI_DIR)).ok() == Some(dir.join("pki"));
+    let default_port = port_of(DEFAULT_ENDPOINT);
+    let mut flags = String::new();
+    if !finds_pki {
+        flags.push_str(&format!(" --config {d}/dsrctl.toml"));
+    }
+    if port_of(registry) != default_port {
+        flags.push_str(&format!(" --endpoint {registry}"));
+    }
+    let whose = if finds_pki {
+        format!("dsrctl finds the operator's certificate in ./{DEV_PKI_DIR}")
+    } else {
+        format!("--config names the operator's certificate in {d}/pki")
+    };
+    let dsrctl = "cargo run -q -p dsrctl --";
+    format!(
+        "dsrelay is running on the embedded default (SQLite, development certificates) in {d}\n\
+         \x20 registry   {registry}   partners: crm, webform; operator: ops\n\
+         \x20 processor  {processor}   {PROCESSOR}: subprocessors accounting (sample database \
+         {d}/accounting.db) and mail-marketing\n\
+         \n\
+         Try, in another terminal from this folder ({whose}):\n\
+         \x20 {dsrctl} submit --kind erasure --email maija.meikalainen@example.fi{flags}\n\
+         \x20 {dsrctl} watch <request id>{flags}\n\
+         \x20 {dsrctl} get <request id>{flags}\n\
+         \x20 {dsrctl} list --overdue{flags}\n\
+         As a partner: add --cert {d}/pki/partner-crm.pem --key {d}/pki/partner-crm.key\n\
+         Transfers to {RECIPIENT} ({recipient}) wait until it runs:\n\
+         \x20 cargo run -q -p dsrelay-example-recipient -- --config {d}/recipient.toml\n\
+         \x20 {dsrctl} submit --kind transfer --recipient {RECIPIENT} \
+         --email maija.meikalainen@example.fi{flags}\n\
+         Stop with Ctrl-C."
+    )
+}
+
+/// Connection flags given to `dev up`: it runs the services, so none of them applies.
+fn refuse_connection_flags(args: &DevUpArgs) -> Result<(), Failure> {
+    let c = &args.connection;
+    let given = [
+        ("--endpoint", c.endpoint.is_some()),
+        ("--ca", c.ca.is_some()),
+        ("--cert", c.cert.is_some()),
+        ("--key", c.key.is_some()),
+        ("--crl", c.crl.is_some()),
+        ("--server-identity", c.server_identity.is_some()),
+        ("--config", c.config.is_some()),
+    ];
+    match given.iter().find(|(_, given)| *given) {
+        Some((flag, _)) => Err(Failure::Usage(format!(
+            "dev up takes no {flag}: it runs the services (ports: --registry-port, \
+             --processor-port; certificates: the development PKI in --dir); connection flags \
+             are for the commands that call them"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Prepares the folder and runs both services until Ctrl-C.
 pub(crate) async fn up(
     args: &DevUpArgs,
     env: &Environment,
     io: &mut Io<'_>,
 ) -> Result<u8, Failure> {
+    refuse_connection_flags(args)?;
     let telemetry = dsrelay_runtime::telemetry::init(false, "dsrelay-dev");
     let dir = env.cwd().join(&args.dir);
     std::fs::create_dir_all(&dir)
@@ -254,6 +344,8 @@ pub(crate) async fn up(
             &processor_file,
             &processor_config(&dir, processor_port, registry_port),
         )?;
+        write_text_if_missing(&dir.join("recipient.toml"), RECIPIENT_FILE)?;
+        write_text_if_missing(&dir.join("dsrctl.toml"), &dsrctl_file())?;
         let mut registry = dsrelay_registry::Config::load(Some(&registry_file))?;
         let mut processor = dsrelay_processor::Config::load(Some(&processor_file))?;
         apply_ports(args, &mut registry, &mut processor);
@@ -292,6 +384,11 @@ pub(crate) async fn up(
     };
     let registry_endpoint = format!("https://localhost:{}", port(&registry_listener));
     let processor_endpoint = format!("https://localhost:{}", port(&processor_listener));
+    let recipient_endpoint = registry
+        .recipients
+        .iter()
+        .find(|r| r.name == RECIPIENT)
+        .map_or_else(|| "not in registry.toml".into(), |r| r.endpoint.clone());
     let registry_app = dsrelay_registry::App::build(registry)
         .await
         .map_err(Failure::Setup)?;
@@ -314,21 +411,14 @@ pub(crate) async fn up(
         stopped(stop_rx),
     ));
 
-    let d = dir.display();
-    writeln!(
-        io.err,
-        "dsrelay is running on the embedded default (SQLite, development certificates) in {d}\n\
-         \x20 registry   {registry_endpoint}   partners: crm, webform; operator: ops\n\
-         \x20 processor  {processor_endpoint}   {PROCESSOR}: subprocessors accounting (sample database {d}/accounting.db) and mail-marketing\n\
-         \n\
-         Try, in another terminal from this folder (dsrctl uses {d}/pki/operator.pem by default):\n\
-         \x20 cargo run -q -p dsrctl -- submit --kind erasure --email maija.meikalainen@example.fi\n\
-         \x20 cargo run -q -p dsrctl -- watch <request id>\n\
-         \x20 cargo run -q -p dsrctl -- get <request id>\n\
-         \x20 cargo run -q -p dsrctl -- list --overdue\n\
-         As a partner: add --cert {d}/pki/partner-crm.pem --key {d}/pki/partner-crm.key\n\
-         Stop with Ctrl-C."
-    )?;
+    let text = try_text(
+        &dir,
+        env.cwd(),
+        &registry_endpoint,
+        &processor_endpoint,
+        &recipient_endpoint,
+    );
+    writeln!(io.err, "{text}")?;
     // Either service failing ends the session too, rather than leaving half a pair running.
     let mut registry_task = registry_task;
     let mut processor_task = processor_task;
@@ -384,6 +474,7 @@ mod tests {
             dir: ".dsrelay".into(),
             registry_port,
             processor_port,
+            connection: Default::default(),
         }
     }
 

@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
 use anyhow::anyhow;
@@ -17,7 +17,10 @@ use crate::cli::{DownloadArgs, PackageArgs};
 use crate::commands::{Io, Registry};
 use crate::output::{emit, Render, Time};
 use crate::table::{clean, Table};
-use crate::unpack::{DirSink, FileOutcome, Leftovers, Sink, Stop, Unpacker, ZipSink, STOPPED};
+use crate::unpack::{
+    check_folder, DirSink, FileOutcome, Leftovers, Sink, Stop, Unpacker, ZipSink, MANIFEST_NAME,
+    STOPPED,
+};
 use crate::{Failure, EXIT_FAILURE};
 
 /// Packages at least this large get a progress bar (when stderr is a terminal).
@@ -30,6 +33,9 @@ pub(crate) enum Target {
     Dir(PathBuf),
     /// A zip file that does not exist yet.
     Zip(PathBuf),
+    /// A folder that holds this download, finished: its `manifest.json` names the request
+    /// and every file it lists is there with its size and SHA-256. Nothing is left to do.
+    Finished(PathBuf),
 }
 
 impl Target {
@@ -37,11 +43,28 @@ impl Target {
     /// replace existing files, before anything is asked of the registry.
     pub(crate) fn check(args: &DownloadArgs) -> Result<Self, Failure> {
         match (&args.out, &args.zip) {
-            (Some(dir), None) => {
-                DirSink::check_target(dir, &args.id).map_err(Failure::Usage)?;
-                Ok(Self::Dir(dir.clone()))
-            }
+            (Some(dir), None) => match DirSink::check_target(dir, &args.id) {
+                Ok(()) => Ok(Self::Dir(dir.clone())),
+                Err(refusal) => match finished(dir, &args.id) {
+                    None => Err(Failure::Usage(refusal)),
+                    Some(Ok(())) => Ok(Self::Finished(dir.clone())),
+                    Some(Err(problems)) => Err(Failure::Usage(format!(
+                        "--out {} holds a download of request {} that no longer matches its \
+                         {MANIFEST_NAME} ({problems}): download into a new folder",
+                        dir.display(),
+                        args.id
+                    ))),
+                },
+            },
             (None, Some(zip)) => {
+                // A zip is never replaced, nor opened to see what it holds.
+                if std::fs::symlink_metadata(zip).is_ok() {
+                    return Err(Failure::Usage(format!(
+                        "--zip {} already exists: name a new file, or move that one away \
+                         and run the command again",
+                        zip.display()
+                    )));
+                }
                 ZipSink::check_target(zip, &args.id).map_err(Failure::Usage)?;
                 Ok(Self::Zip(zip.clone()))
             }
@@ -61,6 +84,7 @@ impl Target {
             Self::Zip(zip) => ZipSink::check_target(zip, &info.request_id)
                 .map(|()| Leftovers::default())
                 .map_err(Failure::Usage),
+            Self::Finished(_) => Ok(Leftovers::default()),
         }
     }
 
@@ -79,8 +103,61 @@ impl Target {
             Self::Zip(zip) => {
                 Box::new(ZipSink::create(zip, &info.request_id, stop).map_err(Failure::Package)?)
             }
+            Self::Finished(dir) => {
+                return Err(Failure::Package(anyhow!(
+                    "{} holds a finished download already",
+                    dir.display()
+                )))
+            }
         })
     }
+}
+
+/// Whether the folder `dir` holds the finished download of `id`: `None` when its
+/// `manifest.json` is not one of that request's package; else whether every file it lists
+/// is there with its size and SHA-256 (the problems, when not).
+fn finished(dir: &Path, id: &str) -> Option<Result<(), String>> {
+    let manifest = std::fs::read(dir.join(MANIFEST_NAME)).ok()?;
+    let named = serde_json::from_slice::<serde_json::Value>(&manifest).ok()?;
+    if named.get("request_id")?.as_str()? != id {
+        return None;
+    }
+    Some(check_folder(dir, &manifest))
+}
+
+/// What `download` prints into a folder that held the download finished already.
+#[derive(Debug, Serialize)]
+struct FinishedView {
+    request_id: String,
+    out: String,
+    /// SHA-256 of its manifest.json.
+    package_sha256: String,
+    finished_already: bool,
+}
+
+impl Render for FinishedView {
+    fn to_table(&self) -> String {
+        format!(
+            "download finished already: {} holds the package of {}, every file as its \
+             manifest.json lists it (package sha256 {})\n",
+            clean(&self.out),
+            self.request_id,
+            self.package_sha256
+        )
+    }
+}
+
+/// `download` into a folder that holds that download finished already: says so, exit 0.
+fn finished_already(dir: &Path, id: &str, io: &mut Io<'_>) -> Result<u8, Failure> {
+    let manifest = std::fs::read(dir.join(MANIFEST_NAME))
+        .map_err(|e| Failure::Package(anyhow!("reading {}: {e}", dir.display())))?;
+    let view = FinishedView {
+        request_id: id.to_string(),
+        out: dir.display().to_string(),
+        package_sha256: hex::encode(Sha256::digest(&manifest)),
+        finished_already: true,
+    };
+    super::verdict(emit(io.out, io.format, &view, false), 0)
 }
 
 /// A package's digest: the SHA-256 of its `manifest.json`.
@@ -120,7 +197,8 @@ pub(crate) struct PackageView {
     /// `<processor>/<subprocessor>` parts not arrived yet.
     missing: Vec<String>,
     expires_at: Option<Time>,
-    /// SHA-256 of manifest.json, once there is one.
+    /// SHA-256 of manifest.json once the package is complete: before, the manifest lists
+    /// only the files stored so far, and its digest is not the package's.
     package_sha256: Option<String>,
     files: Vec<ManifestFileView>,
 }
@@ -132,7 +210,7 @@ impl From<&PackageInfo> for PackageView {
             complete: info.complete,
             missing: info.missing.clone(),
             expires_at: Time::from_proto(info.expires_at.as_ref()),
-            package_sha256: package_digest(info),
+            package_sha256: package_digest(info).filter(|_| info.complete),
             files: info
                 .files
                 .iter()
@@ -235,7 +313,7 @@ pub(crate) struct DownloadView {
 impl DownloadView {
     fn new(info: &PackageInfo, target: &Target, outcomes: Vec<FileOutcome>) -> Self {
         let (out, zip) = match target {
-            Target::Dir(dir) => (Some(dir.display().to_string()), None),
+            Target::Dir(dir) | Target::Finished(dir) => (Some(dir.display().to_string()), None),
             Target::Zip(zip) => (None, Some(zip.display().to_string())),
         };
         let digests_verified = outcomes.iter().filter(|o| o.error.is_none()).count();
@@ -610,6 +688,9 @@ pub(crate) async fn run(
     target: Target,
     io: &mut Io<'_>,
 ) -> Result<u8, Failure> {
+    if let Target::Finished(dir) = &target {
+        return finished_already(dir, &args.id, io);
+    }
     let mut ctrl_c = CtrlC::new(tokio::signal::ctrl_c());
     let stop = Stop::default();
     let (info, mut unpacker, mut events) =

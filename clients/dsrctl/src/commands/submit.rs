@@ -109,7 +109,7 @@ pub(crate) async fn run(
             Ok(0)
         }
         Err(status) => {
-            if prepared.generated_key {
+            if prepared.generated_key && outcome_unknown(&status) {
                 // The request may have been stored even though the answer was lost; only a
                 // resubmission with the same key is safe.
                 writeln!(
@@ -121,6 +121,23 @@ pub(crate) async fn run(
             Err(registry.failed(status))
         }
     }
+}
+
+/// Whether a Submit that failed with `status` may have been stored all the same: the call
+/// was cut short or its answer lost (a timeout, a dropped connection, an answer that cannot
+/// be right), rather than refused by the registry, which stores nothing it refuses.
+fn outcome_unknown(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    dsrelay_sdk::is_bad_answer(status)
+        || matches!(
+            status.code(),
+            Code::Unknown
+                | Code::DeadlineExceeded
+                | Code::Unavailable
+                | Code::Cancelled
+                | Code::Internal
+                | Code::DataLoss
+        )
 }
 
 #[cfg(test)]
