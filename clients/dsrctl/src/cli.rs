@@ -154,7 +154,7 @@ pub enum Command {
     #[command(subcommand)]
     Audit(AuditCommand),
     /// Deletion certificates: signed statements by a processor of what an erasure removed
-    /// and what it retains, until when.
+    /// and what it retains, with the date of its next erasure run.
     #[command(subcommand)]
     Certificate(CertificateCommand),
     /// Contract ends (operators only): end the contract with a processor, so that it deletes,
@@ -342,8 +342,9 @@ pub enum ContractsCommand {
     Show {
         /// The contract end's id.
         id: String,
-        /// Keep showing progress bars per subprocessor until it finishes (or Ctrl-C); exits 0
-        /// only if it ended COMPLETED.
+        /// Keep showing progress bars per subprocessor until it finishes (or Ctrl-C); without
+        /// a terminal, print the view at once and again at each change. Exits 0 only if it
+        /// ended COMPLETED.
         #[arg(long)]
         watch: bool,
     },
