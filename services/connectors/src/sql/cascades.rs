@@ -5,27 +5,31 @@
 //!
 //! A cascade deletes the rows whose foreign key refers to a deleted row whatever the rules
 //! say of them: from a table an erasure deletes from, onto rows it leaves in place (a `keep`
-//! table, an `anonymize` one, any table with `retain`), it would take rows that an
-//! obligation keeps, while the report counts them kept. The rules hold a parent row back
+//! table, an `anonymize` one, any table with `retain`, a delete table whose retained children
+//! keep its rows), it would take rows that an obligation keeps, while the report counts them
+//! kept. The rules hold a parent row back
 //! only for their own child rows (the parent's rule children, on the link's columns): a
 //! child kept under `retain` keeps its parent row, and an anonymized child that clears its
 //! link runs before the parent's DELETE (children first), so that it no longer refers to it.
-//! Anything else, and every cascade a cascade sets off, is refused.
+//! Anything else, and every cascade a cascade sets off, is refused: a chain that comes back to
+//! the deleting table deletes rows of it that no rule's statement selected, whose children
+//! the rules did not see to.
 
 use std::collections::{BTreeSet, VecDeque};
 
 use dsrelay_runtime::store::{Backend, Db};
 
 use super::plan::Cascade;
-use super::rules::{Action, SqlConnectorConfig, TableRule};
+use super::rules::{Action, AnonymizeWith, ParentLink, SqlConnectorConfig, TableRule};
 use super::schema::lookup_name;
 
 /// Every foreign key of the database whose `ON DELETE CASCADE` deletes rows of its child
 /// table with a row of its parent, the tables named as the catalog names them. On
 /// PostgreSQL a table the statements find by its name (the first of the name on the search
-/// path) is named so, any other by its schema too (`"audit".log`), so that no rule's plain
-/// name reads as it; on SQLite, every table of the main database. A table's key on itself is
-/// included. A key whose columns cannot all be paired with its parent's is left out.
+/// path) is named so, any other by its schema too (`audit.log`), so that no rule's plain
+/// name reads as it; a partitioned table's key is read once, on it, as the rules name it. On
+/// SQLite, every table of the main database. A table's key on itself is included. A key
+/// whose columns cannot all be paired with its parent's is left out.
 pub(super) async fn read(db: &Db) -> Result<Vec<Cascade>, sqlx::Error> {
     let sql = match db.backend {
         // A key naming no columns refers to the parent's primary key ("to" is NULL).
@@ -37,6 +41,9 @@ pub(super) async fn read(db: &Db) -> Result<Vec<Cascade>, sqlx::Error> {
              WHERE m.type = 'table' AND upper(f.on_delete) = 'CASCADE' \
              ORDER BY m.name, f.id, f.seq"
         }
+        // PostgreSQL copies a partitioned table's key onto each partition, and a key referring
+        // to a partitioned table into one referring to each partition (`conparentid`, the key
+        // copied): the copies name partitions, which no rule names, for rows the key covers.
         Backend::Postgres => {
             "SELECT CASE WHEN to_regclass(quote_ident(cc.relname)) = cc.oid \
              THEN CAST(cc.relname AS TEXT) \
@@ -57,7 +64,7 @@ pub(super) async fn read(db: &Db) -> Result<Vec<Cascade>, sqlx::Error> {
              AND a.attnum = k.child_no \
              JOIN pg_catalog.pg_attribute pa ON pa.attrelid = c.confrelid \
              AND pa.attnum = k.parent_no \
-             WHERE c.contype = 'f' AND c.confdeltype = 'c' \
+             WHERE c.contype = 'f' AND c.confdeltype = 'c' AND c.conparentid = 0 \
              ORDER BY c.oid, k.ord"
         }
     };
@@ -120,13 +127,21 @@ fn rule_of<'c>(
 }
 
 /// Why the rows of `rule`'s table stay after an erasure, when they do: `keep`, `anonymize`,
-/// or rows kept under `retain` (a delete table's too: its rows within the period stay).
-fn kept_why(rule: &TableRule) -> Option<&'static str> {
+/// rows kept under `retain` (a delete table's too: its rows within the period stay), or a
+/// delete table's rows that its retained children keep
+/// ([`SqlConnectorConfig::retained_children`]).
+fn kept_why(config: &SqlConnectorConfig, rule: &TableRule) -> Option<String> {
     match (rule.action, &rule.retain) {
-        (Action::Keep, _) => Some("action keep"),
-        (Action::Anonymize, _) => Some("action anonymize"),
-        (Action::Delete, Some(_)) => Some("retain"),
-        (Action::Delete, None) => None,
+        (Action::Keep, _) => Some("action keep".to_string()),
+        (Action::Anonymize, _) => Some("action anonymize".to_string()),
+        (Action::Delete, Some(_)) => Some("retain".to_string()),
+        (Action::Delete, None) => {
+            let children: Vec<String> = (config.retained_children(rule).iter())
+                .map(|(child, _)| format!("{:?}", child.table))
+                .collect();
+            (!children.is_empty())
+                .then(|| format!("kept for its retained children ({})", children.join(", ")))
+        }
     }
 }
 
@@ -162,25 +177,39 @@ fn held_by_the_rules(
         }
 }
 
+/// A chain of cascades from a table the rules delete from onto a table whose rows an
+/// erasure leaves in place.
+struct Finding<'c> {
+    /// The deleting table's index in the rules.
+    at: usize,
+    source: &'c TableRule,
+    kept: &'c TableRule,
+    /// Why its rows stay ([`kept_why`]).
+    why: String,
+    path: Vec<&'c Cascade>,
+}
+
 /// The cascades of `cascades` ([`read`]) by which deleting a row of a table the rules delete
 /// from (action delete, with or without `retain`) deletes rows of a configured table whose
 /// rows an erasure leaves in place ([`kept_why`]), directly or through a chain through any
-/// tables, listed or not; one problem per deleting and kept table, naming the foreign keys
-/// and what to do. A table's cascade onto itself counts only where the table keeps rows
-/// (delete with `retain`): the rows it deletes take its kept rows with them.
-pub(super) fn problems(
+/// tables, listed or not, the deleting table itself too; one per deleting and kept table,
+/// with its shortest chain. A table's cascade onto itself counts only where the table keeps
+/// rows: the rows it deletes take its kept rows with them.
+fn findings<'c>(
     backend: Backend,
-    config: &SqlConnectorConfig,
-    cascades: &[Cascade],
-) -> Vec<String> {
+    config: &'c SqlConnectorConfig,
+    cascades: &'c [Cascade],
+) -> Vec<Finding<'c>> {
     let key = |name: &str| lookup_name(backend, name);
     let mut out = Vec::new();
-    for (i, source) in config.tables.iter().enumerate() {
+    for (at, source) in config.tables.iter().enumerate() {
         if source.action != Action::Delete {
             continue;
         }
         let mut reported = BTreeSet::new();
-        let mut expanded = BTreeSet::from([key(&source.table)]);
+        // Without the source table: its rows a chain comes back to are rows its statements
+        // did not select, so their cascades are followed again, none held by the rules.
+        let mut expanded = BTreeSet::new();
         // Breadth first, so that each kept table is named with its shortest chain.
         let mut open: VecDeque<Vec<&Cascade>> = VecDeque::from([Vec::new()]);
         while let Some(path) = open.pop_front() {
@@ -192,11 +221,17 @@ pub(super) fn problems(
                 let mut longer = path.clone();
                 longer.push(c);
                 let kept = rule_of(backend, config, &c.child)
-                    .and_then(|r| Some((r, kept_why(r)?)))
+                    .and_then(|r| Some((r, kept_why(config, r)?)))
                     .filter(|(r, _)| reported.insert(key(&r.table)));
-                if let Some((rule, why)) = kept {
-                    let at = format!("tables[{i}] ({})", source.table);
-                    out.push(describe(&at, source, rule, why, &longer));
+                if let Some((kept, why)) = kept {
+                    let path = longer.clone();
+                    out.push(Finding {
+                        at,
+                        source,
+                        kept,
+                        why,
+                        path,
+                    });
                 }
                 if expanded.insert(key(&c.child)) {
                     open.push_back(longer);
@@ -207,16 +242,93 @@ pub(super) fn problems(
     out
 }
 
-/// The problem of `path`, a chain of cascades from `source`'s table onto `kept`'s.
-fn describe(
-    at: &str,
-    source: &TableRule,
-    kept: &TableRule,
-    why: &str,
-    path: &[&Cascade],
-) -> String {
+/// Per [`findings`], the problem, naming the tables, the foreign keys and what to do.
+pub(super) fn problems(
+    backend: Backend,
+    config: &SqlConnectorConfig,
+    cascades: &[Cascade],
+) -> Vec<String> {
+    let found = findings(backend, config, cascades);
+    (found.iter())
+        .map(|f| describe(f, child_advice(backend, config, cascades, &found, f)))
+        .collect()
+}
+
+/// For a one-column cascade straight from the deleting table, the rule child
+/// the kept table could become so that the rules see to the cascade ([`held_by_the_rules`]):
+/// kept under its `retain`, or anonymized clearing the link. Only advice that validation
+/// and this check then accept: the rules so changed must validate as they do now, and refuse
+/// no cascade they do not refuse now (making a table a retained child keeps its parent's
+/// rows, onto which another cascade may come). Whether the link column takes NULL is not
+/// known here: the connect-time column check says so where it does not. `None` for a `keep`
+/// table, one that is already a child or a parent, or a chain.
+fn child_advice(
+    backend: Backend,
+    config: &SqlConnectorConfig,
+    cascades: &[Cascade],
+    found: &[Finding<'_>],
+    f: &Finding<'_>,
+) -> Option<String> {
+    let key = |name: &str| lookup_name(backend, name);
+    let ([c], source, kept) = (&f.path[..], f.source, f.kept) else {
+        return None;
+    };
+    let ([column], [parent_column]) = (&c.columns[..], &c.parent_columns[..]) else {
+        return None;
+    };
+    if kept.action == Action::Keep
+        || kept.parent.is_some()
+        || source.parent.is_some()
+        || key(&kept.table) == key(&source.table)
+    {
+        return None;
+    }
+    let mut changed = config.clone();
+    let rule = (changed.tables.iter_mut()).find(|t| key(&t.table) == key(&kept.table))?;
+    rule.parent = Some(ParentLink {
+        table: source.table.clone(),
+        column: column.clone(),
+        parent_column: parent_column.clone(),
+        export_matched_only: false,
+    });
+    let anonymized = rule.action == Action::Anonymize;
+    if anonymized {
+        rule.anonymize.insert(column.clone(), AnonymizeWith::Null);
+    }
+    let valid = config.validate();
+    if changed.validate().iter().any(|p| !valid.contains(p)) {
+        return None;
+    }
+    let pair = |f: &Finding<'_>| (key(&f.source.table), key(&f.kept.table));
+    let now: BTreeSet<_> = found.iter().map(pair).collect();
+    let after = findings(backend, &changed, cascades);
+    if after
+        .iter()
+        .any(|a| pair(a) == pair(f) || !now.contains(&pair(a)))
+    {
+        return None;
+    }
+    let (s, k) = (&source.table, &kept.table);
+    let parent = format!(
+        "parent = {{ table = {s:?}, column = {column:?}, parent_column = {parent_column:?} }}"
+    );
+    Some(match anonymized {
+        true => format!(
+            "make {k:?} a child of {s:?} in the rules ({parent}) whose anonymize clears \
+             {column:?} ({column} = \"null\"), so that its rows no longer refer to the deleted \
+             ones"
+        ),
+        false => format!(
+            "make {k:?} a child of {s:?} in the rules ({parent}) with retain, so that its \
+             kept rows keep their parent row"
+        ),
+    })
+}
+
+/// The problem of `f`, with the advice of [`child_advice`] when there is one.
+fn describe(f: &Finding<'_>, child: Option<String>) -> String {
     let names = |v: &[String]| v.iter().map(|c| format!("{c:?}")).collect::<Vec<_>>();
-    let keys: Vec<String> = (path.iter())
+    let keys: Vec<String> = (f.path.iter())
         .map(|c| {
             format!(
                 "{:?} ({}) REFERENCES {:?} ({}) ON DELETE CASCADE",
@@ -227,43 +339,22 @@ fn describe(
             )
         })
         .collect();
-    let (s, k) = (&source.table, &kept.table);
-    let mut fix = Vec::new();
-    match path {
-        [c] if c.columns.len() == 1
-            && source.parent.is_none()
-            && kept.action != Action::Keep
-            && kept.table != source.table =>
-        {
-            let parent = format!(
-                "parent = {{ table = {s:?}, column = {:?}, parent_column = {:?} }}",
-                c.columns[0], c.parent_columns[0]
-            );
-            fix.push(match kept.retain {
-                None => format!(
-                    "make {k:?} a child of {s:?} in the rules ({parent}) whose anonymize \
-                     clears {:?}, so that its rows no longer refer to the deleted ones",
-                    c.columns[0]
-                ),
-                Some(_) => format!(
-                    "make {k:?} a child of {s:?} in the rules ({parent}) with retain, so \
-                     that its kept rows keep their parent row"
-                ),
-            });
-        }
-        _ => {}
-    }
-    let which = match path.len() {
+    let (s, k) = (&f.source.table, &f.kept.table);
+    let which = match f.path.len() {
         1 => "the foreign key",
         _ => "one of these foreign keys",
     };
-    fix.push(format!(
-        "change {which} to ON DELETE RESTRICT, NO ACTION or SET NULL"
-    ));
+    let fix: Vec<String> = (child.into_iter())
+        .chain([format!(
+            "change {which} to ON DELETE RESTRICT, NO ACTION or SET NULL"
+        )])
+        .collect();
     format!(
-        "{at}: deleting a row of {s:?} also deletes the rows of {k:?} that depend on it \
-         through {}, though an erasure leaves them in place ({why}); {}",
+        "tables[{}] ({s}): deleting a row of {s:?} also deletes the rows of {k:?} that depend \
+         on it through {}, though an erasure leaves them in place ({}); {}",
+        f.at,
         keys.join(", then "),
+        f.why,
         fix.join(", or ")
     )
 }

@@ -4771,7 +4771,12 @@ fn dated(rule: TableRule) -> TableRule {
 /// `keep` table or an `anonymize` table none of which is the deleting table's rule child, at
 /// the end of a chain of two cascades, through a table the rules do not list, and a table's
 /// cascade onto its own kept rows. Each is now refused at connect, naming the foreign keys
-/// and what to do; every problem is listed.
+/// and what to do; every problem is listed. The advice to make the kept table a rule child
+/// is given only where the connector would accept the rules so changed: an anonymized
+/// table kept under `retain` was advised to be a child with retain, which validation
+/// refuses unless it clears its link; a table that is already another table's child, and
+/// one whose retain would keep rows of a table with a cascade onto itself, were advised to
+/// become a child too.
 async fn connect_refuses_a_cascade_onto_rows_the_rules_keep(url: String) {
     let (_, db) = sample(&url).await;
     for sql in [
@@ -4788,6 +4793,10 @@ async fn connect_refuses_a_cascade_onto_rows_the_rules_keep(url: String) {
          middle_id BIGINT REFERENCES middle (id) ON DELETE CASCADE)",
         "CREATE TABLE nested (id BIGINT PRIMARY KEY, customer_id BIGINT, \
          up BIGINT REFERENCES nested (id) ON DELETE CASCADE, dated TEXT)",
+        "CREATE TABLE linked (id BIGINT PRIMARY KEY, customer_id BIGINT, \
+         up BIGINT REFERENCES linked (id) ON DELETE CASCADE)",
+        "CREATE TABLE on_linked (id BIGINT PRIMARY KEY, customer_id BIGINT, \
+         linked_id BIGINT REFERENCES linked (id) ON DELETE CASCADE, dated TEXT)",
     ] {
         exec(&db, sql).await;
     }
@@ -4805,6 +4814,7 @@ async fn connect_refuses_a_cascade_onto_rows_the_rules_keep(url: String) {
     let chain = "change one of these foreign keys to ON DELETE RESTRICT, NO ACTION or SET NULL";
     let mut anonymized = cascade_rule("kept", Action::Anonymize, true);
     anonymized.anonymize = [("note".to_string(), AnonymizeWith::Redacted)].into();
+    let retained_anonymized = anonymized.clone();
     let cases: Vec<(Vec<TableRule>, Vec<String>)> = vec![
         (
             vec![
@@ -4828,9 +4838,43 @@ async fn connect_refuses_a_cascade_onto_rows_the_rules_keep(url: String) {
             vec![cascade_rule("orders", Action::Delete, true), anonymized],
             vec![format!(
                 "{}make \"kept\" a child of \"orders\" in the rules {parent} whose anonymize \
-                 clears \"order_id\", so that its rows no longer refer to the deleted ones, \
-                 or {fk}",
+                 clears \"order_id\" (order_id = \"null\"), so that its rows no longer refer to \
+                 the deleted ones, or {fk}",
                 direct("action anonymize")
+            )],
+        ),
+        // Kept under retain, but anonymized: as a child it must clear its link too.
+        (
+            vec![
+                cascade_rule("orders", Action::Delete, true),
+                dated(retained_anonymized),
+            ],
+            vec![format!(
+                "{}make \"kept\" a child of \"orders\" in the rules {parent} whose anonymize \
+                 clears \"order_id\" (order_id = \"null\"), so that its rows no longer refer to \
+                 the deleted ones, or {fk}",
+                direct("action anonymize")
+            )],
+        ),
+        // Already the customers' child (a table has one parent).
+        (
+            vec![
+                cascade_rule("orders", Action::Delete, true),
+                dated(cascade_rule("kept", Action::Delete, false)),
+            ],
+            vec![format!("{}{fk}", direct("retain"))],
+        ),
+        // As a retained child it would keep linked rows, which linked's own cascade takes.
+        (
+            vec![
+                cascade_rule("linked", Action::Delete, true),
+                dated(cascade_rule("on_linked", Action::Delete, true)),
+            ],
+            vec![format!(
+                "tables[4] (linked): deleting a row of \"linked\" also deletes the rows of \
+                 \"on_linked\" that depend on it through \"on_linked\" (\"linked_id\") \
+                 REFERENCES \"linked\" (\"id\") ON DELETE CASCADE, though an erasure leaves \
+                 them in place (retain); {fk}"
             )],
         ),
         (
@@ -4984,23 +5028,371 @@ async fn connect_accepts_the_cascades_the_rules_see_to(url: String) {
     }
 }
 
+/// A rule for `table`, a child of the top-level `parent` on `column` (refers to its `id`).
+fn child_rule(table: &str, action: Action, parent: &str, column: &str) -> TableRule {
+    TableRule {
+        parent: Some(ParentLink {
+            table: parent.into(),
+            column: column.into(),
+            parent_column: "id".into(),
+            export_matched_only: false,
+        }),
+        match_columns: Default::default(),
+        ..cascade_rule(table, action, true)
+    }
+}
+
+/// The sample's customers are a delete table, but the rows whose invoices or ledger entries
+/// are kept under `retain` stay, for them. A cascade onto them counted as one onto a table
+/// whose rows all go: deleting an account took the customers held for their invoices (or,
+/// with a foreign key from the invoices, failed every such erasure), as did a customer's
+/// cascade onto the customers it referred. Both are now refused at connect, saying why the
+/// rows stay; making the customers a child is no advice, as they are a parent.
+async fn connect_refuses_a_cascade_onto_rows_kept_for_retained_children(url: String) {
+    let (_, db) = sample(&url).await;
+    for sql in [
+        "CREATE TABLE accounts (id BIGINT PRIMARY KEY, email TEXT)",
+        "ALTER TABLE customers ADD COLUMN account_id BIGINT \
+         REFERENCES accounts (id) ON DELETE CASCADE",
+        "ALTER TABLE customers ADD COLUMN referred_by BIGINT \
+         REFERENCES customers (id) ON DELETE CASCADE",
+    ] {
+        exec(&db, sql).await;
+    }
+    let mut accounts = cascade_rule("accounts", Action::Delete, true);
+    accounts.match_columns = [("email".to_string(), "email".to_string())].into();
+    let mut config = sample_config(&url);
+    config.tables.push(accounts);
+    let Err(err) = SqlConnector::connect(config).await else {
+        panic!("accepted");
+    };
+    let why = "though an erasure leaves them in place (kept for its retained children \
+               (\"invoices\", \"ledger_entries\")); change the foreign key to ON DELETE \
+               RESTRICT, NO ACTION or SET NULL";
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "the holder database does not match the sql connector's rules: tables[3] \
+             (customers): deleting a row of \"customers\" also deletes the rows of \
+             \"customers\" that depend on it through \"customers\" (\"referred_by\") \
+             REFERENCES \"customers\" (\"id\") ON DELETE CASCADE, {why}; tables[4] \
+             (accounts): deleting a row of \"accounts\" also deletes the rows of \
+             \"customers\" that depend on it through \"customers\" (\"account_id\") \
+             REFERENCES \"accounts\" (\"id\") ON DELETE CASCADE, {why}"
+        )
+    );
+}
+
+/// A member's cascade onto the members they referred (directly, or through a table the
+/// rules do not list) comes back to the members' table: it deletes members no rule selected,
+/// and their notes, anonymized children that clear their link only under the members the
+/// erasure selects, with them. The notes' exemption covered those too, as the chain was not
+/// followed back through the members' table: accepted, erasing member 1 deleted member 2
+/// and its note. Such a chain is now followed and refused.
+async fn connect_refuses_a_cascade_a_chain_back_to_the_deleting_table_sets_off(url: String) {
+    let (_, db) = sample(&url).await;
+    let postgres = db.backend == dsrelay_runtime::store::Backend::Postgres;
+    let clubs_link = match postgres {
+        true => "",
+        false => "REFERENCES links (id) ON DELETE CASCADE",
+    };
+    let mut sql = vec![
+        "CREATE TABLE members (id BIGINT PRIMARY KEY, customer_id BIGINT, \
+         referred_by BIGINT REFERENCES members (id) ON DELETE CASCADE)"
+            .to_string(),
+        "CREATE TABLE member_notes (id BIGINT PRIMARY KEY, \
+         member_id BIGINT REFERENCES members (id) ON DELETE CASCADE, body TEXT)"
+            .to_string(),
+        format!(
+            "CREATE TABLE clubs (id BIGINT PRIMARY KEY, customer_id BIGINT, \
+             link_id BIGINT {clubs_link})"
+        ),
+        "CREATE TABLE links (id BIGINT PRIMARY KEY, \
+         club_id BIGINT REFERENCES clubs (id) ON DELETE CASCADE)"
+            .to_string(),
+        "CREATE TABLE club_notes (id BIGINT PRIMARY KEY, \
+         club_id BIGINT REFERENCES clubs (id) ON DELETE CASCADE, body TEXT)"
+            .to_string(),
+    ];
+    if postgres {
+        sql.push(
+            "ALTER TABLE clubs ADD FOREIGN KEY (link_id) REFERENCES links (id) \
+             ON DELETE CASCADE"
+                .to_string(),
+        );
+    }
+    for sql in sql {
+        exec(&db, &sql).await;
+    }
+    let notes = |table: &str, parent: &str, column: &str| TableRule {
+        anonymize: [
+            (column.to_string(), AnonymizeWith::Null),
+            ("body".to_string(), AnonymizeWith::Redacted),
+        ]
+        .into(),
+        ..child_rule(table, Action::Anonymize, parent, column)
+    };
+    let mut config = sample_config(&url);
+    config.tables.extend([
+        cascade_rule("members", Action::Delete, true),
+        notes("member_notes", "members", "member_id"),
+        cascade_rule("clubs", Action::Delete, true),
+        notes("club_notes", "clubs", "club_id"),
+    ]);
+    let Err(err) = SqlConnector::connect(config).await else {
+        panic!("accepted");
+    };
+    let why = "though an erasure leaves them in place (action anonymize); change one of \
+               these foreign keys to ON DELETE RESTRICT, NO ACTION or SET NULL";
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "the holder database does not match the sql connector's rules: tables[4] \
+             (members): deleting a row of \"members\" also deletes the rows of \
+             \"member_notes\" that depend on it through \"members\" (\"referred_by\") \
+             REFERENCES \"members\" (\"id\") ON DELETE CASCADE, then \"member_notes\" \
+             (\"member_id\") REFERENCES \"members\" (\"id\") ON DELETE CASCADE, {why}; \
+             tables[6] (clubs): deleting a row of \"clubs\" also deletes the rows of \
+             \"club_notes\" that depend on it through \"links\" (\"club_id\") REFERENCES \
+             \"clubs\" (\"id\") ON DELETE CASCADE, then \"clubs\" (\"link_id\") REFERENCES \
+             \"links\" (\"id\") ON DELETE CASCADE, then \"club_notes\" (\"club_id\") \
+             REFERENCES \"clubs\" (\"id\") ON DELETE CASCADE, {why}"
+        )
+    );
+}
+
+/// Where the rules see to a cascade from a table onto its rule child, they do so only on
+/// the link's column and for the link's parent: a retained child's cascade on another
+/// column, and a retained child's cascade from another table than its parent, are refused,
+/// with no advice to make it a child (it is one already).
+async fn connect_refuses_a_cascade_beside_a_childs_link(url: String) {
+    let (_, db) = sample(&url).await;
+    for sql in [
+        "CREATE TABLE orders (id BIGINT PRIMARY KEY, customer_id BIGINT)",
+        "CREATE TABLE held (id BIGINT PRIMARY KEY, customer_id BIGINT, \
+         other_id BIGINT REFERENCES customers (id) ON DELETE CASCADE, dated TEXT)",
+        "CREATE TABLE held_orders (id BIGINT PRIMARY KEY, customer_id BIGINT, \
+         order_id BIGINT REFERENCES orders (id) ON DELETE CASCADE, dated TEXT)",
+    ] {
+        exec(&db, sql).await;
+    }
+    let fk = "though an erasure leaves them in place (retain); change the foreign key to \
+              ON DELETE RESTRICT, NO ACTION or SET NULL";
+    let cases = [
+        (
+            "held",
+            format!(
+                "tables[3] (customers): deleting a row of \"customers\" also deletes the rows \
+                 of \"held\" that depend on it through \"held\" (\"other_id\") REFERENCES \
+                 \"customers\" (\"id\") ON DELETE CASCADE, {fk}"
+            ),
+        ),
+        (
+            "held_orders",
+            format!(
+                "tables[5] (orders): deleting a row of \"orders\" also deletes the rows of \
+                 \"held_orders\" that depend on it through \"held_orders\" (\"order_id\") \
+                 REFERENCES \"orders\" (\"id\") ON DELETE CASCADE, {fk}"
+            ),
+        ),
+    ];
+    for (held, problem) in cases {
+        let mut config = sample_config(&url);
+        config.tables.extend([
+            dated(cascade_rule(held, Action::Delete, false)),
+            cascade_rule("orders", Action::Delete, true),
+        ]);
+        let Err(err) = SqlConnector::connect(config).await else {
+            panic!("accepted: {problem}");
+        };
+        assert_eq!(
+            err.to_string(),
+            format!("the holder database does not match the sql connector's rules: {problem}")
+        );
+    }
+}
+
+/// SQLite's `REFERENCES orders` without a column list refers to the orders' primary key: its
+/// cascade onto a `keep` table is refused like one naming the column.
+#[tokio::test]
+async fn connect_refuses_a_cascade_by_a_sqlite_key_naming_no_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/accounting.db", dir.path().display());
+    let (_, db) = sample(&url).await;
+    for sql in [
+        "CREATE TABLE orders (id INTEGER PRIMARY KEY, customer_id BIGINT)",
+        "CREATE TABLE kept (id INTEGER PRIMARY KEY, customer_id BIGINT, \
+         order_id BIGINT REFERENCES orders ON DELETE CASCADE)",
+    ] {
+        exec(&db, sql).await;
+    }
+    let mut config = sample_config(&url);
+    config.tables.extend([
+        cascade_rule("orders", Action::Delete, true),
+        cascade_rule("kept", Action::Keep, true),
+    ]);
+    let Err(err) = SqlConnector::connect(config).await else {
+        panic!("accepted");
+    };
+    assert_eq!(
+        err.to_string(),
+        "the holder database does not match the sql connector's rules: tables[4] (orders): \
+         deleting a row of \"orders\" also deletes the rows of \"kept\" that depend on it \
+         through \"kept\" (\"order_id\") REFERENCES \"orders\" (\"id\") ON DELETE CASCADE, \
+         though an erasure leaves them in place (action keep); change the foreign key to ON \
+         DELETE RESTRICT, NO ACTION or SET NULL"
+    );
+}
+
+/// PostgreSQL keeps the case of quoted names, as the statements quote them: a cascade
+/// between `"Orders"` and `"Kept"` is read as one between the rules' `Orders` and `Kept`.
+#[tokio::test]
+async fn connect_refuses_a_cascade_between_postgres_mixed_case_names() {
+    let Some(pg) = fresh_postgres_database("cascade_mixed_case_names").await else {
+        return;
+    };
+    let (_, db) = sample(&pg.url).await;
+    for sql in [
+        "CREATE TABLE \"Orders\" (id BIGINT PRIMARY KEY, customer_id BIGINT)",
+        "CREATE TABLE \"Kept\" (id BIGINT PRIMARY KEY, customer_id BIGINT, \
+         \"OrderId\" BIGINT REFERENCES \"Orders\" (id) ON DELETE CASCADE)",
+    ] {
+        exec(&db, sql).await;
+    }
+    let mut config = sample_config(&pg.url);
+    config.tables.extend([
+        cascade_rule("Orders", Action::Delete, true),
+        cascade_rule("Kept", Action::Keep, true),
+    ]);
+    let Err(err) = SqlConnector::connect(config).await else {
+        panic!("accepted");
+    };
+    assert_eq!(
+        err.to_string(),
+        "the holder database does not match the sql connector's rules: tables[4] (Orders): \
+         deleting a row of \"Orders\" also deletes the rows of \"Kept\" that depend on it \
+         through \"Kept\" (\"OrderId\") REFERENCES \"Orders\" (\"id\") ON DELETE CASCADE, \
+         though an erasure leaves them in place (action keep); change the foreign key to ON \
+         DELETE RESTRICT, NO ACTION or SET NULL"
+    );
+    pg.drop_database().await;
+}
+
+/// A table of another PostgreSQL schema is not the one the rules' plain name finds: its
+/// cascade from the orders does not make the `keep` table of the same name refused.
+#[tokio::test]
+async fn connect_does_not_read_a_same_named_table_of_another_postgres_schema_as_the_rules() {
+    let Some(pg) = fresh_postgres_database("cascade_other_schema").await else {
+        return;
+    };
+    let (_, db) = sample(&pg.url).await;
+    for sql in [
+        "CREATE TABLE orders (id BIGINT PRIMARY KEY, customer_id BIGINT)",
+        "CREATE TABLE kept (id BIGINT PRIMARY KEY, customer_id BIGINT, order_id BIGINT)",
+        "CREATE SCHEMA audit",
+        "CREATE TABLE audit.kept (id BIGINT PRIMARY KEY, customer_id BIGINT, \
+         order_id BIGINT REFERENCES public.orders (id) ON DELETE CASCADE)",
+    ] {
+        exec(&db, sql).await;
+    }
+    let mut config = sample_config(&pg.url);
+    config.tables.extend([
+        cascade_rule("orders", Action::Delete, true),
+        cascade_rule("kept", Action::Keep, true),
+    ]);
+    let connected = SqlConnector::connect(config.clone()).await;
+    assert!(connected.is_ok(), "{:?}", connected.err());
+    exec(
+        &db,
+        "ALTER TABLE kept ADD FOREIGN KEY (order_id) REFERENCES orders (id) ON DELETE CASCADE",
+    )
+    .await;
+    let Err(err) = SqlConnector::connect(config).await else {
+        panic!("accepted with the cascade onto public.kept");
+    };
+    assert!(
+        err.to_string().contains(
+            "deleting a row of \"orders\" also deletes the rows of \"kept\" that depend on it \
+             through \"kept\" (\"order_id\")"
+        ),
+        "{err}"
+    );
+    pg.drop_database().await;
+}
+
+/// PostgreSQL copies a partitioned table's foreign keys onto each partition, and a key
+/// referring to a partitioned table into one referring to each partition. Those copies were
+/// read as cascades of their own, from the customers onto a partition no rule names, which
+/// the orders' exemption (an anonymized child clearing its link) did not cover, and on to
+/// the retained shipments: a configuration the rules see to was refused. Only the keys
+/// themselves are read now, naming the partitioned table, as the rules do; a cascade onto
+/// it where it is kept is refused naming it.
+#[tokio::test]
+async fn connect_reads_a_partitioned_tables_cascades_once_under_its_name() {
+    let Some(pg) = fresh_postgres_database("cascade_partitioned").await else {
+        return;
+    };
+    let (_, db) = sample(&pg.url).await;
+    for sql in [
+        "CREATE TABLE orders (id BIGINT PRIMARY KEY, \
+         customer_id BIGINT REFERENCES customers (id) ON DELETE CASCADE, note TEXT) \
+         PARTITION BY RANGE (id)",
+        "CREATE TABLE orders_2024 PARTITION OF orders FOR VALUES FROM (0) TO (1000)",
+        "CREATE TABLE shipments (id BIGINT PRIMARY KEY, customer_id BIGINT, \
+         order_id BIGINT REFERENCES orders (id) ON DELETE CASCADE, dated TEXT)",
+    ] {
+        exec(&db, sql).await;
+    }
+    let mut orders = cascade_rule("orders", Action::Anonymize, false);
+    orders.anonymize = [
+        ("customer_id".to_string(), AnonymizeWith::Null),
+        ("note".to_string(), AnonymizeWith::Redacted),
+    ]
+    .into();
+    let mut config = sample_config(&pg.url);
+    config.tables.extend([
+        orders,
+        dated(cascade_rule("shipments", Action::Delete, false)),
+    ]);
+    let connected = SqlConnector::connect(config.clone()).await;
+    assert!(connected.is_ok(), "{:?}", connected.err());
+
+    config.tables.truncate(4);
+    config
+        .tables
+        .push(cascade_rule("orders", Action::Keep, true));
+    let Err(err) = SqlConnector::connect(config).await else {
+        panic!("accepted a cascade onto a keep table");
+    };
+    assert_eq!(
+        err.to_string(),
+        "the holder database does not match the sql connector's rules: tables[3] \
+         (customers): deleting a row of \"customers\" also deletes the rows of \"orders\" \
+         that depend on it through \"orders\" (\"customer_id\") REFERENCES \"customers\" \
+         (\"id\") ON DELETE CASCADE, though an erasure leaves them in place (action keep); \
+         change the foreign key to ON DELETE RESTRICT, NO ACTION or SET NULL"
+    );
+    pg.drop_database().await;
+}
+
 on_both_backends!(
     connect_refuses_a_cascade_onto_rows_the_rules_keep,
     connect_accepts_the_cascades_the_rules_see_to,
+    connect_refuses_a_cascade_onto_rows_kept_for_retained_children,
+    connect_refuses_a_cascade_a_chain_back_to_the_deleting_table_sets_off,
+    connect_refuses_a_cascade_beside_a_childs_link,
 );
 
-/// PostgreSQL keys the rows of a table without a primary key by `ctid`. A note that arrived
-/// there (unrecorded) under a returned line, kept by its retention so that its table's own
-/// statements would not take it, did not hold the line back: the DELETE of the line's order
-/// took it through the chain of `ON DELETE CASCADE`s, kept though it was, never returned.
-/// Every unrecorded row a cascade would take now holds its rows back, and it is an arrival.
-/// Such a chain onto kept notes is refused at connect now: here the notes are the lines'
-/// rule child on the cascade's column, whose kept rows keep their line, the arrival too, so
-/// that it stays with its line, kept (in a table keyed by `ctid` an unrecorded row its
-/// statements would not take is no arrival), and the step answers RETAINED.
+/// PostgreSQL keys the rows of a table without a primary key by `ctid`. A note that arrives
+/// there (unrecorded) during the erasure after a return, under a returned line whose
+/// `ON DELETE CASCADE` reaches it, kept by its retention: the notes are the lines' rule child
+/// on the cascade's column, kept under `retain`, so the kept note holds its line back (the
+/// parent's hold-back for its retained children), and the line's DELETE does not take it. In
+/// a table keyed by `ctid` an unrecorded row its statements would not take is no arrival:
+/// the note stays with its line, kept, the other line goes, and the step answers RETAINED.
 #[tokio::test]
-async fn bulk_erasure_after_a_return_holds_back_a_row_whose_cascade_takes_a_kept_ctid_row() {
-    let Some(pg) = fresh_postgres_database("cascade_takes_a_kept_ctid_row").await else {
+async fn bulk_erasure_after_a_return_keeps_a_line_a_late_retained_ctid_note_holds() {
+    let Some(pg) = fresh_postgres_database("late_retained_ctid_note").await else {
         return;
     };
     let (_, db) = sample(&pg.url).await;
@@ -5074,6 +5466,107 @@ async fn bulk_erasure_after_a_return_holds_back_a_row_whose_cascade_takes_a_kept
         ("line_notes", 1),
         ("order_lines WHERE id = 3", 1),
         ("order_lines", 1),
+    ] {
+        assert_eq!(
+            count(&db, &format!("{C} FROM {rows}")).await,
+            expected,
+            "{rows}"
+        );
+    }
+    pg.drop_database().await;
+}
+
+/// PostgreSQL keys the rows of a table without a primary key by `ctid`. A note that arrived
+/// there (unrecorded) under a returned line, kept by its retention so that its table's own
+/// statements would not take it, did not hold the line back: the DELETE of the line's order
+/// took it through the chain of `ON DELETE CASCADE`s, kept though it was, never returned.
+/// Every unrecorded row a cascade would take now holds its rows back, and it is an arrival.
+/// The connector refuses such a chain onto kept notes when it connects, so here the chain's
+/// foreign keys are added after it did: each step of the erasure after a return reads them.
+#[tokio::test]
+async fn bulk_erasure_after_a_return_holds_back_a_row_a_later_cascade_takes_a_kept_ctid_row() {
+    let Some(pg) = fresh_postgres_database("later_cascade_takes_a_kept_ctid_row").await else {
+        return;
+    };
+    let (_, db) = sample(&pg.url).await;
+    for sql in [
+        "CREATE TABLE orders (id INTEGER PRIMARY KEY, customer_id BIGINT, total BIGINT)",
+        "CREATE TABLE order_lines (id INTEGER PRIMARY KEY, customer_id BIGINT, \
+         order_id INTEGER, item TEXT)",
+        "CREATE TABLE line_notes (customer_id BIGINT, line_id INTEGER, body TEXT, \
+         noted_on TEXT)",
+        "INSERT INTO orders VALUES (1, 1, 100), (2, 6, 200)",
+        "INSERT INTO order_lines VALUES (1, 1, 1, 'a'), (3, 6, 2, 'c')",
+        "INSERT INTO line_notes VALUES (1, 1, 'x', '2001-01-01'), (6, 3, 'y', '2001-01-01')",
+    ] {
+        exec(&db, sql).await;
+    }
+    let mut config = sample_config(&pg.url);
+    for (at, table, column) in [
+        (0, "orders", "total"),
+        (1, "order_lines", "item"),
+        (2, "line_notes", "body"),
+    ] {
+        let mut rule = config.tables[0].clone();
+        rule.table = table.into();
+        rule.match_columns.clear();
+        rule.export = vec![column.into()];
+        rule.parent.as_mut().unwrap().export_matched_only = false;
+        config.tables.insert(at, rule);
+    }
+    config.tables[2].retain = Some(Retention {
+        basis: "notes: 6 years".into(),
+        years: 6,
+        from_column: "noted_on".into(),
+        fiscal_year_end: "12-31".into(),
+        while_condition: None,
+        while_basis: None,
+        recheck_days: DEFAULT_RECHECK_DAYS,
+        keep_columns: Vec::new(),
+    });
+    let connector = SqlConnector::connect(config.clone()).await.unwrap();
+    for sql in [
+        "ALTER TABLE order_lines ADD FOREIGN KEY (order_id) REFERENCES orders (id) \
+         ON DELETE CASCADE",
+        "ALTER TABLE line_notes ADD FOREIGN KEY (line_id) REFERENCES order_lines (id) \
+         ON DELETE CASCADE",
+    ] {
+        exec(&db, sql).await;
+    }
+    let refused = SqlConnector::connect(config).await;
+    assert!(
+        refused.is_err(),
+        "the chain onto kept notes is accepted at connect"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let returned = export_for_return(&connector, dir.path()).await;
+    let (reporter, _seen, mut asked) = crate::ProgressReporter::recorded();
+    let job = erase_after_return(Some(returned), reporter);
+    let arrive = async {
+        let r = asked.recv().await.expect("asked to record");
+        exec(
+            &db,
+            "INSERT INTO line_notes VALUES (6, 3, 'kept', '2026-11-01')",
+        )
+        .await;
+        let _ = r.done.send(Ok(()));
+    };
+    let (out, ()) = tokio::join!(crate::Connector::run_bulk(&connector, &job), arrive);
+    let err = out.unwrap_err();
+    assert!(
+        err.to_string().contains(
+            ": 1 record(s) (0 subject(s)) of controller acme arrived while the contract \
+             end's erasure ran (line_notes: 1)"
+        ),
+        "{err}"
+    );
+    for (rows, expected) in [
+        ("line_notes WHERE body = 'kept'", 1),
+        ("line_notes", 1),
+        ("order_lines WHERE id = 3", 1),
+        ("orders WHERE id = 2", 1),
+        ("orders", 1),
+        ("customers WHERE id = 6", 1),
     ] {
         assert_eq!(
             count(&db, &format!("{C} FROM {rows}")).await,
