@@ -52,7 +52,9 @@ pub struct Cli {
 
 /// Connection flags. All are optional here: `settings::resolve` falls back to the
 /// environment, the config file and the defaults, in that order.
-#[derive(Debug, Clone, Default, Args)]
+// Serialize: [`ConnectionArgs::given`] finds the flags given by their clap ids, which are
+// the field names.
+#[derive(Debug, Clone, Default, Args, serde::Serialize)]
 #[command(next_help_heading = "Connection")]
 pub struct ConnectionArgs {
     /// Registry endpoint, https://host:port [env: DSRCTL_ENDPOINT] [default: https://127.0.0.1:50051]
@@ -301,6 +303,15 @@ pub enum ContractChoiceArg {
     None,
 }
 
+/// What `dsrctl contracts choose` makes of a contract end created with `--choice none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ChosenArg {
+    /// Delete all of it from the effective date.
+    Delete,
+    /// Return it as a package, and delete it once `dsrctl contracts confirm` was given.
+    ReturnThenDelete,
+}
+
 /// `dsrctl contracts ...`.
 #[derive(Debug, Subcommand)]
 pub enum ContractsCommand {
@@ -342,9 +353,10 @@ pub enum ContractsCommand {
     Show {
         /// The contract end's id.
         id: String,
-        /// Keep showing progress bars per subprocessor until it finishes (or Ctrl-C); without
-        /// a terminal, print the view at once and again at each change. Exits 0 only if it
-        /// ended COMPLETED.
+        /// Keep showing progress bars per subprocessor until it finishes (or Ctrl-C), then
+        /// print it; table output without a terminal prints the view at once and again at
+        /// each change, --output json one document at the end. Exits 0 only if it ended
+        /// COMPLETED.
         #[arg(long)]
         watch: bool,
     },
@@ -352,9 +364,10 @@ pub enum ContractsCommand {
     Choose {
         /// The contract end's id.
         id: String,
-        /// DELETE or RETURN_THEN_DELETE.
+        /// What happens to the data (the choice made with --choice none is to choose later,
+        /// which this replaces).
         #[arg(long, value_enum)]
-        choice: ContractChoiceArg,
+        choice: ChosenArg,
         /// Return the data to this transfer recipient instead of to the registry; only with
         /// --choice return-then-delete.
         #[arg(long, value_name = "NAME")]
@@ -565,20 +578,30 @@ pub struct DevUpArgs {
 
 /// `arg` hidden from help when it is one of the connection flags.
 fn hide_connection(arg: clap::Arg) -> clap::Arg {
-    let hide = CONNECTION_IDS.contains(&arg.get_id().as_str());
+    let hide = connection_flags().any(|a| a.get_id() == arg.get_id());
     arg.hide(hide)
 }
 
-/// The ids of the connection flags, as [`ConnectionArgs`] defines them.
-const CONNECTION_IDS: [&str; 7] = [
-    "endpoint",
-    "ca",
-    "cert",
-    "key",
-    "crl",
-    "server_identity",
-    "config",
-];
+/// The connection flags, as clap builds them from [`ConnectionArgs`].
+fn connection_flags() -> impl Iterator<Item = clap::Arg> {
+    let cmd = ConnectionArgs::augment_args(clap::Command::new("connection"));
+    cmd.get_arguments().cloned().collect::<Vec<_>>().into_iter()
+}
+
+impl ConnectionArgs {
+    /// The flags given (`--endpoint`), in the order [`ConnectionArgs`] defines them.
+    pub fn given(&self) -> Vec<String> {
+        let values = serde_json::to_value(self).unwrap_or_default();
+        connection_flags()
+            .filter(|a| {
+                values
+                    .get(a.get_id().as_str())
+                    .is_some_and(|v| !v.is_null())
+            })
+            .filter_map(|a| a.get_long().map(|long| format!("--{long}")))
+            .collect()
+    }
+}
 
 /// What a data subject asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -734,7 +757,8 @@ pub struct DownloadArgs {
     /// Write every file under this folder, and manifest.json once every file verified. The
     /// folder must be new or empty, or hold only what a run of this same download cut short
     /// left (files that match the manifest, and its hidden .dsrctl-download folder, where
-    /// each file is written until it verifies).
+    /// each file is written until it verifies). A folder that holds this download finished
+    /// is checked (each file's size and SHA-256) and reported, with nothing downloaded.
     #[arg(long, value_name = "DIR", group = "destination")]
     pub out: Option<PathBuf>,
 

@@ -43,7 +43,8 @@ impl Serialize for Time {
     }
 }
 
-fn time_cell(t: Option<Time>) -> String {
+/// A table cell for a point in time: empty when there is none.
+pub(crate) fn time_cell(t: Option<Time>) -> String {
     t.map(|t| t.to_string()).unwrap_or_default()
 }
 
@@ -240,13 +241,26 @@ impl From<&TaskStatus> for TaskView {
 
 /// A retention as every view words it. `next_run` is `retain_until`, the date the holder's
 /// erasure runs again (which may keep part of the data again, with a later date): worded as
-/// an end of retention, it misleads whoever plans by it. Empty parts are left out.
+/// an end of retention, it misleads whoever plans by it. A date in the past is a run the
+/// processor started (the task IN_PROGRESS while the holder has not confirmed it), or
+/// one due: it is worded as awaiting the holder's confirmation, not as a run to come.
+/// Empty parts are left out.
 pub(crate) fn retention_words(legal_basis: &str, next_run: &str) -> String {
+    retention_words_at(legal_basis, next_run, Utc::now())
+}
+
+/// [`retention_words`] as of `now`.
+fn retention_words_at(legal_basis: &str, next_run: &str, now: DateTime<Utc>) -> String {
     let mut parts = Vec::new();
     if !legal_basis.is_empty() {
         parts.push(format!("kept under {legal_basis}"));
     }
-    if !next_run.is_empty() {
+    let past = DateTime::parse_from_rfc3339(next_run).is_ok_and(|at| at < now);
+    if past {
+        parts.push(format!(
+            "erasure run of {next_run}, awaiting the holder's confirmation"
+        ));
+    } else if !next_run.is_empty() {
         parts.push(format!("next erasure run {next_run}"));
     }
     parts.join("; ")
@@ -950,6 +964,26 @@ mod tests {
              payroll-bureau/netvisor         task RETAINED (kept under Kirjanpitolaki 2:10 §; \
              next erasure run 2030-03-17T17:46:40Z)"
         );
+    }
+
+    /// A date passed is a run under way (or due), not one to come: a task IN_PROGRESS keeps
+    /// the date of the run it accepted until the holder confirms it.
+    #[test]
+    fn a_retention_date_in_the_past_awaits_the_holders_confirmation() {
+        let now = DateTime::parse_from_rfc3339("2030-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let basis = "Kirjanpitolaki 2:10 §";
+        assert_eq!(
+            retention_words_at(basis, "2029-12-31T00:00:00Z", now),
+            "kept under Kirjanpitolaki 2:10 §; erasure run of 2029-12-31T00:00:00Z, awaiting \
+             the holder's confirmation"
+        );
+        assert_eq!(
+            retention_words_at(basis, "2030-01-02T00:00:00Z", now),
+            "kept under Kirjanpitolaki 2:10 §; next erasure run 2030-01-02T00:00:00Z"
+        );
+        assert_eq!(retention_words_at("", "", now), "");
     }
 
     /// A PART_STORED event names the task whose part was stored, which has no state.

@@ -202,10 +202,22 @@ pub fn resolve(args: &ConnectionArgs, env: &Environment) -> Result<ConnectionSet
             .into_iter()
             .filter_map(|(name, missing)| missing.then_some(name))
             .collect();
+            let hint = if ca.is_some() {
+                // Only without a ca is a certificate of the development PKI taken with the
+                // key beside it.
+                format!(
+                    "give all of ca, cert and key; with ca given, a certificate of the \
+                     development PKI in ./{DEV_PKI_DIR} needs its key too, which without ca \
+                     is the .key beside it"
+                )
+            } else {
+                format!(
+                    "give all of ca, cert and key; a certificate of the development PKI in \
+                     ./{DEV_PKI_DIR} needs only cert; none at all uses that PKI's operator"
+                )
+            };
             bail!(
-                "incomplete TLS settings: {} missing (give all of ca, cert and key; a \
-                 certificate of the development PKI in ./{DEV_PKI_DIR} needs only cert; none \
-                 at all uses that PKI's operator)",
+                "incomplete TLS settings: {} missing ({hint})",
                 missing.join(", ")
             );
         }
@@ -390,6 +402,20 @@ mod tests {
         let env = Environment::new([("DSRCTL_CA", "ca.pem")], tmp.path());
         let err = resolve(&args(), &env).unwrap_err().to_string();
         assert!(err.contains("cert, key missing"), "{err}");
+
+        // A dev-PKI cert with a ca given takes no key from beside it: the message says so.
+        let with_ca = ConnectionArgs {
+            ca: Some("ca.pem".into()),
+            cert: Some(format!("{DEV_PKI_DIR}/partner-crm.pem").into()),
+            ..args()
+        };
+        let no_vars = std::iter::empty::<(&str, &str)>();
+        let err = resolve(&with_ca, &Environment::new(no_vars, tmp.path()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key missing"), "{err}");
+        assert!(!err.contains("needs only cert"), "{err}");
+        assert!(err.contains("with ca given"), "{err}");
 
         // Given TLS files, the registry's identity must be given too.
         let env = Environment::new(

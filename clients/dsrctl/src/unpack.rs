@@ -169,25 +169,42 @@ struct Listed {
 /// manifest lists must be at its path with its size and SHA-256, as `download --out` left
 /// them. `Err` names each file that is missing or differs, or why the manifest lists none.
 pub(crate) fn check_folder(root: &Path, manifest_json: &[u8]) -> Result<(), String> {
-    let listing: Listing = serde_json::from_slice(manifest_json)
-        .map_err(|e| format!("its {MANIFEST_NAME} is not a package's manifest ({e})"))?;
-    let problems: Vec<String> = listing
-        .files
-        .iter()
-        .filter_map(|f| {
-            let verdict = check_path(&f.path)
-                .map_err(|reason| format!("the path {reason}"))
-                .and_then(|()| {
-                    check_file(&root.join(&f.path), f.size, &f.sha256, &Stop::default())
-                });
-            verdict.err().map(|reason| format!("{}: {reason}", f.path))
-        })
+    let problems: Vec<String> = check_folder_files(root, manifest_json)?
+        .into_iter()
+        .filter_map(|o| o.error.map(|reason| format!("{}: {reason}", o.path)))
         .collect();
     if problems.is_empty() {
         Ok(())
     } else {
         Err(problems.join("; "))
     }
+}
+
+/// [`check_folder`]'s check, file by file: each file the manifest lists, with why it is
+/// missing or differs. `Err` says why the manifest lists none.
+pub(crate) fn check_folder_files(
+    root: &Path,
+    manifest_json: &[u8],
+) -> Result<Vec<FileOutcome>, String> {
+    let listing: Listing = serde_json::from_slice(manifest_json)
+        .map_err(|e| format!("its {MANIFEST_NAME} is not a package's manifest ({e})"))?;
+    Ok(listing
+        .files
+        .into_iter()
+        .map(|f| {
+            let verdict = check_path(&f.path)
+                .map_err(|reason| format!("the path {reason}"))
+                .and_then(|()| {
+                    check_file(&root.join(&f.path), f.size, &f.sha256, &Stop::default())
+                });
+            FileOutcome {
+                error: verdict.err(),
+                path: f.path,
+                size: f.size,
+                sha256: f.sha256,
+            }
+        })
+        .collect())
 }
 
 /// Checks the file at `path` against its manifest entry's size and SHA-256; gives up,
@@ -648,47 +665,67 @@ fn write_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     sync_file(&file, path)
 }
 
-/// Whether `root` holds the finished download of `request_id`: its `manifest.json` names
-/// the request, every file it lists is there as a file of the listed size (not hashed: this
-/// runs before anything else, with no progress shown), and the staging folder is gone,
-/// empty or holds only the file naming the request and the lock file (a run stopped while
-/// removing it).
-fn finished_download(root: &Path, request_id: &str) -> bool {
+/// A folder that holds a finished download ([`finished_download`]).
+pub(crate) struct FinishedFolder {
+    /// Its `manifest.json`.
+    pub(crate) manifest: Vec<u8>,
+    /// Whether the staging folder is still there (a run killed while removing it).
+    pub(crate) staging_left: bool,
+}
+
+/// Whether a run of the download of `request_id` into `root` finished: its `manifest.json`
+/// names the request, and the staging folder is gone, empty or holds only the lock file (a
+/// run killed while removing it). The file naming the request is what tells a finished
+/// run: sealing removes it only once `manifest.json` is in place, and a run that fails after
+/// writing `manifest.json` writes it again. Whether the files are still as the manifest
+/// lists them is for the caller to check.
+pub(crate) fn finished_download(root: &Path, request_id: &str) -> Option<FinishedFolder> {
     let manifest = root.join(MANIFEST_NAME);
     if !std::fs::symlink_metadata(&manifest).is_ok_and(|m| m.is_file()) {
-        return false;
+        return None;
     }
-    let Ok(json) = std::fs::read(&manifest) else {
-        return false;
-    };
-    let Ok(listing) = serde_json::from_slice::<Listing>(&json) else {
-        return false;
-    };
+    let json = std::fs::read(&manifest).ok()?;
+    let listing = serde_json::from_slice::<Listing>(&json).ok()?;
     if listing.request_id != request_id {
-        return false;
+        return None;
     }
     let staging = root.join(STAGING_NAME);
-    match std::fs::symlink_metadata(&staging) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+    let staging_left = match std::fs::symlink_metadata(&staging) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
         Ok(meta) if meta.is_dir() => {
-            let Ok(entries) = std::fs::read_dir(&staging) else {
-                return false;
-            };
-            for entry in entries {
-                let left = entry.is_ok_and(|e| {
-                    e.file_type().is_ok_and(|t| t.is_file())
-                        && (e.file_name() == LOCK_NAME
-                            || e.file_name() == OWNER_NAME
-                                && read_owner(&e.path())
-                                    .is_ok_and(|id| id == request_id.as_bytes()))
+            for entry in std::fs::read_dir(&staging).ok()? {
+                let lock = entry.is_ok_and(|e| {
+                    e.file_type().is_ok_and(|t| t.is_file()) && e.file_name() == LOCK_NAME
                 });
-                if !left {
-                    return false;
+                if !lock {
+                    return None;
                 }
             }
+            true
         }
-        _ => return false,
-    }
+        _ => return None,
+    };
+    Some(FinishedFolder {
+        manifest: json,
+        staging_left,
+    })
+}
+
+/// Whether the file at `path` is a `manifest.json` naming `request_id`.
+fn names(path: &Path, request_id: &str) -> bool {
+    let Ok(json) = std::fs::read(path) else {
+        return false;
+    };
+    serde_json::from_slice::<serde_json::Value>(&json)
+        .is_ok_and(|v| v.get("request_id").and_then(|id| id.as_str()) == Some(request_id))
+}
+
+/// Whether every file `manifest_json` lists is in `root` as a file of the listed size (not
+/// hashed: [`DirSink::check_target`] runs before anything else, with no progress shown).
+fn sizes_match(root: &Path, manifest_json: &[u8]) -> bool {
+    let Ok(listing) = serde_json::from_slice::<Listing>(manifest_json) else {
+        return false;
+    };
     listing.files.iter().all(|f| {
         check_path(&f.path).is_ok()
             && std::fs::symlink_metadata(root.join(&f.path))
@@ -775,8 +812,12 @@ impl DirSink {
                 manifest |= entry.file_name() == MANIFEST_NAME;
             }
         }
-        if manifest && finished_download(root, request_id) {
-            let left = if staging {
+        let finished = (manifest
+            .then(|| finished_download(root, request_id))
+            .flatten())
+        .filter(|f| sizes_match(root, &f.manifest));
+        if let Some(finished) = finished {
+            let left = if finished.staging_left {
                 format!(
                     "; {} is left over from it and can be deleted",
                     root.join(STAGING_NAME).display()
@@ -797,6 +838,17 @@ impl DirSink {
         }
         let found = survey(root, request_id)?;
         if found.files.iter().any(|f| f == MANIFEST_NAME) {
+            if ours && names(&root.join(MANIFEST_NAME), request_id) {
+                // Sealing writes the file naming the request again when it fails after
+                // placing manifest.json and cannot remove it.
+                return Err(format!(
+                    "--out {} holds {MANIFEST_NAME} of a run of this download that failed \
+                     after writing it, so the download did not finish: delete {} and run \
+                     the same command again",
+                    root.display(),
+                    root.join(MANIFEST_NAME).display()
+                ));
+            }
             return Err(in_the_way(
                 root,
                 MANIFEST_NAME,
@@ -1275,8 +1327,13 @@ impl ZipSink {
     /// but what an interrupted download of `request_id` left (a file, with the file beside
     /// it naming the request).
     pub(crate) fn check_target(path: &Path, request_id: &str) -> Result<(), String> {
+        // A zip is never replaced, nor opened to see what it holds.
         if std::fs::symlink_metadata(path).is_ok() {
-            return Err(format!("--zip {} already exists", path.display()));
+            return Err(format!(
+                "--zip {} already exists: name a new file, or move that one away and run the \
+                 command again",
+                path.display()
+            ));
         }
         let partial = Self::partial_path(path)?;
         let in_the_way = |why: &str| {
@@ -2170,7 +2227,7 @@ mod tests {
              8 of 16 bytes)",
         );
         refused(
-            &|root| write(root.join(MANIFEST_NAME), MANIFEST),
+            &|root| write(root.join(MANIFEST_NAME), b"{\"request_id\":\"r-2\"}"),
             "so a package whose download finished",
         );
         #[cfg(unix)]
@@ -2534,13 +2591,21 @@ mod tests {
             err
         };
         assert!(!finished(&out).contains("left over"));
-        // Killed while the staging folder was removed: with the file naming the request
-        // still in it, or without.
+        // Killed while the staging folder was removed: empty, or with the lock file left.
         let staging = out.join(STAGING_NAME);
         std::fs::create_dir(&staging).unwrap();
         assert!(finished(&out).contains("can be deleted"));
-        std::fs::write(staging.join(OWNER_NAME), b"r-1").unwrap();
+        std::fs::write(staging.join(LOCK_NAME), b"").unwrap();
         assert!(finished(&out).contains("can be deleted"));
+        // The file naming the request is there again when the run failed after writing
+        // manifest.json and could not remove it: not finished, and what to do is said.
+        std::fs::write(staging.join(OWNER_NAME), b"r-1").unwrap();
+        let err = DirSink::check_target(&out, "r-1").unwrap_err();
+        assert!(
+            !err.contains("finished already") && err.contains("failed after writing it"),
+            "{err}"
+        );
+        std::fs::remove_file(staging.join(OWNER_NAME)).unwrap();
         // Sizes are checked, not digests: hashing a large package would run unseen.
         std::fs::write(out.join(&info.files[0].path), b"{\"name\":\"Teemo\"}").unwrap();
         assert!(finished(&out).contains("of the listed sizes"));

@@ -208,7 +208,7 @@ fn help_names_the_commands_settings_and_exit_status() {
     let out = dsrctl(tmp.path(), &[], &["certificate", "verify", "cert.json"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(
-        text(&out.stderr).contains("--key PUBKEY"),
+        text(&out.stderr).contains("--public-key PUBKEY"),
         "{}",
         text(&out.stderr)
     );
@@ -275,6 +275,62 @@ fn usage_errors_exit_2() {
         text(&out.stderr),
         "error: --lift is only for --kind restriction\n"
     );
+}
+
+/// A download into a folder that holds it finished asks nothing of the registry, so it
+/// needs no connection setting (none here).
+#[test]
+fn a_finished_download_needs_no_connection_settings() {
+    use sha2::Digest;
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = tmp.path().join("pkg");
+    std::fs::create_dir_all(pkg.join("p/accounting")).unwrap();
+    let data = b"id,name\n1,Maija\n";
+    std::fs::write(pkg.join("p/accounting/a.csv"), data).unwrap();
+    let manifest = serde_json::json!({
+        "request_id": "r-1",
+        "files": [{
+            "path": "p/accounting/a.csv",
+            "size": data.len(),
+            "sha256": hex::encode(sha2::Sha256::digest(data)),
+        }],
+    });
+    std::fs::write(pkg.join("manifest.json"), manifest.to_string()).unwrap();
+    let out = dsrctl(tmp.path(), &[], &["download", "r-1", "--out", "pkg"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("download finished already"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+/// `contracts choose` replaces the choice `none` (choose later): its help does not offer
+/// it, and it is refused before any connection setting is needed (none here).
+#[test]
+fn contracts_choose_takes_no_none() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = dsrctl(tmp.path(), &[], &["contracts", "choose", "--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let help = text(&out.stdout);
+    assert!(
+        !help.contains("none:") && !help.contains("Choose later"),
+        "{help}"
+    );
+    assert!(help.contains("return-then-delete"), "{help}");
+
+    let choose = ["contracts", "choose", "c-1", "--choice", "none"];
+    let out = dsrctl(tmp.path(), &[], &choose);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("'none'") && err.contains("delete, return-then-delete"),
+        "{err}"
+    );
+
+    // `contracts end` still takes it.
+    let out = dsrctl(tmp.path(), &[], &["contracts", "end", "--help"]);
+    assert!(text(&out.stdout).contains("Choose later"));
 }
 
 #[test]
@@ -404,9 +460,27 @@ fn dev_up(cwd: &Path, args: &[&str]) -> (DevUp, Vec<String>) {
     let mut child = cmd.spawn().expect("starting dsrctl dev up");
     let stderr = child.stderr.take().expect("stderr");
     let guard = DevUp(child);
+    // Read on a thread, so that a dev up that hangs fails the test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     let mut lines = Vec::new();
-    for line in std::io::BufReader::new(stderr).lines() {
-        let line = line.expect("reading dev up's output");
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = match rx.recv_timeout(left) {
+            Ok(line) => line.expect("reading dev up's output"),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!(
+                "dev up was not ready within 120 s (a hang guard):\n{}",
+                lines.join("\n")
+            ),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         let last = line == "Stop with Ctrl-C.";
         lines.push(line);
         if last {
@@ -493,8 +567,10 @@ fn dev_up_prints_commands_that_work_as_printed() {
         let path = dir.join(recipient["tls"][file].as_str().unwrap());
         assert!(path.is_file(), "{}", path.display());
     }
+    // dev up prints its folder's canonical path (a temporary folder may be under a link).
+    let canonical = std::fs::canonicalize(&dir).unwrap();
     assert!(
-        all.contains(&format!("--config {}/recipient.toml", dir.display())),
+        all.contains(&format!("--config {}/recipient.toml", canonical.display())),
         "{all}"
     );
 }
@@ -524,14 +600,21 @@ fn dev_up_takes_no_connection_flags_and_hides_them() {
     let tmp = tempfile::tempdir().unwrap();
     // A file for its folder: a dev up that went ahead would fail at once, with exit 1.
     std::fs::write(tmp.path().join("file"), b"").unwrap();
-    let args = ["dev", "up", "--dir", "file", "--endpoint", "https://h:1"];
-    let out = dsrctl(tmp.path(), &[], &args);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).starts_with("error: dev up takes no --endpoint"),
-        "{}",
-        text(&out.stderr)
-    );
+    for (flag, value) in [
+        ("--endpoint", "https://h:1"),
+        ("--crl", "crl.pem"),
+        ("--server-identity", "spiffe://x/y"),
+        ("--config", "c.toml"),
+    ] {
+        let args = ["dev", "up", "--dir", "file", flag, value];
+        let out = dsrctl(tmp.path(), &[], &args);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).starts_with(&format!("error: dev up takes no {flag}:")),
+            "{}",
+            text(&out.stderr)
+        );
+    }
 
     let out = dsrctl(tmp.path(), &[], &["dev", "up", "--help"]);
     assert_eq!(out.status.code(), Some(0));

@@ -677,9 +677,10 @@ async fn a_request_listing_that_names_a_page_again_is_a_bad_answer() {
     );
 }
 
-/// `contracts show --watch` with no terminal to draw its bars on prints a contract end that
-/// has not finished at once, and again only when it changes: a PARTIALLY_COMPLETED one may
-/// stay so for years, and a watch that prints nothing looks hung.
+/// `contracts show --watch` with no terminal to draw its bars on prints, as a table, a
+/// contract end that has not finished at once, and again only when it changes: a
+/// PARTIALLY_COMPLETED one may stay so for years, and a watch that prints nothing looks
+/// hung. With --output json it prints one document, the last view, for a script to read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_without_a_terminal_prints_the_contract_end_at_once() {
     let registry = Registry::start(Answers {
@@ -689,18 +690,22 @@ async fn a_watch_without_a_terminal_prints_the_contract_end_at_once() {
     })
     .await;
     let run = registry
+        .dsrctl(&["contracts", "show", "c-1", "--watch"])
+        .await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let states: Vec<&str> = (run.stdout.lines())
+        .filter_map(|line| line.strip_prefix("state"))
+        .map(str::trim)
+        .collect();
+    assert_eq!(states, ["PARTIALLY_COMPLETED", "COMPLETED"], "{run:?}");
+
+    registry.answers().contract_states_first = vec![RequestState::PartiallyCompleted; 2];
+    let run = registry
         .dsrctl(&["contracts", "show", "c-1", "--watch", "--output", "json"])
         .await;
     assert_eq!(run.code, Some(0), "{run:?}");
-    let states: Vec<String> = run
-        .stdout
-        .lines()
-        .map(|line| {
-            let view: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
-            view["state"].as_str().unwrap_or_default().to_string()
-        })
-        .collect();
-    assert_eq!(states, ["PARTIALLY_COMPLETED", "COMPLETED"], "{run:?}");
+    let view: serde_json::Value = serde_json::from_str(&run.stdout).expect("one JSON document");
+    assert_eq!(view["state"], "COMPLETED", "{run:?}");
 
     // Its reader gone, a watch of one that does not finish ends, not finished: exit 1.
     registry.answers().contract_state = RequestState::PartiallyCompleted;
@@ -719,7 +724,9 @@ async fn a_finished_download_run_again_says_so_and_succeeds() {
     .await;
     let run = registry.dsrctl(&["download", "c-1", "--out", "pkg"]).await;
     assert_eq!(run.code, Some(0), "{run:?}");
-    let manifest = std::fs::read(registry.dir.path().join("pkg/manifest.json")).unwrap();
+    let pkg = registry.dir.path().join("pkg");
+    let manifest = std::fs::read(pkg.join("manifest.json")).unwrap();
+    let download_json = ["download", "c-1", "--out", "pkg", "--output", "json"];
 
     let run = registry.dsrctl(&["download", "c-1", "--out", "pkg"]).await;
     assert_eq!(run.code, Some(0), "{run:?}");
@@ -728,20 +735,67 @@ async fn a_finished_download_run_again_says_so_and_succeeds() {
             .starts_with("download finished already: pkg holds the package of c-1"),
         "{run:?}"
     );
-    let run = registry
-        .dsrctl(&["download", "c-1", "--out", "pkg", "--output", "json"])
-        .await;
+    let verified = format!("{n} of {n} verified", n = FILES.len());
+    assert!(run.stdout.contains(&verified), "{run:?}");
+    // The same document as a download's, from the check just made.
+    let run = registry.dsrctl(&download_json).await;
     assert_eq!(run.code, Some(0), "{run:?}");
     let doc: serde_json::Value = serde_json::from_str(&run.stdout).expect("json");
     assert_eq!(doc["finished_already"], true, "{run:?}");
     assert_eq!(doc["package_sha256"], sha256_hex(&manifest), "{run:?}");
+    assert_eq!(doc["verified"], true, "{run:?}");
+    assert_eq!(doc["file_count"], FILES.len(), "{run:?}");
+    assert_eq!(doc["digests_verified"], FILES.len(), "{run:?}");
+    let files = doc["files"].as_array().expect("files");
+    for (file, (path, content)) in files.iter().zip(FILES) {
+        assert_eq!(file["path"], *path, "{run:?}");
+        assert_eq!(file["sha256"], sha256_hex(content), "{run:?}");
+        assert_eq!(file["verified"], true, "{run:?}");
+    }
+    assert!(!run.stderr.contains("left over"), "{run:?}");
 
-    // A file changed since: no longer finished, and said so.
-    std::fs::write(registry.dir.path().join("pkg").join(FILES[1].0), b"[]").unwrap();
+    // The staging folder a run killed while removing it left, with its lock file: still
+    // finished, and the folder can go.
+    let staging = pkg.join(".dsrctl-download");
+    std::fs::create_dir(&staging).unwrap();
+    std::fs::write(staging.join("lock"), b"").unwrap();
+    let run = registry.dsrctl(&["download", "c-1", "--out", "pkg"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(
+        run.stderr
+            .contains(".dsrctl-download is left over from it and can be deleted"),
+        "{run:?}"
+    );
+
+    // The file naming the request there again: a run failed after writing manifest.json,
+    // so the download did not finish, and the refusal says what to do.
+    std::fs::write(staging.join("request"), b"c-1").unwrap();
+    let run = registry.dsrctl(&["download", "c-1", "--out", "pkg"]).await;
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(
+        run.stderr.contains("failed after writing it") && !run.stdout.contains("finished"),
+        "{run:?}"
+    );
+    std::fs::remove_dir_all(&staging).unwrap();
+
+    // A file changed since, to other bytes of the same size that only its SHA-256 tells
+    // apart: no longer finished, and said so.
+    let changed = pkg.join(FILES[1].0);
+    let mut bytes = FILES[1].1.to_vec();
+    bytes[0] ^= 1;
+    std::fs::write(&changed, &bytes).unwrap();
     let run = registry.dsrctl(&["download", "c-1", "--out", "pkg"]).await;
     assert_eq!(run.code, Some(2), "{run:?}");
     assert!(run.stderr.contains("no longer matches"), "{run:?}");
     assert!(run.stderr.contains(FILES[1].0), "{run:?}");
+    // A change of size, too.
+    std::fs::write(&changed, b"[]").unwrap();
+    let run = registry.dsrctl(&["download", "c-1", "--out", "pkg"]).await;
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(
+        run.stderr.contains("no longer matches") && run.stderr.contains(FILES[1].0),
+        "{run:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

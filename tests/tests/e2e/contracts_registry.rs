@@ -436,9 +436,17 @@ fn serve(processor: RecordingProcessor, listener: TcpListener, pki: &DevPki) {
 }
 
 async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    eventually_async(what, || std::future::ready(f())).await
+}
+
+/// [`eventually`] for a check that awaits (asks a service).
+async fn eventually_async<T, F>(what: &str, mut f: impl FnMut() -> F) -> T
+where
+    F: std::future::Future<Output = Option<T>>,
+{
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        if let Some(v) = f() {
+        if let Some(v) = f().await {
             return v;
         }
         assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
@@ -1155,20 +1163,13 @@ async fn contractreg_a_choice_too_late_for_the_processor_is_shown_refused() {
     pair.stop().await;
 }
 
-/// Polls the contract end `id` (20 s at most) until `done` holds; fails with its last view.
+/// Polls the contract end `id` until `done` holds.
 async fn until(pair: &TestPair, id: &str, what: &str, done: impl Fn(&Contract) -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let c = get(pair, id).await;
-        if done(&c) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not reached\n{c:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let done = &done;
+    eventually_async(what, move || async move {
+        done(&get(pair, id).await).then_some(())
+    })
+    .await
 }
 
 /// A contract end cancelled before its effective date: both services, and dsrctl's views of

@@ -114,16 +114,18 @@ fn latest(list: &[StoredCertificate]) -> Option<&StoredCertificate> {
 }
 
 /// Checks a certificate file against a public key, with no server; exit 1 when it fails.
-/// `key` is the `--key` flag: here the public key, not a TLS key.
+/// `key` is the `--public-key` flag (or `--key`): here the public key, not a TLS key.
 pub(crate) fn verify(
     args: &CertificateVerifyArgs,
     key: Option<&Path>,
     io: &mut Io<'_>,
 ) -> Result<u8, Failure> {
     let key = key
-        .ok_or_else(|| Failure::Usage("name the processor's public key with --key PUBKEY".into()))?
+        .ok_or_else(|| {
+            Failure::Usage("name the processor's public key with --public-key PUBKEY".into())
+        })?
         .to_str()
-        .ok_or_else(|| Failure::Usage("--key is not valid utf-8".into()))?;
+        .ok_or_else(|| Failure::Usage("--public-key is not valid utf-8".into()))?;
     let key = PublicKey::from_config(key).map_err(Failure::Setup)?;
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("reading {}", args.file.display()))
@@ -267,5 +269,28 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("until"), "{text}");
+    }
+
+    /// A run the processor started and the holder has not confirmed keeps its date, past.
+    #[test]
+    fn a_retention_dated_in_the_past_is_not_a_run_to_come() {
+        let body: CertificateBody = serde_json::from_str(
+            r#"{"version":1,"certificate_id":"c1","kind":"erasure","processor":"p",
+            "controller":"acme","request_id":"r-1","subprocessor":"accounting",
+            "task_state":"RETAINED","records_affected":3,"erased":[],
+            "retained":[{"subprocessor":"accounting","legal_basis":"Kirjanpitolaki 2:10 §",
+            "until":"2001-01-01T00:00:00.000Z"}],
+            "completed_at":"2000-01-01T00:00:00.000Z","issued_at":"2000-01-01T00:00:00.000Z"}"#,
+        )
+        .unwrap();
+        let text = describe(&body);
+        assert!(
+            text.contains(
+                "retained      accounting: kept under Kirjanpitolaki 2:10 §; erasure run of \
+                 2001-01-01T00:00:00.000Z, awaiting the holder's confirmation\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("next erasure run"), "{text}");
     }
 }

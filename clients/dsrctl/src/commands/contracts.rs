@@ -16,7 +16,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::cli::{ContractChoiceArg, ContractsCommand};
+use crate::cli::{ChosenArg, ContractChoiceArg, ContractsCommand};
 use crate::commands::{Io, Registry};
 use crate::output::{emit, state_name, task_state_name, Render, Time};
 use crate::table::{clean, Table};
@@ -33,16 +33,11 @@ fn choice(c: ContractChoiceArg) -> ContractEndChoice {
     }
 }
 
-/// The choice `contracts choose` sends: DELETE or RETURN_THEN_DELETE, as NONE is what it
-/// replaces (the registry would refuse it).
-fn chosen(c: ContractChoiceArg) -> Result<ContractEndChoice, Failure> {
+/// The choice `contracts choose` sends: NONE is what it replaces, so it takes no `none`.
+fn chosen(c: ChosenArg) -> ContractEndChoice {
     match c {
-        ContractChoiceArg::None => Err(Failure::Usage(
-            "contracts choose --choice none: a contract end made with --choice none already \
-             has that; choose replaces it with --choice delete or --choice return-then-delete"
-                .into(),
-        )),
-        c => Ok(choice(c)),
+        ChosenArg::Delete => ContractEndChoice::Delete,
+        ChosenArg::ReturnThenDelete => ContractEndChoice::ReturnThenDelete,
     }
 }
 
@@ -105,7 +100,8 @@ struct PartView {
     processor: String,
     subprocessor: String,
     state: String,
-    /// For a part that ended before DONE (cancelled, failed, refused), the phase it stopped in.
+    /// The part's current phase, for every part: for one that ended before DONE (cancelled,
+    /// failed, refused), the phase it stopped in.
     phase: Option<String>,
     /// Whether it ended before DONE: its phase is where it stopped, and nothing is scheduled.
     #[serde(skip)]
@@ -522,7 +518,7 @@ pub(crate) async fn run(
             client
                 .choose_contract_end_to(
                     id.as_str(),
-                    chosen(*c)?,
+                    chosen(*c),
                     transfer_recipient.clone().unwrap_or_default(),
                 )
                 .await
@@ -654,22 +650,23 @@ impl Bars {
     }
 }
 
-/// Prints one view of a watch: compact JSON (one line each), or a table after a blank line
-/// when one was printed before.
+/// Prints one table view of a watch, after a blank line when one was printed before.
 fn print_view(io: &mut Io<'_>, c: &Contract, first: bool) -> std::io::Result<()> {
-    if !first && io.format == crate::cli::OutputFormat::Table {
+    if !first {
         io.out.write_all(b"\n")?;
     }
-    emit(io.out, io.format, &ContractView::from(c), true)
+    emit(io.out, io.format, &ContractView::from(c), false)
 }
 
 /// `show --watch`: polls GetContract until the contract end finishes or Ctrl-C, drawing
-/// progress; then prints it. Exits 0 only if it ended COMPLETED. Without the bars (stderr
-/// not a terminal) nothing would show until then, which for a PARTIALLY_COMPLETED contract
-/// end may be years away, so the view is printed at once and again each time it changes.
+/// progress; then prints it. Exits 0 only if it ended COMPLETED. For table output without
+/// the bars (stderr not a terminal) nothing would show until then, which for a
+/// PARTIALLY_COMPLETED contract end may be years away, so the view is printed at once and
+/// again each time it changes. JSON output is one document, the last view, so that a
+/// script reads it whole.
 async fn watch(registry: &Registry, id: &str, io: &mut Io<'_>) -> Result<u8, Failure> {
     let mut bars = Bars::new();
-    let print_changes = !bars.drawn();
+    let print_changes = !bars.drawn() && io.format == crate::cli::OutputFormat::Table;
     let mut printed: Option<Contract> = None;
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
@@ -909,19 +906,5 @@ mod tests {
         let table = ContractView::from(&c).to_table();
         assert!(table.contains("NEXT ERASURE RUN"), "{table}");
         assert!(!table.contains("RETAINED UNTIL"), "{table}");
-    }
-
-    #[test]
-    fn choose_refuses_none_itself() {
-        let Err(Failure::Usage(message)) = chosen(ContractChoiceArg::None) else {
-            panic!("--choice none accepted by contracts choose");
-        };
-        for words in ["--choice delete", "--choice return-then-delete"] {
-            assert!(message.contains(words), "{words} in {message}");
-        }
-        assert!(matches!(
-            chosen(ContractChoiceArg::Delete),
-            Ok(ContractEndChoice::Delete)
-        ));
     }
 }

@@ -223,11 +223,11 @@ fn apply_ports(
 }
 
 fn write_if_missing<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
-    if !path.exists() {
-        let text = toml::to_string(value).context("encoding a configuration")?;
-        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    if path.exists() {
+        return Ok(());
     }
-    Ok(())
+    let text = toml::to_string(value).context("encoding a configuration")?;
+    write_text_if_missing(path, &text)
 }
 
 fn write_text_if_missing(path: &Path, text: &str) -> Result<()> {
@@ -248,7 +248,10 @@ fn dsrctl_file() -> String {
         "# dsrctl --config FILE: the operator of this folder's development PKI. Written by \
          `dsrctl dev up`.\n\
          ca = \"pki/ca.pem\"\ncert = \"pki/operator.pem\"\nkey = \"pki/operator.key\"\n\
-         server_identity = \"{identity}\"\n"
+         server_identity = \"{identity}\"\n\
+         # Once `dsrctl pki revoke` wrote pki/crl.pem (which ./{DEV_PKI_DIR} then uses), \
+         uncomment:\n\
+         # crl = \"pki/crl.pem\"\n"
     )
 }
 
@@ -259,11 +262,13 @@ fn dsrctl_file() -> String {
 /// is another.
 fn try_text(dir: &Path, cwd: &Path, registry: &str, processor: &str, recipient: &str) -> String {
     let d = dir.display();
+    // A path in a printed command, as one shell word.
+    let path = |name: &str| shell_word(&dir.join(name).display().to_string());
     let finds_pki = std::fs::canonicalize(cwd.join(DEV_PKI_DIR)).ok() == Some(dir.join("pki"));
     let default_port = port_of(DEFAULT_ENDPOINT);
     let mut flags = String::new();
     if !finds_pki {
-        flags.push_str(&format!(" --config {d}/dsrctl.toml"));
+        flags.push_str(&format!(" --config {}", path("dsrctl.toml")));
     }
     if port_of(registry) != default_port {
         flags.push_str(&format!(" --endpoint {registry}"));
@@ -285,29 +290,32 @@ fn try_text(dir: &Path, cwd: &Path, registry: &str, processor: &str, recipient: 
          \x20 {dsrctl} watch <request id>{flags}\n\
          \x20 {dsrctl} get <request id>{flags}\n\
          \x20 {dsrctl} list --overdue{flags}\n\
-         As a partner: add --cert {d}/pki/partner-crm.pem --key {d}/pki/partner-crm.key\n\
+         As a partner: add --cert {} --key {}\n\
          Transfers to {RECIPIENT} ({recipient}) wait until it runs:\n\
-         \x20 cargo run -q -p dsrelay-example-recipient -- --config {d}/recipient.toml\n\
+         \x20 cargo run -q -p dsrelay-example-recipient -- --config {}\n\
          \x20 {dsrctl} submit --kind transfer --recipient {RECIPIENT} \
          --email maija.meikalainen@example.fi{flags}\n\
-         Stop with Ctrl-C."
+         Stop with Ctrl-C.",
+        path("pki/partner-crm.pem"),
+        path("pki/partner-crm.key"),
+        path("recipient.toml"),
     )
+}
+
+/// `word` as one word to a POSIX shell: as it is when nothing in it is special, else in
+/// single quotes (a single quote in it written as `'\''`).
+fn shell_word(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-./:=@%+,".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        return word.to_string();
+    }
+    format!("'{}'", word.replace('\'', "'\\''"))
 }
 
 /// Connection flags given to `dev up`: it runs the services, so none of them applies.
 fn refuse_connection_flags(args: &DevUpArgs) -> Result<(), Failure> {
-    let c = &args.connection;
-    let given = [
-        ("--endpoint", c.endpoint.is_some()),
-        ("--ca", c.ca.is_some()),
-        ("--cert", c.cert.is_some()),
-        ("--key", c.key.is_some()),
-        ("--crl", c.crl.is_some()),
-        ("--server-identity", c.server_identity.is_some()),
-        ("--config", c.config.is_some()),
-    ];
-    match given.iter().find(|(_, given)| *given) {
-        Some((flag, _)) => Err(Failure::Usage(format!(
+    match args.connection.given().first() {
+        Some(flag) => Err(Failure::Usage(format!(
             "dev up takes no {flag}: it runs the services (ports: --registry-port, \
              --processor-port; certificates: the development PKI in --dir); connection flags \
              are for the commands that call them"
@@ -459,6 +467,19 @@ pub(crate) async fn up(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A folder with a space stays one word in each printed command.
+    #[test]
+    fn printed_paths_are_shell_words() {
+        let dir = Path::new("/tmp/my dev");
+        let text = try_text(dir, Path::new("/"), "https://localhost:1", "p", "r");
+        for path in ["dsrctl.toml", "pki/partner-crm.pem", "recipient.toml"] {
+            let quoted = format!(" '/tmp/my dev/{path}'");
+            assert!(text.contains(&quoted), "{quoted} in {text}");
+        }
+        assert_eq!(shell_word("/tmp/a.toml"), "/tmp/a.toml");
+        assert_eq!(shell_word("it's"), "'it'\\''s'");
+    }
 
     #[test]
     fn the_registry_file_it_writes_validates_and_names_the_recipient() {

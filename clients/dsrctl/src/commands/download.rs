@@ -18,8 +18,8 @@ use crate::commands::{Io, Registry};
 use crate::output::{emit, Render, Time};
 use crate::table::{clean, Table};
 use crate::unpack::{
-    check_folder, DirSink, FileOutcome, Leftovers, Sink, Stop, Unpacker, ZipSink, MANIFEST_NAME,
-    STOPPED,
+    check_folder_files, finished_download, DirSink, FileOutcome, Leftovers, Sink, Stop, Unpacker,
+    ZipSink, MANIFEST_NAME, STAGING_NAME, STOPPED,
 };
 use crate::{Failure, EXIT_FAILURE};
 
@@ -33,40 +33,61 @@ pub(crate) enum Target {
     Dir(PathBuf),
     /// A zip file that does not exist yet.
     Zip(PathBuf),
-    /// A folder that holds this download, finished: its `manifest.json` names the request
-    /// and every file it lists is there with its size and SHA-256. Nothing is left to do.
-    Finished(PathBuf),
+}
+
+/// What [`Target::check`] found: where to write, or a folder that holds the download
+/// finished and checked, with nothing left to do (nor anything to ask the registry).
+pub(crate) enum Destination {
+    Write(Target),
+    Finished(Finished),
+}
+
+/// A folder that holds this download, finished: its `manifest.json` names the request, and
+/// every file it lists is there with its size and SHA-256.
+pub(crate) struct Finished {
+    dir: PathBuf,
+    /// Its `manifest.json`.
+    manifest: Vec<u8>,
+    /// Every file the manifest lists, checked.
+    outcomes: Vec<FileOutcome>,
+    /// Whether the staging folder a run killed while removing it left is still there.
+    staging_left: bool,
 }
 
 impl Target {
     /// Takes the destination from the arguments and refuses one that would mix with or
-    /// replace existing files, before anything is asked of the registry.
-    pub(crate) fn check(args: &DownloadArgs) -> Result<Self, Failure> {
+    /// replace existing files, before anything is asked of the registry. A folder that holds
+    /// this download finished is checked file by file (SHA-256) here.
+    pub(crate) fn check(args: &DownloadArgs) -> Result<Destination, Failure> {
         match (&args.out, &args.zip) {
-            (Some(dir), None) => match DirSink::check_target(dir, &args.id) {
-                Ok(()) => Ok(Self::Dir(dir.clone())),
-                Err(refusal) => match finished(dir, &args.id) {
-                    None => Err(Failure::Usage(refusal)),
-                    Some(Ok(())) => Ok(Self::Finished(dir.clone())),
-                    Some(Err(problems)) => Err(Failure::Usage(format!(
-                        "--out {} holds a download of request {} that no longer matches its \
-                         {MANIFEST_NAME} ({problems}): download into a new folder",
-                        dir.display(),
-                        args.id
-                    ))),
-                },
-            },
-            (None, Some(zip)) => {
-                // A zip is never replaced, nor opened to see what it holds.
-                if std::fs::symlink_metadata(zip).is_ok() {
+            (Some(dir), None) => {
+                let Some(done) = finished_download(dir, &args.id) else {
+                    DirSink::check_target(dir, &args.id).map_err(Failure::Usage)?;
+                    return Ok(Destination::Write(Self::Dir(dir.clone())));
+                };
+                let outcomes = check_folder_files(dir, &done.manifest).map_err(Failure::Usage)?;
+                let problems: Vec<String> = (outcomes.iter())
+                    .filter_map(|o| Some(format!("{}: {}", o.path, o.error.as_ref()?)))
+                    .collect();
+                if !problems.is_empty() {
                     return Err(Failure::Usage(format!(
-                        "--zip {} already exists: name a new file, or move that one away \
-                         and run the command again",
-                        zip.display()
+                        "--out {} holds a download of request {} that no longer matches its \
+                         {MANIFEST_NAME} ({}): download into a new folder",
+                        dir.display(),
+                        args.id,
+                        problems.join("; ")
                     )));
                 }
+                Ok(Destination::Finished(Finished {
+                    dir: dir.clone(),
+                    manifest: done.manifest,
+                    outcomes,
+                    staging_left: done.staging_left,
+                }))
+            }
+            (None, Some(zip)) => {
                 ZipSink::check_target(zip, &args.id).map_err(Failure::Usage)?;
-                Ok(Self::Zip(zip.clone()))
+                Ok(Destination::Write(Self::Zip(zip.clone())))
             }
             // clap's group makes them exclusive and one required.
             _ => Err(Failure::Usage(
@@ -84,7 +105,6 @@ impl Target {
             Self::Zip(zip) => ZipSink::check_target(zip, &info.request_id)
                 .map(|()| Leftovers::default())
                 .map_err(Failure::Usage),
-            Self::Finished(_) => Ok(Leftovers::default()),
         }
     }
 
@@ -103,61 +123,38 @@ impl Target {
             Self::Zip(zip) => {
                 Box::new(ZipSink::create(zip, &info.request_id, stop).map_err(Failure::Package)?)
             }
-            Self::Finished(dir) => {
-                return Err(Failure::Package(anyhow!(
-                    "{} holds a finished download already",
-                    dir.display()
-                )))
-            }
         })
     }
 }
 
-/// Whether the folder `dir` holds the finished download of `id`: `None` when its
-/// `manifest.json` is not one of that request's package; else whether every file it lists
-/// is there with its size and SHA-256 (the problems, when not).
-fn finished(dir: &Path, id: &str) -> Option<Result<(), String>> {
-    let manifest = std::fs::read(dir.join(MANIFEST_NAME)).ok()?;
-    let named = serde_json::from_slice::<serde_json::Value>(&manifest).ok()?;
-    if named.get("request_id")?.as_str()? != id {
-        return None;
+/// `download` into a folder that holds that download finished already: says so, with the
+/// check [`Target::check`] made, without asking the registry; exit 0.
+pub(crate) fn finished_already(done: Finished, io: &mut Io<'_>) -> Result<u8, Failure> {
+    let mut view = DownloadView::of(
+        id_of(&done.manifest),
+        Some(&done.dir),
+        None,
+        Some(hex::encode(Sha256::digest(&done.manifest))),
+        done.outcomes,
+    );
+    view.finished_already = true;
+    if done.staging_left {
+        let left = done.dir.join(STAGING_NAME);
+        let note = format!(
+            "note: {} is left over from it and can be deleted",
+            left.display()
+        );
+        let _ = writeln!(io.err, "{}", clean(&note));
     }
-    Some(check_folder(dir, &manifest))
-}
-
-/// What `download` prints into a folder that held the download finished already.
-#[derive(Debug, Serialize)]
-struct FinishedView {
-    request_id: String,
-    out: String,
-    /// SHA-256 of its manifest.json.
-    package_sha256: String,
-    finished_already: bool,
-}
-
-impl Render for FinishedView {
-    fn to_table(&self) -> String {
-        format!(
-            "download finished already: {} holds the package of {}, every file as its \
-             manifest.json lists it (package sha256 {})\n",
-            clean(&self.out),
-            self.request_id,
-            self.package_sha256
-        )
-    }
-}
-
-/// `download` into a folder that holds that download finished already: says so, exit 0.
-fn finished_already(dir: &Path, id: &str, io: &mut Io<'_>) -> Result<u8, Failure> {
-    let manifest = std::fs::read(dir.join(MANIFEST_NAME))
-        .map_err(|e| Failure::Package(anyhow!("reading {}: {e}", dir.display())))?;
-    let view = FinishedView {
-        request_id: id.to_string(),
-        out: dir.display().to_string(),
-        package_sha256: hex::encode(Sha256::digest(&manifest)),
-        finished_already: true,
-    };
     super::verdict(emit(io.out, io.format, &view, false), 0)
+}
+
+/// The request a `manifest.json` names (empty for one that names none).
+fn id_of(manifest: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(manifest)
+        .ok()
+        .and_then(|v| Some(v.get("request_id")?.as_str()?.to_string()))
+        .unwrap_or_default()
 }
 
 /// A package's digest: the SHA-256 of its `manifest.json`.
@@ -307,25 +304,45 @@ pub(crate) struct DownloadView {
     digests_verified: usize,
     /// Every file matched.
     verified: bool,
+    /// The folder held the download finished already: nothing was downloaded, the files
+    /// were checked where they are.
+    finished_already: bool,
     files: Vec<DownloadedFileView>,
 }
 
 impl DownloadView {
     fn new(info: &PackageInfo, target: &Target, outcomes: Vec<FileOutcome>) -> Self {
         let (out, zip) = match target {
-            Target::Dir(dir) | Target::Finished(dir) => (Some(dir.display().to_string()), None),
-            Target::Zip(zip) => (None, Some(zip.display().to_string())),
+            Target::Dir(dir) => (Some(dir.as_path()), None),
+            Target::Zip(zip) => (None, Some(zip.as_path())),
         };
-        let digests_verified = outcomes.iter().filter(|o| o.error.is_none()).count();
-        Self {
-            request_id: info.request_id.clone(),
+        Self::of(
+            info.request_id.clone(),
             out,
             zip,
-            package_sha256: package_digest(info),
+            package_digest(info),
+            outcomes,
+        )
+    }
+
+    fn of(
+        request_id: String,
+        out: Option<&Path>,
+        zip: Option<&Path>,
+        package_sha256: Option<String>,
+        outcomes: Vec<FileOutcome>,
+    ) -> Self {
+        let digests_verified = outcomes.iter().filter(|o| o.error.is_none()).count();
+        Self {
+            request_id,
+            out: out.map(|p| p.display().to_string()),
+            zip: zip.map(|p| p.display().to_string()),
+            package_sha256,
             file_count: outcomes.len(),
             bytes: total_bytes(outcomes.iter().map(|o| o.size)),
             digests_verified,
             verified: digests_verified == outcomes.len(),
+            finished_already: false,
             files: outcomes
                 .into_iter()
                 .map(|o| DownloadedFileView {
@@ -342,6 +359,15 @@ impl DownloadView {
 
 impl Render for DownloadView {
     fn to_table(&self) -> String {
+        let mut out = String::new();
+        if self.finished_already {
+            out = format!(
+                "download finished already: {} holds the package of {}, every file as its \
+                 {MANIFEST_NAME} lists it\n\n",
+                clean(self.out.as_deref().unwrap_or_default()),
+                clean(&self.request_id)
+            );
+        }
         let mut head = Table::headless();
         head.row(["request", self.request_id.as_str()]);
         if let Some(dir) = &self.out {
@@ -360,7 +386,7 @@ impl Render for DownloadView {
                 self.file_count, self.bytes, self.digests_verified, self.file_count
             ),
         ]);
-        let mut out = head.render();
+        out.push_str(&head.render());
         if !self.files.is_empty() {
             let mut t = Table::new(["PATH", "SIZE", "SHA256", "CHECK"]);
             for f in &self.files {
@@ -688,9 +714,6 @@ pub(crate) async fn run(
     target: Target,
     io: &mut Io<'_>,
 ) -> Result<u8, Failure> {
-    if let Target::Finished(dir) = &target {
-        return finished_already(dir, &args.id, io);
-    }
     let mut ctrl_c = CtrlC::new(tokio::signal::ctrl_c());
     let stop = Stop::default();
     let (info, mut unpacker, mut events) =

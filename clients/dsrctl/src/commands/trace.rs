@@ -8,7 +8,9 @@ use serde::Serialize;
 
 use crate::cli::TraceArgs;
 use crate::commands::{Io, Registry};
-use crate::output::{emit, kind_name, retention_words, state_name, task_state_name, Render, Time};
+use crate::output::{
+    emit, kind_name, retention_words, state_name, task_state_name, time_cell, Render, Time,
+};
 use crate::table::clean;
 use crate::Failure;
 
@@ -177,9 +179,7 @@ impl TraceView {
             let detail = match TaskState::try_from(t.state) {
                 Ok(TaskState::Retained) => retention_words(
                     &t.legal_basis,
-                    &Time::from_proto(t.retain_until.as_ref())
-                        .map(|t| t.to_string())
-                        .unwrap_or_default(),
+                    &time_cell(Time::from_proto(t.retain_until.as_ref())),
                 ),
                 Ok(TaskState::Refused) | Ok(TaskState::Failed) => t.reason.clone(),
                 _ => t
@@ -219,7 +219,7 @@ impl Render for TraceView {
             self.kind,
             self.state,
             clean(&self.trace_id),
-            self.received_at.map(|t| t.to_string()).unwrap_or_default(),
+            time_cell(self.received_at),
             secs(self.elapsed_ms)
         );
         let n = self.processors.len();

@@ -109,19 +109,13 @@ pub(crate) fn end_contract_violations(
             ),
         ));
     }
-    match ContractEndChoice::try_from(r.choice) {
-        Ok(
-            ContractEndChoice::None
-            | ContractEndChoice::Delete
-            | ContractEndChoice::ReturnThenDelete,
-        ) => {}
-        _ => out.push(FieldViolation::new(
-            "choice",
-            format!(
-                "must be NONE (choose later), DELETE or RETURN_THEN_DELETE (got {})",
-                r.choice
-            ),
-        )),
+    const END_CHOICES: [ContractEndChoice; 3] = [
+        ContractEndChoice::None,
+        ContractEndChoice::Delete,
+        ContractEndChoice::ReturnThenDelete,
+    ];
+    if let Err(refused) = choice_of(r.choice, &END_CHOICES) {
+        out.push(refused);
     }
     match (&r.effective_at, r.effective_now) {
         (Some(_), true) => out.push(FieldViolation::new(
@@ -170,25 +164,55 @@ pub(crate) fn end_contract_violations(
     out
 }
 
-/// The choice ChooseContractEnd makes: DELETE or RETURN_THEN_DELETE, named in the refusal of
-/// anything else (`choice` is the number from the wire).
+/// `choice`, the number from the wire, when it is one of `allowed`; else the refusal, which
+/// names the value received and says what to give (the proto names, and dsrctl's flags).
+fn choice_of(
+    choice: i32,
+    allowed: &[ContractEndChoice],
+) -> Result<ContractEndChoice, FieldViolation> {
+    let got = match ContractEndChoice::try_from(choice) {
+        Ok(c) if allowed.contains(&c) => return Ok(c),
+        Ok(ContractEndChoice::Unspecified) => "UNSPECIFIED: none was given".to_string(),
+        Ok(ContractEndChoice::None) => "NONE (choose later), which this call replaces".into(),
+        Ok(c) => choice_name(c).to_string(),
+        Err(_) => format!("{choice}, which names no choice"),
+    };
+    let either = |names: Vec<String>| match names.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => names.concat(),
+    };
+    let names = either(
+        allowed
+            .iter()
+            .map(|c| choice_name(*c).to_string())
+            .collect(),
+    );
+    let flags = either(
+        (allowed.iter())
+            .map(|c| {
+                format!(
+                    "--choice {}",
+                    choice_name(*c).to_lowercase().replace('_', "-")
+                )
+            })
+            .collect(),
+    );
+    Err(FieldViolation::new(
+        "choice",
+        format!("must be {names} (got {got}); dsrctl: {flags}"),
+    ))
+}
+
+/// The choice ChooseContractEnd makes: DELETE or RETURN_THEN_DELETE (NONE is what it
+/// replaces).
 fn chosen(choice: i32) -> Result<ContractEndChoice, FieldViolation> {
-    match ContractEndChoice::try_from(choice) {
-        Ok(c @ (ContractEndChoice::Delete | ContractEndChoice::ReturnThenDelete)) => Ok(c),
-        Ok(ContractEndChoice::None) => Err(FieldViolation::new(
-            "choice",
-            "cannot be NONE (choose later), which this call replaces: give DELETE or \
-             RETURN_THEN_DELETE (dsrctl: --choice delete or --choice return-then-delete)",
-        )),
-        Ok(ContractEndChoice::Unspecified) => Err(FieldViolation::new(
-            "choice",
-            "must be DELETE or RETURN_THEN_DELETE (got UNSPECIFIED: none was given)",
-        )),
-        Err(_) => Err(FieldViolation::new(
-            "choice",
-            format!("must be DELETE or RETURN_THEN_DELETE (got {choice}, which names no choice)"),
-        )),
-    }
+    choice_of(
+        choice,
+        &[
+            ContractEndChoice::Delete,
+            ContractEndChoice::ReturnThenDelete,
+        ],
+    )
 }
 
 /// The view of a contract end with its tasks.
@@ -786,6 +810,26 @@ mod tests {
         );
         let unknown = chosen(99).unwrap_err();
         assert!(unknown.rule.contains("got 99"), "{}", unknown.rule);
+    }
+
+    /// EndContract names a choice left UNSPECIFIED as such, not by its number, and says
+    /// which to give.
+    #[test]
+    fn an_end_without_a_choice_says_so() {
+        let mut r = good();
+        r.choice = ContractEndChoice::Unspecified as i32;
+        let known: BTreeSet<&str> = ["payroll", "web"].into();
+        let v = end_contract_violations(&r, &known, &recipients(), GRACE, NOW);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].field, "choice");
+        for words in [
+            "got UNSPECIFIED",
+            "NONE, DELETE or RETURN_THEN_DELETE",
+            "--choice none, --choice delete or --choice return-then-delete",
+        ] {
+            assert!(v[0].rule.contains(words), "{words} in {}", v[0].rule);
+        }
+        assert!(!v[0].rule.contains("got 0"), "{}", v[0].rule);
     }
 
     #[test]
