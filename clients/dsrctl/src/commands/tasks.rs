@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use dsrelay_sdk::proto::processor_operator_service_client::ProcessorOperatorServiceClient;
 use dsrelay_sdk::proto::{
     CompleteManualTaskRequest, DeadLetter, DeadLetterList, ListDeadLettersRequest,
-    ListManualTasksRequest, ManualTask, ManualTaskList, RefuseManualTaskRequest,
+    ListManualTasksRequest, ManualTask, ManualTaskList, RefuseManualTaskRequest, RequestKind,
     RequeueDeadLetterRequest, TaskRef,
 };
 use dsrelay_sdk::ConnectionSettings;
@@ -15,7 +15,7 @@ use tonic::transport::Channel;
 
 use crate::cli::{ProcessorArgs, TaskRefArgs, TasksCommand};
 use crate::commands::Io;
-use crate::output::{emit, kind_name, Render, Time};
+use crate::output::{emit, kind_name, CorrectionView, Render, Time};
 use crate::table::{clean, Table};
 use crate::Failure;
 
@@ -31,6 +31,14 @@ struct TaskView {
     kind: String,
     state: String,
     identities: Vec<String>,
+    /// True when the task concerns all of the subject's data: `data_categories` is empty.
+    all_data: bool,
+    data_categories: Vec<String>,
+    /// The work order of a rectification: the operator enters these values by hand.
+    corrections: Vec<CorrectionView>,
+    lift_restriction: bool,
+    transfer_recipient: String,
+    contract_end: Option<ContractEndView>,
     instructions: String,
     reason: String,
     attempts: u32,
@@ -38,9 +46,71 @@ struct TaskView {
     due_at: Option<Time>,
 }
 
+/// A contract end's terms, as a manual contract end task carries them.
+#[derive(Debug, Serialize)]
+struct ContractEndView {
+    choice: String,
+    effective_at: Option<Time>,
+    grace_ends_at: Option<Time>,
+    return_confirmed: bool,
+    transfer_recipient: String,
+}
+
+impl TaskView {
+    /// Which data, for the table: a task limited to categories must not read as all data.
+    fn scope_cell(&self) -> String {
+        if self.all_data {
+            "all data".into()
+        } else {
+            self.data_categories.join(", ")
+        }
+    }
+
+    /// The kind's parameters, for the table. Values are quoted, so that one holding a
+    /// separator, a quote or nothing at all reads as the operator must enter it.
+    fn parameters_cell(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.corrections.is_empty() {
+            let corrections: Vec<String> = (self.corrections.iter())
+                .map(|c| format!("{}={:?}", c.field, c.new_value))
+                .collect();
+            parts.push(format!("correct {}", corrections.join(", ")));
+        }
+        // False means "set" only on a restriction; on other kinds it says nothing.
+        if self.kind == kind_name(RequestKind::Restriction as i32) || self.lift_restriction {
+            let verb = if self.lift_restriction { "lift" } else { "set" };
+            parts.push(format!("{verb} restriction"));
+        }
+        if !self.transfer_recipient.is_empty() {
+            parts.push(format!("to recipient {:?}", self.transfer_recipient));
+        }
+        if let Some(c) = &self.contract_end {
+            let mut terms = format!("contract end {}", c.choice);
+            if let Some(at) = c.effective_at {
+                terms.push_str(&format!(", effective {at}"));
+            }
+            if let Some(at) = c.grace_ends_at {
+                terms.push_str(&format!(", grace ends {at}"));
+            }
+            if c.return_confirmed {
+                terms.push_str(", return confirmed");
+            }
+            if !c.transfer_recipient.is_empty() {
+                terms.push_str(&format!(", to recipient {:?}", c.transfer_recipient));
+            }
+            parts.push(terms);
+        }
+        parts.join("; ")
+    }
+}
+
 impl From<&ManualTask> for TaskView {
     fn from(t: &ManualTask) -> Self {
         let r = t.task.clone().unwrap_or_default();
+        let data_categories = (t.scope.as_ref())
+            .map(|s| s.data_categories.clone())
+            .unwrap_or_default();
+        let params = t.parameters.clone().unwrap_or_default();
         Self {
             controller: r.controller,
             request_id: r.request_id,
@@ -67,6 +137,29 @@ impl From<&ManualTask> for TaskView {
                     format!("{ty}={}", i.value)
                 })
                 .collect(),
+            all_data: data_categories.is_empty(),
+            data_categories,
+            corrections: (params.corrections.into_iter())
+                .map(|c| CorrectionView {
+                    field: c.field,
+                    new_value: c.new_value,
+                })
+                .collect(),
+            lift_restriction: params.lift_restriction,
+            transfer_recipient: params.transfer_recipient,
+            contract_end: params.contract_end.map(|c| ContractEndView {
+                choice: dsrelay_sdk::proto::ContractEndChoice::try_from(c.choice)
+                    .map(|c| {
+                        c.as_str_name()
+                            .trim_start_matches("CONTRACT_END_CHOICE_")
+                            .to_string()
+                    })
+                    .unwrap_or_else(|_| format!("UNKNOWN({})", c.choice)),
+                effective_at: Time::from_proto(c.effective_at.as_ref()),
+                grace_ends_at: Time::from_proto(c.grace_ends_at.as_ref()),
+                return_confirmed: c.return_confirmed,
+                transfer_recipient: c.transfer_recipient,
+            }),
             instructions: t.instructions.clone(),
             reason: t.reason.clone(),
             attempts: t.attempts,
@@ -93,6 +186,8 @@ impl Render for TaskListView {
             "KIND",
             "DUE",
             "SUBJECT",
+            "SCOPE",
+            "PARAMETERS",
             "INSTRUCTIONS",
         ]);
         for v in &self.tasks {
@@ -103,6 +198,8 @@ impl Render for TaskListView {
                 v.kind.clone(),
                 v.due_at.map(|d| d.to_string()).unwrap_or_default(),
                 clean(&v.identities.join(" ")),
+                clean(&v.scope_cell()),
+                clean(&v.parameters_cell()),
                 clean(&v.instructions),
             ]);
         }

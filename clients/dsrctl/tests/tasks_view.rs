@@ -1,0 +1,307 @@
+//! Runs `dsrctl tasks list` against a stand-in processor operator service served in this
+//! process on 127.0.0.1, over mutual TLS with a development PKI, whose manual tasks each
+//! test sets, to check that the operator sees all the work: whose data, which data and the
+//! kind's parameters (the corrected values of a rectification, above all).
+//!
+//! The real processor with a manual connector is in the workspace's end-to-end suite
+//! (`tests/`).
+
+use std::process::Stdio;
+use std::sync::Arc;
+
+use dsrelay_proto::v1::processor_operator_service_server::{
+    ProcessorOperatorService, ProcessorOperatorServiceServer,
+};
+use dsrelay_proto::v1::{
+    CompleteManualTaskRequest, ContractEndList, DeadLetterList, FieldCorrection, IdentityEncoding,
+    IdentityType, ListContractEndsRequest, ListDeadLettersRequest, ListManualTasksRequest,
+    ListProcessorAuditCheckpointsRequest, ListProcessorAuditEntriesRequest, ManualTask,
+    ManualTaskList, ProcessorAuditCheckpoints, ProcessorAuditEntries, RefuseManualTaskRequest,
+    RequestKind, RequestParameters, RequeueDeadLetterRequest, RequeueDeadLetterResponse, Scope,
+    SubjectIdentity, TaskRef, TaskState,
+};
+use dsrelay_runtime::pki::DevPki;
+use tonic::{Request as Call, Response, Status};
+
+/// Answers ListManualTasks with its tasks, in one page.
+#[derive(Clone)]
+struct StandIn(Arc<Vec<ManualTask>>);
+
+fn unanswered<T>() -> Result<Response<T>, Status> {
+    Err(Status::unimplemented("not in this stand-in"))
+}
+
+#[tonic::async_trait]
+impl ProcessorOperatorService for StandIn {
+    async fn list_manual_tasks(
+        &self,
+        _: Call<ListManualTasksRequest>,
+    ) -> Result<Response<ManualTaskList>, Status> {
+        Ok(Response::new(ManualTaskList {
+            tasks: self.0.to_vec(),
+            next_page_token: String::new(),
+        }))
+    }
+    async fn complete_manual_task(
+        &self,
+        _: Call<CompleteManualTaskRequest>,
+    ) -> Result<Response<ManualTask>, Status> {
+        unanswered()
+    }
+    async fn refuse_manual_task(
+        &self,
+        _: Call<RefuseManualTaskRequest>,
+    ) -> Result<Response<ManualTask>, Status> {
+        unanswered()
+    }
+    async fn list_dead_letters(
+        &self,
+        _: Call<ListDeadLettersRequest>,
+    ) -> Result<Response<DeadLetterList>, Status> {
+        unanswered()
+    }
+    async fn requeue_dead_letter(
+        &self,
+        _: Call<RequeueDeadLetterRequest>,
+    ) -> Result<Response<RequeueDeadLetterResponse>, Status> {
+        unanswered()
+    }
+    async fn list_contract_ends(
+        &self,
+        _: Call<ListContractEndsRequest>,
+    ) -> Result<Response<ContractEndList>, Status> {
+        unanswered()
+    }
+    async fn list_audit_entries(
+        &self,
+        _: Call<ListProcessorAuditEntriesRequest>,
+    ) -> Result<Response<ProcessorAuditEntries>, Status> {
+        unanswered()
+    }
+    async fn list_audit_checkpoints(
+        &self,
+        _: Call<ListProcessorAuditCheckpointsRequest>,
+    ) -> Result<Response<ProcessorAuditCheckpoints>, Status> {
+        unanswered()
+    }
+}
+
+/// The stand-in processor, serving until dropped, and a folder holding the development PKI
+/// dsrctl finds in its working directory (as the operator).
+struct Processor {
+    dir: tempfile::TempDir,
+    endpoint: String,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Processor {
+    async fn start(tasks: Vec<ManualTask>) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = DevPki::ensure(&dir.path().join(".dsrelay/pki")).expect("dev pki");
+        let tls = pki
+            .files("processor")
+            .server_config()
+            .expect("processor tls");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = dsrelay_runtime::server::builder(tls)
+            .expect("server")
+            .add_service(ProcessorOperatorServiceServer::new(StandIn(Arc::new(
+                tasks,
+            ))))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                async {
+                    let _ = stopped.await;
+                },
+            );
+        tokio::spawn(server);
+        Self {
+            dir,
+            endpoint: format!("https://localhost:{port}"),
+            _stop: stop,
+        }
+    }
+
+    /// Runs `dsrctl tasks list` with `args` against the stand-in: exit code, stdout and
+    /// stderr.
+    async fn list(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_dsrctl"));
+        cmd.current_dir(self.dir.path())
+            .args(["tasks", "list", "--processor", &self.endpoint])
+            .args(args)
+            .stdin(Stdio::null());
+        for (name, _) in std::env::vars() {
+            if name.starts_with("DSRCTL_") {
+                cmd.env_remove(name);
+            }
+        }
+        let out = cmd.output().await.expect("running dsrctl");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+/// A task waiting for an operator, of `kind`, limited to `categories` (none: all data).
+fn task(
+    request_id: &str,
+    kind: RequestKind,
+    categories: &[&str],
+    parameters: RequestParameters,
+) -> ManualTask {
+    ManualTask {
+        task: Some(TaskRef {
+            controller: "controller".into(),
+            request_id: request_id.into(),
+            subprocessor: "archive".into(),
+        }),
+        kind: kind as i32,
+        identities: vec![SubjectIdentity {
+            r#type: IdentityType::Email as i32,
+            encoding: IdentityEncoding::Raw as i32,
+            value: "maija@example.fi".into(),
+            label: String::new(),
+        }],
+        scope: Some(Scope {
+            data_categories: categories.iter().map(|c| c.to_string()).collect(),
+        }),
+        parameters: Some(parameters),
+        state: TaskState::WaitingForOperator as i32,
+        instructions: "cabinet B2".into(),
+        ..Default::default()
+    }
+}
+
+fn correction(field: &str, new_value: &str) -> FieldCorrection {
+    FieldCorrection {
+        field: field.into(),
+        new_value: new_value.into(),
+    }
+}
+
+/// The row of `request_id` in a table.
+fn row<'a>(table: &'a str, request_id: &str) -> &'a str {
+    (table.lines())
+        .find(|l| l.split_whitespace().nth(1) == Some(request_id))
+        .unwrap_or_else(|| panic!("no row of {request_id} in\n{table}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_sees_the_scope_and_the_parameters_of_each_task() {
+    let processor = Processor::start(vec![
+        task(
+            "r-rectify",
+            RequestKind::Rectification,
+            &[],
+            RequestParameters {
+                corrections: vec![
+                    correction("phone", "+358 40 1234567"),
+                    correction("address", "Kotikatu 7"),
+                ],
+                ..Default::default()
+            },
+        ),
+        task(
+            "r-erase",
+            RequestKind::Erasure,
+            &["marketing", "contact"],
+            RequestParameters::default(),
+        ),
+        task(
+            "r-restrict",
+            RequestKind::Restriction,
+            &[],
+            RequestParameters::default(),
+        ),
+        task(
+            "r-lift",
+            RequestKind::Restriction,
+            &[],
+            RequestParameters {
+                lift_restriction: true,
+                ..Default::default()
+            },
+        ),
+        task(
+            "r-transfer",
+            RequestKind::Transfer,
+            &["invoicing"],
+            RequestParameters {
+                transfer_recipient: "successor-bureau".into(),
+                ..Default::default()
+            },
+        ),
+    ])
+    .await;
+
+    let (code, table, stderr) = processor.list(&[]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let header = table.lines().next().expect("a header");
+    assert!(
+        header.contains("SCOPE") && header.contains("PARAMETERS"),
+        "{table}"
+    );
+    let rectify = row(&table, "r-rectify");
+    assert!(
+        rectify.contains("all data")
+            && rectify.contains(r#"correct phone="+358 40 1234567", address="Kotikatu 7""#),
+        "{table}"
+    );
+    let erase = row(&table, "r-erase");
+    assert!(
+        erase.contains("marketing, contact") && !erase.contains("all data"),
+        "{table}"
+    );
+    assert!(
+        row(&table, "r-restrict").contains("set restriction"),
+        "{table}"
+    );
+    assert!(
+        row(&table, "r-lift").contains("lift restriction"),
+        "{table}"
+    );
+    let transfer = row(&table, "r-transfer");
+    assert!(
+        transfer.contains("invoicing") && transfer.contains(r#"to recipient "successor-bureau""#),
+        "{table}"
+    );
+
+    let (code, json, stderr) = processor.list(&["--output", "json"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&json).expect("json");
+    let tasks = doc["tasks"].as_array().expect("tasks");
+    let by_id = |id: &str| {
+        (tasks.iter())
+            .find(|t| t["request_id"] == id)
+            .unwrap_or_else(|| panic!("no {id} in {doc}"))
+    };
+    let rectify = by_id("r-rectify");
+    assert_eq!(rectify["all_data"], true, "{rectify}");
+    assert_eq!(
+        rectify["corrections"],
+        serde_json::json!([
+            {"field": "phone", "new_value": "+358 40 1234567"},
+            {"field": "address", "new_value": "Kotikatu 7"},
+        ]),
+        "{rectify}"
+    );
+    let erase = by_id("r-erase");
+    assert_eq!(erase["all_data"], false, "{erase}");
+    assert_eq!(
+        erase["data_categories"],
+        serde_json::json!(["marketing", "contact"]),
+        "{erase}"
+    );
+    assert_eq!(by_id("r-restrict")["lift_restriction"], false);
+    assert_eq!(by_id("r-lift")["lift_restriction"], true);
+    assert_eq!(
+        by_id("r-transfer")["transfer_recipient"],
+        "successor-bureau"
+    );
+}
