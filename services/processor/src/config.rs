@@ -9,7 +9,8 @@ pub use dsrelay_connectors::ConnectorConfig;
 pub use dsrelay_runtime::audit::signer::AuditConfig;
 use dsrelay_runtime::backoff::Backoff;
 use dsrelay_runtime::config::{
-    check_backoff, check_ms, ConfigErrors, MAX_CALL_TIMEOUT_MS, MAX_DURATION_MS, MAX_RETENTION_DAYS,
+    check_backoff, check_ms, check_signing_key, ConfigErrors, MAX_CALL_TIMEOUT_MS, MAX_DURATION_MS,
+    MAX_RETENTION_DAYS,
 };
 use dsrelay_runtime::settings::{Defaults, ServiceConfig, ServiceSettings};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -345,7 +346,19 @@ impl ServiceConfig for Config {
     }
 
     fn check(&self) -> Result<(), ConfigErrors> {
-        self.validate()
+        let mut errors = self.validate().err().map_or_else(Vec::new, |e| e.0);
+        // Read here, not only at start-up, so a bad key is reported with the other files.
+        if let Some(key) = &self.signing_key {
+            check_signing_key(&mut errors, "signing_key", key);
+        }
+        if let (true, Some(key)) = (self.audit.checkpoints, &self.audit.checkpoint_key) {
+            check_signing_key(&mut errors, "audit.checkpoint_key", key);
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
     }
 }
 
@@ -621,6 +634,9 @@ mod tests {
         for f in ["ca.pem", "processor.pem", "processor.key"] {
             std::fs::write(dir.path().join(f), "x").unwrap();
         }
+        dsrelay_runtime::signing::SigningKey::generate()
+            .write(&dir.path().join("processor-checkpoint.key"))
+            .unwrap();
         let file = dir.path().join("processor.toml");
         std::fs::write(
             &file,
@@ -734,11 +750,30 @@ mod tests {
     #[test]
     fn the_signing_key_is_found_beside_the_config_file() {
         let (dir, file) = folder("signing_key = \"keys/processor-signing.key\"");
+        std::fs::create_dir(dir.path().join("keys")).unwrap();
+        dsrelay_runtime::signing::SigningKey::generate()
+            .write(&dir.path().join("keys/processor-signing.key"))
+            .unwrap();
         let c = Config::load_from(Some(&file), env(&[])).unwrap();
         assert_eq!(
             c.signing_key,
             Some(dir.path().join("keys/processor-signing.key"))
         );
+    }
+
+    /// Key files are read with the TLS files, so every file problem shows in one round.
+    #[test]
+    fn unreadable_key_files_are_reported_with_the_tls_files() {
+        let (dir, file) = folder("signing_key = \"missing-signing.key\"");
+        std::fs::write(dir.path().join("processor-checkpoint.key"), "not a key").unwrap();
+        std::fs::remove_file(dir.path().join("processor.pem")).unwrap();
+        let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+        let starts = ["signing_key: ", "audit.checkpoint_key: ", "tls.cert: "];
+        assert_eq!(err.0.len(), starts.len(), "{err}");
+        for start in starts {
+            assert!(err.0.iter().any(|e| e.starts_with(start)), "{start}: {err}");
+        }
+        assert!(err.to_string().contains("missing-signing.key"), "{err}");
     }
 
     #[test]

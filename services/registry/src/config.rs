@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 pub use dsrelay_runtime::audit::signer::AuditConfig;
 use dsrelay_runtime::backoff::Backoff;
 use dsrelay_runtime::config::{
-    check_backoff, check_ms, ConfigErrors, MAX_CALL_TIMEOUT_MS, MAX_DURATION_MS, MAX_RETENTION_DAYS,
+    check_backoff, check_ms, check_signing_key, ConfigErrors, MAX_CALL_TIMEOUT_MS, MAX_DURATION_MS,
+    MAX_RETENTION_DAYS,
 };
 use dsrelay_runtime::settings::{Defaults, ServiceConfig, ServiceSettings};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -342,7 +343,16 @@ impl ServiceConfig for Config {
     }
 
     fn check(&self) -> Result<(), ConfigErrors> {
-        self.validate()
+        let mut errors = self.validate().err().map_or_else(Vec::new, |e| e.0);
+        // Read here, not only at start-up, so a bad key is reported with the other files.
+        if let (true, Some(key)) = (self.audit.checkpoints, &self.audit.checkpoint_key) {
+            check_signing_key(&mut errors, "audit.checkpoint_key", key);
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
     }
 }
 
@@ -620,6 +630,9 @@ mod tests {
         for f in ["ca.pem", "registry.pem", "registry.key"] {
             std::fs::write(dir.path().join(f), "x").unwrap();
         }
+        dsrelay_runtime::signing::SigningKey::generate()
+            .write(&dir.path().join("registry-signing.key"))
+            .unwrap();
         let file = dir.path().join("registry.toml");
         std::fs::write(
             &file,
@@ -896,6 +909,20 @@ mod tests {
         )
         .unwrap();
         assert!(!c.audit.checkpoints);
+    }
+
+    /// The checkpoint key is read with the TLS files, so every file problem shows in one
+    /// round.
+    #[test]
+    fn an_unreadable_checkpoint_key_is_reported_with_the_tls_files() {
+        let (dir, file) = folder("");
+        std::fs::remove_file(dir.path().join("registry-signing.key")).unwrap();
+        std::fs::remove_file(dir.path().join("registry.pem")).unwrap();
+        let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+        assert_eq!(err.0.len(), 2, "{err}");
+        assert!(err.0[0].starts_with("audit.checkpoint_key: "), "{err}");
+        assert!(err.0[0].contains("registry-signing.key"), "{err}");
+        assert!(err.0[1].starts_with("tls.cert: "), "{err}");
     }
 
     #[test]

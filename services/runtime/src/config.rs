@@ -87,6 +87,15 @@ pub fn check_backoff(errors: &mut Vec<String>, table: &str, backoff: &Backoff) {
     );
 }
 
+/// Adds a message naming `key` to `errors` when `path` holds no signing key this service can
+/// load (missing, unreadable, not an Ed25519 PKCS#8 PEM key), so that it is reported with
+/// the configuration's other problems rather than failing the start on its own later.
+pub fn check_signing_key(errors: &mut Vec<String>, key: &str, path: &Path) {
+    if let Err(e) = crate::signing::SigningKey::load(path) {
+        errors.push(format!("{key}: {e:#}"));
+    }
+}
+
 /// `ms` as `N ms`, followed by whole days or hours in parentheses when it is a multiple.
 fn describe_ms(ms: u64) -> String {
     const HOUR_MS: u64 = 3_600_000;
@@ -125,10 +134,95 @@ pub fn load<T: DeserializeOwned>(
     figment.extract().map_err(|e| {
         ConfigErrors(
             e.into_iter()
-                .map(|e| describe(&e, figment.find_metadata(&e.path.join("."))))
+                .map(|e| {
+                    let key = key_of(&e, &figment);
+                    describe(&e, &key, walk(&figment, &key).0)
+                })
                 .collect(),
         )
     })
+}
+
+/// The key an error is about. For an unknown key that is the key itself: figment's path
+/// stops at the table when the table was read through serde's buffered content (an
+/// internally tagged enum such as a connector), and a struct with a flattened part (a
+/// service's top level) reports its unknown keys as a plain message, path and all. Below a
+/// flattened table (`[tls]`) or a connector's own tables the path stops short of the
+/// key's table: the key is then looked for below the path, and named where it is found
+/// once; found nowhere or more than once, it is left unnamed rather than misplaced.
+fn key_of(e: &figment::Error, figment: &Figment) -> Vec<String> {
+    let mut key = e.path.clone();
+    if let Some(name) = unknown_key(&e.kind) {
+        if key.last().map(String::as_str) != Some(name) {
+            key.push(name.to_string());
+            if !walk(figment, &key).1 {
+                key.pop();
+                let mut found = Vec::new();
+                if let Ok(below) = figment.find_value(&key.join(".")) {
+                    find_key(&below, name, &mut key.clone(), &mut found);
+                }
+                if let [one] = &found[..] {
+                    key = one.clone();
+                }
+            }
+        }
+    }
+    key
+}
+
+/// Adds to `found` the path (from `at`) of every key `name` in `value`, at any depth.
+fn find_key(value: &Value, name: &str, at: &mut Vec<String>, found: &mut Vec<Vec<String>>) {
+    let children: Vec<(String, &Value)> = match value {
+        Value::Dict(_, dict) => dict.iter().map(|(k, v)| (k.clone(), v)).collect(),
+        Value::Array(_, array) => (array.iter().enumerate())
+            .map(|(i, v)| (i.to_string(), v))
+            .collect(),
+        _ => return,
+    };
+    for (segment, child) in children {
+        at.push(segment);
+        if at.last().map(String::as_str) == Some(name) {
+            found.push(at.clone());
+        }
+        find_key(child, name, at, found);
+        at.pop();
+    }
+}
+
+/// The name of the unknown key `kind` reports, if it reports one.
+fn unknown_key(kind: &figment::error::Kind) -> Option<&str> {
+    match kind {
+        figment::error::Kind::UnknownField(name, _) => Some(name),
+        // serde's own wording for a struct with a flattened field and `deny_unknown_fields`.
+        figment::error::Kind::Message(m) => m.strip_prefix("unknown field `")?.strip_suffix('`'),
+        _ => None,
+    }
+}
+
+/// The layer that set `key`, or the one that set the deepest table on its way, and whether
+/// the settings hold `key` itself. figment's own `find_metadata` cannot pass through arrays
+/// (`subprocessors.0.connector`).
+fn walk<'a>(figment: &'a Figment, key: &[String]) -> (Option<&'a Metadata>, bool) {
+    let Ok(mut value) = figment.find_value("") else {
+        return (None, false);
+    };
+    let mut tag = value.tag();
+    let mut found = 0;
+    for segment in key {
+        let inner = match value {
+            Value::Dict(_, mut dict) => dict.remove(segment),
+            Value::Array(_, array) => segment
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| array.into_iter().nth(i)),
+            _ => None,
+        };
+        let Some(inner) = inner else { break };
+        value = inner;
+        tag = value.tag();
+        found += 1;
+    }
+    (figment.get_metadata(tag), found == key.len())
 }
 
 /// The layers merged so far, and the problems of those that could not be read.
@@ -148,9 +242,10 @@ impl Layers {
         let layer = Figment::from(provider);
         match layer.data() {
             Ok(_) => self.figment = std::mem::take(&mut self.figment).merge(layer),
-            Err(e) => self
-                .problems
-                .extend(e.into_iter().map(|e| describe(&e, Some(&source)))),
+            Err(e) => self.problems.extend(
+                e.into_iter()
+                    .map(|e| describe(&e, &key_of(&e, &layer), Some(&source))),
+            ),
         }
     }
 }
@@ -203,13 +298,20 @@ impl Provider for Variable {
 /// `source` is the layer that set the key when known: an error's own metadata is that of
 /// the table it sits in, which may come from another layer (an unknown key set by a
 /// variable in a table from the file).
-fn describe(e: &figment::Error, source: Option<&Metadata>) -> String {
-    let key = e.path.join(".");
-    let what = match &e.kind {
-        figment::error::Kind::UnknownField(_, expected) => {
-            format!("unknown key; known here: {}", expected.join(", "))
-        }
-        kind => kind.to_string(),
+fn describe(e: &figment::Error, key: &[String], source: Option<&Metadata>) -> String {
+    let (key, what) = match &e.kind {
+        // The key names the unknown one, unless it could not be placed (see `key_of`).
+        figment::error::Kind::UnknownField(name, expected) => (
+            key.join("."),
+            if key.last() == Some(name) {
+                format!("unknown key; known here: {}", expected.join(", "))
+            } else {
+                format!("unknown key `{name}`; known here: {}", expected.join(", "))
+            },
+        ),
+        // serde's message names the key itself (and not the keys the struct knows, which
+        // serde does not tell for a struct with a flattened part): only its table is added.
+        kind => (e.path.join("."), kind.to_string()),
     };
     let source = source.or(e.metadata.as_ref()).map(|md| match &md.source {
         Some(Source::File(path)) => path.display().to_string(),
@@ -356,6 +458,96 @@ mod tests {
         assert_eq!(err.0.len(), 1, "{err}");
         assert!(
             err.0[0].starts_with(&format!("{}: key listen_port: unknown key", f.display())),
+            "{err}"
+        );
+    }
+
+    /// Shaped like a service's configuration: shared keys flattened in, and a table read
+    /// through serde's buffered content (an internally tagged enum, like a connector).
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    struct Service {
+        #[serde(flatten)]
+        _shared: Shared,
+        #[serde(default)]
+        _package_dir: Option<String>,
+        #[serde(default)]
+        _subprocessors: Vec<Subprocessor>,
+    }
+    #[derive(serde::Deserialize, Debug)]
+    struct Shared {
+        #[serde(default)]
+        _listen: Option<String>,
+        #[serde(default)]
+        _tls: Option<Tls>,
+    }
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    struct Tls {
+        #[serde(default)]
+        _cert: Option<String>,
+    }
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    struct Subprocessor {
+        _connector: Connector,
+    }
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    enum Connector {
+        Noop(#[allow(dead_code)] Noop),
+    }
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    struct Noop {
+        #[serde(default)]
+        _delay_ms: u64,
+    }
+
+    #[test]
+    fn every_unknown_key_is_named_with_its_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("s.toml");
+        let file = f.display();
+        std::fs::write(&f, "_pakage_dir = \"p\"\n").unwrap();
+        let err = load::<Service>(Some(&f), "APP", vars(&[])).unwrap_err();
+        assert_eq!(err.0, [format!("{file}: unknown field `_pakage_dir`")]);
+
+        let err = load::<Service>(None, "APP", vars(&[("APP___LISTN", "x")])).unwrap_err();
+        assert_eq!(
+            err.0,
+            ["environment variable APP___LISTN: unknown field `_listn`"]
+        );
+
+        std::fs::write(
+            &f,
+            "[[_subprocessors]]\n_connector = { type = \"noop\", urll = \"x\" }\n",
+        )
+        .unwrap();
+        let err = load::<Service>(Some(&f), "APP", vars(&[])).unwrap_err();
+        assert_eq!(
+            err.0,
+            [format!(
+                "{file}: key _subprocessors.0._connector.urll: unknown key; known here: _delay_ms"
+            )]
+        );
+
+        // Below a flattened part the path stops short: the key is found where it is.
+        std::fs::write(&f, "[_tls]\n_cerrt = \"x\"\n").unwrap();
+        let err = load::<Service>(Some(&f), "APP", vars(&[])).unwrap_err();
+        assert_eq!(
+            err.0,
+            [format!(
+                "{file}: key _tls._cerrt: unknown key; known here: _cert"
+            )]
+        );
+        // Where it could be more than one key, none is named.
+        std::fs::write(&f, "[_tls]\n_cerrt = \"x\"\n[_other]\n_cerrt = 1\n").unwrap();
+        let err = load::<Service>(Some(&f), "APP", vars(&[])).unwrap_err();
+        assert!(
+            err.0
+                .iter()
+                .any(|e| e.ends_with("unknown key `_cerrt`; known here: _cert")),
             "{err}"
         );
     }

@@ -41,7 +41,8 @@ use crate::tls::TlsFiles;
 pub trait ServiceConfig: DeserializeOwned + AsRef<ServiceSettings> {
     /// Resolves relative file paths against `dir`, the folder of the configuration file.
     fn relative_to(&mut self, dir: &Path);
-    /// Every problem that shows without looking at the file system, reported together.
+    /// Every problem of the settings themselves, reported together; a service may read the
+    /// key files it names here too, so that they are reported with the TLS files.
     fn check(&self) -> Result<(), ConfigErrors>;
 }
 
