@@ -43,7 +43,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::migrate::Migrator;
+use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::{AnyPool, ConnectOptions, Executor};
 
 /// How long a pooled connection may sit idle before it is checked (pinged) again when taken.
@@ -323,6 +323,7 @@ impl Db {
                     .await
             }
             Backend::Postgres => {
+                first_connection(&options, &url).await?;
                 pool_options()
                     .max_connections(16)
                     .connect_with(options.clone())
@@ -386,17 +387,149 @@ impl Db {
             Backend::Sqlite => sqlite,
             Backend::Postgres => postgres,
         };
-        migrator
-            .run(&self.pool)
-            .await
-            .context("applying migrations")?;
-        Ok(())
+        let Err(e) = migrator.run(&self.pool).await else {
+            return Ok(());
+        };
+        let hint = match &e {
+            MigrateError::VersionMismatch(_) | MigrateError::VersionMissing(_) => {
+                Some(self.unknown_migrations_hint(migrator).await)
+            }
+            // Only a refusal to create in a schema: 42501 is also a missing table
+            // privilege or ownership, which this grant would not cure.
+            _ if permission_denied(&e) && e.to_string().contains("schema") => {
+                let user = sqlx::query_scalar::<_, String>("SELECT CAST(current_user AS TEXT)")
+                    .fetch_one(&self.pool)
+                    .await
+                    .unwrap_or_else(|_| "<user>".to_string());
+                Some(format!(
+                    "the database user needs CREATE on the schema: GRANT USAGE, CREATE ON \
+                     SCHEMA public TO \"{user}\" (or make it the database's owner)"
+                ))
+            }
+            _ if permission_denied(&e) => Some(
+                "the database user lacks a privilege on tables already there (created by \
+                 another role?): make it the owner of the database and of its tables"
+                    .to_string(),
+            ),
+            _ => None,
+        };
+        match hint {
+            Some(hint) => {
+                Err(anyhow::Error::new(e).context(format!("applying migrations; {hint}")))
+            }
+            None => Err(anyhow::Error::new(e).context("applying migrations")),
+        }
+    }
+
+    /// Why the migrations applied to this database are not this service's: another
+    /// service's schema (none of them is one of ours), or one of ours edited since.
+    async fn unknown_migrations_hint(&self, migrator: &Migrator) -> String {
+        let applied = sqlx::query_as::<_, (i64, String, Vec<u8>)>(
+            "SELECT version, description, checksum FROM _sqlx_migrations ORDER BY version",
+        )
+        .fetch_all(&self.pool)
+        .await;
+        let ours = |(version, _, checksum): &(i64, String, Vec<u8>)| {
+            migrator
+                .iter()
+                .any(|m| m.version == *version && *m.checksum == checksum[..])
+        };
+        match applied {
+            Ok(applied) if !applied.is_empty() && !applied.iter().any(ours) => {
+                let names: Vec<String> = applied
+                    .iter()
+                    .take(3)
+                    .map(|(version, description, _)| format!("{version} {description}"))
+                    .collect();
+                let more = if applied.len() > 3 { ", ..." } else { "" };
+                format!(
+                    "this database holds another service's schema (migrations {}{more}, none of \
+                     them this service's): point database_url at this service's own database",
+                    names.join(", ")
+                )
+            }
+            Ok(applied) if !applied.is_empty() => "some migrations applied to this database \
+                 are not this build's: a migration file was edited after it was applied, or a \
+                 newer build migrated the database"
+                .to_string(),
+            _ => "the database may belong to another service (give each service its own), or \
+                  a migration file was edited after it was applied"
+                .to_string(),
+        }
     }
 
     /// This database's [`Backend::skip_locked`].
     pub fn skip_locked(&self) -> &'static str {
         self.backend.skip_locked()
     }
+}
+
+/// How long the first connection to a PostgreSQL server may take before the start fails,
+/// while the server refuses connections or says it is starting up. Shorter under test so
+/// that the refusal test does not wait the whole of it.
+const FIRST_CONNECTION_TIMEOUT: Duration = if cfg!(test) {
+    Duration::from_secs(2)
+} else {
+    Duration::from_secs(30)
+};
+
+/// Opens and closes one connection outside any pool, so that a start-up against a server
+/// that refuses or rejects it fails with the server's or the socket's own error: the pool
+/// would say only that it timed out. A refusal, or a server starting up (57P03) or full
+/// (53300), is tried again until [`FIRST_CONNECTION_TIMEOUT`], as the pool would, since
+/// services and their database are often started together; any other error (a wrong
+/// password, a missing database, a name that does not resolve) fails the start at once.
+async fn first_connection(options: &AnyConnectOptions, url: &str) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + FIRST_CONNECTION_TIMEOUT;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let error = match tokio::time::timeout(left, options.connect()).await {
+            Ok(Ok(connection)) => {
+                // A courtesy to the server; the pool opens its own connections.
+                let _ = sqlx::Connection::close(connection).await;
+                return Ok(());
+            }
+            Ok(Err(e)) => e,
+            Err(_) => bail!(
+                "connecting to {}: no connection within {} s",
+                redact(url),
+                FIRST_CONNECTION_TIMEOUT.as_secs()
+            ),
+        };
+        let passing = match &error {
+            sqlx::Error::Io(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+            sqlx::Error::Database(db) => {
+                matches!(db.code().as_deref(), Some("57P03" | "53300"))
+            }
+            _ => false,
+        };
+        if !passing {
+            bail!("connecting to {}: {error}", redact(url));
+        }
+        if tokio::time::Instant::now() + pause >= deadline {
+            bail!(
+                "connecting to {}: {error} (still so after {} s)",
+                redact(url),
+                FIRST_CONNECTION_TIMEOUT.as_secs()
+            );
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Whether migrating failed for want of a privilege (SQLSTATE 42501), such as CREATE on
+/// schema `public`, which PostgreSQL 15 and later no longer grant to every role.
+fn permission_denied(e: &MigrateError) -> bool {
+    let error = match e {
+        MigrateError::Execute(error) | MigrateError::ExecuteMigration(error, _) => error,
+        _ => return false,
+    };
+    error
+        .as_database_error()
+        .and_then(|db| db.code())
+        .is_some_and(|code| code == "42501")
 }
 
 fn prepare_sqlite_url(url: &str) -> Result<String> {
@@ -827,6 +960,73 @@ mod tests {
         assert_eq!(lookups("t", "true", &[]), "");
     }
 
+    /// A server that refuses the connection is named with the refusal, not with a pool's
+    /// timeout after its wait.
+    #[tokio::test]
+    async fn a_refused_postgres_connection_says_so() {
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let url = format!("postgres://dsrelay:secret@127.0.0.1:{port}/db");
+        let err = format!("{:#}", Db::connect(&url).await.err().unwrap());
+        assert!(err.contains("refused"), "{err}");
+        assert!(
+            err.contains(&format!("dsrelay:***@127.0.0.1:{port}/db")),
+            "{err}"
+        );
+        assert!(!err.contains("secret"), "{err}");
+        assert!(err.contains("still so after"), "{err}");
+    }
+
+    /// A server that starts listening while the service starts (both started together) is
+    /// waited for, as the pool would wait, not taken for a refusal.
+    #[tokio::test]
+    async fn a_server_that_comes_up_during_the_start_is_waited_for() {
+        let Some(server) = std::env::var("DSRELAY_TEST_POSTGRES_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+        else {
+            assert!(
+                !std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true")),
+                "PostgreSQL is required in CI: set DSRELAY_TEST_POSTGRES_URL"
+            );
+            eprintln!("SKIPPED on PostgreSQL: DSRELAY_TEST_POSTGRES_URL is not set");
+            return;
+        };
+        let (scheme, rest) = server.split_once("://").unwrap();
+        let at = rest.rfind('@').map_or(0, |at| at + 1);
+        let (user, after) = rest.split_at(at);
+        let (host, path) = after.split_once('/').unwrap_or((after, ""));
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        // A forwarder to the real server that starts listening only after a while.
+        let target = host.to_string();
+        let forwarder = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .unwrap();
+            loop {
+                let (mut inbound, _) = listener.accept().await.unwrap();
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let mut outbound = tokio::net::TcpStream::connect(&target).await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                });
+            }
+        });
+        let url = format!("{scheme}://{user}127.0.0.1:{port}/{path}");
+        let db = Db::connect(&url)
+            .await
+            .expect("connected once the server listened");
+        sqlx::query("SELECT 1").execute(&db.pool).await.unwrap();
+        db.close().await;
+        forwarder.abort();
+    }
+
     #[test]
     fn sqlite_urls_get_create_mode() {
         let dir = tempfile::tempdir().unwrap();
@@ -834,6 +1034,145 @@ mod tests {
         let prepared = prepare_sqlite_url(&url).unwrap();
         assert!(prepared.ends_with("?mode=rwc"));
         assert!(dir.path().join("sub").is_dir());
+    }
+}
+
+#[cfg(test)]
+mod migrate_tests {
+    use std::borrow::Cow;
+
+    use sqlx::migrate::{Migration, MigrationType};
+
+    use super::*;
+
+    fn migrator(steps: &[(i64, &'static str, &'static str)]) -> Migrator {
+        let migrations = steps
+            .iter()
+            .map(|&(version, description, sql)| {
+                Migration::new(
+                    version,
+                    description.into(),
+                    MigrationType::Simple,
+                    sql.into(),
+                    false,
+                )
+            })
+            .collect();
+        Migrator {
+            migrations: Cow::Owned(migrations),
+            ..Migrator::DEFAULT
+        }
+    }
+
+    async fn sqlite(dir: &tempfile::TempDir) -> Db {
+        let url = format!("sqlite://{}", dir.path().join("m.db").display());
+        Db::connect(&url).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn another_services_database_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sqlite(&dir).await;
+        let registry = migrator(&[(1, "registry init", "CREATE TABLE deliveries (id BIGINT)")]);
+        db.migrate(&registry, &registry).await.unwrap();
+        let processor = migrator(&[(1, "processor init", "CREATE TABLE tasks (id BIGINT)")]);
+        let err = format!(
+            "{:#}",
+            db.migrate(&processor, &processor).await.unwrap_err()
+        );
+        assert!(
+            err.contains(
+                "this database holds another service's schema (migrations 1 registry init, none \
+                 of them this service's): point database_url at this service's own database"
+            ),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_edited_migration_is_told_apart_from_another_service() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sqlite(&dir).await;
+        let before = migrator(&[
+            (1, "init", "CREATE TABLE a (id BIGINT)"),
+            (2, "more", "CREATE TABLE b (id BIGINT)"),
+        ]);
+        db.migrate(&before, &before).await.unwrap();
+        let edited = migrator(&[
+            (1, "init", "CREATE TABLE a (id BIGINT)"),
+            (2, "more", "CREATE TABLE b (id BIGINT, x TEXT)"),
+        ]);
+        let err = format!("{:#}", db.migrate(&edited, &edited).await.unwrap_err());
+        assert!(err.contains("a migration file was edited"), "{err}");
+        assert!(!err.contains("another service"), "{err}");
+    }
+
+    /// A plain login role on a database it does not own (PostgreSQL 15 and later grant it
+    /// no CREATE on `public`) is told the grant it needs, and that grant is enough.
+    #[tokio::test]
+    async fn a_role_without_create_is_told_the_grant() {
+        let Some(server) = std::env::var("DSRELAY_TEST_POSTGRES_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+        else {
+            assert!(
+                !std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true")),
+                "PostgreSQL is required in CI: set DSRELAY_TEST_POSTGRES_URL"
+            );
+            eprintln!("SKIPPED on PostgreSQL: DSRELAY_TEST_POSTGRES_URL is not set");
+            return;
+        };
+        let suffix = format!("{:016x}", fastrand::u64(..));
+        let (name, role) = (format!("grants_{suffix}"), format!("plain_{suffix}"));
+        let admin = Db::connect(&server).await.unwrap();
+        for sql in [
+            format!("CREATE DATABASE \"{name}\""),
+            format!("CREATE ROLE \"{role}\" LOGIN PASSWORD 'pw'"),
+        ] {
+            sqlx::query(&sql).execute(&admin.pool).await.unwrap();
+        }
+        let owner = Db::connect(&format!("{}/{name}", server.rsplit_once('/').unwrap().0))
+            .await
+            .unwrap();
+        // What PostgreSQL 15 and later do by themselves; older servers grant it to all.
+        sqlx::query("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+            .execute(&owner.pool)
+            .await
+            .unwrap();
+        let (scheme, rest) = server.split_once("://").unwrap();
+        let host = rest[rest.rfind('@').map_or(0, |at| at + 1)..]
+            .split('/')
+            .next()
+            .unwrap();
+        let steps = migrator(&[(1, "init", "CREATE TABLE t (id BIGINT)")]);
+
+        let db = Db::connect(&format!("{scheme}://{role}:pw@{host}/{name}"))
+            .await
+            .unwrap();
+        let err = format!("{:#}", db.migrate(&steps, &steps).await.unwrap_err());
+        assert!(
+            err.contains(&format!(
+                "the database user needs CREATE on the schema: GRANT USAGE, CREATE ON SCHEMA \
+                 public TO \"{role}\""
+            )),
+            "{err}"
+        );
+        sqlx::query(&format!(
+            "GRANT USAGE, CREATE ON SCHEMA public TO \"{role}\""
+        ))
+        .execute(&owner.pool)
+        .await
+        .unwrap();
+        db.migrate(&steps, &steps).await.unwrap();
+
+        db.close().await;
+        owner.close().await;
+        for sql in [
+            format!("DROP DATABASE \"{name}\""),
+            format!("DROP ROLE \"{role}\""),
+        ] {
+            sqlx::query(&sql).execute(&admin.pool).await.unwrap();
+        }
     }
 }
 
