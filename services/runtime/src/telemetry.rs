@@ -10,8 +10,12 @@
 //! calls to processors still name the request's trace in a `traceparent` of their own, and
 //! other calls (a processor's to its adapters) carry none.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use tracing_subscriber::{fmt, prelude::*, EnvFilter};
 
 /// The standard OpenTelemetry variables the services read (directly or through the
@@ -64,10 +68,82 @@ fn otlp_requested() -> bool {
         && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 }
 
+/// The collector traces go to, as the exporter resolves it: the traces variable first.
+fn otlp_endpoint() -> String {
+    [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]
+    .iter()
+    .filter_map(|n| std::env::var(n).ok())
+    .map(|v| v.trim().to_string())
+    .find(|v| !v.is_empty())
+    // Logged: a password in the address stays out of the logs.
+    .map(|v| crate::store::redact(&v))
+    .unwrap_or_default()
+}
+
+/// A span exporter that reports its failures once: a WARN at the first failed export,
+/// nothing more while exports keep failing, an INFO when one succeeds again. The SDK's batch
+/// processor would log an ERROR for every failed batch, every few seconds while a collector
+/// is down, so the failure is not handed on to it; the spans of a failed batch are dropped
+/// either way.
+#[derive(Debug)]
+struct ReportingExporter<E> {
+    inner: E,
+    endpoint: String,
+    failing: AtomicBool,
+}
+
+impl<E> ReportingExporter<E> {
+    fn new(inner: E, endpoint: String) -> Self {
+        Self {
+            inner,
+            endpoint,
+            failing: AtomicBool::new(false),
+        }
+    }
+}
+
+impl<E: SpanExporter> SpanExporter for ReportingExporter<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        match self.inner.export(batch).await {
+            Ok(()) => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!(endpoint = %self.endpoint, "traces are exported again");
+                }
+            }
+            Err(e) => {
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        endpoint = %self.endpoint,
+                        "traces could not be exported, and are dropped until an export \
+                         succeeds (not logged again until then): {e}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
 fn tracer_provider(service_name: &str) -> anyhow::Result<SdkTracerProvider> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .build()?;
+    let exporter = ReportingExporter::new(exporter, otlp_endpoint());
     let mut resource = opentelemetry_sdk::Resource::builder();
     if std::env::var("OTEL_SERVICE_NAME").is_err() {
         resource = resource.with_service_name(service_name.to_string());
@@ -119,6 +195,74 @@ pub fn init(json: bool, service_name: &str) -> Telemetry {
     }
     if let Some(p) = &provider {
         opentelemetry::global::set_tracer_provider(p.clone());
+        tracing::info!(endpoint = %otlp_endpoint(), "traces are exported over OTLP/gRPC");
     }
     Telemetry { provider }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry_sdk::error::OTelSdkError;
+
+    use super::*;
+
+    /// An exporter whose exports succeed or fail as scripted.
+    #[derive(Debug)]
+    struct Scripted(Mutex<VecDeque<bool>>);
+
+    impl SpanExporter for Scripted {
+        async fn export(&self, _batch: Vec<SpanData>) -> OTelSdkResult {
+            match self.0.lock().unwrap().pop_front() {
+                Some(true) => Ok(()),
+                _ => Err(OTelSdkError::InternalFailure("Connection refused".into())),
+            }
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_collector_is_reported_once_per_outage() {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let script = [false, false, false, true, true, false, false];
+        let exporter = ReportingExporter::new(
+            Scripted(Mutex::new(script.into())),
+            "http://127.0.0.1:4317".to_string(),
+        );
+        for _ in script {
+            assert!(exporter.export(Vec::new()).await.is_ok());
+        }
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let logged: Vec<&str> = text.lines().collect();
+        assert_eq!(logged.len(), 3, "{text}");
+        for (line, level, what) in [
+            (logged[0], "WARN", "traces could not be exported"),
+            (logged[1], "INFO", "traces are exported again"),
+            (logged[2], "WARN", "traces could not be exported"),
+        ] {
+            assert!(line.contains(level) && line.contains(what), "{text}");
+            assert!(line.contains("endpoint=http://127.0.0.1:4317"), "{text}");
+        }
+        assert!(logged[0].contains("Connection refused"), "{text}");
+    }
 }
