@@ -234,6 +234,91 @@ async fn manual_tasks_wait_for_an_operator_who_confirms_with_evidence() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_evidence_or_reason_naming_the_subject_is_refused() {
+    const ADDRESS: &str = "tiina.todiste@example.fi";
+    let pair = spawn_pair(PairOptions {
+        holders: vec![Holder::PaperArchive],
+        ..Default::default()
+    })
+    .await
+    .expect("pair");
+    let mut crm = pair.client("partner-crm");
+    let mut req = erasure(ADDRESS);
+    req.scope = Some(Scope {
+        data_categories: vec!["archive".into()],
+    });
+    let r = crm.submit(req).await.expect("submit").into_inner();
+    wait_until(&mut crm, &r.request_id, Duration::from_secs(20), |v| {
+        v.tasks
+            .iter()
+            .any(|t| t.state == TaskState::WaitingForOperator as i32)
+    })
+    .await;
+    let mut ops = ProcessorOperatorServiceClient::new(pair.channel_to_processor("operator"));
+    let task = ops
+        .list_manual_tasks(ListManualTasksRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .tasks[0]
+        .task
+        .clone();
+    let shouted = ADDRESS.to_uppercase();
+    let complete = |not_found: bool, note: String| CompleteManualTaskRequest {
+        task: task.clone(),
+        not_found,
+        records_affected: 1,
+        evidence_note: note,
+    };
+    // Done, nothing found, refused: each text naming the subject's address (in any case) is
+    // refused, saying which kind of identity it holds and never the value.
+    let refusals = [
+        ops.complete_manual_task(complete(false, format!("shredded the folder of {shouted}")))
+            .await,
+        ops.complete_manual_task(complete(true, format!("no folder for <{ADDRESS}>.")))
+            .await,
+        ops.refuse_manual_task(RefuseManualTaskRequest {
+            task: task.clone(),
+            reason: format!("{ADDRESS} has a legal hold"),
+        })
+        .await,
+    ];
+    for (refused, field) in refusals
+        .into_iter()
+        .zip(["evidence_note", "evidence_note", "reason"])
+    {
+        let refused = refused.expect_err("a text naming the subject");
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        let said = format!("{refused:?}").to_lowercase();
+        assert!(
+            said.contains(field) && said.contains("e-mail address"),
+            "{said}"
+        );
+        assert!(!said.contains("tiina.todiste"), "{said}");
+    }
+    // The task still waits, and evidence without the address is taken.
+    let done = ops
+        .complete_manual_task(complete(false, "shredded folder 2019/14".into()))
+        .await
+        .expect("complete")
+        .into_inner();
+    assert_eq!(done.state, TaskState::Completed as i32);
+    let view = wait_until(
+        &mut crm,
+        &r.request_id,
+        Duration::from_secs(20),
+        in_state(RequestState::Completed),
+    )
+    .await;
+    let note = &view.tasks[0].evidence.as_ref().expect("evidence").note;
+    assert!(
+        note.contains("2019/14") && !note.contains("tiina"),
+        "{note}"
+    );
+    pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unsupported_kind_is_refused_with_the_reason() {
     // The newsletter is configured for erasure alone: a restriction is refused without
     // calling it.
