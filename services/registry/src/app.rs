@@ -145,6 +145,7 @@ impl App {
             );
         }
         let (events, _) = broadcast::channel(1024);
+        warn_of_unconfigured_processors(&db, &config).await;
         let store = Store::new(db, &identity_hash_key);
         let (intake, intake_writer) = intake::channel(store.clone());
         let packages = Packages::new(
@@ -306,6 +307,64 @@ impl App {
     }
 }
 
+/// Warns, one line per name, of a processor that requests name but `[[processors]]` no
+/// longer has, as after a rename: the stored rows keep the old name, so nothing queued for
+/// it is sent and its acknowledgements are rejected as not routed to it. A request counts
+/// while it is open and has a delivery or task for the name, or, whatever its state, while
+/// a delivery to the name is still PENDING (a cancelled request's Cancel, say). One query.
+async fn warn_of_unconfigured_processors(db: &Db, config: &Config) {
+    use dsrelay_proto::v1::RequestState as S;
+    // Every state a processor may still report on: all but COMPLETED and CANCELLED (FAILED
+    // is open, and PARTIALLY_COMPLETED's retained tasks are still erased and reported).
+    let open = [
+        S::Received,
+        S::Dispatched,
+        S::InProgress,
+        S::PartiallyCompleted,
+        S::Failed,
+    ]
+    .map(|s| (s as i32).to_string())
+    .join(", ");
+    // Our own enum values, written into the SQL so the index on the state serves the first
+    // two arms. Deliveries have no state column: the third arm takes the rows the views
+    // (api::views::delivery) show as PENDING, neither done (delivered or withdrawn) nor
+    // dead-lettered.
+    let sql = format!(
+        "SELECT processor, COUNT(DISTINCT request_id) FROM (\
+         SELECT d.request_id, d.processor FROM deliveries d \
+         JOIN requests r ON r.id = d.request_id WHERE r.state IN ({open}) \
+         UNION ALL SELECT t.request_id, t.processor FROM tasks t \
+         JOIN requests r ON r.id = t.request_id WHERE r.state IN ({open}) \
+         UNION ALL SELECT request_id, processor FROM deliveries \
+         WHERE done_at IS NULL AND dead_lettered_at IS NULL\
+         ) named GROUP BY processor"
+    );
+    let named: Vec<(String, i64)> = match sqlx::query_as(&sql).fetch_all(&db.reader).await {
+        Ok(named) => named,
+        Err(e) => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "checking which processors requests name failed; the registry starts \
+                 without it"
+            );
+            return;
+        }
+    };
+    for (processor, requests) in named {
+        if config.processors.iter().any(|p| p.name == processor) {
+            continue;
+        }
+        tracing::warn!(
+            processor,
+            requests,
+            "requests name a processor [[processors]] no longer has (renamed?): nothing \
+             queued for it is sent and its acknowledgements of them are rejected; give it \
+             back this name in [[processors]] (cancelling the requests ends them, but queues \
+             a Cancel for this name, which is not sent either)"
+        );
+    }
+}
+
 /// Who sees what in server reflection: each role only the services it may call.
 fn reflection_roles(config: &Config) -> Vec<ReflectionRole> {
     use dsrelay_proto::v1::{
@@ -361,4 +420,153 @@ fn reflection_roles(config: &Config) -> Vec<ReflectionRole> {
             services: vec![acks::SERVICE_NAME, uploads::SERVICE_NAME],
         },
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use dsrelay_proto::v1::{RequestKind, RequestState};
+    use dsrelay_runtime::pki::{dev_identity, DevPki};
+    use dsrelay_runtime::testing::captured_logs;
+    use serde_json::Value;
+
+    use super::*;
+    use crate::store::NewRequest;
+    use crate::test_postgres::on_postgres;
+
+    /// A request `id` routed to `processors`.
+    async fn request(store: &Store, id: &str, processors: &[&str]) {
+        store
+            .insert_request(&NewRequest {
+                id: id.into(),
+                partner: "crm".into(),
+                idempotency_key: format!("key-{id}"),
+                body_hash: format!("hash-{id}"),
+                body: b"{}".to_vec(),
+                identity_hashes: "[\"h\"]".into(),
+                kind: RequestKind::Erasure as i32,
+                received_at: 0,
+                due_at: 1_000_000,
+                trace_id: "0".repeat(32),
+                traceparent: None,
+                processors: processors.iter().map(|p| p.to_string()).collect(),
+            })
+            .await
+            .expect("request");
+    }
+
+    /// Requests whose deliveries or tasks name processors the configuration has dropped
+    /// (`old-bureau`, renamed to `payroll-bureau`; `gone-bureau`, named only by a task): one
+    /// warning per name at start, counting the open requests and a cancelled one whose
+    /// Cancel to `old-bureau` is still queued, not a finished one nor a cancelled one whose
+    /// Cancel went out. Before, the registry started without a word, and then left out the
+    /// cancelled request. The names end in a suffix of this run's own, since under
+    /// `cargo test` the lines of the other variant are captured too.
+    async fn dropped_processors_are_warned_of_at_start(url: &str, dir: &std::path::Path) {
+        let logs = captured_logs();
+        let suffix = format!("-{:08x}", fastrand::u32(..));
+        let [old, payroll, gone] =
+            ["old-bureau", "payroll-bureau", "gone-bureau"].map(|n| format!("{n}{suffix}"));
+        {
+            let db = Db::connect(url).await.expect("db");
+            db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+                .await
+                .expect("migrate");
+            let store = Store::new(db, b"k");
+            request(&store, "open-1", &[old.as_str(), &payroll]).await;
+            request(&store, "open-2", &[&old]).await;
+            request(&store, "open-3", &[&payroll]).await;
+            request(&store, "done", &[&old]).await;
+            request(&store, "cancelled", &[&old]).await;
+            request(&store, "cancel-sent", &[&old]).await;
+            for id in ["cancelled", "cancel-sent"] {
+                let outcome = store.cancel(id, "asked to", 0).await.expect("cancel");
+                assert_eq!(outcome, crate::store::CancelOutcome::Cancelled, "{id}");
+            }
+            let db = store.db();
+            sqlx::query("UPDATE requests SET state = $1 WHERE id = 'done'")
+                .bind(RequestState::Completed as i64)
+                .execute(&db.pool)
+                .await
+                .expect("finish one");
+            sqlx::query(
+                "UPDATE deliveries SET done_at = 0 \
+                 WHERE request_id IN ('done', 'cancel-sent') AND done_at IS NULL",
+            )
+            .execute(&db.pool)
+            .await
+            .expect("deliver");
+            sqlx::query(
+                "INSERT INTO tasks (request_id, processor, subprocessor, state, sequence, \
+                 updated_at) VALUES ('open-3', $1, 'archive', 2, 1, 0)",
+            )
+            .bind(&gone)
+            .execute(&db.pool)
+            .await
+            .expect("a task");
+            db.pool.close().await;
+        }
+        let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
+        let tls = pki.files("registry");
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\ndatabase_url = {url:?}\n\
+             identity_hash_key = \"k\"\npackage_dir = {:?}\n\
+             [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
+             [audit]\ncheckpoint_key = {:?}\ncheckpoint_file = {:?}\n\
+             [[identities]]\nidentity = {:?}\nrole = \"partner\"\nname = \"crm\"\n\
+             [[processors]]\nname = {payroll:?}\nendpoint = \"https://localhost:1\"\n\
+             identity = {:?}\ncategories = [\"contact\"]\n",
+            dir.join("packages"),
+            tls.ca,
+            tls.cert,
+            tls.key,
+            pki.signing_key("registry"),
+            dir.join("audit/checkpoints.jsonl"),
+            dev_identity("partner", "crm"),
+            dev_identity("processor", &payroll),
+        );
+        let file = dir.join("registry.toml");
+        std::fs::write(&file, text).expect("config file");
+        let config = Config::load_from(Some(&file), Vec::new()).expect("config");
+        let _app = App::build(config).await.expect("app");
+
+        let mut warned: Vec<(String, i64)> = logs
+            .text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| {
+                l["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("requests name a processor"))
+                    && l["fields"]["processor"]
+                        .as_str()
+                        .is_some_and(|p| p.ends_with(&suffix))
+            })
+            .map(|l| {
+                assert_eq!(l["level"], "WARN", "{l}");
+                let message = l["fields"]["message"].as_str().unwrap_or_default();
+                assert!(message.contains("give it back this name"), "{l}");
+                (
+                    l["fields"]["processor"].as_str().unwrap_or_default().into(),
+                    l["fields"]["requests"].as_i64().unwrap_or(-1),
+                )
+            })
+            .collect();
+        warned.sort();
+        assert_eq!(warned, [(gone, 1), (old, 3)]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropped_processors_are_warned_of_at_start_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        dropped_processors_are_warned_of_at_start(&url, dir.path()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropped_processors_are_warned_of_at_start_on_postgres() {
+        on_postgres(|url, dir| async move {
+            dropped_processors_are_warned_of_at_start(&url, &dir).await;
+        })
+        .await;
+    }
 }

@@ -530,18 +530,20 @@ pub(crate) fn is_refusal(code: tonic::Code) -> bool {
 /// Records a failed attempt: the delivery's `last_error` and the request's DELIVERY_FAILED
 /// event hold all that was `said` (until the request is forgotten); the log line holds the
 /// code and only a keyed hash of the processor's message, which may quote the subject (a
-/// holder's answer naming an address), and says where to read it.
+/// holder's answer naming an address), and says where to read it. The line is written once
+/// the store said what became of the row: only an attempt that will be retried names when.
 async fn record_failure(shared: &Shared, job: &DeliveryJob, said: &Said, refused: bool) {
     shared.metrics.delivery_failures.inc(&[&job.processor]);
     let attempt = u32::try_from(job.attempts + 1).unwrap_or(u32::MAX);
     let delay = shared.config.delivery.backoff.delay(attempt);
     let now = shared.clock.now_ms();
     let logged = said.logged(&shared.identity_hash_key);
-    tracing::warn!(
-        error = %logged,
-        retry_in_ms = delay.as_millis() as u64,
-        "delivery failed; `dsrctl get` shows the whole error until the request is forgotten"
-    );
+    let failed = || {
+        tracing::warn!(
+            error = %logged,
+            "delivery failed; `dsrctl get` shows the whole error until the request is forgotten"
+        )
+    };
     let max_refusals = refused.then_some(shared.config.delivery.max_refusals);
     let error = said.full();
     match shared
@@ -566,17 +568,26 @@ async fn record_failure(shared: &Shared, job: &DeliveryJob, said: &Said, refused
                  error until the request is forgotten"
             );
         }
-        Ok(FailureRecorded::Retrying) => {}
+        Ok(FailureRecorded::Retrying) => tracing::warn!(
+            error = %logged,
+            retry_in_ms = delay.as_millis() as u64,
+            "delivery failed; `dsrctl get` shows the whole error until the request is forgotten"
+        ),
         Ok(FailureRecorded::LeaseLost) => {
+            failed();
             tracing::warn!("lease lost to another claim; the failed attempt is not recorded")
         }
         Ok(FailureRecorded::Withdrawn) => {
+            failed();
             tracing::info!("the request was cancelled during the attempt; it is not sent again")
         }
-        Err(e) => tracing::error!(
-            error = format!("{e:#}"),
-            "recording a delivery failure failed"
-        ),
+        Err(e) => {
+            failed();
+            tracing::error!(
+                error = format!("{e:#}"),
+                "recording a delivery failure failed"
+            )
+        }
     }
     shared.publish(&job.request_id);
 }

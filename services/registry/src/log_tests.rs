@@ -287,9 +287,13 @@ async fn a_processors_answer_stays_out_of_the_logs(database_url: &str, dir: &std
     let text = logs.text();
     let leak = text.lines().find(|l| l.contains(LOCAL_PART));
     assert!(leak.is_none(), "a log line quotes the processor: {leak:?}");
+    // Two refusals: the first is retried and says when; the second dead-letters the row and
+    // says only that (it used to log a retry too, which never came).
     let failed = logged(&logs, "delivery failed", Some(&id));
-    assert_eq!(failed.len(), 2, "{failed:#?}");
+    assert_eq!(failed.len(), 1, "{failed:#?}");
+    assert!(failed[0]["fields"]["retry_in_ms"].is_u64(), "{failed:#?}");
     let dead = logged(&logs, "delivery dead-lettered", Some(&id));
+    assert_eq!(dead.len(), 1, "{dead:#?}");
     for line in failed.iter().chain(&dead) {
         let error = line["fields"]["error"].as_str().unwrap_or_default();
         assert!(
@@ -303,6 +307,69 @@ async fn a_processors_answer_stays_out_of_the_logs(database_url: &str, dir: &std
     let error = chain_line["fields"]["error"].as_str().unwrap_or_default();
     assert!(error.starts_with("Internal: "), "{chain_line}");
     assert_eq!(chain_line["fields"]["processor"], PROCESSOR);
+    registry.stop().await;
+}
+
+/// Acknowledgements of requests never delivered to the processor: the log line says why
+/// they were rejected and for which request, when the id is one this registry gives, and
+/// never the text a processor sent in its place (here the subject's address). Before, it
+/// carried only `first_code="PermissionDenied"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledgements_rejected_are_logged_with_their_reason_and_request() {
+    use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceClient;
+    use dsrelay_proto::v1::{AcknowledgeRequest, Acknowledgement, TaskState};
+
+    let logs = captured_logs();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/registry.db", dir.path().display());
+    let registry = Registry::start(dir.path(), &url).await;
+    let mut acks = AcknowledgementServiceClient::new(registry.channel("processor"));
+    let ack = |request_id: &str| Acknowledgement {
+        request_id: request_id.into(),
+        subprocessor: "accounting".into(),
+        sequence: 1,
+        state: TaskState::InProgress as i32,
+        ..Default::default()
+    };
+    let unknown = uuid::Uuid::now_v7().to_string();
+    for id in [unknown.as_str(), ADDRESS] {
+        let answer = acks
+            .acknowledge(AcknowledgeRequest {
+                acknowledgements: vec![ack(id)],
+            })
+            .await
+            .expect("acknowledge")
+            .into_inner();
+        assert_eq!(answer.rejected.len(), 1, "{answer:?}");
+    }
+    // Other tests of the process reject acknowledgements too, of their own requests: this
+    // test's lines are the one naming its unknown id and the one with the placeholder (an
+    // id that is no UUID, as no other test sends).
+    let placeholder = "(not a request id this registry gives)";
+    let rejected = logged(&logs, "acknowledgements rejected", None);
+    for request_id in [unknown.as_str(), placeholder] {
+        let lines: Vec<&Value> = rejected
+            .iter()
+            .filter(|l| l["fields"]["request_id"] == request_id)
+            .collect();
+        assert_eq!(lines.len(), 1, "{request_id}: {lines:#?}");
+        assert_eq!(
+            lines[0]["fields"]["first_code"], "PermissionDenied",
+            "{}",
+            lines[0]
+        );
+        assert_eq!(
+            lines[0]["fields"]["first_reason"], "not_routed",
+            "{}",
+            lines[0]
+        );
+    }
+    let leak = logs
+        .text()
+        .lines()
+        .find(|l| l.contains(LOCAL_PART))
+        .map(str::to_owned);
+    assert!(leak.is_none(), "a log line quotes the processor: {leak:?}");
     registry.stop().await;
 }
 

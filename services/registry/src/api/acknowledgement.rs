@@ -129,26 +129,39 @@ impl AcknowledgementService for Api {
             });
         }
         rejected.sort_by_key(|r| r.index);
-        for r in &rejected {
-            let reason = if r.code == tonic::Code::PermissionDenied as i32 {
+        let reason = |r: &RejectedAcknowledgement| {
+            if r.code == tonic::Code::PermissionDenied as i32 {
                 REJECTED_NOT_ROUTED
             } else {
                 REJECTED_INVALID
-            };
+            }
+        };
+        for r in &rejected {
             self.shared
                 .metrics
                 .acknowledgements_rejected
-                .inc(&[&processor, reason]);
+                .inc(&[&processor, reason(r)]);
         }
         if let Some(first) = rejected.first() {
-            // Not the first one's message: it names the request id the processor sent, which
-            // for an acknowledgement not routed here is whatever text the processor put
-            // there. The processor gets every rejection whole in its answer.
+            // Not the first one's message, nor its request id as sent: for an acknowledgement
+            // not routed here that is whatever text the processor put there, which may be
+            // the subject's address. The id is logged when it is one this registry gives (a
+            // UUID), and the reason as the metric's label. The processor gets every rejection
+            // whole in its answer.
+            let sent = all
+                .get(first.index as usize)
+                .map_or("", |a| a.request_id.as_str());
+            let request_id = match uuid::Uuid::try_parse(sent) {
+                Ok(id) if id.to_string() == sent => sent,
+                _ => "(not a request id this registry gives)",
+            };
             tracing::warn!(
                 rejected = rejected.len(),
                 first_index = first.index,
                 first_code = ?tonic::Code::from_i32(first.code),
+                first_reason = reason(first),
                 first_violations = first.violations.len(),
+                request_id,
                 "acknowledgements rejected"
             );
         }
