@@ -12,7 +12,10 @@ Connection settings: each is taken from the first of
   2. the environment: DSRCTL_ENDPOINT, DSRCTL_CA, DSRCTL_CERT, DSRCTL_KEY, DSRCTL_CRL,
      DSRCTL_SERVER_IDENTITY (empty values count as unset)
   3. the config file named by --config or DSRCTL_CONFIG: TOML with the keys endpoint, ca,
-     cert, key, crl, server_identity; relative paths there are relative to the file's folder
+     cert, key, crl, crl_if_present, server_identity; relative paths there are relative to
+     the file's folder. crl_if_present is a revocation list used once the file exists, as
+     the development PKI's crl.pem is (the dsrctl.toml `dsrctl dev up` writes names it);
+     crl, which wins over it, must exist
   4. defaults: endpoint https://127.0.0.1:50051, no revocation list. When none of ca, cert
      and key is given anywhere and ./.dsrelay/pki/operator.pem exists, the development PKI
      in ./.dsrelay/pki is used (ca.pem, operator.pem, operator.key, and crl.pem once
@@ -84,7 +87,8 @@ pub struct ConnectionArgs {
     #[arg(long, global = true, value_name = "URI")]
     pub server_identity: Option<String>,
 
-    /// TOML file with endpoint, ca, cert, key, crl, server_identity [env: DSRCTL_CONFIG]
+    /// TOML file with endpoint, ca, cert, key, crl, crl_if_present, server_identity [env:
+    /// DSRCTL_CONFIG]
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }

@@ -109,6 +109,9 @@ struct FileSettings {
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     crl: Option<PathBuf>,
+    /// A revocation list checked once the file exists, as the development PKI's
+    /// `crl.pem` is: `dsrctl pki revoke` writes it later. `crl` names one that must exist.
+    crl_if_present: Option<PathBuf>,
     server_identity: Option<String>,
 }
 
@@ -120,10 +123,14 @@ impl FileSettings {
             .with_context(|| format!("parsing config file {}", path.display()))?;
         // Paths in a file are meant relative to the file, so it works from any directory.
         let base = path.parent().unwrap_or(Path::new(""));
-        for p in [&mut file.ca, &mut file.cert, &mut file.key, &mut file.crl]
-            .into_iter()
-            .flatten()
-        {
+        let paths = [
+            &mut file.ca,
+            &mut file.cert,
+            &mut file.key,
+            &mut file.crl,
+            &mut file.crl_if_present,
+        ];
+        for p in paths.into_iter().flatten() {
             *p = base.join(&*p);
         }
         Ok(file)
@@ -157,7 +164,12 @@ pub fn resolve(args: &ConnectionArgs, env: &Environment) -> Result<ConnectionSet
     let ca = first_some([path_flag(&args.ca), env.var_path(ENV_CA), file.ca]);
     let cert = first_some([path_flag(&args.cert), env.var_path(ENV_CERT), file.cert]);
     let key = first_some([path_flag(&args.key), env.var_path(ENV_KEY), file.key]);
-    let crl = first_some([path_flag(&args.crl), env.var_path(ENV_CRL), file.crl]);
+    let crl = first_some([
+        path_flag(&args.crl),
+        env.var_path(ENV_CRL),
+        file.crl,
+        file.crl_if_present.filter(|p| p.exists()),
+    ]);
 
     let dev = pki::DevPki {
         dir: env.cwd.join(DEV_PKI_DIR),
@@ -394,6 +406,47 @@ mod tests {
         };
         let s = resolve(&flags, &env).unwrap();
         assert_eq!(s.server_identity, "spiffe://other");
+    }
+
+    /// `crl_if_present` in a file is the development PKI's rule: the list once it exists.
+    /// `crl` (or a flag, or the environment) names one that must be there, and wins.
+    #[test]
+    fn a_file_s_crl_if_present_is_checked_once_it_exists() {
+        let tmp = tempfile::tempdir().unwrap();
+        let conf = write_config(
+            tmp.path(),
+            &format!("{FULL_FILE}crl_if_present = \"pki/crl.pem\"\n"),
+        );
+        let flags = ConnectionArgs {
+            config: Some(conf),
+            ..args()
+        };
+        let env = Environment::new(std::iter::empty::<(&str, &str)>(), "/work");
+        assert!(resolve(&flags, &env).unwrap().tls.crls.is_empty());
+        std::fs::create_dir_all(tmp.path().join("pki")).unwrap();
+        std::fs::write(tmp.path().join("pki/crl.pem"), "").unwrap();
+        assert_eq!(
+            resolve(&flags, &env).unwrap().tls.crls,
+            [tmp.path().join("pki/crl.pem")]
+        );
+        let env = Environment::new([("DSRCTL_CRL", "env-crl.pem")], "/work");
+        assert_eq!(
+            resolve(&flags, &env).unwrap().tls.crls,
+            [Path::new("/work/env-crl.pem")]
+        );
+        let conf = write_config(
+            tmp.path(),
+            &format!("{FULL_FILE}crl = \"mine.pem\"\ncrl_if_present = \"pki/crl.pem\"\n"),
+        );
+        let flags = ConnectionArgs {
+            config: Some(conf),
+            ..args()
+        };
+        let env = Environment::new(std::iter::empty::<(&str, &str)>(), "/work");
+        assert_eq!(
+            resolve(&flags, &env).unwrap().tls.crls,
+            [tmp.path().join("mine.pem")]
+        );
     }
 
     #[test]

@@ -249,9 +249,8 @@ fn dsrctl_file() -> String {
          `dsrctl dev up`.\n\
          ca = \"pki/ca.pem\"\ncert = \"pki/operator.pem\"\nkey = \"pki/operator.key\"\n\
          server_identity = \"{identity}\"\n\
-         # Once `dsrctl pki revoke` wrote pki/crl.pem (which ./{DEV_PKI_DIR} then uses), \
-         uncomment:\n\
-         # crl = \"pki/crl.pem\"\n"
+         # Checked once `dsrctl pki revoke` wrote it, as ./{DEV_PKI_DIR} checks its own.\n\
+         crl_if_present = \"pki/crl.pem\"\n"
     )
 }
 
@@ -479,6 +478,27 @@ mod tests {
         }
         assert_eq!(shell_word("/tmp/a.toml"), "/tmp/a.toml");
         assert_eq!(shell_word("it's"), "'it'\\''s'");
+    }
+
+    /// Its dsrctl file checks the revocation list once `dsrctl pki revoke` wrote it, as the
+    /// default ./.dsrelay/pki does, without being edited.
+    #[test]
+    fn the_dsrctl_file_checks_the_revocation_list_once_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dir.path().join("pki");
+        std::fs::create_dir_all(&pki).unwrap();
+        let file = dir.path().join("dsrctl.toml");
+        std::fs::write(&file, dsrctl_file()).unwrap();
+        let args = crate::cli::ConnectionArgs {
+            config: Some(file),
+            ..Default::default()
+        };
+        let env = Environment::new(std::iter::empty::<(&str, &str)>(), "/");
+        let settings = crate::settings::resolve(&args, &env).unwrap();
+        assert!(settings.tls.crls.is_empty());
+        std::fs::write(pki.join("crl.pem"), "").unwrap();
+        let settings = crate::settings::resolve(&args, &env).unwrap();
+        assert_eq!(settings.tls.crls, [pki.join("crl.pem")]);
     }
 
     #[test]
