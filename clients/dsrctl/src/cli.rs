@@ -210,7 +210,10 @@ pub struct TaskRefArgs {
 #[derive(Debug, Subcommand)]
 pub enum TasksCommand {
     /// List tasks waiting for an operator, oldest first (with the subject's identities, which
-    /// the operator needs to find the records).
+    /// the operator needs to find the records, each with its encoding when hashed and its
+    /// label when of type other; the scope, the data categories or all data; and the kind's
+    /// parameters: the corrected values of a rectification, a restriction set or lifted, the
+    /// transfer's recipient, a contract end's terms).
     List {
         /// Where the processor is.
         #[command(flatten)]

@@ -72,12 +72,12 @@ pub(crate) fn task_state_name(v: i32) -> String {
     enum_name(name, "TASK_STATE_", v)
 }
 
-fn delivery_state_name(v: i32) -> String {
+pub(crate) fn delivery_state_name(v: i32) -> String {
     let name = DeliveryState::try_from(v).ok().map(|k| k.as_str_name());
     enum_name(name, "DELIVERY_STATE_", v)
 }
 
-fn event_type_name(v: i32) -> String {
+pub(crate) fn event_type_name(v: i32) -> String {
     let name = EventType::try_from(v).ok().map(|k| k.as_str_name());
     enum_name(name, "EVENT_TYPE_", v)
 }
@@ -255,8 +255,7 @@ fn retention_words_at(legal_basis: &str, next_run: &str, now: DateTime<Utc>) -> 
     if !legal_basis.is_empty() {
         parts.push(format!("kept under {legal_basis}"));
     }
-    let past = DateTime::parse_from_rfc3339(next_run).is_ok_and(|at| at < now);
-    if past {
+    if is_past(next_run, now) {
         parts.push(format!(
             "erasure run of {next_run}, awaiting the holder's confirmation"
         ));
@@ -266,14 +265,36 @@ fn retention_words_at(legal_basis: &str, next_run: &str, now: DateTime<Utc>) -> 
     parts.join("; ")
 }
 
+/// Whether `next_run` (RFC 3339) is before `now`: a run started or due, not one to come.
+fn is_past(next_run: &str, now: DateTime<Utc>) -> bool {
+    DateTime::parse_from_rfc3339(next_run).is_ok_and(|at| at < now)
+}
+
+/// The date of [`retention_words`] for a cell under a `NEXT ERASURE RUN` heading: the date,
+/// and for one passed that the run awaits the holder's confirmation. Empty for none.
+pub(crate) fn erasure_run_cell(next_run: &str) -> String {
+    erasure_run_cell_at(next_run, Utc::now())
+}
+
+/// [`erasure_run_cell`] as of `now`.
+fn erasure_run_cell_at(next_run: &str, now: DateTime<Utc>) -> String {
+    if is_past(next_run, now) {
+        format!("{next_run}, awaiting the holder's confirmation")
+    } else {
+        next_run.to_string()
+    }
+}
+
 impl TaskView {
     /// Reason, legal basis and retention date in one cell; tasks rarely have more than one.
-    /// A task still at work shows its note instead when it has no reason: what it waits for.
+    /// A task still at work, or waiting for an operator, shows its note instead when it has
+    /// no reason: what it waits for, or what the operator must do.
     fn detail(&self) -> String {
         let mut parts = Vec::new();
+        let waiting = ["IN_PROGRESS", "WAITING_FOR_OPERATOR"].contains(&self.state.as_str());
         if !self.reason.is_empty() {
             parts.push(self.reason.clone());
-        } else if self.state == "IN_PROGRESS" && !self.evidence_note.is_empty() {
+        } else if waiting && !self.evidence_note.is_empty() {
             parts.push(self.evidence_note.clone());
         }
         let retention = retention_words(&self.legal_basis, &time_cell(self.retain_until));
@@ -876,6 +897,31 @@ mod tests {
         assert!(v["tasks"][1]["transfer_receipt"].is_null());
     }
 
+    /// What the operator must do is the note of a task waiting for one, as `trace` shows it.
+    #[test]
+    fn a_task_waiting_for_an_operator_shows_its_note() {
+        let mut r = sample();
+        r.tasks = vec![TaskStatus {
+            processor: "payroll-bureau".into(),
+            subprocessor: "archive".into(),
+            state: TaskState::WaitingForOperator as i32,
+            sequence: 2,
+            evidence: Some(Evidence {
+                note: "shred the paper file in cabinet B2".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }];
+        let text = RequestView::from(&r).table();
+        let row = (text.lines())
+            .find(|l| l.contains("WAITING_FOR_OPERATOR"))
+            .expect("the task's row");
+        assert!(
+            row.ends_with("shred the paper file in cabinet B2"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn json_uses_short_enum_names_and_rfc3339() {
         let v = serde_json::to_value(RequestView::from(&sample())).unwrap();
@@ -984,6 +1030,15 @@ mod tests {
             "kept under Kirjanpitolaki 2:10 §; next erasure run 2030-01-02T00:00:00Z"
         );
         assert_eq!(retention_words_at("", "", now), "");
+        assert_eq!(
+            erasure_run_cell_at("2029-12-31T00:00:00Z", now),
+            "2029-12-31T00:00:00Z, awaiting the holder's confirmation"
+        );
+        assert_eq!(
+            erasure_run_cell_at("2030-01-02T00:00:00Z", now),
+            "2030-01-02T00:00:00Z"
+        );
+        assert_eq!(erasure_run_cell_at("", now), "");
     }
 
     /// A PART_STORED event names the task whose part was stored, which has no state.

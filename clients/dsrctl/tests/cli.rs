@@ -204,6 +204,18 @@ fn help_names_the_commands_settings_and_exit_status() {
         assert!(stdout.contains(expected), "{expected:?} in\n{stdout}");
     }
 
+    // An operator's work list says it carries what the task is about.
+    let out = dsrctl(tmp.path(), &[], &["tasks", "list", "--help"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let help = text(&out.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        help.contains("the scope") && help.contains("corrected values"),
+        "{help}"
+    );
+
     // Verifying needs the public key, and nothing else: no connection settings.
     let out = dsrctl(tmp.path(), &[], &["certificate", "verify", "cert.json"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));

@@ -305,3 +305,61 @@ async fn the_operator_sees_the_scope_and_the_parameters_of_each_task() {
         "successor-bureau"
     );
 }
+
+/// A hashed identity says how it is hashed, so it does not pass for the raw value, and an
+/// identity of type other says what it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subject_shows_each_identity_s_encoding_and_label() {
+    let mut hashed = task(
+        "r-hashed",
+        RequestKind::Erasure,
+        &[],
+        RequestParameters::default(),
+    );
+    hashed.identities = vec![
+        SubjectIdentity {
+            r#type: IdentityType::Email as i32,
+            encoding: IdentityEncoding::Sha256 as i32,
+            value: "ab".repeat(32),
+            label: String::new(),
+        },
+        SubjectIdentity {
+            r#type: IdentityType::Other as i32,
+            encoding: IdentityEncoding::Raw as i32,
+            value: "4000 1234".into(),
+            label: "loyalty-card".into(),
+        },
+        SubjectIdentity {
+            r#type: IdentityType::Other as i32,
+            encoding: IdentityEncoding::Md5 as i32,
+            value: "cd".repeat(16),
+            label: "member".into(),
+        },
+    ];
+    let processor = Processor::start(vec![hashed]).await;
+    let (code, table, stderr) = processor.list(&[]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let hashed = row(&table, "r-hashed");
+    for expected in [
+        format!("email (sha256)={}", "ab".repeat(32)),
+        "other (loyalty-card)=4000 1234".to_string(),
+        format!("other (member, md5)={}", "cd".repeat(16)),
+    ] {
+        assert!(hashed.contains(&expected), "{expected} in {table}");
+    }
+
+    // The plain e-mail of the other tests stays as it was.
+    let processor = Processor::start(vec![task(
+        "r-raw",
+        RequestKind::Erasure,
+        &[],
+        RequestParameters::default(),
+    )])
+    .await;
+    let (code, table, stderr) = processor.list(&[]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        row(&table, "r-raw").contains(" email=maija@example.fi "),
+        "{table}"
+    );
+}

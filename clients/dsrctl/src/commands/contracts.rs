@@ -18,12 +18,17 @@ use sha2::{Digest, Sha256};
 
 use crate::cli::{ChosenArg, ContractChoiceArg, ContractsCommand};
 use crate::commands::{Io, Registry};
-use crate::output::{emit, state_name, task_state_name, Render, Time};
+use crate::output::{emit, erasure_run_cell, state_name, task_state_name, Render, Time};
 use crate::table::{clean, Table};
 use crate::Failure;
 
 /// How often `show --watch` asks the registry.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How many characters of a part's reason the table shows: a connector's reason names
+/// the table and the GRANT it needs within a few hundred, and a registry keeps up to 4096
+/// bytes, which `--output json` shows whole.
+const REASON_CHARS: usize = 400;
 
 fn choice(c: ContractChoiceArg) -> ContractEndChoice {
     match c {
@@ -112,6 +117,9 @@ struct PartView {
     records_total: u64,
     scheduled_at: Option<Time>,
     retain_until: Option<Time>,
+    /// Why the part failed or was refused, as the processor said it.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    reason: String,
     /// The transfer recipient's receipt for this part, when the data went to one.
     #[serde(skip_serializing_if = "Option::is_none")]
     receipt: Option<ReceiptView>,
@@ -146,6 +154,7 @@ impl From<&TaskStatus> for PartView {
             // A processor that predates leaving the date out of an ended task still sends it.
             scheduled_at: Time::from_proto(p.scheduled_at.as_ref()).filter(|_| !stopped),
             retain_until: Time::from_proto(t.retain_until.as_ref()),
+            reason: t.reason.clone(),
             receipt: t
                 .evidence
                 .as_ref()
@@ -240,6 +249,15 @@ impl From<&Contract> for ContractView {
     }
 }
 
+/// A reason as the table shows it: at most [`REASON_CHARS`] characters, saying where the
+/// rest is.
+fn clipped(reason: &str) -> String {
+    match reason.char_indices().nth(REASON_CHARS) {
+        Some((end, _)) => format!("{}… (--output json has it whole)", &reason[..end]),
+        None => reason.to_string(),
+    }
+}
+
 fn cell(t: Option<Time>) -> String {
     t.map(|t| t.to_string()).unwrap_or_default()
 }
@@ -289,11 +307,23 @@ impl Render for ContractView {
                     count(p.subjects_done, p.subjects_total),
                     count(p.records_done, p.records_total),
                     cell(p.scheduled_at),
-                    cell(p.retain_until),
+                    erasure_run_cell(&cell(p.retain_until)),
                 ]);
             }
             out.push('\n');
             out.push_str(&parts.render());
+            let reasons: Vec<&PartView> =
+                self.tasks.iter().filter(|p| !p.reason.is_empty()).collect();
+            if !reasons.is_empty() {
+                out.push('\n');
+            }
+            for p in reasons {
+                out.push_str(&format!(
+                    "{}: {}\n",
+                    clean(&p.subprocessor),
+                    clean(&clipped(&p.reason))
+                ));
+            }
             let receipts: Vec<&PartView> =
                 self.tasks.iter().filter(|p| p.receipt.is_some()).collect();
             if !receipts.is_empty() {
@@ -906,5 +936,79 @@ mod tests {
         let table = ContractView::from(&c).to_table();
         assert!(table.contains("NEXT ERASURE RUN"), "{table}");
         assert!(!table.contains("RETAINED UNTIL"), "{table}");
+    }
+
+    /// A date passed is a run the processor started (or one due), worded as `get` and
+    /// `trace` word it.
+    #[test]
+    fn a_past_erasure_run_awaits_the_holders_confirmation() {
+        let c = Contract {
+            contract_id: "c1".into(),
+            state: RequestState::PartiallyCompleted as i32,
+            tasks: vec![TaskStatus {
+                subprocessor: "accounting".into(),
+                state: TaskState::Retained as i32,
+                retain_until: Some(dsrelay_proto::timestamp_from_millis(1_577_836_800_000)),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let table = ContractView::from(&c).to_table();
+        let row = table
+            .lines()
+            .find(|l| l.starts_with("accounting"))
+            .expect("a row");
+        assert!(
+            row.contains("2020-01-01T00:00:00Z, awaiting the holder's confirmation"),
+            "{table}"
+        );
+    }
+
+    /// A part that failed says why, as `get` does: clipped in the table, whole in JSON.
+    #[test]
+    fn a_failed_part_shows_its_reason() {
+        let reason = format!(
+            "the connector's user may not write the receipts table{}: GRANT SELECT, INSERT ON \
+             dsrelay_erasure_receipts TO <user>",
+            " (really)".repeat(100)
+        );
+        let c = Contract {
+            contract_id: "c1".into(),
+            state: RequestState::Failed as i32,
+            tasks: vec![
+                TaskStatus {
+                    subprocessor: "accounting".into(),
+                    state: TaskState::Failed as i32,
+                    reason: reason.clone(),
+                    progress: Some(ContractProgress {
+                        phase: ContractPhase::Returning as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                TaskStatus {
+                    subprocessor: "newsletter".into(),
+                    state: TaskState::Refused as i32,
+                    reason: "no such list".into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let view = ContractView::from(&c);
+        let table = view.to_table();
+        assert!(
+            table.contains("accounting: the connector's user may not write the receipts table"),
+            "{table}"
+        );
+        assert!(table.contains("newsletter: no such list\n"), "{table}");
+        let line = (table.lines())
+            .find(|l| l.starts_with("accounting: "))
+            .expect("the reason's line");
+        assert!(line.chars().count() < reason.len(), "{line}");
+        assert!(line.ends_with("(--output json has it whole)"), "{line}");
+        let json = serde_json::to_value(&view).expect("json");
+        assert_eq!(json["tasks"][0]["reason"], reason.as_str(), "{json}");
+        assert_eq!(json["tasks"][1]["reason"], "no such list", "{json}");
     }
 }

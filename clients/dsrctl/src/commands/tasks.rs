@@ -5,9 +5,9 @@ use std::collections::HashSet;
 
 use dsrelay_sdk::proto::processor_operator_service_client::ProcessorOperatorServiceClient;
 use dsrelay_sdk::proto::{
-    CompleteManualTaskRequest, DeadLetter, DeadLetterList, ListDeadLettersRequest,
-    ListManualTasksRequest, ManualTask, ManualTaskList, RefuseManualTaskRequest, RequestKind,
-    RequeueDeadLetterRequest, TaskRef,
+    CompleteManualTaskRequest, DeadLetter, DeadLetterList, IdentityEncoding, IdentityType,
+    ListDeadLettersRequest, ListManualTasksRequest, ManualTask, ManualTaskList,
+    RefuseManualTaskRequest, RequestKind, RequeueDeadLetterRequest, SubjectIdentity, TaskRef,
 };
 use dsrelay_sdk::ConnectionSettings;
 use serde::Serialize;
@@ -104,6 +104,30 @@ impl TaskView {
     }
 }
 
+/// `email=maija@example.fi`; with what an identity of type other is and how a value that is
+/// not the raw one is encoded (`email (sha256)=…`, `other (loyalty-card)=…`), so that a hash
+/// does not pass for the value and the operator knows what to look up.
+fn identity(i: &SubjectIdentity) -> String {
+    let name = |name: &str, prefix: &str| name.trim_start_matches(prefix).to_lowercase();
+    let ty = IdentityType::try_from(i.r#type)
+        .map(|t| name(t.as_str_name(), "IDENTITY_TYPE_"))
+        .unwrap_or_else(|_| format!("unknown({})", i.r#type));
+    let mut about = Vec::new();
+    if !i.label.is_empty() {
+        about.push(i.label.clone());
+    }
+    match IdentityEncoding::try_from(i.encoding) {
+        Ok(IdentityEncoding::Raw) => {}
+        Ok(e) => about.push(name(e.as_str_name(), "IDENTITY_ENCODING_")),
+        Err(_) => about.push(format!("encoding {}", i.encoding)),
+    }
+    if about.is_empty() {
+        format!("{ty}={}", i.value)
+    } else {
+        format!("{ty} ({})={}", about.join(", "), i.value)
+    }
+}
+
 impl From<&ManualTask> for TaskView {
     fn from(t: &ManualTask) -> Self {
         let r = t.task.clone().unwrap_or_default();
@@ -123,20 +147,7 @@ impl From<&ManualTask> for TaskView {
                         .to_string()
                 })
                 .unwrap_or_else(|_| format!("UNKNOWN({})", t.state)),
-            identities: t
-                .identities
-                .iter()
-                .map(|i| {
-                    let ty = dsrelay_sdk::proto::IdentityType::try_from(i.r#type)
-                        .map(|t| {
-                            t.as_str_name()
-                                .trim_start_matches("IDENTITY_TYPE_")
-                                .to_lowercase()
-                        })
-                        .unwrap_or_default();
-                    format!("{ty}={}", i.value)
-                })
-                .collect(),
+            identities: t.identities.iter().map(identity).collect(),
             all_data: data_categories.is_empty(),
             data_categories,
             corrections: (params.corrections.into_iter())
@@ -197,7 +208,7 @@ impl Render for TaskListView {
                 clean(&v.subprocessor),
                 v.kind.clone(),
                 v.due_at.map(|d| d.to_string()).unwrap_or_default(),
-                clean(&v.identities.join(" ")),
+                clean(&v.identities.join("; ")),
                 clean(&v.scope_cell()),
                 clean(&v.parameters_cell()),
                 clean(&v.instructions),

@@ -4,12 +4,13 @@
 use std::collections::BTreeMap;
 
 use dsrelay_sdk::proto::{EventType, ListEventsRequest, RequestEvent, TaskState};
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 
 use crate::cli::TraceArgs;
 use crate::commands::{Io, Registry};
 use crate::output::{
-    emit, kind_name, retention_words, state_name, task_state_name, time_cell, Render, Time,
+    delivery_state_name, emit, event_type_name, kind_name, retention_words, state_name,
+    task_state_name, time_cell, Render, Time,
 };
 use crate::table::clean;
 use crate::Failure;
@@ -24,18 +25,90 @@ pub(crate) struct TraceView {
     received_at: Option<Time>,
     /// Milliseconds from receipt to the last event.
     elapsed_ms: i64,
+    /// What happened to the request as a whole (submission, state changes, extensions,
+    /// cancellation, ...), and events of processors it has no delivery to.
+    events: Vec<EventLine>,
     processors: Vec<HopView>,
+}
+
+/// One event as the trace lists it.
+#[derive(Debug, Serialize)]
+struct EventLine {
+    #[serde(rename = "type")]
+    ty: String,
+    at: Option<Time>,
+    /// Milliseconds after receipt.
+    after_ms: i64,
+    /// The processor concerned, for an event of one; empty for the request's own.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    processor: String,
+    /// The delivery's attempt for delivery events; for a task update, the processor's run
+    /// of the task (see [`TaskView::run`]); 0 for none.
+    attempt: u32,
+    message: String,
+}
+
+impl EventLine {
+    fn new(e: &RequestEvent, start: i64) -> Self {
+        Self {
+            ty: event_type_name(e.r#type),
+            at: Time::from_proto(e.occurred_at.as_ref()),
+            after_ms: since(ms(e), start),
+            processor: e.processor.clone(),
+            attempt: e.attempt,
+            message: e.message.clone(),
+        }
+    }
+
+    /// `+1.000 s, attempt 2`, the attempt left out when there is none.
+    fn when(&self) -> String {
+        if self.attempt > 0 {
+            format!("+{}, attempt {}", secs(self.after_ms), self.attempt)
+        } else {
+            format!("+{}", secs(self.after_ms))
+        }
+    }
+
+    fn with_message(&self, head: String) -> String {
+        if self.message.is_empty() {
+            head
+        } else {
+            format!("{head}: {}", self.message)
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
 struct HopView {
     processor: String,
+    /// The delivery's state (PENDING, DELIVERED, DEAD_LETTERED, CANCELLED).
+    state: String,
     delivered: bool,
     /// Milliseconds from receipt to the processor's acceptance.
     delivered_after_ms: Option<i64>,
     attempts: u32,
+    /// The failed attempts (DELIVERY_FAILED), as `+<seconds>: <message>`.
     failures: Vec<String>,
+    /// Every event of this processor that is not a task's step, but the first acceptance,
+    /// in order: failed attempts, dead letters, requeues, acceptances reported later, and
+    /// contract-end updates and return confirmations.
+    history: Vec<EventLine>,
     tasks: Vec<TaskView>,
+}
+
+/// A task's step: (milliseconds after receipt, what), and the processor's run of the task
+/// that took it; in JSON the pair alone, the task saying its highest run.
+#[derive(Debug)]
+struct Step {
+    at: i64,
+    what: String,
+    run: u32,
+}
+
+impl Serialize for Step {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (self.at, &self.what).serialize(s)
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -45,9 +118,14 @@ struct TaskView {
     sequence: u64,
     records_affected: i64,
     /// Each state change: (milliseconds after receipt, state).
-    steps: Vec<(i64, String)>,
+    steps: Vec<Step>,
     /// Milliseconds from the first to the last change.
     duration_ms: i64,
+    /// The highest run of the task the events report (0 when they report none). The
+    /// processor counts every time it takes the task up, so above 1 it was tried again
+    /// (the holder failed, or the processor restarted mid-task), or it ran again later: a
+    /// retained task's erasure run, a contract end's next phase.
+    run: u32,
     pending: bool,
     detail: String,
 }
@@ -102,67 +180,63 @@ impl TraceView {
                 d.processor.clone(),
                 HopView {
                     processor: d.processor.clone(),
+                    state: delivery_state_name(d.state),
                     delivered: d.delivered_at.is_some(),
                     delivered_after_ms: None,
                     attempts: d.attempts,
                     failures: Vec::new(),
+                    history: Vec::new(),
                     tasks: Vec::new(),
                 },
             );
         }
-        let mut steps: BTreeMap<(String, String), Vec<(i64, String)>> = BTreeMap::new();
+        let mut events = Vec::new();
+        let mut steps: BTreeMap<(String, String), Vec<Step>> = BTreeMap::new();
         for e in &list.events {
+            let ty = EventType::try_from(e.r#type);
+            // A task's step: its new state; a task's export reaching the registry, between
+            // the export and the COMPLETED it allows; a deletion certificate arriving with
+            // the acknowledgement, the proof of the step (a rejected one says why it proves
+            // nothing).
+            let step = match (ty, &e.task) {
+                (Ok(EventType::TaskUpdated), Some(t)) => Some(task_state_name(t.state)),
+                (Ok(EventType::PartStored | EventType::CertificateStored), Some(_)) => {
+                    Some(event_type_name(e.r#type))
+                }
+                (Ok(EventType::CertificateRejected), Some(_)) => {
+                    Some(format!("CERTIFICATE_REJECTED ({})", e.message))
+                }
+                _ => None,
+            };
             let Some(hop) = hops.get_mut(&e.processor) else {
+                events.push(EventLine::new(e, start));
                 continue;
             };
-            match EventType::try_from(e.r#type) {
-                Ok(EventType::Delivered) if hop.delivered_after_ms.is_none() => {
+            match (ty, step, &e.task) {
+                (_, Some(what), Some(t)) => {
+                    steps
+                        .entry((e.processor.clone(), t.subprocessor.clone()))
+                        .or_default()
+                        .push(Step {
+                            at: since(ms(e), start),
+                            what,
+                            // Only a task update carries the run.
+                            run: if ty == Ok(EventType::TaskUpdated) {
+                                e.attempt
+                            } else {
+                                0
+                            },
+                        });
+                }
+                (Ok(EventType::Delivered), _, _) if hop.delivered_after_ms.is_none() => {
                     hop.delivered_after_ms = Some(since(ms(e), start));
                 }
-                Ok(EventType::DeliveryFailed | EventType::DeliveryDeadLettered) => {
+                (Ok(EventType::DeliveryFailed), _, _) => {
                     hop.failures
                         .push(format!("+{}: {}", secs(since(ms(e), start)), e.message));
+                    hop.history.push(EventLine::new(e, start));
                 }
-                Ok(EventType::TaskUpdated) => {
-                    if let Some(t) = &e.task {
-                        steps
-                            .entry((e.processor.clone(), t.subprocessor.clone()))
-                            .or_default()
-                            .push((since(ms(e), start), task_state_name(t.state)));
-                    }
-                }
-                // A task's export reaching the registry is a step of its own, between the
-                // export and the COMPLETED it allows.
-                Ok(EventType::PartStored) => {
-                    if let Some(t) = &e.task {
-                        steps
-                            .entry((e.processor.clone(), t.subprocessor.clone()))
-                            .or_default()
-                            .push((since(ms(e), start), "PART_STORED".to_string()));
-                    }
-                }
-                // A deletion certificate arriving with the acknowledgement is the proof of
-                // the step; a rejected one says why it proves nothing.
-                Ok(EventType::CertificateStored) => {
-                    if let Some(t) = &e.task {
-                        steps
-                            .entry((e.processor.clone(), t.subprocessor.clone()))
-                            .or_default()
-                            .push((since(ms(e), start), "CERTIFICATE_STORED".to_string()));
-                    }
-                }
-                Ok(EventType::CertificateRejected) => {
-                    if let Some(t) = &e.task {
-                        steps
-                            .entry((e.processor.clone(), t.subprocessor.clone()))
-                            .or_default()
-                            .push((
-                                since(ms(e), start),
-                                format!("CERTIFICATE_REJECTED ({})", e.message),
-                            ));
-                    }
-                }
-                _ => {}
+                _ => hop.history.push(EventLine::new(e, start)),
             }
         }
         for t in &request.tasks {
@@ -173,9 +247,10 @@ impl TraceView {
                 .remove(&(t.processor.clone(), t.subprocessor.clone()))
                 .unwrap_or_default();
             let duration_ms = match (s.first(), s.last()) {
-                (Some(a), Some(b)) => since(b.0, a.0),
+                (Some(a), Some(b)) => since(b.at, a.at),
                 _ => 0,
             };
+            let run = s.iter().map(|s| s.run).max().unwrap_or(0);
             let detail = match TaskState::try_from(t.state) {
                 Ok(TaskState::Retained) => retention_words(
                     &t.legal_basis,
@@ -195,6 +270,7 @@ impl TraceView {
                 records_affected: t.evidence.as_ref().map(|e| e.records_affected).unwrap_or(0),
                 steps: s,
                 duration_ms,
+                run,
                 pending: is_open(t.state),
                 detail,
             });
@@ -206,6 +282,7 @@ impl TraceView {
             trace_id: request.trace_id.clone(),
             received_at: Time::from_proto(request.received_at.as_ref()),
             elapsed_ms: since(last, start),
+            events,
             processors: hops.into_values().collect(),
         }
     }
@@ -222,6 +299,15 @@ impl Render for TraceView {
             time_cell(self.received_at),
             secs(self.elapsed_ms)
         );
+        for e in &self.events {
+            let of = if e.processor.is_empty() {
+                String::new()
+            } else {
+                format!(" of {}", e.processor)
+            };
+            let head = format!("{}{of} at {} ({})", e.ty, time_cell(e.at), e.when());
+            out.push_str(&format!("   {}\n", clean(&e.with_message(head))));
+        }
         let n = self.processors.len();
         for (i, p) in self.processors.iter().enumerate() {
             let (branch, indent) = if i + 1 == n {
@@ -234,11 +320,48 @@ impl Render for TraceView {
                     format!("delivered after {} ({} attempt(s))", secs(t), p.attempts)
                 }
                 (true, None) => format!("delivered ({} attempt(s))", p.attempts),
-                (false, _) => format!("PENDING delivery: {} attempt(s) failed", p.attempts),
+                (false, _) if p.state == "DEAD_LETTERED" => format!(
+                    "DEAD_LETTERED delivery: {} attempt(s) failed, no longer sent (dsrctl \
+                     deliveries requeue sends it again)",
+                    p.attempts
+                ),
+                (false, _) if p.state == "PENDING" => {
+                    format!("PENDING delivery: {} attempt(s) failed", p.attempts)
+                }
+                (false, _) => format!(
+                    "{} delivery, no acceptance recorded: {} attempt(s) failed",
+                    p.state, p.attempts
+                ),
             };
             out.push_str(&format!("{branch} {}  {delivery}\n", clean(&p.processor)));
-            for f in &p.failures {
-                out.push_str(&format!("{indent}   retry {}\n", clean(f)));
+            for (k, e) in p.history.iter().enumerate() {
+                let line = match e.ty.as_str() {
+                    // The refusal that dead-letters the delivery is not retried.
+                    "DELIVERY_FAILED" => {
+                        // Written together, in one transaction: same attempt, same time, same
+                        // call (the message's first word: Deliver, Cancel, ...).
+                        let call = |l: &EventLine| l.message.split(' ').next().map(str::to_owned);
+                        let dead = p.history.get(k + 1).is_some_and(|next| {
+                            next.ty == "DELIVERY_DEAD_LETTERED"
+                                && next.attempt == e.attempt
+                                && next.after_ms == e.after_ms
+                                && call(next) == call(e)
+                        });
+                        let word = if dead { "failed" } else { "retry" };
+                        e.with_message(format!("{word} {}", e.when()))
+                    }
+                    "DELIVERY_DEAD_LETTERED" => e.with_message(format!(
+                        "dead-lettered at {} ({})",
+                        time_cell(e.at),
+                        e.when()
+                    )),
+                    "DELIVERY_REQUEUED" => {
+                        e.with_message(format!("requeued at {} ({})", time_cell(e.at), e.when()))
+                    }
+                    "DELIVERED" => e.with_message(format!("delivered {}", e.when())),
+                    other => e.with_message(format!("{other} {}", e.when())),
+                };
+                out.push_str(&format!("{indent}   {}\n", clean(&line)));
             }
             let m = p.tasks.len();
             for (j, t) in p.tasks.iter().enumerate() {
@@ -246,12 +369,20 @@ impl Render for TraceView {
                 let path = t
                     .steps
                     .iter()
-                    .map(|(at, s)| format!("{s} +{}", secs(*at)))
+                    .map(|s| match s.run {
+                        0 | 1 => format!("{} +{}", s.what, secs(s.at)),
+                        n => format!("{} +{} (run {n})", s.what, secs(s.at)),
+                    })
                     .collect::<Vec<_>>()
                     .join(" → ");
+                let run = if t.run > 1 {
+                    format!("  run {}", t.run)
+                } else {
+                    String::new()
+                };
                 let pending = if t.pending { "  (pending)" } else { "" };
                 out.push_str(&format!(
-                    "{indent}{b} {}  {}  #{}  {} record(s)  took {}{pending}\n",
+                    "{indent}{b} {}  {}  #{}  {} record(s)  took {}{run}{pending}\n",
                     clean(&t.subprocessor),
                     t.state,
                     t.sequence,
@@ -292,7 +423,7 @@ pub(crate) async fn run(
 #[cfg(test)]
 mod tests {
     use dsrelay_proto::prost_types::Timestamp;
-    use dsrelay_sdk::proto::{Delivery, EventList, Request, TaskStatus};
+    use dsrelay_sdk::proto::{Delivery, DeliveryState, EventList, Request, TaskStatus};
 
     use super::*;
 
@@ -343,8 +474,8 @@ mod tests {
         assert_eq!(view.elapsed_ms, i64::MAX);
         let hop = &view.processors[0];
         assert_eq!(hop.delivered_after_ms, Some(i64::MAX));
-        assert_eq!(hop.tasks[0].steps[0].0, 0);
-        assert_eq!(hop.tasks[0].steps[1].0, i64::MAX);
+        assert_eq!(hop.tasks[0].steps[0].at, 0);
+        assert_eq!(hop.tasks[0].steps[1].at, i64::MAX);
         assert_eq!(hop.tasks[0].duration_ms, i64::MAX);
         // And the other way round: a submission after everything else.
         let mut backwards = list.clone();
@@ -390,5 +521,200 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("until"), "{text}");
+    }
+
+    /// A request to `processor` with one task, and `events`.
+    fn traced(delivery: Delivery, events: Vec<RequestEvent>) -> EventList {
+        EventList {
+            request: Some(Request {
+                request_id: "r-1".into(),
+                deliveries: vec![delivery],
+                tasks: vec![TaskStatus {
+                    processor: "payroll-bureau".into(),
+                    subprocessor: "accounting".into(),
+                    state: TaskState::Completed as i32,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            events,
+        }
+    }
+
+    fn said(mut e: RequestEvent, attempt: u32, message: &str) -> RequestEvent {
+        e.attempt = attempt;
+        e.message = message.into();
+        e
+    }
+
+    /// A dead letter is not retried; a requeue says when it was sent again.
+    #[test]
+    fn a_dead_letter_is_no_retry_and_its_requeue_shows() {
+        let failed = |s, attempt| {
+            said(
+                event(EventType::DeliveryFailed, s, false),
+                attempt,
+                "Deliver to payroll-bureau failed: refused",
+            )
+        };
+        let dead = said(
+            event(EventType::DeliveryDeadLettered, 1_700_000_028, false),
+            2,
+            "Deliver to payroll-bureau dead-lettered after 2 refusals, no longer sent: refused",
+        );
+        let events = vec![
+            event(EventType::Submitted, 1_700_000_000, false),
+            failed(1_700_000_001, 1),
+            failed(1_700_000_028, 2),
+            dead,
+        ];
+        let delivery = Delivery {
+            processor: "payroll-bureau".into(),
+            state: DeliveryState::DeadLettered as i32,
+            attempts: 2,
+            ..Default::default()
+        };
+        let text = TraceView::build(&traced(delivery.clone(), events.clone())).to_table();
+        let lines: Vec<&str> = text.lines().collect();
+        let retries: Vec<&&str> = lines.iter().filter(|l| l.contains("retry")).collect();
+        assert_eq!(retries.len(), 1, "{text}");
+        assert!(retries[0].contains("retry +1.000 s"), "{text}");
+        assert!(
+            !lines
+                .iter()
+                .any(|l| l.contains("retry") && l.contains("dead-lettered")),
+            "{text}"
+        );
+        assert!(
+            lines.iter().any(|l| l.trim_start().starts_with(
+                "dead-lettered at 2023-11-14T22:13:48Z (+28.000 s, attempt 2): Deliver"
+            )),
+            "{text}"
+        );
+        assert!(text.contains("DEAD_LETTERED delivery"), "{text}");
+        assert!(!text.contains("PENDING delivery"), "{text}");
+
+        let mut requeued = events;
+        requeued.push(said(
+            event(EventType::DeliveryRequeued, 1_700_000_100, false),
+            0,
+            "1 dead-lettered delivery row(s) to payroll-bureau requeued by operator",
+        ));
+        let delivery = Delivery {
+            state: DeliveryState::Pending as i32,
+            ..delivery
+        };
+        let text = TraceView::build(&traced(delivery, requeued)).to_table();
+        assert!(
+            text.contains(
+                "requeued at 2023-11-14T22:15:00Z (+100.000 s): 1 dead-lettered delivery row(s) \
+                 to payroll-bureau requeued by operator"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("PENDING delivery"), "{text}");
+    }
+
+    /// Every type of event the registry records shows up in the trace.
+    #[test]
+    fn every_event_type_is_drawn() {
+        let mut events = Vec::new();
+        let mut types = Vec::new();
+        for (i, ty) in (1..).map_while(|v| EventType::try_from(v).ok()).enumerate() {
+            let seconds = 1_700_000_000 + i as i64;
+            let request_wide = !matches!(
+                ty,
+                EventType::DeliveryFailed
+                    | EventType::Delivered
+                    | EventType::DeliveryDeadLettered
+                    | EventType::DeliveryRequeued
+                    | EventType::TaskUpdated
+                    | EventType::PartStored
+                    | EventType::CertificateStored
+                    | EventType::CertificateRejected
+                    | EventType::ContractUpdated
+                    | EventType::ReturnConfirmed
+            );
+            let mut e = said(
+                event(
+                    ty,
+                    seconds,
+                    matches!(
+                        ty,
+                        EventType::TaskUpdated
+                            | EventType::PartStored
+                            | EventType::CertificateStored
+                            | EventType::CertificateRejected
+                    ),
+                ),
+                0,
+                &format!("message-{}", ty.as_str_name()),
+            );
+            if request_wide {
+                e.processor.clear();
+            }
+            events.push(e);
+            types.push(ty);
+        }
+        assert!(types.contains(&EventType::DeliveryRequeued));
+        let delivery = Delivery {
+            processor: "payroll-bureau".into(),
+            state: DeliveryState::Delivered as i32,
+            delivered_at: Some(Timestamp::default()),
+            ..Default::default()
+        };
+        let text = TraceView::build(&traced(delivery, events)).to_table();
+        for ty in types {
+            let name = ty.as_str_name().trim_start_matches("EVENT_TYPE_");
+            // What a task's step shows is its state, and the first acceptance is the
+            // delivery's time; the rest each say what their message says.
+            match ty {
+                EventType::TaskUpdated => assert!(text.contains("COMPLETED +"), "{text}"),
+                EventType::PartStored | EventType::CertificateStored => {
+                    assert!(text.contains(&format!("{name} +")), "{name} in {text}")
+                }
+                EventType::Delivered => assert!(text.contains("delivered after"), "{text}"),
+                _ => assert!(
+                    text.contains(&format!("message-{}", ty.as_str_name())),
+                    "{name} in {text}"
+                ),
+            }
+        }
+    }
+
+    /// A step reached on a later run of the task (the processor restarted mid-task, the
+    /// holder failed and was retried, a retained task's erasure ran) says which.
+    #[test]
+    fn a_step_of_a_later_run_names_the_run() {
+        let step = |s, attempt| {
+            let mut e = event(EventType::TaskUpdated, s, true);
+            e.attempt = attempt;
+            e
+        };
+        let mut first = step(1_700_000_001, 1);
+        if let Some(t) = first.task.as_mut() {
+            t.state = TaskState::InProgress as i32;
+        }
+        let events = vec![
+            event(EventType::Submitted, 1_700_000_000, false),
+            first,
+            step(1_700_000_031, 2),
+        ];
+        let delivery = Delivery {
+            processor: "payroll-bureau".into(),
+            state: DeliveryState::Delivered as i32,
+            delivered_at: Some(Timestamp::default()),
+            ..Default::default()
+        };
+        let view = TraceView::build(&traced(delivery, events));
+        let text = view.to_table();
+        assert!(
+            text.contains("IN_PROGRESS +1.000 s → COMPLETED +31.000 s (run 2)"),
+            "{text}"
+        );
+        assert!(text.contains("took 30.000 s  run 2"), "{text}");
+        assert!(!text.contains("run 1"), "{text}");
+        let json = serde_json::to_value(&view).expect("json");
+        assert_eq!(json["processors"][0]["tasks"][0]["run"], 2, "{json}");
     }
 }
