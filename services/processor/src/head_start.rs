@@ -201,7 +201,7 @@ async fn send(
         return Err(Said::ours(format!("{name}: {why}")));
     }
     let state = state
-        .map_err(|s| Said::quoting(format!("sending {name}: {:?}", s.code()), s.message()))?
+        .map_err(|s| Said::about_status(format!("sending {name}: {:?}", s.code()), &s))?
         .into_inner();
     if state.complete {
         Ok((name, state.offset))

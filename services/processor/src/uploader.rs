@@ -971,30 +971,13 @@ async fn send_file(
 /// request it does not know us for, fails the task; anything else (FAILED_PRECONDITION
 /// included) is tried again, until the due date.
 fn refused(to: Destination<'_>, doing: &str, s: &tonic::Status) -> Failure {
-    let error = Said::quoting(format!("{doing} at {to}: {:?}", s.code()), status_text(s));
+    let error = Said::about_status(format!("{doing} at {to}: {:?}", s.code()), s);
     match s.code() {
         Code::InvalidArgument | Code::NotFound | Code::PermissionDenied => {
             Failure::Undeliverable(error)
         }
         _ => Failure::Retry(error),
     }
-}
-
-/// A status's message with the errors beneath it: a status made on our side (connection
-/// refused, a TLS handshake that failed, a server presenting another identity) says only
-/// "transport error", and the cause is in its sources.
-fn status_text(s: &tonic::Status) -> String {
-    let mut text = s.message().to_string();
-    let mut source = std::error::Error::source(s);
-    while let Some(err) = source {
-        let part = err.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = err.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::v1::{GetStatusRequest, ListSubprocessorsRequest};
-use dsrelay_runtime::log_text::{withheld, Said};
+use dsrelay_runtime::log_text::Said;
 use tokio::sync::watch;
 
 use crate::app::Shared;
@@ -138,8 +138,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     tracing::warn!(
                         %request_id,
                         %processor,
-                        code = ?status.code(),
-                        message = %withheld(&shared.identity_hash_key, status.message()),
+                        error = %Said::status(&status).logged(&shared.identity_hash_key),
                         "status check failed"
                     );
                     // Down or too slow, not an answer about this request alone.

@@ -83,7 +83,22 @@ impl Said {
 
     /// Another service's answer: its code, quoting its message (`Unavailable: <message>`).
     pub fn status(status: &tonic::Status) -> Self {
-        Self::quoting(format!("{:?}", status.code()), status.message())
+        Self::about_status(format!("{:?}", status.code()), status)
+    }
+
+    /// `ours` (which names what failed and the code), quoting `status`'s message, unless
+    /// the status is this service's own client failing to get an answer (no connection, a
+    /// TLS handshake refused, a broken stream): tonic makes such a status out of a local
+    /// error, which it keeps as the status's source, and words it from that error alone, so
+    /// the message and the errors beneath it are this service's own words, which a log line
+    /// may show. A status that came from the other party has no source.
+    pub fn about_status(ours: impl Into<String>, status: &tonic::Status) -> Self {
+        let ours = ours.into();
+        if std::error::Error::source(status).is_some() {
+            Self::ours(format!("{ours}: {}", status_text(status)))
+        } else {
+            Self::quoting(ours, status.message())
+        }
     }
 
     /// The whole text, for a record an operator reads and forgetting removes (never a log).
@@ -110,6 +125,22 @@ impl fmt::Debug for Said {
             .field("theirs_bytes", &self.theirs.as_ref().map(String::len))
             .finish()
     }
+}
+
+/// A status's message with the errors beneath it: a status made on our side says only
+/// "transport error" or "tcp connect error", and the cause is in its sources.
+fn status_text(s: &tonic::Status) -> String {
+    let mut text = s.message().to_string();
+    let mut source = std::error::Error::source(s);
+    while let Some(err) = source {
+        let part = err.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = err.source();
+    }
+    text
 }
 
 /// A [`Said`] as a log line shows it ([`Said::logged`]).
@@ -183,11 +214,42 @@ mod tests {
         let empty = Said::status(&tonic::Status::unavailable(""));
         assert_eq!(empty.full(), "Unavailable: ");
         assert_eq!(empty.logged(b"k").to_string(), "Unavailable: none");
+        // A status the caller made for the answer never came, its source beneath it.
+        let mut local = tonic::Status::unavailable("tcp connect error");
+        local.set_source(std::sync::Arc::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )));
+        let said = Said::about_status("Deliver to payroll-bureau: Unavailable", &local);
+        assert_eq!(
+            said.logged(b"k").to_string(),
+            "Deliver to payroll-bureau: Unavailable: tcp connect error: connection refused"
+        );
+        assert_eq!(said.full(), said.logged(b"k").to_string());
         let ours = Said::ours("processor is no longer configured");
         assert_eq!(ours.full(), "processor is no longer configured");
         assert_eq!(
             ours.logged(b"k").to_string(),
             "processor is no longer configured"
         );
+    }
+
+    /// A real client's failure to connect is this service's own: a log line shows why.
+    #[tokio::test]
+    async fn a_client_that_cannot_connect_logs_why() {
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect_lazy();
+        let status = tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .unwrap_err();
+        let logged = Said::status(&status).logged(b"k").to_string();
+        assert!(logged.starts_with("Unavailable: "), "{logged}");
+        assert!(logged.to_lowercase().contains("refused"), "{logged}");
+        assert!(!logged.contains("withheld"), "{logged}");
     }
 }
