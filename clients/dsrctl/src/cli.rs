@@ -45,7 +45,13 @@ pub struct Cli {
     pub connection: ConnectionArgs,
 
     /// How to print results: aligned columns, or one JSON document per result.
-    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t = OutputFormat::Table,
+        help_heading = "Output"
+    )]
     pub output: OutputFormat,
 
     /// What to do.
@@ -142,7 +148,8 @@ pub enum Command {
     #[command(subcommand)]
     Pki(PkiCommand),
     /// Show the processing chain: every processor and its subprocessors, with countries and
-    /// transfer mechanisms, as the processors last reported them.
+    /// transfer mechanisms, as the processors last reported them (the registry asks at start
+    /// and every reconcile.chain_interval_ms, 10 minutes by default).
     Chain,
     /// Draw a request's propagation from its stored events: registry → processors →
     /// subprocessors, with per-hop durations, states, retries and what is still pending.

@@ -204,6 +204,16 @@ fn help_names_the_commands_settings_and_exit_status() {
         assert!(stdout.contains(expected), "{expected:?} in\n{stdout}");
     }
 
+    // --output is no connection setting: it has a heading of its own, in every command.
+    for args in [&["--help"][..], &["get", "--help"]] {
+        let out = dsrctl(tmp.path(), &[], args);
+        let help = text(&out.stdout);
+        let output = help.find("Output:\n").expect("an Output heading");
+        let flag = help.find("--output").expect("--output");
+        let connection = help.find("Connection:\n").expect("a Connection heading");
+        assert!(connection < output && output < flag, "{help}");
+    }
+
     // An operator's work list says it carries what the task is about.
     let out = dsrctl(tmp.path(), &[], &["tasks", "list", "--help"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
