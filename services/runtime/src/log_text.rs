@@ -81,7 +81,9 @@ impl Said {
         }
     }
 
-    /// Another service's answer: its code, quoting its message (`Unavailable: <message>`).
+    /// Another service's answer: its code, quoting its message (`Unavailable: <message>`);
+    /// or, for this service's own client failing, its code and why (see
+    /// [`Said::about_status`]).
     pub fn status(status: &tonic::Status) -> Self {
         Self::about_status(format!("{:?}", status.code()), status)
     }
@@ -91,13 +93,21 @@ impl Said {
     /// TLS handshake refused, a broken stream): tonic makes such a status out of a local
     /// error, which it keeps as the status's source, and words it from that error alone, so
     /// the message and the errors beneath it are this service's own words, which a log line
-    /// may show. A status that came from the other party has no source.
+    /// may show. A status that came from the other party has no source; nor do its words
+    /// reach one, but for an HTTP/2 error the peer sent (a GOAWAY's debug data is the peer's
+    /// text), which is quoted with the rest.
     pub fn about_status(ours: impl Into<String>, status: &tonic::Status) -> Self {
         let ours = ours.into();
-        if std::error::Error::source(status).is_some() {
-            Self::ours(format!("{ours}: {}", status_text(status)))
-        } else {
-            Self::quoting(ours, status.message())
+        let mut sources = std::iter::successors(std::error::Error::source(status), |e| e.source());
+        let first = std::error::Error::source(status);
+        let from_peer = sources.any(|e| {
+            e.downcast_ref::<h2::Error>()
+                .is_some_and(h2::Error::is_remote)
+        });
+        match first {
+            Some(_) if !from_peer => Self::ours(format!("{ours}: {}", status_text(status))),
+            Some(_) => Self::quoting(ours, status_text(status)),
+            None => Self::quoting(ours, status.message()),
         }
     }
 
@@ -231,6 +241,43 @@ mod tests {
             ours.logged(b"k").to_string(),
             "processor is no longer configured"
         );
+    }
+
+    /// An HTTP/2 error the peer sent is the peer's: its debug data may be any text, so a log
+    /// line withholds it like the peer's answer.
+    #[tokio::test]
+    async fn an_http2_error_the_peer_sent_is_withheld() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let peer = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut connection = h2::server::handshake(socket).await.unwrap();
+            // The request arrives; the peer resets its stream with an error.
+            let (_request, mut respond) = connection.accept().await.unwrap().unwrap();
+            respond.send_reset(h2::Reason::ENHANCE_YOUR_CALM);
+            while connection.accept().await.is_some() {}
+        });
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect_lazy();
+        let status = tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .unwrap_err();
+        let said = Said::status(&status);
+        let logged = said.logged(b"k").to_string();
+        assert!(
+            logged.contains(" bytes withheld, keyed hash "),
+            "{logged} ({status:?})"
+        );
+        // The record keeps it whole.
+        assert!(
+            said.full()
+                .contains("stream error received: detected excessive load"),
+            "{}",
+            said.full()
+        );
+        peer.abort();
     }
 
     /// A real client's failure to connect is this service's own: a log line shows why.
