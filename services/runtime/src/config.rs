@@ -136,7 +136,7 @@ pub fn load<T: DeserializeOwned>(
             e.into_iter()
                 .map(|e| {
                     let key = key_of(&e, &figment);
-                    describe(&e, &key, walk(&figment, &key).0)
+                    describe(&e, &key, source_of(&e, &key, &figment))
                 })
                 .collect(),
         )
@@ -148,26 +148,44 @@ pub fn load<T: DeserializeOwned>(
 /// internally tagged enum such as a connector), and a struct with a flattened part (a
 /// service's top level) reports its unknown keys as a plain message, path and all. Below a
 /// flattened table (`[tls]`) or a connector's own tables the path stops short of the
-/// key's table: the key is then looked for below the path, and named where it is found
-/// once; found nowhere or more than once, it is left unnamed rather than misplaced.
+/// key's table. So the key is looked for at any depth below the path, and named where it
+/// is found once; found nowhere or more than once (`listen` in `[tls]` and at the top),
+/// it is left unnamed rather than misplaced.
 fn key_of(e: &figment::Error, figment: &Figment) -> Vec<String> {
-    let mut key = e.path.clone();
-    if let Some(name) = unknown_key(&e.kind) {
-        if key.last().map(String::as_str) != Some(name) {
-            key.push(name.to_string());
-            if !walk(figment, &key).1 {
-                key.pop();
-                let mut found = Vec::new();
-                if let Ok(below) = figment.find_value(&key.join(".")) {
-                    find_key(&below, name, &mut key.clone(), &mut found);
-                }
-                if let [one] = &found[..] {
-                    key = one.clone();
-                }
-            }
-        }
+    match &candidates(e, figment)[..] {
+        [one] => one.clone(),
+        _ => e.path.clone(),
     }
-    key
+}
+
+/// Where the key `e` reports unknown may be: every place below the error's path that
+/// holds a key of its name (the path itself when it ends in the name). Empty for an error
+/// about something else.
+fn candidates(e: &figment::Error, figment: &Figment) -> Vec<Vec<String>> {
+    let Some(name) = unknown_key(&e.kind) else {
+        return Vec::new();
+    };
+    if e.path.last().map(String::as_str) == Some(name) {
+        return vec![e.path.clone()];
+    }
+    let mut found = Vec::new();
+    if let (_, Some(below)) = walk(figment, &e.path) {
+        find_key(&below, name, &mut e.path.clone(), &mut found);
+    }
+    found
+}
+
+/// The layer that set the key `e` is about: the one that set `key` (or the deepest table
+/// on its way); for an unknown key found in several places, the layer that set them all,
+/// if one did.
+fn source_of<'a>(e: &figment::Error, key: &[String], figment: &'a Figment) -> Option<&'a Metadata> {
+    let places = candidates(e, figment);
+    if places.len() < 2 {
+        return walk(figment, key).0;
+    }
+    let mut sources = places.iter().map(|p| walk(figment, p).0);
+    let first = sources.next()?;
+    sources.all(|s| s == first).then_some(first)?
 }
 
 /// Adds to `found` the path (from `at`) of every key `name` in `value`, at any depth.
@@ -199,30 +217,31 @@ fn unknown_key(kind: &figment::error::Kind) -> Option<&str> {
     }
 }
 
-/// The layer that set `key`, or the one that set the deepest table on its way, and whether
-/// the settings hold `key` itself. figment's own `find_metadata` cannot pass through arrays
-/// (`subprocessors.0.connector`).
-fn walk<'a>(figment: &'a Figment, key: &[String]) -> (Option<&'a Metadata>, bool) {
-    let Ok(mut value) = figment.find_value("") else {
-        return (None, false);
+/// The layer that set `key`, or the one that set the deepest table on its way, and the
+/// value at `key` when the settings hold it. figment's own `find_metadata` and `find_value`
+/// cannot pass through arrays (`subprocessors.0.connector`).
+fn walk<'a>(figment: &'a Figment, key: &[String]) -> (Option<&'a Metadata>, Option<Value>) {
+    let Ok(root) = figment.find_value("") else {
+        return (None, None);
     };
-    let mut tag = value.tag();
-    let mut found = 0;
+    let mut tag = root.tag();
+    let mut value = Some(root);
     for segment in key {
-        let inner = match value {
-            Value::Dict(_, mut dict) => dict.remove(segment),
-            Value::Array(_, array) => segment
+        let inner = match value.take() {
+            Some(Value::Dict(_, mut dict)) => dict.remove(segment),
+            Some(Value::Array(_, array)) => segment
                 .parse::<usize>()
                 .ok()
                 .and_then(|i| array.into_iter().nth(i)),
             _ => None,
         };
         let Some(inner) = inner else { break };
-        value = inner;
-        tag = value.tag();
-        found += 1;
+        tag = inner.tag();
+        value = Some(inner);
     }
-    (figment.get_metadata(tag), found == key.len())
+    // `value` is left only when every segment was found.
+    let held = value;
+    (figment.get_metadata(tag), held)
 }
 
 /// The layers merged so far, and the problems of those that could not be read.
@@ -502,6 +521,14 @@ mod tests {
     struct Noop {
         #[serde(default)]
         _delay_ms: u64,
+        #[serde(default)]
+        _tables: Vec<Rule>,
+    }
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    struct Rule {
+        #[serde(default)]
+        _action: Option<String>,
     }
 
     #[test]
@@ -528,7 +555,7 @@ mod tests {
         assert_eq!(
             err.0,
             [format!(
-                "{file}: key _subprocessors.0._connector.urll: unknown key; known here: _delay_ms"
+                "{file}: key _subprocessors.0._connector.urll: unknown key; known here: _delay_ms, _tables"
             )]
         );
 
@@ -541,14 +568,28 @@ mod tests {
                 "{file}: key _tls._cerrt: unknown key; known here: _cert"
             )]
         );
-        // Where it could be more than one key, none is named.
-        std::fs::write(&f, "[_tls]\n_cerrt = \"x\"\n[_other]\n_cerrt = 1\n").unwrap();
+        // Nor does it stop short in an array below the path.
+        std::fs::write(
+            &f,
+            "[[_subprocessors]]\n[_subprocessors._connector]\ntype = \"noop\"\n\
+             [[_subprocessors._connector._tables]]\n_actionn = \"x\"\n",
+        )
+        .unwrap();
         let err = load::<Service>(Some(&f), "APP", vars(&[])).unwrap_err();
-        assert!(
-            err.0
-                .iter()
-                .any(|e| e.ends_with("unknown key `_cerrt`; known here: _cert")),
-            "{err}"
+        assert_eq!(
+            err.0,
+            [format!(
+                "{file}: key _subprocessors.0._connector._tables.0._actionn: unknown key; known \
+                 here: _action"
+            )]
+        );
+        // Where it could be more than one key (a top-level key written below `[_tls]`, or
+        // set in it by a variable), none is named.
+        std::fs::write(&f, "_listen = \"a\"\n[_tls]\n_listen = \"b\"\n").unwrap();
+        let err = load::<Service>(Some(&f), "APP", vars(&[])).unwrap_err();
+        assert_eq!(
+            err.0,
+            [format!("{file}: unknown key `_listen`; known here: _cert")]
         );
     }
 
