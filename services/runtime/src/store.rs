@@ -473,6 +473,9 @@ const FIRST_CONNECTION_TIMEOUT: Duration = if cfg!(test) {
     Duration::from_secs(30)
 };
 
+/// The wait after the first failed connection; it doubles up to 2 s.
+const FIRST_PAUSE: Duration = Duration::from_millis(100);
+
 /// Opens and closes one connection outside any pool, so that a start-up against a server
 /// that refuses or rejects it fails with the server's or the socket's own error: the pool
 /// would say only that it timed out. A refusal, or a server starting up (57P03) or full
@@ -481,9 +484,11 @@ const FIRST_CONNECTION_TIMEOUT: Duration = if cfg!(test) {
 /// password, a missing database, a name that does not resolve) fails the start at once.
 async fn first_connection(options: &AnyConnectOptions, url: &str) -> Result<()> {
     let deadline = tokio::time::Instant::now() + FIRST_CONNECTION_TIMEOUT;
-    let mut pause = Duration::from_millis(100);
+    let mut pause = FIRST_PAUSE;
     loop {
+        // The last try, at the deadline, still gets a moment to be refused in.
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let left = left.max(Duration::from_millis(500));
         let error = match tokio::time::timeout(left, options.connect()).await {
             Ok(Ok(connection)) => {
                 // A courtesy to the server; the pool opens its own connections.
@@ -507,14 +512,25 @@ async fn first_connection(options: &AnyConnectOptions, url: &str) -> Result<()> 
         if !passing {
             bail!("connecting to {}: {error}", redact(url));
         }
-        if tokio::time::Instant::now() + pause >= deadline {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
             bail!(
-                "connecting to {}: {error} (still so after {} s)",
+                "connecting to {}: {error} (still so after {} s of trying)",
                 redact(url),
                 FIRST_CONNECTION_TIMEOUT.as_secs()
             );
         }
-        tokio::time::sleep(pause).await;
+        if pause == FIRST_PAUSE {
+            // Said once, so that a start that waits is not taken for a hang.
+            tracing::warn!(
+                database = %redact(url),
+                "the database refuses connections or is starting up ({error}); trying again \
+                 for up to {} s",
+                FIRST_CONNECTION_TIMEOUT.as_secs()
+            );
+        }
+        // The last try comes at the deadline itself.
+        tokio::time::sleep(pause.min(deadline - now)).await;
         pause = (pause * 2).min(Duration::from_secs(2));
     }
 }
@@ -976,7 +992,7 @@ mod tests {
             "{err}"
         );
         assert!(!err.contains("secret"), "{err}");
-        assert!(err.contains("still so after"), "{err}");
+        assert!(err.contains("still so after 2 s of trying"), "{err}");
     }
 
     /// A server that starts listening while the service starts (both started together) is
@@ -998,6 +1014,12 @@ mod tests {
         let at = rest.rfind('@').map_or(0, |at| at + 1);
         let (user, after) = rest.split_at(at);
         let (host, path) = after.split_once('/').unwrap_or((after, ""));
+        // A URL may leave the port out.
+        let host = if host.contains(':') {
+            host.to_string()
+        } else {
+            format!("{host}:5432")
+        };
         let port = {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             listener.local_addr().unwrap().port()
