@@ -296,7 +296,10 @@ impl Db {
         let backend = Backend::of_url(url)?;
         let url = match backend {
             Backend::Sqlite => prepare_sqlite_url(url)?,
-            Backend::Postgres => url.to_string(),
+            Backend::Postgres => {
+                check_postgres_url(url)?;
+                url.to_string()
+            }
         };
         let options = connect_options(&url)?;
         let sqlite_file = backend == Backend::Sqlite && !url.contains(":memory:");
@@ -364,12 +367,20 @@ impl Db {
             }
             Backend::Sqlite => pool.clone(),
         };
+        let sqlite_file: Option<std::path::PathBuf> = sqlite_file.then(|| sqlite_path(&url).into());
+        // Which database a service runs on, said once: a missing or misspelt setting
+        // otherwise runs it on a SQLite file in the working folder without a word.
+        let shown = match &sqlite_file {
+            Some(file) => std::path::absolute(file).unwrap_or_else(|_| file.clone()),
+            None => redact(&url).into(),
+        };
+        tracing::info!(database = %shown.display(), "database opened");
         Ok(Self {
             pool,
             reader,
             claimer,
             backend,
-            sqlite_file: sqlite_file.then(|| sqlite_path(&url).into()),
+            sqlite_file,
         })
     }
 
@@ -387,13 +398,28 @@ impl Db {
             Backend::Sqlite => sqlite,
             Backend::Postgres => postgres,
         };
-        let Err(e) = migrator.run(&self.pool).await else {
+        let mut conn = self.pool.acquire().await.context("applying migrations")?;
+        let Err(e) = migrator.run(&mut *conn).await else {
             return Ok(());
         };
+        // A failed run keeps sqlx's migration lock (PostgreSQL: a session's advisory lock)
+        // on its connection: closed, the lock goes with it, and nothing after (the hints
+        // below, another try) waits for it.
+        let _ = conn.close().await;
         let hint = match &e {
             MigrateError::VersionMismatch(_) | MigrateError::VersionMissing(_) => {
                 Some(self.unknown_migrations_hint(migrator).await)
             }
+            // With a role of its own per service, a service pointed at another's database is
+            // refused its tables before any version is compared: say so rather than advise
+            // grants that would hand it the other service's tables.
+            _ if permission_denied(&e) && self.migrations_unreadable().await => Some(
+                "this database's migrations belong to a role this one may not read: it is \
+                 probably another service's database, so point database_url at this service's \
+                 own; if it is this service's, make this role the owner of the database and \
+                 of its tables"
+                    .to_string(),
+            ),
             // Only a refusal to create in a schema: 42501 is also a missing table
             // privilege or ownership, which this grant would not cure.
             _ if permission_denied(&e) && e.to_string().contains("schema") => {
@@ -458,6 +484,16 @@ impl Db {
         }
     }
 
+    /// Whether the database holds a migrations table this role may not read (PostgreSQL).
+    async fn migrations_unreadable(&self) -> bool {
+        let sql = "SELECT CASE WHEN to_regclass('_sqlx_migrations') IS NULL THEN 0 \
+                   WHEN has_table_privilege('_sqlx_migrations', 'SELECT') THEN 0 ELSE 1 END";
+        sqlx::query_scalar::<_, i32>(sql)
+            .fetch_one(&self.pool)
+            .await
+            .is_ok_and(|unreadable| unreadable == 1)
+    }
+
     /// This database's [`Backend::skip_locked`].
     pub fn skip_locked(&self) -> &'static str {
         self.backend.skip_locked()
@@ -472,6 +508,21 @@ const FIRST_CONNECTION_TIMEOUT: Duration = if cfg!(test) {
 } else {
     Duration::from_secs(30)
 };
+
+/// Refuses a URL whose user or password holds a character that ends it early: the driver
+/// would connect to the host after the first `@` (or read the rest as a path or fragment)
+/// and fail with a lookup of a host nobody meant, or worse, reach one.
+fn check_postgres_url(url: &str) -> Result<()> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    if rest.matches('@').count() > 1 || rest.contains('#') {
+        bail!(
+            "database_url {}: the user or password holds a character that must be \
+             percent-encoded there (@ as %40, / as %2F, : as %3A, # as %23, ? as %3F)",
+            redact(url)
+        );
+    }
+    Ok(())
+}
 
 /// The wait after the first failed connection; it doubles up to 2 s.
 const FIRST_PAUSE: Duration = Duration::from_millis(100);
@@ -803,6 +854,19 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A password with `@` or `#` written as is would send the connection elsewhere.
+    #[tokio::test]
+    async fn a_password_that_needs_percent_encoding_is_named_so() {
+        for url in [
+            "postgres://u:p@ss/w:rd#1@127.0.0.1:5432/db",
+            "postgres://u:pa#ss@127.0.0.1:5432/db",
+        ] {
+            let err = format!("{:#}", Db::connect(url).await.err().unwrap());
+            assert!(err.contains("must be percent-encoded"), "{err}");
+            assert!(!err.contains("ss/w") && !err.contains("pa#"), "{err}");
+        }
+    }
 
     #[test]
     fn redacts_passwords_only() {
@@ -1186,12 +1250,38 @@ mod migrate_tests {
         .await
         .unwrap();
         db.migrate(&steps, &steps).await.unwrap();
-
         db.close().await;
+
+        // Another service with a role of its own, pointed here by mistake, given the same
+        // grant: told it is probably another service's database, not to take its tables.
+        let other = format!("other_{suffix}");
+        sqlx::query(&format!("CREATE ROLE \"{other}\" LOGIN PASSWORD 'pw'"))
+            .execute(&admin.pool)
+            .await
+            .unwrap();
+        sqlx::query(&format!(
+            "GRANT USAGE, CREATE ON SCHEMA public TO \"{other}\""
+        ))
+        .execute(&owner.pool)
+        .await
+        .unwrap();
+        let theirs = Db::connect(&format!("{scheme}://{other}:pw@{host}/{name}"))
+            .await
+            .unwrap();
+        let processor = migrator(&[(1, "processor init", "CREATE TABLE p (id BIGINT)")]);
+        let err = format!(
+            "{:#}",
+            theirs.migrate(&processor, &processor).await.unwrap_err()
+        );
+        assert!(err.contains("probably another service's database"), "{err}");
+        assert!(!err.contains("GRANT"), "{err}");
+        theirs.close().await;
+
         owner.close().await;
         for sql in [
             format!("DROP DATABASE \"{name}\""),
             format!("DROP ROLE \"{role}\""),
+            format!("DROP ROLE \"{other}\""),
         ] {
             sqlx::query(&sql).execute(&admin.pool).await.unwrap();
         }

@@ -177,14 +177,20 @@ impl Checkpointer {
         let diverged = |detail: String| {
             anyhow::anyhow!(
                 "the audit trail no longer holds the last checkpoint's entry ({detail}): it \
-                 was cut or rewritten behind the {service}'s back; no checkpoint signed"
+                 was cut or rewritten behind the {service}'s back, or the {service} now runs on \
+                 another database than the one {} was kept for (give each database its own \
+                 audit.checkpoint_file); no checkpoint signed",
+                self.file.path().display()
             )
         };
         let due = checkpoint::due(known.as_ref(), head.as_ref().map(|(s, h)| (*s, h.as_str())));
         if let (Due::Diverged, Some(l)) = (due, &known) {
-            let (seq, hash) = head.unwrap_or_default();
+            let trail_end = match head {
+                Some((seq, hash)) => format!("the trail ends at seq {seq} with {hash}"),
+                None => "the trail is empty".to_string(),
+            };
             return Err(diverged(format!(
-                "checkpoint at seq {} says {}, the trail ends at seq {seq} with {hash}",
+                "checkpoint at seq {} says {}, {trail_end}",
                 l.seq, l.hash
             )));
         }
@@ -239,5 +245,61 @@ pub async fn run(
             _ = stop.changed() => {}
             _ = tokio::time::sleep(checkpointer.interval) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A trail of `entries` hashes, seq 1 first.
+    struct Entries(Vec<String>);
+
+    impl Trail for Entries {
+        async fn head(&self) -> Result<Option<(u64, String)>> {
+            Ok(self.0.last().map(|h| (self.0.len() as u64, h.clone())))
+        }
+        async fn hash_of(&self, seq: u64) -> Result<Option<String>> {
+            let i = usize::try_from(seq).ok().and_then(|s| s.checked_sub(1));
+            Ok(i.and_then(|i| self.0.get(i).cloned()))
+        }
+    }
+
+    /// A checkpoint file kept for another database meets a trail that does not hold its
+    /// entry: the error says so among the causes, and names the file, not an empty hash.
+    #[tokio::test]
+    async fn a_file_kept_for_another_database_is_named_as_a_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k.key");
+        SigningKey::generate().write(&key).unwrap();
+        let config = AuditConfig {
+            checkpoints: true,
+            checkpoint_key: Some(key),
+            checkpoint_file: Some(dir.path().join("checkpoints.jsonl")),
+            ..AuditConfig::default()
+        };
+        let signer = Checkpointer::from_config("registry", &config)
+            .unwrap()
+            .unwrap();
+        let mut last = None;
+        let trail = Entries(vec!["a".repeat(64), "b".repeat(64)]);
+        let signed = signer.round(&trail, &mut last, 0).await.unwrap();
+        assert_eq!(signed.map(|c| c.seq), Some(2));
+
+        let mut last = None;
+        let err = format!(
+            "{:#}",
+            signer
+                .round(&Entries(Vec::new()), &mut last, 0)
+                .await
+                .unwrap_err()
+        );
+        assert!(err.contains("the trail is empty"), "{err}");
+        assert!(!err.contains("with )"), "{err}");
+        assert!(
+            err.contains("now runs on another database than the one")
+                && err.contains("checkpoints.jsonl"),
+            "{err}"
+        );
     }
 }
