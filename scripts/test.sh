@@ -10,6 +10,10 @@
 #   1. Unless DSRELAY_TEST_POSTGRES_URL is already set, start a throwaway
 #      PostgreSQL server (fresh temp dir, 127.0.0.1 on a free port, trust auth)
 #      and export DSRELAY_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:PORT/postgres.
+#      The server also accepts TLS (plain connections still work) with a
+#      certificate for 127.0.0.1 and localhost from a throwaway CA made with the
+#      openssl command (installed with apt-get as root when missing), and
+#      DSRELAY_TEST_POSTGRES_TLS_CA is exported as the path of that CA's PEM file.
 #      It is stopped and its directory removed when this script exits, however
 #      it exits (including Ctrl-C / SIGTERM). If no PostgreSQL server binaries
 #      exist under /usr/lib/postgresql/*/bin, they are installed with apt-get
@@ -26,6 +30,9 @@
 #
 # Environment:
 #   DSRELAY_TEST_POSTGRES_URL  use this PostgreSQL instead of starting one.
+#   DSRELAY_TEST_POSTGRES_TLS_CA  with DSRELAY_TEST_POSTGRES_URL: the PEM file of
+#                              the CA that issued that server's certificate (for
+#                              the URL's host), for the TLS test; left as it is.
 #   CI=true                    tests that need PostgreSQL fail instead of
 #                              skipping when it is missing; selects the
 #                              nextest profile `ci` (NEXTEST_PROFILE=ci).
@@ -150,6 +157,52 @@ free_port() {
     return 1
 }
 
+# The openssl command, installed with apt-get (as root) when missing.
+need_openssl() {
+    command -v openssl >/dev/null 2>&1 && return 0
+    is_root || die "the openssl command (package 'openssl') is needed to make the test" \
+        "PostgreSQL server's TLS certificate: install it or set DSRELAY_TEST_POSTGRES_URL"
+    log "openssl not found; installing package 'openssl' with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update || die "apt-get update failed"
+    apt-get install -y openssl || die "apt-get install -y openssl failed"
+    command -v openssl >/dev/null 2>&1 || die "openssl installed but not found on PATH"
+}
+
+# A throwaway CA and a server certificate for 127.0.0.1 and localhost from it in
+# $pg_tmp/tls. PostgreSQL refuses a key file that others may read or that another
+# user owns, hence umask 077 and, as root, chown to the server's user.
+make_pg_tls() {
+    need_openssl
+    local tls=$pg_tmp/tls
+    log "making a throwaway CA and server certificate in $tls"
+    # Chained with && because set -e does not apply inside an `if` condition.
+    if ! (
+        umask 077 &&
+        mkdir "$tls" &&
+        cd "$tls" &&
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+            -keyout ca.key -out ca.pem -days 7 -subj '/CN=dsrelay test.sh throwaway CA' \
+            -addext 'basicConstraints=critical,CA:TRUE' \
+            -addext 'keyUsage=critical,keyCertSign,cRLSign' &&
+        openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+            -keyout server.key -out server.csr -subj '/CN=localhost' &&
+        printf '%s\n' 'basicConstraints=critical,CA:FALSE' \
+            'keyUsage=critical,digitalSignature' 'extendedKeyUsage=serverAuth' \
+            'subjectAltName=IP:127.0.0.1,DNS:localhost' >server.ext &&
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+            -days 7 -extfile server.ext -out server.pem &&
+        chmod 0644 ca.pem server.pem &&
+        chmod 0600 server.key
+    ) >"$pg_tmp/tls.log" 2>&1; then
+        cat "$pg_tmp/tls.log" >&2
+        die "making the TLS certificate for PostgreSQL with openssl failed"
+    fi
+    if is_root; then
+        chown -R postgres: "$tls" || die "chown postgres: $tls failed"
+    fi
+}
+
 start_postgres() {
     pg_bin=$(find_pg_bin || true)
     if [ -z "$pg_bin" ]; then
@@ -190,17 +243,23 @@ start_postgres() {
         cat "$pg_tmp/initdb.log" >&2
         die "initdb failed"
     fi
+    make_pg_tls
 
     local port attempt
+    # Plain and TLS connections both, on 127.0.0.1 and the socket in $pg_tmp.
+    local opts="-c listen_addresses=127.0.0.1 -k '$pg_tmp' -c max_connections=200 -c ssl=on"
+    opts+=" -c ssl_cert_file='$pg_tmp/tls/server.pem' -c ssl_key_file='$pg_tmp/tls/server.key'"
     for attempt in 1 2 3 4 5; do
         port=$(free_port) || die "could not find a free TCP port"
         log "starting PostgreSQL on 127.0.0.1:$port (attempt $attempt)"
         pg_started=1 # set before starting so a signal during pg_ctl still stops it
         if as_pg "$pg_bin/pg_ctl" -D "$pg_tmp/data" -l "$pg_tmp/postgres.log" -w -t 60 \
-                -o "-c listen_addresses=127.0.0.1 -p $port -k '$pg_tmp' -c max_connections=200" \
+                -o "$opts -p $port" \
                 start >/dev/null 2>&1; then
             export DSRELAY_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:$port/postgres"
+            export DSRELAY_TEST_POSTGRES_TLS_CA="$pg_tmp/tls/ca.pem"
             log "DSRELAY_TEST_POSTGRES_URL=$DSRELAY_TEST_POSTGRES_URL"
+            log "DSRELAY_TEST_POSTGRES_TLS_CA=$DSRELAY_TEST_POSTGRES_TLS_CA"
             return 0
         fi
         # pg_ctl may time out while the server is still coming up; stop it.

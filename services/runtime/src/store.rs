@@ -514,10 +514,14 @@ const FIRST_CONNECTION_TIMEOUT: Duration = if cfg!(test) {
 /// and fail with a lookup of a host nobody meant, or worse, reach one.
 fn check_postgres_url(url: &str) -> Result<()> {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    if rest.matches('@').count() > 1 || rest.contains('#') {
+    // An `@` in the query (a file's path) is the query's business; a `#` anywhere cuts the
+    // rest off as a fragment, which the driver ignores.
+    let before_query = rest.split('?').next().unwrap_or(rest);
+    if before_query.matches('@').count() > 1 || rest.contains('#') {
         bail!(
-            "database_url {}: the user or password holds a character that must be \
-             percent-encoded there (@ as %40, / as %2F, : as %3A, # as %23, ? as %3F)",
+            "database_url {}: the user or password (or a path in the query) holds a character \
+             that must be percent-encoded there (@ as %40, / as %2F, : as %3A, # as %23, ? as \
+             %3F)",
             redact(url)
         );
     }
