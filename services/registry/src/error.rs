@@ -23,3 +23,26 @@ impl From<crate::intake::IntakeError> for ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store that went away while a Submit was stored answers UNAVAILABLE, so that the
+    /// caller retries with its idempotency key, not INTERNAL.
+    #[test]
+    fn a_store_outage_during_intake_is_unavailable() {
+        for cause in [
+            anyhow::Error::from(sqlx::Error::PoolTimedOut),
+            anyhow::Error::from(sqlx::Error::PoolTimedOut).context("storing"),
+        ] {
+            let e = crate::intake::IntakeError::store(1, cause);
+            let status = tonic::Status::from(ApiError::from(e));
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        }
+        // Anything else stays an internal error.
+        let e = crate::intake::IntakeError::store(1, anyhow::anyhow!("a bug"));
+        let status = tonic::Status::from(ApiError::from(e));
+        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+    }
+}

@@ -21,24 +21,59 @@ use crate::store::{Inserted, Intaken, NewContract, NewRequest, Store};
 pub(crate) const MAX_BATCH: usize = 256;
 
 /// Why a submitted request was not stored.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone)]
 pub enum IntakeError {
     /// The writer has stopped (the registry is shutting down) or stopped before answering.
     /// The request may still have been committed; a retry with the same idempotency key is
     /// safe either way.
-    #[error("the registry is not taking requests now (shutting down); submit again")]
     Stopped,
     /// Storing the request failed: the batch's transaction could not begin or commit (no
     /// request of the batch was stored), or, stored alone after the batch could not take it,
     /// this request could not be (the others of its batch were answered on their own).
-    #[error("storing a batch of {batch} submitted requests failed")]
     Store {
         /// Requests refused together with this one (1 when it failed alone).
         batch: usize,
         /// What the store said, shared by every request of the batch.
-        #[source]
         cause: Arc<dyn std::error::Error + Send + Sync>,
     },
+}
+
+impl std::fmt::Display for IntakeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Stopped => {
+                f.write_str("the registry is not taking requests now (shutting down); submit again")
+            }
+            Self::Store { batch, .. } => {
+                write!(f, "storing a batch of {batch} submitted requests failed")
+            }
+        }
+    }
+}
+
+// By hand: thiserror would give the `Arc` itself as the source, whose type hides the store's
+// error from the chain that the status of the answer is read from.
+impl std::error::Error for IntakeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Stopped => None,
+            Self::Store { cause, .. } => Some(&**cause),
+        }
+    }
+}
+
+impl IntakeError {
+    /// Storing `batch` requests failed with `e`. The cause keeps the store's own error as
+    /// its type when it is one: an anyhow error boxed hides the type of what it holds, and
+    /// the status of the answer depends on it (a database out of reach is UNAVAILABLE, to be
+    /// retried with the same idempotency key; anything else INTERNAL).
+    pub(crate) fn store(batch: usize, e: anyhow::Error) -> Self {
+        let cause: Arc<dyn std::error::Error + Send + Sync> = match e.downcast::<sqlx::Error>() {
+            Ok(store) => Arc::new(store),
+            Err(e) => Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(e)),
+        };
+        Self::Store { batch, cause }
+    }
 }
 
 /// Submits waiting for their commit at which intake counts as busy. A lone caller, or an open
@@ -204,10 +239,7 @@ impl Writer {
                             error = format!("{e:#}"),
                             "storing a submitted request failed"
                         );
-                        IntakeError::Store {
-                            batch: 1,
-                            cause: Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(e)),
-                        }
+                        IntakeError::store(1, e)
                     });
                     // The Submit may have gone (its caller hung up); its request is stored.
                     let _ = answer.send(outcome);
@@ -219,10 +251,7 @@ impl Writer {
                     batch = requests.len(),
                     "storing submitted requests failed"
                 );
-                let error = IntakeError::Store {
-                    batch: requests.len(),
-                    cause: Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(e)),
-                };
+                let error = IntakeError::store(requests.len(), e);
                 for answer in answers {
                     let _ = answer.send(Err(error.clone()));
                 }
