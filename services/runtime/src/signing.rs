@@ -181,7 +181,7 @@ impl SigningKey {
     pub fn from_pem(pem: &str) -> Result<Self> {
         Ok(Self {
             key: ed25519_dalek::SigningKey::from_pkcs8_pem(pem)
-                .map_err(|e| anyhow::anyhow!("not an ed25519 pkcs#8 pem private key: {e}"))?,
+                .map_err(|_| anyhow::anyhow!("{}", not_a_signing_key(pem)))?,
         })
     }
 
@@ -324,8 +324,44 @@ impl PublicKey {
     }
 }
 
+/// What a text that is no Ed25519 private key holds instead, in words: the PKCS#8 parser's
+/// own errors name the algorithm it expected, or a "NUL byte" for a file that is no PEM.
+fn not_a_signing_key(pem: &str) -> String {
+    const NEEDED: &str = "an Ed25519 private key in PKCS#8 PEM (-----BEGIN PRIVATE KEY-----) \
+                          is needed, as `dsrctl pki init` writes them (*-signing.key)";
+    let label = pem
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("-----BEGIN ")?.strip_suffix("-----"));
+    match label {
+        None => format!("the file holds no PEM block: {NEEDED}"),
+        Some("PRIVATE KEY") => format!(
+            "the file holds a PKCS#8 private key of another algorithm (a TLS key, such as \
+             P-256 or RSA?), or a damaged one: {NEEDED}"
+        ),
+        Some(other) => format!("the file holds a PEM {other}, not a private key: {NEEDED}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    /// A file that is no Ed25519 key says what it holds instead.
+    #[test]
+    fn a_file_that_is_no_signing_key_says_what_it_holds() {
+        let tls_key = rcgen::KeyPair::generate().unwrap().serialize_pem();
+        let certificate = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        for (text, says) in [
+            ("listen = \"127.0.0.1:1\"\n", "holds no PEM block"),
+            (
+                tls_key.as_str(),
+                "a PKCS#8 private key of another algorithm",
+            ),
+            (certificate, "holds a PEM CERTIFICATE, not a private key"),
+        ] {
+            let err = super::SigningKey::from_pem(text).err().unwrap().to_string();
+            assert!(err.contains(says) && err.contains("Ed25519"), "{err}");
+        }
+    }
+
     use super::*;
     use serde_json::json;
 
