@@ -27,7 +27,8 @@ Connection settings: each is taken from the first of
      must be given too: the registry is never trusted on its CA alone.
 
 Exit status: 0 on success; 1 for a configuration or connection problem, from `watch`
-when the request ended other than COMPLETED, from `audit verify` when the trail is
+when the request ended other than COMPLETED, from `contracts show --watch` when the
+contract end ended FAILED or CANCELLED, from `audit verify` when the trail is
 broken or the signed checkpoints asked for do not verify or are none, from `download`
 when a file does not match the manifest or cannot be written, from `contracts confirm
 --package` when a file of the folder is missing or not as its manifest lists it, from
@@ -369,8 +370,9 @@ pub enum ContractsCommand {
         id: String,
         /// Keep showing progress bars per subprocessor until it finishes (or Ctrl-C), then
         /// print it; table output without a terminal prints the view at once and again at
-        /// each change, --output json one document at the end. Exits 0 only if it ended
-        /// COMPLETED.
+        /// each change, --output json one document at the end. It finishes COMPLETED,
+        /// PARTIALLY_COMPLETED (holders keep only what the law makes them keep, until the
+        /// next erasure run shown), FAILED or CANCELLED; exits 0 for the first two.
         #[arg(long)]
         watch: bool,
     },

@@ -612,11 +612,25 @@ pub(crate) async fn scheduled(
     Ok(0)
 }
 
-/// Whether a request in `state` will not change any more.
+/// Whether a contract end in `state` has done what it will do: ended, or PARTIALLY_COMPLETED,
+/// whose holders keep only what the law makes them keep until dates often years away (the
+/// registry takes it as finished too, for the next contract end with the processor).
 fn finished(state: i32) -> bool {
     matches!(
         RequestState::try_from(state),
-        Ok(RequestState::Completed | RequestState::Failed | RequestState::Cancelled)
+        Ok(RequestState::Completed
+            | RequestState::PartiallyCompleted
+            | RequestState::Failed
+            | RequestState::Cancelled)
+    )
+}
+
+/// Whether a contract end in `state` went through: everything done, or all but what the law
+/// keeps.
+fn went_through(state: i32) -> bool {
+    matches!(
+        RequestState::try_from(state),
+        Ok(RequestState::Completed | RequestState::PartiallyCompleted)
     )
 }
 
@@ -688,12 +702,12 @@ fn print_view(io: &mut Io<'_>, c: &Contract, first: bool) -> std::io::Result<()>
     emit(io.out, io.format, &ContractView::from(c), false)
 }
 
-/// `show --watch`: polls GetContract until the contract end finishes or Ctrl-C, drawing
-/// progress; then prints it. Exits 0 only if it ended COMPLETED. For table output without
-/// the bars (stderr not a terminal) nothing would show until then, which for a
-/// PARTIALLY_COMPLETED contract end may be years away, so the view is printed at once and
-/// again each time it changes. JSON output is one document, the last view, so that a
-/// script reads it whole.
+/// `show --watch`: polls GetContract until the contract end finishes ([`finished`]) or
+/// Ctrl-C, drawing progress; then prints it. Exits 0 only if it went through (COMPLETED or
+/// PARTIALLY_COMPLETED). For table output without the bars (stderr not a terminal) the view
+/// is printed at once and again each time it changes, since a contract end may take its
+/// grace period. JSON output is one document, the last view, so that a script reads it
+/// whole.
 async fn watch(registry: &Registry, id: &str, io: &mut Io<'_>) -> Result<u8, Failure> {
     let mut bars = Bars::new();
     let print_changes = !bars.drawn() && io.format == crate::cli::OutputFormat::Table;
@@ -724,7 +738,7 @@ async fn watch(registry: &Registry, id: &str, io: &mut Io<'_>) -> Result<u8, Fai
         }
     };
     bars.finish();
-    let code = if last.state == RequestState::Completed as i32 {
+    let code = if went_through(last.state) {
         0
     } else {
         crate::EXIT_FAILURE
@@ -855,7 +869,13 @@ mod tests {
             assert!(row.contains(word), "{word} in {row}");
         }
         assert!(finished(RequestState::Completed as i32));
-        assert!(!finished(RequestState::PartiallyCompleted as i32));
+        // Its holders keep what the law makes them keep, for years: the watch ends.
+        assert!(finished(RequestState::PartiallyCompleted as i32));
+        assert!(went_through(RequestState::PartiallyCompleted as i32));
+        assert!(!finished(RequestState::InProgress as i32));
+        assert!(
+            finished(RequestState::Failed as i32) && !went_through(RequestState::Failed as i32)
+        );
     }
 
     /// A part cancelled while SCHEDULED, as a processor that still sent the date reports it.
