@@ -732,6 +732,16 @@ async fn delivery_update_and_progress(backend: Backend) {
         Code::InvalidArgument,
         &["manifest_sha256", "64 hex digits"],
     );
+    // Nothing given: told what to give and how to get it, not that it is malformed.
+    refused(
+        ops.confirm_return(ConfirmReturnRequest {
+            contract_id: id.clone(),
+            manifest_sha256: String::new(),
+        })
+        .await,
+        Code::InvalidArgument,
+        &["manifest_sha256", "required", "--package DIR"],
+    );
     refused(
         ops.confirm_return(ConfirmReturnRequest {
             contract_id: id.clone(),

@@ -624,6 +624,17 @@ impl ContractService for Api {
             )])
             .into());
         }
+        if !transfer && digest.is_empty() {
+            return Err(ApiError::invalid([FieldViolation::new(
+                "manifest_sha256",
+                format!(
+                    "required for contract end {id}, which returns a package: its manifest.json's \
+                     SHA-256 (dsrctl contracts confirm ID --package DIR, after dsrctl download \
+                     ID --out DIR)"
+                ),
+            )])
+            .into());
+        }
         if !transfer && !dsrelay_runtime::export_files::is_sha256(&digest) {
             return Err(ApiError::invalid([FieldViolation::new(
                 "manifest_sha256",
