@@ -58,6 +58,8 @@ pub enum Failure {
         status: tonic::Status,
         /// The endpoint called, for the message when it could not be reached.
         endpoint: String,
+        /// What is there: "registry" or "processor".
+        server: &'static str,
     },
     /// Writing the output failed.
     Output(std::io::Error),
@@ -99,7 +101,11 @@ impl Failure {
         let text = match self {
             Self::Usage(msg) => format!("error: {msg}"),
             Self::Setup(err) => format!("error: {err:#}"),
-            Self::Rpc { status, endpoint } if is_connection_error(status) => {
+            Self::Rpc {
+                status,
+                endpoint,
+                server,
+            } if is_connection_error(status) => {
                 // tonic's own message ("transport error") says little; the causes say why.
                 let mut causes = vec![status.message().to_string()];
                 let mut source = std::error::Error::source(status);
@@ -111,7 +117,7 @@ impl Failure {
                     source = err.source();
                 }
                 format!(
-                    "error: {}: cannot reach the registry at {endpoint}: {}",
+                    "error: {}: cannot reach the {server} at {endpoint}: {}",
                     code_name(status.code()),
                     causes.join(": ")
                 )
@@ -190,6 +196,7 @@ mod tests {
         Failure::Rpc {
             status,
             endpoint: "https://127.0.0.1:50051".into(),
+            server: "registry",
         }
     }
 

@@ -911,6 +911,31 @@ async fn connection_problems_exit_1() {
         run.stderr
     );
 
+    // A processor command names the processor it could not reach, not the registry.
+    let mut cmd = command(s.dir());
+    let mut flags = tls_flags(s, "operator");
+    flags.truncate(6);
+    cmd.args([
+        "tasks",
+        "list",
+        "--processor",
+        UNREACHABLE,
+        "--processor-identity",
+        "spiffe://dsrelay.dev/processor/payroll-bureau",
+        "--server-identity",
+        REGISTRY_IDENTITY,
+    ])
+    .args(flags);
+    let run = output(cmd).await;
+    run.expect_code(1);
+    assert!(
+        run.stderr.starts_with(&format!(
+            "error: UNAVAILABLE: cannot reach the processor at {UNREACHABLE}"
+        )),
+        "{}",
+        run.stderr
+    );
+
     // The registry is not who dsrctl was told to expect.
     let run = run_with(endpoint(s), "spiffe://dsrelay.dev/processor/x").await;
     run.expect_code(1);

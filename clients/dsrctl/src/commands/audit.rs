@@ -104,6 +104,7 @@ impl Trail {
             Self::Processor { endpoint, .. } => Failure::Rpc {
                 status,
                 endpoint: endpoint.clone(),
+                server: "processor",
             },
         }
     }

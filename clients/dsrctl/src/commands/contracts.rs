@@ -603,6 +603,7 @@ pub(crate) async fn scheduled(
         .map_err(|status| Failure::Rpc {
             status,
             endpoint: processor.processor.clone(),
+            server: "processor",
         })?
         .into_inner();
     let view = ScheduledListView {

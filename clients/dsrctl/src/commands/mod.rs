@@ -67,6 +67,7 @@ impl Registry {
         Failure::Rpc {
             status,
             endpoint: self.endpoint.clone(),
+            server: "registry",
         }
     }
 }

@@ -341,6 +341,7 @@ fn failed(status: tonic::Status, endpoint: &str) -> Failure {
     Failure::Rpc {
         status,
         endpoint: endpoint.to_string(),
+        server: "processor",
     }
 }
 
