@@ -331,6 +331,8 @@ pub enum ChosenArg {
 #[derive(Debug, Subcommand)]
 pub enum ContractsCommand {
     /// End the contract with a processor; prints the contract end.
+    // One of the two, named together when neither is given.
+    #[command(group(clap::ArgGroup::new("when").required(true).args(["effective_at", "now"])))]
     End {
         /// The processor, as the registry names it.
         #[arg(long)]
@@ -339,12 +341,7 @@ pub enum ContractsCommand {
         #[arg(long, value_enum)]
         choice: ContractChoiceArg,
         /// When the contract ends (RFC 3339, e.g. 2027-01-01T00:00:00Z); not in the past.
-        #[arg(
-            long,
-            value_name = "RFC3339",
-            required_unless_present = "now",
-            conflicts_with = "now"
-        )]
+        #[arg(long, value_name = "RFC3339")]
         effective_at: Option<String>,
         /// End it now.
         #[arg(long)]

@@ -180,6 +180,14 @@ pub(crate) fn check_folder(root: &Path, manifest_json: &[u8]) -> Result<(), Stri
     }
 }
 
+/// The request whose package `manifest_json` describes, when it names one.
+pub(crate) fn manifest_request_id(manifest_json: &[u8]) -> Option<String> {
+    serde_json::from_slice::<Listing>(manifest_json)
+        .ok()
+        .map(|l| l.request_id)
+        .filter(|id| !id.is_empty())
+}
+
 /// [`check_folder`]'s check, file by file: each file the manifest lists, with why it is
 /// missing or differs. `Err` says why the manifest lists none.
 pub(crate) fn check_folder_files(

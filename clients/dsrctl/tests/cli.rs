@@ -214,6 +214,19 @@ fn help_names_the_commands_settings_and_exit_status() {
         assert!(connection < output && output < flag, "{help}");
     }
 
+    // A contract end needs a date or --now: the refusal names both.
+    let out = dsrctl(
+        tmp.path(),
+        &[],
+        &["contracts", "end", "--processor", "p", "--choice", "delete"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let said = text(&out.stderr);
+    assert!(
+        said.contains("--effective-at") && said.contains("--now"),
+        "{said}"
+    );
+
     // An operator's work list says it carries what the task is about.
     let out = dsrctl(tmp.path(), &[], &["tasks", "list", "--help"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));

@@ -457,22 +457,31 @@ impl Render for ScheduledListView {
 /// The SHA-256 of `dir/manifest.json`, once every file it lists is checked again: the
 /// processor deletes the data on this confirmation, so a folder missing a file, or holding
 /// one changed since, must not give it.
-fn manifest_digest(dir: &Path) -> Result<String, Failure> {
+fn manifest_digest(dir: &Path, id: &str) -> Result<String, Failure> {
     let path = dir.join(crate::unpack::MANIFEST_NAME);
     let bytes = std::fs::read(&path).map_err(|e| {
         Failure::Usage(format!(
             "--package {}: cannot read {} ({e}), which dsrctl download --out writes once \
-             every file verified; download the package there first (dsrctl download ID --out \
-             DIR)",
+             every file verified; download the package there first (dsrctl download {id} \
+             --out DIR)",
             dir.display(),
             path.display()
         ))
     })?;
+    // Another request's package would be refused by the registry only as a digest that
+    // differs; say which it is.
+    if let Some(theirs) = crate::unpack::manifest_request_id(&bytes).filter(|r| r != id) {
+        return Err(Failure::Usage(format!(
+            "--package {} holds the package of request {theirs}, not of contract end {id}: \
+             download {id}'s package (dsrctl download {id} --out DIR) and confirm with that",
+            dir.display()
+        )));
+    }
     crate::unpack::check_folder(dir, &bytes).map_err(|problems| {
         Failure::Package(anyhow::anyhow!(
             "--package {} is not the package its manifest lists, so the return is not \
              confirmed: {problems}; download the package again into a new folder \
-             (dsrctl download ID --out DIR)",
+             (dsrctl download {id} --out DIR)",
             dir.display()
         ))
     })?;
@@ -560,7 +569,7 @@ pub(crate) async fn run(
         } => {
             let digest = match (manifest_sha256, package) {
                 (Some(hex), _) => hex.clone(),
-                (None, Some(dir)) => manifest_digest(dir)?,
+                (None, Some(dir)) => manifest_digest(dir, id)?,
                 // A return to a transfer recipient: the registry checks the receipts instead
                 // (and says so when the contract end returned a package).
                 (None, None) => String::new(),
@@ -763,8 +772,8 @@ mod tests {
     fn the_digest_is_that_of_the_folders_manifest() {
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(
-            manifest_digest(dir.path()),
-            Err(Failure::Usage(m)) if m.contains("dsrctl download")
+            manifest_digest(dir.path(), "c-1"),
+            Err(Failure::Usage(m)) if m.contains("dsrctl download c-1 --out DIR")
         ));
         let data = b"id,name\n1,Maija\n";
         let file = serde_json::json!({
@@ -778,8 +787,17 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("p/s")).unwrap();
         std::fs::write(dir.path().join("p/s/a.csv"), data).unwrap();
         assert_eq!(
-            manifest_digest(dir.path()).unwrap(),
+            manifest_digest(dir.path(), "c-1").unwrap(),
             hex::encode(Sha256::digest(&manifest))
+        );
+        // Another request's package is named as such, before the registry would refuse
+        // its digest as one that differs.
+        let Err(Failure::Usage(m)) = manifest_digest(dir.path(), "c-2") else {
+            panic!("a digest of another request's package");
+        };
+        assert!(
+            m.contains("holds the package of request c-1, not of contract end c-2"),
+            "{m}"
         );
     }
 
@@ -812,7 +830,7 @@ mod tests {
         ] {
             std::fs::write(dir.path().join(path), data).unwrap();
         }
-        let Err(failure) = manifest_digest(dir.path()) else {
+        let Err(failure) = manifest_digest(dir.path(), "c-1") else {
             panic!("a digest for a folder that differs from its manifest");
         };
         assert_eq!(failure.exit_code(), crate::EXIT_FAILURE);
@@ -828,7 +846,7 @@ mod tests {
         assert!(!message.contains("same.csv"), "{message}");
 
         std::fs::write(dir.path().join("manifest.json"), b"{}").unwrap();
-        let message = manifest_digest(dir.path()).unwrap_err().message();
+        let message = manifest_digest(dir.path(), "c-1").unwrap_err().message();
         assert!(message.contains("not a package's manifest"), "{message}");
     }
 
