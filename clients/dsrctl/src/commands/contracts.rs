@@ -46,7 +46,7 @@ fn chosen(c: ChosenArg) -> ContractEndChoice {
     }
 }
 
-fn choice_name(v: i32) -> String {
+pub(crate) fn choice_name(v: i32) -> String {
     ContractEndChoice::try_from(v)
         .map(|c| {
             c.as_str_name()

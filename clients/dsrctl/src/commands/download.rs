@@ -131,7 +131,7 @@ impl Target {
 /// check [`Target::check`] made, without asking the registry; exit 0.
 pub(crate) fn finished_already(done: Finished, io: &mut Io<'_>) -> Result<u8, Failure> {
     let mut view = DownloadView::of(
-        id_of(&done.manifest),
+        crate::unpack::manifest_request_id(&done.manifest).unwrap_or_default(),
         Some(&done.dir),
         None,
         Some(hex::encode(Sha256::digest(&done.manifest))),
@@ -147,14 +147,6 @@ pub(crate) fn finished_already(done: Finished, io: &mut Io<'_>) -> Result<u8, Fa
         let _ = writeln!(io.err, "{}", clean(&note));
     }
     super::verdict(emit(io.out, io.format, &view, false), 0)
-}
-
-/// The request a `manifest.json` names (empty for one that names none).
-fn id_of(manifest: &[u8]) -> String {
-    serde_json::from_slice::<serde_json::Value>(manifest)
-        .ok()
-        .and_then(|v| Some(v.get("request_id")?.as_str()?.to_string()))
-        .unwrap_or_default()
 }
 
 /// A package's digest: the SHA-256 of its `manifest.json`.

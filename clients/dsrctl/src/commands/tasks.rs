@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use dsrelay_sdk::proto::processor_operator_service_client::ProcessorOperatorServiceClient;
 use dsrelay_sdk::proto::{
-    CompleteManualTaskRequest, DeadLetter, DeadLetterList, IdentityEncoding, IdentityType,
+    CompleteManualTaskRequest, DeadLetter, DeadLetterList, IdentityEncoding,
     ListDeadLettersRequest, ListManualTasksRequest, ManualTask, ManualTaskList,
     RefuseManualTaskRequest, RequestKind, RequeueDeadLetterRequest, SubjectIdentity, TaskRef,
 };
@@ -109,9 +109,7 @@ impl TaskView {
 /// does not pass for the value and the operator knows what to look up.
 fn identity(i: &SubjectIdentity) -> String {
     let name = |name: &str, prefix: &str| name.trim_start_matches(prefix).to_lowercase();
-    let ty = IdentityType::try_from(i.r#type)
-        .map(|t| name(t.as_str_name(), "IDENTITY_TYPE_"))
-        .unwrap_or_else(|_| format!("unknown({})", i.r#type));
+    let ty = crate::output::identity_type_name(i.r#type).to_lowercase();
     let mut about = Vec::new();
     if !i.label.is_empty() {
         about.push(i.label.clone());
@@ -159,13 +157,7 @@ impl From<&ManualTask> for TaskView {
             lift_restriction: params.lift_restriction,
             transfer_recipient: params.transfer_recipient,
             contract_end: params.contract_end.map(|c| ContractEndView {
-                choice: dsrelay_sdk::proto::ContractEndChoice::try_from(c.choice)
-                    .map(|c| {
-                        c.as_str_name()
-                            .trim_start_matches("CONTRACT_END_CHOICE_")
-                            .to_string()
-                    })
-                    .unwrap_or_else(|_| format!("UNKNOWN({})", c.choice)),
+                choice: crate::commands::contracts::choice_name(c.choice),
                 effective_at: Time::from_proto(c.effective_at.as_ref()),
                 grace_ends_at: Time::from_proto(c.grace_ends_at.as_ref()),
                 return_confirmed: c.return_confirmed,
