@@ -313,18 +313,13 @@ impl App {
 /// while it is open and has a delivery or task for the name, or, whatever its state, while
 /// a delivery to the name is still PENDING (a cancelled request's Cancel, say). One query.
 async fn warn_of_unconfigured_processors(db: &Db, config: &Config) {
-    use dsrelay_proto::v1::RequestState as S;
-    // Every state a processor may still report on: all but COMPLETED and CANCELLED (FAILED
-    // is open, and PARTIALLY_COMPLETED's retained tasks are still erased and reported).
-    let open = [
-        S::Received,
-        S::Dispatched,
-        S::InProgress,
-        S::PartiallyCompleted,
-        S::Failed,
-    ]
-    .map(|s| (s as i32).to_string())
-    .join(", ");
+    // Every state a processor may still report on: the open ones, and PARTIALLY_COMPLETED,
+    // whose retained tasks are still erased and reported.
+    let open = (crate::fold::OPEN_STATES.into_iter())
+        .chain([dsrelay_proto::v1::RequestState::PartiallyCompleted])
+        .map(|s| (s as i32).to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
     // Our own enum values, written into the SQL so the index on the state serves the first
     // two arms. Deliveries have no state column: the third arm takes the rows the views
     // (api::views::delivery) show as PENDING, neither done (delivered or withdrawn) nor

@@ -98,9 +98,8 @@ impl Said {
     /// text), which is quoted with the rest.
     pub fn about_status(ours: impl Into<String>, status: &tonic::Status) -> Self {
         let ours = ours.into();
-        let mut sources = std::iter::successors(std::error::Error::source(status), |e| e.source());
         let first = std::error::Error::source(status);
-        let from_peer = sources.any(|e| {
+        let from_peer = std::iter::successors(first, |e| e.source()).any(|e| {
             e.downcast_ref::<h2::Error>()
                 .is_some_and(h2::Error::is_remote)
         });
@@ -141,14 +140,12 @@ impl fmt::Debug for Said {
 /// "transport error" or "tcp connect error", and the cause is in its sources.
 fn status_text(s: &tonic::Status) -> String {
     let mut text = s.message().to_string();
-    let mut source = std::error::Error::source(s);
-    while let Some(err) = source {
+    for err in std::iter::successors(std::error::Error::source(s), |e| e.source()) {
         let part = err.to_string();
         if !text.contains(&part) {
             text.push_str(": ");
             text.push_str(&part);
         }
-        source = err.source();
     }
     text
 }

@@ -855,6 +855,24 @@ pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// The PostgreSQL server of this crate's own tests (`DSRELAY_TEST_POSTGRES_URL`), as the
+/// services' `testing::on_postgres` reads it: `None`, said, when it is not set, which fails
+/// in CI.
+#[cfg(test)]
+fn test_postgres_server() -> Option<String> {
+    let server = std::env::var("DSRELAY_TEST_POSTGRES_URL")
+        .ok()
+        .filter(|u| !u.is_empty());
+    if server.is_none() {
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true")),
+            "PostgreSQL is required in CI: set DSRELAY_TEST_POSTGRES_URL"
+        );
+        eprintln!("SKIPPED on PostgreSQL: DSRELAY_TEST_POSTGRES_URL is not set");
+    }
+    server
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1067,15 +1085,7 @@ mod tests {
     /// waited for, as the pool would wait, not taken for a refusal.
     #[tokio::test]
     async fn a_server_that_comes_up_during_the_start_is_waited_for() {
-        let Some(server) = std::env::var("DSRELAY_TEST_POSTGRES_URL")
-            .ok()
-            .filter(|u| !u.is_empty())
-        else {
-            assert!(
-                !std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true")),
-                "PostgreSQL is required in CI: set DSRELAY_TEST_POSTGRES_URL"
-            );
-            eprintln!("SKIPPED on PostgreSQL: DSRELAY_TEST_POSTGRES_URL is not set");
+        let Some(server) = test_postgres_server() else {
             return;
         };
         let (scheme, rest) = server.split_once("://").unwrap();
@@ -1201,15 +1211,7 @@ mod migrate_tests {
     /// no CREATE on `public`) is told the grant it needs, and that grant is enough.
     #[tokio::test]
     async fn a_role_without_create_is_told_the_grant() {
-        let Some(server) = std::env::var("DSRELAY_TEST_POSTGRES_URL")
-            .ok()
-            .filter(|u| !u.is_empty())
-        else {
-            assert!(
-                !std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true")),
-                "PostgreSQL is required in CI: set DSRELAY_TEST_POSTGRES_URL"
-            );
-            eprintln!("SKIPPED on PostgreSQL: DSRELAY_TEST_POSTGRES_URL is not set");
+        let Some(server) = test_postgres_server() else {
             return;
         };
         let suffix = format!("{:016x}", fastrand::u64(..));

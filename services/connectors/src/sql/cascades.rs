@@ -71,7 +71,6 @@ pub(super) async fn read(db: &Db) -> Result<Vec<Cascade>, sqlx::Error> {
     type Link = (String, String, String, String, Option<String>);
     let links: Vec<Link> = sqlx::query_as(sql).fetch_all(&db.pool).await?;
     let mut cascades: Vec<Cascade> = Vec::new();
-    let mut paired = Vec::new();
     let mut last = None;
     for (child, id, parent, column, parent_column) in links {
         // SQLite numbers the keys per table.
@@ -84,20 +83,16 @@ pub(super) async fn read(db: &Db) -> Result<Vec<Cascade>, sqlx::Error> {
                 parent,
                 parent_columns: Vec::new(),
             });
-            paired.push(true);
         }
-        if let (Some(c), Some(ok)) = (cascades.last_mut(), paired.last_mut()) {
+        if let Some(c) = cascades.last_mut() {
             c.columns.push(column);
-            match parent_column {
-                Some(p) => c.parent_columns.push(p),
-                None => *ok = false,
-            }
+            c.parent_columns.extend(parent_column);
         }
     }
-    Ok((cascades.into_iter().zip(paired))
-        .filter(|(c, ok)| *ok && !c.columns.is_empty())
-        .map(|(c, _)| c)
-        .collect())
+    // A key naming no parent column (SQLite's, to the parent's primary key) has fewer
+    // parent columns than columns: it is not read as a cascade of known columns.
+    cascades.retain(|c| c.columns.len() == c.parent_columns.len());
+    Ok(cascades)
 }
 
 /// Of `cascades` ([`read`]), those between two tables `config` lists (not a table's key on

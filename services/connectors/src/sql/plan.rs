@@ -394,12 +394,14 @@ pub(super) fn plan_table_erasure(
             None => {
                 if returned_key.is_some() {
                     conditions.extend(cascade_holds(config, rule, scope, &mut b));
+                }
+                let condition = conditions.join(" AND ");
+                if returned_key.is_some() {
                     deletes_where = Some(Statement {
-                        sql: conditions.join(" AND "),
+                        sql: condition.clone(),
                         binds: b.0.clone(),
                     });
                 }
-                let condition = conditions.join(" AND ");
                 let delete = format!("DELETE FROM {table} WHERE {condition}{returning}");
                 (b.finish(delete), None)
             }
