@@ -9,7 +9,9 @@
 //! [`crate::host::Host`] puts these together with health checking, the admin port and the
 //! workers.
 
+use std::collections::VecDeque;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
@@ -17,7 +19,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::{AbortHandle, JoinHandle, JoinSet};
+use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::Stream;
 use tonic::transport::server::{Connected, Router, TcpIncoming};
@@ -281,10 +284,11 @@ pub async fn serve(
 }
 
 /// [`serve`] for a router from [`plain_builder`]: every accepted connection does its TLS
-/// handshake (at most [`HANDSHAKE_TIMEOUT`], several at once) with the server
+/// handshake (at most [`HANDSHAKE_TIMEOUT`], [`MAX_HANDSHAKES`] at once) with the server
 /// configuration `tls` holds at that moment, and only completed handshakes reach tonic,
-/// which reads the client's certificates from the stream as it does for its own TLS. Calls
-/// still open when shutdown began get `drain` (the service's `shutdown_grace_ms`) to finish,
+/// which reads the client's certificates from the stream as it does for its own TLS; failed
+/// handshakes make at most one log line per 10 s, later ones counted into the next. Calls still
+/// open when shutdown began get `drain` (the service's `shutdown_grace_ms`) to finish,
 /// then their connections are dropped.
 pub async fn serve_tls(
     router: Router<Layers>,
@@ -293,7 +297,8 @@ pub async fn serve_tls(
     shutdown: impl Future<Output = ()> + Send,
     drain: Duration,
 ) -> Result<()> {
-    serve_incoming(router, TlsIncoming::start(listener, tls), shutdown, drain).await
+    let incoming = TlsIncoming::start(listener, tls, HandshakeLimits::DEFAULT);
+    serve_incoming(router, incoming, shutdown, drain).await
 }
 
 async fn serve_incoming<I, IO, IE>(
@@ -421,18 +426,51 @@ impl<IO: Connected> Connected for Closable<IO> {
     }
 }
 
+/// How many TLS handshakes one listener runs at once; a connection beyond them ends the
+/// oldest handshake still running ([`accept`]). Every one holds a file descriptor for up to
+/// [`HANDSHAKE_TIMEOUT`], so without a cap a host that reaches the port could hold them all
+/// by opening connections that send nothing. A partner's handshake lasts a few round trips,
+/// and partners open nowhere near this many connections in that time.
+pub const MAX_HANDSHAKES: usize = 256;
+
+/// How often at most a failed handshake is logged; the others in between are counted and
+/// their counts logged in one line ([`FailureLog`]).
+const HANDSHAKE_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The bounds on a listener's handshakes; tests shrink them.
+#[derive(Debug, Clone, Copy)]
+struct HandshakeLimits {
+    /// How many run at once.
+    in_progress: usize,
+    /// How long each may take.
+    timeout: Duration,
+    /// How often at most a failed one is logged.
+    log_every: Duration,
+}
+
+impl HandshakeLimits {
+    const DEFAULT: Self = Self {
+        in_progress: MAX_HANDSHAKES,
+        timeout: HANDSHAKE_TIMEOUT,
+        log_every: HANDSHAKE_LOG_EVERY,
+    };
+}
+
 /// Connections whose TLS handshake completed, in the order they completed. The listener
 /// and the handshakes in progress live in a task that ends when this stream is dropped
 /// (tonic drops it when shutdown begins), so the port stops accepting at once.
 struct TlsIncoming {
-    done: mpsc::Receiver<TlsStream<TcpStream>>,
+    done: mpsc::UnboundedReceiver<TlsStream<TcpStream>>,
     accepting: JoinHandle<()>,
 }
 
 impl TlsIncoming {
-    fn start(listener: TcpListener, tls: LiveTls) -> Self {
-        let (tx, done) = mpsc::channel(16);
-        let accepting = tokio::spawn(accept(listener, tls, tx));
+    fn start(listener: TcpListener, tls: LiveTls, limits: HandshakeLimits) -> Self {
+        // Unbounded so that a completed handshake leaves the handshakes in progress at once
+        // rather than wait there, where it could be taken for a stalled one and ended; tonic
+        // takes every connection as it comes, so the queue stays short.
+        let (tx, done) = mpsc::unbounded_channel();
+        let accepting = tokio::spawn(accept(listener, tls, tx, limits));
         Self { done, accepting }
     }
 }
@@ -452,10 +490,26 @@ impl Stream for TlsIncoming {
 }
 
 /// Accepts connections and runs their handshakes side by side, so a slow or silent client
-/// holds up nobody else.
-async fn accept(listener: TcpListener, tls: LiveTls, done: mpsc::Sender<TlsStream<TcpStream>>) {
+/// holds up nobody else, at most `limits.in_progress` at once.
+///
+/// At the cap, a new connection ends the oldest handshake still running instead of waiting
+/// for a free place or being turned away itself. Waiting (not accepting) or turning away the
+/// newest both let a host that opens `in_progress` silent connections every
+/// `limits.timeout` (26 a second by default) shut every partner out; ending the oldest
+/// makes it open them faster than a partner's handshake completes (some thousands a second
+/// for a handshake of 100 ms), and partners' handshakes are the quick ones.
+async fn accept(
+    listener: TcpListener,
+    tls: LiveTls,
+    done: mpsc::UnboundedSender<TlsStream<TcpStream>>,
+    limits: HandshakeLimits,
+) {
     let mut handshakes = JoinSet::new();
+    // The handshakes in progress, oldest first, each with its peer.
+    let mut running: VecDeque<(AbortHandle, SocketAddr)> = VecDeque::new();
+    let mut failures = FailureLog::new(limits.log_every);
     loop {
+        let summary_due = failures.summary_due();
         tokio::select! {
             accepted = listener.accept() => {
                 let (tcp, peer) = match accepted {
@@ -467,30 +521,325 @@ async fn accept(listener: TcpListener, tls: LiveTls, done: mpsc::Sender<TlsStrea
                         continue;
                     }
                 };
+                if running.len() >= limits.in_progress {
+                    // Ended but not yet joined: no longer holding a place, nor to be ended.
+                    running.retain(|(h, _)| !h.is_finished());
+                }
+                if running.len() >= limits.in_progress {
+                    if let Some((oldest, oldest_peer)) = running.pop_front() {
+                        oldest.abort();
+                        let dropped = Failure::Dropped(oldest_peer, limits.in_progress);
+                        failures.record(Instant::now(), dropped);
+                    }
+                }
                 // Best effort: a socket already closed by the peer fails its handshake next.
                 let _ = tcp.set_nodelay(true);
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
                 let done = done.clone();
-                handshakes.spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let handshake = handshakes.spawn(async move {
+                    match tokio::time::timeout(limits.timeout, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
                             // Closed: serving stopped, and the connection goes with it.
-                            let _ = done.send(stream).await;
+                            let _ = done.send(stream);
+                            None
                         }
-                        Ok(Err(e)) => {
-                            tracing::info!(%peer, error = %e, "tls handshake refused");
-                        }
-                        Err(_) => {
-                            tracing::info!(
-                                %peer,
-                                timeout = ?HANDSHAKE_TIMEOUT,
-                                "tls handshake timed out"
-                            );
-                        }
+                        Ok(Err(e)) => Some(Failure::Refused(peer, e)),
+                        Err(_) => Some(Failure::TimedOut(peer, limits.timeout)),
                     }
                 });
+                running.push_back((handshake, peer));
             }
-            Some(_) = handshakes.join_next(), if !handshakes.is_empty() => {}
+            Some(joined) = handshakes.join_next_with_id(), if !handshakes.is_empty() => {
+                // An ended one was taken out when it was ended; it is no longer there.
+                let id = match &joined {
+                    Ok((id, _)) => *id,
+                    Err(e) => e.id(),
+                };
+                if let Some(at) = running.iter().position(|(h, _)| h.id() == id) {
+                    running.remove(at);
+                }
+                if let Ok((_, Some(failure))) = joined {
+                    failures.record(Instant::now(), failure);
+                }
+            }
+            () = sleep_until_some(summary_due) => failures.summarise(Instant::now()),
         }
+    }
+}
+
+/// Resolves at `deadline`, or never without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Why a handshake did not reach tonic.
+#[derive(Debug)]
+enum Failure {
+    Refused(SocketAddr, std::io::Error),
+    TimedOut(SocketAddr, Duration),
+    /// Ended for a newer connection, with this many in progress.
+    Dropped(SocketAddr, usize),
+}
+
+impl Failure {
+    fn log(&self) {
+        match self {
+            Failure::Refused(peer, e) => tracing::info!(%peer, error = %e, "tls handshake refused"),
+            Failure::TimedOut(peer, timeout) => {
+                tracing::info!(%peer, ?timeout, "tls handshake timed out");
+            }
+            Failure::Dropped(peer, max) => tracing::info!(
+                %peer,
+                max,
+                "tls handshake ended for a newer connection: too many in progress"
+            ),
+        }
+    }
+}
+
+/// How many handshakes failed, by reason, since the last line about them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct FailureCounts {
+    refused: u64,
+    timed_out: u64,
+    dropped: u64,
+}
+
+impl FailureCounts {
+    fn count(&mut self, failure: &Failure) {
+        match failure {
+            Failure::Refused(..) => self.refused += 1,
+            Failure::TimedOut(..) => self.timed_out += 1,
+            Failure::Dropped(..) => self.dropped += 1,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Failed handshakes as at most one log line per `every`: the first after a quiet interval
+/// with its peer and error, the rest of that interval as counts in one line when it is over.
+/// A host that opens connections by the thousand otherwise writes a line for each.
+struct FailureLog {
+    every: Duration,
+    /// Until when failures are only counted; after it the next one is logged as it comes.
+    quiet_until: Option<Instant>,
+    folded: FailureCounts,
+}
+
+impl FailureLog {
+    fn new(every: Duration) -> Self {
+        Self {
+            every,
+            quiet_until: None,
+            folded: FailureCounts::default(),
+        }
+    }
+
+    fn record(&mut self, now: Instant, failure: Failure) {
+        match self.quiet_until {
+            Some(until) if now < until => self.folded.count(&failure),
+            // The interval's counts are overdue (other work came first): one line for both.
+            _ if !self.folded.is_empty() => {
+                self.folded.count(&failure);
+                self.summarise(now);
+            }
+            _ => {
+                failure.log();
+                self.quiet_until = Some(now + self.every);
+            }
+        }
+    }
+
+    /// When the counts are to be logged, if there are any.
+    fn summary_due(&self) -> Option<Instant> {
+        self.quiet_until.filter(|_| !self.folded.is_empty())
+    }
+
+    /// Logs the counts, and counts the failures of another `every` before the next line, so
+    /// that a steady flood makes one line per interval.
+    fn summarise(&mut self, now: Instant) {
+        let FailureCounts {
+            refused,
+            timed_out,
+            dropped,
+        } = std::mem::take(&mut self.folded);
+        tracing::info!(
+            refused,
+            timed_out,
+            dropped,
+            interval = ?self.every,
+            "tls handshakes failed since the last such line"
+        );
+        self.quiet_until = Some(now + self.every);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    use super::*;
+    use crate::pki::DevPki;
+
+    /// Long enough that nothing in a test reaches it.
+    const NEVER: Duration = Duration::from_secs(3600);
+
+    /// How long a test waits for what must happen before it fails instead of hanging.
+    const GUARD: Duration = Duration::from_secs(20);
+
+    /// Serves health checking with the registry's certificate on a port of 127.0.0.1 until
+    /// the test ends; its port and the health reporter, which must live as long.
+    async fn serving(
+        pki: &DevPki,
+        limits: HandshakeLimits,
+    ) -> (u16, tonic_health::server::HealthReporter) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let tls = LiveTls::load(&pki.files("registry")).unwrap();
+        let (reporter, health) = tonic_health::server::health_reporter();
+        let router = plain_builder(Duration::from_secs(5)).add_service(health);
+        let incoming = TlsIncoming::start(listener, tls, limits);
+        tokio::spawn(serve_incoming(
+            router,
+            incoming,
+            std::future::pending(),
+            DRAIN_GRACE,
+        ));
+        (port, reporter)
+    }
+
+    /// Whether the server closed `tcp` (it sends nothing back to a client that sent nothing).
+    async fn closed_by_server(tcp: &mut TcpStream) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(GUARD, tcp.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    /// More silent connections than the cap: the oldest are ended at once rather than held
+    /// for the handshake timeout, and a partner that comes after them all is served.
+    #[tokio::test]
+    async fn silent_connections_beyond_the_cap_end_the_oldest_and_a_partner_is_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let cap = 4;
+        let limits = HandshakeLimits {
+            in_progress: cap,
+            timeout: NEVER,
+            log_every: NEVER,
+        };
+        let (port, _reporter) = serving(&pki, limits).await;
+        let mut silent = Vec::new();
+        for _ in 0..cap + 6 {
+            silent.push(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+        }
+
+        let tls = pki.files("operator").client_config().unwrap();
+        let channel =
+            crate::tls::channel(&format!("https://localhost:{port}"), None, &tls).unwrap();
+        let answer = tokio::time::timeout(
+            GUARD,
+            HealthClient::new(channel).check(HealthCheckRequest {
+                service: String::new(),
+            }),
+        )
+        .await
+        .expect("the partner is served while silent connections are open")
+        .expect("the health check answers");
+        assert_eq!(
+            answer.into_inner().status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
+        // The partner's connection took a place too, so one more silent one went for it.
+        for (i, tcp) in silent.iter_mut().enumerate().take(6) {
+            assert!(
+                closed_by_server(tcp).await,
+                "silent connection {i} beyond the cap of {cap} is closed"
+            );
+        }
+    }
+
+    /// What the test's log lines say, as they were written.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn lines(&self) -> Vec<String> {
+            let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+            text.lines()
+                .filter(|l| l.contains("tls handshake"))
+                .map(str::to_string)
+                .collect()
+        }
+    }
+
+    /// Refused handshakes in quick succession make two lines, not one each: the first with
+    /// its peer and error, then, once the interval is over, the count of the others.
+    #[tokio::test]
+    async fn refused_handshakes_are_logged_once_per_interval_with_a_count() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        // The test's runtime has one thread, which the server's tasks run on too.
+        let _logging = tracing::subscriber::set_default(subscriber);
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let limits = HandshakeLimits {
+            in_progress: MAX_HANDSHAKES,
+            timeout: NEVER,
+            log_every: Duration::from_secs(2),
+        };
+        let (port, _reporter) = serving(&pki, limits).await;
+        let refusals = 20;
+        for _ in 0..refusals {
+            let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            tcp.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+            // The server closes the connection once it refused the handshake.
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(GUARD, tcp.read_to_end(&mut rest))
+                .await
+                .expect("the server closes a connection it refused");
+        }
+        let summary = tokio::time::timeout(GUARD, async {
+            loop {
+                if let Some(l) = captured.lines().into_iter().find(|l| l.contains("failed")) {
+                    return l;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("the refusals after the first are counted into one line");
+        let lines = captured.lines();
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert!(lines[0].contains("tls handshake refused"), "{lines:#?}");
+        assert!(lines[0].contains("peer=127.0.0.1:"), "{lines:#?}");
+        let others = format!("refused={} timed_out=0 dropped=0", refusals - 1);
+        assert!(summary.contains(&others), "{summary}");
     }
 }
