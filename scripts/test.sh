@@ -157,15 +157,26 @@ free_port() {
     return 1
 }
 
+# Installs the named packages with apt-get (the caller has checked for root).
+# The package lists are fetched once per run: both PostgreSQL and openssl may be
+# missing on a fresh machine.
+apt_updated=0
+apt_install() {
+    export DEBIAN_FRONTEND=noninteractive
+    if [ "$apt_updated" -eq 0 ]; then
+        apt-get update || die "apt-get update failed"
+        apt_updated=1
+    fi
+    apt-get install -y "$@" || die "apt-get install -y $* failed"
+}
+
 # The openssl command, installed with apt-get (as root) when missing.
 need_openssl() {
     command -v openssl >/dev/null 2>&1 && return 0
     is_root || die "the openssl command (package 'openssl') is needed to make the test" \
         "PostgreSQL server's TLS certificate: install it or set DSRELAY_TEST_POSTGRES_URL"
     log "openssl not found; installing package 'openssl' with apt-get"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update || die "apt-get update failed"
-    apt-get install -y openssl || die "apt-get install -y openssl failed"
+    apt_install openssl
     command -v openssl >/dev/null 2>&1 || die "openssl installed but not found on PATH"
 }
 
@@ -208,9 +219,7 @@ start_postgres() {
     if [ -z "$pg_bin" ]; then
         is_root || die "PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin and not root: install the 'postgresql' package or set DSRELAY_TEST_POSTGRES_URL"
         log "PostgreSQL server binaries not found; installing package 'postgresql' with apt-get"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update || die "apt-get update failed"
-        apt-get install -y postgresql || die "apt-get install -y postgresql failed"
+        apt_install postgresql
         # The package may create and start a default cluster; this script does
         # not use it, so stop whatever the installation just started.
         if command -v pg_lsclusters >/dev/null 2>&1; then

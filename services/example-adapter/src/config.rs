@@ -62,6 +62,12 @@ impl AsRef<ServiceSettings> for Config {
 }
 
 impl ServiceConfig for Config {
+    const KEYS: &'static [&'static str] = &[
+        "allowed_identities",
+        "confirm_delay_ms",
+        "default_controller",
+    ];
+
     fn relative_to(&mut self, dir: &Path) {
         self.service.relative_to(dir);
     }
@@ -124,6 +130,8 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     /// Writes placeholder TLS files under `dir`, so loading finds them.
@@ -227,8 +235,60 @@ mod tests {
         let err =
             Config::load_from(None, env(&[("DSRELAY_ADAPTER__CONFIRM_DELAY", "5")])).unwrap_err();
         assert!(
-            err.to_string().contains("unknown field `confirm_delay`"),
+            err.to_string()
+                .contains("key confirm_delay: unknown key; known here: "),
             "{err}"
         );
+    }
+
+    /// A file with `allowed_identities` and TLS files that exist, then `extra`.
+    fn folder(extra: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        tls_files(dir.path(), &["ca.pem", "adapter.pem", "adapter.key"]);
+        let file = dir.path().join("adapter.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "allowed_identities = [\"spiffe://p\"]\n{extra}\n\
+                 [tls]\nca = \"ca.pem\"\ncert = \"adapter.pem\"\nkey = \"adapter.key\"\n"
+            ),
+        )
+        .unwrap();
+        (dir, file)
+    }
+
+    /// A misspelt top-level key is listed with the known ones (the shared keys and this
+    /// service's), as a misspelt key in a table is.
+    #[test]
+    fn an_unknown_top_level_key_lists_the_known_ones() {
+        let (_dir, file) = folder("confirm_dealy_ms = 5");
+        let err = Config::load_from(Some(&file), []).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert!(
+            err.0[0].starts_with(&format!(
+                "{}: key confirm_dealy_ms: unknown key; known here: listen, admin_listen, ",
+                file.display()
+            )),
+            "{err}"
+        );
+        assert!(err.0[0].contains(", confirm_delay_ms, "), "{err}");
+    }
+
+    /// `KEYS` lists exactly this service's own top-level keys: those a full configuration
+    /// writes beside the shared ones.
+    #[test]
+    fn the_listed_top_level_keys_are_this_service_s() {
+        let (_dir, file) = folder("");
+        let c = Config::load_from(Some(&file), []).unwrap();
+        let keys = |v: serde_json::Value| -> BTreeSet<String> {
+            v.as_object().unwrap().keys().cloned().collect()
+        };
+        let shared = keys(serde_json::to_value(&c.service).unwrap());
+        let own: BTreeSet<String> = keys(serde_json::to_value(&c).unwrap())
+            .difference(&shared)
+            .cloned()
+            .collect();
+        let listed: BTreeSet<String> = Config::KEYS.iter().map(|k| k.to_string()).collect();
+        assert_eq!(own, listed);
     }
 }

@@ -53,6 +53,9 @@ impl AsRef<ServiceSettings> for Config {
 }
 
 impl ServiceConfig for Config {
+    const KEYS: &'static [&'static str] =
+        &["name", "data_dir", "allowed_identities", "chunk_delay_ms"];
+
     fn relative_to(&mut self, dir: &Path) {
         self.service.relative_to(dir);
         if self.data_dir.is_relative() {
@@ -123,6 +126,8 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     #[test]
@@ -165,5 +170,57 @@ mod tests {
         assert_eq!(c.chunk_delay_ms, 200);
         assert_eq!(c.data_dir, dir.path().join("example-recipient"));
         assert_eq!(c.service.tls.cert, dir.path().join("pki/recipient.pem"));
+    }
+
+    /// The example file, with TLS files that exist, and `extra` before it.
+    fn folder(extra: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["pki/ca.pem", "pki/recipient.pem", "pki/recipient.key"] {
+            let path = dir.path().join(f);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, "x").unwrap();
+        }
+        let file = dir.path().join("example.toml");
+        std::fs::write(
+            &file,
+            format!("{extra}\n{}", include_str!("../example.toml")),
+        )
+        .unwrap();
+        (dir, file)
+    }
+
+    /// A misspelt top-level key is listed with the known ones (the shared keys and this
+    /// service's), as a misspelt key in a table is.
+    #[test]
+    fn an_unknown_top_level_key_lists_the_known_ones() {
+        let (_dir, file) = folder("chunk_dealy_ms = 5");
+        let err = Config::load_from(Some(&file), []).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert!(
+            err.0[0].starts_with(&format!(
+                "{}: key chunk_dealy_ms: unknown key; known here: listen, admin_listen, ",
+                file.display()
+            )),
+            "{err}"
+        );
+        assert!(err.0[0].contains(", chunk_delay_ms"), "{err}");
+    }
+
+    /// `KEYS` lists exactly this service's own top-level keys: those a full configuration
+    /// writes beside the shared ones.
+    #[test]
+    fn the_listed_top_level_keys_are_this_service_s() {
+        let (_dir, file) = folder("");
+        let c = Config::load_from(Some(&file), []).unwrap();
+        let keys = |v: serde_json::Value| -> BTreeSet<String> {
+            v.as_object().unwrap().keys().cloned().collect()
+        };
+        let shared = keys(serde_json::to_value(&c.service).unwrap());
+        let own: BTreeSet<String> = keys(serde_json::to_value(&c).unwrap())
+            .difference(&shared)
+            .cloned()
+            .collect();
+        let listed: BTreeSet<String> = Config::KEYS.iter().map(|k| k.to_string()).collect();
+        assert_eq!(own, listed);
     }
 }

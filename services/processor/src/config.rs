@@ -9,8 +9,8 @@ pub use dsrelay_connectors::ConnectorConfig;
 pub use dsrelay_runtime::audit::signer::AuditConfig;
 use dsrelay_runtime::backoff::Backoff;
 use dsrelay_runtime::config::{
-    check_backoff, check_ms, check_signing_key, ConfigErrors, MAX_CALL_TIMEOUT_MS, MAX_DURATION_MS,
-    MAX_RETENTION_DAYS,
+    check_backoff, check_checkpoint_key, check_ms, check_signing_key, ConfigErrors,
+    MAX_CALL_TIMEOUT_MS, MAX_DURATION_MS, MAX_RETENTION_DAYS,
 };
 use dsrelay_runtime::settings::{Defaults, ServiceConfig, ServiceSettings};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -331,6 +331,22 @@ impl AsRef<ServiceSettings> for Config {
 }
 
 impl ServiceConfig for Config {
+    const KEYS: &'static [&'static str] = &[
+        "controllers",
+        "subprocessors",
+        "operators",
+        "tasks",
+        "acks",
+        "uploads",
+        "contracts",
+        "data_dir",
+        "signing_key",
+        "identity_hash_key",
+        "forget_after_days",
+        "forget_sweep_interval_ms",
+        "audit",
+    ];
+
     fn relative_to(&mut self, dir: &Path) {
         self.service.relative_to(dir);
         if let Some(key) = &mut self.signing_key {
@@ -351,9 +367,7 @@ impl ServiceConfig for Config {
         if let Some(key) = &self.signing_key {
             check_signing_key(&mut errors, "signing_key", key);
         }
-        if let (true, Some(key)) = (self.audit.checkpoints, &self.audit.checkpoint_key) {
-            check_signing_key(&mut errors, "audit.checkpoint_key", key);
-        }
+        check_checkpoint_key(&mut errors, &self.audit);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -621,6 +635,41 @@ mod tests {
             .collect()
     }
 
+    /// A misspelt top-level key is listed with the known ones (the shared keys and this
+    /// service's), as a misspelt key in a table is.
+    #[test]
+    fn an_unknown_top_level_key_lists_the_known_ones() {
+        let (_dir, file) = folder("data_dri = \"d\"\n");
+        let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert!(
+            err.0[0].starts_with(&format!(
+                "{}: key data_dri: unknown key; known here: listen, admin_listen, ",
+                file.display()
+            )),
+            "{err}"
+        );
+        assert!(err.0[0].contains(", data_dir, "), "{err}");
+    }
+
+    /// `KEYS` lists exactly this service's own top-level keys: those a full configuration
+    /// writes beside the shared ones.
+    #[test]
+    fn the_listed_top_level_keys_are_this_service_s() {
+        let (_dir, file) = folder("signing_key = \"processor-checkpoint.key\"\n");
+        let c = Config::load_from(Some(&file), env(&[])).unwrap();
+        let keys = |v: serde_json::Value| -> BTreeSet<String> {
+            v.as_object().unwrap().keys().cloned().collect()
+        };
+        let shared = keys(serde_json::to_value(&c.service).unwrap());
+        let own: BTreeSet<String> = keys(serde_json::to_value(&c).unwrap())
+            .difference(&shared)
+            .cloned()
+            .collect();
+        let listed: BTreeSet<String> = Config::KEYS.iter().map(|k| k.to_string()).collect();
+        assert_eq!(own, listed);
+    }
+
     /// A folder with a configuration file naming TLS files that exist, an identity hash
     /// key unless `extra` sets one, and checkpoint files unless `extra` has an `[audit]`
     /// table.
@@ -781,7 +830,8 @@ mod tests {
         let (_dir, file) = folder("operator = []");
         let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
         assert!(
-            err.to_string().contains("unknown field `operator`"),
+            err.to_string()
+                .contains("key operator: unknown key; known here: listen, "),
             "{err}"
         );
 

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 pub use dsrelay_runtime::audit::signer::AuditConfig;
 use dsrelay_runtime::backoff::Backoff;
 use dsrelay_runtime::config::{
-    check_backoff, check_ms, check_signing_key, ConfigErrors, MAX_CALL_TIMEOUT_MS, MAX_DURATION_MS,
-    MAX_RETENTION_DAYS,
+    check_backoff, check_checkpoint_key, check_ms, ConfigErrors, MAX_CALL_TIMEOUT_MS,
+    MAX_DURATION_MS, MAX_RETENTION_DAYS,
 };
 use dsrelay_runtime::settings::{Defaults, ServiceConfig, ServiceSettings};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -43,6 +43,9 @@ pub struct Config {
     /// Bounds on Watch streams.
     #[serde(default)]
     pub watch: WatchConfig,
+    /// Bounds on what processors upload to packages and on their downloads.
+    #[serde(default)]
+    pub packages: PackagesConfig,
     /// Contract ends (ContractService).
     #[serde(default)]
     pub contracts: ContractsConfig,
@@ -294,6 +297,59 @@ impl Default for WatchConfig {
     }
 }
 
+/// Bounds on return-of-data packages: what one processor's part may take of the package
+/// folder before it is declared complete, and how many downloads one caller may run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PackagesConfig {
+    /// Bytes one part (one processor's export of one subprocessor) may hold: the sizes its
+    /// files' headers announce, whether their bytes came yet or not, and for a file streamed
+    /// while it is written (its size comes at its end) the bytes stored of it so far. A file
+    /// that would pass it is refused RESOURCE_EXHAUSTED. At least 1.
+    pub max_part_bytes: u64,
+    /// Files one part may register: the first file past it is refused RESOURCE_EXHAUSTED,
+    /// before any of its bytes are taken. 1 to [`MAX_FILES_PER_PART`] (10,000), the most a
+    /// CompletePart may list.
+    pub max_files_per_part: u32,
+    /// DownloadPackage streams one caller (partner or operator, by configured name) may hold
+    /// open at once; one more is RESOURCE_EXHAUSTED. At least 1.
+    pub downloads_per_caller: u32,
+}
+
+/// The most files a part may list: CompletePart's limit, the ceiling of
+/// `packages.max_files_per_part`.
+pub const MAX_FILES_PER_PART: u32 = dsrelay_runtime::export_files::MAX_FILES_PER_PART as u32;
+
+impl PackagesConfig {
+    /// Every bound set outside its range, by its full key.
+    fn errors(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if self.max_part_bytes == 0 {
+            errors.push("packages.max_part_bytes: must be at least 1".into());
+        }
+        if self.max_files_per_part == 0 || self.max_files_per_part > MAX_FILES_PER_PART {
+            errors.push(format!(
+                "packages.max_files_per_part: must be 1 to {MAX_FILES_PER_PART} (the most a \
+                 CompletePart may list)"
+            ));
+        }
+        if self.downloads_per_caller == 0 {
+            errors.push("packages.downloads_per_caller: must be at least 1".into());
+        }
+        errors
+    }
+}
+
+impl Default for PackagesConfig {
+    fn default() -> Self {
+        Self {
+            max_part_bytes: 64 << 30,
+            max_files_per_part: MAX_FILES_PER_PART,
+            downloads_per_caller: 4,
+        }
+    }
+}
+
 /// Contract-end settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -327,6 +383,24 @@ impl AsRef<ServiceSettings> for Config {
 }
 
 impl ServiceConfig for Config {
+    const KEYS: &'static [&'static str] = &[
+        "identities",
+        "processors",
+        "recipients",
+        "delivery",
+        "reconcile",
+        "watch",
+        "packages",
+        "contracts",
+        "identity_hash_key",
+        "forget_after_days",
+        "forget_sweep_interval_ms",
+        "package_dir",
+        "package_ttl_days",
+        "package_sweep_interval_ms",
+        "audit",
+    ];
+
     fn relative_to(&mut self, dir: &Path) {
         self.service.relative_to(dir);
         self.audit.relative_to(dir);
@@ -345,9 +419,7 @@ impl ServiceConfig for Config {
     fn check(&self) -> Result<(), ConfigErrors> {
         let mut errors = self.validate().err().map_or_else(Vec::new, |e| e.0);
         // Read here, not only at start-up, so a bad key is reported with the other files.
-        if let (true, Some(key)) = (self.audit.checkpoints, &self.audit.checkpoint_key) {
-            check_signing_key(&mut errors, "audit.checkpoint_key", key);
-        }
+        check_checkpoint_key(&mut errors, &self.audit);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -468,6 +540,7 @@ impl Config {
         if self.watch.streams_per_caller == 0 {
             errors.push("watch.streams_per_caller: must be at least 1".into());
         }
+        errors.extend(self.packages.errors());
         if self.contracts.grace_months == 0 || self.contracts.grace_months > 120 {
             errors.push("contracts.grace_months: must be 1 to 120".into());
         }
@@ -617,6 +690,41 @@ mod tests {
             .collect()
     }
 
+    /// A misspelt top-level key is listed with the known ones (the shared keys and this
+    /// service's), as a misspelt key in a table is.
+    #[test]
+    fn an_unknown_top_level_key_lists_the_known_ones() {
+        let (_dir, file) = folder("pakage_dir = \"p\"\n");
+        let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert!(
+            err.0[0].starts_with(&format!(
+                "{}: key pakage_dir: unknown key; known here: listen, admin_listen, ",
+                file.display()
+            )),
+            "{err}"
+        );
+        assert!(err.0[0].contains(", package_dir, "), "{err}");
+    }
+
+    /// `KEYS` lists exactly this service's own top-level keys: those a full configuration
+    /// writes beside the shared ones.
+    #[test]
+    fn the_listed_top_level_keys_are_this_service_s() {
+        let (_dir, file) = folder("");
+        let c = Config::load_from(Some(&file), env(&[])).unwrap();
+        let keys = |v: serde_json::Value| -> BTreeSet<String> {
+            v.as_object().unwrap().keys().cloned().collect()
+        };
+        let shared = keys(serde_json::to_value(&c.service).unwrap());
+        let own: BTreeSet<String> = keys(serde_json::to_value(&c).unwrap())
+            .difference(&shared)
+            .cloned()
+            .collect();
+        let listed: BTreeSet<String> = Config::KEYS.iter().map(|k| k.to_string()).collect();
+        assert_eq!(own, listed);
+    }
+
     /// A folder with a configuration file naming TLS files that exist, an identity hash
     /// key unless `extra` sets (or misspells) one, and checkpoint files unless `extra` has an
     /// `[audit]` table.
@@ -737,6 +845,32 @@ mod tests {
                 .contains("delivery.max_refusals must be at least 1"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn package_caps_have_generous_defaults_and_are_checked() {
+        let (_dir, file) = folder("identity_hash_key = \"k\"");
+        let c = Config::load_from(Some(&file), env(&[])).unwrap();
+        assert_eq!(c.packages.max_part_bytes, 64 << 30);
+        assert_eq!(c.packages.max_files_per_part, 10_000);
+        assert_eq!(c.packages.downloads_per_caller, 4);
+        let err = Config::load_from(
+            Some(&file),
+            env(&[
+                ("DSRELAY_REGISTRY__PACKAGES__MAX_PART_BYTES", "0"),
+                ("DSRELAY_REGISTRY__PACKAGES__MAX_FILES_PER_PART", "10001"),
+                ("DSRELAY_REGISTRY__PACKAGES__DOWNLOADS_PER_CALLER", "0"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "packages.max_part_bytes",
+            "packages.max_files_per_part",
+            "packages.downloads_per_caller",
+        ] {
+            assert!(err.contains(key), "{key} in {err}");
+        }
     }
 
     #[test]
@@ -934,7 +1068,8 @@ mod tests {
         let err = Config::load_from(Some(&file), env(&[("DSRELAY_REGISTRY__LISTEN_ON", "x")]))
             .unwrap_err();
         assert!(
-            err.to_string().contains("unknown field `listen_on`"),
+            err.to_string()
+                .contains("key listen_on: unknown key; known here: listen, "),
             "{err}"
         );
     }
@@ -1112,6 +1247,9 @@ mod tests {
         "reconcile.chain_interval_ms",
         "reconcile.max_backoff_ms",
         "watch.streams_per_caller",
+        "packages.max_part_bytes",
+        "packages.max_files_per_part",
+        "packages.downloads_per_caller",
         "contracts.grace_months",
     ];
     const ARRAYS: &[(&str, &[&str])] = &[

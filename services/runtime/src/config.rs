@@ -96,6 +96,17 @@ pub fn check_signing_key(errors: &mut Vec<String>, key: &str, path: &Path) {
     }
 }
 
+/// [`check_signing_key`] for the key that signs `audit`'s checkpoints
+/// (`audit.checkpoint_key`), when checkpoints are on and a key is named: every service
+/// reads it with its other key files. A missing key is [`AuditConfig::errors`]' to report.
+///
+/// [`AuditConfig::errors`]: crate::audit::signer::AuditConfig::errors
+pub fn check_checkpoint_key(errors: &mut Vec<String>, audit: &crate::audit::signer::AuditConfig) {
+    if let (true, Some(key)) = (audit.checkpoints, &audit.checkpoint_key) {
+        check_signing_key(errors, "audit.checkpoint_key", key);
+    }
+}
+
 /// `ms` as `N ms`, followed by whole days or hours in parentheses when it is a multiple.
 fn describe_ms(ms: u64) -> String {
     const HOUR_MS: u64 = 3_600_000;
@@ -114,6 +125,19 @@ pub fn load<T: DeserializeOwned>(
     file: Option<&Path>,
     prefix: &str,
     env: impl IntoIterator<Item = (String, String)>,
+) -> Result<T, ConfigErrors> {
+    load_listing(file, prefix, env, &[])
+}
+
+/// [`load`] for a configuration that flattens a part into its top level (a service's, see
+/// [`crate::settings`]): serde names no known keys for an unknown key there, as it does in
+/// every table, so an unknown top-level key is reported with `top_level` as the known ones
+/// (none when it is empty).
+pub fn load_listing<T: DeserializeOwned>(
+    file: Option<&Path>,
+    prefix: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+    top_level: &[&str],
 ) -> Result<T, ConfigErrors> {
     let mut layers = Layers::default();
     if let Some(path) = file {
@@ -135,12 +159,128 @@ pub fn load<T: DeserializeOwned>(
         ConfigErrors(
             e.into_iter()
                 .map(|e| {
-                    let key = key_of(&e, &figment);
-                    describe(&e, &key, source_of(&e, &key, &figment))
+                    let places = candidates(&e, &figment);
+                    let key = key_of(&e, &places);
+                    let source = source_of(&places, &key, &figment);
+                    let what = describe(&e, &key, source, top_level);
+                    match list_override::<T>(&e, &key, source, &marker, &figment) {
+                        Some(hint) => format!("{what}; {hint}"),
+                        None => what,
+                    }
                 })
                 .collect(),
         )
     })
+}
+
+/// The names of the fields `T`, a struct without a flattened part, asks its deserializer
+/// for (its `deny_unknown_fields` list); empty for any other type. For the known keys of a
+/// table that a configuration flattens in, which serde does not tell.
+pub fn struct_fields<T: DeserializeOwned>() -> &'static [&'static str] {
+    /// A deserializer that gives nothing, only notes the fields a struct asks for.
+    struct Probe;
+    /// What [`Probe`] noted, carried out as its error.
+    #[derive(Debug)]
+    struct Fields(&'static [&'static str]);
+    impl std::fmt::Display for Fields {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "fields {:?}", self.0)
+        }
+    }
+    impl std::error::Error for Fields {}
+    impl serde::de::Error for Fields {
+        fn custom<M: std::fmt::Display>(_: M) -> Self {
+            Self(&[])
+        }
+    }
+    impl<'de> serde::Deserializer<'de> for Probe {
+        type Error = Fields;
+        fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Fields> {
+            Err(Fields(&[]))
+        }
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Fields> {
+            Err(Fields(fields))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+            identifier ignored_any
+        }
+    }
+    T::deserialize(Probe).err().map_or(&[], |fields| fields.0)
+}
+
+/// For a key that holds a list, set by a variable in another form (`a,b`, one value, or an
+/// entry `KEY__0`): what the variable did and the form its value must have. A variable
+/// replaces the list whole, and figment reads a value as a list only when it is written as
+/// an array, and a table in it only when it is written as an inline table.
+fn list_override<T: DeserializeOwned>(
+    e: &figment::Error,
+    key: &[String],
+    source: Option<&Metadata>,
+    marker: &str,
+    figment: &Figment,
+) -> Option<String> {
+    let figment::error::Kind::InvalidType(_, expected) = &e.kind else {
+        return None;
+    };
+    let list = expected == "a sequence"
+        || expected.starts_with("a tuple")
+        || expected.starts_with("an array");
+    let name = source?.name.strip_prefix(VARIABLE_SOURCE)?;
+    let below = name.strip_prefix(marker)?.split("__").count();
+    if !list || key.is_empty() || below < key.len() {
+        return None;
+    }
+    let shown = key.join(".");
+    // The variable of the list itself: `PREFIX__A__B` of `PREFIX__A__B__0`, as written.
+    let whole: Vec<&str> = name.split("__").take(key.len() + 1).collect();
+    let whole = whole.join("__");
+    let example = if entries_are_tables::<T>(figment, key) {
+        format!(
+            "{whole}='[{{a = 1, b = \"x\"}}, {{a = 2, b = \"y\"}}]', each entry an inline \
+             table with the keys of a [[{shown}]] table"
+        )
+    } else {
+        format!("{whole}='[\"a\", \"b\"]' (or [1, 2] for numbers)")
+    };
+    Some(if below == key.len() {
+        format!(
+            "{name} overrides key {shown}, a list: its value must be the whole list written \
+             as an array, e.g. {example}"
+        )
+    } else {
+        format!(
+            "{name} sets an entry of key {shown}, a list, which a variable cannot: set the \
+             whole list as an array in {whole}, e.g. {example}"
+        )
+    })
+}
+
+/// Whether `T` takes tables as the entries of the list at `key`: it refuses a string entry
+/// for its type and not an empty table (which may lack keys, a problem of another kind).
+/// Each trial puts a list of that one entry at `key`; the keys before it passed already, so
+/// a problem there is the first `T` meets.
+fn entries_are_tables<T: DeserializeOwned>(figment: &Figment, key: &[String]) -> bool {
+    let refused = |entry: &str| {
+        let trial = Variable {
+            name: String::new(),
+            key: key.to_vec(),
+            value: format!("[{entry}]"),
+        };
+        match figment.clone().merge(trial).extract::<T>() {
+            Ok(_) => false,
+            Err(e) => {
+                e.path.starts_with(key) && matches!(e.kind, figment::error::Kind::InvalidType(..))
+            }
+        }
+    };
+    refused("\"a\"") && !refused("{}")
 }
 
 /// The key an error is about. For an unknown key that is the key itself: figment's path
@@ -151,8 +291,8 @@ pub fn load<T: DeserializeOwned>(
 /// key's table. So the key is looked for at any depth below the path, and named where it
 /// is found once; found nowhere or more than once (`listen` in `[tls]` and at the top),
 /// it is left unnamed rather than misplaced.
-fn key_of(e: &figment::Error, figment: &Figment) -> Vec<String> {
-    match &candidates(e, figment)[..] {
+fn key_of(e: &figment::Error, places: &[Vec<String>]) -> Vec<String> {
+    match places {
         [one] => one.clone(),
         _ => e.path.clone(),
     }
@@ -175,11 +315,14 @@ fn candidates(e: &figment::Error, figment: &Figment) -> Vec<Vec<String>> {
     found
 }
 
-/// The layer that set the key `e` is about: the one that set `key` (or the deepest table
-/// on its way); for an unknown key found in several places, the layer that set them all,
-/// if one did.
-fn source_of<'a>(e: &figment::Error, key: &[String], figment: &'a Figment) -> Option<&'a Metadata> {
-    let places = candidates(e, figment);
+/// The layer that set the key an error is about: the one that set `key` (or the deepest
+/// table on its way); for an unknown key found in several `places` (its [`candidates`]),
+/// the layer that set them all, if one did.
+fn source_of<'a>(
+    places: &[Vec<String>],
+    key: &[String],
+    figment: &'a Figment,
+) -> Option<&'a Metadata> {
     if places.len() < 2 {
         return walk(figment, key).0;
     }
@@ -261,13 +404,16 @@ impl Layers {
         let layer = Figment::from(provider);
         match layer.data() {
             Ok(_) => self.figment = std::mem::take(&mut self.figment).merge(layer),
-            Err(e) => self.problems.extend(
-                e.into_iter()
-                    .map(|e| describe(&e, &key_of(&e, &layer), Some(&source))),
-            ),
+            Err(e) => self.problems.extend(e.into_iter().map(|e| {
+                let key = key_of(&e, &candidates(&e, &layer));
+                describe(&e, &key, Some(&source), &[])
+            })),
         }
     }
 }
+
+/// How a variable's layer is named, before the variable's name.
+const VARIABLE_SOURCE: &str = "environment variable ";
 
 /// One `PREFIX__A__B=value` variable as a layer of its own.
 struct Variable {
@@ -280,7 +426,7 @@ struct Variable {
 
 impl Provider for Variable {
     fn metadata(&self) -> Metadata {
-        Metadata::named(format!("environment variable {}", self.name))
+        Metadata::named(format!("{VARIABLE_SOURCE}{}", self.name))
     }
 
     fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
@@ -317,7 +463,12 @@ impl Provider for Variable {
 /// `source` is the layer that set the key when known: an error's own metadata is that of
 /// the table it sits in, which may come from another layer (an unknown key set by a
 /// variable in a table from the file).
-fn describe(e: &figment::Error, key: &[String], source: Option<&Metadata>) -> String {
+fn describe(
+    e: &figment::Error,
+    key: &[String],
+    source: Option<&Metadata>,
+    top_level: &[&str],
+) -> String {
     let (key, what) = match &e.kind {
         // The key names the unknown one, unless it could not be placed (see `key_of`).
         figment::error::Kind::UnknownField(name, expected) => (
@@ -328,6 +479,22 @@ fn describe(e: &figment::Error, key: &[String], source: Option<&Metadata>) -> St
                 format!("unknown key `{name}`; known here: {}", expected.join(", "))
             },
         ),
+        // An unknown key at the top level of a struct with a flattened part: serde tells
+        // not the keys it knows, so those given stand in, as in any other table.
+        kind if e.path.is_empty() && !top_level.is_empty() => match unknown_key(kind) {
+            Some(name) if key.last().map(String::as_str) == Some(name) => (
+                key.join("."),
+                format!("unknown key; known here: {}", top_level.join(", ")),
+            ),
+            Some(name) => (
+                String::new(),
+                format!(
+                    "unknown key `{name}`; known at the top level: {}",
+                    top_level.join(", ")
+                ),
+            ),
+            None => (String::new(), kind.to_string()),
+        },
         // serde's message names the key itself (and not the keys the struct knows, which
         // serde does not tell for a struct with a flattened part): only its table is added.
         kind => (e.path.join("."), kind.to_string()),
@@ -591,6 +758,112 @@ mod tests {
             err.0,
             [format!("{file}: unknown key `_listen`; known here: _cert")]
         );
+    }
+
+    /// Unknown at the top level of a struct with a flattened part, a key is listed with
+    /// the known ones given, as in any table, whether a file or a variable set it.
+    #[test]
+    fn an_unknown_top_level_key_lists_the_known_ones() {
+        let known = ["_listen", "_tls", "_package_dir", "_subprocessors"];
+        assert_eq!(struct_fields::<Shared>(), ["_listen", "_tls"]);
+        assert!(struct_fields::<Vec<String>>().is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("s.toml");
+        let file = f.display();
+        std::fs::write(&f, "_pakage_dir = \"p\"\n").unwrap();
+        let err = load_listing::<Service>(Some(&f), "APP", vars(&[]), &known).unwrap_err();
+        assert_eq!(
+            err.0,
+            [format!(
+                "{file}: key _pakage_dir: unknown key; known here: _listen, _tls, _package_dir, \
+                 _subprocessors"
+            )]
+        );
+        let err = load_listing::<Service>(None, "APP", vars(&[("APP___LISTN", "x")]), &known)
+            .unwrap_err();
+        assert_eq!(
+            err.0,
+            [
+                "environment variable APP___LISTN: key _listn: unknown key; known here: _listen, \
+              _tls, _package_dir, _subprocessors"
+            ]
+        );
+    }
+
+    /// A variable overriding a list in another form is told what it did and the form it
+    /// must have; written as an array, it replaces the file's list.
+    #[test]
+    fn a_list_overridden_by_a_variable_says_the_form_it_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "listen = \"a\"\n[db]\nurl = \"x\"\nmax = 1\nnames = [\"f\"]\n",
+        )
+        .unwrap();
+        let example = "APP__DB__NAMES='[\"a\", \"b\"]' (or [1, 2] for numbers)";
+        for (value, found) in [("p,q", "string \"p,q\""), ("7", "unsigned int `7`")] {
+            let err =
+                load::<Sample>(Some(&f), "APP", vars(&[("APP__DB__NAMES", value)])).unwrap_err();
+            assert_eq!(
+                err.0,
+                [format!(
+                    "environment variable APP__DB__NAMES: key db.names: invalid type: found \
+                     {found}, expected a sequence; APP__DB__NAMES overrides key db.names, a \
+                     list: its value must be the whole list written as an array, e.g. {example}"
+                )]
+            );
+        }
+        let err = load::<Sample>(Some(&f), "APP", vars(&[("APP__DB__NAMES__0", "p")])).unwrap_err();
+        assert_eq!(
+            err.0,
+            [format!(
+                "environment variable APP__DB__NAMES__0: key db.names: invalid type: found map, \
+                 expected a sequence; APP__DB__NAMES__0 sets an entry of key db.names, a list, \
+                 which a variable cannot: set the whole list as an array in APP__DB__NAMES, \
+                 e.g. {example}"
+            )]
+        );
+        // A wrong type in the file, or of an entry in the array, is not the variable's form.
+        let err = load::<Sample>(Some(&f), "APP", vars(&[("APP__DB__MAX", "[1]")])).unwrap_err();
+        assert!(!err.0[0].contains("a list"), "{err}");
+        let s: Sample = load(Some(&f), "APP", vars(&[("APP__DB__NAMES", "[p, q]")])).unwrap();
+        assert_eq!(s.db.names, ["p", "q"]);
+    }
+
+    /// A list of tables overridden by a variable is shown written with inline tables, which
+    /// a variable can carry; a list of strings keeps the example above.
+    #[test]
+    fn a_list_of_tables_overridden_by_a_variable_is_shown_with_inline_tables() {
+        let example = "APP___SUBPROCESSORS='[{a = 1, b = \"x\"}, {a = 2, b = \"y\"}]', each \
+                       entry an inline table with the keys of a [[_subprocessors]] table";
+        let err = load::<Service>(None, "APP", vars(&[("APP___SUBPROCESSORS", "x")])).unwrap_err();
+        assert_eq!(
+            err.0,
+            [format!(
+                "environment variable APP___SUBPROCESSORS: key _subprocessors: invalid type: \
+                 found string \"x\", expected a sequence; APP___SUBPROCESSORS overrides key \
+                 _subprocessors, a list: its value must be the whole list written as an array, \
+                 e.g. {example}"
+            )]
+        );
+        let entry = vars(&[("APP___SUBPROCESSORS__0___CONNECTOR__TYPE", "noop")]);
+        let err = load::<Service>(None, "APP", entry).unwrap_err();
+        assert_eq!(
+            err.0,
+            [format!(
+                "environment variable APP___SUBPROCESSORS__0___CONNECTOR__TYPE: key \
+                 _subprocessors: invalid type: found map, expected a sequence; \
+                 APP___SUBPROCESSORS__0___CONNECTOR__TYPE sets an entry of key \
+                 _subprocessors, a list, which a variable cannot: set the whole list as an \
+                 array in APP___SUBPROCESSORS, e.g. {example}"
+            )]
+        );
+        // Written so, it loads.
+        let whole = "[{_connector = {type = \"noop\", _delay_ms = 5}}, \
+                     {_connector = {type = \"noop\"}}]";
+        let s: Service = load(None, "APP", vars(&[("APP___SUBPROCESSORS", whole)])).unwrap();
+        assert_eq!(s._subprocessors.len(), 2);
     }
 
     #[test]

@@ -66,7 +66,8 @@ pub mod settings;
 pub mod signing;
 pub mod store;
 pub mod telemetry;
-#[cfg(feature = "test-support")]
+// Also in this crate's own tests, whose PostgreSQL tests skip or fail by its rule.
+#[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 pub mod tls;
 pub mod trace_context;

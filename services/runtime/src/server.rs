@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
@@ -287,9 +288,9 @@ pub async fn serve(
 /// handshake (at most [`HANDSHAKE_TIMEOUT`], [`MAX_HANDSHAKES`] at once) with the server
 /// configuration `tls` holds at that moment, and only completed handshakes reach tonic,
 /// which reads the client's certificates from the stream as it does for its own TLS; failed
-/// handshakes make at most one log line per 10 s, later ones counted into the next. Calls still
-/// open when shutdown began get `drain` (the service's `shutdown_grace_ms`) to finish,
-/// then their connections are dropped.
+/// handshakes make at most one log line per 10 s, later ones counted into the next, and so
+/// do failures to accept a connection. Calls still open when shutdown began get `drain` (the
+/// service's `shutdown_grace_ms`) to finish, then their connections are dropped.
 pub async fn serve_tls(
     router: Router<Layers>,
     listener: TcpListener,
@@ -335,7 +336,10 @@ where
     tokio::select! {
         served = &mut serving => served.context("serving gRPC"),
         () = drained_or_overdue => {
-            tracing::warn!(grace = ?drain, "calls still open after shutdown began; closing their connections");
+            tracing::warn!(
+                grace = ?drain,
+                "calls still open after shutdown began; closing their connections"
+            );
             close.send_replace(true);
             Ok(())
         }
@@ -433,8 +437,8 @@ impl<IO: Connected> Connected for Closable<IO> {
 /// and partners open nowhere near this many connections in that time.
 pub const MAX_HANDSHAKES: usize = 256;
 
-/// How often at most a failed handshake is logged; the others in between are counted and
-/// their counts logged in one line ([`FailureLog`]).
+/// How often at most a failed handshake, or a failure to accept a connection, is logged; the
+/// others in between are counted and their counts logged in one line ([`FailureLog`]).
 const HANDSHAKE_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// The bounds on a listener's handshakes; tests shrink them.
@@ -444,7 +448,7 @@ struct HandshakeLimits {
     in_progress: usize,
     /// How long each may take.
     timeout: Duration,
-    /// How often at most a failed one is logged.
+    /// How often at most a failed one, or a failed accept, is logged.
     log_every: Duration,
 }
 
@@ -465,7 +469,7 @@ struct TlsIncoming {
 }
 
 impl TlsIncoming {
-    fn start(listener: TcpListener, tls: LiveTls, limits: HandshakeLimits) -> Self {
+    fn start(listener: impl Listener, tls: LiveTls, limits: HandshakeLimits) -> Self {
         // Unbounded so that a completed handshake leaves the handshakes in progress at once
         // rather than wait there, where it could be taken for a stalled one and ended; tonic
         // takes every connection as it comes, so the queue stays short.
@@ -489,6 +493,18 @@ impl Stream for TlsIncoming {
     }
 }
 
+/// Where [`accept`] takes its connections from: a [`TcpListener`], or in tests one that
+/// fails as a process out of file descriptors does.
+trait Listener: Send + Sync + 'static {
+    fn accept(&self) -> impl Future<Output = std::io::Result<(TcpStream, SocketAddr)>> + Send;
+}
+
+impl Listener for TcpListener {
+    fn accept(&self) -> impl Future<Output = std::io::Result<(TcpStream, SocketAddr)>> + Send {
+        TcpListener::accept(self)
+    }
+}
+
 /// Accepts connections and runs their handshakes side by side, so a slow or silent client
 /// holds up nobody else, at most `limits.in_progress` at once.
 ///
@@ -499,7 +515,7 @@ impl Stream for TlsIncoming {
 /// makes it open them faster than a partner's handshake completes (some thousands a second
 /// for a handshake of 100 ms), and partners' handshakes are the quick ones.
 async fn accept(
-    listener: TcpListener,
+    listener: impl Listener,
     tls: LiveTls,
     done: mpsc::UnboundedSender<TlsStream<TcpStream>>,
     limits: HandshakeLimits,
@@ -507,16 +523,19 @@ async fn accept(
     let mut handshakes = JoinSet::new();
     // The handshakes in progress, oldest first, each with its peer.
     let mut running: VecDeque<(AbortHandle, SocketAddr)> = VecDeque::new();
-    let mut failures = FailureLog::new(limits.log_every);
+    let mut failures = FailureLog::<Failure>::new(limits.log_every);
+    // Retried every 50 ms while it lasts: one line each would be 20 a second.
+    let mut unaccepted = FailureLog::<NotAccepted>::new(limits.log_every);
     loop {
         let summary_due = failures.summary_due();
+        let unaccepted_due = unaccepted.summary_due();
         tokio::select! {
             accepted = listener.accept() => {
                 let (tcp, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
+                        unaccepted.record(Instant::now(), NotAccepted(e));
                         // Out of file descriptors, most likely: let connections close.
-                        tracing::warn!(error = %e, "accepting a connection failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
@@ -563,6 +582,7 @@ async fn accept(
                 }
             }
             () = sleep_until_some(summary_due) => failures.summarise(Instant::now()),
+            () = sleep_until_some(unaccepted_due) => unaccepted.summarise(Instant::now()),
         }
     }
 }
@@ -584,7 +604,31 @@ enum Failure {
     Dropped(SocketAddr, usize),
 }
 
-impl Failure {
+/// A kind of failure a [`FailureLog`] writes: one as it comes, or the counts of several.
+trait Logged {
+    /// How many failed, by reason, since the last line about them.
+    type Counts: Default + PartialEq;
+
+    fn count(&self, counts: &mut Self::Counts);
+
+    /// The line for this one failure.
+    fn log(&self);
+
+    /// The line for the failures counted in the interval `every`.
+    fn log_counts(counts: Self::Counts, every: Duration);
+}
+
+impl Logged for Failure {
+    type Counts = FailureCounts;
+
+    fn count(&self, counts: &mut FailureCounts) {
+        match self {
+            Failure::Refused(..) => counts.refused += 1,
+            Failure::TimedOut(..) => counts.timed_out += 1,
+            Failure::Dropped(..) => counts.dropped += 1,
+        }
+    }
+
     fn log(&self) {
         match self {
             Failure::Refused(peer, e) => tracing::info!(%peer, error = %e, "tls handshake refused"),
@@ -598,6 +642,21 @@ impl Failure {
             ),
         }
     }
+
+    fn log_counts(counts: FailureCounts, every: Duration) {
+        let FailureCounts {
+            refused,
+            timed_out,
+            dropped,
+        } = counts;
+        tracing::info!(
+            refused,
+            timed_out,
+            dropped,
+            interval = ?every,
+            "tls handshakes failed since the last such line"
+        );
+    }
 }
 
 /// How many handshakes failed, by reason, since the last line about them.
@@ -608,45 +667,63 @@ struct FailureCounts {
     dropped: u64,
 }
 
-impl FailureCounts {
-    fn count(&mut self, failure: &Failure) {
-        match failure {
-            Failure::Refused(..) => self.refused += 1,
-            Failure::TimedOut(..) => self.timed_out += 1,
-            Failure::Dropped(..) => self.dropped += 1,
-        }
+/// The listener could not accept a connection: the process is out of file descriptors,
+/// most likely, which the cap on handshakes makes less likely but cannot rule out.
+#[derive(Debug)]
+struct NotAccepted(std::io::Error);
+
+impl Logged for NotAccepted {
+    type Counts = u64;
+
+    fn count(&self, counts: &mut u64) {
+        *counts += 1;
     }
 
-    fn is_empty(&self) -> bool {
-        *self == Self::default()
+    fn log(&self) {
+        tracing::warn!(error = %self.0, "accepting a connection failed");
+    }
+
+    fn log_counts(failed: u64, every: Duration) {
+        tracing::warn!(
+            failed,
+            interval = ?every,
+            "accepting connections failed since the last such line"
+        );
     }
 }
 
-/// Failed handshakes as at most one log line per `every`: the first after a quiet interval
-/// with its peer and error, the rest of that interval as counts in one line when it is over.
-/// A host that opens connections by the thousand otherwise writes a line for each.
-struct FailureLog {
+/// Failures of one kind as at most one log line per `every`: the first after a quiet
+/// interval with its details, the rest of that interval as counts in one line when it is
+/// over. A host that opens connections by the thousand, or a listener retried every 50 ms,
+/// otherwise writes a line for each.
+struct FailureLog<F: Logged> {
     every: Duration,
     /// Until when failures are only counted; after it the next one is logged as it comes.
     quiet_until: Option<Instant>,
-    folded: FailureCounts,
+    folded: F::Counts,
+    kind: PhantomData<F>,
 }
 
-impl FailureLog {
+impl<F: Logged> FailureLog<F> {
     fn new(every: Duration) -> Self {
         Self {
             every,
             quiet_until: None,
-            folded: FailureCounts::default(),
+            folded: F::Counts::default(),
+            kind: PhantomData,
         }
     }
 
-    fn record(&mut self, now: Instant, failure: Failure) {
+    fn is_folding(&self) -> bool {
+        self.folded != F::Counts::default()
+    }
+
+    fn record(&mut self, now: Instant, failure: F) {
         match self.quiet_until {
-            Some(until) if now < until => self.folded.count(&failure),
+            Some(until) if now < until => failure.count(&mut self.folded),
             // The interval's counts are overdue (other work came first): one line for both.
-            _ if !self.folded.is_empty() => {
-                self.folded.count(&failure);
+            _ if self.is_folding() => {
+                failure.count(&mut self.folded);
                 self.summarise(now);
             }
             _ => {
@@ -658,30 +735,20 @@ impl FailureLog {
 
     /// When the counts are to be logged, if there are any.
     fn summary_due(&self) -> Option<Instant> {
-        self.quiet_until.filter(|_| !self.folded.is_empty())
+        self.quiet_until.filter(|_| self.is_folding())
     }
 
     /// Logs the counts, and counts the failures of another `every` before the next line, so
     /// that a steady flood makes one line per interval.
     fn summarise(&mut self, now: Instant) {
-        let FailureCounts {
-            refused,
-            timed_out,
-            dropped,
-        } = std::mem::take(&mut self.folded);
-        tracing::info!(
-            refused,
-            timed_out,
-            dropped,
-            interval = ?self.every,
-            "tls handshakes failed since the last such line"
-        );
+        F::log_counts(std::mem::take(&mut self.folded), self.every);
         self.quiet_until = Some(now + self.every);
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::{Arc, Mutex};
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -705,6 +772,15 @@ mod tests {
     ) -> (u16, tonic_health::server::HealthReporter) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
+        (port, serving_on(pki, listener, limits))
+    }
+
+    /// [`serving`] on `listener`; the health reporter.
+    fn serving_on(
+        pki: &DevPki,
+        listener: impl Listener,
+        limits: HandshakeLimits,
+    ) -> tonic_health::server::HealthReporter {
         let tls = LiveTls::load(&pki.files("registry")).unwrap();
         let (reporter, health) = tonic_health::server::health_reporter();
         let router = plain_builder(Duration::from_secs(5)).add_service(health);
@@ -715,7 +791,27 @@ mod tests {
             std::future::pending(),
             DRAIN_GRACE,
         ));
-        (port, reporter)
+        reporter
+    }
+
+    /// Fails unless a partner's health check on `port` is answered SERVING.
+    async fn assert_served(pki: &DevPki, port: u16) {
+        let tls = pki.files("operator").client_config().unwrap();
+        let channel =
+            crate::tls::channel(&format!("https://localhost:{port}"), None, &tls).unwrap();
+        let answer = tokio::time::timeout(
+            GUARD,
+            HealthClient::new(channel).check(HealthCheckRequest {
+                service: String::new(),
+            }),
+        )
+        .await
+        .expect("the partner is served")
+        .expect("the health check answers");
+        assert_eq!(
+            answer.into_inner().status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
     }
 
     /// Whether the server closed `tcp` (it sends nothing back to a client that sent nothing).
@@ -727,8 +823,18 @@ mod tests {
         )
     }
 
+    /// Whether `tcp` is still open: a read finds nothing to read for a moment. A connection
+    /// ended when the others were is closed by then, as those were closed before.
+    async fn still_open(tcp: &mut TcpStream) -> bool {
+        let mut buf = [0u8; 64];
+        tokio::time::timeout(Duration::from_millis(100), tcp.read(&mut buf))
+            .await
+            .is_err()
+    }
+
     /// More silent connections than the cap: the oldest are ended at once rather than held
-    /// for the handshake timeout, and a partner that comes after them all is served.
+    /// for the handshake timeout, as many as needed to make room and no more, and a partner
+    /// that comes after them all is served.
     #[tokio::test]
     async fn silent_connections_beyond_the_cap_end_the_oldest_and_a_partner_is_served() {
         let dir = tempfile::tempdir().unwrap();
@@ -740,32 +846,30 @@ mod tests {
             log_every: NEVER,
         };
         let (port, _reporter) = serving(&pki, limits).await;
+        let beyond = 6;
         let mut silent = Vec::new();
-        for _ in 0..cap + 6 {
+        for _ in 0..cap + beyond {
             silent.push(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
         }
 
-        let tls = pki.files("operator").client_config().unwrap();
-        let channel =
-            crate::tls::channel(&format!("https://localhost:{port}"), None, &tls).unwrap();
-        let answer = tokio::time::timeout(
-            GUARD,
-            HealthClient::new(channel).check(HealthCheckRequest {
-                service: String::new(),
-            }),
-        )
-        .await
-        .expect("the partner is served while silent connections are open")
-        .expect("the health check answers");
-        assert_eq!(
-            answer.into_inner().status,
-            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-        );
+        assert_served(&pki, port).await;
         // The partner's connection took a place too, so one more silent one went for it.
-        for (i, tcp) in silent.iter_mut().enumerate().take(6) {
+        let (ended, kept) = silent.split_at_mut(beyond + 1);
+        for (i, tcp) in ended.iter_mut().enumerate() {
             assert!(
                 closed_by_server(tcp).await,
-                "silent connection {i} beyond the cap of {cap} is closed"
+                "silent connection {i} of {} is closed for a newer one",
+                cap + beyond
+            );
+        }
+        for (i, tcp) in kept.iter_mut().enumerate() {
+            assert!(
+                still_open(tcp).await,
+                "silent connection {} of {}, among the newest {} (the cap less the partner's \
+                 place), is still open",
+                beyond + 1 + i,
+                cap + beyond,
+                cap - 1
             );
         }
     }
@@ -786,33 +890,75 @@ mod tests {
     }
 
     impl Captured {
-        fn lines(&self) -> Vec<String> {
+        /// Captures the lines logged on this thread until the guard is dropped: the tests'
+        /// runtimes have one thread, which the server's tasks run on too.
+        fn start(&self) -> tracing::subscriber::DefaultGuard {
+            let writer = self.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_writer(move || writer.clone())
+                .finish();
+            tracing::subscriber::set_default(subscriber)
+        }
+
+        /// The lines that contain `about`.
+        fn lines(&self, about: &str) -> Vec<String> {
             let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
             text.lines()
-                .filter(|l| l.contains("tls handshake"))
+                .filter(|l| l.contains(about))
                 .map(str::to_string)
                 .collect()
         }
+
+        /// Waits until `enough` holds of the lines that contain `about`, and returns them.
+        async fn wait_for(&self, about: &str, enough: impl Fn(&[String]) -> bool) -> Vec<String> {
+            tokio::time::timeout(GUARD, async {
+                loop {
+                    let lines = self.lines(about);
+                    if enough(&lines) {
+                        return lines;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("awaited lines about {about:?}: {:#?}", self.lines("")))
+        }
     }
 
-    /// Refused handshakes in quick succession make two lines, not one each: the first with
-    /// its peer and error, then, once the interval is over, the count of the others.
+    /// The number a line gives as `name=N`, or 0 without one.
+    fn field(line: &str, name: &str) -> u64 {
+        let prefix = format!("{name}=");
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&prefix)?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// How many of `lines` are about one failure each (those with `one` in them), and the
+    /// sum of the counts `name` of the others.
+    fn accounted(lines: &[String], one: &str, name: &str) -> (usize, u64) {
+        let single = lines.iter().filter(|l| l.contains(one)).count();
+        let counted = lines
+            .iter()
+            .filter(|l| !l.contains(one))
+            .map(|l| field(l, name))
+            .sum();
+        (single, counted)
+    }
+
+    /// Refused handshakes in quick succession are not one line each: the first is logged
+    /// with its peer and error, the others counted into a line once the interval is over.
+    /// Every refusal is in exactly one line, however the refusals fall into intervals.
     #[tokio::test]
     async fn refused_handshakes_are_logged_once_per_interval_with_a_count() {
         let captured = Captured::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        // The test's runtime has one thread, which the server's tasks run on too.
-        let _logging = tracing::subscriber::set_default(subscriber);
+        let _logging = captured.start();
         let dir = tempfile::tempdir().unwrap();
         let pki = DevPki::ensure(dir.path()).unwrap();
         let limits = HandshakeLimits {
             in_progress: MAX_HANDSHAKES,
             timeout: NEVER,
-            log_every: Duration::from_secs(2),
+            log_every: Duration::from_millis(500),
         };
         let (port, _reporter) = serving(&pki, limits).await;
         let refusals = 20;
@@ -825,21 +971,143 @@ mod tests {
                 .await
                 .expect("the server closes a connection it refused");
         }
-        let summary = tokio::time::timeout(GUARD, async {
-            loop {
-                if let Some(l) = captured.lines().into_iter().find(|l| l.contains("failed")) {
-                    return l;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+        let one = "tls handshake refused";
+        let lines = captured
+            .wait_for("tls handshake", |lines| {
+                let (single, counted) = accounted(lines, one, "refused");
+                single as u64 + counted >= refusals
+            })
+            .await;
+        let (single, counted) = accounted(&lines, one, "refused");
+        assert_eq!(single as u64 + counted, refusals, "{lines:#?}");
+        // One by one, each would be a line; most must have been counted.
+        assert!(single * 2 < refusals as usize, "{lines:#?}");
+        assert!(lines[0].contains(one), "{lines:#?}");
+        assert!(lines[0].contains("peer=127.0.0.1:"), "{lines:#?}");
+        assert!(
+            lines[1..]
+                .iter()
+                .all(|l| l.contains(one) || l.contains("timed_out=0 dropped=0")),
+            "{lines:#?}"
+        );
+    }
+
+    /// The shape of [`FailureLog`]'s lines, on a clock of its own: failures within one
+    /// interval make two lines, the first and the count of the rest; a steady flood makes
+    /// one line per interval; after a quiet interval the next failure is logged as it comes.
+    #[test]
+    fn failures_make_one_line_per_interval() {
+        let captured = Captured::default();
+        let _logging = captured.start();
+        let every = Duration::from_secs(10);
+        let ms = Duration::from_millis;
+        let peer: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+        let refused = || Failure::Refused(peer, std::io::Error::other("not tls"));
+        let lines = || captured.lines("tls handshake");
+        let mut log = FailureLog::<Failure>::new(every);
+        let t0 = Instant::now();
+
+        for i in 0..20 {
+            log.record(t0 + ms(10 * i), refused());
+        }
+        assert_eq!(lines().len(), 1, "{:#?}", lines());
+        assert!(lines()[0].contains("tls handshake refused peer=192.0.2.1:4000"));
+        assert_eq!(log.summary_due(), Some(t0 + every));
+        log.summarise(t0 + every);
+        assert_eq!(lines().len(), 2, "{:#?}", lines());
+        assert_eq!(field(&lines()[1], "refused"), 19, "{:#?}", lines());
+
+        // One every 100 ms for 30 s: an interval's count comes with the first failure after
+        // it when that comes before the timer, or with the timer.
+        let flood = t0 + every;
+        for i in 1..300 {
+            log.record(flood + ms(100 * i), refused());
+        }
+        assert_eq!(lines().len(), 4, "{:#?}", lines());
+        assert_eq!(field(&lines()[2], "refused"), 100, "{:#?}", lines());
+        assert_eq!(field(&lines()[3], "refused"), 100, "{:#?}", lines());
+        assert_eq!(log.summary_due(), Some(flood + every * 3));
+        log.summarise(flood + every * 3);
+        assert_eq!(lines().len(), 5, "{:#?}", lines());
+        assert_eq!(field(&lines()[4], "refused"), 99, "{:#?}", lines());
+
+        assert_eq!(log.summary_due(), None);
+        log.record(flood + every * 5, refused());
+        assert_eq!(lines().len(), 6, "{:#?}", lines());
+        assert!(
+            lines()[5].contains("tls handshake refused"),
+            "{:#?}",
+            lines()
+        );
+    }
+
+    /// A listener that fails as one in a process out of file descriptors does while
+    /// `failing` is set, counting its failures in `failed`.
+    struct Exhausted {
+        real: TcpListener,
+        failing: Arc<AtomicBool>,
+        failed: Arc<AtomicU64>,
+    }
+
+    impl Listener for Exhausted {
+        async fn accept(&self) -> std::io::Result<(TcpStream, SocketAddr)> {
+            if self.failing.load(Ordering::SeqCst) {
+                self.failed.fetch_add(1, Ordering::SeqCst);
+                return Err(std::io::Error::from_raw_os_error(libc::EMFILE));
+            }
+            self.real.accept().await
+        }
+    }
+
+    /// A listener that keeps failing (retried every 50 ms) is logged once per interval, the
+    /// first failure with its error and the others counted, and connections are served
+    /// again once it accepts them.
+    #[tokio::test]
+    async fn failed_accepts_are_logged_once_per_interval_with_a_count() {
+        let captured = Captured::default();
+        let _logging = captured.start();
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let real = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = real.local_addr().unwrap().port();
+        let failing = Arc::new(AtomicBool::new(true));
+        let failed = Arc::new(AtomicU64::new(0));
+        let listener = Exhausted {
+            real,
+            failing: failing.clone(),
+            failed: failed.clone(),
+        };
+        let limits = HandshakeLimits {
+            in_progress: MAX_HANDSHAKES,
+            timeout: NEVER,
+            log_every: Duration::from_millis(500),
+        };
+        let _reporter = serving_on(&pki, listener, limits);
+        tokio::time::timeout(GUARD, async {
+            while failed.load(Ordering::SeqCst) < 10 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
         .await
-        .expect("the refusals after the first are counted into one line");
-        let lines = captured.lines();
-        assert_eq!(lines.len(), 2, "{lines:#?}");
-        assert!(lines[0].contains("tls handshake refused"), "{lines:#?}");
-        assert!(lines[0].contains("peer=127.0.0.1:"), "{lines:#?}");
-        let others = format!("refused={} timed_out=0 dropped=0", refusals - 1);
-        assert!(summary.contains(&others), "{summary}");
+        .expect("the listener is retried");
+        failing.store(false, Ordering::SeqCst);
+        let failed = failed.load(Ordering::SeqCst);
+
+        let one = "accepting a connection failed";
+        let lines = captured
+            .wait_for("accepting", |lines| {
+                let (single, counted) = accounted(lines, one, "failed");
+                single as u64 + counted >= failed
+            })
+            .await;
+        let (single, counted) = accounted(&lines, one, "failed");
+        assert_eq!(single as u64 + counted, failed, "{lines:#?}");
+        // One by one, each would be a line; most must have been counted.
+        assert!(single as u64 * 2 < failed, "{lines:#?}");
+        assert!(lines[0].contains(one), "{lines:#?}");
+        assert!(lines[0].contains("WARN"), "{lines:#?}");
+        let emfile = std::io::Error::from_raw_os_error(libc::EMFILE).to_string();
+        assert!(lines[0].contains(&emfile), "{lines:#?}");
+        assert_served(&pki, port).await;
     }
 }

@@ -39,6 +39,10 @@ use crate::tls::TlsFiles;
 /// A service's whole configuration: the shared settings plus its own keys. [`load`] reads
 /// every service's the same way.
 pub trait ServiceConfig: DeserializeOwned + AsRef<ServiceSettings> {
+    /// The service's own top-level keys, listed with the shared ones when a top-level key
+    /// is unknown (serde lists none there, the shared keys being flattened in); when empty,
+    /// none are listed.
+    const KEYS: &'static [&'static str] = &[];
     /// Resolves relative file paths against `dir`, the folder of the configuration file.
     fn relative_to(&mut self, dir: &Path);
     /// Every problem of the settings themselves, reported together; a service may read the
@@ -54,7 +58,14 @@ pub fn load<C: ServiceConfig>(
     env_prefix: &str,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<C, ConfigErrors> {
-    let mut config: C = crate::config::load(file, env_prefix, env)?;
+    let known: Vec<&str> = match C::KEYS {
+        [] => Vec::new(),
+        own => (crate::config::struct_fields::<FileSettings>().iter())
+            .chain(own)
+            .copied()
+            .collect(),
+    };
+    let mut config: C = crate::config::load_listing(file, env_prefix, env, &known)?;
     if let Some(dir) = file.and_then(Path::parent) {
         config.relative_to(dir);
     }

@@ -26,9 +26,10 @@
 //! makes the picking `SELECT` run once, so a re-scan can never lock other rows than those
 //! it picked; the lock clause comes from [`Backend::skip_locked_of`], the clock from
 //! [`Backend::now_ms`] and the per-row token from [`Backend::random_token`] (only tasks
-//! and uploads count their attempts at the claim). SQLite's `RETURNING` may name only the updated table, so
-//! a joined table's columns come from scalar subqueries ([`lookups`]). `RETURNING` gives
-//! rows in no particular order: callers sort them as the picking `ORDER BY` did.
+//! and uploads count their attempts at the claim). SQLite's `RETURNING` may name only the
+//! updated table, so a joined table's columns come from scalar subqueries ([`lookups`]).
+//! `RETURNING` gives rows in no particular order: callers sort them as the picking
+//! `ORDER BY` did.
 //!
 //! On PostgreSQL claims go through [`Db::claimer`], connections on which the planner may use
 //! neither a bitmap nor a sequential scan. A claim is meant to walk its queue's partial index
@@ -158,7 +159,10 @@ impl Backend {
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Ok(Self::Postgres)
         } else {
-            bail!("database url {url:?} must start with sqlite: or postgres://")
+            bail!(
+                "database url {:?} must start with sqlite: or postgres://",
+                redact(url)
+            )
         }
     }
 
@@ -509,9 +513,35 @@ const FIRST_CONNECTION_TIMEOUT: Duration = if cfg!(test) {
     Duration::from_secs(30)
 };
 
+/// The query parameters sqlx-postgres reads (its `options/parse.rs`), spelt as it compares
+/// them, case and all; besides these, `options[NAME]`.
+const QUERY_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
 /// Refuses a URL whose user or password holds a character that ends it early: the driver
 /// would connect to the host after the first `@` (or read the rest as a path or fragment)
-/// and fail with a lookup of a host nobody meant, or worse, reach one.
+/// and fail with a lookup of a host nobody meant, or worse, reach one. Refuses, too, a
+/// query parameter sqlx does not read (see [`QUERY_PARAMETERS`]): sqlx would connect
+/// without it, a misspelt `sslmode` in its default `prefer` mode, and log it with its value
+/// at WARN on every connection, a libpq `sslpassword` or a `PassWord` in clear.
 fn check_postgres_url(url: &str) -> Result<()> {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     // An `@` in the query (a file's path) is the query's business; a `#` anywhere cuts the
@@ -525,18 +555,43 @@ fn check_postgres_url(url: &str) -> Result<()> {
             redact(url)
         );
     }
+    // Read as sqlx reads it: the keys percent-decoded, `+` a space.
+    let options = AnyConnectOptions::from_str(url)
+        .with_context(|| format!("parsing database url {}", redact(url)))?;
+    for (key, _) in options.database_url.query_pairs() {
+        let read = QUERY_PARAMETERS.contains(&&*key)
+            || (key.starts_with("options[") && key.ends_with(']'));
+        if !read {
+            bail!(
+                "database_url {}: sqlx, the PostgreSQL driver, does not read the query \
+                 parameter {key:?} (it would connect without it, and may log it with its value); \
+                 the ones it reads, spelt exactly so: {}, options[...]",
+                redact(url),
+                QUERY_PARAMETERS.join(", ")
+            );
+        }
+    }
     Ok(())
 }
 
 /// The wait after the first failed connection; it doubles up to 2 s.
 const FIRST_PAUSE: Duration = Duration::from_millis(100);
 
+/// What an operator is told when something other than PostgreSQL may listen at the address.
+const WRONG_PORT_ADVICE: &str = "check that database_url names the PostgreSQL server's host \
+     and port (5432 unless it was changed), not another service's, such as a dsrelay \
+     service's gRPC or admin port or an HTTP server";
+
 /// Opens and closes one connection outside any pool, so that a start-up against a server
-/// that refuses or rejects it fails with the server's or the socket's own error: the pool
-/// would say only that it timed out. A refusal, or a server starting up (57P03) or full
-/// (53300), is tried again until [`FIRST_CONNECTION_TIMEOUT`], as the pool would, since
-/// services and their database are often started together; any other error (a wrong
-/// password, a missing database, a name that does not resolve) fails the start at once.
+/// that refuses or rejects it fails with a reason: the pool would say only that it timed
+/// out. A refusal, a server starting up (57P03) or full (53300), or one that closes the
+/// connection without a word (a proxy in front of a server not up yet) is tried again until
+/// [`FIRST_CONNECTION_TIMEOUT`], as the pool would, since services and their database are
+/// often started together. Any other error fails the start at once: a first answer that is
+/// none of PostgreSQL's with advice to check the port, an authentication method sqlx cannot
+/// do with advice for pg_hba.conf, and the rest (a wrong password, a missing database, a
+/// name that does not resolve) with the server's or the socket's own words. Every message
+/// names the URL with its passwords hidden ([`redact`]).
 async fn first_connection(options: &AnyConnectOptions, url: &str) -> Result<()> {
     let deadline = tokio::time::Instant::now() + FIRST_CONNECTION_TIMEOUT;
     let mut pause = FIRST_PAUSE;
@@ -557,17 +612,37 @@ async fn first_connection(options: &AnyConnectOptions, url: &str) -> Result<()> 
                 FIRST_CONNECTION_TIMEOUT.as_secs()
             ),
         };
-        let passing = match &error {
-            sqlx::Error::Io(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
-            sqlx::Error::Database(db) => {
-                matches!(db.code().as_deref(), Some("57P03" | "53300"))
-            }
-            _ => false,
-        };
-        if !passing {
-            bail!("connecting to {}: {error}", redact(url));
+        let failure = FirstFailure::of(&error);
+        match failure {
+            FirstFailure::NotYet | FirstFailure::Unanswered => {}
+            FirstFailure::NotPostgres => bail!(
+                "connecting to {}: the server at {} did not answer as PostgreSQL ({error}); \
+                 {WRONG_PORT_ADVICE}",
+                redact(url),
+                server_address(options)
+            ),
+            FirstFailure::AuthenticationMethod => bail!(
+                "connecting to {}: {error}; the server at {} asks for an authentication \
+                 method that sqlx, the PostgreSQL driver, cannot do (it does password, md5 \
+                 and scram-sha-256; not gss, sspi or other SASL mechanisms): make the \
+                 server's pg_hba.conf give this user, database and client address one of \
+                 those",
+                redact(url),
+                server_address(options)
+            ),
+            FirstFailure::Other => bail!("connecting to {}: {error}", redact(url)),
         }
         let now = tokio::time::Instant::now();
+        if now >= deadline && failure == FirstFailure::Unanswered {
+            bail!(
+                "connecting to {}: the server at {} closed the connection without a \
+                 PostgreSQL answer: not PostgreSQL, or a proxy whose server is not up \
+                 ({error}; still so after {} s of trying); {WRONG_PORT_ADVICE}",
+                redact(url),
+                server_address(options),
+                FIRST_CONNECTION_TIMEOUT.as_secs()
+            );
+        }
         if now >= deadline {
             bail!(
                 "connecting to {}: {error} (still so after {} s of trying)",
@@ -579,14 +654,104 @@ async fn first_connection(options: &AnyConnectOptions, url: &str) -> Result<()> 
             // Said once, so that a start that waits is not taken for a hang.
             tracing::warn!(
                 database = %redact(url),
-                "the database refuses connections or is starting up ({error}); trying again \
-                 for up to {} s",
+                "the database refuses connections, is starting up or closes them without an \
+                 answer ({error}); trying again for up to {} s",
                 FIRST_CONNECTION_TIMEOUT.as_secs()
             );
         }
         // The last try comes at the deadline itself.
         tokio::time::sleep(pause.min(deadline - now)).await;
         pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// What the first connection's failure says about the server, and whether to try again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FirstFailure {
+    /// Refused, starting up (57P03) or full (53300): tried again.
+    NotYet,
+    /// Closed without an answer: tried again, since a proxy (docker-proxy, a port forward,
+    /// a load balancer) does this while its PostgreSQL server is not up.
+    Unanswered,
+    /// A first answer that is none of PostgreSQL's: sqlx's words for it ("unexpected
+    /// response from SSLRequest: 0x48") do not tell an operator that database_url names
+    /// the wrong port.
+    NotPostgres,
+    /// A PostgreSQL server that asks for an authentication method sqlx cannot do.
+    AuthenticationMethod,
+    /// Anything else, told in the server's or the socket's own words.
+    Other,
+}
+
+/// The beginnings of sqlx-postgres's protocol errors (`err_protocol!`) for a first answer
+/// that is none of PostgreSQL's: a byte other than `S` or `N` to the TLS request, an
+/// unknown message type, a message that has no place in the start-up, or an impossible
+/// length.
+const NOT_POSTGRES_ANSWERS: &[&str] = &[
+    "unexpected response from SSLRequest",
+    "unknown message type",
+    "establish: unexpected message",
+    "message_len",
+];
+
+impl FirstFailure {
+    fn of(error: &sqlx::Error) -> Self {
+        use std::io::ErrorKind;
+        match error {
+            sqlx::Error::Io(e) => match e.kind() {
+                ErrorKind::ConnectionRefused => Self::NotYet,
+                // A write after the other end closed fails with a broken pipe.
+                ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe => {
+                    Self::Unanswered
+                }
+                _ => Self::Other,
+            },
+            sqlx::Error::Database(db)
+                if matches!(db.code().as_deref(), Some("57P03" | "53300")) =>
+            {
+                Self::NotYet
+            }
+            // sqlx reads the one-byte answer to its TLS request without checking that a
+            // byte came: a connection closed there reads as a zero byte, which no PostgreSQL
+            // server sends.
+            sqlx::Error::Protocol(m)
+                if m.starts_with("unexpected response from SSLRequest: 0x00") =>
+            {
+                Self::Unanswered
+            }
+            sqlx::Error::Protocol(m) if NOT_POSTGRES_ANSWERS.iter().any(|p| m.starts_with(p)) => {
+                Self::NotPostgres
+            }
+            // "unknown authentication method: 7" (GSSAPI; 9 SSPI), wrapped in "Postgres
+            // protocol error (reading Authentication)", "unsupported authentication method",
+            // and "unsupported SASL authentication mechanisms: OAUTHBEARER".
+            sqlx::Error::Protocol(m)
+                if m.contains("authentication method")
+                    || m.contains("SASL authentication mechanisms") =>
+            {
+                Self::AuthenticationMethod
+            }
+            _ => Self::Other,
+        }
+    }
+}
+
+/// Where sqlx connects for `options`, for messages (it holds no password): `host:port`, the
+/// URL's or its query's `host`, `hostaddr` and `port` (or the `PGHOST` and `PGPORT` sqlx
+/// falls back on), or a Unix socket's path.
+fn server_address(options: &AnyConnectOptions) -> String {
+    let url = &options.database_url;
+    let Ok(pg) = sqlx::postgres::PgConnectOptions::from_url(url) else {
+        // Not reached after a connection attempt, which parses the URL the same way.
+        return url.host_str().unwrap_or("localhost").to_string();
+    };
+    let (host, port) = (pg.get_host(), pg.get_port());
+    // As sqlx makes the socket's path: the directory, then PostgreSQL's file name.
+    match pg.get_socket() {
+        Some(dir) => format!("{}/.s.PGSQL.{port}", dir.display()),
+        None if host.starts_with('/') => format!("{host}/.s.PGSQL.{port}"),
+        None if host.contains(':') && !host.starts_with('[') => format!("[{host}]:{port}"),
+        None => format!("{host}:{port}"),
     }
 }
 
@@ -807,18 +972,128 @@ async fn collect_runs(
     Ok(())
 }
 
-/// The URL with any password replaced, for messages.
+/// The URL with every password replaced by `***`, for messages and logs: the one after
+/// the user name (`user:***@host`), and the value of any query parameter that holds one
+/// together with everything after it (`?sslmode=require&password=***`): a password with a
+/// `&` or `#` written as is would otherwise show its tail. The rest stays as written, so
+/// that the operator still recognises the address.
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.find(':') {
-                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
-                None => url.to_string(),
+    let mut hidden = Vec::with_capacity(2);
+    hidden.extend(password_span(url));
+    hidden.extend(secret_parameter_value(url).map(|start| start..url.len()));
+    hidden.sort_by_key(|span| span.start);
+    let mut out = String::with_capacity(url.len());
+    let mut shown = 0;
+    for span in hidden {
+        if span.start >= shown {
+            out.push_str(&url[shown..span.start]);
+            out.push_str("***");
+        }
+        shown = shown.max(span.end);
+    }
+    out.push_str(&url[shown..]);
+    out
+}
+
+/// Where in `url` the password after the user name is: from the `:` after the user to the
+/// `@` that ends them.
+///
+/// That `@` is the last one of the authority (up to the first `/`, `?` or `#` after
+/// `://`), so that one in the query (`?user=me@srv`, a file's path) is not taken for it. A
+/// password holding `/`, `?`, `#` or `@` written as is (which [`check_postgres_url`]
+/// refuses, naming the URL with this) ends the authority early; then the authority is no
+/// `host[:port]`, or an `@` or `#` comes before the query, and the last `@` of the whole
+/// URL is taken instead, which hides more than the password rather than less.
+fn password_span(url: &str) -> Option<std::ops::Range<usize>> {
+    let start = url.find("://")? + 3;
+    let rest = &url[start..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, after) = rest.split_at(authority_end);
+    let in_authority = authority.rfind('@');
+    let host_port = &authority[in_authority.map_or(0, |at| at + 1)..];
+    let before_query = &after[..after.find('?').unwrap_or(after.len())];
+    let plain = is_host_port(host_port)
+        && (after.is_empty() || after.starts_with('/'))
+        && !before_query.contains(['@', '#']);
+    let at = if plain {
+        in_authority?
+    } else {
+        rest.rfind('@')?
+    };
+    let colon = rest[..at].find(':')?;
+    Some(start + colon + 1..start + at)
+}
+
+/// Whether `authority` is a host (a name, an address, `[IPv6]`) with an optional numeric
+/// port, as opposed to a user and password cut short.
+fn is_host_port(authority: &str) -> bool {
+    let port = match authority.strip_prefix('[') {
+        Some(bracketed) => match bracketed.split_once(']') {
+            Some((_, port)) => port,
+            None => return false,
+        },
+        None => &authority[authority.find(':').unwrap_or(authority.len())..],
+    };
+    port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Query parameters whose value is a password: the server's (`password`, which sqlx
+/// reads) and the client key's (`sslpassword`, libpq's, which sqlx does not read:
+/// [`check_postgres_url`] refuses it, naming the URL, which must not show it).
+const SECRET_PARAMETERS: &[&str] = &["password", "sslpassword"];
+
+/// Where in `url` the value of its first [`SECRET_PARAMETERS`] parameter starts: after any
+/// `?` or `&` past the scheme, so that one after a `?` in an unencoded password is found
+/// too.
+fn secret_parameter_value(url: &str) -> Option<usize> {
+    let from = url.find("://").map_or(0, |s| s + 3);
+    url.bytes()
+        .enumerate()
+        .skip(from)
+        .filter(|&(_, b)| b == b'?' || b == b'&')
+        .find_map(|(i, _)| {
+            let pair = &url[i + 1..];
+            let name_end = pair.find(['=', '&', '?', '#'])?;
+            (pair[name_end..].starts_with('=') && is_secret_parameter(&pair[..name_end]))
+                .then_some(i + 1 + name_end + 1)
+        })
+}
+
+/// Whether the query parameter `name` (as written, percent-encoded or not) names a password.
+/// Names are compared percent-decoded, as sqlx reads them, but regardless of case, though
+/// sqlx reads only `password` so: [`check_postgres_url`] refuses a `PassWord`, naming the
+/// URL, which must not show its value either.
+fn is_secret_parameter(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                decoded.push(b);
+                i += 3;
+            }
+            (b'+', _) => {
+                decoded.push(b' ');
+                i += 1;
+            }
+            (b, _) => {
+                decoded.push(b);
+                i += 1;
             }
         }
-        _ => url.to_string(),
     }
+    let decoded = String::from_utf8_lossy(&decoded);
+    SECRET_PARAMETERS
+        .iter()
+        .any(|secret| decoded.trim().eq_ignore_ascii_case(secret))
 }
 
 /// Columns of another table for the `RETURNING` list of a claim (see [the module
@@ -855,24 +1130,6 @@ pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-/// The PostgreSQL server of this crate's own tests (`DSRELAY_TEST_POSTGRES_URL`), as the
-/// services' `testing::on_postgres` reads it: `None`, said, when it is not set, which fails
-/// in CI.
-#[cfg(test)]
-fn test_postgres_server() -> Option<String> {
-    let server = std::env::var("DSRELAY_TEST_POSTGRES_URL")
-        .ok()
-        .filter(|u| !u.is_empty());
-    if server.is_none() {
-        assert!(
-            !std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true")),
-            "PostgreSQL is required in CI: set DSRELAY_TEST_POSTGRES_URL"
-        );
-        eprintln!("SKIPPED on PostgreSQL: DSRELAY_TEST_POSTGRES_URL is not set");
-    }
-    server
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -895,6 +1152,144 @@ mod tests {
         assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact("sqlite://a.db"), "sqlite://a.db");
+    }
+
+    /// A password may also come as a query parameter, which sqlx reads like the one after
+    /// the user name; the other parameters stay readable.
+    #[test]
+    fn redacts_passwords_in_the_query() {
+        for (url, want) in [
+            (
+                "postgres://u@h/db?password=secret",
+                "postgres://u@h/db?password=***",
+            ),
+            (
+                "postgres://u@h:5432/db?sslmode=require&sslpassword=secret&application_name=x",
+                "postgres://u@h:5432/db?sslmode=require&sslpassword=***",
+            ),
+            (
+                "postgres://u:one@h/db?PassWord=secret&pass%77ord=secret#f",
+                "postgres://u:***@h/db?PassWord=***",
+            ),
+            (
+                "postgres://u@h/db?sslmode=x&pass%77ord=secret&password=more",
+                "postgres://u@h/db?sslmode=x&pass%77ord=***",
+            ),
+            ("postgres://h/db?password=", "postgres://h/db?password=***"),
+            (
+                "postgres://u@h/db?passwords=kept&user=password",
+                "postgres://u@h/db?passwords=kept&user=password",
+            ),
+            // A password holding `#` or `&` as is: its tail is no other parameter.
+            (
+                "postgres://h/db?password=ab#cd",
+                "postgres://h/db?password=***",
+            ),
+            (
+                "postgres://h/db?password=ab&cd&sslmode=require",
+                "postgres://h/db?password=***",
+            ),
+        ] {
+            assert_eq!(redact(url), want, "{url}");
+        }
+    }
+
+    /// The user and password end at the last `@` of the authority: an `@` in the query (a
+    /// user name, a file's path) neither hides the query nor shows its password. A password
+    /// with `/`, `?`, `#` or `@` written as is, which ends the authority early, is hidden
+    /// whole all the same.
+    #[test]
+    fn redacts_the_authoritys_password_whatever_the_query_holds() {
+        for (url, want) in [
+            (
+                "postgres://h:5432/db?user=me@srv&password=p1",
+                "postgres://h:5432/db?user=me@srv&password=***",
+            ),
+            (
+                "postgres://u:p0@h/db?sslrootcert=/etc/a@b.pem&password=p2",
+                "postgres://u:***@h/db?sslrootcert=/etc/a@b.pem&password=***",
+            ),
+            (
+                "postgres://[::1]:5432/db?sslrootcert=/etc/a@b.pem",
+                "postgres://[::1]:5432/db?sslrootcert=/etc/a@b.pem",
+            ),
+            ("postgres://me@corp:pw@h/db", "postgres://me@corp:***@h/db"),
+            ("postgres://u:pa?ss@h/db", "postgres://u:***@h/db"),
+            ("postgres://u:p/a?s@h/db", "postgres://u:***@h/db"),
+            ("postgres://u:p@a?ss@h/db", "postgres://u:***@h/db"),
+            ("postgres://u:pa#ss@h/db", "postgres://u:***@h/db"),
+            (
+                "postgres://u:p@ss/w:rd#1@127.0.0.1:5432/db",
+                "postgres://u:***@127.0.0.1:5432/db",
+            ),
+        ] {
+            assert_eq!(redact(url), want, "{url}");
+        }
+    }
+
+    /// sqlx logs a query parameter it does not know with its value at every connection,
+    /// and connects without it: such a parameter (a libpq one, a misspelt or differently
+    /// cased one) is refused by name, a password among them withheld.
+    #[test]
+    fn unknown_query_parameters_are_refused_by_name() {
+        for (url, key) in [
+            (
+                "postgres://u@h/db?sslmode=require&sslpassword=topsecret",
+                "sslpassword",
+            ),
+            ("postgres://u@h/db?PassWord=topsecret", "PassWord"),
+            ("postgres://u@h/db?sslmdoe=verify-full", "sslmdoe"),
+            (
+                "postgres://u@h/db?options[search_path=s",
+                "options[search_path",
+            ),
+        ] {
+            let err = format!("{:#}", check_postgres_url(url).unwrap_err());
+            assert!(err.contains(&format!("query parameter {key:?}")), "{err}");
+            assert!(
+                err.contains("sslrootcert") && err.contains("options[...]"),
+                "{err}"
+            );
+            assert!(!err.contains("topsecret"), "{err}");
+        }
+        check_postgres_url(
+            "postgres://u:p@h:5432/db?sslmode=verify-full&ssl-mode=require&sslrootcert=a\
+             &ssl-root-cert=a&ssl-ca=a&sslcert=a&ssl-cert=a&sslkey=a&ssl-key=a\
+             &statement-cache-capacity=1&host=h&hostaddr=127.0.0.1&port=1&dbname=d&user=u\
+             &password=p&application_name=x&options=-c%20a%3Db&options[search_path]=s",
+        )
+        .unwrap();
+    }
+
+    /// The address named in messages is the one sqlx connects to, query parameters and
+    /// Unix sockets included.
+    #[test]
+    fn the_server_address_is_the_one_connected_to() {
+        for (url, want) in [
+            ("postgres://u:p@h/db", "h:5432"),
+            ("postgres://u:p@h:6000/db", "h:6000"),
+            ("postgres://[::1]:6000/db", "[::1]:6000"),
+            ("postgres://h/db?host=other&port=6001", "other:6001"),
+            ("postgres://h/db?hostaddr=::1", "[::1]:5432"),
+            (
+                "postgres:///db?host=/run/postgresql",
+                "/run/postgresql/.s.PGSQL.5432",
+            ),
+            ("postgres://%2Frun%2Fpg:6002/db", "/run/pg/.s.PGSQL.6002"),
+        ] {
+            let options = AnyConnectOptions::from_str(url).unwrap();
+            assert_eq!(server_address(&options), want, "{url}");
+        }
+    }
+
+    /// A URL with an unknown scheme is named in its error without its password.
+    #[test]
+    fn an_unknown_scheme_is_named_without_its_password() {
+        let err = Backend::of_url("postgre://u:secret@h/db?password=other")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("postgre://u:***@h/db?password=***"), "{err}");
+        assert!(!err.contains("secret") && !err.contains("other"), "{err}");
     }
 
     #[test]
@@ -1081,11 +1476,148 @@ mod tests {
         assert!(err.contains("still so after 2 s of trying"), "{err}");
     }
 
+    /// A listener on 127.0.0.1 that reads once from each connection, writes `answer` and
+    /// hangs up.
+    async fn answering(answer: &'static [u8]) -> (u16, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            loop {
+                let (mut connection, _) = listener.accept().await.unwrap();
+                let _ = connection.read(&mut [0u8; 64]).await;
+                let _ = connection.write_all(answer).await;
+            }
+        });
+        (port, server)
+    }
+
+    /// Something other than PostgreSQL at the URL's port (an HTTP server, a gRPC server) is
+    /// named as such with the address, rather than with sqlx's words for an unexpected byte;
+    /// one that hangs up without a word (what a proxy does while its server is down), or
+    /// whose answer sqlx cannot tell from that, is tried again until the deadline and then
+    /// named so.
+    #[tokio::test]
+    async fn a_server_that_is_not_postgres_is_named_so() {
+        // What a gRPC server sends first: HTTP/2's SETTINGS frame.
+        const H2_SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
+        const HTTP: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n";
+        const WRONG: &str = "did not answer as PostgreSQL";
+        const CLOSED: &str = "closed the connection without a PostgreSQL answer: not \
+                              PostgreSQL, or a proxy whose server is not up";
+        let cases = [
+            (HTTP, "", WRONG),
+            (HTTP, "?sslmode=require&password=xyzzy", WRONG),
+            (H2_SETTINGS, "?sslmode=disable", WRONG),
+            // The first byte, `H`, starts a message of PostgreSQL's whose length (`TTP/`)
+            // is never reached before the end.
+            (HTTP, "?sslmode=disable", CLOSED),
+            // sqlx reads a zero byte where the answer to its TLS request should be.
+            (H2_SETTINGS, "", CLOSED),
+            (b"", "", CLOSED),
+            (b"", "?sslmode=disable&password=xyzzy", CLOSED),
+        ];
+        let checks = cases.into_iter().map(|(answer, query, want)| async move {
+            let (port, server) = answering(answer).await;
+            let url = format!("postgres://u:secret@127.0.0.1:{port}/db{query}");
+            let err = format!("{:#}", Db::connect(&url).await.err().unwrap());
+            server.abort();
+            let case = format!("{:?}{query}: {err}", String::from_utf8_lossy(answer));
+            assert!(
+                err.contains(&format!("the server at 127.0.0.1:{port} {want}")),
+                "{case}"
+            );
+            assert!(err.contains("check that database_url names"), "{case}");
+            assert_eq!(err.contains("still so after 2 s"), want == CLOSED, "{case}");
+            assert!(err.contains("u:***@127.0.0.1"), "{case}");
+            assert!(!err.contains("secret") && !err.contains("xyzzy"), "{case}");
+        });
+        futures::future::join_all(checks).await;
+    }
+
+    /// The address in the message is the one the query's `host` and `port` name.
+    #[tokio::test]
+    async fn the_address_named_is_the_querys() {
+        let (port, server) = answering(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+        let url = format!("postgres://u:secret@db.invalid/db?host=127.0.0.1&port={port}");
+        let err = format!("{:#}", Db::connect(&url).await.err().unwrap());
+        server.abort();
+        assert!(
+            err.contains(&format!(
+                "the server at 127.0.0.1:{port} did not answer as PostgreSQL"
+            )),
+            "{err}"
+        );
+    }
+
+    /// A PostgreSQL server that asks for an authentication method sqlx cannot do (GSSAPI,
+    /// SSPI, a SASL mechanism other than SCRAM) is a PostgreSQL server: the message points
+    /// at its pg_hba.conf.
+    #[tokio::test]
+    async fn an_authentication_method_sqlx_cannot_do_is_named_so() {
+        const GSS: &[u8] = &[b'R', 0, 0, 0, 8, 0, 0, 0, 7];
+        const SSPI: &[u8] = &[b'R', 0, 0, 0, 8, 0, 0, 0, 9];
+        const OAUTH: &[u8] = b"R\0\0\0\x15\0\0\0\x0aOAUTHBEARER\0\0";
+        for answer in [GSS, SSPI, OAUTH] {
+            let (port, server) = answering(answer).await;
+            let url = format!("postgres://u:secret@127.0.0.1:{port}/db?sslmode=disable");
+            let err = format!("{:#}", Db::connect(&url).await.err().unwrap());
+            server.abort();
+            assert!(err.contains("authentication"), "{err}");
+            assert!(err.contains("pg_hba.conf"), "{err}");
+            assert!(!err.contains("did not answer as PostgreSQL"), "{err}");
+            assert!(!err.contains("still so after"), "{err}");
+            assert!(!err.contains("secret"), "{err}");
+        }
+    }
+
+    /// A proxy in front of a PostgreSQL server that is not up yet (docker-proxy, a port
+    /// forward) accepts connections and closes them: it is waited for as a refusal is.
+    #[tokio::test]
+    async fn a_proxy_whose_server_comes_up_during_the_start_is_waited_for() {
+        let Some(server) = crate::testing::postgres_server() else {
+            return;
+        };
+        let target = server_address(&AnyConnectOptions::from_str(&server).unwrap());
+        let (scheme, rest) = server.split_once("://").unwrap();
+        let at = rest.rfind('@').map_or(0, |at| at + 1);
+        let (user, after) = rest.split_at(at);
+        let path = after.split_once('/').map_or("", |(_, path)| path);
+        // sqlx meets the closing as a zero byte where TLS's answer should be, and without
+        // TLS as the end of the stream.
+        for query in ["", "?sslmode=disable"] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let up_at = tokio::time::Instant::now() + Duration::from_millis(600);
+            let target = target.clone();
+            let proxy = tokio::spawn(async move {
+                loop {
+                    let (mut inbound, _) = listener.accept().await.unwrap();
+                    if tokio::time::Instant::now() < up_at {
+                        continue;
+                    }
+                    let target = target.clone();
+                    tokio::spawn(async move {
+                        let mut outbound = tokio::net::TcpStream::connect(&target).await.unwrap();
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    });
+                }
+            });
+            let url = format!("{scheme}://{user}127.0.0.1:{port}/{path}{query}");
+            let db = Db::connect(&url)
+                .await
+                .expect("connected once the proxy's server was up");
+            sqlx::query("SELECT 1").execute(&db.pool).await.unwrap();
+            db.close().await;
+            proxy.abort();
+        }
+    }
+
     /// A server that starts listening while the service starts (both started together) is
     /// waited for, as the pool would wait, not taken for a refusal.
     #[tokio::test]
     async fn a_server_that_comes_up_during_the_start_is_waited_for() {
-        let Some(server) = test_postgres_server() else {
+        let Some(server) = crate::testing::postgres_server() else {
             return;
         };
         let (scheme, rest) = server.split_once("://").unwrap();
@@ -1211,7 +1743,7 @@ mod migrate_tests {
     /// no CREATE on `public`) is told the grant it needs, and that grant is enough.
     #[tokio::test]
     async fn a_role_without_create_is_told_the_grant() {
-        let Some(server) = test_postgres_server() else {
+        let Some(server) = crate::testing::postgres_server() else {
             return;
         };
         let suffix = format!("{:016x}", fastrand::u64(..));

@@ -59,17 +59,15 @@ fn env_true(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v.trim().eq_ignore_ascii_case("true"))
 }
 
-fn otlp_requested() -> bool {
-    let set = |n: &str| std::env::var(n).is_ok_and(|v| !v.trim().is_empty());
+/// The collector traces go to, as the exporter resolves it (the traces variable first),
+/// with any password hidden; `None` when no endpoint is set or a variable turns tracing off.
+/// Read once at start: the same value decides whether to export and is what the logs name.
+fn otlp_endpoint() -> Option<String> {
     let exporter_off =
         std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v.trim().eq_ignore_ascii_case("none"));
-    !env_true("OTEL_SDK_DISABLED")
-        && !exporter_off
-        && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
-}
-
-/// The collector traces go to, as the exporter resolves it: the traces variable first.
-fn otlp_endpoint() -> String {
+    if env_true("OTEL_SDK_DISABLED") || exporter_off {
+        return None;
+    }
     [
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
         "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -80,7 +78,6 @@ fn otlp_endpoint() -> String {
     .find(|v| !v.is_empty())
     // Logged: a password in the address stays out of the logs.
     .map(|v| crate::store::redact(&v))
-    .unwrap_or_default()
 }
 
 /// A span exporter that reports its failures once: a WARN at the first failed export,
@@ -139,11 +136,11 @@ impl<E: SpanExporter> SpanExporter for ReportingExporter<E> {
     }
 }
 
-fn tracer_provider(service_name: &str) -> anyhow::Result<SdkTracerProvider> {
+fn tracer_provider(service_name: &str, endpoint: String) -> anyhow::Result<SdkTracerProvider> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .build()?;
-    let exporter = ReportingExporter::new(exporter, otlp_endpoint());
+    let exporter = ReportingExporter::new(exporter, endpoint);
     let mut resource = opentelemetry_sdk::Resource::builder();
     if std::env::var("OTEL_SERVICE_NAME").is_err() {
         resource = resource.with_service_name(service_name.to_string());
@@ -163,16 +160,14 @@ pub fn init(json: bool, service_name: &str) -> Telemetry {
     );
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,h2=warn,hyper=warn,tower=warn"));
-    let provider = if otlp_requested() {
-        match tracer_provider(service_name) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                eprintln!("tracing: the OTLP exporter could not be set up, traces are off: {e}");
-                None
-            }
+    let endpoint = otlp_endpoint();
+    let provider = match endpoint.clone().map(|e| tracer_provider(service_name, e)) {
+        Some(Ok(p)) => Some(p),
+        Some(Err(e)) => {
+            eprintln!("tracing: the OTLP exporter could not be set up, traces are off: {e}");
+            None
         }
-    } else {
-        None
+        None => None,
     };
     let otel = provider
         .as_ref()
@@ -193,9 +188,9 @@ pub fn init(json: bool, service_name: &str) -> Telemetry {
     if installed.is_err() {
         return Telemetry::default();
     }
-    if let Some(p) = &provider {
+    if let (Some(p), Some(endpoint)) = (&provider, &endpoint) {
         opentelemetry::global::set_tracer_provider(p.clone());
-        tracing::info!(endpoint = %otlp_endpoint(), "traces are exported over OTLP/gRPC");
+        tracing::info!(endpoint = %endpoint, "traces are exported over OTLP/gRPC");
     }
     Telemetry { provider }
 }

@@ -1,7 +1,28 @@
-//! For the services' own tests (feature `test-support`): each test that needs PostgreSQL runs
-//! in a fresh database on the server that `DSRELAY_TEST_POSTGRES_URL` names. Without that
-//! server such a test is skipped locally but fails in CI, so that CI cannot pass without
-//! having run on PostgreSQL.
+//! For the services' own tests (feature `test-support`) and this crate's: each test that
+//! needs PostgreSQL runs on the server that `DSRELAY_TEST_POSTGRES_URL` names, the services'
+//! in a fresh database. Without that server such a test is skipped locally but fails in CI,
+//! so that CI cannot pass without having run on PostgreSQL ([`postgres_server`]).
+
+/// The PostgreSQL server of the tests (`DSRELAY_TEST_POSTGRES_URL`). When it is not set:
+/// `None`, said on stderr so that a skipped test shows, locally; a panic in CI (`CI=true`),
+/// so that CI cannot pass without having run on PostgreSQL.
+///
+/// # Panics
+/// In CI when the variable is not set.
+pub fn postgres_server() -> Option<String> {
+    let server = std::env::var("DSRELAY_TEST_POSTGRES_URL")
+        .ok()
+        .filter(|u| !u.is_empty());
+    if server.is_none() {
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true")),
+            "PostgreSQL is required in CI: set DSRELAY_TEST_POSTGRES_URL to a server where the \
+             tests may CREATE DATABASE"
+        );
+        eprintln!("SKIPPED on PostgreSQL: DSRELAY_TEST_POSTGRES_URL is not set");
+    }
+    server
+}
 
 /// Runs `test` with the URL of a fresh database (named `<service>_<random>`) and a fresh
 /// folder.
@@ -19,17 +40,7 @@ where
     F: FnOnce(String, std::path::PathBuf) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let Some(server) = std::env::var("DSRELAY_TEST_POSTGRES_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-    else {
-        if std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true")) {
-            panic!(
-                "PostgreSQL is required in CI: set DSRELAY_TEST_POSTGRES_URL to a server where \
-                 the tests may CREATE DATABASE"
-            );
-        }
-        eprintln!("SKIPPED on PostgreSQL: DSRELAY_TEST_POSTGRES_URL is not set");
+    let Some(server) = postgres_server() else {
         return;
     };
     let name = format!("{service}_{:016x}", fastrand::u64(..));

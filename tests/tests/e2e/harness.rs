@@ -501,6 +501,7 @@ mod configs {
                 max_backoff_ms: 60_000,
             },
             watch: plan.opts.watch.clone().unwrap_or_default(),
+            packages: Default::default(),
             identity_hash_key: "test registry key".into(),
             forget_after_days: plan.opts.forget_after_days,
             forget_sweep_interval_ms: 200,
