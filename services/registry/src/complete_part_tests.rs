@@ -2,11 +2,13 @@
 //! PKI's certificates, its store (SQLite, and PostgreSQL when `DSRELAY_TEST_POSTGRES_URL`
 //! names a server) and its package folder, called as the processor and the partner call it.
 
+use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceClient;
 use dsrelay_proto::v1::export_upload_service_client::ExportUploadServiceClient;
 use dsrelay_proto::v1::request_service_client::RequestServiceClient;
 use dsrelay_proto::v1::{
-    CompletePartRequest, ExportFileHeader, GetUploadStateRequest, IdentityEncoding, IdentityType,
-    RequestKind, SubjectIdentity, SubmitRequest,
+    AcknowledgeRequest, Acknowledgement, CompletePartRequest, ExportFileHeader, FileEnd,
+    GetUploadStateRequest, IdentityEncoding, IdentityType, RequestKind, SubjectIdentity,
+    SubmitRequest, TaskState, UploadFileChunk,
 };
 use dsrelay_runtime::pki::{dev_identity, DevPki};
 use sha2::{Digest, Sha256};
@@ -32,6 +34,11 @@ impl Registry {
     /// Serves a registry on `database_url`, its files under `dir`, with one processor
     /// (whose endpoint nobody answers: its deliveries wait, and it may still upload).
     async fn start(dir: &std::path::Path, database_url: &str) -> Self {
+        Self::start_with(dir, database_url, "").await
+    }
+
+    /// [`Registry::start`] with `extra` (TOML tables) added to its configuration.
+    async fn start_with(dir: &std::path::Path, database_url: &str, extra: &str) -> Self {
         let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
         let tls = pki.files("registry");
         let text = format!(
@@ -41,7 +48,7 @@ impl Registry {
              [audit]\ncheckpoint_key = {:?}\ncheckpoint_file = {:?}\n\
              [[identities]]\nidentity = {:?}\nrole = \"partner\"\nname = \"crm\"\n\
              [[processors]]\nname = \"{PROCESSOR}\"\nendpoint = \"https://localhost:1\"\n\
-             identity = {:?}\ncategories = [\"contact\"]\n",
+             identity = {:?}\ncategories = [\"contact\"]\n{extra}",
             dir.join("packages"),
             tls.ca,
             tls.cert,
@@ -78,6 +85,45 @@ impl Registry {
             &tls,
         )
         .expect("channel")
+    }
+
+    /// The processor reports its task of `subprocessor` on request `id` IN_PROGRESS, so
+    /// that the registry takes the task's part.
+    async fn task(&self, id: &str, subprocessor: &str) {
+        let answer = AcknowledgementServiceClient::new(self.channel("processor"))
+            .acknowledge(AcknowledgeRequest {
+                acknowledgements: vec![Acknowledgement {
+                    request_id: id.into(),
+                    subprocessor: subprocessor.into(),
+                    sequence: 1,
+                    state: TaskState::InProgress as i32,
+                    ..Default::default()
+                }],
+            })
+            .await
+            .expect("acknowledge")
+            .into_inner();
+        assert_eq!(answer.applied, 1, "{answer:?}");
+    }
+
+    /// A new return of data, delivered (in the outbox) to the processor.
+    async fn return_of_data(&self, key: &str) -> String {
+        RequestServiceClient::new(self.channel("partner-crm"))
+            .submit(SubmitRequest {
+                kind: RequestKind::ReturnOfData as i32,
+                identities: vec![SubjectIdentity {
+                    r#type: IdentityType::Email as i32,
+                    encoding: IdentityEncoding::Raw as i32,
+                    value: "maija@example.fi".into(),
+                    label: String::new(),
+                }],
+                idempotency_key: key.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("submit")
+            .into_inner()
+            .request_id
     }
 
     async fn stop(self) {
@@ -153,6 +199,9 @@ async fn a_replayed_part_is_answered_as_stored_past_the_size_limit(
         .expect("submit")
         .into_inner()
         .request_id;
+    for subprocessor in ["crm", "archive"] {
+        registry.task(&id, subprocessor).await;
+    }
     let mut uploads = ExportUploadServiceClient::new(registry.channel("processor"));
     let file = empty_file(&id, "crm", "contacts.json");
     let stored_at = complete(&mut uploads, &file).await.expect("part stored");
@@ -248,6 +297,7 @@ async fn a_stored_part_does_not_change(database_url: &str, dir: &std::path::Path
         .expect("submit")
         .into_inner()
         .request_id;
+    registry.task(&id, "crm").await;
     let mut uploads = ExportUploadServiceClient::new(registry.channel("processor"));
     let file = empty_file(&id, "crm", "contacts.json");
     let stored_at = complete(&mut uploads, &file).await.expect("part stored");
@@ -302,6 +352,245 @@ async fn a_stored_part_does_not_change_on_sqlite() {
 async fn a_stored_part_does_not_change_on_postgres() {
     on_postgres(|url, dir| async move {
         a_stored_part_does_not_change(&url, &dir).await;
+    })
+    .await;
+}
+
+/// The header of a file `name` of `size` bytes (not sent) of `subprocessor`'s part of `id`.
+fn sized_file(id: &str, subprocessor: &str, name: &str, size: u64) -> ExportFileHeader {
+    ExportFileHeader {
+        size,
+        sha256: "ab".repeat(32),
+        ..empty_file(id, subprocessor, name)
+    }
+}
+
+/// The messages streaming `pieces` of `data` each as the file `name` of `subprocessor`'s
+/// part of `id` is written (`size_follows`), its `end` last when `end` is set.
+fn growing(
+    id: &str,
+    subprocessor: &str,
+    name: &str,
+    pieces: &[&[u8]],
+    end: bool,
+) -> Vec<UploadFileChunk> {
+    let header = ExportFileHeader {
+        size: 0,
+        sha256: String::new(),
+        ..empty_file(id, subprocessor, name)
+    };
+    let mut offset = 0u64;
+    let mut all = Vec::new();
+    let mut chunks: Vec<UploadFileChunk> = pieces
+        .iter()
+        .enumerate()
+        .map(|(i, data)| {
+            all.extend_from_slice(data);
+            let chunk = UploadFileChunk {
+                header: (i == 0).then(|| header.clone()),
+                size_follows: i == 0,
+                offset,
+                data: data.to_vec().into(),
+                chunk_crc32: dsrelay_runtime::export_files::chunk_crc32(data),
+                ..Default::default()
+            };
+            offset += data.len() as u64;
+            chunk
+        })
+        .collect();
+    if end {
+        if let Some(last) = chunks.last_mut() {
+            last.end = Some(FileEnd {
+                size: offset,
+                sha256: hex::encode(Sha256::digest(&all)),
+            });
+        }
+    }
+    chunks
+}
+
+/// Files of request `id`'s part of `subprocessor`, as recorded.
+async fn recorded(database_url: &str, id: &str, subprocessor: &str) -> i64 {
+    let db = dsrelay_runtime::store::Db::connect(database_url)
+        .await
+        .expect("connect");
+    let n: i64 = sqlx::query_scalar(
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM package_files WHERE request_id = $1 \
+         AND subprocessor = $2",
+    )
+    .bind(id)
+    .bind(subprocessor)
+    .fetch_one(&db.pool)
+    .await
+    .expect("files");
+    db.pool.close().await;
+    n
+}
+
+/// A processor uploads only for a subprocessor it has a task of on the request: any other
+/// name would open a part of its own, files and all. Refused (FAILED_PRECONDITION, which the
+/// processor tries again) with nothing recorded; taken once the task is acknowledged.
+/// Measured before, every name was taken.
+async fn uploads_are_taken_only_for_the_processors_tasks(
+    database_url: &str,
+    dir: &std::path::Path,
+) {
+    let registry = Registry::start(dir, database_url).await;
+    let id = registry.return_of_data("no-such-task").await;
+    let mut uploads = ExportUploadServiceClient::new(registry.channel("processor"));
+    let file = empty_file(&id, "ghost", "a.json");
+    let no_task = |s: &tonic::Status| {
+        assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+        assert!(
+            s.message().contains("no task of subprocessor ghost"),
+            "{s:?}"
+        );
+    };
+    let refused = uploads
+        .get_upload_state(GetUploadStateRequest {
+            header: Some(file.clone()),
+        })
+        .await
+        .expect_err("a file of no task");
+    no_task(&refused);
+    let refused = uploads
+        .upload_file(tokio_stream::iter(growing(
+            &id,
+            "ghost",
+            "b.json",
+            &[b"{}"],
+            true,
+        )))
+        .await
+        .expect_err("a file of no task streamed");
+    no_task(&refused);
+    let refused = uploads
+        .complete_part(CompletePartRequest {
+            request_id: id.clone(),
+            subprocessor: "ghost".into(),
+            files: vec![file.clone()],
+        })
+        .await
+        .expect_err("a part of no task");
+    no_task(&refused);
+    assert_eq!(recorded(database_url, &id, "ghost").await, 0);
+
+    registry.task(&id, "ghost").await;
+    complete(&mut uploads, &file).await.expect("part stored");
+    registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_are_taken_only_for_the_processors_tasks_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/registry.db", dir.path().display());
+    uploads_are_taken_only_for_the_processors_tasks(&url, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_are_taken_only_for_the_processors_tasks_on_postgres() {
+    on_postgres(|url, dir| async move {
+        uploads_are_taken_only_for_the_processors_tasks(&url, &dir).await;
+    })
+    .await;
+}
+
+/// A part is held to `packages.max_files_per_part` and `packages.max_part_bytes` as its files
+/// are registered, long before CompletePart: sizes announced count whether their bytes came
+/// or not, a file streamed while written is cut off at the chunk that would pass the cap,
+/// and its bytes stored count against the files after it. Measured before, each new name
+/// was a file, and a streamed file had no ceiling.
+async fn a_part_is_capped_before_it_is_declared(database_url: &str, dir: &std::path::Path) {
+    let registry = Registry::start_with(
+        dir,
+        database_url,
+        "[packages]\nmax_files_per_part = 3\nmax_part_bytes = 1000\n",
+    )
+    .await;
+    let id = registry.return_of_data("capped").await;
+    registry.task(&id, "crm").await;
+    registry.task(&id, "mail").await;
+    let uploads = ExportUploadServiceClient::new(registry.channel("processor"));
+    let state = |header: ExportFileHeader| {
+        let mut uploads = uploads.clone();
+        async move {
+            uploads
+                .get_upload_state(GetUploadStateRequest {
+                    header: Some(header),
+                })
+                .await
+        }
+    };
+    let over = |s: &tonic::Status, key: &str| {
+        assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+        assert!(s.message().contains(key), "{key} in {s:?}");
+    };
+    for name in ["a.json", "b.json"] {
+        state(sized_file(&id, "crm", name, 400))
+            .await
+            .expect("within the caps");
+    }
+    let refused = state(sized_file(&id, "crm", "c.json", 300))
+        .await
+        .unwrap_err();
+    over(&refused, "packages.max_part_bytes (1000)");
+    assert!(refused.message().contains("1100 bytes"), "{refused:?}");
+    state(sized_file(&id, "crm", "c.json", 200))
+        .await
+        .expect("up to the byte cap");
+    let refused = state(empty_file(&id, "crm", "d.json")).await.unwrap_err();
+    over(&refused, "packages.max_files_per_part");
+    // A file registered before is not a new one.
+    state(sized_file(&id, "crm", "a.json", 400))
+        .await
+        .expect("a file asked about again");
+    assert_eq!(recorded(database_url, &id, "crm").await, 3);
+
+    let pieces: [&[u8]; 4] = [&[1; 300], &[2; 300], &[3; 300], &[4; 300]];
+    let refused = (uploads.clone())
+        .upload_file(tokio_stream::iter(growing(
+            &id, "mail", "g.json", &pieces, true,
+        )))
+        .await
+        .expect_err("a streamed file past the cap");
+    over(&refused, "packages.max_part_bytes");
+    let stored = std::fs::metadata(dir.join("packages").join(crate::packages::file_key(
+        &crate::store::PackageFile {
+            request_id: id.clone(),
+            processor: PROCESSOR.into(),
+            subprocessor: "mail".into(),
+            name: "g.json".into(),
+            media_type: String::new(),
+            categories: String::new(),
+            size: 0,
+            sha256: String::new(),
+        },
+    )))
+    .expect("the streamed file")
+    .len();
+    assert_eq!(stored, 900);
+    // Its 900 bytes, though unfinished, count against the part's next file.
+    let refused = state(sized_file(&id, "mail", "k.json", 200))
+        .await
+        .unwrap_err();
+    over(&refused, "packages.max_part_bytes");
+    state(sized_file(&id, "mail", "k.json", 100))
+        .await
+        .expect("up to the byte cap");
+    registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_is_capped_before_it_is_declared_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/registry.db", dir.path().display());
+    a_part_is_capped_before_it_is_declared(&url, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_is_capped_before_it_is_declared_on_postgres() {
+    on_postgres(|url, dir| async move {
+        a_part_is_capped_before_it_is_declared(&url, &dir).await;
     })
     .await;
 }

@@ -273,13 +273,23 @@ async fn a_processors_answer_stays_out_of_the_logs(database_url: &str, dir: &std
     })
     .await;
 
-    // Where the log lines point, the answers are whole.
+    // Where the log lines point, operators read the answers whole; the partner reads the
+    // delivery's state and attempts, without the processor's answer (internal to the chain).
     let request = requests
         .get(GetRequest {
             request_id: id.clone(),
         })
         .await
         .expect("get")
+        .into_inner();
+    assert_eq!(request.deliveries[0].last_error, "", "{request:?}");
+    assert!(request.deliveries[0].attempts > 0, "{request:?}");
+    let request = RequestServiceClient::new(registry.channel("operator"))
+        .get(GetRequest {
+            request_id: id.clone(),
+        })
+        .await
+        .expect("get as the operator")
         .into_inner();
     assert_eq!(
         request.deliveries[0].last_error,

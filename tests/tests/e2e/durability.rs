@@ -36,7 +36,9 @@ async fn crash_before_delivery(backend: Backend) {
         .await
         .expect("submit")
         .into_inner();
-    wait_until(&mut crm, &r.request_id, LONG, |v| {
+    // The delivery's error is shown to operators only.
+    let mut ops = pair.operator();
+    wait_until(&mut ops, &r.request_id, LONG, |v| {
         v.deliveries
             .iter()
             .any(|d| d.attempts >= 2 && !d.last_error.is_empty())

@@ -8,13 +8,14 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use dsrelay_connectors::ExportedFile;
+use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceClient;
 use dsrelay_proto::v1::export_upload_service_client::ExportUploadServiceClient;
 use dsrelay_proto::v1::package_chunk::Item;
 use dsrelay_proto::v1::package_service_client::PackageServiceClient;
 use dsrelay_proto::v1::{
-    CompletePartRequest, DownloadPackageRequest, EventType, ExportFileHeader, FileEnd,
-    GetPackageRequest, GetUploadStateRequest, ListEventsRequest, PackageInfo, RequestKind,
-    SubmitRequest, UploadFileChunk, UploadState,
+    AcknowledgeRequest, Acknowledgement, CompletePartRequest, DownloadPackageRequest, EventType,
+    ExportFileHeader, FileEnd, GetPackageRequest, GetUploadStateRequest, ListEventsRequest,
+    PackageInfo, RequestKind, SubmitRequest, TaskState, UploadFileChunk, UploadState,
 };
 use dsrelay_runtime::store::Db;
 use sha2::{Digest, Sha256};
@@ -49,6 +50,36 @@ fn packages(pair: &TestPair, stem: &str) -> PackageServiceClient<Channel> {
 /// The registry's upload API as the processor (its own certificate).
 fn uploads(pair: &TestPair) -> ExportUploadServiceClient<Channel> {
     ExportUploadServiceClient::new(pair.channel_to_registry("processor"))
+}
+
+/// Reports, as the processor, the test holder's task of request `id` at `state` with
+/// `sequence`, as a real processor acknowledges its tasks: the registry takes a part's files
+/// only for a task it knows of, and a return of data's task only COMPLETED once its part is
+/// stored.
+async fn acknowledge(pair: &TestPair, id: &str, sequence: u64, state: TaskState) {
+    let answer = AcknowledgementServiceClient::new(pair.channel_to_registry("processor"))
+        .acknowledge(AcknowledgeRequest {
+            acknowledgements: vec![Acknowledgement {
+                request_id: id.into(),
+                subprocessor: "test-holder".into(),
+                sequence,
+                state: state as i32,
+                reason: if state == TaskState::Failed {
+                    "the test holder's export stopped".into()
+                } else {
+                    String::new()
+                },
+                ..Default::default()
+            }],
+        })
+        .await
+        .expect("acknowledge")
+        .into_inner();
+    assert_eq!(
+        (answer.applied, answer.rejected.len()),
+        (1, 0),
+        "{state:?} #{sequence}: {answer:?}"
+    );
 }
 
 /// The files the processor recorded for the task of `request_id` at `subprocessor`.
@@ -237,7 +268,7 @@ async fn packages_a_return_of_data_is_downloaded_and_verified_on_postgres() {
 }
 
 /// A pair with the newsletter as its only holder (and `options` otherwise), and the id of a
-/// return of data delivered to its processor, which may now upload parts of it.
+/// return of data delivered to its processor, completed with the newsletter's part stored.
 async fn a_delivered_return_of_data(options: PairOptions) -> (TestPair, String) {
     let pair = spawn_pair(PairOptions {
         holders: vec![Holder::Newsletter],
@@ -253,6 +284,16 @@ async fn a_delivered_return_of_data(options: PairOptions) -> (TestPair, String) 
         .into_inner()
         .request_id;
     wait_until(&mut crm, &id, Duration::from_secs(30), delivered).await;
+    (pair, id)
+}
+
+/// [`a_delivered_return_of_data`] with a task of the test holder at its processor, acknowledged
+/// IN_PROGRESS (sequence 1) as a processor reports a task it starts, so that the tests may
+/// upload the test holder's part as that processor. The open task takes the request back to
+/// IN_PROGRESS until the task ends.
+async fn a_return_of_data_with_a_test_holder(options: PairOptions) -> (TestPair, String) {
+    let (pair, id) = a_delivered_return_of_data(options).await;
+    acknowledge(&pair, &id, 1, TaskState::InProgress).await;
     (pair, id)
 }
 
@@ -379,7 +420,7 @@ async fn state(
 /// for the next upload, which resumes where GetUploadState says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packages_a_stalled_upload_stream_is_ended_and_the_file_freed() {
-    let (pair, id) = a_delivered_return_of_data(PairOptions {
+    let (pair, id) = a_return_of_data_with_a_test_holder(PairOptions {
         call_limit_ms: Some(500),
         ..Default::default()
     })
@@ -425,7 +466,7 @@ async fn packages_a_stalled_upload_stream_is_ended_and_the_file_freed() {
 /// parts of thousands of files are still taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packages_refuse_a_part_too_large_to_describe() {
-    let (pair, id) = a_delivered_return_of_data(PairOptions::default()).await;
+    let (pair, id) = a_return_of_data_with_a_test_holder(PairOptions::default()).await;
     let mut client = uploads(&pair);
     let part = |n: usize| CompletePartRequest {
         request_id: id.clone(),
@@ -472,7 +513,7 @@ async fn packages_refuse_a_part_too_large_to_describe() {
 /// short resumes where GetUploadState says; a part lists only files stored whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packages_refuse_bad_chunks_and_resume_uploads() {
-    let (pair, id) = a_delivered_return_of_data(PairOptions::default()).await;
+    let (pair, id) = a_return_of_data_with_a_test_holder(PairOptions::default()).await;
     let mut client = uploads(&pair);
     let data = br#"{"subject": "maija", "rows": [1, 2, 3]}"#;
     let h = header(&id, "rows.json", data);
@@ -575,6 +616,44 @@ async fn packages_refuse_bad_chunks_and_resume_uploads() {
         refused.message().contains("was not delivered to processor"),
         "{refused:?}"
     );
+    // A part is taken only for a task of the processor's: every call for a subprocessor the
+    // registry knows no task of (once it has waited a moment for one) is refused, naming it,
+    // and stores nothing.
+    let untasked = ExportFileHeader {
+        subprocessor: "no-task-holder".into(),
+        ..h.clone()
+    };
+    let refusals = [
+        client
+            .get_upload_state(GetUploadStateRequest {
+                header: Some(untasked.clone()),
+            })
+            .await
+            .map(drop),
+        upload(&mut client, vec![chunk(Some(untasked.clone()), 0, data)])
+            .await
+            .map(drop),
+        client
+            .complete_part(CompletePartRequest {
+                request_id: id.clone(),
+                subprocessor: untasked.subprocessor.clone(),
+                files: vec![untasked.clone()],
+            })
+            .await
+            .map(drop),
+    ];
+    for refused in refusals {
+        let refused = refused.unwrap_err();
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        let named = format!("no task of subprocessor no-task-holder on request {id}");
+        assert!(refused.message().contains(&named), "{refused:?}");
+    }
+    let untasked_folder = pair
+        .package_dir()
+        .join(&id)
+        .join(PROCESSOR)
+        .join("no-task-holder");
+    assert!(!untasked_folder.exists(), "{untasked_folder:?}");
     // Bad headers name their fields.
     let refused = upload(
         &mut client,
@@ -699,7 +778,7 @@ fn grown(
 /// refused where they do not belong.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packages_a_file_streamed_while_written_is_checked_at_its_end() {
-    let (pair, id) = a_delivered_return_of_data(PairOptions::default()).await;
+    let (pair, id) = a_return_of_data_with_a_test_holder(PairOptions::default()).await;
     let mut client = uploads(&pair);
     let data: Vec<u8> = (0..5000u32).flat_map(|i| i.to_le_bytes()).collect();
     let stored = |name: &str| {
@@ -938,7 +1017,7 @@ async fn packages_a_changed_export_fails_its_task() {
 /// file it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packages_empty_files_are_stored_and_downloaded() {
-    let (pair, id) = a_delivered_return_of_data(PairOptions::default()).await;
+    let (pair, id) = a_return_of_data_with_a_test_holder(PairOptions::default()).await;
     let mut client = uploads(&pair);
     let announced = header(&id, "announced.json", b"");
     let s = state(&mut client, &announced).await;
@@ -956,6 +1035,9 @@ async fn packages_empty_files_are_stored_and_downloaded() {
         })
         .await
         .expect("the part of two empty files");
+    // The processor reports its task COMPLETED only once CompletePart was answered; only
+    // then is the request finished.
+    acknowledge(&pair, &id, 2, TaskState::Completed).await;
     let mut crm = pair.client("partner-crm");
     wait_until(&mut crm, &id, Duration::from_secs(30), |r| {
         r.state == dsrelay_proto::v1::RequestState::Completed as i32
@@ -985,6 +1067,9 @@ async fn packages_an_upload_begun_before_the_expiry_does_not_outlive_it() {
     download(&mut packages(&pair, "partner-crm"), &id)
         .await
         .expect("within retention");
+    // The test holder's task starts (a package downloads only while complete, so after the
+    // download), so that its file may be uploaded.
+    acknowledge(&pair, &id, 1, TaskState::InProgress).await;
     let data = br#"[{"late": true}]"#;
     let h = header(&id, "late.json", data);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -1019,6 +1104,9 @@ async fn packages_an_upload_begun_before_the_expiry_does_not_outlive_it() {
         assert!(tokio::time::Instant::now() < deadline, "never registered");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The test holder's task ends without its part, so that the request is finished again
+    // when its package expires, as a real return of data is.
+    acknowledge(&pair, &id, 2, TaskState::Failed).await;
     pair.registry
         .clock()
         .expect("in process")

@@ -105,7 +105,11 @@ impl Api {
 
     /// The views of a page of requests, with two queries for all their deliveries and tasks
     /// rather than two per request.
-    async fn views(&self, rows: Vec<RequestRow>) -> Result<Vec<Request>, ApiError> {
+    async fn views(
+        &self,
+        reader: views::Reader,
+        rows: Vec<RequestRow>,
+    ) -> Result<Vec<Request>, ApiError> {
         let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
         let mut deliveries = self.shared.store.deliveries_of(&ids).await?;
         let mut tasks = self.shared.store.tasks_of(&ids).await?;
@@ -115,7 +119,7 @@ impl Api {
             .map(|row| {
                 let d = deliveries.remove(&row.id).unwrap_or_default();
                 let t = tasks.remove(&row.id).unwrap_or_default();
-                views::request(row, d, t, now)
+                views::request_for(reader, row, d, t, now)
             })
             .collect())
     }
@@ -131,7 +135,8 @@ impl Api {
             .await?
             .ok_or_else(|| not_found(id))?;
         shown_to(caller, &row)?;
-        Ok(views::request(
+        Ok(views::request_for(
+            views::Reader::of(caller),
             row,
             deliveries,
             tasks,
@@ -139,11 +144,12 @@ impl Api {
         ))
     }
 
-    /// The full view of `row`: its deliveries and tasks as of now.
-    async fn view(&self, row: RequestRow) -> Result<Request, ApiError> {
+    /// The view of `row` for `reader`: its deliveries and tasks as of now.
+    async fn view(&self, reader: views::Reader, row: RequestRow) -> Result<Request, ApiError> {
         let deliveries = self.shared.store.deliveries(&row.id).await?;
         let tasks = self.shared.store.tasks(&row.id).await?;
-        Ok(views::request(
+        Ok(views::request_for(
+            reader,
             row,
             deliveries,
             tasks,

@@ -36,20 +36,37 @@ use crate::packages::{file_key, manifest, package_key, Appender, MAX_CHUNK};
 use crate::store::{FileBegin, FileDrop, PackageFile, PartOutcome, RequestRow, UploadTarget};
 use crate::validate::text_violation;
 
+use super::watch::{Slot, Slots};
 use super::Api;
+
+/// How long an upload for a task the registry has not recorded yet waits for it to appear
+/// ([`Api::check_target`]) before it is refused.
+const UNKNOWN_TASK_PATIENCE: Duration = Duration::from_secs(2);
+
+/// How often that wait looks again.
+const UNKNOWN_TASK_POLL: Duration = Duration::from_millis(20);
 
 /// The most a package's description ([`PackageInfo`]) may take: the message limit less a
 /// margin (see [`Api::ensure_describable`]).
 const MAX_DESCRIPTION_BYTES: usize = MAX_MESSAGE_BYTES - 256 * 1024;
+
+/// How many bytes a stream of a file written while it streams appends between two counts of
+/// the rest of its part ([`Api::ensure_part_room`]).
+const RECOUNT_EVERY: u64 = 64 << 20;
 
 /// Files being uploaded to this registry right now, by store key: two streams appending to
 /// one file would interleave their bytes, so the second is turned away until the first ends,
 /// and so is GetUploadState, which may drop the file's bytes or store it. (Across replicas,
 /// the processor's upload lease keeps one sender per export, and a stream checks the stored
 /// length when it opens the file and before it records the file stored, and records nothing
-/// once the file's registration changed: see [`FileUpload::generation`].)
+/// once the file's registration changed: see [`FileUpload::generation`].) Also counts the
+/// DownloadPackage streams each caller holds open, each holding a task that reads files.
 #[derive(Debug, Default)]
-pub(crate) struct Uploading(Mutex<HashSet<String>>);
+pub(crate) struct Uploading {
+    files: Mutex<HashSet<String>>,
+    /// Open DownloadPackage streams by caller name, counted as Watch counts its streams.
+    downloads: Slots,
+}
 
 /// Holds a file's key in [`Uploading`] until dropped.
 struct UploadGuard<'a> {
@@ -59,17 +76,27 @@ struct UploadGuard<'a> {
 
 impl Uploading {
     fn claim(&self, key: &str) -> Option<UploadGuard<'_>> {
-        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut set = self.files.lock().unwrap_or_else(|e| e.into_inner());
         set.insert(key.to_string()).then(|| UploadGuard {
             set: self,
             key: key.to_string(),
         })
     }
+
+    /// Takes a download slot for `caller`, or RESOURCE_EXHAUSTED when it holds `limit`.
+    fn download(&self, caller: &str, limit: u32) -> Result<Slot, ApiError> {
+        (self.downloads).take(
+            caller,
+            limit,
+            "DownloadPackage",
+            "packages.downloads_per_caller",
+        )
+    }
 }
 
 impl Drop for UploadGuard<'_> {
     fn drop(&mut self) {
-        let mut set = self.set.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut set = self.set.files.lock().unwrap_or_else(|e| e.into_inner());
         set.remove(&self.key);
     }
 }
@@ -87,8 +114,14 @@ impl Api {
     }
 
     /// Refuses uploads to a request that does not exist, was not routed to `processor`, or
-    /// has no package.
-    async fn check_target(&self, request_id: &str, processor: &str) -> Result<(), ApiError> {
+    /// has no package, and uploads for a `subprocessor` the processor has no task of on it
+    /// (each subprocessor name opens a part, with files of its own).
+    async fn check_target(
+        &self,
+        request_id: &str,
+        processor: &str,
+        subprocessor: &str,
+    ) -> Result<(), ApiError> {
         match self
             .shared
             .store
@@ -100,11 +133,89 @@ impl Api {
             UploadTarget::Unknown | UploadTarget::NotDelivered => Err(ApiError::permission_denied(
                 format!("request {request_id} was not delivered to processor {processor}"),
             )),
-            UploadTarget::Kind(k) => match no_package(&self.shared, request_id, k).await? {
-                None => Ok(()),
-                Some(why) => Err(ApiError::failed_precondition(why)),
-            },
+            UploadTarget::Kind(k) => {
+                if let Some(why) = no_package(&self.shared, request_id, k).await? {
+                    return Err(ApiError::failed_precondition(why));
+                }
+                let store = &self.shared.store;
+                // A processor streams an export's first file as soon as its connector opens
+                // it, which can be before the registry has recorded the processor's answer
+                // to the delivery: that race is given a moment rather than a refusal, which
+                // would make the processor send the whole file again later.
+                let waited_since = tokio::time::Instant::now();
+                loop {
+                    if store
+                        .task_exists(request_id, processor, subprocessor)
+                        .await?
+                    {
+                        return Ok(());
+                    }
+                    if waited_since.elapsed() >= UNKNOWN_TASK_PATIENCE {
+                        break;
+                    }
+                    tokio::time::sleep(UNKNOWN_TASK_POLL).await;
+                }
+                // FAILED_PRECONDITION, which the processor tries again: its task may be one
+                // the registry has not heard of yet (its answer to the delivery lost, its
+                // acknowledgement not sent yet).
+                Err(ApiError::failed_precondition(format!(
+                    "processor {processor} has no task of subprocessor {subprocessor} on \
+                     request {request_id} that the registry knows of (from the answer to its \
+                     delivery or its acknowledgements): a part is taken only for a task; \
+                     acknowledge the task, then upload"
+                )))
+            }
         }
+    }
+
+    /// The bytes stored so far of the files of `file`'s part, other than `file`, streamed
+    /// while they are written: their records hold no size until their end.
+    async fn streaming_bytes(&self, file: &PackageFile) -> Result<u64, ApiError> {
+        let names = self.shared.store.streaming_besides(file).await?;
+        let mut total = 0u64;
+        for name in names {
+            let mut other = file.clone();
+            other.name = name;
+            let stored = (self.shared.packages.store)
+                .stored_len(&file_key(&other))
+                .await
+                .map_err(io_error)?;
+            total = total.saturating_add(stored);
+        }
+        Ok(total)
+    }
+
+    /// Registers `file` within the part caps of `[packages]`
+    /// ([`Store::begin_file`](crate::store::Store::begin_file)).
+    async fn begin_file(&self, file: &PackageFile) -> Result<FileBegin, ApiError> {
+        let streaming = self.streaming_bytes(file).await?;
+        let limits = &self.shared.config.packages;
+        let now = self.shared.clock.now_ms();
+        Ok(self
+            .shared
+            .store
+            .begin_file(file, now, limits, streaming)
+            .await?)
+    }
+
+    /// The refusal of a file new to a part that has as many files as a part may.
+    fn too_many_files(&self, file: &PackageFile) -> ApiError {
+        ApiError::resource_exhausted(format!(
+            "file {} refused: its part already has {} files, the most \
+             packages.max_files_per_part allows",
+            manifest::path(file),
+            self.shared.config.packages.max_files_per_part
+        ))
+    }
+
+    /// The refusal of a file with which its part would hold `bytes`, past the cap.
+    fn part_too_large(&self, file: &PackageFile, bytes: u64) -> ApiError {
+        ApiError::resource_exhausted(format!(
+            "file {} refused: with it its part would hold {bytes} bytes (the sizes its files \
+             announce, stored yet or not), more than packages.max_part_bytes ({}) allows",
+            manifest::path(file),
+            self.shared.config.packages.max_part_bytes
+        ))
     }
 
     /// Refuses a part that would make its package's description too large to send:
@@ -171,46 +282,46 @@ impl Api {
     ) -> Result<(PackageFile, UploadState, Option<ResumableSha256>, i64), ApiError> {
         let file = package_file(processor, header);
         let key = file_key(&file);
-        let now = self.shared.clock.now_ms();
         let packages = &self.shared.packages;
         let store = &packages.store;
-        let (offset, checkpoint, mut generation) =
-            match self.shared.store.begin_file(&file, now).await? {
-                FileBegin::Expired(at) => return Err(expired(&file.request_id, at)),
-                FileBegin::Conflict => {
-                    return Err(ApiError::failed_precondition(format!(
-                        "file {} does not belong to its part as stored (another size or digest, \
+        let (offset, checkpoint, mut generation) = match self.begin_file(&file).await? {
+            FileBegin::Expired(at) => return Err(expired(&file.request_id, at)),
+            FileBegin::TooManyFiles => return Err(self.too_many_files(&file)),
+            FileBegin::TooManyBytes(bytes) => return Err(self.part_too_large(&file, bytes)),
+            FileBegin::Conflict => {
+                return Err(ApiError::failed_precondition(format!(
+                    "file {} does not belong to its part as stored (another size or digest, \
                      or a file the stored part does not list); a stored part does not change",
-                        manifest::path(&file)
-                    )))
-                }
-                FileBegin::Registered {
+                    manifest::path(&file)
+                )))
+            }
+            FileBegin::Registered {
+                complete: true,
+                generation,
+                ..
+            } => {
+                let state = UploadState {
+                    offset: header.size,
                     complete: true,
-                    generation,
-                    ..
-                } => {
-                    let state = UploadState {
-                        offset: header.size,
-                        complete: true,
-                    };
-                    return Ok((file, state, None, generation));
-                }
-                FileBegin::Restarted { generation } => {
-                    (0, None, self.drop_registered(&file, generation).await?)
-                }
-                FileBegin::Registered {
-                    complete: false,
-                    checkpoint,
-                    generation,
-                } => {
-                    // The checkpoint was read (by begin_file) before the length: a checkpoint
-                    // counts only bytes durable when it was recorded, so it never passes the
-                    // length read after it; read after, it could count bytes an upload stream
-                    // running meanwhile appended since.
-                    let stored = store.stored_len(&key).await.map_err(io_error)?;
-                    (stored, checkpoint, generation)
-                }
-            };
+                };
+                return Ok((file, state, None, generation));
+            }
+            FileBegin::Restarted { generation } => {
+                (0, None, self.drop_registered(&file, generation).await?)
+            }
+            FileBegin::Registered {
+                complete: false,
+                checkpoint,
+                generation,
+            } => {
+                // The checkpoint was read (by begin_file) before the length: a checkpoint
+                // counts only bytes durable when it was recorded, so it never passes the
+                // length read after it; read after, it could count bytes an upload stream
+                // running meanwhile appended since.
+                let stored = store.stored_len(&key).await.map_err(io_error)?;
+                (stored, checkpoint, generation)
+            }
+        };
         if offset > header.size {
             // More bytes than the header announces cannot be the file: start it again.
             let generation = self.drop_registered(&file, generation).await?;
@@ -324,9 +435,10 @@ impl Api {
         header: &ExportFileHeader,
     ) -> Result<(PackageFile, UploadState, i64), ApiError> {
         let file = package_file(processor, header);
-        let now = self.shared.clock.now_ms();
-        match self.shared.store.begin_file(&file, now).await? {
+        match self.begin_file(&file).await? {
             FileBegin::Expired(at) => Err(expired(&file.request_id, at)),
+            FileBegin::TooManyFiles => Err(self.too_many_files(&file)),
+            FileBegin::TooManyBytes(bytes) => Err(self.part_too_large(&file, bytes)),
             FileBegin::Conflict => Err(ApiError::failed_precondition(format!(
                 "file {} belongs to a part that is stored already",
                 manifest::path(&file)
@@ -539,6 +651,9 @@ impl Api {
                 format!("runs past the file's size of {size} bytes"),
             )]));
         }
+        if up.growing {
+            self.ensure_part_room(up, len).await?;
+        }
         if let Some(why) =
             dsrelay_runtime::export_files::chunk_crc32_mismatch(&chunk.data, chunk.chunk_crc32)
         {
@@ -607,6 +722,27 @@ impl Api {
             };
             let digest = hex::encode(hasher.finalize());
             up.state = self.finish(&up.file, up.generation, digest).await?;
+        }
+        Ok(())
+    }
+
+    /// Refuses a chunk of a file streamed while it is written (whose header announced no
+    /// size for its registration to count) that would take its part past
+    /// `packages.max_part_bytes`. The rest of the part is counted again every
+    /// [`RECOUNT_EVERY`] bytes of the stream: other files of the part streaming at the same
+    /// time each pass unseen by the others by at most that much.
+    async fn ensure_part_room(&self, up: &mut FileUpload, len: u64) -> Result<(), ApiError> {
+        let end = up.state.offset.saturating_add(len);
+        if end > up.recount_at {
+            let streaming = self.streaming_bytes(&up.file).await?;
+            up.others = (self.shared.store)
+                .part_bytes_besides(&up.file, streaming)
+                .await?;
+            up.recount_at = end.saturating_add(RECOUNT_EVERY);
+        }
+        let bytes = up.others.saturating_add(end);
+        if bytes > self.shared.config.packages.max_part_bytes {
+            return Err(self.part_too_large(&up.file, bytes));
         }
         Ok(())
     }
@@ -851,7 +987,8 @@ impl ExportUploadService for Api {
         tracing::Span::current()
             .record("processor", processor.as_str())
             .record("request_id", header.request_id.as_str());
-        self.check_target(&header.request_id, &processor).await?;
+        self.check_target(&header.request_id, &processor, &header.subprocessor)
+            .await?;
         // The answer may drop the stored bytes or check and store the file: under a live
         // upload stream of the file that would unlink what it appends to, or store the file
         // while the stream still writes it, so it waits for the stream to end.
@@ -886,7 +1023,8 @@ impl ExportUploadService for Api {
         span.record("processor", processor.as_str())
             .record("request_id", header.request_id.as_str())
             .record("file", header.name.as_str());
-        self.check_target(&header.request_id, &processor).await?;
+        self.check_target(&header.request_id, &processor, &header.subprocessor)
+            .await?;
         let _guard = self.claim_file(
             &processor,
             &header,
@@ -922,6 +1060,8 @@ impl ExportUploadService for Api {
             appender: None,
             growing,
             generation,
+            others: 0,
+            recount_at: 0,
         };
         let mut next = Some(first);
         let mut ended = false;
@@ -975,7 +1115,8 @@ impl ExportUploadService for Api {
             .record("processor", processor.as_str())
             .record("request_id", part.request_id.as_str())
             .record("subprocessor", part.subprocessor.as_str());
-        self.check_target(&part.request_id, &processor).await?;
+        self.check_target(&part.request_id, &processor, &part.subprocessor)
+            .await?;
         let files: Vec<PackageFile> = part
             .files
             .iter()
@@ -1104,6 +1245,10 @@ impl PackageService for Api {
             ))
             .into());
         }
+        let caller = self.partner_api_caller(&req)?;
+        let limit = self.shared.config.packages.downloads_per_caller;
+        // Held by the task that reads the files, until it ends.
+        let slot = self.shared.uploading.download(&caller.name, limit)?;
         let info = standing.info;
         // From the read the description came from, so the files streamed are the ones the
         // description (the first message) lists.
@@ -1114,6 +1259,7 @@ impl PackageService for Api {
         let (mut tx, rx) = feed::channel(4, idle);
         let store = self.shared.packages.store.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             if !tx
                 .send(Ok(PackageChunk {
                     item: Some(Item::Info(info)),
@@ -1178,6 +1324,12 @@ struct FileUpload {
     /// The generation of the file's registration this stream counts from: its checkpoints,
     /// its end and its drops of the file are recorded only while the file still has it.
     generation: i64,
+    /// For a file streamed while written: the bytes of the rest of its part, as last
+    /// counted ([`Api::ensure_part_room`]).
+    others: u64,
+    /// The offset past which a chunk has the rest of the part counted again; 0 before the
+    /// first count.
+    recount_at: u64,
 }
 
 impl FileUpload {
@@ -1397,6 +1549,24 @@ mod tests {
             .map(|v| v.field)
             .collect();
         assert_eq!(fields, ["files[1].name", "files[2]"]);
+    }
+
+    #[test]
+    fn downloads_are_counted_per_caller() {
+        let u = Uploading::default();
+        let first = u.download("crm", 2).expect("free");
+        let _second = u.download("crm", 2).expect("free");
+        let refused = Status::from(u.download("crm", 2).err().expect("a third"));
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        for words in ["crm already has 2", "packages.downloads_per_caller = 2"] {
+            assert!(refused.message().contains(words), "{words} in {refused:?}");
+        }
+        assert!(u.download("ops", 2).is_ok(), "another caller's are its own");
+        drop(first);
+        assert!(
+            u.download("crm", 2).is_ok(),
+            "a stream ended frees its slot"
+        );
     }
 
     #[test]

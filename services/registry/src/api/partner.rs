@@ -211,7 +211,7 @@ impl RequestService for Api {
         let mut used = 0;
         let mut requests = Vec::with_capacity(rows.len());
         let keys: Vec<(i64, String)> = rows.iter().map(|r| (r.received_at, r.id.clone())).collect();
-        for view in self.views(rows).await? {
+        for view in self.views(views::Reader::of(&caller), rows).await? {
             let size = view.encoded_len() + 16;
             if used + size > budget && !requests.is_empty() {
                 break;
@@ -238,7 +238,7 @@ impl RequestService for Api {
         let caller = self.partner_api_caller(&req)?;
         let r = req.into_inner();
         let row = self.visible(&caller, &r.request_id).await?;
-        let stream = watch::events(self.shared.clone(), &caller.name, row.id, r)?;
+        let stream = watch::events(self.shared.clone(), &caller, row.id, r)?;
         Ok(Response::new(stream))
     }
 
@@ -274,7 +274,9 @@ impl RequestService for Api {
             }
         }
         let row = self.visible(&caller, &row.id).await?;
-        Ok(Response::new(self.view(row).await?))
+        Ok(Response::new(
+            self.view(views::Reader::of(&caller), row).await?,
+        ))
     }
 
     async fn list_events(
@@ -291,8 +293,11 @@ impl RequestService for Api {
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(EventList {
-            request: Some(self.view(row).await?),
-            events: events.iter().map(|e| views::event(&id, e)).collect(),
+            request: Some(self.view(views::Reader::of(&caller), row).await?),
+            events: events
+                .iter()
+                .map(|e| views::event_for(views::Reader::of(&caller), &id, e))
+                .collect(),
         }))
     }
 
@@ -399,7 +404,9 @@ impl RequestService for Api {
         // The new date goes to the processors now, not at the next poll.
         self.shared.dispatch_wakeup.notify_one();
         let row = self.visible(&caller, &row.id).await?;
-        Ok(Response::new(self.view(row).await?))
+        Ok(Response::new(
+            self.view(views::Reader::of(&caller), row).await?,
+        ))
     }
 
     async fn list_audit_entries(

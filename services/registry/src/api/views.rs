@@ -3,15 +3,38 @@
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::timestamp_from_millis;
 use dsrelay_proto::v1::{
-    AuditEntry, Delivery, DeliveryState, Request, RequestEvent, SubmitRequest, TaskStatus,
+    AuditEntry, Delivery, DeliveryState, EventType, Request, RequestEvent, SubmitRequest,
+    TaskStatus,
 };
 use dsrelay_runtime::audit;
 
 use crate::store::{DeliveryRow, EventRow, RequestRow};
 
-/// A request as the partner API shows it at `now`. The identities, scope and parameters
-/// come from the stored body, which retention may have forgotten.
-pub(crate) fn request(
+/// Who reads a view. Why a delivery failed is the processor's answer or what the
+/// connection to it said (TLS identities, addresses): internal network details that
+/// operators need and partners are not shown, as GetChain does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reader {
+    /// Sees every detail.
+    Operator,
+    /// Sees a delivery's state and attempts, not why it failed.
+    Partner,
+}
+
+impl Reader {
+    /// The reader `caller` is.
+    pub(crate) fn of(caller: &crate::auth::Caller) -> Self {
+        match caller.is(&[crate::auth::Party::Operator]) {
+            true => Self::Operator,
+            false => Self::Partner,
+        }
+    }
+}
+
+/// A request as the partner API shows it to `reader` at `now`. The identities, scope and
+/// parameters come from the stored body, which retention may have forgotten.
+pub(crate) fn request_for(
+    reader: Reader,
     row: RequestRow,
     deliveries: Vec<DeliveryRow>,
     tasks: Vec<TaskStatus>,
@@ -47,7 +70,10 @@ pub(crate) fn request(
         overdue,
         extension_reasons,
         trace_id: row.trace_id,
-        deliveries: deliveries.into_iter().map(delivery).collect(),
+        deliveries: deliveries
+            .into_iter()
+            .map(|d| delivery(reader, d))
+            .collect(),
         tasks,
         updated_at: Some(timestamp_from_millis(row.updated_at)),
         cancel_reason: row.cancel_reason.unwrap_or_default(),
@@ -55,7 +81,7 @@ pub(crate) fn request(
     }
 }
 
-fn delivery(d: DeliveryRow) -> Delivery {
+fn delivery(reader: Reader, d: DeliveryRow) -> Delivery {
     Delivery {
         processor: d.processor,
         state: if d.withdrawn_at.is_some() {
@@ -68,7 +94,10 @@ fn delivery(d: DeliveryRow) -> Delivery {
             DeliveryState::Pending
         } as i32,
         attempts: d.attempts.clamp(0, i64::from(u32::MAX)) as u32,
-        last_error: d.last_error.unwrap_or_default(),
+        last_error: match reader {
+            Reader::Operator => d.last_error.unwrap_or_default(),
+            Reader::Partner => String::new(),
+        },
         next_attempt_at: (d.done_at.is_none() && d.dead_lettered_at.is_none())
             .then(|| timestamp_from_millis(d.next_attempt_at)),
         delivered_at: d
@@ -79,8 +108,10 @@ fn delivery(d: DeliveryRow) -> Delivery {
     }
 }
 
-/// One event of request `request_id`.
-pub(crate) fn event(request_id: &str, e: &EventRow) -> RequestEvent {
+/// One event of request `request_id` as `reader` is shown it: a partner reads a failed or
+/// dead-lettered delivery's event without the error text its message ends with (after
+/// `": "`, which no operation or processor name holds).
+pub(crate) fn event_for(reader: Reader, request_id: &str, e: &EventRow) -> RequestEvent {
     let task = (!e.subprocessor.is_empty()).then(|| TaskStatus {
         processor: e.processor.clone(),
         subprocessor: e.subprocessor.clone(),
@@ -101,11 +132,24 @@ pub(crate) fn event(request_id: &str, e: &EventRow) -> RequestEvent {
         request_state: e.request_state,
         processor: e.processor.clone(),
         task,
-        message: e.message.clone(),
+        message: match reader {
+            Reader::Partner if carries_delivery_error(e.event_type) => e
+                .message
+                .split_once(": ")
+                .map_or(e.message.as_str(), |(head, _)| head)
+                .to_string(),
+            _ => e.message.clone(),
+        },
         attempt: e.attempt.clamp(0, i64::from(u32::MAX)) as u32,
         trace_id: e.trace_id.clone().unwrap_or_default(),
         span_id: e.span_id.clone().unwrap_or_default(),
     }
+}
+
+/// Whether events of `event_type` end their message with why a delivery failed.
+fn carries_delivery_error(event_type: i32) -> bool {
+    event_type == EventType::DeliveryFailed as i32
+        || event_type == EventType::DeliveryDeadLettered as i32
 }
 
 /// One entry of the audit trail.
@@ -119,5 +163,84 @@ pub(crate) fn audit_entry(e: audit::Entry) -> AuditEntry {
         detail: e.detail,
         prev_hash: e.prev_hash,
         hash: e.hash,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WHY: &str = "Unavailable: tcp connect error: 10.0.3.7:8443 refused; peer \
+                       spiffe://dsrelay.dev/processor/payroll";
+
+    fn failed_delivery() -> DeliveryRow {
+        DeliveryRow {
+            processor: "payroll".into(),
+            attempts: 3,
+            next_attempt_at: 5_000,
+            last_error: Some(WHY.into()),
+            done_at: None,
+            dead_lettered_at: None,
+            withdrawn_at: None,
+        }
+    }
+
+    fn row(event_type: EventType, message: &str) -> EventRow {
+        EventRow {
+            id: 7,
+            event_type: event_type as i32,
+            occurred_at: 1_000,
+            request_state: 0,
+            processor: "payroll".into(),
+            subprocessor: String::new(),
+            task_state: 0,
+            sequence: 0,
+            attempt: 3,
+            message: message.into(),
+            trace_id: None,
+            span_id: None,
+            progress: None,
+        }
+    }
+
+    #[test]
+    fn partners_see_a_deliverys_state_and_attempts_but_not_why_it_failed() {
+        let partner = delivery(Reader::Partner, failed_delivery());
+        assert_eq!(partner.last_error, "");
+        assert_eq!(partner.attempts, 3);
+        assert_eq!(partner.state, DeliveryState::Pending as i32);
+        assert!(partner.next_attempt_at.is_some());
+        let operator = delivery(Reader::Operator, failed_delivery());
+        assert_eq!(operator.last_error, WHY);
+        assert_eq!(
+            Delivery {
+                last_error: String::new(),
+                ..operator
+            },
+            partner
+        );
+    }
+
+    #[test]
+    fn partners_read_delivery_failures_without_the_error_text() {
+        for (kind, head) in [
+            (EventType::DeliveryFailed, "Deliver to payroll failed"),
+            (
+                EventType::DeliveryDeadLettered,
+                "Deliver to payroll dead-lettered after 5 refusals, no longer sent",
+            ),
+        ] {
+            let e = row(kind, &format!("{head}: {WHY}"));
+            assert_eq!(event_for(Reader::Partner, "r1", &e).message, head);
+            let full = event_for(Reader::Operator, "r1", &e);
+            assert_eq!(full.message, format!("{head}: {WHY}"));
+            assert_eq!(full.attempt, 3);
+        }
+        // Other events' messages are the request's own story, shown as recorded.
+        let note = row(EventType::StateChanged, "state: COMPLETED");
+        assert_eq!(
+            event_for(Reader::Partner, "r1", &note).message,
+            "state: COMPLETED"
+        );
     }
 }

@@ -33,25 +33,32 @@ use super::views;
 pub(crate) type EventStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<RequestEvent, Status>> + Send>>;
 
-/// How many Watch streams each caller holds open.
-#[derive(Default)]
+/// How many streams of one kind (Watch, DownloadPackage) each caller holds open.
+#[derive(Debug, Default)]
 pub(crate) struct Slots(Arc<Mutex<HashMap<String, u32>>>);
 
 /// One open stream of one caller; dropping it frees the slot.
-struct Slot {
+pub(crate) struct Slot {
     held: Arc<Mutex<HashMap<String, u32>>>,
     caller: String,
 }
 
 impl Slots {
-    /// Takes a slot for `caller`, or says which limit it reached.
-    fn take(&self, caller: &str, limit: u32) -> Result<Slot, ApiError> {
+    /// Takes a slot for `caller`, or RESOURCE_EXHAUSTED when it holds `limit` of them:
+    /// `rpc` names the streams and `setting` the key that sets the limit.
+    pub(crate) fn take(
+        &self,
+        caller: &str,
+        limit: u32,
+        rpc: &str,
+        setting: &str,
+    ) -> Result<Slot, ApiError> {
         let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let open = held.entry(caller.to_string()).or_default();
         if *open >= limit {
             return Err(ApiError::resource_exhausted(format!(
-                "{caller} already has {open} Watch streams open, the most the registry allows \
-                 one caller (watch.streams_per_caller); close one before opening another"
+                "{caller} already has {open} {rpc} streams open, the most the registry allows \
+                 one caller ({setting} = {limit}); let one end before opening another"
             )));
         }
         *open += 1;
@@ -91,14 +98,18 @@ fn after_event_id(watch: &WatchRequest) -> Result<i64, ApiError> {
 /// `caller` holds as many streams as it may.
 pub(crate) fn events(
     shared: Arc<Shared>,
-    caller: &str,
+    caller: &crate::auth::Caller,
     id: String,
     watch: WatchRequest,
 ) -> Result<EventStream, ApiError> {
     let after = after_event_id(&watch)?;
-    let slot = shared
-        .watchers
-        .take(caller, shared.config.watch.streams_per_caller)?;
+    let slot = shared.watchers.take(
+        &caller.name,
+        shared.config.watch.streams_per_caller,
+        "Watch",
+        "watch.streams_per_caller",
+    )?;
+    let reader = views::Reader::of(caller);
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     // How the stream ends when the task ends it: queued after the events, whatever their
     // number, so it is never lost to a full channel.
@@ -132,7 +143,11 @@ pub(crate) fn events(
                 if !sent.insert(e.id) {
                     continue;
                 }
-                match tokio::time::timeout_at(end_of_life, tx.send(Ok(views::event(&id, e)))).await
+                match tokio::time::timeout_at(
+                    end_of_life,
+                    tx.send(Ok(views::event_for(reader, &id, e))),
+                )
+                .await
                 {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return,

@@ -12,11 +12,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceClient;
 use dsrelay_proto::v1::export_upload_service_client::ExportUploadServiceClient;
 use dsrelay_proto::v1::request_service_client::RequestServiceClient;
 use dsrelay_proto::v1::{
-    CompletePartRequest, ExportFileHeader, FileEnd, GetUploadStateRequest, IdentityEncoding,
-    IdentityType, RequestKind, SubjectIdentity, SubmitRequest, UploadFileChunk, UploadState,
+    AcknowledgeRequest, Acknowledgement, CompletePartRequest, ExportFileHeader, FileEnd,
+    GetUploadStateRequest, IdentityEncoding, IdentityType, RequestKind, SubjectIdentity,
+    SubmitRequest, TaskState, UploadFileChunk, UploadState,
 };
 use dsrelay_runtime::pki::{dev_identity, DevPki};
 use sha2::{Digest, Sha256};
@@ -263,8 +265,30 @@ impl Registry {
         .expect("channel")
     }
 
-    /// A new return of data, delivered (in the outbox) to the processor.
+    /// A new return of data, delivered (in the outbox) to the processor, whose task of
+    /// `accounting` (the subprocessor of [`header`]'s files) the processor reported, so that
+    /// the registry takes its part.
     async fn return_of_data(&self, key: &str) -> String {
+        let id = self.submit(key).await;
+        let answer = AcknowledgementServiceClient::new(self.channel("processor"))
+            .acknowledge(AcknowledgeRequest {
+                acknowledgements: vec![Acknowledgement {
+                    request_id: id.clone(),
+                    subprocessor: "accounting".into(),
+                    sequence: 1,
+                    state: TaskState::InProgress as i32,
+                    ..Default::default()
+                }],
+            })
+            .await
+            .expect("acknowledge")
+            .into_inner();
+        assert_eq!(answer.applied, 1, "{answer:?}");
+        id
+    }
+
+    /// A new return of data, delivered (in the outbox) to the processor.
+    async fn submit(&self, key: &str) -> String {
         RequestServiceClient::new(self.channel("partner-crm"))
             .submit(SubmitRequest {
                 kind: RequestKind::ReturnOfData as i32,

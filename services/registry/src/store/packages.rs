@@ -10,6 +10,7 @@ use dsrelay_proto::v1::{EventType, TaskState};
 use super::events::{insert_event, EventDetail};
 use super::rows::task_state;
 use super::{Operation, Store};
+use crate::config::PackagesConfig;
 
 /// One file of a part, as its processor described it.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -96,6 +97,12 @@ pub enum FileBegin {
     Conflict,
     /// The package was deleted at expiry (ms).
     Expired(i64),
+    /// The file is new to its part, which already has
+    /// [`PackagesConfig::max_files_per_part`] files registered: nothing recorded.
+    TooManyFiles,
+    /// With the file the part would hold this many bytes, more than
+    /// [`PackagesConfig::max_part_bytes`]: nothing recorded.
+    TooManyBytes(u64),
 }
 
 /// What CompletePart found.
@@ -229,8 +236,90 @@ impl Store {
         })
     }
 
-    /// Registers a file header (and the package, at its first file).
-    pub async fn begin_file(&self, f: &PackageFile, now: i64) -> Result<FileBegin> {
+    /// Whether `processor` has a task for `subprocessor` on request `request_id`: what its
+    /// answer to the delivery or its acknowledgements told the registry.
+    pub async fn task_exists(
+        &self,
+        request_id: &str,
+        processor: &str,
+        subprocessor: &str,
+    ) -> Result<bool> {
+        Ok(sqlx::query(
+            "SELECT 1 AS one FROM tasks WHERE request_id = $1 AND processor = $2 \
+             AND subprocessor = $3",
+        )
+        .bind(request_id)
+        .bind(processor)
+        .bind(subprocessor)
+        .fetch_optional(&self.db.pool)
+        .await?
+        .is_some())
+    }
+
+    /// The names of the files of `f`'s part, other than `f`, that are streamed while they are
+    /// written and not stored whole yet: registered with size 0 and no digest, their bytes
+    /// so far counted only in the package store.
+    pub async fn streaming_besides(&self, f: &PackageFile) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT name FROM package_files WHERE request_id = $1 AND processor = $2 \
+             AND subprocessor = $3 AND name <> $4 AND sha256 = '' AND stored_at IS NULL",
+        )
+        .bind(&f.request_id)
+        .bind(&f.processor)
+        .bind(&f.subprocessor)
+        .bind(&f.name)
+        .fetch_all(&self.db.reader)
+        .await?)
+    }
+
+    /// The number of files of `f`'s part other than `f`, and the bytes their headers
+    /// announce (0 for one streamed while written, until its end), through `db`.
+    async fn part_besides<'e>(
+        db: impl sqlx::Executor<'e, Database = sqlx::Any>,
+        f: &PackageFile,
+    ) -> Result<(u64, u64)> {
+        let (files, bytes): (i64, i64) = sqlx::query_as(
+            "SELECT CAST(COUNT(*) AS BIGINT), CAST(COALESCE(SUM(size), 0) AS BIGINT) \
+             FROM package_files WHERE request_id = $1 AND processor = $2 \
+             AND subprocessor = $3 AND name <> $4",
+        )
+        .bind(&f.request_id)
+        .bind(&f.processor)
+        .bind(&f.subprocessor)
+        .bind(&f.name)
+        .fetch_one(db)
+        .await?;
+        Ok((
+            u64::try_from(files).unwrap_or(0),
+            u64::try_from(bytes).unwrap_or(0),
+        ))
+    }
+
+    /// The bytes `f`'s part holds besides `f`, as [`PackagesConfig::max_part_bytes`] counts
+    /// them, with
+    /// `streaming` those stored of its files streamed while written
+    /// ([`Store::streaming_besides`]).
+    pub async fn part_bytes_besides(&self, f: &PackageFile, streaming: u64) -> Result<u64> {
+        let (_, announced) = Self::part_besides(&self.db.reader, f).await?;
+        Ok(announced.saturating_add(streaming))
+    }
+
+    /// Registers a file header (and the package, at its first file) within the caps of
+    /// `limits`, so that a processor cannot fill the package folder before it declares a
+    /// part (CompletePart checks the part's list, which comes last). A file new to its part,
+    /// or registered again with another size, is refused when the part would pass them: at
+    /// most `max_files_per_part` files, and `max_part_bytes` bytes, counting the sizes the
+    /// headers announce whether their bytes came yet or not, and `streaming`, the bytes
+    /// stored so far of the part's other files streamed while written (which the records do
+    /// not hold: [`Store::streaming_besides`]). Counted under the package's lock, so
+    /// registrations at the same moment do not pass the caps together.
+    pub async fn begin_file(
+        &self,
+        f: &PackageFile,
+        now: i64,
+        limits: &PackagesConfig,
+        streaming: u64,
+    ) -> Result<FileBegin> {
         let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO packages (request_id, created_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -287,6 +376,23 @@ impl Store {
         .fetch_optional(tx.conn())
         .await?
         .is_some();
+        if !part_stored {
+            let (files, announced) = Self::part_besides(tx.conn(), f).await?;
+            let bytes = announced
+                .saturating_add(streaming)
+                .saturating_add(u64::try_from(f.size).unwrap_or(0));
+            let over = if existing.is_none() && files >= u64::from(limits.max_files_per_part) {
+                Some(FileBegin::TooManyFiles)
+            } else if bytes > limits.max_part_bytes {
+                Some(FileBegin::TooManyBytes(bytes))
+            } else {
+                None
+            };
+            if let Some(over) = over {
+                tx.rollback().await?;
+                return Ok(over);
+            }
+        }
         let outcome = match existing {
             _ if part_stored => FileBegin::Conflict,
             None => {
@@ -877,7 +983,10 @@ mod tests {
     /// Registers `subprocessor`'s file of request `id` and marks it stored whole.
     async fn store_file(store: &Store, id: &str, subprocessor: &str) {
         let f = file(id, subprocessor);
-        let begun = store.begin_file(&f, 10).await.expect("begin file");
+        let begun = store
+            .begin_file(&f, 10, &PackagesConfig::default(), 0)
+            .await
+            .expect("begin file");
         assert_eq!(
             begun,
             FileBegin::Registered {
