@@ -3,10 +3,15 @@
 use std::collections::BTreeSet;
 
 use dsrelay_proto::v1::{
-    ListRequestsRequest, RequestKind, RequestParameters, RequestState, SubmitRequest,
+    ListRequestsRequest, RequestKind, RequestParameters, RequestState, SubjectIdentity,
+    SubmitRequest,
 };
 pub(crate) use dsrelay_runtime::identity::text_violation;
-use dsrelay_runtime::identity::{validate_identities, FieldViolation, MAX_REQUEST_ID};
+use dsrelay_runtime::identity::{
+    identity_in_note, submit_identity_violations, validate_identities, FieldViolation,
+    MAX_REQUEST_ID,
+};
+use sha2::{Digest, Sha256};
 
 /// At most this many bytes in an idempotency key.
 pub(crate) const MAX_IDEMPOTENCY_KEY: usize = 128;
@@ -55,8 +60,25 @@ pub(crate) fn validate_submit(
         kind => kind,
     };
     out.extend(validate_identities(&req.identities));
+    out.extend(submit_identity_violations(&req.identities));
     out.extend(idempotency_key_violation(&req.idempotency_key));
-    out.extend(text_violation("note", &req.note, MAX_TEXT, false));
+    match text_violation("note", &req.note, MAX_TEXT, false) {
+        Some(v) => out.push(v),
+        // Named by kind only: echoing the identity would put it in logs and in the status.
+        None => {
+            let kind = identity_in_note(&valid_identities(req), &req.note);
+            out.extend(kind.map(|kind| {
+                FieldViolation::new(
+                    "note",
+                    format!(
+                        "contains the subject's {kind}, one of the request's identities: the \
+                         note is shown with the request and kept apart from its identities, so \
+                         leave the subject's identities out (the request already carries them)"
+                    ),
+                )
+            }))
+        }
+    }
     if let Some(scope) = &req.scope {
         if scope.data_categories.len() > MAX_CATEGORIES {
             out.push(FieldViolation::new(
@@ -71,6 +93,16 @@ pub(crate) fn validate_submit(
                     out.push(FieldViolation::new(
                         field,
                         format!("must be 1 to at most {MAX_CATEGORY} bytes"),
+                    ));
+                } else if let Some(first) = scope.data_categories[..i]
+                    .iter()
+                    .position(|earlier| earlier == c)
+                {
+                    // Refused rather than collapsed: the body is stored and hashed for
+                    // idempotency as sent, and a repeat is a partner's mistake to hear of.
+                    out.push(FieldViolation::new(
+                        field,
+                        format!("{c:?} is listed twice (scope.data_categories[{first}] names it)"),
                     ));
                 } else if !known_categories.contains(c.as_str()) {
                     // The text is echoed (it is short) so the caller sees the typo; the known
@@ -137,21 +169,43 @@ fn parameter_violations(
                 format!("a rectification needs 1 to {MAX_CORRECTIONS} corrections"),
             ));
         }
-        for (i, c) in params.corrections.iter().take(MAX_CORRECTIONS).enumerate() {
+        let corrections = &params.corrections[..params.corrections.len().min(MAX_CORRECTIONS)];
+        for (i, c) in corrections.iter().enumerate() {
             // As strict as each processor is at Deliver: a correction it would refuse must be
             // refused here, where the partner hears why, not dead-lettered on the way.
-            out.extend(text_violation(
-                &format!("parameters.corrections[{i}].field"),
-                &c.field,
-                64,
-                true,
-            ));
-            out.extend(text_violation(
-                &format!("parameters.corrections[{i}].new_value"),
-                &c.new_value,
-                MAX_TEXT,
-                false,
-            ));
+            let field = format!("parameters.corrections[{i}].field");
+            if let Some(v) = text_violation(&field, &c.field, 64, true) {
+                out.push(v);
+            } else if let Some(first) = corrections[..i]
+                .iter()
+                .position(|earlier| same_field(&earlier.field, &c.field))
+            {
+                // The SQL connector fails such a task (it cannot tell which value is meant),
+                // matching fields trimmed and in any ASCII case as it does.
+                out.push(FieldViolation::new(
+                    field,
+                    format!(
+                        "the field {:?} is corrected more than once (also by \
+                         parameters.corrections[{first}]): correct each field once",
+                        c.field.trim()
+                    ),
+                ));
+            }
+            let new_value = format!("parameters.corrections[{i}].new_value");
+            if c.new_value.trim().is_empty() {
+                // An empty value means no one thing across connectors: the SQL one writes the
+                // empty text as given (not NULL; a typed column refuses it), the Mailchimp one
+                // sends it as the new address (refused there) or as a merge field's value.
+                out.push(FieldViolation::new(
+                    new_value,
+                    format!(
+                        "is required (1 to {MAX_TEXT} bytes of text): a correction sets a new \
+                         value; clearing a field is not supported (an ERASURE removes data)"
+                    ),
+                ));
+            } else {
+                out.extend(text_violation(&new_value, &c.new_value, MAX_TEXT, false));
+            }
         }
     } else if !params.corrections.is_empty() {
         out.push(FieldViolation::new(
@@ -199,6 +253,26 @@ fn parameter_violations(
     out
 }
 
+/// The request's identities that break no rule, the ones its note is checked against: one
+/// refused stands for no subject (a PHONE "12" would be found in "ticket 1234"), and the
+/// request is refused for it anyway. Each is checked alone, so also when there are too many.
+fn valid_identities(req: &SubmitRequest) -> Vec<SubjectIdentity> {
+    req.identities
+        .iter()
+        .filter(|id| {
+            let one = std::slice::from_ref(*id);
+            validate_identities(one).is_empty() && submit_identity_violations(one).is_empty()
+        })
+        .cloned()
+        .collect()
+}
+
+/// Whether two corrections name the same field, as the SQL connector compares them: trimmed,
+/// in any ASCII case.
+fn same_field(a: &str, b: &str) -> bool {
+    a.trim().eq_ignore_ascii_case(b.trim())
+}
+
 /// At most this many states in a List filter (there are fewer states than that).
 pub(crate) const MAX_LIST_STATES: usize = 16;
 
@@ -210,6 +284,32 @@ pub(crate) struct ListArguments {
     /// Where the page starts: before this (received_at, request id), from a previous page's
     /// token.
     pub before: Option<(i64, String)>,
+    /// The filters' digest ([`list_filter_digest`]), which the next page's token carries.
+    pub filters: String,
+}
+
+/// A digest of a List's filters (states as a set, kind, overdue_only), carried in its page
+/// tokens so that a token is refused with filters other than its page's: the position it
+/// holds is one in that listing, and in another it would skip or repeat requests unseen.
+pub(crate) fn list_filter_digest(r: &ListRequestsRequest) -> String {
+    let mut states = r.states.clone();
+    states.sort_unstable();
+    states.dedup();
+    let text = format!(
+        "states={states:?};kind={};overdue_only={}",
+        r.kind, r.overdue_only
+    );
+    hex::encode(&Sha256::digest(text.as_bytes())[..8])
+}
+
+/// What a List page token starts with; a token without it is of a registry before filters
+/// were encoded, `received_at_id`, and is still taken (unchecked: it holds no filters).
+const PAGE_TOKEN_PREFIX: &str = "v2.";
+
+/// The token of the page that starts before (`received_at`, `id`) in the listing `filters`
+/// ([`list_filter_digest`]) names.
+pub(crate) fn page_token(filters: &str, received_at: i64, id: &str) -> String {
+    format!("{PAGE_TOKEN_PREFIX}{filters}.{received_at}_{id}")
 }
 
 /// List's arguments, or every rule they break.
@@ -250,12 +350,20 @@ pub(crate) fn list_arguments(
             format!("{} is not a request kind", r.kind),
         ));
     }
-    // A token is `received_at_id`, as a previous page made it; its id goes into SQL, so it
+    // A token is [`page_token`]'s, as a previous page made it; its id goes into SQL, so it
     // is held to the rules of an id (PostgreSQL refuses NUL in text).
+    let filters = list_filter_digest(r);
     let before = if r.page_token.is_empty() {
         None
     } else {
-        let parsed = r.page_token.split_once('_').and_then(|(at, id)| {
+        let (token_filters, position) = match r.page_token.strip_prefix(PAGE_TOKEN_PREFIX) {
+            Some(rest) => match rest.split_once('.') {
+                Some((digest, position)) => (Some(digest), position),
+                None => (Some(""), ""),
+            },
+            None => (None, r.page_token.as_str()),
+        };
+        let parsed = position.split_once('_').and_then(|(at, id)| {
             let id_ok = !id.is_empty()
                 && id.len() <= MAX_REQUEST_ID
                 && id.bytes().all(|b| b.is_ascii_graphic());
@@ -266,11 +374,21 @@ pub(crate) fn list_arguments(
                 "page_token",
                 "is not a token from a previous page",
             ));
+        } else if token_filters.is_some_and(|t| t != filters) {
+            violations.push(FieldViolation::new(
+                "page_token",
+                "belongs to a List with other filters (states, kind or overdue_only): send \
+                 the filters of the page that gave it, or start again without a token",
+            ));
         }
         parsed
     };
     if violations.is_empty() {
-        Ok(ListArguments { page_size, before })
+        Ok(ListArguments {
+            page_size,
+            before,
+            filters,
+        })
     } else {
         Err(violations)
     }
@@ -436,6 +554,226 @@ mod tests {
             assert_eq!(fields, ["parameters.corrections[0].field"], "{bad:?}");
         }
         assert!(violations(&with(RequestKind::Rectification, corrections())).is_empty());
+    }
+
+    #[test]
+    fn a_field_corrected_twice_is_refused_naming_it() {
+        let correction = |field: &str, new_value: &str| FieldCorrection {
+            field: field.into(),
+            new_value: new_value.into(),
+        };
+        let r = with(
+            RequestKind::Rectification,
+            RequestParameters {
+                corrections: vec![
+                    correction("phone", "1"),
+                    correction("name", "Maija"),
+                    correction(" Phone ", "2"),
+                ],
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            violations(&r),
+            [(
+                "parameters.corrections[2].field".to_string(),
+                "the field \"Phone\" is corrected more than once (also by \
+                 parameters.corrections[0]): correct each field once"
+                    .to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn a_correction_sets_a_value_and_never_clears_one() {
+        for blank in ["", "  "] {
+            let r = with(
+                RequestKind::Rectification,
+                RequestParameters {
+                    corrections: vec![FieldCorrection {
+                        field: "phone".into(),
+                        new_value: blank.into(),
+                    }],
+                    ..Default::default()
+                },
+            );
+            let v = violations(&r);
+            assert_eq!(v.len(), 1, "{blank:?}: {v:?}");
+            assert_eq!(v[0].0, "parameters.corrections[0].new_value");
+            assert!(
+                v[0].1.contains("clearing a field is not supported"),
+                "{v:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_note_naming_the_subject_is_refused_without_echoing_it() {
+        let mut r = good();
+        r.identities[0].value = "maija.meikalainen@example.fi".into();
+        r.note = "ticket for Maija.Meikalainen@example.fi".into();
+        let v = violations(&r);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].0, "note");
+        assert!(v[0].1.contains("e-mail address"), "{v:?}");
+        assert!(!v[0].1.to_lowercase().contains("meikalainen"), "{v:?}");
+        r.note = "ticket CRM-4411".into();
+        assert_eq!(violations(&r), []);
+    }
+
+    fn raw(ty: IdentityType, value: &str) -> SubjectIdentity {
+        SubjectIdentity {
+            r#type: ty as i32,
+            encoding: IdentityEncoding::Raw as i32,
+            value: value.into(),
+            label: String::new(),
+        }
+    }
+
+    /// An identity refused is no subject's value: a note holding its characters is no leak,
+    /// and the refusal names the identity only.
+    #[test]
+    fn a_note_is_not_checked_against_a_refused_identity() {
+        for (id, note) in [
+            (raw(IdentityType::Phone, "12"), "ticket 1234"),
+            (raw(IdentityType::CustomerNumber, "!!!"), "urgent!!!"),
+            (
+                raw(IdentityType::Email, "maija@localhost"),
+                "from maija@localhost",
+            ),
+        ] {
+            let mut r = good();
+            r.identities.push(id);
+            r.note = note.into();
+            let fields: Vec<String> = violations(&r).into_iter().map(|(f, _)| f).collect();
+            assert_eq!(fields, ["identities[1].value"], "{note:?}");
+        }
+    }
+
+    /// At Submit a phone number is found only written whole, not inside a longer number.
+    #[test]
+    fn a_note_names_a_phone_number_only_written_whole() {
+        let mut r = good();
+        r.identities
+            .push(raw(IdentityType::Phone, "+358 40 123 4567"));
+        for note in [
+            "order 93584012345670",
+            "order 3584012345670",
+            "invoice 0358401234567",
+            "ticket 1234",
+        ] {
+            r.note = note.into();
+            assert_eq!(violations(&r), [], "{note:?}");
+        }
+        for note in [
+            "call +358 40 123 4567",
+            "call 358401234567, 2 records",
+            "call 00358 40 123 4567",
+            "call 040-123 4567",
+            "call +358 40 123 4567 - 2 records",
+        ] {
+            r.note = note.into();
+            let v = violations(&r);
+            assert_eq!(v.len(), 1, "{note:?}: {v:?}");
+            assert_eq!(v[0].0, "note");
+            assert!(v[0].1.contains("phone number"), "{note:?}: {v:?}");
+        }
+    }
+
+    #[test]
+    fn a_category_listed_twice_is_refused() {
+        let mut r = good();
+        r.scope = Some(Scope {
+            data_categories: vec!["invoicing".into(), "contact".into(), "invoicing".into()],
+        });
+        let v = validate_submit(&r, &["contact", "invoicing"].into(), &BTreeSet::new());
+        let got: Vec<(&str, &str)> = v
+            .iter()
+            .map(|v| (v.field.as_str(), v.rule.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [(
+                "scope.data_categories[2]",
+                "\"invoicing\" is listed twice (scope.data_categories[0] names it)"
+            )]
+        );
+    }
+
+    #[test]
+    fn submit_refuses_a_stray_label_and_a_number_of_punctuation() {
+        let mut r = good();
+        r.identities[0].label = "work".into();
+        r.identities.push(SubjectIdentity {
+            r#type: IdentityType::NationalId as i32,
+            encoding: IdentityEncoding::Raw as i32,
+            value: "!!!".into(),
+            label: String::new(),
+        });
+        let fields: Vec<String> = violations(&r).into_iter().map(|(f, _)| f).collect();
+        assert_eq!(fields, ["identities[0].label", "identities[1].value"]);
+    }
+
+    #[test]
+    fn a_page_token_is_refused_with_other_filters() {
+        let first = ListRequestsRequest {
+            states: vec![RequestState::Completed as i32, RequestState::Failed as i32],
+            kind: RequestKind::Erasure as i32,
+            ..Default::default()
+        };
+        let filters = list_arguments(&first).expect("valid").filters;
+        let next = ListRequestsRequest {
+            page_token: page_token(&filters, 1_700_000_000_000, "r-1"),
+            // The same states in another order and repeated are the same filter.
+            states: vec![
+                RequestState::Failed as i32,
+                RequestState::Completed as i32,
+                RequestState::Failed as i32,
+            ],
+            ..first.clone()
+        };
+        let a = list_arguments(&next).expect("the same filters");
+        assert_eq!(a.before, Some((1_700_000_000_000, "r-1".to_string())));
+        for other in [
+            ListRequestsRequest {
+                kind: RequestKind::Transfer as i32,
+                ..next.clone()
+            },
+            ListRequestsRequest {
+                states: vec![RequestState::Completed as i32],
+                ..next.clone()
+            },
+            ListRequestsRequest {
+                overdue_only: true,
+                ..next.clone()
+            },
+        ] {
+            let v = list_arguments(&other).expect_err("other filters");
+            assert_eq!(v.len(), 1, "{v:?}");
+            assert_eq!(v[0].field, "page_token");
+            assert!(
+                v[0].rule
+                    .starts_with("belongs to a List with other filters"),
+                "{v:?}"
+            );
+        }
+        // A token of a registry before filters were encoded still continues its listing.
+        let old = ListRequestsRequest {
+            page_token: "1700000000000_r-1".into(),
+            ..first.clone()
+        };
+        assert_eq!(list_arguments(&old).expect("old token").before, a.before);
+        for garbage in ["v2.", "v2.abc", "v2.abc.x_r-1", "v2.abc.12_"] {
+            let r = ListRequestsRequest {
+                page_token: garbage.into(),
+                ..first.clone()
+            };
+            let v = list_arguments(&r).expect_err(garbage);
+            assert_eq!(
+                v[0].rule, "is not a token from a previous page",
+                "{garbage:?}"
+            );
+        }
     }
 
     const RECIPIENT: &str = "new-bookkeeper";
@@ -741,7 +1079,7 @@ mod properties {
         let mail = "[a-z0-9._]{1,30}@[a-z]{1,20}\\.(fi|com)";
         (
             kinds,
-            prop::collection::vec((mail, printable(64)), 1..=16),
+            prop::collection::vec((mail, "[a-z][ -~äöå]{0,30}"), 1..=16),
             "[A-Za-z0-9._:-]{1,128}",
             printable(MAX_TEXT),
             prop::option::of(prop::sample::subsequence(CATEGORIES.to_vec(), 0..=3)),
@@ -755,10 +1093,20 @@ mod properties {
                             transfer_recipient: RECIPIENT.into(),
                             ..Default::default()
                         },
+                        // Each field once (by its index), each value set to something.
                         RequestKind::Rectification => RequestParameters {
                             corrections: corrections
                                 .into_iter()
-                                .map(|(field, new_value)| FieldCorrection { field, new_value })
+                                .enumerate()
+                                .map(|(i, (field, new_value))| FieldCorrection {
+                                    field: format!("{i:02}{field}")[..field.len().min(62) + 2]
+                                        .to_string(),
+                                    new_value: if new_value.trim().is_empty() {
+                                        "x".into()
+                                    } else {
+                                        new_value
+                                    },
+                                })
                                 .collect(),
                             ..Default::default()
                         },
@@ -770,13 +1118,19 @@ mod properties {
                     };
                     SubmitRequest {
                         kind: kind as i32,
+                        // The first is of type OTHER, which has a label; e-mails have none.
                         identities: mails
                             .into_iter()
-                            .map(|(value, label)| SubjectIdentity {
-                                r#type: IdentityType::Email as i32,
+                            .enumerate()
+                            .map(|(i, (value, label))| SubjectIdentity {
+                                r#type: if i == 0 {
+                                    IdentityType::Other as i32
+                                } else {
+                                    IdentityType::Email as i32
+                                },
                                 encoding: IdentityEncoding::Raw as i32,
                                 value,
-                                label,
+                                label: if i == 0 { label } else { String::new() },
                             })
                             .collect(),
                         idempotency_key,

@@ -162,7 +162,10 @@ pub fn validate_identities(identities: &[SubjectIdentity]) -> Vec<FieldViolation
             if !ok {
                 out.push(FieldViolation::new(
                     f("value"),
-                    format!("a {enc:?} value must be {len} lowercase hex digits"),
+                    format!(
+                        "a {} value must be {len} lowercase hex digits",
+                        enc.as_str_name().trim_start_matches("IDENTITY_ENCODING_")
+                    ),
                 ));
             }
         } else if enc == IdentityEncoding::Raw {
@@ -187,6 +190,42 @@ pub fn validate_identities(identities: &[SubjectIdentity]) -> Vec<FieldViolation
     out
 }
 
+/// Rules a registry holds a new request's identities to at Submit on top of
+/// [`validate_identities`]: a label only on an identity of type OTHER (the only one it is
+/// defined for), and a raw customer number or national identification number with at least
+/// one letter or digit (one of punctuation alone matches no record anywhere, and the request
+/// would complete as NOT_FOUND everywhere). Kept out of [`validate_identities`], which a
+/// processor checks deliveries with, so that requests a registry stored before these rules
+/// are still delivered.
+pub fn submit_identity_violations(identities: &[SubjectIdentity]) -> Vec<FieldViolation> {
+    let mut out = Vec::new();
+    for (i, id) in identities.iter().enumerate().take(MAX_IDENTITIES) {
+        let f = |name: &str| format!("identities[{i}].{name}");
+        let ty = IdentityType::try_from(id.r#type).unwrap_or(IdentityType::Unspecified);
+        let enc = IdentityEncoding::try_from(id.encoding).unwrap_or(IdentityEncoding::Unspecified);
+        let name = ty.as_str_name().trim_start_matches("IDENTITY_TYPE_");
+        if matches!(ty, IdentityType::CustomerNumber | IdentityType::NationalId)
+            && enc == IdentityEncoding::Raw
+            && !id.value.is_empty()
+            && !id.value.chars().any(char::is_alphanumeric)
+        {
+            out.push(FieldViolation::new(
+                f("value"),
+                format!("a {name} value must hold at least one letter or digit"),
+            ));
+        }
+        if ty != IdentityType::Other && ty != IdentityType::Unspecified && !id.label.is_empty() {
+            out.push(FieldViolation::new(
+                f("label"),
+                format!(
+                    "only an identity of type OTHER has a label (this is {name}): leave it empty"
+                ),
+            ));
+        }
+    }
+    out
+}
+
 fn hex_len(enc: IdentityEncoding) -> Option<usize> {
     match enc {
         IdentityEncoding::Sha256 => Some(64),
@@ -204,9 +243,7 @@ fn raw_rule_violation(ty: IdentityType, value: &str) -> Option<String> {
         return Some("must not contain control characters".into());
     }
     match ty {
-        IdentityType::Email if !is_plausible_email(value) => {
-            Some("is not an e-mail address (expected local@domain.tld)".into())
-        }
+        IdentityType::Email => email_violation(value),
         IdentityType::Phone => {
             let digits = value.chars().filter(char::is_ascii_digit).count();
             let allowed = value
@@ -222,17 +259,48 @@ fn raw_rule_violation(ty: IdentityType, value: &str) -> Option<String> {
 
 /// A deliberately simple check: one `@`, a non-empty local part, a dotted domain, no spaces.
 pub fn is_plausible_email(v: &str) -> bool {
-    let Some((local, domain)) = v.split_once('@') else {
-        return false;
+    email_violation(v).is_none()
+}
+
+/// The rule of [`is_plausible_email`] that `v` breaks, in words that say which: one `@`, a
+/// local part (before it) of 1 to 64 bytes, a domain (after it) with a dot that neither
+/// starts nor ends it nor doubles, and no white space. The text is never echoed.
+fn email_violation(v: &str) -> Option<String> {
+    let not = |why: String| {
+        Some(format!(
+            "is not an e-mail address (local@domain.tld): {why}"
+        ))
     };
-    !local.is_empty()
-        && local.len() <= 64
-        && !domain.contains('@')
-        && domain.contains('.')
-        && !domain.starts_with('.')
-        && !domain.ends_with('.')
-        && !domain.contains("..")
-        && !v.contains(char::is_whitespace)
+    if v.contains(char::is_whitespace) {
+        return not("it contains white space".into());
+    }
+    let Some((local, domain)) = v.split_once('@') else {
+        return not("it has no @".into());
+    };
+    if domain.contains('@') {
+        return not("it has more than one @".into());
+    }
+    if local.is_empty() {
+        return not("nothing comes before the @".into());
+    }
+    if local.len() > 64 {
+        return not(format!(
+            "the local part (before the @) is {} bytes, at most 64 are allowed",
+            local.len()
+        ));
+    }
+    if domain.is_empty() {
+        return not("nothing comes after the @".into());
+    }
+    if !domain.contains('.') {
+        return not("the domain (after the @) needs a dot, as in example.fi".into());
+    }
+    if domain.starts_with('.') || domain.ends_with('.') || domain.contains("..") {
+        return not(
+            "the domain (after the @) must not start or end with a dot or hold two in a row".into(),
+        );
+    }
+    None
 }
 
 /// The normalised form of a raw value, the one that hashes are computed over.
@@ -278,6 +346,275 @@ pub fn keyed_digest(key: &[u8], domain: &[u8], bytes: &[u8]) -> String {
     mac.update(domain);
     mac.update(bytes);
     hex::encode(mac.finalize().into_bytes())
+}
+
+/// Which kind of the subject's `identities` the free text `text` holds, if any, as a refusal
+/// names it (never the value); an operator's evidence or reason is checked with it (a
+/// partner's note with [`identity_in_note`]). A raw value is found where it is written: an
+/// e-mail address as one of the text's addresses ([`email_candidates`]) in any case, a phone
+/// number as [`holds_phone`] finds it (its digits anywhere in a run of digits and separators
+/// too, even inside a longer number), any other value as a whole word ([`holds_word`]) in any
+/// ASCII case. A hashed value is found pasted as it is, as a whole word in any ASCII case, or
+/// where something in the text that could be the value hashes to it the way identities are
+/// hashed ([`normalize`], then [`digest`]): for an e-mail address one of the text's
+/// addresses, for a phone number one of [`phone_candidates`], for any other value one of
+/// [`text_words`] as written, uppercased or lowercased.
+pub fn identity_in_text(identities: &[SubjectIdentity], text: &str) -> Option<String> {
+    find_identity(identities, text, PhoneMatch::Within)
+}
+
+/// [`identity_in_text`] for a partner's Submit note, but a raw phone number is found only
+/// written whole: as a stretch of the text's groups of digits whose digits are the number's
+/// and no more ([`holds_phone`]), so "order 93584012345670" does not hold +358 40 123 4567.
+/// A refusal stops a partner's request, where an operator can reword a note at once.
+/// `identities` should be those that passed validation: a value refused (a PHONE "12")
+/// stands for no subject, and short ones are found in unrelated text.
+pub fn identity_in_note(identities: &[SubjectIdentity], text: &str) -> Option<String> {
+    find_identity(identities, text, PhoneMatch::Whole)
+}
+
+/// Where [`holds_phone`] looks for a raw phone number's digits.
+#[derive(Clone, Copy)]
+enum PhoneMatch {
+    /// Anywhere in a run of digits and separators, inside a longer number too.
+    Within,
+    /// Only as a whole stretch of groups of digits, not adjacent to other digits in a group.
+    Whole,
+}
+
+fn find_identity(identities: &[SubjectIdentity], text: &str, phone: PhoneMatch) -> Option<String> {
+    let ascii_lower = text.to_ascii_lowercase();
+    // Read out of the text once, when an identity of their kind needs them.
+    let mut words: Option<Vec<&str>> = None;
+    let mut emails: Option<Vec<String>> = None;
+    let mut phones: Option<Vec<String>> = None;
+    let lowercased = |addresses: Vec<&str>| addresses.iter().map(|a| a.to_lowercase()).collect();
+    for id in identities {
+        let ty = IdentityType::try_from(id.r#type).unwrap_or(IdentityType::Unspecified);
+        let enc = IdentityEncoding::try_from(id.encoding).unwrap_or(IdentityEncoding::Unspecified);
+        if id.value.trim().is_empty() {
+            continue;
+        }
+        let found = match enc {
+            IdentityEncoding::Raw => match ty {
+                IdentityType::Email => {
+                    let value = id.value.trim().to_lowercase();
+                    emails
+                        .get_or_insert_with(|| lowercased(email_candidates(text)))
+                        .contains(&value)
+                }
+                IdentityType::Phone => holds_phone(text, &id.value, phone),
+                _ => holds_word(&ascii_lower, &id.value.to_ascii_lowercase()),
+            },
+            IdentityEncoding::Sha256 | IdentityEncoding::Sha1 | IdentityEncoding::Md5 => {
+                let hashes_to = |candidate: &str| {
+                    digest(enc, &normalize(ty, candidate)).is_some_and(|d| d == id.value)
+                };
+                // A hash copied from the request rather than the value it stands for.
+                holds_word(&ascii_lower, &id.value.to_ascii_lowercase())
+                    || match ty {
+                        IdentityType::Email => emails
+                            .get_or_insert_with(|| lowercased(email_candidates(text)))
+                            .iter()
+                            .any(|c| hashes_to(c)),
+                        IdentityType::Phone => phones
+                            .get_or_insert_with(|| phone_candidates(text))
+                            .iter()
+                            .any(|c| hashes_to(c)),
+                        _ => words
+                            .get_or_insert_with(|| text_words(text))
+                            .iter()
+                            .any(|w| {
+                                hashes_to(w)
+                                    || hashes_to(&w.to_uppercase())
+                                    || hashes_to(&w.to_lowercase())
+                            }),
+                    }
+            }
+            IdentityEncoding::Unspecified => false,
+        };
+        if found {
+            return Some(match ty {
+                IdentityType::Email => "e-mail address".into(),
+                IdentityType::Phone => "phone number".into(),
+                IdentityType::CustomerNumber => "customer number".into(),
+                IdentityType::NationalId => "national identification number".into(),
+                IdentityType::Other | IdentityType::Unspecified => {
+                    format!("identity of type OTHER ({:?})", id.label)
+                }
+            });
+        }
+    }
+    None
+}
+
+/// Whether `value` appears in `text` (both lowercased alike) with no letter or digit right
+/// before or after it, so that a customer number is not found inside a longer number.
+fn holds_word(text: &str, value: &str) -> bool {
+    let edge = |c: Option<char>| !c.is_some_and(char::is_alphanumeric);
+    let starts_open = edge(value.chars().next());
+    let ends_open = edge(value.chars().next_back());
+    text.match_indices(value).any(|(at, _)| {
+        (starts_open || edge(text[..at].chars().next_back()))
+            && (ends_open || edge(text[at + value.len()..].chars().next()))
+    })
+}
+
+/// Whether `text` writes the raw phone number `value`. With [`PhoneMatch::Within`], where
+/// its digits are inside a run of digits and separators ([`phone_runs`]); with
+/// [`PhoneMatch::Whole`], where they are those of a stretch of consecutive groups of digits
+/// ([`group_stretches`]), a leading 00 read as `+`. Either way also where one of
+/// [`phone_candidates`] is the same number in the other format. A national number is a 0,
+/// not 00, and 7 or more digits; an international one starts with 00 or with no 0 (written
+/// with `+` or without), and is the same number when, after the 00, a 1 to 3 digit country
+/// code comes before the national number's digits after its 0 (which country is not
+/// checked).
+fn holds_phone(text: &str, value: &str, how: PhoneMatch) -> bool {
+    let digits = ascii_digits(value);
+    if digits.is_empty() {
+        return false;
+    }
+    let written = match how {
+        PhoneMatch::Within => phone_runs(text).any(|run| ascii_digits(run).contains(&digits)),
+        // 17: the 15 digits of the longest number, after a 00.
+        PhoneMatch::Whole => group_stretches(text, 17).iter().any(|s| {
+            let s = ascii_digits(s);
+            s == digits || international(&s).is_some_and(|i| international(&digits) == Some(i))
+        }),
+    };
+    if written {
+        return true;
+    }
+    fn national(d: &str) -> Option<&str> {
+        d.strip_prefix('0')
+            .filter(|rest| rest.len() >= 7 && !rest.starts_with('0'))
+    }
+    fn same(international: Option<&str>, national: Option<&str>) -> bool {
+        international
+            .zip(national)
+            .and_then(|(i, n)| i.strip_suffix(n))
+            .is_some_and(|code| (1..=3).contains(&code.len()))
+    }
+    phone_candidates(text).iter().any(|c| {
+        let c = ascii_digits(c);
+        same(international(&c), national(&digits)) || same(international(&digits), national(&c))
+    })
+}
+
+/// A phone number's digits without its international prefix (00, or none written), or
+/// `None` for a national number (one that starts with a single 0).
+fn international(d: &str) -> Option<&str> {
+    d.strip_prefix("00")
+        .or_else(|| (!d.starts_with('0')).then_some(d))
+}
+
+/// The ASCII digits of `text`, in order.
+fn ascii_digits(text: &str) -> String {
+    text.chars().filter(char::is_ascii_digit).collect()
+}
+
+/// Characters a written phone number is made of: digits, `+` and the separators
+/// ([`is_phone_separator`]).
+fn is_phone_char(c: char) -> bool {
+    c.is_ascii_digit() || c == '+' || is_phone_separator(c)
+}
+
+/// What may stand between a phone number's groups of digits: any white space (a no-break
+/// space too), the hyphens and dashes U+2010 to U+2015, and `-`, `(`, `)`, `.`, `/`.
+fn is_phone_separator(c: char) -> bool {
+    c.is_whitespace()
+        || ('\u{2010}'..='\u{2015}').contains(&c)
+        || matches!(c, '-' | '(' | ')' | '.' | '/')
+}
+
+/// The runs of `text` a phone number could be written in, each holding a digit.
+fn phone_runs(text: &str) -> impl Iterator<Item = &str> {
+    text.split(|c: char| !is_phone_char(c))
+        .filter(|run| run.chars().any(|c| c.is_ascii_digit()))
+}
+
+/// Every way of reading a phone number of 5 to 15 digits out of the text's runs: each of
+/// [`group_stretches`], with its `+` and without, for numbers written next to other figures
+/// ("+358 40 123 4567 - 2 records").
+fn phone_candidates(text: &str) -> Vec<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for number in group_stretches(text, 15) {
+        if number.chars().filter(char::is_ascii_digit).count() >= 5 {
+            let bare = number.trim_start_matches('+');
+            out.insert(bare.to_string());
+            out.insert(format!("+{bare}"));
+            out.insert(number);
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Each stretch of consecutive groups of digits (as the separators split the text's runs)
+/// of at most `max_digits` digits, its groups joined without their separators.
+fn group_stretches(text: &str, max_digits: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for run in phone_runs(text) {
+        let groups: Vec<&str> = run
+            .split(is_phone_separator)
+            .filter(|g| g.chars().any(|c| c.is_ascii_digit()))
+            .collect();
+        for start in 0..groups.len() {
+            let mut number = String::new();
+            for group in &groups[start..] {
+                number.push_str(group);
+                if number.chars().filter(char::is_ascii_digit).count() > max_digits {
+                    break;
+                }
+                out.push(number.clone());
+            }
+        }
+    }
+    out
+}
+
+/// The words of `text`: split at white space and at the brackets, quotes and separators
+/// that no number holds (`<>()[],;"`), each also split at `:`, `=` and `/` (as in "hetu:…",
+/// "ref=…"), and each of these also without the punctuation around it.
+fn text_words(text: &str) -> Vec<&str> {
+    let mut out = std::collections::BTreeSet::new();
+    for word in text.split(|c: char| {
+        c.is_whitespace() || matches!(c, '<' | '>' | '(' | ')' | '[' | ']' | ',' | ';' | '"')
+    }) {
+        for part in std::iter::once(word).chain(word.split([':', '=', '/'])) {
+            out.insert(part);
+            out.insert(part.trim_matches(|c: char| !c.is_alphanumeric()));
+        }
+    }
+    out.remove("");
+    out.into_iter().collect()
+}
+
+/// The e-mail addresses written in `text`: around each `@`, the characters an address's
+/// domain is made of, and before it those of a usual local part, or of any the standard
+/// allows; without a sentence's full stop after it ("mailto:Bob@example.fi." holds
+/// "Bob@example.fi", "to=bob@example.fi" both "bob@…" and "to=bob@…").
+fn email_candidates(text: &str) -> Vec<&str> {
+    let usual = |c: char| c.is_alphanumeric() || matches!(c, '.' | '_' | '%' | '+' | '-');
+    let any = |c: char| usual(c) || "'!#$&*/=?^`{|}~".contains(c);
+    let domain = |c: char| c.is_alphanumeric() || matches!(c, '.' | '-');
+    let mut out = std::collections::BTreeSet::new();
+    for (at, _) in text.match_indices('@') {
+        let end = text[at + 1..]
+            .char_indices()
+            .take_while(|&(_, c)| domain(c))
+            .last()
+            .map_or(at + 1, |(i, c)| at + 1 + i + c.len_utf8());
+        for local in [&usual as &dyn Fn(char) -> bool, &any] {
+            let start = text[..at]
+                .char_indices()
+                .rev()
+                .take_while(|&(_, c)| local(c))
+                .last()
+                .map_or(at, |(i, _)| i);
+            out.insert(text[start..end].trim_end_matches('.'));
+        }
+    }
+    out.into_iter().collect()
 }
 
 #[cfg(test)]
@@ -330,6 +667,93 @@ mod tests {
     }
 
     #[test]
+    fn a_hash_of_the_wrong_length_is_named_as_the_proto_names_it() {
+        for (enc, name, len) in [
+            (IdentityEncoding::Sha256, "SHA256", 64),
+            (IdentityEncoding::Sha1, "SHA1", 40),
+            (IdentityEncoding::Md5, "MD5", 32),
+        ] {
+            let v = validate_identities(&[ident(IdentityType::Email, enc, "abc")]);
+            assert_eq!(
+                v[0].rule,
+                format!("a {name} value must be {len} lowercase hex digits")
+            );
+        }
+    }
+
+    #[test]
+    fn an_e_mail_address_is_refused_by_the_rule_it_breaks() {
+        let long_local = format!("{}@example.fi", "a".repeat(309));
+        assert_eq!(long_local.len(), 320);
+        for (value, why) in [
+            (
+                long_local.as_str(),
+                "the local part (before the @) is 309 bytes, at most 64",
+            ),
+            ("maija.example.fi", "it has no @"),
+            ("a@b@example.fi", "more than one @"),
+            ("@example.fi", "nothing comes before the @"),
+            ("maija@", "nothing comes after the @"),
+            ("maija@localhost", "needs a dot"),
+            ("maija@.example.fi", "must not start or end with a dot"),
+            ("maija@example..fi", "two in a row"),
+            ("maija @example.fi", "white space"),
+        ] {
+            let v =
+                validate_identities(&[ident(IdentityType::Email, IdentityEncoding::Raw, value)]);
+            assert_eq!(v.len(), 1, "{value:?}: {v:?}");
+            assert!(v[0].rule.contains(why), "{value:?}: {}", v[0].rule);
+            assert!(
+                !v[0].rule.contains(value),
+                "{value:?} echoed: {}",
+                v[0].rule
+            );
+        }
+        let longest_local = format!("{}@example.fi", "a".repeat(64));
+        assert!(is_plausible_email(&longest_local));
+    }
+
+    #[test]
+    fn a_label_belongs_to_other_and_a_number_needs_a_letter_or_digit() {
+        let labelled = |ty: IdentityType, value: &str, label: &str| SubjectIdentity {
+            label: label.into(),
+            ..ident(ty, IdentityEncoding::Raw, value)
+        };
+        let v = submit_identity_violations(&[
+            labelled(IdentityType::Email, "maija@example.fi", "work"),
+            labelled(IdentityType::NationalId, "!!!", ""),
+            labelled(IdentityType::CustomerNumber, "-- --", ""),
+            labelled(IdentityType::Other, "!!!", "loyalty-card"),
+            labelled(IdentityType::NationalId, "131052-308T", ""),
+            labelled(IdentityType::CustomerNumber, "1", ""),
+        ]);
+        let got: Vec<(&str, &str)> = v
+            .iter()
+            .map(|v| (v.field.as_str(), v.rule.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "identities[0].label",
+                    "only an identity of type OTHER has a label (this is EMAIL): leave it empty"
+                ),
+                (
+                    "identities[1].value",
+                    "a NATIONAL_ID value must hold at least one letter or digit"
+                ),
+                (
+                    "identities[2].value",
+                    "a CUSTOMER_NUMBER value must hold at least one letter or digit"
+                ),
+            ]
+        );
+        // A hash stands for a value that cannot be seen; it is judged by its form only.
+        let hashed = ident(IdentityType::NationalId, IdentityEncoding::Sha256, "!!!");
+        assert_eq!(submit_identity_violations(&[hashed]), []);
+    }
+
+    #[test]
     fn mailchimp_style_md5() {
         assert_eq!(
             digest(
@@ -339,5 +763,203 @@ mod tests {
             .unwrap(),
             digest(IdentityEncoding::Md5, "a@b.fi").unwrap()
         );
+    }
+
+    fn identity(ty: IdentityType, enc: IdentityEncoding, value: &str) -> SubjectIdentity {
+        SubjectIdentity {
+            r#type: ty as i32,
+            encoding: enc as i32,
+            value: value.into(),
+            label: "loyalty-card".into(),
+        }
+    }
+
+    fn hashed(ty: IdentityType, enc: IdentityEncoding, raw: &str) -> SubjectIdentity {
+        identity(ty, enc, &digest(enc, &normalize(ty, raw)).unwrap())
+    }
+
+    #[test]
+    fn an_operators_text_naming_a_raw_identity_is_found_by_kind() {
+        use IdentityEncoding::Raw;
+        use IdentityType::*;
+        let ids = [
+            identity(Email, Raw, "Maija.Meikalainen@example.fi"),
+            identity(Phone, Raw, "+358 40 123 4567"),
+            identity(CustomerNumber, Raw, "C-1001"),
+            identity(NationalId, Raw, "131052-308T"),
+            identity(Other, Raw, "LC77"),
+        ];
+        let found = |text: &str| identity_in_text(&ids, text);
+        for (text, kind) in [
+            (
+                "mailed maija.meikalainen@EXAMPLE.fi a copy",
+                "e-mail address",
+            ),
+            ("mailed <maija.meikalainen@example.fi>.", "e-mail address"),
+            ("called +358401234567 twice", "phone number"),
+            ("called (040) 123-4567", "phone number"),
+            ("called 358-40-123-4567, 2 records", "phone number"),
+            ("called +358\u{a0}40\u{a0}123\u{a0}4567", "phone number"),
+            ("called 040\u{2013}123 4567", "phone number"),
+            ("called 040/1234567", "phone number"),
+            ("called 00358 40 123 4567", "phone number"),
+            ("shredded folder c-1001.", "customer number"),
+            ("ref=C-1001", "customer number"),
+            ("id 131052-308t checked", "national identification number"),
+            ("hetu:131052-308T", "national identification number"),
+            ("card LC77", "identity of type OTHER (\"loyalty-card\")"),
+        ] {
+            assert_eq!(found(text).as_deref(), Some(kind), "{text:?}");
+        }
+        // Figures that only resemble a value, or hold it inside a longer one, are no identity.
+        for text in [
+            "shredded folder 2019/14, witnessed by M. Virtanen",
+            "shredded folder 2019/14,\u{a0}witnessed by M.\u{a0}Virtanen",
+            "folder C-10012 and LC770",
+            "4567 records in 123 boxes, +358 others",
+            "sent to xmaija.meikalainen@example.fi",
+            "sent to maija.meikalainen@example.fin",
+            "order 01234567",
+            "order 0 1234567",
+            "",
+        ] {
+            assert_eq!(found(text), None, "{text:?}");
+        }
+        // A number given in national format, written in international format.
+        let national = [identity(Phone, Raw, "040-123 4567")];
+        for text in [
+            "rang +358 40 123 4567",
+            "rang 00358 40 123 4567",
+            "rang +358\u{a0}40\u{2011}123\u{a0}4567",
+            "rang 040/123 4567",
+        ] {
+            assert!(identity_in_text(&national, text).is_some(), "{text:?}");
+        }
+        for text in [
+            "rang +358 40 123 4568",
+            "order 01234567",
+            "invoice 2024401234567",
+        ] {
+            assert!(identity_in_text(&national, text).is_none(), "{text:?}");
+        }
+        // A value never appears in the kind named.
+        assert!(!found("maija.meikalainen@example.fi")
+            .unwrap()
+            .contains("maija"));
+    }
+
+    /// A partner's note names a raw phone number only where it is written whole; an
+    /// operator's text also where its digits are inside a longer number, as before.
+    #[test]
+    fn a_note_names_a_phone_number_only_written_whole() {
+        use IdentityEncoding::Raw;
+        use IdentityType::*;
+        let ids = [identity(Phone, Raw, "+358 40 123 4567")];
+        for text in [
+            "order 93584012345670",
+            "order 3584012345670",
+            "ref 0358 40 123 4567",
+            "ref 99358401234567",
+        ] {
+            assert_eq!(identity_in_note(&ids, text), None, "{text:?}");
+            assert!(identity_in_text(&ids, text).is_some(), "{text:?}");
+        }
+        for text in [
+            "called +358401234567 twice",
+            "called (040) 123-4567",
+            "called 358-40-123-4567, 2 records",
+            "called +358 40 123 4567 - 2 records",
+            "called +358\u{a0}40\u{a0}123\u{a0}4567",
+            "called 040\u{2013}123 4567",
+            "called 00358 40 123 4567",
+            "called 0035840 1234567",
+        ] {
+            assert_eq!(
+                identity_in_note(&ids, text).as_deref(),
+                Some("phone number"),
+                "{text:?}"
+            );
+        }
+        // The longest number, 15 digits, after a 00.
+        let longest = [identity(Phone, Raw, "+358 40 123 456 789")];
+        assert!(identity_in_note(&longest, "called 00358 40 123 456 789").is_some());
+        let national = [identity(Phone, Raw, "040-123 4567")];
+        for text in [
+            "rang +358 40 123 4567",
+            "rang 00358 40 123 4567",
+            "rang 0401234567",
+        ] {
+            assert!(identity_in_note(&national, text).is_some(), "{text:?}");
+        }
+        // Figures before the national digits are a country code only if 1 to 3 of them.
+        for text in [
+            "order 04012345678",
+            "order 1040123456",
+            "invoice 2024401234567",
+        ] {
+            assert_eq!(identity_in_note(&national, text), None, "{text:?}");
+        }
+        // Other kinds are found as by identity_in_text.
+        let email = [identity(Email, Raw, "maija@example.fi")];
+        assert!(identity_in_note(&email, "from <Maija@example.fi>").is_some());
+    }
+
+    #[test]
+    fn an_operators_text_naming_a_hashed_identity_is_found_by_its_hash() {
+        use IdentityEncoding::*;
+        use IdentityType::*;
+        // MD5 of "password", as the request gave it.
+        let pasted = "5f4dcc3b5aa765d61d8327deb882cf99";
+        let ids = [
+            hashed(Email, Sha256, "maija.meikalainen@example.fi"),
+            hashed(Phone, Md5, "+358401234567"),
+            hashed(NationalId, Sha1, "131052-308T"),
+            hashed(CustomerNumber, Sha256, "C-1001"),
+            identity(Other, Md5, pasted),
+        ];
+        let found = |text: &str| identity_in_text(&ids, text);
+        let other = "identity of type OTHER (\"loyalty-card\")";
+        let phone_hash = ids[1].value.clone();
+        for (text, kind) in [
+            ("wrote to <Maija.Meikalainen@Example.fi>.", "e-mail address"),
+            ("mailto:maija.meikalainen@example.fi", "e-mail address"),
+            ("to=maija.meikalainen@example.fi", "e-mail address"),
+            ("rang +358 40 123 4567 - 2 records", "phone number"),
+            ("rang 358-40-1234567", "phone number"),
+            ("rang +358\u{a0}40\u{a0}123\u{a0}4567", "phone number"),
+            ("rang +358 40\u{2013}123 4567", "phone number"),
+            ("rang +358/40/1234567", "phone number"),
+            ("checked 131052-308t.", "national identification number"),
+            ("hetu:131052-308T", "national identification number"),
+            ("ref=C-1001", "customer number"),
+            ("folders 2019/c-1001", "customer number"),
+            ("deleted member 5f4dcc3b5aa765d61d8327deb882cf99", other),
+            ("deleted member 5F4DCC3B5AA765D61D8327DEB882CF99.", other),
+            ("deleted member password", other),
+            (&format!("hash:{phone_hash}"), "phone number"),
+        ] {
+            assert_eq!(found(text).as_deref(), Some(kind), "{text:?}");
+        }
+        for text in [
+            "wrote to maija@example.fi",
+            "rang +358 40 123 4568",
+            "shredded folder 2019/14 (12 records)",
+            "hetu:131052-308X",
+            "ref=C-10012",
+            "deleted member 5f4dcc3b5aa765d61d8327deb882cf990",
+            "deleted member x5f4dcc3b5aa765d61d8327deb882cf99",
+        ] {
+            assert_eq!(found(text), None, "{text:?}");
+        }
+        // A number hashed in national format, written with other separators.
+        let national = [hashed(Phone, Sha256, "0401234567")];
+        for text in [
+            "rang 040\u{2013}123 4567",
+            "rang 040/1234567",
+            "rang 040\u{a0}123\u{a0}4567",
+        ] {
+            assert!(identity_in_text(&national, text).is_some(), "{text:?}");
+        }
+        assert!(identity_in_text(&national, "rang 040/1234568").is_none());
     }
 }

@@ -29,6 +29,8 @@
 //! - [`identity`]: subject identity validation, normalisation and hashing.
 //! - [`log_text`]: what log lines show of text from outside a service (another party's
 //!   status message, a holder's error): its length and a keyed hash, never its words.
+//! - [`names`]: the answer to a listing filtered by a processor's or controller's name that
+//!   is not configured.
 //! - [`listen`]: TCP listeners handed down by whoever started the process (`LISTEN_FDS`),
 //!   or bound here when none was.
 //! - [`metrics`]: Prometheus text-format metrics (prometheus-client) on a plain-HTTP admin
@@ -59,6 +61,7 @@ pub mod identity;
 pub mod listen;
 pub mod log_text;
 pub mod metrics;
+pub mod names;
 pub mod pki;
 pub mod resumable_hash;
 pub mod server;

@@ -635,7 +635,7 @@ async fn ids_paging_cancel_and_deadline_arguments_are_checked() {
             operator
                 .extend_deadline(extend(months, "big request"))
                 .await,
-            &[("months", &["must be 1 to 2", "0 used"])],
+            &[("months", &["months asked, 1 to 2 months may be added"])],
         );
     }
     for reason in ["", "   ", &"r".repeat(1025)] {

@@ -409,14 +409,15 @@ async fn contractproc_without_a_choice_nothing_happens_until_the_grace_period_en
             .map(|t| dsrelay_proto::millis_from_timestamp(&t)),
         Some(grace)
     );
+    // A controller this processor does not serve is named as such, not answered "nothing".
     let other = ops
         .list_contract_ends(ListContractEndsRequest {
             controller: OTHER_CONTROLLER.into(),
         })
         .await
-        .expect("list")
-        .into_inner();
-    assert!(other.contract_ends.is_empty());
+        .expect_err("an unknown controller");
+    assert_eq!(other.code(), tonic::Code::NotFound, "{other:?}");
+    assert!(other.message().contains(OTHER_CONTROLLER), "{other:?}");
 
     // A month after the effective date: still nothing.
     s.advance(30 * DAY_MS);

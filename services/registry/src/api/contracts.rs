@@ -22,6 +22,7 @@ use dsrelay_runtime::grpc::CallerTrace;
 use dsrelay_runtime::identity::{
     instant_violation, keyed_digest, request_id_violation, text_violation, FieldViolation,
 };
+use dsrelay_runtime::names::{unknown_name, PartyKind};
 use dsrelay_runtime::trace_context;
 use sha2::{Digest, Sha256};
 use tonic::{Response, Status};
@@ -524,6 +525,14 @@ impl ContractService for Api {
             .contracts_with_tasks((!processor.is_empty()).then_some(processor.as_str()))
             .await
             .map_err(ApiError::from)?;
+        let configured: Vec<&str> = (self.shared.config.processors.iter())
+            .map(|p| p.name.as_str())
+            .collect();
+        if rows.is_empty() {
+            if let Some(message) = unknown_name(PartyKind::Processor, processor, &configured) {
+                return Err(ApiError::not_found(message).into());
+            }
+        }
         let contracts = rows
             .into_iter()
             .map(|r| {

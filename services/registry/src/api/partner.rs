@@ -25,7 +25,7 @@ use crate::error::ApiError;
 use crate::store::{
     CancelOutcome, DeadLetterCursor, Inserted, ListFilter, NewRequest, RequestRow, RequeueOutcome,
 };
-use crate::validate::{list_arguments, text_violation, validate_submit, ListArguments};
+use crate::validate::{list_arguments, page_token, text_violation, validate_submit, ListArguments};
 
 use super::{check_text, not_found, views, watch, Api};
 
@@ -40,6 +40,33 @@ fn body_hash(key: &[u8], encoded: &[u8]) -> String {
 
 /// Room kept free in a List answer for its framing and the page token.
 const LIST_HEADROOM_BYTES: usize = 64 * 1024;
+
+/// What is wrong with asking to extend a due date by `months` when it was already extended by
+/// `used` months, if anything: GDPR art. 12(3) allows two months in all
+/// ([`MAX_EXTENSION_MONTHS`]), so what may still be added is what the earlier extensions left.
+fn months_violation(months: u32, used: u32) -> Option<FieldViolation> {
+    let left = MAX_EXTENSION_MONTHS.saturating_sub(used);
+    let so_far = match used {
+        0 => "the due date has not been extended yet".to_string(),
+        1 => "the due date was already extended by 1 month".to_string(),
+        n => format!("the due date was already extended by {n} months"),
+    };
+    let rule = if left == 0 {
+        format!("no extension is left: {so_far}, the most GDPR art. 12(3) allows")
+    } else if months == 0 || months > left {
+        let may = match left {
+            1 => "only 1 month may be added".to_string(),
+            n => format!("1 to {n} months may be added"),
+        };
+        format!(
+            "{months} months asked, {may}: GDPR art. 12(3) allows {MAX_EXTENSION_MONTHS} \
+             months in all and {so_far}"
+        )
+    } else {
+        return None;
+    };
+    Some(FieldViolation::new("months", rule))
+}
 
 #[tonic::async_trait]
 impl RequestService for Api {
@@ -180,7 +207,11 @@ impl RequestService for Api {
     ) -> Result<Response<ListRequestsResponse>, Status> {
         let caller = self.partner_api_caller(&req)?;
         let r = req.into_inner();
-        let ListArguments { page_size, before } = list_arguments(&r).map_err(ApiError::invalid)?;
+        let ListArguments {
+            page_size,
+            before,
+            filters,
+        } = list_arguments(&r).map_err(ApiError::invalid)?;
         let filter = ListFilter {
             partner: (caller.role == Party::Partner).then(|| caller.name.clone()),
             states: r.states.clone(),
@@ -197,7 +228,7 @@ impl RequestService for Api {
             .map_err(ApiError::from)?;
         let more = rows.len() > page_size as usize;
         rows.truncate(page_size as usize);
-        let token = |received_at: i64, id: &str| format!("{received_at}_{id}");
+        let token = |received_at: i64, id: &str| page_token(&filters, received_at, id);
         let mut next_page_token = if more {
             rows.last()
                 .map(|l| token(l.received_at, &l.id))
@@ -355,19 +386,8 @@ impl RequestService for Api {
         let row = self.visible(&caller, &r.request_id).await?;
         check_text("reason", &r.reason)?;
         let used = (row.extension_months.max(0) as u32).min(MAX_EXTENSION_MONTHS);
-        let left = MAX_EXTENSION_MONTHS - used;
-        if r.months == 0 || r.months > left {
-            let rule = if left == 0 {
-                format!(
-                    "no extension is left: the due date was already extended by {used} months, \
-                     the most GDPR art. 12(3) allows"
-                )
-            } else {
-                format!(
-                    "must be 1 to {left} (GDPR art. 12(3) allows two months in all; {used} used)"
-                )
-            };
-            return Err(ApiError::invalid([FieldViolation::new("months", rule)]).into());
+        if let Some(v) = months_violation(r.months, used) {
+            return Err(ApiError::invalid([v]).into());
         }
         if row.kind == RequestKind::ContractEnd {
             return Err(ApiError::failed_precondition(format!(
@@ -691,6 +711,50 @@ mod dead_letter_token_tests {
             "12:deliver:i d\u{1}:p",
         ] {
             assert_eq!(dead_letter_cursor(garbage), None, "{garbage:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod extension_tests {
+    use super::*;
+
+    fn rule(months: u32, used: u32) -> Option<String> {
+        months_violation(months, used).map(|v| v.rule)
+    }
+
+    #[test]
+    fn an_extension_refusal_says_what_was_asked_and_what_is_left() {
+        assert_eq!(
+            rule(3, 0).as_deref(),
+            Some(
+                "3 months asked, 1 to 2 months may be added: GDPR art. 12(3) allows 2 months in \
+                 all and the due date has not been extended yet"
+            )
+        );
+        assert_eq!(
+            rule(0, 0).as_deref(),
+            Some(
+                "0 months asked, 1 to 2 months may be added: GDPR art. 12(3) allows 2 months in \
+                 all and the due date has not been extended yet"
+            )
+        );
+        assert_eq!(
+            rule(2, 1).as_deref(),
+            Some(
+                "2 months asked, only 1 month may be added: GDPR art. 12(3) allows 2 months in \
+                 all and the due date was already extended by 1 month"
+            )
+        );
+        assert_eq!(
+            rule(1, 2).as_deref(),
+            Some(
+                "no extension is left: the due date was already extended by 2 months, the \
+                 most GDPR art. 12(3) allows"
+            )
+        );
+        for (months, used) in [(1, 0), (2, 0), (1, 1)] {
+            assert_eq!(rule(months, used), None, "{months} after {used}");
         }
     }
 }
