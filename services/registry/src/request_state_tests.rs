@@ -1,7 +1,7 @@
 //! A request's state through the store, on SQLite and PostgreSQL: what a cancellation does to
 //! it, and how what processors report after a cancellation or an answer is folded in.
 
-use dsrelay_proto::v1::{RequestKind, RequestState, TaskState, TaskStatus};
+use dsrelay_proto::v1::{EventType, RequestKind, RequestState, TaskState, TaskStatus};
 use dsrelay_runtime::store::Db;
 
 use crate::store::{
@@ -274,6 +274,68 @@ async fn a_cancellation_too_late_for_every_task_gives_way_on_sqlite() {
 async fn a_cancellation_too_late_for_every_task_gives_way_on_postgres() {
     on_postgres(|url, _| async move {
         a_cancellation_too_late_for_every_task_gives_way(store_at(&url).await).await;
+    })
+    .await;
+}
+
+/// `id`'s events as (type, request state, message), in order.
+async fn events(store: &Store, id: &str) -> Vec<(EventType, RequestState, String)> {
+    let rows = store.events(id).await.unwrap();
+    rows.into_iter()
+        .map(|e| {
+            let ty = EventType::try_from(e.event_type).unwrap();
+            (
+                ty,
+                RequestState::try_from(e.request_state).unwrap(),
+                e.message,
+            )
+        })
+        .collect()
+}
+
+/// A cancellation's events follow the contract of every event that moves a request:
+/// CANCELLED shows the state before, and a STATE_CHANGED to CANCELLED follows (a Watch
+/// client following STATE_CHANGED sees the cancellation). One that gives way is followed by
+/// a STATE_CHANGED from CANCELLED.
+async fn a_cancellation_records_its_state_change(store: Store) {
+    with_tasks(&store, "r1", Completed, InProgress).await;
+    let before = events(&store, "r1").await.len();
+    store.cancel("r1", "withdrawn", 3_000).await.unwrap();
+    let after = events(&store, "r1").await;
+    assert_eq!(
+        after[before..],
+        [
+            (
+                EventType::Cancelled,
+                R::InProgress,
+                "cancelled: withdrawn".into()
+            ),
+            (
+                EventType::StateChanged,
+                R::Cancelled,
+                "IN_PROGRESS -> CANCELLED".into()
+            ),
+        ]
+    );
+    ack(&store, "r1", "b", 3, Completed, 4_000).await;
+    let last = events(&store, "r1").await.pop().unwrap();
+    let gave_way = (
+        EventType::StateChanged,
+        R::Completed,
+        "CANCELLED -> COMPLETED".into(),
+    );
+    assert_eq!(last, gave_way);
+}
+
+#[tokio::test]
+async fn a_cancellation_records_its_state_change_on_sqlite() {
+    on_sqlite(a_cancellation_records_its_state_change).await;
+}
+
+#[tokio::test]
+async fn a_cancellation_records_its_state_change_on_postgres() {
+    on_postgres(|url, _| async move {
+        a_cancellation_records_its_state_change(store_at(&url).await).await;
     })
     .await;
 }

@@ -1236,7 +1236,12 @@ async fn upsert_tasks<'a>(
 }
 
 /// The STATE_CHANGED event of a request moving from `old` to `new`.
-fn state_changed_event(id: &str, old: RequestState, new: RequestState, now: i64) -> NewEvent {
+pub(super) fn state_changed_event(
+    id: &str,
+    old: RequestState,
+    new: RequestState,
+    now: i64,
+) -> NewEvent {
     NewEvent {
         request_id: id.to_string(),
         event_type: EventType::StateChanged,

@@ -4,7 +4,8 @@
 use anyhow::{Context, Result};
 use dsrelay_proto::v1::{EventType, RequestState};
 
-use super::events::{insert_event, EventDetail};
+use super::acknowledgements::state_changed_event;
+use super::events::{insert_event, insert_events, EventDetail, NewEvent};
 use super::rows::task_state;
 use super::{Operation, RequestRow, Store, Tx};
 use crate::fold::{cancel_stops_nothing, Delivery, OPEN_STATES};
@@ -85,17 +86,24 @@ impl Store {
         .bind(Operation::Deliver.as_str())
         .execute(tx.conn())
         .await?;
-        insert_event(
+        // As every event that moves a request: it shows the state before, and a STATE_CHANGED
+        // with the new one follows, which is what a Watch client following states sees.
+        insert_events(
             &mut tx,
-            id,
-            EventType::Cancelled,
-            now,
-            RequestState::Cancelled,
-            EventDetail {
-                message: "cancelled".into(),
-                free_text: reason.to_string(),
-                ..Default::default()
-            },
+            vec![
+                NewEvent {
+                    request_id: id.to_string(),
+                    event_type: EventType::Cancelled,
+                    at: now,
+                    request_state: state,
+                    detail: EventDetail {
+                        message: "cancelled".into(),
+                        free_text: reason.to_string(),
+                        ..Default::default()
+                    },
+                },
+                state_changed_event(id, state, RequestState::Cancelled, now),
+            ],
         )
         .await?;
         tx.commit().await?;
