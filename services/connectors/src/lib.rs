@@ -39,7 +39,9 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use dsrelay_proto::v1::{RequestKind, RequestParameters, SubjectIdentity};
+use dsrelay_proto::v1::{
+    IdentityEncoding, IdentityType, RequestKind, RequestParameters, SubjectIdentity,
+};
 
 pub mod adapter;
 mod config;
@@ -71,8 +73,10 @@ pub enum ConnectorError {
         /// How long the holder asked us to wait (ms).
         after_ms: u64,
     },
-    /// A condition that will not fix itself (bad configuration, SQL errors, identities the
-    /// connector cannot use): retrying is pointless, an operator must act.
+    /// A condition that will not fix itself (bad configuration, SQL errors): retrying is
+    /// pointless, an operator must act. Identities the holder cannot match are no such
+    /// condition: only the partner can give others, so the SQL and Mailchimp connectors
+    /// answer them [`Outcome::Refused`] ([`Connector::matchable_identities`]).
     #[error("{0}")]
     Permanent(String),
 }
@@ -535,6 +539,16 @@ pub trait Connector: Send + Sync {
 
     /// Takes one step of `task`.
     fn run<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>>;
+
+    /// The forms of identity (type, encoding) this holder can find a subject by, as
+    /// ListSubprocessors reports them. A connector that lists forms answers a task whose
+    /// identities include none of them [`Outcome::Refused`], naming the forms, and leaves the
+    /// other identities out of its search. Empty (the default) when every identity is passed
+    /// on as given and the holder decides: an external adapter, a manual holder's operator,
+    /// the noop connector.
+    fn matchable_identities(&self) -> Vec<(IdentityType, IdentityEncoding)> {
+        Vec::new()
+    }
 
     /// The controllers this connector's configuration scopes its data to, or `None` when its
     /// data is not scoped (then all of it belongs to whichever controller asks).

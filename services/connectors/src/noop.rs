@@ -1,8 +1,15 @@
-//! A connector that holds nothing and confirms every task after a fixed delay: for benchmarks
-//! that measure the relay itself, and for tests that need a task to stay in progress. A
-//! contract end's bulk step likewise confirms after the delay, with nothing counted; holding
-//! nothing, it has nothing that could arrive after a return, so the erasure that follows one
-//! is not checked ([`crate::BulkJob::returned`]).
+//! A connector that holds nothing and answers every task after a fixed delay: for benchmarks
+//! that measure the relay itself, for tests that need a task to stay in progress, and as a
+//! stand-in for a holder a setup does not have.
+//!
+//! What it answers is [`NoopConfig::answer`]. By default COMPLETED, with nothing counted,
+//! which keeps a benchmark measuring the relay; but COMPLETED says the holder did the work, and
+//! the processor signs a deletion certificate for a COMPLETED erasure, so a stand-in that
+//! someone other than the benchmark's author reads answers [`NoopAnswer::NotFound`]: it holds
+//! no data of the subject, which is true of it. A contract end's bulk step answers likewise
+//! (COMPLETED with nothing counted, or NOT_FOUND: no data of the controller). Holding nothing,
+//! it has nothing that could arrive after a return, so the erasure that follows one is not
+//! checked ([`crate::BulkJob::returned`]).
 
 use std::time::Duration;
 
@@ -10,6 +17,25 @@ use dsrelay_proto::v1::RequestKind;
 use serde::{Deserialize, Serialize};
 
 use crate::{BoxFuture, BulkJob, BulkProgress, Connector, ConnectorError, Outcome, Task};
+
+/// What the no-op connector answers every task and every contract end's bulk step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoopAnswer {
+    /// COMPLETED, with no records: for benchmarks and tests of the relay. It claims work done
+    /// that no system did (an erasure gets a signed deletion certificate), so it is not for a
+    /// setup whose outcomes anyone takes for a holder's.
+    #[default]
+    Completed,
+    /// NOT_FOUND: "holds no data of the subject", what a stand-in that holds nothing can
+    /// truly say. The processor then ends the task NOT_FOUND, whatever its kind: an erasure
+    /// gets no deletion certificate, a return of data or a transfer has no export (the
+    /// package gets no part from it, the recipient nothing), a rectification, restriction or
+    /// objection has nothing to change. A contract end's bulk step answers NOT_FOUND too (no
+    /// data of the controller): its export step delivers an empty part of the return, and its
+    /// erasure step ends COMPLETED with nothing erased, its certificate stating zero records.
+    NotFound,
+}
 
 /// Settings of the no-op connector.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +49,9 @@ pub struct NoopConfig {
     /// is). Absent: unscoped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub controllers: Option<Vec<String>>,
+    /// What it answers (`"completed"`, the default, or `"not_found"`); see [`NoopAnswer`].
+    #[serde(default)]
+    pub answer: NoopAnswer,
 }
 
 /// See the module documentation.
@@ -30,14 +59,35 @@ pub struct NoopConfig {
 pub(crate) struct NoopConnector {
     delay: Duration,
     controllers: Option<Vec<String>>,
+    answer: NoopAnswer,
 }
 
 impl NoopConnector {
-    /// A connector that waits `config.delay_ms` per task.
+    /// A connector that waits `config.delay_ms` per task, then answers `config.answer`.
     pub(crate) fn new(config: &NoopConfig) -> Self {
         Self {
             delay: Duration::from_millis(config.delay_ms),
             controllers: config.controllers.clone(),
+            answer: config.answer,
+        }
+    }
+
+    /// The configured answer; `whose` (the subject, a controller) is what its note says
+    /// it holds nothing of.
+    fn answer(&self, whose: &str) -> Outcome {
+        match self.answer {
+            // Holding nothing, it writes no export files either.
+            NoopAnswer::Completed => Outcome::Completed {
+                records_affected: 0,
+                note: format!("noop connector: nothing held of {whose}"),
+                files: Vec::new(),
+                erased: Vec::new(),
+            },
+            NoopAnswer::NotFound => Outcome::NotFound {
+                note: format!(
+                    "noop connector, a stand-in that reaches no system: holds no data of {whose}"
+                ),
+            },
         }
     }
 
@@ -67,13 +117,7 @@ impl Connector for NoopConnector {
     fn run<'a>(&'a self, _task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
         Box::pin(async move {
             self.wait().await;
-            // Holding nothing, it writes no export files either.
-            Ok(Outcome::Completed {
-                records_affected: 0,
-                note: "noop connector: nothing held".into(),
-                files: Vec::new(),
-                erased: Vec::new(),
-            })
+            Ok(self.answer("the subject"))
         })
     }
 
@@ -82,15 +126,7 @@ impl Connector for NoopConnector {
             // Counted first, as a connector holding data would: nothing, of nothing.
             job.progress.report(BulkProgress::default());
             self.wait().await;
-            Ok(Outcome::Completed {
-                records_affected: 0,
-                note: format!(
-                    "noop connector: nothing held for controller {}",
-                    job.controller
-                ),
-                files: Vec::new(),
-                erased: Vec::new(),
-            })
+            Ok(self.answer(&format!("controller {}", job.controller)))
         })
     }
 }
@@ -102,14 +138,12 @@ mod tests {
 
     /// With no delay, the answer is there at the first poll: a `sleep(0)` would wait for the
     /// timer's next tick (up to a millisecond), which a benchmark would count as the relay's.
-    #[tokio::test]
-    async fn no_delay_answers_at_the_first_poll() {
-        use futures::FutureExt;
-        let task = Task {
+    fn task(kind: RequestKind) -> Task {
+        Task {
             task_id: "acme/r-1/mail".into(),
             request_id: "r-1".into(),
             controller: "acme".into(),
-            kind: RequestKind::Erasure,
+            kind,
             identities: Vec::new(),
             categories: Vec::new(),
             parameters: Default::default(),
@@ -118,28 +152,16 @@ mod tests {
             export: None,
             phase: Phase::Start,
             interrupted: false,
-        };
-        let c = NoopConnector::new(&NoopConfig::default());
-        match c.run(&task).now_or_never() {
-            Some(Ok(Outcome::Completed { note, .. })) => assert!(note.contains("nothing held")),
-            other => panic!("{other:?}"),
         }
-        // A delay still waits.
-        let slow = NoopConnector::new(&NoopConfig {
-            delay_ms: 50,
-            controllers: None,
-        });
-        assert!(slow.run(&task).now_or_never().is_none());
     }
 
-    #[tokio::test]
-    async fn a_contract_end_confirms_with_nothing_counted() {
+    fn job(op: BulkOp) -> (BulkJob, tokio::sync::watch::Receiver<BulkProgress>) {
         let (progress, seen) = ProgressReporter::new();
         let job = BulkJob {
             job_id: "acme/r-1/mail".into(),
             request_id: "r-1".into(),
             controller: "acme".into(),
-            op: BulkOp::Erase,
+            op,
             phase: Phase::Start,
             due_at_ms: 0,
             now_ms: 0,
@@ -150,9 +172,33 @@ mod tests {
             returned: None,
             returned_since_ms: None,
         };
+        (job, seen)
+    }
+
+    #[tokio::test]
+    async fn no_delay_answers_at_the_first_poll() {
+        use futures::FutureExt;
+        let task = task(RequestKind::Erasure);
+        let c = NoopConnector::new(&NoopConfig::default());
+        match c.run(&task).now_or_never() {
+            Some(Ok(Outcome::Completed { note, .. })) => assert!(note.contains("nothing held")),
+            other => panic!("{other:?}"),
+        }
+        // A delay still waits.
+        let slow = NoopConnector::new(&NoopConfig {
+            delay_ms: 50,
+            ..Default::default()
+        });
+        assert!(slow.run(&task).now_or_never().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_contract_end_confirms_with_nothing_counted() {
+        let (job, seen) = job(BulkOp::Erase);
         let c = NoopConnector::new(&NoopConfig {
             delay_ms: 1,
             controllers: Some(vec!["acme".into()]),
+            ..Default::default()
         });
         match c.run_bulk(&job).await.unwrap() {
             Outcome::Completed {
@@ -169,5 +215,57 @@ mod tests {
         }
         assert_eq!(*seen.borrow(), BulkProgress::default());
         assert_eq!(c.scoped_controllers(), Some(vec!["acme".to_string()]));
+    }
+
+    /// A stand-in set to `answer = "not_found"` says, for every kind and both bulk steps,
+    /// that it holds no data: never COMPLETED, which would claim work no system did.
+    #[tokio::test]
+    async fn a_stand_in_answers_not_found_for_every_kind() {
+        let config: NoopConfig =
+            toml::from_str("answer = \"not_found\"\ncontrollers = [\"acme\"]").unwrap();
+        assert_eq!(config.answer, NoopAnswer::NotFound);
+        let c = NoopConnector::new(&config);
+        let kinds = [
+            RequestKind::Erasure,
+            RequestKind::ReturnOfData,
+            RequestKind::Transfer,
+            RequestKind::Rectification,
+            RequestKind::Restriction,
+            RequestKind::Objection,
+        ];
+        for kind in kinds {
+            match c.run(&task(kind)).await.unwrap() {
+                Outcome::NotFound { note } => {
+                    assert!(note.contains("stand-in"), "{note}");
+                    assert!(note.ends_with("holds no data of the subject"), "{note}");
+                }
+                other => panic!("{kind:?}: {other:?}"),
+            }
+        }
+        for op in [BulkOp::Export, BulkOp::Erase] {
+            let (job, seen) = job(op);
+            match c.run_bulk(&job).await.unwrap() {
+                Outcome::NotFound { note } => {
+                    assert!(note.ends_with("holds no data of controller acme"), "{note}")
+                }
+                other => panic!("{op:?}: {other:?}"),
+            }
+            assert_eq!(*seen.borrow(), BulkProgress::default());
+        }
+    }
+
+    /// Without `answer` it completes, as benchmarks and tests rely on; a misspelt answer is
+    /// refused rather than taken for the default.
+    #[test]
+    fn the_answer_defaults_to_completed_and_is_checked() {
+        let config: NoopConfig = toml::from_str("delay_ms = 5").unwrap();
+        assert_eq!(config.answer, NoopAnswer::Completed);
+        assert!(toml::from_str::<NoopConfig>("answer = \"notfound\"").is_err());
+        let written = toml::to_string(&NoopConfig {
+            answer: NoopAnswer::NotFound,
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(written.contains("answer = \"not_found\""), "{written}");
     }
 }

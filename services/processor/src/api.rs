@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use dsrelay_proto::prost_types::Timestamp;
 use dsrelay_proto::v1::processor_service_server::ProcessorService;
+use dsrelay_proto::v1::subprocessor::MatchableIdentity;
 use dsrelay_proto::v1::{
     CancelDeliveryRequest, ContractEnd, ContractEndChoice, DeliverRequest, DeliverResponse,
     ExtendDueDateRequest, GetStatusRequest, ListSubprocessorsRequest, RequestKind, Subprocessor,
@@ -302,6 +303,15 @@ impl ProcessorService for Api {
                         .map(|k| *k as i32)
                         .collect(),
                     description: s.description.clone(),
+                    matchable_identities: connector
+                        .map(|c| c.matchable_identities())
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(ty, encoding)| MatchableIdentity {
+                            r#type: ty as i32,
+                            encoding: encoding as i32,
+                        })
+                        .collect(),
                 }
             })
             .collect();

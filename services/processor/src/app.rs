@@ -129,13 +129,14 @@ impl App {
             let c = dsrelay_connectors::build(&s.connector)
                 .await
                 .with_context(|| format!("connecting subprocessor {}", s.name))?;
-            if matches!(s.connector, dsrelay_connectors::ConnectorConfig::Noop(_)) {
-                // Its COMPLETED means only that it holds nothing: an operator who configured
-                // it in place of a real holder should learn that from the log, not from an
-                // audit.
+            if let dsrelay_connectors::ConnectorConfig::Noop(noop) = &s.connector {
+                // By default it answers COMPLETED for work no system did: an operator who
+                // configured it in place of a real holder should learn that from the log, not
+                // from an audit.
                 tracing::warn!(
                     subprocessor = %s.name,
-                    "this subprocessor uses the noop connector: it holds nothing and confirms \
+                    answer = ?noop.answer,
+                    "this subprocessor uses the noop connector: it holds nothing and answers \
                      every task without reaching any system (for benchmarks, tests and \
                      stand-ins)"
                 );

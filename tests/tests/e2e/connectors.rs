@@ -11,8 +11,9 @@ use tokio::net::TcpListener;
 
 use dsrelay_proto::v1::processor_operator_service_client::ProcessorOperatorServiceClient;
 use dsrelay_proto::v1::{
-    CompleteManualTaskRequest, GetChainRequest, ListManualTasksRequest, RefuseManualTaskRequest,
-    RequestKind, RequestState, Scope, TaskState, TransferMechanism,
+    CompleteManualTaskRequest, GetChainRequest, IdentityEncoding, IdentityType,
+    ListManualTasksRequest, RefuseManualTaskRequest, RequestKind, RequestState, Scope, TaskState,
+    TransferMechanism,
 };
 use tonic::Code;
 
@@ -415,6 +416,32 @@ async fn the_whole_chain_is_visible_to_the_controller() {
         accounting.transfer_mechanism,
         TransferMechanism::None as i32
     );
+    // What each holder can find a subject by, so a partner knows before submitting: SQL raw
+    // values of its match columns' types; the mail system (a noop stand-in here) and the
+    // manual holder (whose operator is given every identity) list nothing.
+    let forms = |s: &dsrelay_proto::v1::Subprocessor| -> Vec<(IdentityType, IdentityEncoding)> {
+        (s.matchable_identities.iter())
+            .map(|m| {
+                let ty = IdentityType::try_from(m.r#type).expect("type");
+                (
+                    ty,
+                    IdentityEncoding::try_from(m.encoding).expect("encoding"),
+                )
+            })
+            .collect()
+    };
+    let raw = IdentityEncoding::Raw;
+    assert_eq!(
+        forms(accounting),
+        [
+            (IdentityType::Email, raw),
+            (IdentityType::Phone, raw),
+            (IdentityType::CustomerNumber, raw),
+            (IdentityType::NationalId, raw),
+        ]
+    );
+    assert_eq!(forms(mail), []);
+    assert_eq!(forms(&bureau.subprocessors[2]), []);
     // The unreachable processor is listed with why it could not be asked.
     let absent = chain
         .processors
@@ -542,11 +569,12 @@ async fn a_holder_that_is_down_does_not_hold_up_the_others() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_permanent_failure_is_visible_to_operators_on_both_sides() {
-    use dsrelay_proto::v1::{IdentityEncoding, IdentityType, SubjectIdentity};
+async fn a_refused_identity_is_visible_to_operators_on_both_sides() {
+    use dsrelay_proto::v1::SubjectIdentity;
     let pair = spawn_pair(PairOptions::default()).await.expect("pair");
     let mut crm = pair.client("partner-crm");
-    // SQL cannot match a hashed identity: a permanent error, not something to retry.
+    // SQL cannot match a hashed identity: the holder refuses the input (only the partner can
+    // give a raw one), with no retry and nothing for an operator to fix.
     let mut req = erasure("unused@example.fi");
     req.identities = vec![SubjectIdentity {
         r#type: IdentityType::Email as i32,
@@ -566,7 +594,7 @@ async fn a_permanent_failure_is_visible_to_operators_on_both_sides() {
     )
     .await;
     let t = &view.tasks[0];
-    assert_eq!(t.state, TaskState::Failed as i32);
+    assert_eq!(t.state, TaskState::Refused as i32);
     assert!(t.reason.contains("raw identity"), "{t:#?}");
 
     let mut ops = ProcessorOperatorServiceClient::new(pair.channel_to_processor("operator"));
@@ -581,7 +609,7 @@ async fn a_permanent_failure_is_visible_to_operators_on_both_sides() {
         .tasks;
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0].reason, t.reason);
-    assert_eq!(failed[0].attempts, 1, "a permanent error is not retried");
+    assert_eq!(failed[0].attempts, 1, "a refusal is not retried");
     // Nothing waits for an operator.
     let waiting = ops
         .list_manual_tasks(ListManualTasksRequest::default())

@@ -573,6 +573,7 @@ mod configs {
                 connector: ConnectorConfig::Noop(NoopConfig {
                     delay_ms: plan.opts.mail_delay_ms,
                     controllers: controllers.clone(),
+                    ..Default::default()
                 }),
             },
             Holder::PaperArchive => finnish(

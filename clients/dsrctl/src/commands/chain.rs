@@ -1,10 +1,11 @@
 //! `dsrctl chain`: the controller's processing chain as a tree.
 
-use dsrelay_sdk::proto::{Chain, GetChainRequest, TransferMechanism};
+use dsrelay_sdk::proto::subprocessor::MatchableIdentity;
+use dsrelay_sdk::proto::{Chain, GetChainRequest, IdentityEncoding, TransferMechanism};
 use serde::Serialize;
 
 use crate::commands::{Io, Registry};
-use crate::output::{emit, kind_name, Render, Time};
+use crate::output::{emit, identity_type_name, kind_name, Render, Time};
 use crate::table::{clean, Table};
 use crate::Failure;
 
@@ -33,6 +34,22 @@ struct SubprocessorView {
     connector: String,
     supported_kinds: Vec<String>,
     description: String,
+    /// The forms of identity it can find a subject by (`EMAIL/RAW`); empty when the holder
+    /// is given every identity and decides.
+    matchable_identities: Vec<String>,
+}
+
+/// `EMAIL/MD5`.
+fn form(m: &MatchableIdentity) -> String {
+    let encoding = IdentityEncoding::try_from(m.encoding).map_or_else(
+        |_| format!("UNKNOWN({})", m.encoding),
+        |e| {
+            e.as_str_name()
+                .trim_start_matches("IDENTITY_ENCODING_")
+                .to_string()
+        },
+    );
+    format!("{}/{encoding}", identity_type_name(m.r#type))
 }
 
 fn mechanism(v: i32) -> String {
@@ -72,6 +89,7 @@ impl From<&Chain> for ChainView {
                                 .map(|k| kind_name(*k))
                                 .collect(),
                             description: s.description.clone(),
+                            matchable_identities: s.matchable_identities.iter().map(form).collect(),
                         })
                         .collect(),
                 })
@@ -110,6 +128,11 @@ impl Render for ChainView {
                     } else {
                         s.supported_kinds.join(", ")
                     },
+                    if s.matchable_identities.is_empty() {
+                        "any identity (the holder decides)".into()
+                    } else {
+                        format!("matches {}", s.matchable_identities.join(", "))
+                    },
                 ]);
             }
             out.push_str(&t.render());
@@ -129,4 +152,54 @@ pub(crate) async fn run(registry: &Registry, io: &mut Io<'_>) -> Result<u8, Fail
         .into_inner();
     emit(io.out, io.format, &ChainView::from(&chain), false)?;
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use dsrelay_sdk::proto::{ChainProcessor, IdentityType, Subprocessor};
+
+    use super::*;
+
+    #[test]
+    fn each_subprocessor_shows_what_it_can_match() {
+        let matches = |forms: &[(IdentityType, IdentityEncoding)]| {
+            (forms.iter())
+                .map(|(ty, encoding)| MatchableIdentity {
+                    r#type: *ty as i32,
+                    encoding: *encoding as i32,
+                })
+                .collect()
+        };
+        let email = IdentityType::Email;
+        let chain = Chain {
+            processors: vec![ChainProcessor {
+                name: "bureau".into(),
+                subprocessors: vec![
+                    Subprocessor {
+                        name: "mail-marketing".into(),
+                        matchable_identities: matches(&[
+                            (email, IdentityEncoding::Raw),
+                            (email, IdentityEncoding::Md5),
+                        ]),
+                        ..Default::default()
+                    },
+                    Subprocessor {
+                        name: "paper-archive".into(),
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            }],
+        };
+        let view = ChainView::from(&chain);
+        let subs = &view.processors[0].subprocessors;
+        assert_eq!(subs[0].matchable_identities, ["EMAIL/RAW", "EMAIL/MD5"]);
+        assert!(subs[1].matchable_identities.is_empty());
+        let table = view.to_table();
+        assert!(table.contains("matches EMAIL/RAW, EMAIL/MD5"), "{table}");
+        assert!(
+            table.contains("any identity (the holder decides)"),
+            "{table}"
+        );
+    }
 }

@@ -75,8 +75,10 @@
 //! typo in the configuration would be a false confirmation.
 //!
 //! Identities that cannot address a member (an e-mail as SHA-256 or SHA-1, a phone number, a
-//! customer number, ...) are not searched: with none usable the task fails, otherwise the
-//! outcome's note counts them by kind, so that it is not read as covering the whole subject.
+//! customer number, ...) are not searched: with none usable the task is refused (only the
+//! partner can give an e-mail, raw or MD5: the forms ListSubprocessors reports), otherwise
+//! the outcome's note counts them by kind, so that it is not read as covering the whole
+//! subject.
 //!
 //! Messages never carry the API key, e-mail addresses or corrected values (Mailchimp echoes
 //! addresses in some error details, so those are scrubbed); subscriber hashes are fine, they
@@ -819,7 +821,7 @@ impl MailchimpConnector {
     }
 
     /// The PATCH for `task`'s corrections, leaving out the fields no merge field maps; a
-    /// permanent error when that leaves nothing, as when no identity can address a member.
+    /// permanent error when that leaves nothing.
     fn correction(&self, task: &Task) -> Result<Correction, ConnectorError> {
         let corrections = &task.parameters.corrections;
         if corrections.is_empty() {
@@ -920,7 +922,12 @@ impl MailchimpConnector {
                 .confirm_erasure(api, &sent, &pending, task.interrupted, scrub)
                 .await;
         }
-        let (hashes, addresses) = subscriber_hashes(&task.identities)?;
+        let (hashes, addresses) = match subscriber_hashes(&task.identities) {
+            Ok(found) => found,
+            // Only the partner can give an address: the holder refuses the input, which no
+            // operator here could fix.
+            Err(reason) => return Ok(Outcome::Refused { reason }),
+        };
         match task.kind {
             RequestKind::Erasure => self.erase(api, &hashes, task.interrupted, scrub).await,
             RequestKind::Objection => self.object(api, &hashes, &addresses, scrub).await,
@@ -962,6 +969,14 @@ impl Connector for MailchimpConnector {
 
     fn run<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
         Box::pin(self.run_task(task))
+    }
+
+    fn matchable_identities(&self) -> Vec<(IdentityType, IdentityEncoding)> {
+        // What `subscriber_hash_of` turns into a subscriber hash.
+        vec![
+            (IdentityType::Email, IdentityEncoding::Raw),
+            (IdentityType::Email, IdentityEncoding::Md5),
+        ]
     }
 
     fn scoped_controllers(&self) -> Option<Vec<String>> {
@@ -1250,10 +1265,11 @@ fn with_unsearched(outcome: Outcome, identities: &[SubjectIdentity]) -> Outcome 
 /// The subscriber hashes of the subject's e-mail identities (raw ones hashed, MD5 ones as
 /// given), without duplicates, and beside them each one's address where the request gives
 /// it raw (only then can an objection add an address the audience lacks); other identities
-/// cannot address a member, and [`with_unsearched`] names them in the outcome.
+/// cannot address a member, and [`with_unsearched`] names them in the outcome. With none
+/// that can, the reason the connector refuses the task with.
 fn subscriber_hashes(
     identities: &[SubjectIdentity],
-) -> Result<(Vec<String>, Vec<Option<&str>>), ConnectorError> {
+) -> Result<(Vec<String>, Vec<Option<&str>>), String> {
     let mut out: BTreeMap<String, Option<&str>> = BTreeMap::new();
     for id in identities {
         let Ok(hash) = subscriber_hash_of(id) else {
@@ -1266,12 +1282,12 @@ fn subscriber_hashes(
         }
     }
     if out.is_empty() {
-        return Err(ConnectorError::Permanent(
+        return Err(
             "the mailchimp connector needs an e-mail address (raw or MD5) to find the audience \
              member; the request has none (SHA-256/SHA-1 hashes and other identity types \
              cannot address a member)"
                 .to_string(),
-        ));
+        );
     }
     Ok(out.into_iter().unzip())
 }

@@ -200,7 +200,7 @@ async fn raw_and_md5_of_one_address_count_once_and_two_addresses_twice() {
 }
 
 #[tokio::test]
-async fn without_an_email_identity_the_task_fails_permanently() {
+async fn without_an_email_identity_the_task_is_refused() {
     let (_fake, connector, hash) = setup().await;
     let sha256 = SubjectIdentity {
         encoding: IdentityEncoding::Sha256 as i32,
@@ -212,15 +212,25 @@ async fn without_an_email_identity_the_task_fails_permanently() {
     };
     // An MD5 value of the wrong shape cannot be a member id (and must not reach a path).
     let bad_md5 = md5_email(&format!("{hash}/../x"));
-    let err = connector
+    // Only the partner can give an address: a refusal, not a failure for an operator.
+    let outcome = connector
         .run(&task(RequestKind::Erasure, vec![sha256, phone, bad_md5]))
         .await
-        .unwrap_err();
-    assert!(matches!(err, ConnectorError::Permanent(_)), "{err:?}");
+        .unwrap();
+    let Outcome::Refused { reason } = outcome else {
+        panic!("expected a refusal, got {outcome:?}");
+    };
     assert!(
-        err.to_string()
-            .contains("needs an e-mail address (raw or MD5)"),
-        "{err}"
+        reason.contains("needs an e-mail address (raw or MD5)"),
+        "{reason}"
+    );
+    // What ListSubprocessors reports it can match.
+    assert_eq!(
+        connector.matchable_identities(),
+        [
+            (IdentityType::Email, IdentityEncoding::Raw),
+            (IdentityType::Email, IdentityEncoding::Md5)
+        ]
     );
 }
 

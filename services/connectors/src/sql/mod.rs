@@ -4,8 +4,10 @@
 //! Each rule names a table and says, for that table:
 //! - how the subject's rows are found: directly, by matching identity values against columns
 //!   (`match`, see Matching below), or through a parent table's matched rows (`parent`). Only
-//!   raw values of a matched type are searched by; the outcome's note names the identities
-//!   left out (a hashed e-mail, a type no table matches), never their values;
+//!   raw values of a matched type are searched by (the forms ListSubprocessors reports); the
+//!   outcome's note names the identities left out (a hashed e-mail, a type no table
+//!   matches), never their values, and a task with none to search by is
+//!   [`Outcome::Refused`], its reason naming the types the match columns take;
 //! - what erasure does with them (`action`): delete them, anonymize some columns
 //!   (`anonymize`: `null`, or `redacted`, the text `[erased]`; the connector refuses at
 //!   connect `redacted` on a column whose declared type takes no text, PostgreSQL's not of
@@ -317,7 +319,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use dsrelay_proto::v1::RequestKind;
+use dsrelay_proto::v1::{IdentityEncoding, IdentityType, RequestKind};
 use dsrelay_runtime::store::{Backend, Db};
 use writer::ErasureWriter;
 
@@ -519,6 +521,16 @@ impl Connector for SqlConnector {
                 Err(reason) => return Ok(Outcome::Refused { reason }),
             };
             let ids = &task.identities;
+            // Without an identity its match columns take there is nothing to search by, and
+            // only the partner can give one: the holder refuses the input, which no operator
+            // here could fix.
+            if let Err(reason) = plan::matched_identities(&self.config, ids) {
+                let reason = match plan::unsearched(&self.config, scope.types, ids) {
+                    Some(extra) => format!("{reason}; {extra}"),
+                    None => reason,
+                };
+                return Ok(Outcome::Refused { reason });
+            }
             let outcome = match (&task.phase, kind) {
                 (Phase::Confirm { .. }, _) => Err(ConnectorError::Permanent(
                     "the sql connector finishes its work in one run; there is nothing to confirm"
@@ -594,6 +606,10 @@ impl Connector for SqlConnector {
                 },
             )
         })
+    }
+
+    fn matchable_identities(&self) -> Vec<(IdentityType, IdentityEncoding)> {
+        plan::matchable(&self.config)
     }
 
     fn scoped_controllers(&self) -> Option<Vec<String>> {

@@ -1108,12 +1108,24 @@ pub(super) fn plan_flag(
     )))
 }
 
-/// The RAW identities of a type some table matches, normalized ([`Identity`]); a permanent
-/// error when there are none.
-pub(super) fn usable_identities(
+/// The forms of identity the configured match columns can match: RAW values of their types
+/// ([`crate::Connector::matchable_identities`]).
+pub(super) fn matchable(config: &SqlConnectorConfig) -> Vec<(IdentityType, IdentityEncoding)> {
+    let usable_keys = config.usable_keys();
+    MATCH_KEYS
+        .iter()
+        .filter(|(key, _)| usable_keys.contains(key))
+        .map(|(_, ty)| (*ty, IdentityEncoding::Raw))
+        .collect()
+}
+
+/// The RAW identities of a type some table matches, normalized ([`Identity`]); when there
+/// are none, why, naming the identity types the match columns take: the reason the
+/// connector refuses such a task with.
+pub(super) fn matched_identities(
     config: &SqlConnectorConfig,
     identities: &[SubjectIdentity],
-) -> Result<Vec<Identity>, ConnectorError> {
+) -> Result<Vec<Identity>, String> {
     let usable_keys = config.usable_keys();
     let raw: Vec<Identity> = identities
         .iter()
@@ -1121,13 +1133,22 @@ pub(super) fn usable_identities(
         .collect();
     if raw.is_empty() {
         let wanted: Vec<&str> = usable_keys.into_iter().collect();
-        return Err(ConnectorError::Permanent(format!(
+        return Err(format!(
             "the sql connector needs a raw identity of type {} (configured match columns); \
              hashed identities cannot be matched in SQL",
             wanted.join(", ")
-        )));
+        ));
     }
     Ok(raw)
+}
+
+/// [`matched_identities`], its reason a permanent error: the connector refuses a task
+/// without such identities before it gets here ([`super::SqlConnector`]'s `run`).
+pub(super) fn usable_identities(
+    config: &SqlConnectorConfig,
+    identities: &[SubjectIdentity],
+) -> Result<Vec<Identity>, ConnectorError> {
+    matched_identities(config, identities).map_err(ConnectorError::Permanent)
 }
 
 /// The identities [`usable_identities`] leaves out, and those a match column of an integer

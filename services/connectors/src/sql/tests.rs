@@ -226,6 +226,7 @@ on_both_backends!(
     erases_subject_by_customer_number,
     several_identities_of_one_subject_count_once,
     hashed_only_identities_are_permanent_errors,
+    a_task_without_a_matchable_identity_is_refused,
     sql_errors_roll_back_every_table,
     retention_expires_in_stages,
     exports_configured_columns_per_table,
@@ -1256,6 +1257,43 @@ async fn hashed_only_identities_are_permanent_errors(url: String) {
             .unwrap_err(),
         expected
     );
+    assert_eq!(count(&db, &format!("{C} FROM customers")).await, 6);
+}
+
+/// A task whose identities the match columns cannot take is the holder refusing the input
+/// (only the partner can give a raw one), not a failure for an operator: REFUSED, its reason
+/// naming the forms it needs and what was left out, and nothing touched. Those forms are
+/// what ListSubprocessors reports.
+async fn a_task_without_a_matchable_identity_is_refused(url: String) {
+    let (connector, db) = sample(&url).await;
+    assert_eq!(
+        connector.matchable_identities(),
+        [
+            (IdentityType::Email, IdentityEncoding::Raw),
+            (IdentityType::Phone, IdentityEncoding::Raw),
+            (IdentityType::CustomerNumber, IdentityEncoding::Raw),
+            (IdentityType::NationalId, IdentityEncoding::Raw),
+        ]
+    );
+    let sha256 = ident(
+        IdentityType::Email,
+        IdentityEncoding::Sha256,
+        &"a".repeat(64),
+    );
+    for kind in [RequestKind::Erasure, RequestKind::Objection] {
+        let out = connector
+            .run(&task(kind, vec![sha256.clone()], now(), Phase::Start))
+            .await
+            .unwrap();
+        let refused = Outcome::Refused {
+            reason: "the sql connector needs a raw identity of type customer_number, email, \
+                     national_id, phone (configured match columns); hashed identities cannot \
+                     be matched in SQL; not searched: email given as SHA256 (SQL matches raw \
+                     values only)"
+                .into(),
+        };
+        assert_eq!(out, refused, "{kind:?}");
+    }
     assert_eq!(count(&db, &format!("{C} FROM customers")).await, 6);
 }
 
