@@ -14,8 +14,8 @@ use dsrelay_proto::v1::package_service_server::{PackageService, PackageServiceSe
 use dsrelay_proto::v1::request_service_server::{RequestService, RequestServiceServer};
 use dsrelay_proto::v1::{
     AuditCheckpoint, AuditCheckpoints, AuditEntries, AuditEntry, CancelRequest, Chain,
-    ChooseContractEndRequest, ConfirmReturnRequest, Contract, ContractEnd, ContractList,
-    DeadLetteredDeliveries, DownloadPackageRequest, EndContractRequest, EventList,
+    ChooseContractEndRequest, ConfirmReturnRequest, Contract, ContractEnd, ContractEndChoice,
+    ContractList, DeadLetteredDeliveries, DownloadPackageRequest, EndContractRequest, EventList,
     ExtendDeadlineRequest, GetChainRequest, GetContractRequest, GetPackageRequest, GetRequest,
     ListAuditCheckpointsRequest, ListAuditEntriesRequest, ListContractsRequest,
     ListDeadLetteredDeliveriesRequest, ListEventsRequest, ListRequestsRequest,
@@ -52,6 +52,8 @@ struct Answers {
     contract_states_first: Vec<RequestState>,
     /// The state GetContract answers after those.
     contract_state: RequestState,
+    /// The terms GetContract answers.
+    contract_terms: Option<ContractEnd>,
     /// The digest of every ConfirmReturn received.
     confirmed: Vec<String>,
     /// What Submit answers: an error of this code (UNIMPLEMENTED when unset).
@@ -221,6 +223,7 @@ impl ContractService for StandIn {
         Ok(Response::new(Contract {
             contract_id: call.into_inner().contract_id,
             state: state as i32,
+            contract_end: self.answers().contract_terms.clone(),
             ..Default::default()
         }))
     }
@@ -241,6 +244,15 @@ impl ContractService for StandIn {
         call: Call<ConfirmReturnRequest>,
     ) -> Result<Response<Contract>, Status> {
         let call = call.into_inner();
+        // As the registry refuses a digest for a return to a transfer recipient.
+        let terms = self.answers().contract_terms.clone().unwrap_or_default();
+        if !terms.transfer_recipient.is_empty() && !call.manifest_sha256.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "manifest_sha256: must be empty: contract end {} returns the data to {}, \
+                 whose receipts are the proof; there is no package",
+                call.contract_id, terms.transfer_recipient
+            )));
+        }
         self.answers().confirmed.push(call.manifest_sha256);
         Ok(Response::new(Contract {
             contract_id: call.contract_id,
@@ -675,6 +687,54 @@ async fn a_request_listing_that_names_a_page_again_is_a_bad_answer() {
             && !run.stderr.contains("INTERNAL"),
         "{run:?}"
     );
+}
+
+/// A package given for a return to a transfer recipient is refused before ConfirmReturn is
+/// sent, saying what to do in plain words rather than by the name of a field; one left out for
+/// a return as a package likewise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirm_says_in_plain_words_how_the_return_is_confirmed() {
+    let registry = Registry::start(Answers {
+        package: Some(package("c-1", None)),
+        contract_terms: Some(ContractEnd {
+            choice: ContractEndChoice::ReturnThenDelete as i32,
+            transfer_recipient: "successor".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await;
+    let run = registry.dsrctl(&["download", "c-1", "--out", "pkg"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    for given in [["--package", "pkg"], ["--manifest-sha256", &"0".repeat(64)]] {
+        let mut args = vec!["contracts", "confirm", "c-1"];
+        args.extend(given);
+        let run = registry.dsrctl(&args).await;
+        assert_eq!(run.code, Some(2), "{run:?}");
+        assert!(!run.stderr.contains("manifest_sha256"), "{run:?}");
+        for words in [
+            "returns the data to the transfer recipient successor",
+            "dsrctl contracts confirm c-1` alone",
+        ] {
+            assert!(run.stderr.contains(words), "{words} in {run:?}");
+        }
+    }
+    assert!(registry.answers().confirmed.is_empty());
+    let run = registry.dsrctl(&["contracts", "confirm", "c-1"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(registry.answers().confirmed, [""]);
+
+    registry.answers().contract_terms = Some(ContractEnd {
+        choice: ContractEndChoice::ReturnThenDelete as i32,
+        ..Default::default()
+    });
+    let run = registry.dsrctl(&["contracts", "confirm", "c-1"]).await;
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(
+        run.stderr.contains("--package DIR") && !run.stderr.contains("manifest_sha256"),
+        "{run:?}"
+    );
+    assert_eq!(registry.answers().confirmed, [""]);
 }
 
 /// `contracts show --watch` with no terminal to draw its bars on prints, as a table, a

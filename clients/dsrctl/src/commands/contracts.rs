@@ -66,12 +66,21 @@ fn phase_name(v: i32) -> String {
         .unwrap_or_else(|_| format!("UNKNOWN({v})"))
 }
 
-/// `done/total`, with `?` for a total the connector could not count.
+/// `done/total`; `done/unknown` for a total the holder could not count (sent as 0), the one
+/// form every view gives it (JSON: `null`).
 fn count(done: u64, total: u64) -> String {
     if total == 0 {
-        format!("{done}/?")
+        format!("{done}/unknown")
     } else {
         format!("{done}/{total}")
+    }
+}
+
+/// A count's total in JSON: `null` when unknown (sent as 0).
+fn total_or_null<S: serde::Serializer>(total: &u64, s: S) -> Result<S::Ok, S::Error> {
+    match total {
+        0 => s.serialize_none(),
+        n => s.serialize_some(n),
     }
 }
 
@@ -112,9 +121,19 @@ struct PartView {
     #[serde(skip)]
     stopped: bool,
     subjects_done: u64,
+    #[serde(serialize_with = "total_or_null")]
     subjects_total: u64,
+    /// Records handled in the phase: while DELETING and at DONE, whatever the erasure did
+    /// with each (deleted, anonymized or kept), so not a count of records erased.
     records_done: u64,
+    #[serde(serialize_with = "total_or_null")]
     records_total: u64,
+    /// The part was RETAINED: some of its records are kept.
+    #[serde(skip)]
+    kept: bool,
+    /// The part is at DELETING or DONE, where the records counted are those handled.
+    #[serde(skip)]
+    erasing: bool,
     scheduled_at: Option<Time>,
     retain_until: Option<Time>,
     /// Why the part failed or was refused, as the processor said it.
@@ -141,6 +160,9 @@ impl From<&TaskStatus> for PartView {
             TaskState::try_from(t.state),
             Ok(TaskState::Cancelled | TaskState::Failed | TaskState::Refused)
         );
+        let erasing = t.progress.is_some_and(|p| {
+            p.phase == ContractPhase::Deleting as i32 || p.phase == ContractPhase::Done as i32
+        });
         Self {
             processor: t.processor.clone(),
             subprocessor: t.subprocessor.clone(),
@@ -151,6 +173,8 @@ impl From<&TaskStatus> for PartView {
             subjects_total: p.subjects_total,
             records_done: p.records_done,
             records_total: p.records_total,
+            kept: TaskState::try_from(t.state) == Ok(TaskState::Retained),
+            erasing: erasing && !stopped,
             // A processor that predates leaving the date out of an ended task still sends it.
             scheduled_at: Time::from_proto(p.scheduled_at.as_ref()).filter(|_| !stopped),
             retain_until: Time::from_proto(t.retain_until.as_ref()),
@@ -170,6 +194,18 @@ impl From<&TaskStatus> for PartView {
 }
 
 impl PartView {
+    /// The records for a table cell: done of the total; while erasing, `handled` (a holder's
+    /// erasure counts every record it went through, the ones it kept too), and for a part
+    /// RETAINED `some kept` (its deletion certificate says what was done where).
+    fn records(&self) -> String {
+        let n = count(self.records_done, self.records_total);
+        match (self.erasing, self.kept) {
+            (false, _) => n,
+            (true, false) => format!("{n} handled"),
+            (true, true) => format!("{n} handled, some kept"),
+        }
+    }
+
     /// The phase for a table cell: the state for a part without one; for a part that
     /// ended before DONE, where it stopped (`not started` for one still SCHEDULED).
     fn phase_cell(&self) -> String {
@@ -179,6 +215,17 @@ impl PartView {
             (Some(p), true) => format!("stopped in {p}"),
             (Some(p), false) => p.clone(),
         }
+    }
+
+    /// A progress bar's words: `subjects 10/40; records 25/100; DELETING`, the counts as the
+    /// tables give them.
+    fn bar_message(&self) -> String {
+        format!(
+            "subjects {}; records {}; {}",
+            count(self.subjects_done, self.subjects_total),
+            self.records(),
+            self.status()
+        )
     }
 
     /// The phase, or for a part that ended before DONE its state and where it stopped
@@ -191,8 +238,8 @@ impl PartView {
         }
     }
 
-    /// `accounting DELETING 10/40 subjects`, for a table cell; `accounting CANCELLED (not
-    /// started)` for a part that ended before DONE.
+    /// `accounting DELETING 10/40 subjects, records 25/100 handled`, for a table cell;
+    /// `accounting CANCELLED (not started)` for a part that ended before DONE.
     fn summary(&self) -> String {
         if self.stopped {
             return format!("{} {}", self.subprocessor, self.status());
@@ -203,6 +250,9 @@ impl PartView {
             self.subprocessor,
             count(self.subjects_done, self.subjects_total)
         );
+        if self.erasing {
+            s.push_str(&format!(", records {}", self.records()));
+        }
         if let Some(at) = self.scheduled_at {
             s.push_str(&format!(" at {at}"));
         }
@@ -305,7 +355,7 @@ impl Render for ContractView {
                     p.state.clone(),
                     p.phase.as_ref().map(|_| p.phase_cell()).unwrap_or_default(),
                     count(p.subjects_done, p.subjects_total),
-                    count(p.records_done, p.records_total),
+                    p.records(),
                     cell(p.scheduled_at),
                     erasure_run_cell(&cell(p.retain_until)),
                 ]);
@@ -349,6 +399,61 @@ impl Render for ContractView {
             }
         }
         out
+    }
+}
+
+/// What `contracts choose` prints: the contract end as the registry holds it once the choice
+/// is stored, but not its parts. What the registry holds of them is the processor's last
+/// report, made under the terms before the choice: parts SCHEDULED for the end of the grace
+/// period, which the processor moves to the new start once it has the choice (or refuses
+/// it, too late there), so no part shown here could be trusted.
+#[derive(Debug, Serialize)]
+struct ChosenView {
+    contract_id: String,
+    processor: String,
+    #[serde(flatten)]
+    terms: TermsView,
+    state: String,
+    updated_at: Option<Time>,
+    trace_id: String,
+    /// Where the parts are, in place of them: for the table only, JSON leaves the parts out.
+    #[serde(skip)]
+    parts: String,
+}
+
+impl From<&Contract> for ChosenView {
+    fn from(c: &Contract) -> Self {
+        Self {
+            contract_id: c.contract_id.clone(),
+            processor: c.processor.clone(),
+            terms: TermsView::from(c.contract_end.as_ref()),
+            state: state_name(c.state),
+            updated_at: Time::from_proto(c.updated_at.as_ref()),
+            trace_id: c.trace_id.clone(),
+            parts: format!(
+                "the processor moves each subprocessor's part to the new start once it has the \
+                 choice, or refuses it for a part already started; dsrctl contracts show {} \
+                 shows them once it has reported (--watch follows them)",
+                c.contract_id
+            ),
+        }
+    }
+}
+
+impl Render for ChosenView {
+    fn to_table(&self) -> String {
+        let mut t = Table::headless();
+        t.row(["contract", &clean(&self.contract_id)]);
+        t.row(["processor", &clean(&self.processor)]);
+        t.row(["choice", &self.terms.choice]);
+        t.row(["effective", &cell(self.terms.effective_at)]);
+        t.row(["grace ends", &cell(self.terms.grace_ends_at)]);
+        if !self.terms.transfer_recipient.is_empty() {
+            t.row(["returned to", &clean(&self.terms.transfer_recipient)]);
+        }
+        t.row(["state", &self.state]);
+        t.row(["trace", &clean(&self.trace_id)]);
+        format!("{}\n{}\n", t.render(), clean(&self.parts))
     }
 }
 
@@ -446,7 +551,7 @@ impl Render for ScheduledListView {
                     p.phase_cell(),
                     cell(p.scheduled_at),
                     count(p.subjects_done, p.subjects_total),
-                    count(p.records_done, p.records_total),
+                    p.records(),
                 ]);
             }
         }
@@ -486,6 +591,31 @@ fn manifest_digest(dir: &Path, id: &str) -> Result<String, Failure> {
         ))
     })?;
     Ok(hex::encode(Sha256::digest(&bytes)))
+}
+
+/// What is wrong with confirming the return of contract end `id` (terms `terms`) with a
+/// package (`package`: `--package` or `--manifest-sha256` given) or without, in the user's
+/// words; `None` when it matches the terms, or when the terms return nothing to confirm
+/// (the registry's answer says why).
+fn confirm_mismatch(id: &str, terms: &ContractEnd, package: bool) -> Option<String> {
+    if terms.choice != ContractEndChoice::ReturnThenDelete as i32 {
+        return None;
+    }
+    let recipient = clean(&terms.transfer_recipient);
+    match (recipient.is_empty(), package) {
+        (false, true) => Some(format!(
+            "contract end {id} returns the data to the transfer recipient {recipient}, not as \
+             a package, so there is no package to confirm it with: once {recipient} has \
+             received every part, confirm with `dsrctl contracts confirm {id}` alone (the \
+             registry checks {recipient}'s receipts)"
+        )),
+        (true, false) => Some(format!(
+            "contract end {id} returns the data as a package: download it (dsrctl download \
+             {id} --out DIR), check it, then confirm with `dsrctl contracts confirm {id} \
+             --package DIR`"
+        )),
+        _ => None,
+    }
 }
 
 /// Runs a `contracts` subcommand against the registry (all but `scheduled`).
@@ -554,24 +684,39 @@ pub(crate) async fn run(
             choice: c,
             transfer_recipient,
         } => {
-            client
+            let answer = client
                 .choose_contract_end_to(
                     id.as_str(),
                     chosen(*c),
                     transfer_recipient.clone().unwrap_or_default(),
                 )
                 .await
+                .map_err(|s| registry.failed(s))?;
+            emit(io.out, io.format, &ChosenView::from(&answer), false)?;
+            return Ok(0);
         }
         ContractsCommand::Confirm {
             id,
             manifest_sha256,
             package,
         } => {
+            let given = manifest_sha256.is_some() || package.is_some();
+            // Asked first: a return to a transfer recipient has no package, and a folder
+            // (or a digest) given for it would only be refused by the registry by the name
+            // of a field.
+            let terms = client
+                .get_contract(id.as_str())
+                .await
+                .map_err(|s| registry.failed(s))?
+                .contract_end
+                .unwrap_or_default();
+            if let Some(m) = confirm_mismatch(id, &terms, given) {
+                return Err(Failure::Usage(m));
+            }
             let digest = match (manifest_sha256, package) {
                 (Some(hex), _) => hex.clone(),
                 (None, Some(dir)) => manifest_digest(dir, id)?,
-                // A return to a transfer recipient: the registry checks the receipts instead
-                // (and says so when the contract end returned a package).
+                // A return to a transfer recipient: the registry checks the receipts instead.
                 (None, None) => String::new(),
             };
             client.confirm_return(id.as_str(), digest).await
@@ -677,8 +822,7 @@ impl Bars {
                 Some((_, b)) => b.clone(),
                 None => {
                     let b = self.multi.add(ProgressBar::new(0));
-                    if let Ok(style) =
-                        ProgressStyle::with_template("{prefix:>16} {wide_bar} {pos}/{len} {msg}")
+                    if let Ok(style) = ProgressStyle::with_template("{prefix:>16} {wide_bar} {msg}")
                     {
                         b.set_style(style);
                     }
@@ -687,13 +831,13 @@ impl Bars {
                     b
                 }
             };
-            bar.set_length(part.subjects_total.max(part.subjects_done));
+            // An unknown total leaves the bar empty rather than full at what was done.
+            match part.subjects_total {
+                0 => bar.unset_length(),
+                total => bar.set_length(total.max(part.subjects_done)),
+            }
             bar.set_position(part.subjects_done);
-            bar.set_message(format!(
-                "subjects; {} records; {}",
-                count(part.records_done, part.records_total),
-                part.status()
-            ));
+            bar.set_message(part.bar_message());
         }
     }
 
@@ -866,8 +1010,11 @@ mod tests {
             ..Default::default()
         };
         let part = PartView::from(&task);
-        assert_eq!(part.summary(), "accounting DELETING 3/10 subjects");
-        assert_eq!(count(part.records_done, part.records_total), "7/?");
+        assert_eq!(
+            part.summary(),
+            "accounting DELETING 3/10 subjects, records 7/unknown handled"
+        );
+        assert_eq!(part.records(), "7/unknown handled");
         let c = Contract {
             contract_id: "c1".into(),
             processor: "payroll".into(),
@@ -884,7 +1031,7 @@ mod tests {
             .lines()
             .find(|l| l.starts_with("accounting"))
             .expect("a row");
-        for word in ["IN_PROGRESS", "DELETING", "3/10", "7/?"] {
+        for word in ["IN_PROGRESS", "DELETING", "3/10", "7/unknown"] {
             assert!(row.contains(word), "{word} in {row}");
         }
         assert!(finished(RequestState::Completed as i32));
@@ -895,6 +1042,182 @@ mod tests {
         assert!(
             finished(RequestState::Failed as i32) && !went_through(RequestState::Failed as i32)
         );
+    }
+
+    fn done_part(state: TaskState, records_done: u64, records_total: u64) -> TaskStatus {
+        TaskStatus {
+            subprocessor: "accounting".into(),
+            state: state as i32,
+            progress: Some(ContractProgress {
+                phase: ContractPhase::Done as i32,
+                subjects_done: 4,
+                subjects_total: 4,
+                records_done,
+                records_total,
+                scheduled_at: None,
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// An erasure counts every record it went through, the ones it kept too: no view reads
+    /// its count as records erased, and a RETAINED part says that some are kept.
+    #[test]
+    fn an_erasing_part_counts_records_handled_not_erased() {
+        let kept = done_part(TaskState::Retained, 26, 26);
+        let c = Contract {
+            contract_id: "c1".into(),
+            state: RequestState::PartiallyCompleted as i32,
+            tasks: vec![kept.clone()],
+            ..Default::default()
+        };
+        let view = ContractView::from(&c);
+        let table = view.to_table();
+        let row = (table.lines())
+            .find(|l| l.starts_with("accounting"))
+            .expect("a row");
+        assert!(row.contains("26/26 handled, some kept"), "{row}");
+        let list = ContractListView {
+            contracts: vec![ContractView::from(&c)],
+        }
+        .to_table();
+        assert!(list.contains("records 26/26 handled, some kept"), "{list}");
+        let bar = view.tasks[0].bar_message();
+        assert!(bar.contains("records 26/26 handled, some kept"), "{bar}");
+        let scheduled = ScheduledListView {
+            contract_ends: vec![ScheduledView::from(&ProcessorContractEnd {
+                controller: "controller".into(),
+                request_id: "c1".into(),
+                tasks: vec![kept],
+                ..Default::default()
+            })],
+        };
+        let table = scheduled.to_table();
+        assert!(table.contains("26/26 handled, some kept"), "{table}");
+
+        for (task, cell) in [
+            (done_part(TaskState::Completed, 26, 26), "26/26 handled"),
+            (
+                done_part(TaskState::Retained, 7, 0),
+                "7/unknown handled, some kept",
+            ),
+        ] {
+            assert_eq!(PartView::from(&task).records(), cell);
+        }
+        let phase = |phase: ContractPhase, state: TaskState| TaskStatus {
+            state: state as i32,
+            progress: Some(ContractProgress {
+                phase: phase as i32,
+                records_done: 5,
+                records_total: 26,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let deleting = phase(ContractPhase::Deleting, TaskState::InProgress);
+        assert_eq!(PartView::from(&deleting).records(), "5/26 handled");
+        // Exported records are what they say.
+        let returning = phase(ContractPhase::Returning, TaskState::InProgress);
+        assert_eq!(PartView::from(&returning).records(), "5/26");
+        // A part that stopped there handled nothing more.
+        let failed = phase(ContractPhase::Deleting, TaskState::Failed);
+        assert_eq!(PartView::from(&failed).records(), "5/26");
+    }
+
+    /// What `contracts choose` prints holds no part: the registry's are the processor's last
+    /// report, scheduled under the terms before the choice.
+    #[test]
+    fn a_choice_shows_no_part_scheduled_before_it() {
+        let at = dsrelay_proto::timestamp_from_millis(1_798_761_600_000);
+        let date = cell(Time::from_proto(Some(&at)));
+        let c = Contract {
+            contract_id: "c1".into(),
+            contract_end: Some(ContractEnd {
+                choice: ContractEndChoice::Delete as i32,
+                grace_ends_at: Some(at),
+                ..Default::default()
+            }),
+            state: RequestState::Dispatched as i32,
+            tasks: vec![TaskStatus {
+                subprocessor: "accounting".into(),
+                state: TaskState::Pending as i32,
+                progress: Some(ContractProgress {
+                    phase: ContractPhase::Scheduled as i32,
+                    scheduled_at: Some(at),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let view = ChosenView::from(&c);
+        let table = view.to_table();
+        let dated: Vec<&str> = table.lines().filter(|l| l.contains(&date)).collect();
+        assert_eq!(dated.len(), 1, "{table}");
+        assert!(dated[0].starts_with("grace ends"), "{table}");
+        assert!(!table.contains("accounting"), "{table}");
+        assert!(table.contains("dsrctl contracts show c1"), "{table}");
+        let json = serde_json::to_value(&view).expect("json");
+        assert_eq!(json["choice"], "DELETE", "{json}");
+        assert!(json.get("tasks").is_none(), "{json}");
+        assert!(json.get("parts").is_none(), "{json}");
+    }
+
+    /// A total of 0 is unknown, and reads the same in every view: `N/unknown`, JSON `null`.
+    #[test]
+    fn an_unknown_total_reads_alike_in_every_view() {
+        let task = TaskStatus {
+            subprocessor: "accounting".into(),
+            state: TaskState::InProgress as i32,
+            progress: Some(ContractProgress {
+                phase: ContractPhase::Deleting as i32,
+                subjects_done: 3,
+                subjects_total: 0,
+                records_done: 7,
+                records_total: 0,
+                scheduled_at: None,
+            }),
+            ..Default::default()
+        };
+        let c = Contract {
+            contract_id: "c1".into(),
+            state: RequestState::InProgress as i32,
+            tasks: vec![task.clone()],
+            ..Default::default()
+        };
+        let view = ContractView::from(&c);
+        let part = &view.tasks[0];
+        assert_eq!(
+            part.bar_message(),
+            "subjects 3/unknown; records 7/unknown handled; DELETING"
+        );
+        assert_eq!(
+            part.summary(),
+            "accounting DELETING 3/unknown subjects, records 7/unknown handled"
+        );
+        let table = view.to_table();
+        let row = (table.lines())
+            .find(|l| l.starts_with("accounting"))
+            .expect("a row");
+        assert!(
+            row.contains("3/unknown") && row.contains("7/unknown"),
+            "{row}"
+        );
+        let scheduled = ScheduledListView {
+            contract_ends: vec![ScheduledView::from(&ProcessorContractEnd {
+                tasks: vec![task],
+                ..Default::default()
+            })],
+        }
+        .to_table();
+        assert!(scheduled.contains("7/unknown"), "{scheduled}");
+        let json = serde_json::to_value(&view).expect("json");
+        let part = &json["tasks"][0];
+        assert!(
+            part["subjects_total"].is_null() && part["records_total"].is_null(),
+            "{json}"
+        );
+        assert_eq!(part["records_done"], 7, "{json}");
     }
 
     /// A part cancelled while SCHEDULED, as a processor that still sent the date reports it.
