@@ -581,7 +581,7 @@ pub struct DevUpArgs {
     pub registry_port: Option<u16>,
     /// Port of the processor. A new folder's files get 50061 without it; on a later start it
     /// replaces the port of the folder's processor.toml, and the processor's endpoint in its
-    /// registry.toml, for this start.
+    /// registry.toml, for this start. The example recipient's port moves with it (20 above).
     #[arg(long)]
     pub processor_port: Option<u16>,
     /// Connection flags given to `dev up`, which uses none of them.

@@ -6,9 +6,10 @@
 
 use std::fmt;
 use std::io::Write;
+use std::sync::LazyLock;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use dsrelay_sdk::proto::{Delivery, TaskStatus};
+use dsrelay_sdk::proto::{Delivery, FieldCorrection, TaskStatus};
 use dsrelay_sdk::proto::{
     DeliveryState, EventType, IdentityEncoding, IdentityType, Request, RequestEvent, RequestKind,
     RequestState, SubmitResponse, TaskState,
@@ -148,6 +149,23 @@ pub(crate) struct IdentityView {
 pub(crate) struct CorrectionView {
     pub(crate) field: String,
     pub(crate) new_value: String,
+}
+
+impl CorrectionView {
+    /// The views of a request's or a task's corrections.
+    pub(crate) fn list(corrections: Vec<FieldCorrection>) -> Vec<Self> {
+        (corrections.into_iter())
+            .map(|c| Self {
+                field: c.field,
+                new_value: c.new_value,
+            })
+            .collect()
+    }
+
+    /// `field = value` for a table: the value as entered, control characters as spaces.
+    pub(crate) fn cell(&self) -> String {
+        clean(&format!("{} = {}", self.field, self.new_value))
+    }
 }
 
 /// One delivery.
@@ -351,14 +369,7 @@ impl From<&Request> for RequestView {
                 .as_ref()
                 .map(|s| s.data_categories.clone())
                 .unwrap_or_default(),
-            corrections: params
-                .corrections
-                .into_iter()
-                .map(|c| CorrectionView {
-                    field: c.field,
-                    new_value: c.new_value,
-                })
-                .collect(),
+            corrections: CorrectionView::list(params.corrections),
             lift_restriction: params.lift_restriction,
             transfer_recipient: params.transfer_recipient,
             identities: r
@@ -429,10 +440,7 @@ impl RequestView {
             h.row(["lift restriction", "yes"]);
         }
         for c in &self.corrections {
-            h.row([
-                "correct".to_string(),
-                format!("{} = {}", c.field, c.new_value),
-            ]);
+            h.row(["correct".to_string(), c.cell()]);
         }
         if !self.note.is_empty() {
             h.row(["note", self.note.as_str()]);
@@ -581,6 +589,23 @@ impl From<&RequestEvent> for EventView {
     }
 }
 
+/// The width of an event line's type column: its widest name, so that a type added to the
+/// enum cannot push the columns after it out of line.
+static TYPE_WIDTH: LazyLock<usize> = LazyLock::new(|| widest(event_type_name));
+/// The same for the request state column.
+static STATE_WIDTH: LazyLock<usize> = LazyLock::new(|| widest(state_name));
+
+/// The widest name `name` gives a value its enum knows. Values are numbered from 0 and far
+/// below 64; 64 numbers cover them with room to spare.
+fn widest(name: fn(i32) -> String) -> usize {
+    (0..64)
+        .map(name)
+        .filter(|n| !n.starts_with("UNKNOWN("))
+        .map(|n| n.chars().count())
+        .max()
+        .unwrap_or(0)
+}
+
 impl EventView {
     /// One line, columns padded to fixed widths since later events cannot re-align earlier
     /// lines: time, type, request state, processor[/subprocessor], message.
@@ -614,8 +639,9 @@ impl EventView {
         if self.attempt > 0 && message.is_empty() {
             message = format!("attempt {}", self.attempt);
         }
+        let (type_width, state_width) = (*TYPE_WIDTH, *STATE_WIDTH);
         let line = format!(
-            "{:<20}  {:<17}  {:<19}  {:<30}  {}",
+            "{:<20}  {:<type_width$}  {:<state_width$}  {:<30}  {}",
             time_cell(self.occurred_at),
             self.ty,
             self.request_state,
@@ -786,6 +812,35 @@ mod tests {
     use super::*;
     use dsrelay_proto::prost_types::Timestamp;
     use dsrelay_sdk::proto::{Evidence, RequestParameters, Scope, SubjectIdentity};
+
+    /// Every event type fits its column, so the columns after it line up whatever the type.
+    #[test]
+    fn event_lines_line_up_for_every_event_type() {
+        let types: Vec<i32> = (0..100)
+            .filter(|&v| EventType::try_from(v).is_ok())
+            .collect();
+        assert!(types.contains(&(EventType::CertificateStored as i32)));
+        let mut starts = std::collections::BTreeMap::new();
+        for ty in types {
+            let event = RequestEvent {
+                r#type: ty,
+                request_state: RequestState::PartiallyCompleted as i32,
+                processor: "payroll-bureau".into(),
+                message: "done".into(),
+                occurred_at: ts(1_767_225_600),
+                ..Default::default()
+            };
+            let line = EventView::from(&event).line();
+            let at = |word: &str| line.find(word).unwrap_or_else(|| panic!("{word}: {line}"));
+            let columns = (
+                at(" PARTIALLY_COMPLETED"),
+                at(" payroll-bureau"),
+                at(" done"),
+            );
+            starts.insert(columns, line);
+        }
+        assert_eq!(starts.len(), 1, "{starts:#?}");
+    }
 
     fn ts(seconds: i64) -> Option<Timestamp> {
         Some(Timestamp { seconds, nanos: 0 })
@@ -987,7 +1042,7 @@ mod tests {
         };
         assert_eq!(
             EventView::from(&e).line(),
-            "2023-11-14T22:13:20Z  TASK_UPDATED       IN_PROGRESS          \
+            "2023-11-14T22:13:20Z  TASK_UPDATED            IN_PROGRESS          \
              payroll-bureau/netvisor         erased [task COMPLETED]"
         );
     }
@@ -1006,7 +1061,7 @@ mod tests {
         };
         assert_eq!(
             EventView::from(&e).line(),
-            "2023-11-14T22:13:20Z  TASK_UPDATED       IN_PROGRESS          \
+            "2023-11-14T22:13:20Z  TASK_UPDATED            IN_PROGRESS          \
              payroll-bureau/netvisor         task RETAINED (kept under Kirjanpitolaki 2:10 §; \
              next erasure run 2030-03-17T17:46:40Z)"
         );
@@ -1059,7 +1114,7 @@ mod tests {
         };
         assert_eq!(
             EventView::from(&e).line(),
-            "2023-11-14T22:13:20Z  PART_STORED        IN_PROGRESS          \
+            "2023-11-14T22:13:20Z  PART_STORED             IN_PROGRESS          \
              payroll-bureau/netvisor         part of netvisor stored: 2 file(s), 90 bytes"
         );
     }

@@ -169,15 +169,19 @@ struct Listed {
 /// manifest lists must be at its path with its size and SHA-256, as `download --out` left
 /// them. `Err` names each file that is missing or differs, or why the manifest lists none.
 pub(crate) fn check_folder(root: &Path, manifest_json: &[u8]) -> Result<(), String> {
-    let problems: Vec<String> = check_folder_files(root, manifest_json)?
-        .into_iter()
-        .filter_map(|o| o.error.map(|reason| format!("{}: {reason}", o.path)))
-        .collect();
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems.join("; "))
+    match mismatches(&check_folder_files(root, manifest_json)?) {
+        None => Ok(()),
+        Some(problems) => Err(problems),
     }
+}
+
+/// The files of `outcomes` that failed their check, as `path: why; path: why`; `None` when
+/// every one matched.
+pub(crate) fn mismatches(outcomes: &[FileOutcome]) -> Option<String> {
+    let problems: Vec<String> = (outcomes.iter())
+        .filter_map(|o| Some(format!("{}: {}", o.path, o.error.as_ref()?)))
+        .collect();
+    (!problems.is_empty()).then(|| problems.join("; "))
 }
 
 /// The request whose package `manifest_json` describes, when it names one.
@@ -1744,6 +1748,27 @@ impl Unpacker {
 mod tests {
     use super::*;
     use std::cell::RefCell;
+
+    #[test]
+    fn mismatches_name_each_file_that_failed_and_why() {
+        let outcome = |path: &str, error: Option<&str>| FileOutcome {
+            path: path.into(),
+            size: 1,
+            sha256: String::new(),
+            error: error.map(String::from),
+        };
+        assert_eq!(mismatches(&[outcome("a", None)]), None);
+        assert_eq!(mismatches(&[]), None);
+        let outcomes = [
+            outcome("a", Some("missing")),
+            outcome("b", None),
+            outcome("c/d", Some("ended at 0 of 1 bytes")),
+        ];
+        assert_eq!(
+            mismatches(&outcomes).as_deref(),
+            Some("a: missing; c/d: ended at 0 of 1 bytes")
+        );
+    }
 
     thread_local! {
         /// What this test's thread synced, in order.

@@ -482,10 +482,16 @@ impl Drop for DevUp {
 /// Starts `dsrctl dev up` in `cwd` on ports the system picks and returns what it printed up
 /// to its last line, once both services listen.
 fn dev_up(cwd: &Path, args: &[&str]) -> (DevUp, Vec<String>) {
+    let ports = ["--registry-port", "0", "--processor-port", "0"];
+    dev_up_with(cwd, &[&ports[..], args].concat())
+}
+
+/// [`dev_up`] with the ports in `args`.
+fn dev_up_with(cwd: &Path, args: &[&str]) -> (DevUp, Vec<String>) {
     use std::io::BufRead;
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dsrctl"));
     cmd.current_dir(cwd)
-        .args(["dev", "up", "--registry-port", "0", "--processor-port", "0"])
+        .args(["dev", "up"])
         .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
@@ -538,11 +544,22 @@ fn printed_commands(lines: &[String], id: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// Whether a printed command calls the processor rather than the registry.
+fn calls_the_processor(command: &[String]) -> bool {
+    matches!(
+        command.get(..2),
+        Some([a, b]) if a == "tasks" || (a == "contracts" && b == "scheduled")
+    )
+}
+
 /// Runs the printed commands from `cwd` as printed, `<request id>` being a request the
-/// printed submit made, and the printed partner flags added to one of them.
+/// printed submit made, and the printed partner flags added to one of them; those that call
+/// the processor reach it.
 fn run_printed_commands(cwd: &Path, lines: &[String]) {
     let commands = printed_commands(lines, "");
-    assert_eq!(commands.len(), 5, "{lines:#?}");
+    assert_eq!(commands.len(), 7, "{lines:#?}");
+    let at_processor: Vec<_> = commands.iter().filter(|c| calls_the_processor(c)).collect();
+    assert_eq!(at_processor.len(), 2, "{lines:#?}");
     let run = |args: &[String]| {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         dsrctl(cwd, &[], &args)
@@ -561,6 +578,17 @@ fn run_printed_commands(cwd: &Path, lines: &[String]) {
     // `watch` follows the request until it ends, which the pair on port 0 cannot make
     // happen (its processor endpoint is port 0): get and list stand for it.
     for args in &printed_commands(lines, &id)[2..4] {
+        let out = run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    // The pair's processor is on a port the system picked, not dsrctl's default.
+    for args in at_processor {
+        assert!(args.contains(&"--processor".to_string()), "{args:?}");
         let out = run(args);
         assert_eq!(
             out.status.code(),
@@ -621,13 +649,125 @@ fn dev_up_in_its_default_folder_prints_only_the_endpoint_it_needs() {
             .all(|c| !c.contains(&"--config".to_string())),
         "{lines:#?}"
     );
-    assert!(
-        commands
-            .iter()
-            .all(|c| c.contains(&"--endpoint".to_string())),
-        "{lines:#?}"
-    );
+    // The registry's endpoint on those that call it, the processor's on the others.
+    for c in &commands {
+        let needed = if calls_the_processor(c) {
+            "--processor"
+        } else {
+            "--endpoint"
+        };
+        assert!(c.contains(&needed.to_string()), "{c:?}: {lines:#?}");
+    }
     run_printed_commands(tmp.path(), &lines);
+}
+
+/// A port free when asked; dev up binds it a moment later.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address").port()
+}
+
+/// The port of the `listen` address in the folder's recipient.toml.
+fn recipient_listen_port(dir: &Path) -> u16 {
+    let file = std::fs::read_to_string(dir.join("recipient.toml")).unwrap();
+    let file: toml::Value = toml::from_str(&file).unwrap();
+    let listen = file["listen"].as_str().unwrap();
+    listen.rsplit_once(':').unwrap().1.parse().unwrap()
+}
+
+/// dev up's mail-marketing stand-in answers an erasure NOT_FOUND, holding nothing, and gets
+/// no deletion certificate; the example recipient moves with the processor's port, and the
+/// registry's file, the recipient's file and the printed command agree on it.
+#[test]
+fn dev_up_s_stand_in_holds_nothing_and_its_recipient_moves_with_the_processor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join(".dsrelay");
+    let (registry, processor) = (free_port(), free_port());
+    let ports = [registry.to_string(), processor.to_string()];
+    let (dev, lines) = dev_up_with(
+        tmp.path(),
+        &["--registry-port", &ports[0], "--processor-port", &ports[1]],
+    );
+    let recipient = processor + 20;
+    let endpoint = format!("https://localhost:{recipient}");
+    let all = lines.join("\n");
+    assert!(
+        all.contains(&format!("example-recipient ({endpoint})")),
+        "{all}"
+    );
+    assert!(!all.contains("DSRELAY_RECIPIENT__LISTEN"), "{all}");
+    assert_eq!(recipient_listen_port(&dir), recipient);
+    let file = std::fs::read_to_string(dir.join("registry.toml")).unwrap();
+    let file: toml::Value = toml::from_str(&file).unwrap();
+    assert_eq!(file["recipients"][0]["endpoint"].as_str(), Some(&*endpoint));
+
+    let registry_endpoint = format!("https://localhost:{registry}");
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--endpoint", &registry_endpoint]);
+        dsrctl(tmp.path(), &[], &all)
+    };
+    let out = run(&[
+        "submit",
+        "--kind",
+        "erasure",
+        "--email",
+        "maija.meikalainen@example.fi",
+        "--output",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = doc["request_id"].as_str().unwrap().to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    let mail = loop {
+        let out = run(&["get", &id, "--output", "json"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let tasks = doc["tasks"].as_array().cloned().unwrap_or_default();
+        let mail = tasks.iter().find(|t| t["subprocessor"] == "mail-marketing");
+        if let Some(mail) = mail.filter(|t| t["state"] != "PENDING" && t["state"] != "IN_PROGRESS")
+        {
+            break mail.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "{doc:#}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(mail["state"], "NOT_FOUND", "{mail:#}");
+    assert_eq!(mail["records_affected"], 0, "{mail:#}");
+    let note = mail["evidence_note"].as_str().unwrap();
+    assert!(
+        note.contains("stand-in") && note.contains("holds no data"),
+        "{note}"
+    );
+    // No certificate claims an erasure at mail-marketing.
+    let cert = tmp.path().join("mail.json");
+    let out = run(&[
+        "certificate",
+        "get",
+        &id,
+        "--subprocessor",
+        "mail-marketing",
+        "--out",
+        cert.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    assert!(!cert.exists());
+    drop(dev);
+
+    // A later start on another processor port: the registry sends to the recipient 20 above
+    // it, and the printed command starts the recipient there, whatever its file says.
+    let processor = free_port();
+    let port = processor.to_string();
+    let (_dev, lines) = dev_up_with(tmp.path(), &["--processor-port", &port]);
+    let all = lines.join("\n");
+    let moved = processor + 20;
+    assert!(
+        all.contains(&format!("example-recipient (https://localhost:{moved})")),
+        "{all}"
+    );
+    let listen = format!("DSRELAY_RECIPIENT__LISTEN=127.0.0.1:{moved} cargo run");
+    assert!(all.contains(&listen), "{all}");
 }
 
 #[test]

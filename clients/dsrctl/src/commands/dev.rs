@@ -11,6 +11,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use dsrelay_connectors::noop::NoopAnswer;
 use dsrelay_connectors::sql::{create_sample_accounting_db, sample_config};
 use dsrelay_processor::config::{
     ConnectorConfig, ControllerConfig, NoopConfig, SubprocessorConfig, TransferMechanismConfig,
@@ -67,11 +68,12 @@ fn registry_config(dir: &Path, port: u16, processor_port: u16) -> dsrelay_regist
         }],
         recipients: vec![RecipientConfig {
             name: RECIPIENT.into(),
-            endpoint: "https://localhost:50081".into(),
+            endpoint: format!("https://localhost:{}", recipient_port(processor_port)),
             identity: dev_identity("recipient", "example"),
             description: "an example: the processor sends transfers here, where \
-                          dsrelay-example-recipient listens by default; while nothing listens, \
-                          transfers wait and are retried until their due date"
+                          dsrelay-example-recipient listens with the recipient.toml dsrctl dev \
+                          up wrote beside this file; while nothing listens, transfers wait and \
+                          are retried until their due date"
                 .into(),
         }],
         delivery: Default::default(),
@@ -99,6 +101,10 @@ fn registry_config(dir: &Path, port: u16, processor_port: u16) -> dsrelay_regist
         },
     }
 }
+
+/// What the mail-marketing subprocessor is, as ListSubprocessors and `dsrctl chain` show it.
+const MAIL_MARKETING_DESCRIPTION: &str = "a stand-in for a mail-marketing service (EU-US Data \
+     Privacy Framework): it reaches no system, holds no data and answers every task NOT_FOUND";
 
 fn processor_config(dir: &Path, port: u16, registry_port: u16) -> dsrelay_processor::Config {
     dsrelay_processor::Config {
@@ -134,8 +140,13 @@ fn processor_config(dir: &Path, port: u16, registry_port: u16) -> dsrelay_proces
                 categories: vec!["marketing".into()],
                 country: "US".into(),
                 transfer_mechanism: TransferMechanismConfig::AdequacyDecision,
-                description: "mail-marketing service (EU-US Data Privacy Framework)".into(),
-                connector: ConnectorConfig::Noop(NoopConfig::default()),
+                description: MAIL_MARKETING_DESCRIPTION.into(),
+                // A partner reads its outcomes: it says it holds nothing, never that it did
+                // work no system did (COMPLETED, and for an erasure a signed certificate).
+                connector: ConnectorConfig::Noop(NoopConfig {
+                    answer: NoopAnswer::NotFound,
+                    ..Default::default()
+                }),
             },
         ],
         tasks: Default::default(),
@@ -181,6 +192,21 @@ fn random_key() -> String {
 const DEFAULT_REGISTRY_PORT: u16 = 50051;
 const DEFAULT_PROCESSOR_PORT: u16 = 50061;
 
+/// How far above the processor's port the example recipient listens (50081 by default).
+const RECIPIENT_PORT_OFFSET: u16 = 20;
+
+/// The example recipient's port for a processor on `processor_port`: it moves with the
+/// processor, so that a pair started on other ports beside another does not send its
+/// transfers to the other's recipient. [`RECIPIENT_PORT_OFFSET`] above it, or as far below
+/// when that would pass 65535; 0 for 0, whose port is known only once bound
+/// ([`apply_recipient_port`] then moves it).
+fn recipient_port(processor_port: u16) -> u16 {
+    match processor_port {
+        0 => 0,
+        p => (p.checked_add(RECIPIENT_PORT_OFFSET)).unwrap_or(p - RECIPIENT_PORT_OFFSET),
+    }
+}
+
 /// The port of a listen address such as `127.0.0.1:50051`.
 fn port_of(listen: &str) -> Option<u16> {
     listen.rsplit_once(':')?.1.parse().ok()
@@ -223,6 +249,56 @@ fn apply_ports(
     }
 }
 
+/// Moves the example recipient's endpoint in `registry` with the processor's port given on
+/// the command line, as [`apply_ports`] moves the pair's: to [`recipient_port`] of `bound`,
+/// the port the processor is bound to (the one given, or the system's pick for 0), when the
+/// endpoint is the one `dev up` wrote for the files' processor port `file_port`. The folder's
+/// recipient.toml stays as it is; [`recipient_listen_override`] says what its start needs.
+fn apply_recipient_port(
+    args: &DevUpArgs,
+    file_port: Option<u16>,
+    bound: u16,
+    registry: &mut dsrelay_registry::Config,
+) {
+    if args.processor_port.is_none() {
+        return;
+    }
+    let old = file_port.map(|p| format!("https://localhost:{}", recipient_port(p)));
+    for r in &mut registry.recipients {
+        if r.name == RECIPIENT && Some(&r.endpoint) == old.as_ref() {
+            r.endpoint = format!("https://localhost:{}", recipient_port(bound));
+        }
+    }
+}
+
+/// The `listen` the example recipient needs to be reached at `endpoint` (the registry's), when
+/// the folder's recipient.toml (`file`, its text) listens on another port: after a start
+/// with another `--processor-port` than the one that wrote the files. `None` when they agree,
+/// or when either is not one `dev up` wrote (an endpoint on another host, a file without a
+/// listen address), which its editor keeps in agreement.
+fn recipient_listen_override(file: &str, endpoint: &str) -> Option<String> {
+    let port = endpoint
+        .strip_prefix("https://localhost:")?
+        .parse::<u16>()
+        .ok()?;
+    let value: toml::Value = toml::from_str(file).ok()?;
+    let listen = value.get("listen")?.as_str()?;
+    (port_of(listen)? != port).then(|| with_port(listen, port))
+}
+
+/// The example recipient's file for a processor on `processor_port`: example.toml with its
+/// listen port moved to [`recipient_port`].
+fn recipient_file(processor_port: u16) -> String {
+    RECIPIENT_FILE.replacen(
+        &format!(
+            "listen = \"127.0.0.1:{}\"",
+            recipient_port(DEFAULT_PROCESSOR_PORT)
+        ),
+        &format!("listen = \"127.0.0.1:{}\"", recipient_port(processor_port)),
+        1,
+    )
+}
+
 fn write_if_missing<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     if path.exists() {
         return Ok(());
@@ -259,9 +335,22 @@ fn dsrctl_file() -> String {
 /// dsrctl finds the development PKI only in `./.dsrelay/pki` and calls
 /// `https://127.0.0.1:50051` unless told otherwise, so each command carries `--config` (the
 /// folder's `dsrctl.toml`) when `dir` is elsewhere and `--endpoint` when the registry's port
-/// is another.
-fn try_text(dir: &Path, cwd: &Path, registry: &str, processor: &str, recipient: &str) -> String {
+/// is another; the processor's operator commands (`tasks`, `contracts scheduled`) call
+/// `https://127.0.0.1:50061` unless given `--processor`, so they carry it when the
+/// processor's port is another. The example recipient's command sets its listen address
+/// (`recipient_listen`) when the folder's recipient.toml has another port than `recipient`.
+fn try_text(
+    dir: &Path,
+    cwd: &Path,
+    registry: &str,
+    processor: &str,
+    recipient: &str,
+    recipient_listen: Option<&str>,
+) -> String {
     let d = dir.display();
+    let recipient_env = recipient_listen.map_or_else(String::new, |listen| {
+        format!("DSRELAY_RECIPIENT__LISTEN={} ", shell_word(listen))
+    });
     // A path in a printed command, as one shell word.
     let path = |name: &str| shell_word(&dir.join(name).display().to_string());
     let finds_pki = std::fs::canonicalize(cwd.join(DEV_PKI_DIR)).ok() == Some(dir.join("pki"));
@@ -270,8 +359,13 @@ fn try_text(dir: &Path, cwd: &Path, registry: &str, processor: &str, recipient: 
     if !finds_pki {
         flags.push_str(&format!(" --config {}", path("dsrctl.toml")));
     }
+    // The processor's commands need no registry endpoint: they call only the processor.
+    let mut processor_flags = flags.clone();
     if port_of(registry) != default_port {
         flags.push_str(&format!(" --endpoint {registry}"));
+    }
+    if port_of(processor) != Some(DEFAULT_PROCESSOR_PORT) {
+        processor_flags.push_str(&format!(" --processor {}", shell_word(processor)));
     }
     let whose = if finds_pki {
         format!("dsrctl finds the operator's certificate in ./{DEV_PKI_DIR}")
@@ -291,8 +385,11 @@ fn try_text(dir: &Path, cwd: &Path, registry: &str, processor: &str, recipient: 
          \x20 {dsrctl} get <request id>{flags}\n\
          \x20 {dsrctl} list --overdue{flags}\n\
          As a partner: add --cert {} --key {}\n\
+         At the processor, as its operator:\n\
+         \x20 {dsrctl} tasks list{processor_flags}\n\
+         \x20 {dsrctl} contracts scheduled{processor_flags}\n\
          Transfers to {RECIPIENT} ({recipient}) wait until it runs:\n\
-         \x20 cargo run -q -p dsrelay-example-recipient -- --config {}\n\
+         \x20 {recipient_env}cargo run -q -p dsrelay-example-recipient -- --config {}\n\
          \x20 {dsrctl} submit --kind transfer --recipient {RECIPIENT} \
          --email maija.meikalainen@example.fi{flags}\n\
          Stop with Ctrl-C.",
@@ -352,14 +449,14 @@ pub(crate) async fn up(
             &processor_file,
             &processor_config(&dir, processor_port, registry_port),
         )?;
-        write_text_if_missing(&dir.join("recipient.toml"), RECIPIENT_FILE)?;
         write_text_if_missing(&dir.join("dsrctl.toml"), &dsrctl_file())?;
         let mut registry = dsrelay_registry::Config::load(Some(&registry_file))?;
         let mut processor = dsrelay_processor::Config::load(Some(&processor_file))?;
+        let file_processor_port = port_of(&processor.service.listen);
         apply_ports(args, &mut registry, &mut processor);
-        anyhow::Ok((registry, processor))
+        anyhow::Ok((registry, processor, file_processor_port))
     };
-    let (registry, processor) = prepare.await.map_err(Failure::Setup)?;
+    let (mut registry, processor, file_processor_port) = prepare.await.map_err(Failure::Setup)?;
     let registry_listener = tokio::net::TcpListener::bind(&registry.service.listen)
         .await
         .with_context(|| format!("binding the registry to {}", registry.service.listen))
@@ -392,11 +489,30 @@ pub(crate) async fn up(
     };
     let registry_endpoint = format!("https://localhost:{}", port(&registry_listener));
     let processor_endpoint = format!("https://localhost:{}", port(&processor_listener));
+    // The recipient moves with the processor's port as bound, known only now for port 0: its
+    // file is written now, so that a new folder's agrees with the registry's endpoint.
+    let bound_processor_port = processor_listener
+        .local_addr()
+        .map_err(|e| Failure::Setup(e.into()))?
+        .port();
+    apply_recipient_port(
+        args,
+        file_processor_port,
+        bound_processor_port,
+        &mut registry,
+    );
+    let recipient_path = dir.join("recipient.toml");
+    write_text_if_missing(&recipient_path, &recipient_file(bound_processor_port))
+        .map_err(Failure::Setup)?;
+    let recipient_text = std::fs::read_to_string(&recipient_path)
+        .with_context(|| format!("reading {}", recipient_path.display()))
+        .map_err(Failure::Setup)?;
     let recipient_endpoint = registry
         .recipients
         .iter()
         .find(|r| r.name == RECIPIENT)
         .map_or_else(|| "not in registry.toml".into(), |r| r.endpoint.clone());
+    let recipient_listen = recipient_listen_override(&recipient_text, &recipient_endpoint);
     let registry_app = dsrelay_registry::App::build(registry)
         .await
         .map_err(Failure::Setup)?;
@@ -425,6 +541,7 @@ pub(crate) async fn up(
         &registry_endpoint,
         &processor_endpoint,
         &recipient_endpoint,
+        recipient_listen.as_deref(),
     );
     writeln!(io.err, "{text}")?;
     // Either service failing ends the session too, rather than leaving half a pair running.
@@ -472,7 +589,7 @@ mod tests {
     #[test]
     fn printed_paths_are_shell_words() {
         let dir = Path::new("/tmp/my dev");
-        let text = try_text(dir, Path::new("/"), "https://localhost:1", "p", "r");
+        let text = try_text(dir, Path::new("/"), "https://localhost:1", "p", "r", None);
         for path in ["dsrctl.toml", "pki/partner-crm.pem", "recipient.toml"] {
             let quoted = format!(" '/tmp/my dev/{path}'");
             assert!(text.contains(&quoted), "{quoted} in {text}");
@@ -500,6 +617,87 @@ mod tests {
         std::fs::write(pki.join("crl.pem"), "").unwrap();
         let settings = crate::settings::resolve(&args, &env).unwrap();
         assert_eq!(settings.tls.crls, [pki.join("crl.pem")]);
+    }
+
+    /// The dsrctl commands it prints, as the words dsrctl gets (the placeholder filled in).
+    fn printed_commands(text: &str) -> Vec<Vec<String>> {
+        let prefix = "cargo run -q -p dsrctl -- ";
+        (text.lines())
+            .filter_map(|l| l.trim_start().strip_prefix(prefix))
+            .map(|c| {
+                let c = c.replace("<request id>", "r-1");
+                std::iter::once("dsrctl")
+                    .chain(c.split_whitespace())
+                    .map(String::from)
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// With ports other than the defaults, every printed command parses, those that call
+    /// the registry name its port, and those that call the processor name its own.
+    #[test]
+    fn printed_commands_reach_both_services_on_other_ports() {
+        use clap::Parser;
+        let text = try_text(
+            Path::new("/tmp/dsrelay-dev"),
+            Path::new("/"),
+            "https://localhost:6000",
+            "https://localhost:6001",
+            "https://localhost:50081",
+            None,
+        );
+        let commands = printed_commands(&text);
+        let processor_side = |c: &crate::cli::Command| {
+            use crate::cli::{Command, ContractsCommand};
+            matches!(
+                c,
+                Command::Tasks(_) | Command::Contracts(ContractsCommand::Scheduled { .. })
+            )
+        };
+        let mut seen = (0, 0);
+        for words in &commands {
+            let cli =
+                crate::cli::Cli::try_parse_from(words).unwrap_or_else(|e| panic!("{words:?}: {e}"));
+            assert_eq!(
+                cli.connection.config.as_deref(),
+                Some(Path::new("/tmp/dsrelay-dev/dsrctl.toml")),
+                "{words:?}"
+            );
+            if processor_side(&cli.command) {
+                seen.1 += 1;
+                assert!(
+                    (words.windows(2)).any(|w| w == ["--processor", "https://localhost:6001"]),
+                    "{words:?}"
+                );
+            } else {
+                seen.0 += 1;
+                let endpoint = cli.connection.endpoint.as_deref();
+                assert_eq!(endpoint, Some("https://localhost:6000"), "{words:?}");
+            }
+        }
+        assert!(seen.0 > 0 && seen.1 > 0, "{text}");
+        let tasks = commands.iter().any(|c| c[1..3] == ["tasks", "list"]);
+        let scheduled = commands
+            .iter()
+            .any(|c| c[1..3] == ["contracts", "scheduled"]);
+        assert!(tasks && scheduled, "{text}");
+    }
+
+    /// On the default ports the processor's commands need no --processor.
+    #[test]
+    fn on_the_default_ports_the_processor_commands_carry_no_endpoint() {
+        let text = try_text(
+            Path::new("/tmp/dsrelay-dev"),
+            Path::new("/"),
+            "https://localhost:50051",
+            "https://localhost:50061",
+            "https://localhost:50081",
+            None,
+        );
+        assert!(text.contains("tasks list --config"), "{text}");
+        assert!(!text.contains("--processor"), "{text}");
+        assert!(!text.contains("--endpoint"), "{text}");
     }
 
     #[test]
@@ -534,7 +732,7 @@ mod tests {
             processor.controllers[0].registry_endpoint,
             "https://localhost:6000"
         );
-        // The recipient's endpoint is not one of the pair's.
+        // The recipient moves once the processor is bound (apply_recipient_port), not here.
         assert_eq!(registry.recipients[0].endpoint, "https://localhost:50081");
     }
 
@@ -553,6 +751,110 @@ mod tests {
         assert_eq!(
             processor.controllers[0].registry_endpoint,
             "https://controller.example:443"
+        );
+    }
+
+    /// The port the example recipient listens on in the file `recipient_file` wrote.
+    fn listen_port(file: &str) -> u16 {
+        let value: toml::Value = toml::from_str(file).unwrap();
+        port_of(value["listen"].as_str().unwrap()).unwrap()
+    }
+
+    /// A new folder's registry file and recipient file put the example recipient on the same
+    /// port, which moves with the processor's: 50081 for the default, 20 above another.
+    #[test]
+    fn the_recipient_files_agree_and_move_with_the_processor_port() {
+        let dir = Path::new("/tmp/dsrelay-dev");
+        for (processor, recipient) in [(50061, 50081), (6001, 6021), (65530, 65510)] {
+            let registry = registry_config(dir, 6000, processor);
+            assert_eq!(
+                registry.recipients[0].endpoint,
+                format!("https://localhost:{recipient}")
+            );
+            assert_eq!(listen_port(&recipient_file(processor)), recipient);
+        }
+        // The default is example.toml as it is.
+        assert_eq!(recipient_file(DEFAULT_PROCESSOR_PORT), RECIPIENT_FILE);
+    }
+
+    /// A later start with another --processor-port moves the recipient's endpoint the files
+    /// gave it, as the pair's; an endpoint edited to point elsewhere stays.
+    #[test]
+    fn a_later_processor_port_moves_the_recipient_endpoint_dev_up_wrote() {
+        let dir = Path::new("/tmp/dsrelay-dev");
+        let endpoint = |r: &dsrelay_registry::Config| r.recipients[0].endpoint.clone();
+        let mut registry = registry_config(dir, 50051, 50061);
+        apply_recipient_port(&args(None, None), Some(50061), 50061, &mut registry);
+        assert_eq!(endpoint(&registry), "https://localhost:50081");
+        apply_recipient_port(&args(None, Some(7001)), Some(50061), 7001, &mut registry);
+        assert_eq!(endpoint(&registry), "https://localhost:7021");
+        // Port 0: the files say 0, the processor is bound where the system picked.
+        let mut registry = registry_config(dir, 0, 0);
+        apply_recipient_port(&args(Some(0), Some(0)), Some(0), 41000, &mut registry);
+        assert_eq!(endpoint(&registry), "https://localhost:41020");
+        let mut registry = registry_config(dir, 50051, 50061);
+        registry.recipients[0].endpoint = "https://recipient.example:443".into();
+        apply_recipient_port(&args(None, Some(7001)), Some(50061), 7001, &mut registry);
+        assert_eq!(endpoint(&registry), "https://recipient.example:443");
+    }
+
+    /// When the folder's recipient.toml listens elsewhere than the registry sends (a later
+    /// start on another processor port), the printed command sets the listen address.
+    #[test]
+    fn the_printed_recipient_command_listens_where_the_registry_sends() {
+        let file = recipient_file(6001);
+        assert_eq!(
+            recipient_listen_override(&file, "https://localhost:7021").as_deref(),
+            Some("127.0.0.1:7021")
+        );
+        assert_eq!(
+            recipient_listen_override(&file, "https://localhost:6021"),
+            None
+        );
+        assert_eq!(
+            recipient_listen_override(&file, "https://r.example:6021"),
+            None
+        );
+        let text = try_text(
+            Path::new("/tmp/dsrelay-dev"),
+            Path::new("/"),
+            "https://localhost:7000",
+            "https://localhost:7001",
+            "https://localhost:7021",
+            Some("127.0.0.1:7021"),
+        );
+        let line = "  DSRELAY_RECIPIENT__LISTEN=127.0.0.1:7021 cargo run -q -p \
+                    dsrelay-example-recipient -- --config /tmp/dsrelay-dev/recipient.toml";
+        assert!(text.lines().any(|l| l == line), "{text}");
+        assert!(
+            text.contains("example-recipient (https://localhost:7021)"),
+            "{text}"
+        );
+    }
+
+    /// The mail-marketing stand-in, in the file dev up writes, answers NOT_FOUND (holds
+    /// nothing) and says it is a stand-in, rather than confirming work no system did.
+    #[test]
+    fn the_mail_marketing_stand_in_says_it_holds_nothing() {
+        let dir = Path::new("/tmp/dsrelay-dev");
+        let text = toml::to_string(&processor_config(dir, 50061, 50051)).unwrap();
+        let config: dsrelay_processor::Config = toml::from_str(&text).unwrap();
+        let mail = (config.subprocessors.iter())
+            .find(|s| s.name == "mail-marketing")
+            .unwrap();
+        match &mail.connector {
+            ConnectorConfig::Noop(noop) => assert_eq!(noop.answer, NoopAnswer::NotFound),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            mail.description.starts_with("a stand-in"),
+            "{}",
+            mail.description
+        );
+        assert!(
+            mail.description.contains("NOT_FOUND"),
+            "{}",
+            mail.description
         );
     }
 }

@@ -18,8 +18,8 @@ use crate::commands::{Io, Registry};
 use crate::output::{emit, Render, Time};
 use crate::table::{clean, Table};
 use crate::unpack::{
-    check_folder_files, finished_download, DirSink, FileOutcome, Leftovers, Sink, Stop, Unpacker,
-    ZipSink, MANIFEST_NAME, STAGING_NAME, STOPPED,
+    check_folder_files, finished_download, mismatches, DirSink, FileOutcome, Leftovers, Sink, Stop,
+    Unpacker, ZipSink, MANIFEST_NAME, STAGING_NAME, STOPPED,
 };
 use crate::{Failure, EXIT_FAILURE};
 
@@ -66,16 +66,12 @@ impl Target {
                     return Ok(Destination::Write(Self::Dir(dir.clone())));
                 };
                 let outcomes = check_folder_files(dir, &done.manifest).map_err(Failure::Usage)?;
-                let problems: Vec<String> = (outcomes.iter())
-                    .filter_map(|o| Some(format!("{}: {}", o.path, o.error.as_ref()?)))
-                    .collect();
-                if !problems.is_empty() {
+                if let Some(problems) = mismatches(&outcomes) {
                     return Err(Failure::Usage(format!(
                         "--out {} holds a download of request {} that no longer matches its \
-                         {MANIFEST_NAME} ({}): download into a new folder",
+                         {MANIFEST_NAME} ({problems}): download into a new folder",
                         dir.display(),
                         args.id,
-                        problems.join("; ")
                     )));
                 }
                 Ok(Destination::Finished(Finished {
@@ -379,17 +375,18 @@ impl Render for DownloadView {
             ),
         ]);
         out.push_str(&head.render());
-        if !self.files.is_empty() {
+        // The files verified are summed up above (`package` lists them, `--output json` has
+        // each); those that did not are what the user must act on.
+        let failed: Vec<_> = self.files.iter().filter(|f| !f.verified).collect();
+        if !failed.is_empty() {
             let mut t = Table::new(["PATH", "SIZE", "SHA256", "CHECK"]);
-            for f in &self.files {
+            for f in failed {
+                let error = f.error.as_deref().unwrap_or_default();
                 t.row([
                     clean(&f.path),
                     f.size.to_string(),
                     clean(&f.sha256),
-                    match &f.error {
-                        None => "ok".to_string(),
-                        Some(e) => format!("FAILED: {}", clean(e)),
-                    },
+                    format!("FAILED: {}", clean(error)),
                 ]);
             }
             out.push('\n');
@@ -1096,6 +1093,59 @@ mod tests {
         let view = DownloadView::new(&info, &Target::Dir("out".into()), outcomes);
         assert_eq!(view.bytes, u64::MAX);
         assert!(!view.verified);
+    }
+
+    /// A verified download is summed up (where, files, bytes, verified); the files are
+    /// listed only when some did not verify, and then only those.
+    #[test]
+    fn a_download_prints_a_summary_and_only_the_files_that_failed() {
+        let info = PackageInfo {
+            request_id: "r-1".into(),
+            manifest_json: b"{}".to_vec(),
+            ..Default::default()
+        };
+        let file = |path: &str, error: Option<&str>| FileOutcome {
+            path: path.into(),
+            size: 10,
+            sha256: format!("{path}-digest"),
+            error: error.map(String::from),
+        };
+        let files = || vec![file("a/x.json", None), file("b/y.csv", None)];
+        let view = DownloadView::new(&info, &Target::Dir("maija".into()), files());
+        let text = view.to_table();
+        let digest = hex::encode(Sha256::digest(b"{}"));
+        assert_eq!(
+            text,
+            format!(
+                "request         r-1\n\
+                 folder          maija\n\
+                 package sha256  {digest}\n\
+                 files           2 (20 bytes), 2 of 2 verified\n"
+            )
+        );
+        let zip = DownloadView::new(&info, &Target::Zip("maija.zip".into()), files());
+        assert!(zip.to_table().contains("\nzip             maija.zip\n"));
+
+        let mut some = files();
+        some.push(file("c/z.txt", Some("ended at 3 of 10 bytes")));
+        let text = DownloadView::new(&info, &Target::Dir("maija".into()), some).to_table();
+        assert!(text.contains("3 (30 bytes), 2 of 3 verified\n"), "{text}");
+        assert!(
+            text.ends_with(
+                "\nPATH     SIZE  SHA256          CHECK\n\
+                 c/z.txt  10    c/z.txt-digest  FAILED: ended at 3 of 10 bytes\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("a/x.json"), "{text}");
+        // JSON keeps every file.
+        let json = serde_json::to_value(DownloadView::new(
+            &info,
+            &Target::Dir("maija".into()),
+            files(),
+        ))
+        .unwrap();
+        assert_eq!(json["files"].as_array().unwrap().len(), 2, "{json:#}");
     }
 
     #[test]

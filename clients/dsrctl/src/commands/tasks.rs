@@ -66,14 +66,12 @@ impl TaskView {
         }
     }
 
-    /// The kind's parameters, for the table. Values are quoted, so that one holding a
-    /// separator, a quote or nothing at all reads as the operator must enter it.
+    /// The kind's parameters, for the table, values as entered, as `dsrctl get` shows them
+    /// (`--output json` has each apart, for a value holding a separator).
     fn parameters_cell(&self) -> String {
         let mut parts = Vec::new();
         if !self.corrections.is_empty() {
-            let corrections: Vec<String> = (self.corrections.iter())
-                .map(|c| format!("{}={:?}", c.field, c.new_value))
-                .collect();
+            let corrections: Vec<String> = self.corrections.iter().map(|c| c.cell()).collect();
             parts.push(format!("correct {}", corrections.join(", ")));
         }
         // False means "set" only on a restriction; on other kinds it says nothing.
@@ -82,7 +80,7 @@ impl TaskView {
             parts.push(format!("{verb} restriction"));
         }
         if !self.transfer_recipient.is_empty() {
-            parts.push(format!("to recipient {:?}", self.transfer_recipient));
+            parts.push(format!("to recipient {}", self.transfer_recipient));
         }
         if let Some(c) = &self.contract_end {
             let mut terms = format!("contract end {}", c.choice);
@@ -96,7 +94,7 @@ impl TaskView {
                 terms.push_str(", return confirmed");
             }
             if !c.transfer_recipient.is_empty() {
-                terms.push_str(&format!(", to recipient {:?}", c.transfer_recipient));
+                terms.push_str(&format!(", to recipient {}", c.transfer_recipient));
             }
             parts.push(terms);
         }
@@ -148,12 +146,7 @@ impl From<&ManualTask> for TaskView {
             identities: t.identities.iter().map(identity).collect(),
             all_data: data_categories.is_empty(),
             data_categories,
-            corrections: (params.corrections.into_iter())
-                .map(|c| CorrectionView {
-                    field: c.field,
-                    new_value: c.new_value,
-                })
-                .collect(),
+            corrections: CorrectionView::list(params.corrections),
             lift_restriction: params.lift_restriction,
             transfer_recipient: params.transfer_recipient,
             contract_end: params.contract_end.map(|c| ContractEndView {
@@ -426,10 +419,14 @@ pub(crate) async fn run(
                     name.trim().to_uppercase().replace('-', "_")
                 );
                 match dsrelay_sdk::proto::TaskState::from_str_name(&proto) {
-                    Some(s) if s != dsrelay_sdk::proto::TaskState::Unspecified => wanted.push(s as i32),
+                    Some(s) if s != dsrelay_sdk::proto::TaskState::Unspecified => {
+                        wanted.push(s as i32)
+                    }
                     _ => {
                         return Err(Failure::Usage(format!(
-                            "--state {name:?} is not a task state (pending, in-progress, completed, not-found, retained, refused, failed, waiting-for-operator, cancelled)"
+                            "--state {name:?} is not a task state (pending, in-progress, \
+                             completed, not-found, retained, refused, failed, \
+                             waiting-for-operator, cancelled)"
                         )))
                     }
                 }
@@ -530,6 +527,61 @@ mod tests {
     use std::cell::RefCell;
 
     use super::*;
+
+    /// The parameters read as the operator enters them, as the request's own table shows
+    /// them: no debug quoting, no escaped characters, control characters as spaces.
+    #[test]
+    fn parameters_are_printed_as_entered() {
+        use dsrelay_sdk::proto::{ContractEnd, FieldCorrection, RequestParameters};
+        let correction = |field: &str, new_value: &str| FieldCorrection {
+            field: field.into(),
+            new_value: new_value.into(),
+        };
+        let task = |kind: RequestKind, parameters: RequestParameters| {
+            TaskView::from(&ManualTask {
+                kind: kind as i32,
+                parameters: Some(parameters),
+                ..Default::default()
+            })
+        };
+        let rectify = task(
+            RequestKind::Rectification,
+            RequestParameters {
+                corrections: vec![
+                    correction("surname", "Mäkinen-\"Ö\" \\ jr"),
+                    correction("address", "Kotikatu 7\nB 12"),
+                ],
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            rectify.parameters_cell(),
+            "correct surname = Mäkinen-\"Ö\" \\ jr, address = Kotikatu 7 B 12"
+        );
+        let transfer = task(
+            RequestKind::Transfer,
+            RequestParameters {
+                transfer_recipient: "successor-bureau".into(),
+                ..Default::default()
+            },
+        );
+        assert_eq!(transfer.parameters_cell(), "to recipient successor-bureau");
+        let contract_end = task(
+            RequestKind::ContractEnd,
+            RequestParameters {
+                contract_end: Some(ContractEnd {
+                    transfer_recipient: "successor-bureau".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        );
+        assert!(
+            (contract_end.parameters_cell()).ends_with(", to recipient successor-bureau"),
+            "{}",
+            contract_end.parameters_cell()
+        );
+    }
 
     fn page(ids: &[i64], truncated: bool) -> DeadLetterList {
         DeadLetterList {

@@ -126,6 +126,8 @@ struct TaskView {
     /// (the holder failed, or the processor restarted mid-task), or it ran again later: a
     /// retained task's erasure run, a contract end's next phase.
     run: u32,
+    /// Not ended yet. A RETAINED task is not: it ended for now, and the processor erases the
+    /// data kept under its legal basis at a later erasure run by itself.
     pending: bool,
     detail: String,
 }
@@ -151,10 +153,7 @@ fn secs(ms: i64) -> String {
 fn is_open(state: i32) -> bool {
     matches!(
         TaskState::try_from(state),
-        Ok(TaskState::Pending)
-            | Ok(TaskState::InProgress)
-            | Ok(TaskState::WaitingForOperator)
-            | Ok(TaskState::Retained)
+        Ok(TaskState::Pending) | Ok(TaskState::InProgress) | Ok(TaskState::WaitingForOperator)
     )
 }
 
@@ -380,7 +379,13 @@ impl Render for TraceView {
                 } else {
                     String::new()
                 };
-                let pending = if t.pending { "  (pending)" } else { "" };
+                let pending = match (t.pending, t.state.as_str()) {
+                    (true, _) => "  (pending)",
+                    (false, "RETAINED") => {
+                        "  (ended for now; kept data awaits a later erasure run)"
+                    }
+                    (false, _) => "",
+                };
                 out.push_str(&format!(
                     "{indent}{b} {}  {}  #{}  {} record(s)  took {}{run}{pending}\n",
                     clean(&t.subprocessor),
@@ -521,6 +526,52 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("until"), "{text}");
+    }
+
+    /// A RETAINED task ended for now: not pending, but kept data awaiting a later run.
+    #[test]
+    fn a_retained_task_is_not_pending() {
+        let task = |subprocessor: &str, state: TaskState| TaskStatus {
+            processor: "payroll-bureau".into(),
+            subprocessor: subprocessor.into(),
+            state: state as i32,
+            legal_basis: "Kirjanpitolaki 2:10 §".into(),
+            ..Default::default()
+        };
+        let list = EventList {
+            request: Some(Request {
+                request_id: "r-1".into(),
+                deliveries: vec![Delivery {
+                    processor: "payroll-bureau".into(),
+                    ..Default::default()
+                }],
+                tasks: vec![
+                    task("accounting", TaskState::Retained),
+                    task("crm", TaskState::InProgress),
+                ],
+                ..Default::default()
+            }),
+            events: Vec::new(),
+        };
+        let view = TraceView::build(&list);
+        let text = view.to_table();
+        let line = |name: &str| {
+            let found = text.lines().find(|l| l.contains(name));
+            found
+                .unwrap_or_else(|| panic!("{name} in {text}"))
+                .to_string()
+        };
+        let retained = line("accounting");
+        assert!(!retained.contains("pending"), "{text}");
+        assert!(
+            retained.ends_with("  (ended for now; kept data awaits a later erasure run)"),
+            "{text}"
+        );
+        assert!(line("crm").ends_with("  (pending)"), "{text}");
+        let json = serde_json::to_value(&view).unwrap();
+        let tasks = &json["processors"][0]["tasks"];
+        assert_eq!(tasks[0]["pending"], false, "{json:#}");
+        assert_eq!(tasks[1]["pending"], true, "{json:#}");
     }
 
     /// A request to `processor` with one task, and `events`.
