@@ -88,7 +88,7 @@ pub(crate) fn identity_type_name(v: i32) -> String {
     enum_name(name, "IDENTITY_TYPE_", v)
 }
 
-fn identity_encoding_name(v: i32) -> String {
+pub(crate) fn identity_encoding_name(v: i32) -> String {
     let name = IdentityEncoding::try_from(v).ok().map(|k| k.as_str_name());
     enum_name(name, "IDENTITY_ENCODING_", v)
 }

@@ -136,8 +136,7 @@ mod tests {
     use super::*;
     use crate::{BulkOp, Phase, ProgressReporter};
 
-    /// With no delay, the answer is there at the first poll: a `sleep(0)` would wait for the
-    /// timer's next tick (up to a millisecond), which a benchmark would count as the relay's.
+    /// A task of `kind` for the stand-in.
     fn task(kind: RequestKind) -> Task {
         Task {
             task_id: "acme/r-1/mail".into(),
@@ -175,6 +174,8 @@ mod tests {
         (job, seen)
     }
 
+    /// With no delay, the answer is there at the first poll: a `sleep(0)` would wait for the
+    /// timer's next tick (up to a millisecond), which a benchmark would count as the relay's.
     #[tokio::test]
     async fn no_delay_answers_at_the_first_poll() {
         use futures::FutureExt;

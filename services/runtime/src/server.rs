@@ -287,9 +287,9 @@ pub async fn serve(
 /// [`serve`] for a router from [`plain_builder`]: every accepted connection does its TLS
 /// handshake (at most [`HANDSHAKE_TIMEOUT`], [`MAX_HANDSHAKES`] at once) with the server
 /// configuration `tls` holds at that moment, and only completed handshakes reach tonic,
-/// which reads the client's certificates from the stream as it does for its own TLS; failed
-/// handshakes make at most one log line per 10 s, later ones counted into the next, and so
-/// do failures to accept a connection. Calls still open when shutdown began get `drain` (the
+/// which reads the client's certificates from the stream as it does for its own TLS; a failed
+/// handshake after a quiet 10 s is logged with its details, the others of those 10 s as one
+/// line of counts, and so are failures to accept a connection. Calls still open when shutdown began get `drain` (the
 /// service's `shutdown_grace_ms`) to finish, then their connections are dropped.
 pub async fn serve_tls(
     router: Router<Layers>,
@@ -692,9 +692,8 @@ impl Logged for NotAccepted {
     }
 }
 
-/// Failures of one kind as at most one log line per `every`: the first after a quiet
-/// interval with its details, the rest of that interval as counts in one line when it is
-/// over. A host that opens connections by the thousand, or a listener retried every 50 ms,
+/// Failures of one kind as few log lines: the first after a quiet `every` with its details,
+/// the rest of that interval as counts in one line when it is over. A host that opens connections by the thousand, or a listener retried every 50 ms,
 /// otherwise writes a line for each.
 struct FailureLog<F: Logged> {
     every: Duration,

@@ -50,6 +50,19 @@ pub trait ServiceConfig: DeserializeOwned + AsRef<ServiceSettings> {
     fn check(&self) -> Result<(), ConfigErrors>;
 }
 
+/// The top-level keys `config` writes that the shared settings do not, for a service's test
+/// that its [`ServiceConfig::KEYS`] lists exactly them (and cannot drift from its fields).
+pub fn own_keys<C: ServiceConfig + Serialize>(config: &C) -> Vec<String> {
+    let keys = |v: serde_json::Value| -> std::collections::BTreeSet<String> {
+        v.as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let shared = keys(serde_json::to_value(config.as_ref()).unwrap_or_default());
+    let all = keys(serde_json::to_value(config).unwrap_or_default());
+    all.difference(&shared).cloned().collect()
+}
+
 /// Reads a service's configuration: the file (if any) and `PREFIX__*` overrides from `env`,
 /// paths resolved against the file's folder, then every problem at once: the service's own
 /// checks and the TLS files missing on this machine.

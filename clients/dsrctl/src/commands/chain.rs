@@ -1,11 +1,11 @@
 //! `dsrctl chain`: the controller's processing chain as a tree.
 
 use dsrelay_sdk::proto::subprocessor::MatchableIdentity;
-use dsrelay_sdk::proto::{Chain, GetChainRequest, IdentityEncoding, TransferMechanism};
+use dsrelay_sdk::proto::{Chain, GetChainRequest, TransferMechanism};
 use serde::Serialize;
 
 use crate::commands::{Io, Registry};
-use crate::output::{emit, identity_type_name, kind_name, Render, Time};
+use crate::output::{emit, identity_encoding_name, identity_type_name, kind_name, Render, Time};
 use crate::table::{clean, Table};
 use crate::Failure;
 
@@ -41,15 +41,11 @@ struct SubprocessorView {
 
 /// `EMAIL/MD5`.
 fn form(m: &MatchableIdentity) -> String {
-    let encoding = IdentityEncoding::try_from(m.encoding).map_or_else(
-        |_| format!("UNKNOWN({})", m.encoding),
-        |e| {
-            e.as_str_name()
-                .trim_start_matches("IDENTITY_ENCODING_")
-                .to_string()
-        },
-    );
-    format!("{}/{encoding}", identity_type_name(m.r#type))
+    format!(
+        "{}/{}",
+        identity_type_name(m.r#type),
+        identity_encoding_name(m.encoding)
+    )
 }
 
 fn mechanism(v: i32) -> String {
@@ -156,7 +152,7 @@ pub(crate) async fn run(registry: &Registry, io: &mut Io<'_>) -> Result<u8, Fail
 
 #[cfg(test)]
 mod tests {
-    use dsrelay_sdk::proto::{ChainProcessor, IdentityType, Subprocessor};
+    use dsrelay_sdk::proto::{ChainProcessor, IdentityEncoding, IdentityType, Subprocessor};
 
     use super::*;
 

@@ -312,17 +312,23 @@ fn cell(t: Option<Time>) -> String {
     t.map(|t| t.to_string()).unwrap_or_default()
 }
 
+/// The rows a contract end's table starts with: which one, and its terms.
+fn terms_table(contract_id: &str, processor: &str, terms: &TermsView) -> Table {
+    let mut t = Table::headless();
+    t.row(["contract", &clean(contract_id)]);
+    t.row(["processor", &clean(processor)]);
+    t.row(["choice", &terms.choice]);
+    t.row(["effective", &cell(terms.effective_at)]);
+    t.row(["grace ends", &cell(terms.grace_ends_at)]);
+    if !terms.transfer_recipient.is_empty() {
+        t.row(["returned to", &clean(&terms.transfer_recipient)]);
+    }
+    t
+}
+
 impl Render for ContractView {
     fn to_table(&self) -> String {
-        let mut t = Table::headless();
-        t.row(["contract", &clean(&self.contract_id)]);
-        t.row(["processor", &clean(&self.processor)]);
-        t.row(["choice", &self.terms.choice]);
-        t.row(["effective", &cell(self.terms.effective_at)]);
-        t.row(["grace ends", &cell(self.terms.grace_ends_at)]);
-        if !self.terms.transfer_recipient.is_empty() {
-            t.row(["returned to", &clean(&self.terms.transfer_recipient)]);
-        }
+        let mut t = terms_table(&self.contract_id, &self.processor, &self.terms);
         t.row(["return confirmed", &self.terms.return_confirmed.to_string()]);
         if !self.terms_refused.is_empty() {
             t.row(["refused by the processor", &clean(&self.terms_refused)]);
@@ -442,15 +448,7 @@ impl From<&Contract> for ChosenView {
 
 impl Render for ChosenView {
     fn to_table(&self) -> String {
-        let mut t = Table::headless();
-        t.row(["contract", &clean(&self.contract_id)]);
-        t.row(["processor", &clean(&self.processor)]);
-        t.row(["choice", &self.terms.choice]);
-        t.row(["effective", &cell(self.terms.effective_at)]);
-        t.row(["grace ends", &cell(self.terms.grace_ends_at)]);
-        if !self.terms.transfer_recipient.is_empty() {
-            t.row(["returned to", &clean(&self.terms.transfer_recipient)]);
-        }
+        let mut t = terms_table(&self.contract_id, &self.processor, &self.terms);
         t.row(["state", &self.state]);
         t.row(["trace", &clean(&self.trace_id)]);
         format!("{}\n{}\n", t.render(), clean(&self.parts))

@@ -323,11 +323,12 @@ impl RequestService for Api {
             .events(&id)
             .await
             .map_err(ApiError::from)?;
+        let reader = views::Reader::of(&caller);
         Ok(Response::new(EventList {
-            request: Some(self.view(views::Reader::of(&caller), row).await?),
+            request: Some(self.view(reader, row).await?),
             events: events
                 .iter()
-                .map(|e| views::event_for(views::Reader::of(&caller), &id, e))
+                .map(|e| views::event_for(reader, &id, e))
                 .collect(),
         }))
     }
@@ -339,7 +340,7 @@ impl RequestService for Api {
         let caller = self.partner_api_caller(&req)?;
         // Where the processors listen and why the registry could not reach one are internal
         // network details: operators need them, partners only the chain itself.
-        let internal = caller.is(&[Party::Operator]);
+        let internal = views::Reader::of(&caller) == views::Reader::Operator;
         let mut processors = Vec::new();
         for p in &self.shared.config.processors {
             let row = self
