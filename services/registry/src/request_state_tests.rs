@@ -610,3 +610,38 @@ async fn a_cancellation_with_nothing_to_stop_is_refused_on_postgres() {
     })
     .await;
 }
+
+/// A finished request that a new task reopens is not finished meanwhile, and its finish is
+/// the last one: its package expires, and the request is forgotten, counting from then,
+/// not from a finish the new task undid.
+async fn a_reopened_request_finishes_anew(store: Store) {
+    with_tasks(&store, "r1", Completed, Completed).await;
+    assert_eq!(state(&store, "r1").await, R::Completed);
+    let finished_at = |store: &Store| {
+        let store = store.clone();
+        async move { store.package("r1").await.unwrap().finished_at }
+    };
+    assert_eq!(finished_at(&store).await, Some(2_000));
+
+    // The processor reports a task it did not list before: the request is open again.
+    ack(&store, "r1", "c", 1, InProgress, 3_000).await;
+    assert_eq!(state(&store, "r1").await, R::InProgress);
+    assert_eq!(finished_at(&store).await, None);
+
+    ack(&store, "r1", "c", 2, Completed, 4_000).await;
+    assert_eq!(state(&store, "r1").await, R::Completed);
+    assert_eq!(finished_at(&store).await, Some(4_000));
+}
+
+#[tokio::test]
+async fn a_reopened_request_finishes_anew_on_sqlite() {
+    on_sqlite(a_reopened_request_finishes_anew).await;
+}
+
+#[tokio::test]
+async fn a_reopened_request_finishes_anew_on_postgres() {
+    on_postgres(|url, _| async move {
+        a_reopened_request_finishes_anew(store_at(&url).await).await;
+    })
+    .await;
+}

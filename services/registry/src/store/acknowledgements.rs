@@ -1307,7 +1307,9 @@ enum Checked {
 
 /// Writes the new states of `changed` (request id, state), whose rows the caller has
 /// locked: one UPDATE per state they move to, not one per request (a batch's requests
-/// mostly move to the same one or two).
+/// mostly move to the same one or two). A request that finishes records when; one that a
+/// new task reopens is unfinished again, so its package's expiry and its forgetting count
+/// from its next finish.
 async fn write_request_states(
     tx: &mut Tx,
     changed: &[(&str, RequestState)],
@@ -1327,7 +1329,7 @@ async fn write_request_states(
         for chunk in ids.chunks(tx.backend.rows_per_statement(1)) {
             let sql = format!(
                 "UPDATE requests SET state = $1, updated_at = $2, \
-                 finished_at = COALESCE($3, finished_at){checked} WHERE id IN ({})",
+                 finished_at = $3{checked} WHERE id IN ({})",
                 placeholders(4, chunk.len())
             );
             let sql = tx.backend.numbered(&sql);
