@@ -10,29 +10,16 @@ use std::process::Output;
 
 use dsrelay_runtime::pki::{dev_identity, DEV_PARTIES};
 
-const ENV_NAMES: [&str; 7] = [
-    "DSRCTL_CRL",
-    "DSRCTL_ENDPOINT",
-    "DSRCTL_CA",
-    "DSRCTL_CERT",
-    "DSRCTL_KEY",
-    "DSRCTL_SERVER_IDENTITY",
-    "DSRCTL_CONFIG",
-];
+mod support;
+use support::{clear_settings, free_port, text};
 
 /// Runs dsrctl in `cwd` with only the given `DSRCTL_*` variables set.
 fn dsrctl(cwd: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dsrctl"));
     cmd.current_dir(cwd).args(args);
-    for name in ENV_NAMES {
-        cmd.env_remove(name);
-    }
+    clear_settings(&mut cmd);
     cmd.envs(env.iter().copied());
     cmd.output().expect("running dsrctl")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 #[test]
@@ -469,66 +456,11 @@ fn settings_that_cannot_work_exit_1() {
     );
 }
 
-/// A `dsrctl dev up` this test started, killed when dropped (a failed assertion included).
-struct DevUp(std::process::Child);
-
-impl Drop for DevUp {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts `dsrctl dev up` in `cwd` on ports the system picks and returns what it printed up
 /// to its last line, once both services listen.
-fn dev_up(cwd: &Path, args: &[&str]) -> (DevUp, Vec<String>) {
+fn dev_up(cwd: &Path, args: &[&str]) -> (support::DevUp, Vec<String>) {
     let ports = ["--registry-port", "0", "--processor-port", "0"];
-    dev_up_with(cwd, &[&ports[..], args].concat())
-}
-
-/// [`dev_up`] with the ports in `args`.
-fn dev_up_with(cwd: &Path, args: &[&str]) -> (DevUp, Vec<String>) {
-    use std::io::BufRead;
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dsrctl"));
-    cmd.current_dir(cwd)
-        .args(["dev", "up"])
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    for name in ENV_NAMES {
-        cmd.env_remove(name);
-    }
-    let mut child = cmd.spawn().expect("starting dsrctl dev up");
-    let stderr = child.stderr.take().expect("stderr");
-    let guard = DevUp(child);
-    // Read on a thread, so that a dev up that hangs fails the test instead of hanging it.
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines() {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    let mut lines = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let line = match rx.recv_timeout(left) {
-            Ok(line) => line.expect("reading dev up's output"),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!(
-                "dev up was not ready within 120 s (a hang guard):\n{}",
-                lines.join("\n")
-            ),
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-        };
-        let last = line == "Stop with Ctrl-C.";
-        lines.push(line);
-        if last {
-            return (guard, lines);
-        }
-    }
-    panic!("dev up ended before it was ready:\n{}", lines.join("\n"));
+    support::dev_up(cwd, &[&ports[..], args].concat())
 }
 
 /// The dsrctl arguments of every `cargo run -q -p dsrctl -- ...` line printed, with
@@ -661,12 +593,6 @@ fn dev_up_in_its_default_folder_prints_only_the_endpoint_it_needs() {
     run_printed_commands(tmp.path(), &lines);
 }
 
-/// A port free when asked; dev up binds it a moment later.
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("address").port()
-}
-
 /// The port of the `listen` address in the folder's recipient.toml.
 fn recipient_listen_port(dir: &Path) -> u16 {
     let file = std::fs::read_to_string(dir.join("recipient.toml")).unwrap();
@@ -684,7 +610,7 @@ fn dev_up_s_stand_in_holds_nothing_and_its_recipient_moves_with_the_processor() 
     let dir = tmp.path().join(".dsrelay");
     let (registry, processor) = (free_port(), free_port());
     let ports = [registry.to_string(), processor.to_string()];
-    let (dev, lines) = dev_up_with(
+    let (dev, lines) = support::dev_up(
         tmp.path(),
         &["--registry-port", &ports[0], "--processor-port", &ports[1]],
     );
@@ -759,7 +685,7 @@ fn dev_up_s_stand_in_holds_nothing_and_its_recipient_moves_with_the_processor() 
     // it, and the printed command starts the recipient there, whatever its file says.
     let processor = free_port();
     let port = processor.to_string();
-    let (_dev, lines) = dev_up_with(tmp.path(), &["--processor-port", &port]);
+    let (_dev, lines) = support::dev_up(tmp.path(), &["--processor-port", &port]);
     let all = lines.join("\n");
     let moved = processor + 20;
     assert!(

@@ -4,31 +4,14 @@
 //! shows once done, at the registry and at the processor.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+mod support;
+use support::{clear_settings, free_port, text, DevUp};
 
 /// How long the contract end may take to reach a state the test waits for.
 const PATIENCE: Duration = Duration::from_secs(90);
-
-/// A `dsrctl dev up` this test started, killed when dropped (a failed assertion included).
-struct DevUp(Child);
-
-impl Drop for DevUp {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A port free when asked; dev up binds it a moment later.
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("address").port()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 /// The pair dev up runs, and how dsrctl reaches it as the operator.
 struct Pair {
@@ -42,44 +25,21 @@ struct Pair {
 
 impl Pair {
     fn start() -> Self {
-        use std::io::BufRead;
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("dev");
         let (registry, processor) = (free_port(), free_port());
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dsrctl"));
-        cmd.current_dir(tmp.path())
-            .args(["dev", "up", "--dir", dir.to_str().expect("utf-8")])
-            .args(["--registry-port", &registry.to_string()])
-            .args(["--processor-port", &processor.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        clear_settings(&mut cmd);
-        let mut child = cmd.spawn().expect("starting dsrctl dev up");
-        let stderr = child.stderr.take().expect("stderr");
-        let dev = DevUp(child);
-        // Read on a thread, so that a dev up that hangs fails the test instead of hanging it.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let mut lines = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = match rx.recv_timeout(left) {
-                Ok(line) => line.expect("reading dev up's output"),
-                Err(e) => panic!("dev up was not ready ({e}):\n{}", lines.join("\n")),
-            };
-            let ready = line == "Stop with Ctrl-C.";
-            lines.push(line);
-            if ready {
-                break;
-            }
-        }
+        let ports = [registry.to_string(), processor.to_string()];
+        let (dev, _) = support::dev_up(
+            tmp.path(),
+            &[
+                "--dir",
+                dir.to_str().expect("utf-8"),
+                "--registry-port",
+                &ports[0],
+                "--processor-port",
+                &ports[1],
+            ],
+        );
         Self {
             _dev: dev,
             cwd: tmp.path().to_path_buf(),
@@ -131,14 +91,6 @@ impl Pair {
                 "{what} within {PATIENCE:?}: {view}"
             );
             std::thread::sleep(Duration::from_millis(300));
-        }
-    }
-}
-
-fn clear_settings(cmd: &mut Command) {
-    for (name, _) in std::env::vars() {
-        if name.starts_with("DSRCTL_") {
-            cmd.env_remove(name);
         }
     }
 }

@@ -699,9 +699,10 @@ pub(crate) async fn run(
             package,
         } => {
             let given = manifest_sha256.is_some() || package.is_some();
-            // Asked first: a return to a transfer recipient has no package, and a folder
-            // (or a digest) given for it would only be refused by the registry by the name
-            // of a field.
+            // Asked first, as nothing else gives the terms before ConfirmReturn is sent: a
+            // return to a transfer recipient has no package, a return as a package needs one,
+            // and ConfirmReturn refuses either mismatch only by the name of its field (and
+            // only after a folder given for a return without a package was checked).
             let terms = client
                 .get_contract(id.as_str())
                 .await

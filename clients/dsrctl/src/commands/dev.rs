@@ -199,7 +199,7 @@ const RECIPIENT_PORT_OFFSET: u16 = 20;
 /// processor, so that a pair started on other ports beside another does not send its
 /// transfers to the other's recipient. [`RECIPIENT_PORT_OFFSET`] above it, or as far below
 /// when that would pass 65535; 0 for 0, whose port is known only once bound
-/// ([`apply_recipient_port`] then moves it).
+/// ([`move_endpoints`] then moves it).
 fn recipient_port(processor_port: u16) -> u16 {
     match processor_port {
         0 => 0,
@@ -220,54 +220,59 @@ fn with_port(listen: &str, port: u16) -> String {
     format!("{host}:{port}")
 }
 
-/// Applies the ports given on the command line to the configurations read from the folder,
-/// which may have been written with other ports by an earlier start: each service's listen
-/// address, and the other service's endpoint for it where that is the one `dev up` wrote
-/// (`https://localhost:` and the old port; an endpoint edited to point elsewhere stays).
-fn apply_ports(
+/// Points `endpoint` at `https://localhost:{to}` when it is the one `dev up` wrote for a
+/// service on port `from` (`https://localhost:` and it); an endpoint edited to point
+/// elsewhere stays, and so does every endpoint when `from` is unknown.
+fn move_endpoint(endpoint: &mut String, from: Option<u16>, to: u16) {
+    if from.is_some_and(|p| *endpoint == format!("https://localhost:{p}")) {
+        *endpoint = format!("https://localhost:{to}");
+    }
+}
+
+/// Applies the ports given on the command line to each service's listen address in the
+/// configurations read from the folder, which may have been written with other ports by an
+/// earlier start. The endpoints follow once the services are bound ([`move_endpoints`]).
+fn apply_listen_ports(
     args: &DevUpArgs,
     registry: &mut dsrelay_registry::Config,
     processor: &mut dsrelay_processor::Config,
 ) {
     if let Some(port) = args.registry_port {
-        let old = port_of(&registry.service.listen).map(|p| format!("https://localhost:{p}"));
         registry.service.listen = with_port(&registry.service.listen, port);
-        for c in &mut processor.controllers {
-            if Some(&c.registry_endpoint) == old.as_ref() {
-                c.registry_endpoint = format!("https://localhost:{port}");
-            }
-        }
     }
     if let Some(port) = args.processor_port {
-        let old = port_of(&processor.service.listen).map(|p| format!("https://localhost:{p}"));
         processor.service.listen = with_port(&processor.service.listen, port);
-        for p in &mut registry.processors {
-            if Some(&p.endpoint) == old.as_ref() {
-                p.endpoint = format!("https://localhost:{port}");
-            }
-        }
     }
 }
 
-/// Moves the example recipient's endpoint in `registry` with the processor's port given on
-/// the command line, as [`apply_ports`] moves the pair's: to [`recipient_port`] of `bound`,
-/// the port the processor is bound to (the one given, or the system's pick for 0), when the
-/// endpoint is the one `dev up` wrote for the files' processor port `file_port`. The folder's
-/// recipient.toml stays as it is; [`recipient_listen_override`] says what its start needs.
-fn apply_recipient_port(
-    args: &DevUpArgs,
-    file_port: Option<u16>,
-    bound: u16,
+/// Points each service's endpoint for the other, and the registry's for the example
+/// recipient (which moves with the processor, [`recipient_port`]), from the ports of the
+/// folder's files (`files`: the registry's, the processor's) to those the services are
+/// bound to (`bound`): a port given on the command line, or the system's pick for 0, known
+/// only once bound. Only an endpoint `dev up` wrote moves ([`move_endpoint`]).
+fn move_endpoints(
+    files: [Option<u16>; 2],
+    bound: [u16; 2],
     registry: &mut dsrelay_registry::Config,
+    processor: &mut dsrelay_processor::Config,
 ) {
-    if args.processor_port.is_none() {
-        return;
+    let ([registry_file, processor_file], [registry_bound, processor_bound]) = (files, bound);
+    for c in &mut processor.controllers {
+        move_endpoint(&mut c.registry_endpoint, registry_file, registry_bound);
     }
-    let old = file_port.map(|p| format!("https://localhost:{}", recipient_port(p)));
-    for r in &mut registry.recipients {
-        if r.name == RECIPIENT && Some(&r.endpoint) == old.as_ref() {
-            r.endpoint = format!("https://localhost:{}", recipient_port(bound));
-        }
+    for p in &mut registry.processors {
+        move_endpoint(&mut p.endpoint, processor_file, processor_bound);
+    }
+    for r in registry
+        .recipients
+        .iter_mut()
+        .filter(|r| r.name == RECIPIENT)
+    {
+        move_endpoint(
+            &mut r.endpoint,
+            processor_file.map(recipient_port),
+            recipient_port(processor_bound),
+        );
     }
 }
 
@@ -452,11 +457,14 @@ pub(crate) async fn up(
         write_text_if_missing(&dir.join("dsrctl.toml"), &dsrctl_file())?;
         let mut registry = dsrelay_registry::Config::load(Some(&registry_file))?;
         let mut processor = dsrelay_processor::Config::load(Some(&processor_file))?;
-        let file_processor_port = port_of(&processor.service.listen);
-        apply_ports(args, &mut registry, &mut processor);
-        anyhow::Ok((registry, processor, file_processor_port))
+        let file_ports = [
+            port_of(&registry.service.listen),
+            port_of(&processor.service.listen),
+        ];
+        apply_listen_ports(args, &mut registry, &mut processor);
+        anyhow::Ok((registry, processor, file_ports))
     };
-    let (mut registry, processor, file_processor_port) = prepare.await.map_err(Failure::Setup)?;
+    let (mut registry, mut processor, file_ports) = prepare.await.map_err(Failure::Setup)?;
     let registry_listener = tokio::net::TcpListener::bind(&registry.service.listen)
         .await
         .with_context(|| format!("binding the registry to {}", registry.service.listen))
@@ -489,17 +497,20 @@ pub(crate) async fn up(
     };
     let registry_endpoint = format!("https://localhost:{}", port(&registry_listener));
     let processor_endpoint = format!("https://localhost:{}", port(&processor_listener));
-    // The recipient moves with the processor's port as bound, known only now for port 0: its
-    // file is written now, so that a new folder's agrees with the registry's endpoint.
-    let bound_processor_port = processor_listener
-        .local_addr()
-        .map_err(|e| Failure::Setup(e.into()))?
-        .port();
-    apply_recipient_port(
-        args,
-        file_processor_port,
-        bound_processor_port,
+    // The ports as bound, known only now for port 0. The recipient's file is written now
+    // too, so that a new folder's agrees with the registry's endpoint for it.
+    let bound = |listener: &tokio::net::TcpListener| {
+        listener
+            .local_addr()
+            .map(|a| a.port())
+            .map_err(|e| Failure::Setup(e.into()))
+    };
+    let bound_processor_port = bound(&processor_listener)?;
+    move_endpoints(
+        file_ports,
+        [bound(&registry_listener)?, bound_processor_port],
         &mut registry,
+        &mut processor,
     );
     let recipient_path = dir.join("recipient.toml");
     write_text_if_missing(&recipient_path, &recipient_file(bound_processor_port))
@@ -718,13 +729,30 @@ mod tests {
         }
     }
 
+    /// What `up` does to the files' configurations for `args`, the services being bound to
+    /// `bound` (the registry's, the processor's port).
+    fn start(
+        args: &DevUpArgs,
+        bound: [u16; 2],
+        registry: &mut dsrelay_registry::Config,
+        processor: &mut dsrelay_processor::Config,
+    ) {
+        let files = [
+            port_of(&registry.service.listen),
+            port_of(&processor.service.listen),
+        ];
+        apply_listen_ports(args, registry, processor);
+        move_endpoints(files, bound, registry, processor);
+    }
+
     #[test]
     fn ports_given_on_a_later_start_replace_those_of_the_files() {
         let dir = Path::new("/tmp/dsrelay-dev");
         // The files of an earlier start with the default ports.
         let mut registry = registry_config(dir, 50051, 50061);
         let mut processor = processor_config(dir, 50061, 50051);
-        apply_ports(&args(Some(6000), Some(6001)), &mut registry, &mut processor);
+        let args = args(Some(6000), Some(6001));
+        start(&args, [6000, 6001], &mut registry, &mut processor);
         assert_eq!(registry.service.listen, "127.0.0.1:6000");
         assert_eq!(processor.service.listen, "127.0.0.1:6001");
         assert_eq!(registry.processors[0].endpoint, "https://localhost:6001");
@@ -732,8 +760,39 @@ mod tests {
             processor.controllers[0].registry_endpoint,
             "https://localhost:6000"
         );
-        // The recipient moves once the processor is bound (apply_recipient_port), not here.
-        assert_eq!(registry.recipients[0].endpoint, "https://localhost:50081");
+        assert_eq!(registry.recipients[0].endpoint, "https://localhost:6021");
+    }
+
+    /// Port 0: the files say 0, and each endpoint moves to where the system bound the service,
+    /// so that the pair reaches itself.
+    #[test]
+    fn on_port_0_the_endpoints_follow_the_ports_bound() {
+        let dir = Path::new("/tmp/dsrelay-dev");
+        let mut registry = registry_config(dir, 0, 0);
+        let mut processor = processor_config(dir, 0, 0);
+        start(
+            &args(Some(0), Some(0)),
+            [41000, 41001],
+            &mut registry,
+            &mut processor,
+        );
+        assert_eq!(registry.service.listen, "127.0.0.1:0");
+        assert_eq!(registry.processors[0].endpoint, "https://localhost:41001");
+        assert_eq!(
+            processor.controllers[0].registry_endpoint,
+            "https://localhost:41000"
+        );
+        assert_eq!(registry.recipients[0].endpoint, "https://localhost:41021");
+        // A folder written for port 0, started later without ports: the same.
+        let mut registry = registry_config(dir, 0, 0);
+        let mut processor = processor_config(dir, 0, 0);
+        start(
+            &args(None, None),
+            [41000, 41001],
+            &mut registry,
+            &mut processor,
+        );
+        assert_eq!(registry.processors[0].endpoint, "https://localhost:41001");
     }
 
     #[test]
@@ -741,16 +800,34 @@ mod tests {
         let dir = Path::new("/tmp/dsrelay-dev");
         let mut registry = registry_config(dir, 7000, 7001);
         let mut processor = processor_config(dir, 7001, 7000);
-        apply_ports(&args(None, None), &mut registry, &mut processor);
+        start(
+            &args(None, None),
+            [7000, 7001],
+            &mut registry,
+            &mut processor,
+        );
         assert_eq!(registry.service.listen, "127.0.0.1:7000");
         assert_eq!(processor.service.listen, "127.0.0.1:7001");
+        assert_eq!(registry.processors[0].endpoint, "https://localhost:7001");
+        assert_eq!(registry.recipients[0].endpoint, "https://localhost:7021");
         // An endpoint edited to point elsewhere is left alone when the port changes.
         processor.controllers[0].registry_endpoint = "https://controller.example:443".into();
-        apply_ports(&args(Some(6000), None), &mut registry, &mut processor);
+        registry.recipients[0].endpoint = "https://recipient.example:443".into();
+        start(
+            &args(Some(6000), Some(6001)),
+            [6000, 6001],
+            &mut registry,
+            &mut processor,
+        );
         assert_eq!(registry.service.listen, "127.0.0.1:6000");
+        assert_eq!(registry.processors[0].endpoint, "https://localhost:6001");
         assert_eq!(
             processor.controllers[0].registry_endpoint,
             "https://controller.example:443"
+        );
+        assert_eq!(
+            registry.recipients[0].endpoint,
+            "https://recipient.example:443"
         );
     }
 
@@ -775,27 +852,6 @@ mod tests {
         }
         // The default is example.toml as it is.
         assert_eq!(recipient_file(DEFAULT_PROCESSOR_PORT), RECIPIENT_FILE);
-    }
-
-    /// A later start with another --processor-port moves the recipient's endpoint the files
-    /// gave it, as the pair's; an endpoint edited to point elsewhere stays.
-    #[test]
-    fn a_later_processor_port_moves_the_recipient_endpoint_dev_up_wrote() {
-        let dir = Path::new("/tmp/dsrelay-dev");
-        let endpoint = |r: &dsrelay_registry::Config| r.recipients[0].endpoint.clone();
-        let mut registry = registry_config(dir, 50051, 50061);
-        apply_recipient_port(&args(None, None), Some(50061), 50061, &mut registry);
-        assert_eq!(endpoint(&registry), "https://localhost:50081");
-        apply_recipient_port(&args(None, Some(7001)), Some(50061), 7001, &mut registry);
-        assert_eq!(endpoint(&registry), "https://localhost:7021");
-        // Port 0: the files say 0, the processor is bound where the system picked.
-        let mut registry = registry_config(dir, 0, 0);
-        apply_recipient_port(&args(Some(0), Some(0)), Some(0), 41000, &mut registry);
-        assert_eq!(endpoint(&registry), "https://localhost:41020");
-        let mut registry = registry_config(dir, 50051, 50061);
-        registry.recipients[0].endpoint = "https://recipient.example:443".into();
-        apply_recipient_port(&args(None, Some(7001)), Some(50061), 7001, &mut registry);
-        assert_eq!(endpoint(&registry), "https://recipient.example:443");
     }
 
     /// When the folder's recipient.toml listens elsewhere than the registry sends (a later
