@@ -819,6 +819,12 @@ pub struct WatchArgs {
     /// Only events with a larger id (to resume an earlier watch).
     #[arg(long, value_name = "EVENT_ID", default_value_t = 0)]
     pub after: u64,
+
+    /// Follow a PARTIALLY_COMPLETED request until its holders have erased the data they
+    /// keep by law (at its date, years on for bookkeeping). Without it, `watch` ends once such
+    /// a request's events so far have been printed: it was answered.
+    #[arg(long)]
+    pub until_erased: bool,
 }
 
 /// Arguments of `dsrctl cancel`.

@@ -5,6 +5,10 @@
 //! to act, a PARTIALLY_COMPLETED request's retained tasks to come due). So `watch` watches
 //! again after the last event it printed, until the registry ends a stream because the
 //! request ended (a cancelled one once nothing can change its state any more).
+//!
+//! A PARTIALLY_COMPLETED request was answered, but the registry does not end its stream: its
+//! retained data is erased at its date, years on for bookkeeping. `watch` ends there too,
+//! once the events stored so far have come ([`ANSWERED_QUIET`]), unless `--until-erased`.
 
 use std::future::Future;
 use std::pin::pin;
@@ -27,6 +31,11 @@ const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 /// How many attempts in a row to watch again may fail before `watch` gives up: with
 /// [`RECONNECT_PAUSE`], a registry restart of about half a minute is waited out.
 const MAX_FAILED_RECONNECTS: u32 = 30;
+
+/// How long `watch` waits for another event once the request is PARTIALLY_COMPLETED before
+/// it ends: the events stored up to then come at once, and the next (a retention run at its
+/// date) may be years away.
+const ANSWERED_QUIET: Duration = Duration::from_secs(2);
 
 /// The states after which the registry ends a watch (its `request_is_terminal`).
 fn is_terminal(state: i32) -> bool {
@@ -68,7 +77,10 @@ enum Stop {
 
 /// Follows a request's events after event `after`, opening each stream with
 /// `open(after_event_id)` and handing each event to `print`, once; returns the request state
-/// of the last event printed when a stream ends without error.
+/// of the last event printed when a stream ends without error, or when the request is
+/// PARTIALLY_COMPLETED and no event came for `answered_quiet` (if given). `answered` says
+/// whether the request was PARTIALLY_COMPLETED before the first event printed (one watched
+/// after its last event gets none to say so).
 ///
 /// A stream that ends with UNAVAILABLE (or a lost connection) is opened again after the
 /// last event printed, after [`Retry::pause`]; [`Retry::max_failed`] failures in a row to
@@ -77,6 +89,8 @@ async fn follow<O, F, S>(
     mut open: O,
     mut after: u64,
     retry: &Retry,
+    answered_quiet: Option<Duration>,
+    answered: bool,
     mut print: impl FnMut(&RequestEvent) -> Result<(), Failure>,
 ) -> Result<Option<i32>, Stop>
 where
@@ -110,7 +124,16 @@ where
         let asked_after = after;
         let mut events = pin!(events);
         loop {
-            match events.next().await {
+            let answered =
+                last_state.map_or(answered, |s| s == RequestState::PartiallyCompleted as i32);
+            let next = match answered_quiet.filter(|_| answered) {
+                Some(quiet) => match tokio::time::timeout(quiet, events.next()).await {
+                    Ok(next) => next,
+                    Err(_) => return Ok(last_state),
+                },
+                None => events.next().await,
+            };
+            match next {
                 None => return Ok(last_state),
                 Some(Ok(event)) => {
                     // The registry sends only events after the one asked for; one sent
@@ -141,7 +164,9 @@ where
 
 /// Prints events until the registry ends the watch because the request ended (or, for a
 /// request that ends without its final event reaching us, until a stream ends without
-/// error); 0 if the request ended COMPLETED, 1 otherwise.
+/// error), or until a PARTIALLY_COMPLETED request's events so far have come (unless
+/// `--until-erased`); 0 if the request ended COMPLETED or was answered PARTIALLY_COMPLETED,
+/// 1 otherwise.
 pub(crate) async fn run(
     registry: &Registry,
     args: &WatchArgs,
@@ -163,7 +188,21 @@ pub(crate) async fn run(
     };
     let (out, format) = (&mut *io.out, io.format);
     let print = |event: &RequestEvent| Ok(emit(&mut *out, format, &EventView::from(event), true)?);
-    let last_state = match follow(open, args.after, &retry, print).await {
+    let answered_quiet = (!args.until_erased).then_some(ANSWERED_QUIET);
+    let partially = RequestState::PartiallyCompleted as i32;
+    // From its first event, the events say how the request stands; after a later one, they
+    // may say nothing more of an answered request, whose stream stays open: ask.
+    let answered = args.after > 0
+        && !args.until_erased
+        && registry
+            .client
+            .get(args.id.as_str())
+            .await
+            .map_err(|s| registry.failed(s))?
+            .state
+            == partially;
+    let follow = follow(open, args.after, &retry, answered_quiet, answered, print);
+    let last_state = match follow.await {
         Ok(state) => state,
         Err(Stop::Status(status)) => return Err(registry.failed(status)),
         Err(Stop::Output(failure)) => return Err(failure),
@@ -187,7 +226,7 @@ pub(crate) async fn run(
     // With --after past the final event, or a stream the server closed early, the events do
     // not tell how the request stands; ask.
     let state = match last_state {
-        Some(state) if is_terminal(state) => state,
+        Some(state) if is_terminal(state) || (state == partially && !args.until_erased) => state,
         _ => {
             registry
                 .client
@@ -200,6 +239,14 @@ pub(crate) async fn run(
     let name = state_name(state);
     if is_terminal(state) {
         writeln!(io.err, "request {} ended {name}", args.id)?;
+    } else if state == partially && !args.until_erased {
+        writeln!(
+            io.err,
+            "request {id} is {name}: answered, with data its holders keep by law, which they \
+             erase at its date (`dsrctl get {id}` shows when; `dsrctl watch {id} \
+             --until-erased` follows it until then)",
+            id = args.id
+        )?;
     } else {
         writeln!(
             io.err,
@@ -207,11 +254,13 @@ pub(crate) async fn run(
             args.id
         )?;
     }
-    Ok(if state == RequestState::Completed as i32 {
-        0
-    } else {
-        1
-    })
+    Ok(
+        if state == RequestState::Completed as i32 || (state == partially && !args.until_erased) {
+            0
+        } else {
+            1
+        },
+    )
 }
 
 #[cfg(test)]
@@ -248,6 +297,18 @@ mod tests {
         after: u64,
         attempts: Vec<Result<Vec<Result<RequestEvent, Status>>, Status>>,
     ) -> (Result<Option<i32>, Stop>, Vec<u64>, Vec<u64>) {
+        run_follow_open(after, attempts, false, Some(ANSWERED_QUIET), false).await
+    }
+
+    /// [`run_follow`], its streams left open after their items when `open_ended` (as a live
+    /// registry's are), with `answered_quiet`, and `answered` before any event.
+    async fn run_follow_open(
+        after: u64,
+        attempts: Vec<Result<Vec<Result<RequestEvent, Status>>, Status>>,
+        open_ended: bool,
+        answered_quiet: Option<Duration>,
+        answered: bool,
+    ) -> (Result<Option<i32>, Stop>, Vec<u64>, Vec<u64>) {
         let attempts = RefCell::new(VecDeque::from(attempts));
         let asked = RefCell::new(Vec::new());
         let mut printed = Vec::new();
@@ -258,10 +319,16 @@ mod tests {
                     .borrow_mut()
                     .pop_front()
                     .unwrap_or_else(|| Err(Status::aborted("no more attempts in this test")));
-                std::future::ready(next.map(tokio_stream::iter))
+                let endless = move |items| {
+                    let pending = tokio_stream::pending().take(usize::from(open_ended));
+                    tokio_stream::iter(items).chain(pending)
+                };
+                std::future::ready(next.map(endless))
             },
             after,
             &NO_PAUSE,
+            answered_quiet,
+            answered,
             |e| {
                 printed.push(e.event_id);
                 Ok(())
@@ -411,5 +478,52 @@ mod tests {
         .await;
         assert_eq!(outcome.unwrap(), Some(RequestState::Completed as i32));
         assert_eq!((printed, asked), (vec![2, 3], vec![0, 2]));
+    }
+
+    /// A PARTIALLY_COMPLETED request's stream stays open (its retained data is erased years
+    /// on): the watch ends once the events so far have come, unless told to follow it.
+    #[tokio::test(start_paused = true)]
+    async fn an_answered_request_ends_the_watch_unless_told_to_follow_it() {
+        let answered = || {
+            vec![Ok(vec![
+                event(1, RequestState::InProgress),
+                event(2, RequestState::PartiallyCompleted),
+                // Stored after the answer (a retention run under way): printed too.
+                event(3, RequestState::PartiallyCompleted),
+            ])]
+        };
+        let (outcome, printed, _) =
+            run_follow_open(0, answered(), true, Some(ANSWERED_QUIET), false).await;
+        assert_eq!(
+            outcome.unwrap(),
+            Some(RequestState::PartiallyCompleted as i32)
+        );
+        assert_eq!(printed, [1, 2, 3]);
+        // Followed, it waits on; here for as long as a day.
+        let followed = tokio::time::timeout(
+            Duration::from_secs(86_400),
+            run_follow_open(0, answered(), true, None, false),
+        )
+        .await;
+        assert!(followed.is_err(), "the watch ended");
+        // A request still under way is waited for, however quiet.
+        let working = vec![Ok(vec![event(1, RequestState::InProgress)])];
+        let waited = tokio::time::timeout(
+            Duration::from_secs(86_400),
+            run_follow_open(0, working, true, Some(ANSWERED_QUIET), false),
+        )
+        .await;
+        assert!(waited.is_err(), "the watch ended");
+        // Watched after its last event, an answered request sends none: known answered
+        // beforehand, the watch ends all the same.
+        let (outcome, printed, _) =
+            run_follow_open(5, vec![Ok(vec![])], true, Some(ANSWERED_QUIET), true).await;
+        assert_eq!((outcome.unwrap(), printed), (None, vec![]));
+        let quiet = tokio::time::timeout(
+            Duration::from_secs(86_400),
+            run_follow_open(5, vec![Ok(vec![])], true, Some(ANSWERED_QUIET), false),
+        )
+        .await;
+        assert!(quiet.is_err(), "the watch ended");
     }
 }
