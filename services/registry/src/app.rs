@@ -73,6 +73,8 @@ pub(crate) struct Shared {
     pub certificate_keys: HashMap<String, PublicKey>,
     /// Watch streams open per caller.
     pub watchers: crate::api::watch::Slots,
+    /// DownloadPackage streams open per caller, each holding a task that reads files.
+    pub downloads: crate::api::watch::Slots,
     /// Turns true when shutdown begins, so Watch streams end at once instead of holding
     /// the server open.
     pub stopping: tokio::sync::watch::Sender<bool>,
@@ -168,6 +170,7 @@ impl App {
                 uploading: Uploading::default(),
                 certificate_keys,
                 watchers: Default::default(),
+                downloads: Default::default(),
                 stopping: tokio::sync::watch::channel(false).0,
                 checkpoints,
             }),

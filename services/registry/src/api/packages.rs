@@ -27,6 +27,7 @@ use dsrelay_runtime::identity::{request_id_violation, FieldViolation};
 use dsrelay_runtime::resumable_hash::ResumableSha256;
 use dsrelay_runtime::server::{next_message_within, MAX_MESSAGE_BYTES};
 use tokio::io::AsyncReadExt;
+use tokio::sync::broadcast;
 use tonic::{Response, Status, Streaming};
 
 use crate::app::Shared;
@@ -43,9 +44,6 @@ use super::Api;
 /// ([`Api::check_target`]) before it is refused.
 const UNKNOWN_TASK_PATIENCE: Duration = Duration::from_secs(2);
 
-/// How often that wait looks again.
-const UNKNOWN_TASK_POLL: Duration = Duration::from_millis(20);
-
 /// The most a package's description ([`PackageInfo`]) may take: the message limit less a
 /// margin (see [`Api::ensure_describable`]).
 const MAX_DESCRIPTION_BYTES: usize = MAX_MESSAGE_BYTES - 256 * 1024;
@@ -59,13 +57,10 @@ const RECOUNT_EVERY: u64 = 64 << 20;
 /// and so is GetUploadState, which may drop the file's bytes or store it. (Across replicas,
 /// the processor's upload lease keeps one sender per export, and a stream checks the stored
 /// length when it opens the file and before it records the file stored, and records nothing
-/// once the file's registration changed: see [`FileUpload::generation`].) Also counts the
-/// DownloadPackage streams each caller holds open, each holding a task that reads files.
+/// once the file's registration changed: see [`FileUpload::generation`].)
 #[derive(Debug, Default)]
 pub(crate) struct Uploading {
     files: Mutex<HashSet<String>>,
-    /// Open DownloadPackage streams by caller name, counted as Watch counts its streams.
-    downloads: Slots,
 }
 
 /// Holds a file's key in [`Uploading`] until dropped.
@@ -82,16 +77,17 @@ impl Uploading {
             key: key.to_string(),
         })
     }
+}
 
-    /// Takes a download slot for `caller`, or RESOURCE_EXHAUSTED when it holds `limit`.
-    fn download(&self, caller: &str, limit: u32) -> Result<Slot, ApiError> {
-        (self.downloads).take(
-            caller,
-            limit,
-            "DownloadPackage",
-            "packages.downloads_per_caller",
-        )
-    }
+/// Takes one of `downloads` (open DownloadPackage streams by caller name) for `caller`, or
+/// RESOURCE_EXHAUSTED when it holds `limit`.
+fn take_download(downloads: &Slots, caller: &str, limit: u32) -> Result<Slot, ApiError> {
+    downloads.take(
+        caller,
+        limit,
+        "DownloadPackage",
+        "packages.downloads_per_caller",
+    )
 }
 
 impl Drop for UploadGuard<'_> {
@@ -141,19 +137,16 @@ impl Api {
                 // A processor streams an export's first file as soon as its connector opens
                 // it, which can be before the registry has recorded the processor's answer
                 // to the delivery: that race is given a moment rather than a refusal, which
-                // would make the processor send the whole file again later.
-                let waited_since = tokio::time::Instant::now();
-                loop {
-                    if store
-                        .task_exists(request_id, processor, subprocessor)
-                        .await?
-                    {
-                        return Ok(());
-                    }
-                    if waited_since.elapsed() >= UNKNOWN_TASK_PATIENCE {
-                        break;
-                    }
-                    tokio::time::sleep(UNKNOWN_TASK_POLL).await;
+                // would make the processor send the whole file again later. Subscribed
+                // before the first look, so a task committed just after it still wakes us.
+                let mut changes = self.shared.events.subscribe();
+                let known =
+                    await_change_until(&mut changes, request_id, UNKNOWN_TASK_PATIENCE, || {
+                        store.task_exists(request_id, processor, subprocessor)
+                    })
+                    .await?;
+                if known {
+                    return Ok(());
                 }
                 // FAILED_PRECONDITION, which the processor tries again: its task may be one
                 // the registry has not heard of yet (its answer to the delivery lost, its
@@ -808,6 +801,46 @@ impl Api {
     }
 }
 
+/// Looks with `look` until it answers true, for up to `patience`: again whenever `changes`
+/// (subscribed to [`Shared::publish`] before the first look) carries `request_id`, or says
+/// it missed some, and once more when `patience` has passed. A change committed through
+/// another replica publishes nothing here, so that last look is what sees it.
+async fn await_change_until<F, Fut, E>(
+    changes: &mut broadcast::Receiver<String>,
+    request_id: &str,
+    patience: Duration,
+    mut look: F,
+) -> Result<bool, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool, E>>,
+{
+    let deadline = tokio::time::Instant::now() + patience;
+    // Only a look that starts at the deadline or after it is the last: one that started
+    // before, however long it took, is followed by another.
+    let mut last = false;
+    loop {
+        if look().await? {
+            return Ok(true);
+        }
+        if last {
+            return Ok(false);
+        }
+        let own_change = async {
+            loop {
+                match changes.recv().await {
+                    Ok(changed) if changed != request_id => continue,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => return,
+                    // The sender lives as long as the registry: only the deadline is left.
+                    Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+                }
+            }
+        };
+        let timed_out = tokio::time::timeout_at(deadline, own_change).await.is_err();
+        last = timed_out || tokio::time::Instant::now() >= deadline;
+    }
+}
+
 /// Why request `id`, of `kind` (proto enum value), has no package, or `None` when it has
 /// one: a return of data has one, and so has a contract end whose choice is
 /// RETURN_THEN_DELETE to the registry. One returned to a transfer recipient has none (the
@@ -1234,7 +1267,13 @@ impl PackageService for Api {
     ) -> Result<Response<Self::DownloadPackageStream>, Status> {
         let id = req.get_ref().request_id.clone();
         tracing::Span::current().record("request_id", id.as_str());
-        let standing = self.package_standing(&req, &id).await?;
+        let caller = self.partner_api_caller(&req)?;
+        let limit = self.shared.config.packages.downloads_per_caller;
+        // Taken before any read, so a caller over its limit costs none; held by the task
+        // that reads the files, until it ends.
+        let slot = take_download(&self.shared.downloads, &caller.name, limit)?;
+        let row = self.visible(&caller, &id).await?;
+        let standing = package_standing(&self.shared, &row).await?;
         if !standing.info.complete {
             let waiting = match standing.waiting_for() {
                 w if w.is_empty() => "the request is still open".to_string(),
@@ -1245,10 +1284,6 @@ impl PackageService for Api {
             ))
             .into());
         }
-        let caller = self.partner_api_caller(&req)?;
-        let limit = self.shared.config.packages.downloads_per_caller;
-        // Held by the task that reads the files, until it ends.
-        let slot = self.shared.uploading.download(&caller.name, limit)?;
         let info = standing.info;
         // From the read the description came from, so the files streamed are the ones the
         // description (the first message) lists.
@@ -1490,6 +1525,9 @@ fn label_violation(field: &str, value: &str) -> Option<FieldViolation> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
     use super::*;
 
     fn header() -> ExportFileHeader {
@@ -1553,20 +1591,82 @@ mod tests {
 
     #[test]
     fn downloads_are_counted_per_caller() {
-        let u = Uploading::default();
-        let first = u.download("crm", 2).expect("free");
-        let _second = u.download("crm", 2).expect("free");
-        let refused = Status::from(u.download("crm", 2).err().expect("a third"));
+        let d = Slots::default();
+        let first = take_download(&d, "crm", 2).expect("free");
+        let _second = take_download(&d, "crm", 2).expect("free");
+        let refused = Status::from(take_download(&d, "crm", 2).err().expect("a third"));
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
         for words in ["crm already has 2", "packages.downloads_per_caller = 2"] {
             assert!(refused.message().contains(words), "{words} in {refused:?}");
         }
-        assert!(u.download("ops", 2).is_ok(), "another caller's are its own");
+        assert!(
+            take_download(&d, "ops", 2).is_ok(),
+            "another caller's are its own"
+        );
         drop(first);
         assert!(
-            u.download("crm", 2).is_ok(),
+            take_download(&d, "crm", 2).is_ok(),
             "a stream ended frees its slot"
         );
+    }
+
+    /// What [`await_change_until`] looks with in these tests: true from its `true_from`th look
+    /// on, counting its looks in `looks`.
+    fn looker(
+        looks: &Arc<AtomicUsize>,
+        true_from: usize,
+    ) -> impl FnMut() -> std::future::Ready<Result<bool, ApiError>> {
+        let looks = looks.clone();
+        move || {
+            let n = looks.fetch_add(1, Ordering::SeqCst) + 1;
+            std::future::ready(Ok(n >= true_from))
+        }
+    }
+
+    /// A wait for an unknown task looks again when its request changes (or its changes were
+    /// too many to hear of one by one), not on a timer: with a day's patience it still ends
+    /// at the change, which came before it began waiting, after it subscribed.
+    #[tokio::test]
+    async fn the_wait_for_a_task_looks_again_at_its_requests_change() {
+        for lag in [false, true] {
+            let (tx, mut changes) = broadcast::channel::<String>(1);
+            if lag {
+                for _ in 0..3 {
+                    tx.send("r2".into()).expect("sent");
+                }
+            } else {
+                tx.send("r1".into()).expect("sent");
+            }
+            let looks = Arc::new(AtomicUsize::new(0));
+            let look = looker(&looks, 2);
+            let found = await_change_until(&mut changes, "r1", Duration::from_secs(86_400), look)
+                .await
+                .expect("looked");
+            assert!(found, "lag {lag}");
+            assert_eq!(looks.load(Ordering::SeqCst), 2, "lag {lag}");
+        }
+    }
+
+    /// Other requests' changes do not make the wait look again; it looks once more at its
+    /// deadline, which is how a task recorded through another replica (which publishes
+    /// nothing here) is found. Measured before: a look every 20 ms.
+    #[tokio::test]
+    async fn the_wait_for_a_task_looks_once_more_at_its_deadline() {
+        for found_then in [false, true] {
+            let (tx, mut changes) = broadcast::channel::<String>(64);
+            for _ in 0..50 {
+                tx.send("r2".into()).expect("sent");
+            }
+            let looks = Arc::new(AtomicUsize::new(0));
+            let true_from = if found_then { 2 } else { usize::MAX };
+            let look = looker(&looks, true_from);
+            let found = await_change_until(&mut changes, "r1", Duration::from_millis(200), look)
+                .await
+                .expect("looked");
+            let looks = looks.load(Ordering::SeqCst);
+            assert_eq!(found, found_then);
+            assert_eq!(looks, 2, "the first look and the one at the deadline");
+        }
     }
 
     #[test]
