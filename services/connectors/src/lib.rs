@@ -541,11 +541,13 @@ pub trait Connector: Send + Sync {
     fn run<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>>;
 
     /// The forms of identity (type, encoding) this holder can find a subject by, as
-    /// ListSubprocessors reports them. A connector that lists forms answers a task whose
-    /// identities include none of them [`Outcome::Refused`], naming the forms, and leaves the
-    /// other identities out of its search. Empty (the default) when every identity is passed
-    /// on as given and the holder decides: an external adapter, a manual holder's operator,
-    /// the noop connector.
+    /// ListSubprocessors reports them. A connector that lists forms answers a task with no
+    /// identity it can search by [`Outcome::Refused`], naming the forms, and leaves the other
+    /// identities out of its search. The connector decides, not the processor from this
+    /// list: a value of a listed form may still be unusable (an MD5 that is no hash, a phone
+    /// number without digits). Empty (the default) when every identity is passed on as given
+    /// and the holder decides: an external adapter, a manual holder's operator, the noop
+    /// connector.
     fn matchable_identities(&self) -> Vec<(IdentityType, IdentityEncoding)> {
         Vec::new()
     }

@@ -3,15 +3,17 @@
 
 use std::borrow::Cow;
 
-use dsrelay_proto::v1::{FieldCorrection, SubjectIdentity};
+use dsrelay_proto::v1::FieldCorrection;
+#[cfg(test)]
+use dsrelay_proto::v1::SubjectIdentity;
 use dsrelay_runtime::store::{run_each, Backend, Ran};
 use futures::TryStreamExt;
 use sqlx::any::{AnyRow, AnyTypeInfoKind};
 use sqlx::{Any, FromRow as _, Row, Transaction, ValueRef as _};
 
 use super::plan::{
-    check_corrections, plan_erasure, plan_export, plan_flag, plan_rectify, usable_identities,
-    Corrections, ErasureStep, Identity, Scope, Statement,
+    check_corrections, plan_erasure, plan_export, plan_flag, plan_rectify, Corrections,
+    ErasureStep, Identity, Scope, Statement,
 };
 use super::receipt;
 use super::retention::{assess, day_of, DatedRow};
@@ -103,7 +105,7 @@ impl<'a> Scoped<'a> {
     /// Erases the subject's rows in every configured table as of `now_ms`, in one
     /// transaction: rows no obligation keeps get the table's action; kept rows lose the
     /// personal data the obligation does not need (see the module documentation). Only RAW
-    /// identities of a type some table matches are used.
+    /// identities of a type some table matches are used; at least one must be given.
     ///
     /// Running it again finds only what is still kept, and answers `found: false` once
     /// nothing is left.
@@ -113,7 +115,18 @@ impl<'a> Scoped<'a> {
         identities: &[SubjectIdentity],
         now_ms: i64,
     ) -> Result<ErasureReport, ConnectorError> {
-        Ok(self.erase_once(identities, now_ms, None).await?.0)
+        Ok(self
+            .erase_once(&self.matched(identities), now_ms, None)
+            .await?
+            .0)
+    }
+
+    /// `identities` as the steps take them ([`super::plan::matched_identities`]), for tests
+    /// that call a step without `run`, which refuses a task without any.
+    #[cfg(test)]
+    pub(crate) fn matched(&self, identities: &[SubjectIdentity]) -> Vec<Identity> {
+        super::plan::matched_identities(self.config, identities)
+            .expect("a test gives a matchable identity")
     }
 
     /// [`Scoped::erase`] under the receipt of `task_key`, when given: the erasure stores its
@@ -124,17 +137,15 @@ impl<'a> Scoped<'a> {
     /// a transaction of its own.
     pub(crate) async fn erase_once(
         &self,
-        identities: &[SubjectIdentity],
+        raw: &[Identity],
         now_ms: i64,
         task_key: Option<&str>,
     ) -> Result<(ErasureReport, bool), ConnectorError> {
         if let Some(writer) = self.writer {
-            return writer
-                .erase(identities, now_ms, task_key, self.condition)
-                .await;
+            return writer.erase(raw, now_ms, task_key, self.condition).await;
         }
         let mut tx = self.begin().await?;
-        let erased = self.erase_in(&mut tx, identities, now_ms, task_key).await;
+        let erased = self.erase_in(&mut tx, raw, now_ms, task_key).await;
         self.settle(tx, erased, task_key, "erasure").await
     }
 
@@ -177,12 +188,11 @@ impl<'a> Scoped<'a> {
     pub(super) async fn erase_in(
         &self,
         tx: &mut Transaction<'static, Any>,
-        identities: &[SubjectIdentity],
+        raw: &[Identity],
         now_ms: i64,
         task_key: Option<&str>,
     ) -> Result<(ErasureReport, bool), ConnectorError> {
-        let raw = usable_identities(self.config, identities)?;
-        let plan = plan_erasure(self.config, self.subject(&raw), now_ms);
+        let plan = plan_erasure(self.config, self.subject(raw), now_ms);
         let statements = erasure_statements(&plan);
         let (ran, sent) = run_erasure(tx, self.db.backend, &statements, now_ms).await?;
         tracing::debug!(
@@ -351,17 +361,16 @@ impl<'a> Scoped<'a> {
     /// ([`super::direct`]).
     pub(crate) async fn export(
         &self,
-        identities: &[SubjectIdentity],
+        raw: &[Identity],
         sink: &ExportSink,
     ) -> Result<WorkReport, ConnectorError> {
-        let raw = usable_identities(self.config, identities)?;
         let tables: Vec<(TableRule, Option<Statement>)> = self
             .config
             .tables
             .iter()
             .filter(|t| !t.export.is_empty())
             .map(|rule| {
-                let select = plan_export(self.config, rule, self.subject(&raw));
+                let select = plan_export(self.config, rule, self.subject(raw));
                 (rule.clone(), select)
             })
             .collect();
@@ -442,14 +451,14 @@ impl<'a> Scoped<'a> {
     /// `true`.
     pub(crate) async fn rectify(
         &self,
-        identities: &[SubjectIdentity],
+        raw: &[Identity],
         corrections: &[FieldCorrection],
         now_ms: i64,
         task_key: Option<&str>,
     ) -> Result<(WorkReport, bool), ConnectorError> {
         let mut tx = self.begin().await?;
         let rectified = self
-            .rectify_in(&mut tx, identities, corrections, now_ms, task_key)
+            .rectify_in(&mut tx, raw, corrections, now_ms, task_key)
             .await;
         self.settle(tx, rectified, task_key, "rectification").await
     }
@@ -459,7 +468,7 @@ impl<'a> Scoped<'a> {
     async fn rectify_in(
         &self,
         tx: &mut Transaction<'static, Any>,
-        identities: &[SubjectIdentity],
+        raw: &[Identity],
         corrections: &[FieldCorrection],
         now_ms: i64,
         task_key: Option<&str>,
@@ -468,7 +477,6 @@ impl<'a> Scoped<'a> {
             mapped: corrections,
             unmapped,
         } = check_corrections(self.config, corrections)?;
-        let raw = usable_identities(self.config, identities)?;
         let mut total: i64 = 0;
         let mut notes = Vec::new();
         for rule in self.config.children_first() {
@@ -484,7 +492,7 @@ impl<'a> Scoped<'a> {
                 .iter()
                 .map(|(field, column, value)| (*column, corrected(rule, field, column, value)))
                 .collect();
-            let Some(update) = plan_rectify(self.config, rule, self.subject(&raw), &columns) else {
+            let Some(update) = plan_rectify(self.config, rule, self.subject(raw), &columns) else {
                 notes.push(skipped(rule));
                 continue;
             };
@@ -555,7 +563,7 @@ impl<'a> Scoped<'a> {
     /// subject's rows becomes 1 or 0.
     pub(crate) async fn restrict(
         &self,
-        identities: &[SubjectIdentity],
+        raw: &[Identity],
         lift: bool,
     ) -> Result<WorkReport, ConnectorError> {
         let (value, verb) = if lift {
@@ -563,28 +571,24 @@ impl<'a> Scoped<'a> {
         } else {
             (1, "restricted")
         };
-        self.set_flag(identities, |t| t.restrict_column.as_ref(), value, verb)
+        self.set_flag(raw, |t| t.restrict_column.as_ref(), value, verb)
             .await
     }
 
     /// Records an objection to direct marketing: the `suppress_column` of the subject's rows
     /// becomes 1.
-    pub(crate) async fn suppress(
-        &self,
-        identities: &[SubjectIdentity],
-    ) -> Result<WorkReport, ConnectorError> {
-        self.set_flag(identities, |t| t.suppress_column.as_ref(), 1, "opted out")
+    pub(crate) async fn suppress(&self, raw: &[Identity]) -> Result<WorkReport, ConnectorError> {
+        self.set_flag(raw, |t| t.suppress_column.as_ref(), 1, "opted out")
             .await
     }
 
     async fn set_flag(
         &self,
-        identities: &[SubjectIdentity],
+        raw: &[Identity],
         column_of: fn(&TableRule) -> Option<&String>,
         value: u8,
         verb: &str,
     ) -> Result<WorkReport, ConnectorError> {
-        let raw = usable_identities(self.config, identities)?;
         let mut tx = self.begin().await?;
         let mut total: i64 = 0;
         let mut notes = Vec::new();
@@ -592,7 +596,7 @@ impl<'a> Scoped<'a> {
             let Some(column) = column_of(rule) else {
                 continue;
             };
-            let Some(update) = plan_flag(self.config, rule, self.subject(&raw), column, value)
+            let Some(update) = plan_flag(self.config, rule, self.subject(raw), column, value)
             else {
                 notes.push(skipped(rule));
                 continue;

@@ -521,16 +521,20 @@ impl Connector for SqlConnector {
                 Err(reason) => return Ok(Outcome::Refused { reason }),
             };
             let ids = &task.identities;
-            // Without an identity its match columns take there is nothing to search by, and
-            // only the partner can give one: the holder refuses the input, which no operator
-            // here could fix.
-            if let Err(reason) = plan::matched_identities(&self.config, ids) {
-                let reason = match plan::unsearched(&self.config, scope.types, ids) {
-                    Some(extra) => format!("{reason}; {extra}"),
-                    None => reason,
-                };
-                return Ok(Outcome::Refused { reason });
-            }
+            // Worked out once and handed to every step, which searches by these alone. Without
+            // an identity its match columns take there is nothing to search by, and only the
+            // partner can give one: the holder refuses the input, which no operator here
+            // could fix.
+            let raw = match plan::matched_identities(&self.config, ids) {
+                Ok(raw) => raw,
+                Err(reason) => {
+                    let reason = match plan::unsearched(&self.config, scope.types, ids) {
+                        Some(extra) => format!("{reason}; {extra}"),
+                        None => reason,
+                    };
+                    return Ok(Outcome::Refused { reason });
+                }
+            };
             let outcome = match (&task.phase, kind) {
                 (Phase::Confirm { .. }, _) => Err(ConnectorError::Permanent(
                     "the sql connector finishes its work in one run; there is nothing to confirm"
@@ -547,7 +551,7 @@ impl Connector for SqlConnector {
                         _ => task.task_id.clone(),
                     };
                     let (mut report, earlier) =
-                        scope.erase_once(ids, task.now_ms, Some(&key)).await?;
+                        scope.erase_once(&raw, task.now_ms, Some(&key)).await?;
                     if earlier {
                         report.note = format!(
                             "erased by an earlier attempt of this task whose answer was lost: {}",
@@ -561,12 +565,12 @@ impl Connector for SqlConnector {
                     crate::kind_label(kind)
                 ))),
                 (Phase::Start, RequestKind::ReturnOfData | RequestKind::Transfer) => {
-                    Ok(work_outcome(scope.export(ids, task.export_sink()?).await?))
+                    Ok(work_outcome(scope.export(&raw, task.export_sink()?).await?))
                 }
                 (Phase::Start, RequestKind::Rectification) => {
                     let corrections = &task.parameters.corrections;
                     let (mut report, earlier) = scope
-                        .rectify(ids, corrections, task.now_ms, Some(&task.task_id))
+                        .rectify(&raw, corrections, task.now_ms, Some(&task.task_id))
                         .await?;
                     if earlier {
                         report.note = format!(
@@ -579,11 +583,11 @@ impl Connector for SqlConnector {
                 }
                 (Phase::Start, RequestKind::Restriction) => Ok(work_outcome(
                     scope
-                        .restrict(ids, task.parameters.lift_restriction)
+                        .restrict(&raw, task.parameters.lift_restriction)
                         .await?,
                 )),
                 (Phase::Start, RequestKind::Objection) => {
-                    Ok(work_outcome(scope.suppress(ids).await?))
+                    Ok(work_outcome(scope.suppress(&raw).await?))
                 }
                 (Phase::Start, RequestKind::ContractEnd) => Ok(Outcome::Refused {
                     reason: "a contract end is not a task of one subject".into(),

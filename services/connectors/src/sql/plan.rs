@@ -1142,16 +1142,7 @@ pub(super) fn matched_identities(
     Ok(raw)
 }
 
-/// [`matched_identities`], its reason a permanent error: the connector refuses a task
-/// without such identities before it gets here ([`super::SqlConnector`]'s `run`).
-pub(super) fn usable_identities(
-    config: &SqlConnectorConfig,
-    identities: &[SubjectIdentity],
-) -> Result<Vec<Identity>, ConnectorError> {
-    matched_identities(config, identities).map_err(ConnectorError::Permanent)
-}
-
-/// The identities [`usable_identities`] leaves out, and those a match column of an integer
+/// The identities [`matched_identities`] leaves out, and those a match column of an integer
 /// type (`types`) cannot be compared with ([`match_clause`]), described without their
 /// values, for the outcome's note: an answer about the subject must say what it did not
 /// search by. `None` when every identity was used.
@@ -1205,7 +1196,7 @@ fn type_name(ty: IdentityType) -> String {
 
 /// `id` as the match uses it (a RAW value of a type some table matches, normalized; see
 /// [`Identity`]), or why it is left out, in words that do not carry its value. One decision
-/// for both [`usable_identities`] and [`unsearched`], so the search and the note agree.
+/// for both [`matched_identities`] and [`unsearched`], so the search and the note agree.
 fn searchable(usable_keys: &BTreeSet<&str>, id: &SubjectIdentity) -> Result<Identity, String> {
     let ty = IdentityType::try_from(id.r#type).unwrap_or(IdentityType::Unspecified);
     let name = || type_name(ty);
@@ -1547,7 +1538,7 @@ mod tests {
         let mut config = sample_config("sqlite::memory:");
         assert_eq!(config.tables[1].table, "invoices");
         (config.tables[1].match_columns).insert("email".into(), "customer_email".into());
-        let raw = usable_identities(
+        let raw = matched_identities(
             &config,
             &[
                 email("Maija@Example.fi"),
@@ -1830,7 +1821,7 @@ mod tests {
             IdentityEncoding::Raw,
             "+358 40 123 4567",
         );
-        let raw = usable_identities(&config, &[spaced]).unwrap();
+        let raw = matched_identities(&config, &[spaced]).unwrap();
         assert_eq!(raw, [(IdentityType::Phone, "+358401234567".to_string())]);
         let columns = [("phone".to_string(), "tel".to_string())].into();
         let mut binds = Binds::default();
@@ -1976,7 +1967,7 @@ mod tests {
             }
         );
         // With a subject, the condition joins the match; a text key is compared as text.
-        let raw = usable_identities(&config, &[email("Maija@Example.fi")]).unwrap();
+        let raw = matched_identities(&config, &[email("Maija@Example.fi")]).unwrap();
         let batch = Batch {
             through: Some("20".into()),
             key_type: ColumnType::default(),

@@ -225,7 +225,6 @@ on_both_backends!(
     matches_an_email_with_a_non_ascii_capital,
     erases_subject_by_customer_number,
     several_identities_of_one_subject_count_once,
-    hashed_only_identities_are_permanent_errors,
     a_task_without_a_matchable_identity_is_refused,
     sql_errors_roll_back_every_table,
     retention_expires_in_stages,
@@ -650,7 +649,7 @@ async fn the_documented_phone_index_serves_every_statement(url: String) {
             "+358 40 765 4321",
         ),
     ];
-    let raw = plan::usable_identities(scope.config, &identities).unwrap();
+    let raw = plan::matched_identities(scope.config, &identities).unwrap();
     let statements: Vec<plan::Statement> =
         plan::plan_erasure(scope.config, scope.subject(&raw), now())
             .into_iter()
@@ -849,7 +848,7 @@ async fn kept_statements_run_only_where_a_row_is_kept(url: String) {
         ("teemu.testaaja@example.fi", 6),
         ("maija.meikalainen@example.fi", 11),
     ] {
-        let raw = plan::usable_identities(scoped.config, &[email(who)]).unwrap();
+        let raw = plan::matched_identities(scoped.config, &[email(who)]).unwrap();
         let plan = plan::plan_erasure(scoped.config, scoped.subject(&raw), now());
         let statements = execute::erasure_statements(&plan);
         // Per table its probe, kept count and anonymization where it has them, its action.
@@ -1211,59 +1210,11 @@ async fn several_identities_of_one_subject_count_once(url: String) {
     );
 }
 
-async fn hashed_only_identities_are_permanent_errors(url: String) {
-    let (connector, db) = sample(&url).await;
-    let hashed = ident(
-        IdentityType::Email,
-        IdentityEncoding::Md5,
-        "0123456789abcdef0123456789abcdef",
-    );
-    let other = SubjectIdentity {
-        label: "loyalty-card".into(),
-        ..ident(IdentityType::Other, IdentityEncoding::Raw, "LC-42")
-    };
-    let err = connector
-        .scope("acme")
-        .unwrap()
-        .erase(&[hashed.clone(), other.clone()], now())
-        .await
-        .unwrap_err();
-    let expected = ConnectorError::Permanent(
-        "the sql connector needs a raw identity of type customer_number, email, \
-         national_id, phone (configured match columns); hashed identities cannot be \
-         matched in SQL"
-            .into(),
-    );
-    assert_eq!(err, expected);
-    // The other kinds need them too.
-    assert_eq!(
-        connector
-            .scope("acme")
-            .unwrap()
-            .export(
-                std::slice::from_ref(&hashed),
-                &ExportSink::new("unused", Vec::new())
-            )
-            .await
-            .unwrap_err(),
-        expected
-    );
-    assert_eq!(
-        connector
-            .scope("acme")
-            .unwrap()
-            .suppress(&[other])
-            .await
-            .unwrap_err(),
-        expected
-    );
-    assert_eq!(count(&db, &format!("{C} FROM customers")).await, 6);
-}
-
 /// A task whose identities the match columns cannot take is the holder refusing the input
 /// (only the partner can give a raw one), not a failure for an operator: REFUSED, its reason
-/// naming the forms it needs and what was left out, and nothing touched. Those forms are
-/// what ListSubprocessors reports.
+/// naming the forms it needs and what was left out, and nothing touched, whatever the kind
+/// or phase (the steps search only by the identities `run` works out). Those forms are what
+/// ListSubprocessors reports.
 async fn a_task_without_a_matchable_identity_is_refused(url: String) {
     let (connector, db) = sample(&url).await;
     assert_eq!(
@@ -1275,24 +1226,68 @@ async fn a_task_without_a_matchable_identity_is_refused(url: String) {
             (IdentityType::NationalId, IdentityEncoding::Raw),
         ]
     );
+    let needs = "the sql connector needs a raw identity of type customer_number, email, \
+                 national_id, phone (configured match columns); hashed identities cannot be \
+                 matched in SQL; not searched: ";
     let sha256 = ident(
         IdentityType::Email,
         IdentityEncoding::Sha256,
         &"a".repeat(64),
     );
-    for kind in [RequestKind::Erasure, RequestKind::Objection] {
-        let out = connector
-            .run(&task(kind, vec![sha256.clone()], now(), Phase::Start))
-            .await
-            .unwrap();
-        let refused = Outcome::Refused {
-            reason: "the sql connector needs a raw identity of type customer_number, email, \
-                     national_id, phone (configured match columns); hashed identities cannot \
-                     be matched in SQL; not searched: email given as SHA256 (SQL matches raw \
-                     values only)"
-                .into(),
-        };
-        assert_eq!(out, refused, "{kind:?}");
+    let md5 = ident(
+        IdentityType::Email,
+        IdentityEncoding::Md5,
+        "0123456789abcdef0123456789abcdef",
+    );
+    let other = SubjectIdentity {
+        label: "loyalty-card".into(),
+        ..ident(IdentityType::Other, IdentityEncoding::Raw, "LC-42")
+    };
+    let given = [
+        (
+            vec![sha256],
+            "email given as SHA256 (SQL matches raw values only)",
+        ),
+        (
+            vec![md5, other],
+            "email given as MD5 (SQL matches raw values only); other (no table here matches \
+             it)",
+        ),
+        // Of a form it lists, but no value to search by: the refusal needs the value, not
+        // only the form.
+        (
+            vec![ident(IdentityType::Phone, IdentityEncoding::Raw, "n/a")],
+            "phone (empty once normalized)",
+        ),
+    ];
+    let mut corrected = RequestParameters::default();
+    corrected.corrections.push(FieldCorrection {
+        field: "name".into(),
+        new_value: "Maija M".into(),
+    });
+    for (identities, left_out) in given {
+        for (kind, phase) in [
+            (RequestKind::Erasure, Phase::Start),
+            (
+                RequestKind::Erasure,
+                Phase::RetentionExpired { until_ms: now() },
+            ),
+            (RequestKind::ReturnOfData, Phase::Start),
+            (RequestKind::Transfer, Phase::Start),
+            (RequestKind::Rectification, Phase::Start),
+            (RequestKind::Restriction, Phase::Start),
+            (RequestKind::Objection, Phase::Start),
+        ] {
+            let task = Task {
+                parameters: corrected.clone(),
+                ..task(kind, identities.clone(), now(), phase)
+            };
+            let out = connector.run(&task).await.unwrap();
+            let refused = Outcome::Refused {
+                reason: format!("{needs}{left_out}"),
+            };
+            assert_eq!(out, refused, "{kind:?} {:?}", task.phase);
+        }
     }
     assert_eq!(count(&db, &format!("{C} FROM customers")).await, 6);
 }
@@ -3026,7 +3021,7 @@ async fn a_repeated_erasure_undoes_its_own_work(url: String) {
     let (connector, db) = sample(&url).await;
     let scope = connector.scope("acme").unwrap();
     let first = scope
-        .erase_once(&[email(MAIJA)], now(), Some("t-1"))
+        .erase_once(&scope.matched(&[email(MAIJA)]), now(), Some("t-1"))
         .await
         .unwrap();
     assert!(!first.1 && first.0.found, "{first:?}");
@@ -3039,7 +3034,7 @@ async fn a_repeated_erasure_undoes_its_own_work(url: String) {
     .await
     .unwrap();
     let again = scope
-        .erase_once(&[email(MAIJA)], now(), Some("t-1"))
+        .erase_once(&scope.matched(&[email(MAIJA)]), now(), Some("t-1"))
         .await
         .unwrap();
     assert_eq!(again, (first.0, true));
@@ -3059,7 +3054,7 @@ async fn a_repeated_erasure_that_fails_answers_from_the_receipt(url: String) {
     let (connector, db) = sample(&url).await;
     let scope = connector.scope("acme").unwrap();
     let first = scope
-        .erase_once(&[email(MAIJA)], now(), Some("t-1"))
+        .erase_once(&scope.matched(&[email(MAIJA)]), now(), Some("t-1"))
         .await
         .unwrap();
     assert!(!first.1, "{first:?}");
@@ -3071,12 +3066,12 @@ async fn a_repeated_erasure_that_fails_answers_from_the_receipt(url: String) {
     .await
     .unwrap();
     let again = scope
-        .erase_once(&[email(MAIJA)], now(), Some("t-1"))
+        .erase_once(&scope.matched(&[email(MAIJA)]), now(), Some("t-1"))
         .await
         .unwrap();
     assert_eq!(again, (first.0, true));
     let other = scope
-        .erase_once(&[email(MAIJA)], now(), Some("t-2"))
+        .erase_once(&scope.matched(&[email(MAIJA)]), now(), Some("t-2"))
         .await
         .unwrap_err();
     assert!(
@@ -3105,7 +3100,9 @@ async fn concurrent_calls_of_one_task_erase_once(url: String) {
         let connector = connector.clone();
         tokio::spawn(async move {
             let scope = connector.scope("acme").unwrap();
-            scope.erase_once(&[email(MAIJA)], now(), Some("t-1")).await
+            scope
+                .erase_once(&scope.matched(&[email(MAIJA)]), now(), Some("t-1"))
+                .await
         })
     };
     let (a, b) = (call(), call());
@@ -3655,9 +3652,9 @@ async fn sqlite_erasures_arriving_together_share_a_commit_and_fail_alone() {
     let before = writer.commits();
     let scope = connector.scope("acme").unwrap();
     let (matti, teemu, maija) = (
-        [email("matti.virtanen@example.fi")],
-        [email("teemu.testaaja@example.fi")],
-        [email(MAIJA)],
+        scope.matched(&[email("matti.virtanen@example.fi")]),
+        scope.matched(&[email("teemu.testaaja@example.fi")]),
+        scope.matched(&[email(MAIJA)]),
     );
     let (matti, teemu, maija) = futures::join!(
         scope.erase_once(&matti, now(), Some("t-matti")),
@@ -3687,7 +3684,7 @@ async fn sqlite_erasures_arriving_together_share_a_commit_and_fail_alone() {
     // Their receipts were committed with them; the failed one left none.
     let again = scope
         .erase_once(
-            &[email("teemu.testaaja@example.fi")],
+            &scope.matched(&[email("teemu.testaaja@example.fi")]),
             now(),
             Some("t-teemu"),
         )
@@ -3726,8 +3723,8 @@ async fn sqlite_erasure_that_rolls_back_its_transaction_answers_its_own_error() 
     let before = writer.commits();
     let scope = connector.scope("acme").unwrap();
     let (teemu, matti) = (
-        [email("teemu.testaaja@example.fi")],
-        [email("matti.virtanen@example.fi")],
+        scope.matched(&[email("teemu.testaaja@example.fi")]),
+        scope.matched(&[email("matti.virtanen@example.fi")]),
     );
     let (teemu, matti) = futures::join!(
         scope.erase_once(&teemu, now(), Some("t-teemu")),

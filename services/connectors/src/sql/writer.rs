@@ -15,12 +15,12 @@
 
 use std::sync::Arc;
 
-use dsrelay_proto::v1::SubjectIdentity;
 use dsrelay_runtime::group_commit::{GroupQueue, Queued};
 use dsrelay_runtime::store::Db;
 use tokio::sync::oneshot;
 
 use super::execute::{classify, ErasureReport};
+use super::plan::Identity;
 use super::receipt;
 use super::schema::ColumnTypes;
 use super::{Scoped, SqlConnectorConfig};
@@ -34,7 +34,7 @@ type Erased = Result<(ErasureReport, bool), ConnectorError>;
 
 /// One queued erasure: what [`Scoped::erase_once`] was given.
 pub(super) struct QueuedErasure {
-    identities: Vec<SubjectIdentity>,
+    raw: Vec<Identity>,
     now_ms: i64,
     task_key: Option<String>,
     condition: Option<String>,
@@ -90,14 +90,14 @@ impl ErasureWriter {
     /// caller goes away meanwhile; the task's receipt then answers its retry.
     pub(super) async fn erase(
         self: &Arc<Self>,
-        identities: &[SubjectIdentity],
+        raw: &[Identity],
         now_ms: i64,
         task_key: Option<&str>,
         condition: Option<&str>,
     ) -> Erased {
         let (answer, answered) = oneshot::channel();
         let queued = QueuedErasure {
-            identities: identities.to_vec(),
+            raw: raw.to_vec(),
             now_ms,
             task_key: task_key.map(str::to_string),
             condition: condition.map(str::to_string),
@@ -148,7 +148,7 @@ impl ErasureWriter {
             };
             savepoint(&mut tx, "SAVEPOINT erasure").await?;
             match scoped
-                .erase_in(&mut tx, &q.identities, q.now_ms, q.task_key.as_deref())
+                .erase_in(&mut tx, &q.raw, q.now_ms, q.task_key.as_deref())
                 .await
             {
                 Ok(erased) => {
