@@ -1860,9 +1860,8 @@ mod tests {
             request_id: "r-1".into(),
             complete: true,
             files: files.iter().map(|(p, c)| manifest_file(p, c)).collect(),
-            missing: vec![],
-            expires_at: None,
             manifest_json: MANIFEST.to_vec(),
+            ..Default::default()
         };
         let mut chunks = vec![];
         for (path, content) in files {

@@ -130,7 +130,10 @@ pub(crate) fn finished_already(done: Finished, io: &mut Io<'_>) -> Result<u8, Fa
         crate::unpack::manifest_request_id(&done.manifest).unwrap_or_default(),
         Some(&done.dir),
         None,
-        Some(hex::encode(Sha256::digest(&done.manifest))),
+        (
+            Some(hex::encode(Sha256::digest(&done.manifest))),
+            &done.manifest,
+        ),
         done.outcomes,
     );
     view.finished_already = true;
@@ -143,6 +146,43 @@ pub(crate) fn finished_already(done: Finished, io: &mut Io<'_>) -> Result<u8, Fa
         let _ = writeln!(io.err, "{}", clean(&note));
     }
     super::verdict(emit(io.out, io.format, &view, false), 0)
+}
+
+/// The holders `manifest_json` names as having ended without their part (its
+/// `not_returned`), as `processor/subprocessor (STATE)`; none when it names none or cannot
+/// be read (the files' own check reports an unreadable manifest).
+fn not_returned(manifest_json: &[u8]) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct Listing {
+        #[serde(default)]
+        not_returned: Vec<Holder>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Holder {
+        processor: String,
+        subprocessor: String,
+        state: String,
+    }
+    serde_json::from_slice::<Listing>(manifest_json)
+        .map(|l| l.not_returned)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|h| format!("{}/{} ({})", h.processor, h.subprocessor, h.state))
+        .collect()
+}
+
+/// The line a package lacking the data of `not_returned` holders gets, in `package` and
+/// `download`.
+fn lacking(not_returned: &[String]) -> String {
+    let (its, it) = if not_returned.len() == 1 {
+        ("its data", "it")
+    } else {
+        ("their data", "they")
+    };
+    format!(
+        "{}: {its} is not in the package, and {it} will not send it (`dsrctl get` says why)",
+        not_returned.join(", ")
+    )
 }
 
 /// A package's digest: the SHA-256 of its `manifest.json`.
@@ -181,6 +221,9 @@ pub(crate) struct PackageView {
     complete: bool,
     /// `<processor>/<subprocessor>` parts not arrived yet.
     missing: Vec<String>,
+    /// `<processor>/<subprocessor> (STATE)` whose task ended FAILED or REFUSED without its
+    /// part, from the manifest, as `download` shows them.
+    not_returned: Vec<String>,
     expires_at: Option<Time>,
     /// SHA-256 of manifest.json once the package is complete: before, the manifest lists
     /// only the files stored so far, and its digest is not the package's.
@@ -194,6 +237,7 @@ impl From<&PackageInfo> for PackageView {
             request_id: info.request_id.clone(),
             complete: info.complete,
             missing: info.missing.clone(),
+            not_returned: not_returned(&info.manifest_json),
             expires_at: Time::from_proto(info.expires_at.as_ref()),
             package_sha256: package_digest(info).filter(|_| info.complete),
             files: info
@@ -220,6 +264,12 @@ impl Render for PackageView {
         head.row(["complete", if self.complete { "yes" } else { "no" }]);
         if !self.missing.is_empty() {
             head.row(["missing".to_string(), clean(&self.missing.join(", "))]);
+        }
+        if !self.not_returned.is_empty() {
+            head.row([
+                "not returned".to_string(),
+                clean(&lacking(&self.not_returned)),
+            ]);
         }
         if let Some(t) = self.expires_at {
             head.row(["expires".to_string(), t.to_string()]);
@@ -295,6 +345,9 @@ pub(crate) struct DownloadView {
     /// The folder held the download finished already: nothing was downloaded, the files
     /// were checked where they are.
     finished_already: bool,
+    /// The holders the manifest names as having ended without their part, as
+    /// `processor/subprocessor (STATE)`.
+    not_returned: Vec<String>,
     files: Vec<DownloadedFileView>,
 }
 
@@ -308,18 +361,21 @@ impl DownloadView {
             info.request_id.clone(),
             out,
             zip,
-            package_digest(info),
+            (package_digest(info), &info.manifest_json),
             outcomes,
         )
     }
 
+    /// The view of a download of `request_id`'s package, whose `manifest.json` and its
+    /// digest are `manifest`.
     fn of(
         request_id: String,
         out: Option<&Path>,
         zip: Option<&Path>,
-        package_sha256: Option<String>,
+        manifest: (Option<String>, &[u8]),
         outcomes: Vec<FileOutcome>,
     ) -> Self {
+        let (package_sha256, manifest_json) = manifest;
         let digests_verified = outcomes.iter().filter(|o| o.error.is_none()).count();
         Self {
             request_id,
@@ -331,6 +387,7 @@ impl DownloadView {
             digests_verified,
             verified: digests_verified == outcomes.len(),
             finished_already: false,
+            not_returned: not_returned(manifest_json),
             files: outcomes
                 .into_iter()
                 .map(|o| DownloadedFileView {
@@ -374,6 +431,12 @@ impl Render for DownloadView {
                 self.file_count, self.bytes, self.digests_verified, self.file_count
             ),
         ]);
+        if !self.not_returned.is_empty() {
+            head.row([
+                "not returned".to_string(),
+                clean(&lacking(&self.not_returned)),
+            ]);
+        }
         out.push_str(&head.render());
         // The files verified are summed up above (`package` lists them, `--output json` has
         // each); those that did not are what the user must act on.
@@ -1146,6 +1209,41 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(json["files"].as_array().unwrap().len(), 2, "{json:#}");
+    }
+
+    /// A package lacking a holder's data says so, in `package` and after a download (read
+    /// from manifest.json, so also for a folder that holds the download finished already).
+    /// Before, a FAILED return of data downloaded as an empty package, verified, with no word
+    /// of the holder whose data it lacks.
+    #[test]
+    fn a_package_lacking_a_holders_data_says_whose() {
+        let manifest = br#"{"request_id": "r-1", "files": [], "not_returned": [
+            {"processor": "payroll", "subprocessor": "crm", "state": "FAILED"}]}"#;
+        let info = PackageInfo {
+            request_id: "r-1".into(),
+            complete: true,
+            manifest_json: manifest.to_vec(),
+            not_returned: vec!["payroll/crm".into()],
+            ..Default::default()
+        };
+        let line = "not returned    payroll/crm (FAILED): its data is not in the package, and it \
+                    will not send it (`dsrctl get` says why)\n";
+        let text = DownloadView::new(&info, &Target::Dir("maija".into()), vec![]).to_table();
+        assert!(text.contains(line), "{text}");
+        let text = PackageView::from(&info).to_table();
+        assert!(text.contains(line), "{text}");
+        let json = serde_json::to_value(PackageView::from(&info)).unwrap();
+        assert_eq!(
+            json["not_returned"],
+            serde_json::json!(["payroll/crm (FAILED)"])
+        );
+        // A manifest naming none, or two.
+        assert!(not_returned(b"{}").is_empty());
+        let two = br#"{"not_returned": [{"processor": "p", "subprocessor": "a", "state": "FAILED"},
+            {"processor": "p", "subprocessor": "b", "state": "REFUSED"}]}"#;
+        let two = not_returned(two);
+        assert_eq!(two, ["p/a (FAILED)", "p/b (REFUSED)"]);
+        assert!(lacking(&two).contains("their data is not in the package, and they"));
     }
 
     #[test]

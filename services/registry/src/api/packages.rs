@@ -34,7 +34,9 @@ use crate::app::Shared;
 use crate::auth::Party;
 use crate::error::ApiError;
 use crate::packages::{file_key, manifest, package_key, Appender, MAX_CHUNK};
-use crate::store::{FileBegin, FileDrop, PackageFile, PartOutcome, RequestRow, UploadTarget};
+use crate::store::{
+    FileBegin, FileDrop, PackageFile, PackageRecord, PartOutcome, RequestRow, UploadTarget,
+};
 use crate::validate::text_violation;
 
 use super::watch::{Slot, Slots};
@@ -230,21 +232,13 @@ impl Api {
             return Ok(());
         };
         let record = self.shared.store.package(request_id).await?;
-        let mut all: Vec<PackageFile> = record
-            .files
-            .into_iter()
+        let mut all: Vec<PackageFile> = (record.files.iter())
             .filter(|f| f.processor != processor || f.subprocessor != subprocessor)
+            .cloned()
             .collect();
         all.extend_from_slice(files);
         let created_at = record.created_at.unwrap_or(row.received_at);
-        let info = describe(
-            &row,
-            created_at,
-            &all,
-            &record.missing,
-            true,
-            Some(created_at),
-        );
+        let info = describe(&row, created_at, &all, &record, true, Some(created_at));
         let size = info.encoded_len();
         if size > MAX_DESCRIPTION_BYTES {
             return Err(ApiError::invalid([FieldViolation::new(
@@ -974,7 +968,7 @@ pub(super) async fn package_standing(
         row,
         created_at,
         &record.files,
-        &record.missing,
+        &record,
         complete,
         expires_at,
     );
@@ -992,18 +986,25 @@ fn describe(
     row: &RequestRow,
     created_at: i64,
     files: &[PackageFile],
-    missing: &[(String, String)],
+    record: &PackageRecord,
     complete: bool,
     expires_at: Option<i64>,
 ) -> PackageInfo {
-    let (files, manifest_json) = manifest::build(&row.id, row.kind, created_at, files);
+    let (files, manifest_json) =
+        manifest::build(&row.id, row.kind, created_at, files, &record.unreturned);
+    let named = |p: &String, s: &String| format!("{p}/{s}");
     PackageInfo {
         request_id: row.id.clone(),
         complete,
         files,
-        missing: missing.iter().map(|(p, s)| format!("{p}/{s}")).collect(),
+        missing: record.missing.iter().map(|(p, s)| named(p, s)).collect(),
         expires_at: expires_at.map(timestamp_from_millis),
         manifest_json,
+        not_returned: record
+            .unreturned
+            .iter()
+            .map(|(p, s, _)| named(p, s))
+            .collect(),
     }
 }
 

@@ -3,7 +3,7 @@
 //! manifest and its SHA-256 names the package.
 
 use chrono::{DateTime, SecondsFormat};
-use dsrelay_proto::v1::{ManifestFile, RequestKind};
+use dsrelay_proto::v1::{ManifestFile, RequestKind, TaskState};
 use serde::Serialize;
 
 use crate::store::PackageFile;
@@ -14,6 +14,18 @@ struct Manifest<'a> {
     kind: &'a str,
     created_at: String,
     files: &'a [Entry],
+    /// Left out when empty, so a package whose every holder returned its part keeps the
+    /// manifest (and digest) it had before this list existed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    not_returned: Vec<NotReturned<'a>>,
+}
+
+/// A holder whose return ended without its part ([`build`]'s `not_returned`).
+#[derive(Serialize)]
+struct NotReturned<'a> {
+    processor: &'a str,
+    subprocessor: &'a str,
+    state: &'a str,
 }
 
 #[derive(Serialize)]
@@ -28,12 +40,15 @@ struct Entry {
 }
 
 /// The manifest of `files` (in any order) as protocol entries in manifest order, and as
-/// `manifest.json`.
+/// `manifest.json`. `not_returned` (processor, subprocessor, the task's state) are the
+/// holders whose task ended FAILED or REFUSED without a part: the manifest names them, so
+/// that whoever opens the package sees whose data it lacks rather than taking it for all.
 pub(crate) fn build(
     request_id: &str,
     kind: RequestKind,
     created_at_ms: i64,
     files: &[PackageFile],
+    not_returned: &[(String, String, TaskState)],
 ) -> (Vec<ManifestFile>, Vec<u8>) {
     let mut entries: Vec<Entry> = files
         .iter()
@@ -52,11 +67,21 @@ pub(crate) fn build(
     let created_at = DateTime::from_timestamp_millis(created_at_ms)
         .unwrap_or_default()
         .to_rfc3339_opts(SecondsFormat::Millis, true);
+    let mut not_returned: Vec<NotReturned> = not_returned
+        .iter()
+        .map(|(processor, subprocessor, state)| NotReturned {
+            processor,
+            subprocessor,
+            state: state.as_str_name().trim_start_matches("TASK_STATE_"),
+        })
+        .collect();
+    not_returned.sort_by_key(|n| (n.processor, n.subprocessor));
     let manifest = Manifest {
         request_id,
         kind: kind.as_str_name().trim_start_matches("REQUEST_KIND_"),
         created_at,
         files: &entries,
+        not_returned,
     };
     let mut json = serde_json::to_vec_pretty(&manifest).expect("a manifest always encodes");
     json.push(b'\n');
@@ -104,8 +129,8 @@ mod tests {
             file("accounting", "x.json"),
         ];
         let b = [a[1].clone(), a[0].clone()];
-        let (files, json) = build("r1", RequestKind::ReturnOfData, 0, &a);
-        let (_, again) = build("r1", RequestKind::ReturnOfData, 0, &b);
+        let (files, json) = build("r1", RequestKind::ReturnOfData, 0, &a, &[]);
+        let (_, again) = build("r1", RequestKind::ReturnOfData, 0, &b, &[]);
         assert_eq!(json, again);
         assert_eq!(files[0].path, "payroll/accounting/x.json");
         let text = String::from_utf8(json).unwrap();
@@ -114,5 +139,27 @@ mod tests {
             text.contains("\"categories\": [\n        \"contact\"\n      ]"),
             "{text}"
         );
+        assert!(!text.contains("not_returned"), "{text}");
+    }
+
+    /// A package lacking a holder's part names the holder, in a fixed order.
+    #[test]
+    fn a_return_that_ended_without_its_part_is_named() {
+        let failed = |s: &str, state| ("payroll".to_string(), s.to_string(), state);
+        let not_returned = [
+            failed("newsletter", TaskState::Refused),
+            failed("crm", TaskState::Failed),
+        ];
+        let files = [file("accounting", "x.json")];
+        let (_, json) = build("r1", RequestKind::ReturnOfData, 0, &files, &not_returned);
+        let doc: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(
+            doc["not_returned"],
+            serde_json::json!([
+                {"processor": "payroll", "subprocessor": "crm", "state": "FAILED"},
+                {"processor": "payroll", "subprocessor": "newsletter", "state": "REFUSED"},
+            ])
+        );
+        assert_eq!(doc["files"].as_array().unwrap().len(), 1);
     }
 }
