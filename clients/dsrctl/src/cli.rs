@@ -155,9 +155,9 @@ pub enum Command {
     /// Draw a request's propagation from its stored events: registry → processors →
     /// subprocessors, with per-hop durations, states, retries and what is still pending.
     Trace(TraceArgs),
-    /// Tasks at a processor that wait for an operator (manual connectors), and
-    /// acknowledgements its registry kept rejecting (dead letters). These commands talk to
-    /// the processor, not the registry.
+    /// Tasks at a processor: those that wait for an operator (manual connectors) or in
+    /// other states, and acknowledgements its registry kept rejecting (dead letters). These
+    /// commands talk to the processor, not the registry.
     #[command(subcommand)]
     Tasks(TasksCommand),
     /// Run the whole service pair on this machine for development.
@@ -230,7 +230,8 @@ pub enum TasksCommand {
         #[arg(long)]
         subprocessor: Option<String>,
         /// Tasks in this state instead of those waiting for an operator (repeatable), e.g.
-        /// `--state failed --state refused` to see what could not be done and why.
+        /// `--state failed --state refused` to see what could not be done and why, or
+        /// `--state in-progress` for what a holder that keeps failing said last.
         #[arg(long = "state", value_name = "STATE")]
         states: Vec<String>,
     },

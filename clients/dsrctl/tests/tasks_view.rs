@@ -363,3 +363,111 @@ async fn the_subject_shows_each_identity_s_encoding_and_label() {
         "{table}"
     );
 }
+
+/// A task of `request_id` in `state` after `attempts`, with `reason` and `last_error`.
+fn worked(
+    request_id: &str,
+    state: TaskState,
+    attempts: u32,
+    reason: &str,
+    last_error: &str,
+) -> ManualTask {
+    ManualTask {
+        state: state as i32,
+        attempts,
+        reason: reason.into(),
+        last_error: last_error.into(),
+        ..task(
+            request_id,
+            RequestKind::Erasure,
+            &[],
+            RequestParameters::default(),
+        )
+    }
+}
+
+/// The STATE and ATTEMPTS cells of a row, the fifth and sixth.
+fn state_and_attempts(row: &str) -> Vec<&str> {
+    row.split_whitespace().skip(4).take(2).collect()
+}
+
+/// Listing tasks by state shows each one's state, attempts and why: a failed task's reason,
+/// a retried one's last error (before, neither was in the table, and a retried task's last
+/// error nowhere at all), cut in the table and whole in JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_by_state_show_their_state_attempts_and_why() {
+    let locked = "holder crm: database is locked";
+    let long_reason = format!("the adapter refused: {}", "x".repeat(400));
+    let processor = Processor::start(vec![
+        worked("r-retried", TaskState::InProgress, 7, "", locked),
+        worked("r-failed", TaskState::Failed, 3, &long_reason, locked),
+        worked("r-done", TaskState::Completed, 2, "", locked),
+    ])
+    .await;
+    let (code, table, stderr) = processor
+        .list(&["--state", "in-progress", "--state", "failed"])
+        .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let header = table.lines().next().expect("a header");
+    for column in ["STATE", "ATTEMPTS", "WHY"] {
+        assert!(header.contains(column), "{column} in {table}");
+    }
+    let retried = row(&table, "r-retried");
+    assert!(
+        state_and_attempts(retried) == ["IN_PROGRESS", "7"]
+            && retried.ends_with(&format!("last error: {locked}")),
+        "{table}"
+    );
+    let failed = row(&table, "r-failed");
+    assert!(
+        state_and_attempts(failed) == ["FAILED", "3"]
+            && failed.contains("the adapter refused: xxx")
+            && failed.ends_with("… (--output json has it whole)")
+            && !failed.contains(&long_reason)
+            && !failed.contains(locked),
+        "{table}"
+    );
+    // A finished task's last error is of a retry before its outcome, not why it ended so.
+    let done = row(&table, "r-done");
+    assert!(
+        state_and_attempts(done) == ["COMPLETED", "2"] && !done.contains(locked),
+        "{table}"
+    );
+
+    let (code, json, stderr) = processor.list(&["--output", "json"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&json).expect("json");
+    let tasks = doc["tasks"].as_array().expect("tasks");
+    assert_eq!(tasks[0]["last_error"], locked, "{doc}");
+    assert_eq!(tasks[0]["attempts"], 7, "{doc}");
+    assert_eq!(tasks[1]["reason"], long_reason.as_str(), "{doc}");
+}
+
+/// An empty list names what was asked for: no task in a state is not "no tasks wait for an
+/// operator".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_list_names_the_states_asked_for() {
+    let processor = Processor::start(Vec::new()).await;
+    for (args, expected) in [
+        (&[][..], "no tasks wait for an operator\n"),
+        (
+            &["--state", "cancelled"][..],
+            "no tasks in state cancelled\n",
+        ),
+        (
+            &[
+                "--state",
+                "FAILED",
+                "--state",
+                "refused",
+                "--state",
+                "in_progress",
+            ][..],
+            "no tasks in states failed, refused or in-progress\n",
+        ),
+    ] {
+        let (code, out, stderr) = processor.list(args).await;
+        assert_eq!(code, Some(0), "{stderr}");
+        assert_eq!(out, expected, "{args:?}");
+    }
+}

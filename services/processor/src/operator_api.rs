@@ -350,7 +350,8 @@ fn note_violation(field: &str, value: &str) -> Option<FieldViolation> {
 }
 
 /// The most one page of ListManualTasks takes, well below the 4 MiB a client decodes by
-/// default: a task can carry 32 corrections of 1 KiB, notes and a reason.
+/// default: a task can carry 32 corrections of 1 KiB, notes, a reason and the holder's last
+/// error.
 const MAX_MANUAL_PAGE_BYTES: usize = 3 << 20;
 
 /// The first `limit` of `rows` that fit in `max_bytes` (at least one), and where the page
@@ -444,6 +445,7 @@ fn to_proto(r: ManualRow) -> ManualTask {
         }),
         reason: r.task.reason,
         attempts: r.task.attempts.clamp(0, i64::from(u32::MAX)) as u32,
+        last_error: r.last_error,
     }
 }
 
@@ -802,6 +804,7 @@ mod tests {
             },
             request: None,
             due_at: 0,
+            last_error: String::new(),
         }
     }
 
@@ -859,4 +862,162 @@ mod tests {
             assert_eq!(parse_page_token(bad), None, "{bad:?}");
         }
     }
+
+    /// What the holder in [`a_retried_task_shows_the_holder_s_words_and_its_attempts`] says,
+    /// quoting the subject as a holder's error may.
+    const LOCKED: &str = "database is locked while erasing lokari.testi@example.fi";
+
+    /// A holder whose every call fails transiently, as a locked database would.
+    struct Locked;
+
+    impl dsrelay_connectors::Connector for Locked {
+        fn kind_name(&self) -> &'static str {
+            "locked"
+        }
+
+        fn supports(&self, _kind: dsrelay_proto::v1::RequestKind) -> bool {
+            true
+        }
+
+        fn run<'a>(
+            &'a self,
+            _task: &'a dsrelay_connectors::Task,
+        ) -> dsrelay_connectors::BoxFuture<
+            'a,
+            Result<dsrelay_connectors::Outcome, dsrelay_connectors::ConnectorError>,
+        > {
+            Box::pin(async { Err(dsrelay_connectors::ConnectorError::Transient(LOCKED.into())) })
+        }
+    }
+
+    /// A processor whose subprocessor `crm` is [`Locked`] and whose operator is the
+    /// development PKI's.
+    fn config(dir: &std::path::Path, database_url: &str) -> crate::Config {
+        let pki = dsrelay_runtime::pki::DevPki::ensure(&dir.join("pki")).expect("dev pki");
+        let tls = pki.files("processor");
+        let text = format!(
+            "database_url = {database_url:?}\ndata_dir = {:?}\nidentity_hash_key = \"k\"\n\
+             operators = [{:?}]\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
+             [audit]\ncheckpoint_key = {:?}\ncheckpoint_file = {:?}\n\
+             [[subprocessors]]\nname = \"crm\"\ncategories = [\"contact\"]\n\
+             connector = {{ type = \"noop\" }}\n\
+             [[controllers]]\nname = \"acme\"\nidentity = \"spiffe://dsrelay.dev/registry/0\"\n\
+             registry_endpoint = \"https://localhost:1\"\n",
+            dir.join("data"),
+            dsrelay_runtime::pki::dev_identity("operator", "ops"),
+            tls.ca,
+            tls.cert,
+            tls.key,
+            pki.signing_key("processor"),
+            dir.join("audit/checkpoints.jsonl"),
+        );
+        let file = dir.join("processor.toml");
+        std::fs::write(&file, text).expect("config file");
+        crate::Config::load_from(Some(&file), Vec::new()).expect("config")
+    }
+
+    /// A task whose holder keeps failing transiently stays IN_PROGRESS; before its last
+    /// error was listed, an operator saw no reason for it anywhere but in the database.
+    async fn a_retried_task_shows_the_holder_s_words_and_its_attempts(
+        database_url: &str,
+        dir: &std::path::Path,
+    ) {
+        use dsrelay_proto::v1::processor_operator_service_client::ProcessorOperatorServiceClient;
+        use dsrelay_proto::v1::processor_operator_service_server::ProcessorOperatorServiceServer;
+        use dsrelay_proto::v1::{DeliverRequest, RequestKind};
+
+        let connectors = std::collections::HashMap::from([(
+            "crm".to_string(),
+            Arc::new(Locked) as Arc<dyn dsrelay_connectors::Connector>,
+        )]);
+        let app = crate::App::with_connectors(config(dir, database_url), connectors)
+            .await
+            .expect("app");
+        let shared = app.shared();
+        let now = shared.clock.now_ms();
+        let req = DeliverRequest {
+            request_id: "r-locked".into(),
+            kind: RequestKind::Erasure as i32,
+            due_at: Some(timestamp_from_millis(now + 30 * 86_400_000)),
+            ..Default::default()
+        };
+        shared
+            .store
+            .accept("acme", &req, &["crm".to_string()], None, now)
+            .await
+            .expect("accept");
+        let jobs = (shared.store.claim_tasks(now + 10, 10, 30_000))
+            .await
+            .expect("claim");
+        assert_eq!(jobs.len(), 1);
+        for job in jobs {
+            crate::runner::run_task(&shared, job).await.expect("step");
+        }
+
+        let pki = dsrelay_runtime::pki::DevPki::ensure(&dir.join("pki")).expect("dev pki");
+        let server_tls = pki.files("processor").server_config().expect("server tls");
+        let router = dsrelay_runtime::server::builder(server_tls)
+            .expect("server")
+            .add_service(ProcessorOperatorServiceServer::new(OperatorApi::new(
+                shared.clone(),
+            )));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(dsrelay_runtime::server::serve(router, listener, async {
+            let _ = stopped.await;
+        }));
+        let client_tls = pki.files("operator").client_config().expect("client tls");
+        let channel = dsrelay_runtime::tls::channel(
+            &format!("https://localhost:{port}"),
+            Some(dsrelay_runtime::pki::dev_identity(
+                "processor",
+                "payroll-bureau",
+            )),
+            &client_tls,
+        )
+        .expect("channel");
+        let mut client = ProcessorOperatorServiceClient::new(channel);
+        let list = |states: Vec<TaskState>| ListManualTasksRequest {
+            states: states.into_iter().map(|s| s as i32).collect(),
+            ..Default::default()
+        };
+        let listed = client
+            .list_manual_tasks(list(vec![TaskState::InProgress]))
+            .await
+            .expect("list")
+            .into_inner();
+        let _ = stop.send(());
+        assert_eq!(ids(&listed.tasks), ["r-locked"]);
+        let task = &listed.tasks[0];
+        assert_eq!(task.state, TaskState::InProgress as i32, "{task:?}");
+        assert_eq!(task.attempts, 1, "{task:?}");
+        assert!(task.last_error.contains(LOCKED), "{task:?}");
+        assert_eq!(task.reason, "", "{task:?}");
+    }
+
+    macro_rules! on_both {
+        ($($name:ident),* $(,)?) => {$(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    let dir = tempfile::tempdir().expect("tempdir");
+                    let url = format!("sqlite://{}/processor.db", dir.path().display());
+                    super::$name(&url, dir.path()).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    crate::test_postgres::on_postgres(|url, dir| async move {
+                        super::$name(&url, &dir).await
+                    })
+                    .await;
+                }
+            }
+        )*};
+    }
+
+    on_both!(a_retried_task_shows_the_holder_s_words_and_its_attempts);
 }

@@ -15,13 +15,18 @@ use tonic::transport::Channel;
 
 use crate::cli::{ProcessorArgs, TaskRefArgs, TasksCommand};
 use crate::commands::Io;
-use crate::output::{emit, kind_name, CorrectionView, Render, Time};
+use crate::output::{emit, kind_name, task_state_name, CorrectionView, Render, Time};
 use crate::table::{clean, Table};
 use crate::Failure;
 
 /// The development processor's identity, expected when no other is given and the
 /// development PKI is in use.
 const DEV_PROCESSOR_IDENTITY: &str = "spiffe://dsrelay.dev/processor/payroll-bureau";
+
+/// How many characters of a task's reason or last error the table shows: a holder's words
+/// say what failed within a line or two, and the table has many columns besides; `--output
+/// json` shows them whole.
+const WHY_CHARS: usize = 160;
 
 #[derive(Debug, Serialize)]
 struct TaskView {
@@ -41,6 +46,8 @@ struct TaskView {
     contract_end: Option<ContractEndView>,
     instructions: String,
     reason: String,
+    /// The holder's or connector's words from the last attempt that failed and was retried.
+    last_error: String,
     attempts: u32,
     waiting_since: Option<Time>,
     due_at: Option<Time>,
@@ -100,6 +107,25 @@ impl TaskView {
         }
         parts.join("; ")
     }
+
+    /// Why the task is where it is, for the table, cut to [`WHY_CHARS`]: its reason (a
+    /// failed or refused task's), or else the last error of one still being tried. A task
+    /// in another state may keep the last error of a retry that came before its outcome,
+    /// which would read as the reason for it; `--output json` has it.
+    fn why_cell(&self) -> String {
+        let retried = ["PENDING", "IN_PROGRESS"].contains(&self.state.as_str());
+        let why = if !self.reason.is_empty() {
+            clean(&self.reason)
+        } else if retried && !self.last_error.is_empty() {
+            format!("last error: {}", clean(&self.last_error))
+        } else {
+            return String::new();
+        };
+        match why.char_indices().nth(WHY_CHARS) {
+            Some((end, _)) => format!("{}… (--output json has it whole)", &why[..end]),
+            None => why,
+        }
+    }
 }
 
 /// `email=maija@example.fi`; with what an identity of type other is and how a value that is
@@ -136,13 +162,7 @@ impl From<&ManualTask> for TaskView {
             request_id: r.request_id,
             subprocessor: r.subprocessor,
             kind: kind_name(t.kind),
-            state: dsrelay_sdk::proto::TaskState::try_from(t.state)
-                .map(|s| {
-                    s.as_str_name()
-                        .trim_start_matches("TASK_STATE_")
-                        .to_string()
-                })
-                .unwrap_or_else(|_| format!("UNKNOWN({})", t.state)),
+            state: task_state_name(t.state),
             identities: t.identities.iter().map(identity).collect(),
             all_data: data_categories.is_empty(),
             data_categories,
@@ -158,6 +178,7 @@ impl From<&ManualTask> for TaskView {
             }),
             instructions: t.instructions.clone(),
             reason: t.reason.clone(),
+            last_error: t.last_error.clone(),
             attempts: t.attempts,
             waiting_since: Time::from_proto(t.waiting_since.as_ref()),
             due_at: Time::from_proto(t.due_at.as_ref()),
@@ -168,23 +189,35 @@ impl From<&ManualTask> for TaskView {
 #[derive(Debug, Serialize)]
 struct TaskListView {
     tasks: Vec<TaskView>,
+    /// The states asked for, as `--state` names them; empty: those waiting for an operator.
+    #[serde(skip)]
+    states: Vec<String>,
 }
 
 impl Render for TaskListView {
     fn to_table(&self) -> String {
         if self.tasks.is_empty() {
-            return "no tasks wait for an operator\n".into();
+            return match &self.states[..] {
+                [] => "no tasks wait for an operator\n".into(),
+                [state] => format!("no tasks in state {state}\n"),
+                [first @ .., last] => {
+                    format!("no tasks in states {} or {last}\n", first.join(", "))
+                }
+            };
         }
         let mut t = Table::new([
             "CONTROLLER",
             "REQUEST",
             "SUBPROCESSOR",
             "KIND",
+            "STATE",
+            "ATTEMPTS",
             "DUE",
             "SUBJECT",
             "SCOPE",
             "PARAMETERS",
             "INSTRUCTIONS",
+            "WHY",
         ]);
         for v in &self.tasks {
             t.row([
@@ -192,11 +225,14 @@ impl Render for TaskListView {
                 clean(&v.request_id),
                 clean(&v.subprocessor),
                 v.kind.clone(),
+                v.state.clone(),
+                v.attempts.to_string(),
                 v.due_at.map(|d| d.to_string()).unwrap_or_default(),
                 clean(&v.identities.join("; ")),
                 clean(&v.scope_cell()),
                 clean(&v.parameters_cell()),
                 clean(&v.instructions),
+                v.why_cell(),
             ]);
         }
         t.render()
@@ -314,6 +350,13 @@ pub(super) fn connect(
     dsrelay_runtime::tls::channel(&args.processor, Some(identity), &tls).map_err(Failure::Setup)
 }
 
+/// A task state as `--state` names it (`in-progress`).
+fn state_flag(state: dsrelay_sdk::proto::TaskState) -> String {
+    (state.as_str_name().trim_start_matches("TASK_STATE_"))
+        .to_lowercase()
+        .replace('_', "-")
+}
+
 fn task_ref(t: &TaskRefArgs) -> Option<TaskRef> {
     Some(TaskRef {
         controller: t.controller.clone(),
@@ -413,6 +456,7 @@ pub(crate) async fn run(
             states,
         } => {
             let mut wanted = Vec::new();
+            let mut names = Vec::new();
             for name in states {
                 let proto = format!(
                     "TASK_STATE_{}",
@@ -420,7 +464,10 @@ pub(crate) async fn run(
                 );
                 match dsrelay_sdk::proto::TaskState::from_str_name(&proto) {
                     Some(s) if s != dsrelay_sdk::proto::TaskState::Unspecified => {
-                        wanted.push(s as i32)
+                        if !wanted.contains(&(s as i32)) {
+                            wanted.push(s as i32);
+                            names.push(state_flag(s));
+                        }
                     }
                     _ => {
                         return Err(Failure::Usage(format!(
@@ -451,6 +498,7 @@ pub(crate) async fn run(
             .await?;
             let view = TaskListView {
                 tasks: tasks.iter().map(TaskView::from).collect(),
+                states: names,
             };
             emit(io.out, io.format, &view, false)?;
         }

@@ -170,6 +170,9 @@ pub struct ManualRow {
     pub request: Option<DeliverRequest>,
     /// The request's due date (ms).
     pub due_at: i64,
+    /// The words of the last attempt that failed and was retried; empty when none did (or
+    /// the request was forgotten).
+    pub last_error: String,
 }
 
 /// A claimed acknowledgement.
@@ -305,13 +308,13 @@ pub(super) fn stored_count(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// Tasks joined with their requests: the columns of [`JoinedRecord`]. Callers add the
-/// WHERE clause.
+/// Tasks joined with their requests, as the operator API reads them: the columns of
+/// [`OperatorRecord`]. Callers add the WHERE clause.
 pub(super) const JOINED_SELECT: &str = "SELECT t.controller, t.request_id, t.subprocessor, \
     t.state, t.sequence, t.attempts, t.records_affected, t.confirmed, t.note, t.reason, \
     t.legal_basis, t.retain_until, t.updated_at, t.handle, t.transfer_receipt, t.contract_phase, \
-    t.subjects_done, t.subjects_total, t.records_done, t.records_total, t.scheduled_at, t.cancel_requested_at, t.call_started_at, r.body, \
-    r.due_at, r.traceparent \
+    t.subjects_done, t.subjects_total, t.records_done, t.records_total, t.scheduled_at, \
+    t.cancel_requested_at, t.call_started_at, r.body, r.due_at, r.traceparent, t.last_error \
     FROM tasks t JOIN requests r ON r.controller = t.controller AND r.request_id = t.request_id";
 
 /// A task row with the columns of its request that the runner and operators need.
@@ -358,12 +361,22 @@ impl From<ClaimedRecord> for TaskJob {
     }
 }
 
-impl From<JoinedRecord> for ManualRow {
-    fn from(r: JoinedRecord) -> Self {
+/// A task row with its request's columns and the task's last error, which only operators
+/// are shown.
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct OperatorRecord {
+    #[sqlx(flatten)]
+    joined: JoinedRecord,
+    last_error: Option<String>,
+}
+
+impl From<OperatorRecord> for ManualRow {
+    fn from(r: OperatorRecord) -> Self {
         Self {
-            request: r.request(),
-            due_at: r.due_at,
-            task: r.task.into(),
+            request: r.joined.request(),
+            due_at: r.joined.due_at,
+            task: r.joined.task.into(),
+            last_error: r.last_error.unwrap_or_default(),
         }
     }
 }

@@ -21,8 +21,8 @@ use sha2::{Digest, Sha256};
 use super::audit::{self, AuditTx, NewEntry, Record};
 use super::certificates::Certifying;
 use super::rows::{
-    count, retained_only, state_value, stored_count, ClaimedRecord, JoinedRecord, KindedRecord,
-    ManualRow, TaskJob, TaskKey, TaskRecord, TaskRow, JOINED_SELECT, TASK_COLUMNS,
+    count, retained_only, state_value, stored_count, ClaimedRecord, KindedRecord, ManualRow,
+    OperatorRecord, TaskJob, TaskKey, TaskRecord, TaskRow, JOINED_SELECT, TASK_COLUMNS,
 };
 use super::{acks, Store};
 use crate::certificates::Issuer;
@@ -778,7 +778,7 @@ impl Store {
     }
 
     async fn for_operators(&self, filter: OperatorFilter<'_>) -> Result<Vec<ManualRow>> {
-        let rows: Vec<JoinedRecord> = match filter {
+        let rows: Vec<OperatorRecord> = match filter {
             OperatorFilter::One(key) => {
                 sqlx::query_as(&format!(
                     "{JOINED_SELECT} WHERE t.controller = $1 AND t.request_id = $2 \
