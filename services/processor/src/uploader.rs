@@ -4,14 +4,14 @@
 //! TLS, checking that the recipient presents the identity the registry gave). Both take the
 //! same steps through [`Sink`]: ask where each file stands and resume there, send the rest
 //! with each chunk's checksum, close the part. A recipient answers a receipt, which must match
-//! the part the processor sent (canonical manifest digest, bytes, files) before the task may
-//! complete. Then the task moves to COMPLETED through the task machine, so the
-//! acknowledgement carries it (and the receipt), and the export's files are deleted from the
-//! data folder: they were kept only until delivered. A contract end's return goes to the
-//! registry the same way as the task's part of the package, or, when its terms name a
-//! transfer recipient, to that recipient as for a TRANSFER; the task then waits for the
-//! controller's confirmation (with the receipt) instead of completing, since the data is
-//! still at the holder.
+//! the part the processor sent (canonical manifest digest, bytes, files) and name the
+//! recipient it was sent to before the task may complete. Then the task moves to COMPLETED
+//! through the task machine, so the acknowledgement carries it (and the receipt), and the
+//! export's files are deleted from the data folder: they were kept only until delivered. A
+//! contract end's return goes to the registry the same way as the task's part of the
+//! package, or, when its terms name a transfer recipient, to that recipient as for a
+//! TRANSFER; the task then waits for the controller's confirmation (with the receipt)
+//! instead of completing, since the data is still at the holder.
 //!
 //! A return of data's files (and a contract end's returned to the registry) usually reach
 //! the registry before this worker sees them: the runner streams them while the connector
@@ -595,9 +595,9 @@ async fn send_export(
         .complete(key, headers.clone(), timeout)
         .await
         .map_err(|s| refused(to, "closing the part", &s))?;
-    if let Some(r) = &receipt {
+    if let (Some(r), Sink::Recipient { name, .. }) = (&receipt, sink) {
         // `why` quotes the receipt's fields, the recipient's words.
-        check_receipt(key, &headers, r).map_err(|why| {
+        check_receipt(key, name, &headers, r).map_err(|why| {
             Failure::Retry(Said::quoting(
                 format!("the receipt of {to} does not match what was sent"),
                 why,
@@ -717,10 +717,13 @@ async fn hold_lease(shared: &Shared, job: &UploadJob) -> Result<(), Failure> {
     }
 }
 
-/// Whether `r` is the receipt for exactly the part `headers` describe: same request and
-/// subprocessor, the canonical manifest digest computed here, and the same bytes and files.
+/// Whether `r` is the receipt for exactly the part `headers` describe, from the recipient it
+/// was sent to: same request and subprocessor, naming `recipient` (the registry's
+/// `[[recipients]]` name, which the controller is shown as the one holding the data), the
+/// canonical manifest digest computed here, and the same bytes and files.
 fn check_receipt(
     key: &TaskKey,
+    recipient: &str,
     headers: &[ExportFileHeader],
     r: &TransferReceipt,
 ) -> Result<(), String> {
@@ -732,6 +735,12 @@ fn check_receipt(
         wrong.push(format!(
             "it is for request {} at {}",
             r.request_id, r.subprocessor
+        ));
+    }
+    if r.recipient != recipient {
+        wrong.push(format!(
+            "it names recipient {:?}, sent to {recipient:?}",
+            r.recipient
         ));
     }
     if r.manifest_sha256 != manifest {
@@ -1023,10 +1032,11 @@ mod tests {
 
     #[test]
     fn only_the_receipt_for_exactly_the_files_sent_is_accepted() {
-        assert_eq!(check_receipt(&key(), &sent(), &receipt()), Ok(()));
+        let to = "new-bookkeeper";
+        assert_eq!(check_receipt(&key(), to, &sent(), &receipt()), Ok(()));
         // A receipt over other files (one left out here) is not proof of this part.
         let fewer = &sent()[..1];
-        let why = check_receipt(&key(), fewer, &receipt()).unwrap_err();
+        let why = check_receipt(&key(), to, fewer, &receipt()).unwrap_err();
         assert!(why.contains("manifest SHA-256"), "{why}");
         assert!(why.contains("30 bytes, expected 10"), "{why}");
         assert!(why.contains("2 file(s), expected 1"), "{why}");
@@ -1034,8 +1044,22 @@ mod tests {
             subprocessor: "newsletter".into(),
             ..receipt()
         };
-        let why = check_receipt(&key(), &sent(), &other).unwrap_err();
+        let why = check_receipt(&key(), to, &sent(), &other).unwrap_err();
         assert_eq!(why, "it is for request r1 at newsletter");
+    }
+
+    #[test]
+    fn a_receipt_naming_another_recipient_is_refused() {
+        // The registry would show the controller this name as the one holding the data.
+        let other = TransferReceipt {
+            recipient: "someone-else entirely".into(),
+            ..receipt()
+        };
+        let why = check_receipt(&key(), "new-bookkeeper", &sent(), &other).unwrap_err();
+        assert_eq!(
+            why,
+            "it names recipient \"someone-else entirely\", sent to \"new-bookkeeper\""
+        );
     }
 }
 

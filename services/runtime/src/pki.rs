@@ -19,12 +19,15 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose,
-    RevokedCertParams, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, CustomExtension,
+    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair,
+    KeyUsagePurpose, RevokedCertParams, SanType, SerialNumber,
 };
 use rustls_pki_types::pem::PemObject;
 use time::OffsetDateTime;
+
+/// The OID of the BasicConstraints extension (2.5.29.19).
+const BASIC_CONSTRAINTS: &[u64] = &[2, 5, 29, 19];
 
 /// The trust domain used in development identities.
 pub const DEV_TRUST_DOMAIN: &str = "dsrelay.dev";
@@ -169,7 +172,13 @@ impl DevCa {
                     .with_context(|| format!("{name:?} is not a DNS name"))?,
             ));
         }
-        params.is_ca = IsCa::ExplicitNoCa;
+        // rcgen's `ExplicitNoCa` writes `cA FALSE`, a default value DER forbids encoding, and
+        // strict parsers (Python's `cryptography`) refuse such a certificate. The empty
+        // sequence says the same in DER: a critical BasicConstraints that is no CA.
+        params.is_ca = IsCa::NoCa;
+        let mut no_ca = CustomExtension::from_oid_content(BASIC_CONSTRAINTS, vec![0x30, 0x00]);
+        no_ca.set_criticality(true);
+        params.custom_extensions.push(no_ca);
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
@@ -551,6 +560,58 @@ mod tests {
             })
             .collect();
         (crate::tls::identity_of(&der), names)
+    }
+
+    /// The BasicConstraints extension of the certificate in `pem` as encoded: whether it is
+    /// critical, its value's bytes and whether it makes a CA (`None`: there is none).
+    fn basic_constraints(pem: &[u8]) -> Option<(bool, Vec<u8>, bool)> {
+        let der = rustls_pki_types::CertificateDer::pem_slice_iter(pem)
+            .next()
+            .unwrap()
+            .unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let ca = cert.basic_constraints().unwrap().map(|b| b.value.ca);
+        let ext = cert
+            .extensions()
+            .iter()
+            .find(|e| e.oid == x509_parser::oid_registry::OID_X509_EXT_BASIC_CONSTRAINTS)?;
+        Some((ext.critical, ext.value.to_vec(), ca.unwrap()))
+    }
+
+    #[test]
+    fn leaves_are_no_ca_in_strict_der() {
+        // DER forbids encoding a default value such as `cA FALSE` (BOOLEAN 01 01 00 first in
+        // the sequence); Python's `cryptography` refuses a certificate that does.
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let ca = DevCa::generate("test CA").unwrap();
+        let mut leaves: Vec<(String, String)> = DEV_PARTIES
+            .iter()
+            .map(|(stem, _, _)| {
+                let pem = std::fs::read_to_string(pki.cert(stem)).unwrap();
+                (stem.to_string(), pem)
+            })
+            .collect();
+        let now = SystemTime::now();
+        let expired = ca
+            .issue_valid_between("old", &dev_identity("partner", "old"), now, now)
+            .unwrap();
+        leaves.push(("expired".into(), expired.cert_pem));
+        for (name, pem) in leaves {
+            let Some((critical, value, is_ca)) = basic_constraints(pem.as_bytes()) else {
+                continue;
+            };
+            assert!(!is_ca, "{name}");
+            assert!(critical, "{name}");
+            assert_eq!(value[0], 0x30, "{name}: not a sequence");
+            assert!(
+                !value[2..].starts_with(&[0x01, 0x01, 0x00]),
+                "{name}: {value:02x?}"
+            );
+        }
+        // The CA's cA TRUE is no default, and is encoded.
+        let (_, _, is_ca) = basic_constraints(std::fs::read(pki.ca()).unwrap().as_slice()).unwrap();
+        assert!(is_ca);
     }
 
     #[test]

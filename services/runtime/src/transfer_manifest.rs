@@ -88,4 +88,37 @@ mod tests {
             ))
         );
     }
+
+    #[test]
+    fn non_ascii_is_raw_utf8_and_only_controls_are_escaped() {
+        // The bytes a recipient in another language must produce (transfer.proto): non-ASCII
+        // as its UTF-8, `/` and DEL as they are, \b \t \n \f \r short, other controls as
+        // lowercase \u00XX.
+        let f = ExportFileHeader {
+            request_id: "r\u{e9}".into(),
+            subprocessor: "crm".into(),
+            name: "a/b.json".into(),
+            media_type: "text/csv".into(),
+            categories: vec![
+                "Gesundheitsdaten f\u{fc}r \u{c4}rzte".into(),
+                "\u{1f600}\t\n\u{1}\u{1f}\u{7f}\\\u{8}\u{c}\r".into(),
+            ],
+            size: 0,
+            sha256: "00".repeat(32),
+        };
+        let mut expected = Vec::new();
+        expected.extend_from_slice(b"{\"request_id\":\"r\xc3\xa9\",\"subprocessor\":\"crm\",");
+        expected
+            .extend_from_slice(b"\"files\":[{\"name\":\"a/b.json\",\"media_type\":\"text/csv\",");
+        expected
+            .extend_from_slice(b"\"categories\":[\"Gesundheitsdaten f\xc3\xbcr \xc3\x84rzte\",");
+        expected.extend_from_slice(b"\"\xf0\x9f\x98\x80\\t\\n\\u0001\\u001f\x7f\\\\\\b\\f\\r\"],");
+        expected.extend_from_slice(b"\"size\":0,\"sha256\":\"");
+        expected.extend_from_slice("00".repeat(32).as_bytes());
+        expected.extend_from_slice(b"\"}]}");
+        assert_eq!(
+            String::from_utf8_lossy(&canonical_json("r\u{e9}", "crm", &[f])),
+            String::from_utf8_lossy(&expected)
+        );
+    }
 }
