@@ -36,10 +36,12 @@
 //!   time, and each record, checked to be one JSON value, is appended to a JSON array
 //!   streamed to the file. What is held is one page, whatever the size of the export. A page
 //!   that fails transiently is asked again (same token) up to `PAGE_RETRIES` times before
-//!   the error is passed on; the processor then re-runs the task from `Execute` into an
-//!   emptied folder. A page larger than asked, a record that is not JSON, an empty page
-//!   that is not the last, a token answered with itself, or an export beyond
-//!   `MAX_EXPORT_PAGES` pages or `MAX_EXPORT_BYTES` bytes are permanent errors.
+//!   the error is passed on, except ABORTED (the token expired), passed on at once; the
+//!   processor then re-runs the step after its backoff into an emptied folder: `Execute`, or
+//!   `GetTaskStatus` for a task the adapter ACCEPTED, and the first page. A page larger than
+//!   asked, a record that is not JSON, an empty page that is not the last, a token answered
+//!   with itself, or an export beyond `MAX_EXPORT_PAGES` pages or `MAX_EXPORT_BYTES` bytes
+//!   are permanent errors.
 //! - `export_json` (adapters that answer inline): one JSON value in the answer itself, so at
 //!   most the 16 MiB this connector decodes; checked to be JSON and written as it came.
 //!
@@ -363,7 +365,8 @@ impl AdapterConnector {
     }
 
     /// One page of the export of `task_id`; transient failures are asked again (the same
-    /// token names the same page) up to [`PAGE_RETRIES`] times.
+    /// token names the same page) up to [`PAGE_RETRIES`] times, except ABORTED, passed on at
+    /// once.
     async fn export_page(&self, task_id: &str, token: &str) -> Result<ExportPage, ConnectorError> {
         let mut retries = 0;
         loop {
@@ -376,7 +379,9 @@ impl AdapterConnector {
             let result = tokio::time::timeout(self.timeout, client.get_export_page(request)).await;
             let code = code_of(&result);
             match self.finish("GetExportPage", result) {
-                Err(e) if e.is_transient() && retries < PAGE_RETRIES => {
+                // ABORTED says the token expired (`adapter.proto`): asking it again cannot
+                // succeed, and the export restarts from the step that answered it.
+                Err(e) if e.is_transient() && code != Code::Aborted && retries < PAGE_RETRIES => {
                     retries += 1;
                     tracing::debug!(
                         endpoint = %self.endpoint,
@@ -1528,6 +1533,38 @@ mod tests {
         let t = export_task(dir.path(), "down", RequestKind::ReturnOfData);
         let e = connector.run(&t).await.unwrap_err();
         assert!(e.is_transient(), "{e}");
+
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+
+    /// An expired page token (ABORTED) is not asked again: the processor runs the task's
+    /// step again from Execute and the first page, as `adapter.proto` says.
+    #[tokio::test]
+    async fn an_expired_page_token_restarts_the_export_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dsrelay_runtime::pki::DevPki::ensure(&dir.path().join("pki")).unwrap();
+        let mut script = ScriptedPages::default();
+        script
+            .pages
+            .insert(("expired".into(), String::new()), page(&["1"], "t1"));
+        script
+            .pages
+            .insert(("expired".into(), "t1".into()), Err(Code::Aborted));
+        let script = std::sync::Arc::new(script);
+        let (port, stop, server) = serve_scripted(&pki, script.clone()).await;
+        let mut c = config(pki.files("processor"));
+        c.endpoint = format!("https://localhost:{port}");
+        c.supported_kinds = Some(vec!["return_of_data".into()]);
+        let mut connector = AdapterConnector::connect(&c).unwrap();
+        connector.page_bytes = 64;
+
+        let t = export_task(dir.path(), "expired", RequestKind::ReturnOfData);
+        let e = connector.run(&t).await.unwrap_err();
+        // Transient: the processor re-runs the task, which starts with Execute.
+        assert!(e.is_transient() && e.to_string().contains("Aborted"), "{e}");
+        // The first page, then the stale token once.
+        assert_eq!(script.asked.load(std::sync::atomic::Ordering::SeqCst), 2);
 
         let _ = stop.send(());
         server.await.unwrap().unwrap();

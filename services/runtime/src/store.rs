@@ -787,8 +787,10 @@ fn prepare_sqlite_url(url: &str) -> Result<String> {
     })
 }
 
-/// The file a `sqlite:` URL names: what follows the scheme, up to its options.
-fn sqlite_path(url: &str) -> &str {
+/// The file a `sqlite:` URL names: what follows the scheme, up to its options. The file
+/// [`Db::sqlite_file`] holds, for a caller that must check it before [`Db::connect`] would
+/// create it.
+pub fn sqlite_path(url: &str) -> &str {
     let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
     rest.split('?').next().unwrap_or(rest)
 }

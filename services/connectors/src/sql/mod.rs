@@ -341,6 +341,51 @@ mod tests;
 mod typed_tests;
 mod writer;
 
+/// Opening a holder's database creates nothing.
+#[cfg(test)]
+mod open_tests {
+    use super::*;
+
+    /// The operator's report: a URL into a folder that does not exist made the connector
+    /// create the folder and an empty file, then say the first table was missing.
+    #[tokio::test]
+    async fn a_missing_sqlite_file_is_not_created_and_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let in_missing_folder = dir.path().join("some/missing/dir/archive.db");
+        let in_existing_folder = dir.path().join("archive.db");
+        for file in [&in_missing_folder, &in_existing_folder] {
+            let url = format!("sqlite://{}", file.display());
+            let err = format!(
+                "{:#}",
+                SqlConnector::connect(sample_config(&url))
+                    .await
+                    .unwrap_err()
+            );
+            assert!(
+                err.contains(&format!("holder database {} not found", file.display())),
+                "{err}"
+            );
+            // A controller's own database is opened the same way (the top-level url is then
+            // not opened at all), options or not.
+            let mut config = sample_config(&url);
+            config.controllers.insert(
+                "acme".into(),
+                ControllerScope {
+                    condition: None,
+                    url: Some(format!("{url}?cache=private")),
+                },
+            );
+            let err = format!("{:#}", SqlConnector::connect(config).await.unwrap_err());
+            assert!(
+                err.contains("controller \"acme\"") && err.contains("not found"),
+                "{err}"
+            );
+        }
+        assert!(!dir.path().join("some").exists());
+        assert!(!in_existing_folder.exists());
+    }
+}
+
 use execute::{ErasureReport, WorkReport};
 pub use receipt::DEFAULT_RECEIPTS_TABLE;
 pub use rules::{
@@ -389,6 +434,40 @@ pub(crate) struct Scoped<'a> {
     types: &'a ColumnTypes,
 }
 
+/// Opens the holder's database at `url`. [`Db::connect`] creates a missing SQLite file and
+/// its folders, as a service's own store needs; a holder's database is the subprocessor's
+/// data, so a missing file is a wrong `url` (a mistyped path, a volume not mounted), reported
+/// as such rather than opened empty and then found to lack every table. Without a `mode` of
+/// its own the file is opened `mode=rw`, so that it is not created should it go between the
+/// check and the opening.
+async fn open_holder_db(url: &str) -> anyhow::Result<Db> {
+    let memory = url.contains(":memory:") || url.contains("mode=memory");
+    if Backend::of_url(url)? != Backend::Sqlite || memory {
+        return Db::connect(url).await;
+    }
+    let file = std::path::Path::new(dsrelay_runtime::store::sqlite_path(url));
+    match std::fs::metadata(file) {
+        Ok(meta) if meta.is_file() => {}
+        Ok(_) => anyhow::bail!("holder database {} is not a file", file.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+            "holder database {} not found: the sql connector opens the subprocessor's \
+             existing database and never creates one; check url",
+            std::path::absolute(file)
+                .unwrap_or_else(|_| file.to_path_buf())
+                .display()
+        ),
+        // Unreadable for another reason: the connection says why.
+        Err(_) => {}
+    }
+    let query = url.split_once('?').map(|(_, q)| q);
+    let url = match query {
+        Some(q) if q.split('&').any(|p| p.starts_with("mode=")) => url.to_string(),
+        Some(_) => format!("{url}&mode=rw"),
+        None => format!("{url}?mode=rw"),
+    };
+    Db::connect(&url).await
+}
+
 impl SqlConnector {
     /// Validates `config` and connects to its databases: `url` unless every controller has
     /// its own, and each controller's own.
@@ -403,13 +482,13 @@ impl SqlConnector {
         let shared = config.controllers.is_empty()
             || config.controllers.values().any(|c| c.condition.is_some());
         let db = match shared {
-            true => Some(Db::connect(&config.url).await?),
+            true => Some(open_holder_db(&config.url).await?),
             false => None,
         };
         let mut own = BTreeMap::new();
         for (name, scope) in &config.controllers {
             if let Some(url) = &scope.url {
-                let db = Db::connect(url).await.map_err(|e| {
+                let db = open_holder_db(url).await.map_err(|e| {
                     e.context(format!("connecting to the database of controller {name:?}"))
                 })?;
                 own.insert(name.clone(), db);
