@@ -154,6 +154,8 @@ pub enum Command {
     Chain,
     /// Draw a request's propagation from its stored events: registry → processors →
     /// subprocessors, with per-hop durations, states, retries and what is still pending.
+    /// Times are when the registry recorded each event: a report that waited at a processor
+    /// while the registry was down counts that wait in its hop.
     Trace(TraceArgs),
     /// Tasks at a processor: those that wait for an operator (manual connectors) or in
     /// other states, and acknowledgements its registry kept rejecting (dead letters). These
@@ -505,6 +507,7 @@ pub struct AuditTrailArgs {
 
 /// Arguments of `dsrctl audit verify`.
 #[derive(Debug, Clone, Args)]
+#[command(group = ArgGroup::new("checkpoint_source").args(["checkpoints", "fetch_checkpoints"]))]
 pub struct AuditVerifyArgs {
     /// Whose trail.
     #[command(flatten)]
@@ -528,8 +531,9 @@ pub struct AuditVerifyArgs {
     /// The public key that checks the checkpoints: the base64 of its 32 bytes, or a file
     /// holding it (SPKI PEM, as `dsrctl pki init` writes registry-signing.pub.pem and
     /// processor-signing.pub.pem). Get it from the service's operator another way than from
-    /// the service itself.
-    #[arg(long, value_name = "PUBKEY")]
+    /// the service itself. Needs --checkpoints or --fetch-checkpoints: alone it would check
+    /// nothing.
+    #[arg(long, value_name = "PUBKEY", requires = "checkpoint_source")]
     pub checkpoint_key: Option<String>,
 }
 
@@ -1013,6 +1017,23 @@ mod tests {
         assert!(parse_sha256(&"zz".repeat(32)).is_err());
         let err = Cli::try_parse_from(["dsrctl", "extend", "r", "--months", "3", "--reason", "x"]);
         assert!(err.is_err());
+        // A checkpoint key without checkpoints to check would be ignored: refused instead.
+        let verify = |more: &[&str]| {
+            let args = [
+                &["dsrctl", "audit", "verify", "--checkpoint-key", "k"][..],
+                more,
+            ]
+            .concat();
+            Cli::try_parse_from(args)
+        };
+        let err = verify(&[]).unwrap_err();
+        assert_eq!(
+            err.kind(),
+            clap::error::ErrorKind::MissingRequiredArgument,
+            "{err}"
+        );
+        assert!(verify(&["--fetch-checkpoints"]).is_ok());
+        assert!(verify(&["--checkpoints", "c.jsonl"]).is_ok());
         let hash = "AB".repeat(32);
         assert_eq!(
             parse_anchor(&format!("12:{hash}")).unwrap(),
