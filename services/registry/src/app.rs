@@ -91,6 +91,20 @@ impl Shared {
     }
 }
 
+/// Waits until `changes` (subscribed to [`Shared::publish`]) carries `request_id`, or says
+/// it missed some, which may have been that one: the caller then reads the store again.
+/// Other requests' changes are not its to read for. Never returns once the sender is gone
+/// (it lives as long as the registry): the caller's other wake-ups are what is left.
+pub(crate) async fn changed(changes: &mut broadcast::Receiver<String>, request_id: &str) {
+    loop {
+        match changes.recv().await {
+            Ok(changed) if changed != request_id => continue,
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => return,
+            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+        }
+    }
+}
+
 /// A registry ready to serve.
 pub struct App {
     shared: Arc<Shared>,

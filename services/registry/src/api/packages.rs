@@ -820,16 +820,7 @@ where
         if last {
             return Ok(false);
         }
-        let own_change = async {
-            loop {
-                match changes.recv().await {
-                    Ok(changed) if changed != request_id => continue,
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => return,
-                    // The sender lives as long as the registry: only the deadline is left.
-                    Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
-                }
-            }
-        };
+        let own_change = crate::app::changed(changes, request_id);
         let timed_out = tokio::time::timeout_at(deadline, own_change).await.is_err();
         last = timed_out || tokio::time::Instant::now() >= deadline;
     }

@@ -181,16 +181,7 @@ pub(crate) fn events(
                     return;
                 }
             }
-            // Other requests' changes are not ours to read the store for; a lagged receiver
-            // may have missed ours, so it reads.
-            let own_change = async {
-                loop {
-                    match wake.recv().await {
-                        Ok(changed) if changed != id => continue,
-                        _ => return,
-                    }
-                }
-            };
+            let own_change = crate::app::changed(&mut wake, &id);
             tokio::select! {
                 _ = tx.closed() => return,
                 _ = stopping.changed() => {
