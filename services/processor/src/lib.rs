@@ -37,12 +37,17 @@
 //! - `forget`: removes finished requests' raw identities, bodies, notes and export files
 //!   after `forget_after_days`, keeping keyed hashes of the identities.
 //! - `contract_tests` (tests only): a contract end through the real store and runner.
-//! - `test_postgres` (tests only): the throwaway PostgreSQL database a store test runs on.
+//! - `test_postgres` (tests only): the throwaway PostgreSQL database a store test runs on,
+//!   and `on_both!`, which runs a test on SQLite and on PostgreSQL.
 //! - [`uploader`]: delivers written exports in chunks, RETURN_OF_DATA and a contract end's
 //!   return to the registries and TRANSFER to their recipients (checking the recipient's
 //!   identity and receipt), resuming where the destination stands, and moves their tasks on
 //!   (a contract end's to waiting for the controller's confirmation).
 
+// First, so that its `on_both!` reaches the modules declared after it.
+#[cfg(test)]
+#[macro_use]
+mod test_postgres;
 mod ack_sender;
 mod api;
 mod app;
@@ -62,8 +67,6 @@ mod operator_api;
 mod runner;
 pub mod store;
 mod task_machine;
-#[cfg(test)]
-mod test_postgres;
 pub mod text;
 mod uploader;
 

@@ -998,26 +998,5 @@ mod tests {
         assert_eq!(task.reason, "", "{task:?}");
     }
 
-    macro_rules! on_both {
-        ($($name:ident),* $(,)?) => {$(
-            mod $name {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn sqlite() {
-                    let dir = tempfile::tempdir().expect("tempdir");
-                    let url = format!("sqlite://{}/processor.db", dir.path().display());
-                    super::$name(&url, dir.path()).await;
-                }
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    crate::test_postgres::on_postgres(|url, dir| async move {
-                        super::$name(&url, &dir).await
-                    })
-                    .await;
-                }
-            }
-        )*};
-    }
-
     on_both!(a_retried_task_shows_the_holder_s_words_and_its_attempts);
 }

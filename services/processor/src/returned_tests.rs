@@ -435,27 +435,6 @@ async fn the_erasure_gets_the_last_export_start(database_url: &str, dir: &std::p
     assert_eq!(task.state, TaskState::Completed, "{task:?}");
 }
 
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                let dir = tempfile::tempdir().expect("tempdir");
-                let url = format!("sqlite://{}/processor.db", dir.path().display());
-                super::$name(&url, dir.path()).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                crate::test_postgres::on_postgres(|url, dir| async move {
-                    super::$name(&url, &dir).await
-                })
-                .await;
-            }
-        }
-    )*};
-}
-
 on_both!(
     checked_until_a_call_passed,
     more_held_than_returned_fails_the_task,

@@ -1,6 +1,30 @@
 //! The processor's own tests on PostgreSQL ([`dsrelay_runtime::testing`]), in databases
 //! named `processor_…`.
 
+/// Declares, for each `name` (an `async fn name(database_url: &str, dir: &Path)` of the
+/// module), a module `name` with its test on SQLite and its test on PostgreSQL
+/// ([`on_postgres`]).
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let url = format!("sqlite://{}/processor.db", dir.path().display());
+                super::$name(&url, dir.path()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                crate::test_postgres::on_postgres(|url, dir| async move {
+                    super::$name(&url, &dir).await
+                })
+                .await;
+            }
+        }
+    )*};
+}
+
 /// Runs `test` with the URL of a fresh database and a fresh folder.
 pub(crate) async fn on_postgres<F, Fut>(test: F)
 where

@@ -220,6 +220,38 @@ impl Registry {
             .into_inner()
     }
 
+    /// Submits, as partner-crm, a RETURN_OF_DATA of maija@example.fi under idempotency key
+    /// `key`; its id.
+    async fn submit_return_of_data(&self, key: &str) -> String {
+        RequestServiceClient::new(self.channel("partner-crm"))
+            .submit(SubmitRequest {
+                kind: RequestKind::ReturnOfData as i32,
+                identities: vec![SubjectIdentity {
+                    r#type: IdentityType::Email as i32,
+                    encoding: IdentityEncoding::Raw as i32,
+                    value: "maija@example.fi".into(),
+                    label: String::new(),
+                }],
+                idempotency_key: key.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("submit")
+            .into_inner()
+            .request_id
+    }
+
+    /// Request `id` as partner-crm reads it.
+    async fn get(&self, id: &str) -> dsrelay_proto::v1::Request {
+        RequestServiceClient::new(self.channel("partner-crm"))
+            .get(GetRequest {
+                request_id: id.into(),
+            })
+            .await
+            .expect("get")
+            .into_inner()
+    }
+
     /// The package of `id`, read as `stem` (the partner that asked, or an operator).
     async fn package(&self, stem: &str, id: &str) -> PackageInfo {
         PackageServiceClient::new(self.channel(stem))
@@ -636,34 +668,10 @@ async fn a_return_of_data_is_completed_only_with_its_part(
         sequence: 1,
         ..Default::default()
     }]);
-    let mut requests = RequestServiceClient::new(registry.channel("partner-crm"));
-    let id = requests
-        .submit(SubmitRequest {
-            kind: RequestKind::ReturnOfData as i32,
-            identities: vec![SubjectIdentity {
-                r#type: IdentityType::Email as i32,
-                encoding: IdentityEncoding::Raw as i32,
-                value: "maija@example.fi".into(),
-                label: String::new(),
-            }],
-            idempotency_key: "return-with-a-receipt".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("submit")
-        .into_inner()
-        .request_id;
-    let get = || {
-        let mut requests = requests.clone();
-        let id = id.clone();
-        async move {
-            requests
-                .get(GetRequest { request_id: id })
-                .await
-                .expect("get")
-                .into_inner()
-        }
-    };
+    let id = registry
+        .submit_return_of_data("return-with-a-receipt")
+        .await;
+    let get = || registry.get(&id);
     eventually("the Deliver's answer recorded", || async {
         get().await.tasks.len() == 1
     })
@@ -870,34 +878,8 @@ async fn a_return_of_data_names_the_holders_whose_part_will_not_come(
     registry
         .processor
         .answer(vec![pending("crm"), pending("mail")]);
-    let mut requests = RequestServiceClient::new(registry.channel("partner-crm"));
-    let id = requests
-        .submit(SubmitRequest {
-            kind: RequestKind::ReturnOfData as i32,
-            identities: vec![SubjectIdentity {
-                r#type: IdentityType::Email as i32,
-                encoding: IdentityEncoding::Raw as i32,
-                value: "maija@example.fi".into(),
-                label: String::new(),
-            }],
-            idempotency_key: "one-return-failed".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("submit")
-        .into_inner()
-        .request_id;
-    let get = || {
-        let mut requests = requests.clone();
-        let id = id.clone();
-        async move {
-            requests
-                .get(GetRequest { request_id: id })
-                .await
-                .expect("get")
-                .into_inner()
-        }
-    };
+    let id = registry.submit_return_of_data("one-return-failed").await;
+    let get = || registry.get(&id);
     eventually("the Deliver's answer recorded", || async {
         get().await.tasks.len() == 2
     })
