@@ -176,7 +176,9 @@ pub const MAX_RECIPIENT_NAME: usize = 256;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
-    /// Retry spacing; `initial_ms` and `max_ms` 1 to [`MAX_DURATION_MS`] (30 days).
+    /// Retry spacing, of the outbox and of a failed ListSubprocessors (capped there at
+    /// `reconcile.chain_interval_ms`); `initial_ms` and `max_ms` 1 to [`MAX_DURATION_MS`]
+    /// (30 days).
     pub backoff: Backoff,
     /// How often the dispatcher looks for due deliveries when nothing wakes it (ms); 1 to
     /// [`MAX_DURATION_MS`] (30 days).
@@ -238,8 +240,9 @@ pub struct ReconcileConfig {
     /// A request with no acknowledgement for this long gets a status check (ms); 1 to
     /// [`MAX_DURATION_MS`] (30 days).
     pub ack_timeout_ms: u64,
-    /// How often to ask every processor for its subprocessor list (ms); also at start. 1 to
-    /// [`MAX_DURATION_MS`] (30 days).
+    /// How often to ask every processor for its subprocessor list (ms); also at start. A
+    /// processor whose answer failed is asked again after `delivery.backoff` instead (growing
+    /// with each failure in a row), at most this long. 1 to [`MAX_DURATION_MS`] (30 days).
     pub chain_interval_ms: u64,
     /// A status check that finds nothing new waits, before the next one, as long again as
     /// the request has been unchanged, up to this (ms). A request that waits for months (a

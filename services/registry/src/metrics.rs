@@ -14,6 +14,7 @@
 //! | `dsrelay_acknowledgement_latency_seconds` | histogram | `processor` |
 //! | `dsrelay_acknowledgements_total` | counter | `result` (`applied`, `duplicate`) |
 //! | `dsrelay_acknowledgements_rejected_total` | counter | `processor`, `reason` (`invalid`, `not_routed`) |
+//! | `dsrelay_status_check_failures_total` | counter | `processor` |
 
 use anyhow::Result;
 use dsrelay_proto::v1::{RequestKind, RequestState};
@@ -46,6 +47,9 @@ pub(crate) struct Metrics {
     /// Acknowledgements of a batch answered in its `rejected` list, by why: a processor whose
     /// count keeps growing is resending one it cannot fix (it dead-letters it in the end).
     pub acknowledgements_rejected: CounterVec,
+    /// The reconciler's GetStatus calls that failed (or could not be made), by processor:
+    /// otherwise seen only in the log ("status check failed").
+    pub status_check_failures: CounterVec,
 }
 
 impl Metrics {
@@ -95,6 +99,13 @@ impl Metrics {
                  rules) or not_routed (the request was not delivered to that processor).",
                 &["processor", "reason"],
             ),
+            status_check_failures: CounterVec::register(
+                &mut registry,
+                "dsrelay_status_check_failures",
+                "GetStatus calls of the reconciler that failed; the request is checked again \
+                 in a later round.",
+                &["processor"],
+            ),
             registry,
         };
         for p in &config.processors {
@@ -102,6 +113,7 @@ impl Metrics {
             m.delivery_failures.inc_by(&[&p.name], 0);
             m.deliveries_dead_lettered.inc_by(&[&p.name], 0);
             m.ack_latency.touch(&[&p.name]);
+            m.status_check_failures.inc_by(&[&p.name], 0);
             for reason in REJECTION_REASONS {
                 m.acknowledgements_rejected.inc_by(&[&p.name, reason], 0);
             }

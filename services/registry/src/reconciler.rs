@@ -6,7 +6,7 @@
 //! slow (UNAVAILABLE, DEADLINE_EXCEEDED) the round skips the rest of its requests, so
 //! requests that cannot be checked never keep the others from being checked.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,16 +14,33 @@ use dsrelay_proto::prost::Message;
 use dsrelay_proto::v1::{GetStatusRequest, ListSubprocessorsRequest};
 use dsrelay_runtime::log_text::Said;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::app::Shared;
 use crate::store::ChainReport;
 
 /// Asks every processor for its subprocessor list and stores the answers, so the controller
-/// sees its whole chain. Runs at start and every `chain_interval_ms` until `stop`.
+/// sees its whole chain. Asks at start and then every `chain_interval_ms` after an answer;
+/// a processor whose ask failed is asked again after `delivery.backoff` (growing with each
+/// failure in a row, capped at `chain_interval_ms`), so a processor that was down shows its
+/// chain soon after it is back. Runs until `stop`.
 pub(crate) async fn refresh_chain(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let interval = Duration::from_millis(shared.config.reconcile.chain_interval_ms);
+    let backoff = shared.config.delivery.backoff;
+    // Per processor: when it is asked next, and how many asks in a row have failed.
+    let mut due: HashMap<&str, (Instant, u32)> = shared
+        .processors
+        .keys()
+        .map(|name| (name.as_str(), (Instant::now(), 0)))
+        .collect();
     loop {
         for (name, client) in &shared.processors {
+            let Some((at, failures)) = due.get_mut(name.as_str()) else {
+                continue;
+            };
+            if *at > Instant::now() {
+                continue;
+            }
             let mut req = tonic::Request::new(ListSubprocessorsRequest {});
             req.set_timeout(Duration::from_millis(
                 shared.config.delivery.call_timeout_ms,
@@ -33,18 +50,28 @@ pub(crate) async fn refresh_chain(shared: Arc<Shared>, mut stop: watch::Receiver
                 a = client.list_subprocessors(req) => a,
                 () = stopped(&mut stop) => return,
             };
-            let report = match answer {
-                Ok(r) => ChainReport::Listed(r.into_inner().encode_to_vec()),
+            let (report, wait) = match answer {
+                Ok(r) => {
+                    *failures = 0;
+                    (
+                        ChainReport::Listed(r.into_inner().encode_to_vec()),
+                        interval,
+                    )
+                }
                 Err(s) => {
+                    *failures = failures.saturating_add(1);
+                    let wait = backoff.delay(*failures).min(interval);
                     let said = Said::status(&s);
                     tracing::warn!(
                         processor = %name,
                         error = %said.logged(&shared.identity_hash_key),
+                        retry_in_ms = wait.as_millis() as u64,
                         "asking for subprocessors failed; `dsrctl chain` shows its answer"
                     );
-                    ChainReport::Unanswered(said.full())
+                    (ChainReport::Unanswered(said.full()), wait)
                 }
             };
+            *at = Instant::now() + wait;
             if let Err(e) = shared
                 .store
                 .record_chain(name, report, shared.clock.now_ms())
@@ -53,9 +80,14 @@ pub(crate) async fn refresh_chain(shared: Arc<Shared>, mut stop: watch::Receiver
                 tracing::error!(error = format!("{e:#}"), "recording subprocessors failed");
             }
         }
+        let next = due
+            .values()
+            .map(|(at, _)| *at)
+            .min()
+            .unwrap_or_else(|| Instant::now() + interval);
         tokio::select! {
             _ = stop.changed() => return,
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep_until(next) => {}
         }
     }
 }
@@ -134,6 +166,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     }
                 }
                 Err(status) => {
+                    shared.metrics.status_check_failures.inc(&[&processor]);
                     // The message is not kept anywhere: the code is what decides what follows.
                     tracing::warn!(
                         %request_id,
@@ -170,4 +203,299 @@ async fn postpone(shared: &Shared, request_id: &str) {
 /// Resolves once `stop` is true (or its sender is gone).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    //! Through the real registry (its server over mutual TLS with the development PKI's
+    //! certificates, its store on SQLite) and a processor stand-in served here with the
+    //! processor's certificate.
+
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use dsrelay_proto::v1::processor_service_server::{ProcessorService, ProcessorServiceServer};
+    use dsrelay_proto::v1::request_service_client::RequestServiceClient;
+    use dsrelay_proto::v1::{
+        CancelDeliveryRequest, Chain, DeliverRequest, DeliverResponse, ExtendDueDateRequest,
+        GetChainRequest, IdentityEncoding, IdentityType, RequestKind, SubjectIdentity,
+        SubmitRequest, Subprocessor, SubprocessorList, TaskList, TaskState, TaskStatus,
+        UpdateContractEndRequest,
+    };
+    use dsrelay_runtime::pki::{dev_identity, DevPki};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::sync::oneshot;
+    use tonic::transport::Channel;
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+    use crate::{App, Config};
+
+    /// The name the development PKI's processor certificate carries.
+    const PROCESSOR: &str = "payroll-bureau";
+
+    /// A processor that accepts deliveries, never answers GetStatus (UNAVAILABLE), and fails
+    /// ListSubprocessors until `up`.
+    #[derive(Clone, Default)]
+    struct StandIn {
+        up: Arc<AtomicBool>,
+    }
+
+    #[tonic::async_trait]
+    impl ProcessorService for StandIn {
+        async fn deliver(
+            &self,
+            _req: Request<DeliverRequest>,
+        ) -> Result<Response<DeliverResponse>, Status> {
+            Ok(Response::new(DeliverResponse {
+                tasks: vec![TaskStatus {
+                    processor: PROCESSOR.into(),
+                    subprocessor: "accounting".into(),
+                    state: TaskState::Pending as i32,
+                    sequence: 1,
+                    ..Default::default()
+                }],
+                duplicate: false,
+            }))
+        }
+
+        async fn cancel(
+            &self,
+            _req: Request<CancelDeliveryRequest>,
+        ) -> Result<Response<TaskList>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+
+        async fn get_status(
+            &self,
+            _req: Request<GetStatusRequest>,
+        ) -> Result<Response<TaskList>, Status> {
+            Err(Status::unavailable("restarting"))
+        }
+
+        async fn list_subprocessors(
+            &self,
+            _req: Request<ListSubprocessorsRequest>,
+        ) -> Result<Response<SubprocessorList>, Status> {
+            if !self.up.load(Ordering::SeqCst) {
+                return Err(Status::unavailable("restarting"));
+            }
+            Ok(Response::new(SubprocessorList {
+                subprocessors: vec![Subprocessor {
+                    name: "accounting".into(),
+                    country: "FI".into(),
+                    ..Default::default()
+                }],
+            }))
+        }
+
+        async fn update_contract_end(
+            &self,
+            _req: Request<UpdateContractEndRequest>,
+        ) -> Result<Response<TaskList>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+
+        async fn extend_due_date(
+            &self,
+            _req: Request<ExtendDueDateRequest>,
+        ) -> Result<Response<TaskList>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+    }
+
+    /// A running registry whose one processor is a [`StandIn`], with its admin port.
+    struct Registry {
+        port: u16,
+        admin: std::net::SocketAddr,
+        pki: DevPki,
+        processor: StandIn,
+        stop: oneshot::Sender<()>,
+        served: tokio::task::JoinHandle<anyhow::Result<()>>,
+        stop_processor: oneshot::Sender<()>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Registry {
+        /// `reconcile` is the TOML of its `[reconcile]` table. A failed call is retried
+        /// after 20 to 100 ms (`delivery.backoff`).
+        async fn start(reconcile: &str) -> Self {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let pki = DevPki::ensure(&dir.path().join("pki")).expect("dev pki");
+            let processor = StandIn::default();
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let processor_port = listener.local_addr().expect("addr").port();
+            let router = dsrelay_runtime::server::builder(
+                pki.files("processor").server_config().expect("server tls"),
+            )
+            .expect("server")
+            .add_service(ProcessorServiceServer::new(processor.clone()));
+            let (stop_processor, processor_stopped) = oneshot::channel::<()>();
+            tokio::spawn(dsrelay_runtime::server::serve(router, listener, async {
+                let _ = processor_stopped.await;
+            }));
+
+            let tls = pki.files("registry");
+            let d = dir.path();
+            let text = format!(
+                "listen = \"127.0.0.1:0\"\ndatabase_url = \"sqlite://{}/registry.db\"\n\
+                 identity_hash_key = \"k\"\npackage_dir = {:?}\n\
+                 [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
+                 [audit]\ncheckpoint_key = {:?}\ncheckpoint_file = {:?}\n\
+                 [delivery]\npoll_interval_ms = 20\n\
+                 backoff = {{ initial_ms = 20, max_ms = 100 }}\n\
+                 [reconcile]\n{reconcile}\n\
+                 [[identities]]\nidentity = {:?}\nrole = \"partner\"\nname = \"crm\"\n\
+                 [[identities]]\nidentity = {:?}\nrole = \"operator\"\nname = \"ops\"\n\
+                 [[processors]]\nname = \"{PROCESSOR}\"\n\
+                 endpoint = \"https://localhost:{processor_port}\"\n\
+                 identity = {:?}\ncategories = [\"contact\"]\n",
+                d.display(),
+                d.join("packages"),
+                tls.ca,
+                tls.cert,
+                tls.key,
+                pki.signing_key("registry"),
+                d.join("audit/checkpoints.jsonl"),
+                dev_identity("partner", "crm"),
+                dev_identity("operator", "ops"),
+                dev_identity("processor", PROCESSOR),
+            );
+            let file = d.join("registry.toml");
+            std::fs::write(&file, text).expect("config file");
+            let config = Config::load_from(Some(&file), Vec::new()).expect("config");
+            let app = App::build(config).await.expect("app");
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let port = listener.local_addr().expect("addr").port();
+            let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+            let admin_addr = admin.local_addr().expect("admin addr");
+            let (stop, stopped) = oneshot::channel::<()>();
+            let served = tokio::spawn(app.run_with_admin(listener, Some(admin), async {
+                let _ = stopped.await;
+            }));
+            Self {
+                port,
+                admin: admin_addr,
+                pki,
+                processor,
+                stop,
+                served,
+                stop_processor,
+                _dir: dir,
+            }
+        }
+
+        /// A client of the registry with the certificate of the PKI's party `stem`.
+        fn requests(&self, stem: &str) -> RequestServiceClient<Channel> {
+            let tls = self.pki.files(stem).client_config().expect("client tls");
+            RequestServiceClient::new(
+                dsrelay_runtime::tls::channel(
+                    &format!("https://localhost:{}", self.port),
+                    Some(dev_identity("registry", "controller")),
+                    &tls,
+                )
+                .expect("channel"),
+            )
+        }
+
+        async fn chain(&self) -> Chain {
+            self.requests("operator")
+                .get_chain(GetChainRequest {})
+                .await
+                .expect("chain")
+                .into_inner()
+        }
+
+        /// The admin port's `/metrics`, read over a plain HTTP/1.0 request.
+        async fn scrape(&self) -> String {
+            let mut stream = tokio::net::TcpStream::connect(self.admin)
+                .await
+                .expect("admin connect");
+            stream
+                .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                .await
+                .expect("admin write");
+            let mut text = String::new();
+            stream.read_to_string(&mut text).await.expect("admin read");
+            text
+        }
+
+        async fn stop(self) {
+            let _ = self.stop.send(());
+            self.served.await.expect("joined").expect("served");
+            let _ = self.stop_processor.send(());
+        }
+    }
+
+    /// Waits up to 20 s for `check` to hold.
+    async fn eventually<F, Fut>(what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !check().await {
+            assert!(Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A processor down when the registry starts and back soon after: its chain shows within
+    /// the failed check's backoff, not `chain_interval_ms` (10 minutes) later. Before, a
+    /// failed check was tried again only at the next interval.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_chain_check_is_tried_again_before_the_interval() {
+        let registry = Registry::start("chain_interval_ms = 600000").await;
+        eventually("the failed check recorded", || async {
+            registry.chain().await.processors[0].last_error == "Unavailable: restarting"
+        })
+        .await;
+        registry.processor.up.store(true, Ordering::SeqCst);
+        eventually("the chain reported", || async {
+            let chain = registry.chain().await;
+            let p = &chain.processors[0];
+            p.last_error.is_empty()
+                && p.subprocessors.len() == 1
+                && p.subprocessors[0].name == "accounting"
+        })
+        .await;
+        registry.stop().await;
+    }
+
+    /// The reconciler's failed GetStatus calls count in
+    /// `dsrelay_status_check_failures_total`, which starts at 0. Before, they were only
+    /// logged.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failed_status_checks_are_counted() {
+        let registry =
+            Registry::start("interval_ms = 20\nack_timeout_ms = 1\nmax_backoff_ms = 0").await;
+        let series = format!("dsrelay_status_check_failures_total{{processor=\"{PROCESSOR}\"}}");
+        let count = |text: &str| -> Option<u64> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series.as_str()))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        let before = registry.scrape().await;
+        assert!(count(&before).is_some(), "{before}");
+        registry
+            .requests("partner-crm")
+            .submit(SubmitRequest {
+                kind: RequestKind::Erasure as i32,
+                identities: vec![SubjectIdentity {
+                    r#type: IdentityType::Email as i32,
+                    encoding: IdentityEncoding::Raw as i32,
+                    value: "status.check@example.com".into(),
+                    label: String::new(),
+                }],
+                idempotency_key: "status-check".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("submit");
+        eventually("a failed status check counted", || async {
+            count(&registry.scrape().await).is_some_and(|n| n > 0)
+        })
+        .await;
+        registry.stop().await;
+    }
 }
