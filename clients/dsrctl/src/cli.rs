@@ -150,7 +150,8 @@ pub enum Command {
     Pki(PkiCommand),
     /// Show the processing chain: every processor and its subprocessors, with countries and
     /// transfer mechanisms, as the processors last reported them (the registry asks at start
-    /// and every reconcile.chain_interval_ms, 10 minutes by default).
+    /// and every reconcile.chain_interval_ms, 10 minutes by default; sooner again after an
+    /// ask that failed).
     Chain,
     /// Draw a request's propagation from its stored events: registry → processors →
     /// subprocessors, with per-hop durations, states, retries and what is still pending.
@@ -490,6 +491,12 @@ pub enum AuditCommand {
     /// cannot change them, and verify against them later (`audit verify --checkpoints`).
     /// With --processor, that processor's checkpoints (its operators and controllers).
     Checkpoints(AuditCheckpointsArgs),
+    /// Print one page of the registry's audit trail, oldest first (operators only): seq,
+    /// time, event, request, actor and the detail (shortened in the table; whole, with both
+    /// hashes, in --output json). The trail can only be paged by seq: --after-seq for where
+    /// to start (the table ends naming the next page), --limit for how many. With
+    /// --processor, that processor's own trail (operators of the processor only).
+    List(AuditListArgs),
 }
 
 /// Whose audit trail: the registry's, unless a processor is named.
@@ -547,6 +554,20 @@ pub struct AuditCheckpointsArgs {
     /// one kept).
     #[arg(long, value_name = "SEQ", default_value_t = 0)]
     pub after_seq: u64,
+}
+
+/// Arguments of `dsrctl audit list`.
+#[derive(Debug, Clone, Args)]
+pub struct AuditListArgs {
+    /// Whose trail.
+    #[command(flatten)]
+    pub trail: AuditTrailArgs,
+    /// Only entries with a larger seq than this (as a page before named it).
+    #[arg(long, visible_alias = "after", value_name = "SEQ", default_value_t = 0)]
+    pub after_seq: u64,
+    /// At most this many entries, 1..=1000 [default: the service's, 500]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub limit: Option<u32>,
 }
 
 /// `SEQ:HASH` with a positive seq and a hex SHA-256.

@@ -58,6 +58,8 @@ struct Answers {
     confirmed: Vec<String>,
     /// What Submit answers: an error of this code (UNIMPLEMENTED when unset).
     submit_error: Option<tonic::Code>,
+    /// List answers its empty page as the last one, instead of naming the next page.
+    list_ends: bool,
 }
 
 #[derive(Clone, Default)]
@@ -102,14 +104,16 @@ impl RequestService for StandIn {
     async fn get(&self, _: Call<GetRequest>) -> Result<Response<Request>, Status> {
         unanswered()
     }
-    /// Every page names the same next page: a registry that would page forever.
+    /// No request matches; unless `list_ends`, every page names the same next page: a
+    /// registry that would page forever.
     async fn list(
         &self,
         _: Call<ListRequestsRequest>,
     ) -> Result<Response<ListRequestsResponse>, Status> {
+        let next = if self.answers().list_ends { "" } else { "p-1" };
         Ok(Response::new(ListRequestsResponse {
             requests: vec![],
-            next_page_token: "p-1".into(),
+            next_page_token: next.into(),
         }))
     }
     type WatchStream = Chunks<RequestEvent>;
@@ -685,6 +689,111 @@ async fn a_request_listing_that_names_a_page_again_is_a_bad_answer() {
         run.stderr.contains("\"p-1\"")
             && run.stderr.contains("already followed")
             && !run.stderr.contains("INTERNAL"),
+        "{run:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_that_matches_nothing_says_so_naming_the_filters() {
+    let registry = Registry::start(Answers {
+        list_ends: true,
+        ..Default::default()
+    })
+    .await;
+    let run = registry
+        .dsrctl(&["list", "--overdue", "--state", "failed"])
+        .await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(
+        run.stdout, "no request matched --state failed --overdue\n",
+        "{run:?}"
+    );
+    let run = registry
+        .dsrctl(&["list", "--overdue", "--output", "json"])
+        .await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let json: serde_json::Value = serde_json::from_str(&run.stdout).expect("json");
+    assert_eq!(json["requests"], serde_json::json!([]), "{run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_list_prints_a_page_of_the_trail_and_names_the_next() {
+    let mut entries = trail(3);
+    entries[1].detail = format!("a long detail {}", "x".repeat(100));
+    let registry = Registry::start(Answers {
+        entries: entries.clone(),
+        ..Default::default()
+    })
+    .await;
+
+    let run = registry.dsrctl(&["audit", "list"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "header, a page of 2, next page: {run:?}");
+    for column in ["SEQ", "TIME", "EVENT", "REQUEST", "ACTOR", "DETAIL"] {
+        assert!(lines[0].contains(column), "{run:?}");
+    }
+    assert!(
+        lines[1].starts_with("1  ")
+            && lines[1].contains("2027-01-15T08:00:01Z")
+            && lines[1].contains("SUBMITTED")
+            && lines[1].contains("r-1")
+            && lines[1].contains("partner-crm")
+            && lines[1].ends_with("event 1"),
+        "{run:?}"
+    );
+    assert!(
+        lines[2].ends_with('…') && !lines[2].contains(&"x".repeat(60)),
+        "{run:?}"
+    );
+    assert_eq!(lines[3], "next page: --after-seq 2", "{run:?}");
+
+    let run = registry
+        .dsrctl(&["audit", "list", "--after-seq", "2"])
+        .await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(
+        run.stdout
+            .lines()
+            .nth(1)
+            .unwrap_or_default()
+            .starts_with("3  "),
+        "{run:?}"
+    );
+    assert!(!run.stdout.contains("next page"), "{run:?}");
+
+    let run = registry.dsrctl(&["audit", "list", "--after", "3"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(run.stdout, "no audit entry after seq 3\n", "{run:?}");
+
+    let run = registry
+        .dsrctl(&["audit", "list", "--output", "json"])
+        .await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let json: serde_json::Value = serde_json::from_str(&run.stdout).expect("json");
+    assert_eq!(json["trail"], "registry", "{run:?}");
+    assert_eq!(json["next_after_seq"], 2, "{run:?}");
+    let second = &json["entries"][1];
+    assert_eq!(second["seq"], 2, "{run:?}");
+    assert_eq!(
+        second["detail"],
+        entries[1].detail.as_str(),
+        "whole in JSON"
+    );
+    assert_eq!(second["hash"], entries[1].hash.as_str(), "{run:?}");
+    assert_eq!(second["prev_hash"], entries[0].hash.as_str(), "{run:?}");
+
+    let run = registry.dsrctl(&["audit", "list", "--limit", "0"]).await;
+    assert_eq!(run.code, Some(2), "{run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_list_of_an_empty_trail_says_so() {
+    let registry = Registry::start(Answers::default()).await;
+    let run = registry.dsrctl(&["audit", "list"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(
+        run.stdout, "the registry's audit trail has no entries\n",
         "{run:?}"
     );
 }

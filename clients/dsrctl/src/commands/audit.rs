@@ -1,7 +1,8 @@
 //! `dsrctl audit verify`: reads the registry's audit trail (or, with `--processor`, a
 //! processor's own) page by page and checks its hash chain with [`dsrelay_runtime::audit`],
 //! the same code both services hash with, and against the service's signed checkpoints when
-//! given them. `dsrctl audit checkpoints`: prints the checkpoints, to keep.
+//! given them. `dsrctl audit checkpoints`: prints the checkpoints, to keep. `dsrctl audit
+//! list`: prints one page of the trail.
 
 use anyhow::Context as _;
 use dsrelay_runtime::audit::checkpoint::{self, Checkpoint};
@@ -10,16 +11,18 @@ use dsrelay_runtime::signing::{PublicKey, Signed};
 use dsrelay_sdk::proto::processor_operator_service_client::ProcessorOperatorServiceClient;
 use dsrelay_sdk::proto::{
     ListAuditCheckpointsRequest, ListAuditEntriesRequest, ListProcessorAuditCheckpointsRequest,
-    ListProcessorAuditEntriesRequest,
+    ListProcessorAuditEntriesRequest, ProcessorAuditEvent,
 };
 use serde::Serialize;
 use tonic::transport::Channel;
 
-use crate::cli::{AuditCheckpointsArgs, AuditTrailArgs, AuditVerifyArgs, Cli, ProcessorArgs};
+use crate::cli::{
+    AuditCheckpointsArgs, AuditListArgs, AuditTrailArgs, AuditVerifyArgs, Cli, ProcessorArgs,
+};
 use crate::commands::{Io, Registry};
-use crate::output::{emit, Render};
+use crate::output::{emit, event_type_name, time_cell, Render, Time};
 use crate::settings::{self, Environment};
-use crate::table::clean;
+use crate::table::{clean, Table};
 use crate::Failure;
 
 /// Entries asked for per call.
@@ -109,9 +112,28 @@ impl Trail {
         }
     }
 
-    /// Up to [`PAGE_SIZE`] entries after `after_seq`, and the seq to ask after next (0 at
-    /// the end).
-    async fn entries(&mut self, after_seq: u64) -> Result<(Vec<Entry>, u64), Failure> {
+    /// An entry's event in words: the two trails number their events differently.
+    fn event_name(&self, raw: i32) -> String {
+        match self {
+            Self::Registry(_) => event_type_name(raw),
+            Self::Processor { .. } => match ProcessorAuditEvent::try_from(raw) {
+                Ok(e) => {
+                    let name = e.as_str_name();
+                    let short = name.strip_prefix("PROCESSOR_AUDIT_EVENT_");
+                    short.unwrap_or(name).to_string()
+                }
+                Err(_) => format!("UNKNOWN({raw})"),
+            },
+        }
+    }
+
+    /// Up to `page_size` entries (0: the service's default) after `after_seq`, and the seq
+    /// to ask after next (0 at the end).
+    async fn entries(
+        &mut self,
+        after_seq: u64,
+        page_size: u32,
+    ) -> Result<(Vec<Entry>, u64), Failure> {
         let time = |t: Option<&dsrelay_proto::prost_types::Timestamp>| {
             t.map(dsrelay_proto::millis_from_timestamp)
                 .unwrap_or_default()
@@ -122,7 +144,7 @@ impl Trail {
                 .raw()
                 .list_audit_entries(ListAuditEntriesRequest {
                     after_seq,
-                    page_size: PAGE_SIZE,
+                    page_size,
                 })
                 .await
                 .map(|page| {
@@ -142,7 +164,7 @@ impl Trail {
             Self::Processor { client, .. } => client
                 .list_audit_entries(ListProcessorAuditEntriesRequest {
                     after_seq,
-                    page_size: PAGE_SIZE,
+                    page_size,
                 })
                 .await
                 .map(|page| {
@@ -301,7 +323,7 @@ pub(crate) async fn verify(
     }
     let mut after_seq = 0;
     let outcome = 'pages: loop {
-        let (entries, next_after_seq) = trail.entries(after_seq).await?;
+        let (entries, next_after_seq) = trail.entries(after_seq, PAGE_SIZE).await?;
         for entry in entries {
             if let Err(b) = verifier.push(entry) {
                 break 'pages Err(b);
@@ -444,6 +466,111 @@ pub(crate) async fn checkpoints(
         lines,
         checkpoints: parsed,
         key_id,
+    };
+    emit(io.out, io.format, &view, false)?;
+    Ok(0)
+}
+
+/// How many characters of an entry's detail the table shows: the rest of the row stays on
+/// one line, and `--output json` has the whole of it.
+const DETAIL_CHARS: usize = 60;
+
+/// One entry of `audit list`.
+#[derive(Debug, Serialize)]
+struct AuditEntryView {
+    seq: u64,
+    occurred_at: Option<Time>,
+    event: String,
+    request_id: String,
+    actor: String,
+    detail: String,
+    prev_hash: String,
+    hash: String,
+}
+
+/// A page of `audit list`.
+#[derive(Debug, Serialize)]
+pub(crate) struct AuditListView {
+    /// Whose trail: `registry` or `processor`.
+    trail: &'static str,
+    entries: Vec<AuditEntryView>,
+    /// Pass as `--after-seq` for the next page; 0 when this page reached the end.
+    next_after_seq: u64,
+    /// The `--after-seq` this page was asked with, to say what an empty page was after.
+    #[serde(skip)]
+    after_seq: u64,
+}
+
+/// `text` cut to [`DETAIL_CHARS`] characters, marked where it was cut.
+fn shorten(text: &str) -> String {
+    if text.chars().count() <= DETAIL_CHARS {
+        return text.to_string();
+    }
+    let mut short: String = text.chars().take(DETAIL_CHARS - 1).collect();
+    short.push('…');
+    short
+}
+
+impl Render for AuditListView {
+    fn to_table(&self) -> String {
+        let mut out = if self.entries.is_empty() {
+            // A bare header would look like output cut short.
+            match self.after_seq {
+                0 => format!("the {}'s audit trail has no entries\n", self.trail),
+                seq => format!("no audit entry after seq {seq}\n"),
+            }
+        } else {
+            let mut t = Table::new(["SEQ", "TIME", "EVENT", "REQUEST", "ACTOR", "DETAIL"]);
+            for e in &self.entries {
+                t.row([
+                    e.seq.to_string(),
+                    time_cell(e.occurred_at),
+                    e.event.clone(),
+                    e.request_id.clone(),
+                    e.actor.clone(),
+                    shorten(&clean(&e.detail)),
+                ]);
+            }
+            t.render()
+        };
+        if self.next_after_seq != 0 {
+            out.push_str(&format!("next page: --after-seq {}\n", self.next_after_seq));
+        }
+        out
+    }
+}
+
+/// Prints one page of the trail after `--after-seq`.
+pub(crate) async fn list(
+    trail: &mut Trail,
+    args: &AuditListArgs,
+    io: &mut Io<'_>,
+) -> Result<u8, Failure> {
+    let (entries, next_after_seq) = trail
+        .entries(args.after_seq, args.limit.unwrap_or(0))
+        .await?;
+    trail.check_advance("audit entries", args.after_seq, next_after_seq)?;
+    let entries = entries
+        .into_iter()
+        .map(|e| AuditEntryView {
+            seq: e.seq,
+            // 0 is what an entry without a time was read as (see `entries`).
+            occurred_at: (e.occurred_at != 0)
+                .then(|| dsrelay_proto::timestamp_from_millis(e.occurred_at))
+                .and_then(|t| Time::from_proto(Some(&t))),
+            event: trail.event_name(e.event_type),
+            request_id: e.request_id,
+            actor: e.actor,
+            detail: e.detail,
+            prev_hash: e.prev_hash,
+            hash: e.hash,
+        })
+        .collect();
+    let view = AuditListView {
+        trail: trail.owner(),
+        entries,
+        next_after_seq,
+        after_seq: args.after_seq,
     };
     emit(io.out, io.format, &view, false)?;
     Ok(0)

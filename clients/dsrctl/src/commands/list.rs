@@ -1,11 +1,13 @@
 //! `dsrctl list`.
 
+use clap::ValueEnum;
 use dsrelay_sdk::proto::{ListRequestsRequest, RequestKind, RequestState};
+use serde::Serialize;
 use tokio_stream::StreamExt;
 
 use crate::cli::ListArgs;
 use crate::commands::{Io, Registry};
-use crate::output::{emit, ListView, RequestView};
+use crate::output::{emit, ListView, Render, RequestView};
 use crate::Failure;
 
 /// The List body for these flags.
@@ -22,6 +24,56 @@ pub(crate) fn list_request(args: &ListArgs) -> ListRequestsRequest {
         overdue_only: args.overdue,
         page_size: args.limit.unwrap_or(0),
         page_token: args.page_token.clone().unwrap_or_default(),
+    }
+}
+
+/// What `list` prints: the page, and in the table the filters when none matched, since a
+/// bare header reads as output cut short. JSON is the page alone.
+#[derive(Debug, Serialize)]
+#[serde(transparent)]
+struct ListOutput {
+    view: ListView,
+    /// The filter flags given, as typed (`--state failed`, `--overdue`).
+    #[serde(skip)]
+    filters: Vec<String>,
+}
+
+/// The filter flags of `args`, as they are typed.
+fn filters(args: &ListArgs) -> Vec<String> {
+    let name = |v: Option<clap::builder::PossibleValue>| {
+        v.map(|v| v.get_name().to_string()).unwrap_or_default()
+    };
+    let mut given: Vec<String> = args
+        .states
+        .iter()
+        .map(|s| format!("--state {}", name(s.to_possible_value())))
+        .collect();
+    if let Some(kind) = args.kind {
+        given.push(format!("--kind {}", name(kind.to_possible_value())));
+    }
+    if args.overdue {
+        given.push("--overdue".into());
+    }
+    given
+}
+
+impl Render for ListOutput {
+    fn to_table(&self) -> String {
+        if !self.view.requests.is_empty() {
+            return self.view.to_table();
+        }
+        let mut out = if self.filters.is_empty() {
+            "no requests\n".to_string()
+        } else {
+            format!("no request matched {}\n", self.filters.join(" "))
+        };
+        if !self.view.next_page_token.is_empty() {
+            out.push_str(&format!(
+                "next page: --page-token {}\n",
+                crate::table::clean(&self.view.next_page_token)
+            ));
+        }
+        out
     }
 }
 
@@ -54,7 +106,11 @@ pub(crate) async fn run(
             next_page_token: page.next_page_token,
         }
     };
-    emit(io.out, io.format, &view, false)?;
+    let output = ListOutput {
+        view,
+        filters: filters(args),
+    };
+    emit(io.out, io.format, &output, false)?;
     Ok(0)
 }
 
@@ -97,5 +153,39 @@ mod tests {
         assert_eq!(r.page_token, "p2");
 
         assert_eq!(list_request(&parse(&[])), ListRequestsRequest::default());
+    }
+
+    fn output(args: &[&str], requests: Vec<RequestView>, next: &str) -> ListOutput {
+        ListOutput {
+            view: ListView {
+                requests,
+                next_page_token: next.into(),
+            },
+            filters: filters(&parse(args)),
+        }
+    }
+
+    #[test]
+    fn no_match_names_the_filters_instead_of_a_bare_header() {
+        let args = ["--state", "in-progress", "--kind", "erasure", "--overdue"];
+        let none = output(&args, vec![], "");
+        assert_eq!(
+            none.to_table(),
+            "no request matched --state in-progress --kind erasure --overdue\n"
+        );
+        assert_eq!(
+            serde_json::to_value(&none).unwrap(),
+            serde_json::json!({"requests": [], "next_page_token": ""})
+        );
+        assert_eq!(
+            output(&[], vec![], "p2").to_table(),
+            "no requests\nnext page: --page-token p2\n"
+        );
+        let one = RequestView::from(&dsrelay_sdk::proto::Request {
+            request_id: "r-1".into(),
+            ..Default::default()
+        });
+        let some = output(&["--overdue"], vec![one], "");
+        assert!(some.to_table().starts_with("ID "), "{}", some.to_table());
     }
 }

@@ -105,6 +105,9 @@ pub(crate) async fn dispatch(cli: &Cli, env: &Environment, io: &mut Io<'_>) -> R
             let trail = &mut audit::Trail::connect(cli, env, &args.trail)?;
             audit::checkpoints(trail, args, io).await
         }
+        Command::Audit(AuditCommand::List(args)) => {
+            audit::list(&mut audit::Trail::connect(cli, env, &args.trail)?, args, io).await
+        }
         Command::Tasks(cmd) => {
             let settings: ConnectionSettings =
                 settings::resolve(&cli.connection, env).map_err(Failure::Setup)?;
