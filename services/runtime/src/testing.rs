@@ -34,7 +34,10 @@ where
     on_postgres_created_with(service, "", test).await
 }
 
-/// [`on_postgres`] with `options` appended to the `CREATE DATABASE` (a collation, say).
+/// [`on_postgres`] with `options` appended to the `CREATE DATABASE` (a collation, say). The
+/// database is dropped once the test returns (a long-lived server, as a developer keeps, would
+/// otherwise gather one per test run, gigabytes in a day), and kept when it panics, to look
+/// at.
 pub async fn on_postgres_created_with<F, Fut>(service: &str, options: &str, test: F)
 where
     F: FnOnce(String, std::path::PathBuf) -> Fut,
@@ -57,6 +60,15 @@ where
         .unwrap_or_default();
     let dir = tempfile::tempdir().expect("tempdir");
     test(format!("{base}/{name}{query}"), dir.path().to_path_buf()).await;
+    // FORCE: a pool the test dropped may still be closing its connections.
+    let admin = crate::store::Db::connect(&server).await.expect("postgres");
+    if let Err(e) = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .execute(&admin.pool)
+        .await
+    {
+        eprintln!("test database {name} not dropped: {e}");
+    }
+    admin.pool.close().await;
 }
 
 /// Every log line of this process from the first [`captured_logs`] on, as the services write
