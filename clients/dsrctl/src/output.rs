@@ -83,6 +83,13 @@ pub(crate) fn event_type_name(v: i32) -> String {
     enum_name(name, "EVENT_TYPE_", v)
 }
 
+pub(crate) fn processor_audit_event_name(v: i32) -> String {
+    let name = dsrelay_sdk::proto::ProcessorAuditEvent::try_from(v)
+        .ok()
+        .map(|k| k.as_str_name());
+    enum_name(name, "PROCESSOR_AUDIT_EVENT_", v)
+}
+
 pub(crate) fn identity_type_name(v: i32) -> String {
     let name = IdentityType::try_from(v).ok().map(|k| k.as_str_name());
     enum_name(name, "IDENTITY_TYPE_", v)
@@ -547,14 +554,15 @@ impl ListView {
                 yes_no(r.overdue).to_string(),
             ]);
         }
-        let mut out = t.render();
-        if !self.next_page_token.is_empty() {
-            out.push_str(&format!(
-                "next page: --page-token {}\n",
-                clean(&self.next_page_token)
-            ));
+        t.render() + &self.next_page()
+    }
+
+    /// The line naming the next page's token; empty on the last page.
+    pub(crate) fn next_page(&self) -> String {
+        if self.next_page_token.is_empty() {
+            return String::new();
         }
-        out
+        format!("next page: --page-token {}\n", clean(&self.next_page_token))
     }
 }
 

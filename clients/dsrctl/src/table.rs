@@ -95,6 +95,15 @@ pub fn clean(text: &str) -> String {
         .collect()
 }
 
+/// `text` cut to at most `max` characters for a table cell, saying where the rest is (long
+/// free text, a reason or an error, is whole in `--output json`).
+pub fn clipped(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((end, _)) => format!("{}… (--output json has it whole)", &text[..end]),
+        None => text.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,7 @@ use dsrelay_runtime::signing::{PublicKey, Signed};
 use dsrelay_sdk::proto::processor_operator_service_client::ProcessorOperatorServiceClient;
 use dsrelay_sdk::proto::{
     ListAuditCheckpointsRequest, ListAuditEntriesRequest, ListProcessorAuditCheckpointsRequest,
-    ListProcessorAuditEntriesRequest, ProcessorAuditEvent,
+    ListProcessorAuditEntriesRequest,
 };
 use serde::Serialize;
 use tonic::transport::Channel;
@@ -20,7 +20,7 @@ use crate::cli::{
     AuditCheckpointsArgs, AuditListArgs, AuditTrailArgs, AuditVerifyArgs, Cli, ProcessorArgs,
 };
 use crate::commands::{Io, Registry};
-use crate::output::{emit, event_type_name, time_cell, Render, Time};
+use crate::output::{emit, event_type_name, processor_audit_event_name, time_cell, Render, Time};
 use crate::settings::{self, Environment};
 use crate::table::{clean, Table};
 use crate::Failure;
@@ -116,14 +116,7 @@ impl Trail {
     fn event_name(&self, raw: i32) -> String {
         match self {
             Self::Registry(_) => event_type_name(raw),
-            Self::Processor { .. } => match ProcessorAuditEvent::try_from(raw) {
-                Ok(e) => {
-                    let name = e.as_str_name();
-                    let short = name.strip_prefix("PROCESSOR_AUDIT_EVENT_");
-                    short.unwrap_or(name).to_string()
-                }
-                Err(_) => format!("UNKNOWN({raw})"),
-            },
+            Self::Processor { .. } => processor_audit_event_name(raw),
         }
     }
 

@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use crate::cli::{ChosenArg, ContractChoiceArg, ContractsCommand};
 use crate::commands::{Io, Registry};
 use crate::output::{emit, erasure_run_cell, state_name, task_state_name, Render, Time};
-use crate::table::{clean, Table};
+use crate::table::{clean, clipped, Table};
 use crate::Failure;
 
 /// How often `show --watch` asks the registry.
@@ -299,15 +299,6 @@ impl From<&Contract> for ContractView {
     }
 }
 
-/// A reason as the table shows it: at most [`REASON_CHARS`] characters, saying where the
-/// rest is.
-fn clipped(reason: &str) -> String {
-    match reason.char_indices().nth(REASON_CHARS) {
-        Some((end, _)) => format!("{}… (--output json has it whole)", &reason[..end]),
-        None => reason.to_string(),
-    }
-}
-
 fn cell(t: Option<Time>) -> String {
     t.map(|t| t.to_string()).unwrap_or_default()
 }
@@ -377,7 +368,7 @@ impl Render for ContractView {
                 out.push_str(&format!(
                     "{}: {}\n",
                     clean(&p.subprocessor),
-                    clean(&clipped(&p.reason))
+                    clean(&clipped(&p.reason, REASON_CHARS))
                 ));
             }
             let receipts: Vec<&PartView> =

@@ -488,27 +488,22 @@ pub(crate) async fn up(
     }
     let processor_admin = admin.pop().flatten();
     let registry_admin = admin.pop().flatten();
-    // What is bound, which the folder's files (or the command line) decided.
-    let port = |listener: &tokio::net::TcpListener| {
-        listener
-            .local_addr()
-            .map(|a| a.port().to_string())
-            .unwrap_or_else(|_| "?".into())
-    };
-    let registry_endpoint = format!("https://localhost:{}", port(&registry_listener));
-    let processor_endpoint = format!("https://localhost:{}", port(&processor_listener));
-    // The ports as bound, known only now for port 0. The recipient's file is written now
-    // too, so that a new folder's agrees with the registry's endpoint for it.
+    // The ports as bound, which the folder's files (or the command line) decided, known
+    // only now for port 0. The recipient's file is written now too, so that a new folder's
+    // agrees with the registry's endpoint for it.
     let bound = |listener: &tokio::net::TcpListener| {
         listener
             .local_addr()
             .map(|a| a.port())
             .map_err(|e| Failure::Setup(e.into()))
     };
-    let bound_processor_port = bound(&processor_listener)?;
+    let (bound_registry_port, bound_processor_port) =
+        (bound(&registry_listener)?, bound(&processor_listener)?);
+    let registry_endpoint = format!("https://localhost:{bound_registry_port}");
+    let processor_endpoint = format!("https://localhost:{bound_processor_port}");
     move_endpoints(
         file_ports,
-        [bound(&registry_listener)?, bound_processor_port],
+        [bound_registry_port, bound_processor_port],
         &mut registry,
         &mut processor,
     );

@@ -130,10 +130,7 @@ pub(crate) fn finished_already(done: Finished, io: &mut Io<'_>) -> Result<u8, Fa
         crate::unpack::manifest_request_id(&done.manifest).unwrap_or_default(),
         Some(&done.dir),
         None,
-        (
-            Some(hex::encode(Sha256::digest(&done.manifest))),
-            &done.manifest,
-        ),
+        &done.manifest,
         done.outcomes,
     );
     view.finished_already = true;
@@ -185,9 +182,9 @@ fn lacking(not_returned: &[String]) -> String {
     )
 }
 
-/// A package's digest: the SHA-256 of its `manifest.json`.
-fn package_digest(info: &PackageInfo) -> Option<String> {
-    (!info.manifest_json.is_empty()).then(|| hex::encode(Sha256::digest(&info.manifest_json)))
+/// A package's digest: the SHA-256 of its `manifest.json` (none when there is none).
+fn package_digest(manifest_json: &[u8]) -> Option<String> {
+    (!manifest_json.is_empty()).then(|| hex::encode(Sha256::digest(manifest_json)))
 }
 
 /// The sum of file sizes from a manifest. The registry's numbers are not trusted to add up
@@ -239,7 +236,7 @@ impl From<&PackageInfo> for PackageView {
             missing: info.missing.clone(),
             not_returned: not_returned(&info.manifest_json),
             expires_at: Time::from_proto(info.expires_at.as_ref()),
-            package_sha256: package_digest(info).filter(|_| info.complete),
+            package_sha256: package_digest(&info.manifest_json).filter(|_| info.complete),
             files: info
                 .files
                 .iter()
@@ -361,27 +358,26 @@ impl DownloadView {
             info.request_id.clone(),
             out,
             zip,
-            (package_digest(info), &info.manifest_json),
+            &info.manifest_json,
             outcomes,
         )
     }
 
-    /// The view of a download of `request_id`'s package, whose `manifest.json` and its
-    /// digest are `manifest`.
+    /// The view of a download of `request_id`'s package, whose `manifest.json` is
+    /// `manifest_json`.
     fn of(
         request_id: String,
         out: Option<&Path>,
         zip: Option<&Path>,
-        manifest: (Option<String>, &[u8]),
+        manifest_json: &[u8],
         outcomes: Vec<FileOutcome>,
     ) -> Self {
-        let (package_sha256, manifest_json) = manifest;
         let digests_verified = outcomes.iter().filter(|o| o.error.is_none()).count();
         Self {
             request_id,
             out: out.map(|p| p.display().to_string()),
             zip: zip.map(|p| p.display().to_string()),
-            package_sha256,
+            package_sha256: package_digest(manifest_json),
             file_count: outcomes.len(),
             bytes: total_bytes(outcomes.iter().map(|o| o.size)),
             digests_verified,

@@ -62,18 +62,12 @@ impl Render for ListOutput {
         if !self.view.requests.is_empty() {
             return self.view.to_table();
         }
-        let mut out = if self.filters.is_empty() {
+        let none = if self.filters.is_empty() {
             "no requests\n".to_string()
         } else {
             format!("no request matched {}\n", self.filters.join(" "))
         };
-        if !self.view.next_page_token.is_empty() {
-            out.push_str(&format!(
-                "next page: --page-token {}\n",
-                crate::table::clean(&self.view.next_page_token)
-            ));
-        }
-        out
+        none + &self.view.next_page()
     }
 }
 

@@ -16,7 +16,7 @@ use tonic::transport::Channel;
 use crate::cli::{ProcessorArgs, TaskRefArgs, TasksCommand};
 use crate::commands::Io;
 use crate::output::{emit, kind_name, task_state_name, CorrectionView, Render, Time};
-use crate::table::{clean, Table};
+use crate::table::{clean, clipped, Table};
 use crate::Failure;
 
 /// The development processor's identity, expected when no other is given and the
@@ -121,10 +121,7 @@ impl TaskView {
         } else {
             return String::new();
         };
-        match why.char_indices().nth(WHY_CHARS) {
-            Some((end, _)) => format!("{}… (--output json has it whole)", &why[..end]),
-            None => why,
-        }
+        clipped(&why, WHY_CHARS)
     }
 }
 
@@ -351,10 +348,8 @@ pub(super) fn connect(
 }
 
 /// A task state as `--state` names it (`in-progress`).
-fn state_flag(state: dsrelay_sdk::proto::TaskState) -> String {
-    (state.as_str_name().trim_start_matches("TASK_STATE_"))
-        .to_lowercase()
-        .replace('_', "-")
+fn state_flag(state: i32) -> String {
+    task_state_name(state).to_lowercase().replace('_', "-")
 }
 
 fn task_ref(t: &TaskRefArgs) -> Option<TaskRef> {
@@ -456,7 +451,6 @@ pub(crate) async fn run(
             states,
         } => {
             let mut wanted = Vec::new();
-            let mut names = Vec::new();
             for name in states {
                 let proto = format!(
                     "TASK_STATE_{}",
@@ -466,7 +460,6 @@ pub(crate) async fn run(
                     Some(s) if s != dsrelay_sdk::proto::TaskState::Unspecified => {
                         if !wanted.contains(&(s as i32)) {
                             wanted.push(s as i32);
-                            names.push(state_flag(s));
                         }
                     }
                     _ => {
@@ -498,7 +491,7 @@ pub(crate) async fn run(
             .await?;
             let view = TaskListView {
                 tasks: tasks.iter().map(TaskView::from).collect(),
-                states: names,
+                states: wanted.iter().map(|&s| state_flag(s)).collect(),
             };
             emit(io.out, io.format, &view, false)?;
         }

@@ -190,6 +190,8 @@ pub(crate) async fn run(
     let print = |event: &RequestEvent| Ok(emit(&mut *out, format, &EventView::from(event), true)?);
     let answered_quiet = (!args.until_erased).then_some(ANSWERED_QUIET);
     let partially = RequestState::PartiallyCompleted as i32;
+    // A PARTIALLY_COMPLETED request ends the watch as answered, unless told to follow it.
+    let ends_answered = |state: i32| state == partially && !args.until_erased;
     // From its first event, the events say how the request stands; after a later one, they
     // may say nothing more of an answered request, whose stream stays open: ask.
     let answered = args.after > 0
@@ -226,7 +228,9 @@ pub(crate) async fn run(
     // With --after past the final event, or a stream the server closed early, the events do
     // not tell how the request stands; ask.
     let state = match last_state {
-        Some(state) if is_terminal(state) || (state == partially && !args.until_erased) => state,
+        Some(state) if is_terminal(state) || ends_answered(state) => state,
+        // The Get above said so, and no event since said otherwise.
+        None if answered => partially,
         _ => {
             registry
                 .client
@@ -239,7 +243,7 @@ pub(crate) async fn run(
     let name = state_name(state);
     if is_terminal(state) {
         writeln!(io.err, "request {} ended {name}", args.id)?;
-    } else if state == partially && !args.until_erased {
+    } else if ends_answered(state) {
         writeln!(
             io.err,
             "request {id} is {name}: answered, with data its holders keep by law, which they \
@@ -255,7 +259,7 @@ pub(crate) async fn run(
         )?;
     }
     Ok(
-        if state == RequestState::Completed as i32 || (state == partially && !args.until_erased) {
+        if state == RequestState::Completed as i32 || ends_answered(state) {
             0
         } else {
             1

@@ -649,7 +649,7 @@ async fn the_documented_phone_index_serves_every_statement(url: String) {
             "+358 40 765 4321",
         ),
     ];
-    let raw = plan::matched_identities(scope.config, &identities).unwrap();
+    let raw = scope.matched(&identities);
     let statements: Vec<plan::Statement> =
         plan::plan_erasure(scope.config, scope.subject(&raw), now())
             .into_iter()
@@ -848,7 +848,7 @@ async fn kept_statements_run_only_where_a_row_is_kept(url: String) {
         ("teemu.testaaja@example.fi", 6),
         ("maija.meikalainen@example.fi", 11),
     ] {
-        let raw = plan::matched_identities(scoped.config, &[email(who)]).unwrap();
+        let raw = scoped.matched(&[email(who)]);
         let plan = plan::plan_erasure(scoped.config, scoped.subject(&raw), now());
         let statements = execute::erasure_statements(&plan);
         // Per table its probe, kept count and anonymization where it has them, its action.

@@ -525,10 +525,10 @@ impl ContractService for Api {
             .contracts_with_tasks((!processor.is_empty()).then_some(processor.as_str()))
             .await
             .map_err(ApiError::from)?;
-        let configured: Vec<&str> = (self.shared.config.processors.iter())
-            .map(|p| p.name.as_str())
-            .collect();
         if rows.is_empty() {
+            let configured: Vec<&str> = (self.shared.config.processors.iter())
+                .map(|p| p.name.as_str())
+                .collect();
             if let Some(message) = unknown_name(PartyKind::Processor, processor, &configured) {
                 return Err(ApiError::not_found(message).into());
             }

@@ -722,9 +722,8 @@ impl Api {
         let end = up.state.offset.saturating_add(len);
         if end > up.recount_at {
             let streaming = self.streaming_bytes(&up.file).await?;
-            up.others = (self.shared.store)
-                .part_bytes_besides(&up.file, streaming)
-                .await?;
+            let announced = self.shared.store.announced_besides(&up.file).await?;
+            up.others = announced.saturating_add(streaming);
             up.recount_at = end.saturating_add(RECOUNT_EVERY);
         }
         let bytes = up.others.saturating_add(end);

@@ -340,7 +340,7 @@ impl RequestService for Api {
         let caller = self.partner_api_caller(&req)?;
         // Where the processors listen and why the registry could not reach one are internal
         // network details: operators need them, partners only the chain itself.
-        let internal = views::Reader::of(&caller) == views::Reader::Operator;
+        let internal = caller.is(&[Party::Operator]);
         let mut processors = Vec::new();
         for p in &self.shared.config.processors {
             let row = self

@@ -24,9 +24,10 @@ pub(crate) enum Reader {
 impl Reader {
     /// The reader `caller` is.
     pub(crate) fn of(caller: &crate::auth::Caller) -> Self {
-        match caller.is(&[crate::auth::Party::Operator]) {
-            true => Self::Operator,
-            false => Self::Partner,
+        if caller.is(&[crate::auth::Party::Operator]) {
+            Self::Operator
+        } else {
+            Self::Partner
         }
     }
 }

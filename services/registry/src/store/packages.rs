@@ -295,13 +295,11 @@ impl Store {
         ))
     }
 
-    /// The bytes `f`'s part holds besides `f`, as [`PackagesConfig::max_part_bytes`] counts
-    /// them, with
-    /// `streaming` those stored of its files streamed while written
-    /// ([`Store::streaming_besides`]).
-    pub async fn part_bytes_besides(&self, f: &PackageFile, streaming: u64) -> Result<u64> {
+    /// The bytes the headers of `f`'s part announce besides `f` (0 for a file streamed while
+    /// written, until its end: [`Store::streaming_besides`] names those).
+    pub async fn announced_besides(&self, f: &PackageFile) -> Result<u64> {
         let (_, announced) = Self::part_besides(&self.db.reader, f).await?;
-        Ok(announced.saturating_add(streaming))
+        Ok(announced)
     }
 
     /// Registers a file header (and the package, at its first file) within the caps of
