@@ -268,6 +268,20 @@ pub enum TasksCommand {
         #[arg(long)]
         reason: String,
     },
+    /// Run a FAILED task again once its cause is fixed: it becomes IN_PROGRESS with the note,
+    /// and the holder is called at once (not for a return of data, a transfer or a contract
+    /// end).
+    Retry {
+        /// Where the processor is.
+        #[command(flatten)]
+        processor: ProcessorArgs,
+        /// Which task.
+        #[command(flatten)]
+        task: TaskRefArgs,
+        /// What was fixed, for the controller (must not contain the subject's identities).
+        #[arg(long)]
+        note: String,
+    },
     /// List every acknowledgement the registry kept rejecting, parked after `acks.max_rejections`
     /// rejections (dead letters), oldest first, each with its registry's last answer.
     DeadLetters {

@@ -17,8 +17,8 @@ use dsrelay_proto::v1::{
     IdentityType, ListContractEndsRequest, ListDeadLettersRequest, ListManualTasksRequest,
     ListProcessorAuditCheckpointsRequest, ListProcessorAuditEntriesRequest, ManualTask,
     ManualTaskList, ProcessorAuditCheckpoints, ProcessorAuditEntries, RefuseManualTaskRequest,
-    RequestKind, RequestParameters, RequeueDeadLetterRequest, RequeueDeadLetterResponse, Scope,
-    SubjectIdentity, TaskRef, TaskState,
+    RequestKind, RequestParameters, RequeueDeadLetterRequest, RequeueDeadLetterResponse,
+    RetryTaskRequest, Scope, SubjectIdentity, TaskRef, TaskState,
 };
 use dsrelay_runtime::pki::DevPki;
 use tonic::{Request as Call, Response, Status};
@@ -52,6 +52,9 @@ impl ProcessorOperatorService for StandIn {
         &self,
         _: Call<RefuseManualTaskRequest>,
     ) -> Result<Response<ManualTask>, Status> {
+        unanswered()
+    }
+    async fn retry_task(&self, _: Call<RetryTaskRequest>) -> Result<Response<ManualTask>, Status> {
         unanswered()
     }
     async fn list_dead_letters(

@@ -11,8 +11,9 @@
 //! - [`api`]: Deliver, Cancel, GetStatus, ListSubprocessors, UpdateContractEnd and
 //!   ExtendDueDate, for controllers; the processor's error type, which both APIs use.
 //! - [`metrics`]: Prometheus metrics on the admin port (`admin_listen`).
-//! - [`operator_api`]: operators list, confirm and refuse manual tasks, requeue dead-lettered
-//!   acknowledgements, list contract ends, and read the audit trail and its checkpoints.
+//! - [`operator_api`]: operators list, confirm and refuse manual tasks, retry failed ones,
+//!   requeue dead-lettered acknowledgements, list contract ends, and read the audit trail and
+//!   its checkpoints.
 //! - [`store`]: requests (with a transfer's recipient, a contract end's terms), tasks (with a
 //!   transfer's receipt, a contract end's progress), the acknowledgement outbox, the
 //!   upload outbox, and the hash-chained audit trail each change an auditor asks about

@@ -1,6 +1,7 @@
-//! The processor's operator API: people confirm or refuse tasks of manual connectors, see
-//! and requeue acknowledgements their registry kept rejecting (dead letters), and read the
-//! processor's audit trail and its signed checkpoints.
+//! The processor's operator API: people confirm or refuse tasks of manual connectors, run a
+//! failed task again once its cause is fixed, see and requeue acknowledgements their
+//! registry kept rejecting (dead letters), and read the processor's audit trail and its
+//! signed checkpoints.
 
 use std::sync::Arc;
 
@@ -11,8 +12,8 @@ use dsrelay_proto::v1::{
     ListContractEndsRequest, ListDeadLettersRequest, ListManualTasksRequest,
     ListProcessorAuditCheckpointsRequest, ListProcessorAuditEntriesRequest, ManualTask,
     ManualTaskList, ProcessorAuditCheckpoint, ProcessorAuditCheckpoints, ProcessorAuditEntries,
-    ProcessorAuditEntry, ProcessorContractEnd, RefuseManualTaskRequest, RequeueDeadLetterRequest,
-    RequeueDeadLetterResponse, TaskRef, TaskState,
+    ProcessorAuditEntry, ProcessorContractEnd, RefuseManualTaskRequest, RequestKind,
+    RequeueDeadLetterRequest, RequeueDeadLetterResponse, RetryTaskRequest, TaskRef, TaskState,
 };
 use dsrelay_runtime::audit::checkpoint::Checkpoint;
 use dsrelay_runtime::grpc::Authorizer;
@@ -24,7 +25,7 @@ use crate::api::ApiError;
 use crate::app::Shared;
 use dsrelay_connectors::ExportedFile;
 
-use crate::store::{ManualCursor, ManualRow, TaskKey};
+use crate::store::{ManualCursor, ManualRow, Retried, TaskKey};
 use crate::task_machine::{decide, Context, Decision, Event};
 
 /// The ProcessorOperatorService implementation.
@@ -165,6 +166,87 @@ impl OperatorApi {
         out.finish().await.map_err(|e| unexpected(e.to_string()))
     }
 
+    /// [`ProcessorOperatorService::retry_task`] of `key`'s task, with the operator's `note`.
+    async fn retry(&self, key: &TaskKey, note: &str, by: &str) -> Result<ManualTask, ApiError> {
+        let store = &self.shared.store;
+        let named = format!("{}/{}/{}", key.controller, key.request_id, key.subprocessor);
+        let row = store
+            .manual_task(key)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("no task {named}")))?;
+        no_identity_in(&row, "note", note)?;
+        let precondition = |why: String| Err(ApiError::failed_precondition(why));
+        if row.task.state == TaskState::Failed {
+            let Some(request) = row.request.as_ref() else {
+                return precondition(forgotten(&named));
+            };
+            // The part a failed return, transfer or contract end's return sent may already
+            // be at the registry or the recipient, which would be handed a second one.
+            let kind = request.kind();
+            if crate::exports::exports(kind) || kind == RequestKind::ContractEnd {
+                return precondition(format!(
+                    "task {named} is of a {} request, which is not retried: the controller \
+                     submits a new request instead",
+                    dsrelay_connectors::kind_label(kind)
+                ));
+            }
+            if !self
+                .shared
+                .config
+                .subprocessors
+                .iter()
+                .any(|s| s.name == key.subprocessor)
+            {
+                return precondition(format!(
+                    "subprocessor {} is no longer configured here, so task {named} has no \
+                     holder to run on",
+                    key.subprocessor
+                ));
+            }
+        }
+        let event = Event::OperatorRetry { note, by };
+        let now = self.shared.clock.now_ms();
+        let transition = match decide(&row.task.current(), event, &Context::at(now)) {
+            Decision::Move(t) => t,
+            Decision::Reject(why) => return precondition(format!("task {named}: {why}")),
+            other => {
+                return Err(ApiError::unexpected(anyhow::anyhow!(
+                    "unexpected decision {}",
+                    other.name()
+                )))
+            }
+        };
+        match store
+            .retry_task(key, row.task.sequence, &transition, now, by)
+            .await?
+        {
+            Retried::Retried => {}
+            Retried::Cancelled => {
+                return precondition(format!(
+                    "the controller cancelled the request of task {named}: it is not run again"
+                ))
+            }
+            Retried::Forgotten => return precondition(forgotten(&named)),
+            Retried::Changed => {
+                return Err(ApiError::aborted(
+                    "the task changed meanwhile (retried by someone else); list again",
+                ))
+            }
+        }
+        tracing::info!(
+            request_id = %key.request_id,
+            subprocessor = %key.subprocessor,
+            operator = by,
+            "failed task retried by an operator"
+        );
+        self.shared.ack_wakeup.notify_one();
+        self.shared.task_wakeup.notify_one();
+        let row = store.manual_task(key).await?.ok_or_else(|| {
+            ApiError::unexpected(anyhow::anyhow!("task {named} vanished after its retry"))
+        })?;
+        Ok(to_proto(row))
+    }
+
     async fn finish(
         &self,
         task: Option<TaskRef>,
@@ -219,23 +301,12 @@ impl OperatorApi {
         })?;
         // The evidence or reason travels to the controller and stays in its trail until the
         // request is forgotten: checked before anything (the return record) is written.
-        if let Some(identities) = row.request.as_ref().map(|r| &r.identities[..]) {
-            let (field, text) = match &event {
-                Event::OperatorComplete { note, .. } => ("evidence_note", *note),
-                Event::OperatorRefuse { reason, .. } => ("reason", *reason),
-                _ => ("", ""),
-            };
-            if let Some(kind) = identity_in_text(identities, text) {
-                return Err(ApiError::invalid([FieldViolation::new(
-                    field,
-                    format!(
-                        "contains the subject's {kind}, one of the request's identities: it \
-                         is kept and shown to the controller, so leave the subject's \
-                         identities out (the task already says whom it is about)"
-                    ),
-                )]));
-            }
-        }
+        let (field, text) = match &event {
+            Event::OperatorComplete { note, .. } => ("evidence_note", *note),
+            Event::OperatorRefuse { reason, .. } => ("reason", *reason),
+            _ => ("", ""),
+        };
+        no_identity_in(&row, field, text)?;
         let now = self.shared.clock.now_ms();
         // Whether the request asks for the data itself; a forgotten body is of a request
         // long finished, which has no task waiting for an operator.
@@ -326,6 +397,25 @@ impl OperatorApi {
     }
 }
 
+/// Refuses an operator's `text` (in `field`) that holds one of `row`'s request's identities:
+/// it travels to the controller and stays in its trail until the request is forgotten.
+fn no_identity_in(row: &ManualRow, field: &str, text: &str) -> Result<(), ApiError> {
+    let Some(identities) = row.request.as_ref().map(|r| &r.identities[..]) else {
+        return Ok(());
+    };
+    match identity_in_text(identities, text) {
+        Some(kind) => Err(ApiError::invalid([FieldViolation::new(
+            field,
+            format!(
+                "contains the subject's {kind}, one of the request's identities: it is kept \
+                 and shown to the controller, so leave the subject's identities out (the task \
+                 already says whom it is about)"
+            ),
+        )])),
+        None => Ok(()),
+    }
+}
+
 fn task_key(task: Option<TaskRef>) -> Result<TaskKey, ApiError> {
     let t = task.ok_or_else(|| ApiError::invalid([FieldViolation::new("task", "is required")]))?;
     ApiError::ensure_valid(
@@ -342,6 +432,15 @@ fn task_key(task: Option<TaskRef>) -> Result<TaskKey, ApiError> {
         request_id: t.request_id,
         subprocessor: t.subprocessor,
     })
+}
+
+/// Why `named`'s task cannot be retried once its request was forgotten.
+fn forgotten(named: &str) -> String {
+    format!(
+        "the request of task {named} was forgotten (its identities removed after \
+         forget_after_days), so there is nothing to run it with: the controller submits a new \
+         request"
+    )
 }
 
 /// A required note or reason of an operator.
@@ -685,6 +784,17 @@ impl ProcessorOperatorService for OperatorApi {
             exports: false,
         };
         Ok(Response::new(self.finish(r.task, event, &by).await?))
+    }
+
+    async fn retry_task(
+        &self,
+        req: Request<RetryTaskRequest>,
+    ) -> Result<Response<ManualTask>, Status> {
+        let by = self.operator(&req)?;
+        let r = req.into_inner();
+        ApiError::ensure_valid(note_violation("note", &r.note))?;
+        let key = task_key(r.task)?;
+        Ok(Response::new(self.retry(&key, &r.note, &by).await?))
     }
 
     async fn list_dead_letters(

@@ -55,6 +55,8 @@
 //!   not delivered (CANCELLED, its files removed); a transient failure or an operator's
 //!   turn → CANCELLED, saying what is known
 //! - an operator completes (or finds nothing) or refuses only a task WAITING_FOR_OPERATOR
+//! - an operator retries only a FAILED task (RetryTask): → IN_PROGRESS with the operator's
+//!   note and nothing of the failed run, its holder called at once ([`Phase::Start`])
 //!
 //! # Contract ends (one task per subprocessor over all of a controller's data)
 //! - claimed PENDING (phase SCHEDULED) before its start ([`Terms::starts_at`]: the effective
@@ -349,6 +351,13 @@ pub(crate) enum Event<'a> {
         /// folder may hold what the holder wrote before it turned to an operator.
         exports: bool,
     },
+    /// An operator fixed what made a task fail and asks for it to run again (RetryTask).
+    OperatorRetry {
+        /// What was fixed.
+        note: &'a str,
+        /// The operator's identity.
+        by: &'a str,
+    },
     /// The destination holds the task's part: the registry answered CompletePart, or the
     /// recipient answered CompleteTransfer with a receipt that matches what was sent.
     Delivered {
@@ -544,9 +553,10 @@ fn exporting(task: &Current<'_>, event: &Event<'_>) -> bool {
         Event::Delivered { .. } | Event::Undeliverable { .. } | Event::DeliveryFailed { .. } => {
             return false
         }
-        Event::HolderDown { .. } | Event::ContractClaimed { .. } | Event::TermsChanged { .. } => {
-            false
-        }
+        Event::HolderDown { .. }
+        | Event::ContractClaimed { .. }
+        | Event::TermsChanged { .. }
+        | Event::OperatorRetry { .. } => false,
     };
     kind_exports || task.phase == ContractPhase::Returning
 }
@@ -715,6 +725,17 @@ fn decide_event(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Decision
         Event::OperatorRefuse { reason, by, .. } => Decision::Move(Transition {
             state: Refused,
             reason: format!("{reason} (refused by {by})"),
+            ..Default::default()
+        }),
+        Event::OperatorRetry { .. } if task.state != Failed => Decision::Reject(format!(
+            "the task is {}: only a FAILED task is retried",
+            task.state.as_str_name().trim_start_matches("TASK_STATE_")
+        )),
+        // As a new task: IN_PROGRESS with nothing of the failed run (no handle, no count), its
+        // holder called at once.
+        Event::OperatorRetry { note, by } => Decision::Move(Transition {
+            state: InProgress,
+            note: format!("retried by {by}: {note}"),
             ..Default::default()
         }),
         // Only a task still waiting for its delivery moves; a cancelled one stays cancelled.
@@ -2588,6 +2609,47 @@ mod tests {
             refuse(InProgress),
             Decision::Reject("the task is IN_PROGRESS, not waiting for an operator".into())
         );
+    }
+
+    #[test]
+    fn an_operator_retries_a_failed_task_as_a_new_one() {
+        let retry = |state| {
+            let mut failed = task(state);
+            failed.handle = Some("h-1");
+            failed.records_affected = 4;
+            failed.attempts = 7;
+            decide(
+                &failed,
+                Event::OperatorRetry {
+                    note: "database restored",
+                    by: "ops",
+                },
+                &Context::at(NOW),
+            )
+        };
+        let t = moved(retry(Failed));
+        assert_eq!(
+            t,
+            Transition {
+                state: InProgress,
+                note: "retried by ops: database restored".into(),
+                ..Default::default()
+            }
+        );
+        for state in [
+            Pending,
+            InProgress,
+            Completed,
+            Refused,
+            Cancelled,
+            WaitingForOperator,
+        ] {
+            let name = state.as_str_name().trim_start_matches("TASK_STATE_");
+            assert_eq!(
+                retry(state),
+                Decision::Reject(format!("the task is {name}: only a FAILED task is retried"))
+            );
+        }
     }
 
     // Contract ends.

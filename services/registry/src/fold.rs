@@ -94,7 +94,11 @@ pub(crate) fn cancel_stops_nothing(deliveries: &[Delivery], tasks: &[TaskState])
 ///   subject was answered, and erasing retained data is not a new request to cancel or to be
 ///   overdue with. Once every task has ended the request is COMPLETED, and FAILED as soon as
 ///   one of them failed or was refused. A FAILED request stays FAILED likewise (its tasks had
-///   all ended but RETAINED ones) while its retained data is erased.
+///   all ended but RETAINED ones) while its retained data is erased, and while any of its
+///   tasks is still FAILED or REFUSED.
+/// - A FAILED request none of whose tasks is FAILED or REFUSED any longer (the processor's
+///   operator retried the failed one, RetryTask) is open again: IN_PROGRESS while the retry
+///   runs, then what its tasks end in.
 pub(crate) fn fold_request(
     prior: RequestState,
     deliveries: &[Delivery],
@@ -110,21 +114,20 @@ pub(crate) fn fold_request(
         }
     }
     let folded = fold_tasks(deliveries, tasks);
-    if matches!(
-        prior,
-        RequestState::PartiallyCompleted | RequestState::Failed
-    ) && matches!(folded, RequestState::Dispatched | RequestState::InProgress)
-    {
-        // Only a RETAINED task can move after the request was answered, or had failed:
-        // every other one had ended, and an ended task does not move again. A FAILED request
-        // stays FAILED (for an operator) while its retained data is erased.
-        return if prior == RequestState::Failed || tasks.iter().copied().any(failed) {
-            RequestState::Failed
-        } else {
-            RequestState::PartiallyCompleted
-        };
+    if !matches!(folded, RequestState::Dispatched | RequestState::InProgress) {
+        return folded;
     }
-    folded
+    let any_failed = tasks.iter().copied().any(failed);
+    match prior {
+        // Only a RETAINED task moves after the request was answered: every other one had
+        // ended (an operator's retry moves only a failed task, of a request that had failed).
+        RequestState::PartiallyCompleted if any_failed => RequestState::Failed,
+        RequestState::PartiallyCompleted => RequestState::PartiallyCompleted,
+        // An operator must still act on a failed task: what else runs meanwhile (retained
+        // data erased at its date, another failed task retried) does not hide it.
+        RequestState::Failed if any_failed => RequestState::Failed,
+        _ => folded,
+    }
 }
 
 /// A failed or refused task: an operator must act.
@@ -227,6 +230,25 @@ mod tests {
         assert_eq!(fold(&[Completed, Failed]), R::Failed);
         assert_eq!(fold(&[Completed, Refused, InProgress]), R::Failed);
         assert_eq!(fold(&[Completed, Failed, Retained]), R::Failed);
+    }
+
+    /// A FAILED request whose failed tasks were all retried (RetryTask at the processor) is
+    /// open again until they end; while one of its tasks is still failed or refused it stays
+    /// FAILED, whatever else runs.
+    #[test]
+    fn a_retried_failed_task_reopens_its_request() {
+        let fold = |tasks: &[TaskState]| fold_request(R::Failed, &[Accepted], tasks);
+        assert_eq!(fold(&[Completed, InProgress]), R::InProgress);
+        assert!(request_is_open(fold(&[Completed, InProgress])));
+        assert_eq!(fold(&[Completed, Completed]), R::Completed);
+        assert_eq!(fold(&[Completed, Failed]), R::Failed);
+        assert_eq!(fold(&[Completed, Retained]), R::PartiallyCompleted);
+        assert_eq!(fold(&[Failed, InProgress]), R::Failed);
+        assert_eq!(fold(&[Refused, InProgress]), R::Failed);
+        assert_eq!(fold(&[Failed, Retained, InProgress]), R::Failed);
+        // Not answered yet: a task failed while another runs leaves the request open.
+        let unanswered = fold_request(R::InProgress, &[Accepted], &[Failed, InProgress]);
+        assert_eq!(unanswered, R::InProgress);
     }
 
     /// A cancellation that stopped nothing (every holder had done its part already, or was

@@ -1,5 +1,6 @@
 //! The connector family through the real services: manual confirmation by an operator,
-//! explicit refusals, a holder that is down, and the published subprocessor chain.
+//! explicit refusals, a holder that is down, a failed task an operator retries once its
+//! holder is repaired, and the published subprocessor chain.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,14 +13,14 @@ use tokio::net::TcpListener;
 use dsrelay_proto::v1::processor_operator_service_client::ProcessorOperatorServiceClient;
 use dsrelay_proto::v1::{
     CompleteManualTaskRequest, GetChainRequest, IdentityEncoding, IdentityType,
-    ListManualTasksRequest, RefuseManualTaskRequest, RequestKind, RequestState, Scope, TaskState,
-    TransferMechanism,
+    ListManualTasksRequest, RefuseManualTaskRequest, RequestKind, RequestState, RetryTaskRequest,
+    Scope, SubmitRequest, TaskRef, TaskState, TransferMechanism,
 };
 use tonic::Code;
 
 use crate::harness::{
-    count, erasure, in_state, spawn_pair, wait_until, Backend, Holder, PairOptions, NEWSLETTER,
-    PROCESSOR,
+    count, dsrctl as cli, email, erasure, in_state, spawn_pair, wait_until, Backend, Holder,
+    PairOptions, CONTROLLER, NEWSLETTER, PROCESSOR,
 };
 
 /// A holder's port that accepts every connection and drops it at once, counting them: to
@@ -618,5 +619,202 @@ async fn a_refused_identity_is_visible_to_operators_on_both_sides() {
         .into_inner()
         .tasks;
     assert!(waiting.is_empty());
+    pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_retries_a_failed_task_once_its_holder_is_repaired_on_sqlite() {
+    an_operator_retries_a_failed_task_once_its_holder_is_repaired(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_retries_a_failed_task_once_its_holder_is_repaired_on_postgres() {
+    an_operator_retries_a_failed_task_once_its_holder_is_repaired(Backend::Postgres).await;
+}
+
+/// Runs `sql` on the SQLite or PostgreSQL database at `url`.
+async fn execute(url: &str, sql: &str) {
+    let db = dsrelay_runtime::store::Db::connect(url)
+        .await
+        .expect("connect");
+    sqlx::query(sql).execute(&db.pool).await.expect(sql);
+    db.pool.close().await;
+}
+
+/// The accounting holder's database loses a table (a permanent error: the task FAILED), an
+/// operator repairs it and retries the task, which the registry follows back to IN_PROGRESS
+/// and on to COMPLETED with the rows erased. What may not be retried is refused, saying why.
+async fn an_operator_retries_a_failed_task_once_its_holder_is_repaired(backend: Backend) {
+    const ADDRESS: &str = "teemu.testaaja@example.fi";
+    let Some(pair) = spawn_pair(PairOptions {
+        backend,
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    execute(
+        &pair.accounting_url,
+        "ALTER TABLE contacts RENAME TO contacts_moved",
+    )
+    .await;
+    let mut crm = pair.client("partner-crm");
+    let erasure_id = crm
+        .submit(erasure(ADDRESS))
+        .await
+        .expect("submit")
+        .into_inner()
+        .request_id;
+    let access_id = crm
+        .submit(SubmitRequest {
+            kind: RequestKind::ReturnOfData as i32,
+            identities: vec![email(ADDRESS)],
+            idempotency_key: format!("test-{}", uuid::Uuid::new_v4()),
+            ..Default::default()
+        })
+        .await
+        .expect("submit")
+        .into_inner()
+        .request_id;
+    for id in [&erasure_id, &access_id] {
+        wait_until(
+            &mut crm,
+            id,
+            Duration::from_secs(20),
+            in_state(RequestState::Failed),
+        )
+        .await;
+    }
+    let task = |request_id: &str, subprocessor: &str| {
+        Some(TaskRef {
+            controller: CONTROLLER.into(),
+            request_id: request_id.into(),
+            subprocessor: subprocessor.into(),
+        })
+    };
+    let retry = |request_id: &str, subprocessor: &str, note: &str| RetryTaskRequest {
+        task: task(request_id, subprocessor),
+        note: note.into(),
+    };
+    const NOTE: &str = "contacts table restored from the backup";
+
+    // Only the processor's operators retry, with a note that leaves the subject out.
+    let mut as_partner =
+        ProcessorOperatorServiceClient::new(pair.channel_to_processor("partner-crm"));
+    let err = as_partner
+        .retry_task(retry(&erasure_id, "accounting", NOTE))
+        .await
+        .expect_err("a partner");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let mut ops = ProcessorOperatorServiceClient::new(pair.channel_to_processor("operator"));
+    for (note, field) in [("", "note"), (ADDRESS, "subject's e-mail address")] {
+        let err = ops
+            .retry_task(retry(&erasure_id, "accounting", note))
+            .await
+            .expect_err("a bad note");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(field), "{err:?}");
+    }
+    let err = ops
+        .retry_task(retry("no-such-request", "accounting", NOTE))
+        .await
+        .expect_err("no task");
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    // A task that did not fail, and a return of data's, whose part may be at the registry.
+    let err = ops
+        .retry_task(retry(&erasure_id, "mail-marketing", NOTE))
+        .await
+        .expect_err("a completed task");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("only a FAILED task is retried"),
+        "{err:?}"
+    );
+    let err = ops
+        .retry_task(retry(&access_id, "accounting", NOTE))
+        .await
+        .expect_err("a return of data");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message()
+            .contains("RETURN_OF_DATA request, which is not retried"),
+        "{err:?}"
+    );
+    // The failed erasure did nothing.
+    let processor_db = pair.processor.database_url();
+    let erased = "SELECT COUNT(*) FROM customers WHERE email = 'teemu.testaaja@example.fi'";
+    assert_eq!(count(&pair.accounting_url, erased).await, 1);
+
+    execute(
+        &pair.accounting_url,
+        "ALTER TABLE contacts_moved RENAME TO contacts",
+    )
+    .await;
+    // Through dsrctl, as an operator would.
+    let processor = format!("https://localhost:{}", pair.processor.addr().port());
+    let mut cmd = cli::as_party(&pair, "operator");
+    cmd.args([
+        "--output",
+        "json",
+        "tasks",
+        "retry",
+        "--processor",
+        &processor,
+    ])
+    .args([CONTROLLER, &erasure_id, "accounting", "--note", NOTE]);
+    let retried = cli::output(cmd).await.json();
+    assert_eq!(retried["state"], "IN_PROGRESS", "{retried}");
+    assert_eq!(retried["attempts"], 0, "{retried}");
+    assert_eq!(
+        retried["instructions"],
+        format!("retried by spiffe://dsrelay.dev/operator/ops: {NOTE}"),
+        "{retried}"
+    );
+    assert_eq!(retried["last_error"], "", "{retried}");
+    let view = wait_until(
+        &mut crm,
+        &erasure_id,
+        Duration::from_secs(20),
+        in_state(RequestState::Completed),
+    )
+    .await;
+    let accounting = view
+        .tasks
+        .iter()
+        .find(|t| t.subprocessor == "accounting")
+        .expect("accounting task");
+    assert_eq!(accounting.state, TaskState::Completed as i32, "{view:#?}");
+    assert!(
+        accounting
+            .evidence
+            .as_ref()
+            .expect("evidence")
+            .records_affected
+            > 0,
+        "{view:#?}"
+    );
+    assert_eq!(count(&pair.accounting_url, erased).await, 0);
+    // The registry followed the retry: the request was open again after it had failed.
+    let registry_db = pair.registry.database_url();
+    let reopened = format!(
+        "SELECT COUNT(*) FROM events WHERE request_id = '{erasure_id}' AND request_state = {} \
+         AND id > (SELECT MIN(id) FROM events WHERE request_id = '{erasure_id}' \
+         AND request_state = {})",
+        RequestState::InProgress as i32,
+        RequestState::Failed as i32
+    );
+    assert!(count(registry_db, &reopened).await > 0);
+    // Done once: a second retry finds it COMPLETED.
+    let err = ops
+        .retry_task(retry(&erasure_id, "accounting", NOTE))
+        .await
+        .expect_err("retried already");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let retried_entries = format!(
+        "SELECT COUNT(*) FROM audit_log WHERE request_id = '{erasure_id}' \
+         AND actor = 'spiffe://dsrelay.dev/operator/ops'"
+    );
+    assert_eq!(count(processor_db, &retried_entries).await, 1);
     pair.stop().await;
 }

@@ -32,8 +32,8 @@ use dsrelay_proto::v1::{
     ListDeadLettersRequest, ListEventsRequest, ListManualTasksRequest,
     ListProcessorAuditCheckpointsRequest, ListProcessorAuditEntriesRequest, ListRequestsRequest,
     ListSubprocessorsRequest, RefuseManualTaskRequest, RequestKind, RequeueDeadLetterRequest,
-    RequeueDeliveryRequest, TaskRef, TaskState, UpdateContractEndRequest, UploadFileChunk,
-    WatchRequest,
+    RequeueDeliveryRequest, RetryTaskRequest, TaskRef, TaskState, UpdateContractEndRequest,
+    UploadFileChunk, WatchRequest,
 };
 use prost_reflect::{DescriptorPool, DynamicMessage, FieldDescriptor, Kind, ReflectMessage, Value};
 use sha2::{Digest, Sha256};
@@ -508,8 +508,17 @@ fn rows(open: &str, other: &str) -> Vec<Row> {
             "dsrelay.v1.ProcessorOperatorService/RefuseManualTask",
             "operator",
             RefuseManualTaskRequest {
-                task: Some(task),
+                task: Some(task.clone()),
                 reason: "not ours".into(),
+            },
+        ),
+        row(
+            P,
+            "dsrelay.v1.ProcessorOperatorService/RetryTask",
+            "operator",
+            RetryTaskRequest {
+                task: Some(task),
+                note: "database restored".into(),
             },
         ),
         row(

@@ -7,7 +7,8 @@ use dsrelay_sdk::proto::processor_operator_service_client::ProcessorOperatorServ
 use dsrelay_sdk::proto::{
     CompleteManualTaskRequest, DeadLetter, DeadLetterList, IdentityEncoding,
     ListDeadLettersRequest, ListManualTasksRequest, ManualTask, ManualTaskList,
-    RefuseManualTaskRequest, RequestKind, RequeueDeadLetterRequest, SubjectIdentity, TaskRef,
+    RefuseManualTaskRequest, RequestKind, RequeueDeadLetterRequest, RetryTaskRequest,
+    SubjectIdentity, TaskRef,
 };
 use dsrelay_sdk::ConnectionSettings;
 use serde::Serialize;
@@ -530,6 +531,22 @@ pub(crate) async fn run(
                 .map_err(|s| failed(s, &processor.processor))?
                 .into_inner();
             emit(io.out, io.format, &TaskView::from(&done), false)?;
+        }
+        TasksCommand::Retry {
+            processor,
+            task,
+            note,
+        } => {
+            let mut client = ProcessorOperatorServiceClient::new(connect(processor, settings)?);
+            let retried = client
+                .retry_task(RetryTaskRequest {
+                    task: task_ref(task),
+                    note: note.clone(),
+                })
+                .await
+                .map_err(|s| failed(s, &processor.processor))?
+                .into_inner();
+            emit(io.out, io.format, &TaskView::from(&retried), false)?;
         }
         TasksCommand::DeadLetters { processor } => {
             let client = ProcessorOperatorServiceClient::new(connect(processor, settings)?);

@@ -32,6 +32,19 @@ use crate::task_machine::{decide, Context, Decision, Event, Transition};
 /// limits.
 const TASKS_PER_INSERT: usize = 200;
 
+/// What [`Store::retry_task`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retried {
+    /// The task is IN_PROGRESS again.
+    Retried,
+    /// Nothing: the controller cancelled the request.
+    Cancelled,
+    /// Nothing: the request was forgotten (its body, with the identities, removed).
+    Forgotten,
+    /// Nothing: the task moved on from the sequence the retry was decided at.
+    Changed,
+}
+
 /// What [`Store::extend_due_date`] found.
 #[derive(Debug)]
 pub enum DueDateExtended {
@@ -568,6 +581,66 @@ impl Store {
         let seq = step_transition(&mut tx, issuer, key, step, t, now, attempts).await?;
         tx.commit().await?;
         Ok(seq)
+    }
+
+    /// Records an operator's retry `t` of `key`'s FAILED task at `expected_sequence`, by `by`
+    /// ([`Event::OperatorRetry`]): the step with its acknowledgement and audit entry, its
+    /// attempts counted from 0 and the failed run's last error cleared. The request's row is
+    /// locked first (PostgreSQL) and checked in the same transaction, so a cancellation or
+    /// the forget worker committing meanwhile is seen.
+    pub async fn retry_task(
+        &self,
+        key: &TaskKey,
+        expected_sequence: i64,
+        t: &Transition,
+        now: i64,
+        by: &str,
+    ) -> Result<Retried> {
+        let mut tx = self.begin_audited().await?;
+        super::lock_requests(&mut tx, &[(&key.controller, &key.request_id)]).await?;
+        let standing: Option<(Option<i64>, i64)> = sqlx::query_as(
+            "SELECT cancelled_at, CASE WHEN body IS NULL OR forgotten_at IS NOT NULL THEN 1 \
+             ELSE 0 END FROM requests WHERE controller = $1 AND request_id = $2",
+        )
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let refused = match standing {
+            None | Some((_, 1)) => Some(Retried::Forgotten),
+            Some((Some(_), _)) => Some(Retried::Cancelled),
+            Some((None, _)) => None,
+        };
+        if let Some(refused) = refused {
+            tx.rollback().await?;
+            return Ok(refused);
+        }
+        let step = Step {
+            expected_sequence,
+            lease_owner: None,
+            by,
+            call_started_at: None,
+            unless_cancelled: true,
+        };
+        let issuer = self.issuer.as_deref();
+        if step_transition(&mut tx, issuer, key, step, t, now, 0)
+            .await?
+            .is_none()
+        {
+            tx.rollback().await?;
+            return Ok(Retried::Changed);
+        }
+        sqlx::query(
+            "UPDATE tasks SET last_error = NULL WHERE controller = $1 AND request_id = $2 \
+             AND subprocessor = $3",
+        )
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Retried::Retried)
     }
 
     /// Leaves a task of the claim `lease_owner` in its state and looks at it again at

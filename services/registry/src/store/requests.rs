@@ -43,7 +43,8 @@ impl Store {
         // finished, and no report would come to correct it. A FAILED one is always so: the
         // fold gives FAILED only once every delivery was accepted and every task settled,
         // and what moves after is a retained task's erasure at its date, which a Cancel
-        // does not stop either.
+        // does not stop either, or a failed task the processor's operator retries while
+        // another is still failed (once none is, the request is IN_PROGRESS again).
         if state == RequestState::Failed
             || cancel_stops_nothing(&deliveries(&mut tx, id).await?, &tasks(&mut tx, id).await?)
         {
