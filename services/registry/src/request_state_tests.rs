@@ -645,3 +645,87 @@ async fn a_reopened_request_finishes_anew_on_postgres() {
     })
     .await;
 }
+
+/// A failed task the processor's operator retried (RetryTask) reopens its FAILED request:
+/// IN_PROGRESS, no longer finished, cancellable again, then as its tasks end. While another
+/// task is still failed the request stays FAILED.
+async fn a_retried_task_reopens_a_failed_request(store: Store) {
+    with_tasks(&store, "r1", Completed, Failed).await;
+    assert_eq!(state(&store, "r1").await, R::Failed);
+    ack(&store, "r1", "b", 3, InProgress, 3_000).await;
+    let row = store.request("r1").await.unwrap().unwrap();
+    assert_eq!(row.state, R::InProgress);
+    assert_eq!(store.package("r1").await.unwrap().finished_at, None);
+    ack(&store, "r1", "b", 4, Completed, 4_000).await;
+    assert_eq!(state(&store, "r1").await, R::Completed);
+
+    with_tasks(&store, "r2", Failed, Refused).await;
+    assert_eq!(state(&store, "r2").await, R::Failed);
+    ack(&store, "r2", "a", 3, InProgress, 3_000).await;
+    assert_eq!(state(&store, "r2").await, R::Failed);
+    ack(&store, "r2", "a", 4, Completed, 4_000).await;
+    assert_eq!(state(&store, "r2").await, R::Failed);
+}
+
+#[tokio::test]
+async fn a_retried_task_reopens_a_failed_request_on_sqlite() {
+    on_sqlite(a_retried_task_reopens_a_failed_request).await;
+}
+
+#[tokio::test]
+async fn a_retried_task_reopens_a_failed_request_on_postgres() {
+    on_postgres(|url, _| async move {
+        a_retried_task_reopens_a_failed_request(store_at(&url).await).await;
+    })
+    .await;
+}
+
+/// A contract end whose tasks have ended or are deleting has nothing a cancellation could
+/// stop (the processor lets a deletion under way run and report what it did): refused,
+/// rather than CANCELLED until the deletion's report undoes it. One still returning is
+/// cancelled.
+async fn a_deletion_under_way_is_not_cancelled(store: Store) {
+    use dsrelay_proto::v1::{ContractPhase, ContractProgress};
+    let in_phase = |id: &str, sequence: i64, phase: ContractPhase| TaskUpdate {
+        request_id: id.into(),
+        subprocessor: "b".into(),
+        sequence,
+        state: InProgress as i32,
+        progress: Some(ContractProgress {
+            phase: phase as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    for (id, phase, cancelled) in [
+        ("r1", ContractPhase::Deleting, false),
+        ("r2", ContractPhase::Returning, true),
+    ] {
+        with_tasks(&store, id, Completed, Pending).await;
+        let outcome = store
+            .apply_acks("p1", &[in_phase(id, 3, phase)], 3_000)
+            .await
+            .unwrap();
+        assert_eq!(outcome.applied, 1, "{outcome:?}");
+        assert_eq!(state(&store, id).await, R::InProgress);
+        let expected = if cancelled {
+            CancelOutcome::Cancelled
+        } else {
+            CancelOutcome::NotCancellable(R::InProgress)
+        };
+        assert_eq!(store.cancel(id, "stop it", 4_000).await.unwrap(), expected);
+    }
+}
+
+#[tokio::test]
+async fn a_deletion_under_way_is_not_cancelled_on_sqlite() {
+    on_sqlite(a_deletion_under_way_is_not_cancelled).await;
+}
+
+#[tokio::test]
+async fn a_deletion_under_way_is_not_cancelled_on_postgres() {
+    on_postgres(|url, _| async move {
+        a_deletion_under_way_is_not_cancelled(store_at(&url).await).await;
+    })
+    .await;
+}

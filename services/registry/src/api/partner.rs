@@ -297,7 +297,8 @@ impl RequestService for Api {
             CancelOutcome::NotCancellable(state) => {
                 return Err(ApiError::failed_precondition(format!(
                     "request {} is {} and can no longer be cancelled (a request is cancelled \
-                     only while a delivery or a task can still be stopped)",
+                     only while a delivery or a task can still be stopped; a contract end's \
+                     deletion under way is not)",
                     row.id,
                     state.as_str_name().trim_start_matches("REQUEST_STATE_")
                 ))

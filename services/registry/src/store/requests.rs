@@ -18,7 +18,8 @@ pub enum CancelOutcome {
     /// No such request.
     NotFound,
     /// Its state does not allow cancelling, or nothing is left to stop (a FAILED request
-    /// whose tasks have all ended or are retained); the state it is in.
+    /// whose tasks have all ended or are retained, a contract end whose tasks have ended or
+    /// are deleting); the state it is in.
     NotCancellable(RequestState),
 }
 
@@ -26,7 +27,7 @@ impl Store {
     /// Cancels a request: no further deliveries, and a cancellation queued for every
     /// processor. Refused ([`CancelOutcome::NotCancellable`]) unless the request is open and
     /// the cancellation can stop something: a delivery not yet accepted, or a task not
-    /// settled ([`cancel_stops_nothing`]). A cancellation that turns out to have stopped
+    /// settled ([`cancel_stops_nothing`]) and not a contract end's deletion under way. A cancellation that turns out to have stopped
     /// nothing gives way to the state the tasks report ([`crate::fold::fold_request`]).
     pub async fn cancel(&self, id: &str, reason: &str, now: i64) -> Result<CancelOutcome> {
         let mut tx = self.begin().await?;
@@ -46,7 +47,10 @@ impl Store {
         // does not stop either, or a failed task the processor's operator retries while
         // another is still failed (once none is, the request is IN_PROGRESS again).
         if state == RequestState::Failed
-            || cancel_stops_nothing(&deliveries(&mut tx, id).await?, &tasks(&mut tx, id).await?)
+            || cancel_stops_nothing(
+                &deliveries(&mut tx, id).await?,
+                &stoppable_tasks(&mut tx, id).await?,
+            )
         {
             return Ok(CancelOutcome::NotCancellable(state));
         }
@@ -217,6 +221,30 @@ pub(super) async fn deliveries(tx: &mut Tx, id: &str) -> Result<Vec<Delivery>> {
     Ok(rows
         .into_iter()
         .map(|(done, withdrawn)| Delivery::of(done.is_some(), withdrawn.is_some()))
+        .collect())
+}
+
+/// The states of the request's tasks a cancellation might still stop, read in `tx`: all of
+/// them but a contract end's that is deleting or done (its progress says so), whose erasure
+/// the processor lets run and report what it did.
+async fn stoppable_tasks(tx: &mut Tx, id: &str) -> Result<Vec<dsrelay_proto::v1::TaskState>> {
+    use dsrelay_proto::prost::Message;
+    use dsrelay_proto::v1::{ContractPhase, ContractProgress};
+    let rows: Vec<(i32, Option<Vec<u8>>)> =
+        sqlx::query_as("SELECT state, progress FROM tasks WHERE request_id = $1")
+            .bind(id)
+            .fetch_all(tx.conn())
+            .await?;
+    let deleting = |progress: &Option<Vec<u8>>| {
+        progress
+            .as_deref()
+            .and_then(|p| ContractProgress::decode(p).ok())
+            .is_some_and(|p| matches!(p.phase(), ContractPhase::Deleting | ContractPhase::Done))
+    };
+    Ok(rows
+        .into_iter()
+        .filter(|(_, progress)| !deleting(progress))
+        .map(|(state, _)| task_state(state))
         .collect())
 }
 
