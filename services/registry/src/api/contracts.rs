@@ -559,7 +559,8 @@ impl ContractService for Api {
         Self::ensure_open(&row)?;
         if row.choice() != ContractEndChoice::None {
             return Err(ApiError::failed_precondition(format!(
-                "contract end {} was made with the choice {}, which is final",
+                "contract end {} has the choice {} already, which is final (a choice is made \
+                 once, on a contract end made without one)",
                 row.request_id,
                 choice_name(row.choice())
             ))
