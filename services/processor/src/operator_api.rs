@@ -216,23 +216,30 @@ impl OperatorApi {
                 )))
             }
         };
-        match store
+        let retried = match store
             .retry_task(key, row.task.sequence, &transition, now, by)
             .await?
         {
-            Retried::Retried => {}
+            Retried::Retried(row) => row,
             Retried::Cancelled => {
                 return precondition(format!(
                     "the controller cancelled the request of task {named}: it is not run again"
                 ))
             }
             Retried::Forgotten => return precondition(forgotten(&named)),
+            Retried::WasRetained => {
+                return precondition(format!(
+                    "task {named} failed in a retention run (its data had been RETAINED, and \
+                     its request answered): it is not retried, as that would reopen the \
+                     answered request; the controller submits a new erasure"
+                ))
+            }
             Retried::Changed => {
                 return Err(ApiError::aborted(
                     "the task changed meanwhile (retried by someone else); list again",
                 ))
             }
-        }
+        };
         tracing::info!(
             request_id = %key.request_id,
             subprocessor = %key.subprocessor,
@@ -241,10 +248,7 @@ impl OperatorApi {
         );
         self.shared.ack_wakeup.notify_one();
         self.shared.task_wakeup.notify_one();
-        let row = store.manual_task(key).await?.ok_or_else(|| {
-            ApiError::unexpected(anyhow::anyhow!("task {named} vanished after its retry"))
-        })?;
-        Ok(to_proto(row))
+        Ok(to_proto(*retried))
     }
 
     async fn finish(
@@ -1109,4 +1113,101 @@ mod tests {
     }
 
     on_both!(a_retried_task_shows_the_holder_s_words_and_its_attempts);
+
+    /// Keeps the subject's invoices until the call's own time (so the retention run is due
+    /// at once), then fails that run for good.
+    struct FailsItsRetentionRun;
+
+    impl dsrelay_connectors::Connector for FailsItsRetentionRun {
+        fn kind_name(&self) -> &'static str {
+            "fails-its-retention-run"
+        }
+
+        fn supports(&self, _kind: dsrelay_proto::v1::RequestKind) -> bool {
+            true
+        }
+
+        fn run<'a>(
+            &'a self,
+            task: &'a dsrelay_connectors::Task,
+        ) -> dsrelay_connectors::BoxFuture<
+            'a,
+            Result<dsrelay_connectors::Outcome, dsrelay_connectors::ConnectorError>,
+        > {
+            use dsrelay_connectors::{ConnectorError, Outcome, Phase};
+            let outcome = match task.phase {
+                Phase::Start => Ok(Outcome::Retained {
+                    legal_basis: "Kirjanpitolaki 2:10 §".into(),
+                    until_ms: task.now_ms,
+                    records_affected: 5,
+                    note: "deleted 5 rows, invoices kept".into(),
+                    erased: Vec::new(),
+                }),
+                _ => Err(ConnectorError::Permanent("invoices table is gone".into())),
+            };
+            Box::pin(async move { outcome })
+        }
+    }
+
+    /// A task that failed in its retention run is not retried: its request was answered
+    /// (PARTIALLY_COMPLETED at the registry), and a retry would reopen it to be cancelled,
+    /// with the erasure of data past its date. A task that failed outright is.
+    async fn a_task_that_failed_in_its_retention_run_is_not_retried(
+        database_url: &str,
+        dir: &std::path::Path,
+    ) {
+        use dsrelay_proto::v1::{DeliverRequest, RequestKind};
+
+        let connectors = std::collections::HashMap::from([(
+            "crm".to_string(),
+            Arc::new(FailsItsRetentionRun) as Arc<dyn dsrelay_connectors::Connector>,
+        )]);
+        let app = crate::App::with_connectors(config(dir, database_url), connectors)
+            .await
+            .expect("app");
+        let shared = app.shared();
+        let api = OperatorApi::new(shared.clone());
+        let now = shared.clock.now_ms();
+        let key = TaskKey {
+            controller: "acme".into(),
+            request_id: "r-retained".into(),
+            subprocessor: "crm".into(),
+        };
+        let req = DeliverRequest {
+            request_id: key.request_id.clone(),
+            kind: RequestKind::Erasure as i32,
+            due_at: Some(timestamp_from_millis(now + 30 * 86_400_000)),
+            ..Default::default()
+        };
+        shared
+            .store
+            .accept("acme", &req, &["crm".to_string()], None, now)
+            .await
+            .expect("accept");
+        let mut states = Vec::new();
+        for step in 1..=2 {
+            let jobs = (shared.store.claim_tasks(now + step * 1_000, 10, 30_000))
+                .await
+                .expect("claim");
+            assert_eq!(jobs.len(), 1, "step {step}");
+            for job in jobs {
+                crate::runner::run_task(&shared, job).await.expect("step");
+            }
+            let row = shared.store.manual_task(&key).await.expect("read");
+            states.push(row.expect("the task").task.state);
+        }
+        assert_eq!(states, [TaskState::Retained, TaskState::Failed]);
+
+        let err = api.retry(&key, "invoices restored", "ops").await;
+        let status = Status::from(err.expect_err("a failed retention run"));
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+        assert!(
+            status.message().contains("failed in a retention run"),
+            "{status:?}"
+        );
+        let row = shared.store.manual_task(&key).await.expect("read");
+        assert_eq!(row.expect("the task").task.state, TaskState::Failed);
+    }
+
+    on_both!(a_task_that_failed_in_its_retention_run_is_not_retried);
 }

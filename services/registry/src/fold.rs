@@ -99,6 +99,9 @@ pub(crate) fn cancel_stops_nothing(deliveries: &[Delivery], tasks: &[TaskState])
 /// - A FAILED request none of whose tasks is FAILED or REFUSED any longer (the processor's
 ///   operator retried the failed one, RetryTask) is open again: IN_PROGRESS while the retry
 ///   runs, then what its tasks end in.
+/// - Once every task has settled, a CANCELLED one makes the request CANCELLED (unless one
+///   failed): only a cancellation stops a task, and the request may read otherwise when its
+///   cancellation first seemed to stop nothing and a retried task was stopped after.
 pub(crate) fn fold_request(
     prior: RequestState,
     deliveries: &[Delivery],
@@ -158,6 +161,11 @@ fn fold_tasks(deliveries: &[Delivery], tasks: &[TaskState]) -> RequestState {
     }
     if tasks.iter().copied().any(failed) {
         RequestState::Failed
+    } else if tasks.contains(&TaskState::Cancelled) {
+        // A cancellation stopped a task: only the registry's Cancel does that, so the request
+        // was cancelled, even if it read otherwise meanwhile (a FAILED request whose failed
+        // task was retried before the Cancel reached the processor).
+        RequestState::Cancelled
     } else if tasks.contains(&TaskState::Retained) {
         RequestState::PartiallyCompleted
     } else {
@@ -249,6 +257,11 @@ mod tests {
         // Not answered yet: a task failed while another runs leaves the request open.
         let unanswered = fold_request(R::InProgress, &[Accepted], &[Failed, InProgress]);
         assert_eq!(unanswered, R::InProgress);
+        // A cancellation that stopped nothing gave way to FAILED; the retried task is then
+        // cancelled when it reaches the processor: the request was cancelled after all.
+        let cancelled = fold_request(R::InProgress, &[Accepted], &[Completed, Cancelled]);
+        assert_eq!(cancelled, R::Cancelled);
+        assert_eq!(fold(&[Retained, Cancelled]), R::Cancelled);
     }
 
     /// A cancellation that stopped nothing (every holder had done its part already, or was

@@ -665,6 +665,25 @@ async fn a_retried_task_reopens_a_failed_request(store: Store) {
     assert_eq!(state(&store, "r2").await, R::Failed);
     ack(&store, "r2", "a", 4, Completed, 4_000).await;
     assert_eq!(state(&store, "r2").await, R::Failed);
+
+    // Reopened, it may be cancelled again.
+    with_tasks(&store, "r3", Completed, Failed).await;
+    ack(&store, "r3", "b", 3, InProgress, 3_000).await;
+    let cancelled = store.cancel("r3", "withdrawn", 3_500).await.unwrap();
+    assert_eq!(cancelled, CancelOutcome::Cancelled);
+
+    // A cancellation that seemed to stop nothing (the task failed before it arrived) gave
+    // way to FAILED; the retried task is then cancelled by it: CANCELLED after all, never
+    // COMPLETED over a task that was not done.
+    with_tasks(&store, "r4", Completed, InProgress).await;
+    let cancelled = store.cancel("r4", "withdrawn", 2_500).await.unwrap();
+    assert_eq!(cancelled, CancelOutcome::Cancelled);
+    ack(&store, "r4", "b", 3, Failed, 3_000).await;
+    assert_eq!(state(&store, "r4").await, R::Failed);
+    ack(&store, "r4", "b", 4, InProgress, 3_500).await;
+    assert_eq!(state(&store, "r4").await, R::InProgress);
+    ack(&store, "r4", "b", 5, Cancelled, 4_000).await;
+    assert_eq!(state(&store, "r4").await, R::Cancelled);
 }
 
 #[tokio::test]

@@ -254,6 +254,10 @@ impl Store {
         now: i64,
     ) -> Result<bool> {
         let mut tx = self.begin_audited().await?;
+        // Locked first, as an operator's retry locks it (PostgreSQL): the UPDATE's
+        // subquery then sees a retry that committed while this waited, and leaves its task
+        // alone; without the lock it would keep what it saw before the retry.
+        super::lock_requests(&mut tx, &[(&r.controller, &r.request_id)]).await?;
         // `forgotten_at IS NULL` on the row updated, not only in the subquery: replicas
         // forgetting side by side (PostgreSQL) wait for each other's lock on this row, and
         // only the row's own condition is checked again once the other one committed (the

@@ -33,14 +33,17 @@ use crate::task_machine::{decide, Context, Decision, Event, Transition};
 const TASKS_PER_INSERT: usize = 200;
 
 /// What [`Store::retry_task`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Retried {
-    /// The task is IN_PROGRESS again.
-    Retried,
+    /// The task is IN_PROGRESS again: as the retry recorded it, read in its transaction
+    /// (a runner may claim it the moment it commits).
+    Retried(Box<ManualRow>),
     /// Nothing: the controller cancelled the request.
     Cancelled,
     /// Nothing: the request was forgotten (its body, with the identities, removed).
     Forgotten,
+    /// Nothing: the task had been RETAINED, and failed in a retention run.
+    WasRetained,
     /// Nothing: the task moved on from the sequence the retry was decided at.
     Changed,
 }
@@ -615,6 +618,26 @@ impl Store {
             tx.rollback().await?;
             return Ok(refused);
         }
+        // A task once RETAINED failed in a retention run, after its request was answered:
+        // rerun as a new task, it would make the registry reopen that request (open,
+        // cancellable), and a cancellation would stop the erasure of data past its date.
+        // Every acknowledgement queued for the task stays until the request is forgotten.
+        let reported: Vec<Vec<u8>> = sqlx::query_scalar(
+            "SELECT payload FROM ack_outbox WHERE controller = $1 AND request_id = $2 \
+             AND subprocessor = $3",
+        )
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .fetch_all(&mut *tx)
+        .await?;
+        let was_retained = reported.iter().any(|p| {
+            Acknowledgement::decode(p.as_slice()).is_ok_and(|a| a.state() == TaskState::Retained)
+        });
+        if was_retained {
+            tx.rollback().await?;
+            return Ok(Retried::WasRetained);
+        }
         let step = Step {
             expected_sequence,
             lease_owner: None,
@@ -639,8 +662,17 @@ impl Store {
         .bind(&key.subprocessor)
         .execute(&mut *tx)
         .await?;
+        let row: OperatorRecord = sqlx::query_as(&format!(
+            "{JOINED_SELECT} WHERE t.controller = $1 AND t.request_id = $2 \
+             AND t.subprocessor = $3"
+        ))
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .fetch_one(&mut *tx)
+        .await?;
         tx.commit().await?;
-        Ok(Retried::Retried)
+        Ok(Retried::Retried(Box::new(ManualRow::from(row))))
     }
 
     /// Leaves a task of the claim `lease_owner` in its state and looks at it again at

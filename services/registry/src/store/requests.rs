@@ -44,8 +44,9 @@ impl Store {
         // finished, and no report would come to correct it. A FAILED one is always so: the
         // fold gives FAILED only once every delivery was accepted and every task settled,
         // and what moves after is a retained task's erasure at its date, which a Cancel
-        // does not stop either, or a failed task the processor's operator retries while
-        // another is still failed (once none is, the request is IN_PROGRESS again).
+        // does not stop either. A task of it the processor's operator retries while another
+        // is still failed is not cancelled from here: an operator must act on the failed one
+        // first (once none is failed, the request is IN_PROGRESS again, and cancellable).
         if state == RequestState::Failed
             || cancel_stops_nothing(
                 &deliveries(&mut tx, id).await?,
