@@ -10,10 +10,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use dsrelay_proto::prost::Message;
 use dsrelay_proto::v1::acknowledgement_service_server::AcknowledgementService;
 use dsrelay_proto::v1::{
     AcknowledgeRequest, AcknowledgeResponse, Acknowledgement, ContractPhase,
-    RejectedAcknowledgement, RejectedField, RequestKind, TaskState, TaskStatus, TransferReceipt,
+    RejectedAcknowledgement, RejectedField, RequestKind, SubmitRequest, TaskState, TaskStatus,
+    TransferReceipt,
 };
 use dsrelay_runtime::identity::{instant_violation, request_id_violation, FieldViolation};
 use dsrelay_runtime::trace_context;
@@ -251,7 +253,9 @@ impl Api {
     /// processors' answers too. A receipt is refused on a request that transfers nothing
     /// (any kind but TRANSFER, and a contract end whose terms name no transfer recipient):
     /// nothing checks it there, and shown with the task it would read as proof that the data
-    /// arrived. `kinds` are the kinds of the requests delivered to `processor`
+    /// arrived. A receipt where data is transferred must name the recipient the request
+    /// sends it to ([`recipient_problem`]). `kinds` are the kinds of the requests delivered
+    /// to `processor`
     /// ([`Self::kinds_concerned`]): an acknowledgement of any other request is refused as not
     /// routed (PERMISSION_DENIED), whatever its kind, so a processor cannot learn that
     /// another's request exists.
@@ -295,6 +299,18 @@ impl Api {
             .contract_ends_transferring(&receipted_contract_ends)
             .await
             .map_err(ApiError::from)?;
+        let receipted_transfers: Vec<&str> = acks
+            .iter()
+            .filter(|a| {
+                receipt(a).is_some()
+                    && (kind_of(a) == Some(RequestKind::Transfer)
+                        || contract_transfers.contains(&a.request_id))
+            })
+            .map(|a| a.request_id.as_str())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let recipients = self.transfer_recipients(&receipted_transfers).await?;
         let mut violations = Vec::new();
         for (i, a) in acks.iter().enumerate() {
             let Some(kind) = kind_of(a) else {
@@ -333,6 +349,19 @@ impl Api {
                 RequestKind::ContractEnd => contract_transfers.contains(&a.request_id),
                 _ => false,
             };
+            if let (true, Some(r)) = (transfers, receipt(a)) {
+                if let Some(rule) = recipient_problem(r, recipients.get(&a.request_id), || {
+                    self.shared.config.known_recipients()
+                }) {
+                    violations.push((
+                        i,
+                        FieldViolation::new(
+                            format!("acknowledgements[{i}].evidence.transfer_receipt.recipient"),
+                            rule,
+                        ),
+                    ));
+                }
+            }
             if receipt(a).is_some() && !transfers {
                 let what = if kind == RequestKind::ContractEnd {
                     "a contract end whose terms name no transfer recipient".to_string()
@@ -353,6 +382,63 @@ impl Api {
             }
         }
         Ok(violations)
+    }
+}
+
+impl Api {
+    /// The transfer recipient each of the requests `ids` sends its data to, by request id:
+    /// a TRANSFER's `parameters.transfer_recipient`, a contract end's terms'; `None` for a
+    /// TRANSFER whose body was forgotten with its identities. One read per request: only
+    /// the requests of acknowledgements with a receipt, a task's last report, are asked.
+    async fn transfer_recipients(
+        &self,
+        ids: &[&str],
+    ) -> Result<HashMap<String, Option<String>>, ApiError> {
+        let store = &self.shared.store;
+        let mut out = HashMap::new();
+        for &id in ids {
+            let Some(request) = store.request(id).await? else {
+                continue;
+            };
+            let named = if request.kind == RequestKind::ContractEnd {
+                store.contract(id).await?.map(|c| c.transfer_recipient)
+            } else {
+                request.body.map(|b| {
+                    SubmitRequest::decode(b.as_slice())
+                        .ok()
+                        .and_then(|s| s.parameters)
+                        .map(|p| p.transfer_recipient)
+                        .unwrap_or_default()
+                })
+            };
+            out.insert(id.to_string(), named);
+        }
+        Ok(out)
+    }
+}
+
+/// Why receipt `r` names the wrong recipient, if it does: the recipient must call itself by
+/// the name the registry's `[[recipients]]` gives it, the one the request sent the data to
+/// (`named`, from [`Api::transfer_recipients`]), as the processor checks before it reports
+/// the task COMPLETED; the registry shows this name as the one holding the data. When the
+/// request's name was forgotten with its body (`Some(None)`), any recipient `configured`
+/// gives is taken: the registry no longer knows which one it was.
+fn recipient_problem<'a>(
+    r: &TransferReceipt,
+    named: Option<&Option<String>>,
+    configured: impl FnOnce() -> BTreeSet<&'a str>,
+) -> Option<String> {
+    match named {
+        Some(Some(name)) if r.recipient != *name => Some(format!(
+            "must be {name:?}, the recipient the request transfers the data to (its name in \
+             the registry's [[recipients]])"
+        )),
+        Some(None) if !configured().contains(r.recipient.as_str()) => Some(
+            "must be the name of a recipient in the registry's [[recipients]] (the request's \
+             own was forgotten with its body)"
+                .into(),
+        ),
+        _ => None,
     }
 }
 
@@ -628,5 +714,302 @@ mod tests {
         );
         assert_eq!(kept.len(), 1);
         assert_eq!(kept[0].retain_until, at(1_800_000_000));
+    }
+
+    #[test]
+    fn a_receipt_must_name_the_request_s_recipient() {
+        let r = |name: &str| TransferReceipt {
+            recipient: name.into(),
+            ..Default::default()
+        };
+        let named = Some("new-bookkeeper".to_string());
+        let configured = || BTreeSet::from(["new-bookkeeper", "archive"]);
+        assert_eq!(
+            recipient_problem(&r("new-bookkeeper"), Some(&named), configured),
+            None
+        );
+        let rule = recipient_problem(&r("archive"), Some(&named), configured).unwrap();
+        assert!(rule.contains("\"new-bookkeeper\""), "{rule}");
+        // Forgotten with the body: any configured one, and no other.
+        assert_eq!(
+            recipient_problem(&r("archive"), Some(&None), configured),
+            None
+        );
+        assert!(recipient_problem(&r("evil-recipient"), Some(&None), configured).is_some());
+    }
+}
+
+/// A registry served over mutual TLS with the development PKI, as the processor and the
+/// partner call it, for the tests of this module and of `certificates`.
+#[cfg(test)]
+pub(crate) mod harness {
+    use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceClient;
+    use dsrelay_proto::v1::request_service_client::RequestServiceClient;
+    use dsrelay_proto::v1::{
+        AcknowledgeRequest, AcknowledgeResponse, Acknowledgement, IdentityEncoding, IdentityType,
+        RequestKind, RequestParameters, SubjectIdentity, SubmitRequest,
+    };
+    use dsrelay_runtime::pki::{dev_identity, DevPki};
+    use tokio::net::TcpListener;
+    use tokio::sync::oneshot;
+    use tonic::transport::Channel;
+
+    use crate::{App, Config};
+
+    /// The one processor, whose endpoint nobody answers: its deliveries wait.
+    pub(crate) const PROCESSOR: &str = "payroll-bureau";
+    /// The one configured transfer recipient.
+    pub(crate) const RECIPIENT: &str = "new-bookkeeper";
+
+    /// A running registry, stopped by [`Registry::stop`].
+    pub(crate) struct Registry {
+        port: u16,
+        pki: DevPki,
+        stop: oneshot::Sender<()>,
+        served: tokio::task::JoinHandle<anyhow::Result<()>>,
+    }
+
+    impl Registry {
+        /// Serves a registry on `database_url`, its files under `dir`; the processor's
+        /// certificates are checked with `public_key` (base64) when given.
+        pub(crate) async fn start(
+            dir: &std::path::Path,
+            database_url: &str,
+            public_key: Option<&str>,
+        ) -> Self {
+            let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
+            let tls = pki.files("registry");
+            let key = public_key.map_or(String::new(), |k| format!("public_key = {k:?}\n"));
+            let text = format!(
+                "listen = \"127.0.0.1:0\"\ndatabase_url = {database_url:?}\n\
+                 identity_hash_key = \"k\"\npackage_dir = {:?}\n\
+                 [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
+                 [audit]\ncheckpoint_key = {:?}\ncheckpoint_file = {:?}\n\
+                 [[identities]]\nidentity = {:?}\nrole = \"partner\"\nname = \"crm\"\n\
+                 [[identities]]\nidentity = {:?}\nrole = \"operator\"\nname = \"ops\"\n\
+                 [[processors]]\nname = \"{PROCESSOR}\"\nendpoint = \"https://localhost:1\"\n\
+                 identity = {:?}\ncategories = [\"contact\"]\n{key}\
+                 [[recipients]]\nname = \"{RECIPIENT}\"\nendpoint = \"https://localhost:1\"\n\
+                 identity = {:?}\n",
+                dir.join("packages"),
+                tls.ca,
+                tls.cert,
+                tls.key,
+                pki.signing_key("registry"),
+                dir.join("audit/checkpoints.jsonl"),
+                dev_identity("partner", "crm"),
+                dev_identity("operator", "ops"),
+                dev_identity("processor", PROCESSOR),
+                dev_identity("recipient", "example"),
+            );
+            let file = dir.join("registry.toml");
+            std::fs::write(&file, text).expect("config file");
+            let config = Config::load_from(Some(&file), Vec::new()).expect("config");
+            let app = App::build(config).await.expect("app");
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let port = listener.local_addr().expect("addr").port();
+            let (stop, stopped) = oneshot::channel::<()>();
+            let served = tokio::spawn(app.run(listener, async {
+                let _ = stopped.await;
+            }));
+            Self {
+                port,
+                pki,
+                stop,
+                served,
+            }
+        }
+
+        /// A channel to the registry with the certificate of the PKI's party `stem`.
+        pub(crate) fn channel(&self, stem: &str) -> Channel {
+            let tls = self.pki.files(stem).client_config().expect("client tls");
+            dsrelay_runtime::tls::channel(
+                &format!("https://localhost:{}", self.port),
+                Some(dev_identity("registry", "controller")),
+                &tls,
+            )
+            .expect("channel")
+        }
+
+        /// Submits, as partner-crm, a request of `kind` about maija@example.fi (a TRANSFER
+        /// to [`RECIPIENT`]) under idempotency key `key`; its id.
+        pub(crate) async fn submit(&self, kind: RequestKind, key: &str) -> String {
+            let parameters = (kind == RequestKind::Transfer).then(|| RequestParameters {
+                transfer_recipient: RECIPIENT.into(),
+                ..Default::default()
+            });
+            RequestServiceClient::new(self.channel("partner-crm"))
+                .submit(SubmitRequest {
+                    kind: kind as i32,
+                    identities: vec![SubjectIdentity {
+                        r#type: IdentityType::Email as i32,
+                        encoding: IdentityEncoding::Raw as i32,
+                        value: "maija@example.fi".into(),
+                        label: String::new(),
+                    }],
+                    parameters,
+                    idempotency_key: key.into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("submit")
+                .into_inner()
+                .request_id
+        }
+
+        /// Sends `acks` as the processor; the answer.
+        pub(crate) async fn acknowledge(&self, acks: Vec<Acknowledgement>) -> AcknowledgeResponse {
+            AcknowledgementServiceClient::new(self.channel("processor"))
+                .acknowledge(AcknowledgeRequest {
+                    acknowledgements: acks,
+                })
+                .await
+                .expect("acknowledge")
+                .into_inner()
+        }
+
+        pub(crate) async fn stop(self) {
+            let _ = self.stop.send(());
+            self.served.await.expect("joined").expect("served");
+        }
+    }
+}
+
+#[cfg(test)]
+mod recipient_tests {
+    use dsrelay_proto::v1::contract_service_client::ContractServiceClient;
+    use dsrelay_proto::v1::request_service_client::RequestServiceClient;
+    use dsrelay_proto::v1::{
+        ContractEndChoice, ContractPhase, ContractProgress, EndContractRequest, Evidence,
+        GetRequest,
+    };
+
+    use super::harness::{Registry, PROCESSOR, RECIPIENT};
+    use super::*;
+    use crate::test_postgres::on_postgres;
+
+    fn receipt(id: &str, subprocessor: &str, recipient: &str) -> TransferReceipt {
+        TransferReceipt {
+            request_id: id.into(),
+            subprocessor: subprocessor.into(),
+            manifest_sha256: "ab".repeat(32),
+            bytes: 3,
+            files: 1,
+            received_at: None,
+            recipient: recipient.into(),
+        }
+    }
+
+    /// The one rejection of `answer`: its fields.
+    fn rejected_fields(answer: &AcknowledgeResponse) -> Vec<String> {
+        assert_eq!(answer.applied, 0, "{answer:?}");
+        assert_eq!(answer.rejected.len(), 1, "{answer:?}");
+        assert_eq!(
+            answer.rejected[0].code,
+            tonic::Code::InvalidArgument as i32,
+            "{answer:?}"
+        );
+        let violations = answer.rejected[0].violations.iter();
+        violations.map(|v| v.field.clone()).collect()
+    }
+
+    /// A processor reports a TRANSFER task COMPLETED, and a contract end's task returned to
+    /// its transfer recipient, with a receipt from a recipient the request does not name:
+    /// both are refused, and nothing is recorded; the request's own recipient is taken.
+    /// Before, the registry checked the name nowhere and showed `evil-recipient` as the
+    /// one holding the data.
+    async fn a_receipt_from_another_recipient_is_refused(
+        database_url: &str,
+        dir: &std::path::Path,
+    ) {
+        let registry = Registry::start(dir, database_url, None).await;
+        let id = registry.submit(RequestKind::Transfer, "transfer").await;
+        let completed = |sequence: u64, recipient: &str| Acknowledgement {
+            request_id: id.clone(),
+            subprocessor: "crm".into(),
+            sequence,
+            state: TaskState::Completed as i32,
+            evidence: Some(Evidence {
+                records_affected: 1,
+                transfer_receipt: Some(receipt(&id, "crm", recipient)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let field = "acknowledgements[0].evidence.transfer_receipt.recipient";
+        let answer = registry
+            .acknowledge(vec![completed(1, "evil-recipient")])
+            .await;
+        assert_eq!(rejected_fields(&answer), [field]);
+        let rule = &answer.rejected[0].violations[0].rule;
+        assert!(rule.contains(&format!("{RECIPIENT:?}")), "{rule}");
+        let get = || async {
+            RequestServiceClient::new(registry.channel("partner-crm"))
+                .get(GetRequest {
+                    request_id: id.clone(),
+                })
+                .await
+                .expect("get")
+                .into_inner()
+        };
+        assert!(get().await.tasks.is_empty());
+        let answer = registry.acknowledge(vec![completed(1, RECIPIENT)]).await;
+        assert_eq!(answer.applied, 1, "{answer:?}");
+        let shown = get().await;
+        let shown = shown.tasks[0].evidence.as_ref().unwrap();
+        assert_eq!(
+            shown.transfer_receipt.as_ref().unwrap().recipient,
+            RECIPIENT
+        );
+
+        let contract = ContractServiceClient::new(registry.channel("operator"))
+            .end_contract(EndContractRequest {
+                processor: PROCESSOR.into(),
+                choice: ContractEndChoice::ReturnThenDelete as i32,
+                effective_now: true,
+                idempotency_key: "contract".into(),
+                transfer_recipient: RECIPIENT.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("end contract")
+            .into_inner()
+            .contract_id;
+        let awaiting = |recipient: &str| Acknowledgement {
+            request_id: contract.clone(),
+            subprocessor: "accounting".into(),
+            sequence: 1,
+            state: TaskState::InProgress as i32,
+            evidence: Some(Evidence {
+                confirmed: true,
+                transfer_receipt: Some(receipt(&contract, "accounting", recipient)),
+                ..Default::default()
+            }),
+            progress: Some(ContractProgress {
+                phase: ContractPhase::AwaitingConfirmation as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let answer = registry.acknowledge(vec![awaiting("evil-recipient")]).await;
+        assert_eq!(rejected_fields(&answer), [field]);
+        let answer = registry.acknowledge(vec![awaiting(RECIPIENT)]).await;
+        assert_eq!(answer.applied, 1, "{answer:?}");
+        registry.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_receipt_from_another_recipient_is_refused_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        a_receipt_from_another_recipient_is_refused(&url, dir.path()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_receipt_from_another_recipient_is_refused_on_postgres() {
+        on_postgres(|url, dir| async move {
+            a_receipt_from_another_recipient_is_refused(&url, &dir).await;
+        })
+        .await;
     }
 }

@@ -5,9 +5,11 @@
 //! `public_key`, its body is canonical JSON, and the body names the same processor
 //! (identity), request, subprocessor and task state as the acknowledgement it came with,
 //! and the kind its request calls for: `erasure` for an ERASURE (and any other request),
-//! `contract_end` for a CONTRACT_END. One that fails is still stored, as rejected with why, so that an
-//! operator sees it; the task's state change is applied as reported either way, since the
-//! processor's work happened whatever its certificate says.
+//! `contract_end` for a CONTRACT_END. One that fails is still stored, as rejected with why (in
+//! words that quote none of the body's text), so that an operator sees it until the request
+//! is forgotten (which removes what it carries: `store::forget`); the task's state change is
+//! applied as reported either way, since the processor's work happened whatever its
+//! certificate says. One stored as verified is checked again each time it is served.
 
 use dsrelay_proto::v1::certificate_service_server::CertificateService;
 use std::collections::HashMap;
@@ -17,20 +19,19 @@ use dsrelay_proto::v1::{
     StoredCertificate, TaskState,
 };
 use dsrelay_runtime::identity::FieldViolation;
-use dsrelay_runtime::signing::{PublicKey, Signed};
-use serde::Deserialize;
+use dsrelay_runtime::signing::{PublicKey, Signed, VerifyError};
 use tonic::{Response, Status};
 
 use crate::error::ApiError;
-use crate::store::{CertificateRow, ReceivedCertificate};
+use crate::store::{CertificateRow, ReceivedCertificate, RequestRow};
 use crate::validate::text_violation;
 
 use super::Api;
 
 /// The body fields the registry checks against the acknowledgement.
-#[derive(Debug, Deserialize)]
+#[derive(Debug)]
 struct Claims {
-    version: u32,
+    version: u64,
     certificate_id: String,
     kind: String,
     processor: String,
@@ -44,6 +45,33 @@ pub(crate) fn certificate_kind(kind: Option<RequestKind>) -> &'static str {
     match kind {
         Some(RequestKind::ContractEnd) => "contract_end",
         _ => "erasure",
+    }
+}
+
+/// What a certificate must name to be verified: the values the registry knows from the
+/// acknowledgement (or, when serving it, from the row it is stored in).
+struct Expected<'a> {
+    kind: &'a str,
+    processor: &'a str,
+    request_id: &'a str,
+    subprocessor: &'a str,
+    /// The task state, as the body spells it; `None` when serving (not stored with it).
+    task_state: Option<&'a str>,
+}
+
+/// Why the processor's key did not verify `doc`, in words that quote nothing the processor
+/// wrote except a key id that is one: a rejection is kept until the request is forgotten
+/// and its event's words stay in the audit trail, so a text in the key id (up to 128
+/// characters, unchecked) would stay there for ever.
+fn signature_rejection(e: &VerifyError) -> String {
+    match e {
+        VerifyError::WrongKey { found, expected } if !ReceivedCertificate::is_key_id(found) => {
+            format!(
+                "its key_id is not a key id (sha256: and 64 lowercase hex digits), not the \
+             expected key {expected}"
+            )
+        }
+        e => e.to_string(),
     }
 }
 
@@ -61,18 +89,30 @@ pub(crate) fn check(
         signature: c.signature.clone(),
         key_id: c.key_id.clone(),
     };
+    let state = TaskState::try_from(ack.state)
+        .unwrap_or_default()
+        .as_str_name()
+        .trim_start_matches("TASK_STATE_")
+        .to_string();
+    let expected = Expected {
+        kind,
+        processor: identity,
+        request_id: &ack.request_id,
+        subprocessor: &ack.subprocessor,
+        task_state: Some(&state),
+    };
     // The id is shown even for a rejected certificate, when the body has one: read from the
     // body verification parsed, or else (the signature did not hold) parsed for it alone.
     let mut certificate_id = None;
     let rejection = match key {
         None => Some("no public_key is configured for this processor".to_string()),
         Some(key) => match key.verify(&doc) {
-            Err(e) => Some(e.to_string()),
+            Err(e) => Some(signature_rejection(&e)),
             Ok(value) => {
                 certificate_id = id_in(&value);
-                match serde_json::from_value::<Claims>(value) {
-                    Err(e) => Some(format!("the body is not a deletion certificate: {e}")),
-                    Ok(claims) => mismatch(&claims, identity, kind, ack),
+                match claims(&value) {
+                    Err(e) => Some(e),
+                    Ok(claims) => mismatch(&claims, &expected),
                 }
             }
         },
@@ -90,6 +130,32 @@ pub(crate) fn check(
     }
 }
 
+/// The claims of a signed body, or why it is no deletion certificate (naming the key, never
+/// quoting its value: see [`signature_rejection`]).
+fn claims(body: &serde_json::Value) -> Result<Claims, String> {
+    let text = |key: &str| -> Result<String, String> {
+        body.get(key)
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| {
+                format!("the body is not a deletion certificate: its {key} is missing or no string")
+            })
+    };
+    let version = body
+        .get("version")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or("the body is not a deletion certificate: its version is missing or no number")?;
+    Ok(Claims {
+        version,
+        certificate_id: text("certificate_id")?,
+        kind: text("kind")?,
+        processor: text("processor")?,
+        request_id: text("request_id")?,
+        subprocessor: text("subprocessor")?,
+        task_state: text("task_state")?,
+    })
+}
+
 /// The `certificate_id` `body` carries, read without checking the signature.
 fn claimed_id(body: &[u8]) -> Option<String> {
     id_in(&serde_json::from_slice::<serde_json::Value>(body).ok()?)
@@ -100,19 +166,19 @@ fn id_in(body: &serde_json::Value) -> Option<String> {
     body.get("certificate_id")?.as_str().map(str::to_string)
 }
 
-/// The first way `claims` disagree with the acknowledgement, if any.
-fn mismatch(claims: &Claims, identity: &str, kind: &str, ack: &Acknowledgement) -> Option<String> {
-    let state = TaskState::try_from(ack.state)
-        .unwrap_or_default()
-        .as_str_name()
-        .trim_start_matches("TASK_STATE_")
-        .to_string();
+/// The first way `claims` disagree with what the registry expects, if any. Names the field
+/// and the registry's value, never the body's (see [`signature_rejection`]).
+fn mismatch(claims: &Claims, expected: &Expected<'_>) -> Option<String> {
     let pairs = [
-        ("kind", claims.kind.as_str(), kind),
-        ("processor", &claims.processor, identity),
-        ("request_id", &claims.request_id, &ack.request_id),
-        ("subprocessor", &claims.subprocessor, &ack.subprocessor),
-        ("task_state", &claims.task_state, &state),
+        ("kind", claims.kind.as_str(), Some(expected.kind)),
+        ("processor", &claims.processor, Some(expected.processor)),
+        ("request_id", &claims.request_id, Some(expected.request_id)),
+        (
+            "subprocessor",
+            &claims.subprocessor,
+            Some(expected.subprocessor),
+        ),
+        ("task_state", &claims.task_state, expected.task_state),
     ];
     if claims.version != 1 {
         return Some(format!("version {} is not known here", claims.version));
@@ -122,10 +188,8 @@ fn mismatch(claims: &Claims, identity: &str, kind: &str, ack: &Acknowledgement) 
     }
     pairs
         .iter()
-        .find(|(_, got, want)| got != want)
-        .map(|(field, got, want)| {
-            format!("its {field} is {got:?} where the acknowledgement says {want:?}")
-        })
+        .find_map(|(field, got, want)| want.filter(|want| got != want).map(|w| (field, w)))
+        .map(|(field, want)| format!("its {field} is not {want:?}, as the acknowledgement says"))
 }
 
 impl Api {
@@ -153,10 +217,9 @@ impl Api {
                 let kind = certificate_kind(kinds.get(a.request_id.as_str()).copied());
                 let checked = check(key, identity, kind, a, c);
                 if !checked.verified {
-                    // The rejection is the registry's words; what it quotes of the body is a
-                    // value of one of the claims checked (kind, processor, request_id,
-                    // subprocessor, task_state, version): identifiers, as the acknowledgement's
-                    // own logged here, never a text about the subject.
+                    // The rejection is the registry's words; it quotes nothing of the body
+                    // but its version (a number) and a key id that is one: the values it
+                    // names are the acknowledgement's own, logged here too.
                     tracing::warn!(
                         processor,
                         request_id = %a.request_id,
@@ -209,7 +272,22 @@ pub(super) fn violations(i: usize, c: &DeletionCertificate) -> Vec<FieldViolatio
     out
 }
 
-fn stored(row: CertificateRow) -> StoredCertificate {
+/// A stored certificate as the API shows it. One stored as verified is checked again here,
+/// against the processor's key configured now and the row it is stored in (its request,
+/// processor, subprocessor and id; the task state it went with is not stored): the row may
+/// have been changed in the database since, and `verified` promises a signature that holds.
+/// One that fails is shown as rejected, with why; a rejected one is shown as stored.
+fn stored(
+    row: CertificateRow,
+    request: &RequestRow,
+    identity: Option<&str>,
+    key: Option<&PublicKey>,
+) -> StoredCertificate {
+    let rejection = if row.verified == 0 {
+        Some(row.rejection)
+    } else {
+        recheck(&row, request, identity, key)
+    };
     StoredCertificate {
         processor: row.processor,
         subprocessor: row.subprocessor,
@@ -218,11 +296,57 @@ fn stored(row: CertificateRow) -> StoredCertificate {
             signature: row.signature,
             key_id: row.key_id,
         }),
-        verified: row.verified != 0,
-        rejection: row.rejection,
+        verified: rejection.is_none(),
+        rejection: rejection.unwrap_or_default(),
         certificate_id: row.certificate_id,
     }
 }
+
+/// Why a certificate stored as verified no longer is, if it is not.
+fn recheck(
+    row: &CertificateRow,
+    request: &RequestRow,
+    identity: Option<&str>,
+    key: Option<&PublicKey>,
+) -> Option<String> {
+    let (Some(identity), Some(key)) = (identity, key) else {
+        return Some("no public_key is configured for this processor any more".into());
+    };
+    let doc = Signed {
+        body: row.body.clone(),
+        signature: row.signature.clone(),
+        key_id: row.key_id.clone(),
+    };
+    let value = match key.verify(&doc) {
+        Ok(value) => value,
+        Err(VerifyError::WrongKey { .. }) if !ReceivedCertificate::is_key_id(&row.key_id) => {
+            return Some(format!("{STORED_CHANGED}: {}", key.key_id()));
+        }
+        Err(e @ VerifyError::WrongKey { .. }) => {
+            return Some(format!("the stored certificate is {e}"));
+        }
+        Err(_) => return Some(STORED_CHANGED.into()),
+    };
+    let expected = Expected {
+        kind: certificate_kind(Some(request.kind)),
+        processor: identity,
+        request_id: &request.id,
+        subprocessor: &row.subprocessor,
+        task_state: None,
+    };
+    let problem = match claims(&value) {
+        Err(e) => Some(e),
+        Ok(c) if c.certificate_id != row.certificate_id => {
+            Some("its certificate_id is not the one stored with it".into())
+        }
+        Ok(c) => mismatch(&c, &expected),
+    };
+    problem.map(|p| format!("the stored body is not the task's it is stored with: {p}"))
+}
+
+/// What [`recheck`] answers when the stored body's signature fails.
+const STORED_CHANGED: &str =
+    "the stored body no longer matches its signature under the processor's key";
 
 #[tonic::async_trait]
 impl CertificateService for Api {
@@ -259,8 +383,24 @@ impl CertificateService for Api {
             ))
             .into());
         }
+        let identity = |name: &str| {
+            let p = self
+                .shared
+                .config
+                .processors
+                .iter()
+                .find(|p| p.name == name);
+            p.map(|p| p.identity.as_str())
+        };
+        let keys = &self.shared.certificate_keys;
         Ok(Response::new(CertificateList {
-            certificates: certificates.into_iter().map(stored).collect(),
+            certificates: certificates
+                .into_iter()
+                .map(|c| {
+                    let (identity, key) = (identity(&c.processor), keys.get(&c.processor));
+                    stored(c, &row, identity, key)
+                })
+                .collect(),
         }))
     }
 }
@@ -407,5 +547,132 @@ mod tests {
                 "acknowledgements[3].certificate.key_id",
             ]
         );
+    }
+
+    /// A rejection is kept with the certificate and written into the audit trail's entry, so
+    /// it quotes nothing the processor wrote in a rejected body, its key id included.
+    #[test]
+    fn a_rejection_quotes_no_text_of_the_body() {
+        const TEXT: &str = "jane.doe@example.org, national id 010203-1234";
+        let key = SigningKey::generate();
+        let public = key.public_key();
+        for field in [
+            "kind",
+            "processor",
+            "request_id",
+            "subprocessor",
+            "task_state",
+            "version",
+        ] {
+            let mut b = body();
+            b[field] = json!(TEXT);
+            let r = check(Some(&public), ID, "erasure", &ack(), &signed(&key, b));
+            assert!(!r.verified, "{field}");
+            assert!(r.rejection.contains(field), "{field}: {}", r.rejection);
+            assert!(!r.rejection.contains("jane"), "{field}: {}", r.rejection);
+        }
+        let mut c = signed(&key, body());
+        c.key_id = TEXT.into();
+        let r = check(Some(&public), ID, "erasure", &ack(), &c);
+        assert!(
+            !r.verified && r.rejection.contains("key_id"),
+            "{}",
+            r.rejection
+        );
+        assert!(!r.rejection.contains("jane"), "{}", r.rejection);
+    }
+}
+
+/// ListCertificates through the served registry.
+#[cfg(test)]
+mod served_tests {
+    use dsrelay_proto::v1::certificate_service_client::CertificateServiceClient;
+    use dsrelay_runtime::pki::dev_identity;
+    use dsrelay_runtime::signing::{to_canonical_json, SigningKey};
+    use dsrelay_runtime::store::Db;
+    use serde_json::json;
+
+    use super::*;
+    use crate::api::acknowledgement::harness::{Registry, PROCESSOR};
+    use crate::test_postgres::on_postgres;
+
+    /// A certificate the registry verified on receipt has its body changed in the database
+    /// afterwards: ListCertificates shows it not verified, saying why, instead of the
+    /// verdict stored at receipt. Before, it was shown verified.
+    async fn a_certificate_changed_in_the_store_is_not_shown_verified(
+        database_url: &str,
+        dir: &std::path::Path,
+    ) {
+        let key = SigningKey::generate();
+        let registry =
+            Registry::start(dir, database_url, Some(&key.public_key().to_base64())).await;
+        let id = registry.submit(RequestKind::Erasure, "erasure").await;
+        let body = |records: i64| {
+            to_canonical_json(&json!({
+                "version": 1, "certificate_id": "c-1", "kind": "erasure",
+                "processor": dev_identity("processor", PROCESSOR), "request_id": id,
+                "subprocessor": "accounting", "task_state": "COMPLETED", "controller": "acme",
+                "records_affected": records, "erased": [], "retained": [],
+                "completed_at": "2026-01-01T00:00:00.000Z",
+                "issued_at": "2026-01-01T00:00:00.000Z",
+            }))
+            .unwrap()
+        };
+        let doc = key.sign(body(2));
+        let ack = Acknowledgement {
+            request_id: id.clone(),
+            subprocessor: "accounting".into(),
+            sequence: 1,
+            state: TaskState::Completed as i32,
+            certificate: Some(DeletionCertificate {
+                body: doc.body,
+                signature: doc.signature,
+                key_id: doc.key_id,
+            }),
+            ..Default::default()
+        };
+        let answer = registry.acknowledge(vec![ack]).await;
+        assert_eq!(answer.applied, 1, "{answer:?}");
+        let list = || async {
+            CertificateServiceClient::new(registry.channel("partner-crm"))
+                .list_certificates(ListCertificatesRequest {
+                    request_id: id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .expect("list")
+                .into_inner()
+                .certificates
+        };
+        let shown = list().await;
+        assert!(shown[0].verified, "{shown:?}");
+
+        let db = Db::connect(database_url).await.unwrap();
+        sqlx::query("UPDATE certificates SET body = $1 WHERE request_id = $2")
+            .bind(body(0))
+            .bind(id.as_str())
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let shown = list().await;
+        assert!(!shown[0].verified, "{shown:?}");
+        assert_eq!(shown[0].rejection, STORED_CHANGED);
+        assert_eq!(shown[0].certificate.as_ref().unwrap().body, body(0));
+        registry.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_certificate_changed_in_the_store_is_not_shown_verified_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        a_certificate_changed_in_the_store_is_not_shown_verified(&url, dir.path()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_certificate_changed_in_the_store_is_not_shown_verified_on_postgres() {
+        on_postgres(|url, dir| async move {
+            a_certificate_changed_in_the_store_is_not_shown_verified(&url, &dir).await;
+        })
+        .await;
     }
 }

@@ -5,6 +5,7 @@ use anyhow::Result;
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::v1::{EventType, RequestState, TransferReceipt};
 
+use super::certificates::forgotten_rejected;
 use super::events::{audit_text, insert_event, EventDetail};
 use super::rows::Operation;
 use super::{Store, Tx};
@@ -77,6 +78,37 @@ async fn hash_quoted_texts(tx: &mut Tx, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Leaves each rejected certificate of request `id` as [`forgotten_rejected`] does: its body,
+/// signature and claimed id are the processor's text, unchecked, and may name the subject.
+/// A verified one stays as signed: it is the proof of the erasure, and the signature covers
+/// every byte of it.
+async fn forget_rejected_certificates(tx: &mut Tx, id: &str) -> Result<()> {
+    let rejected: Vec<(i64, Vec<u8>, String, String)> = sqlx::query_as(
+        "SELECT id, body, key_id, rejection FROM certificates \
+         WHERE request_id = $1 AND verified = 0",
+    )
+    .bind(id)
+    .fetch_all(tx.conn())
+    .await?;
+    for (row, body, key_id, rejection) in rejected {
+        let (body, signature, key_id, certificate_id, rejection) =
+            forgotten_rejected(&body, &key_id, &rejection);
+        sqlx::query(
+            "UPDATE certificates SET body = $1, signature = $2, key_id = $3, \
+             certificate_id = $4, rejection = $5 WHERE id = $6",
+        )
+        .bind(body)
+        .bind(signature)
+        .bind(key_id)
+        .bind(certificate_id)
+        .bind(rejection)
+        .bind(row)
+        .execute(tx.conn())
+        .await?;
+    }
+    Ok(())
+}
+
 /// A request's place in the order forgetting takes them (finished, then id).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ForgetPosition {
@@ -122,8 +154,9 @@ impl Store {
 
     /// Removes the request's raw identities and body, the free text that may name its
     /// subject (task notes and reasons, cancel and extension reasons, delivery errors, event
-    /// messages; a task's legal basis and its receipt's recipient name are left only as their
-    /// keyed hash, see [`hash_quoted_texts`]), and records an IDENTITIES_FORGOTTEN event. A
+    /// messages, what a rejected certificate carries ([`forget_rejected_certificates`]); a
+    /// task's legal basis and its receipt's recipient name are left only as their keyed
+    /// hash, see [`hash_quoted_texts`]), and records an IDENTITIES_FORGOTTEN event. A
     /// Deliver still pending (only possible for a cancelled request) is given up: it could
     /// carry no identities any more. A processor may still report afterwards (on a task still
     /// RETAINED, or answering a pending Cancel): the report is written as this leaves a task
@@ -165,6 +198,7 @@ impl Store {
             .execute(tx.conn())
             .await?;
         hash_quoted_texts(&mut tx, id).await?;
+        forget_rejected_certificates(&mut tx, id).await?;
         sqlx::query("UPDATE deliveries SET last_error = NULL WHERE request_id = $1")
             .bind(id)
             .execute(tx.conn())
@@ -246,6 +280,7 @@ mod tests {
 
     use dsrelay_proto::v1::{RequestKind, TaskState, TaskStatus};
     use dsrelay_runtime::store::Db;
+    use sha2::Digest;
 
     use super::*;
     use crate::store::{
@@ -946,6 +981,112 @@ mod tests {
     async fn a_failed_cancel_after_forgetting_keeps_no_error_in_clear_on_postgres() {
         on_postgres(|url, _| async move {
             a_failed_cancel_after_forgetting_keeps_no_error_in_clear(store_at(&url).await).await;
+        })
+        .await;
+    }
+
+    /// The certificates of `r1`: (sequence, certificate_id, body, signature, key_id,
+    /// verified, rejection), by sequence.
+    #[allow(clippy::type_complexity)]
+    async fn certificate_rows(
+        store: &Store,
+    ) -> Vec<(i64, String, Vec<u8>, Vec<u8>, String, i64, String)> {
+        sqlx::query_as(
+            "SELECT sequence, certificate_id, body, signature, key_id, verified, rejection \
+             FROM certificates WHERE request_id = 'r1' ORDER BY sequence",
+        )
+        .fetch_all(&store.db.pool)
+        .await
+        .unwrap()
+    }
+
+    /// A rejected certificate's body, signature, key id and claimed id are the processor's
+    /// text, unchecked, and may name the subject: forgetting removes them and keeps the
+    /// rejection, with the body's SHA-256; one arriving after the forgetting is stored so.
+    /// A verified certificate stays as signed. Before, nothing forgot a certificate.
+    async fn forgetting_removes_what_a_rejected_certificate_carries(store: Store) {
+        failed_with_a_retained_task(&store).await;
+        let body = format!("{{\"certificate_id\":\"{SUBJECT}\",\"note\":\"{SUBJECT}\"}}");
+        let key_id = format!("sha256:{}", "ab".repeat(32));
+        let certified = |sequence: i64, verified: bool, key_id: &str| TaskUpdate {
+            request_id: "r1".into(),
+            subprocessor: "accounting".into(),
+            sequence,
+            state: TaskState::Retained as i32,
+            retain_until: Some(2_000_000),
+            certificate: Some(crate::store::ReceivedCertificate {
+                body: body.clone().into_bytes(),
+                signature: SUBJECT.as_bytes().to_vec(),
+                key_id: key_id.into(),
+                certificate_id: SUBJECT.into(),
+                verified,
+                rejection: if verified {
+                    String::new()
+                } else {
+                    "the signature does not match the document".into()
+                },
+            }),
+            ..Default::default()
+        };
+        let routed = || BTreeSet::from(["r1".to_string()]);
+        let acks = [certified(3, false, SUBJECT), certified(4, true, &key_id)];
+        let outcome = store.apply_routed_acks("p1", &acks, routed(), 2000);
+        assert_eq!(outcome.await.unwrap().applied, 2);
+        assert!(store.forget_request("r1", 3000, 5000, "m").await.unwrap());
+        let later = [certified(5, false, &key_id)];
+        let outcome = store.apply_routed_acks("p1", &later, routed(), 6000);
+        assert_eq!(outcome.await.unwrap().applied, 1);
+
+        let sha = hex::encode(sha2::Sha256::digest(body.as_bytes()));
+        let rejection = format!(
+            "the signature does not match the document (its body, SHA-256 {sha}, was removed \
+             when the request was forgotten)"
+        );
+        let rows = certificate_rows(&store).await;
+        assert_eq!(
+            rows,
+            [
+                (
+                    3,
+                    String::new(),
+                    vec![],
+                    vec![],
+                    String::new(),
+                    0,
+                    rejection.clone()
+                ),
+                (
+                    4,
+                    SUBJECT.to_string(),
+                    body.clone().into_bytes(),
+                    SUBJECT.as_bytes().to_vec(),
+                    key_id.clone(),
+                    1,
+                    String::new()
+                ),
+                (
+                    5,
+                    String::new(),
+                    vec![],
+                    vec![],
+                    key_id.clone(),
+                    0,
+                    rejection
+                ),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn forgetting_removes_what_a_rejected_certificate_carries_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        forgetting_removes_what_a_rejected_certificate_carries(store(dir.path()).await).await;
+    }
+
+    #[tokio::test]
+    async fn forgetting_removes_what_a_rejected_certificate_carries_on_postgres() {
+        on_postgres(|url, _| async move {
+            forgetting_removes_what_a_rejected_certificate_carries(store_at(&url).await).await;
         })
         .await;
     }
