@@ -27,7 +27,8 @@ Connection settings: each is taken from the first of
      must be given too: the registry is never trusted on its CA alone.
 
 Exit status: 0 on success; 1 for a configuration or connection problem, from `watch`
-when the request ended other than COMPLETED, from `contracts show --watch` when the
+when the request ended other than COMPLETED (or, without --until-erased, answered
+PARTIALLY_COMPLETED), from `contracts show --watch` when the
 contract end ended FAILED or CANCELLED, from `audit verify` when the trail is
 broken or the signed checkpoints asked for do not verify or are none, from `download`
 when a file does not match the manifest or cannot be written, from `contracts confirm
@@ -119,16 +120,19 @@ pub enum Command {
     Get(GetArgs),
     /// List requests, newest first.
     List(ListArgs),
-    /// Print a request's events until it ends COMPLETED, FAILED or CANCELLED (a
-    /// PARTIALLY_COMPLETED request is followed until its retained tasks complete); exits 0
-    /// only if it ended COMPLETED. A CANCELLED request is followed until nothing can change
-    /// it any more (its tasks settled, no withdrawn delivery in flight): a cancellation that
-    /// turns out to have stopped nothing gives way to what the holders did.
+    /// Print a request's events until it ends COMPLETED, FAILED or CANCELLED, or is
+    /// PARTIALLY_COMPLETED (answered; its holders keep some data by law until a date) and its
+    /// events so far are printed (--until-erased follows it on); exits 0 if it ended
+    /// COMPLETED or stopped at PARTIALLY_COMPLETED, 1 otherwise. A CANCELLED request is
+    /// followed until nothing can change it any more (its tasks settled, no withdrawn
+    /// delivery in flight): a cancellation that turns out to have stopped nothing gives way
+    /// to what the holders did.
     ///
     /// The registry ends every watch after its `watch.max_stream_ms` (default one hour) and
-    /// when it shuts down, with UNAVAILABLE; then, and when the connection drops, dsrctl
-    /// watches again after the last event printed, 1 s later, and gives up once 30 attempts
-    /// in a row fail to open the stream.
+    /// when it shuts down, with UNAVAILABLE; then, and when the connection drops (the
+    /// registry killed, say), dsrctl watches again after the last event printed, 1 s later,
+    /// and gives up once 30 attempts in a row fail to open the stream, naming the --after
+    /// that continues.
     Watch(WatchArgs),
     /// Cancel a request that is still open (RECEIVED, DISPATCHED or IN_PROGRESS) while a
     /// cancellation can stop something (a delivery or a task not yet ended).
@@ -861,8 +865,9 @@ pub struct WatchArgs {
     pub after: u64,
 
     /// Follow a PARTIALLY_COMPLETED request until its holders have erased the data they
-    /// keep by law (at its date, years on for bookkeeping). Without it, `watch` ends once such
-    /// a request's events so far have been printed: it was answered.
+    /// keep by law (at its date, years on for bookkeeping), and exit 0 only if it then ends
+    /// COMPLETED. Without it, `watch` ends once such a request's events so far have been
+    /// printed, exit 0: it was answered.
     #[arg(long)]
     pub until_erased: bool,
 }
@@ -998,6 +1003,24 @@ mod tests {
     #[test]
     fn clap_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// `watch` stops at PARTIALLY_COMPLETED, exit 0, unless --until-erased: its summary
+    /// (also in `dsrctl --help`) says so rather than that it follows the request on.
+    #[test]
+    fn the_watch_summary_says_where_it_stops() {
+        let mut cli = Cli::command();
+        let watch = cli.find_subcommand_mut("watch").expect("watch");
+        let about = watch.get_about().expect("a summary").to_string();
+        assert!(
+            !about.contains("until its retained tasks complete"),
+            "{about}"
+        );
+        for words in ["or is PARTIALLY_COMPLETED", "--until-erased follows it on"] {
+            assert!(about.contains(words), "{words} in {about}");
+        }
+        let help = watch.render_long_help().to_string();
+        assert!(help.contains("naming the --after that continues"), "{help}");
     }
 
     #[test]

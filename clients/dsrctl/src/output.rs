@@ -411,7 +411,15 @@ impl RequestView {
     fn table(&self) -> String {
         let mut h = Table::headless();
         h.row(["request", self.request_id.as_str()]);
-        h.row(["partner", self.partner.as_str()]);
+        // Only an operator creates a contract end (ContractService.EndContract, never
+        // Submit), so its `partner` names that operator; the registry says no more of who
+        // submitted a request of another kind.
+        let submitter = if self.kind == kind_name(RequestKind::ContractEnd as i32) {
+            "operator"
+        } else {
+            "partner"
+        };
+        h.row([submitter, self.partner.as_str()]);
         h.row(["kind", self.kind.as_str()]);
         h.row(["state", self.state.as_str()]);
         h.row(["received", &time_cell(self.received_at)]);
@@ -996,6 +1004,23 @@ mod tests {
         assert_eq!(v["tasks"][0]["records_affected"], 4);
         assert_eq!(v["identities"][0]["type"], "EMAIL");
         assert_eq!(v["identities"][0]["value"], "maija@example.fi");
+    }
+
+    #[test]
+    fn a_contract_end_names_the_operator_who_ended_it_as_such() {
+        let text = RequestView::from(&sample()).table();
+        assert!(
+            text.contains("partner     spiffe://dsrelay.dev/partner/crm\n"),
+            "{text}"
+        );
+        let contract_end = Request {
+            partner: "ops".into(),
+            kind: RequestKind::ContractEnd as i32,
+            ..sample()
+        };
+        let text = RequestView::from(&contract_end).table();
+        assert!(text.contains("operator    ops\n"), "{text}");
+        assert!(!text.contains("partner"), "{text}");
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //!
 //! The real registry and processor are in the workspace's end-to-end suite (`tests/`).
 
+use std::pin::Pin;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use dsrelay_proto::v1::contract_service_server::{ContractService, ContractServiceServer};
 use dsrelay_proto::v1::package_chunk::Item;
@@ -28,6 +30,10 @@ use dsrelay_runtime::audit::{Entry, GENESIS_HASH};
 use dsrelay_runtime::pki::DevPki;
 use dsrelay_runtime::signing::SigningKey;
 use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, ChildStdout};
+use tokio::task::AbortHandle;
 use tonic::{Request as Call, Response, Status};
 
 /// Entries per page of the stand-in's trail and checkpoints, so that a short trail spans
@@ -60,6 +66,16 @@ struct Answers {
     submit_error: Option<tonic::Code>,
     /// List answers its empty page as the last one, instead of naming the next page.
     list_ends: bool,
+    /// The events of every request Watch is asked for. A stream sends those after the one
+    /// asked for and stays open, as the registry's does, unless one of them ended the
+    /// request (COMPLETED, FAILED or CANCELLED).
+    events: Vec<RequestEvent>,
+    /// The `after_event_id` of every Watch received.
+    watched_after: Vec<u64>,
+    /// Watch answers PERMISSION_DENIED.
+    watch_refused: bool,
+    /// GetContract answers NOT_FOUND.
+    contract_gone: bool,
 }
 
 #[derive(Clone, Default)]
@@ -93,6 +109,8 @@ fn unanswered<T>() -> Result<Response<T>, Status> {
 
 type Chunks<T> = tokio_stream::Iter<std::vec::IntoIter<Result<T, Status>>>;
 
+type Events = Pin<Box<dyn tokio_stream::Stream<Item = Result<RequestEvent, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl RequestService for StandIn {
     async fn submit(&self, _: Call<SubmitRequest>) -> Result<Response<SubmitResponse>, Status> {
@@ -116,9 +134,29 @@ impl RequestService for StandIn {
             next_page_token: next.into(),
         }))
     }
-    type WatchStream = Chunks<RequestEvent>;
-    async fn watch(&self, _: Call<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        unanswered()
+    type WatchStream = Events;
+    async fn watch(&self, call: Call<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        use tokio_stream::StreamExt as _;
+        let after = call.into_inner().after_event_id;
+        let mut answers = self.answers();
+        answers.watched_after.push(after);
+        if answers.watch_refused {
+            return Err(Status::permission_denied("the stand-in's answer"));
+        }
+        let events: Vec<_> = (answers.events.iter())
+            .filter(|e| e.event_id > after)
+            .cloned()
+            .collect();
+        let ended = events.iter().any(|e| {
+            matches!(
+                RequestState::try_from(e.request_state),
+                Ok(RequestState::Completed | RequestState::Failed | RequestState::Cancelled)
+            )
+        });
+        let open = tokio_stream::pending().take(usize::from(!ended));
+        Ok(Response::new(Box::pin(
+            tokio_stream::iter(events.into_iter().map(Ok)).chain(open),
+        )))
     }
     async fn cancel(&self, _: Call<CancelRequest>) -> Result<Response<Request>, Status> {
         unanswered()
@@ -218,6 +256,9 @@ impl ContractService for StandIn {
     ) -> Result<Response<Contract>, Status> {
         let state = {
             let mut answers = self.answers();
+            if answers.contract_gone {
+                return Err(Status::not_found("the stand-in's answer"));
+            }
             if answers.contract_states_first.is_empty() {
                 answers.contract_state
             } else {
@@ -270,12 +311,79 @@ impl ContractService for StandIn {
     }
 }
 
+/// A TCP relay on 127.0.0.1 to the stand-in's port, which dsrctl is pointed at: killed, it
+/// does what the death of a registry process does to its clients (its connections closed
+/// mid-stream, its port refusing connections) until it starts again on the same port.
+struct Relay {
+    port: u16,
+    target: u16,
+    /// The accepting task and one task per connection.
+    tasks: Arc<Mutex<Vec<AbortHandle>>>,
+}
+
+impl Relay {
+    async fn start(target: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let relay = Self {
+            port: listener.local_addr().expect("address").port(),
+            target,
+            tasks: Arc::default(),
+        };
+        relay.serve(listener);
+        relay
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let (tasks, target) = (Arc::clone(&self.tasks), self.target);
+        let accepting = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let connection = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                tasks.lock().expect("tasks").push(connection.abort_handle());
+            }
+        });
+        self.tasks
+            .lock()
+            .expect("tasks")
+            .push(accepting.abort_handle());
+    }
+
+    /// Closes every connection and the port, as the kernel does for a process killed.
+    fn kill(&self) {
+        for task in self.tasks.lock().expect("tasks").drain(..) {
+            task.abort();
+        }
+    }
+
+    /// Listens on the same port again, once the one killed has let it go.
+    async fn restart(&self) {
+        for _ in 0..50 {
+            if let Ok(listener) = TcpListener::bind(("127.0.0.1", self.port)).await {
+                return self.serve(listener);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("port {} stayed taken", self.port);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// The stand-in, serving until dropped, and a folder holding the development PKI dsrctl
 /// finds in its working directory (as the operator).
 struct Registry {
     dir: tempfile::TempDir,
     endpoint: String,
     stand_in: StandIn,
+    /// What dsrctl connects to.
+    relay: Relay,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -292,9 +400,7 @@ impl Registry {
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = DevPki::ensure(&dir.path().join(".dsrelay/pki")).expect("dev pki");
         let tls = pki.files("registry").server_config().expect("registry tls");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("address").port();
         let answers = StandIn(Arc::new(Mutex::new(answers)));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -310,10 +416,12 @@ impl Registry {
                 },
             );
         tokio::spawn(server);
+        let relay = Relay::start(port).await;
         Self {
             dir,
-            endpoint: format!("https://localhost:{port}"),
+            endpoint: format!("https://localhost:{}", relay.port),
             stand_in: answers,
+            relay,
             _stop: stop,
         }
     }
@@ -1024,4 +1132,183 @@ async fn the_retry_note_comes_only_when_the_submit_may_have_been_stored() {
         );
         assert!(run.stderr.contains("the stand-in's answer"), "{run:?}");
     }
+}
+
+/// How long a test waits for a running dsrctl to print or to end: a guard against a hang,
+/// not a measure.
+const GUARD: Duration = Duration::from_secs(60);
+
+/// A dsrctl still running, its output read line by line.
+struct Running {
+    child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+    read: Vec<String>,
+}
+
+impl Registry {
+    /// Starts dsrctl with `args` against the stand-in, killed if the test ends first.
+    fn spawn(&self, args: &[&str]) -> Running {
+        let mut child = (self.command(args).kill_on_drop(true).spawn()).expect("running dsrctl");
+        let stdout = child.stdout.take().expect("stdout");
+        Running {
+            child,
+            lines: BufReader::new(stdout).lines(),
+            read: Vec::new(),
+        }
+    }
+}
+
+impl Running {
+    /// Reads lines of its output until one for which `wanted` holds.
+    async fn read_until(&mut self, wanted: impl Fn(&str) -> bool) {
+        loop {
+            let next = tokio::time::timeout(GUARD, self.lines.next_line()).await;
+            let line = (next
+                .expect("a hang guard")
+                .expect("reading dsrctl's output"))
+            .unwrap_or_else(|| panic!("dsrctl ended having printed {:?}", self.read));
+            let done = wanted(&line);
+            self.read.push(line);
+            if done {
+                return;
+            }
+        }
+    }
+
+    /// Reads the rest of its output and waits for it to end.
+    async fn end(mut self) -> Run {
+        use tokio::io::AsyncReadExt as _;
+        let mut stderr = String::new();
+        let mut err = self.child.stderr.take().expect("stderr");
+        let rest = async {
+            while let Some(line) = self.lines.next_line().await.expect("reading") {
+                self.read.push(line);
+            }
+            err.read_to_string(&mut stderr).await.expect("reading");
+            self.child.wait().await.expect("dsrctl ends")
+        };
+        let status = tokio::time::timeout(GUARD, rest)
+            .await
+            .unwrap_or_else(|_| panic!("dsrctl did not end (a hang guard): {:?}", self.read));
+        Run {
+            code: status.code(),
+            stdout: self.read.join("\n"),
+            stderr,
+        }
+    }
+}
+
+fn event(event_id: u64, state: RequestState) -> RequestEvent {
+    RequestEvent {
+        event_id,
+        request_id: "r-1".into(),
+        request_state: state as i32,
+        ..Default::default()
+    }
+}
+
+/// A registry killed (no UNAVAILABLE to end the stream: its connection just closes) and
+/// started again: `watch` watches again after the last event it printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_goes_on_after_the_registry_is_killed_and_started_again() {
+    let registry = Registry::start(Answers {
+        events: vec![
+            event(1, RequestState::Received),
+            event(2, RequestState::InProgress),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let mut watch = registry.spawn(&["watch", "r-1"]);
+    watch.read_until(|line| line.contains("IN_PROGRESS")).await;
+    registry.relay.kill();
+    // Long enough for dsrctl to find the registry gone, and try again at least once.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    registry
+        .answers()
+        .events
+        .push(event(3, RequestState::Completed));
+    registry.relay.restart().await;
+    let run = watch.end().await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let printed: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(printed.len(), 3, "{run:?}");
+    assert!(printed[2].contains("COMPLETED"), "{run:?}");
+    assert!(
+        run.stderr.contains("request r-1 ended COMPLETED"),
+        "{run:?}"
+    );
+    let watched_after = registry.answers().watched_after.clone();
+    assert_eq!(watched_after.first(), Some(&0), "{watched_after:?}");
+    assert_eq!(watched_after.last(), Some(&2), "{watched_after:?}");
+}
+
+/// A watch that cannot go on after events were printed says where to continue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_that_cannot_go_on_says_where_to_continue() {
+    let registry = Registry::start(Answers {
+        events: vec![
+            event(1, RequestState::Received),
+            event(2, RequestState::InProgress),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let mut watch = registry.spawn(&["watch", "r-1"]);
+    watch.read_until(|line| line.contains("IN_PROGRESS")).await;
+    registry.answers().watch_refused = true;
+    registry.relay.kill();
+    registry.relay.restart().await;
+    let run = watch.end().await;
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(
+        run.stderr
+            .contains("`dsrctl watch r-1 --after 2` continues after the last event printed"),
+        "{run:?}"
+    );
+    assert!(run.stderr.contains("PERMISSION_DENIED"), "{run:?}");
+}
+
+/// A registry restarted during a contract end (whose grace period may last months):
+/// `contracts show --watch` asks again until it answers, saying so, rather than ending.
+/// Other errors still end it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contract_watch_outlasts_a_registry_restart() {
+    let registry = Registry::start(Answers {
+        contract_state: RequestState::InProgress,
+        ..Default::default()
+    })
+    .await;
+    let watch_args = ["contracts", "show", "c-1", "--watch"];
+    let mut watch = registry.spawn(&watch_args);
+    watch.read_until(|line| line.starts_with("state")).await;
+    registry.relay.kill();
+    // Long enough for two polls to fail.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    registry.answers().contract_state = RequestState::Completed;
+    registry.relay.restart().await;
+    let run = watch.end().await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    for note in [
+        "cannot reach the registry",
+        "asking again in 1 s",
+        "asking again in 2 s",
+        "note: the registry answers again",
+    ] {
+        assert!(run.stderr.contains(note), "{note} in {run:?}");
+    }
+    let states: Vec<&str> = (run.stdout.lines())
+        .filter_map(|line| line.strip_prefix("state"))
+        .map(str::trim)
+        .collect();
+    assert_eq!(states, ["IN_PROGRESS", "COMPLETED"], "{run:?}");
+
+    registry.answers().contract_state = RequestState::InProgress;
+    let mut watch = registry.spawn(&watch_args);
+    watch.read_until(|line| line.starts_with("state")).await;
+    registry.answers().contract_gone = true;
+    let run = watch.end().await;
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(run.stderr.contains("NOT_FOUND"), "{run:?}");
+    assert!(!run.stderr.contains("asking again"), "{run:?}");
 }

@@ -29,20 +29,28 @@ pub fn code_name(code: Code) -> &'static str {
 }
 
 /// True when the status was made on our side because no connection to the server could be
-/// established or kept (refused, TLS handshake failed, unexpected server identity), rather
-/// than sent by the server.
+/// established or kept (refused, TLS handshake failed, unexpected server identity, or the
+/// connection closed while a call was under way, as when the server is killed), rather than
+/// sent by the server. A call that outlived its timeout is not one: the server was reached.
 ///
-/// tonic reports both as a `Status`; only the local kind carries the transport or I/O error
-/// as its source, which is what this looks for.
+/// tonic reports both as a `Status`; only the local kind carries an error as its source (a
+/// status the server sent is read from its trailers, and has none). That error is the
+/// transport's or an I/O error when the connection could not be made; when it broke under a
+/// call, hyper's error for the body, whose own source is h2's, in a status of code UNKNOWN
+/// (or the code h2's reason maps to). Those two types are not this crate's dependencies, so
+/// every source counts but a timeout and the one [`is_bad_answer`] looks for.
 pub fn is_connection_error(status: &Status) -> bool {
     let mut source = status.source();
+    if source.is_none() || is_bad_answer(status) {
+        return false;
+    }
     while let Some(err) = source {
-        if err.is::<tonic::transport::Error>() || err.is::<std::io::Error>() {
-            return true;
+        if err.is::<tonic::TimeoutExpired>() {
+            return false;
         }
         source = err.source();
     }
-    false
+    true
 }
 
 /// Why this client stopped on answers that cannot be right; the source of the status that
@@ -76,6 +84,13 @@ pub fn is_bad_answer(status: &Status) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use dsrelay_proto::v1::package_service_client::PackageServiceClient;
+    use dsrelay_proto::v1::package_service_server::{PackageService, PackageServiceServer};
+    use dsrelay_proto::v1::{DownloadPackageRequest, GetPackageRequest, PackageChunk, PackageInfo};
+    use futures::StreamExt as _;
+    use tokio::net::{TcpListener, TcpStream};
+    use tonic::transport::Channel;
+
     use super::*;
 
     #[test]
@@ -89,6 +104,74 @@ mod tests {
     fn a_server_status_is_not_a_connection_error() {
         assert!(!is_connection_error(&Status::not_found("no such request")));
         assert!(!is_connection_error(&Status::unavailable("draining")));
+    }
+
+    #[test]
+    fn a_call_that_outlived_its_timeout_is_not_a_connection_error() {
+        let status = Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        assert_eq!(status.code(), Code::Cancelled, "{status:?}");
+        assert!(!is_connection_error(&status), "{status:?}");
+    }
+
+    /// Sends one chunk of a package, then nothing: the stream stays open.
+    struct OneChunk;
+
+    #[tonic::async_trait]
+    impl PackageService for OneChunk {
+        async fn get_package(
+            &self,
+            _: tonic::Request<GetPackageRequest>,
+        ) -> Result<tonic::Response<PackageInfo>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+        type DownloadPackageStream =
+            futures::stream::BoxStream<'static, Result<PackageChunk, Status>>;
+        async fn download_package(
+            &self,
+            _: tonic::Request<DownloadPackageRequest>,
+        ) -> Result<tonic::Response<Self::DownloadPackageStream>, Status> {
+            let first = futures::stream::iter([Ok(PackageChunk::default())]);
+            Ok(tonic::Response::new(
+                first.chain(futures::stream::pending()).boxed(),
+            ))
+        }
+    }
+
+    /// A connection that closes under a stream, as when the server is killed: no status
+    /// from the server ends the stream, only the transport's error.
+    #[tokio::test]
+    async fn a_connection_closed_under_a_stream_is_a_connection_error() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server_port = server.local_addr().unwrap().port();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(PackageServiceServer::new(OneChunk))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(server)),
+        );
+        // The client reaches the server through this relay, whose connection the test
+        // closes.
+        let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let relay_port = relay.local_addr().unwrap().port();
+        let relayed = tokio::spawn(async move {
+            let (mut inbound, _) = relay.accept().await.unwrap();
+            let mut outbound = TcpStream::connect(("127.0.0.1", server_port))
+                .await
+                .unwrap();
+            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+        });
+        let channel = Channel::from_shared(format!("http://127.0.0.1:{relay_port}"))
+            .unwrap()
+            .connect_lazy();
+        let mut client = PackageServiceClient::new(channel);
+        let mut chunks = client
+            .download_package(DownloadPackageRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        chunks.message().await.unwrap().expect("the first chunk");
+        relayed.abort();
+        let status = chunks.message().await.unwrap_err();
+        assert!(is_connection_error(&status), "{status:?}");
     }
 
     #[test]

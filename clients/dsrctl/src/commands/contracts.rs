@@ -25,6 +25,19 @@ use crate::Failure;
 /// How often `show --watch` asks the registry.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The longest wait of `show --watch` between attempts to reach a registry it cannot reach:
+/// the waits double from [`WATCH_INTERVAL`] up to this, so that a watch through a grace
+/// period of months outlasts any restart without calling a registry that is down every
+/// second.
+const MAX_RECONNECT_WAIT: Duration = Duration::from_secs(60);
+
+/// The wait before the next attempt after `failed` polls in a row could not reach the
+/// registry.
+fn reconnect_wait(failed: u32) -> Duration {
+    let doubled = WATCH_INTERVAL.saturating_mul(1 << failed.saturating_sub(1).min(16));
+    doubled.min(MAX_RECONNECT_WAIT)
+}
+
 /// How many characters of a part's reason the table shows: a connector's reason names
 /// the table and the GRANT it needs within a few hundred, and a registry keeps up to 4096
 /// bytes, which `--output json` shows whole.
@@ -831,6 +844,15 @@ impl Bars {
         }
     }
 
+    /// Prints `line` on stderr, above the bars when they are drawn.
+    fn note(&self, line: &str, io: &mut Io<'_>) -> std::io::Result<()> {
+        if self.drawn() {
+            self.multi.println(line)
+        } else {
+            writeln!(io.err, "{line}")
+        }
+    }
+
     fn finish(self) {
         for (_, b) in self.bars {
             b.finish();
@@ -852,18 +874,43 @@ fn print_view(io: &mut Io<'_>, c: &Contract, first: bool) -> std::io::Result<()>
 /// is printed at once and again each time it changes, since a contract end may take its
 /// grace period. JSON output is one document, the last view, so that a script reads it
 /// whole.
+///
+/// A poll that cannot reach the registry (after a first that did) is tried again, after
+/// waits growing to [`MAX_RECONNECT_WAIT`], with a note on stderr: a registry restarted
+/// during a grace period does not end the watch. Any other error does.
 async fn watch(registry: &Registry, id: &str, io: &mut Io<'_>) -> Result<u8, Failure> {
     let mut bars = Bars::new();
     let print_changes = !bars.drawn() && io.format == crate::cli::OutputFormat::Table;
     let mut printed: Option<Contract> = None;
+    let mut seen: Option<Contract> = None;
+    let mut unreachable = 0;
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
     let last = loop {
-        let c = registry
-            .client
-            .get_contract(id)
-            .await
-            .map_err(|s| registry.failed(s))?;
+        let c = match registry.client.get_contract(id).await {
+            Ok(c) => c,
+            Err(status) if seen.is_some() && super::watch::worth_resuming(&status) => {
+                unreachable += 1;
+                let wait = reconnect_wait(unreachable);
+                let failure = registry.failed(status).message();
+                let why = failure.strip_prefix("error: ").unwrap_or(&failure);
+                let note = format!(
+                    "note: {why}; asking again in {} s (Ctrl-C stops the watch)",
+                    wait.as_secs()
+                );
+                bars.note(&note, io)?;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => continue,
+                    _ = &mut interrupted => break seen.unwrap_or_default(),
+                }
+            }
+            Err(status) => return Err(registry.failed(status)),
+        };
+        if unreachable > 0 {
+            unreachable = 0;
+            bars.note("note: the registry answers again", io)?;
+        }
+        seen = Some(c.clone());
         bars.show(&c);
         if finished(c.state) {
             break c;

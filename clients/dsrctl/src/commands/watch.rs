@@ -47,7 +47,7 @@ fn is_terminal(state: i32) -> bool {
 
 /// A stream that ended with this was cut short (its lifetime, a shutdown, a lost
 /// connection), not refused: watching again can go on.
-fn worth_resuming(status: &Status) -> bool {
+pub(super) fn worth_resuming(status: &Status) -> bool {
     status.code() == Code::Unavailable || is_connection_error(status)
 }
 
@@ -80,14 +80,15 @@ enum Stop {
 /// of the last event printed when a stream ends without error, or when the request is
 /// PARTIALLY_COMPLETED and no event came for `answered_quiet` (if given). `answered` says
 /// whether the request was PARTIALLY_COMPLETED before the first event printed (one watched
-/// after its last event gets none to say so).
+/// after its last event gets none to say so). `after` is left at the largest event id
+/// printed, where a watch that stopped can continue.
 ///
 /// A stream that ends with UNAVAILABLE (or a lost connection) is opened again after the
 /// last event printed, after [`Retry::pause`]; [`Retry::max_failed`] failures in a row to
 /// open it end the watch.
 async fn follow<O, F, S>(
     mut open: O,
-    mut after: u64,
+    after: &mut u64,
     retry: &Retry,
     answered_quiet: Option<Duration>,
     answered: bool,
@@ -102,7 +103,7 @@ where
     let mut failed = 0;
     let mut resuming = false;
     loop {
-        let events = match open(after).await {
+        let events = match open(*after).await {
             Ok(events) => events,
             // Not at the first attempt: a registry that cannot be reached at all should say
             // so at once.
@@ -111,7 +112,7 @@ where
                 if failed >= retry.max_failed {
                     return Err(Stop::GaveUp {
                         status,
-                        after,
+                        after: *after,
                         attempts: failed,
                     });
                 }
@@ -121,7 +122,7 @@ where
             Err(status) => return Err(Stop::Status(status)),
         };
         failed = 0;
-        let asked_after = after;
+        let asked_after = *after;
         let mut events = pin!(events);
         loop {
             let answered =
@@ -143,7 +144,7 @@ where
                     }
                     // Ids may arrive out of order (they are not committed in order); the
                     // registry resumes after the largest one it sent.
-                    after = after.max(event.event_id);
+                    *after = (*after).max(event.event_id);
                     last_state = Some(event.request_state);
                     print(&event).map_err(Stop::Output)?;
                 }
@@ -203,10 +204,21 @@ pub(crate) async fn run(
             .map_err(|s| registry.failed(s))?
             .state
             == partially;
-    let follow = follow(open, args.after, &retry, answered_quiet, answered, print);
-    let last_state = match follow.await {
+    let mut after = args.after;
+    let outcome = follow(open, &mut after, &retry, answered_quiet, answered, print).await;
+    let last_state = match outcome {
         Ok(state) => state,
-        Err(Stop::Status(status)) => return Err(registry.failed(status)),
+        Err(Stop::Status(status)) => {
+            if after > args.after {
+                writeln!(
+                    io.err,
+                    "stopped watching request {id}: `dsrctl watch {id} --after {after}` \
+                     continues after the last event printed",
+                    id = args.id
+                )?;
+            }
+            return Err(registry.failed(status));
+        }
         Err(Stop::Output(failure)) => return Err(failure),
         Err(Stop::GaveUp {
             status,
@@ -215,7 +227,7 @@ pub(crate) async fn run(
         }) => {
             writeln!(
                 io.err,
-                "gave up watching request {}: the registry ended the stream, and {attempts} \
+                "gave up watching request {}: the stream was cut short, and {attempts} \
                  attempts in a row to watch again, {} s apart, failed; `dsrctl watch {} \
                  --after {after}` continues after the last event printed",
                 args.id,
@@ -316,6 +328,7 @@ mod tests {
         let attempts = RefCell::new(VecDeque::from(attempts));
         let asked = RefCell::new(Vec::new());
         let mut printed = Vec::new();
+        let mut after = after;
         let outcome = follow(
             |after| {
                 asked.borrow_mut().push(after);
@@ -329,7 +342,7 @@ mod tests {
                 };
                 std::future::ready(next.map(endless))
             },
-            after,
+            &mut after,
             &NO_PAUSE,
             answered_quiet,
             answered,
