@@ -44,6 +44,12 @@ pub struct CertificateBody {
     pub erased: Vec<ErasedCount>,
     /// The request's tasks at this processor keeping data under an obligation.
     pub retained: Vec<Retained>,
+    /// Present when `records_affected` and `erased` may leave out records the task erased:
+    /// an earlier call of the step was cut off, or failed, and what it erased is counted
+    /// only as far as its progress was recorded. Absent from the bodies of every other
+    /// certificate, which are as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uncounted: Option<Uncounted>,
     /// The certificate this one follows up, when the task had one before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub follows: Option<String>,
@@ -51,6 +57,38 @@ pub struct CertificateBody {
     pub completed_at: String,
     /// When the certificate was signed (RFC 3339, UTC).
     pub issued_at: String,
+}
+
+/// What a certificate's counts may leave out ([`CertificateBody::uncounted`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Uncounted {
+    /// Why, in words.
+    pub reason: String,
+    /// Records the holder's totals lost between the earlier call's count and this one's
+    /// beyond what the counts include: erased by that call after its last recorded
+    /// progress, or added or removed by others meanwhile, so an estimate. 0 when no total
+    /// of the earlier call was recorded: then how many is not known.
+    pub records: u64,
+    /// The same in data subjects.
+    pub subjects: u64,
+}
+
+/// What a step erased, as a certificate lists it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Erased {
+    /// Where and how many, as the connector counted it.
+    pub counts: Vec<ErasedCount>,
+    /// What the counts may leave out.
+    pub uncounted: Option<Uncounted>,
+}
+
+impl From<Vec<ErasedCount>> for Erased {
+    fn from(counts: Vec<ErasedCount>) -> Self {
+        Self {
+            counts,
+            uncounted: None,
+        }
+    }
 }
 
 /// Data one task keeps under a legal obligation.
@@ -82,7 +120,7 @@ pub(crate) struct Facts<'a> {
     pub(crate) subprocessor: &'a str,
     pub(crate) state: TaskState,
     pub(crate) records_affected: i64,
-    pub(crate) erased: &'a [ErasedCount],
+    pub(crate) erased: &'a Erased,
     pub(crate) retained: Vec<Retained>,
     pub(crate) follows: Option<String>,
     pub(crate) now: i64,
@@ -117,8 +155,9 @@ impl Issuer {
                 .trim_start_matches("TASK_STATE_")
                 .into(),
             records_affected: facts.records_affected,
-            erased: facts.erased.to_vec(),
+            erased: facts.erased.counts.clone(),
             retained: facts.retained,
+            uncounted: facts.erased.uncounted.clone(),
             follows: facts.follows,
             completed_at: at.clone(),
             issued_at: at,
@@ -178,11 +217,11 @@ mod tests {
         let key = SigningKey::generate();
         let public = key.public_key();
         let issuer = Issuer::new(key, "spiffe://dsrelay.dev/processor/p".into());
-        let erased = [ErasedCount {
+        let erased = Erased::from(vec![ErasedCount {
             target: "customers".into(),
             action: "deleted".into(),
             count: 1,
-        }];
+        }]);
         let (id, doc) = issuer
             .issue(Facts {
                 kind: "erasure",
@@ -206,13 +245,15 @@ mod tests {
         assert_eq!(body.certificate_id, id);
         assert_eq!(body.task_state, "RETAINED");
         assert_eq!(body.completed_at, "2027-01-15T08:00:00.123Z");
-        assert_eq!(body.erased, erased);
+        assert_eq!(body.erased, erased.counts);
         assert_eq!(body.follows, None);
+        assert_eq!(body.uncounted, None);
         let text = String::from_utf8(doc.body.clone()).unwrap();
         assert!(
             text.starts_with("{\"certificate_id\":")
                 && text.contains("\"kind\":\"erasure\"")
-                && !text.contains("follows"),
+                && !text.contains("follows")
+                && !text.contains("uncounted"),
             "{text}"
         );
         // A certificate changed in any single byte, of its body or its signature, fails.
@@ -226,6 +267,13 @@ mod tests {
             bad.signature[i] = bad.signature[i].wrapping_add(1);
             assert!(public.verify(&bad).is_err(), "signature byte {i}");
         }
+        // A body of before `uncounted` reads as one without it.
+        let mut old: serde_json::Value = serde_json::from_slice(&doc.body).unwrap();
+        old.as_object_mut().unwrap().remove("uncounted");
+        assert_eq!(
+            serde_json::from_value::<CertificateBody>(old).unwrap(),
+            body
+        );
         assert_eq!(certifies(1, TaskState::Completed), Some("erasure"));
         assert_eq!(certifies(1, TaskState::Retained), Some("erasure"));
         assert_eq!(certifies(7, TaskState::Completed), Some("contract_end"));
@@ -233,5 +281,45 @@ mod tests {
         assert_eq!(certifies(7, TaskState::Failed), None);
         assert_eq!(certifies(1, TaskState::NotFound), None);
         assert_eq!(certifies(2, TaskState::Completed), None);
+    }
+
+    #[test]
+    fn counts_that_may_leave_records_out_say_so_in_the_signed_body() {
+        let key = SigningKey::generate();
+        let public = key.public_key();
+        let issuer = Issuer::new(key, "spiffe://dsrelay.dev/processor/p".into());
+        let uncounted = Uncounted {
+            reason: "an earlier call was cut off".into(),
+            records: 40_000,
+            subjects: 10_000,
+        };
+        let erased = Erased {
+            counts: Vec::new(),
+            uncounted: Some(uncounted.clone()),
+        };
+        let (_, doc) = issuer
+            .issue(Facts {
+                kind: "contract_end",
+                controller: "acme",
+                request_id: "ce-1",
+                subprocessor: "accounting",
+                state: TaskState::Completed,
+                records_affected: 760_020,
+                erased: &erased,
+                retained: Vec::new(),
+                follows: None,
+                now: 1_800_000_000_123,
+            })
+            .unwrap();
+        let body: CertificateBody = serde_json::from_value(public.verify(&doc).unwrap()).unwrap();
+        assert_eq!(body.uncounted, Some(uncounted));
+        let text = String::from_utf8(doc.body).unwrap();
+        assert!(
+            text.contains(
+                "\"uncounted\":{\"reason\":\"an earlier call was cut off\",\
+                 \"records\":40000,\"subjects\":10000}"
+            ),
+            "{text}"
+        );
     }
 }

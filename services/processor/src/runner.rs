@@ -409,6 +409,7 @@ async fn run_contract_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> 
         phase,
         result,
         progress,
+        earlier: recorded_of(&job, op),
     };
     let decision = decide(&current, event, &ctx);
     if let Decision::Later {
@@ -477,13 +478,7 @@ async fn call_bulk(
         note_call(shared, job, *seq).await?;
         None
     };
-    // What the task holds is another step's (a return's, a finished erasure's) until this
-    // step records its own.
-    let recorded = if job.task.phase == phase_of(op) {
-        job.task.counts
-    } else {
-        BulkProgress::default()
-    };
+    let recorded = recorded_of(job, op);
     // An erasure that recorded progress of its own passed its check in an earlier call
     // (connectors record it before erasing anything): it may have erased part, so it is
     // not checked again.
@@ -594,6 +589,17 @@ async fn call_bulk(
             .connector_error(&key.subprocessor, e.is_transient());
     }
     Ok((result, reporter.latest(), true))
+}
+
+/// The progress `job`'s task recorded of its bulk step `op` before this call: what the task
+/// holds is another step's (a return's, a finished erasure's) until this step records its
+/// own.
+fn recorded_of(job: &TaskJob, op: BulkOp) -> BulkProgress {
+    if job.task.phase == phase_of(op) {
+        job.task.counts
+    } else {
+        BulkProgress::default()
+    }
 }
 
 /// Records `progress` as the running bulk step `op`'s and queues its acknowledgement

@@ -90,6 +90,8 @@ use dsrelay_proto::v1::{
 };
 use dsrelay_runtime::clock::date_label;
 
+use crate::certificates::{Erased, Uncounted};
+
 /// Never: for tasks only an operator moves on.
 pub(crate) const NEVER: i64 = i64::MAX;
 
@@ -286,7 +288,7 @@ pub(crate) enum Event<'a> {
         terms: Option<Terms>,
     },
     /// The connector took bulk step `op` in `phase` and ended in `result`, having reported
-    /// `progress` last.
+    /// `progress` last; `earlier` is the progress recorded of the step before the call.
     BulkRan {
         /// Export or erase.
         op: BulkOp,
@@ -296,6 +298,11 @@ pub(crate) enum Event<'a> {
         result: Result<Outcome, ConnectorError>,
         /// The connector's last report.
         progress: BulkProgress,
+        /// What the task recorded of this step before the call ([`BulkJob::recorded_progress`]):
+        /// an earlier call's last progress, all zero when there was none.
+        ///
+        /// [`BulkJob::recorded_progress`]: dsrelay_connectors::BulkJob::recorded_progress
+        earlier: BulkProgress,
     },
     /// The controller changed a contract end's terms (UpdateContractEnd).
     TermsChanged {
@@ -444,9 +451,10 @@ pub struct Transition {
     /// Queue the delivery of the task's export (a RETURN_OF_DATA, TRANSFER or contract end
     /// export written, or a manual return's record).
     pub upload: bool,
-    /// What this step erased where, as the connector counted it: the deletion certificate
-    /// of an ERASURE or a contract end lists it. Not stored with the task.
-    pub erased: Vec<ErasedCount>,
+    /// What this step erased where, as the connector counted it, and what those counts may
+    /// leave out: the deletion certificate of an ERASURE or a contract end lists it. Not
+    /// stored with the task.
+    pub erased: Erased,
     /// The recipient's receipt, recorded with the task and carried by the acknowledgement;
     /// `None` keeps what is recorded.
     pub transfer_receipt: Option<TransferReceipt>,
@@ -581,7 +589,8 @@ fn decide_event(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Decision
             phase,
             result,
             progress,
-        } => bulk_ran(task, op, phase, result, progress, ctx),
+            earlier,
+        } => bulk_ran(task, op, phase, result, (earlier, progress), ctx),
         Event::TermsChanged {
             terms,
             scheduled_at,
@@ -1214,7 +1223,7 @@ fn ran(
             confirmed: true,
             note,
             export_files: (!files.is_empty()).then_some(files),
-            erased,
+            erased: erased.into(),
             ..Default::default()
         },
         Outcome::NotFound { note } => Transition {
@@ -1244,7 +1253,7 @@ fn ran(
             records_affected: earlier.saturating_add(records_affected),
             confirmed: true,
             note,
-            erased,
+            erased: erased.into(),
             legal_basis,
             retain_until: Some(until_ms),
             // Wake up at the holder's next release and erase what it released without being
@@ -1378,18 +1387,30 @@ fn contract_claimed(
     }
 }
 
+/// `progress` is `(earlier, last)`: what the task recorded of the step before the call, and
+/// the connector's last report.
+///
+/// Outside a retention run the count is the connector's alone: one resumed after an earlier
+/// call counts that call's work itself (the SQL connector from its recorded progress, the
+/// Mailchimp one as the audience's members, an adapter as its job's), so adding `earlier`
+/// here would count it twice. What those counts may leave out is told from the totals
+/// ([`uncounted`]).
 fn bulk_ran(
     task: &Current<'_>,
     op: BulkOp,
     phase: Phase,
     result: Result<Outcome, ConnectorError>,
-    progress: BulkProgress,
+    (recorded, progress): (BulkProgress, BulkProgress),
     ctx: &Context,
 ) -> Decision {
     let earlier = if in_retention_run(task, &phase) {
         task.records_affected
     } else {
         0
+    };
+    let erased = |counts: Vec<ErasedCount>| Erased {
+        counts,
+        uncounted: uncounted(task, &phase, recorded, progress),
     };
     let step = ContractStep::at(phase_of(op), progress);
     let outcome = match outcome_or_retry(task, &phase, result, ctx) {
@@ -1437,7 +1458,7 @@ fn bulk_ran(
             Outcome::Completed {
                 records_affected,
                 note,
-                erased,
+                erased: erased_counts,
                 ..
             },
         ) => Transition {
@@ -1445,7 +1466,7 @@ fn bulk_ran(
             records_affected: earlier.saturating_add(records_affected),
             confirmed: true,
             note,
-            erased,
+            erased: erased(erased_counts),
             contract: done,
             ..Default::default()
         },
@@ -1454,6 +1475,7 @@ fn bulk_ran(
             records_affected: earlier,
             confirmed: true,
             note,
+            erased: erased(Vec::new()),
             contract: done,
             ..Default::default()
         },
@@ -1464,14 +1486,14 @@ fn bulk_ran(
                 until_ms,
                 records_affected,
                 note,
-                erased,
+                erased: erased_counts,
             },
         ) => Transition {
             state: TaskState::Retained,
             records_affected: earlier.saturating_add(records_affected),
             confirmed: true,
             note,
-            erased,
+            erased: erased(erased_counts),
             legal_basis,
             retain_until: Some(until_ms),
             next_attempt_at: Some(until_ms),
@@ -1512,6 +1534,45 @@ fn bulk_ran(
             task.subprocessor,
             clip(&reason)
         )),
+    })
+}
+
+/// What the counts of an erasure's step (not a confirmation of accepted work, which the
+/// holder counts) may leave out, from what the task recorded of the step before the call
+/// (`recorded`) and the connector's last report (`last`). A connector counting an earlier
+/// call's work from its recorded progress adds what that call recorded as done to the totals
+/// it counts now, so its totals come out below the earlier call's by what that call erased
+/// after its last recorded progress (give or take what others added or removed meanwhile): a
+/// connector that counts everything keeps the totals. A call cut off with no progress
+/// recorded leaves nothing to compare: what it erased may not be counted at all.
+fn uncounted(
+    task: &Current<'_>,
+    phase: &Phase,
+    recorded: BulkProgress,
+    last: BulkProgress,
+) -> Option<Uncounted> {
+    if matches!(phase, Phase::Confirm { .. }) {
+        return None;
+    }
+    let records = recorded.records_total.saturating_sub(last.records_total);
+    let subjects = recorded.subjects_total.saturating_sub(last.subjects_total);
+    let reason = if records > 0 || subjects > 0 {
+        format!(
+            "an earlier call of this erasure (cut off, or failed) counted {records} more \
+             record(s) ({subjects} more subject(s)) than these counts account for: erased by it \
+             after its last recorded progress, or added or removed by others meanwhile"
+        )
+    } else if task.call_started && recorded == BulkProgress::default() {
+        "an earlier call of this erasure was cut off before its answer was recorded, with no \
+         progress recorded: what it erased may not be counted"
+            .to_string()
+    } else {
+        return None;
+    };
+    Some(Uncounted {
+        reason,
+        records,
+        subjects,
     })
 }
 
@@ -1862,7 +1923,7 @@ mod tests {
         assert_eq!(t.next_attempt_at, Some(NOW + 99));
         assert_eq!(t.legal_basis, "Kirjanpitolaki 2:10");
         // What this step erased goes on to the deletion certificate.
-        assert_eq!(t.erased.len(), 1);
+        assert_eq!(t.erased.counts.len(), 1);
         // When the date has come, the rest is erased; earlier records still count.
         let t = moved(ran(
             &task(Retained),
@@ -2513,7 +2574,11 @@ mod tests {
         });
         let t = moved(ran(&marked, Phase::Start, erased));
         assert_eq!((t.state, t.records_affected), (Completed, 2));
-        assert_eq!(t.erased.len(), 1, "the certificate lists what was erased");
+        assert_eq!(
+            t.erased.counts.len(),
+            1,
+            "the certificate lists what was erased"
+        );
         assert!(
             t.note.starts_with("deleted 2 rows (the cancellation came"),
             "{}",
@@ -2702,6 +2767,7 @@ mod tests {
             phase,
             result,
             progress,
+            earlier: BulkProgress::default(),
         };
         decide(t, event, &ctx())
     }
@@ -2849,7 +2915,7 @@ mod tests {
             "{}",
             t.note
         );
-        assert!(!t.upload && t.erased.is_empty());
+        assert!(!t.upload && t.erased.counts.is_empty());
     }
 
     #[test]
@@ -2974,7 +3040,7 @@ mod tests {
         ));
         assert_eq!(t.state, Completed);
         assert_eq!(t.records_affected, 5);
-        assert_eq!(t.erased.len(), 1);
+        assert_eq!(t.erased.counts.len(), 1);
         let done = t.contract.unwrap();
         assert_eq!(done.phase, ContractPhase::Done);
         assert_eq!(done.progress.unwrap().records_done, 5);
@@ -3007,6 +3073,52 @@ mod tests {
             Ok(completed(2)),
         ));
         assert_eq!((t.state, t.records_affected), (Completed, 5));
+    }
+
+    /// An erasure resumed after an earlier call takes the connector's count (which counts
+    /// that call's recorded work itself), and its certificate says what the count may miss:
+    /// what the totals lost beyond it, or everything when a cut-off call recorded nothing.
+    #[test]
+    fn a_resumed_erasure_says_what_its_count_may_miss() {
+        let deleting = contract_task(InProgress, ContractPhase::Deleting);
+        let cut_off = Current {
+            call_started: true,
+            ..deleting
+        };
+        let resumed = |t: &Current<'_>, earlier: BulkProgress, last: BulkProgress| {
+            let event = Event::BulkRan {
+                op: BulkOp::Erase,
+                phase: Phase::Start,
+                result: Ok(completed(190_005)),
+                progress: last,
+                earlier,
+            };
+            moved(decide(t, event, &ctx()))
+        };
+        let at = |done, total| BulkProgress {
+            subjects_done: done,
+            subjects_total: total,
+            records_done: done * 4,
+            records_total: total * 4,
+        };
+        // Recorded 10,000 of 200,005 subjects; 20,000 went; 180,005 were left.
+        let t = resumed(&cut_off, at(10_000, 200_005), at(190_005, 190_005));
+        assert_eq!(t.records_affected, 190_005);
+        let uncounted = t.erased.uncounted.expect("the count may miss some");
+        assert_eq!((uncounted.records, uncounted.subjects), (40_000, 10_000));
+        assert!(uncounted
+            .reason
+            .contains("after its last recorded progress"));
+        // Its progress was recorded up to the cut: nothing is missing.
+        let t = resumed(&cut_off, at(20_000, 200_005), at(200_005, 200_005));
+        assert_eq!(t.erased.uncounted, None);
+        // A cut-off call that recorded nothing: how much is missing is not known.
+        let t = resumed(&cut_off, BulkProgress::default(), at(180_005, 180_005));
+        let uncounted = t.erased.uncounted.expect("unknown");
+        assert_eq!((uncounted.records, uncounted.subjects), (0, 0));
+        // A first call has nothing earlier to miss.
+        let t = resumed(&deleting, BulkProgress::default(), at(5, 5));
+        assert_eq!(t.erased.uncounted, None);
     }
 
     /// A contract end's retention run that the holder accepts keeps the earlier count and
@@ -3154,6 +3266,7 @@ mod tests {
             phase: Phase::Start,
             result: Err(ConnectorError::Transient("down".into())),
             progress: BulkProgress::default(),
+            earlier: BulkProgress::default(),
         };
         assert_eq!(moved(decide(&deleting, event, &past_due())).state, Failed);
         // Manual holders wait for an operator, in the step's phase.

@@ -175,6 +175,13 @@ fn describe(b: &CertificateBody) -> String {
     let _ = writeln!(s, "subprocessor  {}", b.subprocessor);
     let _ = writeln!(s, "state         {} at {}", b.task_state, b.completed_at);
     let _ = writeln!(s, "records       {}", b.records_affected);
+    if let Some(u) = &b.uncounted {
+        let how_many = match u.records {
+            0 => "an unknown number of record(s)".to_string(),
+            n => format!("{n} record(s) ({} subject(s))", u.subjects),
+        };
+        let _ = writeln!(s, "uncounted     may miss {how_many}: {}", u.reason);
+    }
     if b.erased.is_empty() {
         let _ = writeln!(s, "erased        (not itemized by the connector)");
     }
@@ -269,6 +276,39 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("until"), "{text}");
+    }
+
+    /// A count that may leave records out says so, with how many when the totals tell.
+    #[test]
+    fn counts_that_may_miss_records_say_so() {
+        let body = |uncounted: &str| -> CertificateBody {
+            serde_json::from_str(&format!(
+                r#"{{"version":1,"certificate_id":"c1","kind":"contract_end","processor":"p",
+                "controller":"acme","request_id":"r-1","subprocessor":"accounting",
+                "task_state":"COMPLETED","records_affected":3,"erased":[],"retained":[],
+                {uncounted}
+                "completed_at":"2025-01-01T00:00:00.000Z",
+                "issued_at":"2025-01-01T00:00:00.000Z"}}"#
+            ))
+            .unwrap()
+        };
+        let cut = r#""uncounted":{"reason":"an earlier call was cut off","records":40,
+            "subjects":10},"#;
+        let text = describe(&body(cut));
+        assert!(
+            text.contains(
+                "uncounted     may miss 40 record(s) (10 subject(s)): an earlier call was cut \
+                 off\n"
+            ),
+            "{text}"
+        );
+        let unknown = r#""uncounted":{"reason":"cut off","records":0,"subjects":0},"#;
+        let text = describe(&body(unknown));
+        assert!(
+            text.contains("may miss an unknown number of record(s): cut off\n"),
+            "{text}"
+        );
+        assert!(!describe(&body("")).contains("uncounted"));
     }
 
     /// A run the processor started and the holder has not confirmed keeps its date, past.

@@ -329,9 +329,16 @@ impl Scoped<'_> {
             Some(_) => {}
             None => self.check_returned(&mut tx, job).await?,
         }
-        let mut progress = (self.totals(&self.config.tables, &erased_tables))
+        let left = (self.totals(&self.config.tables, &erased_tables))
             .count(&mut tx)
             .await?;
+        // A call after an earlier one of this step (cut off, or failed) goes on from what that
+        // call recorded, so that its reports, its count and a later resumption include it.
+        let earlier = match job.phase {
+            Phase::Start => job.recorded_progress,
+            _ => BulkProgress::default(),
+        };
+        let mut progress = resumed(earlier, left);
         // As a subject's erasure refuses a subject with an undated row, before erasing
         // anything: without its date a row's retention cannot be known.
         for rule in &erased_tables {
@@ -364,7 +371,14 @@ impl Scoped<'_> {
 
         let mut counts: Vec<ErasedCount> = Vec::new();
         let mut notes = Vec::new();
-        let mut affected: i64 = 0;
+        // The earlier call's records done are what its committed batches erased or
+        // anonymized: a batch reports only once committed, and its final report (which counts
+        // kept rows as done) is made as it answers, so a call cut off never recorded it.
+        let mut affected = i64::try_from(earlier.records_done).unwrap_or(i64::MAX);
+        if earlier.records_done > 0 {
+            let tables: Vec<&str> = erased_tables.iter().map(|t| t.table.as_str()).collect();
+            add_count(&mut counts, &tables.join(", "), EARLIER_CALL, affected);
+        }
         for top in self.config.tables.iter().filter(|t| t.parent.is_none()) {
             let group: Vec<&TableRule> = self
                 .config
@@ -509,15 +523,10 @@ impl Scoped<'_> {
         notes.push(done.clone());
         // A resumed erasure needs no other care: it erases what a cut-off call left, and the
         // rows that call erased no longer match, so it cannot fail or conclude wrongly on
-        // them. Its counts are its own, though, which the certificate must not pass off as
-        // everything.
-        if job.interrupted {
-            notes.push(
-                "an earlier call of this erasure was cut off before its answer was recorded; \
-                 what it erased is not counted here"
-                    .into(),
-            );
-        }
+        // them. What that call committed after its last recorded progress is in no count,
+        // which the certificate must not pass off as everything: the processor marks it
+        // there, from the totals (see `resumed`), and the note says it in words.
+        notes.extend(earlier_note(job.interrupted, earlier, left));
 
         // What is kept, over all of the controller's rows now that the batches are done.
         let kept_from = notes.len();
@@ -1344,11 +1353,160 @@ fn advanced(progress: BulkProgress, subjects: u64, records: u64) -> BulkProgress
     }
 }
 
+/// What [`ErasedCount::action`] says of the records an earlier call of the erasure erased
+/// or anonymized as far as its progress was recorded (its tables are not told apart).
+const EARLIER_CALL: &str = "erased or anonymized by an earlier call, as its progress recorded";
+
+/// The progress of an erasure's call that goes on from `earlier`, the progress the processor
+/// recorded of an earlier call of the step (all zero when there was none), with `left` the
+/// totals counted now: what that call recorded as done is done, and the totals are that plus
+/// what is left. Rows it erased after its last recorded progress are in neither, so the
+/// totals come out below the ones it counted by as many (give or take rows others added or
+/// removed meanwhile), which is how the processor tells that the count misses some.
+fn resumed(earlier: BulkProgress, left: BulkProgress) -> BulkProgress {
+    BulkProgress {
+        subjects_done: earlier.subjects_done,
+        subjects_total: earlier.subjects_done.saturating_add(left.subjects_total),
+        records_done: earlier.records_done,
+        records_total: earlier.records_done.saturating_add(left.records_total),
+    }
+}
+
+/// The note on what an earlier call of the erasure did (`earlier`, its recorded progress;
+/// `left`, the totals counted now), when there was one: whether it was cut off, what of it
+/// is counted, and what its totals say the count misses.
+fn earlier_note(interrupted: bool, earlier: BulkProgress, left: BulkProgress) -> Option<String> {
+    let head = match interrupted {
+        true => "an earlier call of this erasure was cut off before its answer was recorded",
+        false => "an earlier call of this erasure failed",
+    };
+    if earlier == BulkProgress::default() {
+        return interrupted
+            .then(|| format!("{head}, and recorded no progress: what it erased is not counted"));
+    }
+    let counted = match earlier.records_done {
+        0 => "no progress of its erasure was recorded".to_string(),
+        n => format!(
+            "{n} record(s) of {} subject(s) it erased are counted, as far as its progress was \
+             recorded",
+            earlier.subjects_done
+        ),
+    };
+    let missing = earlier
+        .records_total
+        .saturating_sub(resumed(earlier, left).records_total);
+    Some(match missing {
+        0 => format!("{head}; {counted}"),
+        n => format!(
+            "{head}; {counted}; {n} more record(s) are gone since it counted them, erased by it \
+             after its last recorded progress or removed by others, and are not counted"
+        ),
+    })
+}
+
 /// A finished job's progress: everything counted at the start was handled.
 fn finished(progress: BulkProgress) -> BulkProgress {
     BulkProgress {
         subjects_done: progress.subjects_total,
         records_done: progress.records_total,
         ..progress
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{bulk_job, now, run_bulk_watched, sample};
+    use super::*;
+    use crate::BulkOp;
+
+    /// The records and the last progress of an outcome of a bulk erasure.
+    fn affected(out: &Outcome) -> (i64, &str, &[ErasedCount]) {
+        match out {
+            Outcome::Completed {
+                records_affected,
+                note,
+                erased,
+                ..
+            }
+            | Outcome::Retained {
+                records_affected,
+                note,
+                erased,
+                ..
+            } => (*records_affected, note, erased),
+            other => panic!("expected an erasure, got {other:?}"),
+        }
+    }
+
+    /// A call resumed after one cut off counts what that call recorded as done (in its
+    /// records and its progress, so that one cut off in turn hands it on), says in its note
+    /// how many more records its totals lost, and never counts more than was recorded.
+    #[tokio::test]
+    async fn a_resumed_erasure_counts_what_the_cut_off_call_recorded() {
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let url = |d: &tempfile::TempDir| format!("sqlite://{}/accounting.db", d.path().display());
+        let (plain, _) = sample(&url(&dir_a)).await;
+        let (job, rx) = bulk_job("acme", BulkOp::Erase, Phase::Start, now(), None);
+        let (first, whole) = run_bulk_watched(&plain, job, rx).await;
+        let (records, _, _) = affected(&first);
+
+        // The same data, after a call that recorded 5 records of 2 subjects done, counted by
+        // totals 7 records (1 subject) above what the sample holds: that many are gone
+        // since, 2 records beyond what it recorded as done.
+        let (connector, _) = sample(&url(&dir_b)).await;
+        let cut_off = BulkProgress {
+            subjects_done: 2,
+            subjects_total: whole.subjects_total + 1,
+            records_done: 5,
+            records_total: whole.records_total + 7,
+        };
+        let (job, rx) = bulk_job("acme", BulkOp::Erase, Phase::Start, now(), None);
+        let job = BulkJob {
+            interrupted: true,
+            recorded_progress: cut_off,
+            ..job
+        };
+        let (again, last) = run_bulk_watched(&connector, job, rx).await;
+        let (resumed_records, note, erased) = affected(&again);
+        assert_eq!(resumed_records, records + 5, "{again:?}");
+        assert_eq!(
+            last,
+            BulkProgress {
+                subjects_done: whole.subjects_total + 2,
+                subjects_total: whole.subjects_total + 2,
+                records_done: whole.records_total + 5,
+                records_total: whole.records_total + 5,
+            }
+        );
+        assert!(
+            note.contains(
+                "an earlier call of this erasure was cut off before its answer was recorded; \
+                 5 record(s) of 2 subject(s) it erased are counted, as far as its progress \
+                 was recorded; 2 more record(s) are gone since it counted them"
+            ),
+            "{note}"
+        );
+        assert_eq!(
+            erased
+                .iter()
+                .find(|e| e.action == EARLIER_CALL)
+                .map(|e| e.count),
+            Some(5),
+            "{erased:?}"
+        );
+    }
+
+    #[test]
+    fn nothing_recorded_is_nothing_counted() {
+        let left = BulkProgress {
+            subjects_done: 0,
+            subjects_total: 3,
+            records_done: 0,
+            records_total: 9,
+        };
+        assert_eq!(resumed(BulkProgress::default(), left), left);
+        assert_eq!(earlier_note(false, BulkProgress::default(), left), None);
+        let note = earlier_note(true, BulkProgress::default(), left).unwrap();
+        assert!(note.ends_with("what it erased is not counted"), "{note}");
     }
 }
