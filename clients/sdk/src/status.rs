@@ -31,26 +31,24 @@ pub fn code_name(code: Code) -> &'static str {
 /// True when the status was made on our side because no connection to the server could be
 /// established or kept (refused, TLS handshake failed, unexpected server identity, or the
 /// connection closed while a call was under way, as when the server is killed), rather than
-/// sent by the server. A call that outlived its timeout is not one: the server was reached.
+/// sent by the server.
 ///
-/// tonic reports both as a `Status`; only the local kind carries an error as its source (a
-/// status the server sent is read from its trailers, and has none). That error is the
-/// transport's or an I/O error when the connection could not be made; when it broke under a
-/// call, hyper's error for the body, whose own source is h2's, in a status of code UNKNOWN
-/// (or the code h2's reason maps to). Those two types are not this crate's dependencies, so
-/// every source counts but a timeout and the one [`is_bad_answer`] looks for.
+/// tonic reports both as a `Status`; only the local kind carries the cause as its source: the
+/// transport's or an I/O error when the connection could not be made, and when it broke under
+/// a call, hyper's error for the body, whose source is h2's (which keeps the I/O error to
+/// itself).
 pub fn is_connection_error(status: &Status) -> bool {
     let mut source = status.source();
-    if source.is_none() || is_bad_answer(status) {
-        return false;
-    }
     while let Some(err) = source {
-        if err.is::<tonic::TimeoutExpired>() {
-            return false;
+        if err.is::<tonic::transport::Error>()
+            || err.is::<std::io::Error>()
+            || err.is::<h2::Error>()
+        {
+            return true;
         }
         source = err.source();
     }
-    true
+    false
 }
 
 /// Why this client stopped on answers that cannot be right; the source of the status that
