@@ -182,7 +182,9 @@ fn describe(b: &CertificateBody) -> String {
         };
         let _ = writeln!(s, "uncounted     may miss {how_many}: {}", u.reason);
     }
-    if b.erased.is_empty() {
+    if b.erased.is_empty() && b.records_affected == 0 {
+        let _ = writeln!(s, "erased        nothing");
+    } else if b.erased.is_empty() {
         let _ = writeln!(s, "erased        (not itemized by the connector)");
     }
     for (i, e) in b.erased.iter().enumerate() {
@@ -308,6 +310,12 @@ mod tests {
             text.contains("may miss an unknown number of record(s): cut off\n"),
             "{text}"
         );
+        // Three records not itemized; none, as from a holder with nothing of the controller's.
+        assert!(text.contains("erased        (not itemized by the connector)\n"));
+        let mut nothing = body("");
+        nothing.records_affected = 0;
+        let text = describe(&nothing);
+        assert!(text.contains("erased        nothing\n"), "{text}");
         assert!(!describe(&body("")).contains("uncounted"));
     }
 
