@@ -981,12 +981,16 @@ mod tests {
     /// quoting the subject as a holder's error may.
     const LOCKED: &str = "database is locked while erasing lokari.testi@example.fi";
 
-    /// A holder whose every call fails transiently, as a locked database would.
-    struct Locked;
+    /// A holder that answers every call as its function says.
+    struct Answers(
+        fn(
+            &dsrelay_connectors::Task,
+        ) -> Result<dsrelay_connectors::Outcome, dsrelay_connectors::ConnectorError>,
+    );
 
-    impl dsrelay_connectors::Connector for Locked {
+    impl dsrelay_connectors::Connector for Answers {
         fn kind_name(&self) -> &'static str {
-            "locked"
+            "answers"
         }
 
         fn supports(&self, _kind: dsrelay_proto::v1::RequestKind) -> bool {
@@ -995,16 +999,21 @@ mod tests {
 
         fn run<'a>(
             &'a self,
-            _task: &'a dsrelay_connectors::Task,
+            task: &'a dsrelay_connectors::Task,
         ) -> dsrelay_connectors::BoxFuture<
             'a,
             Result<dsrelay_connectors::Outcome, dsrelay_connectors::ConnectorError>,
         > {
-            Box::pin(async { Err(dsrelay_connectors::ConnectorError::Transient(LOCKED.into())) })
+            let answer = (self.0)(task);
+            Box::pin(async move { answer })
         }
     }
 
-    /// A processor whose subprocessor `crm` is [`Locked`] and whose operator is the
+    /// A holder whose every call fails transiently, as a locked database would.
+    const LOCKED_HOLDER: Answers =
+        Answers(|_| Err(dsrelay_connectors::ConnectorError::Transient(LOCKED.into())));
+
+    /// A processor whose subprocessor `crm` is [`LOCKED_HOLDER`] and whose operator is the
     /// development PKI's.
     fn config(dir: &std::path::Path, database_url: &str) -> crate::Config {
         let pki = dsrelay_runtime::pki::DevPki::ensure(&dir.join("pki")).expect("dev pki");
@@ -1042,7 +1051,7 @@ mod tests {
 
         let connectors = std::collections::HashMap::from([(
             "crm".to_string(),
-            Arc::new(Locked) as Arc<dyn dsrelay_connectors::Connector>,
+            Arc::new(LOCKED_HOLDER) as Arc<dyn dsrelay_connectors::Connector>,
         )]);
         let app = crate::App::with_connectors(config(dir, database_url), connectors)
             .await
@@ -1116,38 +1125,19 @@ mod tests {
 
     /// Keeps the subject's invoices until the call's own time (so the retention run is due
     /// at once), then fails that run for good.
-    struct FailsItsRetentionRun;
-
-    impl dsrelay_connectors::Connector for FailsItsRetentionRun {
-        fn kind_name(&self) -> &'static str {
-            "fails-its-retention-run"
+    const FAILS_ITS_RETENTION_RUN: Answers = Answers(|task| {
+        use dsrelay_connectors::{ConnectorError, Outcome, Phase};
+        match task.phase {
+            Phase::Start => Ok(Outcome::Retained {
+                legal_basis: "Kirjanpitolaki 2:10 §".into(),
+                until_ms: task.now_ms,
+                records_affected: 5,
+                note: "deleted 5 rows, invoices kept".into(),
+                erased: Vec::new(),
+            }),
+            _ => Err(ConnectorError::Permanent("invoices table is gone".into())),
         }
-
-        fn supports(&self, _kind: dsrelay_proto::v1::RequestKind) -> bool {
-            true
-        }
-
-        fn run<'a>(
-            &'a self,
-            task: &'a dsrelay_connectors::Task,
-        ) -> dsrelay_connectors::BoxFuture<
-            'a,
-            Result<dsrelay_connectors::Outcome, dsrelay_connectors::ConnectorError>,
-        > {
-            use dsrelay_connectors::{ConnectorError, Outcome, Phase};
-            let outcome = match task.phase {
-                Phase::Start => Ok(Outcome::Retained {
-                    legal_basis: "Kirjanpitolaki 2:10 §".into(),
-                    until_ms: task.now_ms,
-                    records_affected: 5,
-                    note: "deleted 5 rows, invoices kept".into(),
-                    erased: Vec::new(),
-                }),
-                _ => Err(ConnectorError::Permanent("invoices table is gone".into())),
-            };
-            Box::pin(async move { outcome })
-        }
-    }
+    });
 
     /// A task that failed in its retention run is not retried: its request was answered
     /// (PARTIALLY_COMPLETED at the registry), and a retry would reopen it to be cancelled,
@@ -1160,7 +1150,7 @@ mod tests {
 
         let connectors = std::collections::HashMap::from([(
             "crm".to_string(),
-            Arc::new(FailsItsRetentionRun) as Arc<dyn dsrelay_connectors::Connector>,
+            Arc::new(FAILS_ITS_RETENTION_RUN) as Arc<dyn dsrelay_connectors::Connector>,
         )]);
         let app = crate::App::with_connectors(config(dir, database_url), connectors)
             .await
