@@ -274,9 +274,13 @@ pub struct UploadConfig {
     /// [`MAX_DURATION_MS`] (30 days).
     pub poll_interval_ms: u64,
     /// How long a claimed upload is reserved (ms), renewed every third of it while the files
-    /// are sent; also how long sending one file may go without the destination taking a
-    /// chunk of it (or answering after the last). 1 to [`MAX_DURATION_MS`] (30 days).
+    /// are sent: after a crash, how long the upload waits before another claim resumes it. 1
+    /// to [`MAX_DURATION_MS`] (30 days).
     pub lease_ms: u64,
+    /// How long sending one file may go without the destination taking a chunk of it (or
+    /// answering after the last) before the attempt ends (ms); the next resumes where the
+    /// destination stands. 1 to [`MAX_DURATION_MS`] (30 days).
+    pub stall_ms: u64,
     /// Exports uploaded at once.
     pub concurrency: u32,
     /// Deadline of one state call (GetUploadState, GetTransferState) or closing call
@@ -289,7 +293,8 @@ impl Default for UploadConfig {
         Self {
             backoff: Backoff::default(),
             poll_interval_ms: 1000,
-            lease_ms: 300_000,
+            lease_ms: 30_000,
+            stall_ms: 300_000,
             concurrency: 4,
             call_timeout_ms: 10_000,
         }
@@ -534,6 +539,7 @@ impl Config {
             ("acks.call_timeout_ms", a.call_timeout_ms, &call),
             ("uploads.poll_interval_ms", u.poll_interval_ms, &any),
             ("uploads.lease_ms", u.lease_ms, &any),
+            ("uploads.stall_ms", u.stall_ms, &any),
             ("uploads.call_timeout_ms", u.call_timeout_ms, &call),
             (
                 "contracts.progress_interval_ms",
@@ -953,6 +959,7 @@ mod tests {
         ("acks.backoff.max_ms", MAX_DURATION_MS),
         ("uploads.poll_interval_ms", MAX_DURATION_MS),
         ("uploads.lease_ms", MAX_DURATION_MS),
+        ("uploads.stall_ms", MAX_DURATION_MS),
         ("uploads.call_timeout_ms", MAX_CALL_TIMEOUT_MS),
         ("uploads.backoff.initial_ms", MAX_DURATION_MS),
         ("uploads.backoff.max_ms", MAX_DURATION_MS),
@@ -980,7 +987,8 @@ mod tests {
         let (_dir, file) = folder("");
         let c = Config::load_from(Some(&file), env(&[])).unwrap();
         assert_eq!(c.tasks.lease_ms, 30_000);
-        assert_eq!(c.uploads.lease_ms, 300_000);
+        assert_eq!(c.uploads.lease_ms, 30_000);
+        assert_eq!(c.uploads.stall_ms, 300_000);
         c.validate().unwrap();
         Config::load_from(Some(&file), every_duration(|_| 1)).unwrap();
         Config::load_from(Some(&file), every_duration(|max| max)).unwrap();
@@ -1116,6 +1124,7 @@ mod tests {
         "acks.max_rejections",
         "uploads.poll_interval_ms",
         "uploads.lease_ms",
+        "uploads.stall_ms",
         "uploads.concurrency",
         "uploads.call_timeout_ms",
         "contracts.progress_interval_ms",

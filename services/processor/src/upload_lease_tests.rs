@@ -36,8 +36,9 @@ use crate::{App, Config};
 const LEASE_MS: u64 = 1_000;
 
 /// How long the registry waits before it takes each chunk of the slow part of [`SLOW`]: a
-/// small part of the lease, so the sender sees its file move well within `lease_ms` (which
-/// is also how long a send may go without the destination taking a chunk).
+/// small part of the lease, so the sender sees its file move well within `lease_ms` (and
+/// within `stall_ms`, how long a send may go without the destination taking a chunk, set
+/// as short here).
 const PACE: Duration = Duration::from_millis(200);
 
 /// Chunks of [`SLOW`] taken [`PACE`] apart: 18 of them make over three leases' worth.
@@ -299,7 +300,7 @@ fn config(dir: &std::path::Path, database_url: &str, registry: u16) -> Config {
         "database_url = {database_url:?}\ndata_dir = {:?}\nidentity_hash_key = \"k\"\n\
          [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
          [audit]\ncheckpoint_key = {checkpoint_key:?}\ncheckpoint_file = {checkpoint_file:?}\n\
-         [uploads]\nlease_ms = {LEASE_MS}\npoll_interval_ms = 50\n\
+         [uploads]\nlease_ms = {LEASE_MS}\nstall_ms = {LEASE_MS}\npoll_interval_ms = 50\n\
          backoff = {{ initial_ms = 20, max_ms = 100 }}\n\
          [[subprocessors]]\nname = \"crm\"\ncategories = [\"contact\"]\n\
          connector = {{ type = \"noop\" }}\n\
@@ -395,7 +396,7 @@ async fn upload_row(shared: &Shared) -> (Option<String>, i64, Option<String>) {
 /// Two upload workers on one database (as two replicas' would be) and a file that takes
 /// over three leases to send: the lease renewed while it goes, neither worker claims the upload
 /// a second time, the file goes once in one stream and the task is COMPLETED. Renewed only
-/// between files (and each file's sending cut off after `lease_ms`), the upload was claimed
+/// between files (and each file's sending cut off after `stall_ms`), the upload was claimed
 /// again and again, its large file sent in pieces by one attempt after another.
 async fn a_file_longer_than_the_lease_goes_once(database_url: &str, dir: &std::path::Path) {
     let (registry, port, stop_registry) = serve_registry(dir).await;

@@ -31,7 +31,8 @@
 //! claim's (another claim took the upload, or a cancellation found it idle; what the attempt
 //! records then matches the claim's token and changes nothing of the new holder's), or when
 //! renewals failed until the lease may have run out. A file the destination takes no chunk
-//! of for `lease_ms` ends the attempt too, and the next resumes where the destination stands.
+//! of for `uploads.stall_ms` ends the attempt too, and the next resumes where the destination
+//! stands.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -626,7 +627,7 @@ async fn deliver_file(
     // A file the destination holds whole was checked there against its SHA-256; the others
     // are checked here as they are read for sending.
     if !state.complete {
-        send_file(sink, &dir.join(&f.name), header, state.offset, cfg.lease_ms).await?;
+        send_file(sink, &dir.join(&f.name), header, state.offset, cfg.stall_ms).await?;
         shared.metrics.export_sent(
             &job.key.subprocessor,
             false,
@@ -955,7 +956,7 @@ async fn send_file(
     }
     let Some(sent) = sent else {
         return Err(Failure::Retry(Said::ours(format!(
-            "{to} took no more of {} for {idle_ms} ms (uploads.lease_ms); the next attempt \
+            "{to} took no more of {} for {idle_ms} ms (uploads.stall_ms); the next attempt \
              resumes where it stands",
             header.name
         ))));

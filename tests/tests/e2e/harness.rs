@@ -670,6 +670,7 @@ mod configs {
                 backoff: fast_backoff(),
                 poll_interval_ms: 100,
                 lease_ms: 10_000,
+                stall_ms: 10_000,
                 concurrency: 4,
                 call_timeout_ms: 3000,
             },
