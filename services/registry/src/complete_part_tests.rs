@@ -2,135 +2,17 @@
 //! PKI's certificates, its store (SQLite, and PostgreSQL when `DSRELAY_TEST_POSTGRES_URL`
 //! names a server) and its package folder, called as the processor and the partner call it.
 
-use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceClient;
 use dsrelay_proto::v1::export_upload_service_client::ExportUploadServiceClient;
-use dsrelay_proto::v1::request_service_client::RequestServiceClient;
 use dsrelay_proto::v1::{
-    AcknowledgeRequest, Acknowledgement, CompletePartRequest, ExportFileHeader, FileEnd,
-    GetUploadStateRequest, IdentityEncoding, IdentityType, RequestKind, SubjectIdentity,
-    SubmitRequest, TaskState, UploadFileChunk,
+    CompletePartRequest, ExportFileHeader, FileEnd, GetUploadStateRequest, RequestKind,
+    UploadFileChunk,
 };
-use dsrelay_runtime::pki::{dev_identity, DevPki};
 use sha2::{Digest, Sha256};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::test_postgres::on_postgres;
-use crate::{App, Config};
-
-const PROCESSOR: &str = "payroll-bureau";
-
-/// A running registry, stopped by [`Registry::stop`].
-struct Registry {
-    port: u16,
-    pki: DevPki,
-    stop: oneshot::Sender<()>,
-    served: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Registry {
-    /// Serves a registry on `database_url`, its files under `dir`, with one processor
-    /// (whose endpoint nobody answers: its deliveries wait, and it may still upload).
-    async fn start(dir: &std::path::Path, database_url: &str) -> Self {
-        Self::start_with(dir, database_url, "").await
-    }
-
-    /// [`Registry::start`] with `extra` (TOML tables) added to its configuration.
-    async fn start_with(dir: &std::path::Path, database_url: &str, extra: &str) -> Self {
-        let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
-        let tls = pki.files("registry");
-        let text = format!(
-            "listen = \"127.0.0.1:0\"\ndatabase_url = {database_url:?}\n\
-             identity_hash_key = \"k\"\npackage_dir = {:?}\n\
-             [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
-             [audit]\ncheckpoint_key = {:?}\ncheckpoint_file = {:?}\n\
-             [[identities]]\nidentity = {:?}\nrole = \"partner\"\nname = \"crm\"\n\
-             [[processors]]\nname = \"{PROCESSOR}\"\nendpoint = \"https://localhost:1\"\n\
-             identity = {:?}\ncategories = [\"contact\"]\n{extra}",
-            dir.join("packages"),
-            tls.ca,
-            tls.cert,
-            tls.key,
-            pki.signing_key("registry"),
-            dir.join("audit/checkpoints.jsonl"),
-            dev_identity("partner", "crm"),
-            dev_identity("processor", PROCESSOR),
-        );
-        let file = dir.join("registry.toml");
-        std::fs::write(&file, text).expect("config file");
-        let config = Config::load_from(Some(&file), Vec::new()).expect("config");
-        let app = App::build(config).await.expect("app");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let served = tokio::spawn(app.run(listener, async {
-            let _ = stopped.await;
-        }));
-        Self {
-            port,
-            pki,
-            stop,
-            served,
-        }
-    }
-
-    /// A channel to the registry with the certificate of the PKI's party `stem`.
-    fn channel(&self, stem: &str) -> Channel {
-        let tls = self.pki.files(stem).client_config().expect("client tls");
-        dsrelay_runtime::tls::channel(
-            &format!("https://localhost:{}", self.port),
-            Some(dev_identity("registry", "controller")),
-            &tls,
-        )
-        .expect("channel")
-    }
-
-    /// The processor reports its task of `subprocessor` on request `id` IN_PROGRESS, so
-    /// that the registry takes the task's part.
-    async fn task(&self, id: &str, subprocessor: &str) {
-        let answer = AcknowledgementServiceClient::new(self.channel("processor"))
-            .acknowledge(AcknowledgeRequest {
-                acknowledgements: vec![Acknowledgement {
-                    request_id: id.into(),
-                    subprocessor: subprocessor.into(),
-                    sequence: 1,
-                    state: TaskState::InProgress as i32,
-                    ..Default::default()
-                }],
-            })
-            .await
-            .expect("acknowledge")
-            .into_inner();
-        assert_eq!(answer.applied, 1, "{answer:?}");
-    }
-
-    /// A new return of data, delivered (in the outbox) to the processor.
-    async fn return_of_data(&self, key: &str) -> String {
-        RequestServiceClient::new(self.channel("partner-crm"))
-            .submit(SubmitRequest {
-                kind: RequestKind::ReturnOfData as i32,
-                identities: vec![SubjectIdentity {
-                    r#type: IdentityType::Email as i32,
-                    encoding: IdentityEncoding::Raw as i32,
-                    value: "maija@example.fi".into(),
-                    label: String::new(),
-                }],
-                idempotency_key: key.into(),
-                ..Default::default()
-            })
-            .await
-            .expect("submit")
-            .into_inner()
-            .request_id
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.served.await.expect("joined").expect("served");
-    }
-}
+use crate::test_registry::{Registry, Setup, PROCESSOR};
 
 /// The header of an empty file `name` of `subprocessor`'s part of request `id`: stored
 /// whole as soon as it is announced, so a test needs no upload stream.
@@ -182,25 +64,12 @@ async fn a_replayed_part_is_answered_as_stored_past_the_size_limit(
     database_url: &str,
     dir: &std::path::Path,
 ) {
-    let registry = Registry::start(dir, database_url).await;
-    let id = RequestServiceClient::new(registry.channel("partner-crm"))
-        .submit(SubmitRequest {
-            kind: RequestKind::ReturnOfData as i32,
-            identities: vec![SubjectIdentity {
-                r#type: IdentityType::Email as i32,
-                encoding: IdentityEncoding::Raw as i32,
-                value: "maija@example.fi".into(),
-                label: String::new(),
-            }],
-            idempotency_key: "replay-past-the-limit".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("submit")
-        .into_inner()
-        .request_id;
+    let registry = Registry::start(dir, database_url, Setup::default()).await;
+    let id = registry
+        .submit(RequestKind::ReturnOfData, "replay-past-the-limit")
+        .await;
     for subprocessor in ["crm", "archive"] {
-        registry.task(&id, subprocessor).await;
+        registry.in_progress(&id, subprocessor).await;
     }
     let mut uploads = ExportUploadServiceClient::new(registry.channel("processor"));
     let file = empty_file(&id, "crm", "contacts.json");
@@ -280,24 +149,11 @@ async fn a_replayed_part_is_answered_as_stored_past_the_size_limit_on_postgres()
 /// or a controller confirmed its digest), and CompletePart with another list is refused; the
 /// same declaration again is answered as stored.
 async fn a_stored_part_does_not_change(database_url: &str, dir: &std::path::Path) {
-    let registry = Registry::start(dir, database_url).await;
-    let id = RequestServiceClient::new(registry.channel("partner-crm"))
-        .submit(SubmitRequest {
-            kind: RequestKind::ReturnOfData as i32,
-            identities: vec![SubjectIdentity {
-                r#type: IdentityType::Email as i32,
-                encoding: IdentityEncoding::Raw as i32,
-                value: "maija@example.fi".into(),
-                label: String::new(),
-            }],
-            idempotency_key: "a-closed-part".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("submit")
-        .into_inner()
-        .request_id;
-    registry.task(&id, "crm").await;
+    let registry = Registry::start(dir, database_url, Setup::default()).await;
+    let id = registry
+        .submit(RequestKind::ReturnOfData, "a-closed-part")
+        .await;
+    registry.in_progress(&id, "crm").await;
     let mut uploads = ExportUploadServiceClient::new(registry.channel("processor"));
     let file = empty_file(&id, "crm", "contacts.json");
     let stored_at = complete(&mut uploads, &file).await.expect("part stored");
@@ -435,8 +291,10 @@ async fn uploads_are_taken_only_for_the_processors_tasks(
     database_url: &str,
     dir: &std::path::Path,
 ) {
-    let registry = Registry::start(dir, database_url).await;
-    let id = registry.return_of_data("no-such-task").await;
+    let registry = Registry::start(dir, database_url, Setup::default()).await;
+    let id = registry
+        .submit(RequestKind::ReturnOfData, "no-such-task")
+        .await;
     let mut uploads = ExportUploadServiceClient::new(registry.channel("processor"));
     let file = empty_file(&id, "ghost", "a.json");
     let no_task = |s: &tonic::Status| {
@@ -475,7 +333,7 @@ async fn uploads_are_taken_only_for_the_processors_tasks(
     no_task(&refused);
     assert_eq!(recorded(database_url, &id, "ghost").await, 0);
 
-    registry.task(&id, "ghost").await;
+    registry.in_progress(&id, "ghost").await;
     complete(&mut uploads, &file).await.expect("part stored");
     registry.stop().await;
 }
@@ -501,15 +359,14 @@ async fn uploads_are_taken_only_for_the_processors_tasks_on_postgres() {
 /// and its bytes stored count against the files after it. Measured before, each new name
 /// was a file, and a streamed file had no ceiling.
 async fn a_part_is_capped_before_it_is_declared(database_url: &str, dir: &std::path::Path) {
-    let registry = Registry::start_with(
-        dir,
-        database_url,
-        "[packages]\nmax_files_per_part = 3\nmax_part_bytes = 1000\n",
-    )
-    .await;
-    let id = registry.return_of_data("capped").await;
-    registry.task(&id, "crm").await;
-    registry.task(&id, "mail").await;
+    let setup = Setup {
+        tables: "[packages]\nmax_files_per_part = 3\nmax_part_bytes = 1000\n".into(),
+        ..Setup::default()
+    };
+    let registry = Registry::start(dir, database_url, setup).await;
+    let id = registry.submit(RequestKind::ReturnOfData, "capped").await;
+    registry.in_progress(&id, "crm").await;
+    registry.in_progress(&id, "mail").await;
     let uploads = ExportUploadServiceClient::new(registry.channel("processor"));
     let state = |header: ExportFileHeader| {
         let mut uploads = uploads.clone();

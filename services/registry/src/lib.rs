@@ -50,6 +50,8 @@ mod returned_data_tests;
 pub mod store;
 #[cfg(test)]
 mod test_postgres;
+#[cfg(test)]
+mod test_registry;
 mod validate;
 
 pub use app::{App, MAX_API_MESSAGE_BYTES};

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use dsrelay_proto::v1::processor_service_server::{ProcessorService, ProcessorServiceServer};
+use dsrelay_proto::v1::processor_service_server::ProcessorService;
 use dsrelay_proto::v1::request_service_client::RequestServiceClient;
 use dsrelay_proto::v1::{
     CancelDeliveryRequest, DeliverRequest, DeliverResponse, DeliveryState, ExtendDueDateRequest,
@@ -16,18 +16,12 @@ use dsrelay_proto::v1::{
     ListSubprocessorsRequest, RequestKind, SubjectIdentity, SubmitRequest, SubprocessorList,
     TaskList, UpdateContractEndRequest,
 };
-use dsrelay_runtime::pki::{dev_identity, DevPki};
 use dsrelay_runtime::testing::{captured_logs, CapturedLogs};
 use serde_json::Value;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::test_postgres::on_postgres;
-use crate::{App, Config};
-
-const PROCESSOR: &str = "payroll-bureau";
+use crate::test_registry::{Registry, Setup, PROCESSOR};
 
 /// The subject's address, which the processor's answers quote; no other test uses it.
 const ADDRESS: &str = "liisa.lokitesti@example.fi";
@@ -85,90 +79,17 @@ impl ProcessorService for Quoting {
     }
 }
 
-/// A running registry whose one processor is [`Quoting`].
-struct Registry {
-    port: u16,
-    pki: DevPki,
-    stop: oneshot::Sender<()>,
-    served: tokio::task::JoinHandle<anyhow::Result<()>>,
-    stop_processor: oneshot::Sender<()>,
-}
-
-impl Registry {
-    /// Serves a registry on `database_url`, its files under `dir`; a refused delivery is sent
-    /// again within tens of milliseconds and dead-lettered at its second refusal.
-    async fn start(dir: &std::path::Path, database_url: &str) -> Self {
-        let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let processor_port = listener.local_addr().expect("addr").port();
-        let router = dsrelay_runtime::server::builder(
-            pki.files("processor").server_config().expect("server tls"),
-        )
-        .expect("server")
-        .add_service(ProcessorServiceServer::new(Quoting));
-        let (stop_processor, processor_stopped) = oneshot::channel::<()>();
-        tokio::spawn(dsrelay_runtime::server::serve(router, listener, async {
-            let _ = processor_stopped.await;
-        }));
-
-        let tls = pki.files("registry");
-        let text = format!(
-            "listen = \"127.0.0.1:0\"\ndatabase_url = {database_url:?}\n\
-             identity_hash_key = \"k\"\npackage_dir = {:?}\n\
-             [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
-             [audit]\ncheckpoint_key = {:?}\ncheckpoint_file = {:?}\n\
-             [delivery]\npoll_interval_ms = 20\nmax_refusals = 2\n\
-             backoff = {{ initial_ms = 20, max_ms = 100 }}\n\
-             [[identities]]\nidentity = {:?}\nrole = \"partner\"\nname = \"crm\"\n\
-             [[identities]]\nidentity = {:?}\nrole = \"operator\"\nname = \"ops\"\n\
-             [[processors]]\nname = \"{PROCESSOR}\"\n\
-             endpoint = \"https://localhost:{processor_port}\"\n\
-             identity = {:?}\ncategories = [\"contact\"]\n",
-            dir.join("packages"),
-            tls.ca,
-            tls.cert,
-            tls.key,
-            pki.signing_key("registry"),
-            dir.join("audit/checkpoints.jsonl"),
-            dev_identity("partner", "crm"),
-            dev_identity("operator", "ops"),
-            dev_identity("processor", PROCESSOR),
-        );
-        let file = dir.join("registry.toml");
-        std::fs::write(&file, text).expect("config file");
-        let config = Config::load_from(Some(&file), Vec::new()).expect("config");
-        let app = App::build(config).await.expect("app");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let served = tokio::spawn(app.run(listener, async {
-            let _ = stopped.await;
-        }));
-        Self {
-            port,
-            pki,
-            stop,
-            served,
-            stop_processor,
-        }
-    }
-
-    /// A channel to the registry with the certificate of the PKI's party `stem`.
-    fn channel(&self, stem: &str) -> Channel {
-        let tls = self.pki.files(stem).client_config().expect("client tls");
-        dsrelay_runtime::tls::channel(
-            &format!("https://localhost:{}", self.port),
-            Some(dev_identity("registry", "controller")),
-            &tls,
-        )
-        .expect("channel")
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.served.await.expect("joined").expect("served");
-        let _ = self.stop_processor.send(());
-    }
+/// Serves a registry on `database_url`, its files under `dir`, whose one processor is
+/// [`Quoting`]; a refused delivery is sent again within tens of milliseconds and
+/// dead-lettered at its second refusal.
+async fn start(dir: &std::path::Path, database_url: &str) -> Registry {
+    let setup = Setup {
+        tables: "[delivery]\npoll_interval_ms = 20\nmax_refusals = 2\n\
+                 backoff = { initial_ms = 20, max_ms = 100 }\n"
+            .into(),
+        ..Setup::default()
+    };
+    Registry::start(dir, database_url, setup.answered_by(Quoting)).await
 }
 
 /// The captured lines, parsed.
@@ -220,7 +141,7 @@ where
 /// too.
 async fn a_processors_answer_stays_out_of_the_logs(database_url: &str, dir: &std::path::Path) {
     let logs = captured_logs();
-    let registry = Registry::start(dir, database_url).await;
+    let registry = start(dir, database_url).await;
     let mut requests = RequestServiceClient::new(registry.channel("partner-crm"));
     let id = requests
         .submit(SubmitRequest {
@@ -346,7 +267,7 @@ async fn acknowledgements_rejected_are_logged_with_their_reason_and_request() {
     let logs = captured_logs();
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}/registry.db", dir.path().display());
-    let registry = Registry::start(dir.path(), &url).await;
+    let registry = start(dir.path(), &url).await;
     let mut acks = AcknowledgementServiceClient::new(registry.channel("processor"));
     let ack = |request_id: &str| Acknowledgement {
         request_id: request_id.into(),

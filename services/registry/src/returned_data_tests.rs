@@ -16,34 +16,25 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceClient;
 use dsrelay_proto::v1::contract_service_client::ContractServiceClient;
 use dsrelay_proto::v1::export_upload_service_client::ExportUploadServiceClient;
 use dsrelay_proto::v1::package_service_client::PackageServiceClient;
-use dsrelay_proto::v1::processor_service_server::{ProcessorService, ProcessorServiceServer};
-use dsrelay_proto::v1::request_service_client::RequestServiceClient;
+use dsrelay_proto::v1::processor_service_server::ProcessorService;
 use dsrelay_proto::v1::{
-    AcknowledgeRequest, AcknowledgeResponse, Acknowledgement, CancelDeliveryRequest,
-    CompletePartRequest, ConfirmReturnRequest, Contract, ContractEndChoice, ContractPhase,
-    ContractProgress, DeliverRequest, DeliverResponse, DownloadPackageRequest, EndContractRequest,
-    Evidence, ExportFileHeader, ExtendDueDateRequest, GetContractRequest, GetPackageRequest,
-    GetRequest, GetStatusRequest, GetUploadStateRequest, IdentityEncoding, IdentityType,
-    ListSubprocessorsRequest, PackageInfo, RequestKind, RequestState, SubjectIdentity,
-    SubmitRequest, SubprocessorList, TaskList, TaskState, TaskStatus, TransferReceipt,
+    AcknowledgeResponse, Acknowledgement, CancelDeliveryRequest, CompletePartRequest,
+    ConfirmReturnRequest, Contract, ContractEndChoice, ContractPhase, ContractProgress,
+    DeliverRequest, DeliverResponse, DownloadPackageRequest, EndContractRequest, Evidence,
+    ExportFileHeader, ExtendDueDateRequest, GetContractRequest, GetPackageRequest,
+    GetStatusRequest, GetUploadStateRequest, ListSubprocessorsRequest, PackageInfo, RequestKind,
+    RequestState, SubprocessorList, TaskList, TaskState, TaskStatus, TransferReceipt,
     UpdateContractEndRequest,
 };
-use dsrelay_runtime::pki::{dev_identity, DevPki};
 use sha2::{Digest, Sha256};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use crate::test_postgres::on_postgres;
-use crate::{App, Config};
-
-const PROCESSOR: &str = "payroll-bureau";
-const RECIPIENT: &str = "new-bookkeeper";
+use crate::test_registry::{self, Setup, PROCESSOR, RECIPIENT};
 
 /// A processor whose answers to Deliver are lost (UNAVAILABLE, as a connection cut after the
 /// processor committed looks to the registry) until [`Processor::answer`] lets them through
@@ -124,86 +115,35 @@ impl ProcessorService for Processor {
 
 /// A running registry and its processor, stopped by [`Registry::stop`].
 struct Registry {
-    port: u16,
-    pki: DevPki,
+    registry: test_registry::Registry,
     processor: Processor,
-    stop: oneshot::Sender<()>,
-    served: tokio::task::JoinHandle<anyhow::Result<()>>,
-    stop_processor: oneshot::Sender<()>,
+}
+
+impl std::ops::Deref for Registry {
+    type Target = test_registry::Registry;
+
+    fn deref(&self) -> &Self::Target {
+        &self.registry
+    }
 }
 
 impl Registry {
     /// Serves a registry on `database_url`, its files under `dir`, whose one processor is a
     /// [`Processor`] served here; deliveries are retried within a few tens of milliseconds.
     async fn start(dir: &std::path::Path, database_url: &str) -> Self {
-        let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
         let processor = Processor::default();
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let processor_port = listener.local_addr().expect("addr").port();
-        let router = dsrelay_runtime::server::builder(
-            pki.files("processor").server_config().expect("server tls"),
-        )
-        .expect("server")
-        .add_service(ProcessorServiceServer::new(processor.clone()));
-        let (stop_processor, processor_stopped) = oneshot::channel::<()>();
-        tokio::spawn(dsrelay_runtime::server::serve(router, listener, async {
-            let _ = processor_stopped.await;
-        }));
-
-        let tls = pki.files("registry");
-        let text = format!(
-            "listen = \"127.0.0.1:0\"\ndatabase_url = {database_url:?}\n\
-             identity_hash_key = \"k\"\npackage_dir = {:?}\n\
-             [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
-             [audit]\ncheckpoint_key = {:?}\ncheckpoint_file = {:?}\n\
-             [delivery]\npoll_interval_ms = 20\nbackoff = {{ initial_ms = 20, max_ms = 100 }}\n\
-             [[identities]]\nidentity = {:?}\nrole = \"partner\"\nname = \"crm\"\n\
-             [[identities]]\nidentity = {:?}\nrole = \"operator\"\nname = \"ops\"\n\
-             [[processors]]\nname = \"{PROCESSOR}\"\n\
-             endpoint = \"https://localhost:{processor_port}\"\n\
-             identity = {:?}\ncategories = [\"contact\"]\n\
-             [[recipients]]\nname = \"{RECIPIENT}\"\nendpoint = \"https://localhost:1\"\n\
-             identity = {:?}\n",
-            dir.join("packages"),
-            tls.ca,
-            tls.cert,
-            tls.key,
-            pki.signing_key("registry"),
-            dir.join("audit/checkpoints.jsonl"),
-            dev_identity("partner", "crm"),
-            dev_identity("operator", "ops"),
-            dev_identity("processor", PROCESSOR),
-            dev_identity("recipient", "example"),
-        );
-        let file = dir.join("registry.toml");
-        std::fs::write(&file, text).expect("config file");
-        let config = Config::load_from(Some(&file), Vec::new()).expect("config");
-        let app = App::build(config).await.expect("app");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let served = tokio::spawn(app.run(listener, async {
-            let _ = stopped.await;
-        }));
+        let setup = Setup {
+            tables: "[delivery]\npoll_interval_ms = 20\n\
+                     backoff = { initial_ms = 20, max_ms = 100 }\n"
+                .into(),
+            ..Setup::default()
+        };
+        let setup = setup.answered_by(processor.clone());
+        let registry = test_registry::Registry::start(dir, database_url, setup).await;
         Self {
-            port,
-            pki,
+            registry,
             processor,
-            stop,
-            served,
-            stop_processor,
         }
-    }
-
-    /// A channel to the registry with the certificate of the PKI's party `stem`.
-    fn channel(&self, stem: &str) -> Channel {
-        let tls = self.pki.files(stem).client_config().expect("client tls");
-        dsrelay_runtime::tls::channel(
-            &format!("https://localhost:{}", self.port),
-            Some(dev_identity("registry", "controller")),
-            &tls,
-        )
-        .expect("channel")
     }
 
     fn contracts(&self) -> ContractServiceClient<Channel> {
@@ -217,38 +157,6 @@ impl Registry {
             })
             .await
             .expect("get contract")
-            .into_inner()
-    }
-
-    /// Submits, as partner-crm, a RETURN_OF_DATA of maija@example.fi under idempotency key
-    /// `key`; its id.
-    async fn submit_return_of_data(&self, key: &str) -> String {
-        RequestServiceClient::new(self.channel("partner-crm"))
-            .submit(SubmitRequest {
-                kind: RequestKind::ReturnOfData as i32,
-                identities: vec![SubjectIdentity {
-                    r#type: IdentityType::Email as i32,
-                    encoding: IdentityEncoding::Raw as i32,
-                    value: "maija@example.fi".into(),
-                    label: String::new(),
-                }],
-                idempotency_key: key.into(),
-                ..Default::default()
-            })
-            .await
-            .expect("submit")
-            .into_inner()
-            .request_id
-    }
-
-    /// Request `id` as partner-crm reads it.
-    async fn get(&self, id: &str) -> dsrelay_proto::v1::Request {
-        RequestServiceClient::new(self.channel("partner-crm"))
-            .get(GetRequest {
-                request_id: id.into(),
-            })
-            .await
-            .expect("get")
             .into_inner()
     }
 
@@ -274,16 +182,6 @@ impl Registry {
             Ok(_) => panic!("the package of {id} was sent"),
             Err(status) => status,
         }
-    }
-
-    async fn acknowledge(&self, acks: Vec<Acknowledgement>) -> AcknowledgeResponse {
-        AcknowledgementServiceClient::new(self.channel("processor"))
-            .acknowledge(AcknowledgeRequest {
-                acknowledgements: acks,
-            })
-            .await
-            .expect("acknowledge")
-            .into_inner()
     }
 
     /// Stores `subprocessor`'s part of `id`, of one empty file (stored whole as soon as it
@@ -318,9 +216,7 @@ impl Registry {
     }
 
     async fn stop(self) {
-        let _ = self.stop.send(());
-        self.served.await.expect("joined").expect("served");
-        let _ = self.stop_processor.send(());
+        self.registry.stop().await;
     }
 }
 
@@ -669,7 +565,7 @@ async fn a_return_of_data_is_completed_only_with_its_part(
         ..Default::default()
     }]);
     let id = registry
-        .submit_return_of_data("return-with-a-receipt")
+        .submit(RequestKind::ReturnOfData, "return-with-a-receipt")
         .await;
     let get = || registry.get(&id);
     eventually("the Deliver's answer recorded", || async {
@@ -878,7 +774,9 @@ async fn a_return_of_data_names_the_holders_whose_part_will_not_come(
     registry
         .processor
         .answer(vec![pending("crm"), pending("mail")]);
-    let id = registry.submit_return_of_data("one-return-failed").await;
+    let id = registry
+        .submit(RequestKind::ReturnOfData, "one-return-failed")
+        .await;
     let get = || registry.get(&id);
     eventually("the Deliver's answer recorded", || async {
         get().await.tasks.len() == 2

@@ -739,138 +739,44 @@ mod tests {
     }
 }
 
-/// A registry served over mutual TLS with the development PKI, as the processor and the
-/// partner call it, for the tests of this module and of `certificates`.
+/// The test registry ([`crate::test_registry`]) whose processor's certificates may be checked
+/// with a key, for the tests of this module and of `certificates`.
 #[cfg(test)]
 pub(crate) mod harness {
-    use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceClient;
-    use dsrelay_proto::v1::request_service_client::RequestServiceClient;
-    use dsrelay_proto::v1::{
-        AcknowledgeRequest, AcknowledgeResponse, Acknowledgement, IdentityEncoding, IdentityType,
-        RequestKind, RequestParameters, SubjectIdentity, SubmitRequest,
-    };
-    use dsrelay_runtime::pki::{dev_identity, DevPki};
-    use tokio::net::TcpListener;
-    use tokio::sync::oneshot;
-    use tonic::transport::Channel;
-
-    use crate::{App, Config};
-
-    /// The one processor, whose endpoint nobody answers: its deliveries wait.
-    pub(crate) const PROCESSOR: &str = "payroll-bureau";
-    /// The one configured transfer recipient.
-    pub(crate) const RECIPIENT: &str = "new-bookkeeper";
+    use crate::test_registry::{self, Setup};
+    pub(crate) use crate::test_registry::{PROCESSOR, RECIPIENT};
 
     /// A running registry, stopped by [`Registry::stop`].
-    pub(crate) struct Registry {
-        port: u16,
-        pki: DevPki,
-        stop: oneshot::Sender<()>,
-        served: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub(crate) struct Registry(test_registry::Registry);
+
+    impl std::ops::Deref for Registry {
+        type Target = test_registry::Registry;
+
+        fn deref(&self) -> &Self::Target {
+            &self.0
+        }
     }
 
     impl Registry {
-        /// Serves a registry on `database_url`, its files under `dir`; the processor's
-        /// certificates are checked with `public_key` (base64) when given.
+        /// Serves a registry on `database_url`, its files under `dir`, whose processor's
+        /// endpoint nobody answers (its deliveries wait); the processor's certificates are
+        /// checked with `public_key` (base64) when given.
         pub(crate) async fn start(
             dir: &std::path::Path,
             database_url: &str,
             public_key: Option<&str>,
         ) -> Self {
-            let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
-            let tls = pki.files("registry");
-            let key = public_key.map_or(String::new(), |k| format!("public_key = {k:?}\n"));
-            let text = format!(
-                "listen = \"127.0.0.1:0\"\ndatabase_url = {database_url:?}\n\
-                 identity_hash_key = \"k\"\npackage_dir = {:?}\n\
-                 [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
-                 [audit]\ncheckpoint_key = {:?}\ncheckpoint_file = {:?}\n\
-                 [[identities]]\nidentity = {:?}\nrole = \"partner\"\nname = \"crm\"\n\
-                 [[identities]]\nidentity = {:?}\nrole = \"operator\"\nname = \"ops\"\n\
-                 [[processors]]\nname = \"{PROCESSOR}\"\nendpoint = \"https://localhost:1\"\n\
-                 identity = {:?}\ncategories = [\"contact\"]\n{key}\
-                 [[recipients]]\nname = \"{RECIPIENT}\"\nendpoint = \"https://localhost:1\"\n\
-                 identity = {:?}\n",
-                dir.join("packages"),
-                tls.ca,
-                tls.cert,
-                tls.key,
-                pki.signing_key("registry"),
-                dir.join("audit/checkpoints.jsonl"),
-                dev_identity("partner", "crm"),
-                dev_identity("operator", "ops"),
-                dev_identity("processor", PROCESSOR),
-                dev_identity("recipient", "example"),
-            );
-            let file = dir.join("registry.toml");
-            std::fs::write(&file, text).expect("config file");
-            let config = Config::load_from(Some(&file), Vec::new()).expect("config");
-            let app = App::build(config).await.expect("app");
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let port = listener.local_addr().expect("addr").port();
-            let (stop, stopped) = oneshot::channel::<()>();
-            let served = tokio::spawn(app.run(listener, async {
-                let _ = stopped.await;
-            }));
-            Self {
-                port,
-                pki,
-                stop,
-                served,
-            }
-        }
-
-        /// A channel to the registry with the certificate of the PKI's party `stem`.
-        pub(crate) fn channel(&self, stem: &str) -> Channel {
-            let tls = self.pki.files(stem).client_config().expect("client tls");
-            dsrelay_runtime::tls::channel(
-                &format!("https://localhost:{}", self.port),
-                Some(dev_identity("registry", "controller")),
-                &tls,
-            )
-            .expect("channel")
-        }
-
-        /// Submits, as partner-crm, a request of `kind` about maija@example.fi (a TRANSFER
-        /// to [`RECIPIENT`]) under idempotency key `key`; its id.
-        pub(crate) async fn submit(&self, kind: RequestKind, key: &str) -> String {
-            let parameters = (kind == RequestKind::Transfer).then(|| RequestParameters {
-                transfer_recipient: RECIPIENT.into(),
-                ..Default::default()
-            });
-            RequestServiceClient::new(self.channel("partner-crm"))
-                .submit(SubmitRequest {
-                    kind: kind as i32,
-                    identities: vec![SubjectIdentity {
-                        r#type: IdentityType::Email as i32,
-                        encoding: IdentityEncoding::Raw as i32,
-                        value: "maija@example.fi".into(),
-                        label: String::new(),
-                    }],
-                    parameters,
-                    idempotency_key: key.into(),
-                    ..Default::default()
-                })
-                .await
-                .expect("submit")
-                .into_inner()
-                .request_id
-        }
-
-        /// Sends `acks` as the processor; the answer.
-        pub(crate) async fn acknowledge(&self, acks: Vec<Acknowledgement>) -> AcknowledgeResponse {
-            AcknowledgementServiceClient::new(self.channel("processor"))
-                .acknowledge(AcknowledgeRequest {
-                    acknowledgements: acks,
-                })
-                .await
-                .expect("acknowledge")
-                .into_inner()
+            let processor_keys =
+                public_key.map_or(String::new(), |k| format!("public_key = {k:?}\n"));
+            let setup = Setup {
+                processor_keys,
+                ..Setup::default()
+            };
+            Self(test_registry::Registry::start(dir, database_url, setup).await)
         }
 
         pub(crate) async fn stop(self) {
-            let _ = self.stop.send(());
-            self.served.await.expect("joined").expect("served");
+            self.0.stop().await;
         }
     }
 }
@@ -878,10 +784,8 @@ pub(crate) mod harness {
 #[cfg(test)]
 mod recipient_tests {
     use dsrelay_proto::v1::contract_service_client::ContractServiceClient;
-    use dsrelay_proto::v1::request_service_client::RequestServiceClient;
     use dsrelay_proto::v1::{
         ContractEndChoice, ContractPhase, ContractProgress, EndContractRequest, Evidence,
-        GetRequest,
     };
 
     use super::harness::{Registry, PROCESSOR, RECIPIENT};
@@ -943,15 +847,7 @@ mod recipient_tests {
         assert_eq!(rejected_fields(&answer), [field]);
         let rule = &answer.rejected[0].violations[0].rule;
         assert!(rule.contains(&format!("{RECIPIENT:?}")), "{rule}");
-        let get = || async {
-            RequestServiceClient::new(registry.channel("partner-crm"))
-                .get(GetRequest {
-                    request_id: id.clone(),
-                })
-                .await
-                .expect("get")
-                .into_inner()
-        };
+        let get = || registry.get(&id);
         assert!(get().await.tasks.is_empty());
         let answer = registry.acknowledge(vec![completed(1, RECIPIENT)]).await;
         assert_eq!(answer.applied, 1, "{answer:?}");

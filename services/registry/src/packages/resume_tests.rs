@@ -12,28 +12,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use dsrelay_proto::v1::acknowledgement_service_client::AcknowledgementServiceClient;
 use dsrelay_proto::v1::export_upload_service_client::ExportUploadServiceClient;
-use dsrelay_proto::v1::request_service_client::RequestServiceClient;
 use dsrelay_proto::v1::{
-    AcknowledgeRequest, Acknowledgement, CompletePartRequest, ExportFileHeader, FileEnd,
-    GetUploadStateRequest, IdentityEncoding, IdentityType, RequestKind, SubjectIdentity,
-    SubmitRequest, TaskState, UploadFileChunk, UploadState,
+    CompletePartRequest, ExportFileHeader, FileEnd, GetUploadStateRequest, RequestKind,
+    UploadFileChunk, UploadState,
 };
-use dsrelay_runtime::pki::{dev_identity, DevPki};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, ReadBuf};
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic::Code;
 
-use super::{file_key, Appender, PackageStore, Packages, BUILD_HOOK};
+use super::{file_key, Appender, PackageStore, Packages};
 use crate::store::PackageFile;
 use crate::test_postgres::on_postgres;
-use crate::{App, Config};
+use crate::test_registry::{self, Setup, PROCESSOR};
 
-const PROCESSOR: &str = "payroll-bureau";
 /// The checkpoint interval of these tests.
 const EVERY: u64 = 64 * 1024;
 /// Bytes per chunk sent: several per interval.
@@ -175,15 +169,19 @@ impl AsyncRead for Counted {
 
 /// A running registry, stopped by [`Registry::stop`].
 struct Registry {
-    port: u16,
-    pki: DevPki,
-    packages: PathBuf,
+    registry: test_registry::Registry,
     read: Arc<AtomicU64>,
     /// Syncs that succeed before the next fails ([`Watched`]); `u64::MAX` at the start.
     syncs_left: Arc<AtomicU64>,
     signals: Arc<Signals>,
-    stop: oneshot::Sender<()>,
-    served: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl std::ops::Deref for Registry {
+    type Target = test_registry::Registry;
+
+    fn deref(&self) -> &Self::Target {
+        &self.registry
+    }
 }
 
 impl Registry {
@@ -195,29 +193,7 @@ impl Registry {
 
     /// [`Registry::start`] as the replica `name`: replicas started on the same `dir` and
     /// database share the package folder and the records, as a deployment's do.
-    async fn replica(dir: &Path, database_url: &str, name: &str) -> Self {
-        let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
-        let tls = pki.files("registry");
-        let packages = dir.join("packages");
-        let text = format!(
-            "listen = \"127.0.0.1:0\"\ndatabase_url = {database_url:?}\n\
-             identity_hash_key = \"k\"\npackage_dir = {packages:?}\n\
-             [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
-             [audit]\ncheckpoint_key = {:?}\ncheckpoint_file = {:?}\n\
-             [[identities]]\nidentity = {:?}\nrole = \"partner\"\nname = \"crm\"\n\
-             [[processors]]\nname = \"{PROCESSOR}\"\nendpoint = \"https://localhost:1\"\n\
-             identity = {:?}\ncategories = [\"contact\"]\n",
-            tls.ca,
-            tls.cert,
-            tls.key,
-            pki.signing_key("registry"),
-            dir.join(format!("audit-{name}/checkpoints.jsonl")),
-            dev_identity("partner", "crm"),
-            dev_identity("processor", PROCESSOR),
-        );
-        let file = dir.join(format!("{name}.toml"));
-        std::fs::write(&file, text).expect("config file");
-        let config = Config::load_from(Some(&file), Vec::new()).expect("config");
+    async fn replica(dir: &Path, database_url: &str, name: &'static str) -> Self {
         let read = Arc::new(AtomicU64::new(0));
         let syncs_left = Arc::new(AtomicU64::new(u64::MAX));
         let signals = Arc::new(Signals::default());
@@ -232,79 +208,26 @@ impl Registry {
             checkpoint_every: EVERY,
             ..p
         });
-        let app = BUILD_HOOK
-            .scope(hook, App::build(config))
-            .await
-            .expect("app");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let served = tokio::spawn(app.run(listener, async {
-            let _ = stopped.await;
-        }));
+        let setup = Setup {
+            replica: name,
+            packages: Some(hook),
+            ..Setup::default()
+        };
         Self {
-            port,
-            pki,
-            packages,
+            registry: test_registry::Registry::start(dir, database_url, setup).await,
             read,
             syncs_left,
             signals,
-            stop,
-            served,
         }
-    }
-
-    /// A channel to the registry with the certificate of the PKI's party `stem`.
-    fn channel(&self, stem: &str) -> Channel {
-        let tls = self.pki.files(stem).client_config().expect("client tls");
-        dsrelay_runtime::tls::channel(
-            &format!("https://localhost:{}", self.port),
-            Some(dev_identity("registry", "controller")),
-            &tls,
-        )
-        .expect("channel")
     }
 
     /// A new return of data, delivered (in the outbox) to the processor, whose task of
     /// `accounting` (the subprocessor of [`header`]'s files) the processor reported, so that
     /// the registry takes its part.
     async fn return_of_data(&self, key: &str) -> String {
-        let id = self.submit(key).await;
-        let answer = AcknowledgementServiceClient::new(self.channel("processor"))
-            .acknowledge(AcknowledgeRequest {
-                acknowledgements: vec![Acknowledgement {
-                    request_id: id.clone(),
-                    subprocessor: "accounting".into(),
-                    sequence: 1,
-                    state: TaskState::InProgress as i32,
-                    ..Default::default()
-                }],
-            })
-            .await
-            .expect("acknowledge")
-            .into_inner();
-        assert_eq!(answer.applied, 1, "{answer:?}");
+        let id = self.submit(RequestKind::ReturnOfData, key).await;
+        self.in_progress(&id, "accounting").await;
         id
-    }
-
-    /// A new return of data, delivered (in the outbox) to the processor.
-    async fn submit(&self, key: &str) -> String {
-        RequestServiceClient::new(self.channel("partner-crm"))
-            .submit(SubmitRequest {
-                kind: RequestKind::ReturnOfData as i32,
-                identities: vec![SubjectIdentity {
-                    r#type: IdentityType::Email as i32,
-                    encoding: IdentityEncoding::Raw as i32,
-                    value: "maija@example.fi".into(),
-                    label: String::new(),
-                }],
-                idempotency_key: key.into(),
-                ..Default::default()
-            })
-            .await
-            .expect("submit")
-            .into_inner()
-            .request_id
     }
 
     /// Bytes read from the package store since the last call.
@@ -314,7 +237,7 @@ impl Registry {
 
     /// Where the store keeps the file `h` announces.
     fn path(&self, h: &ExportFileHeader) -> PathBuf {
-        self.packages.join(file_key(&PackageFile {
+        self.package_dir().join(file_key(&PackageFile {
             request_id: h.request_id.clone(),
             processor: PROCESSOR.into(),
             subprocessor: h.subprocessor.clone(),
@@ -342,8 +265,7 @@ impl Registry {
     }
 
     async fn stop(self) {
-        let _ = self.stop.send(());
-        self.served.await.expect("joined").expect("served");
+        self.registry.stop().await;
     }
 }
 
