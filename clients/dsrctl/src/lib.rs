@@ -148,7 +148,10 @@ pub fn run(cli: Cli) -> ExitCode {
         Ok(runtime) => runtime,
         Err(err) => return report(&Failure::Setup(err.into()), &mut stderr),
     };
-    let mut stdout = std::io::stdout().lock();
+    // Not locked for the whole run: under `dev up` the services log to standard output from
+    // threads of their own (SQLite's connection workers, the blocking pool), and a lock this
+    // thread held would stop each of them, with what it was doing, at its first line.
+    let mut stdout = std::io::stdout();
     let result = runtime.block_on(execute(&cli, &env, &mut stdout, &mut std::io::stderr()));
     match result {
         Ok(code) => ExitCode::from(code),

@@ -570,6 +570,23 @@ fn dev_up_prints_commands_that_work_as_printed() {
     );
 }
 
+/// The services dev up runs log to its standard output from threads of their own (each
+/// SQLite connection's worker logs its statements, at trace level): dev up held standard
+/// output locked for its whole run, so the first such line stopped that thread, and the
+/// service waiting on it, for good (the migrations, before it ever listened).
+#[test]
+fn dev_up_serves_while_its_services_log_from_other_threads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ports = ["--registry-port", "0", "--processor-port", "0"];
+    let env = [("RUST_LOG", "info,sqlx::query=trace")];
+    let (_dev, lines) = support::dev_up_with(tmp.path(), &ports, &env);
+    let mut submit = printed_commands(&lines, "")[0].clone();
+    submit.extend(["--output".into(), "json".into()]);
+    let args: Vec<&str> = submit.iter().map(String::as_str).collect();
+    let out = dsrctl(tmp.path(), &[], &args);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
 #[test]
 fn dev_up_in_its_default_folder_prints_only_the_endpoint_it_needs() {
     let tmp = tempfile::tempdir().unwrap();

@@ -48,6 +48,11 @@ pub(crate) fn clear_settings(cmd: &mut Command) {
 /// Starts `dsrctl dev up` with `args` in `cwd` and returns what it printed up to its last
 /// line, once both services listen.
 pub(crate) fn dev_up(cwd: &Path, args: &[&str]) -> (DevUp, Vec<String>) {
+    dev_up_with(cwd, args, &[])
+}
+
+/// [`dev_up`] with the environment variables `env` set.
+pub(crate) fn dev_up_with(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> (DevUp, Vec<String>) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dsrctl"));
     cmd.current_dir(cwd)
         .args(["dev", "up"])
@@ -55,6 +60,7 @@ pub(crate) fn dev_up(cwd: &Path, args: &[&str]) -> (DevUp, Vec<String>) {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     clear_settings(&mut cmd);
+    cmd.envs(env.iter().copied());
     let mut child = cmd.spawn().expect("starting dsrctl dev up");
     let stderr = child.stderr.take().expect("stderr");
     let guard = DevUp(child);
