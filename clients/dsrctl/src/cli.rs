@@ -272,9 +272,11 @@ pub enum TasksCommand {
         #[arg(long)]
         reason: String,
     },
-    /// Run a FAILED task again once its cause is fixed: it becomes IN_PROGRESS with the note,
-    /// and the holder is called at once (not for a return of data, a transfer or a contract
-    /// end).
+    /// Run a FAILED task again once its cause is fixed: it becomes IN_PROGRESS, its reason
+    /// `retried by <you>: <note>` (kept in the request's events at the registry), and the
+    /// holder is called as for a new task (past the due date, once). Refused for a return
+    /// of data, a transfer or a contract end, a task that failed in a retention run, a
+    /// cancelled or forgotten request, and a subprocessor no longer configured.
     Retry {
         /// Where the processor is.
         #[command(flatten)]

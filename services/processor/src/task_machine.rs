@@ -56,7 +56,8 @@
 //!   turn → CANCELLED, saying what is known
 //! - an operator completes (or finds nothing) or refuses only a task WAITING_FOR_OPERATOR
 //! - an operator retries only a FAILED task (RetryTask): → IN_PROGRESS with the operator's
-//!   note and nothing of the failed run, its holder called at once ([`Phase::Start`])
+//!   note as its reason and nothing of the failed run, its holder called at once
+//!   ([`Phase::Start`])
 //!
 //! # Contract ends (one task per subprocessor over all of a controller's data)
 //! - claimed PENDING (phase SCHEDULED) before its start ([`Terms::starts_at`]: the effective
@@ -741,10 +742,11 @@ fn decide_event(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Decision
             task.state.as_str_name().trim_start_matches("TASK_STATE_")
         )),
         // As a new task: IN_PROGRESS with nothing of the failed run (no handle, no count), its
-        // holder called at once.
+        // holder called at once. The operator's words go as the reason, which the registry
+        // keeps in the request's trail (a note would last only until the outcome's).
         Event::OperatorRetry { note, by } => Decision::Move(Transition {
             state: InProgress,
-            note: format!("retried by {by}: {note}"),
+            reason: format!("retried by {by}: {note}"),
             ..Default::default()
         }),
         // Only a task still waiting for its delivery moves; a cancelled one stays cancelled.
@@ -973,6 +975,16 @@ fn outcome_or_retry(
     result: Result<Outcome, ConnectorError>,
     ctx: &Context,
 ) -> ControlFlow<Decision, Outcome> {
+    // A retention run that fails leaves what the earlier runs erased erased: the count says
+    // so, as it covers every run.
+    let counted = |t: Transition| Transition {
+        records_affected: if in_retention_run(task, phase) {
+            task.records_affected
+        } else {
+            0
+        },
+        ..t
+    };
     match result {
         Ok(outcome) => ControlFlow::Continue(outcome),
         Err(e) if e.is_transient() && may_retry(task, phase, ctx) => {
@@ -981,14 +993,14 @@ fn outcome_or_retry(
                 error: Some(e.to_string()),
             })
         }
-        Err(e) if e.is_transient() => ControlFlow::Break(Decision::Move(gave_up(
+        Err(e) if e.is_transient() => ControlFlow::Break(Decision::Move(counted(gave_up(
             format!(
                 "gave up at the due date after {} attempt(s): {e}",
                 task.attempts
             ),
             ctx,
-        ))),
-        Err(e) => ControlFlow::Break(Decision::Move(failed(e.to_string()))),
+        )))),
+        Err(e) => ControlFlow::Break(Decision::Move(counted(failed(e.to_string())))),
     }
 }
 
@@ -2473,6 +2485,27 @@ mod tests {
             Err(ConnectorError::Permanent(error.into())),
         ));
         assert_eq!((t.state, t.reason.as_str()), (Failed, error));
+        assert_eq!(
+            t.records_affected, 0,
+            "a first run that failed erased nothing"
+        );
+    }
+
+    /// A retention run that fails keeps the count of what the earlier runs erased: it covers
+    /// every run.
+    #[test]
+    fn a_failed_retention_run_keeps_the_earlier_count() {
+        let retained = Current {
+            retain_until: Some(NOW - 1),
+            legal_basis: "Kirjanpitolaki 2:10",
+            ..task(Retained)
+        };
+        let t = moved(ran(
+            &retained,
+            Phase::RetentionExpired { until_ms: NOW - 1 },
+            Err(ConnectorError::Permanent("no such table".into())),
+        ));
+        assert_eq!((t.state, t.records_affected), (Failed, 3));
     }
 
     #[test]
@@ -2697,7 +2730,7 @@ mod tests {
             t,
             Transition {
                 state: InProgress,
-                note: "retried by ops: database restored".into(),
+                reason: "retried by ops: database restored".into(),
                 ..Default::default()
             }
         );

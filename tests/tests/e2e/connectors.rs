@@ -767,7 +767,7 @@ async fn an_operator_retries_a_failed_task_once_its_holder_is_repaired(backend: 
     assert_eq!(retried["state"], "IN_PROGRESS", "{retried}");
     assert_eq!(retried["attempts"], 0, "{retried}");
     assert_eq!(
-        retried["instructions"],
+        retried["reason"],
         format!("retried by spiffe://dsrelay.dev/operator/ops: {NOTE}"),
         "{retried}"
     );
@@ -795,7 +795,8 @@ async fn an_operator_retries_a_failed_task_once_its_holder_is_repaired(backend: 
         "{view:#?}"
     );
     assert_eq!(count(&pair.accounting_url, erased).await, 0);
-    // The registry followed the retry: the request was open again after it had failed.
+    // The registry followed the retry: the request was open again after it had failed, and
+    // its trail keeps who retried it and why.
     let registry_db = pair.registry.database_url();
     let reopened = format!(
         "SELECT COUNT(*) FROM events WHERE request_id = '{erasure_id}' AND request_state = {} \
@@ -805,6 +806,11 @@ async fn an_operator_retries_a_failed_task_once_its_holder_is_repaired(backend: 
         RequestState::Failed as i32
     );
     assert!(count(registry_db, &reopened).await > 0);
+    let noted = format!(
+        "SELECT COUNT(*) FROM events WHERE request_id = '{erasure_id}' \
+         AND message LIKE '%IN_PROGRESS: retried by spiffe://dsrelay.dev/operator/ops: {NOTE}'"
+    );
+    assert_eq!(count(registry_db, &noted).await, 1);
     // Done once: a second retry finds it COMPLETED.
     let err = ops
         .retry_task(retry(&erasure_id, "accounting", NOTE))
