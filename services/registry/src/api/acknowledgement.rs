@@ -301,16 +301,14 @@ impl Api {
             .map_err(ApiError::from)?;
         let receipted_transfers: Vec<&str> = acks
             .iter()
-            .filter(|a| {
-                receipt(a).is_some()
-                    && (kind_of(a) == Some(RequestKind::Transfer)
-                        || contract_transfers.contains(&a.request_id))
-            })
+            .filter(|a| receipt(a).is_some() && kind_of(a) == Some(RequestKind::Transfer))
             .map(|a| a.request_id.as_str())
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let recipients = self.transfer_recipients(&receipted_transfers).await?;
+        let mut recipients = self.transfer_recipients(&receipted_transfers).await?;
+        recipients
+            .extend((contract_transfers.iter()).map(|(id, name)| (id.clone(), Some(name.clone()))));
         let mut violations = Vec::new();
         for (i, a) in acks.iter().enumerate() {
             let Some(kind) = kind_of(a) else {
@@ -346,7 +344,7 @@ impl Api {
             }
             let transfers = match kind {
                 RequestKind::Transfer => true,
-                RequestKind::ContractEnd => contract_transfers.contains(&a.request_id),
+                RequestKind::ContractEnd => contract_transfers.contains_key(&a.request_id),
                 _ => false,
             };
             if let (true, Some(r)) = (transfers, receipt(a)) {
@@ -386,31 +384,27 @@ impl Api {
 }
 
 impl Api {
-    /// The transfer recipient each of the requests `ids` sends its data to, by request id:
-    /// a TRANSFER's `parameters.transfer_recipient`, a contract end's terms'; `None` for a
-    /// TRANSFER whose body was forgotten with its identities. One read per request: only
-    /// the requests of acknowledgements with a receipt, a task's last report, are asked.
+    /// The transfer recipient each of the TRANSFER requests `ids` sends its data to, by
+    /// request id: its `parameters.transfer_recipient`; `None` when its body was forgotten
+    /// with its identities. (A contract end's comes with its terms, `transferring_of`.) One
+    /// read per request: only the requests of acknowledgements with a receipt, a task's last
+    /// report, are asked.
     async fn transfer_recipients(
         &self,
         ids: &[&str],
     ) -> Result<HashMap<String, Option<String>>, ApiError> {
-        let store = &self.shared.store;
         let mut out = HashMap::new();
         for &id in ids {
-            let Some(request) = store.request(id).await? else {
+            let Some(request) = self.shared.store.request(id).await? else {
                 continue;
             };
-            let named = if request.kind == RequestKind::ContractEnd {
-                store.contract(id).await?.map(|c| c.transfer_recipient)
-            } else {
-                request.body.map(|b| {
-                    SubmitRequest::decode(b.as_slice())
-                        .ok()
-                        .and_then(|s| s.parameters)
-                        .map(|p| p.transfer_recipient)
-                        .unwrap_or_default()
-                })
-            };
+            let named = request.body.map(|b| {
+                SubmitRequest::decode(b.as_slice())
+                    .ok()
+                    .and_then(|s| s.parameters)
+                    .map(|p| p.transfer_recipient)
+                    .unwrap_or_default()
+            });
             out.insert(id.to_string(), named);
         }
         Ok(out)

@@ -724,7 +724,8 @@ async fn unproven_completions(
         let key = u.key_at(processor);
         let id = u.request_id.as_str();
         let completed = u.state == TaskState::Completed as i32;
-        let transfers = is(id, RequestKind::Transfer) || transferring_contract_ends.contains(id);
+        let transfers =
+            is(id, RequestKind::Transfer) || transferring_contract_ends.contains_key(id);
         let lacking = if u.transfer_receipt.is_some() && !transfers {
             "a transfer receipt on a request that transfers nothing to a recipient"
         } else if completed && is(id, RequestKind::Transfer) && u.transfer_receipt.is_none() {

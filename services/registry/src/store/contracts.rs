@@ -4,7 +4,7 @@
 //! dispatcher sends the terms as they stand. The contract end itself is stored by `intake`,
 //! with its request and delivery.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 use anyhow::Result;
 use dsrelay_proto::v1::{ContractEnd, ContractEndChoice, EventType, RequestState};
@@ -99,24 +99,25 @@ pub enum ContractChange {
 }
 
 /// Those of the contract ends `ids` whose terms return the data to a transfer recipient
-/// (RETURN_THEN_DELETE with a recipient named): the only contract ends a transfer receipt
-/// may come for. One query per 500 ids; none for no id. Acknowledge and the store's check
-/// of the reports in processors' answers both decide with it.
+/// (RETURN_THEN_DELETE with a recipient named), with that recipient's name: the only
+/// contract ends a transfer receipt may come for, and the name it must give. One query per
+/// 500 ids; none for no id. Acknowledge and the store's check of the reports in processors'
+/// answers both decide with it.
 pub(super) async fn transferring_of(
     conn: &mut sqlx::AnyConnection,
     backend: dsrelay_runtime::store::Backend,
     ids: &[&str],
-) -> Result<BTreeSet<String>> {
-    let mut transferring = BTreeSet::new();
+) -> Result<BTreeMap<String, String>> {
+    let mut transferring = BTreeMap::new();
     for chunk in ids.chunks(500) {
         let sql = format!(
-            "SELECT request_id FROM contracts WHERE choice = $1 AND transfer_recipient <> '' \
-             AND request_id IN ({})",
+            "SELECT request_id, transfer_recipient FROM contracts WHERE choice = $1 \
+             AND transfer_recipient <> '' AND request_id IN ({})",
             super::placeholders(2, chunk.len())
         );
         let sql = backend.numbered(&sql);
-        let mut q =
-            sqlx::query_scalar::<_, String>(&sql).bind(ContractEndChoice::ReturnThenDelete as i64);
+        let mut q = sqlx::query_as::<_, (String, String)>(&sql)
+            .bind(ContractEndChoice::ReturnThenDelete as i64);
         for id in chunk {
             q = q.bind(*id);
         }
@@ -128,9 +129,12 @@ pub(super) async fn transferring_of(
 impl Store {
     /// Those of the contract ends `ids` that return the data to a transfer recipient
     /// ([`transferring_of`]), read beside the writer.
-    pub async fn contract_ends_transferring(&self, ids: &[&str]) -> Result<BTreeSet<String>> {
+    pub async fn contract_ends_transferring(
+        &self,
+        ids: &[&str],
+    ) -> Result<BTreeMap<String, String>> {
         if ids.is_empty() {
-            return Ok(BTreeSet::new());
+            return Ok(BTreeMap::new());
         }
         let mut conn = self.db.reader.acquire().await?;
         transferring_of(&mut conn, self.db.backend, ids).await
