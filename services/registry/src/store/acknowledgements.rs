@@ -521,7 +521,7 @@ impl Store {
                 certificates.push((processor, ack, c));
             }
         }
-        super::certificates::record_all(&mut tx, &certificates, now).await?;
+        super::certificates::record_all(&mut tx, &certificates, &view.forgotten, now).await?;
         for (processor, updates) in &moved {
             upsert_tasks(&mut tx, processor, updates.values(), now).await?;
         }

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 
 use anyhow::Result;
 use dsrelay_proto::v1::{EventType, RequestState};
-use dsrelay_runtime::store::{placeholders, values_row};
+use dsrelay_runtime::store::values_row;
 use sha2::{Digest, Sha256};
 
 use super::acknowledgements::TaskUpdate;
@@ -66,15 +66,12 @@ pub struct CertificateRow {
     pub rejection: String,
 }
 
-/// What forgetting leaves of a rejected certificate (`verified` false): no body, signature
-/// or certificate id, which are the processor's unchecked text; the key id only when it is
-/// one (`sha256:` and 64 lowercase hex digits); and the rejection, followed by the body's
-/// SHA-256, so that whoever kept the body can still match it.
-pub(super) fn forgotten_rejected(
-    body: &[u8],
-    key_id: &str,
-    rejection: &str,
-) -> (Vec<u8>, Vec<u8>, String, String, String) {
+/// What forgetting leaves of a rejected certificate (`verified` false), as `(key_id,
+/// rejection)`: no body, signature or certificate id (stored empty), which are the
+/// processor's unchecked text; the key id only when it is one (`sha256:` and 64 lowercase
+/// hex digits); and the rejection, followed by the body's SHA-256, so that whoever kept the
+/// body can still match it.
+pub(super) fn forgotten_rejected(body: &[u8], key_id: &str, rejection: &str) -> (String, String) {
     let key_id = if ReceivedCertificate::is_key_id(key_id) {
         key_id
     } else {
@@ -84,54 +81,23 @@ pub(super) fn forgotten_rejected(
         "{rejection} (its body, SHA-256 {}, was removed when the request was forgotten)",
         hex::encode(Sha256::digest(body))
     );
-    (
-        Vec::new(),
-        Vec::new(),
-        key_id.to_string(),
-        String::new(),
-        rejection,
-    )
-}
-
-/// Those of `ids` whose request is forgotten already.
-async fn forgotten_of(tx: &mut Tx, ids: &[&str]) -> Result<BTreeSet<String>> {
-    let mut forgotten = BTreeSet::new();
-    for chunk in ids.chunks(500) {
-        let sql = format!(
-            "SELECT id FROM requests WHERE forgotten_at IS NOT NULL AND id IN ({})",
-            placeholders(1, chunk.len())
-        );
-        let sql = tx.backend.numbered(&sql);
-        let mut q = sqlx::query_scalar::<_, String>(&sql);
-        for id in chunk {
-            q = q.bind(*id);
-        }
-        forgotten.extend(q.fetch_all(tx.conn()).await?);
-    }
-    Ok(forgotten)
+    (key_id.to_string(), rejection)
 }
 
 /// Stores the certificates that came with acknowledgements, each `(processor, ack,
 /// certificate)`, in one statement per [`rows_per_statement`] of them (a certificate already
 /// stored for the same acknowledgement stays as it was). A rejected one of a request
-/// forgotten already (a task still RETAINED reports later) is stored as forgetting leaves
+/// `forgotten` already (a task still RETAINED reports later) is stored as forgetting leaves
 /// one ([`forgotten_rejected`]), since nothing forgets the request again.
 ///
 /// [`rows_per_statement`]: dsrelay_runtime::store::Backend::rows_per_statement
 pub(super) async fn record_all(
     tx: &mut Tx,
     received: &[(&str, &TaskUpdate, &ReceivedCertificate)],
+    forgotten: &BTreeSet<String>,
     now: i64,
 ) -> Result<()> {
     const PARAMS: usize = 11;
-    let rejected: Vec<&str> = received
-        .iter()
-        .filter(|(_, _, c)| !c.verified)
-        .map(|(_, ack, _)| ack.request_id.as_str())
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let forgotten = forgotten_of(tx, &rejected).await?;
     for chunk in received.chunks(tx.backend.rows_per_statement(PARAMS)) {
         let rows: Vec<String> = (0..chunk.len())
             .map(|r| values_row(PARAMS * r + 1..=PARAMS * r + PARAMS))
@@ -145,16 +111,17 @@ pub(super) async fn record_all(
         let sql = tx.backend.numbered(&sql);
         let mut q = sqlx::query(&sql);
         for (processor, ack, c) in chunk {
-            let (body, signature, key_id, certificate_id, rejection) =
+            let (body, signature, certificate_id, (key_id, rejection)) =
                 if !c.verified && forgotten.contains(&ack.request_id) {
-                    forgotten_rejected(&c.body, &c.key_id, &c.rejection)
+                    let left = forgotten_rejected(&c.body, &c.key_id, &c.rejection);
+                    (Vec::new(), Vec::new(), String::new(), left)
                 } else {
+                    let kept = (c.key_id.clone(), c.rejection.clone());
                     (
                         c.body.clone(),
                         c.signature.clone(),
-                        c.key_id.clone(),
                         c.certificate_id.clone(),
-                        c.rejection.clone(),
+                        kept,
                     )
                 };
             q = q

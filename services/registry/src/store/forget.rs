@@ -91,16 +91,14 @@ async fn forget_rejected_certificates(tx: &mut Tx, id: &str) -> Result<()> {
     .fetch_all(tx.conn())
     .await?;
     for (row, body, key_id, rejection) in rejected {
-        let (body, signature, key_id, certificate_id, rejection) =
-            forgotten_rejected(&body, &key_id, &rejection);
+        let (key_id, rejection) = forgotten_rejected(&body, &key_id, &rejection);
         sqlx::query(
-            "UPDATE certificates SET body = $1, signature = $2, key_id = $3, \
-             certificate_id = $4, rejection = $5 WHERE id = $6",
+            "UPDATE certificates SET body = $1, signature = $2, certificate_id = '', \
+             key_id = $3, rejection = $4 WHERE id = $5",
         )
-        .bind(body)
-        .bind(signature)
+        .bind(Vec::<u8>::new())
+        .bind(Vec::<u8>::new())
         .bind(key_id)
-        .bind(certificate_id)
         .bind(rejection)
         .bind(row)
         .execute(tx.conn())
