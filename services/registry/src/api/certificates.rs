@@ -193,6 +193,16 @@ fn mismatch(claims: &Claims, expected: &Expected<'_>) -> Option<String> {
 }
 
 impl Api {
+    /// The certificate identity of the processor the registry names `name`, if configured:
+    /// what a certificate's `processor` must say.
+    fn processor_identity(&self, name: &str) -> Option<&str> {
+        let processors = self.shared.config.processors.iter();
+        processors
+            .filter(|p| p.name == name)
+            .map(|p| p.identity.as_str())
+            .next()
+    }
+
     /// Checks the certificate each acknowledgement of `processor` carries and attaches the
     /// verdict to its update. `kinds` holds the kinds of the requests delivered to
     /// `processor` that acknowledgements with a certificate concern (looked up once per call
@@ -204,13 +214,7 @@ impl Api {
         updates: &mut [crate::store::TaskUpdate],
         kinds: &HashMap<String, RequestKind>,
     ) {
-        let identity = self
-            .shared
-            .config
-            .processors
-            .iter()
-            .find(|p| p.name == processor)
-            .map_or("", |p| p.identity.as_str());
+        let identity = self.processor_identity(processor).unwrap_or_default();
         let key = self.shared.certificate_keys.get(processor);
         for (a, u) in acks.iter().zip(updates.iter_mut()) {
             if let Some(c) = &a.certificate {
@@ -383,21 +387,13 @@ impl CertificateService for Api {
             ))
             .into());
         }
-        let identity = |name: &str| {
-            let p = self
-                .shared
-                .config
-                .processors
-                .iter()
-                .find(|p| p.name == name);
-            p.map(|p| p.identity.as_str())
-        };
         let keys = &self.shared.certificate_keys;
         Ok(Response::new(CertificateList {
             certificates: certificates
                 .into_iter()
                 .map(|c| {
-                    let (identity, key) = (identity(&c.processor), keys.get(&c.processor));
+                    let identity = self.processor_identity(&c.processor);
+                    let key = keys.get(&c.processor);
                     stored(c, &row, identity, key)
                 })
                 .collect(),
