@@ -213,7 +213,7 @@ mod tests {
 
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    use dsrelay_proto::v1::processor_service_server::{ProcessorService, ProcessorServiceServer};
+    use dsrelay_proto::v1::processor_service_server::ProcessorService;
     use dsrelay_proto::v1::request_service_client::RequestServiceClient;
     use dsrelay_proto::v1::{
         CancelDeliveryRequest, Chain, DeliverRequest, DeliverResponse, ExtendDueDateRequest,
@@ -221,18 +221,11 @@ mod tests {
         SubmitRequest, Subprocessor, SubprocessorList, TaskList, TaskState, TaskStatus,
         UpdateContractEndRequest,
     };
-    use dsrelay_runtime::pki::{dev_identity, DevPki};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
-    use tokio::sync::oneshot;
     use tonic::transport::Channel;
     use tonic::{Request, Response, Status};
 
     use super::*;
-    use crate::{App, Config};
-
-    /// The name the development PKI's processor certificate carries.
-    const PROCESSOR: &str = "payroll-bureau";
+    use crate::test_registry::{self, Setup, PROCESSOR};
 
     /// A processor that accepts deliveries, never answers GetStatus (UNAVAILABLE), and fails
     /// ListSubprocessors until `up`.
@@ -306,13 +299,8 @@ mod tests {
 
     /// A running registry whose one processor is a [`StandIn`], with its admin port.
     struct Registry {
-        port: u16,
-        admin: std::net::SocketAddr,
-        pki: DevPki,
+        served: test_registry::Registry,
         processor: StandIn,
-        stop: oneshot::Sender<()>,
-        served: tokio::task::JoinHandle<anyhow::Result<()>>,
-        stop_processor: oneshot::Sender<()>,
         _dir: tempfile::TempDir,
     }
 
@@ -321,81 +309,29 @@ mod tests {
         /// after 20 to 100 ms (`delivery.backoff`).
         async fn start(reconcile: &str) -> Self {
             let dir = tempfile::tempdir().expect("tempdir");
-            let pki = DevPki::ensure(&dir.path().join("pki")).expect("dev pki");
             let processor = StandIn::default();
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let processor_port = listener.local_addr().expect("addr").port();
-            let router = dsrelay_runtime::server::builder(
-                pki.files("processor").server_config().expect("server tls"),
-            )
-            .expect("server")
-            .add_service(ProcessorServiceServer::new(processor.clone()));
-            let (stop_processor, processor_stopped) = oneshot::channel::<()>();
-            tokio::spawn(dsrelay_runtime::server::serve(router, listener, async {
-                let _ = processor_stopped.await;
-            }));
-
-            let tls = pki.files("registry");
-            let d = dir.path();
-            let text = format!(
-                "listen = \"127.0.0.1:0\"\ndatabase_url = \"sqlite://{}/registry.db\"\n\
-                 identity_hash_key = \"k\"\npackage_dir = {:?}\n\
-                 [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
-                 [audit]\ncheckpoint_key = {:?}\ncheckpoint_file = {:?}\n\
-                 [delivery]\npoll_interval_ms = 20\n\
-                 backoff = {{ initial_ms = 20, max_ms = 100 }}\n\
-                 [reconcile]\n{reconcile}\n\
-                 [[identities]]\nidentity = {:?}\nrole = \"partner\"\nname = \"crm\"\n\
-                 [[identities]]\nidentity = {:?}\nrole = \"operator\"\nname = \"ops\"\n\
-                 [[processors]]\nname = \"{PROCESSOR}\"\n\
-                 endpoint = \"https://localhost:{processor_port}\"\n\
-                 identity = {:?}\ncategories = [\"contact\"]\n",
-                d.display(),
-                d.join("packages"),
-                tls.ca,
-                tls.cert,
-                tls.key,
-                pki.signing_key("registry"),
-                d.join("audit/checkpoints.jsonl"),
-                dev_identity("partner", "crm"),
-                dev_identity("operator", "ops"),
-                dev_identity("processor", PROCESSOR),
-            );
-            let file = d.join("registry.toml");
-            std::fs::write(&file, text).expect("config file");
-            let config = Config::load_from(Some(&file), Vec::new()).expect("config");
-            let app = App::build(config).await.expect("app");
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let port = listener.local_addr().expect("addr").port();
-            let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
-            let admin_addr = admin.local_addr().expect("admin addr");
-            let (stop, stopped) = oneshot::channel::<()>();
-            let served = tokio::spawn(app.run_with_admin(listener, Some(admin), async {
-                let _ = stopped.await;
-            }));
+            let setup = Setup {
+                tables: format!(
+                    "[delivery]\npoll_interval_ms = 20\n\
+                     backoff = {{ initial_ms = 20, max_ms = 100 }}\n\
+                     [reconcile]\n{reconcile}\n"
+                ),
+                admin: true,
+                ..Setup::default()
+            }
+            .answered_by(processor.clone());
+            let url = format!("sqlite://{}/registry.db", dir.path().display());
+            let served = test_registry::Registry::start(dir.path(), &url, setup).await;
             Self {
-                port,
-                admin: admin_addr,
-                pki,
-                processor,
-                stop,
                 served,
-                stop_processor,
+                processor,
                 _dir: dir,
             }
         }
 
         /// A client of the registry with the certificate of the PKI's party `stem`.
         fn requests(&self, stem: &str) -> RequestServiceClient<Channel> {
-            let tls = self.pki.files(stem).client_config().expect("client tls");
-            RequestServiceClient::new(
-                dsrelay_runtime::tls::channel(
-                    &format!("https://localhost:{}", self.port),
-                    Some(dev_identity("registry", "controller")),
-                    &tls,
-                )
-                .expect("channel"),
-            )
+            RequestServiceClient::new(self.served.channel(stem))
         }
 
         async fn chain(&self) -> Chain {
@@ -406,24 +342,12 @@ mod tests {
                 .into_inner()
         }
 
-        /// The admin port's `/metrics`, read over a plain HTTP/1.0 request.
         async fn scrape(&self) -> String {
-            let mut stream = tokio::net::TcpStream::connect(self.admin)
-                .await
-                .expect("admin connect");
-            stream
-                .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-                .await
-                .expect("admin write");
-            let mut text = String::new();
-            stream.read_to_string(&mut text).await.expect("admin read");
-            text
+            self.served.scrape().await
         }
 
         async fn stop(self) {
-            let _ = self.stop.send(());
-            self.served.await.expect("joined").expect("served");
-            let _ = self.stop_processor.send(());
+            self.served.stop().await;
         }
     }
 

@@ -42,6 +42,8 @@ pub(crate) struct Setup {
     pub(crate) processor: Option<Routes>,
     /// What the registry's build does to its packages ([`BUILD_HOOK`]).
     pub(crate) packages: Option<Arc<dyn Fn(Packages) -> Packages + Send + Sync>>,
+    /// Serve the admin port too ([`Registry::scrape`]).
+    pub(crate) admin: bool,
 }
 
 impl Default for Setup {
@@ -52,6 +54,7 @@ impl Default for Setup {
             tables: String::new(),
             processor: None,
             packages: None,
+            admin: false,
         }
     }
 }
@@ -70,6 +73,7 @@ impl Setup {
 /// [`Registry::stop`].
 pub(crate) struct Registry {
     port: u16,
+    admin: Option<std::net::SocketAddr>,
     pki: DevPki,
     package_dir: PathBuf,
     stop: oneshot::Sender<()>,
@@ -86,6 +90,7 @@ impl Registry {
             tables,
             processor,
             packages,
+            admin,
         } = setup;
         let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
         let (endpoint, stop_processor) = match processor {
@@ -128,18 +133,41 @@ impl Registry {
         .expect("app");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
+        let admin = match admin {
+            true => Some(TcpListener::bind("127.0.0.1:0").await.expect("bind admin")),
+            false => None,
+        };
+        let admin_addr = admin.as_ref().map(|a| a.local_addr().expect("admin addr"));
         let (stop, stopped) = oneshot::channel::<()>();
-        let served = tokio::spawn(app.run(listener, async {
+        let served = tokio::spawn(app.run_with_admin(listener, admin, async {
             let _ = stopped.await;
         }));
         Self {
             port,
+            admin: admin_addr,
             pki,
             package_dir,
             stop,
             served,
             stop_processor,
         }
+    }
+
+    /// The admin port's `/metrics`, read over a plain HTTP/1.0 request (with
+    /// [`Setup::admin`]).
+    pub(crate) async fn scrape(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let admin = self.admin.expect("a registry started with its admin port");
+        let mut stream = tokio::net::TcpStream::connect(admin)
+            .await
+            .expect("admin connect");
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await
+            .expect("admin write");
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.expect("admin read");
+        text
     }
 
     /// The registry's package folder.
