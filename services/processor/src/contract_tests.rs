@@ -251,19 +251,23 @@ impl Connector for Keeper {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retained_data_of_a_contract_end_is_erased_at_its_date_with_a_follow_up_certificate() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("sqlite://{}/processor.db", dir.path().display());
-    let keeper = HashMap::from([("crm".to_string(), Arc::new(Keeper) as Arc<dyn Connector>)]);
-    // Unscoped: with one controller all of the holder's data is that controller's.
-    let app = App::with_connectors(config(dir.path(), &url, &["acme"]), keeper)
+/// A processor on SQLite in `dir` serving the one controller `acme`, whose subprocessor
+/// `crm` is `holder` (unscoped: with one controller all of the holder's data is that
+/// controller's), with contract end `request_id` accepted: delete, effective now, no grace.
+async fn deleting_now(
+    dir: &std::path::Path,
+    holder: impl Connector + 'static,
+    request_id: &str,
+) -> App {
+    let url = format!("sqlite://{}/processor.db", dir.display());
+    let holder = HashMap::from([("crm".to_string(), Arc::new(holder) as Arc<dyn Connector>)]);
+    let app = App::with_connectors(config(dir, &url, &["acme"]), holder)
         .await
         .expect("app");
     let shared = app.shared();
     let now = shared.clock.now_ms();
     let req = DeliverRequest {
-        request_id: "ce-kept".into(),
+        request_id: request_id.into(),
         kind: RequestKind::ContractEnd as i32,
         parameters: Some(RequestParameters {
             contract_end: Some(ContractEnd {
@@ -278,11 +282,19 @@ async fn retained_data_of_a_contract_end_is_erased_at_its_date_with_a_follow_up_
         due_at: Some(timestamp_from_millis(now + 60_000)),
         ..Default::default()
     };
-    shared
-        .store
+    (shared.store)
         .accept("acme", &req, &["crm".to_string()], None, now)
         .await
         .expect("accept");
+    app
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_data_of_a_contract_end_is_erased_at_its_date_with_a_follow_up_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let app = deleting_now(dir.path(), Keeper, "ce-kept").await;
+    let shared = app.shared();
+    let now = shared.clock.now_ms();
     let step = |at: i64| {
         let shared = shared.clone();
         async move {
@@ -390,33 +402,8 @@ impl Connector for CutOff {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_erasure_certificate_says_what_its_count_may_miss() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("sqlite://{}/processor.db", dir.path().display());
-    let holder = HashMap::from([("crm".to_string(), Arc::new(CutOff) as Arc<dyn Connector>)]);
-    let app = App::with_connectors(config(dir.path(), &url, &["acme"]), holder)
-        .await
-        .expect("app");
+    let app = deleting_now(dir.path(), CutOff, "ce-cut").await;
     let shared = app.shared();
-    let now = shared.clock.now_ms();
-    let req = DeliverRequest {
-        request_id: "ce-cut".into(),
-        kind: RequestKind::ContractEnd as i32,
-        parameters: Some(RequestParameters {
-            contract_end: Some(ContractEnd {
-                choice: ContractEndChoice::Delete as i32,
-                effective_at: Some(timestamp_from_millis(now)),
-                grace_ends_at: Some(timestamp_from_millis(now)),
-                return_confirmed: false,
-                transfer_recipient: String::new(),
-            }),
-            ..Default::default()
-        }),
-        due_at: Some(timestamp_from_millis(now + 60_000)),
-        ..Default::default()
-    };
-    (shared.store)
-        .accept("acme", &req, &["crm".to_string()], None, now)
-        .await
-        .expect("accept");
     let claim = || async {
         let jobs = (shared.store)
             .claim_tasks(shared.clock.now_ms(), 10, 30_000)
