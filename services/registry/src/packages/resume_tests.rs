@@ -340,6 +340,20 @@ fn live(uploads: &ExportUploadServiceClient<Channel>) -> Live {
     (tx, answer)
 }
 
+/// Sends `messages` down the upload stream `tx` for a registry that is to refuse them: it
+/// answers as soon as it reads the chunk it refuses, which ends the stream, so what follows
+/// may find it closed (and is not read anyway).
+fn refused_after(
+    tx: &futures::channel::mpsc::UnboundedSender<UploadFileChunk>,
+    messages: impl IntoIterator<Item = UploadFileChunk>,
+) {
+    for m in messages {
+        if tx.unbounded_send(m).is_err() {
+            return;
+        }
+    }
+}
+
 /// `h` with another media type: the same file restarted under another header.
 fn restarted(h: &ExportFileHeader) -> ExportFileHeader {
     ExportFileHeader {
@@ -767,9 +781,7 @@ async fn a_file_restarted_under_a_resumed_upload_is_not_stored_shifted(
         .expect("the upload resumed, hashing from its checkpoint");
     let again = restarted(&h);
     restart_elsewhere(&a, dir, database_url, &again).await;
-    for m in messages {
-        tx.unbounded_send(m).expect("sent");
-    }
+    refused_after(&tx, messages);
     drop(tx);
     let refused = answer
         .await
@@ -812,9 +824,7 @@ async fn a_file_dropped_under_a_live_upload_is_not_recorded_stored(database_url:
     appended.await.expect("the first chunk appended");
     let again = restarted(&h);
     restart_elsewhere(&a, dir, database_url, &again).await;
-    for m in messages {
-        tx.unbounded_send(m).expect("sent");
-    }
+    refused_after(&tx, messages);
     drop(tx);
     let refused = answer
         .await
@@ -868,9 +878,7 @@ async fn a_growing_file_dropped_under_its_upload_is_not_recorded_stored(
     appended.await.expect("the first chunk appended");
     let theirs = bytes(5_000, 12);
     regrow_elsewhere(&a, dir, database_url, &grow, &theirs).await;
-    for m in messages {
-        tx.unbounded_send(m).expect("sent");
-    }
+    refused_after(&tx, messages);
     drop(tx);
     let refused = answer
         .await
@@ -923,9 +931,7 @@ async fn a_refused_resumed_upload_records_no_checkpoint(database_url: &str, dir:
     let mut damaged = data[..stored].to_vec();
     damaged[cut] ^= 0x40;
     a.append_behind(&again, &damaged);
-    for m in messages {
-        tx.unbounded_send(m).expect("sent");
-    }
+    refused_after(&tx, messages);
     drop(tx);
     let refused = answer
         .await
@@ -991,9 +997,7 @@ async fn a_stream_whose_file_was_restarted_records_no_checkpoint(database_url: &
     appended.await.expect("the first chunk appended");
     let again = restarted(&h);
     restart_elsewhere(&a, dir, database_url, &again).await;
-    for m in messages {
-        tx.unbounded_send(m).expect("sent");
-    }
+    refused_after(&tx, messages);
     drop(tx);
     let refused = answer
         .await
@@ -1051,9 +1055,7 @@ async fn a_restart_leaving_the_expected_length_is_refused(database_url: &str, di
     let mut damaged = data[..cut].to_vec();
     damaged[1_000] ^= 0x40;
     a.append_behind(&again, &damaged);
-    for m in messages {
-        tx.unbounded_send(m).expect("sent");
-    }
+    refused_after(&tx, messages);
     drop(tx);
     let refused = answer
         .await
@@ -1205,9 +1207,7 @@ async fn a_stale_upload_leaves_a_stored_part_alone(database_url: &str, dir: &Pat
     let theirs = bytes(EVERY as usize / 2 + 5, 15);
     let again = header(&id, "kept.bin", &theirs);
     replace_and_complete(&a, dir, database_url, &again, &theirs).await;
-    for m in messages {
-        tx.unbounded_send(m).expect("sent");
-    }
+    refused_after(&tx, messages);
     drop(tx);
     let refused = answer
         .await
@@ -1250,9 +1250,7 @@ async fn an_upload_outlived_by_its_package_is_told_so(database_url: &str, dir: &
         .expect("expired");
     db.pool.close().await;
     std::fs::remove_file(a.path(&h)).expect("the bytes deleted");
-    for m in messages {
-        tx.unbounded_send(m).expect("sent");
-    }
+    refused_after(&tx, messages);
     drop(tx);
     let refused = answer
         .await
