@@ -17,7 +17,7 @@ use dsrelay_runtime::audit::signer::Checkpointer;
 use dsrelay_runtime::clock::Clock;
 use dsrelay_runtime::host::{Host, ReflectionRole};
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
-use dsrelay_runtime::signing::PublicKey;
+use dsrelay_runtime::signing::KeyRing;
 use dsrelay_runtime::store::Db;
 use dsrelay_runtime::tls::LiveTls;
 use tokio::net::TcpListener;
@@ -69,8 +69,9 @@ pub(crate) struct Shared {
     pub packages: Packages,
     /// Files being uploaded right now, so two streams never append to one file.
     pub uploading: Uploading,
-    /// Each processor's certificate-checking key (`public_key`), by processor name.
-    pub certificate_keys: HashMap<String, PublicKey>,
+    /// Each processor's certificate-checking keys (`public_key` and
+    /// `previous_public_keys`), by processor name.
+    pub certificate_keys: HashMap<String, KeyRing>,
     /// Watch streams open per caller.
     pub watchers: crate::api::watch::Slots,
     /// DownloadPackage streams open per caller, each holding a task that reads files.
@@ -133,10 +134,11 @@ impl App {
         let mut processors = HashMap::new();
         let mut certificate_keys = HashMap::new();
         for p in &config.processors {
-            if let Some(key) = &p.public_key {
-                let key = PublicKey::from_config(key)
-                    .with_context(|| format!("processor {}: public_key", p.name))?;
-                certificate_keys.insert(p.name.clone(), key);
+            if let Some(keys) = p
+                .key_ring()
+                .with_context(|| format!("processor {}", p.name))?
+            {
+                certificate_keys.insert(p.name.clone(), keys);
             }
             let channel =
                 dsrelay_runtime::tls::channel(&p.endpoint, Some(p.identity.clone()), &tls)

@@ -11,6 +11,7 @@ use dsrelay_runtime::config::{
     MAX_DURATION_MS, MAX_RETENTION_DAYS,
 };
 use dsrelay_runtime::settings::{Defaults, ServiceConfig, ServiceSettings};
+use dsrelay_runtime::signing::{KeyRing, PublicKey};
 use serde::{Deserialize, Deserializer, Serialize};
 use tonic::transport::Uri;
 
@@ -146,6 +147,40 @@ pub struct ProcessorConfig {
     /// the processor sends is kept as rejected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<String>,
+    /// The keys the processor signed with before its `public_key` (after a rotation), given
+    /// as `public_key` is. A certificate is checked with the key its `key_id` names, so what
+    /// the processor signed before the rotation stays verified, when it arrives and whenever
+    /// it is shown; take a key out of the list (one that leaked, say) and the certificates
+    /// signed with it read as rejected. Needs `public_key`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_public_keys: Vec<String>,
+}
+
+impl ProcessorConfig {
+    /// The keys its certificates are checked with, read from the settings (a file where one
+    /// is named); `None` without a `public_key`.
+    pub fn key_ring(&self) -> anyhow::Result<Option<KeyRing>> {
+        use anyhow::Context;
+        let Some(current) = &self.public_key else {
+            anyhow::ensure!(
+                self.previous_public_keys.is_empty(),
+                "previous_public_keys needs a public_key (the key the processor signs with now)"
+            );
+            return Ok(None);
+        };
+        let current = PublicKey::from_config(current).context("public_key")?;
+        let previous = self
+            .previous_public_keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                PublicKey::from_config(k).with_context(|| format!("previous_public_keys[{i}]"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        KeyRing::new(current, previous)
+            .context("previous_public_keys")
+            .map(Some)
+    }
 }
 
 /// A recipient a subject's data may be transferred to: another controller, named by the
@@ -409,10 +444,8 @@ impl ServiceConfig for Config {
         self.audit.relative_to(dir);
         for p in &mut self.processors {
             // A key given inline stays as it is; a relative file name is the config's.
-            if let Some(key) = &mut p.public_key {
-                if dsrelay_runtime::signing::PublicKey::parse(key).is_err()
-                    && Path::new(key.as_str()).is_relative()
-                {
+            for key in p.public_key.iter_mut().chain(&mut p.previous_public_keys) {
+                if PublicKey::parse(key).is_err() && Path::new(key.as_str()).is_relative() {
                     *key = dir.join(key.as_str()).to_string_lossy().into_owned();
                 }
             }
@@ -423,6 +456,11 @@ impl ServiceConfig for Config {
         let mut errors = self.validate().err().map_or_else(Vec::new, |e| e.0);
         // Read here, not only at start-up, so a bad key is reported with the other files.
         check_checkpoint_key(&mut errors, &self.audit);
+        for (i, p) in self.processors.iter().enumerate() {
+            if let Err(e) = p.key_ring() {
+                errors.push(format!("processors[{i}].{e:#}"));
+            }
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -756,26 +794,82 @@ mod tests {
 
     #[test]
     fn a_processor_public_key_file_is_the_config_folder_s_and_an_inline_key_stays() {
-        let inline = dsrelay_runtime::signing::SigningKey::generate()
-            .public_key()
-            .to_base64();
-        let processor = |name: &str, key: &str| {
+        use dsrelay_runtime::signing::SigningKey;
+        let inline = SigningKey::generate().public_key().to_base64();
+        let processor = |name: &str, key: &str, previous: &str| {
             format!(
                 "[[processors]]\nname = \"{name}\"\nendpoint = \"https://p:1\"\n\
-                 identity = \"spiffe://x/{name}\"\ncategories = [\"c\"]\npublic_key = \"{key}\"\n"
+                 identity = \"spiffe://x/{name}\"\ncategories = [\"c\"]\npublic_key = \"{key}\"\n\
+                 previous_public_keys = [{previous}]\n"
             )
         };
-        let (dir, file) = folder(&format!(
+        let text = format!(
             "{}{}",
-            processor("a", "keys/a.pub.pem"),
-            processor("b", &inline)
-        ));
+            processor("a", "keys/a.pub.pem", "\"keys/a-old.pub.pem\""),
+            processor("b", &inline, &format!("{:?}", "keys/a-old.pub.pem"))
+        );
+        let (dir, file) = folder(&text);
+        std::fs::create_dir(dir.path().join("keys")).unwrap();
+        for stem in ["a", "a-old"] {
+            let key = SigningKey::generate();
+            key.write(&dir.path().join(format!("keys/{stem}.key")))
+                .unwrap();
+        }
         let c = Config::load_from(Some(&file), env(&[])).unwrap();
+        let at = |f: &str| dir.path().join(f).to_str().unwrap().to_string();
         assert_eq!(
             c.processors[0].public_key.as_deref(),
-            Some(dir.path().join("keys/a.pub.pem").to_str().unwrap())
+            Some(at("keys/a.pub.pem").as_str())
+        );
+        assert_eq!(
+            c.processors[0].previous_public_keys,
+            [at("keys/a-old.pub.pem")]
         );
         assert_eq!(c.processors[1].public_key.as_deref(), Some(inline.as_str()));
+        assert_eq!(
+            c.processors[1].previous_public_keys,
+            [at("keys/a-old.pub.pem")]
+        );
+        let ring = c.processors[0].key_ring().unwrap().unwrap();
+        let old = dsrelay_runtime::signing::PublicKey::from_config(&at("keys/a-old.pub.pem"));
+        assert!(ring.holds(&old.unwrap().key_id()));
+    }
+
+    /// A previous key without a current one, a key listed twice and a key file that is not
+    /// there are each reported by the load, naming the processor's entry.
+    #[test]
+    fn a_processor_s_previous_keys_are_checked_when_the_file_is_loaded() {
+        let key = dsrelay_runtime::signing::SigningKey::generate()
+            .public_key()
+            .to_base64();
+        let processor = |name: &str, keys: &str| {
+            format!(
+                "[[processors]]\nname = \"{name}\"\nendpoint = \"https://{name}:1\"\n\
+                 identity = \"spiffe://x/{name}\"\ncategories = [\"c\"]\n{keys}\n"
+            )
+        };
+        let text = [
+            processor("a", &format!("previous_public_keys = [{key:?}]")),
+            processor(
+                "b",
+                &format!("public_key = {key:?}\nprevious_public_keys = [{key:?}]"),
+            ),
+            processor(
+                "c",
+                &format!("public_key = {key:?}\nprevious_public_keys = [\"gone.pem\"]"),
+            ),
+        ]
+        .concat();
+        let (_dir, file) = folder(&text);
+        let errors = Config::load_from(Some(&file), env(&[])).unwrap_err().0;
+        let said = errors.join("\n");
+        for expected in [
+            "processors[0].previous_public_keys needs a public_key",
+            "processors[1].previous_public_keys: previous key 0 is the current key again",
+            "processors[2].previous_public_keys[0]: reading the public key",
+        ] {
+            assert!(said.contains(expected), "{expected}: {said}");
+        }
     }
 
     #[test]
@@ -1251,7 +1345,14 @@ mod tests {
     const ARRAYS: &[(&str, &[&str])] = &[
         (
             "processors",
-            &["name", "endpoint", "identity", "categories", "public_key"],
+            &[
+                "name",
+                "endpoint",
+                "identity",
+                "categories",
+                "public_key",
+                "previous_public_keys",
+            ],
         ),
         ("identities", &["identity", "role", "name"]),
         (

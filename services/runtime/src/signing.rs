@@ -324,6 +324,54 @@ impl PublicKey {
     }
 }
 
+/// The public keys one party's documents are checked with: the key it signs with now, and
+/// those it signed with before a rotation, so that what it signed then still verifies. A
+/// document is checked with the key its key id names; a key taken out of the ring (one that
+/// leaked, say) verifies nothing any more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRing {
+    /// The key it signs with now first, then the earlier ones.
+    keys: Vec<PublicKey>,
+}
+
+impl KeyRing {
+    /// The ring of `current` and `previous`; refuses a key given twice, naming its place in
+    /// `previous` (0-based), since a list that repeats a key is a mistake in the settings.
+    pub fn new(current: PublicKey, previous: Vec<PublicKey>) -> Result<Self> {
+        let mut keys = vec![current];
+        for (i, key) in previous.into_iter().enumerate() {
+            if let Some(j) = keys.iter().position(|k| *k == key) {
+                let earlier = match j {
+                    0 => "the current key".to_string(),
+                    j => format!("previous key {}", j - 1),
+                };
+                anyhow::bail!("previous key {i} is {earlier} again ({})", key.key_id());
+            }
+            keys.push(key);
+        }
+        Ok(Self { keys })
+    }
+
+    /// The key the party signs with now.
+    pub fn current(&self) -> &PublicKey {
+        &self.keys[0]
+    }
+
+    /// Checks `doc` with the ring's key its key id names ([`PublicKey::verify`]); one signed
+    /// with a key outside the ring is [`VerifyError::WrongKey`], expecting the current key.
+    pub fn verify(&self, doc: &Signed) -> Result<Value, VerifyError> {
+        match self.keys.iter().find(|k| k.key_id() == doc.key_id) {
+            Some(key) => key.verify(doc),
+            None => self.current().verify(doc),
+        }
+    }
+
+    /// Whether `key_id` names a key of the ring.
+    pub fn holds(&self, key_id: &str) -> bool {
+        self.keys.iter().any(|k| k.key_id() == key_id)
+    }
+}
+
 /// What a text that is no Ed25519 private key holds instead, in words: the PKCS#8 parser's
 /// own errors name the algorithm it expected, or a "NUL byte" for a file that is no PEM.
 fn not_a_signing_key(pem: &str) -> String {
@@ -364,6 +412,45 @@ mod tests {
 
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_key_ring_checks_a_document_with_the_key_its_key_id_names() {
+        let (old, new, stranger) = (
+            SigningKey::generate(),
+            SigningKey::generate(),
+            SigningKey::generate(),
+        );
+        let ring = KeyRing::new(new.public_key(), vec![old.public_key()]).unwrap();
+        let body = canonical_json(&json!({"a": 1})).unwrap();
+        assert!(ring.verify(&old.sign(body.clone())).is_ok());
+        assert!(ring.verify(&new.sign(body.clone())).is_ok());
+        assert!(ring.holds(&old.public_key().key_id()));
+        assert_eq!(
+            ring.verify(&stranger.sign(body.clone())),
+            Err(VerifyError::WrongKey {
+                found: stranger.public_key().key_id(),
+                expected: new.public_key().key_id(),
+            })
+        );
+        // A document that names an old key but was signed with another fails its signature.
+        let mut forged = stranger.sign(body);
+        forged.key_id = old.public_key().key_id();
+        assert_eq!(ring.verify(&forged), Err(VerifyError::BadSignature));
+        let err = KeyRing::new(new.public_key(), vec![old.public_key(), new.public_key()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("previous key 1 is the current key again"),
+            "{err}"
+        );
+        let err = KeyRing::new(new.public_key(), vec![old.public_key(), old.public_key()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("previous key 1 is previous key 0 again"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn canonical_json_sorts_keys_and_drops_whitespace() {

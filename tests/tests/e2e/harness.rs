@@ -422,6 +422,7 @@ mod configs {
                     .display()
                     .to_string()
             })),
+            previous_public_keys: Vec::new(),
         }];
         if let Some(absent) = plan.absent_processor_port {
             processors.push(ProcessorConfig {
@@ -430,6 +431,7 @@ mod configs {
                 identity: dev_identity("processor", "web-agency"),
                 categories: vec!["web-analytics".into()],
                 public_key: None,
+                previous_public_keys: Vec::new(),
             });
         }
         let party = |stem: &str, name: &str, role: Role| IdentityRole {

@@ -65,6 +65,7 @@ fn registry_config(dir: &Path, port: u16, processor_port: u16) -> dsrelay_regist
                 .display()
                 .to_string(),
             ),
+            previous_public_keys: Vec::new(),
         }],
         recipients: vec![RecipientConfig {
             name: RECIPIENT.into(),

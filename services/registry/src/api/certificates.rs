@@ -2,7 +2,8 @@
 //! the read API (`CertificateService`) for partners and operators.
 //!
 //! A certificate is verified when it is signed by the key configured as the processor's
-//! `public_key`, its body is canonical JSON, and the body names the same processor
+//! `public_key`, or one of its `previous_public_keys` (the certificate's `key_id` says which;
+//! so a key rotation leaves what was signed before it verified), its body is canonical JSON, and the body names the same processor
 //! (identity), request, subprocessor and task state as the acknowledgement it came with,
 //! and the kind its request calls for: `erasure` for an ERASURE (and any other request),
 //! `contract_end` for a CONTRACT_END. One that fails is still stored, as rejected with why (in
@@ -19,7 +20,7 @@ use dsrelay_proto::v1::{
     StoredCertificate, TaskState,
 };
 use dsrelay_runtime::identity::FieldViolation;
-use dsrelay_runtime::signing::{PublicKey, Signed, VerifyError};
+use dsrelay_runtime::signing::{KeyRing, Signed, VerifyError};
 use tonic::{Response, Status};
 
 use crate::error::ApiError;
@@ -76,9 +77,9 @@ fn signature_rejection(e: &VerifyError) -> String {
 }
 
 /// Checks `c`, which came with `ack` from the processor whose certificate identity is
-/// `identity` and whose configured key is `key`; its body must name `kind`.
+/// `identity` and whose configured keys are `key`; its body must name `kind`.
 pub(crate) fn check(
-    key: Option<&PublicKey>,
+    key: Option<&KeyRing>,
     identity: &str,
     kind: &str,
     ack: &Acknowledgement,
@@ -277,7 +278,7 @@ pub(super) fn violations(i: usize, c: &DeletionCertificate) -> Vec<FieldViolatio
 }
 
 /// A stored certificate as the API shows it. One stored as verified is checked again here,
-/// against the processor's key configured now and the row it is stored in (its request,
+/// against the processor's keys configured now and the row it is stored in (its request,
 /// processor, subprocessor and id; the task state it went with is not stored): the row may
 /// have been changed in the database since, and `verified` promises a signature that holds.
 /// One that fails is shown as rejected, with why; a rejected one is shown as stored.
@@ -285,7 +286,7 @@ fn stored(
     row: CertificateRow,
     request: &RequestRow,
     identity: Option<&str>,
-    key: Option<&PublicKey>,
+    key: Option<&KeyRing>,
 ) -> StoredCertificate {
     let rejection = if row.verified == 0 {
         Some(row.rejection)
@@ -311,7 +312,7 @@ fn recheck(
     row: &CertificateRow,
     request: &RequestRow,
     identity: Option<&str>,
-    key: Option<&PublicKey>,
+    key: Option<&KeyRing>,
 ) -> Option<String> {
     let (Some(identity), Some(key)) = (identity, key) else {
         return Some("no public_key is configured for this processor any more".into());
@@ -324,10 +325,13 @@ fn recheck(
     let value = match key.verify(&doc) {
         Ok(value) => value,
         Err(VerifyError::WrongKey { .. }) if !ReceivedCertificate::is_key_id(&row.key_id) => {
-            return Some(format!("{STORED_CHANGED}: {}", key.key_id()));
+            return Some(format!("{STORED_CHANGED}: {}", key.current().key_id()));
         }
-        Err(e @ VerifyError::WrongKey { .. }) => {
-            return Some(format!("the stored certificate is {e}"));
+        Err(VerifyError::WrongKey { found, .. }) => {
+            return Some(format!(
+                "the stored certificate is signed with key {found}, which is neither the \
+                 processor's public_key nor one of its previous_public_keys"
+            ));
         }
         Err(_) => return Some(STORED_CHANGED.into()),
     };
@@ -350,7 +354,7 @@ fn recheck(
 
 /// What [`recheck`] answers when the stored body's signature fails.
 const STORED_CHANGED: &str =
-    "the stored body no longer matches its signature under the processor's key";
+    "the stored body no longer matches its signature under the processor's keys";
 
 #[tonic::async_trait]
 impl CertificateService for Api {
@@ -451,12 +455,12 @@ mod tests {
     #[test]
     fn only_a_matching_certificate_under_the_configured_key_is_verified() {
         let key = SigningKey::generate();
-        let public = key.public_key();
+        let public = KeyRing::new(key.public_key(), vec![]).unwrap();
         let good = check(Some(&public), ID, "erasure", &ack(), &signed(&key, body()));
         assert!(good.verified, "{}", good.rejection);
         assert_eq!(good.certificate_id, "c-1");
 
-        let other = SigningKey::generate().public_key();
+        let other = KeyRing::new(SigningKey::generate().public_key(), vec![]).unwrap();
         let r = check(Some(&other), ID, "erasure", &ack(), &signed(&key, body()));
         assert!(!r.verified && r.rejection.contains("not with the expected key"));
         assert_eq!(r.certificate_id, "c-1");
@@ -487,7 +491,7 @@ mod tests {
     #[test]
     fn a_contract_end_is_certified_as_one_and_an_erasure_only_as_an_erasure() {
         let key = SigningKey::generate();
-        let public = key.public_key();
+        let public = KeyRing::new(key.public_key(), vec![]).unwrap();
         assert_eq!(
             certificate_kind(Some(RequestKind::ContractEnd)),
             "contract_end"
@@ -551,7 +555,7 @@ mod tests {
     fn a_rejection_quotes_no_text_of_the_body() {
         const TEXT: &str = "jane.doe@example.org, national id 010203-1234";
         let key = SigningKey::generate();
-        let public = key.public_key();
+        let public = KeyRing::new(key.public_key(), vec![]).unwrap();
         for field in [
             "kind",
             "processor",
@@ -591,6 +595,8 @@ mod served_tests {
     use super::*;
     use crate::api::acknowledgement::harness::{Registry, PROCESSOR};
     use crate::test_postgres::on_postgres;
+    use crate::test_registry::{Registry as TestRegistry, Setup};
+    use std::path::Path;
 
     /// A certificate the registry verified on receipt has its body changed in the database
     /// afterwards: ListCertificates shows it not verified, saying why, instead of the
@@ -655,6 +661,119 @@ mod served_tests {
         assert_eq!(shown[0].rejection, STORED_CHANGED);
         assert_eq!(shown[0].certificate.as_ref().unwrap().body, body(0));
         registry.stop().await;
+    }
+
+    /// A registry whose processor's keys are `keys` (TOML lines of its `[[processors]]`).
+    async fn with_keys(dir: &std::path::Path, database_url: &str, keys: String) -> TestRegistry {
+        let setup = Setup {
+            processor_keys: keys,
+            ..Setup::default()
+        };
+        TestRegistry::start(dir, database_url, setup).await
+    }
+
+    /// The processor's key is rotated: the registry is restarted with the new key as
+    /// `public_key` and the old one in `previous_public_keys`. The certificate signed before
+    /// stays verified when shown, and one signed with the old key that was still on its way
+    /// (queued at the processor) is verified on arrival, as is one signed with the new key;
+    /// with the old key taken out of the list, what it signed reads as rejected, saying why.
+    /// Before, the previous key could not be configured, and a rotation unverified every
+    /// certificate signed before it.
+    async fn a_rotated_key_leaves_what_it_signed_verified(database_url: &str, dir: &Path) {
+        let (old, new) = (SigningKey::generate(), SigningKey::generate());
+        let key_line = |k: &SigningKey| format!("public_key = {:?}\n", k.public_key().to_base64());
+        let registry = with_keys(dir, database_url, key_line(&old)).await;
+        let id = registry.submit(RequestKind::Erasure, "erasure").await;
+        let certified = |key: &SigningKey, subprocessor: &str, n: u64| {
+            let doc = key.sign(
+                to_canonical_json(&json!({
+                    "version": 1, "certificate_id": format!("c-{n}"), "kind": "erasure",
+                    "processor": dev_identity("processor", PROCESSOR), "request_id": id,
+                    "subprocessor": subprocessor, "task_state": "COMPLETED",
+                    "controller": "acme", "records_affected": 1, "erased": [], "retained": [],
+                    "completed_at": "2026-01-01T00:00:00.000Z",
+                    "issued_at": "2026-01-01T00:00:00.000Z",
+                }))
+                .unwrap(),
+            );
+            Acknowledgement {
+                request_id: id.clone(),
+                subprocessor: subprocessor.into(),
+                sequence: n,
+                state: TaskState::Completed as i32,
+                certificate: Some(DeletionCertificate {
+                    body: doc.body,
+                    signature: doc.signature,
+                    key_id: doc.key_id,
+                }),
+                ..Default::default()
+            }
+        };
+        let answer = registry
+            .acknowledge(vec![certified(&old, "accounting", 1)])
+            .await;
+        assert_eq!(answer.applied, 1, "{answer:?}");
+        registry.stop().await;
+
+        let rotated = format!(
+            "{}previous_public_keys = [{:?}]\n",
+            key_line(&new),
+            old.public_key().to_base64()
+        );
+        let registry = with_keys(dir, database_url, rotated).await;
+        let answer = registry
+            .acknowledge(vec![certified(&old, "mail", 2), certified(&new, "crm", 3)])
+            .await;
+        assert_eq!(answer.applied, 2, "{answer:?}");
+        let shown = list(&registry, &id).await;
+        assert_eq!(shown.len(), 3, "{shown:?}");
+        for c in &shown {
+            assert!(c.verified, "{}: {}", c.subprocessor, c.rejection);
+        }
+        registry.stop().await;
+
+        let registry = with_keys(dir, database_url, key_line(&new)).await;
+        let shown = list(&registry, &id).await;
+        for c in &shown {
+            match c.subprocessor.as_str() {
+                "crm" => assert!(c.verified, "{}", c.rejection),
+                _ => assert!(
+                    !c.verified
+                        && c.rejection.contains(&old.public_key().key_id())
+                        && c.rejection.contains("previous_public_keys"),
+                    "{c:?}"
+                ),
+            }
+        }
+        registry.stop().await;
+    }
+
+    /// Every certificate of request `id`, as the partner sees them.
+    async fn list(registry: &TestRegistry, id: &str) -> Vec<StoredCertificate> {
+        CertificateServiceClient::new(registry.channel("partner-crm"))
+            .list_certificates(ListCertificatesRequest {
+                request_id: id.to_string(),
+                ..Default::default()
+            })
+            .await
+            .expect("list")
+            .into_inner()
+            .certificates
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rotated_key_leaves_what_it_signed_verified_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        a_rotated_key_leaves_what_it_signed_verified(&url, dir.path()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rotated_key_leaves_what_it_signed_verified_on_postgres() {
+        on_postgres(|url, dir| async move {
+            a_rotated_key_leaves_what_it_signed_verified(&url, &dir).await;
+        })
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
