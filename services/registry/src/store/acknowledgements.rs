@@ -9,7 +9,7 @@ use anyhow::{anyhow, Result};
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::v1::{
     Acknowledgement, ContractPhase, ContractProgress, EventType, RequestKind, RequestState,
-    TaskState, TaskStatus, TransferReceipt,
+    SubmitRequest, TaskState, TaskStatus, TransferReceipt,
 };
 use dsrelay_runtime::group_commit::{GroupQueue, Queued};
 
@@ -330,8 +330,9 @@ impl Store {
     /// a request never routed to this processor; returns once they are committed.
     ///
     /// Concurrent calls (several processors, a processor's replicas, or a batch sent again
-    /// while the first copy is applied) share one transaction: the first to find no commit under way writes everything
-    /// queued, in a task of its own, and keeps going while calls are queued
+    /// while the first copy is applied) share one transaction: the first to find no commit
+    /// under way writes everything queued, in a task of its own, and keeps going while calls
+    /// are queued
     /// ([`dsrelay_runtime::group_commit`]; when a shared transaction fails, each call's batch
     /// is applied again alone, so each caller gets its own outcome). The request rows the
     /// calls touch are then locked once, and their fold reads once, for all of them.
@@ -661,12 +662,18 @@ impl Store {
 /// The (request id, processor, subprocessor) of the reports among `reports` (each with the
 /// processor that made it) that claim what the registry has no proof of: a COMPLETED TRANSFER
 /// task without the recipient's receipt, a COMPLETED RETURN_OF_DATA task without its part
-/// stored here, and a receipt on a request that transfers nothing (any kind but TRANSFER,
-/// and a contract end whose terms name no transfer recipient), which shown with the task
-/// would read as proof that data arrived somewhere. Acknowledge refuses those by name (see
-/// `api::acknowledgement`); a report in a processor's answer to a call or a status check
-/// is left out, logged, so the task stays where it was. No statement when no report is
-/// COMPLETED or carries a receipt; else at most three per 500 requests.
+/// stored here, a receipt on a request that transfers nothing (any kind but TRANSFER, and a
+/// contract end whose terms name no transfer recipient), which shown with the task would
+/// read as proof that data arrived somewhere, and a receipt naming another recipient than
+/// the one the request transfers the data to (a TRANSFER's `parameters.transfer_recipient`,
+/// a contract end's terms'), which would show that one as holding the data. A TRANSFER
+/// forgotten with its body no longer names its recipient: its receipts are taken whatever
+/// name they give (Acknowledge, which has the configuration, still requires a configured
+/// one). Acknowledge refuses all of those by name (see `api::acknowledgement`); a report in
+/// a processor's answer to a call or a status check is left out, logged, so the task stays
+/// where it was. No statement when no report is COMPLETED or carries a receipt; else at
+/// most four per 500 requests, the last two only for the requests whose reports carry a
+/// receipt.
 async fn unproven_completions(
     tx: &mut Tx,
     reports: &[(&str, &TaskUpdate)],
@@ -719,6 +726,19 @@ async fn unproven_completions(
         .collect();
     let transferring_contract_ends =
         super::contracts::transferring_of(tx.conn(), backend, &contract_ends).await?;
+    let receipted_transfers: Vec<&str> = checked
+        .iter()
+        .filter(|(_, u)| u.transfer_receipt.is_some() && is(&u.request_id, RequestKind::Transfer))
+        .map(|(_, u)| u.request_id.as_str())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut recipients = transfer_recipients_of(tx.conn(), backend, &receipted_transfers).await?;
+    recipients.extend(
+        transferring_contract_ends
+            .iter()
+            .map(|(id, name)| (id.clone(), Some(name.clone()))),
+    );
     let mut unproven = BTreeSet::new();
     for (processor, u) in checked {
         let key = u.key_at(processor);
@@ -726,8 +746,16 @@ async fn unproven_completions(
         let completed = u.state == TaskState::Completed as i32;
         let transfers =
             is(id, RequestKind::Transfer) || transferring_contract_ends.contains_key(id);
+        // `None` only for a request forgotten with its body: its recipient is unknown here.
+        let named = recipients.get(id).and_then(Option::as_deref);
         let lacking = if u.transfer_receipt.is_some() && !transfers {
             "a transfer receipt on a request that transfers nothing to a recipient"
+        } else if u
+            .transfer_receipt
+            .as_ref()
+            .is_some_and(|r| named.is_some_and(|n| r.recipient != n))
+        {
+            "a transfer receipt naming another recipient than the request's"
         } else if completed && is(id, RequestKind::Transfer) && u.transfer_receipt.is_none() {
             "a COMPLETED state without the recipient's receipt"
         } else if completed && is(id, RequestKind::ReturnOfData) && !parts.contains(&key) {
@@ -745,6 +773,40 @@ async fn unproven_completions(
         unproven.insert(key);
     }
     Ok(unproven)
+}
+
+/// The recipient each of the TRANSFER requests `ids` transfers its data to, by request id:
+/// its `parameters.transfer_recipient`, read from its stored body as `Api::transfer_recipients`
+/// reads it for Acknowledge (empty when the body names none); `None` once the body was
+/// forgotten. One query per 500 ids; none for no id.
+async fn transfer_recipients_of(
+    conn: &mut sqlx::AnyConnection,
+    backend: dsrelay_runtime::store::Backend,
+    ids: &[&str],
+) -> Result<BTreeMap<String, Option<String>>> {
+    let mut recipients = BTreeMap::new();
+    for chunk in ids.chunks(500) {
+        let sql = format!(
+            "SELECT id, body FROM requests WHERE id IN ({})",
+            placeholders(1, chunk.len())
+        );
+        let sql = backend.numbered(&sql);
+        let mut q = sqlx::query_as::<_, (String, Option<Vec<u8>>)>(&sql);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        for (id, body) in q.fetch_all(&mut *conn).await? {
+            let named = body.map(|b| {
+                SubmitRequest::decode(b.as_slice())
+                    .ok()
+                    .and_then(|s| s.parameters)
+                    .map(|p| p.transfer_recipient)
+                    .unwrap_or_default()
+            });
+            recipients.insert(id, named);
+        }
+    }
+    Ok(recipients)
 }
 
 /// Which of `ids` were routed to `processor` (have its Deliver row): one statement.
@@ -1421,6 +1483,20 @@ mod tests {
         ));
     }
 
+    /// The stored body of a TRANSFER request to `recipient`, as Submit stores it.
+    fn transfer_body(recipient: &str) -> Vec<u8> {
+        SubmitRequest {
+            kind: RequestKind::Transfer as i32,
+            parameters: Some(dsrelay_proto::v1::RequestParameters {
+                transfer_recipient: recipient.into(),
+                ..Default::default()
+            }),
+            idempotency_key: "key".into(),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
     async fn store(dir: &std::path::Path) -> Store {
         let db =
             dsrelay_runtime::store::Db::connect(&format!("sqlite://{}/registry.db", dir.display()))
@@ -1442,13 +1518,15 @@ mod tests {
     async fn quoted_processor_texts_reach_the_audit_trail_only_as_keyed_hashes() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(dir.path()).await;
+        // The receipt names the request's own recipient (`unproven_completions`).
+        let recipient = "the bookkeeper of jane.doe@example.org";
         store
             .insert_request(&super::super::NewRequest {
                 id: "r1".into(),
                 partner: "crm".into(),
                 idempotency_key: "key-r1".into(),
                 body_hash: "hash-r1".into(),
-                body: b"{}".to_vec(),
+                body: transfer_body(recipient),
                 identity_hashes: "[\"h\"]".into(),
                 kind: RequestKind::Transfer as i32,
                 received_at: 0,
@@ -1460,7 +1538,6 @@ mod tests {
             .await
             .unwrap();
         let basis = "tax law, as agreed with jane.doe@example.org";
-        let recipient = "the bookkeeper of jane.doe@example.org";
         let retained = TaskUpdate {
             request_id: "r1".into(),
             subprocessor: "accounting".into(),
@@ -1539,5 +1616,175 @@ mod tests {
             details.iter().all(|d| !d.contains("jane.doe")),
             "{details:?}"
         );
+    }
+
+    async fn store_at(url: &str) -> Store {
+        let db = dsrelay_runtime::store::Db::connect(url).await.unwrap();
+        db.migrate(
+            &super::super::SQLITE_MIGRATIONS,
+            &super::super::POSTGRES_MIGRATIONS,
+        )
+        .await
+        .unwrap();
+        Store::new(db, b"test key")
+    }
+
+    /// The recipient the requests of [`a_receipt_from_another_recipient_is_left_out`] name.
+    const RECIPIENT: &str = "new-bookkeeper";
+
+    /// A processor's answers (to Deliver, and to status checks) report a TRANSFER task
+    /// COMPLETED, and a contract end's task returned, with a receipt from a recipient the
+    /// request does not name: left out, as Acknowledge refuses them, so the task stays where
+    /// it was and the request is not COMPLETED; with the request's own recipient they are
+    /// applied. A request forgotten with its body no longer names one: its receipts are
+    /// taken. Before, the store checked the name nowhere and folded the request COMPLETED
+    /// with `evil-recipient` shown as the one holding the data.
+    async fn a_receipt_from_another_recipient_is_left_out(store: Store) {
+        use dsrelay_proto::v1::{ContractEndChoice, Evidence};
+        let new = |id: &str, kind: RequestKind, body: Vec<u8>| super::super::NewRequest {
+            id: id.into(),
+            partner: "crm".into(),
+            idempotency_key: format!("key-{id}"),
+            body_hash: format!("hash-{id}"),
+            body,
+            identity_hashes: "[\"h\"]".into(),
+            kind: kind as i32,
+            received_at: 0,
+            due_at: 1_000_000,
+            trace_id: "0".repeat(32),
+            traceparent: None,
+            processors: vec!["p1".into()],
+        };
+        let terms = super::super::NewContract {
+            choice: ContractEndChoice::ReturnThenDelete as i32,
+            effective_at: 0,
+            grace_ends_at: 0,
+            transfer_recipient: RECIPIENT.into(),
+        };
+        let transfer = |id: &str| {
+            (
+                new(id, RequestKind::Transfer, transfer_body(RECIPIENT)),
+                None,
+            )
+        };
+        let contract = (new("c1", RequestKind::ContractEnd, Vec::new()), Some(terms));
+        let intaken = [transfer("t1"), transfer("t2"), transfer("t3"), contract];
+        store.insert_batch(&intaken).await.unwrap();
+        let report = |id: &str, sequence: u64, state: TaskState, recipient: &str| TaskStatus {
+            processor: "p1".into(),
+            subprocessor: "crm".into(),
+            state: state as i32,
+            sequence,
+            evidence: Some(Evidence {
+                records_affected: 1,
+                transfer_receipt: Some(TransferReceipt {
+                    request_id: id.into(),
+                    subprocessor: "crm".into(),
+                    manifest_sha256: "ab".repeat(32),
+                    bytes: 3,
+                    files: 1,
+                    recipient: recipient.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let completed = |id: &str, sequence, recipient: &str| {
+            report(id, sequence, TaskState::Completed, recipient)
+        };
+        let jobs = store
+            .claim_deliveries(3_000_000, 100, 60_000)
+            .await
+            .unwrap();
+        let answer = |id: &str, tasks: Vec<TaskStatus>| {
+            let job = jobs.iter().find(|j| j.request_id == id).unwrap().clone();
+            let store = store.clone();
+            async move { assert!(store.delivery_succeeded(&job, &tasks, 1_000).await.unwrap()) }
+        };
+        let state = |id: &'static str| {
+            let store = store.clone();
+            async move { store.request(id).await.unwrap().unwrap().state }
+        };
+        let task = |id: &'static str| {
+            let store = store.clone();
+            async move {
+                let tasks = store.tasks(id).await.unwrap();
+                assert_eq!(tasks.len(), 1, "{tasks:?}");
+                let t = tasks.into_iter().next().unwrap();
+                let shown = (t.evidence.as_ref())
+                    .and_then(|e| e.transfer_receipt.as_ref())
+                    .map(|r| r.recipient.clone());
+                (TaskState::try_from(t.state).unwrap(), t.sequence, shown)
+            }
+        };
+        let pending = (TaskState::Pending, 0, None);
+
+        // The Deliver answer's report is left out; the task first heard of there is kept open.
+        answer("t1", vec![completed("t1", 2, "evil-recipient")]).await;
+        assert_eq!(task("t1").await, pending);
+        assert_ne!(state("t1").await, RequestState::Completed);
+        // So is a status check's.
+        let reported = [completed("t1", 3, "evil-recipient")];
+        store
+            .reconcile("t1", "p1", &reported, 2_000, 60_000)
+            .await
+            .unwrap();
+        assert_eq!(task("t1").await, pending);
+        assert_ne!(state("t1").await, RequestState::Completed);
+        // The same report naming the request's recipient is applied, on either path.
+        let reported = [completed("t1", 3, RECIPIENT)];
+        store
+            .reconcile("t1", "p1", &reported, 3_000, 60_000)
+            .await
+            .unwrap();
+        let done = |sequence| (TaskState::Completed, sequence, Some(RECIPIENT.to_string()));
+        assert_eq!(task("t1").await, done(3));
+        assert_eq!(state("t1").await, RequestState::Completed);
+        answer("t2", vec![completed("t2", 2, RECIPIENT)]).await;
+        assert_eq!(task("t2").await, done(2));
+        assert_eq!(state("t2").await, RequestState::Completed);
+
+        // Forgotten with its body, the request no longer names its recipient: taken.
+        answer("t3", Vec::new()).await;
+        sqlx::query("UPDATE requests SET body = NULL WHERE id = 't3'")
+            .execute(&store.db.pool)
+            .await
+            .unwrap();
+        let reported = [completed("t3", 2, "another-recipient")];
+        store
+            .reconcile("t3", "p1", &reported, 4_000, 60_000)
+            .await
+            .unwrap();
+        let shown = Some("another-recipient".to_string());
+        assert_eq!(task("t3").await, (TaskState::Completed, 2, shown));
+
+        // A contract end's receipt must name its terms' recipient.
+        let returned =
+            |sequence, recipient: &str| report("c1", sequence, TaskState::InProgress, recipient);
+        answer("c1", vec![returned(2, "evil-recipient")]).await;
+        assert_eq!(task("c1").await, pending);
+        let reported = [returned(3, RECIPIENT)];
+        store
+            .reconcile("c1", "p1", &reported, 5_000, 60_000)
+            .await
+            .unwrap();
+        let shown = Some(RECIPIENT.to_string());
+        assert_eq!(task("c1").await, (TaskState::InProgress, 3, shown));
+    }
+
+    #[tokio::test]
+    async fn a_receipt_from_another_recipient_is_left_out_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        a_receipt_from_another_recipient_is_left_out(store_at(&url).await).await;
+    }
+
+    #[tokio::test]
+    async fn a_receipt_from_another_recipient_is_left_out_on_postgres() {
+        crate::test_postgres::on_postgres(|url, _| async move {
+            a_receipt_from_another_recipient_is_left_out(store_at(&url).await).await;
+        })
+        .await;
     }
 }
