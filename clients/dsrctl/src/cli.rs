@@ -872,6 +872,12 @@ pub struct WatchArgs {
     /// printed, exit 0: it was answered.
     #[arg(long)]
     pub until_erased: bool,
+
+    /// Keep watching after the request ends, until interrupted (Ctrl-C): a FAILED request
+    /// that an operator retries at the processor (`dsrctl tasks retry`) opens again, and
+    /// its events are printed as they come.
+    #[arg(long, conflicts_with = "until_erased")]
+    pub follow: bool,
 }
 
 /// Arguments of `dsrctl cancel`.

@@ -9,6 +9,10 @@
 //! A PARTIALLY_COMPLETED request was answered, but the registry does not end its stream: its
 //! retained data is erased at its date, years on for bookkeeping. `watch` ends there too,
 //! once the events stored so far have come ([`ANSWERED_QUIET`]), unless `--until-erased`.
+//!
+//! With `--follow`, `watch` goes on past every state (the registry is asked to keep the
+//! stream open after a terminal one), until it is interrupted: a FAILED request an operator
+//! retries at the processor (RetryTask) opens again, and its events keep coming.
 
 use std::future::Future;
 use std::pin::pin;
@@ -85,13 +89,16 @@ enum Stop {
 ///
 /// A stream that ends with UNAVAILABLE (or a lost connection) is opened again after the
 /// last event printed, after [`Retry::pause`]; [`Retry::max_failed`] failures in a row to
-/// open it end the watch.
+/// open it end the watch. With `forever` (`--follow`), so is a stream that ends without
+/// error, whatever state the request is in, and the watch ends only on an error not worth
+/// retrying (`answered_quiet` is then `None`).
 async fn follow<O, F, S>(
     mut open: O,
     after: &mut u64,
     retry: &Retry,
     answered_quiet: Option<Duration>,
     answered: bool,
+    forever: bool,
     mut print: impl FnMut(&RequestEvent) -> Result<(), Failure>,
 ) -> Result<Option<i32>, Stop>
 where
@@ -135,6 +142,7 @@ where
                 None => events.next().await,
             };
             match next {
+                None if forever => break,
                 None => return Ok(last_state),
                 Some(Ok(event)) => {
                     // The registry sends only events after the one asked for; one sent
@@ -155,7 +163,9 @@ where
         // Cut short right after the request ended: nothing is left to wait for. Not so
         // after CANCELLED: the registry goes on while what the processors report may still
         // show the cancellation stopped nothing, and ends the stream itself once not.
-        if last_state.is_some_and(|s| is_terminal(s) && s != RequestState::Cancelled as i32) {
+        if !forever
+            && last_state.is_some_and(|s| is_terminal(s) && s != RequestState::Cancelled as i32)
+        {
             return Ok(last_state);
         }
         resuming = true;
@@ -183,13 +193,13 @@ pub(crate) async fn run(
         let request = WatchRequest {
             request_id: args.id.clone(),
             after_event_id,
-            follow_after_terminal: false,
+            follow_after_terminal: args.follow,
         };
         async move { client.watch(request).await.map(tonic::Response::into_inner) }
     };
     let (out, format) = (&mut *io.out, io.format);
     let print = |event: &RequestEvent| Ok(emit(&mut *out, format, &EventView::from(event), true)?);
-    let answered_quiet = (!args.until_erased).then_some(ANSWERED_QUIET);
+    let answered_quiet = (!args.until_erased && !args.follow).then_some(ANSWERED_QUIET);
     let partially = RequestState::PartiallyCompleted as i32;
     // A PARTIALLY_COMPLETED request ends the watch as answered, unless told to follow it.
     let ends_answered = |state: i32| state == partially && !args.until_erased;
@@ -205,7 +215,16 @@ pub(crate) async fn run(
             .state
             == partially;
     let mut after = args.after;
-    let outcome = follow(open, &mut after, &retry, answered_quiet, answered, print).await;
+    let outcome = follow(
+        open,
+        &mut after,
+        &retry,
+        answered_quiet,
+        answered,
+        args.follow,
+        print,
+    )
+    .await;
     let last_state = match outcome {
         Ok(state) => state,
         Err(Stop::Status(status)) => {
@@ -313,17 +332,18 @@ mod tests {
         after: u64,
         attempts: Vec<Result<Vec<Result<RequestEvent, Status>>, Status>>,
     ) -> (Result<Option<i32>, Stop>, Vec<u64>, Vec<u64>) {
-        run_follow_open(after, attempts, false, Some(ANSWERED_QUIET), false).await
+        run_follow_open(after, attempts, false, Some(ANSWERED_QUIET), false, false).await
     }
 
     /// [`run_follow`], its streams left open after their items when `open_ended` (as a live
-    /// registry's are), with `answered_quiet`, and `answered` before any event.
+    /// registry's are), with `answered_quiet`, `answered` before any event, and `forever`.
     async fn run_follow_open(
         after: u64,
         attempts: Vec<Result<Vec<Result<RequestEvent, Status>>, Status>>,
         open_ended: bool,
         answered_quiet: Option<Duration>,
         answered: bool,
+        forever: bool,
     ) -> (Result<Option<i32>, Stop>, Vec<u64>, Vec<u64>) {
         let attempts = RefCell::new(VecDeque::from(attempts));
         let asked = RefCell::new(Vec::new());
@@ -346,6 +366,7 @@ mod tests {
             &NO_PAUSE,
             answered_quiet,
             answered,
+            forever,
             |e| {
                 printed.push(e.event_id);
                 Ok(())
@@ -353,6 +374,38 @@ mod tests {
         )
         .await;
         (outcome, printed, asked.into_inner())
+    }
+
+    /// `--follow`: a stream that ends after FAILED (or COMPLETED) is opened again after the
+    /// last event printed, so a request an operator retried is followed on; the watch ends
+    /// only on an error not worth retrying. Without `forever` it ends at FAILED.
+    #[tokio::test]
+    async fn following_goes_on_past_a_terminal_state() {
+        let attempts = || {
+            vec![
+                Ok(vec![
+                    event(1, RequestState::InProgress),
+                    event(2, RequestState::Failed),
+                ]),
+                Ok(vec![
+                    event(3, RequestState::InProgress),
+                    event(4, RequestState::Completed),
+                ]),
+                Ok(vec![]),
+            ]
+        };
+        let (outcome, printed, asked) =
+            run_follow_open(0, attempts(), false, None, false, true).await;
+        assert!(
+            matches!(&outcome, Err(Stop::Status(s)) if s.code() == Code::Aborted),
+            "{outcome:?}"
+        );
+        assert_eq!(printed, [1, 2, 3, 4]);
+        assert_eq!(asked, [0, 2, 4, 4]);
+        let (outcome, printed, asked) =
+            run_follow_open(0, attempts(), false, None, false, false).await;
+        assert_eq!(outcome.unwrap(), Some(RequestState::Failed as i32));
+        assert_eq!((printed, asked), (vec![1, 2], vec![0]));
     }
 
     #[tokio::test]
@@ -510,7 +563,7 @@ mod tests {
             ])]
         };
         let (outcome, printed, _) =
-            run_follow_open(0, answered(), true, Some(ANSWERED_QUIET), false).await;
+            run_follow_open(0, answered(), true, Some(ANSWERED_QUIET), false, false).await;
         assert_eq!(
             outcome.unwrap(),
             Some(RequestState::PartiallyCompleted as i32)
@@ -519,7 +572,7 @@ mod tests {
         // Followed, it waits on; here for as long as a day.
         let followed = tokio::time::timeout(
             Duration::from_secs(86_400),
-            run_follow_open(0, answered(), true, None, false),
+            run_follow_open(0, answered(), true, None, false, false),
         )
         .await;
         assert!(followed.is_err(), "the watch ended");
@@ -527,18 +580,25 @@ mod tests {
         let working = vec![Ok(vec![event(1, RequestState::InProgress)])];
         let waited = tokio::time::timeout(
             Duration::from_secs(86_400),
-            run_follow_open(0, working, true, Some(ANSWERED_QUIET), false),
+            run_follow_open(0, working, true, Some(ANSWERED_QUIET), false, false),
         )
         .await;
         assert!(waited.is_err(), "the watch ended");
         // Watched after its last event, an answered request sends none: known answered
         // beforehand, the watch ends all the same.
         let (outcome, printed, _) =
-            run_follow_open(5, vec![Ok(vec![])], true, Some(ANSWERED_QUIET), true).await;
+            run_follow_open(5, vec![Ok(vec![])], true, Some(ANSWERED_QUIET), true, false).await;
         assert_eq!((outcome.unwrap(), printed), (None, vec![]));
         let quiet = tokio::time::timeout(
             Duration::from_secs(86_400),
-            run_follow_open(5, vec![Ok(vec![])], true, Some(ANSWERED_QUIET), false),
+            run_follow_open(
+                5,
+                vec![Ok(vec![])],
+                true,
+                Some(ANSWERED_QUIET),
+                false,
+                false,
+            ),
         )
         .await;
         assert!(quiet.is_err(), "the watch ended");
