@@ -446,6 +446,72 @@ async fn tasks_by_state_show_their_state_attempts_and_why() {
     assert_eq!(tasks[1]["reason"], long_reason.as_str(), "{doc}");
 }
 
+/// A FAILED task says whether `dsrctl tasks retry` would take it (RETRY) and, below the
+/// table, why not in the processor's words; JSON says both. Before, the operator learnt it
+/// only by trying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_tasks_say_whether_a_retry_is_taken_and_why_not() {
+    let rod = "it is of a RETURN_OF_DATA request, which is not retried: submit a new one";
+    let cancelled = "the controller cancelled its request: it is not run again";
+    let refused = |id: &str, why: &str| ManualTask {
+        retry_refusal: why.into(),
+        ..worked(id, TaskState::Failed, 1, "table gone", "")
+    };
+    let processor = Processor::start(vec![
+        refused("r-return", rod),
+        worked("r-erasure", TaskState::Failed, 1, "table gone", ""),
+        refused("r-cancelled", cancelled),
+        worked("r-running", TaskState::InProgress, 2, "", ""),
+    ])
+    .await;
+    let (code, table, stderr) = processor
+        .list(&["--state", "failed", "--state", "in-progress"])
+        .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let header = table.lines().next().expect("a header");
+    assert!(header.contains(" ATTEMPTS  RETRY "), "{table}");
+    let retry = |id: &str| {
+        row(&table, id)
+            .split_whitespace()
+            .nth(6)
+            .map(str::to_string)
+    };
+    for (id, cell) in [
+        ("r-return", "no"),
+        ("r-erasure", "yes"),
+        ("r-cancelled", "no"),
+        ("r-running", "-"),
+    ] {
+        assert_eq!(retry(id).as_deref(), Some(cell), "{id} in {table}");
+    }
+    for (id, why) in [("r-return", rod), ("r-cancelled", cancelled)] {
+        let line = format!("controller/{id}/archive: retry: no — {why}");
+        assert!(table.lines().any(|l| l == line), "{line} in {table}");
+    }
+    assert_eq!(table.matches("retry: no").count(), 2, "{table}");
+
+    let (code, json, stderr) = processor
+        .list(&["--output", "json", "--state", "failed"])
+        .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&json).expect("json");
+    let tasks = doc["tasks"].as_array().expect("tasks");
+    let of = |id: &str| {
+        (tasks.iter())
+            .find(|t| t["request_id"] == id)
+            .unwrap_or_else(|| panic!("{id} in {doc}"))
+    };
+    assert_eq!(of("r-return")["retryable"], false, "{doc}");
+    assert_eq!(of("r-return")["retry_refusal"], rod, "{doc}");
+    assert_eq!(of("r-erasure")["retryable"], true, "{doc}");
+    assert_eq!(of("r-erasure")["retry_refusal"], "", "{doc}");
+    assert_eq!(
+        of("r-running")["retryable"],
+        serde_json::Value::Null,
+        "{doc}"
+    );
+}
+
 /// An empty list names what was asked for: no task in a state is not "no tasks wait for an
 /// operator".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

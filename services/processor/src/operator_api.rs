@@ -12,8 +12,8 @@ use dsrelay_proto::v1::{
     ListContractEndsRequest, ListDeadLettersRequest, ListManualTasksRequest,
     ListProcessorAuditCheckpointsRequest, ListProcessorAuditEntriesRequest, ManualTask,
     ManualTaskList, ProcessorAuditCheckpoint, ProcessorAuditCheckpoints, ProcessorAuditEntries,
-    ProcessorAuditEntry, ProcessorContractEnd, RefuseManualTaskRequest, RequestKind,
-    RequeueDeadLetterRequest, RequeueDeadLetterResponse, RetryTaskRequest, TaskRef, TaskState,
+    ProcessorAuditEntry, ProcessorContractEnd, RefuseManualTaskRequest, RequeueDeadLetterRequest,
+    RequeueDeadLetterResponse, RetryTaskRequest, TaskRef, TaskState,
 };
 use dsrelay_runtime::audit::checkpoint::Checkpoint;
 use dsrelay_runtime::grpc::Authorizer;
@@ -25,7 +25,7 @@ use crate::api::ApiError;
 use crate::app::Shared;
 use dsrelay_connectors::ExportedFile;
 
-use crate::store::{ManualCursor, ManualRow, Retried, TaskKey};
+use crate::store::{retry_refusal, ManualCursor, ManualRow, Retried, RetryRefusal, TaskKey};
 use crate::task_machine::{decide, Context, Decision, Event};
 
 /// The ProcessorOperatorService implementation.
@@ -166,6 +166,11 @@ impl OperatorApi {
         out.finish().await.map_err(|e| unexpected(e.to_string()))
     }
 
+    /// Whether `subprocessor` is configured here (a task outlives its removal).
+    fn configured(&self, subprocessor: &str) -> bool {
+        (self.shared.config.subprocessors.iter()).any(|s| s.name == subprocessor)
+    }
+
     /// [`ProcessorOperatorService::retry_task`] of `key`'s task, with the operator's `note`.
     async fn retry(&self, key: &TaskKey, note: &str, by: &str) -> Result<ManualTask, ApiError> {
         let store = &self.shared.store;
@@ -176,34 +181,6 @@ impl OperatorApi {
             .ok_or_else(|| ApiError::not_found(format!("no task {named}")))?;
         no_identity_in(&row, "note", note)?;
         let precondition = |why: String| Err(ApiError::failed_precondition(why));
-        if row.task.state == TaskState::Failed {
-            let Some(request) = row.request.as_ref() else {
-                return precondition(forgotten(&named));
-            };
-            // The part a failed return, transfer or contract end's return sent may already
-            // be at the registry or the recipient, which would be handed a second one.
-            let kind = request.kind();
-            if crate::exports::exports(kind) || kind == RequestKind::ContractEnd {
-                return precondition(format!(
-                    "task {named} is of a {} request, which is not retried: the controller \
-                     submits a new request instead",
-                    dsrelay_connectors::kind_label(kind)
-                ));
-            }
-            if !self
-                .shared
-                .config
-                .subprocessors
-                .iter()
-                .any(|s| s.name == key.subprocessor)
-            {
-                return precondition(format!(
-                    "subprocessor {} is no longer configured here, so task {named} has no \
-                     holder to run on",
-                    key.subprocessor
-                ));
-            }
-        }
         let event = Event::OperatorRetry { note, by };
         let now = self.shared.clock.now_ms();
         let transition = match decide(&row.task.current(), event, &Context::at(now)) {
@@ -216,22 +193,16 @@ impl OperatorApi {
                 )))
             }
         };
+        let configured = self.configured(&key.subprocessor);
         let retried = match store
-            .retry_task(key, row.task.sequence, &transition, now, by)
+            .retry_task(key, row.task.sequence, &transition, now, by, configured)
             .await?
         {
             Retried::Retried(row) => row,
-            Retried::Cancelled => {
+            Retried::Refused(refusal) => {
                 return precondition(format!(
-                    "the controller cancelled the request of task {named}: it is not run again"
-                ))
-            }
-            Retried::Forgotten => return precondition(forgotten(&named)),
-            Retried::WasRetained => {
-                return precondition(format!(
-                    "task {named} failed in a retention run (its data had been RETAINED, and \
-                     its request answered): it is not retried, as that would reopen the \
-                     answered request; the controller submits a new erasure"
+                    "task {named}: {}",
+                    refusal_words(refusal, &key.subprocessor)
                 ))
             }
             Retried::Changed => {
@@ -438,13 +409,31 @@ fn task_key(task: Option<TaskRef>) -> Result<TaskKey, ApiError> {
     })
 }
 
-/// Why `named`'s task cannot be retried once its request was forgotten.
-fn forgotten(named: &str) -> String {
-    format!(
-        "the request of task {named} was forgotten (its identities removed after \
-         forget_after_days), so there is nothing to run it with: the controller submits a new \
-         request"
-    )
+/// Why RetryTask does not take a task: the reason ListManualTasks lists as the task's
+/// `retry_refusal`, and RetryTask's refusal gives after the task's name.
+fn refusal_words(refusal: RetryRefusal, subprocessor: &str) -> String {
+    match refusal {
+        RetryRefusal::Forgotten => "its request was forgotten (its identities removed after \
+            forget_after_days), so there is nothing to run it with: the controller submits a \
+            new request"
+            .into(),
+        RetryRefusal::Kind(kind) => format!(
+            "it is of a {} request, which is not retried (the part it sent may already be \
+             delivered): the controller submits a new request instead",
+            dsrelay_connectors::kind_label(kind)
+        ),
+        RetryRefusal::Unconfigured => format!(
+            "subprocessor {subprocessor} is no longer configured here, so it has no holder to \
+             run on"
+        ),
+        RetryRefusal::Cancelled => {
+            "the controller cancelled its request: it is not run again".into()
+        }
+        RetryRefusal::WasRetained => "it failed in a retention run (its data had been \
+            RETAINED, and its request answered): it is not retried, as that would reopen the \
+            answered request; the controller submits a new erasure"
+            .into(),
+    }
 }
 
 /// A required note or reason of an operator.
@@ -457,10 +446,10 @@ fn note_violation(field: &str, value: &str) -> Option<FieldViolation> {
 /// error.
 const MAX_MANUAL_PAGE_BYTES: usize = 3 << 20;
 
-/// The first `limit` of `rows` that fit in `max_bytes` (at least one), and where the page
-/// ended when more follow.
+/// The first `limit` of `rows` that fit in `max_bytes` (at least one), each with its
+/// `retry_refusal`, and where the page ended when more follow.
 fn manual_page(
-    rows: Vec<ManualRow>,
+    rows: Vec<(ManualRow, String)>,
     limit: usize,
     max_bytes: usize,
 ) -> (Vec<ManualTask>, Option<ManualCursor>) {
@@ -469,7 +458,7 @@ fn manual_page(
     let mut bytes = 0;
     let mut last = None;
     let total = rows.len();
-    for row in rows {
+    for (row, retry_refusal) in rows {
         if tasks.len() == limit {
             break;
         }
@@ -477,7 +466,10 @@ fn manual_page(
             updated_at: row.task.updated_at,
             key: row.task.key.clone(),
         };
-        let task = to_proto(row);
+        let task = ManualTask {
+            retry_refusal,
+            ..to_proto(row)
+        };
         // A field's tag and length come on top of the task's own bytes.
         let size = task.encoded_len() + 8;
         if !tasks.is_empty() && bytes + size > max_bytes {
@@ -549,6 +541,8 @@ fn to_proto(r: ManualRow) -> ManualTask {
         reason: r.task.reason,
         attempts: r.task.attempts.clamp(0, i64::from(u32::MAX)) as u32,
         last_error: r.last_error,
+        // Only a listing says it: see `list_manual_tasks`.
+        retry_refusal: String::new(),
     }
 }
 
@@ -742,6 +736,18 @@ impl ProcessorOperatorService for OperatorApi {
             )
             .await
             .map_err(ApiError::from)?;
+        // RetryTask's own rule, on what it reads, read for the whole page at once.
+        let standings = (self.shared.store.retry_standings(&rows).await).map_err(ApiError::from)?;
+        let rows = rows
+            .into_iter()
+            .map(|row| {
+                let refusal = (standings.get(&row.task.key))
+                    .and_then(|s| retry_refusal(s, self.configured(&row.task.key.subprocessor)))
+                    .map(|r| refusal_words(r, &row.task.key.subprocessor))
+                    .unwrap_or_default();
+                (row, refusal)
+            })
+            .collect();
         let (tasks, last) = manual_page(rows, limit as usize, MAX_MANUAL_PAGE_BYTES);
         Ok(Response::new(ManualTaskList {
             tasks,
@@ -929,24 +935,34 @@ mod tests {
             .collect()
     }
 
+    /// [`manual_page`] of `rows`, none refused a retry.
+    fn paged(
+        rows: Vec<ManualRow>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> (Vec<ManualTask>, Option<ManualCursor>) {
+        let rows = rows.into_iter().map(|r| (r, String::new())).collect();
+        manual_page(rows, limit, max_bytes)
+    }
+
     #[test]
     fn a_page_ends_at_its_limit_or_its_bytes_and_says_where() {
         // Limit 2 of 3 rows: two tasks, and the second is where the next page starts.
-        let (tasks, last) = manual_page((0..3).map(|i| row(i, 10)).collect(), 2, 1 << 20);
+        let (tasks, last) = paged((0..3).map(|i| row(i, 10)).collect(), 2, 1 << 20);
         assert_eq!(ids(&tasks), ["r-0", "r-1"]);
         assert_eq!(last.unwrap().key.request_id, "r-1");
         // All rows there are: no next page.
-        let (tasks, last) = manual_page((0..2).map(|i| row(i, 10)).collect(), 2, 1 << 20);
+        let (tasks, last) = paged((0..2).map(|i| row(i, 10)).collect(), 2, 1 << 20);
         assert_eq!(tasks.len(), 2);
         assert!(last.is_none());
         // Large tasks end the page before the limit, within the bytes (each about 8 KB:
         // the note goes out as the instructions and as the evidence).
         let rows: Vec<ManualRow> = (0..10).map(|i| row(i, 4000)).collect();
-        let (tasks, last) = manual_page(rows, 100, 20_000);
+        let (tasks, last) = paged(rows, 100, 20_000);
         assert_eq!(ids(&tasks), ["r-0", "r-1"]);
         assert_eq!(last.unwrap().key.request_id, "r-1");
         // One task larger than the bytes still goes alone, so paging never stalls.
-        let (tasks, last) = manual_page(vec![row(0, 20_000), row(1, 10)], 100, 10_000);
+        let (tasks, last) = paged(vec![row(0, 20_000), row(1, 10)], 100, 10_000);
         assert_eq!(ids(&tasks), ["r-0"]);
         assert_eq!(last.unwrap().key.request_id, "r-0");
     }
@@ -1070,25 +1086,19 @@ mod tests {
         app
     }
 
-    /// A task whose holder keeps failing transiently stays IN_PROGRESS; before its last
-    /// error was listed, an operator saw no reason for it anywhere but in the database.
-    async fn a_retried_task_shows_the_holder_s_words_and_its_attempts(
-        database_url: &str,
+    /// The operator API of `shared` served on 127.0.0.1 over the development PKI in `dir`,
+    /// a client of it as the operator, and what stops the server once sent.
+    async fn serve(
+        shared: &Arc<Shared>,
         dir: &std::path::Path,
+    ) -> (
+        dsrelay_proto::v1::processor_operator_service_client::ProcessorOperatorServiceClient<
+            tonic::transport::Channel,
+        >,
+        tokio::sync::oneshot::Sender<()>,
     ) {
         use dsrelay_proto::v1::processor_operator_service_client::ProcessorOperatorServiceClient;
         use dsrelay_proto::v1::processor_operator_service_server::ProcessorOperatorServiceServer;
-
-        let app = with_erasure(dir, database_url, LOCKED_HOLDER, "r-locked").await;
-        let shared = app.shared();
-        let now = shared.clock.now_ms();
-        let jobs = (shared.store.claim_tasks(now + 10, 10, 30_000))
-            .await
-            .expect("claim");
-        assert_eq!(jobs.len(), 1);
-        for job in jobs {
-            crate::runner::run_task(&shared, job).await.expect("step");
-        }
 
         let pki = dsrelay_runtime::pki::DevPki::ensure(&dir.join("pki")).expect("dev pki");
         let server_tls = pki.files("processor").server_config().expect("server tls");
@@ -1115,7 +1125,27 @@ mod tests {
             &client_tls,
         )
         .expect("channel");
-        let mut client = ProcessorOperatorServiceClient::new(channel);
+        (ProcessorOperatorServiceClient::new(channel), stop)
+    }
+
+    /// A task whose holder keeps failing transiently stays IN_PROGRESS; before its last
+    /// error was listed, an operator saw no reason for it anywhere but in the database.
+    async fn a_retried_task_shows_the_holder_s_words_and_its_attempts(
+        database_url: &str,
+        dir: &std::path::Path,
+    ) {
+        let app = with_erasure(dir, database_url, LOCKED_HOLDER, "r-locked").await;
+        let shared = app.shared();
+        let now = shared.clock.now_ms();
+        let jobs = (shared.store.claim_tasks(now + 10, 10, 30_000))
+            .await
+            .expect("claim");
+        assert_eq!(jobs.len(), 1);
+        for job in jobs {
+            crate::runner::run_task(&shared, job).await.expect("step");
+        }
+
+        let (mut client, stop) = serve(&shared, dir).await;
         let list = |states: Vec<TaskState>| ListManualTasksRequest {
             states: states.into_iter().map(|s| s as i32).collect(),
             ..Default::default()
@@ -1195,4 +1225,159 @@ mod tests {
     }
 
     on_both!(a_task_that_failed_in_its_retention_run_is_not_retried);
+
+    /// Fails every call for good.
+    const FAILS_FOR_GOOD: Answers = Answers(|_| {
+        Err(dsrelay_connectors::ConnectorError::Permanent(
+            "table gone".into(),
+        ))
+    });
+
+    /// A listing of FAILED tasks says of each whether RetryTask takes it, and why not in
+    /// RetryTask's own words; before, an operator learnt it only by trying.
+    async fn failed_tasks_are_listed_with_why_a_retry_is_refused(
+        database_url: &str,
+        dir: &std::path::Path,
+    ) {
+        use dsrelay_proto::v1::{DeliverRequest, RequestKind};
+        let app = with_erasure(dir, database_url, FAILS_FOR_GOOD, "r-erasure").await;
+        let shared = app.shared();
+        let api = OperatorApi::new(shared.clone());
+        let now = shared.clock.now_ms();
+        for (request_id, kind) in [
+            ("r-return", RequestKind::ReturnOfData),
+            ("r-cancelled", RequestKind::Erasure),
+        ] {
+            let req = DeliverRequest {
+                request_id: request_id.into(),
+                kind: kind as i32,
+                due_at: Some(timestamp_from_millis(now + 30 * 86_400_000)),
+                ..Default::default()
+            };
+            (shared.store)
+                .accept("acme", &req, &["crm".to_string()], None, now)
+                .await
+                .expect("accept");
+        }
+        let jobs = (shared.store.claim_tasks(now + 10, 10, 30_000))
+            .await
+            .expect("claim");
+        assert_eq!(jobs.len(), 3);
+        for job in jobs {
+            crate::runner::run_task(&shared, job).await.expect("step");
+        }
+        (shared.store)
+            .cancel("acme", "r-cancelled", "withdrawn", now + 20)
+            .await
+            .expect("cancel");
+
+        let (mut client, stop) = serve(&shared, dir).await;
+        let list = |state: TaskState| ListManualTasksRequest {
+            states: vec![state as i32],
+            ..Default::default()
+        };
+        let listed = client
+            .list_manual_tasks(list(TaskState::Failed))
+            .await
+            .expect("list")
+            .into_inner();
+        let mut refusals: Vec<(String, String)> = (listed.tasks.iter())
+            .map(|t| {
+                let id = t.task.as_ref().expect("task").request_id.clone();
+                (id, t.retry_refusal.clone())
+            })
+            .collect();
+        refusals.sort();
+        let failed: Vec<&str> = refusals.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(
+            failed,
+            ["r-cancelled", "r-erasure", "r-return"],
+            "{listed:?}"
+        );
+        let refusal = |id: &str| &refusals.iter().find(|(i, _)| i == id).expect(id).1;
+        assert!(
+            refusal("r-cancelled").contains("the controller cancelled its request"),
+            "{refusals:?}"
+        );
+        assert_eq!(refusal("r-erasure"), "", "{refusals:?}");
+        assert!(
+            refusal("r-return").contains("RETURN_OF_DATA request, which is not retried"),
+            "{refusals:?}"
+        );
+
+        // RetryTask refuses the same tasks, saying the same, and takes the one listed so.
+        for (id, listed) in &refusals {
+            let key = TaskKey {
+                controller: "acme".into(),
+                request_id: id.clone(),
+                subprocessor: "crm".into(),
+            };
+            let retried = api.retry(&key, "table restored", "ops").await;
+            if listed.is_empty() {
+                let task = retried.expect("a retry");
+                assert_eq!(task.state, TaskState::InProgress as i32, "{task:?}");
+                continue;
+            }
+            let status = Status::from(retried.expect_err("a refusal"));
+            assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+            assert_eq!(status.message(), format!("task acme/{id}/crm: {listed}"));
+        }
+        // A task in another state has nothing to say.
+        let listed = client
+            .list_manual_tasks(list(TaskState::InProgress))
+            .await
+            .expect("list")
+            .into_inner();
+        let _ = stop.send(());
+        assert_eq!(ids(&listed.tasks), ["r-erasure"]);
+        assert_eq!(listed.tasks[0].retry_refusal, "", "{listed:?}");
+    }
+
+    on_both!(failed_tasks_are_listed_with_why_a_retry_is_refused);
+
+    /// A subprocessor no longer configured and a request forgotten are refused in so many
+    /// words, by the one rule; the first reason that holds is given.
+    #[test]
+    fn the_retry_rule_gives_the_first_reason_that_holds() {
+        use crate::store::RetryStanding;
+        use dsrelay_proto::v1::RequestKind;
+        let erasure = RetryStanding {
+            kind: Some(RequestKind::Erasure),
+            ..Default::default()
+        };
+        assert_eq!(retry_refusal(&erasure, true), None);
+        assert_eq!(
+            retry_refusal(&erasure, false),
+            Some(RetryRefusal::Unconfigured)
+        );
+        let forgotten = RetryStanding {
+            forgotten: true,
+            cancelled: true,
+            ..erasure
+        };
+        assert_eq!(
+            retry_refusal(&forgotten, false),
+            Some(RetryRefusal::Forgotten)
+        );
+        let transfer = RetryStanding {
+            kind: Some(RequestKind::Transfer),
+            cancelled: true,
+            was_retained: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            retry_refusal(&transfer, false),
+            Some(RetryRefusal::Kind(RequestKind::Transfer))
+        );
+        let retained = RetryStanding {
+            was_retained: true,
+            ..erasure
+        };
+        assert_eq!(
+            retry_refusal(&retained, true),
+            Some(RetryRefusal::WasRetained)
+        );
+        assert!(refusal_words(RetryRefusal::Unconfigured, "crm")
+            .starts_with("subprocessor crm is no longer configured here"));
+    }
 }

@@ -8,7 +8,7 @@ use dsrelay_sdk::proto::{
     CompleteManualTaskRequest, DeadLetter, DeadLetterList, IdentityEncoding,
     ListDeadLettersRequest, ListManualTasksRequest, ManualTask, ManualTaskList,
     RefuseManualTaskRequest, RequestKind, RequeueDeadLetterRequest, RetryTaskRequest,
-    SubjectIdentity, TaskRef,
+    SubjectIdentity, TaskRef, TaskState,
 };
 use dsrelay_sdk::ConnectionSettings;
 use serde::Serialize;
@@ -50,6 +50,12 @@ struct TaskView {
     /// The holder's or connector's words from the last attempt that failed and was retried.
     last_error: String,
     attempts: u32,
+    /// Whether `dsrctl tasks retry` would take the task, as the processor listed it: set on
+    /// a FAILED task of `tasks list` only (null otherwise).
+    retryable: Option<bool>,
+    /// Why `dsrctl tasks retry` would refuse the task, in the refusal's words; empty unless
+    /// `retryable` is false.
+    retry_refusal: String,
     waiting_since: Option<Time>,
     due_at: Option<Time>,
 }
@@ -107,6 +113,24 @@ impl TaskView {
             parts.push(terms);
         }
         parts.join("; ")
+    }
+
+    /// `t` as ListManualTasks listed it: a FAILED task says whether a retry is taken.
+    fn listed(t: &ManualTask) -> Self {
+        let mut view = Self::from(t);
+        if t.state == TaskState::Failed as i32 {
+            view.retryable = Some(t.retry_refusal.is_empty());
+        }
+        view
+    }
+
+    /// Whether a retry is taken, for the table: empty unless the task FAILED.
+    fn retry_cell(&self) -> &'static str {
+        match self.retryable {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "",
+        }
     }
 
     /// Why the task is where it is, for the table, cut to [`WHY_CHARS`]: its reason (a
@@ -178,6 +202,9 @@ impl From<&ManualTask> for TaskView {
             reason: t.reason.clone(),
             last_error: t.last_error.clone(),
             attempts: t.attempts,
+            // The processor says it in a listing only: see `TaskView::listed`.
+            retryable: None,
+            retry_refusal: t.retry_refusal.clone(),
             waiting_since: Time::from_proto(t.waiting_since.as_ref()),
             due_at: Time::from_proto(t.due_at.as_ref()),
         }
@@ -210,6 +237,7 @@ impl Render for TaskListView {
             "KIND",
             "STATE",
             "ATTEMPTS",
+            "RETRY",
             "DUE",
             "SUBJECT",
             "SCOPE",
@@ -225,6 +253,7 @@ impl Render for TaskListView {
                 v.kind.clone(),
                 v.state.clone(),
                 v.attempts.to_string(),
+                v.retry_cell().into(),
                 v.due_at.map(|d| d.to_string()).unwrap_or_default(),
                 clean(&v.identities.join("; ")),
                 clean(&v.scope_cell()),
@@ -233,7 +262,24 @@ impl Render for TaskListView {
                 v.why_cell(),
             ]);
         }
-        t.render()
+        let mut out = t.render();
+        // Below the table, whole: the refusal says what the operator does instead.
+        let refused: Vec<&TaskView> = (self.tasks.iter())
+            .filter(|v| v.retryable == Some(false))
+            .collect();
+        if !refused.is_empty() {
+            out.push('\n');
+        }
+        for v in refused {
+            out.push_str(&format!(
+                "{}/{}/{}: retry: no — {}\n",
+                clean(&v.controller),
+                clean(&v.request_id),
+                clean(&v.subprocessor),
+                clean(&v.retry_refusal)
+            ));
+        }
+        out
     }
 }
 
@@ -491,7 +537,7 @@ pub(crate) async fn run(
             })
             .await?;
             let view = TaskListView {
-                tasks: tasks.iter().map(TaskView::from).collect(),
+                tasks: tasks.iter().map(TaskView::listed).collect(),
                 states: wanted.iter().map(|&s| state_flag(s)).collect(),
             };
             emit(io.out, io.format, &view, false)?;

@@ -47,7 +47,9 @@ pub use contracts::{ContractEndRow, Updated};
 pub use forget::Forgettable;
 pub(crate) use forget::FINAL;
 pub use rows::{AckJob, ManualRow, TaskJob, TaskKey, TaskRow};
-pub use tasks::{Accepted, DueDateExtended, ManualCursor, Retried};
+pub use tasks::{
+    retry_refusal, Accepted, DueDateExtended, ManualCursor, Retried, RetryRefusal, RetryStanding,
+};
 pub use uploads::{Delivered, NextAttempt, UploadClaim, UploadFinish, UploadJob};
 
 /// The migrations for each backend, embedded at build time.

@@ -5,6 +5,8 @@
 //! changes nothing. Leases are set and compared on the database's clock
 //! ([`Backend::now_ms`](dsrelay_runtime::store::Backend::now_ms)); everything else (next attempts, due dates) is on the processor's.
 
+use std::collections::HashMap;
+
 use anyhow::Result;
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::timestamp_from_millis;
@@ -38,14 +40,75 @@ pub enum Retried {
     /// The task is IN_PROGRESS again: as the retry recorded it, read in its transaction
     /// (a runner may claim it the moment it commits).
     Retried(Box<ManualRow>),
-    /// Nothing: the controller cancelled the request.
-    Cancelled,
-    /// Nothing: the request was forgotten (its body, with the identities, removed).
-    Forgotten,
-    /// Nothing: the task had been RETAINED, and failed in a retention run.
-    WasRetained,
+    /// Nothing: [`retry_refusal`] refused the task, for this reason.
+    Refused(RetryRefusal),
     /// Nothing: the task moved on from the sequence the retry was decided at.
     Changed,
+}
+
+/// Why an operator's retry does not take a FAILED task ([`retry_refusal`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryRefusal {
+    /// The request was forgotten (its body, with the identities, removed), or its body no
+    /// longer decodes: there is nothing to run the task with.
+    Forgotten,
+    /// The request is of this kind, a RETURN_OF_DATA, TRANSFER or CONTRACT_END: the part a
+    /// failed run sent may already be at the registry or the recipient, which would be
+    /// handed a second one.
+    Kind(RequestKind),
+    /// The task's subprocessor is no longer configured: it has no holder to run on.
+    Unconfigured,
+    /// The controller cancelled the request.
+    Cancelled,
+    /// The task had been RETAINED, and failed in a retention run.
+    WasRetained,
+}
+
+/// What [`retry_refusal`] goes by, of one task and its request, as stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetryStanding {
+    /// The request's kind; `None` when its body is gone or no longer decodes.
+    pub kind: Option<RequestKind>,
+    /// The request is missing, its body removed or it is marked forgotten.
+    pub forgotten: bool,
+    /// The controller cancelled the request.
+    pub cancelled: bool,
+    /// An acknowledgement queued for the task said RETAINED.
+    pub was_retained: bool,
+}
+
+/// Why an operator's retry of a FAILED task standing as `standing`, of a subprocessor
+/// `configured` here or not, is refused; `None` when it is taken. The one rule of both
+/// [`Store::retry_task`] and ListManualTasks (on what [`Store::retry_standings`] reads), so
+/// what an operator is shown is what a retry does. The first reason that holds is given, in
+/// the order of [`RetryRefusal`].
+pub fn retry_refusal(standing: &RetryStanding, configured: bool) -> Option<RetryRefusal> {
+    let kind = match standing.kind {
+        Some(kind) if !standing.forgotten => kind,
+        _ => return Some(RetryRefusal::Forgotten),
+    };
+    if crate::exports::exports(kind) || kind == RequestKind::ContractEnd {
+        Some(RetryRefusal::Kind(kind))
+    } else if !configured {
+        Some(RetryRefusal::Unconfigured)
+    } else if standing.cancelled {
+        Some(RetryRefusal::Cancelled)
+    } else if standing.was_retained {
+        // A task once RETAINED failed in a retention run, after its request was answered:
+        // rerun as a new task, it would make the registry reopen that request (open,
+        // cancellable), and a cancellation would stop the erasure of data past its date.
+        Some(RetryRefusal::WasRetained)
+    } else {
+        None
+    }
+}
+
+/// Whether one of the acknowledgement `payloads` queued for a task said RETAINED. Every
+/// acknowledgement queued for a task stays until its request is forgotten.
+fn any_retained<'p>(payloads: impl IntoIterator<Item = &'p [u8]>) -> bool {
+    payloads
+        .into_iter()
+        .any(|p| Acknowledgement::decode(p).is_ok_and(|a| a.state() == TaskState::Retained))
 }
 
 /// What [`Store::extend_due_date`] found.
@@ -84,6 +147,30 @@ enum OperatorFilter<'a> {
         after: Option<&'a ManualCursor>,
         limit: i64,
     },
+}
+
+/// The columns of a request that [`RetryStanding`] takes, as [`RequestStanding`] reads them.
+const REQUEST_STANDING: &str = "SELECT controller, request_id, body, cancelled_at, \
+    CASE WHEN body IS NULL OR forgotten_at IS NOT NULL THEN 1 ELSE 0 END AS forgotten \
+    FROM requests";
+
+/// A request's row as [`REQUEST_STANDING`] reads it.
+#[derive(Debug, sqlx::FromRow)]
+struct RequestStanding {
+    controller: String,
+    request_id: String,
+    body: Option<Vec<u8>>,
+    cancelled_at: Option<i64>,
+    forgotten: i64,
+}
+
+impl RequestStanding {
+    /// The kind its body says; `None` when the body is gone or no longer decodes, as
+    /// [`ManualRow::request`] is.
+    fn kind(&self) -> Option<RequestKind> {
+        let body = self.body.as_deref()?;
+        DeliverRequest::decode(body).ok().map(|r| r.kind())
+    }
 }
 
 /// Where a page of [`Store::manual_tasks`] ended: the last task's change time and key, the
@@ -588,9 +675,10 @@ impl Store {
 
     /// Records an operator's retry `t` of `key`'s FAILED task at `expected_sequence`, by `by`
     /// ([`Event::OperatorRetry`]): the step with its acknowledgement and audit entry, its
-    /// attempts counted from 0 and the failed run's last error cleared. The request's row is
-    /// locked first (PostgreSQL) and checked in the same transaction, so a cancellation or
-    /// the forget worker committing meanwhile is seen.
+    /// attempts counted from 0 and the failed run's last error cleared; unless
+    /// [`retry_refusal`] refuses it (`configured`: whether its subprocessor is configured
+    /// here). The request's row is locked first (PostgreSQL) and checked in the same
+    /// transaction, so a cancellation or the forget worker committing meanwhile is seen.
     pub async fn retry_task(
         &self,
         key: &TaskKey,
@@ -598,30 +686,17 @@ impl Store {
         t: &Transition,
         now: i64,
         by: &str,
+        configured: bool,
     ) -> Result<Retried> {
         let mut tx = self.begin_audited().await?;
         super::lock_requests(&mut tx, &[(&key.controller, &key.request_id)]).await?;
-        let standing: Option<(Option<i64>, i64)> = sqlx::query_as(
-            "SELECT cancelled_at, CASE WHEN body IS NULL OR forgotten_at IS NOT NULL THEN 1 \
-             ELSE 0 END FROM requests WHERE controller = $1 AND request_id = $2",
-        )
+        let request: Option<RequestStanding> = sqlx::query_as(&format!(
+            "{REQUEST_STANDING} WHERE controller = $1 AND request_id = $2"
+        ))
         .bind(&key.controller)
         .bind(&key.request_id)
         .fetch_optional(&mut *tx)
         .await?;
-        let refused = match standing {
-            None | Some((_, 1)) => Some(Retried::Forgotten),
-            Some((Some(_), _)) => Some(Retried::Cancelled),
-            Some((None, _)) => None,
-        };
-        if let Some(refused) = refused {
-            tx.rollback().await?;
-            return Ok(refused);
-        }
-        // A task once RETAINED failed in a retention run, after its request was answered:
-        // rerun as a new task, it would make the registry reopen that request (open,
-        // cancellable), and a cancellation would stop the erasure of data past its date.
-        // Every acknowledgement queued for the task stays until the request is forgotten.
         let reported: Vec<Vec<u8>> = sqlx::query_scalar(
             "SELECT payload FROM ack_outbox WHERE controller = $1 AND request_id = $2 \
              AND subprocessor = $3",
@@ -631,12 +706,15 @@ impl Store {
         .bind(&key.subprocessor)
         .fetch_all(&mut *tx)
         .await?;
-        let was_retained = reported.iter().any(|p| {
-            Acknowledgement::decode(p.as_slice()).is_ok_and(|a| a.state() == TaskState::Retained)
-        });
-        if was_retained {
+        let standing = RetryStanding {
+            kind: request.as_ref().and_then(RequestStanding::kind),
+            forgotten: request.as_ref().is_none_or(|r| r.forgotten != 0),
+            cancelled: request.as_ref().is_some_and(|r| r.cancelled_at.is_some()),
+            was_retained: any_retained(reported.iter().map(Vec::as_slice)),
+        };
+        if let Some(refused) = retry_refusal(&standing, configured) {
             tx.rollback().await?;
-            return Ok(Retried::WasRetained);
+            return Ok(Retried::Refused(refused));
         }
         let step = Step {
             expected_sequence,
@@ -880,6 +958,76 @@ impl Store {
     /// One task with its request, for the operator API.
     pub async fn manual_task(&self, key: &TaskKey) -> Result<Option<ManualRow>> {
         Ok(self.for_operators(OperatorFilter::One(key)).await?.pop())
+    }
+
+    /// What [`retry_refusal`] goes by, of each FAILED task of `rows` (as [`Store::manual_tasks`]
+    /// read them: their kind from the request read with them), in two queries whatever their
+    /// number: one of their requests, one of their acknowledgements. Read after `rows`, so a
+    /// request cancelled or forgotten meanwhile is seen as such.
+    pub async fn retry_standings(
+        &self,
+        rows: &[ManualRow],
+    ) -> Result<HashMap<TaskKey, RetryStanding>> {
+        let failed: Vec<&ManualRow> = rows
+            .iter()
+            .filter(|r| r.task.state == TaskState::Failed)
+            .collect();
+        if failed.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let requests: Vec<(&str, &str)> = failed
+            .iter()
+            .map(|r| {
+                (
+                    r.task.key.controller.as_str(),
+                    r.task.key.request_id.as_str(),
+                )
+            })
+            .collect();
+        let (params, matching) = super::requests_matching(&requests, "");
+        let sql = format!("{REQUEST_STANDING} WHERE {matching}");
+        let mut q = sqlx::query_as::<_, RequestStanding>(&sql);
+        for param in &params {
+            q = q.bind(*param);
+        }
+        let stood: HashMap<(String, String), RequestStanding> = q
+            .fetch_all(&self.db.reader)
+            .await?
+            .into_iter()
+            .map(|r| ((r.controller.clone(), r.request_id.clone()), r))
+            .collect();
+        let sql = format!(
+            "SELECT controller, request_id, subprocessor, payload FROM ack_outbox WHERE {matching}"
+        );
+        let mut q = sqlx::query_as::<_, (String, String, String, Vec<u8>)>(&sql);
+        for param in &params {
+            q = q.bind(*param);
+        }
+        let mut reported: HashMap<TaskKey, Vec<Vec<u8>>> = HashMap::new();
+        for (controller, request_id, subprocessor, payload) in q.fetch_all(&self.db.reader).await? {
+            let key = TaskKey {
+                controller,
+                request_id,
+                subprocessor,
+            };
+            reported.entry(key).or_default().push(payload);
+        }
+        Ok(failed
+            .into_iter()
+            .map(|r| {
+                let key = &r.task.key;
+                let request = stood.get(&(key.controller.clone(), key.request_id.clone()));
+                let payloads = reported.get(key).map(Vec::as_slice).unwrap_or_default();
+                let standing = RetryStanding {
+                    // As the row's own body decodes, as the retry's decodes it.
+                    kind: r.request.as_ref().map(|b| b.kind()),
+                    forgotten: request.is_none_or(|r| r.forgotten != 0),
+                    cancelled: request.is_some_and(|r| r.cancelled_at.is_some()),
+                    was_retained: any_retained(payloads.iter().map(Vec::as_slice)),
+                };
+                (key.clone(), standing)
+            })
+            .collect())
     }
 
     async fn for_operators(&self, filter: OperatorFilter<'_>) -> Result<Vec<ManualRow>> {
