@@ -451,7 +451,7 @@ async fn tasks_by_state_show_their_state_attempts_and_why() {
 /// only by trying.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_tasks_say_whether_a_retry_is_taken_and_why_not() {
-    let rod = "it is of a RETURN_OF_DATA request, which is not retried: submit a new one";
+    let rod = "it is of a CONTRACT_END request, which is not retried";
     let cancelled = "the controller cancelled its request: it is not run again";
     let refused = |id: &str, why: &str| ManualTask {
         retry_refusal: why.into(),

@@ -126,6 +126,10 @@ async fn remove_retired_exports(shared: &Shared) -> Result<()> {
         let keys = shared.store.retired_exports_left(BATCH, failed).await?;
         let mut removed = 0;
         for key in &keys {
+            // Retried meanwhile: the folder is its new export's now.
+            if !shared.store.export_still_retired(key).await? {
+                continue;
+            }
             if remove_export(shared, key, "removing a retired export's files failed").await? {
                 removed += 1;
             } else {

@@ -418,8 +418,8 @@ fn refusal_words(refusal: RetryRefusal, subprocessor: &str) -> String {
             new request"
             .into(),
         RetryRefusal::Kind(kind) => format!(
-            "it is of a {} request, which is not retried (the part it sent may already be \
-             delivered): the controller submits a new request instead",
+            "it is of a {} request, which is not retried: its phases (return, confirmation, \
+             erasure) would not be followed by a run from the start",
             dsrelay_connectors::kind_label(kind)
         ),
         RetryRefusal::Unconfigured => format!(
@@ -1234,7 +1234,9 @@ mod tests {
     });
 
     /// A listing of FAILED tasks says of each whether RetryTask takes it, and why not in
-    /// RetryTask's own words; before, an operator learnt it only by trying.
+    /// RetryTask's own words; before, an operator learnt it only by trying. A return of data
+    /// is retried: its failed run's retired upload goes, so that the new export's is queued
+    /// and the sweep of retired exports leaves the folder alone.
     async fn failed_tasks_are_listed_with_why_a_retry_is_refused(
         database_url: &str,
         dir: &std::path::Path,
@@ -1300,10 +1302,20 @@ mod tests {
             "{refusals:?}"
         );
         assert_eq!(refusal("r-erasure"), "", "{refusals:?}");
-        assert!(
-            refusal("r-return").contains("RETURN_OF_DATA request, which is not retried"),
-            "{refusals:?}"
-        );
+        assert_eq!(refusal("r-return"), "", "{refusals:?}");
+        // The failed run's upload, retired (its folder removed): a new export would not be
+        // queued beside it.
+        let uploads = || async {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM uploads WHERE request_id = 'r-return' \
+                 AND done_at IS NOT NULL",
+            )
+            .fetch_one(&shared.store.db().pool)
+            .await
+            .expect("count");
+            n
+        };
+        assert_eq!(uploads().await, 1);
 
         // RetryTask refuses the same tasks, saying the same, and takes the one listed so.
         for (id, listed) in &refusals {
@@ -1329,8 +1341,14 @@ mod tests {
             .expect("list")
             .into_inner();
         let _ = stop.send(());
-        assert_eq!(ids(&listed.tasks), ["r-erasure"]);
-        assert_eq!(listed.tasks[0].retry_refusal, "", "{listed:?}");
+        let mut in_progress = ids(&listed.tasks);
+        in_progress.sort();
+        assert_eq!(in_progress, ["r-erasure", "r-return"]);
+        assert!(
+            listed.tasks.iter().all(|t| t.retry_refusal.is_empty()),
+            "{listed:?}"
+        );
+        assert_eq!(uploads().await, 0, "the retry dropped the retired upload");
     }
 
     on_both!(failed_tasks_are_listed_with_why_a_retry_is_refused);
@@ -1359,16 +1377,23 @@ mod tests {
             retry_refusal(&forgotten, false),
             Some(RetryRefusal::Forgotten)
         );
-        let transfer = RetryStanding {
-            kind: Some(RequestKind::Transfer),
+        let contract_end = RetryStanding {
+            kind: Some(RequestKind::ContractEnd),
             cancelled: true,
             was_retained: true,
             ..Default::default()
         };
         assert_eq!(
-            retry_refusal(&transfer, false),
-            Some(RetryRefusal::Kind(RequestKind::Transfer))
+            retry_refusal(&contract_end, false),
+            Some(RetryRefusal::Kind(RequestKind::ContractEnd))
         );
+        for kind in [RequestKind::ReturnOfData, RequestKind::Transfer] {
+            let export = RetryStanding {
+                kind: Some(kind),
+                ..Default::default()
+            };
+            assert_eq!(retry_refusal(&export, true), None, "{kind:?}");
+        }
         let retained = RetryStanding {
             was_retained: true,
             ..erasure

@@ -721,7 +721,7 @@ async fn an_operator_retries_a_failed_task_once_its_holder_is_repaired(backend: 
         .await
         .expect_err("no task");
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
-    // A task that did not fail, and a return of data's, whose part may be at the registry.
+    // A task that did not fail.
     let err = ops
         .retry_task(retry(&erasure_id, "mail-marketing", NOTE))
         .await
@@ -729,16 +729,6 @@ async fn an_operator_retries_a_failed_task_once_its_holder_is_repaired(backend: 
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(
         err.message().contains("only a FAILED task is retried"),
-        "{err:?}"
-    );
-    let err = ops
-        .retry_task(retry(&access_id, "accounting", NOTE))
-        .await
-        .expect_err("a return of data");
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    assert!(
-        err.message()
-            .contains("RETURN_OF_DATA request, which is not retried"),
         "{err:?}"
     );
     // The failed erasure did nothing.
@@ -751,6 +741,42 @@ async fn an_operator_retries_a_failed_task_once_its_holder_is_repaired(backend: 
         "ALTER TABLE contacts_moved RENAME TO contacts",
     )
     .await;
+    // The return of data first, while the customer is still there: it exports again, and
+    // its part reaches the registry, so the package is whole, and dsrctl downloads it and
+    // checks every file. Before, RetryTask refused a return of data, and the partner had to
+    // submit the request again.
+    let retried = ops
+        .retry_task(retry(&access_id, "accounting", NOTE))
+        .await
+        .expect("a return of data is retried")
+        .into_inner();
+    assert_eq!(retried.state, TaskState::InProgress as i32, "{retried:?}");
+    wait_until(
+        &mut crm,
+        &access_id,
+        Duration::from_secs(30),
+        in_state(RequestState::Completed),
+    )
+    .await;
+    let out = pair.dir().join("retried-return");
+    let run = cli::dsrctl(
+        &pair,
+        "partner-crm",
+        &[
+            "download",
+            &access_id,
+            "--out",
+            out.to_str().expect("utf-8 path"),
+            "--output",
+            "json",
+        ],
+    )
+    .await;
+    let summary = run.json();
+    assert_eq!(summary["verified"], true, "{summary:#}");
+    let customers = out.join(format!("{PROCESSOR}/accounting/customers.json"));
+    let exported = std::fs::read_to_string(&customers).expect("the accounting part's file");
+    assert!(exported.contains(ADDRESS), "{exported}");
     // Through dsrctl, as an operator would.
     let processor = format!("https://localhost:{}", pair.processor.addr().port());
     let mut cmd = cli::as_party(&pair, "operator");
@@ -822,5 +848,6 @@ async fn an_operator_retries_a_failed_task_once_its_holder_is_repaired(backend: 
          AND actor = 'spiffe://dsrelay.dev/operator/ops'"
     );
     assert_eq!(count(processor_db, &retried_entries).await, 1);
+
     pair.stop().await;
 }

@@ -52,9 +52,8 @@ pub enum RetryRefusal {
     /// The request was forgotten (its body, with the identities, removed), or its body no
     /// longer decodes: there is nothing to run the task with.
     Forgotten,
-    /// The request is of this kind, a RETURN_OF_DATA, TRANSFER or CONTRACT_END: the part a
-    /// failed run sent may already be at the registry or the recipient, which would be
-    /// handed a second one.
+    /// The request is of this kind, a CONTRACT_END: its tasks move through phases (return,
+    /// confirmation, erasure) that a rerun from the start would not follow.
     Kind(RequestKind),
     /// The task's subprocessor is no longer configured: it has no holder to run on.
     Unconfigured,
@@ -87,7 +86,7 @@ pub fn retry_refusal(standing: &RetryStanding, configured: bool) -> Option<Retry
         Some(kind) if !standing.forgotten => kind,
         _ => return Some(RetryRefusal::Forgotten),
     };
-    if crate::exports::exports(kind) || kind == RequestKind::ContractEnd {
+    if kind == RequestKind::ContractEnd {
         Some(RetryRefusal::Kind(kind))
     } else if !configured {
         Some(RetryRefusal::Unconfigured)
@@ -731,9 +730,22 @@ impl Store {
             tx.rollback().await?;
             return Ok(Retried::Changed);
         }
+        // A return of data or a transfer exports again, into its emptied folder, and queues
+        // a new upload: the failed run's upload (retired, so a new one would not be queued
+        // beside it) goes, and with it the sweep's claim on the folder the new export
+        // writes (`Store::export_still_retired`). The destination takes the new files in
+        // place of whatever the failed run sent of its part, which it never closed.
         sqlx::query(
-            "UPDATE tasks SET last_error = NULL WHERE controller = $1 AND request_id = $2 \
-             AND subprocessor = $3",
+            "UPDATE tasks SET last_error = NULL, export_files = NULL WHERE controller = $1 \
+             AND request_id = $2 AND subprocessor = $3",
+        )
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM uploads WHERE controller = $1 AND request_id = $2 AND subprocessor = $3",
         )
         .bind(&key.controller)
         .bind(&key.request_id)

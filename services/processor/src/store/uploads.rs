@@ -437,6 +437,23 @@ impl Store {
             .collect())
     }
 
+    /// Whether `key`'s upload is still retired with its files not recorded removed, as
+    /// [`Store::retired_exports_left`] listed it: read again just before the sweep removes
+    /// the folder, since an operator's retry (`Store::retry_task`) drops the retired upload
+    /// and its task's new export then writes into that folder.
+    pub async fn export_still_retired(&self, key: &TaskKey) -> Result<bool> {
+        Ok(sqlx::query(
+            "SELECT 1 AS one FROM uploads WHERE controller = $1 AND request_id = $2 \
+             AND subprocessor = $3 AND done_at IS NOT NULL AND files_removed_at IS NULL",
+        )
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .fetch_optional(&self.db.pool)
+        .await?
+        .is_some())
+    }
+
     /// Records that `key`'s retired upload left no files behind.
     pub async fn export_files_removed(&self, key: &TaskKey, now: i64) -> Result<()> {
         sqlx::query(
@@ -765,6 +782,60 @@ pub(crate) mod tests {
     async fn a_sender_that_lost_its_lease_records_nothing_on_postgres() {
         crate::test_postgres::on_postgres(|u, _| async move {
             a_sender_that_lost_its_lease_records_nothing(&u).await
+        })
+        .await;
+    }
+
+    /// The sweep of retired exports reads an upload again before it removes the folder: one
+    /// an operator's retry dropped after the sweep listed it (its task's new export writes
+    /// into the folder now), or whose files are recorded removed, is no longer retired.
+    async fn an_export_is_swept_only_while_its_upload_is_retired(url: &str) {
+        let db = Db::connect(url).await.expect("connect");
+        db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+            .await
+            .expect("migrate");
+        let store = Store::new(db, b"test key");
+        let key = |request_id: &str| TaskKey {
+            controller: "acme".into(),
+            request_id: request_id.into(),
+            subprocessor: "crm".into(),
+        };
+        let mut conn = store.db.pool.acquire().await.expect("conn");
+        for id in ["r-1", "r-2", "r-3"] {
+            retire_unsent(&mut conn, &key(id), 5).await.expect("retire");
+        }
+        drop(conn);
+        let listed = store.retired_exports_left(10, 0).await.expect("list");
+        assert_eq!(listed.len(), 3);
+        store
+            .export_files_removed(&key("r-2"), 6)
+            .await
+            .expect("removed");
+        sqlx::query("DELETE FROM uploads WHERE request_id = 'r-3'")
+            .execute(&store.db.pool)
+            .await
+            .expect("a retry's delete");
+        let mut still = Vec::new();
+        for k in &listed {
+            if store.export_still_retired(k).await.expect("read") {
+                still.push(k.request_id.as_str());
+            }
+        }
+        assert_eq!(still, ["r-1"]);
+        store.db.pool.close().await;
+    }
+
+    #[tokio::test]
+    async fn an_export_is_swept_only_while_its_upload_is_retired_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/p.db", dir.path().display());
+        an_export_is_swept_only_while_its_upload_is_retired(&url).await;
+    }
+
+    #[tokio::test]
+    async fn an_export_is_swept_only_while_its_upload_is_retired_on_postgres() {
+        crate::test_postgres::on_postgres(|u, _| async move {
+            an_export_is_swept_only_while_its_upload_is_retired(&u).await
         })
         .await;
     }
