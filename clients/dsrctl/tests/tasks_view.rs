@@ -512,6 +512,53 @@ async fn failed_tasks_say_whether_a_retry_is_taken_and_why_not() {
     );
 }
 
+/// A task whose holder call has not answered says since when, before its last error; JSON
+/// has the time. Before, a long call showed nothing until the holder answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_call_not_answered_yet_is_shown() {
+    let called = dsrelay_proto::prost_types::Timestamp {
+        seconds: 1_796_558_400,
+        nanos: 0,
+    };
+    let processor = Processor::start(vec![
+        ManualTask {
+            holder_called_at: Some(called),
+            ..worked(
+                "r-calling",
+                TaskState::InProgress,
+                3,
+                "",
+                "database is locked",
+            )
+        },
+        worked("r-idle", TaskState::InProgress, 1, "", ""),
+    ])
+    .await;
+    let (code, table, stderr) = processor.list(&["--state", "in-progress"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        row(&table, "r-calling")
+            .contains("holder called 2026-12-06T12:00:00Z, no answer yet; last error: database"),
+        "{table}"
+    );
+    assert!(!row(&table, "r-idle").contains("holder called"), "{table}");
+    let (code, json, stderr) = processor
+        .list(&["--output", "json", "--state", "in-progress"])
+        .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&json).expect("json");
+    let tasks = doc["tasks"].as_array().expect("tasks");
+    assert_eq!(
+        tasks[0]["holder_called_at"], "2026-12-06T12:00:00Z",
+        "{doc}"
+    );
+    assert_eq!(
+        tasks[1]["holder_called_at"],
+        serde_json::Value::Null,
+        "{doc}"
+    );
+}
+
 /// An empty list names what was asked for: no task in a state is not "no tasks wait for an
 /// operator".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

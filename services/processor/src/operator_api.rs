@@ -543,6 +543,7 @@ fn to_proto(r: ManualRow) -> ManualTask {
         last_error: r.last_error,
         // Only a listing says it: see `list_manual_tasks`.
         retry_refusal: String::new(),
+        holder_called_at: r.task.call_started_at.map(timestamp_from_millis),
     }
 }
 
@@ -1352,6 +1353,53 @@ mod tests {
     }
 
     on_both!(failed_tasks_are_listed_with_why_a_retry_is_refused);
+
+    /// A task whose holder was called and has not answered lists when it was called, so an
+    /// operator sees a long call; once the answer is recorded, it lists none. Before, such
+    /// a task showed nothing at all until the holder answered.
+    async fn a_holder_call_not_answered_yet_is_listed(database_url: &str, dir: &std::path::Path) {
+        let app = with_erasure(dir, database_url, FAILS_FOR_GOOD, "r-1").await;
+        let shared = app.shared();
+        let now = shared.clock.now_ms();
+        let mut jobs = (shared.store.claim_tasks(now + 10, 10, 30_000))
+            .await
+            .expect("claim");
+        let job = jobs.pop().expect("the task");
+        let noted = (shared.store)
+            .call_started(&job.task.key, job.task.sequence, &job.lease_owner, now + 20)
+            .await
+            .expect("note the call");
+        assert!(noted);
+        let (client, stop) = serve(&shared, dir).await;
+        let list = |states: Vec<TaskState>| {
+            let req = ListManualTasksRequest {
+                states: states.into_iter().map(|s| s as i32).collect(),
+                ..Default::default()
+            };
+            let mut client = client.clone();
+            async move {
+                client
+                    .list_manual_tasks(req)
+                    .await
+                    .expect("list")
+                    .into_inner()
+            }
+        };
+        let listed = list(vec![TaskState::Pending]).await;
+        assert_eq!(ids(&listed.tasks), ["r-1"]);
+        assert_eq!(
+            listed.tasks[0].holder_called_at,
+            Some(timestamp_from_millis(now + 20)),
+            "{listed:?}"
+        );
+        crate::runner::run_task(&shared, job).await.expect("step");
+        let listed = list(vec![TaskState::Failed]).await;
+        let _ = stop.send(());
+        assert_eq!(ids(&listed.tasks), ["r-1"]);
+        assert_eq!(listed.tasks[0].holder_called_at, None, "{listed:?}");
+    }
+
+    on_both!(a_holder_call_not_answered_yet_is_listed);
 
     /// A subprocessor no longer configured and a request forgotten are refused in so many
     /// words, by the one rule; the first reason that holds is given.

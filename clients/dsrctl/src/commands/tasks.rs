@@ -56,6 +56,9 @@ struct TaskView {
     /// Why `dsrctl tasks retry` would refuse the task, in the refusal's words; empty unless
     /// `retryable` is false.
     retry_refusal: String,
+    /// When the holder was called in a call whose answer is not recorded yet (one under
+    /// way, or cut off by a restart and made again at the next claim); null when none is.
+    holder_called_at: Option<Time>,
     waiting_since: Option<Time>,
     due_at: Option<Time>,
 }
@@ -134,19 +137,22 @@ impl TaskView {
     }
 
     /// Why the task is where it is, for the table, cut to [`WHY_CHARS`]: its reason (a
-    /// failed or refused task's), or else the last error of one still being tried. A task
-    /// in another state may keep the last error of a retry that came before its outcome,
-    /// which would read as the reason for it; `--output json` has it.
+    /// failed or refused task's), or else the last error of one still being tried, after
+    /// when its holder was called if that call has not answered (a long call shows only
+    /// so). A task in another state may keep the last error of a retry that came before
+    /// its outcome, which would read as the reason for it; `--output json` has it.
     fn why_cell(&self) -> String {
         let retried = ["PENDING", "IN_PROGRESS"].contains(&self.state.as_str());
-        let why = if !self.reason.is_empty() {
-            clean(&self.reason)
+        let mut why = Vec::new();
+        if let Some(at) = self.holder_called_at.filter(|_| self.reason.is_empty()) {
+            why.push(format!("holder called {at}, no answer yet"));
+        }
+        if !self.reason.is_empty() {
+            why.push(clean(&self.reason));
         } else if retried && !self.last_error.is_empty() {
-            format!("last error: {}", clean(&self.last_error))
-        } else {
-            return String::new();
-        };
-        clipped(&why, WHY_CHARS)
+            why.push(format!("last error: {}", clean(&self.last_error)));
+        }
+        clipped(&why.join("; "), WHY_CHARS)
     }
 }
 
@@ -205,6 +211,7 @@ impl From<&ManualTask> for TaskView {
             // The processor says it in a listing only: see `TaskView::listed`.
             retryable: None,
             retry_refusal: t.retry_refusal.clone(),
+            holder_called_at: Time::from_proto(t.holder_called_at.as_ref()),
             waiting_since: Time::from_proto(t.waiting_since.as_ref()),
             due_at: Time::from_proto(t.due_at.as_ref()),
         }
