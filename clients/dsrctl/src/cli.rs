@@ -274,9 +274,10 @@ pub enum TasksCommand {
     },
     /// Run a FAILED task again once its cause is fixed: it becomes IN_PROGRESS, its reason
     /// `retried by <you>: <note>` (kept in the request's events at the registry), and the
-    /// holder is called as for a new task (past the due date, once). Refused for a return
-    /// of data, a transfer or a contract end, a task that failed in a retention run, a
-    /// cancelled or forgotten request, and a subprocessor no longer configured.
+    /// holder is called as for a new task (past the due date, once); a return of data or a
+    /// transfer exports again and sends the new files. Refused for a contract end, a task
+    /// that failed in a retention run, a cancelled or forgotten request, and a subprocessor
+    /// no longer configured.
     Retry {
         /// Where the processor is.
         #[command(flatten)]

@@ -177,7 +177,8 @@ fn lacking(not_returned: &[String]) -> String {
         ("their data", "they")
     };
     format!(
-        "{}: {its} is not in the package, and {it} will not send it (`dsrctl get` says why)",
+        "{}: {its} is not in the package, and {it} will not send it unless the processor's \
+         operator retries the task (`dsrctl get` says why)",
         not_returned.join(", ")
     )
 }
@@ -1223,7 +1224,8 @@ mod tests {
             ..Default::default()
         };
         let line = "not returned    payroll/crm (FAILED): its data is not in the package, and it \
-                    will not send it (`dsrctl get` says why)\n";
+                    will not send it unless the processor's operator retries the task (`dsrctl \
+                    get` says why)\n";
         let text = DownloadView::new(&info, &Target::Dir("maija".into()), vec![]).to_table();
         assert!(text.contains(line), "{text}");
         let text = PackageView::from(&info).to_table();
