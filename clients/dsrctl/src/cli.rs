@@ -953,9 +953,9 @@ pub struct PkiInitArgs {
     pub dns_names: Vec<String>,
 
     /// Also copy into DIR only what party STEM (registry, processor, operator, ...) needs:
-    /// the CA certificate (never the CA key), its certificate and key, a processor's or a
-    /// registry's signing key (and its public key), a registry's processors' public signing
-    /// keys (repeatable). For containers that should each mount their own credentials only.
+    /// the CA certificate (never the CA key), its certificate and key, a processor's, a
+    /// registry's or the recipient's signing key (and its public key), a registry's
+    /// processors' public signing keys (repeatable). For containers that should each mount their own credentials only.
     #[arg(long = "install", value_name = "STEM=DIR", value_parser = parse_assignment)]
     pub install: Vec<(String, String)>,
 }

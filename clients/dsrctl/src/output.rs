@@ -229,6 +229,12 @@ pub(crate) struct ReceiptView {
     pub(crate) files: u32,
     pub(crate) manifest_sha256: String,
     pub(crate) received_at: Option<Time>,
+    /// The id of the key the recipient signed the receipt with; empty when unsigned. The
+    /// registry takes a receipt of a recipient it has a `public_key` for only as signed.
+    pub(crate) key_id: String,
+    /// The recipient's signature (base64) over the receipt's signed body
+    /// (`dsrelay_runtime::transfer_receipt`); empty when unsigned.
+    pub(crate) signature: String,
 }
 
 impl From<&TaskStatus> for TaskView {
@@ -259,6 +265,11 @@ impl From<&TaskStatus> for TaskView {
                     files: r.files,
                     manifest_sha256: r.manifest_sha256.clone(),
                     received_at: Time::from_proto(r.received_at.as_ref()),
+                    key_id: r.key_id.clone(),
+                    signature: base64::Engine::encode(
+                        &base64::engine::general_purpose::STANDARD,
+                        &r.signature,
+                    ),
                 }),
         }
     }
@@ -523,6 +534,7 @@ impl RequestView {
                 "FILES",
                 "MANIFEST SHA-256",
                 "RECEIVED",
+                "SIGNED",
             ]);
             for task in receipts {
                 if let Some(r) = &task.transfer_receipt {
@@ -533,6 +545,7 @@ impl RequestView {
                         r.files.to_string(),
                         r.manifest_sha256.clone(),
                         time_cell(r.received_at),
+                        if r.signature.is_empty() { "no" } else { "yes" }.into(),
                     ]);
                 }
             }
@@ -919,6 +932,8 @@ mod tests {
             files: 2,
             received_at: ts(1_700_000_100),
             recipient: "new-bookkeeper".into(),
+            signature: vec![1, 2, 3],
+            key_id: format!("sha256:{}", "cd".repeat(32)),
         };
         r.tasks = vec![
             TaskStatus {
@@ -950,7 +965,7 @@ mod tests {
         assert!(text.contains("Transfer receipts\n"), "{text}");
         assert!(
             text.contains(&format!(
-                "netvisor      new-bookkeeper  1234   2      {}  2023-11-14T22:15:00Z",
+                "netvisor      new-bookkeeper  1234   2      {}  2023-11-14T22:15:00Z  yes",
                 "ab".repeat(32)
             )),
             "{text}"
@@ -965,6 +980,11 @@ mod tests {
             "new-bookkeeper"
         );
         assert_eq!(v["tasks"][0]["transfer_receipt"]["bytes"], 1234);
+        assert_eq!(v["tasks"][0]["transfer_receipt"]["signature"], "AQID");
+        assert_eq!(
+            v["tasks"][0]["transfer_receipt"]["key_id"],
+            format!("sha256:{}", "cd".repeat(32))
+        );
         assert!(v["tasks"][1]["transfer_receipt"].is_null());
     }
 

@@ -50,10 +50,14 @@ fn pki_init_creates_the_files_and_lists_identities() {
     assert_eq!(doc["created"], false);
     assert_eq!(doc["parties"].as_array().unwrap().len(), DEV_PARTIES.len());
     // The processor's deletion-certificate key, and its public half for the registry; each
-    // registry's audit checkpoint key, and its public half for verifiers.
+    // registry's audit checkpoint key, and its public half for verifiers; the example
+    // recipient's receipt key, and its public half for the registry.
     let keys = doc["signing_keys"].as_array().unwrap();
     let parties: Vec<&str> = keys.iter().map(|k| k["party"].as_str().unwrap()).collect();
-    assert_eq!(parties, ["registry", "registry-retailer", "processor"]);
+    assert_eq!(
+        parties,
+        ["registry", "registry-retailer", "processor", "recipient"]
+    );
     for k in keys {
         for file in ["key", "public_key"] {
             let path = k[file].as_str().unwrap();

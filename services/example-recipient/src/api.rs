@@ -19,6 +19,7 @@ use dsrelay_runtime::grpc::{self, Authorizer, ServiceName};
 use dsrelay_runtime::identity::{request_id_violation, FieldViolation};
 use dsrelay_runtime::resumable_hash::ResumableSha256;
 use dsrelay_runtime::server::next_message_within;
+use dsrelay_runtime::signing::SigningKey;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::folder::{FileState, Folder, FolderError, Receipt};
@@ -59,6 +60,8 @@ pub(crate) struct Api {
     folder: Folder,
     /// The recipient's name, put in every receipt.
     name: String,
+    /// The key every receipt answered is signed with; `None`: receipts go unsigned.
+    signing_key: Option<Arc<SigningKey>>,
     /// The senders allowed, by certificate identity.
     allowed: Arc<Authorizer<()>>,
     /// The calls writing to the folder right now ([`InProgress`]).
@@ -117,10 +120,12 @@ impl Drop for Claim {
 }
 
 impl Api {
-    /// Handlers writing to `folder`, for the senders in `allowed`.
+    /// Handlers writing to `folder`, for the senders in `allowed`, signing receipts with
+    /// `signing_key` when given.
     pub(crate) fn new(
         folder: Folder,
         name: String,
+        signing_key: Option<Arc<SigningKey>>,
         allowed: &[String],
         chunk_delay_ms: u64,
         idle: Duration,
@@ -132,6 +137,7 @@ impl Api {
         Self {
             folder,
             name,
+            signing_key,
             allowed: Arc::new(allowed),
             in_progress: Arc::default(),
             chunk_delay: Duration::from_millis(chunk_delay_ms),
@@ -291,8 +297,11 @@ fn state(s: FileState) -> UploadState {
     }
 }
 
-fn receipt(r: Receipt) -> TransferReceipt {
-    TransferReceipt {
+/// The receipt `r` as answered, signed with `key` when there is one. The signature is made
+/// anew for every answer rather than stored: Ed25519 signs the same fields alike, and a
+/// repeated close after a key rotation answers under the key the recipient holds now.
+fn receipt(r: Receipt, key: Option<&SigningKey>) -> Result<TransferReceipt, ApiError> {
+    let unsigned = TransferReceipt {
         request_id: r.request_id,
         subprocessor: r.subprocessor,
         manifest_sha256: r.manifest_sha256,
@@ -300,6 +309,13 @@ fn receipt(r: Receipt) -> TransferReceipt {
         files: r.files,
         received_at: Some(timestamp_from_millis(r.received_at_ms)),
         recipient: r.recipient,
+        signature: Vec::new(),
+        key_id: String::new(),
+    };
+    match key {
+        Some(key) => dsrelay_runtime::transfer_receipt::sign(unsigned, key)
+            .map_err(|e| ApiError::unexpected(e.context("signing the receipt"))),
+        None => Ok(unsigned),
     }
 }
 
@@ -422,7 +438,7 @@ impl TransferReceiver for Api {
             manifest_sha256 = %r.manifest_sha256,
             "transfer received"
         );
-        Ok(Response::new(receipt(r)))
+        Ok(Response::new(receipt(r, self.signing_key.as_deref())?))
     }
 }
 
@@ -575,7 +591,7 @@ mod tests {
     fn a_file_takes_one_call_at_a_time() {
         let root = tempfile::tempdir().expect("tempdir");
         let folder = Folder::new(root.path().to_path_buf());
-        let api = Api::new(folder, "r".into(), &[], 0, Duration::from_secs(1));
+        let api = Api::new(folder, "r".into(), None, &[], 0, Duration::from_secs(1));
         let h = header();
         let other = ExportFileHeader {
             name: "other.json".into(),
@@ -604,7 +620,7 @@ mod tests {
     fn a_part_is_closed_only_while_no_call_is_on_it() {
         let root = tempfile::tempdir().expect("tempdir");
         let folder = Folder::new(root.path().to_path_buf());
-        let api = Api::new(folder, "r".into(), &[], 0, Duration::from_secs(1));
+        let api = Api::new(folder, "r".into(), None, &[], 0, Duration::from_secs(1));
         let h = header();
         let other = ExportFileHeader {
             name: "a.json".into(),

@@ -34,6 +34,14 @@ pub struct Config {
     /// interrupt a transfer midway).
     #[serde(default)]
     pub chunk_delay_ms: u64,
+    /// The Ed25519 private key (PKCS#8 PEM file) that signs every receipt the recipient
+    /// answers. Its public key (the `.pub.pem` file the development PKI writes beside it) goes
+    /// to each registry, as `public_key` of this recipient's `[[recipients]]` entry, which then
+    /// takes only receipts it signed. Without it receipts are unsigned and a warning is logged
+    /// at start; a key that cannot be read stops the start. A relative path is taken from the
+    /// configuration file's folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key: Option<PathBuf>,
 }
 
 /// Where the recipient listens unless configured otherwise.
@@ -53,18 +61,35 @@ impl AsRef<ServiceSettings> for Config {
 }
 
 impl ServiceConfig for Config {
-    const KEYS: &'static [&'static str] =
-        &["name", "data_dir", "allowed_identities", "chunk_delay_ms"];
+    const KEYS: &'static [&'static str] = &[
+        "name",
+        "data_dir",
+        "allowed_identities",
+        "chunk_delay_ms",
+        "signing_key",
+    ];
 
     fn relative_to(&mut self, dir: &Path) {
         self.service.relative_to(dir);
         if self.data_dir.is_relative() {
             self.data_dir = dir.join(&self.data_dir);
         }
+        if let Some(key) = &mut self.signing_key {
+            *key = dir.join(&*key);
+        }
     }
 
     fn check(&self) -> Result<(), ConfigErrors> {
-        self.validate()
+        let mut errors = self.validate().err().map_or_else(Vec::new, |e| e.0);
+        // Read here, not only at start-up, so a bad key is reported with the TLS files.
+        if let Some(key) = &self.signing_key {
+            dsrelay_runtime::config::check_signing_key(&mut errors, "signing_key", key);
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
     }
 }
 
@@ -141,6 +166,7 @@ mod tests {
             data_dir: PathBuf::new(),
             allowed_identities: vec![],
             chunk_delay_ms: MAX_CHUNK_DELAY_MS + 1,
+            signing_key: None,
         };
         let errors = c.validate().unwrap_err().0;
         assert!(errors.iter().any(|e| e.starts_with("name:")), "{errors:?}");
@@ -210,9 +236,35 @@ mod tests {
     #[test]
     fn the_listed_top_level_keys_are_this_service_s() {
         let (_dir, file) = folder("");
-        let c = Config::load_from(Some(&file), []).unwrap();
+        let mut c = Config::load_from(Some(&file), []).unwrap();
+        // Optional keys are written only when set.
+        c.signing_key = Some("recipient-signing.key".into());
         let mut listed: Vec<String> = Config::KEYS.iter().map(|k| k.to_string()).collect();
         listed.sort();
         assert_eq!(dsrelay_runtime::settings::own_keys(&c), listed);
+    }
+
+    /// The signing key is found beside the configuration file; one that cannot be read is
+    /// reported with the TLS files, naming the key and its path.
+    #[test]
+    fn the_signing_key_is_read_beside_the_config_file() {
+        let (dir, file) = folder("signing_key = \"pki/recipient-signing.key\"");
+        let key = dir.path().join("pki/recipient-signing.key");
+        dsrelay_runtime::signing::SigningKey::generate()
+            .write(&key)
+            .unwrap();
+        let c = Config::load_from(Some(&file), []).unwrap();
+        assert_eq!(c.signing_key, Some(key.clone()));
+
+        std::fs::write(&key, "not a key").unwrap();
+        std::fs::remove_file(dir.path().join("pki/recipient.pem")).unwrap();
+        let err = Config::load_from(Some(&file), []).unwrap_err();
+        assert_eq!(err.0.len(), 2, "{err}");
+        assert!(
+            err.0.iter().any(|e| e.starts_with("signing_key: ")),
+            "{err}"
+        );
+        assert!(err.0.iter().any(|e| e.starts_with("tls.cert: ")), "{err}");
+        assert!(err.to_string().contains("recipient-signing.key"), "{err}");
     }
 }

@@ -27,8 +27,8 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 /// Why the folder refused something.
 #[derive(Debug, thiserror::Error)]
 pub enum FolderError {
-    /// The call contradicts what is stored (a complete file announced differently, a closed
-    /// part closed with other files).
+    /// The call contradicts what is stored (a file of a closed part that its manifest does
+    /// not list as announced, a closed part closed with other files).
     #[error("{0}")]
     Conflict(String),
     /// The bytes stored do not hash to the announced SHA-256; they were dropped.
@@ -161,11 +161,11 @@ impl Folder {
     }
 
     /// Registers the file `h` announces and answers where it stands: a file announced with
-    /// another header restarts (or, once complete, is a conflict); a partial file holding
-    /// every byte is checked now, and one whose check would read more than
-    /// [`Folder::max_unchecked`] bytes is dropped and answered as not started. In a closed
-    /// part nothing changes: a file its manifest lists as announced is complete, any other is
-    /// a conflict.
+    /// another header restarts at offset 0, a complete one too (its bytes dropped) while its
+    /// part has no receipt; a partial file holding every byte is checked now, and one whose
+    /// check would read more than [`Folder::max_unchecked`] bytes is dropped and answered as
+    /// not started. In a closed part nothing changes: a file its manifest lists as announced
+    /// is complete, any other is a conflict.
     pub async fn begin(
         &self,
         sender: &str,
@@ -204,10 +204,12 @@ impl Folder {
                     complete: true,
                 });
             }
-            return Err(FolderError::Conflict(format!(
-                "file {} is already stored with another size, digest, media type or categories",
-                h.name
-            )));
+            // No receipt covers it yet, and a sender announcing other bytes (a task retried
+            // at the processor exports again) would otherwise never get them stored. Gone
+            // durably before the new header is written: a crash between the two must not
+            // leave the old bytes under the new header, taken as complete.
+            remove(&done).await?;
+            sync_dir(&dir).await?;
         }
         if stored.as_ref() != Some(&announced) {
             remove(&partial).await?;

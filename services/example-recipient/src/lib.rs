@@ -13,7 +13,11 @@
 //!   SHA-256 matched. Every chunk is checked (offset, CRC-32) before a byte of it is written.
 //! - Closing a part writes `.manifest.json` (the canonical manifest, see
 //!   [`dsrelay_runtime::transfer_manifest`]) and `.receipt.json` (which also names the
-//!   sender) next to the files, and answers the receipt.
+//!   sender) next to the files, and answers the receipt, signed with `signing_key` when one
+//!   is configured ([`dsrelay_runtime::transfer_receipt`]; unsigned, with a warning at
+//!   start, otherwise).
+//! - A file announced with another header than before restarts at offset 0, a complete one
+//!   too, until its part is closed (a processor retrying a task exports anew).
 //! - Nothing is answered before what it confirms is on disk (the sender resumes from the
 //!   offsets it is told and deletes its copy on the receipt): see [`folder`].
 //! - With `chunk_delay_ms > 0` it pauses after every stored chunk, so tests can interrupt a

@@ -46,6 +46,20 @@ impl Running {
 
     /// [`Running::start`] taking transfers from the identities `allowed`.
     async fn start_allowing(dir: &Path, chunk_delay_ms: u64, allowed: Vec<String>) -> Self {
+        Self::start_with(dir, chunk_delay_ms, allowed, false).await
+    }
+
+    /// [`Running::start`] signing its receipts with the dev PKI's recipient key.
+    async fn start_signing(dir: &Path) -> Self {
+        Self::start_with(dir, 0, vec![processor()], true).await
+    }
+
+    async fn start_with(
+        dir: &Path,
+        chunk_delay_ms: u64,
+        allowed: Vec<String>,
+        signing: bool,
+    ) -> Self {
         let pki = DevPki::ensure(&dir.join("pki")).unwrap();
         let data_dir = dir.join("data");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -56,6 +70,7 @@ impl Running {
             data_dir: data_dir.clone(),
             allowed_identities: allowed,
             chunk_delay_ms,
+            signing_key: signing.then(|| pki.signing_key("recipient")),
         };
         config.validate().unwrap();
         let app = App::build(config).unwrap();
@@ -197,6 +212,7 @@ async fn a_file_arrives_verified_and_the_part_answers_a_receipt() {
     assert_eq!(receipt.recipient, "new-bookkeeper");
     assert_eq!(receipt.bytes, data.len() as u64);
     assert_eq!(receipt.files, 1);
+    assert!(receipt.signature.is_empty() && receipt.key_id.is_empty());
     assert_eq!(
         receipt.manifest_sha256,
         manifest::sha256(REQUEST, "accounting", std::slice::from_ref(&h))
@@ -214,6 +230,63 @@ async fn a_file_arrives_verified_and_the_part_answers_a_receipt() {
     assert_eq!(again.into_inner(), receipt);
     let other = c.complete_transfer(part(&[])).await.unwrap_err();
     assert_eq!(other.code(), Code::FailedPrecondition);
+}
+
+/// With a signing key every receipt answered is signed, the first close and a repeated one
+/// alike, and verifies under the recipient's public key from the dev PKI; without one the
+/// receipt is unsigned (above).
+#[tokio::test]
+async fn receipts_are_signed_with_the_configured_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Running::start_signing(dir.path()).await;
+    let mut c = r.client();
+    let data = content(1000);
+    let h = header("export.json", &data);
+    assert!(
+        send(&mut c, chunks(&h, &data, 0, data.len()))
+            .await
+            .unwrap()
+            .complete
+    );
+    let public = std::fs::read_to_string(r.pki.signing_public_key("recipient")).unwrap();
+    let public = dsrelay_runtime::signing::PublicKey::parse(&public).unwrap();
+    let ring = dsrelay_runtime::signing::KeyRing::new(public.clone(), vec![]).unwrap();
+    let first = c
+        .complete_transfer(part(std::slice::from_ref(&h)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.key_id, public.key_id());
+    assert_eq!(
+        dsrelay_runtime::transfer_receipt::verify(&first, &ring),
+        Ok(())
+    );
+    let again = c
+        .complete_transfer(part(std::slice::from_ref(&h)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, first);
+}
+
+/// A signing key that cannot be read stops the start, naming the setting and the file.
+#[test]
+fn an_unreadable_signing_key_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = DevPki::ensure(&dir.path().join("pki")).unwrap();
+    let key = dir.path().join("missing-signing.key");
+    let config = Config {
+        service: ServiceSettings::new("127.0.0.1:0", "", pki.files("recipient")),
+        name: "new-bookkeeper".into(),
+        data_dir: dir.path().join("data"),
+        allowed_identities: vec![processor()],
+        chunk_delay_ms: 0,
+        signing_key: Some(key.clone()),
+    };
+    let err = App::build(config).err().expect("no key to read");
+    let err = format!("{err:#}");
+    assert!(err.starts_with("signing_key: "), "{err}");
+    assert!(err.contains(&key.display().to_string()), "{err}");
 }
 
 #[tokio::test]
@@ -727,6 +800,68 @@ async fn a_closed_part_takes_no_changes() {
     let folder = r.part_dir(&processor());
     assert_eq!(entries(&folder), closed_with(&["export.json"]));
     assert_eq!(std::fs::read(folder.join("export.json")).unwrap(), data);
+}
+
+/// A file stored complete in a part with no receipt yet, announced again with other bytes
+/// (a task retried at the processor exports anew), restarts at offset 0 and takes the new
+/// bytes, which the receipt then covers; once the part is closed, the old header is refused.
+/// Before, the new header was refused as long as the old file was stored.
+#[tokio::test]
+async fn a_complete_file_of_an_open_part_restarts_under_another_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Running::start(dir.path(), 0).await;
+    let mut c = r.client();
+    let old_data = content(MIB + 5);
+    let old = header("customers.json", &old_data);
+    assert!(
+        send(&mut c, chunks(&old, &old_data, 0, old_data.len()))
+            .await
+            .unwrap()
+            .complete
+    );
+    let new_data: Vec<u8> = content(MIB + 5).iter().map(|b| b ^ 0x55).collect();
+    let new = header("customers.json", &new_data);
+    assert_ne!(new.sha256, old.sha256);
+    assert_eq!(state(&mut c, &new).await, UploadState::default());
+    let folder = r.part_dir(&processor());
+    assert!(
+        !folder.join("customers.json").exists(),
+        "the old bytes went"
+    );
+    let done = send(&mut c, chunks(&new, &new_data, 0, new_data.len()))
+        .await
+        .unwrap();
+    assert!(done.complete);
+    assert_eq!(
+        std::fs::read(folder.join("customers.json")).unwrap(),
+        new_data
+    );
+
+    let receipt = c
+        .complete_transfer(part(std::slice::from_ref(&new)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        receipt.manifest_sha256,
+        manifest::sha256(REQUEST, "accounting", std::slice::from_ref(&new))
+    );
+    assert_eq!(receipt.bytes, new_data.len() as u64);
+    let refused = c
+        .get_transfer_state(GetUploadStateRequest {
+            header: Some(old.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains(&receipt.manifest_sha256),
+        "{refused:?}"
+    );
+    assert_eq!(
+        std::fs::read(folder.join("customers.json")).unwrap(),
+        new_data
+    );
 }
 
 /// An earlier attempt's files the final list does not name (a whole file, a partial one, one

@@ -2170,6 +2170,7 @@ mod tests {
             files: 2,
             received_at: None,
             recipient: "new-bookkeeper".into(),
+            ..Default::default()
         };
         let t = moved(decide(
             &task(InProgress),

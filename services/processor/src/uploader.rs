@@ -1028,6 +1028,7 @@ mod tests {
             files: 2,
             received_at: None,
             recipient: "new-bookkeeper".into(),
+            ..Default::default()
         }
     }
 

@@ -164,7 +164,22 @@ impl App {
         }
         let (events, _) = broadcast::channel(1024);
         warn_of_unconfigured_processors(&db, &config).await;
-        let store = Store::new(db, &identity_hash_key);
+        let mut receipt_keys = HashMap::new();
+        for r in &config.recipients {
+            if let Some(keys) = r
+                .key_ring()
+                .with_context(|| format!("recipient {}", r.name))?
+            {
+                receipt_keys.insert(r.name.clone(), keys);
+            } else {
+                tracing::warn!(
+                    recipient = %r.name,
+                    "recipient has no public_key: its transfer receipts are taken unsigned, on \
+                     the processors' word"
+                );
+            }
+        }
+        let store = Store::new(db, &identity_hash_key).with_receipt_keys(receipt_keys);
         let (intake, intake_writer) = intake::channel(store.clone());
         let packages = Packages::new(
             Arc::new(FolderStore::new(&config.package_dir)),

@@ -160,26 +160,7 @@ impl ProcessorConfig {
     /// The keys its certificates are checked with, read from the settings (a file where one
     /// is named); `None` without a `public_key`.
     pub fn key_ring(&self) -> anyhow::Result<Option<KeyRing>> {
-        use anyhow::Context;
-        let Some(current) = &self.public_key else {
-            anyhow::ensure!(
-                self.previous_public_keys.is_empty(),
-                "previous_public_keys needs a public_key (the key the processor signs with now)"
-            );
-            return Ok(None);
-        };
-        let current = PublicKey::from_config(current).context("public_key")?;
-        let previous = self
-            .previous_public_keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| {
-                PublicKey::from_config(k).with_context(|| format!("previous_public_keys[{i}]"))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        KeyRing::new(current, previous)
-            .context("previous_public_keys")
-            .map(Some)
+        key_ring(self.public_key.as_deref(), &self.previous_public_keys)
     }
 }
 
@@ -201,6 +182,47 @@ pub struct RecipientConfig {
     /// Who the recipient is, for operators reading the configuration.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
+    /// The Ed25519 public key the recipient signs its transfer receipts with, given as a
+    /// processor's `public_key` is. With it, a receipt the key does not verify is refused
+    /// (an acknowledgement's) or left out (a processor's answer's), so that a task completes
+    /// only on the recipient's own word; without it, receipts are taken unsigned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
+    /// The keys the recipient signed with before its `public_key` (after a rotation), as a
+    /// processor's `previous_public_keys`. Needs `public_key`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_public_keys: Vec<String>,
+}
+
+impl RecipientConfig {
+    /// The keys its receipts are checked with; `None` without a `public_key`.
+    pub fn key_ring(&self) -> anyhow::Result<Option<KeyRing>> {
+        key_ring(self.public_key.as_deref(), &self.previous_public_keys)
+    }
+}
+
+/// The ring of `public_key` and `previous`, each read as a key or from the file it names;
+/// `None` without a `public_key` (and then no `previous` either).
+fn key_ring(public_key: Option<&str>, previous: &[String]) -> anyhow::Result<Option<KeyRing>> {
+    use anyhow::Context;
+    let Some(current) = public_key else {
+        anyhow::ensure!(
+            previous.is_empty(),
+            "previous_public_keys needs a public_key (the key it signs with now)"
+        );
+        return Ok(None);
+    };
+    let current = PublicKey::from_config(current).context("public_key")?;
+    let previous = previous
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            PublicKey::from_config(k).with_context(|| format!("previous_public_keys[{i}]"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    KeyRing::new(current, previous)
+        .context("previous_public_keys")
+        .map(Some)
 }
 
 /// At most this many bytes in a recipient's name: the longest `transfer_recipient` Submit
@@ -450,6 +472,13 @@ impl ServiceConfig for Config {
                 }
             }
         }
+        for r in &mut self.recipients {
+            for key in r.public_key.iter_mut().chain(&mut r.previous_public_keys) {
+                if PublicKey::parse(key).is_err() && Path::new(key.as_str()).is_relative() {
+                    *key = dir.join(key.as_str()).to_string_lossy().into_owned();
+                }
+            }
+        }
     }
 
     fn check(&self) -> Result<(), ConfigErrors> {
@@ -459,6 +488,11 @@ impl ServiceConfig for Config {
         for (i, p) in self.processors.iter().enumerate() {
             if let Err(e) = p.key_ring() {
                 errors.push(format!("processors[{i}].{e:#}"));
+            }
+        }
+        for (i, r) in self.recipients.iter().enumerate() {
+            if let Err(e) = r.key_ring() {
+                errors.push(format!("recipients[{i}].{e:#}"));
             }
         }
         if errors.is_empty() {
@@ -1195,6 +1229,8 @@ mod tests {
                 endpoint: "https://dsr.bookkeeper.example:8443".into(),
                 identity: "spiffe://bookkeeper.example/recipient".into(),
                 description: "the accounting firm a customer moves to".into(),
+                public_key: None,
+                previous_public_keys: Vec::new(),
             }]
         );
         assert_eq!(c.known_recipients(), ["new-bookkeeper"].into());
@@ -1357,7 +1393,14 @@ mod tests {
         ("identities", &["identity", "role", "name"]),
         (
             "recipients",
-            &["name", "endpoint", "identity", "description"],
+            &[
+                "name",
+                "endpoint",
+                "identity",
+                "description",
+                "public_key",
+                "previous_public_keys",
+            ],
         ),
     ];
 

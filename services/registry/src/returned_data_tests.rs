@@ -243,6 +243,7 @@ fn receipt(id: &str, subprocessor: &str, recipient: &str) -> TransferReceipt {
         files: 1,
         received_at: None,
         recipient: recipient.into(),
+        ..Default::default()
     }
 }
 

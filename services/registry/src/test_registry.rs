@@ -44,6 +44,8 @@ pub(crate) struct Setup {
     pub(crate) packages: Option<Arc<dyn Fn(Packages) -> Packages + Send + Sync>>,
     /// Serve the admin port too ([`Registry::scrape`]).
     pub(crate) admin: bool,
+    /// TOML keys added to the recipient's `[[recipients]]` table (its `public_key`, say).
+    pub(crate) recipient_keys: String,
 }
 
 impl Default for Setup {
@@ -55,6 +57,7 @@ impl Default for Setup {
             processor: None,
             packages: None,
             admin: false,
+            recipient_keys: String::new(),
         }
     }
 }
@@ -91,6 +94,7 @@ impl Registry {
             processor,
             packages,
             admin,
+            recipient_keys,
         } = setup;
         let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
         let (endpoint, stop_processor) = match processor {
@@ -112,7 +116,7 @@ impl Registry {
              [[processors]]\nname = \"{PROCESSOR}\"\nendpoint = \"{endpoint}\"\n\
              identity = {:?}\ncategories = [\"contact\"]\n{processor_keys}\
              [[recipients]]\nname = \"{RECIPIENT}\"\nendpoint = \"https://localhost:1\"\n\
-             identity = {:?}\n",
+             identity = {:?}\n{recipient_keys}",
             tls.ca,
             tls.cert,
             tls.key,

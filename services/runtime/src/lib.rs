@@ -75,6 +75,7 @@ pub mod testing;
 pub mod tls;
 pub mod trace_context;
 pub mod transfer_manifest;
+pub mod transfer_receipt;
 pub mod trust;
 pub mod worker;
 

@@ -8,10 +8,11 @@
 //! The CA also signs the set's certificate revocation list (`crl.pem`, [`DevPki::revoke`]),
 //! which services name in `tls.crls` to shut out a party whose key was lost.
 //!
-//! Every processor and registry party also gets an Ed25519 key (`<stem>-signing.key`, mode
-//! 0600, and `<stem>-signing.pub.pem` beside it; see [`crate::signing`]): a processor signs
-//! its deletion certificates and audit checkpoints with it, a registry its audit checkpoints
-//! ([`crate::audit::checkpoint`]).
+//! Every processor, registry and recipient party also gets an Ed25519 key
+//! (`<stem>-signing.key`, mode 0600, and `<stem>-signing.pub.pem` beside it; see
+//! [`crate::signing`]): a processor signs its deletion certificates and audit checkpoints
+//! with it, a registry its audit checkpoints ([`crate::audit::checkpoint`]), the example
+//! recipient its transfer receipts ([`crate::transfer_receipt`]).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -314,8 +315,9 @@ impl DevPki {
             dir: dir.to_path_buf(),
         };
         if pki.dir.join("ca.pem").exists() {
-            // A set written before processors signed certificates gets their keys now, and
-            // one written before a party was added gets that party's certificate.
+            // A set written before processors signed certificates (or recipients receipts)
+            // gets their keys now, and one written before a party was added gets that
+            // party's certificate.
             pki.ensure_missing_parties(dns_names)?;
             pki.ensure_signing_keys()?;
             return Ok(pki);
@@ -365,7 +367,8 @@ impl DevPki {
         Ok(())
     }
 
-    /// Generates the signing key of every processor and registry party that has none.
+    /// Generates the signing key of every processor, registry and recipient party that has
+    /// none.
     fn ensure_signing_keys(&self) -> Result<()> {
         for (stem, role, _) in DEV_PARTIES {
             if signs(role) && !self.signing_key(stem).exists() {
@@ -375,8 +378,8 @@ impl DevPki {
         Ok(())
     }
 
-    /// Path of a processor's certificate signing key or a registry's checkpoint signing key
-    /// (PKCS#8 PEM).
+    /// Path of a processor's certificate signing key, a registry's checkpoint signing key or
+    /// a recipient's receipt signing key (PKCS#8 PEM).
     pub fn signing_key(&self, stem: &str) -> PathBuf {
         self.dir.join(format!("{stem}-signing.key"))
     }
@@ -457,11 +460,11 @@ impl DevPki {
     }
 
     /// Copies into `dir` only what the party `stem` needs to run, under the same names: the
-    /// CA certificate (never the CA key), its certificate and key, a processor's or
-    /// registry's signing key and its public key, and for a registry every processor's public
-    /// signing key. A
-    /// service container mounts that folder and nothing else, so a compromised service holds
-    /// no other party's key and cannot issue certificates. Returns the installed set.
+    /// CA certificate (never the CA key), its certificate and key, a processor's,
+    /// registry's or recipient's signing key and its public key, and for a registry every
+    /// processor's public signing key. A service container mounts that folder and nothing
+    /// else, so a compromised service holds no other party's key and cannot issue
+    /// certificates. Returns the installed set.
     pub fn install(&self, stem: &str, dir: &Path) -> Result<Self> {
         let Some((_, role, _)) = DEV_PARTIES.iter().find(|(s, _, _)| *s == stem) else {
             let known: Vec<&str> = DEV_PARTIES.iter().map(|(s, _, _)| *s).collect();
@@ -506,9 +509,9 @@ impl DevPki {
 }
 
 /// Whether parties of `role` sign documents: processors their deletion certificates and
-/// audit checkpoints, registries their audit checkpoints.
+/// audit checkpoints, registries their audit checkpoints, recipients their transfer receipts.
 fn signs(role: &str) -> bool {
-    matches!(role, "processor" | "registry")
+    matches!(role, "processor" | "registry" | "recipient")
 }
 
 pub(crate) fn write_secret(path: &Path, contents: &str) -> Result<()> {
@@ -660,7 +663,7 @@ mod tests {
     }
 
     #[test]
-    fn each_processor_and_registry_gets_a_signing_key_also_in_an_older_set() {
+    fn each_processor_registry_and_recipient_gets_a_signing_key_also_in_an_older_set() {
         let dir = tempfile::tempdir().unwrap();
         let pki = DevPki::ensure(dir.path()).unwrap();
         let key = crate::signing::SigningKey::load(&pki.signing_key("processor")).unwrap();
@@ -671,12 +674,23 @@ mod tests {
         );
         assert!(pki.signing_key("registry").exists());
         assert!(pki.signing_key("registry-retailer").exists());
+        let recipient = crate::signing::SigningKey::load(&pki.signing_key("recipient")).unwrap();
+        let public = std::fs::read_to_string(pki.signing_public_key("recipient")).unwrap();
+        assert_eq!(
+            crate::signing::PublicKey::parse(&public).unwrap(),
+            recipient.public_key()
+        );
         assert!(!pki.signing_key("partner-crm").exists());
-        std::fs::remove_file(pki.signing_key("processor")).unwrap();
-        std::fs::remove_file(pki.signing_key("registry")).unwrap();
+        // A set written before processors signed, or before the recipient did.
+        for stem in ["processor", "registry", "recipient"] {
+            std::fs::remove_file(pki.signing_key(stem)).unwrap();
+            std::fs::remove_file(pki.signing_public_key(stem)).unwrap();
+        }
         DevPki::ensure(dir.path()).unwrap();
-        assert!(pki.signing_key("processor").exists());
-        assert!(pki.signing_key("registry").exists());
+        for stem in ["processor", "registry", "recipient"] {
+            assert!(pki.signing_key(stem).exists(), "{stem}");
+            assert!(pki.signing_public_key(stem).exists(), "{stem}");
+        }
     }
 
     #[test]

@@ -476,12 +476,22 @@ mod configs {
                         .clone()
                         .unwrap_or_else(recipient_identity),
                     description: "the accounting firm a customer moves to".into(),
+                    // The key the spawned recipient signs its receipts with.
+                    public_key: Some(
+                        plan.pki
+                            .signing_public_key("recipient")
+                            .display()
+                            .to_string(),
+                    ),
+                    previous_public_keys: Vec::new(),
                 },
                 None => RecipientConfig {
                     name: RECIPIENT.into(),
                     endpoint: "https://recipient.invalid:8443".into(),
                     identity: dev_identity("recipient", RECIPIENT),
                     description: "the accounting firm a customer moves to".into(),
+                    public_key: None,
+                    previous_public_keys: Vec::new(),
                 },
             }],
             delivery: DeliveryConfig {
@@ -735,6 +745,7 @@ mod configs {
             data_dir: plan.recipient_data.clone(),
             allowed_identities: vec![dev_identity("processor", PROCESSOR)],
             chunk_delay_ms: opts.chunk_delay_ms,
+            signing_key: Some(plan.pki.signing_key("recipient")),
         };
         config.validate().expect("recipient config");
         config

@@ -100,7 +100,8 @@ fn headers(id: &str, subprocessor: &str, files: &[ExportedFile]) -> Vec<ExportFi
 }
 
 /// Checks that the recipient holds every file the processor exported for `subprocessor`,
-/// byte for byte, and that the task's receipt is the one for exactly those files.
+/// byte for byte, and that the task's receipt is the one for exactly those files, signed by
+/// the recipient with the key the registry's `[[recipients]]` entry names.
 async fn check_received(pair: &TestPair, view: &Request, subprocessor: &str) -> TransferReceipt {
     let id = &view.request_id;
     let files = recorded_files(pair.processor.database_url(), id, subprocessor).await;
@@ -140,6 +141,14 @@ async fn check_received(pair: &TestPair, view: &Request, subprocessor: &str) -> 
         )
     );
     assert!(receipt.received_at.is_some());
+    let public = std::fs::read_to_string(pair.pki().signing_public_key("recipient")).unwrap();
+    let public = dsrelay_runtime::signing::PublicKey::parse(&public).unwrap();
+    let keys = dsrelay_runtime::signing::KeyRing::new(public, vec![]).unwrap();
+    assert_eq!(
+        dsrelay_runtime::transfer_receipt::verify(&receipt, &keys),
+        Ok(()),
+        "{receipt:?}"
+    );
     // The recipient's own record of the part says the same.
     let written: serde_json::Value =
         serde_json::from_slice(&std::fs::read(folder.join(".receipt.json")).unwrap()).unwrap();

@@ -76,6 +76,16 @@ fn registry_config(dir: &Path, port: u16, processor_port: u16) -> dsrelay_regist
                           up wrote beside this file; while nothing listens, transfers wait and \
                           are retried until their due date"
                 .into(),
+            // Checks the receipts the recipient signs with the key its recipient.toml names.
+            public_key: Some(
+                DevPki {
+                    dir: dir.join("pki"),
+                }
+                .signing_public_key("recipient")
+                .display()
+                .to_string(),
+            ),
+            previous_public_keys: Vec::new(),
         }],
         delivery: Default::default(),
         reconcile: Default::default(),
@@ -293,17 +303,35 @@ fn recipient_listen_override(file: &str, endpoint: &str) -> Option<String> {
 }
 
 /// The example recipient's file for a processor on `processor_port`: example.toml with its
-/// listen port moved to [`recipient_port`].
+/// listen port moved to [`recipient_port`] and the development PKI's signing key for its
+/// receipts ([`RECIPIENT_SIGNING`]).
 fn recipient_file(processor_port: u16) -> String {
-    RECIPIENT_FILE.replacen(
-        &format!(
-            "listen = \"127.0.0.1:{}\"",
-            recipient_port(DEFAULT_PROCESSOR_PORT)
-        ),
-        &format!("listen = \"127.0.0.1:{}\"", recipient_port(processor_port)),
-        1,
-    )
+    RECIPIENT_FILE
+        .replacen(
+            &format!(
+                "listen = \"127.0.0.1:{}\"",
+                recipient_port(DEFAULT_PROCESSOR_PORT)
+            ),
+            &format!("listen = \"127.0.0.1:{}\"", recipient_port(processor_port)),
+            1,
+        )
+        .replacen(
+            RECIPIENT_SIGNING_AFTER,
+            &format!("{RECIPIENT_SIGNING_AFTER}{RECIPIENT_SIGNING}"),
+            1,
+        )
 }
+
+/// The line of example.toml after which [`RECIPIENT_SIGNING`] goes: the last top-level key
+/// before its `[tls]` table.
+const RECIPIENT_SIGNING_AFTER: &str = "chunk_delay_ms = 0\n";
+
+/// The recipient's `signing_key`, set by `dev up` only: the registry's `[[recipients]]` entry
+/// it writes has the public key beside it, and refuses receipts that key does not verify.
+const RECIPIENT_SIGNING: &str = "# The development PKI's key for its receipts; the registry's \
+     [[recipients]] entry in registry.toml\n# has its public key \
+     (pki/recipient-signing.pub.pem) and takes only receipts it signed.\n\
+     signing_key = \"pki/recipient-signing.key\"\n";
 
 fn write_if_missing<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     if path.exists() {
@@ -846,8 +874,42 @@ mod tests {
             );
             assert_eq!(listen_port(&recipient_file(processor)), recipient);
         }
-        // The default is example.toml as it is.
-        assert_eq!(recipient_file(DEFAULT_PROCESSOR_PORT), RECIPIENT_FILE);
+        // The default is example.toml with the signing key only.
+        assert_eq!(
+            recipient_file(DEFAULT_PROCESSOR_PORT),
+            RECIPIENT_FILE.replacen(
+                RECIPIENT_SIGNING_AFTER,
+                &format!("{RECIPIENT_SIGNING_AFTER}{RECIPIENT_SIGNING}"),
+                1
+            )
+        );
+    }
+
+    /// The recipient signs its receipts with the development PKI's key, and the registry
+    /// entry for it checks them with the public key beside it.
+    #[test]
+    fn the_recipient_signs_with_the_key_the_registry_checks() {
+        let file = recipient_file(DEFAULT_PROCESSOR_PORT);
+        assert!(file.contains(RECIPIENT_SIGNING), "{file}");
+        let value: toml::Value = toml::from_str(&file).unwrap();
+        assert_eq!(
+            value["signing_key"].as_str(),
+            Some("pki/recipient-signing.key")
+        );
+        let dir = Path::new("/tmp/dsrelay-dev");
+        let registry = registry_config(dir, 50051, 50061);
+        let pki = DevPki {
+            dir: dir.join("pki"),
+        };
+        assert_eq!(
+            registry.recipients[0].public_key,
+            Some(pki.signing_public_key("recipient").display().to_string())
+        );
+        // recipient.toml lies in `dir`, and its paths are taken from there.
+        assert_eq!(
+            dir.join(value["signing_key"].as_str().unwrap()),
+            pki.signing_key("recipient")
+        );
     }
 
     /// When the folder's recipient.toml listens elsewhere than the registry sends (a later

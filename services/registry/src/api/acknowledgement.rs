@@ -254,7 +254,8 @@ impl Api {
     /// (any kind but TRANSFER, and a contract end whose terms name no transfer recipient):
     /// nothing checks it there, and shown with the task it would read as proof that the data
     /// arrived. A receipt where data is transferred must name the recipient the request
-    /// sends it to ([`recipient_problem`]). `kinds` are the kinds of the requests delivered
+    /// sends it to ([`recipient_problem`]), and carry that recipient's signature when its
+    /// `[[recipients]]` entry has a `public_key` (`Store::receipt_signature_problem`). `kinds` are the kinds of the requests delivered
     /// to `processor`
     /// ([`Self::kinds_concerned`]): an acknowledgement of any other request is refused as not
     /// routed (PERMISSION_DENIED), whatever its kind, so a processor cannot learn that
@@ -356,6 +357,18 @@ impl Api {
                         FieldViolation::new(
                             format!("acknowledgements[{i}].evidence.transfer_receipt.recipient"),
                             rule,
+                        ),
+                    ));
+                } else if let Some(why) = self.shared.store.receipt_signature_problem(r) {
+                    violations.push((
+                        i,
+                        FieldViolation::new(
+                            format!("acknowledgements[{i}].evidence.transfer_receipt.signature"),
+                            format!(
+                                "must be the recipient's: the receipt {why} (the registry's \
+                                 [[recipients]] public_key of {:?})",
+                                r.recipient
+                            ),
                         ),
                     ));
                 }
@@ -795,6 +808,7 @@ mod recipient_tests {
             files: 1,
             received_at: None,
             recipient: recipient.into(),
+            ..Default::default()
         }
     }
 
@@ -886,6 +900,76 @@ mod recipient_tests {
         let answer = registry.acknowledge(vec![awaiting(RECIPIENT)]).await;
         assert_eq!(answer.applied, 1, "{answer:?}");
         registry.stop().await;
+    }
+
+    /// A recipient whose `[[recipients]]` entry has a `public_key`: a TRANSFER task's
+    /// receipt must carry its signature. Unsigned, signed by another key, or changed after
+    /// signing, it is refused, naming the field, and nothing is recorded; as signed, it is
+    /// taken and shown with its signature. Before, the registry took any receipt on the
+    /// processor's word.
+    async fn a_receipt_its_recipient_did_not_sign_is_refused(
+        database_url: &str,
+        dir: &std::path::Path,
+    ) {
+        use dsrelay_runtime::signing::SigningKey;
+        use dsrelay_runtime::transfer_receipt::sign;
+        let key = SigningKey::generate();
+        let setup = crate::test_registry::Setup {
+            recipient_keys: format!("public_key = {:?}\n", key.public_key().to_base64()),
+            ..Default::default()
+        };
+        let registry = crate::test_registry::Registry::start(dir, database_url, setup).await;
+        let id = registry.submit(RequestKind::Transfer, "transfer").await;
+        let completed = |r: TransferReceipt| Acknowledgement {
+            request_id: id.clone(),
+            subprocessor: "crm".into(),
+            sequence: 1,
+            state: TaskState::Completed as i32,
+            evidence: Some(Evidence {
+                records_affected: 1,
+                transfer_receipt: Some(r),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let field = "acknowledgements[0].evidence.transfer_receipt.signature";
+        let unsigned = receipt(&id, "crm", RECIPIENT);
+        let by_another = sign(unsigned.clone(), &SigningKey::generate()).unwrap();
+        let mut changed = sign(unsigned.clone(), &key).unwrap();
+        changed.bytes += 1;
+        for (what, r) in [
+            ("unsigned", unsigned.clone()),
+            ("by another", by_another),
+            ("changed", changed),
+        ] {
+            let answer = registry.acknowledge(vec![completed(r)]).await;
+            assert_eq!(rejected_fields(&answer), [field], "{what}");
+            let rule = &answer.rejected[0].violations[0].rule;
+            assert!(rule.contains("public_key"), "{what}: {rule}");
+        }
+        assert!(registry.get(&id).await.tasks.is_empty());
+        let signed = sign(unsigned, &key).unwrap();
+        let answer = registry.acknowledge(vec![completed(signed.clone())]).await;
+        assert_eq!(answer.applied, 1, "{answer:?}");
+        let shown = registry.get(&id).await;
+        let shown = shown.tasks[0].evidence.as_ref().unwrap();
+        assert_eq!(shown.transfer_receipt.as_ref(), Some(&signed));
+        registry.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_receipt_its_recipient_did_not_sign_is_refused_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        a_receipt_its_recipient_did_not_sign_is_refused(&url, dir.path()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_receipt_its_recipient_did_not_sign_is_refused_on_postgres() {
+        on_postgres(|url, dir| async move {
+            a_receipt_its_recipient_did_not_sign_is_refused(&url, &dir).await;
+        })
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

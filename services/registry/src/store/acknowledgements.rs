@@ -154,24 +154,25 @@ impl TaskUpdate {
     /// This update as forgetting leaves a task ([`super::forget`]), for a request forgotten
     /// already: a RETAINED task of a FAILED or CANCELLED one is still reported on (erased at
     /// its date, or in a status answer), and what is written then is never forgotten again.
-    /// No note or reason; the legal basis and the receipt's recipient as their keyed hash
-    /// under `text_key`; the state, counts, date and the rest of the receipt as reported.
-    fn as_forgotten(&self, text_key: &[u8]) -> Self {
+    /// No note or reason; the legal basis as its keyed hash under the transaction's text
+    /// key, and the receipt as forgetting leaves one ([`super::forget::forget_receipt`]); the
+    /// state, counts and date as reported.
+    fn as_forgotten(&self, tx: &Tx) -> Self {
         let mut update = self.clone();
         update.note.clear();
         update.reason.clear();
-        update.legal_basis = forgotten_quote(text_key, &self.legal_basis);
+        update.legal_basis = forgotten_quote(&tx.text_key, &self.legal_basis);
         if let Some(r) = &mut update.transfer_receipt {
-            r.recipient = forgotten_quote(text_key, &r.recipient);
+            super::forget::forget_receipt(r, &tx.text_key, &tx.receipt_keys);
         }
         update
     }
 
     /// The update as it is written: as reported, or [`Self::as_forgotten`] when its request
     /// is `forgotten`.
-    fn written(&self, text_key: &[u8], forgotten: bool) -> Self {
+    fn written(&self, tx: &Tx, forgotten: bool) -> Self {
         match forgotten {
-            true => self.as_forgotten(text_key),
+            true => self.as_forgotten(tx),
             false => self.clone(),
         }
     }
@@ -505,7 +506,7 @@ impl Store {
                 view.tasks.insert(key, ack.now());
                 let slot = (ack.request_id.clone(), ack.subprocessor.clone());
                 let moved = moved.entry(processor).or_default();
-                let mut update = ack.written(&tx.text_key, forgotten);
+                let mut update = ack.written(&tx, forgotten);
                 // A receipt an earlier update of this transaction carried stays with the
                 // task, as it would have had each update been written on its own.
                 if update.transfer_receipt.is_none() {
@@ -620,7 +621,7 @@ impl Store {
                 }
                 continue;
             }
-            let written = update.written(&tx.text_key, forgotten);
+            let written = update.written(&tx, forgotten);
             if upsert_task(&mut tx, request_id, processor, &written, now).await?
                 && says_something_new(before.as_ref(), &update)
             {
@@ -666,9 +667,11 @@ impl Store {
 /// contract end whose terms name no transfer recipient), which shown with the task would
 /// read as proof that data arrived somewhere, and a receipt naming another recipient than
 /// the one the request transfers the data to (a TRANSFER's `parameters.transfer_recipient`,
-/// a contract end's terms'), which would show that one as holding the data. A TRANSFER
-/// forgotten with its body no longer names its recipient: its receipts are taken whatever
-/// name they give (Acknowledge, which has the configuration, still requires a configured
+/// a contract end's terms'), which would show that one as holding the data; and a receipt
+/// of a recipient whose `[[recipients]]` entry has a `public_key` that does not verify its
+/// signature (`Store::with_receipt_keys`), which would be the processor's word alone. A
+/// TRANSFER forgotten with its body no longer names its recipient: its receipts are taken
+/// whatever name they give (Acknowledge, which has the configuration, still requires a configured
 /// one). Acknowledge refuses all of those by name (see `api::acknowledgement`); a report in
 /// a processor's answer to a call or a status check is left out, logged, so the task stays
 /// where it was. No statement when no report is COMPLETED or carries a receipt; else at
@@ -756,6 +759,17 @@ async fn unproven_completions(
             .is_some_and(|r| named.is_some_and(|n| r.recipient != n))
         {
             "a transfer receipt naming another recipient than the request's"
+        } else if let Some(why) = u.transfer_receipt.as_ref().and_then(|r| {
+            let keys = tx.receipt_keys.get(&r.recipient)?;
+            dsrelay_runtime::transfer_receipt::verify(r, keys).err()
+        }) {
+            tracing::warn!(
+                request_id = %u.request_id,
+                %processor,
+                subprocessor = %u.subprocessor,
+                "the transfer receipt {why}"
+            );
+            "a transfer receipt its recipient's key does not verify"
         } else if completed && is(id, RequestKind::Transfer) && u.transfer_receipt.is_none() {
             "a COMPLETED state without the recipient's receipt"
         } else if completed && is(id, RequestKind::ReturnOfData) && !parts.contains(&key) {
@@ -1224,7 +1238,7 @@ pub(super) async fn apply_accepted(
                 });
             }
             view.tasks.insert(key, update.now());
-            let update = update.written(&tx.text_key, forgotten);
+            let update = update.written(tx, forgotten);
             moved.entry(a.processor).or_default().insert(
                 (a.request_id.to_string(), update.subprocessor.clone()),
                 update,
@@ -1771,6 +1785,94 @@ mod tests {
             .unwrap();
         let shown = Some(RECIPIENT.to_string());
         assert_eq!(task("c1").await, (TaskState::InProgress, 3, shown));
+    }
+
+    /// With the recipient's key known, a processor's answer whose receipt the recipient did
+    /// not sign is left out (the task stays where it was), as Acknowledge refuses it; the
+    /// signed one is applied. Before, the store took it on the processor's word.
+    async fn an_unsigned_receipt_is_left_out(store: Store) {
+        use dsrelay_proto::v1::Evidence;
+        use dsrelay_runtime::signing::{KeyRing, SigningKey};
+        let key = SigningKey::generate();
+        let ring = KeyRing::new(key.public_key(), Vec::new()).unwrap();
+        let store = store.with_receipt_keys([(RECIPIENT.to_string(), ring)].into());
+        let request = super::super::NewRequest {
+            id: "t1".into(),
+            partner: "crm".into(),
+            idempotency_key: "key-t1".into(),
+            body_hash: "hash-t1".into(),
+            body: transfer_body(RECIPIENT),
+            identity_hashes: "[\"h\"]".into(),
+            kind: RequestKind::Transfer as i32,
+            received_at: 0,
+            due_at: 1_000_000,
+            trace_id: "0".repeat(32),
+            traceparent: None,
+            processors: vec!["p1".into()],
+        };
+        store.insert_batch(&[(request, None)]).await.unwrap();
+        let unsigned = TransferReceipt {
+            request_id: "t1".into(),
+            subprocessor: "crm".into(),
+            manifest_sha256: "ab".repeat(32),
+            bytes: 3,
+            files: 1,
+            recipient: RECIPIENT.into(),
+            ..Default::default()
+        };
+        let completed = |sequence: u64, r: TransferReceipt| TaskStatus {
+            processor: "p1".into(),
+            subprocessor: "crm".into(),
+            state: TaskState::Completed as i32,
+            sequence,
+            evidence: Some(Evidence {
+                records_affected: 1,
+                transfer_receipt: Some(r),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let jobs = store
+            .claim_deliveries(3_000_000, 100, 60_000)
+            .await
+            .unwrap();
+        let tasks = [completed(2, unsigned.clone())];
+        assert!(store
+            .delivery_succeeded(&jobs[0], &tasks, 1_000)
+            .await
+            .unwrap());
+        let state = || async { store.tasks("t1").await.unwrap()[0].state };
+        assert_eq!(state().await, TaskState::Pending as i32);
+        let signed = dsrelay_runtime::transfer_receipt::sign(unsigned, &key).unwrap();
+        let reported = [completed(3, signed.clone())];
+        store
+            .reconcile("t1", "p1", &reported, 2_000, 60_000)
+            .await
+            .unwrap();
+        let tasks = store.tasks("t1").await.unwrap();
+        assert_eq!(tasks[0].state, TaskState::Completed as i32, "{tasks:?}");
+        let shown = tasks[0]
+            .evidence
+            .as_ref()
+            .unwrap()
+            .transfer_receipt
+            .as_ref();
+        assert_eq!(shown, Some(&signed));
+    }
+
+    #[tokio::test]
+    async fn an_unsigned_receipt_is_left_out_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        an_unsigned_receipt_is_left_out(store_at(&url).await).await;
+    }
+
+    #[tokio::test]
+    async fn an_unsigned_receipt_is_left_out_on_postgres() {
+        crate::test_postgres::on_postgres(|url, _| async move {
+            an_unsigned_receipt_is_left_out(store_at(&url).await).await;
+        })
+        .await;
     }
 
     #[tokio::test]

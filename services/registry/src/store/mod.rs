@@ -40,10 +40,12 @@
 //! and a lost race on one is retried. On SQLite the one writer connection holds every
 //! transaction apart.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Result;
 use dsrelay_proto::v1::RequestState;
+use dsrelay_runtime::signing::KeyRing;
 use dsrelay_runtime::store::{placeholders, values_row, Backend, Db};
 use sqlx::{Any, AnyConnection, Transaction};
 
@@ -101,6 +103,10 @@ pub struct Store {
     acks: Arc<acknowledgements::AckQueue>,
     /// Routes known without a read (`routes`).
     routes: Arc<routes::Routes>,
+    /// The keys each transfer recipient signs its receipts with, by its name in
+    /// `[[recipients]]`: a receipt naming one of these must carry its signature
+    /// (`acknowledgements::unproven_completions`).
+    receipt_keys: Arc<HashMap<String, KeyRing>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -121,7 +127,28 @@ impl Store {
             text_key: text_key.into(),
             acks: Arc::default(),
             routes: Arc::default(),
+            receipt_keys: Arc::default(),
         }
+    }
+
+    /// The store, checking the receipts of the recipients in `keys` (by name) against
+    /// their signatures.
+    pub fn with_receipt_keys(self, keys: HashMap<String, KeyRing>) -> Self {
+        Self {
+            receipt_keys: Arc::new(keys),
+            ..self
+        }
+    }
+
+    /// Why `receipt` does not carry the signature of the recipient it names, when that
+    /// recipient's keys are known ([`Store::with_receipt_keys`]); `None` when it does, or
+    /// when no key is configured for it.
+    pub fn receipt_signature_problem(
+        &self,
+        receipt: &dsrelay_proto::v1::TransferReceipt,
+    ) -> Option<String> {
+        let keys = self.receipt_keys.get(&receipt.recipient)?;
+        dsrelay_runtime::transfer_receipt::verify(receipt, keys).err()
     }
 
     /// The database handle.
@@ -135,6 +162,7 @@ impl Store {
             tx: self.db.pool.begin().await?,
             backend: self.db.backend,
             text_key: self.text_key.clone(),
+            receipt_keys: self.receipt_keys.clone(),
         })
     }
 }
@@ -146,6 +174,8 @@ struct Tx {
     backend: Backend,
     /// See [`Store`]'s field.
     text_key: Arc<[u8]>,
+    /// See [`Store`]'s field.
+    receipt_keys: Arc<HashMap<String, KeyRing>>,
 }
 
 impl Tx {
