@@ -381,9 +381,18 @@ pub fn peer_identity<T>(request: &tonic::Request<T>) -> Result<String, String> {
     checked_identity(leaf.as_ref())
 }
 
+/// How long a channel's connection attempt (TCP connect and TLS handshake) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How soon after a connection attempt ends a call must take its outcome for it to count;
+/// a later call throws it away and connects afresh (see [`connect`]). Generous next to the
+/// moment a waiting call takes to be woken, short next to the spacing of retries.
+const STALE_AFTER: Duration = Duration::from_secs(1);
+
 /// Opens a lazily connecting channel to `endpoint` (`https://host:port`) over mutual TLS,
 /// refusing a server whose certificate identity is not `expected_identity` (when given).
-/// Each new connection takes the client configuration `tls` holds at that moment.
+/// Each new connection takes the client configuration `tls` holds at that moment, and each
+/// attempt to open one gets [`CONNECT_TIMEOUT`].
 ///
 /// The TLS handshake is done here rather than by tonic so that the server's identity can be
 /// checked and TCP_NODELAY set on every connection.
@@ -391,6 +400,16 @@ pub fn channel(
     endpoint: &str,
     expected_identity: Option<String>,
     tls: impl Into<ClientTls>,
+) -> Result<Channel> {
+    channel_timing_out(endpoint, expected_identity, tls, CONNECT_TIMEOUT)
+}
+
+/// [`channel`] whose connection attempts time out after `connect_timeout`.
+fn channel_timing_out(
+    endpoint: &str,
+    expected_identity: Option<String>,
+    tls: impl Into<ClientTls>,
+    connect_timeout: Duration,
 ) -> Result<Channel> {
     let tls = tls.into();
     let uri: Uri = endpoint
@@ -408,41 +427,127 @@ pub fn channel(
     let port = uri.port_u16().unwrap_or(443);
     let server_name = ServerName::try_from(host.clone())
         .with_context(|| format!("endpoint host {host:?} is not a valid server name"))?;
-    // tonic sees plain http; the service below supplies the TLS stream.
+    // tonic sees plain http; the service below supplies the TLS stream. No connect timeout
+    // of tonic's: its deadline would run from when the attempt was made, not from when a
+    // call waits for it (see `connect`), so the attempts time themselves.
     let plain = Endpoint::from_shared(format!("http://{host}:{port}"))?
-        .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
-    let make = tower::service_fn(move |_: Uri| {
-        let connector = tokio_rustls::TlsConnector::from(tls.current());
-        let server_name = server_name.clone();
-        let host = host.clone();
-        let expected = expected_identity.clone();
-        async move {
-            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-            tcp.set_nodelay(true)?;
-            let stream = connector.connect(server_name, tcp).await?;
-            if let Some(expected) = expected {
-                let (_, conn) = stream.get_ref();
-                let actual = conn
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(|c| identity_of(c.as_ref()));
-                if actual.as_deref() != Some(expected.as_str()) {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::PermissionDenied,
-                        format!(
-                            "server identity {} is not the expected {expected}",
-                            actual.as_deref().unwrap_or("(none)")
-                        ),
-                    ));
-                }
-            }
-            Ok::<_, std::io::Error>(TokioIo::new(stream))
-        }
+    let target = Arc::new(Target {
+        host,
+        port,
+        server_name,
+        expected_identity,
+        tls,
+        timeout: connect_timeout,
     });
+    let make = tower::service_fn(move |_: Uri| connect(target.clone()));
     Ok(plain.connect_with_connector_lazy(make))
+}
+
+/// Where a channel's connections go and how they are opened.
+struct Target {
+    host: String,
+    port: u16,
+    server_name: ServerName<'static>,
+    expected_identity: Option<String>,
+    tls: ClientTls,
+    timeout: Duration,
+}
+
+type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// A connection for tonic's channel.
+///
+/// The channel drives a connection attempt only while a call waits for it. A call given up
+/// meanwhile (its caller timed out, or a sibling call's failure ended what both were for)
+/// leaves the attempt there unpolled, and the channel hands it to its next call however
+/// much later that comes: its timeout had run out long before, or it holds a refusal from
+/// when the server was down, or a connection the server has given up on; and calls made
+/// together (the uploader's, a file each) would leave an attempt behind at every retry.
+/// So each attempt runs in a task of its own to its end, and an outcome that nobody took
+/// within [`STALE_AFTER`] of it is thrown away for a new attempt, which this call waits for.
+async fn connect(target: Arc<Target>) -> std::io::Result<TokioIo<TlsStream>> {
+    loop {
+        let attempt = Attempt(tokio::spawn({
+            let target = target.clone();
+            async move {
+                let outcome = match tokio::time::timeout(target.timeout, target.open()).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "connecting to {}:{} took over {:?}",
+                            target.host, target.port, target.timeout
+                        ),
+                    )),
+                };
+                (outcome, tokio::time::Instant::now())
+            }
+        }));
+        let (outcome, ended) = attempt.await.map_err(std::io::Error::other)?;
+        if ended.elapsed() <= STALE_AFTER {
+            return outcome.map(TokioIo::new);
+        }
+        tracing::debug!(
+            host = %target.host,
+            port = target.port,
+            outcome = match &outcome {
+                Ok(_) => "connected".to_string(),
+                Err(e) => e.to_string(),
+            },
+            "a connection attempt no call waited for is dropped for a new one"
+        );
+    }
+}
+
+/// A connection attempt's task, ended when the channel drops the attempt.
+struct Attempt(tokio::task::JoinHandle<(std::io::Result<TlsStream>, tokio::time::Instant)>);
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl std::future::Future for Attempt {
+    type Output =
+        Result<(std::io::Result<TlsStream>, tokio::time::Instant), tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl Target {
+    /// One TCP connection and TLS handshake, with the server's identity checked.
+    async fn open(&self) -> std::io::Result<TlsStream> {
+        let connector = tokio_rustls::TlsConnector::from(self.tls.current());
+        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await?;
+        tcp.set_nodelay(true)?;
+        let stream = connector.connect(self.server_name.clone(), tcp).await?;
+        if let Some(expected) = &self.expected_identity {
+            let (_, conn) = stream.get_ref();
+            let actual = conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| identity_of(c.as_ref()));
+            if actual.as_deref() != Some(expected.as_str()) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!(
+                        "server identity {} is not the expected {expected}",
+                        actual.as_deref().unwrap_or("(none)")
+                    ),
+                ));
+            }
+        }
+        Ok(stream)
+    }
 }
 
 #[cfg(test)]
@@ -605,6 +710,71 @@ mod tests {
         std::fs::write(pki.key("registry"), key).unwrap();
         live.reload().unwrap();
         assert!(!Arc::ptr_eq(&server, &live.server_config()));
+    }
+
+    /// Two calls at once, as the uploader makes them (a file each): the first failure ends
+    /// both, dropping the other call wherever it is.
+    async fn two_checks(channel: &Channel) -> Result<(), tonic::Status> {
+        use tonic_health::pb::health_client::HealthClient;
+        use tonic_health::pb::HealthCheckRequest;
+        let check = || {
+            let mut client = HealthClient::new(channel.clone());
+            async move {
+                client
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+            }
+        };
+        futures::future::try_join(check(), check()).await.map(drop)
+    }
+
+    #[tokio::test]
+    async fn a_channel_connects_to_a_server_that_came_up_after_a_call_was_given_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let port = {
+            let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            free.local_addr().unwrap().port()
+        };
+        let connect_timeout = Duration::from_millis(300);
+        let channel = channel_timing_out(
+            &format!("https://localhost:{port}"),
+            None,
+            &pki.files("processor").client_config().unwrap(),
+            connect_timeout,
+        )
+        .unwrap();
+        // Nothing serves yet: the first call's refusal drops the second while its connection
+        // attempt is under way (on this one thread the channel takes the second call up
+        // before the caller sees the refusal, and resolving `localhost`, as `dev up` writes
+        // endpoints, keeps the attempt waiting). The calls waiting for attempts get refusals.
+        tokio::time::timeout(Duration::from_secs(20), two_checks(&channel))
+            .await
+            .expect("the calls end")
+            .unwrap_err();
+        // Time for the attempt left behind to be refused too, if anything runs it.
+        tokio::time::sleep(connect_timeout).await;
+
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let server = tonic::transport::Server::builder()
+            .tls_config(pki.files("registry").server_config().unwrap())
+            .unwrap()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        let server = tokio::spawn(server);
+        // The next calls come later than the attempt left behind could have lasted and than
+        // its outcome is taken, as the uploader's retries do.
+        tokio::time::sleep(STALE_AFTER + connect_timeout).await;
+        let answered = tokio::time::timeout(Duration::from_secs(20), two_checks(&channel))
+            .await
+            .expect("the calls end");
+        server.abort();
+        answered.expect("the server is up and is reached");
     }
 
     #[test]
