@@ -78,7 +78,8 @@ impl App {
 
 /// The key receipts are signed with, when the configuration names one; a key that cannot be
 /// read stops the start (a recipient answering unsigned receipts where a registry expects
-/// signed ones would have every transfer to it retried until its due date).
+/// signed ones would have every acknowledgement of a transfer to it refused by the
+/// registry, and dead-lettered at the processor).
 fn signing_key(config: &Config) -> Result<Option<Arc<SigningKey>>> {
     let Some(path) = &config.signing_key else {
         tracing::warn!(

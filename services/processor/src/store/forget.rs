@@ -133,11 +133,13 @@ struct TaskTexts {
 }
 
 /// Replaces the recipient's name in a TRANSFER's `receipt` with its keyed hash, as
-/// [`hash_transfer_recipient`] leaves the request's: the registry requires a name there but
-/// matches it against nothing, so a receipt sent after forgetting (a requeued dead letter,
-/// a status answer) is still taken as the proof that the data arrived.
+/// [`hash_transfer_recipient`] leaves the request's, and empties the recipient's signature
+/// and key id, which covered that name (and name the recipient), as the registry leaves a
+/// forgotten request's receipts.
 fn hash_recipient(tx: &AuditTx, receipt: &mut TransferReceipt) {
     receipt.recipient = tx.text(&receipt.recipient);
+    receipt.signature.clear();
+    receipt.key_id.clear();
 }
 
 /// Replaces where `r`'s data went, when it is a TRANSFER, with its keyed hash (as

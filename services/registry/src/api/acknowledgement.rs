@@ -24,7 +24,7 @@ use tonic::{Response, Status};
 use crate::auth::Party;
 use crate::error::ApiError;
 use crate::metrics::{REJECTED_INVALID, REJECTED_NOT_ROUTED};
-use crate::store::{AckOutcome, TaskUpdate};
+use crate::store::{AckOutcome, ReceivedCertificate, TaskUpdate};
 use crate::validate::text_violation;
 
 use super::Api;
@@ -484,6 +484,24 @@ fn receipt_problems(i: usize, a: &Acknowledgement, r: &TransferReceipt) -> Vec<F
         ));
     }
     violations.extend(text_violation(&field("recipient"), &r.recipient, 256, true));
+    // The signed body holds the time in whole milliseconds: a finer or denormalised one
+    // would be stored and shown as other than what the recipient signed.
+    if let Some(t) = &r.received_at {
+        if !(0..1_000_000_000).contains(&t.nanos) || t.nanos % 1_000_000 != 0 {
+            violations.push(FieldViolation::new(
+                field("received_at"),
+                "must be whole milliseconds (nanos a multiple of 1000000, below 1000000000)",
+            ));
+        }
+    }
+    let signed = !r.signature.is_empty() || !r.key_id.is_empty();
+    if signed && (r.signature.len() != 64 || !ReceivedCertificate::is_key_id(&r.key_id)) {
+        violations.push(FieldViolation::new(
+            field("signature"),
+            "must be empty with an empty key_id (unsigned), or 64 bytes with key_id \
+             `sha256:` and 64 lowercase hex digits",
+        ));
+    }
     violations
 }
 
@@ -955,6 +973,70 @@ mod recipient_tests {
         let shown = shown.tasks[0].evidence.as_ref().unwrap();
         assert_eq!(shown.transfer_receipt.as_ref(), Some(&signed));
         registry.stop().await;
+    }
+
+    /// Without the recipient's key, a signature is not stored (it was not checked, so shown
+    /// it would read as verified); a signature or key id of the wrong form, and a receipt
+    /// time finer than the signed milliseconds, are refused naming the field.
+    async fn an_unchecked_signature_is_not_kept(database_url: &str, dir: &std::path::Path) {
+        use dsrelay_proto::prost_types::Timestamp;
+        use dsrelay_runtime::signing::SigningKey;
+        let registry = Registry::start(dir, database_url, None).await;
+        let id = registry.submit(RequestKind::Transfer, "transfer").await;
+        let completed = |r: TransferReceipt| Acknowledgement {
+            request_id: id.clone(),
+            subprocessor: "crm".into(),
+            sequence: 1,
+            state: TaskState::Completed as i32,
+            evidence: Some(Evidence {
+                records_affected: 1,
+                transfer_receipt: Some(r),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let unsigned = receipt(&id, "crm", RECIPIENT);
+        let short = TransferReceipt {
+            signature: vec![1, 2, 3],
+            key_id: "sha256:x".into(),
+            ..unsigned.clone()
+        };
+        let fine = TransferReceipt {
+            received_at: Some(Timestamp {
+                seconds: 1,
+                nanos: 5,
+            }),
+            ..unsigned.clone()
+        };
+        let field = |name: &str| format!("acknowledgements[0].evidence.transfer_receipt.{name}");
+        for (r, name) in [(short, "signature"), (fine, "received_at")] {
+            let answer = registry.acknowledge(vec![completed(r)]).await;
+            assert_eq!(rejected_fields(&answer), [field(name)]);
+        }
+        let signed =
+            dsrelay_runtime::transfer_receipt::sign(unsigned.clone(), &SigningKey::generate())
+                .unwrap();
+        let answer = registry.acknowledge(vec![completed(signed)]).await;
+        assert_eq!(answer.applied, 1, "{answer:?}");
+        let shown = registry.get(&id).await;
+        let shown = shown.tasks[0].evidence.as_ref().unwrap();
+        assert_eq!(shown.transfer_receipt.as_ref(), Some(&unsigned));
+        registry.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unchecked_signature_is_not_kept_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        an_unchecked_signature_is_not_kept(&url, dir.path()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unchecked_signature_is_not_kept_on_postgres() {
+        on_postgres(|url, dir| async move {
+            an_unchecked_signature_is_not_kept(&url, &dir).await;
+        })
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

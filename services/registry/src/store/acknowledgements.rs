@@ -163,7 +163,7 @@ impl TaskUpdate {
         update.reason.clear();
         update.legal_basis = forgotten_quote(&tx.text_key, &self.legal_basis);
         if let Some(r) = &mut update.transfer_receipt {
-            super::forget::forget_receipt(r, &tx.text_key, &tx.receipt_keys);
+            super::forget::forget_receipt(r, &tx.text_key);
         }
         update
     }
@@ -1291,6 +1291,16 @@ async fn upsert_tasks<'a>(
         let sql = tx.backend.numbered(&sql);
         let mut q = sqlx::query(&sql);
         for t in chunk {
+            let receipt = t.transfer_receipt.as_ref().map(|r| {
+                // A signature is kept only where it was checked, so that a stored one means
+                // verified: one of a recipient with no key here could be any bytes.
+                let mut r = r.clone();
+                if !tx.receipt_keys.contains_key(&r.recipient) {
+                    r.signature.clear();
+                    r.key_id.clear();
+                }
+                r.encode_to_vec()
+            });
             q = q
                 .bind(&t.request_id)
                 .bind(processor)
@@ -1304,7 +1314,7 @@ async fn upsert_tasks<'a>(
                 .bind(&t.legal_basis)
                 .bind(t.retain_until)
                 .bind(now)
-                .bind(t.transfer_receipt.as_ref().map(Message::encode_to_vec))
+                .bind(receipt)
                 .bind(t.progress.as_ref().map(Message::encode_to_vec));
         }
         written += q.execute(tx.conn()).await?.rows_affected();

@@ -1,12 +1,9 @@
 //! Forgetting a finished request: its raw identities, body and the free text kept with it
 //! are removed once its dispute window has passed; the keyed identity hashes stay.
 
-use std::collections::HashMap;
-
 use anyhow::Result;
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::v1::{EventType, RequestState, TransferReceipt};
-use dsrelay_runtime::signing::KeyRing;
 
 use super::certificates::forgotten_rejected;
 use super::events::{audit_text, insert_event, EventDetail};
@@ -41,23 +38,14 @@ pub(super) fn forgotten_quote(key: &[u8], text: &str) -> String {
     }
 }
 
-/// Leaves a transfer receipt as forgetting does: one its recipient signed, under the key
-/// the registry's `[[recipients]]` gives that recipient (`receipt_keys`), stays as signed,
-/// since its recipient's name is then the configured one and the signature the proof of the
-/// transfer; any other has its recipient's name, the processor's text, replaced by its keyed
-/// hash under `text_key`, and its signature and key id emptied, since they covered that name.
-pub(super) fn forget_receipt(
-    r: &mut TransferReceipt,
-    text_key: &[u8],
-    receipt_keys: &HashMap<String, KeyRing>,
-) {
-    let signed = (receipt_keys.get(&r.recipient))
-        .is_some_and(|keys| dsrelay_runtime::transfer_receipt::verify(r, keys).is_ok());
-    if !signed {
-        r.recipient = forgotten_quote(text_key, &r.recipient);
-        r.signature.clear();
-        r.key_id.clear();
-    }
+/// Leaves a transfer receipt as forgetting does: its recipient's name, which tells where
+/// the subject moved their data, replaced by its keyed hash under `text_key`, and its
+/// signature and key id emptied, since they covered that name (and the key id names the
+/// recipient too). The digest, counts and time stay: that a part arrived somewhere.
+pub(super) fn forget_receipt(r: &mut TransferReceipt, text_key: &[u8]) {
+    r.recipient = forgotten_quote(text_key, &r.recipient);
+    r.signature.clear();
+    r.key_id.clear();
 }
 
 /// Replaces, in the tasks of request `id`, the processor's texts that the registry's words
@@ -83,7 +71,7 @@ async fn hash_quoted_texts(tx: &mut Tx, id: &str) -> Result<()> {
         let receipt = receipt
             .and_then(|b| TransferReceipt::decode(b.as_slice()).ok())
             .map(|mut r| {
-                forget_receipt(&mut r, &tx.text_key, &tx.receipt_keys);
+                forget_receipt(&mut r, &tx.text_key);
                 r.encode_to_vec()
             });
         sqlx::query(
@@ -614,40 +602,32 @@ mod tests {
         }
     }
 
-    /// A receipt its recipient signed under the configured key keeps its name and signature
-    /// when forgotten: the proof of the transfer. One whose recipient has no key configured,
-    /// or whose signature does not verify, has its name hashed and its signature emptied.
+    /// Forgetting hashes a receipt's recipient, signed or not, and empties its signature and
+    /// key id, which covered the name (and name the recipient); the proof of arrival stays.
     #[test]
-    fn forgetting_keeps_a_receipt_only_its_recipient_signed() {
+    fn forgetting_hashes_a_receipt_s_recipient_and_drops_its_signature() {
         use dsrelay_runtime::signing::SigningKey;
-        use dsrelay_runtime::transfer_receipt::sign;
-        let key = SigningKey::generate();
-        let keys = HashMap::from([(
-            "new-bookkeeper".to_string(),
-            KeyRing::new(key.public_key(), Vec::new()).unwrap(),
-        )]);
-        let receipt = |recipient: &str| TransferReceipt {
+        let receipt = TransferReceipt {
             request_id: "r1".into(),
             subprocessor: "crm".into(),
             manifest_sha256: "ab".repeat(32),
             files: 1,
             bytes: 3,
-            recipient: recipient.into(),
+            recipient: format!("the archive of {SUBJECT}"),
             ..Default::default()
         };
-        let signed = sign(receipt("new-bookkeeper"), &key).unwrap();
-        let mut kept = signed.clone();
-        forget_receipt(&mut kept, b"k", &keys);
-        assert_eq!(kept, signed);
-        let unconfigured = sign(receipt(&format!("the archive of {SUBJECT}")), &key).unwrap();
-        let mut changed = signed.clone();
-        changed.bytes += 1;
-        for r in [unconfigured, changed, receipt("new-bookkeeper")] {
+        let signed =
+            dsrelay_runtime::transfer_receipt::sign(receipt.clone(), &SigningKey::generate())
+                .unwrap();
+        for r in [signed, receipt] {
             let mut forgotten = r.clone();
-            forget_receipt(&mut forgotten, b"k", &keys);
+            forget_receipt(&mut forgotten, b"k");
             assert_eq!(forgotten.recipient, audit_text(b"k", &r.recipient));
             assert!(forgotten.signature.is_empty() && forgotten.key_id.is_empty());
-            assert_eq!((forgotten.bytes, forgotten.files), (r.bytes, r.files));
+            assert_eq!(
+                (forgotten.bytes, forgotten.files, &forgotten.manifest_sha256),
+                (r.bytes, r.files, &r.manifest_sha256)
+            );
         }
     }
 
