@@ -324,6 +324,14 @@ impl PublicKey {
     }
 }
 
+/// Whether `key_id` has the form [`PublicKey::key_id`] gives one: `sha256:` and 64
+/// lowercase hex digits.
+pub fn is_key_id(key_id: &str) -> bool {
+    key_id
+        .strip_prefix("sha256:")
+        .is_some_and(crate::export_files::is_sha256)
+}
+
 /// The public keys one party's documents are checked with: the key it signs with now, and
 /// those it signed with before a rotation, so that what it signed then still verifies. A
 /// document is checked with the key its key id names; a key taken out of the ring (one that

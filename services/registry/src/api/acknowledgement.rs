@@ -24,7 +24,7 @@ use tonic::{Response, Status};
 use crate::auth::Party;
 use crate::error::ApiError;
 use crate::metrics::{REJECTED_INVALID, REJECTED_NOT_ROUTED};
-use crate::store::{AckOutcome, ReceivedCertificate, TaskUpdate};
+use crate::store::{AckOutcome, TaskUpdate};
 use crate::validate::text_violation;
 
 use super::Api;
@@ -495,7 +495,7 @@ fn receipt_problems(i: usize, a: &Acknowledgement, r: &TransferReceipt) -> Vec<F
         }
     }
     let signed = !r.signature.is_empty() || !r.key_id.is_empty();
-    if signed && (r.signature.len() != 64 || !ReceivedCertificate::is_key_id(&r.key_id)) {
+    if signed && (r.signature.len() != 64 || !dsrelay_runtime::signing::is_key_id(&r.key_id)) {
         violations.push(FieldViolation::new(
             field("signature"),
             "must be empty with an empty key_id (unsigned), or 64 bytes with key_id \

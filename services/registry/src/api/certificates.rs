@@ -66,7 +66,9 @@ struct Expected<'a> {
 /// characters, unchecked) would stay there for ever.
 fn signature_rejection(e: &VerifyError) -> String {
     match e {
-        VerifyError::WrongKey { found, expected } if !ReceivedCertificate::is_key_id(found) => {
+        VerifyError::WrongKey { found, expected }
+            if !dsrelay_runtime::signing::is_key_id(found) =>
+        {
             format!(
                 "its key_id is not a key id (sha256: and 64 lowercase hex digits), not the \
              expected key {expected}"
@@ -324,7 +326,7 @@ fn recheck(
     };
     let value = match key.verify(&doc) {
         Ok(value) => value,
-        Err(VerifyError::WrongKey { .. }) if !ReceivedCertificate::is_key_id(&row.key_id) => {
+        Err(VerifyError::WrongKey { .. }) if !dsrelay_runtime::signing::is_key_id(&row.key_id) => {
             return Some(format!("{STORED_CHANGED}: {}", key.current().key_id()));
         }
         Err(VerifyError::WrongKey { found, .. }) => {

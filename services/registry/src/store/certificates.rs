@@ -34,15 +34,6 @@ pub struct ReceivedCertificate {
     pub rejection: String,
 }
 
-impl ReceivedCertificate {
-    /// Whether `key_id` has the form of a key id: `sha256:` and 64 lowercase hex digits.
-    pub fn is_key_id(key_id: &str) -> bool {
-        key_id
-            .strip_prefix("sha256:")
-            .is_some_and(dsrelay_runtime::export_files::is_sha256)
-    }
-}
-
 /// A stored certificate.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct CertificateRow {
@@ -72,7 +63,7 @@ pub struct CertificateRow {
 /// hex digits); and the rejection, followed by the body's SHA-256, so that whoever kept the
 /// body can still match it.
 pub(super) fn forgotten_rejected(body: &[u8], key_id: &str, rejection: &str) -> (String, String) {
-    let key_id = if ReceivedCertificate::is_key_id(key_id) {
+    let key_id = if dsrelay_runtime::signing::is_key_id(key_id) {
         key_id
     } else {
         ""
