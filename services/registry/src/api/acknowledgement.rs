@@ -10,12 +10,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use dsrelay_proto::prost::Message;
 use dsrelay_proto::v1::acknowledgement_service_server::AcknowledgementService;
 use dsrelay_proto::v1::{
     AcknowledgeRequest, AcknowledgeResponse, Acknowledgement, ContractPhase,
-    RejectedAcknowledgement, RejectedField, RequestKind, SubmitRequest, TaskState, TaskStatus,
-    TransferReceipt,
+    RejectedAcknowledgement, RejectedField, RequestKind, TaskState, TaskStatus, TransferReceipt,
 };
 use dsrelay_runtime::identity::{instant_violation, request_id_violation, FieldViolation};
 use dsrelay_runtime::trace_context;
@@ -255,8 +253,8 @@ impl Api {
     /// nothing checks it there, and shown with the task it would read as proof that the data
     /// arrived. A receipt where data is transferred must name the recipient the request
     /// sends it to ([`recipient_problem`]), and carry that recipient's signature when its
-    /// `[[recipients]]` entry has a `public_key` (`Store::receipt_signature_problem`). `kinds` are the kinds of the requests delivered
-    /// to `processor`
+    /// `[[recipients]]` entry has a `public_key` (`Store::receipt_signature_problem`).
+    /// `kinds` are the kinds of the requests delivered to `processor`
     /// ([`Self::kinds_concerned`]): an acknowledgement of any other request is refused as not
     /// routed (PERMISSION_DENIED), whatever its kind, so a processor cannot learn that
     /// another's request exists.
@@ -307,7 +305,12 @@ impl Api {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let mut recipients = self.transfer_recipients(&receipted_transfers).await?;
+        let mut recipients = self
+            .shared
+            .store
+            .transfer_recipients(&receipted_transfers)
+            .await
+            .map_err(ApiError::from)?;
         recipients
             .extend((contract_transfers.iter()).map(|(id, name)| (id.clone(), Some(name.clone()))));
         let mut violations = Vec::new();
@@ -396,37 +399,9 @@ impl Api {
     }
 }
 
-impl Api {
-    /// The transfer recipient each of the TRANSFER requests `ids` sends its data to, by
-    /// request id: its `parameters.transfer_recipient`; `None` when its body was forgotten
-    /// with its identities. (A contract end's comes with its terms, `transferring_of`.) One
-    /// read per request: only the requests of acknowledgements with a receipt, a task's last
-    /// report, are asked.
-    async fn transfer_recipients(
-        &self,
-        ids: &[&str],
-    ) -> Result<HashMap<String, Option<String>>, ApiError> {
-        let mut out = HashMap::new();
-        for &id in ids {
-            let Some(request) = self.shared.store.request(id).await? else {
-                continue;
-            };
-            let named = request.body.map(|b| {
-                SubmitRequest::decode(b.as_slice())
-                    .ok()
-                    .and_then(|s| s.parameters)
-                    .map(|p| p.transfer_recipient)
-                    .unwrap_or_default()
-            });
-            out.insert(id.to_string(), named);
-        }
-        Ok(out)
-    }
-}
-
 /// Why receipt `r` names the wrong recipient, if it does: the recipient must call itself by
 /// the name the registry's `[[recipients]]` gives it, the one the request sent the data to
-/// (`named`, from [`Api::transfer_recipients`]), as the processor checks before it reports
+/// (`named`, from `Store::transfer_recipients`), as the processor checks before it reports
 /// the task COMPLETED; the registry shows this name as the one holding the data. When the
 /// request's name was forgotten with its body (`Some(None)`), any recipient `configured`
 /// gives is taken: the registry no longer knows which one it was.

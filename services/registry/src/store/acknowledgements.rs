@@ -759,10 +759,9 @@ async fn unproven_completions(
             .is_some_and(|r| named.is_some_and(|n| r.recipient != n))
         {
             "a transfer receipt naming another recipient than the request's"
-        } else if let Some(why) = u.transfer_receipt.as_ref().and_then(|r| {
-            let keys = tx.receipt_keys.get(&r.recipient)?;
-            dsrelay_runtime::transfer_receipt::verify(r, keys).err()
-        }) {
+        } else if let Some(why) = (u.transfer_receipt.as_ref())
+            .and_then(|r| super::signature_problem(&tx.receipt_keys, r))
+        {
             tracing::warn!(
                 request_id = %u.request_id,
                 %processor,
@@ -790,9 +789,9 @@ async fn unproven_completions(
 }
 
 /// The recipient each of the TRANSFER requests `ids` transfers its data to, by request id:
-/// its `parameters.transfer_recipient`, read from its stored body as `Api::transfer_recipients`
-/// reads it for Acknowledge (empty when the body names none); `None` once the body was
-/// forgotten. One query per 500 ids; none for no id.
+/// its `parameters.transfer_recipient`, read from its stored body (empty when the body names
+/// none, or does not decode); `None` once the body was forgotten. One query per 500 ids;
+/// none for no id.
 async fn transfer_recipients_of(
     conn: &mut sqlx::AnyConnection,
     backend: dsrelay_runtime::store::Backend,
@@ -821,6 +820,18 @@ async fn transfer_recipients_of(
         }
     }
     Ok(recipients)
+}
+
+impl Store {
+    /// [`transfer_recipients_of`] the TRANSFER requests `ids`, for Acknowledge's check of
+    /// the receipts' recipient names, as the store checks those of processors' answers.
+    pub async fn transfer_recipients(
+        &self,
+        ids: &[&str],
+    ) -> Result<BTreeMap<String, Option<String>>> {
+        let mut conn = self.db.reader.acquire().await?;
+        transfer_recipients_of(&mut conn, self.db.backend, ids).await
+    }
 }
 
 /// Which of `ids` were routed to `processor` (have its Deliver row): one statement.

@@ -147,8 +147,7 @@ impl Store {
         &self,
         receipt: &dsrelay_proto::v1::TransferReceipt,
     ) -> Option<String> {
-        let keys = self.receipt_keys.get(&receipt.recipient)?;
-        dsrelay_runtime::transfer_receipt::verify(receipt, keys).err()
+        signature_problem(&self.receipt_keys, receipt)
     }
 
     /// The database handle.
@@ -165,6 +164,16 @@ impl Store {
             receipt_keys: self.receipt_keys.clone(),
         })
     }
+}
+
+/// [`Store::receipt_signature_problem`] under the recipients' keys `keys`: the check the
+/// API makes of an acknowledgement's receipt and a transaction of a processor's answer's.
+fn signature_problem(
+    keys: &HashMap<String, KeyRing>,
+    receipt: &dsrelay_proto::v1::TransferReceipt,
+) -> Option<String> {
+    let keys = keys.get(&receipt.recipient)?;
+    dsrelay_runtime::transfer_receipt::verify(receipt, keys).err()
 }
 
 /// A transaction and the backend it runs on, so that helpers given only the transaction can
