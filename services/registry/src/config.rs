@@ -464,16 +464,13 @@ impl ServiceConfig for Config {
     fn relative_to(&mut self, dir: &Path) {
         self.service.relative_to(dir);
         self.audit.relative_to(dir);
-        for p in &mut self.processors {
+        let processors =
+            (self.processors.iter_mut()).map(|p| (&mut p.public_key, &mut p.previous_public_keys));
+        let recipients =
+            (self.recipients.iter_mut()).map(|r| (&mut r.public_key, &mut r.previous_public_keys));
+        for (current, previous) in processors.chain(recipients) {
             // A key given inline stays as it is; a relative file name is the config's.
-            for key in p.public_key.iter_mut().chain(&mut p.previous_public_keys) {
-                if PublicKey::parse(key).is_err() && Path::new(key.as_str()).is_relative() {
-                    *key = dir.join(key.as_str()).to_string_lossy().into_owned();
-                }
-            }
-        }
-        for r in &mut self.recipients {
-            for key in r.public_key.iter_mut().chain(&mut r.previous_public_keys) {
+            for key in current.iter_mut().chain(previous) {
                 if PublicKey::parse(key).is_err() && Path::new(key.as_str()).is_relative() {
                     *key = dir.join(key.as_str()).to_string_lossy().into_owned();
                 }
