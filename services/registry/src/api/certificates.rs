@@ -637,17 +637,7 @@ mod served_tests {
         };
         let answer = registry.acknowledge(vec![ack]).await;
         assert_eq!(answer.applied, 1, "{answer:?}");
-        let list = || async {
-            CertificateServiceClient::new(registry.channel("partner-crm"))
-                .list_certificates(ListCertificatesRequest {
-                    request_id: id.clone(),
-                    ..Default::default()
-                })
-                .await
-                .expect("list")
-                .into_inner()
-                .certificates
-        };
+        let list = || list(&registry, &id);
         let shown = list().await;
         assert!(shown[0].verified, "{shown:?}");
 
