@@ -1160,7 +1160,12 @@ const ERIK: &str = "erik.lindqvist@example.se";
 /// OSS record of a sale to Sweden. Returns the ids of this year's two and their release
 /// dates (the invoice's first).
 async fn bill_erik(store: &Store) -> ([i64; 2], [i64; 2]) {
-    let now = dsrelay_runtime::store::now_ms();
+    bill_erik_at(store, dsrelay_runtime::store::now_ms()).await
+}
+
+/// [`bill_erik`] with this year's records booked at `now` (ms), for a test that compares
+/// the booking times with its own.
+async fn bill_erik_at(store: &Store, now: i64) -> ([i64; 2], [i64; 2]) {
     // 2015-03-01: kept through 2021.
     let old = 1_425_168_000_000;
     store
@@ -1572,7 +1577,8 @@ async fn a_subjects_export_holds_their_billing_records(backend: Backend) {
     assert_eq!(a.store.add_deliveries(ERIK, 2).await.unwrap(), 2);
     let now = dsrelay_runtime::store::now_ms();
     let old = 1_425_168_000_000;
-    bill_erik(&a.store).await;
+    // Booked at this `now`: read again inside, the clock may have moved on a millisecond.
+    bill_erik_at(&a.store, now).await;
     // Maija's record lies between Erik's by id, so the keyset reads pass over it.
     a.store
         .add_billing_record(MAIJA, BillingKind::Invoice, "INV-M-1", 500, now)
