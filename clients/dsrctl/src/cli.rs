@@ -34,9 +34,11 @@ broken or the signed checkpoints asked for do not verify or are none, from `down
 when a file does not match the manifest or cannot be written, from `contracts confirm
 --package` when a file of the folder is missing or not as its manifest lists it, from
 `certificate verify` when the certificate does not verify (`certificate get`: when the
-registry rejected it), and when a server answers something that cannot be right (a
-listing whose pages do not advance), also when nothing reads the output any more; 2 for a
-usage error or an error answer from the registry (printed as `error: <CODE>: <message>`).";
+registry rejected it), from `receipt verify` when the transfer receipt is unsigned or does
+not verify (`receipt get`: when the task has no signed receipt), and when a server
+answers something that cannot be right (a listing whose pages do not advance), also when
+nothing reads the output any more; 2 for a usage error or an error answer from the registry
+(printed as `error: <CODE>: <message>`).";
 
 /// Command-line client for the dsrelay registry: submit and follow data-subject requests.
 #[derive(Debug, Parser)]
@@ -178,6 +180,10 @@ pub enum Command {
     /// and what it retains, with the date of its next erasure run.
     #[command(subcommand)]
     Certificate(CertificateCommand),
+    /// Transfer receipts: a recipient's signed statement of the part of a transfer it
+    /// received (request, subprocessor, bytes, files, manifest SHA-256, when).
+    #[command(subcommand)]
+    Receipt(ReceiptCommand),
     /// Contract ends (operators only): end the contract with a processor, so that it deletes,
     /// or returns and then deletes, all of the controller's data at every subprocessor;
     /// follow it, make a deferred choice, confirm the returned package.
@@ -484,6 +490,60 @@ pub struct CertificateVerifyArgs {
     // Same id and type as the global `--key`, which clap then leaves out of this
     // subcommand: its help here describes this key, and the value still reaches
     // `ConnectionArgs::key`, which `commands::dispatch` hands to `certificate::verify`.
+    #[arg(
+        id = "key",
+        long = "public-key",
+        visible_alias = "key",
+        value_name = "PUBKEY"
+    )]
+    pub key: Option<PathBuf>,
+}
+
+/// `dsrctl receipt ...`.
+#[derive(Debug, Subcommand)]
+pub enum ReceiptCommand {
+    /// Fetch a transfer request's signed receipt for one task from the registry and write it
+    /// to a file (JSON: every field the recipient signed, and its signature, base64, and
+    /// key_id). With several tasks' receipts, name one with --processor and --subprocessor.
+    /// Exits 1 without writing when the task has no receipt or an unsigned one.
+    Get(ReceiptGetArgs),
+    /// Check a receipt file offline against the recipient's public key, given with
+    /// --public-key PUBKEY (or --key PUBKEY: verify connects to nothing, so it names no TLS
+    /// key here), and print what it attests; exits 1 when the receipt is unsigned, any of
+    /// its fields was changed or another key signed it. Reads only the file `receipt get`
+    /// writes.
+    Verify(ReceiptVerifyArgs),
+}
+
+/// Arguments of `dsrctl receipt get`.
+#[derive(Debug, Clone, Args)]
+pub struct ReceiptGetArgs {
+    /// The request id.
+    pub id: String,
+
+    /// Only this processor's task (its name at the registry).
+    #[arg(long)]
+    pub processor: Option<String>,
+
+    /// Only this subprocessor's task.
+    #[arg(long)]
+    pub subprocessor: Option<String>,
+
+    /// The file to write (replaced if it exists).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+/// Arguments of `dsrctl receipt verify`.
+#[derive(Debug, Clone, Args)]
+pub struct ReceiptVerifyArgs {
+    /// The receipt file `dsrctl receipt get` wrote.
+    pub file: PathBuf,
+
+    /// The recipient's public key: a file holding SPKI PEM or the base64 of the 32 key
+    /// bytes, or that base64 itself (DSRCTL_KEY does not apply here)
+    // As `CertificateVerifyArgs::key`: the global `--key`'s id, so the value reaches
+    // `ConnectionArgs::key`, which `commands::dispatch` hands to `receipt::verify`.
     #[arg(
         id = "key",
         long = "public-key",
@@ -955,7 +1015,8 @@ pub struct PkiInitArgs {
     /// Also copy into DIR only what party STEM (registry, processor, operator, ...) needs:
     /// the CA certificate (never the CA key), its certificate and key, a processor's, a
     /// registry's or the recipient's signing key (and its public key), a registry's
-    /// processors' public signing keys (repeatable). For containers that should each mount their own credentials only.
+    /// processors' and recipient's public signing keys (repeatable). For containers that
+    /// should each mount their own credentials only.
     #[arg(long = "install", value_name = "STEM=DIR", value_parser = parse_assignment)]
     pub install: Vec<(String, String)>,
 }

@@ -18,9 +18,11 @@
 //! when `download` finds a file that does not match the manifest or cannot write it,
 //! when `contracts confirm --package` finds a file of the folder missing or not as its
 //! manifest lists it, when `certificate verify` finds a certificate that does not verify
-//! (or `certificate get` one the registry rejected), and when a server answers something
-//! that cannot be right (a listing whose pages do not advance); each of these verdicts
-//! holds even when whatever reads the output has gone (`dsrctl audit verify | true`);
+//! (or `certificate get` one the registry rejected), when `receipt verify` finds a transfer
+//! receipt unsigned or not verifying (or `receipt get` a task with no signed receipt), and
+//! when a server answers something that cannot be right (a listing whose pages do not
+//! advance); each of these verdicts holds even when whatever reads the output has gone
+//! (`dsrctl audit verify | true`);
 //! 2 for usage errors (clap's own included) and error answers from the registry.
 
 use std::io::Write;
@@ -70,6 +72,9 @@ pub enum Failure {
     /// A deletion certificate that does not verify, was rejected by the registry, or
     /// cannot be read or written.
     Certificate(anyhow::Error),
+    /// A transfer receipt that is unsigned or does not verify, a task with no signed
+    /// receipt to fetch, or a receipt file that cannot be read or written.
+    Receipt(anyhow::Error),
     /// A server answered something that cannot be right, such as a listing whose next page
     /// does not start past the one before.
     BadAnswer(String),
@@ -92,6 +97,7 @@ impl Failure {
             | Self::Output(_)
             | Self::Package(_)
             | Self::Certificate(_)
+            | Self::Receipt(_)
             | Self::BadAnswer(_) => EXIT_FAILURE,
         }
     }
@@ -126,7 +132,9 @@ impl Failure {
                 format!("error: {}: {}", code_name(status.code()), status.message())
             }
             Self::Output(err) => format!("error: writing the output: {err}"),
-            Self::Package(err) | Self::Certificate(err) => format!("error: {err:#}"),
+            Self::Package(err) | Self::Certificate(err) | Self::Receipt(err) => {
+                format!("error: {err:#}")
+            }
             Self::BadAnswer(msg) => format!("error: {msg}"),
         };
         table::clean(&text)

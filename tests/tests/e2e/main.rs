@@ -34,6 +34,7 @@ mod mtls;
 mod packages;
 mod poison;
 mod procaudit;
+mod receipt_cli;
 mod replicas;
 mod reports;
 mod retention;

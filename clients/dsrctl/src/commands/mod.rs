@@ -6,7 +6,7 @@ use dsrelay_sdk::RegistryClient;
 
 use crate::cli::{
     AuditCommand, CertificateCommand, Cli, Command, ContractsCommand, DevCommand, OutputFormat,
-    PkiCommand,
+    PkiCommand, ReceiptCommand,
 };
 use crate::settings::{self, Environment};
 use crate::Failure;
@@ -21,6 +21,7 @@ mod dev;
 mod download;
 mod list;
 mod pki;
+mod receipt;
 mod request;
 mod submit;
 mod tasks;
@@ -95,6 +96,13 @@ pub(crate) async fn dispatch(cli: &Cli, env: &Environment, io: &mut Io<'_>) -> R
         }
         Command::Certificate(CertificateCommand::Get(args)) => {
             certificate::get(&Registry::connect(cli, env)?, args, io).await
+        }
+        // Offline: needs no registry.
+        Command::Receipt(ReceiptCommand::Verify(args)) => {
+            receipt::verify(args, cli.connection.key.as_deref(), io)
+        }
+        Command::Receipt(ReceiptCommand::Get(args)) => {
+            receipt::get(&Registry::connect(cli, env)?, args, io).await
         }
         Command::Chain => chain::run(&Registry::connect(cli, env)?, io).await,
         Command::Trace(args) => trace::run(&Registry::connect(cli, env)?, args, io).await,

@@ -1,6 +1,9 @@
 //! `dsrctl pki init` and `dsrctl pki revoke`.
 
+use std::path::Path;
 use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
 
 use dsrelay_sdk::runtime::pki::{dev_identity, DevPki, DEV_PARTIES};
 
@@ -19,6 +22,7 @@ pub(crate) fn init(args: &PkiInitArgs, env: &Environment, io: &mut Io<'_>) -> Re
     let mut installed = Vec::new();
     for (stem, target) in &args.install {
         let target = env.cwd().join(target);
+        install_recipient_keys(&pki, stem, &target).map_err(Failure::Setup)?;
         let set = pki.install(stem, &target).map_err(Failure::Setup)?;
         installed.push(PkiInstalledView {
             party: stem.clone(),
@@ -51,6 +55,31 @@ pub(crate) fn init(args: &PkiInitArgs, env: &Environment, io: &mut Io<'_>) -> Re
     };
     emit(io.out, io.format, &view, false)?;
     Ok(0)
+}
+
+/// Copies the recipients' public signing keys into `target` when `stem` is a registry: it
+/// checks their receipts with them (the `[[recipients]] public_key` `dev up` configures).
+/// Before [`DevPki::install`], which writes `ca.pem` last as the mark of a complete set.
+fn install_recipient_keys(pki: &DevPki, stem: &str, target: &Path) -> anyhow::Result<()> {
+    if !DEV_PARTIES
+        .iter()
+        .any(|(s, role, _)| *s == stem && *role == "registry")
+    {
+        return Ok(());
+    }
+    std::fs::create_dir_all(target).with_context(|| format!("creating {}", target.display()))?;
+    let to = DevPki {
+        dir: target.to_path_buf(),
+    };
+    for (other, _, _) in DEV_PARTIES
+        .iter()
+        .filter(|(_, role, _)| *role == "recipient")
+    {
+        let (from, to) = (pki.signing_public_key(other), to.signing_public_key(other));
+        std::fs::copy(&from, &to)
+            .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    }
+    Ok(())
 }
 
 /// Adds the named parties' and files' certificates to the development CA's revocation list
@@ -87,4 +116,62 @@ pub(crate) fn revoke(
     };
     emit(io.out, io.format, &view, false)?;
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::OutputFormat;
+
+    fn init_installing(root: &std::path::Path, install: &[(&str, &str)]) -> Result<u8, Failure> {
+        let args = PkiInitArgs {
+            dir: "pki".into(),
+            dns_names: Vec::new(),
+            install: install
+                .iter()
+                .map(|(stem, dir)| (stem.to_string(), dir.to_string()))
+                .collect(),
+        };
+        let env = Environment::new(Vec::<(String, String)>::new(), root);
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let mut io = Io {
+            out: &mut out,
+            err: &mut err,
+            format: OutputFormat::Json,
+        };
+        init(&args, &env, &mut io)
+    }
+
+    /// A registry installed apart checks the example recipient's signed receipts, as its
+    /// `[[recipients]] public_key` in `dev up`'s registry.toml does: it needs that public key
+    /// beside the processors', and never the recipient's private key.
+    #[test]
+    fn a_registry_installed_apart_gets_the_recipient_s_public_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let code = init_installing(tmp.path(), &[("registry", "own")]).map_err(|f| f.message());
+        assert_eq!(code, Ok(0));
+        let pki = DevPki {
+            dir: tmp.path().join("pki"),
+        };
+        let own = DevPki {
+            dir: tmp.path().join("own"),
+        };
+        for party in ["recipient", "processor", "registry"] {
+            assert_eq!(
+                std::fs::read_to_string(own.signing_public_key(party)).ok(),
+                std::fs::read_to_string(pki.signing_public_key(party)).ok(),
+                "{party}"
+            );
+        }
+        assert!(!own.signing_key("recipient").exists());
+        assert!(!own.key("recipient").exists());
+        // A party that checks no receipts gets no recipient key.
+        let code = init_installing(tmp.path(), &[("processor", "proc")]).map_err(|f| f.message());
+        assert_eq!(code, Ok(0));
+        let proc = DevPki {
+            dir: tmp.path().join("proc"),
+        };
+        assert!(!proc.signing_public_key("recipient").exists());
+        assert!(proc.signing_public_key("processor").exists());
+    }
 }
