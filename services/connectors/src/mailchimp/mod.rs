@@ -58,16 +58,16 @@
 //! again ("Forgotten Email Not Subscribed"), by the API or an import alike, until the subject
 //! signs up again: NOT_FOUND, saying so.
 //!
-//! A rectification corrects the fields `email` and `merge_fields` map and names the others in
-//! the outcome's note (never their values); with none mapped the task fails, as it does when
-//! no identity can address a member. Correcting the address moves the member to the hash of
-//! the new one, so a repeated `PATCH` answers 404 once the first took effect: after a lost
-//! answer (a timeout, or a 5xx Mailchimp sent after applying it) the processor runs the task
-//! again from the start, and after a cut-off call (`Task::interrupted`) too. Before such a
-//! 404 reads as NOT_FOUND, the member at the new address is read, and when it carries every
-//! corrected value the task is COMPLETED, its note saying it was confirmed by reading. A
-//! retry after a transient error is not marked as one, so this is done after every 404 to a
-//! change of the address; a subject whose member already carries the corrected values for
+//! A rectification corrects the fields `email` and `merge_fields` map and names the others in the
+//! outcome's note (never their values); with none mapped the task is refused, whether or not the
+//! subject is in the audience, as it is when no identity can address a member. Correcting the
+//! address moves the member to the hash of the new one, so a repeated `PATCH` answers 404 once the
+//! first took effect: after a lost answer (a timeout, or a 5xx Mailchimp sent after applying it)
+//! the processor runs the task again from the start, and after a cut-off call (`Task::interrupted`)
+//! too. Before such a 404 reads as NOT_FOUND, the member at the new address is read, and when it
+//! carries every corrected value the task is COMPLETED, its note saying it was confirmed by
+//! reading. A retry after a transient error is not marked as one, so this is done after every 404
+//! to a change of the address; a subject whose member already carries the corrected values for
 //! another reason reads the same, and the audience then holds what the correction asks for.
 //!
 //! A member the API does not know is NOT_FOUND, but only after the audience itself was found:
@@ -820,9 +820,11 @@ impl MailchimpConnector {
         Ok((out.finish().await?, n))
     }
 
-    /// The PATCH for `task`'s corrections, leaving out the fields no merge field maps; a
-    /// permanent error when that leaves nothing.
-    fn correction(&self, task: &Task) -> Result<Correction, ConnectorError> {
+    /// The PATCH for `task`'s corrections, leaving out the fields no merge field maps. When
+    /// that leaves nothing, the inner error is the reason to refuse the task: the audience
+    /// has no such field, which neither an operator nor a retry can change. A permanent
+    /// error for no corrections (Submit lets none through).
+    fn correction(&self, task: &Task) -> Result<Result<Correction, String>, ConnectorError> {
         let corrections = &task.parameters.corrections;
         if corrections.is_empty() {
             return Err(ConnectorError::Permanent(
@@ -858,18 +860,18 @@ impl MailchimpConnector {
             body.insert("merge_fields".into(), Value::Object(merge));
         }
         if body.is_empty() {
-            return Err(ConnectorError::Permanent(format!(
+            return Ok(Err(format!(
                 "mailchimp: no merge field of this audience maps the corrected field {}; map it \
                  in merge_fields of the connector configuration (mapped: {})",
                 unmapped.join(", "),
                 self.mapped_fields()
             )));
         }
-        Ok(Correction {
+        Ok(Ok(Correction {
             body: Value::Object(body),
             email,
             unmapped,
-        })
+        }))
     }
 
     /// The fields a correction can name here, for messages.
@@ -934,10 +936,12 @@ impl MailchimpConnector {
             RequestKind::ReturnOfData | RequestKind::Transfer => {
                 self.export(api, &hashes, task.export_sink()?, scrub).await
             }
-            RequestKind::Rectification => {
-                let correction = self.correction(task)?;
-                self.rectify(api, &hashes, &correction, scrub).await
-            }
+            // Decided by the configuration before any member is looked up: refused whether or
+            // not the subject is in the audience.
+            RequestKind::Rectification => match self.correction(task)? {
+                Ok(correction) => self.rectify(api, &hashes, &correction, scrub).await,
+                Err(reason) => Ok(Outcome::Refused { reason }),
+            },
             other => Ok(Outcome::Refused {
                 reason: format!(
                     "the mailchimp connector does not support {}",

@@ -908,18 +908,22 @@ async fn corrections_without_a_merge_field_are_left_out_and_named() {
     );
 }
 
+/// The audience has no such field, which neither an operator nor a retry can change: the
+/// holder refuses, whether or not the subject is a member, without a call.
 #[tokio::test]
-async fn an_unmapped_correction_is_permanent_and_changes_nothing() {
+async fn an_unmapped_correction_is_refused_and_changes_nothing() {
     let (fake, connector, hash) = setup().await;
-    let mut t = task(RequestKind::Rectification, vec![email(MAIJA)]);
-    t.parameters = corrections(&[("address", "Mannerheimintie 1"), ("shoe_size", "38")]);
-    let err = connector.run(&t).await.unwrap_err();
-    let ConnectorError::Permanent(message) = &err else {
-        panic!("{err:?}");
-    };
-    assert!(message.contains("\"address\", \"shoe_size\""), "{message}");
-    assert!(message.contains("merge_fields"), "{message}");
-    assert!(!message.contains("Mannerheimintie"), "{message}");
+    for who in [MAIJA, "nobody@example.fi"] {
+        let mut t = task(RequestKind::Rectification, vec![email(who)]);
+        t.parameters = corrections(&[("address", "Mannerheimintie 1"), ("shoe_size", "38")]);
+        let out = connector.run(&t).await.unwrap();
+        let Outcome::Refused { reason } = &out else {
+            panic!("{who}: {out:?}");
+        };
+        assert!(reason.contains("\"address\", \"shoe_size\""), "{reason}");
+        assert!(reason.contains("merge_fields"), "{reason}");
+        assert!(!reason.contains("Mannerheimintie"), "{reason}");
+    }
     assert!(fake.audience().calls.is_empty());
     assert_eq!(
         fake.member(&hash).unwrap()["merge_fields"]["FNAME"],

@@ -3,7 +3,6 @@
 
 use std::borrow::Cow;
 
-use dsrelay_proto::v1::FieldCorrection;
 #[cfg(test)]
 use dsrelay_proto::v1::SubjectIdentity;
 use dsrelay_runtime::store::{run_each, Backend, Ran};
@@ -12,8 +11,8 @@ use sqlx::any::{AnyRow, AnyTypeInfoKind};
 use sqlx::{Any, FromRow as _, Row, Transaction, ValueRef as _};
 
 use super::plan::{
-    check_corrections, plan_erasure, plan_export, plan_flag, plan_rectify, Corrections,
-    ErasureStep, Identity, Scope, Statement,
+    plan_erasure, plan_export, plan_flag, plan_rectify, Corrections, ErasureStep, Identity, Scope,
+    Statement,
 };
 use super::receipt;
 use super::retention::{assess, day_of, DatedRow};
@@ -437,22 +436,22 @@ impl<'a> Scoped<'a> {
     }
 
     /// Writes the corrected values into the columns the `rectify` maps name, in every table
-    /// that maps the field, in one transaction. A field no table maps is left out and named
-    /// in the note; when no field is mapped, that is a permanent error and nothing is
-    /// changed. So is a value the column's type cannot hold (PostgreSQL), the error naming
-    /// the field and the type, not the value. The value of an identity (a field named by a
-    /// match key, or written into a match column) is trimmed, as the request's identities
-    /// are.
+    /// that maps the field, in one transaction; `corrections` are those
+    /// [`super::plan::check_corrections`] accepted, and the note names the fields no table
+    /// maps. A value the column's type cannot hold (PostgreSQL) is a permanent error and
+    /// nothing is changed, the error naming the field and the type, not the value. The value
+    /// of an identity (a field named by a match key, or written into a match column) is
+    /// trimmed, as the request's identities are.
     ///
     /// With `task_key`, the report is stored under it in the receipt table, in the same
     /// transaction: a correction of the column the subject is matched by (the e-mail)
     /// leaves a repeated call nothing to find, so when an earlier call committed under the
     /// key, this call's work is rolled back and the earlier report is returned, with
     /// `true`.
-    pub(crate) async fn rectify(
+    pub(super) async fn rectify(
         &self,
         raw: &[Identity],
-        corrections: &[FieldCorrection],
+        corrections: &Corrections<'_>,
         now_ms: i64,
         task_key: Option<&str>,
     ) -> Result<(WorkReport, bool), ConnectorError> {
@@ -469,14 +468,14 @@ impl<'a> Scoped<'a> {
         &self,
         tx: &mut Transaction<'static, Any>,
         raw: &[Identity],
-        corrections: &[FieldCorrection],
+        corrections: &Corrections<'_>,
         now_ms: i64,
         task_key: Option<&str>,
     ) -> Result<(WorkReport, bool), ConnectorError> {
         let Corrections {
             mapped: corrections,
             unmapped,
-        } = check_corrections(self.config, corrections)?;
+        } = corrections;
         let mut total: i64 = 0;
         let mut notes = Vec::new();
         for rule in self.config.children_first() {
@@ -509,7 +508,7 @@ impl<'a> Scoped<'a> {
                 fields.join(", ")
             ));
         }
-        notes.extend(unmapped);
+        notes.extend(unmapped.iter().cloned());
         let report = WorkReport {
             records_affected: total,
             note: notes.join("; "),

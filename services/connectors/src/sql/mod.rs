@@ -36,11 +36,11 @@
 //! - which column a RECTIFICATION of a logical field (`email`, `name`, ...) changes
 //!   (`rectify`). A field no table maps is left out and named in the note (`not corrected:
 //!   "last_name" (...)`), the others corrected; a request none of whose fields is mapped
-//!   fails with a permanent error naming them. The corrected value of an identity (a field
-//!   named like a match key, or one written into a match column) is trimmed first. On
-//!   PostgreSQL a value for a column of another type than text is cast to it (`CAST($1 AS
-//!   date)`); one the type cannot hold fails the request with a permanent error naming the
-//!   field, and nothing is changed;
+//!   is REFUSED, naming them, whether or not the subject is here. The corrected value of an
+//!   identity (a field named like a match key, or one written into a match column) is
+//!   trimmed first. On PostgreSQL a value for a column of another type than text is cast to
+//!   it (`CAST($1 AS date)`); one the type cannot hold fails the request with a permanent
+//!   error naming the field, and nothing is changed;
 //! - which 0/1 column a RESTRICTION sets or lifts (`restrict_column`) and which one an
 //!   OBJECTION to direct marketing sets (`suppress_column`): 1 or 0, TRUE or FALSE into a
 //!   PostgreSQL boolean; a PostgreSQL column of another type than boolean, number or text
@@ -647,18 +647,26 @@ impl Connector for SqlConnector {
                     Ok(work_outcome(scope.export(&raw, task.export_sink()?).await?))
                 }
                 (Phase::Start, RequestKind::Rectification) => {
+                    // The fields a holder has are a matter of its configuration, decided
+                    // before the subject is looked up: a request naming none of them is
+                    // refused whether or not the subject is here.
                     let corrections = &task.parameters.corrections;
-                    let (mut report, earlier) = scope
-                        .rectify(&raw, corrections, task.now_ms, Some(&task.task_id))
-                        .await?;
-                    if earlier {
-                        report.note = format!(
-                            "corrected by an earlier attempt of this task whose answer was \
-                             lost: {}",
-                            report.note
-                        );
+                    match plan::check_corrections(&self.config, corrections)? {
+                        Err(reason) => Ok(Outcome::Refused { reason }),
+                        Ok(corrections) => {
+                            let (mut report, earlier) = scope
+                                .rectify(&raw, &corrections, task.now_ms, Some(&task.task_id))
+                                .await?;
+                            if earlier {
+                                report.note = format!(
+                                    "corrected by an earlier attempt of this task whose \
+                                     answer was lost: {}",
+                                    report.note
+                                );
+                            }
+                            Ok(work_outcome(report))
+                        }
                     }
-                    Ok(work_outcome(report))
                 }
                 (Phase::Start, RequestKind::Restriction) => Ok(work_outcome(
                     scope

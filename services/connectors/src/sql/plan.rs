@@ -1120,8 +1120,9 @@ pub(super) fn matchable(config: &SqlConnectorConfig) -> Vec<(IdentityType, Ident
 }
 
 /// The RAW identities of a type some table matches, normalized ([`Identity`]); when there
-/// are none, why, naming the identity types the match columns take: the reason the
-/// connector refuses such a task with.
+/// are none, why, naming the identity types the match columns take (and, when some given
+/// identity was hashed, that SQL cannot match those): the reason the connector refuses
+/// such a task with.
 pub(super) fn matched_identities(
     config: &SqlConnectorConfig,
     identities: &[SubjectIdentity],
@@ -1133,10 +1134,20 @@ pub(super) fn matched_identities(
         .collect();
     if raw.is_empty() {
         let wanted: Vec<&str> = usable_keys.into_iter().collect();
+        let hashed = identities.iter().any(|id| {
+            matches!(
+                IdentityEncoding::try_from(id.encoding),
+                Ok(IdentityEncoding::Sha256 | IdentityEncoding::Sha1 | IdentityEncoding::Md5)
+            )
+        });
         return Err(format!(
-            "the sql connector needs a raw identity of type {} (configured match columns); \
-             hashed identities cannot be matched in SQL",
-            wanted.join(", ")
+            "the sql connector needs a raw identity of type {} (configured match columns){}",
+            wanted.join(", "),
+            if hashed {
+                "; hashed identities cannot be matched in SQL"
+            } else {
+                ""
+            }
         ));
     }
     Ok(raw)
@@ -1235,12 +1246,15 @@ pub(super) struct Corrections<'a> {
 
 /// The corrections some table maps, and a note naming those none maps. Those left out do
 /// not stop the rest: the holder corrects what it holds, and the operator has nothing to
-/// fix for a field it never had. A permanent error when none is mapped, as there is then
-/// nothing to do.
+/// fix for a field it never had. When none is mapped, the inner error is the reason to
+/// refuse the task: this holder has no such field, which neither an operator nor a retry
+/// can change, and the configuration alone says so, whether or not the subject is here. A
+/// permanent error for no corrections or a field corrected twice (Submit lets neither
+/// through).
 pub(super) fn check_corrections<'a>(
     config: &'a SqlConnectorConfig,
     corrections: &'a [FieldCorrection],
-) -> Result<Corrections<'a>, ConnectorError> {
+) -> Result<Result<Corrections<'a>, String>, ConnectorError> {
     if corrections.is_empty() {
         return Err(ConnectorError::Permanent(
             "the rectification carries no corrections".into(),
@@ -1269,7 +1283,7 @@ pub(super) fn check_corrections<'a>(
     }
     let known: Vec<&str> = mapped.into_iter().collect();
     if out.is_empty() {
-        return Err(ConnectorError::Permanent(format!(
+        return Ok(Err(format!(
             "no table maps the corrected field(s) {}; this database can correct {}",
             unknown.join(", "),
             if known.is_empty() {
@@ -1287,10 +1301,10 @@ pub(super) fn check_corrections<'a>(
             known.join(", ")
         )
     });
-    Ok(Corrections {
+    Ok(Ok(Corrections {
         mapped: out,
         unmapped,
-    })
+    }))
 }
 
 /// The condition selecting the rows of `scope` in `rule`'s table: its own; for a child

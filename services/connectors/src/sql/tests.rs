@@ -1227,8 +1227,8 @@ async fn a_task_without_a_matchable_identity_is_refused(url: String) {
         ]
     );
     let needs = "the sql connector needs a raw identity of type customer_number, email, \
-                 national_id, phone (configured match columns); hashed identities cannot be \
-                 matched in SQL; not searched: ";
+                 national_id, phone (configured match columns)";
+    let hashed = "; hashed identities cannot be matched in SQL";
     let sha256 = ident(
         IdentityType::Email,
         IdentityEncoding::Sha256,
@@ -1243,20 +1243,25 @@ async fn a_task_without_a_matchable_identity_is_refused(url: String) {
         label: "loyalty-card".into(),
         ..ident(IdentityType::Other, IdentityEncoding::Raw, "LC-42")
     };
+    // The reason speaks of hashed identities only when one was given.
     let given = [
         (
             vec![sha256],
+            hashed,
             "email given as SHA256 (SQL matches raw values only)",
         ),
         (
-            vec![md5, other],
+            vec![md5, other.clone()],
+            hashed,
             "email given as MD5 (SQL matches raw values only); other (no table here matches \
              it)",
         ),
+        (vec![other], "", "other (no table here matches it)"),
         // Of a form it lists, but no value to search by: the refusal needs the value, not
         // only the form.
         (
             vec![ident(IdentityType::Phone, IdentityEncoding::Raw, "n/a")],
+            "",
             "phone (empty once normalized)",
         ),
     ];
@@ -1265,7 +1270,7 @@ async fn a_task_without_a_matchable_identity_is_refused(url: String) {
         field: "name".into(),
         new_value: "Maija M".into(),
     });
-    for (identities, left_out) in given {
+    for (identities, hashed, left_out) in given {
         for (kind, phase) in [
             (RequestKind::Erasure, Phase::Start),
             (
@@ -1284,7 +1289,7 @@ async fn a_task_without_a_matchable_identity_is_refused(url: String) {
             };
             let out = connector.run(&task).await.unwrap();
             let refused = Outcome::Refused {
-                reason: format!("{needs}{left_out}"),
+                reason: format!("{needs}{hashed}; not searched: {left_out}"),
             };
             assert_eq!(out, refused, "{kind:?} {:?}", task.phase);
         }
@@ -1797,22 +1802,24 @@ async fn rectifies_mapped_columns(url: String) {
         "{out:?}"
     );
 
-    // No field a table maps: nothing changes, and the error names them.
-    let err = connector
-        .run(&rectification(
-            vec![email("maija.uusi@example.fi")],
-            &[("shoe_size", "38"), ("last_name", "Uusi")],
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(
-        err,
-        ConnectorError::Permanent(
-            "no table maps the corrected field(s) \"shoe_size\", \"last_name\"; this database \
-             can correct address, email, name, phone"
-                .into()
-        )
-    );
+    // No field a table maps: the holder has no such field, which neither an operator nor a
+    // retry can change. REFUSED, naming them, nothing changed; the same for a subject not
+    // there, as the configuration alone decides it.
+    let refused = Outcome::Refused {
+        reason: "no table maps the corrected field(s) \"shoe_size\", \"last_name\"; this \
+                 database can correct address, email, name, phone"
+            .into(),
+    };
+    for who in ["maija.uusi@example.fi", "nobody@example.fi"] {
+        let out = connector
+            .run(&rectification(
+                vec![email(who)],
+                &[("shoe_size", "38"), ("last_name", "Uusi")],
+            ))
+            .await
+            .unwrap();
+        assert_eq!(out, refused, "{who}");
+    }
     assert_eq!(
         count(
             &db,
