@@ -7,7 +7,9 @@
 //! holding the key and an address can still show what was done for that subject.
 //!
 //! The same worker removes, at every sweep, the export files a retired upload left behind
-//! (see `remove_retired_exports`): an export is kept only until its upload is retired.
+//! (see `remove_retired_exports`): an export is kept only until its upload is retired; and,
+//! once at start, the empty export folders earlier versions left behind
+//! (`remove_empty_export_folders`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +50,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let interval = Duration::from_millis(shared.config.forget_sweep_interval_ms);
     // Whether the SQLite write-ahead log may still hold forgotten bytes.
     let mut log_dirty = false;
+    remove_empty_export_folders(&shared).await;
     loop {
         if *stop.borrow() {
             return;
@@ -79,6 +82,23 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => {}
             _ = tokio::time::sleep(interval) => {}
         }
+    }
+}
+
+/// Removes the empty request and controller folders that earlier versions left in the data
+/// folder after removing their exports' files (this version removes them with the files):
+/// no sweep passes them again, since their exports are recorded removed. Once, at start.
+async fn remove_empty_export_folders(shared: &Shared) {
+    let data_dir = shared.config.data_dir.clone();
+    let removed =
+        tokio::task::spawn_blocking(move || crate::exports::remove_empty_folders(&data_dir))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+    match removed {
+        Ok(0) => {}
+        Ok(removed) => tracing::info!(removed, "empty export folders removed"),
+        Err(e) => tracing::warn!(error = %e, "removing empty export folders failed"),
     }
 }
 
@@ -184,15 +204,22 @@ async fn sweep(shared: &Shared) -> Result<usize> {
 /// Forgets one request: its export files first (a crash in between deletes them again at
 /// the next sweep, and the store never says forgotten while files remain), then its rows.
 async fn forget(shared: &Shared, r: &Forgettable, cutoff: i64, now: i64) -> Result<bool> {
-    let dir = crate::exports::request_dir(&shared.config.data_dir, &r.controller, &r.request_id);
-    crate::exports::remove(&dir)
+    let data_dir = &shared.config.data_dir;
+    crate::exports::remove_request(data_dir, &r.controller, &r.request_id)
         .await
-        .with_context(|| format!("deleting exports in {}", dir.display()))?;
+        .with_context(|| {
+            let dir = crate::exports::request_dir(data_dir, &r.controller, &r.request_id);
+            format!("deleting exports in {}", dir.display())
+        })?;
     let key = shared.config.identity_hash_key.as_bytes();
     let hashes = identity_hashes(key, r.body.as_deref())?;
     let done = shared.store.forget_request(r, &hashes, cutoff, now).await?;
     if done {
-        tracing::info!(request_id = %r.request_id, controller = %r.controller, "identities forgotten");
+        tracing::info!(
+            request_id = %r.request_id,
+            controller = %r.controller,
+            "identities forgotten"
+        );
     }
     Ok(done)
 }

@@ -3,7 +3,8 @@
 //! forgotten do not hold back those behind them, however many come first; and an export
 //! that ended without a delivery is removed by the sweep of retired exports when the step's
 //! own removal did not happen (a crash right after the step, or a cancellation between
-//! attempts, which removes nothing itself).
+//! attempts, which removes nothing itself), with the request's and controller's folders it
+//! emptied; and the empty folders an earlier version left go when the worker starts.
 
 use std::collections::HashMap;
 
@@ -166,6 +167,11 @@ async fn undelivered_exports_are_swept(url: &str, dir: &std::path::Path) {
         !cancelled_folder.exists(),
         "the cancelled export is removed"
     );
+    // Each was its request's only export, and they were the controller's only requests.
+    assert!(
+        !shared.config.data_dir.join("exports/acme").exists(),
+        "the emptied request and controller folders are removed too"
+    );
     let left: i64 = sqlx::query_scalar(
         "SELECT CAST(COUNT(*) AS BIGINT) FROM uploads WHERE files_removed_at IS NULL",
     )
@@ -215,6 +221,53 @@ async fn an_export_that_will_not_go_is_left_for_the_next_sweep(url: &str, dir: &
     .await
     .expect("uploads");
     assert_eq!(left, ["a-stuck"]);
+}
+
+/// Empty request and controller folders that an earlier version left behind: the worker
+/// removes them when it starts, and leaves an export's folder with its files.
+async fn empty_export_folders_left_behind_go_at_start(url: &str, dir: &std::path::Path) {
+    let app = app(url, dir).await;
+    let shared = app.shared();
+    let exports = shared.config.data_dir.join("exports");
+    let left = [
+        exports.join("acme/old-1"),
+        exports.join("acme/old-2"),
+        exports.join("gone"),
+    ];
+    for folder in &left {
+        std::fs::create_dir_all(folder).expect("a folder left behind");
+    }
+    let kept = exports.join("other/r/crm");
+    std::fs::create_dir_all(&kept).expect("export folder");
+    std::fs::write(kept.join("customers.json"), b"{}").expect("an export file");
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let worker = tokio::spawn(super::run(shared.clone(), stopped));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while exports.join("acme").exists() || exports.join("gone").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the folders are still there"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    stop.send(true).expect("the worker listens");
+    worker.await.expect("the worker");
+    assert!(kept.join("customers.json").exists());
+}
+
+#[tokio::test]
+async fn empty_export_folders_left_behind_go_at_start_on_sqlite() {
+    on_sqlite(|u, d| async move { empty_export_folders_left_behind_go_at_start(&u, &d).await })
+        .await;
+}
+
+#[tokio::test]
+async fn empty_export_folders_left_behind_go_at_start_on_postgres() {
+    crate::test_postgres::on_postgres(|u, d| async move {
+        empty_export_folders_left_behind_go_at_start(&u, &d).await
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -136,7 +136,7 @@ impl OperatorApi {
             .map_or(&[][..], |s| &s.categories[..]);
         let sink = crate::exports::sink(&self.shared.config.data_dir, key, held, &[]);
         let unexpected = |e: String| ApiError::unexpected(anyhow::anyhow!(e));
-        sink.reset().await.map_err(|e| {
+        crate::exports::reset(&sink).await.map_err(|e| {
             unexpected(format!(
                 "preparing the export folder {}: {e}",
                 sink.dir().display()

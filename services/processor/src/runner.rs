@@ -809,7 +809,7 @@ async fn export_sink(
         .find(|s| s.name == key.subprocessor)
         .map_or(&[][..], |s| &s.categories[..]);
     let sink = exports::sink(&shared.config.data_dir, key, held, requested);
-    if let Err(e) = sink.reset().await {
+    if let Err(e) = exports::reset(&sink).await {
         return Err(ConnectorError::Permanent(format!(
             "preparing the export folder {}: {e}",
             sink.dir().display()
