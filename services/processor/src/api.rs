@@ -353,6 +353,9 @@ const MAX_CATEGORIES: usize = 32;
 /// At most this many bytes in a data category, a correction's field name or a recipient's
 /// name, endpoint or identity.
 const MAX_NAME: usize = 256;
+/// At most this many public keys for a recipient's receipts (its current one and those it
+/// rotated away from).
+const MAX_RECIPIENT_KEYS: usize = 16;
 /// At most this many corrections, as the registry's Submit allows.
 const MAX_CORRECTIONS: usize = 32;
 /// At most this many bytes in a correction's new value.
@@ -476,14 +479,40 @@ fn update_violations(r: &UpdateContractEndRequest) -> Vec<FieldViolation> {
 /// What is wrong with the `recipient` of a delivery or of an update: either is stored as the
 /// place a transfer goes, so both are held to the same rules.
 fn recipient_violations(to: &TransferRecipient) -> Vec<FieldViolation> {
-    [
+    let mut out: Vec<FieldViolation> = [
         ("recipient.name", &to.name),
         ("recipient.endpoint", &to.endpoint),
         ("recipient.identity", &to.identity),
     ]
     .into_iter()
     .filter_map(|(field, value)| text_violation(field, value, MAX_NAME, true))
-    .collect()
+    .collect();
+    if to.public_keys.len() > MAX_RECIPIENT_KEYS {
+        out.push(FieldViolation::new(
+            "recipient.public_keys",
+            format!(
+                "at most {MAX_RECIPIENT_KEYS} keys, {} given",
+                to.public_keys.len()
+            ),
+        ));
+        return out;
+    }
+    for (i, key) in to.public_keys.iter().enumerate() {
+        let field = format!("recipient.public_keys[{i}]");
+        // Base64 only, as stored (space-separated): a PEM key would not survive the join.
+        let parsed = (!key.is_empty() && key.bytes().all(|b| b.is_ascii_graphic()))
+            .then(|| dsrelay_runtime::signing::PublicKey::parse(key).ok())
+            .flatten();
+        if parsed.is_none() {
+            out.push(FieldViolation::new(
+                &field,
+                "must be the standard base64 of an Ed25519 public key's 32 bytes",
+            ));
+        } else if to.public_keys[..i].contains(key) {
+            out.push(FieldViolation::new(&field, "repeats an earlier key"));
+        }
+    }
+    out
 }
 
 /// Parameters of another kind than `kind`: a registry that sends them has mistaken
@@ -578,6 +607,7 @@ mod tests {
     };
     use dsrelay_proto::{EARLIEST_INSTANT_SECONDS, LATEST_INSTANT_SECONDS};
     use dsrelay_runtime::identity::{MAX_IDENTITIES, MAX_IDENTITY_LABEL, MAX_IDENTITY_VALUE};
+    use dsrelay_runtime::signing::SigningKey;
 
     use super::*;
 
@@ -634,6 +664,9 @@ mod tests {
                 name: "n".repeat(MAX_NAME),
                 endpoint: "e".repeat(MAX_NAME),
                 identity: "i".repeat(MAX_NAME),
+                public_keys: (0..MAX_RECIPIENT_KEYS)
+                    .map(|_| SigningKey::generate().public_key().to_base64())
+                    .collect(),
             }),
             ..largest_delivery()
         }
@@ -761,6 +794,7 @@ mod tests {
             name: "archive".into(),
             endpoint: String::new(),
             identity: "x\u{0}".into(),
+            ..Default::default()
         });
         let v = update_violations(&r);
         assert_eq!(
@@ -773,6 +807,45 @@ mod tests {
             ..transfer().recipient.unwrap()
         });
         assert_eq!(fields(update_violations(&r)), ["recipient.name"]);
+    }
+
+    /// The keys are stored space-separated and parsed when a receipt comes, so only base64
+    /// keys are taken, each once, and not more than a ring holds.
+    #[test]
+    fn a_recipient_s_public_keys_are_base64_keys_each_once() {
+        let key = SigningKey::generate().public_key();
+        let with = |keys: Vec<String>| {
+            let mut r = transfer();
+            r.recipient.as_mut().unwrap().public_keys = keys;
+            delivery_violations(&r)
+        };
+        assert_eq!(with(vec![key.to_base64()]), []);
+        let pem = key.to_pem().unwrap();
+        let v = with(vec![
+            key.to_base64(),
+            "not a key".into(),
+            pem,
+            String::new(),
+            "AAAA".into(),
+            key.to_base64(),
+        ]);
+        assert_eq!(
+            fields(v.clone()),
+            (1..6)
+                .map(|i| format!("recipient.public_keys[{i}]"))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            v[0].rule,
+            "must be the standard base64 of an Ed25519 public key's 32 bytes"
+        );
+        assert_eq!(v[4].rule, "repeats an earlier key");
+        let many = (0..=MAX_RECIPIENT_KEYS)
+            .map(|_| SigningKey::generate().public_key().to_base64())
+            .collect();
+        let v = with(many);
+        assert_eq!(fields(v.clone()), ["recipient.public_keys"]);
+        assert_eq!(v[0].rule, "at most 16 keys, 17 given");
     }
 
     #[test]
@@ -914,6 +987,7 @@ mod tests {
                             name,
                             endpoint,
                             identity,
+                            ..Default::default()
                         }),
                         ..Default::default()
                     },

@@ -108,6 +108,7 @@ async fn setup(
             name: "new-crm".into(),
             endpoint: "https://localhost:1".into(),
             identity: "spiffe://dsrelay.dev/recipient/new-crm".into(),
+            ..Default::default()
         }),
         ..Default::default()
     };

@@ -48,6 +48,7 @@ use dsrelay_proto::v1::{
 };
 use dsrelay_runtime::log_text::Said;
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
+use dsrelay_runtime::signing::{is_key_id, KeyRing, PublicKey};
 use dsrelay_runtime::tls::ClientTls;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
@@ -200,6 +201,9 @@ enum Sink<'a> {
         /// The registry's name for it.
         name: &'a str,
         client: TransferReceiverClient<Channel>,
+        /// The keys the registry checks its receipts with, as it sent them; `None` when it
+        /// sent none.
+        keys: Option<KeyRing>,
     },
 }
 
@@ -455,9 +459,12 @@ fn sink<'a>(shared: &Shared, job: &'a UploadJob) -> Result<Sink<'a>, String> {
             r.name, r.endpoint
         )
     })?;
+    let keys = receipt_keys(&r.public_keys)
+        .map_err(|e| format!("recipient {}'s public keys are unusable: {e:#}", r.name))?;
     Ok(Sink::Recipient {
         name: &r.name,
         client,
+        keys,
     })
 }
 
@@ -596,7 +603,7 @@ async fn send_export(
         .complete(key, headers.clone(), timeout)
         .await
         .map_err(|s| refused(to, "closing the part", &s))?;
-    if let (Some(r), Sink::Recipient { name, .. }) = (&receipt, sink) {
+    if let (Some(r), Sink::Recipient { name, keys, .. }) = (&receipt, sink) {
         // `why` quotes the receipt's fields, the recipient's words.
         check_receipt(key, name, &headers, r).map_err(|why| {
             Failure::Retry(Said::quoting(
@@ -604,8 +611,74 @@ async fn send_export(
                 why,
             ))
         })?;
+        let problem = match keys {
+            Some(keys) => signature_problem(keys, r),
+            None => form_problem(r),
+        };
+        if let Some(why) = problem {
+            // Taken, it would complete the task here and be refused at the registry, where
+            // the acknowledgement would end dead-lettered; refused, the part is closed again
+            // for a new receipt until the recipient signs one.
+            return Err(Failure::Retry(Said::quoting(
+                format!("the receipt of {to} is not one the registry takes"),
+                format!("it {why}"),
+            )));
+        }
     }
     Ok(receipt)
+}
+
+/// What the registry refuses in any receipt, whatever keys it holds: a signature that is not
+/// 64 bytes with a key id of the form `sha256:<hex>` (or absent with no key id), or a
+/// `received_at` finer than the milliseconds the signed body holds.
+fn form_problem(r: &TransferReceipt) -> Option<String> {
+    let signed = !r.signature.is_empty() || !r.key_id.is_empty();
+    if signed && (r.signature.len() != 64 || !is_key_id(&r.key_id)) {
+        return Some(format!(
+            "has a signature of {} bytes with key id {:?}, not 64 bytes with a key id \
+             `sha256:` and 64 lowercase hex digits",
+            r.signature.len(),
+            r.key_id
+        ));
+    }
+    match &r.received_at {
+        Some(t) if !(0..1_000_000_000).contains(&t.nanos) || t.nanos % 1_000_000 != 0 => {
+            Some(format!(
+                "is dated {}.{:09} s, not in whole milliseconds",
+                t.seconds, t.nanos
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// The ring of the keys the registry sent for a recipient (base64, checked at delivery);
+/// `None` for none.
+fn receipt_keys(keys: &[String]) -> anyhow::Result<Option<KeyRing>> {
+    let mut keys = keys.iter().map(|k| PublicKey::parse(k));
+    let Some(current) = keys.next() else {
+        return Ok(None);
+    };
+    KeyRing::new(current?, keys.collect::<anyhow::Result<_>>()?).map(Some)
+}
+
+/// Why the registry, holding `keys` for the recipient, would refuse receipt `r`: unsigned, or
+/// signed with one of `keys` and not over its fields. A receipt signed with another key is let
+/// through: the recipient may have rotated its key after the registry sent these, and the
+/// registry checks it against the keys it holds then.
+fn signature_problem(keys: &KeyRing, r: &TransferReceipt) -> Option<String> {
+    if let Some(why) = form_problem(r) {
+        return Some(why);
+    }
+    if !r.signature.is_empty() && is_key_id(&r.key_id) && !keys.holds(&r.key_id) {
+        tracing::warn!(
+            request_id = %r.request_id,
+            key_id = %r.key_id,
+            "a receipt is signed with a key the registry did not send; the registry checks it"
+        );
+        return None;
+    }
+    dsrelay_runtime::transfer_receipt::verify(r, keys).err()
 }
 
 /// Sends one file of `job`'s export unless the destination holds it whole already (asking
@@ -1061,6 +1134,73 @@ mod tests {
         assert_eq!(
             why,
             "it names recipient \"someone-else entirely\", sent to \"new-bookkeeper\""
+        );
+    }
+
+    /// What the registry would refuse is refused here, where the part can still be closed
+    /// again for a new receipt; a key the registry did not send is left to the registry.
+    #[test]
+    fn a_receipt_the_registry_would_refuse_for_its_signature_is_refused() {
+        use dsrelay_runtime::signing::SigningKey;
+        use dsrelay_runtime::transfer_receipt::sign;
+        let (old, new, stranger) = (
+            SigningKey::generate(),
+            SigningKey::generate(),
+            SigningKey::generate(),
+        );
+        let sent_keys = [new.public_key().to_base64(), old.public_key().to_base64()];
+        let ring = receipt_keys(&sent_keys).unwrap().expect("keys were sent");
+        assert_eq!(receipt_keys(&[]).unwrap(), None);
+
+        assert_eq!(
+            signature_problem(&ring, &sign(receipt(), &new).unwrap()),
+            None
+        );
+        assert_eq!(
+            signature_problem(&ring, &sign(receipt(), &old).unwrap()),
+            None
+        );
+        let why = signature_problem(&ring, &receipt()).expect("unsigned");
+        assert_eq!(why, "is not signed by the recipient");
+        let changed = TransferReceipt {
+            bytes: 31,
+            ..sign(receipt(), &new).unwrap()
+        };
+        let why = signature_problem(&ring, &changed).expect("changed since signed");
+        assert_eq!(why, "has a signature that does not match its fields");
+        let garbled = TransferReceipt {
+            key_id: "not a key id".into(),
+            ..sign(receipt(), &new).unwrap()
+        };
+        let why = signature_problem(&ring, &garbled).expect("a key id of no key");
+        assert!(
+            why.starts_with("has a signature of 64 bytes with key id"),
+            "{why}"
+        );
+        // What the registry refuses whatever its keys is refused without keys too.
+        assert_eq!(form_problem(&receipt()), None);
+        assert_eq!(form_problem(&sign(receipt(), &stranger).unwrap()), None);
+        let cut = TransferReceipt {
+            signature: vec![7; 63],
+            ..sign(receipt(), &new).unwrap()
+        };
+        assert!(form_problem(&cut).is_some());
+        let fine_grained = TransferReceipt {
+            received_at: Some(dsrelay_proto::prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 1,
+            }),
+            ..receipt()
+        };
+        assert_eq!(
+            form_problem(&fine_grained).as_deref(),
+            Some("is dated 1700000000.000000001 s, not in whole milliseconds")
+        );
+        // Rotated after the registry sent the keys: the registry, holding the new key by
+        // then, decides.
+        assert_eq!(
+            signature_problem(&ring, &sign(receipt(), &stranger).unwrap()),
+            None
         );
     }
 }

@@ -170,8 +170,9 @@ impl App {
                 .key_ring()
                 .with_context(|| format!("recipient {}", r.name))?
             {
-                receipt_keys.insert(r.name.clone(), keys);
+                receipt_keys.insert(r.name.clone(), Some(keys));
             } else {
+                receipt_keys.insert(r.name.clone(), None);
                 tracing::warn!(
                     recipient = %r.name,
                     "recipient has no public_key: its transfer receipts are taken unsigned, on \

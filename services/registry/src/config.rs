@@ -741,6 +741,8 @@ impl Config {
                 name: r.name.clone(),
                 endpoint: r.endpoint.clone(),
                 identity: r.identity.clone(),
+                // The dispatcher adds the keys, read once at the start (`Store::receipt_keys`).
+                public_keys: Vec::new(),
             }
         })
     }

@@ -403,9 +403,8 @@ async fn call(shared: &Shared, job: &DeliveryJob) -> Call {
                 .as_deref()
                 .and_then(|b| SubmitRequest::decode(b).ok())
                 .unwrap_or_default();
-            let mut req = tonic::Request::new(deliver_request(job, body, |name| {
-                shared.config.recipient(name)
-            }));
+            let mut req =
+                tonic::Request::new(deliver_request(job, body, |name| recipient(shared, name)));
             req.set_timeout(timeout);
             propagate(req.metadata_mut(), &job.trace_id);
             client.deliver(req).await.map(|r| r.into_inner().tasks)
@@ -438,7 +437,7 @@ async fn call(shared: &Shared, job: &DeliveryJob) -> Call {
                     refused: true,
                 };
             };
-            let recipient = contract_recipient(&terms, |name| shared.config.recipient(name));
+            let recipient = contract_recipient(&terms, |name| recipient(shared, name));
             let mut req = tonic::Request::new(UpdateContractEndRequest {
                 request_id: job.request_id.clone(),
                 contract_end: Some(terms),
@@ -502,6 +501,17 @@ fn deliver_request(
         due_at: Some(timestamp_from_millis(job.due_at)),
         recipient,
     }
+}
+
+/// The recipient named `name` as the processors are to have it, from the configuration read
+/// at the start: where it receives, the identity it must present, and the keys its receipts
+/// are checked with (so a processor refuses a receipt the registry would refuse).
+fn recipient(shared: &Shared, name: &str) -> Option<TransferRecipient> {
+    let mut to = shared.config.recipient(name)?;
+    if let Some(keys) = shared.store.receipt_keys(name) {
+        to.public_keys = keys.keys().iter().map(|k| k.to_base64()).collect();
+    }
+    Some(to)
 }
 
 /// The recipient a contract end's terms return the data to, as `recipient` finds it
@@ -631,6 +641,7 @@ mod tests {
             name: name.into(),
             endpoint: "https://dsr.bookkeeper.example:8443".into(),
             identity: "spiffe://bookkeeper.example/recipient".into(),
+            ..Default::default()
         })
     }
 

@@ -46,6 +46,8 @@ pub(crate) struct Setup {
     pub(crate) admin: bool,
     /// TOML keys added to the recipient's `[[recipients]]` table (its `public_key`, say).
     pub(crate) recipient_keys: String,
+    /// The recipient's name in `[[recipients]]` (default [`RECIPIENT`]).
+    pub(crate) recipient_name: &'static str,
 }
 
 impl Default for Setup {
@@ -58,6 +60,7 @@ impl Default for Setup {
             packages: None,
             admin: false,
             recipient_keys: String::new(),
+            recipient_name: RECIPIENT,
         }
     }
 }
@@ -95,6 +98,7 @@ impl Registry {
             packages,
             admin,
             recipient_keys,
+            recipient_name,
         } = setup;
         let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
         let (endpoint, stop_processor) = match processor {
@@ -115,7 +119,7 @@ impl Registry {
              [[identities]]\nidentity = {:?}\nrole = \"operator\"\nname = \"ops\"\n\
              [[processors]]\nname = \"{PROCESSOR}\"\nendpoint = \"{endpoint}\"\n\
              identity = {:?}\ncategories = [\"contact\"]\n{processor_keys}\
-             [[recipients]]\nname = \"{RECIPIENT}\"\nendpoint = \"https://localhost:1\"\n\
+             [[recipients]]\nname = \"{recipient_name}\"\nendpoint = \"https://localhost:1\"\n\
              identity = {:?}\n{recipient_keys}",
             tls.ca,
             tls.cert,

@@ -374,6 +374,11 @@ impl KeyRing {
         }
     }
 
+    /// Every key of the ring: the current one first, then the earlier ones.
+    pub fn keys(&self) -> &[PublicKey] {
+        &self.keys
+    }
+
     /// Whether `key_id` names a key of the ring.
     pub fn holds(&self, key_id: &str) -> bool {
         self.keys.iter().any(|k| k.key_id() == key_id)

@@ -496,6 +496,60 @@ async fn transfer_to_a_recipient_with_another_identity_sends_nothing() {
     pair.stop().await;
 }
 
+/// The processor holds a receipt to the registry's rules for the recipient's signature: the
+/// recipient answers unsigned receipts while the registry has its public key, so the
+/// processor refuses them and keeps the task IN_PROGRESS, saying why, with nothing
+/// dead-lettered (the registry would have refused the acknowledgement); once the recipient
+/// signs again, the next attempt completes the task with the signed receipt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_waits_for_a_receipt_the_registry_would_take() {
+    let mut pair = spawn_pair(PairOptions {
+        holders: vec![Holder::Accounting],
+        recipient: Some(RecipientOptions {
+            process: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
+    let config = pair.recipient().config_file().to_path_buf();
+    let signing = std::fs::read_to_string(&config).expect("recipient config");
+    let key_line = signing
+        .lines()
+        .find(|l| l.starts_with("signing_key"))
+        .expect("the recipient signs")
+        .to_string();
+    pair.recipient().stop().await;
+    std::fs::write(&config, signing.replace(&key_line, "")).unwrap();
+    pair.recipient().start().await;
+
+    let id = submit(&pair).await;
+    let mut crm = pair.crm();
+    let view = wait_until(
+        &mut crm,
+        &id,
+        Duration::from_secs(30),
+        waiting_because("is not signed by the recipient"),
+    )
+    .await;
+    let reason = &view.tasks[0].reason;
+    assert!(reason.contains("is not one the registry takes"), "{reason}");
+    let parked: i64 = crate::harness::count(
+        pair.processor.database_url(),
+        "SELECT COUNT(*) FROM ack_outbox WHERE dead_lettered_at IS NOT NULL",
+    )
+    .await;
+    assert_eq!(parked, 0, "an acknowledgement was dead-lettered");
+
+    pair.recipient().stop().await;
+    std::fs::write(&config, &signing).unwrap();
+    pair.recipient().start().await;
+    let view = wait_until(&mut crm, &id, Duration::from_secs(60), received).await;
+    check_received(&pair, &view, "accounting").await;
+    pair.stop().await;
+}
+
 /// A COMPLETED report of a TRANSFER task must carry the recipient's receipt; the registry
 /// refuses one without it, and one whose receipt is for another task, naming the fields.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

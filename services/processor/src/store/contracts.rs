@@ -233,11 +233,13 @@ impl Store {
         if let Some(r) = recipient.filter(|r| r.name == new_recipient) {
             sqlx::query(
                 "UPDATE requests SET recipient_name = $1, recipient_endpoint = $2, \
-                 recipient_identity = $3 WHERE controller = $4 AND request_id = $5",
+                 recipient_identity = $3, recipient_public_keys = $4 \
+                 WHERE controller = $5 AND request_id = $6",
             )
             .bind(&r.name)
             .bind(&r.endpoint)
             .bind(&r.identity)
+            .bind(r.public_keys.join(" "))
             .bind(controller)
             .bind(request_id)
             .execute(&mut *tx)

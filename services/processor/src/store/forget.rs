@@ -804,6 +804,7 @@ mod tests {
             name: name.into(),
             endpoint: "https://transfers.new-bookkeeper.example:443".into(),
             identity: "spiffe://new-bookkeeper.example/receiver".into(),
+            ..Default::default()
         };
         let req = DeliverRequest {
             request_id: "moved".into(),

@@ -199,8 +199,9 @@ pub(super) async fn accept_in(
     let recipient = req.recipient.as_ref();
     let inserted = sqlx::query(
         "INSERT INTO requests (controller, request_id, kind, body, received_at, due_at, \
-         accepted_at, traceparent, recipient_name, recipient_endpoint, recipient_identity) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
+         accepted_at, traceparent, recipient_name, recipient_endpoint, recipient_identity, \
+         recipient_public_keys) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT DO NOTHING",
     )
     .bind(controller)
     .bind(&req.request_id)
@@ -223,6 +224,7 @@ pub(super) async fn accept_in(
     .bind(recipient.map(|r| r.name.clone()))
     .bind(recipient.map(|r| r.endpoint.clone()))
     .bind(recipient.map(|r| r.identity.clone()))
+    .bind(recipient.map(|r| r.public_keys.join(" ")))
     .execute(&mut **tx)
     .await?
     .rows_affected();

@@ -120,6 +120,7 @@ struct UploadRecord {
     recipient_name: Option<String>,
     recipient_endpoint: Option<String>,
     recipient_identity: Option<String>,
+    recipient_public_keys: Option<String>,
     contract_recipient: Option<String>,
 }
 
@@ -208,6 +209,7 @@ impl Store {
                     ("r.recipient_name", "recipient_name"),
                     ("r.recipient_endpoint", "recipient_endpoint"),
                     ("r.recipient_identity", "recipient_identity"),
+                    ("r.recipient_public_keys", "recipient_public_keys"),
                 ],
             ),
             contract = lookups(
@@ -234,6 +236,13 @@ impl Store {
                     name,
                     endpoint,
                     identity,
+                    public_keys: r
+                        .recipient_public_keys
+                        .as_deref()
+                        .unwrap_or_default()
+                        .split_whitespace()
+                        .map(str::to_string)
+                        .collect(),
                 }),
                 _ => None,
             };

@@ -362,6 +362,20 @@ impl Api {
                             rule,
                         ),
                     ));
+                } else if self.shared.store.recipient_unlisted(&r.recipient) {
+                    violations.push((
+                        i,
+                        FieldViolation::new(
+                            format!("acknowledgements[{i}].evidence.transfer_receipt.recipient"),
+                            format!(
+                                "names {:?}, which the registry's [[recipients]] no longer \
+                                 lists, so nothing here can check its receipt: list it again \
+                                 (with its public_key) and requeue this acknowledgement, or \
+                                 cancel the request",
+                                r.recipient
+                            ),
+                        ),
+                    ));
                 } else if let Some(why) = self.shared.store.receipt_signature_problem(r) {
                     violations.push((
                         i,
@@ -948,6 +962,60 @@ mod recipient_tests {
         let shown = shown.tasks[0].evidence.as_ref().unwrap();
         assert_eq!(shown.transfer_receipt.as_ref(), Some(&signed));
         registry.stop().await;
+    }
+
+    /// A recipient taken out of `[[recipients]]` after the request named it: its receipt
+    /// could not be checked here (nor its signature, whose key went with it), so it is
+    /// refused naming the field and saying how to go on, and nothing is recorded. Before,
+    /// it was taken unsigned and the task COMPLETED.
+    async fn a_receipt_of_a_recipient_no_longer_listed_is_refused(
+        database_url: &str,
+        dir: &std::path::Path,
+    ) {
+        let registry = Registry::start(dir, database_url, None).await;
+        let id = registry.submit(RequestKind::Transfer, "transfer").await;
+        registry.stop().await;
+        let setup = crate::test_registry::Setup {
+            recipient_name: "another-recipient",
+            ..Default::default()
+        };
+        let registry = crate::test_registry::Registry::start(dir, database_url, setup).await;
+        let completed = Acknowledgement {
+            request_id: id.clone(),
+            subprocessor: "crm".into(),
+            sequence: 1,
+            state: TaskState::Completed as i32,
+            evidence: Some(Evidence {
+                records_affected: 1,
+                transfer_receipt: Some(receipt(&id, "crm", RECIPIENT)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let answer = registry.acknowledge(vec![completed]).await;
+        assert_eq!(
+            rejected_fields(&answer),
+            ["acknowledgements[0].evidence.transfer_receipt.recipient"]
+        );
+        let rule = &answer.rejected[0].violations[0].rule;
+        assert!(rule.contains("no longer lists"), "{rule}");
+        assert!(registry.get(&id).await.tasks.is_empty());
+        registry.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_receipt_of_a_recipient_no_longer_listed_is_refused_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        a_receipt_of_a_recipient_no_longer_listed_is_refused(&url, dir.path()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_receipt_of_a_recipient_no_longer_listed_is_refused_on_postgres() {
+        on_postgres(|url, dir| async move {
+            a_receipt_of_a_recipient_no_longer_listed_is_refused(&url, &dir).await;
+        })
+        .await;
     }
 
     /// Without the recipient's key, a signature is not stored (it was not checked, so shown

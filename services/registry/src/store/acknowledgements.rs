@@ -667,12 +667,13 @@ impl Store {
 /// contract end whose terms name no transfer recipient), which shown with the task would
 /// read as proof that data arrived somewhere, and a receipt naming another recipient than
 /// the one the request transfers the data to (a TRANSFER's `parameters.transfer_recipient`,
-/// a contract end's terms'), which would show that one as holding the data; and a receipt
-/// of a recipient whose `[[recipients]]` entry has a `public_key` that does not verify its
-/// signature (`Store::with_receipt_keys`), which would be the processor's word alone. A
-/// TRANSFER forgotten with its body no longer names its recipient: its receipts are taken
-/// whatever name they give (Acknowledge, which has the configuration, still requires a configured
-/// one). Acknowledge refuses all of those by name (see `api::acknowledgement`); a report in
+/// a contract end's terms'), which would show that one as holding the data; a receipt of a
+/// recipient `[[recipients]]` no longer lists, which nothing here can check (it may have
+/// been taken out for a leaked key); and a receipt of a recipient whose `[[recipients]]`
+/// entry has a `public_key` that does not verify its signature (`Store::with_receipt_keys`),
+/// which would be the processor's word alone. A TRANSFER forgotten with its body no longer
+/// names its recipient: its receipts are taken under any name `[[recipients]]` lists.
+/// Acknowledge refuses all of those by name (see `api::acknowledgement`); a report in
 /// a processor's answer to a call or a status check is left out, logged, so the task stays
 /// where it was. No statement when no report is COMPLETED or carries a receipt; else at
 /// most four per 500 requests, the last two only for the requests whose reports carry a
@@ -759,6 +760,10 @@ async fn unproven_completions(
             .is_some_and(|r| named.is_some_and(|n| r.recipient != n))
         {
             "a transfer receipt naming another recipient than the request's"
+        } else if (u.transfer_receipt.as_ref())
+            .is_some_and(|r| tx.receipt_keys.unlisted(&r.recipient))
+        {
+            "a transfer receipt of a recipient the registry's [[recipients]] does not list"
         } else if let Some(why) = (u.transfer_receipt.as_ref())
             .and_then(|r| super::signature_problem(&tx.receipt_keys, r))
         {
@@ -1306,7 +1311,7 @@ async fn upsert_tasks<'a>(
                 // A signature is kept only where it was checked, so that a stored one means
                 // verified: one of a recipient with no key here could be any bytes.
                 let mut r = r.clone();
-                if !tx.receipt_keys.contains_key(&r.recipient) {
+                if tx.receipt_keys.of(&r.recipient).is_none() {
                     r.signature.clear();
                     r.key_id.clear();
                 }
@@ -1816,7 +1821,7 @@ mod tests {
         use dsrelay_runtime::signing::{KeyRing, SigningKey};
         let key = SigningKey::generate();
         let ring = KeyRing::new(key.public_key(), Vec::new()).unwrap();
-        let store = store.with_receipt_keys([(RECIPIENT.to_string(), ring)].into());
+        let store = store.with_receipt_keys([(RECIPIENT.to_string(), Some(ring))].into());
         let request = super::super::NewRequest {
             id: "t1".into(),
             partner: "crm".into(),
@@ -1879,6 +1884,92 @@ mod tests {
             .transfer_receipt
             .as_ref();
         assert_eq!(shown, Some(&signed));
+    }
+
+    /// A recipient taken out of `[[recipients]]` (a leaked key, a contract ended) after the
+    /// request named it: a processor's answer carrying its receipt, unsigned since nothing
+    /// here holds its key, is left out, as Acknowledge refuses it; listed again without a
+    /// key, the same answer is applied. Before, the receipt was taken unsigned.
+    async fn a_receipt_of_an_unlisted_recipient_is_left_out(store: Store) {
+        use dsrelay_proto::v1::Evidence;
+        let unlisted = store
+            .clone()
+            .with_receipt_keys([("someone-else".to_string(), None)].into());
+        let request = super::super::NewRequest {
+            id: "t1".into(),
+            partner: "crm".into(),
+            idempotency_key: "key-t1".into(),
+            body_hash: "hash-t1".into(),
+            body: transfer_body(RECIPIENT),
+            identity_hashes: "[\"h\"]".into(),
+            kind: RequestKind::Transfer as i32,
+            received_at: 0,
+            due_at: 1_000_000,
+            trace_id: "0".repeat(32),
+            traceparent: None,
+            processors: vec!["p1".into()],
+        };
+        unlisted.insert_batch(&[(request, None)]).await.unwrap();
+        let completed = |sequence: u64| TaskStatus {
+            processor: "p1".into(),
+            subprocessor: "crm".into(),
+            state: TaskState::Completed as i32,
+            sequence,
+            evidence: Some(Evidence {
+                records_affected: 1,
+                transfer_receipt: Some(TransferReceipt {
+                    request_id: "t1".into(),
+                    subprocessor: "crm".into(),
+                    manifest_sha256: "ab".repeat(32),
+                    bytes: 3,
+                    files: 1,
+                    recipient: RECIPIENT.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let jobs = unlisted
+            .claim_deliveries(3_000_000, 100, 60_000)
+            .await
+            .unwrap();
+        assert!(unlisted
+            .delivery_succeeded(&jobs[0], &[completed(2)], 1_000)
+            .await
+            .unwrap());
+        let state = || async { store.tasks("t1").await.unwrap()[0].state };
+        assert_eq!(state().await, TaskState::Pending as i32);
+        unlisted
+            .reconcile("t1", "p1", &[completed(3)], 2_000, 60_000)
+            .await
+            .unwrap();
+        assert_eq!(state().await, TaskState::Pending as i32);
+
+        let listed = store.with_receipt_keys([(RECIPIENT.to_string(), None)].into());
+        listed
+            .reconcile("t1", "p1", &[completed(4)], 3_000, 60_000)
+            .await
+            .unwrap();
+        assert_eq!(
+            listed.tasks("t1").await.unwrap()[0].state,
+            TaskState::Completed as i32
+        );
+    }
+
+    #[tokio::test]
+    async fn a_receipt_of_an_unlisted_recipient_is_left_out_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        a_receipt_of_an_unlisted_recipient_is_left_out(store_at(&url).await).await;
+    }
+
+    #[tokio::test]
+    async fn a_receipt_of_an_unlisted_recipient_is_left_out_on_postgres() {
+        crate::test_postgres::on_postgres(|url, _| async move {
+            a_receipt_of_an_unlisted_recipient_is_left_out(store_at(&url).await).await;
+        })
+        .await;
     }
 
     #[tokio::test]

@@ -103,10 +103,27 @@ pub struct Store {
     acks: Arc<acknowledgements::AckQueue>,
     /// Routes known without a read (`routes`).
     routes: Arc<routes::Routes>,
-    /// The keys each transfer recipient signs its receipts with, by its name in
-    /// `[[recipients]]`: a receipt naming one of these must carry its signature
-    /// (`acknowledgements::unproven_completions`).
-    receipt_keys: Arc<HashMap<String, KeyRing>>,
+    /// The transfer recipients `[[recipients]]` lists, with the keys of those whose receipts
+    /// must be signed (`acknowledgements::unproven_completions`).
+    receipt_keys: Arc<ReceiptKeys>,
+}
+
+/// The transfer recipients the registry lists, by name, each with the keys it signs its
+/// receipts with when `[[recipients]]` gives them. A store never told (a unit test's) checks
+/// neither names nor signatures.
+#[derive(Debug, Default)]
+struct ReceiptKeys(Option<HashMap<String, Option<KeyRing>>>);
+
+impl ReceiptKeys {
+    /// The keys of `recipient`'s receipts, if it is listed with keys.
+    fn of(&self, recipient: &str) -> Option<&KeyRing> {
+        self.0.as_ref()?.get(recipient)?.as_ref()
+    }
+
+    /// Whether the registry was told its recipients and `recipient` is not among them.
+    fn unlisted(&self, recipient: &str) -> bool {
+        self.0.as_ref().is_some_and(|m| !m.contains_key(recipient))
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -131,11 +148,11 @@ impl Store {
         }
     }
 
-    /// The store, checking the receipts of the recipients in `keys` (by name) against
-    /// their signatures.
-    pub fn with_receipt_keys(self, keys: HashMap<String, KeyRing>) -> Self {
+    /// The store, taking receipts only of the recipients in `recipients` (by their names in
+    /// `[[recipients]]`), and checking the signatures of those listed with keys.
+    pub fn with_receipt_keys(self, recipients: HashMap<String, Option<KeyRing>>) -> Self {
         Self {
-            receipt_keys: Arc::new(keys),
+            receipt_keys: Arc::new(ReceiptKeys(Some(recipients))),
             ..self
         }
     }
@@ -148,6 +165,17 @@ impl Store {
         receipt: &dsrelay_proto::v1::TransferReceipt,
     ) -> Option<String> {
         signature_problem(&self.receipt_keys, receipt)
+    }
+
+    /// Whether `recipient` is not among the recipients the store was given
+    /// ([`Store::with_receipt_keys`]): nothing here could check its receipts.
+    pub fn recipient_unlisted(&self, recipient: &str) -> bool {
+        self.receipt_keys.unlisted(recipient)
+    }
+
+    /// The keys the recipient named `name` signs its receipts with, when configured.
+    pub fn receipt_keys(&self, name: &str) -> Option<&KeyRing> {
+        self.receipt_keys.of(name)
     }
 
     /// The database handle.
@@ -169,10 +197,10 @@ impl Store {
 /// [`Store::receipt_signature_problem`] under the recipients' keys `keys`: the check the
 /// API makes of an acknowledgement's receipt and a transaction of a processor's answer's.
 fn signature_problem(
-    keys: &HashMap<String, KeyRing>,
+    keys: &ReceiptKeys,
     receipt: &dsrelay_proto::v1::TransferReceipt,
 ) -> Option<String> {
-    let keys = keys.get(&receipt.recipient)?;
+    let keys = keys.of(&receipt.recipient)?;
     dsrelay_runtime::transfer_receipt::verify(receipt, keys).err()
 }
 
@@ -184,7 +212,7 @@ struct Tx {
     /// See [`Store`]'s field.
     text_key: Arc<[u8]>,
     /// See [`Store`]'s field.
-    receipt_keys: Arc<HashMap<String, KeyRing>>,
+    receipt_keys: Arc<ReceiptKeys>,
 }
 
 impl Tx {
