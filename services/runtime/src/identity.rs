@@ -54,16 +54,27 @@ pub fn instant_violation(
     })
 }
 
-/// Checks a free-text field: its length, and no control characters other than tab and line
-/// breaks (NUL cannot be stored in PostgreSQL text, and the others only hide things from
-/// the people who read these texts).
+/// A character that shows nothing: zero width spaces and joiners, the word joiner, the byte
+/// order mark, the soft hyphen and the Mongolian vowel separator.
+fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}' | '\u{180E}' | '\u{200B}'..='\u{200D}' | '\u{2060}' | '\u{FEFF}'
+    )
+}
+
+/// Checks a free-text field: its length (a required one not blank), and no control
+/// characters other than tab and line breaks (NUL cannot be stored in PostgreSQL text, and
+/// the others only hide things from the people who read these texts).
 pub fn text_violation(
     field: &str,
     value: &str,
     max: usize,
     required: bool,
 ) -> Option<FieldViolation> {
-    if required && value.trim().is_empty() {
+    // Blank is what a reader sees: white space and the invisible format characters (a zero
+    // width space, say) that `trim` keeps.
+    if required && value.chars().all(|c| c.is_whitespace() || invisible(c)) {
         return Some(FieldViolation::new(
             field,
             format!("is required (1 to {max} bytes of text)"),
@@ -250,7 +261,8 @@ fn raw_rule_violation(ty: IdentityType, value: &str) -> Option<String> {
                 .chars()
                 .all(|c| c.is_ascii_digit() || matches!(c, '+' | ' ' | '-' | '(' | ')'));
             (!allowed || !(5..=15).contains(&digits)).then(|| {
-                "is not a phone number (5 to 15 digits, optionally +, spaces, dashes)".into()
+                "is not a phone number (5 to 15 digits, optionally +, spaces, dashes, parentheses)"
+                    .into()
             })
         }
         _ => None,
@@ -628,6 +640,17 @@ mod tests {
             value: v.into(),
             label: String::new(),
         }
+    }
+
+    /// A reason of nothing but a zero width space passed as given; it reads as blank.
+    #[test]
+    fn a_required_text_of_invisible_characters_is_blank() {
+        for blank in ["   ", "\u{200B}", " \u{FEFF}\u{2060} ", "\u{00AD}\n"] {
+            let v = text_violation("reason", blank, 16, true).expect(blank);
+            assert_eq!(v.rule, "is required (1 to 16 bytes of text)", "{blank:?}");
+        }
+        assert_eq!(text_violation("reason", "\u{200B}moved", 16, true), None);
+        assert_eq!(text_violation("note", "\u{200B}", 16, false), None);
     }
 
     #[test]
