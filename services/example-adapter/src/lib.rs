@@ -10,6 +10,10 @@
 //!   done once. A `task_id` names one task: reusing it for another request, kind or caller is
 //!   ALREADY_EXISTS.
 //! - Inputs are validated; violations are INVALID_ARGUMENT naming their fields.
+//! - A RECTIFICATION corrects a subscriber's `email`, `name` and `phone` and names the other
+//!   fields in its note. One that corrects none of these is REFUSED, naming its fields and
+//!   those the newsletter can correct, before anyone is looked up: the same answer whether
+//!   or not the subject is here.
 //! - With `confirm_delay_ms > 0` an erasure is answered ACCEPTED and carried out and confirmed
 //!   (COMPLETED, or RETAINED as below, in GetTaskStatus) once the delay has passed, like
 //!   systems that accept a deletion and finish it later.

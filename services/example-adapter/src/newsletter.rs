@@ -38,8 +38,8 @@ use std::collections::BTreeMap;
 use dsrelay_proto::timestamp_from_millis;
 use dsrelay_proto::v1::{
     BulkErasedCount, BulkJobProgress, BulkOperation, Evidence, ExecuteBulkRequest,
-    ExecuteBulkResponse, ExecuteOutcome, ExecuteRequest, ExecuteResponse, IdentityEncoding,
-    IdentityType, RequestKind,
+    ExecuteBulkResponse, ExecuteOutcome, ExecuteRequest, ExecuteResponse, FieldCorrection,
+    IdentityEncoding, IdentityType, RequestKind,
 };
 use dsrelay_runtime::identity::{digest, normalize};
 use serde::Serialize;
@@ -209,6 +209,13 @@ pub(crate) async fn execute(
                 .into(),
         )
         .into());
+    }
+    // What cannot be done for anyone is refused before the subject is looked up, so that
+    // the answer does not depend on whether they are here.
+    if kind == RequestKind::Rectification {
+        if let Some(refusal) = uncorrectable(req) {
+            return Ok(with_reason(ExecuteOutcome::Refused, refusal).into());
+        }
     }
     if let (RequestKind::Erasure, Some(kept)) = (kind, follows) {
         // The subject's subscriber rows went at the first run; only what it kept is left.
@@ -570,8 +577,44 @@ async fn set_flag(
     Ok(i64::try_from(changed).unwrap_or(i64::MAX))
 }
 
-/// Applies the corrections of fields held here; others are reported as not held. Conflicts
-/// are checked before anything changes, so a FAILED answer changed nothing.
+/// The subscriber fields a rectification can correct, as `FieldCorrection.field` names them
+/// (compared trimmed and lowercased).
+const CORRECTABLE: [&str; 3] = ["email", "name", "phone"];
+
+/// The field a correction names, as [`CORRECTABLE`] spells it.
+fn corrected_field(c: &FieldCorrection) -> String {
+    c.field.trim().to_ascii_lowercase()
+}
+
+/// The refusal's text when the rectification `req` corrects none of the fields the
+/// newsletter holds (whoever the subject is), naming those fields and the ones it can
+/// correct; `None` when it corrects at least one.
+fn uncorrectable(req: &ExecuteRequest) -> Option<String> {
+    let corrections = req
+        .parameters
+        .as_ref()
+        .map(|p| p.corrections.as_slice())
+        .unwrap_or_default();
+    if corrections
+        .iter()
+        .any(|c| CORRECTABLE.contains(&corrected_field(c).as_str()))
+    {
+        return None;
+    }
+    let named: Vec<String> = corrections
+        .iter()
+        .map(|c| format!("{:?}", c.field.trim()))
+        .collect();
+    Some(format!(
+        "the newsletter holds none of the corrected field(s) {}; it can correct {}",
+        named.join(", "),
+        CORRECTABLE.join(", ")
+    ))
+}
+
+/// Applies the corrections of fields held here (the request corrects at least one, see
+/// [`uncorrectable`]); others are reported as not held. Conflicts are checked before
+/// anything changes, so a FAILED answer changed nothing.
 async fn rectify(
     tx: &mut Transaction<'_, Any>,
     req: &ExecuteRequest,
@@ -585,7 +628,7 @@ async fn rectify(
     let mut apply = Vec::new();
     let mut not_held = Vec::new();
     for c in corrections {
-        let field = c.field.trim().to_ascii_lowercase();
+        let field = corrected_field(c);
         match field.as_str() {
             "email" => apply.push(("email", normalize(IdentityType::Email, &c.new_value))),
             "phone" => apply.push(("phone", normalize(IdentityType::Phone, &c.new_value))),
@@ -635,25 +678,16 @@ async fn rectify(
             .await?;
         }
     }
-    let mut note = if apply.is_empty() {
-        "the newsletter holds none of the corrected fields".to_string()
-    } else {
-        let fields: Vec<&str> = apply.iter().map(|(c, _)| *c).collect();
-        format!(
-            "corrected {} of {} subscriber(s)",
-            fields.join(", "),
-            subscribers.len()
-        )
-    };
-    if !not_held.is_empty() && !apply.is_empty() {
+    let fields: Vec<&str> = apply.iter().map(|(c, _)| *c).collect();
+    let mut note = format!(
+        "corrected {} of {} subscriber(s)",
+        fields.join(", "),
+        subscribers.len()
+    );
+    if !not_held.is_empty() {
         note.push_str(&format!("; not held here: {}", not_held.join(", ")));
     }
-    let records = if apply.is_empty() {
-        0
-    } else {
-        subscribers.len() as i64
-    };
-    Ok(completed(records, note))
+    Ok(completed(subscribers.len() as i64, note))
 }
 
 /// How many subscribers, deliveries and billing records (detached ones included)

@@ -703,6 +703,71 @@ async fn rectifies_restricts_and_honours_objections_on_postgres() {
     rectifies_restricts_and_honours_objections(Backend::Postgres).await;
 }
 
+/// A rectification of fields the newsletter does not hold is refused before anyone is
+/// looked up: the same answer for a subscriber, for a subject with only kept billing
+/// records, and for an address no one holds, naming what it can correct.
+async fn a_rectification_of_fields_not_held_is_refused(backend: Backend) {
+    let Some(a) = Running::start_on(backend, 0).await else {
+        return;
+    };
+    bill_erik(&a.store).await;
+    let mut c = a.client("processor");
+    let r = c
+        .execute(request("t-erase-erik", RequestKind::Erasure, email(ERIK)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&r), ExecuteOutcome::Retained, "{r:?}");
+    let fix = |task: &str, who: &str| {
+        let mut fix = request(task, RequestKind::Rectification, email(who));
+        fix.parameters = Some(RequestParameters {
+            corrections: vec![
+                FieldCorrection {
+                    field: "Address".into(),
+                    new_value: "Esimerkkikatu 1".into(),
+                },
+                FieldCorrection {
+                    field: " iban ".into(),
+                    new_value: "FI21 1234 5600 0007 85".into(),
+                },
+            ],
+            ..Default::default()
+        });
+        fix
+    };
+    let before = a.store.subscriber(MAIJA).await.unwrap().unwrap();
+    for (task, who) in [
+        ("t-fix-maija", MAIJA),
+        ("t-fix-erik", ERIK),
+        ("t-fix-nobody", "nobody@example.com"),
+    ] {
+        let r = c.execute(fix(task, who)).await.unwrap().into_inner();
+        assert_eq!(outcome(&r), ExecuteOutcome::Refused, "{who}: {r:?}");
+        assert_eq!(
+            r.reason,
+            "the newsletter holds none of the corrected field(s) \"Address\", \"iban\"; \
+             it can correct email, name, phone",
+            "{who}"
+        );
+        assert_eq!(records(&r), 0, "{who}");
+        // Answered once per task id, as any answer.
+        let again = c.execute(fix(task, who)).await.unwrap().into_inner();
+        assert_eq!(again, r, "{who}");
+    }
+    assert_eq!(a.store.subscriber(MAIJA).await.unwrap().unwrap(), before);
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_rectification_of_fields_not_held_is_refused_on_sqlite() {
+    a_rectification_of_fields_not_held_is_refused(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn a_rectification_of_fields_not_held_is_refused_on_postgres() {
+    a_rectification_of_fields_not_held_is_refused(Backend::Postgres).await;
+}
+
 async fn delayed_erasure_is_accepted_then_confirmed(backend: Backend) {
     let Some(a) = Running::start_on(backend, 400).await else {
         return;
